@@ -1,0 +1,28 @@
+"""attnc: a compiler for attention patterns.
+
+Write a pattern in the ``.attn`` language, check it, look at its mask, and run
+it exactly through the reference backend::
+
+    import attnc
+    pat = attnc.load("stdlib:neighborhood_2d", ky=7, kx=7)
+    mask = attnc.materialize_mask(pat, sizes={"height": 16, "width": 16})
+    attn = attnc.compile_attention(pat, sizes={"height": 16, "width": 16})
+    out = attn(q, k, v)
+"""
+
+from .compiler.ir import PatternIR, RecurrenceIR
+from .runtime.api import Attention, compile_attention, materialize_mask
+from .spec.errors import SpecError
+from .spec.library import load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attention",
+    "PatternIR",
+    "RecurrenceIR",
+    "SpecError",
+    "compile_attention",
+    "load",
+    "materialize_mask",
+]

@@ -1,0 +1,485 @@
+"""Exact, vectorised evaluation of IR expressions in torch, and the binding of
+sizes and inputs that evaluation needs. The semantics of record: every
+backend is tested against what this computes.
+
+Integers are int64 and exact; ``//`` and ``%`` are floored (Python's rule,
+also for negative operands and floats); a rational combination of integers
+(``(q - k) / 3``) is computed exactly and divided once. To keep masks total
+when every branch is evaluated, ``x // 0`` is 0 and ``x % 0`` is x for ints.
+
+Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ..spec.errors import SpecError, did_you_mean
+from . import ir
+from . import symbols as S
+
+INT = torch.int64
+FLOAT = torch.float64
+
+
+# ----------------------------------------------------------------- binding sizes
+@dataclass
+class Bound:
+    """Concrete sizes for one evaluation: the sympy substitution and the extents."""
+
+    subs: dict
+    n: int
+    nk: int
+    heads: int
+    axis_sizes: dict[str, int]  # size names -> extent
+
+
+def bind_sizes(
+    pat: ir.PatternIR | ir.RecurrenceIR,
+    *,
+    n: int | None = None,
+    nk: int | None = None,
+    heads: int = 1,
+    sizes: dict | None = None,
+    dk: int | None = None,
+) -> Bound:
+    """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys,
+    cross attention), ``heads``, ``sizes`` (grid axis extents by size name)."""
+    sizes = dict(sizes or {})
+    _positive("heads", heads)
+    for name, value in sizes.items():
+        _positive(f"sizes[{name!r}]", value)
+    size_syms: dict[str, sympy.Symbol] = {}
+    layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else (ir.Layout("seq"),)
+    for layout in layouts:
+        for _, size in layout.axes:
+            for sym in size.free_symbols:
+                size_syms[str(sym).removeprefix("size_")] = sym
+    for name in sizes:
+        if name not in size_syms:
+            hint = did_you_mean(name, size_syms) or (
+                "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
+            )
+            raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
+    subs: dict = {S.HEADS: heads}
+    if dk is not None:
+        subs[S.DK] = dk
+    q_layout = layouts[0]
+    k_layout = layouts[-1]
+    missing = [name for name in size_syms if name not in sizes]
+    if missing and n is not None and q_layout.kind == "grid" and len(missing) == 1:
+        known = 1
+        for _, size in q_layout.axes:
+            val = size.subs({size_syms[k]: v for k, v in sizes.items()})
+            if val.is_number:
+                known *= int(val)
+        if n % known == 0:
+            sizes[missing[0]] = n // known
+            missing = []
+    if missing:
+        raise SpecError(
+            "missing size" + ("s " if len(missing) > 1 else " ") + ", ".join(repr(m) for m in missing),
+            where="argument sizes",
+            hint="pass sizes={" + ", ".join(f"'{m}': ..." for m in missing) + "}",
+        )
+    for name, value in sizes.items():
+        subs[size_syms[name]] = int(value)
+
+    def length(layout: ir.Layout, given: int | None, what: str) -> int:
+        if layout.kind == "seq":
+            if given is None:
+                raise SpecError(f"the number of {what} is not known", where=f"argument {'n' if what == 'queries' else 'nk'}")
+            _positive("n" if what == "queries" else "nk", given)
+            return int(given)
+        total = int(layout.length(S.N).subs(subs))
+        if given is not None and given != total:
+            raise SpecError(
+                f"{given} {what} do not match the grid {layout.describe()} = {total} tokens",
+                where="argument n" if what == "queries" else "argument nk",
+            )
+        return total
+
+    n_val = length(q_layout, n, "queries")
+    if isinstance(pat, ir.PatternIR) and not pat.self_attention:
+        nk_val = length(k_layout, nk, "keys")
+    else:
+        if nk is not None and nk != n_val:
+            raise SpecError(f"{nk} keys but {n_val} queries: this pattern is self-attention", where="argument nk")
+        nk_val = n_val
+    subs[S.N] = n_val
+    subs[S.NK] = nk_val
+    if isinstance(pat, ir.PatternIR):
+        ir.check_window_sizes(pat, subs)
+    return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()})
+
+
+def _positive(what: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+
+
+# ----------------------------------------------------------------- binding inputs
+def bind_inputs(
+    pat: ir.PatternIR | ir.RecurrenceIR, bound: Bound, inputs: dict | None, batch: int | None = None
+) -> tuple[dict[str, torch.Tensor], int | None]:
+    """Check call-time inputs against their declarations.
+
+    Returns the inputs (int inputs as int64) and the batch size when any input
+    carries a leading batch dimension (``batch`` if given must agree)."""
+    inputs = dict(inputs or {})
+    declared = {d.name: d for d in pat.inputs}
+    for name in inputs:
+        if name not in declared:
+            hint = did_you_mean(name, declared) or ("inputs: " + ", ".join(declared) if declared else "this pattern takes no inputs")
+            raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}", hint=hint)
+    out: dict[str, torch.Tensor] = {}
+    found_batch = None
+    for name, decl in declared.items():
+        if name not in inputs:
+            shape = f"{decl.dtype}[{', '.join(decl.dim_names)}]"
+            raise SpecError(f"missing input '{name}' ({shape})", where=f"argument {name}")
+        t = inputs[name]
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
+        dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
+        if tuple(t.shape) == dims:
+            has_batch = False
+        elif t.dim() == len(dims) + 1 and tuple(t.shape[1:]) == dims:
+            has_batch = True
+        else:
+            shape = f"[{', '.join(decl.dim_names)}] = {list(dims)}"
+            raise SpecError(
+                f"input '{name}' has shape {list(t.shape)}, expected {shape} with an optional leading batch dimension",
+                where=f"argument {name}",
+            )
+        if decl.dtype == "int":
+            if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+                raise SpecError(f"input '{name}' is int, got a {t.dtype} tensor", where=f"argument {name}")
+            t = t.to(INT)
+        elif not t.dtype.is_floating_point:
+            raise SpecError(f"input '{name}' is float, got a {t.dtype} tensor", where=f"argument {name}")
+        if has_batch:
+            b = t.shape[0]
+            for other, what in ((found_batch, "another input"), (batch, "q")):
+                if other is not None and other != b:
+                    raise SpecError(f"batch size {b} of input '{name}' differs from {what}'s {other}",
+                                    where=f"argument {name}")
+            found_batch = b
+        out[name] = t
+    return out, found_batch
+
+
+# ----------------------------------------------------------------- evaluation
+def _is_float(x) -> bool:
+    return isinstance(x, float) or (isinstance(x, torch.Tensor) and x.dtype.is_floating_point)
+
+
+def _tensor(x, dtype=None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
+    if dtype is None:
+        dtype = torch.bool if isinstance(x, bool) else (INT if isinstance(x, int) else FLOAT)
+    return torch.tensor(x, dtype=dtype)
+
+
+def _promote(*xs):
+    """Python's int/float promotion: any float makes all float64."""
+    if any(_is_float(x) for x in xs):
+        return [(x.to(FLOAT) if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point else
+                 float(x) if not isinstance(x, torch.Tensor) else x) for x in xs]
+    return list(xs)
+
+
+def _floordiv(a, b):
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        if b == 0:
+            return 0 if not _is_float(a) and not _is_float(b) else a / b if a else float("nan")
+        return a // b
+    a, b = _promote(a, b)
+    if _is_float(a):
+        return torch.div(_tensor(a), b, rounding_mode="floor")
+    bt = _tensor(b)
+    safe = torch.where(bt == 0, torch.ones_like(bt), bt)
+    return torch.where(bt == 0, torch.zeros((), dtype=INT), torch.div(_tensor(a), safe, rounding_mode="floor"))
+
+
+def _mod(a, b):
+    if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
+        if b == 0:
+            return a if not _is_float(a) and not _is_float(b) else float("nan")
+        return a % b
+    a, b = _promote(a, b)
+    if _is_float(a):
+        return torch.remainder(_tensor(a), b)
+    at, bt = _tensor(a), _tensor(b)
+    safe = torch.where(bt == 0, torch.ones_like(bt), bt)
+    return torch.where(bt == 0, at, torch.remainder(at, safe))
+
+
+def bit_length_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Python's int.bit_length, exactly, on an int64 tensor."""
+    y = _tensor(x).abs()
+    out = torch.zeros_like(y)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = y >= (1 << s)
+        out = out + big * s
+        y = torch.where(big, y >> s, y)
+    return out + (y > 0).to(INT)
+
+
+def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
+    """Vectorised ``symbols.window_keys``: NATTEN's neighborhood along one axis."""
+    d, s = dilation, stride
+    qa, ka = _tensor(qa), _tensor(ka)
+    g = qa % d
+    same = g == ka % d
+    Lg = (L - g + d - 1) // d
+    iq, ik = qa // d, ka // d
+    if causal:
+        leader = torch.minimum((iq // s) * s + s - 1, Lg - 1)
+        lo, hi = (leader - size + 1).clamp(min=0), iq
+    else:
+        leader = torch.minimum((iq // s) * s + s // 2, Lg - 1)
+        wl, wr = size // 2, size // 2 + size % 2 - 1
+        centre = torch.minimum(torch.maximum(leader, torch.full_like(leader, wl)), Lg - 1 - wr)
+        lo, hi = centre - wl, centre + wr
+    return same & (ik >= lo) & (ik <= hi)
+
+
+class Evaluator:
+    """Evaluates sympy IR expressions given tensors for symbols and inputs."""
+
+    def __init__(self, env: dict, inputs: dict[str, torch.Tensor], batched: set[str], batch: int | None):
+        self.env = env
+        self.inputs = inputs
+        self.batched = batched
+        self.batch = batch
+        self.cache: dict = {}
+
+    def __call__(self, expr: sympy.Basic):
+        key = expr
+        if key in self.cache:
+            return self.cache[key]
+        value = self._eval(expr)
+        self.cache[key] = value
+        return value
+
+    def _eval(self, e: sympy.Basic):
+        if e is sympy.true or e is sympy.false:
+            return bool(e)
+        if isinstance(e, sympy.Integer):
+            return int(e)
+        if isinstance(e, sympy.Rational | sympy.Float):
+            return float(e)
+        if e.is_Number or isinstance(e, sympy.NumberSymbol):
+            return float(e.evalf(30))
+        if isinstance(e, sympy.Symbol):
+            if e not in self.env:
+                raise SpecError(f"'{str(e).removeprefix('param_').removeprefix('size_')}' has no value",
+                                where="evaluation", hint="give every parameter and size a value")
+            return self.env[e]
+        if isinstance(e, sympy.Add | sympy.Mul):
+            exact = self._exact_ratio(e)
+            if exact is not None:
+                return exact
+            vals = _promote(*(self(a) for a in e.args))
+            out = vals[0]
+            for v in vals[1:]:
+                out = out + v if isinstance(e, sympy.Add) else out * v
+            return out
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        if isinstance(e, S.FloorDiv):
+            return _floordiv(self(e.args[0]), self(e.args[1]))
+        if isinstance(e, sympy.Mod):
+            return _mod(self(e.args[0]), self(e.args[1]))
+        if isinstance(e, sympy.Min | sympy.Max):
+            vals = [_tensor(v) for v in _promote(*(self(a) for a in e.args))]
+            fn = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
+            out = vals[0]
+            for v in vals[1:]:
+                out = fn(out, v)
+            return out
+        if isinstance(e, sympy.Abs):
+            v = self(e.args[0])
+            return abs(v)
+        if isinstance(e, sympy.floor | sympy.ceiling):
+            v = self(e.args[0])
+            if not _is_float(v):
+                return v
+            return (torch.floor if isinstance(e, sympy.floor) else torch.ceil)(_tensor(v))
+        if isinstance(e, sympy.Piecewise):
+            *rest, (last, _) = e.args
+            out = self(last)
+            for value, cond in reversed(rest):
+                a, b = _promote(self(value), out)
+                out = torch.where(_tensor(self(cond)), _tensor(a), _tensor(b))
+            return out
+        if isinstance(e, sympy.core.relational.Relational):
+            a, b = _promote(self(e.lhs), self(e.rhs))
+            a = _tensor(a)
+            op = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.rel_op]
+            return op(a, b)
+        if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
+            vals = [_tensor(self(a)) for a in e.args]
+            fn = {sympy.And: torch.logical_and, sympy.Or: torch.logical_or, sympy.Xor: torch.logical_xor}[type(e)]
+            out = vals[0]
+            for v in vals[1:]:
+                out = fn(out, v)
+            return out
+        if isinstance(e, sympy.Not):
+            return torch.logical_not(_tensor(self(e.args[0])))
+        if isinstance(e, sympy.Equivalent):
+            vals = [_tensor(self(a)) for a in e.args]
+            return torch.stack(torch.broadcast_tensors(*vals)).all(0) | ~torch.stack(torch.broadcast_tensors(*vals)).any(0)
+        if isinstance(e, sympy.ITE):
+            c, a, b = (_tensor(self(x)) for x in e.args)
+            return torch.where(c, a, b)
+        if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
+            fn = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh}[type(e)]
+            return fn(_tensor(float(self(e.args[0])) if not isinstance(self(e.args[0]), torch.Tensor) else self(e.args[0]), FLOAT))
+        if isinstance(e, S.IsPow2):
+            x = _tensor(self(e.args[0]))
+            return (x > 0) & ((x & (x - 1)) == 0)
+        if isinstance(e, S.BitLength):
+            return bit_length_tensor(self(e.args[0]))
+        if isinstance(e, S.Log2Floor):
+            x = _tensor(self(e.args[0]))
+            return torch.where(x >= 1, bit_length_tensor(x) - 1, torch.full_like(x, -1))
+        if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.ShiftLeft | S.ShiftRight):
+            a, b = _tensor(self(e.args[0])), self(e.args[1])
+            fn = {S.BitAnd: torch.bitwise_and, S.BitOr: torch.bitwise_or, S.BitXor: torch.bitwise_xor,
+                  S.ShiftLeft: torch.bitwise_left_shift, S.ShiftRight: torch.bitwise_right_shift}[type(e)]
+            return fn(a, _tensor(b))
+        if isinstance(e, S.BitNot):
+            return torch.bitwise_not(_tensor(self(e.args[0])))
+        if isinstance(e, S.Window):
+            qa, ka, L, size, dil, stride, causal = e.args
+            consts = [int(x) for x in (L, size, dil, stride) if isinstance(x, sympy.Integer)]
+            if len(consts) != 4:
+                raise SpecError("window() sizes must be known numbers at evaluation", where="evaluation")
+            return window_tensor(self(qa), self(ka), *consts, causal=bool(causal))
+        name = S.input_name(e.func)
+        if name is not None:
+            return self._input(name, e.args)
+        raise SpecError(f"cannot evaluate {type(e).__name__}", where="evaluation")  # a checker gap
+
+    def _exact_ratio(self, e):
+        """q/3 - k/3 as (q - k) / 3: integers exact, one rounding at the end."""
+        if not any(isinstance(r, sympy.Rational) and not r.is_Integer for r in e.args) and not any(
+            isinstance(a, sympy.Mul) and any(isinstance(r, sympy.Rational) and not r.is_Integer for r in a.args)
+            for a in e.args
+        ) and not any(isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+            return None
+        num, den = sympy.fraction(sympy.together(e))
+        if den == 1 or not (num.is_integer and den.is_integer):
+            return None
+        a, b = self(num), self(den)
+        if _is_float(a) or _is_float(b):
+            return None
+        return _tensor(a, FLOAT) / _tensor(b, FLOAT) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else (
+            a / b if b != 0 else float("nan") if a == 0 else float("inf") * (1 if a > 0 else -1))
+
+    def _pow(self, e: sympy.Pow):
+        base, exp = self(e.base), self(e.exp)
+        if not _is_float(base) and not _is_float(exp):
+            exp_nonneg = e.exp.is_nonnegative
+            if exp_nonneg:
+                if isinstance(base, torch.Tensor) or isinstance(exp, torch.Tensor):
+                    return torch.pow(_tensor(base), _tensor(exp))
+                return base**exp
+        base_f = _tensor(base, FLOAT) if isinstance(base, torch.Tensor) else float(base)
+        exp_f = _tensor(exp, FLOAT) if isinstance(exp, torch.Tensor) else float(exp)
+        if not isinstance(base_f, torch.Tensor) and not isinstance(exp_f, torch.Tensor):
+            base_f = torch.tensor(base_f, dtype=FLOAT)
+        return torch.pow(base_f, exp_f)
+
+    def _input(self, name: str, args):
+        t = self.inputs[name]
+        batched = name in self.batched
+        idx = [_tensor(self(a)) for a in args]
+        sizes = t.shape[1:] if batched else t.shape
+        for i, (ix, size) in enumerate(zip(idx, sizes, strict=True)):
+            if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= size):
+                raise SpecError(
+                    f"input '{name}' indexed out of range in dimension {i} (index {int(ix.min())}..{int(ix.max())}, size {size})",
+                    where="evaluation",
+                )
+        if batched:
+            b = torch.arange(t.shape[0]).view(-1, 1, 1, 1)
+            return t[(b, *idx)]
+        return t[tuple(idx)]
+
+
+def position_env(pat: ir.PatternIR, bound: Bound, q_index=None, k_index=None, heads: int | None = None) -> dict:
+    """Symbol -> tensor for q, k, their coordinates, h and the sizes.
+
+    ``q_index``/``k_index`` restrict to given flat positions (1-D tensors);
+    by default every query and key."""
+    heads = bound.heads if heads is None else heads
+    if q_index is None:
+        q_index = torch.arange(bound.n)
+    if k_index is None:
+        k_index = torch.arange(bound.nk)
+    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
+    env[S.H] = torch.arange(heads).view(1, -1, 1, 1)
+    for role, layout, index, shape in (("q", pat.queries, q_index, (1, 1, -1, 1)),
+                                       ("k", pat.keys, k_index, (1, 1, 1, -1))):
+        index = index.to(INT).view(shape)
+        if layout.kind == "seq":
+            env[S.Q if role == "q" else S.K] = index
+            continue
+        rest = index
+        for axis, size in reversed(layout.axes):
+            extent = int(size.subs(bound.subs))
+            env[S.coord(role, axis)] = rest % extent
+            rest = rest // extent
+    return env
+
+
+def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,
+              q_index=None, k_index=None) -> Evaluator:
+    """An evaluator over all (head, query, key) positions of a bound pattern."""
+    tensors, found_batch = bind_inputs(pat, bound, inputs, batch)
+    batched = {name for name, t in tensors.items() if t.dim() > len(pat.input(name).dims)}
+    env = position_env(pat, bound, q_index, k_index)
+    return Evaluator(env, tensors, batched, found_batch)
+
+
+def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
+    return expr.subs(bound.subs) if expr.free_symbols else expr
+
+
+def full(value, shape, dtype) -> torch.Tensor:
+    """A scalar or broadcastable tensor as a full tensor of ``shape``."""
+    return _tensor(value, dtype).expand(shape) if _tensor(value).dim() <= len(shape) else _tensor(value, dtype)
+
+
+def mask_tensor(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,
+                q_index=None, k_index=None) -> torch.Tensor:
+    """The exact mask, bool ``[B | 1, heads, Nq, Nk]`` (route selection not applied)."""
+    ev = evaluator(pat, bound, inputs, batch=batch, q_index=q_index, k_index=k_index)
+    nq = bound.n if q_index is None else len(q_index)
+    nk = bound.nk if k_index is None else len(k_index)
+    value = _tensor(ev(substitute(pat.mask, bound)), torch.bool)
+    b = ev.batch or 1
+    return torch.broadcast_to(value, (b, bound.heads, nq, nk))
+
+
+def score_bias(pat: ir.PatternIR, bound: Bound, ev: Evaluator) -> torch.Tensor | float | None:
+    """The ``bias`` term as float64 (broadcastable to ``[B, H, Nq, Nk]``), or None."""
+    if pat.bias is None:
+        return None
+    value = ev(substitute(pat.bias, bound))
+    return _tensor(value, FLOAT) if isinstance(value, torch.Tensor) else float(value)
+
+
+def head_values(expr: sympy.Expr, subs: dict, heads: int) -> torch.Tensor:
+    """A head-only expression (softcap, a recurrence's constant decay) as float64 ``[heads]``."""
+    env = {sym: int(v) for sym, v in subs.items()}
+    env[S.H] = torch.arange(heads)
+    value = Evaluator(env, {}, set(), None)(expr.subs(subs) if expr.free_symbols else expr)
+    return _tensor(value, FLOAT).expand(heads).clone() if _tensor(value).dim() == 0 else _tensor(value, FLOAT)

@@ -1,0 +1,194 @@
+"""The public entry points: ``compile_attention`` and ``materialize_mask``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..spec.errors import SpecError
+from ..spec.library import load
+from . import reference
+
+BACKENDS = ("auto", "reference")
+
+Pattern = ir.PatternIR | ir.RecurrenceIR
+
+
+def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
+    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR):
+        if name is not None or params:
+            raise SpecError("name= and parameters apply when loading; this pattern is already loaded",
+                            where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
+        return pattern
+    return load(pattern, name=name, **params)
+
+
+def materialize_mask(
+    pattern,
+    n: int | None = None,
+    heads: int = 1,
+    sizes: dict | None = None,
+    inputs: dict | None = None,
+    *,
+    nk: int | None = None,
+    name: str | None = None,
+    **params,
+) -> torch.Tensor:
+    """The exact mask of a pattern: bool ``[heads, Nq, Nk]`` (``[B, heads, Nq, Nk]``
+    when an input has a batch dimension).
+
+    ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
+    (then ``name=`` and parameters apply). ``n`` is the number of queries (for
+    a grid, implied by ``sizes``); ``nk`` the number of keys of a cross-attention
+    pattern. Routing is data-dependent and not part of the mask.
+    """
+    pat = _as_pattern(pattern, name, params)
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    mask = E.mask_tensor(pat, bound, inputs)
+    batched = any(t.dim() > len(pat.input(k).dims) for k, t in (inputs or {}).items())
+    return mask if batched else mask[0]
+
+
+class Attention(torch.nn.Module):
+    """A compiled attention pattern or recurrence; call it as ``attn(q, k, v, **inputs)``.
+
+    Softmax patterns: ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``, ``v``
+    ``[B, Hkv, Nk, Dv]`` with Hq a multiple of Hkv (GQA); returns ``out``
+    ``[B, Hq, Nq, Dv]`` or ``(out, lse)`` with ``return_lse=True``.
+    Recurrences: ``initial_state=`` ``[B, Hq, D, Dv]``; ``return_state=True``
+    returns ``(out, final_state)``. ``scale`` defaults to ``1/sqrt(D)``.
+    Call-time inputs are keyword arguments with their declared shape,
+    optionally with a leading batch dimension.
+    """
+
+    def __init__(self, pattern: Pattern, backend: str, sizes: dict | None):
+        super().__init__()
+        self.pattern = pattern
+        self.backend = backend
+        self.sizes = dict(sizes or {})
+
+    @property
+    def source(self) -> str:
+        """What runs: for the reference backend, the dense computation it performs."""
+        p = self.pattern
+        if isinstance(p, ir.RecurrenceIR):
+            return (f"# reference backend: naive recurrence '{p.name}' ({p.gate} gate)\n"
+                    f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
+                    f"decay = {p.decay}\n")
+        lines = [f"# reference backend: dense attention '{p.name}'", f"mask = {p.mask}"]
+        if p.softcap is not None:
+            lines.append(f"softcap = {p.softcap}")
+        if p.bias is not None:
+            lines.append(f"bias = {p.bias}")
+        if p.decay is not None:
+            lines.append(f"decay = cumsum({p.decay})[q] - cumsum({p.decay})[k]")
+        if p.route is not None:
+            r = p.route
+            lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} shared={r.shared}")
+        return "\n".join(lines) + "\n"
+
+    def extra_repr(self) -> str:
+        return f"{self.pattern.kind} {self.pattern.name!r}, backend={self.backend!r}"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        initial_state: torch.Tensor | None = None,
+        return_state: bool = False,
+        sizes: dict | None = None,
+        **inputs,
+    ):
+        pat = self.pattern
+        _check_qkv(q, k, v)
+        B, Hq, Nq, D = q.shape
+        if scale is None:
+            scale = 1.0 / math.sqrt(D)
+        elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+            raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+        all_sizes = {**self.sizes, **(sizes or {})}
+        if isinstance(pat, ir.RecurrenceIR):
+            if return_lse:
+                raise SpecError("a recurrence has no log-sum-exp", where="argument return_lse")
+            if Nq != k.shape[2]:
+                raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
+            bound = E.bind_sizes(pat, n=Nq, heads=Hq, sizes=all_sizes, dk=D)
+            tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
+            if initial_state is not None:
+                want = (B, Hq, D, v.shape[-1])
+                if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+                    got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+                    raise SpecError(f"initial_state must be {list(want)}, got {got}", where="argument initial_state")
+            out, state = reference.recurrence(pat, bound, q, k, v, tensors, float(scale), initial_state)
+            return (out, state) if return_state else out
+        if initial_state is not None or return_state:
+            raise SpecError("only recurrences carry a state", where="argument initial_state")
+        bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
+        out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
+        return (out, lse) if return_lse else out
+
+
+def _check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
+        if t.dim() != 4:
+            raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
+        if not t.dtype.is_floating_point:
+            raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise SpecError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", where="argument k")
+    if not (q.device == k.device == v.device):
+        raise SpecError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}", where="argument k")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
+    if k.shape[3] != q.shape[3]:
+        raise SpecError(f"head dim of k ({k.shape[3]}) differs from q's ({q.shape[3]})", where="argument k")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in heads and tokens", where="argument v")
+    if q.shape[1] % k.shape[1] != 0:
+        raise SpecError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})",
+                        where="argument k")
+
+
+def compile_attention(
+    pattern,
+    *,
+    backend: str = "auto",
+    sizes: dict | None = None,
+    name: str | None = None,
+    **params,
+) -> Attention:
+    """Compile a pattern or recurrence into a differentiable ``torch.nn.Module``.
+
+    ``pattern``: a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
+    (``name=`` picks a declaration; other keywords set parameters).
+    ``sizes``: grid axis extents by size name (also accepted at call time).
+    ``backend``: ``"reference"`` is the exact dense implementation; ``"auto"``
+    picks the fastest backend available, which in this version is the reference.
+    """
+    if backend not in BACKENDS:
+        raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
+                        hint="available in this version: " + ", ".join(BACKENDS))
+    pat = _as_pattern(pattern, name, params)
+    if sizes is not None:
+        if not isinstance(sizes, dict):
+            raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        # Validate names and values now, not at the first call.
+        probe = E.bind_sizes if isinstance(pat, ir.PatternIR) else None
+        if probe is not None:
+            try:
+                E.bind_sizes(pat, heads=1, sizes=sizes, n=None)
+            except SpecError as err:
+                if "not known" not in err.message and "missing size" not in err.message:
+                    raise
+    return Attention(pat, "reference", sizes)

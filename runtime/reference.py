@@ -1,0 +1,108 @@
+"""The reference backend: dense, exact, differentiable, slow. The one source
+of truth later backends are tested against.
+
+Softmax patterns: ``softmax(scale * q.k -> softcap + bias + decay, masked) @ v``
+on the full [B, H, Nq, Nk] score matrix; a query with no allowed key gives 0
+and lse -inf. Recurrences: the step-by-step loop of DESIGN.md section 2.
+Computation is in float64 for float64 inputs and float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from . import routing
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: repeat key/value heads so that query head h reads kv head h // (Hq // Hkv)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def fox_decay(gates: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+    """Forgetting Transformer term ``sum(g[h, k+1 .. q])`` = c[q] - c[k], c = cumsum(g).
+
+    ``gates`` is ``[B | -, H, N]``; returns ``[B | 1, H, Nq, Nk]``."""
+    c = torch.cumsum(gates, dim=-1)
+    if c.dim() == 2:
+        c = c.unsqueeze(0)
+    return c[..., q_index, None] - c[..., None, k_index]
+
+
+def attention(
+    pat: ir.PatternIR,
+    bound: E.Bound,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: dict,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] in the compute dtype)."""
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    dt = compute_dtype(q.dtype)
+    qc, kc, vc = q.to(dt), _expand_kv(k.to(dt), Hq), _expand_kv(v.to(dt), Hq)
+    ev = E.evaluator(pat, bound, inputs, batch=B)
+    mask = torch.broadcast_to(E._tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
+    if pat.route is not None:
+        mask = routing.select_blocks(pat, bound, q, k, mask, inputs)
+    scores = scale * (qc @ kc.transpose(-1, -2))
+    if pat.softcap is not None:
+        cap = E.head_values(pat.softcap, bound.subs, Hq).to(dt).view(1, Hq, 1, 1)
+        scores = cap * torch.tanh(scores / cap)
+    bias = E.score_bias(pat, bound, ev)
+    if bias is not None:
+        scores = scores + (bias.to(dt) if isinstance(bias, torch.Tensor) else bias)
+    if pat.decay is not None:
+        scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq), torch.arange(Nk))
+    scores = scores.masked_fill(~mask, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)
+    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
+    p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
+    out = p @ vc
+    return out.to(q.dtype), lse
+
+
+def recurrence(
+    rec: ir.RecurrenceIR,
+    bound: E.Bound,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: dict,
+    scale: float,
+    initial_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The naive loop ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t``.
+
+    Returns (out [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] in the compute dtype)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    dt = compute_dtype(q.dtype)
+    qc, kc, vc = q.to(dt), _expand_kv(k.to(dt), H), _expand_kv(v.to(dt), H)
+    if rec.gate == "head":
+        g = E.head_values(rec.decay, bound.subs, H).to(dt).view(1, H, 1, 1).expand(B, H, T, 1)
+    else:
+        gates = inputs[rec.decay].to(dt)
+        if gates.dim() == (3 if rec.gate == "scalar" else 4) - 1:
+            gates = gates.unsqueeze(0)
+        g = gates.expand(B, *gates.shape[1:])
+        if rec.gate == "scalar":
+            g = g.unsqueeze(-1)
+    state = torch.zeros(B, H, Dk, Dv, dtype=dt) if initial_state is None else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        state = torch.exp(g[:, :, t])[..., None] * state + kc[:, :, t, :, None] * vc[:, :, t, None, :]
+        outs.append(scale * (qc[:, :, t, None, :] @ state).squeeze(-2))
+    out = torch.stack(outs, dim=2) if outs else torch.zeros(B, H, 0, Dv, dtype=dt)
+    return out.to(q.dtype), state

@@ -1,0 +1,205 @@
+"""The syntax tree of an ``.attn`` file; every node carries its source position."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import Pos
+
+# --------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True)
+class Expr:
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Num(Expr):
+    value: int | float
+
+
+@dataclass(frozen=True)
+class BoolLit(Expr):
+    value: bool
+
+
+@dataclass(frozen=True)
+class Name(Expr):
+    id: str
+
+
+@dataclass(frozen=True)
+class Attr(Expr):
+    """``q.AXIS`` or ``k.AXIS``: a grid coordinate."""
+
+    base: str
+    axis: str
+    axis_pos: Pos
+
+
+@dataclass(frozen=True)
+class Index(Expr):
+    """``NAME[i, j]``: an element of a call-time input."""
+
+    name: str
+    indices: tuple[Expr, ...]
+
+
+@dataclass(frozen=True)
+class Unary(Expr):
+    op: str  # '-', '+', '~', 'not'
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Binary(Expr):
+    op: str  # + - * / // % ** << >> & | ^ and or
+    left: Expr
+    right: Expr
+
+
+@dataclass(frozen=True)
+class Compare(Expr):
+    """A (possibly chained) comparison ``a < b <= c``."""
+
+    operands: tuple[Expr, ...]
+    ops: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class IfExpr(Expr):
+    cond: Expr
+    then: Expr
+    orelse: Expr
+
+
+@dataclass(frozen=True)
+class Keyword:
+    name: str
+    value: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    """A builtin (``window(x, 7)``) or a pattern used as a bool."""
+
+    func: str
+    args: tuple[Expr, ...]
+    kwargs: tuple[Keyword, ...]
+    func_pos: Pos
+    has_parens: bool = True
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: int | float | bool | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class AxisDecl:
+    name: str
+    size: str | int  # a size name or a literal extent
+    pos: Pos
+    size_pos: Pos
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # 'seq' | 'grid'
+    axes: tuple[AxisDecl, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Clause:
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class LayoutClause(Clause):
+    role: str  # 'tokens' | 'queries' | 'keys'
+    layout: Layout
+
+
+@dataclass(frozen=True)
+class Let(Clause):
+    name: str
+    value: Expr
+    name_pos: Pos
+
+
+@dataclass(frozen=True)
+class Dim:
+    value: str | int
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Input(Clause):
+    name: str
+    dtype: str
+    dims: tuple[Dim, ...]
+    name_pos: Pos
+    dtype_pos: Pos
+
+
+@dataclass(frozen=True)
+class ExprClause(Clause):
+    """``mask``, ``bias``, ``softcap`` or ``decay``."""
+
+    keyword: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class BlockAxis:
+    axis: str | None  # None for flat blocks of a sequence
+    size: Expr
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class ScoreSide:
+    """One side of a routing score: ``q``, ``k``, ``mean(q)`` or ``mean(k)``."""
+
+    func: str | None
+    arg: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Route(Clause):
+    topk: Expr
+    blocks: tuple[BlockAxis, ...]
+    left: ScoreSide
+    right: ScoreSide
+    keep: Expr | None
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Declaration:
+    kind: str  # 'pattern' | 'recurrence'
+    name: str
+    params: tuple[Param, ...]
+    clauses: tuple[Clause, ...]
+    pos: Pos
+    name_pos: Pos
+
+
+@dataclass
+class Module:
+    declarations: list[Declaration]
+    filename: str
+    source: str
+    by_name: dict[str, Declaration] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.by_name = {d.name: d for d in self.declarations}

@@ -1,0 +1,105 @@
+"""Finding specs: files, ``stdlib:NAME``, source text, and the stdlib index.
+``load`` turns any of them into checked IR with parameters bound."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from importlib import resources
+
+from ..compiler import ir
+from . import ast
+from .checker import Checker
+from .errors import SpecError, did_you_mean
+from .parser import decode_source, parse
+
+STDLIB_PREFIX = "stdlib:"
+
+
+@lru_cache(maxsize=1)
+def stdlib_modules() -> tuple[ast.Module, ...]:
+    """Every stdlib file, parsed once per process."""
+    folder = resources.files("attnc.stdlib_patterns")
+    out = []
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".attn"):
+            out.append(parse(entry.read_text(encoding="utf-8"), f"stdlib:{entry.name}"))
+    return tuple(out)
+
+
+def stdlib_index() -> dict[str, tuple[ast.Module, ast.Declaration]]:
+    """Declaration name -> (module, declaration) over the whole stdlib."""
+    return {d.name: (m, d) for m in stdlib_modules() for d in m.declarations}
+
+
+def resolve(name: str, module: ast.Module) -> tuple[ast.Module, ast.Declaration] | None:
+    """A pattern name used in ``module``: its own declarations first, then the stdlib."""
+    if name in module.by_name:
+        return module, module.by_name[name]
+    return stdlib_index().get(name)
+
+
+def read_source(source: str | os.PathLike) -> tuple[str, str]:
+    """(text, filename) of a path, ``stdlib:NAME`` or spec text."""
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        raise SpecError(f"expected a path, 'stdlib:NAME' or spec text, got {type(source).__name__}",
+                        where="argument source")
+    if source.startswith(STDLIB_PREFIX):
+        name = source[len(STDLIB_PREFIX):]
+        index = stdlib_index()
+        if name not in index:
+            raise SpecError(f"no stdlib pattern '{name}'", where="argument source",
+                            hint=did_you_mean(name, index) or "run 'attnc list' to see them")
+        module, _ = index[name]
+        return module.source, module.filename
+    looks_like_text = "\n" in source or source.lstrip().startswith(("pattern", "recurrence", "#"))
+    if not looks_like_text:
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise SpecError(f"no such file: {source}", where="argument source") from None
+        except OSError as err:
+            raise SpecError(f"cannot read {source}: {err.strerror}", where="argument source") from None
+        return decode_source(data, source), source
+    return source, "<spec>"
+
+
+def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None) -> ast.Declaration:
+    """The declaration to compile: ``name``, the stdlib name, or the only one."""
+    if name is None and stdlib_name is not None:
+        name = stdlib_name
+    if name is not None:
+        if name not in module.by_name:
+            raise SpecError(f"{module.filename} declares no '{name}'", where="argument name",
+                            hint=did_you_mean(name, module.by_name) or "declared: " + ", ".join(module.by_name))
+        return module.by_name[name]
+    if not module.declarations:
+        raise SpecError(f"{module.filename} declares nothing", where="argument source")
+    if len(module.declarations) > 1:
+        raise SpecError(f"{module.filename} declares several patterns; pick one with name=...",
+                        where="argument name", hint="declared: " + ", ".join(module.by_name))
+    return module.declarations[0]
+
+
+def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool = True):
+    """Check one declaration and build its IR."""
+    return Checker(module, decl, dict(params), resolve, strict=strict).lower()
+
+
+def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR:
+    """Load a pattern or recurrence: ``source`` is a path, ``"stdlib:NAME"`` or
+    spec text; ``name`` picks one of several declarations; keyword arguments
+    set parameters (``load("stdlib:neighborhood_2d", ky=7, kx=7)``)."""
+    text, filename = read_source(source)
+    module = parse(text, filename)
+    stdlib_name = source[len(STDLIB_PREFIX):] if isinstance(source, str) and source.startswith(STDLIB_PREFIX) else None
+    return lower(module, pick(module, name, stdlib_name), params)
+
+
+def check_text(text: str, filename: str) -> list[ir.PatternIR | ir.RecurrenceIR]:
+    """Parse and check every declaration of a file (parameters without defaults stay symbolic)."""
+    module = parse(text, filename)
+    return [lower(module, d, {}, strict=False) for d in module.declarations]

@@ -1,0 +1,298 @@
+"""Text -> syntax tree (``spec.ast``), with every failure a located ``SpecError``."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from importlib import resources
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+
+from . import ast
+from .errors import Pos, SpecError
+
+#: Words that start a declaration or clause, or are expression syntax; never names.
+RESERVED = frozenset(
+    "pattern recurrence tokens queries keys let input mask bias softcap decay route "
+    "and or not if then else true false".split()
+)
+
+#: Nesting deeper than this is refused: real patterns stay far below it, and
+#: every later pass (checker, sympy) recurses over the tree.
+MAX_DEPTH = 64
+
+#: Source texts longer than this are refused before parsing.
+MAX_SOURCE_CHARS = 1_000_000
+
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "INT": "an integer",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "DOT": "'.'",
+    "$END": "the end of the file",
+}
+
+
+def _pos(tok_or_meta) -> Pos:
+    return Pos(tok_or_meta.line, tok_or_meta.column, tok_or_meta.end_line, tok_or_meta.end_column)
+
+
+def _depth(node) -> int:
+    return getattr(node, "_depth", 1)
+
+
+def _with_depth(node, *children):
+    depth = 1 + max((_depth(c) for c in children), default=0)
+    if depth > MAX_DEPTH:
+        raise SpecError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", node.pos)
+    object.__setattr__(node, "_depth", depth)
+    return node
+
+
+def _check_name(tok: Token) -> str:
+    if str(tok) in RESERVED:
+        raise SpecError(f"'{tok}' is a reserved word and cannot be used as a name", _pos(tok))
+    return str(tok)
+
+
+def _parse_int(tok: Token) -> int:
+    text = str(tok).lower()
+    if len(text) > 40:
+        raise SpecError("integer literal too large (it must fit in 64 bits)", _pos(tok))
+    value = int(text, 0) if text.startswith(("0x", "0b")) else int(text)
+    if value >= 2**63:
+        raise SpecError("integer literal too large (it must fit in 64 bits)", _pos(tok))
+    return value
+
+
+def _parse_number(tok: Token) -> int | float:
+    text = str(tok)
+    if any(c in text for c in ".eE") and not text.lower().startswith("0x"):
+        value = float(text)
+        if not math.isfinite(value):
+            raise SpecError("float literal out of range", _pos(tok))
+        return value
+    return _parse_int(tok)
+
+
+@v_args(inline=True)
+class _Builder(Transformer):
+    """Builds ``spec.ast`` nodes while the LALR parser reduces (no recursion)."""
+
+    # ------------------------------------------------------------ expressions
+    def number(self, tok):
+        return ast.Num(_pos(tok), _parse_number(tok))
+
+    def true(self, tok):
+        return ast.BoolLit(_pos(tok), True)
+
+    def false(self, tok):
+        return ast.BoolLit(_pos(tok), False)
+
+    def name(self, tok):
+        return ast.Name(_pos(tok), _check_name(tok))
+
+    def binary(self, left, op, right):
+        node = ast.Binary(left.pos, str(op), left, right)
+        return _with_depth(node, left, right)
+
+    def unary(self, op, operand):
+        return _with_depth(ast.Unary(_pos(op), str(op), operand), operand)
+
+    def compare(self, *items):
+        operands = items[0::2]
+        ops = tuple(str(t) for t in items[1::2])
+        return _with_depth(ast.Compare(operands[0].pos, tuple(operands), ops), *operands)
+
+    def if_expr(self, kw, cond, then, orelse):
+        return _with_depth(ast.IfExpr(_pos(kw), cond, then, orelse), cond, then, orelse)
+
+    def call(self, func, *args):
+        positional, keywords = [], []
+        for a in args:
+            if a is None:
+                continue
+            if isinstance(a, ast.Keyword):
+                if any(k.name == a.name for k in keywords):
+                    raise SpecError(f"keyword argument '{a.name}' given twice", a.pos)
+                keywords.append(a)
+            else:
+                if keywords:
+                    raise SpecError("positional argument after a keyword argument", a.pos)
+                positional.append(a)
+        node = ast.Call(_pos(func), _check_name(func), tuple(positional), tuple(keywords), _pos(func))
+        return _with_depth(node, *positional, *(k.value for k in keywords))
+
+    def kwarg(self, name, value):
+        return ast.Keyword(_check_name(name), value, _pos(name))
+
+    def index(self, name, *indices):
+        node = ast.Index(_pos(name), _check_name(name), tuple(indices))
+        return _with_depth(node, *indices)
+
+    def attr(self, base, axis):
+        return ast.Attr(_pos(base), str(base), str(axis), _pos(axis))
+
+    # ------------------------------------------------------------ clauses
+    def lit_number(self, tok):
+        return _parse_number(tok)
+
+    def lit_negative(self, tok):
+        return -_parse_number(tok)
+
+    def lit_true(self, _tok):
+        return True
+
+    def lit_false(self, _tok):
+        return False
+
+    def param(self, name, default=None):
+        return ast.Param(_check_name(name), default, _pos(name))
+
+    def params(self, *items):
+        return tuple(p for p in items if p is not None)
+
+    def seq_layout(self, *_):
+        return ("seq", ())
+
+    def axis_decl(self, name, size):
+        size_value: str | int = _parse_int(size) if size.type == "INT" else _check_name(size)
+        return ast.AxisDecl(_check_name(name), size_value, _pos(name), _pos(size))
+
+    def grid_layout(self, *axes):
+        return ("grid", tuple(axes))
+
+    def layout_clause(self, kw, layout):
+        kind, axes = layout
+        return ast.LayoutClause(_pos(kw), str(kw), ast.Layout(kind, axes, _pos(kw)))
+
+    def let_clause(self, kw, name, value):
+        return ast.Let(_pos(kw), _check_name(name), value, _pos(name))
+
+    def dim(self, tok):
+        value: str | int = _parse_int(tok) if tok.type == "INT" else _check_name(tok)
+        return ast.Dim(value, _pos(tok))
+
+    def input_clause(self, kw, name, dtype, *dims):
+        return ast.Input(_pos(kw), _check_name(name), str(dtype), tuple(dims), _pos(name), _pos(dtype))
+
+    def expr_clause(self, kw, value):
+        return ast.ExprClause(_pos(kw), str(kw), value)
+
+    def flat_blocks(self, size):
+        return (ast.BlockAxis(None, size, size.pos),)
+
+    def block_axis(self, name, size):
+        return ast.BlockAxis(str(name), size, _pos(name))
+
+    def grid_blocks(self, *axes):
+        return tuple(axes)
+
+    def score_plain(self, name):
+        return ast.ScoreSide(None, str(name), _pos(name))
+
+    def score_call(self, func, arg):
+        return ast.ScoreSide(str(func), str(arg), _pos(func))
+
+    def keep_part(self, expr):
+        return expr
+
+    def route_clause(self, kw, topk, blocks, left, right, keep=None, shared=None):
+        if isinstance(keep, Token):  # `shared` without `keep`
+            keep, shared = None, keep
+        return ast.Route(_pos(kw), topk, blocks, left, right, keep, shared is not None)
+
+    def declaration(self, kw, name, *rest):
+        params: tuple = ()
+        clauses = list(rest)
+        if clauses and isinstance(clauses[0], tuple):
+            params = clauses.pop(0)
+        return ast.Declaration(str(kw), _check_name(name), params, tuple(clauses), _pos(kw), _pos(name))
+
+    def start(self, *decls):
+        return list(decls)
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    grammar = resources.files("attnc.spec").joinpath("grammar.lark").read_text()
+    return Lark(
+        grammar,
+        parser="lalr",
+        lexer="contextual",
+        propagate_positions=True,
+        maybe_placeholders=True,
+        transformer=_Builder(),
+    )
+
+
+def _describe_expected(expected) -> str:
+    names = sorted({_TOKEN_NAMES.get(e, f"'{e.lower()}'" if e.isupper() else e) for e in expected})
+    if len(names) > 6:
+        return ""
+    return " (expected " + ", ".join(names) + ")"
+
+
+def _syntax_error(err: lark.exceptions.LarkError) -> SpecError:
+    if isinstance(err, lark.exceptions.UnexpectedCharacters):
+        ch = err.char
+        shown = repr(ch) if ch.isprintable() else f"byte {ch.encode('utf-8', 'replace')!r}"
+        return SpecError(f"unexpected character {shown}", Pos(err.line, err.column))
+    if isinstance(err, lark.exceptions.UnexpectedToken):
+        tok = err.token
+        if tok.type == "$END":
+            return SpecError("unexpected end of file" + _describe_expected(err.expected),
+                             Pos(max(err.line, 1), max(err.column, 1)))
+        text = str(tok)
+        shown = text if len(text) <= 30 else text[:27] + "..."
+        return SpecError(f"unexpected '{shown}'" + _describe_expected(err.expected), _pos(tok))
+    if isinstance(err, lark.exceptions.UnexpectedEOF):
+        return SpecError("unexpected end of file", Pos(1, 1))
+    return SpecError(f"syntax error: {err}", Pos(1, 1))
+
+
+def parse(source: str, filename: str = "<spec>") -> ast.Module:
+    """Parse the text of an ``.attn`` file. Raises ``SpecError`` (never anything else)."""
+    if len(source) > MAX_SOURCE_CHARS:
+        raise SpecError(f"spec too large ({len(source)} characters; at most {MAX_SOURCE_CHARS})",
+                        where=filename)
+    try:
+        decls = _parser().parse(source)
+    except SpecError as err:
+        raise err.located(filename, source) from None
+    except lark.exceptions.VisitError as err:
+        inner = err.orig_exc
+        if isinstance(inner, SpecError):
+            raise inner.located(filename, source) from None
+        raise
+    except lark.exceptions.LarkError as err:
+        raise _syntax_error(err).located(filename, source) from None
+    except RecursionError:
+        raise SpecError("spec nested too deeply", Pos(1, 1)).located(filename, source) from None
+    module = ast.Module(decls or [], filename, source)
+    seen: dict[str, ast.Declaration] = {}
+    for decl in module.declarations:
+        if decl.name in seen:
+            raise SpecError(f"'{decl.name}' is declared twice (first at line {seen[decl.name].pos.line})",
+                            decl.name_pos, filename=filename, source=source)
+        seen[decl.name] = decl
+    return module
+
+
+def decode_source(data: bytes, filename: str) -> str:
+    """Bytes of a spec file -> text; a non-UTF-8 file is a located ``SpecError``."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        before = data[: err.start]
+        line = before.count(b"\n") + 1
+        col = err.start - (before.rfind(b"\n") + 1) + 1
+        raise SpecError("file is not UTF-8 text", Pos(line, col), filename=filename) from None
