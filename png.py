@@ -1,0 +1,45 @@
+"""A minimal PNG writer (no imaging dependency) for ``attnc show --png``."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import torch
+
+from .spec.errors import SpecError
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def write_mask_png(path: str, masks: torch.Tensor, scale: int | None = None) -> None:
+    """Write bool masks ``[heads, Nq, Nk]`` side by side: allowed pairs dark, masked light."""
+    heads, nq, nk = masks.shape
+    if scale is None:
+        scale = max(1, min(16, 512 // max(nq, nk * heads)))
+    gap = 2
+    width = heads * nk * scale + (heads - 1) * gap
+    height = nq * scale
+    rows = []
+    for i in range(nq):
+        row = bytearray()
+        for h in range(heads):
+            if h:
+                row += bytes([255, 80, 80]) * gap
+            for allowed in masks[h, i].tolist():
+                row += (bytes([30, 30, 120]) if allowed else bytes([245, 245, 245])) * scale
+        rows.extend([b"\x00" + bytes(row)] * scale)
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
+    data += _chunk(b"IEND", b"")
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        import os
+
+        os.replace(tmp, path)  # never leave a half-written picture
+    except OSError as err:
+        raise SpecError(f"cannot write {path}: {err.strerror}", where="argument --png") from None
