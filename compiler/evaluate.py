@@ -50,20 +50,8 @@ def bind_sizes(
     cross attention), ``heads``, ``sizes`` (grid axis extents by size name)."""
     sizes = dict(sizes or {})
     _positive("heads", heads)
-    for name, value in sizes.items():
-        _positive(f"sizes[{name!r}]", value)
-    size_syms: dict[str, sympy.Symbol] = {}
+    size_syms = check_size_names(pat, sizes)
     layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else (ir.Layout("seq"),)
-    for layout in layouts:
-        for _, size in layout.axes:
-            for sym in size.free_symbols:
-                size_syms[str(sym).removeprefix("size_")] = sym
-    for name in sizes:
-        if name not in size_syms:
-            hint = did_you_mean(name, size_syms) or (
-                "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
-            )
-            raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
     subs: dict = {S.HEADS: heads}
     if dk is not None:
         subs[S.DK] = dk
@@ -114,6 +102,27 @@ def bind_sizes(
     if isinstance(pat, ir.PatternIR):
         ir.check_window_sizes(pat, subs)
     return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()})
+
+
+def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[str, sympy.Symbol]:
+    """Every given size names an axis size of the pattern and is a positive int.
+    Returns size name -> symbol for all the pattern's named sizes."""
+    if not isinstance(sizes, dict):
+        raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+    size_syms: dict[str, sympy.Symbol] = {}
+    layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
+    for layout in layouts:
+        for _, size in layout.axes:
+            for sym in size.free_symbols:
+                size_syms[str(sym).removeprefix("size_")] = sym
+    for name, value in sizes.items():
+        if name not in size_syms:
+            hint = did_you_mean(str(name), size_syms) or (
+                "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
+            )
+            raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
+        _positive(f"sizes[{name!r}]", value)
+    return size_syms
 
 
 def _positive(what: str, value) -> None:
@@ -177,7 +186,7 @@ def _is_float(x) -> bool:
     return isinstance(x, float) or (isinstance(x, torch.Tensor) and x.dtype.is_floating_point)
 
 
-def _tensor(x, dtype=None) -> torch.Tensor:
+def as_tensor(x, dtype=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x if dtype is None or x.dtype == dtype else x.to(dtype)
     if dtype is None:
@@ -200,10 +209,10 @@ def _floordiv(a, b):
         return a // b
     a, b = _promote(a, b)
     if _is_float(a):
-        return torch.div(_tensor(a), b, rounding_mode="floor")
-    bt = _tensor(b)
+        return torch.div(as_tensor(a), b, rounding_mode="floor")
+    bt = as_tensor(b)
     safe = torch.where(bt == 0, torch.ones_like(bt), bt)
-    return torch.where(bt == 0, torch.zeros((), dtype=INT), torch.div(_tensor(a), safe, rounding_mode="floor"))
+    return torch.where(bt == 0, torch.zeros((), dtype=INT), torch.div(as_tensor(a), safe, rounding_mode="floor"))
 
 
 def _mod(a, b):
@@ -213,15 +222,15 @@ def _mod(a, b):
         return a % b
     a, b = _promote(a, b)
     if _is_float(a):
-        return torch.remainder(_tensor(a), b)
-    at, bt = _tensor(a), _tensor(b)
+        return torch.remainder(as_tensor(a), b)
+    at, bt = as_tensor(a), as_tensor(b)
     safe = torch.where(bt == 0, torch.ones_like(bt), bt)
     return torch.where(bt == 0, at, torch.remainder(at, safe))
 
 
 def bit_length_tensor(x: torch.Tensor) -> torch.Tensor:
     """Python's int.bit_length, exactly, on an int64 tensor."""
-    y = _tensor(x).abs()
+    y = as_tensor(x).abs()
     out = torch.zeros_like(y)
     for s in (32, 16, 8, 4, 2, 1):
         big = y >= (1 << s)
@@ -233,7 +242,7 @@ def bit_length_tensor(x: torch.Tensor) -> torch.Tensor:
 def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
     """Vectorised ``symbols.window_keys``: NATTEN's neighborhood along one axis."""
     d, s = dilation, stride
-    qa, ka = _tensor(qa), _tensor(ka)
+    qa, ka = as_tensor(qa), as_tensor(ka)
     g = qa % d
     same = g == ka % d
     Lg = (L - g + d - 1) // d
@@ -297,7 +306,7 @@ class Evaluator:
         if isinstance(e, sympy.Mod):
             return _mod(self(e.args[0]), self(e.args[1]))
         if isinstance(e, sympy.Min | sympy.Max):
-            vals = [_tensor(v) for v in _promote(*(self(a) for a in e.args))]
+            vals = [as_tensor(v) for v in _promote(*(self(a) for a in e.args))]
             fn = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
             out = vals[0]
             for v in vals[1:]:
@@ -310,52 +319,52 @@ class Evaluator:
             v = self(e.args[0])
             if not _is_float(v):
                 return v
-            return (torch.floor if isinstance(e, sympy.floor) else torch.ceil)(_tensor(v))
+            return (torch.floor if isinstance(e, sympy.floor) else torch.ceil)(as_tensor(v))
         if isinstance(e, sympy.Piecewise):
             *rest, (last, _) = e.args
             out = self(last)
             for value, cond in reversed(rest):
                 a, b = _promote(self(value), out)
-                out = torch.where(_tensor(self(cond)), _tensor(a), _tensor(b))
+                out = torch.where(as_tensor(self(cond)), as_tensor(a), as_tensor(b))
             return out
         if isinstance(e, sympy.core.relational.Relational):
             a, b = _promote(self(e.lhs), self(e.rhs))
-            a = _tensor(a)
+            a = as_tensor(a)
             op = {"<": torch.lt, "<=": torch.le, ">": torch.gt, ">=": torch.ge, "==": torch.eq, "!=": torch.ne}[e.rel_op]
             return op(a, b)
         if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
-            vals = [_tensor(self(a)) for a in e.args]
+            vals = [as_tensor(self(a)) for a in e.args]
             fn = {sympy.And: torch.logical_and, sympy.Or: torch.logical_or, sympy.Xor: torch.logical_xor}[type(e)]
             out = vals[0]
             for v in vals[1:]:
                 out = fn(out, v)
             return out
         if isinstance(e, sympy.Not):
-            return torch.logical_not(_tensor(self(e.args[0])))
+            return torch.logical_not(as_tensor(self(e.args[0])))
         if isinstance(e, sympy.Equivalent):
-            vals = [_tensor(self(a)) for a in e.args]
+            vals = [as_tensor(self(a)) for a in e.args]
             return torch.stack(torch.broadcast_tensors(*vals)).all(0) | ~torch.stack(torch.broadcast_tensors(*vals)).any(0)
         if isinstance(e, sympy.ITE):
-            c, a, b = (_tensor(self(x)) for x in e.args)
+            c, a, b = (as_tensor(self(x)) for x in e.args)
             return torch.where(c, a, b)
         if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
             fn = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh}[type(e)]
-            return fn(_tensor(float(self(e.args[0])) if not isinstance(self(e.args[0]), torch.Tensor) else self(e.args[0]), FLOAT))
+            return fn(as_tensor(float(self(e.args[0])) if not isinstance(self(e.args[0]), torch.Tensor) else self(e.args[0]), FLOAT))
         if isinstance(e, S.IsPow2):
-            x = _tensor(self(e.args[0]))
+            x = as_tensor(self(e.args[0]))
             return (x > 0) & ((x & (x - 1)) == 0)
         if isinstance(e, S.BitLength):
             return bit_length_tensor(self(e.args[0]))
         if isinstance(e, S.Log2Floor):
-            x = _tensor(self(e.args[0]))
+            x = as_tensor(self(e.args[0]))
             return torch.where(x >= 1, bit_length_tensor(x) - 1, torch.full_like(x, -1))
         if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.ShiftLeft | S.ShiftRight):
-            a, b = _tensor(self(e.args[0])), self(e.args[1])
+            a, b = as_tensor(self(e.args[0])), self(e.args[1])
             fn = {S.BitAnd: torch.bitwise_and, S.BitOr: torch.bitwise_or, S.BitXor: torch.bitwise_xor,
                   S.ShiftLeft: torch.bitwise_left_shift, S.ShiftRight: torch.bitwise_right_shift}[type(e)]
-            return fn(a, _tensor(b))
+            return fn(a, as_tensor(b))
         if isinstance(e, S.BitNot):
-            return torch.bitwise_not(_tensor(self(e.args[0])))
+            return torch.bitwise_not(as_tensor(self(e.args[0])))
         if isinstance(e, S.Window):
             qa, ka, L, size, dil, stride, causal = e.args
             consts = [int(x) for x in (L, size, dil, stride) if isinstance(x, sympy.Integer)]
@@ -380,7 +389,7 @@ class Evaluator:
         a, b = self(num), self(den)
         if _is_float(a) or _is_float(b):
             return None
-        return _tensor(a, FLOAT) / _tensor(b, FLOAT) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else (
+        return as_tensor(a, FLOAT) / as_tensor(b, FLOAT) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else (
             a / b if b != 0 else float("nan") if a == 0 else float("inf") * (1 if a > 0 else -1))
 
     def _pow(self, e: sympy.Pow):
@@ -389,10 +398,10 @@ class Evaluator:
             exp_nonneg = e.exp.is_nonnegative
             if exp_nonneg:
                 if isinstance(base, torch.Tensor) or isinstance(exp, torch.Tensor):
-                    return torch.pow(_tensor(base), _tensor(exp))
+                    return torch.pow(as_tensor(base), as_tensor(exp))
                 return base**exp
-        base_f = _tensor(base, FLOAT) if isinstance(base, torch.Tensor) else float(base)
-        exp_f = _tensor(exp, FLOAT) if isinstance(exp, torch.Tensor) else float(exp)
+        base_f = as_tensor(base, FLOAT) if isinstance(base, torch.Tensor) else float(base)
+        exp_f = as_tensor(exp, FLOAT) if isinstance(exp, torch.Tensor) else float(exp)
         if not isinstance(base_f, torch.Tensor) and not isinstance(exp_f, torch.Tensor):
             base_f = torch.tensor(base_f, dtype=FLOAT)
         return torch.pow(base_f, exp_f)
@@ -400,7 +409,7 @@ class Evaluator:
     def _input(self, name: str, args):
         t = self.inputs[name]
         batched = name in self.batched
-        idx = [_tensor(self(a)) for a in args]
+        idx = [as_tensor(self(a)) for a in args]
         sizes = t.shape[1:] if batched else t.shape
         for i, (ix, size) in enumerate(zip(idx, sizes, strict=True)):
             if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= size):
@@ -453,18 +462,13 @@ def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
     return expr.subs(bound.subs) if expr.free_symbols else expr
 
 
-def full(value, shape, dtype) -> torch.Tensor:
-    """A scalar or broadcastable tensor as a full tensor of ``shape``."""
-    return _tensor(value, dtype).expand(shape) if _tensor(value).dim() <= len(shape) else _tensor(value, dtype)
-
-
 def mask_tensor(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,
                 q_index=None, k_index=None) -> torch.Tensor:
     """The exact mask, bool ``[B | 1, heads, Nq, Nk]`` (route selection not applied)."""
     ev = evaluator(pat, bound, inputs, batch=batch, q_index=q_index, k_index=k_index)
     nq = bound.n if q_index is None else len(q_index)
     nk = bound.nk if k_index is None else len(k_index)
-    value = _tensor(ev(substitute(pat.mask, bound)), torch.bool)
+    value = as_tensor(ev(substitute(pat.mask, bound)), torch.bool)
     b = ev.batch or 1
     return torch.broadcast_to(value, (b, bound.heads, nq, nk))
 
@@ -474,7 +478,7 @@ def score_bias(pat: ir.PatternIR, bound: Bound, ev: Evaluator) -> torch.Tensor |
     if pat.bias is None:
         return None
     value = ev(substitute(pat.bias, bound))
-    return _tensor(value, FLOAT) if isinstance(value, torch.Tensor) else float(value)
+    return as_tensor(value, FLOAT) if isinstance(value, torch.Tensor) else float(value)
 
 
 def head_values(expr: sympy.Expr, subs: dict, heads: int) -> torch.Tensor:
@@ -482,4 +486,4 @@ def head_values(expr: sympy.Expr, subs: dict, heads: int) -> torch.Tensor:
     env = {sym: int(v) for sym, v in subs.items()}
     env[S.H] = torch.arange(heads)
     value = Evaluator(env, {}, set(), None)(expr.subs(subs) if expr.free_symbols else expr)
-    return _tensor(value, FLOAT).expand(heads).clone() if _tensor(value).dim() == 0 else _tensor(value, FLOAT)
+    return as_tensor(value, FLOAT).expand(heads).clone() if as_tensor(value).dim() == 0 else as_tensor(value, FLOAT)

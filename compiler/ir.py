@@ -21,6 +21,7 @@ class Layout:
 
     kind: str
     axes: tuple[tuple[str, sympy.Expr], ...] = ()
+    cross: bool = False  # `keys seq` beside `queries seq`: the keys have their own length nk
 
     @property
     def axis_names(self) -> tuple[str, ...]:

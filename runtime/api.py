@@ -181,14 +181,10 @@ def compile_attention(
                         hint="available in this version: " + ", ".join(BACKENDS))
     pat = _as_pattern(pattern, name, params)
     if sizes is not None:
-        if not isinstance(sizes, dict):
-            raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
-        # Validate names and values now, not at the first call.
-        probe = E.bind_sizes if isinstance(pat, ir.PatternIR) else None
-        if probe is not None:
-            try:
-                E.bind_sizes(pat, heads=1, sizes=sizes, n=None)
-            except SpecError as err:
-                if "not known" not in err.message and "missing size" not in err.message:
-                    raise
+        # Bad names and values, and windows that do not fit a fully sized grid,
+        # are reported now rather than at the first call.
+        E.check_size_names(pat, sizes)
+        layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
+        if layouts and all(lay.kind == "grid" for lay in layouts) and len(sizes) == len(E.check_size_names(pat, {})):
+            E.bind_sizes(pat, sizes=sizes)
     return Attention(pat, "reference", sizes)

@@ -52,7 +52,7 @@ def attention(
     dt = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dt), _expand_kv(k.to(dt), Hq), _expand_kv(v.to(dt), Hq)
     ev = E.evaluator(pat, bound, inputs, batch=B)
-    mask = torch.broadcast_to(E._tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
+    mask = torch.broadcast_to(E.as_tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
     if pat.route is not None:
         mask = routing.select_blocks(pat, bound, q, k, mask, inputs)
     scores = scale * (qc @ kc.transpose(-1, -2))

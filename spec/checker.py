@@ -270,6 +270,8 @@ class Checker:
             q = kv = self._layout(layouts.get("tokens"))
         else:
             q, kv = self._layout(layouts["queries"]), self._layout(layouts["keys"])
+            if q == kv and kv.kind == "seq":  # cross attention: nk keys, independent of n
+                kv = ir.Layout("seq", cross=True)
         sizes: dict[str, sympy.Expr] = {}
         for clause in layouts.values():
             for a in clause.layout.axes:
