@@ -459,7 +459,12 @@ def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, ba
 
 
 def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
-    return expr.subs(bound.subs) if expr.free_symbols else expr
+    if not expr.free_symbols:
+        return expr
+    try:
+        return expr.subs(bound.subs)
+    except (TypeError, ValueError, ZeroDivisionError) as err:  # e.g. (heads - 1) ** -1 compared at heads = 1
+        raise SpecError(f"the expression is undefined at these sizes ({err})", where="evaluation") from None
 
 
 def mask_tensor(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,

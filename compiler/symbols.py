@@ -73,6 +73,12 @@ class FloorDiv(sympy.Function):
 
     @classmethod
     def eval(cls, a, b):
+        if b.is_zero:  # only once sizes are substituted (a constant 0 is a checker error)
+            if a.is_integer:
+                return sympy.Integer(0)  # the evaluator's total rule: x // 0 == 0 for ints
+            if a.is_number:
+                raise ZeroDivisionError("float floor division by zero")
+            return None
         if _numbers(a, b) and b != 0:
             result = _py(a) // _py(b)
             return sympy.Integer(result) if _ints(a, b) else sympy.Float(result)
@@ -87,6 +93,22 @@ class FloorDiv(sympy.Function):
         if a.is_integer and b.is_integer:
             return True
         return None
+
+
+class Mod(sympy.Mod):
+    """``a % b``, floored as in Python. Total like the evaluator when a divisor
+    becomes 0 only once sizes are substituted: ``x % 0 == x`` for ints (sympy's
+    own Mod raises ZeroDivisionError)."""
+
+    @classmethod
+    def eval(cls, p, q):
+        if q.is_zero:
+            if p.is_integer:
+                return p
+            if p.is_number:
+                raise ZeroDivisionError("float modulo by zero")
+            return None
+        return super().eval(p, q)
 
 
 def _int_function(name: str, impl, nargs: int):
@@ -124,6 +146,9 @@ class IsPow2(BooleanFunction):
             v = int(x)
             return sympy.true if v > 0 and v & (v - 1) == 0 else sympy.false
         return None
+
+    def _eval_as_set(self):  # sympy's Piecewise folding asks; an unknown set is allowed
+        raise NotImplementedError("is_pow2 has no set form")
 
 
 # ----------------------------------------------------------------- NATTEN windows

@@ -132,7 +132,13 @@ class Attention(torch.nn.Module):
             return (out, state) if return_state else out
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
-        bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
+        try:
+            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
+        except SpecError as err:  # n and nk come from q and k here: name those
+            if err.where not in ("argument n", "argument nk"):
+                raise
+            raise SpecError(err.message, where="argument q" if err.where == "argument n" else "argument k",
+                            hint=err.hint) from None
         out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
 

@@ -597,7 +597,7 @@ class Checker:
             raise self.error(f"'{name}' is a function: call it with arguments", node.pos)
         if self.resolve(name, self.module) is not None:
             return self._call_pattern(ast.Call(node.pos, name, (), (), node.pos, has_parens=False))
-        known = [*fixed, *self.env_lets, *self.env_params, *frame.sizes, *self.inputs]
+        known = [*fixed, *self.env_lets, *self.env_params, *frame.sizes, *self.inputs, *self.module.by_name]
         raise self.error(f"unknown name '{name}'", node.pos, hint=did_you_mean(name, known))
 
     def _e_Attr(self, node: ast.Attr) -> Typed:
@@ -673,7 +673,7 @@ class Checker:
         if op == "//":
             return Typed(num_type, S.FloorDiv(x, y))
         if op == "%":
-            return Typed(num_type, sympy.Mod(x, y))
+            return Typed(num_type, S.Mod(x, y))
         if op == "**":
             return self._power(node, a, b)
         raise self.error(f"unknown operator '{op}'", node.pos)  # unreachable: the grammar has no others

@@ -60,9 +60,9 @@ class SpecError(ValueError):
             head = f"error: {self.message}"
         lines = [head]
         if self.pos is not None and self.source is not None:
-            src_lines = self.source.splitlines()
+            src_lines = self.source.split("\n")  # lines as the lexer counts them (not splitlines())
             if 1 <= self.pos.line <= len(src_lines):
-                text = src_lines[self.pos.line - 1]
+                text = src_lines[self.pos.line - 1].removesuffix("\r")
                 shown = "".join(c if c.isprintable() else "?" for c in text.expandtabs(1))
                 if len(shown) > 200:  # keep the caret on screen for huge lines
                     start = max(0, self.pos.col - 100)

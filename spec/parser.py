@@ -18,6 +18,9 @@ RESERVED = frozenset(
     "and or not if then else true false".split()
 )
 
+#: Reserved words that may still name a declaration (they never start an expression).
+_CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay route".split())
+
 #: Nesting deeper than this is refused: real patterns stay far below it, and
 #: every later pass (checker, sympy) recurses over the tree.
 MAX_DEPTH = 64
@@ -38,6 +41,20 @@ _TOKEN_NAMES = {
     "EQUAL": "'='",
     "DOT": "'.'",
     "$END": "the end of the file",
+    "AT": "'@'",
+    "MINUS": "'-'",
+    "ADD_OP": "'+' or '-'",
+    "MUL_OP": "'*', '/', '//' or '%'",
+    "UNARY_OP": "'~'",
+    "POW": "'**'",
+    "COMP_OP": "a comparison",
+    "SHIFT_OP": "'<<' or '>>'",
+    "BOR": "'|'",
+    "BXOR": "'^'",
+    "BAND": "'&'",
+    "DECL_KW": "'pattern' or 'recurrence'",
+    "LAYOUT_KW": "'tokens', 'queries' or 'keys'",
+    "EXPR_KW": "a clause",
 }
 
 
@@ -215,7 +232,10 @@ class _Builder(Transformer):
         clauses = list(rest)
         if clauses and isinstance(clauses[0], tuple):
             params = clauses.pop(0)
-        return ast.Declaration(str(kw), _check_name(name), params, tuple(clauses), _pos(kw), _pos(name))
+        # A declaration may take a clause keyword as its name (`pattern softcap`):
+        # it is loaded as stdlib:softcap, though a mask cannot call it by name.
+        decl_name = str(name) if str(name) in _CLAUSE_WORDS else _check_name(name)
+        return ast.Declaration(str(kw), decl_name, params, tuple(clauses), _pos(kw), _pos(name))
 
     def start(self, *decls):
         return list(decls)

@@ -1,0 +1,279 @@
+"""The ``attnc`` command: exit codes, output, clean errors (never a traceback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+
+import pytest
+
+from attnc import cli
+
+OK_SPEC = "# A local causal band.\npattern local(w = 3)\n  tokens seq\n  mask causal and q - k < w\n"
+BAD_SPEC = "pattern p\n  tokens seq\n  mask q < < k\n"
+GRID_SPEC = "pattern g(r = 1)\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) <= r and q.x == k.x\n"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    assert "internal error" not in out + err
+    return code, out, err
+
+
+@pytest.fixture
+def files(tmp_path):
+    paths = {}
+    for name, text in (("ok.attn", OK_SPEC), ("bad.attn", BAD_SPEC), ("grid.attn", GRID_SPEC)):
+        paths[name] = tmp_path / name
+        paths[name].write_text(text)
+    paths["garbage.attn"] = tmp_path / "garbage.attn"
+    paths["garbage.attn"].write_bytes(bytes(range(256)) * 3)
+    paths["latin.attn"] = tmp_path / "latin.attn"
+    paths["latin.attn"].write_bytes(b"pattern p\n  tokens seq\n  mask q \xe9< k\n")
+    paths["dir"] = tmp_path / "adir.attn"
+    paths["dir"].mkdir()
+    return paths
+
+
+def band(n: int, w: int) -> list[str]:
+    return ["".join("#" if k <= q and q - k < w else "." for k in range(n)) for q in range(n)]
+
+
+# ----------------------------------------------------------------- list
+def test_list(capsys):
+    code, out, err = run(capsys, "list")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert "sliding_window" in names and names == sorted(names)
+    sw = next(line for line in lines if line.startswith("sliding_window "))
+    assert "pattern" in sw and "window=" in sw
+
+
+# ----------------------------------------------------------------- check
+def test_check_ok(capsys, files):
+    code, out, err = run(capsys, "check", str(files["ok.attn"]))
+    assert code == 0 and err == ""
+    assert out.strip() == f"{files['ok.attn']}: ok (1 declaration: local)"
+
+
+def test_check_bad_file(capsys, files):
+    code, out, err = run(capsys, "check", str(files["bad.attn"]))
+    assert code == 1 and out == ""
+    lines = err.splitlines()
+    assert lines[0].startswith(f"{files['bad.attn']}:3:12: error: unexpected '<'")
+    assert lines[1] == "      mask q < < k" and lines[2] == "               ^"
+
+
+def test_check_several_files(capsys, files):
+    code, out, err = run(capsys, "check", str(files["ok.attn"]), str(files["bad.attn"]), str(files["grid.attn"]))
+    assert code == 1
+    assert f"{files['ok.attn']}: ok" in out and f"{files['grid.attn']}: ok" in out
+    assert f"{files['bad.attn']}:3:12: error:" in err
+
+
+def test_check_semantic_error(capsys, tmp_path):
+    path = tmp_path / "sem.attn"
+    path.write_text("pattern p(window = 3)\n  tokens seq\n  mask q - k < windw\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 1
+    assert err.splitlines()[0] == f"{path}:3:16: error: unknown name 'windw'"
+    assert "hint: did you mean 'window'?" in err
+
+
+def test_check_stdlib(capsys):
+    code, out, _ = run(capsys, "check", "stdlib:sliding_window")
+    assert code == 0 and "ok" in out
+
+
+def test_check_nonexistent_file(capsys, tmp_path):
+    missing = tmp_path / "nope.attn"
+    code, out, err = run(capsys, "check", str(missing))
+    assert code == 1 and out == ""
+    assert "no such file" in err and str(missing) in err
+
+
+def test_check_directory(capsys, files):
+    code, _, err = run(capsys, "check", str(files["dir"]))
+    assert code == 1 and "is a directory" in err
+
+
+def test_check_binary_garbage(capsys, files):
+    code, out, err = run(capsys, "check", str(files["garbage.attn"]))
+    assert code == 1 and out == ""
+    # bytes 0..127 are valid UTF-8: the first bad byte is 0x80, after nine newlines (at 0x0a)
+    data = files["garbage.attn"].read_bytes()
+    line = data[:128].count(b"\n") + 1
+    col = 128 - (data[:128].rfind(b"\n") + 1) + 1
+    assert err.splitlines()[0] == f"{files['garbage.attn']}:{line}:{col}: error: file is not UTF-8 text"
+
+
+def test_check_non_utf8_file(capsys, files):
+    code, _, err = run(capsys, "check", str(files["latin.attn"]))
+    assert code == 1
+    assert err.startswith(f"{files['latin.attn']}:3:10: error: file is not UTF-8 text")
+
+
+# ----------------------------------------------------------------- show
+def test_show_prints_the_mask(capsys, files):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), "--n", "6")
+    assert code == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0].startswith("local:") and "6 queries x 6 keys" in lines[0]
+    assert lines[1:7] == band(6, 3)
+
+
+def test_show_with_params(capsys, files):
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "-p", "w=2", "--n", "5")
+    assert code == 0 and out.splitlines()[1:6] == band(5, 2)
+    code, out, _ = run(capsys, "show", "stdlib:sliding_window", "--n", "7", "-p", "window=4")
+    assert code == 0 and out.splitlines()[1:8] == band(7, 4)
+
+
+def test_show_grid_with_sizes(capsys, files):
+    code, out, _ = run(capsys, "show", str(files["grid.attn"]), "--sizes", "height=3,width=2", "-p", "r=0")
+    assert code == 0
+    rows = out.splitlines()[1:7]
+    coords = [(y, x) for y in range(3) for x in range(2)]
+    assert rows == ["".join("#" if a == b else "." for b in coords) for a in coords]
+
+
+def read_png(path) -> tuple[int, int, list[bytes]]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF
+        chunks.append((kind, body))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, color, interlace) == (8, 2, 0)  # 8-bit RGB
+    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
+    stride = 1 + 3 * width
+    assert len(raw) == stride * height
+    rows = [raw[i * stride:(i + 1) * stride] for i in range(height)]
+    assert all(r[0] == 0 for r in rows)  # filter type None
+    return width, height, [r[1:] for r in rows]
+
+
+def test_show_png(capsys, files, tmp_path):
+    png = tmp_path / "mask.png"
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "6", "--png", str(png))
+    assert code == 0 and f"wrote {png}" in out
+    width, height, rows = read_png(png)
+    assert width == height and width % 6 == 0 and width >= 6
+    scale = width // 6
+    expected = band(6, 3)
+    for q in range(6):
+        for k in range(6):
+            y, x = q * scale + scale // 2, k * scale + scale // 2
+            r, g, b = rows[y][3 * x:3 * x + 3]
+            dark = r + g + b < 384
+            assert dark == (expected[q][k] == "#"), (q, k, (r, g, b))
+
+
+def test_show_png_unwritable(capsys, files, tmp_path):
+    code, _, err = run(capsys, "show", str(files["ok.attn"]), "--png", str(tmp_path / "no" / "dir" / "m.png"))
+    assert code == 1 and "cannot write" in err
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["-p", "w"], "expected NAME=VALUE, got 'w'"),
+    (["-p", "w=abc"], "expected a number or true/false, got 'abc'"),
+    (["-p", "nosuch=1"], "'local' has no parameter 'nosuch'"),
+    (["-p", "w=1.5"], "expected int"),
+    (["-p", "w=true"], "expected int"),
+    (["--n", "0"], "must be a positive int, got 0"),
+    (["--n", "x"], "invalid int value: 'x'"),
+    (["--heads", "-2"], "must be a positive int"),
+    (["--sizes", "a=3"], "unknown size 'a'"),
+    (["--name", "other"], "declares no 'other'"),
+])
+def test_show_bad_arguments(capsys, files, args, fragment):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), *args)
+    assert code == 1
+    assert fragment in err, err
+    assert len(err.strip().splitlines()) <= 3  # one clear message (+ hint)
+
+
+@pytest.mark.parametrize("sizes, fragment", [
+    ("height=x", "expected a number or true/false, got 'x'"),
+    ("height=1.5", "expected an int"),
+    ("height=0", "must be a positive int"),
+    ("height", "expected NAME=VALUE"),
+    ("depth=3", "unknown size 'depth'"),
+])
+def test_show_bad_sizes(capsys, files, sizes, fragment):
+    code, _, err = run(capsys, "show", str(files["grid.attn"]), "--sizes", sizes)
+    assert code == 1 and fragment in err, err
+
+
+def test_show_bad_spec_and_missing_file(capsys, files, tmp_path):
+    code, _, err = run(capsys, "show", str(files["bad.attn"]))
+    assert code == 1 and f"{files['bad.attn']}:3:12: error:" in err
+    code, _, err = run(capsys, "show", str(tmp_path / "missing.attn"))
+    assert code == 1 and "no such file" in err
+    code, _, err = run(capsys, "show", "stdlib:no_such_pattern")
+    assert code == 1 and "no stdlib pattern 'no_such_pattern'" in err
+
+
+def test_show_window_too_large(capsys, tmp_path):
+    path = tmp_path / "w.attn"
+    path.write_text("pattern p\n  tokens seq\n  mask window(9)\n")
+    code, _, err = run(capsys, "show", str(path), "--n", "8")
+    assert code == 1
+    assert err.splitlines()[0] == f"{path}:3:8: error: window of 9 does not fit the sequence of length 8"
+
+
+# ----------------------------------------------------------------- usage errors
+def test_unknown_subcommand(capsys):
+    code, out, err = run(capsys, "frobnicate")
+    assert code == 1 and "invalid choice: 'frobnicate'" in err
+
+
+def test_no_subcommand_and_missing_arguments(capsys, files):
+    code, out, _ = run(capsys)
+    assert code == 1 and "usage" in out.lower()
+    code, _, err = run(capsys, "check")
+    assert code == 1 and "required" in err
+    code, _, err = run(capsys, "show", "--bogus-flag")
+    assert code == 1 and "required" in err
+    code, _, err = run(capsys, "show", str(files["ok.attn"]), "--bogus-flag")
+    assert code == 1 and "unrecognized arguments: --bogus-flag" in err
+
+
+def test_never_a_traceback(capsys, files, tmp_path):
+    weird = tmp_path / "weird.attn"
+    weird.write_text("pattern p tokens seq mask " + "(" * 3000 + "q" + ")" * 3000 + " < 2 ** 10**9")
+    deep = tmp_path / "deep.attn"
+    deep.write_text("pattern p tokens seq mask " + "not " * 5000 + "causal")
+    for argv in (["check", str(weird)], ["check", str(deep)], ["show", str(weird)], ["show", str(deep)],
+                 ["show", str(files["garbage.attn"])], ["show", str(files["dir"])],
+                 ["check", ""], ["show", ""], ["show", str(files["ok.attn"]), "--n", "100000"]):
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and "error" in err, (argv, err)
+
+
+# ----------------------------------------------------------------- the installed command
+def test_installed_console_command(files):
+    exe = shutil.which("attnc")
+    assert exe is not None, "the attnc console script is not installed"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    ok = subprocess.run([exe, "check", str(files["ok.attn"])], capture_output=True, text=True, env=env, timeout=120)
+    assert ok.returncode == 0 and "ok (1 declaration: local)" in ok.stdout
+    bad = subprocess.run([exe, "check", str(files["bad.attn"])], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith(f"{files['bad.attn']}:3:12: error: ")
+    mod = subprocess.run([sys.executable, "-m", "attnc.cli", "show", str(files["ok.attn"]), "--n", "4"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert mod.returncode == 0 and mod.stdout.splitlines()[1:5] == band(4, 3)

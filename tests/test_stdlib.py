@@ -1,0 +1,947 @@
+"""The stdlib: every published pattern against an independent reference.
+
+Each reference below is written from the published rule (PATTERNS.md: the
+paper or the authors' code) as a plain Python / torch loop, never derived
+from the .attn text or from attnc's evaluator. Masks are compared exactly
+with ``attnc.materialize_mask``; score terms, routing and recurrences are
+compared with the reference backend in float64 on random inputs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from contextlib import redirect_stderr, redirect_stdout
+from importlib import resources
+from itertools import product
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc import cli
+
+STDLIB_DIR = resources.files("attnc.stdlib_patterns")
+STDLIB_FILES = sorted(e.name for e in STDLIB_DIR.iterdir() if e.name.endswith(".attn"))
+STDLIB_NAMES = [f[: -len(".attn")] for f in STDLIB_FILES]
+
+#: The patterns the stdlib must ship, with the defaults (the papers' settings).
+EXPECTED_DEFAULTS = {
+    "sliding_window": {"window": 4096},
+    "streaming": {"window": 1020, "sinks": 4},
+    "a_shape": {"sinks": 128, "local": 3968},
+    "neighborhood_1d": {"kernel": 7, "dilation": 1, "stride": 1, "is_causal": False},
+    "neighborhood_2d": {
+        "ky": 7,
+        "kx": 7,
+        "dy": 1,
+        "dx": 1,
+        "sy": 1,
+        "sx": 1,
+        "causal_y": False,
+        "causal_x": False,
+    },
+    "neighborhood_3d": {
+        "kt": 3,
+        "ky": 7,
+        "kx": 7,
+        "dt": 1,
+        "dy": 1,
+        "dx": 1,
+        "st": 1,
+        "sy": 1,
+        "sx": 1,
+        "causal_t": False,
+        "causal_y": False,
+        "causal_x": False,
+    },
+    "dilated": {"segment": 8192, "dilation": 4, "is_causal": True},
+    "longnet": {"segment": 8192, "dilation": 4, "is_causal": True},
+    "sliding_tile": {"tile_t": 6, "tile_y": 8, "tile_x": 8, "wt": 3, "wy": 3, "wx": 3},
+    "radial": {"decay_factor": 1.0, "block": 128, "sink": False},
+    "power": {"block": 256, "local": 5},
+    "logsparse": {},
+    "longformer": {"window": 512},
+    "s2": {"block": 64, "local": 16, "vert": 8, "offset": 1},
+    "prefix_lm": {"prefix": 3},  # bare: given here
+    "document": {},
+    "alibi": {},
+    "softcap": {"cap": 50.0},
+    "forgetting": {},
+    "moba": {"block": 4096, "topk": 12},
+    "biformer": {"region": 4, "topk": 4},
+    "retention": {},
+    "lightning": {},
+    "mamba2": {},
+    "gla": {},
+}
+
+FAST = settings(max_examples=30, deadline=None)
+
+
+def as_mask(keep, heads: int, nq: int, nk: int | None = None) -> torch.Tensor:
+    """bool [heads, nq, nk] from a Python predicate keep(h, q, k)."""
+    nk = nq if nk is None else nk
+    out = torch.zeros(heads, nq, nk, dtype=torch.bool)
+    for h in range(heads):
+        for q in range(nq):
+            for k in range(nk):
+                out[h, q, k] = bool(keep(h, q, k))
+    return out
+
+
+def assert_same_mask(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == torch.bool
+    assert got.shape == want.shape, (got.shape, want.shape)
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()[:5].tolist()
+        raise AssertionError(f"masks differ at (head, q, k) {bad}")
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+# ================================================================ the stdlib itself
+def test_required_patterns_present():
+    assert set(EXPECTED_DEFAULTS) <= set(STDLIB_NAMES)
+
+
+@pytest.mark.parametrize("fname", STDLIB_FILES)
+def test_file_header_and_single_declaration(fname):
+    text = (STDLIB_DIR / fname).read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert lines[0].startswith("# ") and len(lines[0]) > 10, "first line must be a one-line summary"
+    header = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert len(header) >= 3, "header must cite the source and state the rule"
+    assert "Rule" in "\n".join(header)
+    decls = [ln for ln in lines if ln.startswith(("pattern ", "recurrence "))]
+    assert len(decls) == 1
+    name = decls[0].split()[1].split("(")[0]
+    assert name == fname[: -len(".attn")]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULTS))
+def test_defaults(name):
+    params = {"prefix": 3} if name == "prefix_lm" else {}
+    pat = attnc.load(f"stdlib:{name}", **params)
+    got = {k: v for k, v in pat.params}
+    want = EXPECTED_DEFAULTS[name]
+    assert set(got) == set(want)
+    for k, v in want.items():
+        if isinstance(v, bool):
+            assert bool(got[k]) is v, k
+        else:
+            assert float(got[k]) == pytest.approx(v), k
+
+
+def test_cli_list_shows_every_pattern():
+    out = io.StringIO()
+    with redirect_stdout(out):
+        rc = cli.main(["list"])
+    assert rc == 0
+    lines = out.getvalue().splitlines()
+    listed = {ln.split()[0] for ln in lines if ln.strip()}
+    assert listed == set(STDLIB_NAMES)
+    for ln in lines:
+        assert len(ln.split()) >= 3, f"no summary: {ln!r}"
+
+
+@pytest.mark.parametrize("fname", STDLIB_FILES)
+def test_cli_check_every_file(fname):
+    path = str(STDLIB_DIR / fname)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = cli.main(["check", path])
+    assert rc == 0, err.getvalue()
+    assert "ok" in out.getvalue()
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        assert cli.main(["check", "stdlib:" + fname[: -len(".attn")]]) == 0
+
+
+def test_cli_check_fails_on_a_broken_copy(tmp_path):
+    text = (
+        (STDLIB_DIR / "power.attn")
+        .read_text(encoding="utf-8")
+        .replace("is_pow2(blk)", "is_pow2(blk, 2)")
+    )
+    bad = tmp_path / "bad.attn"
+    bad.write_text(text)
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        assert cli.main(["check", str(bad)]) == 1
+    assert "error" in err.getvalue()
+
+
+# ================================================================ simple 1-D masks
+@pytest.mark.parametrize("n,window", [(1, 1), (9, 1), (17, 4), (20, 7), (12, 30)])
+def test_sliding_window(n, window):
+    want = as_mask(lambda h, q, k: k <= q and q - k < window, 1, n)
+    assert_same_mask(attnc.materialize_mask("stdlib:sliding_window", n=n, window=window), want)
+
+
+@pytest.mark.parametrize(
+    "n,window,sinks", [(16, 4, 1), (23, 5, 3), (10, 1, 0), (9, 20, 2), (31, 6, 8)]
+)
+def test_streaming(n, window, sinks):
+    want = as_mask(lambda h, q, k: k <= q and (q - k < window or k < sinks), 1, n)
+    assert_same_mask(
+        attnc.materialize_mask("stdlib:streaming", n=n, window=window, sinks=sinks), want
+    )
+
+
+@pytest.mark.parametrize("n,local,sinks", [(16, 4, 1), (29, 6, 3), (40, 10, 5)])
+def test_a_shape(n, local, sinks):
+    want = as_mask(lambda h, q, k: k <= q and (q - k < local or k < sinks), 1, n)
+    assert_same_mask(attnc.materialize_mask("stdlib:a_shape", n=n, local=local, sinks=sinks), want)
+
+
+def test_a_shape_calls_streaming_with_minference_setting():
+    text = (STDLIB_DIR / "a_shape.attn").read_text(encoding="utf-8")
+    assert "streaming(" in text
+    # At the defaults (128 sinks, 3968 local) on a short sequence: causal, and
+    # the sink/local boundary sits where MInference puts it.
+    n = 4200
+    m = attnc.materialize_mask("stdlib:a_shape", n=n)[0]
+    q = n - 1
+    row = m[q]
+    assert row[:128].all() and not row[128 : q - 3968 + 1].any() and row[q - 3967 : q + 1].all()
+    assert not torch.triu(m, diagonal=1).any()
+
+
+@pytest.mark.parametrize("n,block,local", [(40, 4, 2), (64, 4, 5), (37, 3, 1), (50, 7, 3)])
+def test_power(n, block, local):
+    def keep(h, q, k):
+        blk = q // block - k // block
+        return k <= q and (blk < local or is_pow2(blk) or k < block)
+
+    assert_same_mask(
+        attnc.materialize_mask("stdlib:power", n=n, block=block, local=local), as_mask(keep, 1, n)
+    )
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 40])
+def test_logsparse(n):
+    want = torch.zeros(1, n, n, dtype=torch.bool)
+    for q in range(n):
+        want[0, q, q] = True
+        step = 1
+        while q - step >= 0:
+            want[0, q, q - step] = True
+            step *= 2
+    assert_same_mask(attnc.materialize_mask("stdlib:logsparse", n=n), want)
+
+
+@pytest.mark.parametrize("n,prefix", [(12, 0), (12, 4), (15, 15), (9, 20), (17, 1)])
+def test_prefix_lm(n, prefix):
+    want = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    p = min(prefix, n)
+    want[:p, :p] = True
+    assert_same_mask(attnc.materialize_mask("stdlib:prefix_lm", n=n, prefix=prefix), want[None])
+
+
+@pytest.mark.parametrize("seed,n", [(0, 16), (1, 25), (2, 7)])
+def test_document(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    doc = torch.sort(torch.randint(0, 4, (n,), generator=g)).values
+    shuffled = doc[torch.randperm(n, generator=g)]  # the rule does not need sorted ids
+    for ids in (doc, shuffled):
+        want = as_mask(lambda h, q, k, ids=ids: k <= q and int(ids[q]) == int(ids[k]), 1, n)
+        got = attnc.materialize_mask("stdlib:document", n=n, inputs={"doc": ids})
+        assert_same_mask(got, want)
+
+
+@pytest.mark.parametrize("seed,n,window", [(0, 20, 4), (1, 17, 5), (2, 12, 1), (3, 30, 512)])
+def test_longformer(seed, n, window):
+    g = torch.Generator().manual_seed(seed)
+    glob = (torch.rand(n, generator=g) < 0.15).to(torch.int64)
+    want = as_mask(lambda h, q, k: abs(q - k) <= window / 2 or glob[q] == 1 or glob[k] == 1, 1, n)
+    got = attnc.materialize_mask(
+        "stdlib:longformer", n=n, window=window, inputs={"is_global": glob}
+    )
+    assert_same_mask(got, want)
+
+
+# ================================================================ LongNet
+@pytest.mark.parametrize(
+    "n,segment,dilation,causal",
+    [(24, 8, 2, True), (30, 8, 3, True), (27, 9, 1, False), (20, 6, 4, False), (16, 32, 2, True)],
+)
+def test_dilated(n, segment, dilation, causal):
+    def keep(h, q, k):
+        return (
+            q // segment == k // segment
+            and (q % segment) % dilation == (k % segment) % dilation
+            and (k <= q or not causal)
+        )
+
+    got = attnc.materialize_mask(
+        "stdlib:dilated", n=n, segment=segment, dilation=dilation, is_causal=causal
+    )
+    assert_same_mask(got, as_mask(keep, 1, n))
+
+
+def torchscale_head_group(h: int, heads: int, r: int) -> int:
+    """The group of head h in torchscale's DilatedAttention: heads are padded to a
+    multiple of r, then split as '(r2 h)' with r2 = r the outer factor."""
+    padded = heads + (-heads) % r
+    layout = torch.arange(padded).view(r, padded // r)
+    return int((layout == h).nonzero()[0, 0])
+
+
+@pytest.mark.parametrize(
+    "n,heads,segment,dilation,causal",
+    [
+        (24, 4, 8, 2, True),
+        (30, 6, 10, 3, True),
+        (20, 3, 8, 2, False),
+        (18, 1, 6, 2, True),
+        (26, 5, 12, 4, False),
+        (16, 8, 8, 1, True),
+    ],
+)
+def test_longnet(n, heads, segment, dilation, causal):
+    def keep(h, q, k):
+        j = torchscale_head_group(h, heads, dilation)
+        return (
+            q // segment == k // segment
+            and (q % segment) % dilation == j
+            and (k % segment) % dilation == j
+            and (k <= q or not causal)
+        )
+
+    got = attnc.materialize_mask(
+        "stdlib:longnet", n=n, heads=heads, segment=segment, dilation=dilation, is_causal=causal
+    )
+    assert_same_mask(got, as_mask(keep, heads, n))
+    if heads % dilation == 0:  # the paper's h // (heads / r)
+        for h in range(heads):
+            assert torchscale_head_group(h, heads, dilation) == h // (heads // dilation)
+
+
+def test_longnet_heads_cover_dilated():
+    """Over the head groups, LongNet sees exactly the single-branch `dilated` mask."""
+    n, heads, segment, r = 24, 4, 8, 2
+    per_head = attnc.materialize_mask(
+        "stdlib:longnet", n=n, heads=heads, segment=segment, dilation=r
+    )
+    union = per_head.any(0)
+    assert_same_mask(
+        union[None], attnc.materialize_mask("stdlib:dilated", n=n, segment=segment, dilation=r)
+    )
+
+
+# ================================================================ S2-Attention
+def dkernel_mask(
+    n: int, heads: int, block: int, local: int, vert: int, offset: int
+) -> torch.Tensor:
+    """DKernel's get_sparse_attn_mask (heterogeneous heads) made dense, with the
+    lower-triangular token mask it multiplies in, cut to n tokens."""
+    nb = -(-n // block)
+    qb = torch.arange(nb)[None, :, None]
+    kb = torch.arange(nb)[None, None]
+    step = max(1, int(vert / heads))
+    vert_rows = [(torch.arange(nb) + h * step + offset) % vert == 0 for h in range(heads)]
+    vert_mask = torch.vstack(vert_rows).unsqueeze(1)
+    blocks = (qb >= kb) & ((qb - kb < local) | vert_mask)  # [heads, nb, nb]
+    dense = torch.kron(blocks.to(torch.int64), torch.ones(block, block, dtype=torch.int64)).bool()
+    causal = torch.tril(torch.ones(nb * block, nb * block, dtype=torch.bool))
+    return (dense & causal)[:, :n, :n]
+
+
+@pytest.mark.parametrize(
+    "n,heads,block,local,vert,offset",
+    [
+        (32, 4, 2, 2, 4, 1),
+        (45, 3, 4, 1, 8, 1),
+        (40, 2, 3, 2, 3, 0),
+        (30, 8, 2, 1, 4, 1),
+        (27, 1, 2, 3, 5, 2),
+        (64, 16, 4, 2, 8, 1),
+    ],
+)
+def test_s2(n, heads, block, local, vert, offset):
+    got = attnc.materialize_mask(
+        "stdlib:s2", n=n, heads=heads, block=block, local=local, vert=vert, offset=offset
+    )
+    assert_same_mask(got, dkernel_mask(n, heads, block, local, vert, offset))
+
+
+def test_s2_heads_differ_and_are_causal():
+    m = attnc.materialize_mask("stdlib:s2", n=64, heads=4, block=4, local=1, vert=8)
+    assert not torch.equal(m[0], m[1])
+    assert not torch.triu(m, diagonal=1).any()
+
+
+# ================================================================ NATTEN
+def natten_axis_keys(i: int, L: int, w: int, d: int, s: int, causal: bool) -> set[int]:
+    """Keys of query i on one axis, as NATTEN computes them (border form)."""
+    g = i % d
+    Lg = -(-(L - g) // d)  # ceil((L - g) / d): the length of dilation group g
+    ii = i // d
+    if causal:
+        leader = min((ii // s) * s + s - 1, Lg - 1)
+        start, end = max(leader - w + 1, 0), ii + 1
+    else:
+        leader = min((ii // s) * s + s // 2, Lg - 1)
+        wl = w // 2
+        wr = w // 2 + (w % 2) - 1
+        start = max(leader - wl, 0) + (Lg - wr - leader - 1 if leader + wr >= Lg else 0)
+        end = start + w
+    return {kk * d + g for kk in range(start, end)}
+
+
+def natten_mask(shape, windows, dilations, strides, causals) -> torch.Tensor:
+    """Multi-axis NATTEN mask on a row-major grid: a key must pass on every axis."""
+    coords = list(product(*[range(L) for L in shape]))
+    N = len(coords)
+    out = torch.zeros(1, N, N, dtype=torch.bool)
+    per_axis = [
+        [natten_axis_keys(i, L, w, d, s, c) for i in range(L)]
+        for L, w, d, s, c in zip(shape, windows, dilations, strides, causals, strict=True)
+    ]
+    for qi, qc in enumerate(coords):
+        for ki, kc in enumerate(coords):
+            out[0, qi, ki] = all(kc[a] in per_axis[a][qc[a]] for a in range(len(shape)))
+    return out
+
+
+@st.composite
+def natten_axis(draw, max_len=24):
+    L = draw(st.integers(1, max_len))
+    w = draw(st.integers(1, L))
+    d = draw(st.integers(1, L // w))
+    s = draw(st.integers(1, w))
+    return L, w, d, s, draw(st.booleans())
+
+
+@FAST
+@given(natten_axis(max_len=40))
+def test_neighborhood_1d_hypothesis(axis):
+    L, w, d, s, c = axis
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_1d", n=L, kernel=w, dilation=d, stride=s, is_causal=c
+    )
+    assert_same_mask(got, natten_mask((L,), (w,), (d,), (s,), (c,)))
+
+
+@pytest.mark.parametrize(
+    "L,w,d,s,c",
+    [
+        (32, 7, 1, 1, False),
+        (32, 8, 2, 3, False),
+        (33, 5, 3, 5, False),
+        (17, 4, 4, 2, False),
+        (30, 6, 2, 4, True),
+        (25, 7, 3, 7, True),
+        (20, 5, 1, 5, False),
+        (9, 9, 1, 9, True),
+    ],
+)
+def test_neighborhood_1d_cases(L, w, d, s, c):
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_1d", n=L, kernel=w, dilation=d, stride=s, is_causal=c
+    )
+    want = natten_mask((L,), (w,), (d,), (s,), (c,))
+    assert_same_mask(got, want)
+    if not c:  # NATTEN's window always holds exactly w keys
+        assert (want.sum(-1) == w).all()
+
+
+def test_natten_reference_matches_clamp_form():
+    """The border form above equals the centre-clamp form PATTERNS.md gives."""
+    for L in range(1, 20):
+        for w in range(1, L + 1):
+            for s in range(1, w + 1):
+                for i in range(L):
+                    leader = min((i // s) * s + s // 2, L - 1)
+                    wl, wr = w // 2, w // 2 + w % 2 - 1
+                    centre = min(max(leader, wl), L - 1 - wr)
+                    clamp_keys = {k for k in range(L) if -wl <= k - centre <= wr}
+                    assert natten_axis_keys(i, L, w, 1, s, False) == clamp_keys
+
+
+@FAST
+@given(natten_axis(max_len=9), natten_axis(max_len=9))
+def test_neighborhood_2d_hypothesis(ay, ax):
+    (Ly, ky, dy, sy, cy), (Lx, kx, dx, sx, cx) = ay, ax
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_2d",
+        sizes={"height": Ly, "width": Lx},
+        ky=ky,
+        kx=kx,
+        dy=dy,
+        dx=dx,
+        sy=sy,
+        sx=sx,
+        causal_y=cy,
+        causal_x=cx,
+    )
+    assert_same_mask(got, natten_mask((Ly, Lx), (ky, kx), (dy, dx), (sy, sx), (cy, cx)))
+
+
+@pytest.mark.parametrize(
+    "shape,k,d,s,c",
+    [
+        ((8, 8), (3, 3), (1, 1), (1, 1), (False, False)),
+        ((9, 7), (4, 3), (2, 1), (2, 3), (False, False)),
+        ((8, 10), (3, 5), (2, 2), (1, 5), (True, False)),
+        ((7, 9), (7, 2), (1, 4), (7, 1), (False, True)),
+    ],
+)
+def test_neighborhood_2d_cases(shape, k, d, s, c):
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_2d",
+        sizes={"height": shape[0], "width": shape[1]},
+        ky=k[0],
+        kx=k[1],
+        dy=d[0],
+        dx=d[1],
+        sy=s[0],
+        sx=s[1],
+        causal_y=c[0],
+        causal_x=c[1],
+    )
+    assert_same_mask(got, natten_mask(shape, k, d, s, c))
+
+
+@pytest.mark.parametrize(
+    "shape,k,d,s,c",
+    [
+        ((4, 5, 6), (3, 3, 3), (1, 1, 1), (1, 1, 1), (False, False, False)),
+        ((5, 6, 6), (2, 3, 2), (2, 2, 1), (1, 3, 2), (False, False, False)),
+        ((6, 4, 5), (3, 2, 5), (1, 2, 1), (3, 1, 5), (True, False, False)),
+        ((4, 7, 5), (4, 3, 2), (1, 1, 2), (2, 2, 2), (True, True, False)),
+    ],
+)
+def test_neighborhood_3d(shape, k, d, s, c):
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_3d",
+        sizes={"frames": shape[0], "height": shape[1], "width": shape[2]},
+        kt=k[0],
+        ky=k[1],
+        kx=k[2],
+        dt=d[0],
+        dy=d[1],
+        dx=d[2],
+        st=s[0],
+        sy=s[1],
+        sx=s[2],
+        causal_t=c[0],
+        causal_y=c[1],
+        causal_x=c[2],
+    )
+    assert_same_mask(got, natten_mask(shape, k, d, s, c))
+
+
+# ================================================================ Sliding Tile Attention
+def sta_mask(shape, tiles, windows) -> torch.Tensor:
+    """STA: per axis, the query tile's centre clamped to [w//2, n_tiles-1-w//2];
+    key tiles within w//2 of it are kept."""
+    coords = list(product(*[range(L) for L in shape]))
+    N = len(coords)
+    out = torch.zeros(1, N, N, dtype=torch.bool)
+
+    def tile_range(i, L, T, w):
+        n_tiles = -(-L // T)
+        centre = min(max(i // T, w // 2), n_tiles - 1 - w // 2)
+        return centre - w // 2, centre + w // 2
+
+    for qi, qc in enumerate(coords):
+        ranges = [tile_range(qc[a], shape[a], tiles[a], windows[a]) for a in range(3)]
+        for ki, kc in enumerate(coords):
+            out[0, qi, ki] = all(lo <= kc[a] // tiles[a] <= hi for a, (lo, hi) in enumerate(ranges))
+    return out
+
+
+def sta(shape, tiles, windows):
+    return attnc.materialize_mask(
+        "stdlib:sliding_tile",
+        sizes={"frames": shape[0], "height": shape[1], "width": shape[2]},
+        tile_t=tiles[0],
+        tile_y=tiles[1],
+        tile_x=tiles[2],
+        wt=windows[0],
+        wy=windows[1],
+        wx=windows[2],
+    )
+
+
+@pytest.mark.parametrize(
+    "shape,tiles,windows",
+    [
+        ((6, 8, 8), (2, 2, 2), (3, 3, 3)),
+        ((4, 6, 9), (2, 2, 3), (1, 3, 3)),
+        ((5, 7, 8), (2, 3, 2), (3, 3, 1)),  # non-divisible: partial last tiles
+        ((6, 6, 10), (1, 2, 2), (5, 3, 5)),
+        ((3, 4, 4), (3, 4, 4), (1, 1, 1)),
+    ],
+)
+def test_sliding_tile(shape, tiles, windows):
+    assert_same_mask(sta(shape, tiles, windows), sta_mask(shape, tiles, windows))
+
+
+@pytest.mark.parametrize(
+    "shape,tiles,windows",
+    [
+        ((6, 8, 8), (2, 2, 2), (3, 3, 3)),
+        ((4, 6, 9), (2, 2, 3), (1, 3, 3)),
+        ((6, 6, 10), (1, 2, 2), (5, 3, 5)),
+        ((8, 4, 6), (2, 2, 3), (3, 1, 1)),
+    ],
+)
+def test_sta_equals_natten_strided(shape, tiles, windows):
+    """STA with tile T and window k tiles == NATTEN window k*T, stride T (T | L)."""
+    ks = tuple(w * t for w, t in zip(windows, tiles, strict=True))
+    ones = (1, 1, 1)
+    falses = (False, False, False)
+    ref_sta = sta_mask(shape, tiles, windows)
+    ref_na = natten_mask(shape, ks, ones, tiles, falses)
+    assert_same_mask(ref_sta, ref_na)  # the independent references agree
+    got_na = attnc.materialize_mask(
+        "stdlib:neighborhood_3d",
+        sizes={"frames": shape[0], "height": shape[1], "width": shape[2]},
+        kt=ks[0],
+        ky=ks[1],
+        kx=ks[2],
+        st=tiles[0],
+        sy=tiles[1],
+        sx=tiles[2],
+    )
+    assert_same_mask(sta(shape, tiles, windows), got_na)  # and so do the attnc patterns
+
+
+# ================================================================ Radial Attention
+def radial_mask(F: int, P: int, decay_factor: float, block: int, sink: bool) -> torch.Tensor:
+    """Radial Attention's token mask (gen_log_mask_shrinked before block shrinking),
+    per PATTERNS.md: frames within distance 1 are dense; farther frame pairs
+    keep a band |s_q - s_k| <= w on frames whose distance passes the split test."""
+    out = torch.zeros(1, F * P, F * P, dtype=torch.bool)
+    s_idx = torch.arange(P)
+    for i in range(F):
+        for j in range(F):
+            dist = abs(i - j)
+            if (sink and j == 0) or dist <= 1:
+                local = torch.ones(P, P, dtype=torch.bool)
+            else:
+                group = dist.bit_length()
+                decay_length = 2 ** P.bit_length() / 2**group
+                width = max(decay_length * decay_factor, block)
+                local = (s_idx[None, :] - s_idx[:, None]).abs() <= width
+                if decay_length < block:
+                    split_factor = int(block / decay_length)
+                    if dist % split_factor != 0:
+                        local = torch.zeros(P, P, dtype=torch.bool)
+            out[0, i * P : (i + 1) * P, j * P : (j + 1) * P] = local
+    return out
+
+
+@pytest.mark.parametrize(
+    "F,P,decay_factor,block,sink",
+    [
+        (10, 20, 1.0, 4, False),
+        (10, 20, 0.5, 6, True),
+        (9, 33, 1.0, 8, False),
+        (12, 16, 0.3, 2, False),
+        (6, 12, 2.0, 3, True),
+        (11, 24, 1.0, 16, False),
+        (8, 5, 1.0, 8, True),
+        (3, 7, 1.0, 128, False),
+    ],
+)
+def test_radial(F, P, decay_factor, block, sink):
+    got = attnc.materialize_mask(
+        "stdlib:radial",
+        sizes={"frames": F, "per_frame": P},
+        decay_factor=decay_factor,
+        block=block,
+        sink=sink,
+    )
+    assert_same_mask(got, radial_mask(F, P, decay_factor, block, sink))
+
+
+def test_radial_is_sparser_far_away():
+    F, P = 16, 32
+    m = attnc.materialize_mask("stdlib:radial", sizes={"frames": F, "per_frame": P}, block=4)[0]
+    density = [m[0:P, j * P : (j + 1) * P].float().mean().item() for j in range(F)]
+    assert density[0] == density[1] == 1.0
+    assert density[2] > density[4] > density[8]
+
+
+# ================================================================ score terms
+def dense_attention(q, k, v, scores_fn, mask):
+    """softmax over allowed keys of scores_fn(raw scaled scores), zero rows for empty masks."""
+    s = scores_fn((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]))
+    s = s.masked_fill(~mask, -math.inf)
+    p = torch.softmax(s, dim=-1)
+    p = torch.nan_to_num(p, nan=0.0)
+    return p @ v
+
+
+def rand_qkv(B, H, N, D, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        scale * torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3)
+    )
+
+
+@pytest.mark.parametrize("B,H,N,D,seed", [(2, 4, 13, 8, 0), (1, 3, 20, 16, 1), (1, 8, 7, 4, 2)])
+def test_alibi(B, H, N, D, seed):
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    attn = attnc.compile_attention("stdlib:alibi", backend="reference")
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    dist = torch.arange(N)[:, None] - torch.arange(N)[None, :]
+    bias = -slopes[:, None, None] * dist
+    mask = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    want = dense_attention(q, k, v, lambda s: s + bias, mask)
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cap,seed", [(50.0, 0), (2.0, 1), (0.5, 2)])
+def test_softcap(cap, seed):
+    q, k, v = rand_qkv(2, 3, 15, 8, seed, scale=4.0)  # large scores so the cap matters
+    attn = attnc.compile_attention("stdlib:softcap", backend="reference", cap=cap)
+    mask = torch.tril(torch.ones(15, 15, dtype=torch.bool))
+    want = dense_attention(q, k, v, lambda s: cap * torch.tanh(s / cap), mask)
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
+    if cap < 5:
+        uncapped = dense_attention(q, k, v, lambda s: s, mask)
+        assert not torch.allclose(want, uncapped, atol=1e-3)
+
+
+@pytest.mark.parametrize("B,H,N,D,seed,batched", [(2, 3, 14, 8, 0, False), (2, 2, 11, 4, 1, True)])
+def test_forgetting(B, H, N, D, seed, batched):
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    g_gen = torch.Generator().manual_seed(100 + seed)
+    shape = (B, H, N) if batched else (H, N)
+    gates = torch.nn.functional.logsigmoid(
+        torch.randn(*shape, generator=g_gen, dtype=torch.float64)
+    )
+    gb = gates if batched else gates.expand(B, H, N)
+    bias = torch.zeros(B, H, N, N, dtype=torch.float64)
+    for i in range(N):
+        for j in range(i + 1):
+            bias[:, :, i, j] = gb[:, :, j + 1 : i + 1].sum(-1)  # sum of g over k+1 .. q
+    mask = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    want = dense_attention(q, k, v, lambda s: s + bias, mask)
+    attn = attnc.compile_attention("stdlib:forgetting", backend="reference")
+    torch.testing.assert_close(attn(q, k, v, g=gates), want, rtol=1e-12, atol=1e-12)
+
+
+# ================================================================ routing
+def moba_reference(q, k, v, block, topk):
+    """MoBA's gate: q . mean(K_b) per query token; future blocks -inf, own block
+    +inf; top-k blocks (own counted); then a token-level causal mask."""
+    B, H, N, D = q.shape
+    nb = -(-N // block)
+    means = torch.stack([k[:, :, b * block : (b + 1) * block].mean(2) for b in range(nb)], dim=2)
+    gate = q @ means.transpose(-1, -2)  # [B, H, N, nb]
+    starts = torch.arange(nb) * block
+    pos = torch.arange(N)
+    gate = gate.masked_fill(starts[None, :] > pos[:, None], -math.inf)
+    own = (pos // block)[:, None] == torch.arange(nb)[None, :]
+    gate = gate.masked_fill(own, math.inf)
+    chosen = torch.topk(gate, min(topk, nb), dim=-1).indices
+    selected = torch.zeros(B, H, N, nb, dtype=torch.bool).scatter_(-1, chosen, True)
+    mask = selected[..., pos // block] & (pos[None, :] <= pos[:, None])
+    return dense_attention(q, k, v, lambda s: s, mask), mask
+
+
+@pytest.mark.parametrize(
+    "B,H,N,D,block,topk,seed",
+    [
+        (2, 2, 32, 8, 4, 3, 0),
+        (1, 3, 30, 8, 4, 2, 1),
+        (1, 2, 25, 16, 5, 1, 2),
+        (2, 1, 20, 4, 3, 10, 3),
+    ],
+)
+def test_moba(B, H, N, D, block, topk, seed):
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    want, mask = moba_reference(q, k, v, block, topk)
+    attn = attnc.compile_attention("stdlib:moba", backend="reference", block=block, topk=topk)
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
+    if topk < -(-N // block) - 1:  # routing really drops blocks here
+        assert not mask.equal(torch.tril(torch.ones(N, N, dtype=torch.bool)).expand_as(mask))
+
+
+def biformer_reference(q, k, v, Hh, Ww, region, topk):
+    """BiFormer: region means of q and k over all channels (heads concatenated),
+    affinity q_r . k_r, top-k key regions per query region, no other mask."""
+    B, H, N, D = q.shape
+    qa = q.permute(0, 2, 1, 3).reshape(B, N, H * D)
+    ka = k.permute(0, 2, 1, 3).reshape(B, N, H * D)
+    ny, nx = Hh // region, Ww // region
+    rid = torch.tensor([(y // region) * nx + (x // region) for y in range(Hh) for x in range(Ww)])
+    R = ny * nx
+    q_r = torch.stack([qa[:, rid == r].mean(1) for r in range(R)], dim=1)
+    k_r = torch.stack([ka[:, rid == r].mean(1) for r in range(R)], dim=1)
+    affinity = q_r @ k_r.transpose(-1, -2)  # [B, R, R]
+    chosen = torch.topk(affinity, topk, dim=-1).indices
+    routed = torch.zeros(B, R, R, dtype=torch.bool).scatter_(-1, chosen, True)
+    mask = routed[:, rid][:, :, rid]  # [B, N, N]
+    return dense_attention(q, k, v, lambda s: s, mask[:, None]), mask
+
+
+@pytest.mark.parametrize(
+    "B,H,Hh,Ww,D,region,topk,seed",
+    [
+        (2, 2, 8, 8, 8, 2, 3, 0),
+        (1, 4, 8, 12, 4, 4, 2, 1),
+        (2, 3, 6, 6, 8, 3, 1, 2),
+        (1, 2, 4, 8, 8, 2, 8, 3),
+    ],
+)
+def test_biformer(B, H, Hh, Ww, D, region, topk, seed):
+    q, k, v = rand_qkv(B, H, Hh * Ww, D, seed)
+    want, mask = biformer_reference(q, k, v, Hh, Ww, region, topk)
+    attn = attnc.compile_attention(
+        "stdlib:biformer",
+        backend="reference",
+        region=region,
+        topk=topk,
+        sizes={"height": Hh, "width": Ww},
+    )
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
+    regions = (Hh // region) * (Ww // region)
+    assert (mask.sum(-1) == topk * region * region).all() if topk <= regions else mask.all()
+
+
+def test_biformer_own_region_not_forced():
+    """A construction where a region's best match is another region."""
+    Hh = Ww = 4
+    region, H, D = 2, 1, 4
+    N = Hh * Ww
+    q = torch.zeros(1, H, N, D, dtype=torch.float64) + 0.01 * torch.arange(
+        N * D, dtype=torch.float64
+    ).view(1, 1, N, D)
+    k = q.clone()
+    k[..., 0] -= 5.0  # every key region scores low ...
+    rid = torch.tensor([(y // 2) * 2 + (x // 2) for y in range(Hh) for x in range(Ww)])
+    k[:, :, rid == 3, 0] += 20.0  # ... except region 3, which every query region picks
+    q[..., 0] += 1.0
+    v = torch.randn(1, H, N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    want, mask = biformer_reference(q, k, v, Hh, Ww, region, 1)
+    assert not mask[0, 0, 0]  # query region 0 does not see itself
+    attn = attnc.compile_attention(
+        "stdlib:biformer",
+        backend="reference",
+        region=region,
+        topk=1,
+        sizes={"height": Hh, "width": Ww},
+    )
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
+
+
+# ================================================================ recurrences
+def closed_form(q, k, v, c, scale, S0=None):
+    """Scalar gates: O = scale * ((Q K^T) * D) V with D_ij = exp(c_i - c_j), i >= j;
+    plus the initial state's contribution scale * exp(c_i) q_i S0. Final state
+    S_T = exp(c_T) S0 + sum_j exp(c_T - c_j) k_j^T v_j."""
+    N = q.shape[2]
+    tril = torch.tril(torch.ones(N, N, dtype=torch.bool))
+    diff = c[..., :, None] - c[..., None, :]
+    D = torch.where(
+        tril, torch.exp(torch.where(tril, diff, torch.zeros_like(diff))), torch.zeros_like(diff)
+    )
+    out = scale * ((q @ k.transpose(-1, -2)) * D) @ v
+    last = c[..., -1:]  # [.., 1]
+    state = (k * torch.exp(last - c)[..., None]).transpose(-1, -2) @ v
+    if S0 is not None:
+        out = out + scale * torch.exp(c)[..., None] * (q @ S0)
+        state = state + torch.exp(last)[..., None] * S0
+    return out, state
+
+
+def run_recurrence(name, q, k, v, **kw):
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="reference")
+    return attn(q, k, v, return_state=True, **kw)
+
+
+@pytest.mark.parametrize("H,seed", [(4, 0), (3, 1)])
+def test_retention(H, seed):
+    B, N, D = 2, 12, 8
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    g = torch.tensor([math.log(1 - 2 ** (-5 - h)) for h in range(H)], dtype=torch.float64)
+    c = g.view(1, H, 1) * torch.arange(1, N + 1, dtype=torch.float64)
+    want, want_state = closed_form(q, k, v, c.expand(B, H, N), D**-0.5)
+    out, state = run_recurrence("retention", q, k, v)
+    torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("H,seed", [(8, 0), (3, 1)])
+def test_lightning(H, seed):
+    B, N, D = 1, 15, 4
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    S0 = torch.randn(B, H, D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    c = -slopes.view(1, H, 1) * torch.arange(1, N + 1, dtype=torch.float64)
+    want, want_state = closed_form(q, k, v, c.expand(B, H, N), D**-0.5, S0)
+    out, state = run_recurrence("lightning", q, k, v, initial_state=S0)
+    torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("batched,seed", [(False, 0), (True, 1)])
+def test_mamba2(batched, seed):
+    B, H, N, D = 2, 3, 14, 8
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    gen = torch.Generator().manual_seed(50 + seed)
+    shape = (B, H, N) if batched else (H, N)
+    g = -torch.nn.functional.softplus(torch.randn(*shape, generator=gen, dtype=torch.float64))
+    S0 = torch.randn(B, H, D, D, dtype=torch.float64, generator=gen)
+    c = torch.cumsum(g if batched else g.expand(B, H, N), dim=-1)
+    want, want_state = closed_form(q, k, v, c, D**-0.5, S0)
+    out, state = run_recurrence("mamba2", q, k, v, g=g, initial_state=S0)
+    torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gla(seed):
+    """Vector gates: the parallel form o_t = scale * sum_{j<=t} sum_c q_t[c] k_j[c]
+    exp(C_t[c] - C_j[c]) v_j with C = cumsum(g), written as an explicit loop."""
+    B, H, N, Dk, Dv = 1, 2, 9, 4, 3
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, Dk, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, H, N, Dk, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, H, N, Dv, generator=gen, dtype=torch.float64)
+    g = (
+        torch.nn.functional.logsigmoid(torch.randn(H, N, Dk, generator=gen, dtype=torch.float64))
+        / 16
+    )
+    S0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=torch.float64)
+    scale = Dk**-0.5
+    C = torch.cumsum(g, dim=1)  # [H, N, Dk]
+    want = torch.zeros(B, H, N, Dv, dtype=torch.float64)
+    want_state = torch.zeros(B, H, Dk, Dv, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for t in range(N):
+                acc = torch.zeros(Dv, dtype=torch.float64)
+                for j in range(t + 1):
+                    for ch in range(Dk):
+                        acc += (
+                            q[b, h, t, ch]
+                            * k[b, h, j, ch]
+                            * math.exp(C[h, t, ch] - C[h, j, ch])
+                            * v[b, h, j]
+                        )
+                for ch in range(Dk):
+                    acc += q[b, h, t, ch] * math.exp(C[h, t, ch]) * S0[b, h, ch]
+                want[b, h, t] = scale * acc
+            for ch in range(Dk):
+                want_state[b, h, ch] = math.exp(C[h, -1, ch]) * S0[b, h, ch] + sum(
+                    math.exp(C[h, -1, ch] - C[h, j, ch]) * k[b, h, j, ch] * v[b, h, j]
+                    for j in range(N)
+                )
+    out, state = run_recurrence("gla", q, k, v, g=g, initial_state=S0)
+    torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
