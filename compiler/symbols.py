@@ -111,6 +111,29 @@ class Mod(sympy.Mod):
         return super().eval(p, q)
 
 
+class _NoCollapse:
+    """sympy's Min/Max without their argument collapsing, which is wrong for nested
+    Min/Max (sympy 1.14: ``Min(Max(1, Min(x, Max(y, Min(1/2, z)))), 6)`` becomes 6).
+    Pairwise comparison of the arguments (``_find_localzeros``) still simplifies."""
+
+    @classmethod
+    def _collapse_arguments(cls, args, **assumptions):
+        return args
+
+    @classmethod
+    def _is_connected(cls, x, y):  # sympy answers with its own classes; map them to ours
+        con = super()._is_connected(x, y)
+        return Max if con is sympy.Max else Min if con is sympy.Min else con
+
+
+class Min(_NoCollapse, sympy.Min):
+    """``min``: sympy's Min, minus the wrong collapsing (see ``_NoCollapse``)."""
+
+
+class Max(_NoCollapse, sympy.Max):
+    """``max``: sympy's Max, minus the wrong collapsing (see ``_NoCollapse``)."""
+
+
 def _int_function(name: str, impl, nargs: int):
     def eval(cls, *args):  # noqa: ARG001
         if _ints(*args):

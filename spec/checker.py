@@ -747,11 +747,11 @@ class Checker:
         if node.func == "abs":
             return Typed(kind, sympy.Abs(xs[0]))
         if node.func == "min":
-            return Typed(kind, sympy.Min(*xs))
+            return Typed(kind, S.Min(*xs))
         if node.func == "max":
-            return Typed(kind, sympy.Max(*xs))
+            return Typed(kind, S.Max(*xs))
         if node.func == "clamp":
-            return Typed(kind, sympy.Min(sympy.Max(xs[0], xs[1]), xs[2]))
+            return Typed(kind, S.Min(S.Max(xs[0], xs[1]), xs[2]))
         fn = {"exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "tanh": sympy.tanh}[node.func]
         x = xs[0]
         if x.is_number and ((node.func == "log" and x <= 0) or (node.func == "sqrt" and x < 0)):

@@ -641,3 +641,17 @@ def test_nested_if_on_is_pow2():
     want = [[[(a if py_is_pow2(h + q) else h) != -6 for k in range(4)] for q in range(4)]
             for h in range(3) for a in [-6]]
     assert torch.equal(got, torch.tensor(want))
+
+
+def test_nested_min_max_simplification():
+    """sympy 1.14 collapses Min(Max(1, Min(x, Max(y, Min(1/2, z)))), 6) to 6; attnc must not."""
+    src = ("pattern e(f = 0.5) tokens seq input t: float[heads, n, n] "
+           "mask clamp(-6, 2, clamp(1, min(clamp(h, k, heads), max(h, f), heads), 6.)) == t[h, q, k]")
+    n, heads = 3, 2
+    want = torch.tensor([[[float(min(max(-6, 2), min(max(1, min(min(max(h, k), heads), max(h, 0.5), heads)), 6.0)))
+                           for k in range(n)] for q in range(n)] for h in range(heads)], dtype=torch.float64)
+    assert attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want}).all()
+    assert not attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want + 0.5}).any()
+    src = "pattern e tokens seq input t: int[n, n] mask min(max(1, min(q, max(k, min(2, h)))), 6) == t[q, k]"
+    want = torch.tensor([[min(max(1, min(q, max(k, 0))), 6) for k in range(5)] for q in range(5)])
+    assert attnc.materialize_mask(src, n=5, inputs={"t": want}).all()
