@@ -196,8 +196,7 @@ class TileSchedule:
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every visited pair: (head class, Q tile, KV tile, is FULL), sorted by head, Q tile, KV tile."""
         out = []
-        for count, index, full in ((self.full_count, self.full_index, True),
-                                   (self.partial_count, self.partial_index, False)):
+        for index, full in ((self.full_index, True), (self.partial_index, False)):
             h, qi, slot = torch.nonzero(index >= 0, as_tuple=True)
             out.append((h, qi, index[h, qi, slot].to(torch.int64), torch.full_like(h, full, dtype=torch.bool)))
         h = torch.cat([o[0] for o in out])

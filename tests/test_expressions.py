@@ -655,3 +655,12 @@ def test_nested_min_max_simplification():
     src = "pattern e tokens seq input t: int[n, n] mask min(max(1, min(q, max(k, min(2, h)))), 6) == t[q, k]"
     want = torch.tensor([[min(max(1, min(q, max(k, 0))), 6) for k in range(5)] for q in range(5)])
     assert attnc.materialize_mask(src, n=5, inputs={"t": want}).all()
+
+
+def test_mod_of_a_multiple_of_mod():
+    """sympy 1.14 rewrites Mod(2*Mod(x, -6), 8) as 2*Mod(Mod(x, -6)**2, 4); attnc must not."""
+    src = "pattern e(a = -6) tokens seq input t: int[n, n] mask (2 * (q % a) + k) % 8 + (a * (heads % a)) % 8 == t[q, k]"
+    n, heads = 6, 1
+    want = torch.tensor([[(2 * (q % -6) + k) % 8 + (-6 * (heads % -6)) % 8 for k in range(n)] for q in range(n)])
+    assert attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want}).all()
+    assert not attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want + 1}).any()
