@@ -37,6 +37,8 @@ from .schedule import TileSchedule, tile_grid, tile_tokens
 REFINE_BUDGET = 1 << 26
 #: Per-axis exact classification is used up to this axis length (L^2 work).
 AXIS_EXACT_MAX = 4096
+#: Token pairs evaluated to estimate the density when refinement is over budget.
+DENSITY_SAMPLE = 1 << 21
 #: Token pairs evaluated per chunk (memory bound of every exact evaluation).
 CHUNK = 1 << 22
 
@@ -135,4 +137,291 @@ def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inp
                                    exact=True, density_exact=True)
 
 
-__all__ = ["classify_tiles_dense", "count_allowed", "check_tile", "layout_extents", "head_dependent", "sympy"]
+# ----------------------------------------------------------------- the fast classifier
+def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,
+                   refine_budget: int = REFINE_BUDGET) -> TileSchedule:
+    """Classify every (Q tile, KV tile) pair of a bound pattern; see the module docstring.
+
+    ``q_tile``/``kv_tile``: one extent per axis of the query/key layout
+    (clipped to the axis). ``inputs``: call-time inputs of a data-dependent
+    mask (without batch dimension). ``refine_budget``: token pairs the exact
+    refinement of PARTIAL pairs may evaluate.
+    """
+    q_ext = layout_extents(pat.queries, bound, bound.n)
+    kv_ext = layout_extents(pat.keys, bound, bound.nk)
+    q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
+    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    if batch is not None:
+        raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
+                        where="argument inputs")
+    mask = E.substitute(pat.mask, bound)
+    stored = bound.heads if head_dependent(pat) else 1
+    axes = _separable_axes(pat, mask)
+    if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext:
+        return _classify_separable(pat, bound, mask, axes, q_ext, q_tile, kv_tile, stored, tensors)
+    return _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors, refine_budget)
+
+
+def _axis_symbols(pat: ir.PatternIR) -> list[tuple[sympy.Symbol, sympy.Symbol]]:
+    """(query symbol, key symbol) per axis: (q, k) for seq, the coordinates for grids."""
+    if pat.queries.kind == "seq":
+        return [(S.Q, S.K)]
+    return [(S.coord("q", a), S.coord("k", a)) for a in pat.queries.axis_names]
+
+
+def _separable_axes(pat: ir.PatternIR, mask: sympy.Basic) -> list[list[sympy.Basic]] | None:
+    """Conjuncts of the mask grouped per axis ([axis 0 terms, ..., constant terms]),
+    or None when some conjunct couples two axes."""
+    if not pat.self_attention or pat.queries.kind != pat.keys.kind:
+        return None
+    syms = _axis_symbols(pat)
+    groups: list[list[sympy.Basic]] = [[] for _ in range(len(syms) + 1)]
+    for c in (mask.args if isinstance(mask, sympy.And) else (mask,)):
+        free = c.free_symbols
+        touched = [i for i, (qs, ks) in enumerate(syms) if qs in free or ks in free]
+        if len(touched) > 1:
+            return None
+        groups[touched[0] if touched else -1].append(c)
+    return groups
+
+
+def _axis_counts(pat, bound, expr, qs, ks, L, tq, tk, head, tensors) -> torch.Tensor:
+    """Exact allowed counts per (Q tile, KV tile) on one axis: int64 ``[Gq, Gk]``."""
+    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
+    env[S.H] = head
+    gq, gk = -(-L // tq), -(-L // tk)
+    out = torch.zeros(gq * tq, gk * tk, dtype=torch.int64)
+    rows = max(1, CHUNK // L)
+    for start in range(0, L, rows):
+        i = torch.arange(start, min(L, start + rows))
+        env[qs], env[ks] = i[:, None], torch.arange(L)[None, :]
+        allowed = E.as_tensor(E.Evaluator(env, tensors, set(), None)(expr), torch.bool)
+        out[start:start + len(i), :L] = torch.broadcast_to(allowed, (len(i), L)).to(torch.int64)
+    return out.view(gq, tq, gk, tk).sum(dim=(1, 3))
+
+
+def _classify_separable(pat, bound, mask, groups, ext, q_tile, kv_tile, stored, tensors) -> TileSchedule:
+    syms = _axis_symbols(pat)
+    heads, qs_all, ks_all, full_all, allowed = [], [], [], [], []
+    for h in range(stored):
+        const = sympy.And(*groups[-1])
+        const_ok = True
+        if const is not sympy.true:
+            env = {sym: int(v) for sym, v in bound.subs.items()}
+            env[S.H] = h
+            const_ok = bool(E.as_tensor(E.Evaluator(env, tensors, set(), None)(const), torch.bool).all())
+        qi = torch.zeros(1, dtype=torch.int64)
+        ki = torch.zeros(1, dtype=torch.int64)
+        count = torch.ones(1, dtype=torch.int64)
+        area = torch.ones(1, dtype=torch.int64)
+        total = 1
+        for a, ((qsym, ksym), L, tq, tk) in enumerate(zip(syms, ext, q_tile, kv_tile, strict=True)):
+            expr = sympy.And(*groups[a])
+            counts = _axis_counts(pat, bound, expr, qsym, ksym, L, tq, tk, h, tensors)
+            gq, gk = counts.shape
+            q_sizes = torch.tensor([min(tq, L - t * tq) for t in range(gq)])
+            k_sizes = torch.tensor([min(tk, L - t * tk) for t in range(gk)])
+            a_q, a_k = torch.nonzero(counts > 0, as_tuple=True)
+            total *= int(counts.sum())
+            n = len(a_q)
+            qi = (qi[:, None] * gq + a_q[None, :]).reshape(-1)
+            ki = (ki[:, None] * gk + a_k[None, :]).reshape(-1)
+            count = (count[:, None] * counts[a_q, a_k][None, :]).reshape(-1)
+            area = (area[:, None] * (q_sizes[a_q] * k_sizes[a_k])[None, :]).reshape(-1)
+            del n
+        if not const_ok:
+            qi, ki, count, area, total = qi[:0], ki[:0], count[:0], area[:0], 0
+        heads.append(torch.full_like(qi, h))
+        qs_all.append(qi)
+        ks_all.append(ki)
+        full_all.append(count == area)
+        allowed.append(float(total))
+    return TileSchedule.from_pairs(ext, ext, q_tile, kv_tile, bound.heads, stored, torch.cat(heads), torch.cat(qs_all),
+                                   torch.cat(ks_all), torch.cat(full_all), torch.tensor(allowed, dtype=torch.float64),
+                                   exact=True, density_exact=True)
+
+
+def _levels(grid: tuple[int, ...]) -> list[int]:
+    return [max(0, math.ceil(math.log2(g))) for g in grid]
+
+
+def _segment_arange(counts: torch.Tensor) -> torch.Tensor:
+    """[0..c0-1, 0..c1-1, ...] for counts c."""
+    total = int(counts.sum())
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(total) - torch.repeat_interleave(starts, counts)
+
+
+def _expand_boxes(lo: torch.Tensor, hi: torch.Tensor, grid: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every tile of each box [lo, hi] (per-axis tile indices, inclusive) as flat
+    tile indices, with the index of the box it came from."""
+    owner = torch.arange(len(lo))
+    flat = torch.zeros(len(lo), dtype=torch.int64)
+    for a, g in enumerate(grid):
+        n = (hi[owner, a] - lo[owner, a] + 1)
+        offs = _segment_arange(n)
+        owner = torch.repeat_interleave(owner, n)
+        flat = torch.repeat_interleave(flat, n) * g + lo[owner, a] + offs
+    return flat, owner
+
+
+def _box_env(pat, bound, sup: torch.Tensor, levels: list[int], grid, tile, ext, role: str, offset: int, env: dict):
+    """Interval bounds of the query (or key) symbols over super-tile boxes; returns tile ranges."""
+    from .intervals import Num
+
+    n_axes = len(grid)
+    t_lo = torch.stack([sup[:, offset + a] << levels[a] for a in range(n_axes)], 1)
+    t_hi = torch.stack([torch.clamp(((sup[:, offset + a] + 1) << levels[a]) - 1, max=grid[a] - 1)
+                        for a in range(n_axes)], 1)
+    layout = pat.queries if role == "q" else pat.keys
+    for a in range(n_axes):
+        lo = (t_lo[:, a] * tile[a]).to(torch.float64)
+        hi = (torch.clamp((t_hi[:, a] + 1) * tile[a], max=ext[a]) - 1).to(torch.float64)
+        if layout.kind == "seq":
+            env[S.Q if role == "q" else S.K] = Num(lo, hi)
+        else:
+            env[S.coord(role, layout.axis_names[a])] = Num(lo, hi)
+    return t_lo, t_hi
+
+
+def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors,
+                           refine_budget) -> TileSchedule:
+    from .intervals import IntervalEvaluator
+
+    q_grid, kv_grid = tile_grid(q_ext, q_tile), tile_grid(kv_ext, kv_tile)
+    lq_top, lk_top = _levels(q_grid), _levels(kv_grid)
+    aq, ak = len(q_grid), len(kv_grid)
+    depth = max(lq_top + lk_top + [0])
+    q_tokens = tile_token_counts_cached(q_ext, q_tile)
+    k_tokens = tile_token_counts_cached(kv_ext, kv_tile)
+    heads, qs_all, ks_all, full_all, allowed = [], [], [], [], []
+    exact = density_exact = True
+    gen = torch.Generator().manual_seed(0)
+    for h in range(stored):
+        full_q, full_k, part_q, part_k = [], [], [], []
+        sup = torch.zeros(1, aq + ak, dtype=torch.int64)
+        for it in range(depth + 1):
+            lq = [max(L - it, 0) for L in lq_top]
+            lk = [max(L - it, 0) for L in lk_top]
+            env: dict = {sym: float(v) for sym, v in bound.subs.items()}
+            env[S.H] = float(h)
+            q_lo, q_hi = _box_env(pat, bound, sup, lq, q_grid, q_tile, q_ext, "q", 0, env)
+            k_lo, k_hi = _box_env(pat, bound, sup, lk, kv_grid, kv_tile, kv_ext, "k", aq, env)
+            result = IntervalEvaluator(env, tensors).boolean(mask)
+            may_t = torch.broadcast_to(result.t, (len(sup),))
+            may_f = torch.broadcast_to(result.f, (len(sup),))
+            full = may_t & ~may_f
+            if bool(full.any()):
+                qf, qo = _expand_boxes(q_lo[full], q_hi[full], q_grid)
+                kf, ko = _expand_boxes(k_lo[full], k_hi[full], kv_grid)
+                # every Q tile of a box pairs with every KV tile of the same box
+                nq = torch.bincount(qo, minlength=int(full.sum()))
+                nk = torch.bincount(ko, minlength=int(full.sum()))
+                k_start = torch.cumsum(nk, 0) - nk
+                reps = nk[qo]
+                qq = torch.repeat_interleave(qf, reps)
+                kk = kf[torch.repeat_interleave(k_start[qo], reps) + _segment_arange(reps)]
+                full_q.append(qq)
+                full_k.append(kk)
+                del nq
+            undecided = may_t & may_f
+            if it == depth:
+                flat_q = _flat(q_lo[undecided], q_grid)
+                flat_k = _flat(k_lo[undecided], kv_grid)
+                part_q.append(flat_q)
+                part_k.append(flat_k)
+                break
+            sup = _children(sup[undecided], lq + lk, list(q_grid) + list(kv_grid))
+            if len(sup) == 0:
+                break
+        fq = torch.cat(full_q) if full_q else torch.zeros(0, dtype=torch.int64)
+        fk = torch.cat(full_k) if full_k else torch.zeros(0, dtype=torch.int64)
+        pq = torch.cat(part_q) if part_q else torch.zeros(0, dtype=torch.int64)
+        pk = torch.cat(part_k) if part_k else torch.zeros(0, dtype=torch.int64)
+        full_area = (q_tokens[fq] * k_tokens[fk]).sum()
+        part_area = q_tokens[pq] * k_tokens[pk]
+        if int(part_area.sum()) <= refine_budget:
+            counts = count_allowed(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq, pk)
+            now_full = counts == part_area
+            keep = (counts > 0) & ~now_full
+            fq, fk = torch.cat([fq, pq[now_full]]), torch.cat([fk, pk[now_full]])
+            pq, pk = pq[keep], pk[keep]
+            total = float(full_area) + float(counts.sum())
+        else:
+            # Too many to refine: PARTIAL pairs proven partial by witnesses keep the
+            # classes exact; the density is estimated from a sample of pairs.
+            density_exact = False
+            exact = exact and bool(_witnessed_partial(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq, pk).all())
+            per_pair = math.prod(q_tile) * math.prod(kv_tile)
+            sample = torch.randperm(len(pq), generator=gen)[: max(1, min(refine_budget, DENSITY_SAMPLE) // per_pair)]
+            counts = count_allowed(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq[sample], pk[sample])
+            fraction = float(counts.sum()) / max(1.0, float(part_area[sample].sum()))
+            total = float(full_area) + fraction * float(part_area.sum())
+        heads.append(torch.full((len(fq) + len(pq),), h, dtype=torch.int64))
+        qs_all.append(torch.cat([fq, pq]))
+        ks_all.append(torch.cat([fk, pk]))
+        full_all.append(torch.cat([torch.ones(len(fq), dtype=torch.bool), torch.zeros(len(pq), dtype=torch.bool)]))
+        allowed.append(total)
+    return TileSchedule.from_pairs(q_ext, kv_ext, q_tile, kv_tile, bound.heads, stored, torch.cat(heads),
+                                   torch.cat(qs_all), torch.cat(ks_all), torch.cat(full_all),
+                                   torch.tensor(allowed, dtype=torch.float64), exact=exact, density_exact=density_exact)
+
+
+def _witnessed_partial(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, head, q_tiles, kv_tiles) -> torch.Tensor:
+    """Whether each pair shows both an allowed and a masked token pair among a few
+    probes (corners and centres of the two tile boxes): proof that it is PARTIAL."""
+    if len(q_tiles) == 0:
+        return torch.ones(0, dtype=torch.bool)
+    q_flat, q_ok = tile_tokens(q_ext, q_tile, q_tiles[:1])
+    probes_q = _probe_slots(q_ok[0])
+    k_flat, k_ok = tile_tokens(kv_ext, kv_tile, kv_tiles[:1])
+    probes_k = _probe_slots(k_ok[0])
+    seen_t = torch.zeros(len(q_tiles), dtype=torch.bool)
+    seen_f = torch.zeros(len(q_tiles), dtype=torch.bool)
+    mask = E.substitute(pat.mask, bound)
+    step = max(1, CHUNK // (len(probes_q) * len(probes_k)))
+    for start in range(0, len(q_tiles), step):
+        qi, ki = q_tiles[start:start + step], kv_tiles[start:start + step]
+        qf, qok = tile_tokens(q_ext, q_tile, qi)
+        kf, kok = tile_tokens(kv_ext, kv_tile, ki)
+        qf, qok = qf[:, probes_q], qok[:, probes_q]
+        kf, kok = kf[:, probes_k], kok[:, probes_k]
+        qf = torch.minimum(qf, torch.tensor(math.prod(q_ext) - 1))
+        kf = torch.minimum(kf, torch.tensor(math.prod(kv_ext) - 1))
+        ev = _pair_evaluator(pat, bound, tensors, qf[:, :, None], kf[:, None, :], head)
+        allowed = torch.broadcast_to(E.as_tensor(ev(mask), torch.bool), (len(qi), len(probes_q), len(probes_k)))
+        valid = qok[:, :, None] & kok[:, None, :]
+        seen_t[start:start + step] = (allowed & valid).flatten(1).any(1)
+        seen_f[start:start + step] = (~allowed & valid).flatten(1).any(1)
+    return seen_t & seen_f
+
+
+def _probe_slots(valid: torch.Tensor) -> torch.Tensor:
+    """A few token slots of a tile: first, last, middle and quarter points (by slot order)."""
+    n = len(valid)
+    slots = sorted({0, n - 1, n // 2, n // 4, (3 * n) // 4, 1 % n, max(0, n - 2)})
+    return torch.tensor(slots)
+
+
+def tile_token_counts_cached(extents, tile) -> torch.Tensor:
+    from .schedule import tile_token_counts
+
+    return tile_token_counts(extents, tile)
+
+
+def _flat(coords: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+    flat = torch.zeros(len(coords), dtype=torch.int64)
+    for a, g in enumerate(grid):
+        flat = flat * g + coords[:, a]
+    return flat
+
+
+def _children(sup: torch.Tensor, levels: list[int], grid: list[int]) -> torch.Tensor:
+    """Halve every undecided super-tile pair along each axis not yet at tile level."""
+    for a, (level, g) in enumerate(zip(levels, grid, strict=True)):
+        if level <= 0:
+            continue
+        child = torch.cat([sup, sup], 0)
+        child[:, a] = torch.cat([sup[:, a] * 2, sup[:, a] * 2 + 1])
+        sup = child[(child[:, a] << (level - 1)) < g]
+    return sup
