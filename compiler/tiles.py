@@ -31,7 +31,7 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
-from .schedule import TileSchedule, tile_grid, tile_tokens
+from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
 
 #: Token pairs evaluated at most when refining PARTIAL tiles exactly.
 REFINE_BUDGET = 1 << 26
@@ -118,10 +118,7 @@ def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inp
     stored = bound.heads if head_dependent(pat) else 1
     qi = torch.arange(nq).repeat_interleave(nk)
     ki = torch.arange(nk).repeat(nq)
-    q_tokens = torch.tensor(0)
     heads, qs, ks, fulls, allowed = [], [], [], [], []
-    from .schedule import tile_token_counts
-
     area = tile_token_counts(q_ext, q_tile)[qi] * tile_token_counts(kv_ext, kv_tile)[ki]
     for h in range(stored):
         counts = count_allowed(pat, bound, inputs, q_ext, kv_ext, q_tile, kv_tile, h, qi, ki)
@@ -131,7 +128,6 @@ def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inp
         ks.append(ki[keep])
         fulls.append((counts == area)[keep])
         allowed.append(counts.sum())
-    del q_tokens
     return TileSchedule.from_pairs(q_ext, kv_ext, q_tile, kv_tile, bound.heads, stored, torch.cat(heads),
                                    torch.cat(qs), torch.cat(ks), torch.cat(fulls), torch.stack(allowed).to(torch.float64),
                                    exact=True, density_exact=True)
@@ -223,12 +219,10 @@ def _classify_separable(pat, bound, mask, groups, ext, q_tile, kv_tile, stored, 
             k_sizes = torch.tensor([min(tk, L - t * tk) for t in range(gk)])
             a_q, a_k = torch.nonzero(counts > 0, as_tuple=True)
             total *= int(counts.sum())
-            n = len(a_q)
             qi = (qi[:, None] * gq + a_q[None, :]).reshape(-1)
             ki = (ki[:, None] * gk + a_k[None, :]).reshape(-1)
             count = (count[:, None] * counts[a_q, a_k][None, :]).reshape(-1)
             area = (area[:, None] * (q_sizes[a_q] * k_sizes[a_k])[None, :]).reshape(-1)
-            del n
         if not const_ok:
             qi, ki, count, area, total = qi[:0], ki[:0], count[:0], area[:0], 0
         heads.append(torch.full_like(qi, h))
@@ -292,8 +286,8 @@ def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, sto
     lq_top, lk_top = _levels(q_grid), _levels(kv_grid)
     aq, ak = len(q_grid), len(kv_grid)
     depth = max(lq_top + lk_top + [0])
-    q_tokens = tile_token_counts_cached(q_ext, q_tile)
-    k_tokens = tile_token_counts_cached(kv_ext, kv_tile)
+    q_tokens = tile_token_counts(q_ext, q_tile)
+    k_tokens = tile_token_counts(kv_ext, kv_tile)
     heads, qs_all, ks_all, full_all, allowed = [], [], [], [], []
     exact = density_exact = True
     gen = torch.Generator().manual_seed(0)
@@ -315,7 +309,6 @@ def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, sto
                 qf, qo = _expand_boxes(q_lo[full], q_hi[full], q_grid)
                 kf, ko = _expand_boxes(k_lo[full], k_hi[full], kv_grid)
                 # every Q tile of a box pairs with every KV tile of the same box
-                nq = torch.bincount(qo, minlength=int(full.sum()))
                 nk = torch.bincount(ko, minlength=int(full.sum()))
                 k_start = torch.cumsum(nk, 0) - nk
                 reps = nk[qo]
@@ -323,7 +316,6 @@ def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, sto
                 kk = kf[torch.repeat_interleave(k_start[qo], reps) + _segment_arange(reps)]
                 full_q.append(qq)
                 full_k.append(kk)
-                del nq
             undecided = may_t & may_f
             if it == depth:
                 flat_q = _flat(q_lo[undecided], q_grid)
@@ -401,12 +393,6 @@ def _probe_slots(valid: torch.Tensor) -> torch.Tensor:
     n = len(valid)
     slots = sorted({0, n - 1, n // 2, n // 4, (3 * n) // 4, 1 % n, max(0, n - 2)})
     return torch.tensor(slots)
-
-
-def tile_token_counts_cached(extents, tile) -> torch.Tensor:
-    from .schedule import tile_token_counts
-
-    return tile_token_counts(extents, tile)
 
 
 def _flat(coords: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
