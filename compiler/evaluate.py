@@ -417,8 +417,9 @@ class Evaluator:
                     f"input '{name}' indexed out of range in dimension {i} (index {int(ix.min())}..{int(ix.max())}, size {size})",
                     where="evaluation",
                 )
-        if batched:
-            b = torch.arange(t.shape[0]).view(-1, 1, 1, 1)
+        if batched:  # the batch replaces the leading (size-1) dimension of the positions
+            ndim = max(ix.dim() for ix in idx)
+            b = torch.arange(t.shape[0]).view(-1, *([1] * (ndim - 1)))
             return t[(b, *idx)]
         return t[tuple(idx)]
 

@@ -147,15 +147,43 @@ def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: d
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
     tensors, batch = E.bind_inputs(pat, bound, inputs)
-    if batch is not None:
-        raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
-                        where="argument inputs")
     mask = E.substitute(pat.mask, bound)
+    used = {S.input_name(f.func) for f in mask.atoms(sympy.Function)} - {None}
+    tensors = {name: t for name, t in tensors.items() if name in used}
+    batched = [name for name, t in tensors.items() if t.dim() > len(pat.input(name).dims)]
+    if batched:
+        # One schedule serves the whole batch: the union of the per-element ones.
+        B = tensors[batched[0]].shape[0]
+        parts = [classify_tiles(pat, bound, q_tile, kv_tile,
+                                {n: (t[b] if n in batched else t) for n, t in tensors.items()}, refine_budget)
+                 for b in range(B)]
+        return merge_schedules(parts)
     stored = bound.heads if head_dependent(pat) else 1
     axes = _separable_axes(pat, mask)
     if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext:
         return _classify_separable(pat, bound, mask, axes, q_ext, q_tile, kv_tile, stored, tensors)
     return _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors, refine_budget)
+
+
+def merge_schedules(parts: list[TileSchedule]) -> TileSchedule:
+    """The schedule serving several masks at once (e.g. the elements of a batch):
+    a pair is visited if any visits it, FULL only if FULL in all."""
+    first = parts[0]
+    nq, nk = first.num_q_tiles, first.num_kv_tiles
+    keys, fulls = [], []
+    for s in parts:
+        h, qi, ki, full = s.pairs()
+        keys.append((h * nq + qi) * nk + ki)
+        fulls.append(full)
+    key = torch.cat(keys)
+    uniq, inverse, count = torch.unique(key, return_inverse=True, return_counts=True)
+    full_votes = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, inverse, torch.cat(fulls).to(torch.int64))
+    is_full = (count == len(parts)) & (full_votes == len(parts))
+    h, rest = uniq // (nq * nk), uniq % (nq * nk)
+    allowed = torch.stack([s.allowed_pairs for s in parts]).mean(0)
+    return TileSchedule.from_pairs(first.q_extents, first.kv_extents, first.q_tile, first.kv_tile, first.num_heads,
+                                   first.heads_stored, h, rest // nk, rest % nk, is_full, allowed,
+                                   exact=False, density_exact=all(s.density_exact for s in parts))
 
 
 def _axis_symbols(pat: ir.PatternIR) -> list[tuple[sympy.Symbol, sympy.Symbol]]:

@@ -1,0 +1,239 @@
+"""The CPU executor: runs a ``TileSchedule`` with batched torch operations.
+
+Tokens are permuted so that every tile is contiguous (multi-dimensional tiles
+become runs of the permuted order; edge tiles are padded with invalid slots).
+For a chunk of Q tiles it gathers the KV tiles of their FULL lists and of
+their PARTIAL lists, computes the scores, evaluates the mask on PARTIAL tiles
+only, adds the score terms, and takes the softmax over every visited key of
+the query at once. Memory is bounded by the chunk (``CHUNK_ELEMENTS`` score
+entries), never by N x N.
+
+The backward pass recomputes the probabilities: dQ (and the gradients of
+score inputs) over the Q tiles' lists, dK and dV over the transposed lists
+(per KV tile, the Q tiles that visit it), so no gradient is accumulated by
+scattering across tiles except the key side of FoX gates and bias inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..compiler import symbols as S
+from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
+
+#: Score entries (batch x heads x chunk queries x visited keys) held at once.
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class TiledTokens:
+    """Tokens in tile order: ``index[t, s]`` is the flat token of slot s of tile t."""
+
+    index: torch.Tensor  # [tiles, slots] int64 (padded slots point at token 0)
+    valid: torch.Tensor  # [tiles, slots] bool
+
+    @classmethod
+    def of(cls, extents: tuple[int, ...], tile: tuple[int, ...]) -> TiledTokens:
+        n = math.prod(tile_grid(extents, tile))
+        index, valid = tile_tokens(extents, tile, torch.arange(n))
+        return cls(torch.where(valid, index, torch.zeros_like(index)), valid)
+
+    def scatter(self, x_tiled: torch.Tensor, n: int) -> torch.Tensor:
+        """``[..., tiles, slots, (D)]`` -> ``[..., N, (D)]`` (padded slots dropped)."""
+        has_d = x_tiled.dim() >= 3 and x_tiled.shape[-2] == self.index.shape[1] and x_tiled.shape[-3] == self.index.shape[0]
+        flat_idx = self.index[self.valid]
+        if has_d:
+            out = x_tiled.new_zeros(*x_tiled.shape[:-3], n, x_tiled.shape[-1])
+            out[..., flat_idx, :] = x_tiled[..., self.valid, :]
+        else:
+            out = x_tiled.new_zeros(*x_tiled.shape[:-2], n)
+            out[..., flat_idx] = x_tiled[..., self.valid]
+        return out
+
+
+@dataclass
+class Plan:
+    """Everything the executor needs besides the tensors."""
+
+    pattern: ir.PatternIR
+    bound: E.Bound
+    schedule: TileSchedule
+    q_tokens: TiledTokens
+    k_tokens: TiledTokens
+    mask: sympy.Basic
+    bias: sympy.Basic | None
+    softcap: torch.Tensor | None  # [H] caps
+
+    @classmethod
+    def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
+        softcap = None
+        if pattern.softcap is not None:
+            softcap = E.head_values(pattern.softcap, bound.subs, bound.heads)
+        return cls(
+            pattern, bound, schedule,
+            TiledTokens.of(schedule.q_extents, schedule.q_tile),
+            TiledTokens.of(schedule.kv_extents, schedule.kv_tile),
+            E.substitute(pattern.mask, bound),
+            E.substitute(pattern.bias, bound) if pattern.bias is not None else None,
+            softcap,
+        )
+
+    def head_groups(self) -> list[tuple[int, list[int]]]:
+        """(list class, query heads using it)."""
+        H = self.bound.heads
+        if self.schedule.heads_stored == 1:
+            return [(0, list(range(H)))]
+        return [(h, [h]) for h in range(H)]
+
+
+def _env(plan: Plan, heads: list[int], q_tok: torch.Tensor, k_tok: torch.Tensor) -> dict:
+    """Symbol values for token blocks: q_tok/k_tok broadcast as ``[1, 1, C, Q, K]``
+    (batch, heads, tiles, rows, columns)."""
+    pat, bound = plan.pattern, plan.bound
+    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
+    env[S.H] = torch.tensor(heads).view(1, -1, 1, 1, 1)
+    for role, layout, flat in (("q", pat.queries, q_tok), ("k", pat.keys, k_tok)):
+        if layout.kind == "seq":
+            env[S.Q if role == "q" else S.K] = flat
+            continue
+        rest = flat
+        for axis, size in reversed(layout.axes):
+            extent = int(size.subs(bound.subs))
+            env[S.coord(role, axis)] = rest % extent
+            rest = rest // extent
+    return env
+
+
+class _Block:
+    """Scores of a block of (query, key) token pairs: a chunk of tiles with their visited tiles.
+
+    Rows are the chunk's own tiles' tokens, columns the visited tiles' tokens:
+    FULL tiles first, then PARTIAL ones (from ``partial_start``).
+    ``transposed`` means the rows are keys (the dK/dV pass)."""
+
+    def __init__(self, plan: Plan, heads: list[int], own: torch.Tensor, lists: list[tuple[torch.Tensor, bool]],
+                 transposed: bool, inputs: dict, batched: set[str]):
+        self.plan, self.heads, self.inputs, self.batched = plan, heads, inputs, batched
+        own_tok = plan.k_tokens if transposed else plan.q_tokens
+        other_tok = plan.q_tokens if transposed else plan.k_tokens
+        self.row_index = own_tok.index[own]  # [C, R]
+        cols, col_valid = [], []
+        self.partial_start = 0
+        for idx, full in lists:
+            missing = idx < 0
+            safe = idx.clamp(min=0)
+            cols.append(other_tok.index[safe].flatten(1))  # [C, W*T]
+            col_valid.append((other_tok.valid[safe] & ~missing[..., None]).flatten(1))
+            if full:
+                self.partial_start += cols[-1].shape[1]
+        self.col_index = torch.cat(cols, 1)  # [C, K]
+        self.valid = own_tok.valid[own][:, :, None] & torch.cat(col_valid, 1)[:, None, :]  # [C, R, K]
+        rows, columns = self.row_index[:, :, None], self.col_index[:, None, :]
+        self.q_tok = (columns if transposed else rows)[None, None]  # [1, 1, C, R|1, K|1]
+        self.k_tok = (rows if transposed else columns)[None, None]
+        self.transposed = transposed
+
+    def _evaluate(self, expr, inputs: dict, cols: slice | None = None):
+        q_tok, k_tok = self.q_tok, self.k_tok
+        if cols is not None:
+            if self.transposed:
+                q_tok = q_tok[..., cols]
+            else:
+                k_tok = k_tok[..., cols]
+        return E.Evaluator(_env(self.plan, self.heads, q_tok, k_tok), inputs, self.batched, None)(expr)
+
+    def allowed(self) -> torch.Tensor:
+        """Valid and allowed ``[B | 1, Hs, C, R, K]``: the mask is evaluated on PARTIAL columns only."""
+        allowed = self.valid.expand(1, len(self.heads), *self.valid.shape).clone()
+        ps = self.partial_start
+        if ps < self.valid.shape[-1]:
+            m = E.as_tensor(self._evaluate(self.plan.mask, self.inputs, slice(ps, None)), torch.bool)
+            if m.dim() == 5 and m.shape[0] > 1:  # batched inputs
+                allowed = allowed.expand(m.shape[0], *allowed.shape[1:]).clone()
+            allowed[..., ps:] &= m
+        return allowed
+
+    def terms(self, scores: torch.Tensor, extra: dict) -> torch.Tensor:
+        """Softcap, bias and FoX decay applied to the scaled scores ``[B, Hs, C, R, K]``."""
+        plan = self.plan
+        if plan.softcap is not None:
+            cap = plan.softcap[self.heads].to(scores.dtype).view(1, -1, 1, 1, 1)
+            scores = cap * torch.tanh(scores / cap)
+        if plan.bias is not None:
+            scores = scores + E.as_tensor(self._evaluate(plan.bias, extra), scores.dtype).to(scores.dtype)
+        if plan.pattern.decay is not None:
+            c = extra[f"__cumsum_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
+            scores = scores + (c[..., self.q_tok[0, 0]] - c[..., self.k_tok[0, 0]])
+        return scores
+
+
+def _chunks(n: int, per_item: int) -> list[torch.Tensor]:
+    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+    return [torch.arange(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def _lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
+    if transposed:
+        return [(schedule.t_full_index[cls, own], True), (schedule.t_partial_index[cls, own], False)]
+    return [(schedule.full_index[cls, own], True), (schedule.partial_index[cls, own], False)]
+
+
+def _trim(lists):
+    """Drop all-missing trailing columns of the padded lists of one chunk."""
+    out = []
+    for idx, full in lists:
+        width = int((idx >= 0).sum(1).max()) if idx.numel() else 0
+        out.append((idx[:, :width], full))
+    return out
+
+
+def _prepare_extra(plan: Plan, inputs: dict[str, torch.Tensor], dtype) -> dict:
+    extra = dict(inputs)
+    if plan.pattern.decay is not None:
+        g = inputs[plan.pattern.decay].to(dtype)
+        c = torch.cumsum(g, dim=-1)
+        extra[f"__cumsum_{plan.pattern.decay}"] = c if c.dim() == 3 else c.unsqueeze(0)
+    return extra
+
+
+def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
+    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32/fp64)."""
+    B, Hq, Nq, _ = q.shape
+    group = Hq // k.shape[1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    extra = _prepare_extra(plan, inputs, dt)
+    nQ, Tq = plan.q_tokens.index.shape
+    Dv = v.shape[-1]
+    out_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt)
+    lse_t = torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
+    for cls, heads in plan.head_groups():
+        kv_heads = [h // group for h in heads]
+        width = plan.schedule.full_index.shape[-1] + plan.schedule.partial_index.shape[-1]
+        per = B * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
+        for own in _chunks(nQ, per):
+            lists = _trim(_lists(plan.schedule, cls, own, False))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            blk = _Block(plan, heads, own, lists, False, extra, batched)
+            qc = qd[:, heads][:, :, blk.row_index]  # [B, Hs, C, Tq, D]
+            kc = kd[:, kv_heads][:, :, blk.col_index]  # [B, Hs, C, K, D]
+            vc = vd[:, kv_heads][:, :, blk.col_index]
+            s = scale * (qc @ kc.transpose(-1, -2))
+            s = blk.terms(s, extra)
+            allowed = blk.allowed()
+            s = s.masked_fill(~allowed, -math.inf)
+            lse = torch.logsumexp(s, dim=-1)
+            safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+            p = torch.where(allowed, torch.exp(s - safe[..., None]), torch.zeros((), dtype=dt))
+            out_t[:, heads, own[0]:own[-1] + 1] = (p @ vc).expand(B, len(heads), *p.shape[-3:-1], Dv)
+            lse_t[:, heads, own[0]:own[-1] + 1] = lse.expand(B, len(heads), *lse.shape[-2:])
+    out = plan.q_tokens.scatter(out_t, Nq)
+    lse = plan.q_tokens.scatter(lse_t, Nq)
+    return out.to(q.dtype), lse
