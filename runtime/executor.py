@@ -237,3 +237,121 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     out = plan.q_tokens.scatter(out_t, Nq)
     lse = plan.q_tokens.scatter(lse_t, Nq)
     return out.to(q.dtype), lse
+
+
+def _float_inputs(plan: Plan, inputs: dict) -> list[str]:
+    """Float inputs that enter the score (bias terms, FoX gates): they get gradients."""
+    names = []
+    for name, t in inputs.items():
+        if t.dtype.is_floating_point and not name.startswith("__"):
+            names.append(name)
+    return names
+
+
+def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, inputs: dict, batched, wrt: list[str],
+                dt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Push the gradient of the scores after the terms back to the raw scores and to score inputs."""
+    if plan.softcap is None and plan.bias is None and plan.pattern.decay is None:
+        return ds, {}
+    with torch.enable_grad():
+        leaves = {name: inputs[name].detach().to(dt).requires_grad_() for name in wrt}
+        extra = _prepare_extra(plan, {**inputs, **leaves}, dt)
+        raw = s_raw.detach().requires_grad_()
+        s = blk.terms(raw, extra)
+        targets = [raw, *leaves.values()]
+        grads = torch.autograd.grad(s, targets, grad_outputs=ds.expand_as(s), allow_unused=True)
+    out = {name: g for name, g in zip(leaves, grads[1:], strict=True) if g is not None}
+    return grads[0], out
+
+
+def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
+             wrt: list[str]):
+    """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qd, kd, vd, dod = q.to(dt), k.to(dt), v.to(dt), dout.to(dt)
+    delta = (dod * out.to(dt)).sum(-1)  # [B, H, Nq]
+    if dlse is not None:
+        delta = delta - dlse.to(dt)
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(dt)
+    extra = _prepare_extra(plan, inputs, dt)
+    nQ, Tq = plan.q_tokens.index.shape
+    nK, Tk = plan.k_tokens.index.shape
+    dq_t = torch.zeros(B, Hq, nQ, Tq, D, dtype=dt)
+    dk_t = torch.zeros(B, Hkv, nK, Tk, D, dtype=dt)
+    dv_t = torch.zeros(B, Hkv, nK, Tk, v.shape[-1], dtype=dt)
+    d_inputs: dict[str, torch.Tensor] = {}
+    sched = plan.schedule
+    for cls, heads in plan.head_groups():
+        kv_heads = [h // group for h in heads]
+        kvh = torch.tensor(kv_heads)
+        # dQ and score inputs: rows are Q tiles, over their KV lists
+        width = sched.full_index.shape[-1] + sched.partial_index.shape[-1]
+        for own in _chunks(nQ, B * len(heads) * Tq * max(1, width) * Tk):
+            lists = _trim(_lists(sched, cls, own, False))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            blk = _Block(plan, heads, own, lists, False, extra, batched)
+            rows, cols = blk.row_index, blk.col_index
+            qc, kc, vc = qd[:, heads][:, :, rows], kd[:, kv_heads][:, :, cols], vd[:, kv_heads][:, :, cols]
+            s_raw = scale * (qc @ kc.transpose(-1, -2))
+            s = blk.terms(s_raw, extra)
+            allowed = blk.allowed()
+            p = torch.where(allowed, torch.exp(s - safe_lse[:, heads][:, :, rows][..., None]), torch.zeros((), dtype=dt))
+            dp = dod[:, heads][:, :, rows] @ vc.transpose(-1, -2)
+            ds = p * (dp - delta[:, heads][:, :, rows][..., None])
+            ds_raw, d_in = _terms_grad(blk, s_raw, ds, plan, inputs, batched, wrt, dt)
+            for name, g in d_in.items():
+                d_inputs[name] = d_inputs[name] + g if name in d_inputs else g
+            dq_t[:, heads, own[0]:own[-1] + 1] = scale * (ds_raw @ kc)
+        # dK and dV: rows are KV tiles, over the transposed lists
+        width = sched.t_full_index.shape[-1] + sched.t_partial_index.shape[-1]
+        for own in _chunks(nK, B * len(heads) * Tk * max(1, width) * Tq):
+            lists = _trim(_lists(sched, cls, own, True))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            blk = _Block(plan, heads, own, lists, True, extra, batched)
+            rows, cols = blk.row_index, blk.col_index
+            kc, vc = kd[:, kv_heads][:, :, rows], vd[:, kv_heads][:, :, rows]
+            qc, doc = qd[:, heads][:, :, cols], dod[:, heads][:, :, cols]
+            s_raw = scale * (kc @ qc.transpose(-1, -2))  # [B, Hs, C, Tk, Kq]
+            s = blk.terms(s_raw, extra)
+            allowed = blk.allowed()
+            p = torch.where(allowed, torch.exp(s - safe_lse[:, heads][:, :, cols][..., None, :]),
+                            torch.zeros((), dtype=dt))
+            dv = p @ doc
+            dp = vc @ doc.transpose(-1, -2)
+            ds = p * (dp - delta[:, heads][:, :, cols][..., None, :])
+            ds_raw, _ = _terms_grad(blk, s_raw, ds, plan, inputs, batched, [], dt)
+            dk = scale * (ds_raw @ qc)
+            dk_t[:, :, own[0]:own[-1] + 1].index_add_(1, kvh, dk.expand(B, *dk.shape[1:]))
+            dv_t[:, :, own[0]:own[-1] + 1].index_add_(1, kvh, dv.expand(B, *dv.shape[1:]))
+    dq = plan.q_tokens.scatter(dq_t, Nq).to(q.dtype)
+    dk = plan.k_tokens.scatter(dk_t, Nk).to(k.dtype)
+    dv = plan.k_tokens.scatter(dv_t, Nk).to(v.dtype)
+    return dq, dk, dv, {name: g.to(inputs[name].dtype) for name, g in d_inputs.items()}
+
+
+class TiledAttention(torch.autograd.Function):
+    """The executor as a differentiable function of q, k, v and the float score inputs."""
+
+    @staticmethod
+    def forward(ctx, plan: Plan, scale: float, batched: frozenset, names: tuple, q, k, v, *input_tensors):
+        inputs = dict(zip(names, input_tensors, strict=True))
+        out, lse = forward(plan, q, k, v, inputs, set(batched), scale)
+        ctx.plan, ctx.scale, ctx.batched, ctx.names = plan, scale, batched, names
+        ctx.save_for_backward(q, k, v, out, lse, *input_tensors)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *input_tensors = ctx.saved_tensors
+        inputs = dict(zip(ctx.names, input_tensors, strict=True))
+        wrt = [n for n, t, need in zip(ctx.names, input_tensors, ctx.needs_input_grad[7:], strict=True)
+               if need and t.dtype.is_floating_point]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, d_in = backward(ctx.plan, q, k, v, out, lse, dout, dlse, inputs, set(ctx.batched), ctx.scale, wrt)
+        return (None, None, None, None, dq, dk, dv, *(d_in.get(n) for n in ctx.names))
