@@ -22,6 +22,7 @@ static patterns:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import sympy
@@ -109,8 +110,17 @@ def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_exte
     return out
 
 
+def mask_inputs(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None) -> tuple[ir.PatternIR, dict]:
+    """The pattern restricted to the inputs its mask reads (not, e.g., FoX gates), and those inputs checked."""
+    used = {S.input_name(f.func) for f in pat.mask.atoms(sympy.Function)} - {None}
+    pat = dataclasses.replace(pat, inputs=tuple(d for d in pat.inputs if d.name in used))
+    tensors, _ = E.bind_inputs(pat, bound, {n: t for n, t in (inputs or {}).items() if n in used})
+    return pat, tensors
+
+
 def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None) -> TileSchedule:
     """Brute force over every tile pair and token pair: the definition the tests check against."""
+    pat, inputs = mask_inputs(pat, bound, inputs)
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
@@ -146,10 +156,8 @@ def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: d
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
-    tensors, batch = E.bind_inputs(pat, bound, inputs)
     mask = E.substitute(pat.mask, bound)
-    used = {S.input_name(f.func) for f in mask.atoms(sympy.Function)} - {None}
-    tensors = {name: t for name, t in tensors.items() if name in used}
+    pat, tensors = mask_inputs(pat, bound, inputs)
     batched = [name for name, t in tensors.items() if t.dim() > len(pat.input(name).dims)]
     if batched:
         # One schedule serves the whole batch: the union of the per-element ones.
