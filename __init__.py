@@ -11,7 +11,7 @@ it exactly through the reference backend::
 """
 
 from .compiler.ir import PatternIR, RecurrenceIR
-from .runtime.api import Attention, compile_attention, materialize_mask
+from .runtime.api import Attention, compile_attention, materialize_mask, simulate
 from .spec.errors import SpecError
 from .spec.library import load
 
@@ -25,4 +25,5 @@ __all__ = [
     "compile_attention",
     "load",
     "materialize_mask",
+    "simulate",
 ]

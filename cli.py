@@ -1,4 +1,4 @@
-"""The ``attnc`` command: list, check, show. Every user error is one clean
+"""The ``attnc`` command: list, check, show, sim. Every user error is one clean
 message and exit status 1; no traceback reaches the user."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from .spec.errors import SpecError
 SHOW_DEFAULT_N = 32
 SHOW_DEFAULT_AXIS = 8
 SHOW_MAX_TOKENS = 4096
+SHOW_MAX_TILES = 256
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,31 +101,14 @@ def _read_file(path: str) -> tuple[str, str]:
 
 
 def cmd_show(args) -> int:
-    import torch
-
     from .compiler import evaluate as E
     from .compiler import ir
-    from .spec.library import STDLIB_PREFIX, lower, pick
-    from .spec.parser import parse
 
-    if args.file.startswith(STDLIB_PREFIX):
-        from .spec.library import read_source
-
-        text, filename = read_source(args.file)
-        stdlib_name = args.file[len(STDLIB_PREFIX):]
-    else:
-        text, filename = _read_file(args.file)
-        stdlib_name = None
-    module = parse(text, filename)
-    decl = pick(module, args.name, stdlib_name)
-    pat = lower(module, decl, _key_values(args.param, "-p"))
+    pat = _load_args(args)
     heads = args.heads
     if isinstance(pat, ir.RecurrenceIR):
         return _show_recurrence(pat, heads or 4)
-    sizes = {k: v for k, v in _key_values(args.sizes, "--sizes").items()}
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
+    sizes = _int_sizes(args.sizes)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for _, e in lay.axes for s in e.free_symbols}
     for name in sorted(needed - set(sizes)):
         sizes[name] = SHOW_DEFAULT_AXIS
@@ -133,15 +117,12 @@ def cmd_show(args) -> int:
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    inputs = _inputs(args.input)
+    if args.tiles or args.q_tile or args.kv_tile:
+        return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
         raise SpecError(f"{bound.n} x {bound.nk} is too large to show", where="argument --sizes",
                         hint="choose smaller sizes")
-    inputs = {}
-    for name, values in _key_values_raw(args.input).items():
-        try:
-            inputs[name] = torch.tensor([_literal(v, f"--input {name}") for v in values.split()])
-        except (TypeError, ValueError):
-            raise SpecError("expected numbers separated by spaces", where=f"argument --input {name}") from None
     if pat.route is not None:
         print("# note: routing depends on q and k; this shows the mask before block selection")
     mask = E.mask_tensor(pat, bound, inputs)[0]
@@ -190,6 +171,110 @@ def _show_recurrence(rec, heads: int) -> int:
     return 0
 
 
+def _tile_arg(text: str | None, what: str) -> tuple[int, ...] | None:
+    """``--q-tile 2,8,8`` -> (2, 8, 8)."""
+    if text is None:
+        return None
+    try:
+        tile = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
+    if not tile:
+        raise SpecError("expected at least one extent", where=f"argument {what}")
+    return tile
+
+
+def _default_tile(extents: tuple[int, ...]) -> tuple[int, ...]:
+    """A tile giving a small map: about 16 tiles on a sequence, 4 per grid axis."""
+    per = 16 if len(extents) == 1 else 4
+    return tuple(1 << (max(1, L // per).bit_length() - 1) for L in extents)
+
+
+def _show_tiles(args, pat, bound, inputs: dict) -> int:
+    import torch
+
+    from .compiler import tiles as T
+    from .compiler.hardware import get_hardware
+    from .compiler.search import ScheduleSearch
+
+    q_ext = T.layout_extents(pat.queries, bound, bound.n)
+    kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
+    q_tile = _tile_arg(args.q_tile, "--q-tile") or _tile_arg(args.kv_tile, "--kv-tile") or _default_tile(q_ext)
+    kv_tile = _tile_arg(args.kv_tile, "--kv-tile") or (q_tile if len(q_tile) == len(kv_ext) else _default_tile(kv_ext))
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), inputs=inputs or None)
+    cand = search.run(q_tile, kv_tile, top=1)[0]
+    sched = cand.schedule
+    if max(sched.num_q_tiles, sched.num_kv_tiles) > SHOW_MAX_TILES:
+        raise SpecError(f"{sched.num_q_tiles} x {sched.num_kv_tiles} tiles are too many to draw",
+                        where="argument --q-tile", hint="choose larger tiles or smaller sizes")
+    classes = sched.classes()
+    if pat.route is not None:
+        print("# note: routing depends on q and k; this is the simulator's block-coherent model of the selection")
+    print(f"{pat.name}: Q tile {'x'.join(map(str, sched.q_tile))}, KV tile {'x'.join(map(str, sched.kv_tile))}, "
+          f"{sched.num_q_tiles} x {sched.num_kv_tiles} tiles: {sched.full} full (#), {sched.partial} partial (+), "
+          f"{sched.empty} empty (.)")
+    glyph = {0: ".", 1: "+", 2: "#"}
+    for h in range(classes.shape[0]):
+        if classes.shape[0] > 1:
+            print(f"head {h}")
+        for row in classes[h].tolist():
+            print("".join(glyph[c] for c in row))
+    if args.png:
+        from .png import write_classes_png
+
+        write_classes_png(args.png, classes.to(torch.int64))
+        print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_sim(args) -> int:
+    from .runtime.api import simulate
+
+    pat = _load_args(args)
+    sizes = _int_sizes(args.sizes)
+    rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
+                   batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
+                   q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
+                   inputs=_inputs(args.input) or None)
+    print(rep.to_json() if args.json else str(rep))
+    return 0
+
+
+def _load_args(args):
+    """The pattern of FILE (a path or stdlib:NAME) with --name and -p."""
+    from .spec.library import STDLIB_PREFIX, lower, pick, read_source
+    from .spec.parser import parse
+
+    if args.file.startswith(STDLIB_PREFIX):
+        text, filename = read_source(args.file)
+        stdlib_name = args.file[len(STDLIB_PREFIX):]
+    else:
+        text, filename = _read_file(args.file)
+        stdlib_name = None
+    module = parse(text, filename)
+    return lower(module, pick(module, args.name, stdlib_name), _key_values(args.param, "-p"))
+
+
+def _int_sizes(items) -> dict[str, int]:
+    sizes = _key_values(items, "--sizes")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
+    return sizes
+
+
+def _inputs(items) -> dict:
+    import torch
+
+    inputs = {}
+    for name, values in _key_values_raw(items).items():
+        try:
+            inputs[name] = torch.tensor([_literal(v, f"--input {name}") for v in values.split()])
+        except (TypeError, ValueError):
+            raise SpecError("expected numbers separated by spaces", where=f"argument --input {name}") from None
+    return inputs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="attnc", description="attnc: a compiler for attention patterns")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -205,7 +290,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, help="number of heads (head-dependent patterns show each)")
     p.add_argument("--name", help="which declaration of the file")
     p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
-    p.add_argument("--png", metavar="PATH", help="also write the mask as a PNG picture")
+    p.add_argument("--png", metavar="PATH", help="also write the mask (or tile map) as a PNG picture")
+    p.add_argument("--tiles", action="store_true", help="draw tile classes: # full, + partial, . empty")
+    p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis (implies --tiles)")
+    p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis (implies --tiles)")
+    p = sub.add_parser("sim", help="predict the speedup bounds and the best tile schedules")
+    p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
+    p.add_argument("-p", "--param", action="append", metavar="K=V", help="set a parameter (repeatable, or K=V,K=V)")
+    p.add_argument("--sizes", action="append", metavar="A=N,..", help="grid sizes")
+    p.add_argument("--n", type=int, help="number of tokens of a seq layout")
+    p.add_argument("--nk", type=int, help="number of keys (cross attention)")
+    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--hardware", default="h100", help="a100, h100, h200 or b200 (default h100)")
+    p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
+    p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis")
+    p.add_argument("--kv-tile", metavar="A,B,..", help="force the KV tile extents per axis")
+    p.add_argument("--top", type=int, default=5, help="schedules to list (default 5)")
+    p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
+    p.add_argument("--name", help="which declaration of the file")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 
@@ -215,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 1
-        handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show}[args.command]
+        handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show, "sim": cmd_sim}[args.command]
         return handler(args)
     except SpecError as err:
         print(err.render(), file=sys.stderr)

@@ -31,6 +31,33 @@ def write_mask_png(path: str, masks: torch.Tensor, scale: int | None = None) -> 
             for allowed in masks[h, i].tolist():
                 row += (bytes([30, 30, 120]) if allowed else bytes([245, 245, 245])) * scale
         rows.extend([b"\x00" + bytes(row)] * scale)
+    _write_rgb(path, width, height, rows)
+
+
+#: Tile class colours: EMPTY light, PARTIAL orange, FULL dark blue.
+CLASS_COLOURS = {0: bytes([245, 245, 245]), 1: bytes([240, 150, 40]), 2: bytes([30, 30, 120])}
+
+
+def write_classes_png(path: str, classes: torch.Tensor, scale: int | None = None) -> None:
+    """Write tile class maps ``[heads, Q tiles, KV tiles]`` (0 EMPTY, 1 PARTIAL, 2 FULL) side by side."""
+    heads, nq, nk = classes.shape
+    if scale is None:
+        scale = max(1, min(16, 512 // max(nq, nk * heads)))
+    gap = 2
+    width = heads * nk * scale + (heads - 1) * gap
+    rows = []
+    for i in range(nq):
+        row = bytearray()
+        for h in range(heads):
+            if h:
+                row += bytes([255, 80, 80]) * gap
+            for c in classes[h, i].tolist():
+                row += CLASS_COLOURS[int(c)] * scale
+        rows.extend([b"\x00" + bytes(row)] * scale)
+    _write_rgb(path, width, nq * scale, rows)
+
+
+def _write_rgb(path: str, width: int, height: int, rows: list[bytes]) -> None:
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     data = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(b"".join(rows), 9))
     data += _chunk(b"IEND", b"")

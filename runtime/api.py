@@ -194,3 +194,50 @@ def compile_attention(
         if layouts and all(lay.kind == "grid" for lay in layouts) and len(sizes) == len(E.check_size_names(pat, {})):
             E.bind_sizes(pat, sizes=sizes)
     return Attention(pat, "reference", sizes)
+
+
+def simulate(
+    pattern,
+    n: int | None = None,
+    sizes: dict | None = None,
+    heads: int = 1,
+    head_dim: int = 128,
+    batch: int = 1,
+    hardware="h100",
+    q_tile=None,
+    kv_tile=None,
+    dtype: str = "bf16",
+    name: str | None = None,
+    *,
+    nk: int | None = None,
+    inputs: dict | None = None,
+    top: int = 5,
+    **params,
+):
+    """Predict how fast a pattern can run: a ``SimulationReport`` with the
+    FLOP-wise bound (1 / density), the tile-wise bound of the chosen schedule,
+    the predicted speedup over dense attention (forward and backward), tile
+    counts, the chosen and the top schedules, and the hardware model.
+
+    ``hardware``: a name from ``compiler.hardware`` (a100, h100, h200, b200,
+    or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
+    ``kv_tile`` force the tile shapes (one extent per grid axis; one int on a
+    grid means flat 1-D tiles). ``inputs``: call-time inputs of
+    data-dependent masks (without a batch dimension).
+    """
+    from ..compiler.cost import dtype_bytes
+    from ..compiler.hardware import get_hardware
+    from ..compiler.simulator import simulate_pattern
+
+    pat = _as_pattern(pattern, name, params)
+    if isinstance(pat, ir.RecurrenceIR):
+        raise SpecError(f"'{pat.name}' is a recurrence: recurrences get their simulator in the recurrence issue",
+                        where="argument pattern")
+    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    hw = get_hardware(hardware)
+    dtype_bytes(dtype)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    return simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(), q_tile=q_tile,
+                            kv_tile=kv_tile, inputs=inputs, top=top)

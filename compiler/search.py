@@ -1,0 +1,346 @@
+"""Schedule search: candidate tile sizes and shapes, token permutation or
+in-kernel multi-dimensional addressing, warps and stages, ranked by the cost
+model's predicted forward time. The top few go to the autotuner.
+
+Candidates:
+
+- Q tiles of ``Q_TOKENS`` tokens, KV tiles of ``KV_TOKENS`` (at most the Q
+  tile's);
+- on a ``tokens seq`` layout, 1-D tiles;
+- on a grid, "flat" 1-D tiles of the row-major token order (no permutation,
+  no addressing: the tiles straddle rows; square ones only, Tq == Tk), and multi-dimensional box tiles:
+  every factorisation of the token count into per-axis powers of two that
+  fit the axes (128 as 2x8x8, 4x4x8, 1x8x16, ... in 3-D), run either after a
+  token permutation that makes the boxes contiguous or with in-kernel
+  multi-dimensional addressing. KV boxes divide the Q box per axis;
+- ``num_warps`` in ``WARPS``, ``num_stages`` in ``STAGES`` (configurations
+  whose shared memory does not fit the hardware are dropped).
+
+The search is staged to keep classification work small: every Q shape
+(at most ``MAX_SHAPES`` per token count, the most cube-like first) with an
+equal KV shape, then smaller KV shapes for the ``REFINE`` best Q shapes.
+Each (Q tile, KV tile, flat) classification happens once per search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..spec.errors import SpecError
+from . import evaluate as E
+from . import ir
+from . import symbols as S
+from . import tiles as T
+from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense, smem_fits
+from .hardware import Hardware
+from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
+
+Q_TOKENS = (64, 128)
+KV_TOKENS = (32, 64, 128)
+WARPS = (4, 8)
+STAGES = (2, 3)
+MAX_SHAPES = 6
+REFINE = 3
+#: With only the brute-force classifier, token pairs classified at most per schedule.
+DENSE_CLASSIFY_LIMIT = 1 << 26
+#: Above this many tokens a grid gets one flat candidate tile size (the largest).
+FLAT_GRID_SMALL = 1 << 16
+
+
+def classifier() -> Callable:
+    """``tiles.classify_tiles`` (the fast one) when present, else the brute-force one."""
+    return getattr(T, "classify_tiles", None) or T.classify_tiles_dense
+
+
+# ----------------------------------------------------------------- tile shapes
+def tile_shapes(tokens: int, extents: tuple[int, ...], limit: int | None = MAX_SHAPES) -> list[tuple[int, ...]]:
+    """Per-axis powers of two with product ``tokens``, each at most its axis
+    extent; the most cube-like first (then larger extents on later, faster
+    axes). Empty when the grid is too small."""
+    if tokens < 1 or tokens & (tokens - 1):
+        raise SpecError(f"tile token counts are powers of two, got {tokens}", where="argument tokens")
+    bits = tokens.bit_length() - 1
+    caps = [max(0, int(L).bit_length() - 1) for L in extents]  # largest 2**e <= L
+    out = []
+    for exps in itertools.product(*(range(c + 1) for c in caps)):
+        if sum(exps) == bits:
+            out.append(tuple(1 << e for e in exps))
+    free = [i for i, L in enumerate(extents) if L > 1] or [0]
+
+    def rank(shape):
+        logs = [math.log2(shape[i]) for i in free]
+        return (max(logs) - min(logs), tuple(-shape[i] for i in reversed(range(len(shape)))))
+
+    out.sort(key=rank)
+    return out[:limit] if limit else out
+
+
+def kv_shapes(q_shape: tuple[int, ...], tokens: int, limit: int = 2) -> list[tuple[int, ...]]:
+    """KV box shapes of ``tokens`` tokens dividing the Q box per axis, most cube-like first."""
+    return tile_shapes(tokens, q_shape, limit)
+
+
+def contiguous(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
+    """A box is a run of the row-major order: after its first axis of extent > 1, it spans whole axes."""
+    started = False
+    for t, L in zip(tile, extents, strict=True):
+        if started and t != L:
+            return False
+        if t > 1:
+            started = True
+    return True
+
+
+# ----------------------------------------------------------------- flat view of a grid pattern
+def flat_view(pat: ir.PatternIR, bound: E.Bound) -> tuple[ir.PatternIR, E.Bound]:
+    """The grid pattern as a ``tokens seq`` pattern over row-major flat indices
+    (for 1-D tiles that straddle grid rows)."""
+    subs = {}
+    for role, flat_sym, layout in (("q", S.Q, pat.queries), ("k", S.K, pat.keys)):
+        stride = 1
+        for axis, size in reversed(layout.axes):
+            extent = int(size.subs(bound.subs))
+            subs[S.coord(role, axis)] = S.Mod(S.FloorDiv(flat_sym, stride), extent)
+            stride *= extent
+    mask = E.substitute(pat.mask, bound).xreplace(subs)
+    seq = ir.Layout("seq")
+    view = dataclasses.replace(pat, queries=seq, keys=ir.Layout("seq", cross=not pat.self_attention), mask=mask,
+                               route=None, windows=())
+    return view, dataclasses.replace(bound)
+
+
+# ----------------------------------------------------------------- routing model
+def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None) -> TileSchedule:
+    """The schedule of a routing pattern under the block-coherent assumption:
+    each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
+    reaches: the blocks ``keep`` forces (judged at the tile's first query),
+    then the nearest others. The real selection depends on q and k."""
+    from ..runtime import routing
+
+    route = pat.route
+    block = routing.block_sizes(route, bound)
+    topk = int(route.topk.subs(bound.subs))
+    q_ext, kv_ext = sched.q_extents, sched.kv_extents
+    kv_first = tile_tokens(kv_ext, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
+    q_first = tile_tokens(q_ext, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
+    ids, nblocks = routing.block_ids(pat.keys, block, bound, sched.num_keys)
+    kv_block = ids[kv_first]
+    block_first = torch.full((nblocks,), sched.num_keys, dtype=torch.int64)
+    block_first.scatter_reduce_(0, ids, torch.arange(sched.num_keys), reduce="amin")
+    h, qi, ki, full = sched.pairs()
+    if len(h) == 0:
+        return sched
+    blk = kv_block[ki]
+    forced = torch.zeros(len(h), dtype=torch.bool)
+    if route.keep is not None:
+        keep = E.substitute(route.keep, bound)
+        for head in range(sched.heads_stored):
+            sel = h == head
+            ev = T._pair_evaluator(pat, bound, inputs, q_first[qi[sel]], block_first[blk[sel]], head)
+            forced[sel] = torch.broadcast_to(E.as_tensor(ev(keep), torch.bool), (int(sel.sum()),))
+    dist = (q_first[qi] - block_first[blk]).abs()
+    # rank the distinct (head, Q tile, block) triples within each (head, Q tile)
+    owner = h * sched.num_q_tiles + qi
+    big = int(dist.max()) + 1
+    order_key = ((owner * 2 + (~forced).long()) * big + dist) * nblocks + blk
+    order = torch.argsort(order_key)
+    o_owner, o_blk = owner[order], blk[order]
+    new_triple = torch.ones(len(order), dtype=torch.bool)
+    new_triple[1:] = (o_owner[1:] != o_owner[:-1]) | (o_blk[1:] != o_blk[:-1])
+    new_owner = torch.ones(len(order), dtype=torch.bool)
+    new_owner[1:] = o_owner[1:] != o_owner[:-1]
+    triple_no = torch.cumsum(new_triple.long(), 0)
+    owner_start = torch.cummax(torch.where(new_owner, triple_no, torch.zeros_like(triple_no)), 0).values
+    rank_sorted = triple_no - owner_start
+    keep_sorted = rank_sorted < topk
+    kept = torch.empty_like(keep_sorted)
+    kept[order] = keep_sorted
+    # allowed pairs: exact area for FULL tiles, the mask's mean PARTIAL density for PARTIAL ones
+    area = sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]
+    allowed = torch.zeros(sched.heads_stored, dtype=torch.float64)
+    for head in range(sched.heads_stored):
+        sel = h == head
+        full_area = float(area[sel & full].sum())
+        part_area = float(area[sel & ~full].sum())
+        ratio = (float(sched.allowed_pairs[head]) - full_area) / part_area if part_area else 0.0
+        allowed[head] = float(area[sel & full & kept].sum()) + ratio * float(area[sel & ~full & kept].sum())
+    return TileSchedule.from_pairs(q_ext, kv_ext, sched.q_tile, sched.kv_tile, sched.num_heads, sched.heads_stored,
+                                   h[kept], qi[kept], ki[kept], full[kept], allowed, exact=sched.exact,
+                                   density_exact=False)
+
+
+# ----------------------------------------------------------------- the search
+@dataclass
+class Candidate:
+    """One ranked schedule: the kernel configuration, its tile schedule and prediction."""
+
+    config: KernelConfig
+    schedule: TileSchedule
+    prediction: Prediction
+
+    @property
+    def forward_s(self) -> float:
+        return self.prediction.forward.time_s
+
+    @property
+    def backward_s(self) -> float:
+        return self.prediction.backward.time_s
+
+    def to_dict(self) -> dict:
+        s = self.schedule
+        total = s.num_heads * s.num_q_tiles * s.num_kv_tiles
+        return {**self.prediction.to_dict(), "full": s.full, "partial": s.partial, "empty": s.empty,
+                "tile_bound": total / s.visited if s.visited else math.inf}
+
+
+class ScheduleSearch:
+    """Candidate schedules of one pattern at one size on one hardware model."""
+
+    def __init__(self, pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int = 128, batch: int = 1,
+                 nbytes: int = 2, inputs: dict | None = None, calibration: Calibration | None = None,
+                 classify: Callable | None = None):
+        self.pat, self.bound, self.hw = pat, bound, hw
+        self.head_dim, self.batch, self.nbytes = head_dim, batch, nbytes
+        self.inputs, self.calibration = inputs, calibration
+        self.classify = classify or classifier()
+        self.q_ext = T.layout_extents(pat.queries, bound, bound.n)
+        self.kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
+        #: more than one axis somewhere: flat 1-D tiles need the flat view of the pattern
+        self.grid = len(self.q_ext) > 1 or len(self.kv_ext) > 1
+        #: multi-dimensional box tiles: both layouts are grids with the same number of axes
+        self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
+        self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
+        self._cache: dict = {}
+        self._flat: tuple | None = None
+        self.classifications = 0
+
+    # ------------------------------------------------------------ schedules (cached)
+    def schedule(self, q_tile: tuple[int, ...], kv_tile: tuple[int, ...], flat: bool = False) -> TileSchedule:
+        key = (tuple(q_tile), tuple(kv_tile), flat)
+        if key not in self._cache:
+            pat, bound = self.pat, self.bound
+            if flat and self.grid:
+                if self._flat is None:
+                    self._flat = flat_view(pat, bound)
+                pat, bound = self._flat
+            if self.classify is T.classify_tiles_dense and bound.n * bound.nk > DENSE_CLASSIFY_LIMIT:
+                raise SpecError(f"{bound.n} x {bound.nk} token pairs are too many for brute-force tile classification",
+                                where="argument sizes", hint="the fast classifier (tiles.classify_tiles) is needed")
+            sched = self.classify(pat, bound, q_tile, kv_tile, inputs=self.inputs)
+            self.classifications += 1
+            if self.pat.route is not None:
+                sched = route_schedule(self.pat, self.bound, sched, self.inputs)
+            self._cache[key] = sched
+        return self._cache[key]
+
+    def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
+        sched = self.schedule(config.q_tile, config.kv_tile, flat)
+        pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
+                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration)
+        return Candidate(config, sched, pred)
+
+    def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
+        out = []
+        for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
+            cfg = KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages)
+            if smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+                out.append(cfg)
+        if not out:  # nothing fits: keep the smallest pipeline so a prediction exists
+            out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], min(WARPS), min(STAGES)))
+        return out
+
+    def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
+        if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
+            return ("flat",)
+        return ("permute", "address")
+
+    def _all(self, q_tile, kv_tile, flat: bool) -> list[Candidate]:
+        layouts = ("flat",) if flat or not self.boxes else self._box_layouts(q_tile, kv_tile)
+        return [self.evaluate(cfg, flat) for cfg in self._configs(q_tile, kv_tile, layouts)]
+
+    # ------------------------------------------------------------ search
+    def run(self, q_tile=None, kv_tile=None, top: int = 5) -> list[Candidate]:
+        """The ``top`` candidates, fastest predicted forward first. ``q_tile``/``kv_tile``
+        force the tile shapes (an int, or one entry on a grid, means flat 1-D tiles)."""
+        if q_tile is not None or kv_tile is not None:
+            found = self._forced(q_tile, kv_tile)
+        else:
+            found = self._search()
+        found.sort(key=lambda c: (c.forward_s, c.backward_s))
+        return found[:top] if top else found
+
+    def _forced(self, q_tile, kv_tile) -> list[Candidate]:
+        q_tile = q_tile if q_tile is not None else kv_tile
+        kv_tile = kv_tile if kv_tile is not None else q_tile
+        as_tuple = [(t,) if isinstance(t, int) and not isinstance(t, bool) else t for t in (q_tile, kv_tile)]
+        flat = self.grid and (not self.boxes or all(isinstance(t, tuple | list) and len(t) == 1 for t in as_tuple))
+        if flat:
+            n_q, n_k = (math.prod(self.q_ext),), (math.prod(self.kv_ext),)
+            qt, kt = T.check_tile("q_tile", as_tuple[0], n_q), T.check_tile("kv_tile", as_tuple[1], n_k)
+        else:
+            qt, kt = T.check_tile("q_tile", as_tuple[0], self.q_ext), T.check_tile("kv_tile", as_tuple[1], self.kv_ext)
+        return self._all(qt, kt, flat)
+
+    def _search(self) -> list[Candidate]:
+        found: list[Candidate] = []
+        n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
+        if not self.boxes or (self.grid and self.pat.route is None):
+            for tq, tk in itertools.product(Q_TOKENS, KV_TOKENS):
+                # flat tiles on a grid: square ones only, and only 128 on large grids (their
+                # classification, through floored division of the flat index, is the slow kind)
+                if tk <= tq and not (self.grid and (tk != tq or (n_q > FLAT_GRID_SMALL and tq != max(Q_TOKENS)))):
+                    found += self._all((min(tq, n_q),), (min(tk, n_k),), self.grid)
+        if self.boxes:
+            stage1: list[tuple[float, tuple]] = []
+            for tq in Q_TOKENS:
+                for shape in tile_shapes(tq, self.q_ext):
+                    kv = tuple(min(t, L) for t, L in zip(shape, self.kv_ext, strict=True))
+                    cands = self._all(shape, kv, False)
+                    found += cands
+                    stage1.append((min(c.forward_s for c in cands), shape))
+            stage1.sort()
+            for _, shape in stage1[:REFINE]:
+                for tk in KV_TOKENS:
+                    if tk < math.prod(shape):
+                        for kv in kv_shapes(shape, tk):
+                            found += self._all(shape, tuple(min(t, L) for t, L in zip(kv, self.kv_ext, strict=True)),
+                                               False)
+        if not found:  # a grid smaller than any candidate tile: one tile per axis
+            found += self._all(self.q_ext, self.kv_ext, False) if self.boxes else self._all((n_q,), (n_k,), self.grid)
+        return found
+
+    def exact_density(self) -> float | None:
+        """The density from any exactly counted schedule classified so far."""
+        for sched in self._cache.values():
+            if sched.density_exact:
+                return float(sched.density)
+        return None
+
+    # ------------------------------------------------------------ dense baseline
+    def dense(self) -> tuple[Prediction, Prediction]:
+        """The best dense configurations (forward, backward), modelled the same way."""
+        preds = []
+        n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
+        for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES):
+            if tk > tq:
+                continue
+            cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
+            if not smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+                continue
+            preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
+                                       batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
+        if not preds:
+            cfg = KernelConfig((64,), (32,), "flat", 4, 2)
+            preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
+                                       batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
+        return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
+
+
+__all__ = ["Candidate", "ScheduleSearch", "classifier", "contiguous", "flat_view", "kv_shapes", "route_schedule",
+           "tile_shapes", "tile_grid", "tile_token_counts"]

@@ -1,0 +1,207 @@
+"""The simulator: how fast a pattern can be, before any GPU time is spent.
+
+``simulate`` (``attnc.simulate``) binds the sizes, searches schedules
+(``compiler.search``) and reports the three figures a user wants:
+
+- ``flop_bound`` = 1 / density: the speedup over dense attention if only the
+  allowed (query, key) pairs cost anything;
+- ``tile_bound`` = all tile pairs / visited tile pairs of the chosen schedule:
+  what block sparsity at that tile shape can give at best;
+- ``predicted_speedup``: the cost model's dense time over the chosen
+  schedule's time, forward and backward, on the hardware model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from . import evaluate as E
+from . import ir
+from .cost import Calibration, dtype_bytes
+from .hardware import Hardware
+from .search import Candidate, ScheduleSearch
+
+
+def _finite(x: float):
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class SimulationReport:
+    """What ``attnc.simulate`` returns. ``to_dict()`` holds every figure;
+    ``report["flop_bound"]`` reads one; ``str(report)`` is a readable table."""
+
+    pattern: str
+    sizes: dict
+    n: int
+    nk: int
+    heads: int
+    head_dim: int
+    batch: int
+    dtype: str
+    hardware: Hardware
+    density: float
+    best: Candidate
+    top: list[Candidate]
+    dense_forward_s: float
+    dense_backward_s: float
+    assumptions: list[str] = field(default_factory=list)
+    density_exact: bool = False
+
+    @property
+    def schedule(self):
+        """The chosen ``TileSchedule``."""
+        return self.best.schedule
+
+    @property
+    def flop_bound(self) -> float:
+        return 1.0 / self.density if self.density > 0 else math.inf
+
+    @property
+    def tile_bound(self) -> float:
+        s = self.best.schedule
+        total = s.num_heads * s.num_q_tiles * s.num_kv_tiles
+        return total / s.visited if s.visited else math.inf
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.dense_forward_s / self.best.forward_s
+
+    @property
+    def predicted_speedup_backward(self) -> float:
+        return self.dense_backward_s / self.best.backward_s
+
+    def to_dict(self) -> dict:
+        s = self.best.schedule
+        total = s.num_heads * s.num_q_tiles * s.num_kv_tiles
+        return {
+            "pattern": self.pattern,
+            "n": self.n,
+            "nk": self.nk,
+            "sizes": dict(self.sizes),
+            "heads": self.heads,
+            "head_dim": self.head_dim,
+            "batch": self.batch,
+            "dtype": self.dtype,
+            "density": self.density,
+            "density_exact": bool(s.density_exact) or self.density_exact,
+            "flop_bound": _finite(self.flop_bound),
+            "tile_bound": _finite(self.tile_bound),
+            "predicted_speedup": self.predicted_speedup,
+            "predicted_speedup_backward": self.predicted_speedup_backward,
+            "predicted": {
+                "forward_s": self.best.forward_s,
+                "backward_s": self.best.backward_s,
+                "dense_forward_s": self.dense_forward_s,
+                "dense_backward_s": self.dense_backward_s,
+            },
+            "tiles": {
+                "q_tile": list(s.q_tile),
+                "kv_tile": list(s.kv_tile),
+                "full": s.full,
+                "partial": s.partial,
+                "empty": s.empty,
+                "total": total,
+                "exact": bool(s.exact),
+            },
+            "schedule": self.best.to_dict(),
+            "top": [c.to_dict() for c in self.top],
+            "hardware": self.hardware.to_dict(),
+            "assumptions": list(self.assumptions),
+        }
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int, batch: int, dtype: str,
+                     q_tile=None, kv_tile=None, inputs: dict | None = None, top: int = 5,
+                     calibration: Calibration | None = None) -> SimulationReport:
+    search = ScheduleSearch(pat, bound, hw, head_dim=head_dim, batch=batch, nbytes=dtype_bytes(dtype), inputs=inputs,
+                            calibration=calibration)
+    ranked = search.run(q_tile, kv_tile, top=0)
+    best = ranked[0]
+    # the top few, one per (tile shapes, layout): warps/stages variants of one schedule are the autotuner's job
+    seen, shown = set(), []
+    for c in ranked:
+        key = (c.config.q_tile, c.config.kv_tile, c.config.layout)
+        if key not in seen:
+            seen.add(key)
+            shown.append(c)
+        if len(shown) == top:
+            break
+    dense_f, dense_b = search.dense()
+    assumptions = ["cost model constants are guesses to be calibrated on a GPU (compiler/cost.py, Calibration)",
+                   "dense baseline: the best dense configuration modelled the same way"]
+    if pat.route is not None:
+        assumptions.append(
+            "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "
+            "(block-coherent selection: forced blocks, then the nearest allowed ones); density is estimated")
+    density = float(best.schedule.density)
+    if not best.schedule.density_exact and pat.route is None:
+        exact = search.exact_density()
+        if exact is None:
+            assumptions.append("density estimated from sampled queries")
+        else:
+            density = exact
+    return SimulationReport(pat.name, dict(bound.axis_sizes), bound.n, bound.nk, bound.heads, head_dim, batch, dtype,
+                            hw, density, best, shown, dense_f.forward.time_s,
+                            dense_b.backward.time_s, assumptions,
+                            density_exact=bool(best.schedule.density_exact) or search.exact_density() is not None)
+
+
+def _us(s: float) -> str:
+    return f"{s * 1e6:,.1f} us" if s < 1e-2 else f"{s * 1e3:,.2f} ms"
+
+
+def _x(v) -> str:
+    return "inf" if v is None or not math.isfinite(v) else f"{v:.2f}x"
+
+
+def _shape(t) -> str:
+    return "x".join(str(x) for x in t)
+
+
+def format_report(rep: SimulationReport) -> str:
+    d = rep.to_dict()
+    hw = rep.hardware
+    size = ", ".join(f"{k}={v}" for k, v in rep.sizes.items()) or f"n={rep.n}"
+    tiles = d["tiles"]
+    lines = [
+        f"{rep.pattern}: {size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}, head_dim {rep.head_dim}, "
+        f"batch {rep.batch}, {rep.dtype}",
+        f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s, "
+        f"{hw.smem_per_sm_kib} KiB smem/SM)",
+        "",
+        f"  density              {rep.density:.4f}" + ("" if d["density_exact"] else " (estimated)"),
+        f"  FLOP-wise bound      {_x(rep.flop_bound)}",
+        f"  tile-wise bound      {_x(rep.tile_bound)}   (Q {_shape(tiles['q_tile'])}, KV {_shape(tiles['kv_tile'])}: "
+        f"{tiles['full']} full, {tiles['partial']} partial, {tiles['empty']} empty of {tiles['total']})",
+        f"  predicted speedup    forward {_x(rep.predicted_speedup)}, backward {_x(rep.predicted_speedup_backward)}",
+        f"  predicted time       forward {_us(rep.best.forward_s)} (dense {_us(rep.dense_forward_s)}), "
+        f"backward {_us(rep.best.backward_s)} (dense {_us(rep.dense_backward_s)})",
+        "",
+        "  top schedules (by predicted forward time):",
+        f"  {'#':>2} {'q tile':>10} {'kv tile':>10} {'layout':>8} {'warps':>5} {'stages':>6} {'forward':>12} "
+        f"{'backward':>12} {'balance':>7} {'partial':>8}",
+    ]
+    for i, c in enumerate(rep.top, 1):
+        cfg = c.config
+        lines.append(f"  {i:>2} {_shape(cfg.q_tile):>10} {_shape(cfg.kv_tile):>10} {cfg.layout:>8} {cfg.num_warps:>5} "
+                     f"{cfg.num_stages:>6} {_us(c.forward_s):>12} {_us(c.backward_s):>12} "
+                     f"{c.prediction.forward.balance:>7.2f} {c.schedule.partial:>8}")
+    if rep.assumptions:
+        lines.append("")
+        lines += [f"  note: {a}" for a in rep.assumptions]
+    return "\n".join(lines)
+
+
+__all__ = ["SimulationReport", "format_report", "simulate_pattern"]

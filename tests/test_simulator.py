@@ -1,0 +1,421 @@
+"""The simulator: hardware table, cost model, schedule search, ``attnc.simulate``
+and ``attnc sim`` / ``attnc show --tiles``.
+
+References are written here independently: data-sheet figures, NATTEN's
+published FLOP-wise bounds (prod L / prod w), brute-force tile classes of a
+sliding window from a plain Python rule, brute-force enumeration of tile
+shapes, and lower/upper bounds any longest-first placement must meet.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc import cli
+from attnc.compiler import cost as C
+from attnc.compiler import evaluate as E
+from attnc.compiler import hardware as HW
+from attnc.compiler import search as SR
+from attnc.compiler import tiles as T
+
+FAST = settings(max_examples=25, deadline=None)
+
+
+# ----------------------------------------------------------------- hardware
+def test_hardware_table_has_data_sheet_figures():
+    expected = {  # name: (SMs, dense bf16 TFLOP/s, HBM GB/s, smem KiB/SM)
+        "a100": (108, 312.0, 2039.0, 164),
+        "h100": (132, 989.4, 3350.0, 228),
+        "h200": (132, 989.4, 4800.0, 228),
+        "b200": (148, 2250.0, 8000.0, 228),
+    }
+    for name, (sms, tflops, gbps, smem) in expected.items():
+        hw = HW.get_hardware(name)
+        assert (hw.sms, hw.tensor_tflops, hw.hbm_gbps, hw.smem_per_sm_kib) == (sms, tflops, gbps, smem)
+        assert hw.l2_mib > 0 and hw.vector_tflops > 0
+    assert HW.get_hardware("H100") is HW.get_hardware("h100") is HW.get_hardware(" H100-SXM ")
+    assert {"A100", "H100", "H200", "B200"} <= set(HW.hardware_names())
+
+
+def test_unknown_hardware_is_a_clean_error_with_a_suggestion():
+    with pytest.raises(attnc.SpecError) as err:
+        HW.get_hardware("h10")
+    assert "unknown hardware 'h10'" in str(err.value)
+    assert "did you mean 'h100'" in str(err.value)
+    with pytest.raises(attnc.SpecError, match="unknown hardware"):
+        HW.get_hardware("tpu-v5")
+    with pytest.raises(attnc.SpecError, match="expected a hardware name"):
+        HW.get_hardware(3)
+
+
+def test_register_hardware_extends_the_table():
+    hw = HW.Hardware("TestGPU-X", sms=10, tensor_tflops=100.0, hbm_gbps=1000.0, smem_per_sm_kib=100, l2_mib=8.0,
+                     vector_tflops=10.0)
+    try:
+        HW.register_hardware(hw, aliases=("tgx",))
+        assert HW.get_hardware("testgpu-x") is hw and HW.get_hardware("TGX") is hw
+        other = HW.Hardware("TestGPU-X", sms=20, tensor_tflops=100.0, hbm_gbps=1000.0, smem_per_sm_kib=100,
+                            l2_mib=8.0, vector_tflops=10.0)
+        with pytest.raises(attnc.SpecError, match="already registered"):
+            HW.register_hardware(other)
+        HW.register_hardware(other, replace=True)
+        assert HW.get_hardware("testgpu-x").sms == 20
+        rep = attnc.simulate("stdlib:sliding_window", n=512, window=64, hardware="tgx", q_tile=64, kv_tile=64)
+        assert rep["hardware"]["sms"] == 10
+    finally:
+        for key in ("testgpu-x", "tgx"):
+            HW.HARDWARE.pop(key, None)
+    with pytest.raises(attnc.SpecError, match="sms must be a positive int"):
+        HW.Hardware("bad", sms=0, tensor_tflops=1.0, hbm_gbps=1.0, smem_per_sm_kib=1, l2_mib=1.0, vector_tflops=1.0)
+    with pytest.raises(attnc.SpecError, match="hbm_gbps must be a positive number"):
+        HW.Hardware("bad", sms=1, tensor_tflops=1.0, hbm_gbps=float("nan"), smem_per_sm_kib=1, l2_mib=1.0,
+                    vector_tflops=1.0)
+
+
+# ----------------------------------------------------------------- load balance
+def _lpt(work: list[float], sms: int) -> float:
+    """Textbook longest-first placement with a heap (the reference)."""
+    loads = [0.0] * sms
+    heapq.heapify(loads)
+    for w in sorted(work, reverse=True):
+        heapq.heapreplace(loads, loads[0] + w)
+    return max(loads)
+
+
+@FAST
+@given(st.lists(st.floats(0.01, 10.0), min_size=1, max_size=400), st.integers(1, 40))
+def test_makespan_meets_the_bounds_of_longest_first_placement(work, sms):
+    span = C.makespan(torch.tensor(work, dtype=torch.float64), sms)
+    total, biggest = sum(work), max(work)
+    assert span >= biggest - 1e-9
+    assert span >= total / sms - 1e-9
+    assert span <= total / sms + biggest + 1e-9
+    # near the textbook LPT (exactly it within the first wave)
+    ref = _lpt(work, sms)
+    if len(work) <= sms:
+        assert span == pytest.approx(ref)
+    assert span <= ref + biggest + 1e-9
+
+
+def test_makespan_of_many_ctas_is_fast_and_sound():
+    work = torch.rand(600_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) + 0.5
+    span = C.makespan(work, 132)
+    assert float(work.sum()) / 132 <= span <= float(work.sum()) / 132 + 2 * 2 * float(work.max())
+
+
+# ----------------------------------------------------------------- cost model
+H100 = HW.get_hardware("h100")
+
+
+def _predict(full, partial, *, layout="flat", ops=10, q=64, kv=64, repeat=1, warps=4, stages=2, hw=H100):
+    full = torch.tensor([full], dtype=torch.int64)
+    partial = torch.tensor([partial], dtype=torch.int64)
+    cfg = C.KernelConfig((q,), (kv,), layout, warps, stages)
+    # backward lists: the same counts transposed are not needed for these checks; reuse the forward ones
+    return C.predict_counts(full, partial, full, partial, repeat, cfg, hw, head_dim=128,
+                            tokens=(q * full.shape[1], kv * full.shape[1]), batch_heads=repeat, ops=ops)
+
+
+def test_partial_tiles_cost_more_than_full_ones_and_more_with_a_costlier_mask():
+    full = _predict([8] * 300, [0] * 300)
+    part = _predict([0] * 300, [8] * 300)
+    costly = _predict([0] * 300, [8] * 300, ops=40)
+    assert part.forward.time_s > full.forward.time_s
+    assert costly.forward.time_s > part.forward.time_s
+    assert part.backward.time_s > full.backward.time_s
+    assert full.forward.mask_s == 0 and part.forward.mask_s > 0
+
+
+def test_fewer_visited_tiles_predict_faster_and_backward_is_slower():
+    few = _predict([4] * 500, [2] * 500)
+    many = _predict([16] * 500, [2] * 500)
+    assert few.forward.time_s < many.forward.time_s
+    assert few.backward.time_s < many.backward.time_s
+    assert many.backward.time_s > 2.5 * many.forward.mma_s / 132 * 0.9  # at least the backward flops
+    assert many.backward.time_s > many.forward.time_s
+
+
+def test_one_heavy_q_tile_bounds_the_makespan():
+    counts = [1] * 1000
+    counts[7] = 2000
+    pred = _predict(counts, [0] * 1000)
+    # the heavy CTA alone: 2000 tiles of 4*64*64*128 flops, even at the full per-SM peak
+    heavy = 2000 * 4 * 64 * 64 * 128 / (H100.tensor_tflops * 1e12 / H100.sms)
+    assert pred.forward.makespan_s >= heavy
+    assert pred.forward.balance < 0.5  # 1999 small CTAs cannot hide it
+    even = _predict([3] * 1000, [0] * 1000)
+    assert even.forward.balance > 0.9
+
+
+def test_permutation_costs_its_traffic_and_addressing_a_little():
+    flat = _predict([8] * 200, [2] * 200, layout="flat")
+    perm = _predict([8] * 200, [2] * 200, layout="permute")
+    addr = _predict([8] * 200, [2] * 200, layout="address")
+    assert flat.forward.permute_s == 0 and perm.forward.permute_s > 0
+    # read + write of q, k, v, o at no more than the HBM bandwidth
+    assert perm.forward.permute_s >= 4 * 2 * 200 * 64 * 128 * 2 / (H100.hbm_gbps * 1e9)
+    assert perm.forward.time_s > flat.forward.time_s
+    assert addr.forward.time_s > flat.forward.time_s and addr.forward.permute_s == 0
+
+
+def test_faster_hardware_predicts_faster():
+    a100 = _predict([8] * 400, [2] * 400, hw=HW.get_hardware("a100"))
+    h100 = _predict([8] * 400, [2] * 400, hw=H100)
+    b200 = _predict([8] * 400, [2] * 400, hw=HW.get_hardware("b200"))
+    assert a100.forward.time_s > h100.forward.time_s > b200.forward.time_s
+
+
+def test_mask_ops_counts_the_mask():
+    import sympy
+
+    q, k = sympy.symbols("q k", integer=True)
+    assert C.mask_ops(sympy.true) == 0
+    small = C.mask_ops(k <= q)
+    bigger = C.mask_ops(sympy.And(k <= q, q - k < 5))
+    assert 1 <= small < bigger
+    with pytest.raises(attnc.SpecError, match="unsupported dtype"):
+        C.dtype_bytes("fp64")
+
+
+# ----------------------------------------------------------------- schedule search
+def test_tile_shapes_are_every_power_of_two_factorisation_that_fits():
+    extents = (30, 48, 80)
+    ref = set()
+    for a, b, c in itertools.product([1, 2, 4, 8, 16, 32, 64, 128], repeat=3):
+        if a * b * c == 128 and a <= 30 and b <= 48 and c <= 80:
+            ref.add((a, b, c))
+    got = SR.tile_shapes(128, extents, limit=None)
+    assert set(got) == ref and len(got) == len(ref)
+    assert {(2, 8, 8), (4, 4, 8), (1, 8, 16)} <= ref
+    top = SR.tile_shapes(128, extents)
+    assert (4, 4, 8) in top and (2, 8, 8) in top
+    assert SR.tile_shapes(128, (4, 4, 4)) == []
+
+
+def test_search_ranks_candidates_and_classifies_each_tile_pair_once():
+    pat = attnc.load("stdlib:neighborhood_3d", kt=3, ky=5, kx=5)
+    bound = E.bind_sizes(pat, sizes={"frames": 8, "height": 16, "width": 16}, heads=2)
+    calls = []
+
+    def counting(p, b, q_tile, kv_tile, inputs=None):
+        calls.append((p is pat, tuple(q_tile), tuple(kv_tile)))
+        return SR.classifier()(p, b, q_tile, kv_tile, inputs=inputs)
+
+    search = SR.ScheduleSearch(pat, bound, H100, classify=counting)
+    ranked = search.run(top=0)
+    times = [c.forward_s for c in ranked]
+    assert times == sorted(times)
+    assert len(calls) == len(set(calls)) == search.classifications
+    assert len(ranked) > 2 * len(calls)  # warps/stages/layout variants share classifications
+    shapes = {c.config.q_tile for c in ranked}
+    assert any(len(s) == 3 and sum(t > 1 for t in s) >= 2 for s in shapes)  # a multi-dimensional 3-D tile
+    assert any(len(s) == 1 for s in shapes)  # the flat option
+    layouts = {c.config.layout for c in ranked}
+    assert {"flat", "permute", "address"} <= layouts
+    assert {c.config.num_warps for c in ranked} == {4, 8} and {c.config.num_stages for c in ranked} == {2, 3}
+    top3 = search.run(top=3)
+    assert [c.forward_s for c in top3] == times[:3]
+
+
+def _sliding_classes(n: int, window: int, tile: int) -> list[list[int]]:
+    """Brute-force tile classes of `k <= q and q - k < window`: 0 empty, 1 partial, 2 full."""
+    tiles = -(-n // tile)
+    out = []
+    for a in range(tiles):
+        row = []
+        for b in range(tiles):
+            vals = [k <= q and q - k < window for q in range(a * tile, min(n, (a + 1) * tile))
+                    for k in range(b * tile, min(n, (b + 1) * tile))]
+            row.append(2 if all(vals) else 1 if any(vals) else 0)
+        out.append(row)
+    return out
+
+
+@FAST
+@given(st.integers(8, 96), st.integers(1, 40), st.sampled_from([4, 8, 16]))
+def test_simulate_tiles_match_brute_force(n, window, tile):
+    rep = attnc.simulate("stdlib:sliding_window", n=n, window=window, heads=3, q_tile=tile, kv_tile=tile)
+    ref = _sliding_classes(n, window, tile)
+    counts = [sum(row.count(c) for row in ref) for c in (0, 1, 2)]
+    d = rep.to_dict()
+    assert d["tiles"]["empty"] == 3 * counts[0]
+    assert d["tiles"]["partial"] == 3 * counts[1]
+    assert d["tiles"]["full"] == 3 * counts[2]
+    allowed = sum(1 for q in range(n) for k in range(n) if k <= q and q - k < window)
+    assert d["density"] == pytest.approx(allowed / n / n)
+    assert d["flop_bound"] == pytest.approx(n * n / allowed)
+    tiles = -(-n // tile)
+    assert d["tile_bound"] == pytest.approx(tiles * tiles / (counts[1] + counts[2]))
+
+
+def test_sparser_pattern_predicts_faster_and_dense_predicts_one():
+    sparse = attnc.simulate("stdlib:sliding_window", n=8192, heads=8, window=256)
+    wider = attnc.simulate("stdlib:sliding_window", n=8192, heads=8, window=2048)
+    assert sparse["predicted"]["forward_s"] < wider["predicted"]["forward_s"]
+    assert sparse["predicted_speedup"] > wider["predicted_speedup"] > 1.0
+    assert sparse["predicted_speedup_backward"] > wider["predicted_speedup_backward"] > 1.0
+    dense = attnc.simulate("pattern everything\n  tokens seq\n  mask k >= 0\n", n=8192, heads=8)
+    assert dense["density"] == 1.0 and dense["flop_bound"] == 1.0 and dense["tile_bound"] == 1.0
+    assert dense["tiles"]["partial"] == 0 and dense["tiles"]["empty"] == 0
+    assert 0.97 <= dense["predicted_speedup"] <= 1.0 + 1e-9
+    assert 0.97 <= dense["predicted_speedup_backward"] <= 1.0 + 1e-9
+
+
+def test_report_contents_and_json():
+    rep = attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 24, "width": 32}, heads=2, head_dim=64,
+                         batch=2, hardware="A100", ky=5, kx=7)
+    d = json.loads(rep.to_json())
+    for key in ("density", "flop_bound", "tile_bound", "predicted_speedup", "predicted_speedup_backward", "tiles",
+                "schedule", "top", "hardware", "predicted"):
+        assert key in d
+    t = d["tiles"]
+    assert t["full"] + t["partial"] + t["empty"] == t["total"]
+    assert d["hardware"]["name"] == "A100"
+    assert 1 <= len(d["top"]) <= 5
+    assert d["top"][0]["forward_s"] == d["schedule"]["forward_s"] == d["predicted"]["forward_s"]
+    assert d["schedule"]["layout"] in ("flat", "permute", "address")
+    assert d["tile_bound"] <= d["flop_bound"] + 1e-9
+    # every neighborhood: 5 x 7 keys per query (NATTEN's windows always hold exactly w keys)
+    assert d["density"] == pytest.approx(35 / (24 * 32))
+    assert "H100" in str(attnc.simulate("stdlib:sliding_window", n=256, window=8))
+
+
+def test_head_dependent_pattern_counts_tiles_per_head():
+    rep = attnc.simulate("stdlib:longnet", n=256, heads=4, segment=64, dilation=2, is_causal=False, q_tile=32,
+                         kv_tile=32)
+    d = rep.to_dict()
+    assert d["tiles"]["total"] == 4 * 8 * 8
+    # head j = h // 2 keeps positions with (pos mod 64) mod 2 == j: half the queries, each with the
+    # 32 keys of its segment in its group; the other half none
+    assert d["density"] == pytest.approx(128 * 32 / 256**2)
+
+
+def test_routing_is_modelled_and_said_so():
+    rep = attnc.simulate("stdlib:moba", n=4096, heads=2, block=512, topk=3, q_tile=128, kv_tile=128)
+    d = rep.to_dict()
+    assert any("routing" in a and "block-coherent" in a for a in d["assumptions"])
+    assert d["density_exact"] is False
+    # each 128-query tile visits at most topk blocks of 4 KV tiles, and never a block after it
+    per_q = torch.tensor([min(3, qt // 4 + 1) * 4 - (3 - qt % 4) for qt in range(32)])
+    assert d["tiles"]["full"] + d["tiles"]["partial"] == 2 * int(per_q.sum())
+    assert d["predicted_speedup"] > 1.0
+
+
+def test_recurrences_and_bad_arguments_are_clean_errors():
+    with pytest.raises(attnc.SpecError, match="recurrence issue"):
+        attnc.simulate("stdlib:retention", n=128)
+    with pytest.raises(attnc.SpecError, match="unknown hardware"):
+        attnc.simulate("stdlib:sliding_window", n=128, hardware="h1000")
+    with pytest.raises(attnc.SpecError, match="one extent per axis"):
+        attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 16, "width": 16}, q_tile=(4, 4, 4))
+    with pytest.raises(attnc.SpecError, match="positive"):
+        attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 16, "width": 16}, q_tile=(0, 4))
+    with pytest.raises(attnc.SpecError, match="unknown size"):
+        attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 16, "widht": 16})
+    with pytest.raises(attnc.SpecError, match="head_dim"):
+        attnc.simulate("stdlib:sliding_window", n=128, head_dim=0)
+    with pytest.raises(attnc.SpecError, match="unsupported dtype"):
+        attnc.simulate("stdlib:sliding_window", n=128, dtype="int8")
+
+
+# ----------------------------------------------------------------- NATTEN's published figures
+def test_natten_flop_bound_1d():
+    rep = attnc.simulate("stdlib:neighborhood_1d", n=32768, kernel=2048)
+    assert rep["flop_bound"] == pytest.approx(16.0, rel=0.01)
+
+
+def test_natten_flop_bound_2d():
+    rep = attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 256, "width": 256}, ky=80, kx=80,
+                         q_tile=(16, 8), kv_tile=(16, 8))
+    assert rep["flop_bound"] == pytest.approx(10.24, rel=0.01)
+
+
+def test_natten_flop_bound_3d_and_strided_is_fully_block_sparse():
+    sizes = {"frames": 30, "height": 48, "width": 80}
+    rep = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kt=18, ky=24, kx=24, q_tile=(2, 8, 8),
+                         kv_tile=(2, 8, 8))
+    assert rep["flop_bound"] == pytest.approx(11.11, rel=0.01)
+    assert rep["tiles"]["partial"] > 0
+    strided = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kt=18, ky=24, kx=24, st=16, sy=8, sx=8,
+                             q_tile=(2, 8, 8), kv_tile=(2, 8, 8))
+    assert strided["tiles"]["partial"] == 0
+    assert strided["predicted_speedup"] > rep["predicted_speedup"]
+
+
+# ----------------------------------------------------------------- CLI
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "internal error" not in out + err
+    return code, out, err
+
+
+def test_cli_sim_table_and_json(capsys):
+    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kt=3,ky=5,kx=5", "--sizes",
+                       "frames=8,height=16,width=16", "--heads", "2", "--head-dim", "64", "--hardware", "H200")
+    assert code == 0
+    for text in ("FLOP-wise bound", "tile-wise bound", "predicted speedup", "forward", "backward", "H200",
+                 "top schedules"):
+        assert text in out
+    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kt=3,ky=5,kx=5", "--sizes",
+                       "frames=8,height=16,width=16", "--q-tile", "2,8,8", "--kv-tile", "2,4,8", "--json")
+    assert code == 0
+    d = json.loads(out)
+    assert d["tiles"]["q_tile"] == [2, 8, 8] and d["tiles"]["kv_tile"] == [2, 4, 8]
+    assert d["flop_bound"] == pytest.approx(8 * 16 * 16 / (3 * 5 * 5))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sim", "stdlib:sliding_window", "--n", "256", "--hardware", "h10"], "did you mean 'h100'"),
+    (["sim", "stdlib:neighborhood_2d", "--sizes", "height=16,width=16", "--q-tile", "4,4,4"], "one extent per axis"),
+    (["sim", "stdlib:neighborhood_2d", "--sizes", "height=16,width=16", "--q-tile", "4,a"], "expected ints"),
+    (["sim", "stdlib:neighborhood_2d", "--sizes", "height=0,width=16"], "positive"),
+    (["sim", "stdlib:neighborhood_2d", "--sizes", "height=1.5,width=16"], "expected an int"),
+    (["sim", "stdlib:retention", "--n", "64"], "recurrence"),
+    (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4"], "one extent per axis"),
+])
+def test_cli_bad_arguments_exit_1(capsys, argv, message):
+    code, _, err = run(capsys, *argv)
+    assert code == 1
+    assert message in err
+
+
+def test_cli_show_tiles_text_matches_brute_force(capsys, tmp_path):
+    code, out, _ = run(capsys, "show", "stdlib:sliding_window", "-p", "window=6", "--n", "40", "--tiles",
+                       "--q-tile", "4")
+    assert code == 0
+    lines = out.splitlines()
+    glyphs = {0: ".", 1: "+", 2: "#"}
+    expected = ["".join(glyphs[c] for c in row) for row in _sliding_classes(40, 6, 4)]
+    assert lines[1:] == expected
+    png = tmp_path / "tiles.png"
+    code, out, _ = run(capsys, "show", "stdlib:neighborhood_2d", "--sizes", "height=16,width=16", "--tiles",
+                       "--png", str(png))
+    assert code == 0 and f"wrote {png}" in out
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in data
+    # the default tile (4x4 on a 16x16 grid): a 16 x 16 map
+    rows = [line for line in out.splitlines() if line and set(line) <= set(".+#")]
+    assert len(rows) == 16 and all(len(r) == 16 for r in rows)
+
+
+def test_flat_view_of_a_grid_pattern_is_the_same_mask():
+    pat = attnc.load("stdlib:neighborhood_2d", ky=3, kx=5)
+    bound = E.bind_sizes(pat, sizes={"height": 6, "width": 10})
+    view, vbound = SR.flat_view(pat, bound)
+    flat = T.classify_tiles_dense(view, vbound, (7,), (5,))
+    boxes = T.classify_tiles_dense(pat, bound, (1, 10), (1, 10))  # one row per tile: the same token sets
+    rows = T.classify_tiles_dense(view, vbound, (10,), (10,))
+    assert torch.equal(rows.classes(), boxes.classes())
+    mask = attnc.materialize_mask(pat, sizes={"height": 6, "width": 10})[0]
+    assert float(flat.density) == pytest.approx(float(mask.double().mean()))
+    assert math.isclose(float(flat.allowed_pairs.sum()), float(mask.sum()))
