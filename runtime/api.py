@@ -11,8 +11,9 @@ from ..compiler import ir
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import reference
+from .cpu_backend import CpuRunner, describe_plan
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "cpu", "reference")
 
 Pattern = ir.PatternIR | ir.RecurrenceIR
 
@@ -66,16 +67,36 @@ class Attention(torch.nn.Module):
     optionally with a leading batch dimension.
     """
 
-    def __init__(self, pattern: Pattern, backend: str, sizes: dict | None):
+    def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None):
         super().__init__()
         self.pattern = pattern
         self.backend = backend
         self.sizes = dict(sizes or {})
+        self._runner = None
+        if backend == "cpu" and isinstance(pattern, ir.PatternIR):
+            self._runner = CpuRunner(pattern, q_tile, kv_tile)
+        self._last_call: dict | None = None
+
+    @property
+    def schedule(self):
+        """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
+        return None if self._runner is None or self._runner.last is None else self._runner.last.schedule
+
+    def report(self, hardware="h100", **kwargs):
+        """The simulator's report for the shapes of the latest call (``attnc.simulate``)."""
+        if self._last_call is None:
+            raise SpecError("call the module once first: the report is for the shapes of a call", where="report")
+        args = {**self._last_call, **kwargs}
+        if self.schedule is not None and "q_tile" not in kwargs:
+            args.update(q_tile=self.schedule.q_tile, kv_tile=self.schedule.kv_tile)
+        return simulate(self.pattern, hardware=hardware, **args)
 
     @property
     def source(self) -> str:
-        """What runs: for the reference backend, the dense computation it performs."""
+        """What runs: the CPU backend's tile plan, or the reference's dense computation."""
         p = self.pattern
+        if self._runner is not None:
+            return describe_plan(self._runner.last, p)
         if isinstance(p, ir.RecurrenceIR):
             return (f"# reference backend: naive recurrence '{p.name}' ({p.gate} gate)\n"
                     f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
@@ -139,7 +160,12 @@ class Attention(torch.nn.Module):
                 raise
             raise SpecError(err.message, where="argument q" if err.where == "argument n" else "argument k",
                             hint=err.hint) from None
-        out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
+        self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
+                           "head_dim": D, "batch": B, "sizes": all_sizes or None}
+        if self._runner is not None and pat.route is None:
+            out, lse = self._runner(bound, q, k, v, inputs, float(scale))
+        else:
+            out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
 
 
@@ -172,6 +198,8 @@ def compile_attention(
     backend: str = "auto",
     sizes: dict | None = None,
     name: str | None = None,
+    q_tile=None,
+    kv_tile=None,
     **params,
 ) -> Attention:
     """Compile a pattern or recurrence into a differentiable ``torch.nn.Module``.
@@ -179,8 +207,11 @@ def compile_attention(
     ``pattern``: a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
     (``name=`` picks a declaration; other keywords set parameters).
     ``sizes``: grid axis extents by size name (also accepted at call time).
-    ``backend``: ``"reference"`` is the exact dense implementation; ``"auto"``
-    picks the fastest backend available, which in this version is the reference.
+    ``backend``: ``"cpu"`` runs the tile executor (only the KV tiles each Q
+    tile needs; forward and backward); ``"reference"`` is the exact dense
+    implementation; ``"auto"`` picks the fastest available: the CPU executor
+    (recurrences and routing patterns run on the reference in this version).
+    ``q_tile``/``kv_tile`` force the tile shape (one extent per layout axis).
     """
     if backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
@@ -193,7 +224,8 @@ def compile_attention(
         layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
         if layouts and all(lay.kind == "grid" for lay in layouts) and len(sizes) == len(E.check_size_names(pat, {})):
             E.bind_sizes(pat, sizes=sizes)
-    return Attention(pat, "reference", sizes)
+    chosen = "reference" if backend == "reference" else "cpu"
+    return Attention(pat, chosen, sizes, q_tile, kv_tile)
 
 
 def simulate(

@@ -1,0 +1,109 @@
+"""The CPU backend: picks a tile shape, builds and caches the executor plan per
+shapes, and runs ``executor.TiledAttention``."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..compiler import symbols as S
+from ..compiler.search import tile_shapes
+from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from . import executor
+
+#: Tile token counts tried for the CPU executor.
+CPU_TILE_TOKENS = (32, 64, 128)
+#: Relative cost of one visited tile pair beyond its token pairs (gathers, small matmuls).
+PAIR_OVERHEAD_TOKENS = 2048
+#: Extra cost of a PARTIAL token pair (mask evaluation) relative to a FULL one.
+PARTIAL_EXTRA = 0.5
+
+
+def _cpu_cost(sched) -> float:
+    h, qi, ki, full = sched.pairs()
+    area = (sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).to(torch.float64)
+    return float((area * torch.where(full, 1.0, 1.0 + PARTIAL_EXTRA)).sum()) + PAIR_OVERHEAD_TOKENS * len(h)
+
+
+def mask_uses_inputs(pat: ir.PatternIR) -> bool:
+    return any(S.input_name(f.func) for f in pat.mask.atoms(sympy.Function))
+
+
+def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The (Q tile, KV tile) with the least estimated CPU work: visited token pairs
+    (PARTIAL ones dearer) plus a fixed cost per visited tile pair."""
+    q_ext = layout_extents(pat.queries, bound, bound.n)
+    kv_ext = layout_extents(pat.keys, bound, bound.nk)
+    best = None
+    for tokens in CPU_TILE_TOKENS:
+        q_shapes = tile_shapes(tokens, q_ext, limit=3) or [tuple(min(tokens, L) for L in q_ext)]
+        for shape in q_shapes:
+            kv_shape = shape if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0]
+            cost = _cpu_cost(classify_tiles(pat, bound, shape, kv_shape, inputs))
+            if best is None or cost < best[0]:
+                best = (cost, shape, kv_shape)
+    return best[1], best[2]
+
+
+class CpuRunner:
+    """Plans per (sizes, heads, tiles), cached; data-dependent masks are classified per call."""
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        self.pattern = pat
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        self.plans: dict = {}
+        self.last: executor.Plan | None = None
+
+    def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan:
+        pat = self.pattern
+        dynamic = mask_uses_inputs(pat)
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        if not dynamic and key in self.plans:
+            self.last = self.plans[key]
+            return self.last
+        q_ext = layout_extents(pat.queries, bound, bound.n)
+        kv_ext = layout_extents(pat.keys, bound, bound.nk)
+        if self.q_tile is not None or self.kv_tile is not None:
+            q_tile = check_tile("q_tile", self.q_tile if self.q_tile is not None else self.kv_tile, q_ext)
+            kv_tile = check_tile("kv_tile", self.kv_tile if self.kv_tile is not None else q_tile, kv_ext)
+        elif dynamic and key in self.plans:
+            q_tile, kv_tile = self.plans[key].schedule.q_tile, self.plans[key].schedule.kv_tile
+        else:
+            q_tile, kv_tile = choose_tiles(pat, bound, inputs)
+        plan = executor.Plan.build(pat, bound, classify_tiles(pat, bound, q_tile, kv_tile, inputs))
+        self.plans[key] = plan
+        self.last = plan
+        return plan
+
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
+        plan = self.plan(bound, tensors)
+        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
+        names = tuple(tensors)
+        return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
+
+
+def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
+    """A readable account of what the CPU backend runs."""
+    lines = [f"# cpu backend: tile executor for '{pat.name}'", f"mask = {pat.mask}"]
+    if pat.softcap is not None:
+        lines.append(f"softcap = {pat.softcap}")
+    if pat.bias is not None:
+        lines.append(f"bias = {pat.bias}")
+    if pat.decay is not None:
+        lines.append(f"decay = cumsum({pat.decay})[q] - cumsum({pat.decay})[k]")
+    if plan is None:
+        lines.append("# no call yet: the tile schedule is built at the first call (per shapes)")
+        return "\n".join(lines) + "\n"
+    s = plan.schedule
+    lines += [
+        f"q_tile = {s.q_tile}  kv_tile = {s.kv_tile}  tiles {s.num_q_tiles} x {s.num_kv_tiles}",
+        f"visited pairs: {s.full} FULL (no mask work), {s.partial} PARTIAL (mask evaluated), {s.empty} EMPTY (skipped)",
+        f"density {s.density:.4g}  tile-wise bound {s.num_heads * s.num_q_tiles * s.num_kv_tiles / max(1, s.visited):.3g}x",
+        "for each chunk of Q tiles: gather K/V of its FULL then PARTIAL tiles; scores = scale * q @ k^T;",
+        "  terms (softcap, bias, decay); mask on PARTIAL tiles only; softmax over visited keys; @ v",
+        "backward: recompute P; dQ over the Q tiles' lists, dK/dV over the transposed lists",
+    ]
+    return "\n".join(lines) + "\n"
