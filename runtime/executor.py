@@ -173,6 +173,25 @@ class _Block:
         return scores
 
 
+def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
+    """``x[:, heads]`` without a copy when the heads are a contiguous run."""
+    if heads == list(range(heads[0], heads[0] + len(heads))):
+        return x[:, heads[0]:heads[0] + len(heads)]
+    return x[:, heads]
+
+
+def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised probabilities and log-sum-exp of masked scores (-inf where masked);
+    a row with no allowed key gives zeros and lse -inf. Overwrites ``s``."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = s.sub_(m).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(total)).squeeze(-1)
+    p.div_(torch.where(total == 0, torch.ones_like(total), total))
+    return p, lse
+
+
 def _chunks(n: int, per_item: int) -> list[torch.Tensor]:
     step = max(1, CHUNK_ELEMENTS // max(1, per_item))
     return [torch.arange(s, min(n, s + step)) for s in range(0, n, step)]
@@ -215,6 +234,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     lse_t = torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
     for cls, heads in plan.head_groups():
         kv_heads = [h // group for h in heads]
+        qh, kh, vh = _heads(qd, heads), _heads(kd, kv_heads), _heads(vd, kv_heads)
         width = plan.schedule.full_index.shape[-1] + plan.schedule.partial_index.shape[-1]
         per = B * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
         for own in _chunks(nQ, per):
@@ -222,17 +242,13 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
             blk = _Block(plan, heads, own, lists, False, extra, batched)
-            qc = qd[:, heads][:, :, blk.row_index]  # [B, Hs, C, Tq, D]
-            kc = kd[:, kv_heads][:, :, blk.col_index]  # [B, Hs, C, K, D]
-            vc = vd[:, kv_heads][:, :, blk.col_index]
-            s = scale * (qc @ kc.transpose(-1, -2))
+            s = scale * (qh[:, :, blk.row_index] @ kh[:, :, blk.col_index].transpose(-1, -2))
             s = blk.terms(s, extra)
             allowed = blk.allowed()
             s = s.masked_fill(~allowed, -math.inf)
-            lse = torch.logsumexp(s, dim=-1)
-            safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-            p = torch.where(allowed, torch.exp(s - safe[..., None]), torch.zeros((), dtype=dt))
-            out_t[:, heads, own[0]:own[-1] + 1] = (p @ vc).expand(B, len(heads), *p.shape[-3:-1], Dv)
+            p, lse = _softmax(s)
+            o = p @ vh[:, :, blk.col_index]
+            out_t[:, heads, own[0]:own[-1] + 1] = o.expand(B, len(heads), *o.shape[-3:])
             lse_t[:, heads, own[0]:own[-1] + 1] = lse.expand(B, len(heads), *lse.shape[-2:])
     out = plan.q_tokens.scatter(out_t, Nq)
     lse = plan.q_tokens.scatter(lse_t, Nq)
