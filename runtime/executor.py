@@ -69,6 +69,11 @@ class Plan:
     mask: sympy.Basic
     bias: sympy.Basic | None
     softcap: torch.Tensor | None  # [H] caps
+    # Routing (per call): the schedule then has one list class per (batch, head),
+    # and ``selection[b, h, q, block]`` is applied on PARTIAL tiles.
+    selection: torch.Tensor | None = None
+    key_block: torch.Tensor | None = None
+    batch: int | None = None
 
     @classmethod
     def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
@@ -84,12 +89,14 @@ class Plan:
             softcap,
         )
 
-    def head_groups(self) -> list[tuple[int, list[int]]]:
-        """(list class, query heads using it)."""
+    def groups(self) -> list[tuple[int, slice, list[int]]]:
+        """(list class, batch rows, query heads) served by each class of lists."""
         H = self.bound.heads
+        if self.selection is not None:
+            return [(b * H + h, slice(b, b + 1), [h]) for b in range(self.batch) for h in range(H)]
         if self.schedule.heads_stored == 1:
-            return [(0, list(range(H)))]
-        return [(h, [h]) for h in range(H)]
+            return [(0, slice(None), list(range(H)))]
+        return [(h, slice(None), [h]) for h in range(H)]
 
 
 def _env(plan: Plan, heads: list[int], q_tok: torch.Tensor, k_tok: torch.Tensor) -> dict:
@@ -118,8 +125,8 @@ class _Block:
     ``transposed`` means the rows are keys (the dK/dV pass)."""
 
     def __init__(self, plan: Plan, heads: list[int], own: torch.Tensor, lists: list[tuple[torch.Tensor, bool]],
-                 transposed: bool, inputs: dict, batched: set[str]):
-        self.plan, self.heads, self.inputs, self.batched = plan, heads, inputs, batched
+                 transposed: bool, inputs: dict, batched: set[str], bsel: slice = slice(None)):
+        self.plan, self.heads, self.inputs, self.batched, self.bsel = plan, heads, inputs, batched, bsel
         own_tok = plan.k_tokens if transposed else plan.q_tokens
         other_tok = plan.q_tokens if transposed else plan.k_tokens
         self.row_index = own_tok.index[own]  # [C, R]
@@ -154,6 +161,14 @@ class _Block:
         ps = self.partial_start
         if ps < self.valid.shape[-1]:
             m = E.as_tensor(self._evaluate(self.plan.mask, self.inputs, slice(ps, None)), torch.bool)
+            if self.plan.selection is not None:  # routing: the query's selected blocks only
+                q_tok, k_tok = self.q_tok[0, 0], self.k_tok[0, 0]
+                if self.transposed:
+                    q_tok = q_tok[..., ps:]
+                else:
+                    k_tok = k_tok[..., ps:]
+                sel = self.plan.selection[self.bsel][:, self.heads]
+                m = m & sel[:, :, q_tok, self.plan.key_block[k_tok]]
             if m.dim() == 5 and m.shape[0] > 1:  # batched inputs
                 allowed = allowed.expand(m.shape[0], *allowed.shape[1:]).clone()
             allowed[..., ps:] &= m
@@ -221,6 +236,17 @@ def _prepare_extra(plan: Plan, inputs: dict[str, torch.Tensor], dtype) -> dict:
     return extra
 
 
+def _batch_rows(extra: dict, batched: set[str], bsel: slice, B: int) -> dict:
+    """The call-time inputs (and derived tensors) seen by the batch rows ``bsel``."""
+    if bsel == slice(None):
+        return extra
+    out = {}
+    for name, t in extra.items():
+        sliced = name in batched or (name.startswith("__") and t.shape[0] == B)
+        out[name] = t[bsel] if sliced else t
+    return out
+
+
 def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32/fp64)."""
     B, Hq, Nq, _ = q.shape
@@ -232,24 +258,26 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     Dv = v.shape[-1]
     out_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt)
     lse_t = torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
-    for cls, heads in plan.head_groups():
+    for cls, bsel, heads in plan.groups():
         kv_heads = [h // group for h in heads]
-        qh, kh, vh = _heads(qd, heads), _heads(kd, kv_heads), _heads(vd, kv_heads)
+        qh, kh, vh = _heads(qd[bsel], heads), _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
+        ex = _batch_rows(extra, batched, bsel, B)
+        rows = qh.shape[0]
         width = plan.schedule.full_index.shape[-1] + plan.schedule.partial_index.shape[-1]
-        per = B * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
+        per = rows * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
         for own in _chunks(nQ, per):
             lists = _trim(_lists(plan.schedule, cls, own, False))
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            blk = _Block(plan, heads, own, lists, False, extra, batched)
+            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel)
             s = scale * (qh[:, :, blk.row_index] @ kh[:, :, blk.col_index].transpose(-1, -2))
-            s = blk.terms(s, extra)
+            s = blk.terms(s, ex)
             allowed = blk.allowed()
             s = s.masked_fill(~allowed, -math.inf)
             p, lse = _softmax(s)
             o = p @ vh[:, :, blk.col_index]
-            out_t[:, heads, own[0]:own[-1] + 1] = o.expand(B, len(heads), *o.shape[-3:])
-            lse_t[:, heads, own[0]:own[-1] + 1] = lse.expand(B, len(heads), *lse.shape[-2:])
+            out_t[bsel, heads, own[0]:own[-1] + 1] = o.expand(rows, len(heads), *o.shape[-3:])
+            lse_t[bsel, heads, own[0]:own[-1] + 1] = lse.expand(rows, len(heads), *lse.shape[-2:])
     out = plan.q_tokens.scatter(out_t, Nq)
     lse = plan.q_tokens.scatter(lse_t, Nq)
     return out.to(q.dtype), lse
@@ -300,50 +328,58 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
     dv_t = torch.zeros(B, Hkv, nK, Tk, v.shape[-1], dtype=dt)
     d_inputs: dict[str, torch.Tensor] = {}
     sched = plan.schedule
-    for cls, heads in plan.head_groups():
+    for cls, bsel, heads in plan.groups():
         kv_heads = [h // group for h in heads]
         kvh = torch.tensor(kv_heads)
+        qh, dh = _heads(qd[bsel], heads), _heads(dod[bsel], heads)
+        kh, vh = _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
+        lse_h, delta_h = _heads(safe_lse[bsel], heads), _heads(delta[bsel], heads)
+        ex, inp = _batch_rows(extra, batched, bsel, B), _batch_rows(inputs, batched, bsel, B)
+        nrows = qh.shape[0]
         # dQ and score inputs: rows are Q tiles, over their KV lists
         width = sched.full_index.shape[-1] + sched.partial_index.shape[-1]
-        for own in _chunks(nQ, B * len(heads) * Tq * max(1, width) * Tk):
+        for own in _chunks(nQ, nrows * len(heads) * Tq * max(1, width) * Tk):
             lists = _trim(_lists(sched, cls, own, False))
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            blk = _Block(plan, heads, own, lists, False, extra, batched)
+            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel)
             rows, cols = blk.row_index, blk.col_index
-            qc, kc, vc = qd[:, heads][:, :, rows], kd[:, kv_heads][:, :, cols], vd[:, kv_heads][:, :, cols]
+            qc, kc, vc = qh[:, :, rows], kh[:, :, cols], vh[:, :, cols]
             s_raw = scale * (qc @ kc.transpose(-1, -2))
-            s = blk.terms(s_raw, extra)
+            s = blk.terms(s_raw, ex)
             allowed = blk.allowed()
-            p = torch.where(allowed, torch.exp(s - safe_lse[:, heads][:, :, rows][..., None]), torch.zeros((), dtype=dt))
-            dp = dod[:, heads][:, :, rows] @ vc.transpose(-1, -2)
-            ds = p * (dp - delta[:, heads][:, :, rows][..., None])
-            ds_raw, d_in = _terms_grad(blk, s_raw, ds, plan, inputs, batched, wrt, dt)
+            p = torch.where(allowed, torch.exp(s - lse_h[:, :, rows][..., None]), torch.zeros((), dtype=dt))
+            dp = dh[:, :, rows] @ vc.transpose(-1, -2)
+            ds = p * (dp - delta_h[:, :, rows][..., None])
+            ds_raw, d_in = _terms_grad(blk, s_raw, ds, plan, inp, batched, wrt, dt)
             for name, g in d_in.items():
+                if name in batched and bsel != slice(None):
+                    whole = torch.zeros(inputs[name].shape, dtype=g.dtype)
+                    whole[bsel] = g
+                    g = whole
                 d_inputs[name] = d_inputs[name] + g if name in d_inputs else g
-            dq_t[:, heads, own[0]:own[-1] + 1] = scale * (ds_raw @ kc)
+            dq_t[bsel, heads, own[0]:own[-1] + 1] = scale * (ds_raw @ kc)
         # dK and dV: rows are KV tiles, over the transposed lists
         width = sched.t_full_index.shape[-1] + sched.t_partial_index.shape[-1]
-        for own in _chunks(nK, B * len(heads) * Tk * max(1, width) * Tq):
+        for own in _chunks(nK, nrows * len(heads) * Tk * max(1, width) * Tq):
             lists = _trim(_lists(sched, cls, own, True))
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            blk = _Block(plan, heads, own, lists, True, extra, batched)
+            blk = _Block(plan, heads, own, lists, True, ex, batched, bsel)
             rows, cols = blk.row_index, blk.col_index
-            kc, vc = kd[:, kv_heads][:, :, rows], vd[:, kv_heads][:, :, rows]
-            qc, doc = qd[:, heads][:, :, cols], dod[:, heads][:, :, cols]
+            kc, vc = kh[:, :, rows], vh[:, :, rows]
+            qc, doc = qh[:, :, cols], dh[:, :, cols]
             s_raw = scale * (kc @ qc.transpose(-1, -2))  # [B, Hs, C, Tk, Kq]
-            s = blk.terms(s_raw, extra)
+            s = blk.terms(s_raw, ex)
             allowed = blk.allowed()
-            p = torch.where(allowed, torch.exp(s - safe_lse[:, heads][:, :, cols][..., None, :]),
-                            torch.zeros((), dtype=dt))
+            p = torch.where(allowed, torch.exp(s - lse_h[:, :, cols][..., None, :]), torch.zeros((), dtype=dt))
             dv = p @ doc
             dp = vc @ doc.transpose(-1, -2)
-            ds = p * (dp - delta[:, heads][:, :, cols][..., None, :])
-            ds_raw, _ = _terms_grad(blk, s_raw, ds, plan, inputs, batched, [], dt)
+            ds = p * (dp - delta_h[:, :, cols][..., None, :])
+            ds_raw, _ = _terms_grad(blk, s_raw, ds, plan, inp, batched, [], dt)
             dk = scale * (ds_raw @ qc)
-            dk_t[:, :, own[0]:own[-1] + 1].index_add_(1, kvh, dk.expand(B, *dk.shape[1:]))
-            dv_t[:, :, own[0]:own[-1] + 1].index_add_(1, kvh, dv.expand(B, *dv.shape[1:]))
+            dk_t[bsel, :, own[0]:own[-1] + 1].index_add_(1, kvh, dk.expand(nrows, *dk.shape[1:]))
+            dv_t[bsel, :, own[0]:own[-1] + 1].index_add_(1, kvh, dv.expand(nrows, *dv.shape[1:]))
     dq = plan.q_tokens.scatter(dq_t, Nq).to(q.dtype)
     dk = plan.k_tokens.scatter(dk_t, Nk).to(k.dtype)
     dv = plan.k_tokens.scatter(dv_t, Nk).to(v.dtype)
