@@ -162,7 +162,7 @@ class Attention(torch.nn.Module):
                             hint=err.hint) from None
         self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
-        if self._runner is not None and pat.route is None:
+        if self._runner is not None:
             out, lse = self._runner(bound, q, k, v, inputs, float(scale))
         else:
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))

@@ -11,7 +11,7 @@ from ..compiler import ir
 from ..compiler import symbols as S
 from ..compiler.search import tile_shapes
 from ..compiler.tiles import check_tile, classify_tiles, layout_extents
-from . import executor
+from . import executor, routing
 
 #: Tile token counts tried for the CPU executor.
 CPU_TILE_TOKENS = (32, 64, 128)
@@ -28,7 +28,12 @@ def _cpu_cost(sched) -> float:
 
 
 def mask_uses_inputs(pat: ir.PatternIR) -> bool:
-    return any(S.input_name(f.func) for f in pat.mask.atoms(sympy.Function))
+    return bool(mask_input_names(pat))
+
+
+def mask_input_names(pat: ir.PatternIR) -> set[str]:
+    """The call-time inputs the mask reads."""
+    return {name for f in pat.mask.atoms(sympy.Function) if (name := S.input_name(f.func))}
 
 
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -55,6 +60,9 @@ class CpuRunner:
         self.q_tile, self.kv_tile = q_tile, kv_tile
         self.plans: dict = {}
         self.last: executor.Plan | None = None
+        #: data-dependent masks: the latest plan with the inputs it was built for
+        #: (a later call, or the backward, with equal inputs reuses it)
+        self._dynamic_last: tuple | None = None
 
     def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan:
         pat = self.pattern
@@ -63,6 +71,14 @@ class CpuRunner:
         if not dynamic and key in self.plans:
             self.last = self.plans[key]
             return self.last
+        used = {n: t for n, t in inputs.items() if n in mask_input_names(pat)} if dynamic else {}
+        if dynamic and self._dynamic_last is not None and self._dynamic_last[0] == key:
+            seen = self._dynamic_last[1]
+            if seen.keys() == used.keys() and all(
+                    seen[n].shape == t.shape and seen[n].dtype == t.dtype and torch.equal(seen[n], t)
+                    for n, t in used.items()):
+                self.last = self._dynamic_last[2]
+                return self.last
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         if self.q_tile is not None or self.kv_tile is not None:
@@ -75,6 +91,8 @@ class CpuRunner:
         plan = executor.Plan.build(pat, bound, classify_tiles(pat, bound, q_tile, kv_tile, inputs))
         self.plans[key] = plan
         self.last = plan
+        if dynamic:
+            self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
@@ -82,6 +100,8 @@ class CpuRunner:
         plan = self.plan(bound, tensors)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
         names = tuple(tensors)
+        if self.pattern.route is not None:  # data-dependent lists, rebuilt per call
+            plan = routing.route_plan(plan, q, k, tensors, set(batched))
         return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
 
 

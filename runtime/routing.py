@@ -45,6 +45,54 @@ def block_sizes(route: ir.Route, bound: E.Bound) -> tuple[int, ...]:
     return tuple(int(b.subs(bound.subs)) for b in route.block)
 
 
+def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
+                 nblocks: int) -> torch.Tensor:
+    """Routing scores ``[B, Hq, Nq, nblocks]``: q . mean(k_block) per query token, or
+    mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``."""
+    route = pat.route
+    B, Hq, Nq, _ = q.shape
+    Hkv = k.shape[1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
+    k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
+    k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
+    if route.score == "token":
+        score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
+    else:
+        q_block, _ = block_ids(pat.queries, block_sizes(route, bound), bound, Nq)
+        q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
+        q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
+        score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
+    if route.shared:
+        score = score.mean(dim=1, keepdim=True).expand(B, Hq, Nq, nblocks)
+    return score
+
+
+def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: int, key_block: torch.Tensor,
+                nblocks: int) -> torch.Tensor | None:
+    """``keep`` per (query, block), with k bound to the block's first key: ``[B | 1, Hq, Nq, nblocks]``."""
+    if pat.route.keep is None:
+        return None
+    first_key = torch.full((nblocks,), len(key_block), dtype=torch.int64).scatter_reduce(
+        0, key_block, torch.arange(len(key_block)), reduce="amin")
+    keep_pat = ir.PatternIR(pat.name, pat.queries, pat.keys, pat.route.keep, None, None, None, None,
+                            pat.inputs, pat.params)
+    return E.mask_tensor(keep_pat, bound, inputs, batch=batch, k_index=first_key)
+
+
+def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None, topk: int) -> torch.Tensor:
+    """The selection rule: never a block with no allowed key; ``keep`` blocks always
+    (counted in K); the rest by highest score, ties to the lower block index."""
+    nblocks = score.shape[-1]
+    forced = allowed & torch.broadcast_to(keep, allowed.shape) if keep is not None else torch.zeros_like(allowed)
+    candidates = allowed & ~forced
+    remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
+    ranked = torch.where(candidates, score, torch.full_like(score, -torch.inf))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks).expand_as(order).contiguous())
+    return forced | (candidates & (rank < remaining))
+
+
 def select_blocks(
     pat: ir.PatternIR,
     bound: E.Bound,
@@ -53,48 +101,94 @@ def select_blocks(
     mask: torch.Tensor,
     inputs: dict | None,
 ) -> torch.Tensor:
-    """The token mask restricted to the selected blocks: bool ``[B, Hq, Nq, Nk]``.
+    """The token mask restricted to the selected blocks: bool ``[B, Hq, Nq, Nk]`` (dense: the reference).
 
     ``q`` is ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``; ``mask`` the pattern's
     mask broadcastable to ``[B, Hq, Nq, Nk]``. The selection is not differentiated.
     """
-    route = pat.route
     B, Hq, Nq, _ = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    topk = int(route.topk.subs(bound.subs))
-    sizes = block_sizes(route, bound)
-    key_block, nblocks = block_ids(pat.keys, sizes, bound, Nk)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    Nk = k.shape[2]
+    key_block, nblocks = block_ids(pat.keys, block_sizes(pat.route, bound), bound, Nk)
     with torch.no_grad():
-        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
-        counts = onehot.sum(0)
-        k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / counts[:, None]  # [B, Hkv, nb, D]
-        k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
-        if route.score == "token":
-            score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
-        else:
-            q_block, _ = block_ids(pat.queries, sizes, bound, Nq)
-            q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
-            q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
-            block_score = q_mean @ k_mean.transpose(-1, -2)  # [B, Hq, nb, nb]
-            score = block_score[:, :, q_block, :]
-        if route.shared:
-            score = score.mean(dim=1, keepdim=True).expand(B, Hq, Nq, nblocks)
+        score = block_scores(pat, bound, q, k, key_block, nblocks)
         full_mask = torch.broadcast_to(mask, (B, Hq, Nq, Nk))
-        allowed = (full_mask.to(dtype) @ onehot) > 0  # [B, Hq, Nq, nb]
-        if route.keep is not None:
-            first_key = torch.full((nblocks,), Nk, dtype=torch.int64).scatter_reduce(
-                0, key_block, torch.arange(Nk), reduce="amin")
-            keep_pat = ir.PatternIR(pat.name, pat.queries, pat.keys, route.keep, None, None, None, None,
-                                    pat.inputs, pat.params)
-            keep = E.mask_tensor(keep_pat, bound, inputs, batch=B, k_index=first_key)
-            forced = allowed & torch.broadcast_to(keep, allowed.shape)
-        else:
-            forced = torch.zeros_like(allowed)
-        candidates = allowed & ~forced
-        remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
-        ranked = torch.where(candidates, score, torch.full_like(score, -torch.inf))
-        order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks).expand_as(order).contiguous())
-        selected = forced | (candidates & (rank < remaining))
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(score.dtype)
+        allowed = (full_mask.to(score.dtype) @ onehot) > 0  # [B, Hq, Nq, nb]
+        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
+        selected = choose(score, allowed, keep, int(pat.route.topk.subs(bound.subs)))
         return full_mask & selected[..., key_block]
+
+
+def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
+    """Whether the mask allows some key of each block, per query: bool ``[B, Hq, Nq, nblocks]``,
+    computed over the static schedule's tiles only (chunked, never N x N)."""
+    from . import executor as X
+
+    Hq, Nq = plan.bound.heads, plan.bound.n
+    nQ, Tq = plan.q_tokens.index.shape
+    out_t = torch.zeros(B, Hq, nQ, Tq, nblocks, dtype=torch.bool)
+    sched = plan.schedule
+    for cls, bsel, heads in plan.groups():
+        width = sched.full_index.shape[-1] + sched.partial_index.shape[-1]
+        per = B * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1] * 2
+        for own in X._chunks(nQ, per):
+            lists = X._trim(X._lists(sched, cls, own, False))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            blk = X._Block(plan, heads, own, lists, False, inputs, batched, bsel)
+            allowed = blk.allowed()  # [B | 1, Hs, C, R, K]
+            kb = key_block[blk.col_index]  # [C, K]
+            hit = torch.zeros(*allowed.shape[:-1], nblocks, dtype=torch.int8)
+            hit.scatter_reduce_(-1, kb[:, None, :].expand(allowed.shape[-3:]).expand(allowed.shape).contiguous(),
+                                allowed.to(torch.int8), reduce="amax")
+            out_t[bsel, heads, own[0]:own[-1] + 1] |= hit.bool().expand(out_t[bsel, heads, own[0]:own[-1] + 1].shape)
+    out = torch.zeros(B, Hq, Nq, nblocks, dtype=torch.bool)
+    valid = plan.q_tokens.valid
+    out[:, :, plan.q_tokens.index[valid]] = out_t[:, :, valid]
+    return out
+
+
+def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: set[str]):
+    """The executor plan of one call of a routing pattern: lists per (batch, head) holding
+    the KV tiles of blocks some query of the Q tile selected (FULL only where the mask
+    tile is FULL and every query of the tile selected every block the KV tile touches),
+    and the per-query selection applied on PARTIAL tiles."""
+    from ..compiler.schedule import TileSchedule
+
+    pat, bound = plan.pattern, plan.bound
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    key_block, nblocks = block_ids(pat.keys, block_sizes(pat.route, bound), bound, Nk)
+    with torch.no_grad():
+        score = block_scores(pat, bound, q, k, key_block, nblocks)
+        allowed = allowed_blocks(plan, key_block, nblocks, inputs, batched, B)
+        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
+        selected = choose(score, allowed, keep, int(pat.route.topk.subs(bound.subs)))  # [B, Hq, Nq, nb]
+        # per Q tile: blocks selected by any / by every query of the tile
+        qi_tok, q_valid = plan.q_tokens.index, plan.q_tokens.valid
+        per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
+        any_sel = (per_tile & q_valid[..., None]).any(-2)
+        all_sel = (per_tile | ~q_valid[..., None]).all(-2)
+        # blocks each KV tile touches
+        kv_blocks = torch.zeros(plan.k_tokens.index.shape[0], nblocks, dtype=torch.bool)
+        kv_blocks.scatter_(1, key_block[plan.k_tokens.index], plan.k_tokens.valid)
+        hs, qi, ki, full = plan.schedule.pairs()
+        heads, qs, ks, fulls = [], [], [], []
+        stored = plan.schedule.heads_stored
+        for b in range(B):
+            for h in range(Hq):
+                sel = hs == (h if stored > 1 else 0)
+                pq, pk, pf = qi[sel], ki[sel], full[sel]
+                touch = kv_blocks[pk]
+                visit = (any_sel[b, h, pq] & touch).any(-1)
+                is_full = pf & ~(touch & ~all_sel[b, h, pq]).any(-1)
+                heads.append(torch.full((int(visit.sum()),), b * Hq + h, dtype=torch.int64))
+                qs.append(pq[visit])
+                ks.append(pk[visit])
+                fulls.append(is_full[visit])
+        s = plan.schedule
+        sched = TileSchedule.from_pairs(s.q_extents, s.kv_extents, s.q_tile, s.kv_tile, Hq, B * Hq,
+                                        torch.cat(heads), torch.cat(qs), torch.cat(ks), torch.cat(fulls),
+                                        torch.zeros(B * Hq, dtype=torch.float64), exact=False, density_exact=False)
+    return type(plan)(pat, bound, sched, plan.q_tokens, plan.k_tokens, plan.mask, plan.bias, plan.softcap,
+                      selection=selected, key_block=key_block, batch=B)
