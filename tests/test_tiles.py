@@ -1,0 +1,389 @@
+"""Tile classification (``classify_tiles``) against brute force and a dense mask.
+
+References written here, not taken from attnc's classification code:
+
+* ``tile_pair_counts``: allowed token pairs per (head, Q tile, KV tile) summed
+  from the dense mask of ``attnc.materialize_mask`` with a tile index computed
+  from grid coordinates (row-major tokens, row-major tiles, edge tiles smaller);
+* ``natten_axis_ranges``: NATTEN's published per-axis window rule
+  (PATTERNS.md) as a closed-form [first, last] key range per query, used to
+  build the tile-pair counts of 1-D/2-D/3-D neighborhood attention at the
+  published sizes as an outer product over axes (a NATTEN mask is a
+  conjunction of per-axis windows, so per-tile counts multiply).
+
+Checked: FULL pairs have no masked token pair, EMPTY pairs no allowed one
+(always); classes equal brute force (``classify_tiles_dense``) when the
+schedule says ``exact``; allowed pairs / density equal the dense mask's when
+``density_exact``; the transposed (backward) lists hold exactly the forward
+pairs; full/partial/empty counts are over heads x Q tiles x KV tiles.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.compiler import evaluate as E
+from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.spec.library import stdlib_index
+
+AXES = (("t", "frames"), ("y", "height"), ("x", "width"))
+
+
+# ----------------------------------------------------------------- independent references
+def token_tiles(extents: tuple[int, ...], tile: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Flat tile index of every token (row-major tokens and tiles), tokens per tile, number of tiles."""
+    idx = torch.zeros(1, dtype=torch.int64)
+    n_tiles = 1
+    for L, t in zip(extents, tile, strict=True):
+        g = -(-L // t)
+        per = torch.arange(L) // t
+        idx = (idx[:, None] * g + per[None, :]).reshape(-1)
+        n_tiles *= g
+    size = torch.bincount(idx, minlength=n_tiles)
+    return idx, size, n_tiles
+
+
+def tile_pair_counts(mask: torch.Tensor, q_ext, kv_ext, q_tile, kv_tile) -> tuple[torch.Tensor, torch.Tensor]:
+    """(allowed pairs ``[H, nq, nk]``, tokens in the pair ``[nq, nk]``), float64 exact integers."""
+    qi, qs, nq = token_tiles(q_ext, q_tile)
+    ki, ks, nk = token_tiles(kv_ext, kv_tile)
+    q1 = torch.nn.functional.one_hot(qi, nq).to(torch.float64)
+    k1 = torch.nn.functional.one_hot(ki, nk).to(torch.float64)
+    counts = q1.T @ mask.to(torch.float64) @ k1
+    return counts, (qs[:, None] * ks[None, :]).to(torch.float64)
+
+
+def expected_classes(counts: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    return torch.where(counts == 0, 0, torch.where(counts == area, 2, 1)).to(torch.int8)
+
+
+def per_head(classes: torch.Tensor, heads: int) -> torch.Tensor:
+    return classes.expand(heads, -1, -1) if classes.shape[0] == 1 else classes
+
+
+def list_pairs(count: torch.Tensor, index: torch.Tensor) -> set[tuple[int, int, int]]:
+    """The pairs of a padded CSR list; also checks the padding and ordering invariants."""
+    out = set()
+    H, rows = count.shape
+    for h in range(H):
+        for r in range(rows):
+            c = int(count[h, r])
+            row = index[h, r].tolist()
+            assert all(x == -1 for x in row[c:]), (h, r, row, c)
+            members = row[:c]
+            assert all(x >= 0 for x in members)
+            assert members == sorted(set(members)), members  # sorted, no duplicates
+            out.update((h, r, m) for m in members)
+    return out
+
+
+def check_schedule(sched, mask: torch.Tensor, q_ext, kv_ext, q_tile, kv_tile, heads: int, dense=None) -> None:
+    """Every invariant of a schedule against the dense mask ``[heads, Nq, Nk]``."""
+    counts, area = tile_pair_counts(mask, q_ext, kv_ext, q_tile, kv_tile)
+    want = expected_classes(counts, area)
+    got = sched.classes()
+    assert got.shape[0] in (1, heads)
+    got_h = per_head(got, heads)
+    assert got_h.shape == want.shape
+    # soundness, always
+    assert bool((counts[got_h == 2] == area.expand_as(counts)[got_h == 2]).all()), "FULL pair with a masked token pair"
+    assert bool((counts[got_h == 0] == 0).all()), "EMPTY pair with an allowed token pair"
+    assert int(counts[got_h == 0].sum()) == 0 and float(counts.sum()) == float(counts[got_h != 0].sum())
+    if sched.exact:
+        assert torch.equal(got_h, want)
+    if dense is not None:
+        assert torch.equal(per_head(dense.classes(), heads), want)  # the brute force itself
+        if sched.exact:
+            assert torch.equal(got_h, per_head(dense.classes(), heads))
+    # counts over heads x Q tiles x KV tiles
+    nq, nk = area.shape
+    assert (sched.num_q_tiles, sched.num_kv_tiles) == (nq, nk)
+    assert sched.full == int((got_h == 2).sum())
+    assert sched.partial == int((got_h == 1).sum())
+    assert sched.empty == int((got_h == 0).sum())
+    assert sched.full + sched.partial + sched.empty == heads * nq * nk
+    if sched.exact:
+        assert (sched.full, sched.partial, sched.empty) == tuple(int((want == c).sum()) for c in (2, 1, 0))
+    # allowed pairs and density
+    if sched.density_exact:
+        per = mask.reshape(heads, -1).sum(1).to(torch.float64)
+        stored = sched.allowed_pairs.to(torch.float64)
+        assert torch.equal(stored.expand(heads) if stored.numel() == 1 else stored, per)
+        assert sched.density == pytest.approx(float(mask.to(torch.float64).mean()), rel=1e-12, abs=0)
+    # forward and transposed lists hold the same pairs
+    for fwd, bwd in (((sched.full_count, sched.full_index), (sched.t_full_count, sched.t_full_index)),
+                     ((sched.partial_count, sched.partial_index), (sched.t_partial_count, sched.t_partial_index))):
+        f = list_pairs(*fwd)
+        b = {(h, q, k) for (h, k, q) in list_pairs(*bwd)}
+        assert f == b
+    full = {(h, q, k) for h, q, k in zip(*torch.nonzero(got == 2, as_tuple=True), strict=True)}
+    assert len(full) == len(list_pairs(sched.full_count, sched.full_index))
+
+
+# ----------------------------------------------------------------- random patterns
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(0, 3))  # 0: tokens seq
+    if ndim == 0:
+        extents = (draw(st.integers(1, 48)),)
+        axes = [("", "n")]
+        layout = "tokens seq"
+    else:
+        hi = {1: 40, 2: 10, 3: 5}[ndim]
+        extents = tuple(draw(st.integers(1, hi)) for _ in range(ndim))
+        axes = list(AXES[3 - ndim:])
+        layout = "tokens grid(" + ", ".join(f"{a}: {s}" for a, s in axes) + ")"
+    N = math.prod(extents)
+    heads = draw(st.integers(1, 3))
+    uses_doc = [False]
+
+    def coords():
+        """(query expr, key expr, extent) of an axis or of the flat index."""
+        choices = [("q", "k", N)]
+        if ndim:
+            choices += [(f"q.{a}", f"k.{a}", L) for (a, _), L in zip(axes, extents, strict=True)]
+        return draw(st.sampled_from(choices))
+
+    def leaf() -> str:
+        kind = draw(st.integers(0, 13))
+        qa, ka, L = coords()
+        c = draw(st.integers(-2, max(2, L)))
+        b = draw(st.integers(1, 6))
+        m = draw(st.integers(1, 5))
+        if kind == 0:  # NATTEN window
+            i = draw(st.integers(0, len(extents) - 1))
+            La = extents[i]
+            w = draw(st.integers(1, La))
+            d = draw(st.integers(1, La // w))
+            s = draw(st.integers(1, w))
+            causal = draw(st.booleans())
+            ax = "" if ndim == 0 else f"{axes[i][0]}, "
+            return f"window({ax}{w}, dilation = {d}, stride = {s}, causal = {str(causal).lower()})"
+        if kind == 1:
+            return f"{qa} - {ka} < {c}"
+        if kind == 2:
+            return draw(st.sampled_from([f"{ka} <= {qa}", "causal", f"{ka} > {qa}"]))
+        if kind == 3:
+            return f"{qa} // {b} - {ka} // {b} < {draw(st.integers(0, 4))}"
+        if kind == 4:
+            return f"{qa} // {b} == {ka} // {b}"
+        if kind == 5:
+            return draw(st.sampled_from([f"{qa} % {m} == {ka} % {m}", f"({qa} - {ka}) % {m} == 0",
+                                         f"{ka} % {m} == {draw(st.integers(0, m - 1))}"]))
+        if kind == 6:
+            return draw(st.sampled_from([f"is_pow2({qa} // {b} - {ka} // {b})", f"is_pow2({qa} - {ka})"]))
+        if kind == 7:
+            return f"abs({qa} - {ka}) <= {c}"
+        if kind == 8:
+            return f"{qa} - {ka} < {draw(st.integers(0, 3))} * (h + 1)"
+        if kind == 9:
+            return f"({ka} // {b} + h) % {m} == 0"
+        if kind == 10:
+            uses_doc[0] = True
+            return draw(st.sampled_from(["doc[q] == doc[k]", "doc[q] >= doc[k]", "doc[k] != 0"]))
+        if kind == 11:
+            return draw(st.sampled_from([f"{ka} < {c}", f"{qa} >= {c}"]))
+        if kind == 12:
+            return draw(st.sampled_from(["true", "false"]))
+        return f"{qa} // {b} - {ka} // {b} == {draw(st.integers(-1, 2))}"
+
+    def expr(depth: int) -> str:
+        if depth == 0 or draw(st.integers(0, 2)) == 0:
+            return leaf()
+        op = draw(st.sampled_from(["and", "or", "not"]))
+        if op == "not":
+            return f"not ({expr(depth - 1)})"
+        return f"({expr(depth - 1)}) {op} ({expr(depth - 1)})"
+
+    mask = expr(2)
+    text = f"pattern p\n  {layout}\n"
+    if uses_doc[0]:
+        text += "  input doc: int[n]\n"
+    text += f"  mask {mask}\n"
+    inputs = None
+    if uses_doc[0]:
+        doc = torch.randint(0, draw(st.integers(1, 4)), (N,), generator=torch.Generator().manual_seed(draw(st.integers(0, 9999))))
+        if draw(st.booleans()):
+            doc = torch.sort(doc).values  # packed documents
+        inputs = {"doc": doc}
+    q_tile = tuple(draw(st.integers(1, L + 1)) for L in extents)
+    kv_tile = tuple(draw(st.integers(1, L + 1)) for L in extents)
+    sizes = {s: L for (_, s), L in zip(axes, extents, strict=True)} if ndim else None
+    return text, extents, sizes, heads, q_tile, kv_tile, inputs
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.booleans())
+def test_random_patterns_against_brute_force(case, refine):
+    """``refine=False``: no exact token-level refinement, so the interval reasoning alone must be sound."""
+    text, extents, sizes, heads, q_tile, kv_tile, inputs = case
+    pat = attnc.load(text)
+    n = extents[0] if sizes is None else None
+    bound = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes)
+    mask = attnc.materialize_mask(pat, n=n, heads=heads, sizes=sizes, inputs=inputs)
+    sched = classify_tiles(pat, bound, q_tile, kv_tile, inputs, **({} if refine else {"refine_budget": 0}))
+    dense = classify_tiles_dense(pat, bound, q_tile, kv_tile, inputs)
+    clamp = tuple(min(t, L) for t, L in zip(q_tile, extents, strict=True))
+    kclamp = tuple(min(t, L) for t, L in zip(kv_tile, extents, strict=True))
+    assert sched.q_tile == clamp and sched.kv_tile == kclamp
+    assert sched.num_heads == heads
+    check_schedule(sched, mask, extents, extents, clamp, kclamp, heads, dense)
+
+
+# ----------------------------------------------------------------- NATTEN's published figures
+def natten_axis_ranges(L: int, w: int, s: int = 1, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and last key of every query on one axis (dilation 1), PATTERNS.md's rule."""
+    i = torch.arange(L)
+    if causal:
+        leader = torch.clamp((i // s) * s + s - 1, max=L - 1)
+        return torch.clamp(leader - w + 1, min=0), i
+    leader = torch.clamp((i // s) * s + s // 2, max=L - 1)
+    wl, wr = w // 2, w // 2 + (w % 2) - 1
+    start = torch.clamp(leader - wl, min=0) + torch.where(leader + wr >= L, L - wr - leader - 1, 0)
+    return start, start + w - 1
+
+
+def natten_tile_counts(extents, windows, strides, q_tile, kv_tile) -> tuple[torch.Tensor, torch.Tensor]:
+    """Allowed pairs and tokens per (Q tile, KV tile) of a NATTEN window on a grid, ``[nq, nk]`` float64."""
+    counts = torch.ones(1, 1, dtype=torch.float64)
+    area = torch.ones(1, 1, dtype=torch.float64)
+    for L, w, s, tq, tk in zip(extents, windows, strides, q_tile, kv_tile, strict=True):
+        first, last = natten_axis_ranges(L, w, s)
+        nkt = -(-L // tk)
+        lo = torch.arange(nkt) * tk
+        hi = torch.clamp(lo + tk, max=L) - 1
+        overlap = (torch.minimum(last[:, None], hi[None, :]) - torch.maximum(first[:, None], lo[None, :]) + 1).clamp(min=0)
+        qt = torch.arange(L) // tq
+        axis = torch.zeros(-(-L // tq), nkt, dtype=torch.float64).index_add_(0, qt, overlap.to(torch.float64))
+        qs = torch.bincount(qt).to(torch.float64)
+        ks = (hi - lo + 1).to(torch.float64)
+        counts = (counts[:, None, :, None] * axis[None, :, None, :]).reshape(counts.shape[0] * axis.shape[0], -1)
+        a = qs[:, None] * ks[None, :]
+        area = (area[:, None, :, None] * a[None, :, None, :]).reshape(counts.shape)
+    return counts, area
+
+
+def test_natten_reference_matches_dense_mask():
+    """The closed-form reference itself, against the dense mask at a small size."""
+    ext, win, stride, qt, kt = (5, 7, 9), (3, 5, 4), (2, 1, 3), (2, 3, 4), (3, 2, 4)
+    pat = attnc.load("stdlib:neighborhood_3d", kt=3, ky=5, kx=4, st=2, sy=1, sx=3)
+    mask = attnc.materialize_mask(pat, sizes=dict(zip(("frames", "height", "width"), ext, strict=True)))
+    counts, area = tile_pair_counts(mask, ext, ext, qt, kt)
+    ref_counts, ref_area = natten_tile_counts(ext, win, stride, qt, kt)
+    assert torch.equal(counts[0], ref_counts) and torch.equal(area, ref_area)
+
+
+NATTEN = [
+    # (stdlib name, sizes, params, extents, window, stride, q_tile, kv_tile, published bound)
+    ("neighborhood_1d", None, dict(kernel=2048), (32768,), (2048,), (1,), (128,), (128,), 16.0),
+    ("neighborhood_2d", {"height": 256, "width": 256}, dict(ky=80, kx=80), (256, 256), (80, 80), (1, 1),
+     (16, 8), (16, 8), 10.24),
+    ("neighborhood_3d", {"frames": 30, "height": 48, "width": 80}, dict(kt=18, ky=24, kx=24), (30, 48, 80),
+     (18, 24, 24), (1, 1, 1), (2, 8, 8), (2, 8, 8), 11.11),
+]
+
+
+@pytest.mark.parametrize("case", NATTEN, ids=["1d-32k", "2d-256", "3d-30x48x80"])
+def test_natten_published_flop_bounds(case):
+    name, sizes, params, ext, win, stride, qt, kt, published = case
+    pat = attnc.load(f"stdlib:{name}", **params)
+    bound = E.bind_sizes(pat, n=ext[0] if sizes is None else None, heads=2, sizes=sizes)
+    sched = classify_tiles(pat, bound, qt, kt)
+    assert sched.density_exact
+    assert float(sched.allowed_pairs.sum()) * (2 if sched.heads_stored == 1 else 1) == 2 * math.prod(ext) * math.prod(win)
+    assert round(1 / sched.density, 2) == published
+    counts, area = natten_tile_counts(ext, win, stride, qt, kt)
+    want = expected_classes(counts, area)
+    got = per_head(sched.classes(), 2)
+    assert bool((counts[got[0] == 2] == area[got[0] == 2]).all()) and bool((counts[got[0] == 0] == 0).all())
+    if sched.exact:
+        assert torch.equal(got[0], want) and torch.equal(got[1], want)
+    assert sched.partial > 0  # unstrided windows do not align with tiles
+
+
+@pytest.mark.parametrize("stride,block_sparse", [((16, 8, 8), True), ((1, 1, 1), False)])
+def test_natten_strided_3d_is_fully_block_sparse(stride, block_sparse):
+    ext, win, tile = (30, 48, 80), (18, 24, 24), (2, 8, 8)
+    pat = attnc.load("stdlib:neighborhood_3d", kt=18, ky=24, kx=24, st=stride[0], sy=stride[1], sx=stride[2])
+    bound = E.bind_sizes(pat, sizes={"frames": 30, "height": 48, "width": 80})
+    sched = classify_tiles(pat, bound, tile, tile)
+    counts, area = natten_tile_counts(ext, win, stride, tile, tile)
+    want = expected_classes(counts, area)
+    assert (int((want == 1).sum()) == 0) == block_sparse  # the reference agrees with NATTEN's claim
+    got = sched.classes()[0]
+    assert bool((counts[got == 2] == area[got == 2]).all()) and bool((counts[got == 0] == 0).all())
+    assert (sched.partial == 0) == block_sparse
+    if block_sparse:
+        assert torch.equal(got, want)
+        assert sched.full == int((want == 2).sum()) > 0
+    assert sched.density_exact and float(sched.allowed_pairs[0]) == float(counts.sum())
+
+
+# ----------------------------------------------------------------- the stdlib at small sizes
+def _docs(n, seed):
+    return torch.sort(torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed))).values
+
+
+STDLIB = {
+    # name: (params, n, sizes, heads, q_tile, kv_tile, inputs)
+    "a_shape": (dict(sinks=3, local=6), 45, None, 1, (8,), (5,), None),
+    "alibi": ({}, 30, None, 2, (7,), (4,), None),
+    "dilated": (dict(segment=12, dilation=3, is_causal=True), 50, None, 1, (8,), (6,), None),
+    "forgetting": ({}, 30, None, 2, (6,), (9,), {"g": -torch.rand(2, 30, generator=torch.Generator().manual_seed(3))}),
+    "logsparse": ({}, 64, None, 1, (8,), (8,), None),
+    "longnet": (dict(segment=12, dilation=3, is_causal=False), 40, None, 3, (5,), (8,), None),
+    "neighborhood_1d": (dict(kernel=7, dilation=2, stride=3), 37, None, 1, (6,), (5,), None),
+    "neighborhood_2d": (dict(ky=5, kx=3, dy=2, sx=2), None, {"height": 11, "width": 9}, 1, (4, 2), (3, 4), None),
+    "neighborhood_3d": (dict(kt=3, ky=3, kx=5, causal_t=True, sy=2), None, {"frames": 5, "height": 6, "width": 7}, 1,
+                        (2, 4, 4), (3, 2, 8), None),
+    "power": (dict(block=4, local=2), 96, None, 1, (8,), (8,), None),
+    "prefix_lm": (dict(prefix=7), 33, None, 1, (8,), (4,), None),
+    "radial": (dict(block=4), None, {"frames": 6, "per_frame": 16}, 1, (2, 8), (1, 16), None),
+    "s2": (dict(block=4, local=3, vert=3), 64, None, 2, (8,), (4,), None),
+    "sliding_tile": (dict(tile_t=2, tile_y=2, tile_x=3, wt=1, wy=3, wx=3), None, {"frames": 4, "height": 6, "width": 8},
+                     1, (2, 2, 3), (2, 4, 3), None),
+    "sliding_window": (dict(window=9), 70, None, 1, (16,), (8,), None),
+    "softcap": ({}, 30, None, 1, (8,), (8,), None),
+    "streaming": (dict(window=7, sinks=3), 50, None, 1, (16,), (8,), None),
+    # data-dependent masks, classified at call time from their inputs
+    "document": ({}, 40, None, 1, (8,), (8,), {"doc": _docs(40, 1)}),
+    "longformer": (dict(window=6), 40, None, 1, (8,), (8,),
+                   {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
+}
+#: Patterns whose mask is chosen at run time by routing, and recurrences: no static tile classification.
+NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "mamba2", "retention"}
+
+
+def test_stdlib_table_is_complete():
+    assert set(stdlib_index()) == set(STDLIB) | NOT_CLASSIFIED
+
+
+@pytest.mark.parametrize("name", sorted(STDLIB))
+def test_stdlib_pattern_classification(name):
+    params, n, sizes, heads, qt, kt, inputs = STDLIB[name]
+    pat = attnc.load(f"stdlib:{name}", **params)
+    bound = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes)
+    ext = (bound.n,) if sizes is None else tuple(sizes.values())
+    mask = attnc.materialize_mask(pat, n=n, heads=heads, sizes=sizes, inputs=inputs)
+    assert 0 < int(mask.sum()) < mask.numel()  # the sizes make a non-trivial mask
+    sched = classify_tiles(pat, bound, qt, kt, inputs)
+    dense = classify_tiles_dense(pat, bound, qt, kt, inputs)
+    check_schedule(sched, mask, ext, ext, qt, kt, heads, dense)
+    if inputs is None or name == "forgetting":  # static masks are small enough here to be classified exactly
+        assert sched.exact and sched.density_exact
+
+
+def test_static_mask_needs_no_unused_inputs():
+    """A schedule is built before the call: the FoX decay gates ``g`` are not read by the mask
+    (``causal``), so classifying it must not require them."""
+    pat = attnc.load("stdlib:forgetting")
+    bound = E.bind_sizes(pat, n=40, heads=2)
+    sched = classify_tiles(pat, bound, (8,), (8,))
+    mask = attnc.materialize_mask("stdlib:alibi", n=40, heads=2)  # the same mask: causal
+    check_schedule(sched, mask, (40,), (40,), (8,), (8,), 2)
