@@ -236,8 +236,44 @@ def cmd_sim(args) -> int:
                    batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
                    q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
                    inputs=_inputs(args.input) or None)
-    print(rep.to_json() if args.json else str(rep))
+    rf = _receptive_field(pat, rep, args, sizes) if args.layers is not None else None
+    if args.json:
+        import json
+
+        data = rep.to_dict()
+        if rf is not None:
+            data["receptive_field"] = rf
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        print(rep)
+        if rf is not None:
+            print(_format_receptive_field(rf))
     return 0
+
+
+def _receptive_field(pat, rep, args, sizes) -> dict:
+    """Which (query, earlier key) block pairs a query reaches within 1..L stacked layers."""
+    from .compiler import evaluate as E
+    from .compiler.receptive_field import receptive_field
+
+    if args.layers < 1:
+        raise SpecError(f"must be a positive int, got {args.layers}", where="argument --layers")
+    block = _tile_arg(args.rf_block, "--rf-block")
+    if block is None:
+        block = tuple(rep.to_dict()["tiles"]["q_tile"])
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None)
+    return receptive_field(pat, bound, block, args.layers, inputs=_inputs(args.input) or None,
+                           all_pairs=pat.queries.kind == "grid")  # sequences: (query, earlier key) pairs
+
+
+def _format_receptive_field(rf: dict) -> str:
+    lines = [f"receptive field ({rf['granularity']} granularity, block {tuple(rf['block'])}, {rf['blocks']} blocks,"
+             f" {rf['pairs']} pairs):"]
+    for layer, cov in zip(rf["layers"], rf["coverage"], strict=True):
+        lines.append(f"  {layer:3d} layer{'s' if layer != 1 else ' '}  {100 * cov:6.2f}% of pairs reached")
+    full = rf["layers_for_full"]
+    lines.append(f"  full coverage after {full} layers" if full is not None else "  full coverage is never reached")
+    return "\n".join(lines)
 
 
 def _load_args(args):
@@ -311,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
     p.add_argument("--name", help="which declaration of the file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--layers", type=int, metavar="L", help="also report the receptive field over 1..L stacked layers")
+    p.add_argument("--rf-block", metavar="A,B,..", help="block shape of the receptive field (default: the Q tile)")
     return parser
 
 
