@@ -239,14 +239,14 @@ def bit_length_tensor(x: torch.Tensor) -> torch.Tensor:
     return out + (y > 0).to(INT)
 
 
-def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
-    """Vectorised ``symbols.window_keys``: NATTEN's neighborhood along one axis."""
+def window_range(qa, L: int, size: int, dilation: int, stride: int, causal: bool):
+    """NATTEN's window of query coordinates ``qa`` (tensor) on an axis of length L:
+    (first key, last key) in axis coordinates; keys in between step by ``dilation``."""
     d, s = dilation, stride
-    qa, ka = as_tensor(qa), as_tensor(ka)
+    qa = as_tensor(qa)
     g = qa % d
-    same = g == ka % d
     Lg = (L - g + d - 1) // d
-    iq, ik = qa // d, ka // d
+    iq = qa // d
     if causal:
         leader = torch.minimum((iq // s) * s + s - 1, Lg - 1)
         lo, hi = (leader - size + 1).clamp(min=0), iq
@@ -255,7 +255,14 @@ def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal:
         wl, wr = size // 2, size // 2 + size % 2 - 1
         centre = torch.minimum(torch.maximum(leader, torch.full_like(leader, wl)), Lg - 1 - wr)
         lo, hi = centre - wl, centre + wr
-    return same & (ik >= lo) & (ik <= hi)
+    return lo * d + g, hi * d + g
+
+
+def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal: bool) -> torch.Tensor:
+    """Vectorised ``symbols.window_keys``: NATTEN's neighborhood along one axis."""
+    qa, ka = as_tensor(qa), as_tensor(ka)
+    first, last = window_range(qa, L, size, dilation, stride, causal)
+    return ((ka - qa) % dilation == 0) & (ka >= first) & (ka <= last)
 
 
 class Evaluator:
@@ -424,30 +431,30 @@ class Evaluator:
         return t[tuple(idx)]
 
 
-def position_env(pat: ir.PatternIR, bound: Bound, q_index=None, k_index=None, heads: int | None = None) -> dict:
-    """Symbol -> tensor for q, k, their coordinates, h and the sizes.
-
-    ``q_index``/``k_index`` restrict to given flat positions (1-D tensors);
-    by default every query and key."""
-    heads = bound.heads if heads is None else heads
-    if q_index is None:
-        q_index = torch.arange(bound.n)
-    if k_index is None:
-        k_index = torch.arange(bound.nk)
+def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
+    """Symbol values for given flat query and key tokens (tensors of any broadcastable
+    shapes): the sizes, ``h``, and ``q``/``k`` or their grid coordinates."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = torch.arange(heads).view(1, -1, 1, 1)
-    for role, layout, index, shape in (("q", pat.queries, q_index, (1, 1, -1, 1)),
-                                       ("k", pat.keys, k_index, (1, 1, 1, -1))):
-        index = index.to(INT).view(shape)
+    env[S.H] = head
+    for role, layout, flat in (("q", pat.queries, q_flat), ("k", pat.keys, k_flat)):
         if layout.kind == "seq":
-            env[S.Q if role == "q" else S.K] = index
+            env[S.Q if role == "q" else S.K] = flat
             continue
-        rest = index
+        rest = flat
         for axis, size in reversed(layout.axes):
             extent = int(size.subs(bound.subs))
             env[S.coord(role, axis)] = rest % extent
             rest = rest // extent
     return env
+
+
+def position_env(pat: ir.PatternIR, bound: Bound, q_index=None, k_index=None, heads: int | None = None) -> dict:
+    """Symbol -> tensor over ``[1, heads, Nq, Nk]``: every query and key, or the given flat positions."""
+    heads = bound.heads if heads is None else heads
+    q_index = torch.arange(bound.n) if q_index is None else q_index
+    k_index = torch.arange(bound.nk) if k_index is None else k_index
+    return token_env(pat, bound, q_index.to(INT).view(1, 1, -1, 1), k_index.to(INT).view(1, 1, 1, -1),
+                     torch.arange(heads).view(1, -1, 1, 1))
 
 
 def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,

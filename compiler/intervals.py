@@ -18,6 +18,7 @@ import torch
 
 from ..spec.errors import SpecError
 from . import symbols as S
+from .evaluate import window_range
 
 F = torch.float64
 INF = math.inf
@@ -62,21 +63,9 @@ class WindowBounds:
 
     def __init__(self, L: int, size: int, dilation: int, stride: int, causal: bool):
         self.L, self.size, self.d, self.causal = L, size, dilation, causal
-        i = torch.arange(L)
-        d, s = dilation, stride
-        g = i % d
-        Lg = (L - g + d - 1) // d
-        iq = i // d
-        if causal:
-            leader = torch.minimum((iq // s) * s + s - 1, Lg - 1)
-            lo, hi = (leader - size + 1).clamp(min=0), iq
-        else:
-            leader = torch.minimum((iq // s) * s + s // 2, Lg - 1)
-            wl, wr = size // 2, size // 2 + size % 2 - 1
-            centre = torch.minimum(torch.maximum(leader, torch.full_like(leader, wl)), Lg - 1 - wr)
-            lo, hi = centre - wl, centre + wr
-        self.lo_flat = (lo * d + g).to(F)  # first key of query i's window
-        self.hi_flat = (hi * d + g).to(F)  # last key
+        first, last = window_range(torch.arange(L), L, size, dilation, stride, causal)
+        self.lo_flat = first.to(F)  # first key of query i's window
+        self.hi_flat = last.to(F)  # last key
         # Range minimum of lo / maximum of hi over query intervals: both are
         # non-decreasing within a dilation group, so per group the extreme is
         # at the group's first / last member inside the interval.

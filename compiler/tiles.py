@@ -74,17 +74,7 @@ def _pair_evaluator(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_fl
     if batch is not None:
         raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
                         where="argument inputs")
-    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = head
-    for role, layout, flat in (("q", pat.queries, q_flat), ("k", pat.keys, k_flat)):
-        if layout.kind == "seq":
-            env[S.Q if role == "q" else S.K] = flat
-            continue
-        rest = flat
-        for axis, size in reversed(layout.axes):
-            extent = int(size.subs(bound.subs))
-            env[S.coord(role, axis)] = rest % extent
-            rest = rest // extent
+    env = E.token_env(pat, bound, q_flat, k_flat, head)
     return E.Evaluator(env, tensors, set(), None)
 
 

@@ -24,7 +24,6 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
@@ -102,19 +101,7 @@ class Plan:
 def _env(plan: Plan, heads: list[int], q_tok: torch.Tensor, k_tok: torch.Tensor) -> dict:
     """Symbol values for token blocks: q_tok/k_tok broadcast as ``[1, 1, C, Q, K]``
     (batch, heads, tiles, rows, columns)."""
-    pat, bound = plan.pattern, plan.bound
-    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = torch.tensor(heads).view(1, -1, 1, 1, 1)
-    for role, layout, flat in (("q", pat.queries, q_tok), ("k", pat.keys, k_tok)):
-        if layout.kind == "seq":
-            env[S.Q if role == "q" else S.K] = flat
-            continue
-        rest = flat
-        for axis, size in reversed(layout.axes):
-            extent = int(size.subs(bound.subs))
-            env[S.coord(role, axis)] = rest % extent
-            rest = rest // extent
-    return env
+    return E.token_env(plan.pattern, plan.bound, q_tok, k_tok, torch.tensor(heads).view(1, -1, 1, 1, 1))
 
 
 class _Block:
