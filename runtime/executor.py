@@ -17,17 +17,20 @@ scattering across tiles except the key side of FoX gates and bias inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sympy
 import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
+from ..compiler import symbols as S
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
 CHUNK_ELEMENTS = 1 << 23
+#: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls.
+MASK_CACHE_BYTES = 256 << 20
 
 
 @dataclass
@@ -73,6 +76,13 @@ class Plan:
     selection: torch.Tensor | None = None
     key_block: torch.Tensor | None = None
     batch: int | None = None
+    # The mask of PARTIAL tiles, evaluated once per chunk and reused by later calls
+    # (static masks only; bounded by MASK_CACHE_BYTES).
+    mask_cache: dict = field(default_factory=dict)
+
+    @property
+    def static_mask(self) -> bool:
+        return self.selection is None and not any(S.input_name(f.func) for f in self.mask.atoms(sympy.Function))
 
     @classmethod
     def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
@@ -142,8 +152,12 @@ class _Block:
                 k_tok = k_tok[..., cols]
         return E.Evaluator(_env(self.plan, self.heads, q_tok, k_tok), inputs, self.batched, None)(expr)
 
-    def allowed(self) -> torch.Tensor:
-        """Valid and allowed ``[B | 1, Hs, C, R, K]``: the mask is evaluated on PARTIAL columns only."""
+    def allowed(self, cache_key=None) -> torch.Tensor:
+        """Valid and allowed ``[B | 1, Hs, C, R, K]``: the mask is evaluated on PARTIAL columns only
+        (once per chunk for a static mask: ``cache_key`` names the chunk)."""
+        cache = self.plan.mask_cache
+        if cache_key is not None and cache_key in cache:
+            return cache[cache_key]
         allowed = self.valid.expand(1, len(self.heads), *self.valid.shape).clone()
         ps = self.partial_start
         if ps < self.valid.shape[-1]:
@@ -159,6 +173,10 @@ class _Block:
             if m.dim() == 5 and m.shape[0] > 1:  # batched inputs
                 allowed = allowed.expand(m.shape[0], *allowed.shape[1:]).clone()
             allowed[..., ps:] &= m
+        if cache_key is not None and self.plan.static_mask:
+            used = sum(t.numel() for t in cache.values())
+            if used + allowed.numel() <= MASK_CACHE_BYTES:
+                cache[cache_key] = allowed
         return allowed
 
     def terms(self, scores: torch.Tensor, extra: dict) -> torch.Tensor:
@@ -259,7 +277,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel)
             s = scale * (qh[:, :, blk.row_index] @ kh[:, :, blk.col_index].transpose(-1, -2))
             s = blk.terms(s, ex)
-            allowed = blk.allowed()
+            allowed = blk.allowed(("q", cls, int(own[0]), len(own)))
             s = s.masked_fill(~allowed, -math.inf)
             p, lse = _softmax(s)
             o = p @ vh[:, :, blk.col_index]
@@ -334,7 +352,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
             qc, kc, vc = qh[:, :, rows], kh[:, :, cols], vh[:, :, cols]
             s_raw = scale * (qc @ kc.transpose(-1, -2))
             s = blk.terms(s_raw, ex)
-            allowed = blk.allowed()
+            allowed = blk.allowed(("q", cls, int(own[0]), len(own)))
             p = torch.where(allowed, torch.exp(s - lse_h[:, :, rows][..., None]), torch.zeros((), dtype=dt))
             dp = dh[:, :, rows] @ vc.transpose(-1, -2)
             ds = p * (dp - delta_h[:, :, rows][..., None])
@@ -358,7 +376,7 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
             qc, doc = qh[:, :, cols], dh[:, :, cols]
             s_raw = scale * (kc @ qc.transpose(-1, -2))  # [B, Hs, C, Tk, Kq]
             s = blk.terms(s_raw, ex)
-            allowed = blk.allowed()
+            allowed = blk.allowed(("kv", cls, int(own[0]), len(own)))
             p = torch.where(allowed, torch.exp(s - lse_h[:, :, cols][..., None, :]), torch.zeros((), dtype=dt))
             dv = p @ doc
             dp = vc @ doc.transpose(-1, -2)
