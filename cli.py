@@ -236,6 +236,9 @@ def cmd_sim(args) -> int:
                    batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
                    q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
                    inputs=_inputs(args.input) or None)
+    if args.layers is not None and rep.to_dict().get("kind") == "recurrence":
+        raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
+                        where="argument --layers")
     rf = _receptive_field(pat, rep, args, sizes) if args.layers is not None else None
     if args.json:
         import json
@@ -274,6 +277,83 @@ def _format_receptive_field(rf: dict) -> str:
     full = rf["layers_for_full"]
     lines.append(f"  full coverage after {full} layers" if full is not None else "  full coverage is never reached")
     return "\n".join(lines)
+
+
+def cmd_tune(args) -> int:
+    from .compiler import evaluate as E
+    from .compiler import ir
+    from .runtime import autotune as A
+    from .runtime import kernel_cache as KC
+
+    pat = _load_args(args)
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence: only softmax patterns are autotuned", where="attnc tune")
+    dtype = A.canonical_dtype(args.dtype)
+    if not A.cuda_available():
+        raise A.AutotuneError("autotuning needs a CUDA GPU, and none is available",
+                              hint="on CPU, kernels run with the simulator's schedule (no tuning needed)")
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=_int_sizes(args.sizes) or None)
+    cache = KC.KernelCache()
+    res = A.autotune(pat, bound, head_dim=args.head_dim, dtype=dtype, batch=args.batch, top=args.top,
+                     cache=cache, retune=args.retune, progress=False if args.quiet else None,
+                     inputs=_inputs(args.input) or None)
+    bucket = KC.describe_bucket(KC.shape_bucket(pat, bound, head_dim=args.head_dim, batch=args.batch))
+    if res.from_cache:
+        print(f"{pat.name} [{bucket}, {dtype}, {res.key.device}]: cached: {KC.describe_config(A.config_dict(res.config))}"
+              " (use --retune to time again)")
+    else:
+        print(f"{pat.name} [{bucket}, {dtype}, {res.key.device}]: {len(res.trials)} candidates")
+        for t in sorted(res.trials, key=lambda t: (t.measured_ms, t.rank)):
+            measured = f"{t.measured_ms:9.4f} ms" if t.error is None else "   failed   "
+            predicted = f"{t.predicted_ms:.4f} ms" if t.predicted_ms == t.predicted_ms else "-"
+            mark = "*" if t.config == res.config else " "
+            print(f" {mark} {KC.describe_config(A.config_dict(t.config)):28s} {measured}  (predicted {predicted})"
+                  + (f"  {t.error}" if t.error else ""))
+    print(f"cached in {res.source_path.parent}")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from .runtime import kernel_cache as KC
+
+    cache = KC.KernelCache()
+    if args.action == "clear":
+        removed = cache.clear()
+        print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {cache.dir}")
+        return 0
+    entries = cache.entries()
+    if not entries:
+        print(f"no entries in {cache.dir}")
+        return 0
+    total = sum(e.size for e in entries)
+    print(f"{cache.dir}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {KC.human_size(total)}")
+    print(f"{'DIGEST':12s} {'PATTERN':18s} {'SHAPE':34s} {'DTYPE':5s} {'DEVICE':20s} {'TRITON':8s} "
+          f"{'CONFIG':24s} {'SIZE':>9s} {'AGE':>4s} STATUS")
+    for e in entries:
+        f = e.fields
+        bucket = KC.describe_bucket(f["bucket"]) if isinstance(f.get("bucket"), dict) else "?"
+        print(f"{e.digest[:12]:12s} {(e.pattern or '?')[:18]:18s} {bucket[:34]:34s} {str(f.get('dtype', '?'))[:5]:5s} "
+              f"{str(f.get('device', '?'))[:20]:20s} {str(f.get('triton', '?'))[:8]:8s} "
+              f"{KC.describe_config(e.config)[:24]:24s} {KC.human_size(e.size):>9s} {KC.human_age(e.age_s):>4s} "
+              f"{e.status}")
+    return 0
+
+
+def cmd_emit(args) -> int:
+    from .compiler import ir
+    from .runtime.triton_backend import emit
+
+    pat = _load_args(args)
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
+    sizes = _int_sizes(args.sizes)
+    n = args.n
+    if n is None and pat.queries.kind == "seq":
+        n = SHOW_DEFAULT_N
+    print(emit(pat, n=n, nk=args.nk, heads=args.heads, sizes=sizes or None,
+               q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
+               device="cuda" if args.gpu else "cpu"), end="")
+    return 0
 
 
 def _load_args(args):
@@ -330,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiles", action="store_true", help="draw tile classes: # full, + partial, . empty")
     p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis (implies --tiles)")
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis (implies --tiles)")
-    p = sub.add_parser("sim", help="predict the speedup bounds and the best tile schedules")
+    p = sub.add_parser("sim", help="predict the speedup bounds and the best tile schedules (recurrences: "
+                       "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
     p.add_argument("-p", "--param", action="append", metavar="K=V", help="set a parameter (repeatable, or K=V,K=V)")
     p.add_argument("--sizes", action="append", metavar="A=N,..", help="grid sizes")
@@ -341,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--hardware", default="h100", help="a100, h100, h200 or b200 (default h100)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
-    p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis")
+    p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis (a recurrence: its chunk)")
     p.add_argument("--kv-tile", metavar="A,B,..", help="force the KV tile extents per axis")
     p.add_argument("--top", type=int, default=5, help="schedules to list (default 5)")
     p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
@@ -349,6 +430,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--layers", type=int, metavar="L", help="also report the receptive field over 1..L stacked layers")
     p.add_argument("--rf-block", metavar="A,B,..", help="block shape of the receptive field (default: the Q tile)")
+    p = sub.add_parser("tune", help="autotune a pattern on the current GPU and fill the kernel cache")
+    p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
+    p.add_argument("-p", "--param", action="append", metavar="K=V", help="set a parameter (repeatable, or K=V,K=V)")
+    p.add_argument("--sizes", action="append", metavar="A=N,..", help="grid sizes")
+    p.add_argument("--n", type=int, help="number of tokens of a seq layout")
+    p.add_argument("--nk", type=int, help="number of keys (cross attention)")
+    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
+    p.add_argument("--top", type=int, default=4, help="distinct schedules of the simulator to time (default 4)")
+    p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
+    p.add_argument("--name", help="which declaration of the file")
+    p.add_argument("--retune", action="store_true", help="time again even when the cache has a winner")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = sub.add_parser("cache", help="the kernel cache ($ATTNC_CACHE_DIR): ls or clear")
+    p.add_argument("action", nargs="?", default="ls", choices=("ls", "clear"), help="ls (default) or clear")
+    p = sub.add_parser("emit", help="print the generated Triton kernel source")
+    p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
+    p.add_argument("-p", "--param", action="append", metavar="K=V", help="set a parameter (repeatable, or K=V,K=V)")
+    p.add_argument("--sizes", action="append", metavar="A=N,..", help="grid sizes")
+    p.add_argument("--n", type=int, help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})")
+    p.add_argument("--nk", type=int, help="number of keys (cross attention)")
+    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
+    p.add_argument("--name", help="which declaration of the file")
+    p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis")
+    p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis")
+    p.add_argument("--gpu", action="store_true", help="the schedule a CUDA call would pick (default: the interpreter's)")
     return parser
 
 
@@ -358,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser().print_help()
             return 1
-        handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show, "sim": cmd_sim}[args.command]
+        handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show, "sim": cmd_sim, "tune": cmd_tune,
+                   "cache": cmd_cache, "emit": cmd_emit}[args.command]
         return handler(args)
     except SpecError as err:
         print(err.render(), file=sys.stderr)

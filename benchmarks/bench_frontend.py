@@ -18,7 +18,6 @@ import torch
 import attnc
 from attnc.spec.library import stdlib_index
 
-
 #: Values for parameters that have no default.
 REQUIRED = {"prefix_lm": {"prefix": 128}}
 

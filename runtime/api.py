@@ -10,10 +10,10 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..spec.errors import SpecError
 from ..spec.library import load
-from . import reference
+from . import custom_op, reference
 from .cpu_backend import CpuRunner, describe_plan
 
-BACKENDS = ("auto", "cpu", "reference")
+BACKENDS = ("auto", "cpu", "reference", "triton")
 
 Pattern = ir.PatternIR | ir.RecurrenceIR
 
@@ -73,13 +73,28 @@ class Attention(torch.nn.Module):
         self.backend = backend
         self.sizes = dict(sizes or {})
         self._runner = None
+        self._runner_key = None
+        self._chunk = q_tile if isinstance(pattern, ir.RecurrenceIR) else None  # a recurrence's forced chunk
         if backend == "cpu" and isinstance(pattern, ir.PatternIR):
             self._runner = CpuRunner(pattern, q_tile, kv_tile)
+            self._runner_key = custom_op.register(self._runner)
+        # softmax on Triton: backend="triton" (CUDA natively, CPU tensors under the interpreter),
+        # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
+        self._tiles = (q_tile, kv_tile)
+        self._triton = None
+        self.auto = False
         self._last_call: dict | None = None
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self._runner is not None:  # a copy (deepcopy, pickle) gets its own registry entry
+            self._runner_key = custom_op.register(self._runner)
 
     @property
     def schedule(self):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
+        if self._triton is not None and self._triton.last_plan is not None:
+            return self._triton.last_plan.schedule
         return None if self._runner is None or self._runner.last is None else self._runner.last.schedule
 
     def report(self, hardware="h100", **kwargs):
@@ -95,8 +110,16 @@ class Attention(torch.nn.Module):
     def source(self) -> str:
         """What runs: the CPU backend's tile plan, or the reference's dense computation."""
         p = self.pattern
+        if isinstance(p, ir.PatternIR) and (self.backend == "triton" or self._triton is not None):
+            from .triton_backend import describe_source
+
+            return describe_source(self._triton, p)
         if self._runner is not None:
             return describe_plan(self._runner.last, p)
+        if isinstance(p, ir.RecurrenceIR) and self.backend != "reference":
+            from . import recurrence
+
+            return recurrence.describe(p, self.backend, self._chunk or (self._last_call or {}).get("q_tile"))
         if isinstance(p, ir.RecurrenceIR):
             return (f"# reference backend: naive recurrence '{p.name}' ({p.gate} gate)\n"
                     f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
@@ -149,10 +172,23 @@ class Attention(torch.nn.Module):
                 if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
                     got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
                     raise SpecError(f"initial_state must be {list(want)}, got {got}", where="argument initial_state")
-            out, state = reference.recurrence(pat, bound, q, k, v, tensors, float(scale), initial_state)
+            if self.backend == "reference":
+                out, state = reference.recurrence(pat, bound, q, k, v, tensors, float(scale), initial_state)
+                chunk = None
+            else:  # chunked: torch ('cpu'), Triton ('triton'; the interpreter on CPU tensors), 'auto'
+                from . import recurrence
+
+                out, state, chunk = recurrence.run(self.backend, pat, bound, q, k, v, tensors, float(scale),
+                                                   initial_state, self._chunk)
+            self._last_call = {"n": Nq, "heads": Hq, "head_dim": D, "batch": B, "q_tile": chunk}
             return (out, state) if return_state else out
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
+        if self._runner is not None and not (self.auto and q.is_cuda) and torch.compiler.is_compiling():
+            # Under torch.compile the sizes and inputs are bound inside the custom op
+            # (sympy is not traceable); eager calls check them here, with clear errors.
+            out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
+            return (out, lse) if return_lse else out
         try:
             bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
         except SpecError as err:  # n and nk come from q and k here: name those
@@ -162,11 +198,42 @@ class Attention(torch.nn.Module):
                             hint=err.hint) from None
         self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
-        if self._runner is not None:
-            out, lse = self._runner(bound, q, k, v, inputs, float(scale))
+        if self.backend == "triton" or (self.auto and q.is_cuda):
+            out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
+        elif self._runner is not None:
+            E.bind_inputs(pat, bound, inputs, batch=B)  # errors name the argument
+            out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
         else:
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
+
+    def step(self, q, k, v, state=None, *, scale: float | None = None, **inputs):
+        """One decoding step of a recurrence (the recurrent form, for inference loops):
+        ``o_t, state = attn.step(q_t, k_t, v_t, state, **gates)``.
+
+        ``q_t`` ``[B, Hq, Dk]`` (or ``[B, Hq, 1, Dk]``), ``k_t`` ``[B, Hkv, Dk]``, ``v_t`` ``[B, Hkv, Dv]``
+        (q's rank); ``state`` ``[B, Hq, Dk, Dv]`` (None: zeros, e.g. the first token; or the final state
+        of a forward with ``return_state=True``); call-time gates for this token with their declared
+        shape at n = 1 (``g[..., t:t+1]`` of a ``[heads, n]`` input). Returns ``(o_t, new_state)``:
+        ``o_t`` like q with Dv, the state in float32 (float64 for float64 inputs). Differentiable."""
+        if not isinstance(self.pattern, ir.RecurrenceIR):
+            raise SpecError(f"'{self.pattern.name}' is a softmax pattern: step() is for recurrences",
+                            where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
+        from . import recurrence
+
+        return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
+
+    def _triton_runner(self):
+        if self._triton is None:
+            from .triton_backend import TritonRunner
+
+            self._triton = TritonRunner(self.pattern, *self._tiles)
+        return self._triton
+
+    def _cpu(self, q, k, v, inputs: dict, sizes: dict, scale):
+        """The CPU executor through its custom op (``attnc::tiled_attention``)."""
+        return custom_op.tiled_attention(q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs),
+                                         custom_op.encode_sizes(sizes), float(scale))
 
 
 def _check_qkv(q, k, v) -> None:
@@ -209,9 +276,14 @@ def compile_attention(
     ``sizes``: grid axis extents by size name (also accepted at call time).
     ``backend``: ``"cpu"`` runs the tile executor (only the KV tiles each Q
     tile needs; forward and backward); ``"reference"`` is the exact dense
-    implementation; ``"auto"`` picks the fastest available: the CPU executor
-    (recurrences and routing patterns run on the reference in this version).
+    implementation; ``"triton"`` runs generated Triton kernels (natively on
+    CUDA tensors, under the Triton interpreter on CPU tensors); ``"auto"``
+    picks Triton on CUDA tensors and the CPU executor otherwise.
     ``q_tile``/``kv_tile`` force the tile shape (one extent per layout axis).
+    Recurrences: ``"cpu"`` is the chunked torch path, ``"triton"`` the chunked
+    Triton kernels (the interpreter on CPU tensors), ``"auto"`` Triton on CUDA
+    tensors and the chunked torch path otherwise; ``q_tile`` forces the chunk
+    size (16, 32 or 64; the simulator chooses otherwise). Decoding: ``step``.
     """
     if backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
@@ -224,8 +296,17 @@ def compile_attention(
         layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
         if layouts and all(lay.kind == "grid" for lay in layouts) and len(sizes) == len(E.check_size_names(pat, {})):
             E.bind_sizes(pat, sizes=sizes)
-    chosen = "reference" if backend == "reference" else "cpu"
-    return Attention(pat, chosen, sizes, q_tile, kv_tile)
+    if isinstance(pat, ir.RecurrenceIR):
+        from . import recurrence
+
+        if kv_tile is not None:
+            raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
+                            hint="q_tile= sets its chunk size (16, 32 or 64)")
+        return Attention(pat, backend, sizes, recurrence.check_chunk(q_tile), None)
+    chosen = backend if backend in ("reference", "triton") else "cpu"
+    attn = Attention(pat, chosen, sizes, q_tile, kv_tile)
+    attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
+    return attn
 
 
 def simulate(
@@ -263,8 +344,11 @@ def simulate(
 
     pat = _as_pattern(pattern, name, params)
     if isinstance(pat, ir.RecurrenceIR):
-        raise SpecError(f"'{pat.name}' is a recurrence: recurrences get their simulator in the recurrence issue",
-                        where="argument pattern")
+        from .recurrence import simulate_recurrence
+
+        return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
+                                   hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,
+                                   inputs=inputs)
     for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")

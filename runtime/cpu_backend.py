@@ -95,13 +95,20 @@ class CpuRunner:
             self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
 
-    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+    def prepare(self, bound: E.Bound, q, k, inputs: dict) -> tuple[executor.Plan, dict, frozenset]:
+        """(plan for this call, checked inputs, names of batched inputs). Routing
+        lists depend on q and k and are rebuilt per call (the backward rebuilds
+        the same ones from the saved q and k)."""
         tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
         plan = self.plan(bound, tensors)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
-        names = tuple(tensors)
         if self.pattern.route is not None:  # data-dependent lists, rebuilt per call
             plan = routing.route_plan(plan, q, k, tensors, set(batched))
+        return plan, tensors, batched
+
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        plan, tensors, batched = self.prepare(bound, q, k, inputs)
+        names = tuple(tensors)
         return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
 
 

@@ -46,11 +46,11 @@ class TiledTokens:
         index, valid = tile_tokens(extents, tile, torch.arange(n))
         return cls(torch.where(valid, index, torch.zeros_like(index)), valid)
 
-    def scatter(self, x_tiled: torch.Tensor, n: int) -> torch.Tensor:
-        """``[..., tiles, slots, (D)]`` -> ``[..., N, (D)]`` (padded slots dropped)."""
-        has_d = x_tiled.dim() >= 3 and x_tiled.shape[-2] == self.index.shape[1] and x_tiled.shape[-3] == self.index.shape[0]
+    def scatter(self, x_tiled: torch.Tensor, n: int, features: bool) -> torch.Tensor:
+        """``[..., tiles, slots, D]`` (``features``) or ``[..., tiles, slots]`` -> token order
+        ``[..., N, D]`` / ``[..., N]`` (padded slots dropped)."""
         flat_idx = self.index[self.valid]
-        if has_d:
+        if features:
             out = x_tiled.new_zeros(*x_tiled.shape[:-3], n, x_tiled.shape[-1])
             out[..., flat_idx, :] = x_tiled[..., self.valid, :]
         else:
@@ -79,6 +79,15 @@ class Plan:
     # The mask of PARTIAL tiles, evaluated once per chunk and reused by later calls
     # (static masks only; bounded by MASK_CACHE_BYTES).
     mask_cache: dict = field(default_factory=dict)
+    fused_failed: bool = False
+
+    def remember(self, key, value) -> None:
+        """Keep a mask-derived tensor (or tuple of them) for later calls, within MASK_CACHE_BYTES."""
+        def size(v):
+            return sum(size(x) for x in v) if isinstance(v, tuple) else v.numel() * v.element_size()
+
+        if sum(size(v) for v in self.mask_cache.values()) + size(value) <= MASK_CACHE_BYTES:
+            self.mask_cache[key] = value
 
     @property
     def static_mask(self) -> bool:
@@ -158,7 +167,7 @@ class _Block:
         cache = self.plan.mask_cache
         if cache_key is not None and cache_key in cache:
             return cache[cache_key]
-        allowed = self.valid.expand(1, len(self.heads), *self.valid.shape).clone()
+        allowed = self.valid.expand(1, 1, *self.valid.shape).clone()
         ps = self.partial_start
         if ps < self.valid.shape[-1]:
             m = E.as_tensor(self._evaluate(self.plan.mask, self.inputs, slice(ps, None)), torch.bool)
@@ -170,14 +179,24 @@ class _Block:
                     k_tok = k_tok[..., ps:]
                 sel = self.plan.selection[self.bsel][:, self.heads]
                 m = m & sel[:, :, q_tok, self.plan.key_block[k_tok]]
-            if m.dim() == 5 and m.shape[0] > 1:  # batched inputs
-                allowed = allowed.expand(m.shape[0], *allowed.shape[1:]).clone()
+            m = m if m.dim() == 5 else m.reshape((1,) * (5 - m.dim()) + tuple(m.shape))
+            if m.shape[0] > 1 or m.shape[1] > 1:  # batched inputs, head-dependent masks
+                allowed = allowed.expand(m.shape[0], m.shape[1], *allowed.shape[2:]).clone()
             allowed[..., ps:] &= m
         if cache_key is not None and self.plan.static_mask:
-            used = sum(t.numel() for t in cache.values())
-            if used + allowed.numel() <= MASK_CACHE_BYTES:
-                cache[cache_key] = allowed
+            self.plan.remember(cache_key, allowed)
         return allowed
+
+    def mask_scores(self, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """-inf where not allowed, touching FULL columns only where they hold padding."""
+        ps = self.partial_start
+        if s.shape != torch.broadcast_shapes(s.shape, allowed.shape):  # batched mask inputs
+            return s.masked_fill(~allowed, -math.inf)
+        if ps and not bool(self.valid[..., :ps].all()):
+            s[..., :ps].masked_fill_(~allowed[..., :ps], -math.inf)
+        if ps < s.shape[-1]:
+            s[..., ps:].masked_fill_(~allowed[..., ps:], -math.inf)
+        return s
 
     def terms(self, scores: torch.Tensor, extra: dict) -> torch.Tensor:
         """Softcap, bias and FoX decay applied to the scaled scores ``[B, Hs, C, R, K]``."""
@@ -200,16 +219,57 @@ def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     return x[:, heads]
 
 
-def _softmax(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised probabilities and log-sum-exp of masked scores (-inf where masked);
-    a row with no allowed key gives zeros and lse -inf. Overwrites ``s``."""
+def _flash_op():
+    """torch's fused CPU attention kernel (online softmax, returns the log-sum-exp), if present."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=None):
+    """The forward of one block through torch's fused CPU attention kernel, with
+    the mask and the additive terms (bias, decay) as a float mask; None where the
+    kernel does not apply (CUDA tensors, softcap, a kernel refusing the shapes)."""
+    op = _flash_op()
+    if op is None or qc.is_cuda or plan.fused_failed:
+        return None
+    rows, hs, c, tq, d = qc.shape
+    kk = kc.shape[-2]
+    additive = plan.bias is not None or plan.pattern.decay is not None
+    shape = torch.broadcast_shapes(allowed.shape, (rows, hs, c, tq, kk))
+    if additive:
+        add = blk.terms(torch.zeros((), dtype=qc.dtype), extra).expand(shape).masked_fill(~allowed.expand(shape), -math.inf)
+        any_allowed = allowed.expand(shape).any(-1)
+    else:  # the float mask depends on the static mask only: build it once per plan
+        key = ("fused", cache_key, qc.dtype)
+        if key not in plan.mask_cache:
+            entry = (torch.zeros(allowed.shape, dtype=qc.dtype).masked_fill_(~allowed, -math.inf), allowed.any(-1))
+            if cache_key is not None and plan.static_mask:
+                plan.remember(key, entry)
+        else:
+            entry = plan.mask_cache[key]
+        add, any_allowed = entry[0].expand(shape), entry[1].expand(shape[:-1])
+    try:
+        out, lse = op(qc.reshape(rows, hs * c, tq, d), kc.reshape(rows, hs * c, kk, d),
+                      vc.reshape(rows, hs * c, kk, vc.shape[-1]), 0.0, False,
+                      attn_mask=add.reshape(rows, hs * c, tq, kk), scale=1.0)
+    except RuntimeError:
+        plan.fused_failed = True  # e.g. an unsupported head dim: the unfused path from now on
+        return None
+    any_allowed = any_allowed.reshape(rows, hs * c, tq)
+    out = torch.where(any_allowed[..., None], out, torch.zeros((), dtype=out.dtype))
+    lse = torch.where(any_allowed, lse.to(qc.dtype), torch.full((), -math.inf, dtype=qc.dtype))
+    return out.reshape(rows, hs, c, tq, -1), lse.reshape(rows, hs, c, tq)
+
+
+def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(exp(s - rowmax), safe row sums, log-sum-exp) of masked scores (-inf where
+    masked); a row with no allowed key has zeros, sum 1 and lse -inf. Overwrites ``s``:
+    the caller divides ``p @ v`` by the sums (N x Dv work instead of N x K)."""
     m = s.amax(dim=-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = s.sub_(m).exp_()
     total = p.sum(dim=-1, keepdim=True)
     lse = (m + torch.log(total)).squeeze(-1)
-    p.div_(torch.where(total == 0, torch.ones_like(total), total))
-    return p, lse
+    return p, torch.where(total == 0, torch.ones_like(total), total), lse
 
 
 def _chunks(n: int, per_item: int) -> list[torch.Tensor]:
@@ -257,7 +317,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qd, kd, vd = q.to(dt), k.to(dt), v.to(dt)
+    qd, kd, vd = q.to(dt) * scale, k.to(dt), v.to(dt)  # the scale folded into q: N x D work, not N x K
     extra = _prepare_extra(plan, inputs, dt)
     nQ, Tq = plan.q_tokens.index.shape
     Dv = v.shape[-1]
@@ -275,16 +335,20 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel)
-            s = scale * (qh[:, :, blk.row_index] @ kh[:, :, blk.col_index].transpose(-1, -2))
-            s = blk.terms(s, ex)
-            allowed = blk.allowed(("q", cls, int(own[0]), len(own)))
-            s = s.masked_fill(~allowed, -math.inf)
-            p, lse = _softmax(s)
-            o = p @ vh[:, :, blk.col_index]
+            chunk_key = ("q", cls, int(own[0]), len(own))
+            allowed = blk.allowed(chunk_key)
+            qc, kc, vc = qh[:, :, blk.row_index], kh[:, :, blk.col_index], vh[:, :, blk.col_index]
+            fused = _fused_block(plan, blk, qc, kc, vc, allowed, ex, chunk_key) if plan.softcap is None else None
+            if fused is not None:
+                o, lse = fused
+            else:
+                s = blk.terms(qc @ kc.transpose(-1, -2), ex)
+                p, total, lse = _exp_rows(blk.mask_scores(s, allowed))
+                o = (p @ vc).div_(total)
             out_t[bsel, heads, own[0]:own[-1] + 1] = o.expand(rows, len(heads), *o.shape[-3:])
             lse_t[bsel, heads, own[0]:own[-1] + 1] = lse.expand(rows, len(heads), *lse.shape[-2:])
-    out = plan.q_tokens.scatter(out_t, Nq)
-    lse = plan.q_tokens.scatter(lse_t, Nq)
+    out = plan.q_tokens.scatter(out_t, Nq, features=True)
+    lse = plan.q_tokens.scatter(lse_t, Nq, features=False)
     return out.to(q.dtype), lse
 
 
@@ -385,9 +449,9 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
             dk = scale * (ds_raw @ qc)
             dk_t[bsel, :, own[0]:own[-1] + 1].index_add_(1, kvh, dk.expand(nrows, *dk.shape[1:]))
             dv_t[bsel, :, own[0]:own[-1] + 1].index_add_(1, kvh, dv.expand(nrows, *dv.shape[1:]))
-    dq = plan.q_tokens.scatter(dq_t, Nq).to(q.dtype)
-    dk = plan.k_tokens.scatter(dk_t, Nk).to(k.dtype)
-    dv = plan.k_tokens.scatter(dv_t, Nk).to(v.dtype)
+    dq = plan.q_tokens.scatter(dq_t, Nq, features=True).to(q.dtype)
+    dk = plan.k_tokens.scatter(dk_t, Nk, features=True).to(k.dtype)
+    dv = plan.k_tokens.scatter(dv_t, Nk, features=True).to(v.dtype)
     return dq, dk, dv, {name: g.to(inputs[name].dtype) for name, g in d_inputs.items()}
 
 

@@ -99,10 +99,10 @@ def recurrence(
         g = gates.expand(B, *gates.shape[1:])
         if rec.gate == "scalar":
             g = g.unsqueeze(-1)
-    state = torch.zeros(B, H, Dk, Dv, dtype=dt) if initial_state is None else initial_state.to(dt)
+    state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
     outs = []
     for t in range(T):
         state = torch.exp(g[:, :, t])[..., None] * state + kc[:, :, t, :, None] * vc[:, :, t, None, :]
         outs.append(scale * (qc[:, :, t, None, :] @ state).squeeze(-2))
-    out = torch.stack(outs, dim=2) if outs else torch.zeros(B, H, 0, Dv, dtype=dt)
+    out = torch.stack(outs, dim=2) if outs else torch.zeros(B, H, 0, Dv, dtype=dt, device=q.device)
     return out.to(q.dtype), state

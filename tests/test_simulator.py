@@ -311,8 +311,8 @@ def test_routing_is_modelled_and_said_so():
 
 
 def test_recurrences_and_bad_arguments_are_clean_errors():
-    with pytest.raises(attnc.SpecError, match="recurrence issue"):
-        attnc.simulate("stdlib:retention", n=128)
+    with pytest.raises(attnc.SpecError, match="sequence length n is required"):
+        attnc.simulate("stdlib:retention")
     with pytest.raises(attnc.SpecError, match="unknown hardware"):
         attnc.simulate("stdlib:sliding_window", n=128, hardware="h1000")
     with pytest.raises(attnc.SpecError, match="one extent per axis"):
@@ -380,7 +380,7 @@ def test_cli_sim_table_and_json(capsys):
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=16,width=16", "--q-tile", "4,a"], "expected ints"),
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=0,width=16"], "positive"),
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=1.5,width=16"], "expected an int"),
-    (["sim", "stdlib:retention", "--n", "64"], "recurrence"),
+    (["sim", "stdlib:retention", "--n", "64", "--layers", "2"], "recurrence"),
     (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4"], "one extent per axis"),
 ])
 def test_cli_bad_arguments_exit_1(capsys, argv, message):

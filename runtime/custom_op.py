@@ -1,0 +1,177 @@
+"""The CPU executor as ``torch.library`` custom ops, so that a model calling an
+attnc module compiles with ``torch.compile(fullgraph=True)``.
+
+``attnc::tiled_attention(q, k, v, inputs, key, names, sizes, scale) -> (out, lse)``
+runs the forward; ``attnc::tiled_attention_backward`` the backward (registered
+as its autograd formula). Everything dynamo cannot trace (sympy, binding the
+sizes and inputs, building and caching the tile plan) happens inside the op
+implementations; the traced graph only sees tensors and constants:
+
+- ``key`` names the module's ``CpuRunner`` in a process-global registry
+  (weak references: a runner lives as long as its module);
+- ``names`` is the comma-separated list of the call-time input names, in the
+  order of ``inputs`` (int inputs such as document ids pass through and get
+  no gradient);
+- ``sizes`` is ``"name=value,..."``, the grid sizes given at compile and call time.
+
+The fake implementations only need the shapes: ``out`` ``[B, Hq, Nq, Dv]`` in
+q's dtype and ``lse`` ``[B, Hq, Nq]`` in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+import weakref
+
+import torch
+
+from ..compiler import evaluate as E
+from ..spec.errors import SpecError
+from . import executor
+
+# One registry and one op definition per process, even when the package is
+# imported twice under two names (pytest imports the repository root, which is
+# the package, as another top-level package too): torch dispatches an op name
+# to its first definition, which must see every runner.
+_SHARED = sys.modules.setdefault("_attnc_custom_op_state", types.ModuleType("_attnc_custom_op_state"))
+if not hasattr(_SHARED, "registry"):
+    _SHARED.registry = weakref.WeakValueDictionary()
+    _SHARED.counter = itertools.count()
+_REGISTRY: weakref.WeakValueDictionary = _SHARED.registry
+_COUNTER = _SHARED.counter
+
+
+def register(runner) -> str:
+    """A fresh key for ``runner`` (held weakly: the caller keeps it alive)."""
+    key = f"{runner.pattern.name}#{next(_COUNTER)}"
+    _REGISTRY[key] = runner
+    return key
+
+
+def _runner(key: str):
+    runner = _REGISTRY.get(key)
+    if runner is None:
+        raise SpecError(f"no attnc module is registered under {key!r} (was the module deleted?)",
+                        where="attnc::tiled_attention")
+    return runner
+
+
+def encode_sizes(sizes: dict) -> str:
+    return ",".join(f"{name}={int(value)}" for name, value in sizes.items())
+
+
+def _decode_sizes(sizes: str) -> dict:
+    out = {}
+    for item in filter(None, sizes.split(",")):
+        name, value = item.split("=")
+        out[name] = int(value)
+    return out
+
+
+def _names(names: str) -> list[str]:
+    return [n for n in names.split(",") if n]
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(_names(names), inputs, strict=True))
+
+
+def _bind(runner, q, k, inputs, names, sizes) -> E.Bound:
+    return E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
+                        dk=q.shape[3])
+
+
+# ------------------------------------------------------------------ forward
+def _forward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor], key: str, names: str, sizes: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    runner = _runner(key)
+    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs))
+    out, lse = executor.forward(plan, q, k, v, tensors, set(batched), scale)
+    return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+def _forward_fake(q, k, v, inputs, key, names, sizes, scale):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=_lse_dtype(q))
+
+
+# ----------------------------------------------------------------- backward
+def _backward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    dlse: torch.Tensor | None, inputs: list[torch.Tensor], key: str, names: str, sizes: str, scale: float,
+    wrt: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(dq, dk, dv, [gradient of inputs[i] for i in wrt])."""
+    runner = _runner(key)
+    raw = _named(names, inputs)
+    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw)
+    wrt_names = [_names(names)[i] for i in wrt]
+    with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
+        dq, dk, dv, d_in = executor.backward(plan, q, k, v, out, lse, dout, dlse, tensors, set(batched), scale,
+                                             wrt_names)
+    d_list = [d_in[n].contiguous() if d_in.get(n) is not None else torch.zeros_like(raw[n]) for n in wrt_names]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_list
+
+
+def _autograd_dispatch():
+    """Autograd usable again inside an op implementation (which runs below the
+    autograd dispatch keys, where no graph would be recorded)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+def _backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, names, sizes, scale, wrt):
+    def like(t):  # the real kernel returns contiguous gradients
+        return t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), [like(inputs[i]) for i in wrt]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, tensors, key, names, sizes, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.key, ctx.names, ctx.sizes, ctx.scale = key, names, sizes, scale
+    # the graph keeps the runner alive: the module may be gone before the backward
+    ctx.runner = _REGISTRY.get(key)
+    ctx.count = len(tensors)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_inputs = need[3] if isinstance(need[3], list | tuple) else [need[3]] * ctx.count
+    wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if ctx.runner is not None:
+        _REGISTRY.setdefault(ctx.key, ctx.runner)
+    dq, dk, dv, d_list = tiled_attention_backward(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.names,
+                                                  ctx.sizes, ctx.scale, wrt)
+    d_inputs: list = [None] * ctx.count
+    for i, g in zip(wrt, d_list, strict=True):
+        d_inputs[i] = g
+    return dq, dk, dv, d_inputs, None, None, None, None
+
+
+def _define():
+    fwd = torch.library.custom_op("attnc::tiled_attention", _forward_impl, mutates_args=())
+    fwd.register_fake(_forward_fake)
+    bwd = torch.library.custom_op("attnc::tiled_attention_backward", _backward_impl, mutates_args=())
+    bwd.register_fake(_backward_fake)
+    fwd.register_autograd(_backward, setup_context=_setup_context)
+    return fwd, bwd
+
+
+if not hasattr(_SHARED, "ops"):  # a second copy of the package uses the first one's ops
+    _SHARED.ops = _define()
+#: ``torch.ops.attnc.tiled_attention`` and ``torch.ops.attnc.tiled_attention_backward``
+tiled_attention, tiled_attention_backward = _SHARED.ops

@@ -1,0 +1,404 @@
+"""Decay-gated linear recurrences (RetNet, Lightning, Mamba2 / simple GLA, GLA): the chunked algorithm in torch.
+
+The recurrence ``S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t``, ``o_t = scale q_t S_t`` is run chunk by chunk
+(chunks of ``C`` tokens, C in 16/32/64, chosen by the simulator). Inside chunk ``n`` with the state ``S_n``
+entering it and ``b_t = g_{c0} + ... + g_t`` the log gates summed from the chunk start (re-centred on the
+chunk, so they stay small and no exponent below is positive when the gates are log decays, ``g <= 0``)::
+
+    o_t     = scale * ( (q_t * exp(b_t)) S_n  +  sum_{j <= t in chunk} (sum_d q_td k_jd exp(b_td - b_jd)) v_j )
+    S_{n+1} = exp(b_last) * S_n  +  (k * exp(b_last - b))^T v
+
+The intra-chunk part is an attention-like product with relative decays: a ``[C, C]`` decay matrix for head
+and scalar gates (one matmul), an elementwise ``[C, C, Dk]`` product for per-channel (GLA) gates.
+State and gate arithmetic are in float32 (float64 for float64 inputs).
+
+Backward runs the same chunks: the state gradient is carried backwards
+(``dS_n = exp(b_last) dS_{n+1} + scale (q * exp(b))^T do``), and the gate gradient follows from the
+identity ``dL/db_t = q_t * dq_t - k_t * dk_t`` (plus ``sum_e dS_T * S_T`` at the last step, for the final
+state): ``dg_t = sum_{s >= t} dL/db_s``. Memory is O(T x D + chunks x Dk x Dv): q, k, v, g and the states
+entering each chunk are saved; the rest is recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..spec.errors import SpecError
+
+#: The chunk sizes the simulator chooses from.
+CHUNKS = (16, 32, 64)
+#: Elements of the ``[.., C, C, Dk]`` temporary of per-channel gates processed at once (memory bound).
+_VECTOR_BLOCK_ELEMS = 1 << 23
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA as the reference does it: query head h reads kv head h // (Hq // Hkv)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def head_gates(rec: ir.RecurrenceIR, bound: E.Bound, heads: int, dtype, device) -> torch.Tensor:
+    """The constant log decay per head of a 'head' gate, ``[heads]``."""
+    return E.head_values(rec.decay, bound.subs, heads).to(dtype=dtype, device=device)
+
+
+def gate_tensor(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict, B: int, H: int, T: int, dtype,
+                device) -> torch.Tensor:
+    """The log gates as ``[B, H, T, 1]`` (head and scalar gates) or ``[B, H, T, Dk]`` (vector gates), in
+    ``dtype``; differentiable with respect to the call-time input (a broadcast batch is summed back)."""
+    if rec.gate == "head":
+        return head_gates(rec, bound, H, dtype, device).view(1, H, 1, 1).expand(B, H, T, 1)
+    g = tensors[rec.decay].to(device=device, dtype=dtype)
+    if g.dim() == (2 if rec.gate == "scalar" else 3):
+        g = g.unsqueeze(0)
+    if rec.gate == "scalar":
+        g = g.unsqueeze(-1)
+    return g.expand(B, *g.shape[1:])
+
+
+# ----------------------------------------------------------------- chunk helpers
+def _chunked(x: torch.Tensor, C: int) -> torch.Tensor:
+    """``[B, H, T, D]`` -> ``[B, H, N, C, D]``, zero-padded at the end (k = v = 0 and g = 0 there leave
+    the state unchanged)."""
+    B, H, T, D = x.shape
+    pad = (-T) % C
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    return x.reshape(B, H, (T + pad) // C, C, D)
+
+
+def _unchunked(x: torch.Tensor, T: int) -> torch.Tensor:
+    B, H, N, C, D = x.shape
+    return x.reshape(B, H, N * C, D)[:, :, :T]
+
+
+def _causal(C: int, device) -> torch.Tensor:
+    return torch.ones(C, C, dtype=torch.bool, device=device).tril()
+
+
+def _decay_matrix(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """``exp(b_t - b_j)`` for ``j <= t`` and 0 above, from scalar cumulative gates ``b [..., C, 1]``."""
+    diff = b - b.transpose(-1, -2)  # [.., C(t), C(j)]
+    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+
+
+def _vector_blocks(N: int, per_chunk: int):
+    step = max(1, _VECTOR_BLOCK_ELEMS // max(1, per_chunk))
+    for n0 in range(0, N, step):
+        yield slice(n0, min(N, n0 + step))
+
+
+def _vector_decays(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """``exp(b_td - b_jd)`` for ``j <= t`` (0 above): ``[.., C(t), C(j), Dk]``; every exponent is a sum of
+    gates over (j, t], never the difference of two large cumulative sums across chunks."""
+    diff = b.unsqueeze(-2) - b.unsqueeze(-3)
+    return torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
+
+
+def _intra_scores(qc, kc, b, causal, vector: bool) -> torch.Tensor:
+    """``A_tj = sum_d q_td k_jd exp(b_td - b_jd)`` for ``j <= t`` in each chunk: ``[B, H, N, C, C]``."""
+    if not vector:
+        return (qc @ kc.transpose(-1, -2)) * _decay_matrix(b, causal)
+    B, H, N, C, Dk = qc.shape
+    A = qc.new_empty(B, H, N, C, C)
+    for sl in _vector_blocks(N, B * H * C * C * Dk):
+        Ed = _vector_decays(b[:, :, sl], causal)
+        A[:, :, sl] = torch.einsum("bhntd,bhntjd->bhntj", qc[:, :, sl], Ed * kc[:, :, sl].unsqueeze(-3))
+    return A
+
+
+def _gate_terms(gc: torch.Tensor):
+    """In-chunk cumulative gates ``b``, the chunk total ``b_last`` ``[.., 1, Dg]``."""
+    b = gc.cumsum(-2)
+    return b, b[..., -1:, :]
+
+
+# ----------------------------------------------------------------- forward / backward
+def chunked_forward(q, k, v, g, scale: float, initial_state, C: int):
+    """``q [B, H, T, Dk]``, ``k`` (expanded to H heads), ``v [B, H, T, Dv]``, ``g [B, H, T, 1 | Dk]``, all in
+    the compute dtype. Returns (out ``[B, H, T, Dv]``, final state ``[B, H, Dk, Dv]``, states entering each
+    chunk ``[B, H, N, Dk, Dv]``)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    vector = g.shape[-1] != 1
+    qc, kc, vc, gc = (_chunked(x, C) for x in (q, k, v, g))
+    N = qc.shape[2]
+    causal = _causal(C, q.device)
+    b, bl = _gate_terms(gc)
+    qe = qc * torch.exp(b)
+    ke = kc * torch.exp(bl - b)
+    decay = torch.exp(bl).transpose(-1, -2)  # [B, H, N, Dg, 1]
+    kv = ke.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
+    states = q.new_empty(B, H, N, Dk, Dv)
+    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state
+    for n in range(N):
+        states[:, :, n] = S
+        S = decay[:, :, n] * S + kv[:, :, n]
+    A = _intra_scores(qc, kc, b, causal, vector)
+    out = scale * (qe @ states + A @ vc)
+    return _unchunked(out, T), S, states
+
+
+def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C: int, need_gate: bool):
+    """Gradients ``(dq, dk, dv, dg | None, dS0)`` of the chunked forward (k, v expanded)."""
+    B, H, T, Dk = q.shape
+    vector = g.shape[-1] != 1
+    qc, kc, vc, gc, doc = (_chunked(x, C) for x in (q, k, v, g, do))
+    N = qc.shape[2]
+    causal = _causal(C, q.device)
+    b, bl = _gate_terms(gc)
+    eb, ebl = torch.exp(b), torch.exp(bl - b)
+    qe, ke = qc * eb, kc * ebl
+    decay = torch.exp(bl).transpose(-1, -2)
+    qdo = scale * (qe.transpose(-1, -2) @ doc)  # [B, H, N, Dk, Dv]
+    dstates = torch.empty_like(states)  # gradient of the state leaving chunk n
+    dS = torch.zeros_like(states[:, :, 0]) if dS_T is None else dS_T
+    for n in reversed(range(N)):
+        dstates[:, :, n] = dS
+        dS = decay[:, :, n] * dS + qdo[:, :, n]
+    dS0 = dS
+    dq = scale * (doc @ states.transpose(-1, -2)) * eb
+    dk = (vc @ dstates.transpose(-1, -2)) * ebl
+    dv = ke @ dstates
+    dP = scale * (doc @ vc.transpose(-1, -2))  # [B, H, N, C(t), C(j)]
+    if not vector:
+        Dm = _decay_matrix(b, causal)
+        dv += scale * ((qc @ kc.transpose(-1, -2)) * Dm).transpose(-1, -2) @ doc
+        W = dP * Dm
+        dq += W @ kc
+        dk += W.transpose(-1, -2) @ qc
+    else:
+        dP = dP.masked_fill(~causal, 0.0)
+        for sl in _vector_blocks(N, B * H * C * C * Dk):
+            Ed = _vector_decays(b[:, :, sl], causal)  # [B, H, n, C(t), C(j), Dk]
+            qs, ks = qc[:, :, sl], kc[:, :, sl]
+            A = torch.einsum("bhntd,bhntjd->bhntj", qs, Ed * ks.unsqueeze(-3))
+            dv[:, :, sl] += scale * A.transpose(-1, -2) @ doc[:, :, sl]
+            WE = dP[:, :, sl].unsqueeze(-1) * Ed
+            dq[:, :, sl] += torch.einsum("bhntjd,bhnjd->bhntd", WE, ks)
+            dk[:, :, sl] += torch.einsum("bhntjd,bhntd->bhnjd", WE, qs)
+    dq, dk, dv = (_unchunked(x, T) for x in (dq, dk, dv))
+    dg = None
+    if need_gate:
+        dg = gate_grad(q, k, dq, dk, final_state, dS_T, g.shape[-1])
+    return dq, dk, dv, dg, dS0
+
+
+def gate_grad(q, k, dq, dk, final_state, dS_T, Dg: int) -> torch.Tensor:
+    """``dg_t = sum_{s >= t} (q_s * dq_s - k_s * dk_s) + sum_e dS_T * S_T`` (summed over channels for
+    scalar gates): the gradient of the log gates from those of q and k."""
+    db = q * dq - k * dk
+    if Dg == 1:
+        db = db.sum(-1, keepdim=True)
+    dg = db.flip(2).cumsum(2).flip(2)
+    if dS_T is not None:
+        last = (dS_T * final_state).sum(-1)  # [B, H, Dk]
+        if Dg == 1:
+            last = last.sum(-1, keepdim=True)
+        dg = dg + last.unsqueeze(2)
+    return dg
+
+
+class ChunkedRecurrence(torch.autograd.Function):
+    """The chunked torch recurrence as one autograd node (saves q, k, v, g and the per-chunk states)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, initial_state, scale: float, C: int):
+        out, final, states = chunked_forward(q, k, v, g, scale, initial_state, C)
+        ctx.save_for_backward(q, k, v, g, states, final)
+        ctx.scale, ctx.C = scale, C
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_T):
+        q, k, v, g, states, final = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        dq, dk, dv, dg, dS0 = chunked_backward(q, k, v, g, ctx.scale, states, final, do.contiguous(), dS_T,
+                                               ctx.C, ctx.needs_input_grad[3])
+        return dq, dk, dv, dg, (dS0 if ctx.needs_input_grad[4] else None), None, None
+
+
+def chunked(q, k, v, g, scale: float, initial_state, C: int):
+    """Run the chunked recurrence (inputs in the compute dtype, k/v expanded). Returns (out, final state)."""
+    if C not in CHUNKS:
+        raise SpecError(f"chunk size must be one of {', '.join(map(str, CHUNKS))}, got {C!r}", where="argument chunk")
+    return ChunkedRecurrence.apply(q, k, v, g, initial_state, scale, C)
+
+
+# ----------------------------------------------------------------- one decoding step
+def step(q_t, k_t, v_t, g_t, state, scale: float):
+    """One step of the recurrent form: ``S' = diag(exp(g_t)) S + k_t^T v_t``, ``o_t = scale q_t S'``.
+
+    ``q_t [B, H, Dk]``, ``k_t``/``v_t`` already expanded to H heads, ``g_t [B, H, 1 | Dk]`` and ``state
+    [B, H, Dk, Dv]`` in the compute dtype. Returns ``(o_t [B, H, Dv], new state)``."""
+    new = torch.exp(g_t).unsqueeze(-1) * state + k_t.unsqueeze(-1) * v_t.unsqueeze(-2)
+    out = scale * (q_t.unsqueeze(-2) @ new).squeeze(-2)
+    return out, new
+
+
+__all__ = ["CHUNKS", "ChunkedRecurrence", "chunked", "chunked_backward", "chunked_forward", "compute_dtype",
+           "expand_kv", "gate_grad", "gate_tensor", "head_gates", "step"]
+
+
+# ----------------------------------------------------------------- dispatch (used by runtime.api)
+def hardware_for(device: torch.device):
+    """The simulator's hardware model for a device: the CUDA device's model when known, else H100."""
+    from ..compiler.hardware import HARDWARE, get_hardware
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(device).lower()
+        for key in ("b200", "h200", "h100", "a100"):
+            if key in name and key in HARDWARE:
+                return get_hardware(key)
+    return get_hardware("h100")
+
+
+def check_chunk(chunk) -> int | None:
+    """``q_tile=`` of a recurrence: the chunk size (16, 32 or 64; one int or a one-element tuple)."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, tuple | list) and len(chunk) == 1:
+        chunk = chunk[0]
+    if isinstance(chunk, bool) or chunk not in CHUNKS:
+        raise SpecError(f"a recurrence's chunk size (q_tile) must be one of {', '.join(map(str, CHUNKS))}, "
+                        f"got {chunk!r}", where="argument q_tile")
+    return int(chunk)
+
+
+def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, dtype) -> int:
+    """The simulator's chunk size for these shapes on the device's hardware model."""
+    from ..compiler.recurrence_cost import best_chunk
+
+    nbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    return best_chunk(rec.gate, max(T, 1), H, Dk, B, hardware_for(torch.device(device)), nbytes=nbytes).chunk
+
+
+def resolve_backend(backend: str, device) -> str:
+    """'auto' is Triton on CUDA tensors (when installed) and the chunked torch path otherwise."""
+    if backend != "auto":
+        return backend
+    from . import triton_recurrence
+
+    return "triton" if torch.device(device).type == "cuda" and triton_recurrence.available() else "cpu"
+
+
+def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: dict, scale: float,
+        initial_state, chunk: int | None):
+    """The recurrence on a backend ('cpu': chunked torch, 'triton', 'auto'). Returns (out in q's dtype,
+    final state in the compute dtype, the chunk size used)."""
+    B, H, T, Dk = q.shape
+    dt = compute_dtype(q.dtype)
+    backend = resolve_backend(backend, q.device)
+    C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype)
+    kx, vx = expand_kv(k, H), expand_kv(v, H)
+    s0 = None if initial_state is None else initial_state.to(dt)
+    if backend == "triton":
+        from . import triton_recurrence
+
+        if rec.gate == "head":
+            g = head_gates(rec, bound, H, dt, q.device)
+        else:
+            g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
+            if rec.gate == "scalar":
+                g = g.squeeze(-1)
+        if rec.gate == "vector":
+            C = triton_recurrence.VECTOR_CHUNK
+        out, state = triton_recurrence.run(q, kx, vx, g, scale, s0, C, rec.gate)
+        return out.to(q.dtype), state, C
+    g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).contiguous()
+    out, state = chunked(q.to(dt).contiguous(), kx.to(dt).contiguous(), vx.to(dt).contiguous(), g, scale, s0, C)
+    return out.to(q.dtype), state, C
+
+
+def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs: dict):
+    """``Attention.step``: one token of the recurrent form, for inference loops.
+
+    ``q`` ``[B, Hq, Dk]`` (or ``[B, Hq, 1, Dk]``), ``k`` ``[B, Hkv, Dk]``, ``v`` ``[B, Hkv, Dv]`` (same
+    rank as q), ``state`` ``[B, Hq, Dk, Dv]`` or None (zeros); gate inputs for this one token, with their
+    declared shape at n = 1 (``[heads, 1]``, ``[heads, 1, dk]``, optionally with a batch dimension).
+    Returns ``(o, new_state)``: ``o`` of q's rank and dtype, the state in the compute dtype."""
+    import math
+
+    if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
+        got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise SpecError(f"expected one token: q [B, H, Dk] or [B, H, 1, Dk], got {got}", where="argument q")
+    squeeze = q.dim() == 3
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != q.dim():
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SpecError(f"expected {q.dim()} dimensions like q, got {got}", where=f"argument {name}")
+    if squeeze:
+        q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+    from .api import _check_qkv
+
+    _check_qkv(q, k, v)
+    B, H, T, Dk = q.shape
+    if T != 1 or k.shape[2] != 1:
+        raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
+                        where="argument q")
+    Dv = v.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    bound = E.bind_sizes(rec, n=1, heads=H, sizes=sizes, dk=Dk)
+    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B)
+    dt = compute_dtype(q.dtype)
+    if state is None:
+        state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
+    elif not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, H, Dk, Dv):
+        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise SpecError(f"state must be [{B}, {H}, {Dk}, {Dv}], got {got}", where="argument state")
+    g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
+    out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
+                    state.to(dt), float(scale))
+    out = out.to(q.dtype)
+    return (out if squeeze else out.unsqueeze(2)), new
+
+
+def describe(rec: ir.RecurrenceIR, backend: str, chunk: int | None) -> str:
+    """``Attention.source`` of a recurrence on the chunked backends (and the Triton kernels' text)."""
+    import inspect
+
+    lines = [f"# {backend} backend: chunked recurrence '{rec.name}' ({rec.gate} gate), chunk "
+             f"{chunk if chunk else '(chosen by the simulator at the first call)'}",
+             "# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t",
+             f"decay = {rec.decay}"]
+    if backend == "triton":
+        from . import triton_recurrence
+
+        for fn in triton_recurrence._KERNELS:
+            lines += ["", inspect.getsource(fn).rstrip()]
+    return "\n".join(lines) + "\n"
+
+
+def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batch, hardware, q_tile, kv_tile, dtype,
+                        nk, inputs):
+    """``attnc.simulate`` of a recurrence: the chunked form's FLOPs, bytes and predicted times, the chosen
+    chunk size (``q_tile=`` forces one) and the length past which it beats causal softmax attention."""
+    from ..compiler.cost import dtype_bytes
+    from ..compiler.hardware import get_hardware
+    from ..compiler.recurrence_cost import simulate_recurrence as simulate_chunks
+
+    for what, value in (("nk", nk), ("kv_tile", kv_tile), ("inputs", inputs)):
+        if value is not None:
+            raise SpecError(f"a recurrence takes no {what}: its cost does not depend on it", where=f"argument {what}")
+    if n is None:
+        raise SpecError("the sequence length n is required", where="argument n")
+    for what, value in (("n", n), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    E.bind_sizes(rec, n=n, heads=heads, sizes=sizes, dk=head_dim)  # parameters and sizes are checked
+    chunk = check_chunk(q_tile)
+    hw = get_hardware(hardware)
+    nbytes = dtype_bytes(dtype)
+    return simulate_chunks(rec.name, rec.gate, n, hw, heads=heads, head_dim=head_dim, batch=batch,
+                           dtype=str(dtype).lower(), nbytes=nbytes, chunk=chunk)

@@ -1,0 +1,590 @@
+"""The Triton backend: generated kernels (``compiler.codegen``), compiled from a
+source file, launched over the tile schedule's lists, with an autograd function
+for the backward pass.
+
+On CUDA tensors the kernels run natively; on CPU tensors they run under
+Triton's interpreter. Triton reads ``TRITON_INTERPRET`` (through
+``triton.knobs.runtime.interpret`` from 3.4 on) when ``@triton.jit``
+decorates a function, so the interpreted copy of a module is imported with
+the variable set (``interpreting()``) and kept apart from the native copy.
+
+Interface for the autotuner / kernel cache:
+
+- ``generate_source(pattern, bound, schedule_shape, config) -> str``
+- ``load_kernels(source_path, interpret=False) -> module`` (``attnc_fwd``,
+  ``attnc_bwd_dq``, ``attnc_bwd_dkdv``)
+- ``KernelConfig`` (``compiler.cost.KernelConfig``: q_tile, kv_tile, layout,
+  num_warps, num_stages); ``TritonRunner.config_hook`` may pick the config
+  (and ``TritonRunner.source_hook`` the source file) instead of the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import math
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..compiler import symbols as S
+from ..compiler.codegen import ScheduleShape, generate_source
+from ..compiler.cost import KernelConfig
+from ..compiler.schedule import TileSchedule
+from ..compiler.search import flat_view, tile_shapes
+from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..spec.errors import SpecError
+from . import executor, routing
+from .cpu_backend import mask_input_names
+
+__all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
+           "write_source"]
+
+#: Tile token count of the default schedule under the interpreter (bigger tiles: fewer, larger numpy ops).
+INTERPRET_TILE_TOKENS = 64
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LOCK = threading.RLock()
+_MODULES: dict[tuple[str, bool], object] = {}
+_SOURCE_DIR: str | None = None
+
+
+# ----------------------------------------------------------------- compiling generated source
+@contextlib.contextmanager
+def interpreting(on: bool = True):
+    """``TRITON_INTERPRET`` set (or cleared) while kernels are decorated and launched."""
+    with _LOCK:
+        old = os.environ.get("TRITON_INTERPRET")
+        knobs = _knobs_runtime()
+        saved = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+        os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+            if knobs is not None and saved is not None:
+                knobs.__dict__["interpret"] = saved
+
+
+def _knobs_runtime():
+    try:
+        import triton.knobs as knobs
+
+        return knobs.runtime
+    except (ImportError, AttributeError):  # older Triton reads the environment directly
+        return None
+
+
+def source_dir() -> str:
+    """Where generated sources are written for this process (Triton reads them back)."""
+    global _SOURCE_DIR
+    with _LOCK:
+        if _SOURCE_DIR is None:
+            _SOURCE_DIR = tempfile.mkdtemp(prefix="attnc-kernels-")
+        return _SOURCE_DIR
+
+
+def write_source(source: str, directory: str | None = None) -> str:
+    """Write a generated module to ``directory`` (default: a per-process temp dir); returns its path."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    path = os.path.join(directory or source_dir(), f"attnc_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    return path
+
+
+def load_kernels(source_path: str, interpret: bool = False):
+    """Import a generated kernel module from its file (native, or for the interpreter)."""
+    with open(source_path, encoding="utf-8") as f:
+        digest = hashlib.sha256(f.read().encode()).hexdigest()[:24]
+    key = (digest, interpret)
+    with _LOCK:
+        if key in _MODULES:
+            return _MODULES[key]
+        name = f"attnc_kernels_{digest}_{'interp' if interpret else 'native'}"
+        spec = importlib.util.spec_from_file_location(name, source_path)
+        module = importlib.util.module_from_spec(spec)
+        with interpreting(interpret):
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+        _MODULES[key] = module
+        return module
+
+
+# ----------------------------------------------------------------- choosing a schedule
+def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None, *, device: torch.device,
+                   head_dim: int = 64, dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+    """The schedule to run without autotuning: forced tiles, else the simulator's best
+    candidate on CUDA, else interpreter-friendly tiles of ``INTERPRET_TILE_TOKENS``."""
+    q_ext = layout_extents(pat.queries, bound, bound.n)
+    kv_ext = layout_extents(pat.keys, bound, bound.nk)
+    grid = len(q_ext) > 1 or len(kv_ext) > 1
+    boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
+    if q_tile is not None or kv_tile is not None:
+        qt = q_tile if q_tile is not None else kv_tile
+        kt = kv_tile if kv_tile is not None else qt
+        qt, kt = ((t,) if isinstance(t, int) and not isinstance(t, bool) else tuple(t) for t in (qt, kt))
+        flat = grid and (not boxes or (len(qt) == 1 and len(kt) == 1))
+        if flat:
+            qt = check_tile("q_tile", qt, (math.prod(q_ext),))
+            kt = check_tile("kv_tile", kt, (math.prod(kv_ext),))
+            return KernelConfig(qt, kt, "flat")
+        qt, kt = check_tile("q_tile", qt, q_ext), check_tile("kv_tile", kt, kv_ext)
+        return KernelConfig(qt, kt, "address")
+    if device.type == "cuda":
+        from ..compiler.hardware import get_hardware
+        from ..compiler.search import ScheduleSearch
+
+        name = torch.cuda.get_device_name(device).lower()
+        hw = next((h for h in ("b200", "h200", "h100", "a100") if h in name), "h100")
+        nbytes = 4 if dtype == torch.float32 else 2
+        best = ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim, nbytes=nbytes,
+                              inputs=_static_inputs(inputs)).run(top=1)[0].config
+        return best
+    tokens = INTERPRET_TILE_TOKENS
+    if boxes:
+        while tokens > 1:
+            shapes = tile_shapes(tokens, q_ext, limit=1)
+            if shapes:
+                return KernelConfig(shapes[0], tuple(min(t, L) for t, L in zip(shapes[0], kv_ext, strict=True)),
+                                    "address")
+            tokens //= 2
+    if grid:
+        return KernelConfig((min(tokens, math.prod(q_ext)),), (min(tokens, math.prod(kv_ext)),), "flat")
+    return KernelConfig((min(tokens, q_ext[0]),), (min(tokens, kv_ext[0]),), "address")
+
+
+def _static_inputs(inputs: dict | None) -> dict | None:
+    """Inputs for the simulator's search: first batch element, on the host."""
+    return None if not inputs else {n: t.detach().cpu() for n, t in inputs.items()}
+
+
+def classify(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, inputs: dict | None) -> TileSchedule:
+    """The tile schedule of a config: box tiles on the pattern (``flat`` contiguous boxes and
+    ``address`` boxes alike), 1-D tiles of a grid on its flat view."""
+    flat = len(config.q_tile) == 1 and len(config.kv_tile) == 1
+    if flat and (pat.queries.kind == "grid" or pat.keys.kind == "grid"):
+        view, vbound = flat_view(pat, bound)
+        return classify_tiles(view, vbound, config.q_tile, config.kv_tile, inputs)
+    return classify_tiles(pat, bound, config.q_tile, config.kv_tile, inputs)
+
+
+# ----------------------------------------------------------------- one call's launch state
+@dataclass
+class Launch:
+    """Everything a forward/backward launch needs besides q, k, v: the module, the
+    plan (lists, maybe per (batch, head) for routing), inputs prepared on the device."""
+
+    module: object
+    interpret: bool
+    config: KernelConfig
+    shape: ScheduleShape
+    plan: executor.Plan
+    pattern: ir.PatternIR
+    bound: E.Bound
+    tensors: dict  # checked call-time inputs (original dtypes)
+    batched: frozenset
+    lists: dict  # name -> device tensor
+    cls: tuple[int, int]
+    extra: dict  # SEL, KEY_BLOCK, DC (per call), SOFTCAP, inputs -> device tensors and strides
+
+
+def _dummy(device, dtype=torch.float32) -> torch.Tensor:
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _lists(sched: TileSchedule, device) -> dict:
+    def width1(t):  # a zero-width list still needs a valid pointer and row stride
+        if t.shape[-1] == 0:
+            t = torch.full((*t.shape[:-1], 1), -1, dtype=torch.int32)
+        return t.to(torch.int32).contiguous().to(device)
+
+    return {
+        "FULL_N": sched.full_count.to(torch.int32).contiguous().to(device), "FULL_I": width1(sched.full_index),
+        "PART_N": sched.partial_count.to(torch.int32).contiguous().to(device), "PART_I": width1(sched.partial_index),
+        "T_FULL_N": sched.t_full_count.to(torch.int32).contiguous().to(device),
+        "T_FULL_I": width1(sched.t_full_index),
+        "T_PART_N": sched.t_partial_count.to(torch.int32).contiguous().to(device),
+        "T_PART_I": width1(sched.t_partial_index),
+    }
+
+
+class TritonRunner:
+    """Generated Triton kernels for one pattern: configs and sources per shapes (cached),
+    tile lists per call for data-dependent masks and routing."""
+
+    #: Optional ``hook(pattern, bound, q, inputs) -> KernelConfig | None`` (the autotuner).
+    config_hook = None
+    #: Optional ``hook(pattern, bound, shape, config, source) -> path`` (the kernel cache).
+    source_hook = None
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        self.pattern = pat
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        self._static: dict = {}  # shapes key -> (config, plan, source)
+        self._dynamic_last: tuple | None = None
+        self.last_source: str | None = None
+        self.last_plan: executor.Plan | None = None
+
+    # ------------------------------------------------------------ planning
+    def _config(self, bound: E.Bound, q: torch.Tensor, inputs: dict) -> KernelConfig:
+        hook = type(self).config_hook
+        if hook is not None and self.q_tile is None and self.kv_tile is None:
+            cfg = hook(self.pattern, bound, q, inputs)
+            if cfg is not None:
+                return cfg
+        return default_config(self.pattern, bound, self.q_tile, self.kv_tile, device=q.device, head_dim=q.shape[-1],
+                              dtype=q.dtype, inputs=inputs)
+
+    def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict) -> tuple[KernelConfig, executor.Plan, str]:
+        pat = self.pattern
+        dyn_names = mask_input_names(pat)
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, q.device.type,
+               q.shape[-1], q.dtype)
+        if not dyn_names and key in self._static:
+            return self._static[key]
+        used = {n: t for n, t in tensors.items() if n in dyn_names}
+        if dyn_names and self._dynamic_last is not None and self._dynamic_last[0] == key:
+            seen = self._dynamic_last[1]
+            if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
+                return self._dynamic_last[2]
+        if dyn_names and key in self._static:
+            config = self._static[key][0]
+        else:
+            config = self._config(bound, q, tensors)
+        cpu_inputs = {n: t.detach().cpu() for n, t in used.items()}
+        sched = classify(pat, bound, config, cpu_inputs)
+        plan = executor.Plan.build(pat, bound, sched)
+        source = generate_source(pat, bound, ScheduleShape.of(sched), config)
+        entry = (config, plan, source)
+        self._static[key] = entry
+        if dyn_names:
+            self._dynamic_last = (key, cpu_inputs, entry)
+        return entry
+
+    def prepare(self, bound: E.Bound, q, k, inputs: dict) -> Launch:
+        pat = self.pattern
+        if q.dtype not in DTYPES:
+            raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
+                            where="argument q", hint="use backend='cpu' for float64")
+        tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
+        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+        config, plan, source = self.plan(bound, q, tensors)
+        interpret = q.device.type != "cuda"
+        hook = type(self).source_hook
+        shape = ScheduleShape.of(plan.schedule)
+        path = hook(pat, bound, shape, config, source) if hook is not None else None
+        module = load_kernels(path or write_source(source), interpret=interpret)
+        self.last_source, self.last_plan = source, plan
+        device = q.device
+        if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
+            cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
+            plan = routing.route_plan(plan, q.detach().cpu(), k.detach().cpu(), cpu_t, set(batched))
+        sched = plan.schedule
+        if plan.selection is not None:
+            cls = (bound.heads, 1)
+        elif sched.heads_stored == 1:
+            cls = (0, 0)
+        else:
+            cls = (0, 1)
+        extra: dict = {}
+        if plan.selection is not None:
+            extra["SEL"] = plan.selection.to(torch.int8).contiguous().to(device)
+            extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
+        if plan.softcap is not None:
+            extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+        return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+                      cls, extra)
+
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        launch = self.prepare(bound, q, k, inputs)
+        names = tuple(launch.tensors)
+        return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
+
+
+# ----------------------------------------------------------------- launching
+def _tokens_order(launch: Launch, role: str) -> torch.Tensor:
+    tok = launch.plan.q_tokens if role == "q" else launch.plan.k_tokens
+    return tok.index.reshape(-1)
+
+
+def _to_tiles(launch: Launch, x: torch.Tensor, role: str) -> torch.Tensor:
+    """Permute the token dimension (dim 2) into tile order (``permute`` layout only)."""
+    if launch.config.layout != "permute":
+        return x.contiguous()
+    return x[:, :, _tokens_order(launch, role).to(x.device)].contiguous()
+
+
+def _from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Tensor:
+    if launch.config.layout != "permute":
+        return x
+    tok = launch.plan.q_tokens if role == "q" else launch.plan.k_tokens
+    valid = tok.valid.reshape(-1).to(x.device)
+    out = x.new_zeros(*x.shape[:2], n, *x.shape[3:])
+    out[:, :, tok.index.reshape(-1).to(x.device)[valid]] = x[:, :, valid]
+    return out
+
+
+def _common_args(launch: Launch, device, decay_c: torch.Tensor | None) -> list:
+    """The arguments shared by the three kernels, in ``codegen``'s order."""
+    L, X = launch.lists, launch.extra
+    sel = X.get("SEL")
+    args = [L["FULL_N"], L["FULL_I"], L["PART_N"], L["PART_I"], L["FULL_I"].shape[-1], L["PART_I"].shape[-1],
+            launch.cls[0], launch.cls[1],
+            sel if sel is not None else _dummy(device, torch.int8),
+            X.get("KEY_BLOCK", _dummy(device, torch.int32)),
+            *(sel.stride()[:3] if sel is not None else (0, 0, 0))]
+    if decay_c is not None:
+        args += [decay_c, decay_c.stride(0) if decay_c.shape[0] > 1 else 0, decay_c.stride(1)]
+    else:
+        args += [_dummy(device), 0, 0]
+    args.append(X.get("SOFTCAP", _dummy(device)))
+    for decl in launch.pattern.inputs:
+        t = _device_input(launch, decl, device)
+        if decl.name in launch.batched:
+            args += [t, t.stride(0), *t.stride()[1:]]
+        else:
+            args += [t, 0, *t.stride()]
+    return args
+
+
+def _device_input(launch: Launch, decl, device) -> torch.Tensor:
+    key = f"in:{decl.name}"
+    if key not in launch.extra:
+        t = launch.tensors[decl.name]
+        t = t.to(torch.int64) if decl.dtype == "int" else t.detach().to(torch.float32)
+        launch.extra[key] = t.contiguous().to(device)
+    return launch.extra[key]
+
+
+def _decay_cumsum(launch: Launch, device) -> torch.Tensor | None:
+    name = launch.pattern.decay
+    if name is None:
+        return None
+    g = launch.tensors[name].detach().to(torch.float32).to(device)
+    c = torch.cumsum(g, dim=-1)
+    return (c if c.dim() == 3 else c.unsqueeze(0)).contiguous()
+
+
+def _blocks(launch: Launch, D: int, DV: int) -> dict:
+    return {"BLOCK_M": launch.shape.block_m, "BLOCK_N": launch.shape.block_n,
+            "BLOCK_D": max(16, 1 << (D - 1).bit_length()), "BLOCK_DV": max(16, 1 << (DV - 1).bit_length())}
+
+
+def _dot_mode(launch: Launch, dtype: torch.dtype) -> int:
+    """How the kernels multiply (``_dot``): 1 exact fp32 for fp32; 2 widened to fp32 for bf16
+    under the interpreter (its bf16 tl.dot is wrong in Triton 3.9); 0 native otherwise."""
+    if dtype == torch.float32:
+        return 1
+    return 2 if launch.interpret and dtype == torch.bfloat16 else 0
+
+
+def _launch_opts(launch: Launch) -> dict:
+    return {"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages}
+
+
+def forward(launch: Launch, q, k, v, scale: float):
+    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[-1]
+    device = q.device
+    qp, kp, vp = _to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k")
+    rows = qp.shape[2]
+    out = torch.empty(B, Hq, rows, DV, dtype=q.dtype, device=device)
+    lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
+    nq_tiles = launch.plan.schedule.num_q_tiles
+    decay_c = _decay_cumsum(launch, device)
+    args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
+            *lse.stride()[:2], *_common_args(launch, device, decay_c), float(scale), Hq // Hkv, D, DV]
+    with interpreting(launch.interpret):
+        launch.module.attnc_fwd[(nq_tiles, B * Hq)](*args, **_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype),
+                                                     **_launch_opts(launch))
+    return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str]):
+    """(dq, dk, dv, {input: grad}); deterministic (no atomics)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
+    device = q.device
+    pat = launch.pattern
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    qp, kp, vp = _to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k")
+    dop = _to_tiles(launch, dout.to(q.dtype), "q")
+    lsep = _to_tiles(launch, lse.float().unsqueeze(-1), "q").squeeze(-1).contiguous()
+    deltap = _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous()
+    dq = torch.empty_like(qp)
+    dk = torch.empty_like(kp)
+    dv = torch.empty_like(vp)
+    decay_c = _decay_cumsum(launch, device)
+    row_sums = pat.decay is not None and pat.decay in wrt
+    bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
+    dsq = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    dsk = torch.zeros(B, Hq, Nk, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    sr = (dsq.stride(0), dsq.stride(1)) if row_sums else (0, 0)
+    sched = launch.plan.schedule
+    blocks = _blocks(launch, D, DV)
+    ds_w = launch.lists["FULL_I"].shape[-1] + launch.lists["PART_I"].shape[-1]
+    ds_buf = (torch.zeros(B * Hq, sched.num_q_tiles, ds_w, blocks["BLOCK_M"], blocks["BLOCK_N"], dtype=torch.float32,
+                          device=device) if bias_wrt else _dummy(device))
+    common = _common_args(launch, device, decay_c)
+    head = [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dop.stride()[:3],
+            *lsep.stride()[:2]]
+    tail = [float(scale), Hq // Hkv, D, DV]
+    ieee = _dot_mode(launch, q.dtype)
+    with interpreting(launch.interpret):
+        launch.module.attnc_bwd_dq[(sched.num_q_tiles, B * Hq)](
+            *head, dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w, *common, *tail, **blocks, DOT=ieee,
+            ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **_launch_opts(launch))
+        L = launch.lists
+        launch.module.attnc_bwd_dkdv[(sched.num_kv_tiles, B * Hkv)](
+            *head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
+            L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
+            L["T_PART_I"].shape[-1], *common, *tail, **blocks, DOT=ieee, ROW_SUMS=row_sums,
+            **_launch_opts(launch))
+    grads: dict[str, torch.Tensor] = {}
+    if row_sums:
+        dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
+        dg = torch.flip(torch.cumsum(torch.flip(dc, [-1]), -1), [-1])  # reverse cumsum
+        grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
+    if bias_wrt:
+        for name, grad in _bias_input_grads(launch, ds_buf, bias_wrt, blocks, B, Hq).items():
+            grads[name] = grads[name] + grad.to(device) if name in grads else grad.to(device)
+    out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
+    return (_from_tiles(launch, dq, "q", Nq), _from_tiles(launch, dk, "k", Nk), _from_tiles(launch, dv, "k", Nk),
+            out_grads)
+
+
+def _bias_input_names(pat: ir.PatternIR) -> set[str]:
+    return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
+            and pat.input(name).dtype == "float"}
+
+
+def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
+    env: dict = {sym: int(val) for sym, val in bound.subs.items()}
+    env[S.H] = h
+    for role, layout, flat in (("q", pat.queries, q_tok), ("k", pat.keys, k_tok)):
+        if layout.kind == "seq":
+            env[S.Q if role == "q" else S.K] = flat
+            continue
+        rest = flat
+        for axis, size in reversed(layout.axes):
+            extent = int(size.subs(bound.subs))
+            env[S.coord(role, axis)] = rest % extent
+            rest = rest // extent
+    return env
+
+
+def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], blocks: dict, B: int, Hq: int) -> dict:
+    """Gradients of float inputs of the bias from the kernel's dS per visited pair:
+    for each place the bias reads an input, ``grad[index] += dS * d bias / d input``
+    (summed on the host with ``index_put_(accumulate=True)``; exact, deterministic)."""
+    pat, bound, plan = launch.pattern, launch.bound, launch.plan
+    bias = E.substitute(pat.bias, bound)
+    sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
+    derivs = []
+    for site in sites:
+        u = sympy.Dummy("u")
+        derivs.append((site, sympy.diff(bias.xreplace({site: u}), u).xreplace({u: site})))
+    sched = plan.schedule
+    BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
+    kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
+
+    def padded(tokens, width):
+        index = torch.zeros(tokens.index.shape[0], width, dtype=torch.int64)
+        valid = torch.zeros(tokens.index.shape[0], width, dtype=torch.bool)
+        index[:, :tokens.index.shape[1]] = tokens.index
+        valid[:, :tokens.index.shape[1]] = tokens.valid
+        return index, valid
+
+    q_idx, q_ok = padded(plan.q_tokens, BM)
+    k_idx, k_ok = padded(plan.k_tokens, BN)
+    ds_all = ds_buf.detach().cpu().view(B, Hq, sched.num_q_tiles, -1, BM, BN)
+    grads = {n: torch.zeros(launch.tensors[n].shape, dtype=torch.float64) for n in names}
+    for b in range(B):
+        inputs = {n: (t[b] if n in launch.batched else t).detach().cpu() for n, t in launch.tensors.items()}
+        for h in range(Hq):
+            kt = kt_all[b * launch.cls[0] + h * launch.cls[1]]  # [nQ, W]
+            present = kt >= 0
+            kts = kt.clamp(min=0)
+            q_tok = q_idx[:, None, :, None]  # [nQ, 1, BM, 1]
+            k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
+            weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
+            ds = ds_all[b, h].to(torch.float64) * weight
+            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None)
+            for site, deriv in derivs:
+                name = S.input_name(site.func)
+                value = E.as_tensor(ev(deriv), torch.float64)
+                contrib = (ds * value).reshape(-1)
+                index = [torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1) for a in site.args]
+                target = grads[name][b] if name in launch.batched else grads[name]
+                target.index_put_(tuple(index), contrib, accumulate=True)
+    return grads
+
+
+class TritonAttention(torch.autograd.Function):
+    """The generated kernels as a differentiable function of q, k, v and the float score inputs."""
+
+    @staticmethod
+    def forward(ctx, launch: Launch, scale: float, names: tuple, q, k, v, *input_tensors):
+        out, lse = forward(launch, q, k, v, scale)
+        ctx.launch, ctx.scale, ctx.names = launch, scale, names
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        launch = ctx.launch
+        wrt = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:], strict=True)
+               if need and launch.tensors[n].dtype.is_floating_point]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt)
+        return (None, None, None, dq, dk, dv, *(d_in.get(n) for n in ctx.names))
+
+
+
+# ----------------------------------------------------------------- what users read
+def emit(pattern: ir.PatternIR, *, n: int | None = None, nk: int | None = None, heads: int = 1,
+         sizes: dict | None = None, q_tile=None, kv_tile=None, device: str = "cpu") -> str:
+    """The kernel source a call at these sizes would run (``attnc emit``): the
+    schedule shape only depends on the sizes and tiles, not on the lists."""
+    if not isinstance(pattern, ir.PatternIR):
+        raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to emit", where="argument pattern")
+    bound = E.bind_sizes(pattern, n=n, nk=nk, heads=heads, sizes=sizes)
+    config = default_config(pattern, bound, q_tile, kv_tile, device=torch.device(device))
+    q_ext = (math.prod(layout_extents(pattern.queries, bound, bound.n)),) if len(config.q_tile) == 1 else \
+        layout_extents(pattern.queries, bound, bound.n)
+    kv_ext = (math.prod(layout_extents(pattern.keys, bound, bound.nk)),) if len(config.kv_tile) == 1 else \
+        layout_extents(pattern.keys, bound, bound.nk)
+    shape = ScheduleShape(tuple(q_ext), tuple(kv_ext), tuple(config.q_tile), tuple(config.kv_tile))
+    return generate_source(pattern, bound, shape, config)
+
+
+def describe_source(runner: TritonRunner | None, pattern: ir.PatternIR) -> str:
+    """``Attention.source`` on the Triton backend: the kernels of the latest call."""
+    if runner is not None and runner.last_source is not None:
+        return runner.last_source
+    return (f"# triton backend for '{pattern.name}': the kernels are generated at the first call (per shapes)\n"
+            "# see them before with: attnc emit FILE --sizes ... (or --n N)\n")

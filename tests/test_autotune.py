@@ -1,0 +1,442 @@
+"""The autotuner on CPU with a fake kernel builder and a fake timer: candidate
+lists, winner selection, persistence and reuse, failures, the progress bar, and
+the ``attnc tune`` / ``attnc cache`` commands."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc import cli
+from attnc.compiler import evaluate as E
+from attnc.compiler.cost import KernelConfig
+from attnc.compiler.hardware import get_hardware
+from attnc.compiler.search import ScheduleSearch
+from attnc.runtime import autotune as A
+from attnc.runtime import kernel_cache as KC
+
+LOCAL = "pattern local(w = 24)\n  tokens seq\n  mask causal and q - k < w\n"
+GRID = "pattern g(r = 1)\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) <= r and abs(q.x - k.x) <= r\n"
+
+
+class FakeBuilder(A.KernelBuilder):
+    """Sources that record their config and shape; loading executes them; running returns the config."""
+
+    name = "fake"
+
+    def __init__(self, fail=lambda cfg: False):
+        self.fail = fail
+        self.sources = self.loads = self.runs = 0
+
+    def source(self, pat, bound, schedule, config):
+        self.sources += 1
+        assert tuple(schedule.q_tile) == config.q_tile and tuple(schedule.kv_tile) == config.kv_tile
+        return f"# fake kernel\nCONFIG = {A.config_dict(config)!r}\nN = {bound.n}\n"
+
+    def load(self, path):
+        self.loads += 1
+        ns: dict = {}
+        exec(compile(path.read_text(), str(path), "exec"), ns)
+        return ns
+
+    def runner(self, kernels, pat, bound, schedule, config, **kw):
+        self.runs += 1
+        if self.fail(config):
+            raise RuntimeError("out of resources: shared memory")
+        return lambda: kernels["CONFIG"]
+
+
+class FakeTimer:
+    """Milliseconds from a function of the config the fake kernel returns."""
+
+    def __init__(self, cost):
+        self.cost, self.calls = cost, 0
+
+    def __call__(self, fn):
+        self.calls += 1
+        d = fn()
+        return self.cost(KernelConfig(tuple(d["q_tile"]), tuple(d["kv_tile"]), d["layout"], d["num_warps"],
+                                      d["num_stages"]))
+
+
+def prefer(q=128, kv=32, warps=8, stages=3):
+    """A cost with a unique minimum at the given config."""
+    return lambda c: 1.0 + abs(math.log2(c.q_tokens / q)) + abs(math.log2(c.kv_tokens / kv)) \
+        + 0.1 * (c.num_warps != warps) + 0.01 * (c.num_stages != stages)
+
+
+@pytest.fixture(scope="module")
+def local():
+    pat = attnc.load(LOCAL)
+    return pat, E.bind_sizes(pat, n=256, heads=2)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return KC.KernelCache(tmp_path / "cache")
+
+
+def tune(pat, bound, cache, builder=None, timer=None, **kw):
+    kw.setdefault("head_dim", 64)
+    kw.setdefault("progress", False)
+    return A.autotune(pat, bound, builder=builder or FakeBuilder(), timer=timer or FakeTimer(prefer()), cache=cache,
+                      device="cpu", **kw)
+
+
+# ----------------------------------------------------------------- candidates
+def test_candidates_are_top_schedules_times_launch_parameters(local):
+    pat, bound = local
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=64)
+    ranked = search.run(top=0)
+    distinct = []
+    for c in ranked:
+        s = (c.config.q_tile, c.config.kv_tile, c.config.layout)
+        if s not in distinct:
+            distinct.append(s)
+    for top in (1, 2, 3, 100):
+        trials = A.candidates(search, top=top, launch=((4, 2), (8, 3), (4, 3)))
+        shapes = []
+        for t in trials:
+            s = (t.config.q_tile, t.config.kv_tile, t.config.layout)
+            if s not in shapes:
+                shapes.append(s)
+        assert shapes == distinct[:top]  # the simulator's order
+        assert [t.rank for t in trials] == list(range(len(trials)))
+        for s in shapes:
+            cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
+                    if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s]
+            best = next(c.config for c in ranked if (c.config.q_tile, c.config.kv_tile, c.config.layout) == s)
+            assert cfgs[0] == (best.num_warps, best.num_stages)  # the simulator's pick first
+            assert set(cfgs) == {(best.num_warps, best.num_stages), (4, 2), (8, 3), (4, 3)}
+            assert len(cfgs) == len(set(cfgs))
+        for t in trials:
+            assert t.predicted_ms > 0 or math.isnan(t.predicted_ms)
+
+
+def test_candidates_drop_launches_that_do_not_fit(local):
+    pat, bound = local
+    search = ScheduleSearch(pat, bound, get_hardware("a100"), head_dim=256)
+    trials = A.candidates(search, top=3, launch=((4, 2), (4, 16)))
+    # 16 stages of 64-token K and V tiles at head_dim 256 need far more than 164 KiB
+    assert all(t.config.num_stages != 16 for t in trials)
+    assert trials
+
+
+# ----------------------------------------------------------------- selection, persistence, reuse
+def test_winner_is_the_fastest_and_persisted(local, cache):
+    pat, bound = local
+    builder, timer = FakeBuilder(), FakeTimer(prefer(q=64, kv=64, warps=8, stages=2))
+    res = tune(pat, bound, cache, builder, timer)
+    assert not res.from_cache
+    assert res.config == KernelConfig((64,), (64,), "flat", 8, 2)
+    assert timer.calls == len(res.trials) == builder.sources == builder.runs
+    assert res.best_ms == min(t.measured_ms for t in res.trials) == 1.0
+    assert f"CONFIG = {A.config_dict(res.config)!r}" in res.source
+    assert res.source_path.read_text() == res.source and res.source_path.parent == cache.dir
+    key = KC.CacheKey.make(pat, bound, head_dim=64, dtype="bf16", device="cpu-interpreter")
+    entry = cache.get(key)
+    assert entry is not None and A.config_from_dict(entry.config) == res.config and entry.source == res.source
+    assert [t["measured_ms"] for t in entry.meta["trials"]] == [t.measured_ms for t in res.trials]
+    assert A.lookup(pat, bound, head_dim=64, cache=cache) == res.config
+
+
+def test_second_call_reuses_the_cached_winner_without_tuning(local, cache):
+    pat, bound = local
+    first = tune(pat, bound, cache)
+    builder, timer = FakeBuilder(), FakeTimer(prefer(q=64))  # a different preference: must not be consulted
+    again = tune(pat, bound, cache, builder, timer)
+    assert again.from_cache and again.config == first.config and again.source == first.source
+    assert timer.calls == 0 and builder.sources == 0 and builder.loads == 0
+    assert len(again.cached_trials) == len(first.trials)
+    # retune: times again and replaces the winner
+    third = tune(pat, bound, cache, builder, timer, retune=True)
+    assert not third.from_cache and timer.calls == len(third.trials) and third.config.q_tile == (64,)
+    assert tune(pat, bound, cache, FakeBuilder(), FakeTimer(prefer())).config == third.config
+
+
+def test_same_bucket_other_shape_reuses_config_and_regenerates_source(local, cache):
+    pat, bound = local
+    first = tune(pat, bound, cache, timer=FakeTimer(prefer(q=64, kv=32, warps=4, stages=3)))
+    other = E.bind_sizes(pat, n=200, heads=2)  # the same bucket (n <= 256, heads 2)
+    builder, timer = FakeBuilder(), FakeTimer(prefer())
+    res = tune(pat, other, cache, builder, timer)
+    assert res.from_cache and res.config == first.config and timer.calls == 0
+    assert builder.sources == 1 and "N = 200" in res.source and "N = 256" in first.source
+    assert res.source_path.read_text() == res.source
+    assert cache.get(res.key).source == first.source  # the stored entry is left as it was
+    # another bucket: tuned anew
+    big = E.bind_sizes(pat, n=300, heads=2)
+    res = tune(pat, big, cache, FakeBuilder(), timer)
+    assert not res.from_cache and timer.calls > 0
+
+
+def test_cached_tiles_are_clipped_to_a_smaller_shape_of_the_bucket(cache):
+    pat = attnc.load(LOCAL)
+    first = tune(pat, E.bind_sizes(pat, n=128, heads=2), cache, timer=FakeTimer(prefer(q=128, kv=64)))
+    assert first.config.q_tile == (128,) and first.config.kv_tile == (64,)
+    builder = FakeBuilder()  # asserts the regenerated schedule's tiles are the config's
+    res = tune(pat, E.bind_sizes(pat, n=100, heads=2), cache, builder, FakeTimer(prefer()))
+    assert res.from_cache and builder.sources == 1
+    assert res.config == KernelConfig((100,), (64,), "flat", first.config.num_warps, first.config.num_stages)
+
+
+def test_keys_differ_by_dtype_and_head_dim(local, cache):
+    pat, bound = local
+    tune(pat, bound, cache)
+    for kw in ({"dtype": "fp16"}, {"dtype": "fp32"}, {"head_dim": 128}, {"batch": 2}):
+        timer = FakeTimer(prefer())
+        assert not tune(pat, bound, cache, timer=timer, **kw).from_cache and timer.calls > 0, kw
+    assert len(cache.entries()) == 5
+
+
+def test_corrupt_entry_is_retuned(local, cache):
+    pat, bound = local
+    first = tune(pat, bound, cache)
+    json_path = cache.dir / f"{first.key.digest()}.json"
+    json_path.write_bytes(json_path.read_bytes()[:40])
+    timer = FakeTimer(prefer())
+    res = tune(pat, bound, cache, timer=timer)
+    assert not res.from_cache and timer.calls == len(res.trials) and res.config == first.config
+    assert cache.get(res.key) is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(times=st.lists(st.integers(1, 6), min_size=40, max_size=40))
+def test_selection_is_argmin_with_ties_to_the_simulator(tmp_path_factory, times):
+    pat = attnc.load(LOCAL)
+    bound = E.bind_sizes(pat, n=256, heads=2)
+    cache = KC.KernelCache(tmp_path_factory.mktemp("c"))
+    order: list[KernelConfig] = []
+
+    def cost(cfg):
+        order.append(cfg)
+        return times[len(order) - 1] / 7.0
+
+    res = tune(pat, bound, cache, timer=FakeTimer(cost), top=3)
+    measured = [times[i] for i in range(len(order))]
+    expect = order[measured.index(min(measured))]  # the first (best-ranked) of the fastest
+    assert res.config == expect
+    assert [t.config for t in res.trials] == order
+
+
+# ----------------------------------------------------------------- failures and refusals
+def test_failing_candidates_are_skipped(local, cache):
+    pat, bound = local
+    builder = FakeBuilder(fail=lambda c: c.num_warps == 8)
+    res = tune(pat, bound, cache, builder, FakeTimer(prefer(warps=8)))
+    assert res.config.num_warps == 4
+    failed = [t for t in res.trials if t.error]
+    assert failed and all(t.config.num_warps == 8 and "out of resources" in t.error for t in failed)
+    assert all(not math.isfinite(t.measured_ms) for t in failed)
+    assert all(t["measured_ms"] is None for t in cache.get(res.key).meta["trials"] if t["error"])
+
+
+def test_all_failing_is_a_clean_error(local, cache):
+    pat, bound = local
+    with pytest.raises(A.AutotuneError, match="every candidate failed"):
+        tune(pat, bound, cache, FakeBuilder(fail=lambda c: True))
+    with pytest.raises(A.AutotuneError, match="every candidate failed"):
+        tune(pat, bound, cache, timer=FakeTimer(lambda c: math.nan))
+    with pytest.raises(A.AutotuneError):
+        tune(pat, bound, cache, timer=FakeTimer(lambda c: -1.0))
+    assert cache.entries() == []
+
+
+def test_refused_without_cuda(local, cache, monkeypatch):
+    pat, bound = local
+    monkeypatch.setattr(A, "cuda_available", lambda: False)
+    with pytest.raises(A.AutotuneError, match="needs a CUDA GPU") as err:
+        A.autotune(pat, bound, cache=cache)
+    assert err.value.render().startswith("autotune: error:")
+    with pytest.raises(A.AutotuneError, match="CUDA is not available"):
+        A.autotune(pat, bound, cache=cache, device="cuda", timer=FakeTimer(prefer()))
+    assert isinstance(err.value, attnc.SpecError)
+
+
+def test_bad_arguments(local, cache):
+    pat, bound = local
+    rec = attnc.load("stdlib:retention")
+    with pytest.raises(attnc.SpecError, match="not a softmax pattern"):
+        tune(rec, bound, cache)
+    with pytest.raises(attnc.SpecError, match="unsupported dtype"):
+        tune(pat, bound, cache, dtype="int8")
+    for bad in ({"head_dim": 0}, {"batch": True}, {"top": -1}):
+        with pytest.raises(attnc.SpecError, match="positive int"):
+            tune(pat, bound, cache, **bad)
+
+
+def test_unwritable_cache_still_returns_the_winner(local, tmp_path, capsys):
+    pat, bound = local
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    res = tune(pat, bound, KC.KernelCache(blocker))
+    assert res.config == KernelConfig((128,), (32,), "flat", 8, 3)
+    assert res.source_path.read_text() == res.source
+    assert "could not write the kernel cache" in capsys.readouterr().err
+
+
+def test_grid_pattern_tunes_box_tiles(cache):
+    pat = attnc.load(GRID)
+    bound = E.bind_sizes(pat, sizes={"height": 16, "width": 16})
+    res = tune(pat, bound, cache, timer=FakeTimer(lambda c: 1.0 + (len(c.q_tile) == 1) + (c.layout != "address")))
+    assert len(res.config.q_tile) == 2 and res.config.layout == "address"
+    again = tune(pat, E.bind_sizes(pat, sizes={"height": 16, "width": 16}), cache, timer=FakeTimer(prefer()))
+    assert again.from_cache and again.config == res.config
+
+
+def test_hardware_for_device_names():
+    assert A.hardware_for("NVIDIA H200").name == "H200"
+    assert A.hardware_for("NVIDIA H100 80GB HBM3").name == "H100"
+    assert A.hardware_for("NVIDIA A100-SXM4-80GB").name == "A100"
+    assert A.hardware_for("NVIDIA GeForce RTX 4090").name == "H100"  # unknown: the default model
+
+
+# ----------------------------------------------------------------- progress bar
+class Tty(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_on_a_tty(local, cache):
+    pat, bound = local
+    out = Tty()
+    res = tune(pat, bound, cache, progress=None, stream=out)
+    text = out.getvalue()
+    n = len(res.trials)
+    assert text.startswith("\rtuning local [") and text.endswith("\n")
+    frames = text.rstrip("\n").split("\r")[1:]
+    assert len(frames) == n + 1
+    assert f" 0/{n}" in frames[0] and "#" not in frames[0]
+    assert f"[{'#' * 24}] {n}/{n}" in frames[-1] and "best 1.000 ms" in frames[-1]
+    counts = [int(f.split("] ")[1].split("/")[0]) for f in frames]
+    assert counts == list(range(n + 1))
+
+
+def test_progress_bar_quiet(local, cache):
+    pat, bound = local
+    for stream, progress in ((io.StringIO(), None), (Tty(), False)):
+        tune(pat, bound, cache, progress=progress, stream=stream, retune=True)
+        assert stream.getvalue() == ""
+    forced = io.StringIO()
+    tune(pat, bound, cache, progress=True, stream=forced, retune=True)
+    assert "tuning local" in forced.getvalue()
+
+
+def test_progress_class():
+    out = Tty()
+    bar = A.Progress(4, "x", stream=out, width=8)
+    bar.update("a long note here")
+    bar.update()
+    bar.close()
+    frames = out.getvalue().split("\r")[1:]
+    assert frames[0] == "x [##......] 1/4 a long note here"
+    assert frames[1].startswith("x [####....] 2/4") and len(frames[1]) == len("x [##......] 1/4 a long note here") + 1
+    assert frames[1].endswith(" \n")  # padded over the longer previous line, then a newline
+    silent = io.StringIO()
+    A.Progress(3, stream=silent).update()
+    assert silent.getvalue() == ""
+
+
+# ----------------------------------------------------------------- the commands
+def run_cli(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err and "internal error" not in out + err
+    return code, out, err
+
+
+def test_cli_tune_without_cuda(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setattr(A, "cuda_available", lambda: False)
+    code, out, err = run_cli(capsys, "tune", "stdlib:sliding_window", "-p", "window=64", "--n", "1024")
+    assert code == 1 and out == ""
+    assert "autotune: error: autotuning needs a CUDA GPU" in err and err.count("error") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_tune_errors(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "c"))
+    bad = tmp_path / "bad.attn"
+    bad.write_text("pattern p\n  tokens seq\n  mask q < < k\n")
+    assert run_cli(capsys, "tune", str(bad), "--n", "64")[0] == 1
+    assert run_cli(capsys, "tune", "stdlib:retention")[0] == 1
+    code, _, err = run_cli(capsys, "tune", "stdlib:sliding_window", "--n", "64", "--dtype", "int4")
+    assert code == 1 and "unsupported dtype" in err
+    assert run_cli(capsys, "tune")[0] == 1
+    assert run_cli(capsys, "cache", "purge")[0] == 1
+
+
+def test_cli_tune_then_cache_ls_and_clear(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setattr(A, "cuda_available", lambda: True)  # a pretend GPU: fake kernels and timer
+    monkeypatch.setattr(A, "TritonBuilder", FakeBuilder)
+    monkeypatch.setattr(A, "do_bench_timer", FakeTimer(prefer(q=64, kv=64, warps=4, stages=2)))
+    code, out, err = run_cli(capsys, "cache", "ls")
+    assert code == 0 and "no entries" in out
+    args = ("tune", "stdlib:sliding_window", "-p", "window=64", "--n", "1000", "--heads", "2", "--head-dim", "64")
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "sliding_window [n<=1024 heads=2 d<=64 b<=1, bf16, cpu-interpreter]" in out
+    winner = [line for line in out.splitlines() if line.startswith(" * ")]
+    assert len(winner) == 1 and "64/64 flat w4 s2" in winner[0] and "1.0000 ms" in winner[0]
+    assert err == ""  # not a TTY: no progress bar
+    code, out, _ = run_cli(capsys, *args)
+    assert code == 0 and "cached: 64/64 flat w4 s2" in out
+    code, out, _ = run_cli(capsys, *args, "--dtype", "fp16", "-q")
+    assert code == 0 and "candidates" in out
+    code, out, _ = run_cli(capsys, "cache", "ls")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith(f"{tmp_path / 'c' / 'kernels'}: 2 entries")
+    rows = lines[2:]
+    assert len(rows) == 2 and all("sliding_window" in r and "64/64 flat w4 s2" in r for r in rows)
+    assert sorted(r.split()[-1] for r in rows) == ["ok", "ok"]
+    assert {"bf16", "fp16"} == {r.split()[6] for r in rows}
+    code, out, _ = run_cli(capsys, "cache", "clear")
+    assert code == 0 and out.startswith("removed 2 entries")
+    code, out, _ = run_cli(capsys, "cache")
+    assert code == 0 and "no entries" in out
+    code, out, _ = run_cli(capsys, "cache", "clear")
+    assert code == 0 and out.startswith("removed 0 entries")
+
+
+# ----------------------------------------------------------------- the real kernels, interpreted
+def test_real_triton_kernels_tuned_under_the_interpreter(cache):
+    """The code generator's kernels, loaded for the interpreter, timed by a fake timer
+    that also checks each candidate's output against a dense softmax written here."""
+    import torch
+
+    pat = attnc.load(LOCAL)
+    n, heads, d = 64, 2, 16
+    bound = E.bind_sizes(pat, n=n, heads=heads)
+    qi = torch.arange(n)[:, None]
+    ki = torch.arange(n)[None, :]
+    allowed = (ki <= qi) & (qi - ki < 24)
+    gen = torch.Generator().manual_seed(0)  # the runner's inputs: seed 0, q then k then v
+    q, k, v = (torch.randn(1, heads, n, d, generator=gen) for _ in range(3))
+    scores = (q.double() @ k.double().transpose(-1, -2)) * d ** -0.5
+    expect = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ v.double()
+    seen = []
+
+    def timer(fn):
+        out = fn()
+        out = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+        seen.append(len(seen))
+        return 2.0 - 0.1 * len(seen)  # the last candidate wins
+
+    builder = A.TritonBuilder(interpret=True)
+    res = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=builder, timer=timer, cache=cache, top=2,
+                     launch=((4, 2),), device="cpu", progress=False)
+    assert len(seen) == len(res.trials) >= 2 and all(t.error is None for t in res.trials)
+    assert res.config == res.trials[-1].config
+    assert "@triton.jit" in res.source and "attnc_fwd" in res.source
+    assert cache.get(res.key).source == res.source
+    module = builder.load(res.source_path)  # the cached source loads
+    assert hasattr(module, "attnc_fwd")
+    again = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=builder, timer=timer, cache=cache, device="cpu")
+    assert again.from_cache and again.config == res.config and len(seen) == len(res.trials)

@@ -1,0 +1,379 @@
+"""The generated Triton kernels, run under Triton's interpreter on CPU tensors.
+
+Every stdlib softmax pattern forward and backward against the reference
+backend, a plain-torch dense attention written here for hand-checked cases,
+random patterns / tiles / head dims (hypothesis), hostile names, bitwise
+repeatability, and reviewed snapshots of the generated source. Sizes are
+small: the interpreter runs each program instance in Python.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import tokenize
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.compiler import codegen
+from attnc.compiler import evaluate as E
+from attnc.compiler.cost import KernelConfig
+from attnc.runtime import triton_backend as T
+
+# the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
+                                        "ignore:invalid value:RuntimeWarning")
+
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+UPDATE = os.environ.get("ATTNC_UPDATE_SNAPSHOTS") == "1"
+
+
+# ----------------------------------------------------------------- helpers
+def qkv(B, Hq, Hkv, n, D, Dv=None, dtype=torch.float32, seed=0, nk=None):
+    g = torch.Generator().manual_seed(seed)
+    nk = n if nk is None else nk
+    q = torch.randn(B, Hq, n, D, generator=g, dtype=torch.float32).to(dtype).requires_grad_()
+    k = torch.randn(B, Hkv, nk, D, generator=g, dtype=torch.float32).to(dtype).requires_grad_()
+    v = torch.randn(B, Hkv, nk, Dv or D, generator=g, dtype=torch.float32).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def finite(x):
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def compare(pat, q, k, v, *, sizes=None, inputs=None, q_tile=None, kv_tile=None, atol=2e-5, scale=None):
+    """Triton (interpreter) against the reference backend: out, lse and every gradient."""
+    inputs = inputs or {}
+    tri = attnc.compile_attention(pat, backend="triton", sizes=sizes, q_tile=q_tile, kv_tile=kv_tile)
+    ref = attnc.compile_attention(pat, backend="reference", sizes=sizes)
+    o1, l1 = tri(q, k, v, return_lse=True, scale=scale, **inputs)
+    o2, l2 = ref(q, k, v, return_lse=True, scale=scale, **inputs)
+    assert o1.dtype == q.dtype and o1.shape == o2.shape
+    torch.testing.assert_close(o1, o2.to(o1.dtype), atol=atol, rtol=atol)
+    assert torch.equal(torch.isinf(l1), torch.isinf(l2)), "rows without allowed keys differ"
+    torch.testing.assert_close(finite(l1), finite(l2).to(l1.dtype), atol=atol, rtol=atol)
+    leaves = [q, k, v] + [t for t in inputs.values() if t.requires_grad]
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(o1.shape, generator=g)
+    wl = torch.randn(l1.shape, generator=g)
+    g1 = torch.autograd.grad((o1.float() * w).sum() + (finite(l1) * wl).sum(), leaves)
+    g2 = torch.autograd.grad((o2.float() * w).sum() + (finite(l2) * wl).sum(), leaves)
+    for a, b in zip(g1, g2, strict=True):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a.float(), b.float(), atol=atol * 5, rtol=atol * 5)
+    return tri
+
+
+# ----------------------------------------------------------------- every stdlib softmax pattern
+GRID2 = {"height": 6, "width": 8}
+#: name -> (params, sizes, n, input factory, q_tile)
+STDLIB = {
+    "sliding_window": ({"window": 5}, None, 40, None, 16),
+    "streaming": ({"window": 6, "sinks": 2}, None, 40, None, 16),
+    "a_shape": ({"sinks": 3, "local": 7}, None, 40, None, 16),
+    "neighborhood_1d": ({"kernel": 5, "dilation": 2}, None, 36, None, 16),
+    "neighborhood_2d": ({"ky": 3, "kx": 5, "causal_x": True}, GRID2, None, None, (4, 4)),
+    "neighborhood_3d": ({"kt": 3, "ky": 3, "kx": 3, "sx": 2}, {"frames": 3, "height": 4, "width": 4}, None, None,
+                        (2, 2, 4)),
+    "dilated": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
+    "longnet": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
+    "sliding_tile": ({"tile_t": 2, "tile_y": 2, "tile_x": 2, "wt": 1, "wy": 3, "wx": 1},
+                     {"frames": 2, "height": 6, "width": 4}, None, None, (2, 2, 4)),
+    "radial": ({"block": 4}, {"frames": 4, "per_frame": 10}, None, None, (2, 8)),
+    "power": ({"block": 4, "local": 2}, None, 48, None, 16),
+    "logsparse": ({}, None, 40, None, 16),
+    "longformer": ({"window": 6}, None, 40,
+                   lambda n: {"is_global": (torch.arange(n) % 13 == 3).to(torch.int64)}, 16),
+    "s2": ({"block": 4, "local": 2, "vert": 2}, None, 40, None, 16),
+    "prefix_lm": ({"prefix": 5}, None, 40, None, 16),
+    "document": ({}, None, 40, lambda n: {"doc": torch.tensor([0] * 11 + [1] * 20 + [2] * (n - 31))}, 16),
+    "alibi": ({}, None, 40, None, 16),
+    "softcap": ({"cap": 1.5}, None, 40, None, 16),
+    "forgetting": ({}, None, 40,
+                   lambda n: {"g": (-torch.rand(2, n, generator=torch.Generator().manual_seed(3))).requires_grad_()},
+                   16),
+    "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
+    "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
+}
+
+
+def test_stdlib_table_covers_every_softmax_pattern():
+    from attnc.spec.library import stdlib_index
+
+    softmax = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"}
+    assert softmax == set(STDLIB)
+
+
+@pytest.mark.parametrize("name", sorted(STDLIB))
+def test_stdlib_forward_backward(name):
+    params, sizes, n, make_inputs, tile = STDLIB[name]
+    pat = attnc.load(f"stdlib:{name}", **params)
+    if n is None:
+        n = math.prod(sizes.values())
+    inputs = make_inputs(n) if make_inputs else {}
+    q, k, v = qkv(1, 2, 2, n, 16)
+    compare(pat, q, k, v, sizes=sizes, inputs=inputs, q_tile=tile)
+
+
+# ----------------------------------------------------------------- an independent dense reference
+def dense_attention(q, k, v, allowed, bias=None, scale=None):
+    """softmax(scale q k^T + bias, masked) v in float64; rows with no key give zeros."""
+    q, k, v = (x.detach().double() for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = (scale or 1 / math.sqrt(q.shape[-1])) * q @ k.transpose(-1, -2)
+    if bias is not None:
+        s = s + bias
+    s = s.masked_fill(~allowed, -math.inf)
+    m = s.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    return (p / total.clamp(min=1e-300)) @ v
+
+
+def test_against_plain_torch_gqa_odd_head_dim_and_empty_rows():
+    # keys strictly in the future within 6, so the last query has no key at all
+    n, w = 45, 6
+    spec = f"pattern future\n tokens seq\n mask k > q and k - q <= {w}"
+    q, k, v = qkv(2, 4, 2, n, 24, Dv=20)
+    attn = attnc.compile_attention(spec, backend="triton", q_tile=16, kv_tile=32)
+    out, lse = attn(q, k, v, return_lse=True)
+    i = torch.arange(n)
+    allowed = (i[None, :] > i[:, None]) & (i[None, :] - i[:, None] <= w)
+    want = dense_attention(q, k, v, allowed)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.all(out[:, :, -1] == 0) and torch.all(torch.isneginf(lse[:, :, -1]))
+    assert torch.isfinite(lse[:, :, :-1]).all()
+    grads = torch.autograd.grad(out.sum() + finite(lse).sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_alibi_against_plain_torch():
+    n, H = 33, 4
+    q, k, v = qkv(1, H, H, n, 16)
+    out = attnc.compile_attention("stdlib:alibi", backend="triton", q_tile=16)(q, k, v)
+    i = torch.arange(n, dtype=torch.float64)
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    bias = -slopes[:, None, None] * (i[:, None] - i[None, :])
+    want = dense_attention(q, k, v, i[None, :] <= i[:, None], bias=bias)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
+def test_half_precision(dtype, atol):
+    q, k, v = qkv(1, 2, 1, 40, 32, dtype=dtype)
+    attn = attnc.compile_attention("stdlib:sliding_window", window=9, backend="triton", q_tile=16)
+    out = attn(q, k, v)
+    assert out.dtype == dtype
+    i = torch.arange(40)
+    want = dense_attention(q, k, v, (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 9))
+    torch.testing.assert_close(out.double(), want, atol=atol, rtol=atol)
+    gq, gk, gv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert gq.dtype == dtype and torch.isfinite(gk.float()).all() and gv.abs().sum() > 0
+
+
+# ----------------------------------------------------------------- score inputs, layouts, int64
+def test_float_bias_input_and_fox_gradients_batched():
+    spec = """pattern biased
+      tokens seq
+      input b: float[heads, n]
+      input g: float[heads, n]
+      mask k <= q and q - k < 20
+      bias 0.5 * b[h, k] * b[h, q] + (q - k) / 7
+      decay g
+    """
+    n = 37
+    gen = torch.Generator().manual_seed(5)
+    b = torch.randn(2, 2, n, generator=gen).requires_grad_()  # batched: [B, heads, n]
+    g = (-torch.rand(2, n, generator=gen)).requires_grad_()
+    q, k, v = qkv(2, 2, 2, n, 16)
+    compare(spec, q, k, v, inputs={"b": b, "g": g}, q_tile=16, kv_tile=16)
+
+
+@pytest.mark.parametrize("cfg,name,sizes,params", [
+    (KernelConfig((2, 4), (4, 2), "permute"), "neighborhood_2d", {"height": 6, "width": 7}, {"ky": 3, "kx": 3}),
+    (KernelConfig((1, 2, 4), (1, 2, 4), "flat"), "neighborhood_3d", {"frames": 3, "height": 4, "width": 4},
+     {"kt": 3, "ky": 3, "kx": 3}),
+    (KernelConfig((16,), (8,), "flat"), "neighborhood_2d", {"height": 5, "width": 7}, {"ky": 3, "kx": 5}),
+])
+def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
+    old = T.TritonRunner.config_hook
+    T.TritonRunner.config_hook = staticmethod(lambda pat, bound, q, inputs: cfg)
+    try:
+        n = math.prod(sizes.values())
+        q, k, v = qkv(1, 2, 1, n, 20, Dv=12)
+        tri = compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes)
+        assert ("permuted into tile order" in tri.source) == (cfg.layout == "permute")
+        assert tri.schedule.q_tile == cfg.q_tile
+    finally:
+        T.TritonRunner.config_hook = old
+
+
+def test_int64_arithmetic_where_int32_overflows():
+    # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
+    spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"
+    pat = attnc.load(spec)
+    ks = codegen.KernelSource(pat, E.bind_sizes(pat, n=64), codegen.ScheduleShape((64,), (64,), (16,), (16,)))
+    assert ks.wide_math
+    q, k, v = qkv(1, 1, 1, 64, 16)
+    compare(pat, q, k, v, q_tile=16)
+    small = attnc.load("stdlib:sliding_window", window=4)
+    assert not codegen.KernelSource(small, E.bind_sizes(small, n=64),
+                                    codegen.ScheduleShape((64,), (64,), (16,), (16,))).wide_math
+
+
+def test_floored_division_and_total_division_by_zero():
+    spec = """pattern floors
+      tokens seq
+      input d: int[n]
+      mask (q - k) // 3 >= -2 and (k - q) % 5 != 1 and d[q] // d[k] >= 0 and d[k] % d[q] != 1
+        and -7 // (d[q] - 2) <= 3
+    """
+    n = 40
+    d = torch.tensor([(i * 7) % 5 - 2 for i in range(n)])  # negatives and zeros
+    q, k, v = qkv(1, 1, 1, n, 16)
+    compare(spec, q, k, v, inputs={"d": d}, q_tile=16)
+
+
+# ----------------------------------------------------------------- hostile names
+def test_hostile_names_never_reach_the_kernel():
+    spec = """pattern tl(torch = 3, exec = 2, __import__ = 1)
+      tokens seq
+      input triton: int[n]
+      input eval: float[heads, n]
+      let os = q - k
+      let sys = exec * torch
+      mask abs(os) <= sys and triton[q] + __import__ >= triton[k]
+      bias eval[h, k]
+    """
+    n = 40
+    ids = torch.arange(n) // 9
+    ev = torch.randn(2, n).requires_grad_()
+    q, k, v = qkv(1, 2, 2, n, 16)
+    tri = compare(spec, q, k, v, inputs={"triton": ids, "eval": ev}, q_tile=16)
+    src = tri.source
+    names = [t.string for t in tokenize.generate_tokens(io.StringIO(src).readline) if t.type == tokenize.NAME]
+    for word in ("torch", "exec", "__import__", "eval", "os", "sys"):
+        assert word not in names, word
+    lines = [line for line in src.splitlines() if re.search(r"\btriton\b", line)]
+    assert all(re.fullmatch(r"\s*(import triton(\.language as tl)?|@triton\.jit)\s*", line) for line in lines), lines
+    assert "def tl" not in src and "tl =" not in src
+
+
+# ----------------------------------------------------------------- repeatability and backend selection
+def test_identical_bits_on_repeated_runs():
+    gen = torch.Generator().manual_seed(1)
+    g = (-torch.rand(4, 48, generator=gen)).requires_grad_()
+    results = []
+    for _ in range(2):
+        q, k, v = qkv(1, 4, 2, 48, 16, seed=4)
+        attn = attnc.compile_attention("stdlib:forgetting", backend="triton", q_tile=16)
+        out, lse = attn(q, k, v, return_lse=True, g=g)
+        grads = torch.autograd.grad((out * out).sum() + finite(lse).sum(), (q, k, v, g))
+        results.append((out, lse, *grads))
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_auto_uses_cpu_executor_on_cpu_tensors_and_source_is_the_kernel():
+    auto = attnc.compile_attention("stdlib:sliding_window", window=4)
+    q, k, v = qkv(1, 1, 1, 32, 16)
+    auto(q, k, v)
+    assert "@triton.jit" not in auto.source
+    tri = attnc.compile_attention("stdlib:sliding_window", window=4, backend="triton")
+    assert "first call" in tri.source
+    tri(q, k, v)
+    assert tri.source.count("@triton.jit") >= 4 and "def attnc_fwd(" in tri.source
+    assert tri.schedule is not None and tri.schedule.num_q_tiles >= 1
+
+
+def test_float64_is_refused_with_a_clear_error():
+    q, k, v = qkv(1, 1, 1, 16, 16, dtype=torch.float64)
+    with pytest.raises(attnc.SpecError, match="float16, bfloat16 and float32"):
+        attnc.compile_attention("stdlib:sliding_window", window=4, backend="triton")(q, k, v)
+
+
+# ----------------------------------------------------------------- random patterns, tiles, head dims
+TERMS_SEQ = ["k <= q", "abs(q - k) <= {a}", "q // {b} == k // {b}", "(q - k) % {c} == 0", "is_pow2(q - k)",
+             "k < {a}", "(q ^ k) & {c} == 0", "log2(q - k + 1) <= {c}", "h * {a} <= q - k or k == q"]
+
+
+@st.composite
+def seq_patterns(draw):
+    terms = draw(st.lists(st.sampled_from(TERMS_SEQ), min_size=1, max_size=3, unique=True))
+    ops = draw(st.lists(st.sampled_from([" and ", " or "]), min_size=len(terms) - 1, max_size=len(terms) - 1))
+    vals = {"a": draw(st.integers(1, 9)), "b": draw(st.integers(2, 9)), "c": draw(st.integers(1, 5))}
+    mask = terms[0].format(**vals)
+    for op, term in zip(ops, terms[1:], strict=True):
+        mask = f"({mask}){op}({term.format(**vals)})"
+    bias = draw(st.sampled_from(["", " bias (q - k) / 5", " bias -0.25 * abs(q - k) + h", " softcap 2.5"]))
+    return f"pattern rnd\n tokens seq\n mask {mask}\n{bias}"
+
+
+@settings(max_examples=6, deadline=None)
+@given(spec=seq_patterns(), n=st.integers(17, 40), tq=st.sampled_from([8, 16, 13]), tk=st.sampled_from([8, 16, 24]),
+       D=st.sampled_from([16, 24, 40]))
+def test_random_seq_patterns(spec, n, tq, tk, D):
+    q, k, v = qkv(1, 2, 1, n, D)
+    compare(spec, q, k, v, q_tile=tq, kv_tile=tk)
+
+
+@settings(max_examples=4, deadline=None)
+@given(ky=st.sampled_from([1, 3]), kx=st.sampled_from([3, 5]), dy=st.integers(1, 2), cx=st.booleans(),
+       tile=st.sampled_from([(2, 4), (3, 5), (4, 4), (16,)]), H=st.integers(3, 6), W=st.integers(5, 7))
+def test_random_grid_tiles(ky, kx, dy, cx, tile, H, W):
+    pat = attnc.load("stdlib:neighborhood_2d", ky=ky, kx=kx, dy=dy, causal_x=cx)
+    if ky * dy > H:
+        return
+    q, k, v = qkv(1, 1, 1, H * W, 16)
+    compare(pat, q, k, v, sizes={"height": H, "width": W}, q_tile=tile)
+
+
+# ----------------------------------------------------------------- generated source: deterministic, reviewed
+SNAPSHOT_CASES = {
+    "sliding_window": (dict(window=4), dict(n=64), 16),
+    "neighborhood_2d": (dict(ky=3, kx=3), dict(sizes={"height": 8, "width": 8}), (4, 4)),
+    "forgetting": ({}, dict(n=64, heads=2), 16),
+}
+
+
+def _emit(name):
+    params, where, tile = SNAPSHOT_CASES[name]
+    return T.emit(attnc.load(f"stdlib:{name}", **params), q_tile=tile, **where)
+
+
+def test_source_is_deterministic_and_valid_python():
+    a = _emit("sliding_window")
+    b = T.emit(attnc.load("stdlib:sliding_window", window=4), n=64, q_tile=16)
+    assert a == b
+    compile(a, "<emitted>", "exec")
+
+
+@pytest.mark.parametrize("name", sorted(SNAPSHOT_CASES))
+def test_source_snapshot(name):
+    path = SNAPSHOTS / f"{name}.triton.txt"
+    text = _emit(name)
+    if UPDATE:
+        SNAPSHOTS.mkdir(exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"missing snapshot {path}: run ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/test_triton.py -k snapshot"
+    assert text == path.read_text(encoding="utf-8"), (
+        f"the generated source of {name} changed; review the diff and, if intended, regenerate with "
+        "ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/test_triton.py -k snapshot")
+
+
+def test_cli_emit(capsys):
+    from attnc import cli
+
+    assert cli.main(["emit", "stdlib:sliding_window", "-p", "window=4", "--n", "64", "--q-tile", "16"]) == 0
+    assert capsys.readouterr().out == _emit("sliding_window")
+    assert cli.main(["emit", "stdlib:retention"]) == 1
+    assert "recurrence" in capsys.readouterr().err
