@@ -29,6 +29,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..compiler import evaluate as E
 from ..compiler import ir
@@ -57,20 +58,17 @@ class AutotuneError(SpecError):
 
 
 # ----------------------------------------------------------------- interfaces
-class KernelBuilder:
-    """Turns a candidate into runnable kernels. Subclass (or duck-type) for a backend."""
+class KernelBuilder(Protocol):
+    """Turns a candidate into runnable kernels: what a backend provides to the tuner."""
 
     name = "abstract"
 
-    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig) -> str:
-        raise NotImplementedError
+    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig) -> str: ...
 
-    def load(self, path: Path):
-        raise NotImplementedError
+    def load(self, path: Path): ...
 
     def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig, *,
-               head_dim: int, dtype: str, batch: int, device, inputs: dict | None) -> Callable[[], object]:
-        raise NotImplementedError
+               head_dim: int, dtype: str, batch: int, device, inputs: dict | None) -> Callable[[], object]: ...
 
 
 class TritonBuilder(KernelBuilder):
