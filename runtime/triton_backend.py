@@ -481,18 +481,7 @@ def _bias_input_names(pat: ir.PatternIR) -> set[str]:
 
 
 def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
-    env: dict = {sym: int(val) for sym, val in bound.subs.items()}
-    env[S.H] = h
-    for role, layout, flat in (("q", pat.queries, q_tok), ("k", pat.keys, k_tok)):
-        if layout.kind == "seq":
-            env[S.Q if role == "q" else S.K] = flat
-            continue
-        rest = flat
-        for axis, size in reversed(layout.axes):
-            extent = int(size.subs(bound.subs))
-            env[S.coord(role, axis)] = rest % extent
-            rest = rest // extent
-    return env
+    return E.token_env(pat, bound, q_tok, k_tok, h)
 
 
 def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], blocks: dict, B: int, Hq: int) -> dict:
