@@ -140,6 +140,20 @@ class PatternIR:
     def input(self, name: str) -> InputDecl:
         return next(i for i in self.inputs if i.name == name)
 
+    def describe_terms(self) -> list[str]:
+        """The mask and score terms, one readable line each (for ``.source``)."""
+        lines = [f"mask = {self.mask}"]
+        if self.softcap is not None:
+            lines.append(f"softcap = {self.softcap}")
+        if self.bias is not None:
+            lines.append(f"bias = {self.bias}")
+        if self.decay is not None:
+            lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
+        if self.route is not None:
+            r = self.route
+            lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} shared={r.shared}")
+        return lines
+
 
 @dataclass(frozen=True)
 class RecurrenceIR:

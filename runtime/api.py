@@ -124,17 +124,7 @@ class Attention(torch.nn.Module):
             return (f"# reference backend: naive recurrence '{p.name}' ({p.gate} gate)\n"
                     f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
                     f"decay = {p.decay}\n")
-        lines = [f"# reference backend: dense attention '{p.name}'", f"mask = {p.mask}"]
-        if p.softcap is not None:
-            lines.append(f"softcap = {p.softcap}")
-        if p.bias is not None:
-            lines.append(f"bias = {p.bias}")
-        if p.decay is not None:
-            lines.append(f"decay = cumsum({p.decay})[q] - cumsum({p.decay})[k]")
-        if p.route is not None:
-            r = p.route
-            lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} shared={r.shared}")
-        return "\n".join(lines) + "\n"
+        return "\n".join([f"# reference backend: dense attention '{p.name}'", *p.describe_terms()]) + "\n"
 
     def extra_repr(self) -> str:
         return f"{self.pattern.kind} {self.pattern.name!r}, backend={self.backend!r}"

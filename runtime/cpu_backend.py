@@ -114,13 +114,7 @@ class CpuRunner:
 
 def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
     """A readable account of what the CPU backend runs."""
-    lines = [f"# cpu backend: tile executor for '{pat.name}'", f"mask = {pat.mask}"]
-    if pat.softcap is not None:
-        lines.append(f"softcap = {pat.softcap}")
-    if pat.bias is not None:
-        lines.append(f"bias = {pat.bias}")
-    if pat.decay is not None:
-        lines.append(f"decay = cumsum({pat.decay})[q] - cumsum({pat.decay})[k]")
+    lines = [f"# cpu backend: tile executor for '{pat.name}'", *pat.describe_terms()]
     if plan is None:
         lines.append("# no call yet: the tile schedule is built at the first call (per shapes)")
         return "\n".join(lines) + "\n"
@@ -129,8 +123,9 @@ def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
         f"q_tile = {s.q_tile}  kv_tile = {s.kv_tile}  tiles {s.num_q_tiles} x {s.num_kv_tiles}",
         f"visited pairs: {s.full} FULL (no mask work), {s.partial} PARTIAL (mask evaluated), {s.empty} EMPTY (skipped)",
         f"density {s.density:.4g}  tile-wise bound {s.num_heads * s.num_q_tiles * s.num_kv_tiles / max(1, s.visited):.3g}x",
-        "for each chunk of Q tiles: gather K/V of its FULL then PARTIAL tiles; scores = scale * q @ k^T;",
-        "  terms (softcap, bias, decay); mask on PARTIAL tiles only; softmax over visited keys; @ v",
+        "for each chunk of Q tiles: gather K/V of its FULL then PARTIAL tiles; the mask is evaluated on",
+        "  PARTIAL tiles only (once per plan for a static mask); bias and decay join it as a float mask;",
+        "  torch's fused CPU attention kernel runs the block (softcap: scores, softmax and @ v unfused)",
         "backward: recompute P; dQ over the Q tiles' lists, dK/dV over the transposed lists",
     ]
     return "\n".join(lines) + "\n"
