@@ -277,6 +277,10 @@ def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, 
     """The simulator's chunk size for these shapes on the device's hardware model."""
     from ..compiler.recurrence_cost import best_chunk
 
+    if torch.device(device).type == "cpu" and rec.gate == "vector":
+        # On the CPU the per-channel gate's [C, C, Dk] in-chunk product dominates:
+        # measured here (2 cores, T=4096, Dk=64), chunk 16 ran 1.7x faster than 32.
+        return 16
     nbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
     return best_chunk(rec.gate, max(T, 1), H, Dk, B, hardware_for(torch.device(device)), nbytes=nbytes).chunk
 
