@@ -251,8 +251,8 @@ def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=
         out, lse = op(qc.reshape(rows, hs * c, tq, d), kc.reshape(rows, hs * c, kk, d),
                       vc.reshape(rows, hs * c, kk, vc.shape[-1]), 0.0, False,
                       attn_mask=add.reshape(rows, hs * c, tq, kk), scale=1.0)
-    except RuntimeError:
-        plan.fused_failed = True  # e.g. an unsupported head dim: the unfused path from now on
+    except (RuntimeError, TypeError):  # an unsupported head dim, another torch's signature
+        plan.fused_failed = True  # the unfused path from now on
         return None
     any_allowed = any_allowed.reshape(rows, hs * c, tq)
     out = torch.where(any_allowed[..., None], out, torch.zeros((), dtype=out.dtype))

@@ -525,3 +525,26 @@ def test_memory_stays_far_below_n_squared():
         s = (q[0, 0, r] @ k[0, 0, lo:r + 1].T) / 4
         ref = torch.softmax(s.double(), -1) @ v[0, 0, lo:r + 1].double()
         assert (out[0, 0, r].double() - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("spec, params", [("stdlib:sliding_window", {"window": 24}), ("stdlib:alibi", {}),
+                                          ("stdlib:document", {})])
+def test_fused_kernel_and_unfused_path_agree(monkeypatch, spec, params):
+    """The executor runs blocks through torch's fused CPU kernel when it exists; without it
+    (older torch, unsupported shapes) the unfused path must give the same answer."""
+    from attnc.runtime import executor
+
+    torch.manual_seed(3)
+    n = 80
+    q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for _ in range(3))
+    extra = {"doc": torch.sort(torch.randint(0, 4, (n,))).values} if spec == "stdlib:document" else {}
+    fused = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
+    out_f, lse_f = fused(q, k, v, return_lse=True, **extra)
+    assert executor._flash_op() is not None and not fused._runner.last.fused_failed  # the fused kernel ran
+    monkeypatch.setattr(executor, "_flash_op", lambda: None)
+    plain = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
+    out_p, lse_p = plain(q, k, v, return_lse=True, **extra)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-12, atol=1e-12)
+    finite = torch.isfinite(lse_p)
+    assert torch.equal(finite, torch.isfinite(lse_f))
+    torch.testing.assert_close(lse_f[finite], lse_p[finite], rtol=1e-12, atol=1e-12)
