@@ -78,8 +78,9 @@ def cmd_check(args) -> int:
         try:
             text, filename = read_source(path) if path.startswith("stdlib:") else _read_file(path)
             decls = check_text(text, filename)
-            print(f"{filename}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}: "
-                  + ", ".join(d.name for d in decls) + ")")
+            names = ", ".join(d.name for d in decls)
+            print(f"{filename}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}"
+                  + (f": {names})" if decls else ")"))
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             status = 1
