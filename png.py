@@ -14,33 +14,25 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
-def write_mask_png(path: str, masks: torch.Tensor, scale: int | None = None) -> None:
-    """Write bool masks ``[heads, Nq, Nk]`` side by side: allowed pairs dark, masked light."""
-    heads, nq, nk = masks.shape
-    if scale is None:
-        scale = max(1, min(16, 512 // max(nq, nk * heads)))
-    gap = 2
-    width = heads * nk * scale + (heads - 1) * gap
-    height = nq * scale
-    rows = []
-    for i in range(nq):
-        row = bytearray()
-        for h in range(heads):
-            if h:
-                row += bytes([255, 80, 80]) * gap
-            for allowed in masks[h, i].tolist():
-                row += (bytes([30, 30, 120]) if allowed else bytes([245, 245, 245])) * scale
-        rows.extend([b"\x00" + bytes(row)] * scale)
-    _write_rgb(path, width, height, rows)
-
-
+#: Mask colours: masked light, allowed dark blue.
+MASK_COLOURS = {0: bytes([245, 245, 245]), 1: bytes([30, 30, 120])}
 #: Tile class colours: EMPTY light, PARTIAL orange, FULL dark blue.
 CLASS_COLOURS = {0: bytes([245, 245, 245]), 1: bytes([240, 150, 40]), 2: bytes([30, 30, 120])}
 
 
+def write_mask_png(path: str, masks: torch.Tensor, scale: int | None = None) -> None:
+    """Write bool masks ``[heads, Nq, Nk]`` side by side: allowed pairs dark, masked light."""
+    _write_maps(path, masks.to(torch.int64), MASK_COLOURS, scale)
+
+
 def write_classes_png(path: str, classes: torch.Tensor, scale: int | None = None) -> None:
     """Write tile class maps ``[heads, Q tiles, KV tiles]`` (0 EMPTY, 1 PARTIAL, 2 FULL) side by side."""
-    heads, nq, nk = classes.shape
+    _write_maps(path, classes, CLASS_COLOURS, scale)
+
+
+def _write_maps(path: str, maps: torch.Tensor, colours: dict[int, bytes], scale: int | None) -> None:
+    """Integer maps ``[heads, rows, cols]`` as coloured cells, heads side by side with a red gap."""
+    heads, nq, nk = maps.shape
     if scale is None:
         scale = max(1, min(16, 512 // max(nq, nk * heads)))
     gap = 2
@@ -51,8 +43,8 @@ def write_classes_png(path: str, classes: torch.Tensor, scale: int | None = None
         for h in range(heads):
             if h:
                 row += bytes([255, 80, 80]) * gap
-            for c in classes[h, i].tolist():
-                row += CLASS_COLOURS[int(c)] * scale
+            for c in maps[h, i].tolist():
+                row += colours[int(c)] * scale
         rows.extend([b"\x00" + bytes(row)] * scale)
     _write_rgb(path, width, nq * scale, rows)
 

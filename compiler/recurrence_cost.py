@@ -24,13 +24,13 @@ which the recurrence's predicted forward time is below it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .cost import DEFAULT_CALIBRATION, Calibration, KernelConfig, makespan, predict_counts
 from .hardware import Hardware
+from .simulator import ReportView
 
 #: The chunk sizes searched.
 CHUNKS = (16, 32, 64)
@@ -185,7 +185,7 @@ def crossover(gate: str, heads: int, head_dim: int, batch: int, hw: Hardware, ch
 
 # ----------------------------------------------------------------- the report
 @dataclass
-class RecurrenceReport:
+class RecurrenceReport(ReportView):
     """What ``attnc.simulate`` returns for a recurrence. ``to_dict()`` holds every figure."""
 
     pattern: str
@@ -245,13 +245,7 @@ class RecurrenceReport:
             "assumptions": list(self.assumptions),
         }
 
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def __str__(self) -> str:
+    def format_table(self) -> str:
         return format_recurrence_report(self)
 
 

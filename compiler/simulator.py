@@ -28,8 +28,22 @@ def _finite(x: float):
     return x if math.isfinite(x) else None
 
 
+class ReportView:
+    """What every simulator report offers on top of ``to_dict()``: ``report[key]``,
+    JSON, and a readable table (``format_table``)."""
+
+    def __getitem__(self, key: str):
+        return self.to_dict()[key]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        return self.format_table()
+
+
 @dataclass
-class SimulationReport:
+class SimulationReport(ReportView):
     """What ``attnc.simulate`` returns. ``to_dict()`` holds every figure;
     ``report["flop_bound"]`` reads one; ``str(report)`` is a readable table."""
 
@@ -112,13 +126,7 @@ class SimulationReport:
             "assumptions": list(self.assumptions),
         }
 
-    def __getitem__(self, key: str):
-        return self.to_dict()[key]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def __str__(self) -> str:
+    def format_table(self) -> str:
         return format_report(self)
 
 

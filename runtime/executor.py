@@ -352,15 +352,6 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     return out.to(q.dtype), lse
 
 
-def _float_inputs(plan: Plan, inputs: dict) -> list[str]:
-    """Float inputs that enter the score (bias terms, FoX gates): they get gradients."""
-    names = []
-    for name, t in inputs.items():
-        if t.dtype.is_floating_point and not name.startswith("__"):
-            names.append(name)
-    return names
-
-
 def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, inputs: dict, batched, wrt: list[str],
                 dt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Push the gradient of the scores after the terms back to the raw scores and to score inputs."""

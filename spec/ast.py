@@ -89,7 +89,6 @@ class Call(Expr):
     args: tuple[Expr, ...]
     kwargs: tuple[Keyword, ...]
     func_pos: Pos
-    has_parens: bool = True
 
 
 # --------------------------------------------------------------------------- declarations

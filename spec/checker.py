@@ -596,7 +596,7 @@ class Checker:
         if name in BUILTINS:
             raise self.error(f"'{name}' is a function: call it with arguments", node.pos)
         if self.resolve(name, self.module) is not None:
-            return self._call_pattern(ast.Call(node.pos, name, (), (), node.pos, has_parens=False))
+            return self._call_pattern(ast.Call(node.pos, name, (), (), node.pos))
         known = [*fixed, *self.env_lets, *self.env_params, *frame.sizes, *self.inputs, *self.module.by_name]
         raise self.error(f"unknown name '{name}'", node.pos, hint=did_you_mean(name, known))
 
