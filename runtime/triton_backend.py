@@ -44,6 +44,7 @@ from ..compiler.tiles import check_tile, classify_tiles, layout_extents
 from ..spec.errors import SpecError
 from . import executor, routing
 from .cpu_backend import mask_input_names
+from .triton_support import require_triton
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
            "write_source"]
@@ -109,6 +110,7 @@ def write_source(source: str, directory: str | None = None) -> str:
 
 def load_kernels(source_path: str, interpret: bool = False):
     """Import a generated kernel module from its file (native, or for the interpreter)."""
+    require_triton(interpret)
     with open(source_path, encoding="utf-8") as f:
         digest = hashlib.sha256(f.read().encode()).hexdigest()[:24]
     key = (digest, interpret)

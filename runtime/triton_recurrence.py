@@ -22,16 +22,19 @@ import os
 
 import torch
 
-try:  # Triton is optional: the CPU path does not need it
+try:  # the CPU path runs without Triton; any other import failure is a real error
     import triton
     import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only without triton
+except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without triton
+    if _err.name != "triton":
+        raise
     import types
 
     triton = None
     tl = types.SimpleNamespace(constexpr="constexpr")
 
 from ..spec.errors import SpecError
+from .triton_support import require_triton
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
 #: Chunk size of per-channel gates in the kernels (their in-chunk product is C x C x Dk elementwise).
@@ -285,9 +288,7 @@ _KERNELS = (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel, _gate_grad_kernel)
 @functools.cache
 def kernels(interpret: bool) -> dict:
     """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    if triton is None:
-        raise SpecError("the Triton backend needs the 'triton' package", where="argument backend",
-                        hint="pip install triton, or use backend='cpu'")
+    require_triton(interpret)
     out = {}
     for fn in _KERNELS:
         if interpret:
