@@ -1,0 +1,55 @@
+"""Install truth: a missing optional piece is one message naming it and its install command;
+an installed package that fails to import is a real error and is never swallowed."""
+
+import importlib
+import sys
+
+import pytest
+
+from attnc.runtime import triton_support
+from attnc.spec.errors import SpecError
+
+
+def test_missing_numpy_names_the_package_and_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numpy", None)  # makes `import numpy` raise ModuleNotFoundError
+    with pytest.raises(SpecError) as info:
+        triton_support.require_triton(interpret=True)
+    text = str(info.value)
+    assert "'numpy'" in text and "pip install 'numpy<2.4'" in text and "backend" in text
+    triton_support.require_triton(interpret=False)  # native kernels do not need numpy
+
+
+def test_missing_triton_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(SpecError, match="(?s)'triton' package.*pip install triton"):
+        triton_support.require_triton(interpret=False)
+
+
+def test_a_broken_installed_package_is_not_reported_as_missing(monkeypatch):
+    real = importlib.import_module
+
+    def broken(name, *args):
+        if name == "numpy":  # numpy is installed, but something it imports is missing
+            raise ModuleNotFoundError("No module named 'numpy_core_helper'", name="numpy_core_helper")
+        return real(name, *args)
+
+    monkeypatch.setattr(triton_support.importlib, "import_module", broken)
+    with pytest.raises(ModuleNotFoundError, match="numpy_core_helper"):
+        triton_support.require_triton(interpret=True)
+
+
+def test_the_triton_backend_checks_before_loading_kernels(monkeypatch, tmp_path):
+    from attnc.runtime import triton_backend
+
+    path = tmp_path / "k.py"
+    path.write_text("X = 1\n")
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    with pytest.raises(SpecError, match="numpy"):
+        triton_backend.load_kernels(str(path), interpret=True)
+
+
+def test_numpy_is_a_declared_dependency():
+    from importlib.metadata import requires
+
+    deps = [r.split(";")[0].replace(" ", "") for r in requires("attnc")]
+    assert any(d.startswith("numpy") and "<2.4" in d for d in deps), deps
