@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import sympy
+import torch
 
 from ..spec.errors import SpecError
 from . import evaluate as E
@@ -417,6 +418,52 @@ class TritonPrinter:
         return value if slot.dtype == "int" else f"{value}.to(tl.float32)"
 
 
+def bias_index_checks(pat: ir.PatternIR, bound: E.Bound) -> list[tuple[sympy.Basic, int]]:
+    """(input read, dimension) of every index of the bias that is not proven in range
+    on all valid (head, query, key): the forward kernel checks those on the attended
+    pairs and reports an offending index (``ERR``), in this order. A literal index
+    is checked at generation; an index of positions only is proven by intervals over
+    the whole matrix; an index that reads an input is always checked."""
+    if pat.bias is None:
+        return []
+    out = []
+    for site in E.input_sites(E.substitute(pat.bias, bound)):
+        dims = [int(sympy.sympify(d).subs(bound.subs)) for d in pat.input(S.input_name(site.func)).dims]
+        for j, arg in enumerate(site.args):
+            if not isinstance(arg, sympy.Integer) and not _proven_in_range(pat, bound, arg, dims[j]):
+                out.append((site, j))
+    return out
+
+
+def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size: int) -> bool:
+    """Whether an index of positions only lies in ``0..size - 1`` at every valid position,
+    by interval bounds over the whole matrix with no intermediate integer near 2**63
+    (where int64 would wrap and the bounds would not hold)."""
+    from .intervals import IntervalEvaluator, Num
+
+    if _has_input(index):
+        return False
+
+    def box(hi: int) -> Num:
+        return Num(torch.tensor(0.0, dtype=torch.float64), torch.tensor(float(hi), dtype=torch.float64))
+
+    env = {S.Q: box(bound.n - 1), S.K: box(bound.nk - 1), S.H: box(bound.heads - 1)}
+    for role, layout in (("q", pat.queries), ("k", pat.keys)):
+        for axis, extent in layout.axes:
+            env[S.coord(role, axis)] = box(int(extent.subs(bound.subs)) - 1)
+    try:
+        ev = IntervalEvaluator(env)
+        for node in sympy.preorder_traversal(index):
+            if isinstance(node, sympy.Expr) and node.is_integer and not node.is_Number:
+                b = ev(node)
+                if not (float(b.lo) > -(2.0 ** 62) and float(b.hi) < 2.0 ** 62):
+                    return False
+        b = ev(index)
+        return float(b.lo) >= 0 and float(b.hi) <= size - 1
+    except (SpecError, TypeError, ValueError, KeyError):  # no interval rule: check at run time
+        return False
+
+
 def _has_input(e: sympy.Basic) -> bool:
     return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
 
@@ -617,6 +664,9 @@ class KernelSource:
         self.mask_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
         self.bias_text = self.printer.float_expr(self.bias) if self.bias is not None else None
+        # input indices of the bias not proven in range: checked in the forward kernel (see _bias_fn)
+        self.checks = [(site, j, self.inputs[S.input_name(site.func)].dims[j], self.printer.p(site.args[j]))
+                       for site, j in bias_index_checks(pat, bound)]
         self.bias_inputs = sorted(self.printer.used_inputs)
 
     # ------------------------------------------------------------ pieces
@@ -660,24 +710,35 @@ class KernelSource:
         return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
     def _terms(self, masked: bool, grad: bool) -> list[str]:
-        """Score terms after s = scale * q.k: softcap, bias, decay; then the mask (PARTIAL tiles)."""
+        """Score terms after s = scale * q.k: softcap, bias, decay; then the mask (PARTIAL tiles).
+        With checked bias indices the attended pairs are computed first: the bias checks them there."""
         p = self.pat
         lines = []
+        mask_lines = []
+        if masked:
+            mask_lines += ["# PARTIAL tile: the pattern's mask",
+                           f"allowed = k_ok[None, :] & _mask({self._call_args(self.mask_inputs)})"]
+            if p.route is not None:
+                mask_lines += ["# routing: only the key blocks this query selected",
+                               "kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)",
+                               "chosen = tl.load(SEL + sel_base + q_tok[:, None] * sel_n + kb[None, :],",
+                               "                 mask=q_ok[:, None] & k_ok[None, :], other=0)",
+                               "allowed = allowed & (chosen != 0)"]
+        if self.checks:
+            lines += mask_lines
+            lines.append("pairs = allowed & q_ok[:, None]  # the attended pairs" if masked else
+                         "pairs = q_ok[:, None] & k_ok[None, :]  # FULL tile: every valid pair is attended")
         if p.softcap is not None:
             lines += ["# softcap: cap * tanh(s / cap)", "t = _tanh(s / cap)", "s = cap * t"]
         if self.bias_text is not None:
-            lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)})"]
+            check = f", pairs, ERR, {not grad}" if self.checks else ""
+            lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)}{check})"]
         if p.decay is not None:
             lines += ["# FoX decay: cumsum(gate)[q] - cumsum(gate)[k]",
                       "s = s + (dc_q[:, None] - tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)[None, :])"]
         if masked:
-            lines += ["# PARTIAL tile: the pattern's mask", f"allowed = k_ok[None, :] & _mask({self._call_args(self.mask_inputs)})"]
-            if p.route is not None:
-                lines += ["# routing: only the key blocks this query selected",
-                          "kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)",
-                          "chosen = tl.load(SEL + sel_base + q_tok[:, None] * sel_n + kb[None, :],",
-                          "                 mask=q_ok[:, None] & k_ok[None, :], other=0)",
-                          "allowed = allowed & (chosen != 0)"]
+            if not self.checks:
+                lines += mask_lines
             lines.append('s = tl.where(allowed, s, float("-inf"))')
         elif self._k_padding():
             lines += ["# FULL tile: only the padded slots of edge tiles are masked",
@@ -726,14 +787,25 @@ class KernelSource:
                 f"    return {body}\n")
 
     def _bias_fn(self) -> str:
-        return (f"\n\n@triton.jit\ndef _bias({self._helper_args(self.bias_inputs)}):\n"
+        params = self._helper_args(self.bias_inputs)
+        checks = ""
+        if self.checks:
+            params += ", pairs, ERR, CHECK: tl.constexpr"
+            lines = ["if CHECK:  # an input index out of range on an attended pair: its value goes to ERR[slot]",
+                     "    # (the loads above clamp it; the host raises the error after the launch)"]
+            for slot, (_, _, size, text) in enumerate(self.checks):
+                lines += [f"    ix = tl.where(pairs, {text}, 0)",
+                          f"    tl.store(ERR + {slot} + ix * 0, ix.to(tl.int64), mask=pairs & ((ix < 0) | (ix >= {size})))"]
+            checks = _indent(lines, 4)
+        return (f"\n\n@triton.jit\ndef _bias({params}):\n"
                 f'    """The pattern\'s bias term, added to the scaled (soft-capped) scores."""\n'
+                f"{checks}"
                 f"    return {self.bias_text}\n")
 
     def _common_params(self) -> list[str]:
         return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
                 "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "SOFTCAP",
-                *self._all_input_params()]
+                *self._all_input_params(), *(["ERR"] if self.checks else [])]
 
     def _forward(self) -> str:
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",

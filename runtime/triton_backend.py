@@ -36,7 +36,7 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
-from ..compiler.codegen import ScheduleShape, generate_source
+from ..compiler.codegen import ScheduleShape, bias_index_checks, generate_source
 from ..compiler.cost import KernelConfig
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import flat_view, tile_shapes
@@ -207,6 +207,7 @@ class Launch:
     lists: dict  # name -> device tensor
     cls: tuple[int, int]
     extra: dict  # SEL, KEY_BLOCK, DC (per call), SOFTCAP, inputs -> device tensors and strides
+    checks: list  # (input, dimension, extent) of each bias index the forward kernel checks (its ERR slot)
 
 
 def _dummy(device, dtype=torch.float32) -> torch.Tensor:
@@ -243,6 +244,7 @@ class TritonRunner:
         self.q_tile, self.kv_tile = q_tile, kv_tile
         self._static: dict = {}  # shapes key -> (config, plan, source)
         self._dynamic_last: tuple | None = None
+        self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
         self.last_source: str | None = None
         self.last_plan: executor.Plan | None = None
 
@@ -288,8 +290,13 @@ class TritonRunner:
             raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                             where="argument q", hint="use backend='cpu' for float64")
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
+        E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         config, plan, source = self.plan(bound, q, tensors)
+        sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        if sizes not in self._checks:
+            self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
+                site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
         interpret = q.device.type != "cuda"
         hook = type(self).source_hook
         shape = ScheduleShape.of(plan.schedule)
@@ -313,8 +320,11 @@ class TritonRunner:
             extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
         if plan.softcap is not None:
             extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+        checks = self._checks[sizes]
+        if checks:
+            extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
-                      cls, extra)
+                      cls, extra, checks)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)
@@ -365,6 +375,8 @@ def _common_args(launch: Launch, device, decay_c: torch.Tensor | None) -> list:
             args += [t, t.stride(0), *t.stride()[1:]]
         else:
             args += [t, 0, *t.stride()]
+    if launch.checks:
+        args.append(launch.extra["ERR"])
     return args
 
 
@@ -419,7 +431,19 @@ def forward(launch: Launch, q, k, v, scale: float):
     with interpreting(launch.interpret):
         launch.module.attnc_fwd[(nq_tiles, B * Hq)](*args, **_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype),
                                                      **_launch_opts(launch))
+    _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _raise_index_errors(launch: Launch) -> None:
+    """The error of a bias index the forward kernel found out of range on an attended pair
+    (``ERR[slot]`` holds an offending index; 0 is always in range, so 0 means none)."""
+    if not launch.checks:
+        return
+    found = launch.extra["ERR"].cpu()
+    for (name, dim, size), value in zip(launch.checks, found.tolist(), strict=True):
+        if value != 0:
+            raise E.index_error(name, dim, value, size, guarded=True)
 
 
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str]):
@@ -522,11 +546,12 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
             k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
             weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
             ds = ds_all[b, h].to(torch.float64) * weight
-            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None)
+            # indices were checked on attended pairs by the forward; elsewhere dS is 0 and they read element 0
+            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None, guard=torch.tensor(False))
             for site, deriv in derivs:
                 name = S.input_name(site.func)
                 value = E.as_tensor(ev(deriv), torch.float64)
-                contrib = (ds * value).reshape(-1)
+                contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
                 index = [torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1) for a in site.args]
                 target = grads[name][b] if name in launch.batched else grads[name]
                 target.index_put_(tuple(index), contrib, accumulate=True)
