@@ -179,9 +179,10 @@ class TritonPrinter:
     ``inputs`` maps input names to their slots. ``helpers`` collects the
     helper functions the printed text calls."""
 
-    def __init__(self, symbols: dict, inputs: dict[str, InputSlot]):
+    def __init__(self, symbols: dict, inputs: dict[str, InputSlot], ranges: dict | None = None):
         self.symbols = symbols
         self.inputs = inputs
+        self.ranges = ranges or {}  # symbol -> largest absolute value (for the wrap-around rule)
         self.helpers: set[str] = set()
         self.used_inputs: set[int] = set()
 
@@ -294,6 +295,9 @@ class TritonPrinter:
         if isinstance(e, sympy.Integer):
             return str(int(e))
         value = float(e.evalf(30))
+        if math.isfinite(value) and abs(value) > FP32_MAX:  # e.g. folded from a size: check_fp32_constants
+            raise SpecError(f"the constant {value:g} is beyond the float32 range of the triton backend",
+                            where="code generation", hint="use backend='cpu' or 'reference' (float64 arithmetic)")
         if math.isnan(value):
             return 'float("nan")'
         if math.isinf(value):
@@ -383,7 +387,7 @@ class TritonPrinter:
         if not (a.is_integer and b.is_integer):
             return f"tl.floor({self._float(a)} / {self._float(b)})"
         if isinstance(b, sympy.Integer) and int(b) > 0:
-            if a.is_nonnegative:
+            if self._nonnegative(a):
                 return f"({self.p(a)} // {int(b)})"
             self.helpers.add("_floordiv_c")
             return f"_floordiv_c({self.p(a)}, {int(b)})"
@@ -395,12 +399,18 @@ class TritonPrinter:
             self.helpers.add("_fmod")
             return f"_fmod({self._float(a)}, {self._float(b)})"
         if isinstance(b, sympy.Integer) and int(b) > 0:
-            if a.is_nonnegative:
+            if self._nonnegative(a):
                 return f"({self.p(a)} % {int(b)})"
             self.helpers.add("_mod_c")
             return f"_mod_c({self.p(a)}, {int(b)})"
         self.helpers.add("_mod")
         return f"_mod({self.p(a)}, {self.p(b)})"
+
+    def _nonnegative(self, a) -> bool:
+        """``a >= 0`` at run time: non-negative as a number and too small to wrap around in
+        64 bits (``q * 2**61`` is negative for q >= 4), so Triton's truncating ``//`` and
+        ``%`` agree with the floored ones."""
+        return bool(a.is_nonnegative) and _abs_bound(a, self.ranges, math.inf) < 2.0 ** 62
 
     def _input(self, name: str, args) -> str:
         slot = self.inputs[name]
@@ -464,6 +474,78 @@ def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size
         return False
 
 
+# ----------------------------------------------------------------- float32 constants
+FP32_MAX = 3.4028234663852886e38
+
+
+def check_fp32_constants(pat: ir.PatternIR, exprs: list | None = None) -> None:
+    """The kernels compute floats in float32: refuse a finite constant of the mask, bias
+    or softcap beyond its range (``1e39`` would become inf, and ``inf * 0`` NaN where the
+    reference, in float64, stays finite). The error names the parameter it came from."""
+    exprs = [pat.mask, pat.bias, pat.softcap] if exprs is None else exprs
+    for e in exprs:
+        if e is None:
+            continue
+        for node in sympy.preorder_traversal(e):
+            if not (isinstance(node, sympy.Expr) and node.is_Number) or isinstance(node, sympy.Integer):
+                continue
+            value = float(node)
+            if math.isfinite(value) and abs(value) > FP32_MAX:
+                raise fp32_error(pat, value)
+
+
+def fp32_error(pat: ir.PatternIR, value: float) -> SpecError:
+    def number(v) -> float | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) or isinstance(v, sympy.Number)
+        return float(v) if ok else None
+
+    values = {name: number(v) for name, v in pat.params}
+    params = [name for name, v in values.items() if v is not None and math.isfinite(v) and abs(v) > FP32_MAX]
+    what = f"parameter '{params[0]}' = {values[params[0]]:g}" if params else f"the constant {value:g}"
+    return SpecError(f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})",
+                     where=f"parameter {params[0]}" if params else f"pattern '{pat.name}'",
+                     hint="use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)")
+
+
+# ----------------------------------------------------------------- derivatives of the bias
+def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
+    """d expr / d u with the evaluator's (torch autograd's) rules at the kinks, in terms
+    the evaluator computes: abs' = sign (0 at 0); min/max follow the active argument and
+    split evenly on a tie; floor, ceiling and ``//`` have derivative 0; ``a % b`` is
+    ``a - b * (a // b)``. ``u`` must be a real symbol."""
+    frozen: dict = {}
+
+    def freeze(node):
+        d = sympy.Dummy("c", real=True)
+        frozen[d] = node
+        return d
+
+    def rewrite(e):
+        if not e.has(u):
+            return e
+        args = [rewrite(a) for a in e.args]
+        if isinstance(e, sympy.floor | sympy.ceiling | S.FloorDiv):
+            return freeze(e.func(*args))
+        if isinstance(e, sympy.Mod):
+            a, b = args
+            return a - b * freeze(S.FloorDiv(a, b))
+        if isinstance(e, sympy.Abs):
+            (a,) = args
+            return sympy.Piecewise((a, a > 0), (-a, a < 0), (0, True))
+        if isinstance(e, sympy.Min | sympy.Max):
+            out = args[0]
+            for b in args[1:]:
+                first, second = (out < b, out > b) if isinstance(e, sympy.Min) else (out > b, out < b)
+                out = sympy.Piecewise((out, first), (b, second), ((out + b) / 2, True))
+            return out
+        if not args:
+            return e
+        return e.func(*args)
+
+    d = sympy.diff(rewrite(expr), u)
+    return d.xreplace(frozen) if frozen else d
+
+
 def _has_input(e: sympy.Basic) -> bool:
     return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
 
@@ -493,36 +575,38 @@ def needs_int64(exprs: list[sympy.Basic], ranges: dict) -> bool:
     return False
 
 
-def _abs_bound(e: sympy.Basic, ranges: dict) -> float:
+def _abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
+    """A bound of ``|e|`` given ``ranges``; an input read counts as ``input_bound`` (0 for the
+    int32/int64 choice: loads are int64 already; infinity for the wrap-around rule)."""
     if isinstance(e, sympy.Integer):
         return abs(int(e))
     if isinstance(e, sympy.Symbol):
         return float(ranges.get(e, math.inf))
     if isinstance(e, sympy.Add):
-        return sum(_abs_bound(a, ranges) for a in e.args)
+        return sum(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Mul):
         out = 1.0
         for a in e.args:
-            out *= _abs_bound(a, ranges)
+            out *= _abs_bound(a, ranges, input_bound)
         return out
     if isinstance(e, sympy.Pow) and isinstance(e.exp, sympy.Integer) and int(e.exp) >= 0:
-        b = _abs_bound(e.base, ranges)
+        b = _abs_bound(e.base, ranges, input_bound)
         return b ** int(e.exp) if b < 1e30 else math.inf
     if isinstance(e, S.FloorDiv | S.ShiftRight | sympy.Abs):
-        return _abs_bound(e.args[0], ranges)
+        return _abs_bound(e.args[0], ranges, input_bound)
     if isinstance(e, sympy.Mod):
-        return max(_abs_bound(a, ranges) for a in e.args)
+        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Min | sympy.Max):
-        return max(_abs_bound(a, ranges) for a in e.args)
+        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Piecewise):
-        return max(_abs_bound(v, ranges) for v, _ in e.args)
+        return max(_abs_bound(v, ranges, input_bound) for v, _ in e.args)
     if isinstance(e, S.BitLength | S.Log2Floor):
         return 64.0
     if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.BitNot):
-        m = max(_abs_bound(a, ranges) for a in e.args)
+        m = max(_abs_bound(a, ranges, input_bound) for a in e.args)
         return 2.0 ** (math.floor(math.log2(m)) + 2) if 0 < m < 1e30 else (1.0 if m == 0 else math.inf)
     if S.input_name(getattr(e, "func", None)):
-        return 0.0  # loaded as int64: arithmetic with it is int64 already
+        return input_bound
     return math.inf
 
 
@@ -653,10 +737,10 @@ class KernelSource:
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
             self.inputs[decl.name] = InputSlot(i, decl.dtype, dims)
-        self.printer = TritonPrinter(symbols, self.inputs)
         ranges = {S.Q: bound.n, S.K: bound.nk, S.H: bound.heads}
         for sym in symbols:
             ranges.setdefault(sym, max(bound.n, bound.nk))
+        self.printer = TritonPrinter(symbols, self.inputs, ranges)
         self.wide_math = needs_int64([self.mask, self.bias], ranges)
         max_d = 512
         self.wide_rows = max(bound.n, bound.nk) * max_d > INT32_MAX

@@ -36,7 +36,13 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
-from ..compiler.codegen import ScheduleShape, bias_index_checks, generate_source
+from ..compiler.codegen import (
+    ScheduleShape,
+    bias_index_checks,
+    check_fp32_constants,
+    derivative,
+    generate_source,
+)
 from ..compiler.cost import KernelConfig
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import flat_view, tile_shapes
@@ -240,6 +246,7 @@ class TritonRunner:
     source_hook = None
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        check_fp32_constants(pat)
         self.pattern = pat
         self.q_tile, self.kv_tile = q_tile, kv_tile
         self._static: dict = {}  # shapes key -> (config, plan, source)
@@ -519,8 +526,8 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
     sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
     derivs = []
     for site in sites:
-        u = sympy.Dummy("u")
-        derivs.append((site, sympy.diff(bias.xreplace({site: u}), u).xreplace({u: site})))
+        u = sympy.Dummy("u", real=True)
+        derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
     sched = plan.schedule
     BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
