@@ -559,8 +559,13 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
                 name = S.input_name(site.func)
                 value = E.as_tensor(ev(deriv), torch.float64)
                 contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
-                index = [torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1) for a in site.args]
                 target = grads[name][b] if name in launch.batched else grads[name]
+                index = []
+                for a, size in zip(site.args, target.shape, strict=True):
+                    ix = torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1)
+                    outside = (ix < 0) | (ix >= size)  # on pairs not attended (dS = 0): read element 0
+                    contrib = torch.where(outside, torch.zeros((), dtype=torch.float64), contrib)
+                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
                 target.index_put_(tuple(index), contrib, accumulate=True)
     return grads
 
