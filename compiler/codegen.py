@@ -876,7 +876,7 @@ class KernelSource:
         if self.checks:
             params += ", pairs, ERR, CHECK: tl.constexpr"
             lines = ["if CHECK:  # an input index out of range on an attended pair: its value goes to ERR[slot]",
-                     "    # (the loads above clamp it; the host raises the error after the launch)"]
+                     "    # (the loads of the bias clamp it; the host raises the error after the launch)"]
             for slot, (_, _, size, text) in enumerate(self.checks):
                 lines += [f"    ix = tl.where(pairs, {text}, 0)",
                           f"    tl.store(ERR + {slot} + ix * 0, ix.to(tl.int64), mask=pairs & ((ix < 0) | (ix >= {size})))"]

@@ -297,7 +297,8 @@ class TritonRunner:
             raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                             where="argument q", hint="use backend='cpu' for float64")
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
-        E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
+        if mask_input_names(pat):
+            E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         config, plan, source = self.plan(bound, q, tensors)
         sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
