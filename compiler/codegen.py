@@ -595,6 +595,8 @@ def _abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
     if isinstance(e, S.FloorDiv | S.ShiftRight | sympy.Abs):
         return _abs_bound(e.args[0], ranges, input_bound)
     if isinstance(e, sympy.Mod):
+        if isinstance(e.args[1], sympy.Integer) and e.args[1] != 0:  # floored: |a % b| < |b|, wrapped a or not
+            return abs(int(e.args[1]))
         return max(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Min | sympy.Max):
         return max(_abs_bound(a, ranges, input_bound) for a in e.args)
