@@ -509,3 +509,18 @@ def test_bias_input_gradients_through_piecewise_functions(bias, backend):
     tol = 1e-4 if backend == "triton" else 1e-10
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+def test_only_unproven_bias_indices_are_checked_in_the_kernel():
+    def checks(spec, n=32):
+        pat = attnc.load(spec)
+        return [(str(site.func), j) for site, j in codegen.bias_index_checks(pat, E.bind_sizes(pat, n=n, heads=2))]
+
+    # positions proven in range by intervals: no check code, no error buffer, no host sync
+    assert checks("pattern a\n input b: float[heads, n]\n bias b[h, k] + b[h, q // 2]") == []
+    src = T.emit(attnc.load("pattern a\n input b: float[heads, n]\n bias b[h, k]"), n=32, q_tile=16)
+    assert "ERR" not in src
+    # a window-sized table (in range on attended pairs only), an index read from an input
+    assert len(checks("pattern r\n input rpb: float[heads, 7]\n mask abs(q - k) <= 3\n bias rpb[h, q - k + 3]")) == 1
+    spec = "pattern w\n input w: float[n]\n input idx: int[n]\n bias w[idx[k]] + w[q + 1]"
+    assert [j for _, j in checks(spec)] == [0, 0] and len(checks(spec)) == 2
