@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass
 
 import sympy
+import torch
 
 from ..spec.errors import SpecError
 from . import evaluate as E
@@ -178,9 +179,10 @@ class TritonPrinter:
     ``inputs`` maps input names to their slots. ``helpers`` collects the
     helper functions the printed text calls."""
 
-    def __init__(self, symbols: dict, inputs: dict[str, InputSlot]):
+    def __init__(self, symbols: dict, inputs: dict[str, InputSlot], ranges: dict | None = None):
         self.symbols = symbols
         self.inputs = inputs
+        self.ranges = ranges or {}  # symbol -> largest absolute value (for the wrap-around rule)
         self.helpers: set[str] = set()
         self.used_inputs: set[int] = set()
 
@@ -293,6 +295,9 @@ class TritonPrinter:
         if isinstance(e, sympy.Integer):
             return str(int(e))
         value = float(e.evalf(30))
+        if math.isfinite(value) and abs(value) > FP32_MAX:  # e.g. folded from a size: check_fp32_constants
+            raise SpecError(f"the constant {value:g} is beyond the float32 range of the triton backend",
+                            where="code generation", hint="use backend='cpu' or 'reference' (float64 arithmetic)")
         if math.isnan(value):
             return 'float("nan")'
         if math.isinf(value):
@@ -382,7 +387,7 @@ class TritonPrinter:
         if not (a.is_integer and b.is_integer):
             return f"tl.floor({self._float(a)} / {self._float(b)})"
         if isinstance(b, sympy.Integer) and int(b) > 0:
-            if a.is_nonnegative:
+            if self._nonnegative(a):
                 return f"({self.p(a)} // {int(b)})"
             self.helpers.add("_floordiv_c")
             return f"_floordiv_c({self.p(a)}, {int(b)})"
@@ -394,12 +399,18 @@ class TritonPrinter:
             self.helpers.add("_fmod")
             return f"_fmod({self._float(a)}, {self._float(b)})"
         if isinstance(b, sympy.Integer) and int(b) > 0:
-            if a.is_nonnegative:
+            if self._nonnegative(a):
                 return f"({self.p(a)} % {int(b)})"
             self.helpers.add("_mod_c")
             return f"_mod_c({self.p(a)}, {int(b)})"
         self.helpers.add("_mod")
         return f"_mod({self.p(a)}, {self.p(b)})"
+
+    def _nonnegative(self, a) -> bool:
+        """``a >= 0`` at run time: non-negative as a number and too small to wrap around in
+        64 bits (``q * 2**61`` is negative for q >= 4), so Triton's truncating ``//`` and
+        ``%`` agree with the floored ones."""
+        return bool(a.is_nonnegative) and _abs_bound(a, self.ranges, math.inf) < 2.0 ** 62
 
     def _input(self, name: str, args) -> str:
         slot = self.inputs[name]
@@ -415,6 +426,124 @@ class TritonPrinter:
                 terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {dim - 1}) * {stride}")
         value = f"tl.load({slot.pointer} + " + " + ".join(terms) + ")"
         return value if slot.dtype == "int" else f"{value}.to(tl.float32)"
+
+
+def bias_index_checks(pat: ir.PatternIR, bound: E.Bound) -> list[tuple[sympy.Basic, int]]:
+    """(input read, dimension) of every index of the bias that is not proven in range
+    on all valid (head, query, key): the forward kernel checks those on the attended
+    pairs and reports an offending index (``ERR``), in this order. A literal index
+    is checked at generation; an index of positions only is proven by intervals over
+    the whole matrix; an index that reads an input is always checked."""
+    if pat.bias is None:
+        return []
+    out = []
+    for site in E.input_sites(E.substitute(pat.bias, bound)):
+        dims = [int(sympy.sympify(d).subs(bound.subs)) for d in pat.input(S.input_name(site.func)).dims]
+        for j, arg in enumerate(site.args):
+            if not isinstance(arg, sympy.Integer) and not _proven_in_range(pat, bound, arg, dims[j]):
+                out.append((site, j))
+    return out
+
+
+def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size: int) -> bool:
+    """Whether an index of positions only lies in ``0..size - 1`` at every valid position,
+    by interval bounds over the whole matrix with no intermediate integer near 2**63
+    (where int64 would wrap and the bounds would not hold)."""
+    from .intervals import IntervalEvaluator, Num
+
+    if _has_input(index):
+        return False
+
+    def box(hi: int) -> Num:
+        return Num(torch.tensor(0.0, dtype=torch.float64), torch.tensor(float(hi), dtype=torch.float64))
+
+    env = {S.Q: box(bound.n - 1), S.K: box(bound.nk - 1), S.H: box(bound.heads - 1)}
+    for role, layout in (("q", pat.queries), ("k", pat.keys)):
+        for axis, extent in layout.axes:
+            env[S.coord(role, axis)] = box(int(extent.subs(bound.subs)) - 1)
+    try:
+        ev = IntervalEvaluator(env)
+        for node in sympy.preorder_traversal(index):
+            if isinstance(node, sympy.Expr) and node.is_integer and not node.is_Number:
+                b = ev(node)
+                if not (float(b.lo) > -(2.0 ** 62) and float(b.hi) < 2.0 ** 62):
+                    return False
+        b = ev(index)
+        return float(b.lo) >= 0 and float(b.hi) <= size - 1
+    except (SpecError, TypeError, ValueError, KeyError):  # no interval rule: check at run time
+        return False
+
+
+# ----------------------------------------------------------------- float32 constants
+FP32_MAX = 3.4028234663852886e38
+
+
+def check_fp32_constants(pat: ir.PatternIR, exprs: list | None = None) -> None:
+    """The kernels compute floats in float32: refuse a finite constant of the mask, bias
+    or softcap beyond its range (``1e39`` would become inf, and ``inf * 0`` NaN where the
+    reference, in float64, stays finite). The error names the parameter it came from."""
+    exprs = [pat.mask, pat.bias, pat.softcap] if exprs is None else exprs
+    for e in exprs:
+        if e is None:
+            continue
+        for node in sympy.preorder_traversal(e):
+            if not (isinstance(node, sympy.Expr) and node.is_Number) or isinstance(node, sympy.Integer):
+                continue
+            value = float(node)
+            if math.isfinite(value) and abs(value) > FP32_MAX:
+                raise fp32_error(pat, value)
+
+
+def fp32_error(pat: ir.PatternIR, value: float) -> SpecError:
+    def number(v) -> float | None:
+        ok = isinstance(v, int | float) and not isinstance(v, bool) or isinstance(v, sympy.Number)
+        return float(v) if ok else None
+
+    values = {name: number(v) for name, v in pat.params}
+    params = [name for name, v in values.items() if v is not None and math.isfinite(v) and abs(v) > FP32_MAX]
+    what = f"parameter '{params[0]}' = {values[params[0]]:g}" if params else f"the constant {value:g}"
+    return SpecError(f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})",
+                     where=f"parameter {params[0]}" if params else f"pattern '{pat.name}'",
+                     hint="use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)")
+
+
+# ----------------------------------------------------------------- derivatives of the bias
+def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
+    """d expr / d u with the evaluator's (torch autograd's) rules at the kinks, in terms
+    the evaluator computes: abs' = sign (0 at 0); min/max follow the active argument and
+    split evenly on a tie; floor, ceiling and ``//`` have derivative 0; ``a % b`` is
+    ``a - b * (a // b)``. ``u`` must be a real symbol."""
+    frozen: dict = {}
+
+    def freeze(node):
+        d = sympy.Dummy("c", real=True)
+        frozen[d] = node
+        return d
+
+    def rewrite(e):
+        if not e.has(u):
+            return e
+        args = [rewrite(a) for a in e.args]
+        if isinstance(e, sympy.floor | sympy.ceiling | S.FloorDiv):
+            return freeze(e.func(*args))
+        if isinstance(e, sympy.Mod):
+            a, b = args
+            return a - b * freeze(S.FloorDiv(a, b))
+        if isinstance(e, sympy.Abs):
+            (a,) = args
+            return sympy.Piecewise((a, a > 0), (-a, a < 0), (0, True))
+        if isinstance(e, sympy.Min | sympy.Max):
+            out = args[0]
+            for b in args[1:]:
+                first, second = (out < b, out > b) if isinstance(e, sympy.Min) else (out > b, out < b)
+                out = sympy.Piecewise((out, first), (b, second), ((out + b) / 2, True))
+            return out
+        if not args:
+            return e
+        return e.func(*args)
+
+    d = sympy.diff(rewrite(expr), u)
+    return d.xreplace(frozen) if frozen else d
 
 
 def _has_input(e: sympy.Basic) -> bool:
@@ -446,36 +575,40 @@ def needs_int64(exprs: list[sympy.Basic], ranges: dict) -> bool:
     return False
 
 
-def _abs_bound(e: sympy.Basic, ranges: dict) -> float:
+def _abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
+    """A bound of ``|e|`` given ``ranges``; an input read counts as ``input_bound`` (0 for the
+    int32/int64 choice: loads are int64 already; infinity for the wrap-around rule)."""
     if isinstance(e, sympy.Integer):
         return abs(int(e))
     if isinstance(e, sympy.Symbol):
         return float(ranges.get(e, math.inf))
     if isinstance(e, sympy.Add):
-        return sum(_abs_bound(a, ranges) for a in e.args)
+        return sum(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Mul):
         out = 1.0
         for a in e.args:
-            out *= _abs_bound(a, ranges)
+            out *= _abs_bound(a, ranges, input_bound)
         return out
     if isinstance(e, sympy.Pow) and isinstance(e.exp, sympy.Integer) and int(e.exp) >= 0:
-        b = _abs_bound(e.base, ranges)
+        b = _abs_bound(e.base, ranges, input_bound)
         return b ** int(e.exp) if b < 1e30 else math.inf
     if isinstance(e, S.FloorDiv | S.ShiftRight | sympy.Abs):
-        return _abs_bound(e.args[0], ranges)
+        return _abs_bound(e.args[0], ranges, input_bound)
     if isinstance(e, sympy.Mod):
-        return max(_abs_bound(a, ranges) for a in e.args)
+        if isinstance(e.args[1], sympy.Integer) and e.args[1] != 0:  # floored: |a % b| < |b|, wrapped a or not
+            return abs(int(e.args[1]))
+        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Min | sympy.Max):
-        return max(_abs_bound(a, ranges) for a in e.args)
+        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Piecewise):
-        return max(_abs_bound(v, ranges) for v, _ in e.args)
+        return max(_abs_bound(v, ranges, input_bound) for v, _ in e.args)
     if isinstance(e, S.BitLength | S.Log2Floor):
         return 64.0
     if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.BitNot):
-        m = max(_abs_bound(a, ranges) for a in e.args)
+        m = max(_abs_bound(a, ranges, input_bound) for a in e.args)
         return 2.0 ** (math.floor(math.log2(m)) + 2) if 0 < m < 1e30 else (1.0 if m == 0 else math.inf)
     if S.input_name(getattr(e, "func", None)):
-        return 0.0  # loaded as int64: arithmetic with it is int64 already
+        return input_bound
     return math.inf
 
 
@@ -606,10 +739,10 @@ class KernelSource:
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
             self.inputs[decl.name] = InputSlot(i, decl.dtype, dims)
-        self.printer = TritonPrinter(symbols, self.inputs)
         ranges = {S.Q: bound.n, S.K: bound.nk, S.H: bound.heads}
         for sym in symbols:
             ranges.setdefault(sym, max(bound.n, bound.nk))
+        self.printer = TritonPrinter(symbols, self.inputs, ranges)
         self.wide_math = needs_int64([self.mask, self.bias], ranges)
         max_d = 512
         self.wide_rows = max(bound.n, bound.nk) * max_d > INT32_MAX
@@ -617,6 +750,9 @@ class KernelSource:
         self.mask_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
         self.bias_text = self.printer.float_expr(self.bias) if self.bias is not None else None
+        # input indices of the bias not proven in range: checked in the forward kernel (see _bias_fn)
+        self.checks = [(site, j, self.inputs[S.input_name(site.func)].dims[j], self.printer.p(site.args[j]))
+                       for site, j in bias_index_checks(pat, bound)]
         self.bias_inputs = sorted(self.printer.used_inputs)
 
     # ------------------------------------------------------------ pieces
@@ -660,24 +796,35 @@ class KernelSource:
         return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
     def _terms(self, masked: bool, grad: bool) -> list[str]:
-        """Score terms after s = scale * q.k: softcap, bias, decay; then the mask (PARTIAL tiles)."""
+        """Score terms after s = scale * q.k: softcap, bias, decay; then the mask (PARTIAL tiles).
+        With checked bias indices the attended pairs are computed first: the bias checks them there."""
         p = self.pat
         lines = []
+        mask_lines = []
+        if masked:
+            mask_lines += ["# PARTIAL tile: the pattern's mask",
+                           f"allowed = k_ok[None, :] & _mask({self._call_args(self.mask_inputs)})"]
+            if p.route is not None:
+                mask_lines += ["# routing: only the key blocks this query selected",
+                               "kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)",
+                               "chosen = tl.load(SEL + sel_base + q_tok[:, None] * sel_n + kb[None, :],",
+                               "                 mask=q_ok[:, None] & k_ok[None, :], other=0)",
+                               "allowed = allowed & (chosen != 0)"]
+        if self.checks:
+            lines += mask_lines
+            lines.append("pairs = allowed & q_ok[:, None]  # the attended pairs" if masked else
+                         "pairs = q_ok[:, None] & k_ok[None, :]  # FULL tile: every valid pair is attended")
         if p.softcap is not None:
             lines += ["# softcap: cap * tanh(s / cap)", "t = _tanh(s / cap)", "s = cap * t"]
         if self.bias_text is not None:
-            lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)})"]
+            check = f", pairs, ERR, {not grad}" if self.checks else ""
+            lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)}{check})"]
         if p.decay is not None:
             lines += ["# FoX decay: cumsum(gate)[q] - cumsum(gate)[k]",
                       "s = s + (dc_q[:, None] - tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)[None, :])"]
         if masked:
-            lines += ["# PARTIAL tile: the pattern's mask", f"allowed = k_ok[None, :] & _mask({self._call_args(self.mask_inputs)})"]
-            if p.route is not None:
-                lines += ["# routing: only the key blocks this query selected",
-                          "kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)",
-                          "chosen = tl.load(SEL + sel_base + q_tok[:, None] * sel_n + kb[None, :],",
-                          "                 mask=q_ok[:, None] & k_ok[None, :], other=0)",
-                          "allowed = allowed & (chosen != 0)"]
+            if not self.checks:
+                lines += mask_lines
             lines.append('s = tl.where(allowed, s, float("-inf"))')
         elif self._k_padding():
             lines += ["# FULL tile: only the padded slots of edge tiles are masked",
@@ -726,14 +873,25 @@ class KernelSource:
                 f"    return {body}\n")
 
     def _bias_fn(self) -> str:
-        return (f"\n\n@triton.jit\ndef _bias({self._helper_args(self.bias_inputs)}):\n"
+        params = self._helper_args(self.bias_inputs)
+        checks = ""
+        if self.checks:
+            params += ", pairs, ERR, CHECK: tl.constexpr"
+            lines = ["if CHECK:  # an input index out of range on an attended pair: its value goes to ERR[slot]",
+                     "    # (the loads of the bias clamp it; the host raises the error after the launch)"]
+            for slot, (_, _, size, text) in enumerate(self.checks):
+                lines += [f"    ix = tl.where(pairs, {text}, 0)",
+                          f"    tl.store(ERR + {slot} + ix * 0, ix.to(tl.int64), mask=pairs & ((ix < 0) | (ix >= {size})))"]
+            checks = _indent(lines, 4)
+        return (f"\n\n@triton.jit\ndef _bias({params}):\n"
                 f'    """The pattern\'s bias term, added to the scaled (soft-capped) scores."""\n'
+                f"{checks}"
                 f"    return {self.bias_text}\n")
 
     def _common_params(self) -> list[str]:
         return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
                 "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "SOFTCAP",
-                *self._all_input_params()]
+                *self._all_input_params(), *(["ERR"] if self.checks else [])]
 
     def _forward(self) -> str:
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",

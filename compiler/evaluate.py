@@ -266,14 +266,29 @@ def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal:
 
 
 class Evaluator:
-    """Evaluates sympy IR expressions given tensors for symbols and inputs."""
+    """Evaluates sympy IR expressions given tensors for symbols and inputs.
 
-    def __init__(self, env: dict, inputs: dict[str, torch.Tensor], batched: set[str], batch: int | None):
+    ``guard``: where input indices are checked. None (the mask): every
+    position, an index outside its input is an error. A bool tensor
+    (broadcastable to the positions; score terms): only where it holds (the
+    attended pairs); elsewhere an out-of-range index is never an error and
+    reads element 0 instead, a value the caller discards."""
+
+    def __init__(self, env: dict, inputs: dict[str, torch.Tensor], batched: set[str], batch: int | None,
+                 guard: torch.Tensor | None = None):
         self.env = env
         self.inputs = inputs
         self.batched = batched
         self.batch = batch
+        self.guard = guard
         self.cache: dict = {}
+
+    def guarded(self, guard: torch.Tensor) -> Evaluator:
+        """This evaluator with input indices checked only where ``guard`` holds (values
+        already computed stay valid: they were checked everywhere)."""
+        out = Evaluator(self.env, self.inputs, self.batched, self.batch, guard)
+        out.cache = dict(self.cache)
+        return out
 
     def __call__(self, expr: sympy.Basic):
         key = expr
@@ -419,16 +434,61 @@ class Evaluator:
         idx = [as_tensor(self(a)) for a in args]
         sizes = t.shape[1:] if batched else t.shape
         for i, (ix, size) in enumerate(zip(idx, sizes, strict=True)):
-            if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= size):
-                raise SpecError(
-                    f"input '{name}' indexed out of range in dimension {i} (index {int(ix.min())}..{int(ix.max())}, size {size})",
-                    where="evaluation",
-                )
+            outside = (ix < 0) | (ix >= size)
+            if not bool(outside.any()):
+                continue
+            bad = outside if self.guard is None else outside & self.guard
+            if bool(bad.any()):
+                value = int(torch.broadcast_to(ix, bad.shape)[bad][0])
+                raise index_error(name, i, value, size, guarded=self.guard is not None)
+            idx[i] = torch.where(outside, torch.zeros((), dtype=ix.dtype), ix)  # read, then discarded
         if batched:  # the batch replaces the leading (size-1) dimension of the positions
             ndim = max(ix.dim() for ix in idx)
             b = torch.arange(t.shape[0]).view(-1, *([1] * (ndim - 1)))
             return t[(b, *idx)]
         return t[tuple(idx)]
+
+
+def index_error(name: str, dim: int, value: int, size: int, *, guarded: bool) -> SpecError:
+    """The one error of an input indexed outside its extent (every backend raises this)."""
+    where = "at a (query, key) pair the pattern attends" if guarded else "in the mask (evaluated on every pair)"
+    return SpecError(
+        f"input '{name}' indexed out of range {where}: index {value} in dimension {dim}, valid 0..{size - 1}",
+        where=f"argument {name}",
+        hint=None if guarded else "a mask reads its inputs at every (query, key) pair: keep the index in range "
+                                  "(e.g. with clamp), or index in the bias, which reads only attended pairs",
+    )
+
+
+def input_sites(expr: sympy.Basic | None) -> list[sympy.Basic]:
+    """The input reads (``w[k + 1]``) of an expression, in a deterministic order."""
+    if expr is None:
+        return []
+    return sorted((f for f in expr.atoms(sympy.Function) if S.input_name(f.func)), key=sympy.default_sort_key)
+
+
+#: Positions evaluated at once by ``check_mask_indices``.
+CHECK_CHUNK = 1 << 22
+
+
+def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int | None = None) -> None:
+    """Raise ``index_error`` unless every input index of the mask is in range at every
+    (head, query, key): the mask is read everywhere (the reference evaluates it on
+    the whole matrix), while the tiled backends evaluate it on PARTIAL tiles only.
+    Only the index expressions are evaluated, by chunks of queries, and over one
+    query (key) where they do not depend on the query (key)."""
+    if not any(S.input_name(f.func) for f in pat.mask.atoms(sympy.Function)):
+        return
+    q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
+    k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}
+    for site in input_sites(substitute(pat.mask, bound)):
+        n = bound.n if site.free_symbols & q_syms else 1
+        nk = bound.nk if site.free_symbols & k_syms else 1
+        rows = max(1, CHECK_CHUNK // (nk * bound.heads))
+        for start in range(0, n, rows):
+            ev = evaluator(pat, bound, inputs, batch=batch, q_index=torch.arange(start, min(n, start + rows)),
+                           k_index=torch.arange(nk))
+            ev(site)
 
 
 def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
@@ -486,10 +546,15 @@ def mask_tensor(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, 
     return torch.broadcast_to(value, (b, bound.heads, nq, nk))
 
 
-def score_bias(pat: ir.PatternIR, bound: Bound, ev: Evaluator) -> torch.Tensor | float | None:
-    """The ``bias`` term as float64 (broadcastable to ``[B, H, Nq, Nk]``), or None."""
+def score_bias(pat: ir.PatternIR, bound: Bound, ev: Evaluator,
+               allowed: torch.Tensor | None = None) -> torch.Tensor | float | None:
+    """The ``bias`` term as float64 (broadcastable to ``[B, H, Nq, Nk]``), or None.
+    ``allowed``: the attended pairs, where the bias's input indices are checked
+    (elsewhere they are not an error: see ``Evaluator``)."""
     if pat.bias is None:
         return None
+    if allowed is not None:
+        ev = ev.guarded(allowed)
     value = ev(substitute(pat.bias, bound))
     return as_tensor(value, FLOAT) if isinstance(value, torch.Tensor) else float(value)
 

@@ -82,6 +82,10 @@ class Attention(torch.nn.Module):
         # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
         self._tiles = (q_tile, kv_tile)
         self._triton = None
+        if backend == "triton" and isinstance(pattern, ir.PatternIR):
+            from ..compiler.codegen import check_fp32_constants
+
+            check_fp32_constants(pattern)  # float32 kernels: refused when compiling, not at the first call
         self.auto = False
         self._last_call: dict | None = None
 

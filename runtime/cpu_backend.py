@@ -100,6 +100,7 @@ class CpuRunner:
         lists depend on q and k and are rebuilt per call (the backward rebuilds
         the same ones from the saved q and k)."""
         tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
+        E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])  # the tiles read the mask only in part
         plan = self.plan(bound, tensors)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
         if self.pattern.route is not None:  # data-dependent lists, rebuilt per call

@@ -151,22 +151,24 @@ class _Block:
         self.q_tok = (columns if transposed else rows)[None, None]  # [1, 1, C, R|1, K|1]
         self.k_tok = (rows if transposed else columns)[None, None]
         self.transposed = transposed
+        self.guard: torch.Tensor | None = None  # the allowed pairs, once ``allowed()`` ran
 
-    def _evaluate(self, expr, inputs: dict, cols: slice | None = None):
+    def _evaluate(self, expr, inputs: dict, cols: slice | None = None, guard: torch.Tensor | None = None):
         q_tok, k_tok = self.q_tok, self.k_tok
         if cols is not None:
             if self.transposed:
                 q_tok = q_tok[..., cols]
             else:
                 k_tok = k_tok[..., cols]
-        return E.Evaluator(_env(self.plan, self.heads, q_tok, k_tok), inputs, self.batched, None)(expr)
+        return E.Evaluator(_env(self.plan, self.heads, q_tok, k_tok), inputs, self.batched, None, guard)(expr)
 
     def allowed(self, cache_key=None) -> torch.Tensor:
         """Valid and allowed ``[B | 1, Hs, C, R, K]``: the mask is evaluated on PARTIAL columns only
         (once per chunk for a static mask: ``cache_key`` names the chunk)."""
         cache = self.plan.mask_cache
         if cache_key is not None and cache_key in cache:
-            return cache[cache_key]
+            self.guard = cache[cache_key]
+            return self.guard
         allowed = self.valid.expand(1, 1, *self.valid.shape).clone()
         ps = self.partial_start
         if ps < self.valid.shape[-1]:
@@ -185,6 +187,7 @@ class _Block:
             allowed[..., ps:] &= m
         if cache_key is not None and self.plan.static_mask:
             self.plan.remember(cache_key, allowed)
+        self.guard = allowed  # the score terms read their inputs (and check indices) on these pairs only
         return allowed
 
     def mask_scores(self, s: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -205,7 +208,8 @@ class _Block:
             cap = plan.softcap[self.heads].to(scores.dtype).view(1, -1, 1, 1, 1)
             scores = cap * torch.tanh(scores / cap)
         if plan.bias is not None:
-            scores = scores + E.as_tensor(self._evaluate(plan.bias, extra), scores.dtype).to(scores.dtype)
+            bias = self._evaluate(plan.bias, extra, guard=self.guard)  # after allowed(): see Evaluator
+            scores = scores + E.as_tensor(bias, scores.dtype).to(scores.dtype)
         if plan.pattern.decay is not None:
             c = extra[f"__cumsum_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
             scores = scores + (c[..., self.q_tok[0, 0]] - c[..., self.k_tok[0, 0]])
@@ -406,8 +410,8 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
             rows, cols = blk.row_index, blk.col_index
             qc, kc, vc = qh[:, :, rows], kh[:, :, cols], vh[:, :, cols]
             s_raw = scale * (qc @ kc.transpose(-1, -2))
-            s = blk.terms(s_raw, ex)
             allowed = blk.allowed(("q", cls, int(own[0]), len(own)))
+            s = blk.terms(s_raw, ex)
             p = torch.where(allowed, torch.exp(s - lse_h[:, :, rows][..., None]), torch.zeros((), dtype=dt))
             dp = dh[:, :, rows] @ vc.transpose(-1, -2)
             ds = p * (dp - delta_h[:, :, rows][..., None])
@@ -430,8 +434,8 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
             kc, vc = kh[:, :, rows], vh[:, :, rows]
             qc, doc = qh[:, :, cols], dh[:, :, cols]
             s_raw = scale * (kc @ qc.transpose(-1, -2))  # [B, Hs, C, Tk, Kq]
-            s = blk.terms(s_raw, ex)
             allowed = blk.allowed(("kv", cls, int(own[0]), len(own)))
+            s = blk.terms(s_raw, ex)
             p = torch.where(allowed, torch.exp(s - lse_h[:, :, cols][..., None, :]), torch.zeros((), dtype=dt))
             dv = p @ doc
             dp = vc @ doc.transpose(-1, -2)

@@ -59,7 +59,7 @@ def attention(
     if pat.softcap is not None:
         cap = E.head_values(pat.softcap, bound.subs, Hq).to(dt).view(1, Hq, 1, 1)
         scores = cap * torch.tanh(scores / cap)
-    bias = E.score_bias(pat, bound, ev)
+    bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
     if bias is not None:
         scores = scores + (bias.to(dt) if isinstance(bias, torch.Tensor) else bias)
     if pat.decay is not None:

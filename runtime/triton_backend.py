@@ -36,7 +36,13 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
-from ..compiler.codegen import ScheduleShape, generate_source
+from ..compiler.codegen import (
+    ScheduleShape,
+    bias_index_checks,
+    check_fp32_constants,
+    derivative,
+    generate_source,
+)
 from ..compiler.cost import KernelConfig
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import flat_view, tile_shapes
@@ -207,6 +213,7 @@ class Launch:
     lists: dict  # name -> device tensor
     cls: tuple[int, int]
     extra: dict  # SEL, KEY_BLOCK, DC (per call), SOFTCAP, inputs -> device tensors and strides
+    checks: list  # (input, dimension, extent) of each bias index the forward kernel checks (its ERR slot)
 
 
 def _dummy(device, dtype=torch.float32) -> torch.Tensor:
@@ -239,10 +246,12 @@ class TritonRunner:
     source_hook = None
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        check_fp32_constants(pat)
         self.pattern = pat
         self.q_tile, self.kv_tile = q_tile, kv_tile
         self._static: dict = {}  # shapes key -> (config, plan, source)
         self._dynamic_last: tuple | None = None
+        self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
         self.last_source: str | None = None
         self.last_plan: executor.Plan | None = None
 
@@ -288,8 +297,14 @@ class TritonRunner:
             raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                             where="argument q", hint="use backend='cpu' for float64")
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
+        if mask_input_names(pat):
+            E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         config, plan, source = self.plan(bound, q, tensors)
+        sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        if sizes not in self._checks:
+            self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
+                site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
         interpret = q.device.type != "cuda"
         hook = type(self).source_hook
         shape = ScheduleShape.of(plan.schedule)
@@ -313,8 +328,11 @@ class TritonRunner:
             extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
         if plan.softcap is not None:
             extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+        checks = self._checks[sizes]
+        if checks:
+            extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
-                      cls, extra)
+                      cls, extra, checks)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)
@@ -365,6 +383,8 @@ def _common_args(launch: Launch, device, decay_c: torch.Tensor | None) -> list:
             args += [t, t.stride(0), *t.stride()[1:]]
         else:
             args += [t, 0, *t.stride()]
+    if launch.checks:
+        args.append(launch.extra["ERR"])
     return args
 
 
@@ -419,7 +439,19 @@ def forward(launch: Launch, q, k, v, scale: float):
     with interpreting(launch.interpret):
         launch.module.attnc_fwd[(nq_tiles, B * Hq)](*args, **_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype),
                                                      **_launch_opts(launch))
+    _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _raise_index_errors(launch: Launch) -> None:
+    """The error of a bias index the forward kernel found out of range on an attended pair
+    (``ERR[slot]`` holds an offending index; 0 is always in range, so 0 means none)."""
+    if not launch.checks:
+        return
+    found = launch.extra["ERR"].cpu()
+    for (name, dim, size), value in zip(launch.checks, found.tolist(), strict=True):
+        if value != 0:
+            raise E.index_error(name, dim, value, size, guarded=True)
 
 
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str]):
@@ -495,8 +527,8 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
     sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
     derivs = []
     for site in sites:
-        u = sympy.Dummy("u")
-        derivs.append((site, sympy.diff(bias.xreplace({site: u}), u).xreplace({u: site})))
+        u = sympy.Dummy("u", real=True)
+        derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
     sched = plan.schedule
     BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
@@ -522,13 +554,19 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
             k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
             weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
             ds = ds_all[b, h].to(torch.float64) * weight
-            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None)
+            # indices were checked on attended pairs by the forward; elsewhere dS is 0 and they read element 0
+            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None, guard=torch.tensor(False))
             for site, deriv in derivs:
                 name = S.input_name(site.func)
                 value = E.as_tensor(ev(deriv), torch.float64)
-                contrib = (ds * value).reshape(-1)
-                index = [torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1) for a in site.args]
+                contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
                 target = grads[name][b] if name in launch.batched else grads[name]
+                index = []
+                for a, size in zip(site.args, target.shape, strict=True):
+                    ix = torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1)
+                    outside = (ix < 0) | (ix >= size)  # on pairs not attended (dS = 0): read element 0
+                    contrib = torch.where(outside, torch.zeros((), dtype=torch.float64), contrib)
+                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
                 target.index_put_(tuple(index), contrib, accumulate=True)
     return grads
 

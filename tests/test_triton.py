@@ -377,3 +377,150 @@ def test_cli_emit(capsys):
     assert capsys.readouterr().out == _emit("sliding_window")
     assert cli.main(["emit", "stdlib:retention"]) == 1
     assert "recurrence" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- input indices, int64 wrap-around, float32 range
+BACKENDS = ("reference", "cpu", "triton")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bias,extra,value", [
+    ("w[k + 1]", {}, 20),  # k = 19 is attended (causal): w has 20 elements
+    ("w[idx[k]]", {"idx": torch.full((20,), 100)}, 100),
+    ("w[idx[k]] + w[q]", {"idx": torch.tensor([0] * 19 + [-3])}, -3),  # only the last key is out of range
+])
+def test_bias_index_out_of_range_on_an_attended_pair_raises_on_every_backend(backend, bias, extra, value):
+    spec = f"pattern p\n input w: float[n]\n input idx: int[n]\n mask causal\n bias {bias}"
+    inputs = {"w": torch.randn(20), "idx": torch.zeros(20, dtype=torch.int64), **extra}
+    q, k, v = qkv(1, 1, 1, 20, 16)
+    attn = attnc.compile_attention(spec, backend=backend, q_tile=16 if backend != "reference" else None)
+    with pytest.raises(attnc.SpecError, match=rf"input 'w' indexed out of range at a \(query, key\) pair the "
+                                              rf"pattern attends: index {value} in dimension 0, valid 0\.\.19"):
+        attn(q, k, v, **inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_relative_position_bias_is_read_on_attended_pairs_only(backend):
+    # rpb is sized for the window: q - k + window is out of range on every masked-out pair
+    n, window, H = 30, 3, 2
+    spec = f"pattern rpb(window = {window})\n input rpb: float[heads, {2 * window + 1}]\n" \
+           " mask abs(q - k) <= window\n bias rpb[h, q - k + window]"
+    gen = torch.Generator().manual_seed(2)
+    rpb = torch.randn(H, 2 * window + 1, generator=gen, dtype=torch.float64)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in qkv(1, H, H, n, 16, dtype=torch.float64))
+    r = rpb.to(dtype).requires_grad_()
+    out = attnc.compile_attention(spec, backend=backend, q_tile=8 if backend != "reference" else None)(q, k, v, rpb=r)
+    i = torch.arange(n)
+    rel = i[:, None] - i[None, :]
+    allowed = rel.abs() <= window
+    bias = rpb[:, (rel + window).clamp(0, 2 * window)]  # [H, n, n]; clamped entries are masked out
+    want = dense_attention(q, k, v, allowed, bias=bias)
+    tol = 2e-5 if backend == "triton" else 1e-12
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    # the gradient of rpb against autograd through the dense float64 formula
+    w = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((out.double() * w).sum(), [r])
+    leaf = rpb.clone().requires_grad_()
+    b = leaf[:, (rel + window).clamp(0, 2 * window)]
+    s = (q.detach().double() @ k.detach().double().transpose(-1, -2)) / 4.0 + b
+    p = torch.softmax(s.masked_fill(~allowed, -math.inf), -1)
+    (g_want,) = torch.autograd.grad(((p @ v.detach().double()) * w).sum(), [leaf])
+    torch.testing.assert_close(g.double(), g_want, atol=tol * 5, rtol=tol * 5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_indices_are_checked_on_every_pair(backend):
+    # a mask is read everywhere (the reference evaluates it on the whole matrix): an index that is
+    # out of range only where the mask's other term is false is still an error, on every backend
+    spec = "pattern p\n input t: int[5]\n mask abs(q - k) <= 2 and t[q - k + 2] > 0"
+    q, k, v = qkv(1, 1, 1, 24, 16)
+    attn = attnc.compile_attention(spec, backend=backend, q_tile=8 if backend != "reference" else None)
+    with pytest.raises(attnc.SpecError, match=r"input 't' indexed out of range in the mask \(evaluated on every "
+                                              r"pair\): index (-?\d+) in dimension 0, valid 0\.\.4"):
+        attn(q, k, v, t=torch.ones(5, dtype=torch.int64))
+    # a mask reading an input through an input: idx = 100 is an error, in-range values match the reference
+    spec = "pattern p\n input w: float[n]\n input idx: int[n]\n mask causal and w[idx[k]] > 0.0"
+    w = torch.randn(24, generator=torch.Generator().manual_seed(4))
+    attn = attnc.compile_attention(spec, backend=backend, q_tile=8 if backend != "reference" else None)
+    with pytest.raises(attnc.SpecError, match=r"input 'w' indexed out of range in the mask .*index 100"):
+        attn(q, k, v, w=w, idx=torch.full((24,), 100))
+    idx = (torch.arange(24) * 5) % 24
+    out = attnc.compile_attention(spec, backend=backend, q_tile=8 if backend != "reference" else None)(
+        q, k, v, w=w, idx=idx)
+    i = torch.arange(24)
+    allowed = (i[None, :] <= i[:, None]) & (w[idx] > 0)[None, :]
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, allowed), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["(q * s) % 7 < 5", "(q * s) // 7 % 3 == 0 or k == q", "(k * s) % 6 >= 2 or k == 0"])
+def test_int64_wrap_around_matches_materialize_mask(mask):
+    # q * 2**61 wraps to negative values for q >= 4: floored // and % must see the wrapped value
+    n = 40
+    spec = f"pattern wrap(s = {2 ** 61})\n tokens seq\n mask {mask}"
+    allowed = attnc.materialize_mask(spec, n=n)[0]
+    assert 0 < int(allowed.sum()) < n * n
+    q, k, v = qkv(1, 1, 1, n, 16)
+    out = attnc.compile_attention(spec, backend="triton", q_tile=16)(q, k, v)
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, allowed), atol=2e-5, rtol=2e-5)
+
+
+def test_float_parameter_beyond_float32_is_refused_when_compiling():
+    spec = "pattern p(c = 1.0)\n mask causal\n bias -c * abs(q - k)"
+    with pytest.raises(attnc.SpecError, match=r"parameter 'c' = 1e\+39 is beyond the float32 range") as err:
+        attnc.compile_attention(attnc.load(spec, c=1e39), backend="triton")
+    assert err.value.where == "parameter c"
+    with pytest.raises(attnc.SpecError, match=r"the constant 2e\+39 is beyond the float32 range"):
+        attnc.compile_attention("pattern p\n mask causal and (q - k) * 2e39 >= 0.0", backend="triton")
+    # within range: the kernel's float32 bias equals the reference's float64 one rounded to float32
+    q, k, v = qkv(1, 1, 1, 20, 16)
+    pat = attnc.load(spec, c=3e38)
+    out = attnc.compile_attention(pat, backend="triton", q_tile=16)(q, k, v)
+    want = attnc.compile_attention(pat, backend="reference")(q, k, v)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("bias", [
+    "abs(w[k] - 0.25) * w[q]",
+    "min(w[q], w[k])",  # ties on the diagonal: autograd splits the gradient evenly
+    "max(w[k], 0.1, 2.0 * w[q])",
+    "clamp(w[k], -0.5, 0.5) + w[q]",
+    "w[k] // 0.7 + w[q] % 0.7",
+    "(w[q] - w[k]) % 1.3 - 2.5 // w[k]",
+    "if w[k] > 0.0 then w[k] * w[q] else -abs(w[q])",
+])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_bias_input_gradients_through_piecewise_functions(bias, backend):
+    n = 24
+    spec = f"pattern p\n input w: float[n]\n mask causal\n bias {bias}"
+    gen = torch.Generator().manual_seed(11)
+    q64, k64, v64 = (torch.randn(1, 2, n, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    w64 = torch.randn(n, generator=gen, dtype=torch.float64)
+    weight = torch.randn(1, 2, n, 16, generator=gen, dtype=torch.float64)
+
+    def grads(name, dtype, tile):
+        leaves = [x.to(dtype).requires_grad_() for x in (q64, k64, v64, w64)]
+        out = attnc.compile_attention(spec, backend=name, q_tile=tile)(*leaves[:3], w=leaves[3])
+        return torch.autograd.grad((out.double() * weight).sum(), leaves)
+
+    want = grads("reference", torch.float64, None)
+    got = grads(backend, torch.float32 if backend == "triton" else torch.float64, 8)
+    tol = 1e-4 if backend == "triton" else 1e-10
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+
+
+def test_only_unproven_bias_indices_are_checked_in_the_kernel():
+    def checks(spec, n=32):
+        pat = attnc.load(spec)
+        return [(str(site.func), j) for site, j in codegen.bias_index_checks(pat, E.bind_sizes(pat, n=n, heads=2))]
+
+    # positions proven in range by intervals: no check code, no error buffer, no host sync
+    assert checks("pattern a\n input b: float[heads, n]\n bias b[h, k] + b[h, q // 2]") == []
+    src = T.emit(attnc.load("pattern a\n input b: float[heads, n]\n bias b[h, k]"), n=32, q_tile=16)
+    assert "ERR" not in src
+    # a window-sized table (in range on attended pairs only), an index read from an input
+    assert len(checks("pattern r\n input rpb: float[heads, 7]\n mask abs(q - k) <= 3\n bias rpb[h, q - k + 3]")) == 1
+    spec = "pattern w\n input w: float[n]\n input idx: int[n]\n bias w[idx[k]] + w[q + 1]"
+    assert [j for _, j in checks(spec)] == [0, 0] and len(checks(spec)) == 2
