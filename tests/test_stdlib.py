@@ -812,6 +812,18 @@ def test_sliding_tile_even_and_oversized_windows(shape, tiles, windows):
             assert torch.equal(want, free)
 
 
+def test_per_axis_family_is_generic():
+    """The NATTEN-style binding is not special to NATTEN: sliding_tile's tile_t/tile_y/tile_x
+    take tile=(T, Y, X) or one tile for every axis the same way."""
+    shape, windows = (4, 6, 6), (1, 3, 3)
+    want = fastvideo_sta_mask(shape, (2, 2, 3), windows)
+    sizes = {"frames": 4, "height": 6, "width": 6}
+    got = attnc.materialize_mask("stdlib:sliding_tile", sizes=sizes, tile=(2, 2, 3), wt=1, wy=3, wx=3)
+    assert_same_mask(got, want)
+    got = attnc.materialize_mask("stdlib:sliding_tile", sizes=sizes, tile=2, wt=1, wy=3, wx=3)
+    assert_same_mask(got, fastvideo_sta_mask(shape, (2, 2, 2), windows))
+
+
 def test_sliding_tile_header_defines_every_window():
     text = (STDLIB_DIR / "sliding_tile.attn").read_text(encoding="utf-8")
     assert "each odd" not in text  # the old header claimed odd windows and accepted any
