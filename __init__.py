@@ -4,7 +4,7 @@ Write a pattern in the ``.attn`` language, check it, look at its mask, and run
 it exactly through the reference backend::
 
     import attnc
-    pat = attnc.load("stdlib:neighborhood_2d", ky=7, kx=7)
+    pat = attnc.load("stdlib:neighborhood_2d", kernel_size=7)
     mask = attnc.materialize_mask(pat, sizes={"height": 16, "width": 16})
     attn = attnc.compile_attention(pat, sizes={"height": 16, "width": 16})
     out = attn(q, k, v)

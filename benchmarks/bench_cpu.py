@@ -98,7 +98,7 @@ def case_neighborhood(repeats: int, side=96, K=13, H=4, D=64) -> dict:
     N = side * side
     q, k, v = qkv(H, N, D, seed=1)
     res = {"case": f"2-D neighborhood {K}x{K} on {side}x{side} (N={N}), {H} heads, dim {D}"}
-    attn = attnc.compile_attention("stdlib:neighborhood_2d", ky=K, kx=K, backend="cpu",
+    attn = attnc.compile_attention("stdlib:neighborhood_2d", kernel_size_y=K, kernel_size_x=K, backend="cpu",
                                    sizes={"height": side, "width": side})
     res["attnc_first_call_s"] = once(lambda: attn(q, k, v))
     res["attnc_s"] = best_of(lambda: attn(q, k, v), repeats)

@@ -90,17 +90,17 @@ CASES = [
      lambda: flex_sliding_window(1024)),
     ("1-D sliding window 1024, 1,048,576 tokens", "sliding_window", dict(window=1024), 1 << 20, None, (128,),
      "skipped: a dense 1M x 1M mask is 1.1 TB"),
-    ("3-D neighborhood 18x24x24, 30x48x80 (115,200 tokens)", "neighborhood_3d", dict(kt=18, ky=24, kx=24), None,
+    ("3-D neighborhood 18x24x24, 30x48x80 (115,200 tokens)", "neighborhood_3d", dict(kernel_size_t=18, kernel_size_y=24, kernel_size_x=24), None,
      {"frames": 30, "height": 48, "width": 80}, (2, 8, 8),
      "skipped: a dense 115,200^2 mask is 13.3 GB (plus reductions) on a {mem:.0f} GB machine"),
-    ("2-D neighborhood 13x13, 96x96 (9,216 tokens)", "neighborhood_2d", dict(ky=13, kx=13), None,
+    ("2-D neighborhood 13x13, 96x96 (9,216 tokens)", "neighborhood_2d", dict(kernel_size_y=13, kernel_size_x=13), None,
      {"height": 96, "width": 96}, (8, 16), lambda: flex_neighborhood_2d(96, 96, 13, 13)),
 ]
 
 #: Brute-force classify_tiles_dense at a size where it is feasible (evaluates every token pair).
 DENSE_CASES = [
     ("1-D sliding window 1024, 16,384 tokens", "sliding_window", dict(window=1024), 16384, None, (128,)),
-    ("2-D neighborhood 13x13, 96x96 (9,216 tokens)", "neighborhood_2d", dict(ky=13, kx=13), None,
+    ("2-D neighborhood 13x13, 96x96 (9,216 tokens)", "neighborhood_2d", dict(kernel_size_y=13, kernel_size_x=13), None,
      {"height": 96, "width": 96}, (8, 16)),
 ]
 

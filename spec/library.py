@@ -11,6 +11,7 @@ from ..compiler import ir
 from . import ast
 from .checker import Checker
 from .errors import SpecError, did_you_mean
+from .params import blame_argument, expand_axis_params
 from .parser import decode_source, parse
 
 STDLIB_PREFIX = "stdlib:"
@@ -85,14 +86,20 @@ def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None) -
 
 
 def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool = True):
-    """Check one declaration and build its IR."""
-    return Checker(module, decl, dict(params), resolve, strict=strict).lower()
+    """Check one declaration and build its IR. NATTEN-style arguments (one
+    value or a tuple for a family of per-axis parameters) are expanded first
+    (``params.expand_axis_params``)."""
+    expanded, origin = expand_axis_params(decl, params)
+    try:
+        return Checker(module, decl, expanded, resolve, strict=strict).lower()
+    except SpecError as err:
+        raise blame_argument(err, origin) from None
 
 
 def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR:
     """Load a pattern or recurrence: ``source`` is a path, ``"stdlib:NAME"`` or
     spec text; ``name`` picks one of several declarations; keyword arguments
-    set parameters (``load("stdlib:neighborhood_2d", ky=7, kx=7)``)."""
+    set parameters (``load("stdlib:neighborhood_2d", kernel_size=(7, 5))``)."""
     text, filename = read_source(source)
     module = parse(text, filename)
     stdlib_name = source[len(STDLIB_PREFIX):] if isinstance(source, str) and source.startswith(STDLIB_PREFIX) else None

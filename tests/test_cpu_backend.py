@@ -100,9 +100,9 @@ STDLIB = {
     "longformer": (dict(window=8), None, 57, _global),
     "longnet": (dict(segment=16, dilation=2), None, 50, None),
     "moba": (dict(block=8, topk=2), None, 61, None),
-    "neighborhood_1d": (dict(kernel=5, dilation=2), None, 45, None),
-    "neighborhood_2d": (dict(ky=3, kx=5, dx=2), {"height": 7, "width": 11}, None, None),
-    "neighborhood_3d": (dict(kt=3, ky=3, kx=3), {"frames": 3, "height": 5, "width": 6}, None, None),
+    "neighborhood_1d": (dict(kernel_size=5, dilation=2), None, 45, None),
+    "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=5, dilation_x=2), {"height": 7, "width": 11}, None, None),
+    "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=3), {"frames": 3, "height": 5, "width": 6}, None, None),
     "power": (dict(block=4, local=2), None, 70, None),
     "prefix_lm": (dict(prefix=9), None, 40, None),
     "radial": (dict(block=4), {"frames": 4, "per_frame": 16}, None, None),
@@ -257,7 +257,7 @@ def test_neighborhood_2d_tiles_and_sizes_against_dense(hw, ks, tile, kv_tile, at
     (Hh, Ww), (ky, kx) = hw, ks
     ky, kx = min(ky, Hh - 1 + Hh % 2), min(kx, Ww - 1 + Ww % 2)  # the window must fit the grid
     sizes = {"height": Hh, "width": Ww}
-    attn = attnc.compile_attention("stdlib:neighborhood_2d", backend="cpu", ky=ky, kx=kx, q_tile=tile,
+    attn = attnc.compile_attention("stdlib:neighborhood_2d", backend="cpu", kernel_size_y=ky, kernel_size_x=kx, q_tile=tile,
                                    kv_tile=kv_tile, sizes=None if at_call else sizes)
     n = Hh * Ww
     q, k, v = qkv(1, 2, 2, n, 4, seed=seed)
@@ -490,7 +490,7 @@ def test_eager_errors_name_the_argument():
     with pytest.raises(attnc.SpecError) as err:
         attn(q, k[:, :, :15], v[:, :, :15], doc=torch.zeros(16, dtype=torch.int64))
     assert err.value.where == "argument k"
-    grid = attnc.compile_attention("stdlib:neighborhood_2d", ky=3, kx=3, backend="cpu")
+    grid = attnc.compile_attention("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=3, backend="cpu")
     with pytest.raises(attnc.SpecError):
         grid(q, k, v)  # grid sizes missing
 

@@ -114,7 +114,7 @@ def test_random_patterns_against_matrix_powers(n, block, a, b, causal, all_pairs
 
 
 def test_grid_blocks_and_graph():
-    pat = attnc.load("stdlib:neighborhood_2d", ky=3, kx=3)
+    pat = attnc.load("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=3)
     bound = E.bind_sizes(pat, sizes={"height": 8, "width": 12})
     rf = receptive_field(pat, bound, (4, 4), 5, all_pairs=True)
     # 2 x 3 blocks of 4x4; a 3x3 window links each block to its grid neighbours (incl. diagonals)

@@ -202,7 +202,7 @@ def test_tile_shapes_are_every_power_of_two_factorisation_that_fits():
 
 
 def test_search_ranks_candidates_and_classifies_each_tile_pair_once():
-    pat = attnc.load("stdlib:neighborhood_3d", kt=3, ky=5, kx=5)
+    pat = attnc.load("stdlib:neighborhood_3d", kernel_size_t=3, kernel_size_y=5, kernel_size_x=5)
     bound = E.bind_sizes(pat, sizes={"frames": 8, "height": 16, "width": 16}, heads=2)
     calls = []
 
@@ -272,7 +272,7 @@ def test_sparser_pattern_predicts_faster_and_dense_predicts_one():
 
 def test_report_contents_and_json():
     rep = attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 24, "width": 32}, heads=2, head_dim=64,
-                         batch=2, hardware="A100", ky=5, kx=7)
+                         batch=2, hardware="A100", kernel_size_y=5, kernel_size_x=7)
     d = json.loads(rep.to_json())
     for key in ("density", "flop_bound", "tile_bound", "predicted_speedup", "predicted_speedup_backward", "tiles",
                 "schedule", "top", "hardware", "predicted"):
@@ -329,23 +329,23 @@ def test_recurrences_and_bad_arguments_are_clean_errors():
 
 # ----------------------------------------------------------------- NATTEN's published figures
 def test_natten_flop_bound_1d():
-    rep = attnc.simulate("stdlib:neighborhood_1d", n=32768, kernel=2048)
+    rep = attnc.simulate("stdlib:neighborhood_1d", n=32768, kernel_size=2048)
     assert rep["flop_bound"] == pytest.approx(16.0, rel=0.01)
 
 
 def test_natten_flop_bound_2d():
-    rep = attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 256, "width": 256}, ky=80, kx=80,
+    rep = attnc.simulate("stdlib:neighborhood_2d", sizes={"height": 256, "width": 256}, kernel_size_y=80, kernel_size_x=80,
                          q_tile=(16, 8), kv_tile=(16, 8))
     assert rep["flop_bound"] == pytest.approx(10.24, rel=0.01)
 
 
 def test_natten_flop_bound_3d_and_strided_is_fully_block_sparse():
     sizes = {"frames": 30, "height": 48, "width": 80}
-    rep = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kt=18, ky=24, kx=24, q_tile=(2, 8, 8),
+    rep = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kernel_size_t=18, kernel_size_y=24, kernel_size_x=24, q_tile=(2, 8, 8),
                          kv_tile=(2, 8, 8))
     assert rep["flop_bound"] == pytest.approx(11.11, rel=0.01)
     assert rep["tiles"]["partial"] > 0
-    strided = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kt=18, ky=24, kx=24, st=16, sy=8, sx=8,
+    strided = attnc.simulate("stdlib:neighborhood_3d", sizes=sizes, kernel_size_t=18, kernel_size_y=24, kernel_size_x=24, stride_t=16, stride_y=8, stride_x=8,
                              q_tile=(2, 8, 8), kv_tile=(2, 8, 8))
     assert strided["tiles"]["partial"] == 0
     assert strided["predicted_speedup"] > rep["predicted_speedup"]
@@ -360,13 +360,13 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def test_cli_sim_table_and_json(capsys):
-    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kt=3,ky=5,kx=5", "--sizes",
+    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kernel_size_t=3,kernel_size_y=5,kernel_size_x=5", "--sizes",
                        "frames=8,height=16,width=16", "--heads", "2", "--head-dim", "64", "--hardware", "H200")
     assert code == 0
     for text in ("FLOP-wise bound", "tile-wise bound", "predicted speedup", "forward", "backward", "H200",
                  "top schedules"):
         assert text in out
-    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kt=3,ky=5,kx=5", "--sizes",
+    code, out, _ = run(capsys, "sim", "stdlib:neighborhood_3d", "-p", "kernel_size_t=3,kernel_size_y=5,kernel_size_x=5", "--sizes",
                        "frames=8,height=16,width=16", "--q-tile", "2,8,8", "--kv-tile", "2,4,8", "--json")
     assert code == 0
     d = json.loads(out)
@@ -409,7 +409,7 @@ def test_cli_show_tiles_text_matches_brute_force(capsys, tmp_path):
 
 
 def test_flat_view_of_a_grid_pattern_is_the_same_mask():
-    pat = attnc.load("stdlib:neighborhood_2d", ky=3, kx=5)
+    pat = attnc.load("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=5)
     bound = E.bind_sizes(pat, sizes={"height": 6, "width": 10})
     view, vbound = SR.flat_view(pat, bound)
     flat = T.classify_tiles_dense(view, vbound, (7,), (5,))

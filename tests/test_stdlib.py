@@ -32,30 +32,18 @@ EXPECTED_DEFAULTS = {
     "sliding_window": {"window": 4096},
     "streaming": {"window": 1020, "sinks": 4},
     "a_shape": {"sinks": 128, "local": 3968},
-    "neighborhood_1d": {"kernel": 7, "dilation": 1, "stride": 1, "is_causal": False},
+    "neighborhood_1d": {"kernel_size": 7, "stride": 1, "dilation": 1, "is_causal": False},
     "neighborhood_2d": {
-        "ky": 7,
-        "kx": 7,
-        "dy": 1,
-        "dx": 1,
-        "sy": 1,
-        "sx": 1,
-        "causal_y": False,
-        "causal_x": False,
+        **{f"kernel_size_{a}": 7 for a in "yx"},
+        **{f"stride_{a}": 1 for a in "yx"},
+        **{f"dilation_{a}": 1 for a in "yx"},
+        **{f"is_causal_{a}": False for a in "yx"},
     },
     "neighborhood_3d": {
-        "kt": 3,
-        "ky": 7,
-        "kx": 7,
-        "dt": 1,
-        "dy": 1,
-        "dx": 1,
-        "st": 1,
-        "sy": 1,
-        "sx": 1,
-        "causal_t": False,
-        "causal_y": False,
-        "causal_x": False,
+        **{f"kernel_size_{a}": k for a, k in zip("tyx", (3, 7, 7), strict=True)},
+        **{f"stride_{a}": 1 for a in "tyx"},
+        **{f"dilation_{a}": 1 for a in "tyx"},
+        **{f"is_causal_{a}": False for a in "tyx"},
     },
     "dilated": {"segment": 8192, "dilation": 4, "is_causal": True},
     "longnet": {"segment": 8192, "dilation": 4, "is_causal": True},
@@ -64,7 +52,7 @@ EXPECTED_DEFAULTS = {
     "power": {"block": 256, "local": 5},
     "logsparse": {},
     "longformer": {"window": 512},
-    "s2": {"block": 64, "local": 16, "vert": 8, "offset": 1},
+    "s2": {"block": 64, "local": 16, "vert": 8, "offset": 0, "kv_heads": 0},
     "prefix_lm": {"prefix": 3},  # bare: given here
     "document": {},
     "alibi": {},
@@ -74,6 +62,7 @@ EXPECTED_DEFAULTS = {
     "biformer": {"region": 4, "topk": 4},
     "retention": {},
     "lightning": {},
+    "lightning_fla": {"layer_idx": 0, "num_layers": 1},
     "mamba2": {},
     "gla": {},
 }
@@ -102,6 +91,24 @@ def assert_same_mask(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+def alibi_slopes(H: int) -> list[float]:
+    """The head slopes of ALiBi's get_slopes (also Lightning Attention's
+    _build_slope_tensor): the geometric sequence 2^(-8/H), 2^(-16/H), ... for a
+    power-of-two H; otherwise the sequence of the largest power of two P < H,
+    followed by the first H - P of every other slope of the 2P sequence."""
+    if is_pow2(H):
+        return [2.0 ** (-8.0 * (i + 1) / H) for i in range(H)]
+    P = 2 ** int(math.floor(math.log2(H)))
+    return alibi_slopes(P) + alibi_slopes(2 * P)[0::2][: H - P]
+
+
+def test_alibi_slopes_reference():
+    """The reference above against the values the rule gives by hand."""
+    assert alibi_slopes(3) == [2.0**-4, 2.0**-8, 2.0**-2]
+    assert alibi_slopes(6) == [2.0 ** (-2 * i) for i in (1, 2, 3, 4)] + [2.0**-1, 2.0**-3]
+    assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
 
 
 # ================================================================ the stdlib itself
@@ -215,15 +222,27 @@ def test_a_shape_calls_streaming_with_minference_setting():
     assert not torch.triu(m, diagonal=1).any()
 
 
-@pytest.mark.parametrize("n,block,local", [(40, 4, 2), (64, 4, 5), (37, 3, 1), (50, 7, 3)])
+@pytest.mark.parametrize(
+    "n,block,local", [(40, 4, 2), (64, 4, 5), (37, 3, 1), (50, 7, 3), (40, 4, 0), (33, 1, 0), (45, 5, 0)]
+)
 def test_power(n, block, local):
+    """PowerAttention's Algorithm 1: a block distance passes the power-of-two
+    test when blk & (blk - 1) == 0, which distance 0 (the own block) does too,
+    so local = 0 still keeps the query's own block."""
+
     def keep(h, q, k):
         blk = q // block - k // block
-        return k <= q and (blk < local or is_pow2(blk) or k < block)
+        return k <= q and (blk < local or blk & (blk - 1) == 0 or k < block)
 
     assert_same_mask(
         attnc.materialize_mask("stdlib:power", n=n, block=block, local=local), as_mask(keep, 1, n)
     )
+
+
+def test_power_local_0_keeps_the_own_block():
+    m = attnc.materialize_mask("stdlib:power", n=24, block=4, local=0)[0]
+    for q in range(24):
+        assert m[q, (q // 4) * 4 : q + 1].all()  # the own block, causally
 
 
 @pytest.mark.parametrize("n", [1, 2, 17, 40])
@@ -339,15 +358,21 @@ def test_longnet_heads_cover_dilated():
 
 # ================================================================ S2-Attention
 def dkernel_mask(
-    n: int, heads: int, block: int, local: int, vert: int, offset: int
+    n: int, heads: int, block: int, local: int, vert: int, offset: int, kv_heads: int | None = None
 ) -> torch.Tensor:
     """DKernel's get_sparse_attn_mask (heterogeneous heads) made dense, with the
-    lower-triangular token mask it multiplies in, cut to n tokens."""
+    lower-triangular token mask it multiplies in, cut to n tokens. With GQA
+    (kv_heads), one pattern per KV head, repeated for its heads // kv_heads
+    query heads; the head step always counts the query heads."""
+    kv_heads = kv_heads or heads
+    per_kv = heads // kv_heads
     nb = -(-n // block)
     qb = torch.arange(nb)[None, :, None]
     kb = torch.arange(nb)[None, None]
     step = max(1, int(vert / heads))
-    vert_rows = [(torch.arange(nb) + h * step + offset) % vert == 0 for h in range(heads)]
+    vert_rows = [
+        (torch.arange(nb) + g * step + offset) % vert == 0 for g in range(kv_heads) for _ in range(per_kv)
+    ]
     vert_mask = torch.vstack(vert_rows).unsqueeze(1)
     blocks = (qb >= kb) & ((qb - kb < local) | vert_mask)  # [heads, nb, nb]
     dense = torch.kron(blocks.to(torch.int64), torch.ones(block, block, dtype=torch.int64)).bool()
@@ -364,6 +389,7 @@ def dkernel_mask(
         (30, 8, 2, 1, 4, 1),
         (27, 1, 2, 3, 5, 2),
         (64, 16, 4, 2, 8, 1),
+        (48, 4, 2, 1, 8, 0),
     ],
 )
 def test_s2(n, heads, block, local, vert, offset):
@@ -371,6 +397,50 @@ def test_s2(n, heads, block, local, vert, offset):
         "stdlib:s2", n=n, heads=heads, block=block, local=local, vert=vert, offset=offset
     )
     assert_same_mask(got, dkernel_mask(n, heads, block, local, vert, offset))
+
+
+@pytest.mark.parametrize("n,heads,block,local,vert", [(48, 4, 2, 1, 8), (40, 3, 2, 2, 4), (64, 8, 4, 1, 16)])
+def test_s2_default_offset_is_dkernels(n, heads, block, local, vert):
+    """get_sparse_attn_mask's head_sliding_offset defaults to 0."""
+    got = attnc.materialize_mask("stdlib:s2", n=n, heads=heads, block=block, local=local, vert=vert)
+    assert_same_mask(got, dkernel_mask(n, heads, block, local, vert, 0))
+
+
+@pytest.mark.parametrize(
+    "n,heads,kv_heads,block,local,vert,offset",
+    [
+        (48, 8, 2, 2, 1, 8, 0),
+        (40, 4, 1, 2, 1, 4, 0),
+        (64, 6, 3, 4, 1, 4, 1),
+        (36, 4, 4, 2, 2, 8, 0),  # as many KV heads as query heads: no grouping
+        (60, 16, 4, 3, 1, 8, 0),
+    ],
+)
+def test_s2_gqa(n, heads, kv_heads, block, local, vert, offset):
+    """With GQA, DKernel gives every query head its KV head's pattern."""
+    got = attnc.materialize_mask(
+        "stdlib:s2", n=n, heads=heads, block=block, local=local, vert=vert, offset=offset, kv_heads=kv_heads
+    )
+    want = dkernel_mask(n, heads, block, local, vert, offset, kv_heads)
+    assert_same_mask(got, want)
+    per_kv = heads // kv_heads
+    for h in range(heads):  # query heads of one KV head share the pattern
+        assert torch.equal(got[h], got[(h // per_kv) * per_kv])
+
+
+def test_s2_gqa_runs_with_grouped_kv():
+    """The GQA form through the CPU executor, K/V with kv_heads heads, against dense attention."""
+    B, H, Hkv, N, D = 1, 4, 2, 24, 8
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, Hkv, N, D, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, Hkv, N, D, generator=gen, dtype=torch.float64)
+    params = dict(block=2, local=1, vert=4, kv_heads=Hkv)
+    attn = attnc.compile_attention("stdlib:s2", backend="cpu", **params)
+    mask = dkernel_mask(N, H, 2, 1, 4, 0, Hkv)
+    rep = H // Hkv
+    want = dense_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), lambda s: s, mask)
+    torch.testing.assert_close(attn(q, k, v), want, rtol=1e-12, atol=1e-12)
 
 
 def test_s2_heads_differ_and_are_causal():
@@ -426,7 +496,7 @@ def natten_axis(draw, max_len=24):
 def test_neighborhood_1d_hypothesis(axis):
     L, w, d, s, c = axis
     got = attnc.materialize_mask(
-        "stdlib:neighborhood_1d", n=L, kernel=w, dilation=d, stride=s, is_causal=c
+        "stdlib:neighborhood_1d", n=L, kernel_size=w, dilation=d, stride=s, is_causal=c
     )
     assert_same_mask(got, natten_mask((L,), (w,), (d,), (s,), (c,)))
 
@@ -446,7 +516,7 @@ def test_neighborhood_1d_hypothesis(axis):
 )
 def test_neighborhood_1d_cases(L, w, d, s, c):
     got = attnc.materialize_mask(
-        "stdlib:neighborhood_1d", n=L, kernel=w, dilation=d, stride=s, is_causal=c
+        "stdlib:neighborhood_1d", n=L, kernel_size=w, dilation=d, stride=s, is_causal=c
     )
     want = natten_mask((L,), (w,), (d,), (s,), (c,))
     assert_same_mask(got, want)
@@ -474,14 +544,14 @@ def test_neighborhood_2d_hypothesis(ay, ax):
     got = attnc.materialize_mask(
         "stdlib:neighborhood_2d",
         sizes={"height": Ly, "width": Lx},
-        ky=ky,
-        kx=kx,
-        dy=dy,
-        dx=dx,
-        sy=sy,
-        sx=sx,
-        causal_y=cy,
-        causal_x=cx,
+        kernel_size_y=ky,
+        kernel_size_x=kx,
+        dilation_y=dy,
+        dilation_x=dx,
+        stride_y=sy,
+        stride_x=sx,
+        is_causal_y=cy,
+        is_causal_x=cx,
     )
     assert_same_mask(got, natten_mask((Ly, Lx), (ky, kx), (dy, dx), (sy, sx), (cy, cx)))
 
@@ -499,14 +569,14 @@ def test_neighborhood_2d_cases(shape, k, d, s, c):
     got = attnc.materialize_mask(
         "stdlib:neighborhood_2d",
         sizes={"height": shape[0], "width": shape[1]},
-        ky=k[0],
-        kx=k[1],
-        dy=d[0],
-        dx=d[1],
-        sy=s[0],
-        sx=s[1],
-        causal_y=c[0],
-        causal_x=c[1],
+        kernel_size_y=k[0],
+        kernel_size_x=k[1],
+        dilation_y=d[0],
+        dilation_x=d[1],
+        stride_y=s[0],
+        stride_x=s[1],
+        is_causal_y=c[0],
+        is_causal_x=c[1],
     )
     assert_same_mask(got, natten_mask(shape, k, d, s, c))
 
@@ -524,20 +594,113 @@ def test_neighborhood_3d(shape, k, d, s, c):
     got = attnc.materialize_mask(
         "stdlib:neighborhood_3d",
         sizes={"frames": shape[0], "height": shape[1], "width": shape[2]},
-        kt=k[0],
-        ky=k[1],
-        kx=k[2],
-        dt=d[0],
-        dy=d[1],
-        dx=d[2],
-        st=s[0],
-        sy=s[1],
-        sx=s[2],
-        causal_t=c[0],
-        causal_y=c[1],
-        causal_x=c[2],
+        kernel_size_t=k[0],
+        kernel_size_y=k[1],
+        kernel_size_x=k[2],
+        dilation_t=d[0],
+        dilation_y=d[1],
+        dilation_x=d[2],
+        stride_t=s[0],
+        stride_y=s[1],
+        stride_x=s[2],
+        is_causal_t=c[0],
+        is_causal_y=c[1],
+        is_causal_x=c[2],
     )
     assert_same_mask(got, natten_mask(shape, k, d, s, c))
+
+
+# NATTEN's own names: kernel_size, stride, dilation, is_causal, each one value or one per axis.
+NATTEN_NAMES = ("kernel_size", "stride", "dilation", "is_causal")
+
+
+@pytest.mark.parametrize("name,axes", [("neighborhood_1d", ""), ("neighborhood_2d", "yx"),
+                                       ("neighborhood_3d", "tyx")])
+def test_neighborhood_parameters_share_natten_names(name, axes):
+    got = [p for p, _ in attnc.load(f"stdlib:{name}").params]
+    want = list(NATTEN_NAMES) if not axes else [f"{n}_{a}" for n in NATTEN_NAMES for a in axes]
+    assert got == want
+
+
+def natten_args(shape, **natten):
+    """NATTEN's int-or-tuple arguments, normalised to one value per axis as NATTEN does."""
+    out = {}
+    for key, default in (("kernel_size", None), ("stride", 1), ("dilation", 1), ("is_causal", False)):
+        value = natten.get(key, default)
+        out[key] = tuple(value) if isinstance(value, tuple | list) else (value,) * len(shape)
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,natten",
+    [
+        ((7, 10), dict(kernel_size=(3, 5), dilation=2, is_causal=(False, True))),  # the issue's call
+        ((7, 8), dict(kernel_size=3, stride=(1, 3), is_causal=True)),
+        ((8, 5), dict(kernel_size=(4, 5), stride=2, dilation=(2, 1))),
+        ((4, 5, 6), dict(kernel_size=3, dilation=(1, 1, 2), is_causal=(True, False, False))),
+        ((5, 4, 7), dict(kernel_size=(2, 3, 5), stride=(2, 1, 5), is_causal=(False, True, False))),
+    ],
+)
+def test_neighborhood_natten_style_arguments(shape, natten):
+    """compile_attention with NATTEN's int-or-tuple arguments gives NATTEN's mask and output."""
+    name = f"stdlib:neighborhood_{len(shape)}d"
+    sizes = dict(zip(("frames", "height", "width")[-len(shape):], shape, strict=True))
+    a = natten_args(shape, **natten)
+    want = natten_mask(shape, a["kernel_size"], a["dilation"], a["stride"], a["is_causal"])
+    assert_same_mask(attnc.materialize_mask(name, sizes=sizes, **natten), want)
+    N = math.prod(shape)
+    q, k, v = rand_qkv(1, 2, N, 8, seed=len(shape))
+    attn = attnc.compile_attention(name, sizes=sizes, backend="reference", **natten)
+    expected = dense_attention(q, k, v, lambda s: s, want[0])
+    torch.testing.assert_close(attn(q, k, v), expected, rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(natten_axis(max_len=8), natten_axis(max_len=8))
+def test_neighborhood_tuple_equals_per_axis(ay, ax):
+    (Ly, ky, dy, sy, cy), (Lx, kx, dx, sx, cx) = ay, ax
+    sizes = {"height": Ly, "width": Lx}
+    got = attnc.materialize_mask(
+        "stdlib:neighborhood_2d", sizes=sizes, kernel_size=(ky, kx), stride=[sy, sx],
+        dilation=(dy, dx), is_causal=(cy, cx),
+    )
+    assert_same_mask(got, natten_mask((Ly, Lx), (ky, kx), (dy, dx), (sy, sx), (cy, cx)))
+
+
+def test_neighborhood_1d_natten_names_and_one_tuple():
+    want = natten_mask((20,), (5,), (2,), (3,), (True,))
+    for kernel in (5, (5,), [5]):
+        got = attnc.materialize_mask("stdlib:neighborhood_1d", n=20, kernel_size=kernel, stride=3,
+                                     dilation=(2,), is_causal=True)
+        assert_same_mask(got, want)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,where,fragment",
+    [
+        ("neighborhood_2d", dict(kernel_size=(3, 5, 7)), "argument kernel_size", "one per axis: y, x"),
+        ("neighborhood_3d", dict(stride=(1, 2)), "argument stride", "one per axis: t, y, x"),
+        ("neighborhood_2d", dict(kernel_size=3, kernel_size_x=5), "argument kernel_size_x", "given twice"),
+        ("neighborhood_2d", dict(kernel_size=(3, 2.5)), "argument kernel_size", "axis x"),
+        ("neighborhood_2d", dict(is_causal=(True, 1)), "argument is_causal", "axis x"),
+        ("neighborhood_1d", dict(kernel_size=(3, 5)), "argument kernel_size", "one value"),
+        ("neighborhood_2d", dict(ky=3), "argument ky", "no parameter"),
+        ("neighborhood_1d", dict(kernel=3), "argument kernel", "no parameter"),
+    ],
+)
+def test_neighborhood_bad_natten_arguments(name, kwargs, where, fragment):
+    with pytest.raises(attnc.SpecError) as err:
+        attnc.compile_attention(f"stdlib:{name}", **kwargs)
+    assert err.value.where == where
+    assert fragment in str(err.value)
+
+
+def test_cli_takes_natten_style_parameter(capsys):
+    rc = cli.main(["show", "stdlib:neighborhood_2d", "--sizes", "height=8,width=8", "-p", "kernel_size=3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    want = natten_mask((8, 8), (3, 3), (1, 1), (1, 1), (False, False))
+    assert f"density {float(want.float().mean()):.3f}" in out
 
 
 # ================================================================ Sliding Tile Attention
@@ -607,14 +770,64 @@ def test_sta_equals_natten_strided(shape, tiles, windows):
     got_na = attnc.materialize_mask(
         "stdlib:neighborhood_3d",
         sizes={"frames": shape[0], "height": shape[1], "width": shape[2]},
-        kt=ks[0],
-        ky=ks[1],
-        kx=ks[2],
-        st=tiles[0],
-        sy=tiles[1],
-        sx=tiles[2],
+        kernel_size=ks,  # NATTEN-style: one value per axis
+        stride=tiles,
     )
     assert_same_mask(sta(shape, tiles, windows), got_na)  # and so do the attnc patterns
+
+
+def fastvideo_sta_mask(shape, tiles, windows) -> torch.Tensor:
+    """FastVideo's reference STA mask (flex_sta_ref.py, generate_sta_mask) on a row-major
+    grid, tiles dividing the axes: per axis the query tile is clamped with torch.clamp
+    to [w // 2, n_tiles - 1 - w // 2] (torch: the upper bound wins when they cross),
+    and key tiles within w // 2 of it are kept."""
+    coords = torch.tensor(list(product(*[range(L) for L in shape])))  # [N, 3]
+    keep = torch.ones(len(coords), len(coords), dtype=torch.bool)
+    for a, (L, T, w) in enumerate(zip(shape, tiles, windows, strict=True)):
+        n_tiles = L // T
+        tile = coords[:, a] // T
+        centre = tile.clamp(w // 2, (n_tiles - 1) - w // 2)
+        keep &= (centre[:, None] - tile[None, :]).abs() <= w // 2
+    return keep[None]
+
+
+@pytest.mark.parametrize(
+    "shape,tiles,windows",
+    [
+        ((6, 8, 8), (2, 2, 2), (2, 2, 2)),  # even windows: w // 2 tiles each side
+        ((8, 6, 8), (2, 2, 2), (4, 2, 3)),
+        ((4, 6, 8), (2, 2, 2), (5, 3, 4)),  # wider than the axis (2 tiles): the whole axis
+        ((6, 4, 6), (2, 2, 3), (3, 6, 2)),
+        ((2, 4, 4), (1, 1, 1), (8, 2, 6)),
+    ],
+)
+def test_sliding_tile_even_and_oversized_windows(shape, tiles, windows):
+    """Windows the paper does not use are defined as FastVideo's mask defines them."""
+    want = fastvideo_sta_mask(shape, tiles, windows)
+    assert_same_mask(sta(shape, tiles, windows), want)
+    for a, (L, T, w) in enumerate(zip(shape, tiles, windows, strict=True)):
+        if w >= L // T:  # the whole axis: the same as no constraint on it (one tile spanning it)
+            free = fastvideo_sta_mask(shape, [L if i == a else tiles[i] for i in range(3)],
+                                      [1 if i == a else windows[i] for i in range(3)])
+            assert torch.equal(want, free)
+
+
+def test_per_axis_family_is_generic():
+    """The NATTEN-style binding is not special to NATTEN: sliding_tile's tile_t/tile_y/tile_x
+    take tile=(T, Y, X) or one tile for every axis the same way."""
+    shape, windows = (4, 6, 6), (1, 3, 3)
+    want = fastvideo_sta_mask(shape, (2, 2, 3), windows)
+    sizes = {"frames": 4, "height": 6, "width": 6}
+    got = attnc.materialize_mask("stdlib:sliding_tile", sizes=sizes, tile=(2, 2, 3), wt=1, wy=3, wx=3)
+    assert_same_mask(got, want)
+    got = attnc.materialize_mask("stdlib:sliding_tile", sizes=sizes, tile=2, wt=1, wy=3, wx=3)
+    assert_same_mask(got, fastvideo_sta_mask(shape, (2, 2, 2), windows))
+
+
+def test_sliding_tile_header_defines_every_window():
+    text = (STDLIB_DIR / "sliding_tile.attn").read_text(encoding="utf-8")
+    assert "each odd" not in text  # the old header claimed odd windows and accepted any
+    assert "even" in text and "n_tiles" in text
 
 
 # ================================================================ Radial Attention
@@ -674,6 +887,22 @@ def test_radial_is_sparser_far_away():
     assert density[2] > density[4] > density[8]
 
 
+def test_radial_wan_keeps_adjacent_frames_whole():
+    """The current radial-attention code (get_window_width) gives adjacent frames the
+    full window P for Wan as for HunyuanVideo; only its first revision narrowed
+    them to P // 2 for Wan, which the header must not present as current."""
+    F, P, block = 5, 40, 4
+    m = attnc.materialize_mask(
+        "stdlib:radial", sizes={"frames": F, "per_frame": P}, block=block, sink=True
+    )[0]
+    for i in range(F - 1):
+        assert m[i * P : (i + 1) * P, (i + 1) * P : (i + 2) * P].all()
+        assert m[(i + 1) * P : (i + 2) * P, i * P : (i + 1) * P].all()
+    text = (STDLIB_DIR / "radial.attn").read_text(encoding="utf-8")
+    assert "code also narrows adjacent frames" not in text
+    assert "3f66894" in text  # the revision that did
+
+
 # ================================================================ score terms
 def dense_attention(q, k, v, scores_fn, mask):
     """softmax over allowed keys of scores_fn(raw scaled scores), zero rows for empty masks."""
@@ -691,11 +920,16 @@ def rand_qkv(B, H, N, D, seed, scale=1.0):
     )
 
 
-@pytest.mark.parametrize("B,H,N,D,seed", [(2, 4, 13, 8, 0), (1, 3, 20, 16, 1), (1, 8, 7, 4, 2)])
+@pytest.mark.parametrize(
+    "B,H,N,D,seed",
+    [(2, 4, 13, 8, 0), (1, 3, 20, 16, 1), (1, 8, 7, 4, 2), (1, 5, 9, 4, 3), (1, 6, 9, 4, 4),
+     (1, 12, 6, 4, 5), (1, 1, 5, 4, 6)],
+)
 def test_alibi(B, H, N, D, seed):
+    """Any head count, with ALiBi's get_slopes rule for non-powers of two."""
     q, k, v = rand_qkv(B, H, N, D, seed)
     attn = attnc.compile_attention("stdlib:alibi", backend="reference")
-    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    slopes = torch.tensor(alibi_slopes(H), dtype=torch.float64)
     dist = torch.arange(N)[:, None] - torch.arange(N)[None, :]
     bias = -slopes[:, None, None] * dist
     mask = torch.tril(torch.ones(N, N, dtype=torch.bool))
@@ -876,17 +1110,63 @@ def test_retention(H, seed):
     torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize("H,seed", [(8, 0), (3, 1)])
+@pytest.mark.parametrize("H,seed", [(8, 0), (3, 1), (5, 2), (6, 3), (12, 4), (1, 5)])
 def test_lightning(H, seed):
+    """Slopes of Lightning Attention's _build_slope_tensor (ALiBi's rule) for any head count."""
     B, N, D = 1, 15, 4
     q, k, v = rand_qkv(B, H, N, D, seed)
     S0 = torch.randn(B, H, D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
-    slopes = torch.tensor([2 ** (-8 * (h + 1) / H) for h in range(H)], dtype=torch.float64)
+    slopes = torch.tensor(alibi_slopes(H), dtype=torch.float64)
     c = -slopes.view(1, H, 1) * torch.arange(1, N + 1, dtype=torch.float64)
     want, want_state = closed_form(q, k, v, c.expand(B, H, N), D**-0.5, S0)
     out, state = run_recurrence("lightning", q, k, v, initial_state=S0)
     torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("H", [3, 8])
+def test_lightning_matches_the_unscaled_reference_with_scale_1(H):
+    """Lightning's reference (linear_attn): O = ((Q K^T) * M) V, M[i, j] = exp(-s_h (i - j))
+    for j <= i, no 1/sqrt(d); attnc reproduces it with scale=1.0 (and differs by default)."""
+    B, N, D = 2, 11, 8
+    q, k, v = rand_qkv(B, H, N, D, 7)
+    i = torch.arange(N, dtype=torch.float64)
+    dist = i[:, None] - i[None, :]
+    want = torch.zeros(B, H, N, D, dtype=torch.float64)
+    for h, s in enumerate(alibi_slopes(H)):
+        M = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), torch.zeros_like(dist))
+        want[:, h] = ((q[:, h] @ k[:, h].transpose(-1, -2)) * M) @ v[:, h]
+    attn = attnc.compile_attention("stdlib:lightning", backend="reference")
+    torch.testing.assert_close(attn(q, k, v, scale=1.0), want, rtol=1e-11, atol=1e-11)
+    assert not torch.allclose(attn(q, k, v), want)  # the default scale is 1/sqrt(dk)
+    text = (STDLIB_DIR / "lightning.attn").read_text(encoding="utf-8")
+    assert "scale=1.0" in text  # the header says how to match it
+
+
+@pytest.mark.parametrize("H,layer_idx,num_layers,seed", [(4, 0, 1, 0), (3, 2, 12, 1), (6, 5, 6, 2), (8, 7, 24, 3)])
+def test_lightning_fla(H, layer_idx, num_layers, seed):
+    """flash-linear-attention's chunk_lightning_attn: log decay
+    -(8 / H * (1 - layer_idx / num_layers)) * h per head (head 0 never decays)."""
+    B, N, D = 2, 13, 4
+    q, k, v = rand_qkv(B, H, N, D, seed)
+    S0 = torch.randn(B, H, D, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    g = torch.tensor([-(8 / H * (1 - layer_idx / num_layers)) * h for h in range(H)], dtype=torch.float64)
+    assert g[0] == 0
+    c = g.view(1, H, 1) * torch.arange(1, N + 1, dtype=torch.float64)
+    want, want_state = closed_form(q, k, v, c.expand(B, H, N), D**-0.5, S0)
+    attn = attnc.compile_attention(
+        "stdlib:lightning_fla", backend="reference", layer_idx=layer_idx, num_layers=num_layers
+    )
+    out, state = attn(q, k, v, initial_state=S0, return_state=True)
+    torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+def test_lightning_header_describes_fla_correctly():
+    """The old header said fla 'scales the slopes by layer depth'; fla's decay is linear in h."""
+    text = (STDLIB_DIR / "lightning.attn").read_text(encoding="utf-8")
+    assert "TransNormerLLM and fla also\n# scale the slopes" not in text
+    assert "stdlib:lightning_fla" in text
 
 
 @pytest.mark.parametrize("batched,seed", [(False, 0), (True, 1)])

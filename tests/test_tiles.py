@@ -272,7 +272,7 @@ def natten_tile_counts(extents, windows, strides, q_tile, kv_tile) -> tuple[torc
 def test_natten_reference_matches_dense_mask():
     """The closed-form reference itself, against the dense mask at a small size."""
     ext, win, stride, qt, kt = (5, 7, 9), (3, 5, 4), (2, 1, 3), (2, 3, 4), (3, 2, 4)
-    pat = attnc.load("stdlib:neighborhood_3d", kt=3, ky=5, kx=4, st=2, sy=1, sx=3)
+    pat = attnc.load("stdlib:neighborhood_3d", kernel_size_t=3, kernel_size_y=5, kernel_size_x=4, stride_t=2, stride_y=1, stride_x=3)
     mask = attnc.materialize_mask(pat, sizes=dict(zip(("frames", "height", "width"), ext, strict=True)))
     counts, area = tile_pair_counts(mask, ext, ext, qt, kt)
     ref_counts, ref_area = natten_tile_counts(ext, win, stride, qt, kt)
@@ -281,10 +281,10 @@ def test_natten_reference_matches_dense_mask():
 
 NATTEN = [
     # (stdlib name, sizes, params, extents, window, stride, q_tile, kv_tile, published bound)
-    ("neighborhood_1d", None, dict(kernel=2048), (32768,), (2048,), (1,), (128,), (128,), 16.0),
-    ("neighborhood_2d", {"height": 256, "width": 256}, dict(ky=80, kx=80), (256, 256), (80, 80), (1, 1),
+    ("neighborhood_1d", None, dict(kernel_size=2048), (32768,), (2048,), (1,), (128,), (128,), 16.0),
+    ("neighborhood_2d", {"height": 256, "width": 256}, dict(kernel_size_y=80, kernel_size_x=80), (256, 256), (80, 80), (1, 1),
      (16, 8), (16, 8), 10.24),
-    ("neighborhood_3d", {"frames": 30, "height": 48, "width": 80}, dict(kt=18, ky=24, kx=24), (30, 48, 80),
+    ("neighborhood_3d", {"frames": 30, "height": 48, "width": 80}, dict(kernel_size_t=18, kernel_size_y=24, kernel_size_x=24), (30, 48, 80),
      (18, 24, 24), (1, 1, 1), (2, 8, 8), (2, 8, 8), 11.11),
 ]
 
@@ -310,7 +310,7 @@ def test_natten_published_flop_bounds(case):
 @pytest.mark.parametrize("stride,block_sparse", [((16, 8, 8), True), ((1, 1, 1), False)])
 def test_natten_strided_3d_is_fully_block_sparse(stride, block_sparse):
     ext, win, tile = (30, 48, 80), (18, 24, 24), (2, 8, 8)
-    pat = attnc.load("stdlib:neighborhood_3d", kt=18, ky=24, kx=24, st=stride[0], sy=stride[1], sx=stride[2])
+    pat = attnc.load("stdlib:neighborhood_3d", kernel_size_t=18, kernel_size_y=24, kernel_size_x=24, stride_t=stride[0], stride_y=stride[1], stride_x=stride[2])
     bound = E.bind_sizes(pat, sizes={"frames": 30, "height": 48, "width": 80})
     sched = classify_tiles(pat, bound, tile, tile)
     counts, area = natten_tile_counts(ext, win, stride, tile, tile)
@@ -338,9 +338,9 @@ STDLIB = {
     "forgetting": ({}, 30, None, 2, (6,), (9,), {"g": -torch.rand(2, 30, generator=torch.Generator().manual_seed(3))}),
     "logsparse": ({}, 64, None, 1, (8,), (8,), None),
     "longnet": (dict(segment=12, dilation=3, is_causal=False), 40, None, 3, (5,), (8,), None),
-    "neighborhood_1d": (dict(kernel=7, dilation=2, stride=3), 37, None, 1, (6,), (5,), None),
-    "neighborhood_2d": (dict(ky=5, kx=3, dy=2, sx=2), None, {"height": 11, "width": 9}, 1, (4, 2), (3, 4), None),
-    "neighborhood_3d": (dict(kt=3, ky=3, kx=5, causal_t=True, sy=2), None, {"frames": 5, "height": 6, "width": 7}, 1,
+    "neighborhood_1d": (dict(kernel_size=7, dilation=2, stride=3), 37, None, 1, (6,), (5,), None),
+    "neighborhood_2d": (dict(kernel_size_y=5, kernel_size_x=3, dilation_y=2, stride_x=2), None, {"height": 11, "width": 9}, 1, (4, 2), (3, 4), None),
+    "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=5, is_causal_t=True, stride_y=2), None, {"frames": 5, "height": 6, "width": 7}, 1,
                         (2, 4, 4), (3, 2, 8), None),
     "power": (dict(block=4, local=2), 96, None, 1, (8,), (8,), None),
     "prefix_lm": (dict(prefix=7), 33, None, 1, (8,), (4,), None),
@@ -357,7 +357,7 @@ STDLIB = {
                    {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
 }
 #: Patterns whose mask is chosen at run time by routing, and recurrences: no static tile classification.
-NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "mamba2", "retention"}
+NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "lightning_fla", "mamba2", "retention"}
 
 
 def test_stdlib_table_is_complete():

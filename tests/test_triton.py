@@ -79,9 +79,9 @@ STDLIB = {
     "sliding_window": ({"window": 5}, None, 40, None, 16),
     "streaming": ({"window": 6, "sinks": 2}, None, 40, None, 16),
     "a_shape": ({"sinks": 3, "local": 7}, None, 40, None, 16),
-    "neighborhood_1d": ({"kernel": 5, "dilation": 2}, None, 36, None, 16),
-    "neighborhood_2d": ({"ky": 3, "kx": 5, "causal_x": True}, GRID2, None, None, (4, 4)),
-    "neighborhood_3d": ({"kt": 3, "ky": 3, "kx": 3, "sx": 2}, {"frames": 3, "height": 4, "width": 4}, None, None,
+    "neighborhood_1d": ({"kernel_size": 5, "dilation": 2}, None, 36, None, 16),
+    "neighborhood_2d": ({"kernel_size_y": 3, "kernel_size_x": 5, "is_causal_x": True}, GRID2, None, None, (4, 4)),
+    "neighborhood_3d": ({"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3, "stride_x": 2}, {"frames": 3, "height": 4, "width": 4}, None, None,
                         (2, 2, 4)),
     "dilated": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
     "longnet": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
@@ -199,10 +199,10 @@ def test_float_bias_input_and_fox_gradients_batched():
 
 
 @pytest.mark.parametrize("cfg,name,sizes,params", [
-    (KernelConfig((2, 4), (4, 2), "permute"), "neighborhood_2d", {"height": 6, "width": 7}, {"ky": 3, "kx": 3}),
+    (KernelConfig((2, 4), (4, 2), "permute"), "neighborhood_2d", {"height": 6, "width": 7}, {"kernel_size_y": 3, "kernel_size_x": 3}),
     (KernelConfig((1, 2, 4), (1, 2, 4), "flat"), "neighborhood_3d", {"frames": 3, "height": 4, "width": 4},
-     {"kt": 3, "ky": 3, "kx": 3}),
-    (KernelConfig((16,), (8,), "flat"), "neighborhood_2d", {"height": 5, "width": 7}, {"ky": 3, "kx": 5}),
+     {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3}),
+    (KernelConfig((16,), (8,), "flat"), "neighborhood_2d", {"height": 5, "width": 7}, {"kernel_size_y": 3, "kernel_size_x": 5}),
 ])
 def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
     old = T.TritonRunner.config_hook
@@ -330,7 +330,7 @@ def test_random_seq_patterns(spec, n, tq, tk, D):
 @given(ky=st.sampled_from([1, 3]), kx=st.sampled_from([3, 5]), dy=st.integers(1, 2), cx=st.booleans(),
        tile=st.sampled_from([(2, 4), (3, 5), (4, 4), (16,)]), H=st.integers(3, 6), W=st.integers(5, 7))
 def test_random_grid_tiles(ky, kx, dy, cx, tile, H, W):
-    pat = attnc.load("stdlib:neighborhood_2d", ky=ky, kx=kx, dy=dy, causal_x=cx)
+    pat = attnc.load("stdlib:neighborhood_2d", kernel_size_y=ky, kernel_size_x=kx, dilation_y=dy, is_causal_x=cx)
     if ky * dy > H:
         return
     q, k, v = qkv(1, 1, 1, H * W, 16)
@@ -340,7 +340,7 @@ def test_random_grid_tiles(ky, kx, dy, cx, tile, H, W):
 # ----------------------------------------------------------------- generated source: deterministic, reviewed
 SNAPSHOT_CASES = {
     "sliding_window": (dict(window=4), dict(n=64), 16),
-    "neighborhood_2d": (dict(ky=3, kx=3), dict(sizes={"height": 8, "width": 8}), (4, 4)),
+    "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=3), dict(sizes={"height": 8, "width": 8}), (4, 4)),
     "forgetting": ({}, dict(n=64, heads=2), 16),
 }
 

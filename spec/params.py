@@ -1,0 +1,83 @@
+"""Per-axis parameters given the NATTEN way: one value for every axis, or one per axis.
+
+A pattern on a grid declares one parameter per axis, named ``NAME_AXIS``
+(``kernel_size_y``, ``kernel_size_x``). When it declares such a parameter for
+every axis of its grid and no ``NAME`` itself, the argument ``NAME`` sets
+them all: a single value goes to every axis, a tuple or list holds one value
+per axis in the grid's order (``kernel_size=(3, 5)`` on ``grid(y: ..., x: ...)``
+is ``kernel_size_y=3, kernel_size_x=5``), as NATTEN's ``kernel_size``,
+``stride``, ``dilation`` and ``is_causal`` do. A one-element tuple or list
+given for a declared parameter is its element (NATTEN's ``na1d`` accepts
+``kernel_size=(7,)``). Everything else is passed on unchanged, so the checker
+reports unknown names and bad values as usual.
+"""
+
+from __future__ import annotations
+
+from . import ast
+from .errors import SpecError
+
+
+def grid_axes(decl: ast.Declaration) -> tuple[str, ...]:
+    """The axis names of the declaration's query grid, in order (empty for a sequence)."""
+    for role in ("tokens", "queries"):
+        for c in decl.clauses:
+            if isinstance(c, ast.LayoutClause) and c.role == role and c.layout.kind == "grid":
+                return tuple(a.name for a in c.layout.axes)
+    return ()
+
+
+def expand_axis_params(decl: ast.Declaration, params: dict) -> tuple[dict, dict[str, tuple[str, str]]]:
+    """``params`` with every NATTEN-style argument expanded into its per-axis parameters.
+
+    Returns the expanded parameters and, for each parameter that an expansion
+    set, ``(argument, axis)``: where its value came from, for error messages.
+    """
+    declared = {p.name for p in decl.params}
+    axes = grid_axes(decl)
+    out: dict = {}
+    origin: dict[str, tuple[str, str]] = {}
+    for name, value in params.items():
+        per_axis = [f"{name}_{a}" for a in axes]
+        if name in declared or not axes or not all(p in declared for p in per_axis):
+            if name in declared and isinstance(value, tuple | list):
+                if len(value) != 1:
+                    raise SpecError(f"expected one value, got a sequence of {len(value)}", where=f"argument {name}",
+                                    hint=f"'{decl.name}' has no per-axis '{name}'")
+                value = value[0]
+            _put(out, origin, name, value, None)
+            continue
+        if isinstance(value, tuple | list):
+            if len(value) != len(axes):
+                raise SpecError(
+                    f"expected one value or {len(axes)} (one per axis: {', '.join(axes)}), got {len(value)}",
+                    where=f"argument {name}",
+                )
+            values = list(value)
+        else:
+            values = [value] * len(axes)
+        for axis, target, v in zip(axes, per_axis, values, strict=True):
+            _put(out, origin, target, v, (name, axis))
+    return out, origin
+
+
+def _put(out: dict, origin: dict, target: str, value, source: tuple[str, str] | None) -> None:
+    if target in out:
+        first = origin.get(target, (target, ""))[0]
+        second = source[0] if source else target
+        raise SpecError(f"'{target}' is given twice (by '{first}' and by '{second}')",
+                        where=f"argument {second}")
+    out[target] = value
+    if source is not None:
+        origin[target] = source
+
+
+def blame_argument(err: SpecError, origin: dict[str, tuple[str, str]]) -> SpecError:
+    """An error about an expanded parameter, told in terms of the argument the user gave."""
+    if err.where is None or not err.where.startswith("argument "):
+        return err
+    target = err.where[len("argument "):]
+    if target not in origin:
+        return err
+    name, axis = origin[target]
+    return SpecError(f"{err.message} (axis {axis}, '{target}')", where=f"argument {name}", hint=err.hint)
