@@ -94,8 +94,10 @@ def attention(
     if pat.decay is not None:
         scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq), torch.arange(Nk))
     scores = scores.masked_fill(~mask, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    empty = torch.isneginf(lse)
+    # a row with no key of nonzero weight (masked, or every key behind a FoX reset): lse -inf, and
+    # logsumexp never sees the all -inf row (its backward would give nan)
+    empty = torch.isneginf(scores).all(-1)
+    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
     out = p @ vc
