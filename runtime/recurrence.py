@@ -399,9 +399,10 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     dt = compute_dtype(q.dtype)
     if state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
-    elif not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, H, Dk, Dv):
-        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-        raise SpecError(f"state must be [{B}, {H}, {Dk}, {Dv}], got {got}", where="argument state")
+    else:
+        from .api import _check_state
+
+        _check_state(state, (B, H, Dk, Dv), q, "state")
     g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
     out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
                     state.to(dt), float(scale))
