@@ -99,44 +99,56 @@ class ChunkGates:
         b = torch.where(neg, torch.zeros((), dtype=gc.dtype, device=gc.device), gc).to(torch.float64).cumsum(-2)
         self.hi = b.to(gc.dtype)
         self.lo = None if gc.dtype == torch.float64 else (b - self.hi.to(torch.float64)).to(gc.dtype)
-        pos = torch.arange(C, device=gc.device).view(C, 1)
-        self.reset = torch.where(neg, pos, -1).cummax(-2).values  # [.., C, Dg]
-        self.pos = pos
-
-    def _span(self, hi_t, lo_t, hi_j, lo_j):
-        d = hi_t - hi_j
-        return d if lo_t is None else d + (lo_t - lo_j)
+        self.pos = torch.arange(C, device=gc.device).view(C, 1)
+        self.reset = torch.where(neg, self.pos, -1).cummax(-2).values  # [.., C, Dg]
+        # this runs eagerly (under torch.compile too: attnc::recurrence is opaque), so the reset masks
+        # are skipped when there is no reset at all
+        self.any_reset = bool(neg.any())
 
     def from_start(self) -> torch.Tensor:
         """``exp(b_t)``: the decay from the chunk start through t, ``[.., C, Dg]``."""
         b = self.hi if self.lo is None else self.hi + self.lo
-        return torch.exp(b.masked_fill(self.reset >= 0, float("-inf")))
+        return torch.exp(b.masked_fill(self.reset >= 0, float("-inf")) if self.any_reset else b)
 
     def to_end(self) -> torch.Tensor:
         """``exp(b_last - b_t)``: the decay after t to the chunk end, ``[.., C, Dg]``."""
-        lo_l = None if self.lo is None else self.lo[..., -1:, :]
-        d = self._span(self.hi[..., -1:, :], lo_l, self.hi, self.lo)
-        return torch.exp(d.masked_fill(self.reset[..., -1:, :] > self.pos, float("-inf")))
+        d = self.hi[..., -1:, :] - self.hi
+        if self.lo is not None:
+            d += self.lo[..., -1:, :]
+            d -= self.lo
+        if self.any_reset:
+            d.masked_fill_(self.reset[..., -1:, :] > self.pos, float("-inf"))
+        return d.exp_()
 
     def total(self) -> torch.Tensor:
         """``exp(b_last)``: the whole chunk's decay, ``[.., 1, Dg]``."""
         return self.from_start()[..., -1:, :]
 
+    def _pairs(self, hi_t, hi_j, lo_t, lo_j, reset_t, j_pos, not_causal) -> torch.Tensor:
+        # (hi_t - hi_j) is exact for close values (Sterbenz) and rounded to its own size otherwise;
+        # adding lo_t then subtracting lo_j keeps the error at a few eps of the span, with no temporary
+        d = hi_t - hi_j
+        if lo_t is not None:
+            d += lo_t
+            d -= lo_j
+        d.masked_fill_(not_causal, float("-inf"))
+        if self.any_reset:  # a reset in (j, t]: the last reset at or before t lies after j
+            d.masked_fill_(reset_t > j_pos, float("-inf"))
+        return d.exp_()
+
     def pairs(self, causal: torch.Tensor) -> torch.Tensor:
         """``exp(b_t - b_j)`` for ``j <= t`` and 0 above, ``[.., C(t), C(j)]`` (scalar gates, Dg = 1)."""
         lo = self.lo
-        d = self._span(self.hi, lo, self.hi.transpose(-1, -2), None if lo is None else lo.transpose(-1, -2))
-        ok = causal & (self.reset <= self.pos.view(1, -1))  # no reset in (j, t]
-        return torch.exp(d.masked_fill(~ok, float("-inf")))
+        return self._pairs(self.hi, self.hi.transpose(-1, -2), lo, None if lo is None else lo.transpose(-1, -2),
+                           self.reset, self.pos.view(-1), ~causal)
 
     def vector_pairs(self, sl: slice, causal: torch.Tensor) -> torch.Tensor:
         """``exp(b_td - b_jd)`` for ``j <= t`` (0 above) of the chunks ``sl``: ``[B, H, n, C(t), C(j), Dk]``;
         every exponent is a sum of gates over ``(j, t]``, never the difference of two sums across chunks."""
-        hi, lo, reset = self.hi[:, :, sl], None if self.lo is None else self.lo[:, :, sl], self.reset[:, :, sl]
-        d = self._span(hi.unsqueeze(-2), None if lo is None else lo.unsqueeze(-2), hi.unsqueeze(-3),
-                       None if lo is None else lo.unsqueeze(-3))
-        ok = causal[..., None] & (reset.unsqueeze(-2) <= self.pos.view(-1, 1))
-        return torch.exp(d.masked_fill_(~ok, float("-inf")))
+        hi, lo = self.hi[:, :, sl], None if self.lo is None else self.lo[:, :, sl]
+        return self._pairs(hi.unsqueeze(-2), hi.unsqueeze(-3), None if lo is None else lo.unsqueeze(-2),
+                           None if lo is None else lo.unsqueeze(-3), self.reset[:, :, sl].unsqueeze(-2), self.pos,
+                           ~causal.unsqueeze(-1))
 
 
 def _vector_blocks(N: int, per_chunk: int):
@@ -237,7 +249,7 @@ def gate_grad(q, k, dq, dk, final_state, dS_T, Dg: int) -> torch.Tensor:
     db = q * dq - k * dk
     if Dg == 1:
         db = db.sum(-1, keepdim=True)
-    dg = db.flip(2).cumsum(2).flip(2)
+    dg = db.flip(2).to(torch.float64).cumsum(2).flip(2).to(db.dtype)  # float64: rounding does not grow with T
     if dS_T is not None:
         last = (dS_T * final_state).sum(-1)  # [B, H, Dk]
         if Dg == 1:

@@ -472,7 +472,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
-        dg = torch.flip(torch.cumsum(torch.flip(dc, [-1]), -1), [-1])  # reverse cumsum
+        # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
+        dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
         # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
         dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
         grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)

@@ -329,10 +329,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, DK: tl.constexpr, BK: tl.const
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
     k_ok = k_off < DK
-    if F64:
-        carry = tl.full([BK], 0.0, tl.float64)
-    else:
-        carry = tl.full([BK], 0.0, tl.float32)
+    carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
     if HAS_LAST:
         carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
     n_chunks = (T + C - 1) // C
