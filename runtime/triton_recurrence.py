@@ -322,7 +322,7 @@ def _bwd_dkdv_kernel(Q, K, V, GH, GL, GR, DO, DST, DK_, DV_, DS0, T, TP, scale, 
 
 
 def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr, F64: tl.constexpr):
+                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
     """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (batch x head), summed over channels for scalar
     gates; a reverse sweep with an in-chunk reverse cumsum and a carry."""
     i_bh = tl.program_id(0)
@@ -482,7 +482,7 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
                                                                                             device=q.device)
         last = (dS_T * final_state).sum(-1).contiguous() if dS_T is not None else dq  # [B, H, Dk]
         _launch("_gate_grad_kernel", (B * H,), interp, q, k, dq, dk, last, dg, T, DK=Dk, BK=meta["BK"], C=C,
-                VECTOR=vector, HAS_LAST=dS_T is not None, F64=meta["F64"])
+                VECTOR=vector, HAS_LAST=dS_T is not None)
         dg = dg.masked_fill(torch.isneginf(g), 0.0)  # a reset gate: exactly 0, the limit (see recurrence.py)
     return dq, dk, dv, dg, (ds0 if need_s0 else None)
 
