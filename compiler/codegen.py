@@ -820,8 +820,12 @@ class KernelSource:
             check = f", pairs, ERR, {not grad}" if self.checks else ""
             lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)}{check})"]
         if p.decay is not None:
-            lines += ["# FoX decay: cumsum(gate)[q] - cumsum(gate)[k]",
-                      "s = s + (dc_q[:, None] - tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)[None, :])"]
+            lines += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
+                      "# -inf for keys before the query's last reset (a gate of -inf)",
+                      "kc_hi = tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)",
+                      "kc_lo = tl.load(DC + dc_base + dc_lo + k_tok, mask=k_ok, other=0.0)",
+                      "fox = (dc_q[:, None] - kc_hi[None, :]) + (dl_q[:, None] - kc_lo[None, :])",
+                      's = s + tl.where(k_tok[None, :] >= dr_q[:, None], fox, float("-inf"))']
         if masked:
             if not self.checks:
                 lines += mask_lines
@@ -890,7 +894,8 @@ class KernelSource:
 
     def _common_params(self) -> list[str]:
         return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
-                "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "SOFTCAP",
+                "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "dc_lo",
+                "DR", "dr_b", "dr_h", "SOFTCAP",
                 *self._all_input_params(), *(["ERR"] if self.checks else [])]
 
     def _forward(self) -> str:
@@ -974,7 +979,8 @@ class KernelSource:
             lines.append("cap = tl.load(SOFTCAP + h)  # this head's softcap")
         if p.decay is not None:
             lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
-                      "dc_q = tl.load(DC + dc_base + q_tok, mask=q_ok, other=0.0)"]
+                      "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h",
+                      *self._per_query_setup_q()]
         if p.route is not None:
             lines.append("sel_base = batch.to(tl.int64) * sel_b + h.to(tl.int64) * sel_h")
         return lines
@@ -1135,14 +1141,17 @@ class KernelSource:
         if self.pat.softcap is not None:
             lines.append("cap = tl.load(SOFTCAP + h)")
         if self.pat.decay is not None:
-            lines.append("dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h")
+            lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
+                      "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h"]
         if self.pat.route is not None:
             lines.append("sel_base = batch.to(tl.int64) * sel_b + h.to(tl.int64) * sel_h")
         return lines
 
     def _per_query_setup_q(self) -> list[str]:
         if self.pat.decay is not None:
-            return ["dc_q = tl.load(DC + dc_base + q_tok, mask=q_ok, other=0.0)"]
+            return ["dc_q = tl.load(DC + dc_base + q_tok, mask=q_ok, other=0.0)  # FoX prefix sums (hi, lo)",
+                    "dl_q = tl.load(DC + dc_base + dc_lo + q_tok, mask=q_ok, other=0.0)",
+                    "dr_q = tl.load(DR + dr_base + q_tok, mask=q_ok, other=-1)  # the query's last reset"]
         return []
 
 

@@ -75,6 +75,13 @@ class Attention(torch.nn.Module):
         self._runner = None
         self._runner_key = None
         self._chunk = q_tile if isinstance(pattern, ir.RecurrenceIR) else None  # a recurrence's forced chunk
+        self._rec_runner = self._rec_key = None
+        if isinstance(pattern, ir.RecurrenceIR):
+            from .recurrence_op import RecurrenceRunner
+
+            # under torch.compile the recurrence runs through attnc::recurrence (see recurrence_op)
+            self._rec_runner = RecurrenceRunner(pattern, backend, self._chunk)
+            self._rec_key = custom_op.register(self._rec_runner)
         if backend == "cpu" and isinstance(pattern, ir.PatternIR):
             self._runner = CpuRunner(pattern, q_tile, kv_tile)
             self._runner_key = custom_op.register(self._runner)
@@ -93,6 +100,8 @@ class Attention(torch.nn.Module):
         super().__setstate__(state)
         if self._runner is not None:  # a copy (deepcopy, pickle) gets its own registry entry
             self._runner_key = custom_op.register(self._runner)
+        if getattr(self, "_rec_runner", None) is not None:
+            self._rec_key = custom_op.register(self._rec_runner)
 
     @property
     def schedule(self):
@@ -159,21 +168,17 @@ class Attention(torch.nn.Module):
                 raise SpecError("a recurrence has no log-sum-exp", where="argument return_lse")
             if Nq != k.shape[2]:
                 raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
-            bound = E.bind_sizes(pat, n=Nq, heads=Hq, sizes=all_sizes, dk=D)
-            tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
             if initial_state is not None:
-                want = (B, Hq, D, v.shape[-1])
-                if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
-                    got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
-                    raise SpecError(f"initial_state must be {list(want)}, got {got}", where="argument initial_state")
-            if self.backend == "reference":
-                out, state = reference.recurrence(pat, bound, q, k, v, tensors, float(scale), initial_state)
-                chunk = None
-            else:  # chunked: torch ('cpu'), Triton ('triton'; the interpreter on CPU tensors), 'auto'
-                from . import recurrence
+                _check_state(initial_state, (B, Hq, D, v.shape[-1]), q, "initial_state")
+            if torch.compiler.is_compiling():
+                # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
+                # inside the custom op; eager calls check them here, with clear errors
+                from .recurrence_op import recurrence_op
 
-                out, state, chunk = recurrence.run(self.backend, pat, bound, q, k, v, tensors, float(scale),
-                                                   initial_state, self._chunk)
+                out, state = recurrence_op(q, k, v, list(inputs.values()), initial_state, self._rec_key,
+                                           ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale))
+                return (out, state) if return_state else out
+            out, state, chunk = self._rec_runner.run(q, k, v, inputs, all_sizes, float(scale), initial_state)
             self._last_call = {"n": Nq, "heads": Hq, "head_dim": D, "batch": B, "q_tile": chunk}
             return (out, state) if return_state else out
         if initial_state is not None or return_state:
@@ -228,6 +233,17 @@ class Attention(torch.nn.Module):
         """The CPU executor through its custom op (``attnc::tiled_attention``)."""
         return custom_op.tiled_attention(q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs),
                                          custom_op.encode_sizes(sizes), float(scale))
+
+
+def _check_state(state, want: tuple, q: torch.Tensor, where: str) -> None:
+    """A recurrence state: a float tensor of shape ``want`` on q's device (refused before any work)."""
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise SpecError(f"{where} must be {list(want)}, got {got}", where=f"argument {where}")
+    if not state.dtype.is_floating_point:
+        raise SpecError(f"{where} must be a floating-point tensor, got {state.dtype}", where=f"argument {where}")
+    if state.device != q.device:
+        raise SpecError(f"{where} is on {state.device} but q is on {q.device}", where=f"argument {where}")
 
 
 def _check_qkv(q, k, v) -> None:

@@ -26,6 +26,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
+from .reference import fox_pairs, fox_prefix
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
 CHUNK_ELEMENTS = 1 << 23
@@ -211,8 +212,9 @@ class _Block:
             bias = self._evaluate(plan.bias, extra, guard=self.guard)  # after allowed(): see Evaluator
             scores = scores + E.as_tensor(bias, scores.dtype).to(scores.dtype)
         if plan.pattern.decay is not None:
-            c = extra[f"__cumsum_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
-            scores = scores + (c[..., self.q_tok[0, 0]] - c[..., self.k_tok[0, 0]])
+            hi, lo, reset = (extra[f"__fox_{part}_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
+                             for part in ("hi", "lo", "reset"))
+            scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0], self.k_tok[0, 0])
         return scores
 
 
@@ -241,7 +243,7 @@ def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=
     shape = torch.broadcast_shapes(allowed.shape, (rows, hs, c, tq, kk))
     if additive:
         add = blk.terms(torch.zeros((), dtype=qc.dtype), extra).expand(shape).masked_fill(~allowed.expand(shape), -math.inf)
-        any_allowed = allowed.expand(shape).any(-1)
+        any_allowed = (add != -math.inf).any(-1)  # a FoX reset (-inf decay) can empty a row too
     else:  # the float mask depends on the static mask only: build it once per plan
         key = ("fused", cache_key, qc.dtype)
         if key not in plan.mask_cache:
@@ -300,8 +302,8 @@ def _prepare_extra(plan: Plan, inputs: dict[str, torch.Tensor], dtype) -> dict:
     extra = dict(inputs)
     if plan.pattern.decay is not None:
         g = inputs[plan.pattern.decay].to(dtype)
-        c = torch.cumsum(g, dim=-1)
-        extra[f"__cumsum_{plan.pattern.decay}"] = c if c.dim() == 3 else c.unsqueeze(0)
+        for part, t in zip(("hi", "lo", "reset"), fox_prefix(g if g.dim() == 3 else g.unsqueeze(0)), strict=True):
+            extra[f"__fox_{part}_{plan.pattern.decay}"] = t
     return extra
 
 

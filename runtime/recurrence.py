@@ -82,10 +82,73 @@ def _causal(C: int, device) -> torch.Tensor:
     return torch.ones(C, C, dtype=torch.bool, device=device).tril()
 
 
-def _decay_matrix(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """``exp(b_t - b_j)`` for ``j <= t`` and 0 above, from scalar cumulative gates ``b [..., C, 1]``."""
-    diff = b - b.transpose(-1, -2)  # [.., C(t), C(j)]
-    return torch.exp(diff.masked_fill(~causal, float("-inf")))
+class ChunkGates:
+    """The in-chunk cumulative log gates ``b_t = g_{c0} + .. + g_t`` of ``gc [.., C, Dg]``, kept so that
+    every span ``b_t - b_j`` (the sum of the gates over ``(j, t]``) is exact to its own rounding:
+
+    - ``hi + lo`` is the float64 cumulative sum of the finite gates split into two numbers of the compute
+      dtype, and a span is ``(hi_t - hi_j) + (lo_t - lo_j)``. A single fp32 cumulative sum would lose
+      ``eps * |b|`` in the difference (2.8e-4 with a gate of -1e4 inside the chunk);
+    - a gate of ``-inf`` is a hard reset (decay exactly 0): it adds nothing to ``hi``/``lo``, and
+      ``reset_t`` (the position of the last reset at or before ``t`` in the chunk, -1 if none) makes every
+      span across it ``-inf``, so its weight is 0 forward and backward, never ``-inf - -inf = nan``."""
+
+    def __init__(self, gc: torch.Tensor):
+        C = gc.shape[-2]
+        neg = torch.isneginf(gc)
+        b = torch.where(neg, torch.zeros((), dtype=gc.dtype, device=gc.device), gc).to(torch.float64).cumsum(-2)
+        self.hi = b.to(gc.dtype)
+        self.lo = None if gc.dtype == torch.float64 else (b - self.hi.to(torch.float64)).to(gc.dtype)
+        self.pos = torch.arange(C, device=gc.device).view(C, 1)
+        self.reset = torch.where(neg, self.pos, -1).cummax(-2).values  # [.., C, Dg]
+        # this runs eagerly (under torch.compile too: attnc::recurrence is opaque), so the reset masks
+        # are skipped when there is no reset at all
+        self.any_reset = bool(neg.any())
+
+    def from_start(self) -> torch.Tensor:
+        """``exp(b_t)``: the decay from the chunk start through t, ``[.., C, Dg]``."""
+        b = self.hi if self.lo is None else self.hi + self.lo
+        return torch.exp(b.masked_fill(self.reset >= 0, float("-inf")) if self.any_reset else b)
+
+    def to_end(self) -> torch.Tensor:
+        """``exp(b_last - b_t)``: the decay after t to the chunk end, ``[.., C, Dg]``."""
+        d = self.hi[..., -1:, :] - self.hi
+        if self.lo is not None:
+            d += self.lo[..., -1:, :]
+            d -= self.lo
+        if self.any_reset:
+            d.masked_fill_(self.reset[..., -1:, :] > self.pos, float("-inf"))
+        return d.exp_()
+
+    def total(self) -> torch.Tensor:
+        """``exp(b_last)``: the whole chunk's decay, ``[.., 1, Dg]``."""
+        return self.from_start()[..., -1:, :]
+
+    def _pairs(self, hi_t, hi_j, lo_t, lo_j, reset_t, j_pos, not_causal) -> torch.Tensor:
+        # (hi_t - hi_j) is exact for close values (Sterbenz) and rounded to its own size otherwise;
+        # adding lo_t then subtracting lo_j keeps the error at a few eps of the span, with no temporary
+        d = hi_t - hi_j
+        if lo_t is not None:
+            d += lo_t
+            d -= lo_j
+        d.masked_fill_(not_causal, float("-inf"))
+        if self.any_reset:  # a reset in (j, t]: the last reset at or before t lies after j
+            d.masked_fill_(reset_t > j_pos, float("-inf"))
+        return d.exp_()
+
+    def pairs(self, causal: torch.Tensor) -> torch.Tensor:
+        """``exp(b_t - b_j)`` for ``j <= t`` and 0 above, ``[.., C(t), C(j)]`` (scalar gates, Dg = 1)."""
+        lo = self.lo
+        return self._pairs(self.hi, self.hi.transpose(-1, -2), lo, None if lo is None else lo.transpose(-1, -2),
+                           self.reset, self.pos.view(-1), ~causal)
+
+    def vector_pairs(self, sl: slice, causal: torch.Tensor) -> torch.Tensor:
+        """``exp(b_td - b_jd)`` for ``j <= t`` (0 above) of the chunks ``sl``: ``[B, H, n, C(t), C(j), Dk]``;
+        every exponent is a sum of gates over ``(j, t]``, never the difference of two sums across chunks."""
+        hi, lo = self.hi[:, :, sl], None if self.lo is None else self.lo[:, :, sl]
+        return self._pairs(hi.unsqueeze(-2), hi.unsqueeze(-3), None if lo is None else lo.unsqueeze(-2),
+                           None if lo is None else lo.unsqueeze(-3), self.reset[:, :, sl].unsqueeze(-2), self.pos,
+                           ~causal.unsqueeze(-1))
 
 
 def _vector_blocks(N: int, per_chunk: int):
@@ -94,29 +157,16 @@ def _vector_blocks(N: int, per_chunk: int):
         yield slice(n0, min(N, n0 + step))
 
 
-def _vector_decays(b: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
-    """``exp(b_td - b_jd)`` for ``j <= t`` (0 above): ``[.., C(t), C(j), Dk]``; every exponent is a sum of
-    gates over (j, t], never the difference of two large cumulative sums across chunks."""
-    diff = b.unsqueeze(-2) - b.unsqueeze(-3)
-    return torch.exp(diff.masked_fill(~causal[..., None], float("-inf")))
-
-
-def _intra_scores(qc, kc, b, causal, vector: bool) -> torch.Tensor:
+def _intra_scores(qc, kc, gates: ChunkGates, causal, vector: bool) -> torch.Tensor:
     """``A_tj = sum_d q_td k_jd exp(b_td - b_jd)`` for ``j <= t`` in each chunk: ``[B, H, N, C, C]``."""
     if not vector:
-        return (qc @ kc.transpose(-1, -2)) * _decay_matrix(b, causal)
+        return (qc @ kc.transpose(-1, -2)) * gates.pairs(causal)
     B, H, N, C, Dk = qc.shape
     A = qc.new_empty(B, H, N, C, C)
     for sl in _vector_blocks(N, B * H * C * C * Dk):
-        Ed = _vector_decays(b[:, :, sl], causal)
+        Ed = gates.vector_pairs(sl, causal)
         A[:, :, sl] = torch.einsum("bhntd,bhntjd->bhntj", qc[:, :, sl], Ed * kc[:, :, sl].unsqueeze(-3))
     return A
-
-
-def _gate_terms(gc: torch.Tensor):
-    """In-chunk cumulative gates ``b``, the chunk total ``b_last`` ``[.., 1, Dg]``."""
-    b = gc.cumsum(-2)
-    return b, b[..., -1:, :]
 
 
 # ----------------------------------------------------------------- forward / backward
@@ -130,17 +180,17 @@ def chunked_forward(q, k, v, g, scale: float, initial_state, C: int):
     qc, kc, vc, gc = (_chunked(x, C) for x in (q, k, v, g))
     N = qc.shape[2]
     causal = _causal(C, q.device)
-    b, bl = _gate_terms(gc)
-    qe = qc * torch.exp(b)
-    ke = kc * torch.exp(bl - b)
-    decay = torch.exp(bl).transpose(-1, -2)  # [B, H, N, Dg, 1]
+    gates = ChunkGates(gc)
+    qe = qc * gates.from_start()
+    ke = kc * gates.to_end()
+    decay = gates.total().transpose(-1, -2)  # [B, H, N, Dg, 1]
     kv = ke.transpose(-1, -2) @ vc  # [B, H, N, Dk, Dv]
     states = q.new_empty(B, H, N, Dk, Dv)
     S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state
     for n in range(N):
         states[:, :, n] = S
         S = decay[:, :, n] * S + kv[:, :, n]
-    A = _intra_scores(qc, kc, b, causal, vector)
+    A = _intra_scores(qc, kc, gates, causal, vector)
     out = scale * (qe @ states + A @ vc)
     return _unchunked(out, T), S, states
 
@@ -152,10 +202,10 @@ def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C:
     qc, kc, vc, gc, doc = (_chunked(x, C) for x in (q, k, v, g, do))
     N = qc.shape[2]
     causal = _causal(C, q.device)
-    b, bl = _gate_terms(gc)
-    eb, ebl = torch.exp(b), torch.exp(bl - b)
+    gates = ChunkGates(gc)
+    eb, ebl = gates.from_start(), gates.to_end()
     qe, ke = qc * eb, kc * ebl
-    decay = torch.exp(bl).transpose(-1, -2)
+    decay = gates.total().transpose(-1, -2)
     qdo = scale * (qe.transpose(-1, -2) @ doc)  # [B, H, N, Dk, Dv]
     dstates = torch.empty_like(states)  # gradient of the state leaving chunk n
     dS = torch.zeros_like(states[:, :, 0]) if dS_T is None else dS_T
@@ -168,7 +218,7 @@ def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C:
     dv = ke @ dstates
     dP = scale * (doc @ vc.transpose(-1, -2))  # [B, H, N, C(t), C(j)]
     if not vector:
-        Dm = _decay_matrix(b, causal)
+        Dm = gates.pairs(causal)
         dv += scale * ((qc @ kc.transpose(-1, -2)) * Dm).transpose(-1, -2) @ doc
         W = dP * Dm
         dq += W @ kc
@@ -176,7 +226,7 @@ def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C:
     else:
         dP = dP.masked_fill(~causal, 0.0)
         for sl in _vector_blocks(N, B * H * C * C * Dk):
-            Ed = _vector_decays(b[:, :, sl], causal)  # [B, H, n, C(t), C(j), Dk]
+            Ed = gates.vector_pairs(sl, causal)  # [B, H, n, C(t), C(j), Dk]
             qs, ks = qc[:, :, sl], kc[:, :, sl]
             A = torch.einsum("bhntd,bhntjd->bhntj", qs, Ed * ks.unsqueeze(-3))
             dv[:, :, sl] += scale * A.transpose(-1, -2) @ doc[:, :, sl]
@@ -187,6 +237,9 @@ def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C:
     dg = None
     if need_gate:
         dg = gate_grad(q, k, dq, dk, final_state, dS_T, g.shape[-1])
+        # a reset gate (-inf) gets exactly 0, the limit: every term through it has weight 0 (the sums of
+        # the identity only cancel, up to rounding)
+        dg = dg.masked_fill(torch.isneginf(g), 0.0)
     return dq, dk, dv, dg, dS0
 
 
@@ -196,7 +249,7 @@ def gate_grad(q, k, dq, dk, final_state, dS_T, Dg: int) -> torch.Tensor:
     db = q * dq - k * dk
     if Dg == 1:
         db = db.sum(-1, keepdim=True)
-    dg = db.flip(2).cumsum(2).flip(2)
+    dg = db.flip(2).to(torch.float64).cumsum(2).flip(2).to(db.dtype)  # float64: rounding does not grow with T
     if dS_T is not None:
         last = (dS_T * final_state).sum(-1)  # [B, H, Dk]
         if Dg == 1:
@@ -358,9 +411,10 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     dt = compute_dtype(q.dtype)
     if state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
-    elif not isinstance(state, torch.Tensor) or tuple(state.shape) != (B, H, Dk, Dv):
-        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-        raise SpecError(f"state must be [{B}, {H}, {Dk}, {Dv}], got {got}", where="argument state")
+    else:
+        from .api import _check_state
+
+        _check_state(state, (B, H, Dk, Dv), q, "state")
     g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
     out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
                     state.to(dt), float(scale))

@@ -27,14 +27,43 @@ def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
+def fox_prefix(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix sums of Forgetting Transformer gates ``[..., N]`` in a form whose pair differences stay at
+    the gates' rounding at any length: ``(hi, lo, reset)``.
+
+    ``hi + lo`` is the float64 cumulative sum of the finite gates split into two numbers of the gates'
+    dtype, so ``(hi[q] - hi[k]) + (lo[q] - lo[k])`` is ``sum(g[k+1 .. q])`` to the rounding of its own
+    size (the difference of two large cumulative sums in float32 would lose ``eps * |cumsum|``, which
+    grows with n). A gate of ``-inf`` is a hard reset (decay exactly 0): it adds nothing to ``hi``/``lo``
+    and ``reset[t]`` is the position of the last reset at or before ``t`` (-1 if none), so a pair
+    ``k < reset[q]`` has weight exactly 0, forward and backward (the reset gate's gradient is 0, the
+    limit as the gate goes to -inf)."""
+    neg = torch.isneginf(gates)
+    c = torch.cumsum(torch.where(neg, torch.zeros((), dtype=gates.dtype, device=gates.device), gates)
+                     .to(torch.float64), dim=-1)
+    hi = c.to(gates.dtype)
+    lo = (c - hi.to(torch.float64)).to(gates.dtype)
+    pos = torch.arange(gates.shape[-1], device=gates.device).expand(gates.shape)
+    reset = torch.cummax(torch.where(neg, pos, -1), dim=-1).values
+    return hi, lo, reset
+
+
+def fox_pairs(hi: torch.Tensor, lo: torch.Tensor, reset: torch.Tensor, q_index: torch.Tensor,
+              k_index: torch.Tensor) -> torch.Tensor:
+    """``sum(g[k+1 .. q])`` for broadcastable token indices, from ``fox_prefix``; ``-inf`` across a reset.
+    Only pairs with ``k <= q`` are meaningful (FoX masks are causal)."""
+    d = (hi[..., q_index] - hi[..., k_index]) + (lo[..., q_index] - lo[..., k_index])
+    return torch.where(k_index >= reset[..., q_index], d, torch.full((), -math.inf, dtype=d.dtype, device=d.device))
+
+
 def fox_decay(gates: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
-    """Forgetting Transformer term ``sum(g[h, k+1 .. q])`` = c[q] - c[k], c = cumsum(g).
+    """Forgetting Transformer term ``sum(g[h, k+1 .. q])`` (``fox_prefix``: exact to rounding at any
+    length, ``-inf`` across a gate of ``-inf``).
 
     ``gates`` is ``[B | -, H, N]``; returns ``[B | 1, H, Nq, Nk]``."""
-    c = torch.cumsum(gates, dim=-1)
-    if c.dim() == 2:
-        c = c.unsqueeze(0)
-    return c[..., q_index, None] - c[..., None, k_index]
+    if gates.dim() == 2:
+        gates = gates.unsqueeze(0)
+    return fox_pairs(*fox_prefix(gates), q_index[:, None], k_index[None, :])
 
 
 def attention(
@@ -65,8 +94,10 @@ def attention(
     if pat.decay is not None:
         scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq), torch.arange(Nk))
     scores = scores.masked_fill(~mask, -math.inf)
-    lse = torch.logsumexp(scores, dim=-1)
-    empty = torch.isneginf(lse)
+    # a row with no key of nonzero weight (masked, or every key behind a FoX reset): lse -inf, and
+    # logsumexp never sees the all -inf row (its backward would give nan)
+    empty = torch.isneginf(scores).all(-1)
+    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
     out = p @ vc

@@ -50,6 +50,7 @@ from ..compiler.tiles import check_tile, classify_tiles, layout_extents
 from ..spec.errors import SpecError
 from . import executor, routing
 from .cpu_backend import mask_input_names
+from .reference import fox_prefix
 from .triton_support import require_triton
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
@@ -363,7 +364,7 @@ def _from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Ten
     return out
 
 
-def _common_args(launch: Launch, device, decay_c: torch.Tensor | None) -> list:
+def _common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None) -> list:
     """The arguments shared by the three kernels, in ``codegen``'s order."""
     L, X = launch.lists, launch.extra
     sel = X.get("SEL")
@@ -373,9 +374,11 @@ def _common_args(launch: Launch, device, decay_c: torch.Tensor | None) -> list:
             X.get("KEY_BLOCK", _dummy(device, torch.int32)),
             *(sel.stride()[:3] if sel is not None else (0, 0, 0))]
     if decay_c is not None:
-        args += [decay_c, decay_c.stride(0) if decay_c.shape[0] > 1 else 0, decay_c.stride(1)]
+        dc, dr = decay_c
+        args += [dc, dc.stride(0) if dc.shape[0] > 1 else 0, dc.stride(1), dc.stride(2),
+                 dr, dr.stride(0) if dr.shape[0] > 1 else 0, dr.stride(1)]
     else:
-        args += [_dummy(device), 0, 0]
+        args += [_dummy(device), 0, 0, 0, _dummy(device, torch.int32), 0, 0]
     args.append(X.get("SOFTCAP", _dummy(device)))
     for decl in launch.pattern.inputs:
         t = _device_input(launch, decl, device)
@@ -397,13 +400,15 @@ def _device_input(launch: Launch, decl, device) -> torch.Tensor:
     return launch.extra[key]
 
 
-def _decay_cumsum(launch: Launch, device) -> torch.Tensor | None:
+def _decay_cumsum(launch: Launch, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FoX gates as the kernels read them (``reference.fox_prefix``): prefix sums ``[B | 1, H, 2, N]``
+    (hi, lo; fp32) and the last reset position ``[B | 1, H, N]`` (int32)."""
     name = launch.pattern.decay
     if name is None:
         return None
     g = launch.tensors[name].detach().to(torch.float32).to(device)
-    c = torch.cumsum(g, dim=-1)
-    return (c if c.dim() == 3 else c.unsqueeze(0)).contiguous()
+    hi, lo, reset = fox_prefix(g if g.dim() == 3 else g.unsqueeze(0))
+    return torch.stack((hi, lo), dim=2).contiguous(), reset.to(torch.int32).contiguous()
 
 
 def _blocks(launch: Launch, D: int, DV: int) -> dict:
@@ -499,7 +504,10 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
-        dg = torch.flip(torch.cumsum(torch.flip(dc, [-1]), -1), [-1])  # reverse cumsum
+        # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
+        dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
+        # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
+        dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
         grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
     if bias_wrt:
         for name, grad in _bias_input_grads(launch, ds_buf, bias_wrt, blocks, B, Hq).items():

@@ -46,7 +46,7 @@ def available() -> bool:
 
 
 # ======================================================================= kernels (undecorated)
-def _fwd_kernel(Q, K, V, G, S0, OUT, ST, T, scale,
+def _fwd_kernel(Q, K, V, GH, GL, GR, S0, OUT, ST, T, TP, scale,
                 H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr,
                 STORE_ST: tl.constexpr, F64: tl.constexpr, LOW: tl.constexpr):
@@ -67,7 +67,7 @@ def _fwd_kernel(Q, K, V, G, S0, OUT, ST, T, scale,
     if HAS_S0:
         S += tl.load(S0 + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(S.dtype)
     if GATE == 0:
-        gh = tl.load(G + h).to(S.dtype)
+        gh = tl.load(GH + h).to(S.dtype)
     for c0 in range(0, T, C):
         rows = c0 + t_off
         r_ok = rows < T
@@ -81,30 +81,54 @@ def _fwd_kernel(Q, K, V, G, S0, OUT, ST, T, scale,
         k = k.to(S.dtype)
         v = v.to(S.dtype)
         if GATE == 2:
-            g = tl.load(G + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(S.dtype)
-            b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off[:, None] == C - 1, b, 0.0), 0, tl.standard._sum_combine)  # [BK]
-            qe = q * tl.exp(b)
-            ke = k * tl.exp(bl[None, :] - b)
-            dec = tl.exp(bl)[:, None]
-            diff = b[:, None, :] - b[None, :, :]
-            E = tl.exp(tl.where(causal[:, :, None], diff, float("-inf")))
+            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
+            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
+            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
+            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
+            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+            last = (t_off == C - 1)[:, None]
+            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
+            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
+            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
+            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
+            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
+            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
+            qe = q * eb
+            ke = k * ebl
             A = tl.reduce(q[:, None, :] * k[None, :, :] * E, 2, tl.standard._sum_combine)
         else:
             if GATE == 0:
-                b = gh * tl.minimum(t_off + 1, T - c0).to(S.dtype)
+                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
+                nt = tl.minimum(t_off + 1, T - c0)
+                nl = tl.minimum(C, T - c0)
+                eb = tl.exp(gh * nt.to(S.dtype))
+                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(S.dtype)))
+                dec = tl.exp(gh * nl.to(S.dtype))
+                steps = nt[:, None] - nt[None, :]
+                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(S.dtype)), float("-inf")))
             else:
-                g = tl.load(G + i_bh * T + rows, mask=r_ok, other=0.0).to(S.dtype)
-                b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off == C - 1, b, 0.0), 0, tl.standard._sum_combine)
-            qe = q * tl.exp(b)[:, None]
-            ke = k * tl.exp(bl - b)[:, None]
-            dec = tl.exp(bl)
+                g_off = i_bh * TP + rows
+                hi = tl.load(GH + g_off).to(S.dtype)
+                lo = tl.load(GL + g_off).to(S.dtype)
+                rs = tl.load(GR + g_off)
+                last = t_off == C - 1
+                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
+                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
+                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
+                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
+            qe = q * eb[:, None]
+            ke = k * ebl[:, None]
             if LOW:
                 A = tl.dot(q.to(in_dt), tl.trans(k.to(in_dt)))
             else:
                 A = tl.dot(q, tl.trans(k), input_precision="ieee")
-            A = A * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+            A = A * E
         if LOW:
             o = tl.dot(qe.to(in_dt), S.to(in_dt)) + tl.dot(A.to(in_dt), v.to(in_dt))
             S = S * dec + tl.dot(tl.trans(ke.to(in_dt)), v.to(in_dt))
@@ -117,7 +141,7 @@ def _fwd_kernel(Q, K, V, G, S0, OUT, ST, T, scale,
         tl.store(ST + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
-def _bwd_dq_kernel(K, V, G, S0, DO, DQ, T, scale, NBH,
+def _bwd_dq_kernel(K, V, GH, GL, GR, S0, DO, DQ, T, TP, scale, NBH,
                    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                    BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr,
                    F64: tl.constexpr):
@@ -139,7 +163,7 @@ def _bwd_dq_kernel(K, V, G, S0, DO, DQ, T, scale, NBH,
     if HAS_S0:
         S += tl.load(S0 + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(S.dtype)
     if GATE == 0:
-        gh = tl.load(G + h).to(S.dtype)
+        gh = tl.load(GH + h).to(S.dtype)
     dq_base = DQ + (i_v * NBH + i_bh) * T * DK
     for c0 in range(0, T, C):
         rows = c0 + t_off
@@ -151,32 +175,56 @@ def _bwd_dq_kernel(K, V, G, S0, DO, DQ, T, scale, NBH,
         do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(S.dtype)
         dP = tl.dot(do, tl.trans(v), input_precision="ieee")  # [C(t), C(j)]
         if GATE == 2:
-            g = tl.load(G + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(S.dtype)
-            b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off[:, None] == C - 1, b, 0.0), 0, tl.standard._sum_combine)
-            diff = b[:, None, :] - b[None, :, :]
-            E = tl.exp(tl.where(causal[:, :, None], diff, float("-inf")))
+            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
+            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
+            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
+            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
+            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+            last = (t_off == C - 1)[:, None]
+            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
+            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
+            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
+            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
+            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
+            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
             dq = tl.reduce(dP[:, :, None] * E * k[None, :, :], 1, tl.standard._sum_combine)
-            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * tl.exp(b)
-            ke = k * tl.exp(bl[None, :] - b)
-            dec = tl.exp(bl)[:, None]
+            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * eb
+            ke = k * ebl
         else:
             if GATE == 0:
-                b = gh * tl.minimum(t_off + 1, T - c0).to(S.dtype)
+                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
+                nt = tl.minimum(t_off + 1, T - c0)
+                nl = tl.minimum(C, T - c0)
+                eb = tl.exp(gh * nt.to(S.dtype))
+                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(S.dtype)))
+                dec = tl.exp(gh * nl.to(S.dtype))
+                steps = nt[:, None] - nt[None, :]
+                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(S.dtype)), float("-inf")))
             else:
-                g = tl.load(G + i_bh * T + rows, mask=r_ok, other=0.0).to(S.dtype)
-                b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off == C - 1, b, 0.0), 0, tl.standard._sum_combine)
-            W = dP * tl.exp(tl.where(causal, b[:, None] - b[None, :], float("-inf")))
+                g_off = i_bh * TP + rows
+                hi = tl.load(GH + g_off).to(S.dtype)
+                lo = tl.load(GL + g_off).to(S.dtype)
+                rs = tl.load(GR + g_off)
+                last = t_off == C - 1
+                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
+                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
+                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
+                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
+            W = dP * E
             dq = tl.dot(W, k, input_precision="ieee")
-            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * tl.exp(b)[:, None]
-            ke = k * tl.exp(bl - b)[:, None]
-            dec = tl.exp(bl)
+            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * eb[:, None]
+            ke = k * ebl[:, None]
         tl.store(dq_base + rows[:, None] * DK + k_off[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qk_ok)
         S = S * dec + tl.dot(tl.trans(ke), v, input_precision="ieee")
 
 
-def _bwd_dkdv_kernel(Q, K, V, G, DO, DST, DK_, DV_, DS0, T, scale, NBH,
+def _bwd_dkdv_kernel(Q, K, V, GH, GL, GR, DO, DST, DK_, DV_, DS0, T, TP, scale, NBH,
                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_DST: tl.constexpr,
                      STORE_DS0: tl.constexpr, F64: tl.constexpr):
@@ -199,7 +247,7 @@ def _bwd_dkdv_kernel(Q, K, V, G, DO, DST, DK_, DV_, DS0, T, scale, NBH,
     if HAS_DST:
         dS += tl.load(DST + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(dS.dtype)
     if GATE == 0:
-        gh = tl.load(G + h).to(dS.dtype)
+        gh = tl.load(GH + h).to(dS.dtype)
     dk_base = DK_ + (i_v * NBH + i_bh) * T * DK
     n_chunks = (T + C - 1) // C
     for i in range(0, n_chunks):
@@ -214,34 +262,57 @@ def _bwd_dkdv_kernel(Q, K, V, G, DO, DST, DK_, DV_, DS0, T, scale, NBH,
         do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(dS.dtype)
         dPt = tl.dot(v, tl.trans(do), input_precision="ieee")  # [C(j), C(t)] = (do_t . v_j)
         if GATE == 2:
-            g = tl.load(G + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(dS.dtype)
-            b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off[:, None] == C - 1, b, 0.0), 0, tl.standard._sum_combine)
-            diff = b[:, None, :] - b[None, :, :]  # [t, j, d]
-            E = tl.exp(tl.where(causal[:, :, None], diff, float("-inf")))
+            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
+            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
+            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(dS.dtype)
+            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(dS.dtype)
+            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+            last = (t_off == C - 1)[:, None]
+            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
+            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
+            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
+            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
+            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
+            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
             A = tl.reduce(q[:, None, :] * k[None, :, :] * E, 2, tl.standard._sum_combine)  # [t, j]
             dk = tl.reduce(tl.trans(dPt)[:, :, None] * E * q[:, None, :], 0, tl.standard._sum_combine)  # [j, d]
-            qe = q * tl.exp(b)
-            ebl = tl.exp(bl[None, :] - b)
+            qe = q * eb
             ke = k * ebl
             dk = dk * scale + tl.dot(v, tl.trans(dS), input_precision="ieee") * ebl
-            dec = tl.exp(bl)[:, None]
         else:
             if GATE == 0:
-                b = gh * tl.minimum(t_off + 1, T - c0).to(dS.dtype)
+                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
+                nt = tl.minimum(t_off + 1, T - c0)
+                nl = tl.minimum(C, T - c0)
+                eb = tl.exp(gh * nt.to(dS.dtype))
+                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(dS.dtype)))
+                dec = tl.exp(gh * nl.to(dS.dtype))
+                steps = nt[:, None] - nt[None, :]
+                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(dS.dtype)), float("-inf")))
             else:
-                g = tl.load(G + i_bh * T + rows, mask=r_ok, other=0.0).to(dS.dtype)
-                b = tl.associative_scan(g, 0, tl.standard._sum_combine)
-            bl = tl.reduce(tl.where(t_off == C - 1, b, 0.0), 0, tl.standard._sum_combine)
-            Dm_t = tl.exp(tl.where(tl.trans(causal), b[None, :] - b[:, None], float("-inf")))  # [j, t]
+                g_off = i_bh * TP + rows
+                hi = tl.load(GH + g_off).to(dS.dtype)
+                lo = tl.load(GL + g_off).to(dS.dtype)
+                rs = tl.load(GR + g_off)
+                last = t_off == C - 1
+                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
+                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
+                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
+                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
+                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
+                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
+            Dm_t = tl.trans(E)  # [j, t]
             At = tl.dot(k, tl.trans(q), input_precision="ieee") * Dm_t  # [j, t]
             A = tl.trans(At)
             Wt = dPt * Dm_t
-            qe = q * tl.exp(b)[:, None]
-            ebl = tl.exp(bl - b)[:, None]
-            ke = k * ebl
-            dk = tl.dot(Wt, q, input_precision="ieee") * scale + tl.dot(v, tl.trans(dS), input_precision="ieee") * ebl
-            dec = tl.exp(bl)
+            qe = q * eb[:, None]
+            ke = k * ebl[:, None]
+            dk = (tl.dot(Wt, q, input_precision="ieee") * scale
+                  + tl.dot(v, tl.trans(dS), input_precision="ieee") * ebl[:, None])
         dv = tl.dot(tl.trans(A), do, input_precision="ieee") * scale + tl.dot(ke, dS, input_precision="ieee")
         tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty), mask=rv_ok)
         tl.store(dk_base + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
@@ -251,17 +322,14 @@ def _bwd_dkdv_kernel(Q, K, V, G, DO, DST, DK_, DV_, DS0, T, scale, NBH,
 
 
 def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr, F64: tl.constexpr):
+                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
     """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (batch x head), summed over channels for scalar
     gates; a reverse sweep with an in-chunk reverse cumsum and a carry."""
     i_bh = tl.program_id(0)
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
     k_ok = k_off < DK
-    if F64:
-        carry = tl.full([BK], 0.0, tl.float64)
-    else:
-        carry = tl.full([BK], 0.0, tl.float32)
+    carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
     if HAS_LAST:
         carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
     n_chunks = (T + C - 1) // C
@@ -348,6 +416,22 @@ def _interpret(t: torch.Tensor) -> bool:
     return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _gate_arrays(g: torch.Tensor, C: int, gate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """What the kernels read for the gates: ``(GH, GL, GR, TP)``. Head gates: the ``[H]`` values (GL, GR
+    unused). Scalar / vector gates: ``runtime.recurrence.ChunkGates`` of chunks of C, flattened to
+    ``[B, H, TP, 1 | Dk]`` with TP the padded length: prefix sums ``hi``, ``lo`` and the last reset (int32)."""
+    if gate == 0:
+        return g, g, torch.zeros(1, dtype=torch.int32, device=g.device), 0
+    from .recurrence import ChunkGates, _chunked
+
+    gc = _chunked(g.unsqueeze(-1) if gate == 1 else g, C)  # [B, H, N, C, Dg]
+    gates = ChunkGates(gc)
+    B, H, N = gc.shape[:3]
+    lo = gates.lo if gates.lo is not None else torch.zeros_like(gates.hi)
+    flat = [x.reshape(B, H, N * C, -1).contiguous() for x in (gates.hi, lo, gates.reset.to(torch.int32))]
+    return flat[0], flat[1], flat[2], N * C
+
+
 def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int, store_state: bool = True):
     """``q/k [B, H, T, Dk]``, ``v [B, H, T, Dv]`` (k, v expanded, contiguous), ``g`` ``[H]`` (head gates),
     ``[B, H, T]`` (scalar) or ``[B, H, T, Dk]`` (vector) in the compute dtype. Returns (out in q's dtype,
@@ -362,8 +446,9 @@ def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int, s
     s0 = initial_state.contiguous() if initial_state is not None else final
     low = q.dtype in (torch.bfloat16, torch.float16)
     grid = (B * H, triton.cdiv(Dv, meta["BV"]))
-    _launch("_fwd_kernel", grid, interp, q, k, v, g, s0, out, final, T, float(scale), H=H, HAS_S0=initial_state is not None,
-            STORE_ST=store_state, LOW=low, **meta)
+    gh, gl, gr, tp = _gate_arrays(g, C, gate)
+    _launch("_fwd_kernel", grid, interp, q, k, v, gh, gl, gr, s0, out, final, T, tp, float(scale), H=H,
+            HAS_S0=initial_state is not None, STORE_ST=store_state, LOW=low, **meta)
     return out, final
 
 
@@ -383,10 +468,11 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     ds0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     s0 = initial_state.contiguous() if initial_state is not None else ds0
     dst = dS_T.contiguous() if dS_T is not None else ds0
-    _launch("_bwd_dq_kernel", grid, interp, k, v, g, s0, do, dq_part, T, float(scale), B * H, H=H,
+    gh, gl, gr, tp = _gate_arrays(g, C, gate)
+    _launch("_bwd_dq_kernel", grid, interp, k, v, gh, gl, gr, s0, do, dq_part, T, tp, float(scale), B * H, H=H,
             HAS_S0=initial_state is not None, **meta)
-    _launch("_bwd_dkdv_kernel", grid, interp, q, k, v, g, do, dst, dk_part, dv, ds0, T, float(scale), B * H, H=H,
-            HAS_DST=dS_T is not None, STORE_DS0=need_s0, **meta)
+    _launch("_bwd_dkdv_kernel", grid, interp, q, k, v, gh, gl, gr, do, dst, dk_part, dv, ds0, T, tp, float(scale),
+            B * H, H=H, HAS_DST=dS_T is not None, STORE_DS0=need_s0, **meta)
     dq = dq_part.sum(0) if NV > 1 else dq_part[0]
     dk = dk_part.sum(0) if NV > 1 else dk_part[0]
     dg = None
@@ -396,7 +482,8 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
                                                                                             device=q.device)
         last = (dS_T * final_state).sum(-1).contiguous() if dS_T is not None else dq  # [B, H, Dk]
         _launch("_gate_grad_kernel", (B * H,), interp, q, k, dq, dk, last, dg, T, DK=Dk, BK=meta["BK"], C=C,
-                VECTOR=vector, HAS_LAST=dS_T is not None, F64=meta["F64"])
+                VECTOR=vector, HAS_LAST=dS_T is not None)
+        dg = dg.masked_fill(torch.isneginf(g), 0.0)  # a reset gate: exactly 0, the limit (see recurrence.py)
     return dq, dk, dv, dg, (ds0 if need_s0 else None)
 
 

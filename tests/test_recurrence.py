@@ -366,3 +366,88 @@ def test_report_after_a_call():
     attn(q, q, q)
     rep = attn.report(hardware="h100")
     assert rep["n"] == 40 and rep["heads"] == 2 and rep["head_dim"] == 8 and rep["chunk"] == 16
+
+
+# ----------------------------------------------------------------- torch.compile, state arguments (issue 9)
+class _RecModel(torch.nn.Module):
+    """A projection, data-dependent Mamba2 gates, a Mamba2 and a RetNet recurrence with a carried state."""
+
+    def __init__(self, backend, heads=2, dim=8):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.proj = torch.nn.Linear(heads * dim, 3 * heads * dim + heads)
+        self.mamba = attnc.compile_attention("stdlib:mamba2", backend=backend)
+        self.ret = attnc.compile_attention("stdlib:retention", backend=backend, q_tile=16)
+
+    def forward(self, x, s0):
+        B, N, _ = x.shape
+        h, d = self.heads, self.dim
+        p = self.proj(x)
+        q, k, v = (t.reshape(B, N, h, d).transpose(1, 2) for t in p[..., :3 * h * d].chunk(3, -1))
+        g = torch.nn.functional.logsigmoid(p[..., 3 * h * d:]).transpose(1, 2)  # [B, H, N]
+        a, state = self.mamba(q, k, v, g=g, initial_state=s0, return_state=True)
+        b = self.ret(q, k, v)
+        return (a + b).transpose(1, 2).reshape(B, N, -1), state
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_recurrence_compiles_fullgraph_and_matches_eager(backend):
+    torch.manual_seed(0)
+    T = 37 if backend == "cpu" else 20
+    model = _RecModel(backend)
+    x = torch.randn(2, T, 16, requires_grad=True)
+    s0 = torch.randn(2, 2, 8, 8, requires_grad=True)
+    w, ws = torch.randn(2, T, 16), torch.randn(2, 2, 8, 8)
+    params = [x, s0, *model.parameters()]
+    eager, e_state = model(x, s0)
+    eager_grads = torch.autograd.grad((eager * w).sum() + (e_state * ws).sum(), params)
+    # independent check of the eager model: the naive loop
+    with torch.no_grad():
+        p = model.proj(x)
+        q, k, v = (t.reshape(2, T, 2, 8).transpose(1, 2).double() for t in p[..., :48].chunk(3, -1))
+        g = torch.nn.functional.logsigmoid(p[..., 48:]).transpose(1, 2).double()
+        a, st = naive(q, k, v, g.unsqueeze(-1).expand(2, 2, T, 8), 8 ** -0.5, s0.double())
+        b, _ = naive(q, k, v, head_log_decay("retention", 2).view(1, 2, 1, 1).expand(2, 2, T, 8), 8 ** -0.5, None)
+    torch.testing.assert_close(eager.double(), (a + b).transpose(1, 2).reshape(2, T, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(e_state.double(), st, atol=1e-5, rtol=1e-5)
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = torch.compile(model, fullgraph=True)
+        out, state = compiled(x, s0)
+        grads = torch.autograd.grad((out * w).sum() + (state * ws).sum(), params)
+    torch.testing.assert_close(out, eager, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state, e_state, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, eager_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_recurrence_op_registration_opcheck():
+    from attnc.runtime.recurrence_op import recurrence_op
+
+    attn = attnc.compile_attention("stdlib:gla", backend="cpu", q_tile=16)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 4, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
+    g = (-torch.rand(2, 9, 4, generator=gen, dtype=F64)).requires_grad_()
+    s0 = torch.randn(1, 2, 4, 4, generator=gen, dtype=F64, requires_grad=True)
+    args = (q, k, v, [g], s0, attn._rec_key, "g", "", 0.5)
+    torch.library.opcheck(recurrence_op, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    out, state = recurrence_op(*args)
+    ref_out, ref_state = attn(q, k, v, g=g, scale=0.5, initial_state=s0, return_state=True)
+    assert torch.equal(out, ref_out) and torch.equal(state, ref_state)
+    grads = torch.autograd.grad(out.sum() + state.sum(), (q, k, v, g, s0))
+    ref = torch.autograd.grad(ref_out.sum() + ref_state.sum(), (q, k, v, g, s0))
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_non_float_states_are_refused(dtype):
+    attn = attnc.compile_attention("stdlib:retention", backend="cpu")
+    q = torch.randn(1, 2, 5, 4)
+    bad = torch.ones(1, 2, 4, 4, dtype=dtype)
+    with pytest.raises(attnc.SpecError, match="argument initial_state: .*floating-point"):
+        attn(q, q, q, initial_state=bad)
+    with pytest.raises(attnc.SpecError, match="argument state: .*floating-point"):
+        attn.step(q[:, :, 0], q[:, :, 0], q[:, :, 0], bad)
