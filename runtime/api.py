@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
+from ..compiler import symbols as S
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import custom_op, reference
@@ -50,8 +52,16 @@ def materialize_mask(
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
-    mask = E.mask_tensor(pat, bound, inputs)
-    batched = any(t.dim() > len(pat.input(k).dims) for k, t in (inputs or {}).items())
+    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    # the mask is evaluated per head only when it depends on h (else a broadcast view)
+    evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
+    sizes_text = f"n = {bound.n}" + (f", nk = {bound.nk}" if bound.nk != bound.n else "") + (
+        f", heads = {bound.heads}" if evaluated > 1 else "")
+    _check_fits(f"materialize_mask: {sizes_text} needs a {float(evaluated * bound.n * bound.nk):.3g}-byte mask",
+                evaluated * bound.n * bound.nk * (1 + WORK_BYTES_PER_PAIR),
+                "argument n" if pat.queries.kind == "seq" else "argument sizes")
+    mask = E.mask_tensor(pat, bound, tensors)
+    batched = batch is not None
     return mask if batched else mask[0]
 
 
@@ -156,7 +166,7 @@ class Attention(torch.nn.Module):
             if Nq != k.shape[2]:
                 raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
             bound = E.bind_sizes(pat, n=Nq, heads=Hq, sizes=all_sizes, dk=D)
-            tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
+            tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)
             if initial_state is not None:
                 want = (B, Hq, D, v.shape[-1])
                 if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
@@ -188,12 +198,17 @@ class Attention(torch.nn.Module):
                             hint=err.hint) from None
         self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
+        E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
+        _check_softcap(pat, bound)
         if self.backend == "triton" or (self.auto and q.is_cuda):
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
-            E.bind_inputs(pat, bound, inputs, batch=B)  # errors name the argument
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
-        else:
+        else:  # dense: scores, probabilities and the mask, B x H x Nq x Nk each
+            item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
+            _check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {k.shape[2]} tokens needs dense "
+                        f"scores of {float(B * Hq * Nq * k.shape[2] * item):.3g} bytes",
+                        B * Hq * Nq * k.shape[2] * (3 * item + 1), "argument q")
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
 
@@ -226,6 +241,38 @@ class Attention(torch.nn.Module):
                                          custom_op.encode_sizes(sizes), float(scale))
 
 
+#: Bytes of int64 work per evaluated (query, key) pair beside the result (the
+#: positions and one intermediate at least): the floor of what evaluation needs.
+WORK_BYTES_PER_PAIR = 8
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return None
+
+
+def _check_fits(what: str, nbytes: int, where: str) -> None:
+    """Refuse, before allocating anything, work that cannot fit in this machine's memory."""
+    total = _physical_memory()
+    if total is not None and nbytes > total:
+        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than this machine's "
+                        f"{float(total):.3g}", where=where, hint="use smaller sizes (or a tile backend)")
+
+
+def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """A per-head softcap must be positive on every head (a constant one is checked when loading)."""
+    if pat.softcap is None or not pat.softcap.free_symbols:
+        return
+    caps = E.head_values(pat.softcap, bound.subs, bound.heads)
+    bad = torch.nonzero(~(caps > 0) | ~torch.isfinite(caps)).flatten()
+    if len(bad):
+        h = int(bad[0])
+        raise SpecError(f"softcap must be a positive finite number on every head; {pat.softcap} is {float(caps[h])!r} "
+                        f"at h = {h}", where="softcap")
+
+
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -234,10 +281,18 @@ def _check_qkv(q, k, v) -> None:
             raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
         if not t.dtype.is_floating_point:
             raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise SpecError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", where="argument k")
-    if not (q.device == k.device == v.device):
-        raise SpecError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}", where="argument k")
+        if t.is_meta:  # no data: a kernel would read uninitialised memory
+            raise SpecError("a meta tensor holds no data", where=f"argument {name}",
+                            hint="pass a tensor on the CPU or a CUDA device")
+        for axis, what in ((1, "heads"), (3, "head dim")):
+            if t.shape[axis] == 0:
+                raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise SpecError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {t.dtype}", where=f"argument {name}")
+        if t.device != q.device:
+            raise SpecError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}",
+                            where=f"argument {name}")
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
     if k.shape[3] != q.shape[3]:
