@@ -152,8 +152,22 @@ class Attention(torch.nn.Module):
         sizes: dict | None = None,
         **inputs,
     ):
-        pat = self.pattern
         _check_qkv(q, k, v)
+        device = q.device.type
+        if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
+            # As torch's own attention under autocast: q, k, v in the autocast dtype, the
+            # output in that dtype; each backend then computes in its own precision
+            # (fp32 accumulation), with autocast off so that no matmul inside changes dtype.
+            low = torch.get_autocast_dtype(device)
+            q, k, v = q.to(low), k.to(low), v.to(low)
+            with torch.autocast(device, enabled=False):
+                return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                                     return_state=return_state, sizes=sizes, **inputs)
+        return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                             return_state=return_state, sizes=sizes, **inputs)
+
+    def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
+        pat = self.pattern
         B, Hq, Nq, D = q.shape
         if scale is None:
             scale = 1.0 / math.sqrt(D)
