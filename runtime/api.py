@@ -10,6 +10,7 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
+from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import custom_op, reference
@@ -338,7 +339,9 @@ def compile_attention(
     implementation; ``"triton"`` runs generated Triton kernels (natively on
     CUDA tensors, under the Triton interpreter on CPU tensors); ``"auto"``
     picks Triton on CUDA tensors and the CPU executor otherwise.
-    ``q_tile``/``kv_tile`` force the tile shape (one extent per layout axis).
+    ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
+    grid one extent per axis (a box) or one int (flat tiles of the row-major token
+    order); kv_tile defaults to q_tile (``compiler.tile_args``; checked now).
     Recurrences: ``"cpu"`` is the chunked torch path, ``"triton"`` the chunked
     Triton kernels (the interpreter on CPU tensors), ``"auto"`` Triton on CUDA
     tensors and the chunked torch path otherwise; ``q_tile`` forces the chunk
@@ -362,6 +365,7 @@ def compile_attention(
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
         return Attention(pat, backend, sizes, recurrence.check_chunk(q_tile), None)
+    parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     chosen = backend if backend in ("reference", "triton") else "cpu"
     attn = Attention(pat, chosen, sizes, q_tile, kv_tile)
     attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
@@ -393,8 +397,8 @@ def simulate(
 
     ``hardware``: a name from ``compiler.hardware`` (a100, h100, h200, b200,
     or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
-    ``kv_tile`` force the tile shapes (one extent per grid axis; one int on a
-    grid means flat 1-D tiles). ``inputs``: call-time inputs of
+    ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
+    grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
     data-dependent masks (without a batch dimension).
     """
     from ..compiler.cost import dtype_bytes
