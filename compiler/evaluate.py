@@ -49,12 +49,12 @@ def bind_sizes(
 ) -> Bound:
     """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys,
     cross attention), ``heads``, ``sizes`` (grid axis extents by size name)."""
-    heads = _positive("heads", heads)
+    heads = positive_int("heads", heads)
     size_syms = check_size_names(pat, sizes if sizes is not None else {})
-    sizes = {name: _positive(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
-    n = None if n is None else _positive("n", n)
-    nk = None if nk is None else _positive("nk", nk)
-    dk = None if dk is None else _positive("dk", dk)
+    sizes = {name: positive_int(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
+    n = None if n is None else positive_int("n", n)
+    nk = None if nk is None else positive_int("nk", nk)
+    dk = None if dk is None else positive_int("dk", dk)
     layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else (ir.Layout("seq"),)
     subs: dict = {S.HEADS: heads}
     if dk is not None:
@@ -127,7 +127,7 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
                 "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
             )
             raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
-        _positive(f"sizes[{name!r}]", value)
+        positive_int(f"sizes[{name!r}]", value)
     return size_syms
 
 
@@ -135,7 +135,7 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
 INT64_MAX = 2**63 - 1
 
 
-def _positive(what: str, value) -> int:
+def positive_int(what: str, value) -> int:
     """``value`` as a Python int in 1..INT64_MAX. Integer-like scalars (numpy
     integers, 0-d integer tensors) are accepted; bools and floats are not."""
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not hasattr(value, "__index__"):

@@ -1,7 +1,7 @@
 """What ``q_tile`` / ``kv_tile`` mean: one convention for every backend (cpu,
 triton), the simulator and the CLI (``--q-tile``/``--kv-tile``).
 
-- A tile is a positive int or a tuple (or list) of positive ints.
+- A tile is a positive int or a tuple (or list) of positive ints (numpy ints too).
 - On a ``seq`` layout it is the number of tokens per tile: ``64`` or ``(64,)``.
 - On a grid of r axes, r extents are a box (``(2, 8, 8)``, one per axis in
   the layout's order); one extent (``64`` or ``(64,)``) is a flat tile: that
@@ -19,11 +19,11 @@ be unknown then); ``Tiles.fit`` clips to the extents once they are known.
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 
 from ..spec.errors import SpecError
 from . import ir
+from .evaluate import positive_int
 
 
 def layout_rank(layout: ir.Layout) -> int:
@@ -58,24 +58,11 @@ class Tiles:
 
 
 def _one(what: str, tile, rank: int, role: str) -> tuple[int, ...]:
-    extents = list(tile) if isinstance(tile, tuple | list) else [tile]
-    out = []
-    for t in extents:
-        if isinstance(t, bool) or type(t).__name__ == "bool_" or not hasattr(t, "__index__"):
-            raise SpecError(f"expected a positive int or a tuple of positive ints, got {tile!r}",
-                            where=f"argument {what}")
-        try:
-            t = operator.index(t)
-        except TypeError:
-            raise SpecError(f"expected a positive int or a tuple of positive ints, got {tile!r}",
-                            where=f"argument {what}") from None
-        if t < 1:
-            raise SpecError(f"tile extents must be positive, got {tile!r}", where=f"argument {what}")
-        out.append(t)
+    out = tuple(positive_int(what, t) for t in (tile if isinstance(tile, tuple | list) else (tile,)))
     if len(out) not in (1, rank):
         raise SpecError(f"the {role} are a {rank}-axis grid: give one extent per axis ({rank}) for box tiles, "
                         f"or one for flat tiles of the token order; got {len(out)}", where=f"argument {what}")
-    return tuple(out)
+    return out
 
 
 def parse_tiles(pat: ir.PatternIR, q_tile=None, kv_tile=None) -> Tiles:

@@ -154,6 +154,7 @@ class Attention(torch.nn.Module):
         **inputs,
     ):
         _check_qkv(q, k, v)
+        _check_state(initial_state, q, "initial_state")
         device = q.device.type
         if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
             # As torch's own attention under autocast: q, k, v in the autocast dtype, the
@@ -241,6 +242,8 @@ class Attention(torch.nn.Module):
                             where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
         from . import recurrence
 
+        if isinstance(q, torch.Tensor):
+            _check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
 
     def _triton_runner(self):
@@ -286,6 +289,13 @@ def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
         h = int(bad[0])
         raise SpecError(f"softcap must be a positive finite number on every head; {pat.softcap} is {float(caps[h])!r} "
                         f"at h = {h}", where="softcap")
+
+
+def _check_state(state, q: torch.Tensor, what: str) -> None:
+    """A recurrence's state holds data on q's device (its shape is checked where it is used)."""
+    if isinstance(state, torch.Tensor) and (state.is_meta or state.device != q.device):
+        raise SpecError(f"{what} is on {state.device}, q on {q.device}"
+                        + (": a meta tensor holds no data" if state.is_meta else ""), where=f"argument {what}")
 
 
 def _check_qkv(q, k, v) -> None:
@@ -412,9 +422,11 @@ def simulate(
         return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
                                    hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,
                                    inputs=inputs)
-    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    head_dim, batch, top = (E.positive_int(what, value) for what, value in
+                            (("head_dim", head_dim), ("batch", batch), ("top", top)))
+    if inputs is not None and not isinstance(inputs, dict):
+        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
+                        where="argument inputs")
     hw = get_hardware(hardware)
     dtype_bytes(dtype)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)

@@ -539,8 +539,11 @@ def test_fused_kernel_and_unfused_path_agree(monkeypatch, spec, params):
     q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for _ in range(3))
     extra = {"doc": torch.sort(torch.randint(0, 4, (n,))).values} if spec == "stdlib:document" else {}
     fused = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
+    real, calls = executor._flash_op(), []
+    assert real is not None
+    monkeypatch.setattr(executor, "_flash_op", lambda: lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out_f, lse_f = fused(q, k, v, return_lse=True, **extra)
-    assert executor._flash_op() is not None and not fused._runner.last.fused_failed  # the fused kernel ran
+    assert calls  # the fused kernel ran
     monkeypatch.setattr(executor, "_flash_op", lambda: None)
     plain = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
     out_p, lse_p = plain(q, k, v, return_lse=True, **extra)
