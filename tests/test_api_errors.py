@@ -108,9 +108,9 @@ def test_bad_sizes_inputs_and_tiles_are_spec_errors():
     _spec_error(lambda: attnc.materialize_mask("stdlib:neighborhood_2d", sizes={"height": 2**40, "width": 2**40}),
                 "argument sizes", "int64")
     for backend in BACKENDS:  # refused when compiling, on every backend
-        _spec_error(lambda backend=backend: attnc.compile_attention(WINDOW, backend=backend, q_tile=1.5), "argument q_tile")
-        _spec_error(lambda backend=backend: attnc.compile_attention(WINDOW, backend=backend, kv_tile=0), "argument kv_tile")
-        _spec_error(lambda backend=backend: attnc.compile_attention(WINDOW, backend=backend, q_tile=True), "argument q_tile")
+        for tiles, where in (({"q_tile": 1.5}, "argument q_tile"), ({"kv_tile": 0}, "argument kv_tile"),
+                             ({"q_tile": True}, "argument q_tile")):
+            _spec_error(lambda b=backend, t=tiles: attnc.compile_attention(WINDOW, backend=b, **t), where)
     _spec_error(lambda: attnc.simulate(WINDOW, n=64, q_tile=1.5), "argument q_tile")
 
 
@@ -284,8 +284,8 @@ def test_bad_tiles_are_refused_when_compiling(backend):
         (8, (2, 4), "argument kv_tile", "other side is flat too"),
         ((2, 4, 1), (2, 4), "argument q_tile", "2-axis grid"),
     ]:
-        _spec_error(lambda qt=q_tile, kt=kv_tile: attnc.compile_attention(GRID, backend=backend, q_tile=qt, kv_tile=kt),
-                    where, match)
+        _spec_error(lambda qt=q_tile, kt=kv_tile: attnc.compile_attention(GRID, backend=backend, q_tile=qt,
+                                                                          kv_tile=kt), where, match)
     _spec_error(lambda: attnc.compile_attention(MIXED, backend=backend, kv_tile=(2, 2)), "argument q_tile",
                 "does not fit")
 
