@@ -155,6 +155,9 @@ class Attention(torch.nn.Module):
     ):
         _check_qkv(q, k, v)
         _check_state(initial_state, q, "initial_state")
+        return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
+        if sizes is not None and not isinstance(sizes, dict):
+            raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
         device = q.device.type
         if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
             # As torch's own attention under autocast: q, k, v in the autocast dtype, the
@@ -291,6 +294,12 @@ def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
                         f"at h = {h}", where="softcap")
 
 
+def _flag(what: str, value) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+        return bool(value)
+    raise SpecError(f"expected True or False, got {value!r}", where=f"argument {what}")
+
+
 def _check_state(state, q: torch.Tensor, what: str) -> None:
     """A recurrence's state holds data on q's device (its shape is checked where it is used)."""
     if isinstance(state, torch.Tensor) and (state.is_meta or state.device != q.device):
@@ -374,7 +383,8 @@ def compile_attention(
         if kv_tile is not None:
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
-        return Attention(pat, backend, sizes, recurrence.check_chunk(q_tile), None)
+        chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
+        return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     chosen = backend if backend in ("reference", "triton") else "cpu"
     attn = Attention(pat, chosen, sizes, q_tile, kv_tile)

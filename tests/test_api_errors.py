@@ -301,3 +301,48 @@ def test_cli_show_tiles_takes_the_same_convention(capsys):
                      "--kv-tile", "4,4"])
     _, err = capsys.readouterr()
     assert code == 1 and "other side is flat too" in err and "Traceback" not in err
+
+
+BAD_VALUES = [-1, 0, 1.5, "x", [1], {"a": 1}, True, np.int64(-1), float("nan"), 2**70, torch.tensor(1),
+              torch.zeros(3), object(), (1, 2)]
+
+
+def test_public_entry_points_give_spec_errors_for_bad_values():
+    """Every argument of every public entry point, given a bad value: a result or one
+    SpecError, never another exception."""
+    q = torch.randn(1, 2, 16, 4)
+    qt = q[:, :, 0]
+    cpu = attnc.compile_attention(WINDOW, backend="cpu")
+    ref = attnc.compile_attention(WINDOW, backend="reference")
+    rec = attnc.compile_attention("stdlib:retention", backend="cpu")
+    calls = {
+        "load source": lambda b: attnc.load(b),
+        "load name": lambda b: attnc.load("stdlib:sliding_window", name=b),
+        "load parameter": lambda b: attnc.load("stdlib:sliding_window", window=b),
+        "materialize_mask size value": lambda b: attnc.materialize_mask("stdlib:neighborhood_2d", sizes={"height": 4,
+                                                                                                 "width": b}),
+        "simulate inputs": lambda b: attnc.simulate("stdlib:document", n=64, inputs=b),
+        "simulate head_dim": lambda b: attnc.simulate(WINDOW, n=64, head_dim=b),
+        "simulate kv_tile": lambda b: attnc.simulate(WINDOW, n=64, kv_tile=b),
+        "call return_lse": lambda b: cpu(q, q, q, return_lse=b),
+        "call sizes": lambda b: ref(q, q, q, sizes=b),
+        "call initial_state": lambda b: rec(q, q, q, initial_state=b),
+        "call return_state": lambda b: rec(q, q, q, return_state=b),
+        "recurrence q_tile": lambda b: attnc.compile_attention("stdlib:retention", q_tile=b),
+        "step state": lambda b: rec.step(qt, qt, qt, b),
+        "step scale": lambda b: rec.step(qt, qt, qt, scale=b),
+    }
+    for what in ("n", "heads", "sizes", "inputs", "nk", "name"):
+        calls[f"materialize_mask {what}"] = lambda b, w=what: attnc.materialize_mask(WINDOW, **{"n": 16, w: b})
+    for what in ("backend", "sizes", "q_tile", "kv_tile", "name"):
+        calls[f"compile_attention {what}"] = lambda b, w=what: attnc.compile_attention(GRID, **{w: b})
+    for what in ("q", "k", "v"):
+        calls[f"call {what}"] = lambda b, w=what: cpu(**{"q": q, "k": q, "v": q, w: b})
+    for label, call in calls.items():
+        for bad in BAD_VALUES:
+            try:
+                call(bad)
+            except attnc.SpecError:
+                pass
+            except Exception as err:  # noqa: BLE001 - the point of the test
+                pytest.fail(f"{label} = {bad!r}: {type(err).__name__}: {err}")
