@@ -219,15 +219,20 @@ class Attention(torch.nn.Module):
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
         _check_softcap(pat, bound)
+        # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
+        # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
+        item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
+        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
+                    item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
         if self.backend == "triton" or (self.auto and q.is_cuda):
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
         else:  # dense: scores, probabilities and the mask, B x H x Nq x Nk each
-            item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
-            _check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {k.shape[2]} tokens needs dense "
-                        f"scores of {float(B * Hq * Nq * k.shape[2] * item):.3g} bytes",
-                        B * Hq * Nq * k.shape[2] * (3 * item + 1), "argument q")
+            _check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {Nk} tokens needs dense "
+                        f"scores of {float(B * Hq * Nq * Nk * item):.3g} bytes",
+                        B * Hq * Nq * Nk * (3 * item + 1), "argument q", q.device)
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
 
@@ -267,19 +272,25 @@ class Attention(torch.nn.Module):
 WORK_BYTES_PER_PAIR = 8
 
 
-def _physical_memory() -> int | None:
+def _memory(device: torch.device | None) -> int | None:
+    """Bytes of memory where the work runs: the host's RAM, or the CUDA device's; None if unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device is not None and device.type != "cpu":
+        return None
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
         return None
 
 
-def _check_fits(what: str, nbytes: int, where: str) -> None:
-    """Refuse, before allocating anything, work that cannot fit in this machine's memory."""
-    total = _physical_memory()
+def _check_fits(what: str, nbytes: int, where: str, device: torch.device | None = None) -> None:
+    """Refuse, before allocating anything, work that cannot fit in the memory where it would run."""
+    total = _memory(device)
     if total is not None and nbytes > total:
-        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than this machine's "
-                        f"{float(total):.3g}", where=where, hint="use smaller sizes (or a tile backend)")
+        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than the "
+                        f"{float(total):.3g} of this {'GPU' if device is not None and device.type == 'cuda' else 'machine'}",
+                        where=where, hint="use smaller sizes" + (" (or a tile backend)" if "reference" in what else ""))
 
 
 def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
