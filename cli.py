@@ -200,8 +200,9 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
 
     q_ext = T.layout_extents(pat.queries, bound, bound.n)
     kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
-    q_tile = _tile_arg(args.q_tile, "--q-tile") or _tile_arg(args.kv_tile, "--kv-tile") or _default_tile(q_ext)
-    kv_tile = _tile_arg(args.kv_tile, "--kv-tile") or (q_tile if len(q_tile) == len(kv_ext) else _default_tile(kv_ext))
+    q_tile, kv_tile = _tile_arg(args.q_tile, "--q-tile"), _tile_arg(args.kv_tile, "--kv-tile")
+    if q_tile is None and kv_tile is None:  # else the one convention of compiler.tile_args (a missing one follows)
+        q_tile, kv_tile = _default_tile(q_ext), _default_tile(kv_ext)
     search = ScheduleSearch(pat, bound, get_hardware("h100"), inputs=inputs or None)
     cand = search.run(q_tile, kv_tile, top=1)[0]
     sched = cand.schedule

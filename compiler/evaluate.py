@@ -12,6 +12,7 @@ Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import sympy
@@ -48,9 +49,12 @@ def bind_sizes(
 ) -> Bound:
     """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys,
     cross attention), ``heads``, ``sizes`` (grid axis extents by size name)."""
-    sizes = dict(sizes or {})
-    _positive("heads", heads)
-    size_syms = check_size_names(pat, sizes)
+    heads = positive_int("heads", heads)
+    size_syms = check_size_names(pat, sizes if sizes is not None else {})
+    sizes = {name: positive_int(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
+    n = None if n is None else positive_int("n", n)
+    nk = None if nk is None else positive_int("nk", nk)
+    dk = None if dk is None else positive_int("dk", dk)
     layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else (ir.Layout("seq"),)
     subs: dict = {S.HEADS: heads}
     if dk is not None:
@@ -80,9 +84,11 @@ def bind_sizes(
         if layout.kind == "seq":
             if given is None:
                 raise SpecError(f"the number of {what} is not known", where=f"argument {'n' if what == 'queries' else 'nk'}")
-            _positive("n" if what == "queries" else "nk", given)
-            return int(given)
+            return given
         total = int(layout.length(S.N).subs(subs))
+        if total > INT64_MAX:  # token indices are int64
+            raise SpecError(f"the grid {layout.describe()} has {total} tokens, more than int64 indices hold",
+                            where="argument sizes")
         if given is not None and given != total:
             raise SpecError(
                 f"{given} {what} do not match the grid {layout.describe()} = {total} tokens",
@@ -121,23 +127,44 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
                 "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
             )
             raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
-        _positive(f"sizes[{name!r}]", value)
+        positive_int(f"sizes[{name!r}]", value)
     return size_syms
 
 
-def _positive(what: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+#: The largest size, count or extent: tokens and positions are int64.
+INT64_MAX = 2**63 - 1
+
+
+def positive_int(what: str, value) -> int:
+    """``value`` as a Python int in 1..INT64_MAX. Integer-like scalars (numpy
+    integers, 0-d integer tensors) are accepted; bools and floats are not."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not hasattr(value, "__index__"):
         raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    try:
+        value = operator.index(value)
+    except TypeError:  # e.g. a tensor with more than one element, or a float tensor
+        raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}") from None
+    if value < 1:
+        raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    if value > INT64_MAX:
+        raise SpecError(f"{value} is beyond int64 (tokens and positions are 64-bit)", where=f"argument {what}")
+    return value
 
 
 # ----------------------------------------------------------------- binding inputs
 def bind_inputs(
-    pat: ir.PatternIR | ir.RecurrenceIR, bound: Bound, inputs: dict | None, batch: int | None = None
+    pat: ir.PatternIR | ir.RecurrenceIR, bound: Bound, inputs: dict | None, batch: int | None = None,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], int | None]:
     """Check call-time inputs against their declarations.
 
     Returns the inputs (int inputs as int64) and the batch size when any input
-    carries a leading batch dimension (``batch`` if given must agree)."""
+    carries a leading batch dimension (``batch`` if given must agree). Every
+    input must be on ``device`` when given (q's device), and never on ``meta``
+    (no data: a kernel would read uninitialised memory)."""
+    if inputs is not None and not isinstance(inputs, dict):
+        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
+                        where="argument inputs")
     inputs = dict(inputs or {})
     declared = {d.name: d for d in pat.inputs}
     for name in inputs:
@@ -153,6 +180,10 @@ def bind_inputs(
         t = inputs[name]
         if not isinstance(t, torch.Tensor):
             raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
+        if t.is_meta or (device is not None and t.device != device):
+            raise SpecError(f"input '{name}' is on {t.device}" + (f", q on {device}" if device is not None else "")
+                            + (": a meta tensor holds no data" if t.is_meta else ""),
+                            where=f"argument {name}", hint="pass every input on q's device")
         dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if tuple(t.shape) == dims:
             has_batch = False
@@ -443,7 +474,8 @@ class Evaluator:
                 raise index_error(name, i, value, size, guarded=self.guard is not None)
             idx[i] = torch.where(outside, torch.zeros((), dtype=ix.dtype), ix)  # read, then discarded
         if batched:  # the batch replaces the leading (size-1) dimension of the positions
-            ndim = max(ix.dim() for ix in idx)
+            # scalar indices (``plen[0]``) take the positions' rank, so the batch lands in front
+            ndim = max([ix.dim() for ix in idx] + [v.dim() for v in self.env.values() if isinstance(v, torch.Tensor)])
             b = torch.arange(t.shape[0]).view(-1, *([1] * (ndim - 1)))
             return t[(b, *idx)]
         return t[tuple(idx)]

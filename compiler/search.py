@@ -40,6 +40,7 @@ from . import tiles as T
 from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense, smem_fits
 from .hardware import Hardware
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
+from .tile_args import parse_tiles
 
 Q_TOKENS = (64, 128)
 KV_TOKENS = (32, 64, 128)
@@ -276,15 +277,9 @@ class ScheduleSearch:
         return found[:top] if top else found
 
     def _forced(self, q_tile, kv_tile) -> list[Candidate]:
-        q_tile = q_tile if q_tile is not None else kv_tile
-        kv_tile = kv_tile if kv_tile is not None else q_tile
-        as_tuple = [(t,) if isinstance(t, int) and not isinstance(t, bool) else t for t in (q_tile, kv_tile)]
-        flat = self.grid and (not self.boxes or all(isinstance(t, tuple | list) and len(t) == 1 for t in as_tuple))
-        if flat:
-            n_q, n_k = (math.prod(self.q_ext),), (math.prod(self.kv_ext),)
-            qt, kt = T.check_tile("q_tile", as_tuple[0], n_q), T.check_tile("kv_tile", as_tuple[1], n_k)
-        else:
-            qt, kt = T.check_tile("q_tile", as_tuple[0], self.q_ext), T.check_tile("kv_tile", as_tuple[1], self.kv_ext)
+        qt, kt, flat = parse_tiles(self.pat, q_tile, kv_tile).fit(self.q_ext, self.kv_ext)  # the one convention
+        if self.grid and not flat and not self.boxes:  # boxes on layouts of different ranks: addressed tiles
+            return [self.evaluate(cfg, False) for cfg in self._configs(qt, kt, ("address",))]
         return self._all(qt, kt, flat)
 
     def _search(self) -> list[Candidate]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
+from ..compiler import symbols as S
+from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import custom_op, reference
 from .cpu_backend import CpuRunner, describe_plan
+from .recurrence import check_state
 
 BACKENDS = ("auto", "cpu", "reference", "triton")
 
@@ -50,8 +54,16 @@ def materialize_mask(
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
-    mask = E.mask_tensor(pat, bound, inputs)
-    batched = any(t.dim() > len(pat.input(k).dims) for k, t in (inputs or {}).items())
+    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    # the mask is evaluated per head only when it depends on h (else a broadcast view)
+    evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
+    sizes_text = f"n = {bound.n}" + (f", nk = {bound.nk}" if bound.nk != bound.n else "") + (
+        f", heads = {bound.heads}" if evaluated > 1 else "")
+    _check_fits(f"materialize_mask: {sizes_text} needs a {float(evaluated * bound.n * bound.nk):.3g}-byte mask",
+                evaluated * bound.n * bound.nk * (1 + WORK_BYTES_PER_PAIR),
+                "argument n" if pat.queries.kind == "seq" else "argument sizes")
+    mask = E.mask_tensor(pat, bound, tensors)
+    batched = batch is not None
     return mask if batched else mask[0]
 
 
@@ -155,8 +167,26 @@ class Attention(torch.nn.Module):
         sizes: dict | None = None,
         **inputs,
     ):
-        pat = self.pattern
         _check_qkv(q, k, v)
+        check_state(initial_state, q, "initial_state")
+        return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
+        if sizes is not None and not isinstance(sizes, dict):
+            raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        device = q.device.type
+        if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
+            # As torch's own attention under autocast: q, k, v in the autocast dtype, the
+            # output in that dtype; each backend then computes in its own precision
+            # (fp32 accumulation), with autocast off so that no matmul inside changes dtype.
+            low = torch.get_autocast_dtype(device)
+            q, k, v = q.to(low), k.to(low), v.to(low)
+            with torch.autocast(device, enabled=False):
+                return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                                     return_state=return_state, sizes=sizes, **inputs)
+        return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                             return_state=return_state, sizes=sizes, **inputs)
+
+    def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
+        pat = self.pattern
         B, Hq, Nq, D = q.shape
         if scale is None:
             scale = 1.0 / math.sqrt(D)
@@ -169,7 +199,7 @@ class Attention(torch.nn.Module):
             if Nq != k.shape[2]:
                 raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
             if initial_state is not None:
-                _check_state(initial_state, (B, Hq, D, v.shape[-1]), q, "initial_state")
+                check_state(initial_state, q, "initial_state", (B, Hq, D, v.shape[-1]))
             if torch.compiler.is_compiling():
                 # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
                 # inside the custom op; eager calls check them here, with clear errors
@@ -197,12 +227,22 @@ class Attention(torch.nn.Module):
                             hint=err.hint) from None
         self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
+        E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
+        _check_softcap(pat, bound)
+        # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
+        # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
+        item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
+        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
+                    item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
         if self.backend == "triton" or (self.auto and q.is_cuda):
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
-            E.bind_inputs(pat, bound, inputs, batch=B)  # errors name the argument
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
-        else:
+        else:  # dense: scores, probabilities and the mask, B x H x Nq x Nk each
+            _check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {Nk} tokens needs dense "
+                        f"scores of {float(B * Hq * Nq * Nk * item):.3g} bytes",
+                        B * Hq * Nq * Nk * (3 * item + 1), "argument q", q.device)
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
         return (out, lse) if return_lse else out
 
@@ -220,6 +260,8 @@ class Attention(torch.nn.Module):
                             where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
         from . import recurrence
 
+        if isinstance(q, torch.Tensor):
+            check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
 
     def _triton_runner(self):
@@ -235,15 +277,48 @@ class Attention(torch.nn.Module):
                                          custom_op.encode_sizes(sizes), float(scale))
 
 
-def _check_state(state, want: tuple, q: torch.Tensor, where: str) -> None:
-    """A recurrence state: a float tensor of shape ``want`` on q's device (refused before any work)."""
-    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
-        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
-        raise SpecError(f"{where} must be {list(want)}, got {got}", where=f"argument {where}")
-    if not state.dtype.is_floating_point:
-        raise SpecError(f"{where} must be a floating-point tensor, got {state.dtype}", where=f"argument {where}")
-    if state.device != q.device:
-        raise SpecError(f"{where} is on {state.device} but q is on {q.device}", where=f"argument {where}")
+#: Bytes of int64 work per evaluated (query, key) pair beside the result (the
+#: positions and one intermediate at least): the floor of what evaluation needs.
+WORK_BYTES_PER_PAIR = 8
+
+
+def _memory(device: torch.device | None) -> int | None:
+    """Bytes of memory where the work runs: the host's RAM, or the CUDA device's; None if unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device is not None and device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return None
+
+
+def _check_fits(what: str, nbytes: int, where: str, device: torch.device | None = None) -> None:
+    """Refuse, before allocating anything, work that cannot fit in the memory where it would run."""
+    total = _memory(device)
+    if total is not None and nbytes > total:
+        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than the "
+                        f"{float(total):.3g} of this {'GPU' if device is not None and device.type == 'cuda' else 'machine'}",
+                        where=where, hint="use smaller sizes" + (" (or a tile backend)" if "reference" in what else ""))
+
+
+def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """A per-head softcap must be positive on every head (a constant one is checked when loading)."""
+    if pat.softcap is None or not pat.softcap.free_symbols:
+        return
+    caps = E.head_values(pat.softcap, bound.subs, bound.heads)
+    bad = torch.nonzero(~(caps > 0) | ~torch.isfinite(caps)).flatten()
+    if len(bad):
+        h = int(bad[0])
+        raise SpecError(f"softcap must be a positive finite number on every head; {pat.softcap} is {float(caps[h])!r} "
+                        f"at h = {h}", where="softcap")
+
+
+def _flag(what: str, value) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+        return bool(value)
+    raise SpecError(f"expected True or False, got {value!r}", where=f"argument {what}")
 
 
 def _check_qkv(q, k, v) -> None:
@@ -254,10 +329,18 @@ def _check_qkv(q, k, v) -> None:
             raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
         if not t.dtype.is_floating_point:
             raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise SpecError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}", where="argument k")
-    if not (q.device == k.device == v.device):
-        raise SpecError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}", where="argument k")
+        if t.is_meta:  # no data: a kernel would read uninitialised memory
+            raise SpecError("a meta tensor holds no data", where=f"argument {name}",
+                            hint="pass a tensor on the CPU or a CUDA device")
+        for axis, what in ((1, "heads"), (3, "head dim")):
+            if t.shape[axis] == 0:
+                raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise SpecError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {t.dtype}", where=f"argument {name}")
+        if t.device != q.device:
+            raise SpecError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}",
+                            where=f"argument {name}")
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
         raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
     if k.shape[3] != q.shape[3]:
@@ -289,7 +372,9 @@ def compile_attention(
     implementation; ``"triton"`` runs generated Triton kernels (natively on
     CUDA tensors, under the Triton interpreter on CPU tensors); ``"auto"``
     picks Triton on CUDA tensors and the CPU executor otherwise.
-    ``q_tile``/``kv_tile`` force the tile shape (one extent per layout axis).
+    ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
+    grid one extent per axis (a box) or one int (flat tiles of the row-major token
+    order); kv_tile defaults to q_tile (``compiler.tile_args``; checked now).
     Recurrences: ``"cpu"`` is the chunked torch path, ``"triton"`` the chunked
     Triton kernels (the interpreter on CPU tensors), ``"auto"`` Triton on CUDA
     tensors and the chunked torch path otherwise; ``q_tile`` forces the chunk
@@ -312,7 +397,9 @@ def compile_attention(
         if kv_tile is not None:
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
-        return Attention(pat, backend, sizes, recurrence.check_chunk(q_tile), None)
+        chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
+        return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None)
+    parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     chosen = backend if backend in ("reference", "triton") else "cpu"
     attn = Attention(pat, chosen, sizes, q_tile, kv_tile)
     attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
@@ -344,8 +431,8 @@ def simulate(
 
     ``hardware``: a name from ``compiler.hardware`` (a100, h100, h200, b200,
     or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
-    ``kv_tile`` force the tile shapes (one extent per grid axis; one int on a
-    grid means flat 1-D tiles). ``inputs``: call-time inputs of
+    ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
+    grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
     data-dependent masks (without a batch dimension).
     """
     from ..compiler.cost import dtype_bytes
@@ -359,9 +446,11 @@ def simulate(
         return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
                                    hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,
                                    inputs=inputs)
-    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    head_dim, batch, top = (E.positive_int(what, value) for what, value in
+                            (("head_dim", head_dim), ("batch", batch), ("top", top)))
+    if inputs is not None and not isinstance(inputs, dict):
+        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
+                        where="argument inputs")
     hw = get_hardware(hardware)
     dtype_bytes(dtype)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)

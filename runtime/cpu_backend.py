@@ -9,8 +9,9 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler import symbols as S
-from ..compiler.search import tile_shapes
-from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..compiler.search import flat_view, tile_shapes
+from ..compiler.tile_args import parse_tiles
+from ..compiler.tiles import classify_tiles, layout_extents
 from . import executor, routing
 
 #: Tile token counts tried for the CPU executor.
@@ -57,7 +58,7 @@ class CpuRunner:
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
         self.pattern = pat
-        self.q_tile, self.kv_tile = q_tile, kv_tile
+        self.tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
         self.plans: dict = {}
         self.last: executor.Plan | None = None
         #: data-dependent masks: the latest plan with the inputs it was built for
@@ -81,14 +82,19 @@ class CpuRunner:
                 return self.last
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
-        if self.q_tile is not None or self.kv_tile is not None:
-            q_tile = check_tile("q_tile", self.q_tile if self.q_tile is not None else self.kv_tile, q_ext)
-            kv_tile = check_tile("kv_tile", self.kv_tile if self.kv_tile is not None else q_tile, kv_ext)
+        flat = False
+        if self.tiles.forced:
+            q_tile, kv_tile, flat = self.tiles.fit(q_ext, kv_ext)
         elif dynamic and key in self.plans:
             q_tile, kv_tile = self.plans[key].schedule.q_tile, self.plans[key].schedule.kv_tile
         else:
             q_tile, kv_tile = choose_tiles(pat, bound, inputs)
-        plan = executor.Plan.build(pat, bound, classify_tiles(pat, bound, q_tile, kv_tile, inputs))
+        if flat:  # 1-D tiles of a grid's token order: classified on the flat view; the
+            # executor evaluates the pattern itself on the flat tokens of those tiles
+            schedule = classify_tiles(*flat_view(pat, bound), q_tile, kv_tile, inputs)
+        else:
+            schedule = classify_tiles(pat, bound, q_tile, kv_tile, inputs)
+        plan = executor.Plan.build(pat, bound, schedule)
         self.plans[key] = plan
         self.last = plan
         if dynamic:

@@ -93,6 +93,9 @@ def _forward_impl(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     runner = _runner(key)
+    if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
+        B, Hq, Nq, _ = q.shape
+        return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=_lse_dtype(q))
     plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs))
     out, lse = executor.forward(plan, q, k, v, tensors, set(batched), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
@@ -112,6 +115,10 @@ def _backward_impl(
     """(dq, dk, dv, [gradient of inputs[i] for i in wrt])."""
     runner = _runner(key)
     raw = _named(names, inputs)
+    if q.shape[0] == 0:  # an empty batch: zero (empty) gradients
+        wrt_names = [_names(names)[i] for i in wrt]
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), [raw[n].new_zeros(raw[n].shape)
+                                                                                 for n in wrt_names]
     plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd

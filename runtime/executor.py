@@ -16,6 +16,7 @@ scattering across tiles except the key side of FoX gates and bias inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -80,7 +81,6 @@ class Plan:
     # The mask of PARTIAL tiles, evaluated once per chunk and reused by later calls
     # (static masks only; bounded by MASK_CACHE_BYTES).
     mask_cache: dict = field(default_factory=dict)
-    fused_failed: bool = False
 
     def remember(self, key, value) -> None:
         """Keep a mask-derived tensor (or tuple of them) for later calls, within MASK_CACHE_BYTES."""
@@ -226,16 +226,23 @@ def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
 
 
 def _flash_op():
-    """torch's fused CPU attention kernel (online softmax, returns the log-sum-exp), if present."""
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    """torch's fused CPU attention kernel (online softmax, returns the log-sum-exp), if present
+    with the signature used here (a float ``attn_mask`` and ``scale``)."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if op is None:
+        return None
+    names = {a.name for a in op.default._schema.arguments}
+    return op if {"attn_mask", "scale"} <= names else None
 
 
 def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=None):
     """The forward of one block through torch's fused CPU attention kernel, with
     the mask and the additive terms (bias, decay) as a float mask; None where the
-    kernel does not apply (CUDA tensors, softcap, a kernel refusing the shapes)."""
+    kernel does not apply (CUDA tensors, Dv != D; softcap is handled by the caller).
+    The decision depends on the shapes only, never on an earlier failure: an error
+    from the kernel is a bug and is raised."""
     op = _flash_op()
-    if op is None or qc.is_cuda or plan.fused_failed:
+    if op is None or qc.is_cuda or qc.shape[-1] != vc.shape[-1]:
         return None
     rows, hs, c, tq, d = qc.shape
     kk = kc.shape[-2]
@@ -253,13 +260,9 @@ def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=
         else:
             entry = plan.mask_cache[key]
         add, any_allowed = entry[0].expand(shape), entry[1].expand(shape[:-1])
-    try:
-        out, lse = op(qc.reshape(rows, hs * c, tq, d), kc.reshape(rows, hs * c, kk, d),
-                      vc.reshape(rows, hs * c, kk, vc.shape[-1]), 0.0, False,
-                      attn_mask=add.reshape(rows, hs * c, tq, kk), scale=1.0)
-    except (RuntimeError, TypeError):  # an unsupported head dim, another torch's signature
-        plan.fused_failed = True  # the unfused path from now on
-        return None
+    out, lse = op(qc.reshape(rows, hs * c, tq, d), kc.reshape(rows, hs * c, kk, d),
+                  vc.reshape(rows, hs * c, kk, vc.shape[-1]), 0.0, False,
+                  attn_mask=add.reshape(rows, hs * c, tq, kk), scale=1.0)
     any_allowed = any_allowed.reshape(rows, hs * c, tq)
     out = torch.where(any_allowed[..., None], out, torch.zeros((), dtype=out.dtype))
     lse = torch.where(any_allowed, lse.to(qc.dtype), torch.full((), -math.inf, dtype=qc.dtype))
@@ -318,6 +321,19 @@ def _batch_rows(extra: dict, batched: set[str], bsel: slice, B: int) -> dict:
     return out
 
 
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off: the executor chooses its compute dtype (fp32, fp64 for
+    fp64 inputs) itself; autocast would turn its matmuls to bf16/fp16 and mix dtypes
+    (callers under autocast cast q, k, v first, as torch does for its attention)."""
+    @functools.wraps(fn)
+    def wrapper(plan, q, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(plan, q, *args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32/fp64)."""
     B, Hq, Nq, _ = q.shape
@@ -374,6 +390,7 @@ def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, 
     return grads[0], out
 
 
+@_no_autocast
 def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
              wrt: list[str]):
     """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""

@@ -375,6 +375,23 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
     return out.to(q.dtype), state, C
 
 
+def check_state(state, q: torch.Tensor, where: str, want: tuple | None = None) -> None:
+    """A recurrence state: a tensor holding data on q's device and, when ``want`` is given, a
+    float tensor of that shape (refused before any work). None (zeros) passes."""
+    if state is None:
+        return
+    if isinstance(state, torch.Tensor) and (state.is_meta or state.device != q.device):
+        raise SpecError(f"{where} is on {state.device}, q on {q.device}"
+                        + (": a meta tensor holds no data" if state.is_meta else ""), where=f"argument {where}")
+    if want is None:
+        return
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise SpecError(f"{where} must be {list(want)}, got {got}", where=f"argument {where}")
+    if not state.dtype.is_floating_point:
+        raise SpecError(f"{where} must be a floating-point tensor, got {state.dtype}", where=f"argument {where}")
+
+
 def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs: dict):
     """``Attention.step``: one token of the recurrent form, for inference loops.
 
@@ -407,14 +424,12 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
     bound = E.bind_sizes(rec, n=1, heads=H, sizes=sizes, dk=Dk)
-    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B)
+    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B, device=q.device)
     dt = compute_dtype(q.dtype)
     if state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
     else:
-        from .api import _check_state
-
-        _check_state(state, (B, H, Dk, Dv), q, "state")
+        check_state(state, q, "state", (B, H, Dk, Dv))
     g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
     out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
                     state.to(dt), float(scale))

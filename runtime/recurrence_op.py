@@ -31,7 +31,7 @@ class RecurrenceRunner:
         then runs the naive loop ('reference') or the chunked form ('cpu', 'triton', 'auto')."""
         rec = self.pattern
         bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
-        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0])
+        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
         if self.backend == "reference":
             return (*reference.recurrence(rec, bound, q, k, v, tensors, scale, initial_state), None)
         return recurrence.run(self.backend, rec, bound, q, k, v, tensors, scale, initial_state, self.chunk)

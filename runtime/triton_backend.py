@@ -46,7 +46,8 @@ from ..compiler.codegen import (
 from ..compiler.cost import KernelConfig
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import flat_view, tile_shapes
-from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..compiler.tile_args import parse_tiles
+from ..compiler.tiles import classify_tiles, layout_extents
 from ..spec.errors import SpecError
 from . import executor, routing
 from .cpu_backend import mask_input_names
@@ -147,17 +148,10 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     grid = len(q_ext) > 1 or len(kv_ext) > 1
     boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
-    if q_tile is not None or kv_tile is not None:
-        qt = q_tile if q_tile is not None else kv_tile
-        kt = kv_tile if kv_tile is not None else qt
-        qt, kt = ((t,) if isinstance(t, int) and not isinstance(t, bool) else tuple(t) for t in (qt, kt))
-        flat = grid and (not boxes or (len(qt) == 1 and len(kt) == 1))
-        if flat:
-            qt = check_tile("q_tile", qt, (math.prod(q_ext),))
-            kt = check_tile("kv_tile", kt, (math.prod(kv_ext),))
-            return KernelConfig(qt, kt, "flat")
-        qt, kt = check_tile("q_tile", qt, q_ext), check_tile("kv_tile", kt, kv_ext)
-        return KernelConfig(qt, kt, "address")
+    tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
+    if tiles.forced:
+        qt, kt, flat = tiles.fit(q_ext, kv_ext)
+        return KernelConfig(qt, kt, "flat" if flat else "address")
     if device.type == "cuda":
         from ..compiler.hardware import get_hardware
         from ..compiler.search import ScheduleSearch

@@ -87,6 +87,15 @@ def _kind_of_value(value) -> str:
     return FLOAT
 
 
+def _plain_number(value):
+    """numpy scalars (``np.int64(3)``, ``np.float32(0.5)``, ``np.bool_``) as the Python
+    bool, int or float they hold; anything else unchanged (and judged by the caller)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        item = value.item()
+        return item if isinstance(item, bool | int | float) else value
+    return value
+
+
 def _sympy_value(value) -> sympy.Basic:
     if isinstance(value, bool):
         return sympy.true if value else sympy.false
@@ -186,7 +195,7 @@ class Checker:
             if self.param_exprs is not None and p.name in self.param_exprs:
                 typed = self.param_exprs[p.name]
             elif self.param_exprs is None and p.name in self.params:
-                value = self.params[p.name]
+                value = _plain_number(self.params[p.name])
                 if isinstance(value, sympy.Basic) or not isinstance(value, bool | int | float):
                     raise SpecError(f"expected a number or bool, got {type(value).__name__}", where=f"argument {p.name}")
                 if isinstance(value, float) and not math.isfinite(value):

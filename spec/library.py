@@ -73,6 +73,8 @@ def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None) -
     if name is None and stdlib_name is not None:
         name = stdlib_name
     if name is not None:
+        if not isinstance(name, str):
+            raise SpecError(f"expected a declaration name (str), got {type(name).__name__}", where="argument name")
         if name not in module.by_name:
             raise SpecError(f"{module.filename} declares no '{name}'", where="argument name",
                             hint=did_you_mean(name, module.by_name) or "declared: " + ", ".join(module.by_name))

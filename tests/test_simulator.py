@@ -381,7 +381,7 @@ def test_cli_sim_table_and_json(capsys):
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=0,width=16"], "positive"),
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=1.5,width=16"], "expected an int"),
     (["sim", "stdlib:retention", "--n", "64", "--layers", "2"], "recurrence"),
-    (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4"], "one extent per axis"),
+    (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4", "--kv-tile", "2,2"], "other side is flat too"),
 ])
 def test_cli_bad_arguments_exit_1(capsys, argv, message):
     code, _, err = run(capsys, *argv)

@@ -1,0 +1,350 @@
+"""The public API under bad and unusual arguments (issue 9, items 2.2 and 4): one
+``SpecError`` naming the argument, raised before any work; empty batches, meta
+tensors, numpy scalars, per-batch scalar inputs, autocast and the one tile
+convention, each checked against the reference backend or a dense computation."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import attnc
+from attnc.runtime import executor
+
+WINDOW = "pattern w\ntokens seq\nmask abs(q - k) < 3\n"
+BIAS_INPUT = "pattern b\ntokens seq\ninput w: float[n]\nmask abs(q - k) < 3\nbias w[k]\n"
+PREFIX = "pattern p\ntokens seq\ninput plen: int[1]\nmask k <= q or k < plen[0]\n"
+GRID = "pattern g\ntokens grid(y: height, x: width)\nmask abs(q.y - k.y) <= 1 and abs(q.x - k.x) <= 2\n"
+MIXED = "pattern m\nqueries seq\nkeys grid(y: height, x: width)\nmask (q + k.y + k.x) % 3 != 0\n"
+SIZES = {"height": 6, "width": 5}
+BACKENDS = ("cpu", "reference", "triton")
+
+
+def _qkv(B=1, H=2, N=8, D=4, Dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, H, N, D, generator=g, dtype=dtype), torch.randn(B, H, N, D, generator=g, dtype=dtype),
+            torch.randn(B, H, N, Dv or D, generator=g, dtype=dtype))
+
+
+def _dense(q, k, v, allowed, scale=None, softcap=None):
+    """Dense float64 attention: the independent reference of these tests."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = (q @ k.transpose(-1, -2)) * (1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed, -math.inf)
+    return torch.softmax(s, -1).nan_to_num(0.0) @ v
+
+
+def _spec_error(fn, where: str, match: str | None = None) -> attnc.SpecError:
+    with pytest.raises(attnc.SpecError, match=match) as info:
+        fn()
+    assert info.value.where == where, (info.value.where, str(info.value))
+    return info.value
+
+
+# ------------------------------------------------------------------ 2.2: devices and dtypes
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_and_mismatched_tensors_are_refused_naming_the_argument(backend):
+    attn = attnc.compile_attention(BIAS_INPUT, backend=backend)
+    q, k, v = _qkv()
+    w = torch.randn(8)
+    _spec_error(lambda: attn(q, k, v, w=w.to("meta")), "argument w", "meta")
+    _spec_error(lambda: attn(q.to("meta"), k.to("meta"), v.to("meta"), w=w), "argument q", "meta")
+    _spec_error(lambda: attn(q, k.to("meta"), v, w=w), "argument k", "meta")
+    _spec_error(lambda: attn(q, k, v.double(), w=w), "argument v", "dtype")
+    _spec_error(lambda: attn(q, k.double(), v, w=w), "argument k", "dtype")
+
+
+def test_meta_inputs_of_masks_and_states_are_refused():
+    doc = torch.zeros(8, dtype=torch.int64, device="meta")
+    _spec_error(lambda: attnc.materialize_mask("stdlib:document", n=8, inputs={"doc": doc}), "argument doc", "meta")
+    rec = attnc.compile_attention("stdlib:retention", backend="cpu")
+    q, k, v = _qkv()
+    state = torch.zeros(1, 2, 4, 4, device="meta")
+    _spec_error(lambda: rec(q, k, v, initial_state=state), "argument initial_state", "meta")
+    _spec_error(lambda: rec.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], state), "argument state", "meta")
+    _spec_error(lambda: rec.step(q[:, :, 0].to("meta"), k[:, :, 0], v[:, :, 0]), "argument q", "meta")
+
+
+# ------------------------------------------------------------------ 4: raw exceptions
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_heads_or_head_dim_are_spec_errors(backend):
+    attn = attnc.compile_attention(WINDOW, backend=backend)
+    _spec_error(lambda: attn(*_qkv(H=0)), "argument q", "heads 0")
+    _spec_error(lambda: attn(*_qkv(D=0)), "argument q", "head dim 0")
+    q, k, _ = _qkv()
+    _spec_error(lambda: attn(q, k, torch.randn(1, 2, 8, 0)), "argument v", "head dim 0")
+
+
+def test_empty_batch_on_cpu_returns_empty_outputs_and_gradients():
+    q, k, v = (t.requires_grad_() for t in _qkv(B=0, Dv=6))
+    ref = attnc.compile_attention(WINDOW, backend="reference")(q, k, v)
+    out, lse = attnc.compile_attention(WINDOW, backend="cpu")(q, k, v, return_lse=True)
+    assert out.shape == ref.shape == (0, 2, 8, 6) and lse.shape == (0, 2, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    # with a float input that gets a gradient
+    q, k, v = _qkv(B=0)
+    w = torch.randn(0, 8, requires_grad=True)
+    attnc.compile_attention(BIAS_INPUT, backend="cpu")(q, k, v, w=w).sum().backward()
+    assert w.grad.shape == (0, 8)
+
+
+def test_bad_sizes_inputs_and_tiles_are_spec_errors():
+    _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8, sizes=[1]), "argument sizes", "dict")
+    _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8, inputs=[1]), "argument inputs", "dict")
+    _spec_error(lambda: attnc.simulate("stdlib:document", n=64, inputs=[1]), "argument inputs", "dict")
+    _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8, heads=0), "argument heads")
+    _spec_error(lambda: attnc.materialize_mask(WINDOW, n=2**70), "argument n", "int64")
+    _spec_error(lambda: attnc.simulate(WINDOW, n=2**70), "argument n", "int64")
+    _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8.0), "argument n")
+    _spec_error(lambda: attnc.compile_attention("stdlib:neighborhood_2d", sizes={"height": 2**70, "width": 4}),
+                "argument sizes['height']", "int64")
+    _spec_error(lambda: attnc.materialize_mask("stdlib:neighborhood_2d", sizes={"height": 2**40, "width": 2**40}),
+                "argument sizes", "int64")
+    for backend in BACKENDS:  # refused when compiling, on every backend
+        for tiles, where in (({"q_tile": 1.5}, "argument q_tile"), ({"kv_tile": 0}, "argument kv_tile"),
+                             ({"q_tile": True}, "argument q_tile")):
+            _spec_error(lambda b=backend, t=tiles: attnc.compile_attention(WINDOW, backend=b, **t), where)
+    _spec_error(lambda: attnc.simulate(WINDOW, n=64, q_tile=1.5), "argument q_tile")
+
+
+def test_sizes_that_cannot_fit_fail_fast_with_the_memory_they_need():
+    start = time.perf_counter()
+    err = _spec_error(lambda: attnc.materialize_mask(WINDOW, n=10**9), "argument n")
+    assert "n = 1000000000 needs a 1e+18-byte mask" in str(err)
+    head_dependent = "pattern p\nmask (q + h) % 2 == 0\n"
+    err = _spec_error(lambda: attnc.materialize_mask(head_dependent, n=8, heads=10**9), "argument n")
+    assert "heads = 1000000000" in str(err) and "6.4e+10-byte mask" in str(err)
+    # the dense reference backend (q, k, v as zero-stride views: no memory of their own)
+    huge = torch.zeros(1, 1, 1, 1).expand(1, 1, 10**6, 1)
+    err = _spec_error(lambda: attnc.compile_attention(WINDOW, backend="reference")(huge, huge, huge), "argument q")
+    assert "4e+12 bytes" in str(err)
+    many_heads = torch.zeros(1, 1, 1, 1).expand(1, 10**9, 4, 1)
+    for backend in BACKENDS:  # the output alone (and its fp32 accumulator) cannot fit
+        attn = attnc.compile_attention(WINDOW, backend=backend)
+        err = _spec_error(lambda a=attn: a(many_heads, many_heads, many_heads), "argument q", "heads 1000000000")
+        assert "need an output of 1.6e+10 bytes" in str(err)
+    assert time.perf_counter() - start < 10
+    # a head-independent mask at many heads is a broadcast view, which fits
+    mask = attnc.materialize_mask(WINDOW, n=8, heads=10**9)
+    assert mask.shape == (10**9, 8, 8) and bool(mask[123456789, 2, 4]) and not bool(mask[5, 0, 7])
+
+
+def test_numpy_scalars_are_ints_and_floats():
+    want = attnc.materialize_mask("stdlib:sliding_window", n=16, heads=2, window=3)
+    got = attnc.materialize_mask("stdlib:sliding_window", n=np.int64(16), heads=np.int32(2), window=np.int64(3))
+    assert torch.equal(want, got)
+    capped = attnc.compile_attention("stdlib:softcap", backend="cpu", cap=np.float32(2.5))
+    q, k, v = _qkv(dtype=torch.float64)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    torch.testing.assert_close(capped(q, k, v), _dense(q, k, v, causal, softcap=2.5), rtol=1e-10, atol=1e-10)
+    tiled = attnc.compile_attention(WINDOW, backend="cpu", q_tile=np.int64(4))
+    tiled(q, k, v)
+    assert tiled.schedule.q_tile == (4,)
+    _spec_error(lambda: attnc.load("stdlib:sliding_window", window=True), "argument window", "bool")
+    _spec_error(lambda: attnc.load("stdlib:sliding_window", window=np.bool_(True)), "argument window", "bool")
+    _spec_error(lambda: attnc.load("stdlib:sliding_window", window=np.float64(3.5)), "argument window", "float")
+    _spec_error(lambda: attnc.load("stdlib:sliding_window", window=torch.tensor(3)), "argument window", "Tensor")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_positive_per_head_softcap_is_refused(backend):
+    attn = attnc.compile_attention("pattern p\nmask causal\nsoftcap 2.0 - h\n", backend=backend)
+    err = _spec_error(lambda: attn(*_qkv(H=4)), "softcap", "at h = 2")
+    assert "positive" in str(err)
+    q, k, v = _qkv(H=2, dtype=torch.float32)  # heads 0 and 1: caps 2 and 1, fine
+    out = attn(q, k, v).double()
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    cap = torch.tensor([2.0, 1.0], dtype=torch.float64).view(1, 2, 1, 1)
+    torch.testing.assert_close(out, _dense(q, k, v, causal, softcap=cap), rtol=2e-5, atol=2e-5)
+    with pytest.raises(attnc.SpecError, match="softcap must be positive"):
+        attnc.load("stdlib:softcap", cap=-1.0)
+
+
+# ------------------------------------------------------------------ 4: per-batch scalar inputs
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_per_batch_scalar_input(backend):
+    """``input plen: int[1]`` given as ``[B, 1]``: each batch element its own prefix."""
+    q, k, v = _qkv(B=3, N=8)
+    plen = torch.tensor([[0], [3], [6]])
+    out = attnc.compile_attention(PREFIX, backend=backend)(q, k, v, plen=plen).double()
+    qi, ki = torch.arange(8).view(-1, 1), torch.arange(8).view(1, -1)
+    for b in range(3):
+        allowed = (ki <= qi) | (ki < int(plen[b, 0]))
+        want = _dense(q[b:b + 1], k[b:b + 1], v[b:b + 1], allowed)
+        torch.testing.assert_close(out[b:b + 1], want, rtol=2e-5, atol=2e-5)
+    mask = attnc.materialize_mask(PREFIX, n=8, inputs={"plen": plen})
+    assert mask.shape == (3, 1, 8, 8)
+    for b in range(3):
+        assert torch.equal(mask[b, 0], (ki <= qi) | (ki < int(plen[b, 0])))
+
+
+# ------------------------------------------------------------------ 4: autocast
+@pytest.mark.parametrize("spec, dv, softcap", [
+    ("pattern p\nmask causal\nsoftcap 5.0\n", 4, 5.0),
+    ("pattern p\nmask causal\n", 6, None),
+    ("pattern p\nmask causal and q - k < 5\n", 4, None),
+])
+def test_cpu_autocast_bf16_matches_the_reference_and_leaves_later_calls_alone(spec, dv, softcap):
+    q, k, v = (t.requires_grad_() for t in _qkv(N=16, Dv=dv))
+    attn = attnc.compile_attention(spec, backend="cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(q, k, v)
+    assert out.dtype == torch.bfloat16  # as torch's own attention under autocast
+    allowed = attnc.materialize_mask(spec, n=16)[0]
+    # the same computation on the bf16-rounded inputs, in float64
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    want = _dense(qb, kb, vb, allowed, softcap=softcap)
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-2)
+    out.float().sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.float32 and torch.isfinite(q.grad).all()
+    # a later call without autocast: full precision, unaffected by the autocast call
+    later = attn(q.detach(), k.detach(), v.detach())
+    assert later.dtype == torch.float32
+    torch.testing.assert_close(later.double(), _dense(q, k, v, allowed, softcap=softcap), rtol=2e-5, atol=2e-5)
+
+
+def test_fused_kernel_choice_is_by_shape_never_sticky(monkeypatch):
+    """A call the fused CPU kernel cannot run (Dv != D) must not turn it off for later
+    calls of the same module; an error from the kernel itself is raised, not hidden."""
+    real = executor._flash_op()
+    assert real is not None
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[2].shape[-1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "_flash_op", lambda: counting)
+    attn = attnc.compile_attention(WINDOW, backend="cpu")
+    q, k, v = _qkv(Dv=6, dtype=torch.float64)
+    attn(q, k, v)
+    assert calls == []  # Dv != D: the unfused path
+    q, k, v = _qkv(dtype=torch.float64)
+    out = attn(q, k, v)
+    assert calls and set(calls) == {4}  # same sizes, same plan: the fused kernel runs
+    allowed = attnc.materialize_mask(WINDOW, n=8)[0]
+    torch.testing.assert_close(out, _dense(q, k, v, allowed), rtol=1e-12, atol=1e-12)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the fused kernel")
+
+    monkeypatch.setattr(executor, "_flash_op", lambda: broken)
+    with pytest.raises(RuntimeError, match="a bug in the fused kernel"):
+        attn(q, k, v)
+
+
+# ------------------------------------------------------------------ 4: one tile convention
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("q_tile, kv_tile, want", [
+    (8, None, ((8,), (8,))),            # an int on a grid: flat tiles of the token order
+    ((8,), 4, ((8,), (4,))),
+    ((2, 4), None, ((2, 4), (2, 4))),   # one extent per axis: boxes
+    ((2, 4), (3, 3), ((2, 4), (3, 3))),
+    (64, None, ((30,), (30,))),         # clipped to the token count
+])
+def test_grid_tiles_mean_the_same_on_every_backend(backend, q_tile, kv_tile, want):
+    q, k, v = _qkv(N=30, D=8)
+    attn = attnc.compile_attention(GRID, backend=backend, sizes=SIZES, q_tile=q_tile, kv_tile=kv_tile)
+    out = attn(q, k, v).double()
+    assert (attn.schedule.q_tile, attn.schedule.kv_tile) == want
+    allowed = attnc.materialize_mask(GRID, sizes=SIZES)[0]
+    torch.testing.assert_close(out, _dense(q, k, v, allowed), rtol=2e-5, atol=2e-5)
+    tiles = attnc.simulate(GRID, sizes=SIZES, q_tile=q_tile, kv_tile=kv_tile).to_dict()["tiles"]
+    assert (tuple(tiles["q_tile"]), tuple(tiles["kv_tile"])) == want
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("q_tile, kv_tile, want", [
+    (4, None, ((4,), (4,))),            # the keys' grid gets flat tiles of 4 tokens
+    (4, (2, 4), ((4,), (2, 4))),        # a box on the keys' grid
+    (4, 8, ((4,), (8,))),
+])
+def test_mixed_layout_tiles_have_common_values(backend, q_tile, kv_tile, want):
+    q = torch.randn(1, 2, 7, 8, generator=torch.Generator().manual_seed(1))
+    _, k, v = _qkv(N=30, D=8)
+    attn = attnc.compile_attention(MIXED, backend=backend, sizes=SIZES, q_tile=q_tile, kv_tile=kv_tile)
+    out = attn(q, k, v).double()
+    assert (attn.schedule.q_tile, attn.schedule.kv_tile) == want
+    allowed = attnc.materialize_mask(MIXED, n=7, sizes=SIZES)[0]
+    torch.testing.assert_close(out, _dense(q, k, v, allowed), rtol=2e-5, atol=2e-5)
+    tiles = attnc.simulate(MIXED, n=7, sizes=SIZES, q_tile=q_tile, kv_tile=kv_tile).to_dict()["tiles"]
+    assert (tuple(tiles["q_tile"]), tuple(tiles["kv_tile"])) == want
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_tiles_are_refused_when_compiling(backend):
+    for q_tile, kv_tile, where, match in [
+        ((1, 2, 3), None, "argument q_tile", "2-axis grid"),
+        ((2, 4), 8, "argument q_tile", "other side is flat too"),
+        (8, (2, 4), "argument kv_tile", "other side is flat too"),
+        ((2, 4, 1), (2, 4), "argument q_tile", "2-axis grid"),
+    ]:
+        _spec_error(lambda qt=q_tile, kt=kv_tile: attnc.compile_attention(GRID, backend=backend, q_tile=qt,
+                                                                          kv_tile=kt), where, match)
+    _spec_error(lambda: attnc.compile_attention(MIXED, backend=backend, kv_tile=(2, 2)), "argument q_tile",
+                "does not fit")
+
+
+def test_cli_show_tiles_takes_the_same_convention(capsys):
+    from attnc import cli
+
+    code = cli.main(["show", "stdlib:neighborhood_2d", "--sizes", "height=8,width=8", "--tiles", "--q-tile", "16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Q tile 16, KV tile 16" in out and "4 x 4 tiles" in out
+    code = cli.main(["show", "stdlib:neighborhood_2d", "--sizes", "height=8,width=8", "--tiles", "--q-tile", "16",
+                     "--kv-tile", "4,4"])
+    _, err = capsys.readouterr()
+    assert code == 1 and "other side is flat too" in err and "Traceback" not in err
+
+
+BAD_VALUES = [-1, 0, 1.5, "x", [1], {"a": 1}, True, np.int64(-1), float("nan"), 2**70, torch.tensor(1),
+              torch.zeros(3), object(), (1, 2)]
+
+
+def test_public_entry_points_give_spec_errors_for_bad_values():
+    """Every argument of every public entry point, given a bad value: a result or one
+    SpecError, never another exception."""
+    q = torch.randn(1, 2, 16, 4)
+    qt = q[:, :, 0]
+    cpu = attnc.compile_attention(WINDOW, backend="cpu")
+    ref = attnc.compile_attention(WINDOW, backend="reference")
+    rec = attnc.compile_attention("stdlib:retention", backend="cpu")
+    calls = {
+        "load source": lambda b: attnc.load(b),
+        "load name": lambda b: attnc.load("stdlib:sliding_window", name=b),
+        "load parameter": lambda b: attnc.load("stdlib:sliding_window", window=b),
+        "materialize_mask size value": lambda b: attnc.materialize_mask("stdlib:neighborhood_2d", sizes={"height": 4,
+                                                                                                 "width": b}),
+        "simulate inputs": lambda b: attnc.simulate("stdlib:document", n=64, inputs=b),
+        "simulate head_dim": lambda b: attnc.simulate(WINDOW, n=64, head_dim=b),
+        "simulate kv_tile": lambda b: attnc.simulate(WINDOW, n=64, kv_tile=b),
+        "call return_lse": lambda b: cpu(q, q, q, return_lse=b),
+        "call sizes": lambda b: ref(q, q, q, sizes=b),
+        "call initial_state": lambda b: rec(q, q, q, initial_state=b),
+        "call return_state": lambda b: rec(q, q, q, return_state=b),
+        "recurrence q_tile": lambda b: attnc.compile_attention("stdlib:retention", q_tile=b),
+        "step state": lambda b: rec.step(qt, qt, qt, b),
+        "step scale": lambda b: rec.step(qt, qt, qt, scale=b),
+    }
+    for what in ("n", "heads", "sizes", "inputs", "nk", "name"):
+        calls[f"materialize_mask {what}"] = lambda b, w=what: attnc.materialize_mask(WINDOW, **{"n": 16, w: b})
+    for what in ("backend", "sizes", "q_tile", "kv_tile", "name"):
+        calls[f"compile_attention {what}"] = lambda b, w=what: attnc.compile_attention(GRID, **{w: b})
+    for what in ("q", "k", "v"):
+        calls[f"call {what}"] = lambda b, w=what: cpu(**{"q": q, "k": q, "v": q, w: b})
+    for label, call in calls.items():
+        for bad in BAD_VALUES:
+            try:
+                call(bad)
+            except attnc.SpecError:
+                pass
+            except Exception as err:  # noqa: BLE001 - the point of the test
+                pytest.fail(f"{label} = {bad!r}: {type(err).__name__}: {err}")
