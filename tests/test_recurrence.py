@@ -28,10 +28,22 @@ GATE = {"retention": "head", "lightning": "head", "mamba2": "scalar", "gla": "ve
 
 
 # ----------------------------------------------------------------- independent references
+def alibi_slopes(H: int) -> list[float]:
+    """ALiBi's get_slopes (also Lightning Attention's _build_slope_tensor), written from the rule."""
+    def power_of_2(n):
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(H).is_integer():
+        return power_of_2(H)
+    c = 2 ** math.floor(math.log2(H))
+    return power_of_2(c) + alibi_slopes(2 * c)[0::2][: H - c]
+
+
 def head_log_decay(name: str, H: int) -> torch.Tensor:
     if name == "retention":
         return torch.tensor([math.log(1 - 2.0 ** (-5 - h)) for h in range(H)], dtype=F64)
-    return torch.tensor([-(2.0 ** (-8 * (h + 1) / H)) for h in range(H)], dtype=F64)
+    return -torch.tensor(alibi_slopes(H), dtype=F64)
 
 
 def naive(q, k, v, g4, scale, S0):
@@ -108,6 +120,11 @@ def check_against_loop(name, backend, B, H, Hkv, T, Dk, Dv, *, chunk=None, seed=
 
 
 # ----------------------------------------------------------------- chunked torch path
+def test_lightning_slopes_for_a_head_count_that_is_not_a_power_of_two():
+    # 6 heads: the ALiBi rule for non-powers of two (slopes of 4 heads, then every other of 8)
+    check_against_loop("lightning", "cpu", 1, 6, 3, 40, 4, 4, chunk=16, seed=3)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_cpu_chunked_matches_loop(name, chunk):
