@@ -323,8 +323,8 @@ def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, sto
         for it in range(depth + 1):
             lq = [max(L - it, 0) for L in lq_top]
             lk = [max(L - it, 0) for L in lk_top]
-            env: dict = {sym: float(v) for sym, v in bound.subs.items()}
-            env[S.H] = float(h)
+            env: dict = {sym: int(v) for sym, v in bound.subs.items()}  # ints, as evaluated
+            env[S.H] = h
             q_lo, q_hi = _box_env(pat, bound, sup, lq, q_grid, q_tile, q_ext, "q", 0, env)
             k_lo, k_hi = _box_env(pat, bound, sup, lk, kv_grid, kv_tile, kv_ext, "k", aq, env)
             result = IntervalEvaluator(env, tensors).boolean(mask)
