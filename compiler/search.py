@@ -315,12 +315,17 @@ class ScheduleSearch:
             found += self._all(self.q_ext, self.kv_ext, False) if self.boxes else self._all((n_q,), (n_k,), self.grid)
         return found
 
-    def exact_density(self) -> float | None:
-        """The density from any exactly counted schedule classified so far."""
+    def exactly_counted(self) -> TileSchedule | None:
+        """Any schedule classified so far whose allowed pairs are counted exactly."""
         for sched in self._cache.values():
             if sched.density_exact:
-                return float(sched.density)
+                return sched
         return None
+
+    def exact_density(self) -> float | None:
+        """The density from any exactly counted schedule classified so far."""
+        sched = self.exactly_counted()
+        return None if sched is None else sched.density
 
     # ------------------------------------------------------------ dense baseline
     def dense(self) -> tuple[Prediction, Prediction]:
