@@ -251,7 +251,7 @@ def _overlap(mma: float, mem: float, stages: int, cal: Calibration) -> float:
     return max(mma, mem) + exposed * min(mma, mem)
 
 
-def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int, *, t_full: float, t_partial: float,
+def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_full: float, t_partial: float,
           t_cta: float, mma_pair: float, mask_pair: float, mem_pair: float, hw: Hardware,
           cal: Calibration, permute_s: float) -> PassCost:
     """One kernel: CTA ``i`` of a head class visits ``full[c, i]`` FULL and
@@ -262,7 +262,7 @@ def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int, *, t_full: flo
     per_class = work.reshape(-1)
     total_pairs_full = float(full.sum()) * repeat
     total_pairs_partial = float(partial.sum()) * repeat
-    ctas = per_class.numel() * repeat
+    ctas = round(per_class.numel() * repeat)
     span = makespan(per_class, hw.sms, repeat)
     ideal = float(per_class.sum()) * repeat / hw.sms
     kernel = span + cal.launch_s
@@ -280,8 +280,10 @@ def _axes_of(config: KernelConfig) -> int:
 def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: torch.Tensor,
                    partial_bwd: torch.Tensor, repeat: int, config: KernelConfig, hw: Hardware, *,
                    head_dim: int, tokens: tuple[int, int], batch_heads: int, nbytes: int = 2,
-                   ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None) -> Prediction:
-    """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``).
+                   ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
+                   repeat_bwd: int | float | None = None) -> Prediction:
+    """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
+    every CTA launched ``repeat`` times (``repeat_bwd`` in the backward, if given).
 
     ``tokens``: (queries, keys) per head; ``batch_heads``: batch x heads (for
     the permutation and pre/post-processing traffic); ``ops``: the mask's
@@ -326,7 +328,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     t_part_b = t_full_b + mask_pair
     cta_b = cal.cta_overhead_s + 4.0 * tk * D * b / (per_sm_bw * bw_eff)  # load K, V; store dK, dV
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s  # delta = rowsum(dO * O)
-    bwd = _pass(full_bwd, partial_bwd, repeat, t_full=t_full_b, t_partial=t_part_b, t_cta=cta_b,
+    bwd = _pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_full_b, t_partial=t_part_b, t_cta=cta_b,
                 mma_pair=mma_b, mask_pair=mask_pair, mem_pair=mem_b, hw=hw, cal=cal, permute_s=perm)
     bwd.time_s += pre
     bwd.kernel_s += pre
@@ -339,10 +341,13 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     token counts are those of the schedule's tiles)."""
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
+    # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
+    q_weight, kv_weight = getattr(schedule, "q_weight", 1), getattr(schedule, "kv_weight", 1)
     return predict_counts(
-        schedule.full_count, schedule.partial_count, schedule.t_full_count, schedule.t_partial_count, repeat,
-        config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys), batch_heads=batch * H,
-        nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration)
+        schedule.full_count, schedule.partial_count, schedule.t_full_count, schedule.t_partial_count,
+        repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
+        batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
+        repeat_bwd=repeat * kv_weight)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,

@@ -21,7 +21,7 @@ from . import evaluate as E
 from . import ir
 from .cost import Calibration, dtype_bytes
 from .hardware import Hardware
-from .search import Candidate, ScheduleSearch
+from .search import Candidate, ScheduleSearch, check_simulation_size
 
 
 def _finite(x: float):
@@ -141,6 +141,7 @@ class SimulationReport(ReportView):
 def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int, batch: int, dtype: str,
                      q_tile=None, kv_tile=None, inputs: dict | None = None, top: int = 5,
                      calibration: Calibration | None = None) -> SimulationReport:
+    check_simulation_size(pat, bound)
     search = ScheduleSearch(pat, bound, hw, head_dim=head_dim, batch=batch, nbytes=dtype_bytes(dtype), inputs=inputs,
                             calibration=calibration)
     ranked = search.run(q_tile, kv_tile, top=0)
