@@ -193,25 +193,41 @@ def smem_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) ->
 MAX_ROUNDS = 256
 
 
-def makespan(work: torch.Tensor, sms: int) -> float:
-    """Longest-first placement of CTA work (seconds, any shape) on ``sms`` SMs:
-    the finishing time of the busiest SM. Vectorised LPT: the CTAs, sorted
-    longest first, are placed a wave of ``sms`` at a time, the longest of the
-    wave on the least-loaded SM (exactly LPT for the first wave; within a few
-    per cent of it after). Above ``MAX_ROUNDS`` waves, consecutive sorted CTAs
-    are merged into one placement unit (the total is kept)."""
-    w = work.reshape(-1).to(torch.float64)
-    if w.numel() == 0:
+def makespan(work: torch.Tensor, sms: int, repeat: int | float = 1) -> float:
+    """Longest-first placement of CTA work (seconds, any shape), each CTA
+    launched ``repeat`` times, on ``sms`` SMs: the finishing time of the
+    busiest SM. Vectorised LPT: the CTAs, sorted longest first, are placed a
+    wave of ``sms`` at a time, the longest of the wave on the least-loaded SM
+    (exactly LPT for the first wave; within a few per cent of it after). Above
+    ``MAX_ROUNDS`` waves, consecutive sorted CTAs are merged into one
+    placement unit (the total is kept). The repeated CTAs are never
+    materialised, so ``repeat`` may be huge (a batch of 10**18)."""
+    w = torch.sort(work.reshape(-1).to(torch.float64), descending=True).values
+    if w.numel() == 0 or repeat == 0:
         return 0.0
-    w = torch.sort(w, descending=True).values
-    if w.numel() <= sms:
+    count = w.numel() * repeat  # CTAs in all (a Python number: never overflows)
+    if count <= sms:
         return float(w[0])
-    rounds = -(-w.numel() // sms)
-    if rounds > MAX_ROUNDS:
-        group = -(-rounds // MAX_ROUNDS)
-        pad = (-w.numel()) % group
-        w = torch.cat([w, w.new_zeros(pad)]).view(-1, group).sum(1)
+    rounds = math.ceil(count / sms)
+    if bool(w[0] == w[-1]):  # identical CTAs (dense attention): LPT is exact in closed form
+        return rounds * float(w[0])
+    if rounds > MAX_ROUNDS or repeat != 1:
+        # Units of `group` consecutive CTAs of the sorted, repeated sequence, summed from its
+        # prefix sums: CTA j of that sequence is w[j // repeat].
+        group = max(1, math.ceil(rounds / MAX_ROUNDS)) if rounds > MAX_ROUNDS else 1
+        units = math.ceil(count / group)
+        bounds = torch.arange(units + 1, dtype=torch.float64) * group
+        bounds[-1] = float(count)
+        prefix = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])
+
+        def upto(j: torch.Tensor) -> torch.Tensor:
+            i = torch.clamp(torch.floor(j / repeat), max=w.numel() - 1).to(torch.int64)
+            return prefix[i] * repeat + (j - i.to(torch.float64) * repeat) * w[i]
+
+        w = upto(bounds[1:]) - upto(bounds[:-1])
         w = torch.sort(w, descending=True).values
+        if w.numel() <= sms:
+            return float(w[0])
         rounds = -(-w.numel() // sms)
     pad = rounds * sms - w.numel()
     waves = torch.cat([w, w.new_zeros(pad)]).view(rounds, sms)
@@ -235,7 +251,7 @@ def _overlap(mma: float, mem: float, stages: int, cal: Calibration) -> float:
     return max(mma, mem) + exposed * min(mma, mem)
 
 
-def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int, *, t_full: float, t_partial: float,
+def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_full: float, t_partial: float,
           t_cta: float, mma_pair: float, mask_pair: float, mem_pair: float, hw: Hardware,
           cal: Calibration, permute_s: float) -> PassCost:
     """One kernel: CTA ``i`` of a head class visits ``full[c, i]`` FULL and
@@ -246,11 +262,8 @@ def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int, *, t_full: flo
     per_class = work.reshape(-1)
     total_pairs_full = float(full.sum()) * repeat
     total_pairs_partial = float(partial.sum()) * repeat
-    ctas = per_class.numel() * repeat
-    if repeat > 1:
-        span = makespan(per_class.repeat(repeat), hw.sms)
-    else:
-        span = makespan(per_class, hw.sms)
+    ctas = round(per_class.numel() * repeat)
+    span = makespan(per_class, hw.sms, repeat)
     ideal = float(per_class.sum()) * repeat / hw.sms
     kernel = span + cal.launch_s
     return PassCost(
@@ -267,8 +280,10 @@ def _axes_of(config: KernelConfig) -> int:
 def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: torch.Tensor,
                    partial_bwd: torch.Tensor, repeat: int, config: KernelConfig, hw: Hardware, *,
                    head_dim: int, tokens: tuple[int, int], batch_heads: int, nbytes: int = 2,
-                   ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None) -> Prediction:
-    """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``).
+                   ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
+                   repeat_bwd: int | float | None = None) -> Prediction:
+    """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
+    every CTA launched ``repeat`` times (``repeat_bwd`` in the backward, if given).
 
     ``tokens``: (queries, keys) per head; ``batch_heads``: batch x heads (for
     the permutation and pre/post-processing traffic); ``ops``: the mask's
@@ -313,7 +328,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     t_part_b = t_full_b + mask_pair
     cta_b = cal.cta_overhead_s + 4.0 * tk * D * b / (per_sm_bw * bw_eff)  # load K, V; store dK, dV
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s  # delta = rowsum(dO * O)
-    bwd = _pass(full_bwd, partial_bwd, repeat, t_full=t_full_b, t_partial=t_part_b, t_cta=cta_b,
+    bwd = _pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_full_b, t_partial=t_part_b, t_cta=cta_b,
                 mma_pair=mma_b, mask_pair=mask_pair, mem_pair=mem_b, hw=hw, cal=cal, permute_s=perm)
     bwd.time_s += pre
     bwd.kernel_s += pre
@@ -326,10 +341,13 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     token counts are those of the schedule's tiles)."""
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
+    # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
+    q_weight, kv_weight = getattr(schedule, "q_weight", 1), getattr(schedule, "kv_weight", 1)
     return predict_counts(
-        schedule.full_count, schedule.partial_count, schedule.t_full_count, schedule.t_partial_count, repeat,
-        config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys), batch_heads=batch * H,
-        nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration)
+        schedule.full_count, schedule.partial_count, schedule.t_full_count, schedule.t_partial_count,
+        repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
+        batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
+        repeat_bwd=repeat * kv_weight)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,
@@ -339,12 +357,14 @@ def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelCon
     tq, tk = config.q_tokens, config.kv_tokens
     nq, nk = -(-num_queries // tq), -(-num_keys // tk)
     flat = KernelConfig((tq,), (tk,), "flat", config.num_warps, config.num_stages)
-    full_f = torch.full((1, nq), nk, dtype=torch.int64)
-    full_b = torch.full((1, nk), nq, dtype=torch.int64)
-    zf, zb = torch.zeros_like(full_f), torch.zeros_like(full_b)
-    return predict_counts(full_f, zf, full_b, zb, batch * heads, flat, hw, head_dim=head_dim,
-                          tokens=(num_queries, num_keys), batch_heads=batch * heads, nbytes=nbytes, ops=0,
-                          calibration=calibration)
+    # Every CTA is alike: one of each, repeated (no tensor as long as the tile grid).
+    fwd = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]), torch.zeros(1, 1),
+                         batch * heads * nq, flat, hw, head_dim=head_dim, tokens=(num_queries, num_keys),
+                         batch_heads=batch * heads, nbytes=nbytes, ops=0, calibration=calibration)
+    bwd = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]), torch.zeros(1, 1),
+                         batch * heads * nk, flat, hw, head_dim=head_dim, tokens=(num_queries, num_keys),
+                         batch_heads=batch * heads, nbytes=nbytes, ops=0, calibration=calibration)
+    return Prediction(flat, fwd.forward, bwd.backward)
 
 
 __all__ = ["BWD_FLOP_RATIO", "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",

@@ -296,6 +296,21 @@ def window_tensor(qa, ka, L: int, size: int, dilation: int, stride: int, causal:
     return ((ka - qa) % dilation == 0) & (ka >= first) & (ka <= last)
 
 
+def ratio_parts(e: sympy.Basic) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """(numerator, denominator) of an Add/Mul with a rational coefficient or a
+    negative power, both integer expressions, when evaluation computes it as one
+    division of integers (``Evaluator._exact_ratio``; the interval rules mirror it)."""
+    if not any(isinstance(r, sympy.Rational) and not r.is_Integer for r in e.args) and not any(
+        isinstance(a, sympy.Mul) and any(isinstance(r, sympy.Rational) and not r.is_Integer for r in a.args)
+        for a in e.args
+    ) and not any(isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+        return None
+    num, den = sympy.fraction(sympy.together(e))
+    if den == 1 or not (num.is_integer and den.is_integer):
+        return None
+    return num, den
+
+
 class Evaluator:
     """Evaluates sympy IR expressions given tensors for symbols and inputs.
 
@@ -431,15 +446,10 @@ class Evaluator:
 
     def _exact_ratio(self, e):
         """q/3 - k/3 as (q - k) / 3: integers exact, one rounding at the end."""
-        if not any(isinstance(r, sympy.Rational) and not r.is_Integer for r in e.args) and not any(
-            isinstance(a, sympy.Mul) and any(isinstance(r, sympy.Rational) and not r.is_Integer for r in a.args)
-            for a in e.args
-        ) and not any(isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+        parts = ratio_parts(e)
+        if parts is None:
             return None
-        num, den = sympy.fraction(sympy.together(e))
-        if den == 1 or not (num.is_integer and den.is_integer):
-            return None
-        a, b = self(num), self(den)
+        a, b = self(parts[0]), self(parts[1])
         if _is_float(a) or _is_float(b):
             return None
         return as_tensor(a, FLOAT) / as_tensor(b, FLOAT) if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) else (

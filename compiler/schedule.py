@@ -186,12 +186,25 @@ class TileSchedule:
         return self.full + self.partial
 
     @property
+    def total_pairs(self) -> int:
+        """All (head, query, key) token pairs, exactly."""
+        return self.num_heads * self.num_queries * self.num_keys
+
+    @property
+    def allowed_total(self) -> int | float:
+        """Allowed (head, query, key) token pairs: an exact int when ``density_exact``
+        (summed as Python ints), else the float64 estimate."""
+        per_class = self.allowed_pairs.to(torch.float64).tolist()
+        factor = self.num_heads if self.heads_stored == 1 else 1
+        if self.density_exact:
+            return sum(int(round(x)) for x in per_class) * factor
+        return math.fsum(per_class) * factor
+
+    @property
     def density(self) -> float:
-        """Allowed token pairs / all token pairs, over heads."""
-        total = float(self.allowed_pairs.sum())
-        if self.heads_stored == 1:
-            total *= self.num_heads
-        return total / (self.num_heads * self.num_queries * self.num_keys)
+        """Allowed token pairs / all token pairs, over heads (exact counts divided
+        once, in float64, when ``density_exact``)."""
+        return self.allowed_total / self.total_pairs
 
     def pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every visited pair: (head class, Q tile, KV tile, is FULL), sorted by head, Q tile, KV tile."""

@@ -52,6 +52,28 @@ REFINE = 3
 DENSE_CLASSIFY_LIMIT = 1 << 26
 #: Above this many tokens a grid gets one flat candidate tile size (the largest).
 FLAT_GRID_SMALL = 1 << 16
+#: Above this many tile pairs a `tokens seq` schedule is summarised from sampled tiles
+#: (``tiles.summarize_tiles``) instead of listed.
+SUMMARY_TILE_PAIRS = 1 << 24
+#: Tile pairs a listed schedule (a grid, a routing pattern) may have at most.
+MAX_LISTED_TILE_PAIRS = 1 << 28
+#: Token positions are int64 and bounded in float64 intervals: exact below this.
+MAX_TOKENS = 1 << 53
+#: Head classes classified one by one when the mask depends on the head.
+MAX_HEAD_CLASSES = 4096
+
+
+def check_simulation_size(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """Refuse, before any work, sizes the simulator cannot model: one SpecError naming
+    the argument and what it would need."""
+    for what, count in (("n", bound.n), ("nk", bound.nk)):
+        if count > MAX_TOKENS:
+            raise SpecError(f"{count} tokens: positions are exact 64-bit ints bounded in float64, so at most "
+                            f"2**53 = {MAX_TOKENS} tokens can be modelled", where=f"argument {what}")
+    if T.head_dependent(pat) and bound.heads > MAX_HEAD_CLASSES:
+        raise SpecError(f"the mask depends on h, so each of the {bound.heads} heads is classified on its own; "
+                        f"at most {MAX_HEAD_CLASSES} heads can be", where="argument heads",
+                        hint="simulate fewer heads: the speedup of a head-dependent mask is per head")
 
 
 def classifier() -> Callable:
@@ -233,6 +255,21 @@ class ScheduleSearch:
             if self.classify is T.classify_tiles_dense and bound.n * bound.nk > DENSE_CLASSIFY_LIMIT:
                 raise SpecError(f"{bound.n} x {bound.nk} token pairs are too many for brute-force tile classification",
                                 where="argument sizes", hint="the fast classifier (tiles.classify_tiles) is needed")
+            pairs = math.prod(tile_grid(T.layout_extents(pat.queries, bound, bound.n), tuple(q_tile))) * math.prod(
+                tile_grid(T.layout_extents(pat.keys, bound, bound.nk), tuple(kv_tile)))
+            seq = pat.queries.kind == "seq" and pat.keys.kind == "seq"
+            if pairs > SUMMARY_TILE_PAIRS and seq and self.pat.route is None and self.classify is not T.classify_tiles_dense:
+                # too many tile pairs to list: per-CTA counts of sampled tiles stand for them
+                sched = T.summarize_tiles(pat, bound, q_tile, kv_tile, inputs=self.inputs)
+                self.classifications += 1
+                self._cache[key] = sched
+                return sched
+            if pairs > MAX_LISTED_TILE_PAIRS:
+                raise SpecError(f"{pairs} tile pairs at tiles {tuple(q_tile)} x {tuple(kv_tile)}: listing them needs "
+                                f"about {pairs * 8 // 2**30} GiB; at most {MAX_LISTED_TILE_PAIRS} tile pairs"
+                                + (" for a routing pattern" if self.pat.route is not None else " on a grid"),
+                                where="argument sizes" if self.grid else "argument n",
+                                hint="larger tiles (q_tile=, kv_tile=) or a smaller size")
             sched = self.classify(pat, bound, q_tile, kv_tile, inputs=self.inputs)
             self.classifications += 1
             if self.pat.route is not None:
@@ -310,12 +347,17 @@ class ScheduleSearch:
             found += self._all(self.q_ext, self.kv_ext, False) if self.boxes else self._all((n_q,), (n_k,), self.grid)
         return found
 
-    def exact_density(self) -> float | None:
-        """The density from any exactly counted schedule classified so far."""
+    def exactly_counted(self) -> TileSchedule | None:
+        """Any schedule classified so far whose allowed pairs are counted exactly."""
         for sched in self._cache.values():
             if sched.density_exact:
-                return float(sched.density)
+                return sched
         return None
+
+    def exact_density(self) -> float | None:
+        """The density from any exactly counted schedule classified so far."""
+        sched = self.exactly_counted()
+        return None if sched is None else sched.density
 
     # ------------------------------------------------------------ dense baseline
     def dense(self) -> tuple[Prediction, Prediction]:

@@ -21,7 +21,7 @@ from . import evaluate as E
 from . import ir
 from .cost import Calibration, dtype_bytes
 from .hardware import Hardware
-from .search import Candidate, ScheduleSearch
+from .search import Candidate, ScheduleSearch, check_simulation_size
 
 
 def _finite(x: float):
@@ -63,6 +63,10 @@ class SimulationReport(ReportView):
     dense_backward_s: float
     assumptions: list[str] = field(default_factory=list)
     density_exact: bool = False
+    #: Allowed (head, query, key) token pairs: an exact int when ``density_exact``, else an estimate.
+    allowed_pairs: int | float = 0
+    #: All (head, query, key) token pairs.
+    total_pairs: int = 0
 
     @property
     def schedule(self):
@@ -71,7 +75,9 @@ class SimulationReport(ReportView):
 
     @property
     def flop_bound(self) -> float:
-        return 1.0 / self.density if self.density > 0 else math.inf
+        if not self.allowed_pairs:
+            return math.inf
+        return self.total_pairs / self.allowed_pairs  # exact counts divided once
 
     @property
     def tile_bound(self) -> float:
@@ -100,6 +106,8 @@ class SimulationReport(ReportView):
             "batch": self.batch,
             "dtype": self.dtype,
             "density": self.density,
+            "allowed_pairs": self.allowed_pairs,
+            "total_pairs": self.total_pairs,
             "density_exact": bool(s.density_exact) or self.density_exact,
             "flop_bound": _finite(self.flop_bound),
             "tile_bound": _finite(self.tile_bound),
@@ -133,6 +141,7 @@ class SimulationReport(ReportView):
 def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int, batch: int, dtype: str,
                      q_tile=None, kv_tile=None, inputs: dict | None = None, top: int = 5,
                      calibration: Calibration | None = None) -> SimulationReport:
+    check_simulation_size(pat, bound)
     search = ScheduleSearch(pat, bound, hw, head_dim=head_dim, batch=batch, nbytes=dtype_bytes(dtype), inputs=inputs,
                             calibration=calibration)
     ranked = search.run(q_tile, kv_tile, top=0)
@@ -153,17 +162,23 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
         assumptions.append(
             "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "
             "(block-coherent selection: forced blocks, then the nearest allowed ones); density is estimated")
-    density = float(best.schedule.density)
-    if not best.schedule.density_exact and pat.route is None:
-        exact = search.exact_density()
+    counted = best.schedule
+    if not counted.density_exact and pat.route is None:
+        exact = search.exactly_counted()
         if exact is None:
             assumptions.append("density estimated from sampled queries")
         else:
-            density = exact
+            counted = exact
+    allowed, total = counted.allowed_total, counted.total_pairs
     return SimulationReport(pat.name, dict(bound.axis_sizes), bound.n, bound.nk, bound.heads, head_dim, batch, dtype,
-                            hw, density, best, shown, dense_f.forward.time_s,
-                            dense_b.backward.time_s, assumptions,
-                            density_exact=bool(best.schedule.density_exact) or search.exact_density() is not None)
+                            hw, _ratio(allowed, total), best, shown, dense_f.forward.time_s,
+                            dense_b.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
+                            allowed_pairs=allowed, total_pairs=total)
+
+
+def _ratio(a: int | float, b: int) -> float:
+    """a / b in float64: correctly rounded for ints (Python's int division)."""
+    return a / b if isinstance(a, int) else float(a) / float(b)
 
 
 def _us(s: float) -> str:

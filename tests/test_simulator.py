@@ -419,3 +419,115 @@ def test_flat_view_of_a_grid_pattern_is_the_same_mask():
     mask = attnc.materialize_mask(pat, sizes={"height": 6, "width": 10})[0]
     assert float(flat.density) == pytest.approx(float(mask.double().mean()))
     assert math.isclose(float(flat.allowed_pairs.sum()), float(mask.sum()))
+
+
+# ----------------------------------------------------------------- issue 9: exact counts, huge sizes
+def test_density_is_exact_counts_divided_once():
+    """Issue 9, 2.8: the report carries exact integer pair counts and a float64 density
+    (70 of 576 pairs: 0.12152777777777778, not float32's 0.1215277761)."""
+    text = "pattern p\n  tokens seq\n  mask abs(q - k) <= 1\n"
+    for heads in (1, 3):
+        mask = attnc.materialize_mask(text, n=24, heads=heads)
+        rep = attnc.simulate(text, n=24, heads=heads)
+        allowed, total = int(mask.sum()), 24 * 24 * heads
+        assert rep["allowed_pairs"] == allowed and isinstance(rep["allowed_pairs"], int)
+        assert rep["total_pairs"] == total and isinstance(rep["total_pairs"], int)
+        assert rep["density"] == allowed / total  # Python's int division: correctly rounded
+        assert rep["flop_bound"] == total / allowed
+        assert rep["density_exact"]
+    assert attnc.simulate(text, n=24)["density"] == 70 / 576 != float(torch.tensor(70 / 576, dtype=torch.float32))
+    # a large exact count stays exact (above 2**24, float32's integer limit)
+    rep = attnc.simulate("stdlib:sliding_window", n=20000, window=1000)
+    assert rep["allowed_pairs"] == 1000 * 20000 - 1000 * 999 // 2
+    assert rep["density"] == rep["allowed_pairs"] / 20000**2
+
+
+def test_makespan_of_repeated_ctas_is_not_materialised():
+    """A batch of 10**18 repeats the CTAs without a tensor of them; small repeats match
+    repeating the tensor, identical CTAs are placed exactly."""
+    work = torch.rand(50, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    for repeat in (1, 3, 40):
+        assert C.makespan(work, 16, repeat) == pytest.approx(C.makespan(work.repeat(repeat), 16), rel=1e-12)
+    huge = C.makespan(work, 132, 10**18)
+    ideal = float(work.sum()) * 10**18 / 132
+    # LPT's bound on the placement units (groups of consecutive sorted CTAs, see makespan)
+    group = math.ceil(math.ceil(50 * 10**18 / 132) / C.MAX_ROUNDS)
+    assert ideal <= huge <= ideal + group * float(work.max())
+    assert C.makespan(torch.full((7,), 2.0), 4, 10**15) == math.ceil(7 * 10**15 / 4) * 2.0
+
+
+def test_simulate_huge_batch_and_heads_scale():
+    """Issue 9, section 4: simulate(batch=10**18) overflowed an integer in the cost model."""
+    base = attnc.simulate("stdlib:sliding_window", n=4096, window=256, batch=10**6)
+    for kw in (dict(batch=10**18), dict(batch=10**9, heads=10**3), dict(heads=10**9, batch=10**3)):
+        rep = attnc.simulate("stdlib:sliding_window", n=4096, window=256, **kw)
+        d = rep.to_dict()
+        scale = kw["batch"] * kw.get("heads", 1) / 10**6  # the work grows with batch x heads
+        for key in ("forward_s", "backward_s", "dense_forward_s", "dense_backward_s"):
+            assert d["predicted"][key] == pytest.approx(base.to_dict()["predicted"][key] * scale, rel=1e-3)
+        assert d["density"] == base["density"] and d["tiles"]["total"] == base["tiles"]["total"] * kw.get("heads", 1)
+        assert math.isfinite(d["predicted_speedup"])
+
+
+def _run_limited(code: str, seconds: int = 240, memory_gib: int = 4) -> str:
+    """Run code in a fresh interpreter with an address-space limit; its stdout."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (memory_gib << 30, memory_gib << 30))
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=seconds,
+                         preexec_fn=limit, env={"OMP_NUM_THREADS": "1", "PATH": ""})
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_simulate_a_billion_tokens_from_sampled_tiles():
+    """Issue 9, section 4: a 1-D pattern at n = 10**9 is answered from per-CTA counts of
+    sampled tiles, in bounded memory (4 GiB address space) and time, never a tile list."""
+    out = _run_limited(
+        "import json, attnc\n"
+        "r = attnc.simulate('stdlib:sliding_window', n=10**9, window=4096)\n"
+        "print(json.dumps({k: r.to_dict()[k] for k in ('density', 'density_exact', 'tiles', 'total_pairs')}))\n")
+    d = json.loads(out)
+    n, w = 10**9, 4096
+    assert d["total_pairs"] == n * n and not d["density_exact"]
+    assert d["density"] == pytest.approx((w * n - w * (w - 1) // 2) / n**2, rel=0.02)
+    tiles = d["tiles"]
+    q, k = tiles["q_tile"][0], tiles["kv_tile"][0]
+    assert tiles["total"] == -(-n // q) * -(-n // k)
+    # a band of w keys crosses about w / k + 1 KV tiles per Q tile
+    assert tiles["full"] + tiles["partial"] == pytest.approx(-(-n // q) * (w / k + q / k), rel=0.05)
+
+
+def test_summary_agrees_with_the_listed_schedule():
+    """The sampled summary against the exact classification at a size where both exist."""
+    n = 1 << 16
+    pat = attnc.load("stdlib:sliding_window", window=1000)
+    bound = E.bind_sizes(pat, n=n, heads=2)
+    exact = T.classify_tiles(pat, bound, (64,), (32,))
+    summary = T.summarize_tiles(pat, bound, (64,), (32,))
+    assert summary.total_pairs == exact.total_pairs and summary.num_q_tiles == exact.num_q_tiles
+    assert summary.full == pytest.approx(exact.full, rel=0.02)
+    assert summary.partial == pytest.approx(exact.partial, rel=0.05)
+    assert summary.density == pytest.approx(exact.density, rel=0.01)
+    hw = HW.get_hardware("h100")
+    cfg = C.KernelConfig((64,), (32,))
+    a, b = C.predict(exact, cfg, hw, head_dim=64), C.predict(summary, cfg, hw, head_dim=64)
+    assert b.forward.time_s == pytest.approx(a.forward.time_s, rel=0.05)
+    assert b.backward.time_s == pytest.approx(a.backward.time_s, rel=0.05)
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(pattern="stdlib:sliding_window", n=2**70, window=3), "argument n"),
+    (dict(pattern="stdlib:longnet", n=64, heads=10**9), "argument heads"),
+])
+def test_simulate_refuses_what_it_cannot_model_at_once(kwargs, argument):
+    """n = 2**70 (beyond int64 positions) and 10**9 head-dependent masks: one SpecError
+    naming the argument and the limit, before any allocation."""
+    out = _run_limited(
+        "import attnc\n"
+        f"try:\n    attnc.simulate(**{kwargs!r})\nexcept attnc.SpecError as e:\n    print(str(e))\n", seconds=120)
+    assert argument in out and "at most" in out
