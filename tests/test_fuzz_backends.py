@@ -50,7 +50,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, note, seed, settings
+from hypothesis import HealthCheck, Phase, assume, note, seed, settings
 from hypothesis import given as hyp_given
 from hypothesis import strategies as st
 
@@ -448,10 +448,32 @@ def g_template(draw, ctx: Ctx) -> X:
     return X(text, "bool", prec=OTHER, idx="[" in text)
 
 
+def g_nan_trap(draw, ctx: Ctx) -> X:
+    """A comparison of an operation that is NaN (or infinite) on some pairs: log of x <= 0,
+    sqrt of x < 0, x / 0, float x % 0.0 and x // 0.0, 0 * inf. Such a pair is masked (a comparison
+    with NaN is False) even when the threshold lies beyond every finite value."""
+    a, b = g_int(draw, ctx, 1), g_int(draw, ctx, 1)
+    op = draw(st.sampled_from(["log", "sqrt", "/", "%", "//", "0*inf"]))
+    if op in ("log", "sqrt"):
+        c = draw(st.sampled_from(["", " - 0.5", " + 0.5", " * 1.0"]))
+        x = X(f"{op}({a.text}{c})", "float", -INF, math.sqrt(mag(a) + 1) if op == "sqrt" else math.log(mag(a) + 2),
+              True, False, ATOM)
+    elif op == "/":
+        x = X(f"{par(a)} / {par(b)}", "float", -INF, INF, True, False, OTHER)
+    elif op == "0*inf":
+        x = X(f"{par(a)} * (1.0 / {par(b)})", "float", -INF, INF, True, False, OTHER)
+    else:
+        x = X(f"({par(a)} * 1.0) {op} ({par(b)} * 1.0)", "float", -mag(a) - 1, mag(a) + 1, True, False, OTHER)
+    if a.const and (b.const or op in ("log", "sqrt")):  # a constant NaN is an error, not a trap
+        return X(f"log(q - k{draw(st.sampled_from([' - 0.5', '']))}) < 10.0", "bool", prec=OTHER)
+    t = threshold(draw, x)
+    return X(f"{x.text} {draw(st.sampled_from(CMP))} {t.text}", "bool", prec=OTHER)
+
+
 def g_bool(draw, ctx: Ctx, depth: int) -> X:
     if depth <= 0 or draw(st.integers(0, 4)) == 0:
         opts = ["true", "false", "causal", "causal", "window", "window", "template", "template", "template",
-                "cmp", "cmp", "cmp"]
+                "cmp", "cmp", "cmp", "trap", "trap"]
         if ctx.layout == "seq":
             opts.append("call")
         if any(isinstance(v, bool) for v in ctx.params.values()):
@@ -461,6 +483,8 @@ def g_bool(draw, ctx: Ctx, depth: int) -> X:
             return g_window(draw, ctx)
         if choice == "template":
             return g_template(draw, ctx)
+        if choice == "trap":
+            return g_nan_trap(draw, ctx)
         if choice == "call":
             w = draw(st.integers(1, ctx.n))
             if draw(st.booleans()):
@@ -575,7 +599,7 @@ def cases(draw, triton: bool) -> Case:
     params = {"a": draw(st.integers(1, 6)), "b": draw(st.integers(-3, 5)), "c": draw(st.sampled_from([0.5, -1.25, 2.0, 0.3])),
               "cs": draw(st.sampled_from([1.5, 3.0, 0.8])), "flag": draw(st.booleans())}
     names = ["doc", "w", "u", "rpb", "rpb2", "g"]
-    chosen = [name for name in names if draw(st.integers(0, 3)) == 0]
+    chosen = [name for name in names if draw(st.integers(0, 3)) == 3]
     inputs = {"doc": "int[n]", "w": "float[heads, n]", "u": "float[n]", "rpb": f"float[heads, {2 * n - 1}]",
               "g": "float[heads, n]"}
     inputs = {name: inputs.get(name, "") for name in chosen}
@@ -583,11 +607,11 @@ def cases(draw, triton: bool) -> Case:
         dim = draw(st.integers(1, n))
         params["off"] = draw(st.integers(-2, dim))
         inputs["rpb2"] = f"float[heads, {dim}]"
-    batch = 2 if draw(st.integers(0, 3 if triton else 1)) == 0 else 1
+    batch = 2 if draw(st.integers(0, 3 if triton else 1)) == 1 else 1
     ctx = Ctx(layout, sizes, axes, extents, n, heads, kv_heads, draw(st.sampled_from([8, 16])), batch, params,
               inputs)
     DRAW_CTX[0] = ctx
-    huge = draw(st.integers(0, 14)) == 0
+    huge = draw(st.integers(0, 14)) == 14
     for i in range(draw(st.integers(0, 2))):
         ctx.lets.append(g_let(draw, ctx, i))
     terms = []
@@ -611,7 +635,7 @@ def cases(draw, triton: bool) -> Case:
     lines.append("  mask " + " and ".join(mask_terms))
     if bias is not None:
         lines.append(f"  bias {bias.text}")
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 3:
         lines.append(f"  softcap {g_softcap(draw, ctx)}")
     if "g" in inputs:
         lines.append("  decay g")
@@ -632,7 +656,7 @@ def cases(draw, triton: bool) -> Case:
     batched = [name for name in inputs if ctx.batch > 1 and draw(st.booleans())]
     return Case("\n".join(lines) + "\n", given, layout, sizes, n, heads, kv_heads, ctx.head_dim, ctx.batch,
                 inputs, batched, q_tile, kv_tile, draw(st.integers(0, 2**31 - 1)),
-                "g" in inputs and draw(st.integers(0, 4)) == 0, huge)
+                "g" in inputs and draw(st.integers(0, 4)) == 4, huge)
 
 
 # ----------------------------------------------------------------- running a case
@@ -665,6 +689,12 @@ def make_tensors(case: Case) -> tuple[list[torch.Tensor], dict[str, torch.Tensor
     return qkv, inputs
 
 
+def require(ok: bool, message: str) -> None:
+    """assert, without pytest's rewriting of tensor expressions into the message."""
+    if not ok:
+        raise AssertionError(message)
+
+
 def tile_of(extents: tuple, tile: tuple) -> torch.Tensor:
     """Row-major tile index of every row-major token (edge tiles smaller)."""
     idx = torch.zeros(1, dtype=torch.int64)
@@ -676,11 +706,11 @@ def tile_of(extents: tuple, tile: tuple) -> torch.Tensor:
 def check_schedule(sched, mask: torch.Tensor) -> None:
     """Soundness of a TileSchedule against the exact mask ``[B, H, n, n]``: every allowed pair
     lies in a FULL or PARTIAL tile, and a FULL tile has no masked pair."""
-    assert sched is not None, "the backend recorded no schedule"
+    require(sched is not None, "the backend recorded no schedule")
     classes = sched.classes()  # [heads_stored, nq, nk]: 0 EMPTY, 1 PARTIAL, 2 FULL
     qt = tile_of(sched.q_extents, sched.q_tile)
     kt = tile_of(sched.kv_extents, sched.kv_tile)
-    assert len(qt) == mask.shape[-2] and len(kt) == mask.shape[-1], (sched.describe(), mask.shape)
+    require(len(qt) == mask.shape[-2] and len(kt) == mask.shape[-1], f"{sched.describe()} for a mask {mask.shape}")
     nq, nk = classes.shape[1:]
     q1 = torch.nn.functional.one_hot(qt, nq).double()
     k1 = torch.nn.functional.one_hot(kt, nk).double()
@@ -690,13 +720,13 @@ def check_schedule(sched, mask: torch.Tensor) -> None:
             cls = classes[h if classes.shape[0] > 1 else 0]
             counts = q1.T @ mask[b, h].double() @ k1
             missed = (counts > 0) & (cls == 0)
-            assert not missed.any(), (
+            require(not missed.any(), (
                 f"unsound schedule: {int(counts[missed].sum())} allowed pairs in EMPTY tiles "
-                f"(batch {b}, head {h}, tile pairs {missed.nonzero()[:4].tolist()}); {sched.describe()}")
+                f"(batch {b}, head {h}, tile pairs {missed.nonzero()[:4].tolist()}); {sched.describe()}"))
             wrong = (cls == 2) & (counts < area)
-            assert not wrong.any(), (
+            require(not wrong.any(), (
                 f"unsound schedule: FULL tile pairs hold {int((area - counts)[wrong].sum())} masked pairs "
-                f"(batch {b}, head {h}, tile pairs {wrong.nonzero()[:4].tolist()}); {sched.describe()}")
+                f"(batch {b}, head {h}, tile pairs {wrong.nonzero()[:4].tolist()}); {sched.describe()}"))
 
 
 def loss_weights(out: torch.Tensor, lse: torch.Tensor, seed: int):
@@ -720,11 +750,12 @@ def forward_backward(attn, qkv, inputs, weights=None):
 
 def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None:
     got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape, f"{name}: shape {list(got.shape)} != reference {list(want.shape)}"
-    assert not torch.isnan(want).any(), f"{name}: the reference gives NaN ({int(torch.isnan(want).sum())} entries)"
-    assert not torch.isnan(got).any(), f"{name}: NaN in {int(torch.isnan(got).sum())} of {got.numel()} entries"
+    require(got.shape == want.shape, f"{name}: shape {list(got.shape)} != reference {list(want.shape)}")
+    require(not torch.isnan(want).any(), f"{name}: the reference gives NaN ({int(torch.isnan(want).sum())} entries)")
+    require(not torch.isnan(got).any(), f"{name}: NaN in {int(torch.isnan(got).sum())} of {got.numel()} entries")
     inf = torch.isinf(want)
-    assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]), f"{name}: infinite entries differ"
+    require(torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], want[inf]),
+            f"{name}: infinite entries differ ({int((torch.isinf(got) != inf).sum())} entries)")
     err = (got - want).masked_fill(inf, 0.0).abs()
     scale = 1.0 + want.masked_fill(inf, 0.0).abs().max().item() if want.numel() else 1.0
     worst = err.max().item() if err.numel() else 0.0
@@ -845,7 +876,9 @@ def fuzz_settings(ci_examples: int):
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     if LOCAL_EXAMPLES:
         return settings(max_examples=LOCAL_EXAMPLES, derandomize=False, **kw)
-    return settings(max_examples=ci_examples, derandomize=True, **kw)
+    # CI: no shrinking (an example costs seconds under the interpreter); the failure message
+    # already holds the pattern and a reproducer, and derandomize replays the same examples
+    return settings(max_examples=ci_examples, derandomize=True, phases=(Phase.explicit, Phase.generate), **kw)
 
 
 def given(**kw):
@@ -858,13 +891,13 @@ def given(**kw):
     return wrap
 
 
-@fuzz_settings(ci_examples=30)
+@fuzz_settings(ci_examples=25)
 @given(case=cases(triton=False))
 def test_fuzz_cpu_float64(case):
     check(case, "cpu")
 
 
-@fuzz_settings(ci_examples=15)
+@fuzz_settings(ci_examples=8)
 @given(case=cases(triton=True))
 def test_fuzz_triton_float32(case):
     check(case, "triton")
@@ -877,7 +910,7 @@ def tile_shapes(draw, case: Case) -> list:
     return [(draw(shape), draw(shape)) for _ in range(3)]
 
 
-@fuzz_settings(ci_examples=40)
+@fuzz_settings(ci_examples=20)
 @given(case=cases(triton=False), data=st.data())
 def test_fuzz_tile_classification_intervals_only(case, data):
     check(case, "tiles", data.draw(tile_shapes(case)))
