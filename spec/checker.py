@@ -427,6 +427,8 @@ class Checker:
 
     def _implies_causal(self, mask: sympy.Basic) -> bool:
         """Whether some top-level conjunct of the mask is q - k >= c with c >= 0."""
+        if mask == sympy.false:  # `causal and q < 0` folds to false: no pair at all, so causal
+            return True
         conjuncts = mask.args if isinstance(mask, sympy.And) else (mask,)
         diff_qk = self.frame.q_flat - self.frame.k_flat
         for c in conjuncts:
