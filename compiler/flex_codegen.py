@@ -112,7 +112,7 @@ class FlexSource:
     """The generated module text and what its functions take."""
 
     text: str
-    mask_inputs: tuple[str, ...]  # input names, in the order of mask_mod's trailing arguments
+    mask_inputs: tuple[str, ...]  # input names, then "__sel", "__kb" (routing), for mask_mod
     score_inputs: tuple[str, ...]  # input names, then "__decay" for the prefix sums, for score_mod
     has_score_mod: bool
 
@@ -396,14 +396,7 @@ def _symbols(pat: ir.PatternIR) -> dict:
 
 
 def check_lowerable(pat: ir.PatternIR) -> None:
-    """Compile-time check: every construct of the mask and score terms has a Flex lowering.
-
-    Routing is refused: its per-query block selection depends on q and k at
-    call time (a BlockMask per call from ``runtime.routing``), not lowered yet."""
-    if pat.route is not None:
-        raise SpecError(f"'{pat.name}' routes queries to key blocks (route topk): routing is not lowered to "
-                        "FlexAttention yet", where="argument backend",
-                        hint="use backend='cpu', 'triton' or 'reference' for routing patterns")
+    """Compile-time check: every construct of the mask and score terms has a Flex lowering."""
     inputs = {d.name: (f"IN{i}", tuple(10**9 for _ in d.dims), d.dtype, False) for i, d in enumerate(pat.inputs)}
     printer = FlexPrinter(_symbols(pat), inputs, strict=False)
     for expr in (pat.mask, pat.bias, pat.softcap):
@@ -439,9 +432,16 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     allowed = f"({mask_text})" if mask_text not in ("True", "False") else f"(qi >= 0) & {mask_text}"
     if k_map.padded:
         allowed += " & k_ok"
+    route_lines = []
+    if pat.route is not None:
+        # routing: SEL[b, h, q, block] is this call's selection, KB[k] the block of key k (runtime.routing)
+        mask_args += ["SEL", "KB"]
+        route_lines = ["# routing: only the key blocks this query selected",
+                       f"chosen = SEL[b, h, torch.clamp(q, 0, {bound.n - 1}), KB[torch.clamp(k, 0, {bound.nk - 1})]]"]
+        allowed += " & chosen"
     mask_fn = ["def mask_mod(" + ", ".join(["b", "h", "q_idx", "kv_idx", *mask_args]) + "):",
                '    """True where query q may attend key k (head h, batch element b)."""',
-               *("    " + ln for ln in prologue()), f"    return {allowed}"]
+               *("    " + ln for ln in prologue()), *("    " + ln for ln in route_lines), f"    return {allowed}"]
     parts = [_header(pat, bound, q_map, k_map),
              "\n\n".join(HELPERS[n].strip("\n") for n in HELPERS if n in helpers), "\n".join(mask_fn)]
     score_args = [inputs[n][0] for n in score_printer.used_inputs]
@@ -466,7 +466,8 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
                                 *("    " + ln for ln in body)]))
     text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
     score_names = tuple(score_printer.used_inputs) + (("__decay",) if pat.decay is not None else ())
-    return FlexSource(text, tuple(mask_printer.used_inputs), score_names, has_score)
+    mask_names = tuple(mask_printer.used_inputs) + (("__sel", "__kb") if pat.route is not None else ())
+    return FlexSource(text, mask_names, score_names, has_score)
 
 
 def _is_tensor(e: sympy.Basic) -> bool:

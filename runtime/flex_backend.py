@@ -29,8 +29,11 @@ Which Flex implementation runs (torch 2.13):
   while the op's own autograd formula (dense) is correct, including the
   gradients of captured tensors (bias inputs, FoX gates).
 
-Refused at compile time (``SpecError``): routing (``route topk``; not lowered
-yet) and recurrences (no softmax).
+Routing (``route topk``): per call, ``runtime.routing`` selects the key blocks
+of each query (as the CPU backend does, over the static schedule's tiles); the
+BlockMask then has one list per (batch element, head) and the mask_mod reads
+the selection from captured tensors. Refused at compile time (``SpecError``):
+recurrences (no softmax to lower).
 """
 
 from __future__ import annotations
@@ -141,20 +144,23 @@ def demote_padded(sched: TileSchedule, k_map: TokenMap) -> TileSchedule:
                                    sched.density_exact)
 
 
-def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device):
+def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1):
     """Flex's BlockMask from attnc's tile lists: PARTIAL lists as ``kv_indices``,
-    FULL lists as ``full_kv_indices`` (broadcast over the batch; over heads when
-    the mask does not depend on the head)."""
+    FULL lists as ``full_kv_indices``; broadcast over the batch (``batch`` 1) and
+    over heads when the mask does not depend on the head. Routed schedules hold
+    one list class per (batch element, head): ``batch`` > 1 splits them."""
     from torch.nn.attention.flex_attention import BlockMask
 
     nk = sched.num_kv_tiles
+    classes = sched.heads_stored
 
     def dense_width(count, index):
         # Flex reads the last dimension of the indices as the number of KV blocks
         out = torch.zeros(*index.shape[:2], nk, dtype=torch.int32)
         w = index.shape[-1]
         out[..., :w] = index.clamp(min=0)
-        return count.to(torch.int32)[None].to(device), out[None].to(device)
+        shape = (batch, classes // batch)
+        return count.to(torch.int32).view(*shape, -1).to(device), out.view(*shape, *out.shape[1:]).to(device)
 
     kv_num, kv_idx = dense_width(sched.partial_count, sched.partial_index)
     full_num, full_idx = dense_width(sched.full_count, sched.full_index)
@@ -175,6 +181,8 @@ class FlexRunner:
         self.plans: dict = {}
         self.last: FlexPlan | None = None
         self.last_path: str | None = None
+        self.last_routed: TileSchedule | None = None  # routing: the latest call's per (batch, head) lists
+        self.last_block_mask = None
         self._dynamic_last: tuple | None = None
 
     # ------------------------------------------------------------ planning
@@ -253,6 +261,16 @@ class FlexRunner:
             self._dynamic_last = (key, cpu_used, plan)
         return plan
 
+    def _route(self, plan: FlexPlan, q, k, tensors: dict, batched: frozenset):
+        """The routed lists and selection of this call (``runtime.routing``, as the CPU backend),
+        over the static schedule's tiles (never N x N)."""
+        from . import executor, routing
+
+        if "exec_plan" not in plan.namespace:
+            plan.namespace["exec_plan"] = executor.Plan.build(self.pattern, plan.bound, plan.schedule)
+        cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+        return routing.route_plan(plan.namespace["exec_plan"], q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
+
     # ------------------------------------------------------------ running
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
         pat = self.pattern
@@ -261,13 +279,18 @@ class FlexRunner:
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         plan = self.plan(bound, tensors, batched)
         dev = q.device
-        mask_bufs = tuple(tensors[n].to(dev) for n in plan.source.mask_inputs)
-        score_bufs = []
-        for n in plan.source.score_inputs:
-            if n == "__decay":
-                score_bufs.append(_prefix_sums(tensors[pat.decay].to(dev), q.dtype))
-            else:
-                score_bufs.append(tensors[n].to(dev))
+        names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
+        mask_bufs = tuple(tensors[n].to(dev) for n in names)
+        sched, per_batch = plan.schedule, False
+        if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
+            routed = self._route(plan, q, k, tensors, batched)
+            sched, per_batch = routed.schedule, True
+            mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
+            self.last_routed = sched
+        names = plan.source.score_inputs[:-1] if pat.decay is not None else plan.source.score_inputs  # then DC
+        score_bufs = [tensors[n].to(dev) for n in names]
+        if pat.decay is not None:
+            score_bufs.append(_prefix_sums(tensors[pat.decay].to(dev), q.dtype))
         score_bufs = tuple(score_bufs)
         qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
         qp = q if qo.token is None else q.index_select(2, qo.token)
@@ -276,14 +299,17 @@ class FlexRunner:
         ns = plan.namespace
         mask_mod = _bind(ns["mask_mod"], mask_bufs)
         score_mod = _bind_score(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
-        static = not plan.source.mask_inputs
-        bm = plan.block_masks.get(dev) if static else None
-        if bm is None:
-            bm = block_mask_of(plan.schedule, mask_mod, plan.q_map.length, plan.k_map.length, dev)
-            if static:
+        bm = None if per_batch else plan.block_masks.get(dev)
+        if bm is None:  # a plan holds one BlockMask (a data-dependent mask: one plan per distinct inputs)
+            bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1)
+            if not per_batch:
                 plan.block_masks[dev] = bm
         bm.mask_mod = mask_mod  # this call's captured tensors
+        self.last_block_mask = bm
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *mask_bufs, *score_bufs))
+        if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
+            qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
+            score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
         dense_cpu = dev.type == "cpu" and (not self.compiled or grad or need_lse or q.dtype == torch.float64)
         gqa = Hq != k.shape[1]
         if dense_cpu:

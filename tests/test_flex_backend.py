@@ -53,17 +53,34 @@ def compare(spec, q, k, v, inputs=None, grad_inputs=(), sizes=None, q_tile=None,
     loss2 = (o2 * g).sum() + (l2[finite] * 0.3).sum()
     for a, b in zip(torch.autograd.grad(loss1, wrt), torch.autograd.grad(loss2, wrt), strict=True):
         torch.testing.assert_close(b, a, **TIGHT)
-    check_block_mask(fx, spec, sizes, inputs, params, q.shape[2], k.shape[2], q.shape[1])
+    check_block_mask(fx, exact_mask(spec, sizes, inputs, params, q, k))
     return fx
 
 
-def check_block_mask(fx, spec, sizes, inputs, params, n, nk, heads):
-    """The BlockMask Flex's fused kernel would read agrees with the exact mask."""
-    plan = fx.flex.last
+def exact_mask(spec, sizes, inputs, params, q, k):
+    """The exact mask ``[B | 1, H, Nq, Nk]`` from attnc's evaluator; routing applied (``routing.select_blocks``)."""
+    from attnc.compiler import evaluate as E
+    from attnc.runtime import routing
+
+    n, nk, heads = q.shape[2], k.shape[2], q.shape[1]
     mask = attnc.materialize_mask(spec, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes,
                                   inputs=inputs or None, **params)
-    # batched inputs: the lists serve every batch element (listed if any needs it, FULL if all allow it)
-    mask_any, mask_all = (mask.any(0), mask.all(0)) if mask.dim() == 4 else (mask, mask)
+    mask = mask if mask.dim() == 4 else mask[None]
+    pat = attnc.load(spec, **params)
+    if pat.route is not None:
+        bound = E.bind_sizes(pat, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes)
+        mask = routing.select_blocks(pat, bound, q.detach(), k.detach(), mask, inputs)
+    return mask
+
+
+def check_block_mask(fx, mask):
+    """The BlockMask of the latest call (what Flex's fused kernel reads besides the mask_mod) agrees
+    with the exact mask: every allowed pair lies in a listed block, no FULL block holds a masked pair."""
+    plan, bm = fx.flex.last, fx.flex.last_block_mask
+    Bm, Hm = bm.kv_num_blocks.shape[:2]
+    # lists broadcast over the batch serve every element: listed if any needs it, FULL if all allow it
+    mask_any, mask_all = (mask.any(0, keepdim=True), mask.all(0, keepdim=True)) if Bm == 1 else (mask, mask)
+    C, H = mask_any.shape[:2]
     Lq, Lk = plan.q_map.length, plan.k_map.length
     qo, ko = plan.q_order, plan.k_order
     q_tok = torch.arange(Lq) if qo.token is None else qo.token
@@ -72,25 +89,25 @@ def check_block_mask(fx, spec, sizes, inputs, params, n, nk, heads):
         0, qo.position, True)
     k_valid = torch.ones(Lk, dtype=torch.bool) if ko.position is None else torch.zeros(Lk, dtype=torch.bool).index_fill(
         0, ko.position, True)
-    any_pos = mask_any[:, q_tok][:, :, k_tok] & q_valid[:, None] & k_valid[None, :]
-    all_pos = mask_all[:, q_tok][:, :, k_tok] & k_valid[None, :]
+    any_pos = mask_any[:, :, q_tok][:, :, :, k_tok] & q_valid[:, None] & k_valid[None, :]
+    all_pos = mask_all[:, :, q_tok][:, :, :, k_tok] & k_valid[None, :]
     bq, bk = plan.block_size
     nqb, nkb = -(-Lq // bq), -(-Lk // bk)
-    pad_any = torch.zeros(heads, nqb * bq, nkb * bk, dtype=torch.bool)
-    pad_any[:, :Lq, :Lk] = any_pos
-    pad_all = torch.ones(heads, nqb * bq, nkb * bk, dtype=torch.bool)
-    pad_all[:, :Lq, :Lk] = all_pos | ~q_valid[:, None]
+    pad_any = torch.zeros(C, H, nqb * bq, nkb * bk, dtype=torch.bool)
+    pad_any[:, :, :Lq, :Lk] = any_pos
     # beyond Lq / Lk: outside the sequences (Flex bounds them itself); padded slots inside are real positions
-    blocks_any = pad_any.view(heads, nqb, bq, nkb, bk).any(4).any(2)
-    blocks_all = pad_all.view(heads, nqb, bq, nkb, bk).all(4).all(2)
-    bm = _block_mask(plan)
+    pad_all = torch.ones(C, H, nqb * bq, nkb * bk, dtype=torch.bool)
+    pad_all[:, :, :Lq, :Lk] = all_pos | ~q_valid[:, None]
+    blocks_any = pad_any.view(C, H, nqb, bq, nkb, bk).any(5).any(3)
+    blocks_all = pad_all.view(C, H, nqb, bq, nkb, bk).all(5).all(3)
 
     def dense(num, idx):
-        out = torch.zeros(num.shape[1], nqb, nkb, dtype=torch.bool)
-        for h in range(num.shape[1]):
-            for r in range(nqb):
-                out[h, r, idx[0, h, r, : num[0, h, r]].long()] = True
-        return out.expand(heads, nqb, nkb)
+        out = torch.zeros(Bm, Hm, nqb, nkb, dtype=torch.bool)
+        for b in range(Bm):
+            for h in range(Hm):
+                for r in range(nqb):
+                    out[b, h, r, idx[b, h, r, : num[b, h, r]].long()] = True
+        return out.expand(C, H, nqb, nkb)
 
     partial = dense(bm.kv_num_blocks, bm.kv_indices)
     full = dense(bm.full_kv_num_blocks, bm.full_kv_indices)
@@ -98,16 +115,6 @@ def check_block_mask(fx, spec, sizes, inputs, params, n, nk, heads):
     assert not (blocks_any & ~(partial | full)).any(), "an allowed pair lies in an unlisted block"
     assert not (full & ~blocks_all).any(), "a FULL block holds a masked pair"
     assert bm.BLOCK_SIZE == (bq, bk) and bm.seq_lengths == (Lq, Lk)
-
-
-def _block_mask(plan):
-    return next(iter(plan.block_masks.values())) if plan.block_masks else _rebuild(plan)
-
-
-def _rebuild(plan):
-    from attnc.runtime.flex_backend import block_mask_of
-
-    return block_mask_of(plan.schedule, None, plan.q_map.length, plan.k_map.length, torch.device("cpu"))
 
 
 # ================================================================ 1-D stdlib patterns
@@ -272,11 +279,22 @@ def test_source_is_generated_not_copied():
 
 
 # ================================================================ refusals
-@pytest.mark.parametrize("name", ["moba", "biformer"])
-def test_routing_is_refused_at_compile_time(name):
-    with pytest.raises(SpecError, match="routing is not lowered to FlexAttention") as err:
-        attnc.compile_attention(f"stdlib:{name}", backend="flex")
-    assert err.value.where == "argument backend"
+# ================================================================ routing
+@pytest.mark.parametrize("B,H,Hkv,N,block,topk,tiles", [(2, 2, 2, 32, 4, 3, (8, 4)), (1, 4, 2, 30, 5, 2, (16, 8))])
+def test_moba_routing(B, H, Hkv, N, block, topk, tiles):
+    q, k, v = qkv(B, H, Hkv, N, 8, seed=N + topk)
+    fx = compare("stdlib:moba", q, k, v, block=block, topk=topk, q_tile=tiles[0], kv_tile=tiles[1])
+    routed = fx.flex.last_routed
+    assert routed.heads_stored == B * H  # lists per (batch element, head)
+    # the routed lists drop blocks the static schedule visits
+    assert routed.visited < fx.flex.last.schedule.visited * B * (H if fx.flex.last.schedule.heads_stored == 1 else 1)
+
+
+@pytest.mark.parametrize("tiles", [((2, 4), (2, 2)), (None, None)])
+def test_biformer_routing(tiles):
+    q, k, v = qkv(2, 2, 2, 48, 8, seed=15)
+    compare("stdlib:biformer", q, k, v, sizes={"height": 6, "width": 8}, region=2, topk=3, q_tile=tiles[0],
+            kv_tile=tiles[1])
 
 
 @pytest.mark.parametrize("name", ["retention", "gla"])
@@ -328,7 +346,7 @@ def test_fused_kernel_compiled_fullgraph():
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for new input values
 
 
-def test_runner_refuses_routing_directly():
-    pat = attnc.load("stdlib:moba")
+def test_runner_refuses_recurrence_patterns_only():
+    FlexRunner(attnc.load("stdlib:moba"))  # routing is lowered
     with pytest.raises(SpecError):
-        FlexRunner(pat)
+        attnc.compile_attention("stdlib:mamba2", backend="flex")
