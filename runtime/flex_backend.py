@@ -113,6 +113,16 @@ class FlexPlan:
         return (math.prod(self.schedule.q_tile), math.prod(self.schedule.kv_tile))
 
 
+def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
+    """Box tiles that are already Flex blocks in the row-major order: each tile a run of
+    exactly prod(tile) tokens (only the last one may be shorter). Otherwise: tile-major order."""
+    if not contiguous(tile, extents):
+        return False
+    tm = TokenMap(extents, tile)
+    order = Order.of(tm).token
+    return not tm.padded and torch.equal(order, torch.arange(order.numel()))
+
+
 def _bind(fn, buffers: tuple):
     """A mask_mod with its captured tensors (one code object for every plan: no recompiles)."""
     def mask_mod(b, h, q_idx, kv_idx):
@@ -242,8 +252,8 @@ class FlexRunner:
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         boxes = not flat and len(q_tile) > 1
-        q_map = TokenMap(q_ext, q_tile if boxes and not contiguous(q_tile, q_ext) else None)
-        k_map = TokenMap(kv_ext, kv_tile if boxes and not contiguous(kv_tile, kv_ext) else None)
+        q_map = TokenMap(q_ext, q_tile if boxes and not _row_major_blocks(q_tile, q_ext) else None)
+        k_map = TokenMap(kv_ext, kv_tile if boxes and not _row_major_blocks(kv_tile, kv_ext) else None)
         sched = demote_padded(sched, k_map)
         if used and key in self.plans and self.plans[key].q_map == q_map and self.plans[key].k_map == k_map:
             old = self.plans[key]
