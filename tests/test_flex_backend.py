@@ -350,3 +350,15 @@ def test_runner_refuses_recurrence_patterns_only():
     FlexRunner(attnc.load("stdlib:moba"))  # routing is lowered
     with pytest.raises(SpecError):
         attnc.compile_attention("stdlib:mamba2", backend="flex")
+
+
+def test_plan_and_block_mask_are_cached_per_shapes():
+    fx = flex_module("stdlib:sliding_window", window=6)
+    q, k, v = (t.detach() for t in qkv(1, 2, 2, 40, 4, seed=16))
+    fx(q, k, v)
+    plan, bm = fx.flex.last, fx.flex.last_block_mask
+    fx(q * 2, k, v)
+    assert fx.flex.last is plan and fx.flex.last_block_mask is bm
+    q2, k2, v2 = (t.detach() for t in qkv(1, 2, 2, 48, 4, seed=17))
+    fx(q2, k2, v2)  # new shapes: a new plan
+    assert fx.flex.last is not plan and len(fx.flex.plans) == 2
