@@ -20,10 +20,11 @@ Which Flex implementation runs (torch 2.13):
   per pattern and shape bucket (one compiled function per plan, so a new call
   with the same shapes does not recompile; new inputs, a new BlockMask of a
   data-dependent mask and new closure tensors do not recompile either). On CPU
-  Flex's fused kernel is inference only: no lse, no backward, no float64;
+  Flex's fused kernel is inference only: no lse, no backward, no float64, and
+  it needs equal Q and KV block sizes (``_fused_ok``);
 - Flex's dense implementation (its eager path: the scores materialised,
-  O(N^2) memory) otherwise: CPU calls that need gradients, the lse or float64,
-  and every call with ``runner.compiled = False``. On CPU it is called at the
+  O(N^2) memory) otherwise: CPU calls that need gradients, the lse, float64 or
+  unequal block sizes, and every call with ``runner.compiled = False``. On CPU it is called at the
   level of Flex's higher-order op with the captured tensors as explicit
   operands, because ``flex_attention`` refuses CPU tensors that require grad
   while the op's own autograd formula (dense) is correct, including the
@@ -219,7 +220,8 @@ class FlexRunner:
                 cands = [(s, s if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0], False)
                          for s in q_shapes]
             else:
-                cands = [((min(tokens, bound.n),), (min(tokens, bound.nk),), grid)]
+                t = min(tokens, bound.n, bound.nk)  # equal Q and KV blocks (see _fused_ok)
+                cands = [((t,), (t,), grid)]
             for qs, ks, flat in cands:
                 cost = _cost(self._classify(bound, qs, ks, flat, tensors))
                 if best is None or cost < best[0]:
@@ -320,7 +322,7 @@ class FlexRunner:
         if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
             qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
             score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
-        dense_cpu = dev.type == "cpu" and (not self.compiled or grad or need_lse or q.dtype == torch.float64)
+        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse))
         gqa = Hq != k.shape[1]
         if dense_cpu:
             self.last_path = "dense"
@@ -339,6 +341,14 @@ class FlexRunner:
             out = out.index_select(2, qo.position)
             lse = lse.index_select(2, qo.position) if lse is not None else None
         return out, lse
+
+
+def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
+    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: inference only, no lse,
+    fp32/bf16/fp16, and equal Q and KV block sizes (measured: with a KV block smaller than
+    the Q block its results are wrong, e.g. (16, 8) on a causal band; the dense path is exact)."""
+    bq, bk = plan.block_size
+    return not grad and not need_lse and dtype != torch.float64 and bq == bk
 
 
 def _module_globals(namespace: dict) -> dict:

@@ -330,7 +330,7 @@ def test_fused_kernel_compiled_fullgraph():
   bias w[h] * abs(q.x - k.x)
 """
     sizes = {"height": 6, "width": 10}
-    attn = attnc.compile_attention(spec, backend="flex", sizes=sizes, q_tile=(4, 4), kv_tile=(2, 4))
+    attn = attnc.compile_attention(spec, backend="flex", sizes=sizes, q_tile=(4, 4), kv_tile=(4, 4))
     ref = attnc.compile_attention(spec, backend="reference", sizes=sizes)
     g = torch.Generator().manual_seed(14)
     q, k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in range(3))
@@ -344,6 +344,11 @@ def test_fused_kernel_compiled_fullgraph():
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for new input values
+    assert attn.flex.last.q_map.padded and attn.flex.last.k_map.padded
+    # unequal Q and KV blocks: Flex's fused CPU kernel is wrong there (torch 2.13), the dense path serves
+    unequal = attnc.compile_attention(spec, backend="flex", sizes=sizes, q_tile=(4, 4), kv_tile=(2, 4))
+    torch.testing.assert_close(unequal(q, k, v, w=w), ref(q, k, v, w=w), rtol=1e-5, atol=1e-5)
+    assert unequal.flex.last_path == "dense"
 
 
 def test_runner_refuses_recurrence_patterns_only():
