@@ -13,7 +13,9 @@ For each case:
   ``block_mask_of``) vs ``create_block_mask`` on a hand-written mask_mod;
 - first call: attnc's first call (plan + torch.compile + run) vs
   ``create_block_mask`` + the first call of ``torch.compile(flex_attention)``,
-  each with a fresh inductor cache (a temporary ``TORCHINDUCTOR_CACHE_DIR``);
+  each with a fresh inductor cache (a temporary ``TORCHINDUCTOR_CACHE_DIR``),
+  after warm-ups that take one-off initialisations (inductor, vmap, sympy)
+  out of both;
 - forward: attnc flex, Flex (create_block_mask, default 128x128 blocks) and
   attnc's CPU executor, interleaved, the median of ``--repeats`` after one warm-up.
 Outputs are checked against each other (max abs difference printed).
@@ -78,6 +80,12 @@ def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
 
     q, k, v = qkv(H, N, D)
     rows = {"case": label}
+    # one-off initialisations (inductor, vmap, sympy) out of the timings of whichever comes first
+    torch.compile(lambda x: x * 2 + 1, fullgraph=True)(torch.ones(4))
+    create_block_mask(mask_mod, 1, 1, 256, 256, device="cpu")
+    warm = attnc.load(spec, **params)
+    FlexRunner(warm).plan(E.bind_sizes(warm, n=256 if sizes is None else None, heads=1,
+                                       sizes={a: 16 for a in sizes} if sizes else None, dk=D), {}, frozenset())
     # ---- planning: attnc's analysis + BlockMask vs create_block_mask
     pat = attnc.load(spec, **params)
     bound = E.bind_sizes(pat, n=N, heads=H, sizes=sizes, dk=D)
