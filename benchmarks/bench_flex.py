@@ -97,7 +97,9 @@ def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
     t = time.perf_counter()
     create_block_mask(mask_mod, 1, 1, N, N, device="cpu")
     rows["create_block_mask (s)"] = time.perf_counter() - t
-    rows["attnc blocks"] = f"{plan.block_size}, {plan.schedule.full} FULL + {plan.schedule.partial} PARTIAL"
+    per_class = (f"{int(plan.schedule.full_count.sum())} FULL + {int(plan.schedule.partial_count.sum())} PARTIAL"
+                 f" per head class ({plan.schedule.heads_stored} class(es))")
+    rows["attnc blocks"] = f"{plan.block_size}, {per_class}"
     # ---- first calls
     attn = attnc.compile_attention(spec, backend="flex", sizes=sizes, **params)
     t = time.perf_counter()
@@ -115,7 +117,8 @@ def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
         out_c = cpu(q, k, v)
     rows["max |attnc flex - Flex|"] = float((out_a - out_f).abs().max())
     rows["max |attnc cpu - Flex|"] = float((out_c - out_f).abs().max())
-    rows["Flex blocks"] = f"{bm.BLOCK_SIZE}, {int(bm.full_kv_num_blocks.sum())} FULL + {int(bm.kv_num_blocks.sum())} PARTIAL"
+    rows["Flex blocks"] = (f"{bm.BLOCK_SIZE}, {int(bm.full_kv_num_blocks.sum())} FULL + {int(bm.kv_num_blocks.sum())} "
+                           "PARTIAL (one class)")
     # ---- forward, interleaved
     fns = {"attnc flex": lambda: attn(q, k, v), "Flex": lambda: compiled_flex(q, k, v, block_mask=bm),
            "attnc cpu": lambda: cpu(q, k, v)}

@@ -197,8 +197,9 @@ class FlexRunner:
         self._dynamic_last: tuple | None = None
 
     # ------------------------------------------------------------ planning
-    def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool]:
-        """(Q tile, KV tile, flat) with the least modelled Flex work; ``flat``: 1-D tiles on a grid."""
+    def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
+        """(Q tile, KV tile, flat, its schedule or None) with the least modelled Flex work;
+        ``flat``: 1-D tiles on a grid."""
         pat = self.pattern
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
@@ -211,8 +212,8 @@ class FlexRunner:
             flat = grid and (not boxes or all(isinstance(t, tuple | list) and len(t) == 1 for t in as_tuple))
             if flat:
                 return (check_tile("q_tile", as_tuple[0], (bound.n,)), check_tile("kv_tile", as_tuple[1], (bound.nk,)),
-                        True)
-            return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False
+                        True, None)
+            return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False, None
         best = None
         for tokens in FLEX_TILE_TOKENS:
             if boxes:
@@ -223,10 +224,11 @@ class FlexRunner:
                 t = min(tokens, bound.n, bound.nk)  # equal Q and KV blocks (see _fused_ok)
                 cands = [((t,), (t,), grid)]
             for qs, ks, flat in cands:
-                cost = _cost(self._classify(bound, qs, ks, flat, tensors))
+                sched = self._classify(bound, qs, ks, flat, tensors)
+                cost = _cost(sched)
                 if best is None or cost < best[0]:
-                    best = (cost, qs, ks, flat)
-        return best[1], best[2], best[3]
+                    best = (cost, qs, ks, flat, sched)
+        return best[1:]
 
     def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict) -> TileSchedule:
         pat, b = (flat_view(self.pattern, bound) if flat else (self.pattern, bound))
@@ -247,10 +249,11 @@ class FlexRunner:
         cpu_used = {n: t.detach().cpu() for n, t in used.items()}
         if used and key in self.plans:  # data-dependent: keep the tiles, reclassify for these inputs
             old = self.plans[key]
-            q_tile, kv_tile, flat = old.schedule.q_tile, old.schedule.kv_tile, old.flat
+            q_tile, kv_tile, flat, sched = old.schedule.q_tile, old.schedule.kv_tile, old.flat, None
         else:
-            q_tile, kv_tile, flat = self._tiles(bound, cpu_used)
-        sched = self._classify(bound, q_tile, kv_tile, flat, cpu_used)
+            q_tile, kv_tile, flat, sched = self._tiles(bound, cpu_used)
+        if sched is None:
+            sched = self._classify(bound, q_tile, kv_tile, flat, cpu_used)
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         boxes = not flat and len(q_tile) > 1
