@@ -367,3 +367,22 @@ def test_plan_and_block_mask_are_cached_per_shapes():
     q2, k2, v2 = (t.detach() for t in qkv(1, 2, 2, 48, 4, seed=17))
     fx(q2, k2, v2)  # new shapes: a new plan
     assert fx.flex.last is not plan and len(fx.flex.plans) == 2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_low_precision_inputs(dtype, tol):
+    """fp32 and bf16 inputs: out in the input dtype, lse in fp32, as the reference (fp32 compute)."""
+    B, H, n = 2, 2, 21
+    q, k, v = (t.detach().to(dtype).requires_grad_() for t in qkv(B, H, H, n, 8, seed=18))
+    gates = torch.nn.functional.logsigmoid(torch.randn(H, n, generator=torch.Generator().manual_seed(19)))
+    ref = attnc.compile_attention("stdlib:forgetting", backend="reference")
+    fx = flex_module("stdlib:forgetting", q_tile=8, kv_tile=8)
+    o1, l1 = ref(q, k, v, return_lse=True, g=gates)
+    o2, l2 = fx(q, k, v, return_lse=True, g=gates)
+    assert o2.dtype == dtype and l2.dtype == torch.float32
+    torch.testing.assert_close(o2, o1, rtol=tol, atol=tol)
+    torch.testing.assert_close(l2, l1, rtol=tol, atol=tol)
+    g1 = torch.autograd.grad(o1.float().sum(), (q, k, v))
+    g2 = torch.autograd.grad(o2.float().sum(), (q, k, v))
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
