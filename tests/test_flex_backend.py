@@ -151,11 +151,17 @@ def test_document_data_dependent_mask(batched):
     doc = torch.sort(torch.randint(0, 4, (2, n) if batched else (n,), generator=g), dim=-1).values
     q, k, v = qkv(2, 2, 2, n, 8, seed=4)
     fx = compare("stdlib:document", q, k, v, {"doc": doc}, q_tile=8, kv_tile=4)
-    # new ids: new block lists, same generated mods
+    # new ids on the same module: new block lists, the same generated mods; equal ids: the same plan
     doc2 = torch.sort(torch.randint(0, 2, (2, n) if batched else (n,), generator=g), dim=-1).values
     before = fx.flex.last
-    compare("stdlib:document", q, k, v, {"doc": doc2}, q_tile=8, kv_tile=4)
-    assert before is not None
+    out = fx(q, k, v, doc=doc2)
+    torch.testing.assert_close(out, attnc.compile_attention("stdlib:document", backend="reference")(q, k, v, doc=doc2),
+                               **TIGHT)
+    after = fx.flex.last
+    assert after is not before and after.source is before.source
+    check_block_mask(fx, exact_mask("stdlib:document", None, {"doc": doc2}, {}, q, k))
+    fx(q, k, v, doc=doc2.clone())
+    assert fx.flex.last is after
 
 
 def test_longformer_global_tokens():
