@@ -17,7 +17,7 @@ from . import custom_op, reference
 from .cpu_backend import CpuRunner, describe_plan
 from .recurrence import check_state
 
-BACKENDS = ("auto", "cpu", "reference", "triton")
+BACKENDS = ("auto", "cpu", "reference", "triton", "flex")
 
 Pattern = ir.PatternIR | ir.RecurrenceIR
 
@@ -97,6 +97,11 @@ class Attention(torch.nn.Module):
         if backend == "cpu" and isinstance(pattern, ir.PatternIR):
             self._runner = CpuRunner(pattern, q_tile, kv_tile)
             self._runner_key = custom_op.register(self._runner)
+        self.flex = None  # backend="flex": the FlexAttention lowering (runtime.flex_backend)
+        if backend == "flex":
+            from .flex_backend import FlexRunner
+
+            self.flex = FlexRunner(pattern, q_tile, kv_tile)
         # softmax on Triton: backend="triton" (CUDA natively, CPU tensors under the interpreter),
         # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
         self._tiles = (q_tile, kv_tile)
@@ -120,6 +125,8 @@ class Attention(torch.nn.Module):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
         if self._triton is not None and self._triton.last_plan is not None:
             return self._triton.last_plan.schedule
+        if self.flex is not None:
+            return None if self.flex.last is None else self.flex.last.schedule
         return None if self._runner is None or self._runner.last is None else self._runner.last.schedule
 
     def report(self, hardware="h100", **kwargs):
@@ -135,6 +142,10 @@ class Attention(torch.nn.Module):
     def source(self) -> str:
         """What runs: the CPU backend's tile plan, or the reference's dense computation."""
         p = self.pattern
+        if self.flex is not None:
+            from .flex_backend import describe
+
+            return describe(self.flex, p)
         if isinstance(p, ir.PatternIR) and (self.backend == "triton" or self._triton is not None):
             from .triton_backend import describe_source
 
@@ -235,7 +246,9 @@ class Attention(torch.nn.Module):
         Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
         _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
                     item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
-        if self.backend == "triton" or (self.auto and q.is_cuda):
+        if self.flex is not None:
+            out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
+        elif self.backend == "triton" or (self.auto and q.is_cuda):
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
@@ -370,7 +383,9 @@ def compile_attention(
     ``backend``: ``"cpu"`` runs the tile executor (only the KV tiles each Q
     tile needs; forward and backward); ``"reference"`` is the exact dense
     implementation; ``"triton"`` runs generated Triton kernels (natively on
-    CUDA tensors, under the Triton interpreter on CPU tensors); ``"auto"``
+    CUDA tensors, under the Triton interpreter on CPU tensors); ``"flex"``
+    lowers the pattern to PyTorch's FlexAttention (``runtime.flex_backend``);
+    ``"auto"``
     picks Triton on CUDA tensors and the CPU executor otherwise.
     ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
     grid one extent per axis (a box) or one int (flat tiles of the row-major token
@@ -394,13 +409,17 @@ def compile_attention(
     if isinstance(pat, ir.RecurrenceIR):
         from . import recurrence
 
+        if backend == "flex":
+            from .flex_backend import refuse_recurrence
+
+            refuse_recurrence(pat)
         if kv_tile is not None:
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
         chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
         return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
-    chosen = backend if backend in ("reference", "triton") else "cpu"
+    chosen = backend if backend in ("reference", "triton", "flex") else "cpu"
     attn = Attention(pat, chosen, sizes, q_tile, kv_tile)
     attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
     return attn

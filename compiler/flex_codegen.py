@@ -1,0 +1,492 @@
+"""Code generation for FlexAttention: ``mask_mod`` and ``score_mod`` as Python
+source over torch operations, from the IR.
+
+The same guarantees as the Triton generator (``compiler.codegen``), with the
+evaluator's semantics (``compiler.evaluate``): int64 integers, floored ``//``
+and ``%`` (torch's ``//`` and ``%`` on integer tensors floor like Python's;
+``x // 0 == 0`` and ``x % 0 == x`` through helpers where a divisor may be 0),
+float arithmetic in float64, exact rational combinations of integers divided
+once, NATTEN windows inline, bit operations, input loads with clamped indices.
+Symbols and inputs are printed under fixed internal names (``q``, ``k``,
+``h``, ``b``, ``q_c0``, ``IN0``...): no text of the spec becomes code, and
+sizes and parameters are literals.
+
+FlexAttention passes its own positions (``q_idx``, ``kv_idx``). A ``TokenMap``
+says how such a position becomes a token: the identity (``seq`` layouts and
+flat tiles of a grid: the row-major order), or tile-major order (box tiles of
+a grid: Flex block ``t`` is attnc tile ``t``, its slots row-major inside the
+box; the runtime permutes q, k and v into that order and the output back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+
+from ..spec.errors import SpecError
+from . import evaluate as E
+from . import ir
+from . import symbols as S
+
+F64 = "torch.float64"
+
+#: name -> source of each helper the printer may call (emitted in this order when used).
+HELPERS: dict[str, str] = {
+    "_floordiv": '''
+def _floordiv(a, b):
+    """Floored integer division (Python's //); a // 0 == 0."""
+    safe = torch.where(b == 0, 1, b)
+    return torch.where(b == 0, 0, a // safe)
+''',
+    "_mod": '''
+def _mod(a, b):
+    """Floored integer modulo (Python's %, the sign of b); a % 0 == a."""
+    safe = torch.where(b == 0, 1, b)
+    return torch.where(b == 0, a, a % safe)
+''',
+    "_bit_length": '''
+def _bit_length(x):
+    """Python's int.bit_length of |x|."""
+    y = abs(x)
+    out = y * 0
+    for s in (32, 16, 8, 4, 2, 1):
+        big = y >= (1 << s)
+        out = out + big * s
+        y = torch.where(big, y >> s, y)
+    return out + (y > 0)
+''',
+    "_window": '''
+def _window(qa, ka, L, SIZE, DIL, STRIDE, CAUSAL):
+    """NATTEN neighborhood along one axis of length L: may query coordinate qa attend key coordinate ka?"""
+    g = qa % DIL
+    lg = (L - g + DIL - 1) // DIL
+    iq = qa // DIL
+    if CAUSAL:
+        leader = torch.minimum((iq // STRIDE) * STRIDE + STRIDE - 1, lg - 1)
+        lo = torch.clamp(leader - SIZE + 1, min=0)
+        hi = iq
+    else:
+        leader = torch.minimum((iq // STRIDE) * STRIDE + STRIDE // 2, lg - 1)
+        centre = torch.minimum(torch.clamp(leader, min=SIZE // 2), lg - 1 - (SIZE // 2 + SIZE % 2 - 1))
+        lo = centre - SIZE // 2
+        hi = centre + (SIZE // 2 + SIZE % 2 - 1)
+    return ((ka - qa) % DIL == 0) & (ka >= lo * DIL + g) & (ka <= hi * DIL + g)
+''',
+}
+
+
+@dataclass(frozen=True)
+class TokenMap:
+    """How a Flex position of one role becomes a token of the pattern's layout.
+
+    ``extents``: the layout's axis extents (one entry for ``seq``);
+    ``tile``: the box tile when the order is tile-major, None for the identity."""
+
+    extents: tuple[int, ...]
+    tile: tuple[int, ...] | None = None
+
+    @property
+    def permuted(self) -> bool:
+        return self.tile is not None
+
+    @property
+    def slots(self) -> int:
+        return math.prod(self.tile) if self.tile is not None else 1
+
+    @property
+    def length(self) -> int:
+        """Flex's sequence length for this role (padded to whole tiles when permuted)."""
+        if self.tile is None:
+            return math.prod(self.extents)
+        return math.prod(-(-L // t) for L, t in zip(self.extents, self.tile, strict=True)) * self.slots
+
+    @property
+    def padded(self) -> bool:
+        return self.tile is not None and any(L % t for L, t in zip(self.extents, self.tile, strict=True))
+
+
+@dataclass(frozen=True)
+class FlexSource:
+    """The generated module text and what its functions take."""
+
+    text: str
+    mask_inputs: tuple[str, ...]  # input names, then "__sel", "__kb" (routing), for mask_mod
+    score_inputs: tuple[str, ...]  # input names, then "__decay" for the prefix sums, for score_mod
+    has_score_mod: bool
+
+
+class FlexPrinter:
+    """Prints bound IR expressions as torch expressions (the evaluator's semantics).
+
+    ``symbols`` maps sympy symbols to internal names; ``inputs`` maps input
+    names to (internal name, dims, dtype, batched). ``strict=False`` prints
+    unbound symbols as ``_`` (the compile-time check, before sizes are known)."""
+
+    def __init__(self, symbols: dict, inputs: dict, strict: bool = True):
+        self.symbols = symbols
+        self.inputs = inputs
+        self.strict = strict
+        self.helpers: set[str] = set()
+        self.used_inputs: list[str] = []
+
+    def p(self, e: sympy.Basic) -> str:
+        if e is sympy.true or e is sympy.false:
+            return "True" if e is sympy.true else "False"
+        if isinstance(e, sympy.Integer):
+            return str(int(e))
+        if e.is_Number or isinstance(e, sympy.NumberSymbol) or (
+                isinstance(e, sympy.Expr) and not e.free_symbols and not _has_input(e) and e.is_number):
+            return _number(e)
+        if isinstance(e, sympy.Symbol):
+            if e in self.symbols:
+                return self.symbols[e]
+            if not self.strict:
+                return "_"
+            shown = str(e).removeprefix("param_").removeprefix("size_")
+            raise SpecError(f"'{shown}' has no value at code generation", where="code generation",
+                            hint="give every parameter and size a value")
+        if isinstance(e, sympy.Add | sympy.Mul):
+            exact = self._exact_ratio(e)
+            if exact is not None:
+                return exact
+            return self._add(e) if isinstance(e, sympy.Add) else self._mul(e)
+        if isinstance(e, sympy.Pow):
+            return self._pow(e)
+        if isinstance(e, S.FloorDiv):
+            a, b = e.args
+            if not (a.is_integer and b.is_integer):
+                return f"torch.floor({self.f(a)} / {self.f(b)})"
+            if isinstance(b, sympy.Integer) and int(b) != 0:
+                return f"({self.p(a)} // {int(b)})"
+            self.helpers.add("_floordiv")
+            return f"_floordiv({self.p(a)}, {self.p(b)})"
+        if isinstance(e, sympy.Mod):
+            a, b = e.args
+            if not (a.is_integer and b.is_integer):
+                return f"torch.remainder({self.f(a)}, {self.f(b)})"
+            if isinstance(b, sympy.Integer) and int(b) != 0:
+                return f"({self.p(a)} % {int(b)})"
+            self.helpers.add("_mod")
+            return f"_mod({self.p(a)}, {self.p(b)})"
+        if isinstance(e, sympy.Min | sympy.Max):
+            # torch.where keeps Python scalars as operands (torch.minimum needs two tensors)
+            args = self._promoted(e.args)
+            out = args[0]
+            for a in args[1:]:
+                op = "<" if isinstance(e, sympy.Min) else ">"
+                out = f"torch.where({a} {op} {out}, {a}, {out})"
+            return out
+        if isinstance(e, sympy.Abs):
+            return f"abs({self.p(e.args[0])})"
+        if isinstance(e, sympy.floor | sympy.ceiling):
+            a = e.args[0]
+            if a.is_integer:
+                return self.p(a)
+            return f"torch.{'floor' if isinstance(e, sympy.floor) else 'ceil'}({self.f(a)})"
+        if isinstance(e, sympy.Piecewise):
+            *rest, (last, _) = e.args
+            vals = self._promoted([v for v, _ in rest] + [last])
+            out = vals[-1]
+            for (_, cond), val in zip(reversed(rest), reversed(vals[:-1]), strict=True):
+                out = f"torch.where({self.p(cond)}, {val}, {out})"
+            return out
+        if isinstance(e, sympy.ITE):
+            c, a, b = e.args
+            va, vb = self._promoted([a, b])
+            return f"torch.where({self.p(c)}, {va}, {vb})"
+        if isinstance(e, sympy.core.relational.Relational):
+            a, b = self._promoted([e.lhs, e.rhs])
+            return f"({a} {e.rel_op} {b})"
+        if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
+            op = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " ^ "}[type(e)]
+            return "(" + op.join(self.p(a) for a in _sorted_args(e)) + ")"
+        if isinstance(e, sympy.Not):
+            return f"(~{self.p(e.args[0])})"
+        if isinstance(e, sympy.Equivalent):
+            args = [self.p(a) for a in _sorted_args(e)]
+            return "(" + " & ".join(f"({args[0]} == {a})" for a in args[1:]) + ")"
+        if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
+            fn = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh"}[type(e)]
+            return f"torch.{fn}({self.f(e.args[0])})"
+        if isinstance(e, S.IsPow2):
+            x = self.p(e.args[0])
+            return f"(({x} > 0) & (({x} & ({x} - 1)) == 0))"
+        if isinstance(e, S.BitLength):
+            self.helpers.add("_bit_length")
+            return f"_bit_length({self.p(e.args[0])})"
+        if isinstance(e, S.Log2Floor):
+            self.helpers.add("_bit_length")
+            x = self.p(e.args[0])
+            return f"torch.where({x} >= 1, _bit_length({x}) - 1, -1)"
+        if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.ShiftLeft | S.ShiftRight):
+            op = {S.BitAnd: "&", S.BitOr: "|", S.BitXor: "^", S.ShiftLeft: "<<", S.ShiftRight: ">>"}[type(e)]
+            return f"({self.p(e.args[0])} {op} {self.p(e.args[1])})"
+        if isinstance(e, S.BitNot):
+            return f"(~{self.p(e.args[0])})"
+        if isinstance(e, S.Window):
+            qa, ka, L, size, dil, stride, causal = e.args
+            if not all(isinstance(x, sympy.Integer) for x in (L, size, dil, stride)):
+                if not self.strict:
+                    return "_"
+                raise SpecError("window() sizes must be known numbers at code generation", where="code generation")
+            self.helpers.add("_window")
+            return (f"_window({self.p(qa)}, {self.p(ka)}, {int(L)}, {int(size)}, {int(dil)}, {int(stride)}, "
+                    f"{bool(causal)})")
+        name = S.input_name(e.func)
+        if name is not None:
+            return self._input(name, e.args)
+        raise SpecError(f"cannot lower {type(e).__name__} to FlexAttention", where="code generation")
+
+    # ------------------------------------------------------------ pieces
+    def f(self, e) -> str:
+        """An expression forced to float64 (the evaluator's float type)."""
+        text = self.p(e)
+        if isinstance(e, sympy.Integer):
+            return f"{float(int(e))!r}"
+        if e.is_integer or e.is_Boolean or _int_input(e):
+            return f"{text}.to({F64})"
+        return text
+
+    def _promoted(self, args) -> list[str]:
+        """Python's int/float promotion over sibling operands."""
+        if all(a.is_integer or isinstance(a, sympy.logic.boolalg.Boolean) or _int_input(a) for a in args):
+            return [self.p(a) for a in args]
+        return [self.f(a) for a in args]
+
+    def _add(self, e: sympy.Add) -> str:
+        args = _sorted_args(e)
+        text = self.p if all(a.is_integer or _int_input(a) for a in args) else self.f
+        plus = [a for a in args if not a.could_extract_minus_sign()]
+        minus = [-a for a in args if a.could_extract_minus_sign()]
+        out = " + ".join(text(a) for a in plus) if plus else ""
+        for a in minus:
+            out = f"{out} - {text(a)}" if out else f"-{text(a)}"
+        return f"({out})"
+
+    def _mul(self, e: sympy.Mul) -> str:
+        args = _sorted_args(e)
+        if any(a == -1 for a in args):
+            others = [a for a in args if a != -1]
+            rest = sympy.Mul(*others, evaluate=False) if len(others) > 1 else others[0]
+            return f"(-{self.p(rest)})"
+        num = [a for a in args if not (isinstance(a, sympy.Pow) and a.exp.is_negative)]
+        den = [a for a in args if isinstance(a, sympy.Pow) and a.exp.is_negative]
+        texts = self._promoted(num) if num else ["1.0"]
+        out = " * ".join(texts)
+        for d in den:
+            out = f"{out} / {self.f(sympy.Pow(d.base, -d.exp))}"
+        return f"({out})"
+
+    def _exact_ratio(self, e) -> str | None:
+        """(q - k) / 3 as one exact integer combination divided once (the evaluator's rule)."""
+        def rational(x):
+            return isinstance(x, sympy.Rational) and not x.is_Integer
+
+        if not any(rational(a) for a in e.args) and not any(
+                isinstance(a, sympy.Mul) and any(rational(r) for r in a.args) for a in e.args) and not any(
+                isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
+            return None
+        num, den = sympy.fraction(sympy.together(e))
+        if den == 1 or not (num.is_integer and den.is_integer):
+            return None
+        return f"({self.f(num)} / {self.f(den)})"
+
+    def _pow(self, e: sympy.Pow) -> str:
+        base, exp = e.base, e.exp
+        if (base.is_integer or _int_input(base)) and exp.is_integer and exp.is_nonnegative:
+            if isinstance(exp, sympy.Integer):
+                return f"({self.p(base)} ** {int(exp)})" if int(exp) else "1"
+            return f"torch.pow({self.p(base)}, {self.p(exp)})"
+        if exp == sympy.Rational(1, 2):
+            return f"torch.sqrt({self.f(base)})"
+        if not base.free_symbols and not _has_input(base):
+            return f"torch.pow({self.f(base)}, {self.f(exp)})"
+        return f"torch.pow({self.f(base)}, {self.f(exp)})"
+
+    def _input(self, name: str, args) -> str:
+        internal, dims, dtype, batched = self.inputs[name]
+        if name not in self.used_inputs:
+            self.used_inputs.append(name)
+        index = ["b"] if batched else []
+        for arg, dim in zip(args, dims, strict=True):
+            if isinstance(arg, sympy.Integer):
+                i = int(arg)
+                if not 0 <= i < dim:
+                    raise SpecError(f"an input is indexed at {i}, outside 0..{dim - 1}", where="code generation")
+                index.append(str(i))
+            else:  # clamped: padded slots and masked pairs may compute any index (as in the Triton kernels)
+                index.append(f"torch.clamp({self.p(arg)}, 0, {dim - 1})")
+        value = f"{internal}[{', '.join(index)}]"
+        return value if dtype == "int" else f"{value}.to({F64})"
+
+
+def _number(e) -> str:
+    if isinstance(e, sympy.Integer):
+        return str(int(e))
+    value = float(e.evalf(30))
+    if math.isnan(value):
+        return 'float("nan")'
+    if math.isinf(value):
+        return 'float("inf")' if value > 0 else 'float("-inf")'
+    return repr(value)
+
+
+def _has_input(e: sympy.Basic) -> bool:
+    return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
+
+
+def _int_input(e) -> bool:
+    """An int input load (sympy does not always know it is an integer)."""
+    return isinstance(e, sympy.Function) and S.input_name(e.func) is not None and e.is_integer is True
+
+
+def _sorted_args(e: sympy.Basic) -> list:
+    return sorted(e.args, key=sympy.default_sort_key)
+
+
+# ----------------------------------------------------------------- the module
+def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> list[str]:
+    """Lines turning Flex position ``index`` into the token ``{role}``, its grid
+    coordinates ``{role}_c{i}`` and (padded tile-major orders) ``{role}_ok``."""
+    r = role
+    lines = [f"{r}i = {index}.to(torch.int64)"]
+    ext = tmap.extents
+    if tmap.tile is None:
+        lines.append(f"{r} = {r}i")
+        if layout.kind == "grid":
+            stride = 1
+            coords = []
+            for i in reversed(range(len(ext))):
+                coords.append((i, f"({r} // {stride}) % {ext[i]}" if stride > 1 else f"{r} % {ext[i]}"))
+                stride *= ext[i]
+            lines += [f"{r}_c{i} = {text}" for i, text in sorted(coords)]
+        return lines
+    tile = tmap.tile
+    grid = [-(-L // t) for L, t in zip(ext, tile, strict=True)]
+    lines += [f"# tile-major order: tile {r}i // {tmap.slots} of the tile grid {tuple(grid)}, "
+              f"slot {r}i % {tmap.slots} of the box {tuple(tile)}",
+              f"{r}t = {r}i // {tmap.slots}", f"{r}s = {r}i % {tmap.slots}"]
+    ok = []
+    flat = []
+    for a, (L, t) in enumerate(zip(ext, tile, strict=True)):
+        g_stride, s_stride = math.prod(grid[a + 1:]), math.prod(tile[a + 1:])
+        tc = f"({r}t // {g_stride})" if g_stride > 1 else f"{r}t"
+        tc = f"({tc} % {grid[a]})" if a > 0 else tc
+        sc = f"({r}s // {s_stride})" if s_stride > 1 else f"{r}s"
+        sc = f"({sc} % {t})" if a > 0 else sc
+        lines.append(f"{r}_c{a} = {tc} * {t} + {sc}")
+        if L % t:
+            ok.append(f"({r}_c{a} < {L})")
+        flat.append((f"{r}_c{a}", math.prod(ext[a + 1:])))
+    if ok:
+        lines.append(f"{r}_ok = " + " & ".join(ok) + "  # padded slots of edge tiles")
+    lines.append(f"{r} = " + " + ".join(f"{v} * {s}" if s > 1 else v for v, s in flat))
+    return lines
+
+
+def _symbols(pat: ir.PatternIR) -> dict:
+    symbols = {S.Q: "q", S.K: "k", S.H: "h"}
+    for i, axis in enumerate(pat.queries.axis_names):
+        symbols[S.coord("q", axis)] = f"q_c{i}"
+    for i, axis in enumerate(pat.keys.axis_names):
+        symbols[S.coord("k", axis)] = f"k_c{i}"
+    return symbols
+
+
+def check_lowerable(pat: ir.PatternIR) -> None:
+    """Compile-time check: every construct of the mask and score terms has a Flex lowering."""
+    inputs = {d.name: (f"IN{i}", tuple(10**9 for _ in d.dims), d.dtype, False) for i, d in enumerate(pat.inputs)}
+    printer = FlexPrinter(_symbols(pat), inputs, strict=False)
+    for expr in (pat.mask, pat.bias, pat.softcap):
+        if expr is not None:
+            printer.p(expr)
+
+
+def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap, batched: frozenset[str],
+             decay_batched: bool = False) -> FlexSource:
+    """The module text defining ``mask_mod(b, h, q_idx, kv_idx, *mask_inputs)`` and (when the pattern
+    has score terms) ``score_mod(score, b, h, q_idx, kv_idx, *score_inputs)``."""
+    check_lowerable(pat)
+    mask = E.substitute(pat.mask, bound)
+    bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
+    softcap = E.substitute(pat.softcap, bound) if pat.softcap is not None else None
+    inputs = {}
+    for i, decl in enumerate(pat.inputs):
+        dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
+        inputs[decl.name] = (f"IN{i}", dims, decl.dtype, decl.name in batched)
+    symbols = _symbols(pat)
+    mask_printer = FlexPrinter(symbols, inputs)
+    mask_text = mask_printer.p(mask)
+    score_printer = FlexPrinter(symbols, inputs)
+    cap_text = score_printer.f(softcap) if softcap is not None else None
+    bias_text = score_printer.f(bias) if bias is not None else None
+    helpers = mask_printer.helpers | score_printer.helpers
+
+    def prologue() -> list[str]:
+        return ["b = b.to(torch.int64)", "h = h.to(torch.int64)",
+                *_token_lines("q", "q_idx", pat.queries, q_map), *_token_lines("k", "kv_idx", pat.keys, k_map)]
+
+    mask_args = [inputs[n][0] for n in mask_printer.used_inputs]
+    allowed = f"({mask_text})" if mask_text not in ("True", "False") else f"(qi >= 0) & {mask_text}"
+    if k_map.padded:
+        allowed += " & k_ok"
+    route_lines = []
+    if pat.route is not None:
+        # routing: SEL[b, h, q, block] is this call's selection, KB[k] the block of key k (runtime.routing)
+        mask_args += ["SEL", "KB"]
+        route_lines = ["# routing: only the key blocks this query selected",
+                       f"chosen = SEL[b, h, torch.clamp(q, 0, {bound.n - 1}), KB[torch.clamp(k, 0, {bound.nk - 1})]]"]
+        allowed += " & chosen"
+    mask_fn = ["def mask_mod(" + ", ".join(["b", "h", "q_idx", "kv_idx", *mask_args]) + "):",
+               '    """True where query q may attend key k (head h, batch element b)."""',
+               *("    " + ln for ln in prologue()), *("    " + ln for ln in route_lines), f"    return {allowed}"]
+    parts = [_header(pat, bound, q_map, k_map),
+             "\n\n".join(HELPERS[n].strip("\n") for n in HELPERS if n in helpers), "\n".join(mask_fn)]
+    score_args = [inputs[n][0] for n in score_printer.used_inputs]
+    has_score = cap_text is not None or bias_text is not None or pat.decay is not None
+    if has_score:
+        body = [*prologue(), "s = score"]
+        if cap_text is not None:
+            body += [f"cap = {cap_text}", "s = (cap * torch.tanh(s / cap)).to(score.dtype)  # softcap"]
+        if bias_text is not None:
+            body.append(f"s = s + ({bias_text}).to(score.dtype)  # bias" if _is_tensor(bias)
+                        else f"s = s + {bias_text}  # bias")
+        if pat.decay is not None:
+            n_k = bound.nk - 1
+            bi = "b" if decay_batched else "0"
+            body += ["# FoX decay: sum of the gates over k+1 .. q, from re-centred prefix sums",
+                     f"s = s + (DC[{bi}, h, torch.clamp(q, 0, {bound.n - 1})] - DC[{bi}, h, torch.clamp(k, 0, {n_k})])"
+                     ".to(score.dtype)"]
+            score_args.append("DC")
+        body.append("return s")
+        parts.append("\n".join(["def score_mod(" + ", ".join(["score", "b", "h", "q_idx", "kv_idx", *score_args]) + "):",
+                                '    """The score terms after scale * q.k: softcap, bias, decay."""',
+                                *("    " + ln for ln in body)]))
+    text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
+    score_names = tuple(score_printer.used_inputs) + (("__decay",) if pat.decay is not None else ())
+    mask_names = tuple(mask_printer.used_inputs) + (("__sel", "__kb") if pat.route is not None else ())
+    return FlexSource(text, mask_names, score_names, has_score)
+
+
+def _is_tensor(e: sympy.Basic) -> bool:
+    return bool(e.free_symbols) or _has_input(e)
+
+
+def _header(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap) -> str:
+    def order(m: TokenMap) -> str:
+        if m.tile is None:
+            return f"row-major over {m.extents}"
+        return f"tile-major, box tiles {m.tile} over {m.extents} ({m.length} positions)"
+
+    return "\n".join([
+        '"""attnc generated FlexAttention mods (do not edit: regenerated from the pattern).',
+        "",
+        f"pattern key {pat.key()[:16]}; {bound.n} queries x {bound.nk} keys, {bound.heads} heads",
+        f"query positions: {order(q_map)}",
+        f"key positions: {order(k_map)}",
+        '"""',
+        "",
+        "import torch",
+    ])

@@ -1,0 +1,419 @@
+"""``backend="flex"``: a softmax pattern lowered to PyTorch's FlexAttention.
+
+attnc does the analysis, Flex runs the kernel:
+
+- ``mask_mod`` and ``score_mod`` are generated from the IR
+  (``compiler.flex_codegen``: the evaluator's integer semantics, no text of
+  the spec, readable in ``Attention.source``); call-time inputs, per-head
+  softcaps and FoX prefix sums reach them as captured tensors;
+- the ``BlockMask`` is built directly from attnc's ``TileSchedule`` (its FULL
+  and PARTIAL lists, ``BlockMask.from_kv_blocks``), never by evaluating the
+  mask on every pair (``create_block_mask``);
+- grids get box tiles: q, k and v are permuted into tile-major order so that
+  one Flex block is one attnc box tile, and the output and lse are permuted
+  back. KV tiles holding padded slots are never FULL (the mask_mod masks the
+  padding).
+
+Which Flex implementation runs (torch 2.13):
+
+- the fused kernel, ``torch.compile(flex_attention, fullgraph=True)``, kept
+  per pattern and shape bucket (one compiled function per plan, so a new call
+  with the same shapes does not recompile; new inputs, a new BlockMask of a
+  data-dependent mask and new closure tensors do not recompile either). On CPU
+  Flex's fused kernel is inference only: no lse, no backward, no float64, and
+  it needs equal Q and KV block sizes (``_fused_ok``);
+- Flex's dense implementation (its eager path: the scores materialised,
+  O(N^2) memory) otherwise: CPU calls that need gradients, the lse, float64 or
+  unequal block sizes, and every call with ``runner.compiled = False``. On CPU it is called at the
+  level of Flex's higher-order op with the captured tensors as explicit
+  operands, because ``flex_attention`` refuses CPU tensors that require grad
+  while the op's own autograd formula (dense) is correct, including the
+  gradients of captured tensors (bias inputs, FoX gates).
+
+Routing (``route topk``): per call, ``runtime.routing`` selects the key blocks
+of each query (as the CPU backend does, over the static schedule's tiles); the
+BlockMask then has one list per (batch element, head) and the mask_mod reads
+the selection from captured tensors. Refused at compile time (``SpecError``):
+recurrences (no softmax to lower).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..compiler.flex_codegen import FlexSource, TokenMap, check_lowerable, generate
+from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
+from ..compiler.search import contiguous, flat_view, tile_shapes
+from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..spec.errors import SpecError
+from .cpu_backend import mask_input_names
+
+#: Flex block sizes (tokens) tried when the tiles are not forced.
+FLEX_TILE_TOKENS = (64, 128)
+#: Cost of one visited block pair beyond its token pairs (block loop, index loads), in token pairs.
+PAIR_OVERHEAD_TOKENS = 4096
+#: Extra cost of a PARTIAL token pair (mask_mod evaluated) relative to a FULL one.
+PARTIAL_EXTRA = 0.5
+
+_CALL_SOURCE = '''
+
+def flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+    """The Flex call this plan compiles (its own code object: its own compile cache)."""
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=enable_gqa, return_lse=return_lse)
+'''
+
+
+@dataclass
+class Order:
+    """Flex positions of one role: ``token[p]`` is the token at position p (0 on padded
+    slots), ``position[t]`` the position of token t; None for the identity."""
+
+    token: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, tmap: TokenMap) -> Order:
+        if tmap.tile is None:
+            return cls()
+        n = math.prod(tile_grid(tmap.extents, tmap.tile))
+        flat, valid = tile_tokens(tmap.extents, tmap.tile, torch.arange(n))
+        token = torch.where(valid, flat, torch.zeros_like(flat)).reshape(-1)
+        position = torch.empty(math.prod(tmap.extents), dtype=torch.int64)
+        position[flat[valid]] = torch.arange(token.numel()).view(flat.shape)[valid]
+        return cls(token, position)
+
+    def to(self, device) -> Order:
+        if self.token is None:
+            return self
+        return Order(self.token.to(device), self.position.to(device))
+
+
+@dataclass
+class FlexPlan:
+    """Everything one call needs besides the tensors: schedule, token orders, generated mods."""
+
+    bound: E.Bound
+    schedule: TileSchedule
+    q_map: TokenMap
+    k_map: TokenMap
+    source: FlexSource
+    namespace: dict
+    q_order: Order
+    k_order: Order
+    flat: bool  # 1-D tiles on a grid (classified on the flat view)
+    block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (math.prod(self.schedule.q_tile), math.prod(self.schedule.kv_tile))
+
+
+def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
+    """Box tiles that are already Flex blocks in the row-major order: each tile a run of
+    exactly prod(tile) tokens (only the last one may be shorter). Otherwise: tile-major order."""
+    if not contiguous(tile, extents):
+        return False
+    tm = TokenMap(extents, tile)
+    order = Order.of(tm).token
+    return not tm.padded and torch.equal(order, torch.arange(order.numel()))
+
+
+def _bind(fn, buffers: tuple):
+    """A mask_mod with its captured tensors (one code object for every plan: no recompiles)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return fn(b, h, q_idx, kv_idx, *buffers)
+    return mask_mod
+
+
+def _bind_score(fn, buffers: tuple):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return fn(score, b, h, q_idx, kv_idx, *buffers)
+    return score_mod
+
+
+def _cost(sched: TileSchedule) -> float:
+    h, qi, ki, full = sched.pairs()
+    area = (sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).to(torch.float64)
+    return float((area * torch.where(full, 1.0, 1.0 + PARTIAL_EXTRA)).sum()) + PAIR_OVERHEAD_TOKENS * len(h)
+
+
+def demote_padded(sched: TileSchedule, k_map: TokenMap) -> TileSchedule:
+    """FULL pairs whose KV tile holds padded slots become PARTIAL: Flex skips the
+    mask_mod on FULL blocks, and only the mask_mod masks padding."""
+    if not k_map.padded:
+        return sched
+    h, qi, ki, full = sched.pairs()
+    padded = sched.kv_tile_tokens()[ki] < math.prod(sched.kv_tile)
+    return TileSchedule.from_pairs(sched.q_extents, sched.kv_extents, sched.q_tile, sched.kv_tile, sched.num_heads,
+                                   sched.heads_stored, h, qi, ki, full & ~padded, sched.allowed_pairs, sched.exact,
+                                   sched.density_exact)
+
+
+def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1):
+    """Flex's BlockMask from attnc's tile lists: PARTIAL lists as ``kv_indices``,
+    FULL lists as ``full_kv_indices``; broadcast over the batch (``batch`` 1) and
+    over heads when the mask does not depend on the head. Routed schedules hold
+    one list class per (batch element, head): ``batch`` > 1 splits them."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nk = sched.num_kv_tiles
+    classes = sched.heads_stored
+
+    def dense_width(count, index):
+        # Flex reads the last dimension of the indices as the number of KV blocks
+        out = torch.zeros(*index.shape[:2], nk, dtype=torch.int32)
+        w = index.shape[-1]
+        out[..., :w] = index.clamp(min=0)
+        shape = (batch, classes // batch)
+        return count.to(torch.int32).view(*shape, -1).to(device), out.view(*shape, *out.shape[1:]).to(device)
+
+    kv_num, kv_idx = dense_width(sched.partial_count, sched.partial_index)
+    full_num, full_idx = dense_width(sched.full_count, sched.full_index)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                    BLOCK_SIZE=(math.prod(sched.q_tile), math.prod(sched.kv_tile)),
+                                    mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+
+
+class FlexRunner:
+    """Plans per shapes (cached; data-dependent masks per distinct inputs) and runs Flex."""
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        check_lowerable(pat)
+        self.pattern = pat
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        #: False: Flex's dense implementation for every call (tests; debugging mods)
+        self.compiled = True
+        self.plans: dict = {}
+        self.last: FlexPlan | None = None
+        self.last_path: str | None = None
+        self.last_routed: TileSchedule | None = None  # routing: the latest call's per (batch, head) lists
+        self.last_block_mask = None
+        self._dynamic_last: tuple | None = None
+
+    # ------------------------------------------------------------ planning
+    def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
+        """(Q tile, KV tile, flat, its schedule or None) with the least modelled Flex work;
+        ``flat``: 1-D tiles on a grid."""
+        pat = self.pattern
+        q_ext = layout_extents(pat.queries, bound, bound.n)
+        kv_ext = layout_extents(pat.keys, bound, bound.nk)
+        grid = len(q_ext) > 1 or len(kv_ext) > 1
+        boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
+        if self.q_tile is not None or self.kv_tile is not None:
+            qt = self.q_tile if self.q_tile is not None else self.kv_tile
+            kt = self.kv_tile if self.kv_tile is not None else qt
+            as_tuple = [(t,) if isinstance(t, int) and not isinstance(t, bool) else t for t in (qt, kt)]
+            flat = grid and (not boxes or all(isinstance(t, tuple | list) and len(t) == 1 for t in as_tuple))
+            if flat:
+                return (check_tile("q_tile", as_tuple[0], (bound.n,)), check_tile("kv_tile", as_tuple[1], (bound.nk,)),
+                        True, None)
+            return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False, None
+        best = None
+        for tokens in FLEX_TILE_TOKENS:
+            if boxes:
+                q_shapes = tile_shapes(tokens, q_ext, limit=3) or [q_ext]
+                cands = [(s, s if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0], False)
+                         for s in q_shapes]
+            else:
+                t = min(tokens, bound.n, bound.nk)  # equal Q and KV blocks (see _fused_ok)
+                cands = [((t,), (t,), grid)]
+            for qs, ks, flat in cands:
+                sched = self._classify(bound, qs, ks, flat, tensors)
+                cost = _cost(sched)
+                if best is None or cost < best[0]:
+                    best = (cost, qs, ks, flat, sched)
+        return best[1:]
+
+    def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict) -> TileSchedule:
+        pat, b = (flat_view(self.pattern, bound) if flat else (self.pattern, bound))
+        return classify_tiles(pat, b, q_tile, kv_tile, tensors)
+
+    def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
+        pat = self.pattern
+        used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched)
+        if not used and key in self.plans:
+            self.last = self.plans[key]
+            return self.last
+        if used and self._dynamic_last is not None and self._dynamic_last[0] == key:
+            seen = self._dynamic_last[1]
+            if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
+                self.last = self._dynamic_last[2]
+                return self.last
+        cpu_used = {n: t.detach().cpu() for n, t in used.items()}
+        if used and key in self.plans:  # data-dependent: keep the tiles, reclassify for these inputs
+            old = self.plans[key]
+            q_tile, kv_tile, flat, sched = old.schedule.q_tile, old.schedule.kv_tile, old.flat, None
+        else:
+            q_tile, kv_tile, flat, sched = self._tiles(bound, cpu_used)
+        if sched is None:
+            sched = self._classify(bound, q_tile, kv_tile, flat, cpu_used)
+        q_ext = layout_extents(pat.queries, bound, bound.n)
+        kv_ext = layout_extents(pat.keys, bound, bound.nk)
+        boxes = not flat and len(q_tile) > 1
+        q_map = TokenMap(q_ext, q_tile if boxes and not _row_major_blocks(q_tile, q_ext) else None)
+        k_map = TokenMap(kv_ext, kv_tile if boxes and not _row_major_blocks(kv_tile, kv_ext) else None)
+        sched = demote_padded(sched, k_map)
+        if used and key in self.plans and self.plans[key].q_map == q_map and self.plans[key].k_map == k_map:
+            old = self.plans[key]
+            source, namespace = old.source, old.namespace
+        else:
+            decay_batched = pat.decay is not None and pat.decay in batched
+            source = generate(pat, bound, q_map, k_map, batched, decay_batched)
+            namespace = {}
+            exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
+                 _module_globals(namespace))
+        plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat)
+        self.plans[key] = plan
+        self.last = plan
+        if used:
+            self._dynamic_last = (key, cpu_used, plan)
+        return plan
+
+    def _route(self, plan: FlexPlan, q, k, tensors: dict, batched: frozenset):
+        """The routed lists and selection of this call (``runtime.routing``, as the CPU backend),
+        over the static schedule's tiles (never N x N)."""
+        from . import executor, routing
+
+        if "exec_plan" not in plan.namespace:
+            plan.namespace["exec_plan"] = executor.Plan.build(self.pattern, plan.bound, plan.schedule)
+        cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+        return routing.route_plan(plan.namespace["exec_plan"], q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
+
+    # ------------------------------------------------------------ running
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
+        pat = self.pattern
+        B, Hq, Nq, _ = q.shape
+        tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
+        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+        plan = self.plan(bound, tensors, batched)
+        dev = q.device
+        names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
+        mask_bufs = tuple(tensors[n].to(dev) for n in names)
+        sched, per_batch = plan.schedule, False
+        if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
+            routed = self._route(plan, q, k, tensors, batched)
+            sched, per_batch = routed.schedule, True
+            mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
+            self.last_routed = sched
+        names = plan.source.score_inputs[:-1] if pat.decay is not None else plan.source.score_inputs  # then DC
+        score_bufs = [tensors[n].to(dev) for n in names]
+        if pat.decay is not None:
+            score_bufs.append(_prefix_sums(tensors[pat.decay].to(dev), q.dtype))
+        score_bufs = tuple(score_bufs)
+        qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
+        qp = q if qo.token is None else q.index_select(2, qo.token)
+        kp = k if ko.token is None else k.index_select(2, ko.token)
+        vp = v if ko.token is None else v.index_select(2, ko.token)
+        ns = plan.namespace
+        mask_mod = _bind(ns["mask_mod"], mask_bufs)
+        score_mod = _bind_score(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
+        bm = None if per_batch else plan.block_masks.get(dev)
+        if bm is None:  # a plan holds one BlockMask (a data-dependent mask: one plan per distinct inputs)
+            bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1)
+            if not per_batch:
+                plan.block_masks[dev] = bm
+        bm.mask_mod = mask_mod  # this call's captured tensors
+        self.last_block_mask = bm
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *mask_bufs, *score_bufs))
+        if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
+            qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
+            score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
+        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse))
+        gqa = Hq != k.shape[1]
+        if dense_cpu:
+            self.last_path = "dense"
+            out, lse = _dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
+        else:
+            self.last_path = "fused" if self.compiled else "eager"
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if self.compiled:
+                res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
+            else:
+                res = flex_attention(qp, kp, vp, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa,
+                                     return_lse=need_lse)
+            out, lse = res if need_lse else (res, None)
+        if qo.position is not None:
+            out = out.index_select(2, qo.position)
+            lse = lse.index_select(2, qo.position) if lse is not None else None
+        return out, lse
+
+
+def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
+    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: inference only, no lse,
+    fp32/bf16/fp16, and equal Q and KV block sizes (measured: with a KV block smaller than
+    the Q block its results are wrong, e.g. (16, 8) on a causal band; the dense path is exact)."""
+    bq, bk = plan.block_size
+    return not grad and not need_lse and dtype != torch.float64 and bq == bk
+
+
+def _module_globals(namespace: dict) -> dict:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    namespace.update({"torch": torch, "flex_attention": flex_attention, "__name__": "attnc_flex_generated"})
+    return namespace
+
+
+def _compiled(ns: dict):
+    """The plan's compiled Flex call (made once; dynamo's cache lives on its code object)."""
+    if "compiled_call" not in ns:
+        ns["compiled_call"] = torch.compile(ns["flex_call"], fullgraph=True, dynamic=False)
+    return ns["compiled_call"]
+
+
+def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """FoX: c = cumsum(g) along tokens, in float64, re-centred at the middle token
+    (c[q] - c[k] is unchanged; the magnitudes, hence the rounding of the fp32 copy,
+    shrink), ``[B | 1, H, N]`` in the compute dtype."""
+    c = torch.cumsum(gates.to(torch.float64), dim=-1)
+    c = c - c[..., c.shape[-1] // 2, None]
+    if c.dim() == 2:
+        c = c.unsqueeze(0)
+    return c.to(torch.float64 if dtype == torch.float64 else torch.float32)
+
+
+def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
+    """Flex's dense implementation at the level of its higher-order op, with the captured
+    tensors as explicit operands (so their gradients are computed). Returns lse in natural log."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+    from torch.nn.attention.flex_attention import _apply_kernel_options
+
+    options = _apply_kernel_options(q, k, v, True, None)
+    score = ns.get("score_mod") or _identity_score
+    mask_tuple = (*bm.as_tuple()[:-1], ns["mask_mod"])
+    out, lse, _ = flex_hop(q, k, v, score, mask_tuple, scale, options, score_bufs, mask_bufs)
+    return out, lse * math.log(2.0)  # the op's lse is in base 2
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def describe(runner: FlexRunner, pat: ir.PatternIR) -> str:
+    """``Attention.source`` for backend='flex': the plan and the generated mods."""
+    lines = [f"# flex backend: FlexAttention lowering of '{pat.name}'", *("# " + t for t in pat.describe_terms())]
+    plan = runner.last
+    if plan is None:
+        lines.append("# no call yet: the BlockMask and the mods are generated at the first call (per shapes)")
+        return "\n".join(lines) + "\n"
+    s = plan.schedule
+    lines += [
+        f"# BlockMask from attnc's tile lists: BLOCK_SIZE {plan.block_size}, q_tile {s.q_tile}, kv_tile {s.kv_tile}",
+        f"# visited block pairs: {s.full} FULL (mask_mod skipped), {s.partial} PARTIAL, {s.empty} EMPTY (skipped)",
+        f"# last call ran Flex's {runner.last_path or '-'} implementation",
+        "",
+        plan.source.text,
+    ]
+    return "\n".join(lines)
+
+
+def refuse_recurrence(rec: ir.RecurrenceIR) -> None:
+    raise SpecError(f"'{rec.name}' is a recurrence: it has no softmax to lower to FlexAttention",
+                    where="argument backend", hint="use backend='cpu', 'triton' or 'reference' for recurrences")
