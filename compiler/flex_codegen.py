@@ -77,6 +77,9 @@ def _window(qa, ka, L, SIZE, DIL, STRIDE, CAUSAL):
 }
 
 
+#: The score_mod's FoX buffers after the inputs: prefix sums hi and lo, and the last reset.
+DECAY_BUFFERS = ("__decay_hi", "__decay_lo", "__decay_reset")
+
 @dataclass(frozen=True)
 class TokenMap:
     """How a Flex position of one role becomes a token of the pattern's layout.
@@ -113,7 +116,7 @@ class FlexSource:
 
     text: str
     mask_inputs: tuple[str, ...]  # input names, then "__sel", "__kb" (routing), for mask_mod
-    score_inputs: tuple[str, ...]  # input names, then "__decay" for the prefix sums, for score_mod
+    score_inputs: tuple[str, ...]  # input names, then DECAY_BUFFERS (FoX prefix sums), for score_mod
     has_score_mod: bool
 
 
@@ -456,16 +459,18 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
         if pat.decay is not None:
             n_k = bound.nk - 1
             bi = "b" if decay_batched else "0"
-            body += ["# FoX decay: sum of the gates over k+1 .. q, from re-centred prefix sums",
-                     f"s = s + (DC[{bi}, h, torch.clamp(q, 0, {bound.n - 1})] - DC[{bi}, h, torch.clamp(k, 0, {n_k})])"
-                     ".to(score.dtype)"]
-            score_args.append("DC")
+            body += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
+                     "# -inf for keys before the query's last reset (a gate of -inf)",
+                     f"qd, kd = torch.clamp(q, 0, {bound.n - 1}), torch.clamp(k, 0, {n_k})",
+                     f"fox = (DC[{bi}, h, qd] - DC[{bi}, h, kd]) + (DL[{bi}, h, qd] - DL[{bi}, h, kd])",
+                     f's = s + torch.where(kd >= DR[{bi}, h, qd], fox, float("-inf")).to(score.dtype)']
+            score_args += ["DC", "DL", "DR"]
         body.append("return s")
         parts.append("\n".join(["def score_mod(" + ", ".join(["score", "b", "h", "q_idx", "kv_idx", *score_args]) + "):",
                                 '    """The score terms after scale * q.k: softcap, bias, decay."""',
                                 *("    " + ln for ln in body)]))
     text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
-    score_names = tuple(score_printer.used_inputs) + (("__decay",) if pat.decay is not None else ())
+    score_names = tuple(score_printer.used_inputs) + (DECAY_BUFFERS if pat.decay is not None else ())
     mask_names = tuple(mask_printer.used_inputs) + (("__sel", "__kb") if pat.route is not None else ())
     return FlexSource(text, mask_names, score_names, has_score)
 

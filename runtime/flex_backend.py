@@ -46,11 +46,12 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler.flex_codegen import FlexSource, TokenMap, check_lowerable, generate
+from ..compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ..compiler.search import contiguous, flat_view, tile_shapes
 from ..compiler.tiles import check_tile, classify_tiles, layout_extents
 from ..spec.errors import SpecError
+from . import reference
 from .cpu_backend import mask_input_names
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
@@ -302,10 +303,10 @@ class FlexRunner:
             sched, per_batch = routed.schedule, True
             mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
             self.last_routed = sched
-        names = plan.source.score_inputs[:-1] if pat.decay is not None else plan.source.score_inputs  # then DC
+        names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
         score_bufs = [tensors[n].to(dev) for n in names]
         if pat.decay is not None:
-            score_bufs.append(_prefix_sums(tensors[pat.decay].to(dev), q.dtype))
+            score_bufs += _prefix_sums(tensors[pat.decay].to(dev), q.dtype)
         score_bufs = tuple(score_bufs)
         qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
         qp = q if qo.token is None else q.index_select(2, qo.token)
@@ -368,15 +369,13 @@ def _compiled(ns: dict):
     return ns["compiled_call"]
 
 
-def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """FoX: c = cumsum(g) along tokens, in float64, re-centred at the middle token
-    (c[q] - c[k] is unchanged; the magnitudes, hence the rounding of the fp32 copy,
-    shrink), ``[B | 1, H, N]`` in the compute dtype."""
-    c = torch.cumsum(gates.to(torch.float64), dim=-1)
-    c = c - c[..., c.shape[-1] // 2, None]
-    if c.dim() == 2:
-        c = c.unsqueeze(0)
-    return c.to(torch.float64 if dtype == torch.float64 else torch.float32)
+def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """FoX: ``reference.fox_prefix`` of the gates in the compute dtype (hi + lo prefix sums, exact
+    to rounding at any length, and the last reset: a gate of -inf), each ``[B | 1, H, N]``."""
+    g = gates.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if g.dim() == 2:
+        g = g.unsqueeze(0)
+    return reference.fox_prefix(g)
 
 
 def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):

@@ -71,7 +71,7 @@ def _fox_inputs(n, H, D, dtype, seed, resets):
 
 # ----------------------------------------------------------------- FoX: -inf gates
 @pytest.mark.parametrize("strict", [False, True], ids=["causal", "strict"])
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "flex"])
 def test_fox_reset_gate_weight_zero(backend, strict):
     # resets at the first token, two in a row, mid-sequence and the last token; with a strict mask a reset
     # at the query itself leaves it no key of nonzero weight (out 0, lse -inf)
@@ -118,7 +118,7 @@ def test_fox_decay_term_float32_rounding_at_32k(resets):
     assert (got.exp() - want.exp()).abs()[keep].max() <= 1e-6  # the weights: <= 1e-5 asked, 2e-8 seen
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "flex"])
 def test_fox_attention_float32_accuracy_long(backend):
     # fp32 inputs at n = 2048 with gates of -1e4 every 64 tokens (prefix sums near -3e5): against the
     # float64 reference; fp32 cumsum differences gave errors of ~1e-2 here
