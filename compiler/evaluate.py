@@ -467,10 +467,9 @@ def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, ba
 
 
 def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
-    if not expr.free_symbols:
-        return expr
+    """The sizes of ``bound`` put into ``expr`` (shared sub-expressions once)."""
     try:
-        return expr.subs(bound.subs)
+        return S.substitute(expr, bound.subs)
     except (TypeError, ValueError, ZeroDivisionError) as err:  # e.g. (heads - 1) ** -1 compared at heads = 1
         raise SpecError(f"the expression is undefined at these sizes ({err})", where="evaluation") from None
 

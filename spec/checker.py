@@ -643,7 +643,7 @@ class Checker:
         if op in ("and", "or"):
             a = self.expect(node.left, BOOL, f"the left operand of '{op}'")
             b = self.expect(node.right, BOOL, f"the right operand of '{op}'")
-            return Typed(BOOL, sympy.And(a.expr, b.expr) if op == "and" else sympy.Or(a.expr, b.expr))
+            return Typed(BOOL, S.logic_and(a.expr, b.expr) if op == "and" else S.logic_or(a.expr, b.expr))
         a, b = self.expr(node.left), self.expr(node.right)
         for side, t in ((node.left, a), (node.right, b)):
             if t.type == BOOL:
@@ -708,8 +708,11 @@ class Checker:
                 parts.append(sympy.Equivalent(a.expr, b.expr) if op == "==" else sympy.Xor(a.expr, b.expr))
                 continue
             rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]
-            parts.append(rel(a.expr, b.expr))
-        return Typed(BOOL, sympy.And(*parts))
+            # sympy decides a relation from the assumptions of its sides, which walk
+            # the expanded tree (free_symbols): exponential in nested lets.
+            small = S.tree_size(a.expr) + S.tree_size(b.expr) <= S.SIMPLIFY_LIMIT
+            parts.append(rel(a.expr, b.expr, evaluate=small))
+        return Typed(BOOL, S.logic_and(*parts))
 
     def _e_IfExpr(self, node: ast.IfExpr) -> Typed:
         cond = self.expect(node.cond, BOOL, "the condition of 'if'").expr
@@ -719,7 +722,7 @@ class Checker:
         if a.type == BOOL:
             return Typed(BOOL, sympy.ITE(cond, a.expr, b.expr))
         kind = INT if a.type == b.type == INT else FLOAT
-        return Typed(kind, sympy.Piecewise((a.expr, cond), (b.expr, True)))
+        return Typed(kind, S.Piecewise((a.expr, cond), (b.expr, sympy.true)))
 
     def _e_Call(self, node: ast.Call) -> Typed:
         # Functions (builtins, patterns) and values (params, lets, inputs) are
@@ -745,7 +748,7 @@ class Checker:
         kind = INT if all(a.type == INT for a in args) else FLOAT
         xs = [a.expr for a in args]
         if node.func == "abs":
-            return Typed(kind, sympy.Abs(xs[0]))
+            return Typed(kind, S.Abs(xs[0]))
         if node.func == "min":
             return Typed(kind, S.Min(*xs))
         if node.func == "max":
