@@ -88,17 +88,9 @@ def cmd_check(args) -> int:
 
 
 def _read_file(path: str) -> tuple[str, str]:
-    from .spec.parser import decode_source
+    from .spec.parser import read_file
 
-    try:
-        with open(path, "rb") as f:
-            return decode_source(f.read(), path), path
-    except FileNotFoundError:
-        raise SpecError(f"no such file: {path}", where=path) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory", where=path) from None
-    except OSError as err:
-        raise SpecError(f"cannot read: {err.strerror}", where=path) from None
+    return read_file(path, where=path), path
 
 
 def cmd_show(args) -> int:
@@ -330,13 +322,13 @@ def cmd_cache(args) -> int:
     print(f"{cache.dir}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {KC.human_size(total)}")
     print(f"{'DIGEST':12s} {'PATTERN':18s} {'SHAPE':34s} {'DTYPE':5s} {'DEVICE':20s} {'TRITON':8s} "
           f"{'CONFIG':24s} {'SIZE':>9s} {'AGE':>4s} STATUS")
+    cell = KC.printable  # entries are files anyone may have edited: no escape codes reach the terminal
     for e in entries:
         f = e.fields
-        bucket = KC.describe_bucket(f["bucket"]) if isinstance(f.get("bucket"), dict) else "?"
-        print(f"{e.digest[:12]:12s} {(e.pattern or '?')[:18]:18s} {bucket[:34]:34s} {str(f.get('dtype', '?'))[:5]:5s} "
-              f"{str(f.get('device', '?'))[:20]:20s} {str(f.get('triton', '?'))[:8]:8s} "
-              f"{KC.describe_config(e.config)[:24]:24s} {KC.human_size(e.size):>9s} {KC.human_age(e.age_s):>4s} "
-              f"{e.status}")
+        print(f"{e.digest[:12]:12s} {cell(e.pattern or '?')[:18]:18s} {KC.describe_bucket(f.get('bucket'))[:34]:34s} "
+              f"{cell(f.get('dtype', '?'))[:5]:5s} {cell(f.get('device', '?'))[:20]:20s} "
+              f"{cell(f.get('triton', '?'))[:8]:8s} {KC.describe_config(e.config)[:24]:24s} "
+              f"{KC.human_size(e.size):>9s} {KC.human_age(e.age_s):>4s} {cell(e.status)}")
     return 0
 
 
@@ -347,6 +339,12 @@ def cmd_emit(args) -> int:
     pat = _load_args(args)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpecError("--gpu shows the schedule of a CUDA call, and no CUDA GPU is available",
+                            where="argument --gpu", hint="without --gpu: the interpreter's schedule")
     sizes = _int_sizes(args.sizes)
     n = args.n
     if n is None and pat.queries.kind == "seq":

@@ -5,7 +5,8 @@ backend is tested against what this computes.
 Integers are int64 and exact; ``//`` and ``%`` are floored (Python's rule,
 also for negative operands and floats); a rational combination of integers
 (``(q - k) / 3``) is computed exactly and divided once. To keep masks total
-when every branch is evaluated, ``x // 0`` is 0 and ``x % 0`` is x for ints.
+when every branch is evaluated, ``x // 0`` is 0 and ``x % 0`` is x for ints;
+floats follow IEEE as torch does (``x // 0.0`` is +-inf or NaN, ``x % 0.0`` NaN).
 
 Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 """
@@ -204,9 +205,9 @@ def _promote(*xs):
 
 def _floordiv(a, b):
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-        if b == 0:
-            return 0 if not _is_float(a) and not _is_float(b) else a / b if a else float("nan")
-        return a // b
+        if _is_float(a) or _is_float(b):
+            return S.float_floordiv(float(a), float(b))  # torch's IEEE result for b == 0
+        return 0 if b == 0 else a // b
     a, b = _promote(a, b)
     if _is_float(a):
         return torch.div(as_tensor(a), b, rounding_mode="floor")
@@ -217,9 +218,9 @@ def _floordiv(a, b):
 
 def _mod(a, b):
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-        if b == 0:
-            return a if not _is_float(a) and not _is_float(b) else float("nan")
-        return a % b
+        if _is_float(a) or _is_float(b):
+            return S.float_mod(float(a), float(b))
+        return a if b == 0 else a % b
     a, b = _promote(a, b)
     if _is_float(a):
         return torch.remainder(as_tensor(a), b)

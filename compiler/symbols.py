@@ -8,7 +8,6 @@ Python's semantics, so constant folding is exact.
 from __future__ import annotations
 
 import hashlib
-import math
 from functools import lru_cache
 
 import sympy
@@ -139,19 +138,21 @@ def dag_size(expr: sympy.Basic) -> int:
 
 # ----------------------------------------------------------------- integer functions
 def float_floordiv(a: float, b: float) -> float:
-    """``a // b`` for floats exactly as torch (and so the evaluator) computes it:
-    Python's floored division, and for ``b == 0`` IEEE's ``floor(a / b)``:
-    +-inf, or NaN for ``0 // 0.0`` (where Python raises)."""
-    if b == 0:
-        if a == 0 or math.isnan(a):
-            return math.nan
-        return math.copysign(math.inf, a) * math.copysign(1.0, b)
-    return a // b
+    """``a // b`` for floats, computed by torch in float64 as the evaluator does for
+    tensors, so that a folded constant is bit for bit the run-time value: Python's
+    floored division, and for ``b == 0`` IEEE's +-inf (NaN for ``0 // 0.0``)."""
+    import torch  # the compiler's numbers are torch's; imported late, as only folding needs it
+
+    t = torch.tensor([a, b], dtype=torch.float64)
+    return torch.div(t[0], t[1], rounding_mode="floor").item()
 
 
 def float_mod(a: float, b: float) -> float:
-    """``a % b`` for floats as torch computes it: Python's floored modulo, NaN for ``b == 0``."""
-    return math.nan if b == 0 else a % b
+    """``a % b`` for floats as torch computes it (floored; NaN for ``b == 0``)."""
+    import torch
+
+    t = torch.tensor([a, b], dtype=torch.float64)
+    return torch.remainder(t[0], t[1]).item()
 
 
 class FloorDiv(sympy.Function):

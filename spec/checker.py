@@ -660,7 +660,7 @@ class Checker:
                 raise self.error(f"shift count {y} out of range 0..63", node.right.pos)
             fn = {"<<": S.ShiftLeft, ">>": S.ShiftRight, "&": S.BitAnd, "|": S.BitOr, "^": S.BitXor}[op]
             return Typed(INT, fn(x, y))
-        if op in ("/", "//", "%") and y.is_number and y == 0:
+        if op in ("/", "//", "%") and y.is_Number and y.is_zero:  # 0 and 0.0 alike (sympy: 0.0 != 0)
             raise self.error("division by zero", node.right.pos)
         if op == "+":
             return Typed(num_type, x + y)

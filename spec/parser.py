@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from functools import lru_cache
 from importlib import resources
 
@@ -316,3 +318,48 @@ def decode_source(data: bytes, filename: str) -> str:
         line = before.count(b"\n") + 1
         col = err.start - (before.rfind(b"\n") + 1) + 1
         raise SpecError("file is not UTF-8 text", Pos(line, col), filename=filename) from None
+
+
+#: A spec file larger than this many bytes is refused before it is read (UTF-8
+#: takes at most 4 bytes per character).
+MAX_SOURCE_BYTES = 4 * MAX_SOURCE_CHARS
+
+
+def read_file(path: str | os.PathLike, where: str) -> str:
+    """The text of a spec file. Only a regular file of at most ``MAX_SOURCE_BYTES``
+    is read: a FIFO, a device (``/dev/zero``) or a huge file is refused at once,
+    never read into memory or waited on. Every failure is a ``SpecError`` at ``where``."""
+    name = os.fspath(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below refuses it
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise SpecError(f"no such file: {name}", where=where) from None
+    except IsADirectoryError:
+        raise SpecError(f"{name} is a directory, not a spec file", where=where) from None
+    except OSError as err:
+        raise SpecError(f"cannot read {name}: {err.strerror}", where=where) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"{name} is a directory, not a spec file", where=where)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{name} is not a regular file (a pipe, device or socket)", where=where)
+        if st.st_size > MAX_SOURCE_BYTES:
+            raise SpecError(f"{name} is too large ({st.st_size} bytes; a spec file has at most "
+                            f"{MAX_SOURCE_BYTES} bytes)", where=where)
+        chunks, left = [], MAX_SOURCE_BYTES + 1  # the file may grow after fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as err:
+        raise SpecError(f"cannot read {name}: {err.strerror}", where=where) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise SpecError(f"{name} is too large (more than {MAX_SOURCE_BYTES} bytes)", where=where)
+    return decode_source(data, name)
