@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import string
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import sympy
@@ -518,3 +519,29 @@ def test_non_utf8_bytes_are_located():
     with pytest.raises(attnc.SpecError) as info:
         decode_source(data, "latin.attn")
     assert str(info.value).startswith("latin.attn:3:10: error: file is not UTF-8 text")
+
+
+# ----------------------------------------------------------------- issue 9: paths are never spec text
+@pytest.mark.parametrize("rel", ["patterns/win.attn", "patterns.attn", "recurrences/r.attn", "#odd.attn"])
+def test_relative_paths_that_look_like_spec_text_are_paths(tmp_path, monkeypatch, rel):
+    import attnc
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("pattern win\n  tokens seq\n  mask causal and q - k < 2\n")
+    assert attnc.load(rel).name == "win"
+    assert attnc.load(Path(rel)).name == "win"
+    path.unlink()
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.load(rel)
+    assert info.value.message == f"no such file: {rel}"
+
+
+def test_an_existing_file_without_attn_suffix_is_a_path(tmp_path, monkeypatch):
+    import attnc
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pattern_file").write_text("pattern p\n  mask q >= k\n")
+    assert attnc.load("pattern_file").name == "p"
+    assert attnc.load("pattern p mask q >= k").name == "p"  # still spec text
