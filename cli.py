@@ -36,10 +36,11 @@ def _literal(text: str, what: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
-    try:
-        return int(text, 0)
-    except ValueError:
-        pass
+    for base in (0, 10):  # 0x.., 0b.., and decimal with leading zeros (007 is 7, as in specs)
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
     try:
         value = float(text)
     except ValueError:
@@ -99,6 +100,8 @@ def cmd_show(args) -> int:
 
     pat = _load_args(args)
     heads = args.heads
+    if heads is not None and heads < 1:
+        raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
     if isinstance(pat, ir.RecurrenceIR):
         return _show_recurrence(pat, heads or 4)
     sizes = _int_sizes(args.sizes)
@@ -114,8 +117,14 @@ def cmd_show(args) -> int:
     if args.tiles or args.q_tile or args.kv_tile:
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
-        raise SpecError(f"{bound.n} x {bound.nk} is too large to show", where="argument --sizes",
-                        hint="choose smaller sizes")
+        # checked before anything is allocated; blame what set the size
+        what = "--sizes" if pat.queries.kind == "grid" else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
+        need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
+        from .runtime.kernel_cache import human_size
+
+        raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large to show (the mask alone would need "
+                        f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
+                        where=f"argument {what}", hint="choose a smaller size")
     if pat.route is not None:
         print("# note: routing depends on q and k; this shows the mask before block selection")
     mask = E.mask_tensor(pat, bound, inputs)[0]
@@ -124,6 +133,14 @@ def cmd_show(args) -> int:
         title += " with " + ", ".join(f"{k}={v}" for k, v in bound.axis_sizes.items())
     title += f", {bound.n} queries x {bound.nk} keys"
     shown_heads = range(heads) if depends_on_head else range(1)
+    if args.png:  # the picture only, and one line saying what it holds (no text dump)
+        from .png import write_mask_png
+
+        write_mask_png(args.png, mask[list(shown_heads)])
+        density = mask[list(shown_heads)].float().mean().item()
+        heads_note = f", {len(shown_heads)} heads" if depends_on_head else ""
+        print(f"wrote {args.png}: {title}{heads_note} (density {density:.3f})")
+        return 0
     for h in shown_heads:
         density = mask[h].float().mean().item()
         print(f"{title}" + (f", head {h}" if depends_on_head else "") + f" (density {density:.3f})")
@@ -131,11 +148,6 @@ def cmd_show(args) -> int:
             print("".join("#" if x else "." for x in row.tolist()))
         if h != shown_heads[-1]:
             print()
-    if args.png:
-        from .png import write_mask_png
-
-        write_mask_png(args.png, mask[list(shown_heads)])
-        print(f"wrote {args.png}")
     return 0
 
 

@@ -85,8 +85,9 @@ def bind_sizes(
             return int(given)
         total = int(layout.length(S.N).subs(subs))
         if given is not None and given != total:
+            extents = ", ".join(f"{axis}={int(size.subs(subs))}" for axis, size in layout.axes)
             raise SpecError(
-                f"{given} {what} do not match the grid {layout.describe()} = {total} tokens",
+                f"{given} {what} do not match the grid {layout.describe()} with {extents} = {total} tokens",
                 where="argument n" if what == "queries" else "argument nk",
             )
         return total

@@ -62,9 +62,9 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
                             hint=did_you_mean(name, index) or "run 'attnc list' to see them")
         module, _ = index[name]
         return module.source, module.filename
-    if "\n" not in source and "\0" not in source and (
+    if not any(c in source for c in "\n\r\0") and (
         source.endswith(".attn") or os.path.exists(source)
-        or not source.lstrip().startswith(("pattern", "recurrence", "#"))
+        or not source.lstrip("\ufeff \t").startswith(("pattern", "recurrence", "#"))
     ):
         return read_file(source, where="argument source"), source
     return source, "<spec>"

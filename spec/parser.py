@@ -84,6 +84,8 @@ def _check_name(tok: Token) -> str:
 
 def _parse_int(tok: Token) -> int:
     text = str(tok).lower()
+    if not text.startswith(("0x", "0b")):
+        text = text.lstrip("0") or "0"  # leading zeros: decimal, 007 == 7 (documented)
     if len(text) > 40:
         raise SpecError("integer literal too large (it must fit in 64 bits)", _pos(tok))
     value = int(text, 0) if text.startswith(("0x", "0b")) else int(text)
@@ -282,7 +284,11 @@ def _syntax_error(err: lark.exceptions.LarkError) -> SpecError:
 
 
 def parse(source: str, filename: str = "<spec>") -> ast.Module:
-    """Parse the text of an ``.attn`` file. Raises ``SpecError`` (never anything else)."""
+    """Parse the text of an ``.attn`` file. Raises ``SpecError`` (never anything else).
+
+    A leading UTF-8 byte order mark is ignored; ``\r\n`` and a lone ``\r`` end a
+    line as ``\n`` does (so positions are right for every line-ending style)."""
+    source = normalize_source(source)
     if len(source) > MAX_SOURCE_CHARS:
         raise SpecError(f"spec too large ({len(source)} characters; at most {MAX_SOURCE_CHARS})",
                         where=filename)
@@ -309,14 +315,20 @@ def parse(source: str, filename: str = "<spec>") -> ast.Module:
     return module
 
 
+def normalize_source(text: str) -> str:
+    """Spec text without a byte order mark, every line ending ``\n``."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def decode_source(data: bytes, filename: str) -> str:
-    """Bytes of a spec file -> text; a non-UTF-8 file is a located ``SpecError``."""
+    """Bytes of a spec file -> text (a UTF-8 byte order mark is dropped, line
+    endings become ``\n``); a non-UTF-8 file is a located ``SpecError``."""
     try:
-        return data.decode("utf-8")
+        return normalize_source(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        before = data[: err.start]
+        before = data[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         line = before.count(b"\n") + 1
-        col = err.start - (before.rfind(b"\n") + 1) + 1
+        col = len(before) - (before.rfind(b"\n") + 1) + 1
         raise SpecError("file is not UTF-8 text", Pos(line, col), filename=filename) from None
 
 

@@ -362,3 +362,37 @@ def test_emit_gpu_without_cuda(capsys, files, monkeypatch):
     code, out, err = run(capsys, "emit", str(files["ok.attn"]), "--gpu")
     assert code == 1 and out == ""
     assert "no CUDA GPU is available" in err
+
+
+# ----------------------------------------------------------------- issue 9: smaller ones
+def test_show_heads_zero_is_refused(capsys, files):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), "--heads", "0")
+    assert code == 1 and out == ""
+    assert err.startswith("argument --heads: error: must be a positive int, got 0")
+
+
+def test_show_huge_n_blames_n_with_the_memory_needed(capsys, files):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), "--n", str(10**9))
+    assert code == 1 and out == ""
+    assert err.startswith("argument --n: error: 1000000000 queries x 1000000000 keys is too large")
+    assert "GiB" in err
+
+
+def test_show_grid_mismatch_names_the_sizes(capsys, files):
+    code, _, err = run(capsys, "show", str(files["grid.attn"]), "--n", "10", "--sizes", "height=3,width=4")
+    assert code == 1
+    assert "10 queries do not match the grid grid(y: height, x: width) with y=3, x=4 = 12 tokens" in err
+
+
+def test_show_png_writes_only_the_picture(capsys, files, tmp_path):
+    png = tmp_path / "m.png"
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "2048", "--png", str(png))
+    assert code == 0
+    assert out.count("\n") == 1 and out.startswith(f"wrote {png}: local") and "2048 queries x 2048 keys" in out
+    width, height, rows = read_png(png)
+    assert width == height >= 2048
+
+
+def test_leading_zeros_in_parameters(capsys, files):
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "6", "-p", "w=0003")
+    assert code == 0 and out.splitlines()[1:] == band(6, 3)

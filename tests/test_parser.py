@@ -545,3 +545,27 @@ def test_an_existing_file_without_attn_suffix_is_a_path(tmp_path, monkeypatch):
     (tmp_path / "pattern_file").write_text("pattern p\n  mask q >= k\n")
     assert attnc.load("pattern_file").name == "p"
     assert attnc.load("pattern p mask q >= k").name == "p"  # still spec text
+
+
+def test_leading_zeros_are_decimal():
+    import attnc
+
+    assert attnc.load("pattern p mask q - k < 000005").mask == attnc.load("pattern p mask q - k < 5").mask
+    long_zeros = "0" * 60 + "7"
+    assert attnc.load(f"pattern p(w = {long_zeros}) mask q - k < w").mask == attnc.load("pattern p mask q - k < 7").mask
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_line_endings_and_bom(tmp_path, newline):
+    import attnc
+
+    text = newline.join(["# comment", "pattern p", "  tokens seq", "  mask q < < k", ""])
+    path = tmp_path / "e.attn"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.load(path)
+    assert (info.value.pos.line, info.value.pos.col) == (4, 12)
+    assert "    mask q < < k" in str(info.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("< <", "<").encode())
+    assert attnc.load(path).name == "p"
+    assert attnc.load("\ufeff" + text.replace("< <", "<")).name == "p"
