@@ -8,7 +8,6 @@ Python's semantics, so constant folding is exact.
 from __future__ import annotations
 
 import hashlib
-from functools import lru_cache
 
 import sympy
 from sympy.core.operations import ShortCircuit
@@ -94,33 +93,43 @@ SIMPLIFY_LIMIT = 200
 
 def tree_size(expr: sympy.Basic, cap: int = SIMPLIFY_LIMIT + 1) -> int:
     """The number of nodes of ``expr`` as a tree (shared ones counted each time
-    they occur), at most ``cap``: linear in the DAG (memoised, capped)."""
+    they occur), at most ``cap``: linear in the DAG (memoised, capped, no recursion)."""
     memo: dict[int, int] = {}
-
-    def size(node: sympy.Basic) -> int:
-        key = id(node)
-        if key not in memo:
-            total = 1
-            for arg in node.args:
-                total += size(arg)
-                if total >= cap:
-                    break
-            memo[key] = min(total, cap)
-        return memo[key]
-
-    return size(expr)
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        if ready:
+            memo[id(node)] = min(cap, 1 + sum(memo[id(a)] for a in node.args))
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if id(a) not in memo)
+    return memo[id(expr)]
 
 
-@lru_cache(maxsize=65536)
+_DIGESTS: dict = {}
+
+
 def digest(expr: sympy.Basic) -> str:
     """A structural hash of ``expr``, the same in every process (sympy's hash is
     salted per process); memoised, so linear in the DAG."""
-    parts = [type(expr).__name__]
-    if expr.args:
-        parts.extend(digest(a) for a in expr.args)
-    else:
-        parts.append(sympy.srepr(expr))
-    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+    if len(_DIGESTS) > 65536:
+        _DIGESTS.clear()
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if node in _DIGESTS:
+            continue
+        if not node.args:
+            _DIGESTS[node] = hashlib.sha256(sympy.srepr(node).encode()).hexdigest()
+        elif ready:
+            parts = [type(node).__name__, *(_DIGESTS[a] for a in node.args)]
+            _DIGESTS[node] = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if a not in _DIGESTS)
+    return _DIGESTS[expr]
 
 
 def dag_size(expr: sympy.Basic) -> int:
