@@ -36,10 +36,11 @@ def _literal(text: str, what: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
-    try:
-        return int(text, 0)
-    except ValueError:
-        pass
+    for base in (0, 10):  # 0x.., 0b.., and decimal with leading zeros (007 is 7, as in specs)
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
     try:
         value = float(text)
     except ValueError:
@@ -88,17 +89,9 @@ def cmd_check(args) -> int:
 
 
 def _read_file(path: str) -> tuple[str, str]:
-    from .spec.parser import decode_source
+    from .spec.parser import read_file
 
-    try:
-        with open(path, "rb") as f:
-            return decode_source(f.read(), path), path
-    except FileNotFoundError:
-        raise SpecError(f"no such file: {path}", where=path) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory", where=path) from None
-    except OSError as err:
-        raise SpecError(f"cannot read: {err.strerror}", where=path) from None
+    return read_file(path, where=path), path
 
 
 def cmd_show(args) -> int:
@@ -107,6 +100,8 @@ def cmd_show(args) -> int:
 
     pat = _load_args(args)
     heads = args.heads
+    if heads is not None and heads < 1:
+        raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
     if isinstance(pat, ir.RecurrenceIR):
         return _show_recurrence(pat, heads or 4)
     sizes = _int_sizes(args.sizes)
@@ -122,8 +117,14 @@ def cmd_show(args) -> int:
     if args.tiles or args.q_tile or args.kv_tile:
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
-        raise SpecError(f"{bound.n} x {bound.nk} is too large to show", where="argument --sizes",
-                        hint="choose smaller sizes")
+        # checked before anything is allocated; blame what set the size
+        what = "--sizes" if pat.queries.kind == "grid" else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
+        need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
+        from .runtime.kernel_cache import human_size
+
+        raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large to show (the mask alone would need "
+                        f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
+                        where=f"argument {what}", hint="choose a smaller size")
     if pat.route is not None:
         print("# note: routing depends on q and k; this shows the mask before block selection")
     mask = E.mask_tensor(pat, bound, inputs)[0]
@@ -132,6 +133,14 @@ def cmd_show(args) -> int:
         title += " with " + ", ".join(f"{k}={v}" for k, v in bound.axis_sizes.items())
     title += f", {bound.n} queries x {bound.nk} keys"
     shown_heads = range(heads) if depends_on_head else range(1)
+    if args.png:  # the picture only, and one line saying what it holds (no text dump)
+        from .png import write_mask_png
+
+        write_mask_png(args.png, mask[list(shown_heads)])
+        density = mask[list(shown_heads)].float().mean().item()
+        heads_note = f", {len(shown_heads)} heads" if depends_on_head else ""
+        print(f"wrote {args.png}: {title}{heads_note} (density {density:.3f})")
+        return 0
     for h in shown_heads:
         density = mask[h].float().mean().item()
         print(f"{title}" + (f", head {h}" if depends_on_head else "") + f" (density {density:.3f})")
@@ -139,11 +148,6 @@ def cmd_show(args) -> int:
             print("".join("#" if x else "." for x in row.tolist()))
         if h != shown_heads[-1]:
             print()
-    if args.png:
-        from .png import write_mask_png
-
-        write_mask_png(args.png, mask[list(shown_heads)])
-        print(f"wrote {args.png}")
     return 0
 
 
@@ -331,13 +335,13 @@ def cmd_cache(args) -> int:
     print(f"{cache.dir}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {KC.human_size(total)}")
     print(f"{'DIGEST':12s} {'PATTERN':18s} {'SHAPE':34s} {'DTYPE':5s} {'DEVICE':20s} {'TRITON':8s} "
           f"{'CONFIG':24s} {'SIZE':>9s} {'AGE':>4s} STATUS")
+    cell = KC.printable  # entries are files anyone may have edited: no escape codes reach the terminal
     for e in entries:
         f = e.fields
-        bucket = KC.describe_bucket(f["bucket"]) if isinstance(f.get("bucket"), dict) else "?"
-        print(f"{e.digest[:12]:12s} {(e.pattern or '?')[:18]:18s} {bucket[:34]:34s} {str(f.get('dtype', '?'))[:5]:5s} "
-              f"{str(f.get('device', '?'))[:20]:20s} {str(f.get('triton', '?'))[:8]:8s} "
-              f"{KC.describe_config(e.config)[:24]:24s} {KC.human_size(e.size):>9s} {KC.human_age(e.age_s):>4s} "
-              f"{e.status}")
+        print(f"{e.digest[:12]:12s} {cell(e.pattern or '?')[:18]:18s} {KC.describe_bucket(f.get('bucket'))[:34]:34s} "
+              f"{cell(f.get('dtype', '?'))[:5]:5s} {cell(f.get('device', '?'))[:20]:20s} "
+              f"{cell(f.get('triton', '?'))[:8]:8s} {KC.describe_config(e.config)[:24]:24s} "
+              f"{KC.human_size(e.size):>9s} {KC.human_age(e.age_s):>4s} {cell(e.status)}")
     return 0
 
 
@@ -348,6 +352,12 @@ def cmd_emit(args) -> int:
     pat = _load_args(args)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpecError("--gpu shows the schedule of a CUDA call, and no CUDA GPU is available",
+                            where="argument --gpu", hint="without --gpu: the interpreter's schedule")
     sizes = _int_sizes(args.sizes)
     n = args.n
     if n is None and pat.queries.kind == "seq":

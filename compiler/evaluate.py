@@ -5,7 +5,8 @@ backend is tested against what this computes.
 Integers are int64 and exact; ``//`` and ``%`` are floored (Python's rule,
 also for negative operands and floats); a rational combination of integers
 (``(q - k) / 3``) is computed exactly and divided once. To keep masks total
-when every branch is evaluated, ``x // 0`` is 0 and ``x % 0`` is x for ints.
+when every branch is evaluated, ``x // 0`` is 0 and ``x % 0`` is x for ints;
+floats follow IEEE as torch does (``x // 0.0`` is +-inf or NaN, ``x % 0.0`` NaN).
 
 Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 """
@@ -90,8 +91,9 @@ def bind_sizes(
             raise SpecError(f"the grid {layout.describe()} has {total} tokens, more than int64 indices hold",
                             where="argument sizes")
         if given is not None and given != total:
+            extents = ", ".join(f"{axis}={int(size.subs(subs))}" for axis, size in layout.axes)
             raise SpecError(
-                f"{given} {what} do not match the grid {layout.describe()} = {total} tokens",
+                f"{given} {what} do not match the grid {layout.describe()} with {extents} = {total} tokens",
                 where="argument n" if what == "queries" else "argument nk",
             )
         return total
@@ -235,9 +237,9 @@ def _promote(*xs):
 
 def _floordiv(a, b):
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-        if b == 0:
-            return 0 if not _is_float(a) and not _is_float(b) else a / b if a else float("nan")
-        return a // b
+        if _is_float(a) or _is_float(b):
+            return S.float_floordiv(float(a), float(b))  # torch's IEEE result for b == 0
+        return 0 if b == 0 else a // b
     a, b = _promote(a, b)
     if _is_float(a):
         return torch.div(as_tensor(a), b, rounding_mode="floor")
@@ -248,9 +250,9 @@ def _floordiv(a, b):
 
 def _mod(a, b):
     if not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor):
-        if b == 0:
-            return a if not _is_float(a) and not _is_float(b) else float("nan")
-        return a % b
+        if _is_float(a) or _is_float(b):
+            return S.float_mod(float(a), float(b))
+        return a if b == 0 else a % b
     a, b = _promote(a, b)
     if _is_float(a):
         return torch.remainder(as_tensor(a), b)
@@ -569,10 +571,9 @@ def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, ba
 
 
 def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
-    if not expr.free_symbols:
-        return expr
+    """The sizes of ``bound`` put into ``expr`` (shared sub-expressions once)."""
     try:
-        return expr.subs(bound.subs)
+        return S.substitute(expr, bound.subs)
     except (TypeError, ValueError, ZeroDivisionError) as err:  # e.g. (heads - 1) ** -1 compared at heads = 1
         raise SpecError(f"the expression is undefined at these sizes ({err})", where="evaluation") from None
 

@@ -7,7 +7,11 @@ Python's semantics, so constant folding is exact.
 
 from __future__ import annotations
 
+import hashlib
+
 import sympy
+from sympy.core.operations import ShortCircuit
+from sympy.functions.elementary.piecewise import ExprCondPair
 from sympy.logic.boolalg import BooleanFunction
 
 # ----------------------------------------------------------------- symbols
@@ -67,24 +71,118 @@ def bit_length(x: int) -> int:
     return abs(int(x)).bit_length()
 
 
+# ----------------------------------------------------------------- sharing
+# A let used twice makes the IR a DAG: the same sympy object appears in several
+# places, and nested lets double the size of the expanded tree at each level.
+# The node classes below never rewrite their arguments beyond folding numbers,
+# because sympy's rewriting walks the expanded tree (signsimp, piecewise_fold,
+# xreplace), which is exponential in the nesting.
+
+
+def _unevaluated_abs(x: sympy.Basic) -> sympy.Basic:
+    """``abs(x)`` without sympy's sign simplification (sympy's internals take the
+    absolute value of integer factors when they ask whether a product is an int)."""
+    if x.is_Number:
+        return abs(x)
+    return sympy.Abs(x, evaluate=False)
+
+
+#: Expressions whose expanded tree is larger than this are not compared by sympy.
+SIMPLIFY_LIMIT = 200
+
+
+def tree_size(expr: sympy.Basic, cap: int = SIMPLIFY_LIMIT + 1) -> int:
+    """The number of nodes of ``expr`` as a tree (shared ones counted each time
+    they occur), at most ``cap``: linear in the DAG (memoised, capped, no recursion)."""
+    memo: dict[int, int] = {}
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in memo:
+            continue
+        if ready:
+            memo[id(node)] = min(cap, 1 + sum(memo[id(a)] for a in node.args))
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if id(a) not in memo)
+    return memo[id(expr)]
+
+
+_DIGESTS: dict = {}
+
+
+def digest(expr: sympy.Basic) -> str:
+    """A structural hash of ``expr``, the same in every process (sympy's hash is
+    salted per process); memoised, so linear in the DAG."""
+    if len(_DIGESTS) > 65536:
+        _DIGESTS.clear()
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if node in _DIGESTS:
+            continue
+        if not node.args:
+            _DIGESTS[node] = hashlib.sha256(sympy.srepr(node).encode()).hexdigest()
+        elif ready:
+            parts = [type(node).__name__, *(_DIGESTS[a] for a in node.args)]
+            _DIGESTS[node] = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if a not in _DIGESTS)
+    return _DIGESTS[expr]
+
+
+def dag_size(expr: sympy.Basic) -> int:
+    """The number of distinct sub-expressions of ``expr`` (shared ones once)."""
+    seen: set[int] = set()
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.args)
+    return len(seen)
+
+
 # ----------------------------------------------------------------- integer functions
+def float_floordiv(a: float, b: float) -> float:
+    """``a // b`` for floats, computed by torch in float64 as the evaluator does for
+    tensors, so that a folded constant is bit for bit the run-time value: Python's
+    floored division, and for ``b == 0`` IEEE's +-inf (NaN for ``0 // 0.0``)."""
+    import torch  # the compiler's numbers are torch's; imported late, as only folding needs it
+
+    t = torch.tensor([a, b], dtype=torch.float64)
+    return torch.div(t[0], t[1], rounding_mode="floor").item()
+
+
+def float_mod(a: float, b: float) -> float:
+    """``a % b`` for floats as torch computes it (floored; NaN for ``b == 0``)."""
+    import torch
+
+    t = torch.tensor([a, b], dtype=torch.float64)
+    return torch.remainder(t[0], t[1]).item()
+
+
 class FloorDiv(sympy.Function):
-    """``a // b``, floored as in Python (also for negative operands and floats)."""
+    """``a // b``, floored as in Python (also for negative operands and floats).
+
+    Numbers fold exactly as the evaluator computes them. A divisor that becomes
+    0 only once sizes are substituted (a constant 0 is a checker error) folds
+    for ints to the evaluator's total rule ``x // 0 == 0``; for floats the
+    node stays, and the evaluator gives IEEE's +-inf or NaN."""
 
     @classmethod
     def eval(cls, a, b):
-        if b.is_zero:  # only once sizes are substituted (a constant 0 is a checker error)
-            if a.is_integer:
-                return sympy.Integer(0)  # the evaluator's total rule: x // 0 == 0 for ints
-            if a.is_number:
-                raise ZeroDivisionError("float floor division by zero")
-            return None
-        if _numbers(a, b) and b != 0:
-            result = _py(a) // _py(b)
-            return sympy.Integer(result) if _ints(a, b) else sympy.Float(result)
+        if _numbers(a, b):
+            if _ints(a, b):
+                return sympy.Integer(0 if b == 0 else int(a) // int(b))
+            return None if b.is_zero else sympy.Float(float_floordiv(_py(a), _py(b)))
+        if b.is_zero:
+            return sympy.Integer(0) if isinstance(b, sympy.Integer) and a.is_integer else None
         if b == 1 and a.is_integer:
             return a
-        if a == 0 and b.is_nonzero:
+        if a == 0 and tree_size(b) <= SIMPLIFY_LIMIT and b.is_nonzero:  # sympy's is_nonzero walks the tree
             return sympy.Integer(0)
         return None
 
@@ -94,11 +192,16 @@ class FloorDiv(sympy.Function):
             return True
         return None
 
+    def _eval_Abs(self):
+        return _unevaluated_abs(self)
+
 
 class Mod(sympy.Mod):
-    """``a % b``, floored as in Python. Total like the evaluator when a divisor
-    becomes 0 only once sizes are substituted: ``x % 0 == x`` for ints (sympy's
-    own Mod raises ZeroDivisionError).
+    """``a % b``, floored as in Python. Numbers fold exactly as the evaluator
+    computes them (sympy's own Float modulo is not Python's: it gives
+    ``1.0 % 0.1 == 0``). A divisor that becomes 0 only once sizes are
+    substituted folds for ints to the evaluator's total rule ``x % 0 == x``;
+    for floats the node stays (the evaluator gives NaN).
 
     Only numbers and trivial cases are folded: sympy's symbolic Mod rewriting
     is wrong in places (sympy 1.14: ``Mod(2*Mod(x, -6), 8)`` becomes
@@ -106,17 +209,18 @@ class Mod(sympy.Mod):
 
     @classmethod
     def eval(cls, p, q):
-        if q.is_zero:
-            if p.is_integer:
-                return p
-            if p.is_number:
-                raise ZeroDivisionError("float modulo by zero")
-            return None
         if p.is_Number and q.is_Number:
-            return super().eval(p, q)
-        if p.is_integer and (p.is_zero or q in (1, -1) or p in (q, -q)):
+            if _ints(p, q):
+                return p if q == 0 else sympy.Integer(int(p) % int(q))
+            return None if q.is_zero else sympy.Float(float_mod(_py(p), _py(q)))
+        if q.is_zero:
+            return p if isinstance(q, sympy.Integer) and p.is_integer else None
+        if p.is_integer and (q in (1, -1) or p in (q, -q) or (tree_size(p) <= SIMPLIFY_LIMIT and p.is_zero)):
             return sympy.Integer(0)  # also right when q later becomes 0 (then p is 0)
         return None
+
+    def _eval_Abs(self):
+        return _unevaluated_abs(self)
 
 
 class _NoCollapse:
@@ -124,22 +228,183 @@ class _NoCollapse:
     Min/Max (sympy 1.14: ``Min(Max(1, Min(x, Max(y, Min(1/2, z)))), 6)`` becomes 6).
     Pairwise comparison of the arguments (``_find_localzeros``) still simplifies."""
 
+    def __new__(cls, *args, **assumptions):
+        evaluate = assumptions.pop("evaluate", True)
+        args = [sympy.sympify(a) for a in args]
+        if evaluate:
+            try:
+                args = frozenset(cls._new_args_filter(args))
+            except ShortCircuit:
+                return cls.zero
+            args = cls._find_localzeros(args, **assumptions)
+        args = frozenset(args)
+        if not args:
+            return cls.identity
+        if len(args) == 1:
+            return next(iter(args))
+        # sympy orders the arguments by their expanded node count, which is
+        # exponential in nested lets; large arguments are ordered by a digest.
+        if all(tree_size(a) <= SIMPLIFY_LIMIT for a in args):
+            ordered_args = list(sympy.ordered(args))
+        else:
+            ordered_args = sorted(args, key=digest)
+        obj = sympy.Expr.__new__(cls, *ordered_args, **assumptions)
+        obj._argset = args
+        return obj
+
     @classmethod
     def _collapse_arguments(cls, args, **assumptions):
         return args
 
     @classmethod
     def _is_connected(cls, x, y):  # sympy answers with its own classes; map them to ours
+        if x == y:
+            return True
+        if tree_size(x) + tree_size(y) > SIMPLIFY_LIMIT:
+            return False  # sympy's comparison (factor_terms) walks the expanded tree
         con = super()._is_connected(x, y)
         return Max if con is sympy.Max else Min if con is sympy.Min else con
+
+
+class _Branch(ExprCondPair):
+    """One (value, condition) pair of ``Piecewise``, kept as given (sympy's pair
+    folds a Piecewise inside its condition, also when sympy rebuilds it)."""
+
+    def __new__(cls, expr, cond):
+        return sympy.Tuple.__new__(cls, sympy.sympify(expr), sympy.sympify(cond))
+
+
+class Piecewise(sympy.Piecewise):
+    """``if c then a else b``: sympy's Piecewise, built without sympy's folding.
+
+    sympy flattens a Piecewise inside a condition (``ExprCondPair`` calls
+    ``piecewise_fold``, then ``simplify_logic``), which is exponential in the
+    nesting: eight nested lets ``if a > 0 then a else -a`` took minutes. Here
+    the branches stay shared sub-expressions (the IR is a DAG, linear in the
+    source); only constant conditions are folded."""
+
+    def __new__(cls, *args, **options):
+        options.pop("evaluate", None)
+        pairs = []
+        for pair in args:
+            expr, cond = (sympy.sympify(x) for x in getattr(pair, "args", pair))
+            if cond is sympy.false:
+                continue
+            pairs.append(_Branch(expr, cond))
+            if cond is sympy.true:
+                break
+        if not pairs:
+            return sympy.nan  # no branch applies (sympy's rule)
+        if pairs[0].cond is sympy.true:
+            return pairs[0].expr
+        if len(pairs) > 1 and pairs[-1].cond is sympy.true and all(p.expr == pairs[-1].expr for p in pairs):
+            return pairs[-1].expr  # both branches alike: `if c then a else a`
+        return sympy.Basic.__new__(cls, *pairs, **options)
+
+    @classmethod
+    def eval(cls, *_args):
+        return None
+
+    def _eval_Abs(self):
+        return _unevaluated_abs(self)
 
 
 class Min(_NoCollapse, sympy.Min):
     """``min``: sympy's Min, minus the wrong collapsing (see ``_NoCollapse``)."""
 
+    def _eval_Abs(self):
+        return _unevaluated_abs(self)
+
 
 class Max(_NoCollapse, sympy.Max):
     """``max``: sympy's Max, minus the wrong collapsing (see ``_NoCollapse``)."""
+
+    def _eval_Abs(self):
+        return _unevaluated_abs(self)
+
+
+def _lattice(base: type, args) -> sympy.Basic:
+    """``base(*args)`` (sympy's And or Or) for large shared arguments: sympy orders
+    the arguments by their expanded node count and compares every pair of
+    relations, both exponential in nested lets. Large arguments are only
+    flattened, and ordered by a digest (canonical, as sympy's order is). The
+    node is a plain sympy And/Or, so every pass reads it as usual."""
+    args = [sympy.sympify(a) for a in args]
+    if all(tree_size(a) <= SIMPLIFY_LIMIT for a in args):
+        return base(*args)
+    flat = []
+    for a in args:
+        if a == base.zero:
+            return base.zero
+        if a != base.identity:
+            flat.extend(a.args if isinstance(a, base) else (a,))
+    unique = frozenset(flat)
+    if len(unique) <= 1:
+        return next(iter(unique)) if unique else base.identity
+    obj = sympy.Basic.__new__(base, *sorted(unique, key=digest))
+    obj._argset = unique
+    return obj
+
+
+def rebuild(node: sympy.Basic, args) -> sympy.Basic:
+    """``node`` with new arguments, evaluated as the checker builds it: large
+    relations and and/or stay unevaluated (see ``_lattice``)."""
+    if isinstance(node, sympy.And | sympy.Or):
+        return _lattice(type(node), args)
+    if isinstance(node, sympy.core.relational.Relational) and not all(a.is_Number for a in args):
+        small = sum(tree_size(a) for a in args) <= SIMPLIFY_LIMIT
+        return node.func(*args, evaluate=small)
+    return node.func(*args)
+
+
+def substitute(expr: sympy.Basic, mapping: dict) -> sympy.Basic:
+    """``expr.subs(mapping)`` for symbols -> values, each shared sub-expression
+    rebuilt once (sympy's subs walks the expanded tree: exponential in nested lets)."""
+    memo: dict[int, sympy.Basic] = {}
+    mapping = {sympy.sympify(k): sympy.sympify(v) for k, v in mapping.items()}
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        key = id(node)
+        if key in memo:
+            continue
+        if node in mapping:
+            memo[key] = mapping[node]
+        elif not node.args or not (node.free_symbols & mapping.keys() if tree_size(node) <= SIMPLIFY_LIMIT else True):
+            memo[key] = node
+        elif ready:
+            args = [memo[id(a)] for a in node.args]
+            changed = any(new is not old for new, old in zip(args, node.args, strict=True))
+            memo[key] = rebuild(node, args) if changed else node
+        else:
+            stack.append((node, True))
+            stack.extend((a, False) for a in node.args if id(a) not in memo)
+    return memo[id(expr)]
+
+
+def logic_and(*args) -> sympy.Basic:
+    """``a and b and ...`` (see ``_lattice``)."""
+    return _lattice(sympy.And, args)
+
+
+def logic_or(*args) -> sympy.Basic:
+    """``a or b or ...`` (see ``_lattice``)."""
+    return _lattice(sympy.Or, args)
+
+
+class Abs(sympy.Abs):
+    """``abs``: sympy's Abs folding numbers only (see ``_unevaluated_abs``)."""
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return abs(arg)
+        if isinstance(arg, sympy.Abs):
+            return arg
+        return None
+
+    def _eval_Abs(self):
+        return self
 
 
 def _int_function(name: str, impl, nargs: int):

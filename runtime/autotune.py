@@ -440,10 +440,14 @@ def _schedule_of(search: ScheduleSearch, config: KernelConfig) -> TileSchedule:
 
 
 def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
-    """A file holding ``source`` (content-addressed, atomic) for ``load_kernels``."""
+    """A file holding ``source`` (content-addressed, atomic) for ``load_kernels``: in
+    the cache directory, or without a cache in this process's private source folder
+    (never a shared, predictable temp path another user could plant files in)."""
+    from .triton_backend import source_dir
+
     raw = source.encode("utf-8")
     sha = hashlib.sha256(raw).hexdigest()
-    base = cache.dir if cache is not None else Path(tempfile.gettempdir()) / "attnc-sources"
+    base = cache.dir if cache is not None else Path(source_dir())
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"src-{sha[:16]}.py"
     if not (path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha):

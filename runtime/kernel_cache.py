@@ -74,7 +74,7 @@ def default_dir() -> Path:
     """``$ATTNC_CACHE_DIR``, else the platform's user cache directory + ``attnc``."""
     env = os.environ.get("ATTNC_CACHE_DIR", "").strip()
     if env:
-        return Path(env).expanduser()
+        return _expand(env, "ATTNC_CACHE_DIR")
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA", "").strip()
         return (Path(base) if base else Path.home() / "AppData" / "Local") / "attnc" / "Cache"
@@ -84,6 +84,17 @@ def default_dir() -> Path:
     if xdg and os.path.isabs(xdg):  # the XDG spec: relative paths are invalid and ignored
         return Path(xdg) / "attnc"
     return Path.home() / ".cache" / "attnc"
+
+
+def _expand(path: str | os.PathLike, what: str) -> Path:
+    """``~`` and ``~user`` expanded; an unknown user or no home is a clean error."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError:  # pathlib: "Could not determine home directory"
+        from ..spec.errors import SpecError
+
+        raise SpecError(f"cannot expand {os.fspath(path)!r}: no such user or no home directory",
+                        where=what, hint="give an absolute path") from None
 
 
 def triton_version() -> str:
@@ -268,7 +279,7 @@ class KernelCache:
     """The cache directory. Safe for concurrent processes (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root).expanduser() if root is not None else default_dir()
+        self.root = _expand(root, "argument root") if root is not None else default_dir()
         self.dir = self.root / "kernels"
         #: why the last ``get`` missed: "absent", "corrupt: ...", "foreign: ..."
         self.last_miss: str | None = None
@@ -475,21 +486,34 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ----------------------------------------------------------------- display helpers
+def printable(text: object) -> str:
+    """``text`` safe for a terminal: control characters (escape codes from a
+    planted or corrupt entry) become ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))
+
+
 def describe_bucket(bucket: dict) -> str:
-    parts = [f"{k}={v}" for k, v in (bucket.get("axes") or {}).items()]
+    """``16x16 heads=8 d<=128 b<=1`` for a shape bucket; ``?`` when it is malformed."""
+    if not isinstance(bucket, dict):
+        return "?"
+    axes = bucket.get("axes")
+    parts = [f"{k}={v}" for k, v in axes.items()] if isinstance(axes, dict) else []
     for name in ("n", "nk"):
         if name in bucket:
             parts.append(f"{name}<={bucket[name]}")
-    head = "x".join(parts) if bucket.get("axes") else " ".join(parts)
-    return " ".join(p for p in (head, f"heads={bucket.get('heads')}", f"d<={bucket.get('head_dim')}",
-                                f"b<={bucket.get('batch')}") if p)
+    head = "x".join(parts) if axes else " ".join(parts)
+    return printable(" ".join(p for p in (head, f"heads={bucket.get('heads')}", f"d<={bucket.get('head_dim')}",
+                                          f"b<={bucket.get('batch')}") if p))
 
 
 def describe_config(config: dict | None) -> str:
+    """``64/64 flat w4 s2`` for a kernel config; ``?`` when it is malformed."""
     if not config:
         return "-"
-    return (f"{'x'.join(map(str, config['q_tile']))}/{'x'.join(map(str, config['kv_tile']))} {config['layout']} "
-            f"w{config['num_warps']} s{config['num_stages']}")
+    if validate_config(config) is not None:
+        return "?"
+    return printable(f"{'x'.join(map(str, config['q_tile']))}/{'x'.join(map(str, config['kv_tile']))} "
+                     f"{config['layout']} w{config['num_warps']} s{config['num_stages']}")
 
 
 def human_size(n: int) -> str:
@@ -511,4 +535,4 @@ def human_age(s: float) -> str:
 
 __all__ = ["CPU_DEVICE", "CacheKey", "Entry", "EntryInfo", "FORMAT", "KernelCache", "attnc_version", "default_dir",
            "describe_bucket", "describe_config", "device_name", "exact_shape", "human_age", "human_size",
-           "pow2_ceil", "shape_bucket", "triton_version", "validate_config"]
+           "pow2_ceil", "printable", "shape_bucket", "triton_version", "validate_config"]

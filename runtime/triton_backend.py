@@ -20,11 +20,13 @@ Interface for the autotuner / kernel cache:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib.util
 import math
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -96,11 +98,13 @@ def _knobs_runtime():
 
 
 def source_dir() -> str:
-    """Where generated sources are written for this process (Triton reads them back)."""
+    """Where generated sources are written for this process (Triton reads them back):
+    a private folder (mode 0700, unpredictable name), removed when the process exits."""
     global _SOURCE_DIR
     with _LOCK:
-        if _SOURCE_DIR is None:
+        if _SOURCE_DIR is None or not os.path.isdir(_SOURCE_DIR):
             _SOURCE_DIR = tempfile.mkdtemp(prefix="attnc-kernels-")
+            atexit.register(shutil.rmtree, _SOURCE_DIR, ignore_errors=True)
         return _SOURCE_DIR
 
 

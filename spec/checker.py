@@ -654,7 +654,7 @@ class Checker:
         if op in ("and", "or"):
             a = self.expect(node.left, BOOL, f"the left operand of '{op}'")
             b = self.expect(node.right, BOOL, f"the right operand of '{op}'")
-            return Typed(BOOL, sympy.And(a.expr, b.expr) if op == "and" else sympy.Or(a.expr, b.expr))
+            return Typed(BOOL, S.logic_and(a.expr, b.expr) if op == "and" else S.logic_or(a.expr, b.expr))
         a, b = self.expr(node.left), self.expr(node.right)
         for side, t in ((node.left, a), (node.right, b)):
             if t.type == BOOL:
@@ -671,7 +671,7 @@ class Checker:
                 raise self.error(f"shift count {y} out of range 0..63", node.right.pos)
             fn = {"<<": S.ShiftLeft, ">>": S.ShiftRight, "&": S.BitAnd, "|": S.BitOr, "^": S.BitXor}[op]
             return Typed(INT, fn(x, y))
-        if op in ("/", "//", "%") and y.is_number and y == 0:
+        if op in ("/", "//", "%") and y.is_Number and y.is_zero:  # 0 and 0.0 alike (sympy: 0.0 != 0)
             raise self.error("division by zero", node.right.pos)
         if op == "+":
             return Typed(num_type, x + y)
@@ -719,8 +719,11 @@ class Checker:
                 parts.append(sympy.Equivalent(a.expr, b.expr) if op == "==" else sympy.Xor(a.expr, b.expr))
                 continue
             rel = {"<": sympy.Lt, "<=": sympy.Le, ">": sympy.Gt, ">=": sympy.Ge, "==": sympy.Eq, "!=": sympy.Ne}[op]
-            parts.append(rel(a.expr, b.expr))
-        return Typed(BOOL, sympy.And(*parts))
+            # sympy decides a relation from the assumptions of its sides, which walk
+            # the expanded tree (free_symbols): exponential in nested lets.
+            small = S.tree_size(a.expr) + S.tree_size(b.expr) <= S.SIMPLIFY_LIMIT
+            parts.append(rel(a.expr, b.expr, evaluate=small))
+        return Typed(BOOL, S.logic_and(*parts))
 
     def _e_IfExpr(self, node: ast.IfExpr) -> Typed:
         cond = self.expect(node.cond, BOOL, "the condition of 'if'").expr
@@ -730,7 +733,7 @@ class Checker:
         if a.type == BOOL:
             return Typed(BOOL, sympy.ITE(cond, a.expr, b.expr))
         kind = INT if a.type == b.type == INT else FLOAT
-        return Typed(kind, sympy.Piecewise((a.expr, cond), (b.expr, True)))
+        return Typed(kind, S.Piecewise((a.expr, cond), (b.expr, sympy.true)))
 
     def _e_Call(self, node: ast.Call) -> Typed:
         # Functions (builtins, patterns) and values (params, lets, inputs) are
@@ -756,7 +759,7 @@ class Checker:
         kind = INT if all(a.type == INT for a in args) else FLOAT
         xs = [a.expr for a in args]
         if node.func == "abs":
-            return Typed(kind, sympy.Abs(xs[0]))
+            return Typed(kind, S.Abs(xs[0]))
         if node.func == "min":
             return Typed(kind, S.Min(*xs))
         if node.func == "max":

@@ -12,7 +12,7 @@ from . import ast
 from .checker import Checker
 from .errors import SpecError, did_you_mean
 from .params import blame_argument, expand_axis_params
-from .parser import decode_source, parse
+from .parser import parse, read_file
 
 STDLIB_PREFIX = "stdlib:"
 
@@ -41,9 +41,17 @@ def resolve(name: str, module: ast.Module) -> tuple[ast.Module, ast.Declaration]
 
 
 def read_source(source: str | os.PathLike) -> tuple[str, str]:
-    """(text, filename) of a path, ``stdlib:NAME`` or spec text."""
+    """(text, filename) of a path, ``stdlib:NAME`` or spec text.
+
+    A ``Path`` (any ``os.PathLike``), a string naming an existing file, or a
+    string ending in ``.attn`` is always a path (``"patterns/win.attn"``). Other
+    strings are spec text when they hold a newline or start like a spec
+    (``pattern``, ``recurrence`` or a ``#`` comment), else a path."""
     if isinstance(source, os.PathLike):
-        source = os.fspath(source)
+        name = os.fspath(source)
+        if not isinstance(name, str):
+            raise SpecError("expected a text path, got a bytes path", where="argument source")
+        return read_file(name, where="argument source"), name
     if not isinstance(source, str):
         raise SpecError(f"expected a path, 'stdlib:NAME' or spec text, got {type(source).__name__}",
                         where="argument source")
@@ -55,16 +63,11 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
                             hint=did_you_mean(name, index) or "run 'attnc list' to see them")
         module, _ = index[name]
         return module.source, module.filename
-    looks_like_text = "\n" in source or source.lstrip().startswith(("pattern", "recurrence", "#"))
-    if not looks_like_text:
-        try:
-            with open(source, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise SpecError(f"no such file: {source}", where="argument source") from None
-        except OSError as err:
-            raise SpecError(f"cannot read {source}: {err.strerror}", where="argument source") from None
-        return decode_source(data, source), source
+    if not any(c in source for c in "\n\r\0") and (
+        source.endswith(".attn") or os.path.exists(source)
+        or not source.lstrip("\ufeff \t").startswith(("pattern", "recurrence", "#"))
+    ):
+        return read_file(source, where="argument source"), source
     return source, "<spec>"
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 from functools import lru_cache
 from importlib import resources
 
@@ -82,6 +84,8 @@ def _check_name(tok: Token) -> str:
 
 def _parse_int(tok: Token) -> int:
     text = str(tok).lower()
+    if not text.startswith(("0x", "0b")):
+        text = text.lstrip("0") or "0"  # leading zeros: decimal, 007 == 7 (documented)
     if len(text) > 40:
         raise SpecError("integer literal too large (it must fit in 64 bits)", _pos(tok))
     value = int(text, 0) if text.startswith(("0x", "0b")) else int(text)
@@ -280,7 +284,11 @@ def _syntax_error(err: lark.exceptions.LarkError) -> SpecError:
 
 
 def parse(source: str, filename: str = "<spec>") -> ast.Module:
-    """Parse the text of an ``.attn`` file. Raises ``SpecError`` (never anything else)."""
+    """Parse the text of an ``.attn`` file. Raises ``SpecError`` (never anything else).
+
+    A leading UTF-8 byte order mark is ignored; ``\r\n`` and a lone ``\r`` end a
+    line as ``\n`` does (so positions are right for every line-ending style)."""
+    source = normalize_source(source)
     if len(source) > MAX_SOURCE_CHARS:
         raise SpecError(f"spec too large ({len(source)} characters; at most {MAX_SOURCE_CHARS})",
                         where=filename)
@@ -307,12 +315,63 @@ def parse(source: str, filename: str = "<spec>") -> ast.Module:
     return module
 
 
+def normalize_source(text: str) -> str:
+    """Spec text without a byte order mark, every line ending ``\n``."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+
+
 def decode_source(data: bytes, filename: str) -> str:
-    """Bytes of a spec file -> text; a non-UTF-8 file is a located ``SpecError``."""
+    """Bytes of a spec file -> text (a UTF-8 byte order mark is dropped, line
+    endings become ``\n``); a non-UTF-8 file is a located ``SpecError``."""
     try:
-        return data.decode("utf-8")
+        return normalize_source(data.decode("utf-8"))
     except UnicodeDecodeError as err:
-        before = data[: err.start]
+        before = data[: err.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         line = before.count(b"\n") + 1
-        col = err.start - (before.rfind(b"\n") + 1) + 1
+        col = len(before) - (before.rfind(b"\n") + 1) + 1
         raise SpecError("file is not UTF-8 text", Pos(line, col), filename=filename) from None
+
+
+#: A spec file larger than this many bytes is refused before it is read (UTF-8
+#: takes at most 4 bytes per character).
+MAX_SOURCE_BYTES = 4 * MAX_SOURCE_CHARS
+
+
+def read_file(path: str | os.PathLike, where: str) -> str:
+    """The text of a spec file. Only a regular file of at most ``MAX_SOURCE_BYTES``
+    is read: a FIFO, a device (``/dev/zero``) or a huge file is refused at once,
+    never read into memory or waited on. Every failure is a ``SpecError`` at ``where``."""
+    name = os.fspath(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; the fstat below refuses it
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except FileNotFoundError:
+        raise SpecError(f"no such file: {name}", where=where) from None
+    except IsADirectoryError:
+        raise SpecError(f"{name} is a directory, not a spec file", where=where) from None
+    except OSError as err:
+        raise SpecError(f"cannot read {name}: {err.strerror}", where=where) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"{name} is a directory, not a spec file", where=where)
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{name} is not a regular file (a pipe, device or socket)", where=where)
+        if st.st_size > MAX_SOURCE_BYTES:
+            raise SpecError(f"{name} is too large ({st.st_size} bytes; a spec file has at most "
+                            f"{MAX_SOURCE_BYTES} bytes)", where=where)
+        chunks, left = [], MAX_SOURCE_BYTES + 1  # the file may grow after fstat
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as err:
+        raise SpecError(f"cannot read {name}: {err.strerror}", where=where) from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise SpecError(f"{name} is too large (more than {MAX_SOURCE_BYTES} bytes)", where=where)
+    return decode_source(data, name)

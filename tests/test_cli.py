@@ -107,10 +107,10 @@ def test_check_directory(capsys, files):
 def test_check_binary_garbage(capsys, files):
     code, out, err = run(capsys, "check", str(files["garbage.attn"]))
     assert code == 1 and out == ""
-    # bytes 0..127 are valid UTF-8: the first bad byte is 0x80, after nine newlines (at 0x0a)
-    data = files["garbage.attn"].read_bytes()
-    line = data[:128].count(b"\n") + 1
-    col = 128 - (data[:128].rfind(b"\n") + 1) + 1
+    # bytes 0..127 are valid UTF-8: the first bad byte is 0x80; \n (0x0a) and a lone \r (0x0d) end lines
+    data = files["garbage.attn"].read_bytes()[:128].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    line = data.count(b"\n") + 1
+    col = len(data) - (data.rfind(b"\n") + 1) + 1
     assert err.splitlines()[0] == f"{files['garbage.attn']}:{line}:{col}: error: file is not UTF-8 text"
 
 
@@ -277,3 +277,122 @@ def test_installed_console_command(files):
     mod = subprocess.run([sys.executable, "-m", "attnc.cli", "show", str(files["ok.attn"]), "--n", "4"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert mod.returncode == 0 and mod.stdout.splitlines()[1:5] == band(4, 3)
+
+
+# ----------------------------------------------------------------- issue 9: files, cache, --gpu
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero", "sparse_huge"])
+def test_check_refuses_non_regular_and_huge_files_at_once(capsys, tmp_path, kind):
+    """A FIFO used to block forever, /dev/zero and a 3 GB file to exhaust memory."""
+    import signal
+
+    if kind == "fifo":
+        path = tmp_path / "pipe.attn"
+        os.mkfifo(path)
+        fragment = "not a regular file"
+    elif kind == "dev_zero":
+        path = "/dev/zero"
+        fragment = "not a regular file"
+    else:
+        path = tmp_path / "huge.attn"
+        with open(path, "wb") as f:
+            f.truncate(3 * 2**30)  # sparse: no disk used
+        fragment = "too large (3221225472 bytes"
+
+    def hang(*_):
+        raise TimeoutError("reading the spec file hung")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(30)
+    try:
+        for command in (["check", str(path)], ["show", str(path)]):
+            code, out, err = run(capsys, *command)
+            assert code == 1 and out == ""
+            assert fragment in err and str(path) in err
+            assert len(err.strip().splitlines()) == 1
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_load_refuses_a_fifo(tmp_path):
+    import attnc
+
+    path = tmp_path / "pipe.attn"
+    os.mkfifo(path)
+    with pytest.raises(attnc.SpecError, match="not a regular file"):
+        attnc.load(path)
+
+
+def _write_entry(directory, digest: str, data) -> None:
+    import json
+
+    (directory / f"{digest}.json").write_text(json.dumps(data))
+
+
+def test_cache_ls_lists_malformed_entries_without_escape_codes(capsys, tmp_path, monkeypatch):
+    kernels = tmp_path / "kernels"
+    kernels.mkdir()
+    _write_entry(kernels, "0" * 32, {"format": 1, "key": {"bucket": {"axes": "zz"}, "dtype": "\x1b[31mRED"},
+                                     "pattern": "\x1b[2Jevil\x07", "config": {"q_tile": 5}})
+    _write_entry(kernels, "1" * 32, [1, 2])
+    _write_entry(kernels, "2" * 32, {"format": 1, "key": {"bucket": {"heads": "\x1b]0;title\x07"}},
+                                     "config": {"q_tile": [1], "kv_tile": [1], "layout": "\x1b[1m",
+                                                "num_warps": 1, "num_stages": 1}})
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    code, out, err = run(capsys, "cache", "ls")
+    assert code == 0 and err == ""
+    assert "3 entries" in out
+    rows = [line for line in out.splitlines() if line[:1] in "012"]
+    assert len(rows) == 3 and all("invalid" in r for r in rows)
+    assert not any(ord(c) < 32 and c != "\n" for c in out), repr(out)
+    assert "?[2Jevil?" in out
+
+
+def test_cache_dir_of_an_unknown_user(capsys, monkeypatch):
+    monkeypatch.setenv("ATTNC_CACHE_DIR", "~nosuchuser_attnc/x")
+    code, out, err = run(capsys, "cache", "ls")
+    assert code == 1 and out == ""
+    assert err.startswith("ATTNC_CACHE_DIR: error: cannot expand '~nosuchuser_attnc/x'")
+
+
+def test_emit_gpu_without_cuda(capsys, files, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run(capsys, "emit", str(files["ok.attn"]), "--gpu")
+    assert code == 1 and out == ""
+    assert "no CUDA GPU is available" in err
+
+
+# ----------------------------------------------------------------- issue 9: smaller ones
+def test_show_heads_zero_is_refused(capsys, files):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), "--heads", "0")
+    assert code == 1 and out == ""
+    assert err.startswith("argument --heads: error: must be a positive int, got 0")
+
+
+def test_show_huge_n_blames_n_with_the_memory_needed(capsys, files):
+    code, out, err = run(capsys, "show", str(files["ok.attn"]), "--n", str(10**9))
+    assert code == 1 and out == ""
+    assert err.startswith("argument --n: error: 1000000000 queries x 1000000000 keys is too large")
+    assert "GiB" in err
+
+
+def test_show_grid_mismatch_names_the_sizes(capsys, files):
+    code, _, err = run(capsys, "show", str(files["grid.attn"]), "--n", "10", "--sizes", "height=3,width=4")
+    assert code == 1
+    assert "10 queries do not match the grid grid(y: height, x: width) with y=3, x=4 = 12 tokens" in err
+
+
+def test_show_png_writes_only_the_picture(capsys, files, tmp_path):
+    png = tmp_path / "m.png"
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "2048", "--png", str(png))
+    assert code == 0
+    assert out.count("\n") == 1 and out.startswith(f"wrote {png}: local") and "2048 queries x 2048 keys" in out
+    width, height, rows = read_png(png)
+    assert width == height >= 2048
+
+
+def test_leading_zeros_in_parameters(capsys, files):
+    code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "6", "-p", "w=0003")
+    assert code == 0 and out.splitlines()[1:] == band(6, 3)

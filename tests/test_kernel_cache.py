@@ -337,3 +337,27 @@ def test_display_helpers():
     assert KC.describe_bucket({"n": 1024, "heads": 2, "head_dim": 64, "batch": 1}) == "n<=1024 heads=2 d<=64 b<=1"
     assert KC.describe_bucket({"axes": {"height": 8, "width": 16}, "heads": 1, "head_dim": 64, "batch": 1}) \
         == "height=8xwidth=16 heads=1 d<=64 b<=1"
+
+
+# ----------------------------------------------------------------- issue 9: private source folders
+def test_generated_sources_go_to_a_private_folder_removed_at_exit(tmp_path):
+    """Each process used to leave /tmp/attnc-kernels-*; autotune used the shared /tmp/attnc-sources."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import os, tempfile
+        tempfile.tempdir = {str(tmp_path)!r}
+        from attnc.runtime import autotune, triton_backend
+        folder = triton_backend.source_dir()
+        path = triton_backend.write_source("x = 1\\n")
+        scratch = autotune.scratch_source(None, "y = 2\\n")
+        print(folder, path, scratch, oct(os.stat(folder).st_mode & 0o777))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    folder, path, scratch, mode = out.split()
+    assert mode == oct(0o700)
+    assert path.startswith(folder + os.sep) and scratch.startswith(folder + os.sep)
+    assert "attnc-sources" not in scratch
+    assert not os.path.exists(folder), "the process left its source folder behind"
+    assert not any(p.name.startswith("attnc-") for p in tmp_path.iterdir())

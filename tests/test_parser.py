@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import string
 from importlib import resources
+from pathlib import Path
 
 import pytest
 import sympy
@@ -26,7 +27,7 @@ from attnc.compiler import evaluate as E
 from attnc.compiler import ir
 from attnc.spec import ast
 from attnc.spec.library import lower
-from attnc.spec.parser import MAX_SOURCE_CHARS, decode_source, parse
+from attnc.spec.parser import MAX_SOURCE_CHARS, decode_source, normalize_source, parse
 
 # ----------------------------------------------------------------- the pipeline under test
 CORPUS = [
@@ -205,7 +206,7 @@ def test_binary_garbage(data, how):
         assert err.message == "file is not UTF-8 text"
         assert str(err).startswith(f"garbage.attn:{err.pos.line}:{err.pos.col}: error: ")
         return
-    assert decoded == data.decode("utf-8")
+    assert decoded == normalize_source(data.decode("utf-8"))  # BOM dropped, line endings \n
     run_pipeline(decoded)
 
 
@@ -476,14 +477,15 @@ def test_error_caret_with_tabs_and_unprintables():
 
 
 def test_error_shows_the_line_the_lexer_counts():
-    """Form feeds, vertical tabs and CRLF do not shift the shown source line."""
+    """Form feeds, vertical tabs and CRLF do not shift the shown source line; a lone CR ends a line."""
     for sep in ("\x0c", "\r", "\u2028 ", "\x1c "):
         src = f"pattern p\n  tokens{sep} seq\n  mask q < < k\n"
         with pytest.raises(attnc.SpecError) as info:
             parse(src, "ff.attn")
         lines = str(info.value).splitlines()
         if sep in ("\x0c", "\r"):  # whitespace to the lexer: the error is the second '<'
-            assert lines[0].startswith("ff.attn:3:12: ") and lines[1] == "      mask q < < k"
+            line = 4 if sep == "\r" else 3
+            assert lines[0].startswith(f"ff.attn:{line}:12: ") and lines[1] == "      mask q < < k"
         else:  # not whitespace: the error is that character, on line 2
             assert lines[0].startswith("ff.attn:2:9: ") and "tokens?" in str(info.value)
     src = "pattern p\r\n  tokens seq\r\n  mask q < < k\r\n"
@@ -518,3 +520,53 @@ def test_non_utf8_bytes_are_located():
     with pytest.raises(attnc.SpecError) as info:
         decode_source(data, "latin.attn")
     assert str(info.value).startswith("latin.attn:3:10: error: file is not UTF-8 text")
+
+
+# ----------------------------------------------------------------- issue 9: paths are never spec text
+@pytest.mark.parametrize("rel", ["patterns/win.attn", "patterns.attn", "recurrences/r.attn", "#odd.attn"])
+def test_relative_paths_that_look_like_spec_text_are_paths(tmp_path, monkeypatch, rel):
+    import attnc
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("pattern win\n  tokens seq\n  mask causal and q - k < 2\n")
+    assert attnc.load(rel).name == "win"
+    assert attnc.load(Path(rel)).name == "win"
+    path.unlink()
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.load(rel)
+    assert info.value.message == f"no such file: {rel}"
+
+
+def test_an_existing_file_without_attn_suffix_is_a_path(tmp_path, monkeypatch):
+    import attnc
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pattern_file").write_text("pattern p\n  mask q >= k\n")
+    assert attnc.load("pattern_file").name == "p"
+    assert attnc.load("pattern p mask q >= k").name == "p"  # still spec text
+
+
+def test_leading_zeros_are_decimal():
+    import attnc
+
+    assert attnc.load("pattern p mask q - k < 000005").mask == attnc.load("pattern p mask q - k < 5").mask
+    long_zeros = "0" * 60 + "7"
+    assert attnc.load(f"pattern p(w = {long_zeros}) mask q - k < w").mask == attnc.load("pattern p mask q - k < 7").mask
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_line_endings_and_bom(tmp_path, newline):
+    import attnc
+
+    text = newline.join(["# comment", "pattern p", "  tokens seq", "  mask q < < k", ""])
+    path = tmp_path / "e.attn"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.load(path)
+    assert (info.value.pos.line, info.value.pos.col) == (4, 12)
+    assert "    mask q < < k" in str(info.value)
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("< <", "<").encode())
+    assert attnc.load(path).name == "p"
+    assert attnc.load("\ufeff" + text.replace("< <", "<")).name == "p"
