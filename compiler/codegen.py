@@ -250,7 +250,10 @@ class TritonPrinter:
             return f"({a} {op} {b})"
         if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
             op = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " ^ "}[type(e)]
-            return "(" + op.join(self.p(a) for a in _sorted_args(e)) + ")"
+            # a term of the head alone is a scalar: `!= 0` makes it a bool Triton's interpreter
+            # combines with a block (its scalar comparisons refuse `|` with one)
+            return "(" + op.join(self.p(a) if _positional(a) else f"({self.p(a)} != 0)"
+                                 for a in _sorted_args(e)) + ")"
         if isinstance(e, sympy.Not):
             return f"({self.p(e.args[0])} == 0)"
         if isinstance(e, sympy.Equivalent):
@@ -548,6 +551,11 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
 
 def _has_input(e: sympy.Basic) -> bool:
     return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
+
+
+def _positional(e: sympy.Basic) -> bool:
+    """Whether an expression depends on a query or key position (else it is one value per head)."""
+    return any(sym.name in ("q", "k") or sym.name.startswith(("q_", "k_")) for sym in e.free_symbols)
 
 
 def _sorted_args(e: sympy.Basic) -> list:

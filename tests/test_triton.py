@@ -524,3 +524,14 @@ def test_only_unproven_bias_indices_are_checked_in_the_kernel():
     assert len(checks("pattern r\n input rpb: float[heads, 7]\n mask abs(q - k) <= 3\n bias rpb[h, q - k + 3]")) == 1
     spec = "pattern w\n input w: float[n]\n input idx: int[n]\n bias w[idx[k]] + w[q + 1]"
     assert [j for _, j in checks(spec)] == [0, 0] and len(checks(spec)) == 2
+
+
+@pytest.mark.parametrize("mask", ["k > q or h > 1.5", "(h * 1.0 > 0.5) and causal", "not causal or h >= 0.75"])
+def test_a_head_only_float_comparison_beside_a_block(mask):
+    # a scalar comparison of h joined with a block by and/or crashed Triton's interpreter (found by the fuzzer)
+    spec = f"pattern p\n  tokens seq\n  mask {mask}\n"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 11, 8, generator=gen) for _ in range(3))
+    want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double())
+    got = attnc.compile_attention(spec, backend="triton")(q, k, v)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
