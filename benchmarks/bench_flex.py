@@ -65,11 +65,11 @@ def case_list(quick: bool):
     if quick:
         return [("sliding window 64 @ 1K, 2 heads", "stdlib:sliding_window", {"window": 64}, None, 1024, 2,
                  sliding_mask(64)),
-                ("2-D neighborhood 7x7 @ 16x16, 2 heads", "stdlib:neighborhood_2d", {"ky": 7, "kx": 7},
+                ("2-D neighborhood 7x7 @ 16x16, 2 heads", "stdlib:neighborhood_2d", {"kernel_size_y": 7, "kernel_size_x": 7},
                  {"height": 16, "width": 16}, 256, 2, natten_mask(16, 16, 7, 7))]
     return [("sliding window 512 @ 8K, 8 heads", "stdlib:sliding_window", {"window": 512}, None, 8192, 8,
              sliding_mask(512)),
-            ("2-D neighborhood 13x13 @ 64x64, 4 heads", "stdlib:neighborhood_2d", {"ky": 13, "kx": 13},
+            ("2-D neighborhood 13x13 @ 64x64, 4 heads", "stdlib:neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
              {"height": 64, "width": 64}, 4096, 4, natten_mask(64, 64, 13, 13))]
 
 

@@ -185,10 +185,17 @@ class TritonPrinter:
         self.ranges = ranges or {}  # symbol -> largest absolute value (for the wrap-around rule)
         self.helpers: set[str] = set()
         self.used_inputs: set[int] = set()
+        self.float_type = "tl.float32"
 
     # ------------------------------------------------------------ entry points
     def bool_expr(self, e: sympy.Basic) -> str:
-        return self.p(e)
+        """A mask: its float arithmetic in float64, as the reference evaluates it, so that a comparison
+        near a tie (``(q - k) * 0.1 < 0.3``) decides the same pairs; it runs on PARTIAL tiles only."""
+        self.float_type = "tl.float64"
+        try:
+            return self.p(e)
+        finally:
+            self.float_type = "tl.float32"
 
     def float_expr(self, e: sympy.Basic) -> str:
         return self.p(e)
@@ -309,8 +316,16 @@ class TritonPrinter:
 
     def _float(self, e) -> str:
         """An expression forced to floating point."""
+        if e is sympy.true or e is sympy.false:  # a literal: no cast
+            return "1.0" if e is sympy.true else "0.0"
+        if isinstance(e, sympy.Integer):
+            return repr(float(int(e)))
+        if e.is_Number:
+            return self._number(e)
         text = self.p(e)
-        return f"({text} * 1.0)" if e.is_integer or e.is_Boolean else text
+        if not (e.is_integer or e.is_Boolean):
+            return text
+        return f"({text} * 1.0)" if self.float_type == "tl.float32" else f"{text}.to(tl.float64)"
 
     def _promoted(self, args) -> list[str]:
         """Python's int/float promotion over sibling operands."""
@@ -428,7 +443,7 @@ class TritonPrinter:
             else:  # clamped: padded slots and masked pairs may compute any index
                 terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {dim - 1}) * {stride}")
         value = f"tl.load({slot.pointer} + " + " + ".join(terms) + ")"
-        return value if slot.dtype == "int" else f"{value}.to(tl.float32)"
+        return value if slot.dtype == "int" else f"{value}.to({self.float_type})"
 
 
 def bias_index_checks(pat: ir.PatternIR, bound: E.Bound) -> list[tuple[sympy.Basic, int]]:

@@ -129,8 +129,8 @@ SEQ_CASES = [
     ("dilated", {"segment": 8, "dilation": 2, "is_causal": True}, 32, 1, None),
     ("longnet", {"segment": 8, "dilation": 2, "is_causal": False}, 32, 4, None),
     ("s2", {"block": 4, "local": 2, "vert": 4, "offset": 1}, 40, 4, None),
-    ("neighborhood_1d", {"kernel": 5, "dilation": 2, "stride": 2, "is_causal": False}, 30, 2, None),
-    ("neighborhood_1d", {"kernel": 4, "dilation": 1, "stride": 1, "is_causal": True}, 21, 1, None),
+    ("neighborhood_1d", {"kernel_size": 5, "dilation": 2, "stride": 2, "is_causal": False}, 30, 2, None),
+    ("neighborhood_1d", {"kernel_size": 4, "dilation": 1, "stride": 1, "is_causal": True}, 21, 1, None),
     ("alibi", {}, 23, 4, None),
     ("softcap", {"cap": 2.0}, 19, 2, None),
 ]
@@ -191,10 +191,10 @@ def test_gqa_and_head_dependent_terms():
 
 # ================================================================ grids
 GRID_CASES = [
-    ("neighborhood_2d", {"height": 9, "width": 7}, {"ky": 3, "kx": 5, "dy": 1, "dx": 1, "sy": 1, "sx": 2}),
+    ("neighborhood_2d", {"height": 9, "width": 7}, {"kernel_size_y": 3, "kernel_size_x": 5, "dilation_y": 1, "dilation_x": 1, "stride_y": 1, "stride_x": 2}),
     ("neighborhood_2d", {"height": 8, "width": 10},
-     {"ky": 3, "kx": 5, "dy": 2, "dx": 2, "sy": 1, "sx": 5, "causal_y": True}),
-    ("neighborhood_3d", {"frames": 4, "height": 5, "width": 6}, {"kt": 3, "ky": 3, "kx": 3}),
+     {"kernel_size_y": 3, "kernel_size_x": 5, "dilation_y": 2, "dilation_x": 2, "stride_y": 1, "stride_x": 5, "is_causal_y": True}),
+    ("neighborhood_3d", {"frames": 4, "height": 5, "width": 6}, {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3}),
     ("sliding_tile", {"frames": 5, "height": 7, "width": 8},
      {"tile_t": 2, "tile_y": 3, "tile_x": 2, "wt": 3, "wy": 3, "wx": 1}),
     ("radial", {"frames": 6, "per_frame": 12}, {"block": 3, "sink": True}),
@@ -228,7 +228,7 @@ def test_grid_box_tiles_are_flex_blocks():
     """On a grid, a Flex block is an attnc box tile: 8x8 Q tiles and 2x2 KV tiles on 24x24."""
     sizes = {"height": 24, "width": 24}
     q, k, v = qkv(1, 1, 1, 576, 4, seed=9)
-    fx = compare("stdlib:neighborhood_2d", q, k, v, sizes=sizes, q_tile=(8, 8), kv_tile=(2, 2), ky=13, kx=13)
+    fx = compare("stdlib:neighborhood_2d", q, k, v, sizes=sizes, q_tile=(8, 8), kv_tile=(2, 2), kernel_size=13)
     plan = fx.flex.last
     assert plan.block_size == (64, 4) and plan.schedule.q_tile == (8, 8)
     # neither box is a run of the row-major order: both sides are permuted, without padding
@@ -268,7 +268,7 @@ def test_neighborhood_2d_hypothesis(hh, ww, ky, kx, tile, causal):
     ky, kx = min(ky, hh), min(kx, ww)
     q, k, v = qkv(1, 1, 1, hh * ww, 4, seed=hh * 10 + ww)
     compare("stdlib:neighborhood_2d", q, k, v, sizes={"height": hh, "width": ww}, q_tile=tile,
-            kv_tile=(min(tile[0], 2), min(tile[1], 2)), ky=ky, kx=kx, causal_x=causal)
+            kv_tile=(min(tile[0], 2), min(tile[1], 2)), kernel_size=(ky, kx), is_causal_x=causal)
 
 
 def test_source_is_generated_not_copied():

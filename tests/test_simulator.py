@@ -530,4 +530,4 @@ def test_simulate_refuses_what_it_cannot_model_at_once(kwargs, argument):
     out = _run_limited(
         "import attnc\n"
         f"try:\n    attnc.simulate(**{kwargs!r})\nexcept attnc.SpecError as e:\n    print(str(e))\n", seconds=120)
-    assert argument in out and "at most" in out
+    assert argument in out and ("at most" in out or "beyond int64" in out)

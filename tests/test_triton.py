@@ -535,3 +535,14 @@ def test_a_head_only_float_comparison_beside_a_block(mask):
     want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double())
     got = attnc.compile_attention(spec, backend="triton")(q, k, v)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["(q - k) * 0.1 < 0.3", "q / 3 - k / 3 < 1.5", "h * 0.5 + q * 0.1 > k * 0.1"])
+def test_float_mask_arithmetic_is_double_as_in_the_reference(mask):
+    # the language's floats are doubles: in float32, 0.1 * 7 - 0.1 * 4 < 0.3 holds and flips whole rows
+    spec = f"pattern p\n  tokens seq\n  mask {mask}\n"
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 23, 8, generator=gen) for _ in range(3))
+    want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double())
+    got = attnc.compile_attention(spec, backend="triton")(q, k, v)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
