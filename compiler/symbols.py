@@ -108,28 +108,26 @@ def tree_size(expr: sympy.Basic, cap: int = SIMPLIFY_LIMIT + 1) -> int:
     return memo[id(expr)]
 
 
-_DIGESTS: dict = {}
-
-
 def digest(expr: sympy.Basic) -> str:
     """A structural hash of ``expr``, the same in every process (sympy's hash is
-    salted per process); memoised, so linear in the DAG."""
-    if len(_DIGESTS) > 65536:
-        _DIGESTS.clear()
+    salted per process); linear in the DAG. Nodes are memoised by identity: looking
+    a node up by equality would compare structurally equal copies of a shared DAG
+    node by node, which is exponential in its depth."""
+    memo: dict[int, str] = {}
     stack = [(expr, False)]
     while stack:
         node, ready = stack.pop()
-        if node in _DIGESTS:
+        if id(node) in memo:
             continue
         if not node.args:
-            _DIGESTS[node] = hashlib.sha256(sympy.srepr(node).encode()).hexdigest()
+            memo[id(node)] = hashlib.sha256(sympy.srepr(node).encode()).hexdigest()
         elif ready:
-            parts = [type(node).__name__, *(_DIGESTS[a] for a in node.args)]
-            _DIGESTS[node] = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+            parts = [type(node).__name__, *(memo[id(a)] for a in node.args)]
+            memo[id(node)] = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
         else:
             stack.append((node, True))
-            stack.extend((a, False) for a in node.args if a not in _DIGESTS)
-    return _DIGESTS[expr]
+            stack.extend((a, False) for a in node.args if id(a) not in memo)
+    return memo[id(expr)]
 
 
 def dag_size(expr: sympy.Basic) -> int:
@@ -215,7 +213,8 @@ class Mod(sympy.Mod):
             return None if q.is_zero else sympy.Float(float_mod(_py(p), _py(q)))
         if q.is_zero:
             return p if isinstance(q, sympy.Integer) and p.is_integer else None
-        if p.is_integer and (q in (1, -1) or p in (q, -q) or (tree_size(p) <= SIMPLIFY_LIMIT and p.is_zero)):
+        # the cheap structural tests first: asking a deep shared DAG is_integer walks its expanded tree
+        if (q in (1, -1) or p in (q, -q) or (tree_size(p) <= SIMPLIFY_LIMIT and p.is_zero)) and p.is_integer:
             return sympy.Integer(0)  # also right when q later becomes 0 (then p is 0)
         return None
 
