@@ -70,8 +70,35 @@ def _padded_lists(owner: torch.Tensor, member: torch.Tensor, heads: torch.Tensor
     return count, index.view(n_heads, n_owner, width)
 
 
+class TileCounts:
+    """Tile-pair counts over heads x Q tiles x KV tiles, shared by the listed schedule and the
+    sampled summary: each supplies ``full_count``/``partial_count`` per stored head class and
+    ``_over_heads`` to total them."""
+
+    @property
+    def full(self) -> int:
+        return self._over_heads(self.full_count)
+
+    @property
+    def partial(self) -> int:
+        return self._over_heads(self.partial_count)
+
+    @property
+    def empty(self) -> int:
+        return self.num_heads * self.num_q_tiles * self.num_kv_tiles - self.full - self.partial
+
+    @property
+    def visited(self) -> int:
+        return self.full + self.partial
+
+    @property
+    def total_pairs(self) -> int:
+        """All (head, query, key) token pairs, exactly."""
+        return self.num_heads * self.num_queries * self.num_keys
+
+
 @dataclass
-class TileSchedule:
+class TileSchedule(TileCounts):
     """Which (Q tile, KV tile) pairs to visit, per head.
 
     ``full_*``/``partial_*``: per head class (``[heads_stored, num_q_tiles]``
@@ -168,27 +195,6 @@ class TileSchedule:
     def _over_heads(self, per_class: torch.Tensor) -> int:
         total = int(per_class.sum())
         return total * self.num_heads if self.heads_stored == 1 else total
-
-    @property
-    def full(self) -> int:
-        return self._over_heads(self.full_count)
-
-    @property
-    def partial(self) -> int:
-        return self._over_heads(self.partial_count)
-
-    @property
-    def empty(self) -> int:
-        return self.num_heads * self.num_q_tiles * self.num_kv_tiles - self.full - self.partial
-
-    @property
-    def visited(self) -> int:
-        return self.full + self.partial
-
-    @property
-    def total_pairs(self) -> int:
-        """All (head, query, key) token pairs, exactly."""
-        return self.num_heads * self.num_queries * self.num_keys
 
     @property
     def allowed_total(self) -> int | float:

@@ -32,7 +32,7 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
-from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
+from .schedule import TileCounts, TileSchedule, tile_grid, tile_token_counts, tile_tokens
 
 #: Token pairs evaluated at most when refining PARTIAL tiles exactly.
 REFINE_BUDGET = 1 << 26
@@ -449,7 +449,7 @@ SUMMARY_PARTIAL_SAMPLE = 64
 
 
 @dataclasses.dataclass
-class TileSummary:
+class TileSummary(TileCounts):
     """What the cost model and the simulator read of a schedule, for tile grids too
     large to list: per-CTA FULL/PARTIAL counts of sampled Q tiles (forward) and KV
     tiles (backward), each standing for ``q_weight`` / ``kv_weight`` tiles, and
@@ -484,29 +484,9 @@ class TileSummary:
     def num_keys(self) -> int:
         return math.prod(self.kv_extents)
 
-    @property
-    def total_pairs(self) -> int:
-        return self.num_heads * self.num_queries * self.num_keys
-
     def _over_heads(self, sampled: torch.Tensor) -> int:
         total = round(float(sampled.to(torch.float64).sum()) * self.q_weight)
         return total * self.num_heads if self.heads_stored == 1 else total
-
-    @property
-    def full(self) -> int:
-        return self._over_heads(self.full_count)
-
-    @property
-    def partial(self) -> int:
-        return self._over_heads(self.partial_count)
-
-    @property
-    def empty(self) -> int:
-        return self.num_heads * self.num_q_tiles * self.num_kv_tiles - self.full - self.partial
-
-    @property
-    def visited(self) -> int:
-        return self.full + self.partial
 
     @property
     def density(self) -> float:
