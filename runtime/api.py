@@ -14,6 +14,7 @@ from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import custom_op, reference
+from .layouts import check_layout, check_orientation, to_bhnd
 from .cpu_backend import CpuRunner, describe_plan
 from .recurrence import check_state
 
@@ -76,11 +77,15 @@ class Attention(torch.nn.Module):
     Recurrences: ``initial_state=`` ``[B, Hq, D, Dv]``; ``return_state=True``
     returns ``(out, final_state)``. ``scale`` defaults to ``1/sqrt(D)``.
     Call-time inputs are keyword arguments with their declared shape,
-    optionally with a leading batch dimension.
+    optionally with a leading batch dimension. ``layout="bnhd"`` (at compile
+    time or per call) takes and returns ``[B, N, H, D]`` tensors instead
+    (``[B, *spatial, H, D]`` on a grid; see ``runtime.layouts``).
     """
 
-    def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None):
+    def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
+                 layout: str = "bhnd"):
         super().__init__()
+        self.layout = layout  # the default layout of calls (runtime.layouts)
         self.pattern = pattern
         self.backend = backend
         self.sizes = dict(sizes or {})
@@ -176,13 +181,19 @@ class Attention(torch.nn.Module):
         initial_state: torch.Tensor | None = None,
         return_state: bool = False,
         sizes: dict | None = None,
+        layout: str | None = None,
         **inputs,
     ):
-        _check_qkv(q, k, v)
-        check_state(initial_state, q, "initial_state")
-        return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        layout = self.layout if layout is None else check_layout(layout)
+        # the backends compute in [B, H, N, D]: other layouts become views here and the results views back
+        q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
+        _check_qkv(q, k, v)
+        if restore.spatial is None:
+            check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
+        check_state(initial_state, q, "initial_state")
+        return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
         device = q.device.type
         if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
             # As torch's own attention under autocast: q, k, v in the autocast dtype, the
@@ -191,10 +202,11 @@ class Attention(torch.nn.Module):
             low = torch.get_autocast_dtype(device)
             q, k, v = q.to(low), k.to(low), v.to(low)
             with torch.autocast(device, enabled=False):
-                return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
-                                     return_state=return_state, sizes=sizes, **inputs)
-        return self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
-                             return_state=return_state, sizes=sizes, **inputs)
+                return restore.result(self._forward(q, k, v, scale=scale, return_lse=return_lse,
+                                                    initial_state=initial_state, return_state=return_state,
+                                                    sizes=sizes, **inputs), return_lse, return_state)
+        return restore.result(self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                                            return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
         pat = self.pattern
@@ -373,6 +385,7 @@ def compile_attention(
     name: str | None = None,
     q_tile=None,
     kv_tile=None,
+    layout: str = "bhnd",
     **params,
 ) -> Attention:
     """Compile a pattern or recurrence into a differentiable ``torch.nn.Module``.
@@ -394,7 +407,12 @@ def compile_attention(
     Triton kernels (the interpreter on CPU tensors), ``"auto"`` Triton on CUDA
     tensors and the chunked torch path otherwise; ``q_tile`` forces the chunk
     size (16, 32 or 64; the simulator chooses otherwise). Decoding: ``step``.
+    ``layout``: ``"bhnd"`` (``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, and
+    ``[B, *spatial, H, D]`` on a grid, whose extents then give the sizes): the
+    default of every call (a call may pass its own); results come back in it
+    (``runtime.layouts``; ``step`` always takes ``[B, H, D]``).
     """
+    check_layout(layout)
     if backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
                         hint="available in this version: " + ", ".join(BACKENDS))
@@ -417,10 +435,10 @@ def compile_attention(
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
         chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
-        return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None)
+        return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None, layout)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     chosen = backend if backend in ("reference", "triton", "flex") else "cpu"
-    attn = Attention(pat, chosen, sizes, q_tile, kv_tile)
+    attn = Attention(pat, chosen, sizes, q_tile, kv_tile, layout)
     attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
     return attn
 
