@@ -12,6 +12,7 @@ it exactly through the reference backend::
 
 from .compiler.ir import PatternIR, RecurrenceIR
 from .runtime.api import Attention, compile_attention, materialize_mask, simulate
+from .runtime.natten import na1d, na2d, na3d, neighborhood_attention
 from .spec.errors import SpecError
 from .spec.library import load
 
@@ -25,5 +26,9 @@ __all__ = [
     "compile_attention",
     "load",
     "materialize_mask",
+    "na1d",
+    "na2d",
+    "na3d",
+    "neighborhood_attention",
     "simulate",
 ]

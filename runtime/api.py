@@ -14,8 +14,8 @@ from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
 from . import custom_op, reference
-from .layouts import check_layout, check_orientation, to_bhnd
 from .cpu_backend import CpuRunner, describe_plan
+from .layouts import check_layout, check_orientation, to_bhnd
 from .recurrence import check_state
 
 BACKENDS = ("auto", "cpu", "reference", "triton", "flex")
