@@ -172,3 +172,33 @@ def test_ambiguous_shapes_follow_the_layout():
     attn = attnc.compile_attention("stdlib:sliding_window", window=3, backend="reference")
     x = torch.randn(1, 6, 3, 8)
     assert attn(x, x, x).shape == (1, 6, 3, 8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "flex"])
+def test_bnhd_on_kernel_backends(backend):
+    # the layout is converted at the API boundary: the generated kernels see [B, H, N, D] views
+    q, k, v = (torch.randn(1, 16, 2, 16, generator=torch.Generator().manual_seed(s)) for s in (22, 23, 24))
+    o, lse = attnc.compile_attention("stdlib:sliding_window", window=4, backend=backend, layout="bnhd")(
+        q, k, v, return_lse=True)
+    ref = attnc.compile_attention("stdlib:sliding_window", window=4, backend="reference")
+    o_ref, lse_ref = ref(*(t.transpose(1, 2) for t in (q, k, v)), return_lse=True)
+    torch.testing.assert_close(o, o_ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_recurrence_fla_layout():
+    torch._dynamo.reset()
+    B, T, H, D = 1, 18, 2, 4
+    q, k, v = (_rand(B, T, H, D, seed=s) for s in (25, 26, 27))
+    g = (-torch.rand(B, T, H, generator=torch.Generator().manual_seed(28), dtype=F64)).requires_grad_()
+    attn = attnc.compile_attention("stdlib:mamba2", backend="cpu", q_tile=16, layout="bnhd")
+    eager, e_state = attn(q, k, v, g=g, return_state=True)
+    w = _rand(*eager.shape, seed=29, grad=False)
+    want = _grads((eager, e_state), (w, torch.ones_like(e_state)), (q, k, v, g))
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    out, state = compiled(q, k, v, g=g, return_state=True)
+    got = _grads((out, state), (w, torch.ones_like(state)), (q, k, v, g))
+    torch.testing.assert_close(out, eager, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, e_state, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
