@@ -199,9 +199,16 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
                         hint="available in this version: " + ", ".join(BACKENDS))
     attn = _module(rank, kernel, stride, dilation, causal, spatial, backend)
+    try:  # dtypes, devices, heads and scale are checked by the module
+        result = attn(query, key, value, scale=scale, return_lse=return_lse or add_k is not None)
+    except SpecError as err:
+        names = {"argument q": "argument query", "argument k": "argument key", "argument v": "argument value"}
+        if err.where not in names:
+            raise
+        raise SpecError(err.message, where=names[err.where], hint=err.hint) from None
     if add_k is None:
-        return attn(query, key, value, scale=scale, return_lse=return_lse)
-    out, lse = attn(query, key, value, scale=scale, return_lse=True)  # scale is checked here
+        return result
+    out, lse = result
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     flat = query.flatten(1, -3)
     out_x, lse_x = _extra_segment(flat, add_k, add_v, scale)

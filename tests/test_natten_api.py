@@ -156,6 +156,8 @@ def test_arguments_checked_naming_the_argument():
     _refused("argument key", "spatial extents", attnc.na2d, x2, torch.randn(1, 6, 5, 2, 4), x2, 3)
     _refused("argument query", "4-D, 5-D or 6-D", attnc.neighborhood_attention, torch.randn(2, 4), x1, x1, 3)
     _refused("argument scale", "finite", attnc.na1d, x1, x1, x1, 3, scale=float("nan"))
+    _refused("argument key", "share a dtype", attnc.na1d, x1, x1.double(), x1, 3)
+    _refused("argument key", "multiple", attnc.na1d, torch.randn(1, 8, 3, 4), x1, x1, 3)
     _refused("argument backend", "unknown", attnc.na1d, x1, x1, x1, 3, backend=["cpu"])
     extra = torch.randn(1, 3, 2, 4)
     _refused("argument additional_values", "together", attnc.na1d, x1, x1, x1, 3, additional_keys=extra)
