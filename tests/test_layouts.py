@@ -156,6 +156,13 @@ def test_swapped_shapes_refused_from_input_dims():
     assert out.shape == x.shape
 
 
+def test_gate_in_the_wrong_order_refused_in_the_callers_terms():
+    attn = attnc.compile_attention("stdlib:mamba2", backend="cpu", layout="bnhd")
+    x = torch.randn(2, 10, 3, 4)
+    _refused(attn, x, x, x, g=-torch.rand(2, 3, 10), where="argument g", match="expects [B, n, heads] with n = 10")
+    _refused(attn, x, x, x, g=-torch.rand(3, 10), where="argument g", match="[n, heads]")
+
+
 def test_bad_layout_and_rank_refused():
     with pytest.raises(SpecError) as info:
         attnc.compile_attention("stdlib:sliding_window", layout="nhd")
