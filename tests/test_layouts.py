@@ -209,3 +209,11 @@ def test_torch_compile_fullgraph_recurrence_fla_layout():
     torch.testing.assert_close(state, e_state, rtol=1e-12, atol=1e-12)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_cross_attention_bnhd_with_gqa():
+    spec = "pattern cross\n  queries seq\n  keys seq\n  mask k <= q + 2\n"
+    q, k, v = _rand(1, 5, 2, 4, seed=30), _rand(1, 9, 1, 4, seed=31), _rand(1, 9, 1, 3, seed=32)
+    o = attnc.compile_attention(spec, backend="cpu", layout="bnhd")(q, k, v)
+    o_ref = attnc.compile_attention(spec, backend="reference")(*(t.transpose(1, 2) for t in (q, k, v)))
+    torch.testing.assert_close(o, o_ref.transpose(1, 2), rtol=1e-12, atol=1e-12)
