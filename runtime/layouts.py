@@ -23,6 +23,7 @@ layout alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import sympy
 import torch
@@ -172,9 +173,16 @@ def _grid_tokens(axes, sizes: dict) -> int | None:
     """The token count of a grid whose sizes are all known (else None)."""
     if not axes:
         return None
+    known = tuple(sorted((k, v) for k, v in sizes.items() if isinstance(k, str) and type(v) is int))
+    return _grid_tokens_of(axes, known)
+
+
+@lru_cache(maxsize=256)
+def _grid_tokens_of(axes, known: tuple) -> int | None:
+    # memoised: sympy substitution costs milliseconds, and this runs on every call
     total = 1
     for _, size in axes:
-        value = size.subs(_subs(sizes))
+        value = size.subs(_subs(dict(known)))
         if not value.is_number:
             return None
         total *= int(value)
