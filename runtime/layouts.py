@@ -100,11 +100,18 @@ def _flat(t, name: str, axes, sizes: dict, known: dict) -> tuple[torch.Tensor, t
                         f"(layout 'bnhd'), got shape {list(t.shape)}", where=f"argument {name}")
     spatial = tuple(int(e) for e in t.shape[1:-2])
     for (axis, size), extent in zip(axes, spatial, strict=True):
-        value = size.subs(_subs({**known, **sizes}))
         size_name = str(size).removeprefix("size_")
-        if isinstance(size, sympy.Symbol) and size_name not in sizes and size_name not in known:
-            sizes[size_name] = extent
-        elif value.is_number and int(value) != extent:
+        if isinstance(size, sympy.Symbol):  # the common case, without sympy substitution (per call)
+            given = sizes.get(size_name, known.get(size_name))
+            if given is None:
+                sizes[size_name] = extent
+                continue
+            if type(given) is not int:  # a bad value: bind_sizes names it
+                continue
+            value = sympy.Integer(given)
+        else:
+            value = size.subs(_subs({**known, **sizes}))
+        if value.is_number and int(value) != extent:
             raise SpecError(f"axis {axis} has extent {extent} in shape {list(t.shape)}, but the grid's size "
                             f"{size_name} is {int(value)}", where=f"argument {name}")
         elif not value.is_number:
