@@ -126,6 +126,7 @@ class AutoRunner:
         self.unlowerable: str | None = None  # why the pattern has no Flex lowering (then always the executor)
         try:
             self.flex = FlexRunner(pat, q_tile, kv_tile)
+            self.flex.schedule_source = cpu_runner  # each tile shape classified once for both
         except SpecError as err:
             self.unlowerable = err.message
         self.last: Choice | None = None

@@ -206,6 +206,8 @@ class FlexRunner:
         self.last_routed: TileSchedule | None = None  # routing: the latest call's per (batch, head) lists
         self.last_block_mask = None
         self._dynamic_last: tuple | None = None
+        #: backend="auto": the CPU runner whose classified schedules (static masks) this one shares
+        self.schedule_source = None
 
     # ------------------------------------------------------------ planning
     def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
@@ -243,8 +245,17 @@ class FlexRunner:
         return best[1:]
 
     def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict) -> TileSchedule:
+        memo = None
+        if self.schedule_source is not None and not mask_input_names(self.pattern):
+            memo = self.schedule_source.schedules_for((tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk,
+                                                       bound.heads))
+            if (q_tile, kv_tile, flat) in memo:
+                return memo[(q_tile, kv_tile, flat)]
         pat, b = (flat_view(self.pattern, bound) if flat else (self.pattern, bound))
-        return classify_tiles(pat, b, q_tile, kv_tile, tensors)
+        sched = classify_tiles(pat, b, q_tile, kv_tile, tensors)
+        if memo is not None:
+            memo[(q_tile, kv_tile, flat)] = sched
+        return sched
 
     def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
         pat = self.pattern

@@ -31,11 +31,11 @@ def decide(spec, n, heads, sizes=None, dtype=torch.float32, grad=False, need_lse
 def test_flex_only_where_its_fused_cpu_kernel_serves(case):
     """Training, lse and float64 calls would run Flex's dense O(N^2) implementation: the executor."""
     kw = {"grad": case == "grad", "need_lse": case == "lse", "dtype": torch.float64 if case == "fp64" else torch.float32}
-    choice = decide("stdlib:sliding_window", 8192, 8, window=512, **kw)
+    choice = decide("stdlib:sliding_window", 2048, 4, window=256, **kw)
     assert choice.backend == "cpu" and choice.flex_s is None
     assert {"grad": "gradients", "lse": "lse", "fp64": "float64"}[case] in choice.reason
     # the same plan for inference in fp32: Flex (modelled faster)
-    assert decide("stdlib:sliding_window", 8192, 8, window=512).backend == "flex"
+    assert decide("stdlib:sliding_window", 2048, 4, window=256).backend == "flex"
 
 
 @pytest.mark.parametrize("spec,n,heads,sizes,params,expected", [
@@ -143,8 +143,8 @@ def test_flex_module_under_torch_compile_fullgraph():
 
 
 def test_auto_module_under_torch_compile_fullgraph():
-    """Under torch.compile, auto's per-call choice happens inside the op (inference) or the executor's
-    op serves the call (training)."""
+    """Under torch.compile, auto's per-call choice happens inside attnc::runner_attention (inference;
+    training calls go to the executor's own op, tested with the CPU backend)."""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 70, 8, generator=g) for _ in range(3))
     attn = attnc.compile_attention("stdlib:sliding_window", window=9)
@@ -155,13 +155,6 @@ def test_auto_module_under_torch_compile_fullgraph():
         out = fn(q, k, v)
     assert attn.chosen_backend == "flex"
     torch.testing.assert_close(out, ref(q, k, v), rtol=1e-5, atol=1e-5)
-    qg = q.clone().requires_grad_()
-    out = fn(qg, k, v)
-    (dq,) = torch.autograd.grad(out.sum(), qg)
-    qr = q.clone().requires_grad_()
-    (dq_ref,) = torch.autograd.grad(ref(qr, k, v).sum(), qr)
-    torch.testing.assert_close(dq, dq_ref, rtol=1e-5, atol=1e-5)
-    assert attn._runner.last is not None  # the executor ran (its op)
 
 
 # ================================================================ Flex plans
