@@ -517,3 +517,45 @@ def describe(runner: FlexRunner, pat: ir.PatternIR) -> str:
 def refuse_recurrence(rec: ir.RecurrenceIR) -> None:
     raise SpecError(f"'{rec.name}' is a recurrence: it has no softmax to lower to FlexAttention",
                     where="argument backend", hint="use backend='cpu', 'triton' or 'reference' for recurrences")
+
+
+class FlexBuilder:
+    """The Flex lowering as an autotuner candidate (``runtime.autotune``'s ``KernelBuilder``
+    protocol): ``source`` is the generated mods, ``runner`` times this lowering's forward on random
+    q, k, v of the tuned shape (the compiled kernel; compiled once, before timing, by the timer's
+    warm-up). ``compiled=False``: Flex's dense implementation (tests)."""
+
+    name = "flex"
+
+    def __init__(self, compiled: bool = True):
+        self.compiled = compiled
+        self._runners: dict = {}
+
+    def _runner(self, pat: ir.PatternIR) -> FlexRunner:
+        key = pat.key()
+        if key not in self._runners:
+            self._runners[key] = FlexRunner(pat)
+            self._runners[key].compiled = self.compiled
+        return self._runners[key]
+
+    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule, config) -> str:
+        if mask_input_names(pat):
+            return f"# flex lowering of '{pat.name}': mods and BlockMask generated per call (data-dependent mask)\n"
+        return self._runner(pat).plan(bound, {}, frozenset()).source.text
+
+    def load(self, path):
+        return None  # nothing to load: the runner compiles Flex's kernel itself
+
+    def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule, config, *, head_dim: int, dtype: str,
+               batch: int, device, inputs: dict | None):
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
+                   for n in (bound.n, bound.nk, bound.nk))
+        runner, scale, given = self._runner(pat), head_dim ** -0.5, dict(inputs or {})
+
+        def run():
+            with torch.no_grad():
+                return runner(bound, q, k, v, given, scale, False)
+
+        return run

@@ -194,3 +194,57 @@ def test_short_sequences_get_power_of_two_blocks_and_mods_are_shared_across_leng
     a, b = (grid.plan(E.bind_sizes(grid.pattern, heads=1, sizes={"height": h, "width": 16}), {}, frozenset())
             for h in (16, 24))
     assert a.namespace is not b.namespace  # the axis lengths are literals of the NATTEN window
+
+
+# ================================================================ the autotuner's Flex candidate
+class _FakeTriton:
+    """Triton candidates that return their config when run (no kernels: the selection logic only)."""
+
+    name = "fake"
+
+    def source(self, pat, bound, schedule, config):
+        return f"# fake kernel {config}\n"
+
+    def load(self, path):
+        return None
+
+    def runner(self, kernels, pat, bound, schedule, config, **kw):
+        return lambda: config
+
+
+@pytest.mark.parametrize("flex_ms,winner", [(0.5, "flex"), (5.0, "triton")])
+def test_autotuner_times_the_flex_lowering_beside_the_kernels(tmp_path, flex_ms, winner):
+    """The injectable timer times every candidate, the Flex lowering included (it really runs here:
+    Flex's dense implementation on CPU); the winner's backend is recorded in the result and the cache,
+    and the cached config stays the best Triton kernel's."""
+    from attnc.runtime import autotune as A
+    from attnc.runtime import kernel_cache as KC
+
+    pat = attnc.load("stdlib:sliding_window", window=24)
+    bound = E.bind_sizes(pat, n=256, heads=2)
+    ran = []
+
+    def timer(fn):
+        res = fn()
+        if isinstance(res, tuple):  # the Flex candidate: (out, lse) of a real Flex call
+            out, _ = res
+            assert out.shape == (1, 2, 256, 64) and torch.isfinite(out).all()
+            ran.append("flex")
+            return flex_ms
+        return 1.0 + res.q_tokens / 1024  # Triton candidates: the smallest Q tile wins at >= 1 ms
+
+    cache = KC.KernelCache(tmp_path / "cache")
+    res = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                     flex=True, flex_builder=FB.FlexBuilder(compiled=False), progress=False)
+    assert ran == ["flex"] and [t.backend for t in res.trials].count("flex") == 1
+    assert res.winner == winner and res.config.q_tokens == min(t.config.q_tokens for t in res.trials)
+    assert next(t for t in res.trials if t.backend == "flex").to_dict()["backend"] == "flex"
+    assert "def mask_mod" in FB.FlexBuilder(compiled=False).source(pat, bound, None, None)
+    again = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                       progress=False)
+    assert again.from_cache and again.winner == winner and again.config == res.config
+    assert A.tuned_winner(pat, bound, head_dim=64, cache=cache) == winner
+    # without flex=True on CPU (tests, the CLI): the Triton candidates only, as before
+    plain = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                       progress=False, retune=True)
+    assert all(t.backend == "triton" for t in plain.trials) and plain.winner == "triton"
