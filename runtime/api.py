@@ -123,6 +123,8 @@ class Attention(torch.nn.Module):
         self.auto = auto
         self._last_call: dict | None = None
         self._last_device: str | None = None
+        self._cuda_winner: dict = {}  # auto on CUDA: the tuned winner per shapes ("triton" or "flex")
+        self._cuda_last: str | None = None
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -139,11 +141,11 @@ class Attention(torch.nn.Module):
     @property
     def chosen_backend(self) -> str | None:
         """The backend that ran the latest softmax call: ``"cpu"`` or ``"flex"`` under ``auto`` on CPU
-        tensors (``last_choice`` says why), ``"triton"`` under ``auto`` on CUDA tensors, else the backend
-        asked for; None before the first call of ``auto``."""
+        tensors (``last_choice`` says why), ``"triton"`` or ``"flex"`` (the autotuner's winner) under
+        ``auto`` on CUDA tensors, else the backend asked for; None before the first call of ``auto``."""
         if self._auto_runner is not None and self._last_device != "cuda":
             return None if self._auto_runner.last is None else self._auto_runner.last.backend
-        return "triton" if self.auto and self._last_device == "cuda" else self.backend
+        return self._cuda_last if self.auto and self._last_device == "cuda" else self.backend
 
     @property
     def last_choice(self):
@@ -299,7 +301,11 @@ class Attention(torch.nn.Module):
         elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.decide(
                 bound, q, k, v, inputs, return_lse).backend == "flex":
             out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
+        elif self.auto and q.is_cuda and self._cuda_flex_won(bound, q):
+            self._cuda_last = "flex"
+            out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self.backend == "triton" or (self.auto and q.is_cuda):
+            self._cuda_last = "triton"
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
@@ -339,6 +345,27 @@ class Attention(torch.nn.Module):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values())
                                                if isinstance(t, torch.Tensor))
         return fused_refusal(q.device, q.dtype, grad, return_lse) is None
+
+    def _cuda_flex_won(self, bound: E.Bound, q: torch.Tensor) -> bool:
+        """``auto`` on CUDA with the autotuner installed (``autotune.install``): whether the Flex
+        lowering beat attnc's kernels for this shape bucket (the tuner times it beside them and
+        records the winner; ``autotune.tuned_winner``). A known winner is remembered per shapes."""
+        if self._auto_runner is None or self._auto_runner.flex is None:
+            return False
+        from .triton_backend import TritonRunner
+
+        if TritonRunner.config_hook is None:  # no tuning: attnc's kernels with the simulator's schedule
+            return False
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, *q.shape[::3], q.dtype)
+        if key not in self._cuda_winner:
+            from . import autotune
+
+            winner = autotune.tuned_winner(self.pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype,
+                                           batch=int(q.shape[0]), device=q.device)
+            if winner is None:  # not tuned yet: the Triton runner tunes this bucket at this call
+                return False
+            self._cuda_winner[key] = winner
+        return self._cuda_winner[key] == "flex"
 
     def _triton_runner(self):
         if self._triton is None:
