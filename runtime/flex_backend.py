@@ -209,6 +209,13 @@ class FlexRunner:
         #: backend="auto": the CPU runner whose classified schedules (static masks) this one shares
         self.schedule_source = None
 
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle, torch.save of a model) keep the configuration, not the plans:
+        generated functions and compiled kernels do not pickle; a copy plans again at its first call."""
+        state = dict(self.__dict__)
+        state.update(plans={}, last=None, last_path=None, last_routed=None, last_block_mask=None, _dynamic_last=None)
+        return state
+
     # ------------------------------------------------------------ planning
     def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
         """(Q tile, KV tile, flat, its schedule or None) with the least modelled Flex work;

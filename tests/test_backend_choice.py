@@ -248,3 +248,24 @@ def test_autotuner_times_the_flex_lowering_beside_the_kernels(tmp_path, flex_ms,
     plain = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
                        progress=False, retune=True)
     assert all(t.backend == "triton" for t in plain.trials) and plain.winner == "triton"
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_modules_that_ran_flex_copy_and_save(backend):
+    """deepcopy and torch.save of a module after a Flex call (its plans hold generated functions):
+    the copy plans again and computes the same."""
+    import copy
+    import io
+
+    attn = attnc.compile_attention("stdlib:sliding_window", backend=backend, window=8)
+    runner = attn.flex if backend == "flex" else attn._auto_runner.flex
+    runner.compiled = False
+    q = torch.randn(1, 2, 40, 8)
+    with torch.no_grad():
+        out = attn(q, q, q)
+        buf = io.BytesIO()
+        torch.save(attn, buf)
+        buf.seek(0)
+        for twin in (copy.deepcopy(attn), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(twin(q, q, q), out, rtol=0, atol=0)
+            assert twin.chosen_backend == "flex"
