@@ -118,6 +118,7 @@ class FlexSource:
     mask_inputs: tuple[str, ...]  # input names, then "__sel", "__kb" (routing), for mask_mod
     score_inputs: tuple[str, ...]  # input names, then DECAY_BUFFERS (FoX prefix sums), for score_mod
     has_score_mod: bool
+    body: str = ""  # the text without its header: equal bodies are the same functions (shared compiles)
 
 
 class FlexPrinter:
@@ -445,8 +446,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     mask_fn = ["def mask_mod(" + ", ".join(["b", "h", "q_idx", "kv_idx", *mask_args]) + "):",
                '    """True where query q may attend key k (head h, batch element b)."""',
                *("    " + ln for ln in prologue()), *("    " + ln for ln in route_lines), f"    return {allowed}"]
-    parts = [_header(pat, bound, q_map, k_map),
-             "\n\n".join(HELPERS[n].strip("\n") for n in HELPERS if n in helpers), "\n".join(mask_fn)]
+    parts = ["\n\n".join(HELPERS[n].strip("\n") for n in HELPERS if n in helpers), "\n".join(mask_fn)]
     score_args = [inputs[n][0] for n in score_printer.used_inputs]
     has_score = cap_text is not None or bias_text is not None or pat.decay is not None
     if has_score:
@@ -469,10 +469,11 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
         parts.append("\n".join(["def score_mod(" + ", ".join(["score", "b", "h", "q_idx", "kv_idx", *score_args]) + "):",
                                 '    """The score terms after scale * q.k: softcap, bias, decay."""',
                                 *("    " + ln for ln in body)]))
-    text = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
+    body = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
+    text = _header(pat, bound, q_map, k_map) + "\n\n\n" + body
     score_names = tuple(score_printer.used_inputs) + (DECAY_BUFFERS if pat.decay is not None else ())
     mask_names = tuple(mask_printer.used_inputs) + (("__sel", "__kb") if pat.route is not None else ())
-    return FlexSource(text, mask_names, score_names, has_score)
+    return FlexSource(text, mask_names, score_names, has_score, body)
 
 
 def _is_tensor(e: sympy.Basic) -> bool:

@@ -83,7 +83,7 @@ class Attention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
-                 layout: str = "bhnd"):
+                 layout: str = "bhnd", auto: bool = False):
         super().__init__()
         self.layout = layout  # the default layout of calls (runtime.layouts)
         self.pattern = pattern
@@ -103,10 +103,19 @@ class Attention(torch.nn.Module):
             self._runner = CpuRunner(pattern, q_tile, kv_tile)
             self._runner_key = custom_op.register(self._runner)
         self.flex = None  # backend="flex": the FlexAttention lowering (runtime.flex_backend)
+        self._flex_key = None
         if backend == "flex":
             from .flex_backend import FlexRunner
 
             self.flex = FlexRunner(pattern, q_tile, kv_tile)
+            self._flex_key = custom_op.register(self.flex)  # under torch.compile: attnc::runner_attention
+        #: backend="auto" on CPU tensors: the executor or the Flex lowering per call (runtime.backend_choice)
+        self._auto_runner = self._auto_key = None
+        if auto and self._runner is not None:
+            from .backend_choice import AutoRunner
+
+            self._auto_runner = AutoRunner(pattern, self._runner, q_tile, kv_tile)
+            self._auto_key = custom_op.register(self._auto_runner)
         # softmax on Triton: backend="triton" (CUDA natively, CPU tensors under the interpreter),
         # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
         self._tiles = (q_tile, kv_tile)
@@ -115,8 +124,11 @@ class Attention(torch.nn.Module):
             from ..compiler.codegen import check_fp32_constants
 
             check_fp32_constants(pattern)  # float32 kernels: refused when compiling, not at the first call
-        self.auto = False
+        self.auto = auto
         self._last_call: dict | None = None
+        self._last_device: str | None = None
+        self._cuda_winner: dict = {}  # auto on CUDA: the tuned winner per shapes ("triton" or "flex")
+        self._cuda_last: str | None = None
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -124,12 +136,34 @@ class Attention(torch.nn.Module):
             self._runner_key = custom_op.register(self._runner)
         if getattr(self, "_rec_runner", None) is not None:
             self._rec_key = custom_op.register(self._rec_runner)
+        if getattr(self, "flex", None) is not None:
+            self._flex_key = custom_op.register(self.flex)
+        if getattr(self, "_auto_runner", None) is not None:
+            self._auto_runner.cpu = self._runner  # one executor runner per module (deepcopy keeps them apart)
+            self._auto_key = custom_op.register(self._auto_runner)
+
+    @property
+    def chosen_backend(self) -> str | None:
+        """The backend that ran the latest softmax call: ``"cpu"`` or ``"flex"`` under ``auto`` on CPU
+        tensors (``last_choice`` says why), ``"triton"`` or ``"flex"`` (the autotuner's winner) under
+        ``auto`` on CUDA tensors, else the backend asked for; None before the first call of ``auto``."""
+        if self._auto_runner is not None and self._last_device != "cuda":
+            return None if self._auto_runner.last is None else self._auto_runner.last.backend
+        return self._cuda_last if self.auto and self._last_device == "cuda" else self.backend
+
+    @property
+    def last_choice(self):
+        """``auto`` on CPU tensors: the ``backend_choice.Choice`` of the latest call (modelled times, reason)."""
+        return None if self._auto_runner is None else self._auto_runner.last
 
     @property
     def schedule(self):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
         if self._triton is not None and self._triton.last_plan is not None:
             return self._triton.last_plan.schedule
+        if self.chosen_backend == "flex" and self._auto_runner is not None:
+            flex = self._auto_runner.flex
+            return None if flex.last is None else flex.last.schedule
         if self.flex is not None:
             return None if self.flex.last is None else self.flex.last.schedule
         return None if self._runner is None or self._runner.last is None else self._runner.last.schedule
@@ -151,6 +185,12 @@ class Attention(torch.nn.Module):
             from .flex_backend import describe
 
             return describe(self.flex, p)
+        if self._auto_runner is not None and self._auto_runner.last is not None and self._last_device != "cuda":
+            from .flex_backend import describe
+
+            choice = self._auto_runner.last
+            body = describe(self._auto_runner.flex, p) if choice.backend == "flex" else describe_plan(self._runner.last, p)
+            return f"# {choice.describe()}\n{body}"
         if isinstance(p, ir.PatternIR) and (self.backend == "triton" or self._triton is not None):
             from .triton_backend import describe_source
 
@@ -236,6 +276,15 @@ class Attention(torch.nn.Module):
             return (out, state) if return_state else out
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
+        self._last_device = q.device.type
+        if torch.compiler.is_compiling() and (self.flex is not None or self._auto_flex_possible(q, k, v, inputs,
+                                                                                              return_lse)):
+            # the Flex lowering (or auto's per-call choice) inside attnc::runner_attention (runtime.flex_op)
+            from .flex_op import runner_attention
+
+            out, lse = runner_attention(q, k, v, list(inputs.values()), self._flex_key or self._auto_key,
+                                        ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale), return_lse)
+            return (out, lse) if return_lse else out
         if self._runner is not None and not (self.auto and q.is_cuda) and torch.compiler.is_compiling():
             # Under torch.compile the sizes and inputs are bound inside the custom op
             # (sympy is not traceable); eager calls check them here, with clear errors.
@@ -260,7 +309,14 @@ class Attention(torch.nn.Module):
                     item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
         if self.flex is not None:
             out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
+        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.decide(
+                bound, q, k, v, inputs, return_lse).backend == "flex":
+            out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
+        elif self.auto and q.is_cuda and self._cuda_flex_won(bound, q):
+            self._cuda_last = "flex"
+            out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self.backend == "triton" or (self.auto and q.is_cuda):
+            self._cuda_last = "triton"
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
         elif self._runner is not None:
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
@@ -288,6 +344,39 @@ class Attention(torch.nn.Module):
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
+
+    def _auto_flex_possible(self, q, k, v, inputs: dict, return_lse: bool) -> bool:
+        """Under torch.compile, ``auto`` on CPU tensors: whether the Flex lowering may serve the call
+        (then the choice is made per call inside the op); calls it cannot serve (training, lse,
+        float64) go to the executor's own op, whose backward is the executor's."""
+        if self._auto_runner is None or q.is_cuda or self._auto_runner.flex is None:
+            return False
+        from .flex_backend import fused_refusal
+
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values())
+                                               if isinstance(t, torch.Tensor))
+        return fused_refusal(q.device, q.dtype, grad, return_lse) is None
+
+    def _cuda_flex_won(self, bound: E.Bound, q: torch.Tensor) -> bool:
+        """``auto`` on CUDA with the autotuner installed (``autotune.install``): whether the Flex
+        lowering beat attnc's kernels for this shape bucket (the tuner times it beside them and
+        records the winner; ``autotune.tuned_winner``). A known winner is remembered per shapes."""
+        if self._auto_runner is None or self._auto_runner.flex is None:
+            return False
+        from .triton_backend import TritonRunner
+
+        if TritonRunner.config_hook is None:  # no tuning: attnc's kernels with the simulator's schedule
+            return False
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, *q.shape[::3], q.dtype)
+        if key not in self._cuda_winner:
+            from . import autotune
+
+            winner = autotune.tuned_winner(self.pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype,
+                                           batch=int(q.shape[0]), device=q.device)
+            if winner is None:  # not tuned yet: the Triton runner tunes this bucket at this call
+                return False
+            self._cuda_winner[key] = winner
+        return self._cuda_winner[key] == "flex"
 
     def _triton_runner(self):
         if self._triton is None:
@@ -399,7 +488,9 @@ def compile_attention(
     CUDA tensors, under the Triton interpreter on CPU tensors); ``"flex"``
     lowers the pattern to PyTorch's FlexAttention (``runtime.flex_backend``);
     ``"auto"``
-    picks Triton on CUDA tensors and the CPU executor otherwise.
+    picks Triton on CUDA tensors and, on CPU tensors, the CPU executor or the Flex
+    lowering per call by a modelled rule (``runtime.backend_choice``; the pick is
+    ``attn.chosen_backend``).
     ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
     grid one extent per axis (a box) or one int (flat tiles of the row-major token
     order); kv_tile defaults to q_tile (``compiler.tile_args``; checked now).
@@ -438,9 +529,8 @@ def compile_attention(
         return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None, layout)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     chosen = backend if backend in ("reference", "triton", "flex") else "cpu"
-    attn = Attention(pat, chosen, sizes, q_tile, kv_tile, layout)
-    attn.auto = backend == "auto"  # Triton kernels on CUDA tensors, the CPU executor otherwise
-    return attn
+    # auto: Triton kernels on CUDA tensors; on CPU tensors the executor or the Flex lowering per call
+    return Attention(pat, chosen, sizes, q_tile, kv_tile, layout, auto=backend == "auto")
 
 
 def simulate(

@@ -196,10 +196,11 @@ class Trial:
     predicted_ms: float
     measured_ms: float = math.inf
     error: str | None = None
+    backend: str = "triton"  # "flex": the FlexAttention lowering (config: the simulator's first, unused)
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "config": self.config.to_dict(), "predicted_ms": _finite(self.predicted_ms),
-                "measured_ms": _finite(self.measured_ms), "error": self.error}
+                "measured_ms": _finite(self.measured_ms), "error": self.error, "backend": self.backend}
 
 
 def _finite(x: float) -> float | None:
@@ -217,6 +218,9 @@ class TuneResult:
     from_cache: bool
     trials: list[Trial] = field(default_factory=list)
     cached_trials: list[dict] = field(default_factory=list)
+    #: the fastest candidate's backend: "triton", or "flex" when the Flex lowering beat every Triton
+    #: candidate (``config`` and ``source`` stay the best Triton kernel's)
+    winner: str = "triton"
 
     @property
     def best_ms(self) -> float | None:
@@ -300,10 +304,15 @@ def autotune(
     retune: bool = False,
     progress: bool | None = None,
     stream=None,
+    flex_builder: KernelBuilder | None = None,
+    flex: bool | None = None,
 ) -> TuneResult:
     """The tuned configuration and kernel source of ``pattern`` at ``bound``: from the
     cache when a valid entry exists (unless ``retune``), else by timing candidates and
-    storing the winner. ``progress``: None = a bar when ``stream`` (stderr) is a TTY."""
+    storing the winner. ``progress``: None = a bar when ``stream`` (stderr) is a TTY.
+    ``flex``: time the FlexAttention lowering too (``flex_builder``, default
+    ``flex_backend.FlexBuilder``), like the others; None: on CUDA devices. ``TuneResult.winner``
+    and the cache entry's ``meta["winner"]`` say which candidate won."""
     import torch
 
     if not isinstance(pattern, ir.PatternIR):
@@ -341,12 +350,19 @@ def autotune(
                 sched = _schedule_of(search, config)
                 source = builder.source(pattern, bound, sched, config)
                 path = scratch_source(cache, source)
-            return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])))
+            return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])),
+                              entry.meta.get("winner", "triton"))
 
     builder = builder if builder is not None else TritonBuilder()
     timer = timer if timer is not None else do_bench_timer
     trials = candidates(search, top=top, launch=launch if launch is not None else LAUNCH,
                         nbytes=min(DTYPES[dtype], 2))
+    if (flex if flex is not None else on_gpu) and trials:
+        if flex_builder is None:
+            from .flex_backend import FlexBuilder
+
+            flex_builder = FlexBuilder()
+        trials.append(Trial(len(trials), trials[0].config, trials[0].schedule, math.nan, backend="flex"))
     bar = Progress(len(trials), f"tuning {pattern.name}", stream=stream,
                    enabled=progress if progress is not None else None)
     sources: dict[int, str] = {}
@@ -356,18 +372,21 @@ def autotune(
         with tempfile.TemporaryDirectory(prefix="attnc-tune-") as tmp:
             for trial in trials:
                 try:
-                    source = builder.source(pattern, bound, trial.schedule, trial.config)
+                    make = flex_builder if trial.backend == "flex" else builder
+                    source = make.source(pattern, bound, trial.schedule, trial.config)
                     path = Path(tmp) / f"candidate_{trial.rank}.py"
                     path.write_text(source, encoding="utf-8")
-                    kernels = builder.load(path)
-                    fn = builder.runner(kernels, pattern, bound, trial.schedule, trial.config, head_dim=head_dim,
-                                        dtype=dtype, batch=batch, device=dev, inputs=inputs)
+                    kernels = make.load(path)
+                    fn = make.runner(kernels, pattern, bound, trial.schedule, trial.config, head_dim=head_dim,
+                                     dtype=dtype, batch=batch, device=dev, inputs=inputs)
                     ms = float(timer(fn))
                     if not math.isfinite(ms) or ms <= 0:
                         raise ValueError(f"timer returned {ms!r}")
                     trial.measured_ms = ms
                     sources[trial.rank] = source
-                    if best is None or ms < best.measured_ms:
+                    if trial.backend == "flex":
+                        pass  # compared with the best Triton kernel below; the cache keeps a Triton kernel
+                    elif best is None or ms < best.measured_ms:
                         best = trial
                 except (KeyboardInterrupt, AutotuneError):
                     raise
@@ -379,15 +398,17 @@ def autotune(
     if best is None:
         first = next((t.error for t in trials if t.error), "no candidates")
         raise AutotuneError(f"every candidate failed ({len(trials)} tried); the first: {first}")
+    flex_ms = min((t.measured_ms for t in trials if t.backend == "flex" and t.error is None), default=math.inf)
+    winner = "flex" if flex_ms < best.measured_ms else "triton"
     meta = {"trials": [t.to_dict() for t in trials], "builder": getattr(builder, "name", type(builder).__name__),
-            "hardware_model": hw.name}
+            "hardware_model": hw.name, "winner": winner}
     try:
         entry = cache.put(key, sources[best.rank], config_dict(best.config), shape=shape, meta=meta)
         path = entry.source_path
     except OSError as err:  # a read-only or full cache: still return the winner
         print(f"attnc: warning: could not write the kernel cache ({err})", file=sys.stderr)
         path = scratch_source(None, sources[best.rank])
-    return TuneResult(key, best.config, sources[best.rank], path, False, trials)
+    return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner)
 
 
 def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1, device=None,
@@ -403,6 +424,21 @@ def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16"
     key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
     entry = cache.get(key)
     return config_from_dict(entry.config) if entry is not None else None
+
+
+def tuned_winner(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1,
+                 device=None, cache: KC.KernelCache | None = None) -> str | None:
+    """The cached winner's backend for this key ("triton" or "flex"), or None (never tunes)."""
+    if not isinstance(pattern, ir.PatternIR):
+        return None
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    gpu = KC.device_name(dev) if dev is not None and dev.type == "cuda" else KC.CPU_DEVICE
+    cache = cache if cache is not None else KC.KernelCache()
+    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
+    entry = cache.get(key)
+    return entry.meta.get("winner", "triton") if entry is not None else None
 
 
 def _fit(search: ScheduleSearch, config: KernelConfig) -> KernelConfig:
@@ -467,4 +503,4 @@ def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
 
 __all__ = ["AutotuneError", "KernelBuilder", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
            "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
-           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source"]
+           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner"]

@@ -37,9 +37,11 @@ def mask_input_names(pat: ir.PatternIR) -> set[str]:
     return {name for f in pat.mask.atoms(sympy.Function) if (name := S.input_name(f.func))}
 
 
-def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
+                 classified: dict | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (Q tile, KV tile) with the least estimated CPU work: visited token pairs
-    (PARTIAL ones dearer) plus a fixed cost per visited tile pair."""
+    (PARTIAL ones dearer) plus a fixed cost per visited tile pair. ``classified``: a dict
+    (q_tile, kv_tile, flat) -> schedule to reuse and fill (masks that read no input)."""
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     best = None
@@ -47,7 +49,13 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple
         q_shapes = tile_shapes(tokens, q_ext, limit=3) or [tuple(min(tokens, L) for L in q_ext)]
         for shape in q_shapes:
             kv_shape = shape if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0]
-            cost = _cpu_cost(classify_tiles(pat, bound, shape, kv_shape, inputs))
+            key = (shape, kv_shape, False)
+            sched = classified.get(key) if classified is not None else None
+            if sched is None:
+                sched = classify_tiles(pat, bound, shape, kv_shape, inputs)
+                if classified is not None:
+                    classified[key] = sched
+            cost = _cpu_cost(sched)
             if best is None or cost < best[0]:
                 best = (cost, shape, kv_shape)
     return best[1], best[2]
@@ -64,6 +72,11 @@ class CpuRunner:
         #: data-dependent masks: the latest plan with the inputs it was built for
         #: (a later call, or the backward, with equal inputs reuses it)
         self._dynamic_last: tuple | None = None
+        #: schedules of static masks classified for the latest shapes, by (q_tile, kv_tile, flat);
+        #: shared with the Flex lowering under backend="auto" (runtime.backend_choice), so that
+        #: planning both backends classifies each tile shape once
+        self.classified: dict = {}
+        self._classified_key = None
 
     def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan:
         pat = self.pattern
@@ -83,13 +96,16 @@ class CpuRunner:
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         flat = False
+        memo = None if dynamic else self.schedules_for(key)
         if self.tiles.forced:
             q_tile, kv_tile, flat = self.tiles.fit(q_ext, kv_ext)
         elif dynamic and key in self.plans:
             q_tile, kv_tile = self.plans[key].schedule.q_tile, self.plans[key].schedule.kv_tile
         else:
-            q_tile, kv_tile = choose_tiles(pat, bound, inputs)
-        if flat:  # 1-D tiles of a grid's token order: classified on the flat view; the
+            q_tile, kv_tile = choose_tiles(pat, bound, inputs, memo)
+        if memo is not None and (q_tile, kv_tile, flat) in memo:
+            schedule = memo[(q_tile, kv_tile, flat)]
+        elif flat:  # 1-D tiles of a grid's token order: classified on the flat view; the
             # executor evaluates the pattern itself on the flat tokens of those tiles
             schedule = classify_tiles(*flat_view(pat, bound), q_tile, kv_tile, inputs)
         else:
@@ -100,6 +116,13 @@ class CpuRunner:
         if dynamic:
             self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
+
+    def schedules_for(self, key) -> dict:
+        """``classified`` for the shapes ``key``, emptied when the shapes change."""
+        if self._classified_key != key:
+            self.classified.clear()
+            self._classified_key = key
+        return self.classified
 
     def prepare(self, bound: E.Bound, q, k, inputs: dict) -> tuple[executor.Plan, dict, frozenset]:
         """(plan for this call, checked inputs, names of batched inputs). Routing

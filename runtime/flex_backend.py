@@ -40,6 +40,7 @@ recurrences (no softmax to lower).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -109,10 +110,18 @@ class FlexPlan:
     k_order: Order
     flat: bool  # 1-D tiles on a grid (classified on the flat view)
     block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
+    exec_plan: object = None  # routing: the executor's plan over the static schedule (runtime.routing)
 
     @property
     def block_size(self) -> tuple[int, int]:
-        return (math.prod(self.schedule.q_tile), math.prod(self.schedule.kv_tile))
+        """Flex's BLOCK_SIZE: the tiles' token counts; a 1-D tile that covers its whole side (clamped
+        to a short sequence) becomes the next power of two, one block beyond the sequence as Flex's
+        own 128 (the same lists; the fused CPU kernel needs power-of-two blocks, see _fused_ok)."""
+        def block(tile, length):
+            b = math.prod(tile)
+            return 1 << (b - 1).bit_length() if len(tile) == 1 and b == length else b
+
+        return block(self.schedule.q_tile, self.q_map.length), block(self.schedule.kv_tile, self.k_map.length)
 
 
 def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
@@ -156,7 +165,8 @@ def demote_padded(sched: TileSchedule, k_map: TokenMap) -> TileSchedule:
                                    sched.density_exact)
 
 
-def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1):
+def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1,
+                  block_size: tuple[int, int] | None = None):
     """Flex's BlockMask from attnc's tile lists: PARTIAL lists as ``kv_indices``,
     FULL lists as ``full_kv_indices``; broadcast over the batch (``batch`` 1) and
     over heads when the mask does not depend on the head. Routed schedules hold
@@ -177,7 +187,7 @@ def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device,
     kv_num, kv_idx = dense_width(sched.partial_count, sched.partial_index)
     full_num, full_idx = dense_width(sched.full_count, sched.full_index)
     return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
-                                    BLOCK_SIZE=(math.prod(sched.q_tile), math.prod(sched.kv_tile)),
+                                    BLOCK_SIZE=block_size or (math.prod(sched.q_tile), math.prod(sched.kv_tile)),
                                     mask_mod=mask_mod, seq_lengths=(q_len, k_len))
 
 
@@ -196,6 +206,15 @@ class FlexRunner:
         self.last_routed: TileSchedule | None = None  # routing: the latest call's per (batch, head) lists
         self.last_block_mask = None
         self._dynamic_last: tuple | None = None
+        #: backend="auto": the CPU runner whose classified schedules (static masks) this one shares
+        self.schedule_source = None
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle, torch.save of a model) keep the configuration, not the plans:
+        generated functions and compiled kernels do not pickle; a copy plans again at its first call."""
+        state = dict(self.__dict__)
+        state.update(plans={}, last=None, last_path=None, last_routed=None, last_block_mask=None, _dynamic_last=None)
+        return state
 
     # ------------------------------------------------------------ planning
     def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
@@ -217,13 +236,14 @@ class FlexRunner:
             return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False, None
         best = None
         for tokens in FLEX_TILE_TOKENS:
+            # blocks of exactly `tokens` (a power of two) on both sides, as Flex's own 128, even beyond a
+            # short sequence (Flex bounds it): the fused CPU kernel needs them (see _fused_ok)
+            cands = [((tokens,), (tokens,), grid)]
             if boxes:
-                q_shapes = tile_shapes(tokens, q_ext, limit=3) or [q_ext]
-                cands = [(s, s if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0], False)
-                         for s in q_shapes]
-            else:
-                t = min(tokens, bound.n, bound.nk)  # equal Q and KV blocks (see _fused_ok)
-                cands = [((t,), (t,), grid)]
+                q_shapes = tile_shapes(tokens, q_ext, limit=3)
+                kv_shape = tile_shapes(tokens, kv_ext, limit=1) if q_ext != kv_ext else q_shapes[:1]
+                if q_shapes and kv_shape:  # else a grid smaller than one box: flat blocks
+                    cands = [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
             for qs, ks, flat in cands:
                 sched = self._classify(bound, qs, ks, flat, tensors)
                 cost = _cost(sched)
@@ -232,8 +252,17 @@ class FlexRunner:
         return best[1:]
 
     def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict) -> TileSchedule:
+        memo = None
+        if self.schedule_source is not None and not mask_input_names(self.pattern):
+            memo = self.schedule_source.schedules_for((tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk,
+                                                       bound.heads))
+            if (q_tile, kv_tile, flat) in memo:
+                return memo[(q_tile, kv_tile, flat)]
         pat, b = (flat_view(self.pattern, bound) if flat else (self.pattern, bound))
-        return classify_tiles(pat, b, q_tile, kv_tile, tensors)
+        sched = classify_tiles(pat, b, q_tile, kv_tile, tensors)
+        if memo is not None:
+            memo[(q_tile, kv_tile, flat)] = sched
+        return sched
 
     def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
         pat = self.pattern
@@ -267,9 +296,7 @@ class FlexRunner:
         else:
             decay_batched = pat.decay is not None and pat.decay in batched
             source = generate(pat, bound, q_map, k_map, batched, decay_batched)
-            namespace = {}
-            exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
-                 _module_globals(namespace))
+            namespace = _namespace(source, pat)
         plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat)
         self.plans[key] = plan
         self.last = plan
@@ -282,12 +309,28 @@ class FlexRunner:
         over the static schedule's tiles (never N x N)."""
         from . import executor, routing
 
-        if "exec_plan" not in plan.namespace:
-            plan.namespace["exec_plan"] = executor.Plan.build(self.pattern, plan.bound, plan.schedule)
+        if plan.exec_plan is None:
+            plan.exec_plan = executor.Plan.build(self.pattern, plan.bound, plan.schedule)
         cpu = {n: t.detach().cpu() for n, t in tensors.items()}
-        return routing.route_plan(plan.namespace["exec_plan"], q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
+        return routing.route_plan(plan.exec_plan, q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
 
     # ------------------------------------------------------------ running
+    def fused_failure(self, plan: FlexPlan) -> str | None:
+        """Why Flex's fused kernel failed to compile for these mods (None: it has not failed)."""
+        return plan.namespace.get("fused_failed")
+
+    def _compile_failed(self, plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse):
+        """torch.compile of Flex's CPU kernel can fail on some mods and block sizes (torch 2.13: a C++
+        compile error for FoX prefix-sum loads with 16-token blocks): the call, and later calls with
+        these mods, use the dense implementation instead, with a warning."""
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        plan.namespace["fused_failed"] = f"torch.compile of Flex's kernel failed ({type(err).__name__}: {first})"
+        warnings.warn(f"attnc flex: {plan.namespace['fused_failed']}; using Flex's dense implementation",
+                      RuntimeWarning, stacklevel=3)
+        self.last_path = "dense"
+        out, lse = _dense_call(qp, kp, vp, plan.namespace, bm, scale, mask_bufs, score_bufs)
+        return (out, lse) if need_lse else out
+
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
         pat = self.pattern
         B, Hq, Nq, _ = q.shape
@@ -317,7 +360,8 @@ class FlexRunner:
         score_mod = _bind_score(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
         bm = None if per_batch else plan.block_masks.get(dev)
         if bm is None:  # a plan holds one BlockMask (a data-dependent mask: one plan per distinct inputs)
-            bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1)
+            bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1,
+                               plan.block_size)
             if not per_batch:
                 plan.block_masks[dev] = bm
         bm.mask_mod = mask_mod  # this call's captured tensors
@@ -326,7 +370,8 @@ class FlexRunner:
         if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
             qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
             score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
-        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse))
+        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse)
+                                               and self.fused_failure(plan) is None)
         gqa = Hq != k.shape[1]
         if dense_cpu:
             self.last_path = "dense"
@@ -336,7 +381,12 @@ class FlexRunner:
             from torch.nn.attention.flex_attention import flex_attention
 
             if self.compiled:
-                res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
+                try:
+                    res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
+                except _COMPILE_ERRORS as err:
+                    if dev.type != "cpu":
+                        raise
+                    res = self._compile_failed(plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse)
             else:
                 res = flex_attention(qp, kp, vp, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa,
                                      return_lse=need_lse)
@@ -347,12 +397,67 @@ class FlexRunner:
         return out, lse
 
 
+def fused_refusal(device: torch.device, dtype: torch.dtype, grad: bool, need_lse: bool) -> str | None:
+    """Why Flex's fused kernel cannot serve a call on ``device`` (None: it can). On CPU (torch 2.13)
+    the compiled kernel is inference only: no backward, no lse, no float64."""
+    if device.type != "cpu":
+        return None
+    if grad:
+        return "gradients are needed: the CPU kernel has no backward"
+    if need_lse:
+        return "the lse is requested: the CPU kernel does not return it"
+    if dtype == torch.float64:
+        return "float64: the CPU kernel does not take it"
+    return None
+
+
 def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
-    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: inference only, no lse,
-    fp32/bf16/fp16, and equal Q and KV block sizes (measured: with a KV block smaller than
-    the Q block its results are wrong, e.g. (16, 8) on a causal band; the dense path is exact)."""
+    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: ``fused_refusal`` and
+    ``block_refusal``."""
+    return fused_refusal(torch.device("cpu"), dtype, grad, need_lse) is None and block_refusal(plan) is None
+
+
+def block_refusal(plan: FlexPlan) -> str | None:
+    """Why Flex's fused CPU kernel (torch 2.13) cannot take this plan's blocks (None: it can).
+    Measured on a causal band (fp32, 200 tokens): wrong results with a KV block smaller than the Q
+    block (16 and 8) and with equal blocks of 8, 24 or 40 tokens; right with 16, 32, 48, 64 and 128.
+    Accepted: equal power-of-two blocks of at least 16 tokens (what the planner picks). The dense
+    implementation is exact with any blocks."""
     bq, bk = plan.block_size
-    return not grad and not need_lse and dtype != torch.float64 and bq == bk
+    if bq != bk:
+        return f"unequal Q and KV blocks ({bq}, {bk})"
+    if bq & (bq - 1) or bq < 16:
+        return f"blocks of {bq} tokens (the kernel needs a power of two of at least 16)"
+    return None
+
+
+def _compile_errors() -> tuple[type, ...]:
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return TorchDynamoException, InductorError
+
+
+_COMPILE_ERRORS = _compile_errors()
+
+
+#: Generated mods by their text (without the header): plans whose mods read alike (a 1-D pattern at
+#: another sequence length, the same pattern compiled twice) share one namespace, hence one compiled
+#: Flex call; a bounded process-wide cache (oldest dropped first).
+_NAMESPACES: dict[str, dict] = {}
+NAMESPACE_CACHE_SIZE = 64
+
+
+def _namespace(source: FlexSource, pat: ir.PatternIR) -> dict:
+    ns = _NAMESPACES.pop(source.body, None)
+    if ns is None:
+        ns = {}
+        exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
+             _module_globals(ns))
+        while len(_NAMESPACES) >= NAMESPACE_CACHE_SIZE:
+            _NAMESPACES.pop(next(iter(_NAMESPACES)))
+    _NAMESPACES[source.body] = ns  # most recently used last
+    return ns
 
 
 def _module_globals(namespace: dict) -> dict:
@@ -363,9 +468,12 @@ def _module_globals(namespace: dict) -> dict:
 
 
 def _compiled(ns: dict):
-    """The plan's compiled Flex call (made once; dynamo's cache lives on its code object)."""
+    """The compiled Flex call of these mods (made once; dynamo's cache lives on its code object).
+    ``dynamic=None``: the first shapes compile static; a second set of shapes recompiles once with
+    dynamic sizes, which later sequence lengths reuse (measured on CPU, torch 2.13: a 1-D mask at
+    1024, 2048, 1536 and 3072 tokens compiled twice, the last two calls reused the dynamic kernel)."""
     if "compiled_call" not in ns:
-        ns["compiled_call"] = torch.compile(ns["flex_call"], fullgraph=True, dynamic=False)
+        ns["compiled_call"] = torch.compile(ns["flex_call"], fullgraph=True, dynamic=None)
     return ns["compiled_call"]
 
 
@@ -416,3 +524,45 @@ def describe(runner: FlexRunner, pat: ir.PatternIR) -> str:
 def refuse_recurrence(rec: ir.RecurrenceIR) -> None:
     raise SpecError(f"'{rec.name}' is a recurrence: it has no softmax to lower to FlexAttention",
                     where="argument backend", hint="use backend='cpu', 'triton' or 'reference' for recurrences")
+
+
+class FlexBuilder:
+    """The Flex lowering as an autotuner candidate (``runtime.autotune``'s ``KernelBuilder``
+    protocol): ``source`` is the generated mods, ``runner`` times this lowering's forward on random
+    q, k, v of the tuned shape (the compiled kernel; compiled once, before timing, by the timer's
+    warm-up). ``compiled=False``: Flex's dense implementation (tests)."""
+
+    name = "flex"
+
+    def __init__(self, compiled: bool = True):
+        self.compiled = compiled
+        self._runners: dict = {}
+
+    def _runner(self, pat: ir.PatternIR) -> FlexRunner:
+        key = pat.key()
+        if key not in self._runners:
+            self._runners[key] = FlexRunner(pat)
+            self._runners[key].compiled = self.compiled
+        return self._runners[key]
+
+    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule, config) -> str:
+        if mask_input_names(pat):
+            return f"# flex lowering of '{pat.name}': mods and BlockMask generated per call (data-dependent mask)\n"
+        return self._runner(pat).plan(bound, {}, frozenset()).source.text
+
+    def load(self, path):
+        return None  # nothing to load: the runner compiles Flex's kernel itself
+
+    def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule, config, *, head_dim: int, dtype: str,
+               batch: int, device, inputs: dict | None):
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
+                   for n in (bound.n, bound.nk, bound.nk))
+        runner, scale, given = self._runner(pat), head_dim ** -0.5, dict(inputs or {})
+
+        def run():
+            with torch.no_grad():
+                return runner(bound, q, k, v, given, scale, False)
+
+        return run

@@ -392,3 +392,75 @@ def test_low_precision_inputs(dtype, tol):
     g2 = torch.autograd.grad(o2.float().sum(), (q, k, v))
     for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(b.float(), a.float(), rtol=tol, atol=tol)
+
+
+# ================================================================ conformance: the whole stdlib
+def _doc_ids(n, g):
+    return torch.sort(torch.randint(0, 4, (n,), generator=g)).values
+
+
+def _globals(n, g):
+    return (torch.rand(n, generator=g) < 0.1).to(torch.int64)
+
+
+def _gates(n, g, heads):
+    return torch.nn.functional.logsigmoid(2 * torch.randn(heads, n, generator=g, dtype=torch.float64))
+
+
+#: One small configuration per stdlib softmax pattern: (params, grid sizes or None, n, (Hq, Hkv),
+#: call-time inputs (name -> builder(n, generator, heads)), differentiable inputs, (q_tile, kv_tile)).
+#: Every pattern runs with GQA (Hq > Hkv); tiles are small so that the lists hold FULL, PARTIAL and
+#: EMPTY blocks.
+CONFORMANCE = {
+    "a_shape": ({"local": 6, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
+    "alibi": ({}, None, 29, (6, 2), {}, (), (8, 8)),
+    "biformer": ({"region": 2, "topk": 3}, {"height": 6, "width": 8}, 48, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "dilated": ({"segment": 8, "dilation": 2, "is_causal": True}, None, 35, (4, 2), {}, (), (8, 4)),
+    "document": ({}, None, 33, (4, 2), {"doc": _doc_ids}, (), (8, 4)),
+    "forgetting": ({}, None, 27, (4, 2), {"g": _gates}, ("g",), (8, 4)),
+    "logsparse": ({}, None, 40, (4, 2), {}, (), (8, 4)),
+    "longformer": ({"window": 6}, None, 34, (4, 2), {"is_global": _globals}, (), (8, 8)),
+    "longnet": ({"segment": 8, "dilation": 2, "is_causal": False}, None, 32, (4, 2), {}, (), (8, 4)),
+    "moba": ({"block": 4, "topk": 3}, None, 30, (4, 2), {}, (), (8, 4)),
+    "neighborhood_1d": ({"kernel_size": 5, "dilation": 2, "stride": 2}, None, 31, (4, 2), {}, (), (8, 4)),
+    "neighborhood_2d": ({"kernel_size": (3, 5), "stride": (1, 2), "is_causal": (True, False)},
+                        {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "neighborhood_3d": ({"kernel_size": 3, "dilation": (1, 1, 2)}, {"frames": 4, "height": 5, "width": 6}, 120,
+                        (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
+    "power": ({"block": 4, "local": 2}, None, 41, (4, 2), {}, (), (8, 4)),
+    "prefix_lm": ({"prefix": 5}, None, 23, (4, 2), {}, (), (8, 4)),
+    "radial": ({"block": 3, "sink": True}, {"frames": 6, "per_frame": 12}, 72, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "s2": ({"block": 4, "local": 2, "vert": 4, "offset": 1, "kv_heads": 2}, None, 40, (4, 2), {}, (), (8, 4)),
+    "sliding_tile": ({"tile_t": 2, "tile_y": 3, "tile_x": 2, "wt": 3, "wy": 3, "wx": 1},
+                     {"frames": 5, "height": 7, "width": 4}, 140, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
+    "sliding_window": ({"window": 7}, None, 37, (4, 2), {}, (), (8, 4)),
+    "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
+    "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
+}
+
+
+def _stdlib_softmax_patterns() -> set[str]:
+    from attnc.spec.library import stdlib_index
+
+    return {name for name in stdlib_index() if isinstance(attnc.load(f"stdlib:{name}", **(
+        CONFORMANCE[name][0] if name in CONFORMANCE else {"prefix": 1} if name == "prefix_lm" else {})),
+        attnc.compiler.ir.PatternIR)}
+
+
+def test_conformance_covers_the_stdlib():
+    """A new stdlib softmax pattern must get a conformance entry (recurrences are refused by flex)."""
+    assert set(CONFORMANCE) == _stdlib_softmax_patterns()
+
+
+@pytest.mark.parametrize("name", sorted(CONFORMANCE))
+def test_stdlib_conformance(name):
+    """backend='flex' equals backend='reference' on every stdlib softmax pattern: outputs, lse and the
+    gradients of q, k, v and of differentiable inputs, float64, GQA, random inputs; and the BlockMask
+    lists agree with the exact mask (what the fused kernel reads)."""
+    params, sizes, n, (hq, hkv), builders, grads, (q_tile, kv_tile) = CONFORMANCE[name]
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    q, k, v = qkv(2, hq, hkv, n, 8, seed=n + hq, scale=3.0 if name == "softcap" else 1.0)
+    inputs = {key: fn(n, g, hq) if key == "g" else fn(n, g) for key, fn in builders.items()}
+    inputs = {key: t.requires_grad_() if key in grads else t for key, t in inputs.items()}
+    compare(f"stdlib:{name}", q, k, v, inputs, grad_inputs=grads, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile,
+            **params)

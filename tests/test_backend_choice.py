@@ -1,0 +1,271 @@
+"""backend="auto" on CPU (the executor or the Flex lowering per call: runtime.backend_choice) and
+torch.compile(fullgraph=True) of modules using the Flex lowering (runtime.flex_op).
+
+The rule's decisions are asserted on representative plans (never timings). Runs that would pick the
+fused Flex kernel use Flex's dense implementation here (``compiled = False``: no torch.compile of
+the kernel in the normal test run; tests/test_flex_backend.py runs the fused kernel once)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnc
+from attnc.compiler import evaluate as E
+from attnc.runtime import backend_choice as BC
+from attnc.runtime import flex_backend as FB
+
+TIGHT = {"rtol": 1e-10, "atol": 1e-10}
+
+
+def decide(spec, n, heads, sizes=None, dtype=torch.float32, grad=False, need_lse=False, **kw):
+    attn = attnc.compile_attention(spec, sizes=sizes, **kw)
+    bound = E.bind_sizes(attn.pattern, n=n, heads=heads, sizes=sizes)
+    q = torch.empty(1, heads, n, 64, dtype=dtype, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        return attn._auto_runner.decide(bound, q, q, q, {}, need_lse)
+
+
+# ================================================================ the rule
+@pytest.mark.parametrize("case", ["grad", "lse", "fp64"])
+def test_flex_only_where_its_fused_cpu_kernel_serves(case):
+    """Training, lse and float64 calls would run Flex's dense O(N^2) implementation: the executor."""
+    kw = {"grad": case == "grad", "need_lse": case == "lse", "dtype": torch.float64 if case == "fp64" else torch.float32}
+    choice = decide("stdlib:sliding_window", 2048, 4, window=256, **kw)
+    assert choice.backend == "cpu" and choice.flex_s is None
+    assert {"grad": "gradients", "lse": "lse", "fp64": "float64"}[case] in choice.reason
+    # the same plan for inference in fp32: Flex (modelled faster)
+    assert decide("stdlib:sliding_window", 2048, 4, window=256).backend == "flex"
+
+
+@pytest.mark.parametrize("spec,n,heads,sizes,params,expected", [
+    ("stdlib:sliding_window", 8192, 8, None, {"window": 512}, "flex"),  # the issue's 1-D case
+    ("stdlib:sliding_window", 64, 1, None, {"window": 16}, "flex"),  # tiny: the executor's per-call cost
+    ("stdlib:neighborhood_3d", 8 * 24 * 24, 4, {"frames": 8, "height": 24, "width": 24},
+     {"kernel_size": (3, 7, 7)}, "flex"),
+    ("stdlib:neighborhood_2d", 96 * 96, 4, {"height": 96, "width": 96}, {"kernel_size": 13}, "cpu"),  # per-token work
+])
+def test_rule_on_representative_plans(spec, n, heads, sizes, params, expected):
+    choice = decide(spec, n, heads, sizes, **params)
+    assert choice.backend == expected
+    assert (choice.flex_s < choice.cpu_s) == (expected == "flex")
+    assert choice.describe().startswith(f"auto chose backend '{expected}'")
+
+
+def test_time_model_is_linear_in_the_schedule():
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="cpu", window=64)
+    q = torch.randn(1, 2, 512, 16)
+    with torch.no_grad():
+        attn(q, q, q)
+    sched = attn.schedule
+    full, partial, pairs = BC.schedule_work(sched)
+    # per head: the band's token pairs, exactly (FULL + PARTIAL tiles hold every allowed pair)
+    assert full + partial >= 2 * sum(min(i + 1, 64) for i in range(512))
+    m = BC.TimeModel(token_s=1.0, pair_s=0.0, call_s=0.0, partial_weight=2.0)
+    assert m.seconds(sched, 3, 16, 16) == pytest.approx(3 * 32 * (full + 2 * partial))
+    assert BC.TimeModel(0.0, 1.0, 5.0).seconds(sched, 2, 16, 16) == pytest.approx(5.0 + 2 * pairs)
+
+
+def test_unequal_forced_tiles_and_unlowerable_patterns_take_the_executor():
+    choice = decide("stdlib:sliding_window", 1024, 2, window=128, q_tile=64, kv_tile=32)
+    assert choice.backend == "cpu" and "unequal" in choice.reason
+    choice = decide("stdlib:sliding_window", 1024, 2, window=128, q_tile=8, kv_tile=8)
+    assert choice.backend == "cpu" and "power of two of at least 16" in choice.reason
+    attn = attnc.compile_attention("stdlib:sliding_window", window=8)
+    attn._auto_runner.flex, attn._auto_runner.unlowerable = None, "why"
+    q = torch.randn(1, 1, 32, 8)
+    with torch.no_grad():
+        attn(q, q, q)
+    assert attn.chosen_backend == "cpu" and "no Flex lowering: why" in attn.last_choice.reason
+
+
+# ================================================================ end to end
+def test_auto_runs_the_chosen_backend_with_the_same_results():
+    spec, params = "stdlib:forgetting", {}
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 80, 16, generator=g) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]  # GQA
+    gates = torch.nn.functional.logsigmoid(torch.randn(4, 80, generator=g))
+    auto = attnc.compile_attention(spec, **params)
+    auto._auto_runner.flex.compiled = False
+    cpu = attnc.compile_attention(spec, backend="cpu", **params)
+    assert auto.chosen_backend is None and "auto chose" not in auto.source
+    with torch.no_grad():
+        out = auto(q, k, v, g=gates)
+        expected = cpu(q, k, v, g=gates)
+    assert auto.chosen_backend == "flex" and auto._auto_runner.flex.last is not None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32 rounding only
+    assert auto.source.startswith("# auto chose backend 'flex'") and "def score_mod" in auto.source
+    assert auto.schedule is auto._auto_runner.flex.last.schedule
+    # training: the executor, its gradients
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse = auto(qg, kg, vg, g=gates, return_lse=True)
+    assert auto.chosen_backend == "cpu" and "q_tile" in auto.source
+    o2, l2 = cpu(q, k, v, g=gates, return_lse=True)
+    torch.testing.assert_close(out, o2, rtol=0, atol=0)
+    torch.testing.assert_close(lse, l2, rtol=0, atol=0)
+
+
+def _reference_grads(spec, q, k, v, inputs, wrt_inputs, **params):
+    ref = attnc.compile_attention(spec, backend="reference", **params)
+    o, lse = ref(q, k, v, return_lse=True, **inputs)
+    loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() + 0.3 * lse.sum()
+    return o, lse, torch.autograd.grad(loss, (q, k, v, *(inputs[n] for n in wrt_inputs)))
+
+
+def test_flex_module_under_torch_compile_fullgraph():
+    """A model using backend='flex' compiles with fullgraph=True (attnc::runner_attention): outputs,
+    lse and gradients of q, k, v and the FoX gates equal the reference (float64, GQA)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 37, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 37, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gates = torch.nn.functional.logsigmoid(torch.randn(4, 37, generator=g, dtype=torch.float64)).requires_grad_()
+    attn = attnc.compile_attention("stdlib:forgetting", backend="flex", q_tile=16)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = attn
+
+        def forward(self, q, k, v, g):
+            return self.attn(q, k, v, g=g, return_lse=True)
+
+    model = torch.compile(Model(), fullgraph=True)
+    o, lse = model(q, k, v, gates)
+    loss = (o * torch.linspace(-1, 1, o.shape[-1], dtype=o.dtype)).sum() + 0.3 * lse.sum()
+    grads = torch.autograd.grad(loss, (q, k, v, gates))
+    o1, l1, g1 = _reference_grads("stdlib:forgetting", q, k, v, {"g": gates}, ("g",))
+    torch.testing.assert_close(o, o1, **TIGHT)
+    torch.testing.assert_close(lse, l1, **TIGHT)
+    for a, b in zip(grads, g1, strict=True):
+        torch.testing.assert_close(a, b, **TIGHT)
+    assert attn.flex.last_path == "dense"  # float64 with gradients: Flex's dense implementation
+
+
+def test_auto_module_under_torch_compile_fullgraph():
+    """Under torch.compile, auto's per-call choice happens inside attnc::runner_attention (inference;
+    training calls go to the executor's own op, tested with the CPU backend)."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=g) for _ in range(3))
+    attn = attnc.compile_attention("stdlib:sliding_window", window=9)
+    attn._auto_runner.flex.compiled = False
+    ref = attnc.compile_attention("stdlib:sliding_window", backend="reference", window=9)
+    fn = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True)
+    with torch.no_grad():
+        out = fn(q, k, v)
+    assert attn.chosen_backend == "flex"
+    torch.testing.assert_close(out, ref(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+# ================================================================ Flex plans
+def test_compile_failure_falls_back_to_dense_and_auto_avoids_it(monkeypatch):
+    from torch._dynamo.exc import TorchDynamoException
+
+    def broken(ns):
+        def call(*args):
+            raise TorchDynamoException("C++ compile error (simulated)")
+        return call
+
+    monkeypatch.setattr(FB, "_compiled", broken)
+    attn = attnc.compile_attention("stdlib:streaming", backend="flex", window=5, sinks=2)
+    ref = attnc.compile_attention("stdlib:streaming", backend="reference", window=5, sinks=2)
+    q = torch.randn(1, 2, 50, 8)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="torch.compile of Flex's kernel failed"):
+        out = attn(q, q, q)
+    assert attn.flex.last_path == "dense" and "simulated" in attn.flex.fused_failure(attn.flex.last)
+    torch.testing.assert_close(out, ref(q, q, q), rtol=1e-5, atol=1e-5)
+    auto = attnc.compile_attention("stdlib:streaming", window=5, sinks=2)  # the same mods: known to fail
+    with torch.no_grad():
+        auto(q, q, q)
+    assert auto.chosen_backend == "cpu" and "failed" in auto.last_choice.reason
+
+
+def test_short_sequences_get_power_of_two_blocks_and_mods_are_shared_across_lengths():
+    runner = FB.FlexRunner(attnc.load("stdlib:sliding_window", window=8))
+    plans = []
+    for n in (40, 300, 1000):
+        bound = E.bind_sizes(runner.pattern, n=n, heads=2)
+        plans.append(runner.plan(bound, {}, frozenset()))
+    assert plans[0].block_size == (64, 64) and plans[0].schedule.q_tile == (40,)
+    assert all(FB.block_refusal(p) is None for p in plans)
+    # one namespace (one compiled Flex call, dynamic shapes) for every length of a 1-D pattern
+    assert plans[0].namespace is plans[1].namespace is plans[2].namespace
+    grid = FB.FlexRunner(attnc.load("stdlib:neighborhood_2d", kernel_size=3))
+    a, b = (grid.plan(E.bind_sizes(grid.pattern, heads=1, sizes={"height": h, "width": 16}), {}, frozenset())
+            for h in (16, 24))
+    assert a.namespace is not b.namespace  # the axis lengths are literals of the NATTEN window
+
+
+# ================================================================ the autotuner's Flex candidate
+class _FakeTriton:
+    """Triton candidates that return their config when run (no kernels: the selection logic only)."""
+
+    name = "fake"
+
+    def source(self, pat, bound, schedule, config):
+        return f"# fake kernel {config}\n"
+
+    def load(self, path):
+        return None
+
+    def runner(self, kernels, pat, bound, schedule, config, **kw):
+        return lambda: config
+
+
+@pytest.mark.parametrize("flex_ms,winner", [(0.5, "flex"), (5.0, "triton")])
+def test_autotuner_times_the_flex_lowering_beside_the_kernels(tmp_path, flex_ms, winner):
+    """The injectable timer times every candidate, the Flex lowering included (it really runs here:
+    Flex's dense implementation on CPU); the winner's backend is recorded in the result and the cache,
+    and the cached config stays the best Triton kernel's."""
+    from attnc.runtime import autotune as A
+    from attnc.runtime import kernel_cache as KC
+
+    pat = attnc.load("stdlib:sliding_window", window=24)
+    bound = E.bind_sizes(pat, n=256, heads=2)
+    ran = []
+
+    def timer(fn):
+        res = fn()
+        if isinstance(res, tuple):  # the Flex candidate: (out, lse) of a real Flex call
+            out, _ = res
+            assert out.shape == (1, 2, 256, 64) and torch.isfinite(out).all()
+            ran.append("flex")
+            return flex_ms
+        return 1.0 + res.q_tokens / 1024  # Triton candidates: the smallest Q tile wins at >= 1 ms
+
+    cache = KC.KernelCache(tmp_path / "cache")
+    res = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                     flex=True, flex_builder=FB.FlexBuilder(compiled=False), progress=False)
+    assert ran == ["flex"] and [t.backend for t in res.trials].count("flex") == 1
+    assert res.winner == winner and res.config.q_tokens == min(t.config.q_tokens for t in res.trials)
+    assert next(t for t in res.trials if t.backend == "flex").to_dict()["backend"] == "flex"
+    assert "def mask_mod" in FB.FlexBuilder(compiled=False).source(pat, bound, None, None)
+    again = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                       progress=False)
+    assert again.from_cache and again.winner == winner and again.config == res.config
+    assert A.tuned_winner(pat, bound, head_dim=64, cache=cache) == winner
+    # without flex=True on CPU (tests, the CLI): the Triton candidates only, as before
+    plain = A.autotune(pat, bound, head_dim=64, builder=_FakeTriton(), timer=timer, cache=cache, device="cpu",
+                       progress=False, retune=True)
+    assert all(t.backend == "triton" for t in plain.trials) and plain.winner == "triton"
+
+
+@pytest.mark.parametrize("backend", ["auto", "flex"])
+def test_modules_that_ran_flex_copy_and_save(backend):
+    """deepcopy and torch.save of a module after a Flex call (its plans hold generated functions):
+    the copy plans again and computes the same."""
+    import copy
+    import io
+
+    attn = attnc.compile_attention("stdlib:sliding_window", backend=backend, window=8)
+    runner = attn.flex if backend == "flex" else attn._auto_runner.flex
+    runner.compiled = False
+    q = torch.randn(1, 2, 40, 8)
+    with torch.no_grad():
+        out = attn(q, q, q)
+        buf = io.BytesIO()
+        torch.save(attn, buf)
+        buf.seek(0)
+        for twin in (copy.deepcopy(attn), torch.load(buf, weights_only=False)):
+            torch.testing.assert_close(twin(q, q, q), out, rtol=0, atol=0)
+            assert twin.chosen_backend == "flex"
