@@ -1,0 +1,177 @@
+"""Decoding rows: the CPU backend's path for a few queries after a KV cache.
+
+A decode step has ``n`` (<= ``DECODE_ROWS``) queries at the END of ``nk`` keys
+(``Bound.q_offset = nk - n``) and a new ``nk`` every step, so a tile schedule
+(``compiler.tiles.classify_tiles``: interval reasoning over the sympy mask) would
+be rebuilt at every step. Instead the plan of those rows is their exact mask,
+evaluated once per (n, nk) on the ``n x nk`` positions with torch (no
+classification, no interval analysis): O(n * nk) elementwise work, the order of
+reading the KV cache once, which the attention does anyway. The keys some row
+may attend form the visited columns: a contiguous run (causal, sliding window)
+is a view of the cache, no copy; a sparse set (sinks + window) is gathered
+unless it covers most of its span.
+
+The attention of the rows is plain torch (grouped query heads share their key
+head without repeating the cache); the backward recomputes it under autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ..compiler import evaluate as E
+from ..compiler import ir
+from ..compiler import symbols as S
+from . import routing
+from .reference import fox_pairs, fox_prefix
+
+#: Query rows after a KV cache (``nk > n``) up to which the CPU backend takes this path.
+DECODE_ROWS = 16
+#: A sparse column set is read through the span of its first and last key (a view,
+#: masked) when it holds at least this fraction of that span, else gathered.
+SPAN_FILL = 0.5
+
+
+def applies(bound: E.Bound) -> bool:
+    """Whether a call takes the decoding-rows path: a few queries after a KV cache."""
+    return bound.q_offset > 0 and bound.n <= DECODE_ROWS
+
+
+@dataclass
+class RowPlan:
+    """The plan of ``n`` query rows against all ``nk`` keys (see the module docstring).
+
+    ``allowed``: the exact mask ``[B | 1, H | 1, n, nk]`` for a mask without call-time
+    inputs (None: evaluated per call); ``cols``/``col_allowed``: the visited keys and the
+    mask on them (None: all allowed), for a static mask without routing."""
+
+    pattern: ir.PatternIR
+    bound: E.Bound
+    mask: sympy.Basic
+    bias: sympy.Basic | None
+    softcap: torch.Tensor | None
+    allowed: torch.Tensor | None
+    cols: slice | torch.Tensor | None = None
+    col_allowed: torch.Tensor | None = None
+    schedule = None  # no tile schedule (``Attention.schedule`` is None for decoding rows)
+
+    @property
+    def static_mask(self) -> bool:
+        return not any(S.input_name(f.func) for f in self.mask.atoms(sympy.Function))
+
+    @classmethod
+    def build(cls, pat: ir.PatternIR, bound: E.Bound, tensors: dict, batched: set[str]) -> RowPlan:
+        softcap = E.head_values(pat.softcap, bound.subs, bound.heads) if pat.softcap is not None else None
+        plan = cls(pat, bound, E.substitute(pat.mask, bound),
+                   E.substitute(pat.bias, bound) if pat.bias is not None else None, softcap, None)
+        if plan.static_mask:
+            plan.allowed = plan.row_mask(tensors, batched)
+            if pat.route is None:
+                plan.cols, plan.col_allowed = visited_columns(plan.allowed)
+        return plan
+
+    def env(self, keys: torch.Tensor) -> dict:
+        """Symbol values over ``[1, H, n, K]`` for the query rows and the given keys."""
+        rows = torch.arange(self.bound.n).view(1, 1, -1, 1)
+        return E.token_env(self.pattern, self.bound, rows, keys.view(1, 1, 1, -1),
+                           torch.arange(self.bound.heads).view(1, -1, 1, 1))
+
+    def row_mask(self, tensors: dict, batched: set[str]) -> torch.Tensor:
+        """The exact mask of the rows over every key: bool ``[B | 1, H | 1, n, nk]``."""
+        batch = next((tensors[n].shape[0] for n in batched), None)
+        value = E.Evaluator(self.env(torch.arange(self.bound.nk)), tensors, batched, batch)(self.mask)
+        value = E.as_tensor(value, torch.bool)
+        return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)) if value.dim() < 4 else value
+
+
+def visited_columns(allowed: torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
+    """(the keys some row may attend, as a slice when read through a span, else an index;
+    the mask on those columns, None when it allows every one)."""
+    nk = allowed.shape[-1]
+    hit = allowed.reshape(-1, nk).any(0)
+    idx = torch.nonzero(hit).flatten()
+    if len(idx) == 0:
+        return slice(0, 0), None
+    lo, hi = int(idx[0]), int(idx[-1]) + 1
+    cols: slice | torch.Tensor = slice(lo, hi) if len(idx) >= SPAN_FILL * (hi - lo) else idx
+    sub = allowed[..., cols]
+    return cols, None if bool(sub.all()) else sub
+
+
+def _call_mask(plan: RowPlan, q, k, tensors: dict, batched: set[str]):
+    """(cols, mask on cols or None) of this call: the plan's, or evaluated now
+    (call-time mask inputs) and restricted to the routed blocks."""
+    if plan.cols is not None:
+        return plan.cols, plan.col_allowed
+    allowed = plan.allowed if plan.allowed is not None else plan.row_mask(tensors, batched)
+    if plan.pattern.route is not None:
+        allowed = routing.select_blocks(plan.pattern, plan.bound, q, k, allowed, tensors)
+    return visited_columns(allowed)
+
+
+def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: float, cols, allowed):
+    """(out in the compute dtype ``[B, Hq, n, Dv]``, lse ``[B, Hq, n]``); plain torch, differentiable."""
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    g = Hq // Hkv
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = k[:, :, cols].to(dt), v[:, :, cols].to(dt)
+    C = kc.shape[2]
+    # grouped heads read their key head as one [g * n] block of rows: no copy of the cache
+    s = ((q.to(dt) * scale).reshape(B, Hkv, g * n, D) @ kc.transpose(-1, -2)).view(B, Hq, n, C)
+    keys = torch.arange(plan.bound.nk)[cols]
+    if plan.softcap is not None:
+        cap = plan.softcap.to(dt).view(1, Hq, 1, 1)
+        s = cap * torch.tanh(s / cap)
+    if plan.bias is not None or plan.pattern.decay is not None:
+        guard = torch.ones((), dtype=torch.bool) if allowed is None else allowed
+        batch = next((tensors[name].shape[0] for name in batched), None)
+        ev = E.Evaluator(plan.env(keys), tensors, batched, batch, guard)
+        if plan.bias is not None:
+            s = s + E.as_tensor(ev(plan.bias), dt).to(dt)
+        if plan.pattern.decay is not None:
+            gates = tensors[plan.pattern.decay].to(dt)
+            hi, lo, reset = fox_prefix(gates if gates.dim() == 3 else gates.unsqueeze(0))
+            rows = torch.arange(n) + plan.bound.q_offset
+            s = s + fox_pairs(hi, lo, reset, rows[:, None], keys[None, :])
+    if allowed is not None:
+        s = s.masked_fill(~allowed, -math.inf)
+    empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
+    lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
+    safe = torch.where(empty, torch.zeros((), dtype=dt), lse)
+    p = torch.exp(s - safe[..., None])
+    if allowed is not None:
+        p = torch.where(allowed, p, torch.zeros((), dtype=dt))
+    out = (p.reshape(p.shape[0], Hkv, g * n, C) @ vc).view(-1, Hq, n, vc.shape[-1])
+    return out.expand(B, Hq, n, vc.shape[-1]), lse.expand(B, Hq, n)
+
+
+def forward(plan: RowPlan, q, k, v, inputs: dict, batched: set[str], scale: float):
+    """(out ``[B, Hq, n, Dv]`` in q's dtype, lse ``[B, Hq, n]`` fp32/fp64)."""
+    with torch.autocast(q.device.type, enabled=False):
+        cols, allowed = _call_mask(plan, q, k, inputs, batched)
+        out, lse = _attend(plan, q, k, v, inputs, batched, scale, cols, allowed)
+    return out.to(q.dtype), lse
+
+
+def backward(plan: RowPlan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
+             wrt: list[str]):
+    """(dq, dk, dv, {input: grad}) by recomputing the rows under autograd."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False), torch.enable_grad():
+        cols, allowed = _call_mask(plan, q, k, inputs, batched)
+        leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        floats = {name: inputs[name].detach().to(dt).requires_grad_() for name in wrt}
+        o, l_ = _attend(plan, *leaves, {**inputs, **floats}, batched, scale, cols, allowed)
+        outs, grads = [o], [dout.to(dt)]
+        if dlse is not None:
+            outs.append(l_)
+            grads.append(torch.where(torch.isneginf(l_), torch.zeros((), dtype=dt), dlse.to(dt)))
+        got = torch.autograd.grad(outs, [*leaves, *floats.values()], grads, allow_unused=True)
+    dq, dk, dv = (torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip((q, k, v), got[:3], strict=True))
+    d_in = {name: g.to(inputs[name].dtype) for name, g in zip(floats, got[3:], strict=True) if g is not None}
+    return dq, dk, dv, d_in
