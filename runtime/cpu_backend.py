@@ -77,6 +77,9 @@ class PlanCache(OrderedDict):
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
         self.move_to_end(key)
+        self.trim()
+
+    def trim(self) -> None:
         while len(self) > max(1, self.limit):
             self.popitem(last=False)
 
@@ -103,8 +106,7 @@ class CpuRunner:
     @max_plans.setter
     def max_plans(self, value: int) -> None:
         self.plans.limit = E.positive_int("max_plans", value)
-        self.plans[object()] = None  # trims to the new limit (the sentinel goes first when it is 1)
-        self.plans.popitem(last=True)
+        self.plans.trim()
 
     def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan | decode.RowPlan:
         pat = self.pattern
