@@ -13,6 +13,7 @@ Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -540,6 +541,12 @@ def input_sites(expr: sympy.Basic | None) -> list[sympy.Basic]:
     return sorted((f for f in expr.atoms(sympy.Function) if S.input_name(f.func)), key=sympy.default_sort_key)
 
 
+@functools.lru_cache(maxsize=256)
+def input_names(expr: sympy.Basic) -> frozenset[str]:
+    """The call-time inputs an expression reads (memoised: asked on every call, e.g. of the mask)."""
+    return frozenset(name for f in expr.atoms(sympy.Function) if (name := S.input_name(f.func)))
+
+
 #: Positions evaluated at once by ``check_mask_indices``.
 CHECK_CHUNK = 1 << 22
 
@@ -550,7 +557,7 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
     the whole matrix), while the tiled backends evaluate it on PARTIAL tiles only.
     Only the index expressions are evaluated, by chunks of queries, and over one
     query (key) where they do not depend on the query (key)."""
-    if not any(S.input_name(f.func) for f in pat.mask.atoms(sympy.Function)):
+    if not input_names(pat.mask):
         return
     q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
     k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}

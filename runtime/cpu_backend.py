@@ -6,12 +6,10 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
-import sympy
 import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.search import flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
@@ -37,7 +35,7 @@ def mask_uses_inputs(pat: ir.PatternIR) -> bool:
 
 def mask_input_names(pat: ir.PatternIR) -> set[str]:
     """The call-time inputs the mask reads."""
-    return {name for f in pat.mask.atoms(sympy.Function) if (name := S.input_name(f.func))}
+    return set(E.input_names(pat.mask))
 
 
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -11,8 +11,11 @@ may attend form the visited columns: a contiguous run (causal, sliding window)
 is a view of the cache, no copy; a sparse set (sinks + window) is gathered
 unless it covers most of its span.
 
-The attention of the rows is plain torch (grouped query heads share their key
-head without repeating the cache); the backward recomputes it under autograd.
+The forward runs torch's fused CPU attention kernel on the visited keys (the
+mask and the bias/decay terms as a float mask; plain torch with a softcap);
+grouped query heads share their key head as one block of rows, without
+repeating the cache. The backward recomputes the rows with plain torch under
+autograd.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from . import routing
 from .reference import fox_pairs, fox_prefix
 
@@ -61,7 +63,7 @@ class RowPlan:
 
     @property
     def static_mask(self) -> bool:
-        return not any(S.input_name(f.func) for f in self.mask.atoms(sympy.Function))
+        return not E.input_names(self.mask)
 
     @classmethod
     def build(cls, pat: ir.PatternIR, bound: E.Bound, tensors: dict, batched: set[str]) -> RowPlan:
@@ -113,6 +115,23 @@ def _call_mask(plan: RowPlan, q, k, tensors: dict, batched: set[str]):
     return visited_columns(allowed)
 
 
+def _terms(plan: RowPlan, keys: torch.Tensor, tensors: dict, batched: set[str], allowed, dt):
+    """bias + FoX decay on the rows and the visited keys, broadcastable to ``[B, Hq, n, C]``, or None."""
+    if plan.bias is None and plan.pattern.decay is None:
+        return None
+    add = torch.zeros((), dtype=dt)
+    guard = torch.ones((), dtype=torch.bool) if allowed is None else allowed
+    batch = next((tensors[name].shape[0] for name in batched), None)
+    if plan.bias is not None:  # input indices checked on the attended pairs only (see Evaluator)
+        add = add + E.as_tensor(E.Evaluator(plan.env(keys), tensors, batched, batch, guard)(plan.bias), dt).to(dt)
+    if plan.pattern.decay is not None:  # gates indexed by absolute position
+        gates = tensors[plan.pattern.decay].to(dt)
+        hi, lo, reset = fox_prefix(gates if gates.dim() == 3 else gates.unsqueeze(0))
+        rows = torch.arange(plan.bound.n) + plan.bound.q_offset
+        add = add + fox_pairs(hi, lo, reset, rows[:, None], keys[None, :])
+    return add
+
+
 def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: float, cols, allowed):
     """(out in the compute dtype ``[B, Hq, n, Dv]``, lse ``[B, Hq, n]``); plain torch, differentiable."""
     B, Hq, n, D = q.shape
@@ -123,21 +142,12 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     C = kc.shape[2]
     # grouped heads read their key head as one [g * n] block of rows: no copy of the cache
     s = ((q.to(dt) * scale).reshape(B, Hkv, g * n, D) @ kc.transpose(-1, -2)).view(B, Hq, n, C)
-    keys = torch.arange(plan.bound.nk)[cols]
     if plan.softcap is not None:
         cap = plan.softcap.to(dt).view(1, Hq, 1, 1)
         s = cap * torch.tanh(s / cap)
-    if plan.bias is not None or plan.pattern.decay is not None:
-        guard = torch.ones((), dtype=torch.bool) if allowed is None else allowed
-        batch = next((tensors[name].shape[0] for name in batched), None)
-        ev = E.Evaluator(plan.env(keys), tensors, batched, batch, guard)
-        if plan.bias is not None:
-            s = s + E.as_tensor(ev(plan.bias), dt).to(dt)
-        if plan.pattern.decay is not None:
-            gates = tensors[plan.pattern.decay].to(dt)
-            hi, lo, reset = fox_prefix(gates if gates.dim() == 3 else gates.unsqueeze(0))
-            rows = torch.arange(n) + plan.bound.q_offset
-            s = s + fox_pairs(hi, lo, reset, rows[:, None], keys[None, :])
+    add = _terms(plan, torch.arange(plan.bound.nk)[cols], tensors, batched, allowed, dt)
+    if add is not None:
+        s = s + add
     if allowed is not None:
         s = s.masked_fill(~allowed, -math.inf)
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
@@ -150,11 +160,44 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     return out.expand(B, Hq, n, vc.shape[-1]), lse.expand(B, Hq, n)
 
 
+def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: float, cols, allowed):
+    """The forward through torch's fused CPU attention kernel (online softmax, with lse), the mask and
+    the additive terms as a float mask; None where it does not apply (softcap, Dv != D, CUDA)."""
+    from .executor import _flash_op
+
+    op = _flash_op()
+    B, Hq, n, D = q.shape
+    Hkv = k.shape[1]
+    if op is None or q.is_cuda or plan.softcap is not None or v.shape[-1] != D:
+        return None
+    g = Hq // Hkv
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kc, vc = k[:, :, cols].to(dt), v[:, :, cols].to(dt)
+    C = kc.shape[2]
+    if C == 0:
+        return None
+    add = _terms(plan, torch.arange(plan.bound.nk)[cols], tensors, batched, allowed, dt)
+    if allowed is not None:
+        add = (torch.zeros((), dtype=dt) if add is None else add).masked_fill(~allowed, -math.inf)
+    rows_ok = None
+    if add is not None:
+        add = add.expand(B, Hq, n, C)
+        rows_ok = (add != -math.inf).any(-1)  # a row with no key (or all behind a FoX reset): 0, lse -inf
+        add = add.reshape(B, Hkv, g * n, C)
+    out, lse = op(q.to(dt).reshape(B, Hkv, g * n, D), kc, vc, 0.0, False, attn_mask=add, scale=scale)
+    out, lse = out.reshape(B, Hq, n, D), lse.to(dt).reshape(B, Hq, n)
+    if rows_ok is not None and not bool(rows_ok.all()):
+        out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
+        lse = torch.where(rows_ok, lse, torch.full((), -math.inf, dtype=dt))
+    return out, lse
+
+
 def forward(plan: RowPlan, q, k, v, inputs: dict, batched: set[str], scale: float):
     """(out ``[B, Hq, n, Dv]`` in q's dtype, lse ``[B, Hq, n]`` fp32/fp64)."""
     with torch.autocast(q.device.type, enabled=False):
         cols, allowed = _call_mask(plan, q, k, inputs, batched)
-        out, lse = _attend(plan, q, k, v, inputs, batched, scale, cols, allowed)
+        result = _fused(plan, q, k, v, inputs, batched, scale, cols, allowed)
+        out, lse = result if result is not None else _attend(plan, q, k, v, inputs, batched, scale, cols, allowed)
     return out.to(q.dtype), lse
 
 

@@ -25,7 +25,6 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from . import decode
 from .reference import fox_pairs, fox_prefix
@@ -93,7 +92,7 @@ class Plan:
 
     @property
     def static_mask(self) -> bool:
-        return self.selection is None and not any(S.input_name(f.func) for f in self.mask.atoms(sympy.Function))
+        return self.selection is None and not E.input_names(self.mask)
 
     @classmethod
     def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
