@@ -31,6 +31,11 @@ from ..compiler import ir
 from . import routing
 from .reference import fox_pairs, fox_prefix
 
+#: Visited keys in at most this many runs (e.g. sinks + window) are attended run by run
+#: (views of the cache, no copy); more are gathered.
+MAX_RUNS = 4
+Cols = slice | tuple | torch.Tensor
+
 #: Query rows after a KV cache (``nk > n``) up to which the CPU backend takes this path.
 DECODE_ROWS = 16
 #: A sparse column set is read through the span of its first and last key (a view,
@@ -90,18 +95,40 @@ class RowPlan:
         return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)) if value.dim() < 4 else value
 
 
-def visited_columns(allowed: torch.Tensor) -> tuple[slice | torch.Tensor, torch.Tensor | None]:
-    """(the keys some row may attend, as a slice when read through a span, else an index;
-    the mask on those columns, None when it allows every one)."""
+def visited_columns(allowed: torch.Tensor) -> tuple[Cols, torch.Tensor | None]:
+    """(the keys some row may attend: a slice (a view of the cache), a tuple of at most
+    ``MAX_RUNS`` slices (views attended one by one and merged by their lse) or an index
+    (gathered); the mask on those columns, None when it allows every one)."""
     nk = allowed.shape[-1]
     hit = allowed.reshape(-1, nk).any(0)
     idx = torch.nonzero(hit).flatten()
     if len(idx) == 0:
         return slice(0, 0), None
     lo, hi = int(idx[0]), int(idx[-1]) + 1
-    cols: slice | torch.Tensor = slice(lo, hi) if len(idx) >= SPAN_FILL * (hi - lo) else idx
-    sub = allowed[..., cols]
+    cols: Cols
+    if len(idx) >= SPAN_FILL * (hi - lo):
+        cols = slice(lo, hi)
+    else:
+        breaks = (torch.nonzero(idx[1:] - idx[:-1] != 1).flatten() + 1).tolist()
+        starts, ends = [0, *breaks], [*breaks, len(idx)]
+        cols = (tuple(slice(int(idx[a]), int(idx[b - 1]) + 1) for a, b in zip(starts, ends, strict=True))
+                if len(starts) <= MAX_RUNS else idx)
+    sub = allowed[..., key_index(cols)]
     return cols, None if bool(sub.all()) else sub
+
+
+def key_index(cols: Cols) -> torch.Tensor | slice:
+    """The visited keys as one index (a slice stays a slice)."""
+    if isinstance(cols, tuple):
+        return torch.cat([torch.arange(c.start, c.stop) for c in cols])
+    return cols
+
+
+def take(x: torch.Tensor, cols: Cols) -> torch.Tensor:
+    """The visited keys of ``x [B, H, nk, D]`` (a view for a slice)."""
+    if isinstance(cols, tuple):
+        return torch.cat([x[:, :, c] for c in cols], dim=2)
+    return x[:, :, cols]
 
 
 def _call_mask(plan: RowPlan, q, k, tensors: dict, batched: set[str]):
@@ -138,14 +165,14 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     Hkv = k.shape[1]
     g = Hq // Hkv
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kc, vc = k[:, :, cols].to(dt), v[:, :, cols].to(dt)
+    kc, vc = take(k, cols).to(dt), take(v, cols).to(dt)
     C = kc.shape[2]
     # grouped heads read their key head as one [g * n] block of rows: no copy of the cache
     s = ((q.to(dt) * scale).reshape(B, Hkv, g * n, D) @ kc.transpose(-1, -2)).view(B, Hq, n, C)
     if plan.softcap is not None:
         cap = plan.softcap.to(dt).view(1, Hq, 1, 1)
         s = cap * torch.tanh(s / cap)
-    add = _terms(plan, torch.arange(plan.bound.nk)[cols], tensors, batched, allowed, dt)
+    add = _terms(plan, torch.arange(plan.bound.nk)[key_index(cols)], tensors, batched, allowed, dt)
     if add is not None:
         s = s + add
     if allowed is not None:
@@ -162,7 +189,8 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
 
 def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: float, cols, allowed):
     """The forward through torch's fused CPU attention kernel (online softmax, with lse), the mask and
-    the additive terms as a float mask; None where it does not apply (softcap, Dv != D, CUDA)."""
+    the additive terms as a float mask, run by run of visited keys and merged by lse; None where it
+    does not apply (softcap, Dv != D, CUDA, no visited key)."""
     from .executor import _flash_op
 
     op = _flash_op()
@@ -170,25 +198,34 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     Hkv = k.shape[1]
     if op is None or q.is_cuda or plan.softcap is not None or v.shape[-1] != D:
         return None
+    keys = torch.arange(plan.bound.nk)[key_index(cols)]
+    if len(keys) == 0:
+        return None
     g = Hq // Hkv
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kc, vc = k[:, :, cols].to(dt), v[:, :, cols].to(dt)
-    C = kc.shape[2]
-    if C == 0:
-        return None
-    add = _terms(plan, torch.arange(plan.bound.nk)[cols], tensors, batched, allowed, dt)
+    add = _terms(plan, keys, tensors, batched, allowed, dt)
     if allowed is not None:
         add = (torch.zeros((), dtype=dt) if add is None else add).masked_fill(~allowed, -math.inf)
-    rows_ok = None
-    if add is not None:
-        add = add.expand(B, Hq, n, C)
-        rows_ok = (add != -math.inf).any(-1)  # a row with no key (or all behind a FoX reset): 0, lse -inf
-        add = add.reshape(B, Hkv, g * n, C)
-    out, lse = op(q.to(dt).reshape(B, Hkv, g * n, D), kc, vc, 0.0, False, attn_mask=add, scale=scale)
-    out, lse = out.reshape(B, Hq, n, D), lse.to(dt).reshape(B, Hq, n)
-    if rows_ok is not None and not bool(rows_ok.all()):
-        out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
-        lse = torch.where(rows_ok, lse, torch.full((), -math.inf, dtype=dt))
+    qg = q.to(dt).reshape(B, Hkv, g * n, D)
+    parts, start = [], 0
+    for c in cols if isinstance(cols, tuple) else (cols,):
+        kc, vc = k[:, :, c].to(dt), v[:, :, c].to(dt)
+        width = kc.shape[2]
+        a = None if add is None else add[..., start:start + width].expand(B, Hq, n, width)
+        start += width
+        rows_ok = None if a is None else (a != -math.inf).any(-1)  # a row with no key here: 0, lse -inf
+        out, lse = op(qg, kc, vc, 0.0, False, attn_mask=None if a is None else a.reshape(B, Hkv, g * n, width),
+                      scale=scale)
+        out, lse = out.reshape(B, Hq, n, D), lse.to(dt).reshape(B, Hq, n)
+        if rows_ok is not None and not bool(rows_ok.all()):
+            out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
+            lse = torch.where(rows_ok, lse, torch.full((), -math.inf, dtype=dt))
+        parts.append((out, lse))
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    safe = torch.where(torch.isneginf(lse), torch.zeros((), dtype=dt), lse)
+    out = sum(torch.exp(p[1] - safe)[..., None] * p[0] for p in parts)
     return out, lse
 
 

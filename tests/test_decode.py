@@ -26,6 +26,9 @@ CASES = [
     ("fox", "stdlib:forgetting", {}, {"g": "gates"}),
     ("document", "stdlib:document", {}, {"doc": "docs"}),
     ("moba", "stdlib:moba", {"block": 8, "topk": 2}, {}),
+    # visited keys in many runs (gathered), and rows with no key at all (odd positions)
+    ("strided", "pattern strided\n  tokens seq\n  mask causal and (q - k) % 5 == 0\n", {}, {}),
+    ("empty_rows", "pattern gaps\n  tokens seq\n  mask causal and q - k > 30 and q % 2 == 0\n", {}, {}),
 ]
 
 
