@@ -95,6 +95,7 @@ class CpuRunner:
         #: data-dependent masks: the latest plan with the inputs it was built for
         #: (a later call, or the backward, with equal inputs reuses it)
         self._dynamic_last: tuple | None = None
+        self._substituted: dict = {}  # decoding rows: mask and bias at the sizes they read
 
     @property
     def max_plans(self) -> int:
@@ -115,7 +116,7 @@ class CpuRunner:
             plan = None if dynamic else self.plans.get(key)
             if plan is None:
                 batched = {n for n, t in inputs.items() if t.dim() > len(pat.input(n).dims)}
-                plan = decode.RowPlan.build(pat, bound, inputs, batched)
+                plan = decode.RowPlan.build(pat, bound, inputs, batched, self._substituted)
                 if not dynamic:
                     self.plans[key] = plan
             self.last = plan

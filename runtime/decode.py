@@ -38,6 +38,8 @@ Cols = slice | tuple | torch.Tensor
 
 #: Query rows after a KV cache (``nk > n``) up to which the CPU backend takes this path.
 DECODE_ROWS = 16
+#: Substituted expressions a runner keeps for its decoding rows (then cleared).
+SUBSTITUTION_MEMO = 64
 #: A sparse column set is read through the span of its first and last key (a view,
 #: masked) when it holds at least this fraction of that span, else gathered.
 SPAN_FILL = 0.5
@@ -71,10 +73,24 @@ class RowPlan:
         return not E.input_names(self.mask)
 
     @classmethod
-    def build(cls, pat: ir.PatternIR, bound: E.Bound, tensors: dict, batched: set[str]) -> RowPlan:
+    def build(cls, pat: ir.PatternIR, bound: E.Bound, tensors: dict, batched: set[str],
+              memo: dict | None = None) -> RowPlan:
+        """``memo``: substituted expressions kept across steps (by the sizes they read: a mask
+        that does not mention ``n``/``nk`` is substituted once for every step)."""
+        memo = {} if memo is None else memo
+
+        def sub(expr):
+            if expr is None:
+                return None
+            key = (expr, tuple(sorted((str(s), v) for s, v in bound.subs.items() if s in expr.free_symbols)))
+            if key not in memo:
+                if len(memo) >= SUBSTITUTION_MEMO:
+                    memo.clear()
+                memo[key] = E.substitute(expr, bound)
+            return memo[key]
+
         softcap = E.head_values(pat.softcap, bound.subs, bound.heads) if pat.softcap is not None else None
-        plan = cls(pat, bound, E.substitute(pat.mask, bound),
-                   E.substitute(pat.bias, bound) if pat.bias is not None else None, softcap, None)
+        plan = cls(pat, bound, sub(pat.mask), sub(pat.bias), softcap, None)
         if plan.static_mask:
             plan.allowed = plan.row_mask(tensors, batched)
             if pat.route is None:
