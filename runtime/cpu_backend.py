@@ -62,7 +62,7 @@ PLAN_CACHE_SIZE = 64
 class PlanCache(OrderedDict):
     """A bounded LRU mapping: a lookup refreshes an entry, an insert beyond ``limit`` drops the oldest."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int = PLAN_CACHE_SIZE):
         super().__init__()
         self.limit = limit
 

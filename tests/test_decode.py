@@ -68,10 +68,14 @@ def test_last_rows_of_the_full_computation(label, src, params, inputs, backend):
             assert isinstance(attn._runner.last, kind)
 
 
+@pytest.mark.parametrize("rows_path", [True, False], ids=["decode_rows", "tiled_flat"])
 @pytest.mark.parametrize("n", [1, 4, 6, 13])
-def test_grid_queries_are_a_suffix_of_the_token_order(n):
+def test_grid_queries_are_a_suffix_of_the_token_order(n, rows_path, monkeypatch):
     """A grid's sizes describe all nk tokens; the queries are its last n in row-major order
-    (whole rows or not): 1 token, part of a row, a row, two rows and a part."""
+    (whole rows or not): 1 token, part of a row, a row, two rows and a part; on the CPU
+    backend through the decoding rows or the tile executor (flat tiles of the token order)."""
+    if not rows_path:
+        monkeypatch.setattr(decode, "DECODE_ROWS", 0)
     sizes = {"height": 5, "width": 6}
     params = dict(kernel_size_y=3, kernel_size_x=3)
     q, k, v = _qkv(30)
