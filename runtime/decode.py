@@ -8,8 +8,14 @@ evaluated once per (n, nk) on the ``n x nk`` positions with torch (no
 classification, no interval analysis): O(n * nk) elementwise work, the order of
 reading the KV cache once, which the attention does anyway. The keys some row
 may attend form the visited columns: a contiguous run (causal, sliding window)
-is a view of the cache, no copy; a sparse set (sinks + window) is gathered
-unless it covers most of its span.
+is a view of the cache, no copy; a few runs (sinks + window) are attended run
+by run and merged by their log-sum-exp; many runs are gathered, or read
+through their span when they fill most of it.
+
+Why not a tile schedule extended step by step: for one row the exact allowed
+set costs what a pass over the cache costs, whereas the interval analysis of
+the last Q tile would still be sympy work per step, be only tile-exact, and
+need the same mask evaluation on its PARTIAL tiles.
 
 The forward runs torch's fused CPU attention kernel on the visited keys (the
 mask and the bias/decay terms as a float mask; plain torch with a softcap);
@@ -64,7 +70,7 @@ class RowPlan:
     bias: sympy.Basic | None
     softcap: torch.Tensor | None
     allowed: torch.Tensor | None
-    cols: slice | torch.Tensor | None = None
+    cols: Cols | None = None
     col_allowed: torch.Tensor | None = None
     schedule = None  # no tile schedule (``Attention.schedule`` is None for decoding rows)
 
