@@ -49,12 +49,13 @@ def materialize_mask(
     ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
     (then ``name=`` and parameters apply). ``n`` is the number of queries (for
     a grid, implied by ``sizes``); ``nk`` the number of keys of a cross-attention
-    pattern. Routing is data-dependent and not part of the mask.
+    pattern, or of a self-attention one with a KV cache (``nk > n``: the rows of the
+    last n tokens). Routing is data-dependent and not part of the mask.
     """
     pat = _as_pattern(pattern, name, params)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, offset_ok=True)
     tensors, batch = E.bind_inputs(pat, bound, inputs)
     # the mask is evaluated per head only when it depends on h (else a broadcast view)
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
@@ -73,7 +74,9 @@ class Attention(torch.nn.Module):
 
     Softmax patterns: ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``, ``v``
     ``[B, Hkv, Nk, Dv]`` with Hq a multiple of Hkv (GQA); returns ``out``
-    ``[B, Hq, Nq, Dv]`` or ``(out, lse)`` with ``return_lse=True``.
+    ``[B, Hq, Nq, Dv]`` or ``(out, lse)`` with ``return_lse=True``. Self-attention with
+    ``Nk > Nq`` (a KV cache): the queries are the last Nq of the Nk tokens (positions
+    ``Nk - Nq + i``; spec/REFERENCE.md).
     Recurrences: ``initial_state=`` ``[B, Hq, D, Dv]``; ``return_state=True``
     returns ``(out, final_state)``. ``scale`` defaults to ``1/sqrt(D)``.
     Call-time inputs are keyword arguments with their declared shape,
@@ -291,7 +294,7 @@ class Attention(torch.nn.Module):
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
             return (out, lse) if return_lse else out
         try:
-            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
+            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
         except SpecError as err:  # n and nk come from q and k here: name those
             if err.where not in ("argument n", "argument nk"):
                 raise
@@ -307,7 +310,9 @@ class Attention(torch.nn.Module):
         Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
         _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
                     item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
-        if self.flex is not None:
+        if bound.q_offset and (self.flex is not None or self.backend == "triton" or (self.auto and q.is_cuda)):
+            out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
+        elif self.flex is not None:
             out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.decide(
                 bound, q, k, v, inputs, return_lse).backend == "flex":
@@ -377,6 +382,24 @@ class Attention(torch.nn.Module):
                 return False
             self._cuda_winner[key] = winner
         return self._cuda_winner[key] == "flex"
+
+    def _offset_by_padding(self, bound, q, k, v, inputs: dict, scale: float):
+        """Queries after a KV cache on Triton: the kernels run the whole sequence with zero
+        queries in front, and the last n rows are returned (exactly the definition; nk x nk
+        work, differentiable). FlexAttention is refused (its lowering has no query offset yet)."""
+        if self.flex is not None:
+            raise SpecError(f"{bound.nk} keys but {bound.n} queries: the flex backend does not run queries after a "
+                            "KV cache yet", where="argument k", hint="use backend='cpu' or 'triton' for decoding")
+        route = getattr(self.pattern, "route", None)
+        if route is not None and route.score != "token":
+            raise SpecError(f"'{self.pattern.name}' routes by the mean of query blocks, which needs every query of a "
+                            "block: queries after a KV cache (nk > n) are not supported", where="argument k",
+                            hint="call with all the queries (nk == n)")
+        full = E.bind_sizes(self.pattern, n=bound.nk, nk=bound.nk, heads=bound.heads, sizes=bound.axis_sizes,
+                            dk=q.shape[-1])
+        pad = q.new_zeros(q.shape[0], q.shape[1], bound.q_offset, q.shape[3])
+        out, lse = self._triton_runner()(full, torch.cat([pad, q], dim=2), k, v, inputs, scale)
+        return out[:, :, bound.q_offset:], lse[:, :, bound.q_offset:]
 
     def _triton_runner(self):
         if self._triton is None:

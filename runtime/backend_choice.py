@@ -136,6 +136,10 @@ class AutoRunner:
         from .flex_backend import block_refusal, fused_refusal
 
         pat = self.pattern
+        if bound.q_offset:  # decoding after a KV cache: the executor's rows (runtime.decode); Flex has no offset
+            self.last = Choice("cpu", "queries after a KV cache run the executor's decoding rows "
+                                      "(the Flex lowering has no query offset)")
+            return self.last
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
         grad = torch.is_grad_enabled() and any(
             t.requires_grad for t in (q, k, v, *(t for t in tensors.values() if t.is_floating_point())))
