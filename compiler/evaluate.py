@@ -13,6 +13,7 @@ Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -37,6 +38,9 @@ class Bound:
     nk: int
     heads: int
     axis_sizes: dict[str, int]  # size names -> extent
+    #: Self-attention with a KV cache: the ``n`` queries are the last ``n`` of the ``nk``
+    #: tokens, so query row i has absolute position ``q_offset + i`` (``nk - n``); 0 otherwise.
+    q_offset: int = 0
 
 
 def bind_sizes(
@@ -47,9 +51,17 @@ def bind_sizes(
     heads: int = 1,
     sizes: dict | None = None,
     dk: int | None = None,
+    offset_ok: bool = False,
 ) -> Bound:
-    """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys,
-    cross attention), ``heads``, ``sizes`` (grid axis extents by size name)."""
+    """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys),
+    ``heads``, ``sizes`` (grid axis extents by size name).
+
+    Self-attention with ``nk > n`` (``offset_ok``: the callers that implement it) is
+    a KV cache: the queries are the LAST ``n`` of the ``nk`` tokens (query row i is
+    token ``nk - n + i``, as FlexAttention's and HF's offsets), ``q``/``k``/``q.AXIS``
+    are absolute positions and the size symbol ``n`` (also in input shapes) is the
+    whole sequence, ``nk``. A grid's sizes then describe all ``nk`` tokens and the
+    queries are the last ``n`` of its row-major order (any suffix)."""
     heads = positive_int("heads", heads)
     size_syms = check_size_names(pat, sizes if sizes is not None else {})
     sizes = {name: positive_int(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
@@ -63,14 +75,25 @@ def bind_sizes(
     q_layout = layouts[0]
     k_layout = layouts[-1]
     missing = [name for name in size_syms if name not in sizes]
-    if missing and n is not None and q_layout.kind == "grid" and len(missing) == 1:
+    self_attn = isinstance(pat, ir.PatternIR) and pat.self_attention
+    if self_attn and nk is not None and n is not None and nk != n:
+        if not offset_ok:
+            raise SpecError(f"{nk} keys but {n} queries: this pattern is self-attention and queries after a KV "
+                            "cache are not supported here", where="argument nk",
+                            hint="call the compiled module (or materialize_mask) with nk > n")
+        if nk < n:
+            raise SpecError(f"{nk} keys but {n} queries: the queries are the last n of the nk tokens, so nk >= n",
+                            where="argument nk")
+    cached = self_attn and nk is not None and n is not None and nk > n
+    grid_count = nk if cached else n  # the token count a grid's sizes describe
+    if missing and grid_count is not None and q_layout.kind == "grid" and len(missing) == 1:
         known = 1
         for _, size in q_layout.axes:
             val = size.subs({size_syms[k]: v for k, v in sizes.items()})
             if val.is_number:
                 known *= int(val)
-        if n % known == 0:
-            sizes[missing[0]] = n // known
+        if grid_count % known == 0:
+            sizes[missing[0]] = grid_count // known
             missing = []
     if missing:
         raise SpecError(
@@ -98,18 +121,24 @@ def bind_sizes(
             )
         return total
 
-    n_val = length(q_layout, n, "queries")
-    if isinstance(pat, ir.PatternIR) and not pat.self_attention:
+    if cached:  # the grid (or sequence) is the nk tokens; the queries its last n
         nk_val = length(k_layout, nk, "keys")
+        n_val = n
     else:
-        if nk is not None and nk != n_val:
-            raise SpecError(f"{nk} keys but {n_val} queries: this pattern is self-attention", where="argument nk")
-        nk_val = n_val
-    subs[S.N] = n_val
+        n_val = length(q_layout, n, "queries")
+        if isinstance(pat, ir.PatternIR) and not pat.self_attention:
+            nk_val = length(k_layout, nk, "keys")
+        else:
+            if nk is not None and nk != n_val:  # a grid whose sizes imply other than nk tokens
+                raise SpecError(f"{nk} keys but the queries' grid has {n_val} tokens", where="argument nk")
+            nk_val = n_val
+    # self-attention: ``n`` is the sequence (nk tokens, positions 0..nk-1) whatever the query count
+    subs[S.N] = nk_val if self_attn else n_val
     subs[S.NK] = nk_val
     if isinstance(pat, ir.PatternIR):
         ir.check_window_sizes(pat, subs)
-    return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()})
+    return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()},
+                 q_offset=nk_val - n_val if self_attn else 0)
 
 
 def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[str, sympy.Symbol]:
@@ -437,7 +466,8 @@ class Evaluator:
             return torch.bitwise_not(as_tensor(self(e.args[0])))
         if isinstance(e, S.Window):
             qa, ka, L, size, dil, stride, causal = e.args
-            consts = [int(x) for x in (L, size, dil, stride) if isinstance(x, sympy.Integer)]
+            # sizes known as numbers, or as symbols bound to ints (an unsubstituted expression)
+            consts = [v for v in (self(x) for x in (L, size, dil, stride)) if type(v) is int]
             if len(consts) != 4:
                 raise SpecError("window() sizes must be known numbers at evaluation", where="evaluation")
             return window_tensor(self(qa), self(ka), *consts, causal=bool(causal))
@@ -511,6 +541,12 @@ def input_sites(expr: sympy.Basic | None) -> list[sympy.Basic]:
     return sorted((f for f in expr.atoms(sympy.Function) if S.input_name(f.func)), key=sympy.default_sort_key)
 
 
+@functools.lru_cache(maxsize=256)
+def input_names(expr: sympy.Basic) -> frozenset[str]:
+    """The call-time inputs an expression reads (memoised: asked on every call, e.g. of the mask)."""
+    return frozenset(name for f in expr.atoms(sympy.Function) if (name := S.input_name(f.func)))
+
+
 #: Positions evaluated at once by ``check_mask_indices``.
 CHECK_CHUNK = 1 << 22
 
@@ -521,7 +557,7 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
     the whole matrix), while the tiled backends evaluate it on PARTIAL tiles only.
     Only the index expressions are evaluated, by chunks of queries, and over one
     query (key) where they do not depend on the query (key)."""
-    if not any(S.input_name(f.func) for f in pat.mask.atoms(sympy.Function)):
+    if not input_names(pat.mask):
         return
     q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
     k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}
@@ -537,9 +573,12 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
 
 def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
     """Symbol values for given flat query and key tokens (tensors of any broadcastable
-    shapes): the sizes, ``h``, and ``q``/``k`` or their grid coordinates."""
+    shapes): the sizes, ``h``, and ``q``/``k`` or their grid coordinates. ``q_flat``
+    are query ROWS (0..n-1); ``bound.q_offset`` makes them absolute positions."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
     env[S.H] = head
+    if bound.q_offset:  # query rows are the last n tokens: absolute positions
+        q_flat = q_flat + bound.q_offset
     for role, layout, flat in (("q", pat.queries, q_flat), ("k", pat.keys, k_flat)):
         if layout.kind == "seq":
             env[S.Q if role == "q" else S.K] = flat

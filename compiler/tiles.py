@@ -111,6 +111,7 @@ def mask_inputs(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None) -> tuple
 def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None) -> TileSchedule:
     """Brute force over every tile pair and token pair: the definition the tests check against."""
     pat, inputs = mask_inputs(pat, bound, inputs)
+    check_offset_layout(pat, bound)
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
@@ -134,6 +135,20 @@ def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inp
 
 
 # ----------------------------------------------------------------- the fast classifier
+#: Calls of ``classify_tiles`` (the sympy/interval planning work) in this process; read by
+#: tests to count how often a backend re-plans (e.g. per decoding step).
+CLASSIFICATIONS = 0
+
+
+def check_offset_layout(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """Query tiles of a KV-cache call (``q_offset``) are runs of query rows: a grid's queries
+    are a suffix of its token order, not a box, and are classified on the flat view
+    (``compiler.search.flat_view``)."""
+    if bound.q_offset and pat.queries.kind == "grid":
+        raise SpecError("queries after a KV cache on a grid are tiled on the flat token order",
+                        where="argument q_tile", hint="classify flat_view(pattern, bound)")
+
+
 def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,
                    refine_budget: int = REFINE_BUDGET) -> TileSchedule:
     """Classify every (Q tile, KV tile) pair of a bound pattern; see the module docstring.
@@ -143,6 +158,9 @@ def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: d
     mask (without batch dimension). ``refine_budget``: token pairs the exact
     refinement of PARTIAL pairs may evaluate.
     """
+    check_offset_layout(pat, bound)
+    global CLASSIFICATIONS
+    CLASSIFICATIONS += 1
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
@@ -294,9 +312,10 @@ def _box_env(pat, bound, sup: torch.Tensor, levels: list[int], grid, tile, ext, 
     t_hi = torch.stack([torch.clamp(((sup[:, offset + a] + 1) << levels[a]) - 1, max=grid[a] - 1)
                         for a in range(n_axes)], 1)
     layout = pat.queries if role == "q" else pat.keys
+    shift = bound.q_offset if role == "q" else 0  # query rows -> absolute positions (seq only: classify_tiles)
     for a in range(n_axes):
-        lo = (t_lo[:, a] * tile[a]).to(torch.float64)
-        hi = (torch.clamp((t_hi[:, a] + 1) * tile[a], max=ext[a]) - 1).to(torch.float64)
+        lo = (t_lo[:, a] * tile[a] + shift).to(torch.float64)
+        hi = (torch.clamp((t_hi[:, a] + 1) * tile[a], max=ext[a]) - 1 + shift).to(torch.float64)
         if layout.kind == "seq":
             env[S.Q if role == "q" else S.K] = Num(lo, hi)
         else:
@@ -530,6 +549,10 @@ def _line_classes(pat, mask, bound, tensors, head: int, own: list[int], own_tile
         x_lo = (first * other_tile).to(torch.float64)
         x_hi = (torch.clamp((last + 1) * other_tile, max=other_len) - 1).to(torch.float64)
         mine, other = (S.Q, S.K) if role == "q" else (S.K, S.Q)
+        if role == "q":  # query rows -> absolute positions (a KV cache)
+            o_lo, o_hi = o_lo + bound.q_offset, o_hi + bound.q_offset
+        else:
+            x_lo, x_hi = x_lo + bound.q_offset, x_hi + bound.q_offset
         env[mine], env[other] = Num(o_lo, o_hi), Num(x_lo, x_hi)
         result = IntervalEvaluator(env, tensors).boolean(mask)
         may_t = torch.broadcast_to(result.t, owner.shape)

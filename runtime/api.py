@@ -54,7 +54,7 @@ def materialize_mask(
     pat = _as_pattern(pattern, name, params)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, offset_ok=True)
     tensors, batch = E.bind_inputs(pat, bound, inputs)
     # the mask is evaluated per head only when it depends on h (else a broadcast view)
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
@@ -242,7 +242,7 @@ class Attention(torch.nn.Module):
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
             return (out, lse) if return_lse else out
         try:
-            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D)
+            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
         except SpecError as err:  # n and nk come from q and k here: name those
             if err.where not in ("argument n", "argument nk"):
                 raise
@@ -258,7 +258,9 @@ class Attention(torch.nn.Module):
         Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
         _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
                     item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
-        if self.flex is not None:
+        if bound.q_offset and (self.flex is not None or self.backend == "triton" or (self.auto and q.is_cuda)):
+            out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
+        elif self.flex is not None:
             out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self.backend == "triton" or (self.auto and q.is_cuda):
             out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
@@ -288,6 +290,24 @@ class Attention(torch.nn.Module):
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
+
+    def _offset_by_padding(self, bound, q, k, v, inputs: dict, scale: float):
+        """Queries after a KV cache on Triton: the kernels run the whole sequence with zero
+        queries in front, and the last n rows are returned (exactly the definition; nk x nk
+        work, differentiable). FlexAttention is refused (its lowering has no query offset yet)."""
+        if self.flex is not None:
+            raise SpecError(f"{bound.nk} keys but {bound.n} queries: the flex backend does not run queries after a "
+                            "KV cache yet", where="argument k", hint="use backend='cpu' or 'triton' for decoding")
+        route = getattr(self.pattern, "route", None)
+        if route is not None and route.score != "token":
+            raise SpecError(f"'{self.pattern.name}' routes by the mean of query blocks, which needs every query of a "
+                            "block: queries after a KV cache (nk > n) are not supported", where="argument k",
+                            hint="call with all the queries (nk == n)")
+        full = E.bind_sizes(self.pattern, n=bound.nk, nk=bound.nk, heads=bound.heads, sizes=bound.axis_sizes,
+                            dk=q.shape[-1])
+        pad = q.new_zeros(q.shape[0], q.shape[1], bound.q_offset, q.shape[3])
+        out, lse = self._triton_runner()(full, torch.cat([pad, q], dim=2), k, v, inputs, scale)
+        return out[:, :, bound.q_offset:], lse[:, :, bound.q_offset:]
 
     def _triton_runner(self):
         if self._triton is None:

@@ -3,16 +3,17 @@ shapes, and runs ``executor.TiledAttention``."""
 
 from __future__ import annotations
 
-import sympy
+import math
+from collections import OrderedDict
+
 import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.search import flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
-from . import executor, routing
+from . import decode, executor, routing
 
 #: Tile token counts tried for the CPU executor.
 CPU_TILE_TOKENS = (32, 64, 128)
@@ -34,7 +35,7 @@ def mask_uses_inputs(pat: ir.PatternIR) -> bool:
 
 def mask_input_names(pat: ir.PatternIR) -> set[str]:
     """The call-time inputs the mask reads."""
-    return {name for f in pat.mask.atoms(sympy.Function) if (name := S.input_name(f.func))}
+    return set(E.input_names(pat.mask))
 
 
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -53,24 +54,75 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict) -> tuple[tuple
     return best[1], best[2]
 
 
-class CpuRunner:
-    """Plans per (sizes, heads, tiles), cached; data-dependent masks are classified per call."""
+#: Plans a ``CpuRunner`` keeps (least recently used dropped first): one per (sizes, n, nk,
+#: heads); a decoding loop makes one per step. ``CpuRunner.max_plans`` overrides it per module.
+PLAN_CACHE_SIZE = 64
 
-    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+
+class PlanCache(OrderedDict):
+    """A bounded LRU mapping: a lookup refreshes an entry, an insert beyond ``limit`` drops the oldest."""
+
+    def __init__(self, limit: int = PLAN_CACHE_SIZE):
+        super().__init__()
+        self.limit = limit
+
+    def get(self, key, default=None):
+        if key not in self:
+            return default
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        self.trim()
+
+    def trim(self) -> None:
+        while len(self) > max(1, self.limit):
+            self.popitem(last=False)
+
+
+class CpuRunner:
+    """Plans per (sizes, n, nk, heads, tiles), kept in a bounded LRU cache (``PLAN_CACHE_SIZE``);
+    data-dependent masks are classified per call; a few queries after a KV cache take the
+    decoding-rows path (``runtime.decode``: no tile classification per step)."""
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None, max_plans: int | None = None):
         self.pattern = pat
         self.tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
-        self.plans: dict = {}
+        self.plans = PlanCache(PLAN_CACHE_SIZE if max_plans is None else E.positive_int("max_plans", max_plans))
         self.last: executor.Plan | None = None
         #: data-dependent masks: the latest plan with the inputs it was built for
         #: (a later call, or the backward, with equal inputs reuses it)
         self._dynamic_last: tuple | None = None
+        self._substituted: dict = {}  # decoding rows: mask and bias at the sizes they read
 
-    def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan:
+    @property
+    def max_plans(self) -> int:
+        """How many plans this runner keeps (LRU)."""
+        return self.plans.limit
+
+    @max_plans.setter
+    def max_plans(self, value: int) -> None:
+        self.plans.limit = E.positive_int("max_plans", value)
+        self.plans.trim()
+
+    def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan | decode.RowPlan:
         pat = self.pattern
         dynamic = mask_uses_inputs(pat)
         key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        if decode.applies(bound):
+            # decoding rows: the rows' exact mask, no tile classification (runtime.decode)
+            plan = None if dynamic else self.plans.get(key)
+            if plan is None:
+                batched = {n for n, t in inputs.items() if t.dim() > len(pat.input(n).dims)}
+                plan = decode.RowPlan.build(pat, bound, inputs, batched, self._substituted)
+                if not dynamic:
+                    self.plans[key] = plan
+            self.last = plan
+            return plan
         if not dynamic and key in self.plans:
-            self.last = self.plans[key]
+            self.last = self.plans.get(key)
             return self.last
         used = {n: t for n, t in inputs.items() if n in mask_input_names(pat)} if dynamic else {}
         if dynamic and self._dynamic_last is not None and self._dynamic_last[0] == key:
@@ -80,6 +132,17 @@ class CpuRunner:
                     for n, t in used.items()):
                 self.last = self._dynamic_last[2]
                 return self.last
+        if bound.q_offset and pat.queries.kind == "grid":
+            # queries after a KV cache are a suffix of the grid's token order, not a box:
+            # 1-D tiles classified on the flat view (the executor evaluates the grid pattern)
+            view, view_bound = flat_view(pat, bound)
+            if self.tiles.forced:  # a forced box counts as its number of tokens
+                q_tile = (min(math.prod(self.tiles.q), bound.n),)
+                kv_tile = (min(math.prod(self.tiles.kv), bound.nk),)
+            else:
+                q_tile, kv_tile = choose_tiles(view, view_bound, inputs)
+            return self._store(key, dynamic, executor.Plan.build(
+                pat, bound, classify_tiles(view, view_bound, q_tile, kv_tile, inputs)), inputs)
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         flat = False
@@ -94,10 +157,13 @@ class CpuRunner:
             schedule = classify_tiles(*flat_view(pat, bound), q_tile, kv_tile, inputs)
         else:
             schedule = classify_tiles(pat, bound, q_tile, kv_tile, inputs)
-        plan = executor.Plan.build(pat, bound, schedule)
+        return self._store(key, dynamic, executor.Plan.build(pat, bound, schedule), inputs)
+
+    def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:
         self.plans[key] = plan
         self.last = plan
         if dynamic:
+            used = {n: t for n, t in inputs.items() if n in mask_input_names(self.pattern)}
             self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
 
@@ -109,7 +175,7 @@ class CpuRunner:
         E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])  # the tiles read the mask only in part
         plan = self.plan(bound, tensors)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
-        if self.pattern.route is not None:  # data-dependent lists, rebuilt per call
+        if self.pattern.route is not None and not isinstance(plan, decode.RowPlan):  # data-dependent lists
             plan = routing.route_plan(plan, q, k, tensors, set(batched))
         return plan, tensors, batched
 
@@ -124,6 +190,11 @@ def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
     lines = [f"# cpu backend: tile executor for '{pat.name}'", *pat.describe_terms()]
     if plan is None:
         lines.append("# no call yet: the tile schedule is built at the first call (per shapes)")
+        return "\n".join(lines) + "\n"
+    if isinstance(plan, decode.RowPlan):
+        lines += [f"decoding rows: {plan.bound.n} queries after a KV cache of {plan.bound.nk} keys "
+                  f"(positions {plan.bound.q_offset}..{plan.bound.nk - 1}); the rows' exact mask, no tile schedule",
+                  "  (runtime.decode): the visited keys a view of the cache when contiguous, else gathered"]
         return "\n".join(lines) + "\n"
     s = plan.schedule
     lines += [

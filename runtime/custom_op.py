@@ -84,7 +84,7 @@ def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def _bind(runner, q, k, inputs, names, sizes) -> E.Bound:
     return E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
-                        dk=q.shape[3])
+                        dk=q.shape[3], offset_ok=True)
 
 
 # ------------------------------------------------------------------ forward

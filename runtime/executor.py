@@ -25,8 +25,8 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
+from . import decode
 from .reference import fox_pairs, fox_prefix
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
@@ -92,7 +92,7 @@ class Plan:
 
     @property
     def static_mask(self) -> bool:
-        return self.selection is None and not any(S.input_name(f.func) for f in self.mask.atoms(sympy.Function))
+        return self.selection is None and not E.input_names(self.mask)
 
     @classmethod
     def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
@@ -214,7 +214,8 @@ class _Block:
         if plan.pattern.decay is not None:
             hi, lo, reset = (extra[f"__fox_{part}_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
                              for part in ("hi", "lo", "reset"))
-            scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0], self.k_tok[0, 0])
+            # gates are indexed by absolute position: query rows start at q_offset (a KV cache)
+            scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0] + plan.bound.q_offset, self.k_tok[0, 0])
         return scores
 
 
@@ -336,6 +337,8 @@ def _no_autocast(fn):
 @_no_autocast
 def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32/fp64)."""
+    if isinstance(plan, decode.RowPlan):  # a few queries after a KV cache (runtime.decode)
+        return decode.forward(plan, q, k, v, inputs, batched, scale)
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -394,6 +397,8 @@ def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, 
 def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
              wrt: list[str]):
     """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""
+    if isinstance(plan, decode.RowPlan):
+        return decode.backward(plan, q, k, v, out, lse, dout, dlse, inputs, batched, scale, wrt)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv

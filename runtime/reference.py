@@ -92,7 +92,8 @@ def attention(
     if bias is not None:
         scores = scores + (bias.to(dt) if isinstance(bias, torch.Tensor) else bias)
     if pat.decay is not None:
-        scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq), torch.arange(Nk))
+        # gates are indexed by absolute position: the query rows start at q_offset (a KV cache)
+        scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq) + bound.q_offset, torch.arange(Nk))
     scores = scores.masked_fill(~mask, -math.inf)
     # a row with no key of nonzero weight (masked, or every key behind a FoX reset): lse -inf, and
     # logsumexp never sees the all -inf row (its backward would give nan)

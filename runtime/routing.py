@@ -59,6 +59,12 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     if route.score == "token":
         score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
     else:
+        if bound.q_offset:  # the mean over a query block needs the block's earlier queries
+            from ..spec.errors import SpecError
+
+            raise SpecError(f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: "
+                            "queries after a KV cache (nk > n) are not supported", where="argument k",
+                            hint="call with all the queries (nk == n)")
         q_block, _ = block_ids(pat.queries, block_sizes(route, bound), bound, Nq)
         q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]

@@ -1185,7 +1185,7 @@ def test_error_other_call_arguments():
         lambda: compiled(RETNET)(q, k, v, initial_state=torch.ones(1, 2, 4, 3)),
         "argument initial_state",
     )
-    # self-attention: q and k lengths must agree
+    # self-attention: the queries are the last n of nk keys, so nk < n is refused
     _err(lambda: compiled(CAUSAL)(q, k[:, :, :4], v[:, :, :4]), "argument k", "4 keys", "5 queries")
     _err(lambda: compiled(CAUSAL)(q, k, v[:, :, :4]), "argument v")
     _err(lambda: compiled(CAUSAL)(q, k[..., :3], v), "argument k", "head dim")

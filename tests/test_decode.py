@@ -1,0 +1,195 @@
+"""Queries after a KV cache (``nk > n``): the last n rows of the full computation,
+on every backend; decoding steps without tile re-planning; the bounded plan cache."""
+
+import pytest
+import torch
+
+import attnc.compiler.tiles as T
+from attnc.compiler import evaluate as E
+from attnc.runtime import decode
+from attnc.runtime.api import compile_attention, materialize_mask, simulate
+from attnc.spec.errors import SpecError
+from attnc.spec.library import load
+
+CAUSAL = "pattern causal_lm\n  tokens seq\n  mask causal\n"
+# `n` in a mask is the whole sequence (nk tokens), whatever the query count
+TAIL = "pattern tail\n  tokens seq\n  mask causal and q - k < n // 3 + 1\n"
+
+CASES = [
+    ("causal", CAUSAL, {}, {}),
+    ("tail_n", TAIL, {}, {}),
+    ("sliding", "stdlib:sliding_window", {"window": 7}, {}),
+    ("streaming", "stdlib:streaming", {"window": 6, "sinks": 3}, {}),
+    ("prefix", "stdlib:prefix_lm", {"prefix": 5}, {}),
+    ("alibi", "stdlib:alibi", {}, {}),
+    ("softcap", "stdlib:softcap", {"cap": 2.0}, {}),
+    ("fox", "stdlib:forgetting", {}, {"g": "gates"}),
+    ("document", "stdlib:document", {}, {"doc": "docs"}),
+    ("moba", "stdlib:moba", {"block": 8, "topk": 2}, {}),
+    # visited keys in many runs (gathered), and rows with no key at all (odd positions)
+    ("strided", "pattern strided\n  tokens seq\n  mask causal and (q - k) % 5 == 0\n", {}, {}),
+    ("empty_rows", "pattern gaps\n  tokens seq\n  mask causal and q - k > 30 and q % 2 == 0\n", {}, {}),
+]
+
+
+def _qkv(nk, heads=4, hkv=2, d=8, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, nk, d, generator=g, dtype=torch.float64)
+    k = torch.randn(batch, hkv, nk, d, generator=g, dtype=torch.float64)
+    v = torch.randn(batch, hkv, nk, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def _inputs(spec, nk, heads=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, kind in spec.items():
+        if kind == "gates":  # FoX log gates [heads, n]: indexed by absolute position, n = nk
+            out[name] = torch.nn.functional.logsigmoid(torch.randn(heads, nk, generator=g, dtype=torch.float64))
+        else:  # document ids [n], batched
+            out[name] = torch.sort(torch.randint(0, 4, (2, nk), generator=g)).values
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("label,src,params,inputs", CASES, ids=[c[0] for c in CASES])
+def test_last_rows_of_the_full_computation(label, src, params, inputs, backend):
+    nk = 41
+    q, k, v = _qkv(nk)
+    extra = _inputs(inputs, nk)
+    full, full_lse = compile_attention(src, backend="reference", **params)(q, k, v, return_lse=True, **extra)
+    attn = compile_attention(src, backend=backend, **params)
+    for n in (1, 3, 22):  # a decode, a few rows (decoding-rows path), a tiled chunk
+        out, lse = attn(q[:, :, -n:], k, v, return_lse=True, **extra)
+        torch.testing.assert_close(out, full[:, :, -n:], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(lse, full_lse[:, :, -n:], rtol=1e-12, atol=1e-12)
+        if backend == "cpu":
+            kind = decode.RowPlan if n <= decode.DECODE_ROWS else object
+            assert isinstance(attn._runner.last, kind)
+
+
+@pytest.mark.parametrize("rows_path", [True, False], ids=["decode_rows", "tiled_flat"])
+@pytest.mark.parametrize("n", [1, 4, 6, 13])
+def test_grid_queries_are_a_suffix_of_the_token_order(n, rows_path, monkeypatch):
+    """A grid's sizes describe all nk tokens; the queries are its last n in row-major order
+    (whole rows or not): 1 token, part of a row, a row, two rows and a part; on the CPU
+    backend through the decoding rows or the tile executor (flat tiles of the token order)."""
+    if not rows_path:
+        monkeypatch.setattr(decode, "DECODE_ROWS", 0)
+    sizes = {"height": 5, "width": 6}
+    params = dict(kernel_size_y=3, kernel_size_x=3)
+    q, k, v = _qkv(30)
+    full = compile_attention("stdlib:neighborhood_2d", backend="reference", sizes=sizes, **params)(q, k, v)
+    for backend in ("reference", "cpu"):
+        out = compile_attention("stdlib:neighborhood_2d", backend=backend, sizes=sizes, **params)(q[:, :, -n:], k, v)
+        torch.testing.assert_close(out, full[:, :, -n:], rtol=1e-12, atol=1e-12)
+    pat = load("stdlib:neighborhood_2d", **params)
+    mask = materialize_mask(pat, n=n, nk=30, sizes=sizes)
+    assert torch.equal(mask, materialize_mask(pat, sizes=sizes)[:, -n:])
+
+
+def test_tiled_executor_with_an_offset(monkeypatch):
+    """The tile executor (forced tiles, the decoding-rows path off) at an offset: the
+    classification moves the query tiles to their absolute positions."""
+    monkeypatch.setattr(decode, "DECODE_ROWS", 0)
+    q, k, v = _qkv(53)
+    for src, params in (("stdlib:streaming", {"window": 9, "sinks": 2}), (TAIL, {})):
+        full = compile_attention(src, backend="reference", **params)(q, k, v)
+        attn = compile_attention(src, backend="cpu", q_tile=4, kv_tile=8, **params)
+        for n in (1, 5, 17):
+            torch.testing.assert_close(attn(q[:, :, -n:], k, v), full[:, :, -n:], rtol=1e-12, atol=1e-12)
+            assert attn.schedule is not None and attn.schedule.num_queries == n
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_gradients_match_the_full_computation(rows):
+    """dq, dk, dv and the gradients of float inputs (FoX gates) of the last rows equal the full
+    computation's, with a loss on those rows only."""
+    nk = 33
+    q, k, v = _qkv(nk, batch=1)
+    gates = _inputs({"g": "gates"}, nk)["g"]
+    w = torch.randn(1, 4, rows, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def grads(backend, offset):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, gates)]
+        qq, kk, vv, gg = leaves
+        attn = compile_attention("stdlib:forgetting", backend=backend)
+        out = attn(qq[:, :, -rows:], kk, vv, g=gg) if offset else attn(qq, kk, vv, g=gg)[:, :, -rows:]
+        (out * w).sum().backward()
+        return [t.grad for t in leaves]
+
+    want = grads("reference", offset=False)
+    for backend in ("reference", "cpu"):
+        for got, exp in zip(grads(backend, offset=True), want, strict=True):
+            torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+
+
+def test_growing_cache_does_not_replan():
+    """A prefill then decoding steps of 1 (and once 3) tokens: every step equals the full
+    computation's last rows, and the steps classify no tiles (counted, not timed)."""
+    total = 120
+    q, k, v = _qkv(total, batch=1)
+    for src, params in (("stdlib:sliding_window", {"window": 16}), ("stdlib:streaming", {"window": 12, "sinks": 4}),
+                        (CAUSAL, {})):
+        full = compile_attention(src, backend="reference", **params)(q, k, v)
+        attn = compile_attention(src, backend="cpu", **params)
+        attn(q[:, :, :96], k[:, :, :96], v[:, :, :96])  # prefill
+        before = T.CLASSIFICATIONS
+        pos, steps = 96, 0
+        while pos < total:
+            new = 3 if steps == 5 else 1
+            out = attn(q[:, :, pos:pos + new], k[:, :, :pos + new], v[:, :, :pos + new])
+            torch.testing.assert_close(out, full[:, :, pos:pos + new], rtol=1e-12, atol=1e-12)
+            pos, steps = pos + new, steps + 1
+        assert steps == 22
+        assert T.CLASSIFICATIONS - before == 0  # O(1) amortised per step: here none at all
+        assert len(attn._runner.plans) <= attn._runner.max_plans
+
+
+def test_plan_cache_is_a_bounded_lru():
+    from attnc.runtime.cpu_backend import PLAN_CACHE_SIZE
+
+    q, k, v = _qkv(40, batch=1)
+    attn = compile_attention(CAUSAL, backend="cpu")
+    runner = attn._runner
+    assert runner.max_plans == PLAN_CACHE_SIZE
+    runner.max_plans = 3
+    for nk in range(30, 38):
+        attn(q[:, :, nk - 1:nk], k[:, :, :nk], v[:, :, :nk])
+    assert [key[2] for key in runner.plans] == [35, 36, 37]  # the 3 most recent key lengths
+    attn(q[:, :, 35:36], k[:, :, :36], v[:, :, :36])  # a hit refreshes its entry
+    assert [key[2] for key in runner.plans] == [35, 37, 36]
+    runner.max_plans = 1
+    assert len(runner.plans) == 1
+    with pytest.raises(SpecError, match="max_plans"):
+        runner.max_plans = 0
+
+
+def test_refusals():
+    q, k, v = _qkv(10, batch=1)
+    attn = compile_attention(CAUSAL, backend="cpu")
+    with pytest.raises(SpecError, match="nk >= n") as err:
+        attn(q, k[:, :, :4], v[:, :, :4])
+    assert err.value.where == "argument k"
+    with pytest.raises(SpecError, match="mean of query blocks"):
+        compile_attention("stdlib:biformer", backend="reference", sizes={"height": 4, "width": 4}, region=2, topk=1)(
+            *(_qkv(16, batch=1)[0][:, :, -2:],), *_qkv(16, batch=1)[1:])
+    with pytest.raises(SpecError, match="flex backend"):
+        compile_attention(CAUSAL, backend="flex")(q[:, :, -1:], k, v)
+    with pytest.raises(SpecError, match="not supported here"):
+        simulate(CAUSAL, n=4, nk=10)
+    pat = load(CAUSAL)
+    with pytest.raises(SpecError, match="nk >= n"):
+        E.bind_sizes(pat, n=5, nk=3, offset_ok=True)
+    bound = E.bind_sizes(pat, n=2, nk=7, offset_ok=True)
+    assert (bound.n, bound.nk, bound.q_offset) == (2, 7, 5)
+    assert torch.equal(materialize_mask(pat, n=2, nk=7), materialize_mask(pat, n=7)[:, -2:])
+
+
+def test_triton_offset_by_padding():
+    pytest.importorskip("triton")
+    q, k, v = _qkv(16, heads=2, hkv=1, d=16, batch=1)
+    q, k, v = (t.float() for t in (q, k, v))
+    full = compile_attention("stdlib:sliding_window", backend="reference", window=5)(q, k, v)
+    out = compile_attention("stdlib:sliding_window", backend="triton", window=5)(q[:, :, -2:], k, v)
+    torch.testing.assert_close(out, full[:, :, -2:], rtol=2e-5, atol=2e-5)
