@@ -135,7 +135,12 @@ def test_left_padded_generate_matches_sdpa(kind, monkeypatch):
     ids, mask = _batch([7, 4, 1], 7, left=True)
     seen = _spy(monkeypatch)
     ours = _generate(model, "attnc_causal", ids, mask, 6)
-    assert any(q == 1 and k > 1 for q, k, _, _ in seen)  # decode steps: one query after the cached keys
+    # Decode steps: one query after the cached keys. Mistral's sliding cache keeps its last 2 keys
+    # (window - 1), so a step sees 3 and the padding only while a kept key is padding (the first
+    # step); Llama's sees the whole sequence and its padding at every step.
+    steps = [(k, padded) for q, k, padded, _ in seen if q == 1]
+    assert len(steps) == 2 * 5 and max(k for k, _ in steps) == (3 if kind == "mistral" else 7 + 5)
+    assert sum(p for _, p in steps) == (2 if kind == "mistral" else 2 * 5)
     assert torch.equal(ours, _generate(model, "sdpa", ids, mask, 6))
     # The last step's logits agree too (all positions of a left-padded batch's last token are valid).
     full = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], dim=1)
