@@ -24,7 +24,8 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
   layers keep only their last ``sliding_window - 1`` keys; positions there are
   relative to the kept keys, which changes nothing for a pattern that depends on
   ``q - k`` only (causal, windows, dilation) but moves absolute positions
-  (``k < sinks``): use such a pattern on full-attention layers.
+  (``k < sinks``): use such a pattern on full-attention layers. Static caches
+  (queries inside a preallocated buffer) are refused.
 
 GQA (fewer key/value heads) is passed through natively. HF's ``[B, H, N, D]``
 query/key/value come in, ``[B, N, H, D]`` goes out. Not applied: HF's
@@ -153,6 +154,13 @@ class _Implementation:
 def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                   mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
     """The mask function HF calls for our names: the keys' padding, [B, kv_length] bool, or None."""
+    # attnc puts the queries at the end of the keys. Dynamic caches (full and sliding) do
+    # too; a static cache hands over its whole buffer with the queries somewhere inside.
+    q_end, kv_end = int(q_offset) + q_length, int(kv_offset) + kv_length
+    if q_end != kv_end:
+        raise SpecError(f"the queries end at position {q_end} but the keys at {kv_end} (a static or "
+                        "preallocated KV cache); attnc takes the queries as the last keys",
+                        where="argument past_key_values", hint="use the default DynamicCache")
     if attention_mask is None:
         return None
     # HF's 2-D mask covers every token seen; the layer sees kv_length keys from kv_offset

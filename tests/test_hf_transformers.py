@@ -71,10 +71,10 @@ def _logits(model, impl, ids, mask):
         return model(ids, attention_mask=mask).logits
 
 
-def _generate(model, impl, ids, mask, steps):
+def _generate(model, impl, ids, mask, steps, **kw):
     model.set_attn_implementation(impl)
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kw)
 
 
 def _spy(monkeypatch):
@@ -199,14 +199,22 @@ def test_layer_pattern_is_the_written_spec():
 
 def test_padding_mask_function_slices_the_sliding_cache():
     am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
-    # A sliding layer whose cache keeps keys 4..6 plus one new query.
-    pad = hf._padding_mask(2, 1, 3, kv_offset=4, attention_mask=am)
-    assert pad is None  # every kept key is real
-    pad = hf._padding_mask(2, 1, 4, kv_offset=1, attention_mask=am)
-    assert pad.tolist() == [[False, True, True, True], [True, True, True, True]]
-    # A static cache longer than the mask: the empty slots are padding.
-    pad = hf._padding_mask(2, 1, 9, attention_mask=am)
-    assert pad.shape == (2, 9) and not pad[:, 7:].any()
+    # A sliding layer whose cache keeps keys 4..5 plus one new query at position 6.
+    assert hf._padding_mask(2, 1, 3, q_offset=6, kv_offset=4, attention_mask=am) is None  # all real
+    pad = hf._padding_mask(2, 1, 4, q_offset=6, kv_offset=3, attention_mask=am[:, :7])
+    assert pad is None
+    pad = hf._padding_mask(2, 1, 6, q_offset=6, kv_offset=1, attention_mask=am)
+    assert pad.tolist() == [[False] + [True] * 5, [True] * 6]
+    # A static cache: 9 slots, the query at position 6.
+    with pytest.raises(attnc.SpecError, match="past_key_values"):
+        hf._padding_mask(2, 1, 9, q_offset=torch.tensor(6), attention_mask=am)
+
+
+def test_static_cache_is_refused():
+    model = _model("llama")
+    ids, mask = _batch([4, 2], 4, left=True)
+    with pytest.raises(attnc.SpecError, match="static"):
+        _generate(model, "attnc_causal", ids, mask, 3, cache_implementation="static")
 
 
 def test_refusals(monkeypatch):
