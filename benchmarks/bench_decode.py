@@ -20,7 +20,8 @@ nothing planned at an earlier step is reused):
 Each round runs ``--steps`` steps of every method, interleaved (the methods alternate
 within a round, in a rotated order); the per-step cost of a method is its round time
 divided by the steps, and the table gives the median over ``--repeats`` rounds after a
-warm-up round. It also counts tile classifications (``compiler.tiles.CLASSIFICATIONS``)
+warm-up round, in wall time and in this process's CPU time (``time.process_time``, less
+sensitive to other processes on a loaded machine). It also counts tile classifications (``compiler.tiles.CLASSIFICATIONS``)
 during the timed steps: decoding steps never classify tiles.
 """
 
@@ -95,6 +96,7 @@ def run(args) -> str:
         ref = fns[sdpa_name](N + 1)
         err = max(float((fns[name](N + 1) - ref).abs().max()) for name in fns)
         times: dict[str, list[float]] = {name: [] for name in fns}
+        cpu: dict[str, list[float]] = {name: [] for name in fns}  # process CPU time: less sensitive to load
         classified = 0
         names = list(fns)
         for r in range(args.repeats + 1):
@@ -102,26 +104,30 @@ def run(args) -> str:
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
                 before = T.CLASSIFICATIONS
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 for i in range(1, args.steps + 1):
                     fns[name](base + i)
-                elapsed = time.perf_counter() - t
+                elapsed, used = time.perf_counter() - t, time.process_time() - c
                 if r:  # round 0 warms up
                     times[name].append(elapsed / args.steps)
+                    cpu[name].append(used / args.steps)
                     classified += T.CLASSIFICATIONS - before
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        med_cpu = {name: statistics.median(ts) * 1e3 for name, ts in cpu.items()}
         lines += [f"## {label} @ {N} cached tokens", "", "| method | ms per token (median) | min | max | "
-                  f"/ {sdpa_name} |", "| --- | --- | --- | --- | --- |"]
+                  f"/ {sdpa_name} | CPU ms per token (median) | CPU ratio |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for name in names:
             lines.append(f"| {name} | {med[name]:.3f} | {min(times[name]) * 1e3:.3f} | {max(times[name]) * 1e3:.3f} | "
-                         f"{med[name] / med[sdpa_name]:.2f} |")
+                         f"{med[name] / med[sdpa_name]:.2f} | {med_cpu[name]:.3f} | "
+                         f"{med_cpu[name] / med_cpu[sdpa_name]:.2f} |")
         lines += ["", f"- max |difference| to SDPA at nk = {N + 1}: {err:.3g}",
                   f"- tile classifications during the {args.repeats * args.steps * 2} timed attnc steps: {classified}",
                   ""]
-        summary.append((label, med["attnc cpu"] / med[sdpa_name], med["attnc auto"] / med[sdpa_name]))
-    lines += ["## summary (attnc / SDPA with a KV cache, per token)", "", "| pattern | cpu | auto |",
-              "| --- | --- | --- |"]
-    lines += [f"| {label} | {a:.2f} | {b:.2f} |" for label, a, b in summary]
+        summary.append((label, med["attnc cpu"] / med[sdpa_name], med["attnc auto"] / med[sdpa_name],
+                        med_cpu["attnc cpu"] / med_cpu[sdpa_name]))
+    lines += ["## summary (attnc / SDPA with a KV cache, per token, median wall time; CPU time)", "",
+              "| pattern | cpu | auto | cpu, CPU time |", "| --- | --- | --- | --- |"]
+    lines += [f"| {label} | {a:.2f} | {b:.2f} | {c:.2f} |" for label, a, b, c in summary]
     return "\n".join(lines) + "\n"
 
 

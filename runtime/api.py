@@ -49,7 +49,8 @@ def materialize_mask(
     ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
     (then ``name=`` and parameters apply). ``n`` is the number of queries (for
     a grid, implied by ``sizes``); ``nk`` the number of keys of a cross-attention
-    pattern. Routing is data-dependent and not part of the mask.
+    pattern, or of a self-attention one with a KV cache (``nk > n``: the rows of the
+    last n tokens). Routing is data-dependent and not part of the mask.
     """
     pat = _as_pattern(pattern, name, params)
     if not isinstance(pat, ir.PatternIR):
@@ -73,7 +74,9 @@ class Attention(torch.nn.Module):
 
     Softmax patterns: ``q`` ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``, ``v``
     ``[B, Hkv, Nk, Dv]`` with Hq a multiple of Hkv (GQA); returns ``out``
-    ``[B, Hq, Nq, Dv]`` or ``(out, lse)`` with ``return_lse=True``.
+    ``[B, Hq, Nq, Dv]`` or ``(out, lse)`` with ``return_lse=True``. Self-attention with
+    ``Nk > Nq`` (a KV cache): the queries are the last Nq of the Nk tokens (positions
+    ``Nk - Nq + i``; spec/REFERENCE.md).
     Recurrences: ``initial_state=`` ``[B, Hq, D, Dv]``; ``return_state=True``
     returns ``(out, final_state)``. ``scale`` defaults to ``1/sqrt(D)``.
     Call-time inputs are keyword arguments with their declared shape,

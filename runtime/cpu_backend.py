@@ -66,11 +66,13 @@ class PlanCache(OrderedDict):
         super().__init__()
         self.limit = limit
 
-    def get(self, key, default=None):
-        if key not in self:
-            return default
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
         self.move_to_end(key)
-        return super().__getitem__(key)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)

@@ -220,17 +220,19 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     Hkv = k.shape[1]
     if op is None or q.is_cuda or plan.softcap is not None or v.shape[-1] != D:
         return None
-    keys = torch.arange(plan.bound.nk)[key_index(cols)]
-    if len(keys) == 0:
-        return None
+    runs = cols if isinstance(cols, tuple) else (cols,)
+    if any(isinstance(c, slice) and c.stop <= c.start for c in runs) or (isinstance(cols, torch.Tensor) and not len(cols)):
+        return None  # no visited key: every row is empty (the plain path says so)
     g = Hq // Hkv
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    add = _terms(plan, keys, tensors, batched, allowed, dt)
+    add = None
+    if plan.bias is not None or plan.pattern.decay is not None:
+        add = _terms(plan, torch.arange(plan.bound.nk)[key_index(cols)], tensors, batched, allowed, dt)
     if allowed is not None:
         add = (torch.zeros((), dtype=dt) if add is None else add).masked_fill(~allowed, -math.inf)
     qg = q.to(dt).reshape(B, Hkv, g * n, D)
     parts, start = [], 0
-    for c in cols if isinstance(cols, tuple) else (cols,):
+    for c in runs:
         kc, vc = k[:, :, c].to(dt), v[:, :, c].to(dt)
         width = kc.shape[2]
         a = None if add is None else add[..., start:start + width].expand(B, Hq, n, width)
@@ -253,10 +255,10 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
 
 def forward(plan: RowPlan, q, k, v, inputs: dict, batched: set[str], scale: float):
     """(out ``[B, Hq, n, Dv]`` in q's dtype, lse ``[B, Hq, n]`` fp32/fp64)."""
-    with torch.autocast(q.device.type, enabled=False):
-        cols, allowed = _call_mask(plan, q, k, inputs, batched)
-        result = _fused(plan, q, k, v, inputs, batched, scale, cols, allowed)
-        out, lse = result if result is not None else _attend(plan, q, k, v, inputs, batched, scale, cols, allowed)
+    # (autocast is off: executor.forward's wrapper)
+    cols, allowed = _call_mask(plan, q, k, inputs, batched)
+    result = _fused(plan, q, k, v, inputs, batched, scale, cols, allowed)
+    out, lse = result if result is not None else _attend(plan, q, k, v, inputs, batched, scale, cols, allowed)
     return out.to(q.dtype), lse
 
 
@@ -264,7 +266,7 @@ def backward(plan: RowPlan, q, k, v, out, lse, dout, dlse, inputs: dict, batched
              wrt: list[str]):
     """(dq, dk, dv, {input: grad}) by recomputing the rows under autograd."""
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    with torch.autocast(q.device.type, enabled=False), torch.enable_grad():
+    with torch.enable_grad():  # (autocast is off: executor.backward's wrapper)
         cols, allowed = _call_mask(plan, q, k, inputs, batched)
         leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
         floats = {name: inputs[name].detach().to(dt).requires_grad_() for name in wrt}

@@ -52,7 +52,7 @@ from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
 from ..spec.errors import SpecError
 from . import executor, routing
-from .cpu_backend import mask_input_names
+from .cpu_backend import PlanCache, mask_input_names
 from .reference import fox_prefix
 from .triton_support import require_triton
 
@@ -248,7 +248,7 @@ class TritonRunner:
         check_fp32_constants(pat)
         self.pattern = pat
         self.q_tile, self.kv_tile = q_tile, kv_tile
-        self._static: dict = {}  # shapes key -> (config, plan, source)
+        self._static: dict = PlanCache()  # shapes key -> (config, plan, source); bounded LRU
         self._dynamic_last: tuple | None = None
         self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
         self.last_source: str | None = None

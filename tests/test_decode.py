@@ -178,6 +178,14 @@ def test_refusals():
         compile_attention(CAUSAL, backend="flex")(q[:, :, -1:], k, v)
     with pytest.raises(SpecError, match="not supported here"):
         simulate(CAUSAL, n=4, nk=10)
+    # `n` in an input's shape is the whole sequence (nk) also with a KV cache
+    doc = torch.zeros(10, dtype=torch.int64)
+    document = compile_attention("stdlib:document", backend="cpu")
+    torch.testing.assert_close(document(q[:, :, -2:], k, v, doc=doc),
+                               compile_attention(CAUSAL, backend="cpu")(q[:, :, -2:], k, v), rtol=0, atol=0)
+    with pytest.raises(SpecError, match=r"expected \[n\] = \[10\]") as err:
+        document(q[:, :, -2:], k, v, doc=doc[:2])
+    assert err.value.where == "argument doc"
     pat = load(CAUSAL)
     with pytest.raises(SpecError, match="nk >= n"):
         E.bind_sizes(pat, n=5, nk=3, offset_ok=True)
