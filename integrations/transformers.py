@@ -1,7 +1,7 @@
 """attnc patterns as HuggingFace transformers attention implementations.
 
 ``register(name, pattern, **params)`` makes ``attn_implementation=name`` run the
-pattern in every attention layer of a transformers (>= 5) model::
+pattern in every attention layer of a transformers (>= 5.23, the version tested) model::
 
     from attnc.integrations.transformers import register
     register("attnc_swa", "stdlib:sliding_window", window=1024)
