@@ -1,0 +1,5 @@
+"""attnc inside the frameworks its users already work in.
+
+Each module is imported on its own (``attnc.integrations.transformers``) so that
+attnc itself never needs the framework installed.
+"""

@@ -1,0 +1,246 @@
+"""attnc as a transformers attention implementation: tiny random Llama (GQA), Mistral
+(sliding window) and Gemma 2 (softcap, alternating sliding layers) built offline, logits and
+greedy generations compared with transformers' own sdpa / eager attention."""
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+import attnc  # noqa: E402
+from attnc.integrations import transformers as hf  # noqa: E402
+
+CAUSAL = "pattern hf_causal\n  tokens seq\n  mask causal\n"
+VOCAB = 48
+
+
+def _dense64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    """HF's eager attention without its float32 softmax: an exact float64 reference."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    scores = query @ key.transpose(-1, -2) * scaling
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    if attention_mask is not None:  # HF's eager mask: 0 or the dtype's minimum, causal/window/padding
+        scores = scores + attention_mask[..., : key.shape[2]]
+    return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    hf.register("attnc_causal", CAUSAL)
+    hf.register("attnc_swa3", "stdlib:sliding_window", window=3)
+    transformers.AttentionInterface.register("dense64", _dense64)
+    transformers.masking_utils.AttentionMaskInterface.register("dense64", transformers.masking_utils.eager_mask)
+
+
+def _model(kind: str, dtype=torch.float64, **extra):
+    torch.manual_seed({"llama": 0, "mistral": 1, "gemma2": 2}[kind])
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                  pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, **extra))
+    else:
+        cfg = transformers.Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=5,
+                                        attn_logit_softcapping=0.7, final_logit_softcapping=None,
+                                        sliding_window=3, layer_types=["sliding_attention", "full_attention"],
+                                        **extra)
+        model = transformers.Gemma2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+def _batch(lengths, total, left):
+    torch.manual_seed(5)
+    ids = torch.randint(1, VOCAB, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        if left:
+            mask[b, total - n:] = 1
+        else:
+            mask[b, :n] = 1
+    return ids * mask, mask
+
+
+def _logits(model, impl, ids, mask):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+def _generate(model, impl, ids, mask, steps, **kw):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kw)
+
+
+def _spy(monkeypatch):
+    """Counts the calls that reach attnc, with the shapes HF gives it."""
+    seen = []
+    orig = hf._Implementation.module
+
+    def spy(self, padded, window, softcap):
+        attn = orig(self, padded, window, softcap)
+
+        def call(query, key, value, **kw):
+            seen.append((query.shape[2], key.shape[2], padded, window))
+            return attn(query, key, value, **kw)
+
+        return call
+
+    monkeypatch.setattr(hf._Implementation, "module", spy)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_logits_match_sdpa_and_eager_without_padding(kind, monkeypatch):
+    extra = {"sliding_window": 3} if kind == "mistral" else {}
+    model = _model(kind, **extra)
+    ids, mask = _batch([9, 9], 9, left=False)
+    seen = _spy(monkeypatch)
+    ours = _logits(model, "attnc_causal", ids, None)
+    assert len(seen) == 2 and seen[0][2] is False  # both layers ran through attnc, no padding input
+    assert seen[0][3] == (3 if kind == "mistral" else None)
+    for impl in ("sdpa", "dense64"):
+        torch.testing.assert_close(ours, _logits(model, impl, ids, None), rtol=1e-10, atol=1e-10)
+    # HF's eager attention takes its softmax in float32 even for float64 models.
+    torch.testing.assert_close(ours, _logits(model, "eager", ids, None), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_padded_forward_matches_sdpa(kind, left, monkeypatch):
+    extra = {"sliding_window": 3} if kind == "mistral" else {}
+    model = _model(kind, **extra)
+    ids, mask = _batch([9, 5, 2], 9, left=left)
+    seen = _spy(monkeypatch)
+    ours = _logits(model, "attnc_causal", ids, mask)
+    assert seen and all(s[2] for s in seen)  # the padding reached every layer
+    valid = mask.bool()
+    assert not ours.isnan().any()  # left padding: rows with no real key come out finite
+    for impl in ("sdpa", "dense64"):
+        torch.testing.assert_close(ours[valid], _logits(model, impl, ids, mask)[valid], rtol=1e-10, atol=1e-10)
+    if left:  # the padding matters there: without it the short rows differ
+        assert not torch.allclose(_logits(model, "attnc_causal", ids, None)[valid], ours[valid], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_left_padded_generate_matches_sdpa(kind, monkeypatch):
+    # Mistral's window 3 is shorter than the prompt: the sliding cache keeps 2 keys.
+    extra = {"sliding_window": 3} if kind == "mistral" else {}
+    model = _model(kind, **extra)
+    ids, mask = _batch([7, 4, 1], 7, left=True)
+    seen = _spy(monkeypatch)
+    ours = _generate(model, "attnc_causal", ids, mask, 6)
+    # Decode steps: one query after the cached keys. Mistral's sliding cache keeps its last 2 keys
+    # (window - 1), so a step sees 3 and the padding only while a kept key is padding (the first
+    # step); Llama's sees the whole sequence and its padding at every step.
+    steps = [(k, padded) for q, k, padded, _ in seen if q == 1]
+    assert len(steps) == 2 * 5 and max(k for k, _ in steps) == (3 if kind == "mistral" else 7 + 5)
+    assert sum(p for _, p in steps) == (2 if kind == "mistral" else 2 * 5)
+    assert torch.equal(ours, _generate(model, "sdpa", ids, mask, 6))
+    # The last step's logits agree too (all positions of a left-padded batch's last token are valid).
+    full = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], dim=1)
+    ours_logits = _logits(model, "attnc_causal", ours, full)
+    assert not ours_logits.isnan().any()
+    torch.testing.assert_close(ours_logits[full.bool()], _logits(model, "sdpa", ours, full)[full.bool()],
+                               rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_gemma2_softcap_scaling_and_alternating_windows(left, monkeypatch):
+    model = _model("gemma2")
+    ids, mask = _batch([8, 4], 8, left=left)
+    seen = _spy(monkeypatch)
+    ours = _logits(model, "attnc_causal", ids, mask)
+    assert {s[3] for s in seen} == {3, None}  # one sliding and one full layer
+    valid = mask.bool()
+    torch.testing.assert_close(ours[valid], _logits(model, "dense64", ids, mask)[valid], rtol=1e-10, atol=1e-10)
+    if not left:  # HF eager: float32 softmax, and NaN on any fully padded row in float64
+        torch.testing.assert_close(_logits(model, "attnc_causal", ids, None), _logits(model, "eager", ids, None),
+                                   rtol=1e-6, atol=1e-6)
+    # The softcap is the model's: the same model without it gives other logits.
+    model.config.attn_logit_softcapping = None
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = None
+    assert not torch.allclose(_logits(model, "attnc_causal", ids, mask)[valid], ours[valid], atol=1e-6)
+
+
+def test_gemma2_left_padded_generate_matches_dense64():
+    model = _model("gemma2")
+    ids, mask = _batch([6, 3], 6, left=True)
+    assert torch.equal(_generate(model, "attnc_causal", ids, mask, 5), _generate(model, "dense64", ids, mask, 5))
+
+
+def test_pattern_window_equals_model_window():
+    """A window written in the pattern (no sliding_window in the config) is Mistral's window."""
+    windowed = _model("mistral", sliding_window=3)
+    plain = _model("mistral", sliding_window=None)
+    plain.load_state_dict(windowed.state_dict())
+    ids, mask = _batch([9, 6], 9, left=False)
+    ours = _logits(plain, "attnc_swa3", ids, mask)
+    ref = _logits(windowed, "sdpa", ids, mask)
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(_logits(plain, "sdpa", ids, mask)[mask.bool()], ref[mask.bool()], atol=1e-6)
+
+
+def test_layer_pattern_is_the_written_spec():
+    """The model's conditions ANDed by the integration give the IR of the same spec written by hand."""
+    base = attnc.load(CAUSAL)
+    built = hf.layer_pattern(base, padded=True, window=4, softcap=30.0)
+    text = attnc.load(f"pattern hf_causal\n  tokens seq\n  input {hf.PAD_INPUT}: int[n]\n"
+                      f"  mask causal and q - k < 4 and {hf.PAD_INPUT}[k] != 0\n  softcap 30.0\n")
+    assert built.key() == text.key()
+    assert hf.layer_pattern(base) is base
+
+
+def test_padding_mask_function_slices_the_sliding_cache():
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    # A sliding layer whose cache keeps keys 4..5 plus one new query at position 6.
+    assert hf._padding_mask(2, 1, 3, q_offset=6, kv_offset=4, attention_mask=am) is None  # all real
+    pad = hf._padding_mask(2, 1, 4, q_offset=6, kv_offset=3, attention_mask=am[:, :7])
+    assert pad is None
+    pad = hf._padding_mask(2, 1, 6, q_offset=6, kv_offset=1, attention_mask=am)
+    assert pad.tolist() == [[False] + [True] * 5, [True] * 6]
+    # A static cache: 9 slots, the query at position 6.
+    with pytest.raises(attnc.SpecError, match="past_key_values"):
+        hf._padding_mask(2, 1, 9, q_offset=torch.tensor(6), attention_mask=am)
+
+
+def test_static_cache_is_refused():
+    model = _model("llama")
+    ids, mask = _batch([4, 2], 4, left=True)
+    with pytest.raises(attnc.SpecError, match="static"):
+        _generate(model, "attnc_causal", ids, mask, 3, cache_implementation="static")
+
+
+def test_refusals(monkeypatch):
+    with pytest.raises(attnc.SpecError, match="argument name"):
+        hf.register("sdpa", CAUSAL)
+    with pytest.raises(attnc.SpecError, match="recurrence"):
+        hf.register("attnc_x", "stdlib:retention")
+    with pytest.raises(attnc.SpecError, match="doc"):
+        hf.register("attnc_x", "stdlib:document")
+    with pytest.raises(attnc.SpecError, match="tokens seq"):
+        hf.register("attnc_x", "stdlib:neighborhood_2d", kernel_size=3)
+    with pytest.raises(attnc.SpecError, match="backend"):
+        hf.register("attnc_x", CAUSAL, backend="nope")
+    with pytest.raises(attnc.SpecError, match="already loaded"):
+        hf.register("attnc_x", attnc.load(CAUSAL), window=3)
+    with pytest.raises(attnc.SpecError, match="softcap"):
+        hf.layer_pattern(attnc.load("stdlib:softcap", cap=50.0), softcap=30.0)
+    assert hf.layer_pattern(attnc.load("stdlib:softcap", cap=50.0), softcap=50.0).softcap is not None
+    assert "attnc_x" not in transformers.AttentionInterface._global_mapping
+    model = _model("llama")
+    model.set_attn_implementation("attnc_causal")
+    ids, _ = _batch([4], 4, left=False)
+    four_d = torch.zeros(1, 1, 4, 4)
+    with pytest.raises(attnc.SpecError, match="attention_mask"), torch.no_grad():
+        model(ids, attention_mask=four_d)
+    model.train()
+    monkeypatch.setattr(model.model.layers[0].self_attn, "attention_dropout", 0.1)
+    with pytest.raises(attnc.SpecError, match="dropout"):
+        model(ids)
