@@ -1,0 +1,1 @@
+"""Adapters that run attnc patterns inside other frameworks (diffusers, transformers)."""
