@@ -126,3 +126,86 @@ def test_bad_arguments_are_refused():
     with pytest.raises(attnc.SpecError) as err:
         attn(torch.randn(1, 36, 24, dtype=torch.float64), None, None, None)
     assert err.value.where == "argument hidden_states"
+
+
+# ----------------------------------------------------------------- CogVideoX: text + video tokens
+TEXT = 5
+
+
+def _cog_model() -> "diffusers.CogVideoXTransformer3DModel":
+    torch.manual_seed(0)
+    model = diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=8, num_layers=2, sample_width=6, sample_height=8, sample_frames=9, patch_size=2,
+        max_text_seq_length=TEXT)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.to(torch.float64).eval()
+
+
+def _cog_run(model):
+    g = torch.Generator().manual_seed(2)
+    latent = torch.randn(2, 3, 4, 8, 6, generator=g, dtype=torch.float64)  # [B, F, C, H, W]: grid 3 x 4 x 3
+    text = torch.randn(2, TEXT, 8, generator=g, dtype=torch.float64)
+    n = 36
+    rotary = (torch.randn(n, 8, generator=g, dtype=torch.float64), torch.randn(n, 8, generator=g, dtype=torch.float64))
+    with torch.no_grad():
+        return model(latent, text, torch.tensor([3, 500]), image_rotary_emb=rotary, return_dict=False)[0]
+
+
+class _CogMasked(diffusers.models.attention_processor.CogVideoXAttnProcessor2_0):
+    """diffusers' own CogVideoX processor with a fixed boolean [B, text + video, text + video] mask."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.mask = mask
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.mask, image_rotary_emb)
+
+
+def _joint_mask(**params):
+    """Text rows and columns attend everything; video rows x video columns are the 3-D neighborhood."""
+    video = attnc.materialize_mask("stdlib:neighborhood_3d", sizes=GRID, **params)[0]
+    mask = torch.ones(TEXT + 36, TEXT + 36, dtype=torch.bool)
+    mask[TEXT:, TEXT:] = video
+    return mask.expand(2, -1, -1)
+
+
+@pytest.mark.parametrize("params", [
+    {"kernel_size": (2, 3, 3)},
+    {"kernel_size": (2, 2, 2), "dilation": (1, 2, 1), "stride": (1, 1, 2), "is_causal": (True, False, False)},
+])
+def test_cogvideox_window_equals_default_processor_with_the_materialised_mask(params):
+    model = _cog_model()
+    full = _cog_run(model)
+    modules = attnc_diffusers._cogvideox_attentions(model)
+    assert len(modules) == 2
+    for m in modules.values():
+        m.set_processor(_CogMasked(_joint_mask(**params)))
+    expected = _cog_run(model)
+    assert not torch.allclose(full, expected)  # the window changes the output
+    installed = attnc_diffusers.apply(model, "stdlib:neighborhood_3d", **params)
+    got = _cog_run(model)
+    assert all(p.grid == (3, 4, 3) for p in installed.processors.values())
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cogvideox_covering_window_equals_default_processor_without_mask():
+    model = _cog_model()
+    expected = _cog_run(model)
+    installed = attnc_diffusers.apply(model, kernel_size=(3, 4, 3), backend="reference")
+    torch.testing.assert_close(_cog_run(model), expected, rtol=1e-10, atol=1e-10)
+    installed.remove()
+    torch.testing.assert_close(_cog_run(model), expected, rtol=0, atol=0)
+
+
+def test_cogvideox_bad_arguments_are_refused():
+    model = _cog_model()
+    with pytest.raises(attnc.SpecError) as err:
+        attnc_diffusers.apply(model, "stdlib:neighborhood_2d")
+    assert err.value.where == "argument pattern"
+    with pytest.raises(attnc.SpecError) as err:
+        attnc_diffusers.apply(model, kernel_size_t=3)
+    assert err.value.where == "argument kernel_size_t"
