@@ -1,0 +1,247 @@
+"""attnc patterns in diffusers video DiTs (Wan, CogVideoX).
+
+``apply(transformer, "stdlib:neighborhood_3d", kernel_size=(3, 7, 7))`` replaces the processor of
+every self-attention of a ``WanTransformer3DModel`` with an attnc processor and installs a forward
+pre-hook on the transformer that reads the token grid of each call from the latent: ``hidden_states``
+``[B, C, F, H, W]`` and the model's ``patch_size`` ``(p_t, p_h, p_w)`` give the grid
+``(frames, height, width) = (F // p_t, H // p_h, W // p_w)``, the sizes of the pattern's
+``grid(t: frames, y: height, x: width)``. Wan flattens its patches row-major (frames slowest, width
+fastest), as attnc orders a grid's tokens, so the ``[B, N, H, D]`` projections are viewed as
+``[B, T, Y, X, H, D]`` without a copy (``layout="bnhd"``).
+
+Cross-attention (text, image context) keeps diffusers' own processor. The returned handle's
+``remove()`` restores the processors it replaced and removes the hook.
+
+CogVideoX (``CogVideoXTransformer3DModel``) attends jointly over text + video tokens: there the video
+queries attend a 3-D neighborhood of video keys (``stdlib:neighborhood_3d`` through ``attnc.na3d``,
+NATTEN's ``kernel_size``, ``stride``, ``dilation``, ``is_causal``) and every text key (na3d's
+``additional_keys``, merged exactly through the log-sum-exps); the text queries attend everything, as in
+CogVideoX. The grid is ``(F // p_t, H // p, W // p)`` of the ``[B, F, C, H, W]`` latent (``F`` when the
+model has no ``patch_size_t``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..runtime.api import BACKENDS, Attention, compile_attention
+from ..runtime.natten import na3d
+from ..spec.errors import SpecError
+
+#: The size names of the grid a pattern must declare: ``grid(t: frames, y: height, x: width)``.
+GRID_SIZES = ("frames", "height", "width")
+
+
+class WanAttncProcessor:
+    """Self-attention of a ``WanAttention`` through an attnc pattern on the video token grid.
+
+    Does what diffusers' ``WanAttnProcessor`` does for self-attention (q/k/v projections, q/k RMS
+    norms, Wan's interleaved rotary embedding, output projection) with the attention computed by
+    ``attention`` (an ``attnc.Attention`` compiled with ``layout="bnhd"``) on the grid in ``grid``
+    (``(frames, height, width)``; set by ``apply``'s hook on every transformer call, or by hand)."""
+
+    def __init__(self, attention: Attention, grid: tuple[int, int, int] | None = None) -> None:
+        self.attention = attention
+        self.grid = grid
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, rotary_emb=None, **kwargs) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise SpecError("the attnc processor computes self-attention over the video tokens; it was given "
+                            "encoder_hidden_states (cross-attention)", where="argument encoder_hidden_states",
+                            hint="apply() installs it only on self-attention layers (attn1)")
+        if attention_mask is not None:
+            raise SpecError("an attention_mask cannot be combined with the attnc processor: the pattern is the mask",
+                            where="argument attention_mask")
+        grid = _checked_grid(self.grid, hidden_states.shape[1])
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (p.unflatten(2, (attn.heads, -1)) for p in (query, key, value))
+        if rotary_emb is not None:
+            query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
+        out = self.attention(*(p.unflatten(1, grid) for p in (query, key, value)))
+        out = out.flatten(1, 3).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _rotate(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Wan's rotary embedding: each channel pair (2i, 2i + 1) turned by the angle whose cosine and sine
+    diffusers stores repeated per pair (so the even entries of ``cos`` and the odd of ``sin`` are used)."""
+    even, odd = h[..., 0::2], h[..., 1::2]
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((even * c - odd * s, even * s + odd * c), dim=-1).flatten(-2).type_as(h)
+
+
+class Installed:
+    """What ``apply`` changed: ``processors`` (module name -> attnc processor), ``attention`` (the one
+    compiled module they share; None for CogVideoX, which runs ``na3d``) and ``remove()`` to restore
+    diffusers' processors."""
+
+    def __init__(self, attention: Attention, processors: dict, previous: dict, hook) -> None:
+        self.attention, self.processors, self._previous, self._hook = attention, processors, previous, hook
+
+    def remove(self) -> None:
+        """Restore the processors ``apply`` replaced and remove its hook."""
+        for module, processor in self._previous.values():
+            module.set_processor(processor)
+        self._hook.remove()
+        self._previous = {}
+
+
+class CogVideoXAttncProcessor:
+    """CogVideoX's joint text + video attention with the video queries restricted to a 3-D neighborhood
+    of the video keys (plus every text key); the text queries attend all keys.
+
+    Does what diffusers' ``CogVideoXAttnProcessor2_0`` does (projections, q/k norms, rotary embedding on
+    the video tokens, output projection, the split into video and text outputs); ``window`` holds
+    ``na3d``'s keyword arguments, ``grid`` the ``(frames, height, width)`` set by ``apply``'s hook."""
+
+    def __init__(self, window: dict, grid: tuple[int, int, int] | None = None) -> None:
+        self.window = window
+        self.grid = grid
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
+        if attention_mask is not None:
+            raise SpecError("an attention_mask cannot be combined with the attnc processor: the pattern is the mask",
+                            where="argument attention_mask")
+        grid = _checked_grid(self.grid, hidden_states.shape[1])
+        text = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        # [B, H, N, D] as diffusers' norms and rotary helper expect
+        query, key, value = (p(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                             for p in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            query = torch.cat([query[:, :, :text], apply_rotary_emb(query[:, :, text:], image_rotary_emb)], dim=2)
+            key = torch.cat([key[:, :, :text], apply_rotary_emb(key[:, :, text:], image_rotary_emb)], dim=2)
+        out_text = F.scaled_dot_product_attention(query[:, :, :text], key, value)  # text attends everything
+        q, k, v = (p.transpose(1, 2) for p in (query, key, value))  # [B, N, H, D]
+        out_video = na3d(*(p[:, text:].unflatten(1, grid) for p in (q, k, v)),
+                         additional_keys=k[:, :text], additional_values=v[:, :text], **self.window)
+        out = torch.cat([out_text.transpose(1, 2), out_video.flatten(1, 3)], dim=1).flatten(2, 3)
+        out = attn.to_out[1](attn.to_out[0](out.type_as(query)))
+        return out[:, text:], out[:, :text]
+
+
+def _checked_grid(grid, n: int) -> tuple[int, int, int]:
+    """The grid a processor was given, checked against its ``n`` video tokens."""
+    if grid is None:
+        raise SpecError("the token grid (frames, height, width) is unknown", where="argument hidden_states",
+                        hint="call the transformer that apply() was given, or set processor.grid = (T, Y, X)")
+    t, y, x = grid
+    if t * y * x != n:
+        raise SpecError(f"{n} tokens do not fill the grid frames x height x width = {t} x {y} x {x}",
+                        where="argument hidden_states")
+    return grid
+
+
+def _self_attentions(transformer) -> dict:
+    """The self-attention modules of a Wan transformer, by name."""
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    return {name: m for name, m in transformer.named_modules()
+            if isinstance(m, WanAttention) and not m.is_cross_attention}
+
+
+def _cogvideox_attentions(transformer) -> dict:
+    """The joint text + video attention modules of a CogVideoX transformer (diffusers' unfused processor), by name."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    return {name: m for name, m in transformer.named_modules()
+            if isinstance(getattr(m, "processor", None), CogVideoXAttnProcessor2_0)}
+
+
+#: NATTEN's keyword arguments, the only parameters of the CogVideoX processor.
+_WINDOW_PARAMS = ("kernel_size", "stride", "dilation", "is_causal")
+
+
+def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto", name: str | None = None,
+          **params) -> Installed:
+    """Run the self-attention of a diffusers video DiT through an attnc pattern on its token grid.
+
+    ``WanTransformer3DModel``: ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
+    (``name=`` and keyword parameters as in ``attnc.compile_attention``, e.g. NATTEN's ``kernel_size``,
+    ``stride``, ``dilation``, ``is_causal`` for ``stdlib:neighborhood_3d``) whose tokens are
+    ``grid(t: frames, y: height, x: width)``; one compiled module is shared by every layer.
+    ``CogVideoXTransformer3DModel``: ``"stdlib:neighborhood_3d"`` with NATTEN's keyword arguments for
+    the video queries (plus every text key); text queries attend everything.
+    The grid extents come from each call's latent and the model's patch size. Returns an ``Installed``
+    handle (``.remove()`` undoes it)."""
+    try:
+        from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+    except ImportError as err:  # pragma: no cover - exercised only without diffusers
+        raise SpecError("attnc.integrations.diffusers needs diffusers installed", where="argument transformer") from err
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
+                        hint="available in this version: " + ", ".join(BACKENDS))
+    config = getattr(transformer, "config", None)
+    if isinstance(transformer, WanTransformer3DModel):
+        attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
+        _check_grid(attention)
+        modules = _self_attentions(transformer)
+        make = lambda: WanAttncProcessor(attention)  # noqa: E731
+        patch = tuple(int(p) for p in config.patch_size)
+        to_grid = lambda shape: tuple(e // p for e, p in zip(shape[2:], patch, strict=True))  # noqa: E731
+    elif isinstance(transformer, CogVideoXTransformer3DModel):
+        attention = None
+        if pattern != "stdlib:neighborhood_3d" or name is not None:
+            raise SpecError(f"CogVideoX's joint text + video attention takes 'stdlib:neighborhood_3d', got {pattern!r}",
+                            where="argument pattern",
+                            hint="other patterns need the language's concatenated layout (seq + grid), not yet built")
+        for key in params:
+            if key not in _WINDOW_PARAMS:
+                raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
+                                hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
+        window = {**params, "backend": backend}
+        modules = _cogvideox_attentions(transformer)
+        make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
+        p, p_t = int(config.patch_size), config.patch_size_t
+        to_grid = lambda shape: (shape[1] // (p_t or 1), shape[3] // p, shape[4] // p)  # noqa: E731
+    else:
+        raise SpecError(f"expected a diffusers WanTransformer3DModel or CogVideoXTransformer3DModel, got "
+                        f"{type(transformer).__name__}", where="argument transformer")
+    if not modules:
+        raise SpecError("no attention module with diffusers' default processor was found",
+                        where="argument transformer")
+    processors, previous = {}, {}
+    for module_name, module in modules.items():
+        previous[module_name] = (module, module.processor)
+        processors[module_name] = make()
+        module.set_processor(processors[module_name])
+
+    def set_grid(_module, args, kwargs):
+        latent = args[0] if args else kwargs.get("hidden_states")
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 5:
+            return  # diffusers itself reports a bad latent
+        grid = tuple(int(e) for e in to_grid(latent.shape))
+        for processor in processors.values():
+            processor.grid = grid
+
+    hook = transformer.register_forward_pre_hook(set_grid, with_kwargs=True)
+    return Installed(attention, processors, previous, hook)
+
+
+def _check_grid(attention: Attention) -> None:
+    """The pattern must be a self-attention on a 3-axis grid sized by frames, height and width."""
+    from ..compiler import ir
+    from ..compiler.symbols import size_symbol
+
+    pat = attention.pattern
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence; a video DiT needs a softmax pattern", where="argument pattern")
+    queries, keys = pat.queries, pat.keys
+    sizes = tuple(size for _, size in queries.axes)
+    if queries.kind != "grid" or keys != queries or sizes != tuple(size_symbol(s) for s in GRID_SIZES):
+        raise SpecError(f"'{pat.name}' must attend within one grid(t: frames, y: height, x: width)",
+                        where="argument pattern",
+                        hint="the grid extents are read from the latent: frames, height, width")
