@@ -548,7 +548,7 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     G = H // Hkv
     interp = _interpret(q)
     cfg = configs(Dk, Dv, gate, C, q.dtype)
-    acc = torch.float64 if cfg["F64"] else torch.float32
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gates = _gate_arrays(g, C, gate)
     gh, gl, gr, tp = gates
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take do in the input dtype
