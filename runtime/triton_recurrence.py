@@ -73,11 +73,23 @@ def _sum(x, axis: tl.constexpr):
     return tl.reduce(x, axis, tl.standard._sum_combine)
 
 
-def _mm(a, b, IEEE: tl.constexpr):
-    """A dot with fp32 (fp64) accumulation: tensor cores on bf16 / fp16 operands, exact products (no
-    TF32) on fp32 ones."""
-    if IEEE:
+def _in_dim(off, D: tl.constexpr, BLOCK: tl.constexpr):
+    """``off < D`` for a block of a head dim; all true (a splat, so loads stay vectorised along the dim)
+    when the blocks tile the dim exactly."""
+    if D % BLOCK == 0:
+        return tl.full(off.shape, 1, tl.int1)
+    else:
+        return off < D
+
+
+def _mm(a, b, DOT: tl.constexpr):
+    """A dot with fp32 (fp64) accumulation. ``DOT`` 0: tensor cores on bf16 / fp16 operands; 1: exact
+    products (no TF32) on fp32 / fp64 ones; 2: bf16 operands upcast to fp32 (the interpreter's bf16 dot
+    is wrong; a bf16 product is exact in fp32, so this is what the tensor cores compute)."""
+    if DOT == 1:
         return tl.dot(a, b, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
 
@@ -99,10 +111,10 @@ def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.conste
         ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(gh.dtype)))
         dec = tl.exp(gh * nl.to(gh.dtype))
     elif GATE == 1:
-        g_off = i_bh * TP + c0 + t_off
-        hi = tl.load(GH + g_off)
-        lo = tl.load(GL + g_off)
-        rs = tl.load(GR + g_off)
+        g_base = i_bh * TP + c0
+        hi = tl.load(GH + g_base + t_off)
+        lo = tl.load(GL + g_base + t_off)
+        rs = tl.load(GR + g_base + t_off)
         last = t_off == C - 1
         hl = _sum(tl.where(last, hi, 0.0), 0)
         ll = _sum(tl.where(last, lo, 0.0), 0)
@@ -111,10 +123,11 @@ def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.conste
         ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
         dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
     else:
-        g_off = (i_bh * TP + c0 + t_off)[:, None] * DK + k_off[None, :]
-        hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0)
-        lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0)
-        rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+        g_base = (i_bh * TP + c0) * DK
+        g_off = t_off[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
         last = (t_off == C - 1)[:, None]
         hl = _sum(tl.where(last, hi, 0.0), 0)  # [BK]
         ll = _sum(tl.where(last, lo, 0.0), 0)
@@ -140,17 +153,18 @@ def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.const
         steps = nt[:, None] - nt[None, :]
         E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(gh.dtype)), float("-inf")))
     elif GATE == 1:
-        g_off = i_bh * TP + c0 + t_off
-        hi = tl.load(GH + g_off)
-        lo = tl.load(GL + g_off)
-        rs = tl.load(GR + g_off)
+        g_base = i_bh * TP + c0
+        hi = tl.load(GH + g_base + t_off)
+        lo = tl.load(GL + g_base + t_off)
+        rs = tl.load(GR + g_base + t_off)
         span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
         E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
     else:
-        g_off = (i_bh * TP + c0 + t_off)[:, None] * DK + k_off[None, :]
-        hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0)
-        lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0)
-        rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+        g_base = (i_bh * TP + c0) * DK
+        g_off = t_off[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
         span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
         E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
     return E
@@ -160,7 +174,7 @@ def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.const
 def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexpr, GX: tl.constexpr,
                   GY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                   C: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr, HAS_S0: tl.constexpr,
-                  STORE_ST: tl.constexpr, F64: tl.constexpr, IEEE: tl.constexpr):
+                  STORE_ST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """The sequential pass over chunks, one program per (Dk block, Dv block, batch x head).
 
     Forward (X = k, Y = v): stores ``h_n`` (the state entering chunk n) in ``HS[bh, n]`` and the final
@@ -175,8 +189,8 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
     t_off = tl.arange(0, C)
     k_off = i_k * BK + tl.arange(0, BK)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = k_off < DK
-    v_ok = v_off < DV
+    k_ok = _in_dim(k_off, DK, BK)
+    v_ok = _in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
     x_base = X + (b * (H // GX) + h // GX) * T * DK
@@ -206,14 +220,14 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
         else:
             xw = x * w[:, None]
             S = S * dec
-        S += _mm(tl.trans(xw.to(x.dtype)), y, IEEE)
+        S += _mm(tl.trans(xw.to(x.dtype)), y, DOT)
     if STORE_ST:
         tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
 def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                GATE: tl.constexpr, F64: tl.constexpr, IEEE: tl.constexpr):
+                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """One program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``."""
     i_v = tl.program_id(0)
     n = tl.program_id(1)
@@ -225,7 +239,7 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = v_off < DV
+    v_ok = _in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + (b * (H // G) + h // G) * T * DK
     h_base = HS + (i_bh * NT + n) * DK * DV
@@ -233,7 +247,7 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
     A = _acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = k_off < DK
+        k_ok = _in_dim(k_off, DK, BK)
         qk_ok = r_ok[:, None] & k_ok[None, :]
         q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
@@ -241,11 +255,11 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
         if GATE == 2:
             eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
             E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), IEEE)
+            o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
             A += _sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2)
         else:
-            o += _mm(q, hn.to(q.dtype), IEEE)
-            A += _mm(q, tl.trans(k), IEEE)
+            o += _mm(q, hn.to(q.dtype), DOT)
+            A += _mm(q, tl.trans(k), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
         eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
@@ -254,14 +268,14 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
         A = A * E
     v = tl.load(V + (b * (H // G) + h // G) * T * DV + rows[:, None] * DV + v_off[None, :],
                 mask=r_ok[:, None] & v_ok[None, :], other=0.0)
-    o = (o + _mm(A.to(v.dtype), v, IEEE)) * scale
+    o = (o + _mm(A.to(v.dtype), v, DOT)) * scale
     tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
 
 def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   GATE: tl.constexpr, F64: tl.constexpr, IEEE: tl.constexpr):
+                   GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """One program per (Dv block, chunk, batch x head), per query head (summed over the GQA group on the
     host): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``."""
     i_v = tl.program_id(0)
@@ -274,7 +288,7 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = v_off < DV
+    v_ok = _in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + (b * (H // G) + h // G) * T * DK
     h_base = DHS + (i_bh * NT + n) * DK * DV
@@ -282,7 +296,7 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     At = _acc_zeros([C, C], F64)  # [j, t]
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = k_off < DK
+        k_ok = _in_dim(k_off, DK, BK)
         qk_ok = r_ok[:, None] & k_ok[None, :]
         q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
@@ -290,11 +304,11 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
         if GATE == 2:
             eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
             E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            dv += _mm((k * ebl).to(k.dtype), dh.to(k.dtype), IEEE)
+            dv += _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
             At += tl.trans(_sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2))
         else:
-            dv += _mm(k, dh.to(k.dtype), IEEE)
-            At += _mm(k, tl.trans(q), IEEE)
+            dv += _mm(k, dh.to(k.dtype), DOT)
+            At += _mm(k, tl.trans(q), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
         eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
@@ -303,14 +317,14 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
         At = At * tl.trans(E)
     do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :],
                  other=0.0)
-    dv += _mm((At * scale).to(do.dtype), do, IEEE)
+    dv += _mm((At * scale).to(do.dtype), do, DOT)
     tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
 
 def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale, H: tl.constexpr,
                     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, IEEE: tl.constexpr):
+                    C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """One program per (Dk block, chunk, batch x head): with ``W = scale (do v^T) * D``,
     ``dq = scale exp(b) do h_n^T + W k`` and ``dk = exp(b_last - b) v dh_n^T + W^T q`` (dk per query head)."""
     i_k = tl.program_id(0)
@@ -323,7 +337,7 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     rows = c0 + t_off
     r_ok = rows < T
     k_off = i_k * BK + tl.arange(0, BK)
-    k_ok = k_off < DK
+    k_ok = _in_dim(k_off, DK, BK)
     qk_ok = r_ok[:, None] & k_ok[None, :]
     kv_bh = b * (H // G) + h // G
     do_base = DO + i_bh * T * DV
@@ -334,17 +348,17 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     dk = _acc_zeros([C, BK], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = v_off < DV
+        v_ok = _in_dim(v_off, DV, BV)
         rv_ok = r_ok[:, None] & v_ok[None, :]
         do = tl.load(do_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
-        hT_off = hs_off + v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
+        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
         hT_ok = v_ok[:, None] & k_ok[None, :]
-        hT = tl.load(HS + hT_off, mask=hT_ok, other=0.0)
-        dhT = tl.load(DHS + hT_off, mask=hT_ok, other=0.0)
-        dP += _mm(do, tl.trans(v), IEEE)
-        dq += _mm(do, hT.to(do.dtype), IEEE)
-        dk += _mm(v, dhT.to(v.dtype), IEEE)
+        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dP += _mm(do, tl.trans(v), DOT)
+        dq += _mm(do, hT.to(do.dtype), DOT)
+        dk += _mm(v, dhT.to(v.dtype), DOT)
     q = tl.load(Q + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     k = tl.load(K + kv_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
@@ -359,45 +373,68 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         dq = dq * (eb * scale)[:, None]
         dk = dk * ebl[:, None]
         W = dP * E * scale
-        dq += _mm(W.to(k.dtype), k, IEEE)
-        dk += _mm(tl.trans(W.to(q.dtype)), q, IEEE)
+        dq += _mm(W.to(k.dtype), k, DOT)
+        dk += _mm(tl.trans(W.to(q.dtype)), q, DOT)
     tl.store(DQ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
 
 
 def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                       BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
-    """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (batch x head), summed over channels for scalar
-    gates; a reverse sweep with an in-chunk reverse cumsum and a carry (dk per query head, k by GQA index)."""
-    i_bh = tl.program_id(0).to(tl.int64)
+    """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (Dk block, batch x head), summed over channels for
+    scalar gates (one program loops over the Dk blocks); a reverse sweep with an in-chunk reverse cumsum and a
+    carry (dk per query head, k by GQA index)."""
+    i_k = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
     kv_bh = (i_bh // H) * (H // G) + (i_bh % H) // G
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    k_ok = k_off < DK
-    carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
-    if HAS_LAST:
-        carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
     n_chunks = (T + C - 1) // C
+    if VECTOR:
+        k_off = i_k * BK + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
+        if HAS_LAST:
+            carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
+    else:
+        carry = tl.full([1], 0.0, tl.float64)
+        if HAS_LAST:
+            for k0 in range(0, DK, BK):
+                k_off = k0 + tl.arange(0, BK)
+                last = tl.load(LAST + i_bh * DK + k_off, mask=k_off < DK, other=0.0).to(carry.dtype)
+                carry += _sum(last[None, :], 1)
     for i in range(0, n_chunks):
         c0 = (n_chunks - 1 - i) * C
         rows = c0 + t_off
         r_ok = rows < T
-        m = r_ok[:, None] & k_ok[None, :]
-        off = rows[:, None] * DK + k_off[None, :]
-        db = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(carry.dtype)
-              * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(carry.dtype)
-              - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(carry.dtype)
-              * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(carry.dtype))
+        if VECTOR:
+            m = r_ok[:, None] & k_ok[None, :]
+            off = rows[:, None] * DK + k_off[None, :]
+            db = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+        else:
+            db = tl.full([C, 1], 0.0, tl.float64)
+            for k0 in range(0, DK, BK):
+                k_off = k0 + tl.arange(0, BK)
+                m = r_ok[:, None] & (k_off < DK)[None, :]
+                off = rows[:, None] * DK + k_off[None, :]
+                part = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+                db += _sum(part, 1)[:, None]
         dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
         carry += _sum(db, 0)
         if VECTOR:
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
         else:
-            tl.store(DG + i_bh * T + rows, _sum(dg, 1).to(DG.dtype.element_ty), mask=r_ok)
+            tl.store(DG + i_bh * T + rows[:, None] + tl.arange(0, 1)[None, :], dg.to(DG.dtype.element_ty),
+                     mask=r_ok[:, None])
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _mm, _gate_rows, _gate_pairs)
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _gate_rows, _gate_pairs)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
@@ -458,7 +495,7 @@ def _block(D: int, limit: int) -> int:
     return min(max(16, triton.next_power_of_2(D)), max(16, limit))
 
 
-def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype) -> dict:
+def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
     """Per-kernel compile-time constants and launch options (``num_warps``, ``num_stages``): what the
     launches use and what ``compile_report`` compiles. The state block is at most 64 x 64 fp32 (32
     registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` for their
@@ -467,17 +504,21 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype) -> dict:
         raise SpecError(f"the Triton recurrence kernels support a key head dim up to 256, got {Dk}",
                         where="argument q", hint="use backend='cpu'")
     f64 = dtype == torch.float64
-    ieee = dtype not in (torch.bfloat16, torch.float16)
+    dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
     BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
     BKc = _block(Dk, VECTOR_BLOCK) if gate == 2 else BK  # Dk block of the chunk-parallel kernels
-    common = dict(DK=Dk, DV=Dv, C=C, GATE=gate, F64=f64, IEEE=ieee)
+    common = dict(DK=Dk, DV=Dv, C=C, GATE=gate, F64=f64, DOT=dot)
     opts = dict(num_warps=4, num_stages=2)
+    # chunks of 64 hold three [64, 64] fp32 tiles (accumulators and decays) per program: 8 warps keep
+    # them in registers (4 warps spilled 0.7-1.5 KiB at Dk = Dv = 128 on sm_90, more on sm_80)
+    par = dict(num_warps=8 if C >= 64 else 4, num_stages=2)
     return {
         "_state_kernel": dict(common, BK=BK, BV=BV, **opts),
-        "_out_kernel": dict(common, BK=BKc, BV=BV, **opts),
-        "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **opts),
-        "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **opts),
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, 256), C=C, num_warps=4, num_stages=1),
+        "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK // 2 if C >= 64 else MAX_BLOCK), C=C, num_warps=4,
+                                  num_stages=1),
     }
 
 
@@ -510,7 +551,7 @@ def _states(x, y, gates, s0, H: int, G: int, T: int, C: int, gate: int, scale: f
     Dk, Dv = cfg["DK"], cfg["DV"]
     NT = triton.cdiv(T, C)
     acc = torch.float64 if cfg["F64"] else torch.float32
-    store_dt = acc if cfg["IEEE"] else x.dtype
+    store_dt = acc if cfg["DOT"] == 1 else x.dtype
     hs = torch.empty(B * H, NT, Dk, Dv, dtype=store_dt, device=x.device)
     last = torch.empty(B, H, Dk, Dv, dtype=acc, device=x.device)
     grid = (triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"]), B * H)
@@ -528,7 +569,7 @@ def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int):
     B, H, T, Dk = q.shape
     Dv, G = v.shape[-1], H // k.shape[1]
     interp = _interpret(q)
-    cfg = configs(Dk, Dv, gate, C, q.dtype)
+    cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
     gates = _gate_arrays(g, C, gate)
     s0 = initial_state.contiguous() if initial_state is not None else None
     hs, final = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, True, cfg["_state_kernel"], interp)
@@ -547,7 +588,7 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
     interp = _interpret(q)
-    cfg = configs(Dk, Dv, gate, C, q.dtype)
+    cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gates = _gate_arrays(g, C, gate)
     gh, gl, gr, tp = gates
@@ -571,8 +612,10 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
         vector = gate == 2
         dg = torch.empty(B, H, T, *((Dk,) if vector else ()), dtype=acc, device=q.device)
         last = (dS_T * final_state).sum(-1).contiguous() if dS_T is not None else dq  # [B, H, Dk]
-        _launch("_gate_grad_kernel", (B * H,), interp, q, k, dq, dk, last, dg, T, H=H, G=G, VECTOR=vector,
-                HAS_LAST=dS_T is not None, **cfg["_gate_grad_kernel"])
+        gc = cfg["_gate_grad_kernel"]
+        grid = (triton.cdiv(Dk, gc["BK"]) if vector else 1, B * H)
+        _launch("_gate_grad_kernel", grid, interp, q, k, dq, dk, last, dg, T, H=H, G=G, VECTOR=vector,
+                HAS_LAST=dS_T is not None, **gc)
         dg = dg.masked_fill(torch.isneginf(g), 0.0)  # a reset gate: exactly 0, the limit (see recurrence.py)
     if G > 1:  # GQA: a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, G, T, Dk).sum(2)
@@ -669,9 +712,13 @@ def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch
         variants = [("", meta)]
         if name == "_state_kernel":
             variants.append(("(reverse)", dict(meta, REVERSE=True, GX=1, GY=1)))
+        fn, sig = jitted[name], _signature(name, io, acc, store)
+        # what the JIT's specialisation tells the compiler at a real launch: tensors 16-byte aligned, lengths
+        # (T, the padded TP, the chunk count NT) multiples of 16 at the sizes that matter (T = 8K)
+        attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, ty in sig.items()
+                 if ty.startswith("*") or arg in ("T", "TP", "NT")}
         for tag, consts in variants:
-            k = triton.compile(ASTSource(jitted[name], _signature(name, io, acc, store), consts),
-                               target=GPUTarget("cuda", arch, 32), options=opts)
+            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
             ptx = k.asm["ptx"]
             with tempfile.TemporaryDirectory() as tmp:
                 path = os.path.join(tmp, "k.ptx")
