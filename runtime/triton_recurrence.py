@@ -684,7 +684,8 @@ def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch
                    chunk: int = 64, heads: int = 16, group: int = 1, names: tuple | None = None) -> list[dict]:
     """Compile the recurrence kernels for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) at the
     configs the launches use, and report per kernel: registers, spill bytes (stores + loads), stack
-    frame, shared memory and the tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``)."""
+    frame, shared memory and the tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``).
+    ``names`` picks kernels (``"_state_kernel(reverse)"`` is the backward's state pass); all by default."""
     import re
     import subprocess
     import tempfile
@@ -703,15 +704,18 @@ def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch
              "_gate_grad_kernel": dict(H=heads, G=group, VECTOR=code == 2, HAS_LAST=True)}
     rows = []
     jitted = kernels(False)
-    for name in names or [fn.__name__ for fn in _KERNELS]:
+    wanted = names or [fn.__name__ for fn in _KERNELS] + ["_state_kernel(reverse)"]
+    for name in [fn.__name__ for fn in _KERNELS]:
         if name == "_gate_grad_kernel" and code == 0:
             continue  # head gates have no gate gradient
         meta = dict(cfg[name])
         opts = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
         meta.update(extra.get(name, dict(H=heads, G=group)))
-        variants = [("", meta)]
-        if name == "_state_kernel":
+        variants = [("", meta)] if name in wanted else []
+        if name == "_state_kernel" and "_state_kernel(reverse)" in wanted:
             variants.append(("(reverse)", dict(meta, REVERSE=True, GX=1, GY=1)))
+        if not variants:
+            continue
         fn, sig = jitted[name], _signature(name, io, acc, store)
         # what the JIT's specialisation tells the compiler at a real launch: tensors 16-byte aligned, lengths
         # (T, the padded TP, the chunk count NT) multiples of 16 at the sizes that matter (T = 8K)
