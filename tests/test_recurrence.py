@@ -362,7 +362,9 @@ def test_compile_errors_are_clean():
 def test_simulator_report_fields_and_chunk_choice():
     rep = attnc.simulate("stdlib:gla", n=8192, heads=16, head_dim=128, hardware="h200")
     d = rep.to_dict()
-    assert d["kind"] == "recurrence" and d["gate"] == "vector" and d["chunk"] == 16  # elementwise C^2 Dk
+    # the chunk is the candidate minimising forward + backward (checked below): with chunk-parallel kernels
+    # the elementwise C^2 Dk work no longer runs inside the sequential pass, so it need not be 16
+    assert d["kind"] == "recurrence" and d["gate"] == "vector" and d["chunk"] in (16, 32, 64)
     assert d["flops"]["forward"] > 0 and d["bytes"]["forward"] > 0 and d["flops"]["backward"] > d["flops"]["forward"]
     assert {c["chunk"] for c in d["candidates"]} == {16, 32, 64}
     best = min(d["candidates"], key=lambda c: c["forward_s"] + c["backward_s"])
