@@ -401,7 +401,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
             for k0 in range(0, DK, BK):
                 k_off = k0 + tl.arange(0, BK)
                 last = tl.load(LAST + i_bh * DK + k_off, mask=k_off < DK, other=0.0).to(carry.dtype)
-                carry += _sum(last[None, :], 1)
+                carry += _sum(last, 0)
     for i in range(0, n_chunks):
         c0 = (n_chunks - 1 - i) * C
         rows = c0 + t_off
@@ -413,8 +413,8 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
                   * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
                   - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
                   * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
-        else:
-            db = tl.full([C, 1], 0.0, tl.float64)
+        else:  # a 1-D scan (Triton 3.6's scan lowering failed on a [C, 1] block)
+            db = tl.full([C], 0.0, tl.float64)
             for k0 in range(0, DK, BK):
                 k_off = k0 + tl.arange(0, BK)
                 m = r_ok[:, None] & (k_off < DK)[None, :]
@@ -423,14 +423,14 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
                         * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
                         - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
                         * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
-                db += _sum(part, 1)[:, None]
-        dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
-        carry += _sum(db, 0)
+                db += _sum(part, 1)
         if VECTOR:
+            dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
         else:
-            tl.store(DG + i_bh * T + rows[:, None] + tl.arange(0, 1)[None, :], dg.to(DG.dtype.element_ty),
-                     mask=r_ok[:, None])
+            dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry
+            tl.store(DG + i_bh * T + rows, dg.to(DG.dtype.element_ty), mask=r_ok)
+        carry += _sum(db, 0)
 
 
 # ======================================================================= wrapping
