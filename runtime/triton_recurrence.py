@@ -517,8 +517,7 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
         "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK // 2 if C >= 64 else MAX_BLOCK), C=C, num_warps=4,
-                                  num_stages=1),
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK), C=C, num_warps=4, num_stages=1),
     }
 
 
