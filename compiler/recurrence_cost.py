@@ -1,25 +1,27 @@
 """Simulator of the chunked recurrences (``runtime.recurrence`` / ``runtime.triton_recurrence``).
 
-The kernels run one program per (batch x head, block of ``BV`` value columns); each program walks the
-``N = ceil(T / C)`` chunks in order. Per chunk (``Dk`` key and ``Dv`` value dims, head and scalar gates):
+The Triton kernels follow flash-linear-attention's structure (``N = ceil(T / C)`` chunks, ``Dk`` / ``Dv``
+in blocks of ``BK``/``BV`` = up to 64, ``NK``/``NV`` blocks):
 
-- forward tensor-core work: ``q k^T`` and ``A v`` (``2 C^2 Dk + 2 C^2 Dv``), the inter-chunk product
-  ``(q * exp(b)) S`` and the state update ``(k * exp(b_last - b))^T v`` (``4 C Dk Dv``);
-- backward (a forward sweep for dq with the state recomputed, a backward sweep for dk, dv and the state
-  gradient): ``2 C^2 (3 Dk + 3 Dv) + 10 C Dk Dv`` (the state recomputed once);
-- per-channel (GLA) gates compute the in-chunk product elementwise on the non-tensor ALUs:
-  ``C^2 Dk`` (forward; 3x backward) times ``VECTOR_OPS`` operations (subtract, exp, two multiplies, add),
-  which is why they run in chunks of 16;
-- HBM traffic: q, k, v, g read and o written (forward); q, k, v, do, g read twice and dq, dk (fp32, one
-  partial per value block), dv and dg written (backward);
+- a sequential state pass, one program per (batch x head, Dk block, Dv block), ``N`` dependent steps of
+  ``2 C BK BV`` tensor-core work (the state update) plus a store of the chunk's state: the forward runs it
+  once (states h_n), the backward twice (h_n recomputed, and the reverse pass for dh_n);
+- chunk-parallel kernels, one program per (chunk, batch x head, value or key block), spread over all SMs:
+  forward output ``NV 2 C^2 Dk`` (q k^T, once per value block) ``+ 2 C Dk Dv`` (q h_n) ``+ 2 C^2 Dv``
+  (A v); backward dv ``NV 2 C^2 Dk + 2 C Dk Dv + 2 C^2 Dv`` and dq/dk ``NK 2 C^2 Dv + 4 C Dk Dv + 4 C^2 Dk``;
+- per-channel (GLA) gates build the in-chunk product elementwise on the non-tensor ALUs instead of q k^T:
+  ``C^2 Dk`` times ``VECTOR_OPS`` (subtract, exp, two multiplies, add) per value block forward, about 3x
+  that backward, which is why they run in chunks of 16; head / scalar gates pay ``3 C^2`` for the decays;
+- HBM traffic: q, k, v, g read, the states written and read back, o written (forward); the backward reads
+  q, k, v, do, g and both state sets, and writes dq, dk, dv (fp32) and dg;
 - a fixed latency per sequential chunk step (the dependency on the state).
 
-A program's time is its chunks' time (tensor work at the attainable per-SM rate of ``cost.Calibration``
-for tiles of C tokens, overlapped with its share of the bandwidth) and the kernel time is the makespan of
-the programs on the SMs plus launches. The chunk size (16, 32 or 64) minimising forward + backward is
-chosen. The softmax baseline is causal flash-style attention modelled by ``cost.predict_counts`` (tiles of
-128 x 128, the diagonal tiles masked), and the crossover is the shortest sequence (a multiple of 64) from
-which the recurrence's predicted forward time is below it.
+A sequential pass takes ``N`` steps of its per-SM work (programs sharing an SM share its rates) plus the
+step latency; a chunk-parallel kernel takes its total work at the attainable rate of ``cost.Calibration``
+for tiles of C tokens over all SMs, in whole waves. The chunk size (16, 32 or 64) minimising forward +
+backward is chosen. The softmax baseline is causal flash-style attention modelled by
+``cost.predict_counts`` (tiles of 128 x 128, the diagonal tiles masked), and the crossover is the shortest
+sequence (a multiple of 64) from which the recurrence's predicted forward time is below it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .cost import DEFAULT_CALIBRATION, Calibration, KernelConfig, makespan, predict_counts
+from .cost import DEFAULT_CALIBRATION, Calibration, KernelConfig, predict_counts
 from .hardware import Hardware
 from .simulator import ReportView
 
@@ -72,11 +74,9 @@ class ChunkCost:
         return asdict(self)
 
 
-def value_block(head_dim_v: int, head_dim_k: int) -> int:
-    """The value block of a program (as the Triton launcher picks it on a GPU)."""
-    bk = max(16, 1 << max(0, head_dim_k - 1).bit_length())
-    bv = max(16, 1 << max(0, head_dim_v - 1).bit_length())
-    return min(bv, 64 if bk <= 64 else 32)
+def _block(dim: int) -> int:
+    """A Dk / Dv block of the kernels (``triton_recurrence.configs``: a power of two in 16..64)."""
+    return min(64, max(16, 1 << max(0, dim - 1).bit_length()))
 
 
 def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: int, hw: Hardware, *,
@@ -87,43 +87,58 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
     rc = rcal or DEFAULT_RECURRENCE_CALIBRATION
     Dk, Dv, C = head_dim, head_dim_v or head_dim, chunk
     N = -(-n // C)
-    BV = value_block(Dv, Dk)
-    NV = -(-Dv // BV)
-    programs = batch * heads * NV
-    # per program and chunk (a program holds BV of the Dv columns; intra scores are recomputed per block)
-    qk = 2.0 * C * C * Dk if gate != "vector" else 0.0
-    f_mma = qk + 2.0 * C * C * BV + 4.0 * C * Dk * BV
-    b_mma = 3 * qk + 2.0 * C * C * 3 * BV + 10.0 * C * Dk * BV
-    f_vec = VECTOR_OPS * C * C * Dk if gate == "vector" else 3.0 * C * C
-    b_vec = 3 * VECTOR_OPS * C * C * Dk if gate == "vector" else 6.0 * C * C
-    gate_w = Dk if gate == "vector" else 1
-    f_bytes = C * ((2 * Dk + BV) * nbytes + gate_w * 4 + BV * nbytes)
-    b_bytes = C * (2 * (2 * Dk + 2 * BV) * nbytes + 2 * gate_w * 4 + 2 * Dk * 4 + BV * 4)
+    BK, BV = _block(Dk), _block(Dv)
+    NK, NV = -(-Dk // BK), -(-Dv // BV)
+    bh = batch * heads
+    vector = gate == "vector"
+    gate_w = Dk if vector else 1
     eff = cal.mma_efficiency * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
-    share = max(1.0, programs / hw.sms)  # programs sharing an SM share its rates
-    per_sm_bw = hw.bytes_per_s / hw.sms
     vec_rate = hw.vector_flops_per_sm * rc.vector_fraction
 
-    def per_chunk(mma, vec, by, eff_):
-        t_mma = mma / (hw.flops_per_sm * eff_) + vec / vec_rate
-        t_mem = by / per_sm_bw
-        return max(t_mma, t_mem) * share + rc.step_latency_s
+    # sequential state pass: per program and step, the state update and the state's store
+    seq_programs = bh * NK * NV
+    s_mma = 2.0 * C * BK * BV
+    s_bytes = C * (BK + BV) * nbytes + C * gate_w * 4 + BK * BV * nbytes
 
-    t_f = per_chunk(f_mma, f_vec, f_bytes, eff)
-    t_b = per_chunk(b_mma, b_vec, b_bytes, eff * cal.bwd_efficiency_ratio)
-    # each SM runs ceil(programs / sms) programs concurrently (already in `share`); the busiest SM decides
-    fwd = N * t_f + cal.launch_s
-    bwd = N * t_b + 3 * cal.launch_s + (4 * Dk * 4 + Dk * 4) * n * batch * heads / hw.bytes_per_s  # gate kernel
-    if programs > hw.sms:  # uneven waves: LPT on equal programs
-        waves = makespan(torch.full((programs,), 1.0, dtype=torch.float64), hw.sms) / (programs / hw.sms)
-        fwd *= waves
-        bwd *= waves
-    total = batch * heads
-    return ChunkCost(
-        chunk=C, forward_s=fwd, backward_s=bwd,
-        forward_flops=total * NV * N * (f_mma + f_vec),
-        backward_flops=total * NV * N * (b_mma + b_vec),
-        forward_bytes=total * NV * N * f_bytes, backward_bytes=total * NV * N * b_bytes, programs=programs)
+    def seq_pass() -> float:
+        share = max(1.0, seq_programs / hw.sms)  # programs sharing an SM share its rates
+        step = max(s_mma / (hw.flops_per_sm * eff), s_bytes / (hw.bytes_per_s / hw.sms))
+        return N * (step * share + rc.step_latency_s) + cal.launch_s
+
+    def parallel(mma: float, vec: float, by: float, programs: int, eff_: float) -> float:
+        """A chunk-parallel kernel: its whole work over all SMs, in whole waves of programs."""
+        t = max(mma / (hw.sms * hw.flops_per_sm * eff_) + vec / (hw.sms * vec_rate), by / hw.bytes_per_s)
+        waves = -(-programs // hw.sms) / (programs / hw.sms)
+        return t * waves + cal.launch_s
+
+    intra = VECTOR_OPS * C * C * Dk if vector else 3.0 * C * C  # elementwise in-chunk work per value block
+    qk = 0.0 if vector else 2.0 * C * C * Dk
+    chunks = bh * N
+    # forward: state pass + output kernel
+    f_mma = chunks * (NK * NV * s_mma + NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv)
+    f_vec = chunks * NV * intra
+    f_bytes = chunks * (NK * NV * s_bytes + NV * (2 * C * Dk * nbytes + C * gate_w * 4) + Dk * Dv * nbytes
+                        + 2 * C * Dv * nbytes)
+    fwd = seq_pass() + parallel(chunks * (NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv), f_vec,
+                                f_bytes - chunks * NK * NV * s_bytes, chunks * NV, eff)
+    # backward: the state pass twice (h_n recomputed, dh_n), dv, dq/dk and the gate gradient
+    beff = eff * cal.bwd_efficiency_ratio
+    dv_mma = NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv
+    dqk_mma = NK * 2.0 * C * C * Dv + 4.0 * C * Dk * Dv + (0.0 if vector else 4.0 * C * C * Dk)
+    dv_vec = NV * intra
+    dqk_vec = NK * 2 * intra if vector else NK * intra
+    dv_bytes = NV * (2 * C * Dk * nbytes + C * gate_w * 4) + Dk * Dv * nbytes + C * Dv * (nbytes + 4)
+    dqk_bytes = NK * C * 2 * Dv * nbytes + 2 * Dk * Dv * nbytes + 2 * C * Dk * (nbytes + 4) + C * gate_w * 4
+    gate_bytes = (2 * C * Dk * nbytes + 2 * C * Dk * 4 + C * gate_w * 4) if gate != "head" else 0
+    b_mma = chunks * (2 * NK * NV * s_mma + dv_mma + dqk_mma)
+    b_vec = chunks * (dv_vec + dqk_vec)
+    b_bytes = chunks * (2 * NK * NV * s_bytes + dv_bytes + dqk_bytes + gate_bytes)
+    bwd = (2 * seq_pass() + parallel(chunks * dv_mma, chunks * dv_vec, chunks * dv_bytes, chunks * NV, beff)
+           + parallel(chunks * dqk_mma, chunks * dqk_vec, chunks * dqk_bytes, chunks * NK, beff)
+           + (chunks * gate_bytes / hw.bytes_per_s + cal.launch_s if gate != "head" else 0.0))
+    return ChunkCost(chunk=C, forward_s=fwd, backward_s=bwd, forward_flops=f_mma + f_vec,
+                     backward_flops=b_mma + b_vec, forward_bytes=f_bytes, backward_bytes=b_bytes,
+                     programs=chunks * NV)
 
 
 def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, **kw) -> ChunkCost:
@@ -307,4 +322,4 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
 
 
 __all__ = ["CHUNKS", "ChunkCost", "RecurrenceCalibration", "RecurrenceReport", "best_chunk", "chunk_cost",
-           "crossover", "format_recurrence_report", "simulate_recurrence", "softmax_causal", "value_block"]
+           "crossover", "format_recurrence_report", "simulate_recurrence", "softmax_causal"]

@@ -355,7 +355,6 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
     dt = compute_dtype(q.dtype)
     backend = resolve_backend(backend, q.device)
     C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype)
-    kx, vx = expand_kv(k, H), expand_kv(v, H)
     s0 = None if initial_state is None else initial_state.to(dt)
     if backend == "triton":
         from . import triton_recurrence
@@ -368,8 +367,10 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
                 g = g.squeeze(-1)
         if rec.gate == "vector":
             C = triton_recurrence.VECTOR_CHUNK
-        out, state = triton_recurrence.run(q, kx, vx, g, scale, s0, C, rec.gate)
+        # k, v keep their Hkv heads: the kernels read kv head h // (H // Hkv) by index (GQA)
+        out, state = triton_recurrence.run(q, k, v, g, scale, s0, C, rec.gate)
         return out.to(q.dtype), state, C
+    kx, vx = expand_kv(k, H), expand_kv(v, H)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).contiguous()
     out, state = chunked(q.to(dt).contiguous(), kx.to(dt).contiguous(), vx.to(dt).contiguous(), g, scale, s0, C)
     return out.to(q.dtype), state, C
@@ -448,7 +449,7 @@ def describe(rec: ir.RecurrenceIR, backend: str, chunk: int | None) -> str:
     if backend == "triton":
         from . import triton_recurrence
 
-        for fn in triton_recurrence._KERNELS:
+        for fn in triton_recurrence._HELPERS + triton_recurrence._KERNELS:
             lines += ["", inspect.getsource(fn).rstrip()]
     return "\n".join(lines) + "\n"
 

@@ -1,24 +1,35 @@
-"""Triton kernels of the chunked decay-gated recurrence: forward, backward (dq, dk, dv, initial state) and the
-gate gradient, specialised on the IR's gate kind (``GATE``: 0 a constant per head, 1 a scalar per token and
-head, 2 a vector per token, head and key channel).
+"""Triton kernels of the chunked decay-gated recurrence in flash-linear-attention's structure, specialised on
+the IR's gate kind (``GATE``: 0 a constant per head, 1 a scalar per token and head, 2 a vector per token,
+head and key channel). The math is that of ``runtime.recurrence`` (in-chunk cumulative log gates, so every
+exponent is a sum of gates over a span inside one chunk and never positive for log decays):
 
-One program per (batch x head, block of Dv columns) walks the chunks in order, keeping its ``[Dk, BV]``
-slice of the state in fp32 registers (fp64 for fp64 inputs); the math is that of ``runtime.recurrence``
-(in-chunk cumulative log gates, so every exponent is a sum of gates over a span and never positive for
-log decays). The backward is two sweeps: forward in time for dq (the state recomputed), backward in time
-for dk and dv (the state gradient carried); then ``dg_t = sum_{s>=t} (q dq - k dk)_s + sum_e dS_T S_T``.
+- ``_state_kernel``, one program per (batch x head, Dk block, Dv block), is the only sequential part: it
+  walks the chunks and stores the state entering each chunk, ``h_n`` (forward), or, walking backwards,
+  the gradient of the state leaving each chunk, ``dh_n`` (backward), plus the final state / the initial
+  state's gradient;
+- ``_out_kernel``, one program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``
+  with the intra-chunk decays ``D_tj = exp(b_t - b_j)`` (j <= t), looping over Dk blocks;
+- ``_bwd_dv_kernel`` (Dv block, chunk, batch x head): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``;
+- ``_bwd_dqk_kernel`` (Dk block, chunk, batch x head): ``dq``, ``dk`` from ``dP = do v^T``, ``do h_n^T``
+  and ``v dh_n^T``, looping over Dv blocks;
+- ``_gate_grad_kernel``: ``dg_t = sum_{s >= t} (q dq - k dk)_s + sum_e dS_T S_T`` (reverse sweep).
 
-Per-channel (vector) gates use chunks of 16: their in-chunk product is an elementwise ``[C, C, Dk]`` tensor.
+Dots run on the tensor cores in the input dtype (bf16 / fp16) with fp32 accumulation; fp32 inputs keep
+``input_precision="ieee"`` (no TF32) and fp64 inputs fp64, so they stay as accurate as the torch path.
+GQA reads k / v head ``h // G`` by index; dk and dv are accumulated per query head in fp32 and summed over
+the group on the host. Per-channel (vector) gates run chunks of 16 and build the intra-chunk product as an
+elementwise ``[C, C, BK]`` tensor (the exponents of its two factors would not both stay <= 0 otherwise).
 
-The kernels are plain functions here; ``kernels(interpret)`` wraps them with ``triton.jit`` for CUDA or with
-the interpreter (``TRITON_INTERPRET=1``) for CPU tensors. Triton decides between the two when a function is
-decorated (``triton.jit`` reads ``triton.knobs.runtime.interpret``, i.e. the environment variable, at that
-moment), so both wrappings are built explicitly and the variable is set while interpreted kernels run.
+The kernels are plain functions here; ``kernels(interpret)`` wraps them (and their helpers) with
+``triton.jit`` for CUDA or with the interpreter for CPU tensors. Triton decides between the two when a
+function is decorated (``triton.jit`` reads ``TRITON_INTERPRET`` at that moment), so both wrappings are
+built explicitly, the jitted kernels over a copy of this module's globals holding the jitted helpers.
 """
 
 import contextlib
 import functools
 import os
+import types
 
 import torch
 
@@ -28,7 +39,6 @@ try:  # the CPU path runs without Triton; any other import failure is a real err
 except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without triton
     if _err.name != "triton":
         raise
-    import types
 
     triton = None
     tl = types.SimpleNamespace(constexpr="constexpr")
@@ -37,320 +47,403 @@ from ..spec.errors import SpecError
 from .triton_support import require_triton
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
-#: Chunk size of per-channel gates in the kernels (their in-chunk product is C x C x Dk elementwise).
+#: Chunk size of per-channel gates in the kernels (their in-chunk product is C x C x BK elementwise).
 VECTOR_CHUNK = 16
+#: Largest Dk / Dv block of a program (the state block is BK x BV fp32 registers).
+MAX_BLOCK = 64
+#: Dk block of the kernels that build the per-channel gates' [C, C, BK] product.
+VECTOR_BLOCK = 32
 
 
 def available() -> bool:
     return triton is not None
 
 
+# ======================================================================= helpers (undecorated)
+def _acc_zeros(shape, F64: tl.constexpr):
+    if F64:
+        return tl.full(shape, 0.0, tl.float64)
+    else:
+        return tl.full(shape, 0.0, tl.float32)
+
+
+def _sum(x, axis: tl.constexpr):
+    """``tl.sum`` through ``tl.reduce``: the standard library's jitted ``sum`` cannot be called from an
+    interpreted kernel when the module was imported without TRITON_INTERPRET."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+def _in_dim(off, D: tl.constexpr, BLOCK: tl.constexpr):
+    """``off < D`` for a block of a head dim; all true (a splat, so loads stay vectorised along the dim)
+    when the blocks tile the dim exactly."""
+    if D % BLOCK == 0:
+        return tl.full(off.shape, 1, tl.int1)
+    else:
+        return off < D
+
+
+def _mm(a, b, DOT: tl.constexpr):
+    """A dot with fp32 (fp64) accumulation. ``DOT`` 0: tensor cores on bf16 / fp16 operands; 1: exact
+    products (no TF32) on fp32 / fp64 ones; 2: bf16 operands upcast to fp32 (the interpreter's bf16 dot
+    is wrong; a bf16 product is exact in fp32, so this is what the tensor cores compute)."""
+    if DOT == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
+               GATE: tl.constexpr, F64: tl.constexpr):
+    """``(exp(b_t), exp(b_last - b_t), exp(b_last))`` of the chunk starting at ``c0``: ``[C]``, ``[C]``,
+    a scalar for head / scalar gates; ``[C, BK]``, ``[C, BK]``, ``[BK]`` for vector gates. ``b`` is the
+    in-chunk cumulative log gate (``hi + lo`` of ``ChunkGates``); a reset (-inf) zeroes every decay across it."""
+    if GATE == 0:
+        # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
+        if F64:
+            gh = tl.load(GH + h).to(tl.float64)
+        else:
+            gh = tl.load(GH + h).to(tl.float32)
+        nt = tl.minimum(t_off + 1, T - c0)
+        nl = tl.minimum(C, T - c0)
+        eb = tl.exp(gh * nt.to(gh.dtype))
+        ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(gh.dtype)))
+        dec = tl.exp(gh * nl.to(gh.dtype))
+    elif GATE == 1:
+        g_base = i_bh * TP + c0
+        hi = tl.load(GH + g_base + t_off)
+        lo = tl.load(GL + g_base + t_off)
+        rs = tl.load(GR + g_base + t_off)
+        last = t_off == C - 1
+        hl = _sum(tl.where(last, hi, 0.0), 0)
+        ll = _sum(tl.where(last, lo, 0.0), 0)
+        rl = _sum(tl.where(last, rs, 0), 0)
+        eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
+        ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
+        dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+    else:
+        g_base = (i_bh * TP + c0) * DK
+        g_off = t_off[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
+        last = (t_off == C - 1)[:, None]
+        hl = _sum(tl.where(last, hi, 0.0), 0)  # [BK]
+        ll = _sum(tl.where(last, lo, 0.0), 0)
+        rl = _sum(tl.where(last, rs, 0), 0)
+        eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
+        ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
+        dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+    return eb, ebl, dec
+
+
+
+def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
+                GATE: tl.constexpr, F64: tl.constexpr):
+    """The intra-chunk decays ``exp(b_t - b_j)`` for ``j <= t`` (0 above and across a reset): ``[C(t), C(j)]``
+    for head / scalar gates, ``[C(t), C(j), BK]`` for vector gates; each exponent is a span inside the chunk."""
+    causal = t_off[:, None] >= t_off[None, :]
+    if GATE == 0:
+        if F64:
+            gh = tl.load(GH + h).to(tl.float64)
+        else:
+            gh = tl.load(GH + h).to(tl.float32)
+        nt = tl.minimum(t_off + 1, T - c0)
+        steps = nt[:, None] - nt[None, :]
+        E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(gh.dtype)), float("-inf")))
+    elif GATE == 1:
+        g_base = i_bh * TP + c0
+        hi = tl.load(GH + g_base + t_off)
+        lo = tl.load(GL + g_base + t_off)
+        rs = tl.load(GR + g_base + t_off)
+        span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
+        E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
+    else:
+        g_base = (i_bh * TP + c0) * DK
+        g_off = t_off[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
+        span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
+        E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
+    return E
+
+
 # ======================================================================= kernels (undecorated)
-def _fwd_kernel(Q, K, V, GH, GL, GR, S0, OUT, ST, T, TP, scale,
-                H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr,
-                STORE_ST: tl.constexpr, F64: tl.constexpr, LOW: tl.constexpr):
-    i_bh = tl.program_id(0)
+def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexpr, GX: tl.constexpr,
+                  GY: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                  C: tl.constexpr, GATE: tl.constexpr, REVERSE: tl.constexpr, HAS_S0: tl.constexpr,
+                  STORE_ST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """The sequential pass over chunks, one program per (Dk block, Dv block, batch x head).
+
+    Forward (X = k, Y = v): stores ``h_n`` (the state entering chunk n) in ``HS[bh, n]`` and the final
+    state in ST; ``S <- exp(b_last) S + (k exp(b_last - b))^T v``. Reverse (X = q, Y = do, REVERSE): stores
+    ``dh_n`` (the gradient of the state leaving chunk n) and the initial state's gradient;
+    ``dS <- exp(b_last) dS + scale (q exp(b))^T do``. X / Y of head ``h // GX`` / ``h // GY`` (GQA)."""
+    i_k = tl.program_id(0)
     i_v = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
+    b = i_bh // H
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
+    k_off = i_k * BK + tl.arange(0, BK)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = k_off < DK
-    v_ok = v_off < DV
+    k_ok = _in_dim(k_off, DK, BK)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
-    causal = t_off[:, None] >= t_off[None, :]
-    if F64:
-        S = tl.full([BK, BV], 0.0, tl.float64)
-    else:
-        S = tl.full([BK, BV], 0.0, tl.float32)
+    x_base = X + (b * (H // GX) + h // GX) * T * DK
+    y_base = Y + (b * (H // GY) + h // GY) * T * DV
+    S = _acc_zeros([BK, BV], F64)
     if HAS_S0:
-        S += tl.load(S0 + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(S.dtype)
-    if GATE == 0:
-        gh = tl.load(GH + h).to(S.dtype)
-    for c0 in range(0, T, C):
+        S += tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0).to(S.dtype)
+    for i in range(0, NT):
+        if REVERSE:
+            n = NT - 1 - i
+        else:
+            n = i
+        c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
-        qk_ok = r_ok[:, None] & k_ok[None, :]
-        rv_ok = r_ok[:, None] & v_ok[None, :]
-        q = tl.load(Q + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-        k = tl.load(K + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-        v = tl.load(V + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
-        in_dt = q.dtype
-        q = q.to(S.dtype)
-        k = k.to(S.dtype)
-        v = v.to(S.dtype)
+        tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
+        x = tl.load(x_base + rows[:, None] * DK + k_off[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        y = tl.load(y_base + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+        if REVERSE:
+            w = eb * scale
+        else:
+            w = ebl
         if GATE == 2:
-            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
-            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
-            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
-            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
-            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
-            last = (t_off == C - 1)[:, None]
-            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
-            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
-            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
-            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
-            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
-            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
-            qe = q * eb
-            ke = k * ebl
-            A = tl.reduce(q[:, None, :] * k[None, :, :] * E, 2, tl.standard._sum_combine)
+            xw = x * w
+            S = S * dec[:, None]
         else:
-            if GATE == 0:
-                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-                nt = tl.minimum(t_off + 1, T - c0)
-                nl = tl.minimum(C, T - c0)
-                eb = tl.exp(gh * nt.to(S.dtype))
-                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(S.dtype)))
-                dec = tl.exp(gh * nl.to(S.dtype))
-                steps = nt[:, None] - nt[None, :]
-                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(S.dtype)), float("-inf")))
-            else:
-                g_off = i_bh * TP + rows
-                hi = tl.load(GH + g_off).to(S.dtype)
-                lo = tl.load(GL + g_off).to(S.dtype)
-                rs = tl.load(GR + g_off)
-                last = t_off == C - 1
-                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
-                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
-                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
-                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
-                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
-            qe = q * eb[:, None]
-            ke = k * ebl[:, None]
-            if LOW:
-                A = tl.dot(q.to(in_dt), tl.trans(k.to(in_dt)))
-            else:
-                A = tl.dot(q, tl.trans(k), input_precision="ieee")
-            A = A * E
-        if LOW:
-            o = tl.dot(qe.to(in_dt), S.to(in_dt)) + tl.dot(A.to(in_dt), v.to(in_dt))
-            S = S * dec + tl.dot(tl.trans(ke.to(in_dt)), v.to(in_dt))
-        else:
-            o = tl.dot(qe, S, input_precision="ieee") + tl.dot(A, v, input_precision="ieee")
-            S = S * dec + tl.dot(tl.trans(ke), v, input_precision="ieee")
-        tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], (o * scale).to(OUT.dtype.element_ty),
-                 mask=rv_ok)
+            xw = x * w[:, None]
+            S = S * dec
+        S += _mm(tl.trans(xw.to(x.dtype)), y, DOT)
     if STORE_ST:
-        tl.store(ST + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], S.to(ST.dtype.element_ty), mask=sv_ok)
+        tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
-def _bwd_dq_kernel(K, V, GH, GL, GR, S0, DO, DQ, T, TP, scale, NBH,
-                   H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                   BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_S0: tl.constexpr,
-                   F64: tl.constexpr):
-    """Forward sweep: dq (a partial sum per Dv block, in DQ[i_v]) with the state recomputed."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
+def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
+    b = i_bh // H
+    c0 = n * C
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
+    rows = c0 + t_off
+    r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = k_off < DK
-    v_ok = v_off < DV
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    causal = t_off[:, None] >= t_off[None, :]
-    if F64:
-        S = tl.full([BK, BV], 0.0, tl.float64)
-    else:
-        S = tl.full([BK, BV], 0.0, tl.float32)
-    if HAS_S0:
-        S += tl.load(S0 + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(S.dtype)
-    if GATE == 0:
-        gh = tl.load(GH + h).to(S.dtype)
-    dq_base = DQ + (i_v * NBH + i_bh) * T * DK
-    for c0 in range(0, T, C):
-        rows = c0 + t_off
-        r_ok = rows < T
+    v_ok = _in_dim(v_off, DV, BV)
+    q_base = Q + i_bh * T * DK
+    k_base = K + (b * (H // G) + h // G) * T * DK
+    h_base = HS + (i_bh * NT + n) * DK * DV
+    o = _acc_zeros([C, BV], F64)
+    A = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
         qk_ok = r_ok[:, None] & k_ok[None, :]
-        rv_ok = r_ok[:, None] & v_ok[None, :]
-        k = tl.load(K + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(S.dtype)
-        v = tl.load(V + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(S.dtype)
-        do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(S.dtype)
-        dP = tl.dot(do, tl.trans(v), input_precision="ieee")  # [C(t), C(j)]
+        q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+        k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+        hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         if GATE == 2:
-            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
-            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
-            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
-            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(S.dtype)
-            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
-            last = (t_off == C - 1)[:, None]
-            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
-            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
-            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
-            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
-            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
-            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
-            dq = tl.reduce(dP[:, :, None] * E * k[None, :, :], 1, tl.standard._sum_combine)
-            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * eb
-            ke = k * ebl
+            eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
+            A += _sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2)
         else:
-            if GATE == 0:
-                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-                nt = tl.minimum(t_off + 1, T - c0)
-                nl = tl.minimum(C, T - c0)
-                eb = tl.exp(gh * nt.to(S.dtype))
-                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(S.dtype)))
-                dec = tl.exp(gh * nl.to(S.dtype))
-                steps = nt[:, None] - nt[None, :]
-                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(S.dtype)), float("-inf")))
-            else:
-                g_off = i_bh * TP + rows
-                hi = tl.load(GH + g_off).to(S.dtype)
-                lo = tl.load(GL + g_off).to(S.dtype)
-                rs = tl.load(GR + g_off)
-                last = t_off == C - 1
-                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
-                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
-                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
-                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
-                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
-            W = dP * E
-            dq = tl.dot(W, k, input_precision="ieee")
-            dq += tl.dot(do, tl.trans(S), input_precision="ieee") * eb[:, None]
-            ke = k * ebl[:, None]
-        tl.store(dq_base + rows[:, None] * DK + k_off[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qk_ok)
-        S = S * dec + tl.dot(tl.trans(ke), v, input_precision="ieee")
+            o += _mm(q, hn.to(q.dtype), DOT)
+            A += _mm(q, tl.trans(k), DOT)
+    if GATE != 2:
+        t0 = tl.arange(0, 1)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        o = o * eb[:, None]
+        A = A * E
+    v = tl.load(V + (b * (H // G) + h // G) * T * DV + rows[:, None] * DV + v_off[None, :],
+                mask=r_ok[:, None] & v_ok[None, :], other=0.0)
+    o = (o + _mm(A.to(v.dtype), v, DOT)) * scale
+    tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
+             mask=r_ok[:, None] & v_ok[None, :])
 
 
-def _bwd_dkdv_kernel(Q, K, V, GH, GL, GR, DO, DST, DK_, DV_, DS0, T, TP, scale, NBH,
-                     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
-                     BV: tl.constexpr, C: tl.constexpr, GATE: tl.constexpr, HAS_DST: tl.constexpr,
-                     STORE_DS0: tl.constexpr, F64: tl.constexpr):
-    """Backward sweep: dv, dk (a partial sum per Dv block, in DK_[i_v]) and the initial state's gradient,
-    carrying the state gradient from the last chunk to the first."""
-    i_bh = tl.program_id(0)
-    i_v = tl.program_id(1)
+def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
+                   DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                   GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dv block, chunk, batch x head), per query head (summed over the GQA group on the
+    host): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
+    b = i_bh // H
+    c0 = n * C
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
+    rows = c0 + t_off
+    r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = k_off < DK
-    v_ok = v_off < DV
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    causal = t_off[:, None] >= t_off[None, :]
-    if F64:
-        dS = tl.full([BK, BV], 0.0, tl.float64)
+    v_ok = _in_dim(v_off, DV, BV)
+    q_base = Q + i_bh * T * DK
+    k_base = K + (b * (H // G) + h // G) * T * DK
+    h_base = DHS + (i_bh * NT + n) * DK * DV
+    dv = _acc_zeros([C, BV], F64)
+    At = _acc_zeros([C, C], F64)  # [j, t]
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        qk_ok = r_ok[:, None] & k_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+        k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+        dh = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        if GATE == 2:
+            eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            dv += _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
+            At += tl.trans(_sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2))
+        else:
+            dv += _mm(k, dh.to(k.dtype), DOT)
+            At += _mm(k, tl.trans(q), DOT)
+    if GATE != 2:
+        t0 = tl.arange(0, 1)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        dv = dv * ebl[:, None]
+        At = At * tl.trans(E)
+    do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :],
+                 other=0.0)
+    dv += _mm((At * scale).to(do.dtype), do, DOT)
+    tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty),
+             mask=r_ok[:, None] & v_ok[None, :])
+
+
+def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale, H: tl.constexpr,
+                    G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dk block, chunk, batch x head): with ``W = scale (do v^T) * D``,
+    ``dq = scale exp(b) do h_n^T + W k`` and ``dk = exp(b_last - b) v dh_n^T + W^T q`` (dk per query head)."""
+    i_k = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    h = i_bh % H
+    b = i_bh // H
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_off = i_k * BK + tl.arange(0, BK)
+    k_ok = _in_dim(k_off, DK, BK)
+    qk_ok = r_ok[:, None] & k_ok[None, :]
+    kv_bh = b * (H // G) + h // G
+    do_base = DO + i_bh * T * DV
+    v_base = V + kv_bh * T * DV
+    hs_off = (i_bh * NT + n) * DK * DV
+    dP = _acc_zeros([C, C], F64)
+    dq = _acc_zeros([C, BK], F64)
+    dk = _acc_zeros([C, BK], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        rv_ok = r_ok[:, None] & v_ok[None, :]
+        do = tl.load(do_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
+        v = tl.load(v_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
+        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
+        hT_ok = v_ok[:, None] & k_ok[None, :]
+        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dP += _mm(do, tl.trans(v), DOT)
+        dq += _mm(do, hT.to(do.dtype), DOT)
+        dk += _mm(v, dhT.to(v.dtype), DOT)
+    q = tl.load(Q + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+    k = tl.load(K + kv_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+    E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+    if GATE == 2:
+        dq = dq * (eb * scale)
+        dk = dk * ebl
+        WE = (dP * scale)[:, :, None] * E  # [t, j, d]
+        dq += _sum(WE * k.to(WE.dtype)[None, :, :], 1)
+        dk += _sum(WE * q.to(WE.dtype)[:, None, :], 0)
     else:
-        dS = tl.full([BK, BV], 0.0, tl.float32)
-    if HAS_DST:
-        dS += tl.load(DST + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], mask=sv_ok, other=0.0).to(dS.dtype)
-    if GATE == 0:
-        gh = tl.load(GH + h).to(dS.dtype)
-    dk_base = DK_ + (i_v * NBH + i_bh) * T * DK
+        dq = dq * (eb * scale)[:, None]
+        dk = dk * ebl[:, None]
+        W = dP * E * scale
+        dq += _mm(W.to(k.dtype), k, DOT)
+        dk += _mm(tl.trans(W.to(q.dtype)), q, DOT)
+    tl.store(DQ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dq.to(DQ.dtype.element_ty), mask=qk_ok)
+    tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
+
+
+def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
+                      BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
+    """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (Dk block, batch x head), summed over channels for
+    scalar gates (one program loops over the Dk blocks); a reverse sweep with an in-chunk reverse cumsum and a
+    carry (dk per query head, k by GQA index)."""
+    i_k = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // G) + (i_bh % H) // G
+    t_off = tl.arange(0, C)
     n_chunks = (T + C - 1) // C
+    if VECTOR:
+        k_off = i_k * BK + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
+        if HAS_LAST:
+            carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
+    else:
+        carry = tl.full([1], 0.0, tl.float64)
+        if HAS_LAST:
+            for k0 in range(0, DK, BK):
+                k_off = k0 + tl.arange(0, BK)
+                last = tl.load(LAST + i_bh * DK + k_off, mask=k_off < DK, other=0.0).to(carry.dtype)
+                carry += _sum(last, 0)
     for i in range(0, n_chunks):
         c0 = (n_chunks - 1 - i) * C
         rows = c0 + t_off
         r_ok = rows < T
-        qk_ok = r_ok[:, None] & k_ok[None, :]
-        rv_ok = r_ok[:, None] & v_ok[None, :]
-        q = tl.load(Q + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(dS.dtype)
-        k = tl.load(K + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0).to(dS.dtype)
-        v = tl.load(V + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(dS.dtype)
-        do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0).to(dS.dtype)
-        dPt = tl.dot(v, tl.trans(do), input_precision="ieee")  # [C(j), C(t)] = (do_t . v_j)
-        if GATE == 2:
-            # in-chunk gates (ChunkGates, precomputed on the host): prefix sums hi + lo, last reset
-            g_off = i_bh * TP * DK + rows[:, None] * DK + k_off[None, :]
-            hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0).to(dS.dtype)
-            lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0).to(dS.dtype)
-            rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
-            last = (t_off == C - 1)[:, None]
-            hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)  # [BK]
-            ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-            rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-            eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
-            ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
-            dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))[:, None]
-            span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
-            E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
-            A = tl.reduce(q[:, None, :] * k[None, :, :] * E, 2, tl.standard._sum_combine)  # [t, j]
-            dk = tl.reduce(tl.trans(dPt)[:, :, None] * E * q[:, None, :], 0, tl.standard._sum_combine)  # [j, d]
-            qe = q * eb
-            ke = k * ebl
-            dk = dk * scale + tl.dot(v, tl.trans(dS), input_precision="ieee") * ebl
-        else:
-            if GATE == 0:
-                # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-                nt = tl.minimum(t_off + 1, T - c0)
-                nl = tl.minimum(C, T - c0)
-                eb = tl.exp(gh * nt.to(dS.dtype))
-                ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(dS.dtype)))
-                dec = tl.exp(gh * nl.to(dS.dtype))
-                steps = nt[:, None] - nt[None, :]
-                E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(dS.dtype)), float("-inf")))
-            else:
-                g_off = i_bh * TP + rows
-                hi = tl.load(GH + g_off).to(dS.dtype)
-                lo = tl.load(GL + g_off).to(dS.dtype)
-                rs = tl.load(GR + g_off)
-                last = t_off == C - 1
-                hl = tl.reduce(tl.where(last, hi, 0.0), 0, tl.standard._sum_combine)
-                ll = tl.reduce(tl.where(last, lo, 0.0), 0, tl.standard._sum_combine)
-                rl = tl.reduce(tl.where(last, rs, 0), 0, tl.standard._sum_combine)
-                eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
-                ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
-                dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
-                span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-                E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
-            Dm_t = tl.trans(E)  # [j, t]
-            At = tl.dot(k, tl.trans(q), input_precision="ieee") * Dm_t  # [j, t]
-            A = tl.trans(At)
-            Wt = dPt * Dm_t
-            qe = q * eb[:, None]
-            ke = k * ebl[:, None]
-            dk = (tl.dot(Wt, q, input_precision="ieee") * scale
-                  + tl.dot(v, tl.trans(dS), input_precision="ieee") * ebl[:, None])
-        dv = tl.dot(tl.trans(A), do, input_precision="ieee") * scale + tl.dot(ke, dS, input_precision="ieee")
-        tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty), mask=rv_ok)
-        tl.store(dk_base + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
-        dS = dS * dec + tl.dot(tl.trans(qe), do, input_precision="ieee") * scale
-    if STORE_DS0:
-        tl.store(DS0 + i_bh * DK * DV + k_off[:, None] * DV + v_off[None, :], dS.to(DS0.dtype.element_ty), mask=sv_ok)
-
-
-def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
-                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
-    """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (batch x head), summed over channels for scalar
-    gates; a reverse sweep with an in-chunk reverse cumsum and a carry."""
-    i_bh = tl.program_id(0)
-    t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    k_ok = k_off < DK
-    carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
-    if HAS_LAST:
-        carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
-    n_chunks = (T + C - 1) // C
-    for i in range(0, n_chunks):
-        c0 = (n_chunks - 1 - i) * C
-        rows = c0 + t_off
-        r_ok = rows < T
-        m = r_ok[:, None] & k_ok[None, :]
-        off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
-        db = (tl.load(Q + off, mask=m, other=0.0).to(carry.dtype) * tl.load(DQ + off, mask=m, other=0.0).to(carry.dtype)
-              - tl.load(K + off, mask=m, other=0.0).to(carry.dtype) * tl.load(DK_ + off, mask=m, other=0.0).to(carry.dtype))
-        dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
-        carry += tl.reduce(db, 0, tl.standard._sum_combine)
         if VECTOR:
-            tl.store(DG + off, dg.to(DG.dtype.element_ty), mask=m)
+            m = r_ok[:, None] & k_ok[None, :]
+            off = rows[:, None] * DK + k_off[None, :]
+            db = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                  * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+        else:  # a 1-D scan (Triton 3.6's scan lowering failed on a [C, 1] block)
+            db = tl.full([C], 0.0, tl.float64)
+            for k0 in range(0, DK, BK):
+                k_off = k0 + tl.arange(0, BK)
+                m = r_ok[:, None] & (k_off < DK)[None, :]
+                off = rows[:, None] * DK + k_off[None, :]
+                part = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+                        * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+                db += _sum(part, 1)
+        if VECTOR:
+            dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
+            tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
         else:
-            tl.store(DG + i_bh * T + rows, tl.reduce(dg, 1, tl.standard._sum_combine).to(DG.dtype.element_ty), mask=r_ok)
+            dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry
+            tl.store(DG + i_bh * T + rows, dg.to(DG.dtype.element_ty), mask=r_ok)
+        carry += _sum(db, 0)
 
 
 # ======================================================================= wrapping
-_KERNELS = (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel, _gate_grad_kernel)
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _gate_rows, _gate_pairs)
+_KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
+
+
+def _rebound(fn, namespace: dict):
+    """``fn`` over another globals dict (so its calls resolve to the jitted helpers)."""
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__module__, new.__qualname__, new.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
+    new.__annotations__ = dict(fn.__annotations__)
+    return new
 
 
 @functools.cache
@@ -358,15 +451,17 @@ def kernels(interpret: bool) -> dict:
     """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
     require_triton(interpret)
     out = {}
-    for fn in _KERNELS:
-        if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
 
+        for fn in _KERNELS:  # helpers run as plain Python inside the interpreter
             out[fn.__name__] = InterpretedFunction(fn)
-        else:
-            with _env("TRITON_INTERPRET", None):
-                out[fn.__name__] = triton.jit(fn)
-    return out
+        return out
+    namespace = dict(globals())
+    with _env("TRITON_INTERPRET", None):
+        for fn in _HELPERS + _KERNELS:
+            namespace[fn.__name__] = triton.jit(_rebound(fn, namespace))
+    return {fn.__name__: namespace[fn.__name__] for fn in _KERNELS}
 
 
 @contextlib.contextmanager
@@ -387,6 +482,7 @@ def _env(key: str, value: str | None):
 
 
 def _launch(name: str, grid, interpret: bool, *args, **meta):
+    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1)."""
     fn = kernels(interpret)[name]
     if interpret:
         with _env("TRITON_INTERPRET", "1"):
@@ -395,20 +491,34 @@ def _launch(name: str, grid, interpret: bool, *args, **meta):
         fn[grid](*args, **meta)
 
 
-def _blocks(Dk: int, Dv: int, interpret: bool) -> tuple[int, int]:
-    BK = max(16, triton.next_power_of_2(Dk))
-    BV = max(16, triton.next_power_of_2(Dv))
-    if not interpret:
-        BV = min(BV, 64 if BK <= 64 else 32)
-    if BK > 256:
+def _block(D: int, limit: int) -> int:
+    return min(max(16, triton.next_power_of_2(D)), max(16, limit))
+
+
+def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
+    """Per-kernel compile-time constants and launch options (``num_warps``, ``num_stages``): what the
+    launches use and what ``compile_report`` compiles. The state block is at most 64 x 64 fp32 (32
+    registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` for their
+    ``[C, C, BK]`` product."""
+    if Dk > 256:
         raise SpecError(f"the Triton recurrence kernels support a key head dim up to 256, got {Dk}",
                         where="argument q", hint="use backend='cpu'")
-    return BK, BV
-
-
-def _meta(q: torch.Tensor, gate: int, C: int, Dk: int, Dv: int, interpret: bool) -> dict:
-    BK, BV = _blocks(Dk, Dv, interpret)
-    return dict(DK=Dk, DV=Dv, BK=BK, BV=BV, C=C, GATE=gate, F64=q.dtype == torch.float64)
+    f64 = dtype == torch.float64
+    dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
+    BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
+    BKc = _block(Dk, VECTOR_BLOCK) if gate == 2 else BK  # Dk block of the chunk-parallel kernels
+    common = dict(DK=Dk, DV=Dv, C=C, GATE=gate, F64=f64, DOT=dot)
+    opts = dict(num_warps=4, num_stages=2)
+    # chunks of 64 hold three [64, 64] fp32 tiles (accumulators and decays) per program: 8 warps keep
+    # them in registers (4 warps spilled 0.7-1.5 KiB at Dk = Dv = 128 on sm_90, more on sm_80)
+    par = dict(num_warps=8 if C >= 64 else 4, num_stages=2)
+    return {
+        "_state_kernel": dict(common, BK=BK, BV=BV, **opts),
+        "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK), C=C, num_warps=4, num_stages=1),
+    }
 
 
 def _interpret(t: torch.Tensor) -> bool:
@@ -432,63 +542,89 @@ def _gate_arrays(g: torch.Tensor, C: int, gate: int) -> tuple[torch.Tensor, torc
     return flat[0], flat[1], flat[2], N * C
 
 
-def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int, store_state: bool = True):
-    """``q/k [B, H, T, Dk]``, ``v [B, H, T, Dv]`` (k, v expanded, contiguous), ``g`` ``[H]`` (head gates),
-    ``[B, H, T]`` (scalar) or ``[B, H, T, Dk]`` (vector) in the compute dtype. Returns (out in q's dtype,
-    final state in the compute dtype)."""
+def _states(x, y, gates, s0, H: int, G: int, T: int, C: int, gate: int, scale: float, reverse: bool,
+            store_last: bool, cfg: dict, interp: bool):
+    """The sequential pass: per-chunk states ``[B*H, NT, Dk, Dv]`` (in the input dtype for bf16 / fp16,
+    else the compute dtype) and the last state (final state, or the initial state's gradient)."""
+    B = x.shape[0]
+    Dk, Dv = cfg["DK"], cfg["DV"]
+    NT = triton.cdiv(T, C)
+    acc = torch.float64 if cfg["F64"] else torch.float32
+    store_dt = acc if cfg["DOT"] == 1 else x.dtype
+    hs = torch.empty(B * H, NT, Dk, Dv, dtype=store_dt, device=x.device)
+    last = torch.empty(B, H, Dk, Dv, dtype=acc, device=x.device)
+    grid = (triton.cdiv(Dk, cfg["BK"]), triton.cdiv(Dv, cfg["BV"]), B * H)
+    gh, gl, gr, tp = gates
+    _launch("_state_kernel", grid, interp, x, y, gh, gl, gr, s0 if s0 is not None else last, hs, last, T, tp, NT,
+            float(scale), H=H, GX=1 if reverse else G, GY=1 if reverse else G, REVERSE=reverse,
+            HAS_S0=s0 is not None, STORE_ST=store_last, **cfg)
+    return hs, last
+
+
+def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int):
+    """``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (contiguous; query head h reads
+    kv head ``h // (H // Hkv)``), ``g`` ``[H]`` (head gates), ``[B, H, T]`` (scalar) or ``[B, H, T, Dk]``
+    (vector) in the compute dtype. Returns (out in q's dtype, final state in the compute dtype)."""
     B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    Dv, G = v.shape[-1], H // k.shape[1]
     interp = _interpret(q)
-    meta = _meta(q, gate, C, Dk, Dv, interp)
-    acc = torch.float64 if meta["F64"] else torch.float32
+    cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
+    gates = _gate_arrays(g, C, gate)
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    hs, final = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, True, cfg["_state_kernel"], interp)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
-    final = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
-    s0 = initial_state.contiguous() if initial_state is not None else final
-    low = q.dtype in (torch.bfloat16, torch.float16)
-    grid = (B * H, triton.cdiv(Dv, meta["BV"]))
-    gh, gl, gr, tp = _gate_arrays(g, C, gate)
-    _launch("_fwd_kernel", grid, interp, q, k, v, gh, gl, gr, s0, out, final, T, tp, float(scale), H=H,
-            HAS_S0=initial_state is not None, STORE_ST=store_state, LOW=low, **meta)
+    oc = cfg["_out_kernel"]
+    grid = (triton.cdiv(Dv, oc["BV"]), triton.cdiv(T, C), B * H)
+    _launch("_out_kernel", grid, interp, q, k, v, *gates[:3], hs, out, T, gates[3], hs.shape[1], float(scale), H=H,
+            G=G, **oc)
     return out, final
 
 
 def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS_T, C: int, gate: int,
                     need_gate: bool, need_s0: bool):
+    """Gradients ``(dq, dk, dv, dg | None, dS0 | None)`` in the compute dtype; dk / dv per kv head."""
     B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
     interp = _interpret(q)
-    meta = _meta(q, gate, C, Dk, Dv, interp)
-    acc = torch.float64 if meta["F64"] else torch.float32
-    NV = triton.cdiv(Dv, meta["BV"])
-    grid = (B * H, NV)
-    do = do.contiguous()
-    dq_part = torch.empty(NV, B, H, T, Dk, dtype=acc, device=q.device)
-    dk_part = torch.empty(NV, B, H, T, Dk, dtype=acc, device=q.device)
+    cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    gates = _gate_arrays(g, C, gate)
+    gh, gl, gr, tp = gates
+    do = do.to(q.dtype).contiguous()  # the tensor-core dots take do in the input dtype
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    dst = dS_T.contiguous() if dS_T is not None else None
+    sc = cfg["_state_kernel"]
+    hs, _ = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, False, sc, interp)
+    dhs, ds0 = _states(q, do, gates, dst, H, G, T, C, gate, scale, True, need_s0, sc, interp)
+    NT = hs.shape[1]
+    dq = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)
+    dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)
-    ds0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
-    s0 = initial_state.contiguous() if initial_state is not None else ds0
-    dst = dS_T.contiguous() if dS_T is not None else ds0
-    gh, gl, gr, tp = _gate_arrays(g, C, gate)
-    _launch("_bwd_dq_kernel", grid, interp, k, v, gh, gl, gr, s0, do, dq_part, T, tp, float(scale), B * H, H=H,
-            HAS_S0=initial_state is not None, **meta)
-    _launch("_bwd_dkdv_kernel", grid, interp, q, k, v, gh, gl, gr, do, dst, dk_part, dv, ds0, T, tp, float(scale),
-            B * H, H=H, HAS_DST=dS_T is not None, STORE_DS0=need_s0, **meta)
-    dq = dq_part.sum(0) if NV > 1 else dq_part[0]
-    dk = dk_part.sum(0) if NV > 1 else dk_part[0]
+    vc, kc = cfg["_bwd_dv_kernel"], cfg["_bwd_dqk_kernel"]
+    _launch("_bwd_dv_kernel", (triton.cdiv(Dv, vc["BV"]), NT, B * H), interp, q, k, gh, gl, gr, do, dhs, dv, T, tp,
+            NT, float(scale), H=H, G=G, **vc)
+    _launch("_bwd_dqk_kernel", (triton.cdiv(Dk, kc["BK"]), NT, B * H), interp, q, k, v, gh, gl, gr, do, hs, dhs,
+            dq, dk, T, tp, NT, float(scale), H=H, G=G, **kc)
     dg = None
     if need_gate:
         vector = gate == 2
-        dg = torch.empty(B, H, T, Dk, dtype=acc, device=q.device) if vector else torch.empty(B, H, T, dtype=acc,
-                                                                                            device=q.device)
+        dg = torch.empty(B, H, T, *((Dk,) if vector else ()), dtype=acc, device=q.device)
         last = (dS_T * final_state).sum(-1).contiguous() if dS_T is not None else dq  # [B, H, Dk]
-        _launch("_gate_grad_kernel", (B * H,), interp, q, k, dq, dk, last, dg, T, DK=Dk, BK=meta["BK"], C=C,
-                VECTOR=vector, HAS_LAST=dS_T is not None)
+        gc = cfg["_gate_grad_kernel"]
+        grid = (triton.cdiv(Dk, gc["BK"]) if vector else 1, B * H)
+        _launch("_gate_grad_kernel", grid, interp, q, k, dq, dk, last, dg, T, H=H, G=G, VECTOR=vector,
+                HAS_LAST=dS_T is not None, **gc)
         dg = dg.masked_fill(torch.isneginf(g), 0.0)  # a reset gate: exactly 0, the limit (see recurrence.py)
+    if G > 1:  # GQA: a kv head's gradient is the sum over the query heads reading it
+        dk = dk.view(B, Hkv, G, T, Dk).sum(2)
+        dv = dv.view(B, Hkv, G, T, Dv).sum(2)
     return dq, dk, dv, dg, (ds0 if need_s0 else None)
 
 
 class TritonRecurrence(torch.autograd.Function):
-    """The Triton recurrence as one autograd node; saves q, k, v, g, the initial and the final state."""
+    """The Triton recurrence as one autograd node; saves q, k, v, g, the initial and the final state (the
+    per-chunk states are recomputed by the backward's state pass)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, initial_state, scale: float, C: int, gate: int):
@@ -512,7 +648,8 @@ class TritonRecurrence(torch.autograd.Function):
 
 def run(q, k, v, g, scale: float, initial_state, C: int, gate: str):
     """The recurrence on the Triton kernels (the interpreter for CPU tensors). ``g``: ``[H]`` for head
-    gates, ``[B, H, T]`` scalar, ``[B, H, T, Dk]`` vector, in the compute dtype; k, v expanded."""
+    gates, ``[B, H, T]`` scalar, ``[B, H, T, Dk]`` vector, in the compute dtype; k, v with Hkv heads
+    (H a multiple of Hkv: query head h reads kv head h // (H // Hkv))."""
     code = GATE_CODES[gate]
     if code == 2:
         C = VECTOR_CHUNK
@@ -520,5 +657,89 @@ def run(q, k, v, g, scale: float, initial_state, C: int, gate: str):
     return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code)
 
 
-__all__ = ["GATE_CODES", "TritonRecurrence", "VECTOR_CHUNK", "available", "kernels", "run", "triton_backward",
-           "triton_forward"]
+# ======================================================================= offline GPU compile check
+_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+
+
+def _signature(name: str, io: str, acc: str, store: str) -> dict:
+    """The launch signature of a kernel's runtime arguments (pointers of the dtypes ``triton_forward`` /
+    ``triton_backward`` pass, i32 lengths, fp32 scale)."""
+    P, A, S, Gt, R = f"*{io}", f"*{acc}", f"*{store}", f"*{acc}", "*i32"
+    table = {
+        "_state_kernel": dict(X=P, Y=P, GH=Gt, GL=Gt, GR=R, S0=A, HS=S, ST=A, T="i32", TP="i32", NT="i32",
+                              scale="fp32"),
+        "_out_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, HS=S, OUT=P, T="i32", TP="i32", NT="i32",
+                            scale="fp32"),
+        "_bwd_dv_kernel": dict(Q=P, K=P, GH=Gt, GL=Gt, GR=R, DO=P, DHS=S, DV_=A, T="i32", TP="i32", NT="i32",
+                               scale="fp32"),
+        "_bwd_dqk_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, DO=P, HS=S, DHS=S, DQ=A, DK_=A, T="i32",
+                                TP="i32", NT="i32", scale="fp32"),
+        "_gate_grad_kernel": dict(Q=P, K=P, DQ=A, DK_=A, LAST=A, DG=A, T="i32"),
+    }
+    return table[name]
+
+
+def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch.dtype = torch.bfloat16,
+                   chunk: int = 64, heads: int = 16, group: int = 1, names: tuple | None = None) -> list[dict]:
+    """Compile the recurrence kernels for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) at the
+    configs the launches use, and report per kernel: registers, spill bytes (stores + loads), stack
+    frame, shared memory and the tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``).
+    ``names`` picks kernels (``"_state_kernel(reverse)"`` is the backward's state pass); all by default."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    code = GATE_CODES[gate]
+    C = VECTOR_CHUNK if code == 2 else chunk
+    cfg = configs(Dk, Dv, code, C, dtype)
+    io = _TORCH_TO_TRITON[dtype]
+    acc = "fp64" if dtype == torch.float64 else "fp32"
+    store = acc if dtype in (torch.float32, torch.float64) else io
+    extra = {"_state_kernel": dict(H=heads, GX=group, GY=group, REVERSE=False, HAS_S0=True, STORE_ST=True),
+             "_gate_grad_kernel": dict(H=heads, G=group, VECTOR=code == 2, HAS_LAST=True)}
+    rows = []
+    jitted = kernels(False)
+    wanted = names or [fn.__name__ for fn in _KERNELS] + ["_state_kernel(reverse)"]
+    for name in [fn.__name__ for fn in _KERNELS]:
+        if name == "_gate_grad_kernel" and code == 0:
+            continue  # head gates have no gate gradient
+        meta = dict(cfg[name])
+        opts = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
+        meta.update(extra.get(name, dict(H=heads, G=group)))
+        variants = [("", meta)] if name in wanted else []
+        if name == "_state_kernel" and "_state_kernel(reverse)" in wanted:
+            variants.append(("(reverse)", dict(meta, REVERSE=True, GX=1, GY=1)))
+        if not variants:
+            continue
+        fn, sig = jitted[name], _signature(name, io, acc, store)
+        # what the JIT's specialisation tells the compiler at a real launch: tensors 16-byte aligned, lengths
+        # (T, the padded TP, the chunk count NT) multiples of 16 at the sizes that matter (T = 8K)
+        attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, ty in sig.items()
+                 if ty.startswith("*") or arg in ("T", "TP", "NT")}
+        for tag, consts in variants:
+            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
+            ptx = k.asm["ptx"]
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "k.ptx")
+                with open(path, "w") as f:
+                    f.write(ptx)
+                sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+                res = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", path, "-o",
+                                      os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+            log = res.stdout + res.stderr
+            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+            rows.append(dict(kernel=name + tag, arch=arch, Dk=Dk, Dv=Dv, gate=gate, dtype=io, chunk=C,
+                             regs=int(re.search(r"Used (\d+) registers", log).group(1)),
+                             spill_bytes=int(spill.group(1)) + int(spill.group(2)),
+                             stack=int(re.search(r"(\d+) bytes stack frame", log).group(1)),
+                             shared=int(k.metadata.shared), wgmma=ptx.count("wgmma.mma_async"),
+                             mma_sync=ptx.count("mma.sync"), **opts))
+    return rows
+
+
+__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "available", "compile_report", "configs",
+           "kernels", "run", "triton_backward", "triton_forward"]

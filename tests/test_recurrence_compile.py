@@ -1,0 +1,28 @@
+"""The recurrence backward compiled for a Hopper GPU without one (issue 10, item 3): Triton's bundled
+ptxas compiles the kernels at the configs the launches use; every backward kernel must run its dots on the
+tensor cores (wgmma / mma.sync in the PTX) and keep everything in registers (no spill) at Dk = Dv = 64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+from attnc.runtime import triton_recurrence  # noqa: E402
+
+SM90_SHARED_LIMIT = 227 * 1024  # bytes of shared memory a block may use on sm_90
+
+
+def test_backward_kernels_use_tensor_cores_without_spills_sm90():
+    rows = triton_recurrence.compile_report(90, 64, 64, "scalar", torch.bfloat16, chunk=64,
+                                            names=("_state_kernel(reverse)", "_bwd_dv_kernel", "_bwd_dqk_kernel"))
+    names = {r["kernel"] for r in rows}
+    assert names == {"_state_kernel(reverse)", "_bwd_dv_kernel", "_bwd_dqk_kernel"}
+    for r in rows:
+        assert r["wgmma"] + r["mma_sync"] > 0, r  # tensor-core instructions, no fp32 FMA fallback
+        assert r["spill_bytes"] == 0 and r["stack"] == 0, r
+        assert 0 < r["regs"] <= 255 and r["shared"] <= SM90_SHARED_LIMIT, r
+    # chunks of 64 on Hopper: the warpgroup MMA (64-row tiles), not the Ampere-style mma.sync
+    assert all(r["wgmma"] > 0 for r in rows)
