@@ -18,6 +18,7 @@ Grid patterns are refused (a packed sequence has no grid extents).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -66,11 +67,11 @@ def check_cu_seqlens(cu_seqlens, pat, q: torch.Tensor, k: torch.Tensor) -> Packi
         raise SpecError(f"must start at 0, starts at {offsets[0]}", where=where)
     if offsets[-1] != total:
         raise SpecError(f"must end at the packed token count {total}, ends at {offsets[-1]}", where=where)
-    for i, (a, b) in enumerate(zip(offsets, offsets[1:])):
+    for i, (a, b) in enumerate(pairwise(offsets)):
         if b < a:
             raise SpecError(f"must be non-decreasing: cu_seqlens[{i}] = {a} > cu_seqlens[{i + 1}] = {b}",
                             where=where)
-    starts, lengths = tuple(offsets[:-1]), tuple(b - a for a, b in zip(offsets, offsets[1:]))
+    starts, lengths = tuple(offsets[:-1]), tuple(b - a for a, b in pairwise(offsets))
     by_length: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         if n > 0:

@@ -28,7 +28,7 @@ def _split(x: torch.Tensor, lengths, dim: int = 2):
 
 def _grads(outs, leaves, seed: int):
     weights = [_rand(*o.shape, seed=seed + i, dtype=o.dtype, grad=False) for i, o in enumerate(outs)]
-    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
     return torch.autograd.grad(loss, leaves)
 
 
@@ -42,13 +42,13 @@ def test_packed_softmax_equals_each_sequence_alone(backend, name, params):
     out, lse = attn(q, k, v, cu_seqlens=_cu(LENGTHS), return_lse=True)
     assert out.shape == (1, hq, total, 6) and lse.shape == (1, hq, total)
     alone = [attn(qi, ki, vi, return_lse=True) for qi, ki, vi in
-             zip(_split(q, LENGTHS), _split(k, LENGTHS), _split(v, LENGTHS))]
+             zip(_split(q, LENGTHS), _split(k, LENGTHS), _split(v, LENGTHS), strict=True)]
     want_out, want_lse = torch.cat([a[0] for a in alone], 2), torch.cat([a[1] for a in alone], 2)
     torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(lse, want_lse, rtol=1e-12, atol=1e-12)
     got = _grads([out, lse], (q, k, v), seed=10)
     want = _grads([want_out, want_lse], (q, k, v), seed=10)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
@@ -74,7 +74,7 @@ def test_packed_bnhd_layout_and_call_inputs():
     out = attn(q, k, v, cu_seqlens=_cu(lengths), doc=doc)
     want = torch.cat([attn(qi, ki, vi, doc=di) for qi, ki, vi, di in
                       zip(_split(q, lengths, 1), _split(k, lengths, 1), _split(v, lengths, 1),
-                          _split(doc, lengths, 0))], 1)
+                          _split(doc, lengths, 0), strict=True)], 1)
     assert out.shape == (1, total, 2, 4)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
@@ -92,7 +92,7 @@ def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
     assert final.shape == (len(lengths), H, Dk, Dv)
     outs, finals = [], []
     for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
-                                             _split(g, lengths))):
+                                             _split(g, lengths), strict=True)):
         if lengths[i] == 0:
             finals.append(s0[i:i + 1])
             continue
@@ -104,7 +104,7 @@ def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
     torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
     got = _grads([out, final], (q, k, v, g, s0), seed=20)
     want = _grads([want_out, want_final], (q, k, v, g, s0), seed=20)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # without an initial state: zeros, and the boundary is a reset (not a continuation)
     plain = attn(q, k, v, g=g, cu_seqlens=_cu(lengths))
@@ -120,7 +120,7 @@ def test_packed_triton_interpreter_small():
     out = attn(q, k, v, cu_seqlens=_cu(lengths))
     ref = attnc.compile_attention("stdlib:sliding_window", window=3, backend="reference")
     want = torch.cat([ref(*(x.double() for x in xs)) for xs in
-                      zip(_split(q, lengths), _split(k, lengths), _split(v, lengths))], 2)
+                      zip(_split(q, lengths), _split(k, lengths), _split(v, lengths), strict=True)], 2)
     torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
 
 
