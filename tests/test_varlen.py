@@ -113,10 +113,12 @@ def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
     assert not torch.allclose(plain[:, :, 20:23], first[:, :, 20:23])
 
 
-def test_packed_triton_interpreter_small():
-    attn = attnc.compile_attention("stdlib:sliding_window", window=3, backend="triton")
-    lengths = (5, 11, 5)
-    q, k, v = (_rand(1, 2, 21, 16, seed=s, dtype=torch.float32, grad=False) for s in (21, 22, 23))
+@pytest.mark.parametrize("backend", ["triton", "flex"])  # triton: the interpreter on CPU tensors
+def test_packed_float32_backends_small(backend):
+    attn = attnc.compile_attention("stdlib:sliding_window", window=3, backend=backend)
+    # flex compiles per shape on CPU (tens of seconds each here): one length, two sequences
+    lengths = (5, 11, 5) if backend == "triton" else (7, 7)
+    q, k, v = (_rand(1, 2, sum(lengths), 16, seed=s, dtype=torch.float32, grad=False) for s in (21, 22, 23))
     out = attn(q, k, v, cu_seqlens=_cu(lengths))
     ref = attnc.compile_attention("stdlib:sliding_window", window=3, backend="reference")
     want = torch.cat([ref(*(x.double() for x in xs)) for xs in
