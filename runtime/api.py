@@ -81,6 +81,10 @@ class Attention(torch.nn.Module):
     optionally with a leading batch dimension. ``layout="bnhd"`` (at compile
     time or per call) takes and returns ``[B, N, H, D]`` tensors instead
     (``[B, *spatial, H, D]`` on a grid; see ``runtime.layouts``).
+    ``cu_seqlens=`` (int32/int64 offsets ``[0, n0, n0 + n1, ..., total]``): q, k, v
+    pack sequences along the tokens of a batch of one, each computed as if alone
+    (a recurrence's ``initial_state`` and final state are then ``[num_seqs, Hq, D, Dv]``;
+    see ``runtime.varlen``).
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
