@@ -150,3 +150,24 @@ def test_bad_cu_seqlens_refused():
              cu_seqlens=torch.tensor([0, 3, 10]), g=g, initial_state=torch.zeros(1, 2, 4, 4))
     _refused(rec, q, q, q, "batch of 1", where="argument g", cu_seqlens=torch.tensor([0, 3, 10]),
              g=torch.zeros(2, 2, 10))
+
+
+def test_packed_recurrence_fla_layout():
+    """fla's calling convention: q, k, v [1, T, H, D], g [1, T, H, K], cu_seqlens, per-sequence states."""
+    fla = attnc.compile_attention("stdlib:gla", backend="cpu", q_tile=16, layout="bnhd")
+    ours = attnc.compile_attention("stdlib:gla", backend="cpu", q_tile=16)
+    lengths, H, D = (9, 17, 9), 2, 4
+    q, k, v = (_rand(1, sum(lengths), H, D, seed=s, grad=False) for s in (31, 32, 33))
+    g = torch.nn.functional.logsigmoid(_rand(1, sum(lengths), H, D, seed=34, grad=False))
+    s0 = _rand(len(lengths), H, D, D, seed=35, grad=False)
+    o, st = fla(q, k, v, g=g, cu_seqlens=_cu(lengths), initial_state=s0, return_state=True)
+    o_ref, st_ref = ours(*(t.transpose(1, 2) for t in (q, k, v)), g=g.transpose(1, 2), cu_seqlens=_cu(lengths),
+                         initial_state=s0, return_state=True)
+    assert o.shape == (1, sum(lengths), H, D) and st.shape == (len(lengths), H, D, D)
+    torch.testing.assert_close(o, o_ref.transpose(1, 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st, st_ref, rtol=1e-12, atol=1e-12)
+    # the middle sequence alone, from its own initial state
+    o1, s1 = ours(*(t[:, 9:26].transpose(1, 2) for t in (q, k, v)), g=g[:, 9:26].transpose(1, 2),
+                  initial_state=s0[1:2], return_state=True)
+    torch.testing.assert_close(o[:, 9:26], o1.transpose(1, 2), rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(st[1:2], s1, rtol=1e-11, atol=1e-12)
