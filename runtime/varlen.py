@@ -12,7 +12,9 @@ The schedule comes from the boundaries alone, without any work over token pairs:
 length are gathered into one batch (``[count, H, length, D]``) and the module's ordinary forward runs
 once per distinct length, so each length's plan is built once and cached per shape as usual. The
 results are scattered back into the packed order (differentiable: gathers and one permutation).
-Grid patterns are refused (a packed sequence has no grid extents).
+Grid patterns are refused (a packed sequence has no grid extents). The offsets are read on the host
+(one copy per call): under ``torch.compile`` that is a graph break, so ``fullgraph=True`` models pass
+equal-length batches instead.
 """
 
 from __future__ import annotations
