@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -83,6 +84,10 @@ class Attention(torch.nn.Module):
     optionally with a leading batch dimension. ``layout="bnhd"`` (at compile
     time or per call) takes and returns ``[B, N, H, D]`` tensors instead
     (``[B, *spatial, H, D]`` on a grid; see ``runtime.layouts``).
+    ``cu_seqlens=`` (int32/int64 offsets ``[0, n0, n0 + n1, ..., total]``): q, k, v
+    pack sequences along the tokens of a batch of one, each computed as if alone
+    (a recurrence's ``initial_state`` and final state are then ``[num_seqs, Hq, D, Dv]``;
+    see ``runtime.varlen``).
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
@@ -225,6 +230,7 @@ class Attention(torch.nn.Module):
         return_state: bool = False,
         sizes: dict | None = None,
         layout: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
         **inputs,
     ):
         if sizes is not None and not isinstance(sizes, dict):
@@ -237,6 +243,12 @@ class Attention(torch.nn.Module):
             check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
         check_state(initial_state, q, "initial_state")
         return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
+        run = self._forward
+        if cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.varlen)
+            from . import varlen
+
+            run = functools.partial(varlen.run, self._forward, self.pattern,
+                                    varlen.check_cu_seqlens(cu_seqlens, self.pattern, q, k))
         device = q.device.type
         if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
             # As torch's own attention under autocast: q, k, v in the autocast dtype, the
@@ -245,10 +257,10 @@ class Attention(torch.nn.Module):
             low = torch.get_autocast_dtype(device)
             q, k, v = q.to(low), k.to(low), v.to(low)
             with torch.autocast(device, enabled=False):
-                return restore.result(self._forward(q, k, v, scale=scale, return_lse=return_lse,
+                return restore.result(run(q, k, v, scale=scale, return_lse=return_lse,
                                                     initial_state=initial_state, return_state=return_state,
                                                     sizes=sizes, **inputs), return_lse, return_state)
-        return restore.result(self._forward(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+        return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                             return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
