@@ -537,16 +537,16 @@ def main() -> None:
     ap.add_argument("--cases", default=None, help="comma-separated case keys (default: all); see --list")
     ap.add_argument("--list", action="store_true", help="print the case keys and exit")
     ap.add_argument("--modes", default="fwd,fwdbwd,first", help="any of fwd, fwdbwd, first")
-    ap.add_argument("--first-call", default="auto,flex,Flex",
+    ap.add_argument("--first-call", default="auto,Flex",
                     help="what the first-call rows measure: attnc backends (auto, cpu, flex) and/or Flex")
     ap.add_argument("--first-call-cases", default="sw512_8k,nbhd2d_64,nbhd3d",
                     help="the cases (of those selected) that get first-call rows, or 'all'")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per cell (median)")
-    ap.add_argument("--cell-budget", type=float, default=30.0,
+    ap.add_argument("--cell-budget", type=float, default=15.0,
                     help="seconds per cell: a cell whose runs would take longer runs fewer times (at least once)")
     ap.add_argument("--dense-limit", type=float, default=4.0,
                     help="GiB: backend='flex' with gradients (Flex's dense CPU path) is skipped above this")
-    ap.add_argument("--first-call-timeout", type=float, default=300.0)
+    ap.add_argument("--first-call-timeout", type=float, default=600.0, help="seconds per first-call subprocess")
     ap.add_argument("--out", default=None, help="write the results as markdown to this file")
     ap.add_argument("--first-call-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -571,7 +571,9 @@ def main() -> None:
               f"(interleaved rounds after a warm-up; {args.repeat} runs, fewer, at least one, where {args.repeat} "
               f"would take more than {args.cell_budget:g} s); ratios: attnc / baseline (< 1: attnc faster)",
               f"- backend='flex' with gradients runs Flex's dense CPU path (O(N^2) memory): skipped above "
-              f"{args.dense_limit:g} GiB", ""]
+              f"{args.dense_limit:g} GiB",
+              f"- first call ({'fresh subprocess each' if 'first' in modes else 'not run'}): {args.first_call} on "
+              f"{args.first_call_cases}", ""]
     fwd_rows, bwd_rows, first_rows, notes = [], [], [], []
     for key in keys:
         case = all_cases[key]
