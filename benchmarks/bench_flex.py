@@ -32,13 +32,33 @@ import sys
 import tempfile
 import time
 
-if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # first-call times without an earlier process's kernels
+if __name__ == "__main__" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    # first-call times without an earlier process's kernels (not when imported for its helpers)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-bench-flex-")
 
 import torch  # noqa: E402
 
 import attnc  # noqa: E402
 from attnc.compiler import evaluate as E  # noqa: E402
+
+
+def interleaved(fns: dict, repeats, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds per run of each callable, interleaved (one run of each per round, so that load
+    changes hit all alike), after one warm-up round unless ``warmup`` is False.
+    ``repeats``: one count for all, or a dict of counts per name (a callable stops taking
+    part after its count; the slowest cells can then run fewer times)."""
+    counts = repeats if isinstance(repeats, dict) else dict.fromkeys(fns, repeats)
+    times = {name: [] for name in fns}
+    if warmup:
+        for fn in fns.values():
+            fn()
+    for r in range(max(counts.values(), default=0)):
+        for name, fn in fns.items():
+            if r < counts[name]:
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    return times
 
 
 def qkv(H, N, D, seed=0):
@@ -122,15 +142,8 @@ def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
     # ---- forward, interleaved
     fns = {"attnc flex": lambda: attn(q, k, v), "Flex": lambda: compiled_flex(q, k, v, block_mask=bm),
            "attnc cpu": lambda: cpu(q, k, v)}
-    times = {name: [] for name in fns}
     with torch.no_grad():
-        for fn in fns.values():
-            fn()
-        for _ in range(repeats):
-            for name, fn in fns.items():
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        times = interleaved(fns, repeats)
     for name in fns:
         rows[f"{name} forward (ms, median)"] = 1e3 * statistics.median(times[name])
     rows["attnc flex / Flex forward"] = statistics.median(times["attnc flex"]) / statistics.median(times["Flex"])
