@@ -57,7 +57,7 @@ from .reference import fox_prefix
 from .triton_support import require_triton
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
-           "write_source"]
+           "search_config", "write_source"]
 
 #: Tile token count of the default schedule under the interpreter (bigger tiles: fewer, larger numpy ops).
 INTERPRET_TILE_TOKENS = 64
@@ -157,15 +157,9 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
         qt, kt, flat = tiles.fit(q_ext, kv_ext)
         return KernelConfig(qt, kt, "flat" if flat else "address")
     if device.type == "cuda":
-        from ..compiler.hardware import get_hardware
-        from ..compiler.search import ScheduleSearch
-
         name = torch.cuda.get_device_name(device).lower()
         hw = next((h for h in ("b200", "h200", "h100", "a100") if h in name), "h100")
-        nbytes = 4 if dtype == torch.float32 else 2
-        best = ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim, nbytes=nbytes,
-                              inputs=_static_inputs(inputs)).run(top=1)[0].config
-        return best
+        return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs)
     tokens = INTERPRET_TILE_TOKENS
     if boxes:
         while tokens > 1:
@@ -177,6 +171,17 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
     if grid:
         return KernelConfig((min(tokens, math.prod(q_ext)),), (min(tokens, math.prod(kv_ext)),), "flat")
     return KernelConfig((min(tokens, q_ext[0]),), (min(tokens, kv_ext[0]),), "address")
+
+
+def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int = 64,
+                  dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+    """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning)."""
+    from ..compiler.hardware import get_hardware
+    from ..compiler.search import ScheduleSearch
+
+    nbytes = 4 if dtype == torch.float32 else 2
+    return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,
+                          inputs=_static_inputs(inputs)).run(top=1)[0].config
 
 
 def _static_inputs(inputs: dict | None) -> dict | None:
@@ -243,6 +248,8 @@ class TritonRunner:
     config_hook = None
     #: Optional ``hook(pattern, bound, shape, config, source) -> path`` (the kernel cache).
     source_hook = None
+    #: Load the native (CUDA) kernels whatever the tensors' device (set by ``runtime.gpu_check``).
+    native = False
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
         check_fp32_constants(pat)
@@ -304,7 +311,8 @@ class TritonRunner:
         if sizes not in self._checks:
             self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
                 site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
-        interpret = q.device.type != "cuda"
+        # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
+        interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
         shape = ScheduleShape.of(plan.schedule)
         path = hook(pat, bound, shape, config, source) if hook is not None else None
