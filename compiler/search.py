@@ -37,7 +37,7 @@ from . import evaluate as E
 from . import ir
 from . import symbols as S
 from . import tiles as T
-from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense, smem_fits
+from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
 from .hardware import Hardware
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
 from .tile_args import parse_tiles
@@ -46,6 +46,17 @@ Q_TOKENS = (64, 128)
 KV_TOKENS = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3)
+#: The backward's launch parameters, most preferred first (more stages hide more latency; with
+#: three fp32 score tiles and two accumulators, the backward needs the warps more than the forward).
+BWD_LAUNCH = ((8, 3), (8, 2), (4, 3), (4, 2), (8, 1), (4, 1))
+#: KV tile tokens at least on Hopper and later: wgmma needs 64-row operands, and the KV tile is the
+#: M side of the dK/dV products (a 32-token KV box falls back to mma.sync there).
+MIN_KV_TOKENS_WGMMA = 64
+#: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
+#: the rest goes to addresses, masks, loop state and operand staging. Measured with
+#: ``runtime.gpu_check`` (sm_90, d = 128, Triton 3.6 / 3.9): 128 values per thread keep every
+#: pass of the forward and dQ kernels spill-free.
+REG_VALUES = 128
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -118,6 +129,80 @@ def contiguous(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
         if t > 1:
             started = True
     return True
+
+
+# ----------------------------------------------------------------- kernel resources per pass
+PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, stages: int) -> int:
+    """Shared memory (bytes) of one pass's kernel: its resident tiles plus ``stages`` buffers of the
+    streamed ones (forward: Q resident, K and V streamed; dQ: Q and dO resident, K and V streamed;
+    dK/dV: K and V resident, Q and dO streamed, plus a score tile for the transposed operand).
+    Triton's pipeliner keeps ``stages`` copies (one when ``stages`` is 1); checked against the
+    compiled kernels by ``runtime.gpu_check`` (exact for the forward and dQ at Triton 3.6 / 3.9)."""
+    d = head_dim * nbytes
+    stages = max(stages, 1)
+    if kind == "fwd":
+        return q_tokens * d + stages * 2 * kv_tokens * d
+    if kind == "bwd_dq":
+        return 2 * q_tokens * d + stages * 2 * kv_tokens * d
+    if kind == "bwd_dkdv":
+        return 2 * kv_tokens * d + stages * 2 * q_tokens * d + q_tokens * kv_tokens * nbytes
+    raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
+
+
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int) -> int:
+    """fp32 values a pass keeps in registers across its loop: accumulators and score tiles
+    (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS)."""
+    scores = q_tokens * kv_tokens
+    if kind == "fwd":
+        return q_tokens * head_dim + 2 * scores
+    if kind == "bwd_dq":
+        return q_tokens * head_dim + 2 * scores
+    if kind == "bwd_dkdv":
+        return 2 * kv_tokens * head_dim + 2 * scores
+    raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
+
+
+def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
+              hw: Hardware) -> bool:
+    """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
+    and its register-resident values within ``REG_VALUES`` per thread."""
+    smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages)
+    regs = pass_values(kind, q_tokens, kv_tokens, head_dim) / (32 * warps)
+    return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
+
+
+def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) -> bool:
+    return pass_fits("fwd", config.q_tokens, config.kv_tokens, head_dim, nbytes, config.num_warps,
+                     config.num_stages, hw)
+
+
+def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware) -> tuple[int, int] | None:
+    """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
+    and the dK/dV kernels fit; None when none does."""
+    for warps, stages in BWD_LAUNCH:
+        if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw) for k in PASSES[1:]):
+            return warps, stages
+    return None
+
+
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) -> KernelConfig | None:
+    """``config`` with its backward launch parameters set to fit, or None if its forward or its
+    backward cannot fit at these tiles."""
+    if not forward_fits(config, head_dim, nbytes, hw):
+        return None
+    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw)
+    if bwd is None:
+        return None
+    return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
+
+
+def min_kv_tokens(hw: Hardware) -> int:
+    """The smallest KV tile the search proposes on this hardware (64 where wgmma needs it)."""
+    arch = "".join(ch for ch in hw.arch if ch.isdigit())
+    return MIN_KV_TOKENS_WGMMA if arch and int(arch) >= 90 else 1
 
 
 # ----------------------------------------------------------------- flat view of a grid pattern
@@ -239,6 +324,7 @@ class ScheduleSearch:
         #: multi-dimensional box tiles: both layouts are grids with the same number of axes
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
+        self.min_kv = min_kv_tokens(hw)
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -284,14 +370,21 @@ class ScheduleSearch:
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
+        """The launch parameters under which both passes fit (per pass: the forward's warps and
+        stages, the backward's chosen by ``backward_launch``)."""
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
-            cfg = KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages)
-            if smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+            cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
+                        self.nbytes, self.hw)
+            if cfg is not None:
                 out.append(cfg)
-        if not out:  # nothing fits: keep the smallest pipeline so a prediction exists
-            out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], min(WARPS), min(STAGES)))
+        if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
+            out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], max(WARPS), 1, max(WARPS), 1))
         return out
+
+    def fits(self, config: KernelConfig) -> bool:
+        """Both passes of ``config`` fit this hardware (shared memory and registers)."""
+        return sized(config, self.head_dim, self.nbytes, self.hw) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
@@ -310,7 +403,8 @@ class ScheduleSearch:
             found = self._forced(q_tile, kv_tile)
         else:
             found = self._search()
-        found.sort(key=lambda c: (c.forward_s, c.backward_s))
+        # candidates whose passes fit come first (an unfitting one only stands in when nothing fits)
+        found.sort(key=lambda c: (not self.fits(c.config), c.forward_s, c.backward_s))
         return found[:top] if top else found
 
     def _forced(self, q_tile, kv_tile) -> list[Candidate]:
@@ -324,6 +418,8 @@ class ScheduleSearch:
         n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
         if not self.boxes or (self.grid and self.pat.route is None):
             for tq, tk in itertools.product(Q_TOKENS, KV_TOKENS):
+                if tk < self.min_kv and tk < n_k:
+                    continue
                 # flat tiles on a grid: square ones only, and only 128 on large grids (their
                 # classification, through floored division of the flat index, is the slow kind)
                 if tk <= tq and not (self.grid and (tk != tq or (n_q > FLAT_GRID_SMALL and tq != max(Q_TOKENS)))):
@@ -339,7 +435,7 @@ class ScheduleSearch:
             stage1.sort()
             for _, shape in stage1[:REFINE]:
                 for tk in KV_TOKENS:
-                    if tk < math.prod(shape):
+                    if tk < math.prod(shape) and (tk >= self.min_kv or tk >= n_k):
                         for kv in kv_shapes(shape, tk):
                             found += self._all(shape, tuple(min(t, L) for t, L in zip(kv, self.kv_ext, strict=True)),
                                                False)
@@ -368,7 +464,7 @@ class ScheduleSearch:
             if tk > tq:
                 continue
             cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
-            if not smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+            if sized(cfg, self.head_dim, self.nbytes, self.hw) is None:
                 continue
             preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
                                        batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
@@ -379,5 +475,6 @@ class ScheduleSearch:
         return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
 
 
-__all__ = ["Candidate", "ScheduleSearch", "classifier", "contiguous", "flat_view", "kv_shapes", "route_schedule",
-           "tile_shapes", "tile_grid", "tile_token_counts"]
+__all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "classifier", "contiguous",
+           "flat_view", "forward_fits", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
+           "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

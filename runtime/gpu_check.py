@@ -21,12 +21,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -184,9 +186,42 @@ def compile_launch(rec: Recorded, arch: int):
     bound_args, specialization, options = binder(*rec.args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(fn, signature, constexprs, attrs)
-    kernel = triton.compile(src, target=target, options=options.__dict__)
+    log = io.StringIO()
+    # Triton prints ptxas's -v log when it runs ptxas (not for a kernel from its cache)
+    with _env("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+        kernel = triton.compile(src, target=target, options=options.__dict__)
+    usage = _parse_ptxas(log.getvalue())
+    if usage is not None:
+        _PTXAS_CACHE[_ptx_key(kernel.asm["ptx"], arch)] = usage
     consts = {(fn.arg_names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
     return kernel, options, consts
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _ptx_key(ptx: str, arch: int) -> str:
+    return hashlib.sha256(f"{arch}\0{ptx}".encode()).hexdigest()
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int] | None:
+    if "registers" not in log:
+        return None
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    stack = max((int(x) for x in re.findall(r"(\d+) bytes stack frame", log)), default=0)
+    return regs, spills, stack
 
 
 _PTXAS_CACHE: dict[str, tuple[int, int, int]] = {}
@@ -197,7 +232,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     on the PTX with the flags Triton's ``make_cubin`` uses (Triton's bundled ptxas)."""
     from triton.backends.nvidia import compiler as nv
 
-    key = hashlib.sha256(f"{arch}\0{ptx}".encode()).hexdigest()
+    key = _ptx_key(ptx, arch)
     if key in _PTXAS_CACHE:
         return _PTXAS_CACHE[key]
     ptxas = nv.get_ptxas(arch).path if "arch" in inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas().path
@@ -211,13 +246,11 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
         proc = subprocess.run([ptxas, *flags, f"--gpu-name={nv.sm_arch_from_capability(arch)}", src, "-o",
                                os.path.join(tmp, "k.o")], capture_output=True, text=True)
     log = proc.stdout + proc.stderr
-    if proc.returncode:
+    usage = _parse_ptxas(log)
+    if proc.returncode or usage is None:
         raise RuntimeError(f"ptxas failed: {log.strip()[-300:]}")
-    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
-    stack = max((int(x) for x in re.findall(r"(\d+) bytes stack frame", log)), default=0)
-    _PTXAS_CACHE[key] = (regs, spills, stack)
-    return _PTXAS_CACHE[key]
+    _PTXAS_CACHE[key] = usage
+    return usage
 
 
 def tensor_core_counts(ptx: str) -> tuple[int, int]:
@@ -296,9 +329,10 @@ def _inputs(pat, bound, gen: torch.Generator) -> dict:
 
 
 def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
-                sizes: dict | None = None) -> tuple[list[Recorded], str]:
+                sizes: dict | None = None, config=None) -> tuple[list[Recorded], str]:
     """Run the pattern's forward and backward through its launch path on CPU tensors as a CUDA
-    call on ``sm_<arch>`` would, recording the launches; returns them and the config in words."""
+    call on ``sm_<arch>`` would, recording the launches; returns them and the config in words.
+    ``config`` (a ``KernelConfig``) replaces the search's pick (softmax patterns; sweeps)."""
     from ..compiler import evaluate as E
     from ..compiler.hardware import get_hardware
     from . import api
@@ -323,6 +357,8 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
                 native = True
 
                 def _config(self, bound, q, inputs):
+                    if config is not None:
+                        return config
                     return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype,
                                             inputs=inputs)
 
