@@ -403,8 +403,9 @@ class ScheduleSearch:
             found = self._forced(q_tile, kv_tile)
         else:
             found = self._search()
-        # candidates whose passes fit come first (an unfitting one only stands in when nothing fits)
-        found.sort(key=lambda c: (not self.fits(c.config), c.forward_s, c.backward_s))
+        # a candidate whose passes do not fit only stands in when nothing fits (a prediction still exists)
+        found = [c for c in found if self.fits(c.config)] or found
+        found.sort(key=lambda c: (c.forward_s, c.backward_s))
         return found[:top] if top else found
 
     def _forced(self, q_tile, kv_tile) -> list[Candidate]:

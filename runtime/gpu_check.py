@@ -265,7 +265,9 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
     rep = KernelReport(pattern, _kernel_name(rec.name), arch, head_dim, dtype, config,
                        smem_limit=SMEM_LIMIT.get(arch, 0))
     try:
-        kernel, options, consts = compile_launch(rec, arch)
+        with warnings.catch_warnings():  # Triton 3.9's notice about its future fp-fusion default
+            warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+            kernel, options, consts = compile_launch(rec, arch)
         rep.num_warps, rep.num_stages = options.num_warps, options.num_stages
         rep.constexprs = consts
         rep.shared = int(kernel.metadata.shared)
