@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if args.render_only:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        out.write_text(render(rows, args, sum(r["seconds"] for r in rows if r["kernel"] in ("fwd", "-"))),
-                       encoding="utf-8")
+        cells = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]): r["seconds"] for r in rows}
+        out.write_text(render(rows, args, sum(cells.values())), encoding="utf-8")
         print(f"wrote {out}")
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
