@@ -194,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     archs = [int(a) for a in args.arch.split(",")] if args.arch else list(G.default_archs())
     dims = [int(d) for d in args.head_dim.split(",")]
     dtypes = args.dtype.split(",")
-    tasks = [(n, a, d, t, False) for n in names for a in archs for d in dims for t in dtypes]
-    if args.before:  # softmax patterns only: the recurrences' launch parameters did not change
-        tasks += [(n, a, d, t, True) for n in names if n not in RECURRENCES for a in archs
-                  for d in map(int, args.before_head_dim.split(",")) for t in args.before_dtype.split(",")]
+    tasks = []
+    for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
+        for a in archs:
+            tasks += [(n, a, d, t, False) for d in dims for t in dtypes]
+            if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
+                tasks += [(n, a, d, t, True) for d in map(int, args.before_head_dim.split(","))
+                          for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"
     log = out.with_suffix(".jsonl")
     rows: list[dict] = []

@@ -135,14 +135,17 @@ def contiguous(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
 PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
 
 
-def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, stages: int) -> int:
-    """Shared memory (bytes) of one pass's kernel: its resident tiles plus ``stages`` buffers of the
-    streamed ones (forward: Q resident, K and V streamed; dQ: Q and dO resident, K and V streamed;
-    dK/dV: K and V resident, Q and dO streamed, plus a score tile for the transposed operand).
-    Triton's pipeliner keeps ``stages`` copies (one when ``stages`` is 1); checked against the
-    compiled kernels by ``runtime.gpu_check`` (exact for the forward and dQ at Triton 3.6 / 3.9)."""
+def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, stages: int,
+              hopper: bool = True) -> int:
+    """Shared memory (bytes) of one pass's kernel: its resident tiles plus the pipeline's buffers of
+    the streamed ones (forward: Q resident, K and V streamed; dQ: Q and dO resident, K and V
+    streamed; dK/dV: K and V resident, Q and dO streamed, plus a score tile for the transposed
+    operand). Triton keeps ``stages`` buffers on Hopper (wgmma reads them in place) and
+    ``stages - 1`` before it (cp.async into the next, the current one in registers), one at least.
+    Checked against the compiled kernels by ``runtime.gpu_check`` (Triton 3.6 / 3.9: exact for
+    the forward and dQ, within 1 KiB for dK/dV)."""
     d = head_dim * nbytes
-    stages = max(stages, 1)
+    stages = max(stages if hopper else stages - 1, 1)
     if kind == "fwd":
         return q_tokens * d + stages * 2 * kv_tokens * d
     if kind == "bwd_dq":
@@ -169,7 +172,7 @@ def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
               hw: Hardware) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
     and its register-resident values within ``REG_VALUES`` per thread."""
-    smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages)
+    smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
     regs = pass_values(kind, q_tokens, kv_tokens, head_dim) / (32 * warps)
     return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
 
