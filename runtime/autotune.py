@@ -127,9 +127,9 @@ class TritonBuilder(KernelBuilder):
         scale = head_dim ** -0.5
         dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=tdtype)
 
-        def step():  # a training step's kernels: forward, then backward (dQ, dK/dV)
+        def step():  # a training step's kernels: forward, then backward (dQ, dK/dV); (out, lse, dq, dk, dv)
             out, lse = backend.forward(launch, q, k, v, scale)
-            return backend.backward(launch, q, k, v, out, lse, dout, None, scale, [])
+            return (out, lse, *backend.backward(launch, q, k, v, out, lse, dout, None, scale, [])[:3])
 
         return step
 

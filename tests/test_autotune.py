@@ -435,10 +435,16 @@ def test_real_triton_kernels_tuned_under_the_interpreter(cache):
     expect = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ v.double()
     seen = []
 
+    dout = torch.randn(1, heads, n, d, generator=gen)  # the runner's upstream gradient: drawn after v
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = torch.softmax(((qd @ kd.transpose(-1, -2)) * d ** -0.5).masked_fill(~allowed, -math.inf), -1) @ vd
+    ref.backward(dout.double())
+
     def timer(fn):
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+        out = fn()  # a training step: out, lse, dq, dk, dv
+        torch.testing.assert_close(out[0].double(), expect, rtol=1e-5, atol=1e-5)
+        for got, want in zip(out[2:5], (qd.grad, kd.grad, vd.grad), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         seen.append(len(seen))
         return 2.0 - 0.1 * len(seen)  # the last candidate wins
 
