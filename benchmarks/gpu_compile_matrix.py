@@ -58,7 +58,7 @@ def before_search():
 
     saved = (SR.sized, SR.min_kv_tokens)
 
-    def old_sized(config, head_dim, nbytes, hw):
+    def old_sized(config, head_dim, nbytes, hw, score_tiles=2):
         return config if cost.smem_fits(config, head_dim, nbytes, hw) else None
 
     SR.sized, SR.min_kv_tokens = old_sized, lambda hw: 1

@@ -155,48 +155,51 @@ def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
-def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int) -> int:
-    """fp32 values a pass keeps in registers across its loop: accumulators and score tiles
-    (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS)."""
-    scores = q_tokens * kv_tokens
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
+    """fp32 values a pass keeps in registers across its loop: accumulators and ``score_tiles``
+    score-shaped tiles (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS;
+    a routing pattern holds one more, its per-query selection of the tile)."""
+    scores = score_tiles * q_tokens * kv_tokens
     if kind == "fwd":
-        return q_tokens * head_dim + 2 * scores
+        return q_tokens * head_dim + scores
     if kind == "bwd_dq":
-        return q_tokens * head_dim + 2 * scores
+        return q_tokens * head_dim + scores
     if kind == "bwd_dkdv":
-        return 2 * kv_tokens * head_dim + 2 * scores
+        return 2 * kv_tokens * head_dim + scores
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
-              hw: Hardware) -> bool:
+              hw: Hardware, score_tiles: int = 2) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
     and its register-resident values within ``REG_VALUES`` per thread."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
-    regs = pass_values(kind, q_tokens, kv_tokens, head_dim) / (32 * warps)
+    regs = pass_values(kind, q_tokens, kv_tokens, head_dim, score_tiles) / (32 * warps)
     return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
 
 
-def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) -> bool:
+def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> bool:
     return pass_fits("fwd", config.q_tokens, config.kv_tokens, head_dim, nbytes, config.num_warps,
-                     config.num_stages, hw)
+                     config.num_stages, hw, score_tiles)
 
 
-def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware) -> tuple[int, int] | None:
+def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware,
+                    score_tiles: int = 2) -> tuple[int, int] | None:
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
     and the dK/dV kernels fit; None when none does."""
     for warps, stages in BWD_LAUNCH:
-        if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw) for k in PASSES[1:]):
+        if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw, score_tiles)
+               for k in PASSES[1:]):
             return warps, stages
     return None
 
 
-def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) -> KernelConfig | None:
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> KernelConfig | None:
     """``config`` with its backward launch parameters set to fit, or None if its forward or its
     backward cannot fit at these tiles."""
-    if not forward_fits(config, head_dim, nbytes, hw):
+    if not forward_fits(config, head_dim, nbytes, hw, score_tiles):
         return None
-    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw)
+    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, score_tiles)
     if bwd is None:
         return None
     return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
@@ -328,6 +331,8 @@ class ScheduleSearch:
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
         self.min_kv = min_kv_tokens(hw)
+        #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
+        self.score_tiles = 3 if pat.route is not None else 2
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -378,7 +383,7 @@ class ScheduleSearch:
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw)
+                        self.nbytes, self.hw, self.score_tiles)
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
@@ -387,7 +392,7 @@ class ScheduleSearch:
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        return sized(config, self.head_dim, self.nbytes, self.hw) is not None
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):

@@ -294,12 +294,12 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         # the forward's launch parameters with the pick's backward, then the backward's with the pick's forward
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
-            if cfg not in configs and forward_fits(cfg, d, nbytes, hw):
+            if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
                 configs.append(cfg)
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
-            if cfg not in configs and all(pass_fits(k, pick.q_tokens, pick.kv_tokens, d, nbytes, warps, stages, hw)
-                                          for k in PASSES[1:]):
+            if cfg not in configs and all(pass_fits(k, pick.q_tokens, pick.kv_tokens, d, nbytes, warps, stages, hw,
+                                                    search.score_tiles) for k in PASSES[1:]):
                 configs.append(cfg)
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         for cfg in configs:
