@@ -104,9 +104,14 @@ def problems(r: dict) -> list[str]:
     return out
 
 
+def cell(text: str) -> str:
+    """A markdown table cell (a config's ``|`` separates its passes)."""
+    return text.replace("|", "\\|")
+
+
 def row_md(r: dict) -> str:
     status = "; ".join(problems(r)) or "ok"
-    return (f"| {r['pattern']} | {r['kernel']} | sm_{r['arch']} | {r['head_dim']} | {r['dtype']} | {r['config']} | "
+    return (f"| {r['pattern']} | {r['kernel']} | sm_{r['arch']} | {r['head_dim']} | {r['dtype']} | {cell(r['config'])} | "
             f"{r['num_warps']} | {r['num_stages']} | {r['shared'] / 1024:.1f} | {r['smem_limit'] // 1024} | "
             f"{r['regs']} | {r['spill_bytes']} | {r['wgmma']} | {r['mma']} | {status} |")
 
@@ -134,7 +139,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              "`triton.compile` for `GPUTarget(\"cuda\", arch, 32)`; registers and spills from ptxas -v) "
              "at the configs the schedule search picks for the arch's hardware model (sm_80: A100, sm_90: "
              "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
-             f"Command: `python benchmarks/gpu_compile_matrix.py {' '.join(sys.argv[1:])}`; "
+             f"Command: `python benchmarks/gpu_compile_matrix.py "
+             f"{' '.join(a for a in sys.argv[1:] if a not in ('--render-only', '--resume'))}`; "
              f"{len(cur)} kernels, {elapsed / 60:.0f} min on {platform.machine()} ({os.cpu_count()} cores, "
              "shared with other jobs).", "",
              f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; params {PARAMS}.", "",
@@ -158,8 +164,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
             a = after.get((b["pattern"], b["kernel"], b["arch"], b["head_dim"], b["dtype"]))
             if a is None or not problems(b) and shown >= 12:
                 continue
-            lines.append(f"| {b['pattern']} | {b['kernel']} | sm_{b['arch']} | {b['head_dim']} | {b['config']} | "
-                         f"{b['shared'] / 1024:.0f} | {b['regs']} | {b['spill_bytes']} | {b['mma']} | {a['config']} | "
+            lines.append(f"| {b['pattern']} | {b['kernel']} | sm_{b['arch']} | {b['head_dim']} | {cell(b['config'])} | "
+                         f"{b['shared'] / 1024:.0f} | {b['regs']} | {b['spill_bytes']} | {b['mma']} | {cell(a['config'])} | "
                          f"{a['shared'] / 1024:.0f} | {a['regs']} | {a['spill_bytes']} | {a['mma']} |")
             shown += 1
             if shown >= 40:

@@ -458,7 +458,7 @@ def table(reports: list[KernelReport]) -> str:
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for r in reports:
         status = "ok" if r.ok else "; ".join(r.problems)
-        lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config} | "
+        lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config.replace('|', '/')} | "
                      f"{r.num_warps} | {r.num_stages} | {r.shared / 1024:.1f} | {r.smem_limit // 1024} | {r.regs} | "
                      f"{r.spill_bytes} | {r.wgmma} | {r.mma} | {status} |")
     return "\n".join(lines)
