@@ -3,8 +3,7 @@ path, at the configs the schedule search picks on CUDA (``runtime.gpu_check``): 
 must compile, fit the per-block shared-memory limit and not spill a register.
 
 A representative subset runs on every CI run (causal, sliding_window, softcap, alibi, forgetting,
-moba, neighborhood_2d and a recurrence; d 64 and 128; sm_80 and sm_90; each pattern at two of the
-four (arch, d) pairs, the pairs alternating so that every pair is covered); the full matrix is
+moba, neighborhood_2d and a recurrence; d 64 and 128; sm_80 and sm_90: ``PAIRS``); the full matrix is
 ``benchmarks/gpu_compile_matrix.py``. Works on Triton 3.6 and 3.9.
 """
 
@@ -33,9 +32,12 @@ SUBSET = [
     ("neighborhood_2d", "stdlib:neighborhood_2d", {}, {"height": 32, "width": 32}),
     ("mamba2", "stdlib:mamba2", {}, None),
 ]
-PAIRS = [((90, 128), (80, 64)), ((90, 64), (80, 128))]
-CASES = [(name, spec, params, sizes, arch, d) for i, (name, spec, params, sizes) in enumerate(SUBSET)
-         for arch, d in PAIRS[i % 2]]
+#: (arch, d) per pattern: every pair covered, the issue's failures (sm_90, d = 128) most (about 15 s of
+#: CPU per case on a quiet machine: ~2.5 min in all)
+PAIRS = {"causal": [(90, 128), (80, 64)], "sliding_window": [(90, 128)], "softcap": [(90, 128)],
+         "alibi": [(80, 128)], "forgetting": [(90, 128)], "moba": [(90, 128), (80, 64)],
+         "neighborhood_2d": [(90, 64)], "mamba2": [(90, 128)]}
+CASES = [(name, spec, params, sizes, arch, d) for name, spec, params, sizes in SUBSET for arch, d in PAIRS[name]]
 
 
 @pytest.mark.parametrize(("name", "spec", "params", "sizes", "arch", "d"), CASES,
