@@ -308,7 +308,9 @@ def _probe(arch: int) -> bool:
         from triton.backends.nvidia import compiler as nv
 
         src = ASTSource(triton.jit(_attnc_probe), {"X": "*fp32"}, {"BLOCK": 16})
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
         ptxas_usage(k.asm["ptx"], arch)
         return nv is not None
     except Exception:  # noqa: BLE001 - an unsupported target
