@@ -368,6 +368,46 @@ def cmd_emit(args) -> int:
     return 0
 
 
+def cmd_check_gpu(args) -> int:
+    from .runtime import gpu_check as G
+
+    pat = _load_args(args)
+    archs = G.default_archs() if args.arch is None else _int_list(args.arch, "--arch")
+    dims = _int_list(args.head_dim, "--head-dim")
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    sizes = _int_sizes(args.sizes)
+    n = args.n
+    if n is None and sizes == {} and not _is_grid(pat):
+        n = CHECK_GPU_DEFAULT_N
+    reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None)
+    if args.json:
+        import json
+
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(G.table(reports))
+        print(G.summary(reports))
+    return 0 if all(r.ok for r in reports) else 1
+
+
+#: Tokens of a seq layout for ``check-gpu`` without --n (the kernels bake sizes in; the schedule depends on n).
+CHECK_GPU_DEFAULT_N = 8192
+
+
+def _is_grid(pat) -> bool:
+    return getattr(getattr(pat, "queries", None), "kind", "seq") == "grid"
+
+
+def _int_list(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
+    if not out:
+        raise SpecError("expected at least one value", where=f"argument {what}")
+    return out
+
+
 def _load_args(args):
     """The pattern of FILE (a path or stdlib:NAME) with --name and -p."""
     from .spec.library import STDLIB_PREFIX, lower, pick, read_source
@@ -464,6 +504,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis")
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis")
     p.add_argument("--gpu", action="store_true", help="the schedule a CUDA call would pick (default: the interpreter's)")
+    p = sub.add_parser("check-gpu", help="compile the CUDA kernels of a pattern offline (no GPU) for sm_80/sm_90: "
+                       "shared memory, registers, spills, tensor-core instructions; exit 1 on a problem")
+    _pattern_args(p, n_help=f"number of tokens of a seq layout (default {CHECK_GPU_DEFAULT_N})", inputs=False)
+    p.add_argument("--arch", metavar="80,90", help="compute capabilities (default 80,90 and 100 when supported)")
+    p.add_argument("--head-dim", default="64,128", metavar="64,128", help="head dims (default 64,128)")
+    p.add_argument("--dtype", default="fp16", metavar="fp16,bf16", help="dtypes (default fp16)")
+    p.add_argument("--json", action="store_true", help="print the reports as JSON")
     return parser
 
 
@@ -474,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().print_help()
             return 1
         handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show, "sim": cmd_sim, "tune": cmd_tune,
-                   "cache": cmd_cache, "emit": cmd_emit}[args.command]
+                   "cache": cmd_cache, "emit": cmd_emit, "check-gpu": cmd_check_gpu}[args.command]
         return handler(args)
     except SpecError as err:
         print(err.render(), file=sys.stderr)

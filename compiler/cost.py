@@ -109,6 +109,17 @@ class KernelConfig:
     layout: str = "flat"
     num_warps: int = 4
     num_stages: int = 2
+    #: The backward kernels' launch parameters (0: the forward's), as FlexAttention's per-pass configs.
+    bwd_num_warps: int = 0
+    bwd_num_stages: int = 0
+
+    @property
+    def bwd_warps(self) -> int:
+        return self.bwd_num_warps or self.num_warps
+
+    @property
+    def bwd_stages(self) -> int:
+        return self.bwd_num_stages or self.num_stages
 
     @property
     def q_tokens(self) -> int:
@@ -120,7 +131,9 @@ class KernelConfig:
 
     def to_dict(self) -> dict:
         return {"q_tile": list(self.q_tile), "kv_tile": list(self.kv_tile), "layout": self.layout,
-                "permute": self.layout == "permute", "num_warps": self.num_warps, "num_stages": self.num_stages}
+                "permute": self.layout == "permute", "num_warps": self.num_warps, "num_stages": self.num_stages,
+                **({"bwd_num_warps": self.bwd_warps, "bwd_num_stages": self.bwd_stages}
+                   if self.bwd_num_warps or self.bwd_num_stages else {})}
 
 
 @dataclass

@@ -37,7 +37,7 @@ from . import evaluate as E
 from . import ir
 from . import symbols as S
 from . import tiles as T
-from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense, smem_fits
+from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
 from .hardware import Hardware
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
 from .tile_args import parse_tiles
@@ -46,6 +46,17 @@ Q_TOKENS = (64, 128)
 KV_TOKENS = (32, 64, 128)
 WARPS = (4, 8)
 STAGES = (2, 3)
+#: The backward's launch parameters, most preferred first (more stages hide more latency; with
+#: three fp32 score tiles and two accumulators, the backward needs the warps more than the forward).
+BWD_LAUNCH = ((8, 3), (8, 2), (4, 3), (4, 2), (8, 1), (4, 1))
+#: KV tile tokens at least on Hopper and later: wgmma needs 64-row operands, and the KV tile is the
+#: M side of the dK/dV products (a 32-token KV box falls back to mma.sync there).
+MIN_KV_TOKENS_WGMMA = 64
+#: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
+#: the rest goes to addresses, masks, loop state and operand staging. Measured with
+#: ``runtime.gpu_check`` (sm_90, d = 128, Triton 3.6 / 3.9): 128 values per thread keep every
+#: pass of the forward and dQ kernels spill-free.
+REG_VALUES = 128
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -118,6 +129,86 @@ def contiguous(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
         if t > 1:
             started = True
     return True
+
+
+# ----------------------------------------------------------------- kernel resources per pass
+PASSES = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, stages: int,
+              hopper: bool = True) -> int:
+    """Shared memory (bytes) of one pass's kernel: its resident tiles plus the pipeline's buffers of
+    the streamed ones (forward: Q resident, K and V streamed; dQ: Q and dO resident, K and V
+    streamed; dK/dV: K and V resident, Q and dO streamed, plus a score tile for the transposed
+    operand). Triton keeps ``stages`` buffers on Hopper (wgmma reads them in place) and
+    ``stages - 1`` before it (cp.async into the next, the current one in registers), one at least.
+    Checked against the compiled kernels by ``runtime.gpu_check`` (Triton 3.6 / 3.9: exact for
+    the forward and dQ, within 1 KiB for dK/dV)."""
+    d = head_dim * nbytes
+    stages = max(stages if hopper else stages - 1, 1)
+    if kind == "fwd":
+        return q_tokens * d + stages * 2 * kv_tokens * d
+    if kind == "bwd_dq":
+        return 2 * q_tokens * d + stages * 2 * kv_tokens * d
+    if kind == "bwd_dkdv":
+        return 2 * kv_tokens * d + stages * 2 * q_tokens * d + q_tokens * kv_tokens * nbytes
+    raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
+
+
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
+    """fp32 values a pass keeps in registers across its loop: accumulators and ``score_tiles``
+    score-shaped tiles (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS;
+    a routing pattern holds one more, its per-query selection of the tile)."""
+    scores = score_tiles * q_tokens * kv_tokens
+    if kind == "fwd":
+        return q_tokens * head_dim + scores
+    if kind == "bwd_dq":
+        return q_tokens * head_dim + scores
+    if kind == "bwd_dkdv":
+        return 2 * kv_tokens * head_dim + scores
+    raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
+
+
+def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
+              hw: Hardware, score_tiles: int = 2) -> bool:
+    """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
+    and its register-resident values within ``REG_VALUES`` per thread."""
+    smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
+    regs = pass_values(kind, q_tokens, kv_tokens, head_dim, score_tiles) / (32 * warps)
+    return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
+
+
+def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> bool:
+    return pass_fits("fwd", config.q_tokens, config.kv_tokens, head_dim, nbytes, config.num_warps,
+                     config.num_stages, hw, score_tiles)
+
+
+def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware,
+                    score_tiles: int = 2) -> tuple[int, int] | None:
+    """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
+    and the dK/dV kernels fit; None when none does."""
+    for warps, stages in BWD_LAUNCH:
+        if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw, score_tiles)
+               for k in PASSES[1:]):
+            return warps, stages
+    return None
+
+
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> KernelConfig | None:
+    """``config`` with its backward launch parameters set to fit, or None if its forward or its
+    backward cannot fit at these tiles."""
+    if not forward_fits(config, head_dim, nbytes, hw, score_tiles):
+        return None
+    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, score_tiles)
+    if bwd is None:
+        return None
+    return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
+
+
+def min_kv_tokens(hw: Hardware) -> int:
+    """The smallest KV tile the search proposes on this hardware (64 where wgmma needs it)."""
+    arch = "".join(ch for ch in hw.arch if ch.isdigit())
+    return MIN_KV_TOKENS_WGMMA if arch and int(arch) >= 90 else 1
 
 
 # ----------------------------------------------------------------- flat view of a grid pattern
@@ -239,6 +330,9 @@ class ScheduleSearch:
         #: multi-dimensional box tiles: both layouts are grids with the same number of axes
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
+        self.min_kv = min_kv_tokens(hw)
+        #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
+        self.score_tiles = 3 if pat.route is not None else 2
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -284,14 +378,21 @@ class ScheduleSearch:
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
+        """The launch parameters under which both passes fit (per pass: the forward's warps and
+        stages, the backward's chosen by ``backward_launch``)."""
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
-            cfg = KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages)
-            if smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+            cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
+                        self.nbytes, self.hw, self.score_tiles)
+            if cfg is not None:
                 out.append(cfg)
-        if not out:  # nothing fits: keep the smallest pipeline so a prediction exists
-            out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], min(WARPS), min(STAGES)))
+        if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
+            out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], max(WARPS), 1, max(WARPS), 1))
         return out
+
+    def fits(self, config: KernelConfig) -> bool:
+        """Both passes of ``config`` fit this hardware (shared memory and registers)."""
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
@@ -310,6 +411,8 @@ class ScheduleSearch:
             found = self._forced(q_tile, kv_tile)
         else:
             found = self._search()
+        # a candidate whose passes do not fit only stands in when nothing fits (a prediction still exists)
+        found = [c for c in found if self.fits(c.config)] or found
         found.sort(key=lambda c: (c.forward_s, c.backward_s))
         return found[:top] if top else found
 
@@ -324,6 +427,8 @@ class ScheduleSearch:
         n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
         if not self.boxes or (self.grid and self.pat.route is None):
             for tq, tk in itertools.product(Q_TOKENS, KV_TOKENS):
+                if tk < self.min_kv and tk < n_k:
+                    continue
                 # flat tiles on a grid: square ones only, and only 128 on large grids (their
                 # classification, through floored division of the flat index, is the slow kind)
                 if tk <= tq and not (self.grid and (tk != tq or (n_q > FLAT_GRID_SMALL and tq != max(Q_TOKENS)))):
@@ -339,7 +444,7 @@ class ScheduleSearch:
             stage1.sort()
             for _, shape in stage1[:REFINE]:
                 for tk in KV_TOKENS:
-                    if tk < math.prod(shape):
+                    if tk < math.prod(shape) and (tk >= self.min_kv or tk >= n_k):
                         for kv in kv_shapes(shape, tk):
                             found += self._all(shape, tuple(min(t, L) for t, L in zip(kv, self.kv_ext, strict=True)),
                                                False)
@@ -368,7 +473,7 @@ class ScheduleSearch:
             if tk > tq:
                 continue
             cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
-            if not smem_fits(cfg, self.head_dim, self.nbytes, self.hw):
+            if sized(cfg, self.head_dim, self.nbytes, self.hw) is None:
                 continue
             preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
                                        batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
@@ -379,5 +484,6 @@ class ScheduleSearch:
         return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
 
 
-__all__ = ["Candidate", "ScheduleSearch", "classifier", "contiguous", "flat_view", "kv_shapes", "route_schedule",
-           "tile_shapes", "tile_grid", "tile_token_counts"]
+__all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "classifier", "contiguous",
+           "flat_view", "forward_fits", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
+           "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

@@ -2,9 +2,10 @@
 
 Candidates are the ``top`` distinct schedules of ``ScheduleSearch`` (tile
 shapes and token layout, the simulator's ranking) crossed with the launch
-parameters (``num_warps`` x ``num_stages``; configurations whose shared
-memory does not fit the hardware model are dropped). Each candidate's kernel
-is generated, loaded and timed (``triton.testing.do_bench``, median); a
+parameters of each pass (forward, backward: ``num_warps`` x ``num_stages``;
+configurations whose shared memory or registers do not fit a pass are dropped).
+Each candidate's kernels are generated, loaded and timed over a training step,
+forward and backward (``triton.testing.do_bench``, median); a
 candidate that fails to compile or run is skipped. The fastest wins, ties
 going to the simulator's favourite, and is stored in the ``KernelCache``
 with its source; the next call with the same key (same IR, shape bucket,
@@ -33,10 +34,10 @@ from typing import Protocol
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler.cost import KernelConfig, smem_fits
+from ..compiler.cost import KernelConfig
 from ..compiler.hardware import HARDWARE, Hardware, get_hardware
 from ..compiler.schedule import TileSchedule
-from ..compiler.search import STAGES, WARPS, ScheduleSearch
+from ..compiler.search import PASSES, STAGES, WARPS, ScheduleSearch, forward_fits, pass_fits
 from ..spec.errors import SpecError
 from . import kernel_cache as KC
 
@@ -74,8 +75,8 @@ class KernelBuilder(Protocol):
 class TritonBuilder(KernelBuilder):
     """The generated Triton kernels (``compiler.codegen`` + ``runtime.triton_backend``).
 
-    ``runner`` times the forward kernel on random q, k, v of the tuned shape
-    (the backward kernels walk the same tiles): through the backend's
+    ``runner`` times a training step's kernels, forward then backward (dQ, dK/dV, each
+    with its pass's launch parameters), on random q, k, v of the tuned shape: through the backend's
     ``benchmark_runner`` when it has one, else a ``TritonRunner`` pinned to the
     candidate's config. ``interpret`` loads the kernels for Triton's interpreter
     (CPU tensors; tests)."""
@@ -124,7 +125,13 @@ class TritonBuilder(KernelBuilder):
 
         launch = Pinned(pat).prepare(bound, q, k, dict(inputs or {}))
         scale = head_dim ** -0.5
-        return lambda: backend.forward(launch, q, k, v, scale)
+        dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=tdtype)
+
+        def step():  # a training step's kernels: forward, then backward (dQ, dK/dV); (out, lse, dq, dk, dv)
+            out, lse = backend.forward(launch, q, k, v, scale)
+            return (out, lse, *backend.backward(launch, q, k, v, out, lse, dout, None, scale, [])[:3])
+
+        return step
 
 
 def do_bench_timer(fn: Callable[[], object]) -> float:
@@ -229,12 +236,21 @@ class TuneResult:
 
 
 def config_from_dict(d: dict) -> KernelConfig:
-    return KernelConfig(tuple(d["q_tile"]), tuple(d["kv_tile"]), d["layout"], d["num_warps"], d["num_stages"])
+    """A cached config (``kernel_cache.validate_config`` checked the forward's fields; the backward's
+    are optional: entries written before per-pass configs lack them, and 0 means the forward's)."""
+    def opt(name: str, ok) -> int:
+        v = d.get(name, 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and ok(v) else 0
+
+    return KernelConfig(tuple(d["q_tile"]), tuple(d["kv_tile"]), d["layout"], d["num_warps"], d["num_stages"],
+                        opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
+                        opt("bwd_num_stages", lambda st: 0 < st <= 16))
 
 
 def config_dict(cfg: KernelConfig) -> dict:
     return {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile), "layout": cfg.layout,
-            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "bwd_num_warps": cfg.bwd_warps,
+            "bwd_num_stages": cfg.bwd_stages}
 
 
 def canonical_dtype(dtype) -> str:
@@ -259,9 +275,11 @@ def hardware_for(gpu: str) -> Hardware:
 
 def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple[int, int]] = LAUNCH,
                nbytes: int = 2) -> list[Trial]:
-    """The ``top`` distinct schedules of the simulator's ranking x the launch parameters
-    (the simulator's own pick first within each schedule; ones whose shared memory
-    does not fit the hardware dropped, keeping at least one per schedule)."""
+    """The ``top`` distinct schedules of the simulator's ranking x the launch parameters of each
+    pass: the simulator's own pick first within each schedule (sized for both passes by the
+    search), then other forward (warps, stages) with the pick's backward, then other backward
+    ones with the pick's forward; ones whose shared memory or registers do not fit a pass
+    (``search.pass_fits``) are dropped, keeping at least the pick."""
     ranked = search.run(top=0)
     seen: dict[tuple, list] = {}
     for cand in ranked:
@@ -272,14 +290,22 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
             seen[shape] = []
         seen[shape].append(cand)
     trials: list[Trial] = []
-    for (q_tile, kv_tile, layout), cands in seen.items():
+    hw, d = search.hw, search.head_dim
+    for cands in seen.values():
         first = cands[0]
-        configs = [first.config]
+        pick = first.config
+        configs = [pick]
+        # the forward's launch parameters with the pick's backward, then the backward's with the pick's forward
         for warps, stages in launch:
-            cfg = KernelConfig(q_tile, kv_tile, layout, warps, stages)
-            if cfg not in configs and smem_fits(cfg, search.head_dim, nbytes, search.hw):
+            cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
+            if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
                 configs.append(cfg)
-        predicted = {c.config: c.forward_s * 1e3 for c in cands}
+        for warps, stages in launch:
+            cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
+            if cfg not in configs and all(pass_fits(k, pick.q_tokens, pick.kv_tokens, d, nbytes, warps, stages, hw,
+                                                    search.score_tiles) for k in PASSES[1:]):
+                configs.append(cfg)
+        predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         for cfg in configs:
             trials.append(Trial(len(trials), cfg, first.schedule, predicted.get(cfg, math.nan)))
     return trials

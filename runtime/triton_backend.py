@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import math
@@ -57,10 +58,12 @@ from .reference import fox_prefix
 from .triton_support import require_triton
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
-           "write_source"]
+           "search_config", "write_source"]
 
 #: Tile token count of the default schedule under the interpreter (bigger tiles: fewer, larger numpy ops).
 INTERPRET_TILE_TOKENS = 64
+#: The smallest tile (tokens) an out-of-resources fallback goes down to (``tl.dot`` takes 16).
+MIN_FALLBACK_TOKENS = 16
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOCK = threading.RLock()
@@ -157,15 +160,9 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
         qt, kt, flat = tiles.fit(q_ext, kv_ext)
         return KernelConfig(qt, kt, "flat" if flat else "address")
     if device.type == "cuda":
-        from ..compiler.hardware import get_hardware
-        from ..compiler.search import ScheduleSearch
-
         name = torch.cuda.get_device_name(device).lower()
         hw = next((h for h in ("b200", "h200", "h100", "a100") if h in name), "h100")
-        nbytes = 4 if dtype == torch.float32 else 2
-        best = ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim, nbytes=nbytes,
-                              inputs=_static_inputs(inputs)).run(top=1)[0].config
-        return best
+        return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs)
     tokens = INTERPRET_TILE_TOKENS
     if boxes:
         while tokens > 1:
@@ -177,6 +174,17 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
     if grid:
         return KernelConfig((min(tokens, math.prod(q_ext)),), (min(tokens, math.prod(kv_ext)),), "flat")
     return KernelConfig((min(tokens, q_ext[0]),), (min(tokens, kv_ext[0]),), "address")
+
+
+def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int = 64,
+                  dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+    """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning)."""
+    from ..compiler.hardware import get_hardware
+    from ..compiler.search import ScheduleSearch
+
+    nbytes = 4 if dtype == torch.float32 else 2
+    return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,
+                          inputs=_static_inputs(inputs)).run(top=1)[0].config
 
 
 def _static_inputs(inputs: dict | None) -> dict | None:
@@ -213,6 +221,10 @@ class Launch:
     cls: tuple[int, int]
     extra: dict  # SEL, KEY_BLOCK, DC (per call), SOFTCAP, inputs -> device tensors and strides
     checks: list  # (input, dimension, extent) of each bias index the forward kernel checks (its ERR slot)
+    #: called with the config after a launch fell back to fewer stages (the runner keeps it)
+    on_config: object = None
+    #: ``() -> Launch | None``: the same call planned with smaller tiles (out-of-resources fallback)
+    shrink: object = None
 
 
 def _dummy(device, dtype=torch.float32) -> torch.Tensor:
@@ -243,6 +255,8 @@ class TritonRunner:
     config_hook = None
     #: Optional ``hook(pattern, bound, shape, config, source) -> path`` (the kernel cache).
     source_hook = None
+    #: Load the native (CUDA) kernels whatever the tensors' device (set by ``runtime.gpu_check``).
+    native = False
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
         check_fp32_constants(pat)
@@ -251,11 +265,20 @@ class TritonRunner:
         self._static: dict = PlanCache()  # shapes key -> (config, plan, source); bounded LRU
         self._dynamic_last: tuple | None = None
         self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
+        self._fallback: dict = {}  # shapes key -> the smaller config an out-of-resources launch fell back to
         self.last_source: str | None = None
         self.last_plan: executor.Plan | None = None
 
     # ------------------------------------------------------------ planning
+    @staticmethod
+    def _key(bound: E.Bound, q: torch.Tensor) -> tuple:
+        return (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, q.device.type,
+                q.shape[-1], q.dtype)
+
     def _config(self, bound: E.Bound, q: torch.Tensor, inputs: dict) -> KernelConfig:
+        fallback = self._fallback.get(self._key(bound, q))
+        if fallback is not None:
+            return fallback
         hook = type(self).config_hook
         if hook is not None and self.q_tile is None and self.kv_tile is None:
             cfg = hook(self.pattern, bound, q, inputs)
@@ -267,8 +290,7 @@ class TritonRunner:
     def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict) -> tuple[KernelConfig, executor.Plan, str]:
         pat = self.pattern
         dyn_names = mask_input_names(pat)
-        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, q.device.type,
-               q.shape[-1], q.dtype)
+        key = self._key(bound, q)
         if not dyn_names and key in self._static:
             return self._static[key]
         used = {n: t for n, t in tensors.items() if n in dyn_names}
@@ -304,7 +326,8 @@ class TritonRunner:
         if sizes not in self._checks:
             self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
                 site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
-        interpret = q.device.type != "cuda"
+        # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
+        interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
         shape = ScheduleShape.of(plan.schedule)
         path = hook(pat, bound, shape, config, source) if hook is not None else None
@@ -330,13 +353,41 @@ class TritonRunner:
         checks = self._checks[sizes]
         if checks:
             extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
+        key = self._key(bound, q)
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
-                      cls, extra, checks)
+                      cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
+                      shrink=lambda: self._shrink(key, config, bound, q, k, inputs))
+
+    def _keep_config(self, key: tuple, config: KernelConfig) -> None:
+        """A launch fell back to fewer stages: later calls of these shapes start there."""
+        entry = self._static.get(key)
+        if entry is not None:
+            self._static[key] = (config, *entry[1:])
+        if self._dynamic_last is not None and self._dynamic_last[0] == key:
+            self._dynamic_last = (key, self._dynamic_last[1], (config, *self._dynamic_last[2][1:]))
+
+    def _shrink(self, key: tuple, config: KernelConfig, bound: E.Bound, q, k, inputs: dict) -> Launch | None:
+        """The call planned again with smaller tiles after Triton ran out of resources (kept for later
+        calls of these shapes); None when the tiles are already the smallest."""
+        square = len(config.q_tile) == 1 and self.pattern.queries.kind == "grid"
+        smaller = smaller_config(config, square)
+        if smaller is None:
+            return None
+        self._fallback[key] = smaller
+        self._static.pop(key, None)
+        self._dynamic_last = None
+        return self.prepare(bound, q, k, inputs)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)
-        names = tuple(launch.tensors)
-        return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
+        while True:
+            names = tuple(launch.tensors)
+            try:
+                return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
+            except _out_of_resources():
+                launch = launch.shrink()
+                if launch is None:
+                    raise
 
 
 # ----------------------------------------------------------------- launching
@@ -422,8 +473,70 @@ def _dot_mode(launch: Launch, dtype: torch.dtype) -> int:
     return 2 if launch.interpret and dtype == torch.bfloat16 else 0
 
 
-def _launch_opts(launch: Launch) -> dict:
-    return {"num_warps": launch.config.num_warps, "num_stages": launch.config.num_stages}
+def _launch_opts(launch: Launch, backward: bool = False) -> dict:
+    """``num_warps``/``num_stages`` of a pass (the config's per-pass launch parameters)."""
+    cfg = launch.config
+    if backward:
+        return {"num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _out_of_resources() -> tuple[type, ...]:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - Triton without the class
+        return ()
+    return (OutOfResources,)
+
+
+def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
+    """Launch one kernel with its pass's ``num_warps``/``num_stages``; when Triton raises
+    ``OutOfResources`` (shared memory over the block's limit), again with fewer pipeline stages
+    (stages hold the streamed tiles' buffers), down to one. Still out of resources: re-raised,
+    for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
+    opts = _launch_opts(launch, backward)
+    while True:
+        try:
+            kernel[grid](*args, **meta, **opts)
+            return
+        except _out_of_resources():
+            if opts["num_stages"] <= 1:
+                raise
+            opts = {**opts, "num_stages": opts["num_stages"] - 1}
+            _note_fallback(launch, backward, opts)
+
+
+def _note_fallback(launch: Launch, backward: bool, opts: dict) -> None:
+    """Remember a pass's smaller launch parameters in the launch's config (the next launch of this
+    config starts there)."""
+    key = ("bwd_num_warps", "bwd_num_stages") if backward else ("num_warps", "num_stages")
+    launch.config = dataclasses.replace(launch.config, **{key[0]: opts["num_warps"], key[1]: opts["num_stages"]})
+    if launch.on_config is not None:
+        launch.on_config(launch.config)
+
+
+def smaller_config(config: KernelConfig, square: bool = False) -> KernelConfig | None:
+    """The next smaller tiles after an out-of-resources launch: the KV tile halved on its largest
+    (outermost of equals) axis (the Q tile's when the KV tile is down to ``MIN_FALLBACK_TOKENS``; both when ``square``,
+    flat tiles of a grid), pipelines reset to two stages; None below the smallest tile ``tl.dot`` takes."""
+    def halve(tile):
+        i = max(range(len(tile)), key=lambda j: (tile[j], -j))  # ties: the outer axis (inner runs stay long)
+        return tuple(t // 2 if j == i else t for j, t in enumerate(tile))
+
+    q, kv = config.q_tile, config.kv_tile
+    if square:
+        if config.q_tokens <= MIN_FALLBACK_TOKENS:
+            return None
+        q, kv = halve(q), halve(kv)
+    elif config.kv_tokens > MIN_FALLBACK_TOKENS:
+        kv = halve(kv)
+    elif config.q_tokens > MIN_FALLBACK_TOKENS:
+        q = halve(q)
+        kv = tuple(min(a, b) for a, b in zip(kv, q, strict=True)) if len(kv) == len(q) else kv
+    else:
+        return None
+    return dataclasses.replace(config, q_tile=q, kv_tile=kv, num_stages=min(config.num_stages, 2),
+                               bwd_num_stages=min(config.bwd_stages, 2) if config.bwd_num_stages else 0)
 
 
 def forward(launch: Launch, q, k, v, scale: float):
@@ -440,8 +553,8 @@ def forward(launch: Launch, q, k, v, scale: float):
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
-        launch.module.attnc_fwd[(nq_tiles, B * Hq)](*args, **_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype),
-                                                     **_launch_opts(launch))
+        _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
+                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype)), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
@@ -490,15 +603,15 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     tail = [float(scale), Hq // Hkv, D, DV]
     ieee = _dot_mode(launch, q.dtype)
     with interpreting(launch.interpret):
-        launch.module.attnc_bwd_dq[(sched.num_q_tiles, B * Hq)](
-            *head, dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w, *common, *tail, **blocks, DOT=ieee,
-            ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **_launch_opts(launch))
+        _launch_kernel(launch, launch.module.attnc_bwd_dq, (sched.num_q_tiles, B * Hq),
+                       [*head, dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w, *common, *tail],
+                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt)), backward=True)
         L = launch.lists
-        launch.module.attnc_bwd_dkdv[(sched.num_kv_tiles, B * Hkv)](
-            *head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
-            L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
-            L["T_PART_I"].shape[-1], *common, *tail, **blocks, DOT=ieee, ROW_SUMS=row_sums,
-            **_launch_opts(launch))
+        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (sched.num_kv_tiles, B * Hkv),
+                       [*head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
+                        L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
+                        L["T_PART_I"].shape[-1], *common, *tail],
+                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums), backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
@@ -595,7 +708,14 @@ class TritonAttention(torch.autograd.Function):
                if need and launch.tensors[n].dtype.is_floating_point]
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt)
+        while True:  # out of resources: the same gradients on smaller tiles (the inputs are in token order)
+            try:
+                dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt)
+                break
+            except _out_of_resources():
+                launch = launch.shrink() if launch.shrink is not None else None
+                if launch is None:
+                    raise
         return (None, None, None, dq, dk, dv, *(d_in.get(n) for n in ctx.names))
 
 

@@ -4,21 +4,25 @@ the ``attnc tune`` / ``attnc cache`` commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
 from attnc import cli
 from attnc.compiler import evaluate as E
+from attnc.compiler import search as SR
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.hardware import get_hardware
 from attnc.compiler.search import ScheduleSearch
 from attnc.runtime import autotune as A
 from attnc.runtime import kernel_cache as KC
+from attnc.runtime import triton_backend as TB
 
 LOCAL = "pattern local(w = 24)\n  tokens seq\n  mask causal and q - k < w\n"
 GRID = "pattern g(r = 1)\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) <= r and abs(q.x - k.x) <= r\n"
@@ -59,9 +63,7 @@ class FakeTimer:
 
     def __call__(self, fn):
         self.calls += 1
-        d = fn()
-        return self.cost(KernelConfig(tuple(d["q_tile"]), tuple(d["kv_tile"]), d["layout"], d["num_warps"],
-                                      d["num_stages"]))
+        return self.cost(A.config_from_dict(fn()))
 
 
 def prefer(q=128, kv=32, warps=8, stages=3):
@@ -79,6 +81,11 @@ def local():
 @pytest.fixture
 def cache(tmp_path):
     return KC.KernelCache(tmp_path / "cache")
+
+
+def fwd_only(cfg: KernelConfig) -> KernelConfig:
+    """The config without its backward launch parameters (which the search sets)."""
+    return dataclasses.replace(cfg, bwd_num_warps=0, bwd_num_stages=0)
 
 
 def tune(pat, bound, cache, builder=None, timer=None, **kw):
@@ -108,11 +115,16 @@ def test_candidates_are_top_schedules_times_launch_parameters(local):
         assert shapes == distinct[:top]  # the simulator's order
         assert [t.rank for t in trials] == list(range(len(trials)))
         for s in shapes:
-            cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
-                    if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s]
             best = next(c.config for c in ranked if (c.config.q_tile, c.config.kv_tile, c.config.layout) == s)
+            # the forward's variants (with the pick's backward launch parameters)
+            cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
+                    if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s
+                    and (t.config.bwd_warps, t.config.bwd_stages) == (best.bwd_warps, best.bwd_stages)]
             assert cfgs[0] == (best.num_warps, best.num_stages)  # the simulator's pick first
-            assert set(cfgs) == {(best.num_warps, best.num_stages), (4, 2), (8, 3), (4, 3)}
+            fitting = {(w, st_) for w, st_ in ((4, 2), (8, 3), (4, 3))
+                       if SR.forward_fits(dataclasses.replace(best, num_warps=w, num_stages=st_), 64, 2,
+                                          get_hardware("h100"))}
+            assert fitting and set(cfgs) == {(best.num_warps, best.num_stages)} | fitting
             assert len(cfgs) == len(set(cfgs))
         for t in trials:
             assert t.predicted_ms > 0 or math.isnan(t.predicted_ms)
@@ -133,7 +145,8 @@ def test_winner_is_the_fastest_and_persisted(local, cache):
     builder, timer = FakeBuilder(), FakeTimer(prefer(q=64, kv=64, warps=8, stages=2))
     res = tune(pat, bound, cache, builder, timer)
     assert not res.from_cache
-    assert res.config == KernelConfig((64,), (64,), "flat", 8, 2)
+    assert fwd_only(res.config) == KernelConfig((64,), (64,), "flat", 8, 2)
+    assert res.config.bwd_num_warps and res.config.bwd_num_stages  # the search sized the backward
     assert timer.calls == len(res.trials) == builder.sources == builder.runs
     assert res.best_ms == min(t.measured_ms for t in res.trials) == 1.0
     assert f"CONFIG = {A.config_dict(res.config)!r}" in res.source
@@ -182,7 +195,7 @@ def test_cached_tiles_are_clipped_to_a_smaller_shape_of_the_bucket(cache):
     builder = FakeBuilder()  # asserts the regenerated schedule's tiles are the config's
     res = tune(pat, E.bind_sizes(pat, n=100, heads=2), cache, builder, FakeTimer(prefer()))
     assert res.from_cache and builder.sources == 1
-    assert res.config == KernelConfig((100,), (64,), "flat", first.config.num_warps, first.config.num_stages)
+    assert res.config == dataclasses.replace(first.config, q_tile=(100,), kv_tile=(64,))
 
 
 def test_keys_differ_by_dtype_and_head_dim(local, cache):
@@ -275,7 +288,7 @@ def test_unwritable_cache_still_returns_the_winner(local, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     res = tune(pat, bound, KC.KernelCache(blocker))
-    assert res.config == KernelConfig((128,), (32,), "flat", 8, 3)
+    assert fwd_only(res.config) == KernelConfig((128,), (64,), "flat", 8, 3)  # no 32-token KV tiles on H100
     assert res.source_path.read_text() == res.source
     assert "could not write the kernel cache" in capsys.readouterr().err
 
@@ -312,7 +325,7 @@ def test_progress_bar_on_a_tty(local, cache):
     frames = text.rstrip("\n").split("\r")[1:]
     assert len(frames) == n + 1
     assert f" 0/{n}" in frames[0] and "#" not in frames[0]
-    assert f"[{'#' * 24}] {n}/{n}" in frames[-1] and "best 1.000 ms" in frames[-1]
+    assert f"[{'#' * 24}] {n}/{n}" in frames[-1] and f"best {res.best_ms:.3f} ms" in frames[-1]
     counts = [int(f.split("] ")[1].split("/")[0]) for f in frames]
     assert counts == list(range(n + 1))
 
@@ -422,10 +435,16 @@ def test_real_triton_kernels_tuned_under_the_interpreter(cache):
     expect = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ v.double()
     seen = []
 
+    dout = torch.randn(1, heads, n, d, generator=gen)  # the runner's upstream gradient: drawn after v
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    ref = torch.softmax(((qd @ kd.transpose(-1, -2)) * d ** -0.5).masked_fill(~allowed, -math.inf), -1) @ vd
+    ref.backward(dout.double())
+
     def timer(fn):
-        out = fn()
-        out = out[0] if isinstance(out, tuple) else out
-        torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-5)
+        out = fn()  # a training step: out, lse, dq, dk, dv
+        torch.testing.assert_close(out[0].double(), expect, rtol=1e-5, atol=1e-5)
+        for got, want in zip(out[2:5], (qd.grad, kd.grad, vd.grad), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
         seen.append(len(seen))
         return 2.0 - 0.1 * len(seen)  # the last candidate wins
 
@@ -440,3 +459,193 @@ def test_real_triton_kernels_tuned_under_the_interpreter(cache):
     assert hasattr(module, "attnc_fwd")
     again = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=builder, timer=timer, cache=cache, device="cpu")
     assert again.from_cache and again.config == res.config and len(seen) == len(res.trials)
+
+
+# ----------------------------------------------------------------- per-pass sizing (search + tuner)
+
+
+@pytest.mark.parametrize("hw_name", ["a100", "h100"])
+@pytest.mark.parametrize("d", [64, 128])
+def test_search_sizes_every_pass(hw_name, d):
+    """Every fitting candidate of the search fits the forward, dQ and dK/dV kernels' shared memory
+    (recomputed here from the tile sizes, independently of ``pass_smem``) and register budget,
+    each at its own pass's launch parameters; the backward's are set."""
+    hw = get_hardware(hw_name)
+    pat = attnc.load("stdlib:sliding_window", window=512)
+    bound = E.bind_sizes(pat, n=4096, heads=2)
+    ranked = ScheduleSearch(pat, bound, hw, head_dim=d).run(top=0)
+    assert ranked and SR.sized(ranked[0].config, d, 2, hw) is not None
+    limit = hw.smem_per_sm_kib * 1024 - 1024
+    lag = 0 if hw_name == "h100" else 1  # pipeline buffers: stages on Hopper, stages - 1 on Ampere
+    for cand in ranked:
+        c = cand.config
+        tq, tk, row = c.q_tokens, c.kv_tokens, d * 2
+        fs, bs = max(c.num_stages - lag, 1), max(c.bwd_stages - lag, 1)
+        assert c.bwd_num_warps and c.bwd_num_stages
+        assert tq * row + fs * 2 * tk * row <= limit  # forward: Q + buffers x (K, V)
+        assert 2 * tq * row + bs * 2 * tk * row <= limit  # dQ: Q, dO + buffers x (K, V)
+        assert 2 * tk * row + bs * 2 * tq * row + tq * tk * 2 <= limit  # dK/dV
+        assert (tq * d + 2 * tq * tk) / (32 * c.num_warps) <= SR.REG_VALUES
+        assert (2 * tk * d + 2 * tq * tk) / (32 * c.bwd_warps) <= SR.REG_VALUES
+
+
+def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
+    h100, a100 = get_hardware("h100"), get_hardware("a100")
+    assert SR.backward_launch(64, 64, 64, 2, h100) == (8, 3)
+    # d = 128, 128 x 64 tiles: dK/dV needs 2*16K + 3*64K + 16K = 240 KiB > 227 at 3 stages: 2 stages
+    assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3) > 227 * 1024
+    assert SR.backward_launch(128, 64, 128, 2, h100) == (8, 2)
+    assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 2) <= 227 * 1024
+    # on A100 the same needs one buffer fewer (cp.async): 3 stages hold 2 buffers, 176 KiB > 163: 2 stages
+    assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3, hopper=False) > 163 * 1024
+    assert SR.backward_launch(128, 64, 128, 2, a100) == (8, 2)
+    # 128 x 128 at d = 128: dK, dV and the score tiles exceed the register budget at 8 warps
+    assert SR.pass_values("bwd_dkdv", 128, 128, 128) / 256 > SR.REG_VALUES
+    assert SR.backward_launch(128, 128, 128, 2, h100) is None
+    assert SR.backward_launch(256, 256, 256, 2, a100) is None
+
+
+def test_hopper_kv_tiles_are_at_least_64_tokens():
+    """wgmma needs 64-row operands: on sm_90 no candidate KV tile (box) below 64 tokens where the
+    keys allow one; on A100 the 32-token boxes stay candidates."""
+    pat = attnc.load("stdlib:neighborhood_3d")
+    bound = E.bind_sizes(pat, heads=1, sizes={"frames": 8, "height": 16, "width": 16})
+    h = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128).run(top=0)
+    assert h and min(c.config.kv_tokens for c in h) >= 64
+    a = ScheduleSearch(pat, bound, get_hardware("a100"), head_dim=64).run(top=0)
+    assert min(c.config.kv_tokens for c in a) == 32
+    seq = attnc.load("stdlib:sliding_window", window=512)
+    s = ScheduleSearch(seq, E.bind_sizes(seq, n=2048, heads=1), get_hardware("h100"), head_dim=64).run(top=0)
+    assert min(c.config.kv_tokens for c in s) >= 64
+
+
+def test_candidates_vary_each_pass_and_round_trip_the_cache(local):
+    pat, bound = local
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128)
+    trials = A.candidates(search, top=1)
+    pick = trials[0].config
+    assert pick.bwd_num_warps and pick.bwd_num_stages
+    fwd = {(t.config.num_warps, t.config.num_stages) for t in trials if t.config.bwd_warps == pick.bwd_warps
+           and t.config.bwd_stages == pick.bwd_stages}
+    bwd = {(t.config.bwd_warps, t.config.bwd_stages) for t in trials if t.config.num_warps == pick.num_warps
+           and t.config.num_stages == pick.num_stages}
+    assert len(fwd) > 1 and len(bwd) > 1
+    for t in trials:
+        assert A.config_from_dict(A.config_dict(t.config)) == t.config
+    old = {"q_tile": [64], "kv_tile": [64], "layout": "flat", "num_warps": 4, "num_stages": 2}
+    assert A.config_from_dict(old) == KernelConfig((64,), (64,), "flat", 4, 2)  # entries before per-pass configs
+    assert A.config_from_dict({**old, "bwd_num_warps": 3, "bwd_num_stages": True}).bwd_num_warps == 0
+
+
+def test_builder_times_forward_and_backward(local, monkeypatch):
+    """The Triton builder's timed callable runs the three kernels (forward, dQ, dK/dV) with each
+    pass's launch parameters."""
+    pat, bound = local
+    launched = []
+    real = TB._launch_kernel
+
+    def spy(launch, kernel, grid, args, meta, *, backward):
+        launched.append((getattr(kernel, "fn", kernel).__name__, TB._launch_opts(launch, backward)))
+        return real(launch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(TB, "_launch_kernel", spy)
+    cfg = KernelConfig((64,), (64,), "flat", 4, 2, 8, 1)
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
+    sched = search.schedule(cfg.q_tile, cfg.kv_tile)
+    builder = A.TritonBuilder(interpret=True)
+    path = A.scratch_source(None, builder.source(pat, bound, sched, cfg))
+    fn = builder.runner(builder.load(path), pat, bound, sched, cfg, head_dim=16, dtype="fp16", batch=1,
+                        device="cpu", inputs=None)
+    fn()
+    assert [name for name, _ in launched] == ["attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"]
+    assert launched[0][1] == {"num_warps": 4, "num_stages": 2}
+    assert launched[1][1] == launched[2][1] == {"num_warps": 8, "num_stages": 1}
+
+
+# ----------------------------------------------------------------- out of resources: fall back, never fail
+class _OutOfResourcesKernels:
+    """A loaded kernel module whose kernels raise Triton's ``OutOfResources`` above a shared-memory
+    budget computed from the launch (as a GPU's loader does), and run otherwise."""
+
+    def __init__(self, module, too_big):
+        self.module, self.too_big, self.launches = module, too_big, []
+
+    def __getattr__(self, name):
+        kernel = getattr(self.module, name)
+        outer = self
+
+        class Proxy:
+            fn = getattr(kernel, "fn", kernel)
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    outer.launches.append((name, kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]))
+                    if outer.too_big(name, kw):
+                        from triton.runtime.errors import OutOfResources
+
+                        raise OutOfResources(300000, 232448, "shared memory")
+                    return kernel[grid](*args, **kw)
+
+                return launch
+
+        return Proxy()
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+@pytest.mark.parametrize("case", ["stages", "fwd_tiles", "bwd_tiles"])
+def test_out_of_resources_falls_back_to_a_smaller_config(monkeypatch, case):
+    """A launch Triton refuses (simulated ``OutOfResources``) is retried with fewer stages, then
+    with smaller tiles, forward or backward alone, and the results still equal the reference."""
+    too_big = {
+        "stages": lambda name, kw: kw["num_stages"] > 1,
+        "fwd_tiles": lambda name, kw: name == "attnc_fwd" and kw["BLOCK_N"] > 16,
+        "bwd_tiles": lambda name, kw: name == "attnc_bwd_dkdv" and kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 16,
+    }[case]
+    wrappers = []
+    real_load = TB.load_kernels
+
+    def load(path, interpret=False):
+        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
+        return wrappers[-1]
+
+    monkeypatch.setattr(TB, "load_kernels", load)
+    pat = attnc.load(LOCAL)
+    tri = attnc.compile_attention(pat, backend="triton", q_tile=32, kv_tile=32)
+    ref = attnc.compile_attention(pat, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 48, 16, generator=g).requires_grad_() for _ in range(3))
+    out = tri(q, k, v)
+    out.sum().backward()
+    grads = [x.grad.clone() for x in (q, k, v)]
+    for x in (q, k, v):
+        x.grad = None
+    expect = ref(q, k, v)
+    expect.sum().backward()
+    torch.testing.assert_close(out, expect, atol=2e-5, rtol=2e-5)
+    for got, want in zip(grads, (q.grad, k.grad, v.grad), strict=True):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    launches = [x for w in wrappers for x in w.launches]
+    refused = [x for x in launches if too_big(x[0], {"BLOCK_M": x[1], "BLOCK_N": x[2], "num_stages": x[3]})]
+    assert refused  # the simulated limit was hit, and fallen back from
+    ran = {x[0] for x in launches if x not in refused}
+    assert ran == {"attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"}
+    if case == "stages":
+        assert refused[0][3] == 2 and any(x[3] == 1 for x in launches)
+    # the next call starts from the fallen-back config: nothing refused again
+    for w in wrappers:
+        w.launches.clear()
+    tri(q, k, v).sum().backward()
+    again = [x for w in wrappers for x in w.launches]
+    assert again and not [x for x in again if too_big(x[0], {"BLOCK_M": x[1], "BLOCK_N": x[2], "num_stages": x[3]})]
+
+
+def test_smaller_config_halves_kv_then_q_and_stops_at_16():
+    c = KernelConfig((64,), (32,), "flat", 8, 3, 8, 3)
+    s1 = TB.smaller_config(c)
+    assert s1.kv_tile == (16,) and s1.q_tile == (64,) and s1.num_stages == 2 and s1.bwd_num_stages == 2
+    s2 = TB.smaller_config(s1)
+    assert s2.q_tile == (32,) and s2.kv_tile == (16,)
+    assert TB.smaller_config(KernelConfig((16,), (16,))) is None
+    box = TB.smaller_config(KernelConfig((4, 8, 8), (4, 4, 4), "address"))
+    assert box.kv_tile == (2, 4, 4) and box.q_tile == (4, 8, 8)
+    assert TB.smaller_config(KernelConfig((64,), (64,)), square=True).kv_tile == (32,)

@@ -1,0 +1,251 @@
+"""The offline GPU compile matrix: every stdlib pattern x head dim x dtype x architecture, compiled
+for CUDA without a GPU through attnc's launch path at the configs its schedule search picks
+(``runtime.gpu_check``), on the installed Triton. Writes
+``benchmarks/results/gpu-compile-<triton version>-<date>.md``: one row per kernel (registers, spill
+bytes, shared memory against the per-block limit, wgmma / mma.sync counts) and, with ``--before``,
+the same kernels at the configs the search picked before it sized the backward (forward-only shared
+memory, one launch config for both passes, 32-token KV tiles on Hopper) beside them.
+
+One command (``python benchmarks/gpu_compile_matrix.py``) runs the full matrix; ``--quick`` the
+documented subset; results are appended to a JSON-lines file as they come (``--resume`` skips
+what it holds), so an interrupted run continues where it stopped. Exit status 1 when a kernel of
+the current configs fails to compile, exceeds the shared-memory limit or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+DATE = "2026-11-22"
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Sizes of the recorded call per layout (the kernels bake the sizes in; the search's pick depends on them).
+SEQ_N = 8192
+GRID_SIZES = {2: {"height": 64, "width": 64}, 3: {"frames": 16, "height": 32, "width": 32}}
+#: Parameters a stdlib pattern needs (no default) or whose default does not fit SEQ_N.
+PARAMS = {"prefix_lm": {"prefix": 1024}, "moba": {"block": 1024, "topk": 4}}
+RECURRENCES = {"gla", "lightning", "lightning_fla", "mamba2", "retention"}
+QUICK = ["sliding_window", "softcap", "alibi", "forgetting", "moba", "streaming", "power", "document",
+         "neighborhood_2d", "neighborhood_3d", "mamba2", "retention"]
+
+
+def stdlib_names() -> list[str]:
+    from attnc.spec.library import stdlib_index
+
+    return sorted(stdlib_index())
+
+
+def _sizes(pat) -> tuple[int | None, dict | None]:
+    from attnc.compiler import ir
+
+    if isinstance(pat, ir.PatternIR) and pat.queries.kind == "grid":
+        return None, dict(GRID_SIZES[len(pat.queries.axes)])
+    return SEQ_N, None
+
+
+@contextlib.contextmanager
+def before_search():
+    """The schedule search as it was before per-pass sizing: forward-only shared memory, the
+    forward's launch parameters for the backward, 32-token KV tiles on every architecture."""
+    from attnc.compiler import cost
+    from attnc.compiler import search as SR
+
+    saved = (SR.sized, SR.min_kv_tokens)
+
+    def old_sized(config, head_dim, nbytes, hw, score_tiles=2):
+        return config if cost.smem_fits(config, head_dim, nbytes, hw) else None
+
+    SR.sized, SR.min_kv_tokens = old_sized, lambda hw: 1
+    try:
+        yield
+    finally:
+        SR.sized, SR.min_kv_tokens = saved
+
+
+def run_one(task: tuple) -> list[dict]:
+    """One (pattern, arch, head dim, dtype, before) cell: its kernels' reports as dicts."""
+    name, arch, d, dtype, before = task
+    import triton
+
+    import attnc
+    from attnc.runtime import gpu_check as G
+
+    start = time.perf_counter()
+    try:
+        pat = attnc.load(f"stdlib:{name}", **PARAMS.get(name, {}))
+        n, sizes = _sizes(pat)
+        with before_search() if before else contextlib.nullcontext():
+            reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
+                                      label=name)
+        rows = [r.to_dict() for r in reports]
+    except Exception as err:  # noqa: BLE001 - a cell that cannot even be recorded is a finding too
+        rows = [{"pattern": name, "kernel": "-", "arch": arch, "head_dim": d, "dtype": dtype, "config": "",
+                 "num_warps": 0, "num_stages": 0, "shared": 0, "smem_limit": 0, "regs": 0, "spill_bytes": 0,
+                 "stack": 0, "wgmma": 0, "mma": 0, "error": f"{type(err).__name__}: {err}"[:240]}]
+    for r in rows:
+        r.update(before=before, triton=triton.__version__, seconds=round(time.perf_counter() - start, 1))
+    return rows
+
+
+def problems(r: dict) -> list[str]:
+    out = []
+    if r["error"]:
+        return [f"error: {r['error']}"]
+    if r["shared"] > r["smem_limit"]:
+        out.append(f"smem {r['shared'] / 1024:.0f} KiB > {r['smem_limit'] // 1024}")
+    if r["spill_bytes"]:
+        out.append(f"spills {r['spill_bytes']} B")
+    return out
+
+
+def cell(text: str) -> str:
+    """A markdown table cell (a config's ``|`` separates its passes)."""
+    return text.replace("|", "\\|")
+
+
+def row_md(r: dict) -> str:
+    status = "; ".join(problems(r)) or "ok"
+    return (f"| {r['pattern']} | {r['kernel']} | sm_{r['arch']} | {r['head_dim']} | {r['dtype']} | {cell(r['config'])} | "
+            f"{r['num_warps']} | {r['num_stages']} | {r['shared'] / 1024:.1f} | {r['smem_limit'] // 1024} | "
+            f"{r['regs']} | {r['spill_bytes']} | {r['wgmma']} | {r['mma']} | {status} |")
+
+
+HEAD = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B | "
+        "wgmma | mma.sync | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def badness(r: dict) -> tuple:
+    over = max(0, r["shared"] - r["smem_limit"]) if r["smem_limit"] else 0
+    return (bool(r["error"]), over, r["spill_bytes"], r["shared"] / max(r["smem_limit"], 1))
+
+
+def render(rows: list[dict], args, elapsed: float) -> str:
+    import platform
+
+    import triton
+
+    cur = [r for r in rows if not r["before"]]
+    old = [r for r in rows if r["before"]]
+    bad = [r for r in cur if problems(r)]
+    lines = [f"# Offline GPU compile matrix: Triton {triton.__version__}, {DATE}", "",
+             "Kernels compiled for CUDA without a GPU (`runtime.gpu_check`: the launch path's own launches, "
+             "recorded on CPU tensors, bound and specialised as `JITFunction.run` does, compiled with "
+             "`triton.compile` for `GPUTarget(\"cuda\", arch, 32)`; registers and spills from ptxas -v) "
+             "at the configs the schedule search picks for the arch's hardware model (sm_80: A100, sm_90: "
+             "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
+             f"Command: `python benchmarks/gpu_compile_matrix.py "
+             f"{' '.join(a for a in sys.argv[1:] if a not in ('--render-only', '--resume'))}`; "
+             f"{len(cur)} kernels, {elapsed / 60:.0f} min on {platform.machine()} ({os.cpu_count()} cores, "
+             "shared with other jobs).", "",
+             f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; params {PARAMS}.", "",
+             f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
+             "or spills) at the current configs." + (" Problems:" if bad else ""), ""]
+    for r in sorted(bad, key=badness, reverse=True):
+        lines.append(f"- {r['pattern']} {r['kernel']} sm_{r['arch']} d={r['head_dim']} {r['dtype']} "
+                     f"({r['config']}): {'; '.join(problems(r))}")
+    if old:
+        lines += ["", "## Before / after (worst kernels before)", "",
+                  "Before: the search as it was (forward-only shared memory, the forward's warps/stages for "
+                  "the backward, 32-token KV tiles on Hopper), reproduced by `--before`. After: per-pass "
+                  "sizing (this branch).", "",
+                  "| pattern | kernel | arch | d | before config | smem KiB | regs | spill B | mma.sync | "
+                  "after config | smem KiB | regs | spill B | mma.sync |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        after = {(r["pattern"], r["kernel"], r["arch"], r["head_dim"], r["dtype"]): r for r in cur}
+        worst = sorted(old, key=badness, reverse=True)
+        shown = 0
+        for b in worst:
+            a = after.get((b["pattern"], b["kernel"], b["arch"], b["head_dim"], b["dtype"]))
+            if a is None or not problems(b) and shown >= 12:
+                continue
+            lines.append(f"| {b['pattern']} | {b['kernel']} | sm_{b['arch']} | {b['head_dim']} | {cell(b['config'])} | "
+                         f"{b['shared'] / 1024:.0f} | {b['regs']} | {b['spill_bytes']} | {b['mma']} | {cell(a['config'])} | "
+                         f"{a['shared'] / 1024:.0f} | {a['regs']} | {a['spill_bytes']} | {a['mma']} |")
+            shown += 1
+            if shown >= 40:
+                break
+        nb = len([r for r in old if problems(r)])
+        lines += ["", f"Before: {nb} of {len(old)} kernels with a problem; after: {len(bad)} of {len(cur)}."]
+    lines += ["", "## All kernels (current configs)", "", HEAD]
+    lines += [row_md(r) for r in sorted(cur, key=lambda r: (r["pattern"], r["arch"], r["head_dim"], r["dtype"]))]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--patterns", help="comma-separated stdlib names (default: all)")
+    p.add_argument("--quick", action="store_true", help=f"the subset {','.join(QUICK)}")
+    p.add_argument("--arch", default=None, help="compute capabilities (default 80,90 and 100 when supported)")
+    p.add_argument("--head-dim", default="64,128")
+    p.add_argument("--dtype", default="fp16,bf16")
+    p.add_argument("--before", action="store_true", help="also the configs of the search before per-pass sizing")
+    p.add_argument("--before-head-dim", default="128", help="head dims of the --before cells (default 128)")
+    p.add_argument("--before-dtype", default="bf16", help="dtypes of the --before cells (default bf16)")
+    p.add_argument("--jobs", type=int, default=1, help="processes compiling in parallel")
+    p.add_argument("--out", help="the results file (default benchmarks/results/gpu-compile-<triton>-<date>.md)")
+    p.add_argument("--resume", action="store_true", help="skip the cells the JSON-lines file already holds")
+    p.add_argument("--render-only", action="store_true", help="write the results file from the JSON-lines file")
+    args = p.parse_args(argv)
+    from attnc.runtime import gpu_check as G
+
+    names = args.patterns.split(",") if args.patterns else (QUICK if args.quick else stdlib_names())
+    archs = [int(a) for a in args.arch.split(",")] if args.arch else list(G.default_archs())
+    dims = [int(d) for d in args.head_dim.split(",")]
+    dtypes = args.dtype.split(",")
+    tasks = []
+    for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
+        for a in archs:
+            tasks += [(n, a, d, t, False) for d in dims for t in dtypes]
+            if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
+                tasks += [(n, a, d, t, True) for d in map(int, args.before_head_dim.split(","))
+                          for t in args.before_dtype.split(",")]
+    out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"
+    log = out.with_suffix(".jsonl")
+    rows: list[dict] = []
+    if args.render_only:
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        cells = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]): r["seconds"] for r in rows}
+        out.write_text(render(rows, args, sum(cells.values())), encoding="utf-8")
+        print(f"wrote {out}")
+        return 1 if any(problems(r) for r in rows if not r["before"]) else 0
+    if args.resume and log.exists():
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]) for r in rows}
+        tasks = [t for t in tasks if t not in done]
+    elif log.exists():
+        log.unlink()
+    start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        def take(cell_rows):
+            for r in cell_rows:
+                f.write(json.dumps(r) + "\n")
+            f.flush()
+            rows.extend(cell_rows)
+            r0 = cell_rows[0]
+            print(f"[{len(rows)}] {r0['pattern']} sm_{r0['arch']} d{r0['head_dim']} {r0['dtype']}"
+                  f"{' before' if r0['before'] else ''}: "
+                  f"{'; '.join(sum((problems(r) for r in cell_rows), [])) or 'ok'} ({r0['seconds']} s)", flush=True)
+
+        if args.jobs > 1:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                for fut in as_completed([pool.submit(run_one, t) for t in tasks]):
+                    take(fut.result())
+        else:
+            for t in tasks:
+                take(run_one(t))
+    out.write_text(render(rows, args, time.perf_counter() - start), encoding="utf-8")
+    print(f"wrote {out}")
+    return 1 if any(problems(r) for r in rows if not r["before"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,477 @@
+"""Offline GPU compile check: the Triton kernels a call would launch on CUDA, compiled for
+sm_80 / sm_90 (sm_100 where the installed Triton targets it) without a GPU, with what a real
+launch would meet: registers, spill bytes, shared memory against the per-block limit, and the
+tensor-core instructions in the PTX.
+
+The launches are not guessed: the pattern's own launch path runs on CPU tensors (the softmax
+kernels of ``runtime.triton_backend`` at the config the schedule search picks on the target's
+hardware model; the recurrence kernels of ``runtime.triton_recurrence`` at the chunk the
+simulator picks), and every ``kernel[grid](...)`` it makes is recorded instead of run
+(``capture_launches``). Each record is then bound and specialised exactly as
+``JITFunction.run`` would (Triton's own binder and ``_pack_args``: signature, constexprs,
+alignment attributes, ``num_warps``/``num_stages``) and compiled with ``triton.compile`` for a
+``GPUTarget``. Whatever kernels the launch path uses, today's or tomorrow's, are checked.
+
+Registers and spills come from ``ptxas -v`` (Triton's bundled ptxas, run on the PTX with the
+flags Triton uses); ``CompiledKernel.n_regs`` needs a driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..compiler import ir
+from ..spec.errors import SpecError
+
+#: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
+#: A local table on purpose: ``compiler.hardware`` models per-SM capacity for the cost model.
+SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
+#: The simulator's hardware model whose schedule a call on this architecture runs.
+ARCH_HARDWARE = {80: "a100", 86: "a100", 89: "a100", 90: "h100", 100: "b200", 120: "b200"}
+DEFAULT_ARCHS = (80, 90)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+#: Batch and heads of the recorded call: the kernels do not depend on them beyond the grid.
+BATCH, HEADS = 1, 2
+
+_LOCK = threading.RLock()
+
+
+# ----------------------------------------------------------------- recording launches
+@dataclass
+class Recorded:
+    """One ``kernel[grid](*args, **kwargs)`` of the launch path (not run)."""
+
+    name: str
+    fn: object  # the JITFunction (or InterpretedFunction) launched
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def capture_launches():
+    """Record every Triton kernel launch in the block instead of running it (native and
+    interpreted launches alike); yields the list the records go to. Outputs of recorded
+    launches are left as allocated (garbage): only the launches matter."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    records: list[Recorded] = []
+
+    def record(self, *args, grid, warmup, **kwargs):
+        if warmup:
+            raise SpecError("a warm-up compile inside a recorded launch path", where="gpu check")
+        name = getattr(getattr(self, "fn", None), "__name__", None) or str(self)
+        records.append(Recorded(name, self, tuple(grid) if not callable(grid) else grid, args, dict(kwargs)))
+
+    with _LOCK:
+        saved = (JITFunction.run, InterpretedFunction.run)
+        JITFunction.run = record
+        InterpretedFunction.run = record
+        try:
+            yield records
+        finally:
+            JITFunction.run, InterpretedFunction.run = saved
+
+
+def native_kernel(fn):
+    """The CUDA ``JITFunction`` of a recorded kernel: itself when native; for an interpreted one, the
+    native twin from its module (generated kernel modules are reloaded natively, modules with a
+    ``kernels(interpret)`` table are asked for theirs), else the plain function jitted."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(fn, JITFunction):
+        return fn
+    raw = fn.fn
+    module = sys.modules.get(raw.__module__)
+    if raw.__module__.startswith("attnc_kernels_"):
+        from .triton_backend import load_kernels
+
+        return getattr(load_kernels(inspect.getsourcefile(raw), interpret=False), raw.__name__)
+    table = getattr(module, "kernels", None)
+    if callable(table):
+        with contextlib.suppress(Exception):
+            return table(False)[raw.__name__]
+    import triton
+
+    return triton.jit(raw)
+
+
+# ----------------------------------------------------------------- compiling one launch
+@dataclass
+class KernelReport:
+    """What a launch of one kernel would meet on one architecture."""
+
+    pattern: str
+    kernel: str
+    arch: int
+    head_dim: int
+    dtype: str
+    config: str = ""
+    num_warps: int = 0
+    num_stages: int = 0
+    shared: int = 0
+    smem_limit: int = 0
+    regs: int = 0
+    spill_bytes: int = 0  # spill stores + spill loads per thread (ptxas)
+    stack: int = 0
+    wgmma: int = 0
+    mma: int = 0
+    error: str | None = None
+    constexprs: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this kernel would fail or run badly: a compile error, shared memory over the limit, spills."""
+        out = []
+        if self.error:
+            out.append(f"compile error: {self.error}")
+            return out
+        if self.shared > self.smem_limit:
+            out.append(f"shared memory {self.shared / 1024:.1f} KiB > {self.smem_limit // 1024} KiB")
+        if self.spill_bytes:
+            out.append(f"spills {self.spill_bytes} B")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
+                                              "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
+                                              "wgmma", "mma", "error")}
+
+
+def _knob(path: str, default=None):
+    obj = __import__("triton").knobs
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return default
+    return obj
+
+
+def compile_launch(rec: Recorded, arch: int):
+    """``triton.compile`` of a recorded launch for ``sm_<arch>``, bound and specialised as
+    ``JITFunction.run`` does (Triton's binder on the real arguments)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = native_kernel(rec.fn)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    kwargs = dict(rec.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or bool(_knob("runtime.debug", False))
+    for opt, knob in (("instrumentation_mode", "compilation.instrumentation_mode"),
+                      ("fpsan_homomorphic_casts", "compilation.fpsan_homomorphic_casts")):
+        if opt in inspect.getsource(type(fn).run):
+            kwargs[opt] = _knob(knob)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*rec.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(fn, signature, constexprs, attrs)
+    log = io.StringIO()
+    # Triton prints ptxas's -v log when it runs ptxas (not for a kernel from its cache)
+    with _env("TRITON_DUMP_PTXAS_LOG", "1"), contextlib.redirect_stdout(log), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+        kernel = triton.compile(src, target=target, options=options.__dict__)
+    usage = _parse_ptxas(log.getvalue())
+    if usage is not None:
+        _PTXAS_CACHE[_ptx_key(kernel.asm["ptx"], arch)] = usage
+    consts = {(fn.arg_names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
+    return kernel, options, consts
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str):
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _ptx_key(ptx: str, arch: int) -> str:
+    return hashlib.sha256(f"{arch}\0{ptx}".encode()).hexdigest()
+
+
+def _parse_ptxas(log: str) -> tuple[int, int, int] | None:
+    if "registers" not in log:
+        return None
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    stack = max((int(x) for x in re.findall(r"(\d+) bytes stack frame", log)), default=0)
+    return regs, spills, stack
+
+
+_PTXAS_CACHE: dict[str, tuple[int, int, int]] = {}
+
+
+def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill bytes (stores + loads), stack frame bytes) per thread, from ``ptxas -v``
+    on the PTX with the flags Triton's ``make_cubin`` uses (Triton's bundled ptxas)."""
+    from triton.backends.nvidia import compiler as nv
+
+    key = _ptx_key(ptx, arch)
+    if key in _PTXAS_CACHE:
+        return _PTXAS_CACHE[key]
+    ptxas = nv.get_ptxas(arch).path if "arch" in inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas().path
+    flags = ["-lineinfo", "-v"]
+    if "regAllocOptLevel" in inspect.getsource(nv.CUDABackend.make_cubin):
+        flags.append("--regAllocOptLevel=2")
+    with tempfile.TemporaryDirectory(prefix="attnc-ptxas-") as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(ptx)
+        proc = subprocess.run([ptxas, *flags, f"--gpu-name={nv.sm_arch_from_capability(arch)}", src, "-o",
+                               os.path.join(tmp, "k.o")], capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    usage = _parse_ptxas(log)
+    if proc.returncode or usage is None:
+        raise RuntimeError(f"ptxas failed: {log.strip()[-300:]}")
+    _PTXAS_CACHE[key] = usage
+    return usage
+
+
+def tensor_core_counts(ptx: str) -> tuple[int, int]:
+    """(``wgmma.mma_async`` instructions, ``mma.sync`` instructions) in the PTX."""
+    wgmma = len(re.findall(r"^\s*wgmma\.mma_async\b", ptx, re.M))
+    mma = len(re.findall(r"^\s*mma\.sync\b", ptx, re.M))
+    return wgmma, mma
+
+
+def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype: str, config: str = "") -> KernelReport:
+    """Compile one recorded launch for ``sm_<arch>`` and report; a compile failure becomes the report's error."""
+    rep = KernelReport(pattern, _kernel_name(rec.name), arch, head_dim, dtype, config,
+                       smem_limit=SMEM_LIMIT.get(arch, 0))
+    try:
+        with warnings.catch_warnings():  # Triton 3.9's notice about its future fp-fusion default
+            warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+            kernel, options, consts = compile_launch(rec, arch)
+        rep.num_warps, rep.num_stages = options.num_warps, options.num_stages
+        rep.constexprs = consts
+        rep.shared = int(kernel.metadata.shared)
+        ptx = kernel.asm["ptx"]
+        rep.regs, rep.spill_bytes, rep.stack = ptxas_usage(ptx, arch)
+        rep.wgmma, rep.mma = tensor_core_counts(ptx)
+    except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
+        rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
+    return rep
+
+
+def _kernel_name(name: str) -> str:
+    return {"attnc_fwd": "fwd", "attnc_bwd_dq": "bwd_dq", "attnc_bwd_dkdv": "bwd_dkdv"}.get(name, name.lstrip("_"))
+
+
+# ----------------------------------------------------------------- driving the launch path
+def targets_available(arch: int) -> bool:
+    """Whether the installed Triton (and its ptxas) compiles for ``sm_<arch>``."""
+    with _LOCK:
+        if arch not in _TARGETS:
+            _TARGETS[arch] = _probe(arch)
+        return _TARGETS[arch]
+
+
+_TARGETS: dict[int, bool] = {}
+
+
+def _probe(arch: int) -> bool:
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def _attnc_probe(X, BLOCK: tl.constexpr):
+        tl.store(X + tl.arange(0, BLOCK), tl.arange(0, BLOCK).to(tl.float32))
+
+    try:
+        from triton.backends.nvidia import compiler as nv
+
+        src = ASTSource(triton.jit(_attnc_probe), {"X": "*fp32"}, {"BLOCK": 16})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
+        ptxas_usage(k.asm["ptx"], arch)
+        return nv is not None
+    except Exception:  # noqa: BLE001 - an unsupported target
+        return False
+
+
+def _inputs(pat, bound, gen: torch.Generator) -> dict:
+    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs,
+    sorted small ints for int ones (document ids, flags)."""
+    import sympy
+
+    out = {}
+    for decl in pat.inputs:
+        shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
+        if decl.dtype == "float":
+            out[decl.name] = -0.5 * torch.rand(shape, generator=gen, dtype=torch.float32)
+        else:
+            out[decl.name] = torch.sort(torch.randint(0, 4, shape, generator=gen), dim=-1).values
+    return out
+
+
+def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
+                sizes: dict | None = None, config=None) -> tuple[list[Recorded], str]:
+    """Run the pattern's forward and backward through its launch path on CPU tensors as a CUDA
+    call on ``sm_<arch>`` would, recording the launches; returns them and the config in words.
+    ``config`` (a ``KernelConfig``) replaces the search's pick (softmax patterns; sweeps)."""
+    from ..compiler import evaluate as E
+    from ..compiler.hardware import get_hardware
+    from . import api
+    from . import triton_backend as TB
+
+    hw = get_hardware(ARCH_HARDWARE.get(arch, "h100"))
+    tdtype = DTYPES[dtype]
+    attn = api.compile_attention(pattern, backend="triton")
+    pat = attn.pattern
+    gen = torch.Generator().manual_seed(0)
+    if isinstance(pat, ir.RecurrenceIR):
+        bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)
+    else:
+        bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes)
+    N = bound.n
+    q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
+    inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}
+    described = ""
+    with capture_launches() as records, _as_cuda(pat, hw):
+        if isinstance(pat, ir.PatternIR):
+            class Native(TB.TritonRunner):
+                native = True
+
+                def _config(self, bound, q, inputs):
+                    if config is not None:
+                        return config
+                    return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype,
+                                            inputs=inputs)
+
+            runner = Native(pat)
+            attn._triton = runner
+            out = attn(q, k, v, sizes=sizes, **inputs)
+            cfg = next(iter(runner._static.values()))[0]
+            described = _describe(cfg)
+        else:
+            out = attn(q, k, v, sizes=sizes, **inputs)
+            described = f"chunk {attn._last_call.get('q_tile')}"
+        out.float().sum().backward()
+    return records, described
+
+
+def _describe(cfg) -> str:
+    tiles = "x".join(map(str, cfg.q_tile)) + "/" + "x".join(map(str, cfg.kv_tile))
+    text = f"{tiles} {cfg.layout} w{cfg.num_warps} s{cfg.num_stages}"
+    bw, bs = getattr(cfg, "bwd_num_warps", None), getattr(cfg, "bwd_num_stages", None)
+    if bw or bs:
+        text += f" | bwd w{bw or cfg.num_warps} s{bs or cfg.num_stages}"
+    return text
+
+
+@contextlib.contextmanager
+def _as_cuda(pat, hw):
+    """The recurrence path as on CUDA: its kernels native (not interpreted) and its chunk chosen
+    for ``hw`` (the interpreter and CPU choices differ from the GPU's)."""
+    from . import recurrence, triton_recurrence
+
+    saved = []
+    if isinstance(pat, ir.RecurrenceIR):
+        for mod, name, value in ((triton_recurrence, "_interpret", lambda _t: False),
+                                 (recurrence, "hardware_for", lambda _d: hw),
+                                 (recurrence, "resolve_backend", lambda _b, _d: "triton")):
+            if hasattr(mod, name):
+                saved.append((mod, name, getattr(mod, name)))
+                setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,
+                  sizes: dict | None = None, label: str | None = None) -> list[KernelReport]:
+    """Every kernel of the pattern's forward and backward, per architecture, head dim and dtype.
+    ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``)."""
+    archs, head_dims, dtypes = _check_args(archs, head_dims, dtypes)
+    name = label or getattr(pattern, "name", None) or str(pattern).removeprefix("stdlib:")
+    reports: list[KernelReport] = []
+    for arch in archs:
+        for d in head_dims:
+            for dt in dtypes:
+                records, config = record_call(pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes)
+                if not records:
+                    raise SpecError(f"'{name}' launched no Triton kernel", where="gpu check")
+                for rec in records:
+                    reports.append(check_launch(rec, arch, pattern=name, head_dim=d, dtype=dt, config=config))
+    return reports
+
+
+def _check_args(archs, head_dims, dtypes):
+    archs = tuple(archs)
+    for a in archs:
+        if isinstance(a, bool) or not isinstance(a, int) or a not in SMEM_LIMIT:
+            raise SpecError(f"unknown architecture {a!r}", where="argument arch",
+                            hint="one of " + ", ".join(map(str, SMEM_LIMIT)))
+        if not targets_available(a):
+            raise SpecError(f"the installed Triton cannot compile for sm_{a}", where="argument arch")
+    head_dims = tuple(head_dims)
+    for d in head_dims:
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 256:
+            raise SpecError(f"head dims are ints in 1..256, got {d!r}", where="argument head_dim")
+    dtypes = tuple(dtypes)
+    for dt in dtypes:
+        if dt not in DTYPES:
+            raise SpecError(f"unknown dtype {dt!r}", where="argument dtype", hint="fp16, bf16 or fp32")
+    return archs, head_dims, dtypes
+
+
+def default_archs() -> tuple[int, ...]:
+    """sm_80, sm_90, and sm_100 when the installed Triton targets it."""
+    return DEFAULT_ARCHS + ((100,) if targets_available(100) else ())
+
+
+# ----------------------------------------------------------------- text
+HEADER = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B "
+          "| wgmma | mma.sync | status |")
+
+
+def table(reports: list[KernelReport]) -> str:
+    """A markdown table of the reports."""
+    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
+    for r in reports:
+        status = "ok" if r.ok else "; ".join(r.problems)
+        lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config.replace('|', '/')} | "
+                     f"{r.num_warps} | {r.num_stages} | {r.shared / 1024:.1f} | {r.smem_limit // 1024} | {r.regs} | "
+                     f"{r.spill_bytes} | {r.wgmma} | {r.mma} | {status} |")
+    return "\n".join(lines)
+
+
+def summary(reports: list[KernelReport]) -> str:
+    bad = [r for r in reports if not r.ok]
+    return f"{len(reports)} kernels compiled, {len(bad)} with problems" + (
+        "" if not bad else ": " + ", ".join(sorted({f'{r.pattern}/{r.kernel}/sm_{r.arch}/d{r.head_dim}' for r in bad})))
+
+
+__all__ = ["ARCH_HARDWARE", "KernelReport", "Recorded", "SMEM_LIMIT", "capture_launches", "check_launch",
+           "check_pattern", "compile_launch", "default_archs", "native_kernel", "ptxas_usage", "record_call",
+           "summary", "table", "targets_available", "tensor_core_counts"]
