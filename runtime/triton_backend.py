@@ -323,7 +323,7 @@ class TritonRunner:
             cls = (0, 1)
         extra: dict = {}
         if plan.selection is not None:
-            extra["SEL"] = plan.selection.to(torch.int8).contiguous().to(device)
+            extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
             extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
         if plan.softcap is not None:
             extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
@@ -498,6 +498,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
             *head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
             L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
             L["T_PART_I"].shape[-1], *common, *tail, **blocks, DOT=ieee, ROW_SUMS=row_sums,
+            QT_VIEW=device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9,  # codegen: wgmma
             **_launch_opts(launch))
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
