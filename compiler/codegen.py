@@ -1158,8 +1158,9 @@ class KernelSource:
         return lines
 
     def _bwd_scores_t(self, masked: bool) -> list[str]:
-        """Recompute P^T and dS^T of one (KV tile, Q tile) pair (the dK/dV kernel): from S^T = K Q^T
-        and dP^T = V dO^T, so that P^T and dS^T are the left operands of dV and dK as they are."""
+        """Recompute P^T and dS^T of one (KV tile, Q tile) pair and add P^T dO to dV (the dK/dV kernel):
+        from S^T = K Q^T and dP^T = V dO^T, so that P^T and dS^T are the left operands of dV and dK as
+        they are (no transpose in registers)."""
         lines = ["if QT_VIEW:  # Q^T, dO^T: transposed views of the tiles in shared memory (wgmma, sm_90+)",
                  "    q_t = tl.trans(q)",
                  "    do_t = tl.trans(do)",
@@ -1170,6 +1171,7 @@ class KernelSource:
                  "# the transposed tile: this program's keys down the rows, the Q tile's queries along the columns",
                  "qk = _dot(kk, q_t, DOT)  # K Q^T", *self._terms(masked, grad=True, tr=True),
                  "pt = tl.exp2(s - lse_l2[None, :])  # P^T, recomputed",
+                 "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
                  "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
                  "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]
         if self.pat.softcap is not None:
@@ -1299,7 +1301,6 @@ class KernelSource:
             loop = ["qt = tl.load(list_base + j)", *self._tiles("q", "qt"), *self._load_q_side(),
                     *self._per_query_setup_q(),
                     *self._bwd_scores_t(masked),
-                    "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
                     "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",
                     "if ROW_SUMS:",
                     "    ds_cols += tl.reduce(dst, 1, _add)"]
