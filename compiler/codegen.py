@@ -854,8 +854,10 @@ class KernelSource:
         self.head_inputs = sorted(self.printer.used_inputs)
         # routing: a query's selection is read as words of WORD_BITS blocks; when the keys of every
         # KV tile span at most WORD_BITS + 1 block indices, two words per query and tile hold them all
-        self.route_words = pat.route is not None and tile_block_spread(
-            pat.keys, block_sizes(pat.route, bound), bound, shape.kv_extents, shape.kv_tile) <= WORD_BITS + 1
+        spread = tile_block_spread(pat.keys, block_sizes(pat.route, bound), bound, shape.kv_extents,
+                                   shape.kv_tile) if pat.route is not None else 0
+        self.route_words = 0 < spread <= WORD_BITS + 1
+        self.route_one_block = spread == 1  # every KV tile inside one block: one bit per query and tile
 
     # ------------------------------------------------------------ pieces
     def _slot_params(self, which: list[int]) -> list[str]:
@@ -953,7 +955,10 @@ class KernelSource:
         """Routing, per KV tile: each key's block, and where the tile's blocks are in a query's
         selection words (``runtime.routing.selection_words``: bit b % 32 of word b // 32)."""
         lines = ["kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)  # each key's block"]
-        if self.route_words:
+        if self.route_one_block:
+            lines += ["# the tile lies in one block: bit b0 % 32 of word b0 // 32",
+                      f"b0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum)"]
+        elif self.route_words:
             lines += [f"# the tile's blocks span at most {WORD_BITS + 1}: they lie in the words w0 and w0 + 1",
                       f"w0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum) // {WORD_BITS}",
                       f"kbit = tl.where(k_ok, kb - {WORD_BITS} * w0, 0)  # bit of the key's block in (w0, w0 + 1)"]
@@ -962,6 +967,10 @@ class KernelSource:
     def _route_query_lines(self, tr: bool) -> list[str]:
         """Routing on a PARTIAL tile: only the key blocks the query selected."""
         qx, kx = _axes(tr)
+        if self.route_one_block:
+            return ["# routing: only the key blocks this query selected (one bit per query for this tile)",
+                    f"sel = tl.load(SEL + sel_base + q_tok * sel_n + b0 // {WORD_BITS}, mask=q_ok, other=0)",
+                    f"allowed = allowed & (((sel >> (b0 % {WORD_BITS})) & 1) != 0){qx}"]
         if self.route_words:
             return ["# routing: only the key blocks this query selected (two words of its selection)",
                     "sel_lo = tl.load(SEL + sel_base + q_tok * sel_n + w0, mask=q_ok, other=0)",

@@ -618,6 +618,7 @@ def test_a_rational_bias_is_one_multiply_per_score():
 
 
 @pytest.mark.parametrize("block,topk,n,kv_tile,path", [
+    (16, 2, 48, 16, "one"),      # each KV tile inside one block: one bit per query
     (8, 2, 40, 16, "words"),     # one word per query
     (1, 6, 72, 24, "words"),     # 72 blocks: tiles straddle words (blocks 24..47 of tile 1)
     (1, 5, 80, 64, "gather"),    # a 64-key tile spreads over 64 blocks: one word per key
@@ -626,6 +627,7 @@ def test_moba_selection_words_forward_and_gradients(block, topk, n, kv_tile, pat
     pat = attnc.load("stdlib:moba", block=block, topk=topk)
     src = T.emit(pat, n=n, q_tile=16, kv_tile=kv_tile)
     assert ("sel_hi = tl.load(" in src) == (path == "words")
+    assert ("sel = tl.load(" in src) == (path == "one")
     assert ("word = tl.load(SEL" in src) == (path == "gather")
     q, k, v = qkv(1, 2, 1, n, 16, seed=block)
     compare(pat, q, k, v, q_tile=16, kv_tile=kv_tile)
