@@ -39,9 +39,11 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
+from .route_blocks import WORD_BITS, block_sizes, tile_block_spread
 
 INT32_MAX = (1 << 31) - 1
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 # ----------------------------------------------------------------- helpers emitted into kernels
 #: name -> source of each @triton.jit helper the printer may call (emitted in this order when used).
@@ -114,6 +116,25 @@ def _tanh(x):
     e = tl.exp2(-2.8853900817779268 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+''',
+    "_softcap_tanh": '''
+@triton.jit
+def _softcap_tanh(x):
+    """tanh(x) in float32 with one exp2 and one approximate reciprocal (div.full.f32 on the GPU, a
+    plain division in the interpreter): 2 / (1 + 2^(-2 log2(e) x)) - 1, exactly -1 or 1 where the
+    power overflows or underflows; for |x| < 0.25, where 1 + 2^(...) cancels, the odd Taylor
+    polynomial to x^9 (relative error below 1e-8 there)."""
+    wide = tl.fdiv(2.0, 1.0 + tl.exp2(-2.8853900817779268 * x), ieee_rounding=False) - 1.0
+    x2 = x * x
+    near0 = x + x * x2 * (-0.3333333333333333 + x2 * (0.13333333333333333 + x2 * (-0.05396825396825397
+                                                                                 + x2 * 0.021869488536155203)))
+    return tl.where(tl.abs(x) < 0.25, near0, wide)
+''',
+    "_minimum": '''
+@triton.jit
+def _minimum(a, b):
+    """Combine function of minima (tl.reduce)."""
+    return tl.minimum(a, b)
 ''',
     "_bit_length": '''
 @triton.jit
@@ -198,7 +219,8 @@ class TritonPrinter:
             self.float_type = "tl.float32"
 
     def float_expr(self, e: sympy.Basic) -> str:
-        return self.p(e)
+        """A float term (the bias): an integer-valued expression is converted once, at the end."""
+        return self._float(e)
 
     # ------------------------------------------------------------ dispatch
     def p(self, e: sympy.Basic) -> str:
@@ -564,6 +586,41 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
     return d.xreplace(frozen) if frozen else d
 
 
+# ----------------------------------------------------------------- the bias, split per head
+def head_factor(bias: sympy.Basic) -> tuple[sympy.Basic, sympy.Basic]:
+    """``bias = coef * rest`` with ``coef`` the factors of a top-level product that depend on the
+    head alone (numbers included, inputs not): the kernels compute it once per head, times
+    log2(e), and multiply each score's ``rest`` by it (ALiBi's slope: no power or division per
+    score). An integer-valued bias stays whole (its integer arithmetic, wrap-around
+    included, is the evaluator's); an integer combination with rational coefficients gives its
+    rational content (``q/3 - k/3``: ``1/3`` and ``q - k``). Float products are reordered only."""
+    one = sympy.Integer(1)
+    if bias.is_integer or not isinstance(bias, sympy.Expr):
+        return one, bias
+    if isinstance(bias, sympy.Add):
+        coef, rest = bias.primitive()
+        return (coef, rest) if coef != 1 and rest.is_integer else (one, bias)
+    if not isinstance(bias, sympy.Mul):
+        return (bias, one) if _head_only(bias) else (one, bias)
+    head = [a for a in bias.args if _head_only(a)]
+    rest = [a for a in bias.args if not _head_only(a)]
+    if not head:
+        return one, bias
+    return sympy.Mul(*head), (sympy.Mul(*rest) if rest else one)
+
+
+def _fits_log2_units(coef: sympy.Basic, bound: E.Bound) -> bool:
+    """Whether log2(e) times the coefficient stays a finite float32 on every head (a coefficient
+    near the float32 limit is not folded: log2(e) * rest is then computed per score)."""
+    values = E.head_values(coef, bound.subs, bound.heads) if not coef.is_Number else torch.tensor([float(coef)])
+    return bool(torch.isfinite(values).all()) and float(values.abs().max()) * LOG2E <= FP32_MAX
+
+
+def _head_only(e: sympy.Basic) -> bool:
+    """Whether an expression is a value per head known at generation: no position, no input."""
+    return isinstance(e, sympy.Expr) and e.free_symbols <= {S.H} and not _has_input(e)
+
+
 def _has_input(e: sympy.Basic) -> bool:
     return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
 
@@ -733,6 +790,12 @@ def _tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], 
     return lines
 
 
+def _axes(tr: bool) -> tuple[str, str]:
+    """How a query vector and a key vector broadcast to a score tile: queries down the rows and keys
+    along the columns, or (``tr``, the dK/dV kernel's S^T) the other way round."""
+    return ("[None, :]", "[:, None]") if tr else ("[:, None]", "[None, :]")
+
+
 def _indent(lines: list[str], n: int) -> str:
     pad = " " * n
     return "".join(pad + line + "\n" if line else "\n" for line in lines)
@@ -766,17 +829,35 @@ class KernelSource:
         for sym in symbols:
             ranges.setdefault(sym, max(bound.n, bound.nk))
         self.printer = TritonPrinter(symbols, self.inputs, ranges)
-        self.wide_math = needs_int64([self.mask, self.bias], ranges)
+        # the bias as coef * rest: coef once per head (times log2(e): scores are in log2 units), rest per score
+        coef, rest = head_factor(self.bias) if self.bias is not None else (sympy.Integer(1), None)
+        if not _fits_log2_units(coef, bound):
+            coef, rest = sympy.Integer(1), self.bias
+        self.wide_math = needs_int64([self.mask, self.bias, rest], ranges)
         max_d = 512
         self.wide_rows = max(bound.n, bound.nk) * max_d > INT32_MAX
         self.mask_text = self.printer.bool_expr(self.mask)
         self.mask_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
-        self.bias_text = self.printer.float_expr(self.bias) if self.bias is not None else None
+        self.bias_text = self.printer.float_expr(rest) if rest is not None else None
         # input indices of the bias not proven in range: checked in the forward kernel (see _bias_fn)
         self.checks = [(site, j, self.inputs[S.input_name(site.func)].dims[j], self.printer.p(site.args[j]))
                        for site, j in bias_index_checks(pat, bound)]
         self.bias_inputs = sorted(self.printer.used_inputs)
+        self.printer.used_inputs = set()
+        if coef.is_Number:
+            self.bias_head_text = None
+            self.bias_coef = repr(float(coef) * LOG2E)
+        else:
+            self.bias_head_text = f"{LOG2E!r} * {self.printer.float_expr(coef)}"
+            self.bias_coef = "bias_c"
+        self.head_inputs = sorted(self.printer.used_inputs)
+        # routing: a query's selection is read as words of WORD_BITS blocks; when the keys of every
+        # KV tile span at most WORD_BITS + 1 block indices, two words per query and tile hold them all
+        spread = tile_block_spread(pat.keys, block_sizes(pat.route, bound), bound, shape.kv_extents,
+                                   shape.kv_tile) if pat.route is not None else 0
+        self.route_words = 0 < spread <= WORD_BITS + 1
+        self.route_one_block = spread == 1  # every KV tile inside one block: one bit per query and tile
 
     # ------------------------------------------------------------ pieces
     def _slot_params(self, which: list[int]) -> list[str]:
@@ -790,12 +871,18 @@ class KernelSource:
         pos = ["q", "k"] + [f"q_c{i}" for i in range(len(self.q_axes))] + [f"k_c{i}" for i in range(len(self.k_axes))]
         return ", ".join(pos + ["h"] + self._slot_params(which))
 
-    def _call_args(self, which: list[int]) -> str:
+    def _call_args(self, which: list[int], tr: bool = False) -> str:
+        """Arguments of ``_mask``/``_bias``: positions broadcast to the tile (queries down the rows,
+        keys along the columns; ``tr``: the transposed tile of the dK/dV kernel), head, inputs."""
         cast = ".to(tl.int64)" if self.wide_math else ""
-        pos = [f"q_tok{cast}[:, None]", f"k_tok{cast}[None, :]"]
-        pos += [f"q_c{i}{cast}[:, None]" for i in range(len(self.q_axes))]
-        pos += [f"k_c{i}{cast}[None, :]" for i in range(len(self.k_axes))]
-        args = pos + [f"h{cast}"]
+        qx, kx = _axes(tr)
+        pos = [f"q_tok{cast}{qx}", f"k_tok{cast}{kx}"]
+        pos += [f"q_c{i}{cast}{qx}" for i in range(len(self.q_axes))]
+        pos += [f"k_c{i}{cast}{kx}" for i in range(len(self.k_axes))]
+        return ", ".join(pos + [self._head_call_args(which)])
+
+    def _head_call_args(self, which: list[int]) -> str:
+        args = ["h.to(tl.int64)" if self.wide_math else "h"]
         for slot in self.inputs.values():
             if slot.index in which:
                 args += [f"IN{slot.index} + batch.to(tl.int64) * in{slot.index}_sb", *slot.strides()]
@@ -818,56 +905,96 @@ class KernelSource:
         s = self.shape
         return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
-    def _terms(self, masked: bool, grad: bool) -> list[str]:
-        """Score terms after s = scale * q.k: softcap, bias, decay; then the mask (PARTIAL tiles).
-        With checked bias indices the attended pairs are computed first: the bias checks them there."""
+    def _terms(self, masked: bool, grad: bool, tr: bool = False) -> list[str]:
+        """The scores ``s`` from ``qk`` (q.k), in log2 units (times log2(e): the softmax takes exp2):
+        scale, softcap, bias, decay; then the mask (PARTIAL tiles). ``tr``: the transposed tile of the
+        dK/dV kernel (keys down the rows). With checked bias indices the attended pairs are computed
+        first: the bias checks them there."""
         p = self.pat
+        qx, kx = _axes(tr)
         lines = []
         mask_lines = []
         if masked:
             mask_lines += ["# PARTIAL tile: the pattern's mask",
-                           f"allowed = k_ok[None, :] & _mask({self._call_args(self.mask_inputs)})"]
+                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)})"]
             if p.route is not None:
-                mask_lines += ["# routing: only the key blocks this query selected",
-                               "kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)",
-                               "chosen = tl.load(SEL + sel_base + q_tok[:, None] * sel_n + kb[None, :],",
-                               "                 mask=q_ok[:, None] & k_ok[None, :], other=0)",
-                               "allowed = allowed & (chosen != 0)"]
+                mask_lines += self._route_query_lines(tr)
         if self.checks:
             lines += mask_lines
-            lines.append("pairs = allowed & q_ok[:, None]  # the attended pairs" if masked else
-                         "pairs = q_ok[:, None] & k_ok[None, :]  # FULL tile: every valid pair is attended")
+            lines.append(f"pairs = allowed & q_ok{qx}  # the attended pairs" if masked else
+                         f"pairs = q_ok{qx} & k_ok{kx}  # FULL tile: every valid pair is attended")
         if p.softcap is not None:
-            lines += ["# softcap: cap * tanh(s / cap)", "t = _tanh(s / cap)", "s = cap * t"]
+            lines += ["# softcap: cap * tanh(scale * qk / cap), in log2 units (cap_l2, tanh_c: per head)",
+                      "t = _softcap_tanh(qk * tanh_c)",
+                      "s = cap_l2 * t"]
+        else:
+            lines.append("s = qk * scale_l2  # scale * log2(e): scores in log2 units")
         if self.bias_text is not None:
             check = f", pairs, ERR, {not grad}" if self.checks else ""
-            lines += ["# bias term", f"s = s + _bias({self._call_args(self.bias_inputs)}{check})"]
+            lines += [f"# bias term, times log2(e){' and its head-only factor' if self.bias_head_text else ''}",
+                      f"s = s + {self.bias_coef} * _bias({self._call_args(self.bias_inputs, tr)}{check})"]
         if p.decay is not None:
             lines += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
                       "# -inf for keys before the query's last reset (a gate of -inf)",
                       "kc_hi = tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)",
                       "kc_lo = tl.load(DC + dc_base + dc_lo + k_tok, mask=k_ok, other=0.0)",
-                      "fox = (dc_q[:, None] - kc_hi[None, :]) + (dl_q[:, None] - kc_lo[None, :])",
-                      's = s + tl.where(k_tok[None, :] >= dr_q[:, None], fox, float("-inf"))']
+                      f"fox = (dc_q{qx} - kc_hi{kx}) + (dl_q{qx} - kc_lo{kx})",
+                      f's = s + {LOG2E!r} * tl.where(k_tok{kx} >= dr_q{qx}, fox, float("-inf"))']
         if masked:
             if not self.checks:
                 lines += mask_lines
             lines.append('s = tl.where(allowed, s, float("-inf"))')
         elif self._k_padding():
             lines += ["# FULL tile: only the padded slots of edge tiles are masked",
-                      's = tl.where(k_ok[None, :], s, float("-inf"))']
+                      f's = tl.where(k_ok{kx}, s, float("-inf"))']
         else:
             lines.append("# FULL tile: no mask code")
         return lines
+
+    def _route_key_lines(self) -> list[str]:
+        """Routing, per KV tile: each key's block, and where the tile's blocks are in a query's
+        selection words (``runtime.routing.selection_words``: bit b % 32 of word b // 32)."""
+        lines = ["kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)  # each key's block"]
+        if self.route_one_block:
+            lines += ["# the tile lies in one block: bit b0 % 32 of word b0 // 32",
+                      f"b0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum)"]
+        elif self.route_words:
+            lines += [f"# the tile's blocks span at most {WORD_BITS + 1}: they lie in the words w0 and w0 + 1",
+                      f"w0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum) // {WORD_BITS}",
+                      f"kbit = tl.where(k_ok, kb - {WORD_BITS} * w0, 0)  # bit of the key's block in (w0, w0 + 1)"]
+        return lines
+
+    def _route_query_lines(self, tr: bool) -> list[str]:
+        """Routing on a PARTIAL tile: only the key blocks the query selected."""
+        qx, kx = _axes(tr)
+        if self.route_one_block:
+            return ["# routing: only the key blocks this query selected (one bit per query for this tile)",
+                    f"sel = tl.load(SEL + sel_base + q_tok * sel_n + b0 // {WORD_BITS}, mask=q_ok, other=0)",
+                    f"allowed = allowed & (((sel >> (b0 % {WORD_BITS})) & 1) != 0){qx}"]
+        if self.route_words:
+            return ["# routing: only the key blocks this query selected (two words of its selection)",
+                    "sel_lo = tl.load(SEL + sel_base + q_tok * sel_n + w0, mask=q_ok, other=0)",
+                    "sel_hi = tl.load(SEL + sel_base + q_tok * sel_n + w0 + 1, mask=q_ok, other=0)",
+                    f"word = tl.where(kbit{kx} < {WORD_BITS}, sel_lo{qx}, sel_hi{qx})",
+                    f"allowed = allowed & (((word >> (kbit{kx} & {WORD_BITS - 1})) & 1) != 0)"]
+        return ["# routing: only the key blocks this query selected (the word of each key's block: the",
+                f"# blocks of a KV tile spread over more than {WORD_BITS + 1} here)",
+                f"word = tl.load(SEL + sel_base + q_tok{qx} * sel_n + kb{kx} // {WORD_BITS},",
+                f"               mask=q_ok{qx} & k_ok{kx}, other=0)",
+                f"allowed = allowed & (((word >> (kb{kx} % {WORD_BITS})) & 1) != 0)"]
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
         p = self.pat
         helpers = set(self.printer.helpers)
         if p.softcap is not None:
-            helpers.add("_tanh")
+            helpers.add("_softcap_tanh")
+        if self.route_words:
+            helpers.add("_minimum")
         parts = [self._header(), helper_sources(helpers), _DOT, self._mask_fn()]
         if self.bias_text is not None:
+            if self.bias_head_text is not None:
+                parts.append(self._bias_head_fn())
             parts.append(self._bias_fn())
         parts += [self._forward(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
@@ -899,6 +1026,12 @@ class KernelSource:
                 f'    """The pattern\'s mask: True where query q may attend key k (head h)."""\n'
                 f"    return {body}\n")
 
+    def _bias_head_fn(self) -> str:
+        params = ", ".join(["h", *self._slot_params(self.head_inputs)])
+        return (f"\n\n@triton.jit\ndef _bias_head({params}):\n"
+                f'    """log2(e) times the bias\'s factor of head h alone (once per head; see _bias)."""\n'
+                f"    return {self.bias_head_text}\n")
+
     def _bias_fn(self) -> str:
         params = self._helper_args(self.bias_inputs)
         checks = ""
@@ -911,7 +1044,8 @@ class KernelSource:
                           f"    tl.store(ERR + {slot} + ix * 0, ix.to(tl.int64), mask=pairs & ((ix < 0) | (ix >= {size})))"]
             checks = _indent(lines, 4)
         return (f"\n\n@triton.jit\ndef _bias({params}):\n"
-                f'    """The pattern\'s bias term, added to the scaled (soft-capped) scores."""\n'
+                f'    """The pattern\'s bias term{" but for its head-only factor (_bias_head)" if self.bias_head_text else ""}, '
+                f'added to the scaled (soft-capped) scores."""\n'
                 f"{checks}"
                 f"    return {self.bias_text}\n")
 
@@ -941,6 +1075,7 @@ class KernelSource:
             "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
             "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
             "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
         body += self._per_query_setup()
         body += [
@@ -957,15 +1092,16 @@ class KernelSource:
                 "for j in range(0, n_list):",
             ]
             loop = ["kt = tl.load(list_base + j)  # the KV tile", *self._tiles("k", "kt"),
+                    *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
                     "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
-                    "s = _dot(q, tl.trans(kk), DOT) * scale",
+                    "qk = _dot(q, tl.trans(kk), DOT)",
                     *self._terms(masked, grad=False),
-                    "# online softmax update (rows with no allowed key so far stay at zero)",
+                    "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
                     "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))",
                     'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-                    f"alpha = tl.exp2((m_i - m_use) * {LOG2E!r})",
-                    f"pr = tl.exp2((s - m_use[:, None]) * {LOG2E!r})",
+                    "alpha = tl.exp2(m_i - m_use)",
+                    "pr = tl.exp2(s - m_use[:, None])",
                     "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
                     "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
                     "m_i = m_new"]
@@ -975,7 +1111,7 @@ class KernelSource:
             "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf",
             "empty = l_i == 0.0",
             "out = acc / tl.where(empty, 1.0, l_i)[:, None]",
-            'lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))',
+            f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * {LN2!r})  # natural log',
             "o_base = O + batch.to(tl.int64) * so_b + h.to(tl.int64) * so_h",
             "tl.store(o_base + q_row[:, None] * so_n + dv[None, :], out.to(O.dtype.element_ty),",
             "         mask=q_ok[:, None] & (dv[None, :] < DV))",
@@ -995,11 +1131,20 @@ class KernelSource:
         s = self.shape
         return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
-    def _per_query_setup(self) -> list[str]:
+    def _head_setup(self) -> list[str]:
+        """Per head, once: the constants of the score terms."""
         lines = []
+        if self.pat.softcap is not None:
+            lines += ["cap = tl.load(SOFTCAP + h)  # this head's softcap",
+                      f"cap_l2 = cap * {LOG2E!r}  # cap * tanh(x) in log2 units",
+                      "tanh_c = scale / cap  # tanh(scale * qk / cap) = _softcap_tanh(qk * tanh_c)"]
+        if self.bias_head_text is not None:
+            lines.append(f"bias_c = _bias_head({self._head_call_args(self.head_inputs)})")
+        return lines
+
+    def _per_query_setup(self) -> list[str]:
+        lines = self._head_setup()
         p = self.pat
-        if p.softcap is not None:
-            lines.append("cap = tl.load(SOFTCAP + h)  # this head's softcap")
         if p.decay is not None:
             lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
                       "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h",
@@ -1010,24 +1155,47 @@ class KernelSource:
 
     # ------------------------------------------------------------ backward
     def _bwd_scores(self, masked: bool) -> list[str]:
-        """Recompute P of one (Q tile, KV tile) pair and dS."""
-        p = self.pat
-        lines = ["s = _dot(q, tl.trans(kk), DOT) * scale", *self._terms(masked, grad=True),
-                 f"pr = tl.exp2((s - lse_use[:, None]) * {LOG2E!r})  # P, recomputed",
+        """Recompute P of one (Q tile, KV tile) pair and dS (the dQ kernel)."""
+        lines = ["qk = _dot(q, tl.trans(kk), DOT)", *self._terms(masked, grad=True),
+                 "pr = tl.exp2(s - lse_l2[:, None])  # P, recomputed",
                  "dp = _dot(do, tl.trans(vv), DOT)",
                  "ds = pr * (dp - delta[:, None])  # dL/d(score after terms)"]
-        if p.softcap is not None:
+        if self.pat.softcap is not None:
             lines.append("ds_raw = ds * (1.0 - t * t)  # through the softcap")
         else:
             lines.append("ds_raw = ds")
+        return lines
+
+    def _bwd_scores_t(self, masked: bool) -> list[str]:
+        """Recompute P^T and dS^T of one (KV tile, Q tile) pair and add P^T dO to dV (the dK/dV kernel):
+        from S^T = K Q^T and dP^T = V dO^T, so that P^T and dS^T are the left operands of dV and dK as
+        they are (no transpose in registers)."""
+        lines = ["if QT_VIEW:  # Q^T, dO^T: transposed views of the tiles in shared memory (wgmma, sm_90+)",
+                 "    q_t = tl.trans(q)",
+                 "    do_t = tl.trans(do)",
+                 "else:  # loaded on their own (mma.sync: a tile transposed in registers is held whole by every warp)",
+                 "    q_t = tl.load(q_base + q_row[None, :] * sq_n + d[:, None], mask=q_ok[None, :] & (d[:, None] < D), other=0.0)",
+                 "    do_t = tl.load(do_base + q_row[None, :] * sdo_n + dv[:, None], mask=q_ok[None, :] & (dv[:, None] < DV),",
+                 "                   other=0.0)",
+                 "# the transposed tile: this program's keys down the rows, the Q tile's queries along the columns",
+                 "qk = _dot(kk, q_t, DOT)  # K Q^T", *self._terms(masked, grad=True, tr=True),
+                 "pt = tl.exp2(s - lse_l2[None, :])  # P^T, recomputed",
+                 "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
+                 "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
+                 "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]
+        if self.pat.softcap is not None:
+            lines.append("dst_raw = dst * (1.0 - t * t)  # through the softcap")
+        else:
+            lines.append("dst_raw = dst")
         return lines
 
     def _load_q_side(self) -> list[str]:
         return [
             "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
             "do = tl.load(do_base + q_row[:, None] * sdo_n + dv[None, :], mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)",
-            "lse = tl.load(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=0.0)",
-            'lse_use = tl.where(lse == float("-inf"), float("inf"), lse)  # P = 0 on rows with no allowed key',
+            'lse = tl.load(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=float("inf"))',
+            "# in log2 units; P = 0 on rows with no allowed key (lse = -inf) and on padded rows",
+            f'lse_l2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}',
             "delta = tl.load(DELTA + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=0.0)",
         ]
 
@@ -1056,6 +1224,7 @@ class KernelSource:
             "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
             "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
             *self._load_q_side(),
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: P = exp2(s - lse_l2)",
             *self._per_query_setup(),
             "dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)",
             "ds_rows = tl.full([BLOCK_M], 0.0, tl.float32)  # sum over keys of dS (gradient of the decay gates)",
@@ -1070,6 +1239,7 @@ class KernelSource:
                 "for j in range(0, n_list):",
             ]
             loop = ["kt = tl.load(list_base + j)", *self._tiles("k", "kt"),
+                    *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
                     "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
                     *self._bwd_scores(masked),
@@ -1100,7 +1270,8 @@ class KernelSource:
                   "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
                   *self._common_params(), "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr"]
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
+                  "QT_VIEW: tl.constexpr = False"]
         nk = self.shape_tiles_k()
         body = [
             "kt = tl.program_id(0)  # the KV tile",
@@ -1114,6 +1285,8 @@ class KernelSource:
             "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
             "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
             "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: P^T = exp2(s - lse_l2)",
+            *(self._route_key_lines() if self.pat.route is not None else []),
             "dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)",
             "dvacc = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)",
             "# the query heads sharing this K/V head, one after the other (deterministic, no atomics)",
@@ -1136,11 +1309,10 @@ class KernelSource:
             ]
             loop = ["qt = tl.load(list_base + j)", *self._tiles("q", "qt"), *self._load_q_side(),
                     *self._per_query_setup_q(),
-                    *self._bwd_scores(masked),
-                    "dvacc += _dot(tl.trans(pr.to(do.dtype)), do, DOT)",
-                    "dk += _dot(tl.trans(ds_raw.to(q.dtype)), q, DOT)",
+                    *self._bwd_scores_t(masked),
+                    "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",
                     "if ROW_SUMS:",
-                    "    ds_cols += tl.reduce(ds, 0, _add)"]
+                    "    ds_cols += tl.reduce(dst, 1, _add)"]
             inner += ["    " + line for line in loop]
         inner += ["if ROW_SUMS:",
                   "    tl.store(DSK + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + k_tok, ds_cols, mask=k_ok)"]
@@ -1160,9 +1332,7 @@ class KernelSource:
                 + _indent(body, 4))
 
     def _per_query_setup_k(self) -> list[str]:
-        lines = []
-        if self.pat.softcap is not None:
-            lines.append("cap = tl.load(SOFTCAP + h)")
+        lines = self._head_setup()
         if self.pat.decay is not None:
             lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
                       "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h"]

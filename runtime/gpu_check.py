@@ -177,6 +177,8 @@ def compile_launch(rec: Recorded, arch: int):
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kwargs = dict(rec.kwargs)
+    if "QT_VIEW" in kwargs:  # the dK/dV kernel's per-arch form (triton_backend.qt_view), recorded on CPU
+        kwargs["QT_VIEW"] = arch >= 90
     kwargs["debug"] = kwargs.get("debug", fn.debug) or bool(_knob("runtime.debug", False))
     for opt, knob in (("instrumentation_mode", "compilation.instrumentation_mode"),
                       ("fpsan_homomorphic_casts", "compilation.fpsan_homomorphic_casts")):

@@ -17,32 +17,7 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-
-
-def block_ids(layout: ir.Layout, block: tuple[int, ...], bound: E.Bound, count: int) -> tuple[torch.Tensor, int]:
-    """Block index of each of ``count`` tokens (row-major over the tiles) and the number of blocks."""
-    index = torch.arange(count)
-    if layout.kind == "seq":
-        (size,) = block
-        return index // size, -(-count // size)
-    extents = [int(s.subs(bound.subs)) for _, s in layout.axes]
-    ids = torch.zeros_like(index)
-    total = 1
-    rest = index
-    coords = []
-    for extent in reversed(extents):
-        coords.append(rest % extent)
-        rest = rest // extent
-    coords.reverse()
-    for c, extent, b in zip(coords, extents, block, strict=True):
-        tiles = -(-extent // b)
-        ids = ids * tiles + c // b
-        total *= tiles
-    return ids, total
-
-
-def block_sizes(route: ir.Route, bound: E.Bound) -> tuple[int, ...]:
-    return tuple(int(b.subs(bound.subs)) for b in route.block)
+from ..compiler.route_blocks import WORD_BITS, block_ids, block_sizes
 
 
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
@@ -198,3 +173,16 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
                                         torch.zeros(B * Hq, dtype=torch.float64), exact=False, density_exact=False)
     return type(plan)(pat, bound, sched, plan.q_tokens, plan.k_tokens, plan.mask, plan.bias, plan.softcap,
                       selection=selected, key_block=key_block, batch=B)
+
+
+def selection_words(selected: torch.Tensor) -> torch.Tensor:
+    """The per-query block selection as the kernels read it: bit ``b % 32`` of word ``b // 32``
+    is block ``b`` (int32 ``[B, Hq, Nq, words + 1]``; the last word is zero, so that a KV tile
+    can always read the two words its blocks fall in, see ``compiler.codegen``)."""
+    *lead, nblocks = selected.shape
+    words = -(-nblocks // WORD_BITS) + 1
+    bits = torch.zeros(*lead, words * WORD_BITS, dtype=torch.int64)
+    bits[..., :nblocks] = selected.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
+    packed = (bits.view(*lead, words, WORD_BITS) * weights).sum(-1)  # 0 .. 2**32 - 1
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)

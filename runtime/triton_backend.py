@@ -227,6 +227,13 @@ class Launch:
     shrink: object = None
 
 
+def qt_view(device: torch.device) -> bool:
+    """The dK/dV kernel's ``QT_VIEW``: Q^T and dO^T as transposed shared-memory views where the
+    tensor cores take them so (wgmma, sm_90+); separate transposed loads before (mma.sync, where
+    the view is transposed in registers and spills). The offline check sets it per target arch."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _dummy(device, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(1, dtype=dtype, device=device)
 
@@ -346,7 +353,7 @@ class TritonRunner:
             cls = (0, 1)
         extra: dict = {}
         if plan.selection is not None:
-            extra["SEL"] = plan.selection.to(torch.int8).contiguous().to(device)
+            extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
             extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
         if plan.softcap is not None:
             extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
@@ -611,7 +618,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                        [*head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
                         L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
                         L["T_PART_I"].shape[-1], *common, *tail],
-                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums), backward=True)
+                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device)), backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's

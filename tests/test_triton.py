@@ -546,3 +546,130 @@ def test_float_mask_arithmetic_is_double_as_in_the_reference(mask):
     want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double())
     got = attnc.compile_attention(spec, backend="triton")(q, k, v)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------- cheaper score terms, routing words, dK/dV form
+def test_softcap_tanh_matches_float64_tanh_over_a_wide_range():
+    # _softcap_tanh (one exp2, one reciprocal) as the kernels run it, against float64 tanh: within a
+    # few float32 ulp, relative, everywhere; exact +-1 where it saturates, nan stays nan
+    src = "import triton\nimport triton.language as tl\n\n\n" + codegen.HELPERS["_softcap_tanh"] + '''
+
+@triton.jit
+def run(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, _softcap_tanh(tl.load(X + i)))
+'''
+    mod = T.load_kernels(T.write_source(src), interpret=True)
+    mags = torch.logspace(-30, 3, 500, dtype=torch.float64)
+    x64 = torch.cat([-mags.flip(0), torch.zeros(1, dtype=torch.float64), mags,
+                     torch.tensor([1e30, -1e30, math.inf, -math.inf, math.nan], dtype=torch.float64)])
+    x64 = torch.cat([x64, torch.zeros(1024 - len(x64), dtype=torch.float64)])
+    x = x64.float()
+    y = torch.empty_like(x)
+    with T.interpreting(True):
+        mod.run[(1,)](x, y, N=len(x))
+    want = torch.tanh(x.double())
+    ok = ~torch.isnan(want)
+    assert torch.isnan(y[~ok]).all()
+    err = (y[ok].double() - want[ok]).abs()
+    assert float(err.max()) <= 4 * 2.0 ** -24, float(err.max())
+    big = x.abs() >= 10
+    assert torch.equal(y[big], torch.sign(x[big])), "tanh saturates to exactly +-1"
+    rel = err / want[ok].abs().clamp(min=1e-300)
+    assert float(rel.max()) <= 1.5e-6, float(rel.max())
+    assert float(rel[x[ok].abs() < 0.25].max()) <= 3 * 2.0 ** -24
+
+
+@pytest.mark.parametrize("cap,gain", [(0.05, 4.0), (3.0, 1.0), (1e4, 2.0)])
+def test_softcap_saturated_and_linear_regimes(cap, gain):
+    # cap 0.05: every score saturates (tanh near +-1); 1e4: tanh(x) ~ x, where cancellation would show
+    q, k, v = qkv(1, 2, 1, 24, 16, seed=5)
+    q = (q.detach() * gain).requires_grad_()
+    compare(attnc.load("stdlib:softcap", cap=cap), q, k, v, q_tile=16, kv_tile=8)
+
+
+@pytest.mark.parametrize("H", [3, 6])
+def test_alibi_slopes_once_per_head_at_any_head_count(H):
+    # a head count that is no power of two takes get_slopes' interleaved slopes; the slope is
+    # folded per head (_bias_head): the per-score bias has no division, power or exp2 left
+    src = T.emit(attnc.load("stdlib:alibi"), n=32, heads=H, q_tile=16)
+    per_score = src.split("def _bias(")[1].split("@triton.jit")[0]
+    assert "def _bias_head(" in src and "bias_c = _bias_head(h)" in src
+    assert not re.search(r"/|exp2|\*\*", per_score.split('"""')[-1]), per_score
+    n = 21
+    q, k, v = qkv(1, H, H, n, 16, seed=H)
+    compare(attnc.load("stdlib:alibi"), q, k, v, q_tile=8)
+    out = attnc.compile_attention("stdlib:alibi", backend="triton", q_tile=8)(q, k, v)
+    p = 1 << (H.bit_length() - 1)
+    slopes = torch.tensor([2 ** (-8 * (h + 1) / p) if h < p else 2 ** (-8 * (2 * (h - p) + 1) / (2 * p))
+                           for h in range(H)], dtype=torch.float64)
+    i = torch.arange(n, dtype=torch.float64)
+    bias = -slopes[:, None, None] * (i[:, None] - i[None, :])
+    want = dense_attention(q, k, v, i[None, :] <= i[:, None], bias=bias)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rational_bias_is_one_multiply_per_score():
+    spec = "pattern r\n  tokens seq\n  mask causal\n  bias q / 3 - k / 3 - h * (q - k) / 7"
+    src = T.emit(attnc.load(spec), n=32, heads=2, q_tile=16)
+    assert "/" not in src.split("def _bias(")[1].split('"""')[2].split("@triton.jit")[0]
+    q, k, v = qkv(1, 2, 2, 29, 16, seed=9)
+    compare(spec, q, k, v, q_tile=16, kv_tile=8)
+
+
+@pytest.mark.parametrize("block,topk,n,kv_tile,path", [
+    (16, 2, 48, 16, "one"),      # each KV tile inside one block: one bit per query
+    (8, 2, 40, 16, "words"),     # one word per query
+    (1, 6, 72, 24, "words"),     # 72 blocks: tiles straddle words (blocks 24..47 of tile 1)
+    (1, 5, 80, 64, "gather"),    # a 64-key tile spreads over 64 blocks: one word per key
+])
+def test_moba_selection_words_forward_and_gradients(block, topk, n, kv_tile, path):
+    pat = attnc.load("stdlib:moba", block=block, topk=topk)
+    src = T.emit(pat, n=n, q_tile=16, kv_tile=kv_tile)
+    assert ("sel_hi = tl.load(" in src) == (path == "words")
+    assert ("sel = tl.load(" in src) == (path == "one")
+    assert ("word = tl.load(SEL" in src) == (path == "gather")
+    q, k, v = qkv(1, 2, 1, n, 16, seed=block)
+    compare(pat, q, k, v, q_tile=16, kv_tile=kv_tile)
+
+
+def test_selection_words_pack_bits_little_endian_with_a_zero_word():
+    from attnc.runtime import routing
+
+    gen = torch.Generator().manual_seed(2)
+    sel = torch.rand(2, 3, 5, 70, generator=gen) < 0.4
+    words = routing.selection_words(sel)
+    assert words.dtype == torch.int32 and words.shape == (2, 3, 5, 4) and (words[..., -1] == 0).all()
+    b = torch.arange(70)
+    bits = (words[..., b // 32].long() >> (b % 32)) & 1  # arithmetic shift: bit 31 reads back too
+    assert torch.equal(bits.bool(), sel)
+
+
+def test_dkdv_transposed_views_and_separate_loads_agree(monkeypatch):
+    # QT_VIEW (sm_90+: Q^T, dO^T as views) and the separate loads (mma.sync GPUs) give the same bits
+    pat = attnc.load("stdlib:softcap", cap=2.0)
+    q, k, v = qkv(1, 2, 1, 40, 16, seed=4)
+    load = T.load_kernels
+
+    class Forced:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: self.fn[grid](*a, **{**kw, "QT_VIEW": True})
+
+    def forced_view(path, interpret=False):
+        mod = load(path, interpret=interpret)
+        return type("M", (), {"attnc_fwd": mod.attnc_fwd, "attnc_bwd_dq": mod.attnc_bwd_dq,
+                              "attnc_bwd_dkdv": Forced(mod.attnc_bwd_dkdv)})
+
+    def grads():
+        out = attnc.compile_attention(pat, backend="triton", q_tile=16, kv_tile=8)(q, k, v)
+        return torch.autograd.grad((out * out).sum(), (q, k, v))
+
+    separate = grads()
+    monkeypatch.setattr(T, "load_kernels", forced_view)
+    view = grads()
+    for a, b in zip(separate, view, strict=True):
+        assert torch.equal(a, b)
+    compare(pat, q, k, v, q_tile=16, kv_tile=8)
