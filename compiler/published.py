@@ -12,7 +12,10 @@ backward 2.5 x that, whatever the kernel actually executes.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+
+from .cost import ARCH_FITS, Calibration
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,14 @@ DENSE: list[DensePoint] = [
                _FA2 + ", Sec. 4.1: backward up to 63% of the A100 peak"),
 ]
 
+def calibration_for(point: DensePoint, fits: dict | None = None) -> Calibration:
+    """The cost-model calibration that models the kernel a published point was
+    measured on: FlashAttention-2's one backward kernel of 5 matmuls (dQ by
+    atomics) for "fa2" points, attnc's two kernels of 3 + 4 otherwise."""
+    cal = Calibration(arch=dict(fits if fits is not None else ARCH_FITS))
+    return dataclasses.replace(cal, bwd_matmuls=(0, 5)) if point.kernel == "fa2" else cal
+
+
 #: The published range of FA2-class dense forward throughput on H100 (TFLOP/s):
 #: FlashAttention-2 282-370 and Triton 323-403 (FA3 paper Fig. 5a/5b).
 H100_FA2_CLASS_FORWARD = (282.0, 403.0)
@@ -104,4 +115,4 @@ SPARSE: list[SparsePoint] = [
                  "stride_x": 8}, 12.1, 11.1, _GNA),
 ]
 
-__all__ = ["DENSE", "H100_FA2_CLASS_FORWARD", "SPARSE", "DensePoint", "SparsePoint"]
+__all__ = ["DENSE", "H100_FA2_CLASS_FORWARD", "SPARSE", "DensePoint", "SparsePoint", "calibration_for"]

@@ -194,27 +194,32 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                             allowed_pairs=allowed, total_pairs=total)
 
 
+def dense_configs(hw: Hardware, head_dim: int, nbytes: int = 2) -> list[KernelConfig]:
+    """The search's candidate dense configurations (tiles, warps, stages) that fit ``hw``."""
+    configs = [KernelConfig((tq,), (tk,), "flat", warps, stages)
+               for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES) if tk <= tq]
+    return [c for c in configs if smem_fits(c, head_dim, nbytes, hw)]
+
+
 def best_dense(seqlen: int, hw: Hardware, *, head_dim: int, heads: int, batch: int = 1, nbytes: int = 2,
-               calibration: Calibration | None = None) -> tuple[Prediction, Prediction]:
-    """The fastest dense configurations (forward, backward) of the search's
-    candidate tiles, warps and stages, as ``ScheduleSearch.dense`` picks them
-    for a pattern's dense baseline."""
-    preds = []
-    for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES):
-        cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
-        if tk <= tq and smem_fits(cfg, head_dim, nbytes, hw):
-            preds.append(predict_dense(seqlen, seqlen, heads, cfg, hw, head_dim=head_dim, batch=batch,
-                                       nbytes=nbytes, calibration=calibration))
+               calibration: Calibration | None = None,
+               configs: list[KernelConfig] | None = None) -> tuple[Prediction, Prediction]:
+    """The fastest dense configurations (forward, backward) of ``configs`` (default:
+    the search's candidates, as ``ScheduleSearch.dense`` picks a pattern's dense baseline)."""
+    preds = [predict_dense(seqlen, seqlen, heads, cfg, hw, head_dim=head_dim, batch=batch, nbytes=nbytes,
+                           calibration=calibration)
+             for cfg in (configs if configs is not None else dense_configs(hw, head_dim, nbytes))]
     return min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s)
 
 
 def dense_tflops(seqlen: int, hw: Hardware, *, head_dim: int, heads: int, batch: int = 1, nbytes: int = 2,
-                 calibration: Calibration | None = None) -> tuple[float, float]:
+                 calibration: Calibration | None = None,
+                 configs: list[KernelConfig] | None = None) -> tuple[float, float]:
     """Predicted dense attention throughput (forward, backward) in TFLOP/s, in the
     convention published figures use (forward 4 B H N^2 D flops, backward 2.5x
     that), whatever the kernels execute: comparable with FlashAttention's tables."""
     fwd, bwd = best_dense(seqlen, hw, head_dim=head_dim, heads=heads, batch=batch, nbytes=nbytes,
-                          calibration=calibration)
+                          calibration=calibration, configs=configs)
     flops = 4.0 * batch * heads * seqlen * seqlen * head_dim
     return flops / fwd.forward.time_s / 1e12, PUBLISHED_BWD_FLOP_RATIO * flops / bwd.backward.time_s / 1e12
 
@@ -270,4 +275,4 @@ def format_report(rep: SimulationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SimulationReport", "best_dense", "dense_tflops", "format_report", "simulate_pattern"]
+__all__ = ["SimulationReport", "best_dense", "dense_configs", "dense_tflops", "format_report", "simulate_pattern"]
