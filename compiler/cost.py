@@ -96,7 +96,7 @@ class ArchFit:
 #: sm100 and unlisted archs fall back to the scalar fields below (no published
 #: Triton FA2-class figure was at hand: an assumption, not a fit).
 ARCH_FITS: dict[str, ArchFit] = {
-    "sm80": ArchFit(forward=0.755, backward=0.66, cta_overhead_s=1.5e-6),
+    "sm80": ArchFit(forward=0.772, backward=0.666, cta_overhead_s=1.5e-6),
     "sm90": ArchFit(forward=0.41, backward=0.34, cta_overhead_s=1.5e-6),
 }
 

@@ -99,7 +99,8 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
     gate_w = Dk if gate == "vector" else 1
     f_bytes = C * ((2 * Dk + BV) * nbytes + gate_w * 4 + BV * nbytes)
     b_bytes = C * (2 * (2 * Dk + 2 * BV) * nbytes + 2 * gate_w * 4 + 2 * Dk * 4 + BV * 4)
-    eff = cal.mma_efficiency * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
+    fit = cal.fit(hw)  # the per-architecture fractions fitted to published FA2-class throughput
+    eff = fit.forward * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
     share = max(1.0, programs / hw.sms)  # programs sharing an SM share its rates
     per_sm_bw = hw.bytes_per_s / hw.sms
     vec_rate = hw.vector_flops_per_sm * rc.vector_fraction
@@ -110,7 +111,7 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
         return max(t_mma, t_mem) * share + rc.step_latency_s
 
     t_f = per_chunk(f_mma, f_vec, f_bytes, eff)
-    t_b = per_chunk(b_mma, b_vec, b_bytes, eff * cal.bwd_efficiency_ratio)
+    t_b = per_chunk(b_mma, b_vec, b_bytes, eff * fit.backward / fit.forward)
     # each SM runs ceil(programs / sms) programs concurrently (already in `share`); the busiest SM decides
     fwd = N * t_f + cal.launch_s
     bwd = N * t_b + 3 * cal.launch_s + (4 * Dk * 4 + Dk * 4) * n * batch * heads / hw.bytes_per_s  # gate kernel
