@@ -4,24 +4,30 @@ hardware model, and the dense baseline modelled the same way.
 The model, per kernel (forward: one CTA per (batch, head, Q tile) walking its
 KV tiles; backward: one CTA per (batch, head, KV tile) walking its Q tiles):
 
-- each visited tile pair costs its tensor-core work, ``4 Tq Tk D`` flops
-  forward and ``BWD_FLOP_RATIO`` times that backward, at an attainable
-  fraction of the per-SM peak, overlapped with the HBM traffic it causes
-  (K/V tiles forward; Q, dO and the dQ accumulation backward);
+- each visited tile pair costs its tensor-core work, ``2 Tq Tk D`` flops per
+  matmul the kernel executes on it (``FWD_MATMULS`` forward; backward the
+  dQ kernel's and the dK/dV kernel's, ``Calibration.bwd_matmuls``), at an
+  attainable fraction of the per-SM peak fitted per architecture
+  (``ArchFit``), overlapped with the HBM traffic it causes (K/V tiles
+  forward and in the dQ kernel; Q, dO, lse and delta in the dK/dV kernel);
 - a PARTIAL pair also evaluates the mask elementwise on ``Tq x Tk`` pairs:
   ``mask_ops`` operations (sympy's operation count of the mask, custom
   functions weighted) on the non-tensor ALUs;
 - each CTA has a fixed prologue/epilogue (load its resident tile, write the
   output) and the uneven per-CTA work is placed on the SMs longest first
-  (LPT); the kernel time is the makespan plus a launch;
+  (LPT); the kernel time is the makespan plus a launch; the backward is two
+  kernels (dQ: one CTA per Q tile; dK/dV: one CTA per KV tile) one after the
+  other, as ``runtime/triton_backend.py`` launches them;
 - token permutation (multi-dimensional tiles made contiguous) reads and
   writes q, k, v and o once (forward) or do, dq, dk, dv (backward);
   in-kernel multi-dimensional addressing instead pays a little per KV tile.
 
-Every constant that is guesswork sits in ``Calibration`` below; they are
-educated guesses from published FlashAttention-2/3 and FlexAttention figures
-and MUST be calibrated on a GPU (the autotuner's measurements will do it).
-Data-sheet figures live in ``compiler.hardware``.
+The attainable fractions and per-CTA overheads of A100 and H100 are fitted to
+published dense FlashAttention-2-class throughput (``compiler.published``;
+``benchmarks/calibration.py --fit`` re-derives them, and writes the
+predicted-vs-published table); the remaining constants in ``Calibration`` are
+still estimates to be measured on a GPU. Data-sheet figures live in
+``compiler.hardware``.
 """
 
 from __future__ import annotations
@@ -36,27 +42,90 @@ from ..spec.errors import SpecError
 from .hardware import Hardware
 from .schedule import TileSchedule
 
-#: Backward over forward tensor-core flops (5 matmuls against 2), FlashAttention's count.
-BWD_FLOP_RATIO = 2.5
+#: Matmuls per visited tile pair that attnc's forward kernel executes
+#: (compiler/codegen.py ``attnc_fwd``): S = Q K^T and O += P V.
+FWD_MATMULS = 2
+#: ... and its two backward kernels (codegen.py ``attnc_bwd_dq``: S = Q K^T and
+#: dP = dO V^T recomputed, dQ += dS K: 3; ``attnc_bwd_dkdv``: S and dP
+#: recomputed, dV += P^T dO, dK += dS^T Q: 4). 7 in all, where FlashAttention-2's
+#: one-kernel backward (dQ by atomics) executes 5.
+BWD_MATMULS = (3, 4)
+#: Backward over forward tensor-core flops that attnc's kernels execute (7 / 2).
+BWD_FLOP_RATIO = sum(BWD_MATMULS) / FWD_MATMULS
+#: The flop convention of published backward throughput (FlashAttention's
+#: benchmark counts 2.5 x the forward's 4 N^2 D: 5 matmuls), used to report
+#: TFLOP/s comparable with published figures.
+PUBLISHED_BWD_FLOP_RATIO = 2.5
 
 LAYOUTS = ("flat", "permute", "address")
 DTYPE_BYTES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2}
 
 
+@dataclass(frozen=True)
+class ArchFit:
+    """What a Triton FlashAttention-2-class kernel attains on one architecture,
+    fitted to published dense throughput (``compiler.published``).
+
+    ``forward`` / ``backward``: fraction of the data-sheet dense tensor peak
+    that each *executed* matmul flop attains in the inner loop at the best
+    tile configuration; ``cta_overhead_s``: fixed cost per CTA (prologue,
+    pipeline fill, epilogue latency), which sets the fall-off at short
+    sequences."""
+
+    forward: float
+    backward: float
+    cta_overhead_s: float
+
+
 # =====================================================================
-# GUESSWORK: every constant below is an estimate, to be calibrated on a GPU.
+# FITTED (per architecture) and GUESSED constants of the cost model.
 # =====================================================================
+#: Fitted by ``benchmarks/calibration.py --fit`` (least squares on log
+#: throughput over every point of ``compiler.published.DENSE`` for the arch,
+#: CTA overhead on a grid of 0.25-3 us; rms log error: sm80 0.000 (2 points,
+#: 2 parameters), sm90 0.069 over 15 points);
+#: the points, each with its source (paper, figure, value), are listed there.
+#: sm90 forward: FlashAttention-3 paper (Shah et al. 2024, arXiv:2407.08608),
+#:   Fig. 5a/5b, the "Triton" bars (Triton FA2-class, BF16, H100 SXM5, no mask):
+#:   d=64: 340/382/396/400/401/403 TFLOP/s at 512..16k; d=128: 323/372/389/389/392/395.
+#: sm90 backward: same paper, Fig. 6a/6b, "FlashAttention-2" bars (no Triton
+#:   backward is published there): d=64: 198/238/264 at 512/1k/2k; d=128:
+#:   214/260/291/310/318/322 at 512..16k (counted as 5 executed matmuls).
+#: sm80: FlashAttention-2 paper (Dao 2023, arXiv:2307.08691), abstract / Sec. 4.1:
+#:   forward up to 73% of the A100's 312 TFLOP/s (about 228 TFLOP/s, long
+#:   sequences), backward up to 63% (about 197) -- two points only, and the
+#:   paper's text rather than a figure's bars: the sm80 fit is the weaker one,
+#:   and it is FlashAttention-2's CUDA kernel: a Triton kernel may attain less
+#:   on A100 (no Triton A100 figure was at hand).
+#: sm100 and unlisted archs fall back to the scalar fields below (no published
+#: Triton FA2-class figure was at hand: an assumption, not a fit).
+ARCH_FITS: dict[str, ArchFit] = {
+    "sm80": ArchFit(forward=0.772, backward=0.666, cta_overhead_s=1.5e-6),
+    # (the sm90 loss is flat below 0.5 us of CTA overhead: rms log error 0.069 at 0.25 us, 0.071 at 0.5)
+    "sm90": ArchFit(forward=0.435, backward=0.303, cta_overhead_s=0.25e-6),
+}
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """The cost model's guessed constants (all of them). Replace with measured
-    values: ``predict(..., calibration=Calibration(mma_efficiency=0.62))``."""
+    """The cost model's constants. The per-architecture MMA fractions and CTA
+    overheads are fitted to published measurements (``arch``, see
+    ``ARCH_FITS``); the rest are estimates. Override any of them:
+    ``predict(..., calibration=Calibration(arch={}, mma_efficiency=0.62))``
+    (an empty ``arch`` makes every architecture use the scalar fields)."""
 
-    #: Attainable fraction of the dense tensor peak in the forward inner loop at
-    #: the best tile configuration (FA2 reaches ~0.7 on A100, FA3 ~0.75 on
-    #: H100; a Triton kernel without warp specialisation rather ~0.55).
-    mma_efficiency: float = 0.55
-    #: Backward attains this fraction of the forward efficiency.
-    bwd_efficiency_ratio: float = 0.85
+    #: Fitted fractions per architecture (``Hardware.arch``); archs not listed
+    #: use ``mma_efficiency``, ``bwd_efficiency_ratio`` and ``cta_overhead_s``.
+    arch: dict = field(default_factory=lambda: dict(ARCH_FITS))
+    #: Matmuls per tile pair of the (dQ, dK/dV) backward kernels. (0, 5) models
+    #: FlashAttention-2's single backward kernel (dQ accumulated by atomics),
+    #: which is how its published figures are fitted.
+    bwd_matmuls: tuple = BWD_MATMULS
+    #: Fallback forward fraction of the dense tensor peak (archs without a
+    #: fit): the H100 fit, the nearest published Triton FA2-class figure.
+    mma_efficiency: float = 0.435
+    #: Fallback backward fraction, relative to the forward one (H100 fit: 0.303 / 0.435).
+    bwd_efficiency_ratio: float = 0.70
     #: Efficiency multiplier by Q-tile tokens and warps (nearest Tq is used).
     warp_factor: dict = field(default_factory=lambda: {(64, 4): 1.0, (64, 8): 0.85, (128, 4): 0.88, (128, 8): 1.0})
     #: Efficiency multiplier exponents for tiles smaller than 128 tokens:
@@ -82,12 +151,20 @@ class Calibration:
     address_bw_efficiency: float = 0.92
     #: Per-pair ops to decode grid coordinates of flat tiles on a grid (div + mod per axis).
     flat_decode_ops_per_axis: int = 2
-    #: Fixed cost per CTA (prologue, pipeline fill, epilogue latency), seconds.
+    #: Fallback fixed cost per CTA (prologue, pipeline fill, epilogue latency), seconds.
     cta_overhead_s: float = 1.5e-6
     #: Fixed cost per kernel launch, seconds.
     launch_s: float = 4e-6
     #: HBM efficiency of the permutation copy kernels.
     permute_bw_efficiency: float = 0.8
+
+
+    def fit(self, hw: Hardware) -> ArchFit:
+        """The fractions and CTA overhead that apply on ``hw``."""
+        found = self.arch.get(hw.arch)
+        if found is not None:
+            return found
+        return ArchFit(self.mma_efficiency, self.mma_efficiency * self.bwd_efficiency_ratio, self.cta_overhead_s)
 
 
 DEFAULT_CALIBRATION = Calibration()
@@ -251,12 +328,13 @@ def makespan(work: torch.Tensor, sms: int, repeat: int | float = 1) -> float:
 
 
 # ----------------------------------------------------------------- one pass
-def _efficiency(config: KernelConfig, cal: Calibration) -> float:
+def _shape_factor(config: KernelConfig, cal: Calibration) -> float:
+    """Efficiency multiplier of a tile configuration against the best one (1.0)."""
     tq, tk = config.q_tokens, config.kv_tokens
     near = min((abs(math.log2(max(tq, 1)) - math.log2(q)), q) for q, _ in cal.warp_factor)[1]
     warp = cal.warp_factor.get((near, config.num_warps), min(cal.warp_factor.values()))
     shape = min(1.0, tq / 128) ** cal.q_tile_exponent * min(1.0, tk / 128) ** cal.kv_tile_exponent
-    return cal.mma_efficiency * warp * shape
+    return warp * shape
 
 
 def _overlap(mma: float, mem: float, stages: int, cal: Calibration) -> float:
@@ -308,7 +386,10 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
         raise SpecError(f"unknown layout {config.layout!r}", where="argument layout", hint="one of " + ", ".join(LAYOUTS))
     D, b = head_dim, nbytes
     tq, tk = config.q_tokens, config.kv_tokens
-    eff = _efficiency(config, cal)
+    fit = cal.fit(hw)
+    shape = _shape_factor(config, cal)
+    eff_f, eff_b = fit.forward * shape, fit.backward * shape
+    pair_flops = 2.0 * tq * tk * D  # one matmul over a tile pair
     per_sm_bw = hw.bytes_per_s / hw.sms
     bw_eff = cal.address_bw_efficiency if config.layout == "address" else 1.0
     miss = 1.0 - cal.l2_hit
@@ -320,32 +401,52 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                    if config.layout == "address" else 0.0)
     address_bwd = (tq * cal.address_ops_per_axis * _axes_of(config) / (hw.vector_flops_per_sm * cal.mask_alu_fraction)
                    if config.layout == "address" else 0.0)
+    bw = per_sm_bw * bw_eff
 
     # forward: CTA per Q tile; K and V tiles stream in
-    mma_f = 4.0 * tq * tk * D / (hw.flops_per_sm * eff)
-    mem_f = 2.0 * tk * D * b * miss / (per_sm_bw * bw_eff)
+    mma_f = FWD_MATMULS * pair_flops / (hw.flops_per_sm * eff_f)
+    mem_f = 2.0 * tk * D * b * miss / bw
     t_full_f = _overlap(mma_f, mem_f, config.num_stages, cal) + address_fwd
-    t_part_f = t_full_f + mask_pair
-    cta_f = cal.cta_overhead_s + 2.0 * tq * D * b / (per_sm_bw * bw_eff)  # load Q, store O
+    cta_f = fit.cta_overhead_s + 2.0 * tq * D * b / bw  # load Q, store O
     nq_tok, nk_tok = tokens
     perm_bytes = 4 * 2 * batch_heads * max(nq_tok, nk_tok) * D * b  # 4 tensors read + written
     perm = perm_bytes / (hw.bytes_per_s * cal.permute_bw_efficiency) + cal.launch_s if config.layout == "permute" else 0.0
-    fwd = _pass(full_fwd, partial_fwd, repeat, t_full=t_full_f, t_partial=t_part_f, t_cta=cta_f,
+    fwd = _pass(full_fwd, partial_fwd, repeat, t_full=t_full_f, t_partial=t_full_f + mask_pair, t_cta=cta_f,
                 mma_pair=mma_f, mask_pair=mask_pair, mem_pair=mem_f, hw=hw, cal=cal, permute_s=perm)
 
-    # backward: CTA per KV tile; Q, dO stream in, dQ accumulates in fp32
-    eff_b = eff * cal.bwd_efficiency_ratio
-    mma_b = BWD_FLOP_RATIO * 4.0 * tq * tk * D / (hw.flops_per_sm * eff_b)
-    mem_b = (2.0 * tq * D * b + 2.0 * tq * D * 4) * miss / (per_sm_bw * bw_eff)  # Q, dO; dQ fp32 accumulate
-    t_full_b = _overlap(mma_b, mem_b, config.num_stages, cal) + address_bwd
-    t_part_b = t_full_b + mask_pair
-    cta_b = cal.cta_overhead_s + 4.0 * tk * D * b / (per_sm_bw * bw_eff)  # load K, V; store dK, dV
-    pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s  # delta = rowsum(dO * O)
-    bwd = _pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_full_b, t_partial=t_part_b, t_cta=cta_b,
-                mma_pair=mma_b, mask_pair=mask_pair, mem_pair=mem_b, hw=hw, cal=cal, permute_s=perm)
-    bwd.time_s += pre
-    bwd.kernel_s += pre
+    # backward: delta = rowsum(dO * O), then the dQ kernel (CTA per Q tile, K and V stream
+    # in; the forward's tile lists) and the dK/dV kernel (CTA per KV tile; Q, dO, lse and
+    # delta stream in), one after the other.
+    n_dq, n_dkdv = cal.bwd_matmuls
+    pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s
+    parts = []
+    if n_dq:
+        mma_q = n_dq * pair_flops / (hw.flops_per_sm * eff_b)
+        mem_q = 2.0 * tk * D * b * miss / bw
+        t_q = _overlap(mma_q, mem_q, config.num_stages, cal) + address_fwd
+        cta_q = fit.cta_overhead_s + (3.0 * tq * D * b + 8.0 * tq) / bw  # Q, dO in, dQ out; lse, delta
+        parts.append(_pass(full_fwd, partial_fwd, repeat, t_full=t_q, t_partial=t_q + mask_pair, t_cta=cta_q,
+                           mma_pair=mma_q, mask_pair=mask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
+    mma_k = n_dkdv * pair_flops / (hw.flops_per_sm * eff_b)
+    mem_k = (2.0 * tq * D * b + 8.0 * tq) * miss / bw  # Q, dO; lse, delta (fp32)
+    if not n_dq:  # one kernel (FlashAttention-2): dQ accumulated in fp32 by atomics
+        mem_k += 2.0 * tq * D * 4 * miss / bw
+    t_k = _overlap(mma_k, mem_k, config.num_stages, cal) + address_bwd
+    cta_k = fit.cta_overhead_s + 4.0 * tk * D * b / bw  # load K, V; store dK, dV
+    parts.append(_pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_k,
+                       t_partial=t_k + mask_pair, t_cta=cta_k, mma_pair=mma_k, mask_pair=mask_pair,
+                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0))
+    bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
+
+
+def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCost:
+    """Kernels launched one after the other (plus a pre-pass and the permutation) as one pass."""
+    total = lambda name: sum(getattr(p, name) for p in parts)  # noqa: E731
+    kernel = total("kernel_s") + pre
+    return PassCost(time_s=kernel + permute_s, kernel_s=kernel, permute_s=permute_s, makespan_s=total("makespan_s"),
+                    ideal_s=total("ideal_s"), mma_s=total("mma_s"), mask_s=total("mask_s"),
+                    memory_s=total("memory_s"), ctas=sum(p.ctas for p in parts))
 
 
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
@@ -371,14 +472,13 @@ def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelCon
     nq, nk = -(-num_queries // tq), -(-num_keys // tk)
     flat = KernelConfig((tq,), (tk,), "flat", config.num_warps, config.num_stages)
     # Every CTA is alike: one of each, repeated (no tensor as long as the tile grid).
-    fwd = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]), torch.zeros(1, 1),
-                         batch * heads * nq, flat, hw, head_dim=head_dim, tokens=(num_queries, num_keys),
-                         batch_heads=batch * heads, nbytes=nbytes, ops=0, calibration=calibration)
-    bwd = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]), torch.zeros(1, 1),
-                         batch * heads * nk, flat, hw, head_dim=head_dim, tokens=(num_queries, num_keys),
-                         batch_heads=batch * heads, nbytes=nbytes, ops=0, calibration=calibration)
-    return Prediction(flat, fwd.forward, bwd.backward)
+    pred = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]),
+                          torch.zeros(1, 1), batch * heads * nq, flat, hw, head_dim=head_dim,
+                          tokens=(num_queries, num_keys), batch_heads=batch * heads, nbytes=nbytes, ops=0,
+                          calibration=calibration, repeat_bwd=batch * heads * nk)
+    return Prediction(flat, pred.forward, pred.backward)
 
 
-__all__ = ["BWD_FLOP_RATIO", "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
+__all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "PUBLISHED_BWD_FLOP_RATIO", "ArchFit",
+           "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
            "dtype_bytes", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "smem_fits"]

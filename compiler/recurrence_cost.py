@@ -92,7 +92,8 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
     bh = batch * heads
     vector = gate == "vector"
     gate_w = Dk if vector else 1
-    eff = cal.mma_efficiency * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
+    fit = cal.fit(hw)  # the per-architecture fractions fitted to published FA2-class throughput
+    eff = fit.forward * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
     vec_rate = hw.vector_flops_per_sm * rc.vector_fraction
 
     # sequential state pass: per program and step, the state update and the state's store
@@ -122,7 +123,7 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
     fwd = seq_pass() + parallel(chunks * (NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv), f_vec,
                                 f_bytes - chunks * NK * NV * s_bytes, chunks * NV, eff)
     # backward: the state pass twice (h_n recomputed, dh_n), dv, dq/dk and the gate gradient
-    beff = eff * cal.bwd_efficiency_ratio
+    beff = eff * fit.backward / fit.forward
     dv_mma = NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv
     dqk_mma = NK * 2.0 * C * C * Dv + 4.0 * C * Dk * Dv + (0.0 if vector else 4.0 * C * C * Dk)
     dv_vec = NV * intra

@@ -13,15 +13,32 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
 
 from . import evaluate as E
 from . import ir
-from .cost import Calibration, dtype_bytes
+from .cost import (
+    PUBLISHED_BWD_FLOP_RATIO,
+    Calibration,
+    KernelConfig,
+    Prediction,
+    dtype_bytes,
+    predict_dense,
+    smem_fits,
+)
 from .hardware import Hardware
-from .search import Candidate, ScheduleSearch, check_simulation_size
+from .search import (
+    KV_TOKENS,
+    Q_TOKENS,
+    STAGES,
+    WARPS,
+    Candidate,
+    ScheduleSearch,
+    check_simulation_size,
+)
 
 
 def _finite(x: float):
@@ -156,7 +173,8 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
         if len(shown) == top:
             break
     dense_f, dense_b = search.dense()
-    assumptions = ["cost model constants are guesses to be calibrated on a GPU (compiler/cost.py, Calibration)",
+    assumptions = ["MMA fractions fitted to published dense FA2-class throughput (A100, H100; compiler/published.py); "
+                   "other cost constants are estimates (compiler/cost.py, Calibration)",
                    "dense baseline: the best dense configuration modelled the same way"]
     if pat.route is not None:
         assumptions.append(
@@ -174,6 +192,36 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                             hw, _ratio(allowed, total), best, shown, dense_f.forward.time_s,
                             dense_b.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
                             allowed_pairs=allowed, total_pairs=total)
+
+
+def dense_configs(hw: Hardware, head_dim: int, nbytes: int = 2) -> list[KernelConfig]:
+    """The search's candidate dense configurations (tiles, warps, stages) that fit ``hw``."""
+    configs = [KernelConfig((tq,), (tk,), "flat", warps, stages)
+               for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES) if tk <= tq]
+    return [c for c in configs if smem_fits(c, head_dim, nbytes, hw)]
+
+
+def best_dense(seqlen: int, hw: Hardware, *, head_dim: int, heads: int, batch: int = 1, nbytes: int = 2,
+               calibration: Calibration | None = None,
+               configs: list[KernelConfig] | None = None) -> tuple[Prediction, Prediction]:
+    """The fastest dense configurations (forward, backward) of ``configs`` (default:
+    the search's candidates, as ``ScheduleSearch.dense`` picks a pattern's dense baseline)."""
+    preds = [predict_dense(seqlen, seqlen, heads, cfg, hw, head_dim=head_dim, batch=batch, nbytes=nbytes,
+                           calibration=calibration)
+             for cfg in (configs if configs is not None else dense_configs(hw, head_dim, nbytes))]
+    return min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s)
+
+
+def dense_tflops(seqlen: int, hw: Hardware, *, head_dim: int, heads: int, batch: int = 1, nbytes: int = 2,
+                 calibration: Calibration | None = None,
+                 configs: list[KernelConfig] | None = None) -> tuple[float, float]:
+    """Predicted dense attention throughput (forward, backward) in TFLOP/s, in the
+    convention published figures use (forward 4 B H N^2 D flops, backward 2.5x
+    that), whatever the kernels execute: comparable with FlashAttention's tables."""
+    fwd, bwd = best_dense(seqlen, hw, head_dim=head_dim, heads=heads, batch=batch, nbytes=nbytes,
+                          calibration=calibration, configs=configs)
+    flops = 4.0 * batch * heads * seqlen * seqlen * head_dim
+    return flops / fwd.forward.time_s / 1e12, PUBLISHED_BWD_FLOP_RATIO * flops / bwd.backward.time_s / 1e12
 
 
 def _ratio(a: int | float, b: int) -> float:
@@ -227,4 +275,4 @@ def format_report(rep: SimulationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SimulationReport", "format_report", "simulate_pattern"]
+__all__ = ["SimulationReport", "best_dense", "dense_configs", "dense_tflops", "format_report", "simulate_pattern"]

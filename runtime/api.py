@@ -128,6 +128,8 @@ class Attention(torch.nn.Module):
         # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
         self._tiles = (q_tile, kv_tile)
         self._triton = None
+        # under torch.compile the Triton path runs through attnc::triton_attention (custom_op), keyed by this module
+        self._triton_key = custom_op.register(self) if isinstance(pattern, ir.PatternIR) else None
         if backend == "triton" and isinstance(pattern, ir.PatternIR):
             from ..compiler.codegen import check_fp32_constants
 
@@ -149,6 +151,8 @@ class Attention(torch.nn.Module):
         if getattr(self, "_auto_runner", None) is not None:
             self._auto_runner.cpu = self._runner  # one executor runner per module (deepcopy keeps them apart)
             self._auto_key = custom_op.register(self._auto_runner)
+        if getattr(self, "_triton_key", None) is not None:
+            self._triton_key = custom_op.register(self)
 
     @property
     def chosen_backend(self) -> str | None:
@@ -304,6 +308,10 @@ class Attention(torch.nn.Module):
             # Under torch.compile the sizes and inputs are bound inside the custom op
             # (sympy is not traceable); eager calls check them here, with clear errors.
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
+            return (out, lse) if return_lse else out
+        if (self.backend == "triton" or (self.auto and q.is_cuda)) and torch.compiler.is_compiling():
+            out, lse = custom_op.triton_attention(q, k, v, list(inputs.values()), self._triton_key, ",".join(inputs),
+                                                  custom_op.encode_sizes(all_sizes), float(scale))
             return (out, lse) if return_lse else out
         try:
             bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)

@@ -1,5 +1,10 @@
-"""The CPU executor as ``torch.library`` custom ops, so that a model calling an
-attnc module compiles with ``torch.compile(fullgraph=True)``.
+"""The CPU executor and the Triton kernels as ``torch.library`` custom ops, so
+that a model calling an attnc module compiles with ``torch.compile(fullgraph=True)``.
+
+``attnc::triton_attention`` / ``attnc::triton_attention_backward`` take the same
+arguments as the CPU ops below and run the generated Triton kernels (natively on
+CUDA tensors, in Triton's interpreter on CPU tensors); their ``key`` names the
+attnc module, whose Triton runner is made at the op's first call.
 
 ``attnc::tiled_attention(q, k, v, inputs, key, names, sizes, scale) -> (out, lse)``
 runs the forward; ``attnc::tiled_attention_backward`` the backward (registered
@@ -152,21 +157,27 @@ def _setup_context(ctx, inputs, output):
     ctx.count = len(tensors)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_inputs = need[3] if isinstance(need[3], list | tuple) else [need[3]] * ctx.count
-    wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
-    if dout is None:
-        dout = torch.zeros_like(out)
-    if ctx.runner is not None:
-        _REGISTRY.setdefault(ctx.key, ctx.runner)
-    dq, dk, dv, d_list = tiled_attention_backward(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.names,
-                                                  ctx.sizes, ctx.scale, wrt)
-    d_inputs: list = [None] * ctx.count
-    for i, g in zip(wrt, d_list, strict=True):
-        d_inputs[i] = g
-    return dq, dk, dv, d_inputs, None, None, None, None
+def _autograd_formula(backward_op):
+    """The autograd formula of a forward op: ``backward_op()`` (looked up at call
+    time: the op is defined after the formula) computes the gradients."""
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_inputs = need[3] if isinstance(need[3], list | tuple) else [need[3]] * ctx.count
+        wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if ctx.runner is not None:
+            _REGISTRY.setdefault(ctx.key, ctx.runner)
+        dq, dk, dv, d_list = backward_op()(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.names, ctx.sizes,
+                                           ctx.scale, wrt)
+        d_inputs: list = [None] * ctx.count
+        for i, g in zip(wrt, d_list, strict=True):
+            d_inputs[i] = g
+        return dq, dk, dv, d_inputs, None, None, None, None
+
+    return backward
 
 
 def _define():
@@ -174,7 +185,7 @@ def _define():
     fwd.register_fake(_forward_fake)
     bwd = torch.library.custom_op("attnc::tiled_attention_backward", _backward_impl, mutates_args=())
     bwd.register_fake(_backward_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
+    fwd.register_autograd(_autograd_formula(lambda: tiled_attention_backward), setup_context=_setup_context)
     return fwd, bwd
 
 
@@ -182,3 +193,67 @@ if not hasattr(_SHARED, "ops"):  # a second copy of the package uses the first o
     _SHARED.ops = _define()
 #: ``torch.ops.attnc.tiled_attention`` and ``torch.ops.attnc.tiled_attention_backward``
 tiled_attention, tiled_attention_backward = _SHARED.ops
+
+
+# ------------------------------------------------------------ the Triton kernels
+def _launch(module, q, k, inputs, names, sizes):
+    """The Triton launch of ``module`` (an attnc ``Attention``) for these shapes and
+    inputs; its runner caches plans and kernels per shape, as in eager calls."""
+    runner = module._triton_runner()
+    bound = E.bind_sizes(module.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
+                         dk=q.shape[3])
+    return runner.prepare(bound, q, k, _named(names, inputs))
+
+
+def _triton_forward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor], key: str, names: str, sizes: str,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_backend
+
+    module = _runner(key)
+    if q.shape[0] == 0:
+        B, Hq, Nq, _ = q.shape
+        return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=torch.float32)
+    out, lse = triton_backend.forward(_launch(module, q, k, inputs, names, sizes), q, k, v, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+def _triton_forward_fake(q, k, v, inputs, key, names, sizes, scale):
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+
+
+def _triton_backward_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, dout: torch.Tensor,
+    dlse: torch.Tensor | None, inputs: list[torch.Tensor], key: str, names: str, sizes: str, scale: float,
+    wrt: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(dq, dk, dv, [gradient of inputs[i] for i in wrt]) from the Triton backward kernels."""
+    from . import triton_backend
+
+    module = _runner(key)
+    raw = _named(names, inputs)
+    wrt_names = [_names(names)[i] for i in wrt]
+    if q.shape[0] == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), [raw[n].new_zeros(raw[n].shape)
+                                                                                 for n in wrt_names]
+    launch = _launch(module, q, k, inputs, names, sizes)
+    dq, dk, dv, d_in = triton_backend.backward(launch, q, k, v, out, lse, dout, dlse, scale, wrt_names)
+    d_list = [d_in[n].contiguous() if d_in.get(n) is not None else torch.zeros_like(raw[n]) for n in wrt_names]
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_list
+
+
+def _define_triton():
+    fwd = torch.library.custom_op("attnc::triton_attention", _triton_forward_impl, mutates_args=())
+    fwd.register_fake(_triton_forward_fake)
+    bwd = torch.library.custom_op("attnc::triton_attention_backward", _triton_backward_impl, mutates_args=())
+    bwd.register_fake(_backward_fake)
+    fwd.register_autograd(_autograd_formula(lambda: triton_attention_backward), setup_context=_setup_context)
+    return fwd, bwd
+
+
+if not hasattr(_SHARED, "triton_ops"):
+    _SHARED.triton_ops = _define_triton()
+#: ``torch.ops.attnc.triton_attention`` and ``torch.ops.attnc.triton_attention_backward``
+triton_attention, triton_attention_backward = _SHARED.triton_ops

@@ -1,0 +1,403 @@
+"""The GPU suite: correctness at real sizes and timings against FlexAttention, SDPA
+and flash-linear-attention, with the simulator's prediction beside each
+measurement, written to one results file.
+
+    python benchmarks/gpu_suite.py                 # on a GPU machine (about 5-8 minutes on an H100)
+    python benchmarks/gpu_suite.py --toy           # CPU, Triton interpreter, toy sizes (CI)
+    python benchmarks/gpu_suite.py --out FILE      # where the results go
+
+Runs on torch 2.11 + Triton 3.6 with no network. flash-linear-attention (``fla``)
+is imported if installed (carried as a wheel); otherwise its baseline is skipped
+and the file says so. attnc needs ``lark`` (carry it as a wheel where missing).
+
+Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 head):
+
+- NATTEN neighborhood attention 1-D (32,768 tokens, window 2,048), 2-D (128x128,
+  window 33x33) and 3-D (30x48x80, window 18x24x24): attnc's Triton kernels,
+  forward and backward, against a float32 dense reference computed on 256
+  sampled query rows with the window rule written here (independently of attnc);
+  FlexAttention (a hand-written ``mask_mod``) measured against the same
+  reference, for scale. Timed: attnc, FlexAttention, SDPA dense (flash; the
+  dense baseline) and, where the boolean mask fits, SDPA with the mask.
+- The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
+  Triton chunked kernels against attnc's chunked torch recurrence in float32
+  (reference) and fla's ``chunk_simple_gla``; timed against fla.
+
+Relative errors are ||a - b|| / ||b||; a bf16 result passes below 2e-2
+(bf16 operands land between 1e-3 and 1e-2). Timings: medians of
+``triton.testing.do_bench`` on CUDA; in ``--toy`` the wall clock of the correctness
+run (the interpreter: the numbers mean nothing there, the run proves the suite works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _import_attnc():
+    """``import attnc``; from a checkout that is not installed (the GPU machine), through a
+    link named ``attnc`` to the repository root (the root is the package)."""
+    try:
+        import attnc  # noqa: F401
+    except ImportError as err:
+        if getattr(err, "name", "") == "lark":
+            raise SystemExit("attnc needs lark: carry its wheel (see .library/device/README.md) and install it") from err
+        link_dir = Path(tempfile.mkdtemp(prefix="attnc-suite-"))
+        (link_dir / "attnc").symlink_to(ROOT, target_is_directory=True)
+        sys.path.insert(0, str(link_dir))
+    import attnc
+
+    return attnc
+
+
+attnc = _import_attnc()
+
+try:  # flash-linear-attention, if carried
+    from fla.ops.simple_gla import chunk_simple_gla
+except Exception as _fla_err:  # noqa: BLE001 (any import failure means: no fla baseline)
+    chunk_simple_gla = None
+    FLA_STATUS = f"skipped (fla not importable: {type(_fla_err).__name__}: {_fla_err})"
+else:
+    import fla
+
+    FLA_STATUS = f"fla {getattr(fla, '__version__', '?')}"
+
+PASS_REL = 2e-2
+
+
+# ----------------------------------------------------------------- the cases
+def _cases(toy: bool) -> list[dict]:
+    if toy:
+        return [
+            {"name": "1-D", "pattern": "neighborhood_1d", "sizes": {"seq": 64}, "params": {"kernel_size": 16}},
+            {"name": "2-D", "pattern": "neighborhood_2d", "sizes": {"height": 8, "width": 8},
+             "params": {"kernel_size_y": 3, "kernel_size_x": 5}},
+            {"name": "3-D", "pattern": "neighborhood_3d", "sizes": {"frames": 3, "height": 4, "width": 4},
+             "params": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 2}},
+        ]
+    return [
+        {"name": "1-D", "pattern": "neighborhood_1d", "sizes": {"seq": 32768}, "params": {"kernel_size": 2048}},
+        {"name": "2-D", "pattern": "neighborhood_2d", "sizes": {"height": 128, "width": 128},
+         "params": {"kernel_size_y": 33, "kernel_size_x": 33}},
+        {"name": "3-D", "pattern": "neighborhood_3d", "sizes": {"frames": 30, "height": 48, "width": 80},
+         "params": {"kernel_size_t": 18, "kernel_size_y": 24, "kernel_size_x": 24}},
+    ]
+
+
+def _axes(case) -> tuple[list[int], list[int]]:
+    sizes = list(case["sizes"].values())
+    p = case["params"]
+    if case["pattern"] == "neighborhood_1d":
+        return sizes, [p["kernel_size"]]
+    keys = ["kernel_size_y", "kernel_size_x"] if len(sizes) == 2 else ["kernel_size_t", "kernel_size_y", "kernel_size_x"]
+    return sizes, [p[k] for k in keys]
+
+
+def natten_keep(qi, ki, sizes: list[int], windows: list[int]):
+    """NATTEN's non-causal window rule (stride 1, dilation 1) on flat row-major token
+    indices, written out here independently of attnc: per axis, the w keys starting at
+    clamp(i - w // 2, 0, L - w)."""
+    keep = None
+    stride = math.prod(sizes)
+    for L, w in zip(sizes, windows, strict=True):
+        stride //= L
+        qc, kc = (qi // stride) % L, (ki // stride) % L
+        start = torch.clamp(qc - w // 2, 0, L - w)
+        ok = (kc >= start) & (kc < start + w)
+        keep = ok if keep is None else keep & ok
+    return keep
+
+
+# ----------------------------------------------------------------- helpers
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def timed(fn, toy: bool) -> float:
+    """Seconds per call: the median of do_bench on CUDA, one wall-clock call in --toy."""
+    if toy:
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+
+
+def _hardware_name() -> str:
+    if not torch.cuda.is_available():
+        return "h100"
+    name = torch.cuda.get_device_name().lower()
+    for key in ("h200", "h100", "a100", "b200"):
+        if key in name:
+            return key
+    return "h100"
+
+
+def _fmt_ms(s) -> str:
+    return "-" if s is None else f"{s * 1e3:.3f}"
+
+
+class Budget:
+    """Skips the remaining timings once the run's time budget is spent (recorded in the file)."""
+
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+        self.skipped: list[str] = []
+
+    def left(self, what: str) -> bool:
+        if time.perf_counter() - self.start < self.seconds:
+            return True
+        self.skipped.append(what)
+        return False
+
+
+# ----------------------------------------------------------------- softmax cases
+def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines_c, lines_b):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    sizes, windows = _axes(case)
+    n = math.prod(sizes)
+    gen = torch.Generator(device="cpu").manual_seed(len(case["sizes"]))  # one fixed seed per case
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    dout = torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype)
+    rows = torch.randperm(n, generator=gen)[: min(256, n)].to(device)
+    kw = {"n": n} if case["pattern"] == "neighborhood_1d" else {"sizes": case["sizes"]}
+    attn = attnc.compile_attention(f"stdlib:{case['pattern']}", backend="triton", **case["params"],
+                                   **({} if "n" in kw else {"sizes": case["sizes"]}))
+
+    # attnc forward and backward (the loss restricted to the sampled rows, so the reference can be exact)
+    mask_rows = torch.zeros(1, 1, n, 1, device=device, dtype=dtype)
+    mask_rows[:, :, rows] = 1
+    qa, ka, va = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    t0 = time.perf_counter()
+    out = attn(qa, ka, va)
+    t1 = time.perf_counter()
+    out.backward(dout * mask_rows)
+    first = {"attnc_f": t1 - t0, "attnc_fb": time.perf_counter() - t0}  # --toy: these are its timings
+
+    # the float32 reference on the sampled rows (dense over all keys, the rule above)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    keep = natten_keep(rows[:, None], torch.arange(n, device=device)[None], sizes, windows)
+    s = (qr[:, :, rows] @ kr.transpose(-1, -2)) / math.sqrt(head_dim)
+    ref = torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ vr
+    ref.backward(dout[:, :, rows].float())
+    errs = {"out": rel(out[:, :, rows].detach(), ref.detach()), "dq": rel(qa.grad[:, :, rows], qr.grad[:, :, rows]),
+            "dk": rel(ka.grad, kr.grad), "dv": rel(va.grad, vr.grad)}
+
+    # FlexAttention with the rule above, against the same reference (for scale)
+    def mask_mod(b, h, q_idx, kv_idx):
+        return natten_keep(q_idx, kv_idx, sizes, windows)
+
+    try:  # on CUDA without materialising the n x n mask (115,200^2 at 3-D)
+        bm = create_block_mask(mask_mod, 1, 1, n, n, device=device, _compile=not toy)
+    except TypeError:
+        bm = create_block_mask(mask_mod, 1, 1, n, n, device=device)
+    flex = flex_attention if toy else torch.compile(flex_attention)
+    # (FlexAttention has no backward on CPU: --toy checks its forward only)
+    qf, kf, vf = (t.detach().clone().requires_grad_(not toy) for t in (q, k, v))
+    fout = flex(qf, kf, vf, block_mask=bm)
+    ferrs = {"out": rel(fout[:, :, rows].detach(), ref.detach()), "dk": math.nan}
+    if not toy:
+        fout.backward(dout * mask_rows)
+        ferrs["dk"] = rel(kf.grad, kr.grad)
+    ok = all(e < PASS_REL for e in errs.values()) and all(math.isfinite(e) for e in errs.values())
+    lines_c.append(f"| {case['name']} {case['pattern']} | {'x'.join(map(str, sizes))} | "
+                   f"{'x'.join(map(str, windows))} | {errs['out']:.2e} | {errs['dq']:.2e} | {errs['dk']:.2e} | "
+                   f"{errs['dv']:.2e} | {ferrs['out']:.2e} / {ferrs['dk']:.2e} | {'PASS' if ok else 'FAIL'} |")
+
+    # timings, with the simulator's prediction beside them
+    # the simulator on the schedule that ran (its tile shapes), on the model of this GPU
+    rep = attn.report(hardware=hw, dtype="bf16")
+    t = dict(first) if toy else {}
+    if budget.left(f"{case['name']} timings"):
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+        def fwd_bwd(f):
+            def run():
+                o = f(qg, kg, vg)
+                o.backward(dout)
+                qg.grad = kg.grad = vg.grad = None
+            return run
+
+        with torch.no_grad():
+            if not toy:  # (the interpreter is slow: --toy times the correctness run above instead)
+                t["attnc_f"] = timed(lambda: attn(q, k, v), toy)
+            t["flex_f"] = timed(lambda: flex(q, k, v, block_mask=bm), toy)
+            t["sdpa_f"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v), toy)
+        if not toy:
+            t["attnc_fb"] = timed(fwd_bwd(attn), toy)
+            t["flex_fb"] = timed(fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=bm)), toy)
+        t["sdpa_fb"] = timed(fwd_bwd(torch.nn.functional.scaled_dot_product_attention), toy)
+        if n * n <= 2**31:  # the boolean mask fits easily (2 GiB at most)
+            dense_mask = natten_keep(torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None],
+                                     sizes, windows)
+            with torch.no_grad():
+                t["sdpa_mask_f"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+                    q, k, v, attn_mask=dense_mask), toy)
+            del dense_mask
+    pf, pb = rep.best.forward_s, rep.best.backward_s
+    lines_b.append(
+        f"| {case['name']} | attnc triton | {_fmt_ms(t.get('attnc_f'))} | {_fmt_ms(pf)} | "
+        f"{_fmt_ms(t.get('attnc_fb'))} | {_fmt_ms(pf + pb)} | "
+        + (f"{t['sdpa_f'] / t['attnc_f']:.2f}x" if t else "-") + f" | {rep.predicted_speedup:.2f}x |")
+    lines_b.append(f"| {case['name']} | FlexAttention | {_fmt_ms(t.get('flex_f'))} | | {_fmt_ms(t.get('flex_fb'))} | | "
+                   + (f"{t['sdpa_f'] / t['flex_f']:.2f}x" if t else "-") + " | |")
+    lines_b.append(f"| {case['name']} | SDPA dense | {_fmt_ms(t.get('sdpa_f'))} | {_fmt_ms(rep.dense_forward_s)} | "
+                   f"{_fmt_ms(t.get('sdpa_fb'))} | {_fmt_ms(rep.dense_forward_s + rep.dense_backward_s)} | 1.00x | |")
+    if "sdpa_mask_f" in t:
+        lines_b.append(f"| {case['name']} | SDPA + bool mask | {_fmt_ms(t['sdpa_mask_f'])} | | | | "
+                       f"{t['sdpa_f'] / t['sdpa_mask_f']:.2f}x | |")
+    return ok
+
+
+# ----------------------------------------------------------------- the recurrence
+def recurrence_case(*, device, dtype, heads, head_dim, T, toy, hw, budget, lines_c, lines_b):
+    gen = torch.Generator(device="cpu").manual_seed(7)
+    q, k, v = (torch.randn(1, heads, T, head_dim, generator=gen).to(device=device, dtype=dtype) * 0.5 for _ in range(3))
+    g = (-torch.rand(heads, T, generator=gen) * 0.1).to(device)  # log gates in [-0.1, 0]
+    dout = torch.randn(1, heads, T, head_dim, generator=gen).to(device=device, dtype=dtype)
+    scale = 1.0 / math.sqrt(head_dim)
+    tri = attnc.compile_attention("stdlib:mamba2", backend="triton")
+    ref_mod = attnc.compile_attention("stdlib:mamba2", backend="cpu")  # the chunked torch recurrence
+
+    def grads(mod, qq, kk, vv, gg, cast=None):
+        qq, kk, vv = (x.detach().clone().to(cast or x.dtype).requires_grad_() for x in (qq, kk, vv))
+        gg = gg.detach().clone().requires_grad_()
+        o = mod(qq, kk, vv, g=gg, scale=scale)
+        o.backward(dout.to(o.dtype))
+        return o.detach(), qq.grad, kk.grad, vv.grad, gg.grad
+
+    t0 = time.perf_counter()
+    got = grads(tri, q, k, v, g)
+    first = {"attnc_fb": time.perf_counter() - t0}  # --toy: its timing
+    ref = grads(ref_mod, q, k, v, g, cast=torch.float32)
+    errs = [rel(a, b) for a, b in zip(got, ref, strict=True)]
+    fla_err = "skipped"
+    fla_fn = None
+    if chunk_simple_gla is not None and device.type == "cuda":
+        def fla_fn(qq, kk, vv, gg):  # fla's layout: [B, T, H, D], gates [B, T, H]
+            o, _ = chunk_simple_gla(qq.transpose(1, 2).contiguous(), kk.transpose(1, 2).contiguous(),
+                                    vv.transpose(1, 2).contiguous(), g=gg.t()[None].float().contiguous(), scale=scale)
+            return o.transpose(1, 2)
+
+        try:
+            fo = fla_fn(q, k, v, g)
+            fla_err = f"{rel(fo, ref[0]):.2e}"
+        except Exception as err:  # noqa: BLE001 (a baseline that fails is reported, not fatal)
+            fla_err = f"failed: {type(err).__name__}: {err}"
+            fla_fn = None
+    ok = all(e < PASS_REL for e in errs) and all(math.isfinite(e) for e in errs)
+    lines_c.append(f"| mamba2 recurrence | T={T} | Dk=Dv={head_dim} | {errs[0]:.2e} | {errs[1]:.2e} | {errs[2]:.2e} | "
+                   f"{errs[3]:.2e} (dg {errs[4]:.2e}) | fla out: {fla_err} | {'PASS' if ok else 'FAIL'} |")
+
+    rep = attnc.simulate("stdlib:mamba2", n=T, heads=heads, head_dim=head_dim, hardware=hw, dtype="bf16")
+    t = dict(first) if toy else {}
+    if not toy and budget.left("recurrence timings"):
+        with torch.no_grad():
+            t["attnc_f"] = timed(lambda: tri(q, k, v, g=g, scale=scale), toy)
+            if fla_fn is not None:
+                t["fla_f"] = timed(lambda: fla_fn(q, k, v, g), toy)
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+        def fb(f):
+            def run():
+                f(qg, kg, vg).backward(dout)
+                qg.grad = kg.grad = vg.grad = None
+            return run
+
+        t["attnc_fb"] = timed(fb(lambda a, b, c: tri(a, b, c, g=g, scale=scale)), toy)
+        if fla_fn is not None:
+            t["fla_fb"] = timed(fb(lambda a, b, c: fla_fn(a, b, c, g)), toy)
+    best = rep.best
+    lines_b.append(f"| mamba2 T={T} | attnc triton | {_fmt_ms(t.get('attnc_f'))} | {_fmt_ms(best.forward_s)} | "
+                   f"{_fmt_ms(t.get('attnc_fb'))} | {_fmt_ms(best.forward_s + best.backward_s)} | | |")
+    lines_b.append(f"| mamba2 T={T} | fla chunk_simple_gla | {_fmt_ms(t.get('fla_f'))} | | {_fmt_ms(t.get('fla_fb'))} "
+                   f"| | | {'' if fla_fn is not None else FLA_STATUS} |")
+    return ok
+
+
+# ----------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--toy", action="store_true", help="CPU, Triton interpreter, toy sizes")
+    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/gpu-suite-GPU-DATE.md)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip remaining timings after this many seconds")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    toy = args.toy
+    if not toy and not torch.cuda.is_available():
+        print("no CUDA device: run with --toy for the interpreter check", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if toy else "cuda")
+    dtype = torch.float32 if toy else torch.bfloat16
+    heads, head_dim, T = (1, 16, 64) if toy else (8, 128, 8192)
+    hw = _hardware_name()
+    import triton
+
+    gpu = "CPU (Triton interpreter, --toy)" if toy else torch.cuda.get_device_name()
+    date = datetime.date.today().isoformat()
+    budget = Budget(args.budget_s)
+    lines_c = ["| case | sizes | window | out | dq | dk | dv | FlexAttention out / dk | verdict |",
+               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines_b = ["| case | kernel | forward ms | predicted | fwd+bwd ms | predicted | speedup vs SDPA dense "
+               "(measured) | predicted |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    failures = []
+    for case in _cases(toy):
+        print(f"[{time.perf_counter() - start:6.1f} s] {case['name']} {case['pattern']}", flush=True)
+        try:
+            if not softmax_case(case, device=device, dtype=dtype, heads=heads, head_dim=head_dim, toy=toy, hw=hw,
+                                budget=budget, lines_c=lines_c, lines_b=lines_b):
+                failures.append(case["name"])
+        except Exception:  # noqa: BLE001 (record and go on: one broken case must not hide the others)
+            traceback.print_exc()
+            failures.append(f"{case['name']} (error)")
+            lines_c.append(f"| {case['name']} {case['pattern']} | error: see the log | | | | | | | FAIL |")
+    print(f"[{time.perf_counter() - start:6.1f} s] mamba2 recurrence T={T}", flush=True)
+    try:
+        if not recurrence_case(device=device, dtype=dtype, heads=heads, head_dim=head_dim, T=T, toy=toy, hw=hw,
+                               budget=budget, lines_c=lines_c, lines_b=lines_b):
+            failures.append("recurrence")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        failures.append("recurrence (error)")
+        lines_c.append("| mamba2 recurrence | error: see the log | | | | | | | FAIL |")
+    total = time.perf_counter() - start
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        f"gpu-suite-{hw}-{date}.md" if not toy else f"gpu-suite-toy-{date}.md")
+    text = [
+        f"# GPU suite ({date})", "",
+        f"- device: {gpu}; torch {torch.__version__}; Triton {triton.__version__}; Python {platform.python_version()}",
+        f"- flash-linear-attention: {FLA_STATUS}",
+        f"- dtype {str(dtype).replace('torch.', '')}, head dim {head_dim}, batch 1, {heads} heads; simulator "
+        f"hardware model: {hw}" + (" (toy sizes: the predictions are for that GPU, the times for the interpreter)"
+                                   if toy else ""),
+        f"- total {total:.0f} s" + (f"; timings skipped over the {args.budget_s:.0f} s budget: "
+                                    + ", ".join(budget.skipped) if budget.skipped else ""),
+        f"- verdict: {'PASS' if not failures else 'FAIL: ' + ', '.join(failures)}",
+        "", "## Correctness (relative error against a float32 dense reference on 256 sampled query rows; "
+        f"recurrence: against attnc's chunked torch recurrence in float32; pass < {PASS_REL:g})", "", *lines_c,
+        "", "## Timings (medians; the simulator's prediction beside each measurement)", "", *lines_b, "",
+    ]
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text("\n".join(text))
+    print("\n".join(text))
+    print(f"wrote {out_path}")
+    return 0 if not failures else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""benchmarks/gpu_suite.py end to end at toy sizes (CPU, Triton interpreter), in a
+subprocess as a user runs it: every case checked and passing, one results file
+holding the versions, the correctness table and the timings beside the predictions."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_toy_runs_end_to_end(tmp_path):
+    out = tmp_path / "suite.md"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--toy", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "verdict: PASS" in text
+    assert re.search(r"torch \d+\.\d+", text) and re.search(r"Triton \d+\.\d+", text)
+    assert "flash-linear-attention:" in text
+    # one correctness row per case, each passing with float32 errors (the interpreter computes in fp32)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.rstrip().endswith("PASS |")]
+    assert len(rows) == 4, text
+    for row in rows:
+        errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", row)[:4]]
+        assert len(errors) == 4 and max(errors) < 1e-5, row
+    # every softmax case has attnc, FlexAttention and SDPA timings, with a predicted time beside attnc's
+    for name in ("1-D", "2-D", "3-D"):
+        attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | attnc triton |"))
+        cells = [c.strip() for c in attnc_row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[7].endswith("x"), attnc_row
+        assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
+        assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
