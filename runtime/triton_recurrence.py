@@ -53,6 +53,10 @@ VECTOR_CHUNK = 16
 MAX_BLOCK = 64
 #: Dk block of the kernels that build the per-channel gates' [C, C, BK] product.
 VECTOR_BLOCK = 32
+#: Dk slice the scalar-gate gradient sweeps per step: it holds four [C, BK] fp64 tiles (q, dq, k, dk). At 64
+#: the sweep spilled on sm_90 at Dk = 128 (Triton 3.9: 12 B, 96 registers); slices of 16 keep it at 48
+#: registers, no spill, on sm_80 / sm_90, Dk 64 / 128, Triton 3.6 and 3.9 (``check-gpu stdlib:mamba2``).
+SCALAR_GATE_BLOCK = 16
 
 
 def available() -> bool:
@@ -517,7 +521,9 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
         "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK), C=C, num_warps=4, num_stages=1),
+        # vector gates: one program per Dk block of MAX_BLOCK; scalar gates: one program sweeping Dk in slices
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
+                                  num_warps=4, num_stages=1),
     }
 
 
