@@ -781,7 +781,7 @@ def score_range(pat, case: Case, qkv, inputs) -> float:
                               (case.batch, case.heads, case.n, case.n))
     q, k = qkv[0], qkv[1].repeat_interleave(case.heads // case.kv_heads, 1)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(case.head_dim)
-    bias = E.score_bias(pat, bound, ev)
+    bias = E.score_bias(pat, bound, ev, allowed=mask)  # input indices checked on attended pairs only
     if bias is not None:
         s = s + bias
         finite_bias = torch.broadcast_to(torch.isfinite(torch.as_tensor(bias)), s.shape)
