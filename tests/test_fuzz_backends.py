@@ -902,6 +902,22 @@ def test_fuzz_cpu_float64(case):
     check(case, "cpu")
 
 
+# regression: the harness's score bound evaluated the bias on every pair, so a relative-position
+# bias guarded by its mask term (index out of range only where the mask is false) was refused
+BIAS_INDEX_OUTSIDE_MASK = Case(
+    text="pattern fz(a = 1, off = 0)\n  tokens seq\n  input rpb2: float[heads, 4]\n"
+         "  mask (0 <= q - k + off < 4) and (q % 2 == 0 or k < 3)\n  bias rpb2[h, q - k + off] * 0.5\n",
+    params={"a": 1, "off": -2}, layout="seq", sizes={}, n=8, heads=2, kv_heads=1, head_dim=8, batch=1,
+    inputs={"rpb2": "float[heads, 4]"}, batched=[], q_tile=3, kv_tile=3, seed=1, gate_reset=False, huge=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_bias_index_out_of_range_only_outside_the_mask(backend):
+    """rpb2[h, q - k - 2] is out of range on pairs the mask excludes: not an error on any backend
+    (run_case also runs the reference backend and compares)."""
+    run_case(BIAS_INDEX_OUTSIDE_MASK, backend)
+
+
 @fuzz_settings(ci_examples=8)
 @given(case=cases(triton=True))
 def test_fuzz_triton_float32(case):
