@@ -334,6 +334,14 @@ class TritonPrinter:
             return 'float("nan")'
         if math.isinf(value):
             return 'float("inf")' if value > 0 else 'float("-inf")'
+        return self._literal(value)
+
+    def _literal(self, value: float) -> str:
+        """A finite float constant. In a mask's float64 arithmetic it is a float64 tensor: a bare
+        Python float is rounded to float32 first by some Triton versions (3.6: ``0.1`` becomes
+        0.100000001, so ``(q - k) * 0.1 < 0.3`` flips at q - k = 3), where the reference is exact."""
+        if self.float_type == "tl.float64":
+            return f"tl.full([], {value!r}, tl.float64)"
         return repr(value)
 
     def _float(self, e) -> str:
@@ -341,7 +349,7 @@ class TritonPrinter:
         if e is sympy.true or e is sympy.false:  # a literal: no cast
             return "1.0" if e is sympy.true else "0.0"
         if isinstance(e, sympy.Integer):
-            return repr(float(int(e)))
+            return self._literal(float(int(e)))
         if e.is_Number:
             return self._number(e)
         text = self.p(e)

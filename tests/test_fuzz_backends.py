@@ -781,7 +781,7 @@ def score_range(pat, case: Case, qkv, inputs) -> float:
                               (case.batch, case.heads, case.n, case.n))
     q, k = qkv[0], qkv[1].repeat_interleave(case.heads // case.kv_heads, 1)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(case.head_dim)
-    bias = E.score_bias(pat, bound, ev)
+    bias = E.score_bias(pat, bound, ev, allowed=mask)  # input indices checked on attended pairs only
     if bias is not None:
         s = s + bias
         finite_bias = torch.broadcast_to(torch.isfinite(torch.as_tensor(bias)), s.shape)
@@ -900,6 +900,22 @@ def given(**kw):
 @given(case=cases(triton=False))
 def test_fuzz_cpu_float64(case):
     check(case, "cpu")
+
+
+# regression: the harness's score bound evaluated the bias on every pair, so a relative-position
+# bias guarded by its mask term (index out of range only where the mask is false) was refused
+BIAS_INDEX_OUTSIDE_MASK = Case(
+    text="pattern fz(a = 1, off = 0)\n  tokens seq\n  input rpb2: float[heads, 4]\n"
+         "  mask (0 <= q - k + off < 4) and (q % 2 == 0 or k < 3)\n  bias rpb2[h, q - k + off] * 0.5\n",
+    params={"a": 1, "off": -2}, layout="seq", sizes={}, n=8, heads=2, kv_heads=1, head_dim=8, batch=1,
+    inputs={"rpb2": "float[heads, 4]"}, batched=[], q_tile=3, kv_tile=3, seed=1, gate_reset=False, huge=False)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_bias_index_out_of_range_only_outside_the_mask(backend):
+    """rpb2[h, q - k - 2] is out of range on pairs the mask excludes: not an error on any backend
+    (run_case also runs the reference backend and compares)."""
+    run_case(BIAS_INDEX_OUTSIDE_MASK, backend)
 
 
 @fuzz_settings(ci_examples=8)

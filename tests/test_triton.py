@@ -548,6 +548,22 @@ def test_float_mask_arithmetic_is_double_as_in_the_reference(mask):
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
+
+def test_float_mask_constants_are_exact_doubles_in_the_sm90_ptx():
+    # Triton 3.6 rounds a bare Python float to float32 before a float64 comparison (0.3 became
+    # 0.30000001192, on the GPU as in the interpreter): the mask's constants must reach the PTX as
+    # exact doubles. Offline compile of the forward kernel for sm_90 (no driver needed).
+    from attnc.runtime import gpu_check as G
+
+    if not G.targets_available(90):
+        pytest.skip("this Triton cannot compile for sm_90 offline")
+    pat = attnc.load("pattern p\n  tokens seq\n  mask (q - k) * 0.1 < 0.3\n")
+    launches, _ = G.record_call(pat, arch=90, head_dim=64, dtype="fp16", n=256)
+    ptx = G.compile_launch(launches[0], 90)[0].asm["ptx"]
+    assert re.search(r"setp\.\w+\.f64\s+%p\d+, %rd\d+, 0d3FD3333333333333;", ptx)  # < 0.3, exact
+    assert "0d3FB999999999999A" in ptx  # 0.1, exact
+    assert "0d3FD3333340000000" not in ptx and "0d3FB99999A0000000" not in ptx  # no float32-rounded copy
+
 # ----------------------------------------------------------------- cheaper score terms, routing words, dK/dV form
 def test_softcap_tanh_matches_float64_tanh_over_a_wide_range():
     # _softcap_tanh (one exp2, one reciprocal) as the kernels run it, against float64 tanh: within a
