@@ -614,3 +614,28 @@ def test_key_is_stable_across_processes():
                              check=True)
         keys.add(out.stdout.strip())
     assert len(keys) == 1 and len(keys.pop()) == 64
+
+
+def test_comparison_of_a_side_sympy_deems_non_real_is_left_to_evaluation():
+    # log(-q) is NaN for q > 0 and -inf at q = 0 (float semantics); sympy refused the
+    # relation ("Invalid comparison of non-real") with a raw TypeError before
+    import math
+
+    import numpy as np
+    import torch
+
+    spec = "pattern p()\n  tokens seq\n  mask log(-q) < 0.0005 or k == 0\n"
+    n = 6
+    mask = attnc.materialize_mask(spec, n=n)[0]
+
+    def log_neg(q):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return float(np.log(np.float64(-q)))
+
+    want = torch.tensor([[(not math.isnan(log_neg(q)) and log_neg(q) < 0.0005) or k == 0 for k in range(n)]
+                         for q in range(n)])
+    assert torch.equal(mask, want)
+    q = torch.randn(1, 2, n, 4, dtype=torch.float64)
+    ref = attnc.compile_attention(spec, backend="reference")(q, q, q)
+    cpu = attnc.compile_attention(spec, backend="cpu")(q, q, q)
+    torch.testing.assert_close(cpu, ref, rtol=1e-12, atol=1e-12)
