@@ -56,6 +56,11 @@ MIN_KV_TOKENS_WGMMA = 64
 #: registers and tips the backward into spills (measured with ``runtime.gpu_check``, sm_80, moba
 #: d = 64, 64/64 tiles: w4 s3 spills 8-16 B on Triton 3.6 and 3.9, w8 s3 8-20 B on 3.6; s2 none).
 MAX_BWD_STAGES_MMA = 2
+#: Score-shaped register tiles a FoX decay adds to the backward (``ScheduleSearch.bwd_score_tiles``):
+#: measured with ``runtime.gpu_check`` (sm_90, d = 128, bf16), forgetting's dK/dV at 64/64 w8 spills
+#: 72 B (s3, Triton 3.6) / 16 B (s2, 3.9) while 5 score tiles in all put it at 32/64 w8 s3: 210 registers,
+#: no spill on either.
+DECAY_BWD_TILES = 3
 #: The smallest backward tile (tokens) the search proposes: ``tl.dot`` takes 16.
 MIN_BWD_TOKENS = 16
 #: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
@@ -230,14 +235,16 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
     return pairs
 
 
-def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> KernelConfig | None:
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2,
+          bwd_score_tiles: int | None = None) -> KernelConfig | None:
     """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
     when the backward fits there, else the largest sub-tiles under which it does), or None if its
     forward cannot fit at these tiles or its backward at none of ``backward_tiles``."""
     if not forward_fits(config, head_dim, nbytes, hw, score_tiles):
         return None
     for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):
-        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw, score_tiles)
+        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw,
+                              score_tiles if bwd_score_tiles is None else bwd_score_tiles)
         if bwd is not None:
             own = (q_tile, kv_tile) != (tuple(config.q_tile), tuple(config.kv_tile))
             return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1],
@@ -373,6 +380,9 @@ class ScheduleSearch:
         self.min_kv = min_kv_tokens(hw)
         #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
         self.score_tiles = 3 if pat.route is not None else 2
+        #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
+        #: and the gate prefixes (``DECAY_BWD_TILES`` more)
+        self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -423,7 +433,7 @@ class ScheduleSearch:
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw, self.score_tiles)
+                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles)
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
@@ -432,7 +442,7 @@ class ScheduleSearch:
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles) is not None
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
