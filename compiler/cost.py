@@ -32,6 +32,7 @@ still estimates to be measured on a GPU. Data-sheet figures live in
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -189,6 +190,22 @@ class KernelConfig:
     #: The backward kernels' launch parameters (0: the forward's), as FlexAttention's per-pass configs.
     bwd_num_warps: int = 0
     bwd_num_stages: int = 0
+    #: The backward kernels' own tiles (empty: the forward's). The backward re-plans (classifies) at
+    #: them, so they need not divide the forward's; smaller ones keep dK/dV within registers.
+    bwd_q_tile: tuple[int, ...] = ()
+    bwd_kv_tile: tuple[int, ...] = ()
+
+    @property
+    def own_backward_tiles(self) -> bool:
+        return (bool(self.bwd_q_tile) and self.bwd_q_tile != self.q_tile) or (
+            bool(self.bwd_kv_tile) and self.bwd_kv_tile != self.kv_tile)
+
+    def backward_config(self) -> KernelConfig:
+        """The config the backward kernels run: its own tiles (if any) and launch parameters."""
+        if not self.own_backward_tiles:
+            return self
+        return dataclasses.replace(self, q_tile=self.bwd_q_tile or self.q_tile, kv_tile=self.bwd_kv_tile or self.kv_tile,
+                                   num_warps=self.bwd_warps, num_stages=self.bwd_stages, bwd_q_tile=(), bwd_kv_tile=())
 
     @property
     def bwd_warps(self) -> int:
@@ -210,7 +227,9 @@ class KernelConfig:
         return {"q_tile": list(self.q_tile), "kv_tile": list(self.kv_tile), "layout": self.layout,
                 "permute": self.layout == "permute", "num_warps": self.num_warps, "num_stages": self.num_stages,
                 **({"bwd_num_warps": self.bwd_warps, "bwd_num_stages": self.bwd_stages}
-                   if self.bwd_num_warps or self.bwd_num_stages else {})}
+                   if self.bwd_num_warps or self.bwd_num_stages else {}),
+                **({"bwd_q_tile": list(self.bwd_q_tile or self.q_tile), "bwd_kv_tile": list(self.bwd_kv_tile or self.kv_tile)}
+                   if self.own_backward_tiles else {})}
 
 
 @dataclass

@@ -52,6 +52,17 @@ BWD_LAUNCH = ((8, 3), (8, 2), (4, 3), (4, 2), (8, 1), (4, 1))
 #: KV tile tokens at least on Hopper and later: wgmma needs 64-row operands, and the KV tile is the
 #: M side of the dK/dV products (a 32-token KV box falls back to mma.sync there).
 MIN_KV_TOKENS_WGMMA = 64
+#: Backward pipeline stages at most before Hopper: a third cp.async stage holds its prefetch in
+#: registers and tips the backward into spills (measured with ``runtime.gpu_check``, sm_80, moba
+#: d = 64, 64/64 tiles: w4 s3 spills 8-16 B on Triton 3.6 and 3.9, w8 s3 8-20 B on 3.6; s2 none).
+MAX_BWD_STAGES_MMA = 2
+#: Score-shaped register tiles a FoX decay adds to the backward (``ScheduleSearch.bwd_score_tiles``):
+#: measured with ``runtime.gpu_check`` (sm_90, d = 128, bf16), forgetting's dK/dV at 64/64 w8 spills
+#: 72 B (s3, Triton 3.6) / 16 B (s2, 3.9) while 5 score tiles in all put it at 32/64 w8 s3: 210 registers,
+#: no spill on either.
+DECAY_BWD_TILES = 3
+#: The smallest backward tile (tokens) the search proposes: ``tl.dot`` takes 16.
+MIN_BWD_TOKENS = 16
 #: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
 #: the rest goes to addresses, masks, loop state and operand staging. Measured with
 #: ``runtime.gpu_check`` (sm_90, d = 128, Triton 3.6 / 3.9): 128 values per thread keep every
@@ -165,7 +176,10 @@ def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_t
     if kind == "bwd_dq":
         return q_tokens * head_dim + scores
     if kind == "bwd_dkdv":
-        return 2 * kv_tokens * head_dim + scores
+        # one score tile more than dQ: measured with ``runtime.gpu_check`` (sm_90, d = 128, bf16), the
+        # dK/dV kernel at 128/64 w8 s2 (exactly 128 values a thread with two) spills 536 B on Triton
+        # 3.6 and 840 B on 3.9 (sliding_window, streaming at n = 8192), at 64/64 none
+        return 2 * kv_tokens * head_dim + scores + q_tokens * kv_tokens
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
@@ -187,22 +201,58 @@ def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, h
                     score_tiles: int = 2) -> tuple[int, int] | None:
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
     and the dK/dV kernels fit; None when none does."""
+    hopper = min_kv_tokens(hw) > 1
     for warps, stages in BWD_LAUNCH:
+        if not hopper and stages > MAX_BWD_STAGES_MMA:
+            continue
         if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw, score_tiles)
                for k in PASSES[1:]):
             return warps, stages
     return None
 
 
-def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> KernelConfig | None:
-    """``config`` with its backward launch parameters set to fit, or None if its forward or its
-    backward cannot fit at these tiles."""
+def halved(tile: tuple[int, ...]) -> tuple[int, ...]:
+    """``tile`` halved on its largest axis (ties: the outer one, so inner runs stay long)."""
+    i = max(range(len(tile)), key=lambda j: (tile[j], -j))
+    return tuple(t // 2 if j == i else t for j, t in enumerate(tile))
+
+
+def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardware) -> list[tuple[tuple, tuple]]:
+    """The backward's candidate tiles for a forward on ``q_tile`` x ``kv_tile``: the forward's, then
+    its sub-tiles (each axis halved up to twice, larger first; the KV tile kept at the wgmma minimum
+    on Hopper, and every tile at ``MIN_BWD_TOKENS`` at least, the smallest ``tl.dot`` operand)."""
+    def chain(tile, floor):
+        out = [tuple(tile)]
+        for _ in range(2):
+            nxt = halved(out[-1])
+            if math.prod(nxt) < max(floor, MIN_BWD_TOKENS) or min(nxt) < 1:
+                break
+            out.append(nxt)
+        return out
+
+    qs, ks = chain(q_tile, MIN_BWD_TOKENS), chain(kv_tile, min_kv_tokens(hw))
+    pairs = [(q, k) for q in qs for k in ks]
+    # larger tiles first (fewer programs, less re-reading); of equals, the longer KV tile (dK/dV's
+    # resident operand), as FlexAttention's 64/128 backward on Hopper
+    pairs.sort(key=lambda p: (-math.prod(p[0]) * math.prod(p[1]), -math.prod(p[1])))
+    return pairs
+
+
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2,
+          bwd_score_tiles: int | None = None) -> KernelConfig | None:
+    """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
+    when the backward fits there, else the largest sub-tiles under which it does), or None if its
+    forward cannot fit at these tiles or its backward at none of ``backward_tiles``."""
     if not forward_fits(config, head_dim, nbytes, hw, score_tiles):
         return None
-    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, score_tiles)
-    if bwd is None:
-        return None
-    return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
+    for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):
+        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw,
+                              score_tiles if bwd_score_tiles is None else bwd_score_tiles)
+        if bwd is not None:
+            own = (q_tile, kv_tile) != (tuple(config.q_tile), tuple(config.kv_tile))
+            return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1],
+                                       bwd_q_tile=q_tile if own else (), bwd_kv_tile=kv_tile if own else ())
+    return None
 
 
 def min_kv_tokens(hw: Hardware) -> int:
@@ -333,6 +383,9 @@ class ScheduleSearch:
         self.min_kv = min_kv_tokens(hw)
         #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
         self.score_tiles = 3 if pat.route is not None else 2
+        #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
+        #: and the gate prefixes (``DECAY_BWD_TILES`` more)
+        self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -383,7 +436,7 @@ class ScheduleSearch:
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw, self.score_tiles)
+                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles)
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
@@ -392,7 +445,7 @@ class ScheduleSearch:
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles) is not None
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
@@ -484,6 +537,6 @@ class ScheduleSearch:
         return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
 
 
-__all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "classifier", "contiguous",
-           "flat_view", "forward_fits", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
+__all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
+           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

@@ -242,15 +242,25 @@ def config_from_dict(d: dict) -> KernelConfig:
         v = d.get(name, 0)
         return v if isinstance(v, int) and not isinstance(v, bool) and ok(v) else 0
 
-    return KernelConfig(tuple(d["q_tile"]), tuple(d["kv_tile"]), d["layout"], d["num_warps"], d["num_stages"],
+    def tile(name: str, like: tuple) -> tuple[int, ...]:
+        v = d.get(name)
+        ok = (isinstance(v, list) and len(v) == len(like)
+              and all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in v))
+        return tuple(v) if ok else ()
+
+    q_tile, kv_tile = tuple(d["q_tile"]), tuple(d["kv_tile"])
+    return KernelConfig(q_tile, kv_tile, d["layout"], d["num_warps"], d["num_stages"],
                         opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
-                        opt("bwd_num_stages", lambda st: 0 < st <= 16))
+                        opt("bwd_num_stages", lambda st: 0 < st <= 16),
+                        tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile))
 
 
 def config_dict(cfg: KernelConfig) -> dict:
     return {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile), "layout": cfg.layout,
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "bwd_num_warps": cfg.bwd_warps,
-            "bwd_num_stages": cfg.bwd_stages}
+            "bwd_num_stages": cfg.bwd_stages,
+            **({"bwd_q_tile": list(cfg.backward_config().q_tile), "bwd_kv_tile": list(cfg.backward_config().kv_tile)}
+               if cfg.own_backward_tiles else {})}
 
 
 def canonical_dtype(dtype) -> str:
@@ -300,10 +310,11 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
             cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
             if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
                 configs.append(cfg)
+        bwd = pick.backward_config()  # the backward's own tiles, where the search gave it some
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
-            if cfg not in configs and all(pass_fits(k, pick.q_tokens, pick.kv_tokens, d, nbytes, warps, stages, hw,
-                                                    search.score_tiles) for k in PASSES[1:]):
+            if cfg not in configs and all(pass_fits(k, bwd.q_tokens, bwd.kv_tokens, d, nbytes, warps, stages, hw,
+                                                    search.bwd_score_tiles) for k in PASSES[1:]):
                 configs.append(cfg)
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         for cfg in configs:

@@ -385,7 +385,10 @@ def _describe(cfg) -> str:
     text = f"{tiles} {cfg.layout} w{cfg.num_warps} s{cfg.num_stages}"
     bw, bs = getattr(cfg, "bwd_num_warps", None), getattr(cfg, "bwd_num_stages", None)
     if bw or bs:
-        text += f" | bwd w{bw or cfg.num_warps} s{bs or cfg.num_stages}"
+        own = getattr(cfg, "own_backward_tiles", False)
+        b = cfg.backward_config() if own else cfg
+        tiles = ("x".join(map(str, b.q_tile)) + "/" + "x".join(map(str, b.kv_tile)) + " ") if own else ""
+        text += f" | bwd {tiles}w{bw or cfg.num_warps} s{bs or cfg.num_stages}"
     return text
 
 

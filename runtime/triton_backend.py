@@ -225,6 +225,13 @@ class Launch:
     on_config: object = None
     #: ``() -> Launch | None``: the same call planned with smaller tiles (out-of-resources fallback)
     shrink: object = None
+    #: ``() -> Launch``: the call planned on the config's own backward tiles (None: this launch)
+    for_backward: object = None
+
+    def backward_launch(self) -> Launch:
+        """The launch the backward kernels run: this one, or one re-planned on the backward's tiles
+        (its own schedule, classified at them; inputs and gradients stay in token order)."""
+        return self if self.for_backward is None else self.for_backward()
 
 
 def qt_view(device: torch.device) -> bool:
@@ -294,10 +301,15 @@ class TritonRunner:
         return default_config(self.pattern, bound, self.q_tile, self.kv_tile, device=q.device, head_dim=q.shape[-1],
                               dtype=q.dtype, inputs=inputs)
 
-    def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict) -> tuple[KernelConfig, executor.Plan, str]:
+    def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict,
+             backward_of: KernelConfig | None = None) -> tuple[KernelConfig, executor.Plan, str]:
+        """(config, plan, source) of a call; ``backward_of``: the plan of that config's own
+        backward tiles (cached apart from the forward's)."""
         pat = self.pattern
         dyn_names = mask_input_names(pat)
         key = self._key(bound, q)
+        if backward_of is not None:
+            key = (*key, "bwd", backward_of)
         if not dyn_names and key in self._static:
             return self._static[key]
         used = {n: t for n, t in tensors.items() if n in dyn_names}
@@ -305,7 +317,9 @@ class TritonRunner:
             seen = self._dynamic_last[1]
             if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
                 return self._dynamic_last[2]
-        if dyn_names and key in self._static:
+        if backward_of is not None:
+            config = backward_of.backward_config()
+        elif dyn_names and key in self._static:
             config = self._static[key][0]
         else:
             config = self._config(bound, q, tensors)
@@ -315,11 +329,11 @@ class TritonRunner:
         source = generate_source(pat, bound, ScheduleShape.of(sched), config)
         entry = (config, plan, source)
         self._static[key] = entry
-        if dyn_names:
+        if dyn_names and backward_of is None:
             self._dynamic_last = (key, cpu_inputs, entry)
         return entry
 
-    def prepare(self, bound: E.Bound, q, k, inputs: dict) -> Launch:
+    def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None) -> Launch:
         pat = self.pattern
         if q.dtype not in DTYPES:
             raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
@@ -328,7 +342,7 @@ class TritonRunner:
         if mask_input_names(pat):
             E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
-        config, plan, source = self.plan(bound, q, tensors)
+        config, plan, source = self.plan(bound, q, tensors, backward_of)
         sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
         if sizes not in self._checks:
             self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
@@ -361,9 +375,15 @@ class TritonRunner:
         if checks:
             extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
         key = self._key(bound, q)
+        if backward_of is not None:  # a backward's launch: its fallbacks shrink the call's config
+            return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+                          cls, extra, checks, on_config=lambda cfg: None,
+                          shrink=lambda: self._shrink(key, backward_of.backward_config(), bound, q, k, inputs))
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
                       cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
-                      shrink=lambda: self._shrink(key, config, bound, q, k, inputs))
+                      shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
+                      for_backward=(lambda: self.prepare(bound, q, k, inputs, backward_of=config))
+                      if config.own_backward_tiles else None)
 
     def _keep_config(self, key: tuple, config: KernelConfig) -> None:
         """A launch fell back to fewer stages: later calls of these shapes start there."""
@@ -710,7 +730,7 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        launch = ctx.launch
+        launch = ctx.launch.backward_launch()
         wrt = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:], strict=True)
                if need and launch.tensors[n].dtype.is_floating_point]
         if dout is None:

@@ -483,10 +483,12 @@ def test_search_sizes_every_pass(hw_name, d):
         fs, bs = max(c.num_stages - lag, 1), max(c.bwd_stages - lag, 1)
         assert c.bwd_num_warps and c.bwd_num_stages
         assert tq * row + fs * 2 * tk * row <= limit  # forward: Q + buffers x (K, V)
+        assert (tq * d + 2 * tq * tk) / (32 * c.num_warps) <= SR.REG_VALUES
+        b = c.backward_config()  # the backward's own tiles, where the search gave it some
+        tq, tk = b.q_tokens, b.kv_tokens
         assert 2 * tq * row + bs * 2 * tk * row <= limit  # dQ: Q, dO + buffers x (K, V)
         assert 2 * tk * row + bs * 2 * tq * row + tq * tk * 2 <= limit  # dK/dV
-        assert (tq * d + 2 * tq * tk) / (32 * c.num_warps) <= SR.REG_VALUES
-        assert (2 * tk * d + 2 * tq * tk) / (32 * c.bwd_warps) <= SR.REG_VALUES
+        assert (2 * tk * d + 3 * tq * tk) / (32 * c.bwd_warps) <= SR.REG_VALUES  # dK/dV: 3 score tiles
 
 
 def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
@@ -494,11 +496,14 @@ def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
     assert SR.backward_launch(64, 64, 64, 2, h100) == (8, 3)
     # d = 128, 128 x 64 tiles: dK/dV needs 2*16K + 3*64K + 16K = 240 KiB > 227 at 3 stages: 2 stages
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3) > 227 * 1024
-    assert SR.backward_launch(128, 64, 128, 2, h100) == (8, 2)
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 2) <= 227 * 1024
-    # on A100 the same needs one buffer fewer (cp.async): 3 stages hold 2 buffers, 176 KiB > 163: 2 stages
+    # ... but its registers do not fit at 8 warps (3 score tiles: measured spills at 128 values), 64 x 64 does
+    assert SR.pass_values("bwd_dkdv", 128, 64, 128) / 256 > SR.REG_VALUES
+    assert SR.backward_launch(128, 64, 128, 2, h100) is None
+    assert SR.backward_launch(64, 64, 128, 2, h100) == (8, 3)
+    # on A100 one buffer fewer (cp.async): 3 stages hold 2 buffers, 176 KiB > 163; and at most 2 stages
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3, hopper=False) > 163 * 1024
-    assert SR.backward_launch(128, 64, 128, 2, a100) == (8, 2)
+    assert SR.backward_launch(64, 64, 128, 2, a100) == (8, 2)
     # 128 x 128 at d = 128: dK, dV and the score tiles exceed the register budget at 8 warps
     assert SR.pass_values("bwd_dkdv", 128, 128, 128) / 256 > SR.REG_VALUES
     assert SR.backward_launch(128, 128, 128, 2, h100) is None
@@ -649,3 +654,64 @@ def test_smaller_config_halves_kv_then_q_and_stops_at_16():
     box = TB.smaller_config(KernelConfig((4, 8, 8), (4, 4, 4), "address"))
     assert box.kv_tile == (2, 4, 4) and box.q_tile == (4, 8, 8)
     assert TB.smaller_config(KernelConfig((64,), (64,)), square=True).kv_tile == (32,)
+
+
+@pytest.mark.parametrize(("spec", "params"), [(LOCAL, {}), ("stdlib:forgetting", {})], ids=["local", "forgetting"])
+def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, params):
+    """A config whose backward has tiles of its own (not the forward's, nor sub-tiles of them) runs
+    the forward at its tiles and the dQ and dK/dV kernels on a schedule re-planned at the backward's;
+    the gradients (q, k, v and a FoX gate's) equal the dense reference's, in float64 terms."""
+    cfg = KernelConfig((32,), (16,), "address", 4, 2, 4, 2, (16,), (32,))
+    assert cfg.own_backward_tiles and cfg.backward_config().q_tile == (16,)
+    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
+    wrappers = []
+    real_load = TB.load_kernels
+
+    def load(path, interpret=False):
+        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), lambda name, kw: False))
+        return wrappers[-1]
+
+    monkeypatch.setattr(TB, "load_kernels", load)
+    pat = attnc.load(spec, **params)
+    tri = attnc.compile_attention(pat, backend="triton")
+    ref = attnc.compile_attention(pat, backend="reference")
+    g = torch.Generator().manual_seed(3)
+    n = 48
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).requires_grad_() for _ in range(3))
+    inputs = {}
+    if pat.decay is not None:
+        inputs[pat.decay] = (-torch.rand(2, n, generator=g)).requires_grad_()
+    out = tri(q, k, v, **inputs)
+    out.pow(2).sum().backward()
+    got = [x.grad.clone() for x in (q, k, v, *inputs.values())]
+    for x in (q, k, v, *inputs.values()):
+        x.grad = None
+    want_out = ref(q.double(), k.double(), v.double(), **{n_: t.double() for n_, t in inputs.items()})
+    want_out.pow(2).sum().backward()
+    want = [x.grad for x in (q, k, v, *inputs.values())]
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-5)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
+    ran = {(name, bm, bn) for w in wrappers for name, bm, bn, _ in w.launches}
+    assert ran == {("attnc_fwd", 32, 16), ("attnc_bwd_dq", 16, 32), ("attnc_bwd_dkdv", 16, 32)}
+
+
+def test_search_gives_the_backward_sub_tiles_where_it_does_not_fit_at_the_forwards():
+    """On sm_90 at d = 128, the forward at 128/64 fits 8 warps; the backward there only with its own
+    tiles when the model says so: whatever the search sets, each pass fits at its own tiles."""
+    hw = get_hardware("h100")
+    tiles = SR.backward_tiles((128,), (128,), hw)
+    assert tiles[0] == ((128,), (128,)) and ((64,), (128,)) in tiles and all(k[0] >= 64 for _, k in tiles)
+    assert tiles.index(((64,), (128,))) < tiles.index(((128,), (64,)))  # the longer KV tile first
+    cfg = SR.sized(KernelConfig((128,), (128,), "flat", 8, 2), 128, 2, get_hardware("a100"))
+    assert cfg is None or all(SR.pass_fits(p, math.prod(cfg.backward_config().q_tile),
+                                           math.prod(cfg.backward_config().kv_tile), 128, 2, cfg.bwd_warps,
+                                           cfg.bwd_stages, get_hardware("a100")) for p in SR.PASSES[1:])
+    big = SR.sized(KernelConfig((128,), (64,), "flat", 8, 2), 128, 2, hw)
+    assert big is not None and big.bwd_num_warps
+    b = big.backward_config()
+    assert all(SR.pass_fits(p, b.q_tokens, b.kv_tokens, 128, 2, big.bwd_warps, big.bwd_stages, hw)
+               for p in SR.PASSES[1:])
+    # before Hopper the backward keeps at most two stages (a third spills: MAX_BWD_STAGES_MMA)
+    small = SR.sized(KernelConfig((64,), (64,), "flat", 4, 3), 64, 2, get_hardware("a100"))
+    assert small is not None and small.bwd_stages <= SR.MAX_BWD_STAGES_MMA
