@@ -59,8 +59,9 @@ from ..compiler import symbols as S
 FORMAT = 1
 CPU_DEVICE = "cpu-interpreter"
 LAYOUTS = ("flat", "permute", "address")
-#: Sources whose text decides the generated kernels (fingerprinted into the attnc version).
-CODEGEN_FILES = ("compiler/codegen.py", "runtime/triton_backend.py")
+#: Sources whose text decides the generated kernels, their code or the data layouts they read
+#: (fingerprinted into the attnc version: a change re-keys the cache).
+CODEGEN_FILES = ("compiler/codegen.py", "compiler/route_blocks.py", "runtime/routing.py", "runtime/triton_backend.py")
 
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
 _ENTRY_JSON = re.compile(r"^([0-9a-f]{32})\.json$")
