@@ -724,8 +724,10 @@ class Checker:
             small = S.tree_size(a.expr) + S.tree_size(b.expr) <= S.SIMPLIFY_LIMIT
             # a side sympy deems non-real (log(-q)) is NaN in float semantics: the comparison is
             # left to the evaluators (NaN compares False), never decided (or refused) by sympy
-            real = all(side.is_extended_real is not False and side is not sympy.nan for side in (a.expr, b.expr))
-            parts.append(rel(a.expr, b.expr, evaluate=small and real))
+            # (asked only of small sides: assumptions walk the expanded tree)
+            decide = small and all(side.is_extended_real is not False and side is not sympy.nan
+                                   for side in (a.expr, b.expr))
+            parts.append(rel(a.expr, b.expr, evaluate=decide))
         return Typed(BOOL, S.logic_and(*parts))
 
     def _e_IfExpr(self, node: ast.IfExpr) -> Typed:
