@@ -448,9 +448,8 @@ def autotune(
     return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner)
 
 
-def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1, device=None,
-           cache: KC.KernelCache | None = None) -> KernelConfig | None:
-    """The cached winning configuration for this key, or None (never tunes)."""
+def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, device, cache):
+    """The cache entry for this key, or None (never tunes)."""
     if not isinstance(pattern, ir.PatternIR):
         return None
     import torch
@@ -459,22 +458,20 @@ def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16"
     gpu = KC.device_name(dev) if dev is not None and dev.type == "cuda" else KC.CPU_DEVICE
     cache = cache if cache is not None else KC.KernelCache()
     key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
-    entry = cache.get(key)
+    return cache.get(key)
+
+
+def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1, device=None,
+           cache: KC.KernelCache | None = None) -> KernelConfig | None:
+    """The cached winning configuration for this key, or None (never tunes)."""
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
     return config_from_dict(entry.config) if entry is not None else None
 
 
 def tuned_winner(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1,
                  device=None, cache: KC.KernelCache | None = None) -> str | None:
     """The cached winner's backend for this key ("triton" or "flex"), or None (never tunes)."""
-    if not isinstance(pattern, ir.PatternIR):
-        return None
-    import torch
-
-    dev = torch.device(device) if device is not None else None
-    gpu = KC.device_name(dev) if dev is not None and dev.type == "cuda" else KC.CPU_DEVICE
-    cache = cache if cache is not None else KC.KernelCache()
-    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
-    entry = cache.get(key)
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
     return entry.meta.get("winner", "triton") if entry is not None else None
 
 
