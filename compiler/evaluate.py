@@ -284,7 +284,7 @@ def _mod(a, b):
         return a if b == 0 else a % b
     a, b = _promote(a, b)
     if _is_float(a):
-        return torch.remainder(as_tensor(a), b)
+        return S.float_remainder(*torch.broadcast_tensors(as_tensor(a), as_tensor(b)))
     at, bt = as_tensor(a), as_tensor(b)
     safe = torch.where(bt == 0, torch.ones_like(bt), bt)
     return torch.where(bt == 0, at, torch.remainder(at, safe))

@@ -609,7 +609,7 @@ def _mod(a: Num, b: Num) -> Num:
         return _int_num(torch.where(same_period, r_lo, general_lo), torch.where(same_period, r_hi, general_hi))
     # floats (torch.remainder): x % 0.0 and inf % y are NaN; x % +-inf may be +-inf
     both_points = (alo == ahi) & (blo == bhi)
-    exact = torch.remainder(alo, blo)
+    exact = S.float_remainder(alo, blo)
     lo = torch.where(both_points, exact, general_lo)
     hi = torch.where(both_points, exact, general_hi)
     nan = zero_in | _has_inf(a) | (both_points & torch.isnan(exact))

@@ -154,12 +154,35 @@ def float_floordiv(a: float, b: float) -> float:
     return torch.div(t[0], t[1], rounding_mode="floor").item()
 
 
+def float_remainder(a, b):
+    """Floored float ``a % b`` on tensors, exact as in IEEE (Python's float ``%``; NaN
+    for ``b == 0`` or infinite ``a``), the same in every element.
+
+    ``torch.remainder`` alone is not: its vectorised CPU path returns NaN where the
+    quotient ``a / b`` overflows (``24.0 % 1e-310``) while its scalar tail returns the
+    exact value, so a mask's answer would depend on the token's position in the
+    tensor. Such lanes are first reduced exactly by a power-of-two multiple of ``b``
+    (``fmod(a, b * 2**k)`` differs from ``a`` by an integer multiple of ``b`` and keeps
+    its sign), which leaves a quotient below ``2**1000``."""
+    import torch
+
+    def overflows(x):
+        return torch.isinf(x / b) & torch.isfinite(x)
+
+    r = a
+    for big in (b * 2.0**1000 * 2.0**1000, b * 2.0**1000):  # the first is finite for small |b| only
+        step = overflows(r) & torch.isfinite(big)
+        if bool(step.any()):
+            r = torch.where(step, torch.fmod(r, torch.where(step, big, torch.ones_like(big))), r)
+    return torch.remainder(r, b)
+
+
 def float_mod(a: float, b: float) -> float:
-    """``a % b`` for floats as torch computes it (floored; NaN for ``b == 0``)."""
+    """``a % b`` for floats, exactly as the evaluator computes it for tensors."""
     import torch
 
     t = torch.tensor([a, b], dtype=torch.float64)
-    return torch.remainder(t[0], t[1]).item()
+    return float_remainder(t[0], t[1]).item()
 
 
 class FloorDiv(sympy.Function):

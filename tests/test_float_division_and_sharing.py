@@ -104,6 +104,37 @@ def test_float_divisor_zero_at_positions_follows_torch():
     torch.testing.assert_close(got, want, equal_nan=True, rtol=0, atol=0)
 
 
+def _python_mod(x: float, y: float) -> float:
+    try:
+        return x % y
+    except ZeroDivisionError:
+        return math.nan
+
+
+def test_float_mod_is_python_mod_in_every_position():
+    """Float ``%`` is exact (Python's) wherever the element sits in the tensor. torch's
+    vectorised remainder gives NaN where ``a / b`` overflows (``24.0 % 1e-310``) and its
+    scalar tail the exact value: a mask read a token's position into its answer (CI)."""
+    rng = random.Random(7)
+    special = [0.0, -0.0, 1e-310, -5e-324, 3.0, -2.5, 1e308, -1e308, math.inf, -math.inf, math.nan]
+
+    def draw() -> float:
+        if rng.random() < 0.2:
+            return rng.choice(special)
+        return rng.choice([1.0, -1.0]) * 10.0 ** rng.uniform(-323, 308)
+
+    pairs = [(draw(), draw()) for _ in range(4000)] + [(24.0, 1e-310), (1e308, 5e-324), (-7.5, 1e-320)]
+    a = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    got = E._mod(a, b)
+    for i, (x, y) in enumerate(pairs):
+        assert _same(got[i].item(), _python_mod(x, y)), (x, y, got[i].item())
+    # one pair broadcast over 25 positions (vector lanes and the scalar tail) gives one value
+    row = E._mod(torch.full((25,), 24.0, dtype=torch.float64), torch.full((25,), 1e-310, dtype=torch.float64))
+    assert all(v == 24.0 % 1e-310 for v in row.tolist())
+    assert _same(S.float_mod(24.0, 1e-310), 24.0 % 1e-310)
+
+
 # ----------------------------------------------------------------- nested lets stay linear
 NESTED = {
     "if": ("let a{i} = if a{j} > 0 then a{j} else -a{j}", lambda a: a if a > 0 else -a),
