@@ -85,15 +85,13 @@ def bind_sizes(
             raise SpecError(f"{nk} keys but {n} queries: the queries are the last n of the nk tokens, so nk >= n",
                             where="argument nk")
     cached = self_attn and nk is not None and n is not None and nk > n
-    grid_count = nk if cached else n  # the token count a grid's sizes describe
-    if missing and grid_count is not None and q_layout.kind == "grid" and len(missing) == 1:
-        known = 1
-        for _, size in q_layout.axes:
-            val = size.subs({size_syms[k]: v for k, v in sizes.items()})
-            if val.is_number:
-                known *= int(val)
-        if grid_count % known == 0:
-            sizes[missing[0]] = grid_count // known
+    grid_count = nk if cached else n  # the token count a grid's (or a concatenation's) sizes describe
+    count = q_layout.token_count()
+    if missing and grid_count is not None and count is not None and len(missing) == 1:
+        inferred = _solve_size(count.subs({size_syms[k]: v for k, v in sizes.items()}), size_syms[missing[0]],
+                               grid_count)
+        if inferred is not None:
+            sizes[missing[0]] = inferred
             missing = []
     if missing:
         raise SpecError(
@@ -105,18 +103,22 @@ def bind_sizes(
         subs[size_syms[name]] = int(value)
 
     def length(layout: ir.Layout, given: int | None, what: str) -> int:
-        if layout.kind == "seq":
+        count = layout.token_count()
+        if count is None:
             if given is None:
                 raise SpecError(f"the number of {what} is not known", where=f"argument {'n' if what == 'queries' else 'nk'}")
             return given
-        total = int(layout.length(S.N).subs(subs))
+        total = int(count.subs(subs))
         if total > INT64_MAX:  # token indices are int64
-            raise SpecError(f"the grid {layout.describe()} has {total} tokens, more than int64 indices hold",
+            raise SpecError(f"the {_layout_word(layout)} {layout.describe()} has {total} tokens, more than int64 "
+                            "indices hold",
                             where="argument sizes")
         if given is not None and given != total:
-            extents = ", ".join(f"{axis}={int(size.subs(subs))}" for axis, size in layout.axes)
+            named = [(_size_name(e), e) for e in layout.extents()] if layout.segments else layout.axes
+            extents = ", ".join(f"{name}={int(e.subs(subs))}" for name, e in named)
             raise SpecError(
-                f"{given} {what} do not match the grid {layout.describe()} with {extents} = {total} tokens",
+                f"{given} {what} do not match the {_layout_word(layout)} {layout.describe()} with {extents} = "
+                f"{total} tokens",
                 where="argument n" if what == "queries" else "argument nk",
             )
         return total
@@ -149,7 +151,7 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
     size_syms: dict[str, sympy.Symbol] = {}
     layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
     for layout in layouts:
-        for _, size in layout.axes:
+        for size in layout.extents():
             for sym in size.free_symbols:
                 size_syms[str(sym).removeprefix("size_")] = sym
     for name, value in sizes.items():
@@ -160,6 +162,25 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
             raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
         positive_int(f"sizes[{name!r}]", value)
     return size_syms
+
+
+def _layout_word(layout: ir.Layout) -> str:
+    return "concatenation" if layout.segments else "grid"
+
+
+def _size_name(extent: sympy.Expr) -> str:
+    return str(extent).removeprefix("size_")
+
+
+def _solve_size(count: sympy.Expr, missing: sympy.Symbol, tokens: int) -> int | None:
+    """The one missing size that makes the layout hold ``tokens`` tokens, when ``count`` (the
+    token count with the other sizes substituted) is linear in it and the solution is a
+    positive int; otherwise None (reported as a missing size)."""
+    coeff, rest = count.diff(missing), count.subs(missing, 0)
+    if count.free_symbols - {missing} or coeff.free_symbols or not coeff.is_Integer or coeff == 0:
+        return None
+    value, remainder = divmod(tokens - int(rest), int(coeff))
+    return value if remainder == 0 and value >= 1 else None
 
 
 #: The largest size, count or extent: tokens and positions are int64.

@@ -16,19 +16,70 @@ from . import symbols as S
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One part of a concatenated layout: ``seq(SIZE)`` (``axes`` empty) or ``grid(a: SIZE, ...)``.
+
+    ``name`` is what ``q in NAME`` tests: a seq segment's size name (None for a literal extent),
+    ``grid`` for the grid segment."""
+
+    kind: str  # 'seq' | 'grid'
+    name: str | None
+    size: sympy.Expr  # tokens in the segment (the product of the axes for a grid)
+    axes: tuple[tuple[str, sympy.Expr], ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "seq":
+            return f"seq({_size_text(self.size)})"
+        return "grid(" + ", ".join(f"{a}: {_size_text(s)}" for a, s in self.axes) + ")"
+
+
+@dataclass(frozen=True)
 class Layout:
-    """``seq`` (axes empty) or ``grid(a: SIZE, ...)``, row-major, last axis fastest."""
+    """``seq`` (axes empty) or ``grid(a: SIZE, ...)``, row-major, last axis fastest.
+
+    A concatenation (``seq(text) + grid(t: frames, ...)``) is kind ``seq`` with ``segments``:
+    its tokens are flat positions (so tiles, intervals and every backend see a sequence) and
+    ``coordinate`` / ``contains`` turn the per-segment meaning into exact expressions of the
+    flat position (floored ``//``, ``%``, ``min``, ``max``), which every evaluator already
+    computes exactly. Its length is the sum of the segments."""
 
     kind: str
     axes: tuple[tuple[str, sympy.Expr], ...] = ()
     cross: bool = False  # `keys seq` beside `queries seq`: the keys have their own length nk
+    segments: tuple[Segment, ...] = ()  # a concatenation's parts, in order
 
     @property
     def axis_names(self) -> tuple[str, ...]:
         return tuple(a for a, _ in self.axes)
 
     def size_of(self, axis: str) -> sympy.Expr:
-        return dict(self.axes)[axis]
+        return dict(self.coordinate_axes)[axis]
+
+    @property
+    def coordinate_axes(self) -> tuple[tuple[str, sympy.Expr], ...]:
+        """The axes ``q.AXIS`` may name: the grid's, or those of a concatenation's grid segment."""
+        grids = [seg for seg in self.segments if seg.kind == "grid"]
+        return grids[0].axes if grids else self.axes
+
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        return tuple(seg.name for seg in self.segments if seg.name is not None)
+
+    def token_count(self) -> sympy.Expr | None:
+        """The number of tokens the sizes imply (a grid's product, a concatenation's sum);
+        None for a plain sequence, whose length is given by the tensors."""
+        if self.segments:
+            return sympy.Add(*(seg.size for seg in self.segments))
+        if self.kind == "grid":
+            return sympy.Mul(*(s for _, s in self.axes))
+        return None
+
+    def extents(self) -> tuple[sympy.Expr, ...]:
+        """Every size expression of the layout (axis extents, segment sizes)."""
+        if self.segments:
+            return tuple(e for seg in self.segments for e in ((seg.size,) if seg.kind == "seq" else
+                                                                (s for _, s in seg.axes)))
+        return tuple(s for _, s in self.axes)
 
     def length(self, flat_symbol: sympy.Symbol) -> sympy.Expr:
         """Number of tokens: the flat symbol (n or nk) for seq, the product for grid."""
@@ -45,7 +96,33 @@ class Layout:
             expr = expr * size + S.coord(role, name)
         return sympy.expand(expr)
 
+    def _start(self, index: int) -> sympy.Expr:
+        return sympy.Add(*(seg.size for seg in self.segments[:index]))
+
+    def contains(self, role: str, name: str) -> sympy.Basic:
+        """``q in NAME``: the flat position lies in the named segment of a concatenation."""
+        index = next(i for i, seg in enumerate(self.segments) if seg.name == name)
+        start, flat = self._start(index), self.flat(role)
+        return S.logic_and(sympy.Le(start, flat), sympy.Lt(flat, start + self.segments[index].size))
+
+    def coordinate(self, role: str, axis: str) -> sympy.Expr:
+        """``q.AXIS``: a grid coordinate symbol, or on a concatenation the coordinate of the
+        flat position's index in the grid segment, clamped into it (a token before the grid
+        has the first cell's coordinates, one after it the last cell's)."""
+        if not self.segments:
+            return S.coord(role, axis)
+        index = next(i for i, seg in enumerate(self.segments) if seg.kind == "grid")
+        grid = self.segments[index]
+        local = S.Min(S.Max(self.flat(role) - self._start(index), 0), grid.size - 1)
+        names = [a for a, _ in grid.axes]
+        at = names.index(axis)
+        stride = sympy.Mul(*(s for _, s in grid.axes[at + 1:]))
+        value = local if stride == 1 else S.FloorDiv(local, stride)
+        return value if at == 0 else S.Mod(value, grid.axes[at][1])
+
     def describe(self) -> str:
+        if self.segments:
+            return " + ".join(seg.describe() for seg in self.segments)
         if self.kind == "seq":
             return "seq"
         return "grid(" + ", ".join(f"{a}: {_size_text(s)}" for a, s in self.axes) + ")"

@@ -39,6 +39,16 @@ class Attr(Expr):
 
 
 @dataclass(frozen=True)
+class Membership(Expr):
+    """``q in SEGMENT`` or ``k in SEGMENT``: whether the token lies in a segment of a
+    concatenated layout (``operand`` must be the name ``q`` or ``k``)."""
+
+    operand: Expr
+    segment: str
+    segment_pos: Pos
+
+
+@dataclass(frozen=True)
 class Index(Expr):
     """``NAME[i, j]``: an element of a call-time input."""
 
@@ -110,10 +120,24 @@ class AxisDecl:
 
 
 @dataclass(frozen=True)
-class Layout:
+class Segment:
+    """One part of a layout: ``seq`` (size None), ``seq(SIZE)`` or ``grid(...)``."""
+
     kind: str  # 'seq' | 'grid'
+    size: str | int | None  # a seq segment's size name or literal extent
+    axes: tuple[AxisDecl, ...]  # a grid segment's axes
+    pos: Pos
+    size_pos: Pos | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``seq``, ``grid(...)`` or a concatenation ``SEGMENT + SEGMENT + ...`` (kind 'concat')."""
+
+    kind: str  # 'seq' | 'grid' | 'concat'
     axes: tuple[AxisDecl, ...]
     pos: Pos
+    segments: tuple[Segment, ...] = ()  # a concatenation's parts, in the order written
 
 
 @dataclass(frozen=True)

@@ -244,48 +244,86 @@ class Checker:
             c = found.get("queries") or found.get("keys")
             raise self.error("'queries' and 'keys' must be given together", c.pos)
         for c in found.values():
-            axes: set[str] = set()
-            for a in c.layout.axes:
-                if a.name in axes:
-                    raise self.error(f"axis '{a.name}' is declared twice", a.pos)
-                axes.add(a.name)
-                if isinstance(a.size, int) and a.size < 1:
-                    raise self.error("an axis size must be at least 1", a.size_pos)
+            self._check_layout(c.layout)
         return found
+
+    def _check_layout(self, layout: ast.Layout) -> None:
+        """Distinct axis names, literal extents >= 1; a concatenation has at most one grid,
+        distinct segment names, and no axis named like a segment."""
+        axes: dict[str, ast.AxisDecl] = {}
+        for a in (a for seg in layout.segments for a in seg.axes) if layout.segments else layout.axes:
+            if a.name in axes:
+                raise self.error(f"axis '{a.name}' is declared twice", a.pos)
+            axes[a.name] = a
+            if isinstance(a.size, int) and a.size < 1:
+                raise self.error("an axis size must be at least 1", a.size_pos)
+        grids = [seg for seg in layout.segments if seg.kind == "grid"]
+        if len(grids) > 1:
+            raise self.error("a concatenation has at most one grid segment", grids[1].pos,
+                             hint="q.AXIS and 'q in grid' name the one grid")
+        names: dict[str, Pos] = {"grid": grids[0].pos} if grids else {}
+        for seg in layout.segments:
+            if seg.kind != "seq":
+                continue
+            if isinstance(seg.size, int):
+                if seg.size < 1:
+                    raise self.error("a segment size must be at least 1", seg.size_pos)
+                continue
+            if seg.size in names:
+                what = "the grid segment" if seg.size == "grid" else f"segment '{seg.size}'"
+                raise self.error(f"{what} is already declared (line {names[seg.size].line}); "
+                                 "segment names must differ", seg.size_pos)
+            if seg.size in axes:
+                raise self.error(f"segment '{seg.size}' has the name of an axis of the grid", seg.size_pos,
+                                 hint="segment sizes and axes need distinct names (q in NAME, q.AXIS)")
+            names[seg.size] = seg.pos
+
+    def _extent(self, size: str | int, pos: Pos, what: str) -> sympy.Expr:
+        """An axis or segment size: a literal, an int parameter, or a size name bound later."""
+        if isinstance(size, int):
+            return sympy.Integer(size)
+        if size in self.env_params:
+            typed = self.env_params[size]
+            if typed.type != INT:
+                raise self.error(f"{what} '{size}' must be an int parameter", pos)
+            if isinstance(typed.expr, sympy.Integer) and typed.expr < 1:
+                raise self.error(f"{what} '{size}' must be at least 1, got {typed.expr}", pos)
+            return typed.expr
+        if size in FIXED_NAMES:
+            raise self.error(f"'{size}' is a builtin name and cannot be {_article_of(what)}", pos)
+        return S.size_symbol(size)
 
     def _layout(self, clause: ast.LayoutClause | None) -> ir.Layout:
         if clause is None or clause.layout.kind == "seq":
             return ir.Layout("seq")
-        axes = []
-        for a in clause.layout.axes:
-            if isinstance(a.size, int):
-                size = sympy.Integer(a.size)
-            elif a.size in self.env_params:
-                typed = self.env_params[a.size]
-                if typed.type != INT:
-                    raise self.error(f"axis size '{a.size}' must be an int parameter", a.size_pos)
-                size = typed.expr
-                if isinstance(size, sympy.Integer) and size < 1:
-                    raise self.error(f"axis size '{a.size}' must be at least 1, got {size}", a.size_pos)
-            elif a.size in FIXED_NAMES:
-                raise self.error(f"'{a.size}' is a builtin name and cannot be an axis size", a.size_pos)
-            else:
-                size = S.size_symbol(a.size)
-            axes.append((a.name, size))
-        return ir.Layout("grid", tuple(axes))
+        if clause.layout.kind == "concat":
+            segments = []
+            for seg in clause.layout.segments:
+                if seg.kind == "seq":
+                    size = self._extent(seg.size, seg.size_pos, "segment size")
+                    name = seg.size if isinstance(seg.size, str) else None
+                    segments.append(ir.Segment("seq", name, size))
+                else:
+                    axes = self._axes(seg.axes)
+                    segments.append(ir.Segment("grid", "grid", sympy.Mul(*(e for _, e in axes)), axes))
+            return ir.Layout("seq", segments=tuple(segments))
+        return ir.Layout("grid", self._axes(clause.layout.axes))
+
+    def _axes(self, axes: tuple[ast.AxisDecl, ...]) -> tuple[tuple[str, sympy.Expr], ...]:
+        return tuple((a.name, self._extent(a.size, a.size_pos, "axis size")) for a in axes)
 
     def _own_frame(self, layouts: dict[str, ast.LayoutClause]) -> Frame:
         if "tokens" in layouts or not layouts:
             q = kv = self._layout(layouts.get("tokens"))
         else:
             q, kv = self._layout(layouts["queries"]), self._layout(layouts["keys"])
-            if q == kv and kv.kind == "seq":  # cross attention: nk keys, independent of n
+            if q == kv and kv.kind == "seq" and not kv.segments:  # cross attention: nk keys, independent of n
                 kv = ir.Layout("seq", cross=True)
         sizes: dict[str, sympy.Expr] = {}
         for clause in layouts.values():
-            for a in clause.layout.axes:
-                if isinstance(a.size, str) and a.size not in self.env_params:
-                    sizes[a.size] = S.size_symbol(a.size)
+            for size in _size_names(clause.layout):
+                if size not in self.env_params:
+                    sizes[size] = S.size_symbol(size)
         return Frame(q, kv, sizes)
 
     # ------------------------------------------------------------ inputs
@@ -615,13 +653,31 @@ class Checker:
         if node.base not in ("q", "k"):
             raise self.error(f"'{node.base}.{node.axis}': only q.AXIS and k.AXIS are coordinates", node.pos)
         layout = self.frame.queries if node.base == "q" else self.frame.keys
-        if node.axis not in layout.axis_names:
-            if layout.kind == "seq":
-                raise self.error(f"unknown axis '{node.axis}': the tokens are a flat 'seq'", node.axis_pos,
+        axes = [a for a, _ in layout.coordinate_axes]
+        if node.axis not in axes:
+            if not axes:
+                flat = "a concatenation without a grid" if layout.segments else "a flat 'seq'"
+                raise self.error(f"unknown axis '{node.axis}': the tokens are {flat}", node.axis_pos,
                                  hint="declare a grid: tokens grid(AXIS: SIZE, ...)")
             raise self.error(f"unknown axis '{node.axis}'", node.axis_pos,
-                             hint=did_you_mean(node.axis, layout.axis_names) or "axes: " + ", ".join(layout.axis_names))
-        return Typed(INT, S.coord(node.base, node.axis))
+                             hint=did_you_mean(node.axis, axes) or "axes: " + ", ".join(axes))
+        return Typed(INT, layout.coordinate(node.base, node.axis))
+
+    def _e_Membership(self, node: ast.Membership) -> Typed:
+        operand = node.operand
+        if not isinstance(operand, ast.Name) or operand.id not in ("q", "k"):
+            raise self.error("only 'q in SEGMENT' and 'k in SEGMENT' test a segment", operand.pos)
+        layout = self.frame.queries if operand.id == "q" else self.frame.keys
+        role = "queries" if operand.id == "q" else "keys"
+        if not layout.segments:
+            raise self.error(f"'{operand.id} in {node.segment}' needs a concatenated layout; the {role} are "
+                             f"'{layout.describe()}'", node.pos,
+                             hint="tokens seq(text) + grid(t: frames, y: height, x: width)")
+        names = layout.segment_names
+        if node.segment not in names:
+            raise self.error(f"unknown segment '{node.segment}'", node.segment_pos,
+                             hint=did_you_mean(node.segment, names) or "segments: " + ", ".join(names))
+        return Typed(BOOL, layout.contains(operand.id, node.segment))
 
     def _e_Index(self, node: ast.Index) -> Typed:
         if node.name not in self.inputs:
@@ -785,7 +841,8 @@ class Checker:
             raise self.error("window() needs the same layout for queries and keys", node.func_pos)
         layout = frame.queries
         args = list(node.args)
-        if layout.kind == "seq":
+        axis_names = [a for a, _ in layout.coordinate_axes]
+        if not axis_names or (layout.segments and len(args) == 1):  # a sequence (or a concatenation's flat positions)
             if len(args) != 1:
                 raise self.error(
                     f"window() on 'tokens seq' takes one positional argument (SIZE), got {len(args)}",
@@ -801,16 +858,16 @@ class Checker:
                     hint="window(AXIS, SIZE, dilation = 1, stride = 1, causal = false)",
                 )
             axis_node = args.pop(0)
-            if not isinstance(axis_node, ast.Name) or axis_node.id not in layout.axis_names:
+            if not isinstance(axis_node, ast.Name) or axis_node.id not in axis_names:
                 shown = axis_node.id if isinstance(axis_node, ast.Name) else "this"
                 raise self.error(
                     f"'{shown}' is not an axis",
                     axis_node.pos,
-                    hint=(did_you_mean(axis_node.id, layout.axis_names) if isinstance(axis_node, ast.Name) else None)
-                    or "axes: " + ", ".join(layout.axis_names),
+                    hint=(did_you_mean(axis_node.id, axis_names) if isinstance(axis_node, ast.Name) else None)
+                    or "axes: " + ", ".join(axis_names),
                 )
             axis = axis_node.id
-            length, qa, ka = layout.size_of(axis), S.coord("q", axis), S.coord("k", axis)
+            length, qa, ka = layout.size_of(axis), layout.coordinate("q", axis), layout.coordinate("k", axis)
         values = {"size": (args[0], INT), "dilation": (None, INT), "stride": (None, INT), "causal": (None, BOOL)}
         for kw in node.kwargs:
             if kw.name not in WINDOW_KEYWORDS:
@@ -883,21 +940,32 @@ class Checker:
         return Typed(BOOL, result.mask)
 
     def _callee_frame(self, module: ast.Module, decl: ast.Declaration, node: ast.Call) -> Frame:
-        """The callee sees the caller's positions; its grid axes must exist in the caller."""
+        """The callee sees the caller's positions; its grid axes and named segments must exist in the caller."""
         frame = self.frame
         layouts = [c for c in decl.clauses if isinstance(c, ast.LayoutClause)]
         sizes = dict(frame.sizes)
         q_layout, k_layout = frame.queries, frame.keys
         for c in layouts:
-            for a in c.layout.axes:
+            segments = c.layout.segments
+            for a in [a for seg in segments for a in seg.axes] if segments else c.layout.axes:
                 for layout in (q_layout, k_layout):
-                    if a.name not in layout.axis_names:
+                    if a.name not in (name for name, _ in layout.coordinate_axes):
                         raise self.error(
                             f"pattern '{decl.name}' uses axis '{a.name}', which this pattern's layout lacks",
                             node.func_pos,
                         )
                 if isinstance(a.size, str):
                     sizes[a.size] = q_layout.size_of(a.name)
+            for seg in segments:
+                if seg.kind != "seq" or not isinstance(seg.size, str):
+                    continue
+                for layout in (q_layout, k_layout):
+                    if seg.size not in layout.segment_names:
+                        raise self.error(
+                            f"pattern '{decl.name}' uses segment '{seg.size}', which this pattern's layout lacks",
+                            node.func_pos,
+                        )
+                sizes[seg.size] = next(s.size for s in q_layout.segments if s.name == seg.size)
         return Frame(q_layout, k_layout, sizes)
 
 
@@ -908,6 +976,17 @@ def _fold(expr: sympy.Basic) -> sympy.Basic:
         if value.is_real and value.is_finite:
             return sympy.Float(value, 30)
     return expr
+
+
+def _size_names(layout: ast.Layout) -> list[str]:
+    """The size names a layout declares (axis extents and segment sizes), in order."""
+    axes = [a for seg in layout.segments for a in seg.axes] if layout.segments else list(layout.axes)
+    names = [a.size for a in axes if isinstance(a.size, str)]
+    return names + [seg.size for seg in layout.segments if seg.kind == "seq" and isinstance(seg.size, str)]
+
+
+def _article_of(what: str) -> str:
+    return ("an " if what[0] in "aeiou" else "a ") + what
 
 
 def _article(kind: str) -> str:

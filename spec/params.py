@@ -19,11 +19,15 @@ from .errors import SpecError
 
 
 def grid_axes(decl: ast.Declaration) -> tuple[str, ...]:
-    """The axis names of the declaration's query grid, in order (empty for a sequence)."""
+    """The axis names of the declaration's query grid (or its concatenation's grid segment), in
+    order (empty for a sequence)."""
     for role in ("tokens", "queries"):
         for c in decl.clauses:
-            if isinstance(c, ast.LayoutClause) and c.role == role and c.layout.kind == "grid":
-                return tuple(a.name for a in c.layout.axes)
+            if isinstance(c, ast.LayoutClause) and c.role == role:
+                grids = [seg for seg in c.layout.segments if seg.kind == "grid"]  # a concatenation's grid
+                axes = grids[0].axes if grids else c.layout.axes
+                if axes:
+                    return tuple(a.name for a in axes)
     return ()
 
 

@@ -17,7 +17,7 @@ from .errors import Pos, SpecError
 #: Words that start a declaration or clause, or are expression syntax; never names.
 RESERVED = frozenset(
     "pattern recurrence tokens queries keys let input mask bias softcap decay route "
-    "and or not if then else true false".split()
+    "and or not in if then else true false".split()
 )
 
 #: Reserved words that may still name a declaration (they never start an expression).
@@ -55,6 +55,7 @@ _TOKEN_NAMES = {
     "BXOR": "'^'",
     "BAND": "'&'",
     "DECL_KW": "'pattern' or 'recurrence'",
+    "IN": "'in'",
     "LAYOUT_KW": "'tokens', 'queries' or 'keys'",
     "EXPR_KW": "a clause",
 }
@@ -162,6 +163,10 @@ class _Builder(Transformer):
     def attr(self, base, axis):
         return ast.Attr(_pos(base), str(base), str(axis), _pos(axis))
 
+    def membership(self, operand, _kw, segment):
+        node = ast.Membership(operand.pos, operand, _check_name(segment), _pos(segment))
+        return _with_depth(node, operand)
+
     # ------------------------------------------------------------ clauses
     def lit_number(self, tok):
         return _parse_number(tok)
@@ -181,19 +186,40 @@ class _Builder(Transformer):
     def params(self, *items):
         return tuple(p for p in items if p is not None)
 
-    def seq_layout(self, *_):
-        return ("seq", ())
+    def seq_plain(self, kw):
+        return ast.Segment("seq", None, (), _pos(kw))
+
+    def seq_sized(self, kw, size):
+        value: str | int = _parse_int(size) if size.type == "INT" else _check_name(size)
+        return ast.Segment("seq", value, (), _pos(kw), _pos(size))
 
     def axis_decl(self, name, size):
         size_value: str | int = _parse_int(size) if size.type == "INT" else _check_name(size)
         return ast.AxisDecl(_check_name(name), size_value, _pos(name), _pos(size))
 
-    def grid_layout(self, *axes):
-        return ("grid", tuple(axes))
+    def grid_segment(self, kw, *axes):
+        return ast.Segment("grid", None, tuple(axes), _pos(kw))
+
+    def layout(self, *items):
+        segments, ops = items[0::2], items[1::2]
+        for op in ops:
+            if str(op) != "+":
+                raise SpecError("segments of a layout are joined with '+'", _pos(op),
+                                hint="tokens seq(text) + grid(t: frames, y: height, x: width)")
+        if len(segments) == 1:
+            only = segments[0]
+            if only.size is not None:
+                raise SpecError("a sized 'seq(...)' is a segment of a concatenation; a flat sequence is "
+                                "'tokens seq'", only.pos, hint="tokens seq(text) + grid(t: frames, y: height, x: width)")
+            return only.kind, only.axes, ()
+        for seg in segments:
+            if seg.kind == "seq" and seg.size is None:
+                raise SpecError("a 'seq' segment of a concatenation needs its size: seq(NAME) or seq(INT)", seg.pos)
+        return "concat", (), tuple(segments)
 
     def layout_clause(self, kw, layout):
-        kind, axes = layout
-        return ast.LayoutClause(_pos(kw), str(kw), ast.Layout(kind, axes, _pos(kw)))
+        kind, axes, segments = layout
+        return ast.LayoutClause(_pos(kw), str(kw), ast.Layout(kind, axes, _pos(kw), segments))
 
     def let_clause(self, kw, name, value):
         return ast.Let(_pos(kw), _check_name(name), value, _pos(name))
