@@ -105,11 +105,12 @@ def cmd_show(args) -> int:
     if isinstance(pat, ir.RecurrenceIR):
         return _show_recurrence(pat, heads or 4)
     sizes = _int_sizes(args.sizes)
-    needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for _, e in lay.axes for s in e.free_symbols}
+    needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
     for name in sorted(needed - set(sizes)):
         sizes[name] = SHOW_DEFAULT_AXIS
-    n = args.n if args.n is not None else (SHOW_DEFAULT_N if pat.queries.kind == "seq" else None)
-    nk = args.nk if args.nk is not None else (n if pat.keys.kind == "seq" and not pat.self_attention else None)
+    # a grid's or a concatenation's sizes give its token count
+    n = args.n if args.n is not None else (SHOW_DEFAULT_N if pat.queries.token_count() is None else None)
+    nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
@@ -118,7 +119,7 @@ def cmd_show(args) -> int:
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
         # checked before anything is allocated; blame what set the size
-        what = "--sizes" if pat.queries.kind == "grid" else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
+        what = "--sizes" if pat.queries.token_count() is not None else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
         need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
         from .runtime.kernel_cache import human_size
 
@@ -360,7 +361,7 @@ def cmd_emit(args) -> int:
                             where="argument --gpu", hint="without --gpu: the interpreter's schedule")
     sizes = _int_sizes(args.sizes)
     n = args.n
-    if n is None and pat.queries.kind == "seq":
+    if n is None and pat.queries.token_count() is None:
         n = SHOW_DEFAULT_N
     print(emit(pat, n=n, nk=args.nk, heads=args.heads, sizes=sizes or None,
                q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),

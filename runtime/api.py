@@ -556,7 +556,8 @@ def compile_attention(
         # are reported now rather than at the first call.
         E.check_size_names(pat, sizes)
         layouts = (pat.queries, pat.keys) if isinstance(pat, ir.PatternIR) else ()
-        if layouts and all(lay.kind == "grid" for lay in layouts) and len(sizes) == len(E.check_size_names(pat, {})):
+        if (layouts and all(lay.token_count() is not None for lay in layouts)  # grids, concatenations
+                and len(sizes) == len(E.check_size_names(pat, {}))):
             E.bind_sizes(pat, sizes=sizes)
     if isinstance(pat, ir.RecurrenceIR):
         from . import recurrence

@@ -176,24 +176,22 @@ def _input_dims(pat, inputs: dict) -> dict[str, int]:
     return found
 
 
-def _grid_tokens(axes, sizes: dict) -> int | None:
-    """The token count of a grid whose sizes are all known (else None)."""
-    if not axes:
+def _layout_tokens(pat, role: str, sizes: dict) -> int | None:
+    """The token count a grid's or a concatenation's sizes give, when all are known (else None)."""
+    if not isinstance(pat, ir.PatternIR):
+        return None
+    count = (pat.queries if role == "queries" else pat.keys).token_count()
+    if count is None:
         return None
     known = tuple(sorted((k, v) for k, v in sizes.items() if isinstance(k, str) and type(v) is int))
-    return _grid_tokens_of(axes, known)
+    return _tokens_of(count, known)
 
 
 @lru_cache(maxsize=256)
-def _grid_tokens_of(axes, known: tuple) -> int | None:
+def _tokens_of(count: sympy.Expr, known: tuple) -> int | None:
     # memoised: sympy substitution costs milliseconds, and this runs on every call
-    total = 1
-    for _, size in axes:
-        value = size.subs(_subs(dict(known)))
-        if not value.is_number:
-            return None
-        total *= int(value)
-    return total
+    value = count.subs(_subs(dict(known)))
+    return int(value) if value.is_number else None
 
 
 def _inconsistency(pat, hq: int, nq: int, hkv: int, nk: int, sizes: dict, dims: dict) -> str | None:
@@ -204,9 +202,10 @@ def _inconsistency(pat, hq: int, nq: int, hkv: int, nk: int, sizes: dict, dims: 
     if self_attention and nq != nk:
         return f"'{pat.name}' is self-attention, but q has {nq} tokens and k {nk}"
     for role, n in (("queries", nq), ("keys", nk)):
-        want = _grid_tokens(_grid_axes(pat, role), sizes)
+        want = _layout_tokens(pat, role, sizes)
         if want is not None and want != n:
-            return f"the grid's sizes {sizes} make {want} {role}, not {n}"
+            what = "concatenation" if (pat.queries if role == "queries" else pat.keys).segments else "grid"
+            return f"the {what}'s sizes {sizes} make {want} {role}, not {n}"
     for dim, got in (("heads", hq), ("n", nq), ("nk", nk)):
         if dim in dims and dims[dim] != got:
             return f"a call-time input has {dim} = {dims[dim]}, not {got}"

@@ -58,6 +58,10 @@ def check_cu_seqlens(cu_seqlens, pat, q: torch.Tensor, k: torch.Tensor) -> Packi
     if isinstance(pat, ir.PatternIR) and (pat.queries.kind != "seq" or pat.keys.kind != "seq"):
         raise SpecError(f"'{pat.name}' lays its tokens on a grid; packed sequences have no grid extents",
                         where=where, hint="run each grid as its own batch entry instead")
+    if isinstance(pat, ir.PatternIR) and (pat.queries.segments or pat.keys.segments):
+        raise SpecError(f"'{pat.name}' concatenates segments ({pat.queries.describe()}) whose sizes fix the token "
+                        "count; packed sequences have their own lengths", where=where,
+                        hint="run each sequence as its own batch entry instead")
     if q.shape[0] != 1:
         raise SpecError(f"packed sequences come as a batch of 1, got batch {q.shape[0]}", where=where,
                         hint="concatenate the sequences along the tokens of one batch entry")

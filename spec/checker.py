@@ -548,7 +548,8 @@ class Checker:
             elif isinstance(c, ast.Route):
                 bad = "route"
             elif isinstance(c, ast.LayoutClause) and (c.role != "tokens" or c.layout.kind != "seq"):
-                bad = f"{c.role} {c.layout.kind}"
+                kind = " + ".join(seg.kind for seg in c.layout.segments) or c.layout.kind
+                bad = f"{c.role} {kind}"
             if bad:
                 raise self.error(f"'{bad}' is not allowed in a recurrence", c.pos,
                                  hint="a recurrence has a decay, lets and inputs over 'tokens seq'")
