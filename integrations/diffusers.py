@@ -12,12 +12,15 @@ fastest), as attnc orders a grid's tokens, so the ``[B, N, H, D]`` projections a
 Cross-attention (text, image context) keeps diffusers' own processor. The returned handle's
 ``remove()`` restores the processors it replaced and removes the hook.
 
-CogVideoX (``CogVideoXTransformer3DModel``) attends jointly over text + video tokens: there the video
-queries attend a 3-D neighborhood of video keys (``stdlib:neighborhood_3d`` through ``attnc.na3d``,
-NATTEN's ``kernel_size``, ``stride``, ``dilation``, ``is_causal``) and every text key (na3d's
+CogVideoX (``CogVideoXTransformer3DModel``) attends jointly over text + video tokens. With
+``"stdlib:neighborhood_3d"`` the video queries attend a 3-D neighborhood of video keys (through
+``attnc.na3d``, NATTEN's ``kernel_size``, ``stride``, ``dilation``, ``is_causal``) and every text key (na3d's
 ``additional_keys``, merged exactly through the log-sum-exps); the text queries attend everything, as in
-CogVideoX. The grid is ``(F // p_t, H // p, W // p)`` of the ``[B, F, C, H, W]`` latent (``F`` when the
-model has no ``patch_size_t``).
+CogVideoX. Any other pattern is one spec over the joint tokens, laid out as CogVideoX concatenates them:
+``tokens seq(text) + grid(t: frames, y: height, x: width)`` (e.g. ``mask q in text or k in text or
+neighborhood_3d(...)``, the same attention as the na3d form); ``text`` is the number of text tokens of each
+call. The grid is ``(F // p_t, H // p, W // p)`` of the ``[B, F, C, H, W]`` latent (``F`` when the model
+has no ``patch_size_t``).
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def _rotate(h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 class Installed:
     """What ``apply`` changed: ``processors`` (module name -> attnc processor), ``attention`` (the one
-    compiled module they share; None for CogVideoX, which runs ``na3d``) and ``remove()`` to restore
+    compiled module they share; None for CogVideoX's ``na3d`` form) and ``remove()`` to restore
     diffusers' processors."""
 
     def __init__(self, attention: Attention, processors: dict, previous: dict, hook) -> None:
@@ -93,16 +96,23 @@ class Installed:
 
 
 class CogVideoXAttncProcessor:
-    """CogVideoX's joint text + video attention with the video queries restricted to a 3-D neighborhood
-    of the video keys (plus every text key); the text queries attend all keys.
+    """CogVideoX's joint text + video attention through attnc.
 
     Does what diffusers' ``CogVideoXAttnProcessor2_0`` does (projections, q/k norms, rotary embedding on
-    the video tokens, output projection, the split into video and text outputs); ``window`` holds
-    ``na3d``'s keyword arguments, ``grid`` the ``(frames, height, width)`` set by ``apply``'s hook."""
+    the video tokens, output projection, the split into video and text outputs). With ``window`` (``na3d``'s
+    keyword arguments) the video queries attend a 3-D neighborhood of the video keys plus every text key
+    and the text queries attend all keys; with ``attention`` (an ``attnc.Attention`` compiled with
+    ``layout="bnhd"`` on ``tokens seq(text) + grid(t: frames, y: height, x: width)``) the pattern decides
+    for every joint token. ``grid`` is the ``(frames, height, width)`` set by ``apply``'s hook."""
 
-    def __init__(self, window: dict, grid: tuple[int, int, int] | None = None) -> None:
+    def __init__(self, window: dict | None = None, grid: tuple[int, int, int] | None = None,
+                 attention: Attention | None = None) -> None:
+        if (window is None) == (attention is None):
+            raise SpecError("give either window (na3d's arguments) or attention (a compiled joint pattern)",
+                            where="argument attention")
         self.window = window
         self.grid = grid
+        self.attention = attention
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
@@ -124,11 +134,15 @@ class CogVideoXAttncProcessor:
 
             query = torch.cat([query[:, :, :text], apply_rotary_emb(query[:, :, text:], image_rotary_emb)], dim=2)
             key = torch.cat([key[:, :, :text], apply_rotary_emb(key[:, :, text:], image_rotary_emb)], dim=2)
-        out_text = F.scaled_dot_product_attention(query[:, :, :text], key, value)  # text attends everything
         q, k, v = (p.transpose(1, 2) for p in (query, key, value))  # [B, N, H, D]
-        out_video = na3d(*(p[:, text:].unflatten(1, grid) for p in (q, k, v)),
-                         additional_keys=k[:, :text], additional_values=v[:, :text], **self.window)
-        out = torch.cat([out_text.transpose(1, 2), out_video.flatten(1, 3)], dim=1).flatten(2, 3)
+        if self.attention is not None:  # one pattern over the joint tokens
+            sizes = dict(zip(("text", *GRID_SIZES), (text, *grid), strict=True))
+            out = self.attention(q, k, v, sizes=sizes).flatten(2, 3)
+        else:
+            out_text = F.scaled_dot_product_attention(query[:, :, :text], key, value)  # text attends everything
+            out_video = na3d(*(p[:, text:].unflatten(1, grid) for p in (q, k, v)),
+                             additional_keys=k[:, :text], additional_values=v[:, :text], **self.window)
+            out = torch.cat([out_text.transpose(1, 2), out_video.flatten(1, 3)], dim=1).flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out.type_as(query)))
         return out[:, text:], out[:, :text]
 
@@ -174,7 +188,9 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     ``stride``, ``dilation``, ``is_causal`` for ``stdlib:neighborhood_3d``) whose tokens are
     ``grid(t: frames, y: height, x: width)``; one compiled module is shared by every layer.
     ``CogVideoXTransformer3DModel``: ``"stdlib:neighborhood_3d"`` with NATTEN's keyword arguments for
-    the video queries (plus every text key); text queries attend everything.
+    the video queries (plus every text key); text queries attend everything. Or a pattern over the joint
+    tokens, ``tokens seq(text) + grid(t: frames, y: height, x: width)`` (text first, as CogVideoX
+    concatenates them), compiled once and shared by every layer.
     The grid extents come from each call's latent and the model's patch size. Returns an ``Installed``
     handle (``.remove()`` undoes it)."""
     try:
@@ -193,18 +209,19 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
         patch = tuple(int(p) for p in config.patch_size)
         to_grid = lambda shape: tuple(e // p for e, p in zip(shape[2:], patch, strict=True))  # noqa: E731
     elif isinstance(transformer, CogVideoXTransformer3DModel):
-        attention = None
-        if pattern != "stdlib:neighborhood_3d" or name is not None:
-            raise SpecError(f"CogVideoX's joint text + video attention takes 'stdlib:neighborhood_3d', got {pattern!r}",
-                            where="argument pattern",
-                            hint="other patterns need the language's concatenated layout (seq + grid), not yet built")
-        for key in params:
-            if key not in _WINDOW_PARAMS:
-                raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
-                                hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
-        window = {**params, "backend": backend}
+        if pattern == "stdlib:neighborhood_3d" and name is None:  # na3d with the text as additional keys
+            attention = None
+            for key in params:
+                if key not in _WINDOW_PARAMS:
+                    raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
+                                    hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
+            window = {**params, "backend": backend}
+            make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
+        else:
+            attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
+            _check_joint(attention)
+            make = lambda: CogVideoXAttncProcessor(attention=attention)  # noqa: E731
         modules = _cogvideox_attentions(transformer)
-        make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
         p, p_t = int(config.patch_size), config.patch_size_t
         to_grid = lambda shape: (shape[1] // (p_t or 1), shape[3] // p, shape[4] // p)  # noqa: E731
     else:
@@ -244,4 +261,23 @@ def _check_grid(attention: Attention) -> None:
     if queries.kind != "grid" or keys != queries or sizes != tuple(size_symbol(s) for s in GRID_SIZES):
         raise SpecError(f"'{pat.name}' must attend within one grid(t: frames, y: height, x: width)",
                         where="argument pattern",
-                        hint="the grid extents are read from the latent: frames, height, width")
+                        hint="the grid extents are read from the latent: frames, height, width"
+                        + (" (a concatenation with text tokens is for CogVideoX)" if queries.segments else ""))
+
+
+def _check_joint(attention: Attention) -> None:
+    """The pattern must be a self-attention on ``seq(text) + grid(AXIS: frames, AXIS: height, AXIS: width)``."""
+    from ..compiler import ir
+    from ..compiler.symbols import size_symbol
+
+    pat = attention.pattern
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence; a video DiT needs a softmax pattern", where="argument pattern")
+    segments = pat.queries.segments
+    shape = [(seg.kind, seg.size if seg.kind == "seq" else tuple(e for _, e in seg.axes)) for seg in segments]
+    want = [("seq", size_symbol("text")), ("grid", tuple(size_symbol(s) for s in GRID_SIZES))]
+    if pat.keys != pat.queries or shape != want:
+        raise SpecError(f"'{pat.name}' must lay out CogVideoX's joint tokens as "
+                        f"seq(text) + grid(t: frames, y: height, x: width), got {pat.queries.describe()}",
+                        where="argument pattern",
+                        hint="text first, as CogVideoX concatenates them; the sizes are read from each call")
