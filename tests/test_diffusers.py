@@ -209,3 +209,49 @@ def test_cogvideox_bad_arguments_are_refused():
     with pytest.raises(attnc.SpecError) as err:
         attnc_diffusers.apply(model, kernel_size_t=3)
     assert err.value.where == "argument kernel_size_t"
+
+
+#: The joint text + video attention as one spec (the language's concatenated layout): text tokens attend
+#: everything and are attended by everything, video tokens a 3-D neighborhood of video tokens.
+JOINT = """pattern joint(kernel_size_t = 3, kernel_size_y = 3, kernel_size_x = 3, stride_t = 1, stride_y = 1,
+                     stride_x = 1, dilation_t = 1, dilation_y = 1, dilation_x = 1, is_causal_t = false,
+                     is_causal_y = false, is_causal_x = false)
+  tokens seq(text) + grid(t: frames, y: height, x: width)
+  mask q in text or k in text or neighborhood_3d(kernel_size_t = kernel_size_t, kernel_size_y = kernel_size_y,
+    kernel_size_x = kernel_size_x, stride_t = stride_t, stride_y = stride_y, stride_x = stride_x,
+    dilation_t = dilation_t, dilation_y = dilation_y, dilation_x = dilation_x, is_causal_t = is_causal_t,
+    is_causal_y = is_causal_y, is_causal_x = is_causal_x)
+"""
+
+
+@pytest.mark.parametrize("params", [
+    {"kernel_size": (2, 3, 3)},
+    {"kernel_size": (2, 2, 2), "dilation": (1, 2, 1), "stride": (1, 1, 2), "is_causal": (True, False, False)},
+])
+def test_cogvideox_one_spec_equals_na3d_with_additional_keys(params):
+    model = _cog_model()
+    for m in attnc_diffusers._cogvideox_attentions(model).values():
+        m.set_processor(_CogMasked(_joint_mask(**params)))
+    expected = _cog_run(model)
+    na3d_form = attnc_diffusers.apply(model, "stdlib:neighborhood_3d", **params)
+    by_na3d = _cog_run(model)
+    na3d_form.remove()
+    installed = attnc_diffusers.apply(model, JOINT, backend="cpu", **params)
+    by_spec = _cog_run(model)
+    assert installed.attention is not None
+    assert all(p.attention is installed.attention and p.grid == (3, 4, 3) for p in installed.processors.values())
+    torch.testing.assert_close(by_spec, by_na3d, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(by_spec, expected, rtol=1e-10, atol=1e-10)
+    installed.remove()
+    assert all(isinstance(m.processor, _CogMasked) for m in attnc_diffusers._cogvideox_attentions(model).values())
+
+
+def test_cogvideox_joint_spec_must_put_the_text_first():
+    model = _cog_model()
+    with pytest.raises(attnc.SpecError) as err:
+        attnc_diffusers.apply(model, JOINT.replace("seq(text) + grid(t: frames, y: height, x: width)",
+                                                   "grid(t: frames, y: height, x: width) + seq(text)"))
+    assert err.value.where == "argument pattern" and "text first" in err.value.hint
+    with pytest.raises(attnc.SpecError) as err:  # and the Wan integration wants a plain grid
+        attnc_diffusers.apply(_model(), JOINT)
+    assert err.value.where == "argument pattern"
