@@ -129,6 +129,24 @@ def test_mask_equals_naive_loop(layout, rule):
     assert some_true and some_false
 
 
+def test_queries_and_keys_may_be_concatenations():
+    """``queries`` and ``keys`` each with their own order (cross attention), or keys a plain sequence."""
+    pat = attnc.load(f"""pattern p
+      queries seq(text) + {GRID}
+      keys {GRID} + seq(text)
+      mask q in text and k in text or q.t == k.t and q.x <= k.x""")
+    assert not pat.self_attention
+    sizes = {"text": 2, "frames": 3, "height": 2, "width": 2}
+    qs, ks = naive_tokens(("text", "grid"), sizes), naive_tokens(("grid", "text"), sizes)
+    want = torch.tensor([[(q.seg == k.seg == "text") or (q.t == k.t and q.x <= k.x) for k in ks] for q in qs])
+    assert torch.equal(attnc.materialize_mask(pat, sizes=sizes)[0], want)
+    flat_keys = attnc.load(f"pattern p\n  queries seq(text) + {GRID}\n  keys seq\n  mask q in text or k % 2 == q.x % 2\n")
+    want = torch.tensor([[q.seg == "text" or k % 2 == q.x % 2 for k in range(5)] for q in qs])
+    assert torch.equal(attnc.materialize_mask(flat_keys, nk=5, sizes=sizes)[0], want)
+    same = attnc.load(f"pattern p\n  queries seq(text) + {GRID}\n  keys seq(text) + {GRID}\n  mask q in text\n")
+    assert same.self_attention  # the same concatenation on both sides is self-attention, as for a grid
+
+
 def test_segment_sizes_are_values_and_input_dims():
     """``text`` is an int in expressions and a dimension of inputs (``emb: float[text]``)."""
     pat = attnc.load(f"""pattern p
