@@ -374,3 +374,15 @@ def test_text_video_schedule_skips_empty_tiles():
     mask = attnc.materialize_mask(pat, sizes=sizes)
     check_schedule(sched, mask, (bound.n,), (bound.n,), (32,), (32,), 1, dense)
     assert sched.empty > 0 and sched.full > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_queries_after_a_kv_cache_are_the_last_rows(backend):
+    """nk > n: the sizes describe all nk joint tokens; the queries are the last n of them."""
+    spec = BACKEND_SPEC.format(layout=LAYOUTS["text_first"][0])
+    sizes = {"text": 3, "frames": 3, "height": 3, "width": 4}
+    attention = attnc.compile_attention(spec, backend=backend, sizes=sizes)
+    q, k, v = qkv(39, 2, seed=5)
+    full = attention(q, k, v)
+    for rows in (1, 4, 20):
+        torch.testing.assert_close(attention(q[:, :, -rows:], k, v), full[:, :, -rows:], rtol=1e-10, atol=1e-10)
