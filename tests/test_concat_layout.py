@@ -386,3 +386,23 @@ def test_queries_after_a_kv_cache_are_the_last_rows(backend):
     full = attention(q, k, v)
     for rows in (1, 4, 20):
         torch.testing.assert_close(attention(q[:, :, -rows:], k, v), full[:, :, -rows:], rtol=1e-10, atol=1e-10)
+
+
+def test_routing_over_a_concatenation_uses_flat_blocks():
+    """``route blocks(SIZE)`` on a concatenation: runs of flat positions; ``keep k in text`` always keeps the
+    text blocks. The CPU tile executor agrees with the reference backend, and with topk covering every
+    block the routing changes nothing."""
+    spec = f"""pattern r(topk = 2)
+      tokens seq(text) + {GRID}
+      mask q in text or k in text or abs(q.t - k.t) <= 1
+      route topk(topk) blocks(4) by q @ mean(k) keep k in text"""
+    sizes = {"text": 3, "frames": 3, "height": 2, "width": 3}
+    q, k, v = qkv(21, 2, seed=7)
+    ref, cpu = (attnc.compile_attention(spec, backend=b, sizes=sizes)(q, k, v) for b in ("reference", "cpu"))
+    torch.testing.assert_close(cpu, ref, rtol=1e-10, atol=1e-10)
+    tokens = naive_tokens(("text", "grid"), sizes)
+    mask = naive_mask(lambda a, b, _: a.seg == "text" or b.seg == "text" or abs(a.t - b.t) <= 1, tokens)
+    every = attnc.compile_attention(spec, backend="reference", sizes=sizes, topk=6)(q, k, v)  # 21 keys: 6 blocks
+    torch.testing.assert_close(every, dense_attention(q, k, v, mask, torch.zeros(21, 21, dtype=torch.float64)),
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ref, every)  # topk 2 drops some blocks
