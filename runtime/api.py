@@ -334,7 +334,7 @@ class Attention(torch.nn.Module):
             out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
         elif self.flex is not None:
             out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
-        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.decide(
+        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.select(
                 bound, q, k, v, inputs, return_lse).backend == "flex":
             out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self.auto and q.is_cuda and self._cuda_flex_won(bound, q):
