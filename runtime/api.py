@@ -429,9 +429,15 @@ class Attention(torch.nn.Module):
         return self._triton
 
     def _cpu(self, q, k, v, inputs: dict, sizes: dict, scale):
-        """The CPU executor through its custom op (``attnc::tiled_attention``)."""
-        return custom_op.tiled_attention(q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs),
-                                         custom_op.encode_sizes(sizes), float(scale))
+        """The CPU executor through its custom op (``attnc::tiled_attention``); eager inference calls
+        its implementation directly (the op's dispatch imports torch._dynamo at its first call:
+        seconds of a first call, for no autograd to record)."""
+        args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
+                float(scale))
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values()))
+        if not grad and not torch.compiler.is_compiling():
+            return custom_op._forward_impl(*args)
+        return custom_op.tiled_attention(*args)
 
 
 #: Bytes of int64 work per evaluated (query, key) pair beside the result (the
