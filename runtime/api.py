@@ -434,7 +434,8 @@ class Attention(torch.nn.Module):
         seconds of a first call, for no autograd to record)."""
         args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
                 float(scale))
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values()))
+        grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                               for t in (q, k, v, *inputs.values()))
         if not grad and not torch.compiler.is_compiling():
             return custom_op._forward_impl(*args)
         return custom_op.tiled_attention(*args)
