@@ -48,6 +48,7 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.schedule import TileSchedule
+from ..compiler.tiles import one_thread
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,13 @@ class AutoRunner:
 
     def decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                need_lse: bool) -> Choice:
+        """The modelled choice for this call (the rule's steps 1-3), both backends planned (cached per
+        shapes by each runner) on one torch thread (``tiles.one_thread``: many small operations)."""
+        with one_thread():
+            return self._decide(bound, q, k, v, inputs, need_lse)
+
+    def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
+                need_lse: bool) -> Choice:
         from .flex_backend import block_refusal, fused_refusal
 
         pat = self.pattern

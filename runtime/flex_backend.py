@@ -51,7 +51,7 @@ from ..compiler import ir
 from ..compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ..compiler.search import contiguous, flat_view, tile_shapes
-from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thread
 from ..spec.errors import SpecError
 from . import reference
 from .cpu_backend import mask_input_names
@@ -266,6 +266,12 @@ class FlexRunner:
         return sched
 
     def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
+        """The plan of these shapes (and inputs of a data-dependent mask): cached, else made on one
+        torch thread (``tiles.one_thread``)."""
+        with one_thread():
+            return self._plan(bound, tensors, batched)
+
+    def _plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
         pat = self.pattern
         used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
         key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched)
