@@ -334,7 +334,7 @@ class Attention(torch.nn.Module):
             out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
         elif self.flex is not None:
             out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
-        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.decide(
+        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.select(
                 bound, q, k, v, inputs, return_lse).backend == "flex":
             out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
         elif self.auto and q.is_cuda and self._cuda_flex_won(bound, q):
@@ -429,9 +429,16 @@ class Attention(torch.nn.Module):
         return self._triton
 
     def _cpu(self, q, k, v, inputs: dict, sizes: dict, scale):
-        """The CPU executor through its custom op (``attnc::tiled_attention``)."""
-        return custom_op.tiled_attention(q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs),
-                                         custom_op.encode_sizes(sizes), float(scale))
+        """The CPU executor through its custom op (``attnc::tiled_attention``); eager inference calls
+        its implementation directly (the op's dispatch imports torch._dynamo at its first call:
+        seconds of a first call, for no autograd to record)."""
+        args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
+                float(scale))
+        grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                               for t in (q, k, v, *inputs.values()))
+        if not grad and not torch.compiler.is_compiling():
+            return custom_op._forward_impl(*args)
+        return custom_op.tiled_attention(*args)
 
 
 #: Bytes of int64 work per evaluated (query, key) pair beside the result (the

@@ -18,12 +18,25 @@ The rule (``choose``):
    a larger per-call cost; Flex's fused kernel a per-token cost close to the executor's.
 3. Routing (``route topk``) selects per call among the static schedule's tiles, the same way for
    both backends: the rule compares the static schedules (proportional to the routed work).
+4. The first calls (``warm_up``): where Flex is modelled faster but its kernel for these shapes is
+   not compiled in this process yet (``FlexRunner.kernel_ready``), the compile (``torch.compile``
+   of Flex's kernel: 20-40 s on this machine) would cost far more than the call. The executor
+   serves such calls and ``auto`` adds up the modelled time each one loses against Flex; the call
+   at which that sum would reach the compile's estimated cost compiles Flex and runs it (the
+   break-even rule of ski rental: whatever the number of calls, the total time stays within twice
+   that of the better of "always executor" and "compile at once", as modelled). The compile
+   estimate is the last compile measured in this process, else ``COMPILE_S``; ``COMPILE_COST_S``
+   overrides it (``0.0``: compile at the first call, as steady-state benchmarks want). A kernel
+   compiled once serves every later module of the same pattern and shapes in the process (the
+   mods are shared by their text, ``flex_backend._NAMESPACES``), and a kernel that ran at two
+   lengths serves any length (dynamic shapes): those calls take Flex at once.
 
 The choice is recorded on the module (``attn.chosen_backend``, ``attn.last_choice`` with both
 modelled times and the reason) and shown at the top of ``attn.source``. Both backends compute the
 same function: outputs differ only by float32 rounding. The first call of a Flex plan compiles
-Flex's kernel (``torch.compile``, tens of seconds on CPU, as for FlexAttention itself); compiled
-kernels are kept per generated mods and reused across sequence lengths (``flex_backend``).
+Flex's kernel (``torch.compile``, tens of seconds on CPU, as for FlexAttention itself) only once
+the break-even rule (4) says so; compiled kernels are kept per generated mods and reused across
+sequence lengths (``flex_backend``).
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.schedule import TileSchedule
+from ..compiler.tiles import one_thread
 
 
 @dataclass(frozen=True)
@@ -72,6 +86,24 @@ CALIBRATION: tuple = (
     ("neighborhood_2d(kernel_size=13) n=2304 heads=4", 1112.3, 1188.0),
     ("sliding_window(window=64) n=512 heads=2", 298.8, 23.6),
 )
+
+
+#: Estimated seconds of compiling Flex's fused CPU kernel (and its first run) before any was
+#: measured in this process: sliding window 512 at 8K, 8 heads, d 64, fp32, torch 2.13, fresh
+#: inductor cache: 22.7 s on this project's 2-core machine, quiet (2026-11-22); more when loaded.
+COMPILE_S = 25.0
+#: Overrides the compile estimate of the break-even rule (None: measured, else ``COMPILE_S``;
+#: 0.0: compile Flex's kernel at the first call where Flex is modelled faster).
+COMPILE_COST_S: float | None = None
+
+
+def compile_cost_s() -> float:
+    """The compile estimate of the break-even rule (seconds)."""
+    from .flex_backend import COMPILE_SECONDS
+
+    if COMPILE_COST_S is not None:
+        return COMPILE_COST_S
+    return COMPILE_SECONDS[-1] if COMPILE_SECONDS else COMPILE_S
 
 
 def schedule_work(sched: TileSchedule) -> tuple[float, float, int]:
@@ -130,9 +162,19 @@ class AutoRunner:
         except SpecError as err:
             self.unlowerable = err.message
         self.last: Choice | None = None
+        #: modelled seconds lost so far by calls the executor served while Flex's kernel was not
+        #: compiled, per (mods, kernel shapes but the lengths): the break-even rule's running sum
+        self.lost_s: dict = {}
 
     def decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                need_lse: bool) -> Choice:
+        """The modelled choice for this call (the rule's steps 1-3), both backends planned (cached per
+        shapes by each runner) on one torch thread (``tiles.one_thread``: many small operations)."""
+        with one_thread():
+            return self._decide(bound, q, k, v, inputs, need_lse)
+
+    def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
+                need_lse: bool) -> Choice:
         from .flex_backend import block_refusal, fused_refusal
 
         pat = self.pattern
@@ -156,8 +198,39 @@ class AutoRunner:
                            value_dim=v.shape[-1])
         return self.last
 
+    def warm_up(self, choice: Choice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> Choice:
+        """The break-even rule (module docstring, 4) applied to the modelled ``choice``: the executor
+        while Flex's kernel for these shapes would need a compile that the calls so far have not
+        paid for."""
+        from .flex_backend import kernel_key
+
+        if choice.backend != "flex":
+            return choice
+        plan = self.flex.last
+        if self.flex.kernel_ready(plan, q, k, v, need_lse):
+            return choice
+        slot = (id(plan.namespace), kernel_key(plan, q, k, v, need_lse)[1])
+        lost = self.lost_s.get(slot, 0.0) + (choice.cpu_s - choice.flex_s)
+        cost = compile_cost_s()
+        if lost >= cost:
+            self.lost_s.pop(slot, None)
+            return Choice("flex", f"the fused Flex kernel is modelled faster; compiling it now (the calls so "
+                                  f"far lost {lost:.3g} s against it, the compile is estimated at {cost:.3g} s)",
+                          choice.cpu_s, choice.flex_s)
+        self.lost_s[slot] = lost
+        return Choice("cpu", f"Flex is modelled faster but its kernel for these shapes is not compiled yet: the "
+                             f"executor serves calls until their modelled loss ({lost:.3g} s so far) reaches the "
+                             f"compile's estimated {cost:.3g} s", choice.cpu_s, choice.flex_s)
+
+    def select(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
+               need_lse: bool) -> Choice:
+        """The backend this call runs: the modelled choice (``decide``) and the break-even rule
+        (``warm_up``); recorded as ``last``."""
+        self.last = self.warm_up(self.decide(bound, q, k, v, inputs, need_lse), q, k, v, need_lse)
+        return self.last
+
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
-        choice = self.decide(bound, q, k, v, inputs, need_lse)
+        choice = self.select(bound, q, k, v, inputs, need_lse)
         if choice.backend == "flex":
             return self.flex(bound, q, k, v, inputs, scale, need_lse)
         return self.cpu(bound, q, k, v, inputs, scale)

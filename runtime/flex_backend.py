@@ -40,6 +40,7 @@ recurrences (no softmax to lower).
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,7 +51,7 @@ from ..compiler import ir
 from ..compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ..compiler.search import contiguous, flat_view, tile_shapes
-from ..compiler.tiles import check_tile, classify_tiles, layout_extents
+from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thread
 from ..spec.errors import SpecError
 from . import reference
 from .cpu_backend import mask_input_names
@@ -265,6 +266,12 @@ class FlexRunner:
         return sched
 
     def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
+        """The plan of these shapes (and inputs of a data-dependent mask): cached, else made on one
+        torch thread (``tiles.one_thread``)."""
+        with one_thread():
+            return self._plan(bound, tensors, batched)
+
+    def _plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
         pat = self.pattern
         used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
         key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched)
@@ -318,6 +325,18 @@ class FlexRunner:
     def fused_failure(self, plan: FlexPlan) -> str | None:
         """Why Flex's fused kernel failed to compile for these mods (None: it has not failed)."""
         return plan.namespace.get("fused_failed")
+
+    def kernel_ready(self, plan: FlexPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     need_lse: bool) -> bool:
+        """Whether a fused call with these shapes runs without compiling Flex's kernel: the kernel of
+        these mods ran with these shapes in this process, or with two other lengths and the same rest
+        (dynamo then holds a kernel with dynamic lengths: ``_compiled``), or nothing is compiled
+        (``compiled = False``)."""
+        if not self.compiled:
+            return True
+        key = kernel_key(plan, q, k, v, need_lse)
+        seen = plan.namespace.get("compiled_keys", set())
+        return key in seen or sum(rest == key[1] for _, rest in seen) >= 2
 
     def _compile_failed(self, plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse):
         """torch.compile of Flex's CPU kernel can fail on some mods and block sizes (torch 2.13: a C++
@@ -381,12 +400,19 @@ class FlexRunner:
             from torch.nn.attention.flex_attention import flex_attention
 
             if self.compiled:
+                key = kernel_key(plan, q, k, v, need_lse)
+                ready = self.kernel_ready(plan, q, k, v, need_lse)
+                started = time.perf_counter()
                 try:
                     res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
-                except _COMPILE_ERRORS as err:
+                except compile_errors() as err:
                     if dev.type != "cpu":
                         raise
                     res = self._compile_failed(plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse)
+                else:
+                    if not ready:  # this call compiled (or recompiled with dynamic lengths) Flex's kernel
+                        COMPILE_SECONDS.append(time.perf_counter() - started)
+                    ns.setdefault("compiled_keys", set()).add(key)
             else:
                 res = flex_attention(qp, kp, vp, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa,
                                      return_lse=need_lse)
@@ -431,14 +457,25 @@ def block_refusal(plan: FlexPlan) -> str | None:
     return None
 
 
-def _compile_errors() -> tuple[type, ...]:
+def compile_errors() -> tuple[type, ...]:
+    """The exceptions of a failed torch.compile (imported at the first compiled call: importing
+    inductor takes seconds, which a first call served by the executor does not pay)."""
     from torch._dynamo.exc import TorchDynamoException
     from torch._inductor.exc import InductorError
 
     return TorchDynamoException, InductorError
 
 
-_COMPILE_ERRORS = _compile_errors()
+#: Measured seconds of the calls that compiled a Flex kernel in this process (the compile and one
+#: run), oldest first: ``backend_choice`` estimates the next compile from them.
+COMPILE_SECONDS: list[float] = []
+
+
+def kernel_key(plan: FlexPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> tuple:
+    """What a compiled Flex kernel of these mods is specialised on: ((Q length, KV length), the rest:
+    batch, heads, head dims, dtype, block sizes, lse)."""
+    return ((q.shape[2], k.shape[2]),
+            (q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.dtype, plan.block_size, need_lse))
 
 
 #: Generated mods by their text (without the header): plans whose mods read alike (a 1-D pattern at

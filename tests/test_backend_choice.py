@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_attention_module
 
 import attnc
 from attnc.compiler import evaluate as E
@@ -269,3 +270,70 @@ def test_modules_that_ran_flex_copy_and_save(backend):
         for twin in (copy.deepcopy(attn), torch.load(buf, weights_only=False)):
             torch.testing.assert_close(twin(q, q, q), out, rtol=0, atol=0)
             assert twin.chosen_backend == "flex"
+
+
+# ================================================================ the first calls (break-even rule)
+def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(monkeypatch):
+    """Flex modelled faster but not compiled: the executor serves calls until their summed modelled
+    loss reaches the compile estimate; that call compiles (here: a stand-in that runs Flex eagerly
+    and counts), later calls and a second module of the same pattern take the kernel at once."""
+    compiles = []
+
+    def fake_compiled(ns):
+        def call(*args):
+            compiles.append(args[0].shape[2])
+            return ns["flex_call"](*args)
+        return call
+
+    monkeypatch.setattr(FB, "_compiled", fake_compiled)
+    monkeypatch.setattr(FB, "COMPILE_SECONDS", [])
+    monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)  # Flex in eager
+    spec, params = "stdlib:sliding_window", {"window": 23}  # mods no other test compiles
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 96, 16, generator=g) for _ in range(3))
+    ref = attnc.compile_attention(spec, backend="reference", **params)
+    auto = attnc.compile_attention(spec, **params)
+    bound = E.bind_sizes(auto.pattern, n=96, heads=2)
+    modelled = auto._auto_runner.decide(bound, q, k, v, {}, False)
+    assert modelled.backend == "flex"
+    monkeypatch.setattr(BC, "COMPILE_COST_S", 2.5 * (modelled.cpu_s - modelled.flex_s))
+    chosen = []
+    with torch.no_grad():
+        for _ in range(4):
+            torch.testing.assert_close(auto(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
+            chosen.append(auto.chosen_backend)
+    assert chosen == ["cpu", "cpu", "flex", "flex"] and compiles == [96, 96]
+    assert len(FB.COMPILE_SECONDS) == 1  # the compiling call was measured: the next estimate
+    assert BC.compile_cost_s() == 2.5 * (modelled.cpu_s - modelled.flex_s)  # the override wins
+    monkeypatch.setattr(BC, "COMPILE_COST_S", None)
+    assert BC.compile_cost_s() == FB.COMPILE_SECONDS[-1]
+    twin = attnc.compile_attention(spec, **params)  # same mods and shapes: the kernel is there
+    with torch.no_grad():
+        twin(q, k, v)
+    assert twin.chosen_backend == "flex" and compiles == [96, 96, 96]
+
+
+def test_break_even_reasons_and_dynamic_lengths(monkeypatch):
+    monkeypatch.setattr(FB, "_compiled", lambda ns: ns["flex_call"])
+    monkeypatch.setattr(FB, "COMPILE_SECONDS", [])
+    monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
+    monkeypatch.setattr(BC, "COMPILE_COST_S", 1e9)  # never worth compiling
+    spec, params = "stdlib:sliding_window", {"window": 29}
+    auto = attnc.compile_attention(spec, **params)
+    q = torch.randn(1, 2, 80, 16)
+    with torch.no_grad():
+        auto(q, q, q)
+    assert auto.chosen_backend == "cpu" and "not compiled yet" in auto.last_choice.reason
+    assert auto.last_choice.flex_s < auto.last_choice.cpu_s  # the model prefers Flex all the same
+    monkeypatch.setattr(BC, "COMPILE_COST_S", 0.0)  # steady-state benchmarks: compile at once
+    runner = auto._auto_runner.flex
+    with torch.no_grad():
+        for n in (80, 112):
+            x = torch.randn(1, 2, n, 16)
+            auto(x, x, x)
+            assert auto.chosen_backend == "flex" and "compiling it now" in auto.last_choice.reason
+        # two lengths ran: dynamo holds a kernel with dynamic lengths, a third length needs no compile
+        x = torch.randn(1, 2, 144, 16)
+        assert runner.kernel_ready(runner.plan(E.bind_sizes(auto.pattern, n=144, heads=2), {}, frozenset()),
+                                   x, x, x, False)
+        assert not runner.kernel_ready(runner.last, x, x, x[..., :8], False)  # another value dim: a new kernel
