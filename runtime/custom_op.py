@@ -140,6 +140,22 @@ def _autograd_dispatch():
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
 
 
+def recompute_gradients(forward, primals: list, wrt: list[int], cotangents: list, guard=_autograd_dispatch
+                        ) -> list[torch.Tensor]:
+    """The backward of an op that recomputes: ``forward(*primals)`` (a tuple of outputs) runs again under
+    autograd inside an op implementation (``guard()`` restores the dispatch keys autograd needs) and is
+    differentiated with ``cotangents`` (None: that output takes no gradient). Returns the gradients of
+    ``primals[i]`` for i in ``wrt``, in that order, contiguous; zeros where a primal was unused."""
+    with guard(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if i in wrt else t for i, t in enumerate(primals)]
+        outs = forward(*leaves)
+        used = [(o, g.to(o.dtype)) for o, g in zip(outs, cotangents, strict=True) if g is not None and o.requires_grad]
+        targets = [leaves[i] for i in wrt]
+        grads = (torch.autograd.grad([o for o, _ in used], targets, [g for _, g in used], allow_unused=True) if used
+                 else [None] * len(targets))
+    return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(targets, grads, strict=True)]
+
+
 def _backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, names, sizes, scale, wrt):
     def like(t):  # the real kernel returns contiguous gradients
         return t.new_empty(t.shape)
