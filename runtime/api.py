@@ -14,7 +14,7 @@ from ..compiler import symbols as S
 from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
-from . import custom_op, reference
+from . import custom_op, reference, routing
 from .cpu_backend import CpuRunner, describe_plan
 from .layouts import check_layout, check_orientation, to_bhnd
 from .recurrence import check_state
@@ -337,6 +337,8 @@ class Attention(torch.nn.Module):
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
         _check_softcap(pat, bound)
+        if pat.route is not None:
+            routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
         # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
         # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
         item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8

@@ -34,7 +34,7 @@ import torch
 
 from ..compiler import evaluate as E
 from ..spec.errors import SpecError
-from . import executor
+from . import executor, routing
 
 # One registry and one op definition per process, even when the package is
 # imported twice under two names (pytest imports the repository root, which is
@@ -87,9 +87,16 @@ def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(_names(names), inputs, strict=True))
 
 
+def _routed(pattern, bound: E.Bound) -> E.Bound:
+    """``bound``, after checking a route's size-dependent block sizes and topk (as an eager call does)."""
+    if getattr(pattern, "route", None) is not None:
+        routing.route_sizes(pattern, bound)
+    return bound
+
+
 def _bind(runner, q, k, inputs, names, sizes) -> E.Bound:
-    return E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
-                        dk=q.shape[3], offset_ok=True)
+    return _routed(runner.pattern, E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
+                                                sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True))
 
 
 # ------------------------------------------------------------------ forward
@@ -218,7 +225,7 @@ def _launch(module, q, k, inputs, names, sizes):
     runner = module._triton_runner()
     bound = E.bind_sizes(module.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
                          dk=q.shape[3])
-    return runner.prepare(bound, q, k, _named(names, inputs))
+    return runner.prepare(_routed(module.pattern, bound), q, k, _named(names, inputs))
 
 
 def _triton_forward_impl(
