@@ -26,12 +26,6 @@ import torch
 from ..compiler import ir
 from . import custom_op as C
 from . import varlen
-from .flex_op import _plain
-
-
-def _second_dtype(q: torch.Tensor) -> torch.dtype:
-    """The lse's dtype, and a recurrence state's: fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _packed(module, q, k, v, cu_seqlens, inputs: list, initial_state, names: str, sizes: str, scale: float,
@@ -43,10 +37,10 @@ def _packed(module, q, k, v, cu_seqlens, inputs: list, initial_state, names: str
     result = varlen.run(module._forward, pat, packing, q, k, v, scale=scale, return_lse=return_lse,
                         initial_state=initial_state, return_state=recurrence, sizes=C._decode_sizes(sizes),
                         **C._named(names, inputs))
-    if recurrence or return_lse:
+    if recurrence or return_lse:  # an lse and a recurrence's state: fp64 for fp64 inputs, else fp32
         out, second = result
-        return out, second.to(_second_dtype(q))
-    return result, q.new_zeros(q.shape[:3], dtype=_second_dtype(q))
+        return out, second.to(C._lse_dtype(q))
+    return result, q.new_zeros(q.shape[:3], dtype=C._lse_dtype(q))
 
 
 # ------------------------------------------------------------------ forward
@@ -54,7 +48,7 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
                   inputs: list[torch.Tensor], initial_state: torch.Tensor | None, key: str, names: str, sizes: str,
                   scale: float, return_lse: bool, return_state: bool) -> tuple[torch.Tensor, torch.Tensor]:
     module = C._runner(key)
-    with _plain(), torch.no_grad():  # the module's eager path, as in an eager call
+    with C.eager_dispatch(), torch.no_grad():  # the module's eager path, as in an eager call
         out, second = _packed(module, q, k, v, cu_seqlens, inputs, initial_state, names, sizes, scale, return_lse)
     return out.contiguous(), second.contiguous()
 
@@ -62,9 +56,9 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
 def _forward_fake(q, k, v, cu_seqlens, inputs, initial_state, key, names, sizes, scale, return_lse, return_state):
     B, Hq, N, Dk = q.shape
     if isinstance(C._runner(key).pattern, ir.RecurrenceIR):  # bad offsets are refused by the op, at the call
-        second = q.new_empty(max(cu_seqlens.numel() - 1, 0), Hq, Dk, v.shape[-1], dtype=_second_dtype(q))
+        second = q.new_empty(max(cu_seqlens.numel() - 1, 0), Hq, Dk, v.shape[-1], dtype=C._lse_dtype(q))
     else:
-        second = q.new_empty(B, Hq, N, dtype=_second_dtype(q))
+        second = q.new_empty(B, Hq, N, dtype=C._lse_dtype(q))
     return q.new_empty(B, Hq, N, v.shape[-1]), second
 
 
@@ -82,7 +76,7 @@ def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 
     primals = [q, k, v, initial_state, *inputs]
     positions = [0, 1, 2, *(4 + i for i in wrt), *([3] if with_state else [])]
-    grads = C.recompute_gradients(forward, primals, positions, [dout, dsecond], guard=_plain)
+    grads = C.recompute_gradients(forward, primals, positions, [dout, dsecond], guard=C.eager_dispatch)
     ds0 = grads.pop() if with_state else q.new_empty(0)
     return grads[0], grads[1], grads[2], grads[3:], ds0
 
@@ -90,27 +84,21 @@ def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens
 def _backward_fake(q, k, v, cu_seqlens, inputs, initial_state, dout, dsecond, key, names, sizes, scale, return_lse,
                    wrt):
     ds0 = initial_state.new_empty(initial_state.shape) if initial_state is not None else q.new_empty(0)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            [inputs[i].new_empty(inputs[i].shape) for i in wrt], ds0)
+    return (*C.gradients_like(q, k, v, inputs, wrt), ds0)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, tensors, initial_state, key, names, sizes, scale, return_lse, _ = inputs
     ctx.save_for_backward(q, k, v, cu_seqlens, initial_state, *tensors)
-    ctx.key, ctx.names, ctx.sizes, ctx.scale, ctx.return_lse = key, names, sizes, scale, return_lse
-    ctx.runner = C._REGISTRY.get(key)  # the graph keeps the module alive
-    ctx.count = len(tensors)
+    ctx.names, ctx.sizes, ctx.scale, ctx.return_lse = names, sizes, scale, return_lse
+    C.remember_runner(ctx, key, len(tensors))
     ctx.recurrence = ctx.runner is not None and isinstance(ctx.runner.pattern, ir.RecurrenceIR)
     ctx.shapes = (output[0].shape, output[1].shape, output[1].dtype)
 
 
 def _backward(ctx, dout, dsecond):
     q, k, v, cu_seqlens, initial_state, *tensors = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_inputs = need[4] if isinstance(need[4], list | tuple) else [need[4]] * ctx.count
-    wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
-    if ctx.runner is not None:
-        C._REGISTRY.setdefault(ctx.key, ctx.runner)
+    wrt = C.wanted_inputs(ctx, tensors, 4)
     out_shape, second_shape, second_dtype = ctx.shapes
     if dout is None:
         dout = q.new_zeros(out_shape)
@@ -120,26 +108,13 @@ def _backward(ctx, dout, dsecond):
         dsecond = None  # the zeros in place of the lse take no gradient
     dq, dk, dv, d_list, ds0 = varlen_attention_backward(q, k, v, cu_seqlens, tensors, initial_state, dout, dsecond,
                                                         ctx.key, ctx.names, ctx.sizes, ctx.scale, ctx.return_lse, wrt)
-    d_inputs: list = [None] * ctx.count
-    for i, g in zip(wrt, d_list, strict=True):
-        d_inputs[i] = g
-    return (dq, dk, dv, None, d_inputs, (ds0 if initial_state is not None else None), None, None, None, None, None,
-            None)
+    return (dq, dk, dv, None, C.placed(ctx.count, wrt, d_list), (ds0 if initial_state is not None else None),
+            None, None, None, None, None, None)
 
 
-def _define():
-    fwd = torch.library.custom_op("attnc::varlen_attention", _forward_impl, mutates_args=())
-    fwd.register_fake(_forward_fake)
-    bwd = torch.library.custom_op("attnc::varlen_attention_backward", _backward_impl, mutates_args=())
-    bwd.register_fake(_backward_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    return fwd, bwd
-
-
-if not hasattr(C._SHARED, "varlen_ops"):  # one definition per process (see custom_op)
-    C._SHARED.varlen_ops = _define()
 #: ``torch.ops.attnc.varlen_attention`` and ``torch.ops.attnc.varlen_attention_backward``
-varlen_attention, varlen_attention_backward = C._SHARED.varlen_ops
+varlen_attention, varlen_attention_backward = C.defined_once("varlen_ops", lambda: C.define_ops(
+    "varlen_attention", _forward_impl, _forward_fake, _backward_impl, _backward_fake, _backward, _setup_context))
 
 
 def run(module, cu_seqlens: torch.Tensor, q, k, v, *, scale: float, return_lse: bool, initial_state,
