@@ -130,17 +130,28 @@ def select_blocks(
     mask broadcastable to ``[B, Hq, Nq, Nk]``. The selection is not differentiated.
     """
     B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
+    full_mask = torch.broadcast_to(mask, (B, Hq, Nq, k.shape[2]))
+
+    def allowed(key_block, nblocks, dtype):  # [B, Hq, Nq, nb]
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)
+        return (full_mask.to(dtype) @ onehot) > 0
+
+    selected, key_block, _ = _select(pat, bound, q, k, inputs, allowed)
+    return full_mask & selected[..., key_block]
+
+
+def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
+    nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
+    some key of each block (densely for the reference, over the schedule's tiles for the executor)."""
     block, topk = route_sizes(pat, bound)
-    key_block, nblocks = block_ids(pat.keys, block, bound, Nk)
+    key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     with torch.no_grad():
         score = block_scores(pat, bound, q, k, key_block, nblocks)
-        full_mask = torch.broadcast_to(mask, (B, Hq, Nq, Nk))
-        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(score.dtype)
-        allowed = (full_mask.to(score.dtype) @ onehot) > 0  # [B, Hq, Nq, nb]
-        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
-        selected = choose(score, allowed, keep, topk)
-        return full_mask & selected[..., key_block]
+        reachable = allowed(key_block, nblocks, score.dtype)
+        keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
+        return choose(score, reachable, keep, topk), key_block, nblocks
 
 
 def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
@@ -181,14 +192,10 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
 
     pat, bound = plan.pattern, plan.bound
     B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
-    block, topk = route_sizes(pat, bound)
-    key_block, nblocks = block_ids(pat.keys, block, bound, Nk)
+    selected, key_block, nblocks = _select(  # [B, Hq, Nq, nb]
+        pat, bound, q, k, inputs, lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs,
+                                                                               batched, B))
     with torch.no_grad():
-        score = block_scores(pat, bound, q, k, key_block, nblocks)
-        allowed = allowed_blocks(plan, key_block, nblocks, inputs, batched, B)
-        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
-        selected = choose(score, allowed, keep, topk)  # [B, Hq, Nq, nb]
         # per Q tile: blocks selected by any / by every query of the tile
         qi_tok, q_valid = plan.q_tokens.index, plan.q_tokens.valid
         per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]

@@ -79,6 +79,21 @@ def test_packed_bnhd_layout_and_call_inputs():
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+def _recurrence_alone(attn, q, k, v, g, s0, lengths):
+    """Each sequence run alone from its own initial state: outputs (concatenated) and final states (an
+    empty sequence keeps its initial state)."""
+    outs, finals = [], []
+    for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
+                                             _split(g, lengths), strict=True)):
+        if lengths[i] == 0:
+            finals.append(s0[i:i + 1])
+            continue
+        o, s = attn(qi, ki, vi, g=gi, initial_state=s0[i:i + 1], return_state=True)
+        outs.append(o)
+        finals.append(s)
+    return torch.cat(outs, 2), torch.cat(finals)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name,gate_dims", [("mamba2", ()), ("gla", (4,))])
 def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
@@ -90,16 +105,7 @@ def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
     s0 = _rand(len(lengths), H, Dk, Dv, seed=15)
     out, final = attn(q, k, v, g=g, cu_seqlens=_cu(lengths), initial_state=s0, return_state=True)
     assert final.shape == (len(lengths), H, Dk, Dv)
-    outs, finals = [], []
-    for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
-                                             _split(g, lengths), strict=True)):
-        if lengths[i] == 0:
-            finals.append(s0[i:i + 1])
-            continue
-        o, s = attn(qi, ki, vi, g=gi, initial_state=s0[i:i + 1], return_state=True)
-        outs.append(o)
-        finals.append(s)
-    want_out, want_final = torch.cat(outs, 2), torch.cat(finals)
+    want_out, want_final = _recurrence_alone(attn, q, k, v, g, s0, lengths)
     torch.testing.assert_close(out, want_out, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
     got = _grads([out, final], (q, k, v, g, s0), seed=20)
@@ -238,16 +244,7 @@ def test_packed_recurrence_fullgraph_compile_equals_each_sequence():
     compiled = torch.compile(lambda *a: attn(*a[:3], g=a[3], initial_state=a[4], cu_seqlens=a[5], return_state=True),
                              fullgraph=True)
     out, final = compiled(q, k, v, g, s0, _cu(lengths))
-    outs, finals = [], []
-    for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
-                                             _split(g, lengths), strict=True)):
-        if lengths[i] == 0:
-            finals.append(s0[i:i + 1])
-            continue
-        o, s = attn(qi, ki, vi, g=gi, initial_state=s0[i:i + 1], return_state=True)
-        outs.append(o)
-        finals.append(s)
-    want_out, want_final = torch.cat(outs, 2), torch.cat(finals)
+    want_out, want_final = _recurrence_alone(attn, q, k, v, g, s0, lengths)
     torch.testing.assert_close(out, want_out, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
     for a, b in zip(_grads([out, final], (q, k, v, g, s0), seed=56),
