@@ -108,8 +108,7 @@ def cmd_show(args) -> int:
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
     for name in sorted(needed - set(sizes)):
         sizes[name] = SHOW_DEFAULT_AXIS
-    # a grid's or a concatenation's sizes give its token count
-    n = args.n if args.n is not None else (SHOW_DEFAULT_N if pat.queries.token_count() is None else None)
+    n = _tokens(args, pat, SHOW_DEFAULT_N)
     nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
@@ -360,9 +359,7 @@ def cmd_emit(args) -> int:
             raise SpecError("--gpu shows the schedule of a CUDA call, and no CUDA GPU is available",
                             where="argument --gpu", hint="without --gpu: the interpreter's schedule")
     sizes = _int_sizes(args.sizes)
-    n = args.n
-    if n is None and pat.queries.token_count() is None:
-        n = SHOW_DEFAULT_N
+    n = _tokens(args, pat, SHOW_DEFAULT_N)
     print(emit(pat, n=n, nk=args.nk, heads=args.heads, sizes=sizes or None,
                q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
                device="cuda" if args.gpu else "cpu"), end="")
@@ -377,9 +374,7 @@ def cmd_check_gpu(args) -> int:
     dims = _int_list(args.head_dim, "--head-dim")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     sizes = _int_sizes(args.sizes)
-    n = args.n
-    if n is None and sizes == {} and not _is_grid(pat):
-        n = CHECK_GPU_DEFAULT_N
+    n = _tokens(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
     reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None)
     if args.json:
         import json
@@ -395,8 +390,12 @@ def cmd_check_gpu(args) -> int:
 CHECK_GPU_DEFAULT_N = 8192
 
 
-def _is_grid(pat) -> bool:
-    return getattr(getattr(pat, "queries", None), "kind", "seq") == "grid"
+def _tokens(args, pat, default: int) -> int | None:
+    """``--n``, else ``default`` tokens on a seq layout (a grid's or a concatenation's count
+    comes from its sizes)."""
+    queries = getattr(pat, "queries", None)  # a recurrence has no layout
+    sized = queries is not None and queries.token_count() is not None
+    return args.n if args.n is not None or sized else default
 
 
 def _int_list(text: str, what: str) -> list[int]:

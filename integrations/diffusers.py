@@ -54,10 +54,7 @@ class WanAttncProcessor:
             raise SpecError("the attnc processor computes self-attention over the video tokens; it was given "
                             "encoder_hidden_states (cross-attention)", where="argument encoder_hidden_states",
                             hint="apply() installs it only on self-attention layers (attn1)")
-        if attention_mask is not None:
-            raise SpecError("an attention_mask cannot be combined with the attnc processor: the pattern is the mask",
-                            where="argument attention_mask")
-        grid = _checked_grid(self.grid, hidden_states.shape[1])
+        grid = _checked_grid(self.grid, hidden_states.shape[1], attention_mask)
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -116,10 +113,7 @@ class CogVideoXAttncProcessor:
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
-        if attention_mask is not None:
-            raise SpecError("an attention_mask cannot be combined with the attnc processor: the pattern is the mask",
-                            where="argument attention_mask")
-        grid = _checked_grid(self.grid, hidden_states.shape[1])
+        grid = _checked_grid(self.grid, hidden_states.shape[1], attention_mask)
         text = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         # [B, H, N, D] as diffusers' norms and rotary helper expect
@@ -147,8 +141,12 @@ class CogVideoXAttncProcessor:
         return out[:, text:], out[:, :text]
 
 
-def _checked_grid(grid, n: int) -> tuple[int, int, int]:
-    """The grid a processor was given, checked against its ``n`` video tokens."""
+def _checked_grid(grid, n: int, attention_mask) -> tuple[int, int, int]:
+    """The grid a processor was given, checked against its ``n`` video tokens; a processor call takes
+    no ``attention_mask`` (the pattern is the mask)."""
+    if attention_mask is not None:
+        raise SpecError("an attention_mask cannot be combined with the attnc processor: the pattern is the mask",
+                        where="argument attention_mask")
     if grid is None:
         raise SpecError("the token grid (frames, height, width) is unknown", where="argument hidden_states",
                         hint="call the transformer that apply() was given, or set processor.grid = (T, Y, X)")

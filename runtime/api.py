@@ -14,7 +14,7 @@ from ..compiler import symbols as S
 from ..compiler.tile_args import parse_tiles
 from ..spec.errors import SpecError
 from ..spec.library import load
-from . import custom_op, reference
+from . import custom_op, reference, routing
 from .cpu_backend import CpuRunner, describe_plan
 from .layouts import check_layout, check_orientation, to_bhnd
 from .recurrence import check_state
@@ -68,6 +68,15 @@ def materialize_mask(
     mask = E.mask_tensor(pat, bound, tensors)
     batched = batch is not None
     return mask if batched else mask[0]
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float: ``1/sqrt(head_dim)`` for None; anything but a finite number is refused."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    return float(scale)
 
 
 class Attention(torch.nn.Module):
@@ -130,6 +139,7 @@ class Attention(torch.nn.Module):
         self._triton = None
         # under torch.compile the Triton path runs through attnc::triton_attention (custom_op), keyed by this module
         self._triton_key = custom_op.register(self) if isinstance(pattern, ir.PatternIR) else None
+        self._varlen_key = custom_op.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
         if backend == "triton" and isinstance(pattern, ir.PatternIR):
             from ..compiler.codegen import check_fp32_constants
 
@@ -153,6 +163,7 @@ class Attention(torch.nn.Module):
             self._auto_key = custom_op.register(self._auto_runner)
         if getattr(self, "_triton_key", None) is not None:
             self._triton_key = custom_op.register(self)
+        self._varlen_key = custom_op.register(self)
 
     @property
     def chosen_backend(self) -> str | None:
@@ -248,7 +259,12 @@ class Attention(torch.nn.Module):
         check_state(initial_state, q, "initial_state")
         return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
         run = self._forward
-        if cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.varlen)
+        if cu_seqlens is not None and torch.compiler.is_compiling():  # the offsets are data: the op reads them
+            from . import varlen_op
+
+            scale = resolve_scale(scale, q.shape[-1])
+            run = functools.partial(varlen_op.run, self, cu_seqlens)
+        elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.varlen)
             from . import varlen
 
             run = functools.partial(varlen.run, self._forward, self.pattern,
@@ -270,10 +286,7 @@ class Attention(torch.nn.Module):
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
         pat = self.pattern
         B, Hq, Nq, D = q.shape
-        if scale is None:
-            scale = 1.0 / math.sqrt(D)
-        elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-            raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+        scale = resolve_scale(scale, D)
         all_sizes = {**self.sizes, **(sizes or {})}
         if isinstance(pat, ir.RecurrenceIR):
             if return_lse:
@@ -324,6 +337,8 @@ class Attention(torch.nn.Module):
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
         _check_softcap(pat, bound)
+        if pat.route is not None:
+            routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
         # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
         # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
         item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8

@@ -25,16 +25,19 @@ q's dtype and ``lse`` ``[B, Hq, Nq]`` in fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import types
 import weakref
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..compiler import evaluate as E
 from ..spec.errors import SpecError
-from . import executor
+from . import executor, routing
+from .reference import compute_dtype
 
 # One registry and one op definition per process, even when the package is
 # imported twice under two names (pytest imports the repository root, which is
@@ -80,16 +83,128 @@ def _names(names: str) -> list[str]:
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
+    return compute_dtype(q.dtype)
 
 
 def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(_names(names), inputs, strict=True))
 
 
+def _routed(pattern, bound: E.Bound) -> E.Bound:
+    """``bound``, after checking a route's size-dependent block sizes and topk (as an eager call does)."""
+    if getattr(pattern, "route", None) is not None:
+        routing.route_sizes(pattern, bound)
+    return bound
+
+
 def _bind(runner, q, k, inputs, names, sizes) -> E.Bound:
-    return E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
-                        dk=q.shape[3], offset_ok=True)
+    return _routed(runner.pattern, E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
+                                                sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True))
+
+
+# ------------------------------------------- pieces every attnc op shares (here, flex_op, recurrence_op, varlen_op)
+def define_ops(name: str, forward_impl, forward_fake, backward_impl, backward_fake, formula, setup_context):
+    """``attnc::NAME`` and ``attnc::NAME_backward`` with their fake implementations, the first
+    differentiated by ``formula`` (which calls the second). Callers define them once per process
+    (``defined_once``)."""
+    fwd = torch.library.custom_op(f"attnc::{name}", forward_impl, mutates_args=())
+    fwd.register_fake(forward_fake)
+    bwd = torch.library.custom_op(f"attnc::{name}_backward", backward_impl, mutates_args=())
+    bwd.register_fake(backward_fake)
+    fwd.register_autograd(formula, setup_context=setup_context)
+    return fwd, bwd
+
+
+def defined_once(attr: str, define):
+    """``define()``'s ops, made at the first import only: a second copy of the package uses the first
+    one's (torch dispatches an op name to its first definition)."""
+    if not hasattr(_SHARED, attr):
+        setattr(_SHARED, attr, define())
+    return getattr(_SHARED, attr)
+
+
+def empty_batch_outputs(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype):
+    """``(out, lse)`` of a batch of 0 (or any size): zeros and ``-inf``, as on the other backends."""
+    B, Hq, Nq, _ = q.shape
+    return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=lse_dtype)
+
+
+def attention_fake(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype):
+    """The fake ``(out, lse)`` of a softmax op: ``[B, Hq, Nq, Dv]`` in q's dtype, ``[B, Hq, Nq]``."""
+    B, Hq, Nq, _ = q.shape
+    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=lse_dtype)
+
+
+def gradients_like(q, k, v, inputs: list, wrt: list[int], make=torch.Tensor.new_empty):
+    """``(dq, dk, dv, [d inputs[i] for i in wrt])`` shaped like their primals and contiguous, as the
+    real kernels return them: ``new_empty`` in fake implementations, ``new_zeros`` for an empty batch."""
+    return make(q, q.shape), make(k, k.shape), make(v, v.shape), [make(inputs[i], inputs[i].shape) for i in wrt]
+
+
+def input_gradients(d_in: dict, raw: dict, wrt_names: list[str]) -> list[torch.Tensor]:
+    """A backward's gradients of the inputs named in ``wrt_names``, contiguous; zeros where it gave none."""
+    return [d_in[n].contiguous() if d_in.get(n) is not None else torch.zeros_like(raw[n]) for n in wrt_names]
+
+
+def remember_runner(ctx, key: str, count: int) -> None:
+    """In a ``setup_context``: the graph keeps the runner alive (the module may be gone before the
+    backward), and how many call-time inputs the op took."""
+    ctx.key, ctx.runner, ctx.count = key, _REGISTRY.get(key), count
+
+
+def wanted_inputs(ctx, tensors: list[torch.Tensor], position: int) -> list[int]:
+    """In an autograd formula: the indices of the float inputs whose gradient is needed (the op's list
+    argument at ``position``); the runner goes back into the registry for the backward op."""
+    need = ctx.needs_input_grad[position]
+    need = need if isinstance(need, list | tuple) else [need] * ctx.count
+    if ctx.runner is not None:
+        _REGISTRY.setdefault(ctx.key, ctx.runner)
+    return [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need[i]]
+
+
+def placed(count: int, wrt: list[int], grads: list) -> list:
+    """The gradient of the op's list of ``count`` inputs: ``grads[j]`` for input ``wrt[j]``, None elsewhere."""
+    out: list = [None] * count
+    for i, g in zip(wrt, grads, strict=True):
+        out[i] = g
+    return out
+
+
+def _autograd_dispatch():
+    """Autograd usable again inside an op implementation (which runs below the
+    autograd dispatch keys, where no graph would be recorded)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+#: The dispatch key sets of plain eager code (taken at import, outside any op).
+_EAGER_KEYS = (torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set())
+
+
+@contextlib.contextmanager
+def eager_dispatch():
+    """A runner as in eager mode: an op implementation runs with autograd and functorch's keys
+    excluded (Flex's BlockMask helpers use vmap; a recomputed backward uses autograd), and on its
+    first compiled call under AOTAutograd's checking ``TorchDispatchMode``; the op's own inputs and
+    outputs are still what the caller's modes see."""
+    with torch._C._ForceDispatchKeyGuard(*_EAGER_KEYS), _disable_current_modes():
+        yield
+
+
+def recompute_gradients(forward, primals: list, wrt: list[int], cotangents: list, guard=_autograd_dispatch
+                        ) -> list[torch.Tensor]:
+    """The backward of an op that recomputes: ``forward(*primals)`` (a tuple of outputs) runs again under
+    autograd inside an op implementation (``guard()`` restores the dispatch keys autograd needs) and is
+    differentiated with ``cotangents`` (None: that output takes no gradient). Returns the gradients of
+    ``primals[i]`` for i in ``wrt``, in that order, contiguous; zeros where a primal was unused."""
+    with guard(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_() if i in wrt else t for i, t in enumerate(primals)]
+        outs = forward(*leaves)
+        used = [(o, g.to(o.dtype)) for o, g in zip(outs, cotangents, strict=True) if g is not None and o.requires_grad]
+        targets = [leaves[i] for i in wrt]
+        grads = (torch.autograd.grad([o for o, _ in used], targets, [g for _, g in used], allow_unused=True) if used
+                 else [None] * len(targets))
+    return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(targets, grads, strict=True)]
 
 
 # ------------------------------------------------------------------ forward
@@ -99,16 +214,14 @@ def _forward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     runner = _runner(key)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
-        B, Hq, Nq, _ = q.shape
-        return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=_lse_dtype(q))
+        return empty_batch_outputs(q, v, _lse_dtype(q))
     plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs))
     out, lse = executor.forward(plan, q, k, v, tensors, set(batched), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
 def _forward_fake(q, k, v, inputs, key, names, sizes, scale):
-    B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=_lse_dtype(q))
+    return attention_fake(q, v, _lse_dtype(q))
 
 
 # ----------------------------------------------------------------- backward
@@ -119,42 +232,27 @@ def _backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(dq, dk, dv, [gradient of inputs[i] for i in wrt])."""
     runner = _runner(key)
-    raw = _named(names, inputs)
     if q.shape[0] == 0:  # an empty batch: zero (empty) gradients
-        wrt_names = [_names(names)[i] for i in wrt]
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), [raw[n].new_zeros(raw[n].shape)
-                                                                                 for n in wrt_names]
+        return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
+    raw = _named(names, inputs)
     plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
         dq, dk, dv, d_in = executor.backward(plan, q, k, v, out, lse, dout, dlse, tensors, set(batched), scale,
                                              wrt_names)
-    d_list = [d_in[n].contiguous() if d_in.get(n) is not None else torch.zeros_like(raw[n]) for n in wrt_names]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_list
-
-
-def _autograd_dispatch():
-    """Autograd usable again inside an op implementation (which runs below the
-    autograd dispatch keys, where no graph would be recorded)."""
-    exclude = torch._C._dispatch_tls_local_exclude_set().remove(torch._C.DispatchKey.AutogradFunctionality)
-    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
 
 def _backward_fake(q, k, v, out, lse, dout, dlse, inputs, key, names, sizes, scale, wrt):
-    def like(t):  # the real kernel returns contiguous gradients
-        return t.new_empty(t.shape)
-
-    return like(q), like(k), like(v), [like(inputs[i]) for i in wrt]
+    return gradients_like(q, k, v, inputs, wrt)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, tensors, key, names, sizes, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
-    ctx.key, ctx.names, ctx.sizes, ctx.scale = key, names, sizes, scale
-    # the graph keeps the runner alive: the module may be gone before the backward
-    ctx.runner = _REGISTRY.get(key)
-    ctx.count = len(tensors)
+    ctx.names, ctx.sizes, ctx.scale = names, sizes, scale
+    remember_runner(ctx, key, len(tensors))
 
 
 def _autograd_formula(backward_op):
@@ -163,36 +261,20 @@ def _autograd_formula(backward_op):
 
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, *tensors = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_inputs = need[3] if isinstance(need[3], list | tuple) else [need[3]] * ctx.count
-        wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
+        wrt = wanted_inputs(ctx, tensors, 3)
         if dout is None:
             dout = torch.zeros_like(out)
-        if ctx.runner is not None:
-            _REGISTRY.setdefault(ctx.key, ctx.runner)
         dq, dk, dv, d_list = backward_op()(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.names, ctx.sizes,
                                            ctx.scale, wrt)
-        d_inputs: list = [None] * ctx.count
-        for i, g in zip(wrt, d_list, strict=True):
-            d_inputs[i] = g
-        return dq, dk, dv, d_inputs, None, None, None, None
+        return dq, dk, dv, placed(ctx.count, wrt, d_list), None, None, None, None
 
     return backward
 
 
-def _define():
-    fwd = torch.library.custom_op("attnc::tiled_attention", _forward_impl, mutates_args=())
-    fwd.register_fake(_forward_fake)
-    bwd = torch.library.custom_op("attnc::tiled_attention_backward", _backward_impl, mutates_args=())
-    bwd.register_fake(_backward_fake)
-    fwd.register_autograd(_autograd_formula(lambda: tiled_attention_backward), setup_context=_setup_context)
-    return fwd, bwd
-
-
-if not hasattr(_SHARED, "ops"):  # a second copy of the package uses the first one's ops
-    _SHARED.ops = _define()
 #: ``torch.ops.attnc.tiled_attention`` and ``torch.ops.attnc.tiled_attention_backward``
-tiled_attention, tiled_attention_backward = _SHARED.ops
+tiled_attention, tiled_attention_backward = defined_once("ops", lambda: define_ops(
+    "tiled_attention", _forward_impl, _forward_fake, _backward_impl, _backward_fake,
+    _autograd_formula(lambda: tiled_attention_backward), _setup_context))
 
 
 # ------------------------------------------------------------ the Triton kernels
@@ -202,7 +284,7 @@ def _launch(module, q, k, inputs, names, sizes):
     runner = module._triton_runner()
     bound = E.bind_sizes(module.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
                          dk=q.shape[3])
-    return runner.prepare(bound, q, k, _named(names, inputs))
+    return runner.prepare(_routed(module.pattern, bound), q, k, _named(names, inputs))
 
 
 def _triton_forward_impl(
@@ -213,15 +295,13 @@ def _triton_forward_impl(
 
     module = _runner(key)
     if q.shape[0] == 0:
-        B, Hq, Nq, _ = q.shape
-        return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=torch.float32)
+        return empty_batch_outputs(q, v, torch.float32)
     out, lse = triton_backend.forward(_launch(module, q, k, inputs, names, sizes), q, k, v, scale)
     return out.contiguous(), lse.contiguous()
 
 
 def _triton_forward_fake(q, k, v, inputs, key, names, sizes, scale):
-    B, Hq, Nq, _ = q.shape
-    return q.new_empty(B, Hq, Nq, v.shape[-1]), q.new_empty(B, Hq, Nq, dtype=torch.float32)
+    return attention_fake(q, v, torch.float32)
 
 
 def _triton_backward_impl(
@@ -233,27 +313,16 @@ def _triton_backward_impl(
     from . import triton_backend
 
     module = _runner(key)
+    if q.shape[0] == 0:
+        return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
-    if q.shape[0] == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), [raw[n].new_zeros(raw[n].shape)
-                                                                                 for n in wrt_names]
     launch = _launch(module, q, k, inputs, names, sizes)
     dq, dk, dv, d_in = triton_backend.backward(launch, q, k, v, out, lse, dout, dlse, scale, wrt_names)
-    d_list = [d_in[n].contiguous() if d_in.get(n) is not None else torch.zeros_like(raw[n]) for n in wrt_names]
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_list
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
 
-def _define_triton():
-    fwd = torch.library.custom_op("attnc::triton_attention", _triton_forward_impl, mutates_args=())
-    fwd.register_fake(_triton_forward_fake)
-    bwd = torch.library.custom_op("attnc::triton_attention_backward", _triton_backward_impl, mutates_args=())
-    bwd.register_fake(_backward_fake)
-    fwd.register_autograd(_autograd_formula(lambda: triton_attention_backward), setup_context=_setup_context)
-    return fwd, bwd
-
-
-if not hasattr(_SHARED, "triton_ops"):
-    _SHARED.triton_ops = _define_triton()
 #: ``torch.ops.attnc.triton_attention`` and ``torch.ops.attnc.triton_attention_backward``
-triton_attention, triton_attention_backward = _SHARED.triton_ops
+triton_attention, triton_attention_backward = defined_once("triton_ops", lambda: define_ops(
+    "triton_attention", _triton_forward_impl, _triton_forward_fake, _triton_backward_impl, _backward_fake,
+    _autograd_formula(lambda: triton_attention_backward), _setup_context))

@@ -37,10 +37,6 @@ class RecurrenceRunner:
         return recurrence.run(self.backend, rec, bound, q, k, v, tensors, scale, initial_state, self.chunk)
 
 
-def _state_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 # ------------------------------------------------------------------ forward
 def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor],
                   initial_state: torch.Tensor | None, key: str, names: str, sizes: str,
@@ -53,7 +49,8 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: lis
 
 def _forward_fake(q, k, v, inputs, initial_state, key, names, sizes, scale):
     B, H, T, Dk = q.shape
-    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, Dk, v.shape[-1], dtype=_state_dtype(q))
+    state = q.new_empty(B, H, Dk, v.shape[-1], dtype=recurrence.compute_dtype(q.dtype))
+    return q.new_empty(B, H, T, v.shape[-1]), state
 
 
 # ----------------------------------------------------------------- backward
@@ -63,64 +60,46 @@ def _backward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: li
                    wrt: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
     """(dq, dk, dv, [gradient of inputs[i] for i in wrt], d initial_state (empty without one))."""
     runner = custom_op._runner(key)
-    with custom_op._autograd_dispatch(), torch.enable_grad():
-        lq, lk, lv = (t.detach().requires_grad_() for t in (q, k, v))
-        leaves = [t.detach().requires_grad_() if i in wrt else t for i, t in enumerate(inputs)]
-        s0 = None if initial_state is None else initial_state.detach().requires_grad_()
-        out, state, _ = runner.run(lq, lk, lv, custom_op._named(names, leaves), custom_op._decode_sizes(sizes),
+
+    def forward(q, k, v, s0, *tensors):
+        out, state, _ = runner.run(q, k, v, custom_op._named(names, list(tensors)), custom_op._decode_sizes(sizes),
                                    scale, s0)
-        targets = [lq, lk, lv, *(leaves[i] for i in wrt), *([s0] if s0 is not None else [])]
-        grads = torch.autograd.grad((out, state), targets, (dout, dstate), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(targets, grads, strict=True)]
-    ds0 = grads.pop() if s0 is not None else q.new_empty(0)
+        return out, state
+
+    with_state = initial_state is not None
+    positions = [0, 1, 2, *(4 + i for i in wrt), *([3] if with_state else [])]
+    grads = custom_op.recompute_gradients(forward, [q, k, v, initial_state, *inputs], positions, [dout, dstate])
+    ds0 = grads.pop() if with_state else q.new_empty(0)
     return grads[0], grads[1], grads[2], grads[3:], ds0
 
 
 def _backward_fake(q, k, v, inputs, initial_state, dout, dstate, key, names, sizes, scale, wrt):
     ds0 = initial_state.new_empty(initial_state.shape) if initial_state is not None else q.new_empty(0)
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            [inputs[i].new_empty(inputs[i].shape) for i in wrt], ds0)
+    return (*custom_op.gradients_like(q, k, v, inputs, wrt), ds0)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, tensors, initial_state, key, names, sizes, scale = inputs
     ctx.save_for_backward(q, k, v, initial_state, *tensors)
-    ctx.key, ctx.names, ctx.sizes, ctx.scale = key, names, sizes, scale
-    ctx.runner = custom_op._REGISTRY.get(key)  # the graph keeps the runner alive
-    ctx.count = len(tensors)
+    ctx.names, ctx.sizes, ctx.scale = names, sizes, scale
+    custom_op.remember_runner(ctx, key, len(tensors))
     ctx.shapes = (output[0].shape, output[1].shape, output[1].dtype)
 
 
 def _backward(ctx, dout, dstate):
     q, k, v, initial_state, *tensors = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    need_inputs = need[3] if isinstance(need[3], list | tuple) else [need[3]] * ctx.count
-    wrt = [i for i, t in enumerate(tensors) if t.dtype.is_floating_point and need_inputs[i]]
+    wrt = custom_op.wanted_inputs(ctx, tensors, 3)
     out_shape, state_shape, state_dtype = ctx.shapes
     if dout is None:
         dout = q.new_zeros(out_shape)
     if dstate is None:
         dstate = q.new_zeros(state_shape, dtype=state_dtype)
-    if ctx.runner is not None:
-        custom_op._REGISTRY.setdefault(ctx.key, ctx.runner)
     dq, dk, dv, d_list, ds0 = recurrence_backward(q, k, v, tensors, initial_state, dout, dstate, ctx.key,
                                                   ctx.names, ctx.sizes, ctx.scale, wrt)
-    d_inputs: list = [None] * ctx.count
-    for i, g in zip(wrt, d_list, strict=True):
-        d_inputs[i] = g
-    return dq, dk, dv, d_inputs, (ds0 if initial_state is not None else None), None, None, None, None
+    return (dq, dk, dv, custom_op.placed(ctx.count, wrt, d_list), (ds0 if initial_state is not None else None),
+            None, None, None, None)
 
 
-def _define():
-    fwd = torch.library.custom_op("attnc::recurrence", _forward_impl, mutates_args=())
-    fwd.register_fake(_forward_fake)
-    bwd = torch.library.custom_op("attnc::recurrence_backward", _backward_impl, mutates_args=())
-    bwd.register_fake(_backward_fake)
-    fwd.register_autograd(_backward, setup_context=_setup_context)
-    return fwd, bwd
-
-
-if not hasattr(custom_op._SHARED, "recurrence_ops"):  # one definition per process (see custom_op)
-    custom_op._SHARED.recurrence_ops = _define()
 #: ``torch.ops.attnc.recurrence`` and ``torch.ops.attnc.recurrence_backward``
-recurrence_op, recurrence_backward = custom_op._SHARED.recurrence_ops
+recurrence_op, recurrence_backward = custom_op.defined_once("recurrence_ops", lambda: custom_op.define_ops(
+    "recurrence", _forward_impl, _forward_fake, _backward_impl, _backward_fake, _backward, _setup_context))

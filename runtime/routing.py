@@ -17,7 +17,38 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler.route_blocks import WORD_BITS, block_ids, block_sizes
+from ..compiler import symbols as S
+from ..compiler.route_blocks import WORD_BITS, block_ids, block_sizes  # noqa: F401 (compiler.search reads it here)
+from ..spec.errors import SpecError
+
+
+def _size_argument(expr, bound: E.Bound) -> str:
+    """The call argument whose shape sets the sizes ``expr`` depends on: a grid size comes from
+    ``sizes``, ``nk`` from k (and ``n`` too after a KV cache), ``n`` and ``heads`` from q."""
+    free = expr.free_symbols
+    if free - set(S.BUILTIN_SIZES.values()):
+        return "argument sizes"
+    if S.NK in free or (bound.q_offset and S.N in free):
+        return "argument k"
+    return "argument q"
+
+
+def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int]:
+    """The route's block extents and its K at this call's sizes. A constant below 1 is refused when
+    loading; an expression of the sizes (``blocks(n // 64)``, ``topk(heads - 1)``) is checked here, at
+    every call, with a ``SpecError`` naming the argument whose shape made it too small (a block of 0
+    keys would divide by zero, a K below 1 would silently select nothing)."""
+    route = pat.route
+    values = []
+    for what, expr in [*(("a block size", b) for b in route.block), ("topk", route.topk)]:
+        value = int(expr.subs(bound.subs))
+        if value < 1:
+            at = ", ".join(f"{sym.name.removeprefix('size_')} = {bound.subs[sym]}"
+                           for sym in sorted(expr.free_symbols, key=str))
+            raise SpecError(f"{what} of the route is {value} at {at}; it must be at least 1",
+                            where=_size_argument(expr, bound), hint="call with sizes where it is at least 1")
+        values.append(value)
+    return tuple(values[:-1]), values[-1]
 
 
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
@@ -35,18 +66,22 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
         score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
     else:
         if bound.q_offset:  # the mean over a query block needs the block's earlier queries
-            from ..spec.errors import SpecError
-
             raise SpecError(f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: "
                             "queries after a KV cache (nk > n) are not supported", where="argument k",
                             hint="call with all the queries (nk == n)")
-        q_block, _ = block_ids(pat.queries, block_sizes(route, bound), bound, Nq)
+        q_block, _ = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)
         q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
         score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
     if route.shared:
         score = score.mean(dim=1, keepdim=True).expand(B, Hq, Nq, nblocks)
     return score
+
+
+#: Where ``evaluate.index_error`` says an out-of-range read happened when the expression is a mask, and
+#: what that is for the route's ``keep``, which is evaluated like one.
+_MASK_READ = "in the mask (evaluated on every pair)"
+_KEEP_READ = "in the route's keep (evaluated at every query and the first key of each block)"
 
 
 def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: int, key_block: torch.Tensor,
@@ -58,7 +93,14 @@ def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: i
         0, key_block, torch.arange(len(key_block)), reduce="amin")
     keep_pat = ir.PatternIR(pat.name, pat.queries, pat.keys, pat.route.keep, None, None, None, None,
                             pat.inputs, pat.params)
-    return E.mask_tensor(keep_pat, bound, inputs, batch=batch, k_index=first_key)
+    try:
+        return E.mask_tensor(keep_pat, bound, inputs, batch=batch, k_index=first_key)
+    except SpecError as err:  # an input read out of range: say it is the keep's read, not the mask's
+        if _MASK_READ not in err.message:
+            raise
+        raise SpecError(err.message.replace(_MASK_READ, _KEEP_READ), where=err.where,
+                        hint="keep reads its inputs at every query and block: keep the index in range "
+                             "(e.g. with clamp)") from None
 
 
 def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None, topk: int) -> torch.Tensor:
@@ -88,16 +130,28 @@ def select_blocks(
     mask broadcastable to ``[B, Hq, Nq, Nk]``. The selection is not differentiated.
     """
     B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
-    key_block, nblocks = block_ids(pat.keys, block_sizes(pat.route, bound), bound, Nk)
+    full_mask = torch.broadcast_to(mask, (B, Hq, Nq, k.shape[2]))
+
+    def allowed(key_block, nblocks, dtype):  # [B, Hq, Nq, nb]
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)
+        return (full_mask.to(dtype) @ onehot) > 0
+
+    selected, key_block, _ = _select(pat, bound, q, k, inputs, allowed)
+    return full_mask & selected[..., key_block]
+
+
+def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
+    nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
+    some key of each block (densely for the reference, over the schedule's tiles for the executor)."""
+    block, topk = route_sizes(pat, bound)
+    key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     with torch.no_grad():
         score = block_scores(pat, bound, q, k, key_block, nblocks)
-        full_mask = torch.broadcast_to(mask, (B, Hq, Nq, Nk))
-        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(score.dtype)
-        allowed = (full_mask.to(score.dtype) @ onehot) > 0  # [B, Hq, Nq, nb]
-        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
-        selected = choose(score, allowed, keep, int(pat.route.topk.subs(bound.subs)))
-        return full_mask & selected[..., key_block]
+        reachable = allowed(key_block, nblocks, score.dtype)
+        keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
+        return choose(score, reachable, keep, topk), key_block, nblocks
 
 
 def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
@@ -138,13 +192,10 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
 
     pat, bound = plan.pattern, plan.bound
     B, Hq, Nq, _ = q.shape
-    Nk = k.shape[2]
-    key_block, nblocks = block_ids(pat.keys, block_sizes(pat.route, bound), bound, Nk)
+    selected, key_block, nblocks = _select(  # [B, Hq, Nq, nb]
+        pat, bound, q, k, inputs, lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs,
+                                                                               batched, B))
     with torch.no_grad():
-        score = block_scores(pat, bound, q, k, key_block, nblocks)
-        allowed = allowed_blocks(plan, key_block, nblocks, inputs, batched, B)
-        keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
-        selected = choose(score, allowed, keep, int(pat.route.topk.subs(bound.subs)))  # [B, Hq, Nq, nb]
         # per Q tile: blocks selected by any / by every query of the tile
         qi_tok, q_valid = plan.q_tokens.index, plan.q_tokens.valid
         per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]

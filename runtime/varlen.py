@@ -13,8 +13,8 @@ length are gathered into one batch (``[count, H, length, D]``) and the module's 
 once per distinct length, so each length's plan is built once and cached per shape as usual. The
 results are scattered back into the packed order (differentiable: gathers and one permutation).
 Grid patterns are refused (a packed sequence has no grid extents). The offsets are read on the host
-(one copy per call): under ``torch.compile`` that is a graph break, so ``fullgraph=True`` models pass
-equal-length batches instead.
+(one copy per call); under ``torch.compile`` (``fullgraph=True`` included) the packed call runs inside
+the ``attnc::varlen_attention`` custom op (``runtime.varlen_op``), where that read is not traced.
 """
 
 from __future__ import annotations

@@ -967,6 +967,17 @@ def test_retnet_recurrence(with_state, Hkv):
     )
 
 
+def assert_state_grads_match(got, want, leaves, seed: int):
+    """The gradients of ``leaves`` through (out, final state) equal the reference's, under one random
+    weighting of the state (and ``loss_of`` of the output)."""
+    (out, state), (want_out, want_state) = got, want
+    w = randn(gen(seed), *state.shape)
+    got_grads = grads(loss_of(out) + (state * w).sum(), leaves)
+    want_grads = grads(loss_of(want_out) + (want_state * w).sum(), leaves)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, **GRAD)
+
+
 @pytest.mark.parametrize("batched", [False, True])
 def test_scalar_gate_recurrence(batched):
     g = gen(52)
@@ -986,12 +997,7 @@ def test_scalar_gate_recurrence(batched):
     loop, loop_state = vector_recurrence_ref(q, k, v, g4, Dk**-0.5, S0)
     torch.testing.assert_close(loop, want, **TIGHT)
     torch.testing.assert_close(loop_state, want_state, **TIGHT)
-    ts = (q, k, v, gates, S0)
-    w = randn(gen(5), B, H, Dk, Dv)
-    got = grads(loss_of(out) + (state * w).sum(), ts)
-    exp = grads(loss_of(want) + (want_state * w).sum(), ts)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b, **GRAD)
+    assert_state_grads_match((out, state), (want, want_state), (q, k, v, gates, S0), seed=5)
 
 
 @pytest.mark.parametrize("batched,scale", [(False, None), (True, 0.7)])
@@ -1019,12 +1025,7 @@ def test_vector_gate_recurrence(batched, scale):
         S0,
     )[0]
     assert not torch.allclose(out, flat)
-    ts = (q, k, v, gates, S0)
-    w = randn(gen(6), B, H, Dk, Dv)
-    got = grads(loss_of(out) + (state * w).sum(), ts)
-    exp = grads(loss_of(want) + (want_state * w).sum(), ts)
-    for a, b in zip(got, exp, strict=True):
-        torch.testing.assert_close(a, b, **GRAD)
+    assert_state_grads_match((out, state), (want, want_state), (q, k, v, gates, S0), seed=6)
 
 
 def test_recurrence_without_state_starts_from_zero():

@@ -130,6 +130,16 @@ def check_schedule(sched, mask: torch.Tensor, q_ext, kv_ext, q_tile, kv_tile, he
 
 
 # ----------------------------------------------------------------- random patterns
+def bool_combination(draw, leaf, depth: int) -> str:
+    """``leaf()`` terms joined by and/or/not, at most ``depth`` levels deep."""
+    if depth == 0 or draw(st.integers(0, 2)) == 0:
+        return leaf()
+    op = draw(st.sampled_from(["and", "or", "not"]))
+    if op == "not":
+        return f"not ({bool_combination(draw, leaf, depth - 1)})"
+    return f"({bool_combination(draw, leaf, depth - 1)}) {op} ({bool_combination(draw, leaf, depth - 1)})"
+
+
 @st.composite
 def cases(draw):
     ndim = draw(st.integers(0, 3))  # 0: tokens seq
@@ -196,15 +206,7 @@ def cases(draw):
             return draw(st.sampled_from(["true", "false"]))
         return f"{qa} // {b} - {ka} // {b} == {draw(st.integers(-1, 2))}"
 
-    def expr(depth: int) -> str:
-        if depth == 0 or draw(st.integers(0, 2)) == 0:
-            return leaf()
-        op = draw(st.sampled_from(["and", "or", "not"]))
-        if op == "not":
-            return f"not ({expr(depth - 1)})"
-        return f"({expr(depth - 1)}) {op} ({expr(depth - 1)})"
-
-    mask = expr(2)
+    mask = bool_combination(draw, leaf, 2)
     text = f"pattern p\n  {layout}\n"
     if uses_doc[0]:
         text += "  input doc: int[n]\n"
@@ -288,15 +290,7 @@ def float_cases(draw):
         rhs = draw(st.sampled_from([num(1), str(draw(st.integers(-5, 10))), "0.5", "10.0", "-1e308"]))
         return f"{num(3)} {cmp} {rhs}"
 
-    def expr(depth: int) -> str:
-        if depth == 0 or draw(st.integers(0, 2)) == 0:
-            return leaf()
-        op = draw(st.sampled_from(["and", "or", "not"]))
-        if op == "not":
-            return f"not ({expr(depth - 1)})"
-        return f"({expr(depth - 1)}) {op} ({expr(depth - 1)})"
-
-    mask = expr(1)
+    mask = bool_combination(draw, leaf, 1)
     inputs = None
     text = "pattern p\n  tokens seq\n"
     if uses_w[0]:

@@ -79,6 +79,21 @@ def test_packed_bnhd_layout_and_call_inputs():
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+def _recurrence_alone(attn, q, k, v, g, s0, lengths):
+    """Each sequence run alone from its own initial state: outputs (concatenated) and final states (an
+    empty sequence keeps its initial state)."""
+    outs, finals = [], []
+    for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
+                                             _split(g, lengths), strict=True)):
+        if lengths[i] == 0:
+            finals.append(s0[i:i + 1])
+            continue
+        o, s = attn(qi, ki, vi, g=gi, initial_state=s0[i:i + 1], return_state=True)
+        outs.append(o)
+        finals.append(s)
+    return torch.cat(outs, 2), torch.cat(finals)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("name,gate_dims", [("mamba2", ()), ("gla", (4,))])
 def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
@@ -90,16 +105,7 @@ def test_packed_recurrence_resets_state_per_sequence(backend, name, gate_dims):
     s0 = _rand(len(lengths), H, Dk, Dv, seed=15)
     out, final = attn(q, k, v, g=g, cu_seqlens=_cu(lengths), initial_state=s0, return_state=True)
     assert final.shape == (len(lengths), H, Dk, Dv)
-    outs, finals = [], []
-    for i, (qi, ki, vi, gi) in enumerate(zip(_split(q, lengths), _split(k, lengths), _split(v, lengths),
-                                             _split(g, lengths), strict=True)):
-        if lengths[i] == 0:
-            finals.append(s0[i:i + 1])
-            continue
-        o, s = attn(qi, ki, vi, g=gi, initial_state=s0[i:i + 1], return_state=True)
-        outs.append(o)
-        finals.append(s)
-    want_out, want_final = torch.cat(outs, 2), torch.cat(finals)
+    want_out, want_final = _recurrence_alone(attn, q, k, v, g, s0, lengths)
     torch.testing.assert_close(out, want_out, rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
     got = _grads([out, final], (q, k, v, g, s0), seed=20)
@@ -171,3 +177,89 @@ def test_packed_recurrence_fla_layout():
                   initial_state=s0[1:2], return_state=True)
     torch.testing.assert_close(o[:, 9:26], o1.transpose(1, 2), rtol=1e-11, atol=1e-12)
     torch.testing.assert_close(st[1:2], s1, rtol=1e-11, atol=1e-12)
+
+
+class _PackedModel(torch.nn.Module):
+    """A projection into q, k, v packed as [1, H, total, D], then the attnc module on the packed batch."""
+
+    def __init__(self, attn, heads: int = 2, dim: int = 4):
+        super().__init__()
+        self.attn, self.heads, self.dim = attn, heads, dim
+        g = torch.Generator().manual_seed(40)
+        self.proj = torch.nn.Parameter(torch.randn(heads * dim, 3 * heads * dim, generator=g, dtype=torch.float64))
+
+    def forward(self, x, cu_seqlens, **kw):
+        q, k, v = ((x @ self.proj).unflatten(-1, (3, self.heads, self.dim)).unbind(-3))
+        return self.attn(*(t.transpose(1, 2) for t in (q, k, v)), cu_seqlens=cu_seqlens, **kw)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_packed_softmax_fullgraph_compile_equals_eager_and_each_sequence(backend):
+    """cu_seqlens under torch.compile(fullgraph=True) (the attnc::varlen_attention op): forward and
+    backward equal the eager packed call and each sequence run alone; new offsets of the same count
+    reuse the compiled graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    attn = attnc.compile_attention("stdlib:sliding_window", window=4, backend=backend)
+    model = _PackedModel(attn)
+    lengths = (5, 9, 5, 1)
+    x = _rand(1, sum(lengths), 8, seed=41)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    out, lse = compiled(x, _cu(lengths), return_lse=True)
+    eager_out, eager_lse = model(x, _cu(lengths), return_lse=True)
+    torch.testing.assert_close(out, eager_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, eager_lse, rtol=1e-12, atol=1e-12)
+    alone = [model(xi, _cu((n,)), return_lse=True) for xi, n in zip(_split(x, lengths, 1), lengths, strict=True)]
+    torch.testing.assert_close(out, torch.cat([a[0] for a in alone], 2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, torch.cat([a[1] for a in alone], 2), rtol=1e-12, atol=1e-12)
+    leaves = (x, model.proj)
+    got = _grads([out, lse], leaves, seed=42)
+    for g, w in zip(got, _grads([eager_out, eager_lse], leaves, seed=42), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for g, w in zip(got, _grads([torch.cat([a[0] for a in alone], 2), torch.cat([a[1] for a in alone], 2)],
+                                leaves, seed=42), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # other boundaries (same count of offsets), and the output alone: exact, and no recompilation for them
+    other = (3, 3, 12, 2)
+    out2 = compiled(x, _cu(other))
+    torch.testing.assert_close(out2, model(x, _cu(other)), rtol=1e-12, atol=1e-12)
+    g2 = _grads([out2], leaves, seed=43)
+    for g, w in zip(g2, _grads([model(x, _cu(other))], leaves, seed=43), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 2  # one graph with lse, one without; new offsets are data
+
+
+def test_packed_recurrence_fullgraph_compile_equals_each_sequence():
+    """A recurrence on packed sequences under fullgraph compilation: outputs, final states and the
+    gradients of q, k, v, the gate and the initial states equal each sequence run alone."""
+    attn = attnc.compile_attention("stdlib:gla", backend="cpu", q_tile=16)
+    lengths = (20, 3, 0, 7)
+    total, H, D = sum(lengths), 2, 4
+    q, k, v = (_rand(1, H, total, D, seed=s) for s in (51, 52, 53))
+    g = torch.nn.functional.logsigmoid(_rand(1, H, total, D, seed=54, grad=False)).requires_grad_()
+    s0 = _rand(len(lengths), H, D, D, seed=55)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda *a: attn(*a[:3], g=a[3], initial_state=a[4], cu_seqlens=a[5], return_state=True),
+                             fullgraph=True)
+    out, final = compiled(q, k, v, g, s0, _cu(lengths))
+    want_out, want_final = _recurrence_alone(attn, q, k, v, g, s0, lengths)
+    torch.testing.assert_close(out, want_out, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
+    for a, b in zip(_grads([out, final], (q, k, v, g, s0), seed=56),
+                    _grads([want_out, want_final], (q, k, v, g, s0), seed=56), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_cu_seqlens_refused_under_fullgraph_compile():
+    """The offsets are data under compilation: a bad one is refused at the call with the eager message."""
+    attn = attnc.compile_attention(CAUSAL, backend="cpu")
+    q = torch.randn(1, 2, 10, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, cu: attn(q, q, q, cu_seqlens=cu), fullgraph=True)
+    for cu, match in [(torch.tensor([0, 6, 4, 10]), "non-decreasing"), (torch.tensor([0, 4, 9]), "end at the packed"),
+                      (torch.tensor([0.0, 10.0]), "int32 or int64")]:
+        with pytest.raises(SpecError, match=match) as info:
+            compiled(q, cu)
+        assert info.value.where == "argument cu_seqlens"
