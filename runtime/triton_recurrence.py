@@ -224,40 +224,42 @@ def _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, 
     return A
 
 
-def _vec_intra_grad(dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr,
-                    C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, F64: tl.constexpr):
-    """The gradients of the in-chunk product through ``dA`` (``[C(t), C(j)]``, fp32): ``dq_t = sum_j dA_tj
-    exp(b_t - b_j) k_j`` and ``dk_j = sum_t dA_tj exp(b_t - b_j) q_t`` over ``j <= t``, ``[C, BK]`` each, with
-    the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk; dk: at the last row
-    of the key's sub-chunk, so that ``t > r >= j``)."""
+def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok,
+                    DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr):
+    """``dq``, ``dk`` (``[C, BK]``) plus the gradients of the in-chunk product through ``dA`` (``[C(t), C(j)]``,
+    fp32): ``dq_t += sum_j dA_tj exp(b_t - b_j) k_j`` and ``dk_j += sum_t dA_tj exp(b_t - b_j) q_t`` over
+    ``j <= t``, with the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk;
+    dk: at the last row of the key's sub-chunk, so that ``t > r >= j``)."""
     hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
-    dq = _acc_zeros([C, q.shape[1]], F64)
-    dk = _acc_zeros([C, q.shape[1]], F64)
     dAc = dA.to(q.dtype)
     for i in range(1, C // SUB):  # dq of sub-chunk i from the keys before it
         r = i * SUB
         hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True)
         ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
-        dq += eq * _mm(dAc, (k * ek).to(k.dtype), DOT)
+        part = _mm(dAc, (k * ek).to(k.dtype), DOT)
+        dq += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
     for i in range(0, C // SUB - 1):  # dk of sub-chunk i from the queries after it
         r = i * SUB + SUB - 1
         hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
         eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
-        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False)
-        dk += ek * _mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
-    for u in range(0, SUB):  # the diagonal blocks, exact
-        pl = (t_off // SUB) * SUB + u  # per row: the row of its own sub-chunk paired with it
+        part = _mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
+        dk += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
+    # the diagonal blocks, exact: per row, the row p = (row // SUB) * SUB + u of its own sub-chunk
+    for u in range(0, SUB):  # dq_t += dA[t, p] exp(b_t - b_p) k_p for p <= t (no reset in (p, t])
+        pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
-        p_ok = (rows_p < T)[:, None] & k_ok[None, :]
         hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
-        # dq_t += dA[t, p] exp(b_t - b_p) k_p for p <= t (no reset in (p, t])
-        kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
+        kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
+                     other=0.0)
         w = _sum(tl.where(t_off[None, :] == pl[:, None], dA, 0.0), 1)
         e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), _span(hi, lo, hp, lp), float("-inf")))
         dq += (w[:, None] * e) * kp.to(e.dtype)
-        # dk_j += dA[p, j] exp(b_p - b_j) q_p for p >= j (no reset in (j, p])
-        qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
+    for u in range(0, SUB):  # dk_j += dA[p, j] exp(b_p - b_j) q_p for p >= j (no reset in (j, p])
+        pl = (t_off // SUB) * SUB + u
+        rows_p = c0 + pl
+        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
+                     other=0.0)
         w = _sum(tl.where(t_off[:, None] == pl[None, :], dA, 0.0), 0)
         e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), _span(hp, lp, hi, lo), float("-inf")))
         dk += (w[:, None] * e) * qp.to(e.dtype)
@@ -465,10 +467,8 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     if GATE == 2:
         dq = dq * (eb * scale)
         dk = dk * ebl
-        dqi, dki = _vec_intra_grad(dP * scale, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok,
-                                   DK, C, SUB, DOT, F64)
-        dq += dqi
-        dk += dki
+        dq, dk = _vec_intra_grad(dq, dk, dP * scale, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off,
+                                 k_ok, DK, C, SUB, DOT)
     else:
         E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         dq = dq * (eb * scale)[:, None]
@@ -613,14 +613,18 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
     opts = dict(num_warps=4, num_stages=2)
     # chunks of 64 hold three [64, 64] fp32 tiles (accumulators and decays) per program: 8 warps keep
     # them in registers (4 warps spilled 0.7-1.5 KiB at Dk = Dv = 128 on sm_90, more on sm_80)
-    par = dict(num_warps=8 if C >= 64 else 4, num_stages=2, SUB=min(VECTOR_SUB_CHUNK, C))
+    # Per-channel gates add [C, BK] gate tiles and the sub-chunk loops: software pipelining of their loads
+    # (num_stages=2) took the dq/dk kernel to 255 registers and a 20 B spill on sm_80 at Dk = 128 (Triton 3.6);
+    # one stage keeps it at 234 (out 214, dv 201), no spill
+    par = dict(num_warps=8 if C >= 64 else 4, num_stages=1 if gate == 2 else 2, SUB=min(VECTOR_SUB_CHUNK, C))
     return {
         "_state_kernel": dict(common, BK=BK, BV=BV, **opts),
         "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
-        # vector gates: one program per Dk block of MAX_BLOCK; scalar gates: one program sweeping Dk in slices
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
+        # vector gates: one program per Dk block of VECTOR_BLOCK (blocks of 64 took 244 registers at C = 64, its
+        # fp64 [C, BK] tiles); scalar gates: one program sweeping Dk in slices
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, VECTOR_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
                                   num_warps=4, num_stages=1),
     }
 
