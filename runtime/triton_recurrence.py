@@ -17,8 +17,12 @@ exponent is a sum of gates over a span inside one chunk and never positive for l
 Dots run on the tensor cores in the input dtype (bf16 / fp16) with fp32 accumulation; fp32 inputs keep
 ``input_precision="ieee"`` (no TF32) and fp64 inputs fp64, so they stay as accurate as the torch path.
 GQA reads k / v head ``h // G`` by index; dk and dv are accumulated per query head in fp32 and summed over
-the group on the host. Per-channel (vector) gates run chunks of 16 and build the intra-chunk product as an
-elementwise ``[C, C, BK]`` tensor (the exponents of its two factors would not both stay <= 0 otherwise).
+the group on the host. Per-channel (vector, GLA) gates run chunks of 64 split into sub-chunks of 16, as
+flash-linear-attention does: the in-chunk product's off-diagonal sub-chunk blocks are tensor-core dots of q
+and k rescaled against the sub-chunk boundary (both exponents <= 0), its diagonal blocks are exact
+elementwise sums (``_vec_intra`` forward, ``_vec_intra_grad`` for dq / dk; dv and the gate gradient follow).
+The offline compile check of these kernels (registers, spills, tensor-core instructions) is
+``runtime.gpu_check`` (``attnc check-gpu stdlib:gla``), on the launches this module makes.
 
 The kernels are plain functions here; ``kernels(interpret)`` wraps them (and their helpers) with
 ``triton.jit`` for CUDA or with the interpreter for CPU tensors. Triton decides between the two when a
@@ -599,9 +603,9 @@ def _block(D: int, limit: int) -> int:
 
 def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
     """Per-kernel compile-time constants and launch options (``num_warps``, ``num_stages``): what the
-    launches use and what ``compile_report`` compiles. The state block is at most 64 x 64 fp32 (32
-    registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` for their
-    ``[C, C, BK]`` product."""
+    launches use (``runtime.gpu_check`` compiles those launches offline). The state block is at most 64 x 64
+    fp32 (32 registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` in the
+    chunk-parallel kernels and sub-chunks of ``SUB`` rows for their in-chunk product."""
     if Dk > 256:
         raise SpecError(f"the Triton recurrence kernels support a key head dim up to 256, got {Dk}",
                         where="argument q", hint="use backend='cpu'")
@@ -765,89 +769,5 @@ def run(q, k, v, g, scale: float, initial_state, C: int, gate: str):
     return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code)
 
 
-# ======================================================================= offline GPU compile check
-_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _signature(name: str, io: str, acc: str, store: str) -> dict:
-    """The launch signature of a kernel's runtime arguments (pointers of the dtypes ``triton_forward`` /
-    ``triton_backward`` pass, i32 lengths, fp32 scale)."""
-    P, A, S, Gt, R = f"*{io}", f"*{acc}", f"*{store}", f"*{acc}", "*i32"
-    table = {
-        "_state_kernel": dict(X=P, Y=P, GH=Gt, GL=Gt, GR=R, S0=A, HS=S, ST=A, T="i32", TP="i32", NT="i32",
-                              scale="fp32"),
-        "_out_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, HS=S, OUT=P, T="i32", TP="i32", NT="i32",
-                            scale="fp32"),
-        "_bwd_dv_kernel": dict(Q=P, K=P, GH=Gt, GL=Gt, GR=R, DO=P, DHS=S, DV_=A, T="i32", TP="i32", NT="i32",
-                               scale="fp32"),
-        "_bwd_dqk_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, DO=P, HS=S, DHS=S, DQ=A, DK_=A, T="i32",
-                                TP="i32", NT="i32", scale="fp32"),
-        "_gate_grad_kernel": dict(Q=P, K=P, DQ=A, DK_=A, LAST=A, DG=A, T="i32"),
-    }
-    return table[name]
-
-
-def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch.dtype = torch.bfloat16,
-                   chunk: int = 64, heads: int = 16, group: int = 1, names: tuple | None = None) -> list[dict]:
-    """Compile the recurrence kernels for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) at the
-    configs the launches use, and report per kernel: registers, spill bytes (stores + loads), stack
-    frame, shared memory and the tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``).
-    ``names`` picks kernels (``"_state_kernel(reverse)"`` is the backward's state pass); all by default."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    code = GATE_CODES[gate]
-    C = VECTOR_CHUNK if code == 2 else chunk
-    cfg = configs(Dk, Dv, code, C, dtype)
-    io = _TORCH_TO_TRITON[dtype]
-    acc = "fp64" if dtype == torch.float64 else "fp32"
-    store = acc if dtype in (torch.float32, torch.float64) else io
-    extra = {"_state_kernel": dict(H=heads, GX=group, GY=group, REVERSE=False, HAS_S0=True, STORE_ST=True),
-             "_gate_grad_kernel": dict(H=heads, G=group, VECTOR=code == 2, HAS_LAST=True)}
-    rows = []
-    jitted = kernels(False)
-    wanted = names or [fn.__name__ for fn in _KERNELS] + ["_state_kernel(reverse)"]
-    for name in [fn.__name__ for fn in _KERNELS]:
-        if name == "_gate_grad_kernel" and code == 0:
-            continue  # head gates have no gate gradient
-        meta = dict(cfg[name])
-        opts = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-        meta.update(extra.get(name, dict(H=heads, G=group)))
-        variants = [("", meta)] if name in wanted else []
-        if name == "_state_kernel" and "_state_kernel(reverse)" in wanted:
-            variants.append(("(reverse)", dict(meta, REVERSE=True, GX=1, GY=1)))
-        if not variants:
-            continue
-        fn, sig = jitted[name], _signature(name, io, acc, store)
-        # what the JIT's specialisation tells the compiler at a real launch: tensors 16-byte aligned, lengths
-        # (T, the padded TP, the chunk count NT) multiples of 16 at the sizes that matter (T = 8K)
-        attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, ty in sig.items()
-                 if ty.startswith("*") or arg in ("T", "TP", "NT")}
-        for tag, consts in variants:
-            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
-            ptx = k.asm["ptx"]
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "k.ptx")
-                with open(path, "w") as f:
-                    f.write(ptx)
-                sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-                res = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", path, "-o",
-                                      os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-            log = res.stdout + res.stderr
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-            rows.append(dict(kernel=name + tag, arch=arch, Dk=Dk, Dv=Dv, gate=gate, dtype=io, chunk=C,
-                             regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                             spill_bytes=int(spill.group(1)) + int(spill.group(2)),
-                             stack=int(re.search(r"(\d+) bytes stack frame", log).group(1)),
-                             shared=int(k.metadata.shared), wgmma=ptx.count("wgmma.mma_async"),
-                             mma_sync=ptx.count("mma.sync"), **opts))
-    return rows
-
-
-__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "available", "compile_report", "configs",
+__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",
            "kernels", "run", "triton_backward", "triton_forward"]
