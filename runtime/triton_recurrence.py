@@ -705,6 +705,12 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     gh, gl, gr, tp = gates
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take do in the input dtype
     s0 = initial_state.contiguous() if initial_state is not None else None
+    if dS_T is not None and cfg["_state_kernel"]["DOT"] != 1:
+        # the final state's gradient enters in the input dtype, as do does: every use of it (the state
+        # gradients the tensor-core dots read, the gate gradient's final-state term sum_e dS_T S_T, which
+        # cancels against k dk at the last steps) must see the same value; the bf16 rounding of dS_T in only
+        # some of them shifted every dg by up to 0.06 (GLA, gates -5..-10 per step)
+        dS_T = dS_T.to(q.dtype).to(acc)
     dst = dS_T.contiguous() if dS_T is not None else None
     sc = cfg["_state_kernel"]
     hs, _ = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, False, sc, interp)
