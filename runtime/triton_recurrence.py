@@ -104,6 +104,14 @@ def _mm(a, b, DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
+def _head_gate(GH, h, F64: tl.constexpr):
+    """The constant log gate of head ``h`` in the compute dtype."""
+    if F64:
+        return tl.load(GH + h).to(tl.float64)
+    else:
+        return tl.load(GH + h).to(tl.float32)
+
+
 def _load_gates(GH, GL, GR, i_bh, c0, TP, t_idx, k_off, k_ok, DK: tl.constexpr, GATE: tl.constexpr):
     """The ``ChunkGates`` of rows ``t_idx`` (chunk-local positions, any 1-D block) of the chunk starting at
     ``c0``: ``(hi, lo, reset)``, ``[len]`` for scalar gates, ``[len, BK]`` for vector gates (Dk block
@@ -134,10 +142,7 @@ def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.conste
     in-chunk cumulative log gate (``hi + lo`` of ``ChunkGates``); a reset (-inf) zeroes every decay across it."""
     if GATE == 0:
         # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-        if F64:
-            gh = tl.load(GH + h).to(tl.float64)
-        else:
-            gh = tl.load(GH + h).to(tl.float32)
+        gh = _head_gate(GH, h, F64)
         nt = tl.minimum(t_off + 1, T - c0)
         nl = tl.minimum(C, T - c0)
         eb = tl.exp(gh * nt.to(gh.dtype))
@@ -165,10 +170,7 @@ def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK: tl.constexpr, GATE: t
     reset), ``[C(t), C(j)]``; each exponent is a span inside the chunk."""
     causal = t_off[:, None] >= t_off[None, :]
     if GATE == 0:
-        if F64:
-            gh = tl.load(GH + h).to(tl.float64)
-        else:
-            gh = tl.load(GH + h).to(tl.float32)
+        gh = _head_gate(GH, h, F64)
         nt = tl.minimum(t_off + 1, T - c0)
         steps = nt[:, None] - nt[None, :]
         E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(gh.dtype)), float("-inf")))
@@ -484,6 +486,14 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
 
 
+def _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK: tl.constexpr, off, m):
+    """``dL/db = q dq - k dk`` in fp64 at the offsets ``off`` (``m`` masked) of one head's ``[T, Dk]``."""
+    return (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+
+
 def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
                       BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
     """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (Dk block, batch x head), summed over channels for
@@ -514,21 +524,14 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
         if VECTOR:
             m = r_ok[:, None] & k_ok[None, :]
             off = rows[:, None] * DK + k_off[None, :]
-            db = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+            db = _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m)
         else:  # a 1-D scan (Triton 3.6's scan lowering failed on a [C, 1] block)
             db = tl.full([C], 0.0, tl.float64)
             for k0 in range(0, DK, BK):
                 k_off = k0 + tl.arange(0, BK)
                 m = r_ok[:, None] & (k_off < DK)[None, :]
                 off = rows[:, None] * DK + k_off[None, :]
-                part = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
-                db += _sum(part, 1)
+                db += _sum(_gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m), 1)
         if VECTOR:
             dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
@@ -539,8 +542,8 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _load_gates, _span, _gate_rows, _gate_pairs, _vec_gate_factor,
-            _vec_intra, _vec_intra_grad)
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _head_gate, _load_gates, _span, _gate_rows, _gate_pairs, _vec_gate_factor,
+            _vec_intra, _vec_intra_grad, _gate_term)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
