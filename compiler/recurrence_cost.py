@@ -281,8 +281,8 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
              "crossover: the length (multiple of 64) past which the recurrence's predicted forward "
              "(training: forward + backward) time stays below the baseline's"]
     if gate == "vector":
-        notes.append("per-channel gates: the in-chunk product is elementwise (non-tensor ALUs); "
-                     "the Triton kernels use chunks of 16")
+        notes.append("per-channel gates: the model counts the in-chunk product as elementwise (non-tensor ALUs); "
+                     "the Triton kernels use chunks of 64 in sub-chunks of 16, off-diagonal blocks on the tensor cores")
     return RecurrenceReport(name, gate, n, heads, head_dim, batch, dtype, hw, best, candidates,
                             sm.forward.time_s, sm.backward.time_s, cross, cross_t, chunk is not None, notes)
 

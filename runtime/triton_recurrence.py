@@ -17,8 +17,12 @@ exponent is a sum of gates over a span inside one chunk and never positive for l
 Dots run on the tensor cores in the input dtype (bf16 / fp16) with fp32 accumulation; fp32 inputs keep
 ``input_precision="ieee"`` (no TF32) and fp64 inputs fp64, so they stay as accurate as the torch path.
 GQA reads k / v head ``h // G`` by index; dk and dv are accumulated per query head in fp32 and summed over
-the group on the host. Per-channel (vector) gates run chunks of 16 and build the intra-chunk product as an
-elementwise ``[C, C, BK]`` tensor (the exponents of its two factors would not both stay <= 0 otherwise).
+the group on the host. Per-channel (vector, GLA) gates run chunks of 64 split into sub-chunks of 16, as
+flash-linear-attention does: the in-chunk product's off-diagonal sub-chunk blocks are tensor-core dots of q
+and k rescaled against the sub-chunk boundary (both exponents <= 0), its diagonal blocks are exact
+elementwise sums (``_vec_intra`` forward, ``_vec_intra_grad`` for dq / dk; dv and the gate gradient follow).
+The offline compile check of these kernels (registers, spills, tensor-core instructions) is
+``runtime.gpu_check`` (``attnc check-gpu stdlib:gla``), on the launches this module makes.
 
 The kernels are plain functions here; ``kernels(interpret)`` wraps them (and their helpers) with
 ``triton.jit`` for CUDA or with the interpreter for CPU tensors. Triton decides between the two when a
@@ -47,11 +51,13 @@ from ..spec.errors import SpecError
 from .triton_support import require_triton
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
-#: Chunk size of per-channel gates in the kernels (their in-chunk product is C x C x BK elementwise).
-VECTOR_CHUNK = 16
+#: Chunk size of per-channel gates in the kernels, and the sub-chunks their in-chunk product is factorised
+#: into (off-diagonal sub-chunk blocks on the tensor cores, diagonal ones exact): flash-linear-attention's 64 / 16.
+VECTOR_CHUNK = 64
+VECTOR_SUB_CHUNK = 16
 #: Largest Dk / Dv block of a program (the state block is BK x BV fp32 registers).
 MAX_BLOCK = 64
-#: Dk block of the kernels that build the per-channel gates' [C, C, BK] product.
+#: Dk block of the chunk-parallel kernels of per-channel gates (they hold [C, BK] gate tiles besides q, k).
 VECTOR_BLOCK = 32
 #: Dk slice the scalar-gate gradient sweeps per step: it holds four [C, BK] fp64 tiles (q, dq, k, dk). At 64
 #: the sweep spilled on sm_90 at Dk = 128 (Triton 3.9: 12 B, 96 registers); slices of 16 keep it at 48
@@ -98,6 +104,37 @@ def _mm(a, b, DOT: tl.constexpr):
         return tl.dot(a, b)
 
 
+def _head_gate(GH, h, F64: tl.constexpr):
+    """The constant log gate of head ``h`` in the compute dtype."""
+    if F64:
+        return tl.load(GH + h).to(tl.float64)
+    else:
+        return tl.load(GH + h).to(tl.float32)
+
+
+def _load_gates(GH, GL, GR, i_bh, c0, TP, t_idx, k_off, k_ok, DK: tl.constexpr, GATE: tl.constexpr):
+    """The ``ChunkGates`` of rows ``t_idx`` (chunk-local positions, any 1-D block) of the chunk starting at
+    ``c0``: ``(hi, lo, reset)``, ``[len]`` for scalar gates, ``[len, BK]`` for vector gates (Dk block
+    ``k_off``). ``hi + lo`` is the in-chunk cumulative log gate ``b``; ``reset`` the last reset at or before
+    the row (-1 if none)."""
+    if GATE == 1:
+        g_off = i_bh * TP + c0 + t_idx
+        hi = tl.load(GH + g_off)
+        lo = tl.load(GL + g_off)
+        rs = tl.load(GR + g_off)
+    else:
+        g_off = (i_bh * TP + c0) * DK + t_idx[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+    return hi, lo, rs
+
+
+def _span(hi_t, lo_t, hi_j, lo_j):
+    """``b_t - b_j`` from the split prefix sums: exact to a few ulps of the span itself (see ``ChunkGates``)."""
+    return (hi_t - hi_j) + (lo_t - lo_j)
+
+
 def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
                GATE: tl.constexpr, F64: tl.constexpr):
     """``(exp(b_t), exp(b_last - b_t), exp(b_last))`` of the chunk starting at ``c0``: ``[C]``, ``[C]``,
@@ -105,73 +142,134 @@ def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.conste
     in-chunk cumulative log gate (``hi + lo`` of ``ChunkGates``); a reset (-inf) zeroes every decay across it."""
     if GATE == 0:
         # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-        if F64:
-            gh = tl.load(GH + h).to(tl.float64)
-        else:
-            gh = tl.load(GH + h).to(tl.float32)
+        gh = _head_gate(GH, h, F64)
         nt = tl.minimum(t_off + 1, T - c0)
         nl = tl.minimum(C, T - c0)
         eb = tl.exp(gh * nt.to(gh.dtype))
         ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(gh.dtype)))
         dec = tl.exp(gh * nl.to(gh.dtype))
-    elif GATE == 1:
-        g_base = i_bh * TP + c0
-        hi = tl.load(GH + g_base + t_off)
-        lo = tl.load(GL + g_base + t_off)
-        rs = tl.load(GR + g_base + t_off)
-        last = t_off == C - 1
-        hl = _sum(tl.where(last, hi, 0.0), 0)
+    else:
+        hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, GATE)
+        if GATE == 1:
+            last = t_off == C - 1
+            t_col = t_off
+        else:
+            last = (t_off == C - 1)[:, None]
+            t_col = t_off[:, None]
+        hl = _sum(tl.where(last, hi, 0.0), 0)  # the chunk's last row: a scalar, or [BK]
         ll = _sum(tl.where(last, lo, 0.0), 0)
         rl = _sum(tl.where(last, rs, 0), 0)
         eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
-        ebl = tl.exp(tl.where(rl > t_off, float("-inf"), (hl - hi) + (ll - lo)))
-        dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
-    else:
-        g_base = (i_bh * TP + c0) * DK
-        g_off = t_off[:, None] * DK + k_off[None, :]
-        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
-        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
-        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
-        last = (t_off == C - 1)[:, None]
-        hl = _sum(tl.where(last, hi, 0.0), 0)  # [BK]
-        ll = _sum(tl.where(last, lo, 0.0), 0)
-        rl = _sum(tl.where(last, rs, 0), 0)
-        eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))
-        ebl = tl.exp(tl.where(rl[None, :] > t_off[:, None], float("-inf"), (hl[None, :] - hi) + (ll[None, :] - lo)))
+        ebl = tl.exp(tl.where(rl > t_col, float("-inf"), _span(hl, ll, hi, lo)))  # no reset in (t, last]
         dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
     return eb, ebl, dec
 
 
-
-def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
-                GATE: tl.constexpr, F64: tl.constexpr):
-    """The intra-chunk decays ``exp(b_t - b_j)`` for ``j <= t`` (0 above and across a reset): ``[C(t), C(j)]``
-    for head / scalar gates, ``[C(t), C(j), BK]`` for vector gates; each exponent is a span inside the chunk."""
+def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr):
+    """The intra-chunk decays ``exp(b_t - b_j)`` of head / scalar gates for ``j <= t`` (0 above and across a
+    reset), ``[C(t), C(j)]``; each exponent is a span inside the chunk."""
     causal = t_off[:, None] >= t_off[None, :]
     if GATE == 0:
-        if F64:
-            gh = tl.load(GH + h).to(tl.float64)
-        else:
-            gh = tl.load(GH + h).to(tl.float32)
+        gh = _head_gate(GH, h, F64)
         nt = tl.minimum(t_off + 1, T - c0)
         steps = nt[:, None] - nt[None, :]
         E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(gh.dtype)), float("-inf")))
-    elif GATE == 1:
-        g_base = i_bh * TP + c0
-        hi = tl.load(GH + g_base + t_off)
-        lo = tl.load(GL + g_base + t_off)
-        rs = tl.load(GR + g_base + t_off)
-        span = (hi[:, None] - hi[None, :]) + (lo[:, None] - lo[None, :])
-        E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
     else:
-        g_base = (i_bh * TP + c0) * DK
-        g_off = t_off[:, None] * DK + k_off[None, :]
-        hi = tl.load(GH + g_base + g_off, mask=k_ok[None, :], other=0.0)
-        lo = tl.load(GL + g_base + g_off, mask=k_ok[None, :], other=0.0)
-        rs = tl.load(GR + g_base + g_off, mask=k_ok[None, :], other=-1)
-        span = (hi[:, None, :] - hi[None, :, :]) + (lo[:, None, :] - lo[None, :, :])  # [t, j, d]
-        E = tl.exp(tl.where(causal[:, :, None] & (rs[:, None, :] <= t_off[None, :, None]), span, float("-inf")))
+        hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, t_off, t_off >= 0, DK, GATE)
+        span = _span(hi[:, None], lo[:, None], hi[None, :], lo[None, :])
+        E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
     return E
+
+
+# Per-channel (GLA) gates: the in-chunk product A_tj = sum_d q_td k_jd exp(b_td - b_jd) (j <= t) as
+# flash-linear-attention factorises it. The chunk is split into sub-chunks of SUB rows. For t in sub-chunk
+# i and j before it, with the reference r = i * SUB (the sub-chunk's first row, j < r <= t),
+#     exp(b_t - b_j) = exp(b_t - b_r) * exp(b_r - b_j),
+# both exponents spans of log decays (<= 0: no overflow, whatever the gates), so the block is one
+# tensor-core dot of q exp(b - b_r) (rows of sub-chunk i) and k exp(b_r - b) (rows before r). A reset in
+# (j, t] lies in (r, t] (the q factor is 0) or in (j, r] (the k factor is 0). The diagonal sub-chunk blocks
+# stay exact: SUB steps, each pairing every row t with the row j = (t // SUB) * SUB + u of its own
+# sub-chunk (a [C, BK] elementwise product, the causal mask j <= t). The off-diagonal dots run over the
+# whole chunk with the rows outside sub-chunk i zeroed: one [C, BK] x [BK, C] dot per sub-chunk.
+def _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, lo_row, hi_row, r, AFTER: tl.constexpr):
+    """The factor of rows ``lo_row <= t < hi_row`` against the reference row ``r`` (gates ``hr, lr, rr``,
+    ``[1, BK]``), 0 elsewhere: ``exp(b_t - b_r)`` for rows after r (``AFTER``: 0 if a reset lies in (r, t]),
+    ``exp(b_r - b_t)`` for rows before it (0 if a reset lies in (t, r])."""
+    rows = ((t_off >= lo_row) & (t_off < hi_row))[:, None]
+    if AFTER:
+        ok = rows & (rs <= r)
+        span = _span(hi, lo, hr, lr)
+    else:
+        ok = rows & (rr <= t_off[:, None])
+        span = _span(hr, lr, hi, lo)
+    return tl.exp(tl.where(ok, span, float("-inf")))
+
+
+def _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr,
+               C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, F64: tl.constexpr):
+    """``A_tj = sum_d q_td k_jd exp(b_td - b_jd)`` (``j <= t``, 0 above and across a reset), ``[C(t), C(j)]``,
+    over the Dk block ``k_off`` of the chunk at ``c0`` (q, k its ``[C, BK]`` tiles): off-diagonal sub-chunk
+    blocks on the tensor cores, diagonal ones exact (see above)."""
+    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    A = _acc_zeros([C, C], F64)
+    for i in range(1, C // SUB):
+        r = i * SUB
+        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True)
+        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        A += _mm((q * eq).to(q.dtype), tl.trans((k * ek).to(k.dtype)), DOT)
+    for u in range(0, SUB):
+        jl = (t_off // SUB) * SUB + u  # per row t: the row j of its own sub-chunk
+        rows_j = c0 + jl
+        kj = tl.load(k_base + rows_j[:, None] * DK + k_off[None, :], mask=(rows_j < T)[:, None] & k_ok[None, :],
+                     other=0.0)
+        hj, lj, rj = _load_gates(GH, GL, GR, i_bh, c0, TP, jl, k_off, k_ok, DK, 2)
+        e = tl.exp(tl.where((jl <= t_off)[:, None] & (rs <= jl[:, None]), _span(hi, lo, hj, lj), float("-inf")))
+        a = _sum(q.to(e.dtype) * kj.to(e.dtype) * e, 1)
+        A += tl.where(t_off[None, :] == jl[:, None], a[:, None], 0.0)
+    return A
+
+
+def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok,
+                    DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr):
+    """``dq``, ``dk`` (``[C, BK]``) plus the gradients of the in-chunk product through ``dA`` (``[C(t), C(j)]``,
+    fp32): ``dq_t += sum_j dA_tj exp(b_t - b_j) k_j`` and ``dk_j += sum_t dA_tj exp(b_t - b_j) q_t`` over
+    ``j <= t``, with the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk;
+    dk: at the last row of the key's sub-chunk, so that ``t > r >= j``)."""
+    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    dAc = dA.to(q.dtype)
+    for i in range(1, C // SUB):  # dq of sub-chunk i from the keys before it
+        r = i * SUB
+        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        part = _mm(dAc, (k * ek).to(k.dtype), DOT)
+        dq += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
+    for i in range(0, C // SUB - 1):  # dk of sub-chunk i from the queries after it
+        r = i * SUB + SUB - 1
+        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
+        part = _mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
+        dk += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
+    # the diagonal blocks, exact: per row, the row p = (row // SUB) * SUB + u of its own sub-chunk
+    for u in range(0, SUB):  # dq_t += dA[t, p] exp(b_t - b_p) k_p for p <= t (no reset in (p, t])
+        pl = (t_off // SUB) * SUB + u
+        rows_p = c0 + pl
+        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
+                     other=0.0)
+        w = _sum(tl.where(t_off[None, :] == pl[:, None], dA, 0.0), 1)
+        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), _span(hi, lo, hp, lp), float("-inf")))
+        dq += (w[:, None] * e) * kp.to(e.dtype)
+    for u in range(0, SUB):  # dk_j += dA[p, j] exp(b_p - b_j) q_p for p >= j (no reset in (j, p])
+        pl = (t_off // SUB) * SUB + u
+        rows_p = c0 + pl
+        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
+                     other=0.0)
+        w = _sum(tl.where(t_off[:, None] == pl[None, :], dA, 0.0), 0)
+        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), _span(hp, lp, hi, lo), float("-inf")))
+        dk += (w[:, None] * e) * qp.to(e.dtype)
+    return dq, dk
 
 
 # ======================================================================= kernels (undecorated)
@@ -231,7 +329,8 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
 
 def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
                 DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+                SUB: tl.constexpr):
     """One program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``."""
     i_v = tl.program_id(0)
     n = tl.program_id(1)
@@ -258,16 +357,16 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
         hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         if GATE == 2:
             eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
             o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
-            A += _sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2)
+            A += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
+                            F64)
         else:
             o += _mm(q, hn.to(q.dtype), DOT)
             A += _mm(q, tl.trans(k), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
         eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
-        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         o = o * eb[:, None]
         A = A * E
     v = tl.load(V + (b * (H // G) + h // G) * T * DV + rows[:, None] * DV + v_off[None, :],
@@ -279,7 +378,7 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
 
 def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                   GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+                   GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr):
     """One program per (Dv block, chunk, batch x head), per query head (summed over the GQA group on the
     host): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``."""
     i_v = tl.program_id(0)
@@ -297,7 +396,7 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     k_base = K + (b * (H // G) + h // G) * T * DK
     h_base = DHS + (i_bh * NT + n) * DK * DV
     dv = _acc_zeros([C, BV], F64)
-    At = _acc_zeros([C, C], F64)  # [j, t]
+    At = _acc_zeros([C, C], F64)  # [j, t] (head / scalar gates); [t, j] for vector gates, transposed below
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k_ok = _in_dim(k_off, DK, BK)
@@ -307,18 +406,20 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
         dh = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         if GATE == 2:
             eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
             dv += _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
-            At += tl.trans(_sum(q.to(E.dtype)[:, None, :] * k.to(E.dtype)[None, :, :] * E, 2))
+            At += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
+                             F64)
         else:
             dv += _mm(k, dh.to(k.dtype), DOT)
             At += _mm(k, tl.trans(q), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
         eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
-        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         dv = dv * ebl[:, None]
         At = At * tl.trans(E)
+    else:
+        At = tl.trans(At)
     do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :],
                  other=0.0)
     dv += _mm((At * scale).to(do.dtype), do, DOT)
@@ -328,7 +429,8 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
 
 def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale, H: tl.constexpr,
                     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+                    C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+                    SUB: tl.constexpr):
     """One program per (Dk block, chunk, batch x head): with ``W = scale (do v^T) * D``,
     ``dq = scale exp(b) do h_n^T + W k`` and ``dk = exp(b_last - b) v dh_n^T + W^T q`` (dk per query head)."""
     i_k = tl.program_id(0)
@@ -363,17 +465,18 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         dP += _mm(do, tl.trans(v), DOT)
         dq += _mm(do, hT.to(do.dtype), DOT)
         dk += _mm(v, dhT.to(v.dtype), DOT)
-    q = tl.load(Q + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-    k = tl.load(K + kv_bh * T * DK + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+    q_base = Q + i_bh * T * DK
+    k_base = K + kv_bh * T * DK
+    q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
+    k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-    E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
     if GATE == 2:
         dq = dq * (eb * scale)
         dk = dk * ebl
-        WE = (dP * scale)[:, :, None] * E  # [t, j, d]
-        dq += _sum(WE * k.to(WE.dtype)[None, :, :], 1)
-        dk += _sum(WE * q.to(WE.dtype)[:, None, :], 0)
+        dq, dk = _vec_intra_grad(dq, dk, dP * scale, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off,
+                                 k_ok, DK, C, SUB, DOT)
     else:
+        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         dq = dq * (eb * scale)[:, None]
         dk = dk * ebl[:, None]
         W = dP * E * scale
@@ -381,6 +484,14 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         dk += _mm(tl.trans(W.to(q.dtype)), q, DOT)
     tl.store(DQ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
+
+
+def _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK: tl.constexpr, off, m):
+    """``dL/db = q dq - k dk`` in fp64 at the offsets ``off`` (``m`` masked) of one head's ``[T, Dk]``."""
+    return (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
+            * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
 
 
 def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
@@ -413,21 +524,14 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
         if VECTOR:
             m = r_ok[:, None] & k_ok[None, :]
             off = rows[:, None] * DK + k_off[None, :]
-            db = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                  * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
+            db = _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m)
         else:  # a 1-D scan (Triton 3.6's scan lowering failed on a [C, 1] block)
             db = tl.full([C], 0.0, tl.float64)
             for k0 in range(0, DK, BK):
                 k_off = k0 + tl.arange(0, BK)
                 m = r_ok[:, None] & (k_off < DK)[None, :]
                 off = rows[:, None] * DK + k_off[None, :]
-                part = (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-                        * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
-                db += _sum(part, 1)
+                db += _sum(_gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m), 1)
         if VECTOR:
             dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
@@ -438,7 +542,8 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _gate_rows, _gate_pairs)
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _head_gate, _load_gates, _span, _gate_rows, _gate_pairs, _vec_gate_factor,
+            _vec_intra, _vec_intra_grad, _gate_term)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
@@ -501,9 +606,9 @@ def _block(D: int, limit: int) -> int:
 
 def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
     """Per-kernel compile-time constants and launch options (``num_warps``, ``num_stages``): what the
-    launches use and what ``compile_report`` compiles. The state block is at most 64 x 64 fp32 (32
-    registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` for their
-    ``[C, C, BK]`` product."""
+    launches use (``runtime.gpu_check`` compiles those launches offline). The state block is at most 64 x 64
+    fp32 (32 registers a thread at 4 warps); per-channel gates take Dk blocks of ``VECTOR_BLOCK`` in the
+    chunk-parallel kernels and sub-chunks of ``SUB`` rows for their in-chunk product."""
     if Dk > 256:
         raise SpecError(f"the Triton recurrence kernels support a key head dim up to 256, got {Dk}",
                         where="argument q", hint="use backend='cpu'")
@@ -515,14 +620,18 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
     opts = dict(num_warps=4, num_stages=2)
     # chunks of 64 hold three [64, 64] fp32 tiles (accumulators and decays) per program: 8 warps keep
     # them in registers (4 warps spilled 0.7-1.5 KiB at Dk = Dv = 128 on sm_90, more on sm_80)
-    par = dict(num_warps=8 if C >= 64 else 4, num_stages=2)
+    # Per-channel gates add [C, BK] gate tiles and the sub-chunk loops: software pipelining of their loads
+    # (num_stages=2) took the dq/dk kernel to 255 registers and a 20 B spill on sm_80 at Dk = 128 (Triton 3.6);
+    # one stage keeps it at 234 (out 214, dv 201), no spill
+    par = dict(num_warps=8 if C >= 64 else 4, num_stages=1 if gate == 2 else 2, SUB=min(VECTOR_SUB_CHUNK, C))
     return {
         "_state_kernel": dict(common, BK=BK, BV=BV, **opts),
         "_out_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dv_kernel": dict(common, BK=BKc, BV=BV, **par),
         "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
-        # vector gates: one program per Dk block of MAX_BLOCK; scalar gates: one program sweeping Dk in slices
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, MAX_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
+        # vector gates: one program per Dk block of VECTOR_BLOCK (blocks of 64 took 244 registers at C = 64, its
+        # fp64 [C, BK] tiles); scalar gates: one program sweeping Dk in slices
+        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, VECTOR_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
                                   num_warps=4, num_stages=1),
     }
 
@@ -599,6 +708,12 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     gh, gl, gr, tp = gates
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take do in the input dtype
     s0 = initial_state.contiguous() if initial_state is not None else None
+    if dS_T is not None and cfg["_state_kernel"]["DOT"] != 1:
+        # the final state's gradient enters in the input dtype, as do does: every use of it (the state
+        # gradients the tensor-core dots read, the gate gradient's final-state term sum_e dS_T S_T, which
+        # cancels against k dk at the last steps) must see the same value; the bf16 rounding of dS_T in only
+        # some of them shifted every dg by up to 0.06 (GLA, gates -5..-10 per step)
+        dS_T = dS_T.to(q.dtype).to(acc)
     dst = dS_T.contiguous() if dS_T is not None else None
     sc = cfg["_state_kernel"]
     hs, _ = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, False, sc, interp)
@@ -663,89 +778,5 @@ def run(q, k, v, g, scale: float, initial_state, C: int, gate: str):
     return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code)
 
 
-# ======================================================================= offline GPU compile check
-_TORCH_TO_TRITON = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
-
-
-def _signature(name: str, io: str, acc: str, store: str) -> dict:
-    """The launch signature of a kernel's runtime arguments (pointers of the dtypes ``triton_forward`` /
-    ``triton_backward`` pass, i32 lengths, fp32 scale)."""
-    P, A, S, Gt, R = f"*{io}", f"*{acc}", f"*{store}", f"*{acc}", "*i32"
-    table = {
-        "_state_kernel": dict(X=P, Y=P, GH=Gt, GL=Gt, GR=R, S0=A, HS=S, ST=A, T="i32", TP="i32", NT="i32",
-                              scale="fp32"),
-        "_out_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, HS=S, OUT=P, T="i32", TP="i32", NT="i32",
-                            scale="fp32"),
-        "_bwd_dv_kernel": dict(Q=P, K=P, GH=Gt, GL=Gt, GR=R, DO=P, DHS=S, DV_=A, T="i32", TP="i32", NT="i32",
-                               scale="fp32"),
-        "_bwd_dqk_kernel": dict(Q=P, K=P, V=P, GH=Gt, GL=Gt, GR=R, DO=P, HS=S, DHS=S, DQ=A, DK_=A, T="i32",
-                                TP="i32", NT="i32", scale="fp32"),
-        "_gate_grad_kernel": dict(Q=P, K=P, DQ=A, DK_=A, LAST=A, DG=A, T="i32"),
-    }
-    return table[name]
-
-
-def compile_report(arch: int, Dk: int, Dv: int, gate: str = "head", dtype: torch.dtype = torch.bfloat16,
-                   chunk: int = 64, heads: int = 16, group: int = 1, names: tuple | None = None) -> list[dict]:
-    """Compile the recurrence kernels for ``sm_<arch>`` without a GPU (Triton's bundled ptxas) at the
-    configs the launches use, and report per kernel: registers, spill bytes (stores + loads), stack
-    frame, shared memory and the tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``).
-    ``names`` picks kernels (``"_state_kernel(reverse)"`` is the backward's state pass); all by default."""
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    code = GATE_CODES[gate]
-    C = VECTOR_CHUNK if code == 2 else chunk
-    cfg = configs(Dk, Dv, code, C, dtype)
-    io = _TORCH_TO_TRITON[dtype]
-    acc = "fp64" if dtype == torch.float64 else "fp32"
-    store = acc if dtype in (torch.float32, torch.float64) else io
-    extra = {"_state_kernel": dict(H=heads, GX=group, GY=group, REVERSE=False, HAS_S0=True, STORE_ST=True),
-             "_gate_grad_kernel": dict(H=heads, G=group, VECTOR=code == 2, HAS_LAST=True)}
-    rows = []
-    jitted = kernels(False)
-    wanted = names or [fn.__name__ for fn in _KERNELS] + ["_state_kernel(reverse)"]
-    for name in [fn.__name__ for fn in _KERNELS]:
-        if name == "_gate_grad_kernel" and code == 0:
-            continue  # head gates have no gate gradient
-        meta = dict(cfg[name])
-        opts = {key: meta.pop(key) for key in ("num_warps", "num_stages")}
-        meta.update(extra.get(name, dict(H=heads, G=group)))
-        variants = [("", meta)] if name in wanted else []
-        if name == "_state_kernel" and "_state_kernel(reverse)" in wanted:
-            variants.append(("(reverse)", dict(meta, REVERSE=True, GX=1, GY=1)))
-        if not variants:
-            continue
-        fn, sig = jitted[name], _signature(name, io, acc, store)
-        # what the JIT's specialisation tells the compiler at a real launch: tensors 16-byte aligned, lengths
-        # (T, the padded TP, the chunk count NT) multiples of 16 at the sizes that matter (T = 8K)
-        attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg, ty in sig.items()
-                 if ty.startswith("*") or arg in ("T", "TP", "NT")}
-        for tag, consts in variants:
-            k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", arch, 32), options=opts)
-            ptx = k.asm["ptx"]
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "k.ptx")
-                with open(path, "w") as f:
-                    f.write(ptx)
-                sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-                res = subprocess.run([get_ptxas(arch).path, f"-arch={sm}", "-v", path, "-o",
-                                      os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-            log = res.stdout + res.stderr
-            spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-            rows.append(dict(kernel=name + tag, arch=arch, Dk=Dk, Dv=Dv, gate=gate, dtype=io, chunk=C,
-                             regs=int(re.search(r"Used (\d+) registers", log).group(1)),
-                             spill_bytes=int(spill.group(1)) + int(spill.group(2)),
-                             stack=int(re.search(r"(\d+) bytes stack frame", log).group(1)),
-                             shared=int(k.metadata.shared), wgmma=ptx.count("wgmma.mma_async"),
-                             mma_sync=ptx.count("mma.sync"), **opts))
-    return rows
-
-
-__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "available", "compile_report", "configs",
+__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",
            "kernels", "run", "triton_backward", "triton_forward"]

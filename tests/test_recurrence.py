@@ -213,9 +213,12 @@ def test_backward_memory_is_linear_in_tokens():
 # ----------------------------------------------------------------- Triton kernels (interpreter)
 @pytest.mark.parametrize("name", list(SPECS))
 def test_triton_matches_loop(name):
-    # 37 tokens (not a multiple of 16 or 32), GQA, Dk != Dv, chunk 32 (vector gates run chunks of 16)
+    # 37 tokens (not a multiple of 16 or 32), GQA, Dk != Dv, chunk 32 (vector gates run chunks of
+    # VECTOR_CHUNK, factorised into sub-chunks)
+    from attnc.runtime.triton_recurrence import VECTOR_CHUNK
+
     attn = check_against_loop(name, "triton", 1, 4, 2, 37, 5, 20, chunk=32, seed=11)
-    assert attn._last_call["q_tile"] == (16 if name == "gla" else 32)
+    assert attn._last_call["q_tile"] == (VECTOR_CHUNK if name == "gla" else 32)
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -243,10 +246,10 @@ def test_triton_blocked_kernels_match_loop_float64(name, small_blocks):
     check_against_loop(name, "triton", 1, 2, 1, 40, 32, 32, chunk=32, seed=21)
 
 
-def _bf16_case(name, chunk):
+def _bf16_case(name, chunk, T=40, lo=-1.0, hi=0.0):
     """bf16 inputs through the Triton kernels against the same (bf16-rounded) inputs in float64."""
-    B, H, Hkv, T, D = 1, 2, 1, 40, 32
-    q, k, v, S0, gates = make(name, B, H, Hkv, T, D, D, seed=23, dtype=torch.bfloat16, lo=-1.0)
+    B, H, Hkv, D = 1, 2, 1, 32
+    q, k, v, S0, gates = make(name, B, H, Hkv, T, D, D, seed=23, dtype=torch.bfloat16, lo=lo, hi=hi)
     attn = attnc.compile_attention(SPECS[name], backend="triton", q_tile=chunk)
     out, fin = attn(q, k, v, initial_state=S0, return_state=True, **gates)
     assert out.dtype == torch.bfloat16 and fin.dtype == torch.float32
@@ -259,14 +262,45 @@ def _bf16_case(name, chunk):
     return [(out, want), (fin, want_fin), *zip(got, exp, strict=True)]
 
 
-@pytest.mark.parametrize("name", ["mamba2", "gla"])
-def test_triton_bfloat16_matches_float64_loop(name, small_blocks):
+def _assert_bf16_close(cases, what):
     # bf16 operands on the tensor cores with fp32 accumulation: errors of a few bf16 ulps of each
-    # result's scale (bf16 has 8 bits: eps 7.8e-3), GQA and an initial state
-    for got, want in _bf16_case(name, 32):
+    # result's scale (bf16 has 8 bits: eps 7.8e-3)
+    for got, want in cases:
         assert torch.isfinite(got).all()
         err = float((got.double() - want).abs().max().detach())
-        assert err <= 2e-2 * max(1.0, float(want.abs().max())), (name, err)
+        assert err <= 2e-2 * max(1.0, float(want.abs().max())), (what, err)
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gla"])
+def test_triton_bfloat16_matches_float64_loop(name, small_blocks):
+    # GQA and an initial state
+    _assert_bf16_close(_bf16_case(name, 32), name)
+
+
+# log gates per step: strong decay (an off-diagonal sub-chunk block's rescaling factors underflow to 0,
+# never overflow), weak decay (factors near 1: the product leans on the dots' accuracy), and both mixed
+# across channels and steps
+DECAYS = {"strong": (-10.0, -5.0), "weak": (-0.05, 0.0), "mixed": (-10.0, 0.0)}
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+@pytest.mark.parametrize("D", [16, 32])
+def test_triton_gla_sub_chunk_factorisation_matches_float64_loop(decay, D, small_blocks):
+    # 150 tokens: two full chunks of VECTOR_CHUNK and a partial one, each in sub-chunks (off-diagonal blocks
+    # as dots, diagonal ones exact); D = 32 runs two Dk blocks; GQA and an initial state; forward, final state
+    # and every gradient (q, k, v, gates, initial state) against the float64 loop at 1e-9
+    from attnc.runtime.triton_recurrence import VECTOR_CHUNK, VECTOR_SUB_CHUNK
+
+    assert VECTOR_CHUNK >= 2 * VECTOR_SUB_CHUNK and 150 > 2 * VECTOR_CHUNK
+    lo, hi = DECAYS[decay]
+    check_against_loop("gla", "triton", 1, 2, 1, 150, D, D, seed=31 + D, lo=lo, hi=hi)
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+def test_triton_gla_bfloat16_sub_chunks_match_float64_loop(decay, small_blocks):
+    # bf16 through the factorised in-chunk product: the rescaled q and k are rounded to bf16 for the dots
+    lo, hi = DECAYS[decay]
+    _assert_bf16_close(_bf16_case("gla", None, T=150, lo=lo, hi=hi), decay)
 
 
 @pytest.mark.parametrize("name", ["lightning", "mamba2", "gla"])
