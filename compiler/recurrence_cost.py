@@ -9,9 +9,12 @@ in blocks of ``BK``/``BV`` = up to 64, ``NK``/``NV`` blocks):
 - chunk-parallel kernels, one program per (chunk, batch x head, value or key block), spread over all SMs:
   forward output ``NV 2 C^2 Dk`` (q k^T, once per value block) ``+ 2 C Dk Dv`` (q h_n) ``+ 2 C^2 Dv``
   (A v); backward dv ``NV 2 C^2 Dk + 2 C Dk Dv + 2 C^2 Dv`` and dq/dk ``NK 2 C^2 Dv + 4 C Dk Dv + 4 C^2 Dk``;
-- per-channel (GLA) gates build the in-chunk product elementwise on the non-tensor ALUs instead of q k^T:
-  ``C^2 Dk`` times ``VECTOR_OPS`` (subtract, exp, two multiplies, add) per value block forward, about 3x
-  that backward, which is why they run in chunks of 16; head / scalar gates pay ``3 C^2`` for the decays;
+- per-channel (GLA) gates run in chunks of ``VECTOR_CHUNK`` = 64 split into sub-chunks of ``S`` = 16
+  (flash-linear-attention's factorisation): each of the ``C / S`` off-diagonal sub-chunk products is one
+  tensor-core dot over the whole chunk (rows outside the sub-chunk zeroed), ``2 C^2 Dk`` each, per value
+  block; the diagonal sub-chunk blocks are exact and elementwise on the non-tensor ALUs, ``C S Dk`` times
+  ``VECTOR_OPS`` (subtract, exp, two multiplies, add); the backward does both for dq and for dk; head /
+  scalar gates pay ``2 C^2 Dk`` for q k^T and ``3 C^2`` for the decays;
 - HBM traffic: q, k, v, g read, the states written and read back, o written (forward); the backward reads
   q, k, v, do, g and both state sets, and writes dq, dk, dv (fp32) and dg;
 - a fixed latency per sequential chunk step (the dependency on the state).
@@ -36,8 +39,13 @@ from .simulator import ReportView
 
 #: The chunk sizes searched.
 CHUNKS = (16, 32, 64)
-#: Elementwise operations per (t, j, d) of the per-channel in-chunk product.
+#: Elementwise operations per (t, j, d) of the per-channel in-chunk product's diagonal sub-chunk blocks.
 VECTOR_OPS = 5
+#: Chunk size of per-channel gates in the Triton kernels, and the sub-chunks their in-chunk product is
+#: factorised into (off-diagonal sub-chunk blocks on the tensor cores, diagonal ones exact):
+#: flash-linear-attention's 64 / 16. ``runtime.triton_recurrence`` reads them from here.
+VECTOR_CHUNK = 64
+VECTOR_SUB_CHUNK = 16
 
 
 # =====================================================================
@@ -112,8 +120,11 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
         waves = -(-programs // hw.sms) / (programs / hw.sms)
         return t * waves + cal.launch_s
 
-    intra = VECTOR_OPS * C * C * Dk if vector else 3.0 * C * C  # elementwise in-chunk work per value block
-    qk = 0.0 if vector else 2.0 * C * C * Dk
+    S = min(VECTOR_SUB_CHUNK, C)
+    # in-chunk work per value block: elementwise (diagonal sub-chunk blocks, or the decay matrix) and on
+    # the tensor cores (q k^T, or one whole-chunk dot per sub-chunk)
+    intra = VECTOR_OPS * C * S * Dk if vector else 3.0 * C * C
+    qk = 2.0 * (C // S) * C * C * Dk if vector else 2.0 * C * C * Dk
     chunks = bh * N
     # forward: state pass + output kernel
     f_mma = chunks * (NK * NV * s_mma + NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv)
@@ -125,7 +136,7 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
     # backward: the state pass twice (h_n recomputed, dh_n), dv, dq/dk and the gate gradient
     beff = eff * fit.backward / fit.forward
     dv_mma = NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv
-    dqk_mma = NK * 2.0 * C * C * Dv + 4.0 * C * Dk * Dv + (0.0 if vector else 4.0 * C * C * Dk)
+    dqk_mma = NK * 2.0 * C * C * Dv + 4.0 * C * Dk * Dv + 2.0 * qk
     dv_vec = NV * intra
     dqk_vec = NK * 2 * intra if vector else NK * intra
     dv_bytes = NV * (2 * C * Dk * nbytes + C * gate_w * 4) + Dk * Dv * nbytes + C * Dv * (nbytes + 4)
@@ -143,8 +154,10 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
 
 
 def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, **kw) -> ChunkCost:
-    """The chunk size (16/32/64) with the smallest predicted forward + backward time."""
-    costs = [chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in CHUNKS]
+    """The chunk size (16/32/64) with the smallest predicted forward + backward time; per-channel gates
+    run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are written for it)."""
+    chunks = (VECTOR_CHUNK,) if gate == "vector" else CHUNKS
+    costs = [chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
     return min(costs, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
 
 

@@ -47,14 +47,11 @@ except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without
     triton = None
     tl = types.SimpleNamespace(constexpr="constexpr")
 
+from ..compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ..spec.errors import SpecError
 from .triton_support import require_triton
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
-#: Chunk size of per-channel gates in the kernels, and the sub-chunks their in-chunk product is factorised
-#: into (off-diagonal sub-chunk blocks on the tensor cores, diagonal ones exact): flash-linear-attention's 64 / 16.
-VECTOR_CHUNK = 64
-VECTOR_SUB_CHUNK = 16
 #: Largest Dk / Dv block of a program (the state block is BK x BV fp32 registers).
 MAX_BLOCK = 64
 #: Dk block of the chunk-parallel kernels of per-channel gates (they hold [C, BK] gate tiles besides q, k).

@@ -421,6 +421,14 @@ def test_simulator_flops_are_linear_and_softmax_quadratic():
     C, D, n = 32, 64, 4096
     want = 8 * (n // C) * (4 * C * C * D + 4 * C * D * D + 3 * C * C)
     assert chunk_cost("head", n, 8, D, 1, C, hw).forward_flops == pytest.approx(want)
+    # per-channel gates, as the Triton kernels run them: chunks of 64 in sub-chunks of 16, per chunk one
+    # whole-chunk dot per sub-chunk 4 * 2C^2 D, 2C^2 D (A v), 4 C D^2, and the diagonal blocks 5 C 16 D
+    C = 64
+    want = 8 * (n // C) * (8 * C * C * D + 2 * C * C * D + 4 * C * D * D + 5 * C * 16 * D)
+    assert chunk_cost("vector", n, 8, D, 1, C, hw).forward_flops == pytest.approx(want)
+    from attnc.runtime.triton_recurrence import VECTOR_CHUNK
+
+    assert best_chunk("vector", n, 8, D, 1, hw).chunk == C == VECTOR_CHUNK
     s1, s2 = softmax_causal(16384, 8, 64, 1, hw), softmax_causal(32768, 8, 64, 1, hw)
     assert s2.forward.time_s > 3.5 * s1.forward.time_s
 
