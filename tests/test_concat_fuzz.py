@@ -24,7 +24,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from unittest import mock
 
@@ -88,7 +88,7 @@ def naive_tokens(segs: list[Seg]) -> list[Tok]:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def window_table(n: int, w: int, d: int, s: int, causal: bool) -> torch.Tensor:
     """NATTEN's window on a plain sequence of n tokens, bool ``[n, n]``."""
     text = f"pattern w\n  tokens seq\n  mask window({w}, dilation = {d}, stride = {s}, causal = {str(causal).lower()})\n"
