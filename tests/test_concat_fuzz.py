@@ -134,8 +134,8 @@ def layouts(draw):
 @st.composite
 def cases(draw):
     segs, params, values = draw(layouts())
-    cross = draw(st.integers(0, 3)) == 0
-    key_segs = [segs[i] for i in draw(st.permutations(range(len(segs))))] if cross else segs
+    key_segs = [segs[i] for i in draw(st.permutations(range(len(segs))))] if draw(st.integers(0, 3)) == 0 else segs
+    cross = key_segs != segs  # the same concatenation on both sides is self-attention
     q_tokens, k_tokens = naive_tokens(segs), naive_tokens(key_segs)
     N = len(q_tokens)
     grid = next((s for s in segs if s.kind == "grid"), None)
@@ -184,7 +184,7 @@ def cases(draw):
             off = draw(st.integers(-2, 1))
             v = values[name] + off
             return f"{ka} < {name} + {off}", lambda q, k, h: val(k) < v
-        if kind == 8 and grid_axes:  # a window on a grid axis, at the clamped coordinates
+        if kind == 8 and grid_axes and not cross:  # a window on a grid axis, at the clamped coordinates
             i = draw(st.integers(0, len(grid_axes) - 1))
             a, La = grid_axes[i]
             w = draw(st.integers(1, La))
@@ -194,7 +194,7 @@ def cases(draw):
             table = window_table(La, w, d, s, causal)
             return (f"window({a}, {w}, dilation = {d}, stride = {s}, causal = {str(causal).lower()})",
                     lambda q, k, h: bool(table[q.coords[i], k.coords[i]]))
-        if kind == 9 and not cross:  # a window over flat positions
+        if kind == 9 and not cross:  # a window over flat positions (window() needs one layout)
             w = draw(st.integers(1, N))
             d = draw(st.integers(1, N // w))
             s = draw(st.integers(1, w))
