@@ -16,7 +16,8 @@ References written here, not taken from attnc's lowering:
   positions): the window rule itself is tested elsewhere, here only where it is applied;
 * tile classes are checked with ``test_tiles.check_schedule`` (soundness always, equality with
   ``classify_tiles_dense`` when exact) for random 1-D tile sizes, with the exact refinement and the
-  per-axis exact counting each switched on and off.
+  per-axis exact counting each switched on and off; sometimes after a KV cache (the queries are the
+  last rows of the concatenation, ``nk > n``).
 """
 
 from __future__ import annotations
@@ -236,7 +237,9 @@ def cases(draw):
     q_tile = (draw(st.integers(1, N + 1)),)
     kv_tile = (draw(st.integers(1, N + 1)),)
     want = torch.tensor([[[rule(q, k, h) for k in k_tokens] for q in q_tokens] for h in range(heads)])
-    return text, sizes, N, heads, q_tile, kv_tile, want
+    # after a KV cache (self-attention, nk = N > n): the queries are the last `rows` tokens
+    rows = draw(st.integers(1, N - 1)) if not cross and N > 1 and draw(st.integers(0, 3)) == 0 else N
+    return text, sizes, N, rows, heads, q_tile, kv_tile, want
 
 
 def classify(pat, bound, q_tile, kv_tile, refine: bool, intervals: bool):
@@ -252,15 +255,19 @@ def classify(pat, bound, q_tile, kv_tile, refine: bool, intervals: bool):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.booleans(), st.booleans())
 def test_random_concatenations_against_naive_loop_and_brute_force(case, refine, intervals):
-    text, sizes, N, heads, q_tile, kv_tile, want = case
+    text, sizes, N, rows, heads, q_tile, kv_tile, want = case
     pat = attnc.load(text)
     mask = attnc.materialize_mask(pat, heads=heads, sizes=sizes or None)
     assert mask.shape == (heads, N, N), text
     assert torch.equal(mask, want), text
-    bound = E.bind_sizes(pat, heads=heads, sizes=sizes or None)
-    assert (bound.n, bound.nk) == (N, N)
+    n = None if rows == N else rows  # a KV cache: the last `rows` queries against all N keys
+    if n is not None:
+        mask = attnc.materialize_mask(pat, n=n, nk=N, heads=heads, sizes=sizes or None)
+        assert torch.equal(mask, want[:, N - rows:]), text
+    bound = E.bind_sizes(pat, n=n, nk=N if n else None, heads=heads, sizes=sizes or None, offset_ok=True)
+    assert (bound.n, bound.nk, bound.q_offset) == (rows, N, N - rows)
     sched = classify(pat, bound, q_tile, kv_tile, refine, intervals)
     dense = classify_tiles_dense(pat, bound, q_tile, kv_tile)
-    qt, kt = (min(q_tile[0], N),), (min(kv_tile[0], N),)
+    qt, kt = (min(q_tile[0], rows),), (min(kv_tile[0], N),)
     assert sched.q_tile == qt and sched.kv_tile == kt
-    check_schedule(sched, mask, (N,), (N,), qt, kt, heads, dense)
+    check_schedule(sched, mask, (rows,), (N,), qt, kt, heads, dense)
