@@ -178,3 +178,27 @@ def test_random_concatenations_against_matrix_powers(text, tail, frames, width, 
     assert rf["pairs"] == "all" and rf["blocks"] == -(-bound.n // block)
     assert rf["coverage"] == pytest.approx(cov, abs=0, rel=1e-15)
     assert rf["layers_for_full"] == full_at
+
+
+def test_cli_counts_every_pair_of_a_concatenation(capsys, tmp_path):
+    """``attnc sim --layers`` on a concatenation reports what ``receptive_field`` does with every pair."""
+    import json
+
+    from attnc import cli
+
+    spec = tmp_path / "tv.attn"
+    spec.write_text("pattern tv\n  tokens seq(text) + grid(t: frames, y: height, x: width)\n"
+                    "  mask q in text or k in text or (q.t == k.t and abs(q.x - k.x) < 2)\n")
+    sizes = {"text": 3, "frames": 3, "height": 2, "width": 3}
+    code = cli.main(["sim", str(spec), "--sizes", ",".join(f"{k}={v}" for k, v in sizes.items()),
+                     "--layers", "3", "--rf-block", "3", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    got = json.loads(out)["receptive_field"]
+    pat = attnc.load(spec.read_text())
+    mask = attnc.materialize_mask(pat, sizes=sizes)
+    cov, full_at = matrix_power_coverage(block_adjacency(mask, 3), 3, all_pairs=True)
+    assert got["pairs"] == "all" and got["blocks"] == 7
+    # blocks: the text, then one per (t, y) row; rows of different frames meet only through the text
+    assert cov[0] == 25 / 49 and full_at == 2
+    assert got["coverage"] == pytest.approx(cov, abs=0, rel=1e-15) and got["layers_for_full"] == full_at
