@@ -156,7 +156,7 @@ def cases(draw):
 
     def leaf():
         """(mask text, Python rule of (query token, key token, head))."""
-        kind = draw(st.integers(0, 12))
+        kind = draw(st.integers(0, 14))
         qa, ka, val, L = position()
         c = draw(st.integers(-2, max(2, L)))
         b = draw(st.integers(1, 4))
@@ -211,15 +211,28 @@ def cases(draw):
         if kind == 12:
             flag = draw(st.booleans())
             return str(flag).lower(), lambda q, k, h: flag
+        if kind == 13:  # min / max of a query and a key position
+            return f"max({qa}, {ka}) - min({qa}, {ka}) <= {c}", lambda q, k, h: max(val(q), val(k)) - min(val(q), val(k)) <= c
+        if kind == 14:
+            return (f"clamp({qa} - {ka}, 0, {b}) == {b}",
+                    lambda q, k, h: min(max(val(q) - val(k), 0), b) == b)
         return f"{ka} <= {qa}", lambda q, k, h: val(k) <= val(q)
 
     def expr(depth: int):
         if depth == 0 or draw(st.integers(0, 2)) == 0:
             return leaf()
-        op = draw(st.sampled_from(["and", "or", "not"]))
+        op = draw(st.sampled_from(["and", "or", "not", "if"]))
         if op == "not":
             text, fn = expr(depth - 1)
             return f"not ({text})", lambda q, k, h: not fn(q, k, h)
+        if op == "if" and names:  # a per-segment rule: if q in NAME then ... else ...
+            name, side = draw(st.sampled_from(names)), draw(st.sampled_from(["q", "k"]))
+            (ta, fa), (tb, fb) = expr(depth - 1), expr(depth - 1)
+
+            def pick(q, k, h):
+                inside = seg_of(q, segs) == name if side == "q" else seg_of(k, key_segs) == name
+                return fa(q, k, h) if inside else fb(q, k, h)
+            return f"(if {side} in {name} then ({ta}) else ({tb}))", pick
         (ta, fa), (tb, fb) = expr(depth - 1), expr(depth - 1)
         if op == "and":
             return f"({ta}) and ({tb})", lambda q, k, h: fa(q, k, h) and fb(q, k, h)
