@@ -252,7 +252,9 @@ def cases(draw):
     want = torch.tensor([[[rule(q, k, h) for k in k_tokens] for q in q_tokens] for h in range(heads)])
     # after a KV cache (self-attention, nk = N > n): the queries are the last `rows` tokens
     rows = draw(st.integers(1, N - 1)) if not cross and N > 1 and draw(st.integers(0, 3)) == 0 else N
-    return text, sizes, N, rows, heads, q_tile, kv_tile, want
+    # `n` given with one size left out: the checker solves it from the sum of the segments
+    solved = draw(st.sampled_from(sorted(sizes))) if sizes and not cross and draw(st.booleans()) else None
+    return text, sizes, N, rows, heads, q_tile, kv_tile, want, solved
 
 
 def classify(pat, bound, q_tile, kv_tile, refine: bool, intervals: bool):
@@ -268,11 +270,15 @@ def classify(pat, bound, q_tile, kv_tile, refine: bool, intervals: bool):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.booleans(), st.booleans())
 def test_random_concatenations_against_naive_loop_and_brute_force(case, refine, intervals):
-    text, sizes, N, rows, heads, q_tile, kv_tile, want = case
+    text, sizes, N, rows, heads, q_tile, kv_tile, want, solved = case
     pat = attnc.load(text)
     mask = attnc.materialize_mask(pat, heads=heads, sizes=sizes or None)
     assert mask.shape == (heads, N, N), text
     assert torch.equal(mask, want), text
+    if solved is not None:
+        others = {k: v for k, v in sizes.items() if k != solved}
+        assert E.bind_sizes(pat, n=N, sizes=others).axis_sizes[solved] == sizes[solved]
+        assert torch.equal(attnc.materialize_mask(pat, n=N, heads=heads, sizes=others), want), text
     n = None if rows == N else rows  # a KV cache: the last `rows` queries against all N keys
     if n is not None:
         mask = attnc.materialize_mask(pat, n=n, nk=N, heads=heads, sizes=sizes or None)
