@@ -115,10 +115,11 @@ def receptive_field(pat: ir.PatternIR, bound: E.Bound, block, layers: int, *, in
     within each L), ``layers_for_full`` (fewest layers reaching every pair,
     which may exceed ``layers``; ``None`` if never).
     """
-    from .tiles import classify_tiles
+    from .tiles import check_tile, classify_tiles, layout_extents
 
     if not isinstance(pat, ir.PatternIR) or not pat.self_attention:
         raise SpecError("the receptive field is defined for self-attention patterns", where="argument pattern")
+    block = check_tile("block", block, layout_extents(pat.queries, bound, bound.n))  # blamed on `block`, not a tile
     sched = classify_tiles(pat, bound, block, block, inputs)
     return coverage(sched, layers, all_pairs=counts_all_pairs(pat) if all_pairs is None else all_pairs)
 

@@ -153,6 +153,9 @@ def test_text_video_counts_every_pair():
     assert rf["coverage"] == [7 / 9, 1.0, 1.0] and rf["layers_for_full"] == 2  # video blocks 0, 1; text block 2
     # asked for explicitly, the earlier-or-equal pairs are still available
     assert receptive_field(pat, bound, 4, 1, all_pairs=False)["pairs"] == "earlier_or_equal"
+    with pytest.raises(attnc.SpecError) as err:  # blocks of a concatenation are runs of flat positions
+        receptive_field(pat, bound, (2, 2), 1)
+    assert err.value.where == "argument block" and "one extent per axis (1), got 2" in err.value.message
 
 
 @settings(max_examples=40, deadline=None)
