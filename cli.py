@@ -261,7 +261,8 @@ def cmd_sim(args) -> int:
 
 
 def _receptive_field(pat, rep, args, sizes) -> dict:
-    """Which (query, earlier key) block pairs a query reaches within 1..L stacked layers."""
+    """Which key blocks a query block reaches within 1..L stacked layers (the pairs counted
+    follow the layout: earlier keys on a sequence, every pair on a grid or a concatenation)."""
     from .compiler import evaluate as E
     from .compiler.receptive_field import receptive_field
 
@@ -271,8 +272,7 @@ def _receptive_field(pat, rep, args, sizes) -> dict:
     if block is None:
         block = tuple(rep.to_dict()["tiles"]["q_tile"])
     bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None)
-    return receptive_field(pat, bound, block, args.layers, inputs=_inputs(args.input) or None,
-                           all_pairs=pat.queries.kind == "grid")  # sequences: (query, earlier key) pairs
+    return receptive_field(pat, bound, block, args.layers, inputs=_inputs(args.input) or None)
 
 
 def _format_receptive_field(rf: dict) -> str:

@@ -12,11 +12,17 @@ Everything is at **block granularity**: a visited PARTIAL pair counts as a
 connection even though only some of its token pairs are allowed, so the
 token-level receptive field can be smaller (never larger) than reported.
 Blocks are the tiles of the schedule (one box per grid axis; the Q and KV
-tiles must be the same), ordered by their row-major flat index.
+tiles must be the same), ordered by their row-major flat index. On a
+concatenated layout (``seq(text) + grid(...)``) the blocks are runs of flat
+positions, as its tiles are: a block may hold text and video tokens.
 
 ``receptive_field(pat, bound, block, layers)`` returns, for L = 1..layers,
-the fraction of (query block, earlier-or-equal key block) pairs reached,
-and the number of layers needed to reach all of them (``None`` if never).
+the fraction of the counted (query block, key block) pairs reached, and the
+number of layers needed to reach all of them (``None`` if never). Which
+pairs count follows the layout (:func:`counts_all_pairs`): on a plain
+sequence the key blocks earlier or equal in flat order (a causal stack), on
+a grid or a concatenation every pair (flat order means nothing there: text
+tokens attend video tokens on either side of them, windows look both ways).
 """
 
 from __future__ import annotations
@@ -85,15 +91,22 @@ def coverage(sched: TileSchedule, layers: int, *, all_pairs: bool = False) -> di
     }
 
 
+def counts_all_pairs(pat: ir.PatternIR) -> bool:
+    """The pairs a receptive field counts by default: every (query block, key block) pair on a
+    grid or a concatenation, key blocks earlier or equal in flat order on a plain sequence."""
+    return pat.queries.kind == "grid" or bool(pat.queries.segments)
+
+
 def receptive_field(pat: ir.PatternIR, bound: E.Bound, block, layers: int, *, inputs: dict | None = None,
-                    all_pairs: bool = False) -> dict:
+                    all_pairs: bool | None = None) -> dict:
     """Receptive field of ``layers`` stacked layers of a self-attention pattern, at block granularity.
 
-    ``block``: the tile shape (an int on ``tokens seq``, one extent per grid
-    axis otherwise), used for both Q and KV tiles. ``inputs``: call-time
-    inputs of a data-dependent mask. ``all_pairs``: count every (query block,
-    key block) pair instead of key blocks earlier or equal in flat order
-    (useful for non-causal grids).
+    ``block``: the tile shape (an int on ``tokens seq`` and on a
+    concatenation, one extent per grid axis on a grid), used for both Q and
+    KV tiles. ``inputs``: call-time inputs of a data-dependent mask.
+    ``all_pairs``: count every (query block, key block) pair (True) or only
+    key blocks earlier or equal in flat order (False); None (the default)
+    picks by layout, :func:`counts_all_pairs`.
 
     Returns a dict: ``granularity`` ("block"), ``block`` (tile shape),
     ``blocks`` (number of blocks), ``edges`` (block-graph edges, self-loops
@@ -102,12 +115,13 @@ def receptive_field(pat: ir.PatternIR, bound: E.Bound, block, layers: int, *, in
     within each L), ``layers_for_full`` (fewest layers reaching every pair,
     which may exceed ``layers``; ``None`` if never).
     """
-    from .tiles import classify_tiles
+    from .tiles import check_tile, classify_tiles, layout_extents
 
     if not isinstance(pat, ir.PatternIR) or not pat.self_attention:
         raise SpecError("the receptive field is defined for self-attention patterns", where="argument pattern")
+    block = check_tile("block", block, layout_extents(pat.queries, bound, bound.n))  # blamed on `block`, not a tile
     sched = classify_tiles(pat, bound, block, block, inputs)
-    return coverage(sched, layers, all_pairs=all_pairs)
+    return coverage(sched, layers, all_pairs=counts_all_pairs(pat) if all_pairs is None else all_pairs)
 
 
-__all__ = ["MAX_BLOCKS", "block_graph", "coverage", "receptive_field"]
+__all__ = ["MAX_BLOCKS", "block_graph", "counts_all_pairs", "coverage", "receptive_field"]

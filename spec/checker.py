@@ -376,6 +376,9 @@ class Checker:
         if name in self.inputs or name in self.env_lets:
             raise self.error(f"'{name}' is already defined", pos)
         if self.frame is not None and name in self.frame.sizes:
+            if name in (*self.frame.queries.segment_names, *self.frame.keys.segment_names):
+                raise self.error(f"'{name}' is already a segment size (seq({name}) in the layout)", pos,
+                                 hint=f"it names the segment ('q in {name}') and its length")
             raise self.error(f"'{name}' is already an axis size", pos)
 
     # ------------------------------------------------------------ lets

@@ -222,7 +222,10 @@ def _error(src: str, **params) -> SpecError:
     ("pattern p\n  tokens seq(text) + grid(t: f)\n  mask q.t in text\n", 3, 8, "only 'q in SEGMENT'"),
     ("pattern p\n  tokens seq(text) + grid(t: f)\n  mask window(z, 3)\n", 3, 15, "'z' is not an axis"),
     ("pattern p\n  let in = 3\n", 2, 7, "reserved word"),
-    ("pattern p\n  tokens seq(text) + grid(t: f)\n  let text = 3\n", 3, 7, "already an axis size"),
+    ("pattern p\n  tokens seq(text) + grid(t: f)\n  let text = 3\n", 3, 7, "'text' is already a segment size (seq(text)"),
+    ("pattern p\n  tokens seq(text) + grid(t: f)\n  input text: int[n]\n", 3, 9, "'text' is already a segment size"),
+    ("pattern p\n  queries seq(text) + grid(t: f)\n  keys seq(text) + grid(t: f)\n  let f = 3\n", 4, 7,
+     "'f' is already an axis size"),
     ("recurrence p\n  tokens seq(a) + grid(t: f)\n  decay -1.0\n", 2, 3, "'tokens seq + grid' is not allowed"),
     ("pattern inner\n  tokens seq(prompt) + grid(t: f)\n  mask q in prompt\n"
      "pattern p\n  tokens seq(text) + grid(t: f)\n  mask inner\n", 6, 8, "uses segment 'prompt'"),

@@ -133,3 +133,75 @@ def test_bad_arguments():
         receptive_field(pat, bound, 4, 0)
     with pytest.raises(attnc.SpecError):
         receptive_field(pat, bound, (4, 4), 3)
+
+
+# ----------------------------------------------------------------- concatenated layouts
+def test_text_video_counts_every_pair():
+    """``q in text or k in text`` over seq(text) + grid: with blocks of 4 (text 4, grid 2 x 2 x 2) the
+    text block links every block both ways in one layer, the two video blocks reach each other only
+    through it (2 layers). Every (query block, key block) pair counts: 7 of 9 after one layer; with
+    earlier key blocks only, the missing pair (video block 1 -> video block 2) would be hidden."""
+    spec = "pattern p\n  tokens seq(text) + grid(t: frames, y: height, x: width)\n  mask q in text or k in text\n"
+    pat = attnc.load(spec)
+    bound = E.bind_sizes(pat, sizes={"text": 4, "frames": 2, "height": 2, "width": 2})
+    rf = receptive_field(pat, bound, 4, 3)
+    assert rf["pairs"] == "all" and rf["blocks"] == 3 and rf["num_pairs"] == 9
+    assert rf["coverage"] == [7 / 9, 1.0, 1.0] and rf["layers_for_full"] == 2
+    grid_first = attnc.load(spec.replace("seq(text) + grid(t: frames, y: height, x: width)",
+                                         "grid(t: frames, y: height, x: width) + seq(text)"))
+    rf = receptive_field(grid_first, E.bind_sizes(grid_first, sizes={"text": 4, "frames": 2, "height": 2, "width": 2}), 4, 3)
+    assert rf["coverage"] == [7 / 9, 1.0, 1.0] and rf["layers_for_full"] == 2  # video blocks 0, 1; text block 2
+    # asked for explicitly, the earlier-or-equal pairs are still available
+    assert receptive_field(pat, bound, 4, 1, all_pairs=False)["pairs"] == "earlier_or_equal"
+    with pytest.raises(attnc.SpecError) as err:  # blocks of a concatenation are runs of flat positions
+        receptive_field(pat, bound, (2, 2), 1)
+    assert err.value.where == "argument block" and "one extent per axis (1), got 2" in err.value.message
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.integers(1, 6), tail=st.integers(0, 4), frames=st.integers(1, 3), width=st.integers(1, 5),
+       block=st.integers(1, 9), w=st.integers(1, 3), grid_first=st.booleans(), causal=st.booleans(),
+       heads=st.integers(1, 2))
+def test_random_concatenations_against_matrix_powers(text, tail, frames, width, block, w, grid_first, causal, heads):
+    """Every pair counted, against reachability by boolean matrix powers of the block adjacency
+    summed from the dense mask (blocks: runs of ``block`` flat positions)."""
+    grid = "grid(t: frames, x: width)"
+    segs = [grid, "seq(text)"] if grid_first else ["seq(text)", grid]
+    if tail:
+        segs.append("seq(tail)")
+    spec = (f"pattern p\n  tokens {' + '.join(segs)}\n  mask " + ("causal and " if causal else "")
+            + "((q in text and k.t == 0) or (k in text and (q + h) % 3 == 0)"
+            + f" or (q in grid and k in grid and abs(q.t - k.t) + abs(q.x - k.x) < {w}))\n")
+    sizes = {"text": text, "frames": frames, "width": width} | ({"tail": tail} if tail else {})
+    pat = attnc.load(spec)
+    bound = E.bind_sizes(pat, heads=heads, sizes=sizes)
+    rf = receptive_field(pat, bound, block, 5)
+    mask = attnc.materialize_mask(pat, heads=heads, sizes=sizes)
+    cov, full_at = matrix_power_coverage(block_adjacency(mask, block), 5, all_pairs=True)
+    assert rf["pairs"] == "all" and rf["blocks"] == -(-bound.n // block)
+    assert rf["coverage"] == pytest.approx(cov, abs=0, rel=1e-15)
+    assert rf["layers_for_full"] == full_at
+
+
+def test_cli_counts_every_pair_of_a_concatenation(capsys, tmp_path):
+    """``attnc sim --layers`` on a concatenation reports what ``receptive_field`` does with every pair."""
+    import json
+
+    from attnc import cli
+
+    spec = tmp_path / "tv.attn"
+    spec.write_text("pattern tv\n  tokens seq(text) + grid(t: frames, y: height, x: width)\n"
+                    "  mask q in text or k in text or (q.t == k.t and abs(q.x - k.x) < 2)\n")
+    sizes = {"text": 3, "frames": 3, "height": 2, "width": 3}
+    code = cli.main(["sim", str(spec), "--sizes", ",".join(f"{k}={v}" for k, v in sizes.items()),
+                     "--layers", "3", "--rf-block", "3", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0
+    got = json.loads(out)["receptive_field"]
+    pat = attnc.load(spec.read_text())
+    mask = attnc.materialize_mask(pat, sizes=sizes)
+    cov, full_at = matrix_power_coverage(block_adjacency(mask, 3), 3, all_pairs=True)
+    assert got["pairs"] == "all" and got["blocks"] == 7
+    # blocks: the text, then one per (t, y) row; rows of different frames meet only through the text
+    assert cov[0] == 25 / 49 and full_at == 2
+    assert got["coverage"] == pytest.approx(cov, abs=0, rel=1e-15) and got["layers_for_full"] == full_at
