@@ -180,7 +180,8 @@ class CpuRunner:
     def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:
         self.plans[key] = plan
         self.last = plan
-        if dynamic:
+        if dynamic:  # this plan only ever runs with these mask inputs (``plan`` compares them)
+            plan.inputs_fixed = True
             used = {n: t for n, t in inputs.items() if n in mask_input_names(self.pattern)}
             self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
