@@ -279,10 +279,10 @@ def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None
                 own: torch.Tensor | None = None) -> torch.Tensor:
     """The rows ``index [C, T]`` of ``x [B, H, N, D]`` in the kernel's layout ``[B * C, H, T, D]``
     (a strided view of one gather; a view of ``x`` itself for one batch row when ``tokens`` is
-    in token order and ``own`` its tiles ``own[0]..own[-1]``)."""
+    in token order and ``own`` a run of tiles)."""
     B, H, _, D = x.shape
     C, T = index.shape
-    if B == 1 and tokens is not None and tokens.identity:
+    if B == 1 and tokens is not None and tokens.identity and int(own[-1]) - int(own[0]) + 1 == len(own):
         start = int(own[0]) * T
         return x[:, :, start:start + C * T].unflatten(2, (C, T)).permute(0, 2, 1, 3, 4).reshape(C, H, T, D)
     return x.transpose(1, 2)[:, index].permute(0, 1, 3, 2, 4).reshape(B * C, H, T, D)
@@ -314,6 +314,27 @@ def _kernel_mask(plan: Plan, blk: _Block, own: torch.Tensor, allowed: torch.Tens
     return entry
 
 
+def _batch_mask(mask: torch.Tensor, B: int, C: int) -> torch.Tensor:
+    """The kernel mask ``[Bm * C, Hm, R, K]`` for ``B`` batch rows (a copy where one is shared by all)."""
+    if mask.shape[0] == B * C:
+        return mask
+    return mask.unflatten(0, (1, C)).expand(B, C, *mask.shape[1:]).reshape(B * C, *mask.shape[1:])
+
+
+def _assemble(blocks: list, B: int, H: int, nQ: int, fill: float, dt) -> torch.Tensor:
+    """``[B, H, nQ, ...]`` from per-chunk results ``(batch rows, heads, tiles, [rows, Hs, C, ...])``:
+    the one block itself when it holds every tile in order, else copied into place (``fill``
+    where no chunk wrote: tiles without visited keys)."""
+    if len(blocks) == 1 and blocks[0][0] == slice(None) and blocks[0][1] == list(range(H)) \
+            and len(blocks[0][2]) == nQ:
+        return blocks[0][3]
+    x = blocks[0][3]
+    out = torch.full((B, H, nQ, *x.shape[3:]), fill, dtype=dt)
+    for bsel, heads, own, part in blocks:
+        out[bsel, torch.tensor(heads)[:, None], own[None, :]] = part
+    return out
+
+
 def _fused_block(plan: Plan, blk: _Block, own: torch.Tensor, qh, kh, vh, allowed, extra, scale: float,
                  cache_key=None):
     """The forward of one block through torch's fused CPU attention kernel (see ``fusable``):
@@ -323,9 +344,7 @@ def _fused_block(plan: Plan, blk: _Block, own: torch.Tensor, qh, kh, vh, allowed
     C, R = blk.row_index.shape
     qc = _tile_major(qh, blk.row_index, plan.q_tokens, own)
     kc, vc = _tile_major(kh, blk.col_index), _tile_major(vh, blk.col_index)
-    if mask.shape[0] != B * C:  # a mask shared by the batch rows
-        mask = mask.unflatten(0, (1, C)).expand(B, C, *mask.shape[1:]).reshape(B * C, *mask.shape[1:])
-    out, lse = _flash_op()(qc, kc, vc, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = _flash_op()(qc, kc, vc, 0.0, False, attn_mask=_batch_mask(mask, B, C), scale=scale)
     out, lse = out.unflatten(0, (B, C)), lse.to(qh.dtype).unflatten(0, (B, C))  # [B, C, Hs, R, (Dv)]
     if rows_ok is not None:  # a row with no allowed key: output 0, lse -inf
         out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
@@ -348,6 +367,35 @@ def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def _chunks(n: int, per_item: int, budget: int = CHUNK_ELEMENTS) -> list[torch.Tensor]:
     step = max(1, budget // max(1, per_item))
     return [torch.arange(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+#: A chunk of tiles (``_width_chunks``) pads every tile's list to the longest one's: at most this
+#: many times the pairs its tiles visit.
+PADDING_LIMIT = 1.3
+
+
+def _width_chunks(plan: Plan, cls: int, transposed: bool, per_pair: int, budget: int) -> list[torch.Tensor]:
+    """The tiles of list class ``cls`` in chunks of similar list widths (sorted by width, cut
+    where padding to the longest list would exceed ``PADDING_LIMIT`` or the chunk ``budget``
+    score entries, ``per_pair`` per visited tile pair); each chunk's tiles in ascending order
+    (a run of tiles for uniform lists). Cached in the plan."""
+    key = ("chunks", cls, transposed, per_pair, budget)
+    if key in plan.mask_cache:
+        return plan.mask_cache[key]
+    s = plan.schedule
+    full, part = (s.t_full_index, s.t_partial_index) if transposed else (s.full_index, s.partial_index)
+    widths = (full[cls] >= 0).sum(-1) + (part[cls] >= 0).sum(-1)
+    order = torch.argsort(widths, stable=True)
+    chunks, start, total = [], 0, 0
+    for i, w in enumerate(widths[order].tolist()):
+        count = i - start + 1
+        if count > 1 and (count * w * per_pair > budget or count * w > PADDING_LIMIT * (total + w)):
+            chunks.append(order[start:i].sort().values)
+            start, total = i, 0
+        total += w
+    chunks.append(order[start:].sort().values)
+    plan.remember(key, tuple(chunks))
+    return chunks
 
 
 def _lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
@@ -411,19 +459,19 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     extra = _prepare_extra(plan, inputs, dt)
     nQ, Tq = plan.q_tokens.index.shape
     Dv = v.shape[-1]
-    blocks = []  # (batch rows, heads, first tile, out [rows, Hs, C, R, Dv], lse [rows, Hs, C, R])
+    blocks, lse_blocks = [], []  # (batch rows, heads, tiles, out [rows, Hs, C, R, Dv] | lse [rows, Hs, C, R])
     for cls, bsel, heads in plan.groups():
         kv_heads = [h // group for h in heads]
         qh, kh, vh = _heads(qd[bsel], heads), _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
         ex = _batch_rows(extra, batched, bsel, B)
         rows = qh.shape[0]
-        width = plan.schedule.full_index.shape[-1] + plan.schedule.partial_index.shape[-1]
-        per = rows * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
-        for own in _chunks(nQ, per, FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS):
+        per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
+        budget = FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS
+        for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
             lists = _trim(_lists(plan.schedule, cls, own, False))
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            chunk_key = ("q", cls, int(own[0]), len(own))
+            chunk_key = ("q by width", cls, per, budget, i)
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
             allowed = blk.allowed(chunk_key)
             if fused:
@@ -433,17 +481,12 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
                 s = blk.terms(qc @ kc.transpose(-1, -2), ex)
                 p, total, lse = _exp_rows(blk.mask_scores(s, allowed))
                 o = (p @ vc).div_(total)
-            blocks.append((bsel, heads, int(own[0]), o.expand(rows, len(heads), *o.shape[-3:]),
-                           lse.expand(rows, len(heads), *lse.shape[-2:])))
-    if len(blocks) == 1 and blocks[0][0] == slice(None) and blocks[0][1] == list(range(Hq)) \
-            and blocks[0][3].shape[2] == nQ:
-        out_t, lse_t = blocks[0][3], blocks[0][4]  # one block holds every row: no copy into tiles
+            blocks.append((bsel, heads, own, o.expand(rows, len(heads), *o.shape[-3:])))
+            lse_blocks.append((bsel, heads, own, lse.expand(rows, len(heads), *lse.shape[-2:])))
+    if not blocks:  # no query visits any key
+        out_t, lse_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt), torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
     else:
-        out_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt)
-        lse_t = torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
-        for bsel, heads, first, o, lse in blocks:
-            out_t[bsel, heads, first:first + o.shape[2]] = o
-            lse_t[bsel, heads, first:first + o.shape[2]] = lse
+        out_t, lse_t = _assemble(blocks, B, Hq, nQ, 0.0, dt), _assemble(lse_blocks, B, Hq, nQ, -math.inf, dt)
     out = plan.q_tokens.scatter(out_t, Nq, features=True)
     lse = plan.q_tokens.scatter(lse_t, Nq, features=False)
     return out.to(q.dtype), lse
@@ -465,12 +508,65 @@ def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, 
     return grads[0], out
 
 
+def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: set[str], scale: float):
+    """(dq, dk, dv) through torch's fused CPU attention backward (``fusable``; no gradient of the
+    lse or of score inputs): per chunk of Q tiles (the forward's chunks, masks and geometry), the
+    kernel recomputes P from the saved lse over the gathered K/V and returns dQ and the gathered
+    dK/dV, which are added to their tokens."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qd, kd, vd, dod, od = (x.to(dt) for x in (q, k, v, dout, out))
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse).to(dt)  # empty rows: P = 0
+    extra = _prepare_extra(plan, inputs, dt)
+    nQ, Tq = plan.q_tokens.index.shape
+    dk_acc = torch.zeros(B, Nk, Hkv, D, dtype=dt)  # token-major: chunks add [C * K] key rows at once
+    dv_acc = torch.zeros(B, Nk, Hkv, Dv, dtype=dt)
+    dq_blocks = []
+    backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    for cls, bsel, heads in plan.groups():
+        kv_heads = [h // group for h in heads]
+        qh, dh, oh = (_heads(x[bsel], heads) for x in (qd, dod, od))
+        kh, vh = _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
+        lh = _heads(safe_lse[bsel], heads)[..., None]
+        ex = _batch_rows(extra, batched, bsel, B)
+        rows = qh.shape[0]
+        per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
+        for i, own in enumerate(_width_chunks(plan, cls, False, per, FUSED_CHUNK_ELEMENTS)):
+            lists = _trim(_lists(plan.schedule, cls, own, False))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            chunk_key = ("q by width", cls, per, FUSED_CHUNK_ELEMENTS, i)  # the forward's
+            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
+            mask, _ = _kernel_mask(plan, blk, own, blk.allowed(chunk_key), ex, dt, chunk_key)
+            C, K = blk.col_index.shape
+            qc, doc, oc, lc = (_tile_major(x, blk.row_index, plan.q_tokens, own) for x in (qh, dh, oh, lh))
+            kc, vc = _tile_major(kh, blk.col_index), _tile_major(vh, blk.col_index)
+            dq_c, dk_c, dv_c = backward_op(doc, qc, kc, vc, oc, lc[..., 0].contiguous(), 0.0, False,
+                                           attn_mask=_batch_mask(mask, rows, C), scale=scale)
+            dq_blocks.append((bsel, heads, own, dq_c.unflatten(0, (rows, C)).permute(0, 2, 1, 3, 4)))
+            cols = blk.col_index.flatten()  # padded columns are masked: their gradients are 0
+            for acc, g in ((dk_acc, dk_c), (dv_acc, dv_c)):
+                g = g.unflatten(0, (rows, C)).transpose(2, 3).reshape(rows, C * K, len(heads), g.shape[-1])
+                if heads == list(range(Hq)):  # every head: grouped query heads summed onto their key head
+                    acc[bsel].index_add_(1, cols, g.unflatten(2, (Hkv, group)).sum(3) if group > 1 else g)
+                else:
+                    for j, kv in enumerate(kv_heads):
+                        acc[bsel, :, kv].index_add_(1, cols, g[:, :, j])
+    dq_t = _assemble(dq_blocks, B, Hq, nQ, 0.0, dt) if dq_blocks else torch.zeros(B, Hq, nQ, Tq, D, dtype=dt)
+    dq = plan.q_tokens.scatter(dq_t, Nq, features=True).to(q.dtype)
+    return dq, dk_acc.transpose(1, 2).to(k.dtype), dv_acc.transpose(1, 2).to(v.dtype)
+
+
 @_no_autocast
 def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
              wrt: list[str]):
     """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""
     if isinstance(plan, decode.RowPlan):
         return decode.backward(plan, q, k, v, out, lse, dout, dlse, inputs, batched, scale, wrt)
+    if fusable(plan, q, v) and not wrt and (dlse is None or not bool(dlse.any())):
+        return (*_fused_backward(plan, q, k, v, out, lse, dout, inputs, batched, scale), {})
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv
