@@ -404,6 +404,21 @@ def _lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool
     return [(schedule.full_index[cls, own], True), (schedule.partial_index[cls, own], False)]
 
 
+def _packed_lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
+    """The visited tiles of the chunk ``own`` as one list per tile (its FULL tiles, then its PARTIAL
+    ones, then padding), so that a chunk is as wide as its longest list, not as its most FULL plus
+    its most PARTIAL tiles; split where the first tile's list may be PARTIAL (``_Block`` evaluates
+    the mask from there)."""
+    (full, _), (partial, _) = _lists(schedule, cls, own, transposed)
+    both = torch.cat([full, partial], 1)
+    missing = both < 0
+    order = torch.sort(missing.to(torch.int8), dim=1, stable=True).indices
+    packed = both.gather(1, order)
+    width = int((~missing).sum(1).max()) if both.numel() else 0
+    split = int((full >= 0).sum(1).min()) if full.numel() else 0
+    return [(packed[:, :split], True), (packed[:, split:width], False)]
+
+
 def _trim(lists):
     """Drop all-missing trailing columns of the padded lists of one chunk."""
     out = []
@@ -468,7 +483,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
         per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
         budget = FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS
         for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
-            lists = _trim(_lists(plan.schedule, cls, own, False))
+            lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
             chunk_key = ("q by width", cls, per, budget, i)
@@ -534,7 +549,7 @@ def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: 
         rows = qh.shape[0]
         per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
         for i, own in enumerate(_width_chunks(plan, cls, False, per, FUSED_CHUNK_ELEMENTS)):
-            lists = _trim(_lists(plan.schedule, cls, own, False))
+            lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
             chunk_key = ("q by width", cls, per, FUSED_CHUNK_ELEMENTS, i)  # the forward's
