@@ -31,9 +31,9 @@ from .reference import fox_pairs, fox_prefix
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
 CHUNK_ELEMENTS = 1 << 23
-#: Visited (query, key) pairs of one block through the fused kernel (``fusable``): it holds no
-#: scores, only the gathered K/V and the float mask (about pairs / R x D and pairs / heads).
-FUSED_CHUNK_ELEMENTS = 1 << 26
+#: Elements of the gathered K and V and the float mask of one chunk through the fused kernel
+#: (``fusable``: it holds no scores; 128 MiB in fp32).
+FUSED_CHUNK_ELEMENTS = 1 << 25
 #: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls.
 MASK_CACHE_BYTES = 256 << 20
 
@@ -374,6 +374,15 @@ def _chunks(n: int, per_item: int, budget: int = CHUNK_ELEMENTS) -> list[torch.T
 PADDING_LIMIT = 1.3
 
 
+def _chunk_cost(plan: Plan, fused: bool, rows: int, heads: int, d: int, dv: int) -> tuple[int, int]:
+    """(elements per visited tile pair, elements per chunk) of the forward's chunks: the scores
+    and their work unfused; the gathered K/V rows and the float mask through the fused kernel."""
+    tq, tk = plan.q_tokens.index.shape[1], plan.k_tokens.index.shape[1]
+    if fused:
+        return rows * heads * tk * (d + dv) + tq * tk, FUSED_CHUNK_ELEMENTS
+    return rows * heads * tq * tk, CHUNK_ELEMENTS
+
+
 def _width_chunks(plan: Plan, cls: int, transposed: bool, per_pair: int, budget: int) -> list[torch.Tensor]:
     """The tiles of list class ``cls`` in chunks of similar list widths (sorted by width, cut
     where padding to the longest list would exceed ``PADDING_LIMIT`` or the chunk ``budget``
@@ -480,8 +489,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
         qh, kh, vh = _heads(qd[bsel], heads), _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
         ex = _batch_rows(extra, batched, bsel, B)
         rows = qh.shape[0]
-        per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
-        budget = FUSED_CHUNK_ELEMENTS if fused else CHUNK_ELEMENTS
+        per, budget = _chunk_cost(plan, fused, rows, len(heads), q.shape[-1], Dv)
         for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
             lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
@@ -547,12 +555,12 @@ def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: 
         lh = _heads(safe_lse[bsel], heads)[..., None]
         ex = _batch_rows(extra, batched, bsel, B)
         rows = qh.shape[0]
-        per = rows * len(heads) * Tq * plan.k_tokens.index.shape[1]
-        for i, own in enumerate(_width_chunks(plan, cls, False, per, FUSED_CHUNK_ELEMENTS)):
+        per, budget = _chunk_cost(plan, True, rows, len(heads), D, Dv)
+        for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
             lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            chunk_key = ("q by width", cls, per, FUSED_CHUNK_ELEMENTS, i)  # the forward's
+            chunk_key = ("q by width", cls, per, budget, i)  # the forward's
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
             mask, _ = _kernel_mask(plan, blk, own, blk.allowed(chunk_key), ex, dt, chunk_key)
             C, K = blk.col_index.shape
