@@ -272,7 +272,13 @@ def _key(*parts) -> str:
 
 # ----------------------------------------------------------------- compile-time checks
 def check_window_sizes(ir: PatternIR, subs: dict) -> None:
-    """Window larger than its axis, stride larger than the window: errors once sizes are known."""
+    """Window larger than its axis, stride larger than the window: errors once sizes are known.
+    Sizes that passed are remembered on the pattern (every call binds its sizes: sympy
+    substitution per window would be a fixed cost of each call)."""
+    passed = ir.__dict__.setdefault("_window_sizes_passed", set())
+    key = tuple(sorted((str(sym), str(val)) for sym, val in subs.items()))
+    if key in passed:
+        return
     for site in ir.windows:
         vals = [sympy.sympify(x).subs(subs) for x in (site.length, site.size, site.dilation, site.stride)]
         if not all(isinstance(v, sympy.Integer) for v in vals):
@@ -295,3 +301,4 @@ def check_window_sizes(ir: PatternIR, subs: dict) -> None:
                 filename=site.filename,
                 source=site.source,
             )
+    passed.add(key)

@@ -180,7 +180,8 @@ class CpuRunner:
     def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:
         self.plans[key] = plan
         self.last = plan
-        if dynamic:
+        if dynamic:  # this plan only ever runs with these mask inputs (``plan`` compares them)
+            plan.inputs_fixed = True
             used = {n: t for n, t in inputs.items() if n in mask_input_names(self.pattern)}
             self._dynamic_last = (key, {n: t.detach().clone() for n, t in used.items()}, plan)
         return plan
@@ -226,9 +227,12 @@ def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
         f"q_tile = {s.q_tile}  kv_tile = {s.kv_tile}  tiles {s.num_q_tiles} x {s.num_kv_tiles}",
         f"visited pairs: {s.full} FULL (no mask work), {s.partial} PARTIAL (mask evaluated), {s.empty} EMPTY (skipped)",
         f"density {s.density:.4g}  tile-wise bound {s.num_heads * s.num_q_tiles * s.num_kv_tiles / max(1, s.visited):.3g}x",
-        "for each chunk of Q tiles: gather K/V of its FULL then PARTIAL tiles; the mask is evaluated on",
-        "  PARTIAL tiles only (once per plan for a static mask); bias and decay join it as a float mask;",
-        "  torch's fused CPU attention kernel runs the block (softcap: scores, softmax and @ v unfused)",
-        "backward: recompute P; dQ over the Q tiles' lists, dK/dV over the transposed lists",
+        "Q tiles in chunks of similar list widths; per chunk: gather K/V of each tile's FULL then PARTIAL",
+        "  tiles; the mask is evaluated on PARTIAL columns only (once per plan, with the chunk layout, for a",
+        "  static mask or fixed mask inputs); bias and decay join it as a float mask; torch's fused CPU",
+        "  attention kernel runs the chunk (softcap: scores, softmax and @ v unfused)",
+        "backward: torch's fused CPU attention backward per chunk (P recomputed from the saved lse; dK/dV",
+        "  added to their keys) when neither the lse nor a score input needs a gradient; else recompute P,",
+        "  dQ over the Q tiles' lists, dK/dV over the transposed lists",
     ]
     return "\n".join(lines) + "\n"

@@ -31,6 +31,9 @@ from .reference import fox_pairs, fox_prefix
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
 CHUNK_ELEMENTS = 1 << 23
+#: Elements of the gathered K and V and the float mask of one chunk through the fused kernel
+#: (``fusable``: it holds no scores; 128 MiB in fp32).
+FUSED_CHUNK_ELEMENTS = 1 << 25
 #: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls.
 MASK_CACHE_BYTES = 256 << 20
 
@@ -48,17 +51,29 @@ class TiledTokens:
         index, valid = tile_tokens(extents, tile, torch.arange(n))
         return cls(torch.where(valid, index, torch.zeros_like(index)), valid)
 
+    @functools.cached_property
+    def identity(self) -> bool:
+        """Whether tile order is token order (1-D tiles that divide the sequence): then
+        ``[..., tiles, slots]`` reshapes to ``[..., N]`` with no gather."""
+        return bool(self.valid.all()) and torch.equal(self.index.flatten(), torch.arange(self.index.numel()))
+
+    @functools.cached_property
+    def _slot_of_token(self) -> tuple[torch.Tensor, torch.Tensor]:
+        tiles, slots = torch.nonzero(self.valid, as_tuple=True)
+        order = torch.argsort(self.index[tiles, slots])
+        return tiles[order], slots[order]
+
     def scatter(self, x_tiled: torch.Tensor, n: int, features: bool) -> torch.Tensor:
         """``[..., tiles, slots, D]`` (``features``) or ``[..., tiles, slots]`` -> token order
-        ``[..., N, D]`` / ``[..., N]`` (padded slots dropped)."""
-        flat_idx = self.index[self.valid]
+        ``[..., N, D]`` / ``[..., N]`` (padded slots dropped): one gather (a reshape when
+        tile order is token order); ``x_tiled`` may be any strided view."""
+        if self.identity:
+            lead = x_tiled.shape[:-3] if features else x_tiled.shape[:-2]
+            return x_tiled.reshape(*lead, n, *x_tiled.shape[len(lead) + 2:])
+        tiles, slots = self._slot_of_token
         if features:
-            out = x_tiled.new_zeros(*x_tiled.shape[:-3], n, x_tiled.shape[-1])
-            out[..., flat_idx, :] = x_tiled[..., self.valid, :]
-        else:
-            out = x_tiled.new_zeros(*x_tiled.shape[:-2], n)
-            out[..., flat_idx] = x_tiled[..., self.valid]
-        return out
+            return x_tiled[..., tiles, slots, :]
+        return x_tiled[..., tiles, slots]
 
 
 @dataclass
@@ -81,18 +96,24 @@ class Plan:
     # The mask of PARTIAL tiles, evaluated once per chunk and reused by later calls
     # (static masks only; bounded by MASK_CACHE_BYTES).
     mask_cache: dict = field(default_factory=dict)
+    #: The mask's call-time inputs are fixed for this plan's life (``cpu_backend`` builds a new
+    #: plan when they change): their masks are then cached like a static mask's.
+    inputs_fixed: bool = False
 
     def remember(self, key, value) -> None:
         """Keep a mask-derived tensor (or tuple of them) for later calls, within MASK_CACHE_BYTES."""
         def size(v):
-            return sum(size(x) for x in v) if isinstance(v, tuple) else v.numel() * v.element_size()
+            if isinstance(v, tuple):
+                return sum(size(x) for x in v)
+            return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
         if sum(size(v) for v in self.mask_cache.values()) + size(value) <= MASK_CACHE_BYTES:
             self.mask_cache[key] = value
 
     @property
     def static_mask(self) -> bool:
-        return self.selection is None and not E.input_names(self.mask)
+        """Whether the mask is the same at every call of this plan (evaluated masks are cached)."""
+        return self.selection is None and (self.inputs_fixed or not E.input_names(self.mask))
 
     @classmethod
     def build(cls, pattern: ir.PatternIR, bound: E.Bound, schedule: TileSchedule) -> Plan:
@@ -124,6 +145,24 @@ def _env(plan: Plan, heads: list[int], q_tok: torch.Tensor, k_tok: torch.Tensor)
     return E.token_env(plan.pattern, plan.bound, q_tok, k_tok, torch.tensor(heads).view(1, -1, 1, 1, 1))
 
 
+def _geometry(plan: Plan, own: torch.Tensor, lists, transposed: bool):
+    """(row tokens ``[C, R]``, column tokens ``[C, K]``, valid pairs ``[C, R, K]``, first PARTIAL
+    column) of a chunk of tiles ``own`` and its visited tiles ``lists`` (FULL lists first)."""
+    own_tok = plan.k_tokens if transposed else plan.q_tokens
+    other_tok = plan.q_tokens if transposed else plan.k_tokens
+    cols, col_valid = [], []
+    partial_start = 0
+    for idx, full in lists:
+        missing = idx < 0
+        safe = idx.clamp(min=0)
+        cols.append(other_tok.index[safe].flatten(1))  # [C, W*T]
+        col_valid.append((other_tok.valid[safe] & ~missing[..., None]).flatten(1))
+        if full:
+            partial_start += cols[-1].shape[1]
+    valid = own_tok.valid[own][:, :, None] & torch.cat(col_valid, 1)[:, None, :]
+    return own_tok.index[own], torch.cat(cols, 1), valid, partial_start
+
+
 class _Block:
     """Scores of a block of (query, key) token pairs: a chunk of tiles with their visited tiles.
 
@@ -132,22 +171,14 @@ class _Block:
     ``transposed`` means the rows are keys (the dK/dV pass)."""
 
     def __init__(self, plan: Plan, heads: list[int], own: torch.Tensor, lists: list[tuple[torch.Tensor, bool]],
-                 transposed: bool, inputs: dict, batched: set[str], bsel: slice = slice(None)):
+                 transposed: bool, inputs: dict, batched: set[str], bsel: slice = slice(None), key=None):
         self.plan, self.heads, self.inputs, self.batched, self.bsel = plan, heads, inputs, batched, bsel
-        own_tok = plan.k_tokens if transposed else plan.q_tokens
-        other_tok = plan.q_tokens if transposed else plan.k_tokens
-        self.row_index = own_tok.index[own]  # [C, R]
-        cols, col_valid = [], []
-        self.partial_start = 0
-        for idx, full in lists:
-            missing = idx < 0
-            safe = idx.clamp(min=0)
-            cols.append(other_tok.index[safe].flatten(1))  # [C, W*T]
-            col_valid.append((other_tok.valid[safe] & ~missing[..., None]).flatten(1))
-            if full:
-                self.partial_start += cols[-1].shape[1]
-        self.col_index = torch.cat(cols, 1)  # [C, K]
-        self.valid = own_tok.valid[own][:, :, None] & torch.cat(col_valid, 1)[:, None, :]  # [C, R, K]
+        geometry = plan.mask_cache.get(("geometry", key)) if key is not None else None
+        if geometry is None:
+            geometry = _geometry(plan, own, lists, transposed)
+            if key is not None:
+                plan.remember(("geometry", key), geometry)
+        self.row_index, self.col_index, self.valid, self.partial_start = geometry
         rows, columns = self.row_index[:, :, None], self.col_index[:, None, :]
         self.q_tok = (columns if transposed else rows)[None, None]  # [1, 1, C, R|1, K|1]
         self.k_tok = (rows if transposed else columns)[None, None]
@@ -236,38 +267,89 @@ def _flash_op():
     return op if {"attn_mask", "scale"} <= names else None
 
 
-def _fused_block(plan: Plan, blk: _Block, qc, kc, vc, allowed, extra, cache_key=None):
-    """The forward of one block through torch's fused CPU attention kernel, with
-    the mask and the additive terms (bias, decay) as a float mask; None where the
-    kernel does not apply (CUDA tensors, Dv != D; softcap is handled by the caller).
-    The decision depends on the shapes only, never on an earlier failure: an error
-    from the kernel is a bug and is raised."""
-    op = _flash_op()
-    if op is None or qc.is_cuda or qc.shape[-1] != vc.shape[-1]:
-        return None
-    rows, hs, c, tq, d = qc.shape
-    kk = kc.shape[-2]
+def fusable(plan: Plan, q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the blocks run through torch's fused CPU attention kernel: on CPU, Dv == D, no
+    softcap (the kernel takes the mask and the additive terms as one float mask, not a tanh).
+    The decision depends on the shapes only, never on an earlier failure: an error from the
+    kernel is a bug and is raised."""
+    return plan.softcap is None and _flash_op() is not None and not q.is_cuda and q.shape[-1] == v.shape[-1]
+
+
+def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None = None,
+                own: torch.Tensor | None = None) -> torch.Tensor:
+    """The rows ``index [C, T]`` of ``x [B, H, N, D]`` in the kernel's layout ``[B * C, H, T, D]``
+    (a strided view of one gather; a view of ``x`` itself for one batch row when ``tokens`` is
+    in token order and ``own`` a run of tiles)."""
+    B, H, _, D = x.shape
+    C, T = index.shape
+    if B == 1 and tokens is not None and tokens.identity and int(own[-1]) - int(own[0]) + 1 == len(own):
+        start = int(own[0]) * T
+        return x[:, :, start:start + C * T].unflatten(2, (C, T)).permute(0, 2, 1, 3, 4).reshape(C, H, T, D)
+    return x.transpose(1, 2)[:, index].permute(0, 1, 3, 2, 4).reshape(B * C, H, T, D)
+
+
+def _kernel_mask(plan: Plan, blk: _Block, own: torch.Tensor, allowed: torch.Tensor, extra: dict, dtype, cache_key):
+    """(float mask ``[Bm * C, Hm, R, K]`` in the kernel's layout, rows with an allowed key
+    ``[Bm, C, Hm, R]`` or None when every valid row has one): the mask and the additive terms
+    (bias, decay) as -inf / values; built once per plan for a static mask without terms."""
     additive = plan.bias is not None or plan.pattern.decay is not None
-    shape = torch.broadcast_shapes(allowed.shape, (rows, hs, c, tq, kk))
+    key = ("kernel mask", cache_key, dtype)
+    if not additive and key in plan.mask_cache:
+        return plan.mask_cache[key]
     if additive:
-        add = blk.terms(torch.zeros((), dtype=qc.dtype), extra).expand(shape).masked_fill(~allowed.expand(shape), -math.inf)
-        any_allowed = (add != -math.inf).any(-1)  # a FoX reset (-inf decay) can empty a row too
-    else:  # the float mask depends on the static mask only: build it once per plan
-        key = ("fused", cache_key, qc.dtype)
-        if key not in plan.mask_cache:
-            entry = (torch.zeros(allowed.shape, dtype=qc.dtype).masked_fill_(~allowed, -math.inf), allowed.any(-1))
-            if cache_key is not None and plan.static_mask:
-                plan.remember(key, entry)
-        else:
-            entry = plan.mask_cache[key]
-        add, any_allowed = entry[0].expand(shape), entry[1].expand(shape[:-1])
-    out, lse = op(qc.reshape(rows, hs * c, tq, d), kc.reshape(rows, hs * c, kk, d),
-                  vc.reshape(rows, hs * c, kk, vc.shape[-1]), 0.0, False,
-                  attn_mask=add.reshape(rows, hs * c, tq, kk), scale=1.0)
-    any_allowed = any_allowed.reshape(rows, hs * c, tq)
-    out = torch.where(any_allowed[..., None], out, torch.zeros((), dtype=out.dtype))
-    lse = torch.where(any_allowed, lse.to(qc.dtype), torch.full((), -math.inf, dtype=qc.dtype))
-    return out.reshape(rows, hs, c, tq, -1), lse.reshape(rows, hs, c, tq)
+        add = blk.terms(torch.zeros((), dtype=dtype), extra)
+        shape = torch.broadcast_shapes(allowed.shape, add.shape)
+        add = add.expand(shape).masked_fill(~allowed.expand(shape), -math.inf)
+        keep = add != -math.inf  # a FoX reset (-inf decay) can empty a row too
+    else:
+        add = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, -math.inf)
+        keep = allowed
+    Bm, Hm, C, R, K = add.shape
+    rows_ok = keep.any(-1)  # [Bm, Hm, C, R]
+    row_valid = (plan.k_tokens if blk.transposed else plan.q_tokens).valid[own]  # padding rows are dropped
+    empty_rows = None if bool((rows_ok | ~row_valid).all()) else rows_ok.permute(0, 2, 1, 3)
+    entry = (add.permute(0, 2, 1, 3, 4).reshape(Bm * C, Hm, R, K), empty_rows)
+    if not additive and cache_key is not None and plan.static_mask:
+        plan.remember(key, entry)
+    return entry
+
+
+def _batch_mask(mask: torch.Tensor, B: int, C: int) -> torch.Tensor:
+    """The kernel mask ``[Bm * C, Hm, R, K]`` for ``B`` batch rows (a copy where one is shared by all)."""
+    if mask.shape[0] == B * C:
+        return mask
+    return mask.unflatten(0, (1, C)).expand(B, C, *mask.shape[1:]).reshape(B * C, *mask.shape[1:])
+
+
+def _assemble(blocks: list, B: int, H: int, nQ: int, fill: float, dt) -> torch.Tensor:
+    """``[B, H, nQ, ...]`` from per-chunk results ``(batch rows, heads, tiles, [rows, Hs, C, ...])``:
+    the one block itself when it holds every tile in order, else copied into place (``fill``
+    where no chunk wrote: tiles without visited keys)."""
+    if len(blocks) == 1 and blocks[0][0] == slice(None) and blocks[0][1] == list(range(H)) \
+            and len(blocks[0][2]) == nQ:
+        return blocks[0][3]
+    x = blocks[0][3]
+    out = torch.full((B, H, nQ, *x.shape[3:]), fill, dtype=dt)
+    for bsel, heads, own, part in blocks:
+        out[bsel, torch.tensor(heads)[:, None], own[None, :]] = part
+    return out
+
+
+def _fused_block(plan: Plan, blk: _Block, own: torch.Tensor, qh, kh, vh, allowed, extra, scale: float,
+                 cache_key=None):
+    """The forward of one block through torch's fused CPU attention kernel (see ``fusable``):
+    (out ``[B, Hs, C, R, Dv]``, lse ``[B, Hs, C, R]``), strided views of the kernel's outputs."""
+    mask, rows_ok = _kernel_mask(plan, blk, own, allowed, extra, qh.dtype, cache_key)
+    B, Hs = qh.shape[:2]
+    C, R = blk.row_index.shape
+    qc = _tile_major(qh, blk.row_index, plan.q_tokens, own)
+    kc, vc = _tile_major(kh, blk.col_index), _tile_major(vh, blk.col_index)
+    out, lse = _flash_op()(qc, kc, vc, 0.0, False, attn_mask=_batch_mask(mask, B, C), scale=scale)
+    out, lse = out.unflatten(0, (B, C)), lse.to(qh.dtype).unflatten(0, (B, C))  # [B, C, Hs, R, (Dv)]
+    if rows_ok is not None:  # a row with no allowed key: output 0, lse -inf
+        out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
+        lse = torch.where(rows_ok, lse, torch.full((), -math.inf, dtype=lse.dtype))
+    return out.permute(0, 2, 1, 3, 4), lse.permute(0, 2, 1, 3)
 
 
 def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -282,15 +364,68 @@ def _exp_rows(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return p, torch.where(total == 0, torch.ones_like(total), total), lse
 
 
-def _chunks(n: int, per_item: int) -> list[torch.Tensor]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_item))
+def _chunks(n: int, per_item: int, budget: int = CHUNK_ELEMENTS) -> list[torch.Tensor]:
+    step = max(1, budget // max(1, per_item))
     return [torch.arange(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+#: A chunk of tiles (``_width_chunks``) pads every tile's list to the longest one's: at most this
+#: many times the pairs its tiles visit.
+PADDING_LIMIT = 1.3
+
+
+def _chunk_cost(plan: Plan, fused: bool, rows: int, heads: int, d: int, dv: int) -> tuple[int, int]:
+    """(elements per visited tile pair, elements per chunk) of the forward's chunks: the scores
+    and their work unfused; the gathered K/V rows and the float mask through the fused kernel."""
+    tq, tk = plan.q_tokens.index.shape[1], plan.k_tokens.index.shape[1]
+    if fused:
+        return rows * heads * tk * (d + dv) + tq * tk, FUSED_CHUNK_ELEMENTS
+    return rows * heads * tq * tk, CHUNK_ELEMENTS
+
+
+def _width_chunks(plan: Plan, cls: int, transposed: bool, per_pair: int, budget: int) -> list[torch.Tensor]:
+    """The tiles of list class ``cls`` in chunks of similar list widths (sorted by width, cut
+    where padding to the longest list would exceed ``PADDING_LIMIT`` or the chunk ``budget``
+    score entries, ``per_pair`` per visited tile pair); each chunk's tiles in ascending order
+    (a run of tiles for uniform lists). Cached in the plan."""
+    key = ("chunks", cls, transposed, per_pair, budget)
+    if key in plan.mask_cache:
+        return plan.mask_cache[key]
+    s = plan.schedule
+    full, part = (s.t_full_index, s.t_partial_index) if transposed else (s.full_index, s.partial_index)
+    widths = (full[cls] >= 0).sum(-1) + (part[cls] >= 0).sum(-1)
+    order = torch.argsort(widths, stable=True)
+    chunks, start, total = [], 0, 0
+    for i, w in enumerate(widths[order].tolist()):
+        count = i - start + 1
+        if count > 1 and (count * w * per_pair > budget or count * w > PADDING_LIMIT * (total + w)):
+            chunks.append(order[start:i].sort().values)
+            start, total = i, 0
+        total += w
+    chunks.append(order[start:].sort().values)
+    plan.remember(key, tuple(chunks))
+    return chunks
 
 
 def _lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
     if transposed:
         return [(schedule.t_full_index[cls, own], True), (schedule.t_partial_index[cls, own], False)]
     return [(schedule.full_index[cls, own], True), (schedule.partial_index[cls, own], False)]
+
+
+def _packed_lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
+    """The visited tiles of the chunk ``own`` as one list per tile (its FULL tiles, then its PARTIAL
+    ones, then padding), so that a chunk is as wide as its longest list, not as its most FULL plus
+    its most PARTIAL tiles; split where the first tile's list may be PARTIAL (``_Block`` evaluates
+    the mask from there)."""
+    (full, _), (partial, _) = _lists(schedule, cls, own, transposed)
+    both = torch.cat([full, partial], 1)
+    missing = both < 0
+    order = torch.sort(missing.to(torch.int8), dim=1, stable=True).indices
+    packed = both.gather(1, order)
+    width = int((~missing).sum(1).max()) if both.numel() else 0
+    split = int((full >= 0).sum(1).min()) if full.numel() else 0
+    return [(packed[:, :split], True), (packed[:, split:width], False)]
 
 
 def _trim(lists):
@@ -342,36 +477,39 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qd, kd, vd = q.to(dt) * scale, k.to(dt), v.to(dt)  # the scale folded into q: N x D work, not N x K
+    fused = fusable(plan, q, v)
+    # the scale folded into q (N x D work, not N x K) unless the kernel takes it
+    qd, kd, vd = q.to(dt) if fused else q.to(dt) * scale, k.to(dt), v.to(dt)
     extra = _prepare_extra(plan, inputs, dt)
     nQ, Tq = plan.q_tokens.index.shape
     Dv = v.shape[-1]
-    out_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt)
-    lse_t = torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
+    blocks, lse_blocks = [], []  # (batch rows, heads, tiles, out [rows, Hs, C, R, Dv] | lse [rows, Hs, C, R])
     for cls, bsel, heads in plan.groups():
         kv_heads = [h // group for h in heads]
         qh, kh, vh = _heads(qd[bsel], heads), _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
         ex = _batch_rows(extra, batched, bsel, B)
         rows = qh.shape[0]
-        width = plan.schedule.full_index.shape[-1] + plan.schedule.partial_index.shape[-1]
-        per = rows * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1]
-        for own in _chunks(nQ, per):
-            lists = _trim(_lists(plan.schedule, cls, own, False))
+        per, budget = _chunk_cost(plan, fused, rows, len(heads), q.shape[-1], Dv)
+        for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
+            lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel)
-            chunk_key = ("q", cls, int(own[0]), len(own))
+            chunk_key = ("q by width", cls, per, budget, i)
+            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
             allowed = blk.allowed(chunk_key)
-            qc, kc, vc = qh[:, :, blk.row_index], kh[:, :, blk.col_index], vh[:, :, blk.col_index]
-            fused = _fused_block(plan, blk, qc, kc, vc, allowed, ex, chunk_key) if plan.softcap is None else None
-            if fused is not None:
-                o, lse = fused
+            if fused:
+                o, lse = _fused_block(plan, blk, own, qh, kh, vh, allowed, ex, scale, chunk_key)
             else:
+                qc, kc, vc = qh[:, :, blk.row_index], kh[:, :, blk.col_index], vh[:, :, blk.col_index]
                 s = blk.terms(qc @ kc.transpose(-1, -2), ex)
                 p, total, lse = _exp_rows(blk.mask_scores(s, allowed))
                 o = (p @ vc).div_(total)
-            out_t[bsel, heads, own[0]:own[-1] + 1] = o.expand(rows, len(heads), *o.shape[-3:])
-            lse_t[bsel, heads, own[0]:own[-1] + 1] = lse.expand(rows, len(heads), *lse.shape[-2:])
+            blocks.append((bsel, heads, own, o.expand(rows, len(heads), *o.shape[-3:])))
+            lse_blocks.append((bsel, heads, own, lse.expand(rows, len(heads), *lse.shape[-2:])))
+    if not blocks:  # no query visits any key
+        out_t, lse_t = torch.zeros(B, Hq, nQ, Tq, Dv, dtype=dt), torch.full((B, Hq, nQ, Tq), -math.inf, dtype=dt)
+    else:
+        out_t, lse_t = _assemble(blocks, B, Hq, nQ, 0.0, dt), _assemble(lse_blocks, B, Hq, nQ, -math.inf, dt)
     out = plan.q_tokens.scatter(out_t, Nq, features=True)
     lse = plan.q_tokens.scatter(lse_t, Nq, features=False)
     return out.to(q.dtype), lse
@@ -393,12 +531,65 @@ def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, 
     return grads[0], out
 
 
+def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: set[str], scale: float):
+    """(dq, dk, dv) through torch's fused CPU attention backward (``fusable``; no gradient of the
+    lse or of score inputs): per chunk of Q tiles (the forward's chunks, masks and geometry), the
+    kernel recomputes P from the saved lse over the gathered K/V and returns dQ and the gathered
+    dK/dV, which are added to their tokens."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    group = Hq // Hkv
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qd, kd, vd, dod, od = (x.to(dt) for x in (q, k, v, dout, out))
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse).to(dt)  # empty rows: P = 0
+    extra = _prepare_extra(plan, inputs, dt)
+    nQ, Tq = plan.q_tokens.index.shape
+    dk_acc = torch.zeros(B, Nk, Hkv, D, dtype=dt)  # token-major: chunks add [C * K] key rows at once
+    dv_acc = torch.zeros(B, Nk, Hkv, Dv, dtype=dt)
+    dq_blocks = []
+    backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    for cls, bsel, heads in plan.groups():
+        kv_heads = [h // group for h in heads]
+        qh, dh, oh = (_heads(x[bsel], heads) for x in (qd, dod, od))
+        kh, vh = _heads(kd[bsel], kv_heads), _heads(vd[bsel], kv_heads)
+        lh = _heads(safe_lse[bsel], heads)[..., None]
+        ex = _batch_rows(extra, batched, bsel, B)
+        rows = qh.shape[0]
+        per, budget = _chunk_cost(plan, True, rows, len(heads), D, Dv)
+        for i, own in enumerate(_width_chunks(plan, cls, False, per, budget)):
+            lists = _packed_lists(plan.schedule, cls, own, False)
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            chunk_key = ("q by width", cls, per, budget, i)  # the forward's
+            blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
+            mask, _ = _kernel_mask(plan, blk, own, blk.allowed(chunk_key), ex, dt, chunk_key)
+            C, K = blk.col_index.shape
+            qc, doc, oc, lc = (_tile_major(x, blk.row_index, plan.q_tokens, own) for x in (qh, dh, oh, lh))
+            kc, vc = _tile_major(kh, blk.col_index), _tile_major(vh, blk.col_index)
+            dq_c, dk_c, dv_c = backward_op(doc, qc, kc, vc, oc, lc[..., 0].contiguous(), 0.0, False,
+                                           attn_mask=_batch_mask(mask, rows, C), scale=scale)
+            dq_blocks.append((bsel, heads, own, dq_c.unflatten(0, (rows, C)).permute(0, 2, 1, 3, 4)))
+            cols = blk.col_index.flatten()  # padded columns are masked: their gradients are 0
+            for acc, g in ((dk_acc, dk_c), (dv_acc, dv_c)):
+                g = g.unflatten(0, (rows, C)).transpose(2, 3).reshape(rows, C * K, len(heads), g.shape[-1])
+                if heads == list(range(Hq)):  # every head: grouped query heads summed onto their key head
+                    acc[bsel].index_add_(1, cols, g.unflatten(2, (Hkv, group)).sum(3) if group > 1 else g)
+                else:
+                    for j, kv in enumerate(kv_heads):
+                        acc[bsel, :, kv].index_add_(1, cols, g[:, :, j])
+    dq_t = _assemble(dq_blocks, B, Hq, nQ, 0.0, dt) if dq_blocks else torch.zeros(B, Hq, nQ, Tq, D, dtype=dt)
+    dq = plan.q_tokens.scatter(dq_t, Nq, features=True).to(q.dtype)
+    return dq, dk_acc.transpose(1, 2).to(k.dtype), dv_acc.transpose(1, 2).to(v.dtype)
+
+
 @_no_autocast
 def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float,
              wrt: list[str]):
     """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""
     if isinstance(plan, decode.RowPlan):
         return decode.backward(plan, q, k, v, out, lse, dout, dlse, inputs, batched, scale, wrt)
+    if fusable(plan, q, v) and not wrt and (dlse is None or not bool(dlse.any())):
+        return (*_fused_backward(plan, q, k, v, out, lse, dout, inputs, batched, scale), {})
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv

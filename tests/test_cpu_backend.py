@@ -273,6 +273,49 @@ def test_neighborhood_2d_tiles_and_sizes_against_dense(hw, ks, tile, kv_tile, at
         close(a, r, F64["grad"], f"grad {i}")
 
 
+@pytest.mark.parametrize("name", sorted(STDLIB))
+def test_stdlib_fused_backward_float64(name, monkeypatch):
+    """A loss of the output alone (no lse gradient) and no float input to differentiate: the
+    backward runs torch's fused CPU attention backward per chunk (where the forward ran the fused
+    kernel); q, k, v gradients against the reference backend, float64, batch 2, grouped heads."""
+    from attnc.runtime import executor
+
+    params, sizes, n, make_inputs = STDLIB[name]
+    n = math.prod(sizes.values()) if n is None else n
+    g = torch.Generator().manual_seed(11)
+    inputs = {key: t.detach() for key, t in (make_inputs(4, n, 2, g) if make_inputs else {}).items()}
+    q, k, v = qkv(2, 4, 2, n, 8, seed=4)
+    w = torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64)
+    calls = []
+    real = executor._fused_backward
+    monkeypatch.setattr(executor, "_fused_backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    got = []
+    for backend in ("cpu", "reference"):
+        attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, sizes=sizes, **params)
+        out = attn(q, k, v, **inputs)
+        got.append((out, torch.autograd.grad((out * w).sum(), (q, k, v))))
+    close(got[0][0], got[1][0], F64["out"], "out")
+    for i, (a, b) in enumerate(zip(got[0][1], got[1][1], strict=True)):
+        close(a, b, F64["grad"], f"grad {i}")
+    assert bool(calls) == (name != "softcap")  # softcap: the unfused recomputation
+
+
+def test_fused_backward_with_empty_rows_and_padded_tiles():
+    attn = attnc.compile_attention("pattern e\n  tokens seq\n  mask q >= 6 and k <= q and q - k < 3\n", backend="cpu",
+                                   q_tile=4, kv_tile=5)
+    q, k, v = qkv(2, 3, 1, 30, 8, seed=5)
+    out = attn(q, k, v)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gq, gk, gv = torch.autograd.grad((out * w).sum(), (q, k, v))
+    assert torch.equal(gq[:, :, :6], torch.zeros_like(gq[:, :, :6]))
+    idx = torch.arange(30)
+    allowed = (idx[:, None] >= 6) & (idx[None] <= idx[:, None]) & (idx[:, None] - idx[None] < 3)
+    r_out, _ = dense_attention(q, k, v, allowed[None, None], 1 / math.sqrt(8))
+    close(out, r_out, F64["out"], "out")
+    for a, r in zip((gq, gk, gv), torch.autograd.grad((r_out * w).sum(), (q, k, v)), strict=True):
+        close(a, r, F64["grad"])
+
+
 # ----------------------------------------------------- specific behaviours
 def test_empty_rows_give_zero_and_minus_inf_with_finite_gradients():
     # queries < 6 see nothing; query 20's only key is itself when w == 1
