@@ -63,11 +63,20 @@ MAX_BWD_STAGES_MMA = 2
 DECAY_BWD_TILES = 3
 #: The smallest backward tile (tokens) the search proposes: ``tl.dot`` takes 16.
 MIN_BWD_TOKENS = 16
-#: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
-#: the rest goes to addresses, masks, loop state and operand staging. Measured with
-#: ``runtime.gpu_check`` (sm_90, d = 128, Triton 3.6 / 3.9): 128 values per thread keep every
-#: pass of the forward and dQ kernels spill-free.
-REG_VALUES = 128
+#: Registers a thread may give a pass's register-resident tiles (``pass_registers``), of the 255 ptxas
+#: allows: the rest holds addresses, masks, loop state and operand staging. Calibrated with
+#: ``runtime.gpu_check`` (bf16, sm_80 and sm_90, Triton 3.6 and 3.9; w8 = 256 threads):
+#:   spill-free at 160: the forward at 128/64, d = 128 (O 64 + 2 score tiles 64 x 1.5) and moba's
+#:     dK/dV at 64/64, d = 128 (dK, dV 64 + 4 score tiles 64 x 1.5): 221-254 registers;
+#:   spills at 176: dK/dV at 128/64, d = 64 (dK, dV 32 + 3 score tiles 96 x 1.5): sliding_window
+#:     44 B (sm_80, 3.9), 60 B (sm_80, 3.6), 32 B (sm_90, 3.6, also streaming); forgetting's dK/dV
+#:     at 64/64, d = 64 (32 + 6 score tiles 96 x 1.5): 16 B (sm_80, 3.9).
+#: (Counting plain fp32 values, 128 a thread, could not tell these apart: both sides hold 128.)
+REG_BUDGET = 160
+#: Registers per element of a score-shaped tile: the fp32 value and half a register for its 16-bit
+#: copy, the operand of the dot that follows (P for O / dV, dS for dQ / dK); the accumulators
+#: (O, dQ, dK, dV) stay fp32 only, one register per element.
+SCORE_TILE_REGS = 1.5
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -166,30 +175,42 @@ def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
-def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
-    """fp32 values a pass keeps in registers across its loop: accumulators and ``score_tiles``
-    score-shaped tiles (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS;
-    a routing pattern holds one more, its per-query selection of the tile)."""
+def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> tuple[int, int]:
+    """(accumulator, score-tile) fp32 values a pass keeps in registers across its loop (block-wide):
+    forward: O and ``score_tiles`` score tiles (S/P, ...); dQ: dQ and the same; dK/dV: dK, dV and one
+    score tile more (the transposed operand). ``score_tiles`` is 2 (S/P and dP/dS), one more for a
+    routing pattern's per-query selection, more for a decay's weights (``ScheduleSearch``)."""
     scores = score_tiles * q_tokens * kv_tokens
-    if kind == "fwd":
-        return q_tokens * head_dim + scores
-    if kind == "bwd_dq":
-        return q_tokens * head_dim + scores
+    if kind in ("fwd", "bwd_dq"):
+        return q_tokens * head_dim, scores
     if kind == "bwd_dkdv":
         # one score tile more than dQ: measured with ``runtime.gpu_check`` (sm_90, d = 128, bf16), the
-        # dK/dV kernel at 128/64 w8 s2 (exactly 128 values a thread with two) spills 536 B on Triton
-        # 3.6 and 840 B on 3.9 (sliding_window, streaming at n = 8192), at 64/64 none
-        return 2 * kv_tokens * head_dim + scores + q_tokens * kv_tokens
+        # dK/dV kernel at 128/64 w8 s2 spills 536 B on Triton 3.6 and 840 B on 3.9 (sliding_window,
+        # streaming at n = 8192), at 64/64 none
+        return 2 * kv_tokens * head_dim, scores + q_tokens * kv_tokens
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
+
+
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
+    """fp32 values a pass keeps in registers across its loop, block-wide (``pass_tiles``, summed)."""
+    return sum(pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles))
+
+
+def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
+                   score_tiles: int = 2) -> float:
+    """Registers a thread gives the pass's register-resident tiles at ``warps`` warps: one per
+    accumulator element, ``SCORE_TILE_REGS`` per score-tile element (``REG_BUDGET`` at most)."""
+    acc, scores = pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles)
+    return (acc + SCORE_TILE_REGS * scores) / (32 * warps)
 
 
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
               hw: Hardware, score_tiles: int = 2) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
-    and its register-resident values within ``REG_VALUES`` per thread."""
+    and its register-resident tiles within ``REG_BUDGET`` registers a thread."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
-    regs = pass_values(kind, q_tokens, kv_tokens, head_dim, score_tiles) / (32 * warps)
-    return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
+    regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles)
+    return smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
 
 
 def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> bool:
@@ -538,5 +559,6 @@ class ScheduleSearch:
 
 
 __all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
-           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
+           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
+           "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]
