@@ -447,8 +447,12 @@ class ScheduleSearch:
 
     def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
+        # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
+        bwd = config.backward_config()
+        bsched = self.schedule(bwd.q_tile, bwd.kv_tile, flat) if config.own_backward_tiles else None
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
-                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration)
+                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
+                       backward_schedule=bsched)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
@@ -544,10 +548,10 @@ class ScheduleSearch:
         preds = []
         n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
         for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES):
-            if tk > tq:
+            if tk > tq or (tk < self.min_kv and tk < n_k):  # the candidates ``_search`` proposes
                 continue
-            cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
-            if sized(cfg, self.head_dim, self.nbytes, self.hw) is None:
+            cfg = sized(KernelConfig((tq,), (tk,), "flat", warps, stages), self.head_dim, self.nbytes, self.hw)
+            if cfg is None:
                 continue
             preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
                                        batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
