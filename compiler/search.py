@@ -77,6 +77,10 @@ REG_BUDGET = 160
 #: copy, the operand of the dot that follows (P for O / dV, dS for dQ / dK); the accumulators
 #: (O, dQ, dK, dV) stay fp32 only, one register per element.
 SCORE_TILE_REGS = 1.5
+#: A routing pattern's per-query selection of the tile, in score tiles: a mask with no operand copy,
+#: one register an element at most where a score tile takes ``SCORE_TILE_REGS`` (moba's forward at
+#: 64/64 w4, d = 64, with it: 160 registers, compiled spill-free: 165-168 on sm_80 / sm_90).
+ROUTE_SELECT_TILES = 1 / SCORE_TILE_REGS
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -175,11 +179,11 @@ def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
-def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> tuple[int, int]:
+def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: float = 2) -> tuple[float, float]:
     """(accumulator, score-tile) fp32 values a pass keeps in registers across its loop (block-wide):
     forward: O and ``score_tiles`` score tiles (S/P, ...); dQ: dQ and the same; dK/dV: dK, dV and one
-    score tile more (the transposed operand). ``score_tiles`` is 2 (S/P and dP/dS), one more for a
-    routing pattern's per-query selection, more for a decay's weights (``ScheduleSearch``)."""
+    score tile more (the transposed operand). ``score_tiles`` is 2 (S/P and dP/dS), more for a routing
+    pattern's selection (``ROUTE_SELECT_TILES``) and a decay's weights (``DECAY_BWD_TILES``)."""
     scores = score_tiles * q_tokens * kv_tokens
     if kind in ("fwd", "bwd_dq"):
         return q_tokens * head_dim, scores
@@ -191,13 +195,13 @@ def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_ti
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
-def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: float = 2) -> float:
     """fp32 values a pass keeps in registers across its loop, block-wide (``pass_tiles``, summed)."""
     return sum(pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles))
 
 
 def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
-                   score_tiles: int = 2) -> float:
+                   score_tiles: float = 2) -> float:
     """Registers a thread gives the pass's register-resident tiles at ``warps`` warps: one per
     accumulator element, ``SCORE_TILE_REGS`` per score-tile element (``REG_BUDGET`` at most)."""
     acc, scores = pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles)
@@ -205,7 +209,7 @@ def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warp
 
 
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
-              hw: Hardware, score_tiles: int = 2) -> bool:
+              hw: Hardware, score_tiles: float = 2) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
     and its register-resident tiles within ``REG_BUDGET`` registers a thread."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
@@ -213,13 +217,13 @@ def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     return smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
 
 
-def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> bool:
+def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2) -> bool:
     return pass_fits("fwd", config.q_tokens, config.kv_tokens, head_dim, nbytes, config.num_warps,
                      config.num_stages, hw, score_tiles)
 
 
 def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware,
-                    score_tiles: int = 2) -> tuple[int, int] | None:
+                    score_tiles: float = 2) -> tuple[int, int] | None:
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
     and the dK/dV kernels fit; None when none does."""
     hopper = min_kv_tokens(hw) > 1
@@ -259,8 +263,8 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
     return pairs
 
 
-def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2,
-          bwd_score_tiles: int | None = None) -> KernelConfig | None:
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2,
+          bwd_score_tiles: float | None = None) -> KernelConfig | None:
     """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
     when the backward fits there, else the largest sub-tiles under which it does), or None if its
     forward cannot fit at these tiles or its backward at none of ``backward_tiles``."""
@@ -402,8 +406,8 @@ class ScheduleSearch:
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
         self.min_kv = min_kv_tokens(hw)
-        #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
-        self.score_tiles = 3 if pat.route is not None else 2
+        #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
+        self.score_tiles = 2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
         #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
         #: and the gate prefixes (``DECAY_BWD_TILES`` more)
         self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)

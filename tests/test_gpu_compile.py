@@ -66,15 +66,16 @@ def test_register_model_separates_the_compiled_spills():
     kernels (``runtime.gpu_check``, bf16, Triton 3.6 and 3.9, 8 warps): the passes that compiled
     spill-free at their tiles fit ``REG_BUDGET``; those that spilled do not, so the search gives
     their backward smaller tiles."""
-    fits = lambda kind, tq, tk, d, tiles=2: SR.pass_registers(kind, tq, tk, d, 8, tiles) <= SR.REG_BUDGET  # noqa: E731
-    # spill-free: forward 128/64 at d = 128; moba's dK/dV (a selection tile more) and dK/dV at 64/64, d = 128;
-    # forgetting's dK/dV at 32/64, d = 128 (decay: 5 score tiles)
-    assert fits("fwd", 128, 64, 128) and fits("bwd_dkdv", 64, 64, 128, 3) and fits("bwd_dkdv", 64, 64, 128)
-    assert fits("bwd_dkdv", 32, 64, 128, 2 + SR.DECAY_BWD_TILES)
+    fits = lambda kind, tq, tk, d, tiles=2, w=8: SR.pass_registers(kind, tq, tk, d, w, tiles) <= SR.REG_BUDGET  # noqa: E731
+    route = 2 + SR.ROUTE_SELECT_TILES  # S/P, dP/dS and a routing pattern's selection mask
+    # spill-free: forward 128/64 at d = 128; dK/dV at 64/64, d = 128 (moba's with its selection too); moba's
+    # forward at 64/64 w4, d = 64; forgetting's dK/dV at 32/64, d = 128 (decay: 5 score tiles)
+    assert fits("fwd", 128, 64, 128) and fits("bwd_dkdv", 64, 64, 128) and fits("bwd_dkdv", 64, 64, 128, route)
+    assert fits("fwd", 64, 64, 64, route, w=4) and fits("bwd_dkdv", 32, 64, 128, 2 + SR.DECAY_BWD_TILES)
     # spilled: dK/dV at 128/64, d = 64 (sliding_window, streaming: 32-60 B); forgetting's at 64/64, d = 64 (16 B)
     assert not fits("bwd_dkdv", 128, 64, 64) and not fits("bwd_dkdv", 64, 64, 64, 2 + SR.DECAY_BWD_TILES)
-    # ... which the plain fp32 value count put at the same 128 a thread as the spill-free moba kernel
-    assert SR.pass_values("bwd_dkdv", 128, 64, 64) == SR.pass_values("bwd_dkdv", 64, 64, 128, 3) == 128 * 256
+    # ... which the plain fp32 value count put at the same 128 a thread as the spill-free forward at d = 128
+    assert SR.pass_values("bwd_dkdv", 128, 64, 64) == SR.pass_values("fwd", 128, 64, 128) == 128 * 256
     for arch in ("a100", "h100"):
         cfg = SR.sized(KernelConfig((128,), (64,), "flat", 8, 3), 64, 2, get_hardware(arch))
         b = cfg.backward_config()
