@@ -125,6 +125,15 @@ def badness(r: dict) -> tuple:
     return (bool(r["error"]), over, r["spill_bytes"], r["shared"] / max(r["smem_limit"], 1))
 
 
+def _cell(r: dict) -> tuple:
+    return (r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"])
+
+
+def cell_seconds(rows: list[dict]) -> float:
+    """Summed time of the cells the rows come from (each row of a cell carries its cell's time)."""
+    return sum({_cell(r): r["seconds"] for r in rows}.values())
+
+
 def render(rows: list[dict], args, elapsed: float) -> str:
     import platform
 
@@ -133,7 +142,10 @@ def render(rows: list[dict], args, elapsed: float) -> str:
     cur = [r for r in rows if not r["before"]]
     old = [r for r in rows if r["before"]]
     bad = [r for r in cur if problems(r)]
-    lines = [f"# Offline GPU compile matrix: Triton {triton.__version__}, {DATE}", "",
+    lines = [f"# Offline GPU compile matrix: Triton {triton.__version__}, {DATE}", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["**An offline compile, not a run: no kernel was launched and nothing was timed** (no GPU). "
              "Kernels compiled for CUDA without a GPU (`runtime.gpu_check`: the launch path's own launches, "
              "recorded on CPU tensors, bound and specialised as `JITFunction.run` does, compiled with "
              "`triton.compile` for `GPUTarget(\"cuda\", arch, 32)`; registers and spills from ptxas -v) "
@@ -141,7 +153,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
              f"Command: `python benchmarks/gpu_compile_matrix.py "
              f"{' '.join(a for a in sys.argv[1:] if a not in ('--render-only', '--resume'))}`; "
-             f"{len(cur)} kernels, {elapsed / 60:.0f} min on {platform.machine()} ({os.cpu_count()} cores, "
+             f"{len(cur)} kernels in {len({_cell(r) for r in cur})} cells (pattern x arch x d x dtype), "
+             f"{elapsed / 60:.0f} min of cell time on {platform.machine()} ({os.cpu_count()} cores, "
              "shared with other jobs).", "",
              f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; params {PARAMS}.", "",
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="the results file (default benchmarks/results/gpu-compile-<triton>-<date>.md)")
     p.add_argument("--resume", action="store_true", help="skip the cells the JSON-lines file already holds")
     p.add_argument("--render-only", action="store_true", help="write the results file from the JSON-lines file")
+    p.add_argument("--note", default="", help="a paragraph for the results file's head (what was run and why)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -212,8 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if args.render_only:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        cells = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]): r["seconds"] for r in rows}
-        out.write_text(render(rows, args, sum(cells.values())), encoding="utf-8")
+        out.write_text(render(rows, args, cell_seconds(rows)), encoding="utf-8")
         print(f"wrote {out}")
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
@@ -222,7 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t for t in tasks if t not in done]
     elif log.exists():
         log.unlink()
-    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         def take(cell_rows):
@@ -242,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for t in tasks:
                 take(run_one(t))
-    out.write_text(render(rows, args, time.perf_counter() - start), encoding="utf-8")
+    out.write_text(render(rows, args, cell_seconds(rows)), encoding="utf-8")
     print(f"wrote {out}")
     return 1 if any(problems(r) for r in rows if not r["before"]) else 0
 
