@@ -40,7 +40,8 @@ SUBSET = [
 ]
 #: (arch, d) per pattern: every pair covered, the issue's failures (sm_90, d = 128) most, and the d = 64
 #: dK/dV spills the register model used to admit (sliding_window / streaming at 128/64, forgetting's
-#: decay at 64/64: 16-60 B). About 10-20 s of CPU per case on a quiet machine: ~3-4 min in all.
+#: decay at 64/64: 16-60 B). Measured: the whole module, cold caches, Triton 3.6: 110 s of CPU (15.5 min of
+#: wall time on a 2-core machine loaded ~10x by other jobs).
 PAIRS = {"causal": [(90, 128), (80, 64)], "sliding_window": [(90, 128)], "sliding_window_8k": [(80, 64), (90, 64)],
          "streaming_8k": [(90, 64)], "softcap": [(90, 128)], "alibi": [(80, 128)],
          "forgetting": [(90, 128), (80, 64)], "moba": [(90, 128), (80, 64)], "neighborhood_2d": [(90, 64)],
