@@ -28,6 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Sizes of the recorded call per layout (the kernels bake the sizes in; the search's pick depends on them).
 SEQ_N = 8192
 GRID_SIZES = {2: {"height": 64, "width": 64}, 3: {"frames": 16, "height": 32, "width": 32}}
+#: Grid sizes of patterns whose axes are named otherwise (radial: frames x tokens per frame).
+PATTERN_SIZES = {"radial": {"frames": 16, "per_frame": 256}}
 #: Parameters a stdlib pattern needs (no default) or whose default does not fit SEQ_N.
 PARAMS = {"prefix_lm": {"prefix": 1024}, "moba": {"block": 1024, "topk": 4}}
 RECURRENCES = {"gla", "lightning", "lightning_fla", "mamba2", "retention"}
@@ -41,11 +43,11 @@ def stdlib_names() -> list[str]:
     return sorted(stdlib_index())
 
 
-def _sizes(pat) -> tuple[int | None, dict | None]:
+def _sizes(pat, name: str = "") -> tuple[int | None, dict | None]:
     from attnc.compiler import ir
 
     if isinstance(pat, ir.PatternIR) and pat.queries.kind == "grid":
-        return None, dict(GRID_SIZES[len(pat.queries.axes)])
+        return None, dict(PATTERN_SIZES.get(name) or GRID_SIZES[len(pat.queries.axes)])
     return SEQ_N, None
 
 
@@ -79,7 +81,7 @@ def run_one(task: tuple) -> list[dict]:
     start = time.perf_counter()
     try:
         pat = attnc.load(f"stdlib:{name}", **PARAMS.get(name, {}))
-        n, sizes = _sizes(pat)
+        n, sizes = _sizes(pat, name)
         with before_search() if before else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name)
@@ -125,6 +127,21 @@ def badness(r: dict) -> tuple:
     return (bool(r["error"]), over, r["spill_bytes"], r["shared"] / max(r["smem_limit"], 1))
 
 
+def _command_args(argv: list[str]) -> list[str]:
+    """The command line's arguments that say what ran (not --render-only, --resume, --note TEXT)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a in ("--render-only", "--resume"):
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        if not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def _cell(r: dict) -> tuple:
     return (r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"])
 
@@ -152,11 +169,12 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              "at the configs the schedule search picks for the arch's hardware model (sm_80: A100, sm_90: "
              "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
              f"Command: `python benchmarks/gpu_compile_matrix.py "
-             f"{' '.join(a for a in sys.argv[1:] if a not in ('--render-only', '--resume'))}`; "
+             f"{' '.join(_command_args(sys.argv[1:]))}`; "
              f"{len(cur)} kernels in {len({_cell(r) for r in cur})} cells (pattern x arch x d x dtype), "
              f"{elapsed / 60:.0f} min of cell time on {platform.machine()} ({os.cpu_count()} cores, "
              "shared with other jobs).", "",
-             f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; params {PARAMS}.", "",
+             f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; {PATTERN_SIZES}; "
+             f"params {PARAMS}.", "",
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
              "or spills) at the current configs." + (" Problems:" if bad else ""), ""]
     for r in sorted(bad, key=badness, reverse=True):
