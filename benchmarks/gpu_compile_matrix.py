@@ -28,6 +28,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 #: Sizes of the recorded call per layout (the kernels bake the sizes in; the search's pick depends on them).
 SEQ_N = 8192
 GRID_SIZES = {2: {"height": 64, "width": 64}, 3: {"frames": 16, "height": 32, "width": 32}}
+#: Grid sizes of patterns whose axes are named otherwise (radial: frames x tokens per frame).
+PATTERN_SIZES = {"radial": {"frames": 16, "per_frame": 256}}
 #: Parameters a stdlib pattern needs (no default) or whose default does not fit SEQ_N.
 PARAMS = {"prefix_lm": {"prefix": 1024}, "moba": {"block": 1024, "topk": 4}}
 RECURRENCES = {"gla", "lightning", "lightning_fla", "mamba2", "retention"}
@@ -41,11 +43,11 @@ def stdlib_names() -> list[str]:
     return sorted(stdlib_index())
 
 
-def _sizes(pat) -> tuple[int | None, dict | None]:
+def _sizes(pat, name: str = "") -> tuple[int | None, dict | None]:
     from attnc.compiler import ir
 
     if isinstance(pat, ir.PatternIR) and pat.queries.kind == "grid":
-        return None, dict(GRID_SIZES[len(pat.queries.axes)])
+        return None, dict(PATTERN_SIZES.get(name) or GRID_SIZES[len(pat.queries.axes)])
     return SEQ_N, None
 
 
@@ -79,7 +81,7 @@ def run_one(task: tuple) -> list[dict]:
     start = time.perf_counter()
     try:
         pat = attnc.load(f"stdlib:{name}", **PARAMS.get(name, {}))
-        n, sizes = _sizes(pat)
+        n, sizes = _sizes(pat, name)
         with before_search() if before else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name)
@@ -125,6 +127,30 @@ def badness(r: dict) -> tuple:
     return (bool(r["error"]), over, r["spill_bytes"], r["shared"] / max(r["smem_limit"], 1))
 
 
+def _command_args(argv: list[str]) -> list[str]:
+    """The command line's arguments that say what ran (not --render-only, --resume, --note TEXT)."""
+    out, skip = [], False
+    for a in argv:
+        if skip or a in ("--render-only", "--resume"):
+            skip = False
+            continue
+        if a == "--note":
+            skip = True
+            continue
+        if not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
+def _cell(r: dict) -> tuple:
+    return (r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"])
+
+
+def cell_seconds(rows: list[dict]) -> float:
+    """Summed time of the cells the rows come from (each row of a cell carries its cell's time)."""
+    return sum({_cell(r): r["seconds"] for r in rows}.values())
+
+
 def render(rows: list[dict], args, elapsed: float) -> str:
     import platform
 
@@ -133,17 +159,22 @@ def render(rows: list[dict], args, elapsed: float) -> str:
     cur = [r for r in rows if not r["before"]]
     old = [r for r in rows if r["before"]]
     bad = [r for r in cur if problems(r)]
-    lines = [f"# Offline GPU compile matrix: Triton {triton.__version__}, {DATE}", "",
+    lines = [f"# Offline GPU compile matrix: Triton {triton.__version__}, {DATE}", ""]
+    if args.note:
+        lines += [args.note, ""]
+    lines += ["**An offline compile, not a run: no kernel was launched and nothing was timed** (no GPU). "
              "Kernels compiled for CUDA without a GPU (`runtime.gpu_check`: the launch path's own launches, "
              "recorded on CPU tensors, bound and specialised as `JITFunction.run` does, compiled with "
              "`triton.compile` for `GPUTarget(\"cuda\", arch, 32)`; registers and spills from ptxas -v) "
              "at the configs the schedule search picks for the arch's hardware model (sm_80: A100, sm_90: "
              "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
              f"Command: `python benchmarks/gpu_compile_matrix.py "
-             f"{' '.join(a for a in sys.argv[1:] if a not in ('--render-only', '--resume'))}`; "
-             f"{len(cur)} kernels, {elapsed / 60:.0f} min on {platform.machine()} ({os.cpu_count()} cores, "
+             f"{' '.join(_command_args(sys.argv[1:]))}`; "
+             f"{len(cur)} kernels in {len({_cell(r) for r in cur})} cells (pattern x arch x d x dtype), "
+             f"{elapsed / 60:.0f} min of cell time on {platform.machine()} ({os.cpu_count()} cores, "
              "shared with other jobs).", "",
-             f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; params {PARAMS}.", "",
+             f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; {PATTERN_SIZES}; "
+             f"params {PARAMS}.", "",
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
              "or spills) at the current configs." + (" Problems:" if bad else ""), ""]
     for r in sorted(bad, key=badness, reverse=True):
@@ -193,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="the results file (default benchmarks/results/gpu-compile-<triton>-<date>.md)")
     p.add_argument("--resume", action="store_true", help="skip the cells the JSON-lines file already holds")
     p.add_argument("--render-only", action="store_true", help="write the results file from the JSON-lines file")
+    p.add_argument("--note", default="", help="a paragraph for the results file's head (what was run and why)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -212,8 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if args.render_only:
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        cells = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]): r["seconds"] for r in rows}
-        out.write_text(render(rows, args, sum(cells.values())), encoding="utf-8")
+        out.write_text(render(rows, args, cell_seconds(rows)), encoding="utf-8")
         print(f"wrote {out}")
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
@@ -222,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
         tasks = [t for t in tasks if t not in done]
     elif log.exists():
         log.unlink()
-    start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a", encoding="utf-8") as f:
         def take(cell_rows):
@@ -242,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for t in tasks:
                 take(run_one(t))
-    out.write_text(render(rows, args, time.perf_counter() - start), encoding="utf-8")
+    out.write_text(render(rows, args, cell_seconds(rows)), encoding="utf-8")
     print(f"wrote {out}")
     return 1 if any(problems(r) for r in rows if not r["before"]) else 0
 

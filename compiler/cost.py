@@ -387,13 +387,28 @@ def _axes_of(config: KernelConfig) -> int:
     return len(config.q_tile)
 
 
+def _address_s(tokens: int, config: KernelConfig, hw: Hardware, cal: Calibration) -> float:
+    """In-kernel multi-dimensional addressing per visited tile pair: ``tokens`` streamed tokens'
+    coordinates decoded per axis (zero unless the layout is "address")."""
+    if config.layout != "address":
+        return 0.0
+    return tokens * cal.address_ops_per_axis * _axes_of(config) / (hw.vector_flops_per_sm * cal.mask_alu_fraction)
+
+
 def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: torch.Tensor,
                    partial_bwd: torch.Tensor, repeat: int, config: KernelConfig, hw: Hardware, *,
                    head_dim: int, tokens: tuple[int, int], batch_heads: int, nbytes: int = 2,
                    ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
-                   repeat_bwd: int | float | None = None) -> Prediction:
+                   repeat_bwd: int | float | None = None, dq_counts: tuple | None = None,
+                   repeat_dq: int | float | None = None) -> Prediction:
     """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
-    every CTA launched ``repeat`` times (``repeat_bwd`` in the backward, if given).
+    every CTA launched ``repeat`` times (``repeat_bwd`` in the dK/dV kernel, if given).
+
+    The backward runs the config's backward (``KernelConfig.backward_config``: its own tiles where
+    it has some, its own warps and stages): ``full_bwd``/``partial_bwd`` are the dK/dV kernel's
+    per-KV-tile counts at the backward's tiles, and ``dq_counts`` (FULL, PARTIAL per Q tile, each
+    CTA launched ``repeat_dq`` times) the dQ kernel's; without them the dQ kernel walks the
+    forward's lists, which is right only when the backward has the forward's tiles.
 
     ``tokens``: (queries, keys) per head; ``batch_heads``: batch x heads (for
     the permutation and pre/post-processing traffic); ``ops``: the mask's
@@ -401,13 +416,16 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     tiles on a grid decode coordinates per pair).
     """
     cal = calibration or DEFAULT_CALIBRATION
+    if config.own_backward_tiles and dq_counts is None:
+        raise SpecError("a config with backward tiles of its own needs the dQ kernel's tile counts at them",
+                        where="argument dq_counts")
     if config.layout not in LAYOUTS:
         raise SpecError(f"unknown layout {config.layout!r}", where="argument layout", hint="one of " + ", ".join(LAYOUTS))
     D, b = head_dim, nbytes
     tq, tk = config.q_tokens, config.kv_tokens
     fit = cal.fit(hw)
     shape = _shape_factor(config, cal)
-    eff_f, eff_b = fit.forward * shape, fit.backward * shape
+    eff_f = fit.forward * shape
     pair_flops = 2.0 * tq * tk * D  # one matmul over a tile pair
     per_sm_bw = hw.bytes_per_s / hw.sms
     bw_eff = cal.address_bw_efficiency if config.layout == "address" else 1.0
@@ -416,10 +434,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     if config.layout == "flat" and grid_axes > 1:
         ops_pair += cal.flat_decode_ops_per_axis * grid_axes
     mask_pair = tq * tk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-    address_fwd = (tk * cal.address_ops_per_axis * _axes_of(config) / (hw.vector_flops_per_sm * cal.mask_alu_fraction)
-                   if config.layout == "address" else 0.0)
-    address_bwd = (tq * cal.address_ops_per_axis * _axes_of(config) / (hw.vector_flops_per_sm * cal.mask_alu_fraction)
-                   if config.layout == "address" else 0.0)
+    address_fwd = _address_s(tk, config, hw, cal)
     bw = per_sm_bw * bw_eff
 
     # forward: CTA per Q tile; K and V tiles stream in
@@ -434,26 +449,34 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                 mma_pair=mma_f, mask_pair=mask_pair, mem_pair=mem_f, hw=hw, cal=cal, permute_s=perm)
 
     # backward: delta = rowsum(dO * O), then the dQ kernel (CTA per Q tile, K and V stream
-    # in; the forward's tile lists) and the dK/dV kernel (CTA per KV tile; Q, dO, lse and
-    # delta stream in), one after the other.
+    # in) and the dK/dV kernel (CTA per KV tile; Q, dO, lse and delta stream in), one after the
+    # other, at the backward's own tiles, warps and stages
+    bcfg = dataclasses.replace(config.backward_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
+    btq, btk = bcfg.q_tokens, bcfg.kv_tokens
+    eff_b = fit.backward * _shape_factor(bcfg, cal)
+    bpair_flops = 2.0 * btq * btk * D
+    bmask_pair = btq * btk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
+    addr_dq, addr_dkdv = _address_s(btk, bcfg, hw, cal), _address_s(btq, bcfg, hw, cal)
+    full_dq, partial_dq = dq_counts if dq_counts is not None else (full_fwd, partial_fwd)
     n_dq, n_dkdv = cal.bwd_matmuls
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s
     parts = []
     if n_dq:
-        mma_q = n_dq * pair_flops / (hw.flops_per_sm * eff_b)
-        mem_q = 2.0 * tk * D * b * miss / bw
-        t_q = _overlap(mma_q, mem_q, config.num_stages, cal) + address_fwd
-        cta_q = fit.cta_overhead_s + (3.0 * tq * D * b + 8.0 * tq) / bw  # Q, dO in, dQ out; lse, delta
-        parts.append(_pass(full_fwd, partial_fwd, repeat, t_full=t_q, t_partial=t_q + mask_pair, t_cta=cta_q,
-                           mma_pair=mma_q, mask_pair=mask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
-    mma_k = n_dkdv * pair_flops / (hw.flops_per_sm * eff_b)
-    mem_k = (2.0 * tq * D * b + 8.0 * tq) * miss / bw  # Q, dO; lse, delta (fp32)
+        mma_q = n_dq * bpair_flops / (hw.flops_per_sm * eff_b)
+        mem_q = 2.0 * btk * D * b * miss / bw
+        t_q = _overlap(mma_q, mem_q, bcfg.num_stages, cal) + addr_dq
+        cta_q = fit.cta_overhead_s + (3.0 * btq * D * b + 8.0 * btq) / bw  # Q, dO in, dQ out; lse, delta
+        parts.append(_pass(full_dq, partial_dq, repeat if repeat_dq is None else repeat_dq, t_full=t_q,
+                           t_partial=t_q + bmask_pair, t_cta=cta_q, mma_pair=mma_q, mask_pair=bmask_pair,
+                           mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
+    mma_k = n_dkdv * bpair_flops / (hw.flops_per_sm * eff_b)
+    mem_k = (2.0 * btq * D * b + 8.0 * btq) * miss / bw  # Q, dO; lse, delta (fp32)
     if not n_dq:  # one kernel (FlashAttention-2): dQ accumulated in fp32 by atomics
-        mem_k += 2.0 * tq * D * 4 * miss / bw
-    t_k = _overlap(mma_k, mem_k, config.num_stages, cal) + address_bwd
-    cta_k = fit.cta_overhead_s + 4.0 * tk * D * b / bw  # load K, V; store dK, dV
+        mem_k += 2.0 * btq * D * 4 * miss / bw
+    t_k = _overlap(mma_k, mem_k, bcfg.num_stages, cal) + addr_dkdv
+    cta_k = fit.cta_overhead_s + 4.0 * btk * D * b / bw  # load K, V; store dK, dV
     parts.append(_pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_k,
-                       t_partial=t_k + mask_pair, t_cta=cta_k, mma_pair=mma_k, mask_pair=mask_pair,
+                       t_partial=t_k + bmask_pair, t_cta=cta_k, mma_pair=mma_k, mask_pair=bmask_pair,
                        mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0))
     bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
@@ -469,32 +492,50 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
 
 
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
-            nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None) -> Prediction:
+            nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
+            backward_schedule: TileSchedule | None = None) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
-    token counts are those of the schedule's tiles)."""
+    token counts are those of the schedule's tiles). A config whose backward has
+    tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
+    ``backward_schedule``, the schedule at those tiles: its dQ and dK/dV kernels
+    walk that one's tile lists."""
+    if config.own_backward_tiles and backward_schedule is None:
+        raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
+                        where="argument backward_schedule")
+    bsched = backward_schedule if config.own_backward_tiles else schedule
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
+    brepeat = batch * (H if bsched.heads_stored == 1 else 1)
     # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
-    q_weight, kv_weight = getattr(schedule, "q_weight", 1), getattr(schedule, "kv_weight", 1)
+    q_weight = getattr(schedule, "q_weight", 1)
+    bq_weight, bkv_weight = getattr(bsched, "q_weight", 1), getattr(bsched, "kv_weight", 1)
     return predict_counts(
-        schedule.full_count, schedule.partial_count, schedule.t_full_count, schedule.t_partial_count,
+        schedule.full_count, schedule.partial_count, bsched.t_full_count, bsched.t_partial_count,
         repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
         batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
-        repeat_bwd=repeat * kv_weight)
+        repeat_bwd=brepeat * bkv_weight, dq_counts=(bsched.full_count, bsched.partial_count),
+        repeat_dq=brepeat * bq_weight)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,
                   head_dim: int, batch: int = 1, nbytes: int = 2, calibration: Calibration | None = None) -> Prediction:
     """Dense attention modelled the same way: flat tiles of the config's token
-    counts, every tile pair FULL, no mask, no permutation."""
+    counts (the backward at its own, with its own warps and stages), every tile
+    pair FULL, no mask, no permutation."""
     tq, tk = config.q_tokens, config.kv_tokens
+    bwd = config.backward_config()
+    btq, btk = bwd.q_tokens, bwd.kv_tokens
     nq, nk = -(-num_queries // tq), -(-num_keys // tk)
-    flat = KernelConfig((tq,), (tk,), "flat", config.num_warps, config.num_stages)
+    bnq, bnk = -(-num_queries // btq), -(-num_keys // btk)
+    own = config.own_backward_tiles
+    flat = KernelConfig((tq,), (tk,), "flat", config.num_warps, config.num_stages, config.bwd_num_warps,
+                        config.bwd_num_stages, (btq,) if own else (), (btk,) if own else ())
     # Every CTA is alike: one of each, repeated (no tensor as long as the tile grid).
-    pred = predict_counts(torch.tensor([[float(nk)]]), torch.zeros(1, 1), torch.tensor([[float(nq)]]),
-                          torch.zeros(1, 1), batch * heads * nq, flat, hw, head_dim=head_dim,
-                          tokens=(num_queries, num_keys), batch_heads=batch * heads, nbytes=nbytes, ops=0,
-                          calibration=calibration, repeat_bwd=batch * heads * nk)
+    one = lambda count: torch.tensor([[float(count)]])  # noqa: E731
+    pred = predict_counts(one(nk), torch.zeros(1, 1), one(bnq), torch.zeros(1, 1), batch * heads * nq, flat, hw,
+                          head_dim=head_dim, tokens=(num_queries, num_keys), batch_heads=batch * heads,
+                          nbytes=nbytes, ops=0, calibration=calibration, repeat_bwd=batch * heads * bnk,
+                          dq_counts=(one(bnk), torch.zeros(1, 1)), repeat_dq=batch * heads * bnq)
     return Prediction(flat, pred.forward, pred.backward)
 
 

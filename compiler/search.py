@@ -63,11 +63,24 @@ MAX_BWD_STAGES_MMA = 2
 DECAY_BWD_TILES = 3
 #: The smallest backward tile (tokens) the search proposes: ``tl.dot`` takes 16.
 MIN_BWD_TOKENS = 16
-#: fp32 values (accumulators, score tiles) a thread may hold per pass, of the 255 registers:
-#: the rest goes to addresses, masks, loop state and operand staging. Measured with
-#: ``runtime.gpu_check`` (sm_90, d = 128, Triton 3.6 / 3.9): 128 values per thread keep every
-#: pass of the forward and dQ kernels spill-free.
-REG_VALUES = 128
+#: Registers a thread may give a pass's register-resident tiles (``pass_registers``), of the 255 ptxas
+#: allows: the rest holds addresses, masks, loop state and operand staging. Calibrated with
+#: ``runtime.gpu_check`` (bf16, sm_80 and sm_90, Triton 3.6 and 3.9; w8 = 256 threads):
+#:   spill-free at 160: the forward at 128/64, d = 128 (O 64 + 2 score tiles 64 x 1.5) and moba's
+#:     dK/dV at 64/64, d = 128 (dK, dV 64 + 4 score tiles 64 x 1.5): 221-254 registers;
+#:   spills at 176: dK/dV at 128/64, d = 64 (dK, dV 32 + 3 score tiles 96 x 1.5): sliding_window
+#:     44 B (sm_80, 3.9), 60 B (sm_80, 3.6), 32 B (sm_90, 3.6, also streaming); forgetting's dK/dV
+#:     at 64/64, d = 64 (32 + 6 score tiles 96 x 1.5): 16 B (sm_80, 3.9).
+#: (Counting plain fp32 values, 128 a thread, could not tell these apart: both sides hold 128.)
+REG_BUDGET = 160
+#: Registers per element of a score-shaped tile: the fp32 value and half a register for its 16-bit
+#: copy, the operand of the dot that follows (P for O / dV, dS for dQ / dK); the accumulators
+#: (O, dQ, dK, dV) stay fp32 only, one register per element.
+SCORE_TILE_REGS = 1.5
+#: A routing pattern's per-query selection of the tile, in score tiles: a mask with no operand copy,
+#: one register an element at most where a score tile takes ``SCORE_TILE_REGS`` (moba's forward at
+#: 64/64 w4, d = 64, with it: 160 registers, compiled spill-free: 165-168 on sm_80 / sm_90).
+ROUTE_SELECT_TILES = 1 / SCORE_TILE_REGS
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -166,39 +179,51 @@ def pass_smem(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
-def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: int = 2) -> int:
-    """fp32 values a pass keeps in registers across its loop: accumulators and ``score_tiles``
-    score-shaped tiles (forward: O and S/P; dQ: dQ, S/P and dP/dS; dK/dV: dK, dV, S/P and dP/dS;
-    a routing pattern holds one more, its per-query selection of the tile)."""
+def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: float = 2) -> tuple[float, float]:
+    """(accumulator, score-tile) fp32 values a pass keeps in registers across its loop (block-wide):
+    forward: O and ``score_tiles`` score tiles (S/P, ...); dQ: dQ and the same; dK/dV: dK, dV and one
+    score tile more (the transposed operand). ``score_tiles`` is 2 (S/P and dP/dS), more for a routing
+    pattern's selection (``ROUTE_SELECT_TILES``) and a decay's weights (``DECAY_BWD_TILES``)."""
     scores = score_tiles * q_tokens * kv_tokens
-    if kind == "fwd":
-        return q_tokens * head_dim + scores
-    if kind == "bwd_dq":
-        return q_tokens * head_dim + scores
+    if kind in ("fwd", "bwd_dq"):
+        return q_tokens * head_dim, scores
     if kind == "bwd_dkdv":
         # one score tile more than dQ: measured with ``runtime.gpu_check`` (sm_90, d = 128, bf16), the
-        # dK/dV kernel at 128/64 w8 s2 (exactly 128 values a thread with two) spills 536 B on Triton
-        # 3.6 and 840 B on 3.9 (sliding_window, streaming at n = 8192), at 64/64 none
-        return 2 * kv_tokens * head_dim + scores + q_tokens * kv_tokens
+        # dK/dV kernel at 128/64 w8 s2 spills 536 B on Triton 3.6 and 840 B on 3.9 (sliding_window,
+        # streaming at n = 8192), at 64/64 none
+        return 2 * kv_tokens * head_dim, scores + q_tokens * kv_tokens
     raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
+def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: float = 2) -> float:
+    """fp32 values a pass keeps in registers across its loop, block-wide (``pass_tiles``, summed)."""
+    return sum(pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles))
+
+
+def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
+                   score_tiles: float = 2) -> float:
+    """Registers a thread gives the pass's register-resident tiles at ``warps`` warps: one per
+    accumulator element, ``SCORE_TILE_REGS`` per score-tile element (``REG_BUDGET`` at most)."""
+    acc, scores = pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles)
+    return (acc + SCORE_TILE_REGS * scores) / (32 * warps)
+
+
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
-              hw: Hardware, score_tiles: int = 2) -> bool:
+              hw: Hardware, score_tiles: float = 2) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
-    and its register-resident values within ``REG_VALUES`` per thread."""
+    and its register-resident tiles within ``REG_BUDGET`` registers a thread."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
-    regs = pass_values(kind, q_tokens, kv_tokens, head_dim, score_tiles) / (32 * warps)
-    return smem <= hw.smem_bytes - 1024 and regs <= REG_VALUES
+    regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles)
+    return smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
 
 
-def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2) -> bool:
+def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2) -> bool:
     return pass_fits("fwd", config.q_tokens, config.kv_tokens, head_dim, nbytes, config.num_warps,
                      config.num_stages, hw, score_tiles)
 
 
 def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware,
-                    score_tiles: int = 2) -> tuple[int, int] | None:
+                    score_tiles: float = 2) -> tuple[int, int] | None:
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
     and the dK/dV kernels fit; None when none does."""
     hopper = min_kv_tokens(hw) > 1
@@ -238,8 +263,8 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
     return pairs
 
 
-def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: int = 2,
-          bwd_score_tiles: int | None = None) -> KernelConfig | None:
+def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2,
+          bwd_score_tiles: float | None = None) -> KernelConfig | None:
     """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
     when the backward fits there, else the largest sub-tiles under which it does), or None if its
     forward cannot fit at these tiles or its backward at none of ``backward_tiles``."""
@@ -381,8 +406,8 @@ class ScheduleSearch:
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
         self.min_kv = min_kv_tokens(hw)
-        #: score-shaped register tiles per pass (``pass_values``): one more for a routing pattern's selection
-        self.score_tiles = 3 if pat.route is not None else 2
+        #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
+        self.score_tiles = 2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
         #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
         #: and the gate prefixes (``DECAY_BWD_TILES`` more)
         self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
@@ -426,8 +451,12 @@ class ScheduleSearch:
 
     def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
+        # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
+        bwd = config.backward_config()
+        bsched = self.schedule(bwd.q_tile, bwd.kv_tile, flat) if config.own_backward_tiles else None
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
-                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration)
+                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
+                       backward_schedule=bsched)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
@@ -523,10 +552,10 @@ class ScheduleSearch:
         preds = []
         n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
         for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES):
-            if tk > tq:
+            if tk > tq or (tk < self.min_kv and tk < n_k):  # the candidates ``_search`` proposes
                 continue
-            cfg = KernelConfig((tq,), (tk,), "flat", warps, stages)
-            if sized(cfg, self.head_dim, self.nbytes, self.hw) is None:
+            cfg = sized(KernelConfig((tq,), (tk,), "flat", warps, stages), self.head_dim, self.nbytes, self.hw)
+            if cfg is None:
                 continue
             preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
                                        batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
@@ -538,5 +567,6 @@ class ScheduleSearch:
 
 
 __all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
-           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_smem", "pass_values",
+           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
+           "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

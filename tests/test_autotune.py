@@ -483,12 +483,12 @@ def test_search_sizes_every_pass(hw_name, d):
         fs, bs = max(c.num_stages - lag, 1), max(c.bwd_stages - lag, 1)
         assert c.bwd_num_warps and c.bwd_num_stages
         assert tq * row + fs * 2 * tk * row <= limit  # forward: Q + buffers x (K, V)
-        assert (tq * d + 2 * tq * tk) / (32 * c.num_warps) <= SR.REG_VALUES
+        assert (tq * d + 1.5 * 2 * tq * tk) / (32 * c.num_warps) <= SR.REG_BUDGET  # O + 2 score tiles
         b = c.backward_config()  # the backward's own tiles, where the search gave it some
         tq, tk = b.q_tokens, b.kv_tokens
         assert 2 * tq * row + bs * 2 * tk * row <= limit  # dQ: Q, dO + buffers x (K, V)
         assert 2 * tk * row + bs * 2 * tq * row + tq * tk * 2 <= limit  # dK/dV
-        assert (2 * tk * d + 3 * tq * tk) / (32 * c.bwd_warps) <= SR.REG_VALUES  # dK/dV: 3 score tiles
+        assert (2 * tk * d + 1.5 * 3 * tq * tk) / (32 * c.bwd_warps) <= SR.REG_BUDGET  # dK/dV: 3 score tiles
 
 
 def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
@@ -498,14 +498,14 @@ def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3) > 227 * 1024
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 2) <= 227 * 1024
     # ... but its registers do not fit at 8 warps (3 score tiles: measured spills at 128 values), 64 x 64 does
-    assert SR.pass_values("bwd_dkdv", 128, 64, 128) / 256 > SR.REG_VALUES
+    assert SR.pass_registers("bwd_dkdv", 128, 64, 128, 8) > SR.REG_BUDGET
     assert SR.backward_launch(128, 64, 128, 2, h100) is None
     assert SR.backward_launch(64, 64, 128, 2, h100) == (8, 3)
     # on A100 one buffer fewer (cp.async): 3 stages hold 2 buffers, 176 KiB > 163; and at most 2 stages
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3, hopper=False) > 163 * 1024
     assert SR.backward_launch(64, 64, 128, 2, a100) == (8, 2)
     # 128 x 128 at d = 128: dK, dV and the score tiles exceed the register budget at 8 warps
-    assert SR.pass_values("bwd_dkdv", 128, 128, 128) / 256 > SR.REG_VALUES
+    assert SR.pass_registers("bwd_dkdv", 128, 128, 128, 8) > SR.REG_BUDGET
     assert SR.backward_launch(128, 128, 128, 2, h100) is None
     assert SR.backward_launch(256, 256, 256, 2, a100) is None
 
