@@ -22,32 +22,20 @@ References written here, not taken from attnc's lowering:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 from functools import cache
-from pathlib import Path
 from unittest import mock
 
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_tiles import check_schedule
 
 import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import tiles as T
 from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
-
-
-def _sibling(name: str):
-    """A test module beside this one (tests run with --import-mode=importlib: no sys.path entry)."""
-    spec = importlib.util.spec_from_file_location(f"_concat_fuzz_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_schedule = _sibling("test_tiles").check_schedule
 
 AXES = (("t", "frames"), ("y", "height"), ("x", "width"))
 SEQ_NAMES = ("text", "tail", "extra")

@@ -10,15 +10,14 @@ checked with ``test_tiles.check_schedule`` against the materialised mask.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from dataclasses import dataclass
-from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+from test_tiles import check_schedule
 
 import attnc
 from attnc.compiler import evaluate as E
@@ -26,17 +25,6 @@ from attnc.compiler import tiles as T
 from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
 from attnc.integrations.diffusers import _check_grid
 from attnc.spec.errors import SpecError
-
-
-def _sibling(name: str):
-    """A test module beside this one (tests run with --import-mode=importlib: no sys.path entry)."""
-    spec = importlib.util.spec_from_file_location(f"_concat_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-check_schedule = _sibling("test_tiles").check_schedule
 
 GRID = "grid(t: frames, y: height, x: width)"
 LAYOUTS = {  # name -> (layout text, segment order)
