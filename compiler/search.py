@@ -34,7 +34,7 @@ import torch
 
 from ..spec.errors import SpecError
 from . import evaluate as E
-from . import ir
+from . import ir, route_blocks
 from . import symbols as S
 from . import tiles as T
 from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
@@ -310,15 +310,12 @@ def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, input
     each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
     reaches: the blocks ``keep`` forces (judged at the tile's first query),
     then the nearest others. The real selection depends on q and k."""
-    from ..runtime import routing
-
     route = pat.route
-    block = routing.block_sizes(route, bound)
-    topk = int(route.topk.subs(bound.subs))
+    block, topk = route_blocks.route_sizes(pat, bound)
     q_ext, kv_ext = sched.q_extents, sched.kv_extents
     kv_first = tile_tokens(kv_ext, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
     q_first = tile_tokens(q_ext, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
-    ids, nblocks = routing.block_ids(pat.keys, block, bound, sched.num_keys)
+    ids, nblocks = route_blocks.block_ids(pat.keys, block, bound, sched.num_keys)
     kv_block = ids[kv_first]
     block_first = torch.full((nblocks,), sched.num_keys, dtype=torch.int64)
     block_first.scatter_reduce_(0, ids, torch.arange(sched.num_keys), reduce="amin")

@@ -17,38 +17,8 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler import symbols as S
-from ..compiler.route_blocks import WORD_BITS, block_ids, block_sizes  # noqa: F401 (compiler.search reads it here)
+from ..compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ..spec.errors import SpecError
-
-
-def _size_argument(expr, bound: E.Bound) -> str:
-    """The call argument whose shape sets the sizes ``expr`` depends on: a grid size comes from
-    ``sizes``, ``nk`` from k (and ``n`` too after a KV cache), ``n`` and ``heads`` from q."""
-    free = expr.free_symbols
-    if free - set(S.BUILTIN_SIZES.values()):
-        return "argument sizes"
-    if S.NK in free or (bound.q_offset and S.N in free):
-        return "argument k"
-    return "argument q"
-
-
-def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int]:
-    """The route's block extents and its K at this call's sizes. A constant below 1 is refused when
-    loading; an expression of the sizes (``blocks(n // 64)``, ``topk(heads - 1)``) is checked here, at
-    every call, with a ``SpecError`` naming the argument whose shape made it too small (a block of 0
-    keys would divide by zero, a K below 1 would silently select nothing)."""
-    route = pat.route
-    values = []
-    for what, expr in [*(("a block size", b) for b in route.block), ("topk", route.topk)]:
-        value = int(expr.subs(bound.subs))
-        if value < 1:
-            at = ", ".join(f"{sym.name.removeprefix('size_')} = {bound.subs[sym]}"
-                           for sym in sorted(expr.free_symbols, key=str))
-            raise SpecError(f"{what} of the route is {value} at {at}; it must be at least 1",
-                            where=_size_argument(expr, bound), hint="call with sizes where it is at least 1")
-        values.append(value)
-    return tuple(values[:-1]), values[-1]
 
 
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,

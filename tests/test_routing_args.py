@@ -91,3 +91,13 @@ def test_keep_inputs_checked_and_used(backend):
     # in range: pinning block 0 equals the stdlib's own-block keep where every query's own block is 0
     out = attnc.compile_attention(_route("topk(1) blocks(4)", keep="k < 4"), backend="reference")(*qkv)
     torch.testing.assert_close(attn(*qkv, pin=torch.tensor([1, 0, 0, 0])), out, rtol=1e-12, atol=1e-12)
+
+
+def test_size_dependent_route_refused_by_the_simulator():
+    """The simulator's routing model reads the same checked sizes (it divided by a block of 0)."""
+    with pytest.raises(SpecError, match=r"a block size of the route is 0 at n = 16; it must be at least 1"):
+        attnc.simulate(_route("topk(2) blocks(n - 16)"), n=16, heads=2, head_dim=16)
+    with pytest.raises(SpecError, match=r"topk of the route is -1 at heads = 2"):
+        attnc.simulate(_route("topk(heads - 3) blocks(4)"), n=16, heads=2, head_dim=16)
+    report = attnc.simulate(_route("topk(heads) blocks(n // 4)"), n=64, heads=2, head_dim=16)
+    assert report["predicted_speedup"] > 0
