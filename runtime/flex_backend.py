@@ -55,6 +55,7 @@ from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thr
 from ..spec.errors import SpecError
 from . import reference
 from .cpu_backend import mask_input_names
+from .custom_op import empty_batch_outputs
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
@@ -354,6 +355,11 @@ class FlexRunner:
         pat = self.pattern
         B, Hq, Nq, _ = q.shape
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
+        if B == 0:  # an empty batch: Flex's dense backward cannot reshape 0 elements; zeros as elsewhere
+            anchor = sum(t.sum() for t in (q, k, v, *tensors.values()) if t.is_floating_point()) * 0
+            out, lse = empty_batch_outputs(q, v, torch.float32)
+            out, lse = out + anchor.to(out.dtype), lse + anchor.to(lse.dtype)  # gradients: empty zeros
+            return out, (lse if need_lse else None)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         plan = self.plan(bound, tensors, batched)
         dev = q.device

@@ -81,17 +81,18 @@ def test_zero_heads_or_head_dim_are_spec_errors(backend):
     _spec_error(lambda: attn(q, k, torch.randn(1, 2, 8, 0)), "argument v", "head dim 0")
 
 
-def test_empty_batch_on_cpu_returns_empty_outputs_and_gradients():
+@pytest.mark.parametrize("backend", ["cpu", "flex"])
+def test_empty_batch_on_cpu_returns_empty_outputs_and_gradients(backend):
     q, k, v = (t.requires_grad_() for t in _qkv(B=0, Dv=6))
     ref = attnc.compile_attention(WINDOW, backend="reference")(q, k, v)
-    out, lse = attnc.compile_attention(WINDOW, backend="cpu")(q, k, v, return_lse=True)
+    out, lse = attnc.compile_attention(WINDOW, backend=backend)(q, k, v, return_lse=True)
     assert out.shape == ref.shape == (0, 2, 8, 6) and lse.shape == (0, 2, 8)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
     # with a float input that gets a gradient
     q, k, v = _qkv(B=0)
     w = torch.randn(0, 8, requires_grad=True)
-    attnc.compile_attention(BIAS_INPUT, backend="cpu")(q, k, v, w=w).sum().backward()
+    attnc.compile_attention(BIAS_INPUT, backend=backend)(q, k, v, w=w).sum().backward()
     assert w.grad.shape == (0, 8)
 
 
