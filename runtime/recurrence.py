@@ -27,20 +27,12 @@ import torch.nn.functional as F
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..spec.errors import SpecError
+from .reference import compute_dtype, expand_kv  # one GQA and dtype rule for every reference
 
 #: The chunk sizes the simulator chooses from.
 CHUNKS = (16, 32, 64)
 #: Elements of the ``[.., C, C, Dk]`` temporary of per-channel gates processed at once (memory bound).
 _VECTOR_BLOCK_ELEMS = 1 << 23
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """GQA as the reference does it: query head h reads kv head h // (Hq // Hkv)."""
-    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
 def head_gates(rec: ir.RecurrenceIR, bound: E.Bound, heads: int, dtype, device) -> torch.Tensor:

@@ -22,7 +22,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     """GQA: repeat key/value heads so that query head h reads kv head h // (Hq // Hkv)."""
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
@@ -79,7 +79,7 @@ def attention(
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     dt = compute_dtype(q.dtype)
-    qc, kc, vc = q.to(dt), _expand_kv(k.to(dt), Hq), _expand_kv(v.to(dt), Hq)
+    qc, kc, vc = q.to(dt), expand_kv(k.to(dt), Hq), expand_kv(v.to(dt), Hq)
     ev = E.evaluator(pat, bound, inputs, batch=B)
     mask = torch.broadcast_to(E.as_tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
     if pat.route is not None:
@@ -121,7 +121,7 @@ def recurrence(
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     dt = compute_dtype(q.dtype)
-    qc, kc, vc = q.to(dt), _expand_kv(k.to(dt), H), _expand_kv(v.to(dt), H)
+    qc, kc, vc = q.to(dt), expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)
     if rec.gate == "head":
         g = E.head_values(rec.decay, bound.subs, H).to(dt).view(1, H, 1, 1).expand(B, H, T, 1)
     else:
