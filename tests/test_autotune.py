@@ -85,7 +85,7 @@ def cache(tmp_path):
 
 def fwd_only(cfg: KernelConfig) -> KernelConfig:
     """The config without its backward launch parameters (which the search sets)."""
-    return dataclasses.replace(cfg, bwd_num_warps=0, bwd_num_stages=0)
+    return dataclasses.replace(cfg, bwd_num_warps=0, bwd_num_stages=0, bwd_q_tile=(), bwd_kv_tile=())
 
 
 def tune(pat, bound, cache, builder=None, timer=None, **kw):
@@ -289,6 +289,8 @@ def test_unwritable_cache_still_returns_the_winner(local, tmp_path, capsys):
     blocker.write_text("not a directory")
     res = tune(pat, bound, KC.KernelCache(blocker))
     assert fwd_only(res.config) == KernelConfig((128,), (64,), "flat", 8, 3)  # no 32-token KV tiles on H100
+    # at d = 64 dK/dV at 128/64 spilled (the register model): the backward runs its own 64/64 tiles
+    assert (res.config.backward_config().q_tokens, res.config.backward_config().kv_tokens) == (64, 64)
     assert res.source_path.read_text() == res.source
     assert "could not write the kernel cache" in capsys.readouterr().err
 
