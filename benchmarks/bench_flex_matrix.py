@@ -412,7 +412,9 @@ def run_backward(case: Case, base: Baselines, mods: dict, repeat: int, budget: f
 
     def guarded(b, m):
         def call(q, k, v):
-            if b == "flex" or (b == "auto" and chosen(m) == "flex"):
+            # auto never takes Flex's dense path for gradients on CPU (backend_choice); its last
+            # choice is the forward's, so it says nothing about this call
+            if b == "flex":
                 what = "Flex's dense CPU path (backend='flex' with gradients)"
                 nbytes = dense_flex_bytes(case)
                 if nbytes > dense_limit * 2**30:
