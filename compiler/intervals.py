@@ -120,8 +120,9 @@ def _widen_narrow(lo: torch.Tensor, hi: torch.Tensor, dtype: torch.dtype) -> tup
     """Cover one rounding to a narrower float dtype (and its overflow to inf)."""
     info = torch.finfo(dtype)
     eps = 2 * info.eps
-    wlo = torch.where(lo < -info.max, _t(-INF), lo - lo.abs() * eps - info.tiny)
-    whi = torch.where(hi > info.max, _t(INF), hi + hi.abs() * eps + info.tiny)
+    # an infinite bound rounds to itself (+inf - inf * eps would be NaN: a bound of no number)
+    wlo = torch.where(lo < -info.max, _t(-INF), torch.where(lo == INF, lo, lo - lo.abs() * eps - info.tiny))
+    whi = torch.where(hi > info.max, _t(INF), torch.where(hi == -INF, hi, hi + hi.abs() * eps + info.tiny))
     keep = lo > hi  # no number: stays empty
     return torch.where(keep, lo, wlo), torch.where(keep, hi, whi)
 
