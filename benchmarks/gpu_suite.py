@@ -355,6 +355,32 @@ def main(argv=None) -> int:
                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     lines_b = ["| case | kernel | forward ms | predicted | fwd+bwd ms | predicted | speedup vs SDPA dense "
                "(measured) | predicted |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
+        f"gpu-suite-{hw}-{date}.md" if not toy else f"gpu-suite-toy-{date}.md")
+
+    def write(final: bool) -> None:
+        """The results file; written after every case too (a run stopped at its limit keeps what it had)."""
+        total = time.perf_counter() - start
+        text = [
+            f"# GPU suite ({date})", "",
+            f"- device: {gpu}; torch {torch.__version__}; Triton {triton.__version__}; Python {platform.python_version()}",
+            f"- flash-linear-attention: {FLA_STATUS}",
+            f"- dtype {str(dtype).replace('torch.', '')}, head dim {head_dim}, batch 1, {heads} heads; simulator "
+            f"hardware model: {hw}" + (" (toy sizes: the predictions are for that GPU, the times for the interpreter)"
+                                       if toy else ""),
+            f"- total {total:.0f} s" + (f"; timings skipped over the {args.budget_s:.0f} s budget: "
+                                        + ", ".join(budget.skipped) if budget.skipped else ""),
+            f"- verdict: {'PASS' if not failures else 'FAIL: ' + ', '.join(failures)}"
+            + ("" if final else " (so far: the run had not finished)"),
+            "", "## Correctness (relative error against a float32 dense reference on 256 sampled query rows; "
+            f"recurrence: against attnc's chunked torch recurrence in float32; pass < {PASS_REL:g})", "", *lines_c,
+            "", "## Timings (medians; the simulator's prediction beside each measurement)", "", *lines_b, "",
+        ]
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text("\n".join(text))
+        if final:
+            print("\n".join(text))
+
     failures = []
     for case in _cases(toy):
         print(f"[{time.perf_counter() - start:6.1f} s] {case['name']} {case['pattern']}", flush=True)
@@ -366,6 +392,7 @@ def main(argv=None) -> int:
             traceback.print_exc()
             failures.append(f"{case['name']} (error)")
             lines_c.append(f"| {case['name']} {case['pattern']} | error: see the log | | | | | | | FAIL |")
+        write(False)
     print(f"[{time.perf_counter() - start:6.1f} s] mamba2 recurrence T={T}", flush=True)
     try:
         if not recurrence_case(device=device, dtype=dtype, heads=heads, head_dim=head_dim, T=T, toy=toy, hw=hw,
@@ -375,26 +402,7 @@ def main(argv=None) -> int:
         traceback.print_exc()
         failures.append("recurrence (error)")
         lines_c.append("| mamba2 recurrence | error: see the log | | | | | | | FAIL |")
-    total = time.perf_counter() - start
-    out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
-        f"gpu-suite-{hw}-{date}.md" if not toy else f"gpu-suite-toy-{date}.md")
-    text = [
-        f"# GPU suite ({date})", "",
-        f"- device: {gpu}; torch {torch.__version__}; Triton {triton.__version__}; Python {platform.python_version()}",
-        f"- flash-linear-attention: {FLA_STATUS}",
-        f"- dtype {str(dtype).replace('torch.', '')}, head dim {head_dim}, batch 1, {heads} heads; simulator "
-        f"hardware model: {hw}" + (" (toy sizes: the predictions are for that GPU, the times for the interpreter)"
-                                   if toy else ""),
-        f"- total {total:.0f} s" + (f"; timings skipped over the {args.budget_s:.0f} s budget: "
-                                    + ", ".join(budget.skipped) if budget.skipped else ""),
-        f"- verdict: {'PASS' if not failures else 'FAIL: ' + ', '.join(failures)}",
-        "", "## Correctness (relative error against a float32 dense reference on 256 sampled query rows; "
-        f"recurrence: against attnc's chunked torch recurrence in float32; pass < {PASS_REL:g})", "", *lines_c,
-        "", "## Timings (medians; the simulator's prediction beside each measurement)", "", *lines_b, "",
-    ]
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text("\n".join(text))
-    print("\n".join(text))
+    write(True)
     print(f"wrote {out_path}")
     return 0 if not failures else 1
 

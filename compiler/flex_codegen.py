@@ -78,7 +78,9 @@ def _window(qa, ka, L, SIZE, DIL, STRIDE, CAUSAL):
 
 
 #: The score_mod's FoX buffers after the inputs: prefix sums hi and lo, and the last reset.
-DECAY_BUFFERS = ("__decay_hi", "__decay_lo", "__decay_reset")
+#: FoX prefix sums (hi, lo), resets, and the key-side copies of hi and lo: Flex's CUDA backward
+#: refuses a score_mod that indexes one gradient-carrying tensor twice (torch 2.11)
+DECAY_BUFFERS = ("__decay_hi", "__decay_lo", "__decay_reset", "__decay_hi_k", "__decay_lo_k")
 
 @dataclass(frozen=True)
 class TokenMap:
@@ -462,9 +464,9 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
             body += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
                      "# -inf for keys before the query's last reset (a gate of -inf)",
                      f"qd, kd = torch.clamp(q, 0, {bound.n - 1}), torch.clamp(k, 0, {n_k})",
-                     f"fox = (DC[{bi}, h, qd] - DC[{bi}, h, kd]) + (DL[{bi}, h, qd] - DL[{bi}, h, kd])",
+                     f"fox = (DC[{bi}, h, qd] - DCK[{bi}, h, kd]) + (DL[{bi}, h, qd] - DLK[{bi}, h, kd])",
                      f's = s + torch.where(kd >= DR[{bi}, h, qd], fox, float("-inf")).to(score.dtype)']
-            score_args += ["DC", "DL", "DR"]
+            score_args += ["DC", "DL", "DR", "DCK", "DLK"]
         body.append("return s")
         parts.append("\n".join(["def score_mod(" + ", ".join(["score", "b", "h", "q_idx", "kv_idx", *score_args]) + "):",
                                 '    """The score terms after scale * q.k: softcap, bias, decay."""',

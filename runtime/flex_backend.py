@@ -39,8 +39,11 @@ recurrences (no softmax to lower).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import sys
 import time
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -59,6 +62,10 @@ from .custom_op import empty_batch_outputs
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
+#: On CUDA: Flex's GPU kernels tile a block with BLOCK_M x BLOCK_N of up to 128 tokens (its default
+#: BlockMask block is 128) and refuse a block that is not a multiple of them (seen on an H100, torch
+#: 2.11: 64-token blocks failed to lower for d = 128 bf16), so 128-token blocks only.
+CUDA_FLEX_TILE_TOKENS = (128,)
 #: Cost of one visited block pair beyond its token pairs (block loop, index loads), in token pairs.
 PAIR_OVERHEAD_TOKENS = 4096
 #: Extra cost of a PARTIAL token pair (mask_mod evaluated) relative to a FULL one.
@@ -219,9 +226,10 @@ class FlexRunner:
         return state
 
     # ------------------------------------------------------------ planning
-    def _tiles(self, bound: E.Bound, tensors: dict) -> tuple[tuple, tuple, bool, TileSchedule | None]:
+    def _tiles(self, bound: E.Bound, tensors: dict, cuda: bool = False
+               ) -> tuple[tuple, tuple, bool, TileSchedule | None]:
         """(Q tile, KV tile, flat, its schedule or None) with the least modelled Flex work;
-        ``flat``: 1-D tiles on a grid."""
+        ``flat``: 1-D tiles on a grid. ``cuda``: blocks of ``CUDA_FLEX_TILE_TOKENS`` only."""
         pat = self.pattern
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
@@ -237,7 +245,7 @@ class FlexRunner:
                         True, None)
             return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False, None
         best = None
-        for tokens in FLEX_TILE_TOKENS:
+        for tokens in CUDA_FLEX_TILE_TOKENS if cuda else FLEX_TILE_TOKENS:
             # blocks of exactly `tokens` (a power of two) on both sides, as Flex's own 128, even beyond a
             # short sequence (Flex bounds it): the fused CPU kernel needs them (see _fused_ok)
             cands = [((tokens,), (tokens,), grid)]
@@ -266,16 +274,16 @@ class FlexRunner:
             memo[(q_tile, kv_tile, flat)] = sched
         return sched
 
-    def plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
-        """The plan of these shapes (and inputs of a data-dependent mask): cached, else made on one
-        torch thread (``tiles.one_thread``)."""
+    def plan(self, bound: E.Bound, tensors: dict, batched: frozenset, cuda: bool = False) -> FlexPlan:
+        """The plan of these shapes (and inputs of a data-dependent mask) for a CPU or a CUDA call:
+        cached, else made on one torch thread (``tiles.one_thread``)."""
         with one_thread():
-            return self._plan(bound, tensors, batched)
+            return self._plan(bound, tensors, batched, cuda)
 
-    def _plan(self, bound: E.Bound, tensors: dict, batched: frozenset) -> FlexPlan:
+    def _plan(self, bound: E.Bound, tensors: dict, batched: frozenset, cuda: bool) -> FlexPlan:
         pat = self.pattern
         used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
-        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched)
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched, cuda)
         if not used and key in self.plans:
             self.last = self.plans[key]
             return self.last
@@ -289,7 +297,7 @@ class FlexRunner:
             old = self.plans[key]
             q_tile, kv_tile, flat, sched = old.schedule.q_tile, old.schedule.kv_tile, old.flat, None
         else:
-            q_tile, kv_tile, flat, sched = self._tiles(bound, cpu_used)
+            q_tile, kv_tile, flat, sched = self._tiles(bound, cpu_used, cuda)
         if sched is None:
             sched = self._classify(bound, q_tile, kv_tile, flat, cpu_used)
         q_ext = layout_extents(pat.queries, bound, bound.n)
@@ -361,7 +369,7 @@ class FlexRunner:
             out, lse = out + anchor.to(out.dtype), lse + anchor.to(lse.dtype)  # gradients: empty zeros
             return out, (lse if need_lse else None)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
-        plan = self.plan(bound, tensors, batched)
+        plan = self.plan(bound, tensors, batched, q.is_cuda)
         dev = q.device
         names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
         mask_bufs = tuple(tensors[n].to(dev) for n in names)
@@ -374,7 +382,8 @@ class FlexRunner:
         names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
         score_bufs = [tensors[n].to(dev) for n in names]
         if pat.decay is not None:
-            score_bufs += _prefix_sums(tensors[pat.decay].to(dev), q.dtype)
+            hi, lo, reset = _prefix_sums(tensors[pat.decay].to(dev), q.dtype)
+            score_bufs += [hi, lo, reset, hi.clone(), lo.clone()]  # DECAY_BUFFERS: key-side reads apart
         score_bufs = tuple(score_bufs)
         qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
         qp = q if qo.token is None else q.index_select(2, qo.token)
@@ -494,20 +503,26 @@ NAMESPACE_CACHE_SIZE = 64
 def _namespace(source: FlexSource, pat: ir.PatternIR) -> dict:
     ns = _NAMESPACES.pop(source.body, None)
     if ns is None:
-        ns = {}
+        ns = _module_globals(source.body)
         exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
-             _module_globals(ns))
+             ns)
         while len(_NAMESPACES) >= NAMESPACE_CACHE_SIZE:
-            _NAMESPACES.pop(next(iter(_NAMESPACES)))
+            sys.modules.pop(_NAMESPACES.pop(next(iter(_NAMESPACES)))["__name__"], None)
     _NAMESPACES[source.body] = ns  # most recently used last
     return ns
 
 
-def _module_globals(namespace: dict) -> dict:
+def _module_globals(body: str) -> dict:
+    """The globals of a new module for the generated mods, registered in ``sys.modules``: dynamo
+    re-imports a traced function's module by its ``__name__`` (seen compiling the CUDA kernel,
+    torch 2.11), so the name must resolve. One module per mods text."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    namespace.update({"torch": torch, "flex_attention": flex_attention, "__name__": "attnc_flex_generated"})
-    return namespace
+    name = f"attnc_flex_generated_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
+    module = types.ModuleType(name)
+    module.__dict__.update({"torch": torch, "flex_attention": flex_attention})
+    sys.modules[name] = module
+    return module.__dict__
 
 
 def _compiled(ns: dict):

@@ -75,7 +75,13 @@ def attention(
     inputs: dict,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] in the compute dtype)."""
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] in the compute dtype). Tensors on
+    another device (CUDA) are evaluated on the CPU, the oracle every backend is tested against, and
+    the results (and gradients, through the copies) come back on q's device."""
+    if q.device.type != "cpu":
+        host = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
+        out, lse = attention(pat, bound, q.cpu(), k.cpu(), v.cpu(), host, scale)
+        return out.to(q.device), lse.to(q.device)
     B, Hq, Nq, _ = q.shape
     Nk = k.shape[2]
     dt = compute_dtype(q.dtype)

@@ -172,8 +172,11 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
         any_sel = (per_tile & q_valid[..., None]).any(-2)
         all_sel = (per_tile | ~q_valid[..., None]).all(-2)
         # blocks each KV tile touches
+        # (valid slots only: a padded slot's stand-in index may share a block with valid ones, and a
+        # scatter of its False could overwrite their True)
         kv_blocks = torch.zeros(plan.k_tokens.index.shape[0], nblocks, dtype=torch.bool)
-        kv_blocks.scatter_(1, key_block[plan.k_tokens.index], plan.k_tokens.valid)
+        tile, slot = plan.k_tokens.valid.nonzero(as_tuple=True)
+        kv_blocks[tile, key_block[plan.k_tokens.index[tile, slot]]] = True
         hs, qi, ki, full = plan.schedule.pairs()
         heads, qs, ks, fulls = [], [], [], []
         stored = plan.schedule.heads_stored

@@ -36,3 +36,22 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
         assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[7].endswith("x"), attnc_row
         assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
         assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
+
+
+def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):
+    """benchmarks/gpu_conformance.py at toy sizes: a softmax case (triton and flex rows) and a
+    recurrence, each in its own subprocess, every error a float32 one, one results file."""
+    out = tmp_path / "conformance.md"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_conformance.py"), "--toy", "--only",
+                           "moba", "mamba2", "--jobs", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "verdict: PASS" in text
+    rows = [line for line in text.splitlines() if line.startswith("| moba") or line.startswith("| mamba2")]
+    assert sorted(r.split("|")[2].strip() for r in rows) == ["flex", "triton", "triton"], rows
+    for row in rows:
+        errors = [float(x) for x in re.findall(r"\b(?:out|lse|dq|dk|dv|dg) (\d\.\de[-+]\d\d)", row)]
+        assert len(errors) >= 4 and max(errors) < 1e-5 and row.rstrip().endswith("PASS |"), row
+    assert out.with_suffix(".jsonl").read_text().count("\n") == len(rows)

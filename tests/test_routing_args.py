@@ -101,3 +101,20 @@ def test_size_dependent_route_refused_by_the_simulator():
         attnc.simulate(_route("topk(heads - 3) blocks(4)"), n=16, heads=2, head_dim=16)
     report = attnc.simulate(_route("topk(heads) blocks(n // 4)"), n=64, heads=2, head_dim=16)
     assert report["predicted_speedup"] > 0
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", "flex"])
+@pytest.mark.parametrize("n,block,topk,tile", [(80, 256, 3, 64), (100, 48, 2, 64), (130, 40, 2, 32), (80, 16, 2, 64)])
+def test_route_blocks_across_a_padded_last_tile_equal_the_reference(backend, n, block, topk, tile):
+    """MoBA where the last KV tile is padded and shares a route block with its valid keys (a block
+    longer than the sequence, or one spanning the padded tile): the padded slots must not unmark the
+    block the tile touches (they did on cpu and triton: whole query tiles lost their keys)."""
+    g = torch.Generator().manual_seed(n + block)
+    q = torch.randn(2, 2, n, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 1, n, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    ref = attnc.compile_attention("stdlib:moba", backend="reference", block=block, topk=topk)(q, k, v)
+    attn = attnc.compile_attention("stdlib:moba", backend=backend, block=block, topk=topk, q_tile=tile, kv_tile=tile)
+    if backend == "triton":  # the interpreter computes in float32
+        torch.testing.assert_close(attn(q.float(), k.float(), v.float()).double(), ref, atol=2e-5, rtol=2e-5)
+    else:
+        torch.testing.assert_close(attn(q, k, v), ref, atol=1e-10, rtol=1e-10)
