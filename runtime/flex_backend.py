@@ -586,9 +586,11 @@ def refuse_recurrence(rec: ir.RecurrenceIR) -> None:
 
 class FlexBuilder:
     """The Flex lowering as an autotuner candidate (``runtime.autotune``'s ``KernelBuilder``
-    protocol): ``source`` is the generated mods, ``runner`` times this lowering's forward on random
-    q, k, v of the tuned shape (the compiled kernel; compiled once, before timing, by the timer's
-    warm-up). ``compiled=False``: Flex's dense implementation (tests)."""
+    protocol): ``source`` is the generated mods, ``runner`` times a training step of this lowering
+    on random q, k, v of the tuned shape, forward then backward, as the Triton candidates are timed
+    (the compiled kernels; compiled once, before timing, by the timer's warm-up; comparing a Flex
+    forward with a Triton forward+backward had Flex win wrongly: seen on an H100).
+    ``compiled=False``: Flex's dense implementation (tests)."""
 
     name = "flex"
 
@@ -618,9 +620,11 @@ class FlexBuilder:
         q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
                    for n in (bound.n, bound.nk, bound.nk))
         runner, scale, given = self._runner(pat), head_dim ** -0.5, dict(inputs or {})
+        dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen).to(device=device, dtype=tdtype)
+        leaves = tuple(t.requires_grad_() for t in (q, k, v))
 
-        def run():
-            with torch.no_grad():
-                return runner(bound, q, k, v, given, scale, False)
+        def run():  # a training step, like the Triton candidates': forward, then dq, dk, dv
+            out, lse = runner(bound, q, k, v, given, scale, True)
+            return (out, lse, *torch.autograd.grad(out, leaves, dout))
 
         return run

@@ -717,3 +717,28 @@ def test_search_gives_the_backward_sub_tiles_where_it_does_not_fit_at_the_forwar
     # before Hopper the backward keeps at most two stages (a third spills: MAX_BWD_STAGES_MMA)
     small = SR.sized(KernelConfig((64,), (64,), "flat", 4, 3), 64, 2, get_hardware("a100"))
     assert small is not None and small.bwd_stages <= SR.MAX_BWD_STAGES_MMA
+
+
+@pytest.mark.parametrize("winner", ["flex", "triton"])
+def test_cli_tune_names_the_flex_candidate_and_marks_the_one_winner(capsys, monkeypatch, tmp_path, winner):
+    """`attnc tune` lists the FlexAttention lowering by name (not by the config it borrows), and the
+    star marks exactly the winner: the Flex row when it won, else the fastest Triton kernel."""
+    import types
+
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.setattr(A, "cuda_available", lambda: True)
+    cfg = KernelConfig((64,), (64,), 4, 3)
+    trials = [A.Trial(0, cfg, None, 1.0, measured_ms=2.0), A.Trial(1, dataclasses.replace(cfg, num_stages=2), None,
+                                                                  1.1, measured_ms=3.0),
+              A.Trial(2, cfg, None, float("nan"), backend="flex", measured_ms=1.0 if winner == "flex" else 9.0)]
+    fake = types.SimpleNamespace(from_cache=False, trials=trials, config=cfg, winner=winner,
+                                 key=types.SimpleNamespace(device="FAKE GPU"), source_path=tmp_path / "k" / "x.py")
+    monkeypatch.setattr(A, "autotune", lambda *a, **k: fake)
+    code, out, _ = run_cli(capsys, "tune", "stdlib:sliding_window", "-p", "window=64", "--n", "1024")
+    assert code == 0
+    rows = [line for line in out.splitlines() if " ms " in line]
+    assert len(rows) == 3 and sum(line.startswith(" * ") for line in rows) == 1
+    star = next(line for line in rows if line.startswith(" * "))
+    assert ("FlexAttention lowering" in star) == (winner == "flex")
+    assert ("2.0000 ms" in star) == (winner == "triton")
+    assert sum("FlexAttention lowering" in line for line in rows) == 1

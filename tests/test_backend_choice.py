@@ -227,9 +227,10 @@ def test_autotuner_times_the_flex_lowering_beside_the_kernels(tmp_path, flex_ms,
 
     def timer(fn):
         res = fn()
-        if isinstance(res, tuple):  # the Flex candidate: (out, lse) of a real Flex call
-            out, _ = res
-            assert out.shape == (1, 2, 256, 64) and torch.isfinite(out).all()
+        if isinstance(res, tuple):  # the Flex candidate: a training step (out, lse, dq, dk, dv) of real Flex calls
+            out, lse, *grads = res
+            assert out.shape == (1, 2, 256, 64) and torch.isfinite(out).all() and lse.shape == (1, 2, 256)
+            assert [g.shape for g in grads] == [(1, 2, 256, 64)] * 3 and all(torch.isfinite(g).all() for g in grads)
             ran.append("flex")
             return flex_ms
         return 1.0 + res.q_tokens / 1024  # Triton candidates: the smallest Q tile wins at >= 1 ms
