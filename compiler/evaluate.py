@@ -314,6 +314,8 @@ def _mod(a, b):
 def bit_length_tensor(x: torch.Tensor) -> torch.Tensor:
     """Python's int.bit_length, exactly, on an int64 tensor."""
     y = as_tensor(x).abs()
+    if y.numel() and int(y.max()) < 2**53:  # held exactly by a double: its exponent is the bit length
+        return torch.frexp(y.to(torch.float64)).exponent.to(y.dtype)  # (frexp(0) gives 0)
     out = torch.zeros_like(y)
     for s in (32, 16, 8, 4, 2, 1):
         big = y >= (1 << s)

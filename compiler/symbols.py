@@ -166,9 +166,11 @@ def float_remainder(a, b):
     its sign), which leaves a quotient below ``2**1000``."""
     import torch
 
-    def overflows(x):
-        return torch.isinf(x / b) & torch.isfinite(x)
+    def overflows(x):  # (b == 0: NaN either way, no reduction needed)
+        return torch.isinf(x / b) & torch.isfinite(x) & (b != 0)
 
+    if not bool(overflows(a).any()):  # the common case: one pass
+        return torch.remainder(a, b)
     r = a
     for big in (b * 2.0**1000 * 2.0**1000, b * 2.0**1000):  # the first is finite for small |b| only
         step = overflows(r) & torch.isfinite(big)

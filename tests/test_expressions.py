@@ -664,3 +664,19 @@ def test_mod_of_a_multiple_of_mod():
     want = torch.tensor([[(2 * (q % -6) + k) % 8 + (-6 * (heads % -6)) % 8 for k in range(n)] for q in range(n)])
     assert attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want}).all()
     assert not attnc.materialize_mask(src, n=n, heads=heads, inputs={"t": want + 1}).any()
+
+
+def test_bit_length_tensor_is_exact_on_both_paths():
+    """Python's int.bit_length on int64 tensors: the double-exponent path (every |x| below 2**53)
+    and the shifting path (larger values present), including the values around 2**53."""
+    import random
+
+    from attnc.compiler.evaluate import bit_length_tensor
+
+    rng = random.Random(5)
+    edges = [0, 1, -1, 2, 3, 7, 8, 2**52 - 1, 2**52, 2**53 - 1, -(2**53 - 1)]
+    small = edges + [rng.randrange(-2**53 + 1, 2**53) for _ in range(3000)]
+    large = small + [2**53, 2**53 + 1, 2**62, 2**63 - 1, -(2**63 - 1)] + [rng.randrange(-2**63 + 1, 2**63)
+                                                                            for _ in range(3000)]
+    for vals in (small, large):
+        assert bit_length_tensor(torch.tensor(vals)).tolist() == [abs(v).bit_length() for v in vals]
