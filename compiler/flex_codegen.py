@@ -21,6 +21,7 @@ box; the runtime permutes q, k and v into that order and the output back).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import sympy
@@ -121,6 +122,19 @@ class FlexSource:
     score_inputs: tuple[str, ...]  # input names, then DECAY_BUFFERS (FoX prefix sums), for score_mod
     has_score_mod: bool
     body: str = ""  # the text without its header: equal bodies are the same functions (shared compiles)
+
+    @property
+    def mask_ops(self) -> int:
+        """Operators in the generated mask functions (``mask_mod`` and its helpers, comments and
+        docstrings left out): a proxy for the mask's cost per token pair, which ``auto``'s time
+        model charges on PARTIAL pairs (``runtime.backend_choice``)."""
+        mask = self.body.split("def score_mod")[0]
+        code = "\n".join(ln.split("#")[0] for ln in mask.splitlines() if '"""' not in ln)
+        return len(_MASK_OPS.findall(code))
+
+
+#: What ``FlexSource.mask_ops`` counts: arithmetic, comparisons, logic, and torch's elementwise calls.
+_MASK_OPS = re.compile(r"//|%|\*|\+|-|<=|>=|==|!=|<|>|&|\||~|torch\.(?:minimum|maximum|clamp|where)")
 
 
 class FlexPrinter:
