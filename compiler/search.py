@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import sympy
 import torch
 
 from ..spec.errors import SpecError
@@ -81,6 +82,17 @@ SCORE_TILE_REGS = 1.5
 #: one register an element at most where a score tile takes ``SCORE_TILE_REGS`` (moba's forward at
 #: 64/64 w4, d = 64, with it: 160 registers, compiled spill-free: 165-168 on sm_80 / sm_90).
 ROUTE_SELECT_TILES = 1 / SCORE_TILE_REGS
+#: Pair-shaped mask sub-expressions (``pair_subexpressions``) the register budget absorbs: up to
+#: sliding_tile's 10, every stdlib mask compiled spill-free at the searched configs (``runtime.gpu_check``).
+MASK_FREE_EXPRS = 10
+#: Score tiles each further pair-shaped sub-expression adds. Only radial (19, with its float band
+#: and window per pair) is above the free count. Measured with ``attnc check-gpu`` (Triton 3.9, fp16,
+#: 16 frames x 256 tokens), spill bytes fwd / dQ / dK/dV, without -> with this term:
+#:   sm_80 d=64: 796 / 1144 / 1612 -> 0 / 0 / 20 (1x64/1x32 boxes, w8);  d=128: 0 / 0 / 0;
+#:   sm_90 d=64: 1016 / 0 / 308 -> 0 / 0 / 356;  d=128: 1460 / 236 / 576 -> 132 / 412 / 752
+#: (Hopper keeps 64-token KV tiles for wgmma, so only warps and stages can give: radial still
+#: spills there; its mask needs cheaper code, not smaller tiles).
+MASK_EXPR_TILES = 0.5
 MAX_SHAPES = 6
 REFINE = 3
 #: With only the brute-force classifier, token pairs classified at most per schedule.
@@ -198,6 +210,21 @@ def pass_tiles(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_ti
 def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_tiles: float = 2) -> float:
     """fp32 values a pass keeps in registers across its loop, block-wide (``pass_tiles``, summed)."""
     return sum(pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles))
+
+
+def pair_subexpressions(pat: ir.PatternIR) -> int:
+    """Distinct sub-expressions of the mask that depend on a query and a key symbol: each is a
+    score-shaped value when a kernel evaluates the mask on a PARTIAL tile."""
+    q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
+    k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}
+    return len({e for e in sympy.preorder_traversal(pat.mask)
+                if not e.is_Atom and e.free_symbols & q_syms and e.free_symbols & k_syms})
+
+
+def mask_score_tiles(pat: ir.PatternIR) -> float:
+    """Score tiles a long mask's live temporaries add to every pass (``MASK_EXPR_TILES`` per
+    pair-shaped sub-expression beyond ``MASK_FREE_EXPRS``)."""
+    return MASK_EXPR_TILES * max(0, pair_subexpressions(pat) - MASK_FREE_EXPRS)
 
 
 def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
@@ -404,7 +431,8 @@ class ScheduleSearch:
         self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
         self.min_kv = min_kv_tokens(hw)
         #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
-        self.score_tiles = 2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
+        #: and a long mask's pair-shaped temporaries (``mask_score_tiles``)
+        self.score_tiles = 2 + (ROUTE_SELECT_TILES if pat.route is not None else 0) + mask_score_tiles(pat)
         #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
         #: and the gate prefixes (``DECAY_BWD_TILES`` more)
         self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
