@@ -304,8 +304,9 @@ def _mod(a, b):
             return S.float_mod(float(a), float(b))
         return a if b == 0 else a % b
     a, b = _promote(a, b)
-    if _is_float(a):
-        return S.float_remainder(*torch.broadcast_tensors(as_tensor(a), as_tensor(b)))
+    if _is_float(a):  # (the dtype as torch.remainder would give it: a 0-dim divisor does not widen)
+        dtype = torch.result_type(as_tensor(a), as_tensor(b))
+        return S.float_remainder(*torch.broadcast_tensors(as_tensor(a), as_tensor(b))).to(dtype)
     at, bt = as_tensor(a), as_tensor(b)
     safe = torch.where(bt == 0, torch.ones_like(bt), bt)
     return torch.where(bt == 0, at, torch.remainder(at, safe))

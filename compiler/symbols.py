@@ -163,8 +163,13 @@ def float_remainder(a, b):
     exact value, so a mask's answer would depend on the token's position in the
     tensor. Such lanes are first reduced exactly by a power-of-two multiple of ``b``
     (``fmod(a, b * 2**k)`` differs from ``a`` by an integer multiple of ``b`` and keeps
-    its sign), which leaves a quotient below ``2**1000``."""
+    its sign), which leaves a quotient below ``2**1000``. Narrower floats are computed in float64
+    (their quotients cannot overflow there) and rounded once to their promoted dtype."""
     import torch
+
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    if dtype != torch.float64:
+        return float_remainder(a.double(), b.double()).to(dtype)
 
     def overflows(x):  # (b == 0: NaN either way, no reduction needed)
         return torch.isinf(x / b) & torch.isfinite(x) & (b != 0)

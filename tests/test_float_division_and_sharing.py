@@ -135,6 +135,27 @@ def test_float_mod_is_python_mod_in_every_position():
     assert _same(S.float_mod(24.0, 1e-310), 24.0 % 1e-310)
 
 
+def test_float32_mod_is_exact_in_every_position_and_keeps_its_dtype():
+    """float32 ``%``: the exact floored remainder of the float32 values, rounded once to float32, in
+    every lane (torch's float32 remainder gave NaN in the vector lanes and an inexact value in the
+    tail where the quotient overflows float32, e.g. 1e37 % 0.01); the result stays float32, also
+    for a scalar divisor (as ``//`` does)."""
+    rng = random.Random(11)
+    pairs = [(rng.choice([1.0, -1.0]) * 10.0 ** rng.uniform(-40, 38), rng.choice([1.0, -1.0]) * 10.0 ** rng.uniform(-40, 38))
+             for _ in range(3000)] + [(1e37, 0.01), (-3e38, 1e-38), (2.5, -0.75)]
+    a = torch.tensor([p[0] for p in pairs], dtype=torch.float32)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float32)
+    got = E._mod(a, b)
+    assert got.dtype == torch.float32
+    for i in range(len(pairs)):
+        x, y = a[i].item(), b[i].item()  # the float32 values, exactly, as Python floats
+        want = torch.tensor(_python_mod(x, y), dtype=torch.float64).to(torch.float32).item()
+        assert _same(got[i].item(), want), (x, y, got[i].item(), want)
+    row = E._mod(torch.full((40,), 1e37), torch.full((40,), 0.01))
+    assert row.dtype == torch.float32 and len(set(row.tolist())) == 1 and not math.isnan(row[0].item())
+    assert E._mod(torch.full((3,), 1.7), 0.1).dtype == torch.float32 == E._floordiv(torch.full((3,), 1.7), 0.1).dtype
+
+
 # ----------------------------------------------------------------- nested lets stay linear
 NESTED = {
     "if": ("let a{i} = if a{j} > 0 then a{j} else -a{j}", lambda a: a if a > 0 else -a),
