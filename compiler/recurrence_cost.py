@@ -10,7 +10,7 @@ in blocks of ``BK``/``BV`` = up to 64, ``NK``/``NV`` blocks):
   forward output ``NV 2 C^2 Dk`` (q k^T, once per value block) ``+ 2 C Dk Dv`` (q h_n) ``+ 2 C^2 Dv``
   (A v); backward dv ``NV 2 C^2 Dk + 2 C Dk Dv + 2 C^2 Dv`` and dq/dk ``NK 2 C^2 Dv + 4 C Dk Dv + 4 C^2 Dk``;
 - per-channel (GLA) gates run in chunks of ``VECTOR_CHUNK`` = 64 split into sub-chunks of ``S`` = 16
-  (flash-linear-attention's factorisation): each of the ``C / S`` off-diagonal sub-chunk products is one
+  (flash-linear-attention's factorisation): each of the ``C / S - 1`` off-diagonal sub-chunk products is one
   tensor-core dot over the whole chunk (rows outside the sub-chunk zeroed), ``2 C^2 Dk`` each, per value
   block; the diagonal sub-chunk blocks are exact and elementwise on the non-tensor ALUs, ``C S Dk`` times
   ``VECTOR_OPS`` (subtract, exp, two multiplies, add); the backward does both for dq and for dk; head /
@@ -122,9 +122,10 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
 
     S = min(VECTOR_SUB_CHUNK, C)
     # in-chunk work per value block: elementwise (diagonal sub-chunk blocks, or the decay matrix) and on
-    # the tensor cores (q k^T, or one whole-chunk dot per sub-chunk)
+    # the tensor cores (q k^T, or one whole-chunk dot per sub-chunk after the first)
     intra = VECTOR_OPS * C * S * Dk if vector else 3.0 * C * C
-    qk = 2.0 * (C // S) * C * C * Dk if vector else 2.0 * C * C * Dk
+    # (per-channel gates: sub-chunks 1 .. C/S - 1 each take one dot against the keys before them)
+    qk = 2.0 * (C // S - 1) * C * C * Dk if vector else 2.0 * C * C * Dk
     chunks = bh * N
     # forward: state pass + output kernel
     f_mma = chunks * (NK * NV * s_mma + NV * qk + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv)
