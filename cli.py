@@ -314,7 +314,7 @@ def cmd_tune(args) -> int:
             measured = f"{t.measured_ms:9.4f} ms" if t.error is None else "   failed   "
             predicted = f"{t.predicted_ms:.4f} ms" if t.predicted_ms == t.predicted_ms else "-"
             is_flex = t.backend == "flex"
-            won = (res.winner == "flex") if is_flex else (res.winner != "flex" and t.rank == _best_rank(res))
+            won = (res.winner == "flex") if is_flex else (res.winner != "flex" and t.rank == res.best_rank)
             name = "FlexAttention lowering" if is_flex else KC.describe_config(A.config_dict(t.config))
             print(f" {'*' if won else ' '} {name:28s} {measured}  (predicted {predicted})"
                   + (f"  {t.error}" if t.error else ""))
@@ -323,12 +323,6 @@ def cmd_tune(args) -> int:
                   "Triton kernel for backend='triton'")
     print(f"cached in {res.source_path.parent}")
     return 0
-
-
-def _best_rank(res) -> int | None:
-    """The rank of the fastest Triton candidate of a tuning run (the one the cache keeps)."""
-    done = [t for t in res.trials if t.backend != "flex" and t.error is None]
-    return min(done, key=lambda t: (t.measured_ms, t.rank)).rank if done else None
 
 
 def cmd_cache(args) -> int:

@@ -228,6 +228,8 @@ class TuneResult:
     #: the fastest candidate's backend: "triton", or "flex" when the Flex lowering beat every Triton
     #: candidate (``config`` and ``source`` stay the best Triton kernel's)
     winner: str = "triton"
+    #: the rank of the best Triton trial (the cached kernel), None from the cache
+    best_rank: int | None = None
 
     @property
     def best_ms(self) -> float | None:
@@ -445,7 +447,7 @@ def autotune(
     except OSError as err:  # a read-only or full cache: still return the winner
         print(f"attnc: warning: could not write the kernel cache ({err})", file=sys.stderr)
         path = scratch_source(None, sources[best.rank])
-    return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner)
+    return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner, best_rank=best.rank)
 
 
 def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, device, cache):

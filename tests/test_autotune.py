@@ -705,8 +705,8 @@ def test_search_gives_the_backward_sub_tiles_where_it_does_not_fit_at_the_forwar
     tiles = SR.backward_tiles((128,), (128,), hw)
     assert tiles[0] == ((128,), (128,)) and ((64,), (128,)) in tiles and all(k[0] >= 64 for _, k in tiles)
     assert tiles.index(((64,), (128,))) < tiles.index(((128,), (64,)))  # the longer KV tile first
-    cfg = SR.sized(KernelConfig((128,), (128,), "flat", 8, 2), 128, 2, get_hardware("a100"))
-    assert cfg is None or all(SR.pass_fits(p, math.prod(cfg.backward_config().q_tile),
+    cfg = SR.sized(KernelConfig((128,), (64,), "flat", 8, 2), 128, 2, get_hardware("a100"))
+    assert cfg is not None and all(SR.pass_fits(p, math.prod(cfg.backward_config().q_tile),
                                            math.prod(cfg.backward_config().kv_tile), 128, 2, cfg.bwd_warps,
                                            cfg.bwd_stages, get_hardware("a100")) for p in SR.PASSES[1:])
     big = SR.sized(KernelConfig((128,), (64,), "flat", 8, 2), 128, 2, hw)
@@ -727,11 +727,11 @@ def test_cli_tune_names_the_flex_candidate_and_marks_the_one_winner(capsys, monk
 
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setattr(A, "cuda_available", lambda: True)
-    cfg = KernelConfig((64,), (64,), 4, 3)
+    cfg = KernelConfig((64,), (64,), "flat", 4, 3)
     trials = [A.Trial(0, cfg, None, 1.0, measured_ms=2.0), A.Trial(1, dataclasses.replace(cfg, num_stages=2), None,
                                                                   1.1, measured_ms=3.0),
               A.Trial(2, cfg, None, float("nan"), backend="flex", measured_ms=1.0 if winner == "flex" else 9.0)]
-    fake = types.SimpleNamespace(from_cache=False, trials=trials, config=cfg, winner=winner,
+    fake = types.SimpleNamespace(from_cache=False, trials=trials, config=cfg, winner=winner, best_rank=0,
                                  key=types.SimpleNamespace(device="FAKE GPU"), source_path=tmp_path / "k" / "x.py")
     monkeypatch.setattr(A, "autotune", lambda *a, **k: fake)
     code, out, _ = run_cli(capsys, "tune", "stdlib:sliding_window", "-p", "window=64", "--n", "1024")
@@ -742,3 +742,4 @@ def test_cli_tune_names_the_flex_candidate_and_marks_the_one_winner(capsys, monk
     assert ("FlexAttention lowering" in star) == (winner == "flex")
     assert ("2.0000 ms" in star) == (winner == "triton")
     assert sum("FlexAttention lowering" in line for line in rows) == 1
+    assert sum("64/64 flat w4 s3" in line for line in rows) == 1 and "64/64 flat w4 s2" in out  # named by config
