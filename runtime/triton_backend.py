@@ -546,7 +546,8 @@ def smaller_config(config: KernelConfig, square: bool = False) -> KernelConfig |
     """The next smaller tiles after an out-of-resources launch: the KV tile halved on its largest
     (outermost of equals) axis (the Q tile's when the KV tile is down to ``MIN_FALLBACK_TOKENS``; both when ``square``,
     flat tiles of a grid), pipelines reset to two stages; None below the smallest tile ``tl.dot`` takes."""
-    from ..compiler.search import halved as halve  # the search's rule: largest axis, ties the outer one
+    # the search's rule: the largest axis, ties the outer one
+    from ..compiler.search import halved as halve
 
     q, kv = config.q_tile, config.kv_tile
     if square:
