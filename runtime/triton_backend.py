@@ -280,6 +280,7 @@ class TritonRunner:
         self._dynamic_last: tuple | None = None
         self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
         self._fallback: dict = {}  # shapes key -> the smaller config an out-of-resources launch fell back to
+        self._bwd_fallback: dict = {}  # (shapes key, "bwd", forward config) -> its backward's smaller config
         self.last_source: str | None = None
         self.last_plan: executor.Plan | None = None
 
@@ -317,8 +318,8 @@ class TritonRunner:
             seen = self._dynamic_last[1]
             if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
                 return self._dynamic_last[2]
-        if backward_of is not None:
-            config = backward_of.backward_config()
+        if backward_of is not None:  # the backward's own tiles, or the smaller ones it fell back to
+            config = self._bwd_fallback.get(key) or backward_of.backward_config()
         elif dyn_names and key in self._static:
             config = self._static[key][0]
         else:
@@ -375,10 +376,10 @@ class TritonRunner:
         if checks:
             extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
         key = self._key(bound, q)
-        if backward_of is not None:  # a backward's launch: its fallbacks shrink the call's config
+        if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
             return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
                           cls, extra, checks, on_config=lambda cfg: None,
-                          shrink=lambda: self._shrink(key, backward_of.backward_config(), bound, q, k, inputs))
+                          shrink=lambda: self._shrink_backward(key, config, backward_of, bound, q, k, inputs))
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
                       cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
                       shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
@@ -404,6 +405,19 @@ class TritonRunner:
         self._static.pop(key, None)
         self._dynamic_last = None
         return self.prepare(bound, q, k, inputs)
+
+    def _shrink_backward(self, key: tuple, config: KernelConfig, forward: KernelConfig, bound: E.Bound, q, k,
+                         inputs: dict) -> Launch | None:
+        """The backward of ``forward`` planned again with tiles smaller than its own ``config`` after
+        Triton ran out of resources (kept for later calls); the forward's config is untouched."""
+        square = len(config.q_tile) == 1 and self.pattern.queries.kind == "grid"
+        smaller = smaller_config(config, square)
+        if smaller is None:
+            return None
+        bwd_key = (*key, "bwd", forward)
+        self._bwd_fallback[bwd_key] = smaller
+        self._static.pop(bwd_key, None)
+        return self.prepare(bound, q, k, inputs, backward_of=forward)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)

@@ -743,3 +743,42 @@ def test_cli_tune_names_the_flex_candidate_and_marks_the_one_winner(capsys, monk
     assert ("2.0000 ms" in star) == (winner == "triton")
     assert sum("FlexAttention lowering" in line for line in rows) == 1
     assert sum("64/64 flat w4 s3" in line for line in rows) == 1 and "64/64 flat w4 s2" in out  # named by config
+
+
+def test_backward_out_of_resources_on_its_own_tiles_shrinks_the_backward_only(monkeypatch):
+    """A backward on tiles of its own that runs out of resources falls back to smaller backward tiles;
+    the forward keeps its config, on this call and the next (before, the backward's shrunk config
+    replaced the forward's)."""
+    cfg = KernelConfig((32,), (16,), "address", 4, 2, 4, 1, (16,), (32,))
+    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
+    wrappers = []
+    real_load = TB.load_kernels
+
+    def too_big(name, kw):  # the backward kernels cannot take a 32-token KV tile
+        return name.startswith("attnc_bwd") and kw["BLOCK_N"] == 32
+
+    def load(path, interpret=False):
+        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
+        return wrappers[-1]
+
+    monkeypatch.setattr(TB, "load_kernels", load)
+    pat = attnc.load(LOCAL)
+    tri = attnc.compile_attention(pat, backend="triton")
+    ref = attnc.compile_attention(pat, backend="reference")
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g).requires_grad_() for _ in range(3))
+    for attempt in range(2):
+        for w in wrappers:
+            w.launches.clear()
+        out = tri(q, k, v)
+        got = torch.autograd.grad(out.pow(2).sum(), (q, k, v))
+        want_out = ref(q.double(), k.double(), v.double())
+        want = torch.autograd.grad(want_out.pow(2).sum(), (q, k, v))
+        torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-5)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
+        ran = [(name, bm, bn) for w in wrappers for name, bm, bn, _ in w.launches]
+        assert ("attnc_fwd", 32, 16) in ran and all(x == ("attnc_fwd", 32, 16) for x in ran if x[0] == "attnc_fwd")
+        assert ("attnc_bwd_dq", 16, 16) in ran and ("attnc_bwd_dkdv", 16, 16) in ran
+        if attempt == 1:  # the fallback is kept: nothing refused again
+            assert not any(too_big(name, {"BLOCK_N": bn}) for name, _, bn in ran)
