@@ -67,13 +67,18 @@ def _runner(key: str):
 
 
 def encode_sizes(sizes: dict) -> str:
-    return ",".join(f"{name}={int(value)}" for name, value in sizes.items())
+    """``sizes`` as the ops' string argument. Values are written as given (``repr``) and checked
+    when the op runs (``_decode_sizes``): a check while dynamo traces could only fail as dynamo's
+    own error, and ``int()`` here truncated floats."""
+    return ",".join(f"{name}={value!r}" for name, value in sizes.items())
 
 
 def _decode_sizes(sizes: str) -> dict:
     out = {}
     for item in filter(None, sizes.split(",")):
-        name, value = item.split("=")
+        name, value = item.split("=", 1)
+        if not value.lstrip("-").isdigit():
+            raise SpecError(f"expected an int, got {value}", where=f"argument sizes {name!r}")
         out[name] = int(value)
     return out
 

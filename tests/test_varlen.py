@@ -263,3 +263,16 @@ def test_bad_cu_seqlens_refused_under_fullgraph_compile():
         with pytest.raises(SpecError, match=match) as info:
             compiled(q, cu)
         assert info.value.where == "argument cu_seqlens"
+
+
+@pytest.mark.parametrize("value", ["a", 2.5, True])
+def test_packed_call_under_fullgraph_refuses_a_size_that_is_not_an_int(value):
+    """Sizes reach the varlen op as text and are checked when it runs: a value that is not an int is
+    one SpecError naming it (it was a bare ValueError while dynamo traced, or a float truncated)."""
+    attn = attnc.compile_attention("stdlib:sliding_window", window=4, backend="cpu")
+    x = _rand(1, 2, 12, 8, seed=61)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, c: attn(q, q, q, cu_seqlens=c, sizes={"x": value}), fullgraph=True)
+    with pytest.raises(SpecError, match="expected an int") as info:
+        compiled(x, _cu((6, 6)))
+    assert info.value.where == "argument sizes 'x'"
