@@ -393,9 +393,7 @@ class Attention(torch.nn.Module):
             return False
         from .flex_backend import fused_refusal
 
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *inputs.values())
-                                               if isinstance(t, torch.Tensor))
-        return fused_refusal(q.device, q.dtype, grad, return_lse) is None
+        return fused_refusal(q.device, q.dtype, custom_op.needs_grad(q, k, v, *inputs.values()), return_lse) is None
 
     def _cuda_flex_won(self, bound: E.Bound, q: torch.Tensor) -> bool:
         """``auto`` on CUDA with the autotuner installed (``autotune.install``): whether the Flex
@@ -449,9 +447,7 @@ class Attention(torch.nn.Module):
         seconds of a first call, for no autograd to record)."""
         args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
                 float(scale))
-        grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
-                                               for t in (q, k, v, *inputs.values()))
-        if not grad and not torch.compiler.is_compiling():
+        if not custom_op.needs_grad(q, k, v, *inputs.values()) and not torch.compiler.is_compiling():
             return custom_op._forward_impl(*args)
         return custom_op.tiled_attention(*args)
 

@@ -49,6 +49,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.schedule import TileSchedule
 from ..compiler.tiles import one_thread
+from .custom_op import needs_grad
 
 
 @dataclass(frozen=True)
@@ -197,9 +198,7 @@ class AutoRunner:
                                       "(the Flex lowering has no query offset)")
             return self.last
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
-        grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (q, k, v, *(t for t in tensors.values() if t.is_floating_point())))
-        refusal = fused_refusal(q.device, q.dtype, grad, need_lse)
+        refusal = fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *tensors.values()), need_lse)
         if self.flex is None:
             refusal = f"the pattern has no Flex lowering: {self.unlowerable}"
         cpu_sched = self.cpu.plan(bound, tensors).schedule

@@ -66,6 +66,12 @@ def _runner(key: str):
     return runner
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on and some tensor among ``tensors`` (others
+    ignored) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def encode_sizes(sizes: dict) -> str:
     """``sizes`` as the ops' string argument. Values are written as given (``repr``) and checked
     when the op runs (``_decode_sizes``): a check while dynamo traces could only fail as dynamo's

@@ -58,7 +58,7 @@ from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thr
 from ..spec.errors import SpecError
 from . import reference
 from .cpu_backend import mask_input_names
-from .custom_op import empty_batch_outputs
+from .custom_op import empty_batch_outputs, needs_grad
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
@@ -400,7 +400,7 @@ class FlexRunner:
                 plan.block_masks[dev] = bm
         bm.mask_mod = mask_mod  # this call's captured tensors
         self.last_block_mask = bm
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *mask_bufs, *score_bufs))
+        grad = needs_grad(q, k, v, *mask_bufs, *score_bufs)
         if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
             qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
             score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
