@@ -90,6 +90,9 @@ def bind_sizes(
     if missing and grid_count is not None and count is not None and len(missing) == 1:
         inferred = _solve_size(count.subs({size_syms[k]: v for k, v in sizes.items()}), size_syms[missing[0]],
                                grid_count)
+        if isinstance(inferred, str):  # linear, but no positive int fits: the token count is at fault
+            raise SpecError(inferred, where=f"argument {'nk' if cached else 'n'}",
+                            hint=f"pass sizes={{'{missing[0]}': ...}}, or a token count the layout can hold")
         if inferred is not None:
             sizes[missing[0]] = inferred
             missing = []
@@ -172,15 +175,20 @@ def _size_name(extent: sympy.Expr) -> str:
     return str(extent).removeprefix("size_")
 
 
-def _solve_size(count: sympy.Expr, missing: sympy.Symbol, tokens: int) -> int | None:
+def _solve_size(count: sympy.Expr, missing: sympy.Symbol, tokens: int) -> int | str | None:
     """The one missing size that makes the layout hold ``tokens`` tokens, when ``count`` (the
-    token count with the other sizes substituted) is linear in it and the solution is a
-    positive int; otherwise None (reported as a missing size)."""
+    token count with the other sizes substituted) is linear in it: the size, or why no positive
+    int fits (a message about the token count); None where it is not linear (reported as a missing
+    size)."""
     coeff, rest = count.diff(missing), count.subs(missing, 0)
     if count.free_symbols - {missing} or coeff.free_symbols or not coeff.is_Integer or coeff == 0:
         return None
     value, remainder = divmod(tokens - int(rest), int(coeff))
-    return value if remainder == 0 and value >= 1 else None
+    if remainder == 0 and value >= 1:
+        return value
+    name = _size_name(missing)
+    return (f"{tokens} tokens leave no positive int for the size '{name}': the layout holds "
+            f"{int(rest)} + {int(coeff)} x {name} tokens")
 
 
 #: The largest size, count or extent: tokens and positions are int64.

@@ -245,7 +245,11 @@ def test_size_errors_name_the_argument():
     assert err.value.where == "argument sizes" and "missing size 'text'" in err.value.message
     with pytest.raises(SpecError) as err:  # 11 - 2 = 9 video tokens is not a multiple of height * width
         attnc.materialize_mask(pat, n=11, sizes={"text": 2, "height": 2, "width": 2})
-    assert err.value.where == "argument sizes" and "missing size 'frames'" in err.value.message
+    assert err.value.where == "argument n" and "11 tokens leave no positive int for the size 'frames'" in err.value.message
+    assert "2 + 4 x frames" in err.value.message and "sizes={'frames': ...}" in err.value.hint
+    with pytest.raises(SpecError) as err:  # fewer tokens than the given segments hold
+        attnc.materialize_mask(pat, n=8, sizes={"frames": 2, "height": 2, "width": 2})
+    assert err.value.where == "argument n" and "size 'text'" in err.value.message
     with pytest.raises(SpecError) as err:
         attnc.materialize_mask(pat, sizes={**sizes, "txt": 2})
     assert err.value.where == "argument sizes" and err.value.hint == "did you mean 'text'?"
