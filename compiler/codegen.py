@@ -288,7 +288,9 @@ class TritonPrinter:
         if isinstance(e, sympy.Equivalent):
             args = [self.p(a) for a in _sorted_args(e)]
             return "(" + " & ".join(f"({args[0]} == {a})" for a in args[1:]) + ")"
-        if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
+        if isinstance(e, S.Sqrt):
+            return f"tl.sqrt({self._float(e.args[0])})"
+        if isinstance(e, sympy.exp | S.Log | sympy.tanh):
             arg = self._float(e.args[0])
             if isinstance(e, sympy.tanh):
                 self.helpers.add("_tanh")

@@ -478,8 +478,8 @@ class Evaluator:
         if isinstance(e, sympy.ITE):
             c, a, b = (as_tensor(self(x)) for x in e.args)
             return torch.where(c, a, b)
-        if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
-            fn = {sympy.exp: torch.exp, sympy.log: torch.log, sympy.tanh: torch.tanh}[type(e)]
+        if isinstance(e, sympy.exp | S.Log | sympy.tanh | S.Sqrt):
+            fn = {sympy.exp: torch.exp, S.Log: torch.log, sympy.tanh: torch.tanh, S.Sqrt: torch.sqrt}[type(e)]
             return fn(as_tensor(float(self(e.args[0])) if not isinstance(self(e.args[0]), torch.Tensor) else self(e.args[0]), FLOAT))
         if isinstance(e, S.IsPow2):
             x = as_tensor(self(e.args[0]))

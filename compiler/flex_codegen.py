@@ -227,8 +227,8 @@ class FlexPrinter:
         if isinstance(e, sympy.Equivalent):
             args = [self.p(a) for a in _sorted_args(e)]
             return "(" + " & ".join(f"({args[0]} == {a})" for a in args[1:]) + ")"
-        if isinstance(e, sympy.exp | sympy.log | sympy.tanh):
-            fn = {sympy.exp: "exp", sympy.log: "log", sympy.tanh: "tanh"}[type(e)]
+        if isinstance(e, sympy.exp | S.Log | sympy.tanh | S.Sqrt):
+            fn = {sympy.exp: "exp", S.Log: "log", sympy.tanh: "tanh", S.Sqrt: "sqrt"}[type(e)]
             return f"torch.{fn}({self.f(e.args[0])})"
         if isinstance(e, S.IsPow2):
             x = self.p(e.args[0])
@@ -265,6 +265,8 @@ class FlexPrinter:
         text = self.p(e)
         if isinstance(e, sympy.Integer):
             return f"{float(int(e))!r}"
+        if isinstance(e, sympy.Float):  # already a float (sympy counts Float(0.0) as an integer)
+            return text
         if e.is_integer or e.is_Boolean or _int_input(e):
             return f"{text}.to({F64})"
         return text

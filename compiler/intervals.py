@@ -342,7 +342,7 @@ class IntervalEvaluator:
         if isinstance(e, sympy.ITE):
             c, a, b = (self.boolean(x) for x in e.args)
             return Bool((c.t & a.t) | (c.f & b.t), (c.t & a.f) | (c.f & b.f))
-        if isinstance(e, sympy.exp | sympy.tanh | sympy.log):
+        if isinstance(e, sympy.exp | sympy.tanh | S.Log | S.Sqrt):
             return _transcendental(type(e), self.number(e.args[0]))
         if isinstance(e, S.IsPow2):
             a = self.number(e.args[0])
@@ -631,14 +631,14 @@ def _even_odd_pow(base: Num, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _transcendental(fn_type, a: Num) -> Num:
-    """exp, tanh (monotone, total) and log (NaN below 0, -inf at 0), in float64."""
-    fn = {sympy.exp: torch.exp, sympy.tanh: torch.tanh, sympy.log: torch.log}[fn_type]
+    """exp, tanh (monotone, total), log (NaN below 0, -inf at 0) and sqrt (NaN below 0), in float64."""
+    fn = {sympy.exp: torch.exp, sympy.tanh: torch.tanh, S.Log: torch.log, S.Sqrt: torch.sqrt}[fn_type]
     dtype = F if a.dtype is None else _result_dtype(a)
     lo, hi = a.lo, a.hi
     nan = _FALSE
-    if fn_type is sympy.log:
+    if fn_type in (S.Log, S.Sqrt):
         nan = lo < 0
-        none = hi < 0  # every value negative: log is NaN everywhere
+        none = hi < 0  # every value negative: NaN everywhere
         lo = lo.clamp(min=0.0)
         olo, ohi = _ulps(fn(lo), fn(hi))
         olo, ohi = torch.where(none, _t(INF), olo), torch.where(none, _t(-INF), ohi)

@@ -8,6 +8,7 @@ Python's semantics, so constant folding is exact.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import sympy
 from sympy.core.operations import ShortCircuit
@@ -458,6 +459,42 @@ ShiftRight = _int_function("ShiftRight", lambda a, b: a >> b, 2)
 BitLength = _int_function("BitLength", bit_length, 1)
 # floor(log2(x)) for x >= 1; -1 for x <= 0 (documented in the reference).
 Log2Floor = _int_function("Log2Floor", lambda a: bit_length(a) - 1 if a >= 1 else -1, 1)
+
+
+class Sqrt(sympy.Function):
+    """``sqrt(x)`` as IEEE computes it (NaN below 0, folded for numbers only). A function node, not
+    sympy's ``x ** (1/2)``: sympy rewrites ``sqrt(-c * x)`` as ``I * sqrt(c * x)``, and no
+    evaluator takes ``I``."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            v = float(x)
+            return sympy.Float(math.sqrt(v)) if v >= 0 else sympy.nan
+        return None
+
+    def _sympystr(self, printer):
+        return f"sqrt({printer._print(self.args[0])})"
+
+
+class Log(sympy.Function):
+    """``log(x)`` as IEEE computes it (NaN below 0, -inf at 0, folded for numbers only). A function
+    node, not sympy's ``log``: sympy rewrites ``log(-x)`` for a nonnegative ``x`` as
+    ``log(x) + I * pi``, which cannot be compared or evaluated."""
+
+    nargs = 1
+
+    @classmethod
+    def eval(cls, x):
+        if x.is_Number:
+            v = float(x)
+            return sympy.Float(math.log(v)) if v > 0 else (-sympy.oo if v == 0 else sympy.nan)
+        return None
+
+    def _sympystr(self, printer):
+        return f"log({printer._print(self.args[0])})"
 
 
 class IsPow2(BooleanFunction):

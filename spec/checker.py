@@ -831,7 +831,7 @@ class Checker:
             return Typed(kind, S.Max(*xs))
         if node.func == "clamp":
             return Typed(kind, S.Min(S.Max(xs[0], xs[1]), xs[2]))
-        fn = {"exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "tanh": sympy.tanh}[node.func]
+        fn = {"exp": sympy.exp, "log": S.Log, "sqrt": S.Sqrt, "tanh": sympy.tanh}[node.func]
         x = xs[0]
         if x.is_number and ((node.func == "log" and x <= 0) or (node.func == "sqrt" and x < 0)):
             raise self.error(f"{node.func} of {x} is not a finite real number", node.args[0].pos)

@@ -680,3 +680,29 @@ def test_bit_length_tensor_is_exact_on_both_paths():
                                                                             for _ in range(3000)]
     for vals in (small, large):
         assert bit_length_tensor(torch.tensor(vals)).tolist() == [abs(v).bit_length() for v in vals]
+
+
+@pytest.mark.parametrize("mask,rule", [
+    ("sqrt(-1.5 * q + 2.0 * k) >= 1.0 or k == q",
+     lambda q, k: k == q or (2.0 * k - 1.5 * q >= 0 and math.sqrt(2.0 * k - 1.5 * q) >= 1.0)),
+    ("log((q - k) - q) + q < q or k == q",  # log(-k): -inf at k = 0, NaN beyond
+     lambda q, k: k == q or k == 0),
+    ("sqrt(-1.5 * q) >= 0.0 or k <= q - 3", lambda q, k: q == 0 or k <= q - 3),
+])
+def test_log_and_sqrt_of_negative_expressions_are_ieee_on_every_backend(mask, rule):
+    """sqrt and log of expressions sympy knows to be negative stay real-valued nodes (sympy's own
+    rewrote them with I, which was refused or could not be compared): NaN where IEEE gives NaN,
+    the mask a naive loop computes, and every backend's output equal to the reference's."""
+    src = f"pattern p\n  tokens seq\n  mask {mask}\n"
+    pat = attnc.load(src)
+    n = 24
+    want = torch.tensor([[bool(rule(q, k)) for k in range(n)] for q in range(n)])
+    assert torch.equal(attnc.materialize_mask(pat, n=n, heads=1)[0], want)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    ref = attnc.compile_attention(src, backend="reference")(q, k, v)
+    for backend in ("cpu", "flex"):
+        got = attnc.compile_attention(src, backend=backend, q_tile=8, kv_tile=8)(q, k, v)
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    tri = attnc.compile_attention(src, backend="triton", q_tile=16, kv_tile=16)(q.float(), k.float(), v.float())
+    torch.testing.assert_close(tri.double(), ref, rtol=2e-5, atol=2e-5)
