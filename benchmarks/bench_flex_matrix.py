@@ -228,13 +228,20 @@ def fits(what: str, nbytes: int, share: float = 0.6) -> None:
                           f"{share * avail / 2**30:.1f} GiB")
 
 
+def sdpa_bytes(case: Case) -> int:
+    """Memory of SDPA with a boolean mask on CPU, forward and backward: it materialises the scores
+    per head. Measured VmHWM growth (torch 2.13, fp32, d 64, 2,048 tokens, a [1, N, N] mask) per N^2:
+    14 bytes at 1 head, 52 at 4, 103 at 8 (forward + backward; forward 14 / 42 / 79): about
+    (6 + 13 H) N^2. (The guard used 8 N^2 whatever the heads, and 16K tokens at 8 heads, 28 GB,
+    were killed by the OOM killer.)"""
+    return (6 + 13 * case.heads) * case.n * case.n
+
+
 def dense_mask(case: Case, mask_mod, per_head: bool) -> torch.Tensor:
     """The boolean mask SDPA needs, evaluated from the same mask_mod in row chunks."""
     N, H = case.n, case.heads
     heads = H if per_head else 1
-    # SDPA's CPU flash kernel with a bool mask: measured VmHWM growth 1x N^2 bytes (forward)
-    # and 5x (forward + backward, 4K tokens): the mask, its float form and their work
-    fits("SDPA's dense mask and its work", heads * N * N * 8)
+    fits("SDPA with a dense mask", sdpa_bytes(case))
     mask = torch.empty(heads, N, N, dtype=torch.bool)
     h = torch.arange(heads)[:, None, None] if per_head else torch.zeros((), dtype=torch.int64)
     kv = torch.arange(N)[None, None, :]
@@ -293,7 +300,7 @@ class Baselines:
         if self.case.route is not None:
             block, topk = self.case.route
             sel, _ = moba_select(q.detach(), k.detach(), block, topk)
-            fits("SDPA's dense per-head mask and its work", self.case.heads * self.case.n ** 2 * 8)
+            fits("SDPA with a dense per-head mask", sdpa_bytes(self.case))
             causal = torch.ones(self.case.n, self.case.n, dtype=torch.bool).tril()
             mask = (causal & sel[:, :, torch.arange(self.case.n) // block])[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

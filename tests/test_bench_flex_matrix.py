@@ -80,10 +80,18 @@ def test_near_tie_rows_flags_equal_block_scores(bench):
     assert bool(ties[0, 7]) and not bool(ties[0, 1])
 
 
-def test_dense_mask_refuses_what_does_not_fit(bench):
+def test_dense_mask_refuses_what_does_not_fit(bench, monkeypatch):
     case = bench.Case("big", "", "stdlib:sliding_window", {}, 2**22, 8, bench.sliding(4))
-    with pytest.raises(MemoryError, match="SDPA's dense mask"):
+    with pytest.raises(MemoryError, match="SDPA with a dense mask"):
         bench.dense_mask(case, case.mask_mod, per_head=False)
+    # SDPA's memory grows with the heads (its scores per head): 16K tokens at 8 heads need ~28 GB,
+    # which the old guard (8 N^2 bytes whatever the heads) let through to the OOM killer
+    sixteen_k = bench.Case("16k", "", "stdlib:sliding_window", {}, 16384, 8, bench.sliding(4))
+    one_head = bench.Case("16k1", "", "stdlib:sliding_window", {}, 16384, 1, bench.sliding(4))
+    assert bench.sdpa_bytes(sixteen_k) > 25 * 2**30 and bench.sdpa_bytes(one_head) < 6 * 2**30
+    monkeypatch.setattr(bench, "mem_available", lambda: 24 * 2**30)
+    with pytest.raises(MemoryError):
+        bench.dense_mask(sixteen_k, sixteen_k.mask_mod, per_head=False)
 
 
 def test_time_cells_counts_and_failures(bench):
