@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import math
 import os
@@ -235,6 +236,18 @@ def sdpa_bytes(case: Case) -> int:
     (6 + 13 H) N^2. (The guard used 8 N^2 whatever the heads, and 16K tokens at 8 heads, 28 GB,
     were killed by the OOM killer.)"""
     return (6 + 13 * case.heads) * case.n * case.n
+
+
+def cap_address_space(share: float = 0.95) -> None:
+    """Cap this process's address space just under the machine's memory: an allocation past it
+    fails as an error the cell records, where the kernel's OOM killer would end the whole run (seen:
+    both 16K cases in one process, 24 GB resident on a 24 GiB machine)."""
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = int(share * total)
+    if soft == resource.RLIM_INFINITY or soft > cap:
+        resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
 
 
 def dense_mask(case: Case, mask_mod, per_head: bool) -> torch.Tensor:
@@ -579,6 +592,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(all_cases)}")
     modes = args.modes.split(",")
+    cap_address_space()
     started = time.perf_counter()
     header = [f"# attnc vs FlexAttention and SDPA on CPU, forward and forward+backward ({datetime.date.today()})", "",
               machine(), f"- load average {os.getloadavg()[0]:.1f} at start",
@@ -620,6 +634,8 @@ def main() -> None:
         notes.append(f"- {key} ({label}): " + "; ".join(f"{a} {b}" for a, b in info.items()))
         print(notes[-1], flush=True)
         del base, mods
+        gc.collect()
+        torch._dynamo.reset()  # this case's compiled Flex kernels and their guards
     body = []
     if fwd_rows:
         body += table("forward (ms)", fwd_rows)

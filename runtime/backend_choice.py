@@ -103,6 +103,9 @@ CALIBRATION: tuple = (
 )
 
 
+#: Choices ``AutoRunner.decide`` remembers (call shapes of static masks; oldest dropped first).
+DECIDED_CACHE_SIZE = 64
+
 #: Estimated seconds of compiling Flex's fused CPU kernel (and its first run) before any was
 #: measured in this process: sliding window 512 at 8K, 8 heads, d 64, fp32, torch 2.13, fresh
 #: inductor cache: 22.7 s on this project's 2-core machine, quiet (2026-11-22); more when loaded.
@@ -177,16 +180,42 @@ class AutoRunner:
         except SpecError as err:
             self.unlowerable = err.message
         self.last: Choice | None = None
+        self._decided: dict = {}  # call shapes -> (choice, its Flex plan): static masks (``decide``)
         #: modelled seconds lost so far by calls the executor served while Flex's kernel was not
         #: compiled, per (mods, kernel shapes but the lengths): the break-even rule's running sum
         self.lost_s: dict = {}
 
+    def __getstate__(self) -> dict:
+        """Copies keep the configuration, not the remembered choices (they hold Flex plans, whose
+        generated functions do not pickle: ``FlexRunner.__getstate__``)."""
+        return {**self.__dict__, "_decided": {}}
+
     def decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                need_lse: bool) -> Choice:
         """The modelled choice for this call (the rule's steps 1-3), both backends planned (cached per
-        shapes by each runner) on one torch thread (``tiles.one_thread``: many small operations)."""
+        shapes by each runner) on one torch thread (``tiles.one_thread``: many small operations).
+        A static mask's choice is remembered per call shapes: a repeated call skips the planners'
+        lookups and the thread switch (they cost ~4% of a Flex call at 8K-16K tokens)."""
+        from .cpu_backend import mask_input_names
+
+        key = None
+        if not mask_input_names(self.pattern) and not bound.q_offset:
+            key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, tuple(q.shape),
+                   tuple(k.shape), tuple(v.shape), q.dtype, q.device.type, need_lse,
+                   needs_grad(q, k, v, *inputs.values()))
+            hit = self._decided.get(key)
+            if hit is not None and (hit[1] is None or self.flex.fused_failure(hit[1]) is None):
+                self.last, plan = hit
+                if plan is not None:  # (warm_up reads the Flex plan of the call)
+                    self.flex.last = plan
+                return self.last
         with one_thread():
-            return self._decide(bound, q, k, v, inputs, need_lse)
+            choice = self._decide(bound, q, k, v, inputs, need_lse)
+        if key is not None:
+            if len(self._decided) >= DECIDED_CACHE_SIZE:
+                self._decided.pop(next(iter(self._decided)))
+            self._decided[key] = (choice, self.flex.last if choice.backend == "flex" and self.flex else None)
+        return choice
 
     def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                 need_lse: bool) -> Choice:

@@ -372,3 +372,35 @@ def test_break_even_reasons_and_dynamic_lengths(monkeypatch):
         assert runner.kernel_ready(runner.plan(E.bind_sizes(auto.pattern, n=144, heads=2), {}, frozenset()),
                                    x, x, x, False)
         assert not runner.kernel_ready(runner.last, x, x, x[..., :8], False)  # another value dim: a new kernel
+
+
+def test_a_static_masks_choice_is_remembered_per_call_shapes(monkeypatch):
+    """Repeated calls of the same shapes reuse the choice (no planner lookups, no thread switch);
+    other shapes, gradients or lse decide again, and a data-dependent mask decides every call."""
+    attn = attnc.compile_attention("stdlib:sliding_window", window=16)
+    attn._auto_runner.flex.compiled = False
+    runner = attn._auto_runner
+    calls = []
+    real = runner._decide
+    monkeypatch.setattr(runner, "_decide", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q = torch.randn(1, 2, 64, 8)
+    with torch.no_grad():
+        first = attn(q, q, q)
+        again = attn(q, q, q)
+        attn(torch.randn(1, 2, 96, 8), torch.randn(1, 2, 96, 8), torch.randn(1, 2, 96, 8))
+        attn(q, q, q, return_lse=True)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert len(calls) == 3 and attn.chosen_backend == "cpu"  # (lse: the executor)
+    qg = q.clone().requires_grad_()
+    attn(qg, qg, qg)
+    assert len(calls) == 4
+    doc = attnc.compile_attention("stdlib:document")
+    doc._auto_runner.flex.compiled = False
+    seen = []
+    real_doc = doc._auto_runner._decide
+    monkeypatch.setattr(doc._auto_runner, "_decide", lambda *a, **k: seen.append(1) or real_doc(*a, **k))
+    ids = torch.tensor([0] * 30 + [1] * 34)
+    with torch.no_grad():
+        doc(q, q, q, doc=ids)
+        doc(q, q, q, doc=ids)
+    assert len(seen) == 2
