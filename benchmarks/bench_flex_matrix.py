@@ -213,12 +213,17 @@ def cases(quick: bool) -> dict[str, Case]:
 
 
 # ---------------------------------------------------------------- memory
-def mem_available() -> int:
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes, or None."""
     with open("/proc/meminfo") as f:
         for line in f:
-            if line.startswith("MemAvailable:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def mem_available() -> int:
+    return _meminfo("MemAvailable") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def fits(what: str, nbytes: int, share: float = 0.6) -> None:
@@ -242,8 +247,7 @@ def cap_address_space(share: float = 0.95) -> None:
     """Cap this process's address space just under the machine's memory: an allocation past it
     fails as an error the cell records, where the kernel's OOM killer would end the whole run (seen:
     both 16K cases in one process, 24 GB resident on a 24 GiB machine)."""
-    with open("/proc/meminfo") as f:
-        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    total = _meminfo("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     cap = int(share * total)
     if soft == resource.RLIM_INFINITY or soft > cap:

@@ -80,27 +80,16 @@ RECURRENCES = ["retention", "mamba2", "gla", "lightning", "lightning_fla"]
 GATED = {"mamba2": lambda h, t, d: (h, t), "gla": lambda h, t, d: (h, t, d)}
 
 
-def _config_text(cfg) -> str:
-    bwd = (f"; bwd {cfg.bwd_q_tile}x{cfg.bwd_kv_tile}" if getattr(cfg, "own_backward_tiles", False) else "")
-    return (f"q {cfg.q_tile} kv {cfg.kv_tile} w{cfg.num_warps} s{cfg.num_stages} "
-            f"bwd w{cfg.bwd_warps} s{cfg.bwd_stages}{bwd}")
+CASES = [f"softmax:{name}" for name in SOFTMAX] + [f"recurrence:{name}" for name in RECURRENCES]
 
 
-def _cases(toy: bool) -> list[str]:
-    return [f"softmax:{name}" for name in SOFTMAX] + [f"recurrence:{name}" for name in RECURRENCES]
-
-
-def rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    den = float(b.norm())
-    return float((a - b).norm()) / max(den, 1e-30)
-
-
-def _import_attnc():
+def _suite():
+    """benchmarks/gpu_suite.py, for its ``attnc`` import (a link when not installed) and ``rel``
+    (imported in the case's subprocess only)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from gpu_suite import _import_attnc as imp  # the suite's import (a link when not installed)
+    import gpu_suite
 
-    return imp()
+    return gpu_suite
 
 
 # ----------------------------------------------------------------- one case (in a subprocess)
@@ -120,7 +109,9 @@ def _softmax_inputs(kind, n, heads, device, gen):
 def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
     import torch
 
-    attnc = _import_attnc()
+    attnc, rel = _suite().attnc, _suite().rel
+    from attnc.runtime.gpu_check import describe_launch
+
     pattern, params, real, small, kind = SOFTMAX[name]
     sizes = small if toy else real
     params = TOY_PARAMS.get(name, params) if toy else params
@@ -175,7 +166,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
                        and errs["lse"] < 5 * tol)
             runner = getattr(mod, "_triton", None)
             if runner is not None:  # the configs the passes ran with, after any out-of-resources fallback
-                row["configs"] = [_config_text(entry[0]) for entry in list(runner._static.values())[:2]]
+                row["configs"] = [describe_launch(entry[0]) for entry in list(runner._static.values())[:2]]
                 row["fell_back"] = bool(runner._fallback)
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row.update(ok=False, error=f"{type(err).__name__}: {err}"[:400], trace=traceback.format_exc()[-1500:])
@@ -188,7 +179,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
 def run_recurrence(name: str, toy: bool, configs) -> list[dict]:
     import torch
 
-    attnc = _import_attnc()
+    attnc, rel = _suite().attnc, _suite().rel
     device = torch.device("cpu" if toy else "cuda")
     T = 96 if toy else 4096
     heads = 2 if toy else 4
@@ -327,7 +318,7 @@ def main(argv=None) -> int:
     if not args.toy and not torch.cuda.is_available():
         print("no CUDA device: run with --toy for the interpreter check", file=sys.stderr)
         return 2
-    cases = [c for c in _cases(args.toy) if not args.only or any(s in c for s in args.only)]
+    cases = [c for c in CASES if not args.only or any(s in c for s in args.only)]
     start = time.perf_counter()
     rows: list[dict] = []
     pool = cf.ThreadPoolExecutor(max_workers=max(args.jobs, 1))

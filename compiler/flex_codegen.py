@@ -20,6 +20,7 @@ box; the runtime permutes q, k and v into that order and the output back).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -123,7 +124,7 @@ class FlexSource:
     has_score_mod: bool
     body: str = ""  # the text without its header: equal bodies are the same functions (shared compiles)
 
-    @property
+    @functools.cached_property  # (once per plan: auto reads it at every call of a data-dependent mask)
     def mask_ops(self) -> int:
         """Operators in the generated mask functions (``mask_mod`` and its helpers, comments and
         docstrings left out): a proxy for the mask's cost per token pair, which ``auto``'s time

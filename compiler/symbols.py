@@ -461,40 +461,26 @@ BitLength = _int_function("BitLength", bit_length, 1)
 Log2Floor = _int_function("Log2Floor", lambda a: bit_length(a) - 1 if a >= 1 else -1, 1)
 
 
-class Sqrt(sympy.Function):
-    """``sqrt(x)`` as IEEE computes it (NaN below 0, folded for numbers only). A function node, not
-    sympy's ``x ** (1/2)``: sympy rewrites ``sqrt(-c * x)`` as ``I * sqrt(c * x)``, and no
-    evaluator takes ``I``."""
+def _ieee_function(name: str, fold, doc: str):
+    """A one-argument real function as IEEE computes it, folded for numbers only (``fold``: float ->
+    sympy number); printed as ``name(x)``. sympy's own sqrt and log rewrite a negative argument with
+    ``I`` (``sqrt(-c * x)`` as ``I * sqrt(c * x)``, ``log(-x)`` as ``log(x) + I * pi``), which no
+    evaluator takes and which cannot be compared."""
 
-    nargs = 1
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            v = float(x)
-            return sympy.Float(math.sqrt(v)) if v >= 0 else sympy.nan
-        return None
+    def eval(cls, x):  # noqa: ARG001
+        return fold(float(x)) if x.is_Number else None
 
     def _sympystr(self, printer):
-        return f"sqrt({printer._print(self.args[0])})"
+        return f"{name.lower()}({printer._print(self.args[0])})"
+
+    return type(name, (sympy.Function,), {"nargs": 1, "eval": classmethod(eval), "_sympystr": _sympystr,
+                                          "__doc__": doc, "__module__": __name__})
 
 
-class Log(sympy.Function):
-    """``log(x)`` as IEEE computes it (NaN below 0, -inf at 0, folded for numbers only). A function
-    node, not sympy's ``log``: sympy rewrites ``log(-x)`` for a nonnegative ``x`` as
-    ``log(x) + I * pi``, which cannot be compared or evaluated."""
-
-    nargs = 1
-
-    @classmethod
-    def eval(cls, x):
-        if x.is_Number:
-            v = float(x)
-            return sympy.Float(math.log(v)) if v > 0 else (-sympy.oo if v == 0 else sympy.nan)
-        return None
-
-    def _sympystr(self, printer):
-        return f"log({printer._print(self.args[0])})"
+Sqrt = _ieee_function("Sqrt", lambda v: sympy.Float(math.sqrt(v)) if v >= 0 else sympy.nan,
+                      "``sqrt(x)``: NaN below 0.")
+Log = _ieee_function("Log", lambda v: sympy.Float(math.log(v)) if v > 0 else (-sympy.oo if v == 0 else sympy.nan),
+                     "``log(x)``: NaN below 0, -inf at 0.")
 
 
 class IsPow2(BooleanFunction):

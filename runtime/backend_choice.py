@@ -66,7 +66,12 @@ class TimeModel:
     mask_op_s: float = 0.0  # seconds per PARTIAL token pair per mask operator
 
     def seconds(self, sched: TileSchedule, batch: int, head_dim: int, value_dim: int, mask_ops: int = 0) -> float:
-        full_tok, partial_tok, pairs = schedule_work(sched)
+        return self.seconds_of(schedule_work(sched), batch, head_dim, value_dim, mask_ops)
+
+    def seconds_of(self, work: tuple[float, float, int], batch: int, head_dim: int, value_dim: int,
+                   mask_ops: int = 0) -> float:
+        """``seconds`` from a schedule's (FULL token pairs, PARTIAL token pairs, tile pairs)."""
+        full_tok, partial_tok, pairs = work
         dims = head_dim + value_dim
         work = self.token_s * dims * full_tok + (self.partial_token_s * dims + self.mask_op_s * mask_ops) * partial_tok
         return self.call_s + batch * (work + self.pair_s * pairs)

@@ -372,7 +372,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
             attn._triton = runner
             out = attn(q, k, v, sizes=sizes, **inputs)
             cfg = next(iter(runner._static.values()))[0]
-            described = _describe(cfg)
+            described = describe_launch(cfg)
         else:
             out = attn(q, k, v, sizes=sizes, **inputs)
             described = f"chunk {attn._last_call.get('q_tile')}"
@@ -380,7 +380,9 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     return records, described
 
 
-def _describe(cfg) -> str:
+def describe_launch(cfg) -> str:
+    """``64/64 flat w4 s3 | bwd 32/64 w8 s2``: a config's tiles and launch parameters, the
+    backward's where it has its own."""
     tiles = "x".join(map(str, cfg.q_tile)) + "/" + "x".join(map(str, cfg.kv_tile))
     text = f"{tiles} {cfg.layout} w{cfg.num_warps} s{cfg.num_stages}"
     bw, bs = getattr(cfg, "bwd_num_warps", None), getattr(cfg, "bwd_num_stages", None)

@@ -379,7 +379,7 @@ class TritonRunner:
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
             return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
                           cls, extra, checks, on_config=lambda cfg: None,
-                          shrink=lambda: self._shrink_backward(key, config, backward_of, bound, q, k, inputs))
+                          shrink=lambda: self._shrink(key, config, bound, q, k, inputs, backward_of))
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
                       cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
                       shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
@@ -394,30 +394,24 @@ class TritonRunner:
         if self._dynamic_last is not None and self._dynamic_last[0] == key:
             self._dynamic_last = (key, self._dynamic_last[1], (config, *self._dynamic_last[2][1:]))
 
-    def _shrink(self, key: tuple, config: KernelConfig, bound: E.Bound, q, k, inputs: dict) -> Launch | None:
-        """The call planned again with smaller tiles after Triton ran out of resources (kept for later
-        calls of these shapes); None when the tiles are already the smallest."""
+    def _shrink(self, key: tuple, config: KernelConfig, bound: E.Bound, q, k, inputs: dict,
+                backward_of: KernelConfig | None = None) -> Launch | None:
+        """The call planned again with tiles smaller than ``config`` after Triton ran out of resources
+        (kept for later calls of these shapes); None when the tiles are already the smallest.
+        ``backward_of``: ``config`` is that forward's backward on its own tiles, which alone shrink
+        (the forward's config is untouched)."""
         square = len(config.q_tile) == 1 and self.pattern.queries.kind == "grid"
         smaller = smaller_config(config, square)
         if smaller is None:
             return None
-        self._fallback[key] = smaller
+        if backward_of is not None:
+            key = (*key, "bwd", backward_of)
+            self._bwd_fallback[key] = smaller
+        else:
+            self._fallback[key] = smaller
+            self._dynamic_last = None
         self._static.pop(key, None)
-        self._dynamic_last = None
-        return self.prepare(bound, q, k, inputs)
-
-    def _shrink_backward(self, key: tuple, config: KernelConfig, forward: KernelConfig, bound: E.Bound, q, k,
-                         inputs: dict) -> Launch | None:
-        """The backward of ``forward`` planned again with tiles smaller than its own ``config`` after
-        Triton ran out of resources (kept for later calls); the forward's config is untouched."""
-        square = len(config.q_tile) == 1 and self.pattern.queries.kind == "grid"
-        smaller = smaller_config(config, square)
-        if smaller is None:
-            return None
-        bwd_key = (*key, "bwd", forward)
-        self._bwd_fallback[bwd_key] = smaller
-        self._static.pop(bwd_key, None)
-        return self.prepare(bound, q, k, inputs, backward_of=forward)
+        return self.prepare(bound, q, k, inputs, backward_of=backward_of)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)

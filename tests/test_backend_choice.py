@@ -74,12 +74,7 @@ def test_calibration_is_reproduced_and_ordered_by_the_constants():
     from attnc.compiler.flex_codegen import FlexSource
 
     for case, cpu_ms, flex_ms, ops, cpu_work, flex_work in BC.CALIBRATION:
-        def modelled(model, work, ops=ops):
-            full, partial, pairs = work
-            return 1e3 * (model.call_s + model.token_s * 128 * full
-                          + (model.partial_token_s * 128 + model.mask_op_s * ops) * partial + model.pair_s * pairs)
-
-        c, f = modelled(BC.CPU, cpu_work), modelled(BC.FLEX, flex_work)
+        c, f = (1e3 * model.seconds_of(work, 1, 64, 64, ops) for model, work in ((BC.CPU, cpu_work), (BC.FLEX, flex_work)))
         assert abs(c / cpu_ms - 1) < 0.1 and abs(f / flex_ms - 1) < 0.1, (case, c, cpu_ms, f, flex_ms)
         assert (f < c) == (flex_ms < cpu_ms), case
     one_d = FlexSource("", (), (), False, "def mask_mod(b, h, q_idx, kv_idx):\n    return (k <= q) & ((q - k) < 512)\n")
