@@ -85,13 +85,17 @@ ROUTE_SELECT_TILES = 1 / SCORE_TILE_REGS
 #: Pair-shaped mask sub-expressions (``pair_subexpressions``) the register budget absorbs: up to
 #: sliding_tile's 10, every stdlib mask compiled spill-free at the searched configs (``runtime.gpu_check``).
 MASK_FREE_EXPRS = 10
-#: Score tiles each further pair-shaped sub-expression adds. Only radial (19, with its float band
-#: and window per pair) is above the free count. Measured with ``attnc check-gpu`` (Triton 3.9, fp16,
-#: 16 frames x 256 tokens), spill bytes fwd / dQ / dK/dV, without -> with this term:
-#:   sm_80 d=64: 796 / 1144 / 1612 -> 0 / 0 / 20 (1x64/1x32 boxes, w8);  d=128: 0 / 0 / 0;
-#:   sm_90 d=64: 1016 / 0 / 308 -> 0 / 0 / 356;  d=128: 1460 / 236 / 576 -> 132 / 412 / 752
-#: (Hopper keeps 64-token KV tiles for wgmma, so only warps and stages can give: radial still
-#: spills there; its mask needs cheaper code, not smaller tiles).
+#: Score tiles each further pair-shaped sub-expression adds, where the KV tile can shrink (not on
+#: Hopper). Only radial (19, with its float band and window per pair) is above the free count.
+#: Measured with ``attnc check-gpu`` (fp16, 16 frames x 256 tokens), spill bytes fwd / dQ / dK/dV,
+#: without -> with this term:
+#:   sm_80 d=64:  Triton 3.6 676 / 1244 / 1664 -> 0 / 0 / 12, 3.9 796 / 1144 / 1612 -> 0 / 0 / 20
+#:                (1x64/1x32 boxes, w8);  d=128: 3.6 1004 / 0 / 0 -> 0 / 0 / 0, 3.9 -> 0 / 0 / 0;
+#:   sm_90 (64-token KV tiles for wgmma: only warps and stages can give): d=64 3.6 404 / 236 / 596
+#:     -> 332 / 312 / 576, 3.9 1016 / 0 / 308 -> 0 / 0 / 356; d=128 3.6 536 / 588 / 1100 -> 492 / 904
+#:     / 1816, 3.9 1460 / 236 / 576 -> 132 / 412 / 752: worse on 3.6 (what the GPU machines run) and
+#:     one pipeline stage instead of three, so Hopper keeps its configs. radial spills there; its
+#:     mask needs cheaper code, not smaller tiles.
 MASK_EXPR_TILES = 0.5
 MAX_SHAPES = 6
 REFINE = 3
@@ -432,7 +436,8 @@ class ScheduleSearch:
         self.min_kv = min_kv_tokens(hw)
         #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
         #: and a long mask's pair-shaped temporaries (``mask_score_tiles``)
-        self.score_tiles = 2 + (ROUTE_SELECT_TILES if pat.route is not None else 0) + mask_score_tiles(pat)
+        self.score_tiles = (2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
+                            + (mask_score_tiles(pat) if self.min_kv == 1 else 0))
         #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
         #: and the gate prefixes (``DECAY_BWD_TILES`` more)
         self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
