@@ -40,6 +40,7 @@ from . import evaluate as E
 from . import ir
 from . import symbols as S
 from .route_blocks import WORD_BITS, block_sizes, tile_block_spread
+from .schedule import uniform_axes
 
 INT32_MAX = (1 << 31) - 1
 LOG2E = 1.4426950408889634
@@ -200,8 +201,10 @@ class TritonPrinter:
     ``inputs`` maps input names to their slots. ``helpers`` collects the
     helper functions the printed text calls."""
 
-    def __init__(self, symbols: dict, inputs: dict[str, InputSlot], ranges: dict | None = None):
+    def __init__(self, symbols: dict, inputs: dict[str, InputSlot], ranges: dict | None = None,
+                 scalars: frozenset = frozenset()):
         self.symbols = symbols
+        self.scalars = scalars  # position symbols with one value per tile (``uniform_axes``)
         self.inputs = inputs
         self.ranges = ranges or {}  # symbol -> largest absolute value (for the wrap-around rule)
         self.helpers: set[str] = set()
@@ -279,9 +282,9 @@ class TritonPrinter:
             return f"({a} {op} {b})"
         if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
             op = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " ^ "}[type(e)]
-            # a term of the head alone is a scalar: `!= 0` makes it a bool Triton's interpreter
-            # combines with a block (its scalar comparisons refuse `|` with one)
-            return "(" + op.join(self.p(a) if _positional(a) else f"({self.p(a)} != 0)"
+            # a term of the head or of one-value-per-tile coordinates alone is a scalar: `!= 0` makes
+            # it a bool Triton's interpreter combines with a block (its scalar comparisons refuse `|` with one)
+            return "(" + op.join(self.p(a) if self._per_pair(a) else f"({self.p(a)} != 0)"
                                  for a in _sorted_args(e)) + ")"
         if isinstance(e, sympy.Not):
             return f"({self.p(e.args[0])} == 0)"
@@ -325,6 +328,10 @@ class TritonPrinter:
         raise SpecError(f"cannot generate code for {type(e).__name__}", where="code generation")
 
     # ------------------------------------------------------------ pieces
+    def _per_pair(self, e: sympy.Basic) -> bool:
+        """Whether an expression is a tile of values (else a scalar: per head, or per tile pair)."""
+        return S.per_pair(e, self.scalars)
+
     def _number(self, e) -> str:
         if isinstance(e, sympy.Integer):
             return str(int(e))
@@ -635,11 +642,6 @@ def _has_input(e: sympy.Basic) -> bool:
     return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
 
 
-def _positional(e: sympy.Basic) -> bool:
-    """Whether an expression depends on a query or key position (else it is one value per head)."""
-    return any(sym.name in ("q", "k") or sym.name.startswith(("q_", "k_")) for sym in e.free_symbols)
-
-
 def _sorted_args(e: sympy.Basic) -> list:
     """Arguments in a deterministic order (sympy's canonical sort key)."""
     return sorted(e.args, key=sympy.default_sort_key)
@@ -748,9 +750,10 @@ def layout_of(config) -> str:
 def _tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
                wide: bool) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
-    ``{role}_tok``, grid coordinates ``{role}_c{i}``, validity ``{role}_ok`` and the
-    memory row ``{role}_row`` of every slot."""
+    ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
+    ``{role}_ok`` and the memory row ``{role}_row`` of every slot."""
     r = role
+    uniform = uniform_axes(extents, tile, layout_axes)
     slots = math.prod(tile)
     grid = [-(-L // t) for L, t in zip(extents, tile, strict=True)]
     sl = f"{r}_slot"  # per role: a loop may not rebind a variable of another shape
@@ -772,7 +775,7 @@ def _tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], 
             tc = f"({tc} % {grid[a]})" if a > 0 else tc
             sc = f"({sl} // {s_stride})" if s_stride > 1 else sl
             sc = f"({sc} % {t})" if a > 0 else sc
-            lines.append(f"{r}_a{a} = {tc} * {t} + {sc}")
+            lines.append(f"{r}_a{a} = {tc}  # one value per tile" if a in uniform else f"{r}_a{a} = {tc} * {t} + {sc}")
             if L % t:
                 ok.append(f"({r}_a{a} < {L})")
             flat_terms.append((f"{r}_a{a}", math.prod(extents[a + 1:])))
@@ -790,7 +793,12 @@ def _tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], 
         coords = []
         for i in reversed(range(len(layout_axes))):
             L = layout_axes[i]
-            coords.append((i, f"({r}_tok // {stride}) % {L}" if stride > 1 else f"{r}_tok % {L}"))
+            if i in uniform:  # the tile lies inside one stretch of `stride` tokens
+                per = stride // tile[0]
+                coords.append((i, f"({tile_var} // {per}) % {L}  # one value per tile" if per > 1 else
+                               f"{tile_var} % {L}  # one value per tile"))
+            else:
+                coords.append((i, f"({r}_tok // {stride}) % {L}" if stride > 1 else f"{r}_tok % {L}"))
             stride *= L
         for i, text in sorted(coords):
             lines.append(f"{r}_c{i} = {text}")
@@ -824,6 +832,8 @@ class KernelSource:
             raise SpecError("the Q tile needs one extent per grid axis, or one for flat tiles", where="q_tile")
         if self.k_axes and len(shape.kv_extents) not in (1, len(self.k_axes)):
             raise SpecError("the KV tile needs one extent per grid axis, or one for flat tiles", where="kv_tile")
+        self.q_uniform = uniform_axes(shape.q_extents, shape.q_tile, self.q_axes)
+        self.k_uniform = uniform_axes(shape.kv_extents, shape.kv_tile, self.k_axes)
         self.mask = E.substitute(pat.mask, bound)
         self.bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
         symbols = {S.Q: "q", S.K: "k", S.H: "h"}
@@ -838,7 +848,9 @@ class KernelSource:
         ranges = {S.Q: bound.n, S.K: bound.nk, S.H: bound.heads}
         for sym in symbols:
             ranges.setdefault(sym, max(bound.n, bound.nk))
-        self.printer = TritonPrinter(symbols, self.inputs, ranges)
+        scalars = frozenset([S.coord("q", pat.queries.axis_names[i]) for i in self.q_uniform]
+                            + [S.coord("k", pat.keys.axis_names[i]) for i in self.k_uniform])
+        self.printer = TritonPrinter(symbols, self.inputs, ranges, scalars)
         # the bias as coef * rest: coef once per head (times log2(e): scores are in log2 units), rest per score
         coef, rest = head_factor(self.bias) if self.bias is not None else (sympy.Integer(1), None)
         if not _fits_log2_units(coef, bound):
@@ -887,8 +899,8 @@ class KernelSource:
         cast = ".to(tl.int64)" if self.wide_math else ""
         qx, kx = _axes(tr)
         pos = [f"q_tok{cast}{qx}", f"k_tok{cast}{kx}"]
-        pos += [f"q_c{i}{cast}{qx}" for i in range(len(self.q_axes))]
-        pos += [f"k_c{i}{cast}{kx}" for i in range(len(self.k_axes))]
+        pos += [f"q_c{i}{cast}{'' if i in self.q_uniform else qx}" for i in range(len(self.q_axes))]
+        pos += [f"k_c{i}{cast}{'' if i in self.k_uniform else kx}" for i in range(len(self.k_axes))]
         return ", ".join(pos + [self._head_call_args(which)])
 
     def _head_call_args(self, which: list[int]) -> str:

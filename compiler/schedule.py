@@ -20,6 +20,19 @@ def tile_grid(extents: tuple[int, ...], tile: tuple[int, ...]) -> tuple[int, ...
     return tuple(-(-L // t) for L, t in zip(extents, tile, strict=True))
 
 
+def uniform_axes(extents: tuple[int, ...], tile: tuple[int, ...], layout_axes) -> frozenset[int]:
+    """The grid axes (of ``layout_axes``, the pattern's grid) whose coordinate is one value over
+    every valid token of each tile: box tiles of extent 1 along the axis, or flat tiles whose size
+    divides the axis's stride (each tile inside one row, one frame). Kernels hold these coordinates
+    as scalars, so a mask term of them alone (radial's frame distance, its bit_length and band) is
+    computed once per tile pair, not per score; ``symbols.per_pair`` tells such terms apart."""
+    if not len(layout_axes) or math.prod(tile) <= 1:
+        return frozenset()
+    if len(extents) > 1:
+        return frozenset(a for a, t in enumerate(tile) if t == 1 and a < len(layout_axes))
+    return frozenset(i for i in range(len(layout_axes)) if math.prod(layout_axes[i + 1:]) % tile[0] == 0)
+
+
 def tile_token_counts(extents: tuple[int, ...], tile: tuple[int, ...]) -> torch.Tensor:
     """Tokens in each tile (row-major flat tile index), int64 ``[num_tiles]``."""
     counts = torch.ones(1, dtype=torch.int64)

@@ -40,7 +40,7 @@ from . import symbols as S
 from . import tiles as T
 from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
 from .hardware import Hardware
-from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens
+from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens, uniform_axes
 from .tile_args import parse_tiles
 
 Q_TOKENS = (64, 128)
@@ -216,19 +216,20 @@ def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_t
     return sum(pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles))
 
 
-def pair_subexpressions(pat: ir.PatternIR) -> int:
-    """Distinct sub-expressions of the mask that depend on a query and a key symbol: each is a
-    score-shaped value when a kernel evaluates the mask on a PARTIAL tile."""
-    q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
-    k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}
-    return len({e for e in sympy.preorder_traversal(pat.mask)
-                if not e.is_Atom and e.free_symbols & q_syms and e.free_symbols & k_syms})
+def pair_subexpressions(mask: sympy.Basic) -> int:
+    """Distinct sub-expressions of a mask that depend on a query and a key position: each is a
+    score-shaped value when a kernel evaluates the mask on a PARTIAL tile. Give it the per-score
+    part (``symbols.pair_part``): terms with one value per tile pair are scalars there."""
+    def role(e, r):
+        return any(S.is_position(sym) and sym.name.split("_")[0] == r for sym in e.free_symbols)
+
+    return len({e for e in sympy.preorder_traversal(mask) if not e.is_Atom and role(e, "q") and role(e, "k")})
 
 
-def mask_score_tiles(pat: ir.PatternIR) -> float:
+def mask_score_tiles(mask: sympy.Basic) -> float:
     """Score tiles a long mask's live temporaries add to every pass (``MASK_EXPR_TILES`` per
     pair-shaped sub-expression beyond ``MASK_FREE_EXPRS``)."""
-    return MASK_EXPR_TILES * max(0, pair_subexpressions(pat) - MASK_FREE_EXPRS)
+    return MASK_EXPR_TILES * max(0, pair_subexpressions(mask) - MASK_FREE_EXPRS)
 
 
 def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
@@ -432,15 +433,9 @@ class ScheduleSearch:
         self.grid = len(self.q_ext) > 1 or len(self.kv_ext) > 1
         #: multi-dimensional box tiles: both layouts are grids with the same number of axes
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
-        self.ops = mask_ops(E.substitute(pat.mask, bound), calibration or Calibration())
+        self.mask = E.substitute(pat.mask, bound)
         self.min_kv = min_kv_tokens(hw)
-        #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
-        #: and a long mask's pair-shaped temporaries (``mask_score_tiles``)
-        self.score_tiles = (2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
-                            + (mask_score_tiles(pat) if self.min_kv == 1 else 0))
-        #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
-        #: and the gate prefixes (``DECAY_BWD_TILES`` more)
-        self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
+        self._pair_masks: dict = {}
         self._cache: dict = {}
         self._flat: tuple | None = None
         self.classifications = 0
@@ -479,13 +474,49 @@ class ScheduleSearch:
             self._cache[key] = sched
         return self._cache[key]
 
+    # ------------------------------------------------------------ what a kernel evaluates per score
+    def _pair(self, q_tile, kv_tile) -> tuple[sympy.Basic, int]:
+        scalars = []
+        for role, layout, ext, tile in (("q", self.pat.queries, self.q_ext, q_tile),
+                                        ("k", self.pat.keys, self.kv_ext, kv_tile)):
+            axes = ext if layout.kind == "grid" else ()
+            extents = ext if len(tile) > 1 else (math.prod(ext),)
+            scalars += [S.coord(role, layout.axis_names[i]) for i in uniform_axes(extents, tuple(tile), axes)]
+        key = frozenset(scalars)
+        if key not in self._pair_masks:
+            part = S.pair_part(self.mask, key)
+            self._pair_masks[key] = part, mask_ops(part, self.calibration or Calibration())
+        return self._pair_masks[key]
+
+    def pair_mask(self, q_tile, kv_tile) -> sympy.Basic:
+        """The mask as the kernels at these tiles evaluate it per score: terms of coordinates with
+        one value per tile (``schedule.uniform_axes``) are computed once per tile pair."""
+        return self._pair(q_tile, kv_tile)[0]
+
+    def pair_ops(self, q_tile, kv_tile) -> int:
+        """Elementwise operations per score of ``pair_mask`` (``cost.mask_ops``)."""
+        return self._pair(q_tile, kv_tile)[1]
+
+    def score_tiles(self, q_tile, kv_tile) -> float:
+        """Score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, a routing pattern's
+        selection, and a long mask's pair-shaped temporaries (``mask_score_tiles``; the backward's
+        halved tiles keep the forward's one-value-per-tile axes)."""
+        return (2 + (ROUTE_SELECT_TILES if self.pat.route is not None else 0)
+                + (mask_score_tiles(self.pair_mask(q_tile, kv_tile)) if self.min_kv == 1 else 0))
+
+    def bwd_score_tiles(self, q_tile, kv_tile) -> float:
+        """The backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum
+        products and the gate prefixes (``DECAY_BWD_TILES`` more)."""
+        return self.score_tiles(q_tile, kv_tile) + (DECAY_BWD_TILES if self.pat.decay is not None else 0)
+
     def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
         # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
         bwd = config.backward_config()
         bsched = self.schedule(bwd.q_tile, bwd.kv_tile, flat) if config.own_backward_tiles else None
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
-                       ops=self.ops, grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
+                       ops=self.pair_ops(config.q_tile, config.kv_tile),
+                       grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
                        backward_schedule=bsched)
         return Candidate(config, sched, pred)
 
@@ -495,7 +526,7 @@ class ScheduleSearch:
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles)
+                        self.nbytes, self.hw, self.score_tiles(q_tile, kv_tile), self.bwd_score_tiles(q_tile, kv_tile))
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
@@ -504,7 +535,9 @@ class ScheduleSearch:
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is not None
+        q, kv = config.q_tile, config.kv_tile
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles(q, kv),
+                     self.bwd_score_tiles(q, kv)) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):

@@ -32,6 +32,39 @@ def coord(role: str, axis: str) -> sympy.Symbol:
     return sympy.Symbol(f"{role}_{axis}", integer=True, nonnegative=True)
 
 
+def is_position(sym: sympy.Symbol) -> bool:
+    """``q``, ``k`` or a grid coordinate of either (every other symbol is one value per head)."""
+    return sym.name in ("q", "k") or sym.name.startswith(("q_", "k_"))
+
+
+def per_pair(expr: sympy.Basic, scalars=frozenset()) -> bool:
+    """Whether ``expr`` varies over the (query, key) pairs of a tile: it reads a position that is
+    not in ``scalars`` (coordinates with one value per tile, ``schedule.uniform_axes``)."""
+    return any(is_position(sym) and sym not in scalars for sym in expr.free_symbols)
+
+
+def pair_part(expr: sympy.Basic, scalars=frozenset()) -> sympy.Basic:
+    """``expr`` with each largest sub-expression that is not ``per_pair`` (computed once per tile
+    pair or per head) replaced by a placeholder symbol: what a kernel evaluates per score."""
+    memo: dict = {}
+
+    def walk(node):
+        if node.is_Atom or not node.args:
+            return node
+        if id(node) in memo:
+            return memo[id(node)]
+        if not per_pair(node, scalars) and node.free_symbols:
+            out = sympy.Dummy(integer=bool(node.is_integer)) if not isinstance(node, sympy.logic.boolalg.Boolean) \
+                else sympy.Dummy()
+        else:
+            args = [walk(a) for a in node.args]
+            out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else node.func(*args, evaluate=False)
+        memo[id(node)] = out
+        return out
+
+    return walk(expr)
+
+
 def size_symbol(name: str) -> sympy.Symbol:
     """A size bound from the tensors or at compile time (an axis extent)."""
     return sympy.Symbol(f"size_{name}", integer=True, positive=True)
@@ -247,6 +280,13 @@ class Mod(sympy.Mod):
         # the cheap structural tests first: asking a deep shared DAG is_integer walks its expanded tree
         if (q in (1, -1) or p in (q, -q) or (tree_size(p) <= SIMPLIFY_LIMIT and p.is_zero)) and p.is_integer:
             return sympy.Integer(0)  # also right when q later becomes 0 (then p is 0)
+        return None
+
+    def _eval_is_integer(self):
+        # sympy's Mod asks for a nonzero divisor; the total rule x % 0 == x keeps ints ints
+        p, q = self.args
+        if p.is_integer and q.is_integer:
+            return True
         return None
 
     def _eval_Abs(self):

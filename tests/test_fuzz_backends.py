@@ -667,9 +667,12 @@ def cases(draw, triton: bool) -> Case:
         q_tile = draw(st.sampled_from([16, None, 8, 13] if triton else [None, 4, 8, 16, 5]))
         kv_tile = draw(st.sampled_from([16, None, 24] if triton else [None, 4, 8, 16, 7])) if q_tile else None
     else:
-        q_tile = draw(st.sampled_from([None, "box"]))
+        q_tile = draw(st.sampled_from([None, "box", "flat"]))
         kv_tile = None
-        if q_tile:
+        if q_tile == "flat":  # flat tiles of a row, a frame (one value per tile on the outer axes) or across them
+            strides = [math.prod(list(extents.values())[i + 1:]) for i in range(len(extents) - 1)]
+            q_tile, kv_tile = (draw(st.sampled_from(sorted({*strides, 4, 6}))) for _ in range(2))
+        elif q_tile:
             smallest = (lambda L: max(1, L // 2)) if triton else (lambda L: 1)
             q_tile = tuple(draw(st.integers(smallest(L), L)) for L in extents.values())
             kv_tile = tuple(draw(st.integers(smallest(L), L)) for L in extents.values())

@@ -318,6 +318,43 @@ def seq_patterns(draw):
     return f"pattern rnd\n tokens seq\n mask {mask}\n{bias}"
 
 
+# ----------------------------------------------------------------- one value per tile
+RADIAL = {"block": 4, "decay_factor": 0.5, "sink": True}
+
+
+@pytest.mark.parametrize(("q_tile", "kv_tile", "q_scalar", "k_scalar"), [
+    ((1, 10), (1, 5), True, True),  # boxes inside one frame
+    (10, 5, True, True),  # flat tiles dividing the frame: each inside one frame
+    (20, 5, False, True),  # a flat Q tile spanning two frames
+    ((2, 8), (2, 4), False, False),
+])
+def test_frame_terms_are_computed_once_per_tile_pair(q_tile, kv_tile, q_scalar, k_scalar):
+    """radial's frame terms (distance, bit_length, band, split test) read only the frame coordinate;
+    where a tile lies in one frame that coordinate is a scalar and the terms are computed once per
+    tile pair. The answer is the reference's either way (out, lse, dq, dk, dv)."""
+    sizes = {"frames": 4, "per_frame": 10}
+    q, k, v = qkv(1, 2, 2, 40, 16, seed=5)
+    tri = compare(attnc.load("stdlib:radial", **RADIAL), q, k, v, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile)
+    call = re.search(r"_mask\(q_tok\[:, None\], k_tok\[None, :\], (.*?), h\)", tri.source).group(1)
+    assert ("q_c0, " in call) == q_scalar and ("q_c0[:, None]" in call) != q_scalar, call
+    assert ("k_c0, " in call) == k_scalar and ("k_c0[None, :]" in call) != k_scalar, call
+    assert ("one value per tile" in tri.source) == (q_scalar or k_scalar)
+
+
+def test_uniform_axes():
+    from attnc.compiler.schedule import uniform_axes
+
+    grid = [4, 6, 8]
+    assert uniform_axes((4, 6, 8), (1, 2, 8), grid) == {0}
+    assert uniform_axes((4, 6, 8), (1, 1, 8), grid) == {0, 1}
+    assert uniform_axes((4, 6, 8), (1, 1, 1), grid) == set()  # one token: nothing to share
+    assert uniform_axes((192,), (16,), grid) == {0}  # 48 (a frame) is a multiple of 16; a row (8) is not
+    assert uniform_axes((192,), (8,), grid) == {0, 1}
+    assert uniform_axes((192,), (12,), grid) == {0}
+    assert uniform_axes((192,), (32,), grid) == set()  # 48 % 32: a tile straddles two frames
+    assert uniform_axes((40,), (8,), []) == set()  # tokens seq: no coordinates
+
+
 @settings(max_examples=6, deadline=None)
 @given(spec=seq_patterns(), n=st.integers(17, 40), tq=st.sampled_from([8, 16, 13]), tk=st.sampled_from([8, 16, 24]),
        D=st.sampled_from([16, 24, 40]))
