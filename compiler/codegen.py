@@ -137,6 +137,17 @@ def _minimum(a, b):
     """Combine function of minima (tl.reduce)."""
     return tl.minimum(a, b)
 ''',
+    "_int_bound": '''
+@triton.jit
+def _int_bound(x, BIG: tl.constexpr, CEIL: tl.constexpr, NAN_HIGH: tl.constexpr):
+    """An int32 c such that, for every int n with |n| < BIG, n <= x == n <= c and n > x == n > c
+    (floor: CEIL false), or n < x == n < c and n >= x == n >= c (ceil: CEIL true); a NaN x gives
+    -BIG (NAN_HIGH false: for <=, <) or BIG (for >=, >), where every such comparison is False."""
+    y = tl.ceil(x) if CEIL else tl.floor(x)
+    y = tl.minimum(tl.maximum(y, -BIG), BIG)
+    y = tl.where(x == x, y, BIG if NAN_HIGH else -BIG)
+    return y.to(tl.int32)
+''',
     "_bit_length": '''
 @triton.jit
 def _bit_length(x):
@@ -278,6 +289,9 @@ class TritonPrinter:
             return f"tl.where({self.p(c)}, {va}, {vb})"
         if isinstance(e, sympy.core.relational.Relational):
             op = {"<": "<", "<=": "<=", ">": ">", ">=": ">=", "==": "==", "!=": "!="}[e.rel_op]
+            bounded = self._int_comparison(e)
+            if bounded is not None:
+                return bounded
             a, b = self._promoted([e.lhs, e.rhs])
             return f"({a} {op} {b})"
         if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
@@ -328,6 +342,23 @@ class TritonPrinter:
         raise SpecError(f"cannot generate code for {type(e).__name__}", where="code generation")
 
     # ------------------------------------------------------------ pieces
+    def _int_comparison(self, e) -> str | None:
+        """A mask's ``n <= x`` with ``n`` an int per score and ``x`` a float with one value per tile
+        pair (radial's ``abs(q.s - k.s) <= w``) as an int comparison with a bound computed once
+        (``_int_bound``): no float64 conversion per score. Exact: n converts to float64 exactly."""
+        if self.float_type != "tl.float64" or e.rel_op not in ("<", "<=", ">", ">="):
+            return None
+        flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
+        for n, x, op in ((e.lhs, e.rhs, e.rel_op), (e.rhs, e.lhs, flip[e.rel_op])):
+            if n.is_integer and not x.is_integer and self._per_pair(n) and not self._per_pair(x) and x.free_symbols:
+                big = _abs_bound(n, self.ranges, math.inf) + 1
+                if big >= 2**30:
+                    return None
+                self.helpers.add("_int_bound")
+                ceil, nan_high = op in ("<", ">="), op in (">", ">=")
+                return f"({self.p(n)} {op} _int_bound({self._float(x)}, {int(big)}, {ceil}, {nan_high}))"
+        return None
+
     def _per_pair(self, e: sympy.Basic) -> bool:
         """Whether an expression is a tile of values (else a scalar: per head, or per tile pair)."""
         return S.per_pair(e, self.scalars)

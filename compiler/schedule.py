@@ -44,22 +44,29 @@ def tile_token_counts(extents: tuple[int, ...], tile: tuple[int, ...]) -> torch.
     return counts
 
 
-def tile_tokens(extents: tuple[int, ...], tile: tuple[int, ...], tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat token indices of the given tiles, padded: (``[P, prod(tile)]`` int64,
-    valid ``[P, prod(tile)]`` bool)."""
+def tile_axes(extents: tuple[int, ...], tile: tuple[int, ...], tiles: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per grid axis, the coordinates of the given tiles' slots along it, padded: (``[P, t]`` int64,
+    valid ``[P, t]`` bool); a tile's slots are their product, row-major."""
     grid = tile_grid(extents, tile)
-    tiles = tiles.to(torch.int64)
-    flat = torch.zeros(len(tiles), 1, dtype=torch.int64)
-    valid = torch.ones(len(tiles), 1, dtype=torch.bool)
-    rest = tiles
+    rest = tiles.to(torch.int64)
     coords = []
     for g in reversed(grid):
         coords.append(rest % g)
         rest = rest // g
     coords.reverse()
+    out = []
     for c, L, t in zip(coords, extents, tile, strict=True):
         pos = c[:, None] * t + torch.arange(t)[None, :]  # [P, t]
-        ok = pos < L
+        out.append((pos, pos < L))
+    return out
+
+
+def tile_tokens(extents: tuple[int, ...], tile: tuple[int, ...], tiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat token indices of the given tiles, padded: (``[P, prod(tile)]`` int64,
+    valid ``[P, prod(tile)]`` bool)."""
+    flat = torch.zeros(len(tiles), 1, dtype=torch.int64)
+    valid = torch.ones(len(tiles), 1, dtype=torch.bool)
+    for (pos, ok), L in zip(tile_axes(extents, tile, tiles), extents, strict=True):
         flat = (flat[:, :, None] * L + pos[:, None, :]).reshape(len(tiles), -1)
         valid = (valid[:, :, None] & ok[:, None, :]).reshape(len(tiles), -1)
     return flat, valid

@@ -87,15 +87,15 @@ ROUTE_SELECT_TILES = 1 / SCORE_TILE_REGS
 MASK_FREE_EXPRS = 10
 #: Score tiles each further pair-shaped sub-expression adds, where the KV tile can shrink (not on
 #: Hopper). Only radial (19, with its float band and window per pair) is above the free count.
-#: Measured with ``attnc check-gpu`` (fp16, 16 frames x 256 tokens), spill bytes fwd / dQ / dK/dV,
-#: without -> with this term:
-#:   sm_80 d=64:  Triton 3.6 676 / 1244 / 1664 -> 0 / 0 / 12, 3.9 796 / 1144 / 1612 -> 0 / 0 / 20
-#:                (1x64/1x32 boxes, w8);  d=128: 3.6 1004 / 0 / 0 -> 0 / 0 / 0, 3.9 -> 0 / 0 / 0;
-#:   sm_90 (64-token KV tiles for wgmma: only warps and stages can give): d=64 3.6 404 / 236 / 596
-#:     -> 332 / 312 / 576, 3.9 1016 / 0 / 308 -> 0 / 0 / 356; d=128 3.6 536 / 588 / 1100 -> 492 / 904
-#:     / 1816, 3.9 1460 / 236 / 576 -> 132 / 412 / 752: worse on 3.6 (what the GPU machines run) and
-#:     one pipeline stage instead of three, so Hopper keeps its configs. radial spills there; its
-#:     mask needs cheaper code, not smaller tiles.
+#: Measured with ``attnc check-gpu`` (fp16, 16 frames x 256 tokens), spill bytes fwd / dQ / dK/dV:
+#:   before the kernels held one-value-per-tile coordinates as scalars (``schedule.uniform_axes``),
+#:   without -> with this term: sm_80 d=64 Triton 3.6 676 / 1244 / 1664 -> 0 / 0 / 12, 3.9 796 / 1144
+#:   / 1612 -> 0 / 0 / 20 (1x64/1x32 boxes, w8); sm_90 (64-token KV tiles for wgmma: only warps and
+#:   stages can give) kept 236-1460 B per kernel either way.
+#:   With scalar frame terms: every radial kernel spill-free on sm_80 and sm_90 at d 64 and 128, both
+#:   Triton versions, with this term; without it sm_80 d=64 picks 64/64 and its dK/dV spills 644 B
+#:   (3.6) / 988 B (3.9): the scalar float64 work (exp2, division, fmod) still raises the peak, so the
+#:   term counts the whole mask, as before.
 MASK_EXPR_TILES = 0.5
 MAX_SHAPES = 6
 REFINE = 3
@@ -218,8 +218,8 @@ def pass_values(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, score_t
 
 def pair_subexpressions(mask: sympy.Basic) -> int:
     """Distinct sub-expressions of a mask that depend on a query and a key position: each is a
-    score-shaped value when a kernel evaluates the mask on a PARTIAL tile. Give it the per-score
-    part (``symbols.pair_part``): terms with one value per tile pair are scalars there."""
+    score-shaped value when a kernel evaluates the mask on a PARTIAL tile (a scalar where its
+    coordinates have one value per tile: ``symbols.pair_part``)."""
     def role(e, r):
         return any(S.is_position(sym) and sym.name.split("_")[0] == r for sym in e.free_symbols)
 
@@ -336,6 +336,35 @@ def flat_view(pat: ir.PatternIR, bound: E.Bound) -> tuple[ir.PatternIR, E.Bound]
     return view, dataclasses.replace(bound)
 
 
+def flat_box(extents: tuple[int, ...], tile) -> tuple[int, ...] | None:
+    """The box tile whose tiles are the flat tiles of ``tile[0]`` tokens over a grid of ``extents``
+    (the same tokens, in the same order): whole rows (frames) of the grid, or an equal piece of one;
+    None where a flat tile straddles a row it does not cover whole."""
+    size, inner = tile[0], 1
+    for j in reversed(range(len(extents))):
+        if size % inner == 0 and extents[j] % (size // inner) == 0:
+            return (1,) * j + (size // inner,) + tuple(extents[j + 1:])
+        inner *= extents[j]
+    return None
+
+
+def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,
+                  classify: Callable | None = None) -> TileSchedule:
+    """The schedule of flat tiles over a grid pattern: classified as the equal box tiles where there
+    are some (``flat_box``: per-axis reasoning, and terms of a coordinate with one value per tile
+    evaluated once per tile pair), else on the flat view. The schedule is the flat one either way."""
+    classify = classify or T.classify_tiles
+    q_ext = T.layout_extents(pat.queries, bound, bound.n)
+    kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
+    boxes = (flat_box(q_ext, tuple(q_tile)), flat_box(kv_ext, tuple(kv_tile)))
+    if pat.queries.kind == "grid" and pat.keys.kind == "grid" and not bound.q_offset and all(boxes):
+        sched = classify(pat, bound, boxes[0], boxes[1], inputs=inputs)
+        return dataclasses.replace(sched, q_extents=(math.prod(q_ext),), kv_extents=(math.prod(kv_ext),),
+                                   q_tile=(min(q_tile[0], math.prod(q_ext)),), kv_tile=(min(kv_tile[0], math.prod(kv_ext)),))
+    view, vbound = flat_view(pat, bound)
+    return classify(view, vbound, q_tile, kv_tile, inputs=inputs)
+
+
 # ----------------------------------------------------------------- routing model
 def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None) -> TileSchedule:
     """The schedule of a routing pattern under the block-coherent assumption:
@@ -435,6 +464,14 @@ class ScheduleSearch:
         self.boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(self.q_ext) == len(self.kv_ext)
         self.mask = E.substitute(pat.mask, bound)
         self.min_kv = min_kv_tokens(hw)
+        #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
+        #: and a long mask's temporaries (``mask_score_tiles``, of the whole mask: the float64 work of terms with
+        #: one value per tile pair, radial's exp2, division and fmod, also raises the register peak)
+        self.score_tiles = (2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
+                            + (mask_score_tiles(self.mask) if self.min_kv == 1 else 0))
+        #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
+        #: and the gate prefixes (``DECAY_BWD_TILES`` more)
+        self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
         self._pair_masks: dict = {}
         self._cache: dict = {}
         self._flat: tuple | None = None
@@ -467,7 +504,10 @@ class ScheduleSearch:
                                 + (" for a routing pattern" if self.pat.route is not None else " on a grid"),
                                 where="argument sizes" if self.grid else "argument n",
                                 hint="larger tiles (q_tile=, kv_tile=) or a smaller size")
-            sched = self.classify(pat, bound, q_tile, kv_tile, inputs=self.inputs)
+            if flat and self.grid:
+                sched = classify_flat(self.pat, self.bound, q_tile, kv_tile, self.inputs, self.classify)
+            else:
+                sched = self.classify(pat, bound, q_tile, kv_tile, inputs=self.inputs)
             self.classifications += 1
             if self.pat.route is not None:
                 sched = route_schedule(self.pat, self.bound, sched, self.inputs)
@@ -497,18 +537,6 @@ class ScheduleSearch:
         """Elementwise operations per score of ``pair_mask`` (``cost.mask_ops``)."""
         return self._pair(q_tile, kv_tile)[1]
 
-    def score_tiles(self, q_tile, kv_tile) -> float:
-        """Score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, a routing pattern's
-        selection, and a long mask's pair-shaped temporaries (``mask_score_tiles``; the backward's
-        halved tiles keep the forward's one-value-per-tile axes)."""
-        return (2 + (ROUTE_SELECT_TILES if self.pat.route is not None else 0)
-                + (mask_score_tiles(self.pair_mask(q_tile, kv_tile)) if self.min_kv == 1 else 0))
-
-    def bwd_score_tiles(self, q_tile, kv_tile) -> float:
-        """The backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum
-        products and the gate prefixes (``DECAY_BWD_TILES`` more)."""
-        return self.score_tiles(q_tile, kv_tile) + (DECAY_BWD_TILES if self.pat.decay is not None else 0)
-
     def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
         # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
@@ -526,7 +554,7 @@ class ScheduleSearch:
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw, self.score_tiles(q_tile, kv_tile), self.bwd_score_tiles(q_tile, kv_tile))
+                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles)
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
@@ -535,9 +563,7 @@ class ScheduleSearch:
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        q, kv = config.q_tile, config.kv_tile
-        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles(q, kv),
-                     self.bwd_score_tiles(q, kv)) is not None
+        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is not None
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
@@ -630,6 +656,6 @@ class ScheduleSearch:
 
 
 __all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
-           "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
+           "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
            "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

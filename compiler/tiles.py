@@ -33,7 +33,7 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
-from .schedule import TileCounts, TileSchedule, tile_grid, tile_token_counts, tile_tokens
+from .schedule import TileCounts, TileSchedule, tile_axes, tile_grid, tile_token_counts, tile_tokens
 
 #: Token pairs evaluated at most when refining PARTIAL tiles exactly.
 REFINE_BUDGET = 1 << 26
@@ -79,6 +79,32 @@ def _pair_evaluator(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_fl
     return E.Evaluator(env, tensors, set(), None)
 
 
+def _axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, kv_tile, head: int,
+              q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Symbol values for every token pair of the given tile pairs, one dimension per grid axis of
+    each side (``[P, q axes..., k axes...]``; a seq side has one): a mask term of some axes is
+    evaluated over those axes only (radial's frame terms once per pair of frames, not per token
+    pair). Padded slots are clamped in range; ``valid`` says which slots hold tokens."""
+    env: dict = {sym: int(v) for sym, v in bound.subs.items()}
+    env[S.H] = head
+    sides = (("q", pat.queries, q_extents, q_tile, q_tiles, bound.q_offset), ("k", pat.keys, kv_extents, kv_tile, kv_tiles, 0))
+    ndim = 1 + len(q_extents) + len(kv_extents)
+    valid = torch.ones((1,) * ndim, dtype=torch.bool)
+    dim = 1
+    for role, layout, ext, tile, tiles, shift in sides:
+        for a, (pos, ok) in enumerate(tile_axes(ext, tuple(tile), tiles)):
+            shape = [len(tiles)] + [1] * (ndim - 1)
+            shape[dim] = pos.shape[1]
+            value = torch.minimum(pos, torch.tensor(ext[a] - 1)).view(shape)
+            if layout.kind == "seq":
+                env[S.Q if role == "q" else S.K] = value + shift  # query rows -> absolute positions
+            else:
+                env[S.coord(role, layout.axis_names[a])] = value
+            valid = valid & ok.view(shape)
+            dim += 1
+    return env, valid
+
+
 def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_extents, kv_extents,
                   q_tile, kv_tile, head: int, q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
     """Exact number of allowed token pairs of each given (Q tile, KV tile) pair, int64 ``[P]``."""
@@ -86,18 +112,16 @@ def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_exte
     per_pair = math.prod(q_tile) * math.prod(kv_tile)
     step = max(1, CHUNK // per_pair)
     mask = E.substitute(pat.mask, bound)
+    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    if batch is not None:
+        raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
+                        where="argument inputs")
     for start in range(0, len(q_tiles), step):
         qi, ki = q_tiles[start:start + step], kv_tiles[start:start + step]
-        q_flat, q_ok = tile_tokens(q_extents, q_tile, qi)
-        k_flat, k_ok = tile_tokens(kv_extents, kv_tile, ki)
-        # padded positions are clamped in range; their result is discarded by `valid`
-        q_flat = torch.minimum(q_flat, torch.tensor(math.prod(q_extents) - 1))
-        k_flat = torch.minimum(k_flat, torch.tensor(math.prod(kv_extents) - 1))
-        ev = _pair_evaluator(pat, bound, inputs, q_flat[:, :, None], k_flat[:, None, :], head)
-        allowed = E.as_tensor(ev(mask), torch.bool)
-        valid = q_ok[:, :, None] & k_ok[:, None, :]
-        allowed = torch.broadcast_to(allowed, valid.shape) & valid
-        out[start:start + step] = allowed.sum(dim=(1, 2))
+        env, valid = _axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)
+        allowed = E.as_tensor(E.Evaluator(env, tensors, set(), None)(mask), torch.bool)
+        allowed = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape)) & valid
+        out[start:start + step] = allowed.flatten(1).sum(1)
     return out
 
 

@@ -310,14 +310,13 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         # the forward's launch parameters with the pick's backward, then the backward's with the pick's forward
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
-            if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles(pick.q_tile, pick.kv_tile)):
+            if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
                 configs.append(cfg)
         bwd = pick.backward_config()  # the backward's own tiles, where the search gave it some
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
             if cfg not in configs and all(pass_fits(k, bwd.q_tokens, bwd.kv_tokens, d, nbytes, warps, stages, hw,
-                                                    search.bwd_score_tiles(pick.q_tile, pick.kv_tile))
-                                   for k in PASSES[1:]):
+                                                    search.bwd_score_tiles) for k in PASSES[1:]):
                 configs.append(cfg)
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         for cfg in configs:

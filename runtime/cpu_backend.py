@@ -10,7 +10,7 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler.search import flat_view, tile_shapes
+from ..compiler.search import classify_flat, flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
 from . import decode, executor, routing
@@ -172,7 +172,7 @@ class CpuRunner:
             schedule = memo[(q_tile, kv_tile, flat)]
         elif flat:  # 1-D tiles of a grid's token order: classified on the flat view; the
             # executor evaluates the pattern itself on the flat tokens of those tiles
-            schedule = classify_tiles(*flat_view(pat, bound), q_tile, kv_tile, inputs)
+            schedule = classify_flat(pat, bound, q_tile, kv_tile, inputs)
         else:
             schedule = classify_tiles(pat, bound, q_tile, kv_tile, inputs)
         return self._store(key, dynamic, executor.Plan.build(pat, bound, schedule), inputs)

@@ -53,7 +53,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
-from ..compiler.search import contiguous, flat_view, tile_shapes
+from ..compiler.search import classify_flat, contiguous, tile_shapes
 from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thread
 from ..spec.errors import SpecError
 from . import reference
@@ -268,8 +268,10 @@ class FlexRunner:
                                                        bound.heads))
             if (q_tile, kv_tile, flat) in memo:
                 return memo[(q_tile, kv_tile, flat)]
-        pat, b = (flat_view(self.pattern, bound) if flat else (self.pattern, bound))
-        sched = classify_tiles(pat, b, q_tile, kv_tile, tensors)
+        if flat:
+            sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors)
+        else:
+            sched = classify_tiles(self.pattern, bound, q_tile, kv_tile, tensors)
         if memo is not None:
             memo[(q_tile, kv_tile, flat)] = sched
         return sched

@@ -48,7 +48,7 @@ from ..compiler.codegen import (
 )
 from ..compiler.cost import KernelConfig
 from ..compiler.schedule import TileSchedule
-from ..compiler.search import flat_view, tile_shapes
+from ..compiler.search import classify_flat, tile_shapes
 from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
 from ..spec.errors import SpecError
@@ -197,8 +197,7 @@ def classify(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, inputs: di
     ``address`` boxes alike), 1-D tiles of a grid on its flat view."""
     flat = len(config.q_tile) == 1 and len(config.kv_tile) == 1
     if flat and (pat.queries.kind == "grid" or pat.keys.kind == "grid"):
-        view, vbound = flat_view(pat, bound)
-        return classify_tiles(view, vbound, config.q_tile, config.kv_tile, inputs)
+        return classify_flat(pat, bound, config.q_tile, config.kv_tile, inputs)
     return classify_tiles(pat, bound, config.q_tile, config.kv_tile, inputs)
 
 

@@ -341,6 +341,24 @@ def test_frame_terms_are_computed_once_per_tile_pair(q_tile, kv_tile, q_scalar, 
     assert ("one value per tile" in tri.source) == (q_scalar or k_scalar)
 
 
+@pytest.mark.parametrize("mask", [
+    # an int per score against a float per tile pair: NaN (log, sqrt of a negative), +-inf (x / 0,
+    # log 0), exact integers and fractions, each of <=, <, >=, > and both operand orders
+    "q.x - k.x <= 3 * log(q.t - k.t) or k.x - q.x > 2.0 / (q.t - k.t)",
+    "abs(q.x - k.x) < 2.5 * sqrt(q.t - k.t) and 1.0 * (k.t - q.t) <= q.x",
+    "k.x >= q.x + (q.t - k.t) * 0.5 or q.x - k.x >= -1.0 / (k.t - q.t)",
+    "(k.x - q.x > log(k.t - q.t + 0.5) * 2) == (q.x < k.x + 0.5 * (q.t + k.t))",
+])
+def test_int_against_per_tile_float_comparisons(mask):
+    """Where the float side has one value per tile pair, the mask compares the int side with an int
+    bound computed once (``_int_bound``): the same pairs as the float64 comparison of the reference."""
+    spec = f"pattern p\n  tokens grid(t: frames, x: width)\n  mask {mask}\n"
+    sizes = {"frames": 4, "width": 12}
+    q, k, v = qkv(1, 1, 1, 48, 16, seed=11)
+    tri = compare(spec, q, k, v, sizes=sizes, q_tile=(1, 12), kv_tile=(1, 6))
+    assert "_int_bound(" in tri.source
+
+
 def test_uniform_axes():
     from attnc.compiler.schedule import uniform_axes
 
