@@ -20,12 +20,14 @@ box; the runtime permutes q, k and v into that order and the output back).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
 from dataclasses import dataclass
 
 import sympy
+import torch
 
 from ..spec.errors import SpecError
 from . import evaluate as E
@@ -119,10 +121,12 @@ class FlexSource:
     """The generated module text and what its functions take."""
 
     text: str
-    mask_inputs: tuple[str, ...]  # input names, then "__sel", "__kb" (routing), for mask_mod
+    mask_inputs: tuple[str, ...]  # input names and tables, then "__sel", "__kb" (routing), for mask_mod
     score_inputs: tuple[str, ...]  # input names, then DECAY_BUFFERS (FoX prefix sums), for score_mod
     has_score_mod: bool
     body: str = ""  # the text without its header: equal bodies are the same functions (shared compiles)
+    #: the mask's tables (``tabulate``): name in ``mask_inputs`` -> its values, read like an input
+    tables: dict = dataclasses.field(default_factory=dict, compare=False)
 
     @functools.cached_property  # (once per plan: auto reads it at every call of a data-dependent mask)
     def mask_ops(self) -> int:
@@ -409,6 +413,60 @@ def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> li
     return lines
 
 
+#: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
+TABLE_ENTRIES = 1 << 16
+#: Operators a sub-expression needs before a table lookup replaces it.
+TABLE_MIN_OPS = 4
+TABLE_PREFIX = "__table"
+
+
+def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[sympy.Basic, dict]:
+    """``mask`` with each largest sub-expression of grid coordinates alone (no ``q``/``k``, head
+    or input) whose coordinates take at most ``TABLE_ENTRIES`` combinations replaced by a lookup
+    in a table of its values, and the tables (name -> tensor, one dimension per coordinate). The
+    values come from the reference evaluator, so the lookup is exact: radial's frame terms
+    (``bit_length``, the float band, the split test) become two lookups per token pair, as the
+    radial-attention code tabulates them by frame distance. Tables are read as inputs are."""
+    extents = {}
+    for role, layout in (("q", pat.queries), ("k", pat.keys)):
+        if layout.kind == "grid":
+            for axis, size in layout.axes:
+                extents[S.coord(role, axis)] = int(size.subs(bound.subs))
+    tables: dict = {}
+    memo: dict = {}
+
+    def table_of(node) -> sympy.Basic:
+        coords = sorted(node.free_symbols, key=lambda sym: sym.name)
+        shape = [extents[c] for c in coords]
+        env: dict = {sym: int(v) for sym, v in bound.subs.items()}
+        for i, c in enumerate(coords):
+            env[c] = torch.arange(shape[i]).view([-1 if j == i else 1 for j in range(len(coords))])
+        values = E.as_tensor(E.Evaluator(env, {}, set(), None)(node), None)
+        boolean = isinstance(node, sympy.logic.boolalg.Boolean)
+        dtype = torch.int64 if boolean or node.is_integer else torch.float64
+        name = f"{TABLE_PREFIX}{len(tables)}"
+        tables[name] = torch.broadcast_to(values.to(dtype), shape).contiguous()
+        read = S.input_function(name, "int" if dtype == torch.int64 else "float")(*coords)
+        return sympy.Eq(read, 1) if boolean else read
+
+    def walk(node):
+        if node.is_Atom or not node.args:
+            return node
+        if id(node) in memo:
+            return memo[id(node)]
+        syms = node.free_symbols
+        if (syms and syms <= extents.keys() and not _has_input(node) and sympy.count_ops(node) >= TABLE_MIN_OPS
+                and math.prod(extents[c] for c in syms) <= TABLE_ENTRIES):
+            out = table_of(node)
+        else:
+            args = [walk(a) for a in node.args]
+            out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else S.rebuild(node, args)
+        memo[id(node)] = out
+        return out
+
+    return walk(mask), tables
+
+
 def _symbols(pat: ir.PatternIR) -> dict:
     symbols = {S.Q: "q", S.K: "k", S.H: "h"}
     for i, axis in enumerate(pat.queries.axis_names):
@@ -432,13 +490,15 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     """The module text defining ``mask_mod(b, h, q_idx, kv_idx, *mask_inputs)`` and (when the pattern
     has score terms) ``score_mod(score, b, h, q_idx, kv_idx, *score_inputs)``."""
     check_lowerable(pat)
-    mask = E.substitute(pat.mask, bound)
+    mask, tables = tabulate(E.substitute(pat.mask, bound), pat, bound)
     bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
     softcap = E.substitute(pat.softcap, bound) if pat.softcap is not None else None
     inputs = {}
     for i, decl in enumerate(pat.inputs):
         dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         inputs[decl.name] = (f"IN{i}", dims, decl.dtype, decl.name in batched)
+    for i, (name, values) in enumerate(tables.items()):
+        inputs[name] = (f"TAB{i}", tuple(values.shape), "int" if values.dtype == torch.int64 else "float", False)
     symbols = _symbols(pat)
     mask_printer = FlexPrinter(symbols, inputs)
     mask_text = mask_printer.p(mask)
@@ -492,7 +552,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     text = _header(pat, bound, q_map, k_map) + "\n\n\n" + body
     score_names = tuple(score_printer.used_inputs) + (DECAY_BUFFERS if pat.decay is not None else ())
     mask_names = tuple(mask_printer.used_inputs) + (("__sel", "__kb") if pat.route is not None else ())
-    return FlexSource(text, mask_names, score_names, has_score, body)
+    return FlexSource(text, mask_names, score_names, has_score, body, tables)
 
 
 def _is_tensor(e: sympy.Basic) -> bool:

@@ -374,7 +374,7 @@ class FlexRunner:
         plan = self.plan(bound, tensors, batched, q.is_cuda)
         dev = q.device
         names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
-        mask_bufs = tuple(tensors[n].to(dev) for n in names)
+        mask_bufs = tuple((plan.source.tables[n] if n in plan.source.tables else tensors[n]).to(dev) for n in names)
         sched, per_batch = plan.schedule, False
         if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
             routed = self._route(plan, q, k, tensors, batched)

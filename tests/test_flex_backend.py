@@ -224,6 +224,27 @@ def test_grid_patterns(name, sizes, params, kind):
         assert "tile-major" in fx.source
 
 
+@pytest.mark.parametrize("kind", ["box", "flat"])
+def test_coordinate_terms_become_exact_tables(kind, monkeypatch):
+    """A mask term of grid coordinates alone is read from a table of the reference evaluator's
+    values (``flex_codegen.tabulate``): not symmetric in q and k, floats, ints and bools, padded
+    edge tiles; the same output and gradients as the reference (float64). Tables are capped at 30
+    entries here, so only the frame terms (5 x 5) are tabulated, not the whole mask."""
+    from attnc.compiler import flex_codegen
+
+    monkeypatch.setattr(flex_codegen, "TABLE_ENTRIES", 30)
+    spec = ("pattern p\n  tokens grid(t: frames, x: width)\n"
+            "  mask (k.x - q.x) * 0.5 <= log(q.t + 1) * (k.t + 2) - bit_length(q.t * 3 + k.t)"
+            " and (q.t * 5 + k.t) % 3 != 1 or k.t ** 2 == q.t + 1\n")
+    sizes = {"frames": 5, "width": 7}
+    q, k, v = qkv(1, 2, 2, 35, 8, seed=4)
+    q_tile, kv_tile = ((2, 4), (2, 3)) if kind == "box" else ((16,), (8,))
+    fx = compare(spec, q, k, v, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile)
+    tables = fx.flex.last.source.tables
+    assert tables and all(t.shape == (5, 5) for t in tables.values())
+    assert "TAB0[" in fx.source and "bit_length" not in fx.source.split("def mask_mod")[1]
+
+
 def test_grid_box_tiles_are_flex_blocks():
     """On a grid, a Flex block is an attnc box tile: 8x8 Q tiles and 2x2 KV tiles on 24x24."""
     sizes = {"height": 24, "width": 24}
