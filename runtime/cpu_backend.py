@@ -10,7 +10,7 @@ import torch
 
 from ..compiler import evaluate as E
 from ..compiler import ir
-from ..compiler.search import classify_flat, flat_view, tile_shapes
+from ..compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
 from ..compiler.tiles import classify_tiles, layout_extents
 from . import decode, executor, routing
@@ -48,6 +48,9 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
     best = None
     for tokens in CPU_TILE_TOKENS:
         q_shapes = tile_shapes(tokens, q_ext, limit=3) or [tuple(min(tokens, L) for L in q_ext)]
+        row = flat_box(q_ext, (tokens,)) if len(q_ext) > 1 else None
+        if row is not None and row not in q_shapes:  # whole rows or a piece of one (radial's in-frame tiles)
+            q_shapes.append(row)
         for shape in q_shapes:
             kv_shape = shape if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0]
             key = (shape, kv_shape, False)

@@ -248,12 +248,14 @@ class FlexRunner:
         for tokens in CUDA_FLEX_TILE_TOKENS if cuda else FLEX_TILE_TOKENS:
             # blocks of exactly `tokens` (a power of two) on both sides, as Flex's own 128, even beyond a
             # short sequence (Flex bounds it): the fused CPU kernel needs them (see _fused_ok)
+            # flat blocks of the token order too (on a grid: whole rows or pieces of one, e.g. radial's
+            # in-frame blocks, which the most cube-like boxes are not), then those boxes
             cands = [((tokens,), (tokens,), grid)]
             if boxes:
                 q_shapes = tile_shapes(tokens, q_ext, limit=3)
                 kv_shape = tile_shapes(tokens, kv_ext, limit=1) if q_ext != kv_ext else q_shapes[:1]
-                if q_shapes and kv_shape:  # else a grid smaller than one box: flat blocks
-                    cands = [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
+                if q_shapes and kv_shape:  # else a grid smaller than one box: flat blocks only
+                    cands += [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
             for qs, ks, flat in cands:
                 sched = self._classify(bound, qs, ks, flat, tensors)
                 cost = _cost(sched)
