@@ -351,7 +351,7 @@ class TritonPrinter:
         flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
         for n, x, op in ((e.lhs, e.rhs, e.rel_op), (e.rhs, e.lhs, flip[e.rel_op])):
             if n.is_integer and not x.is_integer and self._per_pair(n) and not self._per_pair(x) and x.free_symbols:
-                big = _abs_bound(n, self.ranges, math.inf) + 1
+                big = abs_bound(n, self.ranges, math.inf) + 1
                 if big >= 2**30:
                     return None
                 self.helpers.add("_int_bound")
@@ -498,7 +498,7 @@ class TritonPrinter:
         """``a >= 0`` at run time: non-negative as a number and too small to wrap around in
         64 bits (``q * 2**61`` is negative for q >= 4), so Triton's truncating ``//`` and
         ``%`` agree with the floored ones."""
-        return bool(a.is_nonnegative) and _abs_bound(a, self.ranges, math.inf) < 2.0 ** 62
+        return bool(a.is_nonnegative) and abs_bound(a, self.ranges, math.inf) < 2.0 ** 62
 
     def _input(self, name: str, args) -> str:
         slot = self.inputs[name]
@@ -692,13 +692,13 @@ def needs_int64(exprs: list[sympy.Basic], ranges: dict) -> bool:
             continue
         for node in sympy.preorder_traversal(e):
             if isinstance(node, sympy.Expr) and node.is_integer:
-                worst = max(worst, _abs_bound(node, ranges))
+                worst = max(worst, abs_bound(node, ranges))
                 if worst > INT32_MAX:
                     return True
     return False
 
 
-def _abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
+def abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
     """A bound of ``|e|`` given ``ranges``; an input read counts as ``input_bound`` (0 for the
     int32/int64 choice: loads are int64 already; infinity for the wrap-around rule)."""
     if isinstance(e, sympy.Integer):
@@ -706,29 +706,29 @@ def _abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
     if isinstance(e, sympy.Symbol):
         return float(ranges.get(e, math.inf))
     if isinstance(e, sympy.Add):
-        return sum(_abs_bound(a, ranges, input_bound) for a in e.args)
+        return sum(abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Mul):
         out = 1.0
         for a in e.args:
-            out *= _abs_bound(a, ranges, input_bound)
+            out *= abs_bound(a, ranges, input_bound)
         return out
     if isinstance(e, sympy.Pow) and isinstance(e.exp, sympy.Integer) and int(e.exp) >= 0:
-        b = _abs_bound(e.base, ranges, input_bound)
+        b = abs_bound(e.base, ranges, input_bound)
         return b ** int(e.exp) if b < 1e30 else math.inf
     if isinstance(e, S.FloorDiv | S.ShiftRight | sympy.Abs):
-        return _abs_bound(e.args[0], ranges, input_bound)
+        return abs_bound(e.args[0], ranges, input_bound)
     if isinstance(e, sympy.Mod):
         if isinstance(e.args[1], sympy.Integer) and e.args[1] != 0:  # floored: |a % b| < |b|, wrapped a or not
             return abs(int(e.args[1]))
-        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
+        return max(abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Min | sympy.Max):
-        return max(_abs_bound(a, ranges, input_bound) for a in e.args)
+        return max(abs_bound(a, ranges, input_bound) for a in e.args)
     if isinstance(e, sympy.Piecewise):
-        return max(_abs_bound(v, ranges, input_bound) for v, _ in e.args)
+        return max(abs_bound(v, ranges, input_bound) for v, _ in e.args)
     if isinstance(e, S.BitLength | S.Log2Floor):
         return 64.0
     if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.BitNot):
-        m = max(_abs_bound(a, ranges, input_bound) for a in e.args)
+        m = max(abs_bound(a, ranges, input_bound) for a in e.args)
         return 2.0 ** (math.floor(math.log2(m)) + 2) if 0 < m < 1e30 else (1.0 if m == 0 else math.inf)
     if S.input_name(getattr(e, "func", None)):
         return input_bound

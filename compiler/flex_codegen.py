@@ -33,6 +33,7 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
+from .codegen import abs_bound
 
 F64 = "torch.float64"
 
@@ -149,10 +150,11 @@ class FlexPrinter:
     names to (internal name, dims, dtype, batched). ``strict=False`` prints
     unbound symbols as ``_`` (the compile-time check, before sizes are known)."""
 
-    def __init__(self, symbols: dict, inputs: dict, strict: bool = True):
+    def __init__(self, symbols: dict, inputs: dict, strict: bool = True, in_range: frozenset = frozenset()):
         self.symbols = symbols
         self.inputs = inputs
         self.strict = strict
+        self.in_range = in_range  # coordinates always inside their axis (no padded slots): tables need no clamp
         self.helpers: set[str] = set()
         self.used_inputs: list[str] = []
 
@@ -343,10 +345,12 @@ class FlexPrinter:
                 if not 0 <= i < dim:
                     raise SpecError(f"an input is indexed at {i}, outside 0..{dim - 1}", where="code generation")
                 index.append(str(i))
+            elif name.startswith(TABLE_PREFIX) and arg in self.in_range:  # a coordinate of its own axis
+                index.append(self.p(arg))
             else:  # clamped: padded slots and masked pairs may compute any index (as in the Triton kernels)
                 index.append(f"torch.clamp({self.p(arg)}, 0, {dim - 1})")
         value = f"{internal}[{', '.join(index)}]"
-        return value if dtype == "int" else f"{value}.to({F64})"
+        return value if dtype == "int" or name.startswith(TABLE_PREFIX) else f"{value}.to({F64})"  # tables: float64
 
 
 def _number(e) -> str:
@@ -386,7 +390,8 @@ def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> li
             stride = 1
             coords = []
             for i in reversed(range(len(ext))):
-                coords.append((i, f"({r} // {stride}) % {ext[i]}" if stride > 1 else f"{r} % {ext[i]}"))
+                text = f"({r} // {stride})" if stride > 1 else r
+                coords.append((i, text if i == 0 else f"{text} % {ext[i]}"))  # positions < n: no wrap on axis 0
                 stride *= ext[i]
             lines += [f"{r}_c{i} = {text}" for i, text in sorted(coords)]
         return lines
@@ -434,8 +439,14 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
                 extents[S.coord(role, axis)] = int(size.subs(bound.subs))
     tables: dict = {}
     memo: dict = {}
+    ranges = {c: L - 1 for c, L in extents.items()} | {S.Q: bound.n - 1, S.K: bound.nk - 1}
 
-    def table_of(node) -> sympy.Basic:
+    def tabulable(node) -> bool:
+        syms = node.free_symbols
+        return bool(syms) and syms <= extents.keys() and not _has_input(node) and math.prod(
+            extents[c] for c in syms) <= TABLE_ENTRIES
+
+    def table_of(node, int_bound=None) -> sympy.Basic:
         coords = sorted(node.free_symbols, key=lambda sym: sym.name)
         shape = [extents[c] for c in coords]
         env: dict = {sym: int(v) for sym, v in bound.subs.items()}
@@ -443,24 +454,41 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
             env[c] = torch.arange(shape[i]).view([-1 if j == i else 1 for j in range(len(coords))])
         values = E.as_tensor(E.Evaluator(env, {}, set(), None)(node), None)
         boolean = isinstance(node, sympy.logic.boolalg.Boolean)
-        dtype = torch.int64 if boolean or node.is_integer else torch.float64
+        if int_bound is not None:  # codegen._int_bound's rule, once per entry
+            big, ceil, nan_high = int_bound
+            rounded = torch.ceil(values) if ceil else torch.floor(values)
+            values = torch.where(torch.isnan(values), float(big if nan_high else -big), rounded.clamp(-big, big))
+        dtype = torch.int64 if boolean or node.is_integer or int_bound is not None else torch.float64
         name = f"{TABLE_PREFIX}{len(tables)}"
         tables[name] = torch.broadcast_to(values.to(dtype), shape).contiguous()
         read = S.input_function(name, "int" if dtype == torch.int64 else "float")(*coords)
         return sympy.Eq(read, 1) if boolean else read
+
+    def int_comparison(node) -> sympy.Basic | None:
+        """``n <= x`` (an int per pair against a tabulable float) as ``n <= table`` of int bounds."""
+        if not isinstance(node, sympy.core.relational.Relational) or node.rel_op not in ("<", "<=", ">", ">="):
+            return None
+        flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
+        for n, x, op in ((node.lhs, node.rhs, node.rel_op), (node.rhs, node.lhs, flip[node.rel_op])):
+            if n.is_integer and not x.is_integer and not tabulable(n) and n.free_symbols and tabulable(x):
+                big = abs_bound(n, ranges, math.inf) + 1
+                if big < 2**53:  # exact in float64
+                    bound_read = table_of(x, (int(big), op in ("<", ">="), op in (">", ">=")))
+                    return sympy.core.relational.Relational(walk(n), bound_read, op, evaluate=False)
+        return None
 
     def walk(node):
         if node.is_Atom or not node.args:
             return node
         if id(node) in memo:
             return memo[id(node)]
-        syms = node.free_symbols
-        if (syms and syms <= extents.keys() and not _has_input(node) and sympy.count_ops(node) >= TABLE_MIN_OPS
-                and math.prod(extents[c] for c in syms) <= TABLE_ENTRIES):
+        if tabulable(node) and sympy.count_ops(node) >= TABLE_MIN_OPS:
             out = table_of(node)
         else:
-            args = [walk(a) for a in node.args]
-            out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else S.rebuild(node, args)
+            out = int_comparison(node)
+            if out is None:
+                args = [walk(a) for a in node.args]
+                out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else S.rebuild(node, args)
         memo[id(node)] = out
         return out
 
@@ -500,7 +528,9 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     for i, (name, values) in enumerate(tables.items()):
         inputs[name] = (f"TAB{i}", tuple(values.shape), "int" if values.dtype == torch.int64 else "float", False)
     symbols = _symbols(pat)
-    mask_printer = FlexPrinter(symbols, inputs)
+    in_range = frozenset(S.coord(role, axis) for role, layout, tmap in (("q", pat.queries, q_map), ("k", pat.keys, k_map))
+                         if not tmap.padded for axis in layout.axis_names)
+    mask_printer = FlexPrinter(symbols, inputs, in_range=in_range)
     mask_text = mask_printer.p(mask)
     score_printer = FlexPrinter(symbols, inputs)
     cap_text = score_printer.f(softcap) if softcap is not None else None

@@ -225,7 +225,14 @@ def test_grid_patterns(name, sizes, params, kind):
 
 
 @pytest.mark.parametrize("kind", ["box", "flat"])
-def test_coordinate_terms_become_exact_tables(kind, monkeypatch):
+@pytest.mark.parametrize("mask", [
+    "(k.x - q.x) * 0.5 <= log(q.t + 1) * (k.t + 2) - bit_length(q.t * 3 + k.t) and (q.t * 5 + k.t) % 3 != 1"
+    " or k.t ** 2 == q.t + 1",
+    # an int per pair against a float of the frames: a table of int bounds (NaN, +-inf, exact ints)
+    "q.x - k.x <= 3 * log(q.t - k.t) or k.x - q.x > 2.0 / (q.t - k.t) or q.x < k.x + sqrt(k.t - q.t) - 0.5"
+    " or k.x >= q.x + (q.t - k.t) * 1.5",
+])
+def test_coordinate_terms_become_exact_tables(kind, mask, monkeypatch):
     """A mask term of grid coordinates alone is read from a table of the reference evaluator's
     values (``flex_codegen.tabulate``): not symmetric in q and k, floats, ints and bools, padded
     edge tiles; the same output and gradients as the reference (float64). Tables are capped at 30
@@ -233,16 +240,17 @@ def test_coordinate_terms_become_exact_tables(kind, monkeypatch):
     from attnc.compiler import flex_codegen
 
     monkeypatch.setattr(flex_codegen, "TABLE_ENTRIES", 30)
-    spec = ("pattern p\n  tokens grid(t: frames, x: width)\n"
-            "  mask (k.x - q.x) * 0.5 <= log(q.t + 1) * (k.t + 2) - bit_length(q.t * 3 + k.t)"
-            " and (q.t * 5 + k.t) % 3 != 1 or k.t ** 2 == q.t + 1\n")
+    spec = f"pattern p\n  tokens grid(t: frames, x: width)\n  mask {mask}\n"
     sizes = {"frames": 5, "width": 7}
     q, k, v = qkv(1, 2, 2, 35, 8, seed=4)
     q_tile, kv_tile = ((2, 4), (2, 3)) if kind == "box" else ((16,), (8,))
     fx = compare(spec, q, k, v, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile)
     tables = fx.flex.last.source.tables
     assert tables and all(t.shape == (5, 5) for t in tables.values())
-    assert "TAB0[" in fx.source and "bit_length" not in fx.source.split("def mask_mod")[1]
+    body = fx.source.split("def mask_mod")[1]
+    assert "TAB0[" in body and "bit_length" not in body and "torch.log" not in body
+    if "log(q.t - k.t)" in mask:  # q.x - k.x <= 3 * log(...): an int compared with a table of int bounds
+        assert "(q_c1 - k_c1) <= TAB" in body and "(k_c1 - q_c1) > TAB" in body
 
 
 def test_grid_box_tiles_are_flex_blocks():
