@@ -98,6 +98,16 @@ def register_hardware(hw: Hardware, *, aliases: tuple[str, ...] = (), replace: b
     return hw
 
 
+def hardware_for_gpu(gpu: str) -> Hardware:
+    """The model of a GPU by its device name (``NVIDIA H200`` -> H200, ``NVIDIA A100-SXM4-80GB`` ->
+    A100); H100 when unknown."""
+    low = gpu.lower()
+    for name in sorted(HARDWARE, key=len, reverse=True):
+        if name in low.replace(" ", "-") or name in low.split():
+            return HARDWARE[name]
+    return get_hardware("h100")
+
+
 def get_hardware(name) -> Hardware:
     """A model by name (case-insensitive, e.g. "h100", "H100-SXM"), or a ``Hardware`` as is."""
     if isinstance(name, Hardware):

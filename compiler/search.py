@@ -349,7 +349,7 @@ def flat_box(extents: tuple[int, ...], tile) -> tuple[int, ...] | None:
 
 
 def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,
-                  classify: Callable | None = None) -> TileSchedule:
+                  classify: Callable | None = None, **options) -> TileSchedule:
     """The schedule of flat tiles over a grid pattern: classified as the equal box tiles where there
     are some (``flat_box``: per-axis reasoning, and terms of a coordinate with one value per tile
     evaluated once per tile pair), else on the flat view. The schedule is the flat one either way."""
@@ -358,11 +358,11 @@ def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: di
     kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
     boxes = (flat_box(q_ext, tuple(q_tile)), flat_box(kv_ext, tuple(kv_tile)))
     if pat.queries.kind == "grid" and pat.keys.kind == "grid" and not bound.q_offset and all(boxes):
-        sched = classify(pat, bound, boxes[0], boxes[1], inputs=inputs)
+        sched = classify(pat, bound, boxes[0], boxes[1], inputs=inputs, **options)
         return dataclasses.replace(sched, q_extents=(math.prod(q_ext),), kv_extents=(math.prod(kv_ext),),
                                    q_tile=(min(q_tile[0], math.prod(q_ext)),), kv_tile=(min(kv_tile[0], math.prod(kv_ext)),))
     view, vbound = flat_view(pat, bound)
-    return classify(view, vbound, q_tile, kv_tile, inputs=inputs)
+    return classify(view, vbound, q_tile, kv_tile, inputs=inputs, **options)
 
 
 # ----------------------------------------------------------------- routing model

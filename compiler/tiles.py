@@ -37,6 +37,10 @@ from .schedule import TileCounts, TileSchedule, tile_axes, tile_grid, tile_token
 
 #: Token pairs evaluated at most when refining PARTIAL tiles exactly.
 REFINE_BUDGET = 1 << 26
+#: The same when a planner only ranks candidate tile shapes (and then classifies its pick with
+#: ``REFINE_BUDGET``): radial at 16 x 512 tokens ranks the executor's 13 candidates in 2.0 s instead
+#: of 6.4 s, with the same pick.
+RANK_REFINE_BUDGET = 1 << 22
 #: Per-axis exact classification is used up to this axis length (L^2 work).
 AXIS_EXACT_MAX = 4096
 #: Token pairs evaluated to estimate the density when refinement is over budget.

@@ -35,7 +35,7 @@ from typing import Protocol
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.cost import KernelConfig
-from ..compiler.hardware import HARDWARE, Hardware, get_hardware
+from ..compiler.hardware import Hardware, get_hardware, hardware_for_gpu
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import PASSES, STAGES, WARPS, ScheduleSearch, forward_fits, pass_fits
 from ..spec.errors import SpecError
@@ -277,12 +277,8 @@ def canonical_dtype(dtype) -> str:
 
 
 def hardware_for(gpu: str) -> Hardware:
-    """The simulator's model of a GPU by its device name (``NVIDIA H200`` -> H200); H100 when unknown."""
-    low = gpu.lower()
-    for name in sorted(HARDWARE, key=len, reverse=True):
-        if name in low.replace(" ", "-") or name in low.split():
-            return HARDWARE[name]
-    return get_hardware("h100")
+    """The simulator's model of a GPU by its device name (``compiler.hardware.hardware_for_gpu``)."""
+    return hardware_for_gpu(gpu)
 
 
 def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple[int, int]] = LAUNCH,

@@ -12,7 +12,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
-from ..compiler.tiles import classify_tiles, layout_extents
+from ..compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, layout_extents
 from . import decode, executor, routing
 
 #: Tile token counts tried for the CPU executor.
@@ -42,7 +42,7 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
                  classified: dict | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (Q tile, KV tile) with the least estimated CPU work: visited token pairs
     (PARTIAL ones dearer) plus a fixed cost per visited tile pair. ``classified``: a dict
-    (q_tile, kv_tile, flat) -> schedule to reuse and fill (masks that read no input)."""
+    (q_tile, kv_tile, flat) -> exact schedules to reuse (masks that read no input)."""
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     best = None
@@ -55,10 +55,8 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
             kv_shape = shape if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0]
             key = (shape, kv_shape, False)
             sched = classified.get(key) if classified is not None else None
-            if sched is None:
-                sched = classify_tiles(pat, bound, shape, kv_shape, inputs)
-                if classified is not None:
-                    classified[key] = sched
+            if sched is None:  # ranked on a bounded refinement; the plan classifies its pick exactly
+                sched = classify_tiles(pat, bound, shape, kv_shape, inputs, refine_budget=RANK_REFINE_BUDGET)
             cost = _cpu_cost(sched)
             if best is None or cost < best[0]:
                 best = (cost, shape, kv_shape)
@@ -178,6 +176,8 @@ class CpuRunner:
             schedule = classify_flat(pat, bound, q_tile, kv_tile, inputs)
         else:
             schedule = classify_tiles(pat, bound, q_tile, kv_tile, inputs)
+        if memo is not None:  # the Flex lowering may plan the same tiles (auto)
+            memo[(q_tile, kv_tile, flat)] = schedule
         return self._store(key, dynamic, executor.Plan.build(pat, bound, schedule), inputs)
 
     def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:

@@ -54,7 +54,13 @@ from ..compiler import ir
 from ..compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ..compiler.search import classify_flat, contiguous, tile_shapes
-from ..compiler.tiles import check_tile, classify_tiles, layout_extents, one_thread
+from ..compiler.tiles import (
+    RANK_REFINE_BUDGET,
+    check_tile,
+    classify_tiles,
+    layout_extents,
+    one_thread,
+)
 from ..spec.errors import SpecError
 from . import reference
 from .cpu_backend import mask_input_names
@@ -257,24 +263,28 @@ class FlexRunner:
                 if q_shapes and kv_shape:  # else a grid smaller than one box: flat blocks only
                     cands += [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
             for qs, ks, flat in cands:
-                sched = self._classify(bound, qs, ks, flat, tensors)
+                sched = self._classify(bound, qs, ks, flat, tensors, rank=True)
                 cost = _cost(sched)
                 if best is None or cost < best[0]:
-                    best = (cost, qs, ks, flat, sched)
-        return best[1:]
+                    best = (cost, qs, ks, flat)
+        _, qs, ks, flat = best
+        return qs, ks, flat, self._classify(bound, qs, ks, flat, tensors)
 
-    def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict) -> TileSchedule:
+    def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict, rank: bool = False) -> TileSchedule:
+        """The exact schedule of these tiles (shared with the executor's plans of a static mask), or
+        with ``rank`` one refined within ``RANK_REFINE_BUDGET`` to compare candidates by."""
         memo = None
         if self.schedule_source is not None and not mask_input_names(self.pattern):
             memo = self.schedule_source.schedules_for((tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk,
                                                        bound.heads))
             if (q_tile, kv_tile, flat) in memo:
                 return memo[(q_tile, kv_tile, flat)]
+        budget = {"refine_budget": RANK_REFINE_BUDGET} if rank else {}
         if flat:
-            sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors)
+            sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
         else:
-            sched = classify_tiles(self.pattern, bound, q_tile, kv_tile, tensors)
-        if memo is not None:
+            sched = classify_tiles(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
+        if memo is not None and not rank:
             memo[(q_tile, kv_tile, flat)] = sched
         return sched
 

@@ -296,13 +296,10 @@ __all__ = ["CHUNKS", "ChunkedRecurrence", "chunked", "chunked_backward", "chunke
 # ----------------------------------------------------------------- dispatch (used by runtime.api)
 def hardware_for(device: torch.device):
     """The simulator's hardware model for a device: the CUDA device's model when known, else H100."""
-    from ..compiler.hardware import HARDWARE, get_hardware
+    from ..compiler.hardware import get_hardware, hardware_for_gpu
 
     if device.type == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device).lower()
-        for key in ("b200", "h200", "h100", "a100"):
-            if key in name and key in HARDWARE:
-                return get_hardware(key)
+        return hardware_for_gpu(torch.cuda.get_device_name(device))
     return get_hardware("h100")
 
 

@@ -160,8 +160,9 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
         qt, kt, flat = tiles.fit(q_ext, kv_ext)
         return KernelConfig(qt, kt, "flat" if flat else "address")
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        hw = next((h for h in ("b200", "h200", "h100", "a100") if h in name), "h100")
+        from ..compiler.hardware import hardware_for_gpu
+
+        hw = hardware_for_gpu(torch.cuda.get_device_name(device))
         return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs)
     tokens = INTERPRET_TILE_TOKENS
     if boxes:
