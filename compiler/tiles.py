@@ -179,19 +179,20 @@ def check_offset_layout(pat: ir.PatternIR, bound: E.Bound) -> None:
 
 
 def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,
-                   refine_budget: int = REFINE_BUDGET) -> TileSchedule:
+                   refine_budget: int = REFINE_BUDGET, witness: bool = True) -> TileSchedule:
     """Classify every (Q tile, KV tile) pair of a bound pattern; see the module docstring.
 
     ``q_tile``/``kv_tile``: one extent per axis of the query/key layout
     (clipped to the axis). ``inputs``: call-time inputs of a data-dependent
     mask (without batch dimension). ``refine_budget``: token pairs the exact
-    refinement of PARTIAL pairs may evaluate.
+    refinement of PARTIAL pairs may evaluate. ``witness=False``: PARTIAL pairs beyond the
+    budget are not probed for proof (``exact`` is then False): for ranking candidate tiles.
     """
     check_offset_layout(pat, bound)
     global CLASSIFICATIONS
     CLASSIFICATIONS += 1
     with one_thread():
-        return _classify(pat, bound, q_tile, kv_tile, inputs, refine_budget)
+        return _classify(pat, bound, q_tile, kv_tile, inputs, refine_budget, witness)
 
 
 @contextlib.contextmanager
@@ -213,7 +214,7 @@ def one_thread():
 
 
 def _classify(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None,
-              refine_budget: int) -> TileSchedule:
+              refine_budget: int, witness: bool = True) -> TileSchedule:
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
@@ -224,14 +225,16 @@ def _classify(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict |
         # One schedule serves the whole batch: the union of the per-element ones.
         B = tensors[batched[0]].shape[0]
         parts = [classify_tiles(pat, bound, q_tile, kv_tile,
-                                {n: (t[b] if n in batched else t) for n, t in tensors.items()}, refine_budget)
+                                {n: (t[b] if n in batched else t) for n, t in tensors.items()}, refine_budget,
+                                witness)
                  for b in range(B)]
         return merge_schedules(parts)
     stored = bound.heads if head_dependent(pat) else 1
     axes = _separable_axes(pat, mask)
     if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext:
         return _classify_separable(pat, bound, mask, axes, q_ext, q_tile, kv_tile, stored, tensors)
-    return _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors, refine_budget)
+    return _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors, refine_budget,
+                                  witness)
 
 
 def merge_schedules(parts: list[TileSchedule]) -> TileSchedule:
@@ -377,7 +380,7 @@ def _box_env(pat, bound, sup: torch.Tensor, levels: list[int], grid, tile, ext, 
 
 
 def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors,
-                           refine_budget) -> TileSchedule:
+                           refine_budget, witness: bool = True) -> TileSchedule:
     from .intervals import IntervalEvaluator
 
     q_grid, kv_grid = tile_grid(q_ext, q_tile), tile_grid(kv_ext, kv_tile)
@@ -441,7 +444,8 @@ def _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, sto
             # Too many to refine: PARTIAL pairs proven partial by witnesses keep the
             # classes exact; the density is estimated from a sample of pairs.
             density_exact = False
-            exact = exact and bool(_witnessed_partial(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq, pk).all())
+            exact = exact and witness and bool(
+                _witnessed_partial(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq, pk).all())
             per_pair = math.prod(q_tile) * math.prod(kv_tile)
             sample = torch.randperm(len(pq), generator=gen)[: max(1, min(refine_budget, DENSITY_SAMPLE) // per_pair)]
             counts = count_allowed(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, pq[sample], pk[sample])

@@ -56,7 +56,7 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
             key = (shape, kv_shape, False)
             sched = classified.get(key) if classified is not None else None
             if sched is None:  # ranked on a bounded refinement; the plan classifies its pick exactly
-                sched = classify_tiles(pat, bound, shape, kv_shape, inputs, refine_budget=RANK_REFINE_BUDGET)
+                sched = classify_tiles(pat, bound, shape, kv_shape, inputs, refine_budget=RANK_REFINE_BUDGET, witness=False)
             cost = _cpu_cost(sched)
             if best is None or cost < best[0]:
                 best = (cost, shape, kv_shape)

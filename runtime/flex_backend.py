@@ -279,7 +279,7 @@ class FlexRunner:
                                                        bound.heads))
             if (q_tile, kv_tile, flat) in memo:
                 return memo[(q_tile, kv_tile, flat)]
-        budget = {"refine_budget": RANK_REFINE_BUDGET} if rank else {}
+        budget = {"refine_budget": RANK_REFINE_BUDGET, "witness": False} if rank else {}
         if flat:
             sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
         else:
