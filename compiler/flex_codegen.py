@@ -33,7 +33,7 @@ from ..spec.errors import SpecError
 from . import evaluate as E
 from . import ir
 from . import symbols as S
-from .codegen import abs_bound
+from .tables import TABLE_PREFIX, tabulate
 
 F64 = "torch.float64"
 
@@ -416,83 +416,6 @@ def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> li
         lines.append(f"{r}_ok = " + " & ".join(ok) + "  # padded slots of edge tiles")
     lines.append(f"{r} = " + " + ".join(f"{v} * {s}" if s > 1 else v for v, s in flat))
     return lines
-
-
-#: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
-TABLE_ENTRIES = 1 << 16
-#: Operators a sub-expression needs before a table lookup replaces it.
-TABLE_MIN_OPS = 4
-TABLE_PREFIX = "__table"
-
-
-def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[sympy.Basic, dict]:
-    """``mask`` with each largest sub-expression of grid coordinates alone (no ``q``/``k``, head
-    or input) whose coordinates take at most ``TABLE_ENTRIES`` combinations replaced by a lookup
-    in a table of its values, and the tables (name -> tensor, one dimension per coordinate). The
-    values come from the reference evaluator, so the lookup is exact: radial's frame terms
-    (``bit_length``, the float band, the split test) become two lookups per token pair, as the
-    radial-attention code tabulates them by frame distance. Tables are read as inputs are."""
-    extents = {}
-    for role, layout in (("q", pat.queries), ("k", pat.keys)):
-        if layout.kind == "grid":
-            for axis, size in layout.axes:
-                extents[S.coord(role, axis)] = int(size.subs(bound.subs))
-    tables: dict = {}
-    memo: dict = {}
-    ranges = {c: L - 1 for c, L in extents.items()} | {S.Q: bound.n - 1, S.K: bound.nk - 1}
-
-    def tabulable(node) -> bool:
-        syms = node.free_symbols
-        return bool(syms) and syms <= extents.keys() and not _has_input(node) and math.prod(
-            extents[c] for c in syms) <= TABLE_ENTRIES
-
-    def table_of(node, int_bound=None) -> sympy.Basic:
-        coords = sorted(node.free_symbols, key=lambda sym: sym.name)
-        shape = [extents[c] for c in coords]
-        env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-        for i, c in enumerate(coords):
-            env[c] = torch.arange(shape[i]).view([-1 if j == i else 1 for j in range(len(coords))])
-        values = E.as_tensor(E.Evaluator(env, {}, set(), None)(node), None)
-        boolean = isinstance(node, sympy.logic.boolalg.Boolean)
-        if int_bound is not None:  # codegen._int_bound's rule, once per entry
-            big, ceil, nan_high = int_bound
-            rounded = torch.ceil(values) if ceil else torch.floor(values)
-            values = torch.where(torch.isnan(values), float(big if nan_high else -big), rounded.clamp(-big, big))
-        dtype = torch.int64 if boolean or node.is_integer or int_bound is not None else torch.float64
-        name = f"{TABLE_PREFIX}{len(tables)}"
-        tables[name] = torch.broadcast_to(values.to(dtype), shape).contiguous()
-        read = S.input_function(name, "int" if dtype == torch.int64 else "float")(*coords)
-        return sympy.Eq(read, 1) if boolean else read
-
-    def int_comparison(node) -> sympy.Basic | None:
-        """``n <= x`` (an int per pair against a tabulable float) as ``n <= table`` of int bounds."""
-        if not isinstance(node, sympy.core.relational.Relational) or node.rel_op not in ("<", "<=", ">", ">="):
-            return None
-        flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
-        for n, x, op in ((node.lhs, node.rhs, node.rel_op), (node.rhs, node.lhs, flip[node.rel_op])):
-            if n.is_integer and not x.is_integer and not tabulable(n) and n.free_symbols and tabulable(x):
-                big = abs_bound(n, ranges, math.inf) + 1
-                if big < 2**53:  # exact in float64
-                    bound_read = table_of(x, (int(big), op in ("<", ">="), op in (">", ">=")))
-                    return sympy.core.relational.Relational(walk(n), bound_read, op, evaluate=False)
-        return None
-
-    def walk(node):
-        if node.is_Atom or not node.args:
-            return node
-        if id(node) in memo:
-            return memo[id(node)]
-        if tabulable(node) and sympy.count_ops(node) >= TABLE_MIN_OPS:
-            out = table_of(node)
-        else:
-            out = int_comparison(node)
-            if out is None:
-                args = [walk(a) for a in node.args]
-                out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else S.rebuild(node, args)
-        memo[id(node)] = out
-        return out
-
-    return walk(mask), tables
 
 
 def _symbols(pat: ir.PatternIR) -> dict:

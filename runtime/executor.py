@@ -26,6 +26,7 @@ import torch
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
+from ..compiler.tables import tabulate
 from . import decode
 from .reference import fox_pairs, fox_prefix
 
@@ -99,6 +100,10 @@ class Plan:
     #: The mask's call-time inputs are fixed for this plan's life (``cpu_backend`` builds a new
     #: plan when they change): their masks are then cached like a static mask's.
     inputs_fixed: bool = False
+    #: ``mask`` with its terms of grid coordinates alone read from exact tables (``compiler.tables``;
+    #: None: the mask as is), and those tables, read as inputs
+    pair_mask: sympy.Basic | None = None
+    tables: dict = field(default_factory=dict)
 
     def remember(self, key, value) -> None:
         """Keep a mask-derived tensor (or tuple of them) for later calls, within MASK_CACHE_BYTES."""
@@ -120,13 +125,16 @@ class Plan:
         softcap = None
         if pattern.softcap is not None:
             softcap = E.head_values(pattern.softcap, bound.subs, bound.heads)
+        mask = E.substitute(pattern.mask, bound)
+        pair_mask, tables = tabulate(mask, pattern, bound)
         return cls(
             pattern, bound, schedule,
             TiledTokens.of(schedule.q_extents, schedule.q_tile),
             TiledTokens.of(schedule.kv_extents, schedule.kv_tile),
-            E.substitute(pattern.mask, bound),
+            mask,
             E.substitute(pattern.bias, bound) if pattern.bias is not None else None,
             softcap,
+            pair_mask=pair_mask if tables else None, tables=tables,
         )
 
     def groups(self) -> list[tuple[int, slice, list[int]]]:
@@ -204,7 +212,9 @@ class _Block:
         allowed = self.valid.expand(1, 1, *self.valid.shape).clone()
         ps = self.partial_start
         if ps < self.valid.shape[-1]:
-            m = E.as_tensor(self._evaluate(self.plan.mask, self.inputs, slice(ps, None)), torch.bool)
+            plan = self.plan
+            mask, inputs = (plan.mask, self.inputs) if plan.pair_mask is None else (plan.pair_mask, {**self.inputs, **plan.tables})
+            m = E.as_tensor(self._evaluate(mask, inputs, slice(ps, None)), torch.bool)
             if self.plan.selection is not None:  # routing: the query's selected blocks only
                 q_tok, k_tok = self.q_tok[0, 0], self.k_tok[0, 0]
                 if self.transposed:

@@ -125,6 +125,7 @@ class FlexPlan:
     k_order: Order
     flat: bool  # 1-D tiles on a grid (classified on the flat view)
     block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
+    tables: dict = field(default_factory=dict)  # (name, device) -> the mask's table there (source.tables)
     exec_plan: object = None  # routing: the executor's plan over the static schedule (runtime.routing)
 
     @property
@@ -386,7 +387,10 @@ class FlexRunner:
         plan = self.plan(bound, tensors, batched, q.is_cuda)
         dev = q.device
         names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
-        mask_bufs = tuple((plan.source.tables[n] if n in plan.source.tables else tensors[n]).to(dev) for n in names)
+        for n in names:  # the mask's tables, moved once per device
+            if n in plan.source.tables and (n, dev) not in plan.tables:
+                plan.tables[(n, dev)] = plan.source.tables[n].to(dev)
+        mask_bufs = tuple(plan.tables[(n, dev)] if n in plan.source.tables else tensors[n].to(dev) for n in names)
         sched, per_batch = plan.schedule, False
         if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
             routed = self._route(plan, q, k, tensors, batched)

@@ -234,12 +234,12 @@ def test_grid_patterns(name, sizes, params, kind):
 ])
 def test_coordinate_terms_become_exact_tables(kind, mask, monkeypatch):
     """A mask term of grid coordinates alone is read from a table of the reference evaluator's
-    values (``flex_codegen.tabulate``): not symmetric in q and k, floats, ints and bools, padded
+    values (``tables.tabulate``): not symmetric in q and k, floats, ints and bools, padded
     edge tiles; the same output and gradients as the reference (float64). Tables are capped at 30
     entries here, so only the frame terms (5 x 5) are tabulated, not the whole mask."""
-    from attnc.compiler import flex_codegen
+    from attnc.compiler import tables as TB
 
-    monkeypatch.setattr(flex_codegen, "TABLE_ENTRIES", 30)
+    monkeypatch.setattr(TB, "TABLE_ENTRIES", 30)
     spec = f"pattern p\n  tokens grid(t: frames, x: width)\n  mask {mask}\n"
     sizes = {"frames": 5, "width": 7}
     q, k, v = qkv(1, 2, 2, 35, 8, seed=4)
@@ -251,6 +251,18 @@ def test_coordinate_terms_become_exact_tables(kind, mask, monkeypatch):
     assert "TAB0[" in body and "bit_length" not in body and "torch.log" not in body
     if "log(q.t - k.t)" in mask:  # q.x - k.x <= 3 * log(...): an int compared with a table of int bounds
         assert "(q_c1 - k_c1) <= TAB" in body and "(k_c1 - q_c1) > TAB" in body
+
+
+def test_tables_follow_the_call_sizes():
+    """Plans of two sizes may share generated mods (equal text: radial's tables are read without
+    clamps, so the frame count is not in the text); each call reads its own plan's tables."""
+    attn = attnc.compile_attention(attnc.load("stdlib:radial", block=2), backend="flex", q_tile=(8,), kv_tile=(8,))
+    ref = attnc.compile_attention(attnc.load("stdlib:radial", block=2), backend="reference")
+    for frames in (3, 6, 3):
+        sizes = {"frames": frames, "per_frame": 8}
+        q, k, v = qkv(1, 1, 1, 8 * frames, 4, seed=frames)
+        torch.testing.assert_close(attn(q, k, v, sizes=sizes), ref(q, k, v, sizes=sizes))
+        assert attn.flex.last.source.tables["__table0"].shape[0] == frames
 
 
 def test_grid_box_tiles_are_flex_blocks():
