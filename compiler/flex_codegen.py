@@ -154,7 +154,7 @@ class FlexPrinter:
         self.symbols = symbols
         self.inputs = inputs
         self.strict = strict
-        self.in_range = in_range  # coordinates always inside their axis (no padded slots): tables need no clamp
+        self.in_range = in_range  # coordinates always inside their axis (row-major, wrapped): tables need no clamp
         self.helpers: set[str] = set()
         self.used_inputs: list[str] = []
 
@@ -390,8 +390,7 @@ def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> li
             stride = 1
             coords = []
             for i in reversed(range(len(ext))):
-                text = f"({r} // {stride})" if stride > 1 else r
-                coords.append((i, text if i == 0 else f"{text} % {ext[i]}"))  # positions < n: no wrap on axis 0
+                coords.append((i, f"({r} // {stride}) % {ext[i]}" if stride > 1 else f"{r} % {ext[i]}"))
                 stride *= ext[i]
             lines += [f"{r}_c{i} = {text}" for i, text in sorted(coords)]
         return lines
@@ -451,8 +450,10 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     for i, (name, values) in enumerate(tables.items()):
         inputs[name] = (f"TAB{i}", tuple(values.shape), "int" if values.dtype == torch.int64 else "float", False)
     symbols = _symbols(pat)
+    # coordinates of the row-major order wrap into their axis at any position (a Flex index past the
+    # sequence included): tables read with them need no clamp; tile-major ones may leave it
     in_range = frozenset(S.coord(role, axis) for role, layout, tmap in (("q", pat.queries, q_map), ("k", pat.keys, k_map))
-                         if not tmap.padded for axis in layout.axis_names)
+                         if tmap.tile is None for axis in layout.axis_names)
     mask_printer = FlexPrinter(symbols, inputs, in_range=in_range)
     mask_text = mask_printer.p(mask)
     score_printer = FlexPrinter(symbols, inputs)

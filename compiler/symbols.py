@@ -43,22 +43,51 @@ def per_pair(expr: sympy.Basic, scalars=frozenset()) -> bool:
     return any(is_position(sym) and sym not in scalars for sym in expr.free_symbols)
 
 
+class FreeSymbols:
+    """``node.free_symbols`` of the sub-expressions of one expression, memoised per node: sympy
+    recomputes them over the expanded tree, exponential in nested ``let``s."""
+
+    def __init__(self):
+        self.memo: dict[int, frozenset] = {}
+
+    def __call__(self, node: sympy.Basic) -> frozenset:
+        stack = [(node, False)]
+        while stack:
+            n, ready = stack.pop()
+            if id(n) in self.memo:
+                continue
+            if isinstance(n, sympy.Symbol):
+                self.memo[id(n)] = frozenset([n])
+            elif not n.args:
+                self.memo[id(n)] = frozenset()
+            elif ready:
+                self.memo[id(n)] = frozenset().union(*(self.memo[id(a)] for a in n.args))
+            else:
+                stack.append((n, True))
+                stack.extend((a, False) for a in n.args if id(a) not in self.memo)
+        return self.memo[id(node)]
+
+
 def pair_part(expr: sympy.Basic, scalars=frozenset()) -> sympy.Basic:
     """``expr`` with each largest sub-expression that is not ``per_pair`` (computed once per tile
-    pair or per head) replaced by a placeholder symbol: what a kernel evaluates per score."""
+    pair or per head) replaced by a placeholder symbol: what a kernel evaluates per score. A
+    ``Piecewise`` branch is never replaced whole (its value and condition may be)."""
     memo: dict = {}
+    syms = FreeSymbols()
 
     def walk(node):
         if node.is_Atom or not node.args:
             return node
         if id(node) in memo:
             return memo[id(node)]
-        if not per_pair(node, scalars) and node.free_symbols:
+        free = syms(node)
+        if not isinstance(node, ExprCondPair) and free and not any(
+                is_position(sym) and sym not in scalars for sym in free):
             out = sympy.Dummy(integer=bool(node.is_integer)) if not isinstance(node, sympy.logic.boolalg.Boolean) \
                 else sympy.Dummy()
         else:
             args = [walk(a) for a in node.args]
-            out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else node.func(*args, evaluate=False)
+            out = node if all(a is b for a, b in zip(args, node.args, strict=True)) else rebuild(node, args)
         memo[id(node)] = out
         return out
 

@@ -13,6 +13,7 @@ import math
 
 import sympy
 import torch
+from sympy.functions.elementary.piecewise import ExprCondPair
 
 from . import evaluate as E
 from . import ir
@@ -21,9 +22,10 @@ from .codegen import abs_bound
 
 #: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
 TABLE_ENTRIES = 1 << 16
-#: Operators a sub-expression needs before a table lookup replaces it.
+#: Operations a sub-expression needs before a table lookup replaces it (``tabulate``).
 TABLE_MIN_OPS = 4
-TABLE_PREFIX = "__table"
+#: Table names, read as inputs are: ``#`` starts a comment in the language, so no input is named so.
+TABLE_PREFIX = "#table"
 
 
 def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[sympy.Basic, dict]:
@@ -41,14 +43,31 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
     tables: dict = {}
     memo: dict = {}
     ranges = {c: L - 1 for c, L in extents.items()} | {S.Q: bound.n - 1, S.K: bound.nk - 1}
+    free = S.FreeSymbols()
+    reads: dict[int, bool] = {}  # node -> whether it reads an input (memoised: the DAG, not the tree)
 
-    def tabulable(node) -> bool:
-        syms = node.free_symbols
-        return bool(syms) and syms <= extents.keys() and not E.input_names(node) and math.prod(
-            extents[c] for c in syms) <= TABLE_ENTRIES
+    def reads_input(node) -> bool:
+        if id(node) not in reads:
+            reads[id(node)] = bool(S.input_name(getattr(node, "func", None))) or any(reads_input(a) for a in node.args)
+        return reads[id(node)]
+
+    ops: dict[int, int] = {}
+
+    def operations(node) -> int:
+        """Operations of ``node`` as a tree (a function call such as a NATTEN window counts one), at
+        most ``TABLE_MIN_OPS``: memoised, so linear in the DAG (sympy's count_ops is not)."""
+        if id(node) not in ops:
+            own = 0 if node.is_Atom or not node.args else 1
+            ops[id(node)] = min(TABLE_MIN_OPS, own + sum(operations(a) for a in node.args))
+        return ops[id(node)]
+
+    def tabulable(node) -> bool:  # (a Piecewise branch is a pair, not a value: never itself)
+        syms = free(node)
+        return (bool(syms) and syms <= extents.keys() and not isinstance(node, ExprCondPair)
+                and math.prod(extents[c] for c in syms) <= TABLE_ENTRIES and not reads_input(node))
 
     def table_of(node, int_bound=None) -> sympy.Basic:
-        coords = sorted(node.free_symbols, key=lambda sym: sym.name)
+        coords = sorted(free(node), key=lambda sym: sym.name)
         shape = [extents[c] for c in coords]
         env: dict = {sym: int(v) for sym, v in bound.subs.items()}
         for i, c in enumerate(coords):
@@ -71,7 +90,7 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
             return None
         flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
         for n, x, op in ((node.lhs, node.rhs, node.rel_op), (node.rhs, node.lhs, flip[node.rel_op])):
-            if n.is_integer and not x.is_integer and not tabulable(n) and n.free_symbols and tabulable(x):
+            if n.is_integer and not x.is_integer and not tabulable(n) and free(n) and tabulable(x):
                 big = abs_bound(n, ranges, math.inf) + 1
                 if big < 2**53:  # exact in float64
                     bound_read = table_of(x, (int(big), op in ("<", ">="), op in (">", ">=")))
@@ -83,7 +102,7 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
             return node
         if id(node) in memo:
             return memo[id(node)]
-        if tabulable(node) and sympy.count_ops(node) >= TABLE_MIN_OPS:
+        if tabulable(node) and operations(node) >= TABLE_MIN_OPS:
             out = table_of(node)
         else:
             out = int_comparison(node)

@@ -262,7 +262,26 @@ def test_tables_follow_the_call_sizes():
         sizes = {"frames": frames, "per_frame": 8}
         q, k, v = qkv(1, 1, 1, 8 * frames, 4, seed=frames)
         torch.testing.assert_close(attn(q, k, v, sizes=sizes), ref(q, k, v, sizes=sizes))
-        assert attn.flex.last.source.tables["__table0"].shape[0] == frames
+        assert attn.flex.last.source.tables["#table0"].shape[0] == frames
+
+
+@pytest.mark.parametrize("backend", ["cpu", "flex"])
+@pytest.mark.parametrize("spec", [
+    # a Piecewise branch of frame terms alone: its value and condition are tabulated, never the pair
+    "pattern p\n  tokens grid(t: frames, x: width)\n"
+    "  mask abs(q.x - k.x) <= (if abs(q.t - k.t) >= 2 then 8 // abs(q.t - k.t) else q.x + h)\n",
+    # an input named like a table: tables are named so that no input can be (``tables.TABLE_PREFIX``)
+    "pattern p\n  tokens grid(t: frames, x: width)\n  input __table0: int[n]\n"
+    "  mask __table0[q.t * width + q.x] == __table0[k.t * width + k.x]"
+    " or abs(q.x - k.x) <= bit_length(abs(q.t - k.t)) * 2 + h\n",
+])
+def test_tables_beside_branches_and_inputs(backend, spec):
+    sizes = {"frames": 4, "width": 8}
+    q, k, v = qkv(1, 2, 2, 32, 8, seed=6)
+    inputs = {"__table0": torch.arange(32) % 3} if "input" in spec else {}
+    attn = attnc.compile_attention(spec, backend=backend, q_tile=(1, 8), kv_tile=(1, 8))
+    ref = attnc.compile_attention(spec, backend="reference")
+    torch.testing.assert_close(attn(q, k, v, sizes=sizes, **inputs), ref(q, k, v, sizes=sizes, **inputs))
 
 
 def test_grid_box_tiles_are_flex_blocks():

@@ -598,3 +598,32 @@ def test_simulate_refuses_what_it_cannot_model_at_once(kwargs, argument):
         "import attnc\n"
         f"try:\n    attnc.simulate(**{kwargs!r})\nexcept attnc.SpecError as e:\n    print(str(e))\n", seconds=120)
     assert argument in out and ("at most" in out or "beyond int64" in out)
+
+
+@pytest.mark.parametrize(("spec", "kw"), [
+    # a branch whose value reads the pair but whose condition does not (the head)
+    ("pattern p\n  tokens seq\n  mask q - k <= (if h > 0 then q // 2 else 64)\n", {"n": 512, "heads": 2}),
+    # a branch of one value per tile (the frames) beside one that is not
+    ("pattern p\n  tokens grid(f: frames, s: per_frame)\n  mask abs(q.s - k.s) <= (if q.f == k.f then 8 else q.s // 2)\n",
+     {"sizes": {"frames": 4, "per_frame": 128}}),
+])
+def test_per_score_mask_of_piecewise(spec, kw):
+    """The search counts a mask's per-score operations at each candidate's tiles
+    (``symbols.pair_part``), also through ``if`` branches."""
+    from attnc.compiler import evaluate as E
+    from attnc.compiler.hardware import get_hardware
+    from attnc.compiler.search import ScheduleSearch
+
+    pat = attnc.load(spec)
+    bound = E.bind_sizes(pat, **kw)
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=64)
+    assert search.run(top=2)
+    if "sizes" not in kw:
+        assert search.pair_ops((64,), (64,)) > 0
+        return
+    # in-frame tiles hold the frame as a scalar: the branch condition is per tile, not per score
+    def frames_per_score(q_tile, kv_tile):
+        return {s.name for s in search.pair_mask(q_tile, kv_tile).free_symbols} & {"q_f", "k_f"}
+
+    assert not frames_per_score((1, 16), (1, 16)) and not frames_per_score((16,), (16,))
+    assert frames_per_score((2, 16), (2, 16)) == {"q_f", "k_f"} and search.pair_ops((1, 16), (1, 16)) > 0
