@@ -346,16 +346,15 @@ class TritonPrinter:
         """A mask's ``n <= x`` with ``n`` an int per score and ``x`` a float with one value per tile
         pair (radial's ``abs(q.s - k.s) <= w``) as an int comparison with a bound computed once
         (``_int_bound``): no float64 conversion per score. Exact: n converts to float64 exactly."""
-        if self.float_type != "tl.float64" or e.rel_op not in ("<", "<=", ">", ">="):
+        if self.float_type != "tl.float64":
             return None
-        flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
-        for n, x, op in ((e.lhs, e.rhs, e.rel_op), (e.rhs, e.lhs, flip[e.rel_op])):
-            if n.is_integer and not x.is_integer and self._per_pair(n) and not self._per_pair(x) and x.free_symbols:
+        for n, x, op in int_float_sides(e):
+            if self._per_pair(n) and not self._per_pair(x) and x.free_symbols:
                 big = abs_bound(n, self.ranges, math.inf) + 1
                 if big >= 2**30:
                     return None
                 self.helpers.add("_int_bound")
-                ceil, nan_high = op in ("<", ">="), op in (">", ">=")
+                ceil, nan_high = int_bound_rule(op)
                 return f"({self.p(n)} {op} _int_bound({self._float(x)}, {int(big)}, {ceil}, {nan_high}))"
         return None
 
@@ -698,6 +697,25 @@ def needs_int64(exprs: list[sympy.Basic], ranges: dict) -> bool:
     return False
 
 
+def int_float_sides(e: sympy.Basic):
+    """(int side, float side, operator read from the int side) of an order comparison of an int
+    with a float, each way round it can be read: ``x > n`` gives ``(n, x, "<")``."""
+    flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
+    if not isinstance(e, sympy.core.relational.Relational) or e.rel_op not in flip:
+        return
+    for n, x, op in ((e.lhs, e.rhs, e.rel_op), (e.rhs, e.lhs, flip[e.rel_op])):
+        if n.is_integer and not x.is_integer:
+            yield n, x, op
+
+
+def int_bound_rule(op: str) -> tuple[bool, bool]:
+    """(ceil, nan_high) of the int bound c of a float x with ``n op x == n op c`` for ints n (the
+    ``_int_bound`` helper, and ``tables.tabulate``'s tables of bounds): ``<=`` and ``>`` take
+    floor(x), ``<`` and ``>=`` ceil(x); a NaN x becomes a bound beyond every n on the side where
+    ``op`` is False (high for ``>``, ``>=``, low for ``<``, ``<=``)."""
+    return op in ("<", ">="), op in (">", ">=")
+
+
 def abs_bound(e: sympy.Basic, ranges: dict, input_bound: float = 0.0) -> float:
     """A bound of ``|e|`` given ``ranges``; an input read counts as ``input_bound`` (0 for the
     int32/int64 choice: loads are int64 already; infinity for the wrap-around rule)."""
@@ -779,12 +797,11 @@ def layout_of(config) -> str:
 
 
 def _tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
-               wide: bool) -> list[str]:
+               wide: bool, uniform: frozenset[int]) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
     ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
     ``{role}_ok`` and the memory row ``{role}_row`` of every slot."""
     r = role
-    uniform = uniform_axes(extents, tile, layout_axes)
     slots = math.prod(tile)
     grid = [-(-L // t) for L, t in zip(extents, tile, strict=True)]
     sl = f"{r}_slot"  # per role: a loop may not rebind a variable of another shape
@@ -950,9 +967,9 @@ class KernelSource:
     def _tiles(self, role: str, var: str) -> list[str]:
         if role == "q":
             return _tile_code("q", var, self.shape.q_extents, self.shape.q_tile, self.q_axes, self.permuted,
-                              "BLOCK_M", self.wide_rows)
+                              "BLOCK_M", self.wide_rows, self.q_uniform)
         return _tile_code("k", var, self.shape.kv_extents, self.shape.kv_tile, self.k_axes, self.permuted,
-                          "BLOCK_N", self.wide_rows)
+                          "BLOCK_N", self.wide_rows, self.k_uniform)
 
     def _k_padding(self) -> bool:
         s = self.shape

@@ -220,10 +220,18 @@ def pair_subexpressions(mask: sympy.Basic) -> int:
     """Distinct sub-expressions of a mask that depend on a query and a key position: each is a
     score-shaped value when a kernel evaluates the mask on a PARTIAL tile (a scalar where its
     coordinates have one value per tile: ``symbols.pair_part``)."""
-    def role(e, r):
-        return any(S.is_position(sym) and sym.name.split("_")[0] == r for sym in e.free_symbols)
-
-    return len({e for e in sympy.preorder_traversal(mask) if not e.is_Atom and role(e, "q") and role(e, "k")})
+    free = S.FreeSymbols()
+    seen, found, stack = set(), set(), [mask]
+    while stack:  # each node of the DAG once (sympy's preorder_traversal walks the expanded tree)
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        roles = {sym.name.split("_")[0] for sym in free(e) if S.is_position(sym)}
+        if not e.is_Atom and {"q", "k"} <= roles:
+            found.add(e)
+        stack.extend(e.args)
+    return len(found)
 
 
 def mask_score_tiles(mask: sympy.Basic) -> float:

@@ -18,7 +18,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 from . import evaluate as E
 from . import ir
 from . import symbols as S
-from .codegen import abs_bound
+from .codegen import abs_bound, int_bound_rule, int_float_sides
 
 #: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
 TABLE_ENTRIES = 1 << 16
@@ -74,7 +74,7 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
             env[c] = torch.arange(shape[i]).view([-1 if j == i else 1 for j in range(len(coords))])
         values = E.as_tensor(E.Evaluator(env, {}, set(), None)(node), None)
         boolean = isinstance(node, sympy.logic.boolalg.Boolean)
-        if int_bound is not None:  # codegen._int_bound's rule, once per entry
+        if int_bound is not None:  # codegen.int_bound_rule, once per entry
             big, ceil, nan_high = int_bound
             rounded = torch.ceil(values) if ceil else torch.floor(values)
             values = torch.where(torch.isnan(values), float(big if nan_high else -big), rounded.clamp(-big, big))
@@ -86,14 +86,11 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
 
     def int_comparison(node) -> sympy.Basic | None:
         """``n <= x`` (an int per pair against a tabulable float) as ``n <= table`` of int bounds."""
-        if not isinstance(node, sympy.core.relational.Relational) or node.rel_op not in ("<", "<=", ">", ">="):
-            return None
-        flip = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}
-        for n, x, op in ((node.lhs, node.rhs, node.rel_op), (node.rhs, node.lhs, flip[node.rel_op])):
-            if n.is_integer and not x.is_integer and not tabulable(n) and free(n) and tabulable(x):
+        for n, x, op in int_float_sides(node):
+            if not tabulable(n) and free(n) and tabulable(x):
                 big = abs_bound(n, ranges, math.inf) + 1
                 if big < 2**53:  # exact in float64
-                    bound_read = table_of(x, (int(big), op in ("<", ">="), op in (">", ">=")))
+                    bound_read = table_of(x, (int(big), *int_bound_rule(op)))
                     return sympy.core.relational.Relational(walk(n), bound_read, op, evaluate=False)
         return None
 

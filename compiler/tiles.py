@@ -72,15 +72,19 @@ def head_dependent(pat: ir.PatternIR) -> bool:
     return S.H in pat.mask.free_symbols
 
 
-def _pair_evaluator(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_flat: torch.Tensor,
-                    k_flat: torch.Tensor, head: int) -> E.Evaluator:
-    """An evaluator whose q/k symbols are the given flat token tensors (any broadcastable shape)."""
+def _unbatched_inputs(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None) -> dict:
     tensors, batch = E.bind_inputs(pat, bound, inputs)
     if batch is not None:
         raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
                         where="argument inputs")
+    return tensors
+
+
+def _pair_evaluator(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_flat: torch.Tensor,
+                    k_flat: torch.Tensor, head: int) -> E.Evaluator:
+    """An evaluator whose q/k symbols are the given flat token tensors (any broadcastable shape)."""
     env = E.token_env(pat, bound, q_flat, k_flat, head)
-    return E.Evaluator(env, tensors, set(), None)
+    return E.Evaluator(env, _unbatched_inputs(pat, bound, inputs), set(), None)
 
 
 def _axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, kv_tile, head: int,
@@ -116,10 +120,7 @@ def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_exte
     per_pair = math.prod(q_tile) * math.prod(kv_tile)
     step = max(1, CHUNK // per_pair)
     mask = E.substitute(pat.mask, bound)
-    tensors, batch = E.bind_inputs(pat, bound, inputs)
-    if batch is not None:
-        raise SpecError("tile classification takes inputs without a batch dimension (classify per batch element)",
-                        where="argument inputs")
+    tensors = _unbatched_inputs(pat, bound, inputs)
     for start in range(0, len(q_tiles), step):
         qi, ki = q_tiles[start:start + step], kv_tiles[start:start + step]
         env, valid = _axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)

@@ -196,7 +196,7 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
                                         torch.cat(heads), torch.cat(qs), torch.cat(ks), torch.cat(fulls),
                                         torch.zeros(B * Hq, dtype=torch.float64), exact=False, density_exact=False)
     return type(plan)(pat, bound, sched, plan.q_tokens, plan.k_tokens, plan.mask, plan.bias, plan.softcap,
-                      selection=selected, key_block=key_block, batch=B)
+                      selection=selected, key_block=key_block, batch=B, pair_mask=plan.pair_mask, tables=plan.tables)
 
 
 def selection_words(selected: torch.Tensor) -> torch.Tensor:
