@@ -50,6 +50,13 @@ STAGES = (2, 3)
 #: The backward's launch parameters, most preferred first (more stages hide more latency; with
 #: three fp32 score tiles and two accumulators, the backward needs the warps more than the forward).
 BWD_LAUNCH = ((8, 3), (8, 2), (4, 3), (4, 2), (8, 1), (4, 1))
+#: Before Hopper, the backward's warp counts, most preferred first: 4 where the pass's register-resident
+#: tiles fit there (FlexAttention's sm8x backward default is 64/64 w4 s2), else 8. At 8 warps (256
+#: threads) ptxas packs the small-tile backward into 128 registers, two blocks an SM, whatever the
+#: need: every sm_80 dK/dV at 32-token KV tiles sat at exactly 128 (neighborhood 1-D/2-D/3-D, biformer,
+#: moba at d = 128) and neighborhood_1d's spilled 16 B (Triton 3.6); at w4 s2 it takes 179, no spill
+#: (measured with ``runtime.gpu_check``).
+BWD_WARPS_MMA = (4, 8)
 #: KV tile tokens at least on Hopper and later: wgmma needs 64-row operands, and the KV tile is the
 #: M side of the dK/dV products (a 32-token KV box falls back to mma.sync there).
 MIN_KV_TOKENS_WGMMA = 64
@@ -267,9 +274,10 @@ def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, h
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
     and the dK/dV kernels fit; None when none does."""
     hopper = min_kv_tokens(hw) > 1
-    for warps, stages in BWD_LAUNCH:
-        if not hopper and stages > MAX_BWD_STAGES_MMA:
-            continue
+    launches = BWD_LAUNCH if hopper else sorted(
+        (launch for launch in BWD_LAUNCH if launch[1] <= MAX_BWD_STAGES_MMA),
+        key=lambda launch: BWD_WARPS_MMA.index(launch[0]))  # stable: stages keep their order
+    for warps, stages in launches:
         if all(pass_fits(k, q_tokens, kv_tokens, head_dim, nbytes, warps, stages, hw, score_tiles)
                for k in PASSES[1:]):
             return warps, stages
@@ -663,7 +671,7 @@ class ScheduleSearch:
         return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
 
 
-__all__ = ["BWD_LAUNCH", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
+__all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
            "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
            "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

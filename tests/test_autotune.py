@@ -506,6 +506,12 @@ def test_backward_launch_prefers_stages_and_refuses_what_cannot_fit():
     # on A100 one buffer fewer (cp.async): 3 stages hold 2 buffers, 176 KiB > 163; and at most 2 stages
     assert SR.pass_smem("bwd_dkdv", 128, 64, 128, 2, 3, hopper=False) > 163 * 1024
     assert SR.backward_launch(64, 64, 128, 2, a100) == (8, 2)
+    # before Hopper, 4 warps where the tiles fit there (ptxas packs 8 warps on small tiles into 128
+    # registers): 64 x 32 at d = 128 fits at 4, 64 x 64 at d = 128 does not; Hopper keeps 8
+    assert SR.pass_registers("bwd_dkdv", 64, 32, 128, 4) <= SR.REG_BUDGET
+    assert SR.pass_registers("bwd_dkdv", 64, 64, 128, 4) > SR.REG_BUDGET
+    assert SR.backward_launch(64, 32, 128, 2, a100) == (4, 2)
+    assert SR.backward_launch(64, 32, 128, 2, h100) == (8, 3)
     # 128 x 128 at d = 128: dK, dV and the score tiles exceed the register budget at 8 warps
     assert SR.pass_registers("bwd_dkdv", 128, 128, 128, 8) > SR.REG_BUDGET
     assert SR.backward_launch(128, 128, 128, 2, h100) is None
