@@ -16,7 +16,9 @@ each pass ran with (after any out-of-resources fallback); the first call's wall 
 its chunked kernel (gla: ``chunk_gla``, mamba2: ``chunk_simple_gla``) on the same inputs is the
 yardstick beside it. A result passes below 2e-2 for bf16 and 1e-2 for fp16 (half-precision
 operands land between 1e-3 and 1e-2 relative), or, for a recurrence with an fla counterpart,
-when it is within 1.25x of fla's own error on the same quantity.
+when it is within 1.25x of fla's own error on the same quantity. A gate gradient also passes
+within 1.5x of what dq's and dk's errors explain (``gpu_suite.gate_grad_ok``: the formula
+``dg_t = sum_{s >= t} (q dq - k dk)_s`` that attnc and fla share amplifies them about tenfold).
 """
 
 from __future__ import annotations
@@ -216,6 +218,11 @@ def run_recurrence(name: str, toy: bool, configs) -> list[dict]:
             errs = dict(zip(keys, [rel(a, b) for a, b in zip([o, *gs], [ro, *rgs], strict=True)], strict=True))
             tol = PASS_REL[row["dtype"]]
             ok = {key: math.isfinite(e) and e < tol for key, e in errs.items()}
+            if "dg" in errs:  # dg carries dq's and dk's errors amplified (gpu_suite.gate_grad_amplification)
+                row["dg_amplification"] = _suite().gate_grad_amplification(
+                    q.to(device=device, dtype=torch.float64), k.to(device=device, dtype=torch.float64),
+                    rgs[0], rgs[1], vector=name == "gla")
+                ok["dg"] = _suite().gate_grad_ok(errs, row["dg_amplification"], tol)
             fla_op = _fla_op(name) if device.type == "cuda" else None
             if fla_op is not None:  # the yardstick: fla's error on the same inputs and loss
                 fo, fgs, _ = grads(fla_op, dtype)
@@ -294,6 +301,8 @@ def _fmt(row: dict) -> str:
     errs = " ".join(f"{k} {v:.1e}" for k, v in row["errs"].items())
     if "fla_errs" in row:
         errs += " (fla: " + " ".join(f"{k} {v:.1e}" for k, v in row["fla_errs"].items()) + ")"
+    if "dg_amplification" in row:
+        errs += f" (dg amplifies dq, dk's errors {row['dg_amplification']:.1f}x)"
     cfg = "; ".join(row.get("configs", [])) + (" (fell back)" if row.get("fell_back") else "")
     return (f"| {row['case']} ({row['sizes']}, H {row['heads']}) | {row['backend']} | {row['d']} | {row['dtype']} | "
             f"{errs} | {row['first_call_s']:.1f} | {cfg} | {'PASS' if row['ok'] else 'FAIL'} |")

@@ -55,3 +55,33 @@ def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):
         errors = [float(x) for x in re.findall(r"\b(?:out|lse|dq|dk|dv|dg) (\d\.\de[-+]\d\d)", row)]
         assert len(errors) >= 4 and max(errors) < 1e-5 and row.rstrip().endswith("PASS |"), row
     assert out.with_suffix(".jsonl").read_text().count("\n") == len(rows)
+
+
+def test_gate_gradient_yardstick_matches_autograd_and_catches_a_wrong_dg():
+    """gpu_suite's gate-gradient formula equals float64 autograd (scalar and per-channel gates, a batch of
+    two), its amplification of dq, dk errors is well above 1 (the terms cancel), and ``gate_grad_ok``
+    passes an error that dq's and dk's explain but fails a dg error they do not."""
+    import importlib.util
+
+    import torch
+
+    import attnc
+
+    spec = importlib.util.spec_from_file_location("gpu_suite_mod", ROOT / "benchmarks" / "gpu_suite.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    for name, gshape in (("mamba2", (2, 96)), ("gla", (2, 96, 8))):
+        gen = torch.Generator().manual_seed(3)
+        q, k, v = (torch.randn(2, 2, 96, 8, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))
+        g = (-torch.rand(*gshape, generator=gen, dtype=torch.float64) * 0.2).requires_grad_()
+        o = attnc.compile_attention(f"stdlib:{name}", backend="cpu")(q, k, v, g=g, scale=0.3)
+        dq, dk, dg = torch.autograd.grad((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum(), [q, k, g])
+        vector = name == "gla"
+        assert gs.rel(gs.gate_grad_from(q.detach(), k.detach(), dq, dk, vector), dg) < 1e-12
+        amp = gs.gate_grad_amplification(q.detach(), k.detach(), dq, dk, vector)
+        assert amp > 2, amp
+    errs = {"dq": 5e-3, "dk": 2e-3, "dg": 1.2 * amp * 5e-3}
+    assert errs["dg"] > 2e-2 and gs.gate_grad_ok(errs, amp, 2e-2)
+    assert not gs.gate_grad_ok({**errs, "dg": 2 * amp * 5e-3}, amp, 2e-2)
+    assert not gs.gate_grad_ok({**errs, "dq": 3e-2, "dg": 1.2 * amp * 3e-2}, amp, 2e-2)
+    assert not gs.gate_grad_ok({**errs, "dg": float("nan")}, amp, 2e-2)
