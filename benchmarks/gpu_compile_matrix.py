@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
 import sys
@@ -23,7 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-DATE = "2026-11-22"
+DATE = datetime.date.today().isoformat()
 RESULTS = Path(__file__).resolve().parent / "results"
 #: Sizes of the recorded call per layout (the kernels bake the sizes in; the search's pick depends on them).
 SEQ_N = 8192
