@@ -87,7 +87,7 @@ def _pair_evaluator(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_fl
     return E.Evaluator(env, _unbatched_inputs(pat, bound, inputs), set(), None)
 
 
-def _axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, kv_tile, head: int,
+def axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, kv_tile, head: int,
               q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> tuple[dict, torch.Tensor]:
     """Symbol values for every token pair of the given tile pairs, one dimension per grid axis of
     each side (``[P, q axes..., k axes...]``; a seq side has one): a mask term of some axes is
@@ -113,6 +113,19 @@ def _axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, 
     return env, valid
 
 
+def whole_mask(pat: ir.PatternIR, bound: E.Bound, mask: sympy.Basic, head: int) -> torch.Tensor:
+    """``mask`` (substituted, reading no input) over every token pair, bool ``[Nq, Nk]`` in token
+    order, evaluated per grid axis (``axis_env`` on one tile of the whole sequence per side: radial's
+    frame terms once per pair of frames, not per token pair)."""
+    q_ext = layout_extents(pat.queries, bound, bound.n)
+    kv_ext = layout_extents(pat.keys, bound, bound.nk)
+    first = torch.zeros(1, dtype=torch.int64)
+    env, valid = axis_env(pat, bound, q_ext, kv_ext, q_ext, kv_ext, head, first, first)
+    allowed = E.as_tensor(E.Evaluator(env, {}, set(), None)(mask), torch.bool)
+    shape = torch.broadcast_shapes(allowed.shape, valid.shape)
+    return torch.broadcast_to(allowed, shape).reshape(math.prod(q_ext), math.prod(kv_ext))
+
+
 def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_extents, kv_extents,
                   q_tile, kv_tile, head: int, q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
     """Exact number of allowed token pairs of each given (Q tile, KV tile) pair, int64 ``[P]``."""
@@ -123,7 +136,7 @@ def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_exte
     tensors = _unbatched_inputs(pat, bound, inputs)
     for start in range(0, len(q_tiles), step):
         qi, ki = q_tiles[start:start + step], kv_tiles[start:start + step]
-        env, valid = _axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)
+        env, valid = axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)
         allowed = E.as_tensor(E.Evaluator(env, tensors, set(), None)(mask), torch.bool)
         allowed = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape)) & valid
         out[start:start + step] = allowed.flatten(1).sum(1)

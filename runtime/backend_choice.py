@@ -15,7 +15,9 @@ The rule (``choose``):
    project's 2-core CPU machine, quiet (the measurements and their features are listed in
    ``CALIBRATION``): Flex's fused kernel is faster per token pair on 1-D masks, and much slower
    where the lowered mask is long (grids: about 70-90 operators per pair to map tile-major
-   positions to coordinates), which the executor computes once per tile row and column.
+   positions to coordinates), which the executor computes once per tile row and column. An
+   executor plan of one whole-sequence tile per side (``cpu_backend.whole_tile_fits``: dense-like
+   static masks) is modelled as the fused kernel over every pair (``WHOLE``).
 3. Routing (``route topk``) selects per call among the static schedule's tiles, the same way for
    both backends: the rule compares the static schedules (proportional to the routed work).
 4. The first calls (``warm_up``): where Flex is modelled faster but its kernel for these shapes is
@@ -86,6 +88,10 @@ class TimeModel:
 #: where the executor decodes coordinates once per tile row and column.
 CPU = TimeModel(token_s=4.2e-11, pair_s=4.0e-6, call_s=3.1e-3, partial_token_s=2.25e-11, mask_op_s=2.3e-12)
 FLEX = TimeModel(token_s=3.84e-11, pair_s=0.0, call_s=0.0, partial_token_s=9.0e-12, mask_op_s=1.24e-10)
+#: The executor on one whole-sequence tile per side (``cpu_backend.whole_tile_fits``): torch's fused
+#: kernel over every token pair with the cached mask, as SDPA with a dense mask. Measured (fp32, quiet):
+#: radial 16 x 512 tokens, 4 heads, D = Dv = 64: 465 ms for 8192^2 x 4 x 128 = 3.4e10 pair-dims.
+WHOLE = TimeModel(token_s=1.35e-11, pair_s=0.0, call_s=CPU.call_s, partial_token_s=1.35e-11)
 
 #: The measurements behind the constants: (case, executor ms, Flex-lowering ms, mask_ops, (FULL token
 #: pairs, PARTIAL token pairs, tile pairs) of the executor's and of the Flex lowering's schedule):
@@ -160,7 +166,8 @@ def choose(cpu_sched: TileSchedule, flex_sched: TileSchedule | None, refusal: st
     if refusal is not None or flex_sched is None:
         return Choice("cpu", f"Flex's fused CPU kernel cannot serve this call ({refusal}); "
                              "its dense fallback is O(N^2)")
-    c = CPU.seconds(cpu_sched, batch, head_dim, value_dim, mask_ops)
+    whole = cpu_sched.num_q_tiles == 1 and cpu_sched.num_kv_tiles == 1
+    c = (WHOLE if whole else CPU).seconds(cpu_sched, batch, head_dim, value_dim, mask_ops)
     f = FLEX.seconds(flex_sched, batch, head_dim, value_dim, mask_ops)
     if f < c:
         return Choice("flex", "the fused Flex kernel is modelled faster", c, f)
@@ -224,6 +231,7 @@ class AutoRunner:
 
     def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                 need_lse: bool) -> Choice:
+        from .executor import fused_shapes
         from .flex_backend import block_refusal, fused_refusal
 
         pat = self.pattern
@@ -235,7 +243,7 @@ class AutoRunner:
         refusal = fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *tensors.values()), need_lse)
         if self.flex is None:
             refusal = f"the pattern has no Flex lowering: {self.unlowerable}"
-        cpu_sched = self.cpu.plan(bound, tensors).schedule
+        cpu_sched = self.cpu.plan(bound, tensors, fused=fused_shapes(q, v)).schedule
         flex_sched, mask_ops = None, 0
         if refusal is None:
             batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))

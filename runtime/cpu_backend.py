@@ -12,7 +12,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
-from ..compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, layout_extents
+from ..compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_dependent, layout_extents
 from . import decode, executor, routing
 
 #: Tile token counts tried for the CPU executor.
@@ -21,6 +21,17 @@ CPU_TILE_TOKENS = (32, 64, 128)
 PAIR_OVERHEAD_TOKENS = 2048
 #: Extra cost of a PARTIAL token pair (mask evaluation) relative to a FULL one.
 PARTIAL_EXTRA = 0.5
+#: Cost of a token pair of the whole-sequence tile (``whole_tile_fits``), in the units of
+#: ``_cpu_cost``: torch's fused kernel on q, k and v as they are (no gathers, no padded lists) with
+#: the plan's cached float mask, as SDPA with a dense mask. Measured on this project's 2-core CPU
+#: (fp32, d 64, quiet, interleaved medians): the whole tile runs 1.73e-6 ms per token pair and head
+#: (radial 16 x 512 tokens, 4 heads: 465 ms forward, 1,620 ms forward + backward; SDPA with the
+#: same mask 464 / 1,577), the tiled plans 2.1-3.1e-6 ms per ``_cpu_cost`` unit (radial 3.05,
+#: sliding window 512 @ 8K 2.5, streaming 3.0, 3-D neighborhood 2.1): 0.6 of a unit.
+WHOLE_PAIR_COST = 0.6
+#: Tokens a side needs for the whole-sequence tile to be considered: below, either runs in
+#: milliseconds and the tiled plans stay (their schedules are what the tests exercise).
+WHOLE_MIN_TOKENS = 2048
 
 
 def _cpu_cost(sched) -> float:
@@ -38,14 +49,33 @@ def mask_input_names(pat: ir.PatternIR) -> set[str]:
     return set(E.input_names(pat.mask))
 
 
+def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound) -> bool:
+    """Whether one tile of the whole sequence per side may serve the call (the caller also needs
+    the fused kernel: ``executor.fused_shapes``): a static mask alone (no routing, bias, decay or
+    softcap: the fused backward then serves every gradient, and the mask is evaluated once), both
+    sides at least ``WHOLE_MIN_TOKENS``, and its float mask, allowed and valid pairs (6 bytes a
+    pair and head class) within the plan's mask cache."""
+    if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None:
+        return False
+    if mask_uses_inputs(pat) or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
+        return False
+    classes = bound.heads if head_dependent(pat) else 1
+    return 6 * bound.n * bound.nk * classes <= executor.MASK_CACHE_BYTES
+
+
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
-                 classified: dict | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+                 classified: dict | None = None, whole: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (Q tile, KV tile) with the least estimated CPU work: visited token pairs
-    (PARTIAL ones dearer) plus a fixed cost per visited tile pair. ``classified``: a dict
+    (PARTIAL ones dearer) plus a fixed cost per visited tile pair; with ``whole`` (the call runs
+    the fused kernel and ``whole_tile_fits``), also one tile of the whole sequence per side at
+    ``WHOLE_PAIR_COST`` a token pair (dense-like masks: radial). ``classified``: a dict
     (q_tile, kv_tile, flat) -> exact schedules to reuse (masks that read no input)."""
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     best = None
+    if whole:
+        classes = bound.heads if head_dependent(pat) else 1
+        best = (WHOLE_PAIR_COST * bound.n * bound.nk * classes, tuple(q_ext), tuple(kv_ext))
     for tokens in CPU_TILE_TOKENS:
         q_shapes = tile_shapes(tokens, q_ext, limit=3) or [tuple(min(tokens, L) for L in q_ext)]
         row = flat_box(q_ext, (tokens,)) if len(q_ext) > 1 else None
@@ -123,10 +153,13 @@ class CpuRunner:
         self.plans.limit = E.positive_int("max_plans", value)
         self.plans.trim()
 
-    def plan(self, bound: E.Bound, inputs: dict) -> executor.Plan | decode.RowPlan:
+    def plan(self, bound: E.Bound, inputs: dict, fused: bool = False) -> executor.Plan | decode.RowPlan:
+        """The plan for these sizes; ``fused``: the call runs torch's fused kernel
+        (``executor.fused_shapes``), so the whole-sequence tile is a candidate where it fits."""
         pat = self.pattern
         dynamic = mask_uses_inputs(pat)
-        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        whole = fused and not self.tiles.forced and whole_tile_fits(pat, bound)
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, whole)
         if decode.applies(bound):
             # decoding rows: the rows' exact mask, no tile classification (runtime.decode)
             plan = None if dynamic else self.plans.get(key)
@@ -162,13 +195,13 @@ class CpuRunner:
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         flat = False
-        memo = None if dynamic else self.schedules_for(key)
+        memo = None if dynamic else self.schedules_for(key[:-1])  # tiled schedules serve either key
         if self.tiles.forced:
             q_tile, kv_tile, flat = self.tiles.fit(q_ext, kv_ext)
         elif dynamic and key in self.plans:
             q_tile, kv_tile = self.plans[key].schedule.q_tile, self.plans[key].schedule.kv_tile
         else:
-            q_tile, kv_tile = choose_tiles(pat, bound, inputs, memo)
+            q_tile, kv_tile = choose_tiles(pat, bound, inputs, memo, whole=whole)
         if memo is not None and (q_tile, kv_tile, flat) in memo:
             schedule = memo[(q_tile, kv_tile, flat)]
         elif flat:  # 1-D tiles of a grid's token order: classified on the flat view; the
@@ -196,20 +229,21 @@ class CpuRunner:
             self._classified_key = key
         return self.classified
 
-    def prepare(self, bound: E.Bound, q, k, inputs: dict) -> tuple[executor.Plan, dict, frozenset]:
+    def prepare(self, bound: E.Bound, q, k, inputs: dict, v=None) -> tuple[executor.Plan, dict, frozenset]:
         """(plan for this call, checked inputs, names of batched inputs). Routing
         lists depend on q and k and are rebuilt per call (the backward rebuilds
-        the same ones from the saved q and k)."""
+        the same ones from the saved q and k). ``v``: where given, the plan may take the
+        whole-sequence tile when the fused kernel takes q and v."""
         tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
         E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])  # the tiles read the mask only in part
-        plan = self.plan(bound, tensors)
+        plan = self.plan(bound, tensors, fused=v is not None and executor.fused_shapes(q, v))
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
         if self.pattern.route is not None and not isinstance(plan, decode.RowPlan):  # data-dependent lists
             plan = routing.route_plan(plan, q, k, tensors, set(batched))
         return plan, tensors, batched
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
-        plan, tensors, batched = self.prepare(bound, q, k, inputs)
+        plan, tensors, batched = self.prepare(bound, q, k, inputs, v)
         names = tuple(tensors)
         return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
 
@@ -235,7 +269,8 @@ def describe_plan(plan: executor.Plan | None, pat: ir.PatternIR) -> str:
         "  static mask or fixed mask inputs); bias and decay join it as a float mask; torch's fused CPU",
         "  attention kernel runs the chunk (softcap: scores, softmax and @ v unfused)",
         "backward: torch's fused CPU attention backward per chunk (P recomputed from the saved lse; dK/dV",
-        "  added to their keys) when neither the lse nor a score input needs a gradient; else recompute P,",
+        "  added to their keys; the lse's gradient through one extra feature) when no score input needs a",
+        "  gradient; else recompute P,",
         "  dQ over the Q tiles' lists, dK/dV over the transposed lists",
     ]
     return "\n".join(lines) + "\n"

@@ -226,7 +226,7 @@ def _forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
         return empty_batch_outputs(q, v, _lse_dtype(q))
-    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs))
+    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs), v)
     out, lse = executor.forward(plan, q, k, v, tensors, set(batched), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
@@ -246,7 +246,7 @@ def _backward_impl(
     if q.shape[0] == 0:  # an empty batch: zero (empty) gradients
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
-    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw)
+    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw, v)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
         dq, dk, dv, d_in = executor.backward(plan, q, k, v, out, lse, dout, dlse, tensors, set(batched), scale,

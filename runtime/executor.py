@@ -27,6 +27,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ..compiler.tables import tabulate
+from ..compiler.tiles import head_dependent, whole_mask
 from . import decode
 from .reference import fox_pairs, fox_prefix
 
@@ -35,8 +36,9 @@ CHUNK_ELEMENTS = 1 << 23
 #: Elements of the gathered K and V and the float mask of one chunk through the fused kernel
 #: (``fusable``: it holds no scores; 128 MiB in fp32).
 FUSED_CHUNK_ELEMENTS = 1 << 25
-#: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls.
-MASK_CACHE_BYTES = 256 << 20
+#: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls (a whole-sequence tile of
+#: 8,192 x 8,192 tokens holds 384 MiB: its float mask, allowed pairs and valid pairs).
+MASK_CACHE_BYTES = 512 << 20
 
 
 @dataclass
@@ -114,6 +116,14 @@ class Plan:
 
         if sum(size(v) for v in self.mask_cache.values()) + size(value) <= MASK_CACHE_BYTES:
             self.mask_cache[key] = value
+
+    @functools.cached_property
+    def whole(self) -> bool:
+        """One tile of the whole sequence per side, in token order, with a mask of no input and no
+        routing (``cpu_backend.whole_tile_fits``): its mask is evaluated per grid axis."""
+        s = self.schedule
+        return (s.num_q_tiles == 1 and s.num_kv_tiles == 1 and self.q_tokens.identity and self.k_tokens.identity
+                and self.selection is None and not E.input_names(self.mask) and not self.bound.q_offset)
 
     @property
     def static_mask(self) -> bool:
@@ -211,7 +221,13 @@ class _Block:
             return self.guard
         allowed = self.valid.expand(1, 1, *self.valid.shape).clone()
         ps = self.partial_start
-        if ps < self.valid.shape[-1]:
+        if ps == 0 and not self.transposed and self.plan.whole:
+            # one tile of the whole sequence: the mask per grid axis, once per head class
+            plan = self.plan
+            heads = self.heads if head_dependent(plan.pattern) else self.heads[:1]
+            m = torch.stack([whole_mask(plan.pattern, plan.bound, plan.mask, h) for h in heads])
+            allowed = allowed & m[None, :, None]
+        elif ps < self.valid.shape[-1]:
             plan = self.plan
             mask, inputs = (plan.mask, self.inputs) if plan.pair_mask is None else (plan.pair_mask, {**self.inputs, **plan.tables})
             m = E.as_tensor(self._evaluate(mask, inputs, slice(ps, None)), torch.bool)
@@ -277,12 +293,17 @@ def _flash_op():
     return op if {"attn_mask", "scale"} <= names else None
 
 
+def fused_shapes(q: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether torch's fused CPU attention kernel takes these tensors: on CPU, Dv == D."""
+    return _flash_op() is not None and not q.is_cuda and q.shape[-1] == v.shape[-1]
+
+
 def fusable(plan: Plan, q: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the blocks run through torch's fused CPU attention kernel: on CPU, Dv == D, no
+    """Whether the blocks run through torch's fused CPU attention kernel: ``fused_shapes`` and no
     softcap (the kernel takes the mask and the additive terms as one float mask, not a tanh).
     The decision depends on the shapes only, never on an earlier failure: an error from the
     kernel is a bug and is raised."""
-    return plan.softcap is None and _flash_op() is not None and not q.is_cuda and q.shape[-1] == v.shape[-1]
+    return plan.softcap is None and fused_shapes(q, v)
 
 
 def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None = None,
@@ -290,8 +311,10 @@ def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None
     """The rows ``index [C, T]`` of ``x [B, H, N, D]`` in the kernel's layout ``[B * C, H, T, D]``
     (a strided view of one gather; a view of ``x`` itself for one batch row when ``tokens`` is
     in token order and ``own`` a run of tiles)."""
-    B, H, _, D = x.shape
+    B, H, N, D = x.shape
     C, T = index.shape
+    if C == 1 and T == N and torch.equal(index[0], torch.arange(N)):  # every token in order (a whole tile)
+        return x
     if B == 1 and tokens is not None and tokens.identity and int(own[-1]) - int(own[0]) + 1 == len(own):
         start = int(own[0]) * T
         return x[:, :, start:start + C * T].unflatten(2, (C, T)).permute(0, 2, 1, 3, 4).reshape(C, H, T, D)
@@ -541,21 +564,36 @@ def _terms_grad(blk: _Block, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, 
     return grads[0], out
 
 
-def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: set[str], scale: float):
-    """(dq, dk, dv) through torch's fused CPU attention backward (``fusable``; no gradient of the
-    lse or of score inputs): per chunk of Q tiles (the forward's chunks, masks and geometry), the
-    kernel recomputes P from the saved lse over the gathered K/V and returns dQ and the gathered
-    dK/dV, which are added to their tokens."""
+def _lse_feature(q, k, v, out, dout, dlse):
+    """q, k, v, out, dout with one feature more that carries the lse's gradient through the fused
+    backward kernel: it computes ``delta = rowsum(dout * out)`` and ``dS = P (dout v^T - delta)``,
+    and the lse adds ``dlse P`` to dS. Zero features leave the scores (and dout v^T) unchanged, and
+    the feature pair (dout 1, out -dlse) turns delta into ``delta - dlse``; dQ, dK and dV are the
+    first D / Dv columns of the kernel's."""
+    zero = torch.zeros((), dtype=q.dtype)
+    pad = [torch.cat([x, zero.expand(*x.shape[:-1], 1)], -1) for x in (q, k, v)]
+    out = torch.cat([out, -dlse.to(out.dtype)[..., None]], -1)
+    dout = torch.cat([dout, torch.ones((), dtype=dout.dtype).expand(*dout.shape[:-1], 1)], -1)
+    return (*pad, out, dout)
+
+
+def _fused_backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: set[str], scale: float):
+    """(dq, dk, dv) through torch's fused CPU attention backward (``fusable``; no gradient of score
+    inputs; the lse's gradient ``dlse`` through one extra feature, ``_lse_feature``): per chunk of
+    Q tiles (the forward's chunks, masks and geometry), the kernel recomputes P from the saved lse
+    over the gathered K/V and returns dQ and the gathered dK/dV, which are added to their tokens."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     group = Hq // Hkv
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     qd, kd, vd, dod, od = (x.to(dt) for x in (q, k, v, dout, out))
+    if dlse is not None and bool(dlse.any()):
+        qd, kd, vd, od, dod = _lse_feature(qd, kd, vd, od, dod, dlse)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros((), dtype=lse.dtype), lse).to(dt)  # empty rows: P = 0
     extra = _prepare_extra(plan, inputs, dt)
     nQ, Tq = plan.q_tokens.index.shape
-    dk_acc = torch.zeros(B, Nk, Hkv, D, dtype=dt)  # token-major: chunks add [C * K] key rows at once
-    dv_acc = torch.zeros(B, Nk, Hkv, Dv, dtype=dt)
+    dk_acc = torch.zeros(B, Nk, Hkv, kd.shape[-1], dtype=dt)  # token-major: chunks add [C * K] key rows at once
+    dv_acc = torch.zeros(B, Nk, Hkv, vd.shape[-1], dtype=dt)
     dq_blocks = []
     backward_op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
     for cls, bsel, heads in plan.groups():
@@ -587,9 +625,9 @@ def _fused_backward(plan: Plan, q, k, v, out, lse, dout, inputs: dict, batched: 
                 else:
                     for j, kv in enumerate(kv_heads):
                         acc[bsel, :, kv].index_add_(1, cols, g[:, :, j])
-    dq_t = _assemble(dq_blocks, B, Hq, nQ, 0.0, dt) if dq_blocks else torch.zeros(B, Hq, nQ, Tq, D, dtype=dt)
-    dq = plan.q_tokens.scatter(dq_t, Nq, features=True).to(q.dtype)
-    return dq, dk_acc.transpose(1, 2).to(k.dtype), dv_acc.transpose(1, 2).to(v.dtype)
+    dq_t = _assemble(dq_blocks, B, Hq, nQ, 0.0, dt) if dq_blocks else torch.zeros(B, Hq, nQ, Tq, qd.shape[-1], dtype=dt)
+    dq = plan.q_tokens.scatter(dq_t, Nq, features=True)[..., :D].to(q.dtype)
+    return dq, dk_acc.transpose(1, 2)[..., :D].to(k.dtype), dv_acc.transpose(1, 2)[..., :Dv].to(v.dtype)
 
 
 @_no_autocast
@@ -598,8 +636,8 @@ def backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, batched: s
     """Gradients (dq, dk, dv, {input: grad}) by recomputation over the tile lists."""
     if isinstance(plan, decode.RowPlan):
         return decode.backward(plan, q, k, v, out, lse, dout, dlse, inputs, batched, scale, wrt)
-    if fusable(plan, q, v) and not wrt and (dlse is None or not bool(dlse.any())):
-        return (*_fused_backward(plan, q, k, v, out, lse, dout, inputs, batched, scale), {})
+    if fusable(plan, q, v) and not wrt:
+        return (*_fused_backward(plan, q, k, v, out, lse, dout, dlse, inputs, batched, scale), {})
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     group = Hq // Hkv

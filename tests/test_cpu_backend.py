@@ -637,3 +637,86 @@ def test_frame_terms_read_from_tables(q_tile):
         close(a, b, 1e-11, "grad")
     plan = cpu._runner.last
     assert plan.tables and plan.pair_mask is not None and plan.schedule.partial > 0
+
+
+# ------------------------------------------------ whole-sequence tile, lse gradient
+DENSE_LIKE = "pattern dense_like\n  tokens seq\n  mask (q + 2 * k) % 5 != 0 or q == k\n"
+
+
+def test_dense_like_mask_runs_one_whole_tile_exact_with_lse_gradient():
+    """A mask allowing 4/5 of all pairs at 2,048 tokens (>= WHOLE_MIN_TOKENS): the executor takes one
+    tile of the whole sequence per side (torch's fused kernel on q, k, v as they are), and its output,
+    lse and gradients (a loss of out and lse: the lse's gradient through the fused backward's extra
+    feature) equal a dense float64 softmax built here, GQA included."""
+    n = cpu_backend.WHOLE_MIN_TOKENS
+    attn = attnc.compile_attention(DENSE_LIKE, backend="cpu")
+    q, k, v = qkv(1, 4, 2, n, 8)
+    out, lse = attn(q, k, v, return_lse=True)
+    assert "tiles 1 x 1" in attn.source and attn._runner.last.whole
+    i = torch.arange(n)
+    allowed = (((i[:, None] + 2 * i[None, :]) % 5 != 0) | (i[:, None] == i[None, :]))[None, None]
+    r_out, r_lse = dense_attention(q, k, v, allowed, 8 ** -0.5)
+    close(out, r_out, F64["out"], "out")
+    close(lse, r_lse, F64["out"], "lse")
+    for what, a, r in zip("qkv", grads(out, lse, (q, k, v)), grads(r_out, r_lse, (q, k, v)), strict=True):
+        close(a, r, F64["grad"], f"d{what}")
+
+
+def test_whole_tile_only_where_the_fused_kernel_serves_every_pass():
+    """The whole tile is not taken where the fused kernel cannot run (Dv != D), below
+    ``WHOLE_MIN_TOKENS``, with a bias (its gradient needs the unfused backward) or forced tiles; the
+    results there still match the float64 reference."""
+    n = cpu_backend.WHOLE_MIN_TOKENS
+    i = torch.arange(n)
+    allowed = (((i[:, None] + 2 * i[None, :]) % 5 != 0) | (i[:, None] == i[None, :]))[None, None]
+    attn = attnc.compile_attention(DENSE_LIKE, backend="cpu")
+    q, k, v = qkv(1, 2, 2, n, 8, Dv=4)
+    out = attn(q, k, v)
+    assert not attn._runner.last.whole and "tiles 1 x 1" not in attn.source
+    close(out, dense_attention(q, k, v, allowed, 8 ** -0.5)[0], F64["out"], "Dv != D")
+    small = attnc.compile_attention(DENSE_LIKE, backend="cpu")
+    small(*qkv(1, 2, 2, n // 2, 8, grad=False))
+    assert not small._runner.last.whole
+    biased = attnc.compile_attention(DENSE_LIKE + "  bias 0.25 * abs(q - k) / n\n",
+                                     backend="cpu")
+    biased(*qkv(1, 2, 2, n, 8, grad=False))
+    assert not biased._runner.last.whole
+    forced = attnc.compile_attention(DENSE_LIKE, backend="cpu", q_tile=64, kv_tile=64)
+    forced(*qkv(1, 2, 2, n, 8, grad=False))
+    assert not forced._runner.last.whole
+
+
+def test_whole_mask_per_axis_equals_the_materialized_mask():
+    """``tiles.whole_mask`` (a grid mask evaluated per axis on one whole tile) is the exact mask in token
+    order: radial over 4 frames x 512 tokens, and a head-dependent 2-D mask."""
+    from attnc.compiler import evaluate as E
+    from attnc.compiler.tiles import whole_mask
+
+    for spec, params, sizes, heads in (("stdlib:radial", {"block": 64}, {"frames": 4, "per_frame": 512}, 1),
+                                       ("stdlib:neighborhood_2d", {"kernel_size_y": 3, "kernel_size_x": 5},
+                                        {"height": 12, "width": 10}, 1)):
+        attn = attnc.compile_attention(spec, backend="cpu", **params)
+        pat = attn.pattern
+        bound = E.bind_sizes(pat, heads=heads, sizes=sizes)
+        want = attnc.materialize_mask(spec, sizes=sizes, heads=heads, **params)
+        for h in range(heads):
+            assert torch.equal(whole_mask(pat, bound, E.substitute(pat.mask, bound), h), want[h])
+
+
+def test_lse_gradient_through_the_fused_backward_of_a_tiled_plan(monkeypatch):
+    """A tiled plan (sliding window, 64-token tiles) with a loss of out and lse: the fused backward runs
+    (with the lse feature) and equals the dense float64 reference; rows with no allowed key stay 0."""
+    from attnc.runtime import executor
+
+    calls = []
+    real = executor._lse_feature
+    monkeypatch.setattr(executor, "_lse_feature", lambda *a: calls.append(1) or real(*a))
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="cpu", window=40, q_tile=64, kv_tile=64)
+    q, k, v = qkv(2, 2, 1, 300, 8)
+    out, lse = attn(q, k, v, return_lse=True)
+    i = torch.arange(300)
+    allowed = ((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 40))[None, None]
+    r_out, r_lse = dense_attention(q, k, v, allowed, 8 ** -0.5)
+    for what, a, r in zip("qkv", grads(out, lse, (q, k, v)), grads(r_out, r_lse, (q, k, v)), strict=True):
+        close(a, r, F64["grad"], f"d{what}")
+    assert calls, "the lse gradient did not go through the fused backward"
