@@ -26,8 +26,9 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
 Relative errors are ||a - b|| / ||b||; a bf16 result passes below 2e-2
 (bf16 operands land between 1e-3 and 1e-2). The recurrence's gate gradient
 ``dg_t = sum_{s >= t} (q dq - k dk)_s`` amplifies dq's and dk's errors (its two
-terms cancel): the row states by how much on these inputs (``gate_grad_amplification``),
-and dg passes under 2e-2 or within 1.5x of what dq's and dk's errors explain. Timings: medians of
+terms cancel): the row states the dg error that attnc's own dq and dk give through the
+exact formula (``gate_grad_explained``), and dg passes under 2e-2, or within 1.5x of that
+and under 5e-2. Timings: medians of
 ``triton.testing.do_bench`` on CUDA; in ``--toy`` the wall clock of the correctness
 run (the interpreter: the numbers mean nothing there, the run proves the suite works).
 """
@@ -139,32 +140,27 @@ def gate_grad_from(q, k, dq, dk, vector: bool) -> torch.Tensor:
     return term.sum(0).flip(1).cumsum(1).flip(1)
 
 
-def gate_grad_amplification(q, k, dq, dk, vector: bool, eps: float = 1e-3, draws: int = 3) -> float:
-    """How many times dq's and dk's relative error the gate gradient's becomes: the relative change of
-    ``gate_grad_from`` when the (reference) dq and dk are perturbed by random errors of relative size ``eps``
-    (mean of ``draws``). The two terms of ``q dq - k dk`` largely cancel, so a half-precision dq, dk error
-    of 2e-3 gives dg errors near 2e-2 in any kernel that computes dg from them (measured in float64 on CPU:
-    mamba2, T = 2048, about 11x)."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    exact = gate_grad_from(q, k, dq, dk, vector)
-    out = []
-    for _ in range(draws):
-        noisy = []
-        for x in (dq, dk):
-            n = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(x.device)
-            noisy.append(x.double() + n * (eps * x.double().norm() / n.norm()))
-        out.append(rel(gate_grad_from(q, k, *noisy, vector), exact) / eps)
-    return sum(out) / draws
+#: A gate gradient's relative error at most, whatever dq's and dk's explain (``gate_grad_ok``).
+GATE_GRAD_CAP = 5e-2
 
 
-def gate_grad_ok(errs: dict, amplification: float, tol: float) -> bool:
-    """The gate gradient passes under ``tol``, or when dq and dk pass and its error is at most 1.5x what
-    theirs explain through ``gate_grad_amplification`` (the error the formula itself carries, not the
-    kernel's: a wrong gate kernel shows as error beyond it)."""
+def gate_grad_explained(q, k, dq, dk, dg_ref, vector: bool) -> float:
+    """The relative error of the gate gradient computed exactly (float64, ``gate_grad_from``) from the
+    run's own dq and dk: what their errors alone make of dg. The two terms of ``q dq - k dk`` largely
+    cancel, so half-precision dq, dk errors near 2e-3 give dg errors near 2e-2 in any kernel that
+    computes dg from them (perturbing a float64 mamba2 reference's dq, dk at T = 2048 by 2.4e-3
+    relative moved dg by 2.6e-2; the H100 run measured dg 2.7e-2 with dq, dk at 2.4e-3)."""
+    return rel(gate_grad_from(q, k, dq, dk, vector), dg_ref)
+
+
+def gate_grad_ok(errs: dict, explained: float, tol: float) -> bool:
+    """The gate gradient passes under ``tol``, or, when dq and dk pass, within 1.5x of the error that
+    theirs explain (``gate_grad_explained``) and under ``GATE_GRAD_CAP``: a gate kernel that adds
+    error of its own beyond that fails."""
     dg, dqk = errs["dg"], max(errs["dq"], errs["dk"])
     if not (math.isfinite(dg) and math.isfinite(dqk)):
         return False
-    return dg < tol or (dqk < tol and dg <= 1.5 * amplification * dqk)
+    return dg < tol or (dqk < tol and dg <= 1.5 * explained and dg < GATE_GRAD_CAP)
 
 
 def timed(fn, toy: bool) -> float:
@@ -327,7 +323,7 @@ def recurrence_case(*, device, dtype, heads, head_dim, T, toy, hw, budget, lines
     first = {"attnc_fb": time.perf_counter() - t0}  # --toy: its timing
     ref = grads(ref_mod, q, k, v, g, cast=torch.float32)
     errs = [rel(a, b) for a, b in zip(got, ref, strict=True)]
-    amp = gate_grad_amplification(q.float(), k.float(), ref[1], ref[2], vector=False)
+    explained = gate_grad_explained(q.float(), k.float(), got[1], got[2], ref[4], vector=False)
     named = dict(zip(["out", "dq", "dk", "dv", "dg"], errs, strict=True))
     fla_err = "skipped"
     fla_fn = None
@@ -343,9 +339,9 @@ def recurrence_case(*, device, dtype, heads, head_dim, T, toy, hw, budget, lines
         except Exception as err:  # noqa: BLE001 (a baseline that fails is reported, not fatal)
             fla_err = f"failed: {type(err).__name__}: {err}"
             fla_fn = None
-    ok = all(math.isfinite(e) and e < PASS_REL for e in errs[:4]) and gate_grad_ok(named, amp, PASS_REL)
+    ok = all(math.isfinite(e) and e < PASS_REL for e in errs[:4]) and gate_grad_ok(named, explained, PASS_REL)
     lines_c.append(f"| mamba2 recurrence | T={T} | Dk=Dv={head_dim} | {errs[0]:.2e} | {errs[1]:.2e} | {errs[2]:.2e} | "
-                   f"{errs[3]:.2e} (dg {errs[4]:.2e}; {amp:.1f}x dq, dk's) | fla out: {fla_err} | "
+                   f"{errs[3]:.2e} (dg {errs[4]:.2e}; dq, dk's explain {explained:.2e}) | fla out: {fla_err} | "
                    f"{'PASS' if ok else 'FAIL'} |")
 
     rep = attnc.simulate("stdlib:mamba2", n=T, heads=heads, head_dim=head_dim, hardware=hw, dtype="bf16")

@@ -272,7 +272,8 @@ def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware,
 def backward_launch(q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, hw: Hardware,
                     score_tiles: float = 2) -> tuple[int, int] | None:
     """The backward's (num_warps, num_stages): the first of ``BWD_LAUNCH`` under which both the dQ
-    and the dK/dV kernels fit; None when none does."""
+    and the dK/dV kernels fit (before Hopper: at most ``MAX_BWD_STAGES_MMA`` stages, and in the warp
+    order of ``BWD_WARPS_MMA``); None when none does."""
     hopper = min_kv_tokens(hw) > 1
     launches = BWD_LAUNCH if hopper else sorted(
         (launch for launch in BWD_LAUNCH if launch[1] <= MAX_BWD_STAGES_MMA),

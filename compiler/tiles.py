@@ -113,17 +113,29 @@ def axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, k
     return env, valid
 
 
+#: Token pairs of one slab of ``whole_mask`` (its int64 temporaries: 128 MiB each).
+WHOLE_MASK_SLAB_PAIRS = 1 << 24
+
+
 def whole_mask(pat: ir.PatternIR, bound: E.Bound, mask: sympy.Basic, head: int) -> torch.Tensor:
     """``mask`` (substituted, reading no input) over every token pair, bool ``[Nq, Nk]`` in token
-    order, evaluated per grid axis (``axis_env`` on one tile of the whole sequence per side: radial's
-    frame terms once per pair of frames, not per token pair)."""
+    order, evaluated per grid axis (``axis_env`` on tiles of whole rows of the first query axis
+    against one tile of every key: radial's frame terms once per pair of frames, not per token pair),
+    in slabs of about ``WHOLE_MASK_SLAB_PAIRS`` pairs."""
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
-    first = torch.zeros(1, dtype=torch.int64)
-    env, valid = axis_env(pat, bound, q_ext, kv_ext, q_ext, kv_ext, head, first, first)
-    allowed = E.as_tensor(E.Evaluator(env, {}, set(), None)(mask), torch.bool)
-    shape = torch.broadcast_shapes(allowed.shape, valid.shape)
-    return torch.broadcast_to(allowed, shape).reshape(math.prod(q_ext), math.prod(kv_ext))
+    nq, nk = math.prod(q_ext), math.prod(kv_ext)
+    rest = nq // q_ext[0]  # tokens per index of the first query axis
+    step = max(1, min(q_ext[0], WHOLE_MASK_SLAB_PAIRS // max(1, rest * nk)))
+    out = torch.empty(nq, nk, dtype=torch.bool)
+    first_kv = torch.zeros(1, dtype=torch.int64)
+    for t in range(-(-q_ext[0] // step)):
+        env, valid = axis_env(pat, bound, q_ext, kv_ext, (step, *q_ext[1:]), kv_ext, head, torch.tensor([t]), first_kv)
+        allowed = E.as_tensor(E.Evaluator(env, {}, set(), None)(mask), torch.bool)
+        rows = min(step, q_ext[0] - t * step)  # the slab's indices along the first query axis
+        slab = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape))[0, :rows]
+        out[t * step * rest:(t * step + rows) * rest] = slab.reshape(rows * rest, nk)
+    return out
 
 
 def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_extents, kv_extents,

@@ -160,14 +160,14 @@ class Choice:
 
 
 def choose(cpu_sched: TileSchedule, flex_sched: TileSchedule | None, refusal: str | None, *, batch: int,
-           head_dim: int, value_dim: int, mask_ops: int = 0) -> Choice:
+           head_dim: int, value_dim: int, mask_ops: int = 0, cpu_whole: bool = False) -> Choice:
     """The rule: ``refusal`` (why Flex's fused kernel cannot serve the call, or None) sends the call
-    to the executor; otherwise the backend with the smaller modelled time (ties: the executor)."""
+    to the executor; otherwise the backend with the smaller modelled time (ties: the executor).
+    ``cpu_whole``: the executor's plan is one whole-sequence tile (``executor.Plan.whole``)."""
     if refusal is not None or flex_sched is None:
         return Choice("cpu", f"Flex's fused CPU kernel cannot serve this call ({refusal}); "
                              "its dense fallback is O(N^2)")
-    whole = cpu_sched.num_q_tiles == 1 and cpu_sched.num_kv_tiles == 1
-    c = (WHOLE if whole else CPU).seconds(cpu_sched, batch, head_dim, value_dim, mask_ops)
+    c = (WHOLE if cpu_whole else CPU).seconds(cpu_sched, batch, head_dim, value_dim, mask_ops)
     f = FLEX.seconds(flex_sched, batch, head_dim, value_dim, mask_ops)
     if f < c:
         return Choice("flex", "the fused Flex kernel is modelled faster", c, f)
@@ -243,7 +243,9 @@ class AutoRunner:
         refusal = fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *tensors.values()), need_lse)
         if self.flex is None:
             refusal = f"the pattern has no Flex lowering: {self.unlowerable}"
-        cpu_sched = self.cpu.plan(bound, tensors, fused=fused_shapes(q, v)).schedule
+        cpu_plan = self.cpu.plan(bound, tensors, fused=fused_shapes(q, v),
+                                 mask_itemsize=8 if q.dtype == torch.float64 else 4)
+        cpu_sched = cpu_plan.schedule
         flex_sched, mask_ops = None, 0
         if refusal is None:
             batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
@@ -251,7 +253,7 @@ class AutoRunner:
             flex_sched, refusal = plan.schedule, block_refusal(plan) or self.flex.fused_failure(plan)
             mask_ops = plan.source.mask_ops
         self.last = choose(cpu_sched, flex_sched, refusal, batch=q.shape[0], head_dim=q.shape[-1],
-                           value_dim=v.shape[-1], mask_ops=mask_ops)
+                           value_dim=v.shape[-1], mask_ops=mask_ops, cpu_whole=getattr(cpu_plan, "whole", False))
         return self.last
 
     def warm_up(self, choice: Choice, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> Choice:

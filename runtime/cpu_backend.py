@@ -49,18 +49,19 @@ def mask_input_names(pat: ir.PatternIR) -> set[str]:
     return set(E.input_names(pat.mask))
 
 
-def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound) -> bool:
+def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -> bool:
     """Whether one tile of the whole sequence per side may serve the call (the caller also needs
-    the fused kernel: ``executor.fused_shapes``): a static mask alone (no routing, bias, decay or
+    the fused kernel: ``executor.fused_shapes``): a mask alone (no input, routing, bias, decay or
     softcap: the fused backward then serves every gradient, and the mask is evaluated once), both
-    sides at least ``WHOLE_MIN_TOKENS``, and its float mask, allowed and valid pairs (6 bytes a
-    pair and head class) within the plan's mask cache."""
+    sides at least ``WHOLE_MIN_TOKENS``, and its float mask (``mask_itemsize`` bytes a pair: 8 for
+    float64 calls), allowed and valid pairs per head class within the plan's mask cache (less 1 MiB
+    for the rest it keeps)."""
     if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None:
         return False
-    if mask_uses_inputs(pat) or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
+    if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
         return False
     classes = bound.heads if head_dependent(pat) else 1
-    return 6 * bound.n * bound.nk * classes <= executor.MASK_CACHE_BYTES
+    return (mask_itemsize + 2) * bound.n * bound.nk * classes <= executor.MASK_CACHE_BYTES - (1 << 20)
 
 
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
@@ -124,7 +125,7 @@ class PlanCache(OrderedDict):
 
 
 class CpuRunner:
-    """Plans per (sizes, n, nk, heads, tiles), kept in a bounded LRU cache (``PLAN_CACHE_SIZE``);
+    """Plans per (sizes, n, nk, heads, whole tile allowed), kept in a bounded LRU cache (``PLAN_CACHE_SIZE``);
     data-dependent masks are classified per call; a few queries after a KV cache take the
     decoding-rows path (``runtime.decode``: no tile classification per step)."""
 
@@ -153,12 +154,14 @@ class CpuRunner:
         self.plans.limit = E.positive_int("max_plans", value)
         self.plans.trim()
 
-    def plan(self, bound: E.Bound, inputs: dict, fused: bool = False) -> executor.Plan | decode.RowPlan:
-        """The plan for these sizes; ``fused``: the call runs torch's fused kernel
-        (``executor.fused_shapes``), so the whole-sequence tile is a candidate where it fits."""
+    def plan(self, bound: E.Bound, inputs: dict, fused: bool = False,
+             mask_itemsize: int = 4) -> executor.Plan | decode.RowPlan:
+        """The plan for these sizes, cached by (sizes, n, nk, heads, whole tile allowed); ``fused``:
+        the call runs torch's fused kernel (``executor.fused_shapes``), so the whole-sequence tile is
+        a candidate where it fits (``whole_tile_fits`` with the call's float mask ``mask_itemsize``)."""
         pat = self.pattern
         dynamic = mask_uses_inputs(pat)
-        whole = fused and not self.tiles.forced and whole_tile_fits(pat, bound)
+        whole = fused and not self.tiles.forced and whole_tile_fits(pat, bound, mask_itemsize)
         key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, whole)
         if decode.applies(bound):
             # decoding rows: the rows' exact mask, no tile classification (runtime.decode)
@@ -214,6 +217,8 @@ class CpuRunner:
         return self._store(key, dynamic, executor.Plan.build(pat, bound, schedule), inputs)
 
     def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:
+        if plan.whole:  # modules of the same mask and sizes share its masks (executor.share_whole_cache)
+            plan = executor.share_whole_cache(plan)
         self.plans[key] = plan
         self.last = plan
         if dynamic:  # this plan only ever runs with these mask inputs (``plan`` compares them)
@@ -236,7 +241,8 @@ class CpuRunner:
         whole-sequence tile when the fused kernel takes q and v."""
         tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
         E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])  # the tiles read the mask only in part
-        plan = self.plan(bound, tensors, fused=v is not None and executor.fused_shapes(q, v))
+        plan = self.plan(bound, tensors, fused=v is not None and executor.fused_shapes(q, v),
+                         mask_itemsize=8 if q.dtype == torch.float64 else 4)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
         if self.pattern.route is not None and not isinstance(plan, decode.RowPlan):  # data-dependent lists
             plan = routing.route_plan(plan, q, k, tensors, set(batched))

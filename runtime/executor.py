@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import sympy
@@ -225,7 +226,8 @@ class _Block:
             # one tile of the whole sequence: the mask per grid axis, once per head class
             plan = self.plan
             heads = self.heads if head_dependent(plan.pattern) else self.heads[:1]
-            m = torch.stack([whole_mask(plan.pattern, plan.bound, plan.mask, h) for h in heads])
+            per_head = [whole_mask(plan.pattern, plan.bound, plan.mask, h) for h in heads]
+            m = per_head[0][None] if len(per_head) == 1 else torch.stack(per_head)
             allowed = allowed & m[None, :, None]
         elif ps < self.valid.shape[-1]:
             plan = self.plan
@@ -276,6 +278,27 @@ class _Block:
         return scores
 
 
+#: Mask caches of whole-tile plans kept in the process (least recently used dropped first): plans of
+#: the same mask and sizes share one (every layer of a model calling its own module, the forward and
+#: the backward), so at most this many whole-sequence masks (``MASK_CACHE_BYTES`` each) are held.
+WHOLE_CACHES_KEPT = 2
+_WHOLE_CACHES: OrderedDict = OrderedDict()
+
+
+def share_whole_cache(plan: Plan) -> Plan:
+    """``plan`` (a whole-tile plan) reading and filling the process's mask cache of its mask and sizes."""
+    b = plan.bound
+    key = (str(plan.mask), b.n, b.nk, b.heads, tuple(sorted(b.axis_sizes.items())))
+    cache = _WHOLE_CACHES.pop(key, None)
+    if cache is None:
+        cache = {}
+    _WHOLE_CACHES[key] = cache
+    while len(_WHOLE_CACHES) > WHOLE_CACHES_KEPT:
+        _WHOLE_CACHES.popitem(last=False)[1].clear()  # plans still holding it recompute their masks
+    plan.mask_cache = cache
+    return plan
+
+
 def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
     """``x[:, heads]`` without a copy when the heads are a contiguous run."""
     if heads == list(range(heads[0], heads[0] + len(heads))):
@@ -314,11 +337,16 @@ def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None
     B, H, N, D = x.shape
     C, T = index.shape
     if C == 1 and T == N and torch.equal(index[0], torch.arange(N)):  # every token in order (a whole tile)
-        return x
+        return _unit_stride(x)
     if B == 1 and tokens is not None and tokens.identity and int(own[-1]) - int(own[0]) + 1 == len(own):
         start = int(own[0]) * T
-        return x[:, :, start:start + C * T].unflatten(2, (C, T)).permute(0, 2, 1, 3, 4).reshape(C, H, T, D)
+        return _unit_stride(x[:, :, start:start + C * T].unflatten(2, (C, T)).permute(0, 2, 1, 3, 4).reshape(C, H, T, D))
     return x.transpose(1, 2)[:, index].permute(0, 1, 3, 2, 4).reshape(B * C, H, T, D)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its features (the fused kernel's rows are read as such)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _kernel_mask(plan: Plan, blk: _Block, own: torch.Tensor, allowed: torch.Tensor, extra: dict, dtype, cache_key):
@@ -440,6 +468,12 @@ def _width_chunks(plan: Plan, cls: int, transposed: bool, per_pair: int, budget:
     return chunks
 
 
+def _chunk_key(plan: Plan, cls: int, per: int, budget: int, i: int) -> tuple:
+    """The cache key of the forward's chunk ``i`` (the fused backward reads the same masks): a whole
+    tile is one chunk whatever the batch (``per`` grows with it), so its masks are kept once."""
+    return ("whole", cls) if plan.whole else ("q by width", cls, per, budget, i)
+
+
 def _lists(schedule: TileSchedule, cls: int, own: torch.Tensor, transposed: bool):
     if transposed:
         return [(schedule.t_full_index[cls, own], True), (schedule.t_partial_index[cls, own], False)]
@@ -527,7 +561,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
             lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            chunk_key = ("q by width", cls, per, budget, i)
+            chunk_key = _chunk_key(plan, cls, per, budget, i)
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
             allowed = blk.allowed(chunk_key)
             if fused:
@@ -608,7 +642,7 @@ def _fused_backward(plan: Plan, q, k, v, out, lse, dout, dlse, inputs: dict, bat
             lists = _packed_lists(plan.schedule, cls, own, False)
             if sum(idx.shape[1] for idx, _ in lists) == 0:
                 continue
-            chunk_key = ("q by width", cls, per, budget, i)  # the forward's
+            chunk_key = _chunk_key(plan, cls, per, budget, i)  # the forward's
             blk = _Block(plan, heads, own, lists, False, ex, batched, bsel, key=chunk_key)
             mask, _ = _kernel_mask(plan, blk, own, blk.allowed(chunk_key), ex, dt, chunk_key)
             C, K = blk.col_index.shape

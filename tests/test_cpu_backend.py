@@ -649,17 +649,24 @@ def test_dense_like_mask_runs_one_whole_tile_exact_with_lse_gradient():
     lse and gradients (a loss of out and lse: the lse's gradient through the fused backward's extra
     feature) equal a dense float64 softmax built here, GQA included."""
     n = cpu_backend.WHOLE_MIN_TOKENS
-    attn = attnc.compile_attention(DENSE_LIKE, backend="cpu")
-    q, k, v = qkv(1, 4, 2, n, 8)
-    out, lse = attn(q, k, v, return_lse=True)
-    assert "tiles 1 x 1" in attn.source and attn._runner.last.whole
     i = torch.arange(n)
-    allowed = (((i[:, None] + 2 * i[None, :]) % 5 != 0) | (i[:, None] == i[None, :]))[None, None]
-    r_out, r_lse = dense_attention(q, k, v, allowed, 8 ** -0.5)
-    close(out, r_out, F64["out"], "out")
-    close(lse, r_lse, F64["out"], "lse")
-    for what, a, r in zip("qkv", grads(out, lse, (q, k, v)), grads(r_out, r_lse, (q, k, v)), strict=True):
-        close(a, r, F64["grad"], f"d{what}")
+    for text, batch, heads in ((DENSE_LIKE, 1, (4, 2)), (DENSE_LIKE.replace("% 5", "% (h + 4)"), 2, (3, 3))):
+        attn = attnc.compile_attention(text, backend="cpu")
+        q, k, v = qkv(batch, *heads, n, 8)
+        out, lse = attn(q, k, v, return_lse=True)
+        assert "tiles 1 x 1" in attn.source and attn._runner.last.whole
+        h = torch.arange(heads[0])[:, None, None]
+        modulus = h + 4 if "% (h + 4)" in text else 5
+        allowed = (((i[:, None] + 2 * i[None, :]) % modulus != 0) | (i[:, None] == i[None, :]))[None]
+        r_out, r_lse = dense_attention(q, k, v, allowed, 8 ** -0.5)
+        close(out, r_out, F64["out"], "out")
+        close(lse, r_lse, F64["out"], "lse")
+        for what, a, r in zip("qkv", grads(out, lse, (q, k, v)), grads(r_out, r_lse, (q, k, v)), strict=True):
+            close(a, r, F64["grad"], f"d{what}")
+    # a second module of the same mask and sizes reads the same cached masks (every layer of a model)
+    again = attnc.compile_attention(text, backend="cpu")
+    again(*qkv(batch, *heads, n, 8, grad=False))
+    assert again._runner.last.mask_cache is attn._runner.last.mask_cache
 
 
 def test_whole_tile_only_where_the_fused_kernel_serves_every_pass():
@@ -687,20 +694,29 @@ def test_whole_tile_only_where_the_fused_kernel_serves_every_pass():
 
 
 def test_whole_mask_per_axis_equals_the_materialized_mask():
-    """``tiles.whole_mask`` (a grid mask evaluated per axis on one whole tile) is the exact mask in token
-    order: radial over 4 frames x 512 tokens, and a head-dependent 2-D mask."""
+    """``tiles.whole_mask`` (a grid mask evaluated per axis, in slabs of rows) is the exact mask in token
+    order: radial over 4 frames x 512 tokens, a 2-D neighborhood, a head-dependent 2-D mask, and a
+    1-D mask in slabs that do not divide the sequence."""
     from attnc.compiler import evaluate as E
-    from attnc.compiler.tiles import whole_mask
+    from attnc.compiler import tiles
 
-    for spec, params, sizes, heads in (("stdlib:radial", {"block": 64}, {"frames": 4, "per_frame": 512}, 1),
-                                       ("stdlib:neighborhood_2d", {"kernel_size_y": 3, "kernel_size_x": 5},
-                                        {"height": 12, "width": 10}, 1)):
-        attn = attnc.compile_attention(spec, backend="cpu", **params)
-        pat = attn.pattern
-        bound = E.bind_sizes(pat, heads=heads, sizes=sizes)
-        want = attnc.materialize_mask(spec, sizes=sizes, heads=heads, **params)
-        for h in range(heads):
-            assert torch.equal(whole_mask(pat, bound, E.substitute(pat.mask, bound), h), want[h])
+    head_2d = "pattern hd\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) + abs(q.x - k.x) <= h + 2\n"
+    cases = (("stdlib:radial", {"block": 64}, {"frames": 4, "per_frame": 512}, None, 1),
+             ("stdlib:neighborhood_2d", {"kernel_size_y": 3, "kernel_size_x": 5}, {"height": 12, "width": 10}, None, 1),
+             (head_2d, {}, {"height": 9, "width": 7}, None, 3),
+             (DENSE_LIKE, {}, None, 1000, 1))
+    slab = tiles.WHOLE_MASK_SLAB_PAIRS
+    try:
+        tiles.WHOLE_MASK_SLAB_PAIRS = 3 * 1000  # 1-D: slabs of 3 rows, the last one of 1
+        for spec, params, sizes, n, heads in cases:
+            pat = attnc.compile_attention(spec, backend="cpu", **params).pattern
+            bound = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes)
+            want = attnc.materialize_mask(spec, n=n, sizes=sizes, heads=heads, **params)
+            for h in range(heads):
+                assert torch.equal(tiles.whole_mask(pat, bound, E.substitute(pat.mask, bound), h), want[h]), (spec, h)
+            assert tiles.head_dependent(pat) == (heads > 1)
+    finally:
+        tiles.WHOLE_MASK_SLAB_PAIRS = slab
 
 
 def test_lse_gradient_through_the_fused_backward_of_a_tiled_plan(monkeypatch):
