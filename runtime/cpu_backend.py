@@ -54,14 +54,14 @@ def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -
     the fused kernel: ``executor.fused_shapes``): a mask alone (no input, routing, bias, decay or
     softcap: the fused backward then serves every gradient, and the mask is evaluated once), both
     sides at least ``WHOLE_MIN_TOKENS``, and its float mask (``mask_itemsize`` bytes a pair: 8 for
-    float64 calls), allowed and valid pairs per head class within the plan's mask cache (less 1 MiB
-    for the rest it keeps)."""
+    float64 calls), allowed and valid pairs per head class within ``executor.WHOLE_CACHE_BYTES``
+    (less 1 MiB for the rest its cache keeps)."""
     if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None:
         return False
     if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
         return False
     classes = bound.heads if head_dependent(pat) else 1
-    return (mask_itemsize + 2) * bound.n * bound.nk * classes <= executor.MASK_CACHE_BYTES - (1 << 20)
+    return (mask_itemsize + 2) * bound.n * bound.nk * classes <= executor.WHOLE_CACHE_BYTES - (1 << 20)
 
 
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,

@@ -37,9 +37,12 @@ CHUNK_ELEMENTS = 1 << 23
 #: Elements of the gathered K and V and the float mask of one chunk through the fused kernel
 #: (``fusable``: it holds no scores; 128 MiB in fp32).
 FUSED_CHUNK_ELEMENTS = 1 << 25
-#: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls (a whole-sequence tile of
-#: 8,192 x 8,192 tokens holds 384 MiB: its float mask, allowed pairs and valid pairs).
-MASK_CACHE_BYTES = 512 << 20
+#: Bytes of evaluated PARTIAL-tile masks a plan keeps for later calls.
+MASK_CACHE_BYTES = 256 << 20
+#: The same for a whole-tile plan's cache, shared by the plans of its mask and sizes and one of at
+#: most ``WHOLE_CACHES_KEPT`` in the process (8,192 x 8,192 tokens hold 384 MiB: the float mask,
+#: allowed pairs and valid pairs).
+WHOLE_CACHE_BYTES = 512 << 20
 
 
 @dataclass
@@ -109,13 +112,15 @@ class Plan:
     tables: dict = field(default_factory=dict)
 
     def remember(self, key, value) -> None:
-        """Keep a mask-derived tensor (or tuple of them) for later calls, within MASK_CACHE_BYTES."""
+        """Keep a mask-derived tensor (or tuple of them) for later calls, within ``MASK_CACHE_BYTES``
+        (``WHOLE_CACHE_BYTES`` for a whole-tile plan)."""
         def size(v):
             if isinstance(v, tuple):
                 return sum(size(x) for x in v)
             return v.numel() * v.element_size() if isinstance(v, torch.Tensor) else 0
 
-        if sum(size(v) for v in self.mask_cache.values()) + size(value) <= MASK_CACHE_BYTES:
+        limit = WHOLE_CACHE_BYTES if self.whole else MASK_CACHE_BYTES
+        if sum(size(v) for v in self.mask_cache.values()) + size(value) <= limit:
             self.mask_cache[key] = value
 
     @functools.cached_property
@@ -280,7 +285,7 @@ class _Block:
 
 #: Mask caches of whole-tile plans kept in the process (least recently used dropped first): plans of
 #: the same mask and sizes share one (every layer of a model calling its own module, the forward and
-#: the backward), so at most this many whole-sequence masks (``MASK_CACHE_BYTES`` each) are held.
+#: the backward), so at most this many whole-sequence masks (``WHOLE_CACHE_BYTES`` each) are held.
 WHOLE_CACHES_KEPT = 2
 _WHOLE_CACHES: OrderedDict = OrderedDict()
 
