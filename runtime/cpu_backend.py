@@ -64,6 +64,17 @@ def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -
     return (mask_itemsize + 2) * bound.n * bound.nk * classes <= executor.WHOLE_CACHE_BYTES - (1 << 20)
 
 
+def ranked_schedule(classified: dict | None, key: tuple):
+    """A schedule to rank the tiles ``key`` = (q_tile, kv_tile, flat) by, from ``classified``
+    (``CpuRunner.schedules_for``): the exact one where classified, else a ranking one (a bounded
+    refinement, stored under ``("ranked", *key)`` by the executor's and the Flex lowering's
+    rankings, which compare the same candidates); None when neither is there."""
+    if classified is None:
+        return None
+    exact = classified.get(key)
+    return exact if exact is not None else classified.get(("ranked", *key))
+
+
 def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
                  classified: dict | None = None, whole: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The (Q tile, KV tile) with the least estimated CPU work: visited token pairs
@@ -85,9 +96,11 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
         for shape in q_shapes:
             kv_shape = shape if q_ext == kv_ext else (tile_shapes(tokens, kv_ext, limit=1) or [kv_ext])[0]
             key = (shape, kv_shape, False)
-            sched = classified.get(key) if classified is not None else None
+            sched = ranked_schedule(classified, key)
             if sched is None:  # ranked on a bounded refinement; the plan classifies its pick exactly
                 sched = classify_tiles(pat, bound, shape, kv_shape, inputs, refine_budget=RANK_REFINE_BUDGET, witness=False)
+                if classified is not None:
+                    classified[("ranked", *key)] = sched
             cost = _cpu_cost(sched)
             if best is None or cost < best[0]:
                 best = (cost, shape, kv_shape)
@@ -137,9 +150,10 @@ class CpuRunner:
         #: data-dependent masks: the latest plan with the inputs it was built for
         #: (a later call, or the backward, with equal inputs reuses it)
         self._dynamic_last: tuple | None = None
-        #: schedules of static masks classified for the latest shapes, by (q_tile, kv_tile, flat);
-        #: shared with the Flex lowering under backend="auto" (runtime.backend_choice), so that
-        #: planning both backends classifies each tile shape once
+        #: schedules of static masks classified for the latest shapes, by (q_tile, kv_tile, flat)
+        #: (exact) and ("ranked", q_tile, kv_tile, flat) (bounded, to rank candidates by); shared
+        #: with the Flex lowering under backend="auto" (runtime.backend_choice), so that planning
+        #: both backends classifies each tile shape once
         self.classified: dict = {}
         self._classified_key = None
         self._substituted: dict = {}  # decoding rows: mask and bias at the sizes they read

@@ -63,7 +63,7 @@ from ..compiler.tiles import (
 )
 from ..spec.errors import SpecError
 from . import reference
-from .cpu_backend import mask_input_names
+from .cpu_backend import mask_input_names, ranked_schedule
 from .custom_op import empty_batch_outputs, needs_grad
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
@@ -278,15 +278,16 @@ class FlexRunner:
         if self.schedule_source is not None and not mask_input_names(self.pattern):
             memo = self.schedule_source.schedules_for((tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk,
                                                        bound.heads))
-            if (q_tile, kv_tile, flat) in memo:
-                return memo[(q_tile, kv_tile, flat)]
+            known = ranked_schedule(memo, (q_tile, kv_tile, flat)) if rank else memo.get((q_tile, kv_tile, flat))
+            if known is not None:
+                return known
         budget = {"refine_budget": RANK_REFINE_BUDGET, "witness": False} if rank else {}
         if flat:
             sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
         else:
             sched = classify_tiles(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
-        if memo is not None and not rank:
-            memo[(q_tile, kv_tile, flat)] = sched
+        if memo is not None:
+            memo[("ranked", q_tile, kv_tile, flat) if rank else (q_tile, kv_tile, flat)] = sched
         return sched
 
     def plan(self, bound: E.Bound, tensors: dict, batched: frozenset, cuda: bool = False) -> FlexPlan:

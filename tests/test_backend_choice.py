@@ -399,3 +399,30 @@ def test_a_static_masks_choice_is_remembered_per_call_shapes(monkeypatch):
         doc(q, q, q, doc=ids)
         doc(q, q, q, doc=ids)
     assert len(seen) == 2
+
+
+def test_planning_both_backends_ranks_each_tile_shape_once(monkeypatch):
+    """auto plans the executor and the Flex lowering; both rank box tiles with a bounded classification
+    (``cpu_backend.ranked_schedule``): each (tiles, budget) is classified once, not once per backend,
+    and the decision is the one made without sharing (the schedules are the same)."""
+    from attnc.runtime import cpu_backend as CB
+
+    calls = []
+    real = CB.classify_tiles
+
+    def counting(pat, bound, q_tile, kv_tile, *args, **kw):
+        calls.append((tuple(q_tile), tuple(kv_tile), kw.get("refine_budget")))
+        return real(pat, bound, q_tile, kv_tile, *args, **kw)
+
+    monkeypatch.setattr(CB, "classify_tiles", counting)
+    monkeypatch.setattr(FB, "classify_tiles", counting)
+    sizes = {"height": 32, "width": 32}
+    params = {"kernel_size_y": 7, "kernel_size_x": 7}
+    shared = decide("stdlib:neighborhood_2d", 1024, 2, sizes=sizes, **params)
+    assert calls and len(calls) == len(set(calls)), calls
+    ranked = [c for c in calls if c[2] is not None]
+    assert len(ranked) >= 2  # both backends had candidates to rank
+    monkeypatch.setattr(CB, "ranked_schedule", lambda classified, key: None)  # no sharing: the same choice
+    monkeypatch.setattr(FB, "ranked_schedule", lambda classified, key: None)
+    alone = decide("stdlib:neighborhood_2d", 1024, 2, sizes=sizes, **params)
+    assert (alone.backend, alone.cpu_s, alone.flex_s) == (shared.backend, shared.cpu_s, shared.flex_s)
