@@ -37,10 +37,11 @@ def is_position(sym: sympy.Symbol) -> bool:
     return sym.name in ("q", "k") or sym.name.startswith(("q_", "k_"))
 
 
-def per_pair(expr: sympy.Basic, scalars=frozenset()) -> bool:
+def per_pair(expr: sympy.Basic, scalars=frozenset(), free=None) -> bool:
     """Whether ``expr`` varies over the (query, key) pairs of a tile: it reads a position that is
-    not in ``scalars`` (coordinates with one value per tile, ``schedule.uniform_axes``)."""
-    return any(is_position(sym) and sym not in scalars for sym in expr.free_symbols)
+    not in ``scalars`` (coordinates with one value per tile, ``schedule.uniform_axes``). ``free``:
+    its free symbols where already known (``FreeSymbols``)."""
+    return any(is_position(sym) and sym not in scalars for sym in (expr.free_symbols if free is None else free))
 
 
 class FreeSymbols:
@@ -81,8 +82,7 @@ def pair_part(expr: sympy.Basic, scalars=frozenset()) -> sympy.Basic:
         if id(node) in memo:
             return memo[id(node)]
         free = syms(node)
-        if not isinstance(node, ExprCondPair) and free and not any(
-                is_position(sym) and sym not in scalars for sym in free):
+        if not isinstance(node, ExprCondPair) and free and not per_pair(node, scalars, free):
             out = sympy.Dummy(integer=bool(node.is_integer)) if not isinstance(node, sympy.logic.boolalg.Boolean) \
                 else sympy.Dummy()
         else:

@@ -68,6 +68,11 @@ def check_tile(what: str, tile, extents: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(min(t, L) for t, L in zip(tile, extents, strict=True))
 
 
+def head_classes(pat: ir.PatternIR, bound: E.Bound) -> int:
+    """Head classes a schedule (and a mask) is stored for: every head where the mask reads it, else one."""
+    return bound.heads if head_dependent(pat) else 1
+
+
 def head_dependent(pat: ir.PatternIR) -> bool:
     return S.H in pat.mask.free_symbols
 
@@ -130,12 +135,20 @@ def whole_mask(pat: ir.PatternIR, bound: E.Bound, mask: sympy.Basic, head: int) 
     out = torch.empty(nq, nk, dtype=torch.bool)
     first_kv = torch.zeros(1, dtype=torch.int64)
     for t in range(-(-q_ext[0] // step)):
-        env, valid = axis_env(pat, bound, q_ext, kv_ext, (step, *q_ext[1:]), kv_ext, head, torch.tensor([t]), first_kv)
-        allowed = E.as_tensor(E.Evaluator(env, {}, set(), None)(mask), torch.bool)
+        slab = _axis_allowed(pat, bound, mask, {}, q_ext, kv_ext, (step, *q_ext[1:]), kv_ext, head,
+                             torch.tensor([t]), first_kv)
         rows = min(step, q_ext[0] - t * step)  # the slab's indices along the first query axis
-        slab = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape))[0, :rows]
-        out[t * step * rest:(t * step + rows) * rest] = slab.reshape(rows * rest, nk)
+        out[t * step * rest:(t * step + rows) * rest] = slab[0, :rows].reshape(rows * rest, nk)
     return out
+
+
+def _axis_allowed(pat: ir.PatternIR, bound: E.Bound, mask: sympy.Basic, tensors: dict, q_extents, kv_extents,
+                  q_tile, kv_tile, head: int, q_tiles: torch.Tensor, kv_tiles: torch.Tensor) -> torch.Tensor:
+    """The allowed pairs of the given tile pairs, ``[P, q axes..., k axes...]`` (``axis_env``); False on
+    padded slots."""
+    env, valid = axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, q_tiles, kv_tiles)
+    allowed = E.as_tensor(E.Evaluator(env, tensors, set(), None)(mask), torch.bool)
+    return torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape)) & valid
 
 
 def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_extents, kv_extents,
@@ -148,9 +161,7 @@ def count_allowed(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, q_exte
     tensors = _unbatched_inputs(pat, bound, inputs)
     for start in range(0, len(q_tiles), step):
         qi, ki = q_tiles[start:start + step], kv_tiles[start:start + step]
-        env, valid = axis_env(pat, bound, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)
-        allowed = E.as_tensor(E.Evaluator(env, tensors, set(), None)(mask), torch.bool)
-        allowed = torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, valid.shape)) & valid
+        allowed = _axis_allowed(pat, bound, mask, tensors, q_extents, kv_extents, q_tile, kv_tile, head, qi, ki)
         out[start:start + step] = allowed.flatten(1).sum(1)
     return out
 
@@ -171,7 +182,7 @@ def classify_tiles_dense(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inp
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
     nq, nk = math.prod(tile_grid(q_ext, q_tile)), math.prod(tile_grid(kv_ext, kv_tile))
-    stored = bound.heads if head_dependent(pat) else 1
+    stored = head_classes(pat, bound)
     qi = torch.arange(nq).repeat_interleave(nk)
     ki = torch.arange(nk).repeat(nq)
     heads, qs, ks, fulls, allowed = [], [], [], [], []
@@ -255,7 +266,7 @@ def _classify(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict |
                                 witness)
                  for b in range(B)]
         return merge_schedules(parts)
-    stored = bound.heads if head_dependent(pat) else 1
+    stored = head_classes(pat, bound)
     axes = _separable_axes(pat, mask)
     if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext:
         return _classify_separable(pat, bound, mask, axes, q_ext, q_tile, kv_tile, stored, tensors)
@@ -672,7 +683,7 @@ def summarize_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: 
     q_tile, kv_tile = check_tile("q_tile", q_tile, q_ext), check_tile("kv_tile", kv_tile, kv_ext)
     mask = E.substitute(pat.mask, bound)
     pat, tensors = mask_inputs(pat, bound, inputs)
-    stored = bound.heads if head_dependent(pat) else 1
+    stored = head_classes(pat, bound)
     tq, tk = q_tile[0], kv_tile[0]
     gq, gk = -(-bound.n // tq), -(-bound.nk // tk)
     q_rows, k_cols = _sampled(gq, rows), _sampled(gk, rows)

@@ -35,7 +35,7 @@ from typing import Protocol
 from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.cost import KernelConfig
-from ..compiler.hardware import Hardware, get_hardware, hardware_for_gpu
+from ..compiler.hardware import get_hardware, hardware_for_gpu
 from ..compiler.schedule import TileSchedule
 from ..compiler.search import PASSES, STAGES, WARPS, ScheduleSearch, forward_fits, pass_fits
 from ..spec.errors import SpecError
@@ -276,9 +276,8 @@ def canonical_dtype(dtype) -> str:
     return CANONICAL_DTYPE.get(key, key)
 
 
-def hardware_for(gpu: str) -> Hardware:
-    """The simulator's model of a GPU by its device name (``compiler.hardware.hardware_for_gpu``)."""
-    return hardware_for_gpu(gpu)
+#: The simulator's model of a GPU by its device name (``compiler.hardware.hardware_for_gpu``).
+hardware_for = hardware_for_gpu
 
 
 def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple[int, int]] = LAUNCH,

@@ -231,7 +231,6 @@ class AutoRunner:
 
     def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                 need_lse: bool) -> Choice:
-        from .executor import fused_shapes
         from .flex_backend import block_refusal, fused_refusal
 
         pat = self.pattern
@@ -243,8 +242,7 @@ class AutoRunner:
         refusal = fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *tensors.values()), need_lse)
         if self.flex is None:
             refusal = f"the pattern has no Flex lowering: {self.unlowerable}"
-        cpu_plan = self.cpu.plan(bound, tensors, fused=fused_shapes(q, v),
-                                 mask_itemsize=8 if q.dtype == torch.float64 else 4)
+        cpu_plan = self.cpu.call_plan(bound, tensors, q, v)
         cpu_sched = cpu_plan.schedule
         flex_sched, mask_ops = None, 0
         if refusal is None:

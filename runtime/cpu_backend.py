@@ -12,7 +12,7 @@ from ..compiler import evaluate as E
 from ..compiler import ir
 from ..compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ..compiler.tile_args import parse_tiles
-from ..compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_dependent, layout_extents
+from ..compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_classes, layout_extents
 from . import decode, executor, routing
 
 #: Tile token counts tried for the CPU executor.
@@ -60,8 +60,7 @@ def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -
         return False
     if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
         return False
-    classes = bound.heads if head_dependent(pat) else 1
-    return (mask_itemsize + 2) * bound.n * bound.nk * classes <= executor.WHOLE_CACHE_BYTES - (1 << 20)
+    return (mask_itemsize + 2) * bound.n * bound.nk * head_classes(pat, bound) <= executor.WHOLE_CACHE_BYTES - (1 << 20)
 
 
 def ranked_schedule(classified: dict | None, key: tuple):
@@ -86,8 +85,7 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     best = None
     if whole:
-        classes = bound.heads if head_dependent(pat) else 1
-        best = (WHOLE_PAIR_COST * bound.n * bound.nk * classes, tuple(q_ext), tuple(kv_ext))
+        best = (WHOLE_PAIR_COST * bound.n * bound.nk * head_classes(pat, bound), tuple(q_ext), tuple(kv_ext))
     for tokens in CPU_TILE_TOKENS:
         q_shapes = tile_shapes(tokens, q_ext, limit=3) or [tuple(min(tokens, L) for L in q_ext)]
         row = flat_box(q_ext, (tokens,)) if len(q_ext) > 1 else None
@@ -230,6 +228,12 @@ class CpuRunner:
             memo[(q_tile, kv_tile, flat)] = schedule
         return self._store(key, dynamic, executor.Plan.build(pat, bound, schedule), inputs)
 
+    def call_plan(self, bound: E.Bound, inputs: dict, q: torch.Tensor, v: torch.Tensor | None = None):
+        """``plan`` for a call on ``q`` and ``v``: the whole-sequence tile is a candidate where the fused
+        kernel takes them, its float mask in the call's precision."""
+        return self.plan(bound, inputs, fused=v is not None and executor.fused_shapes(q, v),
+                         mask_itemsize=8 if q.dtype == torch.float64 else 4)
+
     def _store(self, key, dynamic: bool, plan: executor.Plan, inputs: dict) -> executor.Plan:
         if plan.whole:  # modules of the same mask and sizes share its masks (executor.share_whole_cache)
             plan = executor.share_whole_cache(plan)
@@ -255,8 +259,7 @@ class CpuRunner:
         whole-sequence tile when the fused kernel takes q and v."""
         tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
         E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])  # the tiles read the mask only in part
-        plan = self.plan(bound, tensors, fused=v is not None and executor.fused_shapes(q, v),
-                         mask_itemsize=8 if q.dtype == torch.float64 else 4)
+        plan = self.call_plan(bound, tensors, q, v)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims))
         if self.pattern.route is not None and not isinstance(plan, decode.RowPlan):  # data-dependent lists
             plan = routing.route_plan(plan, q, k, tensors, set(batched))
