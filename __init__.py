@@ -10,15 +10,15 @@ it exactly through the reference backend::
     out = attn(q, k, v)
 """
 
-from .compiler.ir import PatternIR, RecurrenceIR
+from .core.errors import SpecError
+from .core.ir import PatternIR, RecurrenceIR
+from .core.version import __version__
+from .integrations.natten import na1d, na2d, na3d, neighborhood_attention
 from .runtime.api import Attention, compile_attention, materialize_mask, simulate
-from .runtime.natten import na1d, na2d, na3d, neighborhood_attention
-from .spec.errors import SpecError
 from .spec.library import load
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "Attention",
     "PatternIR",
     "RecurrenceIR",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .spec.errors import SpecError
+from .core.errors import SpecError
 
 SHOW_DEFAULT_N = 32
 SHOW_DEFAULT_AXIS = 8
@@ -96,7 +96,7 @@ def _read_file(path: str) -> tuple[str, str]:
 
 def cmd_show(args) -> int:
     from .compiler import evaluate as E
-    from .compiler import ir
+    from .core import ir
 
     pat = _load_args(args)
     heads = args.heads
@@ -120,7 +120,7 @@ def cmd_show(args) -> int:
         # checked before anything is allocated; blame what set the size
         what = "--sizes" if pat.queries.token_count() is not None else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
         need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
-        from .runtime.kernel_cache import human_size
+        from .runtime.tuning.kernel_cache import human_size
 
         raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large to show (the mask alone would need "
                         f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
@@ -287,9 +287,9 @@ def _format_receptive_field(rf: dict) -> str:
 
 def cmd_tune(args) -> int:
     from .compiler import evaluate as E
-    from .compiler import ir
-    from .runtime import autotune as A
-    from .runtime import kernel_cache as KC
+    from .core import ir
+    from .runtime.tuning import autotune as A
+    from .runtime.tuning import kernel_cache as KC
 
     pat = _load_args(args)
     if not isinstance(pat, ir.PatternIR):
@@ -326,7 +326,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .runtime import kernel_cache as KC
+    from .runtime.tuning import kernel_cache as KC
 
     cache = KC.KernelCache()
     if args.action == "clear":
@@ -352,8 +352,8 @@ def cmd_cache(args) -> int:
 
 
 def cmd_emit(args) -> int:
-    from .compiler import ir
-    from .runtime.triton_backend import emit
+    from .core import ir
+    from .runtime.backends.triton.runner import emit
 
     pat = _load_args(args)
     if not isinstance(pat, ir.PatternIR):

@@ -7,7 +7,7 @@ import zlib
 
 import torch
 
-from .spec.errors import SpecError
+from .core.errors import SpecError
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

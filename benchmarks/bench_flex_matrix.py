@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 import attnc
-from attnc.runtime import backend_choice
+from attnc.runtime.auto import cpu as backend_choice
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_flex import interleaved  # noqa: E402  (the shared timing helper)
@@ -583,7 +583,7 @@ def main() -> None:
         print(json.dumps(first_call_child(*args.first_call_child, args.quick)))
         return
     # steady state: auto compiles Flex's kernel at its first call where Flex is modelled faster (the
-    # break-even rule of runtime.backend_choice would serve the warm-up calls with the executor);
+    # break-even rule of runtime.auto.cpu would serve the warm-up calls with the executor);
     # the first-call children above keep the rule
     backend_choice.COMPILE_COST_S = 0.0
     all_cases = cases(args.quick)

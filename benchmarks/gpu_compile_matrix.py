@@ -45,7 +45,7 @@ def stdlib_names() -> list[str]:
 
 
 def _sizes(pat, name: str = "") -> tuple[int | None, dict | None]:
-    from attnc.compiler import ir
+    from attnc.core import ir
 
     if isinstance(pat, ir.PatternIR) and pat.queries.kind == "grid":
         return None, dict(PATTERN_SIZES.get(name) or GRID_SIZES[len(pat.queries.axes)])

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir
-from . import symbols as S
 from .route_blocks import WORD_BITS, block_sizes, tile_block_spread
 from .schedule import uniform_axes
 
@@ -1023,7 +1023,7 @@ class KernelSource:
 
     def _route_key_lines(self) -> list[str]:
         """Routing, per KV tile: each key's block, and where the tile's blocks are in a query's
-        selection words (``runtime.routing.selection_words``: bit b % 32 of word b // 32)."""
+        selection words (``runtime.plan.routing.selection_words``: bit b % 32 of word b // 32)."""
         lines = ["kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)  # each key's block"]
         if self.route_one_block:
             lines += ["# the tile lies in one block: bit b0 % 32 of word b0 // 32",

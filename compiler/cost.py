@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 import sympy
 import torch
 
-from ..spec.errors import SpecError
+from ..core.errors import SpecError
 from .hardware import Hardware
 from .schedule import TileSchedule
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ..spec.errors import SpecError, did_you_mean
-from . import ir
-from . import symbols as S
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError, did_you_mean
 
 INT = torch.int64
 FLOAT = torch.float64

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir
-from . import symbols as S
 from .tables import TABLE_PREFIX, tabulate
 
 F64 = "torch.float64"
@@ -133,7 +133,7 @@ class FlexSource:
     def mask_ops(self) -> int:
         """Operators in the generated mask functions (``mask_mod`` and its helpers, comments and
         docstrings left out): a proxy for the mask's cost per token pair, which ``auto``'s time
-        model charges on PARTIAL pairs (``runtime.backend_choice``)."""
+        model charges on PARTIAL pairs (``runtime.auto.cpu``)."""
         mask = self.body.split("def score_mod")[0]
         code = "\n".join(ln.split("#")[0] for ln in mask.splitlines() if '"""' not in ln)
         return len(_MASK_OPS.findall(code))
@@ -471,7 +471,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
         allowed += " & k_ok"
     route_lines = []
     if pat.route is not None:
-        # routing: SEL[b, h, q, block] is this call's selection, KB[k] the block of key k (runtime.routing)
+        # routing: SEL[b, h, q, block] is this call's selection, KB[k] the block of key k (runtime.plan.routing)
         mask_args += ["SEL", "KB"]
         route_lines = ["# routing: only the key blocks this query selected",
                        f"chosen = SEL[b, h, torch.clamp(q, 0, {bound.n - 1}), KB[torch.clamp(k, 0, {bound.nk - 1})]]"]

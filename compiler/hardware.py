@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ..spec.errors import SpecError, did_you_mean
+from ..core.errors import SpecError, did_you_mean
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ import math
 import sympy
 import torch
 
-from ..spec.errors import SpecError
-from . import symbols as S
+from ..core import symbols as S
+from ..core.errors import SpecError
 from .evaluate import ratio_parts, window_range
 
 F = torch.float64

@@ -30,9 +30,9 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir
 from .schedule import TileSchedule
 
 #: Largest number of blocks analysed (all-pairs BFS is O(blocks * (blocks + edges))).

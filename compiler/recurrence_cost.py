@@ -1,4 +1,4 @@
-"""Simulator of the chunked recurrences (``runtime.recurrence`` / ``runtime.triton_recurrence``).
+"""Simulator of the chunked recurrences (``runtime.recurrences.runner`` / ``runtime.recurrences.decay.triton``).
 
 The Triton kernels follow flash-linear-attention's structure (``N = ceil(T / C)`` chunks, ``Dk`` / ``Dv``
 in blocks of ``BK``/``BV`` = up to 64, ``NK``/``NV`` blocks):
@@ -43,7 +43,7 @@ CHUNKS = (16, 32, 64)
 VECTOR_OPS = 5
 #: Chunk size of per-channel gates in the Triton kernels, and the sub-chunks their in-chunk product is
 #: factorised into (off-diagonal sub-chunk blocks on the tensor cores, diagonal ones exact):
-#: flash-linear-attention's 64 / 16. ``runtime.triton_recurrence`` reads them from here.
+#: flash-linear-attention's 64 / 16. ``runtime.recurrences.decay.triton`` reads them from here.
 VECTOR_CHUNK = 64
 VECTOR_SUB_CHUNK = 16
 

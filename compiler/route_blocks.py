@@ -1,6 +1,6 @@
 """Key blocks of a ``route`` clause: which block each key token belongs to.
 
-One definition for the runtime's selection (``runtime.routing``) and for the
+One definition for the runtime's selection (``runtime.plan.routing``) and for the
 kernels' selection words (``compiler.codegen``, which needs the spread of block
 indices within a KV tile at generation time): keys are partitioned into
 flat runs of SIZE tokens (``tokens seq``) or into grid tiles, numbered
@@ -13,13 +13,13 @@ import math
 
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir
-from . import symbols as S
 from .schedule import tile_grid, tile_tokens
 
-#: Blocks per word of a query's selection as the kernels read it (``runtime.routing.selection_words``).
+#: Blocks per word of a query's selection as the kernels read it (``runtime.plan.routing.selection_words``).
 WORD_BITS = 32
 
 

@@ -33,10 +33,11 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir, route_blocks
-from . import symbols as S
+from . import route_blocks
 from . import tiles as T
 from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
 from .hardware import Hardware

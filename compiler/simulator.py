@@ -18,8 +18,8 @@ import json
 import math
 from dataclasses import dataclass, field
 
+from ..core import ir
 from . import evaluate as E
-from . import ir
 from .cost import (
     PUBLISHED_BWD_FLOP_RATIO,
     Calibration,

@@ -15,9 +15,9 @@ import sympy
 import torch
 from sympy.functions.elementary.piecewise import ExprCondPair
 
+from ..core import ir
+from ..core import symbols as S
 from . import evaluate as E
-from . import ir
-from . import symbols as S
 from .codegen import abs_bound, int_bound_rule, int_float_sides
 
 #: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.

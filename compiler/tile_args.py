@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..spec.errors import SpecError
-from . import ir
+from ..core import ir
+from ..core.errors import SpecError
 from .evaluate import positive_int
 
 

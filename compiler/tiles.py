@@ -29,10 +29,10 @@ import math
 import sympy
 import torch
 
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from . import evaluate as E
-from . import ir
-from . import symbols as S
 from .schedule import TileCounts, TileSchedule, tile_axes, tile_grid, tile_token_counts, tile_tokens
 
 #: Token pairs evaluated at most when refining PARTIAL tiles exactly.

@@ -28,9 +28,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.errors import SpecError
 from ..runtime.api import BACKENDS, Attention, compile_attention
-from ..runtime.natten import na3d
-from ..spec.errors import SpecError
+from .natten import na3d
 
 #: The size names of the grid a pattern must declare: ``grid(t: frames, y: height, x: width)``.
 GRID_SIZES = ("frames", "height", "width")
@@ -248,8 +248,8 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
 
 def _check_grid(attention: Attention) -> None:
     """The pattern must be a self-attention on a 3-axis grid sized by frames, height and width."""
-    from ..compiler import ir
-    from ..compiler.symbols import size_symbol
+    from ..core import ir
+    from ..core.symbols import size_symbol
 
     pat = attention.pattern
     if not isinstance(pat, ir.PatternIR):
@@ -265,8 +265,8 @@ def _check_grid(attention: Attention) -> None:
 
 def _check_joint(attention: Attention) -> None:
     """The pattern must be a self-attention on ``seq(text) + grid(AXIS: frames, AXIS: height, AXIS: width)``."""
-    from ..compiler import ir
-    from ..compiler.symbols import size_symbol
+    from ..core import ir
+    from ..core.symbols import size_symbol
 
     pat = attention.pattern
     if not isinstance(pat, ir.PatternIR):

@@ -41,10 +41,10 @@ import math
 import sympy
 import torch
 
-from ..compiler import ir
-from ..compiler import symbols as S
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from ..runtime.api import Attention, compile_attention
-from ..spec.errors import SpecError
 from ..spec.library import load
 
 __all__ = ["PAD_INPUT", "layer_pattern", "register"]

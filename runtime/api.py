@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import functools
-import math
-import os
 
 import torch
 
 from ..compiler import evaluate as E
-from ..compiler import ir
-from ..compiler import symbols as S
 from ..compiler.tile_args import parse_tiles
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError
 from ..spec.library import load
-from . import custom_op, reference, routing
-from .cpu_backend import CpuRunner, describe_plan
-from .layouts import check_layout, check_orientation, to_bhnd
-from .recurrence import check_state
+from .backends.cpu.runner import CpuRunner, describe_plan
+from .backends.reference import dense as reference
+from .checks import (
+    WORK_BYTES_PER_PAIR,
+    check_fits,
+    check_flag,
+    check_qkv,
+    check_softcap,
+    check_state,
+    resolve_scale,
+)
+from .frontends.layouts import check_layout, check_orientation, to_bhnd
+from .numerics import needs_grad
+from .ops import common as custom_op
+from .plan import routing
 
 BACKENDS = ("auto", "cpu", "reference", "triton", "flex")
 
@@ -62,21 +71,12 @@ def materialize_mask(
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
     sizes_text = f"n = {bound.n}" + (f", nk = {bound.nk}" if bound.nk != bound.n else "") + (
         f", heads = {bound.heads}" if evaluated > 1 else "")
-    _check_fits(f"materialize_mask: {sizes_text} needs a {float(evaluated * bound.n * bound.nk):.3g}-byte mask",
+    check_fits(f"materialize_mask: {sizes_text} needs a {float(evaluated * bound.n * bound.nk):.3g}-byte mask",
                 evaluated * bound.n * bound.nk * (1 + WORK_BYTES_PER_PAIR),
                 "argument n" if pat.queries.kind == "seq" else "argument sizes")
     mask = E.mask_tensor(pat, bound, tensors)
     batched = batch is not None
     return mask if batched else mask[0]
-
-
-def resolve_scale(scale, head_dim: int) -> float:
-    """``scale`` as a float: ``1/sqrt(head_dim)`` for None; anything but a finite number is refused."""
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
-    return float(scale)
 
 
 class Attention(torch.nn.Module):
@@ -92,17 +92,17 @@ class Attention(torch.nn.Module):
     Call-time inputs are keyword arguments with their declared shape,
     optionally with a leading batch dimension. ``layout="bnhd"`` (at compile
     time or per call) takes and returns ``[B, N, H, D]`` tensors instead
-    (``[B, *spatial, H, D]`` on a grid; see ``runtime.layouts``).
+    (``[B, *spatial, H, D]`` on a grid; see ``runtime.frontends.layouts``).
     ``cu_seqlens=`` (int32/int64 offsets ``[0, n0, n0 + n1, ..., total]``): q, k, v
     pack sequences along the tokens of a batch of one, each computed as if alone
     (a recurrence's ``initial_state`` and final state are then ``[num_seqs, Hq, D, Dv]``;
-    see ``runtime.varlen``).
+    see ``runtime.frontends.varlen``).
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
                  layout: str = "bhnd", auto: bool = False):
         super().__init__()
-        self.layout = layout  # the default layout of calls (runtime.layouts)
+        self.layout = layout  # the default layout of calls (runtime.frontends.layouts)
         self.pattern = pattern
         self.backend = backend
         self.sizes = dict(sizes or {})
@@ -111,7 +111,7 @@ class Attention(torch.nn.Module):
         self._chunk = q_tile if isinstance(pattern, ir.RecurrenceIR) else None  # a recurrence's forced chunk
         self._rec_runner = self._rec_key = None
         if isinstance(pattern, ir.RecurrenceIR):
-            from .recurrence_op import RecurrenceRunner
+            from .recurrences.runner import RecurrenceRunner
 
             # under torch.compile the recurrence runs through attnc::recurrence (see recurrence_op)
             self._rec_runner = RecurrenceRunner(pattern, backend, self._chunk)
@@ -119,17 +119,17 @@ class Attention(torch.nn.Module):
         if backend == "cpu" and isinstance(pattern, ir.PatternIR):
             self._runner = CpuRunner(pattern, q_tile, kv_tile)
             self._runner_key = custom_op.register(self._runner)
-        self.flex = None  # backend="flex": the FlexAttention lowering (runtime.flex_backend)
+        self.flex = None  # backend="flex": the FlexAttention lowering (runtime.backends.flex)
         self._flex_key = None
         if backend == "flex":
-            from .flex_backend import FlexRunner
+            from .backends.flex.runner import FlexRunner
 
             self.flex = FlexRunner(pattern, q_tile, kv_tile)
             self._flex_key = custom_op.register(self.flex)  # under torch.compile: attnc::runner_attention
-        #: backend="auto" on CPU tensors: the executor or the Flex lowering per call (runtime.backend_choice)
+        #: backend="auto" on CPU tensors: the executor or the Flex lowering per call (runtime.auto.cpu)
         self._auto_runner = self._auto_key = None
         if auto and self._runner is not None:
-            from .backend_choice import AutoRunner
+            from .auto.cpu import AutoRunner
 
             self._auto_runner = AutoRunner(pattern, self._runner, q_tile, kv_tile)
             self._auto_key = custom_op.register(self._auto_runner)
@@ -205,23 +205,23 @@ class Attention(torch.nn.Module):
         """What runs: the CPU backend's tile plan, or the reference's dense computation."""
         p = self.pattern
         if self.flex is not None:
-            from .flex_backend import describe
+            from .backends.flex.runner import describe
 
             return describe(self.flex, p)
         if self._auto_runner is not None and self._auto_runner.last is not None and self._last_device != "cuda":
-            from .flex_backend import describe
+            from .backends.flex.runner import describe
 
             choice = self._auto_runner.last
             body = describe(self._auto_runner.flex, p) if choice.backend == "flex" else describe_plan(self._runner.last, p)
             return f"# {choice.describe()}\n{body}"
         if isinstance(p, ir.PatternIR) and (self.backend == "triton" or self._triton is not None):
-            from .triton_backend import describe_source
+            from .backends.triton.runner import describe_source
 
             return describe_source(self._triton, p)
         if self._runner is not None:
             return describe_plan(self._runner.last, p)
         if isinstance(p, ir.RecurrenceIR) and self.backend != "reference":
-            from . import recurrence
+            from .recurrences import runner as recurrence
 
             return recurrence.describe(p, self.backend, self._chunk or (self._last_call or {}).get("q_tile"))
         if isinstance(p, ir.RecurrenceIR):
@@ -253,19 +253,19 @@ class Attention(torch.nn.Module):
         layout = self.layout if layout is None else check_layout(layout)
         # the backends compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
-        _check_qkv(q, k, v)
+        check_qkv(q, k, v)
         if restore.spatial is None:
             check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
         check_state(initial_state, q, "initial_state")
-        return_lse, return_state = _flag("return_lse", return_lse), _flag("return_state", return_state)
+        return_lse, return_state = check_flag("return_lse", return_lse), check_flag("return_state", return_state)
         run = self._forward
         if cu_seqlens is not None and torch.compiler.is_compiling():  # the offsets are data: the op reads them
-            from . import varlen_op
+            from .ops import varlen as varlen_op
 
             scale = resolve_scale(scale, q.shape[-1])
             run = functools.partial(varlen_op.run, self, cu_seqlens)
-        elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.varlen)
-            from . import varlen
+        elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.frontends.varlen)
+            from .frontends import varlen
 
             run = functools.partial(varlen.run, self._forward, self.pattern,
                                     varlen.check_cu_seqlens(cu_seqlens, self.pattern, q, k))
@@ -298,7 +298,7 @@ class Attention(torch.nn.Module):
             if torch.compiler.is_compiling():
                 # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
                 # inside the custom op; eager calls check them here, with clear errors
-                from .recurrence_op import recurrence_op
+                from .ops.recurrence import recurrence_op
 
                 out, state = recurrence_op(q, k, v, list(inputs.values()), initial_state, self._rec_key,
                                            ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale))
@@ -312,7 +312,7 @@ class Attention(torch.nn.Module):
         if torch.compiler.is_compiling() and (self.flex is not None or self._auto_flex_possible(q, k, v, inputs,
                                                                                               return_lse)):
             # the Flex lowering (or auto's per-call choice) inside attnc::runner_attention (runtime.flex_op)
-            from .flex_op import runner_attention
+            from .ops.flex import runner_attention
 
             out, lse = runner_attention(q, k, v, list(inputs.values()), self._flex_key or self._auto_key,
                                         ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale), return_lse)
@@ -336,14 +336,14 @@ class Attention(torch.nn.Module):
         self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
-        _check_softcap(pat, bound)
+        check_softcap(pat, bound)
         if pat.route is not None:
             routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
         # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
         # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
         item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
         Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        _check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
+        check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
                     item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
         if bound.q_offset and (self.flex is not None or self.backend == "triton" or (self.auto and q.is_cuda)):
             out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
@@ -361,7 +361,7 @@ class Attention(torch.nn.Module):
         elif self._runner is not None:
             out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
         else:  # dense: scores, probabilities and the mask, B x H x Nq x Nk each
-            _check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {Nk} tokens needs dense "
+            check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {Nk} tokens needs dense "
                         f"scores of {float(B * Hq * Nq * Nk * item):.3g} bytes",
                         B * Hq * Nq * Nk * (3 * item + 1), "argument q", q.device)
             out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
@@ -379,7 +379,7 @@ class Attention(torch.nn.Module):
         if not isinstance(self.pattern, ir.RecurrenceIR):
             raise SpecError(f"'{self.pattern.name}' is a softmax pattern: step() is for recurrences",
                             where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
-        from . import recurrence
+        from .recurrences import runner as recurrence
 
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
@@ -391,9 +391,9 @@ class Attention(torch.nn.Module):
         float64) go to the executor's own op, whose backward is the executor's."""
         if self._auto_runner is None or q.is_cuda or self._auto_runner.flex is None:
             return False
-        from .flex_backend import fused_refusal
+        from .backends.flex.runner import fused_refusal
 
-        return fused_refusal(q.device, q.dtype, custom_op.needs_grad(q, k, v, *inputs.values()), return_lse) is None
+        return fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *inputs.values()), return_lse) is None
 
     def _cuda_flex_won(self, bound: E.Bound, q: torch.Tensor) -> bool:
         """``auto`` on CUDA with the autotuner installed (``autotune.install``): whether the Flex
@@ -401,13 +401,13 @@ class Attention(torch.nn.Module):
         records the winner; ``autotune.tuned_winner``). A known winner is remembered per shapes."""
         if self._auto_runner is None or self._auto_runner.flex is None:
             return False
-        from .triton_backend import TritonRunner
+        from .backends.triton.runner import TritonRunner
 
         if TritonRunner.config_hook is None:  # no tuning: attnc's kernels with the simulator's schedule
             return False
         key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, *q.shape[::3], q.dtype)
         if key not in self._cuda_winner:
-            from . import autotune
+            from .tuning import autotune
 
             winner = autotune.tuned_winner(self.pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype,
                                            batch=int(q.shape[0]), device=q.device)
@@ -436,7 +436,7 @@ class Attention(torch.nn.Module):
 
     def _triton_runner(self):
         if self._triton is None:
-            from .triton_backend import TritonRunner
+            from .backends.triton.runner import TritonRunner
 
             self._triton = TritonRunner(self.pattern, *self._tiles)
         return self._triton
@@ -447,84 +447,9 @@ class Attention(torch.nn.Module):
         seconds of a first call, for no autograd to record)."""
         args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
                 float(scale))
-        if not custom_op.needs_grad(q, k, v, *inputs.values()) and not torch.compiler.is_compiling():
+        if not needs_grad(q, k, v, *inputs.values()) and not torch.compiler.is_compiling():
             return custom_op._forward_impl(*args)
         return custom_op.tiled_attention(*args)
-
-
-#: Bytes of int64 work per evaluated (query, key) pair beside the result (the
-#: positions and one intermediate at least): the floor of what evaluation needs.
-WORK_BYTES_PER_PAIR = 8
-
-
-def _memory(device: torch.device | None) -> int | None:
-    """Bytes of memory where the work runs: the host's RAM, or the CUDA device's; None if unknown."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    if device is not None and device.type != "cpu":
-        return None
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
-        return None
-
-
-def _check_fits(what: str, nbytes: int, where: str, device: torch.device | None = None) -> None:
-    """Refuse, before allocating anything, work that cannot fit in the memory where it would run."""
-    total = _memory(device)
-    if total is not None and nbytes > total:
-        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than the "
-                        f"{float(total):.3g} of this {'GPU' if device is not None and device.type == 'cuda' else 'machine'}",
-                        where=where, hint="use smaller sizes" + (" (or a tile backend)" if "reference" in what else ""))
-
-
-def _check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
-    """A per-head softcap must be positive on every head (a constant one is checked when loading)."""
-    if pat.softcap is None or not pat.softcap.free_symbols:
-        return
-    caps = E.head_values(pat.softcap, bound.subs, bound.heads)
-    bad = torch.nonzero(~(caps > 0) | ~torch.isfinite(caps)).flatten()
-    if len(bad):
-        h = int(bad[0])
-        raise SpecError(f"softcap must be a positive finite number on every head; {pat.softcap} is {float(caps[h])!r} "
-                        f"at h = {h}", where="softcap")
-
-
-def _flag(what: str, value) -> bool:
-    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
-        return bool(value)
-    raise SpecError(f"expected True or False, got {value!r}", where=f"argument {what}")
-
-
-def _check_qkv(q, k, v) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
-        if t.dim() != 4:
-            raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
-        if not t.dtype.is_floating_point:
-            raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
-        if t.is_meta:  # no data: a kernel would read uninitialised memory
-            raise SpecError("a meta tensor holds no data", where=f"argument {name}",
-                            hint="pass a tensor on the CPU or a CUDA device")
-        for axis, what in ((1, "heads"), (3, "head dim")):
-            if t.shape[axis] == 0:
-                raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise SpecError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {t.dtype}", where=f"argument {name}")
-        if t.device != q.device:
-            raise SpecError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}",
-                            where=f"argument {name}")
-    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
-    if k.shape[3] != q.shape[3]:
-        raise SpecError(f"head dim of k ({k.shape[3]}) differs from q's ({q.shape[3]})", where="argument k")
-    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in heads and tokens", where="argument v")
-    if q.shape[1] % k.shape[1] != 0:
-        raise SpecError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})",
-                        where="argument k")
 
 
 def compile_attention(
@@ -547,10 +472,10 @@ def compile_attention(
     tile needs; forward and backward); ``"reference"`` is the exact dense
     implementation; ``"triton"`` runs generated Triton kernels (natively on
     CUDA tensors, under the Triton interpreter on CPU tensors); ``"flex"``
-    lowers the pattern to PyTorch's FlexAttention (``runtime.flex_backend``);
+    lowers the pattern to PyTorch's FlexAttention (``runtime.backends.flex``);
     ``"auto"``
     picks Triton on CUDA tensors and, on CPU tensors, the CPU executor or the Flex
-    lowering per call by a modelled rule (``runtime.backend_choice``; the pick is
+    lowering per call by a modelled rule (``runtime.auto.cpu``; the pick is
     ``attn.chosen_backend``).
     ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
     grid one extent per axis (a box) or one int (flat tiles of the row-major token
@@ -562,7 +487,7 @@ def compile_attention(
     ``layout``: ``"bhnd"`` (``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, and
     ``[B, *spatial, H, D]`` on a grid, whose extents then give the sizes): the
     default of every call (a call may pass its own); results come back in it
-    (``runtime.layouts``; ``step`` always takes ``[B, H, D]``).
+    (``runtime.frontends.layouts``; ``step`` always takes ``[B, H, D]``).
     """
     check_layout(layout)
     if backend not in BACKENDS:
@@ -578,10 +503,10 @@ def compile_attention(
                 and len(sizes) == len(E.check_size_names(pat, {}))):
             E.bind_sizes(pat, sizes=sizes)
     if isinstance(pat, ir.RecurrenceIR):
-        from . import recurrence
+        from .recurrences import common as recurrence
 
         if backend == "flex":
-            from .flex_backend import refuse_recurrence
+            from .backends.flex.runner import refuse_recurrence
 
             refuse_recurrence(pat)
         if kv_tile is not None:
@@ -630,7 +555,7 @@ def simulate(
 
     pat = _as_pattern(pattern, name, params)
     if isinstance(pat, ir.RecurrenceIR):
-        from .recurrence import simulate_recurrence
+        from .recurrences.common import simulate_recurrence
 
         return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
                                    hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,

@@ -4,8 +4,8 @@ launch would meet: registers, spill bytes, shared memory against the per-block l
 tensor-core instructions in the PTX.
 
 The launches are not guessed: the pattern's own launch path runs on CPU tensors (the softmax
-kernels of ``runtime.triton_backend`` at the config the schedule search picks on the target's
-hardware model; the recurrence kernels of ``runtime.triton_recurrence`` at the chunk the
+kernels of ``runtime.backends.triton`` at the config the schedule search picks on the target's
+hardware model; the recurrence kernels of ``runtime.recurrences.decay.triton`` at the chunk the
 simulator picks), and every ``kernel[grid](...)`` it makes is recorded instead of run
 (``capture_launches``). Each record is then bound and specialised exactly as
 ``JITFunction.run`` would (Triton's own binder and ``_pack_args``: signature, constexprs,
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..compiler import ir
-from ..spec.errors import SpecError
+from ..core import ir
+from ..core.errors import SpecError
+from .tritonenv import interpreting
 
 #: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
 #: A local table on purpose: ``compiler.hardware`` models per-SM capacity for the cost model.
@@ -98,7 +99,7 @@ def native_kernel(fn):
     raw = fn.fn
     module = sys.modules.get(raw.__module__)
     if raw.__module__.startswith("attnc_kernels_"):
-        from .triton_backend import load_kernels
+        from .backends.triton.runner import load_kernels
 
         return getattr(load_kernels(inspect.getsourcefile(raw), interpret=False), raw.__name__)
     table = getattr(module, "kernels", None)
@@ -107,7 +108,8 @@ def native_kernel(fn):
             return table(False)[raw.__name__]
     import triton
 
-    return triton.jit(raw)
+    with interpreting(False):
+        return triton.jit(raw)
 
 
 # ----------------------------------------------------------------- compiling one launch
@@ -309,7 +311,9 @@ def _probe(arch: int) -> bool:
     try:
         from triton.backends.nvidia import compiler as nv
 
-        src = ASTSource(triton.jit(_attnc_probe), {"X": "*fp32"}, {"BLOCK": 16})
+        with interpreting(False):  # TRITON_INTERPRET=1 in the environment would make it an interpreted function
+            probe = triton.jit(_attnc_probe)
+        src = ASTSource(probe, {"X": "*fp32"}, {"BLOCK": 16})
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*FP_FUSION.*")
             k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 1})
@@ -342,7 +346,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     from ..compiler import evaluate as E
     from ..compiler.hardware import get_hardware
     from . import api
-    from . import triton_backend as TB
+    from .backends.triton import runner as TB
 
     hw = get_hardware(ARCH_HARDWARE.get(arch, "h100"))
     tdtype = DTYPES[dtype]
@@ -398,12 +402,14 @@ def describe_launch(cfg) -> str:
 def _as_cuda(pat, hw):
     """The recurrence path as on CUDA: its kernels native (not interpreted) and its chunk chosen
     for ``hw`` (the interpreter and CPU choices differ from the GPU's)."""
-    from . import recurrence, triton_recurrence
+    from .recurrences import common as recurrence_common
+    from .recurrences import runner as recurrence
+    from .recurrences.decay import triton as triton_recurrence
 
     saved = []
     if isinstance(pat, ir.RecurrenceIR):
         for mod, name, value in ((triton_recurrence, "_interpret", lambda _t: False),
-                                 (recurrence, "hardware_for", lambda _d: hw),
+                                 (recurrence_common, "hardware_for", lambda _d: hw),
                                  (recurrence, "resolve_backend", lambda _b, _d: "triton")):
             if hasattr(mod, name):
                 saved.append((mod, name, getattr(mod, name)))

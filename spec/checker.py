@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import networkx as nx
 import sympy
 
-from ..compiler import ir
-from ..compiler import symbols as S
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import Pos, SpecError, did_you_mean
 from . import ast
-from .errors import Pos, SpecError, did_you_mean
 
 INT, FLOAT, BOOL = "int", "float", "bool"
 

@@ -7,10 +7,10 @@ import os
 from functools import lru_cache
 from importlib import resources
 
-from ..compiler import ir
+from ..core import ir
+from ..core.errors import SpecError, did_you_mean
 from . import ast
 from .checker import Checker
-from .errors import SpecError, did_you_mean
 from .params import blame_argument, expand_axis_params
 from .parser import parse, read_file
 

@@ -14,8 +14,8 @@ reports unknown names and bad values as usual.
 
 from __future__ import annotations
 
+from ..core.errors import SpecError
 from . import ast
-from .errors import SpecError
 
 
 def grid_axes(decl: ast.Declaration) -> tuple[str, ...]:

@@ -11,8 +11,8 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
+from ..core.errors import Pos, SpecError
 from . import ast
-from .errors import Pos, SpecError
 
 #: Words that start a declaration or clause, or are expression syntax; never names.
 RESERVED = frozenset(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.runtime import executor
+from attnc.runtime.backends.cpu import fused
 
 WINDOW = "pattern w\ntokens seq\nmask abs(q - k) < 3\n"
 BIAS_INPUT = "pattern b\ntokens seq\ninput w: float[n]\nmask abs(q - k) < 3\nbias w[k]\n"
@@ -214,7 +214,7 @@ def test_cpu_autocast_bf16_matches_the_reference_and_leaves_later_calls_alone(sp
 def test_fused_kernel_choice_is_by_shape_never_sticky(monkeypatch):
     """A call the fused CPU kernel cannot run (Dv != D) must not turn it off for later
     calls of the same module; an error from the kernel itself is raised, not hidden."""
-    real = executor._flash_op()
+    real = fused.flash_op()
     assert real is not None
     calls = []
 
@@ -222,7 +222,7 @@ def test_fused_kernel_choice_is_by_shape_never_sticky(monkeypatch):
         calls.append(args[2].shape[-1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(executor, "_flash_op", lambda: counting)
+    monkeypatch.setattr(fused, "flash_op", lambda: counting)
     attn = attnc.compile_attention(WINDOW, backend="cpu")
     q, k, v = _qkv(Dv=6, dtype=torch.float64)
     attn(q, k, v)
@@ -236,7 +236,7 @@ def test_fused_kernel_choice_is_by_shape_never_sticky(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug in the fused kernel")
 
-    monkeypatch.setattr(executor, "_flash_op", lambda: broken)
+    monkeypatch.setattr(fused, "flash_op", lambda: broken)
     with pytest.raises(RuntimeError, match="a bug in the fused kernel"):
         attn(q, k, v)
 

@@ -20,9 +20,9 @@ from attnc.compiler import search as SR
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.hardware import get_hardware
 from attnc.compiler.search import ScheduleSearch
-from attnc.runtime import autotune as A
-from attnc.runtime import kernel_cache as KC
-from attnc.runtime import triton_backend as TB
+from attnc.runtime.backends.triton import runner as TB
+from attnc.runtime.tuning import autotune as A
+from attnc.runtime.tuning import kernel_cache as KC
 
 LOCAL = "pattern local(w = 24)\n  tokens seq\n  mask causal and q - k < w\n"
 GRID = "pattern g(r = 1)\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) <= r and abs(q.x - k.x) <= r\n"

@@ -1,4 +1,4 @@
-"""backend="auto" on CPU (the executor or the Flex lowering per call: runtime.backend_choice) and
+"""backend="auto" on CPU (the executor or the Flex lowering per call: runtime.auto.cpu) and
 torch.compile(fullgraph=True) of modules using the Flex lowering (runtime.flex_op).
 
 The rule's decisions are asserted on representative plans (never timings). Runs that would pick the
@@ -13,8 +13,8 @@ import torch.nn.attention.flex_attention as flex_attention_module
 
 import attnc
 from attnc.compiler import evaluate as E
-from attnc.runtime import backend_choice as BC
-from attnc.runtime import flex_backend as FB
+from attnc.runtime.auto import cpu as BC
+from attnc.runtime.backends.flex import runner as FB
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -87,7 +87,7 @@ def test_calibration_is_reproduced_and_ordered_by_the_constants():
     ("stdlib:neighborhood_3d", None, {"frames": 8, "height": 24, "width": 24}, {"kernel_size": (3, 7, 7)}, 90),
 ])
 def test_mask_ops_of_the_calibrated_lowerings(spec, n, sizes, params, ops):
-    from attnc.runtime.flex_backend import FlexBuilder
+    from attnc.runtime.backends.flex.runner import FlexBuilder
 
     pat = attnc.load(spec, **params)
     bound = E.bind_sizes(pat, n=n, heads=4, sizes=sizes)
@@ -247,8 +247,8 @@ def test_autotuner_times_the_flex_lowering_beside_the_kernels(tmp_path, flex_ms,
     """The injectable timer times every candidate, the Flex lowering included (it really runs here:
     Flex's dense implementation on CPU); the winner's backend is recorded in the result and the cache,
     and the cached config stays the best Triton kernel's."""
-    from attnc.runtime import autotune as A
-    from attnc.runtime import kernel_cache as KC
+    from attnc.runtime.tuning import autotune as A
+    from attnc.runtime.tuning import kernel_cache as KC
 
     pat = attnc.load("stdlib:sliding_window", window=24)
     bound = E.bind_sizes(pat, n=256, heads=2)
@@ -405,7 +405,7 @@ def test_planning_both_backends_ranks_each_tile_shape_once(monkeypatch):
     """auto plans the executor and the Flex lowering; both rank box tiles with a bounded classification
     (``cpu_backend.ranked_schedule``): each (tiles, budget) is classified once, not once per backend,
     and the decision is the one made without sharing (the schedules are the same)."""
-    from attnc.runtime import cpu_backend as CB
+    from attnc.runtime.backends.cpu import runner as CB
 
     calls = []
     real = CB.classify_tiles

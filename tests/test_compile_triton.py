@@ -10,7 +10,7 @@ import math
 import torch
 
 import attnc
-from attnc.runtime import custom_op
+from attnc.runtime.ops import common as custom_op
 
 
 class Model(torch.nn.Module):

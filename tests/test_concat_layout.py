@@ -23,8 +23,8 @@ import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import tiles as T
 from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.core.errors import SpecError
 from attnc.integrations.diffusers import _check_grid
-from attnc.spec.errors import SpecError
 
 GRID = "grid(t: frames, y: height, x: width)"
 LAYOUTS = {  # name -> (layout text, segment order)

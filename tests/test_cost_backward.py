@@ -13,7 +13,7 @@ from attnc.compiler import evaluate as E
 from attnc.compiler import search as SR
 from attnc.compiler.cost import KernelConfig, predict, predict_dense
 from attnc.compiler.hardware import get_hardware
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
 
 LOCAL = "pattern local\n  tokens seq\n  mask q - 300 <= k <= q\n"
 

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.runtime import cpu_backend
+from attnc.runtime.backends.cpu import runner as cpu_backend
 from attnc.spec.library import stdlib_index
 
 F64 = dict(out=1e-9, grad=1e-8)
@@ -278,7 +278,7 @@ def test_stdlib_fused_backward_float64(name, monkeypatch):
     """A loss of the output alone (no lse gradient) and no float input to differentiate: the
     backward runs torch's fused CPU attention backward per chunk (where the forward ran the fused
     kernel); q, k, v gradients against the reference backend, float64, batch 2, grouped heads."""
-    from attnc.runtime import executor
+    from attnc.runtime.backends.cpu import executor
 
     params, sizes, n, make_inputs = STDLIB[name]
     n = math.prod(sizes.values()) if n is None else n
@@ -575,19 +575,19 @@ def test_memory_stays_far_below_n_squared():
 def test_fused_kernel_and_unfused_path_agree(monkeypatch, spec, params):
     """The executor runs blocks through torch's fused CPU kernel when it exists; without it
     (older torch, unsupported shapes) the unfused path must give the same answer."""
-    from attnc.runtime import executor
+    from attnc.runtime.backends.cpu import fused as cpu_fused
 
     torch.manual_seed(3)
     n = 80
     q, k, v = (torch.randn(2, 2, n, 16, dtype=torch.float64) for _ in range(3))
     extra = {"doc": torch.sort(torch.randint(0, 4, (n,))).values} if spec == "stdlib:document" else {}
     fused = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
-    real, calls = executor._flash_op(), []
+    real, calls = cpu_fused.flash_op(), []
     assert real is not None
-    monkeypatch.setattr(executor, "_flash_op", lambda: lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(cpu_fused, "flash_op", lambda: lambda *a, **kw: calls.append(1) or real(*a, **kw))
     out_f, lse_f = fused(q, k, v, return_lse=True, **extra)
     assert calls  # the fused kernel ran
-    monkeypatch.setattr(executor, "_flash_op", lambda: None)
+    monkeypatch.setattr(cpu_fused, "flash_op", lambda: None)
     plain = attnc.compile_attention(spec, backend="cpu", q_tile=(16,), kv_tile=(16,), **params)
     out_p, lse_p = plain(q, k, v, return_lse=True, **extra)
     torch.testing.assert_close(out_f, out_p, rtol=1e-12, atol=1e-12)
@@ -722,7 +722,7 @@ def test_whole_mask_per_axis_equals_the_materialized_mask():
 def test_lse_gradient_through_the_fused_backward_of_a_tiled_plan(monkeypatch):
     """A tiled plan (sliding window, 64-token tiles) with a loss of out and lse: the fused backward runs
     (with the lse feature) and equals the dense float64 reference; rows with no allowed key stay 0."""
-    from attnc.runtime import executor
+    from attnc.runtime.backends.cpu import executor
 
     calls = []
     real = executor._lse_feature

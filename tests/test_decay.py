@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.runtime.reference import fox_decay
+from attnc.runtime.numerics import fox_decay
 
 F64 = torch.float64
 INF = math.inf

@@ -6,9 +6,9 @@ import torch
 
 import attnc.compiler.tiles as T
 from attnc.compiler import evaluate as E
-from attnc.runtime import decode
+from attnc.core.errors import SpecError
 from attnc.runtime.api import compile_attention, materialize_mask, simulate
-from attnc.spec.errors import SpecError
+from attnc.runtime.backends.cpu import rows as decode
 from attnc.spec.library import load
 
 CAUSAL = "pattern causal_lm\n  tokens seq\n  mask causal\n"
@@ -147,7 +147,7 @@ def test_growing_cache_does_not_replan():
 
 
 def test_plan_cache_is_a_bounded_lru():
-    from attnc.runtime.cpu_backend import PLAN_CACHE_SIZE
+    from attnc.runtime.backends.cpu.runner import PLAN_CACHE_SIZE
 
     q, k, v = _qkv(40, batch=1)
     attn = compile_attention(CAUSAL, backend="cpu")

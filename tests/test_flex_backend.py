@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.runtime.flex_backend import FlexRunner
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
+from attnc.runtime.backends.flex.runner import FlexRunner
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
 
@@ -60,7 +60,7 @@ def compare(spec, q, k, v, inputs=None, grad_inputs=(), sizes=None, q_tile=None,
 def exact_mask(spec, sizes, inputs, params, q, k):
     """The exact mask ``[B | 1, H, Nq, Nk]`` from attnc's evaluator; routing applied (``routing.select_blocks``)."""
     from attnc.compiler import evaluate as E
-    from attnc.runtime import routing
+    from attnc.runtime.plan import routing
 
     n, nk, heads = q.shape[2], k.shape[2], q.shape[1]
     mask = attnc.materialize_mask(spec, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes,
@@ -504,7 +504,7 @@ def _stdlib_softmax_patterns() -> set[str]:
 
     return {name for name in stdlib_index() if isinstance(attnc.load(f"stdlib:{name}", **(
         CONFORMANCE[name][0] if name in CONFORMANCE else {"prefix": 1} if name == "prefix_lm" else {})),
-        attnc.compiler.ir.PatternIR)}
+        attnc.core.ir.PatternIR)}
 
 
 def test_conformance_covers_the_stdlib():

@@ -13,7 +13,7 @@ import torch
 
 import attnc
 from attnc.compiler import evaluate as E
-from attnc.compiler import symbols as S
+from attnc.core import symbols as S
 
 # ----------------------------------------------------------------- float division by zero
 

@@ -792,7 +792,7 @@ def close(name: str, got: torch.Tensor, want: torch.Tensor, atol: float) -> None
 def score_range(pat, case: Case, qkv, inputs) -> float:
     """max |score| over allowed pairs (scaled q.k after softcap, bias, decay): errors of a float32
     score grow with it."""
-    from attnc.runtime import reference
+    from attnc.runtime.backends.reference import dense as reference
 
     bound = E.bind_sizes(pat, n=case.n, heads=case.heads, sizes=case.sizes or None, dk=case.head_dim)
     ev = E.evaluator(pat, bound, inputs, batch=case.batch)

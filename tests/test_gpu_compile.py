@@ -16,8 +16,8 @@ import attnc
 from attnc.compiler import search as SR
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.hardware import get_hardware
+from attnc.core.errors import SpecError
 from attnc.runtime import gpu_check as G
-from attnc.spec.errors import SpecError
 
 pytest.importorskip("triton")  # a dependency of attnc; absent only in a CPU-only install
 
@@ -157,3 +157,14 @@ def test_cli_check_gpu(capsys, tmp_path):
     assert "argument --arch" in err and "Traceback" not in err
     assert cli.main(["check-gpu", str(spec), "--arch", "90", "--dtype", "fp8"]) == 1
     assert "unknown dtype" in capsys.readouterr().err
+
+
+def test_offline_compile_ignores_triton_interpret(monkeypatch):
+    """``TRITON_INTERPRET=1`` in the environment (as set to run kernels on CPU) must not turn the offline
+    compile into the interpreter: the target probe and the kernels compile natively all the same."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(G, "_TARGETS", {})  # probe again, under the variable
+    assert G.targets_available(80)
+    reports = G.check_pattern(CAUSAL, archs=(80,), head_dims=(64,), dtypes=("bf16",), n=256, label="causal")
+    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok for r in reports), [r for r in reports if not r.ok]

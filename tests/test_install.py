@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from attnc.runtime import triton_support
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
+from attnc.runtime import tritonenv as triton_support
 
 
 def test_missing_numpy_names_the_package_and_the_install_command(monkeypatch):
@@ -39,7 +39,7 @@ def test_a_broken_installed_package_is_not_reported_as_missing(monkeypatch):
 
 
 def test_the_triton_backend_checks_before_loading_kernels(monkeypatch, tmp_path):
-    from attnc.runtime import triton_backend
+    from attnc.runtime.backends.triton import runner as triton_backend
 
     path = tmp_path / "k.py"
     path.write_text("X = 1\n")

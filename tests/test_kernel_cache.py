@@ -15,7 +15,7 @@ import pytest
 
 import attnc
 from attnc.compiler import evaluate as E
-from attnc.runtime import kernel_cache as KC
+from attnc.runtime.tuning import kernel_cache as KC
 
 LOCAL = "pattern local(w = 8)\n  tokens seq\n  mask causal and q - k < w\n"
 PER_HEAD = "pattern ph\n  tokens seq\n  mask causal and q - k < 4 * (h + 1)\n"
@@ -348,7 +348,8 @@ def test_generated_sources_go_to_a_private_folder_removed_at_exit(tmp_path):
     code = textwrap.dedent(f"""
         import os, tempfile
         tempfile.tempdir = {str(tmp_path)!r}
-        from attnc.runtime import autotune, triton_backend
+        from attnc.runtime.tuning import autotune
+        from attnc.runtime.backends.triton import runner as triton_backend
         folder = triton_backend.source_dir()
         path = triton_backend.write_source("x = 1\\n")
         scratch = autotune.scratch_source(None, "y = 2\\n")

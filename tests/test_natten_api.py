@@ -12,7 +12,7 @@ import torch
 
 import attnc
 from attnc import SpecError
-from attnc.runtime import natten
+from attnc.integrations import natten
 
 F64 = torch.float64
 

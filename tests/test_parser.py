@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc.compiler import evaluate as E
-from attnc.compiler import ir
+from attnc.core import ir
 from attnc.spec import ast
 from attnc.spec.library import lower
 from attnc.spec.parser import MAX_SOURCE_CHARS, decode_source, normalize_source, parse

@@ -215,7 +215,7 @@ def test_backward_memory_is_linear_in_tokens():
 def test_triton_matches_loop(name):
     # 37 tokens (not a multiple of 16 or 32), GQA, Dk != Dv, chunk 32 (vector gates run chunks of
     # VECTOR_CHUNK, factorised into sub-chunks)
-    from attnc.runtime.triton_recurrence import VECTOR_CHUNK
+    from attnc.runtime.recurrences.decay.triton import VECTOR_CHUNK
 
     attn = check_against_loop(name, "triton", 1, 4, 2, 37, 5, 20, chunk=32, seed=11)
     assert attn._last_call["q_tile"] == (VECTOR_CHUNK if name == "gla" else 32)
@@ -233,7 +233,7 @@ def test_hypothesis_triton(name, T, lo, seed):
 def small_blocks(monkeypatch):
     """Dk / Dv blocks of 16, so the kernels' loops over Dk and Dv blocks and the state pass's block grid run
     more than once at D = 32 (the GPU uses blocks of 64)."""
-    from attnc.runtime import triton_recurrence
+    from attnc.runtime.recurrences.decay import triton as triton_recurrence
 
     monkeypatch.setattr(triton_recurrence, "MAX_BLOCK", 16)
     monkeypatch.setattr(triton_recurrence, "VECTOR_BLOCK", 16)
@@ -289,7 +289,7 @@ def test_triton_gla_sub_chunk_factorisation_matches_float64_loop(decay, D, small
     # 150 tokens: two full chunks of VECTOR_CHUNK and a partial one, each in sub-chunks (off-diagonal blocks
     # as dots, diagonal ones exact); D = 32 runs two Dk blocks; GQA and an initial state; forward, final state
     # and every gradient (q, k, v, gates, initial state) against the float64 loop at 1e-9
-    from attnc.runtime.triton_recurrence import VECTOR_CHUNK, VECTOR_SUB_CHUNK
+    from attnc.runtime.recurrences.decay.triton import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 
     assert VECTOR_CHUNK >= 2 * VECTOR_SUB_CHUNK and 150 > 2 * VECTOR_CHUNK
     lo, hi = DECAYS[decay]
@@ -427,7 +427,7 @@ def test_simulator_flops_are_linear_and_softmax_quadratic():
     C = 64
     want = 8 * (n // C) * (3 * 2 * C * C * D + 2 * C * C * D + 4 * C * D * D + 5 * C * 16 * D)
     assert chunk_cost("vector", n, 8, D, 1, C, hw).forward_flops == pytest.approx(want)
-    from attnc.runtime.triton_recurrence import VECTOR_CHUNK
+    from attnc.runtime.recurrences.decay.triton import VECTOR_CHUNK
 
     assert best_chunk("vector", n, 8, D, 1, hw).chunk == C == VECTOR_CHUNK
     s1, s2 = softmax_causal(16384, 8, 64, 1, hw), softmax_causal(32768, 8, 64, 1, hw)
@@ -530,7 +530,7 @@ def test_recurrence_compiles_fullgraph_and_matches_eager(backend):
 
 
 def test_recurrence_op_registration_opcheck():
-    from attnc.runtime.recurrence_op import recurrence_op
+    from attnc.runtime.ops.recurrence import recurrence_op
 
     attn = attnc.compile_attention("stdlib:gla", backend="cpu", q_tile=16)
     gen = torch.Generator().manual_seed(1)

@@ -11,7 +11,8 @@ pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia.compiler")
 
 import attnc  # noqa: E402
-from attnc.runtime import gpu_check, triton_recurrence  # noqa: E402
+from attnc.runtime import gpu_check  # noqa: E402
+from attnc.runtime.recurrences.decay import triton as triton_recurrence
 
 CHUNK_PARALLEL = ("out_kernel", "bwd_dv_kernel", "bwd_dqk_kernel")
 

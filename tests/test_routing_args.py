@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
 
 BACKENDS = ["reference", "cpu", "triton", "flex"]  # triton: the interpreter on CPU tensors
 

@@ -180,7 +180,7 @@ def _dots_per_pair(source: str, kernel: str) -> int:
 def test_matmul_counts_are_those_of_the_emitted_kernels():
     """The cost model charges what the generated kernels execute (counted in their source):
     forward 2, backward dQ 3 + dK/dV 4 = 7 (FlashAttention-2's one-kernel backward: 5)."""
-    from attnc.runtime import triton_backend as TB
+    from attnc.runtime.backends.triton import runner as TB
 
     src = TB.emit(attnc.load("stdlib:sliding_window", window=8), n=64, q_tile=16)
     assert _dots_per_pair(src, "attnc_fwd") == C.FWD_MATMULS == 2

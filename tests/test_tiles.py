@@ -32,7 +32,7 @@ import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import tiles as T
 from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
 from attnc.spec.library import stdlib_index
 
 AXES = (("t", "frames"), ("y", "height"), ("x", "width"))

@@ -25,7 +25,7 @@ import attnc
 from attnc.compiler import codegen
 from attnc.compiler import evaluate as E
 from attnc.compiler.cost import KernelConfig
-from attnc.runtime import triton_backend as T
+from attnc.runtime.backends.triton import runner as T
 
 # the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
@@ -705,7 +705,7 @@ def test_moba_selection_words_forward_and_gradients(block, topk, n, kv_tile, pat
 
 
 def test_selection_words_pack_bits_little_endian_with_a_zero_word():
-    from attnc.runtime import routing
+    from attnc.runtime.plan import routing
 
     gen = torch.Generator().manual_seed(2)
     sel = torch.rand(2, 3, 5, 70, generator=gen) < 0.4

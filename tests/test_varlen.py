@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.spec.errors import SpecError
+from attnc.core.errors import SpecError
 
 LENGTHS = (5, 9, 5, 1, 12, 9)  # repeated lengths share a group; a one-token sequence
 CAUSAL = "pattern causal\n  tokens seq\n  mask causal\n"

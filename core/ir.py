@@ -1,0 +1,304 @@
+"""The IR: what a checked declaration means, as sympy expressions plus small
+descriptors. Hashable: ``key()`` is stable across processes and will key the
+kernel caches. Source positions ride along for compile-time errors but are not
+part of the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import sympy
+
+from . import symbols as S
+from .errors import Pos, SpecError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One part of a concatenated layout: ``seq(SIZE)`` (``axes`` empty) or ``grid(a: SIZE, ...)``.
+
+    ``name`` is what ``q in NAME`` tests: a seq segment's size name (None for a literal extent),
+    ``grid`` for the grid segment."""
+
+    kind: str  # 'seq' | 'grid'
+    name: str | None
+    size: sympy.Expr  # tokens in the segment (the product of the axes for a grid)
+    axes: tuple[tuple[str, sympy.Expr], ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "seq":
+            return f"seq({_size_text(self.size)})"
+        return "grid(" + ", ".join(f"{a}: {_size_text(s)}" for a, s in self.axes) + ")"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """``seq`` (axes empty) or ``grid(a: SIZE, ...)``, row-major, last axis fastest.
+
+    A concatenation (``seq(text) + grid(t: frames, ...)``) is kind ``seq`` with ``segments``:
+    its tokens are flat positions (so tiles, intervals and every backend see a sequence) and
+    ``coordinate`` / ``contains`` turn the per-segment meaning into exact expressions of the
+    flat position (floored ``//``, ``%``, ``min``, ``max``), which every evaluator already
+    computes exactly. Its length is the sum of the segments."""
+
+    kind: str
+    axes: tuple[tuple[str, sympy.Expr], ...] = ()
+    cross: bool = False  # `keys seq` beside `queries seq`: the keys have their own length nk
+    segments: tuple[Segment, ...] = ()  # a concatenation's parts, in order
+
+    @property
+    def axis_names(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.axes)
+
+    def size_of(self, axis: str) -> sympy.Expr:
+        return dict(self.coordinate_axes)[axis]
+
+    @property
+    def coordinate_axes(self) -> tuple[tuple[str, sympy.Expr], ...]:
+        """The axes ``q.AXIS`` may name: the grid's, or those of a concatenation's grid segment."""
+        grids = [seg for seg in self.segments if seg.kind == "grid"]
+        return grids[0].axes if grids else self.axes
+
+    @property
+    def segment_names(self) -> tuple[str, ...]:
+        return tuple(seg.name for seg in self.segments if seg.name is not None)
+
+    def token_count(self) -> sympy.Expr | None:
+        """The number of tokens the sizes imply (a grid's product, a concatenation's sum);
+        None for a plain sequence, whose length is given by the tensors."""
+        if self.segments:
+            return sympy.Add(*(seg.size for seg in self.segments))
+        if self.kind == "grid":
+            return sympy.Mul(*(s for _, s in self.axes))
+        return None
+
+    def extents(self) -> tuple[sympy.Expr, ...]:
+        """Every size expression of the layout (axis extents, segment sizes)."""
+        if self.segments:
+            return tuple(e for seg in self.segments for e in ((seg.size,) if seg.kind == "seq" else
+                                                                (s for _, s in seg.axes)))
+        return tuple(s for _, s in self.axes)
+
+    def length(self, flat_symbol: sympy.Symbol) -> sympy.Expr:
+        """Number of tokens: the flat symbol (n or nk) for seq, the product for grid."""
+        if self.kind == "seq":
+            return flat_symbol
+        return sympy.Mul(*(s for _, s in self.axes))
+
+    def flat(self, role: str) -> sympy.Expr:
+        """The flat position of a token in terms of this layout's coordinates."""
+        if self.kind == "seq":
+            return S.Q if role == "q" else S.K
+        expr = sympy.Integer(0)
+        for name, size in self.axes:
+            expr = expr * size + S.coord(role, name)
+        return sympy.expand(expr)
+
+    def _start(self, index: int) -> sympy.Expr:
+        return sympy.Add(*(seg.size for seg in self.segments[:index]))
+
+    def contains(self, role: str, name: str) -> sympy.Basic:
+        """``q in NAME``: the flat position lies in the named segment of a concatenation."""
+        index = next(i for i, seg in enumerate(self.segments) if seg.name == name)
+        start, flat = self._start(index), self.flat(role)
+        return S.logic_and(sympy.Le(start, flat), sympy.Lt(flat, start + self.segments[index].size))
+
+    def coordinate(self, role: str, axis: str) -> sympy.Expr:
+        """``q.AXIS``: a grid coordinate symbol, or on a concatenation the coordinate of the
+        flat position's index in the grid segment, clamped into it (a token before the grid
+        has the first cell's coordinates, one after it the last cell's)."""
+        if not self.segments:
+            return S.coord(role, axis)
+        index = next(i for i, seg in enumerate(self.segments) if seg.kind == "grid")
+        grid = self.segments[index]
+        local = S.Min(S.Max(self.flat(role) - self._start(index), 0), grid.size - 1)
+        names = [a for a, _ in grid.axes]
+        at = names.index(axis)
+        stride = sympy.Mul(*(s for _, s in grid.axes[at + 1:]))
+        value = local if stride == 1 else S.FloorDiv(local, stride)
+        return value if at == 0 else S.Mod(value, grid.axes[at][1])
+
+    def describe(self) -> str:
+        if self.segments:
+            return " + ".join(seg.describe() for seg in self.segments)
+        if self.kind == "seq":
+            return "seq"
+        return "grid(" + ", ".join(f"{a}: {_size_text(s)}" for a, s in self.axes) + ")"
+
+
+def _size_text(s: sympy.Expr) -> str:
+    return str(s).removeprefix("size_")
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    """``input NAME: int[...]|float[...]``; dims are size expressions or ints."""
+
+    name: str
+    dtype: str
+    dims: tuple[sympy.Expr, ...]
+    dim_names: tuple[str, ...]
+
+    @property
+    def function(self):
+        return S.input_function(self.name, self.dtype)
+
+
+@dataclass(frozen=True)
+class WindowSite:
+    """Where a ``window(...)`` call stands, for the compile-time size checks."""
+
+    axis: str | None
+    length: sympy.Expr
+    size: sympy.Expr
+    dilation: sympy.Expr
+    stride: sympy.Expr
+    pos: Pos
+    filename: str = "<spec>"
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    """``route topk(K) blocks(...) by SCORE [keep EXPR] [shared]``.
+
+    ``block`` has one extent per key-layout axis (one entry for seq);
+    ``score`` is 'token' (q @ mean(k), MoBA) or 'block' (mean(q) @ mean(k),
+    BiFormer). ``keep`` is an expression of q, h and k, where k is bound to
+    the first key of the block.
+    """
+
+    topk: sympy.Expr
+    block: tuple[sympy.Expr, ...]
+    score: str
+    keep: sympy.Basic | None
+    shared: bool
+
+
+@dataclass(frozen=True)
+class PatternIR:
+    """A softmax-attention pattern: mask, score terms, routing, layouts, inputs."""
+
+    name: str
+    queries: Layout
+    keys: Layout
+    mask: sympy.Basic
+    bias: sympy.Expr | None
+    softcap: sympy.Expr | None
+    decay: str | None  # name of a float[heads, n] input of log forget gates (FoX)
+    route: Route | None
+    inputs: tuple[InputDecl, ...]
+    params: tuple[tuple[str, object], ...]
+    windows: tuple[WindowSite, ...] = field(default=(), compare=False)
+    filename: str = field(default="<spec>", compare=False)
+    source: str | None = field(default=None, compare=False)
+
+    kind = "pattern"
+
+    @property
+    def self_attention(self) -> bool:
+        return self.queries == self.keys
+
+    def key(self) -> str:
+        return _key(
+            "pattern",
+            self.queries,
+            self.keys,
+            self.mask,
+            self.bias,
+            self.softcap,
+            self.decay,
+            self.route,
+            self.inputs,
+        )
+
+    def input(self, name: str) -> InputDecl:
+        return next(i for i in self.inputs if i.name == name)
+
+    def describe_terms(self) -> list[str]:
+        """The mask and score terms, one readable line each (for ``.source``)."""
+        lines = [f"mask = {self.mask}"]
+        if self.softcap is not None:
+            lines.append(f"softcap = {self.softcap}")
+        if self.bias is not None:
+            lines.append(f"bias = {self.bias}")
+        if self.decay is not None:
+            lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
+        if self.route is not None:
+            r = self.route
+            lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} shared={r.shared}")
+        return lines
+
+
+@dataclass(frozen=True)
+class RecurrenceIR:
+    """A linear recurrence ``S_t = diag(exp(decay_t)) S_{t-1} + k_t^T v_t``.
+
+    ``gate`` is 'head' (``decay`` a sympy expression of h: RetNet, Lightning),
+    'scalar' (``decay`` names a float[heads, n] input: Mamba2) or 'vector'
+    (a float[heads, n, dk] input: GLA).
+    """
+
+    name: str
+    gate: str
+    decay: sympy.Expr | str
+    inputs: tuple[InputDecl, ...]
+    params: tuple[tuple[str, object], ...]
+    filename: str = field(default="<spec>", compare=False)
+    source: str | None = field(default=None, compare=False)
+
+    kind = "recurrence"
+
+    def key(self) -> str:
+        return _key("recurrence", self.gate, self.decay, self.inputs)
+
+
+def _canon(x) -> str:
+    if isinstance(x, sympy.Basic):
+        return sympy.srepr(x)
+    if isinstance(x, tuple | list):
+        return "(" + ",".join(_canon(i) for i in x) + ")"
+    if hasattr(x, "__dataclass_fields__"):
+        fields = [f for f in x.__dataclass_fields__.values() if f.compare]
+        return type(x).__name__ + "(" + ",".join(_canon(getattr(x, f.name)) for f in fields) + ")"
+    return repr(x)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(_canon(parts).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------- compile-time checks
+def check_window_sizes(ir: PatternIR, subs: dict) -> None:
+    """Window larger than its axis, stride larger than the window: errors once sizes are known.
+    Sizes that passed are remembered on the pattern (every call binds its sizes: sympy
+    substitution per window would be a fixed cost of each call)."""
+    passed = ir.__dict__.setdefault("_window_sizes_passed", set())
+    key = tuple(sorted((str(sym), str(val)) for sym, val in subs.items()))
+    if key in passed:
+        return
+    for site in ir.windows:
+        vals = [sympy.sympify(x).subs(subs) for x in (site.length, site.size, site.dilation, site.stride)]
+        if not all(isinstance(v, sympy.Integer) for v in vals):
+            continue
+        L, size, dil, stride = (int(v) for v in vals)
+        axis = f"axis '{site.axis}'" if site.axis else "the sequence"
+        if size * dil > L:
+            raise SpecError(
+                f"window of {size}" + (f" with dilation {dil}" if dil > 1 else "")
+                + f" does not fit {axis} of length {L}",
+                site.pos,
+                filename=site.filename,
+                source=site.source,
+                hint="window size times dilation must be at most the axis length",
+            )
+        if stride > size:
+            raise SpecError(
+                f"stride {stride} is larger than the window {size}",
+                site.pos,
+                filename=site.filename,
+                source=site.source,
+            )
+    passed.add(key)

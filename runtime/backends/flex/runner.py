@@ -1,0 +1,648 @@
+"""``backend="flex"``: a softmax pattern lowered to PyTorch's FlexAttention.
+
+attnc does the analysis, Flex runs the kernel:
+
+- ``mask_mod`` and ``score_mod`` are generated from the IR
+  (``compiler.flex_codegen``: the evaluator's integer semantics, no text of
+  the spec, readable in ``Attention.source``); call-time inputs, per-head
+  softcaps and FoX prefix sums reach them as captured tensors;
+- the ``BlockMask`` is built directly from attnc's ``TileSchedule`` (its FULL
+  and PARTIAL lists, ``BlockMask.from_kv_blocks``), never by evaluating the
+  mask on every pair (``create_block_mask``);
+- grids get box tiles: q, k and v are permuted into tile-major order so that
+  one Flex block is one attnc box tile, and the output and lse are permuted
+  back. KV tiles holding padded slots are never FULL (the mask_mod masks the
+  padding).
+
+Which Flex implementation runs (torch 2.13):
+
+- the fused kernel, ``torch.compile(flex_attention, fullgraph=True)``, kept
+  per pattern and shape bucket (one compiled function per plan, so a new call
+  with the same shapes does not recompile; new inputs, a new BlockMask of a
+  data-dependent mask and new closure tensors do not recompile either). On CPU
+  Flex's fused kernel is inference only: no lse, no backward, no float64, and
+  it needs equal Q and KV block sizes (``_fused_ok``);
+- Flex's dense implementation (its eager path: the scores materialised,
+  O(N^2) memory) otherwise: CPU calls that need gradients, the lse, float64 or
+  unequal block sizes, and every call with ``runner.compiled = False``. On CPU it is called at the
+  level of Flex's higher-order op with the captured tensors as explicit
+  operands, because ``flex_attention`` refuses CPU tensors that require grad
+  while the op's own autograd formula (dense) is correct, including the
+  gradients of captured tensors (bias inputs, FoX gates).
+
+Routing (``route topk``): per call, ``runtime.plan.routing`` selects the key blocks
+of each query (as the CPU backend does, over the static schedule's tiles); the
+BlockMask then has one list per (batch element, head) and the mask_mod reads
+the selection from captured tensors. Refused at compile time (``SpecError``):
+recurrences (no softmax to lower).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
+from ....compiler.schedule import TileSchedule, tile_grid, tile_tokens
+from ....compiler.search import classify_flat, contiguous, tile_shapes
+from ....compiler.tiles import (
+    RANK_REFINE_BUDGET,
+    check_tile,
+    classify_tiles,
+    layout_extents,
+    one_thread,
+)
+from ....core import ir
+from ....core.errors import SpecError
+from ...numerics import empty_batch_outputs, fox_prefix, needs_grad
+from ...plan.cache import mask_input_names, ranked_schedule
+
+#: Flex block sizes (tokens) tried when the tiles are not forced.
+FLEX_TILE_TOKENS = (64, 128)
+#: On CUDA: Flex's GPU kernels tile a block with BLOCK_M x BLOCK_N of up to 128 tokens (its default
+#: BlockMask block is 128) and refuse a block that is not a multiple of them (seen on an H100, torch
+#: 2.11: 64-token blocks failed to lower for d = 128 bf16), so 128-token blocks only.
+CUDA_FLEX_TILE_TOKENS = (128,)
+#: Cost of one visited block pair beyond its token pairs (block loop, index loads), in token pairs.
+PAIR_OVERHEAD_TOKENS = 4096
+#: Extra cost of a PARTIAL token pair (mask_mod evaluated) relative to a FULL one.
+PARTIAL_EXTRA = 0.5
+
+_CALL_SOURCE = '''
+
+def flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+    """The Flex call this plan compiles (its own code object: its own compile cache)."""
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=enable_gqa, return_lse=return_lse)
+'''
+
+
+@dataclass
+class Order:
+    """Flex positions of one role: ``token[p]`` is the token at position p (0 on padded
+    slots), ``position[t]`` the position of token t; None for the identity."""
+
+    token: torch.Tensor | None = None
+    position: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, tmap: TokenMap) -> Order:
+        if tmap.tile is None:
+            return cls()
+        n = math.prod(tile_grid(tmap.extents, tmap.tile))
+        flat, valid = tile_tokens(tmap.extents, tmap.tile, torch.arange(n))
+        token = torch.where(valid, flat, torch.zeros_like(flat)).reshape(-1)
+        position = torch.empty(math.prod(tmap.extents), dtype=torch.int64)
+        position[flat[valid]] = torch.arange(token.numel()).view(flat.shape)[valid]
+        return cls(token, position)
+
+    def to(self, device) -> Order:
+        if self.token is None:
+            return self
+        return Order(self.token.to(device), self.position.to(device))
+
+
+@dataclass
+class FlexPlan:
+    """Everything one call needs besides the tensors: schedule, token orders, generated mods."""
+
+    bound: E.Bound
+    schedule: TileSchedule
+    q_map: TokenMap
+    k_map: TokenMap
+    source: FlexSource
+    namespace: dict
+    q_order: Order
+    k_order: Order
+    flat: bool  # 1-D tiles on a grid (classified on the flat view)
+    block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
+    tables: dict = field(default_factory=dict)  # (name, device) -> the mask's table there (source.tables)
+    exec_plan: object = None  # routing: the executor's plan over the static schedule (runtime.plan.routing)
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        """Flex's BLOCK_SIZE: the tiles' token counts; a 1-D tile that covers its whole side (clamped
+        to a short sequence) becomes the next power of two, one block beyond the sequence as Flex's
+        own 128 (the same lists; the fused CPU kernel needs power-of-two blocks, see _fused_ok)."""
+        def block(tile, length):
+            b = math.prod(tile)
+            return 1 << (b - 1).bit_length() if len(tile) == 1 and b == length else b
+
+        return block(self.schedule.q_tile, self.q_map.length), block(self.schedule.kv_tile, self.k_map.length)
+
+
+def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
+    """Box tiles that are already Flex blocks in the row-major order: each tile a run of
+    exactly prod(tile) tokens (only the last one may be shorter). Otherwise: tile-major order."""
+    if not contiguous(tile, extents):
+        return False
+    tm = TokenMap(extents, tile)
+    order = Order.of(tm).token
+    return not tm.padded and torch.equal(order, torch.arange(order.numel()))
+
+
+def _bind(fn, buffers: tuple):
+    """A mask_mod with its captured tensors (one code object for every plan: no recompiles)."""
+    def mask_mod(b, h, q_idx, kv_idx):
+        return fn(b, h, q_idx, kv_idx, *buffers)
+    return mask_mod
+
+
+def _bind_score(fn, buffers: tuple):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return fn(score, b, h, q_idx, kv_idx, *buffers)
+    return score_mod
+
+
+def _cost(sched: TileSchedule) -> float:
+    h, qi, ki, full = sched.pairs()
+    area = (sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).to(torch.float64)
+    return float((area * torch.where(full, 1.0, 1.0 + PARTIAL_EXTRA)).sum()) + PAIR_OVERHEAD_TOKENS * len(h)
+
+
+def demote_padded(sched: TileSchedule, k_map: TokenMap) -> TileSchedule:
+    """FULL pairs whose KV tile holds padded slots become PARTIAL: Flex skips the
+    mask_mod on FULL blocks, and only the mask_mod masks padding."""
+    if not k_map.padded:
+        return sched
+    h, qi, ki, full = sched.pairs()
+    padded = sched.kv_tile_tokens()[ki] < math.prod(sched.kv_tile)
+    return TileSchedule.from_pairs(sched.q_extents, sched.kv_extents, sched.q_tile, sched.kv_tile, sched.num_heads,
+                                   sched.heads_stored, h, qi, ki, full & ~padded, sched.allowed_pairs, sched.exact,
+                                   sched.density_exact)
+
+
+def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1,
+                  block_size: tuple[int, int] | None = None):
+    """Flex's BlockMask from attnc's tile lists: PARTIAL lists as ``kv_indices``,
+    FULL lists as ``full_kv_indices``; broadcast over the batch (``batch`` 1) and
+    over heads when the mask does not depend on the head. Routed schedules hold
+    one list class per (batch element, head): ``batch`` > 1 splits them."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nk = sched.num_kv_tiles
+    classes = sched.heads_stored
+
+    def dense_width(count, index):
+        # Flex reads the last dimension of the indices as the number of KV blocks
+        out = torch.zeros(*index.shape[:2], nk, dtype=torch.int32)
+        w = index.shape[-1]
+        out[..., :w] = index.clamp(min=0)
+        shape = (batch, classes // batch)
+        return count.to(torch.int32).view(*shape, -1).to(device), out.view(*shape, *out.shape[1:]).to(device)
+
+    kv_num, kv_idx = dense_width(sched.partial_count, sched.partial_index)
+    full_num, full_idx = dense_width(sched.full_count, sched.full_index)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
+                                    BLOCK_SIZE=block_size or (math.prod(sched.q_tile), math.prod(sched.kv_tile)),
+                                    mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+
+
+class FlexRunner:
+    """Plans per shapes (cached; data-dependent masks per distinct inputs) and runs Flex."""
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        check_lowerable(pat)
+        self.pattern = pat
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        #: False: Flex's dense implementation for every call (tests; debugging mods)
+        self.compiled = True
+        self.plans: dict = {}
+        self.last: FlexPlan | None = None
+        self.last_path: str | None = None
+        self.last_routed: TileSchedule | None = None  # routing: the latest call's per (batch, head) lists
+        self.last_block_mask = None
+        self._dynamic_last: tuple | None = None
+        #: backend="auto": the CPU runner whose classified schedules (static masks) this one shares
+        self.schedule_source = None
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle, torch.save of a model) keep the configuration, not the plans:
+        generated functions and compiled kernels do not pickle; a copy plans again at its first call."""
+        state = dict(self.__dict__)
+        state.update(plans={}, last=None, last_path=None, last_routed=None, last_block_mask=None, _dynamic_last=None)
+        return state
+
+    # ------------------------------------------------------------ planning
+    def _tiles(self, bound: E.Bound, tensors: dict, cuda: bool = False
+               ) -> tuple[tuple, tuple, bool, TileSchedule | None]:
+        """(Q tile, KV tile, flat, its schedule or None) with the least modelled Flex work;
+        ``flat``: 1-D tiles on a grid. ``cuda``: blocks of ``CUDA_FLEX_TILE_TOKENS`` only."""
+        pat = self.pattern
+        q_ext = layout_extents(pat.queries, bound, bound.n)
+        kv_ext = layout_extents(pat.keys, bound, bound.nk)
+        grid = len(q_ext) > 1 or len(kv_ext) > 1
+        boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
+        if self.q_tile is not None or self.kv_tile is not None:
+            qt = self.q_tile if self.q_tile is not None else self.kv_tile
+            kt = self.kv_tile if self.kv_tile is not None else qt
+            as_tuple = [(t,) if isinstance(t, int) and not isinstance(t, bool) else t for t in (qt, kt)]
+            flat = grid and (not boxes or all(isinstance(t, tuple | list) and len(t) == 1 for t in as_tuple))
+            if flat:
+                return (check_tile("q_tile", as_tuple[0], (bound.n,)), check_tile("kv_tile", as_tuple[1], (bound.nk,)),
+                        True, None)
+            return check_tile("q_tile", as_tuple[0], q_ext), check_tile("kv_tile", as_tuple[1], kv_ext), False, None
+        best = None
+        for tokens in CUDA_FLEX_TILE_TOKENS if cuda else FLEX_TILE_TOKENS:
+            # blocks of exactly `tokens` (a power of two) on both sides, as Flex's own 128, even beyond a
+            # short sequence (Flex bounds it): the fused CPU kernel needs them (see _fused_ok)
+            # flat blocks of the token order too (on a grid: whole rows or pieces of one, e.g. radial's
+            # in-frame blocks, which the most cube-like boxes are not), then those boxes
+            cands = [((tokens,), (tokens,), grid)]
+            if boxes:
+                q_shapes = tile_shapes(tokens, q_ext, limit=3)
+                kv_shape = tile_shapes(tokens, kv_ext, limit=1) if q_ext != kv_ext else q_shapes[:1]
+                if q_shapes and kv_shape:  # else a grid smaller than one box: flat blocks only
+                    cands += [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
+            for qs, ks, flat in cands:
+                sched = self._classify(bound, qs, ks, flat, tensors, rank=True)
+                cost = _cost(sched)
+                if best is None or cost < best[0]:
+                    best = (cost, qs, ks, flat)
+        _, qs, ks, flat = best
+        return qs, ks, flat, self._classify(bound, qs, ks, flat, tensors)
+
+    def _classify(self, bound: E.Bound, q_tile, kv_tile, flat: bool, tensors: dict, rank: bool = False) -> TileSchedule:
+        """The exact schedule of these tiles (shared with the executor's plans of a static mask), or
+        with ``rank`` one refined within ``RANK_REFINE_BUDGET`` to compare candidates by."""
+        memo = None
+        if self.schedule_source is not None and not mask_input_names(self.pattern):
+            memo = self.schedule_source.schedules_for((tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk,
+                                                       bound.heads))
+            known = ranked_schedule(memo, (q_tile, kv_tile, flat)) if rank else memo.get((q_tile, kv_tile, flat))
+            if known is not None:
+                return known
+        budget = {"refine_budget": RANK_REFINE_BUDGET, "witness": False} if rank else {}
+        if flat:
+            sched = classify_flat(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
+        else:
+            sched = classify_tiles(self.pattern, bound, q_tile, kv_tile, tensors, **budget)
+        if memo is not None:
+            memo[("ranked", q_tile, kv_tile, flat) if rank else (q_tile, kv_tile, flat)] = sched
+        return sched
+
+    def plan(self, bound: E.Bound, tensors: dict, batched: frozenset, cuda: bool = False) -> FlexPlan:
+        """The plan of these shapes (and inputs of a data-dependent mask) for a CPU or a CUDA call:
+        cached, else made on one torch thread (``tiles.one_thread``)."""
+        with one_thread():
+            return self._plan(bound, tensors, batched, cuda)
+
+    def _plan(self, bound: E.Bound, tensors: dict, batched: frozenset, cuda: bool) -> FlexPlan:
+        pat = self.pattern
+        used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, batched, cuda)
+        if not used and key in self.plans:
+            self.last = self.plans[key]
+            return self.last
+        if used and self._dynamic_last is not None and self._dynamic_last[0] == key:
+            seen = self._dynamic_last[1]
+            if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
+                self.last = self._dynamic_last[2]
+                return self.last
+        cpu_used = {n: t.detach().cpu() for n, t in used.items()}
+        if used and key in self.plans:  # data-dependent: keep the tiles, reclassify for these inputs
+            old = self.plans[key]
+            q_tile, kv_tile, flat, sched = old.schedule.q_tile, old.schedule.kv_tile, old.flat, None
+        else:
+            q_tile, kv_tile, flat, sched = self._tiles(bound, cpu_used, cuda)
+        if sched is None:
+            sched = self._classify(bound, q_tile, kv_tile, flat, cpu_used)
+        q_ext = layout_extents(pat.queries, bound, bound.n)
+        kv_ext = layout_extents(pat.keys, bound, bound.nk)
+        boxes = not flat and len(q_tile) > 1
+        q_map = TokenMap(q_ext, q_tile if boxes and not _row_major_blocks(q_tile, q_ext) else None)
+        k_map = TokenMap(kv_ext, kv_tile if boxes and not _row_major_blocks(kv_tile, kv_ext) else None)
+        sched = demote_padded(sched, k_map)
+        if used and key in self.plans and self.plans[key].q_map == q_map and self.plans[key].k_map == k_map:
+            old = self.plans[key]
+            source, namespace = old.source, old.namespace
+        else:
+            decay_batched = pat.decay is not None and pat.decay in batched
+            source = generate(pat, bound, q_map, k_map, batched, decay_batched)
+            namespace = _namespace(source, pat)
+        plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat)
+        self.plans[key] = plan
+        self.last = plan
+        if used:
+            self._dynamic_last = (key, cpu_used, plan)
+        return plan
+
+    def _route(self, plan: FlexPlan, q, k, tensors: dict, batched: frozenset):
+        """The routed lists and selection of this call (``runtime.plan.routing``, as the CPU backend),
+        over the static schedule's tiles (never N x N)."""
+        from ...plan import routing, tile_plan
+
+        if plan.exec_plan is None:
+            plan.exec_plan = tile_plan.Plan.build(self.pattern, plan.bound, plan.schedule)
+        cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+        return routing.route_plan(plan.exec_plan, q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
+
+    # ------------------------------------------------------------ running
+    def fused_failure(self, plan: FlexPlan) -> str | None:
+        """Why Flex's fused kernel failed to compile for these mods (None: it has not failed)."""
+        return plan.namespace.get("fused_failed")
+
+    def kernel_ready(self, plan: FlexPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     need_lse: bool) -> bool:
+        """Whether a fused call with these shapes runs without compiling Flex's kernel: the kernel of
+        these mods ran with these shapes in this process, or with two other lengths and the same rest
+        (dynamo then holds a kernel with dynamic lengths: ``_compiled``), or nothing is compiled
+        (``compiled = False``)."""
+        if not self.compiled:
+            return True
+        key = kernel_key(plan, q, k, v, need_lse)
+        seen = plan.namespace.get("compiled_keys", set())
+        return key in seen or sum(rest == key[1] for _, rest in seen) >= 2
+
+    def _compile_failed(self, plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse):
+        """torch.compile of Flex's CPU kernel can fail on some mods and block sizes (torch 2.13: a C++
+        compile error for FoX prefix-sum loads with 16-token blocks): the call, and later calls with
+        these mods, use the dense implementation instead, with a warning."""
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        plan.namespace["fused_failed"] = f"torch.compile of Flex's kernel failed ({type(err).__name__}: {first})"
+        warnings.warn(f"attnc flex: {plan.namespace['fused_failed']}; using Flex's dense implementation",
+                      RuntimeWarning, stacklevel=3)
+        self.last_path = "dense"
+        out, lse = _dense_call(qp, kp, vp, plan.namespace, bm, scale, mask_bufs, score_bufs)
+        return (out, lse) if need_lse else out
+
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
+        pat = self.pattern
+        B, Hq, Nq, _ = q.shape
+        tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
+        if B == 0:  # an empty batch: Flex's dense backward cannot reshape 0 elements; zeros as elsewhere
+            anchor = sum(t.sum() for t in (q, k, v, *tensors.values()) if t.is_floating_point()) * 0
+            out, lse = empty_batch_outputs(q, v, torch.float32)
+            out, lse = out + anchor.to(out.dtype), lse + anchor.to(lse.dtype)  # gradients: empty zeros
+            return out, (lse if need_lse else None)
+        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+        plan = self.plan(bound, tensors, batched, q.is_cuda)
+        dev = q.device
+        names = plan.source.mask_inputs[:-2] if pat.route is not None else plan.source.mask_inputs  # then SEL, KB
+        for n in names:  # the mask's tables, moved once per device
+            if n in plan.source.tables and (n, dev) not in plan.tables:
+                plan.tables[(n, dev)] = plan.source.tables[n].to(dev)
+        mask_bufs = tuple(plan.tables[(n, dev)] if n in plan.source.tables else tensors[n].to(dev) for n in names)
+        sched, per_batch = plan.schedule, False
+        if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
+            routed = self._route(plan, q, k, tensors, batched)
+            sched, per_batch = routed.schedule, True
+            mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
+            self.last_routed = sched
+        names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
+        score_bufs = [tensors[n].to(dev) for n in names]
+        if pat.decay is not None:
+            hi, lo, reset = _prefix_sums(tensors[pat.decay].to(dev), q.dtype)
+            score_bufs += [hi, lo, reset, hi.clone(), lo.clone()]  # DECAY_BUFFERS: key-side reads apart
+        score_bufs = tuple(score_bufs)
+        qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
+        qp = q if qo.token is None else q.index_select(2, qo.token)
+        kp = k if ko.token is None else k.index_select(2, ko.token)
+        vp = v if ko.token is None else v.index_select(2, ko.token)
+        ns = plan.namespace
+        mask_mod = _bind(ns["mask_mod"], mask_bufs)
+        score_mod = _bind_score(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
+        bm = None if per_batch else plan.block_masks.get(dev)
+        if bm is None:  # a plan holds one BlockMask (a data-dependent mask: one plan per distinct inputs)
+            bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1,
+                               plan.block_size)
+            if not per_batch:
+                plan.block_masks[dev] = bm
+        bm.mask_mod = mask_mod  # this call's captured tensors
+        self.last_block_mask = bm
+        grad = needs_grad(q, k, v, *mask_bufs, *score_bufs)
+        if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
+            qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
+            score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
+        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse)
+                                               and self.fused_failure(plan) is None)
+        gqa = Hq != k.shape[1]
+        if dense_cpu:
+            self.last_path = "dense"
+            out, lse = _dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
+        else:
+            self.last_path = "fused" if self.compiled else "eager"
+            from torch.nn.attention.flex_attention import flex_attention
+
+            if self.compiled:
+                key = kernel_key(plan, q, k, v, need_lse)
+                ready = self.kernel_ready(plan, q, k, v, need_lse)
+                started = time.perf_counter()
+                try:
+                    res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
+                except compile_errors() as err:
+                    if dev.type != "cpu":
+                        raise
+                    res = self._compile_failed(plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse)
+                else:
+                    if not ready:  # this call compiled (or recompiled with dynamic lengths) Flex's kernel
+                        COMPILE_SECONDS.append(time.perf_counter() - started)
+                    ns.setdefault("compiled_keys", set()).add(key)
+            else:
+                res = flex_attention(qp, kp, vp, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa,
+                                     return_lse=need_lse)
+            out, lse = res if need_lse else (res, None)
+        if qo.position is not None:
+            out = out.index_select(2, qo.position)
+            lse = lse.index_select(2, qo.position) if lse is not None else None
+        return out, lse
+
+
+def fused_refusal(device: torch.device, dtype: torch.dtype, grad: bool, need_lse: bool) -> str | None:
+    """Why Flex's fused kernel cannot serve a call on ``device`` (None: it can). On CPU (torch 2.13)
+    the compiled kernel is inference only: no backward, no lse, no float64."""
+    if device.type != "cpu":
+        return None
+    if grad:
+        return "gradients are needed: the CPU kernel has no backward"
+    if need_lse:
+        return "the lse is requested: the CPU kernel does not return it"
+    if dtype == torch.float64:
+        return "float64: the CPU kernel does not take it"
+    return None
+
+
+def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
+    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: ``fused_refusal`` and
+    ``block_refusal``."""
+    return fused_refusal(torch.device("cpu"), dtype, grad, need_lse) is None and block_refusal(plan) is None
+
+
+def block_refusal(plan: FlexPlan) -> str | None:
+    """Why Flex's fused CPU kernel (torch 2.13) cannot take this plan's blocks (None: it can).
+    Measured on a causal band (fp32, 200 tokens): wrong results with a KV block smaller than the Q
+    block (16 and 8) and with equal blocks of 8, 24 or 40 tokens; right with 16, 32, 48, 64 and 128.
+    Accepted: equal power-of-two blocks of at least 16 tokens (what the planner picks). The dense
+    implementation is exact with any blocks."""
+    bq, bk = plan.block_size
+    if bq != bk:
+        return f"unequal Q and KV blocks ({bq}, {bk})"
+    if bq & (bq - 1) or bq < 16:
+        return f"blocks of {bq} tokens (the kernel needs a power of two of at least 16)"
+    return None
+
+
+def compile_errors() -> tuple[type, ...]:
+    """The exceptions of a failed torch.compile (imported at the first compiled call: importing
+    inductor takes seconds, which a first call served by the executor does not pay)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import InductorError
+
+    return TorchDynamoException, InductorError
+
+
+#: Measured seconds of the calls that compiled a Flex kernel in this process (the compile and one
+#: run), oldest first: ``backend_choice`` estimates the next compile from them.
+COMPILE_SECONDS: list[float] = []
+
+
+def kernel_key(plan: FlexPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> tuple:
+    """What a compiled Flex kernel of these mods is specialised on: ((Q length, KV length), the rest:
+    batch, heads, head dims, dtype, block sizes, lse)."""
+    return ((q.shape[2], k.shape[2]),
+            (q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.dtype, plan.block_size, need_lse))
+
+
+#: Generated mods by their text (without the header): plans whose mods read alike (a 1-D pattern at
+#: another sequence length, the same pattern compiled twice) share one namespace, hence one compiled
+#: Flex call; a bounded process-wide cache (oldest dropped first).
+_NAMESPACES: dict[str, dict] = {}
+NAMESPACE_CACHE_SIZE = 64
+
+
+def _namespace(source: FlexSource, pat: ir.PatternIR) -> dict:
+    ns = _NAMESPACES.pop(source.body, None)
+    if ns is None:
+        ns = _module_globals(source.body)
+        exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
+             ns)
+        while len(_NAMESPACES) >= NAMESPACE_CACHE_SIZE:
+            sys.modules.pop(_NAMESPACES.pop(next(iter(_NAMESPACES)))["__name__"], None)
+    _NAMESPACES[source.body] = ns  # most recently used last
+    return ns
+
+
+def _module_globals(body: str) -> dict:
+    """The globals of a new module for the generated mods, registered in ``sys.modules``: dynamo
+    re-imports a traced function's module by its ``__name__`` (seen compiling the CUDA kernel,
+    torch 2.11), so the name must resolve. One module per mods text."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    name = f"attnc_flex_generated_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
+    module = types.ModuleType(name)
+    module.__dict__.update({"torch": torch, "flex_attention": flex_attention})
+    sys.modules[name] = module
+    return module.__dict__
+
+
+def _compiled(ns: dict):
+    """The compiled Flex call of these mods (made once; dynamo's cache lives on its code object).
+    ``dynamic=None``: the first shapes compile static; a second set of shapes recompiles once with
+    dynamic sizes, which later sequence lengths reuse (measured on CPU, torch 2.13: a 1-D mask at
+    1024, 2048, 1536 and 3072 tokens compiled twice, the last two calls reused the dynamic kernel)."""
+    if "compiled_call" not in ns:
+        ns["compiled_call"] = torch.compile(ns["flex_call"], fullgraph=True, dynamic=None)
+    return ns["compiled_call"]
+
+
+def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """FoX: ``reference.fox_prefix`` of the gates in the compute dtype (hi + lo prefix sums, exact
+    to rounding at any length, and the last reset: a gate of -inf), each ``[B | 1, H, N]``."""
+    g = gates.to(torch.float64 if dtype == torch.float64 else torch.float32)
+    if g.dim() == 2:
+        g = g.unsqueeze(0)
+    return fox_prefix(g)
+
+
+def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
+    """Flex's dense implementation at the level of its higher-order op, with the captured
+    tensors as explicit operands (so their gradients are computed). Returns lse in natural log."""
+    from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
+    from torch.nn.attention.flex_attention import _apply_kernel_options
+
+    options = _apply_kernel_options(q, k, v, True, None)
+    score = ns.get("score_mod") or _identity_score
+    mask_tuple = (*bm.as_tuple()[:-1], ns["mask_mod"])
+    out, lse, _ = flex_hop(q, k, v, score, mask_tuple, scale, options, score_bufs, mask_bufs)
+    return out, lse * math.log(2.0)  # the op's lse is in base 2
+
+
+def _identity_score(score, b, h, q_idx, kv_idx):
+    return score
+
+
+def describe(runner: FlexRunner, pat: ir.PatternIR) -> str:
+    """``Attention.source`` for backend='flex': the plan and the generated mods."""
+    lines = [f"# flex backend: FlexAttention lowering of '{pat.name}'", *("# " + t for t in pat.describe_terms())]
+    plan = runner.last
+    if plan is None:
+        lines.append("# no call yet: the BlockMask and the mods are generated at the first call (per shapes)")
+        return "\n".join(lines) + "\n"
+    s = plan.schedule
+    lines += [
+        f"# BlockMask from attnc's tile lists: BLOCK_SIZE {plan.block_size}, q_tile {s.q_tile}, kv_tile {s.kv_tile}",
+        f"# visited block pairs: {s.full} FULL (mask_mod skipped), {s.partial} PARTIAL, {s.empty} EMPTY (skipped)",
+        f"# last call ran Flex's {runner.last_path or '-'} implementation",
+        "",
+        plan.source.text,
+    ]
+    return "\n".join(lines)
+
+
+def refuse_recurrence(rec: ir.RecurrenceIR) -> None:
+    raise SpecError(f"'{rec.name}' is a recurrence: it has no softmax to lower to FlexAttention",
+                    where="argument backend", hint="use backend='cpu', 'triton' or 'reference' for recurrences")
+
+
+class FlexBuilder:
+    """The Flex lowering as an autotuner candidate (``runtime.tuning.autotune``'s ``KernelBuilder``
+    protocol): ``source`` is the generated mods, ``runner`` times a training step of this lowering
+    on random q, k, v of the tuned shape, forward then backward, as the Triton candidates are timed
+    (the compiled kernels; compiled once, before timing, by the timer's warm-up; comparing a Flex
+    forward with a Triton forward+backward had Flex win wrongly: seen on an H100).
+    ``compiled=False``: Flex's dense implementation (tests)."""
+
+    name = "flex"
+
+    def __init__(self, compiled: bool = True):
+        self.compiled = compiled
+        self._runners: dict = {}
+
+    def _runner(self, pat: ir.PatternIR) -> FlexRunner:
+        key = pat.key()
+        if key not in self._runners:
+            self._runners[key] = FlexRunner(pat)
+            self._runners[key].compiled = self.compiled
+        return self._runners[key]
+
+    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule, config) -> str:
+        if mask_input_names(pat):
+            return f"# flex lowering of '{pat.name}': mods and BlockMask generated per call (data-dependent mask)\n"
+        return self._runner(pat).plan(bound, {}, frozenset()).source.text
+
+    def load(self, path):
+        return None  # nothing to load: the runner compiles Flex's kernel itself
+
+    def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule, config, *, head_dim: int, dtype: str,
+               batch: int, device, inputs: dict | None):
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
+                   for n in (bound.n, bound.nk, bound.nk))
+        runner, scale, given = self._runner(pat), head_dim ** -0.5, dict(inputs or {})
+        dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen).to(device=device, dtype=tdtype)
+        leaves = tuple(t.requires_grad_() for t in (q, k, v))
+
+        def run():  # a training step, like the Triton candidates': forward, then dq, dk, dv
+            out, lse = runner(bound, q, k, v, given, scale, True)
+            return (out, lse, *torch.autograd.grad(out, leaves, dout))
+
+        return run

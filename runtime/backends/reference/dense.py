@@ -1,0 +1,66 @@
+"""The reference backend: dense, exact, differentiable, slow. The one source
+of truth later backends are tested against.
+
+Softmax patterns: ``softmax(scale * q.k -> softcap + bias + decay, masked) @ v``
+on the full [B, H, Nq, Nk] score matrix; a query with no allowed key gives 0
+and lse -inf. Recurrences: the step-by-step loop of DESIGN.md section 2.
+Computation is in float64 for float64 inputs and float32 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ....compiler import evaluate as E
+from ....core import ir
+from ...numerics import compute_dtype, expand_kv, fox_decay
+from ...plan import routing
+
+
+def attention(
+    pat: ir.PatternIR,
+    bound: E.Bound,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: dict,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Nq, Dv] in q's dtype, lse [B, Hq, Nq] in the compute dtype). Tensors on
+    another device (CUDA) are evaluated on the CPU, the oracle every backend is tested against, and
+    the results (and gradients, through the copies) come back on q's device."""
+    if q.device.type != "cpu":
+        host = {name: t.cpu() if isinstance(t, torch.Tensor) else t for name, t in inputs.items()}
+        out, lse = attention(pat, bound, q.cpu(), k.cpu(), v.cpu(), host, scale)
+        return out.to(q.device), lse.to(q.device)
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
+    dt = compute_dtype(q.dtype)
+    qc, kc, vc = q.to(dt), expand_kv(k.to(dt), Hq), expand_kv(v.to(dt), Hq)
+    ev = E.evaluator(pat, bound, inputs, batch=B)
+    mask = torch.broadcast_to(E.as_tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
+    if pat.route is not None:
+        mask = routing.select_blocks(pat, bound, q, k, mask, inputs)
+    scores = scale * (qc @ kc.transpose(-1, -2))
+    if pat.softcap is not None:
+        cap = E.head_values(pat.softcap, bound.subs, Hq).to(dt).view(1, Hq, 1, 1)
+        scores = cap * torch.tanh(scores / cap)
+    bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
+    if bias is not None:
+        scores = scores + (bias.to(dt) if isinstance(bias, torch.Tensor) else bias)
+    if pat.decay is not None:
+        # gates are indexed by absolute position: the query rows start at q_offset (a KV cache)
+        scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq) + bound.q_offset, torch.arange(Nk))
+    scores = scores.masked_fill(~mask, -math.inf)
+    # a row with no key of nonzero weight (masked, or every key behind a FoX reset): lse -inf, and
+    # logsumexp never sees the all -inf row (its backward would give nan)
+    empty = torch.isneginf(scores).all(-1)
+    lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
+    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
+    p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
+    out = p @ vc
+    return out.to(q.dtype), lse
+
+

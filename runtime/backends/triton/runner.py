@@ -1,0 +1,747 @@
+"""The Triton backend: generated kernels (``compiler.codegen``), compiled from a
+source file, launched over the tile schedule's lists, with an autograd function
+for the backward pass.
+
+On CUDA tensors the kernels run natively; on CPU tensors they run under
+Triton's interpreter. Triton reads ``TRITON_INTERPRET`` (through
+``triton.knobs.runtime.interpret`` from 3.4 on) when ``@triton.jit``
+decorates a function, so the interpreted copy of a module is imported with
+the variable set (``interpreting()``) and kept apart from the native copy.
+
+Interface for the autotuner / kernel cache:
+
+- ``generate_source(pattern, bound, schedule_shape, config) -> str``
+- ``load_kernels(source_path, interpret=False) -> module`` (``attnc_fwd``,
+  ``attnc_bwd_dq``, ``attnc_bwd_dkdv``)
+- ``KernelConfig`` (``compiler.cost.KernelConfig``: q_tile, kv_tile, layout,
+  num_warps, num_stages); ``TritonRunner.config_hook`` may pick the config
+  (and ``TritonRunner.source_hook`` the source file) instead of the defaults.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import sympy
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.codegen import (
+    ScheduleShape,
+    bias_index_checks,
+    check_fp32_constants,
+    derivative,
+    generate_source,
+)
+from ....compiler.cost import KernelConfig
+from ....compiler.schedule import TileSchedule
+from ....compiler.search import classify_flat, tile_shapes
+from ....compiler.tile_args import parse_tiles
+from ....compiler.tiles import classify_tiles, layout_extents
+from ....core import ir
+from ....core import symbols as S
+from ....core.errors import SpecError
+from ...numerics import fox_prefix
+from ...plan import routing, tile_plan
+from ...plan.cache import PlanCache, mask_input_names
+from ...tritonenv import LOCK, interpreting, require_triton
+
+__all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
+           "search_config", "write_source"]
+
+#: Tile token count of the default schedule under the interpreter (bigger tiles: fewer, larger numpy ops).
+INTERPRET_TILE_TOKENS = 64
+#: The smallest tile (tokens) an out-of-resources fallback goes down to (``tl.dot`` takes 16).
+MIN_FALLBACK_TOKENS = 16
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_LOCK = LOCK  # one lock with the interpreter switch (kernels load and launch under it)
+_MODULES: dict[tuple[str, bool], object] = {}
+_SOURCE_DIR: str | None = None
+
+
+def source_dir() -> str:
+    """Where generated sources are written for this process (Triton reads them back):
+    a private folder (mode 0700, unpredictable name), removed when the process exits."""
+    global _SOURCE_DIR
+    with _LOCK:
+        if _SOURCE_DIR is None or not os.path.isdir(_SOURCE_DIR):
+            _SOURCE_DIR = tempfile.mkdtemp(prefix="attnc-kernels-")
+            atexit.register(shutil.rmtree, _SOURCE_DIR, ignore_errors=True)
+        return _SOURCE_DIR
+
+
+def write_source(source: str, directory: str | None = None) -> str:
+    """Write a generated module to ``directory`` (default: a per-process temp dir); returns its path."""
+    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
+    path = os.path.join(directory or source_dir(), f"attnc_{digest}.py")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(source)
+        os.replace(tmp, path)
+    return path
+
+
+def load_kernels(source_path: str, interpret: bool = False):
+    """Import a generated kernel module from its file (native, or for the interpreter)."""
+    require_triton(interpret)
+    with open(source_path, encoding="utf-8") as f:
+        digest = hashlib.sha256(f.read().encode()).hexdigest()[:24]
+    key = (digest, interpret)
+    with _LOCK:
+        if key in _MODULES:
+            return _MODULES[key]
+        name = f"attnc_kernels_{digest}_{'interp' if interpret else 'native'}"
+        spec = importlib.util.spec_from_file_location(name, source_path)
+        module = importlib.util.module_from_spec(spec)
+        with interpreting(interpret):
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(name, None)
+                raise
+        _MODULES[key] = module
+        return module
+
+
+# ----------------------------------------------------------------- choosing a schedule
+def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None, *, device: torch.device,
+                   head_dim: int = 64, dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+    """The schedule to run without autotuning: forced tiles, else the simulator's best
+    candidate on CUDA, else interpreter-friendly tiles of ``INTERPRET_TILE_TOKENS``."""
+    q_ext = layout_extents(pat.queries, bound, bound.n)
+    kv_ext = layout_extents(pat.keys, bound, bound.nk)
+    grid = len(q_ext) > 1 or len(kv_ext) > 1
+    boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
+    tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
+    if tiles.forced:
+        qt, kt, flat = tiles.fit(q_ext, kv_ext)
+        return KernelConfig(qt, kt, "flat" if flat else "address")
+    if device.type == "cuda":
+        from ....compiler.hardware import hardware_for_gpu
+
+        hw = hardware_for_gpu(torch.cuda.get_device_name(device))
+        return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs)
+    tokens = INTERPRET_TILE_TOKENS
+    if boxes:
+        while tokens > 1:
+            shapes = tile_shapes(tokens, q_ext, limit=1)
+            if shapes:
+                return KernelConfig(shapes[0], tuple(min(t, L) for t, L in zip(shapes[0], kv_ext, strict=True)),
+                                    "address")
+            tokens //= 2
+    if grid:
+        return KernelConfig((min(tokens, math.prod(q_ext)),), (min(tokens, math.prod(kv_ext)),), "flat")
+    return KernelConfig((min(tokens, q_ext[0]),), (min(tokens, kv_ext[0]),), "address")
+
+
+def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int = 64,
+                  dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+    """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning)."""
+    from ....compiler.hardware import get_hardware
+    from ....compiler.search import ScheduleSearch
+
+    nbytes = 4 if dtype == torch.float32 else 2
+    return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,
+                          inputs=_static_inputs(inputs)).run(top=1)[0].config
+
+
+def _static_inputs(inputs: dict | None) -> dict | None:
+    """Inputs for the simulator's search: first batch element, on the host."""
+    return None if not inputs else {n: t.detach().cpu() for n, t in inputs.items()}
+
+
+def classify(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, inputs: dict | None) -> TileSchedule:
+    """The tile schedule of a config: box tiles on the pattern (``flat`` contiguous boxes and
+    ``address`` boxes alike), 1-D tiles of a grid on its flat view."""
+    flat = len(config.q_tile) == 1 and len(config.kv_tile) == 1
+    if flat and (pat.queries.kind == "grid" or pat.keys.kind == "grid"):
+        return classify_flat(pat, bound, config.q_tile, config.kv_tile, inputs)
+    return classify_tiles(pat, bound, config.q_tile, config.kv_tile, inputs)
+
+
+# ----------------------------------------------------------------- one call's launch state
+@dataclass
+class Launch:
+    """Everything a forward/backward launch needs besides q, k, v: the module, the
+    plan (lists, maybe per (batch, head) for routing), inputs prepared on the device."""
+
+    module: object
+    interpret: bool
+    config: KernelConfig
+    shape: ScheduleShape
+    plan: tile_plan.Plan
+    pattern: ir.PatternIR
+    bound: E.Bound
+    tensors: dict  # checked call-time inputs (original dtypes)
+    batched: frozenset
+    lists: dict  # name -> device tensor
+    cls: tuple[int, int]
+    extra: dict  # SEL, KEY_BLOCK, DC (per call), SOFTCAP, inputs -> device tensors and strides
+    checks: list  # (input, dimension, extent) of each bias index the forward kernel checks (its ERR slot)
+    #: called with the config after a launch fell back to fewer stages (the runner keeps it)
+    on_config: object = None
+    #: ``() -> Launch | None``: the same call planned with smaller tiles (out-of-resources fallback)
+    shrink: object = None
+    #: ``() -> Launch``: the call planned on the config's own backward tiles (None: this launch)
+    for_backward: object = None
+
+    def backward_launch(self) -> Launch:
+        """The launch the backward kernels run: this one, or one re-planned on the backward's tiles
+        (its own schedule, classified at them; inputs and gradients stay in token order)."""
+        return self if self.for_backward is None else self.for_backward()
+
+
+def qt_view(device: torch.device) -> bool:
+    """The dK/dV kernel's ``QT_VIEW``: Q^T and dO^T as transposed shared-memory views where the
+    tensor cores take them so (wgmma, sm_90+); separate transposed loads before (mma.sync, where
+    the view is transposed in registers and spills). The offline check sets it per target arch."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _dummy(device, dtype=torch.float32) -> torch.Tensor:
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _lists(sched: TileSchedule, device) -> dict:
+    def width1(t):  # a zero-width list still needs a valid pointer and row stride
+        if t.shape[-1] == 0:
+            t = torch.full((*t.shape[:-1], 1), -1, dtype=torch.int32)
+        return t.to(torch.int32).contiguous().to(device)
+
+    return {
+        "FULL_N": sched.full_count.to(torch.int32).contiguous().to(device), "FULL_I": width1(sched.full_index),
+        "PART_N": sched.partial_count.to(torch.int32).contiguous().to(device), "PART_I": width1(sched.partial_index),
+        "T_FULL_N": sched.t_full_count.to(torch.int32).contiguous().to(device),
+        "T_FULL_I": width1(sched.t_full_index),
+        "T_PART_N": sched.t_partial_count.to(torch.int32).contiguous().to(device),
+        "T_PART_I": width1(sched.t_partial_index),
+    }
+
+
+class TritonRunner:
+    """Generated Triton kernels for one pattern: configs and sources per shapes (cached),
+    tile lists per call for data-dependent masks and routing."""
+
+    #: Optional ``hook(pattern, bound, q, inputs) -> KernelConfig | None`` (the autotuner).
+    config_hook = None
+    #: Optional ``hook(pattern, bound, shape, config, source) -> path`` (the kernel cache).
+    source_hook = None
+    #: Load the native (CUDA) kernels whatever the tensors' device (set by ``runtime.gpu_check``).
+    native = False
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        check_fp32_constants(pat)
+        self.pattern = pat
+        self.q_tile, self.kv_tile = q_tile, kv_tile
+        self._static: dict = PlanCache()  # shapes key -> (config, plan, source); bounded LRU
+        self._dynamic_last: tuple | None = None
+        self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
+        self._fallback: dict = {}  # shapes key -> the smaller config an out-of-resources launch fell back to
+        self._bwd_fallback: dict = {}  # (shapes key, "bwd", forward config) -> its backward's smaller config
+        self.last_source: str | None = None
+        self.last_plan: tile_plan.Plan | None = None
+
+    # ------------------------------------------------------------ planning
+    @staticmethod
+    def _key(bound: E.Bound, q: torch.Tensor) -> tuple:
+        return (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, q.device.type,
+                q.shape[-1], q.dtype)
+
+    def _config(self, bound: E.Bound, q: torch.Tensor, inputs: dict) -> KernelConfig:
+        fallback = self._fallback.get(self._key(bound, q))
+        if fallback is not None:
+            return fallback
+        hook = type(self).config_hook
+        if hook is not None and self.q_tile is None and self.kv_tile is None:
+            cfg = hook(self.pattern, bound, q, inputs)
+            if cfg is not None:
+                return cfg
+        return default_config(self.pattern, bound, self.q_tile, self.kv_tile, device=q.device, head_dim=q.shape[-1],
+                              dtype=q.dtype, inputs=inputs)
+
+    def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict,
+             backward_of: KernelConfig | None = None) -> tuple[KernelConfig, tile_plan.Plan, str]:
+        """(config, plan, source) of a call; ``backward_of``: the plan of that config's own
+        backward tiles (cached apart from the forward's)."""
+        pat = self.pattern
+        dyn_names = mask_input_names(pat)
+        key = self._key(bound, q)
+        if backward_of is not None:
+            key = (*key, "bwd", backward_of)
+        if not dyn_names and key in self._static:
+            return self._static[key]
+        used = {n: t for n, t in tensors.items() if n in dyn_names}
+        if dyn_names and self._dynamic_last is not None and self._dynamic_last[0] == key:
+            seen = self._dynamic_last[1]
+            if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
+                return self._dynamic_last[2]
+        if backward_of is not None:  # the backward's own tiles, or the smaller ones it fell back to
+            config = self._bwd_fallback.get(key) or backward_of.backward_config()
+        elif dyn_names and key in self._static:
+            config = self._static[key][0]
+        else:
+            config = self._config(bound, q, tensors)
+        cpu_inputs = {n: t.detach().cpu() for n, t in used.items()}
+        sched = classify(pat, bound, config, cpu_inputs)
+        plan = tile_plan.Plan.build(pat, bound, sched)
+        source = generate_source(pat, bound, ScheduleShape.of(sched), config)
+        entry = (config, plan, source)
+        self._static[key] = entry
+        if dyn_names and backward_of is None:
+            self._dynamic_last = (key, cpu_inputs, entry)
+        return entry
+
+    def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None) -> Launch:
+        pat = self.pattern
+        if q.dtype not in DTYPES:
+            raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
+                            where="argument q", hint="use backend='cpu' for float64")
+        tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
+        if mask_input_names(pat):
+            E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
+        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+        config, plan, source = self.plan(bound, q, tensors, backward_of)
+        sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
+        if sizes not in self._checks:
+            self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
+                site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
+        # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
+        interpret = q.device.type != "cuda" and not self.native
+        hook = type(self).source_hook
+        shape = ScheduleShape.of(plan.schedule)
+        path = hook(pat, bound, shape, config, source) if hook is not None else None
+        module = load_kernels(path or write_source(source), interpret=interpret)
+        self.last_source, self.last_plan = source, plan
+        device = q.device
+        if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
+            cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
+            plan = routing.route_plan(plan, q.detach().cpu(), k.detach().cpu(), cpu_t, set(batched))
+        sched = plan.schedule
+        if plan.selection is not None:
+            cls = (bound.heads, 1)
+        elif sched.heads_stored == 1:
+            cls = (0, 0)
+        else:
+            cls = (0, 1)
+        extra: dict = {}
+        if plan.selection is not None:
+            extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
+            extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
+        if plan.softcap is not None:
+            extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+        checks = self._checks[sizes]
+        if checks:
+            extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
+        key = self._key(bound, q)
+        if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
+            return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+                          cls, extra, checks, on_config=lambda cfg: None,
+                          shrink=lambda: self._shrink(key, config, bound, q, k, inputs, backward_of))
+        return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+                      cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
+                      shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
+                      for_backward=(lambda: self.prepare(bound, q, k, inputs, backward_of=config))
+                      if config.own_backward_tiles else None)
+
+    def _keep_config(self, key: tuple, config: KernelConfig) -> None:
+        """A launch fell back to fewer stages: later calls of these shapes start there."""
+        entry = self._static.get(key)
+        if entry is not None:
+            self._static[key] = (config, *entry[1:])
+        if self._dynamic_last is not None and self._dynamic_last[0] == key:
+            self._dynamic_last = (key, self._dynamic_last[1], (config, *self._dynamic_last[2][1:]))
+
+    def _shrink(self, key: tuple, config: KernelConfig, bound: E.Bound, q, k, inputs: dict,
+                backward_of: KernelConfig | None = None) -> Launch | None:
+        """The call planned again with tiles smaller than ``config`` after Triton ran out of resources
+        (kept for later calls of these shapes); None when the tiles are already the smallest.
+        ``backward_of``: ``config`` is that forward's backward on its own tiles, which alone shrink
+        (the forward's config is untouched)."""
+        square = len(config.q_tile) == 1 and self.pattern.queries.kind == "grid"
+        smaller = smaller_config(config, square)
+        if smaller is None:
+            return None
+        if backward_of is not None:
+            key = (*key, "bwd", backward_of)
+            self._bwd_fallback[key] = smaller
+        else:
+            self._fallback[key] = smaller
+            self._dynamic_last = None
+        self._static.pop(key, None)
+        return self.prepare(bound, q, k, inputs, backward_of=backward_of)
+
+    def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        launch = self.prepare(bound, q, k, inputs)
+        while True:
+            names = tuple(launch.tensors)
+            try:
+                return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
+            except _out_of_resources():
+                launch = launch.shrink()
+                if launch is None:
+                    raise
+
+
+# ----------------------------------------------------------------- launching
+def _tokens_order(launch: Launch, role: str) -> torch.Tensor:
+    tok = launch.plan.q_tokens if role == "q" else launch.plan.k_tokens
+    return tok.index.reshape(-1)
+
+
+def _to_tiles(launch: Launch, x: torch.Tensor, role: str) -> torch.Tensor:
+    """Permute the token dimension (dim 2) into tile order (``permute`` layout only)."""
+    if launch.config.layout != "permute":
+        return x.contiguous()
+    return x[:, :, _tokens_order(launch, role).to(x.device)].contiguous()
+
+
+def _from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Tensor:
+    if launch.config.layout != "permute":
+        return x
+    tok = launch.plan.q_tokens if role == "q" else launch.plan.k_tokens
+    valid = tok.valid.reshape(-1).to(x.device)
+    out = x.new_zeros(*x.shape[:2], n, *x.shape[3:])
+    out[:, :, tok.index.reshape(-1).to(x.device)[valid]] = x[:, :, valid]
+    return out
+
+
+def _common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None) -> list:
+    """The arguments shared by the three kernels, in ``codegen``'s order."""
+    L, X = launch.lists, launch.extra
+    sel = X.get("SEL")
+    args = [L["FULL_N"], L["FULL_I"], L["PART_N"], L["PART_I"], L["FULL_I"].shape[-1], L["PART_I"].shape[-1],
+            launch.cls[0], launch.cls[1],
+            sel if sel is not None else _dummy(device, torch.int8),
+            X.get("KEY_BLOCK", _dummy(device, torch.int32)),
+            *(sel.stride()[:3] if sel is not None else (0, 0, 0))]
+    if decay_c is not None:
+        dc, dr = decay_c
+        args += [dc, dc.stride(0) if dc.shape[0] > 1 else 0, dc.stride(1), dc.stride(2),
+                 dr, dr.stride(0) if dr.shape[0] > 1 else 0, dr.stride(1)]
+    else:
+        args += [_dummy(device), 0, 0, 0, _dummy(device, torch.int32), 0, 0]
+    args.append(X.get("SOFTCAP", _dummy(device)))
+    for decl in launch.pattern.inputs:
+        t = _device_input(launch, decl, device)
+        if decl.name in launch.batched:
+            args += [t, t.stride(0), *t.stride()[1:]]
+        else:
+            args += [t, 0, *t.stride()]
+    if launch.checks:
+        args.append(launch.extra["ERR"])
+    return args
+
+
+def _device_input(launch: Launch, decl, device) -> torch.Tensor:
+    key = f"in:{decl.name}"
+    if key not in launch.extra:
+        t = launch.tensors[decl.name]
+        t = t.to(torch.int64) if decl.dtype == "int" else t.detach().to(torch.float32)
+        launch.extra[key] = t.contiguous().to(device)
+    return launch.extra[key]
+
+
+def _decay_cumsum(launch: Launch, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FoX gates as the kernels read them (``reference.fox_prefix``): prefix sums ``[B | 1, H, 2, N]``
+    (hi, lo; fp32) and the last reset position ``[B | 1, H, N]`` (int32)."""
+    name = launch.pattern.decay
+    if name is None:
+        return None
+    g = launch.tensors[name].detach().to(torch.float32).to(device)
+    hi, lo, reset = fox_prefix(g if g.dim() == 3 else g.unsqueeze(0))
+    return torch.stack((hi, lo), dim=2).contiguous(), reset.to(torch.int32).contiguous()
+
+
+def _blocks(launch: Launch, D: int, DV: int) -> dict:
+    return {"BLOCK_M": launch.shape.block_m, "BLOCK_N": launch.shape.block_n,
+            "BLOCK_D": max(16, 1 << (D - 1).bit_length()), "BLOCK_DV": max(16, 1 << (DV - 1).bit_length())}
+
+
+def _dot_mode(launch: Launch, dtype: torch.dtype) -> int:
+    """How the kernels multiply (``_dot``): 1 exact fp32 for fp32; 2 widened to fp32 for bf16
+    under the interpreter (its bf16 tl.dot is wrong in Triton 3.9); 0 native otherwise."""
+    if dtype == torch.float32:
+        return 1
+    return 2 if launch.interpret and dtype == torch.bfloat16 else 0
+
+
+def _launch_opts(launch: Launch, backward: bool = False) -> dict:
+    """``num_warps``/``num_stages`` of a pass (the config's per-pass launch parameters)."""
+    cfg = launch.config
+    if backward:
+        return {"num_warps": cfg.bwd_warps, "num_stages": cfg.bwd_stages}
+    return {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+
+
+def _out_of_resources() -> tuple[type, ...]:
+    try:
+        from triton.runtime.errors import OutOfResources
+    except ImportError:  # pragma: no cover - Triton without the class
+        return ()
+    return (OutOfResources,)
+
+
+def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
+    """Launch one kernel with its pass's ``num_warps``/``num_stages``; when Triton raises
+    ``OutOfResources`` (shared memory over the block's limit), again with fewer pipeline stages
+    (stages hold the streamed tiles' buffers), down to one. Still out of resources: re-raised,
+    for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
+    opts = _launch_opts(launch, backward)
+    while True:
+        try:
+            kernel[grid](*args, **meta, **opts)
+            return
+        except _out_of_resources():
+            if opts["num_stages"] <= 1:
+                raise
+            opts = {**opts, "num_stages": opts["num_stages"] - 1}
+            _note_fallback(launch, backward, opts)
+
+
+def _note_fallback(launch: Launch, backward: bool, opts: dict) -> None:
+    """Remember a pass's smaller launch parameters in the launch's config (the next launch of this
+    config starts there)."""
+    key = ("bwd_num_warps", "bwd_num_stages") if backward else ("num_warps", "num_stages")
+    launch.config = dataclasses.replace(launch.config, **{key[0]: opts["num_warps"], key[1]: opts["num_stages"]})
+    if launch.on_config is not None:
+        launch.on_config(launch.config)
+
+
+def smaller_config(config: KernelConfig, square: bool = False) -> KernelConfig | None:
+    """The next smaller tiles after an out-of-resources launch: the KV tile halved on its largest
+    (outermost of equals) axis (the Q tile's when the KV tile is down to ``MIN_FALLBACK_TOKENS``; both when ``square``,
+    flat tiles of a grid), pipelines reset to two stages; None below the smallest tile ``tl.dot`` takes."""
+    # the search's rule: the largest axis, ties the outer one
+    from ....compiler.search import halved as halve
+
+    q, kv = config.q_tile, config.kv_tile
+    if square:
+        if config.q_tokens <= MIN_FALLBACK_TOKENS:
+            return None
+        q, kv = halve(q), halve(kv)
+    elif config.kv_tokens > MIN_FALLBACK_TOKENS:
+        kv = halve(kv)
+    elif config.q_tokens > MIN_FALLBACK_TOKENS:
+        q = halve(q)
+        kv = tuple(min(a, b) for a, b in zip(kv, q, strict=True)) if len(kv) == len(q) else kv
+    else:
+        return None
+    return dataclasses.replace(config, q_tile=q, kv_tile=kv, num_stages=min(config.num_stages, 2),
+                               bwd_num_stages=min(config.bwd_stages, 2) if config.bwd_num_stages else 0)
+
+
+def forward(launch: Launch, q, k, v, scale: float):
+    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[-1]
+    device = q.device
+    qp, kp, vp = _to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k")
+    rows = qp.shape[2]
+    out = torch.empty(B, Hq, rows, DV, dtype=q.dtype, device=device)
+    lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
+    nq_tiles = launch.plan.schedule.num_q_tiles
+    decay_c = _decay_cumsum(launch, device)
+    args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
+            *lse.stride()[:2], *_common_args(launch, device, decay_c), float(scale), Hq // Hkv, D, DV]
+    with interpreting(launch.interpret):
+        _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
+                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype)), backward=False)
+    _raise_index_errors(launch)
+    return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _raise_index_errors(launch: Launch) -> None:
+    """The error of a bias index the forward kernel found out of range on an attended pair
+    (``ERR[slot]`` holds an offending index; 0 is always in range, so 0 means none)."""
+    if not launch.checks:
+        return
+    found = launch.extra["ERR"].cpu()
+    for (name, dim, size), value in zip(launch.checks, found.tolist(), strict=True):
+        if value != 0:
+            raise E.index_error(name, dim, value, size, guarded=True)
+
+
+def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str]):
+    """(dq, dk, dv, {input: grad}); deterministic (no atomics)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
+    device = q.device
+    pat = launch.pattern
+    delta = (dout.float() * out.float()).sum(-1)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    qp, kp, vp = _to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k")
+    dop = _to_tiles(launch, dout.to(q.dtype), "q")
+    lsep = _to_tiles(launch, lse.float().unsqueeze(-1), "q").squeeze(-1).contiguous()
+    deltap = _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous()
+    dq = torch.empty_like(qp)
+    dk = torch.empty_like(kp)
+    dv = torch.empty_like(vp)
+    decay_c = _decay_cumsum(launch, device)
+    row_sums = pat.decay is not None and pat.decay in wrt
+    bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
+    dsq = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    dsk = torch.zeros(B, Hq, Nk, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    sr = (dsq.stride(0), dsq.stride(1)) if row_sums else (0, 0)
+    sched = launch.plan.schedule
+    blocks = _blocks(launch, D, DV)
+    ds_w = launch.lists["FULL_I"].shape[-1] + launch.lists["PART_I"].shape[-1]
+    ds_buf = (torch.zeros(B * Hq, sched.num_q_tiles, ds_w, blocks["BLOCK_M"], blocks["BLOCK_N"], dtype=torch.float32,
+                          device=device) if bias_wrt else _dummy(device))
+    common = _common_args(launch, device, decay_c)
+    head = [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dop.stride()[:3],
+            *lsep.stride()[:2]]
+    tail = [float(scale), Hq // Hkv, D, DV]
+    ieee = _dot_mode(launch, q.dtype)
+    with interpreting(launch.interpret):
+        _launch_kernel(launch, launch.module.attnc_bwd_dq, (sched.num_q_tiles, B * Hq),
+                       [*head, dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w, *common, *tail],
+                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt)), backward=True)
+        L = launch.lists
+        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (sched.num_kv_tiles, B * Hkv),
+                       [*head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
+                        L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
+                        L["T_PART_I"].shape[-1], *common, *tail],
+                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device)), backward=True)
+    grads: dict[str, torch.Tensor] = {}
+    if row_sums:
+        dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
+        # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
+        dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
+        # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
+        dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
+        grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
+    if bias_wrt:
+        for name, grad in _bias_input_grads(launch, ds_buf, bias_wrt, blocks, B, Hq).items():
+            grads[name] = grads[name] + grad.to(device) if name in grads else grad.to(device)
+    out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
+    return (_from_tiles(launch, dq, "q", Nq), _from_tiles(launch, dk, "k", Nk), _from_tiles(launch, dv, "k", Nk),
+            out_grads)
+
+
+def _bias_input_names(pat: ir.PatternIR) -> set[str]:
+    return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
+            and pat.input(name).dtype == "float"}
+
+
+def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
+    return E.token_env(pat, bound, q_tok, k_tok, h)
+
+
+def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], blocks: dict, B: int, Hq: int) -> dict:
+    """Gradients of float inputs of the bias from the kernel's dS per visited pair:
+    for each place the bias reads an input, ``grad[index] += dS * d bias / d input``
+    (summed on the host with ``index_put_(accumulate=True)``; exact, deterministic)."""
+    pat, bound, plan = launch.pattern, launch.bound, launch.plan
+    bias = E.substitute(pat.bias, bound)
+    sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
+    derivs = []
+    for site in sites:
+        u = sympy.Dummy("u", real=True)
+        derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
+    sched = plan.schedule
+    BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
+    kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
+
+    def padded(tokens, width):
+        index = torch.zeros(tokens.index.shape[0], width, dtype=torch.int64)
+        valid = torch.zeros(tokens.index.shape[0], width, dtype=torch.bool)
+        index[:, :tokens.index.shape[1]] = tokens.index
+        valid[:, :tokens.index.shape[1]] = tokens.valid
+        return index, valid
+
+    q_idx, q_ok = padded(plan.q_tokens, BM)
+    k_idx, k_ok = padded(plan.k_tokens, BN)
+    ds_all = ds_buf.detach().cpu().view(B, Hq, sched.num_q_tiles, -1, BM, BN)
+    grads = {n: torch.zeros(launch.tensors[n].shape, dtype=torch.float64) for n in names}
+    for b in range(B):
+        inputs = {n: (t[b] if n in launch.batched else t).detach().cpu() for n, t in launch.tensors.items()}
+        for h in range(Hq):
+            kt = kt_all[b * launch.cls[0] + h * launch.cls[1]]  # [nQ, W]
+            present = kt >= 0
+            kts = kt.clamp(min=0)
+            q_tok = q_idx[:, None, :, None]  # [nQ, 1, BM, 1]
+            k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
+            weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
+            ds = ds_all[b, h].to(torch.float64) * weight
+            # indices were checked on attended pairs by the forward; elsewhere dS is 0 and they read element 0
+            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None, guard=torch.tensor(False))
+            for site, deriv in derivs:
+                name = S.input_name(site.func)
+                value = E.as_tensor(ev(deriv), torch.float64)
+                contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
+                target = grads[name][b] if name in launch.batched else grads[name]
+                index = []
+                for a, size in zip(site.args, target.shape, strict=True):
+                    ix = torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1)
+                    outside = (ix < 0) | (ix >= size)  # on pairs not attended (dS = 0): read element 0
+                    contrib = torch.where(outside, torch.zeros((), dtype=torch.float64), contrib)
+                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
+                target.index_put_(tuple(index), contrib, accumulate=True)
+    return grads
+
+
+class TritonAttention(torch.autograd.Function):
+    """The generated kernels as a differentiable function of q, k, v and the float score inputs."""
+
+    @staticmethod
+    def forward(ctx, launch: Launch, scale: float, names: tuple, q, k, v, *input_tensors):
+        out, lse = forward(launch, q, k, v, scale)
+        ctx.launch, ctx.scale, ctx.names = launch, scale, names
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        launch = ctx.launch.backward_launch()
+        wrt = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:], strict=True)
+               if need and launch.tensors[n].dtype.is_floating_point]
+        if dout is None:
+            dout = torch.zeros_like(out)
+        while True:  # out of resources: the same gradients on smaller tiles (the inputs are in token order)
+            try:
+                dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt)
+                break
+            except _out_of_resources():
+                launch = launch.shrink() if launch.shrink is not None else None
+                if launch is None:
+                    raise
+        return (None, None, None, dq, dk, dv, *(d_in.get(n) for n in ctx.names))
+
+
+# ----------------------------------------------------------------- what users read
+def emit(pattern: ir.PatternIR, *, n: int | None = None, nk: int | None = None, heads: int = 1,
+         sizes: dict | None = None, q_tile=None, kv_tile=None, device: str = "cpu") -> str:
+    """The kernel source a call at these sizes would run (``attnc emit``): the
+    schedule shape only depends on the sizes and tiles, not on the lists."""
+    if not isinstance(pattern, ir.PatternIR):
+        raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to emit", where="argument pattern")
+    bound = E.bind_sizes(pattern, n=n, nk=nk, heads=heads, sizes=sizes)
+    config = default_config(pattern, bound, q_tile, kv_tile, device=torch.device(device))
+    q_ext = (math.prod(layout_extents(pattern.queries, bound, bound.n)),) if len(config.q_tile) == 1 else \
+        layout_extents(pattern.queries, bound, bound.n)
+    kv_ext = (math.prod(layout_extents(pattern.keys, bound, bound.nk)),) if len(config.kv_tile) == 1 else \
+        layout_extents(pattern.keys, bound, bound.nk)
+    shape = ScheduleShape(tuple(q_ext), tuple(kv_ext), tuple(config.q_tile), tuple(config.kv_tile))
+    return generate_source(pattern, bound, shape, config)
+
+
+def describe_source(runner: TritonRunner | None, pattern: ir.PatternIR) -> str:
+    """``Attention.source`` on the Triton backend: the kernels of the latest call."""
+    if runner is not None and runner.last_source is not None:
+        return runner.last_source
+    return (f"# triton backend for '{pattern.name}': the kernels are generated at the first call (per shapes)\n"
+            "# see them before with: attnc emit FILE --sizes ... (or --n N)\n")

@@ -1,0 +1,114 @@
+"""Argument checks at the API boundary, shared by the module, the runners and the decoding step:
+clear errors naming the argument, before any work."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from ..compiler import evaluate as E
+from ..core import ir
+from ..core.errors import SpecError
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """``scale`` as a float: ``1/sqrt(head_dim)`` for None; anything but a finite number is refused."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    return float(scale)
+
+
+#: Bytes of int64 work per evaluated (query, key) pair beside the result (the
+#: positions and one intermediate at least): the floor of what evaluation needs.
+WORK_BYTES_PER_PAIR = 8
+
+
+def _memory(device: torch.device | None) -> int | None:
+    """Bytes of memory where the work runs: the host's RAM, or the CUDA device's; None if unknown."""
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device is not None and device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no check
+        return None
+
+
+def check_fits(what: str, nbytes: int, where: str, device: torch.device | None = None) -> None:
+    """Refuse, before allocating anything, work that cannot fit in the memory where it would run."""
+    total = _memory(device)
+    if total is not None and nbytes > total:
+        raise SpecError(f"{what}; at least {float(nbytes):.3g} bytes in all, more than the "
+                        f"{float(total):.3g} of this {'GPU' if device is not None and device.type == 'cuda' else 'machine'}",
+                        where=where, hint="use smaller sizes" + (" (or a tile backend)" if "reference" in what else ""))
+
+
+def check_softcap(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """A per-head softcap must be positive on every head (a constant one is checked when loading)."""
+    if pat.softcap is None or not pat.softcap.free_symbols:
+        return
+    caps = E.head_values(pat.softcap, bound.subs, bound.heads)
+    bad = torch.nonzero(~(caps > 0) | ~torch.isfinite(caps)).flatten()
+    if len(bad):
+        h = int(bad[0])
+        raise SpecError(f"softcap must be a positive finite number on every head; {pat.softcap} is {float(caps[h])!r} "
+                        f"at h = {h}", where="softcap")
+
+
+def check_flag(what: str, value) -> bool:
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's bool too
+        return bool(value)
+    raise SpecError(f"expected True or False, got {value!r}", where=f"argument {what}")
+
+
+def check_qkv(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
+        if t.dim() != 4:
+            raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
+        if not t.dtype.is_floating_point:
+            raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
+        if t.is_meta:  # no data: a kernel would read uninitialised memory
+            raise SpecError("a meta tensor holds no data", where=f"argument {name}",
+                            hint="pass a tensor on the CPU or a CUDA device")
+        for axis, what in ((1, "heads"), (3, "head dim")):
+            if t.shape[axis] == 0:
+                raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise SpecError(f"q, k, v must share a dtype: q is {q.dtype}, {name} is {t.dtype}", where=f"argument {name}")
+        if t.device != q.device:
+            raise SpecError(f"q, k, v must be on one device: q is on {q.device}, {name} on {t.device}",
+                            where=f"argument {name}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
+    if k.shape[3] != q.shape[3]:
+        raise SpecError(f"head dim of k ({k.shape[3]}) differs from q's ({q.shape[3]})", where="argument k")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in heads and tokens", where="argument v")
+    if q.shape[1] % k.shape[1] != 0:
+        raise SpecError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})",
+                        where="argument k")
+
+
+def check_state(state, q: torch.Tensor, where: str, want: tuple | None = None) -> None:
+    """A recurrence state: a tensor holding data on q's device and, when ``want`` is given, a
+    float tensor of that shape (refused before any work). None (zeros) passes."""
+    if state is None:
+        return
+    if isinstance(state, torch.Tensor) and (state.is_meta or state.device != q.device):
+        raise SpecError(f"{where} is on {state.device}, q on {q.device}"
+                        + (": a meta tensor holds no data" if state.is_meta else ""), where=f"argument {where}")
+    if want is None:
+        return
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise SpecError(f"{where} must be {list(want)}, got {got}", where=f"argument {where}")
+    if not state.dtype.is_floating_point:
+        raise SpecError(f"{where} must be a floating-point tensor, got {state.dtype}", where=f"argument {where}")

@@ -1,0 +1,68 @@
+"""Numerics every backend shares: the compute dtype, GQA expansion, FoX decay prefix sums and
+the outputs of an empty batch."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """GQA: repeat key/value heads so that query head h reads kv head h // (Hq // Hkv)."""
+    return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
+
+
+def fox_prefix(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prefix sums of Forgetting Transformer gates ``[..., N]`` in a form whose pair differences stay at
+    the gates' rounding at any length: ``(hi, lo, reset)``.
+
+    ``hi + lo`` is the float64 cumulative sum of the finite gates split into two numbers of the gates'
+    dtype, so ``(hi[q] - hi[k]) + (lo[q] - lo[k])`` is ``sum(g[k+1 .. q])`` to the rounding of its own
+    size (the difference of two large cumulative sums in float32 would lose ``eps * |cumsum|``, which
+    grows with n). A gate of ``-inf`` is a hard reset (decay exactly 0): it adds nothing to ``hi``/``lo``
+    and ``reset[t]`` is the position of the last reset at or before ``t`` (-1 if none), so a pair
+    ``k < reset[q]`` has weight exactly 0, forward and backward (the reset gate's gradient is 0, the
+    limit as the gate goes to -inf)."""
+    neg = torch.isneginf(gates)
+    c = torch.cumsum(torch.where(neg, torch.zeros((), dtype=gates.dtype, device=gates.device), gates)
+                     .to(torch.float64), dim=-1)
+    hi = c.to(gates.dtype)
+    lo = (c - hi.to(torch.float64)).to(gates.dtype)
+    pos = torch.arange(gates.shape[-1], device=gates.device).expand(gates.shape)
+    reset = torch.cummax(torch.where(neg, pos, -1), dim=-1).values
+    return hi, lo, reset
+
+
+def fox_pairs(hi: torch.Tensor, lo: torch.Tensor, reset: torch.Tensor, q_index: torch.Tensor,
+              k_index: torch.Tensor) -> torch.Tensor:
+    """``sum(g[k+1 .. q])`` for broadcastable token indices, from ``fox_prefix``; ``-inf`` across a reset.
+    Only pairs with ``k <= q`` are meaningful (FoX masks are causal)."""
+    d = (hi[..., q_index] - hi[..., k_index]) + (lo[..., q_index] - lo[..., k_index])
+    return torch.where(k_index >= reset[..., q_index], d, torch.full((), -math.inf, dtype=d.dtype, device=d.device))
+
+
+def fox_decay(gates: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor) -> torch.Tensor:
+    """Forgetting Transformer term ``sum(g[h, k+1 .. q])`` (``fox_prefix``: exact to rounding at any
+    length, ``-inf`` across a gate of ``-inf``).
+
+    ``gates`` is ``[B | -, H, N]``; returns ``[B | 1, H, Nq, Nk]``."""
+    if gates.dim() == 2:
+        gates = gates.unsqueeze(0)
+    return fox_pairs(*fox_prefix(gates), q_index[:, None], k_index[None, :])
+
+
+def empty_batch_outputs(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype):
+    """``(out, lse)`` of a batch of 0 (or any size): zeros and ``-inf``, as on the other backends."""
+    B, Hq, Nq, _ = q.shape
+    return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=lse_dtype)
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether autograd records this call: grad mode on and some tensor among ``tensors`` (others
+    ignored) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

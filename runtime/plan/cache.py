@@ -1,0 +1,59 @@
+"""What the tiled runners share when planning: a bounded plan cache, the ranking schedules of
+candidate tiles, and the names of the inputs a mask reads."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from ...compiler import evaluate as E
+from ...core import ir
+
+
+def mask_uses_inputs(pat: ir.PatternIR) -> bool:
+    return bool(mask_input_names(pat))
+
+
+def mask_input_names(pat: ir.PatternIR) -> set[str]:
+    """The call-time inputs the mask reads."""
+    return set(E.input_names(pat.mask))
+
+
+def ranked_schedule(classified: dict | None, key: tuple):
+    """A schedule to rank the tiles ``key`` = (q_tile, kv_tile, flat) by, from ``classified``
+    (``CpuRunner.schedules_for``): the exact one where classified, else a ranking one (a bounded
+    refinement, stored under ``("ranked", *key)`` by the executor's and the Flex lowering's
+    rankings, which compare the same candidates); None when neither is there."""
+    if classified is None:
+        return None
+    exact = classified.get(key)
+    return exact if exact is not None else classified.get(("ranked", *key))
+
+
+#: Plans a ``CpuRunner`` keeps (least recently used dropped first): one per (sizes, n, nk,
+#: heads); a decoding loop makes one per step. ``CpuRunner.max_plans`` overrides it per module.
+PLAN_CACHE_SIZE = 64
+
+
+class PlanCache(OrderedDict):
+    """A bounded LRU mapping: a lookup refreshes an entry, an insert beyond ``limit`` drops the oldest."""
+
+    def __init__(self, limit: int = PLAN_CACHE_SIZE):
+        super().__init__()
+        self.limit = limit
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        self.move_to_end(key)
+        return value
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        self.trim()
+
+    def trim(self) -> None:
+        while len(self) > max(1, self.limit):
+            self.popitem(last=False)

@@ -1,0 +1,212 @@
+"""Content-dependent block selection (the ``route`` clause), exactly as
+DESIGN.md section 2 states it:
+
+- keys are partitioned into blocks (flat runs of SIZE tokens, or grid tiles);
+- the score of a block is ``q . mean(k_block)`` per query token (MoBA) or
+  ``mean(q_block) . mean(k_block)`` per query block (BiFormer), unscaled, in
+  fp32 (fp64 for fp64 inputs); ``shared`` averages it over heads;
+- a block with no key the mask allows is never selected; blocks where
+  ``keep`` holds (k bound to the block's first key) always are, and count
+  towards K; the remaining places go to the highest scores, ties to the lower
+  block index.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...compiler import evaluate as E
+from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
+from ...core import ir
+from ...core.errors import SpecError
+
+
+def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
+                 nblocks: int) -> torch.Tensor:
+    """Routing scores ``[B, Hq, Nq, nblocks]``: q . mean(k_block) per query token, or
+    mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``."""
+    route = pat.route
+    B, Hq, Nq, _ = q.shape
+    Hkv = k.shape[1]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
+    k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
+    k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
+    if route.score == "token":
+        score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
+    else:
+        if bound.q_offset:  # the mean over a query block needs the block's earlier queries
+            raise SpecError(f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: "
+                            "queries after a KV cache (nk > n) are not supported", where="argument k",
+                            hint="call with all the queries (nk == n)")
+        q_block, _ = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)
+        q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
+        q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
+        score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
+    if route.shared:
+        score = score.mean(dim=1, keepdim=True).expand(B, Hq, Nq, nblocks)
+    return score
+
+
+#: Where ``evaluate.index_error`` says an out-of-range read happened when the expression is a mask, and
+#: what that is for the route's ``keep``, which is evaluated like one.
+_MASK_READ = "in the mask (evaluated on every pair)"
+_KEEP_READ = "in the route's keep (evaluated at every query and the first key of each block)"
+
+
+def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: int, key_block: torch.Tensor,
+                nblocks: int) -> torch.Tensor | None:
+    """``keep`` per (query, block), with k bound to the block's first key: ``[B | 1, Hq, Nq, nblocks]``."""
+    if pat.route.keep is None:
+        return None
+    first_key = torch.full((nblocks,), len(key_block), dtype=torch.int64).scatter_reduce(
+        0, key_block, torch.arange(len(key_block)), reduce="amin")
+    keep_pat = ir.PatternIR(pat.name, pat.queries, pat.keys, pat.route.keep, None, None, None, None,
+                            pat.inputs, pat.params)
+    try:
+        return E.mask_tensor(keep_pat, bound, inputs, batch=batch, k_index=first_key)
+    except SpecError as err:  # an input read out of range: say it is the keep's read, not the mask's
+        if _MASK_READ not in err.message:
+            raise
+        raise SpecError(err.message.replace(_MASK_READ, _KEEP_READ), where=err.where,
+                        hint="keep reads its inputs at every query and block: keep the index in range "
+                             "(e.g. with clamp)") from None
+
+
+def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None, topk: int) -> torch.Tensor:
+    """The selection rule: never a block with no allowed key; ``keep`` blocks always
+    (counted in K); the rest by highest score, ties to the lower block index."""
+    nblocks = score.shape[-1]
+    forced = allowed & torch.broadcast_to(keep, allowed.shape) if keep is not None else torch.zeros_like(allowed)
+    candidates = allowed & ~forced
+    remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
+    ranked = torch.where(candidates, score, torch.full_like(score, -torch.inf))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks).expand_as(order).contiguous())
+    return forced | (candidates & (rank < remaining))
+
+
+def select_blocks(
+    pat: ir.PatternIR,
+    bound: E.Bound,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    mask: torch.Tensor,
+    inputs: dict | None,
+) -> torch.Tensor:
+    """The token mask restricted to the selected blocks: bool ``[B, Hq, Nq, Nk]`` (dense: the reference).
+
+    ``q`` is ``[B, Hq, Nq, D]``, ``k`` ``[B, Hkv, Nk, D]``; ``mask`` the pattern's
+    mask broadcastable to ``[B, Hq, Nq, Nk]``. The selection is not differentiated.
+    """
+    B, Hq, Nq, _ = q.shape
+    full_mask = torch.broadcast_to(mask, (B, Hq, Nq, k.shape[2]))
+
+    def allowed(key_block, nblocks, dtype):  # [B, Hq, Nq, nb]
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)
+        return (full_mask.to(dtype) @ onehot) > 0
+
+    selected, key_block, _ = _select(pat, bound, q, k, inputs, allowed)
+    return full_mask & selected[..., key_block]
+
+
+def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
+            ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
+    nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
+    some key of each block (densely for the reference, over the schedule's tiles for the executor)."""
+    block, topk = route_sizes(pat, bound)
+    key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
+    with torch.no_grad():
+        score = block_scores(pat, bound, q, k, key_block, nblocks)
+        reachable = allowed(key_block, nblocks, score.dtype)
+        keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
+        return choose(score, reachable, keep, topk), key_block, nblocks
+
+
+def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
+    """Whether the mask allows some key of each block, per query: bool ``[B, Hq, Nq, nblocks]``,
+    computed over the static schedule's tiles only (chunked, never N x N)."""
+    from . import tile_plan as TP
+
+    Hq, Nq = plan.bound.heads, plan.bound.n
+    nQ, Tq = plan.q_tokens.index.shape
+    out_t = torch.zeros(B, Hq, nQ, Tq, nblocks, dtype=torch.bool)
+    sched = plan.schedule
+    for cls, bsel, heads in plan.groups():
+        width = sched.full_index.shape[-1] + sched.partial_index.shape[-1]
+        per = B * len(heads) * Tq * max(1, width) * plan.k_tokens.index.shape[1] * 2
+        for own in TP.chunks(nQ, per):
+            lists = TP.trim_lists(TP.visited_lists(sched, cls, own, False))
+            if sum(idx.shape[1] for idx, _ in lists) == 0:
+                continue
+            blk = TP.TileBlock(plan, heads, own, lists, False, inputs, batched, bsel)
+            allowed = blk.allowed()  # [B | 1, Hs, C, R, K]
+            kb = key_block[blk.col_index]  # [C, K]
+            hit = torch.zeros(*allowed.shape[:-1], nblocks, dtype=torch.int8)
+            hit.scatter_reduce_(-1, kb[:, None, :].expand(allowed.shape[-3:]).expand(allowed.shape).contiguous(),
+                                allowed.to(torch.int8), reduce="amax")
+            out_t[bsel, heads, own[0]:own[-1] + 1] |= hit.bool().expand(out_t[bsel, heads, own[0]:own[-1] + 1].shape)
+    out = torch.zeros(B, Hq, Nq, nblocks, dtype=torch.bool)
+    valid = plan.q_tokens.valid
+    out[:, :, plan.q_tokens.index[valid]] = out_t[:, :, valid]
+    return out
+
+
+def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: set[str]):
+    """The executor plan of one call of a routing pattern: lists per (batch, head) holding
+    the KV tiles of blocks some query of the Q tile selected (FULL only where the mask
+    tile is FULL and every query of the tile selected every block the KV tile touches),
+    and the per-query selection applied on PARTIAL tiles."""
+    from ...compiler.schedule import TileSchedule
+
+    pat, bound = plan.pattern, plan.bound
+    B, Hq, Nq, _ = q.shape
+    selected, key_block, nblocks = _select(  # [B, Hq, Nq, nb]
+        pat, bound, q, k, inputs, lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs,
+                                                                               batched, B))
+    with torch.no_grad():
+        # per Q tile: blocks selected by any / by every query of the tile
+        qi_tok, q_valid = plan.q_tokens.index, plan.q_tokens.valid
+        per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
+        any_sel = (per_tile & q_valid[..., None]).any(-2)
+        all_sel = (per_tile | ~q_valid[..., None]).all(-2)
+        # blocks each KV tile touches
+        # (valid slots only: a padded slot's stand-in index may share a block with valid ones, and a
+        # scatter of its False could overwrite their True)
+        kv_blocks = torch.zeros(plan.k_tokens.index.shape[0], nblocks, dtype=torch.bool)
+        tile, slot = plan.k_tokens.valid.nonzero(as_tuple=True)
+        kv_blocks[tile, key_block[plan.k_tokens.index[tile, slot]]] = True
+        hs, qi, ki, full = plan.schedule.pairs()
+        heads, qs, ks, fulls = [], [], [], []
+        stored = plan.schedule.heads_stored
+        for b in range(B):
+            for h in range(Hq):
+                sel = hs == (h if stored > 1 else 0)
+                pq, pk, pf = qi[sel], ki[sel], full[sel]
+                touch = kv_blocks[pk]
+                visit = (any_sel[b, h, pq] & touch).any(-1)
+                is_full = pf & ~(touch & ~all_sel[b, h, pq]).any(-1)
+                heads.append(torch.full((int(visit.sum()),), b * Hq + h, dtype=torch.int64))
+                qs.append(pq[visit])
+                ks.append(pk[visit])
+                fulls.append(is_full[visit])
+        s = plan.schedule
+        sched = TileSchedule.from_pairs(s.q_extents, s.kv_extents, s.q_tile, s.kv_tile, Hq, B * Hq,
+                                        torch.cat(heads), torch.cat(qs), torch.cat(ks), torch.cat(fulls),
+                                        torch.zeros(B * Hq, dtype=torch.float64), exact=False, density_exact=False)
+    return type(plan)(pat, bound, sched, plan.q_tokens, plan.k_tokens, plan.mask, plan.bias, plan.softcap,
+                      selection=selected, key_block=key_block, batch=B, pair_mask=plan.pair_mask, tables=plan.tables)
+
+
+def selection_words(selected: torch.Tensor) -> torch.Tensor:
+    """The per-query block selection as the kernels read it: bit ``b % 32`` of word ``b // 32``
+    is block ``b`` (int32 ``[B, Hq, Nq, words + 1]``; the last word is zero, so that a KV tile
+    can always read the two words its blocks fall in, see ``compiler.codegen``)."""
+    *lead, nblocks = selected.shape
+    words = -(-nblocks // WORD_BITS) + 1
+    bits = torch.zeros(*lead, words * WORD_BITS, dtype=torch.int64)
+    bits[..., :nblocks] = selected.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
+    packed = (bits.view(*lead, words, WORD_BITS) * weights).sum(-1)  # 0 .. 2**32 - 1
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)

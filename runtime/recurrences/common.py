@@ -1,0 +1,90 @@
+"""What every recurrence rule shares: chunk sizes, gate tensors from the IR, the state check, the
+simulator entry and the description of what runs."""
+
+from __future__ import annotations
+
+import torch
+
+from ...compiler import evaluate as E
+from ...core import ir
+from ...core.errors import SpecError
+
+#: The chunk sizes the simulator chooses from.
+CHUNKS = (16, 32, 64)
+
+
+def head_gates(rec: ir.RecurrenceIR, bound: E.Bound, heads: int, dtype, device) -> torch.Tensor:
+    """The constant log decay per head of a 'head' gate, ``[heads]``."""
+    return E.head_values(rec.decay, bound.subs, heads).to(dtype=dtype, device=device)
+
+
+def gate_tensor(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict, B: int, H: int, T: int, dtype,
+                device) -> torch.Tensor:
+    """The log gates as ``[B, H, T, 1]`` (head and scalar gates) or ``[B, H, T, Dk]`` (vector gates), in
+    ``dtype``; differentiable with respect to the call-time input (a broadcast batch is summed back)."""
+    if rec.gate == "head":
+        return head_gates(rec, bound, H, dtype, device).view(1, H, 1, 1).expand(B, H, T, 1)
+    g = tensors[rec.decay].to(device=device, dtype=dtype)
+    if g.dim() == (2 if rec.gate == "scalar" else 3):
+        g = g.unsqueeze(0)
+    if rec.gate == "scalar":
+        g = g.unsqueeze(-1)
+    return g.expand(B, *g.shape[1:])
+
+
+# ----------------------------------------------------------------- dispatch (used by runtime.api)
+def hardware_for(device: torch.device):
+    """The simulator's hardware model for a device: the CUDA device's model when known, else H100."""
+    from ...compiler.hardware import get_hardware, hardware_for_gpu
+
+    if device.type == "cuda" and torch.cuda.is_available():
+        return hardware_for_gpu(torch.cuda.get_device_name(device))
+    return get_hardware("h100")
+
+
+def check_chunk(chunk) -> int | None:
+    """``q_tile=`` of a recurrence: the chunk size (16, 32 or 64; one int or a one-element tuple)."""
+    if chunk is None:
+        return None
+    if isinstance(chunk, tuple | list) and len(chunk) == 1:
+        chunk = chunk[0]
+    if isinstance(chunk, bool) or chunk not in CHUNKS:
+        raise SpecError(f"a recurrence's chunk size (q_tile) must be one of {', '.join(map(str, CHUNKS))}, "
+                        f"got {chunk!r}", where="argument q_tile")
+    return int(chunk)
+
+
+def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, dtype) -> int:
+    """The simulator's chunk size for these shapes on the device's hardware model."""
+    from ...compiler.recurrence_cost import best_chunk
+
+    if torch.device(device).type == "cpu" and rec.gate == "vector":
+        # On the CPU the per-channel gate's [C, C, Dk] in-chunk product dominates:
+        # measured here (2 cores, T=4096, Dk=64), chunk 16 ran 1.7x faster than 32.
+        return 16
+    nbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+    return best_chunk(rec.gate, max(T, 1), H, Dk, B, hardware_for(torch.device(device)), nbytes=nbytes).chunk
+
+
+def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batch, hardware, q_tile, kv_tile, dtype,
+                        nk, inputs):
+    """``attnc.simulate`` of a recurrence: the chunked form's FLOPs, bytes and predicted times, the chosen
+    chunk size (``q_tile=`` forces one) and the length past which it beats causal softmax attention."""
+    from ...compiler.cost import dtype_bytes
+    from ...compiler.hardware import get_hardware
+    from ...compiler.recurrence_cost import simulate_recurrence as simulate_chunks
+
+    for what, value in (("nk", nk), ("kv_tile", kv_tile), ("inputs", inputs)):
+        if value is not None:
+            raise SpecError(f"a recurrence takes no {what}: its cost does not depend on it", where=f"argument {what}")
+    if n is None:
+        raise SpecError("the sequence length n is required", where="argument n")
+    for what, value in (("n", n), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    E.bind_sizes(rec, n=n, heads=heads, sizes=sizes, dk=head_dim)  # parameters and sizes are checked
+    chunk = check_chunk(q_tile)
+    hw = get_hardware(hardware)
+    nbytes = dtype_bytes(dtype)
+    return simulate_chunks(rec.name, rec.gate, n, hw, heads=heads, head_dim=head_dim, batch=batch,
+                           dtype=str(dtype).lower(), nbytes=nbytes, chunk=chunk)

@@ -1,0 +1,132 @@
+"""The recurrence runner: runs a recurrence rule on a backend (chunked torch, Triton), its decoding
+step, and the runner the custom op and ``Attention`` call."""
+
+from __future__ import annotations
+
+import torch
+
+from ...compiler import evaluate as E
+from ...core import ir
+from ...core.errors import SpecError
+from ..checks import check_state
+from ..numerics import compute_dtype, expand_kv
+from .common import choose_chunk, gate_tensor, head_gates
+from .decay import naive
+from .decay.chunk import chunked, step
+
+
+def resolve_backend(backend: str, device) -> str:
+    """'auto' is Triton on CUDA tensors (when installed) and the chunked torch path otherwise."""
+    if backend != "auto":
+        return backend
+    from .decay import triton as triton_recurrence
+
+    return "triton" if torch.device(device).type == "cuda" and triton_recurrence.available() else "cpu"
+
+
+def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: dict, scale: float,
+        initial_state, chunk: int | None):
+    """The recurrence on a backend ('cpu': chunked torch, 'triton', 'auto'). Returns (out in q's dtype,
+    final state in the compute dtype, the chunk size used)."""
+    B, H, T, Dk = q.shape
+    dt = compute_dtype(q.dtype)
+    backend = resolve_backend(backend, q.device)
+    C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype)
+    s0 = None if initial_state is None else initial_state.to(dt)
+    if backend == "triton":
+        from .decay import triton as triton_recurrence
+
+        if rec.gate == "head":
+            g = head_gates(rec, bound, H, dt, q.device)
+        else:
+            g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
+            if rec.gate == "scalar":
+                g = g.squeeze(-1)
+        if rec.gate == "vector":
+            C = triton_recurrence.VECTOR_CHUNK
+        # k, v keep their Hkv heads: the kernels read kv head h // (H // Hkv) by index (GQA)
+        out, state = triton_recurrence.run(q, k, v, g, scale, s0, C, rec.gate)
+        return out.to(q.dtype), state, C
+    kx, vx = expand_kv(k, H), expand_kv(v, H)
+    g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).contiguous()
+    out, state = chunked(q.to(dt).contiguous(), kx.to(dt).contiguous(), vx.to(dt).contiguous(), g, scale, s0, C)
+    return out.to(q.dtype), state, C
+
+
+def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs: dict):
+    """``Attention.step``: one token of the recurrent form, for inference loops.
+
+    ``q`` ``[B, Hq, Dk]`` (or ``[B, Hq, 1, Dk]``), ``k`` ``[B, Hkv, Dk]``, ``v`` ``[B, Hkv, Dv]`` (same
+    rank as q), ``state`` ``[B, Hq, Dk, Dv]`` or None (zeros); gate inputs for this one token, with their
+    declared shape at n = 1 (``[heads, 1]``, ``[heads, 1, dk]``, optionally with a batch dimension).
+    Returns ``(o, new_state)``: ``o`` of q's rank and dtype, the state in the compute dtype."""
+    import math
+
+    if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
+        got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+        raise SpecError(f"expected one token: q [B, H, Dk] or [B, H, 1, Dk], got {got}", where="argument q")
+    squeeze = q.dim() == 3
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != q.dim():
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise SpecError(f"expected {q.dim()} dimensions like q, got {got}", where=f"argument {name}")
+    if squeeze:
+        q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+    from ..checks import check_qkv
+
+    check_qkv(q, k, v)
+    B, H, T, Dk = q.shape
+    if T != 1 or k.shape[2] != 1:
+        raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
+                        where="argument q")
+    Dv = v.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(Dk)
+    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    bound = E.bind_sizes(rec, n=1, heads=H, sizes=sizes, dk=Dk)
+    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B, device=q.device)
+    dt = compute_dtype(q.dtype)
+    if state is None:
+        state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
+    else:
+        check_state(state, q, "state", (B, H, Dk, Dv))
+    g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
+    out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
+                    state.to(dt), float(scale))
+    out = out.to(q.dtype)
+    return (out if squeeze else out.unsqueeze(2)), new
+
+
+class RecurrenceRunner:
+    """What a recurrence module runs: the pattern, the backend and a forced chunk size (or None); eager
+    calls and ``attnc::recurrence`` both run it."""
+
+    def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None):
+        self.pattern, self.backend, self.chunk = pattern, backend, chunk
+
+    def run(self, q, k, v, inputs: dict, sizes: dict, scale: float, initial_state):
+        """``(out, final state, chunk or None)``: binds the sizes and inputs (errors name the argument),
+        then runs the naive loop ('reference') or the chunked form ('cpu', 'triton', 'auto')."""
+        rec = self.pattern
+        bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
+        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
+        if self.backend == "reference":
+            return (*naive.recurrence(rec, bound, q, k, v, tensors, scale, initial_state), None)
+        return run(self.backend, rec, bound, q, k, v, tensors, scale, initial_state, self.chunk)
+
+
+def describe(rec: ir.RecurrenceIR, backend: str, chunk: int | None) -> str:
+    """``Attention.source`` of a recurrence on the chunked backends (and the Triton kernels' text)."""
+    import inspect
+
+    lines = [f"# {backend} backend: chunked recurrence '{rec.name}' ({rec.gate} gate), chunk "
+             f"{chunk if chunk else '(chosen by the simulator at the first call)'}",
+             "# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t",
+             f"decay = {rec.decay}"]
+    if backend == "triton":
+        from .decay import triton as triton_recurrence
+
+        for fn in triton_recurrence._HELPERS + triton_recurrence._KERNELS:
+            lines += ["", inspect.getsource(fn).rstrip()]
+    return "\n".join(lines) + "\n"

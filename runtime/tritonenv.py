@@ -1,0 +1,69 @@
+"""The Triton environment: whether the Triton backend can run here (one clear message when it
+cannot), and ``interpreting``, the one switch between Triton's interpreter and native compilation.
+
+Triton is a dependency of attnc, and so is numpy (Triton's interpreter, which runs
+the kernels on CPU tensors, imports it). An ImportError of a package that *is*
+installed is a real error and propagates; only a package that is absent becomes
+a message naming it and the command that installs it.
+"""
+
+import contextlib
+import importlib
+import os
+import threading
+
+from ..core.errors import SpecError
+
+#: Held while ``TRITON_INTERPRET`` is switched and kernels are decorated or launched under it.
+LOCK = threading.RLock()
+
+#: What to install for each piece; numpy < 2.4 because Triton 3.6's interpreter breaks on 2.4.
+_INSTALL = {"triton": "pip install triton", "numpy": "pip install 'numpy<2.4'"}
+
+
+def _require(package: str, purpose: str) -> None:
+    try:
+        importlib.import_module(package)
+    except ModuleNotFoundError as err:
+        if err.name != package:  # the package is there but something it imports is broken
+            raise
+        raise SpecError(f"{purpose} needs the '{package}' package, which is not installed",
+                        where="argument backend",
+                        hint=f"{_INSTALL[package]}, or use backend='cpu'") from None
+
+
+def require_triton(interpret: bool) -> None:
+    """Raise a ``SpecError`` naming the missing package if Triton (and, for the
+    interpreter, numpy) cannot be imported."""
+    _require("triton", "the Triton backend")
+    if interpret:
+        _require("numpy", "the Triton interpreter (backend='triton' on CPU tensors)")
+
+
+# ----------------------------------------------------------------- compiling generated source
+@contextlib.contextmanager
+def interpreting(on: bool = True):
+    """``TRITON_INTERPRET`` set (or cleared) while kernels are decorated and launched."""
+    with LOCK:
+        old = os.environ.get("TRITON_INTERPRET")
+        knobs = _knobs_runtime()
+        saved = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+        os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+            if knobs is not None and saved is not None:
+                knobs.__dict__["interpret"] = saved
+
+
+def _knobs_runtime():
+    try:
+        import triton.knobs as knobs
+
+        return knobs.runtime
+    except (ImportError, AttributeError):  # older Triton reads the environment directly
+        return None

@@ -1,0 +1,537 @@
+"""Autotuning: time the simulator's best schedules on the GPU, keep the winner.
+
+Candidates are the ``top`` distinct schedules of ``ScheduleSearch`` (tile
+shapes and token layout, the simulator's ranking) crossed with the launch
+parameters of each pass (forward, backward: ``num_warps`` x ``num_stages``;
+configurations whose shared memory or registers do not fit a pass are dropped).
+Each candidate's kernels are generated, loaded and timed over a training step,
+forward and backward (``triton.testing.do_bench``, median); a
+candidate that fails to compile or run is skipped. The fastest wins, ties
+going to the simulator's favourite, and is stored in the ``KernelCache``
+with its source; the next call with the same key (same IR, shape bucket,
+dtype, GPU, Triton and attnc versions) reuses it without timing anything.
+
+The pieces that touch a GPU are behind two small interfaces so that the
+selection logic runs anywhere: a ``KernelBuilder`` (candidate -> source ->
+loaded kernels -> a zero-argument callable that runs them) and a timer
+(callable -> milliseconds). Without CUDA, tuning is refused with a clean
+``AutotuneError`` unless a timer is injected (tests do so).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from ...compiler import evaluate as E
+from ...compiler.cost import KernelConfig
+from ...compiler.hardware import get_hardware, hardware_for_gpu
+from ...compiler.schedule import TileSchedule
+from ...compiler.search import PASSES, STAGES, WARPS, ScheduleSearch, forward_fits, pass_fits
+from ...core import ir
+from ...core.errors import SpecError
+from . import kernel_cache as KC
+
+#: Distinct schedules (tile shapes + layout) taken from the simulator's ranking.
+TOP = 4
+#: The launch parameters each schedule is tried with.
+LAUNCH: tuple[tuple[int, int], ...] = tuple((w, s) for w in WARPS for s in STAGES)
+DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
+CANONICAL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
+
+Timer = Callable[[Callable[[], object]], float]
+
+
+class AutotuneError(SpecError):
+    """Tuning cannot run here or every candidate failed; rendered as one clean line."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        super().__init__(message, where="autotune", hint=hint)
+
+
+# ----------------------------------------------------------------- interfaces
+class KernelBuilder(Protocol):
+    """Turns a candidate into runnable kernels: what a backend provides to the tuner."""
+
+    name = "abstract"
+
+    def source(self, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig) -> str: ...
+
+    def load(self, path: Path): ...
+
+    def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig, *,
+               head_dim: int, dtype: str, batch: int, device, inputs: dict | None) -> Callable[[], object]: ...
+
+
+class TritonBuilder(KernelBuilder):
+    """The generated Triton kernels (``compiler.codegen`` + ``runtime.backends.triton``).
+
+    ``runner`` times a training step's kernels, forward then backward (dQ, dK/dV, each
+    with its pass's launch parameters), on random q, k, v of the tuned shape: through the backend's
+    ``benchmark_runner`` when it has one, else a ``TritonRunner`` pinned to the
+    candidate's config. ``interpret`` loads the kernels for Triton's interpreter
+    (CPU tensors; tests)."""
+
+    name = "triton"
+
+    def __init__(self, interpret: bool | None = None):
+        try:
+            from ...compiler import codegen
+        except ImportError as err:
+            raise AutotuneError(f"the Triton code generator is not available ({err})") from None
+        self.codegen, self.interpret = codegen, interpret
+
+    @property
+    def backend(self):
+        try:
+            from ..backends.triton import runner as triton_backend
+        except ImportError as err:
+            raise AutotuneError(f"the Triton backend is not available ({err})") from None
+        return triton_backend
+
+    def source(self, pat, bound, schedule, config):
+        shape = getattr(self.codegen, "ScheduleShape", None)
+        return self.codegen.generate_source(pat, bound, shape.of(schedule) if shape else schedule, config)
+
+    def load(self, path):
+        interpret = self.interpret if self.interpret is not None else not cuda_available()
+        return self.backend.load_kernels(str(path), interpret=interpret)
+
+    def runner(self, kernels, pat, bound, schedule, config, *, head_dim, dtype, batch, device, inputs):
+        backend = self.backend
+        make = getattr(backend, "benchmark_runner", None)
+        if make is not None:
+            return make(kernels, pat, bound, schedule, config, head_dim=head_dim, dtype=dtype, batch=batch,
+                        device=device, inputs=inputs)
+        import torch
+
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
+                   for n in (bound.n, bound.nk, bound.nk))
+
+        class Pinned(backend.TritonRunner):
+            def _config(self, *_args):
+                return config
+
+        launch = Pinned(pat).prepare(bound, q, k, dict(inputs or {}))
+        scale = head_dim ** -0.5
+        dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=tdtype)
+
+        def step():  # a training step's kernels: forward, then backward (dQ, dK/dV); (out, lse, dq, dk, dv)
+            out, lse = backend.forward(launch, q, k, v, scale)
+            return (out, lse, *backend.backward(launch, q, k, v, out, lse, dout, None, scale, [])[:3])
+
+        return step
+
+
+def do_bench_timer(fn: Callable[[], object]) -> float:
+    """Median milliseconds of ``fn`` by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    except TypeError:  # an old do_bench without return_mode
+        return float(do_bench(fn, warmup=25, rep=100))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------- progress
+class Progress:
+    """A one-line text progress bar on ``stream`` (stderr); silent unless enabled
+    (default: when the stream is a terminal)."""
+
+    def __init__(self, total: int, label: str = "tuning", *, stream=None, enabled: bool | None = None,
+                 width: int = 24):
+        self.stream = stream if stream is not None else sys.stderr
+        if enabled is None:
+            isatty = getattr(self.stream, "isatty", None)
+            try:
+                enabled = bool(isatty()) if isatty else False
+            except (OSError, ValueError):
+                enabled = False
+        self.enabled, self.total, self.label, self.width = enabled, max(total, 0), label, width
+        self.done, self._last = 0, 0
+
+    def update(self, note: str = "") -> None:
+        self.done = min(self.done + 1, self.total)
+        self.draw(note)
+
+    def draw(self, note: str = "") -> None:
+        if not self.enabled:
+            return
+        filled = self.width * self.done // self.total if self.total else self.width
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {self.done}/{self.total}"
+        if note:
+            line += f" {note}"
+        pad = max(0, self._last - len(line))
+        self._last = len(line)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.write("\r" + line + " " * pad)
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._last:
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.write("\n")
+                self.stream.flush()
+            self._last = 0
+
+
+# ----------------------------------------------------------------- candidates and results
+@dataclass
+class Trial:
+    """One timed candidate."""
+
+    rank: int  # order of trial: the simulator's ranking of schedules, then launch parameters
+    config: KernelConfig
+    schedule: TileSchedule = field(repr=False)
+    predicted_ms: float
+    measured_ms: float = math.inf
+    error: str | None = None
+    backend: str = "triton"  # "flex": the FlexAttention lowering (config: the simulator's first, unused)
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "config": self.config.to_dict(), "predicted_ms": _finite(self.predicted_ms),
+                "measured_ms": _finite(self.measured_ms), "error": self.error, "backend": self.backend}
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+@dataclass
+class TuneResult:
+    """The configuration to run, its kernel source, and where it came from."""
+
+    key: KC.CacheKey
+    config: KernelConfig
+    source: str
+    source_path: Path
+    from_cache: bool
+    trials: list[Trial] = field(default_factory=list)
+    cached_trials: list[dict] = field(default_factory=list)
+    #: the fastest candidate's backend: "triton", or "flex" when the Flex lowering beat every Triton
+    #: candidate (``config`` and ``source`` stay the best Triton kernel's)
+    winner: str = "triton"
+    #: the rank of the best Triton trial (the cached kernel), None from the cache
+    best_rank: int | None = None
+
+    @property
+    def best_ms(self) -> float | None:
+        ok = [t.measured_ms for t in self.trials if t.error is None]
+        return min(ok) if ok else None
+
+
+def config_from_dict(d: dict) -> KernelConfig:
+    """A cached config (``kernel_cache.validate_config`` checked the forward's fields; the backward's
+    are optional: entries written before per-pass configs lack them, and 0 means the forward's)."""
+    def opt(name: str, ok) -> int:
+        v = d.get(name, 0)
+        return v if isinstance(v, int) and not isinstance(v, bool) and ok(v) else 0
+
+    def tile(name: str, like: tuple) -> tuple[int, ...]:
+        v = d.get(name)
+        ok = (isinstance(v, list) and len(v) == len(like)
+              and all(isinstance(t, int) and not isinstance(t, bool) and t > 0 for t in v))
+        return tuple(v) if ok else ()
+
+    q_tile, kv_tile = tuple(d["q_tile"]), tuple(d["kv_tile"])
+    return KernelConfig(q_tile, kv_tile, d["layout"], d["num_warps"], d["num_stages"],
+                        opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
+                        opt("bwd_num_stages", lambda st: 0 < st <= 16),
+                        tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile))
+
+
+def config_dict(cfg: KernelConfig) -> dict:
+    return {"q_tile": list(cfg.q_tile), "kv_tile": list(cfg.kv_tile), "layout": cfg.layout,
+            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "bwd_num_warps": cfg.bwd_warps,
+            "bwd_num_stages": cfg.bwd_stages,
+            **({"bwd_q_tile": list(cfg.backward_config().q_tile), "bwd_kv_tile": list(cfg.backward_config().kv_tile)}
+               if cfg.own_backward_tiles else {})}
+
+
+def canonical_dtype(dtype) -> str:
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise SpecError(f"unsupported dtype {dtype!r}", where="argument dtype", hint="bf16, fp16 or fp32")
+    return CANONICAL_DTYPE.get(key, key)
+
+
+#: The simulator's model of a GPU by its device name (``compiler.hardware.hardware_for_gpu``).
+hardware_for = hardware_for_gpu
+
+
+def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple[int, int]] = LAUNCH,
+               nbytes: int = 2) -> list[Trial]:
+    """The ``top`` distinct schedules of the simulator's ranking x the launch parameters of each
+    pass: the simulator's own pick first within each schedule (sized for both passes by the
+    search), then other forward (warps, stages) with the pick's backward, then other backward
+    ones with the pick's forward; ones whose shared memory or registers do not fit a pass
+    (``search.pass_fits``) are dropped, keeping at least the pick."""
+    ranked = search.run(top=0)
+    seen: dict[tuple, list] = {}
+    for cand in ranked:
+        shape = (cand.config.q_tile, cand.config.kv_tile, cand.config.layout)
+        if shape not in seen:
+            if len(seen) >= top:
+                continue
+            seen[shape] = []
+        seen[shape].append(cand)
+    trials: list[Trial] = []
+    hw, d = search.hw, search.head_dim
+    for cands in seen.values():
+        first = cands[0]
+        pick = first.config
+        configs = [pick]
+        # the forward's launch parameters with the pick's backward, then the backward's with the pick's forward
+        for warps, stages in launch:
+            cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
+            if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
+                configs.append(cfg)
+        bwd = pick.backward_config()  # the backward's own tiles, where the search gave it some
+        for warps, stages in launch:
+            cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
+            if cfg not in configs and all(pass_fits(k, bwd.q_tokens, bwd.kv_tokens, d, nbytes, warps, stages, hw,
+                                                    search.bwd_score_tiles) for k in PASSES[1:]):
+                configs.append(cfg)
+        predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
+        for cfg in configs:
+            trials.append(Trial(len(trials), cfg, first.schedule, predicted.get(cfg, math.nan)))
+    return trials
+
+
+# ----------------------------------------------------------------- the tuner
+def autotune(
+    pattern: ir.PatternIR,
+    bound: E.Bound,
+    *,
+    head_dim: int = 128,
+    dtype="bf16",
+    batch: int = 1,
+    device=None,
+    inputs: dict | None = None,
+    top: int = TOP,
+    launch: Sequence[tuple[int, int]] | None = None,
+    builder: KernelBuilder | None = None,
+    timer: Timer | None = None,
+    cache: KC.KernelCache | None = None,
+    hardware=None,
+    retune: bool = False,
+    progress: bool | None = None,
+    stream=None,
+    flex_builder: KernelBuilder | None = None,
+    flex: bool | None = None,
+) -> TuneResult:
+    """The tuned configuration and kernel source of ``pattern`` at ``bound``: from the
+    cache when a valid entry exists (unless ``retune``), else by timing candidates and
+    storing the winner. ``progress``: None = a bar when ``stream`` (stderr) is a TTY.
+    ``flex``: time the FlexAttention lowering too (``flex_builder``, default
+    ``flex_backend.FlexBuilder``), like the others; None: on CUDA devices. ``TuneResult.winner``
+    and the cache entry's ``meta["winner"]`` say which candidate won."""
+    import torch
+
+    if not isinstance(pattern, ir.PatternIR):
+        raise SpecError(f"'{getattr(pattern, 'name', pattern)}' is not a softmax pattern: only those are autotuned",
+                        where="argument pattern")
+    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    dtype = canonical_dtype(dtype)
+    if device is None:
+        device = "cuda" if cuda_available() else "cpu"
+    dev = torch.device(device)
+    on_gpu = dev.type == "cuda"
+    if on_gpu and not cuda_available():
+        raise AutotuneError("CUDA is not available on this machine", hint="autotuning times kernels on a GPU")
+    if not on_gpu and timer is None:
+        raise AutotuneError("autotuning needs a CUDA GPU, and none is available",
+                            hint="on CPU, kernels run with the simulator's schedule (no tuning needed)")
+    gpu = KC.device_name(dev) if on_gpu else KC.CPU_DEVICE
+    cache = cache if cache is not None else KC.KernelCache()
+    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=gpu)
+    shape = KC.exact_shape(bound, head_dim=head_dim, batch=batch)
+    hw = get_hardware(hardware) if hardware is not None else (hardware_for(gpu) if on_gpu else get_hardware("h100"))
+    search = ScheduleSearch(pattern, bound, hw, head_dim=head_dim, batch=batch, nbytes=min(DTYPES[dtype], 2),
+                            inputs=inputs)
+
+    if not retune:
+        entry = cache.get(key)
+        if entry is not None:
+            config = _fit(search, config_from_dict(entry.config))
+            if entry.shape == shape:
+                source, path = entry.source, entry.source_path
+            else:  # same bucket, another exact shape: reuse the winner, regenerate its source
+                builder = builder if builder is not None else TritonBuilder()
+                sched = _schedule_of(search, config)
+                source = builder.source(pattern, bound, sched, config)
+                path = scratch_source(cache, source)
+            return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])),
+                              entry.meta.get("winner", "triton"))
+
+    builder = builder if builder is not None else TritonBuilder()
+    timer = timer if timer is not None else do_bench_timer
+    trials = candidates(search, top=top, launch=launch if launch is not None else LAUNCH,
+                        nbytes=min(DTYPES[dtype], 2))
+    if (flex if flex is not None else on_gpu) and trials:
+        if flex_builder is None:
+            from ..backends.flex.runner import FlexBuilder
+
+            flex_builder = FlexBuilder()
+        trials.append(Trial(len(trials), trials[0].config, trials[0].schedule, math.nan, backend="flex"))
+    bar = Progress(len(trials), f"tuning {pattern.name}", stream=stream,
+                   enabled=progress if progress is not None else None)
+    sources: dict[int, str] = {}
+    best: Trial | None = None
+    bar.draw()
+    try:
+        with tempfile.TemporaryDirectory(prefix="attnc-tune-") as tmp:
+            for trial in trials:
+                try:
+                    make = flex_builder if trial.backend == "flex" else builder
+                    source = make.source(pattern, bound, trial.schedule, trial.config)
+                    path = Path(tmp) / f"candidate_{trial.rank}.py"
+                    path.write_text(source, encoding="utf-8")
+                    kernels = make.load(path)
+                    fn = make.runner(kernels, pattern, bound, trial.schedule, trial.config, head_dim=head_dim,
+                                     dtype=dtype, batch=batch, device=dev, inputs=inputs)
+                    ms = float(timer(fn))
+                    if not math.isfinite(ms) or ms <= 0:
+                        raise ValueError(f"timer returned {ms!r}")
+                    trial.measured_ms = ms
+                    sources[trial.rank] = source
+                    if trial.backend == "flex":
+                        pass  # compared with the best Triton kernel below; the cache keeps a Triton kernel
+                    elif best is None or ms < best.measured_ms:
+                        best = trial
+                except (KeyboardInterrupt, AutotuneError):
+                    raise
+                except Exception as err:  # noqa: BLE001 - out of resources, compile errors: skip it
+                    trial.error = f"{type(err).__name__}: {err}"[:300]
+                bar.update(f"best {best.measured_ms:.3f} ms" if best else "")
+    finally:
+        bar.close()
+    if best is None:
+        first = next((t.error for t in trials if t.error), "no candidates")
+        raise AutotuneError(f"every candidate failed ({len(trials)} tried); the first: {first}")
+    flex_ms = min((t.measured_ms for t in trials if t.backend == "flex" and t.error is None), default=math.inf)
+    winner = "flex" if flex_ms < best.measured_ms else "triton"
+    meta = {"trials": [t.to_dict() for t in trials], "builder": getattr(builder, "name", type(builder).__name__),
+            "hardware_model": hw.name, "winner": winner}
+    try:
+        entry = cache.put(key, sources[best.rank], config_dict(best.config), shape=shape, meta=meta)
+        path = entry.source_path
+    except OSError as err:  # a read-only or full cache: still return the winner
+        print(f"attnc: warning: could not write the kernel cache ({err})", file=sys.stderr)
+        path = scratch_source(None, sources[best.rank])
+    return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner, best_rank=best.rank)
+
+
+def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, device, cache):
+    """The cache entry for this key, or None (never tunes)."""
+    if not isinstance(pattern, ir.PatternIR):
+        return None
+    import torch
+
+    dev = torch.device(device) if device is not None else None
+    gpu = KC.device_name(dev) if dev is not None and dev.type == "cuda" else KC.CPU_DEVICE
+    cache = cache if cache is not None else KC.KernelCache()
+    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
+    return cache.get(key)
+
+
+def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1, device=None,
+           cache: KC.KernelCache | None = None) -> KernelConfig | None:
+    """The cached winning configuration for this key, or None (never tunes)."""
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
+    return config_from_dict(entry.config) if entry is not None else None
+
+
+def tuned_winner(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1,
+                 device=None, cache: KC.KernelCache | None = None) -> str | None:
+    """The cached winner's backend for this key ("triton" or "flex"), or None (never tunes)."""
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
+    return entry.meta.get("winner", "triton") if entry is not None else None
+
+
+def _fit(search: ScheduleSearch, config: KernelConfig) -> KernelConfig:
+    """A cached config clipped to this exact shape's extents (a bucket spans sizes up to its bound)."""
+    flat = search.grid and len(config.q_tile) == 1 and len(search.q_ext) > 1
+    q_ext = (math.prod(search.q_ext),) if flat else search.q_ext
+    kv_ext = (math.prod(search.kv_ext),) if flat else search.kv_ext
+    if len(config.q_tile) != len(q_ext) or len(config.kv_tile) != len(kv_ext):
+        return config
+    return dataclasses.replace(config, q_tile=tuple(min(t, L) for t, L in zip(config.q_tile, q_ext, strict=True)),
+                               kv_tile=tuple(min(t, L) for t, L in zip(config.kv_tile, kv_ext, strict=True)))
+
+
+def config_hook(pattern, bound: E.Bound, q, inputs: dict | None = None) -> KernelConfig | None:
+    """For ``TritonRunner.config_hook``: the autotuned config on CUDA tensors (tuning
+    on the first call of a shape bucket, cached on disk after), None elsewhere (the
+    backend's default then)."""
+    if q.device.type != "cuda" or not isinstance(pattern, ir.PatternIR):
+        return None
+    static = None if not inputs else {n: t.detach().cpu() for n, t in inputs.items()}
+    return autotune(pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype, batch=int(q.shape[0]), device=q.device,
+                    inputs=static).config
+
+
+def install() -> None:
+    """Route the Triton backend's config choice through the autotuner and its cache."""
+    from ..backends.triton import runner as triton_backend
+
+    triton_backend.TritonRunner.config_hook = staticmethod(config_hook)
+
+
+def _schedule_of(search: ScheduleSearch, config: KernelConfig) -> TileSchedule:
+    flat = search.grid and len(config.q_tile) == 1 and len(search.q_ext) > 1
+    return search.schedule(config.q_tile, config.kv_tile, flat)
+
+
+def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
+    """A file holding ``source`` (content-addressed, atomic) for ``load_kernels``: in
+    the cache directory, or without a cache in this process's private source folder
+    (never a shared, predictable temp path another user could plant files in)."""
+    from ..backends.triton.runner import source_dir
+
+    raw = source.encode("utf-8")
+    sha = hashlib.sha256(raw).hexdigest()
+    base = cache.dir if cache is not None else Path(source_dir())
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / f"src-{sha[:16]}.py"
+    if not (path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha):
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{sha[:32]}-", dir=base)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(raw)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    return path
+
+
+__all__ = ["AutotuneError", "KernelBuilder", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
+           "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
+           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner"]

@@ -1,0 +1,150 @@
+"""The import contract: layers import only downward, runtime rooms only downward, backends and
+recurrence families never import each other, and no module imports itself back through others.
+
+Every import counts, those inside functions included (they hide cycles, not remove them). The graph is
+read from the source with ``ast``, nothing is imported."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SKIP = {"tests", "benchmarks", "build", ".git", ".ci", "docs"}
+
+#: Layers of the package, bottom first: a module may import its own layer or one below.
+LAYERS = [
+    ("core", "stdlib_patterns"),
+    ("spec",),
+    ("compiler",),
+    ("runtime",),
+    ("integrations", "png"),
+    ("cli",),
+    ("",),  # the package root: attnc/__init__.py
+]
+
+#: Rooms of the runtime, bottom first (a room may import its own rank or a lower one).
+RUNTIME_ROOMS = [
+    ("runtime.numerics", "runtime.checks", "runtime.tritonenv"),
+    ("runtime.frontends",),
+    ("runtime.plan",),
+    ("runtime.backends", "runtime.recurrences"),
+    ("runtime.tuning",),
+    ("runtime.auto",),
+    ("runtime.ops",),
+    ("runtime.api",),
+    ("runtime.gpu_check",),
+]
+
+#: Rooms that must not import each other (each one folder, one job).
+INDEPENDENT = ["runtime.backends.cpu", "runtime.backends.flex", "runtime.backends.triton",
+               "runtime.backends.reference", "runtime.recurrences"]
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_files() -> dict[str, Path]:
+    files = {}
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in SKIP or any(p.startswith(".") or p.endswith(".egg-info") for p in rel.parts):
+            continue
+        files[module_name(path)] = path
+    return files
+
+
+def import_graph() -> nx.DiGraph:
+    files = package_files()
+    graph = nx.DiGraph()
+    graph.add_nodes_from(files)
+    for mod, path in files.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".") if package else []
+                    base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                    target = ".".join([*base, *([node.module] if node.module else [])])
+                elif node.module and (node.module == "attnc" or node.module.startswith("attnc.")):
+                    target = node.module[len("attnc."):] if node.module != "attnc" else ""
+                else:
+                    continue
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}" if target else alias.name
+                    targets.append(sub if sub in files else target)
+            elif isinstance(node, ast.Import):
+                targets = [a.name[len("attnc."):] for a in node.names if a.name.startswith("attnc.")]
+            for t in targets:
+                if t != mod and t in files:
+                    graph.add_edge(mod, t)
+    return graph
+
+
+def rank(mod: str, table) -> int | None:
+    best = None
+    for i, names in enumerate(table):
+        for name in names:
+            if mod == name or (name and mod.startswith(name + ".")) or (name == "" and mod == ""):
+                if best is None or len(name) > best[1]:
+                    best = (i, len(name))
+    return None if best is None else best[0]
+
+
+GRAPH = import_graph()
+
+
+def test_the_graph_is_read():
+    # a check that finds nothing proves nothing: the package's known imports are seen
+    assert GRAPH.number_of_nodes() > 60
+    assert GRAPH.has_edge("runtime.api", "runtime.checks")
+    assert GRAPH.has_edge("spec.checker", "core.ir")
+
+
+def test_no_cycles():
+    cycles = list(nx.simple_cycles(GRAPH))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
+
+
+@pytest.mark.parametrize("table,what", [(LAYERS, "layer"), (RUNTIME_ROOMS, "runtime room")])
+def test_imports_flow_down(table, what):
+    upward = []
+    for a, b in GRAPH.edges:
+        ra, rb = rank(a, table), rank(b, table)
+        if ra is not None and rb is not None and rb > ra:
+            upward.append(f"{a} -> {b}")
+    assert not upward, f"upward imports across {what}s: " + ", ".join(sorted(upward))
+
+
+def test_every_module_has_a_layer():
+    assert [m for m in GRAPH if rank(m, LAYERS) is None] == []
+    runtime = [m for m in GRAPH if m.startswith("runtime.")]
+    assert [m for m in runtime if rank(m, RUNTIME_ROOMS) is None] == []
+
+
+def test_rooms_are_independent():
+    crossing = []
+    for a, b in GRAPH.edges:
+        ra = next((r for r in INDEPENDENT if a == r or a.startswith(r + ".")), None)
+        rb = next((r for r in INDEPENDENT if b == r or b.startswith(r + ".")), None)
+        if ra and rb and ra != rb:
+            crossing.append(f"{a} -> {b}")
+    assert not crossing, "rooms that must stay independent import each other: " + ", ".join(crossing)
+
+
+def test_the_contract_fails_on_a_cycle_and_an_upward_import():
+    # the checks above on a graph with one planted fault each
+    g = GRAPH.copy()
+    g.add_edge("core.ir", "compiler.tiles")
+    assert any(rank(a, LAYERS) < rank(b, LAYERS) for a, b in [("core.ir", "compiler.tiles")])
+    g.add_edge("compiler.tiles", "core.ir")
+    assert list(nx.simple_cycles(g))
