@@ -33,6 +33,7 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
 from . import evaluate as E
+from .expr_printer import ExprPrinter, has_input, internal_names
 from .tables import TABLE_PREFIX, tabulate
 
 F64 = "torch.float64"
@@ -143,196 +144,64 @@ class FlexSource:
 _MASK_OPS = re.compile(r"//|%|\*|\+|-|<=|>=|==|!=|<|>|&|\||~|torch\.(?:minimum|maximum|clamp|where)")
 
 
-class FlexPrinter:
+class FlexPrinter(ExprPrinter):
     """Prints bound IR expressions as torch expressions (the evaluator's semantics).
 
     ``symbols`` maps sympy symbols to internal names; ``inputs`` maps input
     names to (internal name, dims, dtype, batched). ``strict=False`` prints
     unbound symbols as ``_`` (the compile-time check, before sizes are known)."""
 
+    LIB = "torch"
+    ABS = "abs"
+    UNSUPPORTED = "cannot lower {} to FlexAttention"
+
     def __init__(self, symbols: dict, inputs: dict, strict: bool = True, in_range: frozenset = frozenset()):
-        self.symbols = symbols
-        self.inputs = inputs
+        super().__init__(symbols, inputs)
         self.strict = strict
         self.in_range = in_range  # coordinates always inside their axis (row-major, wrapped): tables need no clamp
-        self.helpers: set[str] = set()
         self.used_inputs: list[str] = []
 
-    def p(self, e: sympy.Basic) -> str:
-        if e is sympy.true or e is sympy.false:
-            return "True" if e is sympy.true else "False"
-        if isinstance(e, sympy.Integer):
-            return str(int(e))
-        if e.is_Number or isinstance(e, sympy.NumberSymbol) or (
-                isinstance(e, sympy.Expr) and not e.free_symbols and not _has_input(e) and e.is_number):
-            return _number(e)
-        if isinstance(e, sympy.Symbol):
-            if e in self.symbols:
-                return self.symbols[e]
-            if not self.strict:
-                return "_"
-            shown = str(e).removeprefix("param_").removeprefix("size_")
-            raise SpecError(f"'{shown}' has no value at code generation", where="code generation",
-                            hint="give every parameter and size a value")
-        if isinstance(e, sympy.Add | sympy.Mul):
-            exact = self._exact_ratio(e)
-            if exact is not None:
-                return exact
-            return self._add(e) if isinstance(e, sympy.Add) else self._mul(e)
-        if isinstance(e, sympy.Pow):
-            return self._pow(e)
-        if isinstance(e, S.FloorDiv):
-            a, b = e.args
-            if not (a.is_integer and b.is_integer):
-                return f"torch.floor({self.f(a)} / {self.f(b)})"
-            if isinstance(b, sympy.Integer) and int(b) != 0:
-                return f"({self.p(a)} // {int(b)})"
-            self.helpers.add("_floordiv")
-            return f"_floordiv({self.p(a)}, {self.p(b)})"
-        if isinstance(e, sympy.Mod):
-            a, b = e.args
-            if not (a.is_integer and b.is_integer):
-                return f"torch.remainder({self.f(a)}, {self.f(b)})"
-            if isinstance(b, sympy.Integer) and int(b) != 0:
-                return f"({self.p(a)} % {int(b)})"
-            self.helpers.add("_mod")
-            return f"_mod({self.p(a)}, {self.p(b)})"
-        if isinstance(e, sympy.Min | sympy.Max):
-            # torch.where keeps Python scalars as operands (torch.minimum needs two tensors)
-            args = self._promoted(e.args)
-            out = args[0]
-            for a in args[1:]:
-                op = "<" if isinstance(e, sympy.Min) else ">"
-                out = f"torch.where({a} {op} {out}, {a}, {out})"
-            return out
-        if isinstance(e, sympy.Abs):
-            return f"abs({self.p(e.args[0])})"
-        if isinstance(e, sympy.floor | sympy.ceiling):
-            a = e.args[0]
-            if a.is_integer:
-                return self.p(a)
-            return f"torch.{'floor' if isinstance(e, sympy.floor) else 'ceil'}({self.f(a)})"
-        if isinstance(e, sympy.Piecewise):
-            *rest, (last, _) = e.args
-            vals = self._promoted([v for v, _ in rest] + [last])
-            out = vals[-1]
-            for (_, cond), val in zip(reversed(rest), reversed(vals[:-1]), strict=True):
-                out = f"torch.where({self.p(cond)}, {val}, {out})"
-            return out
-        if isinstance(e, sympy.ITE):
-            c, a, b = e.args
-            va, vb = self._promoted([a, b])
-            return f"torch.where({self.p(c)}, {va}, {vb})"
-        if isinstance(e, sympy.core.relational.Relational):
-            a, b = self._promoted([e.lhs, e.rhs])
-            return f"({a} {e.rel_op} {b})"
-        if isinstance(e, sympy.And | sympy.Or | sympy.Xor):
-            op = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " ^ "}[type(e)]
-            return "(" + op.join(self.p(a) for a in _sorted_args(e)) + ")"
-        if isinstance(e, sympy.Not):
-            return f"(~{self.p(e.args[0])})"
-        if isinstance(e, sympy.Equivalent):
-            args = [self.p(a) for a in _sorted_args(e)]
-            return "(" + " & ".join(f"({args[0]} == {a})" for a in args[1:]) + ")"
-        if isinstance(e, sympy.exp | S.Log | sympy.tanh | S.Sqrt):
-            fn = {sympy.exp: "exp", S.Log: "log", sympy.tanh: "tanh", S.Sqrt: "sqrt"}[type(e)]
-            return f"torch.{fn}({self.f(e.args[0])})"
-        if isinstance(e, S.IsPow2):
-            x = self.p(e.args[0])
-            return f"(({x} > 0) & (({x} & ({x} - 1)) == 0))"
-        if isinstance(e, S.BitLength):
-            self.helpers.add("_bit_length")
-            return f"_bit_length({self.p(e.args[0])})"
-        if isinstance(e, S.Log2Floor):
-            self.helpers.add("_bit_length")
-            x = self.p(e.args[0])
-            return f"torch.where({x} >= 1, _bit_length({x}) - 1, -1)"
-        if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.ShiftLeft | S.ShiftRight):
-            op = {S.BitAnd: "&", S.BitOr: "|", S.BitXor: "^", S.ShiftLeft: "<<", S.ShiftRight: ">>"}[type(e)]
-            return f"({self.p(e.args[0])} {op} {self.p(e.args[1])})"
-        if isinstance(e, S.BitNot):
-            return f"(~{self.p(e.args[0])})"
-        if isinstance(e, S.Window):
-            qa, ka, L, size, dil, stride, causal = e.args
-            if not all(isinstance(x, sympy.Integer) for x in (L, size, dil, stride)):
-                if not self.strict:
-                    return "_"
-                raise SpecError("window() sizes must be known numbers at code generation", where="code generation")
-            self.helpers.add("_window")
-            return (f"_window({self.p(qa)}, {self.p(ka)}, {int(L)}, {int(size)}, {int(dil)}, {int(stride)}, "
-                    f"{bool(causal)})")
-        name = S.input_name(e.func)
-        if name is not None:
-            return self._input(name, e.args)
-        raise SpecError(f"cannot lower {type(e).__name__} to FlexAttention", where="code generation")
-
-    # ------------------------------------------------------------ pieces
-    def f(self, e) -> str:
+    def _float(self, e) -> str:
         """An expression forced to float64 (the evaluator's float type)."""
         text = self.p(e)
         if isinstance(e, sympy.Integer):
             return f"{float(int(e))!r}"
         if isinstance(e, sympy.Float):  # already a float (sympy counts Float(0.0) as an integer)
             return text
-        if e.is_integer or e.is_Boolean or _int_input(e):
+        if e.is_integer or e.is_Boolean:
             return f"{text}.to({F64})"
         return text
 
-    def _promoted(self, args) -> list[str]:
-        """Python's int/float promotion over sibling operands."""
-        if all(a.is_integer or isinstance(a, sympy.logic.boolalg.Boolean) or _int_input(a) for a in args):
-            return [self.p(a) for a in args]
-        return [self.f(a) for a in args]
+    def _const_floordiv(self, a, b: int) -> str:
+        return f"({self.p(a)} // {b})"  # torch's // on integer tensors floors like Python's
 
-    def _add(self, e: sympy.Add) -> str:
-        args = _sorted_args(e)
-        text = self.p if all(a.is_integer or _int_input(a) for a in args) else self.f
-        plus = [a for a in args if not a.could_extract_minus_sign()]
-        minus = [-a for a in args if a.could_extract_minus_sign()]
-        out = " + ".join(text(a) for a in plus) if plus else ""
-        for a in minus:
-            out = f"{out} - {text(a)}" if out else f"-{text(a)}"
-        return f"({out})"
+    def _float_mod(self, a, b) -> str:
+        return f"torch.remainder({self._float(a)}, {self._float(b)})"
 
-    def _mul(self, e: sympy.Mul) -> str:
-        args = _sorted_args(e)
-        if any(a == -1 for a in args):
-            others = [a for a in args if a != -1]
-            rest = sympy.Mul(*others, evaluate=False) if len(others) > 1 else others[0]
-            return f"(-{self.p(rest)})"
-        num = [a for a in args if not (isinstance(a, sympy.Pow) and a.exp.is_negative)]
-        den = [a for a in args if isinstance(a, sympy.Pow) and a.exp.is_negative]
-        texts = self._promoted(num) if num else ["1.0"]
-        out = " * ".join(texts)
-        for d in den:
-            out = f"{out} / {self.f(sympy.Pow(d.base, -d.exp))}"
-        return f"({out})"
+    def _const_mod(self, a, b: int) -> str:
+        return f"({self.p(a)} % {b})"
 
-    def _exact_ratio(self, e) -> str | None:
-        """(q - k) / 3 as one exact integer combination divided once (the evaluator's rule)."""
-        def rational(x):
-            return isinstance(x, sympy.Rational) and not x.is_Integer
+    def _min_max(self, e) -> str:
+        # torch.where keeps Python scalars as operands (torch.minimum needs two tensors)
+        args = self._promoted(e.args)
+        out = args[0]
+        for a in args[1:]:
+            op = "<" if isinstance(e, sympy.Min) else ">"
+            out = f"torch.where({a} {op} {out}, {a}, {out})"
+        return out
 
-        if not any(rational(a) for a in e.args) and not any(
-                isinstance(a, sympy.Mul) and any(rational(r) for r in a.args) for a in e.args) and not any(
-                isinstance(a, sympy.Pow) and a.exp.is_negative for a in e.args):
-            return None
-        num, den = sympy.fraction(sympy.together(e))
-        if den == 1 or not (num.is_integer and den.is_integer):
-            return None
-        return f"({self.f(num)} / {self.f(den)})"
+    def _not(self, e: sympy.Not) -> str:
+        return f"(~{self.p(e.args[0])})"
 
     def _pow(self, e: sympy.Pow) -> str:
         base, exp = e.base, e.exp
-        if (base.is_integer or _int_input(base)) and exp.is_integer and exp.is_nonnegative:
+        if base.is_integer and exp.is_integer and exp.is_nonnegative:
             if isinstance(exp, sympy.Integer):
                 return f"({self.p(base)} ** {int(exp)})" if int(exp) else "1"
             return f"torch.pow({self.p(base)}, {self.p(exp)})"
         if exp == sympy.Rational(1, 2):
-            return f"torch.sqrt({self.f(base)})"
-        if not base.free_symbols and not _has_input(base):
-            return f"torch.pow({self.f(base)}, {self.f(exp)})"
-        return f"torch.pow({self.f(base)}, {self.f(exp)})"
+            return f"torch.sqrt({self._float(base)})"
+        return f"torch.pow({self._float(base)}, {self._float(exp)})"
 
     def _input(self, name: str, args) -> str:
         internal, dims, dtype, batched = self.inputs[name]
@@ -351,30 +220,6 @@ class FlexPrinter:
                 index.append(f"torch.clamp({self.p(arg)}, 0, {dim - 1})")
         value = f"{internal}[{', '.join(index)}]"
         return value if dtype == "int" or name.startswith(TABLE_PREFIX) else f"{value}.to({F64})"  # tables: float64
-
-
-def _number(e) -> str:
-    if isinstance(e, sympy.Integer):
-        return str(int(e))
-    value = float(e.evalf(30))
-    if math.isnan(value):
-        return 'float("nan")'
-    if math.isinf(value):
-        return 'float("inf")' if value > 0 else 'float("-inf")'
-    return repr(value)
-
-
-def _has_input(e: sympy.Basic) -> bool:
-    return any(S.input_name(f.func) for f in e.atoms(sympy.Function))
-
-
-def _int_input(e) -> bool:
-    """An int input load (sympy does not always know it is an integer)."""
-    return isinstance(e, sympy.Function) and S.input_name(e.func) is not None and e.is_integer is True
-
-
-def _sorted_args(e: sympy.Basic) -> list:
-    return sorted(e.args, key=sympy.default_sort_key)
 
 
 # ----------------------------------------------------------------- the module
@@ -417,19 +262,10 @@ def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> li
     return lines
 
 
-def _symbols(pat: ir.PatternIR) -> dict:
-    symbols = {S.Q: "q", S.K: "k", S.H: "h"}
-    for i, axis in enumerate(pat.queries.axis_names):
-        symbols[S.coord("q", axis)] = f"q_c{i}"
-    for i, axis in enumerate(pat.keys.axis_names):
-        symbols[S.coord("k", axis)] = f"k_c{i}"
-    return symbols
-
-
 def check_lowerable(pat: ir.PatternIR) -> None:
     """Compile-time check: every construct of the mask and score terms has a Flex lowering."""
     inputs = {d.name: (f"IN{i}", tuple(10**9 for _ in d.dims), d.dtype, False) for i, d in enumerate(pat.inputs)}
-    printer = FlexPrinter(_symbols(pat), inputs, strict=False)
+    printer = FlexPrinter(internal_names(pat), inputs, strict=False)
     for expr in (pat.mask, pat.bias, pat.softcap):
         if expr is not None:
             printer.p(expr)
@@ -449,7 +285,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
         inputs[decl.name] = (f"IN{i}", dims, decl.dtype, decl.name in batched)
     for i, (name, values) in enumerate(tables.items()):
         inputs[name] = (f"TAB{i}", tuple(values.shape), "int" if values.dtype == torch.int64 else "float", False)
-    symbols = _symbols(pat)
+    symbols = internal_names(pat)
     # coordinates of the row-major order wrap into their axis at any position (a Flex index past the
     # sequence included): tables read with them need no clamp; tile-major ones may leave it
     in_range = frozenset(S.coord(role, axis) for role, layout, tmap in (("q", pat.queries, q_map), ("k", pat.keys, k_map))
@@ -457,8 +293,8 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     mask_printer = FlexPrinter(symbols, inputs, in_range=in_range)
     mask_text = mask_printer.p(mask)
     score_printer = FlexPrinter(symbols, inputs)
-    cap_text = score_printer.f(softcap) if softcap is not None else None
-    bias_text = score_printer.f(bias) if bias is not None else None
+    cap_text = score_printer.float_expr(softcap) if softcap is not None else None
+    bias_text = score_printer.float_expr(bias) if bias is not None else None
     helpers = mask_printer.helpers | score_printer.helpers
 
     def prologue() -> list[str]:
@@ -510,7 +346,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
 
 
 def _is_tensor(e: sympy.Basic) -> bool:
-    return bool(e.free_symbols) or _has_input(e)
+    return bool(e.free_symbols) or has_input(e)
 
 
 def _header(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap) -> str:

@@ -18,7 +18,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 from ..core import ir
 from ..core import symbols as S
 from . import evaluate as E
-from .codegen import abs_bound, int_bound_rule, int_float_sides
+from .triton_exprs import abs_bound, int_bound_rule, int_float_sides
 
 #: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
 TABLE_ENTRIES = 1 << 16
@@ -74,7 +74,7 @@ def tabulate(mask: sympy.Basic, pat: ir.PatternIR, bound: E.Bound) -> tuple[symp
             env[c] = torch.arange(shape[i]).view([-1 if j == i else 1 for j in range(len(coords))])
         values = E.as_tensor(E.Evaluator(env, {}, set(), None)(node), None)
         boolean = isinstance(node, sympy.logic.boolalg.Boolean)
-        if int_bound is not None:  # codegen.int_bound_rule, once per entry
+        if int_bound is not None:  # triton_exprs.int_bound_rule, once per entry
             big, ceil, nan_high = int_bound
             rounded = torch.ceil(values) if ceil else torch.floor(values)
             values = torch.where(torch.isnan(values), float(big if nan_high else -big), rounded.clamp(-big, big))

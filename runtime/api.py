@@ -12,8 +12,7 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
 from ..spec.library import load
-from .backends.cpu.runner import CpuRunner, describe_plan
-from .backends.reference import dense as reference
+from . import ops
 from .checks import (
     WORK_BYTES_PER_PAIR,
     check_fits,
@@ -23,12 +22,14 @@ from .checks import (
     check_state,
     resolve_scale,
 )
+from .frontends.kv_cache import padded_forward
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
-from .numerics import needs_grad
-from .ops import common as custom_op
+from .numerics import compute_dtype, needs_grad
 from .plan import routing
+from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
-BACKENDS = ("auto", "cpu", "reference", "triton", "flex")
+__all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
+from .runner import Call, refusal
 
 Pattern = ir.PatternIR | ir.RecurrenceIR
 
@@ -100,96 +101,41 @@ class Attention(torch.nn.Module):
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
-                 layout: str = "bhnd", auto: bool = False):
+                 layout: str = "bhnd"):
         super().__init__()
         self.layout = layout  # the default layout of calls (runtime.frontends.layouts)
         self.pattern = pattern
         self.backend = backend
         self.sizes = dict(sizes or {})
-        self._runner = None
-        self._runner_key = None
-        self._chunk = q_tile if isinstance(pattern, ir.RecurrenceIR) else None  # a recurrence's forced chunk
-        self._rec_runner = self._rec_key = None
-        if isinstance(pattern, ir.RecurrenceIR):
-            from .recurrences.runner import RecurrenceRunner
-
-            # under torch.compile the recurrence runs through attnc::recurrence (see recurrence_op)
-            self._rec_runner = RecurrenceRunner(pattern, backend, self._chunk)
-            self._rec_key = custom_op.register(self._rec_runner)
-        if backend == "cpu" and isinstance(pattern, ir.PatternIR):
-            self._runner = CpuRunner(pattern, q_tile, kv_tile)
-            self._runner_key = custom_op.register(self._runner)
-        self.flex = None  # backend="flex": the FlexAttention lowering (runtime.backends.flex)
-        self._flex_key = None
-        if backend == "flex":
-            from .backends.flex.runner import FlexRunner
-
-            self.flex = FlexRunner(pattern, q_tile, kv_tile)
-            self._flex_key = custom_op.register(self.flex)  # under torch.compile: attnc::runner_attention
-        #: backend="auto" on CPU tensors: the executor or the Flex lowering per call (runtime.auto.cpu)
-        self._auto_runner = self._auto_key = None
-        if auto and self._runner is not None:
-            from .auto.cpu import AutoRunner
-
-            self._auto_runner = AutoRunner(pattern, self._runner, q_tile, kv_tile)
-            self._auto_key = custom_op.register(self._auto_runner)
-        # softmax on Triton: backend="triton" (CUDA natively, CPU tensors under the interpreter),
-        # or "auto" (``self.auto``) on CUDA tensors; the runner is made at the first such call
-        self._tiles = (q_tile, kv_tile)
-        self._triton = None
-        # under torch.compile the Triton path runs through attnc::triton_attention (custom_op), keyed by this module
-        self._triton_key = custom_op.register(self) if isinstance(pattern, ir.PatternIR) else None
-        self._varlen_key = custom_op.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
-        if backend == "triton" and isinstance(pattern, ir.PatternIR):
-            from ..compiler.codegen import check_fp32_constants
-
-            check_fp32_constants(pattern)  # float32 kernels: refused when compiling, not at the first call
-        self.auto = auto
+        #: what runs: a ``runtime.runner.Runner`` (``auto``: the runner that chooses among the others)
+        self.runner = make_runner(pattern, backend, q_tile, kv_tile)
+        self._varlen_key = ops.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
         self._last_call: dict | None = None
-        self._last_device: str | None = None
-        self._cuda_winner: dict = {}  # auto on CUDA: the tuned winner per shapes ("triton" or "flex")
-        self._cuda_last: str | None = None
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        if self._runner is not None:  # a copy (deepcopy, pickle) gets its own registry entry
-            self._runner_key = custom_op.register(self._runner)
-        if getattr(self, "_rec_runner", None) is not None:
-            self._rec_key = custom_op.register(self._rec_runner)
-        if getattr(self, "flex", None) is not None:
-            self._flex_key = custom_op.register(self.flex)
-        if getattr(self, "_auto_runner", None) is not None:
-            self._auto_runner.cpu = self._runner  # one executor runner per module (deepcopy keeps them apart)
-            self._auto_key = custom_op.register(self._auto_runner)
-        if getattr(self, "_triton_key", None) is not None:
-            self._triton_key = custom_op.register(self)
-        self._varlen_key = custom_op.register(self)
+        self._varlen_key = ops.register(self)  # a copy (deepcopy, pickle) gets its own registry entry
+
+    @property
+    def auto(self) -> bool:
+        return self.backend == "auto"
 
     @property
     def chosen_backend(self) -> str | None:
         """The backend that ran the latest softmax call: ``"cpu"`` or ``"flex"`` under ``auto`` on CPU
         tensors (``last_choice`` says why), ``"triton"`` or ``"flex"`` (the autotuner's winner) under
         ``auto`` on CUDA tensors, else the backend asked for; None before the first call of ``auto``."""
-        if self._auto_runner is not None and self._last_device != "cuda":
-            return None if self._auto_runner.last is None else self._auto_runner.last.backend
-        return self._cuda_last if self.auto and self._last_device == "cuda" else self.backend
+        return getattr(self.runner, "chosen", self.backend)
 
     @property
     def last_choice(self):
-        """``auto`` on CPU tensors: the ``backend_choice.Choice`` of the latest call (modelled times, reason)."""
-        return None if self._auto_runner is None else self._auto_runner.last
+        """``auto`` on CPU tensors: the ``auto.cpu.Choice`` of the latest call (modelled times, reason)."""
+        return self.runner.last if self.auto else None
 
     @property
     def schedule(self):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
-        if self._triton is not None and self._triton.last_plan is not None:
-            return self._triton.last_plan.schedule
-        if self.chosen_backend == "flex" and self._auto_runner is not None:
-            flex = self._auto_runner.flex
-            return None if flex.last is None else flex.last.schedule
-        if self.flex is not None:
-            return None if self.flex.last is None else self.flex.last.schedule
-        return None if self._runner is None or self._runner.last is None else self._runner.last.schedule
+        return self.runner.last_schedule
 
     def report(self, hardware="h100", **kwargs):
         """The simulator's report for the shapes of the latest call (``attnc.simulate``)."""
@@ -202,33 +148,8 @@ class Attention(torch.nn.Module):
 
     @property
     def source(self) -> str:
-        """What runs: the CPU backend's tile plan, or the reference's dense computation."""
-        p = self.pattern
-        if self.flex is not None:
-            from .backends.flex.runner import describe
-
-            return describe(self.flex, p)
-        if self._auto_runner is not None and self._auto_runner.last is not None and self._last_device != "cuda":
-            from .backends.flex.runner import describe
-
-            choice = self._auto_runner.last
-            body = describe(self._auto_runner.flex, p) if choice.backend == "flex" else describe_plan(self._runner.last, p)
-            return f"# {choice.describe()}\n{body}"
-        if isinstance(p, ir.PatternIR) and (self.backend == "triton" or self._triton is not None):
-            from .backends.triton.runner import describe_source
-
-            return describe_source(self._triton, p)
-        if self._runner is not None:
-            return describe_plan(self._runner.last, p)
-        if isinstance(p, ir.RecurrenceIR) and self.backend != "reference":
-            from .recurrences import runner as recurrence
-
-            return recurrence.describe(p, self.backend, self._chunk or (self._last_call or {}).get("q_tile"))
-        if isinstance(p, ir.RecurrenceIR):
-            return (f"# reference backend: naive recurrence '{p.name}' ({p.gate} gate)\n"
-                    f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
-                    f"decay = {p.decay}\n")
-        return "\n".join([f"# reference backend: dense attention '{p.name}'", *p.describe_terms()]) + "\n"
+        """What runs: the runner's plan, generated code or dense computation for the latest call."""
+        return self.runner.describe()
 
     def extra_repr(self) -> str:
         return f"{self.pattern.kind} {self.pattern.name!r}, backend={self.backend!r}"
@@ -251,7 +172,7 @@ class Attention(torch.nn.Module):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
         layout = self.layout if layout is None else check_layout(layout)
-        # the backends compute in [B, H, N, D]: other layouts become views here and the results views back
+        # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
         check_qkv(q, k, v)
         if restore.spatial is None:
@@ -264,7 +185,7 @@ class Attention(torch.nn.Module):
 
             scale = resolve_scale(scale, q.shape[-1])
             run = functools.partial(varlen_op.run, self, cu_seqlens)
-        elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (runtime.frontends.varlen)
+        elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (frontends.varlen)
             from .frontends import varlen
 
             run = functools.partial(varlen.run, self._forward, self.pattern,
@@ -272,68 +193,57 @@ class Attention(torch.nn.Module):
         device = q.device.type
         if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
             # As torch's own attention under autocast: q, k, v in the autocast dtype, the
-            # output in that dtype; each backend then computes in its own precision
+            # output in that dtype; each runner then computes in its own precision
             # (fp32 accumulation), with autocast off so that no matmul inside changes dtype.
             low = torch.get_autocast_dtype(device)
             q, k, v = q.to(low), k.to(low), v.to(low)
             with torch.autocast(device, enabled=False):
                 return restore.result(run(q, k, v, scale=scale, return_lse=return_lse,
-                                                    initial_state=initial_state, return_state=return_state,
-                                                    sizes=sizes, **inputs), return_lse, return_state)
+                                          initial_state=initial_state, return_state=return_state,
+                                          sizes=sizes, **inputs), return_lse, return_state)
         return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
-                                            return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
+                                  return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
-        pat = self.pattern
-        B, Hq, Nq, D = q.shape
-        scale = resolve_scale(scale, D)
+        scale = resolve_scale(scale, q.shape[-1])
         all_sizes = {**self.sizes, **(sizes or {})}
-        if isinstance(pat, ir.RecurrenceIR):
-            if return_lse:
-                raise SpecError("a recurrence has no log-sum-exp", where="argument return_lse")
-            if Nq != k.shape[2]:
-                raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
-            if initial_state is not None:
-                check_state(initial_state, q, "initial_state", (B, Hq, D, v.shape[-1]))
-            if torch.compiler.is_compiling():
-                # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
-                # inside the custom op; eager calls check them here, with clear errors
-                from .ops.recurrence import recurrence_op
-
-                out, state = recurrence_op(q, k, v, list(inputs.values()), initial_state, self._rec_key,
-                                           ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale))
-                return (out, state) if return_state else out
-            out, state, chunk = self._rec_runner.run(q, k, v, inputs, all_sizes, float(scale), initial_state)
-            self._last_call = {"n": Nq, "heads": Hq, "head_dim": D, "batch": B, "q_tile": chunk}
-            return (out, state) if return_state else out
+        if isinstance(self.pattern, ir.RecurrenceIR):
+            return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
-        self._last_device = q.device.type
-        if torch.compiler.is_compiling() and (self.flex is not None or self._auto_flex_possible(q, k, v, inputs,
-                                                                                              return_lse)):
-            # the Flex lowering (or auto's per-call choice) inside attnc::runner_attention (runtime.flex_op)
-            from .ops.flex import runner_attention
+        if torch.compiler.is_compiling():
+            # Sizes and inputs are bound inside the runner's custom op (sympy is not traceable);
+            # eager calls check them here, with clear errors.
+            runner = self.runner.traced(q, k, v, inputs, return_lse) if hasattr(self.runner, "traced") else self.runner
+            if runner.support.compile:
+                out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse)
+                return (out, lse) if return_lse else out
+        call = self._bind_call(q, k, v, scale, return_lse, all_sizes, inputs)
+        why = refusal(self.runner, "softmax", q.device, call.q_offset)
+        if why is not None:
+            hint = "use backend='cpu' or 'triton' for decoding" if call.q_offset else None
+            raise SpecError(f"{call.bound.nk} keys but {call.bound.n} queries: {why}" if call.q_offset else why,
+                            where="argument k" if call.q_offset else "argument q", hint=hint)
+        if call.q_offset and self.runner.support.query_offset == "padded":
+            out, lse = padded_forward(self.runner, call, q, k, v)
+        else:
+            out, lse = self.runner.forward(call, q, k, v)
+        return (out, lse) if return_lse else out
 
-            out, lse = runner_attention(q, k, v, list(inputs.values()), self._flex_key or self._auto_key,
-                                        ",".join(inputs), custom_op.encode_sizes(all_sizes), float(scale), return_lse)
-            return (out, lse) if return_lse else out
-        if self._runner is not None and not (self.auto and q.is_cuda) and torch.compiler.is_compiling():
-            # Under torch.compile the sizes and inputs are bound inside the custom op
-            # (sympy is not traceable); eager calls check them here, with clear errors.
-            out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
-            return (out, lse) if return_lse else out
-        if (self.backend == "triton" or (self.auto and q.is_cuda)) and torch.compiler.is_compiling():
-            out, lse = custom_op.triton_attention(q, k, v, list(inputs.values()), self._triton_key, ",".join(inputs),
-                                                  custom_op.encode_sizes(all_sizes), float(scale))
-            return (out, lse) if return_lse else out
+    def _bind_call(self, q, k, v, scale: float, need_lse: bool, all_sizes: dict, inputs: dict) -> Call:
+        """The call bound once (sizes, inputs, softcap, route sizes), every argument checked before any
+        work; errors name the argument."""
+        pat = self.pattern
+        B, Hq, Nq, D = q.shape
+        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
         try:
-            bound = E.bind_sizes(pat, n=Nq, nk=k.shape[2], heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
+            bound = E.bind_sizes(pat, n=Nq, nk=Nk, heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
         except SpecError as err:  # n and nk come from q and k here: name those
             if err.where not in ("argument n", "argument nk"):
                 raise
             raise SpecError(err.message, where="argument q" if err.where == "argument n" else "argument k",
                             hint=err.hint) from None
-        self._last_call = {"n": Nq, "nk": k.shape[2] if not pat.self_attention else None, "heads": Hq,
+        self._last_call = {"n": Nq, "nk": Nk if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
         check_softcap(pat, bound)
@@ -341,31 +251,34 @@ class Attention(torch.nn.Module):
             routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
         # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
         # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
-        item = torch.finfo(reference.compute_dtype(q.dtype)).bits // 8
-        Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+        item = torch.finfo(compute_dtype(q.dtype)).bits // 8
         check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
-                    item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
-        if bound.q_offset and (self.flex is not None or self.backend == "triton" or (self.auto and q.is_cuda)):
-            out, lse = self._offset_by_padding(bound, q, k, v, inputs, float(scale))
-        elif self.flex is not None:
-            out, lse = self.flex(bound, q, k, v, inputs, float(scale), return_lse)
-        elif self._auto_runner is not None and not q.is_cuda and self._auto_runner.select(
-                bound, q, k, v, inputs, return_lse).backend == "flex":
-            out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
-        elif self.auto and q.is_cuda and self._cuda_flex_won(bound, q):
-            self._cuda_last = "flex"
-            out, lse = self._auto_runner.flex(bound, q, k, v, inputs, float(scale), return_lse)
-        elif self.backend == "triton" or (self.auto and q.is_cuda):
-            self._cuda_last = "triton"
-            out, lse = self._triton_runner()(bound, q, k, v, inputs, float(scale))
-        elif self._runner is not None:
-            out, lse = self._cpu(q, k, v, inputs, all_sizes, scale)
-        else:  # dense: scores, probabilities and the mask, B x H x Nq x Nk each
-            check_fits(f"the reference backend at batch {B}, heads {Hq}, {Nq} x {Nk} tokens needs dense "
-                        f"scores of {float(B * Hq * Nq * Nk * item):.3g} bytes",
-                        B * Hq * Nq * Nk * (3 * item + 1), "argument q", q.device)
-            out, lse = reference.attention(pat, bound, q, k, v, inputs, float(scale))
-        return (out, lse) if return_lse else out
+                   item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
+        return Call(bound=bound, batch=B, heads=Hq, kv_heads=Hkv, head_dim=D, value_dim=Dv, dtype=q.dtype,
+                    device=q.device, grad=needs_grad(q, k, v, *inputs.values()), need_lse=need_lse,
+                    scale=float(scale), inputs=dict(inputs), sizes=all_sizes)
+
+    def _recurrence(self, q, k, v, scale: float, return_lse, initial_state, return_state, all_sizes: dict,
+                    inputs: dict):
+        B, Hq, Nq, D = q.shape
+        if return_lse:
+            raise SpecError("a recurrence has no log-sum-exp", where="argument return_lse")
+        if Nq != k.shape[2]:
+            raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
+        if initial_state is not None:
+            check_state(initial_state, q, "initial_state", (B, Hq, D, v.shape[-1]))
+        if torch.compiler.is_compiling():
+            # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
+            # inside the custom op; eager calls check them here, with clear errors
+            from .ops.recurrence import recurrence_op
+
+            out, state = recurrence_op(q, k, v, list(inputs.values()), initial_state, self.runner.op_key,
+                                       ",".join(inputs), ops.encode_sizes(all_sizes), float(scale))
+            return (out, state) if return_state else out
+        out, state, chunk = self.runner.run(q, k, v, inputs, all_sizes, float(scale), initial_state)
+        self.runner.last_chunk = chunk
+        self._last_call = {"n": Nq, "heads": Hq, "head_dim": D, "batch": B, "q_tile": chunk}
+        return (out, state) if return_state else out
 
     def step(self, q, k, v, state=None, *, scale: float | None = None, **inputs):
         """One decoding step of a recurrence (the recurrent form, for inference loops):
@@ -384,72 +297,6 @@ class Attention(torch.nn.Module):
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
-
-    def _auto_flex_possible(self, q, k, v, inputs: dict, return_lse: bool) -> bool:
-        """Under torch.compile, ``auto`` on CPU tensors: whether the Flex lowering may serve the call
-        (then the choice is made per call inside the op); calls it cannot serve (training, lse,
-        float64) go to the executor's own op, whose backward is the executor's."""
-        if self._auto_runner is None or q.is_cuda or self._auto_runner.flex is None:
-            return False
-        from .backends.flex.runner import fused_refusal
-
-        return fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *inputs.values()), return_lse) is None
-
-    def _cuda_flex_won(self, bound: E.Bound, q: torch.Tensor) -> bool:
-        """``auto`` on CUDA with the autotuner installed (``autotune.install``): whether the Flex
-        lowering beat attnc's kernels for this shape bucket (the tuner times it beside them and
-        records the winner; ``autotune.tuned_winner``). A known winner is remembered per shapes."""
-        if self._auto_runner is None or self._auto_runner.flex is None:
-            return False
-        from .backends.triton.runner import TritonRunner
-
-        if TritonRunner.config_hook is None:  # no tuning: attnc's kernels with the simulator's schedule
-            return False
-        key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, *q.shape[::3], q.dtype)
-        if key not in self._cuda_winner:
-            from .tuning import autotune
-
-            winner = autotune.tuned_winner(self.pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype,
-                                           batch=int(q.shape[0]), device=q.device)
-            if winner is None:  # not tuned yet: the Triton runner tunes this bucket at this call
-                return False
-            self._cuda_winner[key] = winner
-        return self._cuda_winner[key] == "flex"
-
-    def _offset_by_padding(self, bound, q, k, v, inputs: dict, scale: float):
-        """Queries after a KV cache on Triton: the kernels run the whole sequence with zero
-        queries in front, and the last n rows are returned (exactly the definition; nk x nk
-        work, differentiable). FlexAttention is refused (its lowering has no query offset yet)."""
-        if self.flex is not None:
-            raise SpecError(f"{bound.nk} keys but {bound.n} queries: the flex backend does not run queries after a "
-                            "KV cache yet", where="argument k", hint="use backend='cpu' or 'triton' for decoding")
-        route = getattr(self.pattern, "route", None)
-        if route is not None and route.score != "token":
-            raise SpecError(f"'{self.pattern.name}' routes by the mean of query blocks, which needs every query of a "
-                            "block: queries after a KV cache (nk > n) are not supported", where="argument k",
-                            hint="call with all the queries (nk == n)")
-        full = E.bind_sizes(self.pattern, n=bound.nk, nk=bound.nk, heads=bound.heads, sizes=bound.axis_sizes,
-                            dk=q.shape[-1])
-        pad = q.new_zeros(q.shape[0], q.shape[1], bound.q_offset, q.shape[3])
-        out, lse = self._triton_runner()(full, torch.cat([pad, q], dim=2), k, v, inputs, scale)
-        return out[:, :, bound.q_offset:], lse[:, :, bound.q_offset:]
-
-    def _triton_runner(self):
-        if self._triton is None:
-            from .backends.triton.runner import TritonRunner
-
-            self._triton = TritonRunner(self.pattern, *self._tiles)
-        return self._triton
-
-    def _cpu(self, q, k, v, inputs: dict, sizes: dict, scale):
-        """The CPU executor through its custom op (``attnc::tiled_attention``); eager inference calls
-        its implementation directly (the op's dispatch imports torch._dynamo at its first call:
-        seconds of a first call, for no autograd to record)."""
-        args = (q, k, v, list(inputs.values()), self._runner_key, ",".join(inputs), custom_op.encode_sizes(sizes),
-                float(scale))
-        if not needs_grad(q, k, v, *inputs.values()) and not torch.compiler.is_compiling():
-            return custom_op._forward_impl(*args)
-        return custom_op.tiled_attention(*args)
 
 
 def compile_attention(
@@ -490,9 +337,7 @@ def compile_attention(
     (``runtime.frontends.layouts``; ``step`` always takes ``[B, H, D]``).
     """
     check_layout(layout)
-    if backend not in BACKENDS:
-        raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
-                        hint="available in this version: " + ", ".join(BACKENDS))
+    check_backend(backend)
     pat = _as_pattern(pattern, name, params)
     if sizes is not None:
         # Bad names and values, and windows that do not fit a fully sized grid,
@@ -505,19 +350,14 @@ def compile_attention(
     if isinstance(pat, ir.RecurrenceIR):
         from .recurrences import common as recurrence
 
-        if backend == "flex":
-            from .backends.flex.runner import refuse_recurrence
-
-            refuse_recurrence(pat)
+        check_recurrence_backend(pat, backend)
         if kv_tile is not None:
             raise SpecError("a recurrence has no KV tiles", where="argument kv_tile",
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
         chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
         return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None, layout)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
-    chosen = backend if backend in ("reference", "triton", "flex") else "cpu"
-    # auto: Triton kernels on CUDA tensors; on CPU tensors the executor or the Flex lowering per call
-    return Attention(pat, chosen, sizes, q_tile, kv_tile, layout, auto=backend == "auto")
+    return Attention(pat, backend, sizes, q_tile, kv_tile, layout)
 
 
 def simulate(

@@ -373,7 +373,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
                                             inputs=inputs)
 
             runner = Native(pat)
-            attn._triton = runner
+            attn.runner = runner  # the runner injected: the kernels native, the config the search picks for hw
             out = attn(q, k, v, sizes=sizes, **inputs)
             cfg = next(iter(runner._static.values()))[0]
             described = describe_launch(cfg)

@@ -24,7 +24,7 @@ def decide(spec, n, heads, sizes=None, dtype=torch.float32, grad=False, need_lse
     bound = E.bind_sizes(attn.pattern, n=n, heads=heads, sizes=sizes)
     q = torch.empty(1, heads, n, 64, dtype=dtype, requires_grad=grad)
     with torch.set_grad_enabled(grad):
-        return attn._auto_runner.decide(bound, q, q, q, {}, need_lse)
+        return attn.runner.decide(bound, q, q, q, {}, need_lse)
 
 
 # ================================================================ the rule
@@ -102,7 +102,7 @@ def test_unequal_forced_tiles_and_unlowerable_patterns_take_the_executor():
     choice = decide("stdlib:sliding_window", 1024, 2, window=128, q_tile=8, kv_tile=8)
     assert choice.backend == "cpu" and "power of two of at least 16" in choice.reason
     attn = attnc.compile_attention("stdlib:sliding_window", window=8)
-    attn._auto_runner.flex, attn._auto_runner.unlowerable = None, "why"
+    attn.runner.flex, attn.runner.unlowerable = None, "why"
     q = torch.randn(1, 1, 32, 8)
     with torch.no_grad():
         attn(q, q, q)
@@ -117,16 +117,16 @@ def test_auto_runs_the_chosen_backend_with_the_same_results():
     k, v = k[:, :2], v[:, :2]  # GQA
     gates = torch.nn.functional.logsigmoid(torch.randn(4, 80, generator=g))
     auto = attnc.compile_attention(spec, **params)
-    auto._auto_runner.flex.compiled = False
+    auto.runner.flex.compiled = False
     cpu = attnc.compile_attention(spec, backend="cpu", **params)
     assert auto.chosen_backend is None and "auto chose" not in auto.source
     with torch.no_grad():
         out = auto(q, k, v, g=gates)
         expected = cpu(q, k, v, g=gates)
-    assert auto.chosen_backend == "flex" and auto._auto_runner.flex.last is not None
+    assert auto.chosen_backend == "flex" and auto.runner.flex.last is not None
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)  # fp32 rounding only
     assert auto.source.startswith("# auto chose backend 'flex'") and "def score_mod" in auto.source
-    assert auto.schedule is auto._auto_runner.flex.last.schedule
+    assert auto.schedule is auto.runner.flex.last.schedule
     # training: the executor, its gradients
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = auto(qg, kg, vg, g=gates, return_lse=True)
@@ -169,7 +169,7 @@ def test_flex_module_under_torch_compile_fullgraph():
     torch.testing.assert_close(lse, l1, **TIGHT)
     for a, b in zip(grads, g1, strict=True):
         torch.testing.assert_close(a, b, **TIGHT)
-    assert attn.flex.last_path == "dense"  # float64 with gradients: Flex's dense implementation
+    assert attn.runner.last_path == "dense"  # float64 with gradients: Flex's dense implementation
 
 
 def test_auto_module_under_torch_compile_fullgraph():
@@ -178,7 +178,7 @@ def test_auto_module_under_torch_compile_fullgraph():
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, 70, 8, generator=g) for _ in range(3))
     attn = attnc.compile_attention("stdlib:sliding_window", window=9)
-    attn._auto_runner.flex.compiled = False
+    attn.runner.flex.compiled = False
     ref = attnc.compile_attention("stdlib:sliding_window", backend="reference", window=9)
     fn = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True)
     with torch.no_grad():
@@ -202,7 +202,7 @@ def test_compile_failure_falls_back_to_dense_and_auto_avoids_it(monkeypatch):
     q = torch.randn(1, 2, 50, 8)
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="torch.compile of Flex's kernel failed"):
         out = attn(q, q, q)
-    assert attn.flex.last_path == "dense" and "simulated" in attn.flex.fused_failure(attn.flex.last)
+    assert attn.runner.last_path == "dense" and "simulated" in attn.runner.fused_failure(attn.runner.last)
     torch.testing.assert_close(out, ref(q, q, q), rtol=1e-5, atol=1e-5)
     auto = attnc.compile_attention("stdlib:streaming", window=5, sinks=2)  # the same mods: known to fail
     with torch.no_grad():
@@ -289,7 +289,7 @@ def test_modules_that_ran_flex_copy_and_save(backend):
     import io
 
     attn = attnc.compile_attention("stdlib:sliding_window", backend=backend, window=8)
-    runner = attn.flex if backend == "flex" else attn._auto_runner.flex
+    runner = attn.runner if backend == "flex" else attn.runner.flex
     runner.compiled = False
     q = torch.randn(1, 2, 40, 8)
     with torch.no_grad():
@@ -324,7 +324,7 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
     ref = attnc.compile_attention(spec, backend="reference", **params)
     auto = attnc.compile_attention(spec, **params)
     bound = E.bind_sizes(auto.pattern, n=96, heads=2)
-    modelled = auto._auto_runner.decide(bound, q, k, v, {}, False)
+    modelled = auto.runner.decide(bound, q, k, v, {}, False)
     assert modelled.backend == "flex"
     monkeypatch.setattr(BC, "COMPILE_COST_S", 2.5 * (modelled.cpu_s - modelled.flex_s))
     chosen = []
@@ -356,7 +356,7 @@ def test_break_even_reasons_and_dynamic_lengths(monkeypatch):
     assert auto.chosen_backend == "cpu" and "not compiled yet" in auto.last_choice.reason
     assert auto.last_choice.flex_s < auto.last_choice.cpu_s  # the model prefers Flex all the same
     monkeypatch.setattr(BC, "COMPILE_COST_S", 0.0)  # steady-state benchmarks: compile at once
-    runner = auto._auto_runner.flex
+    runner = auto.runner.flex
     with torch.no_grad():
         for n in (80, 112):
             x = torch.randn(1, 2, n, 16)
@@ -373,8 +373,8 @@ def test_a_static_masks_choice_is_remembered_per_call_shapes(monkeypatch):
     """Repeated calls of the same shapes reuse the choice (no planner lookups, no thread switch);
     other shapes, gradients or lse decide again, and a data-dependent mask decides every call."""
     attn = attnc.compile_attention("stdlib:sliding_window", window=16)
-    attn._auto_runner.flex.compiled = False
-    runner = attn._auto_runner
+    attn.runner.flex.compiled = False
+    runner = attn.runner
     calls = []
     real = runner._decide
     monkeypatch.setattr(runner, "_decide", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -390,10 +390,10 @@ def test_a_static_masks_choice_is_remembered_per_call_shapes(monkeypatch):
     attn(qg, qg, qg)
     assert len(calls) == 4
     doc = attnc.compile_attention("stdlib:document")
-    doc._auto_runner.flex.compiled = False
+    doc.runner.flex.compiled = False
     seen = []
-    real_doc = doc._auto_runner._decide
-    monkeypatch.setattr(doc._auto_runner, "_decide", lambda *a, **k: seen.append(1) or real_doc(*a, **k))
+    real_doc = doc.runner._decide
+    monkeypatch.setattr(doc.runner, "_decide", lambda *a, **k: seen.append(1) or real_doc(*a, **k))
     ids = torch.tensor([0] * 30 + [1] * 34)
     with torch.no_grad():
         doc(q, q, q, doc=ids)

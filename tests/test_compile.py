@@ -76,7 +76,7 @@ def test_custom_op_registration_opcheck():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 9, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     g = (-torch.rand(2, 9, generator=gen, dtype=torch.float64)).requires_grad_()
-    args = (q, k, v, [g], attn._runner_key, "g", "", 0.5)
+    args = (q, k, v, [g], attn.runner.op_key, "g", "", 0.5)
     torch.library.opcheck(custom_op.tiled_attention, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     out, lse = custom_op.tiled_attention(*args)
@@ -85,5 +85,5 @@ def test_custom_op_registration_opcheck():
     fake_mode = torch._subclasses.FakeTensorMode()
     with fake_mode:
         fq, fk, fv = (fake_mode.from_tensor(t) for t in (q, k, v))
-        fo, fl = custom_op.tiled_attention(fq, fk, fv, [fake_mode.from_tensor(g)], attn._runner_key, "g", "", 0.5)
+        fo, fl = custom_op.tiled_attention(fq, fk, fv, [fake_mode.from_tensor(g)], attn.runner.op_key, "g", "", 0.5)
     assert fo.shape == out.shape and fo.dtype == out.dtype and fl.shape == lse.shape and fl.dtype == lse.dtype

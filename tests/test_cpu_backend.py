@@ -635,7 +635,7 @@ def test_frame_terms_read_from_tables(q_tile):
     close(l1, l2, 1e-12, "lse")
     for a, b in zip(grads(o1, l1, (q, k, v)), grads(o2, l2, (q, k, v)), strict=True):
         close(a, b, 1e-11, "grad")
-    plan = cpu._runner.last
+    plan = cpu.runner.last
     assert plan.tables and plan.pair_mask is not None and plan.schedule.partial > 0
 
 
@@ -654,7 +654,7 @@ def test_dense_like_mask_runs_one_whole_tile_exact_with_lse_gradient():
         attn = attnc.compile_attention(text, backend="cpu")
         q, k, v = qkv(batch, *heads, n, 8)
         out, lse = attn(q, k, v, return_lse=True)
-        assert "tiles 1 x 1" in attn.source and attn._runner.last.whole
+        assert "tiles 1 x 1" in attn.source and attn.runner.last.whole
         h = torch.arange(heads[0])[:, None, None]
         modulus = h + 4 if "% (h + 4)" in text else 5
         allowed = (((i[:, None] + 2 * i[None, :]) % modulus != 0) | (i[:, None] == i[None, :]))[None]
@@ -666,7 +666,7 @@ def test_dense_like_mask_runs_one_whole_tile_exact_with_lse_gradient():
     # a second module of the same mask and sizes reads the same cached masks (every layer of a model)
     again = attnc.compile_attention(text, backend="cpu")
     again(*qkv(batch, *heads, n, 8, grad=False))
-    assert again._runner.last.mask_cache is attn._runner.last.mask_cache
+    assert again.runner.last.mask_cache is attn.runner.last.mask_cache
 
 
 def test_whole_tile_only_where_the_fused_kernel_serves_every_pass():
@@ -679,18 +679,18 @@ def test_whole_tile_only_where_the_fused_kernel_serves_every_pass():
     attn = attnc.compile_attention(DENSE_LIKE, backend="cpu")
     q, k, v = qkv(1, 2, 2, n, 8, Dv=4)
     out = attn(q, k, v)
-    assert not attn._runner.last.whole and "tiles 1 x 1" not in attn.source
+    assert not attn.runner.last.whole and "tiles 1 x 1" not in attn.source
     close(out, dense_attention(q, k, v, allowed, 8 ** -0.5)[0], F64["out"], "Dv != D")
     small = attnc.compile_attention(DENSE_LIKE, backend="cpu")
     small(*qkv(1, 2, 2, n // 2, 8, grad=False))
-    assert not small._runner.last.whole
+    assert not small.runner.last.whole
     biased = attnc.compile_attention(DENSE_LIKE + "  bias 0.25 * abs(q - k) / n\n",
                                      backend="cpu")
     biased(*qkv(1, 2, 2, n, 8, grad=False))
-    assert not biased._runner.last.whole
+    assert not biased.runner.last.whole
     forced = attnc.compile_attention(DENSE_LIKE, backend="cpu", q_tile=64, kv_tile=64)
     forced(*qkv(1, 2, 2, n, 8, grad=False))
-    assert not forced._runner.last.whole
+    assert not forced.runner.last.whole
 
 
 def test_whole_mask_per_axis_equals_the_materialized_mask():

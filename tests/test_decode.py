@@ -65,7 +65,7 @@ def test_last_rows_of_the_full_computation(label, src, params, inputs, backend):
         torch.testing.assert_close(lse, full_lse[:, :, -n:], rtol=1e-12, atol=1e-12)
         if backend == "cpu":
             kind = decode.RowPlan if n <= decode.DECODE_ROWS else object
-            assert isinstance(attn._runner.last, kind)
+            assert isinstance(attn.runner.last, kind)
 
 
 @pytest.mark.parametrize("rows_path", [True, False], ids=["decode_rows", "tiled_flat"])
@@ -143,7 +143,7 @@ def test_growing_cache_does_not_replan():
             pos, steps = pos + new, steps + 1
         assert steps == 22
         assert T.CLASSIFICATIONS - before == 0  # O(1) amortised per step: here none at all
-        assert len(attn._runner.plans) <= attn._runner.max_plans
+        assert len(attn.runner.plans) <= attn.runner.max_plans
 
 
 def test_plan_cache_is_a_bounded_lru():
@@ -151,7 +151,7 @@ def test_plan_cache_is_a_bounded_lru():
 
     q, k, v = _qkv(40, batch=1)
     attn = compile_attention(CAUSAL, backend="cpu")
-    runner = attn._runner
+    runner = attn.runner
     assert runner.max_plans == PLAN_CACHE_SIZE
     runner.max_plans = 3
     for nk in range(30, 38):

@@ -33,7 +33,7 @@ def qkv(B, Hq, Hkv, N, D, seed, nk=None, scale=1.0, dtype=torch.float64):
 
 def flex_module(spec, **kw):
     attn = attnc.compile_attention(spec, backend="flex", **kw)
-    attn.flex.compiled = False  # Flex's dense implementation: no compilation in the normal test run
+    attn.runner.compiled = False  # Flex's dense implementation: no compilation in the normal test run
     return attn
 
 
@@ -76,7 +76,7 @@ def exact_mask(spec, sizes, inputs, params, q, k):
 def check_block_mask(fx, mask):
     """The BlockMask of the latest call (what Flex's fused kernel reads besides the mask_mod) agrees
     with the exact mask: every allowed pair lies in a listed block, no FULL block holds a masked pair."""
-    plan, bm = fx.flex.last, fx.flex.last_block_mask
+    plan, bm = fx.runner.last, fx.runner.last_block_mask
     Bm, Hm = bm.kv_num_blocks.shape[:2]
     # lists broadcast over the batch serve every element: listed if any needs it, FULL if all allow it
     mask_any, mask_all = (mask.any(0, keepdim=True), mask.all(0, keepdim=True)) if Bm == 1 else (mask, mask)
@@ -153,15 +153,15 @@ def test_document_data_dependent_mask(batched):
     fx = compare("stdlib:document", q, k, v, {"doc": doc}, q_tile=8, kv_tile=4)
     # new ids on the same module: new block lists, the same generated mods; equal ids: the same plan
     doc2 = torch.sort(torch.randint(0, 2, (2, n) if batched else (n,), generator=g), dim=-1).values
-    before = fx.flex.last
+    before = fx.runner.last
     out = fx(q, k, v, doc=doc2)
     torch.testing.assert_close(out, attnc.compile_attention("stdlib:document", backend="reference")(q, k, v, doc=doc2),
                                **TIGHT)
-    after = fx.flex.last
+    after = fx.runner.last
     assert after is not before and after.source is before.source
     check_block_mask(fx, exact_mask("stdlib:document", None, {"doc": doc2}, {}, q, k))
     fx(q, k, v, doc=doc2.clone())
-    assert fx.flex.last is after
+    assert fx.runner.last is after
 
 
 def test_longformer_global_tokens():
@@ -218,7 +218,7 @@ def test_grid_patterns(name, sizes, params, kind):
     q_tile, kv_tile = _grid_tiles(sizes, kind)
     fx = compare(f"stdlib:{name}", q, k, v, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile, **params)
     if kind == "box":
-        plan = fx.flex.last
+        plan = fx.runner.last
         assert plan.q_map.permuted and plan.k_map.permuted
         assert plan.k_map.padded == any(L % t for L, t in zip(sizes.values(), kv_tile, strict=True))
         assert "tile-major" in fx.source
@@ -245,7 +245,7 @@ def test_coordinate_terms_become_exact_tables(kind, mask, monkeypatch):
     q, k, v = qkv(1, 2, 2, 35, 8, seed=4)
     q_tile, kv_tile = ((2, 4), (2, 3)) if kind == "box" else ((16,), (8,))
     fx = compare(spec, q, k, v, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile)
-    tables = fx.flex.last.source.tables
+    tables = fx.runner.last.source.tables
     assert tables and all(t.shape == (5, 5) for t in tables.values())
     body = fx.source.split("def mask_mod")[1]
     assert "TAB0[" in body and "bit_length" not in body and "torch.log" not in body
@@ -262,7 +262,7 @@ def test_tables_follow_the_call_sizes():
         sizes = {"frames": frames, "per_frame": 8}
         q, k, v = qkv(1, 1, 1, 8 * frames, 4, seed=frames)
         torch.testing.assert_close(attn(q, k, v, sizes=sizes), ref(q, k, v, sizes=sizes))
-        assert attn.flex.last.source.tables["#table0"].shape[0] == frames
+        assert attn.runner.last.source.tables["#table0"].shape[0] == frames
 
 
 @pytest.mark.parametrize("backend", ["cpu", "flex"])
@@ -289,7 +289,7 @@ def test_grid_box_tiles_are_flex_blocks():
     sizes = {"height": 24, "width": 24}
     q, k, v = qkv(1, 1, 1, 576, 4, seed=9)
     fx = compare("stdlib:neighborhood_2d", q, k, v, sizes=sizes, q_tile=(8, 8), kv_tile=(2, 2), kernel_size=13)
-    plan = fx.flex.last
+    plan = fx.runner.last
     assert plan.block_size == (64, 4) and plan.schedule.q_tile == (8, 8)
     # neither box is a run of the row-major order: both sides are permuted, without padding
     assert plan.q_map.permuted and plan.k_map.permuted and not plan.k_map.padded
@@ -338,7 +338,7 @@ def test_source_is_generated_not_copied():
     doc = torch.arange(n) // 10
     q, k, v = qkv(1, 1, 1, n, 4, seed=12)
     fx(q.detach(), k.detach(), v.detach(), mydocs=doc)
-    src = fx.flex.last.source.text
+    src = fx.runner.last.source.text
     assert "mydocs" not in src and "magic" not in src and "secret_name" not in src
     assert "37" in src and "def mask_mod(b, h, q_idx, kv_idx, IN0)" in src
     assert "def mask_mod" in fx.source and "BlockMask from attnc's tile lists" in fx.source
@@ -350,10 +350,10 @@ def test_source_is_generated_not_copied():
 def test_moba_routing(B, H, Hkv, N, block, topk, tiles):
     q, k, v = qkv(B, H, Hkv, N, 8, seed=N + topk)
     fx = compare("stdlib:moba", q, k, v, block=block, topk=topk, q_tile=tiles[0], kv_tile=tiles[1])
-    routed = fx.flex.last_routed
+    routed = fx.runner.last_routed
     assert routed.heads_stored == B * H  # lists per (batch element, head)
     # the routed lists drop blocks the static schedule visits
-    assert routed.visited < fx.flex.last.schedule.visited * B * (H if fx.flex.last.schedule.heads_stored == 1 else 1)
+    assert routed.visited < fx.runner.last.schedule.visited * B * (H if fx.runner.last.schedule.heads_stored == 1 else 1)
 
 
 @pytest.mark.parametrize("tiles", [((2, 4), (2, 2)), (None, None)])
@@ -404,17 +404,17 @@ def test_fused_kernel_compiled_fullgraph():
     for seed in (0, 1):
         w = torch.randn(2, generator=torch.Generator().manual_seed(seed))
         out = attn(q, k, v, w=w)
-        assert attn.flex.last_path == "fused"
+        assert attn.runner.last_path == "fused"
         torch.testing.assert_close(out, ref(q, k, v, w=w), rtol=1e-5, atol=1e-5)
         assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
         if seed == 0:
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs  # no recompilation for new input values
-    assert attn.flex.last.q_map.padded and attn.flex.last.k_map.padded
+    assert attn.runner.last.q_map.padded and attn.runner.last.k_map.padded
     # unequal Q and KV blocks: Flex's fused CPU kernel is wrong there (torch 2.13), the dense path serves
     unequal = attnc.compile_attention(spec, backend="flex", sizes=sizes, q_tile=(4, 4), kv_tile=(2, 4))
     torch.testing.assert_close(unequal(q, k, v, w=w), ref(q, k, v, w=w), rtol=1e-5, atol=1e-5)
-    assert unequal.flex.last_path == "dense"
+    assert unequal.runner.last_path == "dense"
 
 
 def test_runner_refuses_recurrence_patterns_only():
@@ -427,12 +427,12 @@ def test_plan_and_block_mask_are_cached_per_shapes():
     fx = flex_module("stdlib:sliding_window", window=6)
     q, k, v = (t.detach() for t in qkv(1, 2, 2, 40, 4, seed=16))
     fx(q, k, v)
-    plan, bm = fx.flex.last, fx.flex.last_block_mask
+    plan, bm = fx.runner.last, fx.runner.last_block_mask
     fx(q * 2, k, v)
-    assert fx.flex.last is plan and fx.flex.last_block_mask is bm
+    assert fx.runner.last is plan and fx.runner.last_block_mask is bm
     q2, k2, v2 = (t.detach() for t in qkv(1, 2, 2, 48, 4, seed=17))
     fx(q2, k2, v2)  # new shapes: a new plan
-    assert fx.flex.last is not plan and len(fx.flex.plans) == 2
+    assert fx.runner.last is not plan and len(fx.runner.plans) == 2
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

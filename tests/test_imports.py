@@ -28,13 +28,14 @@ LAYERS = [
 
 #: Rooms of the runtime, bottom first (a room may import its own rank or a lower one).
 RUNTIME_ROOMS = [
-    ("runtime.numerics", "runtime.checks", "runtime.tritonenv"),
+    ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.runner"),
     ("runtime.frontends",),
     ("runtime.plan",),
+    ("runtime.ops",),  # the custom ops call runners by key: they know no backend
     ("runtime.backends", "runtime.recurrences"),
     ("runtime.tuning",),
     ("runtime.auto",),
-    ("runtime.ops",),
+    ("runtime.registry",),
     ("runtime.api",),
     ("runtime.gpu_check",),
 ]

@@ -537,7 +537,7 @@ def test_recurrence_op_registration_opcheck():
     q, k, v = (torch.randn(1, 2, 9, 4, generator=gen, dtype=F64, requires_grad=True) for _ in range(3))
     g = (-torch.rand(2, 9, 4, generator=gen, dtype=F64)).requires_grad_()
     s0 = torch.randn(1, 2, 4, 4, generator=gen, dtype=F64, requires_grad=True)
-    args = (q, k, v, [g], s0, attn._rec_key, "g", "", 0.5)
+    args = (q, k, v, [g], s0, attn.runner.op_key, "g", "", 0.5)
     torch.library.opcheck(recurrence_op, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     out, state = recurrence_op(*args)

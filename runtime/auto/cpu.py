@@ -174,9 +174,11 @@ def choose(cpu_sched: TileSchedule, flex_sched: TileSchedule | None, refusal: st
     return Choice("cpu", "the tile executor is modelled at least as fast", c, f)
 
 
-class AutoRunner:
+class CpuPolicy:
     """``auto`` on CPU tensors: plans both backends (cached per shapes by each runner), applies
-    ``choose`` and runs the chosen one. Callable like a ``FlexRunner`` (``runtime.flex_op``)."""
+    ``choose`` and runs the chosen one. Callable like a ``FlexRunner`` (``attnc::runner_attention``
+    calls it under torch.compile, choosing per call). ``runtime.auto.runner.AutoRunner`` is this
+    policy plus the CUDA one."""
 
     def __init__(self, pat: ir.PatternIR, cpu_runner, q_tile=None, kv_tile=None):
         from ...core.errors import SpecError

@@ -1,10 +1,12 @@
-"""The CPU executor and the Triton kernels as ``torch.library`` custom ops, so
-that a model calling an attnc module compiles with ``torch.compile(fullgraph=True)``.
+"""The softmax runners as ``torch.library`` custom ops, so that a model calling an attnc module
+compiles with ``torch.compile(fullgraph=True)``; and what every attnc op shares (the registry of
+runners, the encoding of sizes and input names, the op definitions).
 
-``attnc::triton_attention`` / ``attnc::triton_attention_backward`` take the same
-arguments as the CPU ops below and run the generated Triton kernels (natively on
-CUDA tensors, in Triton's interpreter on CPU tensors); their ``key`` names the
-attnc module, whose Triton runner is made at the op's first call.
+The ops know no backend: each calls the runner registered under its ``key``
+(``runner.traced_forward`` / ``runner.traced_backward``, the runner's own kernels). The CPU
+executor's runner is served by ``attnc::tiled_attention``, the Triton runner by
+``attnc::triton_attention`` (natively on CUDA tensors, in Triton's interpreter on CPU tensors);
+both take the same arguments and differ only in the lse's dtype.
 
 ``attnc::tiled_attention(q, k, v, inputs, key, names, sizes, scale) -> (out, lse)``
 runs the forward; ``attnc::tiled_attention_backward`` the backward (registered
@@ -12,7 +14,7 @@ as its autograd formula). Everything dynamo cannot trace (sympy, binding the
 sizes and inputs, building and caching the tile plan) happens inside the op
 implementations; the traced graph only sees tensors and constants:
 
-- ``key`` names the module's ``CpuRunner`` in a process-global registry
+- ``key`` names the module's runner in a process-global registry
   (weak references: a runner lives as long as its module);
 - ``names`` is the comma-separated list of the call-time input names, in the
   order of ``inputs`` (int inputs such as document ids pass through and get
@@ -36,7 +38,6 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ...compiler import evaluate as E
 from ...core.errors import SpecError
-from ..backends.cpu import executor
 from ..numerics import compute_dtype, empty_batch_outputs
 from ..plan import routing
 
@@ -57,6 +58,20 @@ def register(runner) -> str:
     key = f"{runner.pattern.name}#{next(_COUNTER)}"
     _REGISTRY[key] = runner
     return key
+
+
+class Registered:
+    """A runner the custom ops find by key (``op_key``): registered when made, and again when copied
+    (deepcopy, pickle: a copy gets its own entry)."""
+
+    op_key: str
+
+    def register_op(self) -> None:
+        self.op_key = register(self)
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.register_op()
 
 
 def _runner(key: str):
@@ -215,8 +230,7 @@ def _forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
         return empty_batch_outputs(q, v, _lse_dtype(q))
-    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, _named(names, inputs), v)
-    out, lse = executor.forward(plan, q, k, v, tensors, set(batched), scale)
+    out, lse = runner.traced_forward(_bind(runner, q, k, inputs, names, sizes), q, k, v, _named(names, inputs), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -235,11 +249,10 @@ def _backward_impl(
     if q.shape[0] == 0:  # an empty batch: zero (empty) gradients
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
-    plan, tensors, batched = runner.prepare(_bind(runner, q, k, inputs, names, sizes), q, k, raw, v)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
-        dq, dk, dv, d_in = executor.backward(plan, q, k, v, out, lse, dout, dlse, tensors, set(batched), scale,
-                                             wrt_names)
+        dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, inputs, names, sizes), q, k, v, out, lse, dout,
+                                                  dlse, raw, scale, wrt_names)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
 
@@ -278,25 +291,14 @@ tiled_attention, tiled_attention_backward = defined_once("ops", lambda: define_o
 
 
 # ------------------------------------------------------------ the Triton kernels
-def _launch(module, q, k, inputs, names, sizes):
-    """The Triton launch of ``module`` (an attnc ``Attention``) for these shapes and
-    inputs; its runner caches plans and kernels per shape, as in eager calls."""
-    runner = module._triton_runner()
-    bound = E.bind_sizes(module.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1], sizes=_decode_sizes(sizes),
-                         dk=q.shape[3])
-    return runner.prepare(_routed(module.pattern, bound), q, k, _named(names, inputs))
-
-
 def _triton_forward_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor], key: str, names: str, sizes: str,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from ..backends.triton import runner as triton_backend
-
-    module = _runner(key)
+    runner = _runner(key)
     if q.shape[0] == 0:
         return empty_batch_outputs(q, v, torch.float32)
-    out, lse = triton_backend.forward(_launch(module, q, k, inputs, names, sizes), q, k, v, scale)
+    out, lse = runner.traced_forward(_bind(runner, q, k, inputs, names, sizes), q, k, v, _named(names, inputs), scale)
     return out.contiguous(), lse.contiguous()
 
 
@@ -310,15 +312,13 @@ def _triton_backward_impl(
     wrt: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(dq, dk, dv, [gradient of inputs[i] for i in wrt]) from the Triton backward kernels."""
-    from ..backends.triton import runner as triton_backend
-
-    module = _runner(key)
+    runner = _runner(key)
     if q.shape[0] == 0:
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
-    launch = _launch(module, q, k, inputs, names, sizes)
-    dq, dk, dv, d_in = triton_backend.backward(launch, q, k, v, out, lse, dout, dlse, scale, wrt_names)
+    dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, inputs, names, sizes), q, k, v, out, lse, dout,
+                                              dlse, raw, scale, wrt_names)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
 

@@ -10,6 +10,8 @@ from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_state
 from ..numerics import compute_dtype, expand_kv
+from ..ops.common import Registered
+from ..runner import Support
 from .common import choose_chunk, gate_tensor, head_gates
 from .decay import naive
 from .decay.chunk import chunked, step
@@ -98,12 +100,34 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     return (out if squeeze else out.unsqueeze(2)), new
 
 
-class RecurrenceRunner:
-    """What a recurrence module runs: the pattern, the backend and a forced chunk size (or None); eager
-    calls and ``attnc::recurrence`` both run it."""
+class RecurrenceRunner(Registered):
+    """What a recurrence module runs: the pattern, the backend ('reference': the naive loop; 'cpu':
+    chunked torch; 'triton'; 'auto': Triton on CUDA tensors, else chunked torch) and a forced chunk
+    size (or None); eager calls and ``attnc::recurrence`` both run it."""
+
+    op = "recurrence"
+    support = Support(kinds=frozenset({"recurrence"}), query_offset=None, routing=False, decode_step=True)
 
     def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None):
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
+        self.last_chunk: int | None = None
+        self.register_op()  # under torch.compile: attnc::recurrence
+
+    @property
+    def name(self) -> str:
+        return self.backend
+
+    @property
+    def last_schedule(self):
+        return None  # chunks, not tiles
+
+    def describe(self) -> str:
+        rec = self.pattern
+        if self.backend == "reference":
+            return (f"# reference backend: naive recurrence '{rec.name}' ({rec.gate} gate)\n"
+                    f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
+                    f"decay = {rec.decay}\n")
+        return describe(rec, self.backend, self.chunk or self.last_chunk)
 
     def run(self, q, k, v, inputs: dict, sizes: dict, scale: float, initial_state):
         """``(out, final state, chunk or None)``: binds the sizes and inputs (errors name the argument),

@@ -349,22 +349,10 @@ def autotune(
     and the cache entry's ``meta["winner"]`` say which candidate won."""
     import torch
 
-    if not isinstance(pattern, ir.PatternIR):
-        raise SpecError(f"'{getattr(pattern, 'name', pattern)}' is not a softmax pattern: only those are autotuned",
-                        where="argument pattern")
-    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    _check_tuning_arguments(pattern, head_dim=head_dim, batch=batch, top=top)
     dtype = canonical_dtype(dtype)
-    if device is None:
-        device = "cuda" if cuda_available() else "cpu"
-    dev = torch.device(device)
-    on_gpu = dev.type == "cuda"
-    if on_gpu and not cuda_available():
-        raise AutotuneError("CUDA is not available on this machine", hint="autotuning times kernels on a GPU")
-    if not on_gpu and timer is None:
-        raise AutotuneError("autotuning needs a CUDA GPU, and none is available",
-                            hint="on CPU, kernels run with the simulator's schedule (no tuning needed)")
+    dev = torch.device(device if device is not None else ("cuda" if cuda_available() else "cpu"))
+    on_gpu = _check_tuning_device(dev, timer)
     gpu = KC.device_name(dev) if on_gpu else KC.CPU_DEVICE
     cache = cache if cache is not None else KC.KernelCache()
     key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=gpu)
@@ -376,29 +364,73 @@ def autotune(
     if not retune:
         entry = cache.get(key)
         if entry is not None:
-            config = _fit(search, config_from_dict(entry.config))
-            if entry.shape == shape:
-                source, path = entry.source, entry.source_path
-            else:  # same bucket, another exact shape: reuse the winner, regenerate its source
-                builder = builder if builder is not None else TritonBuilder()
-                sched = _schedule_of(search, config)
-                source = builder.source(pattern, bound, sched, config)
-                path = scratch_source(cache, source)
-            return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])),
-                              entry.meta.get("winner", "triton"))
+            return _reuse_cached(entry, pattern, bound, key, shape, search, builder, cache)
 
     builder = builder if builder is not None else TritonBuilder()
     timer = timer if timer is not None else do_bench_timer
     trials = candidates(search, top=top, launch=launch if launch is not None else LAUNCH,
                         nbytes=min(DTYPES[dtype], 2))
     if (flex if flex is not None else on_gpu) and trials:
-        if flex_builder is None:
-            from ..backends.flex.runner import FlexBuilder
-
-            flex_builder = FlexBuilder()
-        trials.append(Trial(len(trials), trials[0].config, trials[0].schedule, math.nan, backend="flex"))
+        flex_builder = _add_flex_trial(trials, flex_builder)
     bar = Progress(len(trials), f"tuning {pattern.name}", stream=stream,
                    enabled=progress if progress is not None else None)
+    run_args = {"head_dim": head_dim, "dtype": dtype, "batch": batch, "device": dev, "inputs": inputs}
+    best, sources = _time_trials(pattern, bound, trials, builder, flex_builder, timer, run_args, bar)
+    return _store_winner(cache, key, shape, trials, best, sources, builder, hw)
+
+
+def _check_tuning_arguments(pattern, *, head_dim, batch, top) -> None:
+    """Only softmax patterns are tuned, at positive int sizes."""
+    if not isinstance(pattern, ir.PatternIR):
+        raise SpecError(f"'{getattr(pattern, 'name', pattern)}' is not a softmax pattern: only those are autotuned",
+                        where="argument pattern")
+    for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+
+
+def _check_tuning_device(dev, timer: Timer | None) -> bool:
+    """Whether ``dev`` is a GPU; tuning needs a working one unless a timer is injected."""
+    on_gpu = dev.type == "cuda"
+    if on_gpu and not cuda_available():
+        raise AutotuneError("CUDA is not available on this machine", hint="autotuning times kernels on a GPU")
+    if not on_gpu and timer is None:
+        raise AutotuneError("autotuning needs a CUDA GPU, and none is available",
+                            hint="on CPU, kernels run with the simulator's schedule (no tuning needed)")
+    return on_gpu
+
+
+def _reuse_cached(entry, pattern, bound: E.Bound, key, shape, search: ScheduleSearch,
+                  builder: KernelBuilder | None, cache: KC.KernelCache) -> TuneResult:
+    """The cached winner, its source regenerated when the entry was stored for another
+    exact shape of the same bucket."""
+    config = _fit(search, config_from_dict(entry.config))
+    if entry.shape == shape:
+        source, path = entry.source, entry.source_path
+    else:  # same bucket, another exact shape: reuse the winner, regenerate its source
+        builder = builder if builder is not None else TritonBuilder()
+        sched = _schedule_of(search, config)
+        source = builder.source(pattern, bound, sched, config)
+        path = scratch_source(cache, source)
+    return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])),
+                      entry.meta.get("winner", "triton"))
+
+
+def _add_flex_trial(trials: list[Trial], flex_builder: KernelBuilder | None) -> KernelBuilder:
+    """Append the FlexAttention candidate (on the first trial's schedule); the builder that makes it."""
+    if flex_builder is None:
+        from ..backends.flex.runner import FlexBuilder
+
+        flex_builder = FlexBuilder()
+    trials.append(Trial(len(trials), trials[0].config, trials[0].schedule, math.nan, backend="flex"))
+    return flex_builder
+
+
+def _time_trials(pattern, bound: E.Bound, trials: list[Trial], builder: KernelBuilder,
+                 flex_builder: KernelBuilder | None, timer: Timer, run_args: dict,
+                 bar: Progress) -> tuple[Trial, dict[int, str]]:
+    """Time every trial, recording the error of one that fails: the fastest Triton trial and
+    the source of each timed one. Raises ``AutotuneError`` when no Triton trial ran."""
     sources: dict[int, str] = {}
     best: Trial | None = None
     bar.draw()
@@ -407,20 +439,10 @@ def autotune(
             for trial in trials:
                 try:
                     make = flex_builder if trial.backend == "flex" else builder
-                    source = make.source(pattern, bound, trial.schedule, trial.config)
-                    path = Path(tmp) / f"candidate_{trial.rank}.py"
-                    path.write_text(source, encoding="utf-8")
-                    kernels = make.load(path)
-                    fn = make.runner(kernels, pattern, bound, trial.schedule, trial.config, head_dim=head_dim,
-                                     dtype=dtype, batch=batch, device=dev, inputs=inputs)
-                    ms = float(timer(fn))
-                    if not math.isfinite(ms) or ms <= 0:
-                        raise ValueError(f"timer returned {ms!r}")
-                    trial.measured_ms = ms
-                    sources[trial.rank] = source
+                    sources[trial.rank] = _time_trial(make, trial, pattern, bound, timer, run_args, Path(tmp))
                     if trial.backend == "flex":
                         pass  # compared with the best Triton kernel below; the cache keeps a Triton kernel
-                    elif best is None or ms < best.measured_ms:
+                    elif best is None or trial.measured_ms < best.measured_ms:
                         best = trial
                 except (KeyboardInterrupt, AutotuneError):
                     raise
@@ -432,6 +454,28 @@ def autotune(
     if best is None:
         first = next((t.error for t in trials if t.error), "no candidates")
         raise AutotuneError(f"every candidate failed ({len(trials)} tried); the first: {first}")
+    return best, sources
+
+
+def _time_trial(make: KernelBuilder, trial: Trial, pattern, bound: E.Bound, timer: Timer, run_args: dict,
+                tmp: Path) -> str:
+    """Generate, load and time one candidate, setting its ``measured_ms``; its source."""
+    source = make.source(pattern, bound, trial.schedule, trial.config)
+    path = tmp / f"candidate_{trial.rank}.py"
+    path.write_text(source, encoding="utf-8")
+    kernels = make.load(path)
+    fn = make.runner(kernels, pattern, bound, trial.schedule, trial.config, **run_args)
+    ms = float(timer(fn))
+    if not math.isfinite(ms) or ms <= 0:
+        raise ValueError(f"timer returned {ms!r}")
+    trial.measured_ms = ms
+    return source
+
+
+def _store_winner(cache: KC.KernelCache, key, shape, trials: list[Trial], best: Trial, sources: dict[int, str],
+                  builder: KernelBuilder, hw) -> TuneResult:
+    """Name the winner (Flex when it beat the best Triton kernel) and cache the best Triton
+    kernel with every trial's timing; a cache that cannot be written only warns."""
     flex_ms = min((t.measured_ms for t in trials if t.backend == "flex" and t.error is None), default=math.inf)
     winner = "flex" if flex_ms < best.measured_ms else "triton"
     meta = {"trials": [t.to_dict() for t in trials], "builder": getattr(builder, "name", type(builder).__name__),

@@ -12,6 +12,8 @@ from ....compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_classes, layout_extents
 from ....core import ir
+from ...ops import common as ops
+from ...ops.common import Registered
 from ...plan import routing, tile_plan
 from ...plan.cache import (
     PLAN_CACHE_SIZE,
@@ -20,6 +22,7 @@ from ...plan.cache import (
     mask_uses_inputs,
     ranked_schedule,
 )
+from ...runner import Call, Support
 from . import executor, fused
 from . import rows as decode
 
@@ -93,14 +96,15 @@ def choose_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict,
     return best[1], best[2]
 
 
-class CpuRunner:
-    """Plans per (sizes, n, nk, heads, whole tile allowed), kept in a bounded LRU cache (``PLAN_CACHE_SIZE``);
+class CpuRunner(Registered):
+    """The tile executor. Plans per (sizes, n, nk, heads, whole tile allowed), kept in a bounded LRU cache (``PLAN_CACHE_SIZE``);
     data-dependent masks are classified per call; a few queries after a KV cache take the
     decoding-rows path (``runtime.backends.cpu.rows``: no tile classification per step)."""
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None, max_plans: int | None = None):
         self.pattern = pat
         self.tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
+        self.register_op()  # under torch.compile: attnc::tiled_attention
         self.plans = PlanCache(PLAN_CACHE_SIZE if max_plans is None else E.positive_int("max_plans", max_plans))
         self.last: tile_plan.Plan | None = None
         #: data-dependent masks: the latest plan with the inputs it was built for
@@ -227,6 +231,39 @@ class CpuRunner:
         plan, tensors, batched = self.prepare(bound, q, k, inputs, v)
         names = tuple(tensors)
         return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
+
+    # ------------------------------------------------------------ the Runner protocol (runtime.runner)
+    name = "cpu"
+    op = "tiled"
+    support = Support(query_offset="native")
+
+    @property
+    def last_schedule(self):
+        return None if self.last is None else self.last.schedule
+
+    def forward(self, call: Call, q, k, v):
+        """Through ``attnc::tiled_attention`` where autograd records the call or dynamo traces it; an
+        eager inference call runs its implementation directly (the op's dispatch imports
+        torch._dynamo at its first call: seconds of a first call, for no autograd to record)."""
+        args = (q, k, v, list(call.inputs.values()), self.op_key, ",".join(call.inputs),
+                ops.encode_sizes(call.sizes), float(call.scale))
+        if not call.grad and not torch.compiler.is_compiling():
+            return ops._forward_impl(*args)
+        return ops.tiled_attention(*args)
+
+    def traced_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        """The op's forward: ``(out, lse)`` of the executor, no autograd."""
+        plan, tensors, batched = self.prepare(bound, q, k, inputs, v)
+        return executor.forward(plan, q, k, v, tensors, set(batched), scale)
+
+    def traced_backward(self, bound: E.Bound, q, k, v, out, lse, dout, dlse, inputs: dict, scale: float,
+                        wrt: list[str]):
+        """The op's backward: ``(dq, dk, dv, {input: gradient})`` for the inputs named in ``wrt``."""
+        plan, tensors, batched = self.prepare(bound, q, k, inputs, v)
+        return executor.backward(plan, q, k, v, out, lse, dout, dlse, tensors, set(batched), scale, wrt)
+
+    def describe(self) -> str:
+        return describe_plan(self.last, self.pattern)
 
 
 def describe_plan(plan: tile_plan.Plan | None, pat: ir.PatternIR) -> str:

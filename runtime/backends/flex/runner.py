@@ -63,7 +63,9 @@ from ....compiler.tiles import (
 from ....core import ir
 from ....core.errors import SpecError
 from ...numerics import empty_batch_outputs, fox_prefix, needs_grad
+from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
+from ...runner import Call, Support
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
@@ -206,7 +208,7 @@ def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device,
                                     mask_mod=mask_mod, seq_lengths=(q_len, k_len))
 
 
-class FlexRunner:
+class FlexRunner(Registered):
     """Plans per shapes (cached; data-dependent masks per distinct inputs) and runs Flex."""
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
@@ -223,6 +225,7 @@ class FlexRunner:
         self._dynamic_last: tuple | None = None
         #: backend="auto": the CPU runner whose classified schedules (static masks) this one shares
         self.schedule_source = None
+        self.register_op()  # under torch.compile: attnc::runner_attention
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle, torch.save of a model) keep the configuration, not the plans:
@@ -373,6 +376,21 @@ class FlexRunner:
         self.last_path = "dense"
         out, lse = _dense_call(qp, kp, vp, plan.namespace, bm, scale, mask_bufs, score_bufs)
         return (out, lse) if need_lse else out
+
+    # ------------------------------------------------------------ the Runner protocol (runtime.runner)
+    name = "flex"
+    op = "flex"
+    support = Support(query_offset=None)
+
+    @property
+    def last_schedule(self):
+        return None if self.last is None else self.last.schedule
+
+    def forward(self, call: Call, q, k, v):
+        return self(call.bound, q, k, v, call.inputs, call.scale, call.need_lse)
+
+    def describe(self) -> str:
+        return describe(self, self.pattern)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
         pat = self.pattern

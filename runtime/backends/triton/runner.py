@@ -51,8 +51,10 @@ from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ...numerics import fox_prefix
+from ...ops.common import Registered
 from ...plan import routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
+from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
@@ -230,7 +232,7 @@ def _lists(sched: TileSchedule, device) -> dict:
     }
 
 
-class TritonRunner:
+class TritonRunner(Registered):
     """Generated Triton kernels for one pattern: configs and sources per shapes (cached),
     tile lists per call for data-dependent masks and routing."""
 
@@ -242,9 +244,10 @@ class TritonRunner:
     native = False
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
-        check_fp32_constants(pat)
+        check_fp32_constants(pat)  # float32 kernels: refused when compiling, not at the first call
         self.pattern = pat
         self.q_tile, self.kv_tile = q_tile, kv_tile
+        self.register_op()  # under torch.compile: attnc::triton_attention
         self._static: dict = PlanCache()  # shapes key -> (config, plan, source); bounded LRU
         self._dynamic_last: tuple | None = None
         self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
@@ -392,6 +395,31 @@ class TritonRunner:
                 launch = launch.shrink()
                 if launch is None:
                     raise
+
+    # ------------------------------------------------------------ the Runner protocol (runtime.runner)
+    name = "triton"
+    op = "triton"
+    #: no query offset in the kernels: queries after a KV cache run the whole sequence (frontends.kv_cache)
+    support = Support(query_offset="padded")
+
+    @property
+    def last_schedule(self):
+        return None if self.last_plan is None else self.last_plan.schedule
+
+    def forward(self, call: Call, q, k, v):
+        return self(call.bound, q, k, v, call.inputs, call.scale)
+
+    def traced_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
+        """The op's forward (``attnc::triton_attention``): ``(out, lse)``, no autograd."""
+        return forward(self.prepare(bound, q, k, inputs), q, k, v, scale)
+
+    def traced_backward(self, bound: E.Bound, q, k, v, out, lse, dout, dlse, inputs: dict, scale: float,
+                        wrt: list[str]):
+        """The op's backward: ``(dq, dk, dv, {input: gradient})`` from the backward kernels."""
+        return backward(self.prepare(bound, q, k, inputs), q, k, v, out, lse, dout, dlse, scale, wrt)
+
+    def describe(self) -> str:
+        return describe_source(self, self.pattern)
 
 
 # ----------------------------------------------------------------- launching

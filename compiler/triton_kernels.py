@@ -1,0 +1,295 @@
+"""The three kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
+FULL and PARTIAL KV tiles of each Q tile), ``attnc_bwd_dq`` (dQ over the same lists) and
+``attnc_bwd_dkdv`` (dK, dV over the transposed lists, no atomics): their parameters, program
+setup, loads, the loops over each tile list and their epilogues. The score lines inside the loops
+are ``compiler.triton_scores``'s, the tile addressing ``compiler.triton_tiles``'s.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .triton_exprs import LN2, LOG2E
+
+
+def indent(lines: list[str], n: int) -> str:
+    pad = " " * n
+    return "".join(pad + line + "\n" if line else "\n" for line in lines)
+
+
+def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
+    """A ``@triton.jit`` kernel's text: parameters six to a line, a one-line docstring, the body."""
+    rows = [", ".join(params[i:i + 6]) + "," for i in range(0, len(params), 6)]
+    return (f"\n\n@triton.jit\ndef {name}(\n" + indent(rows, 4) + "):\n"
+            + f'    """{doc}"""\n' + indent(body, 4))
+
+
+def list_loop(kind: str, tiles: int, tile_var: str) -> list[str]:
+    """The head of a loop over one tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) of the
+    (batch, head) class ``cls`` and tile ``tile_var`` of ``tiles``: its length, its base, ``for j``."""
+    return [f"n_list = tl.load({kind}_N + cls * {tiles} + {tile_var})",
+            f"list_base = {kind}_I + (cls * {tiles} + {tile_var}).to(tl.int64) * {kind.lower()}_w",
+            "for j in range(0, n_list):"]
+
+
+def nested(lines: list[str]) -> list[str]:
+    """Lines one level deeper (a loop's body)."""
+    return ["    " + line for line in lines]
+
+
+class KernelBodies:
+    """The kernels, a part of ``compiler.codegen.KernelSource``: reads its pattern, bound sizes,
+    shape and inputs, and calls its tile lines (``_tiles``) and score lines (``ScoreLines``)."""
+
+    # ------------------------------------------------------------ parameters and tile lists
+    def _all_input_params(self) -> list[str]:
+        out = []
+        for slot in self.inputs.values():
+            out += [slot.pointer, f"in{slot.index}_sb", *slot.strides()]
+        return out
+
+    def _common_params(self) -> list[str]:
+        return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
+                "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "dc_lo",
+                "DR", "dr_b", "dr_h", "SOFTCAP",
+                *self._all_input_params(), *(["ERR"] if self.checks else [])]
+
+    def shape_tiles_q(self) -> int:
+        s = self.shape
+        return math.prod(-(-L // t) for L, t in zip(s.q_extents, s.q_tile, strict=True))
+
+    def shape_tiles_k(self) -> int:
+        s = self.shape
+        return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
+
+    # ------------------------------------------------------------ forward
+    def _forward(self) -> str:
+        params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
+                  "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
+                  "scale", "GROUP", "D", "DV",
+                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr"]
+        body = [
+            "qt = tl.program_id(0)  # the Q tile",
+            "bh = tl.program_id(1)",
+            f"batch = bh // {self.bound.heads}",
+            f"h = bh % {self.bound.heads}  # query head; its K/V head is h // GROUP",
+            "cls = batch * cls_b + h * cls_h  # which tile lists serve this (batch, head)",
+            "kvh = h // GROUP",
+            *self._tiles("q", "qt"),
+            "d = tl.arange(0, BLOCK_D)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
+            "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
+            "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
+            "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
+        ]
+        body += self._per_query_setup()
+        body += [
+            "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)  # running row max",
+            "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
+            "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
+        ]
+        for kind, masked in (("FULL", False), ("PART", True)):
+            body += [
+                "",
+                f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
+                *list_loop(kind, self.shape_tiles_q(), "qt"),
+            ]
+            loop = ["kt = tl.load(list_base + j)  # the KV tile", *self._tiles("k", "kt"),
+                    *(self._route_key_lines() if masked and self.pat.route is not None else []),
+                    "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+                    "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+                    "qk = _dot(q, tl.trans(kk), DOT)",
+                    *self._terms(masked, grad=False),
+                    "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
+                    "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))",
+                    'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+                    "alpha = tl.exp2(m_i - m_use)",
+                    "pr = tl.exp2(s - m_use[:, None])",
+                    "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
+                    "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
+                    "m_i = m_new"]
+            body += nested(loop)
+        body += [
+            "",
+            "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf",
+            "empty = l_i == 0.0",
+            "out = acc / tl.where(empty, 1.0, l_i)[:, None]",
+            f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * {LN2!r})  # natural log',
+            "o_base = O + batch.to(tl.int64) * so_b + h.to(tl.int64) * so_h",
+            "tl.store(o_base + q_row[:, None] * so_n + dv[None, :], out.to(O.dtype.element_ty),",
+            "         mask=q_ok[:, None] & (dv[None, :] < DV))",
+            "tl.store(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, lse, mask=q_ok)",
+        ]
+        return kernel_def("attnc_fwd", params,
+                          "Forward: one program per (Q tile, batch x query head).", body)
+
+    # ------------------------------------------------------------ backward
+    def _bwd_scores(self, masked: bool) -> list[str]:
+        """Recompute P of one (Q tile, KV tile) pair and dS (the dQ kernel)."""
+        lines = ["qk = _dot(q, tl.trans(kk), DOT)", *self._terms(masked, grad=True),
+                 "pr = tl.exp2(s - lse_l2[:, None])  # P, recomputed",
+                 "dp = _dot(do, tl.trans(vv), DOT)",
+                 "ds = pr * (dp - delta[:, None])  # dL/d(score after terms)"]
+        if self.pat.softcap is not None:
+            lines.append("ds_raw = ds * (1.0 - t * t)  # through the softcap")
+        else:
+            lines.append("ds_raw = ds")
+        return lines
+
+    def _bwd_scores_t(self, masked: bool) -> list[str]:
+        """Recompute P^T and dS^T of one (KV tile, Q tile) pair and add P^T dO to dV (the dK/dV kernel):
+        from S^T = K Q^T and dP^T = V dO^T, so that P^T and dS^T are the left operands of dV and dK as
+        they are (no transpose in registers)."""
+        lines = ["if QT_VIEW:  # Q^T, dO^T: transposed views of the tiles in shared memory (wgmma, sm_90+)",
+                 "    q_t = tl.trans(q)",
+                 "    do_t = tl.trans(do)",
+                 "else:  # loaded on their own (mma.sync: a tile transposed in registers is held whole by every warp)",
+                 "    q_t = tl.load(q_base + q_row[None, :] * sq_n + d[:, None], mask=q_ok[None, :] & (d[:, None] < D), other=0.0)",
+                 "    do_t = tl.load(do_base + q_row[None, :] * sdo_n + dv[:, None], mask=q_ok[None, :] & (dv[:, None] < DV),",
+                 "                   other=0.0)",
+                 "# the transposed tile: this program's keys down the rows, the Q tile's queries along the columns",
+                 "qk = _dot(kk, q_t, DOT)  # K Q^T", *self._terms(masked, grad=True, tr=True),
+                 "pt = tl.exp2(s - lse_l2[None, :])  # P^T, recomputed",
+                 "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
+                 "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
+                 "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]
+        if self.pat.softcap is not None:
+            lines.append("dst_raw = dst * (1.0 - t * t)  # through the softcap")
+        else:
+            lines.append("dst_raw = dst")
+        return lines
+
+    def _load_q_side(self) -> list[str]:
+        return [
+            "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+            "do = tl.load(do_base + q_row[:, None] * sdo_n + dv[None, :], mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+            'lse = tl.load(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=float("inf"))',
+            "# in log2 units; P = 0 on rows with no allowed key (lse = -inf) and on padded rows",
+            f'lse_l2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}',
+            "delta = tl.load(DELTA + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=0.0)",
+        ]
+
+    def _bwd_params(self) -> list[str]:
+        return ["Q", "K", "V", "DO", "LSE", "DELTA", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
+                "sv_b", "sv_h", "sv_n", "sdo_b", "sdo_h", "sdo_n", "sl_b", "sl_h"]
+
+    def _backward_dq(self) -> str:
+        params = [*self._bwd_params(), "DQ", "sdq_b", "sdq_h", "sdq_n", "DSQ", "sr_b", "sr_h", "DS", "ds_w",
+                  *self._common_params(), "scale", "GROUP", "D", "DV",
+                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
+                  "STORE_DS: tl.constexpr"]
+        body = [
+            "qt = tl.program_id(0)",
+            "bh = tl.program_id(1)",
+            f"batch = bh // {self.bound.heads}",
+            f"h = bh % {self.bound.heads}",
+            "cls = batch * cls_b + h * cls_h",
+            "kvh = h // GROUP",
+            *self._tiles("q", "qt"),
+            "d = tl.arange(0, BLOCK_D)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
+            "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
+            "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
+            "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
+            *self._load_q_side(),
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: P = exp2(s - lse_l2)",
+            *self._per_query_setup(),
+            "dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)",
+            "ds_rows = tl.full([BLOCK_M], 0.0, tl.float32)  # sum over keys of dS (gradient of the decay gates)",
+            f"ds_pair = (bh.to(tl.int64) * {self.shape_tiles_q()} + qt) * ds_w  # first dS slot of this Q tile",
+        ]
+        for kind, masked, offset in (("FULL", False, "0"), ("PART", True, "full_w")):
+            body += [
+                "",
+                f"# ---- {'FULL' if not masked else 'PARTIAL'} KV tiles",
+                *list_loop(kind, self.shape_tiles_q(), "qt"),
+            ]
+            loop = ["kt = tl.load(list_base + j)", *self._tiles("k", "kt"),
+                    *(self._route_key_lines() if masked and self.pat.route is not None else []),
+                    "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+                    "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+                    *self._bwd_scores(masked),
+                    "if ROW_SUMS:",
+                    "    ds_rows += tl.reduce(ds, 1, _add)",
+                    "if STORE_DS:  # dS of this pair, for the gradients of bias inputs (host side)",
+                    f"    slot_ds = DS + (ds_pair + {offset} + j) * (BLOCK_M * BLOCK_N)",
+                    "    tl.store(slot_ds + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)",
+                    "dq += _dot(ds_raw.to(kk.dtype), kk, DOT)"]
+            body += nested(loop)
+        body += [
+            "",
+            "dq = dq * scale",
+            "dq_base = DQ + batch.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h",
+            "tl.store(dq_base + q_row[:, None] * sdq_n + d[None, :], dq.to(DQ.dtype.element_ty),",
+            "         mask=q_ok[:, None] & (d[None, :] < D))",
+            "if ROW_SUMS:",
+            "    tl.store(DSQ + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + q_tok, ds_rows, mask=q_ok)",
+        ]
+        return kernel_def("attnc_bwd_dq", params,
+                          "Backward, query side: one program per (Q tile, batch x query head).", body)
+
+    def _backward_dkdv(self) -> str:
+        params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdv_b", "sdv_h", "sdv_n", "DSK", "sr_b", "sr_h",
+                  "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
+                  *self._common_params(), "scale", "GROUP", "D", "DV",
+                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
+                  "QT_VIEW: tl.constexpr = False"]
+        nk = self.shape_tiles_k()
+        body = [
+            "kt = tl.program_id(0)  # the KV tile",
+            "bkv = tl.program_id(1)",
+            f"batch = bkv // ({self.bound.heads} // GROUP)",
+            f"kvh = bkv % ({self.bound.heads} // GROUP)",
+            *self._tiles("k", "kt"),
+            "d = tl.arange(0, BLOCK_D)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
+            "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
+            "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+            "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: P^T = exp2(s - lse_l2)",
+            *(self._route_key_lines() if self.pat.route is not None else []),
+            "dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)",
+            "dvacc = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)",
+            "# the query heads sharing this K/V head, one after the other (deterministic, no atomics)",
+            "for g in range(0, GROUP):",
+        ]
+        inner = [
+            "h = kvh * GROUP + g",
+            "cls = batch * cls_b + h * cls_h",
+            "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
+            "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
+            *self._per_query_setup_k(),
+            "ds_cols = tl.full([BLOCK_N], 0.0, tl.float32)  # sum over queries of dS (gradient of the decay gates)",
+        ]
+        for kind, masked in (("T_FULL", False), ("T_PART", True)):
+            inner += [
+                f"# ---- Q tiles for which this KV tile is {'FULL' if not masked else 'PARTIAL'}",
+                *list_loop(kind, nk, "kt"),
+            ]
+            loop = ["qt = tl.load(list_base + j)", *self._tiles("q", "qt"), *self._load_q_side(),
+                    *self._per_query_setup_q(),
+                    *self._bwd_scores_t(masked),
+                    "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",
+                    "if ROW_SUMS:",
+                    "    ds_cols += tl.reduce(dst, 1, _add)"]
+            inner += nested(loop)
+        inner += ["if ROW_SUMS:",
+                  "    tl.store(DSK + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + k_tok, ds_cols, mask=k_ok)"]
+        body += nested(inner)
+        body += [
+            "",
+            "dk = dk * scale",
+            "tl.store(DK + batch.to(tl.int64) * sdk_b + kvh.to(tl.int64) * sdk_h + k_row[:, None] * sdk_n + d[None, :],",
+            "         dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (d[None, :] < D))",
+            "tl.store(DV_ + batch.to(tl.int64) * sdv_b + kvh.to(tl.int64) * sdv_h + k_row[:, None] * sdv_n + dv[None, :],",
+            "         dvacc.to(DV_.dtype.element_ty), mask=k_ok[:, None] & (dv[None, :] < DV))",
+        ]
+        return kernel_def("attnc_bwd_dkdv", params,
+                          "Backward, key side: one program per (KV tile, batch x K/V head).", body)

@@ -1,0 +1,164 @@
+"""The score tile's lines: from ``qk`` (q.k) to the scores ``s`` in log2 units, as the three
+kernels compute them on a (Q tile, KV tile) pair: scale, softcap, bias, FoX decay, then on PARTIAL
+tiles the pattern's mask and the routing selection (FULL tiles mask padded slots only); and the
+per-head and per-query constants those terms read.
+"""
+
+from __future__ import annotations
+
+from .route_blocks import WORD_BITS
+from .triton_exprs import INT32_MAX, LOG2E
+from .triton_tiles import block_size
+
+
+def broadcast_axes(tr: bool) -> tuple[str, str]:
+    """How a query vector and a key vector broadcast to a score tile: queries down the rows and keys
+    along the columns, or (``tr``, the dK/dV kernel's S^T) the other way round."""
+    return ("[None, :]", "[:, None]") if tr else ("[:, None]", "[None, :]")
+
+
+class ScoreLines:
+    """Lines of the score terms, a part of ``compiler.codegen.KernelSource``: reads its pattern
+    (``pat``), shape, inputs, printed mask and bias (``mask_inputs``, ``bias_text``,
+    ``bias_coef``, ``bias_head_text``, ``checks``...) and routing words."""
+
+    # ------------------------------------------------------------ arguments of _mask and _bias
+    def _call_args(self, which: list[int], tr: bool = False) -> str:
+        """Arguments of ``_mask``/``_bias``: positions broadcast to the tile (queries down the rows,
+        keys along the columns; ``tr``: the transposed tile of the dK/dV kernel), head, inputs."""
+        cast = ".to(tl.int64)" if self.wide_math else ""
+        qx, kx = broadcast_axes(tr)
+        pos = [f"q_tok{cast}{qx}", f"k_tok{cast}{kx}"]
+        pos += [f"q_c{i}{cast}{'' if i in self.q_uniform else qx}" for i in range(len(self.q_axes))]
+        pos += [f"k_c{i}{cast}{'' if i in self.k_uniform else kx}" for i in range(len(self.k_axes))]
+        return ", ".join(pos + [self._head_call_args(which)])
+
+    def _head_call_args(self, which: list[int]) -> str:
+        args = ["h.to(tl.int64)" if self.wide_math else "h"]
+        for slot in self.inputs.values():
+            if slot.index in which:
+                args += [f"IN{slot.index} + batch.to(tl.int64) * in{slot.index}_sb", *slot.strides()]
+        return ", ".join(args)
+
+    # ------------------------------------------------------------ the terms
+    def _k_padding(self) -> bool:
+        s = self.shape
+        return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
+
+    def _terms(self, masked: bool, grad: bool, tr: bool = False) -> list[str]:
+        """The scores ``s`` from ``qk`` (q.k), in log2 units (times log2(e): the softmax takes exp2):
+        scale, softcap, bias, decay; then the mask (PARTIAL tiles). ``tr``: the transposed tile of the
+        dK/dV kernel (keys down the rows). With checked bias indices the attended pairs are computed
+        first: the bias checks them there."""
+        p = self.pat
+        qx, kx = broadcast_axes(tr)
+        lines = []
+        mask_lines = []
+        if masked:
+            mask_lines += ["# PARTIAL tile: the pattern's mask",
+                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)})"]
+            if p.route is not None:
+                mask_lines += self._route_query_lines(tr)
+        if self.checks:
+            lines += mask_lines
+            lines.append(f"pairs = allowed & q_ok{qx}  # the attended pairs" if masked else
+                         f"pairs = q_ok{qx} & k_ok{kx}  # FULL tile: every valid pair is attended")
+        if p.softcap is not None:
+            lines += ["# softcap: cap * tanh(scale * qk / cap), in log2 units (cap_l2, tanh_c: per head)",
+                      "t = _softcap_tanh(qk * tanh_c)",
+                      "s = cap_l2 * t"]
+        else:
+            lines.append("s = qk * scale_l2  # scale * log2(e): scores in log2 units")
+        if self.bias_text is not None:
+            check = f", pairs, ERR, {not grad}" if self.checks else ""
+            lines += [f"# bias term, times log2(e){' and its head-only factor' if self.bias_head_text else ''}",
+                      f"s = s + {self.bias_coef} * _bias({self._call_args(self.bias_inputs, tr)}{check})"]
+        if p.decay is not None:
+            lines += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
+                      "# -inf for keys before the query's last reset (a gate of -inf)",
+                      "kc_hi = tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)",
+                      "kc_lo = tl.load(DC + dc_base + dc_lo + k_tok, mask=k_ok, other=0.0)",
+                      f"fox = (dc_q{qx} - kc_hi{kx}) + (dl_q{qx} - kc_lo{kx})",
+                      f's = s + {LOG2E!r} * tl.where(k_tok{kx} >= dr_q{qx}, fox, float("-inf"))']
+        if masked:
+            if not self.checks:
+                lines += mask_lines
+            lines.append('s = tl.where(allowed, s, float("-inf"))')
+        elif self._k_padding():
+            lines += ["# FULL tile: only the padded slots of edge tiles are masked",
+                      f's = tl.where(k_ok{kx}, s, float("-inf"))']
+        else:
+            lines.append("# FULL tile: no mask code")
+        return lines
+
+    # ------------------------------------------------------------ routing
+    def _route_key_lines(self) -> list[str]:
+        """Routing, per KV tile: each key's block, and where the tile's blocks are in a query's
+        selection words (``runtime.plan.routing.selection_words``: bit b % 32 of word b // 32)."""
+        lines = ["kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)  # each key's block"]
+        if self.route_one_block:
+            lines += ["# the tile lies in one block: bit b0 % 32 of word b0 // 32",
+                      f"b0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum)"]
+        elif self.route_words:
+            lines += [f"# the tile's blocks span at most {WORD_BITS + 1}: they lie in the words w0 and w0 + 1",
+                      f"w0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum) // {WORD_BITS}",
+                      f"kbit = tl.where(k_ok, kb - {WORD_BITS} * w0, 0)  # bit of the key's block in (w0, w0 + 1)"]
+        return lines
+
+    def _route_query_lines(self, tr: bool) -> list[str]:
+        """Routing on a PARTIAL tile: only the key blocks the query selected."""
+        qx, kx = broadcast_axes(tr)
+        if self.route_one_block:
+            return ["# routing: only the key blocks this query selected (one bit per query for this tile)",
+                    f"sel = tl.load(SEL + sel_base + q_tok * sel_n + b0 // {WORD_BITS}, mask=q_ok, other=0)",
+                    f"allowed = allowed & (((sel >> (b0 % {WORD_BITS})) & 1) != 0){qx}"]
+        if self.route_words:
+            return ["# routing: only the key blocks this query selected (two words of its selection)",
+                    "sel_lo = tl.load(SEL + sel_base + q_tok * sel_n + w0, mask=q_ok, other=0)",
+                    "sel_hi = tl.load(SEL + sel_base + q_tok * sel_n + w0 + 1, mask=q_ok, other=0)",
+                    f"word = tl.where(kbit{kx} < {WORD_BITS}, sel_lo{qx}, sel_hi{qx})",
+                    f"allowed = allowed & (((word >> (kbit{kx} & {WORD_BITS - 1})) & 1) != 0)"]
+        return ["# routing: only the key blocks this query selected (the word of each key's block: the",
+                f"# blocks of a KV tile spread over more than {WORD_BITS + 1} here)",
+                f"word = tl.load(SEL + sel_base + q_tok{qx} * sel_n + kb{kx} // {WORD_BITS},",
+                f"               mask=q_ok{qx} & k_ok{kx}, other=0)",
+                f"allowed = allowed & (((word >> (kb{kx} % {WORD_BITS})) & 1) != 0)"]
+
+    # ------------------------------------------------------------ constants per head and per query
+    def _head_setup(self) -> list[str]:
+        """Per head, once: the constants of the score terms."""
+        lines = []
+        if self.pat.softcap is not None:
+            lines += ["cap = tl.load(SOFTCAP + h)  # this head's softcap",
+                      f"cap_l2 = cap * {LOG2E!r}  # cap * tanh(x) in log2 units",
+                      "tanh_c = scale / cap  # tanh(scale * qk / cap) = _softcap_tanh(qk * tanh_c)"]
+        if self.bias_head_text is not None:
+            lines.append(f"bias_c = _bias_head({self._head_call_args(self.head_inputs)})")
+        return lines
+
+    def _per_query_setup(self) -> list[str]:
+        lines = self._head_setup()
+        p = self.pat
+        if p.decay is not None:
+            lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
+                      "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h",
+                      *self._per_query_setup_q()]
+        if p.route is not None:
+            lines.append("sel_base = batch.to(tl.int64) * sel_b + h.to(tl.int64) * sel_h")
+        return lines
+
+    def _per_query_setup_k(self) -> list[str]:
+        lines = self._head_setup()
+        if self.pat.decay is not None:
+            lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
+                      "dr_base = batch.to(tl.int64) * dr_b + h.to(tl.int64) * dr_h"]
+        if self.pat.route is not None:
+            lines.append("sel_base = batch.to(tl.int64) * sel_b + h.to(tl.int64) * sel_h")
+        return lines
+
+    def _per_query_setup_q(self) -> list[str]:
+        if self.pat.decay is not None:
+            return ["dc_q = tl.load(DC + dc_base + q_tok, mask=q_ok, other=0.0)  # FoX prefix sums (hi, lo)",
+                    "dl_q = tl.load(DC + dc_base + dc_lo + q_tok, mask=q_ok, other=0.0)",
+                    "dr_q = tl.load(DR + dr_base + q_tok, mask=q_ok, other=-1)  # the query's last reset"]
+        return []

@@ -1,0 +1,124 @@
+"""Tiles as the kernels address them: the schedule's shape (tile grids, tile extents, BLOCK sizes)
+and the lines that give every slot of a tile its token, grid coordinates, validity and memory row.
+
+A tile index and a slot give the token's grid coordinates by integer arithmetic with literal
+extents (``address`` and ``flat`` layouts), or the host permutes q/k/v into tile order beforehand
+(``permute`` layout) and only the memory row changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..core import ir
+from . import evaluate as E
+
+
+@dataclass(frozen=True)
+class ScheduleShape:
+    """The shape of a tile schedule as the kernels see it: tile grids (extents
+    tiled, one per tile axis) and tile extents. One tile axis on a grid layout
+    means flat tiles of the row-major token order."""
+
+    q_extents: tuple[int, ...]
+    kv_extents: tuple[int, ...]
+    q_tile: tuple[int, ...]
+    kv_tile: tuple[int, ...]
+
+    @classmethod
+    def of(cls, schedule) -> ScheduleShape:
+        return cls(tuple(schedule.q_extents), tuple(schedule.kv_extents), tuple(schedule.q_tile),
+                   tuple(schedule.kv_tile))
+
+    @property
+    def q_slots(self) -> int:
+        return math.prod(self.q_tile)
+
+    @property
+    def kv_slots(self) -> int:
+        return math.prod(self.kv_tile)
+
+    @property
+    def block_m(self) -> int:
+        return block_size(self.q_slots)
+
+    @property
+    def block_n(self) -> int:
+        return block_size(self.kv_slots)
+
+
+def block_size(slots: int) -> int:
+    """The power-of-two block holding a tile's slots (at least 16, what tl.dot needs)."""
+    return max(16, 1 << (max(1, slots) - 1).bit_length())
+
+
+def layout_of(config) -> str:
+    return getattr(config, "layout", "address") if config is not None else "address"
+
+
+def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
+               wide: bool, uniform: frozenset[int]) -> list[str]:
+    """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
+    ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
+    ``{role}_ok`` and the memory row ``{role}_row`` of every slot."""
+    r = role
+    slots = math.prod(tile)
+    grid = [-(-L // t) for L, t in zip(extents, tile, strict=True)]
+    sl = f"{r}_slot"  # per role: a loop may not rebind a variable of another shape
+    lines = [f"{sl} = tl.arange(0, {block})"]
+    if len(extents) == 1:
+        lines.append(f"{r}_tok = {tile_var} * {tile[0]} + {sl}")
+        ok = [f"({sl} < {slots})"] if block_size(slots) != slots else []
+        if extents[0] % tile[0]:
+            ok.append(f"({r}_tok < {extents[0]})")
+        lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
+    else:
+        lines.append(f"# tile coordinates in the tile grid {tuple(grid)}, slot coordinates in the tile {tuple(tile)}")
+        ok = [f"({sl} < {slots})"] if block_size(slots) != slots else []
+        flat_terms = []
+        for a, (L, t) in enumerate(zip(extents, tile, strict=True)):
+            g_stride = math.prod(grid[a + 1:])
+            s_stride = math.prod(tile[a + 1:])
+            tc = f"({tile_var} // {g_stride})" if g_stride > 1 else tile_var
+            tc = f"({tc} % {grid[a]})" if a > 0 else tc
+            sc = f"({sl} // {s_stride})" if s_stride > 1 else sl
+            sc = f"({sc} % {t})" if a > 0 else sc
+            lines.append(f"{r}_a{a} = {tc}  # one value per tile" if a in uniform else f"{r}_a{a} = {tc} * {t} + {sc}")
+            if L % t:
+                ok.append(f"({r}_a{a} < {L})")
+            flat_terms.append((f"{r}_a{a}", math.prod(extents[a + 1:])))
+        lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
+        lines.append(f"{r}_tok = " + " + ".join(f"{v} * {s}" if s > 1 else v for v, s in flat_terms))
+    if permuted:
+        lines.append(f"{r}_row = {tile_var} * {slots} + {sl}  # q/k/v were permuted into tile order on the host")
+    else:
+        lines.append(f"{r}_row = {r}_tok")
+    if wide:
+        lines.append(f"{r}_row = {r}_row.to(tl.int64)  # token offsets exceed int32 at these sizes")
+    # grid coordinates of the pattern's layout
+    if len(layout_axes) and len(extents) == 1:
+        stride = 1
+        coords = []
+        for i in reversed(range(len(layout_axes))):
+            L = layout_axes[i]
+            if i in uniform:  # the tile lies inside one stretch of `stride` tokens
+                per = stride // tile[0]
+                coords.append((i, f"({tile_var} // {per}) % {L}  # one value per tile" if per > 1 else
+                               f"{tile_var} % {L}  # one value per tile"))
+            else:
+                coords.append((i, f"({r}_tok // {stride}) % {L}" if stride > 1 else f"{r}_tok % {L}"))
+            stride *= L
+        for i, text in sorted(coords):
+            lines.append(f"{r}_c{i} = {text}")
+    elif len(layout_axes):
+        for a in range(len(layout_axes)):
+            lines.append(f"{r}_c{a} = {r}_a{a}")
+    return lines
+
+
+def axis_extents(layout: ir.Layout, bound: E.Bound) -> list[int]:
+    """The extents of a grid layout's axes at bound sizes (none for a sequence)."""
+    if layout.kind == "seq":
+        return []
+    return [int(size.subs(bound.subs)) for _, size in layout.axes]

@@ -1,0 +1,97 @@
+"""``backend="auto"``: a runner that chooses among the others per call.
+
+On CPU tensors the tile executor or the Flex lowering by the modelled rule and the break-even rule
+(``auto.cpu``); on CUDA tensors attnc's Triton kernels, or the Flex lowering where the autotuner
+timed it faster for the call's shape bucket (``auto.cuda``). Queries after a KV cache on CUDA run
+the Triton kernels over the whole sequence (``frontends.kv_cache``). The choice is the only place
+that names backends; the children are ordinary runners."""
+
+from __future__ import annotations
+
+from ...core import ir
+from ..backends.cpu.runner import CpuRunner, describe_plan
+from ..backends.triton.runner import TritonRunner
+from ..frontends.kv_cache import padded_forward
+from ..numerics import needs_grad
+from ..ops.common import Registered
+from ..runner import Call, Support
+from .cpu import CpuPolicy
+from .cuda import flex_won
+
+
+class AutoRunner(CpuPolicy, Registered):
+    """The executor, the Flex lowering (where the pattern lowers) and, made at the first CUDA call,
+    the Triton kernels; ``last`` is the CPU choice of the latest CPU call (``Choice``)."""
+
+    name = "auto"
+    op = "flex"  # under torch.compile on CPU, where Flex may serve: attnc::runner_attention chooses per call
+    support = Support(query_offset="native")
+
+    def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
+        super().__init__(pat, CpuRunner(pat, q_tile, kv_tile), q_tile, kv_tile)
+        self.tiles = (q_tile, kv_tile)
+        self._triton: TritonRunner | None = None
+        self.cuda_winner: dict = {}  # shapes -> the tuned winner ("triton" or "flex")
+        self.cuda_last: str | None = None
+        self.last_device: str | None = None
+        self.register_op()
+
+    @property
+    def triton(self) -> TritonRunner:
+        """The Triton runner, made at the first call that needs it (float32 constants refused then)."""
+        if self._triton is None:
+            self._triton = TritonRunner(self.pattern, *self.tiles)
+        return self._triton
+
+    @property
+    def chosen(self) -> str | None:
+        """The backend that ran the latest call; None before the first call."""
+        if self.last_device == "cuda":
+            return self.cuda_last
+        return None if self.last is None else self.last.backend
+
+    def forward(self, call: Call, q, k, v):
+        self.last_device = q.device.type
+        if not q.is_cuda:
+            if self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
+                return self.flex.forward(call, q, k, v)
+            return self.cpu.forward(call, q, k, v)
+        if call.q_offset:  # the Triton kernels over the whole sequence (Flex has no query offset)
+            self.cuda_last = "triton"
+            return padded_forward(self.triton, call, q, k, v)
+        if flex_won(self, call.bound, q):
+            self.cuda_last = "flex"
+            return self.flex.forward(call, q, k, v)
+        self.cuda_last = "triton"
+        return self.triton.forward(call, q, k, v)
+
+    def traced(self, q, k, v, inputs: dict, need_lse: bool):
+        """The runner whose op serves a call traced by dynamo: the Triton kernels on CUDA tensors; on
+        CPU this runner itself (its op chooses per call) where the Flex kernel may serve the call,
+        else the executor (training, lse, float64: the executor's own backward)."""
+        if q.is_cuda:
+            return self.triton
+        from ..backends.flex.runner import fused_refusal
+
+        if self.flex is not None and fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *inputs.values()),
+                                                   need_lse) is None:
+            return self
+        return self.cpu
+
+    @property
+    def last_schedule(self):
+        if self._triton is not None and self._triton.last_plan is not None:
+            return self._triton.last_plan.schedule
+        if self.chosen == "flex":
+            return self.flex.last_schedule
+        return self.cpu.last_schedule
+
+    def describe(self) -> str:
+        if self.last is not None and self.last_device != "cuda":
+            body = self.flex.describe() if self.last.backend == "flex" else self.cpu.describe()
+            return f"# {self.last.describe()}\n{body}"
+        if self._triton is not None:
+            return self._triton.describe()
+        return describe_plan(self.cpu.last, self.pattern)
+
+

@@ -1,0 +1,199 @@
+"""Calls: the builtin functions, ``window()``, and calls of other patterns (their
+arguments, the caller's frame they see, recursion, and the inputs and windows they bring)."""
+
+from __future__ import annotations
+
+import sympy
+
+from ..core import ir
+from ..core import symbols as S
+from ..core.errors import SpecError, did_you_mean
+from . import ast
+from .check_layouts import Frame
+from .check_types import (
+    BOOL,
+    BUILTINS,
+    FLOAT,
+    INT,
+    WINDOW_KEYWORDS,
+    Typed,
+    article,
+    fold,
+    kind_of_value,
+)
+
+
+class CallChecks:
+    """Checker methods for function calls in expressions."""
+
+    def _e_Call(self, node: ast.Call) -> Typed:
+        # Functions (builtins, patterns) and values (params, lets, inputs) are
+        # separate namespaces: a parameter named `window` does not hide window().
+        if node.func not in BUILTINS:
+            if node.func in self.inputs:
+                raise self.error(f"input '{node.func}' is indexed with [...], not called", node.func_pos)
+            return self._call_pattern(node)
+        if node.func == "window":
+            return self._window(node)
+        lo, hi = BUILTINS[node.func]
+        if node.kwargs:
+            raise self.error(f"'{node.func}' takes no keyword arguments", node.kwargs[0].pos)
+        if not lo <= len(node.args) <= hi:
+            count = str(lo) if lo == hi else f"at least {lo}"
+            raise self.error(f"'{node.func}' takes {count} argument(s), got {len(node.args)}", node.func_pos)
+        if node.func == "is_pow2":
+            return Typed(BOOL, S.IsPow2(self.expect(node.args[0], INT, "the argument of is_pow2").expr))
+        if node.func in ("log2", "bit_length"):
+            x = self.expect(node.args[0], INT, f"the argument of {node.func}").expr
+            return Typed(INT, (S.Log2Floor if node.func == "log2" else S.BitLength)(x))
+        args = [self.expect_number(a, f"an argument of {node.func}") for a in node.args]
+        kind = INT if all(a.type == INT for a in args) else FLOAT
+        xs = [a.expr for a in args]
+        if node.func == "abs":
+            return Typed(kind, S.Abs(xs[0]))
+        if node.func == "min":
+            return Typed(kind, S.Min(*xs))
+        if node.func == "max":
+            return Typed(kind, S.Max(*xs))
+        if node.func == "clamp":
+            return Typed(kind, S.Min(S.Max(xs[0], xs[1]), xs[2]))
+        fn = {"exp": sympy.exp, "log": S.Log, "sqrt": S.Sqrt, "tanh": sympy.tanh}[node.func]
+        x = xs[0]
+        if x.is_number and ((node.func == "log" and x <= 0) or (node.func == "sqrt" and x < 0)):
+            raise self.error(f"{node.func} of {x} is not a finite real number", node.args[0].pos)
+        if node.func == "exp" and x.is_number and x > 700:
+            raise self.error("exp overflows", node.args[0].pos)
+        return Typed(FLOAT, fold(fn(x)))
+
+    def _window(self, node: ast.Call) -> Typed:
+        frame = self.frame
+        if frame.queries != frame.keys:
+            raise self.error("window() needs the same layout for queries and keys", node.func_pos)
+        layout = frame.queries
+        args = list(node.args)
+        axis_names = [a for a, _ in layout.coordinate_axes]
+        if not axis_names or (layout.segments and len(args) == 1):  # a sequence (or a concatenation's flat positions)
+            if len(args) != 1:
+                raise self.error(
+                    f"window() on 'tokens seq' takes one positional argument (SIZE), got {len(args)}",
+                    node.func_pos,
+                    hint="window(SIZE, dilation = 1, stride = 1, causal = false)",
+                )
+            axis, length, qa, ka = None, frame.n, frame.q_flat, frame.k_flat
+        else:
+            if len(args) != 2:
+                raise self.error(
+                    f"window() on a grid takes two positional arguments (AXIS, SIZE), got {len(args)}",
+                    node.func_pos,
+                    hint="window(AXIS, SIZE, dilation = 1, stride = 1, causal = false)",
+                )
+            axis_node = args.pop(0)
+            if not isinstance(axis_node, ast.Name) or axis_node.id not in axis_names:
+                shown = axis_node.id if isinstance(axis_node, ast.Name) else "this"
+                raise self.error(
+                    f"'{shown}' is not an axis",
+                    axis_node.pos,
+                    hint=(did_you_mean(axis_node.id, axis_names) if isinstance(axis_node, ast.Name) else None)
+                    or "axes: " + ", ".join(axis_names),
+                )
+            axis = axis_node.id
+            length, qa, ka = layout.size_of(axis), layout.coordinate("q", axis), layout.coordinate("k", axis)
+        values = {"size": (args[0], INT), "dilation": (None, INT), "stride": (None, INT), "causal": (None, BOOL)}
+        for kw in node.kwargs:
+            if kw.name not in WINDOW_KEYWORDS:
+                raise self.error(f"window() has no argument '{kw.name}'", kw.pos,
+                                 hint=did_you_mean(kw.name, WINDOW_KEYWORDS) or "arguments: dilation, stride, causal")
+            values[kw.name] = (kw.value, values[kw.name][1])
+        lowered = {}
+        defaults = {"dilation": sympy.Integer(1), "stride": sympy.Integer(1), "causal": sympy.false}
+        for name, (vnode, want) in values.items():
+            if vnode is None:
+                lowered[name] = defaults[name]
+                continue
+            e = self.expect(vnode, want, f"window {name}").expr
+            self._no_positions(e, vnode.pos, f"window {name}", allow_head=False)
+            if want == INT and e.is_number and e < 1:
+                raise self.error(f"window {name} must be at least 1, got {e}", vnode.pos)
+            if want == BOOL and e not in (sympy.true, sympy.false):
+                raise self.error("window causal must be a constant bool", vnode.pos)
+            lowered[name] = e
+        self.windows.append(
+            ir.WindowSite(axis, length, lowered["size"], lowered["dilation"], lowered["stride"], node.pos,
+                          self.module.filename, self.module.source)
+        )
+        return Typed(BOOL, S.Window(qa, ka, length, lowered["size"], lowered["dilation"], lowered["stride"], lowered["causal"]))
+
+    def _call_pattern(self, node: ast.Call) -> Typed:
+        found = self.resolve(node.func, self.module)
+        if found is None:
+            known = [*BUILTINS, *self.module.by_name]
+            raise self.error(f"unknown function or pattern '{node.func}'", node.func_pos, hint=did_you_mean(node.func, known))
+        module, decl = found
+        if decl.kind != "pattern":
+            raise self.error(f"'{node.func}' is a recurrence; only patterns can be used in a mask", node.func_pos)
+        if node.args:
+            raise self.error(f"pattern '{node.func}' takes keyword arguments only", node.args[0].pos)
+        ident = f"{module.filename}:{decl.name}"
+        chain = (*self.call_stack, f"{self.module.filename}:{self.decl.name}")
+        if ident in chain:
+            names = [c.rsplit(":", 1)[1] for c in chain[chain.index(ident):]] + [decl.name]
+            raise self.error(f"pattern '{decl.name}' calls itself: " + " -> ".join(names), node.func_pos)
+        callee_params = {p.name: p for p in decl.params}
+        given: dict[str, Typed] = {}
+        for kw in node.kwargs:
+            if kw.name not in callee_params:
+                raise self.error(f"pattern '{decl.name}' has no parameter '{kw.name}'", kw.pos,
+                                 hint=did_you_mean(kw.name, callee_params) or (
+                                     "parameters: " + ", ".join(callee_params) if callee_params else None))
+            given[kw.name] = self.expr(kw.value)
+        for name, typed in given.items():
+            default = callee_params[name].default
+            want = None if default is None else kind_of_value(default)
+            if want is not None and typed.type != want and not (want == FLOAT and typed.type == INT):
+                kw = next(k for k in node.kwargs if k.name == name)
+                raise self.error(f"parameter '{name}' of '{decl.name}' is {want}, got {article(typed.type)}", kw.value.pos)
+        frame = self._callee_frame(module, decl, node)
+        callee = type(self)(module, decl, {}, self.resolve, strict=True, frame=frame, call_stack=chain, param_exprs=given)
+        try:
+            result = callee.lower()
+        except SpecError as err:
+            if err.filename == module.filename and module is not self.module:
+                raise self.error(f"in pattern '{decl.name}' called here: {err.message}", node.func_pos) from None
+            raise
+        for name, inp in callee.inputs.items():
+            mine = self.inputs.get(name)
+            if mine is None:
+                self.inputs[name] = inp
+            elif (mine.dtype, mine.dims) != (inp.dtype, inp.dims):
+                raise self.error(f"input '{name}' of '{decl.name}' differs from this pattern's '{name}'", node.func_pos)
+        self.windows.extend(callee.windows)
+        return Typed(BOOL, result.mask)
+
+    def _callee_frame(self, module: ast.Module, decl: ast.Declaration, node: ast.Call) -> Frame:
+        """The callee sees the caller's positions; its grid axes and named segments must exist in the caller."""
+        frame = self.frame
+        layouts = [c for c in decl.clauses if isinstance(c, ast.LayoutClause)]
+        sizes = dict(frame.sizes)
+        q_layout, k_layout = frame.queries, frame.keys
+        for c in layouts:
+            segments = c.layout.segments
+            for a in [a for seg in segments for a in seg.axes] if segments else c.layout.axes:
+                for layout in (q_layout, k_layout):
+                    if a.name not in (name for name, _ in layout.coordinate_axes):
+                        raise self.error(
+                            f"pattern '{decl.name}' uses axis '{a.name}', which this pattern's layout lacks",
+                            node.func_pos,
+                        )
+                if isinstance(a.size, str):
+                    sizes[a.size] = q_layout.size_of(a.name)
+            for seg in segments:
+                if seg.kind != "seq" or not isinstance(seg.size, str):
+                    continue
+                for layout in (q_layout, k_layout):
+                    if seg.size not in layout.segment_names:
+                        raise self.error(
+                            f"pattern '{decl.name}' uses segment '{seg.size}', which this pattern's layout lacks",
+                            node.func_pos,
+                        )
+                sizes[seg.size] = next(s.size for s in q_layout.segments if s.name == seg.size)
+        return Frame(q_layout, k_layout, sizes)

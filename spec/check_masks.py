@@ -1,0 +1,89 @@
+"""A pattern's score terms: its ``mask``, ``bias``, ``softcap`` and ``decay`` clauses
+checked and gathered, with its route, into the pattern's IR."""
+
+from __future__ import annotations
+
+import sympy
+
+from ..core import ir
+from . import ast
+from .check_types import BOOL, FLOAT
+
+
+class PatternChecks:
+    """Checker methods for the mask and score clauses of a pattern."""
+
+    def _pattern(self) -> ir.PatternIR:
+        mask_clause = self._single("mask")
+        mask = sympy.true
+        if mask_clause is not None:
+            mask = self.expect(mask_clause.value, BOOL, "a mask").expr
+        bias = softcap = None
+        bias_clause = self._single("bias")
+        if bias_clause is not None:
+            bias = self.expect_number(bias_clause.value, "a bias").expr
+        softcap_clause = self._single("softcap")
+        if softcap_clause is not None:
+            typed = self.expect_number(softcap_clause.value, "a softcap")
+            self._no_positions(typed.expr, softcap_clause.value.pos, "a softcap")
+            if typed.expr.is_number and not typed.expr > 0:
+                raise self.error(f"softcap must be positive, got {typed.expr}", softcap_clause.value.pos)
+            softcap = typed.expr
+        decay = None
+        decay_clause = self._single("decay")
+        if decay_clause is not None:
+            decay = self._input_gate(decay_clause.value, (("heads", "n"),), "a pattern's decay").name
+            if not self._implies_causal(mask):
+                raise self.error(
+                    "'decay' (Forgetting Transformer gates) needs a causal mask",
+                    decay_clause.pos,
+                    hint="add 'causal and ...' to the mask",
+                )
+        route_clause = self._single("route")
+        route = self._route(route_clause) if route_clause is not None else None
+        return ir.PatternIR(
+            name=self.decl.name,
+            queries=self.frame.queries,
+            keys=self.frame.keys,
+            mask=mask,
+            bias=bias,
+            softcap=softcap,
+            decay=decay,
+            route=route,
+            inputs=tuple(self.inputs.values()),
+            params=tuple((k, v.expr) for k, v in self.env_params.items()),
+            windows=tuple(self.windows),
+            filename=self.module.filename,
+            source=self.module.source,
+        )
+
+    def _implies_causal(self, mask: sympy.Basic) -> bool:
+        """Whether some top-level conjunct of the mask is q - k >= c with c >= 0."""
+        if mask == sympy.false:  # `causal and q < 0` folds to false: no pair at all, so causal
+            return True
+        conjuncts = mask.args if isinstance(mask, sympy.And) else (mask,)
+        diff_qk = self.frame.q_flat - self.frame.k_flat
+        for c in conjuncts:
+            if isinstance(c, sympy.GreaterThan | sympy.StrictGreaterThan):
+                e = c.lhs - c.rhs
+            elif isinstance(c, sympy.LessThan | sympy.StrictLessThan):
+                e = c.rhs - c.lhs
+            else:
+                continue
+            rest = sympy.expand(e - diff_qk)
+            if rest.is_number:
+                strict = isinstance(c, sympy.StrictGreaterThan | sympy.StrictLessThan)
+                if (strict and rest <= 1) or (not strict and rest <= 0):
+                    return True
+        return False
+
+    def _input_gate(self, node: ast.Expr, shapes: tuple[tuple[str, ...], ...], what: str) -> ir.InputDecl:
+        if not isinstance(node, ast.Name) or node.id not in self.inputs:
+            want = " or ".join("float[" + ", ".join(s) + "]" for s in shapes)
+            raise self.error(f"{what} must name an input of shape {want}", node.pos)
+        decl = self.inputs[node.id]
+        if decl.dtype != FLOAT or decl.dim_names not in shapes:
+            want = " or ".join("float[" + ", ".join(s) + "]" for s in shapes)
+            got = f"{decl.dtype}[{', '.join(decl.dim_names)}]"
+            raise self.error(f"{what} must be an input of shape {want}; '{node.id}' is {got}", node.pos)
+        return decl
