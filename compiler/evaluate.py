@@ -74,8 +74,35 @@ def bind_sizes(
         subs[S.DK] = dk
     q_layout = layouts[0]
     k_layout = layouts[-1]
-    missing = [name for name in size_syms if name not in sizes]
     self_attn = isinstance(pat, ir.PatternIR) and pat.self_attention
+    _check_kv_cache(self_attn, n, nk, offset_ok)
+    cached = self_attn and nk is not None and n is not None and nk > n
+    grid_count = nk if cached else n  # the token count a grid's (or a concatenation's) sizes describe
+    _infer_missing_size(q_layout, size_syms, sizes, grid_count, cached)
+    for name, value in sizes.items():
+        subs[size_syms[name]] = int(value)
+    if cached:  # the grid (or sequence) is the nk tokens; the queries its last n
+        nk_val = _layout_length(k_layout, nk, "keys", subs)
+        n_val = n
+    else:
+        n_val = _layout_length(q_layout, n, "queries", subs)
+        if isinstance(pat, ir.PatternIR) and not pat.self_attention:
+            nk_val = _layout_length(k_layout, nk, "keys", subs)
+        else:
+            if nk is not None and nk != n_val:  # a grid whose sizes imply other than nk tokens
+                raise SpecError(f"{nk} keys but the queries' grid has {n_val} tokens", where="argument nk")
+            nk_val = n_val
+    # self-attention: ``n`` is the sequence (nk tokens, positions 0..nk-1) whatever the query count
+    subs[S.N] = nk_val if self_attn else n_val
+    subs[S.NK] = nk_val
+    if isinstance(pat, ir.PatternIR):
+        ir.check_window_sizes(pat, subs)
+    return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()},
+                 q_offset=nk_val - n_val if self_attn else 0)
+
+
+def _check_kv_cache(self_attn: bool, n: int | None, nk: int | None, offset_ok: bool) -> None:
+    """Self-attention with ``nk != n``: only a KV cache (``nk > n``) where the caller implements it."""
     if self_attn and nk is not None and n is not None and nk != n:
         if not offset_ok:
             raise SpecError(f"{nk} keys but {n} queries: this pattern is self-attention and queries after a KV "
@@ -84,8 +111,13 @@ def bind_sizes(
         if nk < n:
             raise SpecError(f"{nk} keys but {n} queries: the queries are the last n of the nk tokens, so nk >= n",
                             where="argument nk")
-    cached = self_attn and nk is not None and n is not None and nk > n
-    grid_count = nk if cached else n  # the token count a grid's (or a concatenation's) sizes describe
+
+
+def _infer_missing_size(q_layout: ir.Layout, size_syms: dict, sizes: dict, grid_count: int | None,
+                        cached: bool) -> None:
+    """Completes ``sizes`` in place: one missing size follows from the token count when the layout
+    is linear in it; any size still missing is an error."""
+    missing = [name for name in size_syms if name not in sizes]
     count = q_layout.token_count()
     if missing and grid_count is not None and count is not None and len(missing) == 1:
         inferred = _solve_size(count.subs({size_syms[k]: v for k, v in sizes.items()}), size_syms[missing[0]],
@@ -102,48 +134,30 @@ def bind_sizes(
             where="argument sizes",
             hint="pass sizes={" + ", ".join(f"'{m}': ..." for m in missing) + "}",
         )
-    for name, value in sizes.items():
-        subs[size_syms[name]] = int(value)
 
-    def length(layout: ir.Layout, given: int | None, what: str) -> int:
-        count = layout.token_count()
-        if count is None:
-            if given is None:
-                raise SpecError(f"the number of {what} is not known", where=f"argument {'n' if what == 'queries' else 'nk'}")
-            return given
-        total = int(count.subs(subs))
-        if total > INT64_MAX:  # token indices are int64
-            raise SpecError(f"the {_layout_word(layout)} {layout.describe()} has {total} tokens, more than int64 "
-                            "indices hold",
-                            where="argument sizes")
-        if given is not None and given != total:
-            named = [(_size_name(e), e) for e in layout.extents()] if layout.segments else layout.axes
-            extents = ", ".join(f"{name}={int(e.subs(subs))}" for name, e in named)
-            raise SpecError(
-                f"{given} {what} do not match the {_layout_word(layout)} {layout.describe()} with {extents} = "
-                f"{total} tokens",
-                where="argument n" if what == "queries" else "argument nk",
-            )
-        return total
 
-    if cached:  # the grid (or sequence) is the nk tokens; the queries its last n
-        nk_val = length(k_layout, nk, "keys")
-        n_val = n
-    else:
-        n_val = length(q_layout, n, "queries")
-        if isinstance(pat, ir.PatternIR) and not pat.self_attention:
-            nk_val = length(k_layout, nk, "keys")
-        else:
-            if nk is not None and nk != n_val:  # a grid whose sizes imply other than nk tokens
-                raise SpecError(f"{nk} keys but the queries' grid has {n_val} tokens", where="argument nk")
-            nk_val = n_val
-    # self-attention: ``n`` is the sequence (nk tokens, positions 0..nk-1) whatever the query count
-    subs[S.N] = nk_val if self_attn else n_val
-    subs[S.NK] = nk_val
-    if isinstance(pat, ir.PatternIR):
-        ir.check_window_sizes(pat, subs)
-    return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()},
-                 q_offset=nk_val - n_val if self_attn else 0)
+def _layout_length(layout: ir.Layout, given: int | None, what: str, subs: dict) -> int:
+    """The token count of a layout at ``subs`` (checked against ``given``), or ``given`` for a
+    sequence of unknown length."""
+    count = layout.token_count()
+    if count is None:
+        if given is None:
+            raise SpecError(f"the number of {what} is not known", where=f"argument {'n' if what == 'queries' else 'nk'}")
+        return given
+    total = int(count.subs(subs))
+    if total > INT64_MAX:  # token indices are int64
+        raise SpecError(f"the {_layout_word(layout)} {layout.describe()} has {total} tokens, more than int64 "
+                        "indices hold",
+                        where="argument sizes")
+    if given is not None and given != total:
+        named = [(_size_name(e), e) for e in layout.extents()] if layout.segments else layout.axes
+        extents = ", ".join(f"{name}={int(e.subs(subs))}" for name, e in named)
+        raise SpecError(
+            f"{given} {what} do not match the {_layout_word(layout)} {layout.describe()} with {extents} = "
+            f"{total} tokens",
+            where="argument n" if what == "queries" else "argument nk",
+        )
+    return total
 
 
 def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[str, sympy.Symbol]:

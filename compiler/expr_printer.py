@@ -4,10 +4,11 @@ the evaluator's semantics (``compiler.evaluate``).
 ``ExprPrinter`` walks a bound IR expression and prints what is the same in every target: Python's
 int/float promotion over sibling operands, exact rational combinations of integers divided once,
 ``if``/``Piecewise`` as nested ``where``, relations, logic, bit operations, ``is_pow2``,
-``bit_length``, ``log2`` and NATTEN windows through named helpers. A target subclass
-(``compiler.triton_exprs.TritonPrinter`` for the Triton kernels, ``compiler.flex_codegen.FlexPrinter``
-for FlexAttention's mods) names its array library (``LIB``) and overrides what differs: float
-conversion, powers, floored ``//`` and ``%``, ``min``/``max``, ``not``, constants and input loads.
+``bit_length``, ``log2``, floored ``//`` and ``%`` with ``x // 0 == 0`` and ``x % 0 == x``, and
+NATTEN windows through named helpers. A target subclass (``compiler.triton_exprs.TritonPrinter``
+for the Triton kernels, ``compiler.flex_codegen.FlexPrinter`` for FlexAttention's mods) names its
+array library (``LIB``) and overrides what differs: float conversion and constants, powers,
+``//`` and ``%`` by a constant and ``%`` of floats, ``min``/``max``, ``not``, input loads.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class ExprPrinter:
 
     # ------------------------------------------------------------ dispatch
     def p(self, e: sympy.Basic) -> str:
+        """The text of an expression (ints stay ints, as the evaluator computes them)."""
         atom = self._atom(e)
         if atom is not None:
             return atom
@@ -86,7 +88,7 @@ class ExprPrinter:
         raise SpecError(f"'{shown}' has no value at code generation", where="code generation",
                         hint="give every parameter and size a value")
 
-    # ------------------------------------------------------------ numbers and floats (targets differ)
+    # ------------------------------------------------------------ numbers and floats
     def _number(self, e) -> str:
         if isinstance(e, sympy.Integer):
             return str(int(e))
@@ -104,6 +106,7 @@ class ExprPrinter:
         return repr(value)
 
     def _float(self, e) -> str:
+        """An expression forced to the target's float type."""
         raise NotImplementedError
 
     def _promoted(self, args) -> list[str]:
@@ -159,6 +162,7 @@ class ExprPrinter:
         return f"({self._float(num)} / {den_text})"
 
     def _pow(self, e: sympy.Pow) -> str:
+        """``base ** exp`` with Python's int/float rules."""
         raise NotImplementedError
 
     def _floordiv(self, e: S.FloorDiv) -> str:
@@ -192,6 +196,7 @@ class ExprPrinter:
         return f"_mod({self.p(a)}, {self.p(b)})"
 
     def _float_mod(self, a, b) -> str:
+        """A floored float ``a % b`` (the sign of ``b``)."""
         raise NotImplementedError
 
     def _const_mod(self, a, b: int) -> str | None:
@@ -199,6 +204,7 @@ class ExprPrinter:
         raise NotImplementedError
 
     def _min_max(self, e) -> str:
+        """``min``/``max`` of any number of promoted operands."""
         raise NotImplementedError
 
     def _abs(self, e: sympy.Abs) -> str:
@@ -243,6 +249,7 @@ class ExprPrinter:
         return self.p(a)
 
     def _not(self, e: sympy.Not) -> str:
+        """Logical negation of a bool (or of a scalar the target treats as one)."""
         raise NotImplementedError
 
     def _equivalent(self, e: sympy.Equivalent) -> str:
@@ -292,6 +299,7 @@ class ExprPrinter:
                 f"{bool(causal)})")
 
     def _input(self, name: str, args) -> str:
+        """A read of input ``name`` at ``args`` (literal indices checked, others clamped)."""
         raise NotImplementedError
 
     #: (node types, name of the method that prints them), tried in this order after the atoms.

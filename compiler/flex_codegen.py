@@ -10,6 +10,8 @@ once, NATTEN windows inline, bit operations, input loads with clamped indices.
 Symbols and inputs are printed under fixed internal names (``q``, ``k``,
 ``h``, ``b``, ``q_c0``, ``IN0``...): no text of the spec becomes code, and
 sizes and parameters are literals.
+The printer is ``compiler.expr_printer``'s, with torch's operations where
+the targets differ (``FlexPrinter``).
 
 FlexAttention passes its own positions (``q_idx``, ``kv_idx``). A ``TokenMap``
 says how such a position becomes a token: the identity (``seq`` layouts and

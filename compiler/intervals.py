@@ -276,102 +276,29 @@ class IntervalEvaluator:
                 raise SpecError(f"'{e}' has no value", where="tile classification")
             return self.env[e]
         if isinstance(e, sympy.Add | sympy.Mul):
-            parts = ratio_parts(e)
-            if parts is not None:
-                num, den = self.number(parts[0]), self.number(parts[1])
-                if not num.is_float and not den.is_float:  # one division of integers, as evaluated
-                    return _divide(num, den)
-            vals = [self.number(a) for a in e.args]
-            out = vals[0]
-            for v in vals[1:]:
-                out = _add(out, v) if isinstance(e, sympy.Add) else _mul(out, v)
-            return out
+            return self._add_mul(e)
         if isinstance(e, sympy.Pow):
             return self._pow(e)
         if isinstance(e, S.FloorDiv):
             return _floordiv(self.number(e.args[0]), self.number(e.args[1]))
         if isinstance(e, sympy.Mod):
             return _mod(self.number(e.args[0]), self.number(e.args[1]))
-        if isinstance(e, sympy.Min | sympy.Max):
-            vals = [self.number(a) for a in e.args]
-            fn = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
-            lo, hi = vals[0].lo, vals[0].hi
-            for v in vals[1:]:
-                lo, hi = fn(lo, v.lo), fn(hi, v.hi)
-            return self._typed(lo, hi, _FALSE, vals)  # torch.minimum/maximum propagate NaN
-        if isinstance(e, sympy.Abs):
-            a = self.number(e.args[0])
-            lo, hi = a.lo, a.hi
-            return self._typed(torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, _t(0.0))),
-                               torch.maximum(lo.abs(), hi.abs()), _FALSE, [a])
-        if isinstance(e, sympy.floor | sympy.ceiling):
-            a = self.number(e.args[0])
-            fn = torch.floor if isinstance(e, sympy.floor) else torch.ceil
-            return self._typed(fn(a.lo), fn(a.hi), _FALSE, [a])
+        if isinstance(e, sympy.Min | sympy.Max | sympy.Abs | sympy.floor | sympy.ceiling):
+            return self._monotone(e)
         if isinstance(e, sympy.Piecewise):
             return self._piecewise(e)
         if isinstance(e, sympy.core.relational.Relational):
             return self._relational(e)
-        if isinstance(e, sympy.And | sympy.Or):
-            vals = [self.boolean(a) for a in e.args]
-            t, f = vals[0].t, vals[0].f
-            for v in vals[1:]:
-                if isinstance(e, sympy.And):
-                    t, f = t & v.t, f | v.f
-                else:
-                    t, f = t | v.t, f & v.f
-            return Bool(t, f)
-        if isinstance(e, sympy.Not):
-            v = self.boolean(e.args[0])
-            return Bool(v.f, v.t)
-        if isinstance(e, sympy.Xor):
-            vals = [self.boolean(a) for a in e.args]
-            t, f = vals[0].t, vals[0].f
-            for v in vals[1:]:
-                t, f = (t & v.f) | (f & v.t), (t & v.t) | (f & v.f)
-            return Bool(t, f)
-        if isinstance(e, sympy.Equivalent):
-            vals = [self.boolean(a) for a in e.args]
-            all_t = vals[0].t
-            all_f = vals[0].f
-            any_t, any_f = vals[0].t, vals[0].f
-            for v in vals[1:]:
-                all_t, all_f = all_t & v.t, all_f & v.f
-                any_t, any_f = any_t | v.t, any_f | v.f
-            return Bool(all_t | all_f, any_t & any_f)
-        if isinstance(e, sympy.ITE):
-            c, a, b = (self.boolean(x) for x in e.args)
-            return Bool((c.t & a.t) | (c.f & b.t), (c.t & a.f) | (c.f & b.f))
+        if isinstance(e, sympy.And | sympy.Or | sympy.Not | sympy.Xor | sympy.Equivalent | sympy.ITE):
+            return self._logic(e)
         if isinstance(e, sympy.exp | sympy.tanh | S.Log | S.Sqrt):
             return _transcendental(type(e), self.number(e.args[0]))
         if isinstance(e, S.IsPow2):
-            a = self.number(e.args[0])
-            lo, hi = a.lo, a.hi
-            top = torch.exp2(torch.floor(torch.log2(hi.clamp(min=1))))
-            may_true = (hi >= 1) & (top >= lo)
-            point_pow2 = (lo == hi) & (lo >= 1) & (torch.exp2(torch.floor(torch.log2(lo.clamp(min=1)))) == lo)
-            all_pow2 = point_pow2 | ((lo == 1) & (hi == 2))
-            return Bool(may_true, ~all_pow2)
+            return self._is_pow2(e)
         if isinstance(e, S.BitLength | S.Log2Floor):
-            a = self.number(e.args[0])
-            lo, hi = a.lo, a.hi
-            if isinstance(e, S.BitLength):
-                alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, _t(0.0)))
-                ahi = torch.maximum(lo.abs(), hi.abs())
-                bl = lambda x: torch.where(x >= 1, torch.floor(torch.log2(x.clamp(min=1))) + 1, _t(0.0))  # noqa: E731
-                return _int_num(bl(alo), bl(ahi).clamp(max=64.0))
-            lf = lambda x: torch.where(x >= 1, torch.floor(torch.log2(x.clamp(min=1))), _t(-1.0))  # noqa: E731
-            return _int_num(lf(lo), lf(hi))
+            return self._bit_count(e)
         if isinstance(e, S.ShiftLeft | S.ShiftRight):
-            a, s = self.number(e.args[0]), self.number(e.args[1])
-            in_range = (s.lo >= 0) & (s.hi <= 62)  # wider shifts: whatever int64 gives
-            scale = Num(torch.exp2(s.lo.clamp(0, 62)), torch.exp2(s.hi.clamp(0, 62)))
-            if isinstance(e, S.ShiftLeft):
-                lo, hi = _corners(torch.mul, a, scale)
-            else:
-                lo, hi = _corners(torch.div, a, scale)
-                lo, hi = torch.floor(lo), torch.floor(hi)
-            return _int_num(torch.where(in_range, lo, _t(-WRAP)), torch.where(in_range, hi, _t(WRAP)))
+            return self._shift(e)
         if isinstance(e, S.BitAnd | S.BitOr | S.BitXor | S.BitNot):
             return self._bits(e)
         if isinstance(e, S.Window):
@@ -380,6 +307,93 @@ class IntervalEvaluator:
         if name is not None:
             return self._input(name, e.args)
         raise SpecError(f"no interval rule for {type(e).__name__}", where="tile classification")
+
+    def _add_mul(self, e) -> Num:
+        parts = ratio_parts(e)
+        if parts is not None:
+            num, den = self.number(parts[0]), self.number(parts[1])
+            if not num.is_float and not den.is_float:  # one division of integers, as evaluated
+                return _divide(num, den)
+        vals = [self.number(a) for a in e.args]
+        out = vals[0]
+        for v in vals[1:]:
+            out = _add(out, v) if isinstance(e, sympy.Add) else _mul(out, v)
+        return out
+
+    def _monotone(self, e) -> Num:
+        """``min``, ``max``, ``abs``, ``floor``, ``ceiling``: from the operands' ends."""
+        if isinstance(e, sympy.Min | sympy.Max):
+            vals = [self.number(a) for a in e.args]
+            fn = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
+            lo, hi = vals[0].lo, vals[0].hi
+            for v in vals[1:]:
+                lo, hi = fn(lo, v.lo), fn(hi, v.hi)
+            return self._typed(lo, hi, _FALSE, vals)  # torch.minimum/maximum propagate NaN
+        a = self.number(e.args[0])
+        lo, hi = a.lo, a.hi
+        if isinstance(e, sympy.Abs):
+            return self._typed(torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, _t(0.0))),
+                               torch.maximum(lo.abs(), hi.abs()), _FALSE, [a])
+        fn = torch.floor if isinstance(e, sympy.floor) else torch.ceil
+        return self._typed(fn(lo), fn(hi), _FALSE, [a])
+
+    def _logic(self, e) -> Bool:
+        """``and``, ``or``, ``not``, ``xor``, equivalence and ``if`` of bools: may be True, may be False."""
+        if isinstance(e, sympy.Not):
+            v = self.boolean(e.args[0])
+            return Bool(v.f, v.t)
+        if isinstance(e, sympy.ITE):
+            c, a, b = (self.boolean(x) for x in e.args)
+            return Bool((c.t & a.t) | (c.f & b.t), (c.t & a.f) | (c.f & b.f))
+        vals = [self.boolean(a) for a in e.args]
+        t, f = vals[0].t, vals[0].f
+        if isinstance(e, sympy.Equivalent):
+            all_t, all_f = t, f
+            any_t, any_f = t, f
+            for v in vals[1:]:
+                all_t, all_f = all_t & v.t, all_f & v.f
+                any_t, any_f = any_t | v.t, any_f | v.f
+            return Bool(all_t | all_f, any_t & any_f)
+        for v in vals[1:]:
+            if isinstance(e, sympy.And):
+                t, f = t & v.t, f | v.f
+            elif isinstance(e, sympy.Or):
+                t, f = t | v.t, f & v.f
+            else:  # Xor
+                t, f = (t & v.f) | (f & v.t), (t & v.t) | (f & v.f)
+        return Bool(t, f)
+
+    def _is_pow2(self, e) -> Bool:
+        a = self.number(e.args[0])
+        lo, hi = a.lo, a.hi
+        top = torch.exp2(torch.floor(torch.log2(hi.clamp(min=1))))
+        may_true = (hi >= 1) & (top >= lo)
+        point_pow2 = (lo == hi) & (lo >= 1) & (torch.exp2(torch.floor(torch.log2(lo.clamp(min=1)))) == lo)
+        all_pow2 = point_pow2 | ((lo == 1) & (hi == 2))
+        return Bool(may_true, ~all_pow2)
+
+    def _bit_count(self, e) -> Num:
+        """``bit_length(x)`` and ``log2(x)`` (floored; -1 below 1)."""
+        a = self.number(e.args[0])
+        lo, hi = a.lo, a.hi
+        if isinstance(e, S.BitLength):
+            alo = torch.where(lo >= 0, lo, torch.where(hi <= 0, -hi, _t(0.0)))
+            ahi = torch.maximum(lo.abs(), hi.abs())
+            bl = lambda x: torch.where(x >= 1, torch.floor(torch.log2(x.clamp(min=1))) + 1, _t(0.0))  # noqa: E731
+            return _int_num(bl(alo), bl(ahi).clamp(max=64.0))
+        lf = lambda x: torch.where(x >= 1, torch.floor(torch.log2(x.clamp(min=1))), _t(-1.0))  # noqa: E731
+        return _int_num(lf(lo), lf(hi))
+
+    def _shift(self, e) -> Num:
+        a, s = self.number(e.args[0]), self.number(e.args[1])
+        in_range = (s.lo >= 0) & (s.hi <= 62)  # wider shifts: whatever int64 gives
+        scale = Num(torch.exp2(s.lo.clamp(0, 62)), torch.exp2(s.hi.clamp(0, 62)))
+        if isinstance(e, S.ShiftLeft):
+            lo, hi = _corners(torch.mul, a, scale)
+        else:
+            lo, hi = _corners(torch.div, a, scale)
+            lo, hi = torch.floor(lo), torch.floor(hi)
+        return _int_num(torch.where(in_range, lo, _t(-WRAP)), torch.where(in_range, hi, _t(WRAP)))
 
     @staticmethod
     def _typed(lo, hi, nan, args: list[Num]) -> Num:

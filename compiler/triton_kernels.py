@@ -13,6 +13,7 @@ from .triton_exprs import LN2, LOG2E
 
 
 def indent(lines: list[str], n: int) -> str:
+    """Lines indented by ``n`` spaces, one per line (empty lines stay empty)."""
     pad = " " * n
     return "".join(pad + line + "\n" if line else "\n" for line in lines)
 
@@ -55,10 +56,12 @@ class KernelBodies:
                 *self._all_input_params(), *(["ERR"] if self.checks else [])]
 
     def shape_tiles_q(self) -> int:
+        """The number of Q tiles (a tile list's row stride)."""
         s = self.shape
         return math.prod(-(-L // t) for L, t in zip(s.q_extents, s.q_tile, strict=True))
 
     def shape_tiles_k(self) -> int:
+        """The number of KV tiles (a tile list's row stride)."""
         s = self.shape
         return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 

@@ -34,6 +34,7 @@ class ScoreLines:
         return ", ".join(pos + [self._head_call_args(which)])
 
     def _head_call_args(self, which: list[int]) -> str:
+        """The head and the inputs ``which`` (pointers at this batch element, strides)."""
         args = ["h.to(tl.int64)" if self.wide_math else "h"]
         for slot in self.inputs.values():
             if slot.index in which:
@@ -42,6 +43,7 @@ class ScoreLines:
 
     # ------------------------------------------------------------ the terms
     def _k_padding(self) -> bool:
+        """Whether some KV tile has padded slots (past the block's slots or the grid's edge)."""
         s = self.shape
         return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
@@ -137,6 +139,8 @@ class ScoreLines:
         return lines
 
     def _per_query_setup(self) -> list[str]:
+        """Per (batch, head) of a Q tile's program (forward, dQ): the head's constants, the bases
+        of the FoX sums and routing selections, and the Q tile's own FoX values."""
         lines = self._head_setup()
         p = self.pat
         if p.decay is not None:
@@ -148,6 +152,8 @@ class ScoreLines:
         return lines
 
     def _per_query_setup_k(self) -> list[str]:
+        """Per query head of a KV tile's program (dK/dV): as ``_per_query_setup`` but for the Q
+        tiles' FoX values, loaded per Q tile (``_per_query_setup_q``)."""
         lines = self._head_setup()
         if self.pat.decay is not None:
             lines += ["dc_base = batch.to(tl.int64) * dc_b + h.to(tl.int64) * dc_h",
@@ -157,6 +163,7 @@ class ScoreLines:
         return lines
 
     def _per_query_setup_q(self) -> list[str]:
+        """The Q tile's FoX values: prefix sums (hi, lo) and last reset of each query."""
         if self.pat.decay is not None:
             return ["dc_q = tl.load(DC + dc_base + q_tok, mask=q_ok, other=0.0)  # FoX prefix sums (hi, lo)",
                     "dl_q = tl.load(DC + dc_base + dc_lo + q_tok, mask=q_ok, other=0.0)",

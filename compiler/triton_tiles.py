@@ -54,6 +54,7 @@ def block_size(slots: int) -> int:
 
 
 def layout_of(config) -> str:
+    """The token layout of a kernel config: 'flat', 'address' (the default) or 'permute'."""
     return getattr(config, "layout", "address") if config is not None else "address"
 
 

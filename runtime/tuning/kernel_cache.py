@@ -118,7 +118,7 @@ def attnc_version() -> str:
     from ...core.version import __version__
 
     if _FINGERPRINT is None:
-        root = Path(__file__).resolve().parent.parent
+        root = Path(__file__).resolve().parent.parent.parent  # the package root (this file is runtime/tuning/)
         h = hashlib.sha256()
         for rel in CODEGEN_FILES:
             path = root / rel
