@@ -14,6 +14,7 @@ array library (``LIB``) and overrides what differs: float conversion and constan
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import sympy
 
@@ -27,7 +28,7 @@ BIT_OPS = {S.BitAnd: "&", S.BitOr: "|", S.BitXor: "^", S.ShiftLeft: "<<", S.Shif
 LOGIC_OPS = {sympy.And: " & ", sympy.Or: " | ", sympy.Xor: " ^ "}
 
 
-class ExprPrinter:
+class ExprPrinter(ABC):
     """Prints bound IR expressions as array expressions of one target.
 
     ``symbols`` maps sympy symbols to the internal names the generated code defines; ``inputs``
@@ -105,6 +106,7 @@ class ExprPrinter:
         """A finite float constant."""
         return repr(value)
 
+    @abstractmethod
     def _float(self, e) -> str:
         """An expression forced to the target's float type."""
         raise NotImplementedError
@@ -161,6 +163,7 @@ class ExprPrinter:
         den_text = f"{float(den)!r}" if isinstance(den, sympy.Integer) else self._float(den)
         return f"({self._float(num)} / {den_text})"
 
+    @abstractmethod
     def _pow(self, e: sympy.Pow) -> str:
         """``base ** exp`` with Python's int/float rules."""
         raise NotImplementedError
@@ -178,6 +181,7 @@ class ExprPrinter:
         self.helpers.add("_floordiv")
         return f"_floordiv({self.p(a)}, {self.p(b)})"
 
+    @abstractmethod
     def _const_floordiv(self, a, b: int) -> str | None:
         """An int ``a // b`` for a nonzero constant ``b``, or None for the general helper."""
         raise NotImplementedError
@@ -195,14 +199,17 @@ class ExprPrinter:
         self.helpers.add("_mod")
         return f"_mod({self.p(a)}, {self.p(b)})"
 
+    @abstractmethod
     def _float_mod(self, a, b) -> str:
         """A floored float ``a % b`` (the sign of ``b``)."""
         raise NotImplementedError
 
+    @abstractmethod
     def _const_mod(self, a, b: int) -> str | None:
         """An int ``a % b`` for a nonzero constant ``b``, or None for the general helper."""
         raise NotImplementedError
 
+    @abstractmethod
     def _min_max(self, e) -> str:
         """``min``/``max`` of any number of promoted operands."""
         raise NotImplementedError
@@ -248,6 +255,7 @@ class ExprPrinter:
         """One operand of ``&``, ``|``, ``^``."""
         return self.p(a)
 
+    @abstractmethod
     def _not(self, e: sympy.Not) -> str:
         """Logical negation of a bool (or of a scalar the target treats as one)."""
         raise NotImplementedError
@@ -298,6 +306,7 @@ class ExprPrinter:
         return (f"_window({self.p(qa)}, {self.p(ka)}, {int(L)}, {int(size)}, {int(dil)}, {int(stride)}, "
                 f"{bool(causal)})")
 
+    @abstractmethod
     def _input(self, name: str, args) -> str:
         """A read of input ``name`` at ``args`` (literal indices checked, others clamped)."""
         raise NotImplementedError

@@ -8,7 +8,7 @@ import torch
 from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
-from ..checks import check_state
+from ..checks import check_qkv, check_state, resolve_scale
 from ..numerics import compute_dtype, expand_kv
 from ..ops.common import Registered
 from ..runner import Support
@@ -62,7 +62,6 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     rank as q), ``state`` ``[B, Hq, Dk, Dv]`` or None (zeros); gate inputs for this one token, with their
     declared shape at n = 1 (``[heads, 1]``, ``[heads, 1, dk]``, optionally with a batch dimension).
     Returns ``(o, new_state)``: ``o`` of q's rank and dtype, the state in the compute dtype."""
-    import math
 
     if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
         got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
@@ -74,7 +73,6 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
             raise SpecError(f"expected {q.dim()} dimensions like q, got {got}", where=f"argument {name}")
     if squeeze:
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
-    from ..checks import check_qkv
 
     check_qkv(q, k, v)
     B, H, T, Dk = q.shape
@@ -82,10 +80,7 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
         raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
                         where="argument q")
     Dv = v.shape[-1]
-    if scale is None:
-        scale = 1.0 / math.sqrt(Dk)
-    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
-        raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    scale = resolve_scale(scale, Dk)
     bound = E.bind_sizes(rec, n=1, heads=H, sizes=sizes, dk=Dk)
     tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B, device=q.device)
     dt = compute_dtype(q.dtype)
