@@ -21,7 +21,7 @@ LAYERS = [
     ("spec",),
     ("compiler",),
     ("runtime",),
-    ("integrations", "png"),
+    ("integrations", "png", "distributed"),
     ("cli",),
     ("",),  # the package root: attnc/__init__.py
 ]
@@ -33,6 +33,7 @@ RUNTIME_ROOMS = [
     ("runtime.plan",),
     ("runtime.ops",),  # the custom ops call runners by key: they know no backend
     ("runtime.backends", "runtime.recurrences"),
+    ("runtime.parallel",),  # context parallelism: the reference's scores, the recurrence runners
     ("runtime.tuning",),
     ("runtime.auto",),
     ("runtime.registry",),

@@ -40,20 +40,11 @@ def attention(
     dt = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dt), expand_kv(k.to(dt), Hq), expand_kv(v.to(dt), Hq)
     ev = E.evaluator(pat, bound, inputs, batch=B)
-    mask = torch.broadcast_to(E.as_tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, Hq, Nq, Nk))
+    mask = pair_mask(pat, bound, ev, Hq, Nq, Nk)
     if pat.route is not None:
         mask = routing.select_blocks(pat, bound, q, k, mask, inputs)
-    scores = scale * (qc @ kc.transpose(-1, -2))
-    if pat.softcap is not None:
-        cap = E.head_values(pat.softcap, bound.subs, Hq).to(dt).view(1, Hq, 1, 1)
-        scores = cap * torch.tanh(scores / cap)
-    bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
-    if bias is not None:
-        scores = scores + (bias.to(dt) if isinstance(bias, torch.Tensor) else bias)
-    if pat.decay is not None:
-        # gates are indexed by absolute position: the query rows start at q_offset (a KV cache)
-        scores = scores + fox_decay(ev.inputs[pat.decay].to(dt), torch.arange(Nq) + bound.q_offset, torch.arange(Nk))
-    scores = scores.masked_fill(~mask, -math.inf)
+    scores = pair_scores(pat, bound, ev, qc, kc, scale, torch.arange(Nq) + bound.q_offset, torch.arange(Nk),
+                         torch.arange(Hq), mask)
     # a row with no key of nonzero weight (masked, or every key behind a FoX reset): lse -inf, and
     # logsumexp never sees the all -inf row (its backward would give nan)
     empty = torch.isneginf(scores).all(-1)
@@ -64,3 +55,30 @@ def attention(
     return out.to(q.dtype), lse
 
 
+def pair_mask(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, heads: int, nq: int, nk: int) -> torch.Tensor:
+    """The pattern's mask over the evaluator's positions, bool ``[B | 1, heads, nq, nk]``."""
+    return torch.broadcast_to(E.as_tensor(ev(E.substitute(pat.mask, bound)), torch.bool), (ev.batch or 1, heads, nq, nk))
+
+
+def pair_scores(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, q: torch.Tensor, k: torch.Tensor, scale: float,
+                q_pos: torch.Tensor, k_pos: torch.Tensor, head_index: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The scores of queries at absolute positions ``q_pos`` against keys at ``k_pos`` (any subsets of
+    the sequence, e.g. one rank's shards) for the heads ``head_index`` of the pattern, in q's dtype,
+    ``[B, H, Nq, Nk]``, -inf where ``mask`` (``pair_mask``, route selection applied) is False.
+    ``q``/``k`` ``[B, H, N, D]`` (k with H heads); ``ev``: an evaluator over these positions and heads."""
+    scores = scale * (q @ k.transpose(-1, -2))
+    if pat.softcap is not None:
+        cap = softcap_values(pat, bound, head_index, q.dtype)
+        scores = cap * torch.tanh(scores / cap)
+    bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
+    if bias is not None:
+        scores = scores + (bias.to(q.dtype) if isinstance(bias, torch.Tensor) else bias)
+    if pat.decay is not None:  # gates are indexed by absolute position
+        scores = scores + fox_decay(ev.inputs[pat.decay].to(q.dtype), q_pos, k_pos)
+    return scores.masked_fill(~mask, -math.inf)
+
+
+def softcap_values(pat: ir.PatternIR, bound: E.Bound, head_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The softcap of each head in ``head_index``, ``[1, H, 1, 1]``."""
+    cap = E.head_values(pat.softcap, bound.subs, bound.heads).to(dtype)
+    return cap[head_index].view(1, -1, 1, 1)

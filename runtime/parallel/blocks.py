@@ -1,0 +1,129 @@
+"""Attention of queries at given absolute positions against keys at given absolute positions: the
+unit of work of context parallelism (one rank's queries against one rank's keys).
+
+Forward returns ``(out, lse)`` of the block; blocks merge by their log-sum-exp
+(``merge``). Backward is flash attention's: from the MERGED ``lse`` and ``delta = rowsum(dout *
+out)`` of the whole row, each block gives its share of dq and the whole dk, dv of its keys, so no
+block needs another block's values. Scores are the reference backend's (``pair_scores``: mask,
+softcap, bias, FoX decay at absolute positions), computed in slabs of query rows so memory stays
+at ``SLAB_SCORES`` scores whatever the block sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ...compiler import evaluate as E
+from ...core import ir
+from ..backends.reference.dense import pair_mask, pair_scores, softcap_values
+from ..numerics import compute_dtype
+
+#: Scores held at once per slab of query rows (float32: 64 MiB).
+SLAB_SCORES = 1 << 24
+
+
+@dataclass(frozen=True)
+class BlockProblem:
+    """What every block of one call shares: the pattern bound at the WHOLE sequence (``bound.n`` is
+    every token; its heads every head), the whole call-time inputs, the scale, and the pattern heads
+    this rank computes (``head_index``: all of them, or a Ulysses rank's share)."""
+
+    pattern: ir.PatternIR
+    bound: E.Bound
+    tensors: dict
+    batch: int | None
+    scale: float
+    head_index: torch.Tensor
+
+    def evaluator(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> E.Evaluator:
+        env = E.token_env(self.pattern, self.bound, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1),
+                          self.head_index.view(1, -1, 1, 1))
+        batched = {n for n, t in self.tensors.items() if t.dim() > len(self.pattern.input(n).dims)}
+        return E.Evaluator(env, self.tensors, batched, self.batch)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
+        """(scores -inf where masked, mask) of q ``[B, H, r, D]`` against k ``[B, H, c, D]``."""
+        ev = self.evaluator(q_pos, k_pos)
+        mask = pair_mask(self.pattern, self.bound, ev, len(self.head_index), len(q_pos), len(k_pos))
+        return pair_scores(self.pattern, self.bound, ev, q, k, self.scale, q_pos, k_pos, self.head_index, mask), mask
+
+    def softcap_grad(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+        """d(softcapped score)/d(scale * q.k), or None without a softcap."""
+        if self.pattern.softcap is None:
+            return None
+        cap = softcap_values(self.pattern, self.bound, self.head_index, q.dtype)
+        return 1 - torch.tanh(self.scale * (q @ k.transpose(-1, -2)) / cap) ** 2
+
+
+def expand(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """KV heads repeated for the query heads of their group (GQA), as a view where possible."""
+    g = heads // t.shape[1]
+    return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def fold(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """The inverse of ``expand`` for gradients: a group's query heads summed onto its KV head."""
+    B, H, N, D = t.shape
+    return t if H == kv_heads else t.view(B, kv_heads, H // kv_heads, N, D).sum(2)
+
+
+def _slabs(rows: int, per_row: int):
+    step = max(1, SLAB_SCORES // max(1, per_row))
+    return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, H, nq, Dv], lse [B, H, nq])`` of one block in the compute dtype; a query with no
+    allowed key in the block gives 0 and lse -inf."""
+    dt = compute_dtype(q.dtype)
+    B, H, nq, _ = q.shape
+    kc, vc = expand(k.to(dt), H), expand(v.to(dt), H)
+    out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
+    lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
+    for rows in _slabs(nq, B * H * len(k_pos)):
+        s, _ = prob.scores(q[:, :, rows].to(dt), kc, q_pos[rows], k_pos)
+        m = s.amax(-1, keepdim=True)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        p = torch.exp(s - m)
+        total = p.sum(-1)
+        out[:, :, rows] = (p @ vc) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
+        lse[:, :, rows] = torch.where(total > 0, torch.log(total) + m.squeeze(-1), torch.full_like(total, -math.inf))
+    return out, lse
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor):
+    """Two partial results of the same queries over disjoint keys, combined exactly (in place of
+    nothing: returns new tensors). Rows empty in both stay 0 / -inf."""
+    new = torch.logaddexp(lse, part_lse)
+    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    a = torch.exp(lse - safe)[..., None]
+    b = torch.exp(part_lse - safe)[..., None]
+    return out * a + part * b, new
+
+
+def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta):
+    """``(dq, dk, dv)`` of one block from the merged row statistics: ``lse`` and ``delta`` ``[B, H, nq]``
+    of the whole row, ``dout`` ``[B, H, nq, Dv]``. dk, dv have k's heads (GQA groups summed)."""
+    dt = compute_dtype(q.dtype)
+    B, H, nq, _ = q.shape
+    kc, vc = expand(k.to(dt), H), expand(v.to(dt), H)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(kc.shape, dtype=dt, device=q.device)
+    dv = torch.zeros(vc.shape, dtype=dt, device=q.device)
+    safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(dt)
+    for rows in _slabs(nq, B * H * len(k_pos)):
+        qr = q[:, :, rows].to(dt)
+        s, mask = prob.scores(qr, kc, q_pos[rows], k_pos)
+        p = torch.where(mask, torch.exp(s - safe_lse[:, :, rows, None]), torch.zeros((), dtype=dt))
+        do = dout[:, :, rows].to(dt)
+        dv += p.transpose(-1, -2) @ do
+        ds = p * (do @ vc.transpose(-1, -2) - delta[:, :, rows, None].to(dt))
+        capped = prob.softcap_grad(qr, kc)
+        if capped is not None:
+            ds = ds * capped
+        dq[:, :, rows] = prob.scale * (ds @ kc)
+        dk += prob.scale * (ds.transpose(-1, -2) @ qr)
+    return dq, fold(dk, k.shape[1]), fold(dv, v.shape[1])

@@ -1,0 +1,206 @@
+"""``ContextParallel``: one compiled softmax pattern or recurrence over a sequence sharded across the
+ranks of a torch.distributed group.
+
+The group has ``ulysses_degree * ring`` ranks: rank g is Ulysses rank ``g % u`` of ring position
+``g // u``. Inside a Ulysses group an all-to-all trades token shards for head shards; across ring
+positions keys move by ring steps or one all-gather (``softmax``), only between ranks whose tokens
+share an allowed pair (``pairs``). Call-time inputs are gathered whole on every rank (they are
+small: ids, gates).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ...compiler import evaluate as E
+from ...core import ir
+from ...core.errors import SpecError
+from ..checks import check_qkv, resolve_scale
+from . import collectives as C
+from .blocks import BlockProblem
+from .pairs import PairPlan, choose_order, plan_pairs
+from .recurrence import chained_recurrence, token_dim
+from .sharding import ShardOrder
+from .softmax import RingAttention, RingCall
+from .ulysses import HeadsToSeq, SeqToHeads
+
+KV_MODES = ("ring", "allgather")
+
+
+class ContextParallel(torch.nn.Module):
+    """Runs ``attn`` (an ``attnc.Attention``) on the shards of a sequence held by the ranks of
+    ``group`` (None: the default group), forward and backward.
+
+    ``ulysses_degree``: ranks per Ulysses group (heads and KV heads must divide by it); the group's
+    size must be a multiple of it. ``kv``: how keys cross ring positions, ``"ring"`` (point-to-point
+    steps overlapped with compute) or ``"allgather"`` (one collective). Tensors are ``[B, H, N, D]``:
+    ``shard(x)`` is this rank's part of a whole tensor (the same on every rank), ``unshard(x)`` the
+    whole tensor again on every rank; ``cp(q, k, v, **inputs)`` the attention of this rank's queries,
+    this rank's part of the output. Inputs may be this rank's part (``shard(x, dim=...)`` along their
+    token dimension) or whole. ``last_comm_bytes``: bytes this rank sent in the last forward."""
+
+    def __init__(self, attn, group=None, ulysses_degree: int = 1, kv: str = "ring", sizes: dict | None = None):
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise SpecError("torch.distributed is not initialized", where="argument group",
+                            hint="call torch.distributed.init_process_group first")
+        if not hasattr(attn, "pattern") or not hasattr(attn, "runner"):
+            raise SpecError(f"expected an attnc.Attention, got {type(attn).__name__}", where="argument attn")
+        if kv not in KV_MODES:
+            raise SpecError(f"unknown kv mode {kv!r}; expected one of {', '.join(KV_MODES)}", where="argument kv")
+        if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
+            raise SpecError(f"expected a positive int, got {ulysses_degree!r}", where="argument ulysses_degree")
+        world = dist.get_world_size(group)
+        if world % ulysses_degree:
+            raise SpecError(f"a group of {world} ranks is not ulysses_degree x ring ranks for ulysses_degree "
+                            f"{ulysses_degree}", where="argument ulysses_degree")
+        pat = attn.pattern
+        if isinstance(pat, ir.PatternIR):
+            if not pat.self_attention:
+                raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
+                                "one sequence", where="argument attn")
+            if pat.route is not None:
+                raise SpecError(f"'{pat.name}' selects blocks at run time (routing), which context parallelism "
+                                "does not run yet", where="argument attn", hint="run it on one device")
+        elif ulysses_degree > 1:
+            raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
+                            where="argument ulysses_degree")
+        self.attn, self.group, self.kv = attn, group, kv
+        self.sizes = {**attn.sizes, **(sizes or {})}
+        self.world, self.rank = world, dist.get_rank(group)
+        self.u, self.ring = ulysses_degree, world // ulysses_degree
+        self.ring_index, self.ulysses_index = divmod(self.rank, self.u)
+        # every rank makes every subgroup, in the same order (torch.distributed's rule)
+        self.ulysses_group, self.ring_group = None, None
+        ranks = [C.global_rank(group, g) for g in range(world)]
+        if self.u > 1:
+            for i in range(self.ring):
+                g = dist.new_group(ranks[i * self.u:(i + 1) * self.u])
+                if i == self.ring_index:
+                    self.ulysses_group = g
+        if self.ring > 1 and self.u > 1:
+            for j in range(self.u):
+                g = dist.new_group(ranks[j::self.u])
+                if j == self.ulysses_index:
+                    self.ring_group = g
+        elif self.ring > 1:
+            self.ring_group = group
+        self.last_comm_bytes = 0
+        self.last_plan: PairPlan | None = None
+        self._orders: dict = {}
+        self._plans: dict = {}
+
+    def extra_repr(self) -> str:
+        return f"{self.attn.pattern.name}, ranks={self.world}, ulysses_degree={self.u}, kv={self.kv!r}"
+
+    def order(self, n: int) -> ShardOrder:
+        """The shard order of an ``n``-token sequence (zigzag for causal sequence patterns)."""
+        if n not in self._orders:
+            pat = self.attn.pattern
+            if isinstance(pat, ir.RecurrenceIR):
+                self._orders[n] = _contiguous(n, self.world)
+            else:
+                bound = E.bind_sizes(pat, n=n, nk=n, heads=1, sizes=self.sizes)
+                self._orders[n] = choose_order(pat, bound, self.ring, self.u)
+        return self._orders[n]
+
+    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """This rank's part of the whole tensor ``x`` along ``dim`` (its tokens, in the order it computes)."""
+        dim = _dim(x, dim, "argument x")
+        return self.order(x.shape[dim]).shard(x, self.rank, dim)
+
+    def unshard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """The whole tensor on every rank from each rank's part along ``dim`` (not differentiable)."""
+        dim = _dim(x, dim, "argument x")
+        C.agree(self.group, {"shape": tuple(x.shape), "dtype": str(x.dtype)}, "argument x")
+        return self.order(x.shape[dim] * self.world).unshard(C.all_gather(x.detach(), self.group), dim)
+
+    def forward(self, q, k, v, *, scale: float | None = None, **inputs):
+        pat = self.attn.pattern
+        record = {"pattern": f"{pat.name}: {pat.mask if isinstance(pat, ir.PatternIR) else pat.decay}",
+                  "kv": self.kv, "ulysses_degree": self.u}
+        try:
+            check_qkv(q, k, v)
+            if q.shape[2] != k.shape[2]:
+                raise SpecError(f"q has {q.shape[2]} tokens but k has {k.shape[2]}: every rank holds the same "
+                                "tokens of q, k and v", where="argument k")
+            scale = resolve_scale(scale, q.shape[-1])
+            for name, t in inputs.items():
+                if isinstance(pat, ir.PatternIR) and isinstance(t, torch.Tensor) and t.requires_grad:
+                    raise SpecError("gradients of call-time inputs do not cross ranks yet; pass it detached",
+                                    where=f"argument {name}")
+            if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u):
+                raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads) do not split over ulysses_degree "
+                                f"{self.u}", where="argument q", hint="pick a Ulysses degree dividing both")
+        except SpecError as err:
+            record["error"] = (err.message, err.where)
+        else:
+            record.update(q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape), dtype=str(q.dtype), scale=scale,
+                          inputs={n: (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t)
+                                  for n, t in sorted(inputs.items())})
+        C.agree(self.group, record, "argument q")
+        n = q.shape[2] * self.world
+        self._input_bytes = 0
+        if isinstance(pat, ir.RecurrenceIR):
+            out, sent = chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
+                                           self.sizes, scale)
+            self.last_comm_bytes = sent
+            return out
+        whole = {name: self._whole_input(name, t, n) for name, t in inputs.items()}
+        return self._softmax(q, k, v, scale, whole, n)
+
+    def _softmax(self, q, k, v, scale, whole, n):
+        pat = self.attn.pattern
+        B, H = q.shape[0], q.shape[1]
+        bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self.sizes, dk=q.shape[-1])
+        tensors, batch = E.bind_inputs(pat, bound, whole, batch=B, device=q.device)
+        order = self.order(n)
+        if whole:
+            plan = plan_pairs(pat, bound, tensors, batch, order)
+        else:
+            key = (n, H, q.shape[-1])
+            if key not in self._plans:
+                self._plans[key] = plan_pairs(pat, bound, tensors, batch, order)
+            plan = self._plans[key]
+        self.last_plan = plan
+        sent = 0
+        if self.u > 1:
+            moved = [q, k, v]
+            sent += sum(t.nbytes for t in moved) * (self.u - 1) // self.u
+            q, k, v = (SeqToHeads.apply(t, self.ulysses_group, self.u) for t in moved)
+        share = H // self.u
+        heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
+        problem = BlockProblem(pat, bound, tensors, batch, scale, heads)
+        call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv)
+        out, _ = RingAttention.apply(q, k, v, call)
+        if self.u > 1:
+            sent += out.nbytes * (self.u - 1) // self.u
+            out = HeadsToSeq.apply(out, self.ulysses_group, self.u)
+        self.last_comm_bytes = sent + call.sent["forward"] + self._input_bytes
+        return out
+
+    def _whole_input(self, name: str, t, n: int):
+        """A call-time input whole: gathered from every rank's part along its token dimension, or as given."""
+        dim = token_dim(self.attn.pattern, name, t)
+        if dim is None or dim >= t.dim():
+            return t
+        if t.shape[dim] == n:
+            return t
+        self._input_bytes += t.nbytes * (self.world - 1)
+        return self.order(n).unshard(C.all_gather(t, self.group), dim)
+
+
+def _contiguous(n: int, world: int) -> ShardOrder:
+    if n % world:
+        raise SpecError(f"{n} tokens do not split over {world} ranks", where="argument q",
+                        hint=f"pad the sequence to a multiple of {world}")
+    return ShardOrder(n, world, world, 1, False)
+
+
+def _dim(x, dim, where: str) -> int:
+    if not isinstance(x, torch.Tensor):
+        raise SpecError(f"expected a tensor, got {type(x).__name__}", where=where)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        raise SpecError(f"dim {dim!r} is not a dimension of a {x.dim()}-d tensor", where="argument dim")
+    return dim % x.dim()

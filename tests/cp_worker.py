@@ -1,0 +1,105 @@
+"""Worker side of the context-parallel tests: spawned ranks (gloo) run a list of cases and save what
+the parent compares against the single-process result. Cases and their tensors are built here from
+seeds, so the parent and every rank build the same whole tensors."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import attnc
+from attnc.distributed import ContextParallel
+
+CAUSAL = "pattern causal\n  tokens seq\n  mask causal\n"
+
+
+def case_inputs(case: dict) -> dict:
+    """The whole call-time inputs of a case (deterministic)."""
+    n, H, D = case["n"], case["H"], case["D"]
+    g = torch.Generator().manual_seed(7)
+    out = {}
+    for name, kind in case.get("inputs", {}).items():
+        if kind == "doc":
+            out[name] = torch.tensor([0] * (n // 5) + [1] * (n // 2) + [2] * (n - n // 5 - n // 2))
+        elif kind == "gate":  # log gates of a scalar-gated recurrence / FoX, [heads, n]
+            out[name] = F.logsigmoid(torch.randn(H, n, generator=g, dtype=torch.float64) + 2)
+        elif kind == "vgate":  # [heads, n, dk]
+            out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
+    return out
+
+
+def token_dim(case: dict, name: str) -> int:
+    """The token dimension of a case's input: [n], [heads, n] last; [heads, n, dk] the middle one."""
+    return 1 if case["inputs"][name] == "vgate" else -1
+
+
+def case_tensors(case: dict):
+    g = torch.Generator().manual_seed(case.get("seed", 0))
+    B, H, Hkv, n, D = case["B"], case["H"], case.get("Hkv", case["H"]), case["n"], case["D"]
+    q = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64)
+    dout = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def compile_case(case: dict, backend: str = "reference"):
+    spec = CAUSAL if case["spec"] == "causal" else case["spec"]
+    return attnc.compile_attention(spec, sizes=case.get("sizes"), backend=backend, **case.get("params", {}))
+
+
+def run_case(case: dict, rank: int):
+    attn = compile_case(case)
+    q, k, v, dout = case_tensors(case)
+    inputs = case_inputs(case)
+    cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
+    ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))
+    grad_inputs = case.get("grad_inputs", False)
+    il = {}
+    for name, t in inputs.items():
+        part = cp.shard(t, dim=token_dim(case, name)) if case.get("shard_inputs", True) else t
+        il[name] = part.clone().requires_grad_() if grad_inputs else part
+    out = cp(ql, kl, vl, **il)
+    out.backward(cp.shard(dout))
+    result = {"out": cp.unshard(out), "dq": cp.unshard(ql.grad), "dk": cp.unshard(kl.grad),
+              "dv": cp.unshard(vl.grad), "bytes": cp.last_comm_bytes,
+              "need": None if cp.last_plan is None else cp.last_plan.need,
+              "zigzag": None if cp.last_plan is None else cp.last_plan.order.zigzag}
+    if grad_inputs:
+        result["dinputs"] = {name: cp.unshard(t.grad, dim=token_dim(case, name)) for name, t in il.items()}
+    return result
+
+
+def run_error_case(case: dict, rank: int):
+    """A call meant to fail: every rank reports its message (or that it did not fail)."""
+    attn = compile_case(case)
+    try:
+        cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
+        B, H, D, n = case["B"], case["H"], case["D"], case["n"]
+        local = n // dist.get_world_size() + (case.get("extra_on_rank1", 0) if rank == 1 else 0)
+        t = torch.randn(B, H, local, D, dtype=torch.float64)
+        cp(t, t, t)
+    except attnc.SpecError as err:
+        return {"error": str(err)}
+    return {"error": None}
+
+
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        for i, case in enumerate(cases):
+            try:
+                result = (run_error_case if case.get("error") else run_case)(case, rank)
+            except Exception:  # the parent reports it as the case's failure
+                result = {"crash": traceback.format_exc()}
+            torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
+            if "crash" in result:
+                break  # the other ranks may be stuck in a collective this rank left: end the run
+    finally:
+        dist.destroy_process_group()

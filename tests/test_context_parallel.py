@@ -1,0 +1,170 @@
+"""Context parallelism (attnc.distributed.ContextParallel) on 2 and 4 CPU ranks (gloo): every mode
+against the single-process reference in float64, forward and backward; the keys that travel against
+the plan; bad input gives the same error on every rank. The ranks of one world size run all their
+cases in one spawn (a module fixture); each test reads its case's results."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from cp_worker import case_inputs, case_tensors, compile_case, worker
+
+B, H, D = 2, 4, 8
+SW = dict(spec="stdlib:sliding_window", params={"window": 8})
+
+CASES_2 = {
+    "window-ring": dict(SW, n=64),
+    "window-allgather": dict(SW, n=64, kv="allgather"),
+    "causal-ring-zigzag": dict(spec="causal", n=64),
+    "softcap-allgather": dict(spec="stdlib:softcap", params={"cap": 2.0}, n=64, kv="allgather"),
+    "alibi-ring": dict(spec="stdlib:alibi", n=32),
+    "neighborhood2d-ring": dict(spec="stdlib:neighborhood_2d", params={"kernel_size": 3},
+                                sizes={"height": 8, "width": 8}, n=64),
+    "neighborhood3d-allgather": dict(spec="stdlib:neighborhood_3d", params={"kernel_size": 3},
+                                     sizes={"frames": 4, "height": 4, "width": 4}, n=64, kv="allgather"),
+    "document-ring": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}),
+    "document-whole-inputs": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, shard_inputs=False),
+    "forgetting-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}),
+    "ulysses-gqa": dict(SW, n=64, u=2, Hkv=2),
+    "retention": dict(spec="stdlib:retention", n=32),
+    "mamba2": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
+    "gla": dict(spec="stdlib:gla", n=32, inputs={"g": "vgate"}, grad_inputs=True),
+}
+CASES_4 = {
+    "window-ring-4": dict(SW, n=64),
+    "window-allgather-4": dict(SW, n=64, kv="allgather"),
+    "usp-causal-gqa": dict(spec="causal", n=64, u=2, Hkv=2),
+    "neighborhood3d-ring-4": dict(spec="stdlib:neighborhood_3d", params={"kernel_size": 3},
+                                  sizes={"frames": 8, "height": 3, "width": 3}, n=72),
+    "causal-allgather-zigzag-4": dict(spec="causal", n=64, kv="allgather"),
+    "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
+}
+ERRORS_2 = {
+    "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
+    "heads-not-divisible": dict(SW, n=64, u=2, H=3, error=True),
+    "tokens-not-divisible": dict(SW, n=66, error=True),
+}
+for table in (CASES_2, CASES_4, ERRORS_2):
+    for case in table.values():
+        case.setdefault("B", B), case.setdefault("H", H), case.setdefault("D", D)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(world: int, cases: list, out_dir, timeout: float = 300.0) -> None:
+    """Runs ``cases`` on ``world`` ranks; never waits past ``timeout`` (the ranks are killed)."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), cases, str(out_dir)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
+
+
+def _results(tmp_path_factory, world: int, table: dict) -> dict:
+    out = tmp_path_factory.mktemp(f"cp{world}")
+    names = list(table)
+    spawn(world, [table[n] for n in names], out)
+    got = {}
+    for i, name in enumerate(names):
+        got[name] = [torch.load(out / f"case{i}-rank{r}.pt", weights_only=False)
+                     if (out / f"case{i}-rank{r}.pt").exists() else {"crash": "no result"} for r in range(world)]
+    return got
+
+
+@pytest.fixture(scope="module")
+def results2(tmp_path_factory):
+    return _results(tmp_path_factory, 2, {**CASES_2, **ERRORS_2})
+
+
+@pytest.fixture(scope="module")
+def results4(tmp_path_factory):
+    return _results(tmp_path_factory, 4, CASES_4)
+
+
+def reference(case: dict) -> dict:
+    """The single-process result: the reference backend on the whole tensors."""
+    attn = compile_case(case)
+    q, k, v, dout = case_tensors(case)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    inputs = {n: (t.clone().requires_grad_() if case.get("grad_inputs") else t) for n, t in case_inputs(case).items()}
+    out = attn(q, k, v, **inputs)
+    out.backward(dout)
+    ref = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if case.get("grad_inputs"):
+        ref["dinputs"] = {n: t.grad for n, t in inputs.items()}
+    return ref
+
+
+def check(case: dict, ranks: list) -> None:
+    for r, got in enumerate(ranks):
+        assert "crash" not in got, f"rank {r}:\n{got['crash']}"
+    ref = reference(case)
+    for r, got in enumerate(ranks):  # unshard gives every rank the whole tensor
+        for key in ("out", "dq", "dk", "dv"):
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-9, msg=f"rank {r} {key}")
+        for name, g in ref.get("dinputs", {}).items():
+            torch.testing.assert_close(got["dinputs"][name], g, rtol=1e-9, atol=1e-9, msg=f"rank {r} d{name}")
+
+
+@pytest.mark.parametrize("name", list(CASES_2))
+def test_two_ranks_equal_one_process(results2, name):
+    check(CASES_2[name], results2[name])
+
+
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_four_ranks_equal_one_process(results4, name):
+    check(CASES_4[name], results4[name])
+
+
+def _kv_bytes(case: dict, world: int) -> int:
+    """Bytes of one rank's keys and values (float64)."""
+    return 2 * case["B"] * case.get("Hkv", case["H"]) * (case["n"] // world) * case["D"] * 8
+
+
+def test_a_narrow_window_moves_keys_to_the_next_rank_only(results4):
+    """Window 8 over shards of 16 tokens: rank i needs rank i - 1 only; the last rank sends nothing."""
+    ranks = results4["window-ring-4"]
+    need = ranks[0]["need"]
+    assert need.tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
+    one = _kv_bytes(CASES_4["window-ring-4"], 4)
+    assert [r["bytes"] for r in ranks] == [one, one, one, 0]
+    # all-gather moves every shard to every rank, and computes the same pairs
+    assert [r["bytes"] for r in results4["window-allgather-4"]] == [3 * one] * 4
+
+
+def test_a_3d_neighborhood_over_frames_moves_neighbouring_frames_only(results4):
+    need = results4["neighborhood3d-ring-4"][0]["need"]
+    assert need.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
+    one = _kv_bytes(CASES_4["neighborhood3d-ring-4"], 4)
+    assert [r["bytes"] for r in results4["neighborhood3d-ring-4"]] == [one, 2 * one, 2 * one, one]
+
+
+def test_causal_patterns_shard_zigzag_and_windows_contiguous(results2, results4):
+    assert results2["causal-ring-zigzag"][0]["zigzag"] is True
+    assert results4["causal-allgather-zigzag-4"][0]["zigzag"] is True
+    assert results2["window-ring"][0]["zigzag"] is False
+    # USP: 2 ring positions of 2 Ulysses ranks; the ring is causal, so zigzag
+    assert results4["usp-causal-gqa"][0]["need"].shape == (2, 2)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("shapes-differ", "ranks disagree on the q"),
+    ("heads-not-divisible", "do not split over ulysses_degree 2"),
+    ("tokens-not-divisible", "66 tokens do not split"),
+])
+def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
+    errors = [r.get("error") for r in results2[name]]
+    assert all("crash" not in r for r in results2[name]), results2[name]
+    assert errors[0] is not None and words in errors[0], errors
+    assert errors[1] == errors[0]
