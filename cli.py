@@ -246,18 +246,35 @@ def cmd_sim(args) -> int:
         raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
                         where="argument --layers")
     rf = _receptive_field(pat, rep, args, sizes) if args.layers is not None else None
+    cp = _context_parallel(pat, rep, args, sizes) if args.ranks is not None else None
     if args.json:
         import json
 
         data = rep.to_dict()
         if rf is not None:
             data["receptive_field"] = rf
+        if cp is not None:
+            data["context_parallel"] = cp.to_dict()
         print(json.dumps(data, indent=2, default=str))
     else:
         print(rep)
         if rf is not None:
             print(_format_receptive_field(rf))
+        if cp is not None:
+            print(cp)
     return 0
+
+
+def _context_parallel(pat, rep, args, sizes):
+    """``sim --ranks P [--link L]``: the context-parallel estimate per mode (runtime.parallel.simulate)."""
+    from .runtime.parallel.simulate import simulate_parallel
+
+    if rep.to_dict().get("kind") == "recurrence":
+        raise SpecError("a recurrence runs across ranks by chaining its state (one all-gather of a state per "
+                        "rank); the estimate covers softmax patterns", where="argument --ranks")
+    return simulate_parallel(pat, n=rep.n, ranks=args.ranks, link=args.link, sizes=sizes or None,
+                             heads=args.heads, head_dim=args.head_dim, batch=args.batch,
+                             single_device_s=rep.best.forward_s, dtype=args.dtype)
 
 
 def _receptive_field(pat, rep, args, sizes) -> dict:
@@ -495,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--layers", type=int, metavar="L", help="also report the receptive field over 1..L stacked layers")
     p.add_argument("--rf-block", metavar="A,B,..", help="block shape of the receptive field (default: the Q tile)")
+    p.add_argument("--ranks", type=int, metavar="P", help="also estimate context parallelism over P ranks "
+                   "(bytes and compute per rank, per mode, and the best mode)")
+    p.add_argument("--link", default="nvlink", choices=["nvlink", "pcie", "ib"],
+                   help="the interconnect of --ranks (data-sheet bandwidth; default nvlink)")
     p = sub.add_parser("tune", help="autotune a pattern on the current GPU and fill the kernel cache")
     _pattern_args(p)
     _shape_args(p)

@@ -168,3 +168,30 @@ def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
     assert all("crash" not in r for r in results2[name]), results2[name]
     assert errors[0] is not None and words in errors[0], errors
     assert errors[1] == errors[0]
+
+
+@pytest.mark.parametrize("name,mode", [("window-ring-4", "ring"), ("window-allgather-4", "allgather"),
+                                       ("neighborhood3d-ring-4", "ring"), ("usp-causal-gqa", "ring + ulysses 2")])
+def test_the_simulator_predicts_the_bytes_each_rank_sends(results4, name, mode):
+    """``attnc sim --ranks``'s bytes per rank (bf16) are the runtime's (float64: 4x) for the same plan."""
+    from attnc.runtime.parallel.simulate import simulate_parallel
+
+    case = CASES_4[name]
+    rep = simulate_parallel(compile_case(case).pattern, n=case["n"], ranks=4, sizes=case.get("sizes"),
+                            heads=case["H"], kv_heads=case.get("Hkv"), head_dim=case["D"], batch=case["B"],
+                            single_device_s=1e-3)
+    est = next(m for m in rep.modes if m.name() == mode)
+    assert [4 * b for b in est.sent_bytes] == [r["bytes"] for r in results4[name]]
+    assert est.need == results4[name][0]["need"].int().tolist()
+
+
+def test_sim_ranks_names_the_best_mode_and_refuses_bad_arguments(capsys):
+    from attnc.cli import main
+
+    assert main(["sim", "stdlib:sliding_window", "-p", "window=64", "--n", "4096", "--heads", "4",
+                 "--ranks", "4", "--link", "pcie"]) == 0
+    text = capsys.readouterr().out
+    assert "context parallel: 'sliding_window' over 4 ranks, link pcie (64 GB/s" in text
+    assert "best: " in text and "allgather" in text
+    assert main(["sim", "stdlib:sliding_window", "-p", "window=64", "--n", "4095", "--ranks", "4"]) != 0
+    assert "argument --ranks" in capsys.readouterr().err

@@ -19,17 +19,42 @@ from ...core import ir
 from ...core.errors import SpecError
 from .sharding import ShardOrder
 
+#: Tokens per classified tile along a sequence (a chunk is classified as the union of its tiles:
+#: the classifier's density sampling costs tile^2 per sampled pair, so chunks thousands of tokens wide
+#: are never one tile).
+SEQ_TILE = 1024
+#: Tile extent along each inner axis of a grid (the outermost axis: one position per tile).
+GRID_TILE = 16
+
 
 def chunk_pairs(pat: ir.PatternIR, bound: E.Bound, tensors: dict, batch: int | None, chunks: int) -> torch.Tensor:
-    """bool ``[chunks, chunks]``: (query chunk, key chunk) pairs with an allowed token pair."""
+    """bool ``[chunks, chunks]``: (query chunk, key chunk) pairs with an allowed token pair (or not
+    proven EMPTY). Classified on tiles inside the chunks, one outermost position (a sequence: up to
+    ``SEQ_TILE`` tokens) deep, then united per chunk."""
     ext = layout_extents(pat.queries, bound, bound.n)
-    tile = (ext[0] // chunks, *ext[1:])
+    if pat.queries.kind == "grid":
+        tile = (1, *(min(e, GRID_TILE) for e in ext[1:]))
+        per_outer = 1
+        for e, t in zip(ext[1:], tile[1:], strict=True):
+            per_outer *= -(-e // t)
+        outer_per_chunk = ext[0] // chunks
+        chunk_of = lambda i: i // per_outer // outer_per_chunk  # noqa: E731
+    else:
+        length = ext[0] // chunks
+        t = max(1, length // -(-length // SEQ_TILE))
+        while length % t:
+            t -= 1
+        tile = (t,)
+        chunk_of = lambda i: i // (length // t)  # noqa: E731
     per_batch = [tensors] if batch is None else [
         {n: (t[b] if t.dim() > len(pat.input(n).dims) else t) for n, t in tensors.items()} for b in range(batch)]
     need = torch.zeros(chunks, chunks, dtype=torch.bool)
     for inputs in per_batch:
-        sched = classify_tiles(pat, bound, tile, tile, {n: t.cpu() for n, t in inputs.items()})
-        need |= (sched.classes() > 0).any(0)
+        # EMPTY is proven by interval bounds; PARTIAL pairs need no token-by-token refinement here
+        sched = classify_tiles(pat, bound, tile, tile, {n: v.cpu() for n, v in inputs.items()},
+                               refine_budget=0, witness=False)
+        _, qi, ki, _ = sched.pairs()
+        need[chunk_of(qi), chunk_of(ki)] = True
     return need
 
 
@@ -48,7 +73,8 @@ class PairPlan:
         return [i for i in range(self.order.ring) if bool(self.need[i, j])]
 
 
-def _rank_need(order: ShardOrder, chunk_need: torch.Tensor) -> torch.Tensor:
+def rank_need(order: ShardOrder, chunk_need: torch.Tensor) -> torch.Tensor:
+    """bool ``[ring, ring]`` from the chunk pairs: position i's chunks against position j's."""
     need = torch.zeros(order.ring, order.ring, dtype=torch.bool)
     for i in range(order.ring):
         for j in range(order.ring):
@@ -95,4 +121,4 @@ def work(order: ShardOrder, chunk_need: torch.Tensor) -> int:
 
 def plan_pairs(pat: ir.PatternIR, bound: E.Bound, tensors: dict, batch: int | None, order: ShardOrder) -> PairPlan:
     """Which ring positions exchange keys under ``order``, from the classification with the call's inputs."""
-    return PairPlan(order, _rank_need(order, chunk_pairs(pat, bound, tensors, batch, order.chunks)))
+    return PairPlan(order, rank_need(order, chunk_pairs(pat, bound, tensors, batch, order.chunks)))
