@@ -23,7 +23,7 @@ from .pairs import PairPlan, choose_order, plan_pairs
 from .recurrence import chained_recurrence, token_dim
 from .sharding import ShardOrder
 from .softmax import RingAttention, RingCall
-from .ulysses import HeadsToSeq, SeqToHeads
+from .ulysses import Swap
 
 KV_MODES = ("ring", "allgather")
 
@@ -168,7 +168,7 @@ class ContextParallel(torch.nn.Module):
         if self.u > 1:
             moved = [q, k, v]
             sent += sum(t.nbytes for t in moved) * (self.u - 1) // self.u
-            q, k, v = (SeqToHeads.apply(t, self.ulysses_group, self.u) for t in moved)
+            q, k, v = (Swap.apply(t, self.ulysses_group, self.u, True) for t in moved)
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
         problem = BlockProblem(pat, bound, tensors, batch, scale, heads)
@@ -176,7 +176,7 @@ class ContextParallel(torch.nn.Module):
         out, _ = RingAttention.apply(q, k, v, call)
         if self.u > 1:
             sent += out.nbytes * (self.u - 1) // self.u
-            out = HeadsToSeq.apply(out, self.ulysses_group, self.u)
+            out = Swap.apply(out, self.ulysses_group, self.u, False)
         self.last_comm_bytes = sent + call.sent["forward"] + self._input_bytes
         return out
 

@@ -26,23 +26,15 @@ def heads_to_seq(x: torch.Tensor, group, u: int) -> torch.Tensor:
     return got.permute(1, 0, 2, 3, 4).reshape(B, u * h, L // u, D)
 
 
-class SeqToHeads(torch.autograd.Function):
+class Swap(torch.autograd.Function):
+    """``Swap.apply(x, group, u, to_heads)``: ``seq_to_heads`` (True) or ``heads_to_seq`` (False);
+    the backward is the other one."""
+
     @staticmethod
-    def forward(ctx, x, group, u):
-        ctx.group, ctx.u = group, u
-        return seq_to_heads(x, group, u)
+    def forward(ctx, x, group, u, to_heads):
+        ctx.group, ctx.u, ctx.to_heads = group, u, to_heads
+        return (seq_to_heads if to_heads else heads_to_seq)(x, group, u)
 
     @staticmethod
     def backward(ctx, grad):
-        return heads_to_seq(grad, ctx.group, ctx.u), None, None
-
-
-class HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group, u):
-        ctx.group, ctx.u = group, u
-        return heads_to_seq(x, group, u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return seq_to_heads(grad, ctx.group, ctx.u), None, None
+        return (heads_to_seq if ctx.to_heads else seq_to_heads)(grad, ctx.group, ctx.u), None, None, None
