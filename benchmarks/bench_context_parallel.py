@@ -54,10 +54,11 @@ def grid_sizes(n: int) -> dict:
     return {"frames": frames, "height": side, "width": n // frames // side}
 
 
-def dense_ring(cp: ContextParallel, n: int) -> None:
-    """Makes ``cp`` send every shard to every rank (the plan of a dense pass-KV ring)."""
-    order = cp.order(n)
-    cp._plans[(n, H, D)] = PairPlan(order, torch.ones(order.ring, order.ring, dtype=torch.bool))
+class DenseRing(ContextParallel):
+    """The same ring and blocks with every shard sent to every rank (a pass-KV ring without the plan)."""
+
+    def plan(self, bound, tensors, batch, order):
+        return PairPlan(order, torch.ones(order.ring, order.ring, dtype=torch.bool))
 
 
 def torch_cp_step(q, k, v, world, device):
@@ -90,10 +91,9 @@ def worker(rank, world, port, args, out_path):
         q, k, v = (torch.randn(1, H, n, D, generator=g).to(device) for _ in range(3))
         ref = attn(q, k, v) if rank == 0 else None
         modes = {"ring": ContextParallel(attn, kv="ring"), "allgather": ContextParallel(attn, kv="allgather"),
-                 "dense ring": ContextParallel(attn, kv="ring")}
+                 "dense ring": DenseRing(attn, kv="ring")}
         if world > 1 and H % world == 0:
             modes[f"ulysses {world}"] = ContextParallel(attn, ulysses_degree=world)
-        dense_ring(modes["dense ring"], n)
         if world == 1:
             modes = {"ring": modes["ring"]}
         steps, sent, errors = {}, {}, {}

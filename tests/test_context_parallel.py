@@ -30,6 +30,9 @@ CASES_2 = {
     "document-whole-inputs": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, shard_inputs=False),
     "forgetting-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}),
     "ulysses-gqa": dict(SW, n=64, u=2, Hkv=2),
+    "moba-ring": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64),
+    "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
+                               sizes={"height": 8, "width": 8}, n=64, kv="allgather"),
     "retention": dict(spec="stdlib:retention", n=32),
     "mamba2": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "gla": dict(spec="stdlib:gla", n=32, inputs={"g": "vgate"}, grad_inputs=True),
@@ -41,12 +44,15 @@ CASES_4 = {
     "neighborhood3d-ring-4": dict(spec="stdlib:neighborhood_3d", params={"kernel_size": 3},
                                   sizes={"frames": 8, "height": 3, "width": 3}, n=72),
     "causal-allgather-zigzag-4": dict(spec="causal", n=64, kv="allgather"),
+    "moba-usp": dict(spec="stdlib:moba", params={"block": 8, "topk": 3}, n=64, u=2),
     "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
 }
 ERRORS_2 = {
     "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
     "heads-not-divisible": dict(SW, n=64, u=2, H=3, error=True),
     "tokens-not-divisible": dict(SW, n=66, error=True),
+    "shared-routing-over-ulysses": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
+                                        sizes={"height": 8, "width": 8}, n=64, u=2, error=True),
 }
 for table in (CASES_2, CASES_4, ERRORS_2):
     for case in table.values():
@@ -162,6 +168,7 @@ def test_causal_patterns_shard_zigzag_and_windows_contiguous(results2, results4)
     ("shapes-differ", "ranks disagree on the q"),
     ("heads-not-divisible", "do not split over ulysses_degree 2"),
     ("tokens-not-divisible", "66 tokens do not split"),
+    ("shared-routing-over-ulysses", "averages its routing scores over every head"),
 ])
 def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
     errors = [r.get("error") for r in results2[name]]

@@ -37,6 +37,10 @@ class BlockProblem:
     batch: int | None
     scale: float
     head_index: torch.Tensor
+    #: routing patterns: the blocks this rank's queries selected ``[B, H, L, blocks]`` and the block
+    #: of every key position (``parallel.routing.select``); None otherwise
+    selected: torch.Tensor | None = None
+    key_block: torch.Tensor | None = None
 
     def evaluator(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> E.Evaluator:
         env = E.token_env(self.pattern, self.bound, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1),
@@ -44,10 +48,13 @@ class BlockProblem:
         batched = {n for n, t in self.tensors.items() if t.dim() > len(self.pattern.input(n).dims)}
         return E.Evaluator(env, self.tensors, batched, self.batch)
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
-        """(scores -inf where masked, mask) of q ``[B, H, r, D]`` against k ``[B, H, c, D]``."""
+    def scores(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, rows: slice):
+        """(scores -inf where masked, mask) of q ``[B, H, r, D]`` (this rank's query ``rows``, at
+        positions ``q_pos``) against k ``[B, H, c, D]``."""
         ev = self.evaluator(q_pos, k_pos)
         mask = pair_mask(self.pattern, self.bound, ev, len(self.head_index), len(q_pos), len(k_pos))
+        if self.selected is not None:
+            mask = mask & self.selected[:, :, rows][..., self.key_block[k_pos]]
         return pair_scores(self.pattern, self.bound, ev, q, k, self.scale, q_pos, k_pos, self.head_index, mask), mask
 
     def softcap_grad(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
@@ -84,7 +91,7 @@ def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tens
     out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
     lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
     for rows in _slabs(nq, B * H * len(k_pos)):
-        s, _ = prob.scores(q[:, :, rows].to(dt), kc, q_pos[rows], k_pos)
+        s, _ = prob.scores(q[:, :, rows].to(dt), kc, q_pos[rows], k_pos, rows)
         m = s.amax(-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
@@ -116,7 +123,7 @@ def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta):
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(dt)
     for rows in _slabs(nq, B * H * len(k_pos)):
         qr = q[:, :, rows].to(dt)
-        s, mask = prob.scores(qr, kc, q_pos[rows], k_pos)
+        s, mask = prob.scores(qr, kc, q_pos[rows], k_pos, rows)
         p = torch.where(mask, torch.exp(s - safe_lse[:, :, rows, None]), torch.zeros((), dtype=dt))
         do = dout[:, :, rows].to(dt)
         dv += p.transpose(-1, -2) @ do

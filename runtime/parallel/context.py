@@ -10,6 +10,8 @@ small: ids, gates).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 
@@ -18,6 +20,7 @@ from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
 from . import collectives as C
+from . import routing
 from .blocks import BlockProblem
 from .pairs import PairPlan, choose_order, plan_pairs
 from .recurrence import chained_recurrence, token_dim
@@ -60,9 +63,6 @@ class ContextParallel(torch.nn.Module):
             if not pat.self_attention:
                 raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
                                 "one sequence", where="argument attn")
-            if pat.route is not None:
-                raise SpecError(f"'{pat.name}' selects blocks at run time (routing), which context parallelism "
-                                "does not run yet", where="argument attn", hint="run it on one device")
         elif ulysses_degree > 1:
             raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
                             where="argument ulysses_degree")
@@ -94,32 +94,38 @@ class ContextParallel(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.attn.pattern.name}, ranks={self.world}, ulysses_degree={self.u}, kv={self.kv!r}"
 
-    def order(self, n: int) -> ShardOrder:
-        """The shard order of an ``n``-token sequence (zigzag for causal sequence patterns)."""
-        if n not in self._orders:
+    def order(self, n: int, sizes: dict | None = None) -> ShardOrder:
+        """The shard order of an ``n``-token sequence (zigzag for causal sequence patterns); ``sizes``:
+        grid sizes of this call, beside those given at construction."""
+        sizes = {**self.sizes, **(sizes or {})}
+        key = (n, tuple(sorted(sizes.items())))
+        if key not in self._orders:
             pat = self.attn.pattern
             if isinstance(pat, ir.RecurrenceIR):
-                self._orders[n] = _contiguous(n, self.world)
+                self._orders[key] = _contiguous(n, self.world)
             else:
-                bound = E.bind_sizes(pat, n=n, nk=n, heads=1, sizes=self.sizes)
-                self._orders[n] = choose_order(pat, bound, self.ring, self.u)
-        return self._orders[n]
+                bound = E.bind_sizes(pat, n=n, nk=n, heads=1, sizes=sizes)
+                self._orders[key] = choose_order(pat, bound, self.ring, self.u)
+        return self._orders[key]
 
-    def shard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    def shard(self, x: torch.Tensor, dim: int = 2, sizes: dict | None = None) -> torch.Tensor:
         """This rank's part of the whole tensor ``x`` along ``dim`` (its tokens, in the order it computes)."""
         dim = _dim(x, dim, "argument x")
-        return self.order(x.shape[dim]).shard(x, self.rank, dim)
+        return self.order(x.shape[dim], sizes).shard(x, self.rank, dim)
 
-    def unshard(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    def unshard(self, x: torch.Tensor, dim: int = 2, sizes: dict | None = None) -> torch.Tensor:
         """The whole tensor on every rank from each rank's part along ``dim`` (not differentiable)."""
         dim = _dim(x, dim, "argument x")
         C.agree(self.group, {"shape": tuple(x.shape), "dtype": str(x.dtype)}, "argument x")
-        return self.order(x.shape[dim] * self.world).unshard(C.all_gather(x.detach(), self.group), dim)
+        return self.order(x.shape[dim] * self.world, sizes).unshard(C.all_gather(x.detach(), self.group), dim)
 
-    def forward(self, q, k, v, *, scale: float | None = None, **inputs):
+    def forward(self, q, k, v, *, scale: float | None = None, sizes: dict | None = None, **inputs):
+        if sizes is not None and not isinstance(sizes, dict):
+            raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        self._call_sizes = {**self.sizes, **(sizes or {})}
         pat = self.attn.pattern
         record = {"pattern": f"{pat.name}: {pat.mask if isinstance(pat, ir.PatternIR) else pat.decay}",
-                  "kv": self.kv, "ulysses_degree": self.u}
+                  "kv": self.kv, "ulysses_degree": self.u, "sizes": sorted(self._call_sizes.items())}
         try:
             check_qkv(q, k, v)
             if q.shape[2] != k.shape[2]:
@@ -144,7 +150,7 @@ class ContextParallel(torch.nn.Module):
         self._input_bytes = 0
         if isinstance(pat, ir.RecurrenceIR):
             out, sent = chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
-                                           self.sizes, scale)
+                                           self._call_sizes, scale)
             self.last_comm_bytes = sent
             return out
         whole = {name: self._whole_input(name, t, n) for name, t in inputs.items()}
@@ -153,16 +159,9 @@ class ContextParallel(torch.nn.Module):
     def _softmax(self, q, k, v, scale, whole, n):
         pat = self.attn.pattern
         B, H = q.shape[0], q.shape[1]
-        bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self.sizes, dk=q.shape[-1])
+        bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self._call_sizes, dk=q.shape[-1])
         tensors, batch = E.bind_inputs(pat, bound, whole, batch=B, device=q.device)
-        order = self.order(n)
-        if whole:
-            plan = plan_pairs(pat, bound, tensors, batch, order)
-        else:
-            key = (n, H, q.shape[-1])
-            if key not in self._plans:
-                self._plans[key] = plan_pairs(pat, bound, tensors, batch, order)
-            plan = self._plans[key]
+        plan = self.plan(bound, tensors, batch, self.order(n, self._call_sizes))
         self.last_plan = plan
         sent = 0
         if self.u > 1:
@@ -172,6 +171,11 @@ class ContextParallel(torch.nn.Module):
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
         problem = BlockProblem(pat, bound, tensors, batch, scale, heads)
+        if pat.route is not None:  # the selection of this rank's queries, from every rank's block means
+            pos = [plan.order.positions(j) for j in range(self.ring)]
+            selected, key_block = routing.select(problem, q, k, pos[self.ring_index], pos, tensors,
+                                                 self.ring_group, self.ring)
+            problem = dataclasses.replace(problem, selected=selected, key_block=key_block)
         call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv)
         out, _ = RingAttention.apply(q, k, v, call)
         if self.u > 1:
@@ -179,6 +183,16 @@ class ContextParallel(torch.nn.Module):
             out = Swap.apply(out, self.ulysses_group, self.u, False)
         self.last_comm_bytes = sent + call.sent["forward"] + self._input_bytes
         return out
+
+    def plan(self, bound: E.Bound, tensors: dict, batch: int | None, order: ShardOrder) -> PairPlan:
+        """Which ring positions exchange keys in this call (cached when the mask reads no input)."""
+        pat = self.attn.pattern
+        if E.input_names(pat.mask):
+            return plan_pairs(pat, bound, tensors, batch, order)
+        key = (order, bound.heads, tuple(sorted(self._call_sizes.items())))
+        if key not in self._plans:
+            self._plans[key] = plan_pairs(pat, bound, {}, None, order)
+        return self._plans[key]
 
     def _whole_input(self, name: str, t, n: int):
         """A call-time input whole: gathered from every rank's part along its token dimension, or as given."""
@@ -188,7 +202,7 @@ class ContextParallel(torch.nn.Module):
         if t.shape[dim] == n:
             return t
         self._input_bytes += t.nbytes * (self.world - 1)
-        return self.order(n).unshard(C.all_gather(t, self.group), dim)
+        return self.order(n, self._call_sizes).unshard(C.all_gather(t, self.group), dim)
 
 
 def _contiguous(n: int, world: int) -> ShardOrder:

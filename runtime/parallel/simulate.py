@@ -117,8 +117,8 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
     if link not in LINKS:
         raise SpecError(f"unknown link {link!r}; expected one of {', '.join(LINKS)}", where="argument --link")
     ranks = E.positive_int("--ranks", ranks)
-    if not isinstance(pat, ir.PatternIR) or not pat.self_attention or pat.route is not None:
-        raise SpecError("the context-parallel estimate covers self-attention softmax patterns without routing",
+    if not isinstance(pat, ir.PatternIR) or not pat.self_attention:
+        raise SpecError("the context-parallel estimate covers self-attention softmax patterns",
                         where="argument --ranks")
     kv_heads = heads if kv_heads is None else kv_heads
     item = dtype_bytes(dtype)
@@ -162,4 +162,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
         f"transfers at the link's data-sheet bandwidth, {LINKS[link].gbps:g} GB/s per direction, no latency",
         "ring: a step's transfer overlaps the previous block's compute; all-gather and all-to-all are not overlapped",
     ]
+    if pat.route is not None:
+        assumptions.append("routing: the shards exchanged and the compute are the mask's (the selection reads "
+                           "fewer pairs); the all-reduce of block means (blocks x head dim per head) is not counted")
     return ParallelReport(pat.name, ranks, LINKS[link], single_device_s, modes, assumptions)
