@@ -44,9 +44,10 @@ class WanAttncProcessor:
     ``attention`` (an ``attnc.Attention`` compiled with ``layout="bnhd"``) on the grid in ``grid``
     (``(frames, height, width)``; set by ``apply``'s hook on every transformer call, or by hand)."""
 
-    def __init__(self, attention: Attention, grid: tuple[int, int, int] | None = None) -> None:
+    def __init__(self, attention: Attention, grid: tuple[int, int, int] | None = None, parallel=None) -> None:
         self.attention = attention
         self.grid = grid
+        self.parallel = parallel  # an attnc.distributed.ContextParallel: this rank holds its part of the tokens
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, rotary_emb=None, **kwargs) -> torch.Tensor:
@@ -54,7 +55,8 @@ class WanAttncProcessor:
             raise SpecError("the attnc processor computes self-attention over the video tokens; it was given "
                             "encoder_hidden_states (cross-attention)", where="argument encoder_hidden_states",
                             hint="apply() installs it only on self-attention layers (attn1)")
-        grid = _checked_grid(self.grid, hidden_states.shape[1], attention_mask)
+        ranks = 1 if self.parallel is None else self.parallel.world
+        grid = _checked_grid(self.grid, hidden_states.shape[1] * ranks, attention_mask)
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
@@ -63,8 +65,13 @@ class WanAttncProcessor:
         query, key, value = (p.unflatten(2, (attn.heads, -1)) for p in (query, key, value))
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
-        out = self.attention(*(p.unflatten(1, grid) for p in (query, key, value)))
-        out = out.flatten(1, 3).flatten(2, 3).type_as(query)
+        if self.parallel is not None:  # [B, n/P, H, D] on each rank: context parallel over the whole grid
+            sizes = dict(zip(GRID_SIZES, grid, strict=True))
+            out = self.parallel(*(p.transpose(1, 2) for p in (query, key, value)), sizes=sizes)
+            out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        else:
+            out = self.attention(*(p.unflatten(1, grid) for p in (query, key, value)))
+            out = out.flatten(1, 3).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
@@ -81,15 +88,17 @@ class Installed:
     compiled module they share; None for CogVideoX's ``na3d`` form) and ``remove()`` to restore
     diffusers' processors."""
 
-    def __init__(self, attention: Attention, processors: dict, previous: dict, hook) -> None:
-        self.attention, self.processors, self._previous, self._hook = attention, processors, previous, hook
+    def __init__(self, attention: Attention, processors: dict, previous: dict, hooks: list, parallel=None) -> None:
+        self.attention, self.processors, self._previous, self._hooks = attention, processors, previous, hooks
+        self.parallel = parallel
 
     def remove(self) -> None:
-        """Restore the processors ``apply`` replaced and remove its hook."""
+        """Restore the processors ``apply`` replaced and remove its hooks."""
         for module, processor in self._previous.values():
             module.set_processor(processor)
-        self._hook.remove()
-        self._previous = {}
+        for hook in self._hooks:
+            hook.remove()
+        self._previous, self._hooks = {}, []
 
 
 class CogVideoXAttncProcessor:
@@ -178,7 +187,7 @@ _WINDOW_PARAMS = ("kernel_size", "stride", "dilation", "is_causal")
 
 
 def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto", name: str | None = None,
-          **params) -> Installed:
+          parallel_config=None, kv: str = "ring", **params) -> Installed:
     """Run the self-attention of a diffusers video DiT through an attnc pattern on its token grid.
 
     ``WanTransformer3DModel``: ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
@@ -190,7 +199,16 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     tokens, ``tokens seq(text) + grid(t: frames, y: height, x: width)`` (text first, as CogVideoX
     concatenates them), compiled once and shared by every layer.
     The grid extents come from each call's latent and the model's patch size. Returns an ``Installed``
-    handle (``.remove()`` undoes it)."""
+    handle (``.remove()`` undoes it).
+
+    ``parallel_config`` (Wan): a diffusers ``ContextParallelConfig(ring_degree=r, ulysses_degree=u)``
+    with ``r * u`` the world size of torch.distributed's default group (initialised). Every rank then
+    holds its part of the tokens from the first block to the output projection, as diffusers' own
+    context parallelism splits them (the model's ``_cp_plan``: hidden states, rotary embedding,
+    per-token timesteps), and each self-attention runs ``attnc.distributed.ContextParallel`` (Ulysses
+    inside groups of u ranks, ``kv="ring"`` or ``"allgather"`` across them, only the key shards the
+    pattern reads). The output is gathered whole on every rank. The config's ``rotate_method`` is not
+    read: ``kv`` says how keys cross ranks."""
     try:
         from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
     except ImportError as err:  # pragma: no cover - exercised only without diffusers
@@ -228,6 +246,15 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     if not modules:
         raise SpecError("no attention module with diffusers' default processor was found",
                         where="argument transformer")
+    parallel = None
+    if parallel_config is not None:
+        if not isinstance(transformer, WanTransformer3DModel):
+            raise SpecError("context parallelism is wired for Wan transformers (its _cp_plan); CogVideoX's joint "
+                            "text + video tokens are not sharded yet", where="argument parallel_config")
+        from ..distributed import ContextParallel
+
+        parallel = ContextParallel(attention, ulysses_degree=_degrees(parallel_config)[1], kv=kv)
+        make = lambda: WanAttncProcessor(attention, parallel=parallel)  # noqa: E731
     processors, previous = {}, {}
     for module_name, module in modules.items():
         previous[module_name] = (module, module.processor)
@@ -242,8 +269,82 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
         for processor in processors.values():
             processor.grid = grid
 
-    hook = transformer.register_forward_pre_hook(set_grid, with_kwargs=True)
-    return Installed(attention, processors, previous, hook)
+    hooks = [transformer.register_forward_pre_hook(set_grid, with_kwargs=True)]
+    if parallel is not None:
+        hooks += _split_hooks(transformer, parallel, processors)
+    return Installed(attention, processors, previous, hooks, parallel)
+
+
+def _degrees(config) -> tuple[int, int]:
+    """(ring, Ulysses) degrees of a diffusers ``ContextParallelConfig``, checked against the world size."""
+    import torch.distributed as dist
+
+    ring, ulysses = (getattr(config, name, None) or 1 for name in ("ring_degree", "ulysses_degree"))
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in (ring, ulysses)):
+        raise SpecError(f"ring_degree and ulysses_degree must be positive ints, got {ring!r} and {ulysses!r}",
+                        where="argument parallel_config")
+    if not dist.is_available() or not dist.is_initialized():
+        raise SpecError("torch.distributed is not initialized", where="argument parallel_config",
+                        hint="call torch.distributed.init_process_group first (one process per device)")
+    if ring * ulysses != dist.get_world_size():
+        raise SpecError(f"ring_degree x ulysses_degree = {ring} x {ulysses} is not the world size "
+                        f"{dist.get_world_size()}", where="argument parallel_config")
+    return ring, ulysses
+
+
+def _split_hooks(transformer, parallel, processors: dict) -> list:
+    """Hooks that shard the token dimension where the model's ``_cp_plan`` says (inputs of a module, or
+    its outputs) and gather it where the plan gathers, in the order of ``parallel`` (a grid's tokens in
+    contiguous runs of frames, so this is diffusers' own split)."""
+    plan = getattr(type(transformer), "_cp_plan", None)
+    if not plan:
+        raise SpecError(f"{type(transformer).__name__} has no context-parallel plan (_cp_plan)",
+                        where="argument parallel_config")
+    first = next(iter(processors.values()))
+
+    def sizes():
+        return dict(zip(GRID_SIZES, first.grid, strict=True))
+
+    def split(x, spec):
+        if not isinstance(x, torch.Tensor) or (spec.expected_dims is not None and x.dim() != spec.expected_dims):
+            return x
+        return parallel.shard(x, dim=spec.split_dim, sizes=sizes())
+
+    hooks = []
+    modules = dict(transformer.named_modules())
+    for name, entry in plan.items():
+        module = modules[name]
+        if hasattr(entry, "gather_dim"):  # an output gathered whole on every rank
+            def gather(_m, _args, out, spec=entry):
+                if isinstance(out, torch.Tensor) and (spec.expected_dims is None or out.dim() == spec.expected_dims):
+                    return parallel.unshard(out, dim=spec.gather_dim, sizes=sizes())
+                return out
+            hooks.append(module.register_forward_hook(gather))
+            continue
+        outputs = {k: v for k, v in entry.items() if v.split_output}
+        inputs = {k: v for k, v in entry.items() if not v.split_output}
+        if outputs:
+            def split_out(_m, _args, out, specs=outputs):
+                items = list(out) if isinstance(out, tuple | list) else [out]
+                for index, spec in specs.items():
+                    items[index] = split(items[index], spec)
+                return type(out)(items) if isinstance(out, tuple | list) else items[0]
+            hooks.append(module.register_forward_hook(split_out))
+        if inputs:
+            import inspect
+
+            params = list(inspect.signature(module.forward).parameters)
+
+            def split_in(_m, args, kwargs, specs=inputs, params=params):
+                args = list(args)
+                for key, spec in specs.items():
+                    if key in kwargs:
+                        kwargs[key] = split(kwargs[key], spec)
+                    elif key in params and params.index(key) < len(args):
+                        args[params.index(key)] = split(args[params.index(key)], spec)
+                return tuple(args), kwargs
+            hooks.append(module.register_forward_pre_hook(split_in, with_kwargs=True))
+    return hooks
 
 
 def _check_grid(attention: Attention) -> None:

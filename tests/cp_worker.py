@@ -75,6 +75,36 @@ def run_case(case: dict, rank: int):
     return result
 
 
+WAN_LATENT = (2, 4, 4, 8, 6)  # [B, C, F, H, W]; patch (1, 2, 2) -> grid 4 x 4 x 3 = 48 tokens
+WAN_PARAMS = {"kernel_size": (3, 3, 3)}
+
+
+def wan_inputs():
+    g = torch.Generator().manual_seed(1)
+    latent = torch.randn(WAN_LATENT, generator=g, dtype=torch.float64)
+    text = torch.randn(WAN_LATENT[0], 5, 8, generator=g, dtype=torch.float64)
+    return latent, torch.tensor([3, 500]), text
+
+
+def run_wan(parallel: dict | None):
+    """A tiny random Wan transformer with attnc's 3-D window, on one process or context parallel."""
+    from diffusers import ContextParallelConfig
+    from test_diffusers import _model
+
+    from attnc.integrations import diffusers as attnc_diffusers
+
+    model = _model()
+    config = None if parallel is None else ContextParallelConfig(**{k: v for k, v in parallel.items() if k != "kv"})
+    installed = attnc_diffusers.apply(model, "stdlib:neighborhood_3d", parallel_config=config,
+                                      kv=(parallel or {}).get("kv", "ring"), **WAN_PARAMS)
+    latent, t, text = wan_inputs()
+    with torch.no_grad():
+        out = model(latent, t, text, return_dict=False)[0]
+    bytes_sent = installed.parallel.last_comm_bytes if installed.parallel is not None else 0
+    installed.remove()
+    return {"out": out, "bytes": bytes_sent}
+
+
 def run_error_case(case: dict, rank: int):
     """A call meant to fail: every rank reports its message (or that it did not fail)."""
     attn = compile_case(case)
@@ -95,7 +125,10 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
     try:
         for i, case in enumerate(cases):
             try:
-                result = (run_error_case if case.get("error") else run_case)(case, rank)
+                if "wan" in case:
+                    result = run_wan(case["wan"])
+                else:
+                    result = (run_error_case if case.get("error") else run_case)(case, rank)
             except Exception:  # the parent reports it as the case's failure
                 result = {"crash": traceback.format_exc()}
             torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))

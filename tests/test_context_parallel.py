@@ -47,6 +47,11 @@ CASES_4 = {
     "moba-usp": dict(spec="stdlib:moba", params={"block": 8, "topk": 3}, n=64, u=2),
     "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
 }
+WAN_2 = {
+    "wan-ring": {"wan": {"ring_degree": 2}},
+    "wan-ulysses": {"wan": {"ulysses_degree": 2}},
+    "wan-allgather": {"wan": {"ring_degree": 2, "kv": "allgather"}},
+}
 ERRORS_2 = {
     "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
     "heads-not-divisible": dict(SW, n=64, u=2, H=3, error=True),
@@ -90,7 +95,7 @@ def _results(tmp_path_factory, world: int, table: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def results2(tmp_path_factory):
-    return _results(tmp_path_factory, 2, {**CASES_2, **ERRORS_2})
+    return _results(tmp_path_factory, 2, {**CASES_2, **ERRORS_2, **WAN_2})
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +207,17 @@ def test_sim_ranks_names_the_best_mode_and_refuses_bad_arguments(capsys):
     assert "best: " in text and "allgather" in text
     assert main(["sim", "stdlib:sliding_window", "-p", "window=64", "--n", "4095", "--ranks", "4"]) != 0
     assert "argument --ranks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(WAN_2))
+def test_a_wan_pipeline_sharded_as_diffusers_shards_it_equals_one_process(results2, name):
+    """diffusers' ContextParallelConfig(ring_degree / ulysses_degree) on a tiny random Wan transformer:
+    every rank's output equals the one-process attnc model's; keys moved only between neighbours."""
+    from cp_worker import run_wan
+
+    ranks = results2[name]
+    assert all("crash" not in r for r in ranks), ranks[0].get("crash")
+    want = run_wan(None)["out"]
+    for r in ranks:
+        torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
+    assert ranks[0]["bytes"] > 0
