@@ -29,7 +29,10 @@ SLAB_SCORES = 1 << 24
 class BlockProblem:
     """What every block of one call shares: the pattern bound at the WHOLE sequence (``bound.n`` is
     every token; its heads every head), the whole call-time inputs, the scale, and the pattern heads
-    this rank computes (``head_index``: all of them, or a Ulysses rank's share)."""
+    this rank computes (``head_index``: all of them, or a Ulysses rank's share).
+
+    The mask, bias and gates are evaluated on the CPU (``tensors``, positions and ``head_index`` live
+    there, as in the reference backend) and moved to the device of q, k, v per slab."""
 
     pattern: ir.PatternIR
     bound: E.Bound
@@ -52,16 +55,16 @@ class BlockProblem:
         """(scores -inf where masked, mask) of q ``[B, H, r, D]`` (this rank's query ``rows``, at
         positions ``q_pos``) against k ``[B, H, c, D]``."""
         ev = self.evaluator(q_pos, k_pos)
-        mask = pair_mask(self.pattern, self.bound, ev, len(self.head_index), len(q_pos), len(k_pos))
+        mask = pair_mask(self.pattern, self.bound, ev, len(self.head_index), len(q_pos), len(k_pos)).to(q.device)
         if self.selected is not None:
-            mask = mask & self.selected[:, :, rows][..., self.key_block[k_pos]]
+            mask = mask & self.selected[:, :, rows][..., self.key_block[k_pos].to(q.device)]
         return pair_scores(self.pattern, self.bound, ev, q, k, self.scale, q_pos, k_pos, self.head_index, mask), mask
 
     def softcap_grad(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
         """d(softcapped score)/d(scale * q.k), or None without a softcap."""
         if self.pattern.softcap is None:
             return None
-        cap = softcap_values(self.pattern, self.bound, self.head_index, q.dtype)
+        cap = softcap_values(self.pattern, self.bound, self.head_index, q.dtype).to(q.device)
         return 1 - torch.tanh(self.scale * (q @ k.transpose(-1, -2)) / cap) ** 2
 
 

@@ -170,10 +170,11 @@ class ContextParallel(torch.nn.Module):
             q, k, v = (Swap.apply(t, self.ulysses_group, self.u, True) for t in moved)
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
-        problem = BlockProblem(pat, bound, tensors, batch, scale, heads)
+        # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
+        problem = BlockProblem(pat, bound, {n: t.cpu() for n, t in tensors.items()}, batch, scale, heads)
         if pat.route is not None:  # the selection of this rank's queries, from every rank's block means
             pos = [plan.order.positions(j) for j in range(self.ring)]
-            selected, key_block = routing.select(problem, q, k, pos[self.ring_index], pos, tensors,
+            selected, key_block = routing.select(problem, q, k, pos[self.ring_index], pos, problem.tensors,
                                                  self.ring_group, self.ring)
             problem = dataclasses.replace(problem, selected=selected, key_block=key_block)
         call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv)

@@ -63,9 +63,9 @@ def select(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_chun
             ev = prob.evaluator(q_pos, k_pos)
             allowed = pair_mask(pat, bound, ev, h, L, len(k_pos))
             onehot = torch.nn.functional.one_hot(key_block[k_pos], nblocks).to(dtype)
-            reachable |= (allowed.to(dtype) @ onehot.to(allowed.device)) > 0
+            reachable |= ((allowed.to(dtype) @ onehot) > 0).to(reachable.device)
         keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)
         if keep is not None:
-            keep = keep[:, prob.head_index][:, :, q_pos]
+            keep = keep[:, prob.head_index][:, :, q_pos].to(score.device)
         return choose(score, reachable, keep, topk), key_block
 

@@ -65,20 +65,21 @@ def pair_scores(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, q: torch.Ten
     """The scores of queries at absolute positions ``q_pos`` against keys at ``k_pos`` (any subsets of
     the sequence, e.g. one rank's shards) for the heads ``head_index`` of the pattern, in q's dtype,
     ``[B, H, Nq, Nk]``, -inf where ``mask`` (``pair_mask``, route selection applied) is False.
-    ``q``/``k`` ``[B, H, N, D]`` (k with H heads); ``ev``: an evaluator over these positions and heads."""
+    ``q``/``k`` ``[B, H, N, D]`` (k with H heads); ``ev``: an evaluator over these positions and heads
+    (it may hold its tensors on the CPU while q, k are on a GPU: its terms are moved to q's device)."""
     scores = scale * (q @ k.transpose(-1, -2))
     if pat.softcap is not None:
-        cap = softcap_values(pat, bound, head_index, q.dtype)
+        cap = softcap_values(pat, bound, head_index, q.dtype).to(scores.device)
         scores = cap * torch.tanh(scores / cap)
     bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
     if bias is not None:
-        scores = scores + (bias.to(q.dtype) if isinstance(bias, torch.Tensor) else bias)
+        scores = scores + (bias.to(scores) if isinstance(bias, torch.Tensor) else bias)
     if pat.decay is not None:  # gates are indexed by absolute position
-        scores = scores + fox_decay(ev.inputs[pat.decay].to(q.dtype), q_pos, k_pos)
-    return scores.masked_fill(~mask, -math.inf)
+        scores = scores + fox_decay(ev.inputs[pat.decay].to(q.dtype), q_pos, k_pos).to(scores.device)
+    return scores.masked_fill(~mask.to(scores.device), -math.inf)
 
 
 def softcap_values(pat: ir.PatternIR, bound: E.Bound, head_index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The softcap of each head in ``head_index``, ``[1, H, 1, 1]``."""
     cap = E.head_values(pat.softcap, bound.subs, bound.heads).to(dtype)
-    return cap[head_index].view(1, -1, 1, 1)
+    return cap[head_index.cpu()].view(1, -1, 1, 1)
