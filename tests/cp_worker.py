@@ -109,7 +109,8 @@ def run_error_case(case: dict, rank: int):
     """A call meant to fail: every rank reports its message (or that it did not fail)."""
     attn = compile_case(case)
     try:
-        cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
+        u = case.get("u_on_rank1", case.get("u", 1)) if rank == 1 else case.get("u", 1)
+        cp = ContextParallel(attn, ulysses_degree=u, kv=case.get("kv", "ring"))
         B, H, D, n = case["B"], case["H"], case["D"], case["n"]
         local = n // dist.get_world_size() + (case.get("extra_on_rank1", 0) if rank == 1 else 0)
         t = torch.randn(B, H, local, D, dtype=torch.float64)

@@ -30,6 +30,7 @@ CASES_2 = {
     "document-whole-inputs": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, shard_inputs=False),
     "forgetting-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}),
     "ulysses-gqa": dict(SW, n=64, u=2, Hkv=2),
+    "rows-with-no-key": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64),
     "moba-ring": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64),
     "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                sizes={"height": 8, "width": 8}, n=64, kv="allgather"),
@@ -56,6 +57,7 @@ ERRORS_2 = {
     "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
     "heads-not-divisible": dict(SW, n=64, u=2, H=3, error=True),
     "tokens-not-divisible": dict(SW, n=66, error=True),
+    "arguments-differ": dict(SW, n=64, u=1, u_on_rank1=2, error=True),
     "shared-routing-over-ulysses": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                         sizes={"height": 8, "width": 8}, n=64, u=2, error=True),
 }
@@ -161,6 +163,15 @@ def test_a_3d_neighborhood_over_frames_moves_neighbouring_frames_only(results4):
     assert [r["bytes"] for r in results4["neighborhood3d-ring-4"]] == [one, 2 * one, 2 * one, one]
 
 
+def test_a_query_with_no_key_anywhere_gives_zeros(results2):
+    """Queries 0..19 of ``k + 20 <= q`` have no key: their output and gradient are exactly 0, not NaN
+    (the whole comparison with the reference is in the two-rank tests)."""
+    got = results2["rows-with-no-key"][0]
+    assert torch.equal(got["out"][:, :, :20], torch.zeros_like(got["out"][:, :, :20]))
+    assert torch.equal(got["dq"][:, :, :20], torch.zeros_like(got["dq"][:, :, :20]))
+    assert not got["out"].isnan().any() and got["out"][:, :, 20:].abs().sum() > 0
+
+
 def test_causal_patterns_shard_zigzag_and_windows_contiguous(results2, results4):
     assert results2["causal-ring-zigzag"][0]["zigzag"] is True
     assert results4["causal-allgather-zigzag-4"][0]["zigzag"] is True
@@ -173,6 +184,7 @@ def test_causal_patterns_shard_zigzag_and_windows_contiguous(results2, results4)
     ("shapes-differ", "ranks disagree on the q"),
     ("heads-not-divisible", "do not split over ulysses_degree 2"),
     ("tokens-not-divisible", "66 tokens do not split"),
+    ("arguments-differ", "ranks disagree on the ulysses_degree"),
     ("shared-routing-over-ulysses", "averages its routing scores over every head"),
 ])
 def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):

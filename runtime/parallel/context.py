@@ -48,24 +48,16 @@ class ContextParallel(torch.nn.Module):
         if not dist.is_available() or not dist.is_initialized():
             raise SpecError("torch.distributed is not initialized", where="argument group",
                             hint="call torch.distributed.init_process_group first")
-        if not hasattr(attn, "pattern") or not hasattr(attn, "runner"):
-            raise SpecError(f"expected an attnc.Attention, got {type(attn).__name__}", where="argument attn")
-        if kv not in KV_MODES:
-            raise SpecError(f"unknown kv mode {kv!r}; expected one of {', '.join(KV_MODES)}", where="argument kv")
-        if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
-            raise SpecError(f"expected a positive int, got {ulysses_degree!r}", where="argument ulysses_degree")
         world = dist.get_world_size(group)
-        if world % ulysses_degree:
-            raise SpecError(f"a group of {world} ranks is not ulysses_degree x ring ranks for ulysses_degree "
-                            f"{ulysses_degree}", where="argument ulysses_degree")
-        pat = attn.pattern
-        if isinstance(pat, ir.PatternIR):
-            if not pat.self_attention:
-                raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
-                                "one sequence", where="argument attn")
-        elif ulysses_degree > 1:
-            raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
-                            where="argument ulysses_degree")
+        record = {"kv": kv if isinstance(kv, str) else repr(kv), "ulysses_degree": repr(ulysses_degree),
+                  "pattern": getattr(getattr(attn, "pattern", None), "name", None)}
+        try:
+            _check_arguments(attn, world, ulysses_degree, kv)
+        except SpecError as err:
+            record["error"] = (err.message, err.where)
+        # every rank learns every rank's arguments before any subgroup is made: a bad or differing
+        # argument on one rank is the same error on all, not a hang in new_group
+        C.agree(group, record, "argument ulysses_degree")
         self.attn, self.group, self.kv = attn, group, kv
         self.sizes = {**attn.sizes, **(sizes or {})}
         self.world, self.rank = world, dist.get_rank(group)
@@ -204,6 +196,26 @@ class ContextParallel(torch.nn.Module):
             return t
         self._input_bytes += t.nbytes * (self.world - 1)
         return self.order(n, self._call_sizes).unshard(C.all_gather(t, self.group), dim)
+
+
+def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
+    if not hasattr(attn, "pattern") or not hasattr(attn, "runner"):
+        raise SpecError(f"expected an attnc.Attention, got {type(attn).__name__}", where="argument attn")
+    if kv not in KV_MODES:
+        raise SpecError(f"unknown kv mode {kv!r}; expected one of {', '.join(KV_MODES)}", where="argument kv")
+    if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int) or ulysses_degree < 1:
+        raise SpecError(f"expected a positive int, got {ulysses_degree!r}", where="argument ulysses_degree")
+    if world % ulysses_degree:
+        raise SpecError(f"a group of {world} ranks is not ulysses_degree x ring ranks for ulysses_degree "
+                        f"{ulysses_degree}", where="argument ulysses_degree")
+    pat = attn.pattern
+    if isinstance(pat, ir.PatternIR):
+        if not pat.self_attention:
+            raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
+                            "one sequence", where="argument attn")
+    elif ulysses_degree > 1:
+        raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
+                        where="argument ulysses_degree")
 
 
 def _contiguous(n: int, world: int) -> ShardOrder:
