@@ -530,11 +530,12 @@ BitLength = _int_function("BitLength", bit_length, 1)
 Log2Floor = _int_function("Log2Floor", lambda a: bit_length(a) - 1 if a >= 1 else -1, 1)
 
 
-def _ieee_function(name: str, fold, doc: str):
+def _ieee_function(name: str, fold, doc: str, derivative):
     """A one-argument real function as IEEE computes it, folded for numbers only (``fold``: float ->
     sympy number); printed as ``name(x)``. sympy's own sqrt and log rewrite a negative argument with
     ``I`` (``sqrt(-c * x)`` as ``I * sqrt(c * x)``, ``log(-x)`` as ``log(x) + I * pi``), which no
-    evaluator takes and which cannot be compared."""
+    evaluator takes and which cannot be compared. ``derivative(f, x)``: f'(x) as an expression (what
+    torch's autograd computes), so that a bias through it differentiates on every backend."""
 
     def eval(cls, x):  # noqa: ARG001
         return fold(float(x)) if x.is_Number else None
@@ -542,14 +543,17 @@ def _ieee_function(name: str, fold, doc: str):
     def _sympystr(self, printer):
         return f"{name.lower()}({printer._print(self.args[0])})"
 
+    def fdiff(self, argindex=1):  # noqa: ARG001
+        return derivative(self, self.args[0])
+
     return type(name, (sympy.Function,), {"nargs": 1, "eval": classmethod(eval), "_sympystr": _sympystr,
-                                          "__doc__": doc, "__module__": __name__})
+                                          "fdiff": fdiff, "__doc__": doc, "__module__": __name__})
 
 
 Sqrt = _ieee_function("Sqrt", lambda v: sympy.Float(math.sqrt(v)) if v >= 0 else sympy.nan,
-                      "``sqrt(x)``: NaN below 0.")
+                      "``sqrt(x)``: NaN below 0.", lambda f, x: 1 / (2 * f))
 Log = _ieee_function("Log", lambda v: sympy.Float(math.log(v)) if v > 0 else (-sympy.oo if v == 0 else sympy.nan),
-                     "``log(x)``: NaN below 0, -inf at 0.")
+                     "``log(x)``: NaN below 0, -inf at 0.", lambda f, x: 1 / x)
 
 
 class IsPow2(BooleanFunction):

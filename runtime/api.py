@@ -175,6 +175,10 @@ class Attention(torch.nn.Module):
         # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
         check_qkv(q, k, v)
+        if cu_seqlens is not None:  # inputs over the packed tokens: checked before any other shape rule
+            from .frontends.varlen import check_packed_inputs
+
+            check_packed_inputs(self.pattern, inputs, q.shape[2])
         if restore.spatial is None:
             check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
         check_state(initial_state, q, "initial_state")

@@ -544,6 +544,8 @@ def test_float_parameter_beyond_float32_is_refused_when_compiling():
     "w[k] // 0.7 + w[q] % 0.7",
     "(w[q] - w[k]) % 1.3 - 2.5 // w[k]",
     "if w[k] > 0.0 then w[k] * w[q] else -abs(w[q])",
+    "log(w[k] * w[k] + 5.0) - sqrt(abs(w[q]) + 0.5)",  # sqrt and log differentiate too
+    "log(abs(w[q] - w[k]) + 1.0)",
 ])
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_bias_input_gradients_through_piecewise_functions(bias, backend):

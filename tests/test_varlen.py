@@ -276,3 +276,19 @@ def test_packed_call_under_fullgraph_refuses_a_size_that_is_not_an_int(value):
     with pytest.raises(SpecError, match="expected an int") as info:
         compiled(x, _cu((6, 6)))
     assert info.value.where == "argument sizes 'x'"
+
+
+@pytest.mark.parametrize("spec,name,bad", [
+    ("stdlib:document", "doc", [5]), ("stdlib:document", "doc", [9]), ("stdlib:document", "doc", [2]),
+    ("stdlib:document", "doc", [8, 2]), ("stdlib:mamba2", "g", [2, 5]), ("stdlib:mamba2", "g", [2]),
+])
+def test_packed_inputs_of_the_wrong_shape_name_the_input_and_the_shape(spec, name, bad):
+    """cu_seqlens with an input over the wrong number of tokens: one SpecError naming the input and
+    the packed shape expected, never a raw error from cutting it nor a silent truncation."""
+    attn = attnc.compile_attention(spec, backend="cpu")
+    q = torch.randn(1, 2, 8, 16)
+    value = torch.zeros(bad, dtype=torch.long if name == "doc" else torch.float32)
+    with pytest.raises(attnc.SpecError) as err:
+        attn(q, q, q, cu_seqlens=torch.tensor([0, 3, 8]), **{name: value})
+    assert err.value.where == f"argument {name}"
+    assert "8]" in err.value.message and str(list(value.shape)) in err.value.message

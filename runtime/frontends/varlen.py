@@ -85,6 +85,35 @@ def check_cu_seqlens(cu_seqlens, pat, q: torch.Tensor, k: torch.Tensor) -> Packi
     return Packing(starts, lengths, tuple((n, tuple(ix)) for n, ix in sorted(by_length.items())))
 
 
+def check_packed_inputs(pat, inputs: dict, total: int) -> None:
+    """Call-time inputs of a packed call: a declared input's token dimensions (``n``, ``nk``) hold every
+    packed token (``total``), with an optional leading batch of 1; errors name the input and the
+    shape expected, before anything is cut."""
+    for name, t in inputs.items():
+        decl = next((d for d in pat.inputs if d.name == name), None)
+        if decl is None or not isinstance(t, torch.Tensor):
+            continue  # unknown names and non-tensors: the ordinary forward names them
+        token_dims = [i for i, dim in enumerate(decl.dim_names) if dim in ("n", "nk")]
+        if not token_dims:
+            continue
+        want = [total if i in token_dims else dim for i, dim in enumerate(decl.dim_names)]
+        shape = "[" + ", ".join(str(w) for w in want) + "]"
+        rank = len(decl.dims)
+        if t.dim() not in (rank, rank + 1):
+            raise SpecError(f"input '{name}' is declared [{', '.join(decl.dim_names)}]: with cu_seqlens that is "
+                            f"{shape} over the {total} packed tokens (or a batch of 1 of it); got shape "
+                            f"{list(t.shape)}", where=f"argument {name}")
+        lead = t.dim() - rank
+        if lead and t.shape[0] != 1:
+            raise SpecError(f"input '{name}' of shape {list(t.shape)} has batch {t.shape[0]}; packed sequences come "
+                            f"as a batch of 1: {shape} (or [1, ...] of it)", where=f"argument {name}")
+        for d in token_dims:
+            if t.shape[lead + d] != total:
+                raise SpecError(f"input '{name}' has {t.shape[lead + d]} entries along its token dimension "
+                                f"({decl.dim_names[d]}); with cu_seqlens it holds every packed token: expected "
+                                f"{shape}, got {list(t.shape)}", where=f"argument {name}")
+
+
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor, count: int, length: int) -> torch.Tensor:
     """``[1, H, total, D]`` -> ``[count, H, length, D]``: the tokens of ``count`` sequences of one length."""
     return x[0].index_select(1, index).unflatten(1, (count, length)).transpose(0, 1)
