@@ -51,8 +51,32 @@ def attention(
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
-    out = p @ vc
+    out = attend_values(p, vc)
     return out.to(q.dtype), lse
+
+
+#: Weights x value entries held at once when non-finite value rows are added one group at a time.
+NONFINITE_SLAB = 1 << 24
+
+
+def attend_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``p @ v``, except that a value row reaches only the queries that give it a nonzero weight: a
+    non-finite value (NaN, inf) of a key a query does not attend never changes that query's output
+    (in ``p @ v`` its weight 0 would multiply it into NaN). Rows with non-finite entries are few in
+    practice; they are added apart, where their weight is nonzero."""
+    bad = ~torch.isfinite(v).all(-1)  # [B, H, Nk]
+    if not bad.any():
+        return p @ v
+    out = p @ torch.where(bad[..., None], torch.zeros((), dtype=v.dtype), v)
+    keys = bad.flatten(0, -2).any(0).nonzero().flatten()
+    B, H, Nq, D = *p.shape[:3], v.shape[-1]
+    step = max(1, NONFINITE_SLAB // max(1, B * H * Nq * D))
+    for i in range(0, len(keys), step):
+        j = keys[i:i + step]
+        w = p[..., j][..., None]  # [B, H, Nq, c, 1]
+        rows = torch.where(bad[..., j, None], v[..., j, :], torch.zeros((), dtype=v.dtype))[:, :, None]
+        out = out + torch.where(w != 0, w * rows, torch.zeros((), dtype=v.dtype)).sum(-2)
+    return out
 
 
 def pair_mask(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, heads: int, nq: int, nk: int) -> torch.Tensor:
