@@ -80,12 +80,34 @@ def cmd_check(args) -> int:
             text, filename = read_source(path) if path.startswith("stdlib:") else _read_file(path)
             decls = check_text(text, filename)
             names = ", ".join(d.name for d in decls)
-            print(f"{filename}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}"
+            shown = path if path.startswith("stdlib:") else filename  # the name as the user gave it
+            print(f"{shown}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}"
                   + (f": {names})" if decls else ")"))
+            for decl in decls:
+                for name in _unused_inputs(decl):
+                    print(f"{shown}: warning: '{decl.name}' declares input '{name}' but no clause reads it "
+                          "(a call would still have to pass it)")
         except SpecError as err:
             print(err.render(), file=sys.stderr)
             status = 1
     return status
+
+
+def _unused_inputs(decl) -> list[str]:
+    """Declared call-time inputs that none of the declaration's clauses reads."""
+    import sympy
+
+    from .compiler.evaluate import input_names
+    from .core import ir
+
+    if isinstance(decl, ir.RecurrenceIR):
+        used = {decl.decay} if isinstance(decl.decay, str) else set(input_names(decl.decay))
+    else:
+        exprs = [decl.mask, decl.bias, decl.softcap, decl.route.keep if decl.route is not None else None]
+        used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))
+        if decl.decay is not None:
+            used.add(decl.decay if isinstance(decl.decay, str) else "")
+    return [d.name for d in decl.inputs if d.name not in used]
 
 
 def _read_file(path: str) -> tuple[str, str]:
@@ -106,9 +128,15 @@ def cmd_show(args) -> int:
         return _show_recurrence(pat, heads or 4)
     sizes = _int_sizes(args.sizes)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
-    for name in sorted(needed - set(sizes)):
+    defaulted = sorted(needed - set(sizes))
+    for name in defaulted:
         sizes[name] = SHOW_DEFAULT_AXIS
+    if defaulted:
+        print(f"# note: no --sizes for {', '.join(defaulted)}: showing {SHOW_DEFAULT_AXIS} each "
+              f"(--sizes {','.join(f'{d}=..' for d in defaulted)})")
     n = _tokens(args, pat, SHOW_DEFAULT_N)
+    if args.n is None and n == SHOW_DEFAULT_N and pat.queries.token_count() is None:
+        print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
     nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)

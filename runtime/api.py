@@ -54,7 +54,7 @@ def materialize_mask(
     name: str | None = None,
     **params,
 ) -> torch.Tensor:
-    """The exact mask of a pattern: bool ``[heads, Nq, Nk]`` (``[B, heads, Nq, Nk]``
+    """The exact mask of a pattern: bool ``[heads, Nq, Nk]`` (``heads`` is 1 unless given; ``[B, heads, Nq, Nk]``
     when an input has a batch dimension).
 
     ``pattern`` is a loaded pattern, a path, ``"stdlib:NAME"`` or spec text
