@@ -313,8 +313,8 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     hw = rep.hardware
     b = rep.best
     lines = [
-        f"{rep.pattern}: recurrence ({rep.gate} gate), n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, "
-        f"batch {rep.batch}, {rep.dtype}",
+        f"{rep.pattern}: recurrence ({rep.gate} gate) simulated on the {hw.name} model in {rep.dtype} (a "
+        f"prediction, not a measurement): n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s)",
         "",
         f"  chunk size           {b.chunk}" + (" (forced)" if rep.chunk_forced else " (chosen of 16/32/64)"),

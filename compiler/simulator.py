@@ -247,8 +247,8 @@ def format_report(rep: SimulationReport) -> str:
     size = ", ".join(f"{k}={v}" for k, v in rep.sizes.items()) or f"n={rep.n}"
     tiles = d["tiles"]
     lines = [
-        f"{rep.pattern}: {size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}, head_dim {rep.head_dim}, "
-        f"batch {rep.batch}, {rep.dtype}",
+        f"{rep.pattern}: simulated on the {hw.name} model in {rep.dtype} (a prediction, not a measurement): "
+        f"{size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s, "
         f"{hw.smem_per_sm_kib} KiB smem/SM)",
         "",

@@ -137,14 +137,16 @@ class Attention(torch.nn.Module):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
         return self.runner.last_schedule
 
-    def report(self, hardware="h100", **kwargs):
-        """The simulator's report for the shapes of the latest call (``attnc.simulate``)."""
+    def report(self, hardware="h100", dtype: str = "bf16", **kwargs):
+        """The simulator's prediction for the shapes of the latest call (``attnc.simulate``) on a hardware
+        model (``hardware``) in ``dtype`` (bf16 or fp16): what the pattern can reach there, whatever
+        device and dtype the call itself ran on."""
         if self._last_call is None:
             raise SpecError("call the module once first: the report is for the shapes of a call", where="report")
         args = {**self._last_call, **kwargs}
         if self.schedule is not None and "q_tile" not in kwargs:
             args.update(q_tile=self.schedule.q_tile, kv_tile=self.schedule.kv_tile)
-        return simulate(self.pattern, hardware=hardware, **args)
+        return simulate(self.pattern, hardware=hardware, dtype=dtype, **args)
 
     @property
     def source(self) -> str:
