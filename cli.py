@@ -266,10 +266,11 @@ def cmd_sim(args) -> int:
 
     pat = _load_args(args)
     sizes = _int_sizes(args.sizes)
+    inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
                    batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
                    q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
-                   inputs=_inputs(args.input) or None)
+                   inputs=inputs or None)
     if args.layers is not None and rep.to_dict().get("kind") == "recurrence":
         raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
                         where="argument --layers")
@@ -483,15 +484,63 @@ def _int_sizes(items) -> dict[str, int]:
 
 
 def _inputs(items) -> dict:
+    """``--input NAME=V1,V2,..`` (a 1-D input) or ``--input NAME=FILE.pt`` (a tensor saved with
+    ``torch.save``, any shape)."""
+    import os
+
     import torch
 
     inputs = {}
     for name, values in _key_values_raw(items).items():
+        where = f"argument --input {name}"
+        if values.strip().endswith((".pt", ".pth")) or os.path.isfile(values.strip()):
+            path = values.strip()
+            try:
+                value = torch.load(path, weights_only=True)
+            except FileNotFoundError:
+                raise SpecError(f"no such file: {path}", where=where) from None
+            except Exception as err:  # a file torch cannot read as plain tensors: say what it said
+                raise SpecError(f"cannot read {path} as a tensor ({type(err).__name__}: {err})", where=where) from None
+            if not isinstance(value, torch.Tensor):
+                raise SpecError(f"{path} holds a {type(value).__name__}, not a tensor", where=where)
+            inputs[name] = value
+            continue
         try:
             inputs[name] = torch.tensor([_literal(v, f"--input {name}") for v in values.split()])
         except (TypeError, ValueError):
-            raise SpecError("expected numbers separated by spaces", where=f"argument --input {name}") from None
+            raise SpecError("expected numbers separated by spaces, or a .pt file", where=where) from None
     return inputs
+
+
+def _sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
+    """``attnc sim`` without some declared inputs: a documented sample of each, said in a note
+    (int inputs: sorted uniform draws in [0, n), e.g. document ids or index lists; float inputs:
+    standard normal draws; seed 0)."""
+    import sympy
+    import torch
+
+    from .compiler import evaluate as E
+    from .core import ir
+
+    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given]
+    if not missing or not isinstance(pat, ir.PatternIR):
+        return given
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None)
+    g = torch.Generator().manual_seed(0)
+    out = dict(given)
+    for decl in missing:
+        shape = [int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims]
+        if decl.dtype == "int":
+            value = torch.randint(0, bound.n, shape, generator=g).sort(dim=-1).values if shape else torch.tensor(0)
+            how = f"sorted uniform ints in [0, {bound.n})"
+        else:
+            value = torch.randn(shape, generator=g, dtype=torch.float64)
+            how = "standard normal floats"
+        out[decl.name] = value
+        print(f"# note: input '{decl.name}' not given: simulated with a sample of {how}, shape {shape} (seed 0); "
+              f"pass --input {decl.name}=FILE.pt for your own",
+              file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # --json: stdout is JSON only
+    return out
 
 
 def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of tokens of a seq layout",
@@ -504,7 +553,8 @@ def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of
     p.add_argument("--nk", type=int, help="number of keys (cross attention)")
     p.add_argument("--name", help="which declaration of the file")
     if inputs:
-        p.add_argument("--input", action="append", metavar="NAME=V1,V2,..", help="a 1-D call-time input")
+        p.add_argument("--input", action="append", metavar="NAME=V1,V2,..|FILE.pt",
+                       help="a call-time input: 1-D values, or a tensor of any shape saved with torch.save")
 
 
 def _shape_args(p) -> None:

@@ -396,3 +396,26 @@ def test_show_png_writes_only_the_picture(capsys, files, tmp_path):
 def test_leading_zeros_in_parameters(capsys, files):
     code, out, _ = run(capsys, "show", str(files["ok.attn"]), "--n", "6", "-p", "w=0003")
     assert code == 0 and out.splitlines()[1:] == band(6, 3)
+
+
+def test_sim_samples_missing_inputs_and_reads_tensor_files(tmp_path, capsys):
+    """``attnc sim`` of a pattern with call-time inputs: without them a seeded sample, said in a note;
+    ``--input NAME=FILE.pt`` reads a tensor of any shape (a per-head gate here)."""
+    import json
+
+    import torch
+
+    from attnc.cli import main
+
+    assert main(["sim", "stdlib:document", "--n", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "input 'doc' not given: simulated with a sample of sorted uniform ints in [0, 512)" in out
+    assert main(["sim", "stdlib:document", "--n", "512", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["n"] == 512 and "not given" in captured.err
+    path = tmp_path / "g.pt"
+    torch.save(torch.randn(3, 512), path)
+    assert main(["sim", "stdlib:forgetting", "--n", "512", "--heads", "3", "--input", f"g={path}"]) == 0
+    assert "not given" not in capsys.readouterr().out
+    assert main(["sim", "stdlib:document", "--n", "512", "--input", f"doc={tmp_path / 'missing.pt'}"]) == 1
+    assert "argument --input doc: error: no such file" in capsys.readouterr().err
