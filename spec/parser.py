@@ -291,12 +291,42 @@ def _describe_expected(expected) -> str:
     return " (expected " + ", ".join(names) + ")"
 
 
-def _syntax_error(err: lark.exceptions.LarkError) -> SpecError:
+#: The clauses each declaration kind takes, for "unexpected" messages at a clause's place (the
+#: grammar's clause list is shared; the checker refuses the other kind's clauses).
+CLAUSES = {
+    "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "route", "let", "input"),
+    "recurrence": ("decay", "let", "input", "tokens"),
+}
+
+
+def _clause_error(err: lark.exceptions.UnexpectedToken, source: str) -> SpecError | None:
+    """A word where a clause should start: the clauses of the enclosing declaration's kind (and the
+    closest one), not the grammar's shared list."""
+    if "EXPR_KW" not in err.expected or err.token.type == "$END":
+        return None
+    import difflib
+    import re
+
+    before = source[:err.token.start_pos] if err.token.start_pos is not None else ""
+    kinds = re.findall(r"\b(pattern|recurrence)\b", before)
+    kind = kinds[-1] if kinds else "pattern"
+    word = str(err.token)
+    near = difflib.get_close_matches(word, CLAUSES[kind], n=1)
+    shown = word if len(word) <= 30 else word[:27] + "..."
+    return SpecError(f"unexpected '{shown}' (expected a {kind} clause: {', '.join(CLAUSES[kind])}; or the next "
+                     "'pattern' or 'recurrence')", _pos(err.token),
+                     hint=f"did you mean '{near[0]}'?" if near else None)
+
+
+def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError:
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         ch = err.char
         shown = repr(ch) if ch.isprintable() else f"byte {ch.encode('utf-8', 'replace')!r}"
         return SpecError(f"unexpected character {shown}", Pos(err.line, err.column))
     if isinstance(err, lark.exceptions.UnexpectedToken):
+        clause = _clause_error(err, source)
+        if clause is not None:
+            return clause
         tok = err.token
         if tok.type == "$END":
             return SpecError("unexpected end of file" + _describe_expected(err.expected),
@@ -328,7 +358,7 @@ def parse(source: str, filename: str = "<spec>") -> ast.Module:
             raise inner.located(filename, source) from None
         raise
     except lark.exceptions.LarkError as err:
-        raise _syntax_error(err).located(filename, source) from None
+        raise _syntax_error(err, source).located(filename, source) from None
     except RecursionError:
         raise SpecError("spec nested too deeply", Pos(1, 1)).located(filename, source) from None
     module = ast.Module(decls or [], filename, source)

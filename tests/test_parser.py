@@ -570,3 +570,18 @@ def test_line_endings_and_bom(tmp_path, newline):
     path.write_bytes(b"\xef\xbb\xbf" + text.replace("< <", "<").encode())
     assert attnc.load(path).name == "p"
     assert attnc.load("\ufeff" + text.replace("< <", "<")).name == "p"
+
+
+@pytest.mark.parametrize("text,kind,near", [
+    ("recurrence r\n  input g: float[heads, n]\n  decy g\n", "recurrence", "decay"),
+    ("pattern p\n  tokens seq\n  mask causal\n  bais 1.0\n", "pattern", "bias"),
+    ("pattern p\n  tokens seq\n  mask causal\nrecurrence r\n  decay -1.0\n  mask2 causal\n", "recurrence", "mask"),
+])
+def test_an_unknown_clause_lists_the_clauses_of_its_declaration_kind(text, kind, near):
+    with pytest.raises(attnc.SpecError) as err:
+        parse(text, "x.attn")
+    assert f"expected a {kind} clause: " in err.value.message
+    if kind == "recurrence":
+        assert "decay, let, input, tokens;" in err.value.message and "route" not in err.value.message
+    if near != "mask":
+        assert err.value.hint == f"did you mean '{near}'?"
