@@ -112,3 +112,7 @@ def check_state(state, q: torch.Tensor, where: str, want: tuple | None = None) -
         raise SpecError(f"{where} must be {list(want)}, got {got}", where=f"argument {where}")
     if not state.dtype.is_floating_point:
         raise SpecError(f"{where} must be a floating-point tensor, got {state.dtype}", where=f"argument {where}")
+    if q.dtype.is_floating_point and torch.finfo(state.dtype).bits < torch.finfo(q.dtype).bits:
+        raise SpecError(f"{where} is {state.dtype} but q is {q.dtype}: the state would carry fewer bits than the "
+                        "inputs (a call returns its state in float32, float64 for float64 inputs)",
+                        where=f"argument {where}", hint=f"pass the state a {q.dtype} call returned, or convert it")

@@ -558,3 +558,16 @@ def test_non_float_states_are_refused(dtype):
         attn(q, q, q, initial_state=bad)
     with pytest.raises(attnc.SpecError, match="argument state: .*floating-point"):
         attn.step(q[:, :, 0], q[:, :, 0], q[:, :, 0], bad)
+
+
+def test_a_state_with_fewer_bits_than_q_is_refused_by_step_and_forward():
+    """A float32 state in a float64 call would silently carry fewer bits: refused with the dtypes."""
+    attn = attnc.compile_attention("stdlib:retention", backend="cpu")
+    q = torch.randn(1, 2, 8, 4, dtype=torch.float64)
+    low = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(attnc.SpecError, match="state is torch.float32 but q is torch.float64"):
+        attn.step(q[:, :, 0], q[:, :, 0], q[:, :, 0], low)
+    with pytest.raises(attnc.SpecError, match="initial_state is torch.float32 but q is torch.float64"):
+        attn(q, q, q, initial_state=low)
+    o, s = attn.step(q[:, :, 0], q[:, :, 0], q[:, :, 0], low.double())  # the state a float64 call returns
+    assert s.dtype == torch.float64
