@@ -102,6 +102,7 @@ def _unused_inputs(decl) -> list[str]:
 
     if isinstance(decl, ir.RecurrenceIR):
         used = {decl.decay} if isinstance(decl.decay, str) else set(input_names(decl.decay))
+        used |= {decl.beta} if decl.beta else set()
     else:
         exprs = [decl.mask, decl.bias, decl.softcap, decl.route.keep if decl.route is not None else None]
         used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))

@@ -234,11 +234,13 @@ class PatternIR:
 
 @dataclass(frozen=True)
 class RecurrenceIR:
-    """A linear recurrence ``S_t = diag(exp(decay_t)) S_{t-1} + k_t^T v_t``.
+    """A linear recurrence ``S_t = diag(exp(decay_t)) S_{t-1} + k_t^T v_t`` (``rule`` 'decay'), or the
+    delta rule (``rule`` 'delta', rate ``beta`` an input float[heads, n]):
+    ``S_t = diag(exp(decay_t)) S_{t-1}; S_t += beta_t k_t^T (v_t - k_t S_t)``; ``o_t = scale q_t S_t``.
 
-    ``gate`` is 'head' (``decay`` a sympy expression of h: RetNet, Lightning),
-    'scalar' (``decay`` names a float[heads, n] input: Mamba2) or 'vector'
-    (a float[heads, n, dk] input: GLA).
+    ``gate`` is 'head' (``decay`` a sympy expression of h: RetNet, Lightning; 0 for DeltaNet),
+    'scalar' (``decay`` names a float[heads, n] input: Mamba2, Gated DeltaNet) or 'vector'
+    (a float[heads, n, dk] input: GLA, Kimi Delta Attention).
     """
 
     name: str
@@ -246,13 +248,17 @@ class RecurrenceIR:
     decay: sympy.Expr | str
     inputs: tuple[InputDecl, ...]
     params: tuple[tuple[str, object], ...]
+    rule: str = "decay"
+    beta: str | None = None
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
 
     kind = "recurrence"
 
     def key(self) -> str:
-        return _key("recurrence", self.gate, self.decay, self.inputs)
+        if self.rule == "decay":  # the key of every recurrence before the delta rule, unchanged
+            return _key("recurrence", self.gate, self.decay, self.inputs)
+        return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta)
 
 
 def _canon(x) -> str:

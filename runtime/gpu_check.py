@@ -361,7 +361,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
     inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}
     described = ""
-    with capture_launches() as records, _as_cuda(pat, hw):
+    with capture_launches() as records:
         if isinstance(pat, ir.PatternIR):
             class Native(TB.TritonRunner):
                 native = True
@@ -378,6 +378,10 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
             cfg = next(iter(runner._static.values()))[0]
             described = describe_launch(cfg)
         else:
+            from .recurrences.runner import RecurrenceRunner
+
+            # the runner injected: Triton's kernels compiled natively, the chunk chosen for hw
+            attn.runner = RecurrenceRunner(pat, "triton", None, hardware=hw, native=True)
             out = attn(q, k, v, sizes=sizes, **inputs)
             described = f"chunk {attn._last_call.get('q_tile')}"
         out.float().sum().backward()
@@ -396,29 +400,6 @@ def describe_launch(cfg) -> str:
         tiles = ("x".join(map(str, b.q_tile)) + "/" + "x".join(map(str, b.kv_tile)) + " ") if own else ""
         text += f" | bwd {tiles}w{bw or cfg.num_warps} s{bs or cfg.num_stages}"
     return text
-
-
-@contextlib.contextmanager
-def _as_cuda(pat, hw):
-    """The recurrence path as on CUDA: its kernels native (not interpreted) and its chunk chosen
-    for ``hw`` (the interpreter and CPU choices differ from the GPU's)."""
-    from .recurrences import common as recurrence_common
-    from .recurrences import runner as recurrence
-    from .recurrences.decay import triton as triton_recurrence
-
-    saved = []
-    if isinstance(pat, ir.RecurrenceIR):
-        for mod, name, value in ((triton_recurrence, "_interpret", lambda _t: False),
-                                 (recurrence_common, "hardware_for", lambda _d: hw),
-                                 (recurrence, "resolve_backend", lambda _b, _d: "triton")):
-            if hasattr(mod, name):
-                saved.append((mod, name, getattr(mod, name)))
-                setattr(mod, name, value)
-    try:
-        yield
-    finally:
-        for mod, name, value in saved:
-            setattr(mod, name, value)
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,

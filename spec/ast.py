@@ -208,6 +208,15 @@ class Route(Clause):
 
 
 @dataclass(frozen=True)
+class Update(Clause):
+    """A recurrence's ``update RULE(ARG)``: ``delta(beta)``."""
+
+    rule: str
+    rule_pos: Pos
+    arg: Expr
+
+
+@dataclass(frozen=True)
 class Declaration:
     kind: str  # 'pattern' | 'recurrence'
     name: str

@@ -14,6 +14,10 @@ class PatternChecks:
     """Checker methods for the mask and score clauses of a pattern."""
 
     def _pattern(self) -> ir.PatternIR:
+        for c in self.decl.clauses:
+            if isinstance(c, ast.Update):
+                raise self.error("'update' is a recurrence's clause (the delta rule)", c.pos,
+                                 hint="declare it with 'recurrence NAME'")
         mask_clause = self._single("mask")
         mask = sympy.true
         if mask_clause is not None:

@@ -20,15 +20,26 @@ class RecurrenceChecks:
                 bad = c.keyword
             elif isinstance(c, ast.Route):
                 bad = "route"
+            elif isinstance(c, ast.Update) and c.rule != "delta":
+                raise self.error(f"unknown update rule '{c.rule}'", c.rule_pos, hint="the rule is delta(beta)")
             elif isinstance(c, ast.LayoutClause) and (c.role != "tokens" or c.layout.kind != "seq"):
                 kind = " + ".join(seg.kind for seg in c.layout.segments) or c.layout.kind
                 bad = f"{c.role} {kind}"
             if bad:
                 raise self.error(f"'{bad}' is not allowed in a recurrence", c.pos,
                                  hint="a recurrence has a decay, lets and inputs over 'tokens seq'")
+        updates = [c for c in self.decl.clauses if isinstance(c, ast.Update)]
+        if len(updates) > 1:
+            raise self.error(f"'update' is given twice (first at line {updates[0].pos.line})", updates[1].pos)
+        beta = None
+        if updates:
+            beta = self._input_gate(updates[0].arg, (("heads", "n"),), "the delta rule's rate").name
         decay_clause = self._single("decay")
-        if decay_clause is None:
-            raise self.error(f"recurrence '{self.decl.name}' needs a 'decay' clause", self.decl.name_pos)
+        if decay_clause is None and not updates:
+            raise self.error(f"recurrence '{self.decl.name}' needs a 'decay' clause", self.decl.name_pos,
+                             hint="or an 'update delta(beta)' clause (the delta rule, decay 0 by default)")
+        if decay_clause is None:  # DeltaNet: the delta rule without a decay
+            return self._recurrence_ir("head", sympy.Integer(0), beta)
         node = decay_clause.value
         if isinstance(node, ast.Name) and node.id in self.inputs:
             decl = self._input_gate(node, (("heads", "n"), ("heads", "n", "dk")), "a recurrence's decay")
@@ -44,12 +55,17 @@ class RecurrenceChecks:
                     hint="for a data-dependent gate declare 'input g: float[heads, n]' and write 'decay g'",
                 )
             gate, decay = "head", typed.expr
+        return self._recurrence_ir(gate, decay, beta)
+
+    def _recurrence_ir(self, gate: str, decay, beta: str | None) -> ir.RecurrenceIR:
         return ir.RecurrenceIR(
             name=self.decl.name,
             gate=gate,
             decay=decay,
             inputs=tuple(self.inputs.values()),
             params=tuple((k, v.expr) for k, v in self.env_params.items()),
+            rule="delta" if beta is not None else "decay",
+            beta=beta,
             filename=self.module.filename,
             source=self.module.source,
         )

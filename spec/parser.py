@@ -234,6 +234,9 @@ class _Builder(Transformer):
     def expr_clause(self, kw, value):
         return ast.ExprClause(_pos(kw), str(kw), value)
 
+    def update_clause(self, kw, rule, arg):
+        return ast.Update(_pos(kw), str(rule), _pos(rule), arg)
+
     def flat_blocks(self, size):
         return (ast.BlockAxis(None, size, size.pos),)
 
@@ -295,7 +298,7 @@ def _describe_expected(expected) -> str:
 #: grammar's clause list is shared; the checker refuses the other kind's clauses).
 CLAUSES = {
     "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "route", "let", "input"),
-    "recurrence": ("decay", "let", "input", "tokens"),
+    "recurrence": ("decay", "update", "let", "input", "tokens"),
 }
 
 

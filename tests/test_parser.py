@@ -582,6 +582,6 @@ def test_an_unknown_clause_lists_the_clauses_of_its_declaration_kind(text, kind,
         parse(text, "x.attn")
     assert f"expected a {kind} clause: " in err.value.message
     if kind == "recurrence":
-        assert "decay, let, input, tokens;" in err.value.message and "route" not in err.value.message
+        assert "decay, update, let, input, tokens;" in err.value.message and "route" not in err.value.message
     if near != "mask":
         assert err.value.hint == f"did you mean '{near}'?"

@@ -513,7 +513,8 @@ STDLIB = {
                    {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
 }
 #: Patterns whose mask is chosen at run time by routing, and recurrences: no static tile classification.
-NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "lightning_fla", "mamba2", "retention"}
+NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
+                  "gated_delta_net", "kda"}
 
 
 def test_stdlib_table_is_complete():

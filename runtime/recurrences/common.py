@@ -54,10 +54,14 @@ def check_chunk(chunk) -> int | None:
     return int(chunk)
 
 
-def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, dtype) -> int:
-    """The simulator's chunk size for these shapes on the device's hardware model."""
+def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, dtype, hardware=None) -> int:
+    """The simulator's chunk size for these shapes on the device's hardware model (``hardware``: that
+    GPU model instead, as if the tensors were on it)."""
     from ...compiler.recurrence_cost import best_chunk
 
+    if hardware is not None:
+        nbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
+        return best_chunk(rec.gate, max(T, 1), H, Dk, B, hardware, nbytes=nbytes).chunk
     if torch.device(device).type == "cpu" and rec.gate == "vector":
         # On the CPU the per-channel gate's [C, C, Dk] in-chunk product dominates:
         # measured here (2 cores, T=4096, Dk=64), chunk 16 ran 1.7x faster than 32.
@@ -74,6 +78,9 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
     from ...compiler.hardware import get_hardware
     from ...compiler.recurrence_cost import simulate_recurrence as simulate_chunks
 
+    if rec.rule == "delta":
+        raise SpecError(f"'{rec.name}' is a delta-rule recurrence: the simulator has no cost entry for the delta "
+                        "rule yet (its chunks add a triangular solve)", where="argument pattern")
     for what, value in (("nk", nk), ("kv_tile", kv_tile), ("inputs", inputs)):
         if value is not None:
             raise SpecError(f"a recurrence takes no {what}: its cost does not depend on it", where=f"argument {what}")

@@ -27,13 +27,16 @@ def resolve_backend(backend: str, device) -> str:
 
 
 def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: dict, scale: float,
-        initial_state, chunk: int | None):
+        initial_state, chunk: int | None, hardware=None, native: bool = False):
     """The recurrence on a backend ('cpu': chunked torch, 'triton', 'auto'). Returns (out in q's dtype,
-    final state in the compute dtype, the chunk size used)."""
+    final state in the compute dtype, the chunk size used). ``hardware``: choose the chunk for this GPU
+    model; ``native``: Triton's compiled kernels even for CPU tensors (the offline GPU check)."""
     B, H, T, Dk = q.shape
     dt = compute_dtype(q.dtype)
+    if rec.rule == "delta":
+        return _delta(rec, bound, q, k, v, tensors, scale, initial_state, chunk)
     backend = resolve_backend(backend, q.device)
-    C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype)
+    C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype, hardware)
     s0 = None if initial_state is None else initial_state.to(dt)
     if backend == "triton":
         from .decay import triton as triton_recurrence
@@ -47,7 +50,7 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
         if rec.gate == "vector":
             C = triton_recurrence.VECTOR_CHUNK
         # k, v keep their Hkv heads: the kernels read kv head h // (H // Hkv) by index (GQA)
-        out, state = triton_recurrence.run(q, k, v, g, scale, s0, C, rec.gate)
+        out, state = triton_recurrence.run(q, k, v, g, scale, s0, C, rec.gate, False if native else None)
         return out.to(q.dtype), state, C
     kx, vx = expand_kv(k, H), expand_kv(v, H)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).contiguous()
@@ -89,10 +92,41 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     else:
         check_state(state, q, "state", (B, H, Dk, Dv))
     g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
+    if rec.rule == "delta":
+        from .delta import naive as delta_naive
+
+        beta = delta_naive.beta_tensor(rec, tensors, B, H, 1, dt, q.device)[:, :, 0]
+        out, new = delta_naive.step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt),
+                                    expand_kv(v, H)[:, :, 0].to(dt), g, beta, state.to(dt), float(scale))
+        out = out.to(q.dtype)
+        return (out if squeeze else out.unsqueeze(2)), new
     out, new = step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt), expand_kv(v, H)[:, :, 0].to(dt), g,
                     state.to(dt), float(scale))
     out = out.to(q.dtype)
     return (out if squeeze else out.unsqueeze(2)), new
+
+
+#: The delta rule's chunk (the triangular solve is C x C per chunk; 64 as flash-linear-attention).
+DELTA_CHUNK = 64
+
+
+def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chunk: int | None):
+    """The delta rule in chunks (torch, on q's device): ``(out, final state, chunk)``."""
+    from .delta import chunk as delta_chunk
+    from .delta.naive import beta_tensor
+
+    B, H, T, _ = q.shape
+    dt = compute_dtype(q.dtype)
+    g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
+    if not torch.isfinite(g).all():
+        raise SpecError("the delta rule's gates must be finite (a gate of -inf, a hard reset, is not supported "
+                        "by its chunked form)", where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
+                        hint="use a large negative gate, e.g. -30")
+    beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
+    C = chunk or DELTA_CHUNK
+    s0 = None if initial_state is None else initial_state.to(dt)
+    out, state = delta_chunk.chunked(q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), g, beta, scale, s0, C)
+    return out.to(q.dtype), state, C
 
 
 class RecurrenceRunner(Registered):
@@ -103,8 +137,16 @@ class RecurrenceRunner(Registered):
     op = "recurrence"
     support = Support(kinds=frozenset({"recurrence"}), query_offset=None, routing=False, decode_step=True)
 
-    def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None):
+    def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None, *, hardware=None,
+                 native: bool = False):
+        if pattern.rule == "delta" and backend == "triton":
+            raise SpecError(f"'{pattern.name}' is a delta-rule recurrence, which has no Triton kernels yet",
+                            where="argument backend",
+                            hint="backend='cpu' or 'auto' run its chunked form in torch, on CPU and CUDA tensors")
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
+        # the offline GPU check injects a runner whose chunk is chosen for a GPU model (``hardware``) and
+        # whose Triton kernels compile natively (``native``) although its tensors are on the CPU
+        self.hardware, self.native = hardware, native
         self.last_chunk: int | None = None
         self.register_op()  # under torch.compile: attnc::recurrence
 
@@ -118,6 +160,18 @@ class RecurrenceRunner(Registered):
 
     def describe(self) -> str:
         rec = self.pattern
+        if rec.rule == "delta":
+            import inspect
+
+            from .delta import chunk as delta_chunk
+            from .delta import naive as delta_naive
+
+            head = (f"# {self.backend} backend: delta-rule recurrence '{rec.name}' ({rec.gate} gate, rate "
+                    f"'{rec.beta}'), {'token by token' if self.backend == 'reference' else 'chunked in torch'}\n"
+                    f"# S_t = diag(exp(decay_t)) S_(t-1); S_t += beta_t k_t^T (v_t - k_t S_t); o_t = scale q_t S_t\n"
+                    f"decay = {rec.decay}\n")
+            body = delta_naive.step if self.backend == "reference" else delta_chunk.chunked
+            return head + inspect.getsource(body)
         if self.backend == "reference":
             return (f"# reference backend: naive recurrence '{rec.name}' ({rec.gate} gate)\n"
                     f"# S_t = diag(exp(decay_t)) S_(t-1) + k_t^T v_t ; o_t = scale * q_t S_t\n"
@@ -130,9 +184,18 @@ class RecurrenceRunner(Registered):
         rec = self.pattern
         bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
         tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
+        if self.backend == "reference" and rec.rule == "delta":
+            from .delta import naive as delta_naive
+
+            dt = compute_dtype(q.dtype)
+            H = q.shape[1]
+            out, state = delta_naive.recurrence(rec, bound, q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt),
+                                                tensors, scale, initial_state)
+            return out.to(q.dtype), state, None
         if self.backend == "reference":
             return (*naive.recurrence(rec, bound, q, k, v, tensors, scale, initial_state), None)
-        return run(self.backend, rec, bound, q, k, v, tensors, scale, initial_state, self.chunk)
+        return run(self.backend, rec, bound, q, k, v, tensors, scale, initial_state, self.chunk, self.hardware,
+                   self.native)
 
 
 def describe(rec: ir.RecurrenceIR, backend: str, chunk: int | None) -> str:

@@ -655,13 +655,14 @@ def _states(x, y, gates, s0, H: int, G: int, T: int, C: int, gate: int, scale: f
     return hs, last
 
 
-def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int):
+def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int, interpret: bool | None = None):
     """``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (contiguous; query head h reads
     kv head ``h // (H // Hkv)``), ``g`` ``[H]`` (head gates), ``[B, H, T]`` (scalar) or ``[B, H, T, Dk]``
-    (vector) in the compute dtype. Returns (out in q's dtype, final state in the compute dtype)."""
+    (vector) in the compute dtype. Returns (out in q's dtype, final state in the compute dtype).
+    ``interpret``: run the kernels in Triton's interpreter (None: for CPU tensors or TRITON_INTERPRET=1)."""
     B, H, T, Dk = q.shape
     Dv, G = v.shape[-1], H // k.shape[1]
-    interp = _interpret(q)
+    interp = _interpret(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
     gates = _gate_arrays(g, C, gate)
     s0 = initial_state.contiguous() if initial_state is not None else None
@@ -675,12 +676,12 @@ def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int):
 
 
 def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS_T, C: int, gate: int,
-                    need_gate: bool, need_s0: bool):
+                    need_gate: bool, need_s0: bool, interpret: bool | None = None):
     """Gradients ``(dq, dk, dv, dg | None, dS0 | None)`` in the compute dtype; dk / dv per kv head."""
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
-    interp = _interpret(q)
+    interp = _interpret(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gates = _gate_arrays(g, C, gate)
@@ -727,10 +728,10 @@ class TritonRecurrence(torch.autograd.Function):
     per-chunk states are recomputed by the backward's state pass)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale: float, C: int, gate: int):
-        out, final = triton_forward(q, k, v, g, scale, initial_state, C, gate)
+    def forward(ctx, q, k, v, g, initial_state, scale: float, C: int, gate: int, interpret: bool | None):
+        out, final = triton_forward(q, k, v, g, scale, initial_state, C, gate, interpret)
         ctx.save_for_backward(q, k, v, g, initial_state, final)
-        ctx.scale, ctx.C, ctx.gate = scale, C, gate
+        ctx.scale, ctx.C, ctx.gate, ctx.interpret = scale, C, gate, interpret
         return out, final
 
     @staticmethod
@@ -741,20 +742,21 @@ class TritonRecurrence(torch.autograd.Function):
             do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         need_g = ctx.gate != 0 and ctx.needs_input_grad[3]
         dq, dk, dv, dg, ds0 = triton_backward(q, k, v, g, ctx.scale, s0, final, do, dS_T, ctx.C, ctx.gate,
-                                              need_g, ctx.needs_input_grad[4])
+                                              need_g, ctx.needs_input_grad[4], ctx.interpret)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
-                ds0, None, None, None)
+                ds0, None, None, None, None)
 
 
-def run(q, k, v, g, scale: float, initial_state, C: int, gate: str):
-    """The recurrence on the Triton kernels (the interpreter for CPU tensors). ``g``: ``[H]`` for head
-    gates, ``[B, H, T]`` scalar, ``[B, H, T, Dk]`` vector, in the compute dtype; k, v with Hkv heads
-    (H a multiple of Hkv: query head h reads kv head h // (H // Hkv))."""
+def run(q, k, v, g, scale: float, initial_state, C: int, gate: str, interpret: bool | None = None):
+    """The recurrence on the Triton kernels (the interpreter for CPU tensors, unless ``interpret`` says
+    otherwise: the offline GPU check compiles them natively). ``g``: ``[H]`` for head gates, ``[B, H, T]``
+    scalar, ``[B, H, T, Dk]`` vector, in the compute dtype; k, v with Hkv heads (H a multiple of Hkv:
+    query head h reads kv head h // (H // Hkv))."""
     code = GATE_CODES[gate]
     if code == 2:
         C = VECTOR_CHUNK
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code)
+    return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code, interpret)
 
 
 __all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",

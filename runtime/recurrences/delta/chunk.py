@@ -1,0 +1,60 @@
+"""The delta rule in chunks of C tokens (torch; CPU and CUDA tensors alike), exact to rounding.
+
+Within a chunk entered with state ``S0``, write ``G_t = sum of the log gates up to t`` and ``u_t =
+beta_t (v_t - k_t S_t')`` for the increment at t (``S_t'``: the state after t's decay). Then
+``S_t' = diag(exp(G_t)) S0 + sum_{s<t} diag(exp(G_t - G_s)) k_s^T u_s``, so the increments solve one
+unit lower-triangular system per chunk (the WY form):
+
+    (I + diag(beta) strict_tril(M)) U = diag(beta) (V - (K * exp(G)) S0),  M_ts = sum_c k_tc k_sc exp(G_tc - G_sc)
+    O = scale ((Q * exp(G)) S0 + tril(P) U),                              P_ts = sum_c q_tc k_sc exp(G_tc - G_sc)
+    S_C = diag(exp(G_C)) S0 + (K * exp(G_C - G))^T U
+
+Every exponent is a sum of gates over tokens s < t <= C: at most 0, so nothing overflows. A scalar
+gate (one value per token) makes M and P one product each; a per-channel gate (Kimi Delta Attention)
+takes the [C, C, Dk] product. Gradients follow through torch's autograd (the solve included).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
+    """``q``, ``k`` ``[B, H, T, Dk]``, ``v`` ``[B, H, T, Dv]`` (H heads each), ``g`` ``[B, H, T, 1 | Dk]``
+    log gates (finite), ``beta`` ``[B, H, T]``, all in the compute dtype. Returns ``(out, final state)``."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    pad = (-T) % C
+    if pad:  # padded tokens: k = v = beta = g = 0, an identity step; their outputs are dropped
+        q, k, v, g = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v, g))
+        beta = F.pad(beta, (0, pad))
+    N = (T + pad) // C
+    q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
+    beta = beta.reshape(B, H, N, C)
+    G = torch.cumsum(g, dim=3)
+    state = torch.zeros(B, H, Dk, Dv, dtype=q.dtype, device=q.device) if initial_state is None else initial_state
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    strict = causal.clone().fill_diagonal_(False)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    outs = []
+    for n in range(N):
+        qn, kn, vn, Gn, bn = q[:, :, n], k[:, :, n], v[:, :, n], G[:, :, n], beta[:, :, n]
+        diff = (Gn[:, :, :, None, :] - Gn[:, :, None, :, :]).masked_fill(~causal[:, :, None], -torch.inf)
+        if Gn.shape[-1] == 1:  # one gate per token
+            decay = torch.exp(diff[..., 0])
+            M, P = (kn @ kn.transpose(-1, -2)) * decay, (qn @ kn.transpose(-1, -2)) * decay
+        else:  # one gate per key channel
+            decay = torch.exp(diff)
+            M = torch.einsum("btc,bsc,btsc->bts", kn.flatten(0, 1), kn.flatten(0, 1), decay.flatten(0, 1)).view(
+                B, H, C, C)
+            P = torch.einsum("btc,bsc,btsc->bts", qn.flatten(0, 1), kn.flatten(0, 1), decay.flatten(0, 1)).view(
+                B, H, C, C)
+        A = eye + bn[..., None] * M.masked_fill(~strict, 0.0)
+        rhs = bn[..., None] * (vn - (kn * torch.exp(Gn)) @ state)
+        U = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+        outs.append(scale * ((qn * torch.exp(Gn)) @ state + P.masked_fill(~causal, 0.0) @ U))
+        last = Gn[:, :, -1:]  # [B, H, 1, 1 | Dk]
+        state = torch.exp(last).transpose(-1, -2) * state + (kn * torch.exp(last - Gn)).transpose(-1, -2) @ U
+    out = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
+    return out, state

@@ -1,0 +1,46 @@
+"""The delta rule token by token (spec/REFERENCE.md), the source of truth of the chunked form:
+
+    S_t = diag(exp(g_t)) S_{t-1}
+    S_t = S_t + beta_t k_t^T (v_t - k_t S_t)
+    o_t = scale q_t S_t
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..common import gate_tensor
+
+
+def beta_tensor(rec, tensors: dict, B: int, H: int, T: int, dtype, device) -> torch.Tensor:
+    """The rate ``beta`` as ``[B, H, T]`` in ``dtype`` (differentiable; a broadcast batch is summed back)."""
+    beta = tensors[rec.beta].to(device=device, dtype=dtype)
+    if beta.dim() == 2:
+        beta = beta.unsqueeze(0)
+    return beta.expand(B, H, T)
+
+
+def step(q_t, k_t, v_t, g_t, beta_t, state, scale: float):
+    """One token: ``q_t``, ``k_t`` ``[B, H, Dk]``, ``v_t`` ``[B, H, Dv]``, ``g_t`` ``[B, H, 1 | Dk]`` (log
+    gates), ``beta_t`` ``[B, H]``, ``state`` ``[B, H, Dk, Dv]``; returns ``(o_t, new state)``."""
+    state = torch.exp(g_t)[..., None] * state
+    predicted = torch.einsum("bhk,bhkv->bhv", k_t, state)
+    state = state + beta_t[..., None, None] * k_t[..., None] * (v_t - predicted)[..., None, :]
+    return scale * torch.einsum("bhk,bhkv->bhv", q_t, state), state
+
+
+def recurrence(rec, bound, q, k, v, tensors: dict, scale: float, initial_state):
+    """``(out [B, H, T, Dv] in q's dtype, final state [B, H, Dk, Dv] in the compute dtype)``; ``k``, ``v``
+    with H heads (GQA expanded by the caller), every tensor in the compute dtype."""
+    B, H, T, Dk = q.shape
+    dt = q.dtype
+    g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
+    beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
+    state = torch.zeros(B, H, Dk, v.shape[-1], dtype=dt, device=q.device) if initial_state is None \
+        else initial_state.to(dt)
+    outs = []
+    for t in range(T):
+        o, state = step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], state, scale)
+        outs.append(o)
+    out = torch.stack(outs, dim=2) if outs else q.new_zeros(B, H, 0, v.shape[-1])
+    return out, state

@@ -1,0 +1,138 @@
+"""The delta rule (DeltaNet, Gated DeltaNet, Kimi Delta Attention): the naive reference against a loop
+written here from the formula, the chunked form against the naive one in float64 (outputs, final
+state, every gradient) on random inputs, decoding continuing a prefix, packed sequences, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+
+F64 = torch.float64
+GATES = {"delta_net": None, "gated_delta_net": "scalar", "kda": "vector"}
+
+
+def loop(q, k, v, g, beta, scale, s0):
+    """The rule as written (q, k, v [B, H, T, D]; g [B, H, T, Dk] log gates; beta [B, H, T])."""
+    B, H, T, Dk = q.shape
+    S = s0.clone()
+    out = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype)
+    for t in range(T):
+        S = torch.exp(g[:, :, t])[..., None] * S
+        for b in range(B):
+            for h in range(H):
+                kt, vt = k[b, h, t], v[b, h, t]
+                S[b, h] = S[b, h] + beta[b, h, t] * torch.outer(kt, vt - kt @ S[b, h])
+        out[:, :, t] = scale * torch.einsum("bhk,bhkv->bhv", q[:, :, t], S)
+    return out, S
+
+
+def case(name, B, H, T, Dk, Dv, seed, kv_heads=None):
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or H
+    q = torch.randn(B, H, T, Dk, generator=g, dtype=F64)
+    k = F.normalize(torch.randn(B, kv_heads, T, Dk, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(B, kv_heads, T, Dv, generator=g, dtype=F64)
+    inputs = {"beta": 2 * torch.rand(H, T, generator=g, dtype=F64)}  # (0, 2): negative eigenvalues too
+    if GATES[name] == "scalar":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=g, dtype=F64) + 2)
+    elif GATES[name] == "vector":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, Dk, generator=g, dtype=F64) + 2)
+    s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64)
+    return q, k, v, inputs, s0
+
+
+def full_gates(name, inputs, B, H, T, Dk):
+    if GATES[name] is None:
+        return torch.zeros(B, H, T, Dk, dtype=F64)
+    g = inputs["g"]
+    return (g.unsqueeze(-1) if g.dim() == 2 else g).unsqueeze(0).expand(B, H, T, Dk)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_the_naive_reference_is_the_rule(name):
+    q, k, v, inputs, s0 = case(name, 2, 2, 9, 4, 3, seed=1)
+    out, state = attnc.compile_attention(f"stdlib:{name}", backend="reference")(
+        q, k, v, initial_state=s0, return_state=True, scale=0.7, **inputs)
+    want, want_state = loop(q, k, v, full_gates(name, inputs, 2, 2, 9, 4), inputs["beta"].expand(2, 2, 9), 0.7, s0)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(state, want_state, rtol=1e-12, atol=1e-12)
+
+
+def _run(name, backend, q, k, v, inputs, s0, chunk=None):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, q_tile=chunk)
+    out, state = attn(*leaves[:3], initial_state=leaves[3], return_state=True, **dict(zip(inputs, leaves[4:], strict=True)))
+    weight = torch.sin(torch.arange(out.numel(), dtype=F64)).view_as(out)
+    grads = torch.autograd.grad((out * weight).sum() + (state ** 2).sum(), leaves)
+    return out, state, grads
+
+
+@settings(max_examples=12, deadline=None)
+@given(name=st.sampled_from(list(GATES)), T=st.integers(1, 40), chunk=st.sampled_from([16, 32, 64]),
+       gqa=st.booleans(), seed=st.integers(0, 2**16))
+def test_chunked_equals_naive_forward_state_and_every_gradient(name, T, chunk, gqa, seed):
+    q, k, v, inputs, s0 = case(name, 2, 2, T, 4, 3, seed, kv_heads=1 if gqa else None)
+    want = _run(name, "reference", q, k, v, inputs, s0)
+    got = _run(name, "cpu", q, k, v, inputs, s0, chunk)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-10)
+    for a, b in zip(got[2], want[2], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_decoding_continues_a_prefix(name):
+    q, k, v, inputs, _ = case(name, 1, 2, 12, 4, 3, seed=3)
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu")
+    full = attn(q, k, v, **inputs)
+    part = {n: t[:, :8] for n, t in inputs.items()}
+    _, state = attn(q[:, :, :8], k[:, :, :8], v[:, :, :8], return_state=True, **part)
+    for t in range(8, 12):
+        o, state = attn.step(q[:, :, t], k[:, :, t], v[:, :, t], state, **{n: x[:, t:t + 1] for n, x in inputs.items()})
+        torch.testing.assert_close(o, full[:, :, t], rtol=1e-12, atol=1e-12)
+
+
+def test_packed_sequences_equal_separate_calls():
+    q, k, v, inputs, _ = case("gated_delta_net", 1, 2, 20, 4, 3, seed=4)
+    attn = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")
+    cu = torch.tensor([0, 7, 20])
+    packed = attn(q, k, v, cu_seqlens=cu, **inputs)
+    for a, b in ((0, 7), (7, 20)):
+        alone = attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **{n: t[:, a:b] for n, t in inputs.items()})
+        torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_input_names_the_argument():
+    q, k, v, inputs, _ = case("gated_delta_net", 1, 2, 8, 4, 3, seed=5)
+    attn = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")
+    with pytest.raises(attnc.SpecError) as err:
+        attn(q, k, v, g=inputs["g"], beta=inputs["beta"][:, :5])
+    assert err.value.where == "argument beta"
+    with pytest.raises(attnc.SpecError) as err:
+        attn(q, k, v, g=inputs["g"].unsqueeze(-1).expand(2, 8, 4), beta=inputs["beta"])
+    assert err.value.where == "argument g"
+    with pytest.raises(attnc.SpecError) as err:
+        attn(q, k, v, initial_state=torch.zeros(1, 2, 4, 4, dtype=F64), **inputs)
+    assert err.value.where == "argument initial_state"
+    with pytest.raises(attnc.SpecError, match="-inf"):
+        attn(q, k, v, g=inputs["g"].index_fill(1, torch.tensor([3]), -float("inf")), beta=inputs["beta"])
+    with pytest.raises(attnc.SpecError, match="no Triton kernels yet") as err:
+        attnc.compile_attention("stdlib:kda", backend="triton")
+    assert err.value.where == "argument backend"
+
+
+def test_language_refuses_misplaced_or_malformed_updates():
+    with pytest.raises(attnc.SpecError, match="unknown update rule 'delt'"):
+        attnc.load("recurrence r\n  input beta: float[heads, n]\n  update delt(beta)\n")
+    with pytest.raises(attnc.SpecError, match="must be an input of shape float\\[heads, n\\]"):
+        attnc.load("recurrence r\n  input beta: float[heads, n, dk]\n  update delta(beta)\n")
+    with pytest.raises(attnc.SpecError, match="'update' is a recurrence's clause"):
+        attnc.load("pattern p\n  input beta: float[heads, n]\n  mask causal\n  update delta(beta)\n")
+    rec = attnc.load("stdlib:gated_delta_net")
+    assert (rec.rule, rec.beta, rec.gate) == ("delta", "beta", "scalar")
+    assert rec.key() != attnc.load("stdlib:mamba2").key()
