@@ -158,3 +158,45 @@ def test_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(got_out[1], eager[1], rtol=1e-10, atol=1e-10)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def _fla_naive(folder: str):
+    """flash-linear-attention's own torch reference module ``fla/ops/FOLDER/naive.py`` (fla-core is a
+    test dependency; its package __init__ needs a GPU Triton, so the file is loaded alone)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("fla")
+    assert spec is not None, "fla-core is a test dependency (pyproject [test])"
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops" / folder / "naive.py"
+    module_spec = importlib.util.spec_from_file_location(f"fla_naive_{folder}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_the_reference_equals_flash_linear_attention_naive(name):
+    """attnc's reference against fla's naive recurrences (float32, as fla computes them): outputs and
+    final state, with an initial state; fla's layout is [B, T, H, D]."""
+    q, k, v, inputs, s0 = case(name, 2, 2, 11, 4, 3, seed=7)
+    q, k, v, s0 = (t.float() for t in (q, k, v, s0))
+    inputs = {n: t.float() for n, t in inputs.items()}
+    out, state = attnc.compile_attention(f"stdlib:{name}", backend="reference")(
+        q, k, v, initial_state=s0, return_state=True, **inputs)
+    beta = inputs["beta"].unsqueeze(0).expand(2, 2, 11)
+    if name == "delta_net":
+        want, want_state = _fla_naive("delta_rule").delta_rule_recurrence(q, k, v, beta, s0, True)
+    else:
+        bthd = lambda t: t.transpose(1, 2)  # noqa: E731
+        if name == "gated_delta_net":
+            fn = _fla_naive("gated_delta_rule").naive_recurrent_gated_delta_rule
+            g = inputs["g"].unsqueeze(0).expand(2, 2, 11)
+            want, want_state = fn(bthd(q), bthd(k), bthd(v), bthd(beta), bthd(g), None, s0, True)
+        else:
+            fn = _fla_naive("kda").naive_recurrent_kda
+            g = inputs["g"].unsqueeze(0).expand(2, 2, 11, 4)
+            want, want_state = fn(bthd(q), bthd(k), bthd(v), bthd(g), bthd(beta), None, s0, True)
+        want = bthd(want)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
