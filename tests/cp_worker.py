@@ -28,6 +28,8 @@ def case_inputs(case: dict) -> dict:
             out[name] = torch.tensor([0] * (n // 5) + [1] * (n // 2) + [2] * (n - n // 5 - n // 2))
         elif kind == "gate":  # log gates of a scalar-gated recurrence / FoX, [heads, n]
             out[name] = F.logsigmoid(torch.randn(H, n, generator=g, dtype=torch.float64) + 2)
+        elif kind == "beta":  # the delta rule's rate, small enough that random keys keep the state bounded
+            out[name] = 0.05 + 0.1 * torch.rand(H, n, generator=g, dtype=torch.float64)
         elif kind == "vgate":  # [heads, n, dk]
             out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
     return out

@@ -37,6 +37,7 @@ CASES_2 = {
     "retention": dict(spec="stdlib:retention", n=32),
     "mamba2": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "gla": dict(spec="stdlib:gla", n=32, inputs={"g": "vgate"}, grad_inputs=True),
+    "gated-delta": dict(spec="stdlib:gated_delta_net", n=32, inputs={"g": "gate", "beta": "beta"}, grad_inputs=True),
 }
 CASES_4 = {
     "window-ring-4": dict(SW, n=64),
@@ -47,6 +48,7 @@ CASES_4 = {
     "causal-allgather-zigzag-4": dict(spec="causal", n=64, kv="allgather"),
     "moba-usp": dict(spec="stdlib:moba", params={"block": 8, "topk": 3}, n=64, u=2),
     "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
+    "kda-4": dict(spec="stdlib:kda", n=32, inputs={"g": "vgate", "beta": "beta"}, grad_inputs=True),
 }
 WAN_2 = {
     "wan-ring": {"wan": {"ring_degree": 2}},

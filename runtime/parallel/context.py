@@ -213,9 +213,6 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
         if not pat.self_attention:
             raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
                             "one sequence", where="argument attn")
-    elif getattr(pat, "rule", "decay") == "delta":
-        raise SpecError(f"'{pat.name}' is a delta-rule recurrence: its state does not pass between ranks as a decay "
-                        "and a sum (the chaining context parallelism uses) yet", where="argument attn")
     elif ulysses_degree > 1:
         raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
                         where="argument ulysses_degree")

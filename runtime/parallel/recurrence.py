@@ -1,9 +1,11 @@
 """Recurrences across ranks: each rank runs its contiguous part of the sequence; the state entering
 it is the exclusive prefix, over the ranks before it, of their final states.
 
-A part's final state is linear in the state entering it: ``S_out = A * S_in + S_0`` where ``S_0`` is
-the part's final state from zeros and ``A = exp(sum of its log gates)`` (diagonal in the key
-dimension). Every rank runs its part from zeros, the (``S_0``, ``A``) of all ranks are all-gathered
+A part's final state is affine in the state entering it: ``S_out = A S_in + S_0`` where ``S_0`` is the
+part's final state from zeros. Under the decay rule ``A = diag(exp(sum of its log gates))``; under
+the delta rule ``A`` is a full ``[Dk, Dk]`` matrix (the product of the parts' ``(I - beta k^T k)``
+and decays), obtained by running the part once more from the identity with zero values. Every rank
+runs its part from zeros, the (``S_0``, ``A``) of all ranks are all-gathered
 (differentiable: the backward sums each rank's gradient back to its owner), each rank folds those
 before it into its entering state and runs its part again from that state. Two local passes on every
 rank but the first, no serial chain: the ranks wait for one all-gather, not for each other.
@@ -57,9 +59,14 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
     if world == 1:
         return out0, 0
     dt = compute_dtype(q.dtype)
-    bound = E.bind_sizes(rec, n=T, heads=H, sizes=sizes, dk=Dk)
-    tensors, _ = E.bind_inputs(rec, bound, local, batch=B, device=q.device)
-    decay = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).sum(2)  # [B, H, 1 | Dk]
+    if rec.rule == "delta":  # A from the identity entering with zero values: S_out = A I + 0
+        eye = torch.eye(Dk, dtype=dt, device=q.device).expand(B, H, Dk, Dk).contiguous()
+        zeros = torch.zeros(B, k.shape[1], T, Dk, dtype=v.dtype, device=v.device)
+        _, decay, _ = attn.runner.run(q, k, zeros, local, sizes, scale, eye)  # [B, H, Dk, Dk]
+    else:
+        bound = E.bind_sizes(rec, n=T, heads=H, sizes=sizes, dk=Dk)
+        tensors, _ = E.bind_inputs(rec, bound, local, batch=B, device=q.device)
+        decay = torch.exp(gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).sum(2))[..., None]  # [B,H,1|Dk,1]
     states = dist_fn.all_gather(state0.to(dt).contiguous(), group=group)
     decays = dist_fn.all_gather(decay.contiguous(), group=group)
     sent = (world - 1) * (state0.to(dt).nbytes + decay.nbytes)
@@ -70,6 +77,6 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
         return out0 + tie.to(out0.dtype), sent
     entering = torch.zeros_like(states[0])
     for j in range(rank):
-        entering = torch.exp(decays[j])[..., None] * entering + states[j]
+        entering = (decays[j] @ entering if rec.rule == "delta" else decays[j] * entering) + states[j]
     out, _, _ = attn.runner.run(q, k, v, local, sizes, scale, entering)
     return out, sent

@@ -106,8 +106,10 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     return (out if squeeze else out.unsqueeze(2)), new
 
 
-#: The delta rule's chunk (the triangular solve is C x C per chunk; 64 as flash-linear-attention).
+#: The delta rule's chunk (the triangular solve is C x C per chunk; 64 as flash-linear-attention). A
+#: per-channel gate (KDA) costs C x C x Dk per chunk, i.e. T x C x Dk in all: 16 there.
 DELTA_CHUNK = 64
+DELTA_VECTOR_CHUNK = 16
 
 
 def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chunk: int | None):
@@ -123,7 +125,7 @@ def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chun
                         "by its chunked form)", where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
                         hint="use a large negative gate, e.g. -30")
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
-    C = chunk or DELTA_CHUNK
+    C = chunk or (DELTA_VECTOR_CHUNK if rec.gate == "vector" else DELTA_CHUNK)
     s0 = None if initial_state is None else initial_state.to(dt)
     out, state = delta_chunk.chunked(q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), g, beta, scale, s0, C)
     return out.to(q.dtype), state, C
