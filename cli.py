@@ -193,7 +193,10 @@ def _key_values_raw(items: list[str] | None) -> dict[str, str]:
 def _show_recurrence(rec, heads: int) -> int:
     from .compiler import evaluate as E
 
-    print(f"{rec.name}: recurrence, {rec.gate} gate")
+    print(f"{rec.name}: recurrence, {rec.gate} gate" + (", the delta rule" if rec.rule == "delta" else ""))
+    if rec.rule == "delta":
+        print(f"update: S_t += beta_t k_t^T (v_t - k_t S_t) after the decay, rate the call-time input '{rec.beta}' "
+              "(per token and head)")
     if rec.gate != "head":
         print(f"decay is the call-time input '{rec.decay}' ({'per token and head' if rec.gate == 'scalar' else 'per token, head and key channel'})")
         return 0
