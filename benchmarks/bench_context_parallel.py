@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_flex import interleaved  # noqa: E402
+from bench_flex import emit, interleaved  # noqa: E402
 
 import attnc  # noqa: E402
 from attnc.distributed import ContextParallel  # noqa: E402
@@ -174,11 +174,7 @@ def main() -> None:
         step = "-" if sec is None else f"{sec * 1e3:.1f}"
         rel = "-" if ratio is None else f"{ratio:.2f}x"
         lines.append(f"| {name} | {n} | {world} | {label} | {step} | {rel} | {b if b is not None else '-'} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from bench_flex import interleaved  # noqa: E402
+from bench_flex import emit, interleaved  # noqa: E402
 
 import attnc  # noqa: E402
 
@@ -84,11 +84,7 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for name, mode, ref, cpu, err in rows:
         lines.append(f"| {name} | {mode} | {ref:.2f} | {cpu:.3f} | {ref / cpu:.1f}x | {err:.1e} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

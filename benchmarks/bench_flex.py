@@ -42,6 +42,15 @@ import attnc  # noqa: E402
 from attnc.compiler import evaluate as E  # noqa: E402
 
 
+def emit(lines: list[str], out: str | None) -> None:
+    """A result table: printed, and written to ``out`` when given (benchmarks/results/NAME-DATE.md)."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+
+
 def interleaved(fns: dict, repeats, warmup: bool = True) -> dict[str, list[float]]:
     """Seconds per run of each callable, interleaved (one run of each per round, so that load
     changes hit all alike), after one warm-up round unless ``warmup`` is False.

@@ -21,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_flex import emit  # noqa: E402
+
 CASES = {
     "sliding window 512, 8K tokens, 8 heads": ("stdlib:sliding_window", {"window": 512}, None, 8192, 8),
     "document (4 docs), 8K tokens, 8 heads": ("stdlib:document", {}, None, 8192, 8),
@@ -94,11 +97,7 @@ def main() -> None:
         o, n = med["old"], med["new"]
         lines.append(f"| {name} | {backend} | {o['first']:.2f} | {n['first']:.2f} | {n['first'] / o['first']:.2f} | "
                      f"{o['steady'] * 1e3:.1f} | {n['steady'] * 1e3:.1f} | {n['steady'] / o['steady']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":
