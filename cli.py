@@ -95,6 +95,8 @@ def cmd_check(args) -> int:
 
 def _unused_inputs(decl) -> list[str]:
     """Declared call-time inputs that none of the declaration's clauses reads."""
+    if not decl.inputs:
+        return []
     import sympy
 
     from .compiler.evaluate import input_names

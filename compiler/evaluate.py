@@ -589,8 +589,21 @@ def input_sites(expr: sympy.Basic | None) -> list[sympy.Basic]:
 
 @functools.lru_cache(maxsize=256)
 def input_names(expr: sympy.Basic) -> frozenset[str]:
-    """The call-time inputs an expression reads (memoised: asked on every call, e.g. of the mask)."""
-    return frozenset(name for f in expr.atoms(sympy.Function) if (name := S.input_name(f.func)))
+    """The call-time inputs an expression reads (memoised: asked on every call, e.g. of the mask). Each
+    distinct sub-expression is visited once: nested lets share theirs, and their tree (``atoms``'
+    walk) can be exponentially larger than the expression."""
+    seen: set = set()
+    names: set = set()
+    stack = [expr]
+    while stack:
+        e = stack.pop()
+        if e in seen:
+            continue
+        seen.add(e)
+        if isinstance(e, sympy.Function) and (name := S.input_name(e.func)):
+            names.add(name)
+        stack.extend(e.args)
+    return frozenset(names)
 
 
 #: Positions evaluated at once by ``check_mask_indices``.
