@@ -109,7 +109,6 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _float(self, e) -> str:
         """An expression forced to the target's float type."""
-        raise NotImplementedError
 
     def _promoted(self, args) -> list[str]:
         """Python's int/float promotion over sibling operands."""
@@ -166,7 +165,6 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _pow(self, e: sympy.Pow) -> str:
         """``base ** exp`` with Python's int/float rules."""
-        raise NotImplementedError
 
     def _floordiv(self, e: S.FloorDiv) -> str:
         """Floored ``//``: of floats, by a constant (``_const_floordiv``), else the ``_floordiv``
@@ -184,7 +182,6 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _const_floordiv(self, a, b: int) -> str | None:
         """An int ``a // b`` for a nonzero constant ``b``, or None for the general helper."""
-        raise NotImplementedError
 
     def _mod(self, e: sympy.Mod) -> str:
         """Floored ``%``: of floats (``_float_mod``), by a constant (``_const_mod``), else the
@@ -202,17 +199,14 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _float_mod(self, a, b) -> str:
         """A floored float ``a % b`` (the sign of ``b``)."""
-        raise NotImplementedError
 
     @abstractmethod
     def _const_mod(self, a, b: int) -> str | None:
         """An int ``a % b`` for a nonzero constant ``b``, or None for the general helper."""
-        raise NotImplementedError
 
     @abstractmethod
     def _min_max(self, e) -> str:
         """``min``/``max`` of any number of promoted operands."""
-        raise NotImplementedError
 
     def _abs(self, e: sympy.Abs) -> str:
         return f"{self.ABS}({self.p(e.args[0])})"
@@ -258,7 +252,6 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _not(self, e: sympy.Not) -> str:
         """Logical negation of a bool (or of a scalar the target treats as one)."""
-        raise NotImplementedError
 
     def _equivalent(self, e: sympy.Equivalent) -> str:
         args = [self.p(a) for a in sorted_args(e)]
@@ -309,7 +302,6 @@ class ExprPrinter(ABC):
     @abstractmethod
     def _input(self, name: str, args) -> str:
         """A read of input ``name`` at ``args`` (literal indices checked, others clamped)."""
-        raise NotImplementedError
 
     #: (node types, name of the method that prints them), tried in this order after the atoms.
     _RULES = (

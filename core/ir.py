@@ -145,6 +145,11 @@ class InputDecl:
     def function(self):
         return S.input_function(self.name, self.dtype)
 
+    @property
+    def token_dims(self) -> tuple[int, ...]:
+        """The dimensions over the tokens (named ``n`` or ``nk``), as declared (no batch dimension)."""
+        return tuple(i for i, dim in enumerate(self.dim_names) if dim in ("n", "nk"))
+
 
 @dataclass(frozen=True)
 class WindowSite:

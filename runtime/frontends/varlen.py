@@ -93,7 +93,7 @@ def check_packed_inputs(pat, inputs: dict, total: int) -> None:
         decl = next((d for d in pat.inputs if d.name == name), None)
         if decl is None or not isinstance(t, torch.Tensor):
             continue  # unknown names and non-tensors: the ordinary forward names them
-        token_dims = [i for i, dim in enumerate(decl.dim_names) if dim in ("n", "nk")]
+        token_dims = decl.token_dims
         if not token_dims:
             continue
         want = [total if i in token_dims else dim for i, dim in enumerate(decl.dim_names)]
@@ -125,7 +125,7 @@ def _gather_input(pat, name: str, t, packing: Packing, seqs: tuple[int, ...], le
     decl = next((d for d in pat.inputs if d.name == name), None)
     if decl is None or not isinstance(t, torch.Tensor):
         return t  # unknown names and bad values: the ordinary forward names them
-    token_dims = [i for i, dim in enumerate(decl.dim_names) if dim in ("n", "nk")]
+    token_dims = decl.token_dims
     batched = t.dim() == len(decl.dims) + 1
     if batched:
         if t.shape[0] != 1:

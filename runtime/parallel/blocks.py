@@ -19,7 +19,7 @@ import torch
 from ...compiler import evaluate as E
 from ...core import ir
 from ..backends.reference.dense import pair_mask, pair_scores, softcap_values
-from ..numerics import compute_dtype
+from ..numerics import compute_dtype, expand_kv
 
 #: Scores held at once per slab of query rows (float32: 64 MiB).
 SLAB_SCORES = 1 << 24
@@ -68,14 +68,8 @@ class BlockProblem:
         return 1 - torch.tanh(self.scale * (q @ k.transpose(-1, -2)) / cap) ** 2
 
 
-def expand(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """KV heads repeated for the query heads of their group (GQA), as a view where possible."""
-    g = heads // t.shape[1]
-    return t if g == 1 else t.repeat_interleave(g, dim=1)
-
-
 def fold(t: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """The inverse of ``expand`` for gradients: a group's query heads summed onto its KV head."""
+    """The inverse of ``expand_kv`` for gradients: a group's query heads summed onto its KV head."""
     B, H, N, D = t.shape
     return t if H == kv_heads else t.view(B, kv_heads, H // kv_heads, N, D).sum(2)
 
@@ -90,7 +84,7 @@ def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tens
     allowed key in the block gives 0 and lse -inf."""
     dt = compute_dtype(q.dtype)
     B, H, nq, _ = q.shape
-    kc, vc = expand(k.to(dt), H), expand(v.to(dt), H)
+    kc, vc = expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)
     out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
     lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
     for rows in _slabs(nq, B * H * len(k_pos)):
@@ -119,7 +113,7 @@ def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta):
     of the whole row, ``dout`` ``[B, H, nq, Dv]``. dk, dv have k's heads (GQA groups summed)."""
     dt = compute_dtype(q.dtype)
     B, H, nq, _ = q.shape
-    kc, vc = expand(k.to(dt), H), expand(v.to(dt), H)
+    kc, vc = expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dk = torch.zeros(kc.shape, dtype=dt, device=q.device)
     dv = torch.zeros(vc.shape, dtype=dt, device=q.device)

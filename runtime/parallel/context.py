@@ -139,16 +139,18 @@ class ContextParallel(torch.nn.Module):
                                   for n, t in sorted(inputs.items())})
         C.agree(self.group, record, "argument q")
         n = q.shape[2] * self.world
-        self._input_bytes = 0
         if isinstance(pat, ir.RecurrenceIR):
             out, sent = chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
                                            self._call_sizes, scale)
             self.last_comm_bytes = sent
             return out
-        whole = {name: self._whole_input(name, t, n) for name, t in inputs.items()}
-        return self._softmax(q, k, v, scale, whole, n)
+        whole, input_bytes = {}, 0
+        for name, t in inputs.items():
+            whole[name], sent = self._whole_input(name, t, n)
+            input_bytes += sent
+        return self._softmax(q, k, v, scale, whole, n, input_bytes)
 
-    def _softmax(self, q, k, v, scale, whole, n):
+    def _softmax(self, q, k, v, scale, whole, n, input_bytes: int):
         pat = self.attn.pattern
         B, H = q.shape[0], q.shape[1]
         bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self._call_sizes, dk=q.shape[-1])
@@ -174,7 +176,7 @@ class ContextParallel(torch.nn.Module):
         if self.u > 1:
             sent += out.nbytes * (self.u - 1) // self.u
             out = Swap.apply(out, self.ulysses_group, self.u, False)
-        self.last_comm_bytes = sent + call.sent["forward"] + self._input_bytes
+        self.last_comm_bytes = sent + call.sent["forward"] + input_bytes
         return out
 
     def plan(self, bound: E.Bound, tensors: dict, batch: int | None, order: ShardOrder) -> PairPlan:
@@ -187,15 +189,14 @@ class ContextParallel(torch.nn.Module):
             self._plans[key] = plan_pairs(pat, bound, {}, None, order)
         return self._plans[key]
 
-    def _whole_input(self, name: str, t, n: int):
-        """A call-time input whole: gathered from every rank's part along its token dimension, or as given."""
+    def _whole_input(self, name: str, t, n: int) -> tuple:
+        """A call-time input whole, and the bytes this rank sent for it: gathered from every rank's part
+        along its token dimension, or as given (0 bytes)."""
         dim = token_dim(self.attn.pattern, name, t)
-        if dim is None or dim >= t.dim():
-            return t
-        if t.shape[dim] == n:
-            return t
-        self._input_bytes += t.nbytes * (self.world - 1)
-        return self.order(n, self._call_sizes).unshard(C.all_gather(t, self.group), dim)
+        if dim is None or dim >= t.dim() or t.shape[dim] == n:
+            return t, 0
+        whole = self.order(n, self._call_sizes).unshard(C.all_gather(t, self.group), dim)
+        return whole, t.nbytes * (self.world - 1)
 
 
 def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:

@@ -17,7 +17,6 @@ import torch
 import torch.distributed.nn.functional as dist_fn
 
 from ...compiler import evaluate as E
-from ...core import symbols as S
 from ...core.errors import SpecError
 from ..numerics import compute_dtype
 from ..recurrences.common import gate_tensor
@@ -29,8 +28,7 @@ def token_dim(pat, name: str, t) -> int | None:
     decl = {d.name: d for d in pat.inputs}.get(name)
     if decl is None or not isinstance(t, torch.Tensor):
         return None
-    dims = [i for i, d in enumerate(decl.dims) if d in (S.N, S.NK)]
-    return dims[0] + (t.dim() - len(decl.dims)) if dims else None
+    return decl.token_dims[0] + (t.dim() - len(decl.dims)) if decl.token_dims else None
 
 
 def local_inputs(rec, inputs: dict, n: int, rank: int, world: int) -> dict:

@@ -34,9 +34,13 @@ class RingCall:
     group: object
     kv: str
     sent: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
-    need_self: bool = False
     gathered_k: list | None = None  # all-gather mode: every ring position's keys and values
     gathered_v: list | None = None
+
+    @property
+    def need_self(self) -> bool:
+        """This rank's queries read its own keys."""
+        return bool(self.plan.need[self.index, self.index])
 
     @property
     def ring(self) -> int:
@@ -96,7 +100,6 @@ class RingAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, call: RingCall):
-        call.need_self = bool(call.plan.need[call.index, call.index])
         if call.kv == "allgather" and call.ring > 1:
             call.gathered_k, call.gathered_v = C.all_gather(k, call.group), C.all_gather(v, call.group)
             call.sent["forward"] += (call.ring - 1) * (k.nbytes + v.nbytes)
