@@ -132,6 +132,8 @@ class KernelReport:
     stack: int = 0
     wgmma: int = 0
     mma: int = 0
+    tcgen05: int = 0  # Blackwell's tcgen05.mma
+    dots: int = 0  # tt.dot operations in the kernel's Triton IR
     error: str | None = None
     constexprs: dict = field(default_factory=dict, repr=False)
 
@@ -146,7 +148,23 @@ class KernelReport:
             out.append(f"shared memory {self.shared / 1024:.1f} KiB > {self.smem_limit // 1024} KiB")
         if self.spill_bytes:
             out.append(f"spills {self.spill_bytes} B")
+        if self.dots and self.dtype in ("fp16", "bf16"):
+            # a 16-bit dot off the tensor cores runs at a fraction of the rate; on Blackwell, mma.sync is
+            # legal but far below tcgen05.mma (wgmma does not exist there)
+            if not (self.wgmma or self.mma or self.tcgen05):
+                out.append(f"{self.dots} dots, none on tensor cores (FMA)")
+            elif self.arch >= 100 and not self.tcgen05:
+                out.append(f"{self.dots} dots, none on tcgen05.mma")
         return out
+
+    @property
+    def notes(self) -> list[str]:
+        """Findings that are not failures: sm_90 dots on mma.sync rather than wgmma (legal, slower)."""
+        if self.error or not self.dots or self.dtype not in ("fp16", "bf16"):
+            return []
+        if self.arch == 90 and self.mma and not self.wgmma:
+            return [f"{self.dots} dots on mma.sync, not wgmma"]
+        return []
 
     @property
     def ok(self) -> bool:
@@ -155,7 +173,7 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
                                               "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
-                                              "wgmma", "mma", "error")}
+                                              "wgmma", "mma", "tcgen05", "dots", "error")}
 
 
 def _knob(path: str, default=None):
@@ -257,11 +275,16 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     return usage
 
 
-def tensor_core_counts(ptx: str) -> tuple[int, int]:
-    """(``wgmma.mma_async`` instructions, ``mma.sync`` instructions) in the PTX."""
-    wgmma = len(re.findall(r"^\s*wgmma\.mma_async\b", ptx, re.M))
-    mma = len(re.findall(r"^\s*mma\.sync\b", ptx, re.M))
-    return wgmma, mma
+# An instruction may carry a predicate guard (``@%p1 tcgen05.mma...``: Blackwell's single-thread issue).
+_GUARD = r"^\s*(?:@!?%\w+\s+)?"
+
+
+def tensor_core_counts(ptx: str) -> tuple[int, int, int]:
+    """(``wgmma.mma_async``, ``mma.sync``, ``tcgen05.mma``) instructions in the PTX."""
+    wgmma = len(re.findall(_GUARD + r"wgmma\.mma_async\b", ptx, re.M))
+    mma = len(re.findall(_GUARD + r"mma\.sync\b", ptx, re.M))
+    tcgen05 = len(re.findall(_GUARD + r"tcgen05\.mma\b", ptx, re.M))
+    return wgmma, mma, tcgen05
 
 
 def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype: str, config: str = "") -> KernelReport:
@@ -277,7 +300,8 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
         rep.shared = int(kernel.metadata.shared)
         ptx = kernel.asm["ptx"]
         rep.regs, rep.spill_bytes, rep.stack = ptxas_usage(ptx, arch)
-        rep.wgmma, rep.mma = tensor_core_counts(ptx)
+        rep.wgmma, rep.mma, rep.tcgen05 = tensor_core_counts(ptx)
+        rep.dots = len(re.findall(r"\btt\.dot(?:_scaled)?\b", kernel.asm.get("ttir", "")))
     except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
         rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
     return rep
@@ -446,17 +470,17 @@ def default_archs() -> tuple[int, ...]:
 
 # ----------------------------------------------------------------- text
 HEADER = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B "
-          "| wgmma | mma.sync | status |")
+          "| dots | wgmma | mma.sync | tcgen05 | status |")
 
 
 def table(reports: list[KernelReport]) -> str:
     """A markdown table of the reports."""
     lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
     for r in reports:
-        status = "ok" if r.ok else "; ".join(r.problems)
+        status = ("ok" if r.ok else "; ".join(r.problems)) + "".join(f" (note: {n})" for n in r.notes)
         lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config.replace('|', '/')} | "
                      f"{r.num_warps} | {r.num_stages} | {r.shared / 1024:.1f} | {r.smem_limit // 1024} | {r.regs} | "
-                     f"{r.spill_bytes} | {r.wgmma} | {r.mma} | {status} |")
+                     f"{r.spill_bytes} | {r.dots} | {r.wgmma} | {r.mma} | {r.tcgen05} | {status} |")
     return "\n".join(lines)
 
 

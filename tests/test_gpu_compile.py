@@ -122,6 +122,38 @@ def test_an_over_limit_kernel_and_a_spill_are_reported():
     assert "shared memory" in G.table([fwd]) and "1 with problems" in G.summary([fwd])
 
 
+def test_tensor_core_instructions_are_counted_with_their_guards():
+    """wgmma, mma.sync and Blackwell's tcgen05.mma, the last issued by one thread behind a predicate."""
+    ptx = "\n".join(["\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};",
+                     "\twgmma.fence.sync.aligned;",
+                     "\tmma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {...};",
+                     "\t@%p7 tcgen05.mma.cta_group::1.kind::f16 [%r1], %rd2, %rd3, %r4, %p8;",
+                     "\t@!%p7 tcgen05.mma.cta_group::1.kind::f16 [%r1], %rd2, %rd3, %r4, %p8;",
+                     "\ttcgen05.ld.sync.aligned.16x32bx2.x32.b32 {...};",
+                     "// tcgen05.mma in a comment"])
+    assert G.tensor_core_counts(ptx) == (1, 1, 2)
+
+
+def test_dots_off_the_architectures_tensor_cores_are_flagged():
+    """A 16-bit dot on FMA is a problem everywhere; on sm_100 so is one on mma.sync instead of tcgen05.mma
+    (a B200 report used to say "ok" with no tensor-core instruction at all); sm_90's mma.sync is a note."""
+    rep = lambda arch, **kw: G.KernelReport("p", "k", arch, 128, "bf16", smem_limit=1 << 20, dots=4, **kw)  # noqa: E731
+    assert rep(100, tcgen05=8).ok and rep(90, wgmma=8).ok and rep(80, mma=8).ok
+    assert rep(100, mma=8).problems == ["4 dots, none on tcgen05.mma"]
+    assert rep(80).problems == ["4 dots, none on tensor cores (FMA)"] == rep(90).problems
+    assert rep(90, mma=8).ok and rep(90, mma=8).notes == ["4 dots on mma.sync, not wgmma"]
+    assert "note: 4 dots on mma.sync" in G.table([rep(90, mma=8)])
+    assert G.KernelReport("p", "k", 100, 64, "fp32", smem_limit=1 << 20, dots=2).ok  # fp32 dots may be exact FMA
+
+
+@pytest.mark.skipif(not G.targets_available(100), reason="the installed Triton does not target sm_100")
+def test_blackwell_kernels_run_their_dots_on_tcgen05():
+    """sm_100 (B200) offline: every softmax kernel compiles, fits, and issues tcgen05.mma for its dots."""
+    reports = G.check_pattern(attnc.load(CAUSAL), archs=(100,), head_dims=(64,), dtypes=("bf16",), n=1024)
+    assert len(reports) == 3 and all(r.ok for r in reports), "\n" + G.table(reports)
+    assert all(r.dots > 0 and r.tcgen05 > 0 and r.wgmma == 0 for r in reports), "\n" + G.table(reports)
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""

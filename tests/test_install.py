@@ -53,3 +53,19 @@ def test_numpy_is_a_declared_dependency():
 
     deps = [r.split(";")[0].replace(" ", "") for r in requires("attnc")]
     assert any(d.startswith("numpy") and "<2.4" in d for d in deps), deps
+
+
+def test_every_package_folder_is_listed_for_the_wheel():
+    """pyproject lists the packages explicitly (the repository root is ``attnc``): a folder with an
+    ``__init__.py`` missing from the list is left out of a regular (non-editable) install."""
+    import pathlib
+
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    skip = {"tests", "benchmarks", "docs", "build"}
+    found = {"attnc." + ".".join(p.parent.relative_to(root).parts) if p.parent != root else "attnc"
+             for p in root.rglob("__init__.py")
+             if not (set(p.relative_to(root).parts) & skip or any(s.startswith(".") for s in p.parts))}
+    assert found - listed == set(), f"folders missing from [tool.setuptools] packages: {sorted(found - listed)}"
