@@ -154,11 +154,143 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
                      programs=chunks * NV)
 
 
-def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, **kw) -> ChunkCost:
+# ----------------------------------------------------------------- the delta rule
+@dataclass(frozen=True)
+class DeltaKernel:
+    """One kernel of the delta rule's chunked WY form: its work per chunk of one (batch, head), its
+    programs per chunk (value or key blocks), and whether it is a sequential pass over the chunks."""
+
+    name: str
+    mma: float  # tensor-core FLOPs
+    vec: float  # elementwise operations (non-tensor ALUs)
+    bytes: float  # HBM bytes read and written
+    programs: int = 1
+    sequential: bool = False
+
+
+def _decayed_product(gate: str, C: int, D: int) -> tuple[float, float]:
+    """(tensor-core FLOPs, elementwise ops) of one decayed ``C x C`` product over ``D`` channels (``K K^T``,
+    ``Q K^T`` and their gradients): a dot of ``2 C^2 D`` and the ``C x C`` decay matrix (subtract, exp,
+    multiply: ``3 C^2``), or for a per-channel gate the ``C x C x D`` elementwise product (``VECTOR_OPS``
+    per entry, the decay differs per channel)."""
+    if gate == "vector":
+        return 0.0, float(VECTOR_OPS * C * C * D)
+    return 2.0 * C * C * D, 3.0 * C * C
+
+
+def delta_kernels(gate: str, chunk: int, head_dim: int, head_dim_v: int | None = None, *,
+                  nbytes: int = 2) -> tuple[list[DeltaKernel], list[DeltaKernel]]:
+    """The delta rule's chunked WY form as kernels (forward, backward), each with its work per chunk of one
+    (batch, head), following flash-linear-attention's ``chunk_gated_delta_rule`` / ``chunk_kda``.
+
+    Forward, per chunk of C tokens (``G``: the gates' cumulative sum in the chunk):
+      kkt     ``A = strict_tril(diag(beta) K K^T, decayed)`` (fp32)                 one decayed product
+      solve   ``T = (I + A)^-1``: ``(C^3 - C) / 3`` FLOPs, the diagonal 16 x 16 blocks by forward
+              substitution (elementwise), the rest as dots (fla's ``solve_tril``)
+      wu      ``W = T diag(beta) (K e^G)``, ``U = T diag(beta) V``                    ``2 C^2 (Dk + Dv)``
+      state   sequential, per value block: ``V' = U - W S``, ``S = e^(G_C) S + (K e^(G_C - G))^T V'``
+                                                                                    ``4 C Dk Dv``
+      output  per value block: ``O = scale (Q e^G S + tril(Q K^T, decayed) V')``      one decayed product per
+              value block ``+ 2 C Dk Dv + 2 C^2 Dv``
+    Backward, recomputing (fla saves only q, k, v, g, beta, T and the initial state): wu and state again,
+      dv      ``dV' = tril(Q K^T, decayed)^T dO``                                      one product ``+ 2 C^2 Dv``
+      dstate  sequential, reverse, per value block: ``dV'' = dV' + K e^(..) dS``, ``dS = e^(G_C) dS +
+              scale (Q e^G)^T dO - W^T dV''``                                        ``6 C Dk Dv``
+      dqkw    per key block: ``dP = dO V'^T`` (``2 C^2 Dv`` each), ``dq = dP K``, ``dk = dP^T Q`` (two
+              decayed products), ``dq += dO S^T``, ``dk += V' dS^T``, ``dW = -dV'' S^T``  ``+ 6 C Dk Dv``
+      wy      through W, U and T: ``dT`` (``2 C^2 (Dk + Dv)``), ``T^T dW``, ``T^T dU`` (``2 C^2 (Dk + Dv)``),
+              ``dA = -T^T dT T^T`` (``4 C^3``), ``dk`` through ``K K^T`` (two decayed products)
+    Bytes: q, k, v, w, u, v', T, the states and the outputs in ``nbytes``, A, gates and gradients of
+    q, k, w, beta, g in fp32; k and q re-read per value block where a kernel runs per value block. Left
+    out: elementwise work of O(C D) per chunk (beta scalings, ``U - W S``, the gates' cumulative sums)."""
+    C, Dk = chunk, head_dim
+    Dv = head_dim_v or head_dim
+    b = nbytes
+    NK, NV = -(-Dk // _block(Dk)), -(-Dv // _block(Dv))
+    gw = {"head": 0, "scalar": 1, "vector": Dk}[gate] * 4  # gate bytes per token (a head gate is a constant)
+    pk_mma, pk_vec = _decayed_product(gate, C, Dk)
+    S = min(VECTOR_SUB_CHUNK, C)
+    diag = (C // S) * (S ** 3 - S) / 3.0  # forward substitution inside the diagonal S x S blocks
+    solve = (C ** 3 - C) / 3.0
+    wu = DeltaKernel("wu", 2.0 * C * C * (Dk + Dv), 0.0,
+                     C * C * b + C * Dk * b + C * Dv * b + C * b + C * gw + C * (Dk + Dv) * b)
+    state = DeltaKernel("state", 4.0 * C * Dk * Dv, 0.0,
+                        NV * (2 * C * Dk * b + C * gw) + 2 * C * Dv * b + Dk * Dv * b, NV, True)
+    forward = [
+        DeltaKernel("kkt", pk_mma, pk_vec, C * Dk * b + C * b + C * gw + C * C * 4),
+        DeltaKernel("solve", solve - diag, diag, C * C * 4 + C * C * b),
+        wu,
+        state,
+        DeltaKernel("output", NV * pk_mma + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv, NV * pk_vec,
+                    NV * (2 * C * Dk * b + C * gw) + C * Dv * b + Dk * Dv * b + C * Dv * b, NV),
+    ]
+    backward = [
+        wu,
+        state,
+        DeltaKernel("dv", pk_mma + 2.0 * C * C * Dv, pk_vec, 2 * C * Dk * b + C * gw + 2 * C * Dv * b),
+        DeltaKernel("dstate", 6.0 * C * Dk * Dv, 0.0,
+                    NV * (3 * C * Dk * b + C * gw) + 3 * C * Dv * b + Dk * Dv * b, NV, True),
+        DeltaKernel("dqkw", NK * 2.0 * C * C * Dv + 2 * pk_mma + 6.0 * C * Dk * Dv, 2 * pk_vec,
+                    NK * 3 * C * Dv * b + 2 * C * Dk * b + 2 * Dk * Dv * b + 2 * C * gw + 3 * C * Dk * 4, NK),
+        DeltaKernel("wy", 4.0 * C * C * (Dk + Dv) + 4.0 * C ** 3 + 2 * pk_mma, 2 * pk_vec,
+                    C * Dk * b + 2 * C * Dv * b + C * b + C * gw + C * C * b + C * Dk * 4
+                    + C * (Dk + Dv) * 4 + C * 4 + C * gw),
+    ]
+    return forward, backward
+
+
+def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: int, hw: Hardware, *,
+                     nbytes: int = 2, head_dim_v: int | None = None, calibration: Calibration | None = None,
+                     rcal: RecurrenceCalibration | None = None) -> ChunkCost:
+    """Forward and backward cost of the delta rule's chunked WY form (``delta_kernels``) with chunks of
+    ``chunk`` tokens: FLOPs and bytes summed over the kernels and chunks; time as the decay
+    recurrences' model (sequential passes: N dependent steps of their per-program work plus the step
+    latency; chunk-parallel kernels: their whole work over all SMs in whole waves)."""
+    cal = calibration or DEFAULT_CALIBRATION
+    rc = rcal or DEFAULT_RECURRENCE_CALIBRATION
+    C = chunk
+    N = -(-n // C)
+    bh = batch * heads
+    chunks = bh * N
+    fit = cal.fit(hw)
+    eff = fit.forward * min(1.0, C / 128) ** (cal.q_tile_exponent + cal.kv_tile_exponent)
+    beff = eff * fit.backward / fit.forward
+    vec_rate = hw.vector_flops_per_sm * rc.vector_fraction
+
+    def kernel_s(kern: DeltaKernel, eff_: float) -> float:
+        if kern.sequential:  # one program per (batch x head, value block), N dependent steps
+            programs = bh * kern.programs
+            share = max(1.0, programs / hw.sms)
+            step = max(kern.mma / kern.programs / (hw.flops_per_sm * eff_) + kern.vec / kern.programs / vec_rate,
+                       kern.bytes / kern.programs / (hw.bytes_per_s / hw.sms))
+            return N * (step * share + rc.step_latency_s) + cal.launch_s
+        programs = chunks * kern.programs
+        t = max(chunks * kern.mma / (hw.sms * hw.flops_per_sm * eff_) + chunks * kern.vec / (hw.sms * vec_rate),
+                chunks * kern.bytes / hw.bytes_per_s)
+        return t * (-(-programs // hw.sms) / (programs / hw.sms)) + cal.launch_s
+
+    fwd, bwd = delta_kernels(gate, C, head_dim, head_dim_v, nbytes=nbytes)
+    return ChunkCost(chunk=C, forward_s=sum(kernel_s(k, eff) for k in fwd),
+                     backward_s=sum(kernel_s(k, beff) for k in bwd),
+                     forward_flops=chunks * sum(k.mma + k.vec for k in fwd),
+                     backward_flops=chunks * sum(k.mma + k.vec for k in bwd),
+                     forward_bytes=chunks * sum(k.bytes for k in fwd),
+                     backward_bytes=chunks * sum(k.bytes for k in bwd),
+                     programs=chunks * max(k.programs for k in fwd))
+
+
+def _cost(rule: str):
+    """The cost entry of a recurrence rule ('decay' or 'delta')."""
+    return delta_chunk_cost if rule == "delta" else chunk_cost
+
+
+def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, *, rule: str = "decay",
+               **kw) -> ChunkCost:
     """The chunk size (16/32/64) with the smallest predicted forward + backward time; per-channel gates
-    run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are written for it)."""
-    chunks = (VECTOR_CHUNK,) if gate == "vector" else CHUNKS
-    costs = [chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
+    of the decay rule run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are
+    written for it). ``rule='delta'``: the delta rule's cost (``delta_chunk_cost``), every chunk size."""
+    chunks = (VECTOR_CHUNK,) if gate == "vector" and rule == "decay" else CHUNKS
+    costs = [_cost(rule)(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
     return min(costs, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
 
 
@@ -176,14 +308,14 @@ def softmax_causal(n: int, heads: int, head_dim: int, batch: int, hw: Hardware, 
 
 
 def crossover(gate: str, heads: int, head_dim: int, batch: int, hw: Hardware, chunk: int | None = None, *,
-              nbytes: int = 2, backward: bool = False, limit: int = 1 << 22) -> int | None:
+              nbytes: int = 2, backward: bool = False, limit: int = 1 << 22, rule: str = "decay") -> int | None:
     """The sequence length (a multiple of 64) past which the recurrence's predicted time (forward, or
     forward + backward) stays below causal softmax attention's: the last length that loses on a doubling
     grid of lengths from 64 to ``limit``, refined by bisection. None if it still loses at ``limit``."""
 
     def wins(n: int) -> bool:
-        rec = (chunk_cost(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
-               else best_chunk(gate, n, heads, head_dim, batch, hw, nbytes=nbytes))
+        rec = (_cost(rule)(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
+               else best_chunk(gate, n, heads, head_dim, batch, hw, nbytes=nbytes, rule=rule))
         sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
         r = rec.forward_s + (rec.backward_s if backward else 0.0)
         s = sm.forward.time_s + (sm.backward.time_s if backward else 0.0)
@@ -234,6 +366,7 @@ class RecurrenceReport(ReportView):
     crossover_n_training: int | None
     chunk_forced: bool = False
     assumptions: list[str] = field(default_factory=list)
+    rule: str = "decay"
 
     @property
     def chunk(self) -> int:
@@ -254,6 +387,7 @@ class RecurrenceReport(ReportView):
             "pattern": self.pattern,
             "kind": "recurrence",
             "gate": self.gate,
+            "rule": self.rule,
             "n": self.n,
             "heads": self.heads,
             "head_dim": self.head_dim,
@@ -280,25 +414,32 @@ class RecurrenceReport(ReportView):
 
 
 def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: int, head_dim: int, batch: int,
-                        dtype: str, nbytes: int, chunk: int | None = None) -> RecurrenceReport:
-    candidates = [chunk_cost(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
+                        dtype: str, nbytes: int, chunk: int | None = None, rule: str = "decay") -> RecurrenceReport:
+    """The report of a recurrence (``rule`` 'decay' or 'delta') at length ``n``: every chunk size's cost,
+    the best (or the forced ``chunk``), causal softmax's time and the crossover lengths."""
+    candidates = [_cost(rule)(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
     if chunk is None:
         best = min(candidates, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
     else:
         best = next(c for c in candidates if c.chunk == chunk)
     sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
-    cross = crossover(gate, heads, head_dim, batch, hw, chunk, nbytes=nbytes)
-    cross_t = crossover(gate, heads, head_dim, batch, hw, chunk, nbytes=nbytes, backward=True)
+    cross = crossover(gate, heads, head_dim, batch, hw, chunk, nbytes=nbytes, rule=rule)
+    cross_t = crossover(gate, heads, head_dim, batch, hw, chunk, nbytes=nbytes, backward=True, rule=rule)
     notes = ["cost model constants are guesses to be calibrated on a GPU (compiler/recurrence_cost.py, "
              "RecurrenceCalibration; compiler/cost.py, Calibration)",
              "softmax baseline: causal flash-style attention, 128 x 128 tiles, diagonal tiles masked",
              "crossover: the length (multiple of 64) past which the recurrence's predicted forward "
              "(training: forward + backward) time stays below the baseline's"]
-    if gate == "vector":
+    if rule == "delta":
+        notes.append("the delta rule: fla's chunked WY form (per chunk K K^T, the triangular inverse, W and U, the "
+                     "state pass with W S, the output; the backward recomputes W, U and the states), "
+                     "compiler/recurrence_cost.py delta_kernels; attnc runs it in torch (chunks of 64, 16 for "
+                     "per-channel gates) until its Triton kernels exist")
+    elif gate == "vector":
         notes.append("per-channel gates: the model counts the in-chunk product as elementwise (non-tensor ALUs); "
                      "the Triton kernels use chunks of 64 in sub-chunks of 16, off-diagonal blocks on the tensor cores")
     return RecurrenceReport(name, gate, n, heads, head_dim, batch, dtype, hw, best, candidates,
-                            sm.forward.time_s, sm.backward.time_s, cross, cross_t, chunk is not None, notes)
+                            sm.forward.time_s, sm.backward.time_s, cross, cross_t, chunk is not None, notes, rule)
 
 
 def _t(s: float) -> str:
@@ -313,7 +454,7 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     hw = rep.hardware
     b = rep.best
     lines = [
-        f"{rep.pattern}: recurrence ({rep.gate} gate) simulated on the {hw.name} model in {rep.dtype} (a "
+        f"{rep.pattern}: recurrence ({rep.gate} gate{', the delta rule' if rep.rule == 'delta' else ''}) simulated on the {hw.name} model in {rep.dtype} (a "
         f"prediction, not a measurement): n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s)",
         "",
@@ -336,5 +477,6 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CHUNKS", "ChunkCost", "RecurrenceCalibration", "RecurrenceReport", "best_chunk", "chunk_cost",
-           "crossover", "format_recurrence_report", "simulate_recurrence", "softmax_causal"]
+__all__ = ["CHUNKS", "ChunkCost", "DeltaKernel", "RecurrenceCalibration", "RecurrenceReport", "best_chunk",
+           "chunk_cost", "crossover", "delta_chunk_cost", "delta_kernels", "format_recurrence_report",
+           "simulate_recurrence", "softmax_causal"]

@@ -78,9 +78,6 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
     from ...compiler.hardware import get_hardware
     from ...compiler.recurrence_cost import simulate_recurrence as simulate_chunks
 
-    if rec.rule == "delta":
-        raise SpecError(f"'{rec.name}' is a delta-rule recurrence: the simulator has no cost entry for the delta "
-                        "rule yet (its chunks add a triangular solve)", where="argument pattern")
     for what, value in (("nk", nk), ("kv_tile", kv_tile), ("inputs", inputs)):
         if value is not None:
             raise SpecError(f"a recurrence takes no {what}: its cost does not depend on it", where=f"argument {what}")
@@ -94,4 +91,4 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
     hw = get_hardware(hardware)
     nbytes = dtype_bytes(dtype)
     return simulate_chunks(rec.name, rec.gate, n, hw, heads=heads, head_dim=head_dim, batch=batch,
-                           dtype=str(dtype).lower(), nbytes=nbytes, chunk=chunk)
+                           dtype=str(dtype).lower(), nbytes=nbytes, chunk=chunk, rule=rec.rule)
