@@ -90,21 +90,27 @@ def run_one(task: tuple) -> list[dict]:
     except Exception as err:  # noqa: BLE001 - a cell that cannot even be recorded is a finding too
         rows = [{"pattern": name, "kernel": "-", "arch": arch, "head_dim": d, "dtype": dtype, "config": "",
                  "num_warps": 0, "num_stages": 0, "shared": 0, "smem_limit": 0, "regs": 0, "spill_bytes": 0,
-                 "stack": 0, "wgmma": 0, "mma": 0, "error": f"{type(err).__name__}: {err}"[:240]}]
+                 "stack": 0, "wgmma": 0, "mma": 0, "tcgen05": 0, "dots": 0,
+                 "error": f"{type(err).__name__}: {err}"[:240]}]
     for r in rows:
         r.update(before=before, triton=triton.__version__, seconds=round(time.perf_counter() - start, 1))
     return rows
 
 
+def _report(r: dict):
+    """The row as ``gpu_check.KernelReport`` (rows of older runs lack the newer counts: 0)."""
+    import dataclasses
+
+    from attnc.runtime import gpu_check as G
+
+    names = {f.name for f in dataclasses.fields(G.KernelReport)} - {"constexprs"}
+    return G.KernelReport(**{k: v for k, v in r.items() if k in names})
+
+
 def problems(r: dict) -> list[str]:
-    out = []
-    if r["error"]:
-        return [f"error: {r['error']}"]
-    if r["shared"] > r["smem_limit"]:
-        out.append(f"smem {r['shared'] / 1024:.0f} KiB > {r['smem_limit'] // 1024}")
-    if r["spill_bytes"]:
-        out.append(f"spills {r['spill_bytes']} B")
-    return out
+    """What ``attnc check-gpu`` flags: a compile error, shared memory over the limit, spills, 16-bit dots
+    off the tensor cores (no tcgen05.mma on sm_100)."""
+    return _report(r).problems
 
 
 def cell(text: str) -> str:
@@ -113,14 +119,15 @@ def cell(text: str) -> str:
 
 
 def row_md(r: dict) -> str:
-    status = "; ".join(problems(r)) or "ok"
+    rep = _report(r)
+    status = ("; ".join(rep.problems) or "ok") + "".join(f" (note: {n})" for n in rep.notes)
     return (f"| {r['pattern']} | {r['kernel']} | sm_{r['arch']} | {r['head_dim']} | {r['dtype']} | {cell(r['config'])} | "
             f"{r['num_warps']} | {r['num_stages']} | {r['shared'] / 1024:.1f} | {r['smem_limit'] // 1024} | "
-            f"{r['regs']} | {r['spill_bytes']} | {r['wgmma']} | {r['mma']} | {status} |")
+            f"{r['regs']} | {r['spill_bytes']} | {rep.dots} | {r['wgmma']} | {r['mma']} | {rep.tcgen05} | {status} |")
 
 
 HEAD = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B | "
-        "wgmma | mma.sync | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "dots | wgmma | mma.sync | tcgen05 | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def badness(r: dict) -> tuple:
@@ -168,7 +175,7 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              "recorded on CPU tensors, bound and specialised as `JITFunction.run` does, compiled with "
              "`triton.compile` for `GPUTarget(\"cuda\", arch, 32)`; registers and spills from ptxas -v) "
              "at the configs the schedule search picks for the arch's hardware model (sm_80: A100, sm_90: "
-             "H100). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90).", "",
+             "H100, sm_100: B200). Shared-memory limit per block: 163 KiB (sm_80), 227 KiB (sm_90, sm_100).", "",
              f"Command: `python benchmarks/gpu_compile_matrix.py "
              f"{' '.join(_command_args(sys.argv[1:]))}`; "
              f"{len(cur)} kernels in {len({_cell(r) for r in cur})} cells (pattern x arch x d x dtype), "
@@ -177,7 +184,8 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; {PATTERN_SIZES}; "
              f"params {PARAMS}.", "",
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
-             "or spills) at the current configs." + (" Problems:" if bad else ""), ""]
+             "spills, or 16-bit dots off the tensor cores: on FMA, or not on tcgen05.mma on sm_100) at the "
+             "current configs." + (" Problems:" if bad else ""), ""]
     for r in sorted(bad, key=badness, reverse=True):
         lines.append(f"- {r['pattern']} {r['kernel']} sm_{r['arch']} d={r['head_dim']} {r['dtype']} "
                      f"({r['config']}): {'; '.join(problems(r))}")
