@@ -199,6 +199,8 @@ def _show_recurrence(rec, heads: int) -> int:
     if rec.rule == "delta":
         print(f"update: S_t += beta_t k_t^T (v_t - k_t S_t) after the decay, rate the call-time input '{rec.beta}' "
               "(per token and head)")
+        if rec.qk_l2norm:
+            print("q and k: divided by their L2 norm over the head dimension first, x / sqrt(sum(x^2) + 1e-6) (qk_l2norm)")
     if rec.gate != "head":
         print(f"decay is the call-time input '{rec.decay}' ({'per token and head' if rec.gate == 'scalar' else 'per token, head and key channel'})")
         return 0

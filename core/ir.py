@@ -246,6 +246,10 @@ class RecurrenceIR:
     ``gate`` is 'head' (``decay`` a sympy expression of h: RetNet, Lightning; 0 for DeltaNet),
     'scalar' (``decay`` names a float[heads, n] input: Mamba2, Gated DeltaNet) or 'vector'
     (a float[heads, n, dk] input: GLA, Kimi Delta Attention).
+
+    ``qk_l2norm`` (the delta rule's ``update delta(beta, qk_l2norm = true)``): q and k are divided by
+    their L2 norm over the head dimension before the rule (flash-linear-attention's
+    ``use_qk_l2norm_in_kernel``; ``runtime.recurrences.delta.naive.prepare_qk``).
     """
 
     name: str
@@ -255,6 +259,7 @@ class RecurrenceIR:
     params: tuple[tuple[str, object], ...]
     rule: str = "decay"
     beta: str | None = None
+    qk_l2norm: bool = False
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
 
@@ -263,7 +268,9 @@ class RecurrenceIR:
     def key(self) -> str:
         if self.rule == "decay":  # the key of every recurrence before the delta rule, unchanged
             return _key("recurrence", self.gate, self.decay, self.inputs)
-        return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta)
+        if not self.qk_l2norm:  # the key of the delta rule before its options, unchanged
+            return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta)
+        return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta, "qk_l2norm")
 
 
 def _canon(x) -> str:

@@ -209,11 +209,12 @@ class Route(Clause):
 
 @dataclass(frozen=True)
 class Update(Clause):
-    """A recurrence's ``update RULE(ARG)``: ``delta(beta)``."""
+    """A recurrence's ``update RULE(ARG, KEY = VALUE, ...)``: ``delta(beta)``, ``delta(beta, qk_l2norm = true)``."""
 
     rule: str
     rule_pos: Pos
     arg: Expr
+    options: tuple[Keyword, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ import sympy
 
 from ..core import ir
 from ..core import symbols as S
+from ..core.errors import did_you_mean
 from . import ast
+from .check_types import BOOL
+
+#: The keyword options of the delta rule's ``update delta(beta, ...)``.
+UPDATE_OPTIONS = ("qk_l2norm",)
 
 
 class RecurrenceChecks:
@@ -31,15 +36,16 @@ class RecurrenceChecks:
         updates = [c for c in self.decl.clauses if isinstance(c, ast.Update)]
         if len(updates) > 1:
             raise self.error(f"'update' is given twice (first at line {updates[0].pos.line})", updates[1].pos)
-        beta = None
+        beta, options = None, {}
         if updates:
             beta = self._input_gate(updates[0].arg, (("heads", "n"),), "the delta rule's rate").name
+            options = self._update_options(updates[0])
         decay_clause = self._single("decay")
         if decay_clause is None and not updates:
             raise self.error(f"recurrence '{self.decl.name}' needs a 'decay' clause", self.decl.name_pos,
                              hint="or an 'update delta(beta)' clause (the delta rule, decay 0 by default)")
         if decay_clause is None:  # DeltaNet: the delta rule without a decay
-            return self._recurrence_ir("head", sympy.Integer(0), beta)
+            return self._recurrence_ir("head", sympy.Integer(0), beta, **options)
         node = decay_clause.value
         if isinstance(node, ast.Name) and node.id in self.inputs:
             decl = self._input_gate(node, (("heads", "n"), ("heads", "n", "dk")), "a recurrence's decay")
@@ -55,9 +61,26 @@ class RecurrenceChecks:
                     hint="for a data-dependent gate declare 'input g: float[heads, n]' and write 'decay g'",
                 )
             gate, decay = "head", typed.expr
-        return self._recurrence_ir(gate, decay, beta)
+        return self._recurrence_ir(gate, decay, beta, **options)
 
-    def _recurrence_ir(self, gate: str, decay, beta: str | None) -> ir.RecurrenceIR:
+    def _update_options(self, update: ast.Update) -> dict:
+        """The keyword options of ``update delta(beta, ...)``, each a constant (a literal or a parameter):
+        ``qk_l2norm`` (bool, default false)."""
+        options = {}
+        for kw in update.options:
+            if kw.name not in UPDATE_OPTIONS:
+                raise self.error(f"'{update.rule}' has no option '{kw.name}'", kw.pos,
+                                 hint=did_you_mean(kw.name, UPDATE_OPTIONS) or "options: " + ", ".join(UPDATE_OPTIONS))
+            if kw.name in options:
+                raise self.error(f"option '{kw.name}' is given twice", kw.pos)
+            value = self.expect(kw.value, BOOL, f"option {kw.name}").expr
+            if value not in (sympy.true, sympy.false):
+                raise self.error(f"option {kw.name} must be a constant bool (true, false or a bool parameter)",
+                                 kw.value.pos)
+            options[kw.name] = value is sympy.true
+        return options
+
+    def _recurrence_ir(self, gate: str, decay, beta: str | None, qk_l2norm: bool = False) -> ir.RecurrenceIR:
         return ir.RecurrenceIR(
             name=self.decl.name,
             gate=gate,
@@ -66,6 +89,7 @@ class RecurrenceChecks:
             params=tuple((k, v.expr) for k, v in self.env_params.items()),
             rule="delta" if beta is not None else "decay",
             beta=beta,
+            qk_l2norm=qk_l2norm,
             filename=self.module.filename,
             source=self.module.source,
         )

@@ -234,8 +234,14 @@ class _Builder(Transformer):
     def expr_clause(self, kw, value):
         return ast.ExprClause(_pos(kw), str(kw), value)
 
-    def update_clause(self, kw, rule, arg):
-        return ast.Update(_pos(kw), str(rule), _pos(rule), arg)
+    def update_clause(self, kw, rule, *args):
+        positional = [a for a in args if not isinstance(a, ast.Keyword)]
+        options = tuple(a for a in args if isinstance(a, ast.Keyword))
+        if len(positional) != 1 or not isinstance(args[0], ast.Expr):
+            at = positional[1].pos if len(positional) > 1 else _pos(rule)
+            raise SpecError(f"'{rule}' takes one positional argument, the rate input, then options as keywords",
+                            at, hint="update delta(beta) or update delta(beta, qk_l2norm = true)")
+        return ast.Update(_pos(kw), str(rule), _pos(rule), args[0], options)
 
     def flat_blocks(self, size):
         return (ast.BlockAxis(None, size, size.pos),)

@@ -95,6 +95,7 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     if rec.rule == "delta":
         from .delta import naive as delta_naive
 
+        q, k = delta_naive.prepare_qk(rec, q, k)
         beta = delta_naive.beta_tensor(rec, tensors, B, H, 1, dt, q.device)[:, :, 0]
         out, new = delta_naive.step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt),
                                     expand_kv(v, H)[:, :, 0].to(dt), g, beta, state.to(dt), float(scale))
@@ -186,6 +187,10 @@ class RecurrenceRunner(Registered):
         rec = self.pattern
         bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
         tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
+        if rec.rule == "delta":  # the rule's options on q and k (qk_l2norm), here for every backend
+            from .delta.naive import prepare_qk
+
+            q, k = prepare_qk(rec, q, k)
         if self.backend == "reference" and rec.rule == "delta":
             from .delta import naive as delta_naive
 

@@ -9,7 +9,28 @@ from __future__ import annotations
 
 import torch
 
+from ...numerics import compute_dtype
 from ..common import gate_tensor
+
+#: The epsilon of the optional L2 normalisation of q and k, as flash-linear-attention's ``l2norm_fwd``.
+L2NORM_EPS = 1e-6
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    """``x / sqrt(sum(x^2) + 1e-6)`` over the last (head) dimension, as flash-linear-attention's
+    ``l2norm_fwd`` (``use_qk_l2norm_in_kernel``): computed in float32 (float64 for float64 inputs),
+    returned in ``x``'s dtype; differentiable."""
+    y = x.to(compute_dtype(x.dtype))
+    return (y * (1.0 / torch.sqrt((y * y).sum(-1, keepdim=True) + L2NORM_EPS))).to(x.dtype)
+
+
+def prepare_qk(rec, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k as the rule reads them: L2-normalised over the head dimension when the recurrence says
+    ``update delta(beta, qk_l2norm = true)``, else unchanged. Every backend (the naive loop, the chunked
+    forms, the decoding step) runs on what this returns."""
+    if not getattr(rec, "qk_l2norm", False):
+        return q, k
+    return l2norm(q), l2norm(k)
 
 
 def beta_tensor(rec, tensors: dict, B: int, H: int, T: int, dtype, device) -> torch.Tensor:

@@ -1,0 +1,191 @@
+"""The delta rule's options: L2 normalisation of q and k (``update delta(beta, qk_l2norm = true)``, fla's
+``use_qk_l2norm_in_kernel``) in the language, the IR and every backend (the naive reference, the chunked
+form, the decoding step), against a loop written here from the rule with the normalisation explicit, in
+float64, forward, final state and every gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnc
+
+F64 = torch.float64
+GATES = {"delta_net": None, "gated_delta_net": "scalar", "kda": "vector"}
+
+
+def loop(q, k, v, g, beta, scale, s0):
+    """The rule token by token, one (batch, head) at a time, out of place (differentiable): q, k, v
+    ``[B, H, T, D]`` (one head each), g ``[B, H, T, Dk]`` log gates, beta ``[B, H, T]``."""
+    B, H, T, _ = q.shape
+    outs, states = [], []
+    for b in range(B):
+        for h in range(H):
+            S, rows = s0[b, h], []
+            for t in range(T):
+                S = torch.exp(g[b, h, t])[:, None] * S
+                kt = k[b, h, t]
+                S = S + beta[b, h, t] * torch.outer(kt, v[b, h, t] - kt @ S)
+                rows.append(scale * (q[b, h, t] @ S))
+            outs.append(torch.stack(rows))
+            states.append(S)
+    return torch.stack(outs).view(B, H, T, -1), torch.stack(states).view(B, H, *s0.shape[2:])
+
+
+def normalised(x):
+    """fla's l2norm: x / sqrt(sum(x^2) + 1e-6) over the head dimension."""
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+
+
+def case(name, B, H, T, Dk, Dv, seed, kv_heads=None):
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or H
+    q = 3 * torch.randn(
+        B, H, T, Dk, generator=gen, dtype=F64
+    )  # far from unit norm: the option matters
+    k = 3 * torch.randn(B, kv_heads, T, Dk, generator=gen, dtype=F64)
+    v = torch.randn(B, kv_heads, T, Dv, generator=gen, dtype=F64)
+    inputs = {"beta": 2 * torch.rand(H, T, generator=gen, dtype=F64)}
+    if GATES[name] == "scalar":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=gen, dtype=F64) + 2)
+    elif GATES[name] == "vector":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, Dk, generator=gen, dtype=F64) + 2)
+    s0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=F64)
+    return q, k, v, inputs, s0
+
+
+def full_gates(name, g, B, H, T, Dk):
+    if GATES[name] is None:
+        return torch.zeros(B, H, T, Dk, dtype=F64)
+    return (g.unsqueeze(-1) if g.dim() == 2 else g).unsqueeze(0).expand(B, H, T, Dk)
+
+
+def grads_of(out, state, leaves):
+    weight = torch.sin(torch.arange(out.numel(), dtype=F64)).view_as(out)
+    return torch.autograd.grad((out * weight).sum() + (state**2).sum(), leaves)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", list(GATES))
+def test_l2norm_equals_the_rule_on_normalised_q_and_k(name, backend):
+    B, H, T, Dk, Dv = 2, 2, 19, 4, 3
+    q, k, v, inputs, s0 = case(name, B, H, T, Dk, Dv, seed=11, kv_heads=1)  # GQA: one k/v head
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, qk_l2norm=True, q_tile=16)
+    named = dict(zip(inputs, leaves[4:], strict=True))
+    out, state = attn(*leaves[:3], initial_state=leaves[3], return_state=True, scale=0.6, **named)
+    got = grads_of(out, state, leaves)
+
+    want_leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    wq, wk, wv, ws0, *wi = want_leaves
+    g = full_gates(name, wi[1] if len(wi) > 1 else None, B, H, T, Dk)
+    beta = wi[0].expand(B, H, T)
+    want_out, want_state = loop(
+        normalised(wq),
+        normalised(wk).expand(B, H, T, Dk),
+        wv.expand(B, H, T, Dv),
+        g,
+        beta,
+        0.6,
+        ws0,
+    )
+    want = grads_of(want_out, want_state, want_leaves)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    # the option changes the result: without it the same inputs give another output
+    plain = attnc.compile_attention(f"stdlib:{name}", backend=backend)(
+        q, k, v, initial_state=s0, scale=0.6, **inputs
+    )
+    assert not torch.allclose(plain, want_out.detach(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_l2norm_step_continues_a_prefix(name):
+    q, k, v, inputs, _ = case(name, 1, 2, 12, 4, 3, seed=12)
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu", qk_l2norm=True)
+    full = attn(q, k, v, **inputs)
+    part = {n: t[:, :8] for n, t in inputs.items()}
+    _, state = attn(q[:, :, :8], k[:, :, :8], v[:, :, :8], return_state=True, **part)
+    for t in range(8, 12):
+        o, state = attn.step(
+            q[:, :, t],
+            k[:, :, t],
+            v[:, :, t],
+            state,
+            **{n: x[:, t : t + 1] for n, x in inputs.items()},
+        )
+        torch.testing.assert_close(o, full[:, :, t], rtol=1e-12, atol=1e-12)
+    # and the step normalises: unnormalised q, k through the step equal normalised ones without it
+    plain = attnc.compile_attention(f"stdlib:{name}", backend="cpu")
+    gates = {n: x[:, 8:9] for n, x in inputs.items()}
+    a, _ = attn.step(q[:, :, 8], k[:, :, 8], v[:, :, 8], state, **gates)
+    b, _ = plain.step(normalised(q[:, :, 8]), normalised(k[:, :, 8]), v[:, :, 8], state, **gates)
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_l2norm_low_precision_matches_fla_rounding():
+    """In bfloat16 q and k are normalised in float32 and rounded once to bfloat16 (fla's l2norm_fwd
+    with its default output dtype), then the rule runs as on any bfloat16 input."""
+    q, k, v, inputs, _ = case("gated_delta_net", 1, 2, 10, 8, 4, seed=13)
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    inputs = {n: t.float() for n, t in inputs.items()}
+    got = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu", qk_l2norm=True)(
+        q, k, v, **inputs
+    )
+    qn, kn = (normalised(t.float()).to(torch.bfloat16) for t in (q, k))
+    want = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")(qn, kn, v, **inputs)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_language_form_and_ir_key():
+    src = "recurrence r\n  input beta: float[heads, n]\n  update delta(beta, qk_l2norm = true)\n"
+    rec = attnc.load(src)
+    assert (rec.rule, rec.beta, rec.qk_l2norm) == ("delta", "beta", True)
+    assert not attnc.load(src.replace("true", "false")).qk_l2norm
+    # the key of a recurrence without the option is the one it had before options existed
+    old = "recurrence gated_delta_net\n  input g: float[heads, n]\n  input beta: float[heads, n]\n  decay g\n  update delta(beta)\n"
+    assert attnc.load("stdlib:gated_delta_net").key() == attnc.load(old).key()
+    assert attnc.load("stdlib:gated_delta_net", qk_l2norm=True).key() != attnc.load(old).key()
+    assert attnc.load("stdlib:gated_delta_net", qk_l2norm=True).qk_l2norm
+
+
+@pytest.mark.parametrize(
+    ("clause", "message", "col"),
+    [
+        ("update delta(beta, qk_l2nrm = true)", "'delta' has no option 'qk_l2nrm'", 22),
+        ("update delta(beta, qk_l2norm = 1)", "option qk_l2norm must be a bool, got an int", 34),
+        ("update delta(beta, qk_l2norm = h == 0)", "must be a constant bool", 34),
+        (
+            "update delta(beta, qk_l2norm = true, qk_l2norm = false)",
+            "'qk_l2norm' is given twice",
+            40,
+        ),
+        ("update delta(beta, beta)", "takes one positional argument", 22),
+        ("update delta(qk_l2norm = true)", "takes one positional argument", 10),
+    ],
+)
+def test_bad_options_name_file_line_and_column(tmp_path, clause, message, col):
+    path = tmp_path / "bad.attn"
+    path.write_text(f"recurrence r\n  input beta: float[heads, n]\n  {clause}\n")
+    with pytest.raises(attnc.SpecError, match=message) as err:
+        attnc.load(path)
+    assert str(err.value).startswith(f"{path}:3:{col}: error:")
+    from attnc import cli
+
+    assert cli.main(["check", str(path)]) == 1
+
+
+def test_cli_show_and_check_with_the_option(capsys):
+    from attnc import cli
+
+    assert cli.main(["show", "stdlib:gated_delta_net", "-p", "qk_l2norm=true"]) == 0
+    assert "L2 norm" in capsys.readouterr().out
+    assert cli.main(["show", "stdlib:gated_delta_net"]) == 0
+    assert "L2 norm" not in capsys.readouterr().out
+    assert cli.main(["show", "stdlib:gated_delta_net", "-p", "qk_l2norm=1"]) == 1
+    err = capsys.readouterr().err
+    assert "argument qk_l2norm" in err and "Traceback" not in err
