@@ -34,7 +34,7 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
     B, H, T, Dk = q.shape
     dt = compute_dtype(q.dtype)
     if rec.rule == "delta":
-        return _delta(rec, bound, q, k, v, tensors, scale, initial_state, chunk)
+        return _delta(rec, bound, q, k, v, tensors, scale, initial_state, chunk, backend, native)
     backend = resolve_backend(backend, q.device)
     C = chunk or choose_chunk(rec, T, H, Dk, B, q.device, q.dtype, hardware)
     s0 = None if initial_state is None else initial_state.to(dt)
@@ -113,8 +113,10 @@ DELTA_CHUNK = 64
 DELTA_VECTOR_CHUNK = 16
 
 
-def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chunk: int | None):
-    """The delta rule in chunks (torch, on q's device): ``(out, final state, chunk)``."""
+def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chunk: int | None, backend: str = "cpu",
+           native: bool = False):
+    """The delta rule in chunks (torch on q's device; Triton's kernels for 'triton', and for 'auto' on CUDA
+    tensors, when the gate is not per channel): ``(out, final state, chunk)``."""
     from .delta import chunk as delta_chunk
     from .delta.naive import beta_tensor
 
@@ -128,6 +130,14 @@ def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chun
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
     C = chunk or (DELTA_VECTOR_CHUNK if rec.gate == "vector" else DELTA_CHUNK)
     s0 = None if initial_state is None else initial_state.to(dt)
+    if rec.gate != "vector" and resolve_backend(backend, q.device) == "triton":
+        from .delta import triton as delta_triton
+
+        # no gate (a constant 0 per head): the kernels skip the gate terms; k, v keep their Hkv heads (GQA by index)
+        gates = None if rec.gate == "head" and rec.decay == 0 else g[..., 0]
+        out, state = delta_triton.run(q, k.to(q.dtype), v.to(q.dtype), gates, beta, scale, s0, C,
+                                      False if native else None)
+        return out.to(q.dtype), state, C
     out, state = delta_chunk.chunked(q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), g, beta, scale, s0, C)
     return out.to(q.dtype), state, C
 
@@ -142,9 +152,9 @@ class RecurrenceRunner(Registered):
 
     def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None, *, hardware=None,
                  native: bool = False):
-        if pattern.rule == "delta" and backend == "triton":
-            raise SpecError(f"'{pattern.name}' is a delta-rule recurrence, which has no Triton kernels yet",
-                            where="argument backend",
+        if pattern.rule == "delta" and pattern.gate == "vector" and backend == "triton":
+            raise SpecError(f"'{pattern.name}' is a delta-rule recurrence with one gate per key channel (Kimi Delta "
+                            "Attention), which has no Triton kernels yet", where="argument backend",
                             hint="backend='cpu' or 'auto' run its chunked form in torch, on CPU and CUDA tensors")
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
         # the offline GPU check injects a runner whose chunk is chosen for a GPU model (``hardware``) and
@@ -169,10 +179,17 @@ class RecurrenceRunner(Registered):
             from .delta import chunk as delta_chunk
             from .delta import naive as delta_naive
 
+            how = {"reference": "token by token", "triton": "chunked, Triton kernels"}.get(self.backend,
+                                                                                          "chunked in torch")
             head = (f"# {self.backend} backend: delta-rule recurrence '{rec.name}' ({rec.gate} gate, rate "
-                    f"'{rec.beta}'), {'token by token' if self.backend == 'reference' else 'chunked in torch'}\n"
+                    f"'{rec.beta}'), {how}\n"
                     f"# S_t = diag(exp(decay_t)) S_(t-1); S_t += beta_t k_t^T (v_t - k_t S_t); o_t = scale q_t S_t\n"
                     f"decay = {rec.decay}\n")
+            if self.backend == "triton":
+                from .delta import triton as delta_triton
+
+                return head + "\n".join(inspect.getsource(fn).rstrip() + "\n"
+                                        for fn in delta_triton._HELPERS + delta_triton._KERNELS)
             body = delta_naive.step if self.backend == "reference" else delta_chunk.chunked
             return head + inspect.getsource(body)
         if self.backend == "reference":

@@ -1,0 +1,932 @@
+"""Triton kernels of the chunked delta rule (DeltaNet, Gated DeltaNet: no gate or one log gate per token and
+head), forward and backward, in the structure of flash-linear-attention's chunked gated delta rule. The math is
+that of ``runtime.recurrences.delta.chunk`` (its docstring): per chunk of C tokens, with ``b`` the in-chunk
+cumulative log gate, ``E_ts = exp(b_t - b_s)`` (s <= t), ``e = exp(b)``, ``el = exp(b_last - b)``:
+
+    A = strict_tril(diag(beta) (K K^T * E)),  T = (I + A)^-1         (unit lower triangular)
+    W = T diag(beta e) K,  U0 = T diag(beta) V                       (the WY representation)
+    U = U0 - W S,  O = scale (diag(e) Q S + tril(Q K^T * E) U),  S' = exp(b_last) S + (diag(el) K)^T U
+
+with S the state entering the chunk. Every exponent is a sum of log gates over a span inside the chunk (never
+positive for log decays). The kernels:
+
+- ``_wy_fwd_kernel``, one program per (chunk, batch x head): ``K K^T``, the inverse ``T`` by forward
+  substitution in registers (fp32; fp64 in the interpreter), then ``W`` and ``U0``; stores ``T`` for the
+  backward;
+- ``_state_fwd_kernel``, one program per (Dv block, batch x head), the only sequential part of the forward: walks
+  the chunks, stores the state entering each (``h_n``) and ``U`` (the corrected values), and the final state;
+- ``_out_kernel`` (Dv block, chunk, batch x head): ``O``;
+- ``_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: stores the gradient of the state leaving
+  each chunk (``dh_n``) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n``, updates
+  ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; its last value is the initial state's gradient;
+- ``_bwd_dqk_kernel`` (Dk block, chunk, batch x head): ``dq``, the part of ``dk`` through O and S', ``dW = -dU h^T``
+  and the gate terms ``sum_c (q dq - k dk)`` (plus the chunk's last-gate terms);
+- ``_wy_bwd_kernel`` (chunk, batch x head): through the WY form, ``dT = dW (diag(beta e) K)^T + dU (diag(beta)
+  V)^T``, ``dA = -strict(T^T dT T^T)``; the rest of ``dk``, ``dv``, ``dbeta`` and the gate terms.
+
+The gradient of the cumulative gates is summed over Dk blocks and turned into the gates' gradient by a reverse
+cumulative sum inside each chunk on the host. Dots run on the tensor cores in the input dtype (bf16 / fp16)
+with fp32 accumulation; fp32 inputs keep exact products (no TF32), fp64 inputs fp64 (the interpreter).
+GQA: k, v (and so K K^T) are read from kv head ``h // (H // Hkv)`` by index; beta and the gates are per query
+head, so W, U and the gradients are per query head, dk and dv summed over the group on the host.
+The offline compile check of these kernels is ``runtime.gpu_check`` (``attnc check-gpu stdlib:gated_delta_net``).
+Per-channel gates (Kimi Delta Attention) have no kernels here: their C x C x Dk in-chunk product is not written.
+"""
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ....core.errors import SpecError
+from ...tritonenv import interpreting, require_triton
+from ..decay.triton import _acc_zeros, _in_dim, _mm, _rebound, _sum, available, tl, triton
+
+#: Largest Dk / Dv block of the chunk-parallel programs.
+MAX_BLOCK = 64
+#: Largest key head dim: the sequential passes hold the whole [Dk, BV] state block of a program in registers.
+MAX_DK = 256
+
+
+# ======================================================================= helpers (undecorated)
+def _acc(x, F64: tl.constexpr):
+    """``x`` in the compute dtype (fp64 in the fp64 interpreter runs, else fp32)."""
+    if F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+def _chunk_gates(G, i_bh, c0, TP, t_off, C: tl.constexpr, GATED: tl.constexpr, F64: tl.constexpr):
+    """``(b, b_last)``: the in-chunk cumulative log gates of the chunk at ``c0`` (``[C]``, from the host's padded
+    ``[B*H, TP]`` array; zeros without a gate) and the last of them (a scalar)."""
+    if GATED:
+        b = _acc(tl.load(G + i_bh * TP + c0 + t_off), F64)
+    else:
+        b = _acc_zeros([C], F64)
+    bl = _sum(tl.where(t_off == C - 1, b, 0.0), 0)
+    return b, bl
+
+
+def _decays(b, t_off, STRICT: tl.constexpr):
+    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere: ``[C(t), C(s)]``. The span is
+    masked before the exponential, so the entries above the diagonal never overflow."""
+    if STRICT:
+        m = t_off[:, None] > t_off[None, :]
+    else:
+        m = t_off[:, None] >= t_off[None, :]
+    return tl.exp(tl.where(m, b[:, None] - b[None, :], float("-inf")))
+
+
+def _unit_lower_inverse(A, t_off, C: tl.constexpr):
+    """``(I + A)^-1`` for a strictly lower-triangular ``A`` (``[C, C]``) by forward substitution: row i of the
+    inverse X is ``e_i - sum_{m < i} A_im X_m`` (rows m < i final, A_im = 0 for m >= i), one row per step,
+    elementwise in A's dtype (no tensor-core rounding in the inverse)."""
+    X = (t_off[:, None] == t_off[None, :]).to(A.dtype)
+    for i in range(1, C):
+        a = _sum(tl.where(t_off[:, None] == i, A, 0.0), 0)  # A[i, :], indexed by m
+        row = -_sum(a[:, None] * X, 0)
+        X = tl.where(t_off[:, None] == i, row[None, :] + (t_off[None, :] == i).to(A.dtype), X)
+    return X
+
+
+def _rows(base, rows, r_ok, off, ok, D: tl.constexpr):
+    """The ``[C, BD]`` tile of rows ``rows`` and columns ``off`` of a ``[T, D]`` matrix at ``base`` (0 outside)."""
+    return tl.load(
+        base + rows[:, None] * D + off[None, :], mask=r_ok[:, None] & ok[None, :], other=0.0
+    )
+
+
+# ======================================================================= kernels (undecorated)
+def _wy_fwd_kernel(
+    K,
+    V,
+    BETA,
+    G,
+    W,
+    U0,
+    TI,
+    T,
+    TP,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    STORE_T: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (chunk, batch x head): ``T = (I + A)^-1``, ``W = T diag(beta e) K``, ``U0 = T diag(beta) V``
+    (stored per query head in W's dtype; T in the compute dtype when ``STORE_T``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_base = K + kv_bh * T * DK
+    v_base = V + kv_bh * T * DV
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    KK = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k = _rows(k_base, rows, r_ok, k_off, _in_dim(k_off, DK, BK), DK)
+        KK += _mm(k, tl.trans(k), DOT)
+    A = KK * _decays(b, t_off, True) * beta[:, None]
+    X = _unit_lower_inverse(A, t_off, C)
+    if STORE_T:
+        tl.store(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :], X.to(TI.dtype.element_ty))
+    Xc = X.to(K.dtype.element_ty)
+    kw = beta * tl.exp(b)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        w = _mm(Xc, (k * kw[:, None]).to(k.dtype), DOT)
+        tl.store(
+            W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :],
+            w.to(W.dtype.element_ty),
+            mask=r_ok[:, None] & k_ok[None, :],
+        )
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
+        u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
+        tl.store(
+            U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+            u.to(U0.dtype.element_ty),
+            mask=r_ok[:, None] & v_ok[None, :],
+        )
+
+
+def _state_fwd_kernel(
+    K,
+    W,
+    U0,
+    G,
+    S0,
+    HS,
+    UN,
+    ST,
+    T,
+    TP,
+    NT,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BKD: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (Dv block, batch x head) walking the chunks: stores ``h_n`` (the state entering chunk n,
+    ``HS[bh, n]``), ``U = U0 - W h_n`` (``UN``), then ``S <- exp(b_last) S + (diag(el) K)^T U``; the final state
+    in ``ST``. The state block is ``[BKD, BV]`` with BKD covering the whole key head dim."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BKD)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BKD)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
+    sv_ok = k_ok[:, None] & v_ok[None, :]
+    S = _acc_zeros([BKD, BV], F64)
+    if HAS_S0:
+        S += _acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    for n in range(0, NT):
+        c0 = n * C
+        rows = c0 + t_off
+        r_ok = rows < T
+        tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
+        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
+        tl.store(
+            UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+            u.to(UN.dtype.element_ty),
+            mask=r_ok[:, None] & v_ok[None, :],
+        )
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
+        S = S * tl.exp(bl) + _mm(tl.trans(kel), u.to(k.dtype), DOT)
+    tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
+
+
+def _out_kernel(
+    Q,
+    K,
+    UN,
+    G,
+    HS,
+    OUT,
+    T,
+    TP,
+    NT,
+    scale,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (Dv block, chunk, batch x head): ``O = scale (diag(e) Q h_n + tril(Q K^T * E) U)``."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    v_off = i_v * BV + tl.arange(0, BV)
+    v_ok = _in_dim(v_off, DV, BV)
+    h_base = HS + (i_bh * NT + n) * DK * DV
+    o = _acc_zeros([C, BV], F64)
+    P = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        hn = tl.load(
+            h_base + k_off[:, None] * DV + v_off[None, :],
+            mask=k_ok[:, None] & v_ok[None, :],
+            other=0.0,
+        )
+        o += _mm(q, hn.to(q.dtype), DOT)
+        P += _mm(q, tl.trans(k), DOT)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    P = P * _decays(b, t_off, False)
+    o = (
+        o * tl.exp(b)[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
+    ) * scale
+    tl.store(
+        OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+        o.to(OUT.dtype.element_ty),
+        mask=r_ok[:, None] & v_ok[None, :],
+    )
+
+
+def _state_bwd_kernel(
+    Q,
+    K,
+    W,
+    G,
+    DO,
+    DST,
+    DHS,
+    DU,
+    DS0,
+    T,
+    TP,
+    NT,
+    scale,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BKD: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    HAS_DST: tl.constexpr,
+    STORE_DS0: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (Dv block, batch x head) walking the chunks backwards from ``dh = dS_T``: stores ``dh_n``
+    (the gradient of the state leaving chunk n) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n``, then
+    ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; the initial state's gradient in ``DS0``."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BKD)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BKD)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
+    sv_ok = k_ok[:, None] & v_ok[None, :]
+    dh = _acc_zeros([BKD, BV], F64)
+    if HAS_DST:
+        dh += _acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    for i in range(0, NT):
+        n = NT - 1 - i
+        c0 = n * C
+        rows = c0 + t_off
+        r_ok = rows < T
+        tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
+        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+        Pt = _mm(k, tl.trans(q), DOT) * tl.trans(_decays(b, t_off, False)) * scale  # [s, t]
+        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
+        du = _mm(Pt.to(do.dtype), do, DOT) + _mm(kel, dh.to(k.dtype), DOT)
+        tl.store(
+            DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+            du.to(DU.dtype.element_ty),
+            mask=r_ok[:, None] & v_ok[None, :],
+        )
+        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        qe = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
+        dh = dh * tl.exp(bl) + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+    if STORE_DS0:
+        tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
+
+
+def _bwd_dqk_kernel(
+    Q,
+    K,
+    UN,
+    G,
+    DO,
+    HS,
+    DHS,
+    DU,
+    DQ,
+    DKP,
+    DW,
+    DG,
+    T,
+    TP,
+    NT,
+    scale,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (Dk block, chunk, batch x head), with ``dP = scale (dO U^T) * E`` (causal):
+    ``dq = scale diag(e) dO h_n^T + dP K``, ``dk = diag(el) U dh_n^T + dP^T Q`` (through O and S'; per query
+    head), ``dW = -dU h_n^T``, and the cumulative gates' gradient ``sum_c (q dq - k dk)``, plus on the chunk's last
+    row ``sum (k diag(el) U dh_n^T) + exp(b_last) sum(h_n dh_n)`` (per Dk block: ``DG[i_k]``)."""
+    i_k = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_off = i_k * BK + tl.arange(0, BK)
+    k_ok = _in_dim(k_off, DK, BK)
+    hs_off = (i_bh * NT + n) * DK * DV
+    dP = _acc_zeros([C, C], F64)
+    dq = _acc_zeros([C, BK], F64)
+    dks = _acc_zeros([C, BK], F64)
+    dw = _acc_zeros([C, BK], F64)
+    hdh = _acc_zeros([BK], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
+        hT_ok = v_ok[:, None] & k_ok[None, :]
+        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dP += _mm(do, tl.trans(u), DOT)
+        dq += _mm(do, hT.to(do.dtype), DOT)
+        dks += _mm(u, dhT.to(do.dtype), DOT)
+        dw -= _mm(du, hT.to(do.dtype), DOT)
+        if GATED:
+            hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
+    q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    dP = dP * _decays(b, t_off, False) * scale
+    dks = dks * tl.exp(bl - b)[:, None]
+    dq = dq * (tl.exp(b) * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
+    dk = dks + _mm(tl.trans(dP.to(q.dtype)), q, DOT)
+    qk_ok = r_ok[:, None] & k_ok[None, :]
+    off = rows[:, None] * DK + k_off[None, :]
+    tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
+    tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
+    tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
+    if GATED:
+        qf = _acc(q, F64)
+        kf = _acc(k, F64)
+        dg = _sum(qf * dq - kf * dk, 1)
+        last = _sum(_sum(kf * dks, 1), 0) + tl.exp(bl) * _sum(hdh, 0)
+        dg += tl.where(t_off == C - 1, last, 0.0)
+        tl.store(
+            DG + (i_k * tl.num_programs(2) + i_bh) * TP + c0 + t_off, dg.to(DG.dtype.element_ty)
+        )
+
+
+def _wy_bwd_kernel(
+    K,
+    V,
+    BETA,
+    G,
+    TI,
+    DW,
+    DU,
+    DKP,
+    DV_,
+    DBETA,
+    DG,
+    T,
+    TP,
+    NKB,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta e) K)^T +
+    dU (diag(beta) V)^T``, ``dA = -strict(T^T dT T^T)``, ``Z = dA * diag(beta) E``; adds ``diag(beta e) T^T dW +
+    Z K + Z^T K`` to dk, stores ``dv = diag(beta) T^T dU``, ``dbeta`` and the gates' terms (``DG[NKB]``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_base = K + kv_bh * T * DK
+    v_base = V + kv_bh * T * DV
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    kw = beta * tl.exp(b)
+    Xc = tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :]).to(K.dtype.element_ty)
+    KK = _acc_zeros([C, C], F64)
+    dT = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        KK += _mm(k, tl.trans(k), DOT)
+        dT += _mm(dw, tl.trans((k * kw[:, None]).to(k.dtype)), DOT)
+    dbeta = _acc_zeros([C], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
+        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
+        dT += _mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
+        dvb = _mm(tl.trans(Xc), du, DOT)
+        tl.store(
+            DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+            (dvb * beta[:, None]).to(DV_.dtype.element_ty),
+            mask=r_ok[:, None] & v_ok[None, :],
+        )
+        dbeta += _sum(dvb * _acc(v, F64), 1)
+    dA = _mm(_mm(tl.trans(Xc), dT.to(Xc.dtype), DOT).to(Xc.dtype), tl.trans(Xc), DOT)
+    Es = _decays(b, t_off, True)  # 0 on and above the diagonal: dA is used strictly below it only
+    dA = -dA * Es
+    Z = dA * beta[:, None]
+    dbeta += _sum(dA * KK, 1)
+    dg = _acc_zeros([C], F64)
+    Zc = Z.to(Xc.dtype)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        dkb = _mm(tl.trans(Xc), dw, DOT)
+        zk = _mm(Zc, k, DOT)
+        ztk = _mm(tl.trans(Zc), k, DOT)
+        kf = _acc(k, F64)
+        s = _sum(dkb * kf, 1)
+        dbeta += tl.exp(b) * s
+        dg += kw * s + _sum(kf * (zk - ztk), 1)
+        off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
+        m = r_ok[:, None] & k_ok[None, :]
+        dk = tl.load(DKP + off, mask=m, other=0.0) + dkb * kw[:, None] + zk + ztk
+        tl.store(DKP + off, dk.to(DKP.dtype.element_ty), mask=m)
+    tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
+    if GATED:
+        tl.store(DG + (NKB * tl.num_programs(1) + i_bh) * TP + rows, dg.to(DG.dtype.element_ty))
+
+
+# ======================================================================= wrapping
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _chunk_gates, _decays, _unit_lower_inverse, _rows)
+_KERNELS = (
+    _wy_fwd_kernel,
+    _state_fwd_kernel,
+    _out_kernel,
+    _state_bwd_kernel,
+    _bwd_dqk_kernel,
+    _wy_bwd_kernel,
+)
+
+
+@functools.cache
+def kernels(interpret: bool) -> dict:
+    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
+    require_triton(interpret)
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return {
+            fn.__name__: InterpretedFunction(fn) for fn in _KERNELS
+        }  # helpers run as plain Python
+    namespace = dict(globals())
+    with interpreting(False):
+        for fn in _HELPERS + _KERNELS:
+            namespace[fn.__name__] = triton.jit(_rebound(fn, namespace))
+    return {fn.__name__: namespace[fn.__name__] for fn in _KERNELS}
+
+
+def _launch(name: str, grid, interpret: bool, *args, **meta):
+    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1)."""
+    fn = kernels(interpret)[name]
+    if interpret:
+        with interpreting(True):
+            fn[grid](*args, **meta)
+    else:
+        fn[grid](*args, **meta)
+
+
+def _block(D: int, limit: int) -> int:
+    return min(max(16, triton.next_power_of_2(D)), max(16, limit))
+
+
+def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
+    """Per-kernel compile-time constants and launch options: what the launches use (``runtime.gpu_check``
+    compiles those launches offline)."""
+    if Dk > MAX_DK:
+        raise SpecError(
+            f"the delta rule's Triton kernels support a key head dim up to {MAX_DK}, got {Dk}",
+            where="argument q",
+            hint="use backend='cpu'",
+        )
+    f64 = dtype == torch.float64
+    dot = (
+        1
+        if dtype not in (torch.bfloat16, torch.float16)
+        else (2 if interpret and dtype == torch.bfloat16 else 0)
+    )
+    BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
+    BKD = _block(Dk, MAX_DK)
+    # the sequential passes hold [BKD, BVs] fp32 state blocks and [C, BKD] tiles of q / k / w
+    BVs = _block(Dv, 32 if BKD > 64 else 64)
+    common = dict(DK=Dk, DV=Dv, C=C, F64=f64, DOT=dot)
+    warps = 8 if C >= 64 else 4
+    return {
+        "_wy_fwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=1),
+        "_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=4, num_stages=2),
+        "_out_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
+        "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
+        "_bwd_dqk_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
+        "_wy_bwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=1),
+    }
+
+
+def _interpret(t: torch.Tensor) -> bool:
+    """CPU tensors run in the interpreter; so does everything when TRITON_INTERPRET=1 was set."""
+    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _cumulative_gates(
+    g: torch.Tensor | None, beta: torch.Tensor, C: int
+) -> tuple[torch.Tensor, int]:
+    """``(b, TP)``: the in-chunk cumulative log gates ``[B*H, TP]`` (TP the length padded to chunks of C; padded
+    tokens have gate 0), or ``beta`` as a placeholder when there is no gate (the kernels do not read it)."""
+    B, H, T = beta.shape
+    TP = triton.cdiv(T, C) * C
+    if g is None:
+        return beta, TP
+    b = F.pad(g, (0, TP - T)).reshape(B * H, TP // C, C).cumsum(-1)
+    return b.reshape(B * H, TP).contiguous(), TP
+
+
+def _wy_and_states(
+    q, k, v, b, beta, s0, C: int, TP: int, gated: bool, cfg: dict, interp: bool, store_t: bool
+):
+    """The WY form (W, U0, and T when ``store_t``) and the forward state pass: ``(T, h_n, U, final state)``."""
+    B, H, T, Dk = q.shape
+    Dv, GQ = v.shape[-1], H // k.shape[1]
+    NT = TP // C
+    acc = torch.float64 if cfg["_wy_fwd_kernel"]["F64"] else torch.float32
+    store = acc if cfg["_wy_fwd_kernel"]["DOT"] == 1 else q.dtype
+    W = torch.empty(B * H, T, Dk, dtype=store, device=q.device)
+    U0 = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
+    TI = torch.empty(B * H, TP, C, dtype=acc, device=q.device) if store_t else W
+    _launch(
+        "_wy_fwd_kernel",
+        (NT, B * H),
+        interp,
+        k,
+        v,
+        beta,
+        b,
+        W,
+        U0,
+        TI,
+        T,
+        TP,
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        STORE_T=store_t,
+        **cfg["_wy_fwd_kernel"],
+    )
+    HS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
+    UN = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
+    ST = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
+    sc = cfg["_state_fwd_kernel"]
+    _launch(
+        "_state_fwd_kernel",
+        (triton.cdiv(Dv, sc["BV"]), B * H),
+        interp,
+        k,
+        W,
+        U0,
+        b,
+        s0 if s0 is not None else ST,
+        HS,
+        UN,
+        ST,
+        T,
+        TP,
+        NT,
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        HAS_S0=s0 is not None,
+        **sc,
+    )
+    return TI, W, HS, UN, ST
+
+
+def delta_forward(
+    q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None
+):
+    """``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (contiguous, one dtype; query head h reads
+    kv head ``h // (H // Hkv)``), ``g`` ``[B, H, T]`` log gates or None, ``beta`` ``[B, H, T]`` (compute dtype).
+    Returns (out in q's dtype, final state in the compute dtype). ``interpret``: Triton's interpreter (None: for
+    CPU tensors or under TRITON_INTERPRET=1)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    interp = _interpret(q) if interpret is None else interpret
+    cfg = configs(Dk, Dv, C, q.dtype, interp)
+    b, TP = _cumulative_gates(g, beta, C)
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    _, _, HS, UN, final = _wy_and_states(
+        q, k, v, b, beta, s0, C, TP, g is not None, cfg, interp, False
+    )
+    out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
+    oc = cfg["_out_kernel"]
+    _launch(
+        "_out_kernel",
+        (triton.cdiv(Dv, oc["BV"]), TP // C, B * H),
+        interp,
+        q,
+        k,
+        UN,
+        b,
+        HS,
+        out,
+        T,
+        TP,
+        TP // C,
+        float(scale),
+        H=H,
+        GQ=H // k.shape[1],
+        GATED=g is not None,
+        **oc,
+    )
+    return out, final
+
+
+def delta_backward(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    scale: float,
+    initial_state,
+    do,
+    dS_T,
+    C: int,
+    need_g: bool,
+    need_s0: bool,
+    interpret: bool | None = None,
+):
+    """Gradients ``(dq, dk, dv, dg | None, dbeta, dS0 | None)`` in the compute dtype; dk, dv per kv head."""
+    B, H, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    GQ = H // Hkv
+    interp = _interpret(q) if interpret is None else interpret
+    cfg = configs(Dk, Dv, C, q.dtype, interp)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    gated = g is not None
+    b, TP = _cumulative_gates(g, beta, C)
+    NT = TP // C
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    TI, W, HS, UN, _ = _wy_and_states(q, k, v, b, beta, s0, C, TP, gated, cfg, interp, True)
+    do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
+    if dS_T is not None and cfg["_state_bwd_kernel"]["DOT"] != 1:
+        dS_T = dS_T.to(q.dtype).to(
+            acc
+        )  # entering in the input dtype, as dO does (see decay.triton)
+    dst = dS_T.contiguous() if dS_T is not None else None
+    store = HS.dtype
+    DHS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
+    DU = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
+    DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
+    sc = cfg["_state_bwd_kernel"]
+    _launch(
+        "_state_bwd_kernel",
+        (triton.cdiv(Dv, sc["BV"]), B * H),
+        interp,
+        q,
+        k,
+        W,
+        b,
+        do,
+        dst if dst is not None else DS0,
+        DHS,
+        DU,
+        DS0,
+        T,
+        TP,
+        NT,
+        float(scale),
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        HAS_DST=dst is not None,
+        STORE_DS0=need_s0,
+        **sc,
+    )
+    kc = cfg["_bwd_dqk_kernel"]
+    NKB = triton.cdiv(Dk, kc["BK"])
+    dq = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)
+    dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
+    dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
+    dG = torch.empty(NKB + 1, B * H, TP, dtype=acc, device=q.device) if gated else dq
+    _launch(
+        "_bwd_dqk_kernel",
+        (NKB, NT, B * H),
+        interp,
+        q,
+        k,
+        UN,
+        b,
+        do,
+        HS,
+        DHS,
+        DU,
+        dq,
+        dk,
+        dW,
+        dG,
+        T,
+        TP,
+        NT,
+        float(scale),
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        **kc,
+    )
+    dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
+    dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
+    _launch(
+        "_wy_bwd_kernel",
+        (NT, B * H),
+        interp,
+        k,
+        v,
+        beta,
+        b,
+        TI,
+        dW,
+        DU,
+        dk,
+        dv,
+        dbeta,
+        dG,
+        T,
+        TP,
+        NKB,
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        **cfg["_wy_bwd_kernel"],
+    )
+    dg = None
+    if gated and need_g:
+        # dL/db summed over the Dk blocks and the WY terms, then db_t/dg_s = 1 for s <= t in the chunk
+        db = dG.sum(0).view(B, H, NT, C)
+        dg = db.flip(-1).cumsum(-1).flip(-1).reshape(B, H, TP)[:, :, :T]
+    if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
+        dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
+        dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
+    return dq, dk, dv, dg, dbeta, (DS0 if need_s0 else None)
+
+
+class TritonDelta(torch.autograd.Function):
+    """The delta rule's Triton kernels as one autograd node; saves the inputs (the WY form and the per-chunk
+    states are recomputed by the backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale: float, C: int, interpret: bool | None):
+        out, final = delta_forward(q, k, v, g, beta, scale, initial_state, C, interpret)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.scale, ctx.C, ctx.interpret = scale, C, interpret
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_T):
+        q, k, v, g, beta, s0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        need_g = g is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dg, dbeta, ds0 = delta_backward(
+            q,
+            k,
+            v,
+            g,
+            beta,
+            ctx.scale,
+            s0,
+            do,
+            dS_T,
+            ctx.C,
+            need_g,
+            ctx.needs_input_grad[5],
+            ctx.interpret,
+        )
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            dg.to(g.dtype) if dg is not None else None,
+            dbeta.to(beta.dtype),
+            ds0,
+            None,
+            None,
+            None,
+        )
+
+
+def run(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
+    """The delta rule on the Triton kernels (the interpreter for CPU tensors, unless ``interpret`` says otherwise:
+    the offline GPU check compiles them natively). ``q`` ``[B, H, T, Dk]``, ``k``, ``v`` with Hkv heads (H a
+    multiple of Hkv), one dtype; ``g`` ``[B, H, T]`` log gates or None (no gate), ``beta`` ``[B, H, T]``, the
+    initial state ``[B, H, Dk, Dv]`` or None, all three in the compute dtype. Returns (out, final state)."""
+    if q.shape[-1] > MAX_DK:
+        configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming the limit
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    g = g.contiguous() if g is not None else None
+    return TritonDelta.apply(q, k, v, g, beta, initial_state, scale, C, interpret)
+
+
+__all__ = [
+    "MAX_DK",
+    "TritonDelta",
+    "available",
+    "configs",
+    "delta_backward",
+    "delta_forward",
+    "kernels",
+    "run",
+]

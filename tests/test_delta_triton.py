@@ -1,0 +1,198 @@
+"""The delta rule's Triton kernels (DeltaNet, Gated DeltaNet; ``runtime.recurrences.delta.triton``) in Triton's
+interpreter against the token-by-token reference: float64 outputs, final state and every gradient (q, k, v, beta,
+the gate, the initial state, with the final state's gradient flowing in) on random inputs, lengths not a multiple
+of the chunk, GQA, with and without an initial state; float32 and bf16 within their rounding; packed sequences;
+KDA refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+RULES = ("delta_net", "gated_delta_net")
+
+
+def make(name, B, H, T, Dk, Dv, seed, kv_heads=None, dtype=F64, gate_shift=2.0):
+    """q, k (L2-normalised, as the layers do), v with ``kv_heads`` heads, beta in (0, 2), log gates
+    ``logsigmoid(N(gate_shift, 1))`` for the gated rule, an initial state; float64, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or H
+    q = torch.randn(B, H, T, Dk, generator=g, dtype=F64)
+    k = F.normalize(torch.randn(B, kv_heads, T, Dk, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(B, kv_heads, T, Dv, generator=g, dtype=F64)
+    inputs = {"beta": 2 * torch.rand(H, T, generator=g, dtype=F64)}
+    if name == "gated_delta_net":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=g, dtype=F64) + gate_shift)
+    s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64)
+    cast = lambda x: x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), {n: cast(t) for n, t in inputs.items()}, cast(s0)
+
+
+def run(name, backend, q, k, v, inputs, s0, chunk=None, with_state=True):
+    """Outputs, final state and the gradients of every leaf (q, k, v, [s0], inputs) of a loss that weighs every
+    output differently and adds the squared final state (so its gradient flows in)."""
+    leaves = [
+        t.detach().clone().requires_grad_()
+        for t in (q, k, v, *(() if s0 is None else (s0,)), *inputs.values())
+    ]
+    n0 = 3 if s0 is None else 4
+    attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, q_tile=chunk)
+    kw = dict(zip(inputs, leaves[n0:], strict=True))
+    if with_state:
+        out, state = attn(
+            *leaves[:3], initial_state=None if s0 is None else leaves[3], return_state=True, **kw
+        )
+    else:
+        out, state = attn(*leaves[:3], initial_state=None if s0 is None else leaves[3], **kw), None
+    weight = torch.sin(torch.arange(out.numel(), dtype=F64)).view_as(out).to(out.dtype)
+    loss = (out * weight).sum() + (0 if state is None else (state**2).sum())
+    return out, state, torch.autograd.grad(loss, leaves)
+
+
+def as64(name, q, k, v, inputs, s0):
+    return (
+        q.to(F64),
+        k.to(F64),
+        v.to(F64),
+        {n: t.to(F64) for n, t in inputs.items()},
+        None if s0 is None else s0.to(F64),
+    )
+
+
+def assert_all_close(got, want, tol):
+    torch.testing.assert_close(got[0].to(F64), want[0], rtol=tol, atol=tol)
+    if want[1] is not None:
+        torch.testing.assert_close(got[1].to(F64), want[1], rtol=tol, atol=tol)
+    assert len(got[2]) == len(want[2])
+    for i, (a, b) in enumerate(zip(got[2], want[2], strict=True)):
+        torch.testing.assert_close(
+            a.to(F64), b, rtol=tol, atol=tol, msg=lambda m, i=i: f"gradient {i}: {m}"
+        )
+
+
+# ----------------------------------------------------------------- float64: exact to rounding
+@settings(max_examples=6, deadline=None)
+@given(
+    name=st.sampled_from(RULES),
+    T=st.integers(1, 50),
+    chunk=st.sampled_from([16, 32]),
+    dims=st.sampled_from([(8, 8), (16, 8), (20, 24)]),
+    gqa=st.booleans(),
+    init=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_triton_equals_naive_forward_state_and_every_gradient(
+    name, T, chunk, dims, gqa, init, seed
+):
+    q, k, v, inputs, s0 = make(name, 1, 2, T, *dims, seed, kv_heads=1 if gqa else None)
+    s0 = s0 if init else None
+    want = run(name, "reference", q, k, v, inputs, s0)
+    got = run(name, "triton", q, k, v, inputs, s0, chunk)
+    assert_all_close(got, want, 1e-10)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_default_chunk_of_64_with_a_partial_chunk_gqa_and_initial_state(name):
+    # 70 tokens: one full chunk of 64 and one of 6; 4 query heads on 2 kv heads; batch 2
+    q, k, v, inputs, s0 = make(name, 2, 4, 70, 16, 8, seed=11, kv_heads=2)
+    want = run(name, "reference", q, k, v, inputs, s0)
+    got = run(name, "triton", q, k, v, inputs, s0)
+    assert_all_close(got, want, 1e-10)
+
+
+def test_without_initial_or_returned_state():
+    # no initial state (no dS0 kernel output) and no final state's gradient flowing in
+    q, k, v, inputs, _ = make("gated_delta_net", 1, 2, 37, 8, 8, seed=12)
+    want = run("gated_delta_net", "reference", q, k, v, inputs, None, with_state=False)
+    got = run("gated_delta_net", "triton", q, k, v, inputs, None, chunk=16, with_state=False)
+    assert_all_close(got, want, 1e-10)
+
+
+def test_strong_gates_stay_finite_and_exact():
+    # log gates down to about -30 per token: an exponent of a sum of gates over a chunk that were not taken as a
+    # difference of spans inside the chunk (e.g. exp(-b_s) on its own) would overflow or lose every digit
+    q, k, v, inputs, s0 = make("gated_delta_net", 1, 2, 40, 8, 8, seed=13)
+    inputs["g"] = -30 * torch.rand(2, 40, generator=torch.Generator().manual_seed(3), dtype=F64)
+    want = run("gated_delta_net", "reference", q, k, v, inputs, s0)
+    got = run("gated_delta_net", "triton", q, k, v, inputs, s0, chunk=32)
+    assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2]))
+    assert_all_close(got, want, 1e-10)
+
+
+# ----------------------------------------------------------------- float32 and bf16: within their rounding
+def _relative_errors(got, want):
+    """max |got - want| / max |want| of the output, the final state and each gradient."""
+    pairs = [(got[0], want[0]), (got[1], want[1]), *zip(got[2], want[2], strict=True)]
+    return [((a.to(F64) - b).abs().max() / b.abs().max()).item() for a, b in pairs]
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_float32_within_its_rounding(name):
+    # fp32 inputs, fp32 accumulation, exact products (no TF32): against float64 on the same (fp32) values.
+    # Seen: <= 3e-7 relative to each tensor's largest entry
+    q, k, v, inputs, s0 = make(name, 1, 2, 70, 16, 16, seed=14, dtype=torch.float32)
+    want = run(name, "reference", *as64(name, q, k, v, inputs, s0))
+    got = run(name, "triton", q, k, v, inputs, s0)
+    assert got[0].dtype == torch.float32
+    assert max(_relative_errors(got, want)) < 5e-6
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_bf16_within_its_rounding(name):
+    # bf16 inputs against float64 on the same bf16 values. The tensor cores' operands are bf16 (8 bits, 4e-3
+    # relative per rounding), fp32 accumulation: the inverse T, W, U, the per-chunk states, dU and the C x C
+    # products are each rounded before their dot, as in flash-linear-attention. Seen (seeds 15-17, relative to
+    # each tensor's largest entry): 0.7-4.4e-2 for the output, the final state and the gradients; the torch
+    # chunked path (fp32 from the same bf16 inputs, no rounded operands) 0.1-0.4e-2. Keeping W, U and the states
+    # in fp32 halved the kernels' error (1-2e-2) at twice their memory traffic; the bf16 operands stay.
+    q, k, v, inputs, s0 = make(name, 1, 2, 70, 16, 16, seed=15, dtype=torch.bfloat16)
+    want = run(name, "reference", *as64(name, q, k, v, inputs, s0))
+    got = run(name, "triton", q, k, v, inputs, s0)
+    assert got[0].dtype == torch.bfloat16
+    errors = _relative_errors(got, want)
+    assert max(errors) < 6e-2, errors
+    assert min(errors) > 1e-5, (
+        errors
+    )  # it did run in bf16: exact-to-fp32 results would mean the operands were not
+
+
+# ----------------------------------------------------------------- packed sequences, refusals, source
+def test_packed_sequences_equal_separate_calls():
+    q, k, v, inputs, _ = make("gated_delta_net", 1, 2, 30, 8, 8, seed=16)
+    attn = attnc.compile_attention("stdlib:gated_delta_net", backend="triton", q_tile=16)
+    cu = torch.tensor([0, 7, 30])
+    packed = attn(q, k, v, cu_seqlens=cu, **inputs)
+    for a, b in ((0, 7), (7, 30)):
+        alone = attnc.compile_attention("stdlib:gated_delta_net", backend="reference")(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], **{n: t[:, a:b] for n, t in inputs.items()}
+        )
+        torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-12, atol=1e-12)
+
+
+def test_per_channel_gates_are_refused_by_name():
+    with pytest.raises(attnc.SpecError, match="one gate per key channel") as err:
+        attnc.compile_attention("stdlib:kda", backend="triton")
+    assert err.value.where == "argument backend" and "'kda'" in str(err.value)
+
+
+def test_source_shows_the_kernels():
+    text = attnc.compile_attention("stdlib:gated_delta_net", backend="triton").source
+    assert "Triton kernels" in text
+    for name in (
+        "_wy_fwd_kernel",
+        "_state_fwd_kernel",
+        "_out_kernel",
+        "_state_bwd_kernel",
+        "_bwd_dqk_kernel",
+        "_wy_bwd_kernel",
+        "_unit_lower_inverse",
+    ):
+        assert f"def {name}(" in text
