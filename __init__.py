@@ -15,6 +15,7 @@ from .core.ir import PatternIR, RecurrenceIR
 from .core.version import __version__
 from .integrations.natten import na1d, na2d, na3d, neighborhood_attention
 from .runtime.api import Attention, compile_attention, materialize_mask, simulate
+from .runtime.plan.clusters import kmeans_update
 from .spec.library import load
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RecurrenceIR",
     "SpecError",
     "compile_attention",
+    "kmeans_update",
     "load",
     "materialize_mask",
     "na1d",

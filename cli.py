@@ -9,6 +9,8 @@ import sys
 from .core.errors import SpecError
 
 SHOW_DEFAULT_N = 32
+#: The head dimension of the sampled q and k from which `attnc show` draws a clustering pattern's ids.
+SHOW_HEAD_DIM = 64
 SHOW_DEFAULT_AXIS = 8
 SHOW_MAX_TOKENS = 4096
 SHOW_MAX_TILES = 256
@@ -110,6 +112,7 @@ def _unused_inputs(decl) -> list[str]:
         used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))
         if decl.decay is not None:
             used.add(decl.decay if isinstance(decl.decay, str) else "")
+        used |= {d.derived[2] for d in decl.inputs if d.derived is not None}  # cluster(q, C) reads C
     return [d.name for d in decl.inputs if d.name not in used]
 
 
@@ -143,8 +146,14 @@ def cmd_show(args) -> int:
     nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=SHOW_HEAD_DIM)
     inputs = _inputs(args.input)
+    if any(d.derived is not None for d in pat.inputs):  # cluster(): ids of a seeded sample of q and k
+        from .runtime.plan.clusters import sample_derived
+
+        inputs, notes = sample_derived(pat, bound, inputs, head_dim=SHOW_HEAD_DIM)
+        for note in notes:
+            print(f"# note: {note}")
     if args.tiles or args.q_tile or args.kv_tile:
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
@@ -530,10 +539,11 @@ def _sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
     from .compiler import evaluate as E
     from .core import ir
 
-    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given]
+    # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
+    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None]
     if not missing or not isinstance(pat, ir.PatternIR):
         return given
-    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None)
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
     g = torch.Generator().manual_seed(0)
     out = dict(given)
     for decl in missing:

@@ -140,6 +140,10 @@ class InputDecl:
     dtype: str
     dims: tuple[sympy.Expr, ...]
     dim_names: tuple[str, ...]
+    #: None for an input the caller passes; ``("cluster", "q" | "k", CENTROIDS)`` for the cluster ids of
+    #: the query (key) vectors that ``cluster(q, CENTROIDS)`` reads, computed from q, k and the input
+    #: CENTROIDS at every call (``runtime.plan.clusters``), never passed by the caller
+    derived: tuple[str, ...] | None = None
 
     @property
     def function(self):

@@ -21,11 +21,12 @@ from .checks import (
     check_softcap,
     check_state,
     resolve_scale,
+    state_heads,
 )
 from .frontends.kv_cache import padded_forward
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import compute_dtype, needs_grad
-from .plan import routing
+from .plan import clusters, routing
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
@@ -52,6 +53,8 @@ def materialize_mask(
     *,
     nk: int | None = None,
     name: str | None = None,
+    q: torch.Tensor | None = None,
+    k: torch.Tensor | None = None,
     **params,
 ) -> torch.Tensor:
     """The exact mask of a pattern: bool ``[heads, Nq, Nk]`` (``heads`` is 1 unless given; ``[B, heads, Nq, Nk]``
@@ -61,12 +64,27 @@ def materialize_mask(
     (then ``name=`` and parameters apply). ``n`` is the number of queries (for
     a grid, implied by ``sizes``); ``nk`` the number of keys of a cross-attention
     pattern, or of a self-attention one with a KV cache (``nk > n``: the rows of the
-    last n tokens). Routing is data-dependent and not part of the mask.
+    last n tokens). Routing is data-dependent and not part of the mask. A pattern that clusters
+    vectors (``cluster(q, C) == cluster(k, C)``) needs ``q`` ``[B, heads, n, dk]`` and ``k``
+    ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``.
     """
     pat = _as_pattern(pattern, name, params)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, offset_ok=True)
+    dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
+    if clusters.derived_inputs(pat):  # cluster(q, C) == cluster(k, C): the mask depends on the vectors
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            raise SpecError(f"'{pat.name}' clusters the query and key vectors (cluster()): its mask needs them",
+                            where="argument q" if not isinstance(q, torch.Tensor) else "argument k",
+                            hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors")
+        check_qkv(q, k, k)
+        rows = bound.n - bound.q_offset
+        for what, t, want in (("q", q, (bound.heads, rows)), ("k", k, (None, bound.nk))):
+            if t.dim() != 4 or (want[0] is not None and t.shape[1] != want[0]) or t.shape[2] != want[1]:
+                raise SpecError(f"{what} has shape {list(t.shape)}; expected [B, {want[0] or 'kv_heads'}, {want[1]}, dk]"
+                                f" (heads = {bound.heads}, {rows} queries, {bound.nk} keys)", where=f"argument {what}")
+        inputs = clusters.derive_inputs(pat, q, k, dict(inputs or {}))
     tensors, batch = E.bind_inputs(pat, bound, inputs)
     # the mask is evaluated per head only when it depends on h (else a broadcast view)
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
@@ -176,7 +194,7 @@ class Attention(torch.nn.Module):
         layout = self.layout if layout is None else check_layout(layout)
         # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, gva=getattr(self.pattern, "rule", None) == "delta")
         if cu_seqlens is not None:  # inputs over the packed tokens: checked before any other shape rule
             from .frontends.varlen import check_packed_inputs
 
@@ -215,6 +233,8 @@ class Attention(torch.nn.Module):
         all_sizes = {**self.sizes, **(sizes or {})}
         if isinstance(self.pattern, ir.RecurrenceIR):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
+        # cluster(q | k, C): the ids of this call's vectors, on q's device, before anything binds the inputs
+        inputs = clusters.derive_inputs(self.pattern, q, k, inputs)
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
         if torch.compiler.is_compiling():
@@ -266,7 +286,8 @@ class Attention(torch.nn.Module):
 
     def _recurrence(self, q, k, v, scale: float, return_lse, initial_state, return_state, all_sizes: dict,
                     inputs: dict):
-        B, Hq, Nq, D = q.shape
+        B, _, Nq, D = q.shape
+        Hq = state_heads(q, v)  # q's heads, or v's under grouped value attention (the delta rule)
         if return_lse:
             raise SpecError("a recurrence has no log-sum-exp", where="argument return_lse")
         if Nq != k.shape[2]:
@@ -413,6 +434,9 @@ def simulate(
                         where="argument inputs")
     hw = get_hardware(hardware)
     dtype_bytes(dtype)
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes)
-    return simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(), q_tile=q_tile,
-                            kv_tile=kv_tile, inputs=inputs, top=top)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=head_dim)
+    inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
+    report = simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
+                              q_tile=q_tile, kv_tile=kv_tile, inputs=inputs or None, top=top)
+    report.assumptions.extend(notes)
+    return report

@@ -35,6 +35,8 @@ class CallChecks:
             return self._call_pattern(node)
         if node.func == "window":
             return self._window(node)
+        if node.func == "cluster":
+            return self._cluster(node)
         lo, hi = BUILTINS[node.func]
         if node.kwargs:
             raise self.error(f"'{node.func}' takes no keyword arguments", node.kwargs[0].pos)
@@ -64,6 +66,37 @@ class CallChecks:
         if node.func == "exp" and x.is_number and x > 700:
             raise self.error("exp overflows", node.args[0].pos)
         return Typed(FLOAT, fold(fn(x)))
+
+    def _cluster(self, node: ast.Call) -> Typed:
+        """``cluster(q | k, CENTROIDS)``: the index of the centroid of head h nearest (largest dot product,
+        ties to the lower index) to the query's (key's) vector, an int. It reads a derived input
+        ``int[heads, n | nk]`` that the runtime computes from q, k and CENTROIDS at every call
+        (``runtime.plan.clusters``): to every backend it is a per-token id, like a document mask's."""
+        if node.kwargs:
+            raise self.error("'cluster' takes no keyword arguments", node.kwargs[0].pos)
+        if len(node.args) != 2:
+            raise self.error(f"'cluster' takes 2 arguments (q or k, CENTROIDS), got {len(node.args)}", node.func_pos,
+                             hint="cluster(q, centroids) == cluster(k, centroids)")
+        side, cent = node.args
+        if not isinstance(side, ast.Name) or side.id not in ("q", "k"):
+            raise self.error("the first argument of cluster() must be 'q' or 'k' (whose vector is clustered)",
+                             side.pos)
+        decl = self.inputs.get(cent.id) if isinstance(cent, ast.Name) else None
+        if decl is None:
+            shown = f"'{cent.id}' is not an input" if isinstance(cent, ast.Name) else "this is not an input"
+            raise self.error(f"the second argument of cluster() must name the centroids input: {shown}", cent.pos,
+                             hint="declare it: input centroids: float[heads, clusters, dk]")
+        if decl.dtype != FLOAT or len(decl.dims) != 3 or decl.dim_names[0] != "heads" or decl.dim_names[2] != "dk":
+            raise self.error(f"the centroids input '{cent.id}' must be float[heads, CLUSTERS, dk], got "
+                             f"{decl.dtype}[{', '.join(decl.dim_names)}]", cent.pos)
+        name = f"__cluster_{side.id}_{cent.id}"
+        own = self.frame.queries == self.frame.keys or side.id == "q"
+        wanted = ir.InputDecl(name, INT, (S.HEADS, self.frame.n if own else self.frame.nk),
+                              ("heads", "n" if own else "nk"), ("cluster", side.id, cent.id))
+        if self.inputs.get(name, wanted) != wanted:
+            raise self.error(f"the input name '{name}' is taken: cluster() needs it", node.func_pos)
+        self.inputs[name] = wanted
+        return Typed(INT, wanted.function(S.H, self.frame.q_flat if side.id == "q" else self.frame.k_flat))
 
     def _window(self, node: ast.Call) -> Typed:
         frame = self.frame

@@ -26,6 +26,7 @@ BUILTINS = {
     "sqrt": (1, 1),
     "tanh": (1, 1),
     "window": (1, 2),
+    "cluster": (2, 2),
 }
 WINDOW_KEYWORDS = ("dilation", "stride", "causal")
 INT64_LIMIT = 2**63

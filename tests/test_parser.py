@@ -145,7 +145,7 @@ def run_pipeline(text: str) -> str:
         try:
             n = 5 if pat.queries.kind == "seq" else None
             nk = 4 if pat.keys.kind == "seq" and not pat.self_attention else None
-            bound = E.bind_sizes(pat, n=n, nk=nk, heads=2, sizes=dict.fromkeys(names, 3))
+            bound = E.bind_sizes(pat, n=n, nk=nk, heads=2, sizes=dict.fromkeys(names, 3), dk=4)
             if bound.n * bound.nk > 10_000:
                 continue
             mask = attnc.materialize_mask(pat, n=n, nk=nk, heads=2, sizes=dict.fromkeys(names, 3),

@@ -512,8 +512,10 @@ STDLIB = {
     "longformer": (dict(window=6), 40, None, 1, (8,), (8,),
                    {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
 }
-#: Patterns whose mask is chosen at run time by routing, and recurrences: no static tile classification.
-NOT_CLASSIFIED = {"biformer", "moba", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
+#: Patterns whose mask is chosen at run time by routing or clustering (their classification from the
+#: call's selection is tested against the reference in tests/test_cluster_route.py and the routing
+#: tests), and recurrences: no static tile classification.
+NOT_CLASSIFIED = {"biformer", "moba", "routing_transformer", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
                   "gated_delta_net", "kda"}
 
 

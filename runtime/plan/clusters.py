@@ -1,0 +1,181 @@
+"""Clustering routes (``cluster(q | k, CENTROIDS)``, the Routing Transformer): the cluster id of every
+query and key vector, computed on q's device once per call, and the online k-means update of the
+centroids (the training side).
+
+The ids become the derived inputs the checker declared (``ir.InputDecl.derived``, ``int[heads, n]``
+read at ``[h, q]``, ``int[heads, nk]`` at ``[h, k]``): from there on a clustered mask is a mask with
+call-time per-token ids, like a document mask, and every backend classifies and runs it with that
+machinery (per-tile min/max summaries, FULL / PARTIAL / EMPTY tiles, the exact mask on PARTIAL ones).
+
+Rule (spec/REFERENCE.md): ``cluster(x)[b, h, t] = argmax_c x[b, h, t] . centroids[h, c]``, in fp32 (fp64
+for fp64 inputs), ties to the lower index; the key vector of query head h is that of its KV head
+``h // (Hq // Hkv)`` (GQA). Not differentiated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...core import ir
+from ...core.errors import SpecError
+
+
+def derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
+    """The inputs of ``pat`` computed at call time (never passed by the caller)."""
+    return tuple(d for d in getattr(pat, "inputs", ()) if d.derived is not None)
+
+
+def cluster_ids(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """``argmax_c x . centroids[h, c]`` (ties to the lower index): int64 ``[B, H, N]`` for ``x``
+    ``[B, H, N, D]`` and ``centroids`` ``[H, C, D]`` or ``[B, H, C, D]``. Not differentiated."""
+    dtype = torch.float64 if torch.float64 in (x.dtype, centroids.dtype) else torch.float32
+    with torch.no_grad():
+        c = centroids.detach().to(dtype)
+        c = c[None] if c.dim() == 3 else c
+        score = x.detach().to(dtype) @ c.transpose(-1, -2)  # [B, H, N, C]
+        # torch.argmax returns the first of equal maxima; a NaN score counts as no match (-inf)
+        return torch.nan_to_num(score, nan=-torch.inf).argmax(-1)
+
+
+def _check_centroids(decl: ir.InputDecl, t, q: torch.Tensor, clusters: int) -> torch.Tensor:
+    """The centroids tensor checked against ``float[heads, clusters, dk]`` (optional batch), naming it."""
+    name = decl.name
+    B, Hq, _, D = q.shape
+    want = [Hq, clusters, D]
+    if t is None:
+        raise SpecError(
+            f"missing input '{name}' (float[{', '.join(decl.dim_names)}] = {want})",
+            where=f"argument {name}",
+            hint=f"pass {name}= (the centroids of cluster())",
+        )
+    if not isinstance(t, torch.Tensor):
+        raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
+    if not t.dtype.is_floating_point:
+        raise SpecError(
+            f"input '{name}' is float, got a {t.dtype} tensor", where=f"argument {name}"
+        )
+    if t.is_meta or t.device != q.device:
+        raise SpecError(
+            f"input '{name}' is on {t.device}, q on {q.device}",
+            where=f"argument {name}",
+            hint="pass every input on q's device",
+        )
+    if list(t.shape) != want and not (
+        t.dim() == 4 and list(t.shape[1:]) == want and t.shape[0] == B
+    ):
+        raise SpecError(
+            f"input '{name}' has shape {list(t.shape)}, expected [{', '.join(decl.dim_names)}] = {want} "
+            f"(heads and dk from q) with an optional leading batch dimension of {B}",
+            where=f"argument {name}",
+        )
+    return t
+
+
+def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> dict:
+    """``inputs`` with the cluster ids of this call added (``q`` ``[B, Hq, Nq, D]``, ``k``
+    ``[B, Hkv, Nk, D]``, both in attnc's layout). Queries after a KV cache (``Nk > Nq``,
+    self-attention) stand at positions ``Nk - Nq ..``: the ids of the earlier positions, which no
+    query holds, are -1. A derived input given by the caller is refused, naming it."""
+    derived = derived_inputs(pat)
+    if not derived:
+        return inputs
+    for d in derived:
+        if d.name in inputs:
+            raise SpecError(
+                f"'{d.name}' is computed from q and k at every call (cluster()); it is not an argument",
+                where=f"argument {d.name}",
+            )
+    out = dict(inputs)
+    B, Hq, Nq, _ = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    for d in derived:
+        _, side, cent_name = d.derived
+        cent_decl = next(i for i in pat.inputs if i.name == cent_name)
+        clusters = int(cent_decl.dims[1])
+        centroids = _check_centroids(cent_decl, inputs.get(cent_name), q, clusters)
+        if side == "q":
+            ids = cluster_ids(q, centroids)
+            if (
+                pat.self_attention and Nk > Nq
+            ):  # positions before the queries: no vector, no cluster
+                ids = torch.cat([ids.new_full((B, Hq, Nk - Nq), -1), ids], dim=-1)
+        else:
+            ids = cluster_ids(k.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k, centroids)
+        out[d.name] = ids
+    return out
+
+
+def kmeans_update(centroids: torch.Tensor, x: torch.Tensor, decay: float = 0.999) -> torch.Tensor:
+    """One step of the Routing Transformer's online k-means (lucidrains/routing-transformer at commit
+    0283dd4a, ``Kmeans.update`` after one batch): each vector of ``x`` ``[B, H, N, D]`` (e.g. q and k
+    concatenated along the tokens) is L2-normalised and assigned to its nearest centroid of
+    ``centroids`` ``[H, C, D]`` (``cluster_ids``); per head, the assigned vectors are summed over the
+    batch and the tokens and the sum L2-normalised; each centroid becomes
+    ``decay * centroid + (1 - decay) * that mean`` (a centroid with no vector keeps its value).
+    Returns the new centroids (``centroids``' dtype); nothing is differentiated."""
+    if (
+        not isinstance(centroids, torch.Tensor)
+        or centroids.dim() != 3
+        or not centroids.dtype.is_floating_point
+    ):
+        raise SpecError(
+            "expected float centroids [heads, clusters, dk]", where="argument centroids"
+        )
+    H, C, D = centroids.shape
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != H or x.shape[3] != D:
+        shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise SpecError(
+            f"expected vectors [B, {H}, N, {D}] (heads and dk of the centroids), got {shape}",
+            where="argument x",
+        )
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= 1:
+        raise SpecError(f"decay must be a number in [0, 1], got {decay!r}", where="argument decay")
+    with torch.no_grad():
+        dtype = torch.float64 if torch.float64 in (x.dtype, centroids.dtype) else torch.float32
+        xn = torch.nn.functional.normalize(x.detach().to(dtype), dim=-1)
+        c = centroids.detach().to(dtype)
+        ids = cluster_ids(xn, c)  # [B, H, N]
+        sums = torch.zeros(H, C, D, dtype=dtype, device=x.device)
+        flat = ids.transpose(0, 1).reshape(H, -1)  # [H, B * N]
+        sums.scatter_add_(
+            1, flat[..., None].expand(H, flat.shape[1], D), xn.transpose(0, 1).reshape(H, -1, D)
+        )
+        count = torch.zeros(H, C, dtype=dtype, device=x.device).scatter_add_(
+            1, flat, torch.ones_like(flat, dtype=dtype)
+        )
+        mean = torch.nn.functional.normalize(sums, dim=-1)
+        new = torch.where(count[..., None] > 0, decay * c + (1 - decay) * mean, c)
+        return new.to(centroids.dtype)
+
+
+def sample_derived(
+    pat, bound, inputs: dict, head_dim: int, seed: int = 0
+) -> tuple[dict, list[str]]:
+    """For the simulator and ``attnc show``, which have no q and k: ``inputs`` completed with cluster ids
+    of a seeded sample (q, k and missing centroids standard normal, ``seed``), and one note per
+    sampled thing saying so. Unchanged when the pattern clusters nothing or the ids are given."""
+    derived = derived_inputs(pat)
+    if not derived or all(d.name in inputs for d in derived):
+        return inputs, []
+    g = torch.Generator().manual_seed(seed)
+    nq = bound.n - bound.q_offset
+    q = torch.randn(1, bound.heads, nq, head_dim, generator=g, dtype=torch.float64)
+    k = torch.randn(1, bound.heads, bound.nk, head_dim, generator=g, dtype=torch.float64)
+    out, notes = dict(inputs), []
+    for name in dict.fromkeys(d.derived[2] for d in derived):
+        if name not in out:
+            decl = next(i for i in pat.inputs if i.name == name)
+            out[name] = torch.randn(
+                bound.heads, int(decl.dims[1]), head_dim, generator=g, dtype=torch.float64
+            )
+            notes.append(
+                f"input '{name}' not given: simulated with standard normal centroids, shape "
+                f"{list(out[name].shape)} (seed {seed})"
+            )
+    notes.append(
+        f"cluster() depends on the q and k vectors: its ids come from standard normal q and k "
+        f"(head dim {head_dim}, seed {seed}); real data clusters differently"
+    )
+    return derive_inputs(
+        pat, q, k, {n: t for n, t in out.items() if n not in {d.name for d in derived}}
+    ), notes
