@@ -30,6 +30,8 @@ def case_inputs(case: dict) -> dict:
             out[name] = F.logsigmoid(torch.randn(H, n, generator=g, dtype=torch.float64) + 2)
         elif kind == "beta":  # the delta rule's rate, small enough that random keys keep the state bounded
             out[name] = 0.05 + 0.1 * torch.rand(H, n, generator=g, dtype=torch.float64)
+        elif kind == "centroids":  # cluster(): [heads, clusters, dk], no token dimension (never sharded)
+            out[name] = torch.randn(H, 3, D, generator=g, dtype=torch.float64)
         elif kind == "vgate":  # [heads, n, dk]
             out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
     return out
@@ -64,7 +66,8 @@ def run_case(case: dict, rank: int):
     grad_inputs = case.get("grad_inputs", False)
     il = {}
     for name, t in inputs.items():
-        part = cp.shard(t, dim=token_dim(case, name)) if case.get("shard_inputs", True) else t
+        sharded = case.get("shard_inputs", True) and case["inputs"][name] != "centroids"
+        part = cp.shard(t, dim=token_dim(case, name)) if sharded else t
         il[name] = part.clone().requires_grad_() if grad_inputs else part
     out = cp(ql, kl, vl, **il)
     out.backward(cp.shard(dout))

@@ -32,6 +32,8 @@ CASES_2 = {
     "ulysses-gqa": dict(SW, n=64, u=2, Hkv=2),
     "rows-with-no-key": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64),
     "moba-ring": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64),
+    "routing-transformer-ring": dict(spec="stdlib:routing_transformer", params={"clusters": 3}, n=48,
+                                     inputs={"centroids": "centroids"}),
     "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                sizes={"height": 8, "width": 8}, n=64, kv="allgather"),
     "retention": dict(spec="stdlib:retention", n=32),

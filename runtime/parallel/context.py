@@ -19,6 +19,7 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
+from ..plan import clusters
 from . import collectives as C
 from . import routing
 from .blocks import BlockProblem
@@ -144,6 +145,9 @@ class ContextParallel(torch.nn.Module):
                                            self._call_sizes, scale)
             self.last_comm_bytes = sent
             return out
+        # cluster(q | k, C): each rank clusters its own tokens' vectors; the ids are gathered like any
+        # per-token input (the centroids, with no token dimension, are passed whole)
+        inputs = clusters.derive_inputs(pat, q, k, inputs)
         whole, input_bytes = {}, 0
         for name, t in inputs.items():
             whole[name], sent = self._whole_input(name, t, n)
