@@ -192,7 +192,8 @@ def test_source_shows_the_kernels():
         "_out_kernel",
         "_state_bwd_kernel",
         "_bwd_dqk_kernel",
-        "_wy_bwd_kernel",
+        "_wy_bwd_da_kernel",
+        "_wy_bwd_dk_kernel",
         "_unit_lower_inverse",
     ):
         assert f"def {name}(" in text

@@ -21,8 +21,9 @@ positive for log decays). The kernels:
   ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; its last value is the initial state's gradient;
 - ``_bwd_dqk_kernel`` (Dk block, chunk, batch x head): ``dq``, the part of ``dk`` through O and S', ``dW = -dU h^T``
   and the gate terms ``sum_c (q dq - k dk)`` (plus the chunk's last-gate terms);
-- ``_wy_bwd_kernel`` (chunk, batch x head): through the WY form, ``dT = dW (diag(beta e) K)^T + dU (diag(beta)
-  V)^T``, ``dA = -strict(T^T dT T^T)``; the rest of ``dk``, ``dv``, ``dbeta`` and the gate terms.
+- ``_wy_bwd_da_kernel`` (chunk, batch x head): through the WY form, ``dT = dW (diag(beta e) K)^T + dU (diag(beta)
+  V)^T``, ``dA = -strict(T^T dT T^T)`` (stored), ``dv`` and the rate's value term; ``_wy_bwd_dk_kernel`` (chunk,
+  batch x head): the rest of ``dk``, ``dbeta`` and the gate terms (two kernels: together they spilled on sm_80).
 
 The gradient of the cumulative gates is summed over Dk blocks and turned into the gates' gradient by a reverse
 cumulative sum inside each chunk on the host. Dots run on the tensor cores in the input dtype (bf16 / fp16)
@@ -143,7 +144,10 @@ def _wy_fwd_kernel(
     A = KK * _decays(b, t_off, True) * beta[:, None]
     X = _unit_lower_inverse(A, t_off, C)
     if STORE_T:
-        tl.store(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :], X.to(TI.dtype.element_ty))
+        tl.store(
+            TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]),
+            X.to(TI.dtype.element_ty),
+        )
     Xc = X.to(K.dtype.element_ty)
     kw = beta * tl.exp(b)
     for k0 in range(0, DK, BK):
@@ -448,7 +452,7 @@ def _bwd_dqk_kernel(
         )
 
 
-def _wy_bwd_kernel(
+def _wy_bwd_da_kernel(
     K,
     V,
     BETA,
@@ -456,13 +460,11 @@ def _wy_bwd_kernel(
     TI,
     DW,
     DU,
-    DKP,
+    DA,
     DV_,
     DBETA,
-    DG,
     T,
     TP,
-    NKB,
     H: tl.constexpr,
     GQ: tl.constexpr,
     DK: tl.constexpr,
@@ -470,13 +472,14 @@ def _wy_bwd_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     C: tl.constexpr,
+    RB: tl.constexpr,
     GATED: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta e) K)^T +
-    dU (diag(beta) V)^T``, ``dA = -strict(T^T dT T^T)``, ``Z = dA * diag(beta) E``; adds ``diag(beta e) T^T dW +
-    Z K + Z^T K`` to dk, stores ``dv = diag(beta) T^T dU``, ``dbeta`` and the gates' terms (``DG[NKB]``)."""
+    dU (diag(beta) V)^T`` and ``dA = -strict(T^T dT T^T) * E`` (stored, ``[C, C]`` per chunk); ``dv = diag(beta)
+    T^T dU`` and the rate's term ``sum_c (T^T dU)_tc v_tc``."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     h = i_bh % H
@@ -485,57 +488,114 @@ def _wy_bwd_kernel(
     t_off = tl.arange(0, C)
     rows = c0 + t_off
     r_ok = rows < T
-    k_base = K + kv_bh * T * DK
-    v_base = V + kv_bh * T * DV
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
     kw = beta * tl.exp(b)
-    Xc = tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :]).to(K.dtype.element_ty)
-    KK = _acc_zeros([C, C], F64)
+    # T^T loaded transposed: both products with it take it as it is (no register transposes)
+    Xt = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + t_off[:, None])).to(
+        K.dtype.element_ty
+    )
     dT = _acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        KK += _mm(k, tl.trans(k), DOT)
         dT += _mm(dw, tl.trans((k * kw[:, None]).to(k.dtype)), DOT)
     dbeta = _acc_zeros([C], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
         v_ok = _in_dim(v_off, DV, BV)
-        v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
+        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
         dT += _mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
-        dvb = _mm(tl.trans(Xc), du, DOT)
+        dvb = _mm(Xt, du, DOT)
         tl.store(
             DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
             (dvb * beta[:, None]).to(DV_.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
         dbeta += _sum(dvb * _acc(v, F64), 1)
-    dA = _mm(_mm(tl.trans(Xc), dT.to(Xc.dtype), DOT).to(Xc.dtype), tl.trans(Xc), DOT)
-    Es = _decays(b, t_off, True)  # 0 on and above the diagonal: dA is used strictly below it only
-    dA = -dA * Es
-    Z = dA * beta[:, None]
-    dbeta += _sum(dA * KK, 1)
+    # dA in blocks of RB rows (whole-chunk products of three [C, C] tiles spilled on sm_80): rows r of T^T, loaded
+    # transposed from memory, times dT times T^T
+    dTc = dT.to(Xt.dtype)
+    for r0 in range(0, C, RB):
+        r_off = r0 + tl.arange(0, RB)
+        Xr = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + r_off[:, None])).to(Xt.dtype)
+        dA = _mm(_mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
+        if GATED:
+            br = _acc(tl.load(G + i_bh * TP + c0 + r_off), F64)
+        else:
+            br = _acc_zeros([RB], F64)
+        E = tl.exp(
+            tl.where(r_off[:, None] > t_off[None, :], br[:, None] - b[None, :], float("-inf"))
+        )
+        tl.store(
+            DA + (i_bh * TP + c0) * C + (r_off[:, None] * C + t_off[None, :]),
+            (-dA * E).to(DA.dtype.element_ty),
+        )
+    tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
+
+
+def _wy_bwd_dk_kernel(
+    K,
+    BETA,
+    G,
+    TI,
+    DW,
+    DA,
+    DKP,
+    DBETA,
+    DG,
+    T,
+    TP,
+    NKB,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    BK: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (chunk, batch x head), with ``dA`` of ``_wy_bwd_da_kernel`` and ``Z = dA diag(beta)`` (rows):
+    adds ``diag(beta e) T^T dW + Z K + Z^T K`` to dk, the rate's terms ``e_t sum_c (T^T dW)_tc k_tc + sum_c k_tc
+    (dA K)_tc`` to dbeta, and stores the gates' terms (``DG[NKB]``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    kw = beta * tl.exp(b)
+    cc_base = (i_bh * TP + c0) * C  # a scalar 64-bit base, 32-bit offsets within the chunk's [C, C]
+    cc_off = t_off[:, None] * C + t_off[None, :]
+    Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
+    dA = tl.load(DA + cc_base + cc_off)
+    dAc = dA.to(Xc.dtype)
+    Zc = (dA * beta[:, None]).to(Xc.dtype)
+    dbeta = _acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     dg = _acc_zeros([C], F64)
-    Zc = Z.to(Xc.dtype)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
         dkb = _mm(tl.trans(Xc), dw, DOT)
-        zk = _mm(Zc, k, DOT)
+        dak = _mm(dAc, k, DOT)
         ztk = _mm(tl.trans(Zc), k, DOT)
         kf = _acc(k, F64)
         s = _sum(dkb * kf, 1)
-        dbeta += tl.exp(b) * s
-        dg += kw * s + _sum(kf * (zk - ztk), 1)
+        dbeta += tl.exp(b) * s + _sum(kf * dak, 1)
+        dg += kw * s + _sum(kf * (dak * beta[:, None] - ztk), 1)
         off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
         m = r_ok[:, None] & k_ok[None, :]
-        dk = tl.load(DKP + off, mask=m, other=0.0) + dkb * kw[:, None] + zk + ztk
+        dk = tl.load(DKP + off, mask=m, other=0.0) + dkb * kw[:, None] + dak * beta[:, None] + ztk
         tl.store(DKP + off, dk.to(DKP.dtype.element_ty), mask=m)
     tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
     if GATED:
@@ -550,7 +610,8 @@ _KERNELS = (
     _out_kernel,
     _state_bwd_kernel,
     _bwd_dqk_kernel,
-    _wy_bwd_kernel,
+    _wy_bwd_da_kernel,
+    _wy_bwd_dk_kernel,
 )
 
 
@@ -561,9 +622,8 @@ def kernels(interpret: bool) -> dict:
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        return {
-            fn.__name__: InterpretedFunction(fn) for fn in _KERNELS
-        }  # helpers run as plain Python
+        # the helpers run as plain Python inside the interpreter
+        return {fn.__name__: InterpretedFunction(fn) for fn in _KERNELS}
     namespace = dict(globals())
     with interpreting(False):
         for fn in _HELPERS + _KERNELS:
@@ -610,9 +670,16 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         "_wy_fwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=1),
         "_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=4, num_stages=2),
         "_out_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
-        "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
-        "_bwd_dqk_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
-        "_wy_bwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=1),
+        "_state_bwd_kernel": dict(
+            common, BKD=BKD, BV=_block(Dv, 32), num_warps=warps, num_stages=2
+        ),
+        "_bwd_dqk_kernel": dict(common, BK=BK, BV=_block(Dv, 32), num_warps=warps, num_stages=2),
+        "_wy_bwd_da_kernel": dict(
+            common, BK=BK, BV=BV, RB=min(C, 16), num_warps=warps, num_stages=1
+        ),
+        "_wy_bwd_dk_kernel": dict(
+            DK=Dk, C=C, F64=f64, DOT=dot, BK=BK, num_warps=warps, num_stages=1
+        ),
     }
 
 
@@ -828,8 +895,9 @@ def delta_backward(
     )
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
     dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
+    DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
     _launch(
-        "_wy_bwd_kernel",
+        "_wy_bwd_da_kernel",
         (NT, B * H),
         interp,
         k,
@@ -839,8 +907,27 @@ def delta_backward(
         TI,
         dW,
         DU,
-        dk,
+        DA,
         dv,
+        dbeta,
+        T,
+        TP,
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        **cfg["_wy_bwd_da_kernel"],
+    )
+    _launch(
+        "_wy_bwd_dk_kernel",
+        (NT, B * H),
+        interp,
+        k,
+        beta,
+        b,
+        TI,
+        dW,
+        DA,
+        dk,
         dbeta,
         dG,
         T,
@@ -849,7 +936,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
-        **cfg["_wy_bwd_kernel"],
+        **cfg["_wy_bwd_dk_kernel"],
     )
     dg = None
     if gated and need_g:
