@@ -66,7 +66,16 @@ def check_flag(what: str, value) -> bool:
     raise SpecError(f"expected True or False, got {value!r}", where=f"argument {what}")
 
 
-def check_qkv(q, k, v) -> None:
+def state_heads(q: torch.Tensor, v: torch.Tensor) -> int:
+    """The heads of a recurrence's state and output: q's heads, or v's where v has more (the delta
+    rule's grouped value attention, GVA)."""
+    return max(q.shape[1], v.shape[1])
+
+
+def check_qkv(q, k, v, gva: bool = False) -> None:
+    """q, k, v as every backend takes them (``[B, H, N, D]``, one dtype and device; q's heads a multiple
+    of k's and v's, GQA). ``gva``: the delta rule, whose v may also have more heads than q and k
+    (grouped value attention, as flash-linear-attention: value head j reads q/k head j // (Hv // H))."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
@@ -90,8 +99,20 @@ def check_qkv(q, k, v) -> None:
         raise SpecError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}", where="argument k")
     if k.shape[3] != q.shape[3]:
         raise SpecError(f"head dim of k ({k.shape[3]}) differs from q's ({q.shape[3]})", where="argument k")
+    if gva and v.shape[1] > q.shape[1]:  # grouped value attention: q and k share heads, v has a multiple
+        if v.shape[2] != k.shape[2]:
+            raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in tokens", where="argument v")
+        if k.shape[1] != q.shape[1]:
+            raise SpecError(f"with more value heads ({v.shape[1]}) than query heads (GVA), k must have q's "
+                            f"{q.shape[1]} heads, got {k.shape[1]}", where="argument k")
+        if v.shape[1] % q.shape[1] != 0:
+            raise SpecError(f"value heads ({v.shape[1]}) must be a multiple of query/key heads ({q.shape[1]}) "
+                            "(GVA: value head j reads q/k head j // (Hv // H))", where="argument v")
+        return
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
-        raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in heads and tokens", where="argument v")
+        raise SpecError(f"v {list(v.shape)} must match k {list(k.shape)} in heads and tokens", where="argument v",
+                        hint="more value heads than query heads (GVA) is the delta rule's"
+                        if v.shape[1] > q.shape[1] else None)
     if q.shape[1] % k.shape[1] != 0:
         raise SpecError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})",
                         where="argument k")

@@ -189,3 +189,144 @@ def test_cli_show_and_check_with_the_option(capsys):
     assert cli.main(["show", "stdlib:gated_delta_net", "-p", "qk_l2norm=1"]) == 1
     err = capsys.readouterr().err
     assert "argument qk_l2norm" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------- grouped value attention (GVA)
+def gva_case(name, B, H, HV, T, Dk, Dv, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, Dk, generator=gen, dtype=F64)
+    k = F.normalize(torch.randn(B, H, T, Dk, generator=gen, dtype=F64), dim=-1)
+    v = torch.randn(B, HV, T, Dv, generator=gen, dtype=F64)
+    inputs = {"beta": 2 * torch.rand(HV, T, generator=gen, dtype=F64)}  # per value head
+    if GATES[name] == "scalar":
+        inputs["g"] = F.logsigmoid(torch.randn(HV, T, generator=gen, dtype=F64) + 2)
+    elif GATES[name] == "vector":
+        inputs["g"] = F.logsigmoid(torch.randn(HV, T, Dk, generator=gen, dtype=F64) + 2)
+    s0 = torch.randn(B, HV, Dk, Dv, generator=gen, dtype=F64)
+    return q, k, v, inputs, s0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("name", list(GATES))
+def test_gva_equals_the_rule_with_q_and_k_repeated_per_value_head(name, backend):
+    """v with HV = 3 H heads: value head j reads q/k head j // 3 (fla's GVA); beta, g and the state are
+    per value head. Forward, final state and every gradient against the loop on repeated q and k."""
+    B, H, HV, T, Dk, Dv = 2, 2, 6, 21, 4, 3
+    q, k, v, inputs, s0 = gva_case(name, B, H, HV, T, Dk, Dv, seed=21)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, q_tile=16)
+    named = dict(zip(inputs, leaves[4:], strict=True))
+    out, state = attn(*leaves[:3], initial_state=leaves[3], return_state=True, scale=0.8, **named)
+    assert out.shape == (B, HV, T, Dv) and state.shape == (B, HV, Dk, Dv)
+    got = grads_of(out, state, leaves)
+
+    want_leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    wq, wk, wv, ws0, *wi = want_leaves
+    heads = torch.arange(HV) // (HV // H)  # the q/k head of each value head
+    g = full_gates(name, wi[1] if len(wi) > 1 else None, B, HV, T, Dk)
+    want_out, want_state = loop(wq[:, heads], wk[:, heads], wv, g, wi[0].expand(B, HV, T), 0.8, ws0)
+    want = grads_of(want_out, want_state, want_leaves)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", list(GATES))
+def test_gva_step_continues_a_prefix_and_packed_sequences(name):
+    q, k, v, inputs, _ = gva_case(name, 1, 2, 4, 12, 4, 3, seed=22)
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu", qk_l2norm=True)
+    full = attn(q, k, v, **inputs)
+    part = {n: t[:, :8] for n, t in inputs.items()}
+    _, state = attn(q[:, :, :8], k[:, :, :8], v[:, :, :8], return_state=True, **part)
+    for t in range(8, 12):
+        gates = {n: x[:, t : t + 1] for n, x in inputs.items()}
+        o, state = attn.step(q[:, :, t], k[:, :, t], v[:, :, t], state, **gates)
+        torch.testing.assert_close(o, full[:, :, t], rtol=1e-12, atol=1e-12)
+    cu = torch.tensor([0, 5, 12])
+    packed, states = attn(q, k, v, cu_seqlens=cu, return_state=True, **inputs)
+    assert states.shape == (2, 4, 4, 3)
+    for i, (a, b) in enumerate(((0, 5), (5, 12))):
+        alone, s = attn(
+            q[:, :, a:b],
+            k[:, :, a:b],
+            v[:, :, a:b],
+            return_state=True,
+            **{n: x[:, a:b] for n, x in inputs.items()},
+        )
+        torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(states[i], s[0], rtol=1e-12, atol=1e-12)
+
+
+def test_gva_bad_heads_name_the_argument():
+    q, k, v, inputs, s0 = gva_case("gated_delta_net", 1, 2, 6, 8, 4, 3, seed=23)
+    attn = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")
+    cases = [
+        (dict(v=v[:, :5]), "argument v", "multiple of query/key heads"),
+        (dict(k=k[:, :1]), "argument k", "k must have q's 2 heads"),
+        (dict(beta=inputs["beta"][:2]), "argument beta", None),
+        (dict(g=inputs["g"][:2]), "argument g", None),
+        (dict(initial_state=s0[:, :2]), "argument initial_state", None),
+    ]
+    for change, where, text in cases:
+        args = {"q": q, "k": k, "v": v, **inputs, **change}
+        with pytest.raises(attnc.SpecError) as err:
+            attn(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+        assert err.value.where == where, (change.keys(), err.value)
+        if text:
+            assert text in str(err.value)
+    # the decay recurrences keep k and v heads equal, with a hint that names GVA
+    with pytest.raises(attnc.SpecError, match="GVA") as err:
+        attnc.compile_attention("stdlib:mamba2", backend="cpu")(q, k, v, g=inputs["g"])
+    assert err.value.where == "argument v"
+    # a step with v's heads: the state is per value head
+    with pytest.raises(attnc.SpecError) as err:
+        attn.step(
+            q[:, :, 0],
+            k[:, :, 0],
+            v[:, :, 0],
+            s0[:, :2],
+            g=inputs["g"][:, :1],
+            beta=inputs["beta"][:, :1],
+        )
+    assert err.value.where == "argument state"
+    # context parallelism refuses GVA by name
+    from attnc.runtime.parallel.recurrence import chained_recurrence
+
+    with pytest.raises(attnc.SpecError, match="GVA") as err:
+        chained_recurrence(attn, None, 0, 2, q, k, v, inputs, {}, 0.5)
+    assert err.value.where == "argument v"
+
+
+def test_gva_in_fla_layout_and_under_torch_compile():
+    """layout='bnhd' (fla's [B, T, HV, V] and g/beta [B, T, HV]) and torch.compile (the custom op's
+    output has v's heads) give the eager bhnd result."""
+    q, k, v, inputs, _ = gva_case("gated_delta_net", 1, 2, 6, 10, 4, 3, seed=24)
+    attn = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")
+    want = attn(q, k, v, **inputs)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    fla = {n: x.T.unsqueeze(0) for n, x in inputs.items()}  # [1, T, HV]
+    got = attn(t(q), t(k), t(v), layout="bnhd", **fla)
+    torch.testing.assert_close(t(got), want, rtol=0, atol=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v, g, beta: attn(q, k, v, g=g, beta=beta), fullgraph=True)
+    out = compiled(q, k, v, inputs["g"], inputs["beta"])
+    assert out.shape == (1, 6, 10, 3)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_options_reach_the_triton_path():
+    """qk_l2norm and GVA are applied before any backend runs: the Triton kernels (the interpreter on
+    CPU tensors) get them too."""
+    pytest.importorskip("triton")
+    q, k, v, inputs, s0 = gva_case("gated_delta_net", 1, 2, 4, 9, 16, 16, seed=25)
+    q, k = 3 * q, 3 * k
+    args = dict(initial_state=s0, return_state=True, **inputs)
+    want = attnc.compile_attention("stdlib:gated_delta_net", backend="reference", qk_l2norm=True)(
+        q, k, v, **args
+    )
+    got = attnc.compile_attention("stdlib:gated_delta_net", backend="triton", qk_l2norm=True)(
+        q, k, v, **args
+    )
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

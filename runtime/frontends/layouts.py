@@ -120,11 +120,15 @@ def _flat(t, name: str, axes, sizes: dict, known: dict) -> tuple[torch.Tensor, t
     return t.flatten(1, -3).transpose(1, 2), spatial
 
 
-def _gate_inputs(pat, inputs: dict, q) -> dict:
+def _gate_inputs(pat, inputs: dict, q, v=None) -> dict:
     """Inputs declared ``[heads, n, ...]``, given ``[n, heads, ...]`` (batched or not), as views in the
-    declared order; their leading two extents are checked against q's here, where the message can show
-    the caller's order; anything else is passed on unchanged (``bind_inputs`` checks it)."""
+    declared order; their leading two extents are checked against q's here (v's heads where the delta
+    rule has more value heads, GVA), where the message can show the caller's order; anything else is
+    passed on unchanged (``bind_inputs`` checks it)."""
     out = dict(inputs)
+    heads = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    if heads is not None and getattr(pat, "rule", None) == "delta" and isinstance(v, torch.Tensor) and v.dim() == 4:
+        heads = max(heads, v.shape[1])
     for decl in pat.inputs:
         t = out.get(decl.name)
         if decl.dim_names[:2] != ("heads", "n") or not isinstance(t, torch.Tensor):
@@ -133,11 +137,11 @@ def _gate_inputs(pat, inputs: dict, q) -> dict:
         if t.dim() != len(decl.dims) and not batched:
             continue
         lead = tuple(t.shape[int(batched):int(batched) + 2])
-        if isinstance(q, torch.Tensor) and q.dim() == 4 and lead != (q.shape[2], q.shape[1]):
+        if heads is not None and lead != (q.shape[2], heads):
             rest = ", ".join(decl.dim_names[2:])
             raise SpecError(f"input '{decl.name}' has shape {list(t.shape)}; layout 'bnhd' expects "
                             f"[{'B, ' if batched else ''}n, heads{', ' + rest if rest else ''}] with n = {q.shape[2]}, "
-                            f"heads = {q.shape[1]}", where=f"argument {decl.name}",
+                            f"heads = {heads}", where=f"argument {decl.name}",
                             hint="under layout 'bnhd' tokens come before heads, as fla's g [B, T, H(, K)]")
         out[decl.name] = t.transpose(int(batched), int(batched) + 1)
     return out
@@ -156,7 +160,7 @@ def to_bhnd(pat, layout: str, q, k, v, inputs: dict, sizes: dict | None, known: 
     v, v_spatial = _flat(v, "v", k_axes, sizes, known)
     if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k_spatial != v_spatial:
         raise SpecError(f"v's grid extents {v_spatial} differ from k's {k_spatial}", where="argument v")
-    return q, k, v, _gate_inputs(pat, inputs, q), sizes or None, Restore("bnhd", q_spatial)
+    return q, k, v, _gate_inputs(pat, inputs, q, v), sizes or None, Restore("bnhd", q_spatial)
 
 
 def _input_dims(pat, inputs: dict) -> dict[str, int]:

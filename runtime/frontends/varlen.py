@@ -151,7 +151,7 @@ def run(forward, pat, packing: Packing, q, k, v, *, scale, return_lse: bool, ini
     results put back in packed order. Returns what ``forward`` returns for the packed batch of one."""
     recurrence = isinstance(pat, ir.RecurrenceIR)
     if recurrence and initial_state is not None:
-        want = (packing.num_seqs, q.shape[1], q.shape[3], v.shape[3])
+        want = (packing.num_seqs, max(q.shape[1], v.shape[1]), q.shape[3], v.shape[3])  # GVA: v's heads
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
             got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
             raise SpecError(f"with cu_seqlens, initial_state is one state per sequence, {list(want)}; got {got}",
@@ -174,7 +174,7 @@ def run(forward, pat, packing: Packing, q, k, v, *, scale, return_lse: bool, ini
             states.append(result[1])
             order.extend(seqs)
         positions.append(index)
-    H, total = q.shape[1], q.shape[2]
+    H, total = max(q.shape[1], v.shape[1]), q.shape[2]
     if outs:
         inverse = torch.empty(total, dtype=torch.long, device=q.device)
         inverse[torch.cat(positions)] = torch.arange(total, device=q.device)
@@ -197,7 +197,7 @@ def _final_states(packing: Packing, states: list, order: list, initial_state, q,
     dtype = states[0].dtype if states else compute_dtype(q.dtype)
     empty = [i for i, n in enumerate(packing.lengths) if n == 0]
     if empty:
-        kept = (q.new_zeros(len(empty), q.shape[1], q.shape[3], v.shape[3], dtype=dtype) if initial_state is None
+        kept = (q.new_zeros(len(empty), max(q.shape[1], v.shape[1]), q.shape[3], v.shape[3], dtype=dtype) if initial_state is None
                 else initial_state[empty].to(dtype))
         states, order = [*states, kept], [*order, *empty]
     stacked = torch.cat(states)

@@ -29,7 +29,8 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: lis
 
 
 def _forward_fake(q, k, v, inputs, initial_state, key, names, sizes, scale):
-    B, H, T, Dk = q.shape
+    B, _, T, Dk = q.shape
+    H = max(q.shape[1], v.shape[1])  # q's heads, or v's under grouped value attention (the delta rule)
     state = q.new_empty(B, H, Dk, v.shape[-1], dtype=compute_dtype(q.dtype))
     return q.new_empty(B, H, T, v.shape[-1]), state
 

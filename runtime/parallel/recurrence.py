@@ -51,6 +51,9 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
     """(this rank's output, bytes it sent) of the recurrence ``attn`` over the ranks of ``group``."""
     rec = attn.pattern
     B, H, T, Dk = q.shape
+    if v.shape[1] > H:
+        raise SpecError(f"v has {v.shape[1]} heads and q {H}: grouped value attention (GVA) does not run across "
+                        "ranks yet", where="argument v", hint="repeat q and k per value head, or run on one device")
     n = T * world
     local = local_inputs(rec, inputs, n, rank, world)
     out0, state0, _ = attn.runner.run(q, k, v, local, sizes, scale, None)

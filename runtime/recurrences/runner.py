@@ -77,7 +77,11 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     if squeeze:
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
 
-    check_qkv(q, k, v)
+    check_qkv(q, k, v, gva=rec.rule == "delta")
+    if rec.rule == "delta":  # the rule's options on q and k (qk_l2norm) and GVA, as the forward's
+        from .delta.naive import prepare_qk
+
+        q, k = prepare_qk(rec, q, k, v)
     B, H, T, Dk = q.shape
     if T != 1 or k.shape[2] != 1:
         raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
@@ -95,7 +99,6 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     if rec.rule == "delta":
         from .delta import naive as delta_naive
 
-        q, k = delta_naive.prepare_qk(rec, q, k)
         beta = delta_naive.beta_tensor(rec, tensors, B, H, 1, dt, q.device)[:, :, 0]
         out, new = delta_naive.step(q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt),
                                     expand_kv(v, H)[:, :, 0].to(dt), g, beta, state.to(dt), float(scale))
@@ -202,12 +205,12 @@ class RecurrenceRunner(Registered):
         """``(out, final state, chunk or None)``: binds the sizes and inputs (errors name the argument),
         then runs the naive loop ('reference') or the chunked form ('cpu', 'triton', 'auto')."""
         rec = self.pattern
-        bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
-        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
-        if rec.rule == "delta":  # the rule's options on q and k (qk_l2norm), here for every backend
+        if rec.rule == "delta":  # the rule's options on q and k (qk_l2norm) and GVA, here for every backend
             from .delta.naive import prepare_qk
 
-            q, k = prepare_qk(rec, q, k)
+            q, k = prepare_qk(rec, q, k, v)
+        bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
+        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
         if self.backend == "reference" and rec.rule == "delta":
             from .delta import naive as delta_naive
 

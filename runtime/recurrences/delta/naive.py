@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...numerics import compute_dtype
+from ...numerics import compute_dtype, expand_kv
 from ..common import gate_tensor
 
 #: The epsilon of the optional L2 normalisation of q and k, as flash-linear-attention's ``l2norm_fwd``.
@@ -24,13 +24,18 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return (y * (1.0 / torch.sqrt((y * y).sum(-1, keepdim=True) + L2NORM_EPS))).to(x.dtype)
 
 
-def prepare_qk(rec, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_qk(rec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k as the rule reads them: L2-normalised over the head dimension when the recurrence says
-    ``update delta(beta, qk_l2norm = true)``, else unchanged. Every backend (the naive loop, the chunked
-    forms, the decoding step) runs on what this returns."""
-    if not getattr(rec, "qk_l2norm", False):
-        return q, k
-    return l2norm(q), l2norm(k)
+    ``update delta(beta, qk_l2norm = true)``; and, when ``v`` has more heads than q (grouped value
+    attention, GVA, as flash-linear-attention's), repeated so that value head j reads q/k head
+    ``j // (Hv // H)`` (the gradients sum back). Every backend (the naive loop, the chunked forms, the
+    decoding step) runs on what this returns: its heads are the state's."""
+    if getattr(rec, "qk_l2norm", False):
+        q, k = l2norm(q), l2norm(k)
+    if v is not None and v.shape[1] > q.shape[1]:
+        q, k = expand_kv(q, v.shape[1]), expand_kv(k, v.shape[1])
+    return q, k
 
 
 def beta_tensor(rec, tensors: dict, B: int, H: int, T: int, dtype, device) -> torch.Tensor:
