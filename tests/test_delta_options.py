@@ -330,3 +330,53 @@ def test_options_reach_the_triton_path():
     )
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------- hard resets (gates of -inf)
+@pytest.mark.parametrize("chunk", [16, 32])
+@pytest.mark.parametrize("name", ["gated_delta_net", "kda"])
+def test_hard_resets_are_exact_in_the_chunked_form(name, chunk):
+    """Gates of -inf (the state, or a key channel's row of it, cleared before the token's update), at a
+    chunk's first and last token, twice in a chunk and at t = 0: the chunked form equals the loop,
+    outputs, final state and every gradient (0 for the -inf gates), with no NaN."""
+    B, H, T, Dk, Dv = 1, 2, 40, 4, 3
+    q, k, v, inputs, s0 = case(name, B, H, T, Dk, Dv, seed=31)
+    k = F.normalize(k, dim=-1)
+    g = inputs["g"].clone()
+    for h, t in ((0, 0), (0, 3), (0, 18), (1, 16), (1, 17), (1, 31), (1, 39)):
+        g[h, t] = -torch.inf
+    if name == "kda":
+        g[1, 5, 2] = -torch.inf  # one key channel only
+    inputs["g"] = g
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu", q_tile=chunk)
+    named = dict(zip(inputs, leaves[4:], strict=True))
+    out, state = attn(*leaves[:3], initial_state=leaves[3], return_state=True, **named)
+    got = grads_of(out, state, leaves)
+
+    want_leaves = [t.clone().requires_grad_() for t in (q, k, v, s0, *inputs.values())]
+    wq, wk, wv, ws0, wbeta, wg = want_leaves
+    want_out, want_state = loop(
+        wq, wk, wv, full_gates(name, wg, B, H, T, Dk), wbeta.expand(B, H, T), Dk**-0.5, ws0
+    )
+    want = grads_of(want_out, want_state, want_leaves)
+    torch.testing.assert_close(out, want_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(state, want_state, rtol=1e-10, atol=1e-10)
+    for a, b in zip(got, want, strict=True):
+        assert not torch.isnan(a).any()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert (got[-1][torch.isneginf(g)] == 0).all()
+
+
+def test_hard_resets_on_the_reference_and_refused_by_the_triton_kernels():
+    q, k, v, inputs, s0 = case("gated_delta_net", 1, 2, 20, 4, 3, seed=32)
+    inputs["g"][0, 7] = -torch.inf
+    args = dict(initial_state=s0, return_state=True, **inputs)
+    ref = attnc.compile_attention("stdlib:gated_delta_net", backend="reference")(q, k, v, **args)
+    cpu = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")(q, k, v, **args)
+    for a, b in zip(cpu, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    pytest.importorskip("triton")
+    with pytest.raises(attnc.SpecError, match="Triton kernels") as err:
+        attnc.compile_attention("stdlib:gated_delta_net", backend="triton")(q, k, v, **args)
+    assert err.value.where == "argument g"

@@ -126,14 +126,17 @@ def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chun
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
-    if not torch.isfinite(g).all():
-        raise SpecError("the delta rule's gates must be finite (a gate of -inf, a hard reset, is not supported "
-                        "by its chunked form)", where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
-                        hint="use a large negative gate, e.g. -30")
+    triton = rec.gate != "vector" and resolve_backend(backend, q.device) == "triton"
+    # -inf (a hard reset) is exact in the torch chunked form; the Triton kernels take finite gates only
+    if not (torch.isfinite(g) | (torch.isneginf(g) if not triton else False)).all():
+        raise SpecError("the delta rule's gates must be finite" + (" (a gate of -inf, a hard reset, is not supported "
+                        "by its Triton kernels)" if triton else " or -inf"),
+                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
+                        hint="use a large negative gate, e.g. -30" if triton else None)
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
     C = chunk or (DELTA_VECTOR_CHUNK if rec.gate == "vector" else DELTA_CHUNK)
     s0 = None if initial_state is None else initial_state.to(dt)
-    if rec.gate != "vector" and resolve_backend(backend, q.device) == "triton":
+    if triton:
         from .delta import triton as delta_triton
 
         # no gate (a constant 0 per head): the kernels skip the gate terms; k, v keep their Hkv heads (GQA by index)

@@ -12,6 +12,11 @@ unit lower-triangular system per chunk (the WY form):
 Every exponent is a sum of gates over tokens s < t <= C: at most 0, so nothing overflows. A scalar
 gate (one value per token) makes M and P one product each; a per-channel gate (Kimi Delta Attention)
 takes the [C, C, Dk] product. Gradients follow through torch's autograd (the solve included).
+
+A gate of -inf (a hard reset: the state, or that key channel's row of it, is cleared before the token's
+update) is exact: it counts 0 in the sums G, and a decay ``exp(G_t - G_s)`` is kept only where no reset
+lies in ``(s, t]`` (the same count of resets up to s and up to t), the entering state's ``exp(G_t)`` only
+where none lies in ``[1, t]``; its gradient is 0, as the token-by-token rule's.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch.nn.functional as F
 
 def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     """``q``, ``k`` ``[B, H, T, Dk]``, ``v`` ``[B, H, T, Dv]`` (H heads each), ``g`` ``[B, H, T, 1 | Dk]``
-    log gates (finite), ``beta`` ``[B, H, T]``, all in the compute dtype. Returns ``(out, final state)``."""
+    log gates (finite, or -inf: a hard reset), ``beta`` ``[B, H, T]``, all in the compute dtype. Returns ``(out, final state)``."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     pad = (-T) % C
@@ -32,6 +37,11 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     N = (T + pad) // C
     q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
     beta = beta.reshape(B, H, N, C)
+    reset = torch.isneginf(g)
+    segments = None
+    if bool(reset.any()):  # hard resets: count them (per token, or per key channel) and sum the rest
+        segments = torch.cumsum(reset.to(torch.int32), dim=3)
+        g = g.masked_fill(reset, 0.0)
     G = torch.cumsum(g, dim=3)
     state = torch.zeros(B, H, Dk, Dv, dtype=q.dtype, device=q.device) if initial_state is None else initial_state
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
@@ -40,7 +50,14 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     outs = []
     for n in range(N):
         qn, kn, vn, Gn, bn = q[:, :, n], k[:, :, n], v[:, :, n], G[:, :, n], beta[:, :, n]
-        diff = (Gn[:, :, :, None, :] - Gn[:, :, None, :, :]).masked_fill(~causal[:, :, None], -torch.inf)
+        keep = causal[:, :, None]
+        enter, leave = torch.exp(Gn), torch.exp(Gn[:, :, -1:] - Gn)  # S0's decay to t; s's decay to the chunk's end
+        if segments is not None:  # no reset between s and t, none before t (S0), none after s (the end)
+            sn = segments[:, :, n]  # resets counted from the chunk's start
+            keep = keep & (sn[:, :, :, None, :] == sn[:, :, None, :, :])
+            enter = enter.masked_fill(sn != 0, 0.0)
+            leave = leave.masked_fill(sn != sn[:, :, -1:], 0.0)
+        diff = (Gn[:, :, :, None, :] - Gn[:, :, None, :, :]).masked_fill(~keep, -torch.inf)
         if Gn.shape[-1] == 1:  # one gate per token
             decay = torch.exp(diff[..., 0])
             M, P = (kn @ kn.transpose(-1, -2)) * decay, (qn @ kn.transpose(-1, -2)) * decay
@@ -51,10 +68,10 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
             P = torch.einsum("btc,bsc,btsc->bts", qn.flatten(0, 1), kn.flatten(0, 1), decay.flatten(0, 1)).view(
                 B, H, C, C)
         A = eye + bn[..., None] * M.masked_fill(~strict, 0.0)
-        rhs = bn[..., None] * (vn - (kn * torch.exp(Gn)) @ state)
+        rhs = bn[..., None] * (vn - (kn * enter) @ state)
         U = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-        outs.append(scale * ((qn * torch.exp(Gn)) @ state + P.masked_fill(~causal, 0.0) @ U))
-        last = Gn[:, :, -1:]  # [B, H, 1, 1 | Dk]
-        state = torch.exp(last).transpose(-1, -2) * state + (kn * torch.exp(last - Gn)).transpose(-1, -2) @ U
+        outs.append(scale * ((qn * enter) @ state + P.masked_fill(~causal, 0.0) @ U))
+        # the state's decay over the chunk: S0's to the end ([B, H, 1, 1 | Dk])
+        state = enter[:, :, -1:].transpose(-1, -2) * state + (kn * leave).transpose(-1, -2) @ U
     out = torch.stack(outs, dim=2).reshape(B, H, N * C, Dv)[:, :, :T]
     return out, state
