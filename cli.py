@@ -292,7 +292,7 @@ def cmd_sim(args) -> int:
         raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
                         where="argument --layers")
     rf = _receptive_field(pat, rep, args, sizes) if args.layers is not None else None
-    cp = _context_parallel(pat, rep, args, sizes) if args.ranks is not None else None
+    cp = _context_parallel(pat, rep, args, sizes, inputs) if args.ranks is not None else None
     if args.json:
         import json
 
@@ -311,16 +311,21 @@ def cmd_sim(args) -> int:
     return 0
 
 
-def _context_parallel(pat, rep, args, sizes):
+def _context_parallel(pat, rep, args, sizes, inputs):
     """``sim --ranks P [--link L]``: the context-parallel estimate per mode (runtime.parallel.simulate)."""
+    from .compiler import evaluate as E
     from .runtime.parallel.simulate import simulate_parallel
+    from .runtime.plan import clusters
 
     if rep.to_dict().get("kind") == "recurrence":
         raise SpecError("a recurrence runs across ranks by chaining its state (one all-gather of a state per "
                         "rank); the estimate covers softmax patterns", where="argument --ranks")
+    # the inputs the single-device simulation read: given or sampled, cluster ids derived from a sample
+    bound = E.bind_sizes(pat, n=rep.n, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
+    inputs, _ = clusters.sample_derived(pat, bound, dict(inputs or {}), args.head_dim)
     return simulate_parallel(pat, n=rep.n, ranks=args.ranks, link=args.link, sizes=sizes or None,
                              heads=args.heads, head_dim=args.head_dim, batch=args.batch,
-                             single_device_s=rep.best.forward_s, dtype=args.dtype)
+                             single_device_s=rep.best.forward_s, dtype=args.dtype, inputs=inputs or None)
 
 
 def _receptive_field(pat, rep, args, sizes) -> dict:

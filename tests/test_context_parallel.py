@@ -237,3 +237,29 @@ def test_a_wan_pipeline_sharded_as_diffusers_shards_it_equals_one_process(result
     for r in ranks:
         torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
     assert ranks[0]["bytes"] > 0
+
+
+def test_sim_ranks_reads_the_call_time_inputs_of_the_mask(capsys):
+    """The estimate classifies chunk pairs with the mask's inputs (here document ids): documents that end
+    at the shard boundary move nothing over the ring; one document over the whole sequence moves one
+    shard forward. From the CLI, missing inputs are sampled as for the one-device simulation (it used to
+    fail on 'missing input')."""
+    import attnc
+    from attnc.cli import main
+    from attnc.runtime.parallel.simulate import simulate_parallel
+
+    n = 2048
+    doc = attnc.load("stdlib:document")
+
+    def ring(pat, inputs=None):
+        rep = simulate_parallel(pat, n=n, ranks=2, heads=2, head_dim=64, single_device_s=1e-3, inputs=inputs)
+        est = next(m for m in rep.modes if m.name() == "ring")
+        return est.sent_bytes, est.need
+
+    split = torch.cat([torch.zeros(n // 2), torch.ones(n // 2)]).long()
+    assert ring(doc, {"doc": split}) == ([0, 0], [[1, 0], [0, 1]])
+    # one document: rank 1's queries read rank 0's keys, which sends its k and v shard (bf16) once
+    shard = 2 * 2 * 64 * (n // 2) * 2
+    assert ring(doc, {"doc": torch.zeros(n, dtype=torch.long)}) == ([shard, 0], [[1, 0], [1, 1]])
+    assert main(["sim", "stdlib:document", "--n", "4096", "--ranks", "2"]) == 0
+    assert "context parallel: 'document' over 2 ranks" in capsys.readouterr().out

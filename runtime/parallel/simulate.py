@@ -111,9 +111,10 @@ def ring_sent_bytes(plan: PairPlan, shard_kv_bytes: int) -> list[int]:
 
 def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvlink", sizes: dict | None = None,
                       heads: int = 1, kv_heads: int | None = None, head_dim: int = 128, batch: int = 1,
-                      single_device_s: float, dtype: str = "bf16") -> ParallelReport:
+                      single_device_s: float, dtype: str = "bf16", inputs: dict | None = None) -> ParallelReport:
     """Per-mode estimates for ``ranks`` ranks; ``single_device_s``: the simulator's forward time of the
-    whole pattern on one device."""
+    whole pattern on one device; ``inputs``: the call-time inputs the mask reads (document ids, cluster
+    ids), whole-sequence, as the single-device simulation took them."""
     if link not in LINKS:
         raise SpecError(f"unknown link {link!r}; expected one of {', '.join(LINKS)}", where="argument --link")
     ranks = E.positive_int("--ranks", ranks)
@@ -123,7 +124,8 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
     kv_heads = heads if kv_heads is None else kv_heads
     item = dtype_bytes(dtype)
     bw = LINKS[link].gbps * 1e9
-    bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes=sizes)
+    bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes=sizes, dk=head_dim)
+    tensors, _ = E.bind_inputs(pat, bound, inputs or {})
     modes = []
     for u in [d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0 and kv_heads % d == 0]:
         r = ranks // u
@@ -131,7 +133,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
             order = choose_order(pat, bound, r, u)
         except SpecError:
             continue  # this split does not divide the sequence
-        chunk_need = chunk_pairs(pat, bound, {}, None, order.chunks)
+        chunk_need = chunk_pairs(pat, bound, tensors, None, order.chunks)
         plan = PairPlan(order, rank_need(order, chunk_need))
         total = max(1, int(chunk_need.sum()))
         share = max(int(chunk_need[order.chunks_of(i)].sum()) for i in range(r)) / total
