@@ -433,8 +433,8 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
     if rule == "delta":
         notes.append("the delta rule: fla's chunked WY form (per chunk K K^T, the triangular inverse, W and U, the "
                      "state pass with W S, the output; the backward recomputes W, U and the states), "
-                     "compiler/recurrence_cost.py delta_kernels; attnc runs it in torch (chunks of 64, 16 for "
-                     "per-channel gates) until its Triton kernels exist")
+                     "compiler/recurrence_cost.py delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel "
+                     "gates: none yet), its torch form chunks of 64 (16 for per-channel gates)")
     elif gate == "vector":
         notes.append("per-channel gates: the model counts the in-chunk product as elementwise (non-tensor ALUs); "
                      "the Triton kernels use chunks of 64 in sub-chunks of 16, off-diagonal blocks on the tensor cores")
