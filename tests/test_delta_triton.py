@@ -190,6 +190,7 @@ def test_source_shows_the_kernels():
         "_wy_fwd_kernel",
         "_state_fwd_kernel",
         "_out_kernel",
+        "_bwd_du_local_kernel",
         "_state_bwd_kernel",
         "_bwd_dqk_kernel",
         "_wy_bwd_da_kernel",

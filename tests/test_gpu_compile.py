@@ -3,8 +3,8 @@ path, at the configs the schedule search picks on CUDA (``runtime.gpu_check``): 
 must compile, fit the per-block shared-memory limit and not spill a register.
 
 A representative subset runs on every CI run (causal, sliding_window, streaming, softcap, alibi,
-forgetting, moba, neighborhood_2d, radial and a recurrence; d 64 and 128; sm_80 and sm_90: ``PAIRS``); the full matrix is
-``benchmarks/gpu_compile_matrix.py``. Works on Triton 3.6 and 3.9.
+forgetting, moba, neighborhood_2d, radial, a decay recurrence and the gated delta rule; d 64 and 128;
+sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.py``. Works on Triton 3.6 and 3.9.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ SUBSET = [
     ("moba", "stdlib:moba", {"block": 512, "topk": 3}, None, N),
     ("neighborhood_2d", "stdlib:neighborhood_2d", {}, {"height": 32, "width": 32}, None),
     ("mamba2", "stdlib:mamba2", {}, None, N),
+    # the delta rule's eight kernels (WY form, state pass, output; five more in the backward); sm_80 spilled
+    # 0.4-1.7 KiB in its WY backward until that was split in two (benchmarks/results/gpu-compile-delta-2026-11-23.md)
+    ("gated_delta_net", "stdlib:gated_delta_net", {}, None, N),
     # its frame terms (bit_length, a float band, a split test) spilled 236-1,460 B per kernel until the
     # kernels held per-tile coordinates as scalars (benchmarks/results/gpu-compile-radial-2026-11-22.md)
     ("radial", "stdlib:radial", {}, {"frames": 16, "per_frame": 256}, None),
@@ -48,7 +51,7 @@ SUBSET = [
 PAIRS = {"causal": [(90, 128), (80, 64)], "sliding_window": [(90, 128)], "sliding_window_8k": [(80, 64), (90, 64)],
          "streaming_8k": [(90, 64)], "softcap": [(90, 128)], "alibi": [(80, 128)],
          "forgetting": [(90, 128), (80, 64)], "moba": [(90, 128), (80, 64)], "neighborhood_2d": [(90, 64)],
-         "mamba2": [(90, 128)], "radial": [(90, 128), (80, 64)]}
+         "mamba2": [(90, 128)], "radial": [(90, 128), (80, 64)], "gated_delta_net": [(90, 128), (80, 64)]}
 CASES = [(name, spec, params, sizes, n, arch, d) for name, spec, params, sizes, n in SUBSET for arch, d in PAIRS[name]]
 
 

@@ -16,6 +16,7 @@ positive for log decays). The kernels:
 - ``_state_fwd_kernel``, one program per (Dv block, batch x head), the only sequential part of the forward: walks
   the chunks, stores the state entering each (``h_n``) and ``U`` (the corrected values), and the final state;
 - ``_out_kernel`` (Dv block, chunk, batch x head): ``O``;
+- ``_bwd_du_local_kernel`` (Dv block, chunk, batch x head): the chunk-local part of ``dU`` below;
 - ``_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: stores the gradient of the state leaving
   each chunk (``dh_n``) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n``, updates
   ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; its last value is the initial state's gradient;
@@ -295,6 +296,57 @@ def _out_kernel(
     )
 
 
+def _bwd_du_local_kernel(
+    Q,
+    K,
+    G,
+    DO,
+    DU,
+    T,
+    TP,
+    scale,
+    H: tl.constexpr,
+    GQ: tl.constexpr,
+    DK: tl.constexpr,
+    DV: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    C: tl.constexpr,
+    GATED: tl.constexpr,
+    F64: tl.constexpr,
+    DOT: tl.constexpr,
+):
+    """One program per (Dv block, chunk, batch x head): the chunk-local part of dU, ``scale tril(Q K^T * E)^T dO``,
+    into ``DU`` (out of the sequential pass, which held Q K^T besides its state at Dk = 128 and spilled)."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    h = i_bh % H
+    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    v_off = i_v * BV + tl.arange(0, BV)
+    v_ok = _in_dim(v_off, DV, BV)
+    Pt = _acc_zeros([C, C], F64)  # [s, t]
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        Pt += _mm(k, tl.trans(q), DOT)
+    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    Pt = Pt * tl.trans(_decays(b, t_off, False)) * scale
+    do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    du = _mm(Pt.to(do.dtype), do, DOT)
+    tl.store(
+        DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+        du.to(DU.dtype.element_ty),
+        mask=r_ok[:, None] & v_ok[None, :],
+    )
+
+
 def _state_bwd_kernel(
     Q,
     K,
@@ -323,7 +375,8 @@ def _state_bwd_kernel(
     DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks backwards from ``dh = dS_T``: stores ``dh_n``
-    (the gradient of the state leaving chunk n) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n``, then
+    (the gradient of the state leaving chunk n) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n`` (the first
+    term already in ``DU``, from ``_bwd_du_local_kernel``), then
     ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; the initial state's gradient in ``DS0``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -349,14 +402,12 @@ def _state_bwd_kernel(
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-        Pt = _mm(k, tl.trans(q), DOT) * tl.trans(_decays(b, t_off, False)) * scale  # [s, t]
         kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
-        du = _mm(Pt.to(do.dtype), do, DOT) + _mm(kel, dh.to(k.dtype), DOT)
-        tl.store(
-            DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            du.to(DU.dtype.element_ty),
-            mask=r_ok[:, None] & v_ok[None, :],
-        )
+        du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+        du_ok = r_ok[:, None] & v_ok[None, :]
+        # the chunk-local part of dU (``_bwd_du_local_kernel``) plus the state's
+        du = tl.load(du_off, mask=du_ok, other=0.0) + _mm(kel, dh.to(k.dtype), DOT)
+        tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
         w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         qe = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
         dh = dh * tl.exp(bl) + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
@@ -608,6 +659,7 @@ _KERNELS = (
     _wy_fwd_kernel,
     _state_fwd_kernel,
     _out_kernel,
+    _bwd_du_local_kernel,
     _state_bwd_kernel,
     _bwd_dqk_kernel,
     _wy_bwd_da_kernel,
@@ -663,22 +715,35 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
     BKD = _block(Dk, MAX_DK)
     # the sequential passes hold [BKD, BVs] fp32 state blocks and [C, BKD] tiles of q / k / w
-    BVs = _block(Dv, 32 if BKD > 64 else 64)
+    BVs = _block(Dv, 32)
     common = dict(DK=Dk, DV=Dv, C=C, F64=f64, DOT=dot)
     warps = 8 if C >= 64 else 4
+    wide = BKD > 64  # Dk = 128 (256): twice the [C, BKD] tiles of the sequential passes
     return {
-        "_wy_fwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=1),
-        "_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=4, num_stages=2),
-        "_out_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
-        "_state_bwd_kernel": dict(
-            common, BKD=BKD, BV=_block(Dv, 32), num_warps=warps, num_stages=2
+        "_wy_fwd_kernel": dict(common, BK=BK, BV=BV, num_warps=warps if wide else 4, num_stages=1),
+        "_state_fwd_kernel": dict(
+            common, BKD=BKD, BV=BVs, num_warps=8 if wide else 4, num_stages=2
         ),
-        "_bwd_dqk_kernel": dict(common, BK=BK, BV=_block(Dv, 32), num_warps=warps, num_stages=2),
+        "_out_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
+        "_bwd_du_local_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
+        "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
+        "_bwd_dqk_kernel": dict(
+            common,
+            BK=_block(Dk, 32 if wide else 64),
+            BV=_block(Dv, 32),
+            num_warps=warps,
+            num_stages=2,
+        ),
         "_wy_bwd_da_kernel": dict(
-            common, BK=BK, BV=BV, RB=min(C, 16), num_warps=warps, num_stages=1
+            common,
+            BK=_block(Dk, 32),
+            BV=_block(Dv, 32),
+            RB=min(C, 16),
+            num_warps=warps,
+            num_stages=1,
         ),
         "_wy_bwd_dk_kernel": dict(
-            DK=Dk, C=C, F64=f64, DOT=dot, BK=BK, num_warps=warps, num_stages=1
+            DK=Dk, C=C, F64=f64, DOT=dot, BK=_block(Dk, 32), num_warps=warps, num_stages=1
         ),
     }
 
@@ -837,6 +902,24 @@ def delta_backward(
     DHS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
     DU = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
     DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
+    lc = cfg["_bwd_du_local_kernel"]
+    _launch(
+        "_bwd_du_local_kernel",
+        (triton.cdiv(Dv, lc["BV"]), NT, B * H),
+        interp,
+        q,
+        k,
+        b,
+        do,
+        DU,
+        T,
+        TP,
+        float(scale),
+        H=H,
+        GQ=GQ,
+        GATED=gated,
+        **lc,
+    )
     sc = cfg["_state_bwd_kernel"]
     _launch(
         "_state_bwd_kernel",
