@@ -551,32 +551,38 @@ def _rebound(fn, namespace: dict):
     return new
 
 
-@functools.cache
-def kernels(interpret: bool) -> dict:
-    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
+def jit_table(helpers: tuple, kernels_: tuple, namespace: dict, interpret: bool) -> dict:
+    """A module's kernels by name: jitted for the GPU over a copy of ``namespace`` in which the helpers are
+    jitted too (``interpret=False``), or wrapped by Triton's interpreter, the helpers running as plain Python."""
     require_triton(interpret)
-    out = {}
     if interpret:
         from triton.runtime.interpreter import InterpretedFunction
 
-        for fn in _KERNELS:  # helpers run as plain Python inside the interpreter
-            out[fn.__name__] = InterpretedFunction(fn)
-        return out
-    namespace = dict(globals())
+        return {fn.__name__: InterpretedFunction(fn) for fn in kernels_}
+    namespace = dict(namespace)
     with interpreting(False):
-        for fn in _HELPERS + _KERNELS:
+        for fn in helpers + kernels_:
             namespace[fn.__name__] = triton.jit(_rebound(fn, namespace))
-    return {fn.__name__: namespace[fn.__name__] for fn in _KERNELS}
+    return {fn.__name__: namespace[fn.__name__] for fn in kernels_}
 
 
-def _launch(name: str, grid, interpret: bool, *args, **meta):
+def launch(fn, grid, interpret: bool, *args, **meta) -> None:
     """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1)."""
-    fn = kernels(interpret)[name]
     if interpret:
         with interpreting(True):
             fn[grid](*args, **meta)
     else:
         fn[grid](*args, **meta)
+
+
+@functools.cache
+def kernels(interpret: bool) -> dict:
+    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
+    return jit_table(_HELPERS, _KERNELS, globals(), interpret)
+
+
+def _launch(name: str, grid, interpret: bool, *args, **meta):
+    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
 
 
 def _block(D: int, limit: int) -> int:

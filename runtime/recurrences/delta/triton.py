@@ -42,8 +42,18 @@ import torch
 import torch.nn.functional as F
 
 from ....core.errors import SpecError
-from ...tritonenv import interpreting, require_triton
-from ..decay.triton import _acc_zeros, _in_dim, _mm, _rebound, _sum, available, tl, triton
+from ..decay.triton import (
+    _acc_zeros,
+    _block,
+    _in_dim,
+    _mm,
+    _sum,
+    available,
+    jit_table,
+    launch,
+    tl,
+    triton,
+)
 
 #: Largest Dk / Dv block of the chunk-parallel programs.
 MAX_BLOCK = 64
@@ -670,31 +680,11 @@ _KERNELS = (
 @functools.cache
 def kernels(interpret: bool) -> dict:
     """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    require_triton(interpret)
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        # the helpers run as plain Python inside the interpreter
-        return {fn.__name__: InterpretedFunction(fn) for fn in _KERNELS}
-    namespace = dict(globals())
-    with interpreting(False):
-        for fn in _HELPERS + _KERNELS:
-            namespace[fn.__name__] = triton.jit(_rebound(fn, namespace))
-    return {fn.__name__: namespace[fn.__name__] for fn in _KERNELS}
+    return jit_table(_HELPERS, _KERNELS, globals(), interpret)
 
 
 def _launch(name: str, grid, interpret: bool, *args, **meta):
-    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1)."""
-    fn = kernels(interpret)[name]
-    if interpret:
-        with interpreting(True):
-            fn[grid](*args, **meta)
-    else:
-        fn[grid](*args, **meta)
-
-
-def _block(D: int, limit: int) -> int:
-    return min(max(16, triton.next_power_of_2(D)), max(16, limit))
+    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
 
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
