@@ -354,6 +354,8 @@ def _inputs(pat, bound, gen: torch.Generator) -> dict:
 
     out = {}
     for decl in pat.inputs:
+        if getattr(decl, "derived", None):  # cluster ids: the call computes them from q, k and the centroids
+            continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
             out[decl.name] = -0.5 * torch.rand(shape, generator=gen, dtype=torch.float32)
@@ -377,10 +379,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
     gen = torch.Generator().manual_seed(0)
-    if isinstance(pat, ir.RecurrenceIR):
-        bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)
-    else:
-        bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes)
+    bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)  # dk: a state's or centroids' shape
     N = bound.n
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
     inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}

@@ -157,6 +157,15 @@ def test_blackwell_kernels_run_their_dots_on_tcgen05():
     assert all(r.dots > 0 and r.tcgen05 > 0 and r.wgmma == 0 for r in reports), "\n" + G.table(reports)
 
 
+def test_a_clustering_pattern_is_recorded_with_its_centroids():
+    """cluster(q, C) == cluster(k, C): the recorded call passes centroids of the declared [heads, C, dk]
+    (dk bound to the head dim) and lets the call derive the ids; every kernel compiles and fits."""
+    reports = G.check_pattern(attnc.load("stdlib:routing_transformer"), archs=(90,), head_dims=(64,),
+                              dtypes=("bf16",), n=1024)
+    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""
