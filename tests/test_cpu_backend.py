@@ -89,6 +89,10 @@ def _global(H, n, B, g):
     return {"is_global": (torch.rand(n, generator=g) < 0.1).to(torch.int64)}
 
 
+def _centroids(H, n, B, g):  # [heads, clusters, dk] at _run_stdlib's head dim 8
+    return {"centroids": torch.randn(H, 3, 8, generator=g, dtype=torch.float64)}
+
+
 STDLIB = {
     "a_shape": (dict(sinks=3, local=9), None, 61, None),
     "alibi": ({}, None, 45, None),
@@ -106,6 +110,7 @@ STDLIB = {
     "power": (dict(block=4, local=2), None, 70, None),
     "prefix_lm": (dict(prefix=9), None, 40, None),
     "radial": (dict(block=4), {"frames": 4, "per_frame": 16}, None, None),
+    "routing_transformer": (dict(clusters=3), None, 58, _centroids),
     "s2": (dict(block=4, local=2, vert=4), None, 64, None),
     "sliding_tile": (dict(tile_t=2, tile_y=3, tile_x=3, wt=1, wy=3, wx=1), {"frames": 4, "height": 9, "width": 6},
                      None, None),

@@ -60,13 +60,14 @@ def compare(spec, q, k, v, inputs=None, grad_inputs=(), sizes=None, q_tile=None,
 def exact_mask(spec, sizes, inputs, params, q, k):
     """The exact mask ``[B | 1, H, Nq, Nk]`` from attnc's evaluator; routing applied (``routing.select_blocks``)."""
     from attnc.compiler import evaluate as E
-    from attnc.runtime.plan import routing
+    from attnc.runtime.plan import clusters, routing
 
     n, nk, heads = q.shape[2], k.shape[2], q.shape[1]
-    mask = attnc.materialize_mask(spec, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes,
-                                  inputs=inputs or None, **params)
-    mask = mask if mask.dim() == 4 else mask[None]
     pat = attnc.load(spec, **params)
+    vectors = {"q": q.detach(), "k": k.detach()} if clusters.derived_inputs(pat) else {}  # cluster(q | k, C)
+    mask = attnc.materialize_mask(spec, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes,
+                                  inputs=inputs or None, **vectors, **params)
+    mask = mask if mask.dim() == 4 else mask[None]
     if pat.route is not None:
         bound = E.bind_sizes(pat, n=n, nk=nk if nk != n else None, heads=heads, sizes=sizes)
         mask = routing.select_blocks(pat, bound, q.detach(), k.detach(), mask, inputs)
@@ -490,6 +491,9 @@ CONFORMANCE = {
     "power": ({"block": 4, "local": 2}, None, 41, (4, 2), {}, (), (8, 4)),
     "prefix_lm": ({"prefix": 5}, None, 23, (4, 2), {}, (), (8, 4)),
     "radial": ({"block": 3, "sink": True}, {"frames": 6, "per_frame": 12}, 72, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "routing_transformer": ({"clusters": 3}, None, 39, (4, 2),
+                            {"centroids": lambda n, g: torch.randn(4, 3, 8, generator=g, dtype=torch.float64)},
+                            (), (8, 4)),
     "s2": ({"block": 4, "local": 2, "vert": 4, "offset": 1, "kv_heads": 2}, None, 40, (4, 2), {}, (), (8, 4)),
     "sliding_tile": ({"tile_t": 2, "tile_y": 3, "tile_x": 2, "wt": 3, "wy": 3, "wx": 1},
                      {"frames": 5, "height": 7, "width": 4}, 140, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),

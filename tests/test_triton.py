@@ -102,6 +102,9 @@ STDLIB = {
                    16),
     "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
     "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
+    "routing_transformer": ({"clusters": 3}, None, 40,
+                            lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
+                            16),
 }
 
 
