@@ -143,7 +143,7 @@ class InputDecl:
     #: None for an input the caller passes; ``("cluster", "q" | "k", CENTROIDS)`` for the cluster ids of
     #: the query (key) vectors that ``cluster(q, CENTROIDS)`` reads, computed from q, k and the input
     #: CENTROIDS at every call (``runtime.plan.clusters``), never passed by the caller
-    derived: tuple[str, ...] | None = None
+    derived: tuple[str, ...] | None = field(default=None, metadata={"key": "when set"})
 
     @property
     def function(self):
@@ -283,7 +283,10 @@ def _canon(x) -> str:
     if isinstance(x, tuple | list):
         return "(" + ",".join(_canon(i) for i in x) + ")"
     if hasattr(x, "__dataclass_fields__"):
-        fields = [f for f in x.__dataclass_fields__.values() if f.compare]
+        # a field added later marks itself {"key": "when set"}: left out while unset, so the keys of
+        # everything written before it (and the kernel caches keyed by them) stay as they were
+        fields = [f for f in x.__dataclass_fields__.values() if f.compare
+                  and not (f.metadata.get("key") == "when set" and getattr(x, f.name) is None)]
         return type(x).__name__ + "(" + ",".join(_canon(getattr(x, f.name)) for f in fields) + ")"
     return repr(x)
 
