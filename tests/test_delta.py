@@ -31,17 +31,24 @@ def loop(q, k, v, g, beta, scale, s0):
     return out, S
 
 
+def rate_and_gates(name, H, T, Dk, gen):
+    """The call-time inputs of a delta pattern over H (value) heads: beta in (0, 2) (negative eigenvalues
+    too) and, per ``GATES``, log gates per token or per key channel."""
+    inputs = {"beta": 2 * torch.rand(H, T, generator=gen, dtype=F64)}
+    if GATES[name] == "scalar":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=gen, dtype=F64) + 2)
+    elif GATES[name] == "vector":
+        inputs["g"] = F.logsigmoid(torch.randn(H, T, Dk, generator=gen, dtype=F64) + 2)
+    return inputs
+
+
 def case(name, B, H, T, Dk, Dv, seed, kv_heads=None):
     g = torch.Generator().manual_seed(seed)
     kv_heads = kv_heads or H
     q = torch.randn(B, H, T, Dk, generator=g, dtype=F64)
     k = F.normalize(torch.randn(B, kv_heads, T, Dk, generator=g, dtype=F64), dim=-1)
     v = torch.randn(B, kv_heads, T, Dv, generator=g, dtype=F64)
-    inputs = {"beta": 2 * torch.rand(H, T, generator=g, dtype=F64)}  # (0, 2): negative eigenvalues too
-    if GATES[name] == "scalar":
-        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=g, dtype=F64) + 2)
-    elif GATES[name] == "vector":
-        inputs["g"] = F.logsigmoid(torch.randn(H, T, Dk, generator=g, dtype=F64) + 2)
+    inputs = rate_and_gates(name, H, T, Dk, g)
     s0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=F64)
     return q, k, v, inputs, s0
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_delta import F64, GATES, rate_and_gates  # noqa: E402
 
 import attnc
-
-F64 = torch.float64
-GATES = {"delta_net": None, "gated_delta_net": "scalar", "kda": "vector"}
 
 
 def loop(q, k, v, g, beta, scale, s0):
@@ -46,11 +44,7 @@ def case(name, B, H, T, Dk, Dv, seed, kv_heads=None):
     )  # far from unit norm: the option matters
     k = 3 * torch.randn(B, kv_heads, T, Dk, generator=gen, dtype=F64)
     v = torch.randn(B, kv_heads, T, Dv, generator=gen, dtype=F64)
-    inputs = {"beta": 2 * torch.rand(H, T, generator=gen, dtype=F64)}
-    if GATES[name] == "scalar":
-        inputs["g"] = F.logsigmoid(torch.randn(H, T, generator=gen, dtype=F64) + 2)
-    elif GATES[name] == "vector":
-        inputs["g"] = F.logsigmoid(torch.randn(H, T, Dk, generator=gen, dtype=F64) + 2)
+    inputs = rate_and_gates(name, H, T, Dk, gen)
     s0 = torch.randn(B, H, Dk, Dv, generator=gen, dtype=F64)
     return q, k, v, inputs, s0
 
@@ -197,11 +191,7 @@ def gva_case(name, B, H, HV, T, Dk, Dv, seed):
     q = torch.randn(B, H, T, Dk, generator=gen, dtype=F64)
     k = F.normalize(torch.randn(B, H, T, Dk, generator=gen, dtype=F64), dim=-1)
     v = torch.randn(B, HV, T, Dv, generator=gen, dtype=F64)
-    inputs = {"beta": 2 * torch.rand(HV, T, generator=gen, dtype=F64)}  # per value head
-    if GATES[name] == "scalar":
-        inputs["g"] = F.logsigmoid(torch.randn(HV, T, generator=gen, dtype=F64) + 2)
-    elif GATES[name] == "vector":
-        inputs["g"] = F.logsigmoid(torch.randn(HV, T, Dk, generator=gen, dtype=F64) + 2)
+    inputs = rate_and_gates(name, HV, T, Dk, gen)  # per value head
     s0 = torch.randn(B, HV, Dk, Dv, generator=gen, dtype=F64)
     return q, k, v, inputs, s0
 
