@@ -127,18 +127,21 @@ def radial(per_frame, frames, block=128, decay=1.0):
     return mask_mod
 
 
-def moba_select(q, k, block, topk):
+def moba_select(q, k, block, topk, force_own=True):
     """MoBA routing as its code: q . mean(k_block) per query (fp32, unscaled), later blocks
-    excluded, the own block forced; ``[H, N, nblocks]`` bool and the scores."""
+    excluded, the own block forced (``force_own``; token top-k: blocks of 1, nothing forced);
+    ``[H, N, nblocks]`` bool and the scores."""
     _, H, N, _ = q.shape
     nb = N // block
     k_mean = k[0].unflatten(1, (nb, block)).mean(2)  # [H, nb, D]
     score = q[0] @ k_mean.transpose(-1, -2)  # [H, N, nb]
     pos = torch.arange(N)
     score = score.masked_fill((torch.arange(nb) * block)[None, None, :] > pos[None, :, None], -math.inf)
-    score = score.scatter(-1, (pos // block)[None, :, None].expand(H, N, 1), math.inf)
+    if force_own:
+        score = score.scatter(-1, (pos // block)[None, :, None].expand(H, N, 1), math.inf)
     chosen = score.topk(topk, dim=-1).indices
-    return torch.zeros(H, N, nb, dtype=torch.bool).scatter_(-1, chosen, True), score
+    sel = torch.zeros(H, N, nb, dtype=torch.bool).scatter_(-1, chosen, True)
+    return sel & (score > -math.inf), score  # never a later block (fewer allowed than topk: all of them)
 
 
 def moba_mask(sel, block):
@@ -159,7 +162,7 @@ class Case:
     mask_mod: Callable | None = None  # None: routed (built per call from q, k)
     sizes: dict | None = None
     inputs: dict = field(default_factory=dict)
-    route: tuple | None = None  # MoBA (block, topk)
+    route: tuple | None = None  # MoBA (block, topk, own block forced); token top-k (1, topk, False)
     seed: int = 0
 
 
@@ -207,7 +210,9 @@ def cases(quick: bool) -> dict[str, Case]:
         Case("radial", f"radial, {fr} frames x {pf} tokens, block {s(128, 16)}", "stdlib:radial",
              {"block": s(128, 16)}, fr * pf, 4, radial(pf, fr, s(128, 16)), sizes={"frames": fr, "per_frame": pf}),
         Case("moba", f"MoBA block {s(512, 64)} top-{s(4, 3)} @ {n8}", "stdlib:moba",
-             {"block": s(512, 64), "topk": s(4, 3)}, n8, 8, None, route=(s(512, 64), s(4, 3))),
+             {"block": s(512, 64), "topk": s(4, 3)}, n8, 8, None, route=(s(512, 64), s(4, 3), True)),
+        Case("token_topk", f"token top-{s(512, 16)} (q . k) @ {n8}, 4 heads", "stdlib:token_topk",
+             {"topk": s(512, 16)}, n8, 4, None, route=(1, s(512, 16), False)),
     ]
     return {c.key: c for c in out}
 
@@ -304,8 +309,8 @@ class Baselines:
     def flex_call(self, q, k, v):
         if self.case.route is None:
             return self.flex(q, k, v, block_mask=self.block_mask)
-        block, topk = self.case.route
-        sel, _ = moba_select(q.detach(), k.detach(), block, topk)
+        block, topk, force = self.case.route
+        sel, _ = moba_select(q.detach(), k.detach(), block, topk, force)
         bm = self.create_block_mask(moba_mask(sel, block), None, self.case.heads, self.case.n, self.case.n,
                                     device="cpu")
         return self.flex(q, k, v, block_mask=bm)
@@ -315,8 +320,8 @@ class Baselines:
             raise MemoryError(self.sdpa_error)
         mask = self.sdpa_mask
         if self.case.route is not None:
-            block, topk = self.case.route
-            sel, _ = moba_select(q.detach(), k.detach(), block, topk)
+            block, topk, force = self.case.route
+            sel, _ = moba_select(q.detach(), k.detach(), block, topk, force)
             fits("SDPA with a dense per-head mask", sdpa_bytes(self.case))
             causal = torch.ones(self.case.n, self.case.n, dtype=torch.bool).tril()
             mask = (causal & sel[:, :, torch.arange(self.case.n) // block])[None]
@@ -335,8 +340,8 @@ def chosen(module) -> str:
 def near_tie_rows(case: Case, q, k) -> torch.Tensor:
     """MoBA: query rows whose k-th and (k+1)-th block scores are within rounding ([H, N] bool):
     there two exact implementations may pick different blocks, both right."""
-    block, topk = case.route
-    _, score = moba_select(q.detach(), k.detach(), block, topk)
+    block, topk, force = case.route
+    _, score = moba_select(q.detach(), k.detach(), block, topk, force)
     top = score.sort(dim=-1, descending=True).values
     if top.shape[-1] <= topk:
         return torch.zeros(top.shape[:2], dtype=torch.bool)

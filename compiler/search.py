@@ -388,10 +388,13 @@ def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, input
     """The schedule of a routing pattern under the block-coherent assumption:
     each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
     reaches: the blocks ``keep`` forces (judged at the tile's first query),
-    then the nearest others. The real selection depends on q and k."""
+    then the nearest others (a token route: the KV tiles holding ``topk`` keys,
+    plus one for a run that straddles tiles). The real selection depends on q and k."""
     route = pat.route
     block, topk = route_blocks.route_sizes(pat, bound)
     q_ext, kv_ext = sched.q_extents, sched.kv_extents
+    if route.tokens:  # single keys: a query's nearest K keys span this many KV tiles (one per block here)
+        topk = -(-topk // math.prod(sched.kv_tile)) + 1
     kv_first = tile_tokens(kv_ext, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
     q_first = tile_tokens(q_ext, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
     ids, nblocks = route_blocks.block_ids(pat.keys, block, bound, sched.num_keys)

@@ -180,6 +180,11 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
         assumptions.append(
             "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "
             "(block-coherent selection: forced blocks, then the nearest allowed ones); density is estimated")
+        if pat.route.tokens:
+            assumptions.append(
+                "token route: every query of a Q tile is modelled keeping the same nearest topk keys; queries "
+                "of one tile that keep different keys visit more KV tiles, up to every tile the mask allows "
+                "(the tiled kernels skip only KV tiles no query of the Q tile kept)")
     counted = best.schedule
     if not counted.density_exact and pat.route is None:
         exact = search.exactly_counted()

@@ -171,7 +171,7 @@ class WindowSite:
 
 @dataclass(frozen=True)
 class Route:
-    """``route topk(K) blocks(...) by SCORE [keep EXPR] [shared]``.
+    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``.
 
     ``block`` has one extent per key-layout axis (one entry for seq);
     ``score`` is 'token' (q @ mean(k), MoBA) or 'block' (mean(q) @ mean(k),
@@ -184,6 +184,14 @@ class Route:
     score: str
     keep: sympy.Basic | None
     shared: bool
+    #: ``(QI, KI)``: a token route scored by the indexer inputs ``QI . KI`` (``route topk(K) tokens by
+    #: QI @ KI``) instead of the attention's own q and k; None otherwise
+    indexer: tuple[str, str] | None = field(default=None, metadata={"key": "when set"})
+
+    @property
+    def tokens(self) -> bool:
+        """Whether every key is its own unit (``route topk(K) tokens``, or blocks of one key)."""
+        return all(b == 1 for b in self.block)
 
 
 @dataclass(frozen=True)

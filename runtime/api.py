@@ -64,7 +64,8 @@ def materialize_mask(
     (then ``name=`` and parameters apply). ``n`` is the number of queries (for
     a grid, implied by ``sizes``); ``nk`` the number of keys of a cross-attention
     pattern, or of a self-attention one with a KV cache (``nk > n``: the rows of the
-    last n tokens). Routing is data-dependent and not part of the mask. A pattern that clusters
+    last n tokens). A routing pattern's selection depends on q and k: with ``q`` and ``k`` given it is
+    applied (``[B, heads, Nq, Nk]``), else the mask before selection is returned. A pattern that clusters
     vectors (``cluster(q, C) == cluster(k, C)``) needs ``q`` ``[B, heads, n, dk]`` and ``k``
     ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``.
     """
@@ -73,8 +74,9 @@ def materialize_mask(
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
     dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
-    if clusters.derived_inputs(pat):  # cluster(q, C) == cluster(k, C): the mask depends on the vectors
-        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+    vectors = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    if clusters.derived_inputs(pat) or (pat.route is not None and vectors):
+        if not vectors:  # cluster(q, C) == cluster(k, C): the mask depends on the vectors
             raise SpecError(f"'{pat.name}' clusters the query and key vectors (cluster()): its mask needs them",
                             where="argument q" if not isinstance(q, torch.Tensor) else "argument k",
                             hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors")
@@ -94,6 +96,8 @@ def materialize_mask(
                 evaluated * bound.n * bound.nk * (1 + WORK_BYTES_PER_PAIR),
                 "argument n" if pat.queries.kind == "seq" else "argument sizes")
     mask = E.mask_tensor(pat, bound, tensors)
+    if pat.route is not None and vectors:  # this q and k's selection applied
+        return routing.select_blocks(pat, bound, q.detach(), k.detach(), mask, tensors)
     batched = batch is not None
     return mask if batched else mask[0]
 

@@ -200,11 +200,13 @@ class ScoreSide:
 @dataclass(frozen=True)
 class Route(Clause):
     topk: Expr
-    blocks: tuple[BlockAxis, ...]
+    blocks: tuple[BlockAxis, ...]  # empty for `tokens`
     left: ScoreSide
     right: ScoreSide
     keep: Expr | None
     shared: bool
+    unit: str = "blocks"  # 'blocks' | 'tokens'
+    unit_pos: Pos | None = None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import sympy
 from ..core import ir
 from ..core.errors import did_you_mean
 from . import ast
-from .check_types import BOOL, INT
+from .check_types import BOOL, FLOAT, INT
 
 
 class RoutingChecks:
@@ -20,6 +20,8 @@ class RoutingChecks:
         if topk.is_number and topk < 1:
             raise self.error(f"topk must be at least 1, got {topk}", c.topk.pos)
         keys = self.frame.keys
+        if c.unit == "tokens":
+            return self._token_route(c, topk)
         if keys.kind == "seq":
             if len(c.blocks) != 1 or c.blocks[0].axis is not None:
                 raise self.error("'tokens seq' has no axes: write blocks(SIZE)", c.blocks[0].pos)
@@ -51,6 +53,44 @@ class RoutingChecks:
         if c.keep is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr
         return ir.Route(topk, blocks, score, keep, c.shared)
+
+    def _token_route(self, c: ast.Route, topk: sympy.Expr) -> ir.Route:
+        """``route topk(K) tokens by q @ k | QI @ KI``: every key is its own unit (blocks of one key
+        per axis); the score is the attention's own ``q . k`` or an indexer's ``QI . KI``."""
+        left, right = c.left, c.right
+        for side in (left, right):
+            if side.func is not None:
+                raise self.error(f"a token route scores single keys: '{side.func}(...)' is not taken here",
+                                 side.pos, hint="route topk(K) tokens by q @ k, or by QI @ KI (indexer inputs)")
+        indexer = None
+        if (left.arg, right.arg) != ("q", "k"):
+            if "q" in (left.arg, right.arg) or "k" in (left.arg, right.arg):
+                bad = left if left.arg in ("q", "k") else right
+                raise self.error("a token route scores by 'q @ k' or by two indexer inputs, not a mix",
+                                 bad.pos, hint="route topk(K) tokens by qi @ ki")
+            self._indexer_input(left, "n")
+            self._indexer_input(right, "nk")
+            if self.inputs[left.arg].dims[2] != self.inputs[right.arg].dims[2]:
+                raise self.error(f"the indexer inputs '{left.arg}' and '{right.arg}' have different last "
+                                 "dimensions", right.pos, hint="declare both [heads, n | nk, DI] with one DI")
+            indexer = (left.arg, right.arg)
+        keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
+        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))
+        if self.frame.keys.kind == "seq":
+            ones = (sympy.Integer(1),)
+        return ir.Route(topk, ones, "token", keep, c.shared, indexer)
+
+    def _indexer_input(self, side: ast.ScoreSide, tokens: str) -> None:
+        """An indexer input: declared ``float[heads, n | nk, DI]``."""
+        decl = self.inputs.get(side.arg)
+        want = f"float[heads, {tokens}, DI]"
+        if decl is None:
+            raise self.error(f"unknown name '{side.arg}' in a token route's score", side.pos,
+                             hint=did_you_mean(side.arg, list(self.inputs))
+                             or f"score by 'q @ k', or declare 'input {side.arg}: {want}'")
+        if decl.dtype != FLOAT or len(decl.dim_names) != 3 or decl.dim_names[:2] != ("heads", tokens):
+            raise self.error(f"the indexer input '{side.arg}' must be declared {want}, got "
+                             f"{decl.dtype}[{', '.join(decl.dim_names)}]", side.pos)
 
     def _block_size(self, node: ast.Expr) -> sympy.Expr:
         size = self.expect(node, INT, "a block size").expr

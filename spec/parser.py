@@ -261,10 +261,21 @@ class _Builder(Transformer):
     def keep_part(self, expr):
         return expr
 
-    def route_clause(self, kw, topk, blocks, left, right, keep=None, shared=None):
+    def unit_blocks(self, blocks):
+        return blocks
+
+    def unit_tokens(self, word):
+        if str(word) != "tokens":
+            raise SpecError(f"a route selects 'blocks(SIZE)' or 'tokens', got '{word}'", _pos(word),
+                            hint="route topk(K) tokens by q @ k")
+        return word
+
+    def route_clause(self, kw, topk, unit, left, right, keep=None, shared=None):
         if isinstance(keep, Token):  # `shared` without `keep`
             keep, shared = None, keep
-        return ast.Route(_pos(kw), topk, blocks, left, right, keep, shared is not None)
+        if isinstance(unit, Token):  # `tokens`: every key is its own unit
+            return ast.Route(_pos(kw), topk, (), left, right, keep, shared is not None, "tokens", _pos(unit))
+        return ast.Route(_pos(kw), topk, unit, left, right, keep, shared is not None)
 
     def declaration(self, kw, name, *rest):
         params: tuple = ()

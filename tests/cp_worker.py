@@ -34,12 +34,15 @@ def case_inputs(case: dict) -> dict:
             out[name] = torch.randn(H, 3, D, generator=g, dtype=torch.float64)
         elif kind == "vgate":  # [heads, n, dk]
             out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
+        elif kind == "index":  # a token route's indexer vectors, [heads, n, 3]
+            out[name] = torch.randn(H, n, 3, generator=g, dtype=torch.float64)
     return out
 
 
 def token_dim(case: dict, name: str) -> int:
-    """The token dimension of a case's input: [n], [heads, n] last; [heads, n, dk] the middle one."""
-    return 1 if case["inputs"][name] == "vgate" else -1
+    """The token dimension of a case's input: [n], [heads, n] last; [heads, n, dk] and [heads, n, 3] the
+    middle one."""
+    return 1 if case["inputs"][name] in ("vgate", "index") else -1
 
 
 def case_tensors(case: dict):

@@ -51,16 +51,17 @@ def test_hand_written_mask_is_the_stdlib_pattern(bench, key):
 
 
 def test_matrix_covers_the_issue_cases(bench):
-    assert set(bench.cases(quick=True)) == {*STATIC, "moba"}
-    assert set(bench.cases(quick=False)) == {*STATIC, "moba"}
+    assert set(bench.cases(quick=True)) == {*STATIC, "moba", "token_topk"}
+    assert set(bench.cases(quick=False)) == {*STATIC, "moba", "token_topk"}
     full = bench.cases(quick=False)
     assert (full["sw512_8k"].n, full["sw1024_16k"].n, full["power_16k"].n) == (8192, 16384, 16384)
     assert full["nbhd2d_96"].sizes == {"height": 96, "width": 96}
     assert full["nbhd3d_strided"].params["stride_y"] == 4
 
 
-def test_moba_baseline_routes_as_attnc(bench):
-    case = bench.cases(quick=True)["moba"]
+@pytest.mark.parametrize("key", ["moba", "token_topk"])
+def test_routed_baselines_route_as_attnc(bench, key):
+    case = bench.cases(quick=True)[key]
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, case.n, 64, generator=g, dtype=torch.float64) for _ in range(3))
     base = bench.Baselines.__new__(bench.Baselines)
@@ -72,7 +73,7 @@ def test_moba_baseline_routes_as_attnc(bench):
 
 
 def test_near_tie_rows_flags_equal_block_scores(bench):
-    case = bench.Case("m", "", "stdlib:moba", {}, 8, 1, route=(2, 2))
+    case = bench.Case("m", "", "stdlib:moba", {}, 8, 1, route=(2, 2, True))
     q = torch.ones(1, 1, 8, 1)
     k = torch.tensor([1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0]).view(1, 1, 8, 1)
     # query 7 (own block 3 forced): blocks 1 and 2 both score 2, a tie for the second place

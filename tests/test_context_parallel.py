@@ -32,6 +32,10 @@ CASES_2 = {
     "ulysses-gqa": dict(SW, n=64, u=2, Hkv=2),
     "rows-with-no-key": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64),
     "moba-ring": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64),
+    "token-topk-ring": dict(spec="stdlib:token_topk", params={"topk": 5}, n=48),
+    "token-indexer-allgather": dict(spec="pattern idx(topk = 4)\n  tokens seq\n  input qi: float[heads, n, 3]\n"
+                                    "  input ki: float[heads, nk, 3]\n  mask causal\n  route topk(topk) tokens by qi @ ki\n",
+                                    n=48, inputs={"qi": "index", "ki": "index"}, kv="allgather"),
     "routing-transformer-ring": dict(spec="stdlib:routing_transformer", params={"clusters": 3}, n=48,
                                      inputs={"centroids": "centroids"}),
     "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},

@@ -117,6 +117,7 @@ STDLIB = {
     "sliding_window": (dict(window=9), None, 50, None),
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),
+    "token_topk": (dict(topk=5), None, 47, None),
 }
 
 

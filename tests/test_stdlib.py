@@ -61,6 +61,7 @@ EXPECTED_DEFAULTS = {
     "moba": {"block": 4096, "topk": 12},
     "biformer": {"region": 4, "topk": 4},
     "routing_transformer": {"clusters": 4},
+    "token_topk": {"topk": 2048},
     "retention": {},
     "lightning": {},
     "lightning_fla": {"layer_idx": 0, "num_layers": 1},

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask
-from ..plan.routing import block_ids, choose, keep_blocks, route_sizes
+from ..plan.routing import block_ids, choose, keep_blocks, route_sizes, score_vectors
 
 
 def _block_means(x: torch.Tensor, block_of: torch.Tensor, nblocks: int, group, ring: int) -> torch.Tensor:
@@ -30,6 +30,25 @@ def _block_means(x: torch.Tensor, block_of: torch.Tensor, nblocks: int, group, r
         dist.all_reduce(sums, group=group)
         dist.all_reduce(counts, group=group)
     return sums / counts.clamp(min=1)[:, None]
+
+
+def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_block: torch.Tensor, nblocks: int,
+            inputs: dict, group, ring: int) -> torch.Tensor:
+    """The routing scores of this rank's queries against every block ``[B, h, L, blocks]``."""
+    pat, bound = prob.pattern, prob.bound
+    B, h, L, _ = q.shape
+    if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
+        qi, ki = score_vectors(pat, q, k, inputs)
+        qi, ki = qi[:, prob.head_index][:, :, q_pos].to(q.device), ki[:, prob.head_index].to(q.device)
+        dtype = torch.float64 if torch.float64 in (qi.dtype, ki.dtype) else torch.float32
+        return (qi.to(dtype) @ ki.to(dtype).transpose(-1, -2)).expand(B, h, L, nblocks)
+    k_mean = _block_means(k, key_block[q_pos], nblocks, group, ring)
+    k_mean = k_mean.repeat_interleave(h // k.shape[1], dim=1)
+    if pat.route.score == "token":
+        return q.to(k_mean.dtype) @ k_mean.transpose(-1, -2)  # [B, h, L, nb]
+    q_block, nqb = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, bound.n)
+    q_mean = _block_means(q, q_block[q_pos], nqb, group, ring)
+    return (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block[q_pos], :]
 
 
 def select(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_chunks: list[torch.Tensor],
@@ -47,21 +66,17 @@ def select(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_chun
     key_block, nblocks = block_ids(pat.keys, block, bound, bound.n)
     B, h, L, _ = q.shape
     with torch.no_grad():
-        k_mean = _block_means(k, key_block[q_pos], nblocks, group, ring)
-        k_mean = k_mean.repeat_interleave(h // k.shape[1], dim=1)
-        dtype = k_mean.dtype
-        if route.score == "token":
-            score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, h, L, nb]
-        else:
-            q_block, nqb = block_ids(pat.queries, block, bound, bound.n)
-            q_mean = _block_means(q, q_block[q_pos], nqb, group, ring)
-            score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block[q_pos], :]
+        score = _scores(prob, q, k, q_pos, key_block, nblocks, inputs, group, ring)
+        dtype = score.dtype
         if route.shared:
             score = score.mean(dim=1, keepdim=True).expand(B, h, L, nblocks)
         reachable = torch.zeros(B, h, L, nblocks, dtype=torch.bool, device=q.device)
         for k_pos in key_chunks:
             ev = prob.evaluator(q_pos, k_pos)
             allowed = pair_mask(pat, bound, ev, h, L, len(k_pos))
+            if route.tokens:  # single keys: the mask itself
+                reachable[..., key_block[k_pos]] |= allowed.to(reachable.device)
+                continue
             onehot = torch.nn.functional.one_hot(key_block[k_pos], nblocks).to(dtype)
             reachable |= ((allowed.to(dtype) @ onehot) > 0).to(reachable.device)
         keep = keep_blocks(pat, bound, inputs, B, key_block, nblocks)

@@ -13,6 +13,8 @@ DESIGN.md section 2 states it:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ...compiler import evaluate as E
@@ -21,16 +23,30 @@ from ...core import ir
 from ...core.errors import SpecError
 
 
+def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two sides of the routing score: ``q`` and ``k``, or a token route's indexer inputs
+    ``(QI [B | 1, Hq, Nq, DI], KI [B | 1, Hq, Nk, DI])`` (a leading batch dimension added)."""
+    if pat.route.indexer is None:
+        return q, k
+    qi, ki = (inputs[name] for name in pat.route.indexer)
+    return (qi if qi.dim() == 4 else qi[None]), (ki if ki.dim() == 4 else ki[None])
+
+
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
                  nblocks: int) -> torch.Tensor:
     """Routing scores ``[B, Hq, Nq, nblocks]``: q . mean(k_block) per query token, or
-    mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``."""
+    mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``.
+    A token route's blocks are single keys: the score is ``q . k`` itself."""
     route = pat.route
     B, Hq, Nq, _ = q.shape
     Hkv = k.shape[1]
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
-    k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    if route.tokens:
+        k_mean = k.to(dtype)
+    else:
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
+        k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
     k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
     if route.score == "token":
         score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
@@ -44,8 +60,8 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
         score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
     if route.shared:
-        score = score.mean(dim=1, keepdim=True).expand(B, Hq, Nq, nblocks)
-    return score
+        score = score.mean(dim=1, keepdim=True)
+    return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
 
 
 #: Where ``evaluate.index_error`` says an out-of-range read happened when the expression is a mask, and
@@ -103,6 +119,8 @@ def select_blocks(
     full_mask = torch.broadcast_to(mask, (B, Hq, Nq, k.shape[2]))
 
     def allowed(key_block, nblocks, dtype):  # [B, Hq, Nq, nb]
+        if pat.route.tokens:  # single keys: the mask itself
+            return full_mask
         onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)
         return (full_mask.to(dtype) @ onehot) > 0
 
@@ -110,18 +128,35 @@ def select_blocks(
     return full_mask & selected[..., key_block]
 
 
+#: Query rows scored at once by a token route's selection: its scores are ``[B, Hq, rows, Nk]``
+SELECT_ELEMENTS = 1 << 25
+
+
 def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
             ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
     nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
-    some key of each block (densely for the reference, over the schedule's tiles for the executor)."""
+    some key of each block (densely for the reference, over the schedule's tiles for the executor).
+    The scores are computed a run of queries at a time (a token route has one per key)."""
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
+    sq, sk = score_vectors(pat, q, k, inputs)
     with torch.no_grad():
-        score = block_scores(pat, bound, q, k, key_block, nblocks)
-        reachable = allowed(key_block, nblocks, score.dtype)
+        dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
+        reachable = allowed(key_block, nblocks, dtype)
         keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
-        return choose(score, reachable, keep, topk), key_block, nblocks
+        B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
+        rows = Nq if pat.route.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
+        if rows >= Nq:
+            return choose(block_scores(pat, bound, sq, sk, key_block, nblocks), reachable, keep, topk), key_block, nblocks
+        selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nblocks, dtype=torch.bool, device=q.device)
+        for start in range(0, Nq, rows):
+            part = slice(start, min(Nq, start + rows))
+            score = block_scores(pat, bound, sq[:, :, part], sk, key_block, nblocks)
+            sub_keep = None if keep is None else torch.broadcast_to(keep, (*keep.shape[:2], Nq, nblocks))[:, :, part]
+            selected[:, :, part] = choose(score, torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))[:, :, part],
+                                          sub_keep, topk)
+        return selected, key_block, nblocks
 
 
 def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
@@ -171,12 +206,10 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
         per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
         any_sel = (per_tile & q_valid[..., None]).any(-2)
         all_sel = (per_tile | ~q_valid[..., None]).all(-2)
-        # blocks each KV tile touches
-        # (valid slots only: a padded slot's stand-in index may share a block with valid ones, and a
-        # scatter of its False could overwrite their True)
-        kv_blocks = torch.zeros(plan.k_tokens.index.shape[0], nblocks, dtype=torch.bool)
-        tile, slot = plan.k_tokens.valid.nonzero(as_tuple=True)
-        kv_blocks[tile, key_block[plan.k_tokens.index[tile, slot]]] = True
+        # the block of each KV tile's slot; padded slots count as no block (a padded slot's stand-in
+        # index may share a block with valid ones: it must neither add nor withhold one)
+        slot_block = key_block[plan.k_tokens.index]  # [nK, Tk]
+        slot_valid = plan.k_tokens.valid
         hs, qi, ki, full = plan.schedule.pairs()
         heads, qs, ks, fulls = [], [], [], []
         stored = plan.schedule.heads_stored
@@ -184,9 +217,9 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
             for h in range(Hq):
                 sel = hs == (h if stored > 1 else 0)
                 pq, pk, pf = qi[sel], ki[sel], full[sel]
-                touch = kv_blocks[pk]
-                visit = (any_sel[b, h, pq] & touch).any(-1)
-                is_full = pf & ~(touch & ~all_sel[b, h, pq]).any(-1)
+                blocks, valid = slot_block[pk], slot_valid[pk]  # [pairs, Tk]
+                visit = (any_sel[b, h][pq[:, None], blocks] & valid).any(-1)
+                is_full = pf & ~(~all_sel[b, h][pq[:, None], blocks] & valid).any(-1)
                 heads.append(torch.full((int(visit.sum()),), b * Hq + h, dtype=torch.int64))
                 qs.append(pq[visit])
                 ks.append(pk[visit])
@@ -202,11 +235,17 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
 def selection_words(selected: torch.Tensor) -> torch.Tensor:
     """The per-query block selection as the kernels read it: bit ``b % 32`` of word ``b // 32``
     is block ``b`` (int32 ``[B, Hq, Nq, words + 1]``; the last word is zero, so that a KV tile
-    can always read the two words its blocks fall in, see ``compiler.codegen``)."""
-    *lead, nblocks = selected.shape
+    can always read the two words its blocks fall in, see ``compiler.codegen``). Packed a run of
+    queries at a time (a token route has a block per key)."""
+    *lead, nq, nblocks = selected.shape
     words = -(-nblocks // WORD_BITS) + 1
-    bits = torch.zeros(*lead, words * WORD_BITS, dtype=torch.int64)
-    bits[..., :nblocks] = selected.to(torch.int64)
     weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
-    packed = (bits.view(*lead, words, WORD_BITS) * weights).sum(-1)  # 0 .. 2**32 - 1
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    out = torch.empty(*lead, nq, words, dtype=torch.int32)
+    rows = max(1, SELECT_ELEMENTS // max(1, math.prod(lead) * words * WORD_BITS))
+    for start in range(0, nq, rows):
+        part = selected[..., start:start + rows, :]
+        bits = torch.zeros(*part.shape[:-1], words * WORD_BITS, dtype=torch.int64)
+        bits[..., :nblocks] = part.to(torch.int64)
+        packed = (bits.view(*part.shape[:-1], words, WORD_BITS) * weights).sum(-1)  # 0 .. 2**32 - 1
+        out[..., start:start + rows, :] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return out
