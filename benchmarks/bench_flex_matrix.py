@@ -211,7 +211,7 @@ def cases(quick: bool) -> dict[str, Case]:
              {"block": s(128, 16)}, fr * pf, 4, radial(pf, fr, s(128, 16)), sizes={"frames": fr, "per_frame": pf}),
         Case("moba", f"MoBA block {s(512, 64)} top-{s(4, 3)} @ {n8}", "stdlib:moba",
              {"block": s(512, 64), "topk": s(4, 3)}, n8, 8, None, route=(s(512, 64), s(4, 3), True)),
-        Case("token_topk", f"token top-{s(512, 16)} (q . k) @ {n8}, 4 heads", "stdlib:token_topk",
+        Case("token_topk", f"token top-{s(512, 16)} (q . k) @ {n8}", "stdlib:token_topk",
              {"topk": s(512, 16)}, n8, 4, None, route=(1, s(512, 16), False)),
     ]
     return {c.key: c for c in out}

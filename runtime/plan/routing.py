@@ -45,7 +45,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     if route.tokens:
         k_mean = k.to(dtype)
     else:
-        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
+        onehot = torch.nn.functional.one_hot(key_block.to(k.device), nblocks).to(dtype)  # [Nk, nb]
         k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
     k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
     if route.score == "token":
@@ -56,6 +56,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
                             "queries after a KV cache (nk > n) are not supported", where="argument k",
                             hint="call with all the queries (nk == n)")
         q_block, _ = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)
+        q_block = q_block.to(q.device)
         q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
         score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
@@ -98,7 +99,8 @@ def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None
     remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
     ranked = torch.where(candidates, score, torch.full_like(score, -torch.inf))
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks).expand_as(order).contiguous())
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks, device=order.device).expand_as(order)
+                                            .contiguous())
     return forced | (candidates & (rank < remaining))
 
 
@@ -137,14 +139,18 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
     nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
     some key of each block (densely for the reference, over the schedule's tiles for the executor).
-    The scores are computed a run of queries at a time (a token route has one per key)."""
+    The scores are computed a run of queries at a time (a token route has one per key), on q's
+    device, as is the selection; ``inputs``, the mask and ``keep`` are evaluated where they live
+    (the CPU, for the tiled backends) and moved there. ``key_block`` is returned on the CPU."""
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
-    sq, sk = score_vectors(pat, q, k, inputs)
+    dev = q.device
+    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs))
     with torch.no_grad():
         dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
-        reachable = allowed(key_block, nblocks, dtype)
+        reachable = allowed(key_block, nblocks, dtype).to(dev)
         keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
+        keep = None if keep is None else keep.to(dev)
         B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
         rows = Nq if pat.route.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
         if rows >= Nq:
@@ -201,11 +207,14 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
         pat, bound, q, k, inputs, lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs,
                                                                                batched, B))
     with torch.no_grad():
-        # per Q tile: blocks selected by any / by every query of the tile
-        qi_tok, q_valid = plan.q_tokens.index, plan.q_tokens.valid
+        # per Q tile: blocks selected by any / by every query of the tile (on the selection's device; the
+        # lists are built on the CPU, where the schedule lives)
+        dev = selected.device
+        qi_tok, q_valid = plan.q_tokens.index.to(dev), plan.q_tokens.valid.to(dev)
         per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
-        any_sel = (per_tile & q_valid[..., None]).any(-2)
-        all_sel = (per_tile | ~q_valid[..., None]).all(-2)
+        any_sel = (per_tile & q_valid[..., None]).any(-2).cpu()
+        all_sel = (per_tile | ~q_valid[..., None]).all(-2).cpu()
+        del per_tile
         # the block of each KV tile's slot; padded slots count as no block (a padded slot's stand-in
         # index may share a block with valid ones: it must neither add nor withhold one)
         slot_block = key_block[plan.k_tokens.index]  # [nK, Tk]
@@ -239,12 +248,14 @@ def selection_words(selected: torch.Tensor) -> torch.Tensor:
     queries at a time (a token route has a block per key)."""
     *lead, nq, nblocks = selected.shape
     words = -(-nblocks // WORD_BITS) + 1
-    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64), torch.arange(WORD_BITS))
-    out = torch.empty(*lead, nq, words, dtype=torch.int32)
+    dev = selected.device
+    weights = torch.bitwise_left_shift(torch.ones(WORD_BITS, dtype=torch.int64, device=dev),
+                                       torch.arange(WORD_BITS, device=dev))
+    out = torch.empty(*lead, nq, words, dtype=torch.int32, device=dev)
     rows = max(1, SELECT_ELEMENTS // max(1, math.prod(lead) * words * WORD_BITS))
     for start in range(0, nq, rows):
         part = selected[..., start:start + rows, :]
-        bits = torch.zeros(*part.shape[:-1], words * WORD_BITS, dtype=torch.int64)
+        bits = torch.zeros(*part.shape[:-1], words * WORD_BITS, dtype=torch.int64, device=dev)
         bits[..., :nblocks] = part.to(torch.int64)
         packed = (bits.view(*part.shape[:-1], words, WORD_BITS) * weights).sum(-1)  # 0 .. 2**32 - 1
         out[..., start:start + rows, :] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)

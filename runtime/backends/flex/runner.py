@@ -346,7 +346,7 @@ class FlexRunner(Registered):
         if plan.exec_plan is None:
             plan.exec_plan = tile_plan.Plan.build(self.pattern, plan.bound, plan.schedule)
         cpu = {n: t.detach().cpu() for n, t in tensors.items()}
-        return routing.route_plan(plan.exec_plan, q.detach().cpu(), k.detach().cpu(), cpu, set(batched))
+        return routing.route_plan(plan.exec_plan, q.detach(), k.detach(), cpu, set(batched))  # selected on q's device
 
     # ------------------------------------------------------------ running
     def fused_failure(self, plan: FlexPlan) -> str | None:

@@ -330,7 +330,7 @@ class TritonRunner(Registered):
         device = q.device
         if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
-            plan = routing.route_plan(plan, q.detach().cpu(), k.detach().cpu(), cpu_t, set(batched))
+            plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))  # selected on q's device
         sched = plan.schedule
         if plan.selection is not None:
             cls = (bound.heads, 1)
