@@ -371,12 +371,18 @@ def recurrence_case(*, device, dtype, heads, head_dim, T, toy, hw, budget, lines
 
 
 # ----------------------------------------------------------------- main
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def suite_args(argv, doc: str, results: str, budget_s: float) -> argparse.Namespace:
+    """The command line every GPU suite takes: --toy, --out (default ``benchmarks/results/RESULTS-GPU-DATE.md``)
+    and --budget-s."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="CPU, Triton interpreter, toy sizes")
-    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/gpu-suite-GPU-DATE.md)")
-    ap.add_argument("--budget-s", type=float, default=420.0, help="skip remaining timings after this many seconds")
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", default=None, help=f"results file (default: benchmarks/results/{results}-GPU-DATE.md)")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="skip remaining timings after this many seconds")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = suite_args(argv, __doc__, "gpu-suite", 420.0)
     start = time.perf_counter()
     toy = args.toy
     if not toy and not torch.cuda.is_available():

@@ -28,7 +28,6 @@ numbers mean nothing there, the run proves the suite works).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import platform
@@ -57,6 +56,17 @@ else:
     import fla
 
     FLA_STATUS = f"fla {getattr(fla, '__version__', '?')}"
+
+
+def training_step(f, q, k, v, dout):
+    """A closure running ``f``'s forward and backward on fresh leaves of q, k, v (their gradients dropped)."""
+    qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+    def run():
+        f(qg, kg, vg).backward(dout)
+        qg.grad = kg.grad = vg.grad = None
+
+    return run
 
 
 # ----------------------------------------------------------------- routes: the users' own selection
@@ -194,18 +204,10 @@ def route_case(case, *, device, dtype, heads, head_dim, toy, budget, lines_c, li
             t["flex_f"] = base.timed(lambda: flex_user(q, k, v), toy)
             t["sdpa_f"] = base.timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), toy)
         if not toy:
-            qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-
-            def fwd_bwd(f):
-                def run():
-                    f(qg, kg, vg).backward(dout)
-                    qg.grad = kg.grad = vg.grad = None
-                return run
-
-            t["attnc_fb"] = base.timed(fwd_bwd(attn), toy)
-            t["flex_fb"] = base.timed(fwd_bwd(flex_user), toy)
-            t["sdpa_fb"] = base.timed(fwd_bwd(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True)),
-                                      toy)
+            t["attnc_fb"] = base.timed(training_step(attn, q, k, v, dout), toy)
+            t["flex_fb"] = base.timed(training_step(flex_user, q, k, v, dout), toy)
+            t["sdpa_fb"] = base.timed(training_step(
+                lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True), q, k, v, dout), toy)
     ratio = (f"{t['flex_f'] / t['attnc_f']:.2f}x" if t.get("flex_f") and t.get("attnc_f") else "-")
     ratio_fb = (f"{t['flex_fb'] / t['attnc_fb']:.2f}x" if t.get("flex_fb") and t.get("attnc_fb") else "-")
     ms = base._fmt_ms
@@ -272,17 +274,11 @@ def delta_case(name: str, T: int, *, device, dtype, heads, head_dim, toy, budget
             t["attnc_f"] = base.timed(lambda: tri(q, k, v, beta=beta, g=g, scale=scale), toy)
             if fla_ok:
                 t["fla_f"] = base.timed(lambda: fla_delta(name, q, k, v, beta, g, scale), toy)
-        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
-
-        def fb(f):
-            def run():
-                f(qg, kg, vg).backward(dout)
-                qg.grad = kg.grad = vg.grad = None
-            return run
-
-        t["attnc_fb"] = base.timed(fb(lambda a, b, c: tri(a, b, c, beta=beta, g=g, scale=scale)), toy)
+        t["attnc_fb"] = base.timed(training_step(lambda a, b, c: tri(a, b, c, beta=beta, g=g, scale=scale),
+                                                 q, k, v, dout), toy)
         if fla_ok:
-            t["fla_fb"] = base.timed(fb(lambda a, b, c: fla_delta(name, a, b, c, beta, g, scale)), toy)
+            t["fla_fb"] = base.timed(training_step(lambda a, b, c: fla_delta(name, a, b, c, beta, g, scale),
+                                                   q, k, v, dout), toy)
     ms = base._fmt_ms
     ratio = f"{t['fla_f'] / t['attnc_f']:.2f}x" if t.get("fla_f") else "-"
     ratio_fb = f"{t['fla_fb'] / t['attnc_fb']:.2f}x" if t.get("fla_fb") else "-"
@@ -295,11 +291,7 @@ def delta_case(name: str, T: int, *, device, dtype, heads, head_dim, toy, budget
 
 # ----------------------------------------------------------------- main
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--toy", action="store_true", help="CPU, Triton interpreter, toy sizes")
-    ap.add_argument("--out", default=None, help="results file (default: benchmarks/results/gpu-dynamic-GPU-DATE.md)")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="skip remaining timings after this many seconds")
-    args = ap.parse_args(argv)
+    args = base.suite_args(argv, __doc__, "gpu-dynamic", 480.0)
     start, toy = time.perf_counter(), args.toy
     if not toy and not torch.cuda.is_available():
         print("no CUDA device: run with --toy for the interpreter check", file=sys.stderr)
