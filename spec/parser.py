@@ -266,6 +266,9 @@ class _Builder(Transformer):
             keep, shared = None, keep
         return ast.Route(_pos(kw), topk, blocks, left, right, keep, shared is not None)
 
+    def topp_clause(self, kw, p, block, stride, keep=None):
+        return ast.RouteTopP(_pos(kw), p, block, stride, keep)
+
     def declaration(self, kw, name, *rest):
         params: tuple = ()
         clauses = list(rest)

@@ -19,6 +19,7 @@ from ...compiler import evaluate as E
 from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ...core import ir
 from ...core.errors import SpecError
+from . import antidiagonal
 
 
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
@@ -115,6 +116,9 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
     nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
     some key of each block (densely for the reference, over the schedule's tiles for the executor)."""
+    if pat.route.topp is not None:  # top-p by antidiagonal scoring (XAttention): its own module
+        return antidiagonal.select(pat, bound, q, k, inputs, allowed, lambda key_block, nblocks: keep_blocks(
+            pat, bound, inputs, q.shape[0], key_block, nblocks))
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     with torch.no_grad():
