@@ -87,19 +87,35 @@ def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tens
     return mass
 
 
-def threshold(mass: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
-    """The top-p rule on ``mass [..., blocks]`` (fp64 sums): ``forced`` blocks (among ``candidates``)
-    first, then the other candidates by mass, descending, ties to the lower index, each taken while
-    the mass taken before it is below ``p`` times the row's total."""
+def threshold(mass: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor | None, p: float) -> torch.Tensor:
+    """The top-p rule on ``mass [..., blocks]`` (fp64 sums, as the code's), literally as the code applies it.
+
+    Every block is ranked: the ``forced`` ones (None: no ``keep``) first, then the rest by mass,
+    descending, ties to the lower index. The masses counted before each ranked place are listed:
+    without ``keep`` (the code's non-causal path) the ranked blocks' masses; with ``keep`` (its causal
+    path) ``0``, the forced blocks' total, then the others' masses: two places for the forced blocks,
+    whatever their number. The block at ranked place m is taken while the sum of the first m entries
+    is below ``p`` times the row's total; forced blocks always are; and block 0 always is (the code
+    writes index 0 for every place it does not take). Of those, the ``candidates`` (blocks the mask
+    lets the query block reach) are selected."""
     mass = mass.to(torch.float64)
-    forced = forced & candidates
     required = mass.sum(-1, keepdim=True) * p
-    taken = torch.where(forced, mass, 0.0).sum(-1, keepdim=True)
-    others = torch.where(candidates & ~forced, mass, -torch.inf)
-    ranked, order = torch.sort(others, dim=-1, descending=True, stable=True)
-    before = torch.cat([taken, ranked[..., :-1]], dim=-1).cumsum(-1)  # mass taken before each ranked block
-    take = torch.isfinite(ranked) & (before < required)
-    return forced | torch.zeros_like(take).scatter(-1, order, take)
+    if forced is None:
+        forced = torch.zeros_like(candidates)
+        lead = []
+    else:
+        lead = [torch.zeros_like(required), torch.where(forced, mass, 0.0).sum(-1, keepdim=True)]
+    rank_key = torch.where(forced, torch.inf, mass)  # forced first (their order among them does not matter)
+    order = torch.sort(rank_key, dim=-1, descending=True, stable=True).indices
+    ranked = torch.where(forced, 0.0, mass).gather(-1, order)  # the others' masses, in ranked order
+    nforced = forced.sum(-1, keepdim=True)
+    place = nforced + torch.arange(ranked.shape[-1])  # the others follow the forced places; then zeros
+    others = torch.where(place < ranked.shape[-1], ranked.gather(-1, place.clamp(max=ranked.shape[-1] - 1)), 0.0)
+    entries = torch.cat([*lead, others], dim=-1)[..., : ranked.shape[-1]]
+    before = torch.cat([torch.zeros_like(required), entries[..., :-1]], dim=-1).cumsum(-1)
+    take = torch.zeros_like(candidates).scatter(-1, order, before < required)
+    take[..., 0] = True
+    return (take | forced) & candidates
 
 
 def _per_block(x: torch.Tensor, block: int, nblocks: int) -> torch.Tensor:
@@ -128,8 +144,8 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
         reachable = allowed(key_block, nblocks, dtype).cpu()  # [B, Hq, Nq, nb]
         candidates = _per_block(reachable, block, nblocks)
         forced = keep(key_block, nblocks)
-        forced = (_per_block(torch.broadcast_to(forced.cpu(), reachable.shape), block, nblocks) if forced is not None
-                  else torch.zeros_like(candidates))
+        if forced is not None:
+            forced = _per_block(torch.broadcast_to(forced.cpu(), reachable.shape), block, nblocks)
         mass = block_mass(pat, bound, q.detach(), k.detach(), inputs, block, stride)
         chosen = threshold(mass, candidates, forced, float(pat.route.topp))  # [B, Hq, nb, nb]
         return chosen[:, :, key_block[: q.shape[2]]] & reachable, key_block, nblocks
