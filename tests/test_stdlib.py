@@ -61,6 +61,7 @@ EXPECTED_DEFAULTS = {
     "moba": {"block": 4096, "topk": 12},
     "biformer": {"region": 4, "topk": 4},
     "routing_transformer": {"clusters": 4},
+    "xattention": {"block": 128, "stride": 16, "threshold": 0.9, "chunk": 16384},
     "retention": {},
     "lightning": {},
     "lightning_fla": {"layer_idx": 0, "num_layers": 1},

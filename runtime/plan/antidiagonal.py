@@ -149,3 +149,13 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
         mass = block_mass(pat, bound, q.detach(), k.detach(), inputs, block, stride)
         chosen = threshold(mass, candidates, forced, float(pat.route.topp))  # [B, Hq, nb, nb]
         return chosen[:, :, key_block[: q.shape[2]]] & reachable, key_block, nblocks
+
+
+def refuse_context_parallel(pat: ir.PatternIR, where: str) -> None:
+    """Context parallelism does not run antidiagonal top-p routes: a query block's estimate reads every
+    key of the sequence and every query of its block, which the ranks' shards split."""
+    route = getattr(pat, "route", None)
+    if route is not None and route.topp is not None:
+        raise SpecError(f"'{pat.name}' selects blocks by antidiagonal top-p scoring (XAttention), which context "
+                        "parallelism does not run: each query block's estimate reads every key and every query "
+                        "of the block", where=where, hint="run it on one device")
