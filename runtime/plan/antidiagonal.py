@@ -49,11 +49,15 @@ def stride_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: 
     runs = -(-n // stride)
     q_index = torch.arange(rows.start * stride, min(rows.stop * stride, n))
     mask = E.mask_tensor(pat, bound, inputs, batch=batch, q_index=q_index)  # [b, H, len, N]
+    heads = mask.shape[1]
+    if mask.stride(1) == 0:  # the same for every head (a broadcast view): pooled once
+        mask = mask[:, :1]
     pad_q = len(rows) * stride - len(q_index)
     pad_k = runs * stride - n
     mask = torch.nn.functional.pad(mask, (0, pad_k, 0, pad_q), value=False)
     b, h = mask.shape[:2]
-    return mask.view(b, h, len(rows), stride, runs, stride).any(-1).any(3)
+    pooled = mask.view(b, h, len(rows), stride, runs, stride).any(-1).any(3)
+    return pooled.expand(b, heads, len(rows), runs)
 
 
 def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None,
@@ -72,7 +76,8 @@ def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tens
     kr = kr.repeat_interleave(Hq // k.shape[1], dim=1)
     col_block = torch.arange(runs) // per_block
     mass = torch.zeros(B, Hq, nblocks, nblocks, dtype=dtype)
-    step = max(1, CHUNK_ELEMENTS // max(1, runs * B * Hq * per_block))  # query blocks a chunk
+    # query blocks a chunk: its logits (runs x runs a block) and its mask (block x n tokens a block)
+    step = max(1, CHUNK_ELEMENTS // (B * Hq * max(runs * per_block, block * n)))
     scale = 1.0 / math.sqrt(d) / stride
     for first in range(0, nblocks, step):
         rows = range(first * per_block, min((first + step) * per_block, runs))
