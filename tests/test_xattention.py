@@ -330,3 +330,31 @@ def test_keys_of_other_routes_unchanged():
     xa = attnc.load("stdlib:xattention")
     assert xa.key() != attnc.load("stdlib:xattention", threshold=0.8).key()
     assert xa.key() != attnc.load("stdlib:xattention", stride=8).key()
+
+
+def test_cli_check_show_sim():
+    import io
+    import json
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from attnc import cli
+
+    def run(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = cli.main(list(argv))
+        return rc, out.getvalue(), err.getvalue()
+
+    rc, out, err = run("check", "stdlib:xattention")
+    assert rc == 0 and "warning" not in out + err
+    rc, out, err = run("show", "stdlib:xattention", "--n", "16")
+    rows = [line for line in out.splitlines() if line and set(line) <= {"#", "."}]
+    assert rc == 0 and "routing depends on q and k" in out, out + err
+    assert len(rows) == 16 and sum(r.count("#") for r in rows) == 16 * 17 // 2  # the mask before selection
+    rc, out, err = run("sim", "stdlib:xattention", "--n", "2048", "--heads", "2", "--json")
+    assert rc == 0, err
+    data = json.loads(out)
+    assert any("top-p routing" in a for a in data["assumptions"])
+    assert 0.4 < data["density"] < 0.6  # every block the causal mask reaches: the model's upper bound
+    rc, out, err = run("sim", "stdlib:xattention", "--n", "2048", "--ranks", "2")
+    assert rc != 0 and "context parallelism does not run" in out + err
