@@ -68,15 +68,37 @@ def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int
     keys would divide by zero, a K below 1 would silently select nothing)."""
     route = pat.route
     values = []
-    for what, expr in [*(("a block size", b) for b in route.block), ("topk", route.topk)]:
-        value = int(expr.subs(bound.subs))
-        if value < 1:
-            at = ", ".join(f"{sym.name.removeprefix('size_')} = {bound.subs[sym]}"
-                           for sym in sorted(expr.free_symbols, key=str))
-            raise SpecError(f"{what} of the route is {value} at {at}; it must be at least 1",
-                            where=_size_argument(expr, bound), hint="call with sizes where it is at least 1")
-        values.append(value)
-    return tuple(values[:-1]), values[-1]
+    # a top-p route has no K: its count is the keys' (more than any number of blocks: the simulator's model
+    # then visits every block the mask reaches, an upper bound of what the threshold keeps)
+    topk = ("topk", route.topk) if route.topk is not None else ("the antidiagonal stride", route.stride)
+    for what, expr in [*(("a block size", b) for b in route.block), topk]:
+        values.append(_at_least_one(what, expr, bound))
+    if route.topk is not None:
+        return tuple(values[:-1]), values[-1]
+    if values[0] % values[1]:
+        expr = route.block[0] + route.stride
+        raise SpecError(f"the antidiagonal stride {values[1]} does not divide the route's block size {values[0]}"
+                        + _at(expr, bound), where=_size_argument(expr, bound),
+                        hint="call with sizes where the stride divides the block")
+    return tuple(values[:-1]), bound.nk
+
+
+def route_stride(pat: ir.PatternIR, bound: E.Bound) -> int:
+    """The antidiagonal stride of a top-p route at this call's sizes (checked by ``route_sizes``)."""
+    return int(pat.route.stride.subs(bound.subs))
+
+
+def _at(expr, bound: E.Bound) -> str:
+    at = ", ".join(f"{sym.name.removeprefix('size_')} = {bound.subs[sym]}" for sym in sorted(expr.free_symbols, key=str))
+    return f" at {at}" if at else ""
+
+
+def _at_least_one(what: str, expr, bound: E.Bound) -> int:
+    value = int(expr.subs(bound.subs))
+    if value < 1:
+        raise SpecError(f"{what} of the route is {value}{_at(expr, bound)}; it must be at least 1",
+                        where=_size_argument(expr, bound), hint="call with sizes where it is at least 1")
+    return value
 
 
 def tile_block_spread(layout: ir.Layout, block: tuple[int, ...], bound: E.Bound, extents: tuple[int, ...],

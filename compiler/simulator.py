@@ -176,7 +176,11 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
     assumptions = ["MMA fractions fitted to published dense FA2-class throughput (A100, H100; compiler/published.py); "
                    "other cost constants are estimates (compiler/cost.py, Calibration)",
                    "dense baseline: the best dense configuration modelled the same way"]
-    if pat.route is not None:
+    if pat.route is not None and pat.route.topp is not None:
+        assumptions.append(
+            "top-p routing is data-dependent: each Q tile is modelled visiting every key block its mask reaches "
+            "(an upper bound of what the threshold keeps); density is estimated")
+    elif pat.route is not None:
         assumptions.append(
             "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "
             "(block-coherent selection: forced blocks, then the nearest allowed ones); density is estimated")

@@ -171,15 +171,17 @@ class WindowSite:
 
 @dataclass(frozen=True)
 class Route:
-    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``.
+    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``, or
+    ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]``.
 
     ``block`` has one extent per key-layout axis (one entry for seq);
-    ``score`` is 'token' (q @ mean(k), MoBA) or 'block' (mean(q) @ mean(k),
-    BiFormer). ``keep`` is an expression of q, h and k, where k is bound to
-    the first key of the block.
+    ``score`` is 'token' (q @ mean(k), MoBA), 'block' (mean(q) @ mean(k),
+    BiFormer) or 'antidiagonal' (XAttention: ``topk`` is None, ``topp`` and
+    ``stride`` are set; ``runtime.plan.antidiagonal``). ``keep`` is an
+    expression of q, h and k, where k is bound to the first key of the block.
     """
 
-    topk: sympy.Expr
+    topk: sympy.Expr | None
     block: tuple[sympy.Expr, ...]
     score: str
     keep: sympy.Basic | None
@@ -187,11 +189,15 @@ class Route:
     #: ``(QI, KI)``: a token route scored by the indexer inputs ``QI . KI`` (``route topk(K) tokens by
     #: QI @ KI``) instead of the attention's own q and k; None otherwise
     indexer: tuple[str, str] | None = field(default=None, metadata={"key": "when set"})
+    #: the top-p threshold P in (0, 1] of an antidiagonal route (a constant)
+    topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
+    #: the antidiagonal stride of an antidiagonal route (an int expression of the sizes)
+    stride: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
 
     @property
     def tokens(self) -> bool:
-        """Whether every key is its own unit (``route topk(K) tokens``, or blocks of one key)."""
-        return all(b == 1 for b in self.block)
+        """Whether every key is its own unit of a top-k route (``route topk(K) tokens``, or blocks of one key)."""
+        return self.topp is None and all(b == 1 for b in self.block)
 
 
 @dataclass(frozen=True)
@@ -245,7 +251,11 @@ class PatternIR:
             lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
         if self.route is not None:
             r = self.route
-            lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} shared={r.shared}")
+            if r.topp is not None:
+                lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by antidiagonal({r.stride}) keep={r.keep}")
+            else:
+                lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} "
+                             f"shared={r.shared}")
         return lines
 
 

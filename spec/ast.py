@@ -210,6 +210,16 @@ class Route(Clause):
 
 
 @dataclass(frozen=True)
+class RouteTopP(Clause):
+    """``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` (XAttention)."""
+
+    p: Expr
+    block: Expr
+    stride: Expr
+    keep: Expr | None
+
+
+@dataclass(frozen=True)
 class Update(Clause):
     """A recurrence's ``update RULE(ARG, KEY = VALUE, ...)``: ``delta(beta)``, ``delta(beta, qk_l2norm = true)``."""
 

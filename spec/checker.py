@@ -30,6 +30,7 @@ from .check_layouts import Frame, LayoutChecks
 from .check_masks import PatternChecks
 from .check_recurrence import RecurrenceChecks
 from .check_routing import RoutingChecks
+from .check_topp import TopPChecks
 from .check_types import (
     BOOL,
     BUILTINS,
@@ -50,7 +51,7 @@ __all__ = [
 
 @dataclass
 class Checker(DeclarationChecks, LayoutChecks, ExpressionChecks, CallChecks, PatternChecks, RoutingChecks,
-              RecurrenceChecks):
+              RecurrenceChecks, TopPChecks):
     """Checks and lowers one declaration.
 
     ``params`` maps parameter names to given values; ``strict`` requires a

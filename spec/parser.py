@@ -277,6 +277,9 @@ class _Builder(Transformer):
             return ast.Route(_pos(kw), topk, (), left, right, keep, shared is not None, "tokens", _pos(unit))
         return ast.Route(_pos(kw), topk, unit, left, right, keep, shared is not None)
 
+    def topp_clause(self, kw, p, block, stride, keep=None):
+        return ast.RouteTopP(_pos(kw), p, block, stride, keep)
+
     def declaration(self, kw, name, *rest):
         params: tuple = ()
         clauses = list(rest)

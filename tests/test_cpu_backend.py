@@ -118,6 +118,7 @@ STDLIB = {
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),
     "token_topk": (dict(topk=5), None, 47, None),
+    "xattention": (dict(block=8, stride=2, threshold=0.7, chunk=24), None, 61, None),
 }
 
 
@@ -153,7 +154,8 @@ def test_stdlib_forward_backward_float64(name):
         close(a, b, F64["grad"], f"grad {i}")
 
 
-@pytest.mark.parametrize("name", ["sliding_window", "neighborhood_2d", "forgetting", "alibi", "moba", "biformer"])
+@pytest.mark.parametrize("name", ["sliding_window", "neighborhood_2d", "forgetting", "alibi", "moba", "biformer",
+                                  "xattention"])
 def test_stdlib_forward_backward_float32(name):
     (out, lse, g), (r_out, r_lse, r_g) = _run_stdlib(name, torch.float32, seed=3)
     assert out.dtype == torch.float32 and lse.dtype == torch.float32

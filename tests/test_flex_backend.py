@@ -501,6 +501,7 @@ CONFORMANCE = {
     "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
+    "xattention": ({"block": 4, "stride": 2, "threshold": 0.7, "chunk": 16}, None, 30, (4, 2), {}, (), (8, 4)),
 }
 
 

@@ -515,7 +515,7 @@ STDLIB = {
 #: Patterns whose mask is chosen at run time by routing or clustering (their classification from the
 #: call's selection is tested against the reference in tests/test_cluster_route.py and the routing
 #: tests), and recurrences: no static tile classification.
-NOT_CLASSIFIED = {"biformer", "moba", "routing_transformer", "token_topk", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
+NOT_CLASSIFIED = {"biformer", "moba", "routing_transformer", "token_topk", "xattention", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
                   "gated_delta_net", "kda"}
 
 

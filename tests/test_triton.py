@@ -106,6 +106,7 @@ STDLIB = {
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
                             16),
     "token_topk": ({"topk": 5}, None, 40, None, 16),
+    "xattention": ({"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, None, 40, None, 16),
 }
 
 

@@ -18,6 +18,10 @@ def padded_forward(runner, call, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     pat = runner.pattern
     bound = call.bound
     route = getattr(pat, "route", None)
+    if route is not None and route.score == "antidiagonal":
+        raise SpecError(f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
+                        "queries after a KV cache (nk > n) are not supported", where="argument k",
+                        hint="call with all the queries (nk == n)")
     if route is not None and route.score != "token":
         raise SpecError(f"'{pat.name}' routes by the mean of query blocks, which needs every query of a "
                         "block: queries after a KV cache (nk > n) are not supported", where="argument k",

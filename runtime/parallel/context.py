@@ -19,7 +19,7 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
-from ..plan import clusters
+from ..plan import antidiagonal, clusters
 from . import collectives as C
 from . import routing
 from .blocks import BlockProblem
@@ -215,6 +215,7 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
                         f"{ulysses_degree}", where="argument ulysses_degree")
     pat = attn.pattern
     if isinstance(pat, ir.PatternIR):
+        antidiagonal.refuse_context_parallel(pat, "argument attn")
         if not pat.self_attention:
             raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
                             "one sequence", where="argument attn")

@@ -21,6 +21,7 @@ from ...compiler import evaluate as E
 from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ...core import ir
 from ...core.errors import SpecError
+from . import antidiagonal
 
 
 def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
@@ -142,6 +143,9 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     The scores are computed a run of queries at a time (a token route has one per key), on q's
     device, as is the selection; ``inputs``, the mask and ``keep`` are evaluated where they live
     (the CPU, for the tiled backends) and moved there. ``key_block`` is returned on the CPU."""
+    if pat.route.topp is not None:  # top-p by antidiagonal scoring (XAttention): its own module
+        return antidiagonal.select(pat, bound, q, k, inputs, allowed, lambda key_block, nblocks: keep_blocks(
+            pat, bound, inputs, q.shape[0], key_block, nblocks))
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     dev = q.device
