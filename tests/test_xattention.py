@@ -358,3 +358,22 @@ def test_cli_check_show_sim():
     assert 0.4 < data["density"] < 0.6  # every block the causal mask reaches: the model's upper bound
     rc, out, err = run("sim", "stdlib:xattention", "--n", "2048", "--ranks", "2")
     assert rc != 0 and "context parallelism does not run" in out + err
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 90), st.sampled_from([
+    "causal", "true", "causal and q - k < 11", "(q - k) % 3 == 0 and k <= q", "doc[q] == doc[k]",
+    "q - k < 4 * (h + 1) and k <= q"]), st.integers(0, 1000))
+def test_classified_stride_tiles_equal_the_dense_pooling(stride, n, mask, seed):
+    """The tile classifier's stride tiles (no n x n mask) equal the dense mask pooled per stride tile."""
+    src = f"pattern t\n  tokens seq\n  input doc: int[n]\n  mask {mask}\n"
+    pat = attnc.load(src)
+    bound = E.bind_sizes(pat, n=n, nk=n, heads=3, sizes={})
+    g = torch.Generator().manual_seed(seed)
+    inputs = {"doc": torch.sort(torch.randint(0, 4, (n,), generator=g)).values}
+    tensors, _ = E.bind_inputs(pat, bound, inputs)
+    fast = antidiagonal.classified_stride_tiles(pat, bound, tensors, stride)
+    assert fast is not None  # unbatched inputs: the classifier decides every pair exactly
+    runs = -(-n // stride)
+    dense = antidiagonal.stride_tiles(pat, bound, tensors, None, stride, range(0, runs))
+    assert fast.shape == dense.shape == (1, 3, runs, runs) and torch.equal(fast, dense)

@@ -60,6 +60,26 @@ def stride_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: 
     return pooled.expand(b, heads, len(rows), runs)
 
 
+def classified_stride_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, stride: int
+                            ) -> torch.Tensor | None:
+    """``stride_tiles`` of every query run at once from the tile classifier (tiles of ``stride`` tokens):
+    bool ``[1, Hq, runs, runs]``, or None where the classifier cannot say it exactly (batched inputs,
+    or PARTIAL pairs it did not prove to hold an allowed pair). The classifier bounds the mask per
+    tile pair and evaluates only the pairs its bounds leave open: no n x n mask."""
+    from ...compiler.tiles import classify_tiles
+
+    if any(t.dim() > len(pat.input(name).dims) for name, t in (inputs or {}).items()):
+        return None
+    sched = classify_tiles(pat, bound, (stride,), (stride,), inputs=inputs or None)
+    if not sched.exact:
+        return None
+    runs = -(-bound.n // stride)
+    h, qi, ki, _ = sched.pairs()
+    out = torch.zeros(sched.heads_stored, runs, runs, dtype=torch.bool)
+    out[h, qi, ki] = True
+    return out[None].expand(1, bound.heads, runs, runs)
+
+
 def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None,
                block: int, stride: int) -> torch.Tensor:
     """The antidiagonal estimate's attention mass per (query block, key block):
@@ -77,12 +97,15 @@ def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tens
     col_block = torch.arange(runs) // per_block
     mass = torch.zeros(B, Hq, nblocks, nblocks, dtype=dtype)
     # query blocks a chunk: its logits (runs x runs a block) and its mask (block x n tokens a block)
-    step = max(1, CHUNK_ELEMENTS // (B * Hq * max(runs * per_block, block * n)))
+    classified = classified_stride_tiles(pat, bound, inputs, stride)
+    # (the dense pooling holds block x n mask entries a block; the classified tiles nothing more)
+    step = max(1, CHUNK_ELEMENTS // (B * Hq * max(runs * per_block, block * n if classified is None else 0)))
     scale = 1.0 / math.sqrt(d) / stride
     for first in range(0, nblocks, step):
         rows = range(first * per_block, min((first + step) * per_block, runs))
         logits = (qr[:, :, rows.start:rows.stop] @ kr.transpose(-1, -2)) * scale  # [B, Hq, r, runs]
-        tiles = stride_tiles(pat, bound, inputs, B, stride, rows).to(logits.device)
+        tiles = (stride_tiles(pat, bound, inputs, B, stride, rows) if classified is None
+                 else classified[:, :, rows.start:rows.stop]).to(logits.device)
         logits = logits.masked_fill(~tiles, -torch.inf)
         prob = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a run the mask never reaches: nothing
         summed = torch.zeros(B, Hq, len(rows), nblocks, dtype=dtype, device=prob.device)
