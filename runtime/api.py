@@ -75,7 +75,8 @@ def materialize_mask(
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     if clusters.derived_inputs(pat):  # cluster(q, C) == cluster(k, C): the mask depends on the vectors
         if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
-            raise SpecError(f"'{pat.name}' clusters the query and key vectors (cluster()): its mask needs them",
+            why = "clusters" if any(d.derived[0] == "cluster" for d in clusters.derived_inputs(pat)) else "routes by"
+            raise SpecError(f"'{pat.name}' {why} the query and key vectors: its mask needs them",
                             where="argument q" if not isinstance(q, torch.Tensor) else "argument k",
                             hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors")
         check_qkv(q, k, k)
@@ -234,7 +235,7 @@ class Attention(torch.nn.Module):
         if isinstance(self.pattern, ir.RecurrenceIR):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
         # cluster(q | k, C): the ids of this call's vectors, on q's device, before anything binds the inputs
-        inputs = clusters.derive_inputs(self.pattern, q, k, inputs)
+        inputs = clusters.derive_inputs(self.pattern, q, k, inputs, scale)
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
         if torch.compiler.is_compiling():

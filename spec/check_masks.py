@@ -44,7 +44,11 @@ class PatternChecks:
                     hint="add 'causal and ...' to the mask",
                 )
         route_clause = self._single("route")
-        route = self._route(route_clause) if route_clause is not None else None
+        route = None
+        if isinstance(route_clause, ast.VerticalSlashRoute):  # lowered into the mask (derived flags)
+            mask = self._vertical_slash(route_clause, mask)
+        elif route_clause is not None:
+            route = self._route(route_clause)
         return ir.PatternIR(
             name=self.decl.name,
             queries=self.frame.queries,
