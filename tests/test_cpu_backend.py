@@ -117,6 +117,7 @@ STDLIB = {
     "sliding_window": (dict(window=9), None, 50, None),
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),
+    "vertical_slash": (dict(vertical=3, slash=4, last_q=8, sinks=2, local=3, slash_min=1), None, 50, None),
 }
 
 

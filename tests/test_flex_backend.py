@@ -500,6 +500,7 @@ CONFORMANCE = {
     "sliding_window": ({"window": 7}, None, 37, (4, 2), {}, (), (8, 4)),
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
+    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 37, (4, 2), {}, (), (8, 4)),
 }
 
 

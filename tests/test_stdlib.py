@@ -61,6 +61,7 @@ EXPECTED_DEFAULTS = {
     "moba": {"block": 4096, "topk": 12},
     "biformer": {"region": 4, "topk": 4},
     "routing_transformer": {"clusters": 4},
+    "vertical_slash": {"vertical": 1000, "slash": 6096, "last_q": 64, "sinks": 30, "local": 100, "slash_min": 50},
     "retention": {},
     "lightning": {},
     "lightning_fla": {"layer_idx": 0, "num_layers": 1},

@@ -105,6 +105,7 @@ STDLIB = {
     "routing_transformer": ({"clusters": 3}, None, 40,
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
                             16),
+    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 40, None, 16),
 }
 
 
