@@ -80,7 +80,7 @@ def materialize_mask(
                             where="argument q" if not isinstance(q, torch.Tensor) else "argument k",
                             hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors")
         check_qkv(q, k, k)
-        rows = bound.n - bound.q_offset
+        rows = bound.n  # the query rows (after a KV cache, the last n of the nk tokens)
         for what, t, want in (("q", q, (bound.heads, rows)), ("k", k, (None, bound.nk))):
             if t.dim() != 4 or (want[0] is not None and t.shape[1] != want[0]) or t.shape[2] != want[1]:
                 raise SpecError(f"{what} has shape {list(t.shape)}; expected [B, {want[0] or 'kv_heads'}, {want[1]}, dk]"

@@ -168,7 +168,7 @@ def sample_derived(
     if not derived or all(d.name in inputs for d in derived):
         return inputs, []
     g = torch.Generator().manual_seed(seed)
-    nq = bound.n - bound.q_offset
+    nq = bound.n  # the query rows (after a KV cache, the last n of the nk tokens)
     q = torch.randn(1, bound.heads, nq, head_dim, generator=g, dtype=torch.float64)
     k = torch.randn(1, bound.heads, bound.nk, head_dim, generator=g, dtype=torch.float64)
     out, notes = dict(inputs), []
