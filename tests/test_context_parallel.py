@@ -34,6 +34,8 @@ CASES_2 = {
     "moba-ring": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64),
     "routing-transformer-ring": dict(spec="stdlib:routing_transformer", params={"clusters": 3}, n=48,
                                      inputs={"centroids": "centroids"}),
+    "vertical-slash-ring": dict(spec="stdlib:vertical_slash", n=64, params={
+        "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),
     "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                sizes={"height": 8, "width": 8}, n=64, kv="allgather"),
     "retention": dict(spec="stdlib:retention", n=32),
