@@ -384,3 +384,18 @@ def test_cli_check_show_sim_and_simulate():
     assert 0 < data["density"] < 0.5
     report = attnc.simulate("stdlib:vertical_slash", n=2048, heads=2, vertical=64, slash=64)
     assert any("vertical-slash" in a for a in report.assumptions)
+
+
+def test_heads_scored_in_groups_select_the_same(monkeypatch):
+    """Long sequences score the heads in groups (bounded memory): the flags are those of one pass."""
+    from attnc.runtime.plan import vertical_slash
+
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(2, 4, 30, 4, generator=g)
+    k = torch.randn(2, 2, 30, 4, generator=g)
+    pat = attnc.load("stdlib:vertical_slash", **SMALL)
+    whole = vertical_slash.derive(pat, q, k)
+    monkeypatch.setattr(vertical_slash, "SCORE_ELEMENTS", 8 * 30 * 3)  # groups of 3 of the 8 (batch, head) rows
+    grouped = vertical_slash.derive(pat, q, k)
+    assert whole.keys() == grouped.keys()
+    assert all(torch.equal(whole[name], grouped[name]) for name in whole)

@@ -51,22 +51,32 @@ def top_flags(score: torch.Tensor, count: int, forced: torch.Tensor) -> torch.Te
     return torch.zeros(score.shape, dtype=torch.int64, device=score.device).scatter_(-1, top, 1)
 
 
+#: The most score elements (last queries x keys x heads) held at once: heads are scored in groups.
+SCORE_ELEMENTS = 1 << 25
+
+
 def scores(q: torch.Tensor, k: torch.Tensor, last: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(vertical ``[B, H, nk]``, slash ``[B, H, nk]`` by offset) of ``q`` ``[B, H, Nq, D]`` against ``k``
     ``[B, H, nk, D]`` (same heads), the queries being the last Nq of the nk positions."""
-    Nq, Nk = q.shape[2], k.shape[2]
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
     L = min(last, Nq)
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     pos = torch.arange(Nk - L, Nk, device=q.device)
     keys = torch.arange(Nk, device=q.device)
-    s = (q[:, :, Nq - L:].to(dtype) @ k.to(dtype).transpose(-1, -2)) * scale  # [B, H, L, nk]
-    s = s.masked_fill(keys[None, :] > pos[:, None], -torch.inf)
-    p = torch.softmax(s, dim=-1)
-    vertical = p.sum(-2)
     back = pos[:, None] - keys[None, :]  # the key of offset o on the row of query p_i
-    along = p.gather(-1, back.clamp(min=0).expand(*p.shape[:2], L, Nk))
-    slash = torch.where(back >= 0, along, 0).sum(-2)
-    return vertical, slash
+    ql, kf = q[:, :, Nq - L:].flatten(0, 1), k.flatten(0, 1)  # [B * H, ., D]
+    vertical = torch.empty(B * H, Nk, dtype=dtype, device=q.device)
+    slash = torch.empty_like(vertical)
+    group = max(1, SCORE_ELEMENTS // (L * Nk))
+    for a in range(0, B * H, group):
+        b = min(B * H, a + group)
+        s = (ql[a:b].to(dtype) @ kf[a:b].to(dtype).transpose(-1, -2)) * scale  # [group, L, nk]
+        p = torch.softmax(s.masked_fill(back < 0, -torch.inf), dim=-1)
+        vertical[a:b] = p.sum(-2)
+        along = p.gather(-1, back.clamp(min=0).expand(b - a, L, Nk))
+        slash[a:b] = torch.where(back >= 0, along, 0).sum(-2)
+    return vertical.view(B, H, Nk), slash.view(B, H, Nk)
 
 
 def derive(pat, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> dict[str, torch.Tensor]:
