@@ -216,14 +216,16 @@ def test_backends_match_the_reference(backend, case):
     assert mask.any() and mask.sum() < 0.5 * B * Hq * n * (n + 1) / 2  # the selection is real
 
 
-def test_cpu_with_a_kv_cache_matches_the_rule():
-    """Queries after a KV cache: the last L queries of the call score all the keys."""
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(1, 2, 9, 8, generator=g)
+@pytest.mark.parametrize("nq", [9, 1])
+def test_queries_after_a_kv_cache_match_the_rule(nq):
+    """Queries after a KV cache (a prefill chunk, one decoding step): the last L queries of the call
+    score all the keys."""
+    g = torch.Generator().manual_seed(5 + nq)
+    q = torch.randn(1, 2, nq, 8, generator=g)
     k, v = (torch.randn(1, 1, 30, 8, generator=g) for _ in range(2))
     rule = (3, 4, 8, 2, 3, 1)
     want, _ = dense(q, k, v, naive_mask(q.double(), k.double(), rule))
-    for backend in ("reference", "cpu"):
+    for backend in ("reference", "cpu", "triton"):
         out = attnc.compile_attention(spec(*rule), backend=backend, q_tile=16, kv_tile=16)(q, k, v)
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
 
