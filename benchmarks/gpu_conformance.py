@@ -61,6 +61,7 @@ SOFTMAX = {
     "forgetting": ("forgetting", {}, {"n": 4096}, {"n": 80}, "g"),
     "moba": ("moba", {"block": 256, "topk": 3}, {"n": 4096}, {"n": 80}, None),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
+    "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
                         {"height": 64, "width": 64}, {"height": 8, "width": 10}, None),
     "biformer": ("biformer", {"region": 8, "topk": 4}, {"height": 64, "width": 64}, {"height": 8, "width": 8}, None),
@@ -81,6 +82,7 @@ TOY_PARAMS = {
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
     "sliding_tile": {"tile_t": 1, "tile_y": 4, "tile_x": 4, "wt": 1, "wy": 1, "wx": 1}, "radial": {"block": 4},
     "xattention": {"block": 16, "stride": 4, "threshold": 0.9, "chunk": 32},
+    "vertical_slash": {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
 }
 RECURRENCES = ["retention", "mamba2", "gla", "lightning", "lightning_fla"]
 #: the recurrences' gate inputs: name -> shape of ``g`` (log gates, stdlib_patterns/*.attn)

@@ -142,8 +142,10 @@ class InputDecl:
     dim_names: tuple[str, ...]
     #: None for an input the caller passes; ``("cluster", "q" | "k", CENTROIDS)`` for the cluster ids of
     #: the query (key) vectors that ``cluster(q, CENTROIDS)`` reads, computed from q, k and the input
-    #: CENTROIDS at every call (``runtime.plan.clusters``), never passed by the caller
-    derived: tuple[str, ...] | None = field(default=None, metadata={"key": "when set"})
+    #: CENTROIDS at every call (``runtime.plan.clusters``), never passed by the caller;
+    #: ``("vertical_slash", "columns" | "diagonals", VerticalSlash)`` for the flags of a vertical-slash
+    #: route (``runtime.plan.vertical_slash``)
+    derived: tuple | None = field(default=None, metadata={"key": "when set"})
 
     @property
     def function(self):
@@ -153,6 +155,22 @@ class InputDecl:
     def token_dims(self) -> tuple[int, ...]:
         """The dimensions over the tokens (named ``n`` or ``nk``), as declared (no batch dimension)."""
         return tuple(i for i, dim in enumerate(self.dim_names) if dim in ("n", "nk"))
+
+
+@dataclass(frozen=True)
+class VerticalSlash:
+    """``route topk(V) columns and topk(S) diagonals by last(L) [keep columns(C)] [keep diagonals(D)]``
+    (MInference's vertical-slash index): selected per call from the softmax of the last L queries,
+    lowered to two derived int inputs (``InputDecl.derived``) that the mask reads, a column flag
+    ``[heads, n]`` at ``[h, k]`` and a diagonal flag ``[heads, 2n - 1]`` at ``[h, q - k + n - 1]``.
+    ``keep_columns`` is a bool of k (and h); ``keep_diagonals`` a bool of the offset, written in q
+    (the offset q - k with k = 0). None keeps nothing."""
+
+    vertical: sympy.Expr
+    slash: sympy.Expr
+    last: sympy.Expr
+    keep_columns: sympy.Basic | None
+    keep_diagonals: sympy.Basic | None
 
 
 @dataclass(frozen=True)

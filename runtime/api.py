@@ -76,12 +76,13 @@ def materialize_mask(
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     vectors = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     if clusters.derived_inputs(pat) or (pat.route is not None and vectors):
-        if not vectors:  # cluster(q, C) == cluster(k, C): the mask depends on the vectors
-            raise SpecError(f"'{pat.name}' clusters the query and key vectors (cluster()): its mask needs them",
+        if not vectors:  # cluster() or a vertical-slash route: the mask depends on the vectors
+            why = "clusters" if any(d.derived[0] == "cluster" for d in clusters.derived_inputs(pat)) else "routes by"
+            raise SpecError(f"'{pat.name}' {why} the query and key vectors: its mask needs them",
                             where="argument q" if not isinstance(q, torch.Tensor) else "argument k",
                             hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors")
         check_qkv(q, k, k)
-        rows = bound.n - bound.q_offset
+        rows = bound.n  # the query rows (after a KV cache, the last n of the nk tokens)
         for what, t, want in (("q", q, (bound.heads, rows)), ("k", k, (None, bound.nk))):
             if t.dim() != 4 or (want[0] is not None and t.shape[1] != want[0]) or t.shape[2] != want[1]:
                 raise SpecError(f"{what} has shape {list(t.shape)}; expected [B, {want[0] or 'kv_heads'}, {want[1]}, dk]"
@@ -238,7 +239,7 @@ class Attention(torch.nn.Module):
         if isinstance(self.pattern, ir.RecurrenceIR):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
         # cluster(q | k, C): the ids of this call's vectors, on q's device, before anything binds the inputs
-        inputs = clusters.derive_inputs(self.pattern, q, k, inputs)
+        inputs = clusters.derive_inputs(self.pattern, q, k, inputs, scale)
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
         if torch.compiler.is_compiling():

@@ -220,6 +220,17 @@ class RouteTopP(Clause):
 
 
 @dataclass(frozen=True)
+class VerticalSlashRoute(Clause):
+    """``route topk(V) columns and topk(S) diagonals by last(L) [keep columns(C) diagonals(D)]``."""
+
+    vertical: Expr
+    slash: Expr
+    last: Expr
+    keep_columns: Expr | None
+    keep_diagonals: Expr | None
+
+
+@dataclass(frozen=True)
 class Update(Clause):
     """A recurrence's ``update RULE(ARG, KEY = VALUE, ...)``: ``delta(beta)``, ``delta(beta, qk_l2norm = true)``."""
 

@@ -190,8 +190,8 @@ class DeclarationChecks:
     def _single(self, keyword: str) -> ast.Clause | None:
         found = None
         for c in self.decl.clauses:
-            kw = c.keyword if isinstance(c, ast.ExprClause) else ("route" if isinstance(c, ast.Route | ast.RouteTopP)
-                                                                   else None)
+            route = isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute)
+            kw = c.keyword if isinstance(c, ast.ExprClause) else ("route" if route else None)
             if kw == keyword:
                 if found is not None:
                     raise self.error(f"'{keyword}' is given twice (first at line {found.pos.line})", c.pos)

@@ -47,6 +47,8 @@ class PatternChecks:
         route = None
         if isinstance(route_clause, ast.RouteTopP):
             route = self._route_topp(route_clause)
+        elif isinstance(route_clause, ast.VerticalSlashRoute):  # lowered into the mask (derived flags)
+            mask = self._vertical_slash(route_clause, mask)
         elif route_clause is not None:
             route = self._route(route_clause)
         return ir.PatternIR(

@@ -10,6 +10,7 @@ Every problem is a ``SpecError`` at the position of the construct at fault.
 - ``check_calls``: builtin functions, ``window()`` and calls of other patterns;
 - ``check_masks``: a pattern's mask and score terms (bias, softcap, decay);
 - ``check_routing``: the route clause;
+- ``check_vertical_slash``: the vertical-slash route clause, lowered into the mask;
 - ``check_recurrence``: recurrence declarations;
 
 with the shared types and constants in ``check_types``.
@@ -41,6 +42,7 @@ from .check_types import (
     WINDOW_KEYWORDS,
     Typed,
 )
+from .check_vertical_slash import VerticalSlashChecks
 
 #: The names this module has always offered (the pieces now live in the check_* modules).
 __all__ = [
@@ -51,7 +53,7 @@ __all__ = [
 
 @dataclass
 class Checker(DeclarationChecks, LayoutChecks, ExpressionChecks, CallChecks, PatternChecks, RoutingChecks,
-              RecurrenceChecks, TopPChecks):
+              VerticalSlashChecks, RecurrenceChecks, TopPChecks):
     """Checks and lowers one declaration.
 
     ``params`` maps parameter names to given values; ``strict`` requires a

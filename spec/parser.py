@@ -280,6 +280,22 @@ class _Builder(Transformer):
     def topp_clause(self, kw, p, block, stride, keep=None):
         return ast.RouteTopP(_pos(kw), p, block, stride, keep)
 
+    def vs_keep_columns(self, expr):
+        return expr
+
+    def vs_keep_diagonals(self, expr):
+        return expr
+
+    def vs_keep_both(self, columns, diagonals=None):
+        return (columns, diagonals)
+
+    def vs_keep_diagonals_only(self, diagonals):
+        return (None, diagonals)
+
+    def vs_route_clause(self, kw, vertical, _and, slash, last, keep=None):
+        columns, diagonals = keep if keep is not None else (None, None)
+        return ast.VerticalSlashRoute(_pos(kw), vertical, slash, last, columns, diagonals)
+
     def declaration(self, kw, name, *rest):
         params: tuple = ()
         clauses = list(rest)

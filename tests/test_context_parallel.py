@@ -38,6 +38,8 @@ CASES_2 = {
                                     n=48, inputs={"qi": "index", "ki": "index"}, kv="allgather"),
     "routing-transformer-ring": dict(spec="stdlib:routing_transformer", params={"clusters": 3}, n=48,
                                      inputs={"centroids": "centroids"}),
+    "vertical-slash-ring": dict(spec="stdlib:vertical_slash", n=64, params={
+        "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),
     "biformer-allgather": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                sizes={"height": 8, "width": 8}, n=64, kv="allgather"),
     "retention": dict(spec="stdlib:retention", n=32),
@@ -54,6 +56,8 @@ CASES_4 = {
     "causal-allgather-zigzag-4": dict(spec="causal", n=64, kv="allgather"),
     "moba-usp": dict(spec="stdlib:moba", params={"block": 8, "topk": 3}, n=64, u=2),
     "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
+    "vertical-slash-ring-4": dict(spec="stdlib:vertical_slash", n=64, params={
+        "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),
     "kda-4": dict(spec="stdlib:kda", n=32, inputs={"g": "vgate", "beta": "beta"}, grad_inputs=True),
 }
 WAN_2 = {
@@ -203,15 +207,21 @@ def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
 
 
 @pytest.mark.parametrize("name,mode", [("window-ring-4", "ring"), ("window-allgather-4", "allgather"),
-                                       ("neighborhood3d-ring-4", "ring"), ("usp-causal-gqa", "ring + ulysses 2")])
+                                       ("neighborhood3d-ring-4", "ring"), ("usp-causal-gqa", "ring + ulysses 2"),
+                                       ("vertical-slash-ring-4", "ring")])
 def test_the_simulator_predicts_the_bytes_each_rank_sends(results4, name, mode):
-    """``attnc sim --ranks``'s bytes per rank (bf16) are the runtime's (float64: 4x) for the same plan."""
+    """``attnc sim --ranks``'s bytes per rank (bf16) are the runtime's (float64: 4x) for the same plan
+    (a vertical-slash selection: the flags of the case's q and k, and the gathered q and k counted)."""
     from attnc.runtime.parallel.simulate import simulate_parallel
+    from attnc.runtime.plan import clusters
 
     case = CASES_4[name]
-    rep = simulate_parallel(compile_case(case).pattern, n=case["n"], ranks=4, sizes=case.get("sizes"),
+    pat = compile_case(case).pattern
+    q, k, _, _ = case_tensors(case)
+    inputs = clusters.derive_inputs(pat, q, k, case_inputs(case))
+    rep = simulate_parallel(pat, n=case["n"], ranks=4, sizes=case.get("sizes"),
                             heads=case["H"], kv_heads=case.get("Hkv"), head_dim=case["D"], batch=case["B"],
-                            single_device_s=1e-3)
+                            single_device_s=1e-3, inputs=inputs or None)
     est = next(m for m in rep.modes if m.name() == mode)
     assert [4 * b for b in est.sent_bytes] == [r["bytes"] for r in results4[name]]
     assert est.need == results4[name][0]["need"].int().tolist()

@@ -119,6 +119,7 @@ STDLIB = {
     "streaming": (dict(window=7, sinks=2), None, 50, None),
     "token_topk": (dict(topk=5), None, 47, None),
     "xattention": (dict(block=8, stride=2, threshold=0.7, chunk=24), None, 61, None),
+    "vertical_slash": (dict(vertical=3, slash=4, last_q=8, sinks=2, local=3, slash_min=1), None, 50, None),
 }
 
 

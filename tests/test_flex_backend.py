@@ -502,6 +502,7 @@ CONFORMANCE = {
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
     "xattention": ({"block": 4, "stride": 2, "threshold": 0.7, "chunk": 16}, None, 30, (4, 2), {}, (), (8, 4)),
+    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 37, (4, 2), {}, (), (8, 4)),
 }
 
 

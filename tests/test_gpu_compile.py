@@ -166,6 +166,15 @@ def test_a_clustering_pattern_is_recorded_with_its_centroids():
     assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
 
 
+def test_a_vertical_slash_pattern_is_recorded_with_its_selection():
+    """The vertical-slash flags are derived by the recorded call from its q and k (no input to pass);
+    every kernel compiles and fits."""
+    reports = G.check_pattern(attnc.load("stdlib:vertical_slash", vertical=64, slash=64), archs=(90,),
+                              head_dims=(64,), dtypes=("bf16",), n=1024)
+    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""

@@ -513,9 +513,9 @@ STDLIB = {
                    {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
 }
 #: Patterns whose mask is chosen at run time by routing or clustering (their classification from the
-#: call's selection is tested against the reference in tests/test_cluster_route.py and the routing
-#: tests), and recurrences: no static tile classification.
-NOT_CLASSIFIED = {"biformer", "moba", "routing_transformer", "token_topk", "xattention", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
+#: call's selection is tested against the reference in tests/test_cluster_route.py,
+#: tests/test_vertical_slash.py and the routing tests), and recurrences: no static tile classification.
+NOT_CLASSIFIED = {"biformer", "moba", "routing_transformer", "vertical_slash", "token_topk", "xattention", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
                   "gated_delta_net", "kda"}
 
 

@@ -107,6 +107,7 @@ STDLIB = {
                             16),
     "token_topk": ({"topk": 5}, None, 40, None, 16),
     "xattention": ({"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, None, 40, None, 16),
+    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 40, None, 16),
 }
 
 

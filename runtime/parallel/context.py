@@ -19,7 +19,7 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
-from ..plan import antidiagonal, clusters
+from ..plan import antidiagonal, clusters, vertical_slash
 from . import collectives as C
 from . import routing
 from .blocks import BlockProblem
@@ -147,8 +147,15 @@ class ContextParallel(torch.nn.Module):
             return out
         # cluster(q | k, C): each rank clusters its own tokens' vectors; the ids are gathered like any
         # per-token input (the centroids, with no token dimension, are passed whole)
-        inputs = clusters.derive_inputs(pat, q, k, inputs)
-        whole, input_bytes = {}, 0
+        input_bytes = 0
+        if vertical_slash.rule_of(pat) is not None:
+            # a vertical-slash selection scores the last queries (held by one rank) against every key:
+            # every rank selects from the whole q and k, so all hold the same flags
+            inputs = clusters.derive_inputs(pat, self.unshard(q), self.unshard(k), inputs, scale)
+            input_bytes += (q.nbytes + k.nbytes) * (self.world - 1)
+        else:
+            inputs = clusters.derive_inputs(pat, q, k, inputs)
+        whole = {}
         for name, t in inputs.items():
             whole[name], sent = self._whole_input(name, t, n)
             input_bytes += sent

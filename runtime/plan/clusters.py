@@ -18,6 +18,11 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
+from . import vertical_slash
+
+
+def _source(d: ir.InputDecl) -> str:
+    return "cluster()" if d.derived[0] == "cluster" else "the vertical-slash route"
 
 
 def derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
@@ -71,24 +76,29 @@ def _check_centroids(decl: ir.InputDecl, t, q: torch.Tensor, clusters: int) -> t
     return t
 
 
-def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict) -> dict:
+def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None) -> dict:
     """``inputs`` with the cluster ids of this call added (``q`` ``[B, Hq, Nq, D]``, ``k``
     ``[B, Hkv, Nk, D]``, both in attnc's layout). Queries after a KV cache (``Nk > Nq``,
     self-attention) stand at positions ``Nk - Nq ..``: the ids of the earlier positions, which no
-    query holds, are -1. A derived input given by the caller is refused, naming it."""
+    query holds, are -1. A vertical-slash route's flags come from ``vertical_slash.derive`` (scores
+    at ``scale``, default ``D ** -0.5``). A derived input given by the caller is refused, naming it."""
     derived = derived_inputs(pat)
     if not derived:
         return inputs
     for d in derived:
         if d.name in inputs:
             raise SpecError(
-                f"'{d.name}' is computed from q and k at every call (cluster()); it is not an argument",
+                f"'{d.name}' is computed from q and k at every call ({_source(d)}); it is not an argument",
                 where=f"argument {d.name}",
             )
     out = dict(inputs)
     B, Hq, Nq, _ = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    if vertical_slash.rule_of(pat) is not None:
+        out.update(vertical_slash.derive(pat, q, k, scale))
     for d in derived:
+        if d.derived[0] != "cluster":
+            continue
         _, side, cent_name = d.derived
         cent_decl = next(i for i in pat.inputs if i.name == cent_name)
         clusters = int(cent_decl.dims[1])
@@ -152,17 +162,17 @@ def sample_derived(
     pat, bound, inputs: dict, head_dim: int, seed: int = 0
 ) -> tuple[dict, list[str]]:
     """For the simulator and ``attnc show``, which have no q and k: ``inputs`` completed with cluster ids
-    of a seeded sample (q, k and missing centroids standard normal, ``seed``), and one note per
+    (vertical-slash flags) of a seeded sample (q, k and missing centroids standard normal, ``seed``), and one note per
     sampled thing saying so. Unchanged when the pattern clusters nothing or the ids are given."""
     derived = derived_inputs(pat)
     if not derived or all(d.name in inputs for d in derived):
         return inputs, []
     g = torch.Generator().manual_seed(seed)
-    nq = bound.n - bound.q_offset
+    nq = bound.n  # the query rows (after a KV cache, the last n of the nk tokens)
     q = torch.randn(1, bound.heads, nq, head_dim, generator=g, dtype=torch.float64)
     k = torch.randn(1, bound.heads, bound.nk, head_dim, generator=g, dtype=torch.float64)
     out, notes = dict(inputs), []
-    for name in dict.fromkeys(d.derived[2] for d in derived):
+    for name in dict.fromkeys(d.derived[2] for d in derived if d.derived[0] == "cluster"):
         if name not in out:
             decl = next(i for i in pat.inputs if i.name == name)
             out[name] = torch.randn(
@@ -172,10 +182,17 @@ def sample_derived(
                 f"input '{name}' not given: simulated with standard normal centroids, shape "
                 f"{list(out[name].shape)} (seed {seed})"
             )
-    notes.append(
-        f"cluster() depends on the q and k vectors: its ids come from standard normal q and k "
-        f"(head dim {head_dim}, seed {seed}); real data clusters differently"
-    )
+    if any(d.derived[0] == "cluster" for d in derived):
+        notes.append(
+            f"cluster() depends on the q and k vectors: its ids come from standard normal q and k "
+            f"(head dim {head_dim}, seed {seed}); real data clusters differently"
+        )
+    if vertical_slash.rule_of(pat) is not None:
+        notes.append(
+            f"the vertical-slash route depends on the q and k vectors: its columns and diagonals are "
+            f"selected from standard normal q and k (head dim {head_dim}, seed {seed}); real attention "
+            f"concentrates differently"
+        )
     return derive_inputs(
         pat, q, k, {n: t for n, t in out.items() if n not in {d.name for d in derived}}
     ), notes
