@@ -339,19 +339,20 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     k_base = K + kv_bh * T * DK
     q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
     k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-    dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
-    dks = dks * ebl
-    dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
-                             T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
+    # dW and the last row's gate terms first: fewer tiles live through the in-chunk gradient
     qk_ok = r_ok[:, None] & k_ok[None, :]
     off = rows[:, None] * DK + k_off[None, :]
+    tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
+    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+    kf = _acc(k, F64)
+    dks = dks * ebl
+    last = _sum(kf * dks, 0) + dec * hdh
+    dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
+    dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
+                             T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
     tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
-    tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
-    kf = _acc(k, F64)
     db = _acc(q, F64) * dq - kf * dk
-    last = _sum(kf * dks, 0) + dec * hdh
     db += tl.where((t_off == C - 1)[:, None], last[None, :], 0.0)
     tl.store(DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :],
              db.to(DG.dtype.element_ty), mask=k_ok[None, :])
@@ -489,11 +490,12 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     par = dict(num_warps=warps, num_stages=1)
     return {
         "_kda_wy_fwd_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
-        "_kda_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=8 if wide else 4, num_stages=2),
+        "_kda_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=8 if wide else 4, num_stages=1),
         "_kda_out_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
         "_kda_du_local_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
-        "_kda_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
-        "_kda_dqk_kernel": dict(common, BK=BK, BV=_block(Dv, 32), **sub, **par),
+        "_kda_state_bwd_kernel": dict(common, BKD=BKD, BV=_block(Dv, 16 if wide else 32), num_warps=warps,
+                                      num_stages=1),
+        "_kda_dqk_kernel": dict(common, BK=_block(Dk, 16), BV=_block(Dv, 32), **sub, **par),
         "_kda_wy_da_kernel": dict(common, BK=BK, BV=_block(Dv, 32), RB=min(C, 16), **par),
         "_kda_wy_dk_kernel": dict(DK=Dk, C=C, F64=common["F64"], DOT=dot, BK=BK, **sub, **par),
     }
