@@ -32,7 +32,7 @@ with fp32 accumulation; fp32 inputs keep exact products (no TF32), fp64 inputs f
 GQA: k, v (and so K K^T) are read from kv head ``h // (H // Hkv)`` by index; beta and the gates are per query
 head, so W, U and the gradients are per query head, dk and dv summed over the group on the host.
 The offline compile check of these kernels is ``runtime.gpu_check`` (``attnc check-gpu stdlib:gated_delta_net``).
-Per-channel gates (Kimi Delta Attention) have no kernels here: their C x C x Dk in-chunk product is not written.
+Per-channel gates (Kimi Delta Attention) have their own kernels in ``runtime.recurrences.delta.triton_kda``.
 """
 
 import functools
