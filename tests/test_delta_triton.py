@@ -2,7 +2,7 @@
 Attention, one gate per key channel: ``runtime.recurrences.delta.triton_kda``) in Triton's interpreter against the
 token-by-token reference: float64 outputs, final state and every gradient (q, k, v, beta, the gate, the initial
 state, with the final state's gradient flowing in) on random inputs, lengths not a multiple of the chunk, GQA and
-GVA, with and without an initial state; strong gates and KDA's hard resets (-inf); float32 and bf16 within their
+GVA, with and without an initial state; strong gates and hard resets (-inf gates); float32 and bf16 within their
 rounding; packed sequences."""
 
 from __future__ import annotations
@@ -130,6 +130,21 @@ def test_strong_gates_stay_finite_and_exact():
     got = run("gated_delta_net", "triton", q, k, v, inputs, s0, chunk=32)
     assert all(torch.isfinite(x).all() for x in (got[0], got[1], *got[2]))
     assert_all_close(got, want, 1e-10)
+
+
+def test_hard_resets_are_exact():
+    # gates of -inf (the state cleared before the token's update): at t = 0, a chunk's first and last token, twice
+    # in a row and twice in a chunk; outputs, final state and every gradient as the reference's, 0 for those gates
+    q, k, v, inputs, s0 = make("gated_delta_net", 1, 2, 40, 8, 8, seed=18)
+    g = inputs["g"].clone()
+    for h, t in ((0, 0), (0, 15), (0, 16), (0, 17), (1, 5), (1, 9), (1, 31), (1, 39)):
+        g[h, t] = -torch.inf
+    inputs["g"] = g
+    want = run("gated_delta_net", "reference", q, k, v, inputs, s0)
+    got = run("gated_delta_net", "triton", q, k, v, inputs, s0, chunk=16)
+    assert not any(torch.isnan(x).any() for x in (got[0], got[1], *got[2]))
+    assert_all_close(got, want, 1e-10)
+    assert (got[2][-1][torch.isneginf(g)] == 0).all()
 
 
 # ----------------------------------------------------------------- float32 and bf16: within their rounding

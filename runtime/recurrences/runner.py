@@ -128,14 +128,11 @@ def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chun
     dt = compute_dtype(q.dtype)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
     triton = resolve_backend(backend, q.device) == "triton"
-    # -inf (a hard reset) is exact in the torch chunked form and in KDA's Triton kernels (per-channel gates);
-    # the kernels of the scalar gate take finite gates only
-    resets = not triton or rec.gate == "vector"
-    if not (torch.isfinite(g) | (torch.isneginf(g) if resets else False)).all():
-        raise SpecError("the delta rule's gates must be finite" + (" or -inf" if resets else " (a gate of -inf, a "
-                        "hard reset, is not supported by its Triton kernels for one gate per token)"),
-                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
-                        hint=None if resets else "use a large negative gate, e.g. -30, or backend='cpu'")
+    # -inf (a hard reset) is exact on every backend: the torch chunked form and the Triton kernels cut the decays
+    # across it
+    if not (torch.isfinite(g) | torch.isneginf(g)).all():
+        raise SpecError("the delta rule's gates must be finite or -inf",
+                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}")
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
     s0 = None if initial_state is None else initial_state.to(dt)
     if triton and rec.gate == "vector":

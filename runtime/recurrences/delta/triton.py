@@ -70,24 +70,42 @@ def _acc(x, F64: tl.constexpr):
         return x.to(tl.float32)
 
 
-def _chunk_gates(G, i_bh, c0, TP, t_off, C: tl.constexpr, GATED: tl.constexpr, F64: tl.constexpr):
-    """``(b, b_last)``: the in-chunk cumulative log gates of the chunk at ``c0`` (``[C]``, from the host's padded
-    ``[B*H, TP]`` array; zeros without a gate) and the last of them (a scalar)."""
+def _chunk_gates(
+    G, R, i_bh, c0, TP, t_off, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr
+):
+    """``(b, rs, e, el, d)`` of the chunk at ``c0``: the in-chunk cumulative log gates ``b`` (``[C]``, from the
+    host's padded ``[B*H, TP]`` array; zeros without a gate; a -inf gate counts 0), with ``RESETS`` the last hard
+    reset at or before each row (``rs``, int32, -1 if none; the host's ``R``), and the decays ``e = exp(b)``,
+    ``el = exp(b_last - b)``, ``d = exp(b_last)`` (a scalar), each 0 across a reset."""
     if GATED:
         b = _acc(tl.load(G + i_bh * TP + c0 + t_off), F64)
     else:
         b = _acc_zeros([C], F64)
     bl = _sum(tl.where(t_off == C - 1, b, 0.0), 0)
-    return b, bl
+    if RESETS:
+        rs = tl.load(R + i_bh * TP + c0 + t_off)
+        rl = _sum(tl.where(t_off == C - 1, rs, 0), 0)
+        e = tl.exp(tl.where(rs >= 0, float("-inf"), b))
+        el = tl.exp(tl.where(rl > t_off, float("-inf"), bl - b))
+        d = tl.exp(tl.where(rl >= 0, float("-inf"), bl))
+    else:
+        rs = t_off
+        e = tl.exp(b)
+        el = tl.exp(bl - b)
+        d = tl.exp(bl)
+    return b, rs, e, el, d
 
 
-def _decays(b, t_off, STRICT: tl.constexpr):
-    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere: ``[C(t), C(s)]``. The span is
-    masked before the exponential, so the entries above the diagonal never overflow."""
+def _decays(b, rs, t_off, STRICT: tl.constexpr, RESETS: tl.constexpr):
+    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere and, with ``RESETS``, where a
+    reset lies in ``(s, t]`` (``rs_t > s``): ``[C(t), C(s)]``. The span is masked before the exponential, so the
+    entries above the diagonal never overflow."""
     if STRICT:
         m = t_off[:, None] > t_off[None, :]
     else:
         m = t_off[:, None] >= t_off[None, :]
+    if RESETS:
+        m = m & (rs[:, None] <= t_off[None, :])
     return tl.exp(tl.where(m, b[:, None] - b[None, :], float("-inf")))
 
 
@@ -116,6 +134,7 @@ def _wy_fwd_kernel(
     V,
     BETA,
     G,
+    R,
     W,
     U0,
     TI,
@@ -129,6 +148,7 @@ def _wy_fwd_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     STORE_T: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
@@ -146,13 +166,13 @@ def _wy_fwd_kernel(
     k_base = K + kv_bh * T * DK
     v_base = V + kv_bh * T * DV
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     KK = _acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k = _rows(k_base, rows, r_ok, k_off, _in_dim(k_off, DK, BK), DK)
         KK += _mm(k, tl.trans(k), DOT)
-    A = KK * _decays(b, t_off, True) * beta[:, None]
+    A = KK * _decays(b, rs, t_off, True, RESETS) * beta[:, None]
     X = _unit_lower_inverse(A, t_off, C)
     if STORE_T:
         tl.store(
@@ -160,7 +180,7 @@ def _wy_fwd_kernel(
             X.to(TI.dtype.element_ty),
         )
     Xc = X.to(K.dtype.element_ty)
-    kw = beta * tl.exp(b)
+    kw = beta * e
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k_ok = _in_dim(k_off, DK, BK)
@@ -188,6 +208,7 @@ def _state_fwd_kernel(
     W,
     U0,
     G,
+    R,
     S0,
     HS,
     UN,
@@ -203,6 +224,7 @@ def _state_fwd_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     HAS_S0: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
@@ -238,9 +260,9 @@ def _state_fwd_kernel(
             mask=r_ok[:, None] & v_ok[None, :],
         )
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
-        S = S * tl.exp(bl) + _mm(tl.trans(kel), u.to(k.dtype), DOT)
+        b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+        kel = (k * el[:, None]).to(k.dtype)
+        S = S * d + _mm(tl.trans(kel), u.to(k.dtype), DOT)
     tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
@@ -249,6 +271,7 @@ def _out_kernel(
     K,
     UN,
     G,
+    R,
     HS,
     OUT,
     T,
@@ -263,6 +286,7 @@ def _out_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -293,11 +317,11 @@ def _out_kernel(
         )
         o += _mm(q, hn.to(q.dtype), DOT)
         P += _mm(q, tl.trans(k), DOT)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    P = P * _decays(b, t_off, False)
+    P = P * _decays(b, rs, t_off, False, RESETS)
     o = (
-        o * tl.exp(b)[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
+        o * e[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
     ) * scale
     tl.store(
         OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
@@ -310,6 +334,7 @@ def _bwd_du_local_kernel(
     Q,
     K,
     G,
+    R,
     DO,
     DU,
     T,
@@ -323,6 +348,7 @@ def _bwd_du_local_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -346,8 +372,8 @@ def _bwd_du_local_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         Pt += _mm(k, tl.trans(q), DOT)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    Pt = Pt * tl.trans(_decays(b, t_off, False)) * scale
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    Pt = Pt * tl.trans(_decays(b, rs, t_off, False, RESETS)) * scale
     do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
     du = _mm(Pt.to(do.dtype), do, DOT)
     tl.store(
@@ -362,6 +388,7 @@ def _state_bwd_kernel(
     K,
     W,
     G,
+    R,
     DO,
     DST,
     DHS,
@@ -379,6 +406,7 @@ def _state_bwd_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     HAS_DST: tl.constexpr,
     STORE_DS0: tl.constexpr,
     F64: tl.constexpr,
@@ -411,16 +439,16 @@ def _state_bwd_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
+        b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+        kel = (k * el[:, None]).to(k.dtype)
         du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         du_ok = r_ok[:, None] & v_ok[None, :]
         # the chunk-local part of dU (``_bwd_du_local_kernel``) plus the state's
         du = tl.load(du_off, mask=du_ok, other=0.0) + _mm(kel, dh.to(k.dtype), DOT)
         tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
         w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        qe = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
-        dh = dh * tl.exp(bl) + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+        qe = (q * (e * scale)[:, None]).to(q.dtype)
+        dh = dh * d + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
     if STORE_DS0:
         tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
 
@@ -430,6 +458,7 @@ def _bwd_dqk_kernel(
     K,
     UN,
     G,
+    R,
     DO,
     HS,
     DHS,
@@ -450,6 +479,7 @@ def _bwd_dqk_kernel(
     BV: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -492,10 +522,10 @@ def _bwd_dqk_kernel(
             hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
     q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    dP = dP * _decays(b, t_off, False) * scale
-    dks = dks * tl.exp(bl - b)[:, None]
-    dq = dq * (tl.exp(b) * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    dP = dP * _decays(b, rs, t_off, False, RESETS) * scale
+    dks = dks * el[:, None]
+    dq = dq * (e * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
     dk = dks + _mm(tl.trans(dP.to(q.dtype)), q, DOT)
     qk_ok = r_ok[:, None] & k_ok[None, :]
     off = rows[:, None] * DK + k_off[None, :]
@@ -506,7 +536,7 @@ def _bwd_dqk_kernel(
         qf = _acc(q, F64)
         kf = _acc(k, F64)
         dg = _sum(qf * dq - kf * dk, 1)
-        last = _sum(_sum(kf * dks, 1), 0) + tl.exp(bl) * _sum(hdh, 0)
+        last = _sum(_sum(kf * dks, 1), 0) + d * _sum(hdh, 0)
         dg += tl.where(t_off == C - 1, last, 0.0)
         tl.store(
             DG + (i_k * tl.num_programs(2) + i_bh) * TP + c0 + t_off, dg.to(DG.dtype.element_ty)
@@ -518,6 +548,7 @@ def _wy_bwd_da_kernel(
     V,
     BETA,
     G,
+    R,
     TI,
     DW,
     DU,
@@ -535,6 +566,7 @@ def _wy_bwd_da_kernel(
     C: tl.constexpr,
     RB: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -550,8 +582,8 @@ def _wy_bwd_da_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    kw = beta * tl.exp(b)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    kw = beta * e
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
     Xt = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + t_off[:, None])).to(
         K.dtype.element_ty
@@ -588,9 +620,10 @@ def _wy_bwd_da_kernel(
             br = _acc(tl.load(G + i_bh * TP + c0 + r_off), F64)
         else:
             br = _acc_zeros([RB], F64)
-        E = tl.exp(
-            tl.where(r_off[:, None] > t_off[None, :], br[:, None] - b[None, :], float("-inf"))
-        )
+        m = r_off[:, None] > t_off[None, :]
+        if RESETS:  # no reset in (s, r]
+            m = m & (tl.load(R + i_bh * TP + c0 + r_off)[:, None] <= t_off[None, :])
+        E = tl.exp(tl.where(m, br[:, None] - b[None, :], float("-inf")))
         tl.store(
             DA + (i_bh * TP + c0) * C + (r_off[:, None] * C + t_off[None, :]),
             (-dA * E).to(DA.dtype.element_ty),
@@ -602,6 +635,7 @@ def _wy_bwd_dk_kernel(
     K,
     BETA,
     G,
+    R,
     TI,
     DW,
     DA,
@@ -617,6 +651,7 @@ def _wy_bwd_dk_kernel(
     BK: tl.constexpr,
     C: tl.constexpr,
     GATED: tl.constexpr,
+    RESETS: tl.constexpr,
     F64: tl.constexpr,
     DOT: tl.constexpr,
 ):
@@ -632,8 +667,8 @@ def _wy_bwd_dk_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    kw = beta * tl.exp(b)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    kw = beta * e
     cc_base = (i_bh * TP + c0) * C  # a scalar 64-bit base, 32-bit offsets within the chunk's [C, C]
     cc_off = t_off[:, None] * C + t_off[None, :]
     Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
@@ -652,7 +687,7 @@ def _wy_bwd_dk_kernel(
         ztk = _mm(tl.trans(Zc), k, DOT)
         kf = _acc(k, F64)
         s = _sum(dkb * kf, 1)
-        dbeta += tl.exp(b) * s + _sum(kf * dak, 1)
+        dbeta += e * s + _sum(kf * dak, 1)
         dg += kw * s + _sum(kf * (dak * beta[:, None] - ztk), 1)
         off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
         m = r_ok[:, None] & k_ok[None, :]
@@ -745,19 +780,27 @@ def _interpret(t: torch.Tensor) -> bool:
 
 def _cumulative_gates(
     g: torch.Tensor | None, beta: torch.Tensor, C: int
-) -> tuple[torch.Tensor, int]:
-    """``(b, TP)``: the in-chunk cumulative log gates ``[B*H, TP]`` (TP the length padded to chunks of C; padded
-    tokens have gate 0), or ``beta`` as a placeholder when there is no gate (the kernels do not read it)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(b, R, TP)``: the in-chunk cumulative log gates ``[B*H, TP]`` (TP the length padded to chunks of C; padded
+    tokens have gate 0; a gate of -inf, a hard reset, counts 0), or ``beta`` as a placeholder when there is no
+    gate (the kernels do not read it); ``R`` the position in its chunk of the last reset at or before each token
+    (int32, -1 if none), or None when no gate is -inf."""
     B, H, T = beta.shape
     TP = triton.cdiv(T, C) * C
     if g is None:
-        return beta, TP
-    b = F.pad(g, (0, TP - T)).reshape(B * H, TP // C, C).cumsum(-1)
-    return b.reshape(B * H, TP).contiguous(), TP
+        return beta, None, TP
+    gc = F.pad(g, (0, TP - T)).reshape(B * H, TP // C, C)
+    R = None
+    neg = torch.isneginf(gc)
+    if bool(neg.any()):
+        pos = torch.arange(C, device=g.device, dtype=torch.int32)
+        R = torch.where(neg, pos, -1).cummax(-1).values.to(torch.int32).reshape(B * H, TP).contiguous()
+        gc = gc.masked_fill(neg, 0.0)
+    return gc.cumsum(-1).reshape(B * H, TP).contiguous(), R, TP
 
 
 def _wy_and_states(
-    q, k, v, b, beta, s0, C: int, TP: int, gated: bool, cfg: dict, interp: bool, store_t: bool
+    q, k, v, b, R, beta, s0, C: int, TP: int, gated: bool, cfg: dict, interp: bool, store_t: bool
 ):
     """The WY form (W, U0, and T when ``store_t``) and the forward state pass: ``(T, h_n, U, final state)``."""
     B, H, T, Dk = q.shape
@@ -776,6 +819,7 @@ def _wy_and_states(
         v,
         beta,
         b,
+        b if R is None else R,
         W,
         U0,
         TI,
@@ -784,6 +828,7 @@ def _wy_and_states(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         STORE_T=store_t,
         **cfg["_wy_fwd_kernel"],
     )
@@ -799,6 +844,7 @@ def _wy_and_states(
         W,
         U0,
         b,
+        b if R is None else R,
         s0 if s0 is not None else ST,
         HS,
         UN,
@@ -809,6 +855,7 @@ def _wy_and_states(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         HAS_S0=s0 is not None,
         **sc,
     )
@@ -826,10 +873,10 @@ def delta_forward(
     Dv = v.shape[-1]
     interp = _interpret(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
-    b, TP = _cumulative_gates(g, beta, C)
+    b, R, TP = _cumulative_gates(g, beta, C)
     s0 = initial_state.contiguous() if initial_state is not None else None
     _, _, HS, UN, final = _wy_and_states(
-        q, k, v, b, beta, s0, C, TP, g is not None, cfg, interp, False
+        q, k, v, b, R, beta, s0, C, TP, g is not None, cfg, interp, False
     )
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
     oc = cfg["_out_kernel"]
@@ -841,6 +888,7 @@ def delta_forward(
         k,
         UN,
         b,
+        b if R is None else R,
         HS,
         out,
         T,
@@ -850,6 +898,7 @@ def delta_forward(
         H=H,
         GQ=H // k.shape[1],
         GATED=g is not None,
+        RESETS=R is not None,
         **oc,
     )
     return out, final
@@ -878,10 +927,10 @@ def delta_backward(
     cfg = configs(Dk, Dv, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gated = g is not None
-    b, TP = _cumulative_gates(g, beta, C)
+    b, R, TP = _cumulative_gates(g, beta, C)
     NT = TP // C
     s0 = initial_state.contiguous() if initial_state is not None else None
-    TI, W, HS, UN, _ = _wy_and_states(q, k, v, b, beta, s0, C, TP, gated, cfg, interp, True)
+    TI, W, HS, UN, _ = _wy_and_states(q, k, v, b, R, beta, s0, C, TP, gated, cfg, interp, True)
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
     if dS_T is not None and cfg["_state_bwd_kernel"]["DOT"] != 1:
         dS_T = dS_T.to(q.dtype).to(
@@ -900,6 +949,7 @@ def delta_backward(
         q,
         k,
         b,
+        b if R is None else R,
         do,
         DU,
         T,
@@ -908,6 +958,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         **lc,
     )
     sc = cfg["_state_bwd_kernel"]
@@ -919,6 +970,7 @@ def delta_backward(
         k,
         W,
         b,
+        b if R is None else R,
         do,
         dst if dst is not None else DS0,
         DHS,
@@ -931,6 +983,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         HAS_DST=dst is not None,
         STORE_DS0=need_s0,
         **sc,
@@ -949,6 +1002,7 @@ def delta_backward(
         k,
         UN,
         b,
+        b if R is None else R,
         do,
         HS,
         DHS,
@@ -964,6 +1018,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         **kc,
     )
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
@@ -977,6 +1032,7 @@ def delta_backward(
         v,
         beta,
         b,
+        b if R is None else R,
         TI,
         dW,
         DU,
@@ -988,6 +1044,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         **cfg["_wy_bwd_da_kernel"],
     )
     _launch(
@@ -997,6 +1054,7 @@ def delta_backward(
         k,
         beta,
         b,
+        b if R is None else R,
         TI,
         dW,
         DA,
@@ -1009,6 +1067,7 @@ def delta_backward(
         H=H,
         GQ=GQ,
         GATED=gated,
+        RESETS=R is not None,
         **cfg["_wy_bwd_dk_kernel"],
     )
     dg = None
@@ -1016,6 +1075,8 @@ def delta_backward(
         # dL/db summed over the Dk blocks and the WY terms, then db_t/dg_s = 1 for s <= t in the chunk
         db = dG.sum(0).view(B, H, NT, C)
         dg = db.flip(-1).cumsum(-1).flip(-1).reshape(B, H, TP)[:, :, :T]
+        if R is not None:  # a reset's gate (-inf) has gradient 0
+            dg = dg.masked_fill(torch.isneginf(g), 0.0)
     if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
         dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
