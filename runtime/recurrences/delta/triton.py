@@ -26,6 +26,9 @@ positive for log decays). The kernels:
   V)^T``, ``dA = -strict(T^T dT T^T)`` (stored), ``dv`` and the rate's value term; ``_wy_bwd_dk_kernel`` (chunk,
   batch x head): the rest of ``dk``, ``dbeta`` and the gate terms (two kernels: together they spilled on sm_80).
 
+A gate of -inf (a hard reset) counts 0 in ``b``; the host passes the last reset at or before each token in its
+chunk (``R``, int32) and, with ``RESETS``, every decay across a reset is 0 (``exp(b)`` where one lies in the chunk
+up to t, ``exp(b_last - b)`` where one lies after t, ``E_ts`` where one lies in (s, t]); its gradient is 0.
 The gradient of the cumulative gates is summed over Dk blocks and turned into the gates' gradient by a reverse
 cumulative sum inside each chunk on the host. Dots run on the tensor cores in the input dtype (bf16 / fp16)
 with fp32 accumulation; fp32 inputs keep exact products (no TF32), fp64 inputs fp64 (the interpreter).
