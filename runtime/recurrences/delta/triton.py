@@ -133,28 +133,9 @@ def _rows(base, rows, r_ok, off, ok, D: tl.constexpr):
 
 # ======================================================================= kernels (undecorated)
 def _wy_fwd_kernel(
-    K,
-    V,
-    BETA,
-    G,
-    R,
-    W,
-    U0,
-    TI,
-    T,
-    TP,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    STORE_T: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, V, BETA, G, R, W, U0, TI, T, TP, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    STORE_T: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head): ``T = (I + A)^-1``, ``W = T diag(beta e) K``, ``U0 = T diag(beta) V``
     (stored per query head in W's dtype; T in the compute dtype when ``STORE_T``)."""
@@ -179,8 +160,7 @@ def _wy_fwd_kernel(
     X = _unit_lower_inverse(A, t_off, C)
     if STORE_T:
         tl.store(
-            TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]),
-            X.to(TI.dtype.element_ty),
+            TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]), X.to(TI.dtype.element_ty),
         )
     Xc = X.to(K.dtype.element_ty)
     kw = beta * e
@@ -190,8 +170,7 @@ def _wy_fwd_kernel(
         k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
         w = _mm(Xc, (k * kw[:, None]).to(k.dtype), DOT)
         tl.store(
-            W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :],
-            w.to(W.dtype.element_ty),
+            W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
             mask=r_ok[:, None] & k_ok[None, :],
         )
     for v0 in range(0, DV, BV):
@@ -200,37 +179,15 @@ def _wy_fwd_kernel(
         v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
         u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
         tl.store(
-            U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            u.to(U0.dtype.element_ty),
+            U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
 
 
 def _state_fwd_kernel(
-    K,
-    W,
-    U0,
-    G,
-    R,
-    S0,
-    HS,
-    UN,
-    ST,
-    T,
-    TP,
-    NT,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BKD: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, W, U0, G, R, S0, HS, UN, ST, T, TP, NT, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BKD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr,
+    RESETS: tl.constexpr, HAS_S0: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks: stores ``h_n`` (the state entering chunk n,
     ``HS[bh, n]``), ``U = U0 - W h_n`` (``UN``), then ``S <- exp(b_last) S + (diag(el) K)^T U``; the final state
@@ -258,8 +215,7 @@ def _state_fwd_kernel(
         u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
         tl.store(
-            UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            u.to(UN.dtype.element_ty),
+            UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
@@ -270,28 +226,9 @@ def _state_fwd_kernel(
 
 
 def _out_kernel(
-    Q,
-    K,
-    UN,
-    G,
-    R,
-    HS,
-    OUT,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, UN, G, R, HS, OUT, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr,
+    RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, chunk, batch x head): ``O = scale (diag(e) Q h_n + tril(Q K^T * E) U)``."""
     i_v = tl.program_id(0)
@@ -314,9 +251,7 @@ def _out_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         hn = tl.load(
-            h_base + k_off[:, None] * DV + v_off[None, :],
-            mask=k_ok[:, None] & v_ok[None, :],
-            other=0.0,
+            h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0,
         )
         o += _mm(q, hn.to(q.dtype), DOT)
         P += _mm(q, tl.trans(k), DOT)
@@ -327,33 +262,15 @@ def _out_kernel(
         o * e[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
     ) * scale
     tl.store(
-        OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-        o.to(OUT.dtype.element_ty),
+        OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
         mask=r_ok[:, None] & v_ok[None, :],
     )
 
 
 def _bwd_du_local_kernel(
-    Q,
-    K,
-    G,
-    R,
-    DO,
-    DU,
-    T,
-    TP,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, G, R, DO, DU, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, chunk, batch x head): the chunk-local part of dU, ``scale tril(Q K^T * E)^T dO``,
     into ``DU`` (out of the sequential pass, which held Q K^T besides its state at Dk = 128 and spilled)."""
@@ -380,40 +297,16 @@ def _bwd_du_local_kernel(
     do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
     du = _mm(Pt.to(do.dtype), do, DOT)
     tl.store(
-        DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-        du.to(DU.dtype.element_ty),
+        DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
         mask=r_ok[:, None] & v_ok[None, :],
     )
 
 
 def _state_bwd_kernel(
-    Q,
-    K,
-    W,
-    G,
-    R,
-    DO,
-    DST,
-    DHS,
-    DU,
-    DS0,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BKD: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    HAS_DST: tl.constexpr,
-    STORE_DS0: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, W, G, R, DO, DST, DHS, DU, DS0, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BKD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks backwards from ``dh = dS_T``: stores ``dh_n``
     (the gradient of the state leaving chunk n) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n`` (the first
@@ -457,34 +350,9 @@ def _state_bwd_kernel(
 
 
 def _bwd_dqk_kernel(
-    Q,
-    K,
-    UN,
-    G,
-    R,
-    DO,
-    HS,
-    DHS,
-    DU,
-    DQ,
-    DKP,
-    DW,
-    DG,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, UN, G, R, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dk block, chunk, batch x head), with ``dP = scale (dO U^T) * E`` (causal):
     ``dq = scale diag(e) dO h_n^T + dP K``, ``dk = diag(el) U dh_n^T + dP^T Q`` (through O and S'; per query
@@ -547,31 +415,9 @@ def _bwd_dqk_kernel(
 
 
 def _wy_bwd_da_kernel(
-    K,
-    V,
-    BETA,
-    G,
-    R,
-    TI,
-    DW,
-    DU,
-    DA,
-    DV_,
-    DBETA,
-    T,
-    TP,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    RB: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, V, BETA, G, R, TI, DW, DU, DA, DV_, DBETA, T, TP, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta e) K)^T +
     dU (diag(beta) V)^T`` and ``dA = -strict(T^T dT T^T) * E`` (stored, ``[C, C]`` per chunk); ``dv = diag(beta)
@@ -608,8 +454,7 @@ def _wy_bwd_da_kernel(
         dvb = _mm(Xt, du, DOT)
         tl.store(
             DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            (dvb * beta[:, None]).to(DV_.dtype.element_ty),
-            mask=r_ok[:, None] & v_ok[None, :],
+            (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :],
         )
         dbeta += _sum(dvb * _acc(v, F64), 1)
     # dA in blocks of RB rows (whole-chunk products of three [C, C] tiles spilled on sm_80): rows r of T^T, loaded
@@ -635,28 +480,9 @@ def _wy_bwd_da_kernel(
 
 
 def _wy_bwd_dk_kernel(
-    K,
-    BETA,
-    G,
-    R,
-    TI,
-    DW,
-    DA,
-    DKP,
-    DBETA,
-    DG,
-    T,
-    TP,
-    NKB,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    BK: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    RESETS: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, BETA, G, R, TI, DW, DA, DKP, DBETA, DG, T, TP, NKB, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head), with ``dA`` of ``_wy_bwd_da_kernel`` and ``Z = dA diag(beta)`` (rows):
     adds ``diag(beta e) T^T dW + Z K + Z^T K`` to dk, the rate's terms ``e_t sum_c (T^T dW)_tc k_tc + sum_c k_tc
@@ -704,14 +530,8 @@ def _wy_bwd_dk_kernel(
 # ======================================================================= wrapping
 _HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _chunk_gates, _decays, _unit_lower_inverse, _rows)
 _KERNELS = (
-    _wy_fwd_kernel,
-    _state_fwd_kernel,
-    _out_kernel,
-    _bwd_du_local_kernel,
-    _state_bwd_kernel,
-    _bwd_dqk_kernel,
-    _wy_bwd_da_kernel,
-    _wy_bwd_dk_kernel,
+    _wy_fwd_kernel, _state_fwd_kernel, _out_kernel, _bwd_du_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
+    _wy_bwd_da_kernel, _wy_bwd_dk_kernel,
 )
 
 
@@ -731,8 +551,7 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     if Dk > MAX_DK:
         raise SpecError(
             f"the delta rule's Triton kernels support a key head dim up to {MAX_DK}, got {Dk}",
-            where="argument q",
-            hint="use backend='cpu'",
+            where="argument q", hint="use backend='cpu'",
         )
     f64 = dtype == torch.float64
     dot = (
@@ -756,19 +575,10 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         "_bwd_du_local_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
         "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
         "_bwd_dqk_kernel": dict(
-            common,
-            BK=_block(Dk, 32 if wide else 64),
-            BV=_block(Dv, 32),
-            num_warps=warps,
-            num_stages=2,
+            common, BK=_block(Dk, 32 if wide else 64), BV=_block(Dv, 32), num_warps=warps, num_stages=2,
         ),
         "_wy_bwd_da_kernel": dict(
-            common,
-            BK=_block(Dk, 32),
-            BV=_block(Dv, 32),
-            RB=min(C, 16),
-            num_warps=warps,
-            num_stages=1,
+            common, BK=_block(Dk, 32), BV=_block(Dv, 32), RB=min(C, 16), num_warps=warps, num_stages=1,
         ),
         "_wy_bwd_dk_kernel": dict(
             DK=Dk, C=C, F64=f64, DOT=dot, BK=_block(Dk, 32), num_warps=warps, num_stages=1
@@ -815,52 +625,17 @@ def _wy_and_states(
     U0 = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
     TI = torch.empty(B * H, TP, C, dtype=acc, device=q.device) if store_t else W
     _launch(
-        "_wy_fwd_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        v,
-        beta,
-        b,
-        b if R is None else R,
-        W,
-        U0,
-        TI,
-        T,
-        TP,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        STORE_T=store_t,
-        **cfg["_wy_fwd_kernel"],
+        "_wy_fwd_kernel", (NT, B * H), interp, k, v, beta, b, b if R is None else R, W, U0, TI, T, TP, H=H,
+        GQ=GQ, GATED=gated, RESETS=R is not None, STORE_T=store_t, **cfg["_wy_fwd_kernel"],
     )
     HS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
     UN = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
     ST = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     sc = cfg["_state_fwd_kernel"]
     _launch(
-        "_state_fwd_kernel",
-        (triton.cdiv(Dv, sc["BV"]), B * H),
-        interp,
-        k,
-        W,
-        U0,
-        b,
-        b if R is None else R,
-        s0 if s0 is not None else ST,
-        HS,
-        UN,
-        ST,
-        T,
-        TP,
-        NT,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        HAS_S0=s0 is not None,
-        **sc,
+        "_state_fwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, k, W, U0, b, b if R is None else R,
+        s0 if s0 is not None else ST, HS, UN, ST, T, TP, NT, H=H, GQ=GQ, GATED=gated, RESETS=R is not None,
+        HAS_S0=s0 is not None, **sc,
     )
     return TI, W, HS, UN, ST
 
@@ -884,42 +659,15 @@ def delta_forward(
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
     oc = cfg["_out_kernel"]
     _launch(
-        "_out_kernel",
-        (triton.cdiv(Dv, oc["BV"]), TP // C, B * H),
-        interp,
-        q,
-        k,
-        UN,
-        b,
-        b if R is None else R,
-        HS,
-        out,
-        T,
-        TP,
-        TP // C,
-        float(scale),
-        H=H,
-        GQ=H // k.shape[1],
-        GATED=g is not None,
-        RESETS=R is not None,
-        **oc,
+        "_out_kernel", (triton.cdiv(Dv, oc["BV"]), TP // C, B * H), interp, q, k, UN, b,
+        b if R is None else R, HS, out, T, TP, TP // C, float(scale), H=H, GQ=H // k.shape[1],
+        GATED=g is not None, RESETS=R is not None, **oc,
     )
     return out, final
 
 
 def delta_backward(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale: float,
-    initial_state,
-    do,
-    dS_T,
-    C: int,
-    need_g: bool,
-    need_s0: bool,
+    q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool, need_s0: bool,
     interpret: bool | None = None,
 ):
     """Gradients ``(dq, dk, dv, dg | None, dbeta, dS0 | None)`` in the compute dtype; dk, dv per kv head."""
@@ -946,50 +694,15 @@ def delta_backward(
     DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     lc = cfg["_bwd_du_local_kernel"]
     _launch(
-        "_bwd_du_local_kernel",
-        (triton.cdiv(Dv, lc["BV"]), NT, B * H),
-        interp,
-        q,
-        k,
-        b,
-        b if R is None else R,
-        do,
-        DU,
-        T,
-        TP,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
+        "_bwd_du_local_kernel", (triton.cdiv(Dv, lc["BV"]), NT, B * H), interp, q, k, b,
+        b if R is None else R, do, DU, T, TP, float(scale), H=H, GQ=GQ, GATED=gated, RESETS=R is not None,
         **lc,
     )
     sc = cfg["_state_bwd_kernel"]
     _launch(
-        "_state_bwd_kernel",
-        (triton.cdiv(Dv, sc["BV"]), B * H),
-        interp,
-        q,
-        k,
-        W,
-        b,
-        b if R is None else R,
-        do,
-        dst if dst is not None else DS0,
-        DHS,
-        DU,
-        DS0,
-        T,
-        TP,
-        NT,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        HAS_DST=dst is not None,
-        STORE_DS0=need_s0,
-        **sc,
+        "_state_bwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, q, k, W, b, b if R is None else R,
+        do, dst if dst is not None else DS0, DHS, DU, DS0, T, TP, NT, float(scale), H=H, GQ=GQ, GATED=gated,
+        RESETS=R is not None, HAS_DST=dst is not None, STORE_DS0=need_s0, **sc,
     )
     kc = cfg["_bwd_dqk_kernel"]
     NKB = triton.cdiv(Dk, kc["BK"])
@@ -998,80 +711,19 @@ def delta_backward(
     dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
     dG = torch.empty(NKB + 1, B * H, TP, dtype=acc, device=q.device) if gated else dq
     _launch(
-        "_bwd_dqk_kernel",
-        (NKB, NT, B * H),
-        interp,
-        q,
-        k,
-        UN,
-        b,
-        b if R is None else R,
-        do,
-        HS,
-        DHS,
-        DU,
-        dq,
-        dk,
-        dW,
-        dG,
-        T,
-        TP,
-        NT,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        **kc,
+        "_bwd_dqk_kernel", (NKB, NT, B * H), interp, q, k, UN, b, b if R is None else R, do, HS, DHS, DU, dq,
+        dk, dW, dG, T, TP, NT, float(scale), H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **kc,
     )
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
     dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
     DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
     _launch(
-        "_wy_bwd_da_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        v,
-        beta,
-        b,
-        b if R is None else R,
-        TI,
-        dW,
-        DU,
-        DA,
-        dv,
-        dbeta,
-        T,
-        TP,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        **cfg["_wy_bwd_da_kernel"],
+        "_wy_bwd_da_kernel", (NT, B * H), interp, k, v, beta, b, b if R is None else R, TI, dW, DU, DA, dv,
+        dbeta, T, TP, H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **cfg["_wy_bwd_da_kernel"],
     )
     _launch(
-        "_wy_bwd_dk_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        beta,
-        b,
-        b if R is None else R,
-        TI,
-        dW,
-        DA,
-        dk,
-        dbeta,
-        dG,
-        T,
-        TP,
-        NKB,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        RESETS=R is not None,
-        **cfg["_wy_bwd_dk_kernel"],
+        "_wy_bwd_dk_kernel", (NT, B * H), interp, k, beta, b, b if R is None else R, TI, dW, DA, dk, dbeta,
+        dG, T, TP, NKB, H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **cfg["_wy_bwd_dk_kernel"],
     )
     dg = None
     if gated and need_g:
@@ -1105,30 +757,11 @@ class TritonDelta(torch.autograd.Function):
             do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         need_g = g is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dg, dbeta, ds0 = delta_backward(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            ctx.scale,
-            s0,
-            do,
-            dS_T,
-            ctx.C,
-            need_g,
-            ctx.needs_input_grad[5],
-            ctx.interpret,
+            q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C, need_g, ctx.needs_input_grad[5], ctx.interpret,
         )
         return (
-            dq.to(q.dtype),
-            dk.to(k.dtype),
-            dv.to(v.dtype),
-            dg.to(g.dtype) if dg is not None else None,
-            dbeta.to(beta.dtype),
-            ds0,
-            None,
-            None,
-            None,
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
+            dbeta.to(beta.dtype), ds0, None, None, None,
         )
 
 
