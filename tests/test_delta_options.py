@@ -358,7 +358,7 @@ def test_hard_resets_are_exact_in_the_chunked_form(name, chunk):
     assert (got[-1][torch.isneginf(g)] == 0).all()
 
 
-def test_hard_resets_on_the_reference_and_refused_by_the_triton_kernels():
+def test_hard_resets_on_the_reference_and_the_triton_kernels():
     q, k, v, inputs, s0 = case("gated_delta_net", 1, 2, 20, 4, 3, seed=32)
     inputs["g"][0, 7] = -torch.inf
     args = dict(initial_state=s0, return_state=True, **inputs)
@@ -366,7 +366,7 @@ def test_hard_resets_on_the_reference_and_refused_by_the_triton_kernels():
     cpu = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")(q, k, v, **args)
     for a, b in zip(cpu, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    pytest.importorskip("triton")
-    with pytest.raises(attnc.SpecError, match="Triton kernels") as err:
-        attnc.compile_attention("stdlib:gated_delta_net", backend="triton")(q, k, v, **args)
-    assert err.value.where == "argument g"
+    pytest.importorskip("triton")  # the gradients: tests/test_delta_triton.py
+    got = attnc.compile_attention("stdlib:gated_delta_net", backend="triton", q_tile=16)(q, k, v, **args)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

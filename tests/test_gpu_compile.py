@@ -3,7 +3,7 @@ path, at the configs the schedule search picks on CUDA (``runtime.gpu_check``): 
 must compile, fit the per-block shared-memory limit and not spill a register.
 
 A representative subset runs on every CI run (causal, sliding_window, streaming, softcap, alibi,
-forgetting, moba, neighborhood_2d, radial, a decay recurrence and the gated delta rule; d 64 and 128;
+forgetting, moba, neighborhood_2d, radial, a decay recurrence, the gated delta rule and KDA; d 64 and 128;
 sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.py``. Works on Triton 3.6 and 3.9.
 """
 
@@ -40,6 +40,9 @@ SUBSET = [
     # the delta rule's eight kernels (WY form, state pass, output; five more in the backward); sm_80 spilled
     # 0.4-1.7 KiB in its WY backward until that was split in two (benchmarks/results/gpu-compile-delta-2026-11-23.md)
     ("gated_delta_net", "stdlib:gated_delta_net", {}, None, N),
+    # KDA's eight (per-channel gates, sub-chunks of 16): its dq/dk kernel spilled 320 B on sm_80 (255 registers,
+    # Dk blocks of 32) until it took Dk blocks of 16 (benchmarks/results/gpu-compile-kda-2026-11-23.md)
+    ("kda", "stdlib:kda", {}, None, N),
     # its frame terms (bit_length, a float band, a split test) spilled 236-1,460 B per kernel until the
     # kernels held per-tile coordinates as scalars (benchmarks/results/gpu-compile-radial-2026-11-22.md)
     ("radial", "stdlib:radial", {}, {"frames": 16, "per_frame": 256}, None),
@@ -51,7 +54,8 @@ SUBSET = [
 PAIRS = {"causal": [(90, 128), (80, 64)], "sliding_window": [(90, 128)], "sliding_window_8k": [(80, 64), (90, 64)],
          "streaming_8k": [(90, 64)], "softcap": [(90, 128)], "alibi": [(80, 128)],
          "forgetting": [(90, 128), (80, 64)], "moba": [(90, 128), (80, 64)], "neighborhood_2d": [(90, 64)],
-         "mamba2": [(90, 128)], "radial": [(90, 128), (80, 64)], "gated_delta_net": [(90, 128), (80, 64)]}
+         "mamba2": [(90, 128)], "radial": [(90, 128), (80, 64)], "gated_delta_net": [(90, 128), (80, 64)],
+         "kda": [(90, 128), (80, 128)]}
 CASES = [(name, spec, params, sizes, n, arch, d) for name, spec, params, sizes, n in SUBSET for arch, d in PAIRS[name]]
 
 
@@ -66,6 +70,8 @@ def test_default_config_compiles_fits_and_does_not_spill(name, spec, params, siz
     assert not bad, "\n" + G.table(reports)
     for r in reports:
         assert 0 < r.shared <= r.smem_limit and 0 < r.regs <= 255
+    if name == "kda" and arch == 90:  # every dot on wgmma but dA's 16-row blocks (wgmma takes 64 rows)
+        assert all(r.wgmma > 0 and (r.mma == 0) == ("wy_da" not in r.kernel) for r in reports), G.table(reports)
 
 
 def test_register_model_separates_the_compiled_spills():

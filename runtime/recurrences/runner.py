@@ -111,7 +111,8 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
 
 
 #: The delta rule's chunk (the triangular solve is C x C per chunk; 64 as flash-linear-attention). A
-#: per-channel gate (KDA) costs C x C x Dk per chunk, i.e. T x C x Dk in all: 16 there.
+#: per-channel gate (KDA) costs C x C x Dk per chunk in the torch form, i.e. T x C x Dk in all: 16 there
+#: (its Triton kernels take chunks of 64 in sub-chunks of 16, ``delta.triton_kda.KDA_CHUNK``).
 DELTA_CHUNK = 64
 DELTA_VECTOR_CHUNK = 16
 
@@ -119,23 +120,29 @@ DELTA_VECTOR_CHUNK = 16
 def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chunk: int | None, backend: str = "cpu",
            native: bool = False):
     """The delta rule in chunks (torch on q's device; Triton's kernels for 'triton', and for 'auto' on CUDA
-    tensors, when the gate is not per channel): ``(out, final state, chunk)``."""
+    tensors): ``(out, final state, chunk)``."""
     from .delta import chunk as delta_chunk
     from .delta.naive import beta_tensor
 
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
-    triton = rec.gate != "vector" and resolve_backend(backend, q.device) == "triton"
-    # -inf (a hard reset) is exact in the torch chunked form; the Triton kernels take finite gates only
-    if not (torch.isfinite(g) | (torch.isneginf(g) if not triton else False)).all():
-        raise SpecError("the delta rule's gates must be finite" + (" (a gate of -inf, a hard reset, is not supported "
-                        "by its Triton kernels)" if triton else " or -inf"),
-                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}",
-                        hint="use a large negative gate, e.g. -30" if triton else None)
+    triton = resolve_backend(backend, q.device) == "triton"
+    # -inf (a hard reset) is exact on every backend: the torch chunked form and the Triton kernels cut the decays
+    # across it
+    if not (torch.isfinite(g) | torch.isneginf(g)).all():
+        raise SpecError("the delta rule's gates must be finite or -inf",
+                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}")
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
-    C = chunk or (DELTA_VECTOR_CHUNK if rec.gate == "vector" else DELTA_CHUNK)
     s0 = None if initial_state is None else initial_state.to(dt)
+    if triton and rec.gate == "vector":
+        from .delta import triton_kda
+
+        C = chunk or triton_kda.KDA_CHUNK
+        out, state = triton_kda.run(q, k.to(q.dtype), v.to(q.dtype), g, beta, scale, s0, C,
+                                    False if native else None)
+        return out.to(q.dtype), state, C
+    C = chunk or (DELTA_VECTOR_CHUNK if rec.gate == "vector" else DELTA_CHUNK)
     if triton:
         from .delta import triton as delta_triton
 
@@ -158,10 +165,6 @@ class RecurrenceRunner(Registered):
 
     def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None, *, hardware=None,
                  native: bool = False):
-        if pattern.rule == "delta" and pattern.gate == "vector" and backend == "triton":
-            raise SpecError(f"'{pattern.name}' is a delta-rule recurrence with one gate per key channel (Kimi Delta "
-                            "Attention), which has no Triton kernels yet", where="argument backend",
-                            hint="backend='cpu' or 'auto' run its chunked form in torch, on CPU and CUDA tensors")
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
         # the offline GPU check injects a runner whose chunk is chosen for a GPU model (``hardware``) and
         # whose Triton kernels compile natively (``native``) although its tensors are on the CPU
@@ -193,9 +196,11 @@ class RecurrenceRunner(Registered):
                     f"decay = {rec.decay}\n")
             if self.backend == "triton":
                 from .delta import triton as delta_triton
+                from .delta import triton_kda
 
+                module = triton_kda if rec.gate == "vector" else delta_triton
                 return head + "\n".join(inspect.getsource(fn).rstrip() + "\n"
-                                        for fn in delta_triton._HELPERS + delta_triton._KERNELS)
+                                        for fn in module._HELPERS + module._KERNELS)
             body = delta_naive.step if self.backend == "reference" else delta_chunk.chunked
             return head + inspect.getsource(body)
         if self.backend == "reference":

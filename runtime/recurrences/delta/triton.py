@@ -26,13 +26,16 @@ positive for log decays). The kernels:
   V)^T``, ``dA = -strict(T^T dT T^T)`` (stored), ``dv`` and the rate's value term; ``_wy_bwd_dk_kernel`` (chunk,
   batch x head): the rest of ``dk``, ``dbeta`` and the gate terms (two kernels: together they spilled on sm_80).
 
+A gate of -inf (a hard reset) counts 0 in ``b``; the host passes the last reset at or before each token in its
+chunk (``R``, int32) and, with ``RESETS``, every decay across a reset is 0 (``exp(b)`` where one lies in the chunk
+up to t, ``exp(b_last - b)`` where one lies after t, ``E_ts`` where one lies in (s, t]); its gradient is 0.
 The gradient of the cumulative gates is summed over Dk blocks and turned into the gates' gradient by a reverse
 cumulative sum inside each chunk on the host. Dots run on the tensor cores in the input dtype (bf16 / fp16)
 with fp32 accumulation; fp32 inputs keep exact products (no TF32), fp64 inputs fp64 (the interpreter).
 GQA: k, v (and so K K^T) are read from kv head ``h // (H // Hkv)`` by index; beta and the gates are per query
 head, so W, U and the gradients are per query head, dk and dv summed over the group on the host.
 The offline compile check of these kernels is ``runtime.gpu_check`` (``attnc check-gpu stdlib:gated_delta_net``).
-Per-channel gates (Kimi Delta Attention) have no kernels here: their C x C x Dk in-chunk product is not written.
+Per-channel gates (Kimi Delta Attention) have their own kernels in ``runtime.recurrences.delta.triton_kda``.
 """
 
 import functools
@@ -70,24 +73,42 @@ def _acc(x, F64: tl.constexpr):
         return x.to(tl.float32)
 
 
-def _chunk_gates(G, i_bh, c0, TP, t_off, C: tl.constexpr, GATED: tl.constexpr, F64: tl.constexpr):
-    """``(b, b_last)``: the in-chunk cumulative log gates of the chunk at ``c0`` (``[C]``, from the host's padded
-    ``[B*H, TP]`` array; zeros without a gate) and the last of them (a scalar)."""
+def _chunk_gates(
+    G, R, i_bh, c0, TP, t_off, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr
+):
+    """``(b, rs, e, el, d)`` of the chunk at ``c0``: the in-chunk cumulative log gates ``b`` (``[C]``, from the
+    host's padded ``[B*H, TP]`` array; zeros without a gate; a -inf gate counts 0), with ``RESETS`` the last hard
+    reset at or before each row (``rs``, int32, -1 if none; the host's ``R``), and the decays ``e = exp(b)``,
+    ``el = exp(b_last - b)``, ``d = exp(b_last)`` (a scalar), each 0 across a reset."""
     if GATED:
         b = _acc(tl.load(G + i_bh * TP + c0 + t_off), F64)
     else:
         b = _acc_zeros([C], F64)
     bl = _sum(tl.where(t_off == C - 1, b, 0.0), 0)
-    return b, bl
+    if RESETS:
+        rs = tl.load(R + i_bh * TP + c0 + t_off)
+        rl = _sum(tl.where(t_off == C - 1, rs, 0), 0)
+        e = tl.exp(tl.where(rs >= 0, float("-inf"), b))
+        el = tl.exp(tl.where(rl > t_off, float("-inf"), bl - b))
+        d = tl.exp(tl.where(rl >= 0, float("-inf"), bl))
+    else:
+        rs = t_off
+        e = tl.exp(b)
+        el = tl.exp(bl - b)
+        d = tl.exp(bl)
+    return b, rs, e, el, d
 
 
-def _decays(b, t_off, STRICT: tl.constexpr):
-    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere: ``[C(t), C(s)]``. The span is
-    masked before the exponential, so the entries above the diagonal never overflow."""
+def _decays(b, rs, t_off, STRICT: tl.constexpr, RESETS: tl.constexpr):
+    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere and, with ``RESETS``, where a
+    reset lies in ``(s, t]`` (``rs_t > s``): ``[C(t), C(s)]``. The span is masked before the exponential, so the
+    entries above the diagonal never overflow."""
     if STRICT:
         m = t_off[:, None] > t_off[None, :]
     else:
         m = t_off[:, None] >= t_off[None, :]
+    if RESETS:
+        m = m & (rs[:, None] <= t_off[None, :])
     return tl.exp(tl.where(m, b[:, None] - b[None, :], float("-inf")))
 
 
@@ -112,26 +133,9 @@ def _rows(base, rows, r_ok, off, ok, D: tl.constexpr):
 
 # ======================================================================= kernels (undecorated)
 def _wy_fwd_kernel(
-    K,
-    V,
-    BETA,
-    G,
-    W,
-    U0,
-    TI,
-    T,
-    TP,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    STORE_T: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, V, BETA, G, R, W, U0, TI, T, TP, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    STORE_T: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head): ``T = (I + A)^-1``, ``W = T diag(beta e) K``, ``U0 = T diag(beta) V``
     (stored per query head in W's dtype; T in the compute dtype when ``STORE_T``)."""
@@ -146,29 +150,27 @@ def _wy_fwd_kernel(
     k_base = K + kv_bh * T * DK
     v_base = V + kv_bh * T * DV
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     KK = _acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k = _rows(k_base, rows, r_ok, k_off, _in_dim(k_off, DK, BK), DK)
         KK += _mm(k, tl.trans(k), DOT)
-    A = KK * _decays(b, t_off, True) * beta[:, None]
+    A = KK * _decays(b, rs, t_off, True, RESETS) * beta[:, None]
     X = _unit_lower_inverse(A, t_off, C)
     if STORE_T:
         tl.store(
-            TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]),
-            X.to(TI.dtype.element_ty),
+            TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]), X.to(TI.dtype.element_ty),
         )
     Xc = X.to(K.dtype.element_ty)
-    kw = beta * tl.exp(b)
+    kw = beta * e
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
         k_ok = _in_dim(k_off, DK, BK)
         k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
         w = _mm(Xc, (k * kw[:, None]).to(k.dtype), DOT)
         tl.store(
-            W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :],
-            w.to(W.dtype.element_ty),
+            W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
             mask=r_ok[:, None] & k_ok[None, :],
         )
     for v0 in range(0, DV, BV):
@@ -177,35 +179,15 @@ def _wy_fwd_kernel(
         v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
         u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
         tl.store(
-            U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            u.to(U0.dtype.element_ty),
+            U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
 
 
 def _state_fwd_kernel(
-    K,
-    W,
-    U0,
-    G,
-    S0,
-    HS,
-    UN,
-    ST,
-    T,
-    TP,
-    NT,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BKD: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, W, U0, G, R, S0, HS, UN, ST, T, TP, NT, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BKD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr,
+    RESETS: tl.constexpr, HAS_S0: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks: stores ``h_n`` (the state entering chunk n,
     ``HS[bh, n]``), ``U = U0 - W h_n`` (``UN``), then ``S <- exp(b_last) S + (diag(el) K)^T U``; the final state
@@ -233,38 +215,20 @@ def _state_fwd_kernel(
         u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
         tl.store(
-            UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            u.to(UN.dtype.element_ty),
+            UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
-        S = S * tl.exp(bl) + _mm(tl.trans(kel), u.to(k.dtype), DOT)
+        b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+        kel = (k * el[:, None]).to(k.dtype)
+        S = S * d + _mm(tl.trans(kel), u.to(k.dtype), DOT)
     tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
 def _out_kernel(
-    Q,
-    K,
-    UN,
-    G,
-    HS,
-    OUT,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, UN, G, R, HS, OUT, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr,
+    RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, chunk, batch x head): ``O = scale (diag(e) Q h_n + tril(Q K^T * E) U)``."""
     i_v = tl.program_id(0)
@@ -287,44 +251,26 @@ def _out_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         hn = tl.load(
-            h_base + k_off[:, None] * DV + v_off[None, :],
-            mask=k_ok[:, None] & v_ok[None, :],
-            other=0.0,
+            h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0,
         )
         o += _mm(q, hn.to(q.dtype), DOT)
         P += _mm(q, tl.trans(k), DOT)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    P = P * _decays(b, t_off, False)
+    P = P * _decays(b, rs, t_off, False, RESETS)
     o = (
-        o * tl.exp(b)[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
+        o * e[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
     ) * scale
     tl.store(
-        OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-        o.to(OUT.dtype.element_ty),
+        OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
         mask=r_ok[:, None] & v_ok[None, :],
     )
 
 
 def _bwd_du_local_kernel(
-    Q,
-    K,
-    G,
-    DO,
-    DU,
-    T,
-    TP,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, G, R, DO, DU, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, chunk, batch x head): the chunk-local part of dU, ``scale tril(Q K^T * E)^T dO``,
     into ``DU`` (out of the sequential pass, which held Q K^T besides its state at Dk = 128 and spilled)."""
@@ -346,43 +292,21 @@ def _bwd_du_local_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         Pt += _mm(k, tl.trans(q), DOT)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    Pt = Pt * tl.trans(_decays(b, t_off, False)) * scale
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    Pt = Pt * tl.trans(_decays(b, rs, t_off, False, RESETS)) * scale
     do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
     du = _mm(Pt.to(do.dtype), do, DOT)
     tl.store(
-        DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-        du.to(DU.dtype.element_ty),
+        DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
         mask=r_ok[:, None] & v_ok[None, :],
     )
 
 
 def _state_bwd_kernel(
-    Q,
-    K,
-    W,
-    G,
-    DO,
-    DST,
-    DHS,
-    DU,
-    DS0,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BKD: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    HAS_DST: tl.constexpr,
-    STORE_DS0: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, W, G, R, DO, DST, DHS, DU, DS0, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BKD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, HAS_DST: tl.constexpr, STORE_DS0: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks backwards from ``dh = dS_T``: stores ``dh_n``
     (the gradient of the state leaving chunk n) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n`` (the first
@@ -411,47 +335,24 @@ def _state_bwd_kernel(
         q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-        kel = (k * tl.exp(bl - b)[:, None]).to(k.dtype)
+        b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+        kel = (k * el[:, None]).to(k.dtype)
         du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         du_ok = r_ok[:, None] & v_ok[None, :]
         # the chunk-local part of dU (``_bwd_du_local_kernel``) plus the state's
         du = tl.load(du_off, mask=du_ok, other=0.0) + _mm(kel, dh.to(k.dtype), DOT)
         tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
         w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        qe = (q * (tl.exp(b) * scale)[:, None]).to(q.dtype)
-        dh = dh * tl.exp(bl) + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+        qe = (q * (e * scale)[:, None]).to(q.dtype)
+        dh = dh * d + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
     if STORE_DS0:
         tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
 
 
 def _bwd_dqk_kernel(
-    Q,
-    K,
-    UN,
-    G,
-    DO,
-    HS,
-    DHS,
-    DU,
-    DQ,
-    DKP,
-    DW,
-    DG,
-    T,
-    TP,
-    NT,
-    scale,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    Q, K, UN, G, R, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dk block, chunk, batch x head), with ``dP = scale (dO U^T) * E`` (causal):
     ``dq = scale diag(e) dO h_n^T + dP K``, ``dk = diag(el) U dh_n^T + dP^T Q`` (through O and S'; per query
@@ -492,10 +393,10 @@ def _bwd_dqk_kernel(
             hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
     q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    dP = dP * _decays(b, t_off, False) * scale
-    dks = dks * tl.exp(bl - b)[:, None]
-    dq = dq * (tl.exp(b) * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    dP = dP * _decays(b, rs, t_off, False, RESETS) * scale
+    dks = dks * el[:, None]
+    dq = dq * (e * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
     dk = dks + _mm(tl.trans(dP.to(q.dtype)), q, DOT)
     qk_ok = r_ok[:, None] & k_ok[None, :]
     off = rows[:, None] * DK + k_off[None, :]
@@ -506,7 +407,7 @@ def _bwd_dqk_kernel(
         qf = _acc(q, F64)
         kf = _acc(k, F64)
         dg = _sum(qf * dq - kf * dk, 1)
-        last = _sum(_sum(kf * dks, 1), 0) + tl.exp(bl) * _sum(hdh, 0)
+        last = _sum(_sum(kf * dks, 1), 0) + d * _sum(hdh, 0)
         dg += tl.where(t_off == C - 1, last, 0.0)
         tl.store(
             DG + (i_k * tl.num_programs(2) + i_bh) * TP + c0 + t_off, dg.to(DG.dtype.element_ty)
@@ -514,29 +415,9 @@ def _bwd_dqk_kernel(
 
 
 def _wy_bwd_da_kernel(
-    K,
-    V,
-    BETA,
-    G,
-    TI,
-    DW,
-    DU,
-    DA,
-    DV_,
-    DBETA,
-    T,
-    TP,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    DV: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    C: tl.constexpr,
-    RB: tl.constexpr,
-    GATED: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, V, BETA, G, R, TI, DW, DU, DA, DV_, DBETA, T, TP, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, RB: tl.constexpr,
+    GATED: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta e) K)^T +
     dU (diag(beta) V)^T`` and ``dA = -strict(T^T dT T^T) * E`` (stored, ``[C, C]`` per chunk); ``dv = diag(beta)
@@ -550,8 +431,8 @@ def _wy_bwd_da_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    kw = beta * tl.exp(b)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    kw = beta * e
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
     Xt = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + t_off[:, None])).to(
         K.dtype.element_ty
@@ -573,8 +454,7 @@ def _wy_bwd_da_kernel(
         dvb = _mm(Xt, du, DOT)
         tl.store(
             DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-            (dvb * beta[:, None]).to(DV_.dtype.element_ty),
-            mask=r_ok[:, None] & v_ok[None, :],
+            (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :],
         )
         dbeta += _sum(dvb * _acc(v, F64), 1)
     # dA in blocks of RB rows (whole-chunk products of three [C, C] tiles spilled on sm_80): rows r of T^T, loaded
@@ -588,9 +468,10 @@ def _wy_bwd_da_kernel(
             br = _acc(tl.load(G + i_bh * TP + c0 + r_off), F64)
         else:
             br = _acc_zeros([RB], F64)
-        E = tl.exp(
-            tl.where(r_off[:, None] > t_off[None, :], br[:, None] - b[None, :], float("-inf"))
-        )
+        m = r_off[:, None] > t_off[None, :]
+        if RESETS:  # no reset in (s, r]
+            m = m & (tl.load(R + i_bh * TP + c0 + r_off)[:, None] <= t_off[None, :])
+        E = tl.exp(tl.where(m, br[:, None] - b[None, :], float("-inf")))
         tl.store(
             DA + (i_bh * TP + c0) * C + (r_off[:, None] * C + t_off[None, :]),
             (-dA * E).to(DA.dtype.element_ty),
@@ -599,26 +480,9 @@ def _wy_bwd_da_kernel(
 
 
 def _wy_bwd_dk_kernel(
-    K,
-    BETA,
-    G,
-    TI,
-    DW,
-    DA,
-    DKP,
-    DBETA,
-    DG,
-    T,
-    TP,
-    NKB,
-    H: tl.constexpr,
-    GQ: tl.constexpr,
-    DK: tl.constexpr,
-    BK: tl.constexpr,
-    C: tl.constexpr,
-    GATED: tl.constexpr,
-    F64: tl.constexpr,
-    DOT: tl.constexpr,
+    K, BETA, G, R, TI, DW, DA, DKP, DBETA, DG, T, TP, NKB, H: tl.constexpr, GQ: tl.constexpr,
+    DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr, GATED: tl.constexpr, RESETS: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (chunk, batch x head), with ``dA`` of ``_wy_bwd_da_kernel`` and ``Z = dA diag(beta)`` (rows):
     adds ``diag(beta e) T^T dW + Z K + Z^T K`` to dk, the rate's terms ``e_t sum_c (T^T dW)_tc k_tc + sum_c k_tc
@@ -632,8 +496,8 @@ def _wy_bwd_dk_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    b, bl = _chunk_gates(G, i_bh, c0, TP, t_off, C, GATED, F64)
-    kw = beta * tl.exp(b)
+    b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
+    kw = beta * e
     cc_base = (i_bh * TP + c0) * C  # a scalar 64-bit base, 32-bit offsets within the chunk's [C, C]
     cc_off = t_off[:, None] * C + t_off[None, :]
     Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
@@ -652,7 +516,7 @@ def _wy_bwd_dk_kernel(
         ztk = _mm(tl.trans(Zc), k, DOT)
         kf = _acc(k, F64)
         s = _sum(dkb * kf, 1)
-        dbeta += tl.exp(b) * s + _sum(kf * dak, 1)
+        dbeta += e * s + _sum(kf * dak, 1)
         dg += kw * s + _sum(kf * (dak * beta[:, None] - ztk), 1)
         off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
         m = r_ok[:, None] & k_ok[None, :]
@@ -666,14 +530,8 @@ def _wy_bwd_dk_kernel(
 # ======================================================================= wrapping
 _HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _chunk_gates, _decays, _unit_lower_inverse, _rows)
 _KERNELS = (
-    _wy_fwd_kernel,
-    _state_fwd_kernel,
-    _out_kernel,
-    _bwd_du_local_kernel,
-    _state_bwd_kernel,
-    _bwd_dqk_kernel,
-    _wy_bwd_da_kernel,
-    _wy_bwd_dk_kernel,
+    _wy_fwd_kernel, _state_fwd_kernel, _out_kernel, _bwd_du_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
+    _wy_bwd_da_kernel, _wy_bwd_dk_kernel,
 )
 
 
@@ -693,8 +551,7 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     if Dk > MAX_DK:
         raise SpecError(
             f"the delta rule's Triton kernels support a key head dim up to {MAX_DK}, got {Dk}",
-            where="argument q",
-            hint="use backend='cpu'",
+            where="argument q", hint="use backend='cpu'",
         )
     f64 = dtype == torch.float64
     dot = (
@@ -718,19 +575,10 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         "_bwd_du_local_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
         "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
         "_bwd_dqk_kernel": dict(
-            common,
-            BK=_block(Dk, 32 if wide else 64),
-            BV=_block(Dv, 32),
-            num_warps=warps,
-            num_stages=2,
+            common, BK=_block(Dk, 32 if wide else 64), BV=_block(Dv, 32), num_warps=warps, num_stages=2,
         ),
         "_wy_bwd_da_kernel": dict(
-            common,
-            BK=_block(Dk, 32),
-            BV=_block(Dv, 32),
-            RB=min(C, 16),
-            num_warps=warps,
-            num_stages=1,
+            common, BK=_block(Dk, 32), BV=_block(Dv, 32), RB=min(C, 16), num_warps=warps, num_stages=1,
         ),
         "_wy_bwd_dk_kernel": dict(
             DK=Dk, C=C, F64=f64, DOT=dot, BK=_block(Dk, 32), num_warps=warps, num_stages=1
@@ -745,19 +593,27 @@ def _interpret(t: torch.Tensor) -> bool:
 
 def _cumulative_gates(
     g: torch.Tensor | None, beta: torch.Tensor, C: int
-) -> tuple[torch.Tensor, int]:
-    """``(b, TP)``: the in-chunk cumulative log gates ``[B*H, TP]`` (TP the length padded to chunks of C; padded
-    tokens have gate 0), or ``beta`` as a placeholder when there is no gate (the kernels do not read it)."""
+) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """``(b, R, TP)``: the in-chunk cumulative log gates ``[B*H, TP]`` (TP the length padded to chunks of C; padded
+    tokens have gate 0; a gate of -inf, a hard reset, counts 0), or ``beta`` as a placeholder when there is no
+    gate (the kernels do not read it); ``R`` the position in its chunk of the last reset at or before each token
+    (int32, -1 if none), or None when no gate is -inf."""
     B, H, T = beta.shape
     TP = triton.cdiv(T, C) * C
     if g is None:
-        return beta, TP
-    b = F.pad(g, (0, TP - T)).reshape(B * H, TP // C, C).cumsum(-1)
-    return b.reshape(B * H, TP).contiguous(), TP
+        return beta, None, TP
+    gc = F.pad(g, (0, TP - T)).reshape(B * H, TP // C, C)
+    R = None
+    neg = torch.isneginf(gc)
+    if bool(neg.any()):
+        pos = torch.arange(C, device=g.device, dtype=torch.int32)
+        R = torch.where(neg, pos, -1).cummax(-1).values.to(torch.int32).reshape(B * H, TP).contiguous()
+        gc = gc.masked_fill(neg, 0.0)
+    return gc.cumsum(-1).reshape(B * H, TP).contiguous(), R, TP
 
 
 def _wy_and_states(
-    q, k, v, b, beta, s0, C: int, TP: int, gated: bool, cfg: dict, interp: bool, store_t: bool
+    q, k, v, b, R, beta, s0, C: int, TP: int, gated: bool, cfg: dict, interp: bool, store_t: bool
 ):
     """The WY form (W, U0, and T when ``store_t``) and the forward state pass: ``(T, h_n, U, final state)``."""
     B, H, T, Dk = q.shape
@@ -769,48 +625,17 @@ def _wy_and_states(
     U0 = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
     TI = torch.empty(B * H, TP, C, dtype=acc, device=q.device) if store_t else W
     _launch(
-        "_wy_fwd_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        v,
-        beta,
-        b,
-        W,
-        U0,
-        TI,
-        T,
-        TP,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        STORE_T=store_t,
-        **cfg["_wy_fwd_kernel"],
+        "_wy_fwd_kernel", (NT, B * H), interp, k, v, beta, b, b if R is None else R, W, U0, TI, T, TP, H=H,
+        GQ=GQ, GATED=gated, RESETS=R is not None, STORE_T=store_t, **cfg["_wy_fwd_kernel"],
     )
     HS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
     UN = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
     ST = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     sc = cfg["_state_fwd_kernel"]
     _launch(
-        "_state_fwd_kernel",
-        (triton.cdiv(Dv, sc["BV"]), B * H),
-        interp,
-        k,
-        W,
-        U0,
-        b,
-        s0 if s0 is not None else ST,
-        HS,
-        UN,
-        ST,
-        T,
-        TP,
-        NT,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        HAS_S0=s0 is not None,
-        **sc,
+        "_state_fwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, k, W, U0, b, b if R is None else R,
+        s0 if s0 is not None else ST, HS, UN, ST, T, TP, NT, H=H, GQ=GQ, GATED=gated, RESETS=R is not None,
+        HAS_S0=s0 is not None, **sc,
     )
     return TI, W, HS, UN, ST
 
@@ -826,48 +651,23 @@ def delta_forward(
     Dv = v.shape[-1]
     interp = _interpret(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
-    b, TP = _cumulative_gates(g, beta, C)
+    b, R, TP = _cumulative_gates(g, beta, C)
     s0 = initial_state.contiguous() if initial_state is not None else None
     _, _, HS, UN, final = _wy_and_states(
-        q, k, v, b, beta, s0, C, TP, g is not None, cfg, interp, False
+        q, k, v, b, R, beta, s0, C, TP, g is not None, cfg, interp, False
     )
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
     oc = cfg["_out_kernel"]
     _launch(
-        "_out_kernel",
-        (triton.cdiv(Dv, oc["BV"]), TP // C, B * H),
-        interp,
-        q,
-        k,
-        UN,
-        b,
-        HS,
-        out,
-        T,
-        TP,
-        TP // C,
-        float(scale),
-        H=H,
-        GQ=H // k.shape[1],
-        GATED=g is not None,
-        **oc,
+        "_out_kernel", (triton.cdiv(Dv, oc["BV"]), TP // C, B * H), interp, q, k, UN, b,
+        b if R is None else R, HS, out, T, TP, TP // C, float(scale), H=H, GQ=H // k.shape[1],
+        GATED=g is not None, RESETS=R is not None, **oc,
     )
     return out, final
 
 
 def delta_backward(
-    q,
-    k,
-    v,
-    g,
-    beta,
-    scale: float,
-    initial_state,
-    do,
-    dS_T,
-    C: int,
-    need_g: bool,
-    need_s0: bool,
+    q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool, need_s0: bool,
     interpret: bool | None = None,
 ):
     """Gradients ``(dq, dk, dv, dg | None, dbeta, dS0 | None)`` in the compute dtype; dk, dv per kv head."""
@@ -878,10 +678,10 @@ def delta_backward(
     cfg = configs(Dk, Dv, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gated = g is not None
-    b, TP = _cumulative_gates(g, beta, C)
+    b, R, TP = _cumulative_gates(g, beta, C)
     NT = TP // C
     s0 = initial_state.contiguous() if initial_state is not None else None
-    TI, W, HS, UN, _ = _wy_and_states(q, k, v, b, beta, s0, C, TP, gated, cfg, interp, True)
+    TI, W, HS, UN, _ = _wy_and_states(q, k, v, b, R, beta, s0, C, TP, gated, cfg, interp, True)
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
     if dS_T is not None and cfg["_state_bwd_kernel"]["DOT"] != 1:
         dS_T = dS_T.to(q.dtype).to(
@@ -894,46 +694,15 @@ def delta_backward(
     DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     lc = cfg["_bwd_du_local_kernel"]
     _launch(
-        "_bwd_du_local_kernel",
-        (triton.cdiv(Dv, lc["BV"]), NT, B * H),
-        interp,
-        q,
-        k,
-        b,
-        do,
-        DU,
-        T,
-        TP,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
+        "_bwd_du_local_kernel", (triton.cdiv(Dv, lc["BV"]), NT, B * H), interp, q, k, b,
+        b if R is None else R, do, DU, T, TP, float(scale), H=H, GQ=GQ, GATED=gated, RESETS=R is not None,
         **lc,
     )
     sc = cfg["_state_bwd_kernel"]
     _launch(
-        "_state_bwd_kernel",
-        (triton.cdiv(Dv, sc["BV"]), B * H),
-        interp,
-        q,
-        k,
-        W,
-        b,
-        do,
-        dst if dst is not None else DS0,
-        DHS,
-        DU,
-        DS0,
-        T,
-        TP,
-        NT,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        HAS_DST=dst is not None,
-        STORE_DS0=need_s0,
-        **sc,
+        "_state_bwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, q, k, W, b, b if R is None else R,
+        do, dst if dst is not None else DS0, DHS, DU, DS0, T, TP, NT, float(scale), H=H, GQ=GQ, GATED=gated,
+        RESETS=R is not None, HAS_DST=dst is not None, STORE_DS0=need_s0, **sc,
     )
     kc = cfg["_bwd_dqk_kernel"]
     NKB = triton.cdiv(Dk, kc["BK"])
@@ -942,80 +711,27 @@ def delta_backward(
     dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
     dG = torch.empty(NKB + 1, B * H, TP, dtype=acc, device=q.device) if gated else dq
     _launch(
-        "_bwd_dqk_kernel",
-        (NKB, NT, B * H),
-        interp,
-        q,
-        k,
-        UN,
-        b,
-        do,
-        HS,
-        DHS,
-        DU,
-        dq,
-        dk,
-        dW,
-        dG,
-        T,
-        TP,
-        NT,
-        float(scale),
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        **kc,
+        "_bwd_dqk_kernel", (NKB, NT, B * H), interp, q, k, UN, b, b if R is None else R, do, HS, DHS, DU, dq,
+        dk, dW, dG, T, TP, NT, float(scale), H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **kc,
     )
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
     dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
     DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
     _launch(
-        "_wy_bwd_da_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        v,
-        beta,
-        b,
-        TI,
-        dW,
-        DU,
-        DA,
-        dv,
-        dbeta,
-        T,
-        TP,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        **cfg["_wy_bwd_da_kernel"],
+        "_wy_bwd_da_kernel", (NT, B * H), interp, k, v, beta, b, b if R is None else R, TI, dW, DU, DA, dv,
+        dbeta, T, TP, H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **cfg["_wy_bwd_da_kernel"],
     )
     _launch(
-        "_wy_bwd_dk_kernel",
-        (NT, B * H),
-        interp,
-        k,
-        beta,
-        b,
-        TI,
-        dW,
-        DA,
-        dk,
-        dbeta,
-        dG,
-        T,
-        TP,
-        NKB,
-        H=H,
-        GQ=GQ,
-        GATED=gated,
-        **cfg["_wy_bwd_dk_kernel"],
+        "_wy_bwd_dk_kernel", (NT, B * H), interp, k, beta, b, b if R is None else R, TI, dW, DA, dk, dbeta,
+        dG, T, TP, NKB, H=H, GQ=GQ, GATED=gated, RESETS=R is not None, **cfg["_wy_bwd_dk_kernel"],
     )
     dg = None
     if gated and need_g:
         # dL/db summed over the Dk blocks and the WY terms, then db_t/dg_s = 1 for s <= t in the chunk
         db = dG.sum(0).view(B, H, NT, C)
         dg = db.flip(-1).cumsum(-1).flip(-1).reshape(B, H, TP)[:, :, :T]
+        if R is not None:  # a reset's gate (-inf) has gradient 0
+            dg = dg.masked_fill(torch.isneginf(g), 0.0)
     if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
         dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
@@ -1041,30 +757,11 @@ class TritonDelta(torch.autograd.Function):
             do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         need_g = g is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dg, dbeta, ds0 = delta_backward(
-            q,
-            k,
-            v,
-            g,
-            beta,
-            ctx.scale,
-            s0,
-            do,
-            dS_T,
-            ctx.C,
-            need_g,
-            ctx.needs_input_grad[5],
-            ctx.interpret,
+            q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C, need_g, ctx.needs_input_grad[5], ctx.interpret,
         )
         return (
-            dq.to(q.dtype),
-            dk.to(k.dtype),
-            dv.to(v.dtype),
-            dg.to(g.dtype) if dg is not None else None,
-            dbeta.to(beta.dtype),
-            ds0,
-            None,
-            None,
-            None,
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
+            dbeta.to(beta.dtype), ds0, None, None, None,
         )
 
 

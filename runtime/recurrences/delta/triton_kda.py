@@ -1,0 +1,632 @@
+"""Triton kernels of Kimi Delta Attention (the delta rule with one log gate per token, head and key
+channel), forward and backward, in the structure of flash-linear-attention's ``chunk_kda``. The math
+is that of ``runtime.recurrences.delta.chunk`` with a per-channel gate: per chunk of C tokens, ``b``
+the in-chunk cumulative log gates ``[C, Dk]``, ``e = exp(b)``, ``el = exp(b_last - b)``,
+``d = exp(b_last)`` (``[Dk]``) and the in-chunk products with per-channel decays
+
+    M_ts = sum_c k_tc k_sc exp(b_tc - b_sc) (s < t),   P_ts = sum_c q_tc k_sc exp(b_tc - b_sc) (s <= t)
+    A = diag(beta) M,  T = (I + A)^-1,  W = T diag(beta) (K * e),  U0 = T diag(beta) V
+    U = U0 - W S,  O = scale ((Q * e) S + P U),  S' = diag(d) S + (K * el)^T U
+
+with S the state entering the chunk. M and P are those of per-channel (GLA) gates in
+``runtime.recurrences.decay.triton`` (``_vec_intra``): sub-chunks of ``SUB`` rows, the off-diagonal
+sub-chunk blocks tensor-core dots of rows rescaled against a sub-chunk boundary (both exponents spans
+of log decays, never positive), the diagonal blocks exact elementwise sums; the gates are that
+module's ``ChunkGates`` arrays (split prefix sums and the last hard reset), so a gate of -inf (a
+hard reset of that key channel) is exact and its gradient 0. The kernels, in the order of
+``runtime.recurrences.delta.triton``'s (whose docstring gives the backward's algebra):
+
+- ``_kda_wy_fwd_kernel`` (chunk, batch x head): M, the inverse T (stored for the backward), W, U0;
+- ``_kda_state_fwd_kernel`` (Dv block, batch x head), sequential: ``h_n``, ``U``, the final state;
+- ``_kda_out_kernel`` (Dv block, chunk, batch x head): O;
+- ``_kda_du_local_kernel`` (Dv block, chunk, batch x head): ``dU = scale P^T dO`` (chunk-local part);
+- ``_kda_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: ``dh_n``, the rest of
+  ``dU`` (``(K * el) dh_n``), ``dh <- diag(d) dh + scale (Q * e)^T dO - W^T dU``, the initial state's
+  gradient;
+- ``_kda_dqk_kernel`` (Dk block, chunk, batch x head): dq, dk through O and S', ``dW = -dU h_n^T`` and
+  the cumulative gates' gradient ``q dq - k dk`` (plus the last row's terms of ``d`` and ``el``);
+- ``_kda_wy_da_kernel`` (chunk, batch x head): ``dT``, ``dA = -strict(T^T dT T^T)``, dv, the rate's
+  value term; ``_kda_wy_dk_kernel`` (chunk, batch x head): through ``W`` and ``M`` into dk, dbeta and
+  the gates (``dM = diag(beta) dA``, both of M's factors being k).
+
+The gradient of the cumulative gates (per channel, no sum over Dk blocks) becomes the gates' by a
+reverse cumulative sum inside each chunk on the host. Dots run on the tensor cores in the input dtype
+(bf16 / fp16) with fp32 accumulation, fp32 inputs exact (no TF32), fp64 in the interpreter; GQA
+reads k, v of kv head ``h // (H // Hkv)`` by index. The offline compile check is ``attnc check-gpu
+stdlib:kda`` (``runtime.gpu_check``).
+"""
+
+import functools
+
+import torch
+
+from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
+from ....core.errors import SpecError
+from ..decay.triton import (
+    VECTOR_BLOCK,
+    _acc_zeros,
+    _block,
+    _gate_arrays,
+    _gate_rows,
+    _head_gate,
+    _in_dim,
+    _load_gates,
+    _mm,
+    _span,
+    _sum,
+    _vec_gate_factor,
+    _vec_intra,
+    jit_table,
+    launch,
+    tl,
+    triton,
+)
+from .triton import MAX_DK, _acc, _interpret, _rows, _unit_lower_inverse
+
+#: The chunk of the kernels (sub-chunks of ``VECTOR_SUB_CHUNK`` rows inside), as flash-linear-attention's.
+KDA_CHUNK = VECTOR_CHUNK
+
+
+# ======================================================================= helpers (undecorated)
+def _kda_intra_grad(dq, dk, dAq, dAk, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off,
+                    k_ok, DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr):
+    """``dq_t += sum_j dAq_tj exp(b_t - b_j) k_j`` and ``dk_j += sum_t dAk_tj exp(b_t - b_j) q_t`` over
+    ``j <= t`` (``[C, BK]``; ``dAq``, ``dAk`` ``[C(t), C(j)]``, their entries above the diagonal unread):
+    the gradients of ``A_tj = sum_c q_tc k_jc exp(b_tc - b_jc)`` when ``dAq = dAk = dA``, as
+    ``decay.triton._vec_intra_grad``; two matrices, because ``M = K K^T`` takes ``dA`` for its rows and
+    ``diag(beta) dA`` for its columns. Off-diagonal sub-chunk blocks on the tensor cores (dq: reference at
+    the first row of the query's sub-chunk; dk: at the last row of the key's), diagonal ones exact."""
+    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    for i in range(1, C // SUB):  # dq of sub-chunk i from the keys before it
+        r = i * SUB
+        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        part = _mm(dAq.to(k.dtype), (k * ek).to(k.dtype), DOT)
+        dq += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
+    for i in range(0, C // SUB - 1):  # dk of sub-chunk i from the queries after it
+        r = i * SUB + SUB - 1
+        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
+        part = _mm(tl.trans(dAk.to(q.dtype)), (q * eq).to(q.dtype), DOT)
+        dk += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
+    for u in range(0, SUB):  # the diagonal blocks: per row, the row p of its own sub-chunk
+        pl = (t_off // SUB) * SUB + u
+        rows_p = c0 + pl
+        p_ok = (rows_p < T)[:, None] & k_ok[None, :]
+        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
+        w = _sum(tl.where(t_off[None, :] == pl[:, None], dAq, 0.0), 1)  # dAq[t, p]
+        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), _span(hi, lo, hp, lp),
+                            float("-inf")))
+        dq += (w[:, None] * e) * kp.to(e.dtype)
+        qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
+        w = _sum(tl.where(t_off[:, None] == pl[None, :], dAk, 0.0), 0)  # dAk[p, t]
+        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), _span(hp, lp, hi, lo),
+                            float("-inf")))
+        dk += (w[:, None] * e) * qp.to(e.dtype)
+    return dq, dk
+
+
+# ======================================================================= kernels (undecorated)
+def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr, GQ: tl.constexpr,
+                       DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                       C: tl.constexpr, SUB: tl.constexpr, STORE_T: tl.constexpr, F64: tl.constexpr,
+                       DOT: tl.constexpr):
+    """One program per (chunk, batch x head): ``T = (I + diag(beta) M)^-1``, ``W = T diag(beta) (K * e)``,
+    ``U0 = T diag(beta) V`` (per query head, in W's dtype; T in the compute dtype when ``STORE_T``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_base = K + kv_bh * T * DK
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    M = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        M += _vec_intra(k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+                        SUB, DOT, F64)
+    A = tl.where(t_off[:, None] > t_off[None, :], M, 0.0) * beta[:, None]
+    X = _unit_lower_inverse(A, t_off, C)
+    if STORE_T:
+        tl.store(TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]),
+                 X.to(TI.dtype.element_ty))
+    Xc = X.to(K.dtype.element_ty)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        w = _mm(Xc, (k * (eb * beta[:, None])).to(k.dtype), DOT)
+        tl.store(W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
+                 mask=r_ok[:, None] & k_ok[None, :])
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
+        tl.store(U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
+                 mask=r_ok[:, None] & v_ok[None, :])
+
+
+def _kda_state_fwd_kernel(K, W, U0, GH, GL, GR, S0, HS, UN, ST, T, TP, NT, H: tl.constexpr,
+                          GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BKD: tl.constexpr,
+                          BV: tl.constexpr, C: tl.constexpr, HAS_S0: tl.constexpr, F64: tl.constexpr,
+                          DOT: tl.constexpr):
+    """One program per (Dv block, batch x head) walking the chunks: stores ``h_n`` (``HS[bh, n]``),
+    ``U = U0 - W h_n`` (``UN``), then ``S <- diag(d) S + (K * el)^T U``; the final state in ``ST``."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BKD)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BKD)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
+    sv_ok = k_ok[:, None] & v_ok[None, :]
+    S = _acc_zeros([BKD, BV], F64)
+    if HAS_S0:
+        S += _acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    for n in range(0, NT):
+        c0 = n * C
+        rows = c0 + t_off
+        r_ok = rows < T
+        tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
+        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
+        tl.store(UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
+                 mask=r_ok[:, None] & v_ok[None, :])
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        S = S * dec[:, None] + _mm(tl.trans((k * ebl).to(k.dtype)), u.to(k.dtype), DOT)
+    tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
+
+
+def _kda_out_kernel(Q, K, UN, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
+                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                    C: tl.constexpr, SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dv block, chunk, batch x head): ``O = scale ((Q * e) h_n + P U)``."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    v_off = i_v * BV + tl.arange(0, BV)
+    v_ok = _in_dim(v_off, DV, BV)
+    q_base = Q + i_bh * T * DK
+    k_base = K + kv_bh * T * DK
+    h_base = HS + (i_bh * NT + n) * DK * DV
+    o = _acc_zeros([C, BV], F64)
+    P = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :],
+                     other=0.0)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
+        P += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+                        SUB, DOT, F64)
+    u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    o = (o + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)) * scale
+    tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
+             mask=r_ok[:, None] & v_ok[None, :])
+
+
+def _kda_du_local_kernel(Q, K, GH, GL, GR, DO, DU, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr,
+                         DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                         C: tl.constexpr, SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dv block, chunk, batch x head): the chunk-local part of dU, ``scale P^T dO``."""
+    i_v = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    v_off = i_v * BV + tl.arange(0, BV)
+    v_ok = _in_dim(v_off, DV, BV)
+    q_base = Q + i_bh * T * DK
+    k_base = K + kv_bh * T * DK
+    P = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        P += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+                        SUB, DOT, F64)
+    do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    du = _mm(tl.trans((P * scale).to(do.dtype)), do, DOT)
+    tl.store(DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
+             mask=r_ok[:, None] & v_ok[None, :])
+
+
+def _kda_state_bwd_kernel(Q, K, W, GH, GL, GR, DO, DST, DHS, DU, DS0, T, TP, NT, scale,
+                          H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                          BKD: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_DST: tl.constexpr,
+                          STORE_DS0: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dv block, batch x head) walking the chunks backwards from ``dh = dS_T``: stores
+    ``dh_n`` (the gradient of the state leaving chunk n) and ``dU`` (``DU`` holds its chunk-local part; adds
+    ``(K * el) dh_n``), then ``dh <- diag(d) dh + scale (Q * e)^T dO - W^T dU``; the initial state's
+    gradient in ``DS0``."""
+    i_v = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BKD)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BKD)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
+    sv_ok = k_ok[:, None] & v_ok[None, :]
+    dh = _acc_zeros([BKD, BV], F64)
+    if HAS_DST:
+        dh += _acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    for i in range(0, NT):
+        n = NT - 1 - i
+        c0 = n * C
+        rows = c0 + t_off
+        r_ok = rows < T
+        tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+        du_ok = r_ok[:, None] & v_ok[None, :]
+        du = tl.load(du_off, mask=du_ok, other=0.0) + _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
+        tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
+        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        qe = (q * (eb * scale)).to(q.dtype)
+        dh = dh * dec[:, None] + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+    if STORE_DS0:
+        tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
+
+
+def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, TP, NT, scale,
+                    H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr,
+                    F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (Dk block, chunk, batch x head), with ``dP = scale dO U^T`` (causal): ``dq = scale
+    (dO h_n^T) * e + dP through P``, ``dk = (U dh_n^T) * el + dP^T through P`` (per query head), ``dW =
+    -dU h_n^T``, and the cumulative gates' gradient ``q dq - k dk``, plus on the chunk's last row
+    ``sum_t k (U dh_n^T) el + d sum_v h_n dh_n`` (``DG``, ``[B*H, TP, Dk]``)."""
+    i_k = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    k_off = i_k * BK + tl.arange(0, BK)
+    k_ok = _in_dim(k_off, DK, BK)
+    hs_off = (i_bh * NT + n) * DK * DV
+    dP = _acc_zeros([C, C], F64)
+    dq = _acc_zeros([C, BK], F64)
+    dks = _acc_zeros([C, BK], F64)
+    dw = _acc_zeros([C, BK], F64)
+    hdh = _acc_zeros([BK], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
+        hT_ok = v_ok[:, None] & k_ok[None, :]
+        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dP += _mm(do, tl.trans(u), DOT)
+        dq += _mm(do, hT.to(do.dtype), DOT)
+        dks += _mm(u, dhT.to(do.dtype), DOT)
+        dw -= _mm(du, hT.to(do.dtype), DOT)
+        hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
+    q_base = Q + i_bh * T * DK
+    k_base = K + kv_bh * T * DK
+    q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
+    k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+    # dW and the last row's gate terms first: fewer tiles live through the in-chunk gradient
+    qk_ok = r_ok[:, None] & k_ok[None, :]
+    off = rows[:, None] * DK + k_off[None, :]
+    tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
+    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+    kf = _acc(k, F64)
+    dks = dks * ebl
+    last = _sum(kf * dks, 0) + dec * hdh
+    dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
+    dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
+                             T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
+    tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
+    tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
+    db = _acc(q, F64) * dq - kf * dk
+    db += tl.where((t_off == C - 1)[:, None], last[None, :], 0.0)
+    tl.store(DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :],
+             db.to(DG.dtype.element_ty), mask=k_ok[None, :])
+
+
+def _kda_wy_da_kernel(K, V, BETA, GH, GL, GR, TI, DW, DU, DA, DV_, DBETA, T, TP, H: tl.constexpr,
+                      GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                      BV: tl.constexpr, C: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr,
+                      DOT: tl.constexpr):
+    """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta)
+    (K * e))^T + dU (diag(beta) V)^T``, ``dA = -strict(T^T dT T^T)`` (stored, ``[C, C]`` per chunk),
+    ``dv = diag(beta) T^T dU`` and the rate's term ``sum_c (T^T dU)_tc v_tc``."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    cc_base = (i_bh * TP + c0) * C
+    # T^T loaded transposed: both products with it take it as it is (no register transposes)
+    Xt = tl.load(TI + cc_base + (t_off[None, :] * C + t_off[:, None])).to(K.dtype.element_ty)
+    dT = _acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        dT += _mm(dw, tl.trans((k * (eb * beta[:, None])).to(k.dtype)), DOT)
+    dbeta = _acc_zeros([C], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = _in_dim(v_off, DV, BV)
+        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
+        dT += _mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
+        dvb = _mm(Xt, du, DOT)
+        tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
+                 (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :])
+        dbeta += _sum(dvb * _acc(v, F64), 1)
+    # dA in blocks of RB rows (as the gated rule's kernel: whole-chunk products of three [C, C] tiles
+    # spill): rows r of T^T, loaded transposed, times dT times T^T
+    dTc = dT.to(Xt.dtype)
+    for r0 in range(0, C, RB):
+        r_off = r0 + tl.arange(0, RB)
+        Xr = tl.load(TI + cc_base + (t_off[None, :] * C + r_off[:, None])).to(Xt.dtype)
+        dA = _mm(_mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
+        tl.store(DA + cc_base + (r_off[:, None] * C + t_off[None, :]),
+                 tl.where(r_off[:, None] > t_off[None, :], -dA, 0.0).to(DA.dtype.element_ty))
+    tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
+
+
+def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H: tl.constexpr,
+                      GQ: tl.constexpr, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+                      SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """One program per (chunk, batch x head), with ``dA`` of ``_kda_wy_da_kernel``: ``dKb = T^T dW`` adds
+    ``dKb * e * beta`` to dk; through ``M`` (``dM = diag(beta) dA``) ``X = dA through M's rows`` and
+    ``Y = dM through its columns`` add ``beta X + Y`` to dk; the rate gains ``sum_c (dKb k e + k X)``, the
+    cumulative gates ``beta (dKb k e + k X) - k Y`` (added to ``DG``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    r_ok = rows < T
+    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    cc_base = (i_bh * TP + c0) * C
+    cc_off = t_off[:, None] * C + t_off[None, :]
+    Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
+    dA = tl.load(DA + cc_base + cc_off)
+    dM = dA * beta[:, None]
+    dbeta = _acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    k_base = K + kv_bh * T * DK
+    for k0 in range(0, DK, BK):
+        k_off = k0 + tl.arange(0, BK)
+        k_ok = _in_dim(k_off, DK, BK)
+        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        dkb = _mm(tl.trans(Xc), dw, DOT)
+        X, Y = _kda_intra_grad(_acc_zeros([C, BK], F64), _acc_zeros([C, BK], F64), dA, dM, k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off,
+                               k_off, k_ok, DK, C, SUB, DOT)
+        kf = _acc(k, F64)
+        s = dkb * eb * kf + kf * X
+        dbeta += _sum(s, 1)
+        off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
+        m = r_ok[:, None] & k_ok[None, :]
+        dk = tl.load(DKP + off, mask=m, other=0.0) + (dkb * eb + X) * beta[:, None] + Y
+        tl.store(DKP + off, dk.to(DKP.dtype.element_ty), mask=m)
+        g_off = DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :]
+        db = tl.load(g_off, mask=k_ok[None, :], other=0.0) + s * beta[:, None] - kf * Y
+        tl.store(g_off, db.to(DG.dtype.element_ty), mask=k_ok[None, :])
+    tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
+
+
+# ======================================================================= wrapping
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _head_gate, _load_gates, _span, _gate_rows, _vec_gate_factor,
+            _vec_intra, _kda_intra_grad, _unit_lower_inverse, _rows)
+_KERNELS = (_kda_wy_fwd_kernel, _kda_state_fwd_kernel, _kda_out_kernel, _kda_du_local_kernel,
+            _kda_state_bwd_kernel, _kda_dqk_kernel, _kda_wy_da_kernel, _kda_wy_dk_kernel)
+
+
+@functools.cache
+def kernels(interpret: bool) -> dict:
+    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
+    from ..decay import triton as decay_triton
+
+    # the decay module's helpers call each other by name: jit them over its namespace plus this one's
+    return jit_table(_HELPERS, _KERNELS, {**vars(decay_triton), **globals()}, interpret)
+
+
+def _launch(name: str, grid, interpret: bool, *args, **meta):
+    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
+
+
+def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
+    """Per-kernel compile-time constants and launch options: what the launches use (``runtime.gpu_check``
+    compiles those launches offline). The chunk-parallel kernels take Dk blocks of ``VECTOR_BLOCK`` (they
+    hold ``[C, BK]`` gate tiles besides q and k, as the per-channel decay kernels do), the sequential ones
+    the whole key head dim."""
+    if Dk > MAX_DK:
+        raise SpecError(f"the delta rule's Triton kernels support a key head dim up to {MAX_DK}, got {Dk}",
+                        where="argument q", hint="use backend='cpu'")
+    dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (
+        2 if interpret and dtype == torch.bfloat16 else 0)
+    BKD = _block(Dk, MAX_DK)
+    BK, BV, BVs = _block(Dk, VECTOR_BLOCK), _block(Dv, 64), _block(Dv, 32)
+    common = dict(DK=Dk, DV=Dv, C=C, F64=dtype == torch.float64, DOT=dot)
+    sub = dict(SUB=min(VECTOR_SUB_CHUNK, C))
+    warps = 8 if C >= 64 else 4
+    wide = BKD > 64
+    par = dict(num_warps=warps, num_stages=1)
+    return {
+        "_kda_wy_fwd_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
+        "_kda_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=8 if wide else 4, num_stages=1),
+        "_kda_out_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
+        "_kda_du_local_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
+        "_kda_state_bwd_kernel": dict(common, BKD=BKD, BV=_block(Dv, 16 if wide else 32), num_warps=warps,
+                                      num_stages=1),
+        "_kda_dqk_kernel": dict(common, BK=_block(Dk, 16), BV=_block(Dv, 32), **sub, **par),
+        "_kda_wy_da_kernel": dict(common, BK=BK, BV=_block(Dv, 32), RB=min(C, 16), **par),
+        "_kda_wy_dk_kernel": dict(DK=Dk, C=C, F64=common["F64"], DOT=dot, BK=BK, **sub, **par),
+    }
+
+
+def _wy_and_states(q, k, v, gates, beta, s0, C: int, cfg: dict, interp: bool, store_t: bool):
+    """The WY form (W, U0, and T when ``store_t``) and the forward state pass: ``(T, W, h_n, U, final)``."""
+    B, H, T, Dk = q.shape
+    Dv, GQ = v.shape[-1], H // k.shape[1]
+    GH, GL, GR, TP = gates
+    NT = TP // C
+    acc = torch.float64 if cfg["_kda_wy_fwd_kernel"]["F64"] else torch.float32
+    store = acc if cfg["_kda_wy_fwd_kernel"]["DOT"] == 1 else q.dtype
+    W = torch.empty(B * H, T, Dk, dtype=store, device=q.device)
+    U0 = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
+    TI = torch.empty(B * H, TP, C, dtype=acc, device=q.device) if store_t else W
+    _launch("_kda_wy_fwd_kernel", (NT, B * H), interp, k, v, beta, GH, GL, GR, W, U0, TI, T, TP, H=H,
+            GQ=GQ, STORE_T=store_t, **cfg["_kda_wy_fwd_kernel"])
+    HS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
+    UN = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
+    ST = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
+    sc = cfg["_kda_state_fwd_kernel"]
+    _launch("_kda_state_fwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, k, W, U0, GH, GL, GR,
+            s0 if s0 is not None else ST, HS, UN, ST, T, TP, NT, H=H, GQ=GQ, HAS_S0=s0 is not None, **sc)
+    return TI, W, HS, UN, ST
+
+
+def kda_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
+    """``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (contiguous, one dtype), ``g``
+    ``[B, H, T, Dk]`` log gates (-inf: a hard reset), ``beta`` ``[B, H, T]`` (compute dtype). Returns (out in
+    q's dtype, final state in the compute dtype)."""
+    B, H, T, Dk = q.shape
+    Dv = v.shape[-1]
+    interp = _interpret(q) if interpret is None else interpret
+    cfg = configs(Dk, Dv, C, q.dtype, interp)
+    gates = _gate_arrays(g, C, 2)
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    _, _, HS, UN, final = _wy_and_states(q, k, v, gates, beta, s0, C, cfg, interp, False)
+    out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
+    oc = cfg["_kda_out_kernel"]
+    GH, GL, GR, TP = gates
+    _launch("_kda_out_kernel", (triton.cdiv(Dv, oc["BV"]), TP // C, B * H), interp, q, k, UN, GH, GL, GR,
+            HS, out, T, TP, TP // C, float(scale), H=H, GQ=H // k.shape[1], **oc)
+    return out, final
+
+
+def kda_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool,
+                 need_s0: bool, interpret: bool | None = None):
+    """Gradients ``(dq, dk, dv, dg | None, dbeta, dS0 | None)`` in the compute dtype; dk, dv per kv head."""
+    B, H, T, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    GQ = H // Hkv
+    interp = _interpret(q) if interpret is None else interpret
+    cfg = configs(Dk, Dv, C, q.dtype, interp)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    gates = _gate_arrays(g, C, 2)
+    GH, GL, GR, TP = gates
+    NT = TP // C
+    s0 = initial_state.contiguous() if initial_state is not None else None
+    TI, W, HS, UN, _ = _wy_and_states(q, k, v, gates, beta, s0, C, cfg, interp, True)
+    do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
+    if dS_T is not None and cfg["_kda_state_bwd_kernel"]["DOT"] != 1:
+        dS_T = dS_T.to(q.dtype).to(acc)  # entering in the input dtype, as dO does
+    dst = dS_T.contiguous() if dS_T is not None else None
+    DHS = torch.empty(B * H, NT, Dk, Dv, dtype=HS.dtype, device=q.device)
+    DU = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
+    DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
+    lc = cfg["_kda_du_local_kernel"]
+    _launch("_kda_du_local_kernel", (triton.cdiv(Dv, lc["BV"]), NT, B * H), interp, q, k, GH, GL, GR, do,
+            DU, T, TP, float(scale), H=H, GQ=GQ, **lc)
+    sc = cfg["_kda_state_bwd_kernel"]
+    _launch("_kda_state_bwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, q, k, W, GH, GL, GR, do,
+            dst if dst is not None else DS0, DHS, DU, DS0, T, TP, NT, float(scale), H=H, GQ=GQ,
+            HAS_DST=dst is not None, STORE_DS0=need_s0, **sc)
+    kc = cfg["_kda_dqk_kernel"]
+    dq = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)
+    dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
+    dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
+    DG = torch.empty(B * H, TP, Dk, dtype=acc, device=q.device)
+    _launch("_kda_dqk_kernel", (triton.cdiv(Dk, kc["BK"]), NT, B * H), interp, q, k, UN, GH, GL, GR, do,
+            HS, DHS, DU, dq, dk, dW, DG, T, TP, NT, float(scale), H=H, GQ=GQ, **kc)
+    dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
+    dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
+    DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
+    _launch("_kda_wy_da_kernel", (NT, B * H), interp, k, v, beta, GH, GL, GR, TI, dW, DU, DA, dv, dbeta,
+            T, TP, H=H, GQ=GQ, **cfg["_kda_wy_da_kernel"])
+    _launch("_kda_wy_dk_kernel", (NT, B * H), interp, k, beta, GH, GL, GR, TI, dW, DA, dk, dbeta, DG, T,
+            TP, H=H, GQ=GQ, **cfg["_kda_wy_dk_kernel"])
+    dg = None
+    if need_g:  # db_t / dg_s = 1 for s <= t in the chunk; a reset's gate (-inf) has gradient 0
+        db = DG.view(B, H, NT, C, Dk)
+        dg = db.flip(-2).cumsum(-2).flip(-2).reshape(B, H, TP, Dk)[:, :, :T]
+        dg = dg.masked_fill(torch.isneginf(g), 0.0)
+    if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
+        dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
+        dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
+    return dq, dk, dv, dg, dbeta, (DS0 if need_s0 else None)
+
+
+class TritonKDA(torch.autograd.Function):
+    """KDA's Triton kernels as one autograd node; saves the inputs (the WY form and the per-chunk states
+    are recomputed by the backward)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, scale: float, C: int, interpret: bool | None):
+        out, final = kda_forward(q, k, v, g, beta, scale, initial_state, C, interpret)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.scale, ctx.C, ctx.interpret = scale, C, interpret
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_T):
+        q, k, v, g, beta, s0 = ctx.saved_tensors
+        if do is None:
+            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        dq, dk, dv, dg, dbeta, ds0 = kda_backward(q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C,
+                                                  ctx.needs_input_grad[3], ctx.needs_input_grad[5],
+                                                  ctx.interpret)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
+                dbeta.to(beta.dtype), ds0, None, None, None)
+
+
+def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, interpret: bool | None = None):
+    """Kimi Delta Attention on the Triton kernels (the interpreter for CPU tensors unless ``interpret`` says
+    otherwise). ``q`` ``[B, H, T, Dk]``, ``k``, ``v`` with Hkv heads (H a multiple of Hkv), one dtype; ``g``
+    ``[B, H, T, Dk]`` log gates (finite or -inf), ``beta`` ``[B, H, T]``, the initial state ``[B, H, Dk, Dv]``
+    or None, all three in the compute dtype. Returns (out, final state)."""
+    configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming a key head dim too large
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
+    return TritonKDA.apply(q, k, v, g, beta, initial_state, scale, C, interpret)
+
+
+__all__ = ["KDA_CHUNK", "TritonKDA", "configs", "kda_backward", "kda_forward", "kernels", "run"]
