@@ -33,7 +33,7 @@ import attnc
 from attnc.runtime.plan import clusters, routing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_flex import emit, interleaved  # noqa: E402
+from bench_flex import StepTimer, emit, interleaved  # noqa: E402
 
 D = 64
 
@@ -44,31 +44,6 @@ CASES = {
     "xattention": ("stdlib:xattention", {}),
     "vertical_slash": ("stdlib:vertical_slash", {}),
 }
-
-
-class StepTimer:
-    """Seconds spent in module-level functions (wrapped while in use): attnc's selection steps."""
-
-    def __init__(self, targets: list[tuple[object, str]]):
-        self.targets, self.seconds, self.saved = targets, [], []
-
-    def __enter__(self):
-        for module, name in self.targets:
-            inner = getattr(module, name)
-            self.saved.append((module, name, inner))
-
-            def timed(*args, _inner=inner, **kwargs):
-                t = time.perf_counter()
-                out = _inner(*args, **kwargs)
-                self.seconds.append(time.perf_counter() - t)
-                return out
-
-            setattr(module, name, timed)
-        return self
-
-    def __exit__(self, *exc):
-        for module, name, inner in self.saved:
-            setattr(module, name, inner)
 
 
 def run_case(name: str, n: int, heads: int, repeat: int) -> dict:

@@ -42,6 +42,35 @@ import attnc  # noqa: E402
 from attnc.compiler import evaluate as E  # noqa: E402
 
 
+class StepTimer:
+    """Seconds spent in module-level functions (wrapped while in use), e.g. attnc's selection steps;
+    CUDA is synchronized around each call when available."""
+
+    def __init__(self, targets: list[tuple[object, str]]):
+        self.targets, self.seconds, self.saved = targets, [], []
+
+    def __enter__(self):
+        for module, name in self.targets:
+            inner = getattr(module, name)
+            self.saved.append((module, name, inner))
+
+            def timed(*args, _inner=inner, **kwargs):
+                sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+                sync()
+                t = time.perf_counter()
+                out = _inner(*args, **kwargs)
+                sync()
+                self.seconds.append(time.perf_counter() - t)
+                return out
+
+            setattr(module, name, timed)
+        return self
+
+    def __exit__(self, *exc):
+        for module, name, inner in self.saved:
+            setattr(module, name, inner)
+
+
 def emit(lines: list[str], out: str | None) -> None:
     """A result table: printed, and written to ``out`` when given (benchmarks/results/NAME-DATE.md)."""
     text = "\n".join(lines) + "\n"

@@ -16,6 +16,10 @@ Routes (bf16, head dim 128, batch 1, 8 heads, T = 16,384; ``--toy``: float32, he
   ``create_block_mask`` from that selection, the compiled ``flex_attention``; SDPA causal (dense
   flash) for scale. Correctness: 256 sampled query rows against a float32 dense reference of the rule
   written here (independently of attnc), attnc's and Flex's.
+- ``xattention`` and ``vertical_slash`` (the stdlib defaults, T = 8,192): the same, but the rule is not
+  rewritten here: attnc's own selection of the inputs (``materialize_mask(q=, k=)``, checked against
+  naive implementations of the authors' rules in the CPU tests) is the reference rows' mask and is
+  handed to Flex for free (Flex's time then holds no selection; attnc's does).
 - The delta rule: ``gated_delta_net`` and ``kda`` (qk_l2norm on) at T = 8,192 and 32,768, 16 heads,
   Dk = Dv = 128 (``--toy``: T = 96, 1 head, 16): attnc's Triton kernels against attnc's chunked torch
   form in float32 (the reference: output and every gradient) and fla's ``chunk_gated_delta_rule`` /
@@ -41,6 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_suite as base  # noqa: E402  (attnc's import from a checkout, rel, timed, Budget)
+from bench_flex import StepTimer  # noqa: E402  (after gpu_suite: attnc is importable by then)
 
 attnc = base.attnc
 ROOT = base.ROOT
@@ -102,15 +107,24 @@ def token_selection(q: torch.Tensor, k: torch.Tensor, topk: int, rows: torch.Ten
 
 
 def route_cases(toy: bool) -> list[dict]:
+    """``given``: the selection is attnc's own (``materialize_mask(q=, k=)``, its rule checked against naive
+    implementations in the CPU tests), handed to the reference rows and to Flex for free."""
     if toy:
         return [{"name": "moba", "params": {"block": 16, "topk": 2}, "T": 96},
-                {"name": "token_topk", "params": {"topk": 12}, "T": 96}]
+                {"name": "token_topk", "params": {"topk": 12}, "T": 96},
+                {"name": "xattention", "params": {"block": 16, "stride": 4}, "T": 96, "given": True},
+                {"name": "vertical_slash", "params": {"vertical": 8, "slash": 8, "last_q": 16, "sinks": 2,
+                                                      "local": 4, "slash_min": 4}, "T": 96, "given": True}]
     return [{"name": "moba", "params": {"block": 512, "topk": 4}, "T": 16384},
-            {"name": "token_topk", "params": {"topk": 2048}, "T": 16384}]
+            {"name": "token_topk", "params": {"topk": 2048}, "T": 16384},
+            {"name": "xattention", "params": {}, "T": 8192, "given": True},
+            {"name": "vertical_slash", "params": {}, "T": 8192, "given": True}]
 
 
-def _keep_rows(case, q, k, rows) -> torch.Tensor:
-    """The keys each sampled query row attends, ``[H, rows, N]``, by the rules written here."""
+def _keep_rows(case, q, k, rows, given) -> torch.Tensor:
+    """The keys each sampled query row attends, ``[H, rows, N]``, by the rules written here (or given)."""
+    if given is not None:
+        return given[:, rows]
     T = k.shape[2]
     causal = torch.arange(T, device=q.device)[None, None] <= rows[None, :, None]
     if case["name"] == "moba":
@@ -118,35 +132,6 @@ def _keep_rows(case, q, k, rows) -> torch.Tensor:
         sel = moba_selection(q, k, block, case["params"]["topk"])[:, rows]
         return causal & sel[..., torch.arange(T, device=q.device) // block]
     return causal & token_selection(q, k, case["params"]["topk"], rows)
-
-
-class SelectionTimer:
-    """Times attnc's routing step (``runtime.plan.routing.route_plan``, which every tiled runner calls
-    once per call) by wrapping it while in use; synchronizes CUDA around it."""
-
-    def __init__(self):
-        from attnc.runtime.plan import routing
-
-        self.routing, self.seconds = routing, []
-
-    def __enter__(self):
-        inner = self.inner = self.routing.route_plan
-
-        def timed_route_plan(*args, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            out = inner(*args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.seconds.append(time.perf_counter() - t)
-            return out
-
-        self.routing.route_plan = timed_route_plan
-        return self
-
-    def __exit__(self, *exc):
-        self.routing.route_plan = self.inner
 
 
 def route_case(case, *, device, dtype, heads, head_dim, toy, budget, lines_c, lines_b) -> bool:
@@ -158,8 +143,16 @@ def route_case(case, *, device, dtype, heads, head_dim, toy, budget, lines_c, li
     rows = torch.randperm(T, generator=gen)[: min(256, T)].to(device)
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
 
-    def flex_user(qq, kk, vv):  # the selection, a new BlockMask and the kernel, every call
-        if name == "moba":
+    given = None
+    if case.get("given"):  # attnc's own selection of these q and k, on the CPU once: [H, T, T]
+        given = attnc.materialize_mask(f"stdlib:{name}", n=T, heads=heads, q=q.float().cpu(), k=k.float().cpu(),
+                                       **params)[0].to(device)
+
+    def flex_user(qq, kk, vv):  # the selection (free when given), a new BlockMask and the kernel, every call
+        if given is not None:
+            def mask_mod(b, h, q_idx, kv_idx):
+                return given[h, q_idx, kv_idx]
+        elif name == "moba":
             block = params["block"]
             sel = moba_selection(qq.detach(), kk.detach(), block, params["topk"])
 
@@ -175,7 +168,7 @@ def route_case(case, *, device, dtype, heads, head_dim, toy, budget, lines_c, li
 
     flex = flex_attention if toy else torch.compile(flex_attention)
     # correctness on sampled rows: the loss restricted to them, so the reference can be exact
-    keep = _keep_rows(case, q, k, rows)
+    keep = _keep_rows(case, q, k, rows, given)
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
     s = (qr[:, :, rows] @ kr.transpose(-1, -2)) / math.sqrt(head_dim)
     ref = torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ vr
@@ -197,10 +190,14 @@ def route_case(case, *, device, dtype, heads, head_dim, toy, budget, lines_c, li
 
     t: dict = {"attnc_fb": first} if toy else {}
     if budget.left(f"{name} timings"):
+        from attnc.runtime.plan import clusters, routing
+
+        calls = []
         with torch.no_grad():
-            with SelectionTimer() as sel_timer:
-                t["attnc_f"] = base.timed(lambda: attn(q, k, v), toy)
-            t["select"] = sorted(sel_timer.seconds)[len(sel_timer.seconds) // 2]
+            # attnc's selection steps: the routing lists, or the derived flags of a vertical-slash route
+            with StepTimer([(routing, "route_plan"), (clusters, "derive_inputs")]) as sel_timer:
+                t["attnc_f"] = base.timed(lambda: (attn(q, k, v), calls.append(1)), toy)
+            t["select"] = sum(sel_timer.seconds) / max(1, len(calls))  # per call, on average
             t["flex_f"] = base.timed(lambda: flex_user(q, k, v), toy)
             t["sdpa_f"] = base.timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), toy)
         if not toy:
