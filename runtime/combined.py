@@ -206,10 +206,15 @@ def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int 
     if nk is not None and nk != n:
         raise SpecError(f"'{pat.name}' (a combined pattern) takes as many keys as queries", where="argument nk")
     reports = {}
+    notes = ["the combined prediction is the sum of the branches' predicted times (each branch its own kernel); "
+             "the key pooling, the probabilities that score a route by probs(...) and the gated sum are not modelled"]
     for b in pat.branches:
         given = {d.name: inputs[d.name] for d in b.pattern.inputs if inputs and d.name in inputs}
         keys = None if b.pool is None else -(-int(n) // int(b.pool[1]))
+        if b.probs_of is not None:  # the simulator models a route's selection without reading scores
+            blocks = -(-int(n) // int(b.pattern.route.block[0]))
+            given[b.pattern.route.scores] = torch.zeros(int(kwargs.get("heads", 1)), int(n), blocks)
+            notes.append(f"branch {b.name}: its route by probs({b.probs_of}) is modelled as any block route "
+                         "(forced blocks, then the nearest allowed ones); the probabilities are not computed")
         reports[b.name] = run(b.pattern, n=n, nk=keys, inputs=given or None, **kwargs)
-    notes = ["the combined prediction is the sum of the branches' predicted times (each branch its own kernel); "
-             "the key pooling, the probabilities that score a route by probs(...) and the gated sum are not modelled"]
     return CombinedReport(pat.name, int(n), reports, notes)
