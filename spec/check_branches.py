@@ -109,7 +109,8 @@ def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs:
             gate, branch = None, term
         elif (isinstance(term, ast.Binary) and term.op == "*" and isinstance(term.left, ast.Name)
               and isinstance(term.right, ast.Name)):
-            gate, branch = (term.left, term.right) if term.right.id in names else (term.right, term.left)
+            swap = term.left.id in names and term.right.id not in names  # BRANCH * GATE
+            gate, branch = (term.right, term.left) if swap else (term.left, term.right)
         else:
             raise _error(module, "a term of 'combine' is GATE * BRANCH or BRANCH (a gate is an input "
                                  "float[heads, n])", term.pos, hint=hint)
