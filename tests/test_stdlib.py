@@ -62,6 +62,7 @@ EXPECTED_DEFAULTS = {
     "biformer": {"region": 4, "topk": 4},
     "routing_transformer": {"clusters": 4},
     "token_topk": {"topk": 2048},
+    "nsa": {"block": 64, "selected": 16, "window": 512},
     "retention": {},
     "lightning": {},
     "lightning_fla": {"layer_idx": 0, "num_layers": 1},
