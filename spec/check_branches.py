@@ -190,6 +190,14 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
     if decl.kind != "pattern":
         c = next(c for c in decl.clauses if isinstance(c, ast.Branch | ast.Combine | ast.PooledKeys | ast.BranchRoute))
         raise _error(module, "branches combine softmax attentions: declare them in a 'pattern'", c.pos)
+    if not any(isinstance(c, ast.Branch | ast.Combine) for c in decl.clauses):  # a plain pattern, mistyped
+        c = next(c for c in decl.clauses if isinstance(c, ast.PooledKeys | ast.BranchRoute))
+        if isinstance(c, ast.BranchRoute) and c.score.func != "probs":  # `by mean(k)` alone: no '@'
+            raise _error(module, "a route scores by 'q @ mean(k)', 'mean(q) @ mean(k)', 'q @ k' or 'QI @ KI'",
+                         c.score.pos, hint="route topk(K) blocks(SIZE) by q @ mean(k)")
+        what = "keys pooled(...)" if isinstance(c, ast.PooledKeys) else "a route by probs(...)"
+        raise _error(module, f"{what} belongs to a branch", c.pos,
+                     hint="open one with 'branch NAME' (a pattern with branches sums them with 'combine')")
     shared, branch_clauses, combine = _split(module, decl)
     # the shared part alone: its inputs (the gates among them) and the parameters, checked once
     _, head = _lower_branch(module, decl, "shared", shared, params, resolve, strict)

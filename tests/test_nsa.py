@@ -343,6 +343,24 @@ def test_more_checker_errors():
         attnc.load("recurrence r\n  branch a\n  combine a")
     with pytest.raises(SpecError, match="at least 1"):
         attnc.load("stdlib:nsa", block=0)
+    with pytest.raises(SpecError, match="a route scores by 'q @ mean\\(k\\)'") as err:  # a plain pattern's score
+        attnc.load("pattern p\n  mask causal\n  route topk(2) blocks(4) by mean(k)")
+    assert "<spec>:3:" in str(err.value)
+    with pytest.raises(SpecError, match="a route by probs\\(...\\) belongs to a branch") as err:
+        attnc.load("pattern p\n  mask causal\n  route topk(2) blocks(4) by probs(x)")
+    assert "<spec>:3:3" in str(err.value)
+
+
+def test_check_leaves_bare_parameters_symbolic(tmp_path):
+    """attnc check of a combined pattern whose sizes are bare parameters (symbols while checking)."""
+    path = tmp_path / "bare.attn"
+    path.write_text(COMBINED.replace("two(block = 4)", "two(block)"))
+    status, text = run_cli(["check", str(path)])
+    assert status == 0 and "ok (1 declaration: two)" in text and "warning" not in text
+    path.write_text(COMBINED.replace("two(block = 4)", "two(block)").replace("  input doc: int[n]\n",
+                                                                            "  input doc: int[n]\n  input w: float[n]\n"))
+    status, text = run_cli(["check", str(path)])
+    assert status == 0 and "declares input 'w' but no clause reads it" in text
 
 
 def test_call_errors_name_the_argument(tmp_path):
