@@ -98,8 +98,8 @@ def _terms(module: ast.Module, node: ast.Expr) -> list[ast.Expr]:
     return [node]
 
 
-def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs: dict[str, ir.InputDecl],
-             input_pos: dict[str, Pos]) -> tuple[tuple[tuple[str | None, str], ...], tuple[ir.InputDecl, ...]]:
+def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs: dict[str, ir.InputDecl]
+             ) -> tuple[tuple[tuple[str | None, str], ...], tuple[ir.InputDecl, ...]]:
     """The terms (gate or None, branch) and the gates, each checked at its position."""
     terms: list[tuple[str | None, str]] = []
     gates: dict[str, ir.InputDecl] = {}
@@ -202,7 +202,12 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
     # the shared part alone: its inputs (the gates among them) and the parameters, checked once
     _, head = _lower_branch(module, decl, "shared", shared, params, resolve, strict)
     branch_names = [b.name for b, _ in branch_clauses]
-    terms, gates = _combine(module, combine, branch_names, head.inputs, head.input_pos)
+    for branch, _ in branch_clauses:
+        if branch.name in head.inputs or branch.name in head.env_params:
+            raise _error(module, f"branch '{branch.name}' has the name of "
+                                 + ("an input" if branch.name in head.inputs else "a parameter"), branch.name_pos,
+                         hint="'combine' reads gates and branches by name: give the branch its own")
+    terms, gates = _combine(module, combine, branch_names, head.inputs)
     gate_set = {g.name for g in gates}
     # a branch does not see the gates (the combination reads them)
     shared = [c for c in shared if not (isinstance(c, ast.Input) and c.name in gate_set)]

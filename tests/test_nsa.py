@@ -314,6 +314,7 @@ BAD = [  # (replace this, with that), the message, the line of the error
     (("by probs(coarse)", "by softmax(coarse)"), "probs\\(BRANCH\\)", 11),
     (("    mask causal and doc", "    input x: int[n]\n    mask causal and doc"), "shared by every branch", 10),
     (("  tokens seq", "  tokens seq\n  keys pooled(mean, 4)"), "belongs to a branch", 4),
+    (("  branch fine", "  branch block"), "name of a parameter", 9),
 ]
 
 
