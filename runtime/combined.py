@@ -9,7 +9,8 @@ backend runs it unchanged; what a combined pattern adds is plain torch, differen
   ``scale * q . k`` over the keys NAME's mask allows; 0 for a query with none), averaged over the query
   heads of each GQA group (one selection per KV head, as NSA's kernels load one KV block per group);
   not differentiated, as any route's selection;
-- the output ``sum(gate[b, h, q] * branch_out)`` over the ``combine`` terms (gates differentiable).
+- the output ``sum(gate[b, h, q] * branch_out)`` over the ``combine`` terms (gates differentiable);
+- packed sequences (``cu_seqlens``): each sequence computed alone, every input cut along its tokens.
 """
 
 from __future__ import annotations
@@ -78,26 +79,32 @@ class CombinedAttention(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"combined {self.pattern.name!r}, backend={self.backend!r}"
 
-    def _refuse(self, return_lse, cu_seqlens, initial_state, return_state) -> None:
+    def _refuse(self, return_lse, initial_state, return_state) -> None:
         name = self.pattern.name
         if return_lse:
             raise SpecError(f"'{name}' sums several attentions: it has no single log-sum-exp", where="argument return_lse")
-        if cu_seqlens is not None:
-            raise SpecError(f"'{name}' is a combined pattern: packed sequences (cu_seqlens) are not supported in "
-                            "this version", where="argument cu_seqlens", hint="call it once per sequence")
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
 
-    def _gates(self, q: torch.Tensor, inputs: dict, bnhd: bool) -> dict[str, torch.Tensor]:
+    def _inputs(self, q: torch.Tensor, inputs: dict, bnhd: bool) -> tuple[dict, dict]:
+        """(gates ``[B | ..., heads, n]`` checked, the branches' inputs) in attnc's layout: under bnhd an input
+        declared ``[heads, n, ...]`` comes ``[n, heads, ...]`` (as every pattern's; ``frontends.layouts``)."""
         B, H, N, _ = q.shape
-        declared = {d.name for d in self.pattern.inputs}
+        declared = {d.name: d for d in self.pattern.inputs}
         for name in inputs:
             if name not in declared:
                 raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}",
                                 hint=did_you_mean(name, declared) or "inputs: " + ", ".join(sorted(declared)))
+        own = {}
+        for name, t in inputs.items():
+            decl = declared[name]
+            if bnhd and isinstance(t, torch.Tensor) and decl.dim_names[:2] == ("heads", "n") and t.dim() >= 2:
+                lead = t.dim() - len(decl.dims)  # 1 with a batch dimension
+                t = t.transpose(lead, lead + 1) if lead in (0, 1) else t
+            own[name] = t
         gates = {}
         for decl in self.pattern.gates:
-            t = inputs.get(decl.name)
+            t = own.pop(decl.name, None)
             want = f"[{N}, {H}] or [{B}, {N}, {H}] (layout bnhd)" if bnhd else f"[{H}, {N}] or [{B}, {H}, {N}]"
             if t is None:
                 raise SpecError(f"missing gate '{decl.name}' (float[heads, n])", where=f"argument {decl.name}")
@@ -106,19 +113,18 @@ class CombinedAttention(torch.nn.Module):
                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}", where=f"argument {decl.name}")
             if t.device != q.device:
                 raise SpecError(f"gate '{decl.name}' is on {t.device}, q on {q.device}", where=f"argument {decl.name}")
-            g = t.transpose(-1, -2) if bnhd and t.dim() >= 2 else t
-            if tuple(g.shape) not in ((H, N), (B, H, N)):
-                raise SpecError(f"gate '{decl.name}' has shape {list(t.shape)}, expected {want}",
-                                where=f"argument {decl.name}")
-            gates[decl.name] = g
-        return gates
+            if tuple(t.shape) not in ((H, N), (B, H, N)):
+                shown = list(inputs[decl.name].shape)
+                raise SpecError(f"gate '{decl.name}' has shape {shown}, expected {want}", where=f"argument {decl.name}")
+            gates[decl.name] = t
+        return gates, own
 
     @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
                 **inputs) -> torch.Tensor:
-        self._refuse(return_lse, cu_seqlens, initial_state, return_state)
+        self._refuse(return_lse, initial_state, return_state)
         layout = self.layout if layout is None else check_layout(layout)
         bnhd = layout == "bnhd"
         if bnhd:
@@ -131,9 +137,38 @@ class CombinedAttention(torch.nn.Module):
             raise SpecError(f"{k.shape[2]} keys but {q.shape[2]} queries: '{self.pattern.name}' (a combined pattern) "
                             "does not take queries after a KV cache in this version", where="argument k",
                             hint="call it with every token (as many queries as keys)")
-        gates = self._gates(q, inputs, bnhd)
-        own = {name: t for name, t in inputs.items() if name not in gates}
+        gates, own = self._inputs(q, inputs, bnhd)
         scale = resolve_scale(scale, q.shape[-1])
+        if cu_seqlens is None:
+            out = self._combined(q, k, v, gates, own, scale, sizes)
+        else:  # packed sequences: each computed alone (its own runs, blocks and window), joined again
+            from .frontends.varlen import check_cu_seqlens
+
+            packing = check_cu_seqlens(cu_seqlens, self.pattern, q, k)
+            parts = []
+            for start, length in zip(packing.starts, packing.lengths, strict=True):
+                if length == 0:
+                    continue
+                cut = slice(start, start + length)
+                parts.append(self._combined(q[:, :, cut], k[:, :, cut], v[:, :, cut],
+                                            {name: g[..., cut] for name, g in gates.items()},
+                                            {name: self._cut(name, t, cut) for name, t in own.items()}, scale, sizes))
+            out = torch.cat(parts, dim=2)
+        return out.transpose(1, 2) if bnhd else out
+
+    def _cut(self, name: str, t, cut: slice):
+        """One packed sequence's part of an input: its token dimensions (declared n or nk) cut."""
+        decl = next(d for d in self.pattern.inputs if d.name == name)
+        if not isinstance(t, torch.Tensor):
+            return t
+        lead = t.dim() - len(decl.dims)
+        index = [slice(None)] * t.dim()
+        for dim in decl.token_dims:
+            index[lead + dim] = cut
+        return t[tuple(index)]
+
+    def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None) -> torch.Tensor:
+        """The branches of one call (q, k, v ``[B, H, n, D]``), summed with their gates, in q's dtype."""
         outs, pooled = {}, {}
         for b in self.pattern.branches:
             kb, vb = k, v
@@ -150,8 +185,7 @@ class CombinedAttention(torch.nn.Module):
         for gate, name in self.pattern.terms:
             term = outs[name] if gate is None else gates[gate][..., None] * outs[name]
             out = term if out is None else out + term
-        out = out.to(q.dtype)
-        return out.transpose(1, 2) if bnhd else out
+        return out.to(q.dtype)
 
 
 class CombinedReport:

@@ -37,8 +37,11 @@ GATES = ("g_cmp", "g_slc", "g_swa")
 
 # ----------------------------------------------------------------------------- the rule, densely
 def pool_loop(x: torch.Tensor, size: int, cu_seqlens=None) -> torch.Tensor:
-    """Means of runs of ``size`` tokens of x ``[B, T, H, D]`` (the last run: its own tokens), a loop."""
-    assert cu_seqlens is None
+    """Means of runs of ``size`` tokens of x ``[B, T, H, D]`` (the last run: its own tokens), a loop; with
+    ``cu_seqlens`` (a batch of 1), the runs of each packed sequence, joined."""
+    if cu_seqlens is not None:
+        bounds = cu_seqlens.tolist()
+        return torch.cat([pool_loop(x[:, a:b], size) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a], dim=1)
     T = x.shape[1]
     return torch.stack([x[:, s:min(T, s + size)].mean(1) for s in range(0, T, size)], dim=1)
 
@@ -166,6 +169,28 @@ def test_whole_matches_fla_naive_nsa(monkeypatch_pool, seed, T, selected):
     torch.testing.assert_close(got, want, **FLA32)
 
 
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), lengths=st.lists(st.integers(1, 20), min_size=1, max_size=3))
+def test_packed_sequences_match_fla(monkeypatch_pool, seed, lengths):
+    """cu_seqlens: every sequence alone (its own runs, blocks and window), as fla's naive_nsa with
+    cu_seqlens (plus the dense window branch per sequence); layout bnhd, a batch of 1."""
+    block, selected, window = 4, 3, 5
+    T = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    q, k, v, gates = draw(seed, 1, 16, 1, T, 4)
+    want = fla_nsa.naive_nsa(bnhd(q), bnhd(k), bnhd(v), bnhd(gates["g_cmp"]), bnhd(gates["g_slc"]),
+                             block_counts=selected, block_size=block, window_size=0, cu_seqlens=cu).double()
+    for a, b in zip(cu.tolist()[:-1], cu.tolist()[1:], strict=True):
+        part = slice(a, b)
+        _, outs, _ = dense_nsa(q[:, :, part], k[:, :, part], v[:, :, part], {g: t[..., part] for g, t in gates.items()},
+                               block, selected, window)
+        want[:, part] += bnhd(gates["g_swa"][..., part, None] * outs["swa"])
+    attn = attnc.compile_attention("stdlib:nsa", backend="cpu", block=block, selected=selected, window=window,
+                                   layout="bnhd")
+    got = attn(bnhd(q), bnhd(k), bnhd(v), cu_seqlens=cu, **{g: bnhd(t) for g, t in gates.items()})
+    torch.testing.assert_close(got, want, **FLA32)
+
+
 @pytest.fixture(scope="module")
 def monkeypatch_pool():
     """naive_nsa pools with the float64 loop of this file (fla's mean_pooling is a Triton kernel)."""
@@ -285,6 +310,23 @@ def test_a_general_combination():
     torch.testing.assert_close(got, ga[..., None] * fine + coarse, rtol=1e-12, atol=1e-12)
 
 
+def test_layouts_and_packed_sequences_carry_every_input():
+    """layout bnhd takes [n, heads] gates (and any [heads, n] input) and [B, n, H, D] tensors; cu_seqlens cuts
+    every input along its tokens (the document ids too) and equals one call per sequence."""
+    g = torch.Generator().manual_seed(4)
+    T = 19
+    q, k, v = (torch.randn(1, 2, T, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ga, doc = torch.rand(2, T, generator=g, dtype=torch.float64), torch.tensor([0] * 9 + [1] * 10)
+    attn = attnc.compile_attention(COMBINED, backend="cpu")
+    whole = attn(q, k, v, ga=ga, doc=doc)
+    flipped = attn(bnhd(q), bnhd(k), bnhd(v), ga=ga.T, doc=doc, layout="bnhd")
+    torch.testing.assert_close(bnhd(flipped), whole, rtol=0, atol=0)
+    cu = torch.tensor([0, 7, 7, T])
+    packed = attn(q, k, v, ga=ga[None], doc=doc, cu_seqlens=cu)
+    parts = [attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], ga=ga[:, a:b], doc=doc[a:b]) for a, b in ((0, 7), (7, T))]
+    torch.testing.assert_close(packed, torch.cat(parts, dim=2), rtol=0, atol=0)
+
+
 def test_keys_of_existing_patterns_do_not_change():
     """A route without given scores keys as before the field existed (core/ir.py 'when set')."""
     from attnc.core.ir import _canon
@@ -373,7 +415,7 @@ def test_call_errors_name_the_argument(tmp_path):
         ({**gates, "g_swa": torch.ones(2, 12, dtype=torch.int64)}, {}, "argument g_swa", "float tensor"),
         ({**gates, "g_sw": gates["g_swa"]}, {}, "argument g_sw", "no input 'g_sw'"),
         (gates, {"return_lse": True}, "argument return_lse", "no single log-sum-exp"),
-        (gates, {"cu_seqlens": torch.tensor([0, 12])}, "argument cu_seqlens", "packed sequences"),
+        (gates, {"cu_seqlens": torch.tensor([0, 5, 11])}, "argument cu_seqlens", "must end at"),
     ]
     for inputs, extra, where, message in cases:
         with pytest.raises(SpecError, match=message) as err:
