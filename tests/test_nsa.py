@@ -426,6 +426,10 @@ def test_call_errors_name_the_argument(tmp_path):
     assert err.value.where == "argument k"
     with pytest.raises(SpecError, match="no single mask"):
         attnc.materialize_mask("stdlib:nsa", n=8)
+    from attnc.runtime import gpu_check
+
+    with pytest.raises(SpecError, match="the offline check takes one softmax pattern"):
+        gpu_check.check_pattern("stdlib:nsa", archs=(90,), head_dims=(64,))
     import torch.distributed as dist
 
     from attnc.distributed import ContextParallel
