@@ -104,6 +104,11 @@ def _unused_inputs(decl) -> list[str]:
     from .compiler.evaluate import input_names
     from .core import ir
 
+    if isinstance(decl, ir.CombinedIR):  # the gates are read by 'combine'; the rest by some branch
+        unused = set.intersection(*(set(_unused_inputs(b.pattern)) | {d.name for d in decl.inputs
+                                                                     if d not in b.pattern.inputs}
+                                    for b in decl.branches))
+        return [d.name for d in decl.inputs if d.name in unused and d not in decl.gates]
     if isinstance(decl, ir.RecurrenceIR):
         used = {decl.decay} if isinstance(decl.decay, str) else set(input_names(decl.decay))
         used |= {decl.beta} if decl.beta else set()
@@ -124,7 +129,6 @@ def _read_file(path: str) -> tuple[str, str]:
 
 
 def cmd_show(args) -> int:
-    from .compiler import evaluate as E
     from .core import ir
 
     pat = _load_args(args)
@@ -133,6 +137,46 @@ def cmd_show(args) -> int:
         raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
     if isinstance(pat, ir.RecurrenceIR):
         return _show_recurrence(pat, heads or 4)
+    if isinstance(pat, ir.CombinedIR):
+        return _show_combined(args, pat, heads)
+    return _show_softmax(args, pat, heads)
+
+
+def _show_combined(args, pat, heads: int | None) -> int:
+    """``attnc show`` of a combined pattern: each branch's mask in turn (a pooled branch's keys are its runs)."""
+    if args.png:
+        raise SpecError(f"'{pat.name}' combines several attentions: --png draws one mask", where="argument --png",
+                        hint="show it without --png (each branch in turn)")
+    n = args.n if args.n is not None else SHOW_DEFAULT_N
+    if args.n is None:
+        print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
+    terms = " + ".join(b if g is None else f"{g} * {b}" for g, b in pat.terms)
+    print(f"{pat.name}: {len(pat.branches)} branches over the same queries, combined as {terms}")
+    for b in pat.branches:
+        print()
+        nk = None
+        if b.pool is not None:
+            nk = -(-n // int(b.pool[1]))
+            print(f"# branch {b.name}: keys pooled by {b.pool[0]} over runs of {b.pool[1]} tokens (k is a run, "
+                  f"{nk} runs)")
+        else:
+            print(f"# branch {b.name}" + (f": its route is scored by probs({b.probs_of})" if b.probs_of else ""))
+        extra = {}
+        if b.probs_of is not None:  # the mask before selection does not read the route's scores
+            import torch
+
+            blocks = -(-n // int(b.pattern.route.block[0]))
+            extra[b.pattern.route.scores] = torch.zeros(heads or 1, n, blocks)
+        status = _show_softmax(args, b.pattern, heads, n=n, nk=nk, extra=extra)
+        if status:
+            return status
+    return 0
+
+
+def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | None = None,
+                  extra: dict | None = None) -> int:
+    from .compiler import evaluate as E
+
     sizes = _int_sizes(args.sizes)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
     defaulted = sorted(needed - set(sizes))
@@ -141,14 +185,15 @@ def cmd_show(args) -> int:
     if defaulted:
         print(f"# note: no --sizes for {', '.join(defaulted)}: showing {SHOW_DEFAULT_AXIS} each "
               f"(--sizes {','.join(f'{d}=..' for d in defaulted)})")
-    n = _tokens(args, pat, SHOW_DEFAULT_N)
-    if args.n is None and n == SHOW_DEFAULT_N and pat.queries.token_count() is None:
-        print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
-    nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
+    if n is None:  # (a combined pattern's branch: n and nk given, the note said once)
+        n = _tokens(args, pat, SHOW_DEFAULT_N)
+        if args.n is None and n == SHOW_DEFAULT_N and pat.queries.token_count() is None:
+            print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
+        nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=SHOW_HEAD_DIM)
-    inputs = _inputs(args.input)
+    inputs = {**_inputs(args.input), **(extra or {})}
     if any(d.derived is not None for d in pat.inputs):  # cluster(): ids of a seeded sample of q and k
         from .runtime.plan.clusters import sample_derived
 
@@ -280,9 +325,15 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
 
 
 def cmd_sim(args) -> int:
+    from .core import ir
     from .runtime.api import simulate
 
     pat = _load_args(args)
+    if isinstance(pat, ir.CombinedIR) and (args.layers is not None or args.ranks is not None):
+        what = "--layers" if args.layers is not None else "--ranks"
+        raise SpecError(f"'{pat.name}' combines several attentions: {what} ("
+                        + ("the receptive field" if what == "--layers" else "context parallelism")
+                        + ") covers one softmax pattern in this version", where=f"argument {what}")
     sizes = _int_sizes(args.sizes)
     inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
@@ -361,6 +412,7 @@ def cmd_tune(args) -> int:
     from .runtime.tuning import kernel_cache as KC
 
     pat = _load_args(args)
+    _refuse_combined(pat, "attnc tune")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: only softmax patterns are autotuned", where="attnc tune")
     dtype = A.canonical_dtype(args.dtype)
@@ -425,6 +477,7 @@ def cmd_emit(args) -> int:
     from .runtime.backends.triton.runner import emit
 
     pat = _load_args(args)
+    _refuse_combined(pat, "argument FILE")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
     if args.gpu:
@@ -441,10 +494,23 @@ def cmd_emit(args) -> int:
     return 0
 
 
+def _refuse_combined(pat, where: str) -> None:
+    """emit, tune and check-gpu take one kernel's pattern: a combined pattern is refused, naming it."""
+    from .core import ir
+
+    if isinstance(pat, ir.CombinedIR):
+        names = ", ".join(b.name for b in pat.branches)
+        raise SpecError(f"'{pat.name}' combines several attentions (branches {names}): this command takes one "
+                        "softmax pattern", where=where,
+                        hint="each branch is an ordinary pattern: write it as its own declaration to emit, tune or "
+                             "check it")
+
+
 def cmd_check_gpu(args) -> int:
     from .runtime import gpu_check as G
 
     pat = _load_args(args)
+    _refuse_combined(pat, "argument FILE")
     archs = G.default_archs() if args.arch is None else _int_list(args.arch, "--arch")
     dims = _int_list(args.head_dim, "--head-dim")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]

@@ -211,6 +211,9 @@ class Route:
     topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
     #: the antidiagonal stride of an antidiagonal route (an int expression of the sizes)
     stride: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
+    #: the name of an input ``float[heads, n, blocks]`` holding the scores themselves (a branch's route
+    #: ``by probs(BRANCH)``: the combined pattern computes them from that branch at every call); None otherwise
+    scores: str | None = field(default=None, metadata={"key": "when set"})
 
     @property
     def tokens(self) -> bool:
@@ -311,6 +314,47 @@ class RecurrenceIR:
         if not self.qk_l2norm:  # the key of the delta rule before its options, unchanged
             return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta)
         return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta, "qk_l2norm")
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One attention of a combined pattern (``branch NAME``): an ordinary ``PatternIR`` over the combined
+    pattern's queries. ``pool`` is ``("mean", SIZE)`` when its keys and values are the means of runs of
+    SIZE keys (``keys pooled(mean, SIZE)``: the branch is then a cross attention whose key ``k`` is the
+    run's index); ``probs_of`` names the branch whose attention probabilities score its route
+    (``by probs(NAME)``; the scores reach the route as the input ``pattern.route.scores``)."""
+
+    name: str
+    pattern: PatternIR
+    pool: tuple[str, sympy.Expr] | None = None
+    probs_of: str | None = None
+
+
+@dataclass(frozen=True)
+class CombinedIR:
+    """Several attentions over the same queries, combined (``branch`` ... ``combine``): the output is
+    ``sum(gate[h, q] * branch_out)`` over ``terms`` (gate None: weight 1). ``gates`` are the call-time
+    inputs ``float[heads, n]`` the combination reads; ``inputs`` every input a call passes (the gates
+    and the branches' own, not the route scores the pattern computes)."""
+
+    name: str
+    branches: tuple[Branch, ...]
+    terms: tuple[tuple[str | None, str], ...]
+    gates: tuple[InputDecl, ...]
+    inputs: tuple[InputDecl, ...]
+    params: tuple[tuple[str, object], ...]
+    filename: str = field(default="<spec>", compare=False)
+    source: str | None = field(default=None, compare=False)
+
+    kind = "combined"
+    self_attention = True
+
+    def branch(self, name: str) -> Branch:
+        return next(b for b in self.branches if b.name == name)
+
+    def key(self) -> str:
+        return _key("combined", tuple((b.name, b.pattern.key(), b.pool, b.probs_of) for b in self.branches),
+                    self.terms, self.gates)
 
 
 def _canon(x) -> str:

@@ -32,11 +32,11 @@ from .registry import BACKENDS, check_backend, check_recurrence_backend, make_ru
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
 from .runner import Call, refusal
 
-Pattern = ir.PatternIR | ir.RecurrenceIR
+Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR
 
 
 def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
-    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR):
+    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR):
         if name is not None or params:
             raise SpecError("name= and parameters apply when loading; this pattern is already loaded",
                             where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
@@ -70,6 +70,9 @@ def materialize_mask(
     ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``.
     """
     pat = _as_pattern(pattern, name, params)
+    if isinstance(pat, ir.CombinedIR):
+        raise SpecError(f"'{pat.name}' combines several attentions: it has no single mask", where="argument pattern",
+                        hint="materialize a branch's: pattern.branch(NAME).pattern")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
     dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
@@ -388,6 +391,12 @@ def compile_attention(
                             hint="q_tile= sets its chunk size (16, 32 or 64)")
         chunk = None if q_tile is None else E.positive_int("q_tile", q_tile)
         return Attention(pat, backend, sizes, recurrence.check_chunk(chunk), None, layout)
+    if isinstance(pat, ir.CombinedIR):  # one Attention per branch, combined in plain torch (runtime.combined)
+        from .combined import CombinedAttention
+
+        for b in pat.branches:
+            parse_tiles(b.pattern, q_tile, kv_tile)
+        return CombinedAttention(pat, lambda p: Attention(p, backend, sizes, q_tile, kv_tile), backend, layout)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     return Attention(pat, backend, sizes, q_tile, kv_tile, layout)
 
@@ -426,6 +435,11 @@ def simulate(
     from ..compiler.simulator import simulate_pattern
 
     pat = _as_pattern(pattern, name, params)
+    if isinstance(pat, ir.CombinedIR):  # the branches' predictions, summed (runtime.combined)
+        from .combined import simulate_combined
+
+        return simulate_combined(pat, simulate, n, nk, inputs, sizes=sizes, heads=heads, head_dim=head_dim,
+                                 batch=batch, hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, top=top)
     if isinstance(pat, ir.RecurrenceIR):
         from .recurrences.common import simulate_recurrence
 

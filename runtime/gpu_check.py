@@ -429,8 +429,16 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
                   sizes: dict | None = None, label: str | None = None) -> list[KernelReport]:
     """Every kernel of the pattern's forward and backward, per architecture, head dim and dtype.
     ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``)."""
-    archs, head_dims, dtypes = _check_args(archs, head_dims, dtypes)
     name = label or getattr(pattern, "name", None) or str(pattern).removeprefix("stdlib:")
+    if isinstance(pattern, str | os.PathLike):
+        from ..spec.library import load
+
+        pattern = load(pattern)
+    if getattr(pattern, "kind", None) == "combined":
+        raise SpecError(f"'{pattern.name}' combines several attentions (branches): the offline check takes one "
+                        "softmax pattern", where="argument pattern",
+                        hint="write a branch as its own declaration to check its kernels")
+    archs, head_dims, dtypes = _check_args(archs, head_dims, dtypes)
     reports: list[KernelReport] = []
     for arch in archs:
         for d in head_dims:

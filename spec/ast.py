@@ -241,6 +241,46 @@ class Update(Clause):
 
 
 @dataclass(frozen=True)
+class Branch(Clause):
+    """``branch NAME``: the clauses after it, up to the next ``branch`` or ``combine``, are one branch."""
+
+    name: str
+    name_pos: Pos
+
+
+@dataclass(frozen=True)
+class Combine(Clause):
+    """``combine G * NAME + ...``: the branches' outputs, each times a gate input (or alone), summed."""
+
+    value: Expr
+
+
+@dataclass(frozen=True)
+class PooledKeys(Clause):
+    """``keys pooled(FUNC, SIZE)`` in a branch: the keys (and values) are pooled over runs of SIZE tokens."""
+
+    role: str
+    func: str
+    func_pos: Pos
+    size: str | int
+    size_pos: Pos
+
+
+@dataclass(frozen=True)
+class BranchRoute(Clause):
+    """``route topk(K) blocks(SIZE) by probs(NAME) [keep EXPR] [shared]`` in a branch: the route of
+    ``Route`` scored by another branch's attention probabilities."""
+
+    topk: Expr
+    blocks: tuple[BlockAxis, ...]
+    score: ScoreSide
+    keep: Expr | None
+    shared: bool
+    unit: str = "blocks"
+    unit_pos: Pos | None = None
+
+
+@dataclass(frozen=True)
 class Declaration:
     kind: str  # 'pattern' | 'recurrence'
     name: str

@@ -164,6 +164,9 @@ class CallChecks:
         module, decl = found
         if decl.kind != "pattern":
             raise self.error(f"'{node.func}' is a recurrence; only patterns can be used in a mask", node.func_pos)
+        if any(isinstance(c, ast.Branch) for c in decl.clauses):
+            raise self.error(f"'{node.func}' combines several attentions (branches): it has no single mask to "
+                             "use here", node.func_pos, hint="call one of the patterns it is built from")
         if node.args:
             raise self.error(f"pattern '{node.func}' takes keyword arguments only", node.args[0].pos)
         ident = f"{module.filename}:{decl.name}"

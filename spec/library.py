@@ -10,6 +10,7 @@ from importlib import resources
 from ..core import ir
 from ..core.errors import SpecError, did_you_mean
 from . import ast
+from .check_branches import has_branches, lower_combined
 from .checker import Checker
 from .params import blame_argument, expand_axis_params
 from .parser import parse, read_file
@@ -96,12 +97,14 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
     (``params.expand_axis_params``)."""
     expanded, origin = expand_axis_params(decl, params)
     try:
+        if has_branches(decl):  # several attentions over the same queries, combined
+            return lower_combined(module, decl, expanded, resolve, strict=strict)
         return Checker(module, decl, expanded, resolve, strict=strict).lower()
     except SpecError as err:
         raise blame_argument(err, origin) from None
 
 
-def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR:
+def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR:
     """Load a pattern or recurrence: ``source`` is a path, ``"stdlib:NAME"`` or
     spec text; ``name`` picks one of several declarations; keyword arguments
     set parameters (``load("stdlib:neighborhood_2d", kernel_size=(7, 5))``)."""

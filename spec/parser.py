@@ -295,6 +295,23 @@ class _Builder(Transformer):
     def vs_route_clause(self, kw, vertical, _and, slash, last, keep=None):
         columns, diagonals = keep if keep is not None else (None, None)
         return ast.VerticalSlashRoute(_pos(kw), vertical, slash, last, columns, diagonals)
+    # ------------------------------------------------------------ combined patterns (spec/check_branches.py)
+    def branch_clause(self, kw, name):
+        return ast.Branch(_pos(kw), _check_name(name), _pos(name))
+
+    def combine_clause(self, kw, value):
+        return ast.Combine(_pos(kw), value)
+
+    def pooled_clause(self, kw, _pooled, func, size):
+        value: str | int = _parse_int(size) if size.type == "INT" else _check_name(size)
+        return ast.PooledKeys(_pos(kw), str(kw), str(func), _pos(func), value, _pos(size))
+
+    def branch_route_clause(self, kw, topk, unit, score, keep=None, shared=None):
+        if isinstance(keep, Token):  # `shared` without `keep`
+            keep, shared = None, keep
+        if isinstance(unit, Token):
+            return ast.BranchRoute(_pos(kw), topk, (), score, keep, shared is not None, "tokens", _pos(unit))
+        return ast.BranchRoute(_pos(kw), topk, unit, score, keep, shared is not None)
 
     def declaration(self, kw, name, *rest):
         params: tuple = ()
@@ -333,7 +350,8 @@ def _describe_expected(expected) -> str:
 #: The clauses each declaration kind takes, for "unexpected" messages at a clause's place (the
 #: grammar's clause list is shared; the checker refuses the other kind's clauses).
 CLAUSES = {
-    "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "route", "let", "input"),
+    "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "route", "let", "input", "branch",
+                "combine"),
     "recurrence": ("decay", "update", "let", "input", "tokens"),
 }
 

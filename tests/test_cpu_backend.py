@@ -123,10 +123,16 @@ STDLIB = {
 }
 
 
+#: Combined patterns (several attentions summed: no single lse for this table's comparison); tests/test_nsa.py
+#: runs them on every backend against the reference, forward and backward.
+COMBINED = {"nsa"}
+
+
 def test_stdlib_table_covers_every_softmax_pattern():
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.__class__.__name__ != "Recurrence"}
-    patterns = {name for name in softmax if attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind == "pattern"}
-    assert patterns == set(STDLIB)
+    kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
+    assert {name for name, kind in kinds.items() if kind == "pattern"} == set(STDLIB)
+    assert {name for name, kind in kinds.items() if kind == "combined"} == COMBINED
 
 
 def _run_stdlib(name, dtype, B=2, H=4, Hkv=2, D=8, seed=0):

@@ -515,8 +515,14 @@ def _stdlib_softmax_patterns() -> set[str]:
 
 
 def test_conformance_covers_the_stdlib():
-    """A new stdlib softmax pattern must get a conformance entry (recurrences are refused by flex)."""
+    """A new stdlib softmax pattern must get a conformance entry (recurrences are refused by flex). Combined
+    patterns (several attentions summed: no single mask or lse to compare here) are listed by name;
+    tests/test_nsa.py runs them on flex against the reference, forward and backward."""
+    from attnc.spec.library import stdlib_index
+
     assert set(CONFORMANCE) == _stdlib_softmax_patterns()
+    assert {name for name in stdlib_index() if attnc.load(f"stdlib:{name}", **(
+        {"prefix": 1} if name == "prefix_lm" else {})).kind == "combined"} == {"nsa"}
 
 
 @pytest.mark.parametrize("name", sorted(CONFORMANCE))

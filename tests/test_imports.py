@@ -37,6 +37,7 @@ RUNTIME_ROOMS = [
     ("runtime.tuning",),
     ("runtime.auto",),
     ("runtime.registry",),
+    ("runtime.combined",),  # combined patterns: one Attention per branch (made by api), summed in torch
     ("runtime.api",),
     ("runtime.gpu_check",),
 ]

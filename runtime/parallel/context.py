@@ -211,6 +211,9 @@ class ContextParallel(torch.nn.Module):
 
 
 def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
+    if isinstance(getattr(attn, "pattern", None), ir.CombinedIR):
+        raise SpecError(f"'{attn.pattern.name}' combines several attentions (branches): context parallelism does "
+                        "not run combined patterns in this version", where="argument attn")
     if not hasattr(attn, "pattern") or not hasattr(attn, "runner"):
         raise SpecError(f"expected an attnc.Attention, got {type(attn).__name__}", where="argument attn")
     if kv not in KV_MODES:

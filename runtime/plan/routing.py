@@ -27,7 +27,13 @@ from . import antidiagonal
 def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two sides of the routing score: ``q`` and ``k``, or a token route's indexer inputs
-    ``(QI [B | 1, Hq, Nq, DI], KI [B | 1, Hq, Nk, DI])`` (a leading batch dimension added)."""
+    ``(QI [B | 1, Hq, Nq, DI], KI [B | 1, Hq, Nk, DI])`` (a leading batch dimension added); a route
+    whose scores are given (``by probs(BRANCH)`` in a combined pattern): that input ``[B | 1, Hq, Nq,
+    blocks]`` on both sides."""
+    if pat.route.scores is not None:
+        given = inputs[pat.route.scores]
+        given = given if given.dim() == 4 else given[None]
+        return given, given
     if pat.route.indexer is None:
         return q, k
     qi, ki = (inputs[name] for name in pat.route.indexer)
@@ -43,6 +49,10 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     B, Hq, Nq, _ = q.shape
     Hkv = k.shape[1]
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    if route.scores is not None:  # given (score_vectors): q is the scores themselves
+        score = q.to(dtype)
+        score = score.mean(dim=1, keepdim=True) if route.shared else score
+        return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
     if route.tokens:
         k_mean = k.to(dtype)
     else:

@@ -1,0 +1,254 @@
+"""Combined patterns at run time (``ir.CombinedIR``: ``branch`` ... ``combine``, e.g. stdlib ``nsa``).
+
+Every branch is an ordinary ``PatternIR`` run by its own ``Attention`` on the chosen backend, so each
+backend runs it unchanged; what a combined pattern adds is plain torch, differentiable:
+
+- a pooled branch (``keys pooled(mean, SIZE)``) gets the means of runs of SIZE keys and values (the
+  last, shorter run the mean of its own tokens), as flash-linear-attention's ``mean_pooling``;
+- a route ``by probs(NAME)`` gets its scores as an input: NAME's attention probabilities (softmax of
+  ``scale * q . k`` over the keys NAME's mask allows; 0 for a query with none), averaged over the query
+  heads of each GQA group (one selection per KV head, as NSA's kernels load one KV block per group);
+  not differentiated, as any route's selection;
+- the output ``sum(gate[b, h, q] * branch_out)`` over the ``combine`` terms (gates differentiable);
+- packed sequences (``cu_seqlens``): each sequence computed alone, every input cut along its tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from ..compiler import evaluate as E
+from ..core import ir
+from ..core.errors import SpecError, did_you_mean
+from .checks import check_qkv, resolve_scale
+from .frontends.layouts import check_layout
+from .numerics import compute_dtype
+
+
+def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Means of runs of ``size`` tokens: ``[B, H, N, D]`` -> ``[B, H, ceil(N / size), D]``; the last run,
+    when shorter, is the mean of its own tokens. Computed in fp32 (fp64) and returned in x's dtype."""
+    B, H, N, D = x.shape
+    runs = -(-N // size)
+    work = x.to(compute_dtype(x.dtype))
+    padded = torch.nn.functional.pad(work, (0, 0, 0, runs * size - N))
+    counts = (N - torch.arange(runs, device=x.device) * size).clamp(max=size).to(work.dtype)
+    return (padded.view(B, H, runs, size, D).sum(3) / counts[:, None]).to(x.dtype)
+
+
+def branch_probs(source: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, scale: float, inputs: dict,
+                 sizes: dict) -> torch.Tensor:
+    """The attention probabilities of a mask-only branch ``[B | 1, Hq, Nq, Nk]`` averaged over the query heads
+    of each GQA group (broadcast back to every head of the group); 0 on a row with no allowed key.
+    Not differentiated; fp32 (fp64 for fp64 inputs)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    bound = E.bind_sizes(source, n=Nq, nk=Nk, heads=Hq, sizes=sizes, dk=D)
+    tensors, _ = E.bind_inputs(source, bound, {d.name: inputs[d.name] for d in source.inputs}, batch=B)
+    with torch.no_grad():
+        dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+        mask = E.mask_tensor(source, bound, tensors).to(q.device)
+        score = (q.detach().to(dtype) @ k.detach().to(dtype).repeat_interleave(group, 1).transpose(-1, -2)) * scale
+        probs = torch.softmax(score.masked_fill(~mask, -math.inf), dim=-1).nan_to_num(nan=0.0)
+        return probs.view(B, Hkv, group, Nq, Nk).mean(2).repeat_interleave(group, 1)
+
+
+class CombinedAttention(torch.nn.Module):
+    """A compiled combined pattern; call it as ``attn(q, k, v, GATE=..., ...)``: q ``[B, Hq, n, D]``, k and v
+    ``[B, Hkv, n, D]`` (``layout="bnhd"``: ``[B, n, H, D]``, gates ``[B, n, heads]`` as fla's), gates
+    ``[heads, n]`` or ``[B, heads, n]``; returns ``[B, Hq, n, Dv]`` in q's dtype. ``branches`` holds one
+    ``Attention`` per branch. Differentiable in q, k, v and the gates."""
+
+    def __init__(self, pattern: ir.CombinedIR, make: Callable[[ir.PatternIR], torch.nn.Module], backend: str,
+                 layout: str = "bhnd"):
+        super().__init__()
+        self.pattern = pattern
+        self.backend = backend
+        self.layout = layout
+        self.branches = torch.nn.ModuleDict({b.name: make(b.pattern) for b in pattern.branches})
+
+    @property
+    def source(self) -> str:
+        """What ran in the latest call, branch by branch."""
+        return "\n\n".join(f"# branch {name}\n{attn.source}" for name, attn in self.branches.items())
+
+    def extra_repr(self) -> str:
+        return f"combined {self.pattern.name!r}, backend={self.backend!r}"
+
+    def _refuse(self, return_lse, initial_state, return_state) -> None:
+        name = self.pattern.name
+        if return_lse:
+            raise SpecError(f"'{name}' sums several attentions: it has no single log-sum-exp", where="argument return_lse")
+        if initial_state is not None or return_state:
+            raise SpecError("only recurrences carry a state", where="argument initial_state")
+
+    def _inputs(self, q: torch.Tensor, inputs: dict, bnhd: bool) -> tuple[dict, dict]:
+        """(gates ``[B | ..., heads, n]`` checked, the branches' inputs) in attnc's layout: under bnhd an input
+        declared ``[heads, n, ...]`` comes ``[n, heads, ...]`` (as every pattern's; ``frontends.layouts``)."""
+        B, H, N, _ = q.shape
+        declared = {d.name: d for d in self.pattern.inputs}
+        for name in inputs:
+            if name not in declared:
+                raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}",
+                                hint=did_you_mean(name, declared) or "inputs: " + ", ".join(sorted(declared)))
+        own = {}
+        for name, t in inputs.items():
+            decl = declared[name]
+            if bnhd and isinstance(t, torch.Tensor) and decl.dim_names[:2] == ("heads", "n") and t.dim() >= 2:
+                lead = t.dim() - len(decl.dims)  # 1 with a batch dimension
+                t = t.transpose(lead, lead + 1) if lead in (0, 1) else t
+            own[name] = t
+        gates = {}
+        for decl in self.pattern.gates:
+            t = own.pop(decl.name, None)
+            want = f"[{N}, {H}] or [{B}, {N}, {H}] (layout bnhd)" if bnhd else f"[{H}, {N}] or [{B}, {H}, {N}]"
+            if t is None:
+                raise SpecError(f"missing gate '{decl.name}' (float[heads, n])", where=f"argument {decl.name}")
+            if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+                raise SpecError(f"gate '{decl.name}' must be a float tensor, got "
+                                f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}", where=f"argument {decl.name}")
+            if t.device != q.device:
+                raise SpecError(f"gate '{decl.name}' is on {t.device}, q on {q.device}", where=f"argument {decl.name}")
+            if tuple(t.shape) not in ((H, N), (B, H, N)):
+                shown = list(inputs[decl.name].shape)
+                raise SpecError(f"gate '{decl.name}' has shape {shown}, expected {want}", where=f"argument {decl.name}")
+            gates[decl.name] = t
+        return gates, own
+
+    @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
+                cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
+                **inputs) -> torch.Tensor:
+        self._refuse(return_lse, initial_state, return_state)
+        layout = self.layout if layout is None else check_layout(layout)
+        bnhd = layout == "bnhd"
+        if bnhd:
+            for name, t in (("q", q), ("k", k), ("v", v)):
+                if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                    raise SpecError(f"{name} must be a 4-d tensor [B, N, H, D] (layout bnhd)", where=f"argument {name}")
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        check_qkv(q, k, v)
+        if k.shape[2] != q.shape[2]:
+            raise SpecError(f"{k.shape[2]} keys but {q.shape[2]} queries: '{self.pattern.name}' (a combined pattern) "
+                            "does not take queries after a KV cache in this version", where="argument k",
+                            hint="call it with every token (as many queries as keys)")
+        gates, own = self._inputs(q, inputs, bnhd)
+        scale = resolve_scale(scale, q.shape[-1])
+        if cu_seqlens is None:
+            out = self._combined(q, k, v, gates, own, scale, sizes)
+        else:  # packed sequences: each computed alone (its own runs, blocks and window), joined again
+            from .frontends.varlen import check_cu_seqlens
+
+            packing = check_cu_seqlens(cu_seqlens, self.pattern, q, k)
+            parts = []
+            for start, length in zip(packing.starts, packing.lengths, strict=True):
+                if length == 0:
+                    continue
+                cut = slice(start, start + length)
+                parts.append(self._combined(q[:, :, cut], k[:, :, cut], v[:, :, cut],
+                                            {name: g[..., cut] for name, g in gates.items()},
+                                            {name: self._cut(name, t, cut) for name, t in own.items()}, scale, sizes))
+            out = torch.cat(parts, dim=2)
+        return out.transpose(1, 2) if bnhd else out
+
+    def _cut(self, name: str, t, cut: slice):
+        """One packed sequence's part of an input: its token dimensions (declared n or nk) cut."""
+        decl = next(d for d in self.pattern.inputs if d.name == name)
+        if not isinstance(t, torch.Tensor):
+            return t
+        lead = t.dim() - len(decl.dims)
+        index = [slice(None)] * t.dim()
+        for dim in decl.token_dims:
+            index[lead + dim] = cut
+        return t[tuple(index)]
+
+    def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None) -> torch.Tensor:
+        """The branches of one call (q, k, v ``[B, H, n, D]``), summed with their gates, in q's dtype."""
+        outs, pooled = {}, {}
+        for b in self.pattern.branches:
+            kb, vb = k, v
+            if b.pool is not None:
+                size = int(b.pool[1])
+                kb, vb = pooled[b.name] = pool_mean(k, size), pool_mean(v, size)
+            args = {d.name: own[d.name] for d in b.pattern.inputs if d.name in own}
+            if b.probs_of is not None:
+                source = self.pattern.branch(b.probs_of)
+                args[b.pattern.route.scores] = branch_probs(source.pattern, q, pooled[source.name][0], scale, own,
+                                                            dict(sizes or {}))
+            outs[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes, **args)
+        out = None
+        for gate, name in self.pattern.terms:
+            term = outs[name] if gate is None else gates[gate][..., None] * outs[name]
+            out = term if out is None else out + term
+        return out.to(q.dtype)
+
+
+class CombinedReport:
+    """``attnc.simulate`` of a combined pattern: one ``SimulationReport`` per branch (``branches``) and their
+    predicted times summed (each branch is its own kernel); the pooling, the probabilities that score a
+    ``by probs(...)`` route and the gated sum are not modelled."""
+
+    def __init__(self, name: str, n: int, reports: dict, notes: list[str]):
+        self.pattern, self.n, self.branches, self.assumptions = name, n, reports, notes
+
+    @property
+    def forward_s(self) -> float:
+        return sum(r.best.forward_s for r in self.branches.values())
+
+    @property
+    def backward_s(self) -> float:
+        return sum(r.best.backward_s for r in self.branches.values())
+
+    @property
+    def dense_forward_s(self) -> float:
+        """Dense attention over all n keys (the largest branch's dense baseline)."""
+        return max(r.dense_forward_s for r in self.branches.values())
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.dense_forward_s / self.forward_s
+
+    def to_dict(self) -> dict:
+        return {"pattern": self.pattern, "kind": "combined", "n": self.n,
+                "forward_s": self.forward_s, "backward_s": self.backward_s,
+                "dense_forward_s": self.dense_forward_s, "predicted_speedup": self.predicted_speedup,
+                "branches": {name: r.to_dict() for name, r in self.branches.items()},
+                "assumptions": list(self.assumptions)}
+
+    def __str__(self) -> str:
+        lines = [f"{self.pattern}: combined pattern, {len(self.branches)} branches, n = {self.n}",
+                 f"  predicted forward {self.forward_s * 1e3:.3f} ms, backward {self.backward_s * 1e3:.3f} ms "
+                 f"(sum of the branches); dense attention forward {self.dense_forward_s * 1e3:.3f} ms: "
+                 f"speedup {self.predicted_speedup:.2f}x"]
+        lines += [f"  note: {note}" for note in self.assumptions]
+        for name, r in self.branches.items():
+            lines += ["", f"# branch {name}", str(r)]
+        return "\n".join(lines)
+
+
+def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int | None, inputs: dict | None,
+                      **kwargs) -> CombinedReport:
+    """Each branch simulated by ``run`` (``attnc.simulate``) at its own shapes (a pooled branch against
+    ceil(n / SIZE) keys), summed in a ``CombinedReport``."""
+    if n is None:
+        raise SpecError(f"'{pat.name}' runs over a sequence: give n", where="argument n")
+    if nk is not None and nk != n:
+        raise SpecError(f"'{pat.name}' (a combined pattern) takes as many keys as queries", where="argument nk")
+    reports = {}
+    notes = ["the combined prediction is the sum of the branches' predicted times (each branch its own kernel); "
+             "the key pooling, the probabilities that score a route by probs(...) and the gated sum are not modelled"]
+    for b in pat.branches:
+        given = {d.name: inputs[d.name] for d in b.pattern.inputs if inputs and d.name in inputs}
+        keys = None if b.pool is None else -(-int(n) // int(b.pool[1]))
+        if b.probs_of is not None:  # the simulator models a route's selection without reading scores
+            blocks = -(-int(n) // int(b.pattern.route.block[0]))
+            given[b.pattern.route.scores] = torch.zeros(int(kwargs.get("heads", 1)), int(n), blocks)
+            notes.append(f"branch {b.name}: its route by probs({b.probs_of}) is modelled as any block route "
+                         "(forced blocks, then the nearest allowed ones); the probabilities are not computed")
+        reports[b.name] = run(b.pattern, n=n, nk=keys, inputs=given or None, **kwargs)
+    return CombinedReport(pat.name, int(n), reports, notes)
