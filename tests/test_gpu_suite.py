@@ -91,3 +91,25 @@ def test_gate_gradient_yardstick_matches_autograd_and_catches_a_wrong_dg():
     assert not gs.gate_grad_ok({**errs, "dq": 3e-2}, 0.025, 2e-2)  # dq itself fails
     assert not gs.gate_grad_ok({**errs, "dg": float("nan")}, 0.025, 2e-2)
     assert gs.gate_grad_ok({**errs, "dg": 0.01}, 0.0, 2e-2)  # under the plain bound
+
+
+def test_gpu_suite_dynamic_toy_runs_end_to_end(tmp_path):
+    """benchmarks/gpu_suite_dynamic.py at toy sizes: every route case (moba, token_topk, xattention,
+    vertical_slash) and delta-rule case (gated_delta_net, kda) checked and passing with float32
+    errors, the selection timed apart, one results file."""
+    out = tmp_path / "dynamic.md"
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite_dynamic.py"), "--toy", "--out",
+                           str(out)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "verdict: PASS" in text and re.search(r"Triton \d+\.\d+", text)
+    rows = [line for line in text.splitlines() if line.startswith("| ") and line.rstrip().endswith("PASS |")]
+    assert len(rows) == 6, text
+    for row in rows:
+        errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", row)[:4]]
+        assert len(errors) == 4 and max(errors) < 1e-5, row
+    for name in ("moba", "token_topk", "xattention", "vertical_slash"):
+        attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} T=96 | attnc triton"))
+        cells = [c.strip() for c in attnc_row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and 0 < float(cells[3]) < float(cells[2]), attnc_row  # selection inside the call
