@@ -25,7 +25,8 @@ class AutoRunner(CpuPolicy, Registered):
 
     name = "auto"
     op = "flex"  # under torch.compile on CPU, where Flex may serve: attnc::runner_attention chooses per call
-    support = Support(query_offset="native")
+    #: blocks of context parallelism run on the executor (Flex has no offsets)
+    support = Support(query_offset="native", key_offset=frozenset({"cpu"}))
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
         super().__init__(pat, CpuRunner(pat, q_tile, kv_tile), q_tile, kv_tile)
@@ -64,6 +65,15 @@ class AutoRunner(CpuPolicy, Registered):
             return self.flex.forward(call, q, k, v)
         self.cuda_last = "triton"
         return self.triton.forward(call, q, k, v)
+
+    def block_forward(self, bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
+        """A block of context parallelism (``runtime.runner.BlockRunner``): the executor's."""
+        return self.cpu.block_forward(bound, q, k, v, inputs, scale, selection, key_block)
+
+    def block_backward(self, bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
+                       key_block=None):
+        """The executor's backward of a block (``runtime.runner.BlockRunner``)."""
+        return self.cpu.block_backward(bound, q, k, v, out, lse, dout, inputs, scale, selection, key_block)
 
     def traced(self, q, k, v, inputs: dict, need_lse: bool):
         """The runner whose op serves a call traced by dynamo: the Triton kernels on CUDA tensors; on
