@@ -102,11 +102,11 @@ def worker(rank, world, port, args, out_path):
         q, k, v = (torch.randn(1, H, n, D, generator=g).to(device) for _ in range(3))
         ref = attn(q, k, v) if rank == 0 else None
         modes = {"ring": ContextParallel(attn, kv="ring"), "allgather": ContextParallel(attn, kv="allgather"),
-                 "dense ring": DenseRing(attn, kv="ring"), "ring, reference blocks": ReferenceBlocks(attn, kv="ring")}
+                 "dense ring": DenseRing(attn, kv="ring"), "ring (reference blocks)": ReferenceBlocks(attn, kv="ring")}
         if world > 1 and H % world == 0:
             modes[f"ulysses {world}"] = ContextParallel(attn, ulysses_degree=world)
         if world == 1:
-            modes = {"ring": modes["ring"], "ring, reference blocks": modes["ring, reference blocks"]}
+            modes = {"ring": modes["ring"], "ring (reference blocks)": modes["ring (reference blocks)"]}
         modes = {k: m for k, m in modes.items() if not args.modes or k in args.modes.split(",")}
         steps, sent, errors, blocks = {}, {}, {}, {}
         for label, cp in modes.items():
