@@ -134,3 +134,24 @@ def test_block_bounds_are_checked_and_plans_are_bounded():
     assert block_runner(auto, torch.device("cpu"), 1, 1) is auto
     assert block_runner(auto, torch.device("cuda"), 1, 1) is None
     assert block_runner(runner, torch.device("cpu"), 1, 2) is None  # a Ulysses share of the heads
+
+
+def test_a_float32_block_is_within_float32_rounding_of_float64():
+    """The executor's block in float32 (torch's fused CPU kernel) against the reference in float64."""
+    gen = torch.Generator().manual_seed(3)
+    ref, run = problems("stdlib:sliding_window", 300, window=40)
+    q_pos, k_pos = torch.cat([span(0, 75), span(225, 300)]), span(150, 300)
+    q, k, v = (torch.randn(B, H, len(p), D, generator=gen, dtype=torch.float64) for p in (q_pos, k_pos, k_pos))
+    out64, lse64 = block_forward(ref, q, k, v, q_pos, k_pos)
+    out32, lse32 = block_forward(run, q.float(), k.float(), v.float(), q_pos, k_pos)
+    assert out32.dtype == torch.float32 and torch.isneginf(lse64).any()  # rows 0..74 read no key here
+    torch.testing.assert_close(out32.double(), out64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse32.double(), lse64, rtol=1e-5, atol=1e-5)
+    dout = torch.randn(out64.shape, generator=gen, dtype=torch.float64)
+    delta = (dout * out64).sum(-1)
+    g64 = block_backward(ref, q, k, v, q_pos, k_pos, lse64, dout, delta, out64)
+    g32 = block_backward(run, q.float(), k.float(), v.float(), q_pos, k_pos, lse32, dout.float(), delta.float(),
+                         out32)
+    for a, b, name in zip(g32, g64, ("dq", "dk", "dv"), strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
