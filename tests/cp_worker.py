@@ -62,7 +62,7 @@ def compile_case(case: dict, backend: str = "reference"):
 
 def run_case(case: dict, rank: int):
     attn = compile_case(case, case.get("backend", "reference"))
-    q, k, v, dout = case_tensors(case)
+    q, k, v, dout = (t.to(case.get("dtype", torch.float64)) for t in case_tensors(case))
     inputs = case_inputs(case)
     cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
     ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))

@@ -54,6 +54,18 @@ CASES_2 = {
     "exec-moba-allgather": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, backend="cpu",
                                 kv="allgather"),
     "exec-softcap-gqa": dict(spec="stdlib:softcap", params={"cap": 2.0}, n=64, Hkv=2, backend="cpu"),
+    # the blocks on the Triton kernels (interpreted on CPU tensors), float32, against the reference in
+    # float64 within float32 rounding
+    "triton-window": dict(SW, n=64, backend="triton", dtype=torch.float32),
+    "triton-causal-zigzag": dict(spec="causal", n=64, backend="triton", dtype=torch.float32),
+    "triton-neighborhood2d": dict(spec="stdlib:neighborhood_2d", params={"kernel_size": 3},
+                                  sizes={"height": 8, "width": 8}, n=64, backend="triton", dtype=torch.float32),
+    "triton-document": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, backend="triton",
+                            dtype=torch.float32),
+    "triton-forgetting": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, backend="triton",
+                              dtype=torch.float32),
+    "triton-moba": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, backend="triton",
+                        dtype=torch.float32),
 }
 CASES_4 = {
     "window-ring-4": dict(SW, n=64),
@@ -144,8 +156,10 @@ def check(case: dict, ranks: list) -> None:
         assert "crash" not in got, f"rank {r}:\n{got['crash']}"
     ref = reference(case)
     for r, got in enumerate(ranks):  # unshard gives every rank the whole tensor
+        tol = 1e-9 if case.get("dtype", torch.float64) == torch.float64 else 1e-5  # float32: its rounding
         for key in ("out", "dq", "dk", "dv"):
-            torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-9, msg=f"rank {r} {key}")
+            torch.testing.assert_close(got[key].to(ref[key].dtype), ref[key], rtol=tol, atol=tol,
+                                       msg=f"rank {r} {key}")
         for name, g in ref.get("dinputs", {}).items():
             torch.testing.assert_close(got["dinputs"][name], g, rtol=1e-9, atol=1e-9, msg=f"rank {r} d{name}")
 
@@ -173,7 +187,7 @@ def test_blocks_run_on_the_attentions_backend_where_it_runs_blocks(results2, res
             want = "reference" if case.get("u", 1) > 1 else case.get("backend", "reference")
             assert {r["blocks"] for r in ranks} == {want}, name
             seen.add(want)
-    assert seen == {"reference", "cpu", "auto"}
+    assert seen == {"reference", "cpu", "auto", "triton"}
 
 
 def _kv_bytes(case: dict, world: int) -> int:

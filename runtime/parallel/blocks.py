@@ -9,13 +9,14 @@ block needs another block's values.
 Two ways to compute a block, the same answer (the schedule never changes it):
 
 - ``BlockProblem.runner`` set (``block_runner``: the attention's own runner where its
-  ``Support.key_offset`` names the tensors' device, e.g. the CPU executor for ``backend="cpu"`` or
-  ``"auto"``): the rows are cut into runs of consecutive positions (a zigzag rank holds two), and
+  ``Support.key_offset`` names the tensors' device: the CPU executor for ``backend="cpu"`` or
+  ``"auto"`` on CPU tensors, the Triton kernels for ``"triton"`` or ``"auto"`` on CUDA tensors):
+  the rows are cut into runs of consecutive positions (a zigzag rank holds two), and
   each (query run, key run) is one call of the runner's ``block_forward`` / ``block_backward`` with
   ``evaluate.block_bound``: its tile classification with both offsets (EMPTY tiles skipped, FULL
   ones unmasked), mask, bias, softcap and FoX decay at absolute positions.
-- otherwise (no runner runs blocks on this device, e.g. Triton on CUDA; Ulysses ranks, which hold a
-  share of the heads): the reference backend's scores (``pair_scores``), computed in slabs of
+- otherwise (the reference and Flex runners; Ulysses ranks, which hold a share of the heads): the
+  reference backend's scores (``pair_scores``), computed in slabs of
   query rows so memory stays at ``SLAB_SCORES`` scores whatever the block sizes.
 """
 

@@ -46,8 +46,9 @@ class ContextParallel(torch.nn.Module):
 
     The blocks (this rank's queries against one rank's keys) run on the attention's own backend
     where its runner runs blocks on the tensors' device (``Support.key_offset``: the CPU executor
-    for ``backend="cpu"`` or ``"auto"`` on CPU tensors), else on the reference scores (the Triton
-    and Flex runners, and Ulysses ranks, which hold a share of the heads); ``last_blocks`` says which."""
+    for ``backend="cpu"`` or ``"auto"`` on CPU tensors, the Triton kernels for ``"triton"`` or
+    ``"auto"`` on CUDA tensors), else on the reference scores (the reference and Flex runners, and
+    Ulysses ranks, which hold a share of the heads); ``last_blocks`` says which."""
 
     def __init__(self, attn, group=None, ulysses_degree: int = 1, kv: str = "ring", sizes: dict | None = None):
         super().__init__()
@@ -177,8 +178,8 @@ class ContextParallel(torch.nn.Module):
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
         # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
-        # the attention's own runner where it runs blocks on this device (the CPU executor for
-        # backend="cpu" or "auto"), else the reference scores (blocks.block_runner)
+        # the attention's own runner where it runs blocks on this device (the CPU executor, the
+        # Triton kernels), else the reference scores (blocks.block_runner)
         runner = self.block_runner(q.device, share, H)
         self.last_blocks = "reference" if runner is None else runner.name
         problem = BlockProblem(pat, bound, {n: t.cpu() for n, t in tensors.items()}, batch, scale, heads,

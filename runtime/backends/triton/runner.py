@@ -399,8 +399,20 @@ class TritonRunner(Registered):
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "triton"
     op = "triton"
-    #: no query offset in the kernels: queries after a KV cache run the whole sequence (frontends.kv_cache)
-    support = Support(query_offset="padded")
+    #: no query offset in the kernels: queries after a KV cache run the whole sequence (frontends.kv_cache);
+    #: blocks of context parallelism take both offsets at run time (triton.blocks)
+    support = Support(query_offset="padded", key_offset=frozenset({"cpu", "cuda"}))
+
+    def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
+        """A block of context parallelism (``runtime.runner.BlockRunner``; ``triton.blocks``)."""
+        from . import blocks
+        return blocks.block_forward(self, bound, q, k, v, inputs, scale, selection, key_block)
+
+    def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
+                       key_block=None):
+        """The backward of a block from the merged statistics (``triton.blocks``)."""
+        from . import blocks
+        return blocks.block_backward(self, bound, q, k, v, out, lse, dout, inputs, scale, selection, key_block)
 
     @property
     def last_schedule(self):
@@ -469,6 +481,8 @@ def _common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tens
             args += [t, 0, *t.stride()]
     if launch.checks:
         args.append(launch.extra["ERR"])
+    if launch.bound.is_block:  # a block's rows -> absolute positions (runtime.backends.triton.blocks)
+        args += [launch.bound.q_offset, launch.bound.k_offset]
     return args
 
 
