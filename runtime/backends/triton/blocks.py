@@ -1,6 +1,6 @@
-"""Blocks of context parallelism on the generated Triton kernels (``runtime.runner.BlockRunner``):
-queries at ``bound.q_offset`` against keys at ``bound.k_offset`` of a pattern bound at the whole
-sequence (``evaluate.block_bound``).
+"""Blocks of context parallelism on the generated Triton kernels (``runtime.runner.BlockRunner``,
+served by ``TritonRunner.block_forward`` / ``block_backward``): queries at ``bound.q_offset`` against
+keys at ``bound.k_offset`` of a pattern bound at the whole sequence (``evaluate.block_bound``).
 
 A block runs on 1-D tiles of its rows (a grid's on the flat view, as the CPU executor's blocks),
 classified with both offsets; the module is generated for the block's row counts and takes the
@@ -10,8 +10,8 @@ positions (the call-time inputs and gates are the whole sequence's); a routing s
 across ranks is read at the block's rows. The backward takes the rows' merged ``out`` and ``lse``
 (delta = rowsum(dout * out) of the whole row, as flash attention's backward).
 
-The tiles are not tuned per block: ``BLOCK_TILE_TOKENS`` on CUDA, the interpreter's tiles on CPU
-tensors, or the tiles the module was compiled with.
+The tiles are not tuned per block: ``BLOCK_TILE_TOKENS`` tokens a side, or the tokens of the tiles
+the module was compiled with.
 """
 
 from __future__ import annotations
@@ -24,33 +24,31 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.codegen import ScheduleShape, bias_index_checks, generate_source
 from ....compiler.cost import KernelConfig
+from ....compiler.search import classify_flat
+from ....compiler.tiles import classify_tiles
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ...plan import routing, tile_plan
-from ...plan.cache import PlanCache, mask_input_names
-from . import runner as R
+from ...plan.cache import mask_input_names
 
-#: Tile tokens of a block's 1-D tiles on CUDA (not autotuned per block).
+#: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
 BLOCK_TILE_TOKENS = 64
-#: Block plans kept per runner (least recently used dropped first): one per (sizes, heads, offsets,
-#: rows, device, head dim, dtype).
-BLOCK_PLANS = 64
+#: What the kernels run (as ``TritonRunner``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _tokens(runner, device: torch.device) -> tuple[int, int]:
-    if runner.q_tile is not None or runner.kv_tile is not None:  # forced tiles count as their tokens
-        tiles = (runner.q_tile or runner.kv_tile, runner.kv_tile or runner.q_tile)
-        return tuple(math.prod(t) if isinstance(t, tuple | list) else int(t) for t in tiles)
-    tokens = BLOCK_TILE_TOKENS if device.type == "cuda" else R.INTERPRET_TILE_TOKENS
-    return tokens, tokens
+def _tokens(runner) -> tuple[int, int]:
+    if runner.q_tile is None and runner.kv_tile is None:
+        return BLOCK_TILE_TOKENS, BLOCK_TILE_TOKENS
+    tiles = (runner.q_tile or runner.kv_tile, runner.kv_tile or runner.q_tile)  # forced: their token counts
+    return tuple(math.prod(t) if isinstance(t, tuple | list) else int(t) for t in tiles)
 
 
 def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
-    """(config, plan, module) of a block, cached on the runner (``block_plans``) per shapes and, for a
-    mask that reads inputs, per those inputs' values."""
+    """(config, plan, source) of a block, cached in the runner's ``block_plans`` (a bounded LRU) per
+    (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs, per
+    those inputs' values."""
     pat = runner.pattern
-    if not hasattr(runner, "block_plans"):
-        runner.block_plans = PlanCache(BLOCK_PLANS)
     key = (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset, bound.nk,
            q.device.type, q.shape[-1], q.dtype)
     used = {n: t.detach().cpu() for n, t in tensors.items() if n in mask_input_names(pat)}
@@ -58,31 +56,32 @@ def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     if entry is not None and entry[0].keys() == used.keys() and all(
             entry[0][n].shape == t.shape and torch.equal(entry[0][n], t) for n, t in used.items()):
         return entry[1]
-    tq, tk = _tokens(runner, q.device)
+    tq, tk = _tokens(runner)
     config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
-    sched = R.classify(pat, bound, config, used)
+    if pat.queries.kind == "grid":  # 1-D tiles of a grid: classified on its flat view
+        sched = classify_flat(pat, bound, config.q_tile, config.kv_tile, used)
+    else:
+        sched = classify_tiles(pat, bound, config.q_tile, config.kv_tile, used)
     plan = tile_plan.Plan.build(pat, bound, sched)
-    source = generate_source(pat, bound, ScheduleShape.of(sched), config)
-    interpret = q.device.type != "cuda" and not type(runner).native
-    module = R.load_kernels(R.write_source(source), interpret=interpret)
-    value = (config, plan, module, interpret)
+    value = (config, plan, generate_source(pat, bound, ScheduleShape.of(sched), config))
     runner.block_plans[key] = (used, value)
     return value
 
 
-def launch(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> R.Launch:
-    """The launch state of one block (``runner``: a ``TritonRunner``)."""
+def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> tuple:
+    """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
+    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``)."""
     pat = runner.pattern
     if not bound.is_block:
         raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
-    if q.dtype not in R.DTYPES:
+    if q.dtype not in DTYPES:
         raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                         where="argument q", hint="use backend='cpu' for float64")
     tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
     if mask_input_names(pat):
         E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
     batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
-    config, plan, module, interpret = _plan(runner, bound, q, tensors)
+    config, plan, source = _plan(runner, bound, q, tensors)
     device = q.device
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
@@ -98,19 +97,4 @@ def launch(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=No
         bound.subs))) for site, j in bias_index_checks(pat, bound)]
     if checks:
         extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
-    return R.Launch(module, interpret, config, ScheduleShape.of(sched), plan, pat, bound, tensors, batched,
-                    R._lists(sched, device), cls, extra, checks)
-
-
-def block_forward(runner, bound: E.Bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
-    """``(out, lse)`` of a block in float32 (the kernels' accumulation; q, k, v in their dtype)."""
-    out, lse = R.forward(launch(runner, bound, q, inputs, selection, key_block), q, k, v, scale)
-    return out.float(), lse.float()
-
-
-def block_backward(runner, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
-                   key_block=None):
-    """``(dq share, dk, dv)`` of a block from the rows' merged ``out`` and ``lse``."""
-    lau = launch(runner, bound, q, inputs, selection, key_block)
-    dq, dk, dv, _ = R.backward(lau, q, k, v, out, lse, dout.to(q.dtype), None, scale, [])
-    return dq, dk, dv
+    return config, plan, source, tensors, batched, cls, extra, checks
