@@ -11,6 +11,10 @@ head dim 64, 4 heads:
 - attnc ``ContextParallel`` with ``kv="ring"``, ``kv="allgather"`` and ``ulysses_degree=P``;
 - a dense ring: the same ring and the same block code with every shard sent to every rank (what a
   pass-KV ring does without the pattern's plan): the baseline for the sparse plan;
+- ``kv="ring"`` with the reference blocks (the reference evaluator's scores in torch, what every
+  block ran before the backends ran blocks): the baseline for the kernels (``blocks.block_runner``);
+  the other modes run their blocks on the attention's backend (the CPU executor on CPU tensors)
+  where it runs blocks (Ulysses ranks, a share of the heads, take the reference blocks);
 - torch's own ``context_parallel`` (``torch.distributed.tensor.experimental``) with causal SDPA,
   where it runs (its cell says why where it does not).
 
@@ -61,6 +65,13 @@ class DenseRing(ContextParallel):
         return PairPlan(order, torch.ones(order.ring, order.ring, dtype=torch.bool))
 
 
+class ReferenceBlocks(ContextParallel):
+    """The ring with every block on the reference scores (not the attention's backend)."""
+
+    def block_runner(self, device, heads, pattern_heads):
+        return None
+
+
 def torch_cp_step(q, k, v, world, device):
     """torch's context_parallel over SDPA (causal); raises where it does not run."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -91,12 +102,13 @@ def worker(rank, world, port, args, out_path):
         q, k, v = (torch.randn(1, H, n, D, generator=g).to(device) for _ in range(3))
         ref = attn(q, k, v) if rank == 0 else None
         modes = {"ring": ContextParallel(attn, kv="ring"), "allgather": ContextParallel(attn, kv="allgather"),
-                 "dense ring": DenseRing(attn, kv="ring")}
+                 "dense ring": DenseRing(attn, kv="ring"), "ring (reference blocks)": ReferenceBlocks(attn, kv="ring")}
         if world > 1 and H % world == 0:
             modes[f"ulysses {world}"] = ContextParallel(attn, ulysses_degree=world)
         if world == 1:
-            modes = {"ring": modes["ring"]}
-        steps, sent, errors = {}, {}, {}
+            modes = {"ring": modes["ring"], "ring (reference blocks)": modes["ring (reference blocks)"]}
+        modes = {k: m for k, m in modes.items() if not args.modes or k in args.modes.split(",")}
+        steps, sent, errors, blocks = {}, {}, {}, {}
         for label, cp in modes.items():
             ql, kl, vl = (cp.shard(t) for t in (q, k, v))
             out = cp.unshard(cp(ql, kl, vl))
@@ -113,7 +125,8 @@ def worker(rank, world, port, args, out_path):
             b = torch.tensor([cp.last_comm_bytes], dtype=torch.int64)
             dist.all_reduce(b, op=dist.ReduceOp.MAX)
             sent[label] = int(b)
-        if name == "causal" and world > 1:
+            blocks[label] = cp.last_blocks
+        if name == "causal" and world > 1 and (not args.modes or "torch" in args.modes):
             try:
                 torch_cp_step(q, k, v, world, device)
                 steps["torch context_parallel (SDPA)"] = lambda q=q, k=k, v=v: torch_cp_step(q, k, v, world, device)
@@ -130,9 +143,10 @@ def worker(rank, world, port, args, out_path):
         med = {k: statistics.median(t) for k, t in times.items()}
         base = med.get("dense ring")
         for label in steps:
-            rows.append((name, n, world, label, med[label], (med[label] / base) if base else None, sent.get(label)))
+            rows.append((name, n, world, label, blocks.get(label, "-"), med[label], (med[label] / base) if base else None,
+                         sent.get(label)))
         for label, why in errors.items():
-            rows.append((name, n, world, label, None, None, why))
+            rows.append((name, n, world, label, "-", None, None, why))
     if rank == 0:
         torch.save(rows, out_path)
     dist.destroy_process_group()
@@ -151,6 +165,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--modes", default=None, help="comma-separated mode labels to run (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
@@ -169,11 +184,12 @@ def main() -> None:
              f"- python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}",
              f"- fp32, batch 1, {H} heads, head dim {D}; a training step (forward + backward of q, k, v); "
              f"median of {args.repeat} interleaved rounds; bytes: sent by the busiest rank in the forward",
-             "", "| case | tokens | ranks | mode | step (ms) | vs dense ring | bytes sent |", "|---|---|---|---|---|---|---|"]
-    for name, n, world, label, sec, ratio, b in rows:
+             "", "| case | tokens | ranks | mode | blocks | step (ms) | vs dense ring | bytes sent |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, n, world, label, blocks, sec, ratio, b in rows:
         step = "-" if sec is None else f"{sec * 1e3:.1f}"
         rel = "-" if ratio is None else f"{ratio:.2f}x"
-        lines.append(f"| {name} | {n} | {world} | {label} | {step} | {rel} | {b if b is not None else '-'} |")
+        lines.append(f"| {name} | {n} | {world} | {label} | {blocks} | {step} | {rel} | {b if b is not None else '-'} |")
     emit(lines, args.out)
 
 

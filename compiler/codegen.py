@@ -67,6 +67,11 @@ class KernelSource(ScoreLines, KernelBodies):
         self.pat, self.bound, self.shape = pat, bound, shape
         self.layout = layout_of(config)
         self.permuted = self.layout == "permute"
+        #: a block of a longer sequence (``evaluate.block_bound``): the kernels take its offsets
+        #: ``Q_OFF``, ``K_OFF`` at run time (one module serves every block of its row counts); the
+        #: routing selection and key blocks are read at its rows
+        self.block = bound.is_block
+        self.sel_q, self.sel_k = ("q_row", "k_row") if self.block else ("q_tok", "k_tok")
         self._bind_tiles()
         self.mask = E.substitute(pat.mask, bound)
         self.bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
@@ -80,8 +85,9 @@ class KernelSource(ScoreLines, KernelBodies):
         # KV tile span at most WORD_BITS + 1 block indices, two words per query and tile hold them all
         spread = tile_block_spread(pat.keys, block_sizes(pat.route, bound), bound, shape.kv_extents,
                                    shape.kv_tile) if pat.route is not None else 0
-        self.route_words = 0 < spread <= WORD_BITS + 1
-        self.route_one_block = spread == 1  # every KV tile inside one block: one bit per query and tile
+        # (a block's tiles start at any offset: the spread is not known, so each key reads its word)
+        self.route_words = 0 < spread <= WORD_BITS + 1 and not self.block
+        self.route_one_block = spread == 1 and not self.block  # every KV tile inside one block: one bit per query and tile
 
     # ------------------------------------------------------------ binding
     def _bind_tiles(self) -> None:
@@ -93,6 +99,11 @@ class KernelSource(ScoreLines, KernelBodies):
             raise SpecError("the Q tile needs one extent per grid axis, or one for flat tiles", where="q_tile")
         if self.k_axes and len(shape.kv_extents) not in (1, len(self.k_axes)):
             raise SpecError("the KV tile needs one extent per grid axis, or one for flat tiles", where="kv_tile")
+        if bound.is_block:  # tiles at any offset: no coordinate is one value per tile
+            if len(shape.q_extents) != 1 or len(shape.kv_extents) != 1:
+                raise SpecError("a block's tiles are 1-D runs of its rows", where="argument q_tile")
+            self.q_uniform = self.k_uniform = frozenset()
+            return
         self.q_uniform = uniform_axes(shape.q_extents, shape.q_tile, self.q_axes)
         self.k_uniform = uniform_axes(shape.kv_extents, shape.kv_tile, self.k_axes)
 
@@ -105,9 +116,11 @@ class KernelSource(ScoreLines, KernelBodies):
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
             self.inputs[decl.name] = InputSlot(i, decl.dtype, dims)
-        ranges = {S.Q: bound.n, S.K: bound.nk, S.H: bound.heads}
+        # positions: a block's rows are absolute positions up to the whole sequence (``n``)
+        seq = int(bound.subs[S.N]) if bound.is_block else max(bound.n, bound.nk)
+        ranges = {S.Q: seq if bound.is_block else bound.n, S.K: seq if bound.is_block else bound.nk, S.H: bound.heads}
         for sym in symbols:
-            ranges.setdefault(sym, max(bound.n, bound.nk))
+            ranges.setdefault(sym, seq)
         scalars = frozenset([S.coord("q", pat.queries.axis_names[i]) for i in self.q_uniform]
                             + [S.coord("k", pat.keys.axis_names[i]) for i in self.k_uniform])
         self.printer = TritonPrinter(symbols, self.inputs, ranges, scalars)
@@ -147,9 +160,9 @@ class KernelSource(ScoreLines, KernelBodies):
     def _tiles(self, role: str, var: str) -> list[str]:
         if role == "q":
             return tile_code("q", var, self.shape.q_extents, self.shape.q_tile, self.q_axes, self.permuted,
-                             "BLOCK_M", self.wide_rows, self.q_uniform)
+                             "BLOCK_M", self.wide_rows, self.q_uniform, "Q_OFF" if self.block else None)
         return tile_code("k", var, self.shape.kv_extents, self.shape.kv_tile, self.k_axes, self.permuted,
-                         "BLOCK_N", self.wide_rows, self.k_uniform)
+                         "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None)
 
     # ------------------------------------------------------------ module
     def module(self) -> str:

@@ -13,6 +13,7 @@ Tensors are 4-D, ``[batch | 1, heads | 1, queries | 1, keys | 1]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class Bound:
     #: Self-attention with a KV cache: the ``n`` queries are the last ``n`` of the ``nk``
     #: tokens, so query row i has absolute position ``q_offset + i`` (``nk - n``); 0 otherwise.
     q_offset: int = 0
+    #: A block of a longer sequence (context parallelism: ``block_bound``): key row j has absolute
+    #: position ``k_offset + j``; 0 otherwise. ``subs`` (``n``, grid sizes, input shapes) stay the
+    #: whole sequence's.
+    k_offset: int = 0
+    #: The rows are a block of a longer sequence (``block_bound``), not all of it or the queries
+    #: after a KV cache.
+    is_block: bool = False
 
 
 def bind_sizes(
@@ -99,6 +107,19 @@ def bind_sizes(
         ir.check_window_sizes(pat, subs)
     return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()},
                  q_offset=nk_val - n_val if self_attn else 0)
+
+
+def block_bound(whole: Bound, q0: int, lq: int, k0: int, lk: int) -> Bound:
+    """The queries at absolute positions ``[q0, q0 + lq)`` against the keys at ``[k0, k0 + lk)`` of a
+    self-attention pattern bound at the whole sequence (``whole``: no KV cache): ``n = lq``,
+    ``nk = lk`` rows, the offsets make them absolute positions, the sizes stay the whole sequence's."""
+    if whole.q_offset or whole.is_block or whole.n != whole.nk:
+        raise SpecError("a block is cut from a pattern bound at the whole sequence", where="argument whole")
+    for what, start, length in (("q0", q0, lq), ("k0", k0, lk)):
+        if start < 0 or length < 1 or start + length > whole.n:
+            raise SpecError(f"rows [{start}, {start + length}) are not inside the {whole.n} tokens",
+                            where=f"argument {what}")
+    return dataclasses.replace(whole, n=lq, nk=lk, q_offset=q0, k_offset=k0, is_block=True)
 
 
 def _check_kv_cache(self_attn: bool, n: int | None, nk: int | None, offset_ok: bool) -> None:
@@ -633,11 +654,14 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
 def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
     """Symbol values for given flat query and key tokens (tensors of any broadcastable
     shapes): the sizes, ``h``, and ``q``/``k`` or their grid coordinates. ``q_flat``
-    are query ROWS (0..n-1); ``bound.q_offset`` makes them absolute positions."""
+    are query ROWS (0..n-1); ``bound.q_offset`` makes them absolute positions (``k_flat`` and
+    ``bound.k_offset`` likewise)."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
     env[S.H] = head
-    if bound.q_offset:  # query rows are the last n tokens: absolute positions
+    if bound.q_offset:  # query rows are the last n tokens (or a block's): absolute positions
         q_flat = q_flat + bound.q_offset
+    if bound.k_offset:  # a block's key rows: absolute positions
+        k_flat = k_flat + bound.k_offset
     for role, layout, flat in (("q", pat.queries, q_flat), ("k", pat.keys, k_flat)):
         if layout.kind == "seq":
             env[S.Q if role == "q" else S.K] = flat

@@ -375,7 +375,8 @@ def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: di
     q_ext = T.layout_extents(pat.queries, bound, bound.n)
     kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
     boxes = (flat_box(q_ext, tuple(q_tile)), flat_box(kv_ext, tuple(kv_tile)))
-    if pat.queries.kind == "grid" and pat.keys.kind == "grid" and not bound.q_offset and all(boxes):
+    if pat.queries.kind == "grid" and pat.keys.kind == "grid" and not bound.q_offset and not bound.is_block \
+            and all(boxes):
         sched = classify(pat, bound, boxes[0], boxes[1], inputs=inputs, **options)
         return dataclasses.replace(sched, q_extents=(math.prod(q_ext),), kv_extents=(math.prod(kv_ext),),
                                    q_tile=(min(q_tile[0], math.prod(q_ext)),), kv_tile=(min(kv_tile[0], math.prod(kv_ext)),))

@@ -100,7 +100,8 @@ def axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, k
     pair). Padded slots are clamped in range; ``valid`` says which slots hold tokens."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
     env[S.H] = head
-    sides = (("q", pat.queries, q_extents, q_tile, q_tiles, bound.q_offset), ("k", pat.keys, kv_extents, kv_tile, kv_tiles, 0))
+    sides = (("q", pat.queries, q_extents, q_tile, q_tiles, bound.q_offset),
+             ("k", pat.keys, kv_extents, kv_tile, kv_tiles, bound.k_offset))
     ndim = 1 + len(q_extents) + len(kv_extents)
     valid = torch.ones((1,) * ndim, dtype=torch.bool)
     dim = 1
@@ -110,7 +111,7 @@ def axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, k
             shape[dim] = pos.shape[1]
             value = torch.minimum(pos, torch.tensor(ext[a] - 1)).view(shape)
             if layout.kind == "seq":
-                env[S.Q if role == "q" else S.K] = value + shift  # query rows -> absolute positions
+                env[S.Q if role == "q" else S.K] = value + shift  # rows -> absolute positions
             else:
                 env[S.coord(role, layout.axis_names[a])] = value
             valid = valid & ok.view(shape)
@@ -209,8 +210,8 @@ CLASSIFICATIONS = 0
 def check_offset_layout(pat: ir.PatternIR, bound: E.Bound) -> None:
     """Query tiles of a KV-cache call (``q_offset``) are runs of query rows: a grid's queries
     are a suffix of its token order, not a box, and are classified on the flat view
-    (``compiler.search.flat_view``)."""
-    if bound.q_offset and pat.queries.kind == "grid":
+    (``compiler.search.flat_view``); a block's (``k_offset``) likewise on both sides."""
+    if (bound.q_offset or bound.is_block) and (pat.queries.kind == "grid" or pat.keys.kind == "grid"):
         raise SpecError("queries after a KV cache on a grid are tiled on the flat token order",
                         where="argument q_tile", hint="classify flat_view(pattern, bound)")
 
@@ -268,7 +269,9 @@ def _classify(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict |
         return merge_schedules(parts)
     stored = head_classes(pat, bound)
     axes = _separable_axes(pat, mask)
-    if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext:
+    # the separable path reads rows as positions (no offsets): a block's rows are not
+    if axes is not None and all(L <= AXIS_EXACT_MAX for L in q_ext) and q_ext == kv_ext \
+            and not bound.q_offset and not bound.is_block:
         return _classify_separable(pat, bound, mask, axes, q_ext, q_tile, kv_tile, stored, tensors)
     return _classify_hierarchical(pat, bound, mask, q_ext, kv_ext, q_tile, kv_tile, stored, tensors, refine_budget,
                                   witness)
@@ -405,7 +408,7 @@ def _box_env(pat, bound, sup: torch.Tensor, levels: list[int], grid, tile, ext, 
     t_hi = torch.stack([torch.clamp(((sup[:, offset + a] + 1) << levels[a]) - 1, max=grid[a] - 1)
                         for a in range(n_axes)], 1)
     layout = pat.queries if role == "q" else pat.keys
-    shift = bound.q_offset if role == "q" else 0  # query rows -> absolute positions (seq only: classify_tiles)
+    shift = bound.q_offset if role == "q" else bound.k_offset  # rows -> absolute positions (seq only: classify_tiles)
     for a in range(n_axes):
         lo = (t_lo[:, a] * tile[a] + shift).to(torch.float64)
         hi = (torch.clamp((t_hi[:, a] + 1) * tile[a], max=ext[a]) - 1 + shift).to(torch.float64)
@@ -643,10 +646,10 @@ def _line_classes(pat, mask, bound, tensors, head: int, own: list[int], own_tile
         x_lo = (first * other_tile).to(torch.float64)
         x_hi = (torch.clamp((last + 1) * other_tile, max=other_len) - 1).to(torch.float64)
         mine, other = (S.Q, S.K) if role == "q" else (S.K, S.Q)
-        if role == "q":  # query rows -> absolute positions (a KV cache)
-            o_lo, o_hi = o_lo + bound.q_offset, o_hi + bound.q_offset
-        else:
-            x_lo, x_hi = x_lo + bound.q_offset, x_hi + bound.q_offset
+        # rows -> absolute positions (a KV cache's queries, a block's queries and keys)
+        q_shift, k_shift = bound.q_offset, bound.k_offset
+        o_shift, x_shift = (q_shift, k_shift) if role == "q" else (k_shift, q_shift)
+        o_lo, o_hi, x_lo, x_hi = o_lo + o_shift, o_hi + o_shift, x_lo + x_shift, x_hi + x_shift
         env[mine], env[other] = Num(o_lo, o_hi), Num(x_lo, x_hi)
         result = IntervalEvaluator(env, tensors).boolean(mask)
         may_t = torch.broadcast_to(result.t, owner.shape)

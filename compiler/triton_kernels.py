@@ -53,7 +53,8 @@ class KernelBodies:
         return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
                 "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "dc_lo",
                 "DR", "dr_b", "dr_h", "SOFTCAP",
-                *self._all_input_params(), *(["ERR"] if self.checks else [])]
+                *self._all_input_params(), *(["ERR"] if self.checks else []),
+                *(["Q_OFF", "K_OFF"] if self.block else [])]
 
     def shape_tiles_q(self) -> int:
         """The number of Q tiles (a tile list's row stride)."""

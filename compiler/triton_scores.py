@@ -97,7 +97,8 @@ class ScoreLines:
     def _route_key_lines(self) -> list[str]:
         """Routing, per KV tile: each key's block, and where the tile's blocks are in a query's
         selection words (``runtime.plan.routing.selection_words``: bit b % 32 of word b // 32)."""
-        lines = ["kb = tl.load(KEY_BLOCK + k_tok, mask=k_ok, other=0)  # each key's block"]
+        # a block's selection and key blocks are its own rows' (codegen: ``sel_q``, ``sel_k``)
+        lines = [f"kb = tl.load(KEY_BLOCK + {self.sel_k}, mask=k_ok, other=0)  # each key's block"]
         if self.route_one_block:
             lines += ["# the tile lies in one block: bit b0 % 32 of word b0 // 32",
                       f"b0 = tl.reduce(tl.where(k_ok, kb, {INT32_MAX}), 0, _minimum)"]
@@ -112,17 +113,17 @@ class ScoreLines:
         qx, kx = broadcast_axes(tr)
         if self.route_one_block:
             return ["# routing: only the key blocks this query selected (one bit per query for this tile)",
-                    f"sel = tl.load(SEL + sel_base + q_tok * sel_n + b0 // {WORD_BITS}, mask=q_ok, other=0)",
+                    f"sel = tl.load(SEL + sel_base + {self.sel_q} * sel_n + b0 // {WORD_BITS}, mask=q_ok, other=0)",
                     f"allowed = allowed & (((sel >> (b0 % {WORD_BITS})) & 1) != 0){qx}"]
         if self.route_words:
             return ["# routing: only the key blocks this query selected (two words of its selection)",
-                    "sel_lo = tl.load(SEL + sel_base + q_tok * sel_n + w0, mask=q_ok, other=0)",
-                    "sel_hi = tl.load(SEL + sel_base + q_tok * sel_n + w0 + 1, mask=q_ok, other=0)",
+                    f"sel_lo = tl.load(SEL + sel_base + {self.sel_q} * sel_n + w0, mask=q_ok, other=0)",
+                    f"sel_hi = tl.load(SEL + sel_base + {self.sel_q} * sel_n + w0 + 1, mask=q_ok, other=0)",
                     f"word = tl.where(kbit{kx} < {WORD_BITS}, sel_lo{qx}, sel_hi{qx})",
                     f"allowed = allowed & (((word >> (kbit{kx} & {WORD_BITS - 1})) & 1) != 0)"]
         return ["# routing: only the key blocks this query selected (the word of each key's block: the",
                 f"# blocks of a KV tile spread over more than {WORD_BITS + 1} here)",
-                f"word = tl.load(SEL + sel_base + q_tok{qx} * sel_n + kb{kx} // {WORD_BITS},",
+                f"word = tl.load(SEL + sel_base + {self.sel_q}{qx} * sel_n + kb{kx} // {WORD_BITS},",
                 f"               mask=q_ok{qx} & k_ok{kx}, other=0)",
                 f"allowed = allowed & (((word >> (kb{kx} % {WORD_BITS})) & 1) != 0)"]
 

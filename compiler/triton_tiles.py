@@ -59,10 +59,14 @@ def layout_of(config) -> str:
 
 
 def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
-               wide: bool, uniform: frozenset[int]) -> list[str]:
+               wide: bool, uniform: frozenset[int], offset: str | None = None) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
     ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
-    ``{role}_ok`` and the memory row ``{role}_row`` of every slot."""
+    ``{role}_ok`` and the memory row ``{role}_row`` of every slot. ``offset``: the name of the
+    runtime argument that makes a block's rows absolute positions (1-D tiles of a block of a longer
+    sequence; the memory rows stay the block's)."""
+    if offset is not None and (len(extents) != 1 or permuted or uniform):
+        raise ValueError("a block's tiles are 1-D runs of its rows, in memory order, with no uniform axis")
     r = role
     slots = math.prod(tile)
     grid = [-(-L // t) for L, t in zip(extents, tile, strict=True)]
@@ -97,6 +101,8 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
         lines.append(f"{r}_row = {r}_tok")
     if wide:
         lines.append(f"{r}_row = {r}_row.to(tl.int64)  # token offsets exceed int32 at these sizes")
+    if offset is not None:
+        lines.append(f"{r}_tok = {r}_tok + {offset}  # the block's rows -> absolute positions")
     # grid coordinates of the pattern's layout
     if len(layout_axes) and len(extents) == 1:
         stride = 1

@@ -27,7 +27,10 @@ class Support:
     and/or ``"recurrence"``; ``query_offset``: queries after a KV cache (``nk > n``), ``"native"``, or
     ``"padded"`` (the whole sequence is run with zero queries in front: ``frontends.kv_cache``), or
     None; ``routing``: data-dependent block selection; ``compile``: runs under ``torch.compile``
-    through a custom op (``runtime.ops``); ``decode_step``: ``Attention.step``."""
+    through a custom op (``runtime.ops``); ``decode_step``: ``Attention.step``; ``key_offset``: the
+    device types on which the runner runs BLOCKS of a longer sequence (``BlockRunner``: queries at
+    ``bound.q_offset`` against keys at ``bound.k_offset``, ``evaluate.block_bound``), the unit of
+    context parallelism (``runtime.parallel.blocks``)."""
 
     devices: frozenset = frozenset({"cpu", "cuda"})
     kinds: frozenset = frozenset({"softmax"})
@@ -35,6 +38,7 @@ class Support:
     routing: bool = True
     compile: bool = True
     decode_step: bool = False
+    key_offset: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,26 @@ class Runner(Protocol):
     def last_schedule(self): ...
 
     def describe(self) -> str: ...
+
+
+@runtime_checkable
+class BlockRunner(Protocol):
+    """A runner whose ``support.key_offset`` names a device type runs blocks there. ``bound`` is
+    ``evaluate.block_bound(whole, q0, lq, k0, lk)``; q ``[B, H, lq, D]``, k, v ``[B, Hkv, lk, D]``
+    the block's rows; ``inputs`` the WHOLE call-time inputs bound at the whole sequence (read at
+    absolute positions); ``selection`` ``[B, H, lq, blocks]`` and ``key_block`` ``[lk]``: a
+    routing pattern's selection of these queries and the block of each key (None otherwise).
+
+    ``block_forward`` returns ``(out, lse)`` of the block in the compute dtype (fp32, fp64 for fp64);
+    a query with no allowed key gives 0 and lse -inf. ``block_backward`` takes the MERGED
+    statistics of every block of the rows (``out`` and ``lse`` of the whole row, as flash
+    attention's backward) and returns ``(dq share of this block, dk, dv)`` (dk, dv with k's heads)."""
+
+    def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float,
+                      selection=None, key_block=None) -> tuple: ...
+
+    def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float,
+                       selection=None, key_block=None) -> tuple: ...
 
 
 def refusal(runner, kind: str, device: torch.device, q_offset: int = 0) -> str | None:

@@ -61,8 +61,8 @@ def compile_case(case: dict, backend: str = "reference"):
 
 
 def run_case(case: dict, rank: int):
-    attn = compile_case(case)
-    q, k, v, dout = case_tensors(case)
+    attn = compile_case(case, case.get("backend", "reference"))
+    q, k, v, dout = (t.to(case.get("dtype", torch.float64)) for t in case_tensors(case))
     inputs = case_inputs(case)
     cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
     ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))
@@ -77,7 +77,8 @@ def run_case(case: dict, rank: int):
     result = {"out": cp.unshard(out), "dq": cp.unshard(ql.grad), "dk": cp.unshard(kl.grad),
               "dv": cp.unshard(vl.grad), "bytes": cp.last_comm_bytes,
               "need": None if cp.last_plan is None else cp.last_plan.need,
-              "zigzag": None if cp.last_plan is None else cp.last_plan.order.zigzag}
+              "zigzag": None if cp.last_plan is None else cp.last_plan.order.zigzag,
+              "blocks": cp.last_blocks}
     if grad_inputs:
         result["dinputs"] = {name: cp.unshard(t.grad, dim=token_dim(case, name)) for name, t in il.items()}
     return result

@@ -46,6 +46,28 @@ CASES_2 = {
     "mamba2": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "gla": dict(spec="stdlib:gla", n=32, inputs={"g": "vgate"}, grad_inputs=True),
     "gated-delta": dict(spec="stdlib:gated_delta_net", n=32, inputs={"g": "gate", "beta": "beta"}, grad_inputs=True),
+    # the blocks on the CPU executor (backend "cpu" / "auto") against the one-process reference
+    "exec-window-ring": dict(SW, n=64, backend="cpu"),
+    "exec-causal-zigzag": dict(spec="causal", n=64, backend="cpu"),
+    "exec-neighborhood2d": dict(spec="stdlib:neighborhood_2d", params={"kernel_size": 3},
+                                sizes={"height": 8, "width": 8}, n=64, backend="cpu"),
+    "exec-document": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, backend="cpu"),
+    "exec-forgetting": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, backend="auto"),
+    "exec-moba-allgather": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, backend="cpu",
+                                kv="allgather"),
+    "exec-softcap-gqa": dict(spec="stdlib:softcap", params={"cap": 2.0}, n=64, Hkv=2, backend="cpu"),
+    # the blocks on the Triton kernels (interpreted on CPU tensors), float32, against the reference in
+    # float64 within float32 rounding
+    "triton-window": dict(SW, n=64, backend="triton", dtype=torch.float32),
+    "triton-causal-zigzag": dict(spec="causal", n=64, backend="triton", dtype=torch.float32),
+    "triton-neighborhood2d": dict(spec="stdlib:neighborhood_2d", params={"kernel_size": 3},
+                                  sizes={"height": 8, "width": 8}, n=64, backend="triton", dtype=torch.float32),
+    "triton-document": dict(spec="stdlib:document", n=60, inputs={"doc": "doc"}, backend="triton",
+                            dtype=torch.float32),
+    "triton-forgetting": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, backend="triton",
+                              dtype=torch.float32),
+    "triton-moba": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, backend="triton",
+                        dtype=torch.float32),
 }
 CASES_4 = {
     "window-ring-4": dict(SW, n=64),
@@ -58,6 +80,8 @@ CASES_4 = {
     "mamba2-4": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "vertical-slash-ring-4": dict(spec="stdlib:vertical_slash", n=64, params={
         "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),
+    "exec-causal-zigzag-4": dict(spec="causal", n=64, kv="allgather", backend="cpu"),
+    "exec-usp-falls-back": dict(SW, n=64, u=2, backend="cpu"),
     "kda-4": dict(spec="stdlib:kda", n=32, inputs={"g": "vgate", "beta": "beta"}, grad_inputs=True),
 }
 WAN_2 = {
@@ -136,8 +160,10 @@ def check(case: dict, ranks: list) -> None:
         assert "crash" not in got, f"rank {r}:\n{got['crash']}"
     ref = reference(case)
     for r, got in enumerate(ranks):  # unshard gives every rank the whole tensor
+        tol = 1e-9 if case.get("dtype", torch.float64) == torch.float64 else 1e-5  # float32: its rounding
         for key in ("out", "dq", "dk", "dv"):
-            torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-9, msg=f"rank {r} {key}")
+            torch.testing.assert_close(got[key].to(ref[key].dtype), ref[key], rtol=tol, atol=tol,
+                                       msg=f"rank {r} {key}")
         for name, g in ref.get("dinputs", {}).items():
             torch.testing.assert_close(got["dinputs"][name], g, rtol=1e-9, atol=1e-9, msg=f"rank {r} d{name}")
 
@@ -150,6 +176,22 @@ def test_two_ranks_equal_one_process(results2, name):
 @pytest.mark.parametrize("name", list(CASES_4))
 def test_four_ranks_equal_one_process(results4, name):
     check(CASES_4[name], results4[name])
+
+
+def test_blocks_run_on_the_attentions_backend_where_it_runs_blocks(results2, results4):
+    """backend "cpu" and "auto" on CPU tensors: the executor's blocks; the reference backend and Ulysses
+    ranks (a share of the heads): the reference scores. Recurrences have no blocks (None)."""
+    seen = set()
+    for table, results in ((CASES_2, results2), (CASES_4, results4)):
+        for name, case in table.items():
+            ranks = results[name]
+            assert all("crash" not in r for r in ranks), name
+            if ranks[0]["need"] is None:  # a recurrence
+                continue
+            want = "reference" if case.get("u", 1) > 1 else case.get("backend", "reference")
+            assert {r["blocks"] for r in ranks} == {want}, name
+            seen.add(want)
+    assert seen == {"reference", "cpu", "auto", "triton"}
 
 
 def _kv_bytes(case: dict, world: int) -> int:

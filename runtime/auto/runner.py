@@ -25,7 +25,9 @@ class AutoRunner(CpuPolicy, Registered):
 
     name = "auto"
     op = "flex"  # under torch.compile on CPU, where Flex may serve: attnc::runner_attention chooses per call
-    support = Support(query_offset="native")
+    #: blocks of context parallelism: the executor on CPU tensors, the Triton kernels on CUDA (Flex
+    #: has no offsets)
+    support = Support(query_offset="native", key_offset=frozenset({"cpu", "cuda"}))
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None):
         super().__init__(pat, CpuRunner(pat, q_tile, kv_tile), q_tile, kv_tile)
@@ -64,6 +66,18 @@ class AutoRunner(CpuPolicy, Registered):
             return self.flex.forward(call, q, k, v)
         self.cuda_last = "triton"
         return self.triton.forward(call, q, k, v)
+
+    def block_forward(self, bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
+        """A block of context parallelism (``runtime.runner.BlockRunner``): the executor's on CPU
+        tensors, the Triton kernels' on CUDA."""
+        runner = self.triton if q.is_cuda else self.cpu
+        return runner.block_forward(bound, q, k, v, inputs, scale, selection, key_block)
+
+    def block_backward(self, bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
+                       key_block=None):
+        """The backward of a block (``runtime.runner.BlockRunner``), on the forward's runner."""
+        runner = self.triton if q.is_cuda else self.cpu
+        return runner.block_backward(bound, q, k, v, out, lse, dout, inputs, scale, selection, key_block)
 
     def traced(self, q, k, v, inputs: dict, need_lse: bool):
         """The runner whose op serves a call traced by dynamo: the Triton kernels on CUDA tensors; on

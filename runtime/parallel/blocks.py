@@ -4,9 +4,20 @@ unit of work of context parallelism (one rank's queries against one rank's keys)
 Forward returns ``(out, lse)`` of the block; blocks merge by their log-sum-exp
 (``merge``). Backward is flash attention's: from the MERGED ``lse`` and ``delta = rowsum(dout *
 out)`` of the whole row, each block gives its share of dq and the whole dk, dv of its keys, so no
-block needs another block's values. Scores are the reference backend's (``pair_scores``: mask,
-softcap, bias, FoX decay at absolute positions), computed in slabs of query rows so memory stays
-at ``SLAB_SCORES`` scores whatever the block sizes.
+block needs another block's values.
+
+Two ways to compute a block, the same answer (the schedule never changes it):
+
+- ``BlockProblem.runner`` set (``block_runner``: the attention's own runner where its
+  ``Support.key_offset`` names the tensors' device: the CPU executor for ``backend="cpu"`` or
+  ``"auto"`` on CPU tensors, the Triton kernels for ``"triton"`` or ``"auto"`` on CUDA tensors):
+  the rows are cut into runs of consecutive positions (a zigzag rank holds two), and
+  each (query run, key run) is one call of the runner's ``block_forward`` / ``block_backward`` with
+  ``evaluate.block_bound``: its tile classification with both offsets (EMPTY tiles skipped, FULL
+  ones unmasked), mask, bias, softcap and FoX decay at absolute positions.
+- otherwise (the reference and Flex runners; Ulysses ranks, which hold a share of the heads): the
+  reference backend's scores (``pair_scores``), computed in slabs of
+  query rows so memory stays at ``SLAB_SCORES`` scores whatever the block sizes.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import torch
 
 from ...compiler import evaluate as E
 from ...core import ir
+from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask, pair_scores, softcap_values
 from ..numerics import compute_dtype, expand_kv
 
@@ -44,6 +56,9 @@ class BlockProblem:
     #: of every key position (``parallel.routing.select``); None otherwise
     selected: torch.Tensor | None = None
     key_block: torch.Tensor | None = None
+    #: a runner that runs blocks (``runtime.runner.BlockRunner``; ``block_runner``), or None: the
+    #: reference scores
+    runner: object | None = None
 
     def evaluator(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> E.Evaluator:
         env = E.token_env(self.pattern, self.bound, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1),
@@ -79,9 +94,76 @@ def _slabs(rows: int, per_row: int):
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
+def block_runner(runner, device: torch.device, heads: int, pattern_heads: int):
+    """``runner`` where it runs blocks on ``device`` (``Support.key_offset``) for every pattern head
+    (``heads == pattern_heads``: a Ulysses rank's share of the heads takes the reference path), else
+    None (the reference scores)."""
+    support = getattr(runner, "support", None)
+    if support is None or device.type not in support.key_offset or heads != pattern_heads:
+        return None
+    return runner
+
+
+def runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(first row, first absolute position, length)`` of each run of consecutive positions."""
+    p = pos.tolist()
+    out, start = [], 0
+    for i in range(1, len(p) + 1):
+        if i == len(p) or p[i] != p[i - 1] + 1:
+            out.append((start, p[start], i - start))
+            start = i
+    return out
+
+
+def _run_args(prob: BlockProblem, q_run, k_run) -> tuple:
+    """(block bound, selection, key blocks) of one (query run, key run)."""
+    (r0, q0, lq), (_, k0, lk) = q_run, k_run
+    bound = E.block_bound(prob.bound, q0, lq, k0, lk)
+    if prob.selected is None:
+        return bound, None, None
+    return bound, prob.selected[:, :, r0:r0 + lq], prob.key_block[k0:k0 + lk]
+
+
+def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
+    dt = compute_dtype(q.dtype)
+    B, H, nq, _ = q.shape
+    out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
+    lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
+    for q_run in runs(q_pos):
+        rows = slice(q_run[0], q_run[0] + q_run[2])
+        for k_run in runs(k_pos):
+            bound, sel, kb = _run_args(prob, q_run, k_run)
+            cols = slice(k_run[0], k_run[0] + k_run[2])
+            part, part_lse = prob.runner.block_forward(bound, q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                                       prob.tensors, prob.scale, sel, kb)
+            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], part.to(dt), part_lse.to(dt))
+    return out, lse
+
+
+def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out):
+    dt = compute_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dt, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+    for q_run in runs(q_pos):
+        rows = slice(q_run[0], q_run[0] + q_run[2])
+        for k_run in runs(k_pos):
+            bound, sel, kb = _run_args(prob, q_run, k_run)
+            cols = slice(k_run[0], k_run[0] + k_run[2])
+            dq_b, dk_b, dv_b = prob.runner.block_backward(
+                bound, q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse[:, :, rows],
+                dout[:, :, rows], prob.tensors, prob.scale, sel, kb)
+            dq[:, :, rows] += dq_b.to(dt)
+            dk[:, :, cols] += dk_b.to(dt)
+            dv[:, :, cols] += dv_b.to(dt)
+    return dq, dk, dv
+
+
 def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, nq, Dv], lse [B, H, nq])`` of one block in the compute dtype; a query with no
     allowed key in the block gives 0 and lse -inf."""
+    if prob.runner is not None:
+        return _runner_forward(prob, q, k, v, q_pos, k_pos)
     dt = compute_dtype(q.dtype)
     B, H, nq, _ = q.shape
     kc, vc = expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)
@@ -108,9 +190,15 @@ def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: to
     return out * a + part * b, new
 
 
-def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta):
+def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None):
     """``(dq, dk, dv)`` of one block from the merged row statistics: ``lse`` and ``delta`` ``[B, H, nq]``
-    of the whole row, ``dout`` ``[B, H, nq, Dv]``. dk, dv have k's heads (GQA groups summed)."""
+    of the whole row (``delta = rowsum(dout * out)``), ``dout`` ``[B, H, nq, Dv]``, ``out`` the merged
+    output of the whole row (the runner path reads it, as flash attention's backward, in place of
+    ``delta``). dk, dv have k's heads (GQA groups summed)."""
+    if prob.runner is not None:
+        if out is None:
+            raise SpecError("a block runner's backward reads the merged output", where="argument out")
+        return _runner_backward(prob, q, k, v, q_pos, k_pos, lse, dout, out)
     dt = compute_dtype(q.dtype)
     B, H, nq, _ = q.shape
     kc, vc = expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)

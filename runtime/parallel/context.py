@@ -22,7 +22,7 @@ from ..checks import check_qkv, resolve_scale
 from ..plan import antidiagonal, clusters, vertical_slash
 from . import collectives as C
 from . import routing
-from .blocks import BlockProblem
+from .blocks import BlockProblem, block_runner
 from .pairs import PairPlan, choose_order, plan_pairs
 from .recurrence import chained_recurrence, token_dim
 from .sharding import ShardOrder
@@ -42,7 +42,13 @@ class ContextParallel(torch.nn.Module):
     ``shard(x)`` is this rank's part of a whole tensor (the same on every rank), ``unshard(x)`` the
     whole tensor again on every rank; ``cp(q, k, v, **inputs)`` the attention of this rank's queries,
     this rank's part of the output. Inputs may be this rank's part (``shard(x, dim=...)`` along their
-    token dimension) or whole. ``last_comm_bytes``: bytes this rank sent in the last forward."""
+    token dimension) or whole. ``last_comm_bytes``: bytes this rank sent in the last forward.
+
+    The blocks (this rank's queries against one rank's keys) run on the attention's own backend
+    where its runner runs blocks on the tensors' device (``Support.key_offset``: the CPU executor
+    for ``backend="cpu"`` or ``"auto"`` on CPU tensors, the Triton kernels for ``"triton"`` or
+    ``"auto"`` on CUDA tensors), else on the reference scores (the reference and Flex runners, and
+    Ulysses ranks, which hold a share of the heads); ``last_blocks`` says which."""
 
     def __init__(self, attn, group=None, ulysses_degree: int = 1, kv: str = "ring", sizes: dict | None = None):
         super().__init__()
@@ -81,6 +87,9 @@ class ContextParallel(torch.nn.Module):
             self.ring_group = group
         self.last_comm_bytes = 0
         self.last_plan: PairPlan | None = None
+        #: what computed the blocks of the last softmax call: a runner's name (its kernels, e.g.
+        #: "cpu" for the executor) or "reference" (``blocks.block_runner``)
+        self.last_blocks: str | None = None
         self._orders: dict = {}
         self._plans: dict = {}
 
@@ -176,7 +185,12 @@ class ContextParallel(torch.nn.Module):
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
         # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
-        problem = BlockProblem(pat, bound, {n: t.cpu() for n, t in tensors.items()}, batch, scale, heads)
+        # the attention's own runner where it runs blocks on this device (the CPU executor, the
+        # Triton kernels), else the reference scores (blocks.block_runner)
+        runner = self.block_runner(q.device, share, H)
+        self.last_blocks = "reference" if runner is None else runner.name
+        problem = BlockProblem(pat, bound, {n: t.cpu() for n, t in tensors.items()}, batch, scale, heads,
+                               runner=runner)
         if pat.route is not None:  # the selection of this rank's queries, from every rank's block means
             pos = [plan.order.positions(j) for j in range(self.ring)]
             selected, key_block = routing.select(problem, q, k, pos[self.ring_index], pos, problem.tensors,
@@ -189,6 +203,11 @@ class ContextParallel(torch.nn.Module):
             out = Swap.apply(out, self.ulysses_group, self.u, False)
         self.last_comm_bytes = sent + call.sent["forward"] + input_bytes
         return out
+
+    def block_runner(self, device: torch.device, heads: int, pattern_heads: int):
+        """The runner of the blocks of a call on ``device`` computing ``heads`` of the pattern's
+        ``pattern_heads`` (``blocks.block_runner``), None for the reference scores."""
+        return block_runner(self.attn.runner, device, heads, pattern_heads)
 
     def plan(self, bound: E.Bound, tensors: dict, batch: int | None, order: ShardOrder) -> PairPlan:
         """Which ring positions exchange keys in this call (cached when the mask reads no input)."""

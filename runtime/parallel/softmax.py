@@ -127,7 +127,8 @@ class RingAttention(torch.autograd.Function):
         dk, dv = torch.zeros(k.shape, dtype=dt, device=q.device), torch.zeros(v.shape, dtype=dt, device=q.device)
         shares: dict[int, tuple] = {}  # ring position -> (dk, dv) of its keys computed here
         for j, kj, vj in _key_blocks(call, k, v, "backward"):
-            dq_j, dk_j, dv_j = block_backward(call.problem, q, kj, vj, q_pos, call.positions(j), lse, dout, delta)
+            dq_j, dk_j, dv_j = block_backward(call.problem, q, kj, vj, q_pos, call.positions(j), lse, dout, delta,
+                                              out)
             dq += dq_j
             if j == i:
                 dk += dk_j

@@ -213,13 +213,20 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
     the KV tiles of blocks some query of the Q tile selected (FULL only where the mask
     tile is FULL and every query of the tile selected every block the KV tile touches),
     and the per-query selection applied on PARTIAL tiles."""
+    B = q.shape[0]
+    selected, key_block, _ = _select(  # [B, Hq, Nq, nb]
+        plan.pattern, plan.bound, q, k, inputs,
+        lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs, batched, B))
+    return selected_plan(plan, selected, key_block)
+
+
+def selected_plan(plan, selected: torch.Tensor, key_block: torch.Tensor):
+    """``plan`` with a given selection ``[B, Hq, Nq, nblocks]`` of its query rows and the block of each
+    of its key rows (``route_plan``'s lists; context parallelism selects across ranks)."""
     from ...compiler.schedule import TileSchedule
 
     pat, bound = plan.pattern, plan.bound
-    B, Hq, Nq, _ = q.shape
-    selected, key_block, nblocks = _select(  # [B, Hq, Nq, nb]
-        pat, bound, q, k, inputs, lambda key_block, nblocks, _: allowed_blocks(plan, key_block, nblocks, inputs,
-                                                                               batched, B))
+    B, Hq = selected.shape[0], bound.heads
     with torch.no_grad():
         # per Q tile: blocks selected by any / by every query of the tile (on the selection's device; the
         # lists are built on the CPU, where the schedule lives)

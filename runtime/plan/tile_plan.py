@@ -117,7 +117,8 @@ class Plan:
         routing (``cpu_backend.whole_tile_fits``): its mask is evaluated per grid axis."""
         s = self.schedule
         return (s.num_q_tiles == 1 and s.num_kv_tiles == 1 and self.q_tokens.identity and self.k_tokens.identity
-                and self.selection is None and not E.input_names(self.mask) and not self.bound.q_offset)
+                and self.selection is None and not E.input_names(self.mask) and not self.bound.q_offset
+                and not self.bound.is_block)
 
     @property
     def static_mask(self) -> bool:
@@ -266,8 +267,10 @@ class TileBlock:
         if plan.pattern.decay is not None:
             hi, lo, reset = (extra[f"__fox_{part}_{plan.pattern.decay}"][:, self.heads]  # [B | 1, Hs, N]
                              for part in ("hi", "lo", "reset"))
-            # gates are indexed by absolute position: query rows start at q_offset (a KV cache)
-            scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0] + plan.bound.q_offset, self.k_tok[0, 0])
+            # gates are indexed by absolute position: query rows start at q_offset (a KV cache, a
+            # block), key rows at k_offset (a block)
+            scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0] + plan.bound.q_offset,
+                                        self.k_tok[0, 0] + plan.bound.k_offset)
         return scores
 
 

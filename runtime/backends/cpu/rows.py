@@ -54,7 +54,7 @@ SPAN_FILL = 0.5
 
 def applies(bound: E.Bound) -> bool:
     """Whether a call takes the decoding-rows path: a few queries after a KV cache."""
-    return bound.q_offset > 0 and bound.n <= DECODE_ROWS
+    return bound.q_offset > 0 and not bound.is_block and bound.n <= DECODE_ROWS
 
 
 @dataclass

@@ -12,6 +12,7 @@ from ....compiler.search import classify_flat, flat_box, flat_view, tile_shapes
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_classes, layout_extents
 from ....core import ir
+from ....core.errors import SpecError
 from ...ops import common as ops
 from ...ops.common import Registered
 from ...plan import routing, tile_plan
@@ -40,6 +41,10 @@ PARTIAL_EXTRA = 0.5
 #: same mask 464 / 1,577), the tiled plans 2.1-3.1e-6 ms per ``_cpu_cost`` unit (radial 3.05,
 #: sliding window 512 @ 8K 2.5, streaming 3.0, 3-D neighborhood 2.1): 0.6 of a unit.
 WHOLE_PAIR_COST = 0.6
+#: Block plans a ``CpuRunner`` keeps for context parallelism (least recently used dropped first):
+#: one per (sizes, heads, offsets, rows); a rank of a ring of r positions meets at most 4r blocks
+#: (2 chunks of its queries against 2r chunks of keys), the same at every call.
+BLOCK_PLANS = 64
 #: Tokens a side needs for the whole-sequence tile to be considered: below, either runs in
 #: milliseconds and the tiled plans stay (their schedules are what the tests exercise).
 WHOLE_MIN_TOKENS = 2048
@@ -60,7 +65,7 @@ def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -
     (less 1 MiB for the rest its cache keeps)."""
     if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None:
         return False
-    if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset:
+    if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset or bound.is_block:
         return False
     return (mask_itemsize + 2) * bound.n * bound.nk * head_classes(pat, bound) <= tile_plan.WHOLE_CACHE_BYTES - (1 << 20)
 
@@ -117,6 +122,10 @@ class CpuRunner(Registered):
         self.classified: dict = {}
         self._classified_key = None
         self._substituted: dict = {}  # decoding rows: mask and bias at the sizes they read
+        #: blocks of context parallelism: (mask inputs the plan was built for, plan) by
+        #: (sizes, heads, q_offset, n, k_offset, nk); apart from ``plans`` so that a module's own
+        #: plans are not pushed out
+        self.block_plans = PlanCache(BLOCK_PLANS)
 
     @property
     def max_plans(self) -> int:
@@ -232,10 +241,62 @@ class CpuRunner(Registered):
         names = tuple(tensors)
         return executor.TiledAttention.apply(plan, scale, batched, names, q, k, v, *(tensors[n] for n in names))
 
+    # ------------------------------------------------------------ blocks (runtime.runner.BlockRunner)
+    def block_plan(self, bound: E.Bound, tensors: dict) -> tile_plan.Plan:
+        """The plan of a block (``evaluate.block_bound``): 1-D tiles of its rows (a grid's on the flat
+        view, as queries after a KV cache), classified with both offsets; cached in ``block_plans`` per
+        (sizes, heads, offsets, rows) and, for a mask that reads inputs, per those inputs' values."""
+        pat = self.pattern
+        key = (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset, bound.nk)
+        used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
+        entry = self.block_plans.get(key)
+        if entry is not None and _same_tensors(entry[0], used):
+            return entry[1]
+        view, view_bound = (pat, bound) if pat.queries.kind == "seq" else flat_view(pat, bound)
+        if self.tiles.forced:  # a forced box counts as its number of tokens
+            q_tile = (min(math.prod(self.tiles.q), bound.n),)
+            kv_tile = (min(math.prod(self.tiles.kv), bound.nk),)
+        elif entry is not None:  # new mask inputs, the same sizes: the tiles chosen before
+            q_tile, kv_tile = entry[1].schedule.q_tile, entry[1].schedule.kv_tile
+        else:
+            q_tile, kv_tile = choose_tiles(view, view_bound, tensors)
+        plan = tile_plan.Plan.build(pat, bound, classify_tiles(view, view_bound, q_tile, kv_tile, tensors))
+        plan.inputs_fixed = bool(used)  # this plan only ever runs with these mask inputs
+        self.block_plans[key] = ({n: t.detach().clone() for n, t in used.items()}, plan)
+        return plan
+
+    def _block(self, bound: E.Bound, q, inputs: dict, selection, key_block):
+        if not bound.is_block:
+            raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
+        tensors, _ = E.bind_inputs(self.pattern, bound, inputs, batch=q.shape[0])
+        E.check_mask_indices(self.pattern, bound, tensors, batch=q.shape[0])
+        plan = self.block_plan(bound, tensors)
+        if selection is not None:  # routing: the selection made over the whole sequence
+            plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
+        batched = {n for n, t in tensors.items() if t.dim() > len(self.pattern.input(n).dims)}
+        return plan, tensors, batched
+
+    def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
+        """``(out, lse)`` of a block in the compute dtype (``runtime.runner.BlockRunner``)."""
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        plan, tensors, batched = self._block(bound, q, inputs, selection, key_block)
+        out, lse = executor.forward(plan, q.to(dt), k.to(dt), v.to(dt), tensors, batched, scale)
+        return out, lse.to(dt)
+
+    def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float,
+                       selection=None, key_block=None):
+        """``(dq share, dk, dv)`` of a block from the rows' merged ``out`` and ``lse`` (flash attention's
+        backward: P from the merged lse, delta = rowsum(dout * out) of the whole row)."""
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        plan, tensors, batched = self._block(bound, q, inputs, selection, key_block)
+        dq, dk, dv, _ = executor.backward(plan, q.to(dt), k.to(dt), v.to(dt), out.to(dt), lse.to(dt), dout.to(dt),
+                                          None, tensors, batched, scale, [])
+        return dq, dk, dv
+
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "cpu"
     op = "tiled"
-    support = Support(query_offset="native")
+    support = Support(query_offset="native", key_offset=frozenset({"cpu"}))
 
     @property
     def last_schedule(self):
@@ -264,6 +325,11 @@ class CpuRunner(Registered):
 
     def describe(self) -> str:
         return describe_plan(self.last, self.pattern)
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[n].shape == t.shape and a[n].dtype == t.dtype and torch.equal(a[n], t) for n, t in b.items())
 
 
 def describe_plan(plan: tile_plan.Plan | None, pat: ir.PatternIR) -> str:

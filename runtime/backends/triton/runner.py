@@ -56,6 +56,7 @@ from ...plan import routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
+from . import blocks
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
            "search_config", "write_source"]
@@ -255,6 +256,7 @@ class TritonRunner(Registered):
         self._bwd_fallback: dict = {}  # (shapes key, "bwd", forward config) -> its backward's smaller config
         self.last_source: str | None = None
         self.last_plan: tile_plan.Plan | None = None
+        self.block_plans = PlanCache()  # blocks of context parallelism (triton.blocks), bounded LRU
 
     # ------------------------------------------------------------ planning
     @staticmethod
@@ -399,8 +401,28 @@ class TritonRunner(Registered):
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "triton"
     op = "triton"
-    #: no query offset in the kernels: queries after a KV cache run the whole sequence (frontends.kv_cache)
-    support = Support(query_offset="padded")
+    #: queries after a KV cache run the whole sequence (frontends.kv_cache); blocks take offsets (triton.blocks)
+    support = Support(query_offset="padded", key_offset=frozenset({"cpu", "cuda"}))
+
+    def _block_launch(self, bound: E.Bound, q, inputs: dict, selection, key_block) -> Launch:
+        """The launch of a block of context parallelism (planned by ``triton.blocks``)."""
+        interpret = q.device.type != "cuda" and not self.native
+        config, plan, source, tensors, batched, cls, extra, checks = blocks.prepare(self, bound, q, inputs,
+                                                                                    selection, key_block)
+        return Launch(load_kernels(write_source(source), interpret=interpret), interpret, config,
+                      ScheduleShape.of(plan.schedule), plan, self.pattern, bound, tensors, batched,
+                      _lists(plan.schedule, q.device), cls, extra, checks)
+
+    def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
+        """``(out, lse)`` of a block in float32 (``runtime.runner.BlockRunner``)."""
+        out, lse = forward(self._block_launch(bound, q, inputs, selection, key_block), q, k, v, scale)
+        return out.float(), lse.float()
+
+    def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
+                       key_block=None):
+        """``(dq share, dk, dv)`` of a block from the rows' merged ``out`` and ``lse``."""
+        launch = self._block_launch(bound, q, inputs, selection, key_block)
+        return backward(launch, q, k, v, out, lse, dout.to(q.dtype), None, scale, [])[:3]
 
     @property
     def last_schedule(self):
@@ -469,6 +491,8 @@ def _common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tens
             args += [t, 0, *t.stride()]
     if launch.checks:
         args.append(launch.extra["ERR"])
+    if launch.bound.is_block:  # a block's rows -> absolute positions (runtime.backends.triton.blocks)
+        args += [launch.bound.q_offset, launch.bound.k_offset]
     return args
 
 

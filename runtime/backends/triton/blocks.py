@@ -1,0 +1,100 @@
+"""Blocks of context parallelism on the generated Triton kernels (``runtime.runner.BlockRunner``,
+served by ``TritonRunner.block_forward`` / ``block_backward``): queries at ``bound.q_offset`` against
+keys at ``bound.k_offset`` of a pattern bound at the whole sequence (``evaluate.block_bound``).
+
+A block runs on 1-D tiles of its rows (a grid's on the flat view, as the CPU executor's blocks),
+classified with both offsets; the module is generated for the block's row counts and takes the
+offsets as run-time arguments (``Q_OFF``, ``K_OFF``: ``compiler.codegen``), so every block of the
+same row counts shares one compiled module. The mask, bias, softcap and FoX decay read absolute
+positions (the call-time inputs and gates are the whole sequence's); a routing selection made
+across ranks is read at the block's rows. The backward takes the rows' merged ``out`` and ``lse``
+(delta = rowsum(dout * out) of the whole row, as flash attention's backward).
+
+The tiles are not tuned per block: ``BLOCK_TILE_TOKENS`` tokens a side, or the tokens of the tiles
+the module was compiled with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import sympy
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.codegen import ScheduleShape, bias_index_checks, generate_source
+from ....compiler.cost import KernelConfig
+from ....compiler.search import classify_flat
+from ....compiler.tiles import classify_tiles
+from ....core import symbols as S
+from ....core.errors import SpecError
+from ...plan import routing, tile_plan
+from ...plan.cache import mask_input_names
+
+#: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
+BLOCK_TILE_TOKENS = 64
+#: What the kernels run (as ``TritonRunner``).
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _tokens(runner) -> tuple[int, int]:
+    if runner.q_tile is None and runner.kv_tile is None:
+        return BLOCK_TILE_TOKENS, BLOCK_TILE_TOKENS
+    tiles = (runner.q_tile or runner.kv_tile, runner.kv_tile or runner.q_tile)  # forced: their token counts
+    return tuple(math.prod(t) if isinstance(t, tuple | list) else int(t) for t in tiles)
+
+
+def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
+    """(config, plan, source) of a block, cached in the runner's ``block_plans`` (a bounded LRU) per
+    (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs, per
+    those inputs' values."""
+    pat = runner.pattern
+    key = (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset, bound.nk,
+           q.device.type, q.shape[-1], q.dtype)
+    used = {n: t.detach().cpu() for n, t in tensors.items() if n in mask_input_names(pat)}
+    entry = runner.block_plans.get(key)
+    if entry is not None and entry[0].keys() == used.keys() and all(
+            entry[0][n].shape == t.shape and torch.equal(entry[0][n], t) for n, t in used.items()):
+        return entry[1]
+    tq, tk = _tokens(runner)
+    config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
+    if pat.queries.kind == "grid":  # 1-D tiles of a grid: classified on its flat view
+        sched = classify_flat(pat, bound, config.q_tile, config.kv_tile, used)
+    else:
+        sched = classify_tiles(pat, bound, config.q_tile, config.kv_tile, used)
+    plan = tile_plan.Plan.build(pat, bound, sched)
+    value = (config, plan, generate_source(pat, bound, ScheduleShape.of(sched), config))
+    runner.block_plans[key] = (used, value)
+    return value
+
+
+def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> tuple:
+    """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
+    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``)."""
+    pat = runner.pattern
+    if not bound.is_block:
+        raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
+    if q.dtype not in DTYPES:
+        raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
+                        where="argument q", hint="use backend='cpu' for float64")
+    tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
+    if mask_input_names(pat):
+        E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
+    batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+    config, plan, source = _plan(runner, bound, q, tensors)
+    device = q.device
+    if selection is not None:  # routing: the selection made over the whole sequence, at these rows
+        plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
+    sched = plan.schedule
+    cls = (bound.heads, 1) if plan.selection is not None else ((0, 0) if sched.heads_stored == 1 else (0, 1))
+    extra: dict = {}
+    if plan.selection is not None:
+        extra["SEL"] = routing.selection_words(plan.selection).to(device)
+        extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
+    if plan.softcap is not None:
+        extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+    checks = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(site.func)).dims[j]).subs(
+        bound.subs))) for site, j in bias_index_checks(pat, bound)]
+    if checks:
+        extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
+    return config, plan, source, tensors, batched, cls, extra, checks
