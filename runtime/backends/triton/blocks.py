@@ -68,19 +68,25 @@ def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     return value
 
 
-def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> tuple:
-    """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
-    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``)."""
-    pat = runner.pattern
-    if not bound.is_block:
-        raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
+def checked_inputs(pat, bound: E.Bound, q, inputs: dict) -> tuple[dict, frozenset]:
+    """The call's inputs bound and checked for the Triton kernels (q's dtype, the mask's index reads) and
+    the names of the batched ones: what every launch, of a whole sequence or a block, starts from."""
     if q.dtype not in DTYPES:
         raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                         where="argument q", hint="use backend='cpu' for float64")
     tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
     if mask_input_names(pat):
         E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
-    batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+    return tensors, frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+
+
+def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> tuple:
+    """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
+    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``)."""
+    pat = runner.pattern
+    if not bound.is_block:
+        raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
+    tensors, batched = checked_inputs(pat, bound, q, inputs)
     config, plan, source = _plan(runner, bound, q, tensors)
     device = q.device
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows

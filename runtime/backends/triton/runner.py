@@ -65,7 +65,7 @@ __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "
 INTERPRET_TILE_TOKENS = 64
 #: The smallest tile (tokens) an out-of-resources fallback goes down to (``tl.dot`` takes 16).
 MIN_FALLBACK_TOKENS = 16
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = blocks.DTYPES  # what the kernels run (one definition, in triton.blocks)
 
 _LOCK = LOCK  # one lock with the interpreter switch (kernels load and launch under it)
 _MODULES: dict[tuple[str, bool], object] = {}
@@ -310,13 +310,7 @@ class TritonRunner(Registered):
 
     def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None) -> Launch:
         pat = self.pattern
-        if q.dtype not in DTYPES:
-            raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
-                            where="argument q", hint="use backend='cpu' for float64")
-        tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
-        if mask_input_names(pat):
-            E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
-        batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+        tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
         config, plan, source = self.plan(bound, q, tensors, backward_of)
         sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
         if sizes not in self._checks:
