@@ -212,3 +212,30 @@ def test_cli_check_and_sim_take_token_routes(tmp_path):
             assert cli.main(argv) == 0, err.getvalue()
         assert "unused" not in out.getvalue() + err.getvalue()
     assert "token route" in out.getvalue()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 12), st.booleans(), st.booleans())
+def test_threshold_choice_equals_the_sorted_rule(seed, nblocks, topk, integer, forced):
+    """routing.choose's threshold path (no sort of every block) picks what a stable sort of every
+    block picks: finite scores with frequent exact ties, +inf scores, forced blocks, rows with fewer
+    candidates than places (-inf and NaN scores take the sorted path itself)."""
+    from attnc.runtime.plan import routing
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, 3, 7, nblocks)
+    score = torch.randint(-2, 3, shape, generator=g).float() if integer else torch.randn(shape, generator=g)
+    score = torch.where(torch.rand(shape, generator=g) < 0.05, torch.inf, score)
+    allowed = torch.rand(shape, generator=g) < 0.7
+    keep = (torch.rand(shape, generator=g) < 0.2) if forced else None
+    got = routing.choose(score, allowed, keep, topk)
+    # the rule, literally: forced, then candidates by (score desc, index asc)
+    want = torch.zeros(shape, dtype=torch.bool)
+    for idx in torch.cartesian_prod(*(torch.arange(s) for s in shape[:-1])).tolist():
+        a, s = allowed[tuple(idx)], score[tuple(idx)]
+        f = a & keep[tuple(idx)] if keep is not None else torch.zeros_like(a)
+        rest = sorted((j for j in range(nblocks) if a[j] and not f[j]), key=lambda j: (-float(s[j]), j))
+        row = f.clone()
+        row[rest[: max(0, topk - int(f.sum()))]] = True
+        want[tuple(idx)] = row
+    assert torch.equal(got, want)

@@ -83,8 +83,9 @@ _KEEP_READ = "in the route's keep (evaluated at every query and the first key of
 
 
 def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: int, key_block: torch.Tensor,
-                nblocks: int) -> torch.Tensor | None:
-    """``keep`` per (query, block), with k bound to the block's first key: ``[B | 1, Hq, Nq, nblocks]``."""
+                nblocks: int, q_index: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``keep`` per (query, block), with k bound to the block's first key: ``[B | 1, Hq, Nq, nblocks]``
+    (the query rows ``q_index`` only, where given)."""
     if pat.route.keep is None:
         return None
     first_key = torch.full((nblocks,), len(key_block), dtype=torch.int64).scatter_reduce(
@@ -92,7 +93,7 @@ def keep_blocks(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None, batch: i
     keep_pat = ir.PatternIR(pat.name, pat.queries, pat.keys, pat.route.keep, None, None, None, None,
                             pat.inputs, pat.params)
     try:
-        return E.mask_tensor(keep_pat, bound, inputs, batch=batch, k_index=first_key)
+        return E.mask_tensor(keep_pat, bound, inputs, batch=batch, q_index=q_index, k_index=first_key)
     except SpecError as err:  # an input read out of range: say it is the keep's read, not the mask's
         if _MASK_READ not in err.message:
             raise
@@ -105,14 +106,50 @@ def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None
     """The selection rule: never a block with no allowed key; ``keep`` blocks always
     (counted in K); the rest by highest score, ties to the lower block index."""
     nblocks = score.shape[-1]
-    forced = allowed & torch.broadcast_to(keep, allowed.shape) if keep is not None else torch.zeros_like(allowed)
-    candidates = allowed & ~forced
-    remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
+    shape = torch.broadcast_shapes(score.shape, allowed.shape, *(() if keep is None else (keep.shape,)))
+    score, allowed = score.expand(shape), allowed.expand(shape)
+    if keep is None:
+        forced, candidates = torch.zeros_like(allowed), allowed
+        remaining = torch.full((*shape[:-1], 1), topk, dtype=torch.int64, device=score.device)
+    else:
+        forced = allowed & torch.broadcast_to(keep, allowed.shape)
+        candidates = allowed & ~forced
+        remaining = (topk - torch.count_nonzero(forced, -1).unsqueeze(-1)).clamp(min=0)
     ranked = torch.where(candidates, score, torch.full_like(score, -torch.inf))
+    fast = _top_by_threshold(ranked, candidates, remaining)
+    if fast is not None:
+        return forced | fast
+    # NaN or -inf among the scores it would take: the rule's literal form (a stable sort of every block)
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks, device=order.device).expand_as(order)
                                             .contiguous())
     return forced | (candidates & (rank < remaining))
+
+
+def _top_by_threshold(ranked: torch.Tensor, candidates: torch.Tensor, remaining: torch.Tensor
+                      ) -> torch.Tensor | None:
+    """``choose``'s rule without sorting every block (a token route has one per key): per row the
+    ``remaining`` highest-scoring candidates, ties to the lower index: the candidates at or above the
+    row's threshold (the ``remaining``-th largest score, from ``topk``), the tied ones cut in index order
+    where more tie than fit. None where a NaN or a -inf score would be taken (``choose`` sorts then)."""
+    take = torch.minimum(remaining, torch.count_nonzero(candidates, -1).unsqueeze(-1))  # [..., 1]
+    most = int(take.max()) if take.numel() else 0
+    if most == 0:
+        return torch.zeros_like(candidates)
+    values = torch.topk(ranked, min(most + 1, ranked.shape[-1]), dim=-1, sorted=True).values
+    threshold = values.gather(-1, (take - 1).clamp(min=0))
+    taking = take > 0
+    if bool(torch.isnan(values).any()) or bool((taking & (threshold == -torch.inf)).any()):
+        return None
+    # a tie reaching past the last place: the (take + 1)-th largest equals the threshold
+    after = values.gather(-1, take.clamp(max=values.shape[-1] - 1))
+    spill = taking & (take < values.shape[-1]) & (after == threshold)
+    chosen = candidates & (ranked >= threshold) & taking
+    if bool(spill.any()):  # keep the first tied ones in index order
+        tied = candidates & (ranked == threshold)
+        need = take - (values > threshold).sum(-1, keepdim=True)
+        chosen = chosen & ~(tied & (torch.cumsum(tied, -1, dtype=torch.int32) > need))
+    return chosen
 
 
 def select_blocks(
@@ -156,6 +193,8 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     if pat.route.topp is not None:  # top-p by antidiagonal scoring (XAttention): its own module
         return antidiagonal.select(pat, bound, q, k, inputs, allowed, lambda key_block, nblocks: keep_blocks(
             pat, bound, inputs, q.shape[0], key_block, nblocks))
+    if pat.route.tokens and pat.route.scores is None:
+        return _select_tokens(pat, bound, q, k, inputs)
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     dev = q.device
@@ -177,6 +216,31 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
             selected[:, :, part] = choose(score, torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))[:, :, part],
                                           sub_keep, topk)
         return selected, key_block, nblocks
+
+
+def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_select`` for a token route, a run of query rows at a time: a unit is one key, so the keys the
+    mask allows are the mask itself, evaluated densely for those rows (on the CPU, where the inputs
+    live), as is ``keep``; nothing of size n x nk is held but the selection."""
+    _, topk = route_sizes(pat, bound)
+    nk = k.shape[2]
+    key_block = torch.arange(nk)
+    dev = q.device
+    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs))
+    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
+    selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=dev)
+    rows = max(1, SELECT_ELEMENTS // max(1, B * Hq * nk))
+    tensors, batch = E.bind_inputs(pat, bound, inputs) if inputs else ({}, None)
+    with torch.no_grad():
+        for start in range(0, Nq, rows):
+            part = torch.arange(start, min(Nq, start + rows))
+            allowed = E.mask_tensor(pat, bound, tensors, batch=batch, q_index=part).to(dev)
+            keep = keep_blocks(pat, bound, tensors, B, key_block, nk, q_index=part)
+            score = block_scores(pat, bound, sq[:, :, start:start + len(part)], sk, key_block, nk)
+            selected[:, :, start:start + len(part)] = choose(score, allowed, None if keep is None else keep.to(dev),
+                                                             topk)
+    return selected, key_block, nk
 
 
 def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
