@@ -15,10 +15,7 @@ class RoutingChecks:
     """Checker methods for the route clause."""
 
     def _route(self, c: ast.Route) -> ir.Route:
-        topk = self.expect(c.topk, INT, "topk").expr
-        self._no_positions(topk, c.topk.pos, "topk", allow_head=False)
-        if topk.is_number and topk < 1:
-            raise self.error(f"topk must be at least 1, got {topk}", c.topk.pos)
+        topk = self._positive_int(c.topk, "topk")
         keys = self.frame.keys
         if c.unit == "tokens":
             return self._token_route(c, topk)
@@ -75,9 +72,7 @@ class RoutingChecks:
                                  "dimensions", right.pos, hint="declare both [heads, n | nk, DI] with one DI")
             indexer = (left.arg, right.arg)
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
-        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))
-        if self.frame.keys.kind == "seq":
-            ones = (sympy.Integer(1),)
+        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))  # seq: (1,)
         return ir.Route(topk, ones, "token", keep, c.shared, indexer)
 
     def _indexer_input(self, side: ast.ScoreSide, tokens: str) -> None:
@@ -93,8 +88,13 @@ class RoutingChecks:
                              f"{decl.dtype}[{', '.join(decl.dim_names)}]", side.pos)
 
     def _block_size(self, node: ast.Expr) -> sympy.Expr:
-        size = self.expect(node, INT, "a block size").expr
-        self._no_positions(size, node.pos, "a block size", allow_head=False)
-        if size.is_number and size < 1:
-            raise self.error(f"a block size must be at least 1, got {size}", node.pos)
-        return size
+        return self._positive_int(node, "a block size")
+
+    def _positive_int(self, node: ast.Expr, what: str) -> sympy.Expr:
+        """An int of the sizes and parameters (no q, k or h), at least 1 where it is a number: a route's
+        counts, block sizes and strides."""
+        value = self.expect(node, INT, what).expr
+        self._no_positions(value, node.pos, what, allow_head=False)
+        if value.is_number and value < 1:
+            raise self.error(f"{what} must be at least 1, got {value}", node.pos)
+        return value

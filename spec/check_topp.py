@@ -7,7 +7,7 @@ import sympy
 
 from ..core import ir
 from . import ast
-from .check_types import BOOL, INT
+from .check_types import BOOL
 
 
 class TopPChecks:
@@ -28,10 +28,7 @@ class TopPChecks:
             raise self.error(f"antidiagonal scoring needs one sequence layout for queries and keys, not {what}",
                              c.pos, hint="use 'tokens seq' (the stride runs along the sequence)")
         block = self._block_size(c.block)
-        stride = self.expect(c.stride, INT, "the antidiagonal stride").expr
-        self._no_positions(stride, c.stride.pos, "the antidiagonal stride", allow_head=False)
-        if stride.is_number and stride < 1:
-            raise self.error(f"the antidiagonal stride must be at least 1, got {stride}", c.stride.pos)
+        stride = self._positive_int(c.stride, "the antidiagonal stride")
         if stride.is_number and block.is_number and block % stride != 0:
             raise self.error(f"the antidiagonal stride {stride} does not divide the block size {block}",
                              c.stride.pos, hint="a block holds a whole number of strides (XAttention: "

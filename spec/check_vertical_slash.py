@@ -71,12 +71,8 @@ class VerticalSlashChecks:
 
     def _vs_count(self, node: ast.Expr, what: str) -> sympy.Expr:
         """A count of the rule: an int constant or parameter, at least 1."""
-        value = self.expect(node, INT, what).expr
-        self._no_positions(value, node.pos, what, allow_head=False)
-        if value.is_number:
-            if value < 1:
-                raise self.error(f"{what} must be at least 1, got {value}", node.pos)
-        elif self.strict or any(s in (S.N, S.NK, S.HEADS, S.DK) for s in value.free_symbols):
+        value = self._positive_int(node, what)
+        if not value.is_number and (self.strict or any(s in (S.N, S.NK, S.HEADS, S.DK) for s in value.free_symbols)):
             raise self.error(f"{what} must be an int constant or a parameter", node.pos)
         return value
 

@@ -129,9 +129,10 @@ def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
     B, H, nq, _ = q.shape
     out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
     lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
+    k_runs = runs(k_pos)
     for q_run in runs(q_pos):
         rows = slice(q_run[0], q_run[0] + q_run[2])
-        for k_run in runs(k_pos):
+        for k_run in k_runs:
             bound, sel, kb = _run_args(prob, q_run, k_run)
             cols = slice(k_run[0], k_run[0] + k_run[2])
             part, part_lse = prob.runner.block_forward(bound, q[:, :, rows], k[:, :, cols], v[:, :, cols],
@@ -145,9 +146,10 @@ def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out):
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
     dv = torch.zeros(v.shape, dtype=dt, device=q.device)
+    k_runs = runs(k_pos)
     for q_run in runs(q_pos):
         rows = slice(q_run[0], q_run[0] + q_run[2])
-        for k_run in runs(k_pos):
+        for k_run in k_runs:
             bound, sel, kb = _run_args(prob, q_run, k_run)
             cols = slice(k_run[0], k_run[0] + k_run[2])
             dq_b, dk_b, dv_b = prob.runner.block_backward(

@@ -17,6 +17,7 @@ from ...compiler.cost import dtype_bytes
 from ...core import ir
 from ...core.errors import SpecError
 from ..plan import antidiagonal
+from ..plan.vertical_slash import rule_of as vertical_slash_rule
 from .pairs import PairPlan, choose_order, chunk_pairs, rank_need
 
 
@@ -128,7 +129,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
     bw = LINKS[link].gbps * 1e9
     bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes=sizes, dk=head_dim)
     tensors, _ = E.bind_inputs(pat, bound, inputs or {})
-    vertical_slash = any(d.derived is not None and d.derived[0] == "vertical_slash" for d in pat.inputs)
+    vertical_slash = vertical_slash_rule(pat) is not None
     modes = []
     for u in [d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0 and kv_heads % d == 0]:
         r = ranks // u

@@ -91,16 +91,28 @@ def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=N
     device = q.device
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
+    cls, extra, checks = launch_extras(runner, bound, plan, device)
+    return config, plan, source, tensors, batched, cls, extra, checks
+
+
+def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int], dict, list]:
+    """What a launch, of a whole sequence or a block, passes besides q, k, v and the lists: the list class
+    strides, the extra device tensors (the routing selection, softcap, the bias's index-error flags) and the
+    bias index checks, computed once per sizes and offsets (``runner._checks``)."""
+    pat = runner.pattern
+    key = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, bound.q_offset, bound.k_offset)
+    if key not in runner._checks:
+        runner._checks[key] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
+            site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
+    checks = runner._checks[key]
     sched = plan.schedule
     cls = (bound.heads, 1) if plan.selection is not None else ((0, 0) if sched.heads_stored == 1 else (0, 1))
     extra: dict = {}
     if plan.selection is not None:
-        extra["SEL"] = routing.selection_words(plan.selection).to(device)
+        extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
         extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
     if plan.softcap is not None:
         extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
-    checks = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(site.func)).dims[j]).subs(
-        bound.subs))) for site, j in bias_index_checks(pat, bound)]
     if checks:
         extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
-    return config, plan, source, tensors, batched, cls, extra, checks
+    return cls, extra, checks

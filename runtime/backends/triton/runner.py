@@ -37,7 +37,6 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.codegen import (
     ScheduleShape,
-    bias_index_checks,
     check_fp32_constants,
     derivative,
     generate_source,
@@ -251,7 +250,7 @@ class TritonRunner(Registered):
         self.register_op()  # under torch.compile: attnc::triton_attention
         self._static: dict = PlanCache()  # shapes key -> (config, plan, source); bounded LRU
         self._dynamic_last: tuple | None = None
-        self._checks: dict = {}  # sizes -> bias index checks (codegen.bias_index_checks)
+        self._checks: dict = {}  # sizes, offsets -> bias index checks (triton.blocks.launch_extras)
         self._fallback: dict = {}  # shapes key -> the smaller config an out-of-resources launch fell back to
         self._bwd_fallback: dict = {}  # (shapes key, "bwd", forward config) -> its backward's smaller config
         self.last_source: str | None = None
@@ -312,10 +311,6 @@ class TritonRunner(Registered):
         pat = self.pattern
         tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
         config, plan, source = self.plan(bound, q, tensors, backward_of)
-        sizes = (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads)
-        if sizes not in self._checks:
-            self._checks[sizes] = [(S.input_name(site.func), j, int(sympy.sympify(pat.input(S.input_name(
-                site.func)).dims[j]).subs(bound.subs))) for site, j in bias_index_checks(pat, bound)]
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
         interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
@@ -328,21 +323,7 @@ class TritonRunner(Registered):
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
             plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))  # selected on q's device
         sched = plan.schedule
-        if plan.selection is not None:
-            cls = (bound.heads, 1)
-        elif sched.heads_stored == 1:
-            cls = (0, 0)
-        else:
-            cls = (0, 1)
-        extra: dict = {}
-        if plan.selection is not None:
-            extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
-            extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
-        if plan.softcap is not None:
-            extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
-        checks = self._checks[sizes]
-        if checks:
-            extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
+        cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
         key = self._key(bound, q)
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
             return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
