@@ -279,7 +279,14 @@ def bind_inputs(
             raise SpecError(f"input '{name}' is on {t.device}" + (f", q on {device}" if device is not None else "")
                             + (": a meta tensor holds no data" if t.is_meta else ""),
                             where=f"argument {name}", hint="pass every input on q's device")
-        dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
+        sized = [sympy.sympify(d).subs(bound.subs) for d in decl.dims]
+        unknown = sorted({str(s) for d in sized for s in d.free_symbols})
+        if unknown:  # e.g. dk, which only q's last dimension sets
+            raise SpecError(f"input '{name}' has a dimension of {', '.join(unknown)}, which this call does not "
+                            "set", where=f"argument {name}",
+                            hint="pass q= (materialize_mask, simulate) so that dk is known" if "dk" in unknown
+                            else None)
+        dims = tuple(int(d) for d in sized)
         if tuple(t.shape) == dims:
             has_batch = False
         elif t.dim() == len(dims) + 1 and tuple(t.shape[1:]) == dims:

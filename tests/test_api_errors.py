@@ -349,3 +349,15 @@ def test_public_entry_points_give_spec_errors_for_bad_values():
                 pass
             except Exception as err:  # noqa: BLE001 - the point of the test
                 pytest.fail(f"{label} = {bad!r}: {type(err).__name__}: {err}")
+
+
+def test_an_input_sized_by_dk_without_q_is_one_clear_error():
+    """An input declared over dk, with no q to set dk (materialize_mask without q=): a SpecError naming the
+    input (it was a TypeError from sympy; found by the parser's mutation fuzzer)."""
+    spec = "pattern p\n  tokens seq\n  input c: float[heads, dk]\n  mask causal\n"
+    with pytest.raises(attnc.SpecError, match="input 'c' has a dimension of dk") as err:
+        attnc.materialize_mask(spec, n=4, heads=2, inputs={"c": torch.randn(2, 8)})
+    assert err.value.where == "argument c"
+    mask = attnc.materialize_mask(spec, n=4, heads=2, inputs={"c": torch.randn(2, 8)}, q=torch.randn(1, 2, 4, 8),
+                                  k=torch.randn(1, 2, 4, 8))
+    assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 4, 4))
