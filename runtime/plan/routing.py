@@ -129,26 +129,83 @@ def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None
 def _top_by_threshold(ranked: torch.Tensor, candidates: torch.Tensor, remaining: torch.Tensor
                       ) -> torch.Tensor | None:
     """``choose``'s rule without sorting every block (a token route has one per key): per row the
-    ``remaining`` highest-scoring candidates, ties to the lower index: the candidates at or above the
-    row's threshold (the ``remaining``-th largest score, from ``topk``), the tied ones cut in index order
-    where more tie than fit. None where a NaN or a -inf score would be taken (``choose`` sorts then)."""
-    take = torch.minimum(remaining, torch.count_nonzero(candidates, -1).unsqueeze(-1))  # [..., 1]
+    ``remaining`` highest-scoring candidates, ties to the lower index, from ``torch.topk``'s top
+    places; where the last place taken ties with the first one left out, the tied candidates are cut
+    in index order on those rows only. None where a NaN or a -inf score would be taken (``choose``
+    sorts then)."""
+    # candidates per row, counted once where they are broadcast (a mask shared by the heads)
+    count = torch.broadcast_to(_count(_unexpanded(candidates)), (*candidates.shape[:-1], 1))
+    flat = remaining.flatten()
+    if flat.numel() and int(flat[0]) > 0 and bool((flat == flat[0]).all()):  # the same places on every row
+        places = int(flat[0])
+        over = (count > places).squeeze(-1)  # rows with more candidates than places; the others take all
+        if not bool(over.any()):
+            return candidates.clone()
+        if bool(over.all()):
+            return _top_places(ranked, candidates, places)
+        top = _top_places(ranked[over], candidates[over], places)
+        if top is None:
+            return None
+        chosen = candidates.clone()
+        chosen[over] = top
+        return chosen
+    take = torch.minimum(remaining, count)
     most = int(take.max()) if take.numel() else 0
     if most == 0:
         return torch.zeros_like(candidates)
-    values = torch.topk(ranked, min(most + 1, ranked.shape[-1]), dim=-1, sorted=True).values
-    threshold = values.gather(-1, (take - 1).clamp(min=0))
+    values, index = torch.topk(ranked, min(most + 1, ranked.shape[-1]), dim=-1, sorted=True)
+    last = values.gather(-1, (take - 1).clamp(min=0))
     taking = take > 0
-    if bool(torch.isnan(values).any()) or bool((taking & (threshold == -torch.inf)).any()):
+    if bool(torch.isnan(values).any()) or bool((taking & (last == -torch.inf)).any()):
         return None
-    # a tie reaching past the last place: the (take + 1)-th largest equals the threshold
-    after = values.gather(-1, take.clamp(max=values.shape[-1] - 1))
-    spill = taking & (take < values.shape[-1]) & (after == threshold)
-    chosen = candidates & (ranked >= threshold) & taking
-    if bool(spill.any()):  # keep the first tied ones in index order
-        tied = candidates & (ranked == threshold)
-        need = take - (values > threshold).sum(-1, keepdim=True)
-        chosen = chosen & ~(tied & (torch.cumsum(tied, -1, dtype=torch.int32) > need))
+    # the first `take` places of each row (distinct keys: the other places write False over False)
+    chosen = torch.zeros_like(candidates)
+    places = torch.arange(values.shape[-1], device=values.device)
+    chosen.scatter_(-1, index, (places < take).expand(index.shape))
+    left_out = values.gather(-1, take.clamp(max=values.shape[-1] - 1))
+    spill = (taking & (take < values.shape[-1]) & (left_out == last)).squeeze(-1)
+    return _cut_ties(chosen, ranked, candidates, values, last, take, spill)
+
+
+def _unexpanded(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its broadcast dimensions (stride 0) cut to one entry."""
+    for dim in range(t.dim() - 1):
+        if t.stride(dim) == 0 and t.shape[dim] > 1:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """True entries per row of a bool tensor, ``[..., 1]`` (a byte sum: faster than count_nonzero)."""
+    return flags.view(torch.uint8).sum(-1, keepdim=True, dtype=torch.int32).long()
+
+
+def _top_places(ranked: torch.Tensor, candidates: torch.Tensor, places: int) -> torch.Tensor | None:
+    """The ``places`` best candidates of rows that each have more than ``places``: an unsorted
+    ``topk`` of ``places + 1``, whose smallest is the first left out."""
+    values, index = torch.topk(ranked, places + 1, dim=-1, sorted=False)
+    ends = torch.topk(values, 2, dim=-1, largest=False).values  # ascending: the first left out, the last taken
+    left_out, last = ends[..., :1], ends[..., 1:]
+    if bool(torch.isnan(values).any()) or bool((last == -torch.inf).any()):
+        return None
+    chosen = torch.zeros_like(candidates)
+    chosen.scatter_(-1, index, values > left_out)
+    spill = (left_out == last).squeeze(-1)
+    take = torch.full_like(index[..., :1], places)
+    return _cut_ties(chosen, ranked, candidates, values, last, take, spill)
+
+
+def _cut_ties(chosen: torch.Tensor, ranked: torch.Tensor, candidates: torch.Tensor, values: torch.Tensor,
+              last: torch.Tensor, take: torch.Tensor, spill: torch.Tensor) -> torch.Tensor:
+    """On the ``spill`` rows (more candidates tie with the ``last`` score taken than places are left;
+    ``topk``'s order among them is unspecified), every candidate above it and the first tied ones in
+    index order up to ``take``."""
+    if bool(spill.any()):
+        rows_ranked, rows_cand, row_last = ranked[spill], candidates[spill], last[spill]
+        tied = rows_cand & (rows_ranked == row_last)
+        need = take[spill] - (values[spill] > row_last).sum(-1, keepdim=True)
+        chosen[spill] = (rows_cand & (rows_ranked > row_last)) | (
+            tied & (torch.cumsum(tied, -1, dtype=torch.int32) <= need))
     return chosen
 
 
@@ -180,6 +237,8 @@ def select_blocks(
 
 #: Query rows scored at once by a token route's selection: its scores are ``[B, Hq, rows, Nk]``
 SELECT_ELEMENTS = 1 << 25
+#: ... and at most this many rows at once by a token route
+TOKEN_ROWS = 512
 
 
 def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
@@ -230,17 +289,41 @@ def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.
     sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs))
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=dev)
-    rows = max(1, SELECT_ELEMENTS // max(1, B * Hq * nk))
+    # short runs of rows: a causal run's keys end where it does
+    rows = max(1, min(TOKEN_ROWS, SELECT_ELEMENTS // max(1, B * Hq * nk)))
     tensors, batch = E.bind_inputs(pat, bound, inputs) if inputs else ({}, None)
     with torch.no_grad():
         for start in range(0, Nq, rows):
             part = torch.arange(start, min(Nq, start + rows))
+            rows_here = slice(start, start + len(part))
             allowed = E.mask_tensor(pat, bound, tensors, batch=batch, q_index=part).to(dev)
             keep = keep_blocks(pat, bound, tensors, B, key_block, nk, q_index=part)
-            score = block_scores(pat, bound, sq[:, :, start:start + len(part)], sk, key_block, nk)
-            selected[:, :, start:start + len(part)] = choose(score, allowed, None if keep is None else keep.to(dev),
-                                                             topk)
+            # only the keys from the first to the last one the mask allows these rows (a causal run
+            # of rows scores and ranks the keys before it, not all nk)
+            lo, hi = _allowed_span(allowed, nk)
+            selected[:, :, rows_here, :lo] = False
+            selected[:, :, rows_here, hi:] = False
+            if lo == hi:
+                continue
+            span = slice(lo, hi)
+            score = block_scores(pat, bound, sq[:, :, rows_here], sk[:, :, span], key_block[span], hi - lo)
+            selected[:, :, rows_here, span] = choose(score, _key_slice(allowed, span),
+                                                     None if keep is None else _key_slice(keep.to(dev), span), topk)
     return selected, key_block, nk
+
+
+def _allowed_span(allowed: torch.Tensor, nk: int) -> tuple[int, int]:
+    """The first key and one past the last that ``allowed`` (``[..., rows, nk | 1]``) holds anywhere."""
+    if allowed.shape[-1] != nk:  # the same for every key
+        return (0, nk) if bool(allowed.any()) else (0, 0)
+    # a byte max over the rows (any() over a leading dimension is many times slower)
+    present = _unexpanded(allowed).reshape(-1, nk).view(torch.uint8).amax(0).nonzero()
+    return (int(present[0]), int(present[-1]) + 1) if len(present) else (0, 0)
+
+
+def _key_slice(table: torch.Tensor, span: slice) -> torch.Tensor:
+    """``table[..., span]`` where it has a column per key (one broadcast column stays)."""
+    return table if table.shape[-1] == 1 else table[..., span]
 
 
 def allowed_blocks(plan, key_block: torch.Tensor, nblocks: int, inputs: dict, batched: set[str], B: int) -> torch.Tensor:
@@ -296,9 +379,16 @@ def selected_plan(plan, selected: torch.Tensor, key_block: torch.Tensor):
         # lists are built on the CPU, where the schedule lives)
         dev = selected.device
         qi_tok, q_valid = plan.q_tokens.index.to(dev), plan.q_tokens.valid.to(dev)
-        per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
-        any_sel = (per_tile & q_valid[..., None]).any(-2).cpu()
-        all_sel = (per_tile | ~q_valid[..., None]).all(-2).cpu()
+        nQ, Tq = qi_tok.shape
+        if nQ * Tq == selected.shape[2] and bool(q_valid.all()) and torch.equal(
+                qi_tok.flatten(), torch.arange(nQ * Tq, device=dev)):  # tiles of consecutive rows: a view
+            per_tile = selected.view(*selected.shape[:2], nQ, Tq, selected.shape[-1]).view(torch.uint8)
+            # byte max / min over a tile's rows (any() / all() over a middle dimension are many times slower)
+            any_sel, all_sel = per_tile.amax(-2).bool().cpu(), per_tile.amin(-2).bool().cpu()
+        else:
+            per_tile = selected[:, :, qi_tok]  # [B, Hq, nQ, Tq, nb]
+            any_sel = (per_tile & q_valid[..., None]).any(-2).cpu()
+            all_sel = (per_tile | ~q_valid[..., None]).all(-2).cpu()
         del per_tile
         # the block of each KV tile's slot; padded slots count as no block (a padded slot's stand-in
         # index may share a block with valid ones: it must neither add nor withhold one)

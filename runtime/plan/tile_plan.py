@@ -176,6 +176,20 @@ def _geometry(plan: Plan, own: torch.Tensor, lists, transposed: bool):
     return own_tok.index[own], torch.cat(cols, 1), valid, partial_start
 
 
+def selected_pairs(selection: torch.Tensor, q_tok: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
+    """``selection[:, :, q_tok, k_block]`` (``[B, H, Nq, blocks]`` read at a chunk's pairs, ``[B, H, C, R,
+    K]``) for ``q_tok`` and ``k_block`` ``[C, R, 1]`` and ``[C, 1, K]``, or ``[C, 1, K]`` and ``[C, R, 1]``
+    (rows are keys), one tile at a time: two ``index_select`` of whole rows and columns instead of a gather
+    at every pair (a token route's selection is n x nk)."""
+    rows_are_queries = q_tok.shape[-1] == 1
+    C, R, K = q_tok.shape[0], max(q_tok.shape[1], k_block.shape[1]), max(q_tok.shape[2], k_block.shape[2])
+    out = torch.empty(*selection.shape[:2], C, R, K, dtype=torch.bool, device=selection.device)
+    for c in range(C):
+        part = selection.index_select(-2, q_tok[c].flatten()).index_select(-1, k_block[c].flatten())
+        out[:, :, c] = part if rows_are_queries else part.transpose(-1, -2)
+    return out
+
+
 class TileBlock:
     """Scores of a block of (query, key) token pairs: a chunk of tiles with their visited tiles.
 
@@ -225,16 +239,26 @@ class TileBlock:
             allowed = allowed & m[None, :, None]
         elif ps < self.valid.shape[-1]:
             plan = self.plan
-            mask, inputs = (plan.mask, self.inputs) if plan.pair_mask is None else (plan.pair_mask, {**self.inputs, **plan.tables})
-            m = E.as_tensor(self._evaluate(mask, inputs, slice(ps, None)), torch.bool)
-            if self.plan.selection is not None:  # routing: the query's selected blocks only
+            routed = plan.selection is not None
+            if routed:  # routing: the query's selected blocks only
                 q_tok, k_tok = self.q_tok[0, 0], self.k_tok[0, 0]
                 if self.transposed:
                     q_tok = q_tok[..., ps:]
                 else:
                     k_tok = k_tok[..., ps:]
-                sel = self.plan.selection[self.bsel][:, self.heads]
-                m = m & sel[:, :, q_tok, self.plan.key_block[k_tok]]
+                heads = self.heads  # a run of heads is a view (a list would copy the whole selection)
+                sel = plan.selection[self.bsel]
+                sel = (sel[:, heads[0]:heads[-1] + 1] if heads == list(range(heads[0], heads[-1] + 1))
+                       else sel[:, heads])
+                chosen = selected_pairs(sel, q_tok, plan.key_block[k_tok])
+            if routed and plan.pattern.route.tokens:
+                m = chosen  # a token route selects only keys its mask allows: the selection is the mask
+            else:
+                mask, inputs = ((plan.mask, self.inputs) if plan.pair_mask is None
+                                else (plan.pair_mask, {**self.inputs, **plan.tables}))
+                m = E.as_tensor(self._evaluate(mask, inputs, slice(ps, None)), torch.bool)
+                if routed:
+                    m = m & chosen
             m = m if m.dim() == 5 else m.reshape((1,) * (5 - m.dim()) + tuple(m.shape))
             if m.shape[0] > 1 or m.shape[1] > 1:  # batched inputs, head-dependent masks
                 allowed = allowed.expand(m.shape[0], m.shape[1], *allowed.shape[2:]).clone()
