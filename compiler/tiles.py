@@ -77,6 +77,30 @@ def head_dependent(pat: ir.PatternIR) -> bool:
     return S.H in pat.mask.free_symbols
 
 
+def mentioned_symbols(pat: ir.PatternIR) -> set:
+    """The symbols the mask, bias, softcap and route read."""
+    syms: set = set()
+    for expr in (pat.mask, pat.bias, pat.softcap):
+        if expr is not None:
+            syms |= expr.free_symbols
+    if pat.route is not None:
+        for f in pat.route.__dataclass_fields__:
+            value = getattr(pat.route, f)
+            for part in value if isinstance(value, tuple) else (value,):
+                if hasattr(part, "free_symbols"):
+                    syms |= part.free_symbols
+    return syms
+
+
+def reads_heads(pat: ir.PatternIR) -> bool:
+    """Whether any value of the pattern depends on which head it is or how many there are: ``h`` or
+    ``heads`` read by the mask, bias, softcap or route, or an input sized by ``heads``. A pattern that
+    does not runs the same on any share of the heads."""
+    syms = mentioned_symbols(pat)
+    return bool({S.H, S.HEADS} & syms) or any(
+        S.HEADS in getattr(dim, "free_symbols", ()) for decl in pat.inputs for dim in decl.dims)
+
+
 def _unbatched_inputs(pat: ir.PatternIR, bound: E.Bound, inputs: dict | None) -> dict:
     tensors, batch = E.bind_inputs(pat, bound, inputs)
     if batch is not None:

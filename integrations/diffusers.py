@@ -112,17 +112,24 @@ class CogVideoXAttncProcessor:
     for every joint token. ``grid`` is the ``(frames, height, width)`` set by ``apply``'s hook."""
 
     def __init__(self, window: dict | None = None, grid: tuple[int, int, int] | None = None,
-                 attention: Attention | None = None) -> None:
+                 attention: Attention | None = None, parallel=None) -> None:
         if (window is None) == (attention is None):
             raise SpecError("give either window (na3d's arguments) or attention (a compiled joint pattern)",
                             where="argument attention")
+        if parallel is not None and window is None:
+            raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with na3d's "
+                            "arguments), not a joint pattern", where="argument parallel")
         self.window = window
         self.grid = grid
         self.attention = attention
+        # an attnc.distributed.ContextParallel of the window over the video grid: this rank holds its part
+        # of the video tokens and every text token
+        self.parallel = parallel
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None, **kwargs):
-        grid = _checked_grid(self.grid, hidden_states.shape[1], attention_mask)
+        ranks = 1 if self.parallel is None else self.parallel.world
+        grid = _checked_grid(self.grid, hidden_states.shape[1] * ranks, attention_mask)
         text = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         # [B, H, N, D] as diffusers' norms and rotary helper expect
@@ -138,7 +145,9 @@ class CogVideoXAttncProcessor:
             query = torch.cat([query[:, :, :text], apply_rotary_emb(query[:, :, text:], image_rotary_emb)], dim=2)
             key = torch.cat([key[:, :, :text], apply_rotary_emb(key[:, :, text:], image_rotary_emb)], dim=2)
         q, k, v = (p.transpose(1, 2) for p in (query, key, value))  # [B, N, H, D]
-        if self.attention is not None:  # one pattern over the joint tokens
+        if self.parallel is not None:
+            out = _parallel_joint(self.parallel, query, key, value, text, grid).flatten(2, 3)
+        elif self.attention is not None:  # one pattern over the joint tokens
             sizes = dict(zip(("text", *GRID_SIZES), (text, *grid), strict=True))
             out = self.attention(q, k, v, sizes=sizes).flatten(2, 3)
         else:
@@ -148,6 +157,36 @@ class CogVideoXAttncProcessor:
             out = torch.cat([out_text.transpose(1, 2), out_video.flatten(1, 3)], dim=1).flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out.type_as(query)))
         return out[:, text:], out[:, :text]
+
+
+def _parallel_joint(parallel, query, key, value, text: int, grid) -> torch.Tensor:
+    """CogVideoX's joint attention with the video tokens sharded over ``parallel``'s ranks and the text
+    tokens on every rank (``[B, H, text + this rank's video, D]``): the video queries attend the 3-D window
+    of every rank's video keys (context parallel, with its lse) and every text key; the text queries attend
+    every key, their partial results over each rank's video keys gathered from every rank. Each part is
+    merged exactly through the log-sum-exps. Returns ``[B, text + video, H, Dv]``."""
+    from ..runtime.parallel import collectives as C
+    from ..runtime.parallel.blocks import merge
+    from .natten import _extra_segment
+
+    scale = query.shape[-1] ** -0.5
+    text_q, text_k, text_v = (p[:, :, :text] for p in (query, key, value))
+    video_q, video_k, video_v = (p[:, :, text:] for p in (query, key, value))
+
+    def dense(q, k, v):  # [B, H, N, D] queries over every given key: out [B, H, N, Dv], lse [B, H, N]
+        out, lse = _extra_segment(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+        return out.transpose(1, 2), lse.transpose(1, 2)
+
+    window, window_lse = parallel(video_q, video_k, video_v, sizes=dict(zip(GRID_SIZES, grid, strict=True)),
+                                  return_lse=True)
+    extra, extra_lse = dense(video_q, text_k, text_v)
+    video, _ = merge(window.to(extra.dtype), window_lse.to(extra_lse.dtype), extra, extra_lse)
+    out, lse = dense(text_q, text_k, text_v)
+    mine, mine_lse = dense(text_q, video_k, video_v)  # over this rank's video keys
+    for part, part_lse in zip(C.all_gather(mine, parallel.group), C.all_gather(mine_lse, parallel.group),
+                              strict=True):
+        out, lse = merge(out, lse, part, part_lse)
+    return torch.cat([out, video], dim=2).transpose(1, 2).to(query.dtype)
 
 
 def _checked_grid(grid, n: int, attention_mask) -> tuple[int, int, int]:
@@ -201,14 +240,17 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     The grid extents come from each call's latent and the model's patch size. Returns an ``Installed``
     handle (``.remove()`` undoes it).
 
-    ``parallel_config`` (Wan): a diffusers ``ContextParallelConfig(ring_degree=r, ulysses_degree=u)``
+    ``parallel_config``: a diffusers ``ContextParallelConfig(ring_degree=r, ulysses_degree=u)``
     with ``r * u`` the world size of torch.distributed's default group (initialised). Every rank then
     holds its part of the tokens from the first block to the output projection, as diffusers' own
     context parallelism splits them (the model's ``_cp_plan``: hidden states, rotary embedding,
     per-token timesteps), and each self-attention runs ``attnc.distributed.ContextParallel`` (Ulysses
     inside groups of u ranks, ``kv="ring"`` or ``"allgather"`` across them, only the key shards the
     pattern reads). The output is gathered whole on every rank. The config's ``rotate_method`` is not
-    read: ``kv`` says how keys cross ranks."""
+    read: ``kv`` says how keys cross ranks. CogVideoX (no ``_cp_plan``; the window form only): its video
+    tokens are split along the frames before the first block and gathered after the last, its text
+    tokens stay whole on every rank (``_parallel_joint``). Inference: the gathered output is outside
+    autograd, as in diffusers' own context parallelism."""
     try:
         from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
     except ImportError as err:  # pragma: no cover - exercised only without diffusers
@@ -248,13 +290,21 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
                         where="argument transformer")
     parallel = None
     if parallel_config is not None:
-        if not isinstance(transformer, WanTransformer3DModel):
-            raise SpecError("context parallelism is wired for Wan transformers (its _cp_plan); CogVideoX's joint "
-                            "text + video tokens are not sharded yet", where="argument parallel_config")
         from ..distributed import ContextParallel
 
-        parallel = ContextParallel(attention, ulysses_degree=_degrees(parallel_config)[1], kv=kv)
-        make = lambda: WanAttncProcessor(attention, parallel=parallel)  # noqa: E731
+        ulysses = _degrees(parallel_config)[1]
+        if isinstance(transformer, WanTransformer3DModel):
+            parallel = ContextParallel(attention, ulysses_degree=ulysses, kv=kv)
+            make = lambda: WanAttncProcessor(attention, parallel=parallel)  # noqa: E731
+        else:
+            if attention is not None:
+                raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with "
+                                "na3d's arguments); a joint text + video pattern is not sharded",
+                                where="argument parallel_config", hint="use stdlib:neighborhood_3d, kernel_size=...")
+            video = compile_attention("stdlib:neighborhood_3d", backend=backend,
+                                      **{k: v for k, v in window.items() if k != "backend"})
+            parallel = ContextParallel(video, ulysses_degree=ulysses, kv=kv)
+            make = lambda: CogVideoXAttncProcessor(window, parallel=parallel)  # noqa: E731
     processors, previous = {}, {}
     for module_name, module in modules.items():
         previous[module_name] = (module, module.processor)
@@ -271,7 +321,8 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
 
     hooks = [transformer.register_forward_pre_hook(set_grid, with_kwargs=True)]
     if parallel is not None:
-        hooks += _split_hooks(transformer, parallel, processors)
+        split = _split_hooks if isinstance(transformer, WanTransformer3DModel) else _cogvideox_split_hooks
+        hooks += split(transformer, parallel, processors)
     return Installed(attention, processors, previous, hooks, parallel)
 
 
@@ -344,6 +395,49 @@ def _split_hooks(transformer, parallel, processors: dict) -> list:
                         args[params.index(key)] = split(args[params.index(key)], spec)
                 return tuple(args), kwargs
             hooks.append(module.register_forward_pre_hook(split_in, with_kwargs=True))
+    return hooks
+
+
+def _cogvideox_split_hooks(transformer, parallel, processors: dict) -> list:
+    """CogVideoX has no ``_cp_plan``: its blocks get the video tokens (``hidden_states``) and the rotary
+    embedding of the video tokens split into each rank's part (in ``parallel``'s order) and the text
+    tokens whole; the last block's video output is gathered whole on every rank (norms, projection and
+    unpatchify then run on all of it, as on one process)."""
+    import inspect
+
+    first = next(iter(processors.values()))
+    blocks = list(transformer.transformer_blocks)
+    params = list(inspect.signature(blocks[0].forward).parameters)
+
+    def whole_tokens() -> int:
+        t, y, x = first.grid
+        return t * y * x
+
+    def sizes():
+        return dict(zip(GRID_SIZES, first.grid, strict=True))
+
+    def split_in(_m, args, kwargs):
+        args = list(args)
+        for key, dim in (("hidden_states", 1), ("image_rotary_emb", 0)):
+            at = params.index(key)
+            value = kwargs[key] if key in kwargs else (args[at] if at < len(args) else None)
+            parts = value if isinstance(value, tuple | list) else (value,)
+            if not all(isinstance(p, torch.Tensor) and p.shape[dim] == whole_tokens() for p in parts):
+                continue  # already this rank's part (the blocks after the first), or absent
+            value = type(value)(parallel.shard(p, dim=dim, sizes=sizes()) for p in parts) \
+                if isinstance(value, tuple | list) else parallel.shard(value, dim=dim, sizes=sizes())
+            if key in kwargs:
+                kwargs[key] = value
+            else:
+                args[at] = value
+        return tuple(args), kwargs
+
+    def gather(_m, _args, out):
+        video, text = out
+        return parallel.unshard(video, dim=1, sizes=sizes()), text
+
+    hooks = [block.register_forward_pre_hook(split_in, with_kwargs=True) for block in blocks]
+    hooks.append(blocks[-1].register_forward_hook(gather))
     return hooks
 
 

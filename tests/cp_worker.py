@@ -36,6 +36,10 @@ def case_inputs(case: dict) -> dict:
             out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
         elif kind == "index":  # a token route's indexer vectors, [heads, n, 3]
             out[name] = torch.randn(H, n, 3, generator=g, dtype=torch.float64)
+        elif kind == "table":  # a relative-position bias table, [heads, 2n - 1], no token dimension
+            out[name] = torch.randn(H, 2 * n - 1, generator=g, dtype=torch.float64)
+        elif kind == "weight":  # a per-key bias, [n]
+            out[name] = torch.randn(n, generator=g, dtype=torch.float64)
     return out
 
 
@@ -55,6 +59,12 @@ def case_tensors(case: dict):
     return q, k, v, dout
 
 
+def case_dlse(case: dict) -> torch.Tensor:
+    """The gradient a case sends into the lse ``[B, H, n]`` (deterministic)."""
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(case["B"], case["H"], case["n"], generator=g, dtype=torch.float64)
+
+
 def compile_case(case: dict, backend: str = "reference"):
     spec = CAUSAL if case["spec"] == "causal" else case["spec"]
     return attnc.compile_attention(spec, sizes=case.get("sizes"), backend=backend, **case.get("params", {}))
@@ -67,21 +77,34 @@ def run_case(case: dict, rank: int):
     cp = ContextParallel(attn, ulysses_degree=case.get("u", 1), kv=case.get("kv", "ring"))
     ql, kl, vl = (cp.shard(t).requires_grad_() for t in (q, k, v))
     grad_inputs = case.get("grad_inputs", False)
-    il = {}
+    il, sharded = {}, {}
     for name, t in inputs.items():
-        sharded = case.get("shard_inputs", True) and case["inputs"][name] != "centroids"
-        part = cp.shard(t, dim=token_dim(case, name)) if sharded else t
+        sharded[name] = case.get("shard_inputs", True) and case["inputs"][name] not in ("centroids", "table")
+        part = cp.shard(t, dim=token_dim(case, name)) if sharded[name] else t
         il[name] = part.clone().requires_grad_() if grad_inputs else part
-    out = cp(ql, kl, vl, **il)
-    out.backward(cp.shard(dout))
+    if case.get("lse"):  # the lse too, with a gradient of its own
+        out, lse = cp(ql, kl, vl, return_lse=True, **il)
+        torch.autograd.backward([out, lse], [cp.shard(dout), cp.shard(case_dlse(case))])
+    else:
+        out = cp(ql, kl, vl, **il)
+        out.backward(cp.shard(dout))
     result = {"out": cp.unshard(out), "dq": cp.unshard(ql.grad), "dk": cp.unshard(kl.grad),
               "dv": cp.unshard(vl.grad), "bytes": cp.last_comm_bytes,
               "need": None if cp.last_plan is None else cp.last_plan.need,
               "zigzag": None if cp.last_plan is None else cp.last_plan.order.zigzag,
               "blocks": cp.last_blocks}
-    if grad_inputs:
-        result["dinputs"] = {name: cp.unshard(t.grad, dim=token_dim(case, name)) for name, t in il.items()}
+    if case.get("lse"):
+        result["lse"] = cp.unshard(lse.detach())
+    if grad_inputs:  # a part's gradient is its part of the whole's; a whole input's is this rank's share
+        result["dinputs"] = {name: cp.unshard(t.grad, dim=token_dim(case, name)) if sharded[name] else _summed(t.grad)
+                             for name, t in il.items()}
     return result
+
+
+def _summed(t: torch.Tensor) -> torch.Tensor:
+    total = t.detach().clone()
+    dist.all_reduce(total)
+    return total
 
 
 WAN_LATENT = (2, 4, 4, 8, 6)  # [B, C, F, H, W]; patch (1, 2, 2) -> grid 4 x 4 x 3 = 48 tokens
@@ -114,6 +137,24 @@ def run_wan(parallel: dict | None):
     return {"out": out, "bytes": bytes_sent}
 
 
+def run_cogvideox(parallel: dict | None):
+    """A tiny random CogVideoX transformer (text + video tokens) with attnc's 3-D window, on one process or
+    context parallel (the video tokens sharded, the text on every rank)."""
+    from diffusers import ContextParallelConfig
+    from test_diffusers import _cog_model, _cog_run
+
+    from attnc.integrations import diffusers as attnc_diffusers
+
+    model = _cog_model(frames=4)  # 4 frames: the grid is sharded along them
+    config = None if parallel is None else ContextParallelConfig(**{k: v for k, v in parallel.items() if k != "kv"})
+    installed = attnc_diffusers.apply(model, "stdlib:neighborhood_3d", parallel_config=config,
+                                      kv=(parallel or {}).get("kv", "ring"), kernel_size=(2, 3, 3))
+    out = _cog_run(model, frames=4)
+    bytes_sent = installed.parallel.last_comm_bytes if installed.parallel is not None else 0
+    installed.remove()
+    return {"out": out, "bytes": bytes_sent}
+
+
 def run_error_case(case: dict, rank: int):
     """A call meant to fail: every rank reports its message (or that it did not fail)."""
     attn = compile_case(case)
@@ -137,6 +178,8 @@ def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
             try:
                 if "wan" in case:
                     result = run_wan(case["wan"])
+                elif "cogvideox" in case:
+                    result = run_cogvideox(case["cogvideox"])
                 else:
                     result = (run_error_case if case.get("error") else run_case)(case, rank)
             except Exception:  # the parent reports it as the case's failure

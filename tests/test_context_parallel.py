@@ -11,10 +11,12 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from cp_worker import case_inputs, case_tensors, compile_case, worker
+from cp_worker import case_dlse, case_inputs, case_tensors, compile_case, worker
 
 B, H, D = 2, 4, 8
 SW = dict(spec="stdlib:sliding_window", params={"window": 8})
+BIASED = ("pattern biased\n  tokens seq\n  input t: float[heads, 95]\n  input w: float[n]\n"
+          "  mask abs(q - k) < 12\n  bias t[h, q - k + 47] + w[k]\n")  # n = 48
 
 CASES_2 = {
     "window-ring": dict(SW, n=64),
@@ -68,6 +70,19 @@ CASES_2 = {
                               dtype=torch.float32),
     "triton-moba": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, backend="triton",
                         dtype=torch.float32),
+    # a Ulysses rank's share of the heads on the executor: nothing of moba reads the head
+    "exec-ulysses-moba": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, n=64, u=2, backend="cpu"),
+    # gradients of call-time inputs across ranks (the reference scores differentiate them, whatever the
+    # backend): FoX's gates and a per-key weight sharded over the tokens, a bias table whole on every rank
+    "forgetting-grad-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True),
+    "exec-forgetting-grad": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True,
+                                 backend="cpu", blocks="reference"),
+    # the lse returned and differentiated (to merge with attention computed elsewhere); rows with no key
+    "lse-window-ring": dict(SW, n=64, lse=True),
+    "exec-lse-lag": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64, lse=True, backend="cpu",
+                         blocks="reference"),
+    "bias-grad-allgather": dict(spec=BIASED, n=48, inputs={"t": "table", "w": "weight"}, grad_inputs=True,
+                                kv="allgather"),
 }
 CASES_4 = {
     "window-ring-4": dict(SW, n=64),
@@ -81,13 +96,19 @@ CASES_4 = {
     "vertical-slash-ring-4": dict(spec="stdlib:vertical_slash", n=64, params={
         "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),
     "exec-causal-zigzag-4": dict(spec="causal", n=64, kv="allgather", backend="cpu"),
-    "exec-usp-falls-back": dict(SW, n=64, u=2, backend="cpu"),
+    "exec-usp-window": dict(SW, n=64, u=2, backend="cpu"),
+    # ALiBi's slopes read the head: a share of the heads takes the reference scores
+    "exec-usp-alibi": dict(spec="stdlib:alibi", n=32, u=2, backend="cpu", blocks="reference"),
+    "usp-lse-causal": dict(spec="causal", n=64, u=2, Hkv=2, lse=True),
+    "usp-bias-grad": dict(spec=BIASED, n=48, u=2, inputs={"t": "table", "w": "weight"}, grad_inputs=True),
     "kda-4": dict(spec="stdlib:kda", n=32, inputs={"g": "vgate", "beta": "beta"}, grad_inputs=True),
 }
 WAN_2 = {
     "wan-ring": {"wan": {"ring_degree": 2}},
     "wan-ulysses": {"wan": {"ulysses_degree": 2}},
     "wan-allgather": {"wan": {"ring_degree": 2, "kv": "allgather"}},
+    "cogvideox-ring": {"cogvideox": {"ring_degree": 2}},
+    "cogvideox-ulysses": {"cogvideox": {"ulysses_degree": 2}},
 }
 ERRORS_2 = {
     "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
@@ -147,9 +168,15 @@ def reference(case: dict) -> dict:
     q, k, v, dout = case_tensors(case)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     inputs = {n: (t.clone().requires_grad_() if case.get("grad_inputs") else t) for n, t in case_inputs(case).items()}
-    out = attn(q, k, v, **inputs)
-    out.backward(dout)
+    if case.get("lse"):
+        out, lse = attn(q, k, v, return_lse=True, **inputs)
+        torch.autograd.backward([out, lse], [dout, case_dlse(case)])
+    else:
+        out = attn(q, k, v, **inputs)
+        out.backward(dout)
     ref = {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if case.get("lse"):
+        ref["lse"] = lse.detach()
     if case.get("grad_inputs"):
         ref["dinputs"] = {n: t.grad for n, t in inputs.items()}
     return ref
@@ -161,7 +188,7 @@ def check(case: dict, ranks: list) -> None:
     ref = reference(case)
     for r, got in enumerate(ranks):  # unshard gives every rank the whole tensor
         tol = 1e-9 if case.get("dtype", torch.float64) == torch.float64 else 1e-5  # float32: its rounding
-        for key in ("out", "dq", "dk", "dv"):
+        for key in ("out", "dq", "dk", "dv", *(("lse",) if "lse" in ref else ())):
             torch.testing.assert_close(got[key].to(ref[key].dtype), ref[key], rtol=tol, atol=tol,
                                        msg=f"rank {r} {key}")
         for name, g in ref.get("dinputs", {}).items():
@@ -179,8 +206,9 @@ def test_four_ranks_equal_one_process(results4, name):
 
 
 def test_blocks_run_on_the_attentions_backend_where_it_runs_blocks(results2, results4):
-    """backend "cpu" and "auto" on CPU tensors: the executor's blocks; the reference backend and Ulysses
-    ranks (a share of the heads): the reference scores. Recurrences have no blocks (None)."""
+    """backend "cpu" and "auto" on CPU tensors: the executor's blocks, also on a Ulysses rank's share of
+    the heads; the reference backend, a share of the heads of a pattern that reads the head, and input
+    gradients: the reference scores. Recurrences have no blocks (None)."""
     seen = set()
     for table, results in ((CASES_2, results2), (CASES_4, results4)):
         for name, case in table.items():
@@ -188,7 +216,7 @@ def test_blocks_run_on_the_attentions_backend_where_it_runs_blocks(results2, res
             assert all("crash" not in r for r in ranks), name
             if ranks[0]["need"] is None:  # a recurrence
                 continue
-            want = "reference" if case.get("u", 1) > 1 else case.get("backend", "reference")
+            want = case.get("blocks", case.get("backend", "reference"))
             assert {r["blocks"] for r in ranks} == {want}, name
             seen.add(want)
     assert seen == {"reference", "cpu", "auto", "triton"}
@@ -281,7 +309,7 @@ def test_sim_ranks_names_the_best_mode_and_refuses_bad_arguments(capsys):
     assert "argument --ranks" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", list(WAN_2))
+@pytest.mark.parametrize("name", [n for n in WAN_2 if n.startswith("wan")])
 def test_a_wan_pipeline_sharded_as_diffusers_shards_it_equals_one_process(results2, name):
     """diffusers' ContextParallelConfig(ring_degree / ulysses_degree) on a tiny random Wan transformer:
     every rank's output equals the one-process attnc model's; keys moved only between neighbours."""
@@ -290,6 +318,22 @@ def test_a_wan_pipeline_sharded_as_diffusers_shards_it_equals_one_process(result
     ranks = results2[name]
     assert all("crash" not in r for r in ranks), ranks[0].get("crash")
     want = run_wan(None)["out"]
+    for r in ranks:
+        torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
+    assert ranks[0]["bytes"] > 0
+
+
+@pytest.mark.parametrize("name", [n for n in WAN_2 if n.startswith("cogvideox")])
+def test_a_cogvideox_model_with_its_video_tokens_sharded_equals_one_process(results2, name):
+    """CogVideoX (no _cp_plan in diffusers): the video tokens sharded over the ranks, the text tokens on every
+    rank; the window's keys travel between ranks, the text queries' partial results are gathered. Every
+    rank's output equals the one-process attnc model's (which equals diffusers' own processor with the
+    materialised mask: tests/test_diffusers.py)."""
+    from cp_worker import run_cogvideox
+
+    ranks = results2[name]
+    assert all("crash" not in r for r in ranks), ranks[0].get("crash")
+    want = run_cogvideox(None)["out"]
     for r in ranks:
         torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
     assert ranks[0]["bytes"] > 0

@@ -44,7 +44,7 @@ def problems(spec: str, n: int, sizes=None, inputs=None, heads: int = H, selecti
     ref = BlockProblem(pat, bound, tensors, batch, 0.35, torch.arange(heads))
     if selection is not None:
         ref = BlockProblem(pat, bound, tensors, batch, 0.35, torch.arange(heads), *selection)
-    runner = block_runner(attn.runner, torch.device("cpu"), heads, heads)
+    runner = block_runner(attn.runner, torch.device("cpu"), heads, heads, pat)
     assert runner is attn.runner
     return ref, BlockProblem(**{**ref.__dict__, "runner": runner})
 
@@ -145,14 +145,21 @@ def test_block_bounds_are_checked_and_plans_are_bounded():
         runner.block_forward(E.block_bound(whole, 40, 8, k0, 8), q, q, q, {}, 1.0)
     assert len(runner.block_plans) == 3 and runner.last is None  # the module's own plans untouched
     # the reference and Flex runners run no blocks: the reference scores serve them
-    assert block_runner(attnc.compile_attention(CAUSAL, backend="reference").runner, torch.device("cpu"), 1, 1) is None
+    causal = attn.pattern
+    assert block_runner(attnc.compile_attention(CAUSAL, backend="reference").runner, torch.device("cpu"), 1, 1,
+                        causal) is None
     auto = attnc.compile_attention(CAUSAL).runner
-    assert block_runner(auto, torch.device("cpu"), 1, 1) is auto
-    assert block_runner(auto, torch.device("cuda"), 1, 1) is auto  # its Triton kernels there
+    assert block_runner(auto, torch.device("cpu"), 1, 1, causal) is auto
+    assert block_runner(auto, torch.device("cuda"), 1, 1, causal) is auto  # its Triton kernels there
     triton = attnc.compile_attention(CAUSAL, backend="triton").runner
-    assert block_runner(triton, torch.device("cuda"), 1, 1) is triton
-    assert block_runner(attnc.compile_attention(CAUSAL, backend="flex").runner, torch.device("cpu"), 1, 1) is None
-    assert block_runner(runner, torch.device("cpu"), 1, 2) is None  # a Ulysses share of the heads
+    assert block_runner(triton, torch.device("cuda"), 1, 1, causal) is triton
+    assert block_runner(attnc.compile_attention(CAUSAL, backend="flex").runner, torch.device("cpu"), 1, 1,
+                        causal) is None
+    # a Ulysses share of the heads: the runner where no value reads the head, else the reference scores
+    assert block_runner(runner, torch.device("cpu"), 1, 2, causal) is runner
+    alibi = attnc.compile_attention("stdlib:alibi", backend="cpu")
+    assert block_runner(alibi.runner, torch.device("cpu"), 2, 2, alibi.pattern) is alibi.runner
+    assert block_runner(alibi.runner, torch.device("cpu"), 1, 2, alibi.pattern) is None
 
 
 def test_a_float32_block_is_within_float32_rounding_of_float64():

@@ -132,23 +132,24 @@ def test_bad_arguments_are_refused():
 TEXT = 5
 
 
-def _cog_model() -> "diffusers.CogVideoXTransformer3DModel":
+def _cog_model(frames: int = 3) -> "diffusers.CogVideoXTransformer3DModel":
+    """A tiny random CogVideoX for latents of ``frames`` frames (its video encoder compresses time 4x)."""
     torch.manual_seed(0)
     model = diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=8, num_layers=2, sample_width=6, sample_height=8, sample_frames=9, patch_size=2,
-        max_text_seq_length=TEXT)
+        text_embed_dim=8, num_layers=2, sample_width=6, sample_height=8, sample_frames=4 * (frames - 1) + 1,
+        patch_size=2, max_text_seq_length=TEXT)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
     return model.to(torch.float64).eval()
 
 
-def _cog_run(model):
+def _cog_run(model, frames: int = 3):
     g = torch.Generator().manual_seed(2)
-    latent = torch.randn(2, 3, 4, 8, 6, generator=g, dtype=torch.float64)  # [B, F, C, H, W]: grid 3 x 4 x 3
+    latent = torch.randn(2, frames, 4, 8, 6, generator=g, dtype=torch.float64)  # [B, F, C, H, W]: grid F x 4 x 3
     text = torch.randn(2, TEXT, 8, generator=g, dtype=torch.float64)
-    n = 36
+    n = frames * 12
     rotary = (torch.randn(n, 8, generator=g, dtype=torch.float64), torch.randn(n, 8, generator=g, dtype=torch.float64))
     with torch.no_grad():
         return model(latent, text, torch.tensor([3, 500]), image_rotary_emb=rotary, return_dict=False)[0]

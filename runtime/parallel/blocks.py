@@ -15,19 +15,22 @@ Two ways to compute a block, the same answer (the schedule never changes it):
   each (query run, key run) is one call of the runner's ``block_forward`` / ``block_backward`` with
   ``evaluate.block_bound``: its tile classification with both offsets (EMPTY tiles skipped, FULL
   ones unmasked), mask, bias, softcap and FoX decay at absolute positions.
-- otherwise (the reference and Flex runners; Ulysses ranks, which hold a share of the heads): the
+- otherwise (the reference and Flex runners; Ulysses ranks, which hold a share of the heads, where the
+  pattern reads the head): the
   reference backend's scores (``pair_scores``), computed in slabs of
   query rows so memory stays at ``SLAB_SCORES`` scores whatever the block sizes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ...compiler import evaluate as E
+from ...compiler.tiles import reads_heads
 from ...core import ir
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask, pair_scores, softcap_values
@@ -59,6 +62,9 @@ class BlockProblem:
     #: a runner that runs blocks (``runtime.runner.BlockRunner``; ``block_runner``), or None: the
     #: reference scores
     runner: object | None = None
+    #: the float inputs whose gradients the backward gives (``block_backward``'s ``d_inputs``); the
+    #: reference scores compute them
+    grad_inputs: tuple[str, ...] = ()
 
     def evaluator(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> E.Evaluator:
         env = E.token_env(self.pattern, self.bound, q_pos.view(1, 1, -1, 1), k_pos.view(1, 1, 1, -1),
@@ -94,12 +100,15 @@ def _slabs(rows: int, per_row: int):
     return [slice(i, min(rows, i + step)) for i in range(0, rows, step)]
 
 
-def block_runner(runner, device: torch.device, heads: int, pattern_heads: int):
-    """``runner`` where it runs blocks on ``device`` (``Support.key_offset``) for every pattern head
-    (``heads == pattern_heads``: a Ulysses rank's share of the heads takes the reference path), else
-    None (the reference scores)."""
+def block_runner(runner, device: torch.device, heads: int, pattern_heads: int, pattern: ir.PatternIR):
+    """``runner`` where it runs blocks on ``device`` (``Support.key_offset``) for these ``heads`` of the
+    ``pattern_heads``: all of them, or a Ulysses rank's share where nothing of the pattern depends on
+    the head (``tiles.reads_heads``; a runner numbers its heads from 0); else None (the reference
+    scores, which take the share's head indices)."""
     support = getattr(runner, "support", None)
-    if support is None or device.type not in support.key_offset or heads != pattern_heads:
+    if support is None or device.type not in support.key_offset:
+        return None
+    if heads != pattern_heads and reads_heads(pattern):
         return None
     return runner
 
@@ -192,11 +201,15 @@ def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: to
     return out * a + part * b, new
 
 
-def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None):
+def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None, d_inputs=None):
     """``(dq, dk, dv)`` of one block from the merged row statistics: ``lse`` and ``delta`` ``[B, H, nq]``
     of the whole row (``delta = rowsum(dout * out)``), ``dout`` ``[B, H, nq, Dv]``, ``out`` the merged
     output of the whole row (the runner path reads it, as flash attention's backward, in place of
-    ``delta``). dk, dv have k's heads (GQA groups summed)."""
+    ``delta``). dk, dv have k's heads (GQA groups summed). The gradients of ``prob.grad_inputs`` (the
+    whole inputs, through the scores) are added into the dict ``d_inputs``."""
+    if prob.grad_inputs and (d_inputs is None or prob.runner is not None):
+        raise SpecError("input gradients are computed by the reference scores, into d_inputs",
+                        where="argument d_inputs")
     if prob.runner is not None:
         if out is None:
             raise SpecError("a block runner's backward reads the merged output", where="argument out")
@@ -208,13 +221,22 @@ def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, 
     dk = torch.zeros(kc.shape, dtype=dt, device=q.device)
     dv = torch.zeros(vc.shape, dtype=dt, device=q.device)
     safe_lse = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse).to(dt)
+    # the inputs as leaves of the scores' graph (each slab's scores differentiated with its ds)
+    leaves = {name: prob.tensors[name].detach().requires_grad_() for name in prob.grad_inputs}
+    scorer = dataclasses.replace(prob, tensors={**prob.tensors, **leaves}) if leaves else prob
     for rows in _slabs(nq, B * H * len(k_pos)):
         qr = q[:, :, rows].to(dt)
-        s, mask = prob.scores(qr, kc, q_pos[rows], k_pos, rows)
-        p = torch.where(mask, torch.exp(s - safe_lse[:, :, rows, None]), torch.zeros((), dtype=dt))
+        with torch.set_grad_enabled(bool(leaves)):
+            s, mask = scorer.scores(qr, kc, q_pos[rows], k_pos, rows)
+        p = torch.where(mask, torch.exp(s.detach() - safe_lse[:, :, rows, None]), torch.zeros((), dtype=dt))
         do = dout[:, :, rows].to(dt)
         dv += p.transpose(-1, -2) @ do
         ds = p * (do @ vc.transpose(-1, -2) - delta[:, :, rows, None].to(dt))
+        if leaves:
+            grads = torch.autograd.grad(s, list(leaves.values()), ds, allow_unused=True)
+            for name, grad in zip(leaves, grads, strict=True):
+                if grad is not None:
+                    d_inputs[name] = grad if name not in d_inputs else d_inputs[name] + grad
         capped = prob.softcap_grad(qr, kc)
         if capped is not None:
             ds = ds * capped

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ...compiler import evaluate as E
 from ...core import ir
+from ...core import symbols as S
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
 from ..plan import antidiagonal, clusters, vertical_slash
@@ -42,13 +43,18 @@ class ContextParallel(torch.nn.Module):
     ``shard(x)`` is this rank's part of a whole tensor (the same on every rank), ``unshard(x)`` the
     whole tensor again on every rank; ``cp(q, k, v, **inputs)`` the attention of this rank's queries,
     this rank's part of the output. Inputs may be this rank's part (``shard(x, dim=...)`` along their
-    token dimension) or whole. ``last_comm_bytes``: bytes this rank sent in the last forward.
+    token dimension) or whole. Float inputs are differentiable: a part gets its exact gradient (every
+    rank's queries' share, summed across the group); a whole input gets this rank's queries' share,
+    whose sum over the ranks is the one-process gradient (as for a parameter replicated across the
+    group, which data parallelism reduces). ``last_comm_bytes``: bytes this rank sent in the last
+    forward.
 
     The blocks (this rank's queries against one rank's keys) run on the attention's own backend
     where its runner runs blocks on the tensors' device (``Support.key_offset``: the CPU executor
     for ``backend="cpu"`` or ``"auto"`` on CPU tensors, the Triton kernels for ``"triton"`` or
     ``"auto"`` on CUDA tensors), else on the reference scores (the reference and Flex runners, and
-    Ulysses ranks, which hold a share of the heads); ``last_blocks`` says which."""
+    Ulysses ranks, which hold a share of the heads, where a value of the pattern reads the head);
+    ``last_blocks`` says which."""
 
     def __init__(self, attn, group=None, ulysses_degree: int = 1, kv: str = "ring", sizes: dict | None = None):
         super().__init__()
@@ -121,9 +127,15 @@ class ContextParallel(torch.nn.Module):
         C.agree(self.group, {"shape": tuple(x.shape), "dtype": str(x.dtype)}, "argument x")
         return self.order(x.shape[dim] * self.world, sizes).unshard(C.all_gather(x.detach(), self.group), dim)
 
-    def forward(self, q, k, v, *, scale: float | None = None, sizes: dict | None = None, **inputs):
+    def forward(self, q, k, v, *, scale: float | None = None, sizes: dict | None = None, return_lse: bool = False,
+                **inputs):
+        """This rank's part of the output ``[B, H, L, Dv]``; with ``return_lse`` also the log-sum-exp of
+        its queries' scaled scores, ``[B, H, L]`` in the compute dtype (-inf for a query with no key),
+        differentiable (to merge with attention computed elsewhere, as ``attnc.na3d``'s extra keys)."""
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        if not isinstance(return_lse, bool):
+            raise SpecError(f"expected True or False, got {return_lse!r}", where="argument return_lse")
         self._call_sizes = {**self.sizes, **(sizes or {})}
         pat = self.attn.pattern
         record = {"pattern": f"{pat.name}: {pat.mask if isinstance(pat, ir.PatternIR) else pat.decay}",
@@ -134,10 +146,8 @@ class ContextParallel(torch.nn.Module):
                 raise SpecError(f"q has {q.shape[2]} tokens but k has {k.shape[2]}: every rank holds the same "
                                 "tokens of q, k and v", where="argument k")
             scale = resolve_scale(scale, q.shape[-1])
-            for name, t in inputs.items():
-                if isinstance(pat, ir.PatternIR) and isinstance(t, torch.Tensor) and t.requires_grad:
-                    raise SpecError("gradients of call-time inputs do not cross ranks yet; pass it detached",
-                                    where=f"argument {name}")
+            if return_lse and not isinstance(pat, ir.PatternIR):
+                raise SpecError(f"'{pat.name}' is a recurrence: it has no log-sum-exp", where="argument return_lse")
             if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u):
                 raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads) do not split over ulysses_degree "
                                 f"{self.u}", where="argument q", hint="pick a Ulysses degree dividing both")
@@ -145,8 +155,8 @@ class ContextParallel(torch.nn.Module):
             record["error"] = (err.message, err.where)
         else:
             record.update(q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape), dtype=str(q.dtype), scale=scale,
-                          inputs={n: (tuple(t.shape), str(t.dtype)) if isinstance(t, torch.Tensor) else repr(t)
-                                  for n, t in sorted(inputs.items())})
+                          inputs={n: (tuple(t.shape), str(t.dtype), t.requires_grad) if isinstance(t, torch.Tensor)
+                                  else repr(t) for n, t in sorted(inputs.items())})
         C.agree(self.group, record, "argument q")
         n = q.shape[2] * self.world
         if isinstance(pat, ir.RecurrenceIR):
@@ -168,9 +178,10 @@ class ContextParallel(torch.nn.Module):
         for name, t in inputs.items():
             whole[name], sent = self._whole_input(name, t, n)
             input_bytes += sent
-        return self._softmax(q, k, v, scale, whole, n, input_bytes)
+        out, lse = self._softmax(q, k, v, scale, whole, n, input_bytes, return_lse)
+        return (out, lse) if return_lse else out
 
-    def _softmax(self, q, k, v, scale, whole, n, input_bytes: int):
+    def _softmax(self, q, k, v, scale, whole, n, input_bytes: int, lse_grad: bool):
         pat = self.attn.pattern
         B, H = q.shape[0], q.shape[1]
         bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self._call_sizes, dk=q.shape[-1])
@@ -187,27 +198,38 @@ class ContextParallel(torch.nn.Module):
         # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
         # the attention's own runner where it runs blocks on this device (the CPU executor, the
         # Triton kernels), else the reference scores (blocks.block_runner)
-        runner = self.block_runner(q.device, share, H)
+        # inputs whose gradients are wanted: the reference scores differentiate them (runners give
+        # dq, dk, dv only)
+        grad_inputs = tuple(name for name, t in tensors.items()
+                            if torch.is_grad_enabled() and t.requires_grad and t.is_floating_point())
+        # a differentiable lse too (its gradient enters the reference backward's row term)
+        lse_grad = lse_grad and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        runner = None if grad_inputs or lse_grad else self.block_runner(q.device, share, H)
         self.last_blocks = "reference" if runner is None else runner.name
-        problem = BlockProblem(pat, bound, {n: t.cpu() for n, t in tensors.items()}, batch, scale, heads,
-                               runner=runner)
+        problem = BlockProblem(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch, scale,
+                               heads, runner=runner, grad_inputs=grad_inputs)
         if pat.route is not None:  # the selection of this rank's queries, from every rank's block means
             pos = [plan.order.positions(j) for j in range(self.ring)]
             selected, key_block = routing.select(problem, q, k, pos[self.ring_index], pos, problem.tensors,
                                                  self.ring_group, self.ring)
             problem = dataclasses.replace(problem, selected=selected, key_block=key_block)
+        if runner is not None and share != H:
+            # a runner numbers a Ulysses share's heads from 0 (it runs only where no value reads the head)
+            problem = dataclasses.replace(problem, bound=dataclasses.replace(
+                bound, heads=share, subs={**bound.subs, S.HEADS: share}))
         call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv)
-        out, _ = RingAttention.apply(q, k, v, call)
+        out, lse = RingAttention.apply(q, k, v, call, *(tensors[name] for name in grad_inputs))
         if self.u > 1:
             sent += out.nbytes * (self.u - 1) // self.u
             out = Swap.apply(out, self.ulysses_group, self.u, False)
+            lse = Swap.apply(lse.unsqueeze(-1), self.ulysses_group, self.u, False).squeeze(-1)
         self.last_comm_bytes = sent + call.sent["forward"] + input_bytes
-        return out
+        return out, lse
 
     def block_runner(self, device: torch.device, heads: int, pattern_heads: int):
         """The runner of the blocks of a call on ``device`` computing ``heads`` of the pattern's
         ``pattern_heads`` (``blocks.block_runner``), None for the reference scores."""
-        return block_runner(self.attn.runner, device, heads, pattern_heads)
+        return block_runner(self.attn.runner, device, heads, pattern_heads, self.attn.pattern)
 
     def plan(self, bound: E.Bound, tensors: dict, batch: int | None, order: ShardOrder) -> PairPlan:
         """Which ring positions exchange keys in this call (cached when the mask reads no input)."""
@@ -221,12 +243,30 @@ class ContextParallel(torch.nn.Module):
 
     def _whole_input(self, name: str, t, n: int) -> tuple:
         """A call-time input whole, and the bytes this rank sent for it: gathered from every rank's part
-        along its token dimension, or as given (0 bytes)."""
+        along its token dimension (differentiably: the backward sums every rank's gradient of the
+        whole and keeps this rank's part), or as given (0 bytes)."""
         dim = token_dim(self.attn.pattern, name, t)
         if dim is None or dim >= t.dim() or t.shape[dim] == n:
             return t, 0
-        whole = self.order(n, self._call_sizes).unshard(C.all_gather(t, self.group), dim)
+        whole = GatherTokens.apply(t, self.order(n, self._call_sizes), self.group, self.rank, dim)
         return whole, t.nbytes * (self.world - 1)
+
+
+class GatherTokens(torch.autograd.Function):
+    """``GatherTokens.apply(part, order, group, rank, dim)``: the whole tensor from every rank's part
+    along ``dim`` (``ShardOrder.unshard``); the backward all-reduces the whole tensor's gradient (each
+    rank's queries read every rank's tokens) and returns this rank's part of it."""
+
+    @staticmethod
+    def forward(ctx, part, order, group, rank, dim):
+        ctx.order, ctx.group, ctx.rank, ctx.dim = order, group, rank, dim
+        return order.unshard(C.all_gather(part, group), dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return ctx.order.shard(total, ctx.rank, ctx.dim), None, None, None, None
 
 
 def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ...core.errors import SpecError
 from ..numerics import compute_dtype
 from . import collectives as C
 from .blocks import BlockProblem, block_backward, block_forward, merge
@@ -96,10 +97,13 @@ def _key_blocks(call: RingCall, k, v, what: str):
 
 
 class RingAttention(torch.autograd.Function):
-    """``(out in q's dtype, lse in the compute dtype)`` of this rank's queries ``[B, H, L, D]``."""
+    """``(out in q's dtype, lse in the compute dtype)`` of this rank's queries ``[B, H, L, D]``.
+    ``RingAttention.apply(q, k, v, call, *inputs)``: ``inputs`` are the whole call-time inputs named by
+    ``call.problem.grad_inputs`` (the problem holds detached copies), given so that their gradients
+    (this rank's queries' share) flow back to them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, call: RingCall):
+    def forward(ctx, q, k, v, call: RingCall, *inputs):
         if call.kv == "allgather" and call.ring > 1:
             call.gathered_k, call.gathered_v = C.all_gather(k, call.group), C.all_gather(v, call.group)
             call.sent["forward"] += (call.ring - 1) * (k.nbytes + v.nbytes)
@@ -113,22 +117,29 @@ class RingAttention(torch.autograd.Function):
             out, lse = merge(out, lse, part, part_lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
-        ctx.mark_non_differentiable(lse)
+        ctx.input_places = [(t.device, t.dtype) for t in inputs]
         return out.to(q.dtype), lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         call: RingCall = ctx.call
         i, dt = call.index, compute_dtype(q.dtype)
         delta = (dout.to(dt) * out).sum(-1)
+        if dlse is not None and bool(dlse.any()):
+            # d lse / d s = P: the lse's gradient joins the row term (ds = P * (dP - delta + dlse)); the
+            # runners' backward reads ``out`` in place of delta, so such calls take the reference scores
+            if call.problem.runner is not None:
+                raise SpecError("a gradient of the lse needs the reference blocks", where="argument return_lse")
+            delta = delta - torch.where(torch.isneginf(lse), torch.zeros_like(lse), dlse.to(dt))
         q_pos = call.positions(i)
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
         dk, dv = torch.zeros(k.shape, dtype=dt, device=q.device), torch.zeros(v.shape, dtype=dt, device=q.device)
         shares: dict[int, tuple] = {}  # ring position -> (dk, dv) of its keys computed here
+        d_inputs: dict = {}
         for j, kj, vj in _key_blocks(call, k, v, "backward"):
             dq_j, dk_j, dv_j = block_backward(call.problem, q, kj, vj, q_pos, call.positions(j), lse, dout, delta,
-                                              out)
+                                              out, d_inputs if call.problem.grad_inputs else None)
             dq += dq_j
             if j == i:
                 dk += dk_j
@@ -141,7 +152,9 @@ class RingAttention(torch.autograd.Function):
             back = _return_ring(call, shares, dk, dv) if call.kv == "ring" else _return_shares(call, shares, dk, dv)
             dk += back[0]
             dv += back[1]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        grads = [None if name not in d_inputs else d_inputs[name].to(device=device, dtype=dtype)
+                 for name, (device, dtype) in zip(call.problem.grad_inputs, ctx.input_places, strict=True)]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, *grads
 
 
 def _return_ring(call: RingCall, shares: dict, dk: torch.Tensor, dv: torch.Tensor):

@@ -52,6 +52,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...compiler.tiles import mentioned_symbols
 from ...core import ir
 from ...core import symbols as S
 
@@ -148,23 +149,9 @@ def pow2_ceil(x: int, floor: int = 1) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def _mentioned(pat: ir.PatternIR) -> set:
-    syms: set = set()
-    for expr in (pat.mask, pat.bias, pat.softcap):
-        if expr is not None:
-            syms |= expr.free_symbols
-    if pat.route is not None:
-        for f in pat.route.__dataclass_fields__:
-            value = getattr(pat.route, f)
-            for part in value if isinstance(value, tuple) else (value,):
-                if hasattr(part, "free_symbols"):
-                    syms |= part.free_symbols
-    return syms
-
-
 def shape_bucket(pat: ir.PatternIR, bound, *, head_dim: int, batch: int = 1) -> dict:
     """The bucket of a shape (see the module docstring for the rule), a JSON-able dict."""
-    syms = _mentioned(pat)
+    syms = mentioned_symbols(pat)
     out: dict = {}
     if bound.axis_sizes:
         out["axes"] = {str(k): int(v) for k, v in sorted(bound.axis_sizes.items())}
