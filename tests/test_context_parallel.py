@@ -309,31 +309,19 @@ def test_sim_ranks_names_the_best_mode_and_refuses_bad_arguments(capsys):
     assert "argument --ranks" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", [n for n in WAN_2 if n.startswith("wan")])
-def test_a_wan_pipeline_sharded_as_diffusers_shards_it_equals_one_process(results2, name):
-    """diffusers' ContextParallelConfig(ring_degree / ulysses_degree) on a tiny random Wan transformer:
-    every rank's output equals the one-process attnc model's; keys moved only between neighbours."""
-    from cp_worker import run_wan
+@pytest.mark.parametrize("name", list(WAN_2))
+def test_a_video_model_sharded_over_ranks_equals_one_process(results2, name):
+    """diffusers' ContextParallelConfig(ring_degree / ulysses_degree) on a tiny random Wan transformer
+    (split where its _cp_plan says) and CogVideoX (no _cp_plan: its video tokens split, its text tokens on
+    every rank, the text queries' partial results gathered): every rank's output equals the one-process
+    attnc model's (itself checked against diffusers' processors in tests/test_diffusers.py); keys moved
+    only between neighbours."""
+    import cp_worker
 
     ranks = results2[name]
     assert all("crash" not in r for r in ranks), ranks[0].get("crash")
-    want = run_wan(None)["out"]
-    for r in ranks:
-        torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
-    assert ranks[0]["bytes"] > 0
-
-
-@pytest.mark.parametrize("name", [n for n in WAN_2 if n.startswith("cogvideox")])
-def test_a_cogvideox_model_with_its_video_tokens_sharded_equals_one_process(results2, name):
-    """CogVideoX (no _cp_plan in diffusers): the video tokens sharded over the ranks, the text tokens on every
-    rank; the window's keys travel between ranks, the text queries' partial results are gathered. Every
-    rank's output equals the one-process attnc model's (which equals diffusers' own processor with the
-    materialised mask: tests/test_diffusers.py)."""
-    from cp_worker import run_cogvideox
-
-    ranks = results2[name]
-    assert all("crash" not in r for r in ranks), ranks[0].get("crash")
-    want = run_cogvideox(None)["out"]
+    model = next(iter(WAN_2[name]))  # "wan" or "cogvideox"
+    want = getattr(cp_worker, f"run_{model}")(None)["out"]
     for r in ranks:
         torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
     assert ranks[0]["bytes"] > 0

@@ -20,15 +20,19 @@ from diffusers import ContextParallelConfig
 from attnc.integrations import diffusers as attnc_diffusers
 
 
-def tiny_wan():
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32)
-    with torch.no_grad():  # random weights (the output projections start at zero)
+def randomized(model):
+    """Random weights (the output projections start at zero), for inference."""
+    with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
     return model.eval()
+
+
+def tiny_wan():
+    torch.manual_seed(0)
+    return randomized(diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=8, freq_dim=8, ffn_dim=16, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32))
 
 
 def inputs():
@@ -39,14 +43,10 @@ def inputs():
 
 def tiny_cogvideox():
     torch.manual_seed(0)
-    model = diffusers.CogVideoXTransformer3DModel(
+    return randomized(diffusers.CogVideoXTransformer3DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=8, num_layers=2, sample_width=6, sample_height=8, sample_frames=13, patch_size=2,
-        max_text_seq_length=5)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.5)
-    return model.eval()
+        max_text_seq_length=5))
 
 
 def cogvideox_inputs():
