@@ -281,7 +281,7 @@ def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
                                        ("vertical-slash-ring-4", "ring")])
 def test_the_simulator_predicts_the_bytes_each_rank_sends(results4, name, mode):
     """``attnc sim --ranks``'s bytes per rank (bf16) are the runtime's (float64: 4x) for the same plan
-    (a vertical-slash selection: the flags of the case's q and k, and the gathered q and k counted)."""
+    (a vertical-slash selection: the flags of the case's q and k, and the gathered k and last queries counted)."""
     from attnc.runtime.parallel.simulate import simulate_parallel
     from attnc.runtime.plan import clusters
 

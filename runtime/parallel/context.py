@@ -167,11 +167,16 @@ class ContextParallel(torch.nn.Module):
         # cluster(q | k, C): each rank clusters its own tokens' vectors; the ids are gathered like any
         # per-token input (the centroids, with no token dimension, are passed whole)
         input_bytes = 0
-        if vertical_slash.rule_of(pat) is not None:
-            # a vertical-slash selection scores the last queries (held by one rank) against every key:
-            # every rank selects from the whole q and k, so all hold the same flags
-            inputs = clusters.derive_inputs(pat, self.unshard(q), self.unshard(k), inputs, scale)
-            input_bytes += (q.nbytes + k.nbytes) * (self.world - 1)
+        rule = vertical_slash.rule_of(pat)
+        if rule is not None:
+            # a vertical-slash selection scores the last queries against every key: every rank selects
+            # from the same queries and the whole k, so all hold the same flags. Only the last L
+            # queries are gathered, unless the pattern also clusters q (then all of them)
+            whole_q = any(d.derived[0] == "cluster" for d in clusters.derived_inputs(pat))
+            scored, q_bytes = (self.unshard(q), q.nbytes * (self.world - 1)) if whole_q else \
+                self._last_queries(q, n, min(int(rule.last), n))
+            inputs = clusters.derive_inputs(pat, scored, self.unshard(k), inputs, scale)
+            input_bytes += q_bytes + k.nbytes * (self.world - 1)
         else:
             inputs = clusters.derive_inputs(pat, q, k, inputs)
         whole = {}
@@ -240,6 +245,21 @@ class ContextParallel(torch.nn.Module):
         if key not in self._plans:
             self._plans[key] = plan_pairs(pat, bound, {}, None, order)
         return self._plans[key]
+
+    def _last_queries(self, q: torch.Tensor, n: int, last: int) -> tuple[torch.Tensor, int]:
+        """The queries at the last ``last`` positions of the sequence, in order, on every rank (each rank
+        sends its rows among them, padded to the most any rank holds), and the bytes this rank sent."""
+        order = self.order(n, self._call_sizes)
+        positions = [order.rank_positions(r) for r in range(self.world)]
+        tails = [order.tail_rows(r, last) for r in range(self.world)]
+        width = order.tail_width(last)
+        mine = q[:, :, tails[self.rank].to(q.device)]
+        padded = torch.zeros(*q.shape[:2], width, q.shape[-1], dtype=q.dtype, device=q.device)
+        padded[:, :, :mine.shape[2]] = mine
+        parts = C.all_gather(padded, self.group)
+        rows = torch.cat([part[:, :, :int(t.sum())] for part, t in zip(parts, tails, strict=True)], dim=2)
+        at = torch.cat([pos[t] for pos, t in zip(positions, tails, strict=True)])
+        return rows[:, :, torch.argsort(at).to(q.device)], padded.nbytes * (self.world - 1)
 
     def _whole_input(self, name: str, t, n: int) -> tuple:
         """A call-time input whole, and the bytes this rank sent for it: gathered from every rank's part

@@ -49,6 +49,14 @@ class ShardOrder:
         j = rank % self.ulysses
         return pos[j * part:(j + 1) * part]
 
+    def tail_rows(self, rank: int, last: int) -> torch.Tensor:
+        """Which rows of a rank's shard hold one of the last ``last`` positions (bool)."""
+        return self.rank_positions(rank) >= self.n - last
+
+    def tail_width(self, last: int) -> int:
+        """The most rows any rank holds among the last ``last`` positions."""
+        return max(int(self.tail_rows(r, last).sum()) for r in range(self.ring * self.ulysses))
+
     def shard(self, t: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
         return t.index_select(dim, self.rank_positions(rank).to(t.device))
 

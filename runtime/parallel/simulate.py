@@ -129,7 +129,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
     bw = LINKS[link].gbps * 1e9
     bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes=sizes, dk=head_dim)
     tensors, _ = E.bind_inputs(pat, bound, inputs or {})
-    vertical_slash = vertical_slash_rule(pat) is not None
+    vertical_slash = vertical_slash_rule(pat)
     modes = []
     for u in [d for d in range(1, ranks + 1) if ranks % d == 0 and heads % d == 0 and kv_heads % d == 0]:
         r = ranks // u
@@ -145,8 +145,9 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
         local = batch * (n // ranks) * item
         kv_shard = 2 * kv_heads // u * head_dim * local * u  # a ring position's keys and values, per rank's heads
         a2a = (u - 1) * (2 * heads + 2 * kv_heads) * head_dim * local // u  # q, k, v there, out back
-        # a vertical-slash selection gathers the whole q and k on every rank first (not overlapped)
-        a2a += (ranks - 1) * (heads + kv_heads) * head_dim * local if vertical_slash else 0
+        if vertical_slash:  # every rank gathers k and the last L queries first (not overlapped)
+            tail = order.tail_width(min(int(vertical_slash.last), n))
+            a2a += (ranks - 1) * head_dim * item * batch * (kv_heads * (n // ranks) + heads * tail)
         for kv in ("ring", "allgather"):
             if r == 1 and kv == "allgather":
                 continue
@@ -165,14 +166,14 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
         raise SpecError(f"no way to split {n} tokens and {heads} heads over {ranks} ranks", where="argument --ranks")
     assumptions = [
         "compute per rank: the one-device forward time times the rank's share of non-empty chunk pairs "
-        "(at the generated kernels' rate; today's context-parallel blocks run the reference evaluator in torch, "
-        "slower than this)",
+        "(at the generated kernels' rate, as the blocks run where the attention's backend runs blocks; the "
+        "reference evaluator's blocks are slower)",
         f"transfers at the link's data-sheet bandwidth, {LINKS[link].gbps:g} GB/s per direction, no latency",
         "ring: a step's transfer overlaps the previous block's compute; all-gather and all-to-all are not overlapped",
     ]
     if vertical_slash:
-        assumptions.append("vertical-slash: every rank gathers the whole q and k to select (counted, not "
-                           "overlapped); the selection's compute is not counted")
+        assumptions.append("vertical-slash: every rank gathers the whole k and the last queries to select "
+                           "(counted, not overlapped); the selection's compute is not counted")
     if pat.route is not None:
         assumptions.append("routing: the shards exchanged and the compute are the mask's (the selection reads "
                            "fewer pairs); the all-reduce of block means (blocks x head dim per head) is not counted")

@@ -475,7 +475,10 @@ def _device_input(launch: Launch, decl, device) -> torch.Tensor:
     key = f"in:{decl.name}"
     if key not in launch.extra:
         t = launch.tensors[decl.name]
-        t = t.to(torch.int64) if decl.dtype == "int" else t.detach().to(torch.float32)
+        # a derived input (cluster ids, vertical-slash flags) holds small values: int32 loads (int64 ones
+        # spilled vertical-slash's sm_90 d128 dQ on Triton 3.9); a caller's ints may be any int64
+        t = (t.to(torch.int32 if decl.derived else torch.int64) if decl.dtype == "int"
+             else t.detach().to(torch.float32))
         launch.extra[key] = t.contiguous().to(device)
     return launch.extra[key]
 
