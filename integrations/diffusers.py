@@ -66,6 +66,7 @@ class WanAttncProcessor:
         if rotary_emb is not None:
             query, key = _rotate(query, *rotary_emb), _rotate(key, *rotary_emb)
         if self.parallel is not None:  # [B, n/P, H, D] on each rank: context parallel over the whole grid
+            _inference_only(hidden_states)
             sizes = dict(zip(GRID_SIZES, grid, strict=True))
             out = self.parallel(*(p.transpose(1, 2) for p in (query, key, value)), sizes=sizes)
             out = out.transpose(1, 2).flatten(2, 3).type_as(query)
@@ -146,6 +147,7 @@ class CogVideoXAttncProcessor:
             key = torch.cat([key[:, :, :text], apply_rotary_emb(key[:, :, text:], image_rotary_emb)], dim=2)
         q, k, v = (p.transpose(1, 2) for p in (query, key, value))  # [B, N, H, D]
         if self.parallel is not None:
+            _inference_only(hidden_states)
             out = _parallel_joint(self.parallel, query, key, value, text, grid).flatten(2, 3)
         elif self.attention is not None:  # one pattern over the joint tokens
             sizes = dict(zip(("text", *GRID_SIZES), (text, *grid), strict=True))
@@ -157,6 +159,16 @@ class CogVideoXAttncProcessor:
             out = torch.cat([out_text.transpose(1, 2), out_video.flatten(1, 3)], dim=1).flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out.type_as(query)))
         return out[:, text:], out[:, :text]
+
+
+def _inference_only(hidden_states: torch.Tensor) -> None:
+    """Context parallelism here serves inference: the model's output is gathered whole outside autograd
+    (as diffusers' own), so a training step would get no gradient for the blocks; say so instead."""
+    if torch.is_grad_enabled() and hidden_states.requires_grad:
+        raise SpecError("the diffusers integration's context parallelism serves inference (the output is "
+                        "gathered whole outside autograd); this call records gradients",
+                        where="argument hidden_states", hint="call the model under torch.no_grad(), or train "
+                        "with attnc.distributed.ContextParallel on the attention directly")
 
 
 def _parallel_joint(parallel, query, key, value, text: int, grid) -> torch.Tensor:
@@ -249,8 +261,9 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     pattern reads). The output is gathered whole on every rank. The config's ``rotate_method`` is not
     read: ``kv`` says how keys cross ranks. CogVideoX (no ``_cp_plan``; the window form only): its video
     tokens are split along the frames before the first block and gathered after the last, its text
-    tokens stay whole on every rank (``_parallel_joint``). Inference: the gathered output is outside
-    autograd, as in diffusers' own context parallelism."""
+    tokens stay whole on every rank (``_parallel_joint``). Inference only: the gathered output is
+    outside autograd, as in diffusers' own context parallelism, so a call that records gradients is
+    refused."""
     try:
         from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
     except ImportError as err:  # pragma: no cover - exercised only without diffusers
@@ -301,6 +314,9 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
                 raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with "
                                 "na3d's arguments); a joint text + video pattern is not sharded",
                                 where="argument parallel_config", hint="use stdlib:neighborhood_3d, kernel_size=...")
+            if "kernel_size" not in window:  # as na3d, which the one-process path calls
+                raise SpecError("missing kernel_size", where="argument kernel_size",
+                                hint="NATTEN's window per axis, e.g. kernel_size=(3, 7, 7)")
             video = compile_attention("stdlib:neighborhood_3d", backend=backend,
                                       **{k: v for k, v in window.items() if k != "backend"})
             parallel = ContextParallel(video, ulysses_degree=ulysses, kv=kv)
@@ -400,7 +416,8 @@ def _split_hooks(transformer, parallel, processors: dict) -> list:
 
 def _cogvideox_split_hooks(transformer, parallel, processors: dict) -> list:
     """CogVideoX has no ``_cp_plan``: its blocks get the video tokens (``hidden_states``) and the rotary
-    embedding of the video tokens split into each rank's part (in ``parallel``'s order) and the text
+    embedding of the video tokens split into each rank's part (in ``parallel``'s order: contiguous runs
+    of the grid's tokens, along the frames) and the text
     tokens whole; the last block's video output is gathered whole on every rank (norms, projection and
     unpatchify then run on all of it, as on one process)."""
     import inspect
@@ -419,6 +436,8 @@ def _cogvideox_split_hooks(transformer, parallel, processors: dict) -> list:
     def split_in(_m, args, kwargs):
         args = list(args)
         for key, dim in (("hidden_states", 1), ("image_rotary_emb", 0)):
+            if key not in params:
+                continue
             at = params.index(key)
             value = kwargs[key] if key in kwargs else (args[at] if at < len(args) else None)
             parts = value if isinstance(value, tuple | list) else (value,)

@@ -96,8 +96,8 @@ def run_case(case: dict, rank: int):
     if case.get("lse"):
         result["lse"] = cp.unshard(lse.detach())
     if grad_inputs:  # a part's gradient is its part of the whole's; a whole input's is this rank's share
-        result["dinputs"] = {name: cp.unshard(t.grad, dim=token_dim(case, name)) if sharded[name] else _summed(t.grad)
-                             for name, t in il.items()}
+        result["dinputs"] = {name: None if t.grad is None else cp.unshard(t.grad, dim=token_dim(case, name))
+                             if sharded[name] else _summed(t.grad) for name, t in il.items()}
     return result
 
 
@@ -146,9 +146,18 @@ def run_cogvideox(parallel: dict | None):
     from attnc.integrations import diffusers as attnc_diffusers
 
     model = _cog_model(frames=4)  # 4 frames: the grid is sharded along them
-    config = None if parallel is None else ContextParallelConfig(**{k: v for k, v in parallel.items() if k != "kv"})
+    config = None if parallel is None else ContextParallelConfig(
+        **{k: v for k, v in parallel.items() if k not in ("kv", "train")})
     installed = attnc_diffusers.apply(model, "stdlib:neighborhood_3d", parallel_config=config,
                                       kv=(parallel or {}).get("kv", "ring"), kernel_size=(2, 3, 3))
+    if (parallel or {}).get("train"):  # a call recording gradients: refused on every rank
+        g = torch.Generator().manual_seed(2)
+        try:
+            model(torch.randn(2, 4, 4, 8, 6, generator=g, dtype=torch.float64),
+                  torch.randn(2, 5, 8, generator=g, dtype=torch.float64), torch.tensor([3, 500]))
+        except attnc.SpecError as err:
+            return {"error": str(err)}
+        return {"error": None}
     out = _cog_run(model, frames=4)
     bytes_sent = installed.parallel.last_comm_bytes if installed.parallel is not None else 0
     installed.remove()

@@ -81,6 +81,11 @@ CASES_2 = {
     "lse-window-ring": dict(SW, n=64, lse=True),
     "exec-lse-lag": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64, lse=True, backend="cpu",
                          blocks="reference"),
+    # an indexer input that requires grad: the selection does not differentiate it (no gradient, as on
+    # one process), and the call does not fail
+    "token-indexer-grad": dict(spec="pattern idx(topk = 4)\n  tokens seq\n  input qi: float[heads, n, 3]\n"
+                               "  input ki: float[heads, nk, 3]\n  mask causal\n  route topk(topk) tokens by qi @ ki\n",
+                               n=48, inputs={"qi": "index", "ki": "index"}, grad_inputs=True, backend="cpu"),
     "bias-grad-allgather": dict(spec=BIASED, n=48, inputs={"t": "table", "w": "weight"}, grad_inputs=True,
                                 kv="allgather"),
 }
@@ -110,6 +115,7 @@ WAN_2 = {
     "cogvideox-ring": {"cogvideox": {"ring_degree": 2}},
     "cogvideox-ulysses": {"cogvideox": {"ulysses_degree": 2}},
 }
+TRAINING_2 = {"cogvideox-training": {"cogvideox": {"ring_degree": 2, "train": True}}}
 ERRORS_2 = {
     "shapes-differ": dict(SW, n=64, extra_on_rank1=8, error=True),
     "heads-not-divisible": dict(SW, n=64, u=2, H=3, error=True),
@@ -154,7 +160,7 @@ def _results(tmp_path_factory, world: int, table: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def results2(tmp_path_factory):
-    return _results(tmp_path_factory, 2, {**CASES_2, **ERRORS_2, **WAN_2})
+    return _results(tmp_path_factory, 2, {**CASES_2, **ERRORS_2, **WAN_2, **TRAINING_2})
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +198,9 @@ def check(case: dict, ranks: list) -> None:
             torch.testing.assert_close(got[key].to(ref[key].dtype), ref[key], rtol=tol, atol=tol,
                                        msg=f"rank {r} {key}")
         for name, g in ref.get("dinputs", {}).items():
+            if g is None:  # not differentiated on one process either (a route's indexer)
+                assert got["dinputs"][name] is None, f"rank {r} d{name}"
+                continue
             torch.testing.assert_close(got["dinputs"][name], g, rtol=1e-9, atol=1e-9, msg=f"rank {r} d{name}")
 
 
@@ -325,6 +334,14 @@ def test_a_video_model_sharded_over_ranks_equals_one_process(results2, name):
     for r in ranks:
         torch.testing.assert_close(r["out"], want, rtol=1e-9, atol=1e-9)
     assert ranks[0]["bytes"] > 0
+
+
+def test_the_diffusers_integration_refuses_a_training_call_under_context_parallelism(results2):
+    """The gathered output is outside autograd: a call recording gradients is one clear error on every
+    rank, not a silent loss of the blocks' gradients."""
+    ranks = results2["cogvideox-training"]
+    assert all("crash" not in r for r in ranks), ranks[0].get("crash")
+    assert all(r["error"] and "serves inference" in r["error"] and "hidden_states" in r["error"] for r in ranks)
 
 
 def test_sim_ranks_reads_the_call_time_inputs_of_the_mask(capsys):

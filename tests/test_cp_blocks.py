@@ -181,3 +181,23 @@ def test_a_float32_block_is_within_float32_rounding_of_float64():
     for a, b, name in zip(g32, g64, ("dq", "dk", "dv"), strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("rows,cols", [(4, 6), (1, 1), (3, 1), (1, 5)])
+def test_selected_pairs_reads_the_selection_at_every_pair(transposed, rows, cols):
+    """tile_plan.selected_pairs equals advanced indexing of the selection, in both orientations and with
+    one-row or one-column tiles."""
+    from attnc.runtime.plan.tile_plan import selected_pairs
+
+    g = torch.Generator().manual_seed(rows * 10 + cols)
+    selection = torch.rand(2, 3, 9, 7, generator=g) < 0.5  # [B, H, Nq, blocks]
+    C = 2
+    own_q = torch.randint(0, 9, (C, rows, 1), generator=g)
+    other_b = torch.randint(0, 7, (C, 1, cols), generator=g)
+    if transposed:  # rows are keys: queries along the columns
+        q_tok, k_block = torch.randint(0, 9, (C, 1, cols), generator=g), torch.randint(0, 7, (C, rows, 1), generator=g)
+    else:
+        q_tok, k_block = own_q, other_b
+    want = selection[:, :, q_tok, k_block]
+    assert torch.equal(selected_pairs(selection, q_tok, k_block, transposed), want)

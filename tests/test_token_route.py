@@ -215,17 +215,19 @@ def test_cli_check_and_sim_take_token_routes(tmp_path):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 12), st.booleans(), st.booleans())
-def test_threshold_choice_equals_the_sorted_rule(seed, nblocks, topk, integer, forced):
-    """routing.choose's threshold path (no sort of every block) picks what a stable sort of every
-    block picks: finite scores with frequent exact ties, +inf scores, forced blocks, rows with fewer
-    candidates than places (-inf and NaN scores take the sorted path itself)."""
+@given(st.integers(0, 10_000), st.integers(1, 40), st.integers(1, 12), st.booleans(), st.booleans(), st.booleans())
+def test_threshold_choice_equals_the_sorted_rule(seed, nblocks, topk, integer, forced, minus_inf):
+    """routing.choose's fast paths (no sort of every block) pick what the rule picks: finite scores with
+    frequent exact ties, +inf scores, forced blocks, rows with fewer candidates than places; candidates
+    scored -inf (the sorted fallback, which must rank them before every block that is no candidate)."""
     from attnc.runtime.plan import routing
 
     g = torch.Generator().manual_seed(seed)
     shape = (2, 3, 7, nblocks)
     score = torch.randint(-2, 3, shape, generator=g).float() if integer else torch.randn(shape, generator=g)
     score = torch.where(torch.rand(shape, generator=g) < 0.05, torch.inf, score)
+    if minus_inf:  # candidates scored -inf: taken when places are left, after every finite one
+        score = torch.where(torch.rand(shape, generator=g) < 0.2, -torch.inf, score)
     allowed = torch.rand(shape, generator=g) < 0.7
     keep = (torch.rand(shape, generator=g) < 0.2) if forced else None
     got = routing.choose(score, allowed, keep, topk)

@@ -232,10 +232,11 @@ def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, 
         do = dout[:, :, rows].to(dt)
         dv += p.transpose(-1, -2) @ do
         ds = p * (do @ vc.transpose(-1, -2) - delta[:, :, rows, None].to(dt))
-        if leaves:
+        if leaves and s.requires_grad:
             grads = torch.autograd.grad(s, list(leaves.values()), ds, allow_unused=True)
             for name, grad in zip(leaves, grads, strict=True):
-                if grad is not None:
+                if grad is not None:  # summed over slabs and blocks in the compute dtype
+                    grad = grad.to(dt)
                     d_inputs[name] = grad if name not in d_inputs else d_inputs[name] + grad
         capped = prob.softcap_grad(qr, kc)
         if capped is not None:

@@ -186,7 +186,7 @@ class ContextParallel(torch.nn.Module):
         out, lse = self._softmax(q, k, v, scale, whole, n, input_bytes, return_lse)
         return (out, lse) if return_lse else out
 
-    def _softmax(self, q, k, v, scale, whole, n, input_bytes: int, lse_grad: bool):
+    def _softmax(self, q, k, v, scale, whole, n, input_bytes: int, return_lse: bool):
         pat = self.attn.pattern
         B, H = q.shape[0], q.shape[1]
         bound = E.bind_sizes(pat, n=n, nk=n, heads=H, sizes=self._call_sizes, dk=q.shape[-1])
@@ -205,10 +205,14 @@ class ContextParallel(torch.nn.Module):
         # Triton kernels), else the reference scores (blocks.block_runner)
         # inputs whose gradients are wanted: the reference scores differentiate them (runners give
         # dq, dk, dv only)
-        grad_inputs = tuple(name for name, t in tensors.items()
-                            if torch.is_grad_enabled() and t.requires_grad and t.is_floating_point())
+        # (those the scores read: the bias's and FoX's; a route's indexer or a mask's table is not
+        # differentiated, as on one device)
+        score_inputs = E.input_names(pat.bias) if pat.bias is not None else set()
+        score_inputs |= {pat.decay} if pat.decay is not None else set()
+        grad_inputs = tuple(name for name, t in tensors.items() if name in score_inputs
+                            and torch.is_grad_enabled() and t.requires_grad and t.is_floating_point())
         # a differentiable lse too (its gradient enters the reference backward's row term)
-        lse_grad = lse_grad and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        lse_grad = return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         runner = None if grad_inputs or lse_grad else self.block_runner(q.device, share, H)
         self.last_blocks = "reference" if runner is None else runner.name
         problem = BlockProblem(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch, scale,
@@ -227,7 +231,9 @@ class ContextParallel(torch.nn.Module):
         if self.u > 1:
             sent += out.nbytes * (self.u - 1) // self.u
             out = Swap.apply(out, self.ulysses_group, self.u, False)
-            lse = Swap.apply(lse.unsqueeze(-1), self.ulysses_group, self.u, False).squeeze(-1)
+            if return_lse:
+                sent += lse.nbytes * (self.u - 1) // self.u
+                lse = Swap.apply(lse.unsqueeze(-1), self.ulysses_group, self.u, False).squeeze(-1)
         self.last_comm_bytes = sent + call.sent["forward"] + input_bytes
         return out, lse
 

@@ -118,6 +118,7 @@ class RingAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.input_places = [(t.device, t.dtype) for t in inputs]
+        ctx.set_materialize_grads(False)  # dlse is None unless the lse was used
         return out.to(q.dtype), lse
 
     @staticmethod
@@ -125,8 +126,9 @@ class RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         call: RingCall = ctx.call
         i, dt = call.index, compute_dtype(q.dtype)
+        dout = torch.zeros(out.shape, dtype=q.dtype, device=q.device) if dout is None else dout
         delta = (dout.to(dt) * out).sum(-1)
-        if dlse is not None and bool(dlse.any()):
+        if dlse is not None:
             # d lse / d s = P: the lse's gradient joins the row term (ds = P * (dP - delta + dlse)); the
             # runners' backward reads ``out`` in place of delta, so such calls take the reference scores
             if call.problem.runner is not None:

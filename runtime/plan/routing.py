@@ -119,8 +119,12 @@ def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None
     fast = _top_by_threshold(ranked, candidates, remaining)
     if fast is not None:
         return forced | fast
-    # NaN or -inf among the scores it would take: the rule's literal form (a stable sort of every block)
+    # NaN or -inf among the scores it would take: the rule's literal form, a stable sort of every block
+    # by score, then (stable) the candidates first: a candidate scored -inf ranks before every block
+    # that is no candidate
     order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, torch.sort(candidates.gather(-1, order).to(torch.int8), dim=-1, descending=True,
+                                        stable=True).indices)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(nblocks, device=order.device).expand_as(order)
                                             .contiguous())
     return forced | (candidates & (rank < remaining))
@@ -308,7 +312,7 @@ def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.
             span = slice(lo, hi)
             score = block_scores(pat, bound, sq[:, :, rows_here], sk[:, :, span], key_block[span], hi - lo)
             selected[:, :, rows_here, span] = choose(score, _key_slice(allowed, span),
-                                                     None if keep is None else _key_slice(keep.to(dev), span), topk)
+                                                     None if keep is None else _key_slice(keep, span).to(dev), topk)
     return selected, key_block, nk
 
 

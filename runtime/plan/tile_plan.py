@@ -176,17 +176,18 @@ def _geometry(plan: Plan, own: torch.Tensor, lists, transposed: bool):
     return own_tok.index[own], torch.cat(cols, 1), valid, partial_start
 
 
-def selected_pairs(selection: torch.Tensor, q_tok: torch.Tensor, k_block: torch.Tensor) -> torch.Tensor:
+def selected_pairs(selection: torch.Tensor, q_tok: torch.Tensor, k_block: torch.Tensor, transposed: bool
+                   ) -> torch.Tensor:
     """``selection[:, :, q_tok, k_block]`` (``[B, H, Nq, blocks]`` read at a chunk's pairs, ``[B, H, C, R,
-    K]``) for ``q_tok`` and ``k_block`` ``[C, R, 1]`` and ``[C, 1, K]``, or ``[C, 1, K]`` and ``[C, R, 1]``
-    (rows are keys), one tile at a time: two ``index_select`` of whole rows and columns instead of a gather
-    at every pair (a token route's selection is n x nk)."""
-    rows_are_queries = q_tok.shape[-1] == 1
+    K]``) for ``q_tok`` and ``k_block`` ``[C, R, 1]`` and ``[C, 1, K]``, or, ``transposed`` (rows are keys),
+    ``[C, 1, K]`` and ``[C, R, 1]``, one tile at a time: two ``index_select`` of whole rows and columns
+    instead of a gather at every pair (a token route's selection is n x nk)."""
     C, R, K = q_tok.shape[0], max(q_tok.shape[1], k_block.shape[1]), max(q_tok.shape[2], k_block.shape[2])
+    q_tok, k_block = q_tok.to(selection.device), k_block.to(selection.device)
     out = torch.empty(*selection.shape[:2], C, R, K, dtype=torch.bool, device=selection.device)
     for c in range(C):
         part = selection.index_select(-2, q_tok[c].flatten()).index_select(-1, k_block[c].flatten())
-        out[:, :, c] = part if rows_are_queries else part.transpose(-1, -2)
+        out[:, :, c] = part.transpose(-1, -2) if transposed else part
     return out
 
 
@@ -250,7 +251,7 @@ class TileBlock:
                 sel = plan.selection[self.bsel]
                 sel = (sel[:, heads[0]:heads[-1] + 1] if heads == list(range(heads[0], heads[-1] + 1))
                        else sel[:, heads])
-                chosen = selected_pairs(sel, q_tok, plan.key_block[k_tok])
+                chosen = selected_pairs(sel, q_tok, plan.key_block[k_tok], self.transposed)
             if routed and plan.pattern.route.tokens:
                 m = chosen  # a token route selects only keys its mask allows: the selection is the mask
             else:
