@@ -236,8 +236,9 @@ def check_offset_layout(pat: ir.PatternIR, bound: E.Bound) -> None:
     are a suffix of its token order, not a box, and are classified on the flat view
     (``compiler.search.flat_view``); a block's (``k_offset``) likewise on both sides."""
     if (bound.q_offset or bound.is_block) and (pat.queries.kind == "grid" or pat.keys.kind == "grid"):
-        raise SpecError("queries after a KV cache on a grid are tiled on the flat token order",
-                        where="argument q_tile", hint="classify flat_view(pattern, bound)")
+        what = "a context-parallel block of a grid is" if bound.is_block else "queries after a KV cache on a grid are"
+        raise SpecError(f"{what} tiled on the flat token order", where="argument q_tile",
+                        hint="classify flat_view(pattern, bound)")
 
 
 def classify_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
+
 from ...compiler import evaluate as E
 from ...core import ir
 
@@ -16,6 +18,20 @@ def mask_uses_inputs(pat: ir.PatternIR) -> bool:
 def mask_input_names(pat: ir.PatternIR) -> set[str]:
     """The call-time inputs the mask reads."""
     return set(E.input_names(pat.mask))
+
+
+def block_key(bound: E.Bound) -> tuple:
+    """What a context-parallel block's plan depends on besides the mask's inputs: the grid sizes, heads,
+    and both offsets and row counts."""
+    return (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset,
+            bound.nk)
+
+
+def same_tensors(a: dict, b: dict) -> bool:
+    """Two dicts of tensors with the same names, shapes, dtypes and values (a plan cached for a mask's
+    inputs serves only the same inputs)."""
+    return a.keys() == b.keys() and all(
+        a[n].shape == t.shape and a[n].dtype == t.dtype and torch.equal(a[n], t) for n, t in b.items())
 
 
 def ranked_schedule(classified: dict | None, key: tuple):

@@ -19,9 +19,11 @@ from ...plan import routing, tile_plan
 from ...plan.cache import (
     PLAN_CACHE_SIZE,
     PlanCache,
+    block_key,
     mask_input_names,
     mask_uses_inputs,
     ranked_schedule,
+    same_tensors,
 )
 from ...runner import Call, Support
 from . import executor, fused
@@ -247,10 +249,10 @@ class CpuRunner(Registered):
         view, as queries after a KV cache), classified with both offsets; cached in ``block_plans`` per
         (sizes, heads, offsets, rows) and, for a mask that reads inputs, per those inputs' values."""
         pat = self.pattern
-        key = (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset, bound.nk)
+        key = block_key(bound)
         used = {n: t for n, t in tensors.items() if n in mask_input_names(pat)}
         entry = self.block_plans.get(key)
-        if entry is not None and _same_tensors(entry[0], used):
+        if entry is not None and same_tensors(entry[0], used):
             return entry[1]
         view, view_bound = (pat, bound) if pat.queries.kind == "seq" else flat_view(pat, bound)
         if self.tiles.forced:  # a forced box counts as its number of tokens
@@ -325,11 +327,6 @@ class CpuRunner(Registered):
 
     def describe(self) -> str:
         return describe_plan(self.last, self.pattern)
-
-
-def _same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        a[n].shape == t.shape and a[n].dtype == t.dtype and torch.equal(a[n], t) for n, t in b.items())
 
 
 def describe_plan(plan: tile_plan.Plan | None, pat: ir.PatternIR) -> str:

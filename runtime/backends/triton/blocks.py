@@ -29,7 +29,7 @@ from ....compiler.tiles import classify_tiles
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ...plan import routing, tile_plan
-from ...plan.cache import mask_input_names
+from ...plan.cache import block_key, mask_input_names, same_tensors
 
 #: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
 BLOCK_TILE_TOKENS = 64
@@ -49,12 +49,10 @@ def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs, per
     those inputs' values."""
     pat = runner.pattern
-    key = (tuple(sorted(bound.axis_sizes.items())), bound.heads, bound.q_offset, bound.n, bound.k_offset, bound.nk,
-           q.device.type, q.shape[-1], q.dtype)
+    key = (*block_key(bound), q.device.type, q.shape[-1], q.dtype)
     used = {n: t.detach().cpu() for n, t in tensors.items() if n in mask_input_names(pat)}
     entry = runner.block_plans.get(key)
-    if entry is not None and entry[0].keys() == used.keys() and all(
-            entry[0][n].shape == t.shape and torch.equal(entry[0][n], t) for n, t in used.items()):
+    if entry is not None and same_tensors(entry[0], used):
         return entry[1]
     tq, tk = _tokens(runner)
     config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
