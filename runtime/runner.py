@@ -94,13 +94,15 @@ class BlockRunner(Protocol):
     ``block_forward`` returns ``(out, lse)`` of the block in the compute dtype (fp32, fp64 for fp64);
     a query with no allowed key gives 0 and lse -inf. ``block_backward`` takes the MERGED
     statistics of every block of the rows (``out`` and ``lse`` of the whole row, as flash
-    attention's backward) and returns ``(dq share of this block, dk, dv)`` (dk, dv with k's heads)."""
+    attention's backward; ``dlse`` the gradient of the merged lse, or None) and returns ``(dq share of
+    this block, dk, dv, {input: gradient})`` (dk, dv with k's heads; the gradients of the inputs named
+    by ``wrt``, the whole inputs' shapes, this block's share)."""
 
     def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float,
                       selection=None, key_block=None) -> tuple: ...
 
     def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float,
-                       selection=None, key_block=None) -> tuple: ...
+                       selection=None, key_block=None, dlse=None, wrt: tuple = ()) -> tuple: ...
 
 
 def refusal(runner, kind: str, device: torch.device, q_offset: int = 0) -> str | None:

@@ -76,11 +76,17 @@ CASES_2 = {
     # backend): FoX's gates and a per-key weight sharded over the tokens, a bias table whole on every rank
     "forgetting-grad-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "exec-forgetting-grad": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True,
-                                 backend="cpu", blocks="reference"),
+                                 backend="cpu"),
+    "exec-bias-grad": dict(spec=BIASED, n=48, inputs={"t": "table", "w": "weight"}, grad_inputs=True, backend="cpu",
+                           kv="allgather"),
+    "triton-forgetting-grad": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True,
+                                   backend="triton", dtype=torch.float32),
+    "triton-bias-grad": dict(spec=BIASED, n=48, inputs={"t": "table", "w": "weight"}, grad_inputs=True,
+                             backend="triton", dtype=torch.float32),
+    "triton-lse-causal": dict(spec="causal", n=64, lse=True, backend="triton", dtype=torch.float32),
     # the lse returned and differentiated (to merge with attention computed elsewhere); rows with no key
     "lse-window-ring": dict(SW, n=64, lse=True),
-    "exec-lse-lag": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64, lse=True, backend="cpu",
-                         blocks="reference"),
+    "exec-lse-lag": dict(spec="pattern lag\n  tokens seq\n  mask k + 20 <= q\n", n=64, lse=True, backend="cpu"),
     # an indexer input that requires grad: the selection does not differentiate it (no gradient, as on
     # one process), and the call does not fail
     "token-indexer-grad": dict(spec="pattern idx(topk = 4)\n  tokens seq\n  input qi: float[heads, n, 3]\n"
@@ -201,7 +207,7 @@ def check(case: dict, ranks: list) -> None:
             if g is None:  # not differentiated on one process either (a route's indexer)
                 assert got["dinputs"][name] is None, f"rank {r} d{name}"
                 continue
-            torch.testing.assert_close(got["dinputs"][name], g, rtol=1e-9, atol=1e-9, msg=f"rank {r} d{name}")
+            torch.testing.assert_close(got["dinputs"][name].to(g.dtype), g, rtol=tol, atol=tol, msg=f"rank {r} d{name}")
 
 
 @pytest.mark.parametrize("name", list(CASES_2))

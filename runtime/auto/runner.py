@@ -74,10 +74,10 @@ class AutoRunner(CpuPolicy, Registered):
         return runner.block_forward(bound, q, k, v, inputs, scale, selection, key_block)
 
     def block_backward(self, bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
-                       key_block=None):
+                       key_block=None, dlse=None, wrt: tuple = ()):
         """The backward of a block (``runtime.runner.BlockRunner``), on the forward's runner."""
         runner = self.triton if q.is_cuda else self.cpu
-        return runner.block_backward(bound, q, k, v, out, lse, dout, inputs, scale, selection, key_block)
+        return runner.block_backward(bound, q, k, v, out, lse, dout, inputs, scale, selection, key_block, dlse, wrt)
 
     def traced(self, q, k, v, inputs: dict, need_lse: bool):
         """The runner whose op serves a call traced by dynamo: the Triton kernels on CUDA tensors; on

@@ -62,8 +62,7 @@ class BlockProblem:
     #: a runner that runs blocks (``runtime.runner.BlockRunner``; ``block_runner``), or None: the
     #: reference scores
     runner: object | None = None
-    #: the float inputs whose gradients the backward gives (``block_backward``'s ``d_inputs``); the
-    #: reference scores compute them
+    #: the float inputs whose gradients the backward gives (``block_backward``'s ``d_inputs``)
     grad_inputs: tuple[str, ...] = ()
 
     def evaluator(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> E.Evaluator:
@@ -150,7 +149,7 @@ def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
     return out, lse
 
 
-def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out):
+def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out, dlse, d_inputs):
     dt = compute_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
@@ -161,13 +160,23 @@ def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out):
         for k_run in k_runs:
             bound, sel, kb = _run_args(prob, q_run, k_run)
             cols = slice(k_run[0], k_run[0] + k_run[2])
-            dq_b, dk_b, dv_b = prob.runner.block_backward(
+            dq_b, dk_b, dv_b, d_in = prob.runner.block_backward(
                 bound, q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse[:, :, rows],
-                dout[:, :, rows], prob.tensors, prob.scale, sel, kb)
+                dout[:, :, rows], prob.tensors, prob.scale, sel, kb, None if dlse is None else dlse[:, :, rows],
+                prob.grad_inputs)
             dq[:, :, rows] += dq_b.to(dt)
             dk[:, :, cols] += dk_b.to(dt)
             dv[:, :, cols] += dv_b.to(dt)
+            _add_input_grads(d_inputs, d_in, dt)
     return dq, dk, dv
+
+
+def _add_input_grads(total: dict, part: dict, dt: torch.dtype) -> None:
+    """Input gradients of one block (or slab) summed into ``total`` in the compute dtype."""
+    for name, grad in part.items():
+        if grad is not None:
+            grad = grad.to(dt)
+            total[name] = grad if name not in total else total[name] + grad
 
 
 def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,19 +210,23 @@ def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: to
     return out * a + part * b, new
 
 
-def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None, d_inputs=None):
+def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None, d_inputs=None,
+                   dlse=None):
     """``(dq, dk, dv)`` of one block from the merged row statistics: ``lse`` and ``delta`` ``[B, H, nq]``
     of the whole row (``delta = rowsum(dout * out)``), ``dout`` ``[B, H, nq, Dv]``, ``out`` the merged
     output of the whole row (the runner path reads it, as flash attention's backward, in place of
-    ``delta``). dk, dv have k's heads (GQA groups summed). The gradients of ``prob.grad_inputs`` (the
-    whole inputs, through the scores) are added into the dict ``d_inputs``."""
-    if prob.grad_inputs and (d_inputs is None or prob.runner is not None):
-        raise SpecError("input gradients are computed by the reference scores, into d_inputs",
-                        where="argument d_inputs")
+    ``delta``), ``dlse`` the merged lse's gradient (or None). dk, dv have k's heads (GQA groups summed).
+    The gradients of ``prob.grad_inputs`` (the whole inputs, through the scores) are added into the
+    dict ``d_inputs``."""
+    if prob.grad_inputs and d_inputs is None:
+        raise SpecError("input gradients are summed into d_inputs", where="argument d_inputs")
+    d_inputs = {} if d_inputs is None else d_inputs
     if prob.runner is not None:
         if out is None:
             raise SpecError("a block runner's backward reads the merged output", where="argument out")
-        return _runner_backward(prob, q, k, v, q_pos, k_pos, lse, dout, out)
+        return _runner_backward(prob, q, k, v, q_pos, k_pos, lse, dout, out, dlse, d_inputs)
+    if dlse is not None:  # d lse / d s = P: the lse's gradient joins the row term
+        delta = delta - torch.where(torch.isneginf(lse), torch.zeros_like(lse), dlse.to(delta.dtype))
     dt = compute_dtype(q.dtype)
     B, H, nq, _ = q.shape
     kc, vc = expand_kv(k.to(dt), H), expand_kv(v.to(dt), H)
@@ -234,10 +247,7 @@ def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, 
         ds = p * (do @ vc.transpose(-1, -2) - delta[:, :, rows, None].to(dt))
         if leaves and s.requires_grad:
             grads = torch.autograd.grad(s, list(leaves.values()), ds, allow_unused=True)
-            for name, grad in zip(leaves, grads, strict=True):
-                if grad is not None:  # summed over slabs and blocks in the compute dtype
-                    grad = grad.to(dt)
-                    d_inputs[name] = grad if name not in d_inputs else d_inputs[name] + grad
+            _add_input_grads(d_inputs, dict(zip(leaves, grads, strict=True)), dt)
         capped = prob.softcap_grad(qr, kc)
         if capped is not None:
             ds = ds * capped

@@ -203,17 +203,13 @@ class ContextParallel(torch.nn.Module):
         # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
         # the attention's own runner where it runs blocks on this device (the CPU executor, the
         # Triton kernels), else the reference scores (blocks.block_runner)
-        # inputs whose gradients are wanted: the reference scores differentiate them (runners give
-        # dq, dk, dv only)
-        # (those the scores read: the bias's and FoX's; a route's indexer or a mask's table is not
-        # differentiated, as on one device)
+        # inputs whose gradients are wanted: those the scores read (the bias's and FoX's; a route's
+        # indexer or a mask's table is not differentiated, as on one device)
         score_inputs = E.input_names(pat.bias) if pat.bias is not None else set()
         score_inputs |= {pat.decay} if pat.decay is not None else set()
         grad_inputs = tuple(name for name, t in tensors.items() if name in score_inputs
                             and torch.is_grad_enabled() and t.requires_grad and t.is_floating_point())
-        # a differentiable lse too (its gradient enters the reference backward's row term)
-        lse_grad = return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        runner = None if grad_inputs or lse_grad else self.block_runner(q.device, share, H)
+        runner = self.block_runner(q.device, share, H)
         self.last_blocks = "reference" if runner is None else runner.name
         problem = BlockProblem(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch, scale,
                                heads, runner=runner, grad_inputs=grad_inputs)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ...core.errors import SpecError
 from ..numerics import compute_dtype
 from . import collectives as C
 from .blocks import BlockProblem, block_backward, block_forward, merge
@@ -127,13 +126,7 @@ class RingAttention(torch.autograd.Function):
         call: RingCall = ctx.call
         i, dt = call.index, compute_dtype(q.dtype)
         dout = torch.zeros(out.shape, dtype=q.dtype, device=q.device) if dout is None else dout
-        delta = (dout.to(dt) * out).sum(-1)
-        if dlse is not None:
-            # d lse / d s = P: the lse's gradient joins the row term (ds = P * (dP - delta + dlse)); the
-            # runners' backward reads ``out`` in place of delta, so such calls take the reference scores
-            if call.problem.runner is not None:
-                raise SpecError("a gradient of the lse needs the reference blocks", where="argument return_lse")
-            delta = delta - torch.where(torch.isneginf(lse), torch.zeros_like(lse), dlse.to(dt))
+        delta = (dout.to(dt) * out).sum(-1)  # the lse's gradient (dlse) joins it in each block's backward
         q_pos = call.positions(i)
         dq = torch.zeros(q.shape, dtype=dt, device=q.device)
         dk, dv = torch.zeros(k.shape, dtype=dt, device=q.device), torch.zeros(v.shape, dtype=dt, device=q.device)
@@ -141,7 +134,7 @@ class RingAttention(torch.autograd.Function):
         d_inputs: dict = {}
         for j, kj, vj in _key_blocks(call, k, v, "backward"):
             dq_j, dk_j, dv_j = block_backward(call.problem, q, kj, vj, q_pos, call.positions(j), lse, dout, delta,
-                                              out, d_inputs if call.problem.grad_inputs else None)
+                                              out, d_inputs, dlse)
             dq += dq_j
             if j == i:
                 dk += dk_j

@@ -286,14 +286,14 @@ class CpuRunner(Registered):
         return out, lse.to(dt)
 
     def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float,
-                       selection=None, key_block=None):
-        """``(dq share, dk, dv)`` of a block from the rows' merged ``out`` and ``lse`` (flash attention's
-        backward: P from the merged lse, delta = rowsum(dout * out) of the whole row)."""
+                       selection=None, key_block=None, dlse=None, wrt: tuple = ()):
+        """``(dq share, dk, dv, {input: gradient})`` of a block from the rows' merged ``out`` and ``lse``
+        (flash attention's backward: P from the merged lse, delta = rowsum(dout * out) - dlse of the whole
+        row); the inputs' gradients through the score terms, read at absolute positions."""
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         plan, tensors, batched = self._block(bound, q, inputs, selection, key_block)
-        dq, dk, dv, _ = executor.backward(plan, q.to(dt), k.to(dt), v.to(dt), out.to(dt), lse.to(dt), dout.to(dt),
-                                          None, tensors, batched, scale, [])
-        return dq, dk, dv
+        return executor.backward(plan, q.to(dt), k.to(dt), v.to(dt), out.to(dt), lse.to(dt), dout.to(dt),
+                                 None if dlse is None else dlse.to(dt), tensors, batched, scale, list(wrt))
 
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "cpu"

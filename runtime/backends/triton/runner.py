@@ -394,10 +394,11 @@ class TritonRunner(Registered):
         return out.float(), lse.float()
 
     def block_backward(self, bound: E.Bound, q, k, v, out, lse, dout, inputs: dict, scale: float, selection=None,
-                       key_block=None):
-        """``(dq share, dk, dv)`` of a block from the rows' merged ``out`` and ``lse``."""
+                       key_block=None, dlse=None, wrt: tuple = ()):
+        """``(dq share, dk, dv, {input: gradient})`` of a block from the rows' merged ``out``, ``lse`` and
+        the merged lse's gradient ``dlse``."""
         launch = self._block_launch(bound, q, inputs, selection, key_block)
-        return backward(launch, q, k, v, out, lse, dout.to(q.dtype), None, scale, [])[:3]
+        return backward(launch, q, k, v, out, lse, dout.to(q.dtype), dlse, scale, list(wrt))
 
     @property
     def last_schedule(self):
@@ -622,8 +623,11 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     decay_c = _decay_cumsum(launch, device)
     row_sums = pat.decay is not None and pat.decay in wrt
     bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
-    dsq = torch.zeros(B, Hq, Nq, dtype=torch.float32, device=device) if row_sums else _dummy(device)
-    dsk = torch.zeros(B, Hq, Nk, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    # the row sums are stored at token positions (``q_tok``, ``k_tok``): a block's are absolute, over the
+    # whole gate
+    n_q, n_k = (launch.tensors[pat.decay].shape[-1],) * 2 if row_sums and launch.bound.is_block else (Nq, Nk)
+    dsq = torch.zeros(B, Hq, n_q, dtype=torch.float32, device=device) if row_sums else _dummy(device)
+    dsk = torch.zeros(B, Hq, n_k, dtype=torch.float32, device=device) if row_sums else _dummy(device)
     sr = (dsq.stride(0), dsq.stride(1)) if row_sums else (0, 0)
     sched = launch.plan.schedule
     blocks = _blocks(launch, D, DV)
