@@ -14,7 +14,7 @@ head dim 64, 4 heads:
 - ``kv="ring"`` with the reference blocks (the reference evaluator's scores in torch, what every
   block ran before the backends ran blocks): the baseline for the kernels (``blocks.block_runner``);
   the other modes run their blocks on the attention's backend (the CPU executor on CPU tensors)
-  where it runs blocks (Ulysses ranks, a share of the heads, take the reference blocks);
+  where it runs blocks (also on Ulysses ranks, a share of the heads, unless the pattern reads the head);
 - torch's own ``context_parallel`` (``torch.distributed.tensor.experimental``) with causal SDPA,
   where it runs (its cell says why where it does not).
 
