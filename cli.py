@@ -516,7 +516,8 @@ def cmd_check_gpu(args) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     sizes = _int_sizes(args.sizes)
     n = _tokens(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
-    reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None)
+    reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None,
+                              block=args.block)
     if args.json:
         import json
 
@@ -706,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", default="64,128", metavar="64,128", help="head dims (default 64,128)")
     p.add_argument("--dtype", default="fp16", metavar="fp16,bf16", help="dtypes (default fp16)")
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p.add_argument("--block", action="store_true", help="the kernels of a context-parallel block (offsets as "
+                   "run-time arguments; the lse's and the score inputs' gradients) instead of the whole sequence's")
     return parser
 
 

@@ -313,6 +313,38 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
     return pairs
 
 
+def score_tiles_of(pat: ir.PatternIR, mask: sympy.Basic, hw: Hardware) -> tuple[float, float]:
+    """Score-shaped register tiles of the forward and the backward passes (``pass_tiles``) for a pattern
+    whose mask, with the sizes substituted, is ``mask``: S/P and dP/dS, a routing pattern's selection, a
+    long mask's temporaries where the KV tile may be a single token; the backward's also a FoX decay's."""
+    fwd = (2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
+           + (mask_score_tiles(mask) if min_kv_tokens(hw) == 1 else 0))
+    return fwd, fwd + (DECAY_BWD_TILES if pat.decay is not None else 0)
+
+
+def block_config(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, head_dim: int, nbytes: int,
+                 hw: Hardware) -> KernelConfig:
+    """A context-parallel block's fixed tiles with launch parameters under which every pass fits on
+    ``hw``: the forward's as given if it fits there, else the first of ``WARPS`` x ``STAGES`` that does;
+    the backward's by ``backward_launch`` (as the search sizes a whole sequence's). Where the backward
+    fits at no launch, the block takes the largest of ``backward_tiles`` where it does, for both passes
+    (a block has one plan). As given where nothing fits."""
+    fwd_tiles, bwd_tiles = score_tiles_of(pat, E.substitute(pat.mask, bound), hw)
+    if backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, bwd_tiles) is None:
+        for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):
+            if backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw, bwd_tiles) is not None:
+                config = dataclasses.replace(config, q_tile=q_tile, kv_tile=kv_tile)
+                break
+    if not forward_fits(config, head_dim, nbytes, hw, fwd_tiles):
+        for warps, stages in itertools.product(WARPS, STAGES):
+            candidate = dataclasses.replace(config, num_warps=warps, num_stages=stages)
+            if forward_fits(candidate, head_dim, nbytes, hw, fwd_tiles):
+                config = candidate
+                break
+    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, bwd_tiles)
+    return config if bwd is None else dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
+
+
 def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2,
           bwd_score_tiles: float | None = None) -> KernelConfig | None:
     """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
@@ -489,11 +521,9 @@ class ScheduleSearch:
         #: score-shaped register tiles per pass (``pass_tiles``): S/P and dP/dS, and a routing pattern's selection
         #: and a long mask's temporaries (``mask_score_tiles``, of the whole mask: the float64 work of terms with
         #: one value per tile pair, radial's exp2, division and fmod, also raises the register peak)
-        self.score_tiles = (2 + (ROUTE_SELECT_TILES if pat.route is not None else 0)
-                            + (mask_score_tiles(self.mask) if self.min_kv == 1 else 0))
         #: the backward's: a FoX decay's kernels also hold the pair decay weights, the row-sum products
         #: and the gate prefixes (``DECAY_BWD_TILES`` more)
-        self.bwd_score_tiles = self.score_tiles + (DECAY_BWD_TILES if pat.decay is not None else 0)
+        self.score_tiles, self.bwd_score_tiles = score_tiles_of(pat, self.mask, hw)
         self._pair_masks: dict = {}
         self._cache: dict = {}
         self._flat: tuple | None = None

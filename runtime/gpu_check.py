@@ -365,10 +365,13 @@ def _inputs(pat, bound, gen: torch.Generator) -> dict:
 
 
 def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
-                sizes: dict | None = None, config=None) -> tuple[list[Recorded], str]:
+                sizes: dict | None = None, config=None, block: bool = False) -> tuple[list[Recorded], str]:
     """Run the pattern's forward and backward through its launch path on CPU tensors as a CUDA
     call on ``sm_<arch>`` would, recording the launches; returns them and the config in words.
-    ``config`` (a ``KernelConfig``) replaces the search's pick (softmax patterns; sweeps)."""
+    ``config`` (a ``KernelConfig``) replaces the search's pick (softmax patterns; sweeps).
+    ``block``: a context-parallel block instead (``record_block``)."""
+    if block:
+        return record_block(pattern, arch=arch, head_dim=head_dim, dtype=dtype, n=n, sizes=sizes)
     from ..compiler import evaluate as E
     from ..compiler.hardware import get_hardware
     from . import api
@@ -411,6 +414,49 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     return records, described
 
 
+def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
+                 sizes: dict | None = None) -> tuple[list[Recorded], str]:
+    """A context-parallel block's launches (``runtime.parallel.blocks``; offsets as run-time arguments):
+    the last half of the queries against the middle half of the keys, forward and backward, with the
+    lse's gradient and the gradients of the float inputs the scores read (FoX's row sums, bias inputs)."""
+    from ..compiler import evaluate as E
+    from ..compiler.hardware import get_hardware
+    from . import api
+    from .backends.triton import runner as TB
+
+    attn = api.compile_attention(pattern, backend="triton")
+    pat = attn.pattern
+    if not isinstance(pat, ir.PatternIR):
+        raise SpecError(f"'{pat.name}' is a recurrence: context parallelism chains its state, it has no blocks",
+                        where="argument --block")
+    if pat.route is not None:
+        raise SpecError(f"'{pat.name}' routes: its blocks read a selection made across ranks; the offline "
+                        "check of blocks takes patterns without a route", where="argument --block")
+    gen = torch.Generator().manual_seed(0)
+    whole = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)
+    N = whole.n
+    q0, k0, half = N - N // 2, N // 4, N // 2
+    bound = E.block_bound(whole, q0, half, k0, half)
+    tdtype = DTYPES[dtype]
+    q, k, v = (torch.randn(BATCH, HEADS, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
+    tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen), batch=BATCH)
+    score_inputs = set(E.input_names(pat.bias)) if pat.bias is not None else set()
+    score_inputs |= {pat.decay} if pat.decay is not None else set()
+    wrt = tuple(name for name in tensors if name in score_inputs and tensors[name].is_floating_point())
+
+    class Native(TB.TritonRunner):
+        native = True
+        hardware = get_hardware(ARCH_HARDWARE.get(arch, "h100"))  # the block's launch sized for this arch
+
+    runner = Native(pat)
+    with capture_launches() as records:
+        out, lse = runner.block_forward(bound, q, k, v, tensors, head_dim**-0.5)
+        runner.block_backward(bound, q, k, v, out.to(tdtype), lse, torch.randn_like(q), tensors, head_dim**-0.5,
+                              dlse=torch.randn_like(lse), wrt=wrt)
+    cfg = next(iter(runner.block_plans.values()))[1][0]
+    return records, f"block {q0}+{half} x {k0}+{half}: " + describe_launch(cfg)
+
+
 def describe_launch(cfg) -> str:
     """``64/64 flat w4 s3 | bwd 32/64 w8 s2``: a config's tiles and launch parameters, the
     backward's where it has its own."""
@@ -426,9 +472,10 @@ def describe_launch(cfg) -> str:
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,
-                  sizes: dict | None = None, label: str | None = None) -> list[KernelReport]:
+                  sizes: dict | None = None, label: str | None = None, block: bool = False) -> list[KernelReport]:
     """Every kernel of the pattern's forward and backward, per architecture, head dim and dtype.
-    ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``)."""
+    ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``); ``block``: the
+    kernels of a context-parallel block (``record_block``)."""
     name = label or getattr(pattern, "name", None) or str(pattern).removeprefix("stdlib:")
     if isinstance(pattern, str | os.PathLike):
         from ..spec.library import load
@@ -443,7 +490,8 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
     for arch in archs:
         for d in head_dims:
             for dt in dtypes:
-                records, config = record_call(pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes)
+                records, config = record_call(pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes,
+                                              block=block)
                 if not records:
                     raise SpecError(f"'{name}' launched no Triton kernel", where="gpu check")
                 for rec in records:

@@ -181,6 +181,24 @@ def test_a_vertical_slash_pattern_is_recorded_with_its_selection():
     assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
 
 
+def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
+    """A context-parallel block's kernels (offsets as run-time arguments; the backward with the lse's
+    gradient and the score inputs' gradients) compile for sm_90 at the launch parameters a block gets
+    there, fit, do not spill and issue wgmma (FoX: its backward fits only at 32-row tiles, so its forward
+    and dQ run mma.sync, as the whole sequence's FoX dQ); routes and recurrences are refused by name."""
+    reports = G.check_pattern(attnc.load("stdlib:softcap"), archs=(90,), head_dims=(128,), dtypes=("bf16",),
+                              n=1024, block=True)
+    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and r.spill_bytes == 0 and r.wgmma > 0 and r.config.startswith("block 512+512 x 256+512")
+               for r in reports), "\n" + G.table(reports)
+    fox = G.check_pattern(attnc.load("stdlib:forgetting"), archs=(90,), head_dims=(128,), dtypes=("bf16",),
+                          n=1024, block=True)
+    assert all(r.ok and r.spill_bytes == 0 for r in fox) and fox[-1].wgmma > 0, "\n" + G.table(fox)
+    for name, words in (("stdlib:moba", "routes"), ("stdlib:mamba2", "recurrence")):
+        with pytest.raises(SpecError, match=words):
+            G.check_pattern(attnc.load(name), archs=(90,), head_dims=(64,), n=1024, block=True)
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""

@@ -24,7 +24,7 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.codegen import ScheduleShape, bias_index_checks, generate_source
 from ....compiler.cost import KernelConfig
-from ....compiler.search import classify_flat
+from ....compiler.search import block_config, classify_flat
 from ....compiler.tiles import classify_tiles
 from ....core import symbols as S
 from ....core.errors import SpecError
@@ -44,6 +44,17 @@ def _tokens(runner) -> tuple[int, int]:
     return tuple(math.prod(t) if isinstance(t, tuple | list) else int(t) for t in tiles)
 
 
+def block_hardware(runner, q: torch.Tensor):
+    """The hardware model a block's launch is sized for: the runner's ``hardware`` where set (the offline
+    check sets the architecture's), the GPU's on CUDA tensors, else None (the interpreter)."""
+    hw = getattr(runner, "hardware", None)
+    if hw is not None or q.device.type != "cuda":
+        return hw
+    from ....compiler.hardware import hardware_for_gpu
+
+    return hardware_for_gpu(torch.cuda.get_device_name(q.device))
+
+
 def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     """(config, plan, source) of a block, cached in the runner's ``block_plans`` (a bounded LRU) per
     (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs, per
@@ -56,6 +67,9 @@ def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
         return entry[1]
     tq, tk = _tokens(runner)
     config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
+    hw = block_hardware(runner, q)
+    if hw is not None:  # the launch parameters under which the block's passes fit on this GPU
+        config = block_config(pat, bound, config, q.shape[-1], q.element_size(), hw)
     if pat.queries.kind == "grid":  # 1-D tiles of a grid: classified on its flat view
         sched = classify_flat(pat, bound, config.q_tile, config.kv_tile, used)
     else:
