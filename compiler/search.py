@@ -330,18 +330,18 @@ def block_config(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, head_d
     fits at no launch, the block takes the largest of ``backward_tiles`` where it does, for both passes
     (a block has one plan). As given where nothing fits."""
     fwd_tiles, bwd_tiles = score_tiles_of(pat, E.substitute(pat.mask, bound), hw)
-    if backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, bwd_tiles) is None:
-        for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):
-            if backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw, bwd_tiles) is not None:
-                config = dataclasses.replace(config, q_tile=q_tile, kv_tile=kv_tile)
-                break
+    bwd = None
+    for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):  # the block's own tiles first
+        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw, bwd_tiles)
+        if bwd is not None:
+            config = dataclasses.replace(config, q_tile=q_tile, kv_tile=kv_tile)
+            break
     if not forward_fits(config, head_dim, nbytes, hw, fwd_tiles):
         for warps, stages in itertools.product(WARPS, STAGES):
             candidate = dataclasses.replace(config, num_warps=warps, num_stages=stages)
             if forward_fits(candidate, head_dim, nbytes, hw, fwd_tiles):
                 config = candidate
                 break
-    bwd = backward_launch(config.q_tokens, config.kv_tokens, head_dim, nbytes, hw, bwd_tiles)
     return config if bwd is None else dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1])
 
 

@@ -405,21 +405,27 @@ def _split_hooks(transformer, parallel, processors: dict) -> list:
             def split_in(_m, args, kwargs, specs=inputs, params=params):
                 args = list(args)
                 for key, spec in specs.items():
-                    if key in kwargs:
-                        kwargs[key] = split(kwargs[key], spec)
-                    elif key in params and params.index(key) < len(args):
-                        args[params.index(key)] = split(args[params.index(key)], spec)
+                    _replace_argument(params, args, kwargs, key, lambda x, spec=spec: split(x, spec))
                 return tuple(args), kwargs
             hooks.append(module.register_forward_pre_hook(split_in, with_kwargs=True))
     return hooks
 
 
+def _replace_argument(params: list[str], args: list, kwargs: dict, key: str, fn) -> None:
+    """``fn`` applied to the call's argument ``key`` where it was given, by keyword or by position
+    (``params``: the forward's parameter names), in place."""
+    if key in kwargs:
+        kwargs[key] = fn(kwargs[key])
+    elif key in params and params.index(key) < len(args):
+        args[params.index(key)] = fn(args[params.index(key)])
+
+
 def _cogvideox_split_hooks(transformer, parallel, processors: dict) -> list:
     """CogVideoX has no ``_cp_plan``: its blocks get the video tokens (``hidden_states``) and the rotary
     embedding of the video tokens split into each rank's part (in ``parallel``'s order: contiguous runs
-    of the grid's tokens, along the frames) and the text
-    tokens whole; the last block's video output is gathered whole on every rank (norms, projection and
-    unpatchify then run on all of it, as on one process)."""
+    of the grid's tokens, along the frames) and the text tokens whole; the last block's video output is
+    gathered whole on every rank (norms, projection and unpatchify then run on all of it, as on one
+    process)."""
     import inspect
 
     first = next(iter(processors.values()))
@@ -433,22 +439,19 @@ def _cogvideox_split_hooks(transformer, parallel, processors: dict) -> list:
     def sizes():
         return dict(zip(GRID_SIZES, first.grid, strict=True))
 
+    def split(value, dim: int):
+        """This rank's part of a whole tensor (or each of a tuple's: the rotary cos and sin); a part
+        already split (the blocks after the first) or anything else as it is."""
+        parts = value if isinstance(value, tuple | list) else (value,)
+        if not all(isinstance(p, torch.Tensor) and p.shape[dim] == whole_tokens() for p in parts):
+            return value
+        split_parts = [parallel.shard(p, dim=dim, sizes=sizes()) for p in parts]
+        return type(value)(split_parts) if isinstance(value, tuple | list) else split_parts[0]
+
     def split_in(_m, args, kwargs):
         args = list(args)
         for key, dim in (("hidden_states", 1), ("image_rotary_emb", 0)):
-            if key not in params:
-                continue
-            at = params.index(key)
-            value = kwargs[key] if key in kwargs else (args[at] if at < len(args) else None)
-            parts = value if isinstance(value, tuple | list) else (value,)
-            if not all(isinstance(p, torch.Tensor) and p.shape[dim] == whole_tokens() for p in parts):
-                continue  # already this rank's part (the blocks after the first), or absent
-            value = type(value)(parallel.shard(p, dim=dim, sizes=sizes()) for p in parts) \
-                if isinstance(value, tuple | list) else parallel.shard(value, dim=dim, sizes=sizes())
-            if key in kwargs:
-                kwargs[key] = value
-            else:
-                args[at] = value
+            _replace_argument(params, args, kwargs, key, lambda x, dim=dim: split(x, dim))
         return tuple(args), kwargs
 
     def gather(_m, _args, out):

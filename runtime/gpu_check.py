@@ -423,6 +423,7 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     from ..compiler.hardware import get_hardware
     from . import api
     from .backends.triton import runner as TB
+    from .plan.cache import score_input_names
 
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
@@ -440,9 +441,7 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     tdtype = DTYPES[dtype]
     q, k, v = (torch.randn(BATCH, HEADS, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
     tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen), batch=BATCH)
-    score_inputs = set(E.input_names(pat.bias)) if pat.bias is not None else set()
-    score_inputs |= {pat.decay} if pat.decay is not None else set()
-    wrt = tuple(name for name in tensors if name in score_inputs and tensors[name].is_floating_point())
+    wrt = tuple(name for name in tensors if name in score_input_names(pat) and tensors[name].is_floating_point())
 
     class Native(TB.TritonRunner):
         native = True

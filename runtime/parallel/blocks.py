@@ -16,8 +16,7 @@ Two ways to compute a block, the same answer (the schedule never changes it):
   ``evaluate.block_bound``: its tile classification with both offsets (EMPTY tiles skipped, FULL
   ones unmasked), mask, bias, softcap and FoX decay at absolute positions.
 - otherwise (the reference and Flex runners; Ulysses ranks, which hold a share of the heads, where the
-  pattern reads the head): the
-  reference backend's scores (``pair_scores``), computed in slabs of
+  pattern reads the head): the reference backend's scores (``pair_scores``), computed in slabs of
   query rows so memory stays at ``SLAB_SCORES`` scores whatever the block sizes.
 """
 
@@ -123,13 +122,16 @@ def runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
     return out
 
 
-def _run_args(prob: BlockProblem, q_run, k_run) -> tuple:
-    """(block bound, selection, key blocks) of one (query run, key run)."""
-    (r0, q0, lq), (_, k0, lk) = q_run, k_run
-    bound = E.block_bound(prob.bound, q0, lq, k0, lk)
-    if prob.selected is None:
-        return bound, None, None
-    return bound, prob.selected[:, :, r0:r0 + lq], prob.key_block[k0:k0 + lk]
+def _run_pairs(prob: BlockProblem, q_pos: torch.Tensor, k_pos: torch.Tensor):
+    """Every (query run, key run) of a block, a runner call each: ``(query rows, key columns, block bound,
+    selection of those queries, key blocks)`` (the last two None without a route)."""
+    k_runs = runs(k_pos)
+    for r0, q0, lq in runs(q_pos):
+        for c0, k0, lk in k_runs:
+            bound = E.block_bound(prob.bound, q0, lq, k0, lk)
+            sel, kb = ((None, None) if prob.selected is None
+                       else (prob.selected[:, :, r0:r0 + lq], prob.key_block[k0:k0 + lk]))
+            yield slice(r0, r0 + lq), slice(c0, c0 + lk), bound, sel, kb
 
 
 def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
@@ -137,15 +139,10 @@ def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
     B, H, nq, _ = q.shape
     out = torch.zeros(B, H, nq, v.shape[-1], dtype=dt, device=q.device)
     lse = torch.full((B, H, nq), -math.inf, dtype=dt, device=q.device)
-    k_runs = runs(k_pos)
-    for q_run in runs(q_pos):
-        rows = slice(q_run[0], q_run[0] + q_run[2])
-        for k_run in k_runs:
-            bound, sel, kb = _run_args(prob, q_run, k_run)
-            cols = slice(k_run[0], k_run[0] + k_run[2])
-            part, part_lse = prob.runner.block_forward(bound, q[:, :, rows], k[:, :, cols], v[:, :, cols],
-                                                       prob.tensors, prob.scale, sel, kb)
-            out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], part.to(dt), part_lse.to(dt))
+    for rows, cols, bound, sel, kb in _run_pairs(prob, q_pos, k_pos):
+        part, part_lse = prob.runner.block_forward(bound, q[:, :, rows], k[:, :, cols], v[:, :, cols],
+                                                   prob.tensors, prob.scale, sel, kb)
+        out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], part.to(dt), part_lse.to(dt))
     return out, lse
 
 
@@ -154,20 +151,15 @@ def _runner_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, out, 
     dq = torch.zeros(q.shape, dtype=dt, device=q.device)
     dk = torch.zeros(k.shape, dtype=dt, device=q.device)
     dv = torch.zeros(v.shape, dtype=dt, device=q.device)
-    k_runs = runs(k_pos)
-    for q_run in runs(q_pos):
-        rows = slice(q_run[0], q_run[0] + q_run[2])
-        for k_run in k_runs:
-            bound, sel, kb = _run_args(prob, q_run, k_run)
-            cols = slice(k_run[0], k_run[0] + k_run[2])
-            dq_b, dk_b, dv_b, d_in = prob.runner.block_backward(
-                bound, q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse[:, :, rows],
-                dout[:, :, rows], prob.tensors, prob.scale, sel, kb, None if dlse is None else dlse[:, :, rows],
-                prob.grad_inputs)
-            dq[:, :, rows] += dq_b.to(dt)
-            dk[:, :, cols] += dk_b.to(dt)
-            dv[:, :, cols] += dv_b.to(dt)
-            _add_input_grads(d_inputs, d_in, dt)
+    for rows, cols, bound, sel, kb in _run_pairs(prob, q_pos, k_pos):
+        dq_b, dk_b, dv_b, d_in = prob.runner.block_backward(
+            bound, q[:, :, rows], k[:, :, cols], v[:, :, cols], out[:, :, rows], lse[:, :, rows],
+            dout[:, :, rows], prob.tensors, prob.scale, sel, kb, None if dlse is None else dlse[:, :, rows],
+            prob.grad_inputs)
+        dq[:, :, rows] += dq_b.to(dt)
+        dk[:, :, cols] += dk_b.to(dt)
+        dv[:, :, cols] += dv_b.to(dt)
+        _add_input_grads(d_inputs, d_in, dt)
     return dq, dk, dv
 
 

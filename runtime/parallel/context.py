@@ -21,6 +21,7 @@ from ...core import symbols as S
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale
 from ..plan import antidiagonal, clusters, vertical_slash
+from ..plan.cache import score_input_names
 from . import collectives as C
 from . import routing
 from .blocks import BlockProblem, block_runner
@@ -200,15 +201,14 @@ class ContextParallel(torch.nn.Module):
             q, k, v = (Swap.apply(t, self.ulysses_group, self.u, True) for t in moved)
         share = H // self.u
         heads = torch.arange(self.ulysses_index * share, (self.ulysses_index + 1) * share)
-        # the mask, bias and gates are evaluated on the CPU (the reference evaluator's device)
-        # the attention's own runner where it runs blocks on this device (the CPU executor, the
-        # Triton kernels), else the reference scores (blocks.block_runner)
-        # inputs whose gradients are wanted: those the scores read (the bias's and FoX's; a route's
-        # indexer or a mask's table is not differentiated, as on one device)
-        score_inputs = E.input_names(pat.bias) if pat.bias is not None else set()
-        score_inputs |= {pat.decay} if pat.decay is not None else set()
+        # inputs whose gradients are wanted: those the scores read (a route's indexer or a mask's table
+        # is not differentiated, as on one device)
+        score_inputs = score_input_names(pat)
         grad_inputs = tuple(name for name, t in tensors.items() if name in score_inputs
                             and torch.is_grad_enabled() and t.requires_grad and t.is_floating_point())
+        # the attention's own runner where it runs blocks on this device (the CPU executor, the Triton
+        # kernels), else the reference scores (blocks.block_runner), whose mask, bias and gates are
+        # evaluated on the CPU
         runner = self.block_runner(q.device, share, H)
         self.last_blocks = "reference" if runner is None else runner.name
         problem = BlockProblem(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch, scale,

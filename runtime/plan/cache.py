@@ -20,6 +20,13 @@ def mask_input_names(pat: ir.PatternIR) -> set[str]:
     return set(E.input_names(pat.mask))
 
 
+def score_input_names(pat: ir.PatternIR) -> set[str]:
+    """The call-time inputs the score terms read (the bias's, FoX's gate): those a backward differentiates
+    (a mask's, a route's indexer, are not)."""
+    names = set(E.input_names(pat.bias)) if pat.bias is not None else set()
+    return names | ({pat.decay} if pat.decay is not None else set())
+
+
 def block_key(bound: E.Bound) -> tuple:
     """What a context-parallel block's plan depends on besides the mask's inputs: the grid sizes, heads,
     and both offsets and row counts."""
