@@ -1,7 +1,7 @@
 """Calibration of the cost model against published measurements.
 
     python benchmarks/calibration.py            # write the predicted-vs-published table
-    python benchmarks/calibration.py --fit      # re-derive compiler.cost.ARCH_FITS (prints them; a minute)
+    python benchmarks/calibration.py --fit      # re-derive compiler.cost.ARCH_FITS and SDPA_FITS (prints them)
 
 Dense: the model's dense forward / backward throughput (``compiler.simulator.
 dense_tflops``) beside every point of ``compiler.published.DENSE`` (what
@@ -10,10 +10,14 @@ FlashAttention-2's CUDA kernel are predicted as that kernel runs (one backward
 kernel of 5 matmuls, ``Calibration(bwd_matmuls=(0, 5))``); attnc's own
 backward (7 matmuls in two kernels) is listed beside them.
 
+Measured (attnc's GPU suite on a lent H100, ``compiler.published.MEASURED``):
+SDPA's dense timings, which ``SDPA_FITS`` (the simulator's dense baseline) is
+fitted to, and attnc's kernels at the tiles that ran, beside the predictions.
+
 Sparse (validation only, never fitted): the simulator's predicted forward
-speedup over its own dense baseline for the NATTEN / GNA cases of
+speedup over SDPA's dense kernel for the NATTEN / GNA cases of
 ``compiler.published.SPARSE`` (H100, head dim 128), beside the published
-kernel-only speedups.
+kernel-only speedups over cuDNN's.
 """
 
 from __future__ import annotations
@@ -27,9 +31,16 @@ import sys
 import time
 
 import attnc
-from attnc.compiler.cost import ARCH_FITS, ArchFit, Calibration
+from attnc.compiler.cost import ARCH_FITS, SDPA_FITS, ArchFit, Calibration, predict_sdpa
 from attnc.compiler.hardware import get_hardware
-from attnc.compiler.published import DENSE, SPARSE, DensePoint, calibration_for
+from attnc.compiler.published import (
+    DENSE,
+    MEASURED,
+    SPARSE,
+    DensePoint,
+    MeasuredCase,
+    calibration_for,
+)
 from attnc.compiler.simulator import best_dense, dense_tflops
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -96,11 +107,60 @@ def fit(arch: str, overheads=(0.25e-6, 0.5e-6, 1.0e-6, 1.5e-6, 2.0e-6, 3.0e-6)) 
                     0.1, 0.95)
         b = _golden(lambda x, base=base, f=f, cfgs=cfgs: _loss(
             bwd_pts, {arch: dataclasses.replace(base, forward=f, backward=x)}, cfgs), 0.1, 0.95)
-        cand = ArchFit(round(f, 3), round(b, 3), ov)
+        cand = dataclasses.replace(start, forward=round(f, 3), backward=round(b, 3), cta_overhead_s=ov)
         loss = _loss(points, {arch: cand})
         if best is None or loss < best[1]:
             best = (cand, loss)
     return best
+
+
+def _sdpa_ms(case: MeasuredCase, fits: dict | None = None) -> tuple[float, float]:
+    """SDPA's modelled (forward, forward + backward) at a measured case, milliseconds."""
+    p = predict_sdpa(case.tokens, case.tokens, case.heads, get_hardware(case.hardware), head_dim=case.head_dim,
+                     fits=fits)
+    return p.forward.time_s * 1e3, (p.forward.time_s + p.backward.time_s) * 1e3
+
+
+def fit_sdpa(arch: str, overheads=(0.25e-6, 0.5e-6, 1.0e-6, 2.0e-6)) -> tuple[ArchFit, float] | None:
+    """Least squares on log time over the measured SDPA timings of ``arch``: the forward fraction
+    (golden section) for each CTA overhead on a grid, then the backward's (forward + backward less the
+    forward). None where nothing was measured."""
+    cases = [c for c in MEASURED if get_hardware(c.hardware).arch == arch]
+    if not cases:
+        return None
+    fwd = lambda fit: sum(math.log(_sdpa_ms(c, {arch: fit})[0] / c.sdpa_forward_ms) ** 2 for c in cases)  # noqa: E731
+    bwd = lambda fit: sum(math.log((_sdpa_ms(c, {arch: fit})[1] - _sdpa_ms(c, {arch: fit})[0])  # noqa: E731
+                                   / (c.sdpa_fwd_bwd_ms - c.sdpa_forward_ms)) ** 2 for c in cases)
+    best = None
+    for ov in overheads:
+        f = _golden(lambda x, ov=ov: fwd(ArchFit(x, 0.5, ov)), 0.2, 0.95)
+        b = _golden(lambda x, ov=ov, f=f: bwd(ArchFit(f, x, ov)), 0.2, 0.95)
+        cand = ArchFit(round(f, 3), round(b, 3), ov)
+        loss = fwd(cand) + bwd(cand)
+        if best is None or loss < best[1]:
+            best = (cand, loss)
+    return best
+
+
+def measured_table() -> list[str]:
+    """The measured GPU-suite cases beside the model: SDPA (fitted) and attnc's kernels at the tiles
+    that ran (judged where not host-bound)."""
+    lines = ["| case | sizes | kernel | forward ms | predicted | error | fwd+bwd ms | predicted | error | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in MEASURED:
+        sizes = dict(c.sizes)
+        kw = {"n": sizes.pop("seq")} if "seq" in sizes else {"sizes": sizes}
+        rep = attnc.simulate(f"stdlib:{c.pattern}", heads=c.heads, head_dim=c.head_dim, hardware=c.hardware,
+                             q_tile=c.q_tile, kv_tile=c.kv_tile, **kw, **c.params)
+        af, afb = rep.best.forward_s * 1e3, (rep.best.forward_s + rep.best.backward_s) * 1e3
+        sf, sfb = _sdpa_ms(c)
+        sz = "x".join(str(v) for v in c.sizes.values())
+        note = "host-bound: not judged (see MeasuredCase)" if c.host_bound else ""
+        lines.append(f"| {c.name} | {sz} | attnc | {c.attnc_forward_ms:g} | {af:.3f} | {_pct(af, c.attnc_forward_ms)} "
+                     f"| {c.attnc_fwd_bwd_ms:g} | {afb:.3f} | {_pct(afb, c.attnc_fwd_bwd_ms)} | {note} |")
+        lines.append(f"| {c.name} | {sz} | SDPA | {c.sdpa_forward_ms:g} | {sf:.3f} | {_pct(sf, c.sdpa_forward_ms)} "
+                     f"| {c.sdpa_fwd_bwd_ms:g} | {sfb:.3f} | {_pct(sfb, c.sdpa_fwd_bwd_ms)} | fitted |")
+    return lines
 
 
 def _pct(pred: float, pub: float) -> str:
@@ -146,7 +206,8 @@ def sparse_table(progress=None) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fit", action="store_true", help="re-derive the per-arch fits and print them")
-    ap.add_argument("--out", default=os.path.join(HERE, "results", "calibration-2026-11-22.md"))
+    ap.add_argument("--out", default=os.path.join(HERE, "results",
+                                                  f"calibration-{datetime.date.today().isoformat()}.md"))
     args = ap.parse_args(argv)
     if args.fit:
         for arch in sorted({p.arch for p in DENSE}):
@@ -156,6 +217,11 @@ def main(argv=None) -> int:
             print(f"{arch}: {found}  rms log error {math.sqrt(loss / n):.3f}  ({time.time() - t:.0f} s)", flush=True)
             if found != ARCH_FITS.get(arch):
                 print(f"  compiler/cost.py ARCH_FITS[{arch!r}] is {ARCH_FITS.get(arch)}: update it", file=sys.stderr)
+        for arch in sorted({get_hardware(c.hardware).arch for c in MEASURED}):
+            found, loss = fit_sdpa(arch)
+            print(f"SDPA {arch}: {found}  loss {loss:.4f}", flush=True)
+            if found != SDPA_FITS.get(arch):
+                print(f"  compiler/cost.py SDPA_FITS[{arch!r}] is {SDPA_FITS.get(arch)}: update it", file=sys.stderr)
         return 0
     dense, worst = dense_table()
     head = [f"# Cost-model calibration ({datetime.date.today().isoformat()})", "",
@@ -168,9 +234,14 @@ def main(argv=None) -> int:
            "numeric column is attnc's own kernels (backward: 7 matmuls in a dQ and a dK/dV kernel). "
            "Batch x N = 16k tokens, 2048 / d heads, BF16.", "", *dense, "",
            f"Largest relative error over the fitted points: {100 * worst:.1f}%.", "",
+           "## Measured on an H100: attnc's GPU suite (compiler/published.py MEASURED)", "",
+           "SDPA's dense kernel, the simulator's dense baseline (`SDPA_FITS`: "
+           + ", ".join(f"{a}: forward {f.forward}, backward {f.backward}" for a, f in SDPA_FITS.items())
+           + "), and attnc's kernels at the tiles that ran (the sm90 mask hidden: `mask_exposed` "
+           f"{ARCH_FITS['sm90'].mask_exposed:g}). bf16, d 128, 8 heads, batch 1.", "", *measured_table(), "",
            "## Sparse speedups: validation (not fitted)", "",
            "H100, head dim 128, 16 heads, BF16. Published: kernel-only forward speedup over cuDNN dense; predicted: "
-           "the simulator's forward (and backward) speedup over its own dense baseline.", ""]
+           "the simulator's forward (and backward) speedup over SDPA's dense kernel (`SDPA_FITS`).", ""]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
 
     def write(sparse_lines, done=False):

@@ -39,7 +39,7 @@ from ..core.errors import SpecError
 from . import evaluate as E
 from . import route_blocks
 from . import tiles as T
-from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict, predict_dense
+from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict
 from .hardware import Hardware
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens, uniform_axes
 from .tile_args import parse_tiles
@@ -686,25 +686,6 @@ class ScheduleSearch:
         """The density from any exactly counted schedule classified so far."""
         sched = self.exactly_counted()
         return None if sched is None else sched.density
-
-    # ------------------------------------------------------------ dense baseline
-    def dense(self) -> tuple[Prediction, Prediction]:
-        """The best dense configurations (forward, backward), modelled the same way."""
-        preds = []
-        n_q, n_k = math.prod(self.q_ext), math.prod(self.kv_ext)
-        for tq, tk, warps, stages in itertools.product(Q_TOKENS, KV_TOKENS, WARPS, STAGES):
-            if tk > tq or (tk < self.min_kv and tk < n_k):  # the candidates ``_search`` proposes
-                continue
-            cfg = sized(KernelConfig((tq,), (tk,), "flat", warps, stages), self.head_dim, self.nbytes, self.hw)
-            if cfg is None:
-                continue
-            preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
-                                       batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
-        if not preds:
-            cfg = KernelConfig((64,), (32,), "flat", 4, 2)
-            preds.append(predict_dense(n_q, n_k, self.bound.heads, cfg, self.hw, head_dim=self.head_dim,
-                                       batch=self.batch, nbytes=self.nbytes, calibration=self.calibration))
-        return (min(preds, key=lambda p: p.forward.time_s), min(preds, key=lambda p: p.backward.time_s))
 
 
 __all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",

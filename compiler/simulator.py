@@ -27,6 +27,7 @@ from .cost import (
     Prediction,
     dtype_bytes,
     predict_dense,
+    predict_sdpa,
     smem_fits,
 )
 from .hardware import Hardware
@@ -172,10 +173,15 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
             shown.append(c)
         if len(shown) == top:
             break
-    dense_f, dense_b = search.dense()
+    sdpa = predict_sdpa(math.prod(search.q_ext), math.prod(search.kv_ext), bound.heads, hw, head_dim=head_dim,
+                        batch=batch, nbytes=dtype_bytes(dtype))
     assumptions = ["MMA fractions fitted to published dense FA2-class throughput (A100, H100; compiler/published.py); "
                    "other cost constants are estimates (compiler/cost.py, Calibration)",
-                   "dense baseline: the best dense configuration modelled the same way"]
+                   "dense baseline: torch's scaled_dot_product_attention on this GPU (its fused dense kernel, "
+                   + ("fitted to SDPA measured on an H100" if hw.arch == "sm90" else
+                      "FlashAttention-2's published throughput" if hw.arch == "sm80" else
+                      "assumed to attain the H100 fit's fractions: no measurement on this GPU")
+                   + "; compiler/cost.py SDPA_FITS)"]
     if pat.route is not None and pat.route.topp is not None:
         assumptions.append(
             "top-p routing is data-dependent: each Q tile is modelled visiting every key block its mask reaches "
@@ -198,8 +204,8 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
             counted = exact
     allowed, total = counted.allowed_total, counted.total_pairs
     return SimulationReport(pat.name, dict(bound.axis_sizes), bound.n, bound.nk, bound.heads, head_dim, batch, dtype,
-                            hw, _ratio(allowed, total), best, shown, dense_f.forward.time_s,
-                            dense_b.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
+                            hw, _ratio(allowed, total), best, shown, sdpa.forward.time_s,
+                            sdpa.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
                             allowed_pairs=allowed, total_pairs=total)
 
 
@@ -265,9 +271,9 @@ def format_report(rep: SimulationReport) -> str:
         f"  FLOP-wise bound      {_x(rep.flop_bound)}",
         f"  tile-wise bound      {_x(rep.tile_bound)}   (Q {_shape(tiles['q_tile'])}, KV {_shape(tiles['kv_tile'])}: "
         f"{tiles['full']} full, {tiles['partial']} partial, {tiles['empty']} empty of {tiles['total']})",
-        f"  predicted speedup    forward {_x(rep.predicted_speedup)}, backward {_x(rep.predicted_speedup_backward)}",
-        f"  predicted time       forward {_us(rep.best.forward_s)} (dense {_us(rep.dense_forward_s)}), "
-        f"backward {_us(rep.best.backward_s)} (dense {_us(rep.dense_backward_s)})",
+        f"  predicted speedup    (over SDPA dense) forward {_x(rep.predicted_speedup)}, backward {_x(rep.predicted_speedup_backward)}",
+        f"  predicted time       forward {_us(rep.best.forward_s)} (SDPA dense {_us(rep.dense_forward_s)}), "
+        f"backward {_us(rep.best.backward_s)} (SDPA dense {_us(rep.dense_backward_s)})",
         "",
         "  top schedules (by predicted forward time):",
         f"  {'#':>2} {'q tile':>10} {'kv tile':>10} {'layout':>8} {'warps':>5} {'stages':>6} {'forward':>12} "

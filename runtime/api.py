@@ -27,10 +27,14 @@ from .frontends.kv_cache import padded_forward
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import compute_dtype, needs_grad
 from .plan import clusters, routing
+from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
 from .runner import Call, refusal
+
+#: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
+BOUND_CACHE_SIZE = 16
 
 Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR
 
@@ -264,19 +268,35 @@ class Attention(torch.nn.Module):
             out, lse = self.runner.forward(call, q, k, v)
         return (out, lse) if return_lse else out
 
+    def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:
+        """The sizes of a call bound and checked (``evaluate.bind_sizes``), once per distinct shapes: binding
+        substitutes into the layout's sympy extents, most of a small call's host time."""
+        try:
+            key = (Nq, Nk, Hq, D, tuple(sorted(all_sizes.items())))
+            hash(key)
+        except TypeError:  # a size that is not even hashable: bind_sizes names it
+            key = None
+        cache = self.__dict__.setdefault("_bounds", PlanCache(BOUND_CACHE_SIZE))
+        if key is not None and key in cache:
+            return cache[key]
+        try:
+            bound = E.bind_sizes(self.pattern, n=Nq, nk=Nk, heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
+        except SpecError as err:  # n and nk come from q and k here: name those
+            if err.where not in ("argument n", "argument nk"):
+                raise
+            raise SpecError(err.message, where="argument q" if err.where == "argument n" else "argument k",
+                            hint=err.hint) from None
+        if key is not None:
+            cache[key] = bound
+        return bound
+
     def _bind_call(self, q, k, v, scale: float, need_lse: bool, all_sizes: dict, inputs: dict) -> Call:
         """The call bound once (sizes, inputs, softcap, route sizes), every argument checked before any
         work; errors name the argument."""
         pat = self.pattern
         B, Hq, Nq, D = q.shape
         Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-        try:
-            bound = E.bind_sizes(pat, n=Nq, nk=Nk, heads=Hq, sizes=all_sizes, dk=D, offset_ok=True)
-        except SpecError as err:  # n and nk come from q and k here: name those
-            if err.where not in ("argument n", "argument nk"):
-                raise
-            raise SpecError(err.message, where="argument q" if err.where == "argument n" else "argument k",
-                            hint=err.hint) from None
+        bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
         self._last_call = {"n": Nq, "nk": Nk if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument

@@ -126,13 +126,20 @@ def _predict(full, partial, *, layout="flat", ops=10, q=64, kv=64, repeat=1, war
 
 
 def test_partial_tiles_cost_more_than_full_ones_and_more_with_a_costlier_mask():
-    full = _predict([8] * 300, [0] * 300)
-    part = _predict([0] * 300, [8] * 300)
-    costly = _predict([0] * 300, [8] * 300, ops=40)
+    a100 = HW.get_hardware("a100")  # the mask's work added whole (ArchFit.mask_exposed 1)
+    full = _predict([8] * 300, [0] * 300, hw=a100)
+    part = _predict([0] * 300, [8] * 300, hw=a100)
+    costly = _predict([0] * 300, [8] * 300, ops=40, hw=a100)
     assert part.forward.time_s > full.forward.time_s
     assert costly.forward.time_s > part.forward.time_s
     assert part.backward.time_s > full.backward.time_s
     assert full.forward.mask_s == 0 and part.forward.mask_s > 0
+    # H100 (mask hidden behind the tensor cores, fitted): a cheap mask costs nothing, one costlier than
+    # the pair's MMA sets the pair's time
+    full, part = _predict([8] * 300, [0] * 300), _predict([0] * 300, [8] * 300)
+    costly = _predict([0] * 300, [8] * 300, ops=400)
+    assert part.forward.time_s == full.forward.time_s and part.forward.mask_s > 0
+    assert costly.forward.time_s > full.forward.time_s and costly.backward.time_s > full.backward.time_s
 
 
 def test_fewer_visited_tiles_predict_faster_and_backward_is_slower():
@@ -216,6 +223,73 @@ def test_fitted_model_reproduces_the_published_calibration_points():
     assert set(logs) == {"sm80", "sm90"}
     for arch, errs in logs.items():
         assert math.sqrt(sum(e * e for e in errs) / len(errs)) < 0.08, arch
+
+
+def _at_measured(case, calibration=None):
+    """The simulator at a GPU-suite case's shapes and recorded tiles: (attnc forward, attnc forward +
+    backward, SDPA forward, SDPA forward + backward), milliseconds."""
+    sizes = dict(case.sizes)
+    kw = {"n": sizes.pop("seq")} if "seq" in sizes else {"sizes": sizes}
+    rep = attnc.simulate(f"stdlib:{case.pattern}", heads=case.heads, head_dim=case.head_dim, hardware=case.hardware,
+                         q_tile=case.q_tile, kv_tile=case.kv_tile, **kw, **case.params)
+    b = rep.best
+    return (b.forward_s * 1e3, (b.forward_s + b.backward_s) * 1e3, rep.dense_forward_s * 1e3,
+            (rep.dense_forward_s + rep.dense_backward_s) * 1e3)
+
+
+def test_simulator_against_the_measured_gpu_suite():
+    """The GPU suite measured on an H100 (compiler/published.py MEASURED): the dense baseline, SDPA's
+    kernel, within 25% of SDPA's measured forward and forward + backward on every case (the SDPA fit:
+    within 4%); attnc's kernels within 15% at the recorded tiles where the host did not set the time
+    (3-D: +9% forward, +8% forward + backward, with the sm90 mask hidden; +38% and +21% with it added
+    whole, as before the fit)."""
+    from attnc.compiler.published import MEASURED
+
+    assert any(not c.host_bound for c in MEASURED)
+    for case in MEASURED:
+        attnc_f, attnc_fb, sdpa_f, sdpa_fb = _at_measured(case)
+        assert sdpa_f == pytest.approx(case.sdpa_forward_ms, rel=0.25), case.name
+        assert sdpa_fb == pytest.approx(case.sdpa_fwd_bwd_ms, rel=0.25), case.name
+        if not case.host_bound:
+            assert attnc_f == pytest.approx(case.attnc_forward_ms, rel=0.15), case.name
+            assert attnc_fb == pytest.approx(case.attnc_fwd_bwd_ms, rel=0.15), case.name
+        # the report's speedup is over SDPA's kernel: the pattern's time against that one's
+        assert sdpa_f / attnc_f == pytest.approx(
+            attnc.simulate(f"stdlib:{case.pattern}", heads=case.heads, hardware=case.hardware,
+                           q_tile=case.q_tile, kv_tile=case.kv_tile,
+                           **({"n": case.sizes["seq"]} if "seq" in case.sizes else {"sizes": case.sizes}),
+                           **case.params).predicted_speedup, rel=1e-9)
+
+
+def test_sdpa_baseline_per_architecture():
+    """SDPA's dense kernel: on H100 the measured fit (FlashAttention-3 / cuDNN class, faster per flop than a
+    Triton FA2-class kernel, attnc's dense included), on A100 FlashAttention-2's published fit (one 5-matmul
+    backward kernel), on B200 the H100 fractions at B200's peak."""
+    from attnc.compiler.simulator import dense_tflops
+
+    flops = 4.0 * 8 * 32768 ** 2 * 128
+    h100 = C.predict_sdpa(32768, 32768, 8, H100, head_dim=128)
+    fwd_tf, bwd_tf = flops / h100.forward.time_s / 1e12, 2.5 * flops / h100.backward.time_s / 1e12
+    assert 600 < fwd_tf < 680 and 500 < bwd_tf < 600
+    own_f, own_b = dense_tflops(32768, H100, head_dim=128, heads=8)
+    assert own_f < 0.7 * fwd_tf and own_b < 0.7 * bwd_tf
+    a100 = HW.get_hardware("a100")
+    cal = C.sdpa_calibration(a100)
+    assert cal.fit(a100) == C.ARCH_FITS["sm80"] and cal.bwd_matmuls == (0, 5)
+    b200 = HW.get_hardware("b200")
+    assert C.sdpa_calibration(b200).fit(b200) == C.SDPA_FITS["sm90"]
+    assert C.predict_sdpa(32768, 32768, 8, b200, head_dim=128).forward.time_s < h100.forward.time_s
+    rep = attnc.simulate("stdlib:sliding_window", n=4096, window=256, hardware="b200")
+    assert any("no measurement on this GPU" in a for a in rep.assumptions)
+
+
+def test_partial_pairs_hide_the_mask_only_where_fitted():
+    """``ArchFit.mask_exposed``: 1 adds a PARTIAL pair's mask work to its MMA time (A100, no measurement),
+    0 overlaps them (H100, fitted): max(MMA, mask)."""
+    fit1, fit0 = C.ArchFit(0.5, 0.4, 1e-6), C.ArchFit(0.5, 0.4, 1e-6, mask_exposed=0.0)
+    assert C._partial_pair(3.0, 1.0, fit1) == 4.0
+    assert C._partial_pair(3.0, 1.0, fit0) == 3.0 and C._partial_pair(1.0, 3.0, fit0) == 3.0
+    assert C.ARCH_FITS["sm80"].mask_exposed == 1.0 and C.ARCH_FITS["sm90"].mask_exposed == 0.0
 
 
 def test_h100_dense_forward_is_in_the_published_fa2_class_range():
@@ -324,7 +398,7 @@ def test_simulate_tiles_match_brute_force(n, window, tile):
     assert d["tile_bound"] == pytest.approx(tiles * tiles / (counts[1] + counts[2]))
 
 
-def test_sparser_pattern_predicts_faster_and_dense_predicts_one():
+def test_sparser_pattern_predicts_faster_and_dense_is_slower_than_sdpa():
     sparse = attnc.simulate("stdlib:sliding_window", n=8192, heads=8, window=256)
     wider = attnc.simulate("stdlib:sliding_window", n=8192, heads=8, window=2048)
     assert sparse["predicted"]["forward_s"] < wider["predicted"]["forward_s"]
@@ -333,8 +407,11 @@ def test_sparser_pattern_predicts_faster_and_dense_predicts_one():
     dense = attnc.simulate("pattern everything\n  tokens seq\n  mask k >= 0\n", n=8192, heads=8)
     assert dense["density"] == 1.0 and dense["flop_bound"] == 1.0 and dense["tile_bound"] == 1.0
     assert dense["tiles"]["partial"] == 0 and dense["tiles"]["empty"] == 0
-    assert 0.97 <= dense["predicted_speedup"] <= 1.0 + 1e-9
-    assert 0.97 <= dense["predicted_speedup_backward"] <= 1.0 + 1e-9
+    # over SDPA's dense kernel (the H100 fit: FlashAttention-3 / cuDNN class), attnc's kernel on a dense
+    # pattern is slower: the ratio of the two models, below 1
+    sdpa = C.predict_sdpa(8192, 8192, 8, H100, head_dim=128)
+    assert dense["predicted"]["dense_forward_s"] == sdpa.forward.time_s
+    assert 0.5 < dense["predicted_speedup"] < 0.8 and 0.2 < dense["predicted_speedup_backward"] < 0.4
 
 
 def test_report_contents_and_json():

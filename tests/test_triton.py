@@ -294,6 +294,33 @@ def test_identical_bits_on_repeated_runs():
         assert torch.equal(a, b)
 
 
+def test_repeated_calls_reuse_the_plan_state_and_shapes_interleave(monkeypatch):
+    """A second call of the same shapes makes no new tile lists, kernel module or bound sizes (per call,
+    each was a host-to-device copy or a sympy substitution); calls of other sizes, interleaved, give each
+    its own answer, and a bad call after good ones is still refused."""
+    attn = attnc.compile_attention("stdlib:neighborhood_2d", backend="triton", kernel_size_y=3, kernel_size_x=5)
+    ref = attnc.compile_attention("stdlib:neighborhood_2d", backend="reference", kernel_size_y=3, kernel_size_x=5)
+    made = {"lists": 0, "bind": 0}
+    lists, bind = T._lists, E.bind_sizes
+    monkeypatch.setattr(T, "_lists", lambda *a: (made.__setitem__("lists", made["lists"] + 1), lists(*a))[1])
+    monkeypatch.setattr(E, "bind_sizes", lambda *a, **kw: (made.__setitem__("bind", made["bind"] + 1),
+                                                          bind(*a, **kw))[1])
+    shapes = [{"height": 4, "width": 6}, {"height": 6, "width": 5}, {"height": 4, "width": 6}]
+    seen = []
+    for i, sizes in enumerate(shapes):
+        q, k, v = qkv(1, 2, 2, sizes["height"] * sizes["width"], 16, seed=i)
+        out = attn(q, k, v, sizes=sizes)
+        torch.testing.assert_close(out, ref(q, k, v, sizes=sizes), atol=2e-5, rtol=2e-5)
+        seen.append((attn.runner.last_plan, dict(attn.runner.last_plan.device_state)))
+    # each module binds each of the two shapes once (the third call is the first's shapes)
+    assert made == {"lists": 2, "bind": 4}
+    assert seen[2][0] is seen[0][0] and seen[2][1] == seen[0][1]
+    with pytest.raises(attnc.SpecError, match="argument q"):
+        attn(*qkv(1, 2, 2, 25, 16), sizes=shapes[0])
+    with pytest.raises(attnc.SpecError, match="argument sizes"):
+        attn(*qkv(1, 2, 2, 24, 16), sizes={**shapes[0], "depth": 2})
+
+
 def test_auto_uses_cpu_executor_on_cpu_tensors_and_source_is_the_kernel():
     auto = attnc.compile_attention("stdlib:sliding_window", window=4)
     q, k, v = qkv(1, 1, 1, 32, 16)

@@ -98,6 +98,16 @@ class Plan:
     #: None: the mask as is), and those tables, read as inputs
     pair_mask: sympy.Basic | None = None
     tables: dict = field(default_factory=dict)
+    #: What a backend keeps on a device for this plan's life (``on_device``): its loaded kernels,
+    #: tile lists and constants, made once instead of at every call.
+    device_state: dict = field(default_factory=dict)
+
+    def on_device(self, key, make):
+        """``make()`` the first time ``key`` is asked for, the same object after: per-plan state that
+        later calls reuse (a host-to-device copy per call waits for the device's queued work)."""
+        if key not in self.device_state:
+            self.device_state[key] = make()
+        return self.device_state[key]
 
     def remember(self, key, value) -> None:
         """Keep a mask-derived tensor (or tuple of them) for later calls, within ``MASK_CACHE_BYTES``

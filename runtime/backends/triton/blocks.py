@@ -124,7 +124,8 @@ def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int]
         extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
         extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
     if plan.softcap is not None:
-        extra["SOFTCAP"] = plan.softcap.to(torch.float32).contiguous().to(device)
+        extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: plan.softcap.to(torch.float32).contiguous()
+                                          .to(device))
     if checks:
         extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
     return cls, extra, checks

@@ -212,8 +212,16 @@ def qt_view(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+_DUMMIES: dict = {}
+
+
 def _dummy(device, dtype=torch.float32) -> torch.Tensor:
-    return torch.zeros(1, dtype=dtype, device=device)
+    """A one-element placeholder for a pointer argument the kernel does not read (made once per device
+    and dtype: a fresh one per call is an allocation and a fill per launch)."""
+    key = (torch.device(device), dtype)
+    if key not in _DUMMIES:
+        _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return _DUMMIES[key]
 
 
 def _lists(sched: TileSchedule, device) -> dict:
@@ -315,8 +323,12 @@ class TritonRunner(Registered):
         interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
         shape = ScheduleShape.of(plan.schedule)
-        path = hook(pat, bound, shape, config, source) if hook is not None else None
-        module = load_kernels(path or write_source(source), interpret=interpret)
+
+        def module_of():
+            path = hook(pat, bound, shape, config, source) if hook is not None else None
+            return load_kernels(path or write_source(source), interpret=interpret)
+
+        module = plan.on_device(("kernels", interpret, hook), module_of)
         self.last_source, self.last_plan = source, plan
         device = q.device
         if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
@@ -325,11 +337,12 @@ class TritonRunner(Registered):
         sched = plan.schedule
         cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
         key = self._key(bound, q)
+        lists = plan.on_device(("lists", device), lambda: _lists(sched, device))  # routed plans: new per call
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
-            return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+            return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, lists,
                           cls, extra, checks, on_config=lambda cfg: None,
                           shrink=lambda: self._shrink(key, config, bound, q, k, inputs, backward_of))
-        return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, _lists(sched, device),
+        return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, lists,
                       cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
                       shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
                       for_backward=(lambda: self.prepare(bound, q, k, inputs, backward_of=config))
@@ -384,9 +397,11 @@ class TritonRunner(Registered):
         interpret = q.device.type != "cuda" and not self.native
         config, plan, source, tensors, batched, cls, extra, checks = blocks.prepare(self, bound, q, inputs,
                                                                                     selection, key_block)
-        return Launch(load_kernels(write_source(source), interpret=interpret), interpret, config,
-                      ScheduleShape.of(plan.schedule), plan, self.pattern, bound, tensors, batched,
-                      _lists(plan.schedule, q.device), cls, extra, checks)
+        module = plan.on_device(("kernels", interpret, None),
+                                lambda: load_kernels(write_source(source), interpret=interpret))
+        lists = plan.on_device(("lists", q.device), lambda: _lists(plan.schedule, q.device))
+        return Launch(module, interpret, config, ScheduleShape.of(plan.schedule), plan, self.pattern, bound, tensors,
+                      batched, lists, cls, extra, checks)
 
     def block_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
         """``(out, lse)`` of a block in float32 (``runtime.runner.BlockRunner``)."""
