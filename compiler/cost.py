@@ -219,17 +219,41 @@ class KernelConfig:
     #: them, so they need not divide the forward's; smaller ones keep dK/dV within registers.
     bwd_q_tile: tuple[int, ...] = ()
     bwd_kv_tile: tuple[int, ...] = ()
+    #: The dQ kernel's own tiles (empty: the backward's, above, which the dK/dV kernel runs). dQ keeps
+    #: one accumulator where dK/dV keeps two and a score tile more, so it may fit larger tiles where
+    #: dK/dV needs smaller ones: a 64-row Q tile, the tensor cores' minimum on Hopper and Blackwell
+    #: (wgmma, tcgen05), where dK/dV fits only at 32 rows (FoX's backward).
+    dq_q_tile: tuple[int, ...] = ()
+    dq_kv_tile: tuple[int, ...] = ()
 
     @property
     def own_backward_tiles(self) -> bool:
         return (bool(self.bwd_q_tile) and self.bwd_q_tile != self.q_tile) or (
             bool(self.bwd_kv_tile) and self.bwd_kv_tile != self.kv_tile)
 
+    @property
+    def own_dq_tiles(self) -> bool:
+        """The dQ kernel runs tiles other than the dK/dV kernel's (its own plan)."""
+        b = self.backward_config()
+        return (bool(self.dq_q_tile) and self.dq_q_tile != b.q_tile) or (
+            bool(self.dq_kv_tile) and self.dq_kv_tile != b.kv_tile)
+
     def backward_config(self) -> KernelConfig:
-        """The config the backward kernels run: its own tiles (if any) and launch parameters."""
+        """The config the backward kernels run (the dK/dV kernel, and the dQ kernel unless it has tiles of
+        its own: ``dq_config``): the backward's own tiles (if any) and launch parameters."""
         if not self.own_backward_tiles:
-            return self
+            return self if not (self.dq_q_tile or self.dq_kv_tile) else dataclasses.replace(
+                self, dq_q_tile=(), dq_kv_tile=())
         return dataclasses.replace(self, q_tile=self.bwd_q_tile or self.q_tile, kv_tile=self.bwd_kv_tile or self.kv_tile,
+                                   num_warps=self.bwd_warps, num_stages=self.bwd_stages, bwd_q_tile=(), bwd_kv_tile=(),
+                                   dq_q_tile=(), dq_kv_tile=())
+
+    def dq_config(self) -> KernelConfig:
+        """The config the dQ kernel runs: its own tiles where it has some, else ``backward_config``'s."""
+        b = self.backward_config()
+        if not self.own_dq_tiles:
+            return b
+        return dataclasses.replace(b, q_tile=self.dq_q_tile or b.q_tile, kv_tile=self.dq_kv_tile or b.kv_tile,
                                    num_warps=self.bwd_warps, num_stages=self.bwd_stages, bwd_q_tile=(), bwd_kv_tile=())
 
     @property
@@ -254,7 +278,9 @@ class KernelConfig:
                 **({"bwd_num_warps": self.bwd_warps, "bwd_num_stages": self.bwd_stages}
                    if self.bwd_num_warps or self.bwd_num_stages else {}),
                 **({"bwd_q_tile": list(self.bwd_q_tile or self.q_tile), "bwd_kv_tile": list(self.bwd_kv_tile or self.kv_tile)}
-                   if self.own_backward_tiles else {})}
+                   if self.own_backward_tiles else {}),
+                **({"dq_q_tile": list(self.dq_config().q_tile), "dq_kv_tile": list(self.dq_config().kv_tile)}
+                   if self.own_dq_tiles else {})}
 
 
 @dataclass
@@ -447,7 +473,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     tiles on a grid decode coordinates per pair).
     """
     cal = calibration or DEFAULT_CALIBRATION
-    if config.own_backward_tiles and dq_counts is None:
+    if (config.own_backward_tiles or config.own_dq_tiles) and dq_counts is None:
         raise SpecError("a config with backward tiles of its own needs the dQ kernel's tile counts at them",
                         where="argument dq_counts")
     if config.layout not in LAYOUTS:
@@ -487,19 +513,22 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     eff_b = fit.backward * _shape_factor(bcfg, cal)
     bpair_flops = 2.0 * btq * btk * D
     bmask_pair = btq * btk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-    addr_dq, addr_dkdv = _address_s(btk, bcfg, hw, cal), _address_s(btq, bcfg, hw, cal)
+    addr_dkdv = _address_s(btq, bcfg, hw, cal)
     full_dq, partial_dq = dq_counts if dq_counts is not None else (full_fwd, partial_fwd)
     n_dq, n_dkdv = cal.bwd_matmuls
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s
     parts = []
-    if n_dq:
-        mma_q = n_dq * bpair_flops / (hw.flops_per_sm * eff_b)
-        mem_q = 2.0 * btk * D * b * miss / bw
-        t_q = _overlap(mma_q, mem_q, bcfg.num_stages, cal) + addr_dq
-        cta_q = fit.cta_overhead_s + (3.0 * btq * D * b + 8.0 * btq) / bw  # Q, dO in, dQ out; lse, delta
+    if n_dq:  # at the dQ kernel's tiles (its own, or the backward's)
+        dcfg = dataclasses.replace(config.dq_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
+        dtq, dtk = dcfg.q_tokens, dcfg.kv_tokens
+        dmask_pair = dtq * dtk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
+        mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal))
+        mem_q = 2.0 * dtk * D * b * miss / bw
+        t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dtk, dcfg, hw, cal)
+        cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta
         parts.append(_pass(full_dq, partial_dq, repeat if repeat_dq is None else repeat_dq, t_full=t_q,
-                           t_partial=_partial_pair(t_q, bmask_pair, fit), t_cta=cta_q, mma_pair=mma_q, mask_pair=bmask_pair,
-                           mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
+                           t_partial=_partial_pair(t_q, dmask_pair, fit), t_cta=cta_q, mma_pair=mma_q,
+                           mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
     mma_k = n_dkdv * bpair_flops / (hw.flops_per_sm * eff_b)
     mem_k = (2.0 * btq * D * b + 8.0 * btq) * miss / bw  # Q, dO; lse, delta (fp32)
     if not n_dq:  # one kernel (FlashAttention-2): dQ accumulated in fp32 by atomics
@@ -524,28 +553,34 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
 
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
             nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
-            backward_schedule: TileSchedule | None = None) -> Prediction:
+            backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
     token counts are those of the schedule's tiles). A config whose backward has
     tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
     ``backward_schedule``, the schedule at those tiles: its dQ and dK/dV kernels
-    walk that one's tile lists."""
+    walk that one's tile lists; one whose dQ kernel has tiles of its own
+    (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
+    if config.own_dq_tiles and dq_schedule is None:
+        raise SpecError("the config's dQ kernel has tiles of its own: pass the schedule at them",
+                        where="argument dq_schedule")
     bsched = backward_schedule if config.own_backward_tiles else schedule
+    dsched = dq_schedule if config.own_dq_tiles else bsched
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
     brepeat = batch * (H if bsched.heads_stored == 1 else 1)
+    drepeat = batch * (H if dsched.heads_stored == 1 else 1)
     # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
     q_weight = getattr(schedule, "q_weight", 1)
-    bq_weight, bkv_weight = getattr(bsched, "q_weight", 1), getattr(bsched, "kv_weight", 1)
+    bkv_weight, dq_weight = getattr(bsched, "kv_weight", 1), getattr(dsched, "q_weight", 1)
     return predict_counts(
         schedule.full_count, schedule.partial_count, bsched.t_full_count, bsched.t_partial_count,
         repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
         batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
-        repeat_bwd=brepeat * bkv_weight, dq_counts=(bsched.full_count, bsched.partial_count),
-        repeat_dq=brepeat * bq_weight)
+        repeat_bwd=brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
+        repeat_dq=drepeat * dq_weight)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,

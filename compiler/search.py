@@ -346,19 +346,30 @@ def block_config(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, head_d
 
 
 def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2,
-          bwd_score_tiles: float | None = None) -> KernelConfig | None:
+          bwd_score_tiles: float | None = None, dq_tiles: bool = True) -> KernelConfig | None:
     """``config`` with its backward's tiles and launch parameters set to fit (the forward's tiles
     when the backward fits there, else the largest sub-tiles under which it does), or None if its
-    forward cannot fit at these tiles or its backward at none of ``backward_tiles``."""
+    forward cannot fit at these tiles or its backward at none of ``backward_tiles``. Where the
+    backward had to shrink, the dQ kernel (``dq_tiles``) keeps the largest earlier candidate with
+    as many query rows or more at which it fits alone (``KernelConfig.dq_q_tile``): dK/dV holds two
+    accumulators and a score tile more."""
     if not forward_fits(config, head_dim, nbytes, hw, score_tiles):
         return None
-    for q_tile, kv_tile in backward_tiles(config.q_tile, config.kv_tile, hw):
-        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw,
-                              score_tiles if bwd_score_tiles is None else bwd_score_tiles)
+    bwd_tiles = score_tiles if bwd_score_tiles is None else bwd_score_tiles
+    candidates = backward_tiles(config.q_tile, config.kv_tile, hw)
+    for i, (q_tile, kv_tile) in enumerate(candidates):
+        bwd = backward_launch(math.prod(q_tile), math.prod(kv_tile), head_dim, nbytes, hw, bwd_tiles)
         if bwd is not None:
             own = (q_tile, kv_tile) != (tuple(config.q_tile), tuple(config.kv_tile))
-            return dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1],
-                                       bwd_q_tile=q_tile if own else (), bwd_kv_tile=kv_tile if own else ())
+            found = dataclasses.replace(config, bwd_num_warps=bwd[0], bwd_num_stages=bwd[1],
+                                        bwd_q_tile=q_tile if own else (), bwd_kv_tile=kv_tile if own else ())
+            if dq_tiles:  # the dQ kernel on the largest larger tiles where it fits at the backward's launch
+                for dq_q, dq_kv in candidates[:i]:
+                    if (math.prod(dq_q) >= math.prod(q_tile)
+                            and pass_fits("bwd_dq", math.prod(dq_q), math.prod(dq_kv), head_dim, nbytes, *bwd, hw,
+                                          bwd_tiles)):
+                        return dataclasses.replace(found, dq_q_tile=dq_q, dq_kv_tile=dq_kv)
+            return found
     return None
 
 
@@ -592,12 +603,13 @@ class ScheduleSearch:
     def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
         # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
-        bwd = config.backward_config()
+        bwd, dq = config.backward_config(), config.dq_config()
         bsched = self.schedule(bwd.q_tile, bwd.kv_tile, flat) if config.own_backward_tiles else None
+        dsched = self.schedule(dq.q_tile, dq.kv_tile, flat) if config.own_dq_tiles else None
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
                        ops=self.pair_ops(config.q_tile, config.kv_tile),
                        grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
-                       backward_schedule=bsched)
+                       backward_schedule=bsched, dq_schedule=dsched)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:
@@ -605,8 +617,9 @@ class ScheduleSearch:
         stages, the backward's chosen by ``backward_launch``)."""
         out = []
         for layout, warps, stages in itertools.product(layouts, WARPS, STAGES):
+            # a routing pattern selects per plan: one more plan for the dQ kernel would select again
             cfg = sized(KernelConfig(tuple(q_tile), tuple(kv_tile), layout, warps, stages), self.head_dim,
-                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles)
+                        self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles, dq_tiles=self.pat.route is None)
             if cfg is not None:
                 out.append(cfg)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)

@@ -467,6 +467,9 @@ def describe_launch(cfg) -> str:
         b = cfg.backward_config() if own else cfg
         tiles = ("x".join(map(str, b.q_tile)) + "/" + "x".join(map(str, b.kv_tile)) + " ") if own else ""
         text += f" | bwd {tiles}w{bw or cfg.num_warps} s{bs or cfg.num_stages}"
+        if getattr(cfg, "own_dq_tiles", False):
+            dq = cfg.dq_config()
+            text += " | dQ " + "x".join(map(str, dq.q_tile)) + "/" + "x".join(map(str, dq.kv_tile))
     return text
 
 

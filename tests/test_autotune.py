@@ -85,7 +85,8 @@ def cache(tmp_path):
 
 def fwd_only(cfg: KernelConfig) -> KernelConfig:
     """The config without its backward launch parameters (which the search sets)."""
-    return dataclasses.replace(cfg, bwd_num_warps=0, bwd_num_stages=0, bwd_q_tile=(), bwd_kv_tile=())
+    return dataclasses.replace(cfg, bwd_num_warps=0, bwd_num_stages=0, bwd_q_tile=(), bwd_kv_tile=(), dq_q_tile=(),
+                               dq_kv_tile=())
 
 
 def tune(pat, bound, cache, builder=None, timer=None, **kw):
@@ -289,7 +290,9 @@ def test_unwritable_cache_still_returns_the_winner(local, tmp_path, capsys):
     blocker.write_text("not a directory")
     res = tune(pat, bound, KC.KernelCache(blocker))
     assert fwd_only(res.config) == KernelConfig((128,), (64,), "flat", 8, 3)  # no 32-token KV tiles on H100
-    # at d = 64 dK/dV at 128/64 spilled (the register model): the backward runs its own 64/64 tiles
+    # at d = 64 dK/dV at 128/64 spilled (the register model): the backward runs its own 64/64 tiles, the
+    # dQ kernel (one accumulator) the forward's
+    assert res.config.dq_config().q_tile == (128,)
     assert (res.config.backward_config().q_tokens, res.config.backward_config().kv_tokens) == (64, 64)
     assert res.source_path.read_text() == res.source
     assert "could not write the kernel cache" in capsys.readouterr().err
@@ -664,13 +667,33 @@ def test_smaller_config_halves_kv_then_q_and_stops_at_16():
     assert TB.smaller_config(KernelConfig((64,), (64,)), square=True).kv_tile == (32,)
 
 
-@pytest.mark.parametrize(("spec", "params"), [(LOCAL, {}), ("stdlib:forgetting", {})], ids=["local", "forgetting"])
-def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, params):
+BIASED = """pattern biased
+  tokens seq
+  input b: float[heads, n]
+  mask k <= q and q - k < 20
+  bias 0.5 * b[h, k] * b[h, q]
+"""
+#: (config, the kernels' (name, BLOCK_M, BLOCK_N)): the backward on tiles of its own, then with the dQ
+#: kernel on tiles of its own besides (KernelConfig.dq_q_tile)
+OWN_TILES = {
+    "bwd": (KernelConfig((32,), (16,), "address", 4, 2, 4, 2, (16,), (32,)),
+            {("attnc_fwd", 32, 16), ("attnc_bwd_dq", 16, 32), ("attnc_bwd_dkdv", 16, 32)}),
+    "dq": (KernelConfig((32,), (16,), "address", 4, 2, 4, 2, (16,), (32,), (32,), (16,)),
+           {("attnc_fwd", 32, 16), ("attnc_bwd_dq", 32, 16), ("attnc_bwd_dkdv", 16, 32)}),
+}
+
+
+@pytest.mark.parametrize("tiles", list(OWN_TILES))
+@pytest.mark.parametrize(("spec", "params"), [(LOCAL, {}), ("stdlib:forgetting", {}), (BIASED, {})],
+                         ids=["local", "forgetting", "bias-input"])
+def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, params, tiles):
     """A config whose backward has tiles of its own (not the forward's, nor sub-tiles of them) runs
-    the forward at its tiles and the dQ and dK/dV kernels on a schedule re-planned at the backward's;
-    the gradients (q, k, v and a FoX gate's) equal the dense reference's, in float64 terms."""
-    cfg = KernelConfig((32,), (16,), "address", 4, 2, 4, 2, (16,), (32,))
+    the forward at its tiles and the dQ and dK/dV kernels on a schedule re-planned at the backward's,
+    or the dQ kernel on one re-planned at its own; the gradients (q, k, v, a FoX gate's and a bias
+    input's, whose dS the dQ kernel stores at its tiles) equal the dense reference's, in float64 terms."""
+    cfg, kernels = OWN_TILES[tiles]
     assert cfg.own_backward_tiles and cfg.backward_config().q_tile == (16,)
+    assert cfg.own_dq_tiles == (tiles == "dq") and cfg.dq_config().q_tile == (32 if tiles == "dq" else 16,)
     monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
     wrappers = []
     real_load = TB.load_kernels
@@ -689,6 +712,8 @@ def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, param
     inputs = {}
     if pat.decay is not None:
         inputs[pat.decay] = (-torch.rand(2, n, generator=g)).requires_grad_()
+    if pat.bias is not None:
+        inputs["b"] = torch.randn(2, n, generator=g).requires_grad_()
     out = tri(q, k, v, **inputs)
     out.pow(2).sum().backward()
     got = [x.grad.clone() for x in (q, k, v, *inputs.values())]
@@ -701,7 +726,55 @@ def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, param
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
     ran = {(name, bm, bn) for w in wrappers for name, bm, bn, _ in w.launches}
-    assert ran == {("attnc_fwd", 32, 16), ("attnc_bwd_dq", 16, 32), ("attnc_bwd_dkdv", 16, 32)}
+    assert ran == kernels
+
+
+def test_dq_kernel_out_of_resources_on_its_own_tiles_runs_on_the_backwards(monkeypatch):
+    """A dQ kernel on tiles of its own that runs out of resources (at every stage count) runs on the
+    backward's tiles, beside the dK/dV kernel; the gradients stay the reference's."""
+    cfg, _ = OWN_TILES["dq"]
+    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
+    wrappers = []
+    real_load = TB.load_kernels
+
+    def too_big(name, kw):
+        return name == "attnc_bwd_dq" and kw["BLOCK_M"] == 32
+
+    def load(path, interpret=False):
+        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
+        return wrappers[-1]
+
+    monkeypatch.setattr(TB, "load_kernels", load)
+    pat = attnc.load(LOCAL)
+    tri = attnc.compile_attention(pat, backend="triton")
+    ref = attnc.compile_attention(pat, backend="reference")
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g).requires_grad_() for _ in range(3))
+    got = torch.autograd.grad(tri(q, k, v).pow(2).sum(), (q, k, v))
+    want = torch.autograd.grad(ref(q.double(), k.double(), v.double()).pow(2).sum(), (q, k, v))
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.double(), b.double(), atol=5e-5, rtol=5e-5)
+    ran = [(name, bm, bn) for w in wrappers for name, bm, bn, _ in w.launches]
+    # the dQ kernel tried at its own tiles (refused at 2 and 1 stages), then run at the backward's
+    assert sorted(ran) == sorted([("attnc_fwd", 32, 16), ("attnc_bwd_dq", 32, 16), ("attnc_bwd_dq", 32, 16),
+                                  ("attnc_bwd_dq", 16, 32), ("attnc_bwd_dkdv", 16, 32)])
+
+
+def test_search_gives_the_dq_kernel_larger_tiles_where_only_dkdv_needs_smaller():
+    """FoX at d = 128 on sm_90: dK/dV fits only at 32-row Q tiles, dQ at 64 (wgmma's minimum): the search
+    gives the dQ kernel its own 64-row tiles, each pass fitting at its tiles and the backward's launch; a
+    routing pattern (which would select again for another plan) keeps one backward plan."""
+    hw = get_hardware("h100")
+    tiles = 2 + SR.DECAY_BWD_TILES
+    cfg = SR.sized(KernelConfig((64,), (64,), "flat", 4, 3), 128, 2, hw, 2, tiles)
+    b, dq = cfg.backward_config(), cfg.dq_config()
+    assert b.q_tile == (32,) and dq.q_tile == (64,) and cfg.own_dq_tiles
+    assert SR.pass_fits("bwd_dkdv", b.q_tokens, b.kv_tokens, 128, 2, cfg.bwd_warps, cfg.bwd_stages, hw, tiles)
+    assert SR.pass_fits("bwd_dq", dq.q_tokens, dq.kv_tokens, 128, 2, cfg.bwd_warps, cfg.bwd_stages, hw, tiles)
+    assert not SR.pass_fits("bwd_dkdv", 64, 64, 128, 2, cfg.bwd_warps, cfg.bwd_stages, hw, tiles)
+    one = SR.sized(KernelConfig((64,), (64,), "flat", 4, 3), 128, 2, hw, 2, tiles, dq_tiles=False)
+    assert not one.own_dq_tiles and one.dq_config() == one.backward_config()
+    assert A.config_from_dict(A.config_dict(cfg)) == cfg
 
 
 def test_search_gives_the_backward_sub_tiles_where_it_does_not_fit_at_the_forwards():

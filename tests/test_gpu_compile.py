@@ -72,6 +72,10 @@ def test_default_config_compiles_fits_and_does_not_spill(name, spec, params, siz
         assert 0 < r.shared <= r.smem_limit and 0 < r.regs <= 255
     if name == "kda" and arch == 90:  # every dot on wgmma but dA's 16-row blocks (wgmma takes 64 rows)
         assert all(r.wgmma > 0 and (r.mma == 0) == ("wy_da" not in r.kernel) for r in reports), G.table(reports)
+    if arch == 90 and pat.kind == "pattern":
+        # every softmax kernel's dots on wgmma, none on mma.sync: FoX's dQ too, on 64-row tiles of its own
+        # where its dK/dV fits only at 32 (KernelConfig.dq_q_tile; it ran on mma.sync before)
+        assert all(r.wgmma > 0 and r.mma == 0 for r in reports), "\n" + G.table(reports)
 
 
 def test_register_model_separates_the_compiled_spills():

@@ -254,7 +254,8 @@ def config_from_dict(d: dict) -> KernelConfig:
     return KernelConfig(q_tile, kv_tile, d["layout"], d["num_warps"], d["num_stages"],
                         opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
                         opt("bwd_num_stages", lambda st: 0 < st <= 16),
-                        tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile))
+                        tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile),
+                        tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile))
 
 
 def config_dict(cfg: KernelConfig) -> dict:
@@ -262,7 +263,9 @@ def config_dict(cfg: KernelConfig) -> dict:
             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "bwd_num_warps": cfg.bwd_warps,
             "bwd_num_stages": cfg.bwd_stages,
             **({"bwd_q_tile": list(cfg.backward_config().q_tile), "bwd_kv_tile": list(cfg.backward_config().kv_tile)}
-               if cfg.own_backward_tiles else {})}
+               if cfg.own_backward_tiles else {}),
+            **({"dq_q_tile": list(cfg.dq_config().q_tile), "dq_kv_tile": list(cfg.dq_config().kv_tile)}
+               if cfg.own_dq_tiles else {})}
 
 
 def canonical_dtype(dtype) -> str:
@@ -307,11 +310,12 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
             cfg = dataclasses.replace(pick, num_warps=warps, num_stages=stages)
             if cfg not in configs and forward_fits(cfg, d, nbytes, hw, search.score_tiles):
                 configs.append(cfg)
-        bwd = pick.backward_config()  # the backward's own tiles, where the search gave it some
+        # the backward's own tiles (and the dQ kernel's), where the search gave them some
+        tiles = {"bwd_dq": pick.dq_config(), "bwd_dkdv": pick.backward_config()}
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
-            if cfg not in configs and all(pass_fits(k, bwd.q_tokens, bwd.kv_tokens, d, nbytes, warps, stages, hw,
-                                                    search.bwd_score_tiles) for k in PASSES[1:]):
+            if cfg not in configs and all(pass_fits(k, tiles[k].q_tokens, tiles[k].kv_tokens, d, nbytes, warps, stages,
+                                                    hw, search.bwd_score_tiles) for k in PASSES[1:]):
                 configs.append(cfg)
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         for cfg in configs:

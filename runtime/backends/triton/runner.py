@@ -198,11 +198,18 @@ class Launch:
     shrink: object = None
     #: ``() -> Launch``: the call planned on the config's own backward tiles (None: this launch)
     for_backward: object = None
+    #: ``() -> Launch``: the call planned on the dQ kernel's own tiles (None: the backward's launch)
+    for_dq: object = None
 
     def backward_launch(self) -> Launch:
         """The launch the backward kernels run: this one, or one re-planned on the backward's tiles
         (its own schedule, classified at them; inputs and gradients stay in token order)."""
         return self if self.for_backward is None else self.for_backward()
+
+    def dq_launch(self) -> Launch | None:
+        """The launch of the dQ kernel where it has tiles of its own (``KernelConfig.dq_q_tile``), else None
+        (it runs the backward's)."""
+        return None if self.for_dq is None else self.for_dq()
 
 
 def qt_view(device: torch.device) -> bool:
@@ -260,7 +267,7 @@ class TritonRunner(Registered):
         self._dynamic_last: tuple | None = None
         self._checks: dict = {}  # sizes, offsets -> bias index checks (triton.blocks.launch_extras)
         self._fallback: dict = {}  # shapes key -> the smaller config an out-of-resources launch fell back to
-        self._bwd_fallback: dict = {}  # (shapes key, "bwd", forward config) -> its backward's smaller config
+        self._bwd_fallback: dict = {}  # (shapes key, "bwd" | "dq", forward config) -> its backward's (dQ's) smaller config
         self.last_source: str | None = None
         self.last_plan: tile_plan.Plan | None = None
         self.block_plans = PlanCache()  # blocks of context parallelism (triton.blocks), bounded LRU
@@ -284,14 +291,14 @@ class TritonRunner(Registered):
                               dtype=q.dtype, inputs=inputs)
 
     def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict,
-             backward_of: KernelConfig | None = None) -> tuple[KernelConfig, tile_plan.Plan, str]:
+             backward_of: KernelConfig | None = None, role: str = "bwd") -> tuple[KernelConfig, tile_plan.Plan, str]:
         """(config, plan, source) of a call; ``backward_of``: the plan of that config's own
-        backward tiles (cached apart from the forward's)."""
+        backward tiles (``role`` "bwd") or its dQ kernel's (``role`` "dq"), cached apart from the forward's."""
         pat = self.pattern
         dyn_names = mask_input_names(pat)
         key = self._key(bound, q)
         if backward_of is not None:
-            key = (*key, "bwd", backward_of)
+            key = (*key, role, backward_of)
         if not dyn_names and key in self._static:
             return self._static[key]
         used = {n: t for n, t in tensors.items() if n in dyn_names}
@@ -299,8 +306,9 @@ class TritonRunner(Registered):
             seen = self._dynamic_last[1]
             if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
                 return self._dynamic_last[2]
-        if backward_of is not None:  # the backward's own tiles, or the smaller ones it fell back to
-            config = self._bwd_fallback.get(key) or backward_of.backward_config()
+        if backward_of is not None:  # the backward's (dQ's) own tiles, or the smaller ones it fell back to
+            config = self._bwd_fallback.get(key) or (backward_of.dq_config() if role == "dq"
+                                                     else backward_of.backward_config())
         elif dyn_names and key in self._static:
             config = self._static[key][0]
         else:
@@ -315,10 +323,11 @@ class TritonRunner(Registered):
             self._dynamic_last = (key, cpu_inputs, entry)
         return entry
 
-    def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None) -> Launch:
+    def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None,
+                role: str = "bwd") -> Launch:
         pat = self.pattern
         tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
-        config, plan, source = self.plan(bound, q, tensors, backward_of)
+        config, plan, source = self.plan(bound, q, tensors, backward_of, role)
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
         interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
@@ -341,12 +350,14 @@ class TritonRunner(Registered):
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
             return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, lists,
                           cls, extra, checks, on_config=lambda cfg: None,
-                          shrink=lambda: self._shrink(key, config, bound, q, k, inputs, backward_of))
+                          shrink=lambda: self._shrink(key, config, bound, q, k, inputs, backward_of, role))
         return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, lists,
                       cls, extra, checks, on_config=lambda cfg: self._keep_config(key, cfg),
                       shrink=lambda: self._shrink(key, config, bound, q, k, inputs),
                       for_backward=(lambda: self.prepare(bound, q, k, inputs, backward_of=config))
-                      if config.own_backward_tiles else None)
+                      if config.own_backward_tiles else None,
+                      for_dq=(lambda: self.prepare(bound, q, k, inputs, backward_of=config, role="dq"))
+                      if config.own_dq_tiles else None)
 
     def _keep_config(self, key: tuple, config: KernelConfig) -> None:
         """A launch fell back to fewer stages: later calls of these shapes start there."""
@@ -357,7 +368,7 @@ class TritonRunner(Registered):
             self._dynamic_last = (key, self._dynamic_last[1], (config, *self._dynamic_last[2][1:]))
 
     def _shrink(self, key: tuple, config: KernelConfig, bound: E.Bound, q, k, inputs: dict,
-                backward_of: KernelConfig | None = None) -> Launch | None:
+                backward_of: KernelConfig | None = None, role: str = "bwd") -> Launch | None:
         """The call planned again with tiles smaller than ``config`` after Triton ran out of resources
         (kept for later calls of these shapes); None when the tiles are already the smallest.
         ``backward_of``: ``config`` is that forward's backward on its own tiles, which alone shrink
@@ -367,13 +378,13 @@ class TritonRunner(Registered):
         if smaller is None:
             return None
         if backward_of is not None:
-            key = (*key, "bwd", backward_of)
+            key = (*key, role, backward_of)
             self._bwd_fallback[key] = smaller
         else:
             self._fallback[key] = smaller
             self._dynamic_last = None
         self._static.pop(key, None)
-        return self.prepare(bound, q, k, inputs, backward_of=backward_of)
+        return self.prepare(bound, q, k, inputs, backward_of=backward_of, role=role)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs)
@@ -428,8 +439,10 @@ class TritonRunner(Registered):
 
     def traced_backward(self, bound: E.Bound, q, k, v, out, lse, dout, dlse, inputs: dict, scale: float,
                         wrt: list[str]):
-        """The op's backward: ``(dq, dk, dv, {input: gradient})`` from the backward kernels."""
-        return backward(self.prepare(bound, q, k, inputs), q, k, v, out, lse, dout, dlse, scale, wrt)
+        """The op's backward: ``(dq, dk, dv, {input: gradient})`` from the backward kernels (on their own
+        tiles where the config gives them some, as eager calls run them)."""
+        launch = self.prepare(bound, q, k, inputs)
+        return backward(launch.backward_launch(), q, k, v, out, lse, dout, dlse, scale, wrt, launch.dq_launch())
 
     def describe(self) -> str:
         return describe_source(self, self.pattern)
@@ -619,20 +632,30 @@ def _raise_index_errors(launch: Launch) -> None:
             raise E.index_error(name, dim, value, size, guarded=True)
 
 
-def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str]):
-    """(dq, dk, dv, {input: grad}); deterministic (no atomics)."""
+def _backward_inputs(launch: Launch, q, k, v, dout, lse, delta) -> tuple:
+    """q, k, v, dO, lse and delta in a launch's token order (``_to_tiles``)."""
+    return (_to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k"),
+            _to_tiles(launch, dout.to(q.dtype), "q"),
+            _to_tiles(launch, lse.float().unsqueeze(-1), "q").squeeze(-1).contiguous(),
+            _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous())
+
+
+def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
+             dq_launch: Launch | None = None):
+    """(dq, dk, dv, {input: grad}); deterministic (no atomics). ``dq_launch``: the dQ kernel's own
+    launch (its tiles, ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
     pat = launch.pattern
+    qlaunch = launch if dq_launch is None else dq_launch
     delta = (dout.float() * out.float()).sum(-1)
     if dlse is not None:
         delta = delta - dlse.float()
-    qp, kp, vp = _to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k")
-    dop = _to_tiles(launch, dout.to(q.dtype), "q")
-    lsep = _to_tiles(launch, lse.float().unsqueeze(-1), "q").squeeze(-1).contiguous()
-    deltap = _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous()
-    dq = torch.empty_like(qp)
+    qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse, delta)
+    q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
+                                                                                          delta)
+    dq = torch.empty_like(q_side[0])
     dk = torch.empty_like(kp)
     dv = torch.empty_like(vp)
     decay_c = _decay_cumsum(launch, device)
@@ -644,26 +667,30 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     dsq = torch.zeros(B, Hq, n_q, dtype=torch.float32, device=device) if row_sums else _dummy(device)
     dsk = torch.zeros(B, Hq, n_k, dtype=torch.float32, device=device) if row_sums else _dummy(device)
     sr = (dsq.stride(0), dsq.stride(1)) if row_sums else (0, 0)
-    sched = launch.plan.schedule
-    blocks = _blocks(launch, D, DV)
-    ds_w = launch.lists["FULL_I"].shape[-1] + launch.lists["PART_I"].shape[-1]
-    ds_buf = (torch.zeros(B * Hq, sched.num_q_tiles, ds_w, blocks["BLOCK_M"], blocks["BLOCK_N"], dtype=torch.float32,
-                          device=device) if bias_wrt else _dummy(device))
-    common = _common_args(launch, device, decay_c)
-    head = [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dop.stride()[:3],
-            *lsep.stride()[:2]]
+    def head_of(inputs):
+        qp, kp, vp, dop, lsep, deltap = inputs
+        return [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3],
+                *dop.stride()[:3], *lsep.stride()[:2]]
+
     tail = [float(scale), Hq // Hkv, D, DV]
     ieee = _dot_mode(launch, q.dtype)
+    # the dQ kernel (its own launch where it has tiles of its own); dS for the bias inputs' gradients at its tiles
+    qsched, qblocks = qlaunch.plan.schedule, _blocks(qlaunch, D, DV)
+    ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
+    ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
+                          dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
     with interpreting(launch.interpret):
-        _launch_kernel(launch, launch.module.attnc_bwd_dq, (sched.num_q_tiles, B * Hq),
-                       [*head, dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w, *common, *tail],
-                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt)), backward=True)
+        _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
+                       [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
+                        *_common_args(qlaunch, device, decay_c), *tail],
+                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt)), backward=True)
         L = launch.lists
-        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (sched.num_kv_tiles, B * Hkv),
-                       [*head, dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk, *sr,
-                        L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
-                        L["T_PART_I"].shape[-1], *common, *tail],
-                       dict(**blocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device)), backward=True)
+        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv),
+                       [*head_of((qp, kp, vp, dop, lsep, deltap)), dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk,
+                        *sr, L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
+                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *tail],
+                       dict(**_blocks(launch, D, DV), DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device)),
+                       backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
@@ -673,10 +700,10 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
         grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
     if bias_wrt:
-        for name, grad in _bias_input_grads(launch, ds_buf, bias_wrt, blocks, B, Hq).items():
+        for name, grad in _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq).items():
             grads[name] = grads[name] + grad.to(device) if name in grads else grad.to(device)
     out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
-    return (_from_tiles(launch, dq, "q", Nq), _from_tiles(launch, dk, "k", Nk), _from_tiles(launch, dv, "k", Nk),
+    return (_from_tiles(qlaunch, dq, "q", Nq), _from_tiles(launch, dk, "k", Nk), _from_tiles(launch, dv, "k", Nk),
             out_grads)
 
 
@@ -755,16 +782,19 @@ class TritonAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        launch = ctx.launch.backward_launch()
+        launch, dq_launch = ctx.launch.backward_launch(), ctx.launch.dq_launch()
         wrt = [n for n, need in zip(ctx.names, ctx.needs_input_grad[6:], strict=True)
                if need and launch.tensors[n].dtype.is_floating_point]
         if dout is None:
             dout = torch.zeros_like(out)
         while True:  # out of resources: the same gradients on smaller tiles (the inputs are in token order)
             try:
-                dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt)
+                dq, dk, dv, d_in = backward(launch, q, k, v, out, lse, dout, dlse, ctx.scale, wrt, dq_launch)
                 break
             except _out_of_resources():
+                if dq_launch is not None:  # first the dQ kernel on the backward's tiles, then smaller ones
+                    dq_launch = None
+                    continue
                 launch = launch.shrink() if launch.shrink is not None else None
                 if launch is None:
                     raise
