@@ -79,6 +79,9 @@ class ArchFit:
     #: Fraction of a PARTIAL pair's mask arithmetic (CUDA cores) not hidden behind the tensor cores'
     #: work: 1 adds it whole, 0 hides it up to the pair's MMA time (``_partial_pair``).
     mask_exposed: float = 1.0
+    #: Rows of the tensor cores' native MMA (0: no limit in the model): a pass whose MMAs run fewer rows
+    #: (the Q tile forward and in dQ, the KV tile in dK/dV) attains that fraction of the fitted rate.
+    mma_rows: int = 0
 
 
 # =====================================================================
@@ -101,8 +104,8 @@ class ArchFit:
 #:   paper's text rather than a figure's bars: the sm80 fit is the weaker one,
 #:   and it is FlashAttention-2's CUDA kernel: a Triton kernel may attain less
 #:   on A100 (no Triton A100 figure was at hand).
-#: sm100 and unlisted archs fall back to the scalar fields below (no published
-#: Triton FA2-class figure was at hand: an assumption, not a fit).
+#: sm100 takes the sm90 fit with tcgen05's 128 MMA rows (an assumption, not a fit: no published
+#: Triton FA2-class figure was at hand); unlisted archs fall back to the scalar fields below.
 ARCH_FITS: dict[str, ArchFit] = {
     "sm80": ArchFit(forward=0.772, backward=0.666, cta_overhead_s=1.5e-6),
     # (the sm90 loss is flat below 0.5 us of CTA overhead: rms log error 0.069 at 0.25 us, 0.071 at 0.5)
@@ -111,6 +114,11 @@ ARCH_FITS: dict[str, ArchFit] = {
     # matmul flop, as fast as the dense fit's MMA alone: the mask's arithmetic was hidden (the 3-D forward
     # predicted +38% with it added whole, +9% with it hidden; forward + backward +21% and +8%)
     "sm90": ArchFit(forward=0.435, backward=0.303, cta_overhead_s=0.25e-6, mask_exposed=0.0),
+    # Blackwell: H100's fit (an assumption: no Blackwell measurement or published Triton figure at hand) with
+    # tcgen05's 128-row MMAs (the PTX ISA's M is 64 or 128 per CTA, the accumulator in tensor memory's 128
+    # lanes): a 64-row tile is modelled at half the rate, so the search gives Blackwell 128-row tiles where
+    # they fit
+    "sm100": ArchFit(forward=0.435, backward=0.303, cta_overhead_s=0.25e-6, mask_exposed=0.0, mma_rows=128),
 }
 
 
@@ -407,6 +415,11 @@ def _shape_factor(config: KernelConfig, cal: Calibration) -> float:
     return warp * shape
 
 
+def _rows_factor(rows: int, fit: ArchFit) -> float:
+    """The fraction of the MMA rate a pass attains whose MMAs run ``rows`` rows (``ArchFit.mma_rows``)."""
+    return min(1.0, rows / fit.mma_rows) if fit.mma_rows else 1.0
+
+
 def _overlap(mma: float, mem: float, stages: int, cal: Calibration) -> float:
     exposed = cal.two_stage_exposed if stages <= 2 else 0.0
     return max(mma, mem) + exposed * min(mma, mem)
@@ -482,7 +495,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     tq, tk = config.q_tokens, config.kv_tokens
     fit = cal.fit(hw)
     shape = _shape_factor(config, cal)
-    eff_f = fit.forward * shape
+    eff_f = fit.forward * shape * _rows_factor(tq, fit)
     pair_flops = 2.0 * tq * tk * D  # one matmul over a tile pair
     per_sm_bw = hw.bytes_per_s / hw.sms
     bw_eff = cal.address_bw_efficiency if config.layout == "address" else 1.0
@@ -510,7 +523,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     # other, at the backward's own tiles, warps and stages
     bcfg = dataclasses.replace(config.backward_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
     btq, btk = bcfg.q_tokens, bcfg.kv_tokens
-    eff_b = fit.backward * _shape_factor(bcfg, cal)
+    eff_b = fit.backward * _shape_factor(bcfg, cal) * _rows_factor(btk, fit)  # dK/dV's MMAs run KV rows
     bpair_flops = 2.0 * btq * btk * D
     bmask_pair = btq * btk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
     addr_dkdv = _address_s(btq, bcfg, hw, cal)
@@ -522,7 +535,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
         dcfg = dataclasses.replace(config.dq_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
         dtq, dtk = dcfg.q_tokens, dcfg.kv_tokens
         dmask_pair = dtq * dtk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-        mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal))
+        mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal)
+                                               * _rows_factor(dtq, fit))
         mem_q = 2.0 * dtk * D * b * miss / bw
         t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dtk, dcfg, hw, cal)
         cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta

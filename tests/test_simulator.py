@@ -9,6 +9,7 @@ shapes, and lower/upper bounds any longest-first placement must meet.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import json
@@ -290,6 +291,23 @@ def test_partial_pairs_hide_the_mask_only_where_fitted():
     assert C._partial_pair(3.0, 1.0, fit1) == 4.0
     assert C._partial_pair(3.0, 1.0, fit0) == 3.0 and C._partial_pair(1.0, 3.0, fit0) == 3.0
     assert C.ARCH_FITS["sm80"].mask_exposed == 1.0 and C.ARCH_FITS["sm90"].mask_exposed == 0.0
+
+
+def test_blackwell_models_tcgen05_128_row_mmas_and_the_search_takes_128_row_tiles():
+    """sm_100 (``ArchFit.mma_rows`` 128, an assumption): a 64-row Q tile's forward MMAs run at half the
+    rate, so the search's forward takes 128-row Q tiles there; H100 has no such term."""
+    b200 = HW.get_hardware("b200")
+    fit = C.DEFAULT_CALIBRATION.fit(b200)
+    assert fit.mma_rows == 128 and C._rows_factor(64, fit) == 0.5 and C._rows_factor(128, fit) == 1.0
+    assert C._rows_factor(64, C.DEFAULT_CALIBRATION.fit(H100)) == 1.0
+    small = _predict([8] * 400, [0] * 400, q=64, kv=64, hw=b200, ops=0)
+    wide = C.predict_counts(torch.tensor([[8] * 400]), torch.zeros(1, 400), torch.tensor([[8] * 400]),
+                            torch.zeros(1, 400), 1, C.KernelConfig((64,), (64,), "flat", 4, 2), b200, head_dim=128,
+                            tokens=(64 * 400,) * 2, batch_heads=1, ops=0,
+                            calibration=C.Calibration(arch={"sm100": dataclasses.replace(fit, mma_rows=0)}))
+    assert small.forward.mma_s == pytest.approx(2 * wide.forward.mma_s)
+    rep = attnc.simulate("stdlib:sliding_window", n=8192, heads=1, hardware="b200")
+    assert rep.best.config.q_tile == (128,)
 
 
 def test_h100_dense_forward_is_in_the_published_fa2_class_range():
