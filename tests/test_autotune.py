@@ -607,6 +607,23 @@ class _OutOfResourcesKernels:
         return Proxy()
 
 
+def _run_with(monkeypatch, cfg: KernelConfig | None, too_big) -> list:
+    """Triton calls run ``cfg`` (None: their own) and their kernel modules refuse launches ``too_big(name,
+    kwargs)`` says are out of resources; returns the modules' wrappers (their ``launches``), filled as
+    modules load."""
+    if cfg is not None:
+        monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
+    wrappers = []
+    real_load = TB.load_kernels
+
+    def load(path, interpret=False):
+        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
+        return wrappers[-1]
+
+    monkeypatch.setattr(TB, "load_kernels", load)
+    return wrappers
+
+
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 @pytest.mark.parametrize("case", ["stages", "fwd_tiles", "bwd_tiles"])
 def test_out_of_resources_falls_back_to_a_smaller_config(monkeypatch, case):
@@ -617,14 +634,7 @@ def test_out_of_resources_falls_back_to_a_smaller_config(monkeypatch, case):
         "fwd_tiles": lambda name, kw: name == "attnc_fwd" and kw["BLOCK_N"] > 16,
         "bwd_tiles": lambda name, kw: name == "attnc_bwd_dkdv" and kw["BLOCK_M"] * kw["BLOCK_N"] > 32 * 16,
     }[case]
-    wrappers = []
-    real_load = TB.load_kernels
-
-    def load(path, interpret=False):
-        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
-        return wrappers[-1]
-
-    monkeypatch.setattr(TB, "load_kernels", load)
+    wrappers = _run_with(monkeypatch, None, too_big)
     pat = attnc.load(LOCAL)
     tri = attnc.compile_attention(pat, backend="triton", q_tile=32, kv_tile=32)
     ref = attnc.compile_attention(pat, backend="reference")
@@ -694,15 +704,7 @@ def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, param
     cfg, kernels = OWN_TILES[tiles]
     assert cfg.own_backward_tiles and cfg.backward_config().q_tile == (16,)
     assert cfg.own_dq_tiles == (tiles == "dq") and cfg.dq_config().q_tile == (32 if tiles == "dq" else 16,)
-    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
-    wrappers = []
-    real_load = TB.load_kernels
-
-    def load(path, interpret=False):
-        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), lambda name, kw: False))
-        return wrappers[-1]
-
-    monkeypatch.setattr(TB, "load_kernels", load)
+    wrappers = _run_with(monkeypatch, cfg, lambda name, kw: False)
     pat = attnc.load(spec, **params)
     tri = attnc.compile_attention(pat, backend="triton")
     ref = attnc.compile_attention(pat, backend="reference")
@@ -732,19 +734,7 @@ def test_backward_on_its_own_tiles_equals_the_reference(monkeypatch, spec, param
 def test_dq_kernel_out_of_resources_on_its_own_tiles_runs_on_the_backwards(monkeypatch):
     """A dQ kernel on tiles of its own that runs out of resources (at every stage count) runs on the
     backward's tiles, beside the dK/dV kernel; the gradients stay the reference's."""
-    cfg, _ = OWN_TILES["dq"]
-    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
-    wrappers = []
-    real_load = TB.load_kernels
-
-    def too_big(name, kw):
-        return name == "attnc_bwd_dq" and kw["BLOCK_M"] == 32
-
-    def load(path, interpret=False):
-        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
-        return wrappers[-1]
-
-    monkeypatch.setattr(TB, "load_kernels", load)
+    wrappers = _run_with(monkeypatch, OWN_TILES["dq"][0], lambda name, kw: name == "attnc_bwd_dq" and kw["BLOCK_M"] == 32)
     pat = attnc.load(LOCAL)
     tri = attnc.compile_attention(pat, backend="triton")
     ref = attnc.compile_attention(pat, backend="reference")
@@ -829,18 +819,11 @@ def test_backward_out_of_resources_on_its_own_tiles_shrinks_the_backward_only(mo
     the forward keeps its config, on this call and the next (before, the backward's shrunk config
     replaced the forward's)."""
     cfg = KernelConfig((32,), (16,), "address", 4, 2, 4, 1, (16,), (32,))
-    monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
-    wrappers = []
-    real_load = TB.load_kernels
 
     def too_big(name, kw):  # the backward kernels cannot take a 32-token KV tile
         return name.startswith("attnc_bwd") and kw["BLOCK_N"] == 32
 
-    def load(path, interpret=False):
-        wrappers.append(_OutOfResourcesKernels(real_load(path, interpret), too_big))
-        return wrappers[-1]
-
-    monkeypatch.setattr(TB, "load_kernels", load)
+    wrappers = _run_with(monkeypatch, cfg, too_big)
     pat = attnc.load(LOCAL)
     tri = attnc.compile_attention(pat, backend="triton")
     ref = attnc.compile_attention(pat, backend="reference")
