@@ -287,8 +287,13 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
                     q, k, v, attn_mask=dense_mask), toy)
             del dense_mask
     pf, pb = rep.best.forward_s, rep.best.backward_s
+    # the config that ran (forward; backward and dQ tiles where they have their own), for later calibration
+    from attnc.runtime.gpu_check import describe_launch
+
+    cfg = getattr(attn.runner, "last_config", None)
+    ran = f" ({describe_launch(cfg).replace(' | ', '; ')})" if cfg is not None else ""
     lines_b.append(
-        f"| {case['name']} | attnc triton | {_fmt_ms(t.get('attnc_f'))} | {_fmt_ms(pf)} | "
+        f"| {case['name']} | attnc triton{ran} | {_fmt_ms(t.get('attnc_f'))} | {_fmt_ms(pf)} | "
         f"{_fmt_ms(t.get('attnc_fb'))} | {_fmt_ms(pf + pb)} | "
         + (f"{t['sdpa_f'] / t['attnc_f']:.2f}x" if t else "-") + f" | {rep.predicted_speedup:.2f}x |")
     lines_b.append(f"| {case['name']} | FlexAttention | {_fmt_ms(t.get('flex_f'))} | | {_fmt_ms(t.get('flex_fb'))} | | "

@@ -31,9 +31,11 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
         assert len(errors) == 4 and max(errors) < 1e-5, row
     # every softmax case has attnc, FlexAttention and SDPA timings, with a predicted time beside attnc's
     for name in ("1-D", "2-D", "3-D"):
-        attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | attnc triton |"))
+        attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | attnc triton ("))
         cells = [c.strip() for c in attnc_row.strip("|").split("|")]
         assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[7].endswith("x"), attnc_row
+        # the config that ran, named as check-gpu names it (tiles, layout, warps, stages)
+        assert re.search(r"attnc triton \([\dx]+/[\dx]+ \w+ w\d+ s\d+", cells[1]), attnc_row
         assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
         assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
 

@@ -270,6 +270,8 @@ class TritonRunner(Registered):
         self._bwd_fallback: dict = {}  # (shapes key, "bwd" | "dq", forward config) -> its backward's (dQ's) smaller config
         self.last_source: str | None = None
         self.last_plan: tile_plan.Plan | None = None
+        #: The KernelConfig of the latest call (its forward's; the backward's and dQ's tiles inside)
+        self.last_config: KernelConfig | None = None
         self.block_plans = PlanCache()  # blocks of context parallelism (triton.blocks), bounded LRU
 
     # ------------------------------------------------------------ planning
@@ -339,6 +341,8 @@ class TritonRunner(Registered):
 
         module = plan.on_device(("kernels", interpret, hook), module_of)
         self.last_source, self.last_plan = source, plan
+        if backward_of is None:
+            self.last_config = config
         device = q.device
         if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
