@@ -71,9 +71,25 @@ def before_search():
         SR.sized, SR.min_kv_tokens = saved
 
 
+@contextlib.contextmanager
+def ordered_launches():
+    """Every kernel launched through its order table (``ORDERED``), as causal and routed schedules launch
+    on a GPU where the order pays (``compiler.launch_order``); at the recorded sizes it seldom does."""
+    from attnc.compiler import launch_order
+    from attnc.runtime.backends.triton import runner
+
+    saved = runner.choose_order
+    runner.choose_order = lambda full, partial, repeat, sms: launch_order.longest_first(full, partial)
+    try:
+        yield
+    finally:
+        runner.choose_order = saved
+
+
 def run_one(task: tuple) -> list[dict]:
-    """One (pattern, arch, head dim, dtype, before) cell: its kernels' reports as dicts."""
-    name, arch, d, dtype, before = task
+    """One (pattern, arch, head dim, dtype, before[, ordered]) cell: its kernels' reports as dicts."""
+    name, arch, d, dtype, before, *rest = task
+    ordered = bool(rest and rest[0])
     import triton
 
     import attnc
@@ -83,7 +99,8 @@ def run_one(task: tuple) -> list[dict]:
     try:
         pat = attnc.load(f"stdlib:{name}", **PARAMS.get(name, {}))
         n, sizes = _sizes(pat, name)
-        with before_search() if before else contextlib.nullcontext():
+        with before_search() if before else contextlib.nullcontext(), \
+                ordered_launches() if ordered else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name)
         rows = [r.to_dict() for r in reports]
@@ -234,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="skip the cells the JSON-lines file already holds")
     p.add_argument("--render-only", action="store_true", help="write the results file from the JSON-lines file")
     p.add_argument("--note", default="", help="a paragraph for the results file's head (what was run and why)")
+    p.add_argument("--ordered", action="store_true",
+                   help="compile every kernel with its launch-order table (as where longest first pays)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
         for a in archs:
-            tasks += [(n, a, d, t, False) for d in dims for t in dtypes]
+            tasks += [(n, a, d, t, False, args.ordered) for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
                 tasks += [(n, a, d, t, True) for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
@@ -259,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and log.exists():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
         done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]) for r in rows}
-        tasks = [t for t in tasks if t not in done]
+        tasks = [t for t in tasks if t[:5] not in done]
     elif log.exists():
         log.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)

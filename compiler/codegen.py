@@ -177,7 +177,7 @@ class KernelSource(ScoreLines, KernelBodies):
             if self.bias_head_text is not None:
                 parts.append(self._bias_head_fn())
             parts.append(self._bias_fn())
-        parts += [self._forward(), self._backward_dq(), self._backward_dkdv()]
+        parts += [self._forward(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 
     def _header(self) -> str:
@@ -190,9 +190,11 @@ class KernelSource(ScoreLines, KernelBodies):
             f"Q tiles {s.q_tile} over {s.q_extents} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} over "
             f"{s.kv_extents} (BLOCK_N {s.block_n}), layout {self.layout}",
             "",
-            "attnc_fwd      online softmax over each Q tile's FULL then PARTIAL KV tiles",
-            "attnc_bwd_dq   dQ (and per-query sums of dS) over the same lists",
-            "attnc_bwd_dkdv dK, dV (and per-key sums of dS) over the transposed lists; no atomics",
+            "attnc_fwd        online softmax over each Q tile's FULL then PARTIAL KV tiles",
+            "attnc_bwd_delta  the backward's row term rowsum(dO * O) - dlse, in token order",
+            "attnc_bwd_dq     dQ (and per-query sums of dS) over the same lists",
+            "attnc_bwd_dkdv   dK, dV (and per-key sums of dS) over the transposed lists; no atomics",
+            "Each kernel takes its tile from its place in the launch, or from ORDER (ORDERED: longest first).",
             '"""',
             "",
             "import triton",

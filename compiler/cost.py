@@ -14,8 +14,10 @@ KV tiles; backward: one CTA per (batch, head, KV tile) walking its Q tiles):
   ``mask_ops`` operations (sympy's operation count of the mask, custom
   functions weighted) on the non-tensor ALUs;
 - each CTA has a fixed prologue/epilogue (load its resident tile, write the
-  output) and the uneven per-CTA work is placed on the SMs longest first
-  (LPT); the kernel time is the makespan plus a launch; the backward is two
+  output) and the uneven per-CTA work is placed on the SMs as the GPU places
+  it: in launch order, each CTA on the SM that frees first, the order being
+  the one the kernels launch in (tile order, or longest first where that
+  pays: ``compiler.launch_order``); the kernel time is the makespan plus a launch; the backward is two
   kernels (dQ: one CTA per Q tile; dK/dV: one CTA per KV tile) one after the
   other, as ``runtime/triton_backend.py`` launches them;
 - token permutation (multi-dimensional tiles made contiguous) reads and
@@ -40,6 +42,7 @@ import sympy
 import torch
 
 from ..core.errors import SpecError
+from . import launch_order
 from .hardware import Hardware
 from .schedule import TileSchedule
 
@@ -431,11 +434,31 @@ def _partial_pair(t_full: float, mask_pair: float, fit: ArchFit) -> float:
     return max(t_full, mask_pair) + fit.mask_exposed * min(t_full, mask_pair)
 
 
+def launch_makespan(full: torch.Tensor, partial: torch.Tensor, work: torch.Tensor, repeat: int | float, sms: int,
+                    orderable: bool, placed: bool = True) -> float:
+    """The makespan of one kernel's CTAs (``work``, ``[classes, CTAs]``, each class row launched ``repeat``
+    times) placed as the GPU places them: in launch order, each on the SM that frees first. The order is
+    the one the kernels launch in (``compiler.launch_order.choose_order`` on the visit counts ``full``,
+    ``partial``; tile order where it does not pay or the kernel has no order table: not ``orderable``).
+    Where no order could move the makespan by ``MIN_GAIN``, where the launch has too many CTAs to place
+    one by one, and where the counts are a sample standing for more CTAs (not ``placed``: their order
+    is not known), the longest-first estimate ``makespan`` stands for it."""
+    visits = launch_order.visit_work(full, partial)
+    if not placed or not launch_order.exact(visits, repeat) or not launch_order.can_gain(visits, sms, int(repeat)):
+        return makespan(work, sms, repeat)
+    order = launch_order.choose_order(full, partial, int(repeat), sms) if orderable else None
+    if order is not None:
+        work = torch.gather(work, -1, order)
+    return launch_order.greedy_makespan(work, sms, int(repeat))
+
+
 def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_full: float, t_partial: float,
           t_cta: float, mma_pair: float, mask_pair: float, mem_pair: float, hw: Hardware,
-          cal: Calibration, permute_s: float) -> PassCost:
+          cal: Calibration, permute_s: float, orderable: bool = True, placed: bool = True) -> PassCost:
     """One kernel: CTA ``i`` of a head class visits ``full[c, i]`` FULL and
-    ``partial[c, i]`` PARTIAL tiles; every class row is launched ``repeat`` times."""
+    ``partial[c, i]`` PARTIAL tiles; every class row is launched ``repeat`` times, in the kernels' launch
+    order (``launch_makespan``; ``orderable``: the kernel can take an order table for these rows;
+    ``placed``: the rows are every CTA of the launch, not a sample)."""
     full = full.to(torch.float64)
     partial = partial.to(torch.float64)
     work = t_cta + full * t_full + partial * t_partial
@@ -443,7 +466,7 @@ def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_f
     total_pairs_full = float(full.sum()) * repeat
     total_pairs_partial = float(partial.sum()) * repeat
     ctas = round(per_class.numel() * repeat)
-    span = makespan(per_class, hw.sms, repeat)
+    span = launch_makespan(full, partial, work, repeat, hw.sms, orderable, placed)
     ideal = float(per_class.sum()) * repeat / hw.sms
     kernel = span + cal.launch_s
     return PassCost(
@@ -470,7 +493,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                    head_dim: int, tokens: tuple[int, int], batch_heads: int, nbytes: int = 2,
                    ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
                    repeat_bwd: int | float | None = None, dq_counts: tuple | None = None,
-                   repeat_dq: int | float | None = None) -> Prediction:
+                   repeat_dq: int | float | None = None, placed: bool = True, ordered: bool = True) -> Prediction:
     """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
     every CTA launched ``repeat`` times (``repeat_bwd`` in the dK/dV kernel, if given).
 
@@ -483,7 +506,9 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     ``tokens``: (queries, keys) per head; ``batch_heads``: batch x heads (for
     the permutation and pre/post-processing traffic); ``ops``: the mask's
     per-pair operation count; ``grid_axes``: axes of the token grid (flat
-    tiles on a grid decode coordinates per pair).
+    tiles on a grid decode coordinates per pair); ``placed``: the counts are every CTA of the launches
+    (not a sample standing for more), so that they are placed on the SMs in the kernels' launch order;
+    ``ordered``: False models kernels that always launch in tile order (no order tables: what-if only).
     """
     cal = calibration or DEFAULT_CALIBRATION
     if (config.own_backward_tiles or config.own_dq_tiles) and dq_counts is None:
@@ -516,7 +541,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     perm_bytes = 4 * 2 * batch_heads * max(nq_tok, nk_tok) * D * b  # 4 tensors read + written
     perm = perm_bytes / (hw.bytes_per_s * cal.permute_bw_efficiency) + cal.launch_s if config.layout == "permute" else 0.0
     fwd = _pass(full_fwd, partial_fwd, repeat, t_full=t_full_f, t_partial=_partial_pair(t_full_f, mask_pair, fit), t_cta=cta_f,
-                mma_pair=mma_f, mask_pair=mask_pair, mem_pair=mem_f, hw=hw, cal=cal, permute_s=perm)
+                mma_pair=mma_f, mask_pair=mask_pair, mem_pair=mem_f, hw=hw, cal=cal, permute_s=perm, placed=placed,
+                orderable=ordered)
 
     # backward: delta = rowsum(dO * O), then the dQ kernel (CTA per Q tile, K and V stream
     # in) and the dK/dV kernel (CTA per KV tile; Q, dO, lse and delta stream in), one after the
@@ -542,16 +568,19 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
         cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta
         parts.append(_pass(full_dq, partial_dq, repeat if repeat_dq is None else repeat_dq, t_full=t_q,
                            t_partial=_partial_pair(t_q, dmask_pair, fit), t_cta=cta_q, mma_pair=mma_q,
-                           mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0))
+                           mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0, placed=placed,
+                           orderable=ordered))
     mma_k = n_dkdv * bpair_flops / (hw.flops_per_sm * eff_b)
     mem_k = (2.0 * btq * D * b + 8.0 * btq) * miss / bw  # Q, dO; lse, delta (fp32)
     if not n_dq:  # one kernel (FlashAttention-2): dQ accumulated in fp32 by atomics
         mem_k += 2.0 * btq * D * 4 * miss / bw
     t_k = _overlap(mma_k, mem_k, bcfg.num_stages, cal) + addr_dkdv
     cta_k = fit.cta_overhead_s + 4.0 * btk * D * b / bw  # load K, V; store dK, dV
+    # the dK/dV kernel takes an order table only where every head shares one list class
     parts.append(_pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_k,
                        t_partial=_partial_pair(t_k, bmask_pair, fit), t_cta=cta_k, mma_pair=mma_k, mask_pair=bmask_pair,
-                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0))
+                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0, orderable=ordered and full_bwd.shape[0] == 1,
+                       placed=placed))
     bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
 
@@ -567,13 +596,15 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
 
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
             nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
-            backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None) -> Prediction:
+            backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None,
+            ordered: bool = True) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
     token counts are those of the schedule's tiles). A config whose backward has
     tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
     ``backward_schedule``, the schedule at those tiles: its dQ and dK/dV kernels
     walk that one's tile lists; one whose dQ kernel has tiles of its own
-    (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's."""
+    (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's. ``ordered``: as in
+    ``predict_counts``."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -594,7 +625,8 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
         repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
         batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
         repeat_bwd=brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
-        repeat_dq=drepeat * dq_weight)
+        repeat_dq=drepeat * dq_weight, placed=q_weight == 1 and bkv_weight == 1 and dq_weight == 1,
+        ordered=ordered)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,
@@ -637,5 +669,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
-           "dtype_bytes", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "dtype_bytes", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

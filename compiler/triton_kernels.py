@@ -1,5 +1,6 @@
-"""The three kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
-FULL and PARTIAL KV tiles of each Q tile), ``attnc_bwd_dq`` (dQ over the same lists) and
+"""The kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
+FULL and PARTIAL KV tiles of each Q tile), ``attnc_bwd_delta`` (the backward's row term
+``rowsum(dO * O) - dlse``, one read of each), ``attnc_bwd_dq`` (dQ over the same lists) and
 ``attnc_bwd_dkdv`` (dK, dV over the transposed lists, no atomics): their parameters, program
 setup, loads, the loops over each tile list and their epilogues. The score lines inside the loops
 are ``compiler.triton_scores``'s, the tile addressing ``compiler.triton_tiles``'s.
@@ -66,20 +67,27 @@ class KernelBodies:
         s = self.shape
         return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
+    def _q_tile_of_program(self) -> list[str]:
+        """``qt``, the Q tile of this program: its place in the launch, or in the class's launch order."""
+        return ["if ORDERED:  # launched longest first (compiler.launch_order): Q tiles by their KV tile count",
+                f"    qt = tl.load(ORDER + cls * {self.shape_tiles_q()} + tl.program_id(0))",
+                "else:",
+                "    qt = tl.program_id(0)  # the Q tile"]
+
     # ------------------------------------------------------------ forward
     def _forward(self) -> str:
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
-                  "scale", "GROUP", "D", "DV",
+                  "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr"]
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False"]
         body = [
-            "qt = tl.program_id(0)  # the Q tile",
             "bh = tl.program_id(1)",
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}  # query head; its K/V head is h // GROUP",
             "cls = batch * cls_b + h * cls_h  # which tile lists serve this (batch, head)",
             "kvh = h // GROUP",
+            *self._q_tile_of_program(),
             *self._tiles("q", "qt"),
             "d = tl.arange(0, BLOCK_D)",
             "dv = tl.arange(0, BLOCK_DV)",
@@ -176,23 +184,52 @@ class KernelBodies:
             "delta = tl.load(DELTA + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=0.0)",
         ]
 
+    def _backward_delta(self) -> str:
+        """The backward's pre-pass, in token order (before any permutation into tiles): one read of O
+        and dO each (any strides, any float dtype), fp32 sums; the gradient of a returned lse
+        (``HAS_DLSE``) enters here."""
+        params = ["O", "DO", "DLSE", "DELTA", "so_b", "so_h", "so_n", "so_d", "sdo_b", "sdo_h", "sdo_n", "sdo_d",
+                  "sdl_b", "sdl_h", "sdl_n", "sd_b", "sd_h", "N", "DV",
+                  "HAS_DLSE: tl.constexpr", "BLOCK_R: tl.constexpr", "BLOCK_DV: tl.constexpr"]
+        body = [
+            "rb = tl.program_id(0)  # a block of rows",
+            "bh = tl.program_id(1)",
+            f"batch = (bh // {self.bound.heads}).to(tl.int64)",
+            f"h = (bh % {self.bound.heads}).to(tl.int64)",
+            "r = (rb * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "ok = r < N",
+            "tile_ok = ok[:, None] & (dv[None, :] < DV)",
+            "# any strides (a gradient may come expanded: all zero); a unit feature stride is specialised by Triton",
+            "o = tl.load(O + batch * so_b + h * so_h + r[:, None] * so_n + dv[None, :] * so_d, mask=tile_ok, other=0.0)",
+            "do = tl.load(DO + batch * sdo_b + h * sdo_h + r[:, None] * sdo_n + dv[None, :] * sdo_d, mask=tile_ok,",
+            "             other=0.0)",
+            "delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _add)",
+            "if HAS_DLSE:  # the lse's own gradient: d loss / d score gains + P * dlse",
+            "    delta -= tl.load(DLSE + batch * sdl_b + h * sdl_h + r * sdl_n, mask=ok, other=0.0).to(tl.float32)",
+            "tl.store(DELTA + batch * sd_b + h * sd_h + r, delta, mask=ok)",
+        ]
+        return kernel_def("attnc_bwd_delta", params,
+                          "Backward pre-pass: delta = rowsum(dO * O) - dlse (fp32), per (row block, batch x head).",
+                          body)
+
     def _bwd_params(self) -> list[str]:
         return ["Q", "K", "V", "DO", "LSE", "DELTA", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
                 "sv_b", "sv_h", "sv_n", "sdo_b", "sdo_h", "sdo_n", "sl_b", "sl_h"]
 
     def _backward_dq(self) -> str:
         params = [*self._bwd_params(), "DQ", "sdq_b", "sdq_h", "sdq_n", "DSQ", "sr_b", "sr_h", "DS", "ds_w",
-                  *self._common_params(), "scale", "GROUP", "D", "DV",
+                  *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "STORE_DS: tl.constexpr"]
+                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False"]
         body = [
-            "qt = tl.program_id(0)",
             "bh = tl.program_id(1)",
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}",
             "cls = batch * cls_b + h * cls_h",
             "kvh = h // GROUP",
+            *self._q_tile_of_program(),
             *self._tiles("q", "qt"),
             "d = tl.arange(0, BLOCK_D)",
             "dv = tl.arange(0, BLOCK_DV)",
@@ -240,13 +277,16 @@ class KernelBodies:
     def _backward_dkdv(self) -> str:
         params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdv_b", "sdv_h", "sdv_n", "DSK", "sr_b", "sr_h",
                   "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
-                  *self._common_params(), "scale", "GROUP", "D", "DV",
+                  *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "QT_VIEW: tl.constexpr = False"]
+                  "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False"]
         nk = self.shape_tiles_k()
         body = [
-            "kt = tl.program_id(0)  # the KV tile",
+            "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",
+            "    kt = tl.load(ORDER + tl.program_id(0))  # one order for every head (one list class)",
+            "else:",
+            "    kt = tl.program_id(0)  # the KV tile",
             "bkv = tl.program_id(1)",
             f"batch = bkv // ({self.bound.heads} // GROUP)",
             f"kvh = bkv % ({self.bound.heads} // GROUP)",

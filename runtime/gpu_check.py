@@ -308,7 +308,8 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
 
 
 def _kernel_name(name: str) -> str:
-    return {"attnc_fwd": "fwd", "attnc_bwd_dq": "bwd_dq", "attnc_bwd_dkdv": "bwd_dkdv"}.get(name, name.lstrip("_"))
+    return {"attnc_fwd": "fwd", "attnc_bwd_delta": "bwd_delta", "attnc_bwd_dq": "bwd_dq",
+            "attnc_bwd_dkdv": "bwd_dkdv"}.get(name, name.lstrip("_"))
 
 
 # ----------------------------------------------------------------- driving the launch path

@@ -69,13 +69,16 @@ def test_default_config_compiles_fits_and_does_not_spill(name, spec, params, siz
     bad = [r for r in reports if not r.ok]
     assert not bad, "\n" + G.table(reports)
     for r in reports:
-        assert 0 < r.shared <= r.smem_limit and 0 < r.regs <= 255
+        assert r.shared <= r.smem_limit and 0 < r.regs <= 255
+        assert r.shared > 0 or not r.dots  # the dots stage their operands in shared memory
     if name == "kda" and arch == 90:  # every dot on wgmma but dA's 16-row blocks (wgmma takes 64 rows)
         assert all(r.wgmma > 0 and (r.mma == 0) == ("wy_da" not in r.kernel) for r in reports), G.table(reports)
     if arch == 90 and pat.kind == "pattern":
         # every softmax kernel's dots on wgmma, none on mma.sync: FoX's dQ too, on 64-row tiles of its own
         # where its dK/dV fits only at 32 (KernelConfig.dq_q_tile; it ran on mma.sync before)
-        assert all(r.wgmma > 0 and r.mma == 0 for r in reports), "\n" + G.table(reports)
+        # (the backward's row-term pre-pass has no dot)
+        assert all(r.wgmma > 0 and r.mma == 0 for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
+        assert all(r.dots == 0 for r in reports if r.kernel == "bwd_delta")
 
 
 def test_register_model_separates_the_compiled_spills():
@@ -105,9 +108,11 @@ def test_launch_path_is_recorded_with_the_runtime_arguments():
     pat = attnc.load(CAUSAL)
     cfg = KernelConfig((128,), (64,), "flat", 8, 3, 4, 2)
     records, described = G.record_call(pat, arch=90, head_dim=64, dtype="bf16", n=512, config=cfg)
-    assert [r.name for r in records] == ["attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"]
+    assert [r.name for r in records] == ["attnc_fwd", "attnc_bwd_delta", "attnc_bwd_dq", "attnc_bwd_dkdv"]
     assert described == "128/64 flat w8 s3 | bwd w4 s2"
-    fwd, dq, dkdv = records
+    fwd, delta, dq, dkdv = records
+    assert delta.grid == (512 // delta.kwargs["BLOCK_R"], G.BATCH * G.HEADS) and delta.kwargs["BLOCK_DV"] == 64
+    assert delta.kwargs["BLOCK_R"] * delta.kwargs["BLOCK_DV"] == 8192  # 8K elements of each of O and dO a program
     assert fwd.grid == (4, G.BATCH * G.HEADS) and dkdv.grid == (8, G.BATCH * G.HEADS)
     assert fwd.kwargs["BLOCK_M"] == 128 and fwd.kwargs["BLOCK_N"] == 64 and fwd.kwargs["DOT"] == 0
     assert (fwd.kwargs["num_warps"], fwd.kwargs["num_stages"]) == (8, 3)
@@ -163,8 +168,9 @@ def test_dots_off_the_architectures_tensor_cores_are_flagged():
 def test_blackwell_kernels_run_their_dots_on_tcgen05():
     """sm_100 (B200) offline: every softmax kernel compiles, fits, and issues tcgen05.mma for its dots."""
     reports = G.check_pattern(attnc.load(CAUSAL), archs=(100,), head_dims=(64,), dtypes=("bf16",), n=1024)
-    assert len(reports) == 3 and all(r.ok for r in reports), "\n" + G.table(reports)
-    assert all(r.dots > 0 and r.tcgen05 > 0 and r.wgmma == 0 for r in reports), "\n" + G.table(reports)
+    assert len(reports) == 4 and all(r.ok for r in reports), "\n" + G.table(reports)
+    assert all(r.dots > 0 and r.tcgen05 > 0 and r.wgmma == 0 for r in reports if r.kernel != "bwd_delta"), \
+        "\n" + G.table(reports)
 
 
 def test_a_clustering_pattern_is_recorded_with_its_centroids():
@@ -172,8 +178,8 @@ def test_a_clustering_pattern_is_recorded_with_its_centroids():
     (dk bound to the head dim) and lets the call derive the ids; every kernel compiles and fits."""
     reports = G.check_pattern(attnc.load("stdlib:routing_transformer"), archs=(90,), head_dims=(64,),
                               dtypes=("bf16",), n=1024)
-    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
-    assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
+    assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and (r.wgmma > 0 or r.kernel == "bwd_delta") for r in reports), "\n" + G.table(reports)
 
 
 def test_a_vertical_slash_pattern_is_recorded_with_its_selection():
@@ -181,8 +187,8 @@ def test_a_vertical_slash_pattern_is_recorded_with_its_selection():
     every kernel compiles and fits."""
     reports = G.check_pattern(attnc.load("stdlib:vertical_slash", vertical=64, slash=64), archs=(90,),
                               head_dims=(64,), dtypes=("bf16",), n=1024)
-    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
-    assert all(r.ok and r.wgmma > 0 for r in reports), "\n" + G.table(reports)
+    assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and (r.wgmma > 0 or r.kernel == "bwd_delta") for r in reports), "\n" + G.table(reports)
 
 
 def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
@@ -192,8 +198,9 @@ def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
     and dQ run mma.sync, as the whole sequence's FoX dQ); routes and recurrences are refused by name."""
     reports = G.check_pattern(attnc.load("stdlib:softcap"), archs=(90,), head_dims=(128,), dtypes=("bf16",),
                               n=1024, block=True)
-    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
-    assert all(r.ok and r.spill_bytes == 0 and r.wgmma > 0 and r.config.startswith("block 512+512 x 256+512")
+    assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
+    assert all(r.ok and r.spill_bytes == 0 and (r.wgmma > 0 or r.kernel == "bwd_delta")
+               and r.config.startswith("block 512+512 x 256+512")
                for r in reports), "\n" + G.table(reports)
     fox = G.check_pattern(attnc.load("stdlib:forgetting"), archs=(90,), head_dims=(128,), dtypes=("bf16",),
                           n=1024, block=True)
@@ -201,6 +208,22 @@ def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
     for name, words in (("stdlib:moba", "routes"), ("stdlib:mamba2", "recurrence")):
         with pytest.raises(SpecError, match=words):
             G.check_pattern(attnc.load(name), archs=(90,), head_dims=(64,), n=1024, block=True)
+
+
+def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):
+    """The forward, dQ and dK/dV kernels reading their tile from an order table (``ORDERED``, forced: at
+    the recorded size no order pays) compile for sm_90 at d 128 as the tile-order ones do."""
+    from attnc.compiler import launch_order
+    from attnc.runtime.backends.triton import runner as TB
+
+    monkeypatch.setattr(TB, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
+    records, _ = G.record_call(attnc.load("stdlib:sliding_window", window=1024), arch=90, head_dim=128, dtype="bf16",
+                               n=N)
+    ordered = {r.name: r.kwargs.get("ORDERED") for r in records}
+    assert ordered == {"attnc_fwd": True, "attnc_bwd_delta": None, "attnc_bwd_dq": True, "attnc_bwd_dkdv": True}
+    reports = [G.check_launch(r, 90, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records]
+    assert all(r.ok for r in reports), "\n" + G.table(reports)
+    assert all(r.wgmma > 0 and r.mma == 0 for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
 
 
 def test_recurrence_kernels_are_captured_natively():
@@ -247,5 +270,5 @@ def test_offline_compile_ignores_triton_interpret(monkeypatch):
     monkeypatch.setattr(G, "_TARGETS", {})  # probe again, under the variable
     assert G.targets_available(80)
     reports = G.check_pattern(CAUSAL, archs=(80,), head_dims=(64,), dtypes=("bf16",), n=256, label="causal")
-    assert {r.kernel for r in reports} == {"fwd", "bwd_dq", "bwd_dkdv"}
+    assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
     assert all(r.ok for r in reports), [r for r in reports if not r.ok]

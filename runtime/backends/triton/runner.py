@@ -42,6 +42,7 @@ from ....compiler.codegen import (
     generate_source,
 )
 from ....compiler.cost import KernelConfig
+from ....compiler.launch_order import choose_order
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import classify_flat, tile_shapes
 from ....compiler.tile_args import parse_tiles
@@ -229,6 +230,41 @@ def _dummy(device, dtype=torch.float32) -> torch.Tensor:
     if key not in _DUMMIES:
         _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
     return _DUMMIES[key]
+
+
+#: The SMs a launch on CPU tensors is ordered for (the interpreter, the offline GPU check): H100's.
+CPU_SMS = 132
+
+
+def _sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_SMS
+
+
+def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> dict:
+    """The launch orders of a launch's kernels (``compiler.launch_order``): ``"Q"`` for the forward and dQ
+    kernels (per list class), ``"K"`` for the dK/dV kernel (one list class only); None keeps tile order.
+    Decided once per plan, batch and heads (the rounds of the launch), as the simulator decides."""
+    sched = launch.plan.schedule
+
+    def make():
+        sms = _sms(torch.device(device))
+        classes = sched.heads_stored
+        per_class = batch * heads // classes if (batch * heads) % classes == 0 else 1
+        q = choose_order(sched.full_count, sched.partial_count, per_class, sms)
+        k = (choose_order(sched.t_full_count, sched.t_partial_count, batch * kv_heads, sms)
+             if classes == 1 else None)
+        return {name: None if o is None else o.to(torch.int32).contiguous().to(device)
+                for name, o in (("Q", q), ("K", k))}
+
+    return launch.plan.on_device(("order", device, batch, heads, kv_heads), make)
+
+
+def _order_args(orders: dict, name: str, device) -> tuple[list, dict]:
+    """The ``ORDER`` argument and the ``ORDERED`` constexpr of one kernel."""
+    table = orders[name]
+    return [table if table is not None else _dummy(device, torch.int32)], {"ORDERED": table is not None}
 
 
 def _lists(sched: TileSchedule, device) -> dict:
@@ -616,11 +652,12 @@ def forward(launch: Launch, q, k, v, scale: float):
     lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
     nq_tiles = launch.plan.schedule.num_q_tiles
     decay_c = _decay_cumsum(launch, device)
+    order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q", device)
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
-            *lse.stride()[:2], *_common_args(launch, device, decay_c), float(scale), Hq // Hkv, D, DV]
+            *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
-                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype)), backward=False)
+                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype), **ordered), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
@@ -634,6 +671,22 @@ def _raise_index_errors(launch: Launch) -> None:
     for (name, dim, size), value in zip(launch.checks, found.tolist(), strict=True):
         if value != 0:
             raise E.index_error(name, dim, value, size, guarded=True)
+
+
+def _row_term(launch: Launch, out, dout, dlse) -> torch.Tensor:
+    """``rowsum(dO * O) - dlse`` in fp32 ``[B, H, N]``, token order: one kernel reading each once (the
+    eager torch form made two fp32 copies of dO and O and a product before the sum)."""
+    B, H, N, DV = out.shape
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
+    block_dv = max(16, 1 << (DV - 1).bit_length())
+    block_r = max(8, min(128, 8192 // block_dv))  # 8K elements of each tile per program
+    dl = dlse if dlse is not None else _dummy(out.device)
+    dl_strides = dlse.stride() if dlse is not None else (0, 0, 0)
+    with interpreting(launch.interpret):
+        _launch_kernel(launch, launch.module.attnc_bwd_delta, (-(-N // block_r), B * H),
+                       [out, dout, dl, delta, *out.stride(), *dout.stride(), *dl_strides, *delta.stride()[:2], N, DV],
+                       dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv), backward=True)
+    return delta
 
 
 def _backward_inputs(launch: Launch, q, k, v, dout, lse, delta) -> tuple:
@@ -653,9 +706,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     device = q.device
     pat = launch.pattern
     qlaunch = launch if dq_launch is None else dq_launch
-    delta = (dout.float() * out.float()).sum(-1)
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta = _row_term(launch, out, dout, dlse)
     qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse, delta)
     q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
                                                                                           delta)
@@ -683,17 +734,21 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
+    q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q", device)
+    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K", device)
     with interpreting(launch.interpret):
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
-                        *_common_args(qlaunch, device, decay_c), *tail],
-                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt)), backward=True)
+                        *_common_args(qlaunch, device, decay_c), *q_order, *tail],
+                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered),
+                       backward=True)
         L = launch.lists
         _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv),
                        [*head_of((qp, kp, vp, dop, lsep, deltap)), dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk,
                         *sr, L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
-                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *tail],
-                       dict(**_blocks(launch, D, DV), DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device)),
+                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *tail],
+                       dict(**_blocks(launch, D, DV), DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
+                            **k_ordered),
                        backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
