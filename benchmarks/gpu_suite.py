@@ -19,6 +19,9 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
   FlexAttention (a hand-written ``mask_mod``) measured against the same
   reference, for scale. Timed: attnc, FlexAttention, SDPA dense (flash; the
   dense baseline) and, where the boolean mask fits, SDPA with the mask.
+- Causal attention (32,768 tokens): the schedule whose Q tiles do the most uneven work, where
+  attnc's kernels launch longest first (``compiler.launch_order``); the reference rule k <= q;
+  timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
   Triton chunked kernels against attnc's chunked torch recurrence in float32
   (reference) and fla's ``chunk_simple_gla``; timed against fla.
@@ -90,6 +93,7 @@ def _cases(toy: bool) -> list[dict]:
              "params": {"kernel_size_y": 3, "kernel_size_x": 5}},
             {"name": "3-D", "pattern": "neighborhood_3d", "sizes": {"frames": 3, "height": 4, "width": 4},
              "params": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 2}},
+            {"name": "causal", "pattern": "causal", "sizes": {"seq": 64}, "params": {}},
         ]
     return [
         {"name": "1-D", "pattern": "neighborhood_1d", "sizes": {"seq": 32768}, "params": {"kernel_size": 2048}},
@@ -97,12 +101,20 @@ def _cases(toy: bool) -> list[dict]:
          "params": {"kernel_size_y": 33, "kernel_size_x": 33}},
         {"name": "3-D", "pattern": "neighborhood_3d", "sizes": {"frames": 30, "height": 48, "width": 80},
          "params": {"kernel_size_t": 18, "kernel_size_y": 24, "kernel_size_x": 24}},
+        {"name": "causal", "pattern": "causal", "sizes": {"seq": 32768}, "params": {}},
     ]
 
 
+#: The causal case's pattern (no stdlib entry: a sliding window as wide as the sequence is the same mask).
+CAUSAL = "pattern causal\n  tokens seq\n  mask causal\n"
+
+
 def _axes(case) -> tuple[list[int], list[int]]:
+    """The case's token axes and its window per axis (none: causal)."""
     sizes = list(case["sizes"].values())
     p = case["params"]
+    if case["pattern"] == "causal":
+        return sizes, []
     if case["pattern"] == "neighborhood_1d":
         return sizes, [p["kernel_size"]]
     keys = ["kernel_size_y", "kernel_size_x"] if len(sizes) == 2 else ["kernel_size_t", "kernel_size_y", "kernel_size_x"]
@@ -122,6 +134,11 @@ def natten_keep(qi, ki, sizes: list[int], windows: list[int]):
         ok = (kc >= start) & (kc < start + w)
         keep = ok if keep is None else keep & ok
     return keep
+
+
+def case_keep(case, qi, ki, sizes: list[int], windows: list[int]):
+    """The case's rule on flat token indices: k <= q for the causal case, NATTEN's window otherwise."""
+    return ki <= qi if case["pattern"] == "causal" else natten_keep(qi, ki, sizes, windows)
 
 
 # ----------------------------------------------------------------- helpers
@@ -212,9 +229,9 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
     q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
     dout = torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype)
     rows = torch.randperm(n, generator=gen)[: min(256, n)].to(device)
-    kw = {"n": n} if case["pattern"] == "neighborhood_1d" else {"sizes": case["sizes"]}
-    attn = attnc.compile_attention(f"stdlib:{case['pattern']}", backend="triton", **case["params"],
-                                   **({} if "n" in kw else {"sizes": case["sizes"]}))
+    flat = case["pattern"] in ("neighborhood_1d", "causal")
+    spec = CAUSAL if case["pattern"] == "causal" else f"stdlib:{case['pattern']}"
+    attn = attnc.compile_attention(spec, backend="triton", **case["params"], **({} if flat else {"sizes": case["sizes"]}))
 
     # attnc forward and backward (the loss restricted to the sampled rows, so the reference can be exact)
     mask_rows = torch.zeros(1, 1, n, 1, device=device, dtype=dtype)
@@ -228,7 +245,7 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
 
     # the float32 reference on the sampled rows (dense over all keys, the rule above)
     qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
-    keep = natten_keep(rows[:, None], torch.arange(n, device=device)[None], sizes, windows)
+    keep = case_keep(case, rows[:, None], torch.arange(n, device=device)[None], sizes, windows)
     s = (qr[:, :, rows] @ kr.transpose(-1, -2)) / math.sqrt(head_dim)
     ref = torch.softmax(s.masked_fill(~keep, -math.inf), -1) @ vr
     ref.backward(dout[:, :, rows].float())
@@ -237,7 +254,7 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
 
     # FlexAttention with the rule above, against the same reference (for scale)
     def mask_mod(b, h, q_idx, kv_idx):
-        return natten_keep(q_idx, kv_idx, sizes, windows)
+        return case_keep(case, q_idx, kv_idx, sizes, windows)
 
     try:  # on CUDA without materialising the n x n mask (115,200^2 at 3-D)
         bm = create_block_mask(mask_mod, 1, 1, n, n, device=device, _compile=not toy)
@@ -253,7 +270,7 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
         ferrs["dk"] = rel(kf.grad, kr.grad)
     ok = all(e < PASS_REL for e in errs.values()) and all(math.isfinite(e) for e in errs.values())
     lines_c.append(f"| {case['name']} {case['pattern']} | {'x'.join(map(str, sizes))} | "
-                   f"{'x'.join(map(str, windows))} | {errs['out']:.2e} | {errs['dq']:.2e} | {errs['dk']:.2e} | "
+                   f"{'x'.join(map(str, windows)) or 'causal'} | {errs['out']:.2e} | {errs['dq']:.2e} | {errs['dk']:.2e} | "
                    f"{errs['dv']:.2e} | {ferrs['out']:.2e} / {ferrs['dk']:.2e} | {'PASS' if ok else 'FAIL'} |")
 
     # timings, with the simulator's prediction beside them
@@ -279,7 +296,12 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
             t["attnc_fb"] = timed(fwd_bwd(attn), toy)
             t["flex_fb"] = timed(fwd_bwd(lambda a, b, c: flex(a, b, c, block_mask=bm)), toy)
         t["sdpa_fb"] = timed(fwd_bwd(torch.nn.functional.scaled_dot_product_attention), toy)
-        if n * n <= 2**31:  # the boolean mask fits easily (2 GiB at most)
+        if case["pattern"] == "causal":  # the dense kernel's own causal form: the baseline that case has
+            causal_sdpa = lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=True)  # noqa: E731
+            with torch.no_grad():
+                t["sdpa_causal_f"] = timed(lambda: causal_sdpa(q, k, v), toy)
+            t["sdpa_causal_fb"] = timed(fwd_bwd(causal_sdpa), toy)
+        elif n * n <= 2**31:  # the boolean mask fits easily (2 GiB at most)
             dense_mask = natten_keep(torch.arange(n, device=device)[:, None], torch.arange(n, device=device)[None],
                                      sizes, windows)
             with torch.no_grad():
@@ -300,6 +322,9 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
                    + (f"{t['sdpa_f'] / t['flex_f']:.2f}x" if t else "-") + " | |")
     lines_b.append(f"| {case['name']} | SDPA dense | {_fmt_ms(t.get('sdpa_f'))} | {_fmt_ms(rep.dense_forward_s)} | "
                    f"{_fmt_ms(t.get('sdpa_fb'))} | {_fmt_ms(rep.dense_forward_s + rep.dense_backward_s)} | 1.00x | |")
+    if "sdpa_causal_f" in t:
+        lines_b.append(f"| {case['name']} | SDPA causal (is_causal) | {_fmt_ms(t['sdpa_causal_f'])} | | "
+                       f"{_fmt_ms(t['sdpa_causal_fb'])} | | {t['sdpa_f'] / t['sdpa_causal_f']:.2f}x | |")
     if "sdpa_mask_f" in t:
         lines_b.append(f"| {case['name']} | SDPA + bool mask | {_fmt_ms(t['sdpa_mask_f'])} | | | | "
                        f"{t['sdpa_f'] / t['sdpa_mask_f']:.2f}x | |")

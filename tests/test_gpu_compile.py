@@ -113,6 +113,7 @@ def test_launch_path_is_recorded_with_the_runtime_arguments():
     fwd, delta, dq, dkdv = records
     assert delta.grid == (512 // delta.kwargs["BLOCK_R"], G.BATCH * G.HEADS) and delta.kwargs["BLOCK_DV"] == 64
     assert delta.kwargs["BLOCK_R"] * delta.kwargs["BLOCK_DV"] == 8192  # 8K elements of each of O and dO a program
+    assert delta.kwargs["num_warps"] == 4  # its own warps (at 8, ptxas spilled it on sm_100)
     assert fwd.grid == (4, G.BATCH * G.HEADS) and dkdv.grid == (8, G.BATCH * G.HEADS)
     assert fwd.kwargs["BLOCK_M"] == 128 and fwd.kwargs["BLOCK_N"] == 64 and fwd.kwargs["DOT"] == 0
     assert (fwd.kwargs["num_warps"], fwd.kwargs["num_stages"]) == (8, 3)

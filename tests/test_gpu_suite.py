@@ -25,12 +25,12 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     assert "flash-linear-attention:" in text
     # one correctness row per case, each passing with float32 errors (the interpreter computes in fp32)
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.rstrip().endswith("PASS |")]
-    assert len(rows) == 4, text
+    assert len(rows) == 5, text
     for row in rows:
         errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", row)[:4]]
         assert len(errors) == 4 and max(errors) < 1e-5, row
     # every softmax case has attnc, FlexAttention and SDPA timings, with a predicted time beside attnc's
-    for name in ("1-D", "2-D", "3-D"):
+    for name in ("1-D", "2-D", "3-D", "causal"):
         attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} | attnc triton ("))
         cells = [c.strip() for c in attnc_row.strip("|").split("|")]
         assert float(cells[2]) > 0 and float(cells[3]) > 0 and cells[7].endswith("x"), attnc_row
@@ -38,6 +38,7 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
         assert re.search(r"attnc triton \([\dx]+/[\dx]+ \w+ w\d+ s\d+", cells[1]), attnc_row
         assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
         assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
+    assert any(line.startswith("| causal | SDPA causal (is_causal) |") for line in text.splitlines())
 
 
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):

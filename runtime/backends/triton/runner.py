@@ -598,6 +598,9 @@ def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, back
     (stages hold the streamed tiles' buffers), down to one. Still out of resources: re-raised,
     for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
     opts = _launch_opts(launch, backward)
+    if "num_warps" in meta:  # a kernel with warps of its own (the backward's row term), not its pass's
+        meta = dict(meta)
+        opts = {**opts, "num_warps": meta.pop("num_warps")}
     while True:
         try:
             kernel[grid](*args, **meta, **opts)
@@ -685,7 +688,9 @@ def _row_term(launch: Launch, out, dout, dlse) -> torch.Tensor:
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_bwd_delta, (-(-N // block_r), B * H),
                        [out, dout, dl, delta, *out.stride(), *dout.stride(), *dl_strides, *delta.stride()[:2], N, DV],
-                       dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv), backward=True)
+                       # 4 warps: at 8, ptxas spills it on sm_100 (48 registers, 32 B; Triton 3.9)
+                       dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4),
+                       backward=True)
     return delta
 
 
