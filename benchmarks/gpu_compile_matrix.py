@@ -110,7 +110,8 @@ def run_one(task: tuple) -> list[dict]:
                  "stack": 0, "wgmma": 0, "mma": 0, "tcgen05": 0, "dots": 0,
                  "error": f"{type(err).__name__}: {err}"[:240]}]
     for r in rows:
-        r.update(before=before, triton=triton.__version__, seconds=round(time.perf_counter() - start, 1))
+        r.update(before=before, ordered=ordered, triton=triton.__version__,
+                 seconds=round(time.perf_counter() - start, 1))
     return rows
 
 
@@ -200,6 +201,9 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              "shared with other jobs).", "",
              f"Sizes: seq n = {SEQ_N}; 2-D grids {GRID_SIZES[2]}; 3-D grids {GRID_SIZES[3]}; {PATTERN_SIZES}; "
              f"params {PARAMS}.", "",
+             *([f"Launch order: {sum(bool(r.get('ordered')) for r in cur)} of {len(cur)} kernels compiled with "
+                "their order tables (`--ordered`: `ORDERED`, longest first, forced where the recorded sizes "
+                "would not take it).", ""] if any(r.get("ordered") for r in cur) else []),
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
              "spills, or 16-bit dots off the tensor cores: on FMA, or not on tcgen05.mma on sm_100) at the "
              "current configs." + (" Problems:" if bad else ""), ""]
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         for a in archs:
             tasks += [(n, a, d, t, False, args.ordered) for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
-                tasks += [(n, a, d, t, True) for d in map(int, args.before_head_dim.split(","))
+                tasks += [(n, a, d, t, True, args.ordered) for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"
     log = out.with_suffix(".jsonl")
@@ -277,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"]) for r in rows}
-        tasks = [t for t in tasks if t[:5] not in done]
+        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False))
+                for r in rows}
+        tasks = [t for t in tasks if t not in done]
     elif log.exists():
         log.unlink()
     out.parent.mkdir(parents=True, exist_ok=True)

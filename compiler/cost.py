@@ -439,12 +439,13 @@ def launch_makespan(full: torch.Tensor, partial: torch.Tensor, work: torch.Tenso
     """The makespan of one kernel's CTAs (``work``, ``[classes, CTAs]``, each class row launched ``repeat``
     times) placed as the GPU places them: in launch order, each on the SM that frees first. The order is
     the one the kernels launch in (``compiler.launch_order.choose_order`` on the visit counts ``full``,
-    ``partial``; tile order where it does not pay or the kernel has no order table: not ``orderable``).
-    Where no order could move the makespan by ``MIN_GAIN``, where the launch has too many CTAs to place
-    one by one, and where the counts are a sample standing for more CTAs (not ``placed``: their order
-    is not known), the longest-first estimate ``makespan`` stands for it."""
+    ``partial``; tile order where the kernel has no order table: not ``orderable``). Where no order could move the makespan by
+    ``MIN_GAIN``, where the launch has too many CTAs to place one by one, and where the counts are a
+    sample standing for more CTAs (not ``placed``: their order is not known), the longest-first
+    estimate ``makespan`` stands for it (a launch over ``EXACT_CTAS`` that has no order table, as a
+    dK/dV kernel over per-head lists, is then estimated as if ordered)."""
     visits = launch_order.visit_work(full, partial)
-    if not placed or not launch_order.exact(visits, repeat) or not launch_order.can_gain(visits, sms, int(repeat)):
+    if not placed or not launch_order.exact(visits, repeat) or not launch_order.can_gain(visits, sms, repeat):
         return makespan(work, sms, repeat)
     order = launch_order.choose_order(full, partial, int(repeat), sms) if orderable else None
     if order is not None:
@@ -493,7 +494,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                    head_dim: int, tokens: tuple[int, int], batch_heads: int, nbytes: int = 2,
                    ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
                    repeat_bwd: int | float | None = None, dq_counts: tuple | None = None,
-                   repeat_dq: int | float | None = None, placed: bool = True, ordered: bool = True) -> Prediction:
+                   repeat_dq: int | float | None = None, placed: bool = True, ordered: bool = True,
+                   routed: bool = False) -> Prediction:
     """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
     every CTA launched ``repeat`` times (``repeat_bwd`` in the dK/dV kernel, if given).
 
@@ -508,7 +510,9 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     per-pair operation count; ``grid_axes``: axes of the token grid (flat
     tiles on a grid decode coordinates per pair); ``placed``: the counts are every CTA of the launches
     (not a sample standing for more), so that they are placed on the SMs in the kernels' launch order;
-    ``ordered``: False models kernels that always launch in tile order (no order tables: what-if only).
+    ``ordered``: False models kernels that always launch in tile order (no order tables: what-if only);
+    ``routed``: a routed pattern, whose runtime lists are per (batch, head): its dK/dV kernel keeps tile
+    order.
     """
     cal = calibration or DEFAULT_CALIBRATION
     if (config.own_backward_tiles or config.own_dq_tiles) and dq_counts is None:
@@ -576,10 +580,10 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
         mem_k += 2.0 * btq * D * 4 * miss / bw
     t_k = _overlap(mma_k, mem_k, bcfg.num_stages, cal) + addr_dkdv
     cta_k = fit.cta_overhead_s + 4.0 * btk * D * b / bw  # load K, V; store dK, dV
-    # the dK/dV kernel takes an order table only where every head shares one list class
+    # the dK/dV kernel takes an order table only where every head shares one list class (never a route's)
     parts.append(_pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_k,
                        t_partial=_partial_pair(t_k, bmask_pair, fit), t_cta=cta_k, mma_pair=mma_k, mask_pair=bmask_pair,
-                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0, orderable=ordered and full_bwd.shape[0] == 1,
+                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0, orderable=ordered and not routed and full_bwd.shape[0] == 1,
                        placed=placed))
     bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
@@ -597,14 +601,14 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
             nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
             backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None,
-            ordered: bool = True) -> Prediction:
+            ordered: bool = True, routed: bool = False) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
     token counts are those of the schedule's tiles). A config whose backward has
     tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
     ``backward_schedule``, the schedule at those tiles: its dQ and dK/dV kernels
     walk that one's tile lists; one whose dQ kernel has tiles of its own
-    (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's. ``ordered``: as in
-    ``predict_counts``."""
+    (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's. ``ordered``, ``routed``:
+    as in ``predict_counts``."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -626,7 +630,7 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
         batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
         repeat_bwd=brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
         repeat_dq=drepeat * dq_weight, placed=q_weight == 1 and bkv_weight == 1 and dq_weight == 1,
-        ordered=ordered)
+        ordered=ordered, routed=routed)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,

@@ -9,20 +9,30 @@ an order table (``ORDERED``) only where that pays: where the predicted makespan 
 share in L2) running together; the model does not see that reuse, so it asks for a clear gain first.
 
 The simulator (``compiler.cost``) and the runtime's launches (``runtime.backends.triton``) take the
-decision from ``choose_order`` alike, so that what is predicted is the order that runs.
+decision from ``choose_order`` alike, so that what is predicted is the order that runs. Where there are
+too many CTAs to place one by one, the order is longest first exactly where ``can_gain`` says some
+order could gain ``MIN_GAIN``: there longest first is the safe one (within 4/3 of the best placement,
+where tile order may leave a long CTA to the end), elsewhere both orders end within ``MIN_GAIN`` of
+each other. A routed plan's lists are made at every call, and so is its decision: a few milliseconds
+of host time at most (``EXACT_CTAS``), and none where the screen alone decides.
+
+One simplification, in the simulator only: it knows no K/V heads, so under GQA it places the dK/dV
+kernel's CTAs per query head (``batch x heads`` of them, each one head's work) where the kernel runs
+``batch x kv_heads`` CTAs of ``heads // kv_heads`` heads each; its dK/dV decision can differ there.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 
 import torch
 
 #: The fraction of the predicted makespan a longest-first order must save to be taken.
 MIN_GAIN = 0.03
-#: Launches of at most this many CTAs are placed CTA by CTA; a longer one has at least ~250 waves on
-#: any modelled GPU, where the order moves the makespan by well under ``MIN_GAIN``.
-EXACT_CTAS = 1 << 15
+#: Launches of at most this many CTAs are placed CTA by CTA (about 5 ms of host time at the most, twice
+#: over: once per order); longer ones (over 120 waves on any modelled GPU) by ``can_gain`` alone.
+EXACT_CTAS = 1 << 14
 
 
 def visit_work(full: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
@@ -73,13 +83,39 @@ def exact(work: torch.Tensor, repeat) -> bool:
 def choose_order(full: torch.Tensor, partial: torch.Tensor, repeat: int, sms: int) -> torch.Tensor | None:
     """The launch order of one kernel over a schedule's tile lists (``[classes, tiles]`` visit counts, each
     class row launched ``repeat`` times one after the other): ``longest_first``'s table where it
-    shortens the makespan of ``visit_work`` on ``sms`` SMs by ``MIN_GAIN``, else None (tile order)."""
+    shortens the makespan of ``visit_work`` on ``sms`` SMs by ``MIN_GAIN``, else None (tile order).
+    Too many CTAs to place (not ``exact``): longest first wherever ``can_gain``."""
     work = visit_work(full, partial)
-    if not exact(work, repeat) or not can_gain(work, sms, int(repeat)):
+    if not can_gain(work, sms, repeat):
         return None
+    if not exact(work, repeat):
+        return longest_first(full, partial)
+    return _placed_order(_Counts(full, partial), int(repeat), sms)
+
+
+class _Counts:
+    """Visit counts as a cache key: equal when their values are (the search asks again for every launch
+    configuration of one schedule)."""
+
+    def __init__(self, full: torch.Tensor, partial: torch.Tensor):
+        self.full, self.partial = full, partial
+        self._key = (tuple(full.shape), full.to(torch.int64).cpu().numpy().tobytes(),
+                     partial.to(torch.int64).cpu().numpy().tobytes())
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Counts) and self._key == other._key
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_order(counts: _Counts, repeat: int, sms: int) -> torch.Tensor | None:
+    full, partial = counts.full, counts.partial
+    work = visit_work(full, partial)
     order = longest_first(full, partial)
-    natural = greedy_makespan(work, sms, int(repeat))
-    ordered = greedy_makespan(torch.gather(work, -1, order), sms, int(repeat))
+    natural = greedy_makespan(work, sms, repeat)
+    ordered = greedy_makespan(torch.gather(work, -1, order), sms, repeat)
     return order if ordered <= natural * (1.0 - MIN_GAIN) else None
 
 

@@ -609,7 +609,7 @@ class ScheduleSearch:
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
                        ops=self.pair_ops(config.q_tile, config.kv_tile),
                        grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
-                       backward_schedule=bsched, dq_schedule=dsched)
+                       backward_schedule=bsched, dq_schedule=dsched, routed=self.pat.route is not None)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:

@@ -82,8 +82,15 @@ def test_a_causal_triangle_launches_longest_first_and_a_window_in_tile_order():
     window = torch.full((1, 256), 30)
     window[0, :8] = 16
     assert L.choose_order(window, torch.full((1, 256), 2), 8, 132) is None
-    # too many CTAs to place one by one: tile order (the order moves such a launch by well under MIN_GAIN)
+    # too many CTAs to place one by one: decided by the screen alone; here ~250 waves leave no order a
+    # tail of MIN_GAIN: tile order
+    assert not L.exact(L.visit_work(full, partial), L.EXACT_CTAS // 256 + 1)
     assert L.choose_order(full, partial, L.EXACT_CTAS // 256 + 1, 132) is None
+    # ... but one CTA as long as all the others together may end last in tile order: longest first
+    skew = torch.zeros(1, 256, dtype=torch.int64)
+    skew[0, -1] = 2 ** 22
+    order = L.choose_order(skew, torch.zeros_like(skew), L.EXACT_CTAS // 256 + 1, 132)
+    assert order is not None and order[0, 0].item() == 255
     # every CTA in one wave: no order can help
     assert L.choose_order(full, partial, 1, 512) is None
 
@@ -117,3 +124,20 @@ def test_a_window_prediction_keeps_tile_order_and_lpt_estimate():
     a = predict(sched, cfg, hw, head_dim=128)
     b = predict(sched, cfg, hw, head_dim=128, ordered=False)
     assert a.forward.makespan_s == b.forward.makespan_s and a.backward.makespan_s == b.backward.makespan_s
+
+
+def test_the_dkdv_kernel_is_ordered_only_over_one_list_class():
+    """Keys visited by the queries before them (k >= q): the dK/dV kernel's KV tiles in tile order are
+    shortest first, so it takes an order table; a route's lists are per (batch, head), where it takes
+    none, and the simulator says so."""
+    hw = get_hardware("h100")
+    pat = attnc.load("pattern anti\n  tokens seq\n  mask k >= q\n")
+    bound = E.bind_sizes(pat, n=8192, heads=16)
+    sched = classify_tiles(pat, bound, (64,), (64,))
+    cfg = KernelConfig((64,), (64,), "flat", 4, 3)
+    assert L.choose_order(sched.t_full_count, sched.t_partial_count, 16, hw.sms) is not None
+    one_class = predict(sched, cfg, hw, head_dim=128)
+    routed = predict(sched, cfg, hw, head_dim=128, routed=True)
+    tile_order = predict(sched, cfg, hw, head_dim=128, ordered=False)
+    assert one_class.backward.makespan_s < routed.backward.makespan_s == tile_order.backward.makespan_s
+    assert one_class.forward.makespan_s == routed.forward.makespan_s

@@ -148,13 +148,26 @@ def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
     monkeypatch.setattr(T, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
     seen = {}
     launch = T._launch_kernel
+    B, Hq, Hkv = heads
 
     def spy(lch, kernel, grid, args, meta, *, backward):
-        seen[kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)] = meta.get("ORDERED")
+        name = kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)
+        seen[name] = meta.get("ORDERED")
+        if name == "attnc_fwd":  # the table it reads: per list class, that class's tiles by visits, most first
+            sched = lch.plan.schedule
+            table = T._orders(lch, B, Hq, Hkv, torch.device("cpu"))["Q"]
+            assert any(a is table for a in args)
+            assert table.shape == (sched.heads_stored, sched.num_q_tiles)
+            visits = (sched.full_count + sched.partial_count).long()
+            for row, cls_visits in zip(table.long(), visits, strict=True):
+                assert sorted(row.tolist()) == list(range(sched.num_q_tiles))
+                got = cls_visits[row]
+                assert bool((got[:-1] >= got[1:]).all())
+            assert sched.heads_stored == (B * Hq if name_of_case == "moba" else 1)
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
+    name_of_case = name
     monkeypatch.setattr(T, "_launch_kernel", spy)
-    B, Hq, Hkv = heads
     sizes = GRID2 if n is None else None
     q, k, v = qkv(B, Hq, Hkv, n or math.prod(GRID2.values()), 16, seed=4)
     compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes, q_tile=16 if n else (2, 4),

@@ -12,7 +12,7 @@ Interface for the autotuner / kernel cache:
 
 - ``generate_source(pattern, bound, schedule_shape, config) -> str``
 - ``load_kernels(source_path, interpret=False) -> module`` (``attnc_fwd``,
-  ``attnc_bwd_dq``, ``attnc_bwd_dkdv``)
+  ``attnc_bwd_delta``, ``attnc_bwd_dq``, ``attnc_bwd_dkdv``)
 - ``KernelConfig`` (``compiler.cost.KernelConfig``: q_tile, kv_tile, layout,
   num_warps, num_stages); ``TritonRunner.config_hook`` may pick the config
   (and ``TritonRunner.source_hook`` the source file) instead of the defaults.
@@ -245,7 +245,8 @@ def _sms(device: torch.device) -> int:
 def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> dict:
     """The launch orders of a launch's kernels (``compiler.launch_order``): ``"Q"`` for the forward and dQ
     kernels (per list class), ``"K"`` for the dK/dV kernel (one list class only); None keeps tile order.
-    Decided once per plan, batch and heads (the rounds of the launch), as the simulator decides."""
+    Decided once per plan, batch and heads (the rounds of the launch), as the simulator decides (a routed
+    plan is made at every call, and so is its decision)."""
     sched = launch.plan.schedule
 
     def make():
