@@ -118,8 +118,9 @@ def test_candidates_are_top_schedules_times_launch_parameters(local):
         for s in shapes:
             best = next(c.config for c in ranked if (c.config.q_tile, c.config.kv_tile, c.config.layout) == s)
             # the forward's variants (with the pick's backward launch parameters)
+            own = lambda c: (c.bwd_q_tile, c.bwd_kv_tile, c.dq_q_tile, c.dq_kv_tile)  # noqa: E731
             cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
-                    if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s
+                    if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s and own(t.config) == own(best)
                     and (t.config.bwd_warps, t.config.bwd_stages) == (best.bwd_warps, best.bwd_stages)]
             assert cfgs[0] == (best.num_warps, best.num_stages)  # the simulator's pick first
             fitting = {(w, st_) for w, st_ in ((4, 2), (8, 3), (4, 3))
@@ -129,6 +130,29 @@ def test_candidates_are_top_schedules_times_launch_parameters(local):
             assert len(cfgs) == len(set(cfgs))
         for t in trials:
             assert t.predicted_ms > 0 or math.isnan(t.predicted_ms)
+
+
+def test_hopper_candidates_include_the_wide_kv_backward():
+    """On Hopper the tuner also times FlexAttention's backward orientation (dK/dV on a KV tile twice the
+    forward's and a Q tile half of it, dQ on the forward's tiles, 8 warps), predicted by the simulator;
+    not before Hopper, nor for a FoX decay."""
+    pat = attnc.load("stdlib:sliding_window", window=512)
+    bound = E.bind_sizes(pat, n=4096, heads=2)
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128)
+    trials = A.candidates(search, top=1)
+    pick = trials[0].config
+    wide = [t for t in trials if t.config.own_backward_tiles and
+            math.prod(t.config.backward_config().kv_tile) == 2 * pick.kv_tokens]
+    assert len(wide) == 1
+    w = wide[0].config
+    assert w.backward_config().q_tokens == 64 and w.bwd_warps == 8
+    assert (w.dq_config().q_tile, w.dq_config().kv_tile) == (pick.q_tile, pick.kv_tile)
+    assert math.isfinite(wide[0].predicted_ms) and wide[0].predicted_ms > 0
+    assert A.config_from_dict(A.config_dict(w)) == w
+    assert A.wide_kv_backward(pick, ScheduleSearch(pat, bound, get_hardware("a100"), head_dim=128)) is None
+    fox = attnc.load("stdlib:forgetting")
+    fsearch = ScheduleSearch(fox, E.bind_sizes(fox, n=4096, heads=2), get_hardware("h100"), head_dim=128)
+    assert A.wide_kv_backward(pick, fsearch) is None
 
 
 def test_candidates_drop_launches_that_do_not_fit(local):

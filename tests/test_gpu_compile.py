@@ -227,6 +227,26 @@ def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypat
     assert all(r.wgmma > 0 and r.mma == 0 for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
 
 
+def test_the_tuners_wide_kv_backward_compiles_on_hopper():
+    """The tuner's Hopper trial (``autotune.wide_kv_backward``: dK/dV on 64 Q x 128 KV tokens, dQ on
+    the forward's tiles, 8 warps: FlexAttention's sm_90 backward) compiles for sm_90 at d 128, fits, runs on
+    wgmma, spill-free for a sliding window (the register model, which refuses it, is not asked)."""
+    from attnc.compiler import evaluate as E
+    from attnc.runtime.tuning import autotune as A
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    search = SR.ScheduleSearch(pat, E.bind_sizes(pat, n=N, heads=G.HEADS), get_hardware("h100"), head_dim=128)
+    pick = search.run(top=1)[0].config
+    wide = A.wide_kv_backward(pick, search)
+    assert (wide.backward_config().q_tile, wide.backward_config().kv_tile) == ((64,), (128,))
+    assert (wide.dq_config().q_tile, wide.dq_config().kv_tile) == (pick.q_tile, pick.kv_tile) and pick.kv_tile == (64,)
+    records, _ = G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N, config=wide)
+    reports = [G.check_launch(r, 90, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records
+               if r.name in ("attnc_bwd_dq", "attnc_bwd_dkdv")]
+    assert len(reports) == 2 and all(r.ok and r.wgmma > 0 and r.mma == 0 for r in reports), "\n" + G.table(reports)
+    assert {r.kernel: r.constexprs["BLOCK_N"] for r in reports} == {"bwd_dq": 64, "bwd_dkdv": 128}
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""
