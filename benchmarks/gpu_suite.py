@@ -22,6 +22,9 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
 - Causal attention (32,768 tokens): the schedule whose Q tiles do the most uneven work, where
   attnc's kernels launch longest first (``compiler.launch_order``); the reference rule k <= q;
   timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
+- Variants, timed beside each softmax case where they apply: the same kernels in tile order where
+  they took an order table, and the autotuner's Hopper backward trial (dK/dV on a KV tile of 128);
+  one run measures what each is worth (``variant_rows``).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
   Triton chunked kernels against attnc's chunked torch recurrence in float32
   (reference) and fla's ``chunk_simple_gla``; timed against fla.
@@ -333,7 +336,69 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
     if "sdpa_mask_f" in t:
         lines_b.append(f"| {case['name']} | SDPA + bool mask | {_fmt_ms(t['sdpa_mask_f'])} | | | | "
                        f"{t['sdpa_f'] / t['sdpa_mask_f']:.2f}x | |")
+    if t and budget.left(f"{case['name']} variants"):
+        variant_rows(case, spec, flat, attn, (q, k, v, dout), t, toy=toy, hw=hw, head_dim=head_dim, lines_b=lines_b)
     return ok
+
+
+def _used_order(attn) -> bool:
+    """Whether the module's latest call launched a kernel through an order table (``compiler.launch_order``)."""
+    plan = getattr(attn.runner, "last_plan", None)
+    state = plan.device_state if plan is not None else {}
+    return any(table is not None for key, tables in state.items() if key[0] == "order" for table in tables.values())
+
+
+def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines_b) -> None:
+    """The same kernels launched otherwise, timed in this process beside the rows above, so that one GPU
+    run decides what to keep: in tile order where the kernels took an order table (always on the toy
+    causal case, whose sizes take none, to run the path), and on the tuner's Hopper backward
+    (``autotune.wide_kv_backward``) where it applies to the config that ran."""
+    from attnc.compiler import evaluate as E
+    from attnc.compiler.hardware import get_hardware
+    from attnc.compiler.search import ScheduleSearch
+    from attnc.runtime.backends.triton import runner as TR
+    from attnc.runtime.gpu_check import describe_launch
+    from attnc.runtime.tuning.autotune import wide_kv_backward
+
+    q, k, v, dout = tensors
+
+    def module():
+        return attnc.compile_attention(spec, backend="triton", **case["params"], **({} if flat else {"sizes": case["sizes"]}))
+
+    def time_module(mod) -> tuple[float, float]:
+        qg, kg, vg = (x.detach().clone().requires_grad_() for x in (q, k, v))
+
+        def fb():
+            o = mod(qg, kg, vg)
+            o.backward(dout)
+            qg.grad = kg.grad = vg.grad = None
+
+        with torch.no_grad():
+            f = timed(lambda: mod(q, k, v), toy)
+        return f, timed(fb, toy)
+
+    def row(label: str, f: float, fb: float) -> None:
+        lines_b.append(f"| {case['name']} | attnc triton, {label} | {_fmt_ms(f)} | | {_fmt_ms(fb)} | | "
+                       f"{t['sdpa_f'] / f:.2f}x | |")
+
+    if _used_order(attn) or (toy and case["pattern"] == "causal"):
+        saved = TR.choose_order
+        TR.choose_order = lambda full, partial, repeat, sms: None
+        try:
+            row("tile order (no order tables)", *time_module(module()))
+        finally:
+            TR.choose_order = saved
+    pick = getattr(attn.runner, "last_config", None)
+    if pick is None:
+        return
+    pat = attn.pattern
+    n = math.prod(case["sizes"].values())
+    bound = E.bind_sizes(pat, heads=q.shape[1], **({"n": n} if flat else {"sizes": case["sizes"]}))
+    wide = wide_kv_backward(pick, ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim))
+    if wide is not None:
+        mod = module()
+        mod.runner._config = lambda bound, q, inputs: wide  # this config instead of the search's pick
+        row(f"wide-KV backward ({describe_launch(wide).replace(' | ', '; ')})", *time_module(mod))
 
 
 # ----------------------------------------------------------------- the recurrence

@@ -39,6 +39,9 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
         assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
         assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
     assert any(line.startswith("| causal | SDPA causal (is_causal) |") for line in text.splitlines())
+    # the variant the toy run can take: the causal case's kernels again without order tables
+    variant = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, tile order"))
+    assert float(variant.split("|")[5]) > 0, variant
 
 
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):
