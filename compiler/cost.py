@@ -458,7 +458,8 @@ def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_f
           cal: Calibration, permute_s: float, orderable: bool = True, placed: bool = True) -> PassCost:
     """One kernel: CTA ``i`` of a head class visits ``full[c, i]`` FULL and
     ``partial[c, i]`` PARTIAL tiles; every class row is launched ``repeat`` times, in the kernels' launch
-    order (``launch_makespan``; ``orderable``: the kernel can take an order table for these rows;
+    order (``launch_makespan``; ``orderable``: the kernel can take an order table for these rows, on
+    architectures that take them: ``launch_order.ordered_arch``;
     ``placed``: the rows are every CTA of the launch, not a sample)."""
     full = full.to(torch.float64)
     partial = partial.to(torch.float64)
@@ -467,7 +468,8 @@ def _pass(full: torch.Tensor, partial: torch.Tensor, repeat: int | float, *, t_f
     total_pairs_full = float(full.sum()) * repeat
     total_pairs_partial = float(partial.sum()) * repeat
     ctas = round(per_class.numel() * repeat)
-    span = launch_makespan(full, partial, work, repeat, hw.sms, orderable, placed)
+    span = launch_makespan(full, partial, work, repeat, hw.sms, orderable and launch_order.ordered_arch(hw.arch),
+                           placed)
     ideal = float(per_class.sum()) * repeat / hw.sms
     kernel = span + cal.launch_s
     return PassCost(

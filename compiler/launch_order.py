@@ -30,6 +30,17 @@ import torch
 
 #: The fraction of the predicted makespan a longest-first order must save to be taken.
 MIN_GAIN = 0.03
+#: The first architecture whose kernels take order tables. Before Hopper the kernels stay in tile order:
+#: compiled offline for sm_80 with their tables (Triton 3.6), sliding_tile's forward spilled 56 B and
+#: softcap's d 64 dK/dV 8 B, where the same kernels in tile order did not (the tile index, a loaded value
+#: instead of the block index, holds a register across the loops); sm_90 and sm_100 compiled clean.
+MIN_ORDERED_ARCH = 90
+
+
+def ordered_arch(arch: str) -> bool:
+    """Whether kernels for this architecture (``"sm90"``, ``"sm_80"``...) take order tables."""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return bool(digits) and int(digits) >= MIN_ORDERED_ARCH
 #: Launches of at most this many CTAs are placed CTA by CTA (about 5 ms of host time at the most, twice
 #: over: once per order); longer ones (over 120 waves on any modelled GPU) by ``can_gain`` alone.
 EXACT_CTAS = 1 << 14
@@ -130,5 +141,5 @@ def gain(full: torch.Tensor, partial: torch.Tensor, repeat: int, sms: int) -> fl
     return 1.0 - ordered / natural if natural > 0 else 0.0
 
 
-__all__ = ["EXACT_CTAS", "MIN_GAIN", "can_gain", "choose_order", "exact", "gain", "greedy_makespan",
-           "longest_first", "visit_work"]
+__all__ = ["EXACT_CTAS", "MIN_GAIN", "MIN_ORDERED_ARCH", "can_gain", "choose_order", "exact", "gain",
+           "greedy_makespan", "longest_first", "ordered_arch", "visit_work"]

@@ -67,12 +67,15 @@ class KernelBodies:
         s = self.shape
         return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
 
-    def _q_tile_of_program(self) -> list[str]:
-        """``qt``, the Q tile of this program: its place in the launch, or in the class's launch order."""
-        return ["if ORDERED:  # launched longest first (compiler.launch_order): Q tiles by their KV tile count",
-                f"    qt = tl.load(ORDER + cls * {self.shape_tiles_q()} + tl.program_id(0))",
-                "else:",
-                "    qt = tl.program_id(0)  # the Q tile"]
+    def _q_tile_of_program(self) -> tuple[list[str], list[str]]:
+        """``qt``, the Q tile of this program, as (lines before the program's head and list class, lines
+        after them): its place in the launch, first, as before order tables (the statement order moves
+        ptxas's register allocation: a dQ kernel at its 128-register cap spilled 8 B on sm_80 with it
+        after), or its place in the class's launch order, once the class is known."""
+        return (["if not ORDERED:",
+                 "    qt = tl.program_id(0)  # the Q tile"],
+                ["if ORDERED:  # launched longest first (compiler.launch_order): Q tiles by their KV tile count",
+                 f"    qt = tl.load(ORDER + cls * {self.shape_tiles_q()} + tl.program_id(0))"])
 
     # ------------------------------------------------------------ forward
     def _forward(self) -> str:
@@ -81,13 +84,15 @@ class KernelBodies:
                   "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False"]
+        first, ordered = self._q_tile_of_program()
         body = [
+            *first,
             "bh = tl.program_id(1)",
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}  # query head; its K/V head is h // GROUP",
             "cls = batch * cls_b + h * cls_h  # which tile lists serve this (batch, head)",
             "kvh = h // GROUP",
-            *self._q_tile_of_program(),
+            *ordered,
             *self._tiles("q", "qt"),
             "d = tl.arange(0, BLOCK_D)",
             "dv = tl.arange(0, BLOCK_DV)",
@@ -223,13 +228,15 @@ class KernelBodies:
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
                   "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False"]
+        first, ordered = self._q_tile_of_program()
         body = [
+            *first,
             "bh = tl.program_id(1)",
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}",
             "cls = batch * cls_b + h * cls_h",
             "kvh = h // GROUP",
-            *self._q_tile_of_program(),
+            *ordered,
             *self._tiles("q", "qt"),
             "d = tl.arange(0, BLOCK_D)",
             "dv = tl.arange(0, BLOCK_DV)",

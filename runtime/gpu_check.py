@@ -63,6 +63,21 @@ class Recorded:
 
 
 @contextlib.contextmanager
+def launching_for(arch: int):
+    """CPU tensors launched as on ``sm_<arch>``'s GPU: the launch order decided for its SMs and
+    architecture (``runtime.backends.triton.runner``: ``CPU_SMS``, ``CPU_ARCH``)."""
+    from ..compiler.hardware import get_hardware
+    from .backends.triton import runner as TB
+
+    saved = TB.CPU_SMS, TB.CPU_ARCH
+    TB.CPU_SMS, TB.CPU_ARCH = get_hardware(ARCH_HARDWARE.get(arch, "h100")).sms, f"sm{arch}"
+    try:
+        yield
+    finally:
+        TB.CPU_SMS, TB.CPU_ARCH = saved
+
+
+@contextlib.contextmanager
 def capture_launches():
     """Record every Triton kernel launch in the block instead of running it (native and
     interpreted launches alike); yields the list the records go to. Outputs of recorded
@@ -388,7 +403,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
     inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}
     described = ""
-    with capture_launches() as records:
+    with capture_launches() as records, launching_for(arch):
         if isinstance(pat, ir.PatternIR):
             class Native(TB.TritonRunner):
                 native = True
@@ -449,7 +464,7 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
         hardware = get_hardware(ARCH_HARDWARE.get(arch, "h100"))  # the block's launch sized for this arch
 
     runner = Native(pat)
-    with capture_launches() as records:
+    with capture_launches() as records, launching_for(arch):
         out, lse = runner.block_forward(bound, q, k, v, tensors, head_dim**-0.5)
         runner.block_backward(bound, q, k, v, out.to(tdtype), lse, torch.randn_like(q), tensors, head_dim**-0.5,
                               dlse=torch.randn_like(lse), wrt=wrt)

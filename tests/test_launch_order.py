@@ -141,3 +141,27 @@ def test_the_dkdv_kernel_is_ordered_only_over_one_list_class():
     tile_order = predict(sched, cfg, hw, head_dim=128, ordered=False)
     assert one_class.backward.makespan_s < routed.backward.makespan_s == tile_order.backward.makespan_s
     assert one_class.forward.makespan_s == routed.forward.makespan_s
+
+
+def test_before_hopper_every_kernel_keeps_tile_order(monkeypatch):
+    """sm_80 takes no order tables (compiled with them, some kernels spilled there): the simulator places
+    an A100's CTAs in tile order, and the runtime launches them so."""
+    assert not L.ordered_arch("sm80") and L.ordered_arch("sm90") and L.ordered_arch("sm_100")
+    pat = attnc.load("stdlib:sliding_window", window=8192)
+    bound = E.bind_sizes(pat, n=8192, heads=16)
+    sched = classify_tiles(pat, bound, (64,), (64,))
+    cfg = KernelConfig((64,), (64,), "flat", 4, 3)
+    a100 = get_hardware("a100")
+    assert predict(sched, cfg, a100, head_dim=128).forward.makespan_s == predict(
+        sched, cfg, a100, head_dim=128, ordered=False).forward.makespan_s
+    from attnc.runtime.backends.triton import runner as TR
+
+    monkeypatch.setattr(TR, "choose_order", lambda full, partial, repeat, sms: L.longest_first(full, partial))
+    tri = attnc.compile_attention(pat, backend="triton", q_tile=16, kv_tile=16)
+    q = torch.randn(1, 2, 64, 16)
+    for arch, ordered in (("sm80", False), ("sm90", True)):
+        monkeypatch.setattr(TR, "CPU_ARCH", arch)
+        launch = tri.runner.prepare(E.bind_sizes(pat, n=64, heads=2), q, q, {})
+        tables = TR._orders(launch, 1, 2, 2, q.device)
+        assert (tables["Q"] is not None) == ordered
+        launch.plan.device_state.clear()

@@ -42,7 +42,7 @@ from ....compiler.codegen import (
     generate_source,
 )
 from ....compiler.cost import KernelConfig
-from ....compiler.launch_order import choose_order
+from ....compiler.launch_order import choose_order, ordered_arch
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import classify_flat, tile_shapes
 from ....compiler.tile_args import parse_tiles
@@ -232,14 +232,23 @@ def _dummy(device, dtype=torch.float32) -> torch.Tensor:
     return _DUMMIES[key]
 
 
-#: The SMs a launch on CPU tensors is ordered for (the interpreter, the offline GPU check): H100's.
+#: The SMs and architecture a launch on CPU tensors is ordered for (the interpreter; the offline GPU
+#: check sets its target's): H100's.
 CPU_SMS = 132
+CPU_ARCH = "sm90"
 
 
 def _sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return CPU_SMS
+
+
+def _arch(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"sm{major}{minor}"
+    return CPU_ARCH
 
 
 def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> dict:
@@ -250,6 +259,8 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> di
     sched = launch.plan.schedule
 
     def make():
+        if not ordered_arch(_arch(torch.device(device))):  # before Hopper: tile order (launch_order)
+            return {"Q": None, "K": None}
         sms = _sms(torch.device(device))
         classes = sched.heads_stored
         per_class = batch * heads // classes if (batch * heads) % classes == 0 else 1
