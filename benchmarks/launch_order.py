@@ -58,7 +58,7 @@ def case_row(name: str, spec: str, params: dict, size, heads: int, hw, head_dim:
         if t and full.shape[0] != 1:
             continue
         repeat = heads // full.shape[0]
-        if launch_order.choose_order(full, part, repeat, hw.sms) is not None:
+        if launch_order.ordered_arch(hw.arch) and launch_order.choose_order(full, part, repeat, hw.sms) is not None:
             ordered.append(kernel)
     kwargs = dict(head_dim=head_dim, ops=search.pair_ops(cfg.q_tile, cfg.kv_tile),
                   grid_axes=len(search.q_ext) if search.grid else 1,
