@@ -19,7 +19,6 @@ import torch
 import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import launch_order
-from attnc.compiler.cost import predict
 from attnc.compiler.hardware import get_hardware
 from attnc.compiler.search import ScheduleSearch
 
@@ -60,12 +59,8 @@ def case_row(name: str, spec: str, params: dict, size, heads: int, hw, head_dim:
         repeat = heads // full.shape[0]
         if launch_order.ordered_arch(hw.arch) and launch_order.choose_order(full, part, repeat, hw.sms) is not None:
             ordered.append(kernel)
-    kwargs = dict(head_dim=head_dim, ops=search.pair_ops(cfg.q_tile, cfg.kv_tile),
-                  grid_axes=len(search.q_ext) if search.grid else 1,
-                  backward_schedule=bsched if cfg.own_backward_tiles else None,
-                  dq_schedule=dsched if cfg.own_dq_tiles else None)
-    now = predict(sched, cfg, hw, **kwargs)
-    tile_order = predict(sched, cfg, hw, ordered=False, **kwargs)
+    now = search.evaluate(cfg, flat).prediction
+    tile_order = search.evaluate(cfg, flat, ordered=False).prediction
     f0, f1 = tile_order.forward.time_s * 1e3, now.forward.time_s * 1e3
     b0, b1 = tile_order.backward.time_s * 1e3, now.backward.time_s * 1e3
     return [name, f"{'x'.join(map(str, cfg.q_tile))} / {'x'.join(map(str, cfg.kv_tile))}",

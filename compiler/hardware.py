@@ -26,6 +26,13 @@ from dataclasses import asdict, dataclass
 from ..core.errors import SpecError, did_you_mean
 
 
+def compute_capability(arch: str) -> int:
+    """The compute capability an architecture names, as a number (``"sm90"``, ``"sm_80"`` -> 90, 80;
+    0 for none)."""
+    digits = "".join(ch for ch in arch if ch.isdigit())
+    return int(digits) if digits else 0
+
+
 @dataclass(frozen=True)
 class Hardware:
     """A GPU as the cost model sees it.

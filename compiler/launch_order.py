@@ -28,8 +28,13 @@ import heapq
 
 import torch
 
+from .hardware import compute_capability
+
 #: The fraction of the predicted makespan a longest-first order must save to be taken.
 MIN_GAIN = 0.03
+#: Launches of at most this many CTAs are placed CTA by CTA (about 5 ms of host time at the most, twice
+#: over: once per order); longer ones (over 120 waves on any modelled GPU) by ``can_gain`` alone.
+EXACT_CTAS = 1 << 14
 #: The first architecture whose kernels take order tables. Before Hopper the kernels stay in tile order:
 #: compiled offline for sm_80 with their tables (Triton 3.6), sliding_tile's forward spilled 56 B and
 #: softcap's d 64 dK/dV 8 B, where the same kernels in tile order did not (the tile index, a loaded value
@@ -39,11 +44,7 @@ MIN_ORDERED_ARCH = 90
 
 def ordered_arch(arch: str) -> bool:
     """Whether kernels for this architecture (``"sm90"``, ``"sm_80"``...) take order tables."""
-    digits = "".join(ch for ch in arch if ch.isdigit())
-    return bool(digits) and int(digits) >= MIN_ORDERED_ARCH
-#: Launches of at most this many CTAs are placed CTA by CTA (about 5 ms of host time at the most, twice
-#: over: once per order); longer ones (over 120 waves on any modelled GPU) by ``can_gain`` alone.
-EXACT_CTAS = 1 << 14
+    return compute_capability(arch) >= MIN_ORDERED_ARCH
 
 
 def visit_work(full: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
@@ -120,24 +121,25 @@ class _Counts:
         return isinstance(other, _Counts) and self._key == other._key
 
 
-@functools.lru_cache(maxsize=256)
-def _placed_order(counts: _Counts, repeat: int, sms: int) -> torch.Tensor | None:
-    full, partial = counts.full, counts.partial
+def _placements(full: torch.Tensor, partial: torch.Tensor, repeat: int, sms: int) -> tuple[float, float, torch.Tensor]:
+    """(tile-order makespan, longest-first makespan, the longest-first table) of ``visit_work``."""
     work = visit_work(full, partial)
     order = longest_first(full, partial)
-    natural = greedy_makespan(work, sms, repeat)
-    ordered = greedy_makespan(torch.gather(work, -1, order), sms, repeat)
+    return greedy_makespan(work, sms, repeat), greedy_makespan(torch.gather(work, -1, order), sms, repeat), order
+
+
+@functools.lru_cache(maxsize=256)
+def _placed_order(counts: _Counts, repeat: int, sms: int) -> torch.Tensor | None:
+    natural, ordered, order = _placements(counts.full, counts.partial, repeat, sms)
     return order if ordered <= natural * (1.0 - MIN_GAIN) else None
 
 
 def gain(full: torch.Tensor, partial: torch.Tensor, repeat: int, sms: int) -> float:
     """The fraction of the tile-order makespan (of ``visit_work``) that the longest-first order saves
     (negative where it loses); 0 where the launch is not placed CTA by CTA."""
-    work = visit_work(full, partial)
-    if not exact(work, repeat):
+    if not exact(visit_work(full, partial), repeat):
         return 0.0
-    natural = greedy_makespan(work, sms, int(repeat))
-    ordered = greedy_makespan(torch.gather(work, -1, longest_first(full, partial)), sms, int(repeat))
+    natural, ordered, _ = _placements(full, partial, int(repeat), sms)
     return 1.0 - ordered / natural if natural > 0 else 0.0
 
 

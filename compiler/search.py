@@ -40,7 +40,7 @@ from . import evaluate as E
 from . import route_blocks
 from . import tiles as T
 from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict
-from .hardware import Hardware
+from .hardware import Hardware, compute_capability
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens, uniform_axes
 from .tile_args import parse_tiles
 
@@ -375,8 +375,7 @@ def sized(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_
 
 def min_kv_tokens(hw: Hardware) -> int:
     """The smallest KV tile the search proposes on this hardware (64 where wgmma needs it)."""
-    arch = "".join(ch for ch in hw.arch if ch.isdigit())
-    return MIN_KV_TOKENS_WGMMA if arch and int(arch) >= 90 else 1
+    return MIN_KV_TOKENS_WGMMA if compute_capability(hw.arch) >= 90 else 1
 
 
 # ----------------------------------------------------------------- flat view of a grid pattern
@@ -600,7 +599,8 @@ class ScheduleSearch:
         """Elementwise operations per score of ``pair_mask`` (``cost.mask_ops``)."""
         return self._pair(q_tile, kv_tile)[1]
 
-    def evaluate(self, config: KernelConfig, flat: bool) -> Candidate:
+    def evaluate(self, config: KernelConfig, flat: bool, ordered: bool = True) -> Candidate:
+        """``config`` ranked on this search's schedules (``ordered``: as ``cost.predict``'s)."""
         sched = self.schedule(config.q_tile, config.kv_tile, flat)
         # the backward walks its own tiles' lists where it has some (the runtime re-plans at them)
         bwd, dq = config.backward_config(), config.dq_config()
@@ -609,7 +609,8 @@ class ScheduleSearch:
         pred = predict(sched, config, self.hw, head_dim=self.head_dim, batch=self.batch, nbytes=self.nbytes,
                        ops=self.pair_ops(config.q_tile, config.kv_tile),
                        grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
-                       backward_schedule=bsched, dq_schedule=dsched, routed=self.pat.route is not None)
+                       backward_schedule=bsched, dq_schedule=dsched, ordered=ordered,
+                       routed=self.pat.route is not None)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:

@@ -273,7 +273,7 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> di
     return launch.plan.on_device(("order", device, batch, heads, kv_heads), make)
 
 
-def _order_args(orders: dict, name: str, device) -> tuple[list, dict]:
+def _order_args(orders: dict, name: str) -> tuple[list, dict]:
     """The ``ORDER`` argument and the ``ORDERED`` constexpr of one kernel. Without a table ``ORDER`` is
     None, which Triton takes as a constant: the kernel has no such parameter at all (one unused pointer
     more tipped a dQ kernel at ptxas's 128-register target into an 8 B spill on sm_80)."""
@@ -669,7 +669,7 @@ def forward(launch: Launch, q, k, v, scale: float):
     lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
     nq_tiles = launch.plan.schedule.num_q_tiles
     decay_c = _decay_cumsum(launch, device)
-    order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q", device)
+    order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
@@ -753,8 +753,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
-    q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q", device)
-    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K", device)
+    q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
+    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K")
     with interpreting(launch.interpret):
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
