@@ -19,6 +19,7 @@ flags Triton uses); ``CompiledKernel.n_regs`` needs a driver.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import io
@@ -35,6 +36,7 @@ import torch
 
 from ..core import ir
 from ..core.errors import SpecError
+from . import kernel_fit
 from .tritonenv import interpreting
 
 #: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -60,6 +62,8 @@ class Recorded:
     grid: tuple
     args: tuple
     kwargs: dict
+    branch: str | None = None  # the branch of a combined pattern that launched it
+    config: str = ""  # that branch's config in words (``describe_launch``)
 
 
 @contextlib.contextmanager
@@ -150,6 +154,9 @@ class KernelReport:
     tcgen05: int = 0  # Blackwell's tcgen05.mma
     dots: int = 0  # tt.dot operations in the kernel's Triton IR
     error: str | None = None
+    #: the rungs of ``kernel_fit``'s ladder tried before this one, and why each was passed over
+    #: ("w8 s3: spills 8 B"); empty where the recorded launch parameters fit
+    fell_back: list = field(default_factory=list)
     constexprs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -174,12 +181,14 @@ class KernelReport:
 
     @property
     def notes(self) -> list[str]:
-        """Findings that are not failures: sm_90 dots on mma.sync rather than wgmma (legal, slower)."""
+        """Findings that are not failures: the launch parameters a GPU passes over (``fell_back``), sm_90
+        dots on mma.sync rather than wgmma (legal, slower)."""
+        out = [f"launched at w{self.num_warps} s{self.num_stages}; " + ", ".join(self.fell_back)] if self.fell_back else []
         if self.error or not self.dots or self.dtype not in ("fp16", "bf16"):
-            return []
+            return out
         if self.arch == 90 and self.mma and not self.wgmma:
-            return [f"{self.dots} dots on mma.sync, not wgmma"]
-        return []
+            out.append(f"{self.dots} dots on mma.sync, not wgmma")
+        return out
 
     @property
     def ok(self) -> bool:
@@ -188,7 +197,7 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
                                               "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
-                                              "wgmma", "mma", "tcgen05", "dots", "error")}
+                                              "wgmma", "mma", "tcgen05", "dots", "error", "fell_back")}
 
 
 def _knob(path: str, default=None):
@@ -303,7 +312,42 @@ def tensor_core_counts(ptx: str) -> tuple[int, int, int]:
 
 
 def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype: str, config: str = "") -> KernelReport:
-    """Compile one recorded launch for ``sm_<arch>`` and report; a compile failure becomes the report's error."""
+    """Compile one recorded launch for ``sm_<arch>`` and report the launch parameters a GPU runs it with:
+    ``kernel_fit``'s ladder from the recorded ones, walked as a GPU walks it (``kernel_fit.choose``), a rung
+    over the block's shared memory or with local memory (spills) passed over (``KernelReport.fell_back``).
+    A compile failure ends the walk and becomes the report's error."""
+    reports: dict = {}
+
+    def probe(rung: kernel_fit.Rung) -> kernel_fit.Fit:
+        rep = _compiled_report(dataclasses.replace(rec, kwargs={**rec.kwargs, **rung.options()}), arch,
+                               pattern=pattern, head_dim=head_dim, dtype=dtype, config=config)
+        reports[rung] = rep
+        if rep.error:
+            raise _CompileFailed(rep)
+        local = rep.spill_bytes or rep.stack
+        why = "; ".join(rep.problems) or (f"local memory {local} B" if local else "")
+        return kernel_fit.Fit(rep.shared <= rep.smem_limit, local, why)
+
+    ladder = kernel_fit.rungs(rec.kwargs.get("num_warps", 4), rec.kwargs.get("num_stages", 3))
+    try:
+        rung, tried = kernel_fit.choose(ladder, probe)
+    except _CompileFailed as failed:
+        return failed.report
+    if rung is None:  # no rung fits shared memory: the recorded one, with its problem
+        return reports[ladder[0]]
+    rep = reports[rung]
+    rep.fell_back = [f"{r}: {fit.why}" for r, fit in tried if r != rung]
+    return rep
+
+
+class _CompileFailed(Exception):
+    def __init__(self, report: KernelReport):
+        super().__init__(report.error)
+        self.report = report
+
+
+def _compiled_report(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype: str, config: str) -> KernelReport:
+    """Compile one recorded launch as recorded; a compile failure becomes the report's error."""
     rep = KernelReport(pattern, _kernel_name(rec.name), arch, head_dim, dtype, config,
                        smem_limit=SMEM_LIMIT.get(arch, 0))
     try:
@@ -391,13 +435,15 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     from ..compiler import evaluate as E
     from ..compiler.hardware import get_hardware
     from . import api
-    from .backends.triton import runner as TB
 
     hw = get_hardware(ARCH_HARDWARE.get(arch, "h100"))
     tdtype = DTYPES[dtype]
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
     gen = torch.Generator().manual_seed(0)
+    if getattr(pat, "kind", None) == "combined":
+        return _record_combined(attn, hw, arch=arch, head_dim=head_dim, dtype=tdtype, n=n, sizes=sizes,
+                                config=config, gen=gen)
     bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)  # dk: a state's or centroids' shape
     N = bound.n
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
@@ -405,20 +451,10 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     described = ""
     with capture_launches() as records, launching_for(arch):
         if isinstance(pat, ir.PatternIR):
-            class Native(TB.TritonRunner):
-                native = True
-
-                def _config(self, bound, q, inputs):
-                    if config is not None:
-                        return config
-                    return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype,
-                                            inputs=inputs)
-
-            runner = Native(pat)
+            runner = _native_runner(pat, hw, config)
             attn.runner = runner  # the runner injected: the kernels native, the config the search picks for hw
             out = attn(q, k, v, sizes=sizes, **inputs)
-            cfg = next(iter(runner._static.values()))[0]
-            described = describe_launch(cfg)
+            described = describe_launch(runner.last_config)
         else:
             from .recurrences.runner import RecurrenceRunner
 
@@ -428,6 +464,65 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
             described = f"chunk {attn._last_call.get('q_tile')}"
         out.float().sum().backward()
     return records, described
+
+
+def _native_runner(pat: ir.PatternIR, hw, config=None):
+    """A Triton runner of ``pat`` whose kernels are the native (CUDA) ones whatever the tensors' device, at
+    ``config`` or the config the search picks for ``hw``; it keeps the kernel modules it loads (``modules``)."""
+    from .backends.triton import runner as TB
+
+    class Native(TB.TritonRunner):
+        native = True
+
+        def __init__(self, pattern):
+            super().__init__(pattern)
+            self.modules: list = []
+
+        def _config(self, bound, q, inputs):
+            if config is not None:
+                return config
+            return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype, inputs=inputs)
+
+        def prepare(self, *args, **kwargs):
+            launch = super().prepare(*args, **kwargs)
+            self.modules.append(launch.module)
+            return launch
+
+    return Native(pat)
+
+
+def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, n: int | None, sizes: dict | None,
+                     config, gen: torch.Generator) -> tuple[list[Recorded], str]:
+    """A combined pattern's call (every branch on its native runner), forward and backward, recorded; each
+    launch names its branch (``Recorded.branch``), and the config in words is each branch's."""
+    from ..compiler import evaluate as E
+
+    pat = attn.pattern
+    runners = {}
+    for b in pat.branches:
+        if not isinstance(b.pattern, ir.PatternIR):
+            raise SpecError(f"branch '{b.name}' of '{pat.name}' is not a softmax pattern", where="argument pattern")
+        runners[b.name] = attn.branches[b.name].runner = _native_runner(b.pattern, hw, config)
+    whole = next((b.pattern for b in pat.branches if b.pool is None), pat.branches[0].pattern)  # keys = queries
+    N = E.bind_sizes(whole, n=n, nk=n, heads=HEADS, sizes=sizes, dk=head_dim).n
+    q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    inputs = {d.name: torch.rand(HEADS, N, generator=gen).requires_grad_() for d in pat.gates}
+    for b in pat.branches:  # a branch's own inputs, of the shapes it declares
+        own = [d.name for d in b.pattern.inputs if d.name in {x.name for x in pat.inputs} and d.name not in inputs]
+        if own:
+            bound = E.bind_sizes(b.pattern, n=N, heads=HEADS, sizes=sizes, dk=head_dim)
+            made = _inputs(b.pattern, bound, gen)
+            inputs.update({name: made[name].requires_grad_() if made[name].is_floating_point() else made[name]
+                           for name in own})
+    with capture_launches() as records, launching_for(arch):
+        out = attn(q, k, v, sizes=sizes, **inputs)
+        out.float().sum().backward()
+    described = {name: describe_launch(r.last_config) for name, r in runners.items() if r.last_config is not None}
+    for rec in records:
+        rec.branch = next((name for name, r in runners.items()
+                           if any(getattr(m, rec.name, None) is rec.fn for m in r.modules)), None)
+        rec.config = described.get(rec.branch, "")
+    return records, "; ".join(f"{name}: {text}" for name, text in described.items())
 
 
 def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
@@ -499,10 +594,10 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
         from ..spec.library import load
 
         pattern = load(pattern)
-    if getattr(pattern, "kind", None) == "combined":
-        raise SpecError(f"'{pattern.name}' combines several attentions (branches): the offline check takes one "
-                        "softmax pattern", where="argument pattern",
-                        hint="write a branch as its own declaration to check its kernels")
+    if block and getattr(pattern, "kind", None) == "combined":
+        raise SpecError(f"'{pattern.name}' combines several attentions (branches): the offline check of blocks "
+                        "takes one softmax pattern", where="argument block",
+                        hint="write a branch as its own declaration to check its blocks")
     archs, head_dims, dtypes = _check_args(archs, head_dims, dtypes)
     reports: list[KernelReport] = []
     for arch in archs:
@@ -513,7 +608,9 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
                 if not records:
                     raise SpecError(f"'{name}' launched no Triton kernel", where="gpu check")
                 for rec in records:
-                    reports.append(check_launch(rec, arch, pattern=name, head_dim=d, dtype=dt, config=config))
+                    label = name if rec.branch is None else f"{name}/{rec.branch}"
+                    reports.append(check_launch(rec, arch, pattern=label, head_dim=d, dtype=dt,
+                                                config=rec.config or config))
     return reports
 
 

@@ -129,16 +129,26 @@ def test_launch_path_is_recorded_with_the_runtime_arguments():
     assert a100.error is None and a100.wgmma == 0 and a100.mma > 0
 
 
-def test_an_over_limit_kernel_and_a_spill_are_reported():
-    """The check finds what a launch would hit: a config whose shared memory exceeds sm_80's
-    163 KiB, and a register-starved one that spills."""
+def test_an_over_limit_kernel_is_passed_over_and_reported(monkeypatch):
+    """The check walks the ladder a GPU walks (``runtime.kernel_fit``): a forward over the block's shared
+    memory at its 3 stages (a limit set between its 3- and 2-stage pipelines) is reported at the 2 stages
+    it launches with, the rung passed over named; with no rung within the limit, the recorded launch is
+    reported with its problem."""
     pat = attnc.load(CAUSAL)
-    big = KernelConfig((128,), (128,), "flat", 4, 4, 4, 4)
-    records, _ = G.record_call(pat, arch=80, head_dim=128, dtype="fp16", n=256, config=big)
-    fwd = G.check_launch(records[0], 80, pattern="causal", head_dim=128, dtype="fp16")
-    assert fwd.shared > fwd.smem_limit == 163 * 1024
-    assert any("shared memory" in p for p in fwd.problems) and not fwd.ok
-    assert "shared memory" in G.table([fwd]) and "1 with problems" in G.summary([fwd])
+    records, _ = G.record_call(pat, arch=80, head_dim=64, dtype="fp16", n=256,
+                               config=KernelConfig((64,), (64,), "flat", 4, 3))
+    fwd = G.check_launch(records[0], 80, pattern="causal", head_dim=64, dtype="fp16")
+    assert fwd.ok and not fwd.fell_back and fwd.num_stages == 3
+    monkeypatch.setitem(G.SMEM_LIMIT, 80, fwd.shared - 1024)
+    fitted = G.check_launch(records[0], 80, pattern="causal", head_dim=64, dtype="fp16")
+    assert (fitted.num_warps, fitted.num_stages) == (4, 2) and fitted.ok and fitted.shared < fwd.shared
+    assert fitted.fell_back == [f"w4 s3: shared memory {fwd.shared / 1024:.1f} KiB > {fwd.shared // 1024 - 1} KiB"]
+    assert "launched at w4 s2; w4 s3: shared memory" in G.table([fitted])
+    monkeypatch.setitem(G.SMEM_LIMIT, 80, 1024)
+    over = G.check_launch(records[0], 80, pattern="causal", head_dim=64, dtype="fp16")
+    assert (over.num_warps, over.num_stages) == (4, 3) and not over.fell_back
+    assert any("shared memory" in p for p in over.problems) and not over.ok
+    assert "shared memory" in G.table([over]) and "1 with problems" in G.summary([over])
 
 
 def test_tensor_core_instructions_are_counted_with_their_guards():
@@ -257,6 +267,25 @@ def test_recurrence_kernels_are_captured_natively():
     from triton.runtime.jit import JITFunction
 
     assert all(isinstance(G.native_kernel(r.fn), JITFunction) for r in records)
+
+
+def test_a_combined_pattern_is_checked_branch_by_branch():
+    """NSA's three branches (pooled keys, routed blocks, a window), each on its own kernels and config, from
+    one recorded call of the combined pattern, forward and backward; labelled by branch."""
+    # 4,096 tokens: 64 pooled runs, a 64-key tile (on 16 keys cmp's dK/dV, 16 rows, is off wgmma's 64-row minimum)
+    reports = G.check_pattern("stdlib:nsa", archs=(90,), head_dims=(64,), dtypes=("bf16",), n=4096)
+    by_branch = {}
+    for r in reports:
+        by_branch.setdefault(r.pattern, []).append(r)
+    assert sorted(by_branch) == ["nsa/cmp", "nsa/slc", "nsa/swa"], G.table(reports)
+    for rows in by_branch.values():
+        assert sorted(r.kernel for r in rows) == ["bwd_delta", "bwd_dkdv", "bwd_dq", "fwd"]
+        assert len({r.config for r in rows}) == 1 and rows[0].config
+    assert all(r.ok for r in reports), G.table(reports)
+    assert all(r.wgmma > 0 and r.mma == 0 for r in reports if r.kernel != "bwd_delta"), G.table(reports)
+    assert by_branch["nsa/cmp"][0].config.split()[0].endswith("/64")  # pooled keys, tiled as any keys
+    with pytest.raises(SpecError, match="offline check of blocks"):
+        G.check_pattern("stdlib:nsa", archs=(90,), head_dims=(64,), n=1024, block=True)
 
 
 def test_bad_arguments_are_one_clear_error():

@@ -28,7 +28,7 @@ LAYERS = [
 
 #: Rooms of the runtime, bottom first (a room may import its own rank or a lower one).
 RUNTIME_ROOMS = [
-    ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.runner"),
+    ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.kernel_fit", "runtime.runner"),
     ("runtime.frontends",),
     ("runtime.plan",),
     ("runtime.ops",),  # the custom ops call runners by key: they know no backend

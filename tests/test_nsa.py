@@ -428,8 +428,9 @@ def test_call_errors_name_the_argument(tmp_path):
         attnc.materialize_mask("stdlib:nsa", n=8)
     from attnc.runtime import gpu_check
 
-    with pytest.raises(SpecError, match="the offline check takes one softmax pattern"):
-        gpu_check.check_pattern("stdlib:nsa", archs=(90,), head_dims=(64,))
+    with pytest.raises(SpecError, match="offline check of blocks takes one softmax pattern") as err:
+        gpu_check.check_pattern("stdlib:nsa", archs=(90,), head_dims=(64,), n=256, block=True)
+    assert err.value.where == "argument block"
     import torch.distributed as dist
 
     from attnc.distributed import ContextParallel
@@ -469,3 +470,17 @@ def test_simulate_sums_the_branches():
     parts = [r.best.forward_s for r in rep.branches.values()]
     assert list(rep.branches) == ["cmp", "slc", "swa"] and rep.forward_s == pytest.approx(sum(parts))
     assert rep.branches["cmp"].nk == 64 and rep.to_dict()["kind"] == "combined"
+
+
+def test_the_cuda_schedule_search_reads_the_first_batch_elements_route_scores():
+    """On CUDA a branch's config comes from the schedule search (``search_config``), which reads a routed
+    branch's scores unbatched: the call passes them ``[B, Hq, n, runs]``, and the search reads the first
+    batch element (it refused the batched tensor before)."""
+    from attnc.compiler import evaluate as E
+    from attnc.runtime.backends.triton import runner as TB
+
+    slc = attnc.load("stdlib:nsa", block=32, selected=4).branch("slc").pattern
+    bound = E.bind_sizes(slc, n=512, nk=512, heads=2)
+    scores = torch.rand(2, 2, 512, 16, generator=torch.Generator().manual_seed(0))
+    batched = TB.search_config(slc, bound, "h100", head_dim=64, inputs={"probs(cmp)": scores})
+    assert batched == TB.search_config(slc, bound, "h100", head_dim=64, inputs={"probs(cmp)": scores[0]})

@@ -50,6 +50,7 @@ from ....compiler.tiles import classify_tiles, layout_extents
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
+from ... import kernel_fit
 from ...numerics import fox_prefix
 from ...ops.common import Registered
 from ...plan import routing, tile_plan
@@ -157,12 +158,16 @@ def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int 
 
     nbytes = 4 if dtype == torch.float32 else 2
     return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,
-                          inputs=_static_inputs(inputs)).run(top=1)[0].config
+                          inputs=_static_inputs(pat, inputs)).run(top=1)[0].config
 
 
-def _static_inputs(inputs: dict | None) -> dict | None:
-    """Inputs for the simulator's search: first batch element, on the host."""
-    return None if not inputs else {n: t.detach().cpu() for n, t in inputs.items()}
+def _static_inputs(pat: ir.PatternIR, inputs: dict | None) -> dict | None:
+    """Inputs for the simulator's search, on the host: of a batched one (a dimension more than declared,
+    as a combined pattern's route scores), the first batch element."""
+    if not inputs:
+        return None
+    dims = {d.name: len(d.dims) for d in pat.inputs}
+    return {n: (t[0] if t.dim() > dims.get(n, t.dim()) else t).detach().cpu() for n, t in inputs.items()}
 
 
 def classify(pat: ir.PatternIR, bound: E.Bound, config: KernelConfig, inputs: dict | None) -> TileSchedule:
@@ -607,14 +612,17 @@ def _out_of_resources() -> tuple[type, ...]:
 
 
 def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
-    """Launch one kernel with its pass's ``num_warps``/``num_stages``; when Triton raises
-    ``OutOfResources`` (shared memory over the block's limit), again with fewer pipeline stages
-    (stages hold the streamed tiles' buffers), down to one. Still out of resources: re-raised,
-    for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
+    """Launch one kernel with its pass's ``num_warps``/``num_stages``, on a GPU those of the first rung
+    of ``kernel_fit``'s ladder that runs without spilling (per kernel: the dQ and dK/dV kernels of one
+    pass fit apart). When Triton raises ``OutOfResources`` (shared memory over the block's limit), again
+    with fewer pipeline stages (stages hold the streamed tiles' buffers), down to one. Still out of
+    resources: re-raised, for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
     opts = _launch_opts(launch, backward)
     if "num_warps" in meta:  # a kernel with warps of its own (the backward's row term), not its pass's
         meta = dict(meta)
         opts = {**opts, "num_warps": meta.pop("num_warps")}
+    if not launch.interpret and kernel_fit.on_gpu(args):
+        opts = kernel_fit.fitted_options(kernel, grid, args, meta, opts)
     while True:
         try:
             kernel[grid](*args, **meta, **opts)

@@ -48,6 +48,7 @@ except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without
 
 from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
+from ... import kernel_fit
 from ...tritonenv import interpreting, require_triton
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
@@ -567,12 +568,17 @@ def jit_table(helpers: tuple, kernels_: tuple, namespace: dict, interpret: bool)
 
 
 def launch(fn, grid, interpret: bool, *args, **meta) -> None:
-    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1)."""
+    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1); on a GPU at
+    the first rung of ``kernel_fit``'s ladder from its ``num_warps``/``num_stages`` that runs without
+    spilling."""
     if interpret:
         with interpreting(True):
             fn[grid](*args, **meta)
-    else:
-        fn[grid](*args, **meta)
+        return
+    if kernel_fit.on_gpu(args):
+        opts = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 2)}
+        meta.update(kernel_fit.fitted_options(fn, grid, list(args), meta, opts))
+    fn[grid](*args, **meta)
 
 
 @functools.cache

@@ -1,0 +1,132 @@
+"""Launch parameters that fit: no kernel is launched spilling registers or over shared memory.
+
+The schedule search sizes tiles with a register model and a shared-memory model; ptxas decides. Where
+ptxas's kernel at the picked ``num_warps``/``num_stages`` spills registers to local memory, or asks a
+block for more shared memory than the GPU has, the same kernel is tried on the next rung of one ladder
+(``rungs``), and the first that fits without local memory is launched:
+
+1. one pipeline stage fewer, down to one: stages hold the streamed tiles' buffers (shared memory) and,
+   software-pipelined, the registers of the loads in flight;
+2. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
+   block's divided by its threads (the recurrences' chunk kernels run one stage already).
+
+Warps and stages never change the answer: the tiles, and so the schedule and the order of every
+reduction over keys, stay as picked. Where no rung runs without local memory, the one with the least
+local memory that fits shared memory is launched; where none fits shared memory, Triton's
+``OutOfResources`` is raised (the softmax runner then plans smaller tiles).
+
+Two probes answer for a rung: on a GPU, Triton's compiled kernel as its loader sees it (``native_probe``:
+``n_spills``, from the driver's local-memory size, and ``OutOfResources``); offline, ptxas's log and the
+compiled kernel's shared memory against the architecture's limit (``runtime.gpu_check``). Both walk the
+ladder with ``choose``, so the offline check reports the rung a GPU launches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+#: The warp counts the ladder moves between (16 warps put the dots of sm_100's kernels off tcgen05.mma and
+#: spilled more, compiled offline: Triton 3.9).
+WARPS = (4, 8)
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One pair of launch parameters."""
+
+    num_warps: int
+    num_stages: int
+
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+    def __str__(self) -> str:
+        return f"w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """What a probe found of one rung: shared memory within the block's limit, and the local memory a
+    thread uses (spilled registers; 0 runs from registers alone)."""
+
+    fits: bool
+    local_bytes: int = 0
+    why: str = ""  # what is wrong, in words ("spills 8 B", "shared memory 240.5 KiB > 227 KiB")
+    error: BaseException | None = field(default=None, compare=False, repr=False)  # the loader's refusal
+
+    @property
+    def clean(self) -> bool:
+        return self.fits and not self.local_bytes
+
+
+def rungs(num_warps: int, num_stages: int) -> list[Rung]:
+    """The ladder from a kernel's picked launch parameters: stages down to one, then the other warp count
+    of ``WARPS`` at the picked stages (``num_warps`` outside ``WARPS``: stages only)."""
+    out = [Rung(num_warps, s) for s in range(num_stages, 0, -1)]
+    if num_warps in WARPS:
+        out += [Rung(w, num_stages) for w in WARPS if w != num_warps]
+    return out or [Rung(num_warps, num_stages)]
+
+
+def choose(ladder: list[Rung], probe: Callable[[Rung], Fit]) -> tuple[Rung | None, list[tuple[Rung, Fit]]]:
+    """The first rung of ``ladder`` that ``probe`` finds clean, else the fitting one with the least local
+    memory (the earliest of equals), else None; with every rung probed on the way, in order."""
+    tried = []
+    for rung in ladder:
+        fit = probe(rung)
+        tried.append((rung, fit))
+        if fit.clean:
+            return rung, tried
+    fitting = [(fit.local_bytes, i) for i, (_, fit) in enumerate(tried) if fit.fits]
+    return (tried[min(fitting)[1]][0] if fitting else None), tried
+
+
+# ----------------------------------------------------------------- on a GPU
+#: kernel -> {(its launch parameters, dtype, compile-time constants): the rung it launches with}
+FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def native_probe(kernel, grid, args: list, meta: dict) -> Callable[[Rung], Fit]:
+    """A probe that compiles ``kernel`` for this launch at a rung (Triton's ``warmup``: its cache, no
+    launch) and loads it as a launch would: the driver's local-memory size, Triton's ``OutOfResources``."""
+    from triton.runtime.errors import OutOfResources
+
+    def probe(rung: Rung) -> Fit:
+        compiled = kernel.warmup(*args, grid=grid, **meta, **rung.options())
+        if hasattr(compiled, "result"):  # an asynchronous compile
+            compiled = compiled.result()
+        try:
+            compiled._init_handles()
+        except OutOfResources as err:
+            return Fit(False, why=str(err), error=err)
+        spilled = 4 * int(getattr(compiled, "n_spills", 0) or 0)  # the driver's local bytes, in 4-byte words
+        return Fit(True, spilled, f"spills {spilled} B" if spilled else "")
+
+    return probe
+
+
+def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
+    """The launch parameters ``kernel`` is launched with on a GPU for ``options`` (its pass's), chosen on
+    the ladder the first time this kernel meets these options and compile-time constants (``FITTED``),
+    the same dict after. Raises ``OutOfResources`` where no rung fits shared memory."""
+    # the first tensor's dtype: the others' follow it (bf16 and fp16 calls compile apart)
+    key = (options["num_warps"], options["num_stages"], getattr(args[0], "dtype", None), tuple(meta.items()))
+    memo = FITTED.get(kernel)
+    if memo is None:
+        memo = FITTED[kernel] = {}
+    if key not in memo:
+        rung, tried = choose(rungs(options["num_warps"], options["num_stages"]), native_probe(kernel, grid, args, meta))
+        if rung is None:  # the loader refused every rung: its refusal of the picked one
+            raise tried[0][1].error
+        memo[key] = rung.options()
+    return memo[key]
+
+
+def on_gpu(args: list) -> bool:
+    """Whether a launch's tensors live on a GPU (its kernel compiles and loads there)."""
+    return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
+
+
+__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "native_probe", "on_gpu", "rungs"]

@@ -1,0 +1,140 @@
+"""Launch parameters that fit (``runtime.kernel_fit``): the ladder, the choice on it, the memo a GPU keeps,
+and the launch paths (softmax and recurrence kernels) that take the chosen rung.
+
+Without a GPU the loader's probe is a fake here; the launches are recorded (``runtime.gpu_check``), not
+run. The offline probe (ptxas, compiled for sm_80) is tested in ``test_gpu_compile.py``."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.compiler.cost import KernelConfig
+from attnc.runtime import gpu_check as G
+from attnc.runtime import kernel_fit as KF
+
+pytest.importorskip("triton")
+
+CAUSAL = "pattern causal\n  tokens seq\n  mask causal\n"
+
+
+@given(st.sampled_from([1, 2, 4, 8, 16]), st.integers(1, 5))
+def test_the_ladder_lowers_stages_then_changes_warps(warps, stages):
+    ladder = KF.rungs(warps, stages)
+    assert ladder[0] == KF.Rung(warps, stages) and len(set(ladder)) == len(ladder)
+    lowered = [r for r in ladder if r.num_warps == warps]
+    assert [r.num_stages for r in lowered] == list(range(stages, 0, -1)) and ladder[: len(lowered)] == lowered
+    others = ladder[len(lowered):]
+    assert all(r.num_stages == stages and r.num_warps in KF.WARPS for r in others)
+    assert bool(others) == (warps in KF.WARPS)
+
+
+@settings(max_examples=200)
+@given(st.data())
+def test_the_first_clean_rung_is_chosen_else_the_least_local_memory(data):
+    ladder = KF.rungs(data.draw(st.sampled_from([4, 8])), data.draw(st.integers(1, 4)))
+    fits = [KF.Fit(data.draw(st.booleans()), data.draw(st.sampled_from([0, 0, 8, 16, 32]))) for _ in ladder]
+    probed = []
+
+    def probe(rung):
+        probed.append(rung)
+        return fits[ladder.index(rung)]
+
+    rung, tried = KF.choose(ladder, probe)
+    assert [r for r, _ in tried] == probed == ladder[: len(probed)]  # in order, each once
+    clean = [i for i, f in enumerate(fits) if f.clean]
+    fitting = [(f.local_bytes, i) for i, f in enumerate(fits) if f.fits]
+    if clean:
+        assert rung == ladder[clean[0]] and len(probed) == clean[0] + 1
+    elif fitting:
+        assert rung == ladder[min(fitting)[1]] and len(probed) == len(ladder)
+    else:
+        assert rung is None and len(probed) == len(ladder)
+
+
+class _Compiled:
+    def __init__(self, spills: int, over: bool):
+        self.n_spills, self.over = spills, over
+
+    def _init_handles(self):
+        if self.over:
+            from triton.runtime.errors import OutOfResources
+
+            raise OutOfResources(240 * 1024, 227 * 1024, "shared memory")
+
+
+class _Kernel:
+    """Compiles (``warmup``) to a kernel that spills or is refused as ``rule(num_warps, num_stages)`` says."""
+
+    def __init__(self, rule):
+        self.rule, self.compiled = rule, []
+
+    def warmup(self, *args, grid, num_warps, num_stages, **meta):
+        self.compiled.append((num_warps, num_stages))
+        return _Compiled(*self.rule(num_warps, num_stages))
+
+
+class _Tensor:
+    dtype = "bf16"
+
+
+def test_a_gpu_launch_walks_the_ladder_once_per_kernel_and_constants(monkeypatch):
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+    kernel = _Kernel(lambda w, s: (4 if s > 1 else 0, s > 2))  # over shared memory at 3, spilling at 2
+    picked = {"num_warps": 8, "num_stages": 3}
+    assert KF.fitted_options(kernel, (1,), [_Tensor()], {"BLOCK": 64}, picked) == {"num_warps": 8, "num_stages": 1}
+    assert kernel.compiled == [(8, 3), (8, 2), (8, 1)]
+    assert KF.fitted_options(kernel, (1,), [_Tensor()], {"BLOCK": 64}, picked) == {"num_warps": 8, "num_stages": 1}
+    assert len(kernel.compiled) == 3  # remembered
+    KF.fitted_options(kernel, (1,), [_Tensor()], {"BLOCK": 32}, picked)  # other constants: another kernel
+    assert len(kernel.compiled) == 6
+
+
+def test_a_gpu_launch_nothing_fits_is_the_loaders_refusal(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+    kernel = _Kernel(lambda w, s: (0, True))
+    for _ in range(2):  # not remembered: the runner plans smaller tiles, or the next call asks again
+        with pytest.raises(OutOfResources, match="shared memory"):
+            KF.fitted_options(kernel, (1,), [_Tensor()], {}, {"num_warps": 4, "num_stages": 2})
+    assert kernel.compiled == [(4, 2), (4, 1), (8, 2)] * 2
+
+
+def _on_a_fake_gpu(monkeypatch, spills):
+    """Launches taken for a GPU's (``kernel_fit.on_gpu``), probed by ``spills(kernel name, rung)``."""
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(KF, "on_gpu", lambda args: True)
+
+    def probe(kernel, grid, args, meta):
+        name = kernel.fn.__name__
+        return lambda rung: KF.Fit(True, spills(name, rung))
+
+    monkeypatch.setattr(KF, "native_probe", probe)
+
+
+def test_softmax_kernels_launch_at_their_own_fitted_rungs(monkeypatch):
+    """The dK/dV kernel spilling at its pass's 2 stages launches at 1; the dQ kernel of the same pass and
+    the forward keep theirs."""
+    cfg = KernelConfig((128,), (64,), "flat", 8, 3, 4, 2)
+    _on_a_fake_gpu(monkeypatch, lambda name, rung: 16 if name == "attnc_bwd_dkdv" and rung.num_stages > 1 else 0)
+    records, _ = G.record_call(attnc.load(CAUSAL), arch=90, head_dim=64, dtype="bf16", n=512, config=cfg)
+    launched = {r.name: (r.kwargs["num_warps"], r.kwargs["num_stages"]) for r in records}
+    assert launched == {"attnc_fwd": (8, 3), "attnc_bwd_delta": (4, 2), "attnc_bwd_dq": (4, 2),
+                        "attnc_bwd_dkdv": (4, 1)}
+
+
+def test_recurrence_kernels_launch_at_their_fitted_rungs(monkeypatch):
+    """Every recurrence kernel spilling at 8 warps, whatever its stages, launches at 4 with its stages."""
+    pat = attnc.load("stdlib:mamba2")
+    before, _ = G.record_call(pat, arch=90, head_dim=64, dtype="bf16", n=256)
+    _on_a_fake_gpu(monkeypatch, lambda name, rung: 8 if rung.num_warps == 8 else 0)
+    after, _ = G.record_call(pat, arch=90, head_dim=64, dtype="bf16", n=256)
+    assert [r.name for r in after] == [r.name for r in before]
+    assert any(r.kwargs["num_warps"] == 8 for r in before)
+    for b, a in zip(before, after, strict=True):
+        assert (a.kwargs["num_warps"], a.kwargs["num_stages"]) == (4, b.kwargs["num_stages"])
