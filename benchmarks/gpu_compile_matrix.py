@@ -210,6 +210,14 @@ def render(rows: list[dict], args, elapsed: float) -> str:
     for r in sorted(bad, key=badness, reverse=True):
         lines.append(f"- {r['pattern']} {r['kernel']} sm_{r['arch']} d={r['head_dim']} {r['dtype']} "
                      f"({r['config']}): {'; '.join(problems(r))}")
+    fell = [r for r in cur if r.get("fell_back")]
+    if fell:
+        lines += [""] * bool(bad) + [f"**{len(fell)} of {len(cur)} kernels launched on a lower rung** of the fit ladder "
+                  "(`runtime.kernel_fit`: at the warps and stages their pass picked, ptxas's kernel spilled or "
+                  "was over shared memory; a GPU launches them at the rung shown, their rows too):", ""]
+        lines += [f"- {r['pattern']} {r['kernel']} sm_{r['arch']} d={r['head_dim']} {r['dtype']} ({r['config']}): "
+                  f"launched at w{r['num_warps']} s{r['num_stages']}; " + ", ".join(r["fell_back"])
+                  for r in sorted(fell, key=lambda r: (r["pattern"], r["kernel"], r["arch"], r["head_dim"]))]
     if old:
         lines += ["", "## Before / after (worst kernels before)", "",
                   "Before: the search as it was (forward-only shared memory, the forward's warps/stages for "

@@ -315,20 +315,22 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
     """Compile one recorded launch for ``sm_<arch>`` and report the launch parameters a GPU runs it with:
     ``kernel_fit``'s ladder from the recorded ones, walked as a GPU walks it (``kernel_fit.choose``), a rung
     over the block's shared memory or with local memory (spills) passed over (``KernelReport.fell_back``).
-    A compile failure ends the walk and becomes the report's error."""
+    A compile failure of the recorded rung becomes the report's error; of a lower one, that rung is passed over."""
     reports: dict = {}
+    ladder = kernel_fit.rungs(rec.kwargs.get("num_warps", 4), rec.kwargs.get("num_stages", 3))
 
     def probe(rung: kernel_fit.Rung) -> kernel_fit.Fit:
         rep = _compiled_report(dataclasses.replace(rec, kwargs={**rec.kwargs, **rung.options()}), arch,
                                pattern=pattern, head_dim=head_dim, dtype=dtype, config=config)
         reports[rung] = rep
         if rep.error:
-            raise _CompileFailed(rep)
-        local = rep.spill_bytes or rep.stack
+            if rung == ladder[0]:
+                raise _CompileFailed(rep)
+            return kernel_fit.Fit(False, why=f"compile error: {rep.error.split(':')[0]}")
+        local = rep.stack or rep.spill_bytes  # the stack frame is the local memory a GPU's loader reports
         why = "; ".join(rep.problems) or (f"local memory {local} B" if local else "")
         return kernel_fit.Fit(rep.shared <= rep.smem_limit, local, why)
 
-    ladder = kernel_fit.rungs(rec.kwargs.get("num_warps", 4), rec.kwargs.get("num_stages", 3))
     try:
         rung, tried = kernel_fit.choose(ladder, probe)
     except _CompileFailed as failed:
@@ -466,13 +468,17 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     return records, described
 
 
-def _native_runner(pat: ir.PatternIR, hw, config=None):
+def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None):
     """A Triton runner of ``pat`` whose kernels are the native (CUDA) ones whatever the tensors' device, at
-    ``config`` or the config the search picks for ``hw``; it keeps the kernel modules it loads (``modules``)."""
+    ``config`` or the config the search picks for ``hw``; it keeps the kernel modules it loads (``modules``).
+    ``branch``: its sources end in a comment naming it, so that each branch loads modules of its own."""
     from .backends.triton import runner as TB
 
     class Native(TB.TritonRunner):
         native = True
+        if branch is not None:
+            source_hook = staticmethod(lambda pat, bound, shape, config, source:
+                                       TB.write_source(f"{source}\n# branch {branch}\n"))
 
         def __init__(self, pattern):
             super().__init__(pattern)
@@ -502,7 +508,7 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
     for b in pat.branches:
         if not isinstance(b.pattern, ir.PatternIR):
             raise SpecError(f"branch '{b.name}' of '{pat.name}' is not a softmax pattern", where="argument pattern")
-        runners[b.name] = attn.branches[b.name].runner = _native_runner(b.pattern, hw, config)
+        runners[b.name] = attn.branches[b.name].runner = _native_runner(b.pattern, hw, config, branch=b.name)
     whole = next((b.pattern for b in pat.branches if b.pool is None), pat.branches[0].pattern)  # keys = queries
     N = E.bind_sizes(whole, n=n, nk=n, heads=HEADS, sizes=sizes, dk=head_dim).n
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))

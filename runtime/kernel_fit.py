@@ -10,15 +10,20 @@ block for more shared memory than the GPU has, the same kernel is tried on the n
 2. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
    block's divided by its threads (the recurrences' chunk kernels run one stage already).
 
-Warps and stages never change the answer: the tiles, and so the schedule and the order of every
-reduction over keys, stay as picked. Where no rung runs without local memory, the one with the least
-local memory that fits shared memory is launched; where none fits shared memory, Triton's
-``OutOfResources`` is raised (the softmax runner then plans smaller tiles).
+Warps and stages do not change the answer: the tiles, and so the schedule and the order of every
+reduction over keys, stay as picked (only the rounding of reductions across a tile's warps may differ in
+the last bit; one machine picks the same rung every time). Where no rung runs without local memory, the
+one with the least local memory that fits shared memory is launched; where none fits shared memory,
+Triton's ``OutOfResources`` is raised (the softmax runner then plans smaller tiles). A rung below the
+picked one that fails to compile is passed over; the picked one's failure is the kernel's.
 
 Two probes answer for a rung: on a GPU, Triton's compiled kernel as its loader sees it (``native_probe``:
-``n_spills``, from the driver's local-memory size, and ``OutOfResources``); offline, ptxas's log and the
-compiled kernel's shared memory against the architecture's limit (``runtime.gpu_check``). Both walk the
-ladder with ``choose``, so the offline check reports the rung a GPU launches.
+``n_spills``, the driver's local-memory size, and ``OutOfResources``); offline, ptxas's stack frame and
+spills and the compiled kernel's shared memory against the architecture's limit (``runtime.gpu_check``).
+Both walk the ladder with ``choose``, so the offline check reports the rung a GPU launches.
+
+A GPU remembers its choice per kernel, launch parameters, compile-time constants and what Triton
+specialises a compiled kernel on (``specialization``), so a call that compiles another kernel walks again.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ class Fit:
 def rungs(num_warps: int, num_stages: int) -> list[Rung]:
     """The ladder from a kernel's picked launch parameters: stages down to one, then the other warp count
     of ``WARPS`` at the picked stages (``num_warps`` outside ``WARPS``: stages only)."""
-    out = [Rung(num_warps, s) for s in range(num_stages, 0, -1)]
+    out = [Rung(num_warps, s) for s in range(max(num_stages, 1), 0, -1)]
     if num_warps in WARPS:
         out += [Rung(w, num_stages) for w in WARPS if w != num_warps]
     return out or [Rung(num_warps, num_stages)]
@@ -84,42 +89,71 @@ def choose(ladder: list[Rung], probe: Callable[[Rung], Fit]) -> tuple[Rung | Non
 
 
 # ----------------------------------------------------------------- on a GPU
-#: kernel -> {(its launch parameters, dtype, compile-time constants): the rung it launches with}
+#: kernel -> {(its launch parameters, argument specialization, compile-time constants): the rung it launches with}
 FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def native_probe(kernel, grid, args: list, meta: dict) -> Callable[[Rung], Fit]:
+def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = None) -> Callable[[Rung], Fit]:
     """A probe that compiles ``kernel`` for this launch at a rung (Triton's ``warmup``: its cache, no
-    launch) and loads it as a launch would: the driver's local-memory size, Triton's ``OutOfResources``."""
+    launch) and loads it as a launch would: the driver's local-memory size, Triton's ``OutOfResources``.
+    A compile failure of the ``picked`` rung propagates (the launch itself would fail); of another, that
+    rung does not fit."""
     from triton.runtime.errors import OutOfResources
 
     def probe(rung: Rung) -> Fit:
-        compiled = kernel.warmup(*args, grid=grid, **meta, **rung.options())
-        if hasattr(compiled, "result"):  # an asynchronous compile
-            compiled = compiled.result()
+        try:
+            compiled = kernel.warmup(*args, grid=grid, **meta, **rung.options())
+            if hasattr(compiled, "result"):  # an asynchronous compile
+                compiled = compiled.result()
+        except Exception as err:  # noqa: BLE001 - a lower rung that does not compile is passed over
+            if picked is None or rung == picked:
+                raise
+            return Fit(False, why=f"compile error: {type(err).__name__}")
+        if compiled is None:  # a cache hook took the compile over: nothing to load, taken as it is
+            return Fit(True)
         try:
             compiled._init_handles()
         except OutOfResources as err:
             return Fit(False, why=str(err), error=err)
         spilled = 4 * int(getattr(compiled, "n_spills", 0) or 0)  # the driver's local bytes, in 4-byte words
-        return Fit(True, spilled, f"spills {spilled} B" if spilled else "")
+        return Fit(True, spilled, f"local memory {spilled} B" if spilled else "")
 
     return probe
 
 
+def specialization(args: list) -> tuple:
+    """What Triton compiles a kernel apart for, argument by argument (``JITFunction``'s binder): a tensor's
+    dtype and 16-byte alignment, an int's being 1, divisible by 16 or wider than 32 bits; with the first
+    tensor's device."""
+    out = []
+    device = None
+    for a in args:
+        if isinstance(a, bool) or a is None or isinstance(a, float):
+            out.append(a if a is None or isinstance(a, bool) else float)
+        elif isinstance(a, int):
+            out.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
+        elif hasattr(a, "data_ptr"):
+            out.append((a.dtype, a.data_ptr() % 16 == 0))
+            device = device if device is not None else a.device
+        else:
+            out.append(type(a))
+    return device, tuple(out)
+
+
 def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
     """The launch parameters ``kernel`` is launched with on a GPU for ``options`` (its pass's), chosen on
-    the ladder the first time this kernel meets these options and compile-time constants (``FITTED``),
-    the same dict after. Raises ``OutOfResources`` where no rung fits shared memory."""
-    # the first tensor's dtype: the others' follow it (bf16 and fp16 calls compile apart)
-    key = (options["num_warps"], options["num_stages"], getattr(args[0], "dtype", None), tuple(meta.items()))
+    the ladder the first time this kernel meets these options, compile-time constants and argument
+    ``specialization`` (``FITTED``), the same dict after. Raises ``OutOfResources`` where no rung fits
+    shared memory."""
+    key = (options["num_warps"], options["num_stages"], specialization(args), tuple(meta.items()))
     memo = FITTED.get(kernel)
     if memo is None:
         memo = FITTED[kernel] = {}
     if key not in memo:
-        rung, tried = choose(rungs(options["num_warps"], options["num_stages"]), native_probe(kernel, grid, args, meta))
-        if rung is None:  # the loader refused every rung: its refusal of the picked one
-            raise tried[0][1].error
+        ladder = rungs(options["num_warps"], options["num_stages"])
+        rung, tried = choose(ladder, native_probe(kernel, grid, args, meta, picked=ladder[0]))
+        if rung is None:  # no rung fits: the loader's refusal of the picked one (or the first it gave)
+            raise next((fit.error for _, fit in tried if fit.error is not None), tried[0][1].error)
         memo[key] = rung.options()
     return memo[key]
 
@@ -129,4 +163,5 @@ def on_gpu(args: list) -> bool:
     return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
 
 
-__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "native_probe", "on_gpu", "rungs"]
+__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "native_probe", "on_gpu", "rungs",
+           "specialization"]

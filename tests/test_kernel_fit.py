@@ -68,7 +68,8 @@ class _Compiled:
 
 
 class _Kernel:
-    """Compiles (``warmup``) to a kernel that spills or is refused as ``rule(num_warps, num_stages)`` says."""
+    """Compiles (``warmup``) to a kernel that spills or is refused as ``rule(num_warps, num_stages)`` says
+    (a rule that raises: the compile fails)."""
 
     def __init__(self, rule):
         self.rule, self.compiled = rule, []
@@ -80,6 +81,15 @@ class _Kernel:
 
 class _Tensor:
     dtype = "bf16"
+
+    class device:  # noqa: N801 - torch's attribute
+        type = "cuda"
+
+    def __init__(self, ptr: int = 1024):
+        self.ptr = ptr
+
+    def data_ptr(self) -> int:
+        return self.ptr
 
 
 def test_a_gpu_launch_walks_the_ladder_once_per_kernel_and_constants(monkeypatch):
@@ -110,7 +120,7 @@ def _on_a_fake_gpu(monkeypatch, spills):
     monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
     monkeypatch.setattr(KF, "on_gpu", lambda args: True)
 
-    def probe(kernel, grid, args, meta):
+    def probe(kernel, grid, args, meta, picked=None):
         name = kernel.fn.__name__
         return lambda rung: KF.Fit(True, spills(name, rung))
 
@@ -138,3 +148,35 @@ def test_recurrence_kernels_launch_at_their_fitted_rungs(monkeypatch):
     assert any(r.kwargs["num_warps"] == 8 for r in before)
     for b, a in zip(before, after, strict=True):
         assert (a.kwargs["num_warps"], a.kwargs["num_stages"]) == (4, b.kwargs["num_stages"])
+
+
+def test_a_gpu_launch_walks_again_where_triton_compiles_another_kernel(monkeypatch):
+    """Triton specialises a compiled kernel on its arguments (an int equal to 1 or divisible by 16, a
+    pointer's 16-byte alignment): a call it compiles apart is probed apart."""
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+    kernel = _Kernel(lambda w, s: (0, False))
+    picked = {"num_warps": 4, "num_stages": 2}
+    for args in ([_Tensor(), 1], [_Tensor(), 2], [_Tensor(), 3], [_Tensor(), 32], [_Tensor(1032), 3], [_Tensor(64), 3]):
+        KF.fitted_options(kernel, (1,), args, {}, picked)
+    # 1, 2 and 32 each apart, 3 as 2 (neither 1 nor a multiple of 16); the pointer at 1032 misaligned apart,
+    # the one at 64 aligned as at 1024
+    assert len(kernel.compiled) == 4
+    assert KF.specialization([_Tensor(), 1])[1] != KF.specialization([_Tensor(), 2])[1]
+    assert KF.specialization([_Tensor(), 2**40])[1] != KF.specialization([_Tensor(), 2])[1]
+
+
+def test_a_lower_rung_that_does_not_compile_is_passed_over(monkeypatch):
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+
+    def rule(w, s):
+        if s == 2:
+            raise RuntimeError("ptxas failed")
+        return (8 if s == 3 else 0, False)
+
+    kernel = _Kernel(rule)  # spills at its picked 3 stages, fails to compile at 2, fits at 1
+    assert KF.fitted_options(kernel, (1,), [_Tensor()], {}, {"num_warps": 8, "num_stages": 3}) == {
+        "num_warps": 8, "num_stages": 1}
+    broken = _Kernel(lambda w, s: (_ for _ in ()).throw(RuntimeError("ptxas failed")))
+    with pytest.raises(RuntimeError, match="ptxas failed"):  # the picked rung's failure is the kernel's
+        KF.fitted_options(broken, (1,), [_Tensor()], {}, {"num_warps": 8, "num_stages": 3})
+    assert broken.compiled == [(8, 3)]

@@ -162,11 +162,12 @@ def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int 
 
 
 def _static_inputs(pat: ir.PatternIR, inputs: dict | None) -> dict | None:
-    """Inputs for the simulator's search, on the host: of a batched one (a dimension more than declared,
-    as a combined pattern's route scores), the first batch element."""
+    """Inputs for the simulator's search, on the host. A routing pattern's search selects on one (batch,
+    head)'s inputs (``search.route_schedule``): of a batched input (a dimension more than declared, as a
+    combined pattern's route scores), the first batch element."""
     if not inputs:
         return None
-    dims = {d.name: len(d.dims) for d in pat.inputs}
+    dims = {d.name: len(d.dims) for d in pat.inputs} if pat.route is not None else {}
     return {n: (t[0] if t.dim() > dims.get(n, t.dim()) else t).detach().cpu() for n, t in inputs.items()}
 
 
