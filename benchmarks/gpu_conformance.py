@@ -10,7 +10,8 @@ at a time. Per case and (head dim, dtype): relative errors ||a - b|| / ||b|| of 
 the log-sum-exp and every gradient (q, k, v and differentiable inputs) against
 ``backend="reference"`` run in float64 on the same device with the same inputs, for the
 loss ``sum(out * w) + sum(lse * wl)`` with random ``w``, ``wl``; the tile configuration
-each pass ran with (after any out-of-resources fallback); the first call's wall time
+each pass ran with (after any out-of-resources fallback) and the kernels launched below their
+picked warps/stages where the GPU's loader found them spilling (``runtime.kernel_fit``); the first call's wall time
 (compilation included). Recurrences: Triton against the float64 chunked torch recurrence
 (``backend="cpu"``, which runs on CUDA tensors too); where flash-linear-attention is importable,
 its chunked kernel (gla: ``chunk_gla``, mamba2: ``chunk_simple_gla``) on the same inputs is the
@@ -134,6 +135,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
     for backend, d, dtype in configs(flex):
         row = {"case": name, "backend": backend, "d": d, "dtype": str(dtype).replace("torch.", ""),
                "sizes": "x".join(map(str, sizes.values())), "heads": f"{heads}/{kv_heads}"}
+        lowered_before = _lowered_since(())
         try:
             # rounded to the tested dtype first: the reference sees the very values the kernel sees
             # (routing picks blocks by score; unrounded inputs would pick others)
@@ -177,6 +179,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
             if runner is not None:  # the configs the passes ran with, after any out-of-resources fallback
                 row["configs"] = [describe_launch(entry[0]) for entry in list(runner._static.values())[:2]]
                 row["fell_back"] = bool(runner._fallback)
+            row["lowered"] = _lowered_since(lowered_before)
         except Exception as err:  # noqa: BLE001 - recorded, the run goes on
             row.update(ok=False, error=f"{type(err).__name__}: {err}"[:400], trace=traceback.format_exc()[-1500:])
         rows.append(row)
@@ -199,6 +202,7 @@ def run_recurrence(name: str, toy: bool, configs) -> list[dict]:
     for _backend, d, dtype in configs(False):
         row = {"case": name, "backend": "triton", "d": d, "dtype": str(dtype).replace("torch.", ""),
                "sizes": f"T={T}", "heads": f"{heads}/{heads}"}
+        lowered_before = _lowered_since(())
         try:
             q, k, v = ((torch.randn(1, heads, T, d, generator=gen) * 0.5).to(dtype) for _ in range(3))
             gates = {}
@@ -238,11 +242,19 @@ def run_recurrence(name: str, toy: bool, configs) -> list[dict]:
                 # no less accurate than fla (within 25%) passes where the fixed bound is too tight
                 ok = {key: v or (math.isfinite(errs[key]) and errs[key] <= 1.25 * row["fla_errs"][key])
                       for key, v in ok.items()}
-            row.update(errs=errs, first_call_s=first_s, ok=all(ok.values()))
+            row.update(errs=errs, first_call_s=first_s, ok=all(ok.values()), lowered=_lowered_since(lowered_before))
         except Exception as err:  # noqa: BLE001
             row.update(ok=False, error=f"{type(err).__name__}: {err}"[:400], trace=traceback.format_exc()[-1500:])
         rows.append(row)
     return rows
+
+
+def _lowered_since(before) -> list[str]:
+    """The kernels the fit ladder launched below their picked warps/stages (``runtime.kernel_fit``) since
+    ``before`` (an earlier answer): on a GPU, where the loader found the pick spilling or over shared memory."""
+    from attnc.runtime import kernel_fit
+
+    return [x for x in kernel_fit.lowered() if x not in set(before)]
 
 
 def _configs_for(toy: bool):
@@ -311,6 +323,8 @@ def _fmt(row: dict) -> str:
     if "dg_explained" in row:
         errs += f" (dq, dk's errors explain dg {row['dg_explained']:.1e})"
     cfg = "; ".join(row.get("configs", [])) + (" (fell back)" if row.get("fell_back") else "")
+    if row.get("lowered"):
+        cfg += " (lower rung: " + ", ".join(row["lowered"]) + ")"
     return (f"| {row['case']} ({row['sizes']}, H {row['heads']}) | {row['backend']} | {row['d']} | {row['dtype']} | "
             f"{errs} | {row['first_call_s']:.1f} | {cfg} | {'PASS' if row['ok'] else 'FAIL'} |")
 

@@ -82,6 +82,13 @@ MIN_BWD_TOKENS = 16
 #:     at 64/64, d = 64 (32 + 6 score tiles 96 x 1.5): 16 B (sm_80, 3.9).
 #: (Counting plain fp32 values, 128 a thread, could not tell these apart: both sides hold 128.)
 REG_BUDGET = 160
+#: Tensor memory (Blackwell, sm_100 and later): tcgen05.mma keeps its fp32 accumulators there, 128 lanes x
+#: ``TMEM_COLUMNS`` columns of 32 bits a block, not in registers (``pass_registers(tmem=True)``). Compiled
+#: offline (``runtime.gpu_check``, Triton 3.9, sm_100, bf16, 8 warps): dK/dV on 64 Q x 128 KV tokens at
+#: d 128, whose accumulators alone are 128 fp32 a thread, took 205-224 registers and did not spill
+#: (sliding_window, streaming, softcap, alibi), where sm_90 takes 250-255 and spills softcap's 248-400 B;
+#: the forward on 128 x 128 at d 128 (two score tiles of 96 registers a thread) spilled 56-132 B.
+TMEM_COLUMNS = 512
 #: Registers per element of a score-shaped tile: the fp32 value and half a register for its 16-bit
 #: copy, the operand of the dot that follows (P for O / dV, dS for dQ / dK); the accumulators
 #: (O, dQ, dK, dV) stay fp32 only, one register per element.
@@ -249,20 +256,41 @@ def mask_score_tiles(mask: sympy.Basic) -> float:
 
 
 def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warps: int,
-                   score_tiles: float = 2) -> float:
+                   score_tiles: float = 2, tmem: bool = False) -> float:
     """Registers a thread gives the pass's register-resident tiles at ``warps`` warps: one per
-    accumulator element, ``SCORE_TILE_REGS`` per score-tile element (``REG_BUDGET`` at most)."""
+    accumulator element (none with ``tmem``: tcgen05's accumulators live in tensor memory),
+    ``SCORE_TILE_REGS`` per score-tile element (``REG_BUDGET`` at most)."""
     acc, scores = pass_tiles(kind, q_tokens, kv_tokens, head_dim, score_tiles)
-    return (acc + SCORE_TILE_REGS * scores) / (32 * warps)
+    return ((0 if tmem else acc) + SCORE_TILE_REGS * scores) / (32 * warps)
+
+
+def tensor_memory(hw: Hardware) -> bool:
+    """Whether ``hw``'s MMAs accumulate in tensor memory (tcgen05: sm_100 and later)."""
+    return compute_capability(hw.arch) >= 100
+
+
+def tmem_columns(kind: str, q_tokens: int, kv_tokens: int, head_dim: int) -> int:
+    """Tensor-memory columns a pass's tcgen05 accumulators take (fp32, one column per N of an [M, N]
+    accumulator and 128 rows of M): forward S and O; dQ S, dP and dQ; dK/dV S^T, dP^T, dK and dV."""
+    if kind == "fwd":
+        return (kv_tokens + head_dim) * -(-q_tokens // 128)
+    if kind == "bwd_dq":
+        return (2 * kv_tokens + head_dim) * -(-q_tokens // 128)
+    if kind == "bwd_dkdv":
+        return (2 * q_tokens + 2 * head_dim) * -(-kv_tokens // 128)
+    raise SpecError(f"unknown pass {kind!r}", where="argument kind", hint=", ".join(PASSES))
 
 
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
               hw: Hardware, score_tiles: float = 2) -> bool:
-    """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB)
-    and its register-resident tiles within ``REG_BUDGET`` registers a thread."""
+    """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB),
+    its register-resident tiles within ``REG_BUDGET`` registers a thread and, on tensor memory, its
+    accumulators within ``TMEM_COLUMNS``."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
-    regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles)
-    return smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
+    tmem = tensor_memory(hw)
+    regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles, tmem)
+    return (smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
+            and (not tmem or tmem_columns(kind, q_tokens, kv_tokens, head_dim) <= TMEM_COLUMNS))
 
 
 def forward_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, score_tiles: float = 2) -> bool:
@@ -311,6 +339,30 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
     # resident operand), as FlexAttention's 64/128 backward on Hopper
     pairs.sort(key=lambda p: (-math.prod(p[0]) * math.prod(p[1]), -math.prod(p[1])))
     return pairs
+
+
+def wide_kv_backward(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, bwd_score_tiles: float = 2,
+                     *, registers: bool = True) -> KernelConfig | None:
+    """``config`` with FlexAttention's Hopper backward orientation: the dK/dV kernel on a Q tile of the
+    forward's KV tile (64 tokens) and a KV tile twice it (its innermost axis doubled), so dK/dV's MMAs run
+    128 KV rows (tcgen05's full M, two wgmma warpgroups of 64); the dQ kernel on the forward's tiles; 8
+    warps and the most stages (3, 2) under which both fit (``registers``: the register and tensor-memory
+    model too, as the search asks; without, shared memory only, the tuner's trial on Hopper). None on a
+    forward KV tile other than 64 tokens, tiles of different ranks, before Hopper, or where nothing fits."""
+    if min_kv_tokens(hw) <= 1 or config.kv_tokens != 64 or len(config.kv_tile) != len(config.q_tile):
+        return None
+    q = tuple(config.kv_tile)  # 64 tokens, in the KV tile's shape (a box on a grid)
+    kv = tuple(t * 2 if i == len(q) - 1 else t for i, t in enumerate(q))
+    passes = (("bwd_dkdv", math.prod(q), math.prod(kv)), ("bwd_dq", config.q_tokens, config.kv_tokens))
+    for stages in (3, 2):
+        if registers:
+            ok = all(pass_fits(kind, qt, kt, head_dim, nbytes, 8, stages, hw, bwd_score_tiles) for kind, qt, kt in passes)
+        else:
+            ok = all(pass_smem(kind, qt, kt, head_dim, nbytes, stages) <= hw.smem_bytes - 1024 for kind, qt, kt in passes)
+        if ok:
+            return dataclasses.replace(config, bwd_num_warps=8, bwd_num_stages=stages, bwd_q_tile=q, bwd_kv_tile=kv,
+                                       dq_q_tile=tuple(config.q_tile), dq_kv_tile=tuple(config.kv_tile))
+    return None
 
 
 def score_tiles_of(pat: ir.PatternIR, mask: sympy.Basic, hw: Hardware) -> tuple[float, float]:
@@ -623,6 +675,12 @@ class ScheduleSearch:
                         self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles, dq_tiles=self.pat.route is None)
             if cfg is not None:
                 out.append(cfg)
+                # on tensor memory, dK/dV on 128 KV rows where it fits (tcgen05's M; the cost model weighs it):
+                # not for a route (one plan per call) or a FoX decay (its dK/dV fits at 32 rows)
+                wide = (wide_kv_backward(cfg, self.head_dim, self.nbytes, self.hw, self.bwd_score_tiles)
+                        if tensor_memory(self.hw) and self.pat.route is None and self.pat.decay is None else None)
+                if wide is not None and wide != cfg:
+                    out.append(wide)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
             out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], max(WARPS), 1, max(WARPS), 1))
         return out
@@ -703,6 +761,6 @@ class ScheduleSearch:
 
 
 __all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
-           "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
+           "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles", "tensor_memory", "tmem_columns", "wide_kv_backward",
            "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

@@ -158,10 +158,22 @@ def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
     return memo[key]
 
 
+def lowered() -> list[str]:
+    """The kernels launched on a GPU below the rung their launch picked, in words (``attnc_bwd_dkdv: w8 s2 ->
+    w8 s1``), each pair once: what the fit ladder changed in this process."""
+    out = []
+    for kernel, memo in list(FITTED.items()):
+        name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
+        for (w, s, *_), opts in memo.items():
+            if (w, s) != (opts["num_warps"], opts["num_stages"]):
+                out.append(f"{name}: w{w} s{s} -> w{opts['num_warps']} s{opts['num_stages']}")
+    return sorted(set(out))
+
+
 def on_gpu(args: list) -> bool:
     """Whether a launch's tensors live on a GPU (its kernel compiles and loads there)."""
     return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
 
 
-__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "native_probe", "on_gpu", "rungs",
+__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "lowered", "native_probe", "on_gpu", "rungs",
            "specialization"]

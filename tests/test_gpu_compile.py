@@ -186,6 +186,49 @@ def test_blackwell_kernels_run_their_dots_on_tcgen05():
         "\n" + G.table(reports)
 
 
+def test_tensor_memory_keeps_blackwells_accumulators_out_of_the_register_model():
+    """On tensor memory (sm_100) tcgen05's accumulators are not registers: dK/dV on 64 Q x 128 KV tokens at
+    d 128 (compiled spill-free on sm_100, Triton 3.9) fits there and not on Hopper, the forward on 128 x 128
+    at d 128 (it spilled) fits neither; and tensor memory's 512 columns bound the accumulators."""
+    b200, h100 = get_hardware("b200"), get_hardware("h100")
+    assert SR.tensor_memory(b200) and not SR.tensor_memory(h100)
+    assert SR.pass_fits("bwd_dkdv", 64, 128, 128, 2, 8, 3, b200) and not SR.pass_fits("bwd_dkdv", 64, 128, 128, 2, 8, 3, h100)
+    assert not SR.pass_fits("fwd", 128, 128, 128, 2, 8, 2, b200)
+    # S/P, dP/dS and the transposed operand: three score tiles, 1.5 registers an element, no accumulator
+    assert SR.pass_registers("bwd_dkdv", 64, 128, 128, 8, tmem=True) == 1.5 * 3 * 64 * 128 / 256
+    # dK/dV holds S^T, dP^T (64 columns each at 64 Q tokens), dK and dV (128 each at d 128) on 128 KV rows
+    assert SR.tmem_columns("bwd_dkdv", 64, 128, 128) == 384 <= SR.TMEM_COLUMNS
+    assert SR.tmem_columns("bwd_dkdv", 64, 128, 256) == 640 > SR.TMEM_COLUMNS
+    assert SR.tmem_columns("fwd", 256, 64, 128) == 2 * (64 + 128)  # two 128-row halves of M
+
+
+def test_blackwells_backward_runs_dkdv_on_128_kv_rows():
+    """The B200 search weighs dK/dV on 128 KV rows (tcgen05's M: the dK/dV products' rows are KV tokens,
+    64-row MMAs modelled at half rate) with dQ on the forward's 128-row tiles, and picks it for a sliding
+    window at 8K tokens (predicted faster than the forward's own tiles); Hopper's pick keeps 64 KV rows."""
+    from attnc.compiler import evaluate as E
+
+    n = 8192  # at 4K tokens and 2 heads 128-row KV tiles fill half of B200's 148 SMs: the model keeps 64
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    bound = E.bind_sizes(pat, n=n, heads=G.HEADS)
+    found = SR.ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=128).run(top=0)
+    pick = found[0].config
+    assert (pick.backward_config().q_tile, pick.backward_config().kv_tile) == ((64,), (128,))
+    assert pick.dq_config().q_tile == pick.q_tile == (128,) and pick.bwd_warps == 8
+    forward = lambda c: (c.q_tile, c.kv_tile, c.layout, c.num_warps, c.num_stages)  # noqa: E731
+    narrow = [c for c in found if forward(c.config) == forward(pick) and c.config.backward_config().kv_tokens == 64]
+    assert narrow and all(c.backward_s > found[0].backward_s for c in narrow)
+    hopper = SR.ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128).run(top=1)[0].config
+    assert hopper.backward_config().kv_tokens == 64
+    if G.targets_available(100):  # offline: spill-free, on tcgen05 (Triton 3.9)
+        records, described = G.record_call(pat, arch=100, head_dim=128, dtype="bf16", n=n)
+        assert "bwd 64/128" in described
+        reports = [G.check_launch(r, 100, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records
+                   if r.name in ("attnc_bwd_dq", "attnc_bwd_dkdv")]
+        assert all(r.ok and not r.fell_back and r.tcgen05 > 0 for r in reports), "\n" + G.table(reports)
+        assert {r.kernel: r.constexprs["BLOCK_M"] for r in reports} == {"bwd_dq": 128, "bwd_dkdv": 64}
+
+
 def test_a_clustering_pattern_is_recorded_with_its_centroids():
     """cluster(q, C) == cluster(k, C): the recorded call passes centroids of the declared [heads, C, dk]
     (dk bound to the head dim) and lets the call derive the ids; every kernel compiles and fits."""

@@ -136,6 +136,7 @@ def test_softmax_kernels_launch_at_their_own_fitted_rungs(monkeypatch):
     launched = {r.name: (r.kwargs["num_warps"], r.kwargs["num_stages"]) for r in records}
     assert launched == {"attnc_fwd": (8, 3), "attnc_bwd_delta": (4, 2), "attnc_bwd_dq": (4, 2),
                         "attnc_bwd_dkdv": (4, 1)}
+    assert KF.lowered() == ["attnc_bwd_dkdv: w4 s2 -> w4 s1"]
 
 
 def test_recurrence_kernels_launch_at_their_fitted_rungs(monkeypatch):

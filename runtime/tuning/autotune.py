@@ -42,10 +42,9 @@ from ...compiler.search import (
     WARPS,
     ScheduleSearch,
     forward_fits,
-    min_kv_tokens,
     pass_fits,
-    pass_smem,
 )
+from ...compiler.search import wide_kv_backward as search_wide_kv_backward
 from ...core import ir
 from ...core.errors import SpecError
 from . import kernel_cache as KC
@@ -340,27 +339,16 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
 
 def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2) -> KernelConfig | None:
     """On Hopper and later, ``pick`` with FlexAttention's backward orientation (its sm_90 default at head
-    dims 64-128): the dK/dV kernel on a KV tile twice the forward's (64 tokens) and a Q tile of 64 (each
-    warpgroup's wgmma on 64 KV rows), the dQ kernel on the forward's tiles, 8 warps, the most stages
-    whose shared memory fits. A trial for the tuner to time, not the search's pick: the register model
-    refuses it (compiled offline on sm_90 it takes 202-255 registers, spill-free for most patterns at
-    d 128 on Triton 3.6 but on the edge: softcap's dK/dV spills 248-400 B there). None where it does not
-    apply: before Hopper, a route (its selection is a per-tile plan), a FoX decay (its dK/dV fits only
-    at 32 rows), a forward KV tile other than 64 tokens."""
-    hw, d = search.hw, search.head_dim
-    pat = search.pat
-    if (min_kv_tokens(hw) <= 1 or pat.route is not None or pat.decay is not None or pick.kv_tokens != 64
-            or len(pick.kv_tile) != len(pick.q_tile)):
+    dims 64-128; ``search.wide_kv_backward``, by shared memory alone): a trial for the tuner to time, not the
+    search's pick on Hopper, where the register model refuses it (compiled offline on sm_90 it takes 202-255
+    registers, spill-free for most patterns at d 128 on Triton 3.6 but on the edge: softcap's dK/dV spills
+    248-400 B there; the fit ladder launches such a kernel on fewer stages). On Blackwell the search itself
+    weighs it (tensor memory holds the accumulators). None where it does not apply: before Hopper, a route
+    (its selection is a per-tile plan), a FoX decay (its dK/dV fits only at 32 rows), a forward KV tile other
+    than 64 tokens."""
+    if search.pat.route is not None or search.pat.decay is not None:
         return None
-    q = tuple(pick.kv_tile)  # 64 tokens, in the KV tile's shape (a box on a grid)
-    kv = tuple(t * 2 if i == len(pick.kv_tile) - 1 else t for i, t in enumerate(pick.kv_tile))  # innermost doubled
-    for stages in (3, 2):
-        if all(pass_smem(kind, qt, kt, d, nbytes, stages) <= hw.smem_bytes - 1024
-               for kind, qt, kt in (("bwd_dkdv", math.prod(q), math.prod(kv)),
-                                    ("bwd_dq", pick.q_tokens, pick.kv_tokens))):
-            return dataclasses.replace(pick, bwd_num_warps=8, bwd_num_stages=stages, bwd_q_tile=q, bwd_kv_tile=kv,
-                                       dq_q_tile=tuple(pick.q_tile), dq_kv_tile=tuple(pick.kv_tile))
-    return None
+    return search_wide_kv_backward(pick, search.head_dim, nbytes, search.hw, registers=False)
 
 
 # ----------------------------------------------------------------- the tuner
