@@ -83,7 +83,8 @@ MIN_BWD_TOKENS = 16
 #: (Counting plain fp32 values, 128 a thread, could not tell these apart: both sides hold 128.)
 REG_BUDGET = 160
 #: Tensor memory (Blackwell, sm_100 and later): tcgen05.mma keeps its fp32 accumulators there, 128 lanes x
-#: ``TMEM_COLUMNS`` columns of 32 bits a block, not in registers (``pass_registers(tmem=True)``). Compiled
+#: ``TMEM_COLUMNS`` columns of 32 bits a block, not in registers (``pass_registers(tmem=True)``; the search
+#: asks it of the backward it was checked on: ``pass_fits(in_tmem=)``). Compiled
 #: offline (``runtime.gpu_check``, Triton 3.9, sm_100, bf16, 8 warps): dK/dV on 64 Q x 128 KV tokens at
 #: d 128, whose accumulators alone are 128 fp32 a thread, took 205-224 registers and did not spill
 #: (sliding_window, streaming, softcap, alibi), where sm_90 takes 250-255 and spills softcap's 248-400 B;
@@ -282,12 +283,18 @@ def tmem_columns(kind: str, q_tokens: int, kv_tokens: int, head_dim: int) -> int
 
 
 def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: int, warps: int, stages: int,
-              hw: Hardware, score_tiles: float = 2) -> bool:
+              hw: Hardware, score_tiles: float = 2, in_tmem: bool = False) -> bool:
     """A pass's kernel fits one block: shared memory under the per-block limit (the SM's less 1 KiB),
-    its register-resident tiles within ``REG_BUDGET`` registers a thread and, on tensor memory, its
-    accumulators within ``TMEM_COLUMNS``."""
+    its register-resident tiles within ``REG_BUDGET`` registers a thread and, with ``in_tmem`` on tensor
+    memory (its accumulators there, out of the registers), those within ``TMEM_COLUMNS``.
+
+    ``in_tmem`` is asked for the one backward it was checked on (``wide_kv_backward``): elsewhere the search
+    counts tcgen05's accumulators as registers still. Admitting them everywhere on sm_100 (offline, Triton
+    3.9, bf16, n = 8192) gave dK/dV 128 Q x 64 KV tiles whose shared memory the model puts at 176 KiB and
+    ptxas's kernels at 227-257 KiB (document, vertical_slash, d 128), and dQ kernels at 128 x 64 that
+    spilled 8-28 B at their pass's 2 stages (power, prefix_lm, nsa's cmp): seven kernels down to one stage."""
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
-    tmem = tensor_memory(hw)
+    tmem = in_tmem and tensor_memory(hw)
     regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles, tmem)
     return (smem <= hw.smem_bytes - 1024 and regs <= REG_BUDGET
             and (not tmem or tmem_columns(kind, q_tokens, kv_tokens, head_dim) <= TMEM_COLUMNS))
@@ -356,7 +363,8 @@ def wide_kv_backward(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardw
     passes = (("bwd_dkdv", math.prod(q), math.prod(kv)), ("bwd_dq", config.q_tokens, config.kv_tokens))
     for stages in (3, 2):
         if registers:
-            ok = all(pass_fits(kind, qt, kt, head_dim, nbytes, 8, stages, hw, bwd_score_tiles) for kind, qt, kt in passes)
+            ok = all(pass_fits(kind, qt, kt, head_dim, nbytes, 8, stages, hw, bwd_score_tiles, in_tmem=True)
+                     for kind, qt, kt in passes)
         else:
             ok = all(pass_smem(kind, qt, kt, head_dim, nbytes, stages) <= hw.smem_bytes - 1024 for kind, qt, kt in passes)
         if ok:
