@@ -266,8 +266,14 @@ def pass_registers(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, warp
 
 
 def tensor_memory(hw: Hardware) -> bool:
-    """Whether ``hw``'s MMAs accumulate in tensor memory (tcgen05: sm_100 and later)."""
-    return compute_capability(hw.arch) >= 100
+    """Whether ``hw``'s MMAs accumulate in tensor memory (tcgen05: the datacenter Blackwells, sm_100 to
+    sm_11x; sm_120, the consumer one, has neither)."""
+    return 100 <= compute_capability(hw.arch) < 120
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels run (``BLOCK_D``: the next power of two, 16 at least)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 def tmem_columns(kind: str, q_tokens: int, kv_tokens: int, head_dim: int) -> int:
@@ -349,28 +355,40 @@ def backward_tiles(q_tile: tuple[int, ...], kv_tile: tuple[int, ...], hw: Hardwa
 
 
 def wide_kv_backward(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware, bwd_score_tiles: float = 2,
-                     *, registers: bool = True) -> KernelConfig | None:
+                     *, registers: bool = True, kv_ext: tuple[int, ...] | None = None) -> KernelConfig | None:
     """``config`` with FlexAttention's Hopper backward orientation: the dK/dV kernel on a Q tile of the
     forward's KV tile (64 tokens) and a KV tile twice it (its innermost axis doubled), so dK/dV's MMAs run
     128 KV rows (tcgen05's full M, two wgmma warpgroups of 64); the dQ kernel on the forward's tiles; 8
-    warps and the most stages (3, 2) under which both fit (``registers``: the register and tensor-memory
-    model too, as the search asks; without, shared memory only, the tuner's trial on Hopper). None on a
-    forward KV tile other than 64 tokens, tiles of different ranks, before Hopper, or where nothing fits."""
+    warps and the most stages (3, 2) under which both fit at the kernels' padded head dim (``registers``:
+    the register and tensor-memory model too, as the search asks; without, shared memory only, the tuner's
+    trial on Hopper). None on a forward KV tile other than 64 tokens, tiles of different ranks, before
+    Hopper, a doubled tile past the keys' extents ``kv_ext`` (per axis, or all of them for a flat tile),
+    or where nothing fits."""
     if min_kv_tokens(hw) <= 1 or config.kv_tokens != 64 or len(config.kv_tile) != len(config.q_tile):
         return None
     q = tuple(config.kv_tile)  # 64 tokens, in the KV tile's shape (a box on a grid)
     kv = tuple(t * 2 if i == len(q) - 1 else t for i, t in enumerate(q))
+    if kv_ext is not None and (kv[-1] > kv_ext[-1] if len(kv_ext) == len(kv) else math.prod(kv) > math.prod(kv_ext)):
+        return None  # half the doubled tile would be padding
+    d = padded_head_dim(head_dim)
     passes = (("bwd_dkdv", math.prod(q), math.prod(kv)), ("bwd_dq", config.q_tokens, config.kv_tokens))
     for stages in (3, 2):
-        if registers:
-            ok = all(pass_fits(kind, qt, kt, head_dim, nbytes, 8, stages, hw, bwd_score_tiles, in_tmem=True)
+        if registers:  # tensor memory asked for the dK/dV kernel, the one it was checked on
+            ok = all(pass_fits(kind, qt, kt, d, nbytes, 8, stages, hw, bwd_score_tiles, in_tmem=kind == "bwd_dkdv")
                      for kind, qt, kt in passes)
         else:
-            ok = all(pass_smem(kind, qt, kt, head_dim, nbytes, stages) <= hw.smem_bytes - 1024 for kind, qt, kt in passes)
+            ok = all(pass_smem(kind, qt, kt, d, nbytes, stages) <= hw.smem_bytes - 1024 for kind, qt, kt in passes)
         if ok:
             return dataclasses.replace(config, bwd_num_warps=8, bwd_num_stages=stages, bwd_q_tile=q, bwd_kv_tile=kv,
                                        dq_q_tile=tuple(config.q_tile), dq_kv_tile=tuple(config.kv_tile))
     return None
+
+
+def is_wide_kv(config: KernelConfig) -> bool:
+    """Whether ``config``'s dK/dV runs ``wide_kv_backward``'s tiles (its Q tile the forward's KV tile, its
+    KV tile twice that)."""
+    b = config.backward_config()
+    return config.own_backward_tiles and b.q_tokens == config.kv_tokens and b.kv_tokens == 2 * config.kv_tokens
 
 
 def score_tiles_of(pat: ir.PatternIR, mask: sympy.Basic, hw: Hardware) -> tuple[float, float]:
@@ -685,7 +703,8 @@ class ScheduleSearch:
                 out.append(cfg)
                 # on tensor memory, dK/dV on 128 KV rows where it fits (tcgen05's M; the cost model weighs it):
                 # not for a route (one plan per call) or a FoX decay (its dK/dV fits at 32 rows)
-                wide = (wide_kv_backward(cfg, self.head_dim, self.nbytes, self.hw, self.bwd_score_tiles)
+                wide = (wide_kv_backward(cfg, self.head_dim, self.nbytes, self.hw, self.bwd_score_tiles,
+                                         kv_ext=self.kv_ext)
                         if tensor_memory(self.hw) and self.pat.route is None and self.pat.decay is None else None)
                 if wide is not None and wide != cfg:
                     out.append(wide)
@@ -694,8 +713,18 @@ class ScheduleSearch:
         return out
 
     def fits(self, config: KernelConfig) -> bool:
-        """Both passes of ``config`` fit this hardware (shared memory and registers)."""
-        return sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is not None
+        """Both passes of ``config`` fit this hardware (shared memory and registers): its forward and a
+        backward at some tiles (``sized``), and the backward's and dQ kernel's own tiles where it has them,
+        at its backward launch (tensor memory asked for a ``wide_kv_backward`` dK/dV on tcgen05)."""
+        if sized(config, self.head_dim, self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles) is None:
+            return False
+        if not (config.own_backward_tiles or config.own_dq_tiles):
+            return True
+        b, dq, d = config.backward_config(), config.dq_config(), self.head_dim
+        launch = (config.bwd_warps, config.bwd_stages, self.hw, self.bwd_score_tiles)
+        return (pass_fits("bwd_dkdv", b.q_tokens, b.kv_tokens, d, self.nbytes, *launch,
+                          in_tmem=is_wide_kv(config) and tensor_memory(self.hw))
+                and pass_fits("bwd_dq", dq.q_tokens, dq.kv_tokens, d, self.nbytes, *launch))
 
     def _box_layouts(self, q_tile, kv_tile) -> tuple[str, ...]:
         if contiguous(q_tile, self.q_ext) and contiguous(kv_tile, self.kv_ext):
@@ -770,5 +799,6 @@ class ScheduleSearch:
 
 __all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
            "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles", "tensor_memory", "tmem_columns", "wide_kv_backward",
+           "is_wide_kv", "padded_head_dim",
            "pass_values",
            "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]

@@ -9,6 +9,8 @@ sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -205,31 +207,73 @@ def test_tensor_memory_keeps_blackwells_accumulators_out_of_the_register_model()
     assert SR.tmem_columns("fwd", 256, 64, 128) == 2 * (64 + 128)  # two 128-row halves of M
 
 
+def _blackwell_window(n: int = 8192):
+    from attnc.compiler import evaluate as E
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    return pat, E.bind_sizes(pat, n=n, heads=G.HEADS)
+
+
 def test_blackwells_backward_runs_dkdv_on_128_kv_rows():
     """The B200 search weighs dK/dV on 128 KV rows (tcgen05's M: the dK/dV products' rows are KV tokens,
     64-row MMAs modelled at half rate) with dQ on the forward's 128-row tiles, and picks it for a sliding
-    window at 8K tokens (predicted faster than the forward's own tiles); Hopper's pick keeps 64 KV rows."""
-    from attnc.compiler import evaluate as E
-
-    n = 8192  # at 4K tokens and 2 heads 128-row KV tiles fill half of B200's 148 SMs: the model keeps 64
-    pat = attnc.load("stdlib:sliding_window", window=1024)
-    bound = E.bind_sizes(pat, n=n, heads=G.HEADS)
-    found = SR.ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=128).run(top=0)
+    window at 8K tokens (predicted faster than the same forward's 64-row backward); Hopper's pick keeps 64
+    KV rows; at d 192 (kernels at 256: 640 tensor-memory columns) B200's does too."""
+    # at 4K tokens and 2 heads 128-row KV tiles fill half of B200's 148 SMs: the model keeps 64 there
+    pat, bound = _blackwell_window()
+    search = SR.ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=128)
+    found = search.run(top=0)
     pick = found[0].config
-    assert (pick.backward_config().q_tile, pick.backward_config().kv_tile) == ((64,), (128,))
-    assert pick.dq_config().q_tile == pick.q_tile == (128,) and pick.bwd_warps == 8
+    assert (pick.backward_config().q_tile, pick.backward_config().kv_tile) == ((64,), (128,)) and SR.is_wide_kv(pick)
+    assert pick.dq_config().q_tile == pick.q_tile == (128,) and pick.bwd_warps == 8 and search.fits(pick)
     forward = lambda c: (c.q_tile, c.kv_tile, c.layout, c.num_warps, c.num_stages)  # noqa: E731
     narrow = [c for c in found if forward(c.config) == forward(pick) and c.config.backward_config().kv_tokens == 64]
     assert narrow and all(c.backward_s > found[0].backward_s for c in narrow)
     hopper = SR.ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128).run(top=1)[0].config
     assert hopper.backward_config().kv_tokens == 64
-    if G.targets_available(100):  # offline: spill-free, on tcgen05 (Triton 3.9)
-        records, described = G.record_call(pat, arch=100, head_dim=128, dtype="bf16", n=n)
-        assert "bwd 64/128" in described
-        reports = [G.check_launch(r, 100, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records
-                   if r.name in ("attnc_bwd_dq", "attnc_bwd_dkdv")]
-        assert all(r.ok and not r.fell_back and r.tcgen05 > 0 for r in reports), "\n" + G.table(reports)
-        assert {r.kernel: r.constexprs["BLOCK_M"] for r in reports} == {"bwd_dq": 128, "bwd_dkdv": 64}
+    wide192 = SR.ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=192).run(top=1)[0].config
+    assert not SR.is_wide_kv(wide192) and SR.padded_head_dim(192) == 256
+    assert SR.tmem_columns("bwd_dkdv", 64, 128, 256) > SR.TMEM_COLUMNS
+
+
+def test_the_128_row_backward_stays_within_the_keys():
+    """Doubling the KV tile's innermost axis must not pass the keys' extent (half the tile would be
+    padding): a box whose innermost axis is the grid's whole width, a flat tile on a small grid, a short
+    sequence take none."""
+    b200 = get_hardware("b200")
+    box = KernelConfig((8, 8), (8, 8), "address", 8, 3)
+    assert SR.wide_kv_backward(box, 128, 2, b200, kv_ext=(64, 8)) is None
+    assert SR.wide_kv_backward(box, 128, 2, b200, kv_ext=(64, 64)).backward_config().kv_tile == (8, 16)
+    flat = KernelConfig((128,), (64,), "flat", 8, 3)
+    assert SR.wide_kv_backward(flat, 128, 2, b200, kv_ext=(8, 8)) is None  # 64 keys on an 8 x 8 grid
+    assert SR.wide_kv_backward(flat, 128, 2, b200, kv_ext=(100,)) is None
+    assert SR.wide_kv_backward(flat, 128, 2, b200, kv_ext=(4096,)) is not None
+
+
+def test_the_tuner_times_both_of_blackwells_backwards():
+    """On B200 the tuner's trials hold the search's 128-KV-row backward and the same forward's 64-row one,
+    so the GPU decides what the model assumed (64-row MMAs at half rate)."""
+    from attnc.runtime.tuning import autotune as A
+
+    pat, bound = _blackwell_window()
+    trials = A.candidates(SR.ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=128), top=1)
+    kv_rows = {t.config.backward_config().kv_tokens for t in trials}
+    assert SR.is_wide_kv(trials[0].config) and kv_rows == {64, 128}
+    assert all(math.isfinite(t.predicted_ms) for t in trials if t.config.backward_config().kv_tokens == 64)
+
+
+@pytest.mark.skipif(not G.targets_available(100), reason="the installed Triton does not target sm_100")
+def test_blackwells_128_row_backward_compiles_on_tcgen05():
+    """sm_100 offline: the B200 pick's dK/dV on 64 Q x 128 KV tokens and dQ on 128 x 64, spill-free and
+    within shared memory at their picked stages, their dots on tcgen05.mma."""
+    pat, _ = _blackwell_window()
+    records, described = G.record_call(pat, arch=100, head_dim=128, dtype="bf16", n=8192)
+    assert "bwd 64/128" in described
+    reports = [G.check_launch(r, 100, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records
+               if r.name in ("attnc_bwd_dq", "attnc_bwd_dkdv")]
+    assert len(reports) == 2 and all(r.ok and not r.fell_back and r.tcgen05 > 0 for r in reports), "\n" + G.table(reports)
+    assert {r.kernel: (r.constexprs["BLOCK_M"], r.constexprs["BLOCK_N"]) for r in reports} == {
+        "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 
 
 def test_a_clustering_pattern_is_recorded_with_its_centroids():

@@ -42,7 +42,9 @@ from ...compiler.search import (
     WARPS,
     ScheduleSearch,
     forward_fits,
+    is_wide_kv,
     pass_fits,
+    tensor_memory,
 )
 from ...compiler.search import wide_kv_backward as search_wide_kv_backward
 from ...core import ir
@@ -320,11 +322,21 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
                 configs.append(cfg)
         # the backward's own tiles (and the dQ kernel's), where the search gave them some
         tiles = {"bwd_dq": pick.dq_config(), "bwd_dkdv": pick.backward_config()}
+        in_tmem = is_wide_kv(pick) and tensor_memory(hw)  # dK/dV on 128 KV rows, accumulators in tensor memory
         for warps, stages in launch:
             cfg = dataclasses.replace(pick, bwd_num_warps=warps, bwd_num_stages=stages)
             if cfg not in configs and all(pass_fits(k, tiles[k].q_tokens, tiles[k].kv_tokens, d, nbytes, warps, stages,
-                                                    hw, search.bwd_score_tiles) for k in PASSES[1:]):
+                                                    hw, search.bwd_score_tiles, in_tmem=in_tmem and k == "bwd_dkdv")
+                                          for k in PASSES[1:]):
                 configs.append(cfg)
+        # the same forward's other backward the search weighed (on Blackwell: 64 and 128 KV rows), so the
+        # GPU times the choice the model made
+        for c in cands[1:]:
+            other = c.config
+            if ((other.num_warps, other.num_stages) == (pick.num_warps, pick.num_stages) and other not in configs
+                    and (other.backward_config(), other.dq_config()) != (pick.backward_config(), pick.dq_config())):
+                configs.append(other)
+                break
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         wide = wide_kv_backward(pick, search, nbytes)
         if wide is not None and wide not in configs:
@@ -348,7 +360,7 @@ def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2
     than 64 tokens."""
     if search.pat.route is not None or search.pat.decay is not None:
         return None
-    return search_wide_kv_backward(pick, search.head_dim, nbytes, search.hw, registers=False)
+    return search_wide_kv_backward(pick, search.head_dim, nbytes, search.hw, registers=False, kv_ext=search.kv_ext)
 
 
 # ----------------------------------------------------------------- the tuner
