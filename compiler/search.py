@@ -272,7 +272,7 @@ def tensor_memory(hw: Hardware) -> bool:
 
 
 def padded_head_dim(head_dim: int) -> int:
-    """The head dim the kernels run (``BLOCK_D``: the next power of two, 16 at least)."""
+    """The head dim the kernels run (``BLOCK_D``, ``BLOCK_DV``: the next power of two, 16 at least)."""
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
@@ -701,16 +701,22 @@ class ScheduleSearch:
                         self.nbytes, self.hw, self.score_tiles, self.bwd_score_tiles, dq_tiles=self.pat.route is None)
             if cfg is not None:
                 out.append(cfg)
-                # on tensor memory, dK/dV on 128 KV rows where it fits (tcgen05's M; the cost model weighs it):
-                # not for a route (one plan per call) or a FoX decay (its dK/dV fits at 32 rows)
-                wide = (wide_kv_backward(cfg, self.head_dim, self.nbytes, self.hw, self.bwd_score_tiles,
-                                         kv_ext=self.kv_ext)
-                        if tensor_memory(self.hw) and self.pat.route is None and self.pat.decay is None else None)
+                # on tensor memory, dK/dV on 128 KV rows where it fits (tcgen05's M; the cost model weighs it)
+                wide = self.wide_backward(cfg) if tensor_memory(self.hw) else None
                 if wide is not None and wide != cfg:
                     out.append(wide)
         if not out:  # nothing fits: keep the smallest pipeline so a prediction exists (``fits`` says no)
             out.append(KernelConfig(tuple(q_tile), tuple(kv_tile), layouts[0], max(WARPS), 1, max(WARPS), 1))
         return out
+
+    def wide_backward(self, config: KernelConfig, *, registers: bool = True,
+                      nbytes: int | None = None) -> KernelConfig | None:
+        """``wide_kv_backward`` of ``config`` on this search's keys and hardware (``registers``: as there);
+        None for a route (its selection is one plan per call) or a FoX decay (its dK/dV fits at 32 rows)."""
+        if self.pat.route is not None or self.pat.decay is not None:
+            return None
+        return wide_kv_backward(config, self.head_dim, self.nbytes if nbytes is None else nbytes, self.hw,
+                                self.bwd_score_tiles, registers=registers, kv_ext=self.kv_ext)
 
     def fits(self, config: KernelConfig) -> bool:
         """Both passes of ``config`` fit this hardware (shared memory and registers): its forward and a
@@ -797,8 +803,8 @@ class ScheduleSearch:
         return None if sched is None else sched.density
 
 
-__all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles", "classifier", "contiguous",
-           "classify_flat", "flat_box", "flat_view", "forward_fits", "halved", "kv_shapes", "min_kv_tokens", "pass_fits", "pass_registers", "pass_smem", "pass_tiles", "tensor_memory", "tmem_columns", "wide_kv_backward",
-           "is_wide_kv", "padded_head_dim",
-           "pass_values",
-           "route_schedule", "sized", "tile_shapes", "tile_grid", "tile_token_counts"]
+__all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles",
+           "classifier", "classify_flat", "contiguous", "flat_box", "flat_view", "forward_fits", "halved", "is_wide_kv",
+           "kv_shapes", "min_kv_tokens", "padded_head_dim", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
+           "pass_values", "route_schedule", "sized", "tensor_memory", "tile_grid", "tile_shapes", "tile_token_counts",
+           "tmem_columns", "wide_kv_backward"]

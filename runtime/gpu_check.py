@@ -317,7 +317,7 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
     over the block's shared memory or with local memory (spills) passed over (``KernelReport.fell_back``).
     A compile failure of the recorded rung becomes the report's error; of a lower one, that rung is passed over."""
     reports: dict = {}
-    ladder = kernel_fit.rungs(rec.kwargs.get("num_warps", 4), rec.kwargs.get("num_stages", 3))
+    ladder = kernel_fit.rungs(*(rec.kwargs.get(key, default) for key, default in kernel_fit.TRITON_DEFAULTS.items()))
 
     def probe(rung: kernel_fit.Rung) -> kernel_fit.Fit:
         rep = _compiled_report(dataclasses.replace(rec, kwargs={**rec.kwargs, **rung.options()}), arch,
@@ -513,8 +513,9 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
     N = E.bind_sizes(whole, n=n, nk=n, heads=HEADS, sizes=sizes, dk=head_dim).n
     q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
     inputs = {d.name: torch.rand(HEADS, N, generator=gen).requires_grad_() for d in pat.gates}
+    declared = {x.name for x in pat.inputs}
     for b in pat.branches:  # a branch's own inputs, of the shapes it declares
-        own = [d.name for d in b.pattern.inputs if d.name in {x.name for x in pat.inputs} and d.name not in inputs]
+        own = [d.name for d in b.pattern.inputs if d.name in declared and d.name not in inputs]
         if own:
             bound = E.bind_sizes(b.pattern, n=N, heads=HEADS, sizes=sizes, dk=head_dim)
             made = _inputs(b.pattern, bound, gen)

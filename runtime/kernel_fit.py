@@ -32,6 +32,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+#: Triton's launch parameters where a launch names none (its CUDA backend's defaults).
+TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}
 #: The warp counts the ladder moves between (16 warps put the dots of sm_100's kernels off tcgen05.mma and
 #: spilled more, compiled offline: Triton 3.9).
 WARPS = (4, 8)
@@ -175,5 +177,5 @@ def on_gpu(args: list) -> bool:
     return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
 
 
-__all__ = ["FITTED", "WARPS", "Fit", "Rung", "choose", "fitted_options", "lowered", "native_probe", "on_gpu", "rungs",
+__all__ = ["FITTED", "TRITON_DEFAULTS", "WARPS", "Fit", "Rung", "choose", "fitted_options", "lowered", "native_probe", "on_gpu", "rungs",
            "specialization"]

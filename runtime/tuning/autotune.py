@@ -46,7 +46,6 @@ from ...compiler.search import (
     pass_fits,
     tensor_memory,
 )
-from ...compiler.search import wide_kv_backward as search_wide_kv_backward
 from ...core import ir
 from ...core.errors import SpecError
 from . import kernel_cache as KC
@@ -358,9 +357,7 @@ def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2
     weighs it (tensor memory holds the accumulators). None where it does not apply: before Hopper, a route
     (its selection is a per-tile plan), a FoX decay (its dK/dV fits only at 32 rows), a forward KV tile other
     than 64 tokens."""
-    if search.pat.route is not None or search.pat.decay is not None:
-        return None
-    return search_wide_kv_backward(pick, search.head_dim, nbytes, search.hw, registers=False, kv_ext=search.kv_ext)
+    return search.wide_backward(pick, registers=False, nbytes=nbytes)
 
 
 # ----------------------------------------------------------------- the tuner

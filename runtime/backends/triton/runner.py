@@ -44,7 +44,7 @@ from ....compiler.codegen import (
 from ....compiler.cost import KernelConfig
 from ....compiler.launch_order import choose_order, ordered_arch
 from ....compiler.schedule import TileSchedule
-from ....compiler.search import classify_flat, tile_shapes
+from ....compiler.search import classify_flat, padded_head_dim, tile_shapes
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
 from ....core import ir
@@ -585,7 +585,7 @@ def _decay_cumsum(launch: Launch, device) -> tuple[torch.Tensor, torch.Tensor] |
 
 def _blocks(launch: Launch, D: int, DV: int) -> dict:
     return {"BLOCK_M": launch.shape.block_m, "BLOCK_N": launch.shape.block_n,
-            "BLOCK_D": max(16, 1 << (D - 1).bit_length()), "BLOCK_DV": max(16, 1 << (DV - 1).bit_length())}
+            "BLOCK_D": padded_head_dim(D), "BLOCK_DV": padded_head_dim(DV)}
 
 
 def _dot_mode(launch: Launch, dtype: torch.dtype) -> int:
@@ -704,7 +704,7 @@ def _row_term(launch: Launch, out, dout, dlse) -> torch.Tensor:
     eager torch form made two fp32 copies of dO and O and a product before the sum)."""
     B, H, N, DV = out.shape
     delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
-    block_dv = max(16, 1 << (DV - 1).bit_length())
+    block_dv = padded_head_dim(DV)
     block_r = max(8, min(128, 8192 // block_dv))  # 8K elements of each tile per program
     dl = dlse if dlse is not None else _dummy(out.device)
     dl_strides = dlse.stride() if dlse is not None else (0, 0, 0)

@@ -576,8 +576,7 @@ def launch(fn, grid, interpret: bool, *args, **meta) -> None:
             fn[grid](*args, **meta)
         return
     if kernel_fit.on_gpu(args):
-        # Triton's own defaults where a launch names none
-        opts = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 3)}
+        opts = {key: meta.pop(key, default) for key, default in kernel_fit.TRITON_DEFAULTS.items()}
         meta.update(kernel_fit.fitted_options(fn, grid, list(args), meta, opts))
     fn[grid](*args, **meta)
 
