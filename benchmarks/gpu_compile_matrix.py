@@ -103,7 +103,9 @@ def run_one(task: tuple) -> list[dict]:
                 ordered_launches() if ordered else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name)
-        rows = [r.to_dict() for r in reports]
+        # the tile lists each kernel stepped through as runs of consecutive tiles (``{kind}_RUN``)
+        rows = [{**r.to_dict(), "runs": sorted(k[:-4] for k, v in r.constexprs.items() if k.endswith("_RUN") and v)}
+                for r in reports]
     except Exception as err:  # noqa: BLE001 - a cell that cannot even be recorded is a finding too
         rows = [{"pattern": name, "kernel": "-", "arch": arch, "head_dim": d, "dtype": dtype, "config": "",
                  "num_warps": 0, "num_stages": 0, "shared": 0, "smem_limit": 0, "regs": 0, "spill_bytes": 0,
@@ -204,6 +206,11 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              *([f"Launch order: {sum(bool(r.get('ordered')) for r in cur)} of {len(cur)} kernels compiled with "
                 "their order tables (`--ordered`: `ORDERED`, longest first, forced where the recorded sizes "
                 "would not take it).", ""] if any(r.get("ordered") for r in cur) else []),
+             *([f"Runs: {sum(bool(r.get('runs')) for r in cur)} of {len(cur)} kernels stepped through at least one "
+                "of their tile lists as a run of consecutive tiles, with no index load in the loop (`{kind}_RUN`): "
+                + ", ".join(f"{kind} {sum(kind in r.get('runs', ()) for r in cur)}"
+                            for kind in ("FULL", "PART", "T_FULL", "T_PART")) + ".", ""]
+               if any("runs" in r for r in cur) else []),
              f"**{len(bad)} of {len(cur)} kernels with a problem** (compile error, shared memory over the limit, "
              "spills, or 16-bit dots off the tensor cores: on FMA, or not on tcgen05.mma on sm_100) at the "
              "current configs." + (" Problems:" if bad else ""), ""]

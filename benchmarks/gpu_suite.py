@@ -23,7 +23,8 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
   attnc's kernels launch longest first (``compiler.launch_order``); the reference rule k <= q;
   timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
 - Variants, timed beside each softmax case where they apply: the same kernels in tile order where
-  they took an order table, and the autotuner's Hopper backward trial (dK/dV on a KV tile of 128);
+  they took an order table, reading every tile index from the lists where they stepped through runs
+  of consecutive tiles, and the autotuner's Hopper backward trial (dK/dV on a KV tile of 128);
   one run measures what each is worth (``variant_rows``).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
   Triton chunked kernels against attnc's chunked torch recurrence in float32
@@ -348,10 +349,18 @@ def _used_order(attn) -> bool:
     return any(table is not None for key, tables in state.items() if key[0] == "order" for table in tables.values())
 
 
+def _used_runs(attn) -> bool:
+    """Whether the module's latest call stepped through a tile list as a run of consecutive tiles
+    (``TileSchedule.runs``: no index load in the kernel's loop)."""
+    runs = getattr(getattr(attn.runner, "last_plan", None), "device_state", {}).get(("runs",), {})
+    return any(runs.values())
+
+
 def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines_b) -> None:
     """The same kernels launched otherwise, timed in this process beside the rows above, so that one GPU
     run decides what to keep: in tile order where the kernels took an order table (always on the toy
-    causal case, whose sizes take none, to run the path), and on the tuner's Hopper backward
+    causal case, whose sizes take none, to run the path); reading every tile index from the lists where
+    the kernels stepped through runs of consecutive tiles; and on the tuner's Hopper backward
     (``autotune.wide_kv_backward``) where it applies to the config that ran."""
     from attnc.compiler import evaluate as E
     from attnc.compiler.hardware import get_hardware
@@ -388,6 +397,13 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
             row("tile order (no order tables)", *time_module(module()))
         finally:
             TR.choose_order = saved
+    if _used_runs(attn):
+        saved_runs = TR._runs
+        TR._runs = lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds}
+        try:
+            row("lists by index (no runs)", *time_module(module()))
+        finally:
+            TR._runs = saved_runs
     pick = getattr(attn.runner, "last_config", None)
     if pick is None:
         return

@@ -245,6 +245,24 @@ class TileSchedule(TileCounts):
         order = torch.argsort((h * self.num_q_tiles + qi) * self.num_kv_tiles + ki)
         return h[order], qi[order], ki[order], full[order]
 
+    def runs(self) -> dict[str, bool]:
+        """Which tile lists are each one run of consecutive tiles (``index[j] == index[0] + j``; the lists
+        are sorted), by the kernels' list names: ``FULL``, ``PART``, ``T_FULL``, ``T_PART``. A kernel steps
+        through a run with no index load in its loop (``compiler.triton_kernels.list_tile``). Lists on a
+        GPU (a route's, selected there per call) count as not runs: asking would wait for the GPU."""
+        out = {}
+        for name, count, index in (("FULL", self.full_count, self.full_index),
+                                   ("PART", self.partial_count, self.partial_index),
+                                   ("T_FULL", self.t_full_count, self.t_full_index),
+                                   ("T_PART", self.t_partial_count, self.t_partial_index)):
+            if index.device.type != "cpu":
+                out[name] = False
+                continue
+            step = torch.arange(index.shape[-1])
+            live = step < count[..., None]
+            out[name] = bool(((index[..., :1] + step == index) | ~live).all())
+        return out
+
     def classes(self) -> torch.Tensor:
         """Dense class map ``[heads_stored, num_q_tiles, num_kv_tiles]``: 0 EMPTY, 1 PARTIAL, 2 FULL
         (for tests and pictures; O(tiles^2))."""

@@ -20,18 +20,44 @@ def indent(lines: list[str], n: int) -> str:
 
 
 def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
-    """A ``@triton.jit`` kernel's text: parameters six to a line, a one-line docstring, the body."""
-    rows = [", ".join(params[i:i + 6]) + "," for i in range(0, len(params), 6)]
+    """A ``@triton.jit`` kernel's text: parameters packed on lines of at most 110 characters, a one-line
+    docstring, the body."""
+    rows: list[str] = []
+    for param in params:
+        if rows and len(rows[-1]) + len(param) + 6 <= 110:
+            rows[-1] += f" {param},"
+        else:
+            rows.append(f"{param},")
     return (f"\n\n@triton.jit\ndef {name}(\n" + indent(rows, 4) + "):\n"
             + f'    """{doc}"""\n' + indent(body, 4))
 
 
 def list_loop(kind: str, tiles: int, tile_var: str) -> list[str]:
     """The head of a loop over one tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) of the
-    (batch, head) class ``cls`` and tile ``tile_var`` of ``tiles``: its length, its base, ``for j``."""
+    (batch, head) class ``cls`` and tile ``tile_var`` of ``tiles``: its length, its base, the first tile
+    of a run (``{kind}_RUN``), ``for j``."""
     return [f"n_list = tl.load({kind}_N + cls * {tiles} + {tile_var})",
             f"list_base = {kind}_I + (cls * {tiles} + {tile_var}).to(tl.int64) * {kind.lower()}_w",
+            f"if {kind}_RUN:  # every list of this launch is one run of consecutive tiles",
+            "    run_start = tl.load(list_base)",
             "for j in range(0, n_list):"]
+
+
+def list_tile(kind: str, tile_var: str, comment: str = "") -> list[str]:
+    """The tile ``j`` of a list (the first line of a ``list_loop``'s body): ``run_start + j`` in a run, with
+    no load in the loop, so that its K/V (or Q/dO) loads are affine and Triton's pipeline keeps its depth
+    (offline, sm_90, Triton 3.6: a tile index loaded in the loop went through shared memory itself and
+    left one K/V buffer fewer); else the index loaded from the list."""
+    note = f"  # {comment}" if comment else ""
+    return [f"if {kind}_RUN:",
+            f"    {tile_var} = run_start + j{note}",
+            "else:",
+            f"    {tile_var} = tl.load(list_base + j){note}"]
+
+
+def run_params(*kinds: str) -> list[str]:
+    """The ``{kind}_RUN`` constexprs of a kernel's lists (False: indices loaded in the loop)."""
+    return [f"{kind}_RUN: tl.constexpr = False" for kind in kinds]
 
 
 def nested(lines: list[str]) -> list[str]:
@@ -83,7 +109,8 @@ class KernelBodies:
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
                   "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False"]
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
+                  *run_params("FULL", "PART")]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -114,7 +141,7 @@ class KernelBodies:
                 f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
                 *list_loop(kind, self.shape_tiles_q(), "qt"),
             ]
-            loop = ["kt = tl.load(list_base + j)  # the KV tile", *self._tiles("k", "kt"),
+            loop = [*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt"),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
                     "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
@@ -227,7 +254,7 @@ class KernelBodies:
                   *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False"]
+                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False", *run_params("FULL", "PART")]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -257,7 +284,7 @@ class KernelBodies:
                 f"# ---- {'FULL' if not masked else 'PARTIAL'} KV tiles",
                 *list_loop(kind, self.shape_tiles_q(), "qt"),
             ]
-            loop = ["kt = tl.load(list_base + j)", *self._tiles("k", "kt"),
+            loop = [*list_tile(kind, "kt"), *self._tiles("k", "kt"),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
                     "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
@@ -287,7 +314,8 @@ class KernelBodies:
                   *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False"]
+                  "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False",
+                  *run_params("T_FULL", "T_PART")]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",
@@ -324,7 +352,7 @@ class KernelBodies:
                 f"# ---- Q tiles for which this KV tile is {'FULL' if not masked else 'PARTIAL'}",
                 *list_loop(kind, nk, "kt"),
             ]
-            loop = ["qt = tl.load(list_base + j)", *self._tiles("q", "qt"), *self._load_q_side(),
+            loop = [*list_tile(kind, "qt"), *self._tiles("q", "qt"), *self._load_q_side(),
                     *self._per_query_setup_q(),
                     *self._bwd_scores_t(masked),
                     "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",

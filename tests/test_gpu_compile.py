@@ -414,3 +414,28 @@ def test_offline_compile_ignores_triton_interpret(monkeypatch):
     reports = G.check_pattern(CAUSAL, archs=(80,), head_dims=(64,), dtypes=("bf16",), n=256, label="causal")
     assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
     assert all(r.ok for r in reports), [r for r in reports if not r.ok]
+
+
+def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
+    """A sliding window's FULL lists are runs of consecutive KV tiles: its forward steps through them with no
+    index load (``FULL_RUN``), and Triton's sm_90 pipeline starts its loop with ``stages - 1`` K and V tiles in
+    flight. Reading every index from the lists instead, the index itself went through shared memory and the
+    pipeline held fewer K/V tiles ahead (one fewer at 3 stages, on Triton 3.6 and 3.9)."""
+    from attnc.runtime.backends.triton import runner as TB
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+
+    def prologue(records) -> tuple[bool, int, int, int]:
+        """(FULL_RUN, stages, 16-bit tiles and int32 indices copied to shared memory before the first loop)"""
+        rec = next(r for r in records if r.name == "attnc_fwd")
+        kernel, _, consts = G.compile_launch(rec, 90)
+        ttgir = kernel.asm["ttgir"]
+        head = [line for line in ttgir[:ttgir.index("scf.for")].splitlines() if "async_copy_global_to_local" in line]
+        return (consts["FULL_RUN"], rec.kwargs["num_stages"], sum("xbf16" in line for line in head),
+                sum("xi32" in line for line in head))
+
+    runs, stages, tiles, indices = prologue(G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N)[0])
+    assert runs and stages == 3 and (tiles, indices) == (2 * (stages - 1), 0)
+    monkeypatch.setattr(TB, "_runs", lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds})
+    runs, stages, tiles, indices = prologue(G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N)[0])
+    assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0

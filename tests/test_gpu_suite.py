@@ -42,6 +42,9 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     # the variant the toy run can take: the causal case's kernels again without order tables
     variant = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, tile order"))
     assert float(variant.split("|")[5]) > 0, variant
+    # and the kernels reading every tile index from the lists, where they had stepped through runs (causal)
+    indexed = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, lists by index"))
+    assert float(indexed.split("|")[5]) > 0, indexed
 
 
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):

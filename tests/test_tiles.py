@@ -563,3 +563,39 @@ def test_infinite_float32_input_keeps_its_bound(refine, intervals):
     assert mask[0, :, :].any(-1).tolist() == [True, False, False]
     sched = classify(pat, bound, (1,), (1,), inputs, refine, intervals)
     check_schedule(sched, mask, (3,), (3,), (1,), (1,), 1, classify_tiles_dense(pat, bound, (1,), (1,), inputs))
+
+
+# ----------------------------------------------------------------- runs of consecutive tiles
+def naive_runs(count: torch.Tensor, index: torch.Tensor) -> bool:
+    """Every list its first tile and the ones after it, one by one (a plain loop over the entries)."""
+    for c in range(count.shape[0]):
+        for t in range(count.shape[1]):
+            entries = [int(index[c, t, j]) for j in range(int(count[c, t]))]
+            if any(tile != entries[0] + j for j, tile in enumerate(entries)):
+                return False
+    return True
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([("stdlib:sliding_window", {"window": 7}), ("pattern causal\n  tokens seq\n  mask causal\n", {}),
+                        ("stdlib:neighborhood_1d", {"kernel_size": 5, "dilation": 3}),
+                        ("stdlib:dilated", {"segment": 12, "dilation": 2}),
+                        ("stdlib:streaming", {"window": 6, "sinks": 2})]),
+       st.integers(20, 70), st.sampled_from([4, 8, 16]), st.sampled_from([4, 8, 16]))
+def test_list_runs_are_the_naive_loops(case, n, q_tile, kv_tile):
+    """``TileSchedule.runs`` says of each list kind what a loop over its entries says, and it is not
+    vacuous: a causal mask's lists are runs; streaming's PARTIAL lists past the sinks (the sink tile, then
+    the window's diagonal tiles) are not."""
+    name, params = case
+    pat = attnc.load(name, **params)
+    sched = T.classify_tiles(pat, E.bind_sizes(pat, n=n, heads=1), (q_tile,), (kv_tile,))
+    runs = sched.runs()
+    for kind, count, index in (("FULL", sched.full_count, sched.full_index),
+                               ("PART", sched.partial_count, sched.partial_index),
+                               ("T_FULL", sched.t_full_count, sched.t_full_index),
+                               ("T_PART", sched.t_partial_count, sched.t_partial_index)):
+        assert runs[kind] == naive_runs(count, index), kind
+    if name.startswith("pattern causal"):
+        assert all(runs.values())
+    if name == "stdlib:streaming" and n > 48:
+        assert not runs["PART"]

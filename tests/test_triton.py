@@ -177,6 +177,46 @@ def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
     assert seen["attnc_bwd_dkdv"] is (name != "moba")
 
 
+# ----------------------------------------------------------------- lists that are runs of consecutive tiles
+@pytest.mark.parametrize("name,params,runs", [
+    # one run each: FULL and PARTIAL lists, and their transposes
+    ("prefix_lm", {"prefix": 5}, {"FULL": True, "PART": True, "T_FULL": True, "T_PART": True}),
+    # the sink tile before the window's diagonal tiles: PARTIAL lists by index
+    ("streaming", {"window": 6, "sinks": 2}, {"FULL": True, "PART": False, "T_FULL": True, "T_PART": True}),
+    # a route's lists, selected per call (on a GPU, there), are read by index whatever they hold
+    ("moba", {"block": 8, "topk": 2}, {"FULL": False, "PART": False, "T_FULL": False, "T_PART": False}),
+])
+def test_kernels_step_through_runs_bitwise_as_through_indices(monkeypatch, name, params, runs):
+    """A list that is one run of consecutive tiles is stepped through with no index load (``{kind}_RUN``):
+    each kernel is told which of its lists are runs, and the answer, gradients included, is bitwise the one
+    of the same kernels reading every index from the lists (the same tiles in the same order)."""
+    seen = {}
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        seen[kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)] = {
+            k[:-4]: v for k, v in meta.items() if k.endswith("_RUN")}
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    pat = attnc.load(f"stdlib:{name}", **params)
+    q, k, v = qkv(1, 2, 1, 72, 16, seed=3)
+    results = []
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(T, "_runs", lambda lch, *kinds: {f"{kind}_RUN": False for kind in kinds})
+        tri = attnc.compile_attention(pat, backend="triton", q_tile=16, kv_tile=16)
+        out, lse = tri(q, k, v, return_lse=True)
+        results.append((out, lse, *torch.autograd.grad(out.square().sum() + lse.sum(), (q, k, v))))
+        if not forced:
+            assert seen == {"attnc_fwd": {"FULL": runs["FULL"], "PART": runs["PART"]}, "attnc_bwd_delta": {},
+                            "attnc_bwd_dq": {"FULL": runs["FULL"], "PART": runs["PART"]},
+                            "attnc_bwd_dkdv": {"T_FULL": runs["T_FULL"], "T_PART": runs["T_PART"]}}
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    compare(pat, q, k, v, q_tile=16, kv_tile=16)
+
+
 def test_backward_of_an_expanded_gradient():
     """``out.sum().backward()`` hands the backward an expanded dO (all strides 0): the row term's kernel
     reads it by its strides."""

@@ -287,6 +287,16 @@ def _order_args(orders: dict, name: str) -> tuple[list, dict]:
     return [table], {"ORDERED": table is not None}
 
 
+def _runs(launch: Launch, *kinds: str) -> dict:
+    """The ``{kind}_RUN`` constexprs of a kernel: its lists each one run of consecutive tiles
+    (``TileSchedule.runs``, once per plan). A route's lists, selected per call (on a GPU, on the GPU: asking
+    would wait for it), are read by index, so a CPU recording compiles the kernels a GPU runs."""
+    if launch.pattern.route is not None:
+        return {f"{kind}_RUN": False for kind in kinds}
+    runs = launch.plan.on_device(("runs",), launch.plan.schedule.runs)
+    return {f"{kind}_RUN": runs[kind] for kind in kinds}
+
+
 def _lists(sched: TileSchedule, device) -> dict:
     def width1(t):  # a zero-width list still needs a valid pointer and row stride
         if t.shape[-1] == 0:
@@ -683,7 +693,8 @@ def forward(launch: Launch, q, k, v, scale: float):
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
-                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype), **ordered), backward=False)
+                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype), **ordered,
+                            **_runs(launch, "FULL", "PART")), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
@@ -768,7 +779,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
                         *_common_args(qlaunch, device, decay_c), *q_order, *tail],
-                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered),
+                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
+                            **_runs(qlaunch, "FULL", "PART")),
                        backward=True)
         L = launch.lists
         _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv),
@@ -776,7 +788,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                         *sr, L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
                         L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *tail],
                        dict(**_blocks(launch, D, DV), DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
-                            **k_ordered),
+                            **k_ordered, **_runs(launch, "T_FULL", "T_PART")),
                        backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
