@@ -86,10 +86,32 @@ def ordered_launches():
         runner.choose_order = saved
 
 
+@contextlib.contextmanager
+def tma_launches():
+    """Every pick asking for its streamed tiles loaded by TMA (``KernelConfig.tma``), as the autotuner's Hopper
+    trial runs it: the kernels load by descriptor where the tiles are whole runs of memory rows (a row's
+    ``desc``), by pointer elsewhere."""
+    import dataclasses
+
+    from attnc.runtime.backends.triton import runner
+
+    saved = runner.search_config
+
+    def with_tma(pat, bound, hw, **kw):
+        return dataclasses.replace(saved(pat, bound, hw, **kw), tma=True)
+
+    runner.search_config = with_tma
+    try:
+        yield
+    finally:
+        runner.search_config = saved
+
+
 def run_one(task: tuple) -> list[dict]:
-    """One (pattern, arch, head dim, dtype, before[, ordered]) cell: its kernels' reports as dicts."""
+    """One (pattern, arch, head dim, dtype, before[, ordered[, tma]]) cell: its kernels' reports as dicts."""
     name, arch, d, dtype, before, *rest = task
     ordered = bool(rest and rest[0])
+    tma = bool(len(rest) > 1 and rest[1])
     import triton
 
     import attnc
@@ -100,19 +122,20 @@ def run_one(task: tuple) -> list[dict]:
         pat = attnc.load(f"stdlib:{name}", **PARAMS.get(name, {}))
         n, sizes = _sizes(pat, name)
         with before_search() if before else contextlib.nullcontext(), \
-                ordered_launches() if ordered else contextlib.nullcontext():
+                ordered_launches() if ordered else contextlib.nullcontext(), \
+                tma_launches() if tma else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name)
         # the tile lists each kernel stepped through as runs of consecutive tiles (``{kind}_RUN``)
-        rows = [{**r.to_dict(), "runs": sorted(k[:-4] for k, v in r.constexprs.items() if k.endswith("_RUN") and v)}
-                for r in reports]
+        rows = [{**r.to_dict(), "runs": sorted(k[:-4] for k, v in r.constexprs.items() if k.endswith("_RUN") and v),
+                 "desc": bool(r.constexprs.get("DESC"))} for r in reports]
     except Exception as err:  # noqa: BLE001 - a cell that cannot even be recorded is a finding too
         rows = [{"pattern": name, "kernel": "-", "arch": arch, "head_dim": d, "dtype": dtype, "config": "",
                  "num_warps": 0, "num_stages": 0, "shared": 0, "smem_limit": 0, "regs": 0, "spill_bytes": 0,
                  "stack": 0, "wgmma": 0, "mma": 0, "tcgen05": 0, "dots": 0,
                  "error": f"{type(err).__name__}: {err}"[:240]}]
     for r in rows:
-        r.update(before=before, ordered=ordered, triton=triton.__version__,
+        r.update(before=before, ordered=ordered, tma=tma, triton=triton.__version__,
                  seconds=round(time.perf_counter() - start, 1))
     return rows
 
@@ -206,6 +229,11 @@ def render(rows: list[dict], args, elapsed: float) -> str:
              *([f"Launch order: {sum(bool(r.get('ordered')) for r in cur)} of {len(cur)} kernels compiled with "
                 "their order tables (`--ordered`: `ORDERED`, longest first, forced where the recorded sizes "
                 "would not take it).", ""] if any(r.get("ordered") for r in cur) else []),
+             *([f"TMA: {sum(bool(r.get('desc')) for r in cur)} of {len(cur)} kernels load their streamed tiles by "
+                "tensor descriptor (`--tma`: the search's pick with `KernelConfig.tma`, as the autotuner's Hopper "
+                "trial; by pointer where its tiles are not whole runs of memory rows, and on sm_80, which has no "
+                "TMA).", ""]
+               if any(r.get("tma") for r in cur) else []),
              *([f"Runs: {sum(bool(r.get('runs')) for r in cur)} of {len(cur)} kernels stepped through at least one "
                 "of their tile lists as a run of consecutive tiles, with no index load in the loop (`{kind}_RUN`): "
                 + ", ".join(f"{kind} {sum(kind in r.get('runs', ()) for r in cur)}"
@@ -272,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a paragraph for the results file's head (what was run and why)")
     p.add_argument("--ordered", action="store_true",
                    help="compile every kernel with its launch-order table (as where longest first pays)")
+    p.add_argument("--tma", action="store_true",
+                   help="the picks whose tiles are whole runs of memory rows with TMA loads (the tuner's Hopper trial)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -282,9 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
         for a in archs:
-            tasks += [(n, a, d, t, False, args.ordered) for d in dims for t in dtypes]
+            tasks += [(n, a, d, t, False, args.ordered, args.tma) for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
-                tasks += [(n, a, d, t, True, args.ordered) for d in map(int, args.before_head_dim.split(","))
+                tasks += [(n, a, d, t, True, args.ordered, args.tma) for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"
     log = out.with_suffix(".jsonl")
@@ -296,8 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False))
-                for r in rows}
+        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
+                 r.get("tma", False)) for r in rows}
         tasks = [t for t in tasks if t not in done]
     elif log.exists():
         log.unlink()

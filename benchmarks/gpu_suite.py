@@ -24,7 +24,8 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
   timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
 - Variants, timed beside each softmax case where they apply: the same kernels in tile order where
   they took an order table, reading every tile index from the lists where they stepped through runs
-  of consecutive tiles, and the autotuner's Hopper backward trial (dK/dV on a KV tile of 128);
+  of consecutive tiles, the autotuner's Hopper backward trial (dK/dV on a KV tile of 128) and the
+  tiles loaded by TMA (tensor descriptors, Hopper and later);
   one run measures what each is worth (``variant_rows``).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
   Triton chunked kernels against attnc's chunked torch recurrence in float32
@@ -43,6 +44,7 @@ run (the interpreter: the numbers mean nothing there, the run proves the suite w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import platform
@@ -360,11 +362,12 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     """The same kernels launched otherwise, timed in this process beside the rows above, so that one GPU
     run decides what to keep: in tile order where the kernels took an order table (always on the toy
     causal case, whose sizes take none, to run the path); reading every tile index from the lists where
-    the kernels stepped through runs of consecutive tiles; and on the tuner's Hopper backward
-    (``autotune.wide_kv_backward``) where it applies to the config that ran."""
+    the kernels stepped through runs of consecutive tiles; on the tuner's Hopper backward
+    (``autotune.wide_kv_backward``) where it applies to the config that ran; and with that config's streamed
+    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows."""
     from attnc.compiler import evaluate as E
-    from attnc.compiler.hardware import get_hardware
-    from attnc.compiler.search import ScheduleSearch
+    from attnc.compiler.hardware import compute_capability, get_hardware
+    from attnc.compiler.search import MIN_TMA_ARCH, ScheduleSearch, tma_fits
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
     from attnc.runtime.tuning.autotune import wide_kv_backward
@@ -415,6 +418,15 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
         mod = module()
         mod.runner._config = lambda bound, q, inputs: wide  # this config instead of the search's pick
         row(f"wide-KV backward ({describe_launch(wide).replace(' | ', '; ')})", *time_module(mod))
+    # the same config with its streamed tiles loaded by TMA, where its tiles are whole runs of memory rows (on
+    # the toy run too: the interpreter loads descriptors, and CPU tensors launch as on an H100)
+    sched = attn.runner.last_plan.schedule
+    if (not pick.tma and tma_fits(pick, sched.q_extents, sched.kv_extents)
+            and (toy or compute_capability(get_hardware(hw).arch) >= MIN_TMA_ARCH)):
+        with_tma = dataclasses.replace(pick, tma=True)
+        mod = module()
+        mod.runner._config = lambda bound, q, inputs: with_tma
+        row("TMA loads (tensor descriptors)", *time_module(mod))
 
 
 # ----------------------------------------------------------------- the recurrence

@@ -236,6 +236,10 @@ class KernelConfig:
     #: (wgmma, tcgen05), where dK/dV fits only at 32 rows (FoX's backward).
     dq_q_tile: tuple[int, ...] = ()
     dq_kv_tile: tuple[int, ...] = ()
+    #: Hopper and later: the streamed tiles loaded as boxes of tensor descriptors (TMA) rather than by
+    #: pointer, where every pass's tiles are whole runs of memory rows (``search.tma_fits``; a call whose
+    #: tensors TMA cannot address loads by pointer). Same tiles, same answer: a schedule choice the tuner times.
+    tma: bool = False
 
     @property
     def own_backward_tiles(self) -> bool:
@@ -291,7 +295,8 @@ class KernelConfig:
                 **({"bwd_q_tile": list(self.bwd_q_tile or self.q_tile), "bwd_kv_tile": list(self.bwd_kv_tile or self.kv_tile)}
                    if self.own_backward_tiles else {}),
                 **({"dq_q_tile": list(self.dq_config().q_tile), "dq_kv_tile": list(self.dq_config().kv_tile)}
-                   if self.own_dq_tiles else {})}
+                   if self.own_dq_tiles else {}),
+                **({"tma": True} if self.tma else {})}
 
 
 @dataclass

@@ -391,6 +391,30 @@ def is_wide_kv(config: KernelConfig) -> bool:
     return config.own_backward_tiles and b.q_tokens == config.kv_tokens and b.kv_tokens == 2 * config.kv_tokens
 
 
+#: The first architecture with the tensor memory accelerator (TMA: tensor-descriptor loads).
+MIN_TMA_ARCH = 90
+#: The most elements a TMA box spans along one dimension.
+TMA_BOX = 256
+
+
+def tma_fits(config: KernelConfig, q_extents: tuple[int, ...], kv_extents: tuple[int, ...]) -> bool:
+    """Whether every pass's tiles of ``config`` (forward, dK/dV, dQ) are whole runs of ``BLOCK`` memory rows,
+    so that a tile is one box of its tensor's descriptor (``KernelConfig.tma``): a power-of-two token count
+    (16 at least: the block holds no slot more; ``TMA_BOX`` at most), in memory order (1-D tiles, flat or of a sequence) or
+    permuted into tile order with boxes that tile their grid exactly (a padded slot of a box at the grid's
+    edge is a copy of another token there, which the pointer loads mask and a box would read)."""
+    def whole(tile: tuple[int, ...], extents: tuple[int, ...], layout: str) -> bool:
+        slots = math.prod(tile)
+        if slots < 16 or slots > TMA_BOX or slots & (slots - 1):
+            return False
+        if layout == "permute":
+            return len(tile) == len(extents) and all(L % t == 0 for L, t in zip(extents, tile, strict=True))
+        return len(tile) == 1 and (layout == "flat" or len(extents) == 1)
+
+    return all(whole(c.q_tile, q_extents, c.layout) and whole(c.kv_tile, kv_extents, c.layout)
+               for c in (config, config.backward_config(), config.dq_config()))
+
+
 def score_tiles_of(pat: ir.PatternIR, mask: sympy.Basic, hw: Hardware) -> tuple[float, float]:
     """Score-shaped register tiles of the forward and the backward passes (``pass_tiles``) for a pattern
     whose mask, with the sizes substituted, is ``mask``: S/P and dP/dS, a routing pattern's selection, a
@@ -803,8 +827,9 @@ class ScheduleSearch:
         return None if sched is None else sched.density
 
 
-__all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "PASSES", "ScheduleSearch", "backward_launch", "backward_tiles",
+__all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "MIN_TMA_ARCH", "PASSES", "TMA_BOX", "ScheduleSearch", "backward_launch",
+           "backward_tiles",
            "classifier", "classify_flat", "contiguous", "flat_box", "flat_view", "forward_fits", "halved", "is_wide_kv",
            "kv_shapes", "min_kv_tokens", "padded_head_dim", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
            "pass_values", "route_schedule", "sized", "tensor_memory", "tile_grid", "tile_shapes", "tile_token_counts",
-           "tmem_columns", "wide_kv_backward"]
+           "tma_fits", "tmem_columns", "wide_kv_backward"]

@@ -60,6 +60,26 @@ def run_params(*kinds: str) -> list[str]:
     return [f"{kind}_RUN: tl.constexpr = False" for kind in kinds]
 
 
+KV_LOADS = [
+    "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+    "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)"]
+
+
+def by_descriptor(loads: list[str], boxes: list[str]) -> list[str]:
+    """``loads`` (pointer loads of whole tiles), or with ``DESC`` the same tiles as boxes of their tensors'
+    descriptors (TMA on Hopper and later: no address arithmetic, no masks; rows past the end and columns past
+    the head dim read 0, as the masked loads' ``other``). A ``DESC`` launch has tiles of exactly ``BLOCK``
+    consecutive memory rows (``search.tma_fits``), so a tile's box starts at its tile index times ``BLOCK``."""
+    return ["if DESC:  # TMA: each tile a box of its tensor's descriptor", *nested(boxes), "else:", *nested(loads)]
+
+
+def kv_loads() -> list[str]:
+    """The K and V tiles of ``kt`` (forward and dQ kernels)."""
+    return by_descriptor(KV_LOADS, [
+        "kk = KD.load([batch, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)",
+        "vv = VD.load([batch, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV)"])
+
+
 def nested(lines: list[str]) -> list[str]:
     """Lines one level deeper (a loop's body)."""
     return ["    " + line for line in lines]
@@ -107,10 +127,10 @@ class KernelBodies:
     def _forward(self) -> str:
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
-                  "ORDER", "scale", "GROUP", "D", "DV",
+                  "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
-                  *run_params("FULL", "PART")]
+                  *run_params("FULL", "PART"), "DESC: tl.constexpr = False"]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -143,8 +163,7 @@ class KernelBodies:
             ]
             loop = [*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt"),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
-                    "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
-                    "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+                    *kv_loads(),
                     "qk = _dot(q, tl.trans(kk), DOT)",
                     *self._terms(masked, grad=False),
                     "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
@@ -208,8 +227,12 @@ class KernelBodies:
 
     def _load_q_side(self) -> list[str]:
         return [
-            "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
-            "do = tl.load(do_base + q_row[:, None] * sdo_n + dv[None, :], mask=q_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+            *by_descriptor([
+                "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+                "do = tl.load(do_base + q_row[:, None] * sdo_n + dv[None, :], mask=q_ok[:, None] & (dv[None, :] < DV),",
+                "             other=0.0)"], [
+                "q = QD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)",
+                "do = DOD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_DV)"]),
             'lse = tl.load(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=float("inf"))',
             "# in log2 units; P = 0 on rows with no allowed key (lse = -inf) and on padded rows",
             f'lse_l2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}',
@@ -251,10 +274,11 @@ class KernelBodies:
 
     def _backward_dq(self) -> str:
         params = [*self._bwd_params(), "DQ", "sdq_b", "sdq_h", "sdq_n", "DSQ", "sr_b", "sr_h", "DS", "ds_w",
-                  *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
+                  *self._common_params(), "ORDER", "QD", "KD", "VD", "DOD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False", *run_params("FULL", "PART")]
+                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False", *run_params("FULL", "PART"),
+                  "DESC: tl.constexpr = False"]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -286,8 +310,7 @@ class KernelBodies:
             ]
             loop = [*list_tile(kind, "kt"), *self._tiles("k", "kt"),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
-                    "kk = tl.load(k_base + k_row[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
-                    "vv = tl.load(v_base + k_row[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)",
+                    *kv_loads(),
                     *self._bwd_scores(masked),
                     "if ROW_SUMS:",
                     "    ds_rows += tl.reduce(ds, 1, _add)",
@@ -311,11 +334,11 @@ class KernelBodies:
     def _backward_dkdv(self) -> str:
         params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdv_b", "sdv_h", "sdv_n", "DSK", "sr_b", "sr_h",
                   "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
-                  *self._common_params(), "ORDER", "scale", "GROUP", "D", "DV",
+                  *self._common_params(), "ORDER", "QD", "DOD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
                   "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False",
-                  *run_params("T_FULL", "T_PART")]
+                  *run_params("T_FULL", "T_PART"), "DESC: tl.constexpr = False"]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",

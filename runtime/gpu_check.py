@@ -588,7 +588,7 @@ def describe_launch(cfg) -> str:
         if getattr(cfg, "own_dq_tiles", False):
             dq = cfg.dq_config()
             text += " | dQ " + "x".join(map(str, dq.q_tile)) + "/" + "x".join(map(str, dq.kv_tile))
-    return text
+    return text + (" | tma" if getattr(cfg, "tma", False) else "")
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,

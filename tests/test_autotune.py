@@ -121,7 +121,8 @@ def test_candidates_are_top_schedules_times_launch_parameters(local):
             own = lambda c: (c.bwd_q_tile, c.bwd_kv_tile, c.dq_q_tile, c.dq_kv_tile)  # noqa: E731
             cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
                     if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s and own(t.config) == own(best)
-                    and (t.config.bwd_warps, t.config.bwd_stages) == (best.bwd_warps, best.bwd_stages)]
+                    and (t.config.bwd_warps, t.config.bwd_stages) == (best.bwd_warps, best.bwd_stages)
+                    and not t.config.tma]
             assert cfgs[0] == (best.num_warps, best.num_stages)  # the simulator's pick first
             fitting = {(w, st_) for w, st_ in ((4, 2), (8, 3), (4, 3))
                        if SR.forward_fits(dataclasses.replace(best, num_warps=w, num_stages=st_), 64, 2,
@@ -153,6 +154,45 @@ def test_hopper_candidates_include_the_wide_kv_backward():
     fox = attnc.load("stdlib:forgetting")
     fsearch = ScheduleSearch(fox, E.bind_sizes(fox, n=4096, heads=2), get_hardware("h100"), head_dim=128)
     assert A.wide_kv_backward(pick, fsearch) is None
+
+
+def test_hopper_candidates_include_the_pick_with_tma_loads():
+    """On Hopper and later the tuner also times each schedule's pick with its tiles loaded by TMA (the model
+    predicts the pick's time for it: the GPU decides), where the tiles are whole runs of memory rows; not before
+    Hopper, and not for boxes that pad the grid. The config round-trips the kernel cache."""
+    pat = attnc.load("stdlib:sliding_window", window=512)
+    bound = E.bind_sizes(pat, n=4096, heads=2)
+    for hw, expected in (("h100", 1), ("b200", 1), ("a100", 0)):
+        trials = A.candidates(ScheduleSearch(pat, bound, get_hardware(hw), head_dim=128), top=2)
+        picks = {t.config.q_tile + t.config.kv_tile: t for t in trials if not t.config.tma}
+        tma = [t for t in trials if t.config.tma]
+        assert len(tma) == expected * len({t.config.q_tile + t.config.kv_tile for t in trials}), hw
+        for t in tma:
+            pick = next(p for p in trials if p.config == dataclasses.replace(t.config, tma=False))
+            assert t.predicted_ms == pick.predicted_ms and t.rank > pick.rank and picks
+            assert A.config_from_dict(A.config_dict(t.config)) == t.config
+    grid = attnc.load("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=3)
+    search = ScheduleSearch(grid, E.bind_sizes(grid, sizes={"height": 60, "width": 60}, heads=2),
+                            get_hardware("h100"), head_dim=64)
+    for t in A.candidates(search, top=3):
+        exact = t.config.layout == "permute" and all(60 % a == 0 for a in t.config.q_tile + t.config.kv_tile)
+        assert not t.config.tma or exact or len(t.config.q_tile) == 1, t.config
+
+
+def test_tma_fits_whole_runs_of_rows_only():
+    """``search.tma_fits``: every pass's tiles a power of two of 16 tokens or more, in memory order (1-D) or
+    permuted boxes tiling their grid; the backward's and the dQ kernel's own tiles checked too."""
+    fits = SR.tma_fits
+    assert fits(KernelConfig((64,), (64,), "flat"), (1000,), (1000,))
+    assert fits(KernelConfig((64,), (32,), "address"), (1000,), (1000,))  # a sequence's 1-D tiles
+    assert not fits(KernelConfig((64,), (48,), "flat"), (1000,), (1000,))  # 48 slots in a block of 64
+    assert not fits(KernelConfig((8,), (64,), "flat"), (1000,), (1000,))  # below 16
+    assert not fits(KernelConfig((512,), (64,), "flat"), (1000,), (1000,))  # over a TMA box's 256
+    assert fits(KernelConfig((4, 16), (8, 8), "permute"), (64, 64), (64, 64))
+    assert not fits(KernelConfig((4, 16), (8, 8), "permute"), (60, 64), (60, 64))  # 60 rows: padded boxes
+    assert not fits(KernelConfig((4, 16), (8, 8), "address"), (64, 64), (64, 64))  # gathered boxes
+    assert not fits(KernelConfig((64,), (64,), "flat", bwd_q_tile=(24,)), (1000,), (1000,))  # the backward's
+    assert not fits(KernelConfig((64,), (64,), "flat", dq_kv_tile=(40,)), (1000,), (1000,))  # the dQ kernel's
 
 
 def test_candidates_drop_launches_that_do_not_fit(local):

@@ -439,3 +439,30 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
     monkeypatch.setattr(TB, "_runs", lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds})
     runs, stages, tiles, indices = prologue(G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N)[0])
     assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0
+
+
+def test_tma_configs_compile_fit_and_load_by_tensor_descriptor():
+    """The search's pick with its streamed tiles loaded by TMA (``KernelConfig.tma``: what the tuner times on
+    Hopper) compiles for sm_90 at d 128: each of the forward, dQ and dK/dV kernels issues TMA copies
+    (``cp.async.bulk.tensor``), fits, does not spill and runs its dots on wgmma; for sm_80, which has no TMA,
+    the same config records pointer loads (``DESC`` False)."""
+    import dataclasses
+    import re
+
+    from attnc.compiler import evaluate as E
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    search = SR.ScheduleSearch(pat, E.bind_sizes(pat, n=N, heads=G.HEADS), get_hardware("h100"), head_dim=128)
+    cfg = dataclasses.replace(search.run(top=1)[0].config, tma=True)
+    records, described = G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N, config=cfg)
+    assert described.endswith("| tma")
+    for rec in records:
+        if rec.name == "attnc_bwd_delta":
+            continue
+        report = G.check_launch(rec, 90, pattern="sliding_window", head_dim=128, dtype="bf16")
+        kernel, _, consts = G.compile_launch(rec, 90)
+        copies = len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"]))
+        assert consts["DESC"] and copies > 0 and report.ok and not report.fell_back, (rec.name, G.table([report]))
+        assert report.wgmma > 0 and report.mma == 0, G.table([report])
+    records, _ = G.record_call(pat, arch=80, head_dim=128, dtype="bf16", n=N, config=cfg)
+    assert {r.kwargs.get("DESC") for r in records} == {False, None}

@@ -45,6 +45,9 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     # and the kernels reading every tile index from the lists, where they had stepped through runs (causal)
     indexed = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, lists by index"))
     assert float(indexed.split("|")[5]) > 0, indexed
+    # and the config that ran with its tiles loaded by TMA (the interpreter loads tensor descriptors)
+    tma = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, TMA loads"))
+    assert float(tma.split("|")[5]) > 0, tma
 
 
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):

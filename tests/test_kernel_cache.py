@@ -334,6 +334,7 @@ def test_display_helpers():
     assert KC.human_size(512) == "512 B" and KC.human_size(1536) == "1.5 KiB" and KC.human_size(3 << 20) == "3.0 MiB"
     assert KC.human_age(5) == "5s" and KC.human_age(125) == "2m" and KC.human_age(2 * 86400 + 1) == "2d"
     assert KC.describe_config(CONFIG) == "64/32 flat w4 s2"
+    assert KC.describe_config({**CONFIG, "tma": True}) == "64/32 flat w4 s2 tma"
     assert KC.describe_bucket({"n": 1024, "heads": 2, "head_dim": 64, "batch": 1}) == "n<=1024 heads=2 d<=64 b<=1"
     assert KC.describe_bucket({"axes": {"height": 8, "width": 16}, "heads": 1, "head_dim": 64, "batch": 1}) \
         == "height=8xwidth=16 heads=1 d<=64 b<=1"

@@ -9,6 +9,7 @@ small: the interpreter runs each program instance in Python.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -324,6 +325,50 @@ def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
         assert tri.schedule.q_tile == cfg.q_tile
     finally:
         T.TritonRunner.config_hook = old
+
+
+# ----------------------------------------------------------------- tiles loaded by TMA (KernelConfig.tma)
+@pytest.mark.parametrize("cfg,name,sizes,params,D,Dv,desc", [
+    # flat tiles; 80 tokens (the last KV tile half past the end), GQA, head dims padded to 32
+    (KernelConfig((16,), (16,), "flat"), "sliding_window", None, {"window": 9}, 20, 24, True),
+    # boxes permuted into tile order, tiling the 8 x 8 grid exactly
+    (KernelConfig((4, 4), (2, 8), "permute"), "neighborhood_2d", {"height": 8, "width": 8},
+     {"kernel_size_y": 3, "kernel_size_x": 5}, 16, 16, True),
+    # boxes that pad the grid's edge (a padded slot copies a token there): loaded by pointer
+    (KernelConfig((4, 4), (4, 4), "permute"), "neighborhood_2d", {"height": 6, "width": 8},
+     {"kernel_size_y": 3, "kernel_size_x": 3}, 16, 16, False),
+    # rows of 18 fp32 (72 B) are not 16-byte aligned: TMA cannot address them, loaded by pointer
+    (KernelConfig((16,), (16,), "flat"), "sliding_window", None, {"window": 9}, 18, 16, False),
+])
+def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, name, sizes, params, D, Dv, desc):
+    """A config with ``tma`` loads its streamed tiles as boxes of tensor descriptors where its tiles are whole
+    runs of memory rows and the tensors allow it (``DESC``), else by pointer; the answer, gradients included,
+    is bitwise the pointer loads' (boxes read 0 past the rows and the head dim, as the masked loads)."""
+    seen = {}
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        seen[kernel.fn.__name__] = meta.get("DESC")
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    pat = attnc.load(f"stdlib:{name}", **params)
+    n = 80 if sizes is None else math.prod(sizes.values())
+    q, k, v = qkv(1, 2, 1, n, D, Dv=Dv, seed=6)
+    results = []
+    for tma in (False, True):
+        monkeypatch.setattr(T.TritonRunner, "config_hook",
+                            staticmethod(lambda pat, bound, q, inputs, tma=tma: dataclasses.replace(cfg, tma=tma)))
+        tri = attnc.compile_attention(pat, backend="triton", sizes=sizes)
+        out, lse = tri(q, k, v, return_lse=True)
+        results.append((out, lse, *torch.autograd.grad(out.square().sum() + lse.sum(), (q, k, v))))
+        assert seen == {"attnc_fwd": tma and desc, "attnc_bwd_delta": None, "attnc_bwd_dq": tma and desc,
+                        "attnc_bwd_dkdv": tma and desc}
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    seen.clear()
+    compare(pat, q, k, v, sizes=sizes)  # the TMA config (the hook's last) against the reference backend
+    assert seen["attnc_fwd"] == desc
 
 
 def test_int64_arithmetic_where_int32_overflows():

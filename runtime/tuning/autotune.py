@@ -34,9 +34,10 @@ from typing import Protocol
 
 from ...compiler import evaluate as E
 from ...compiler.cost import KernelConfig
-from ...compiler.hardware import get_hardware, hardware_for_gpu
+from ...compiler.hardware import compute_capability, get_hardware, hardware_for_gpu
 from ...compiler.schedule import TileSchedule
 from ...compiler.search import (
+    MIN_TMA_ARCH,
     PASSES,
     STAGES,
     WARPS,
@@ -45,6 +46,7 @@ from ...compiler.search import (
     is_wide_kv,
     pass_fits,
     tensor_memory,
+    tma_fits,
 )
 from ...core import ir
 from ...core.errors import SpecError
@@ -264,7 +266,7 @@ def config_from_dict(d: dict) -> KernelConfig:
                         opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
                         opt("bwd_num_stages", lambda st: 0 < st <= 16),
                         tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile),
-                        tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile))
+                        tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile), tma=d.get("tma") is True)
 
 
 def config_dict(cfg: KernelConfig) -> dict:
@@ -274,7 +276,8 @@ def config_dict(cfg: KernelConfig) -> dict:
             **({"bwd_q_tile": list(cfg.backward_config().q_tile), "bwd_kv_tile": list(cfg.backward_config().kv_tile)}
                if cfg.own_backward_tiles else {}),
             **({"dq_q_tile": list(cfg.dq_config().q_tile), "dq_kv_tile": list(cfg.dq_config().kv_tile)}
-               if cfg.own_dq_tiles else {})}
+               if cfg.own_dq_tiles else {}),
+            **({"tma": True} if cfg.tma else {})}
 
 
 def canonical_dtype(dtype) -> str:
@@ -343,6 +346,12 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
             flat = len(wide.q_tile) == 1 and search.grid
             cand = search.evaluate(wide, flat)
             predicted[wide] = (cand.forward_s + cand.backward_s) * 1e3
+        # on Hopper and later, the pick with its streamed tiles loaded by TMA (``KernelConfig.tma``), where its
+        # tiles are whole runs of memory rows: the model predicts no difference, so the GPU decides
+        sched = first.schedule
+        if compute_capability(hw.arch) >= MIN_TMA_ARCH and tma_fits(pick, sched.q_extents, sched.kv_extents):
+            configs.append(dataclasses.replace(pick, tma=True))
+            predicted[configs[-1]] = predicted.get(pick, math.nan)
         for cfg in configs:
             trials.append(Trial(len(trials), cfg, first.schedule, predicted.get(cfg, math.nan)))
     return trials

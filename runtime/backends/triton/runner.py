@@ -42,9 +42,17 @@ from ....compiler.codegen import (
     generate_source,
 )
 from ....compiler.cost import KernelConfig
+from ....compiler.hardware import compute_capability
 from ....compiler.launch_order import choose_order, ordered_arch
 from ....compiler.schedule import TileSchedule
-from ....compiler.search import classify_flat, padded_head_dim, tile_shapes
+from ....compiler.search import (
+    MIN_TMA_ARCH,
+    TMA_BOX,
+    classify_flat,
+    padded_head_dim,
+    tile_shapes,
+    tma_fits,
+)
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
 from ....core import ir
@@ -295,6 +303,31 @@ def _runs(launch: Launch, *kinds: str) -> dict:
         return {f"{kind}_RUN": False for kind in kinds}
     runs = launch.plan.on_device(("runs",), launch.plan.schedule.runs)
     return {f"{kind}_RUN": runs[kind] for kind in kinds}
+
+
+def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int]]) -> tuple[list, dict]:
+    """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
+    constexpr: ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's
+    rows, the tile's padded head dim). Where the config asks for none, the architecture has no TMA (before
+    sm_90; the interpreter loads them too), the tiles are not whole runs of rows (``search.tma_fits``) or a
+    tensor is not addressable by TMA (a row stride or base off 16 bytes, a feature stride other than 1, a
+    padded head dim over ``TMA_BOX``),
+    every parameter is None, a constant: the kernel loads by pointer."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    none = [None] * len(tensors), {"DESC": False}
+    s = launch.shape
+    if not launch.config.tma or compute_capability(_arch(next(iter(tensors.values()))[0].device)) < MIN_TMA_ARCH:
+        return none
+    if not tma_fits(launch.config, s.q_extents, s.kv_extents):
+        return none
+    descs = []
+    for t, rows, cols in tensors.values():
+        size = t.element_size()
+        if (cols > TMA_BOX or t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 or st <= 0 for st in t.stride()[:-1])):
+            return none
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols]))
+    return descs, {"DESC": True}
 
 
 def _lists(sched: TileSchedule, device) -> dict:
@@ -689,12 +722,15 @@ def forward(launch: Launch, q, k, v, scale: float):
     nq_tiles = launch.plan.schedule.num_q_tiles
     decay_c = _decay_cumsum(launch, device)
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
+    blocks_ = _blocks(launch, D, DV)
+    descs, desc = _descriptors(launch, {"KD": (kp, blocks_["BLOCK_N"], blocks_["BLOCK_D"]),
+                                        "VD": (vp, blocks_["BLOCK_N"], blocks_["BLOCK_DV"])})
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
-            *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, float(scale), Hq // Hkv, D, DV]
+            *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
-                       dict(**_blocks(launch, D, DV), DOT=_dot_mode(launch, q.dtype), **ordered,
-                            **_runs(launch, "FULL", "PART")), backward=False)
+                       dict(**blocks_, DOT=_dot_mode(launch, q.dtype), **ordered,
+                            **_runs(launch, "FULL", "PART"), **desc), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
@@ -775,20 +811,28 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
     q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
     k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K")
+    # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
+    qs = q_side
+    q_descs, q_desc = _descriptors(qlaunch, {
+        "QD": (qs[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (qs[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
+        "VD": (qs[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]), "DOD": (qs[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
+    kblocks = _blocks(launch, D, DV)
+    k_descs, k_desc = _descriptors(launch, {"QD": (qp, kblocks["BLOCK_M"], kblocks["BLOCK_D"]),
+                                            "DOD": (dop, kblocks["BLOCK_M"], kblocks["BLOCK_DV"])})
     with interpreting(launch.interpret):
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
-                        *_common_args(qlaunch, device, decay_c), *q_order, *tail],
+                        *_common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail],
                        dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
-                            **_runs(qlaunch, "FULL", "PART")),
+                            **_runs(qlaunch, "FULL", "PART"), **q_desc),
                        backward=True)
         L = launch.lists
         _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv),
                        [*head_of((qp, kp, vp, dop, lsep, deltap)), dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk,
                         *sr, L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
-                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *tail],
-                       dict(**_blocks(launch, D, DV), DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
-                            **k_ordered, **_runs(launch, "T_FULL", "T_PART")),
+                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail],
+                       dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
+                            **k_ordered, **_runs(launch, "T_FULL", "T_PART"), **k_desc),
                        backward=True)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
