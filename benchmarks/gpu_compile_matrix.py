@@ -249,9 +249,11 @@ def render(rows: list[dict], args, elapsed: float) -> str:
     if fell:
         lines += [""] * bool(bad) + [f"**{len(fell)} of {len(cur)} kernels launched on a lower rung** of the fit ladder "
                   "(`runtime.kernel_fit`: at the warps and stages their pass picked, ptxas's kernel spilled or "
-                  "was over shared memory; a GPU launches them at the rung shown, their rows too):", ""]
+                  "was over shared memory; a GPU launches them at the rung shown, their rows too; `indexed`: "
+                  "the same warps and stages with the tile lists read by index, not stepped through as runs):", ""]
         lines += [f"- {r['pattern']} {r['kernel']} sm_{r['arch']} d={r['head_dim']} {r['dtype']} ({r['config']}): "
-                  f"launched at w{r['num_warps']} s{r['num_stages']}; " + ", ".join(r["fell_back"])
+                  f"launched at w{r['num_warps']} s{r['num_stages']}{' indexed' if r.get('indexed') else ''}; "
+                  + ", ".join(r["fell_back"])
                   for r in sorted(fell, key=lambda r: (r["pattern"], r["kernel"], r["arch"], r["head_dim"]))]
     if old:
         lines += ["", "## Before / after (worst kernels before)", "",

@@ -157,6 +157,8 @@ class KernelReport:
     #: the rungs of ``kernel_fit``'s ladder tried before this one, and why each was passed over
     #: ("w8 s3: spills 8 B"); empty where the recorded launch parameters fit
     fell_back: list = field(default_factory=list)
+    #: launched on the ladder's rung that reads the tile lists by index (its runs passed over)
+    indexed: bool = False
     constexprs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -183,7 +185,8 @@ class KernelReport:
     def notes(self) -> list[str]:
         """Findings that are not failures: the launch parameters a GPU passes over (``fell_back``), sm_90
         dots on mma.sync rather than wgmma (legal, slower)."""
-        out = [f"launched at w{self.num_warps} s{self.num_stages}; " + ", ".join(self.fell_back)] if self.fell_back else []
+        out = [f"launched at w{self.num_warps} s{self.num_stages}{' indexed' if self.indexed else ''}; "
+               + ", ".join(self.fell_back)] if self.fell_back else []
         if self.error or not self.dots or self.dtype not in ("fp16", "bf16"):
             return out
         if self.arch == 90 and self.mma and not self.wgmma:
@@ -197,7 +200,7 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
                                               "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
-                                              "wgmma", "mma", "tcgen05", "dots", "error", "fell_back")}
+                                              "wgmma", "mma", "tcgen05", "dots", "error", "fell_back", "indexed")}
 
 
 def _knob(path: str, default=None):
@@ -317,10 +320,11 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
     over the block's shared memory or with local memory (spills) passed over (``KernelReport.fell_back``).
     A compile failure of the recorded rung becomes the report's error; of a lower one, that rung is passed over."""
     reports: dict = {}
-    ladder = kernel_fit.rungs(*(rec.kwargs.get(key, default) for key, default in kernel_fit.TRITON_DEFAULTS.items()))
+    ladder = kernel_fit.rungs(*(rec.kwargs.get(key, default) for key, default in kernel_fit.TRITON_DEFAULTS.items()),
+                              kernel_fit.steps_runs(rec.kwargs))
 
     def probe(rung: kernel_fit.Rung) -> kernel_fit.Fit:
-        rep = _compiled_report(dataclasses.replace(rec, kwargs={**rec.kwargs, **rung.options()}), arch,
+        rep = _compiled_report(dataclasses.replace(rec, kwargs={**rec.kwargs, **rung.options(rec.kwargs)}), arch,
                                pattern=pattern, head_dim=head_dim, dtype=dtype, config=config)
         reports[rung] = rep
         if rep.error:
@@ -339,6 +343,7 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
         return reports[ladder[0]]
     rep = reports[rung]
     rep.fell_back = [f"{r}: {fit.why}" for r, fit in tried if r != rung]
+    rep.indexed = rung.indexed
     return rep
 
 

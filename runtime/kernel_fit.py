@@ -5,12 +5,16 @@ ptxas's kernel at the picked ``num_warps``/``num_stages`` spills registers to lo
 block for more shared memory than the GPU has, the same kernel is tried on the next rung of one ladder
 (``rungs``), and the first that fits without local memory is launched:
 
-1. one pipeline stage fewer, down to one: stages hold the streamed tiles' buffers (shared memory) and,
+1. where the kernel steps through runs of consecutive tiles (a ``*_RUN`` constexpr set), the same
+   parameters with its lists read by index: a run's loop, its loads affine, keeps one tile more in flight,
+   and the registers of its loads with it (compiled for sm_100 on Triton 3.6, a window's dQ kernel spilled
+   24 B at 2 and 3 stages with runs, none without);
+2. one pipeline stage fewer, down to one: stages hold the streamed tiles' buffers (shared memory) and,
    software-pipelined, the registers of the loads in flight;
-2. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
+3. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
    block's divided by its threads (the recurrences' chunk kernels run one stage already).
 
-Warps and stages do not change the answer: the tiles, and so the schedule and the order of every
+Warps, stages and runs do not change the answer: the tiles, and so the schedule and the order of every
 reduction over keys, stay as picked (only the rounding of reductions across a tile's warps may differ in
 the last bit; one machine picks the same rung every time). Where no rung runs without local memory, the
 one with the least local memory that fits shared memory is launched; where none fits shared memory,
@@ -41,16 +45,28 @@ WARPS = (4, 8)
 
 @dataclass(frozen=True)
 class Rung:
-    """One pair of launch parameters."""
+    """One pair of launch parameters, and whether the kernel's tile lists are read by index."""
 
     num_warps: int
     num_stages: int
+    #: every ``*_RUN`` constexpr the launch set turned off (``compiler.triton_kernels.list_tile``)
+    indexed: bool = False
 
-    def options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+    def options(self, meta: dict | None = None) -> dict:
+        """The launch's keyword arguments this rung sets: its warps and stages and, ``indexed``, each run flag
+        of ``meta`` (the launch's constexprs) False."""
+        out = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.indexed:
+            out.update({key: False for key, on in (meta or {}).items() if key.endswith("_RUN") and on})
+        return out
 
     def __str__(self) -> str:
-        return f"w{self.num_warps} s{self.num_stages}"
+        return f"w{self.num_warps} s{self.num_stages}" + (" indexed" if self.indexed else "")
+
+
+def steps_runs(meta: dict) -> bool:
+    """Whether a launch's constexprs step through a tile list as a run (a ``*_RUN`` set)."""
+    return any(key.endswith("_RUN") and on for key, on in meta.items())
 
 
 @dataclass(frozen=True)
@@ -68,10 +84,13 @@ class Fit:
         return self.fits and not self.local_bytes
 
 
-def rungs(num_warps: int, num_stages: int) -> list[Rung]:
-    """The ladder from a kernel's picked launch parameters: stages down to one, then the other warp count
-    of ``WARPS`` at the picked stages (``num_warps`` outside ``WARPS``: stages only)."""
+def rungs(num_warps: int, num_stages: int, runs: bool = False) -> list[Rung]:
+    """The ladder from a kernel's picked launch parameters: with ``runs``, the same with its lists read by
+    index; stages down to one, then the other warp count of ``WARPS`` at the picked stages (``num_warps``
+    outside ``WARPS``: stages only)."""
     out = [Rung(num_warps, s) for s in range(max(num_stages, 1), 0, -1)]
+    if runs:
+        out.insert(1, Rung(num_warps, max(num_stages, 1), indexed=True))
     if num_warps in WARPS:
         out += [Rung(w, num_stages) for w in WARPS if w != num_warps]
     return out or [Rung(num_warps, num_stages)]
@@ -104,7 +123,7 @@ def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = Non
 
     def probe(rung: Rung) -> Fit:
         try:
-            compiled = kernel.warmup(*args, grid=grid, **meta, **rung.options())
+            compiled = kernel.warmup(*args, grid=grid, **{**meta, **rung.options(meta)})
             if hasattr(compiled, "result"):  # an asynchronous compile
                 compiled = compiled.result()
         except Exception as err:  # noqa: BLE001 - a lower rung that does not compile is passed over
@@ -152,23 +171,25 @@ def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
     if memo is None:
         memo = FITTED[kernel] = {}
     if key not in memo:
-        ladder = rungs(options["num_warps"], options["num_stages"])
+        ladder = rungs(options["num_warps"], options["num_stages"], steps_runs(meta))
         rung, tried = choose(ladder, native_probe(kernel, grid, args, meta, picked=ladder[0]))
         if rung is None:  # no rung fits: the loader's refusal of the picked one (or the first it gave)
             raise next((fit.error for _, fit in tried if fit.error is not None), tried[0][1].error)
-        memo[key] = rung.options()
+        memo[key] = rung.options(meta)
     return memo[key]
 
 
 def lowered() -> list[str]:
     """The kernels launched on a GPU below the rung their launch picked, in words (``attnc_bwd_dkdv: w8 s2 ->
-    w8 s1``), each pair once: what the fit ladder changed in this process."""
+    w8 s1``, ``attnc_bwd_dq: w8 s3 -> w8 s3 indexed``), each pair once: what the fit ladder changed in this
+    process."""
     out = []
     for kernel, memo in list(FITTED.items()):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
         for (w, s, *_), opts in memo.items():
-            if (w, s) != (opts["num_warps"], opts["num_stages"]):
-                out.append(f"{name}: w{w} s{s} -> w{opts['num_warps']} s{opts['num_stages']}")
+            indexed = any(key.endswith("_RUN") for key in opts)
+            if (w, s) != (opts["num_warps"], opts["num_stages"]) or indexed:
+                out.append(f"{name}: w{w} s{s} -> {Rung(opts['num_warps'], opts['num_stages'], indexed)}")
     return sorted(set(out))
 
 
@@ -178,4 +199,4 @@ def on_gpu(args: list) -> bool:
 
 
 __all__ = ["FITTED", "TRITON_DEFAULTS", "WARPS", "Fit", "Rung", "choose", "fitted_options", "lowered", "native_probe", "on_gpu", "rungs",
-           "specialization"]
+           "specialization", "steps_runs"]

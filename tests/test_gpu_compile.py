@@ -271,7 +271,12 @@ def test_blackwells_128_row_backward_compiles_on_tcgen05():
     assert "bwd 64/128" in described
     reports = [G.check_launch(r, 100, pattern="sliding_window", head_dim=128, dtype="bf16") for r in records
                if r.name in ("attnc_bwd_dq", "attnc_bwd_dkdv")]
-    assert len(reports) == 2 and all(r.ok and not r.fell_back and r.tcgen05 > 0 for r in reports), "\n" + G.table(reports)
+    # at their picked stages: as picked, or (the dQ kernel on Triton 3.6, 24 B spilled with runs) with the lists
+    # read by index
+    assert len(reports) == 2 and all(r.ok and (not r.fell_back or r.indexed) and r.tcgen05 > 0
+                                     and r.num_stages == rec.kwargs["num_stages"]
+                                     for r, rec in zip(reports, [x for x in records if x.name in (
+                                         "attnc_bwd_dq", "attnc_bwd_dkdv")], strict=True)), "\n" + G.table(reports)
     assert {r.kernel: (r.constexprs["BLOCK_M"], r.constexprs["BLOCK_N"]) for r in reports} == {
         "bwd_dq": (128, 64), "bwd_dkdv": (64, 128)}
 

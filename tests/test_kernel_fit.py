@@ -33,6 +33,20 @@ def test_the_ladder_lowers_stages_then_changes_warps(warps, stages):
     assert bool(others) == (warps in KF.WARPS)
 
 
+@given(st.sampled_from([1, 4, 8]), st.integers(1, 5))
+def test_a_kernel_stepping_through_runs_tries_its_lists_by_index_next(warps, stages):
+    """With runs, the second rung is the picked warps and stages with every set run flag off (the rest of the
+    ladder as without); a rung's options turn off only the run flags the launch set."""
+    ladder = KF.rungs(warps, stages, runs=True)
+    assert ladder == [KF.rungs(warps, stages)[0], KF.Rung(warps, stages, indexed=True), *KF.rungs(warps, stages)[1:]]
+    meta = {"FULL_RUN": True, "PART_RUN": False, "BLOCK_M": 64, "ORDERED": True}
+    assert KF.Rung(warps, stages, indexed=True).options(meta) == {"num_warps": warps, "num_stages": stages,
+                                                                  "FULL_RUN": False}
+    assert KF.Rung(warps, stages).options(meta) == {"num_warps": warps, "num_stages": stages}
+    assert KF.steps_runs(meta) and not KF.steps_runs({"FULL_RUN": False, "BLOCK_M": 64})
+    assert str(KF.Rung(warps, stages, indexed=True)) == f"w{warps} s{stages} indexed"
+
+
 @settings(max_examples=200)
 @given(st.data())
 def test_the_first_clean_rung_is_chosen_else_the_least_local_memory(data):
@@ -137,6 +151,19 @@ def test_softmax_kernels_launch_at_their_own_fitted_rungs(monkeypatch):
     assert launched == {"attnc_fwd": (8, 3), "attnc_bwd_delta": (4, 2), "attnc_bwd_dq": (4, 2),
                         "attnc_bwd_dkdv": (4, 1)}
     assert KF.lowered() == ["attnc_bwd_dkdv: w4 s2 -> w4 s1"]
+
+
+def test_a_kernel_spilling_with_runs_launches_its_lists_by_index_at_its_stages(monkeypatch):
+    """The dQ kernel spilling only where it steps through its runs (as a window's did on sm_100, Triton 3.6)
+    launches at its pass's warps and stages with its lists read by index; the forward keeps its runs."""
+    cfg = KernelConfig((128,), (64,), "flat", 8, 3, 8, 3)
+    _on_a_fake_gpu(monkeypatch, lambda name, rung: 24 if name == "attnc_bwd_dq" and not rung.indexed else 0)
+    records, _ = G.record_call(attnc.load(CAUSAL), arch=90, head_dim=64, dtype="bf16", n=512, config=cfg)
+    launched = {r.name: (r.kwargs["num_warps"], r.kwargs["num_stages"],
+                         r.kwargs.get("FULL_RUN", r.kwargs.get("T_FULL_RUN"))) for r in records}
+    assert launched == {"attnc_fwd": (8, 3, True), "attnc_bwd_delta": (4, 3, None), "attnc_bwd_dq": (8, 3, False),
+                        "attnc_bwd_dkdv": (8, 3, True)}
+    assert KF.lowered() == ["attnc_bwd_dq: w8 s3 -> w8 s3 indexed"]
 
 
 def test_recurrence_kernels_launch_at_their_fitted_rungs(monkeypatch):

@@ -669,7 +669,7 @@ def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, back
         opts = kernel_fit.fitted_options(kernel, grid, args, meta, opts)
     while True:
         try:
-            kernel[grid](*args, **meta, **opts)
+            kernel[grid](*args, **{**meta, **opts})  # the fitted rung may read the lists by index (its *_RUN)
             return
         except _out_of_resources():
             if opts["num_stages"] <= 1:
