@@ -307,24 +307,24 @@ def _runs(launch: Launch, *kinds: str) -> dict:
 
 def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int]]) -> tuple[list, dict]:
     """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
-    constexpr: ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's
-    rows, the tile's padded head dim). Where the config asks for none, the architecture has no TMA (before
-    sm_90; the interpreter loads them too), the tiles are not whole runs of rows (``search.tma_fits``) or a
-    tensor is not addressable by TMA (a row stride or base off 16 bytes, a feature stride other than 1, a
-    padded head dim over ``TMA_BOX``),
-    every parameter is None, a constant: the kernel loads by pointer."""
+    constexpr. ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's rows,
+    the tile's padded head dim). Every parameter is None, a constant, and the kernel loads by pointer, where
+    the config asks for none, the architecture has no TMA (before sm_90; the interpreter loads them too), the
+    tiles are not whole runs of rows (``search.tma_fits``), or a tensor is not addressable by TMA: a row
+    stride or base off 16 bytes, a feature stride other than 1, a padded head dim over ``TMA_BOX``."""
+    none = [None] * len(tensors), {"DESC": False}
+    device = next(iter(tensors.values()))[0].device
+    if not launch.config.tma or compute_capability(_arch(device)) < MIN_TMA_ARCH:
+        return none
+    if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
+        return none
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    none = [None] * len(tensors), {"DESC": False}
-    s = launch.shape
-    if not launch.config.tma or compute_capability(_arch(next(iter(tensors.values()))[0].device)) < MIN_TMA_ARCH:
-        return none
-    if not tma_fits(launch.config, s.q_extents, s.kv_extents):
-        return none
     descs = []
     for t, rows, cols in tensors.values():
         size = t.element_size()
-        if (cols > TMA_BOX or t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * size % 16 or st <= 0 for st in t.stride()[:-1])):
+        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1])
+        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned:
             return none
         descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols]))
     return descs, {"DESC": True}
@@ -812,10 +812,10 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
     k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K")
     # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
-    qs = q_side
     q_descs, q_desc = _descriptors(qlaunch, {
-        "QD": (qs[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (qs[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
-        "VD": (qs[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]), "DOD": (qs[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
+        "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
+        "VD": (q_side[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]),
+        "DOD": (q_side[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
     kblocks = _blocks(launch, D, DV)
     k_descs, k_desc = _descriptors(launch, {"QD": (qp, kblocks["BLOCK_M"], kblocks["BLOCK_D"]),
                                             "DOD": (dop, kblocks["BLOCK_M"], kblocks["BLOCK_DV"])})
