@@ -373,6 +373,8 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     from attnc.runtime.tuning.autotune import wide_kv_backward
 
     q, k, v, dout = tensors
+    with torch.no_grad():  # the forward's plan as the module's last (a backward on its own tiles plans its own)
+        attn(q, k, v)
 
     def module():
         return attnc.compile_attention(spec, backend="triton", **case["params"], **({} if flat else {"sizes": case["sizes"]}))

@@ -159,24 +159,30 @@ def test_hopper_candidates_include_the_wide_kv_backward():
 def test_hopper_candidates_include_the_pick_with_tma_loads():
     """On Hopper and later the tuner also times each schedule's pick with its tiles loaded by TMA (the model
     predicts the pick's time for it: the GPU decides), where the tiles are whole runs of memory rows; not before
-    Hopper, and not for boxes that pad the grid. The config round-trips the kernel cache."""
+    Hopper, and not for boxes gathered by address on a grid. The config round-trips the kernel cache."""
     pat = attnc.load("stdlib:sliding_window", window=512)
     bound = E.bind_sizes(pat, n=4096, heads=2)
     for hw, expected in (("h100", 1), ("b200", 1), ("a100", 0)):
         trials = A.candidates(ScheduleSearch(pat, bound, get_hardware(hw), head_dim=128), top=2)
-        picks = {t.config.q_tile + t.config.kv_tile: t for t in trials if not t.config.tma}
         tma = [t for t in trials if t.config.tma]
         assert len(tma) == expected * len({t.config.q_tile + t.config.kv_tile for t in trials}), hw
         for t in tma:
             pick = next(p for p in trials if p.config == dataclasses.replace(t.config, tma=False))
-            assert t.predicted_ms == pick.predicted_ms and t.rank > pick.rank and picks
+            assert t.predicted_ms == pick.predicted_ms and t.rank > pick.rank
             assert A.config_from_dict(A.config_dict(t.config)) == t.config
+    # a GPU without TMA tuned on a model with it (an unknown GPU takes the H100's) drops those trials
+    trials = A.candidates(ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128), top=2)
+    kept = A.without_tma(trials)
+    assert [t.config for t in kept] == [t.config for t in trials if not t.config.tma] and len(kept) < len(trials)
+    assert [t.rank for t in kept] == list(range(len(kept)))
     grid = attnc.load("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=3)
     search = ScheduleSearch(grid, E.bind_sizes(grid, sizes={"height": 60, "width": 60}, heads=2),
                             get_hardware("h100"), head_dim=64)
-    for t in A.candidates(search, top=3):
-        exact = t.config.layout == "permute" and all(60 % a == 0 for a in t.config.q_tile + t.config.kv_tile)
-        assert not t.config.tma or exact or len(t.config.q_tile) == 1, t.config
+    trials = A.candidates(search, top=3)
+    assert any(t.config.layout == "address" for t in trials)
+    for shape in {(t.config.q_tile, t.config.kv_tile, t.config.layout) for t in trials}:
+        with_tma = [t for t in trials if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape and t.config.tma]
+        assert len(with_tma) == (shape[2] != "address"), shape  # 1-D flat tiles: one; boxes by address: none
 
 
 def test_tma_fits_whole_runs_of_rows_only():
@@ -640,6 +646,32 @@ def test_builder_times_forward_and_backward(local, monkeypatch):
     assert [name for name, _ in launched] == ["attnc_fwd", "attnc_bwd_delta", "attnc_bwd_dq", "attnc_bwd_dkdv"]
     assert launched[0][1] == {"num_warps": 4, "num_stages": 2}
     assert launched[2][1] == launched[3][1] == {"num_warps": 8, "num_stages": 1}
+
+
+def test_builder_times_the_backwards_own_tiles(local, monkeypatch):
+    """A config whose backward and dQ kernel have tiles of their own (the search's Hopper picks, the wide-KV
+    trial) is timed with each kernel on its own tiles, as a call's backward runs them: the dK/dV kernel on
+    the backward's, the dQ kernel on its own (the timed step had run both on the forward's)."""
+    pat, bound = local
+    grids = {}
+    real = TB._launch_kernel
+
+    def spy(launch, kernel, grid, args, meta, *, backward):
+        grids[getattr(kernel, "fn", kernel).__name__] = (grid[0], meta.get("BLOCK_M"), meta.get("BLOCK_N"))
+        return real(launch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(TB, "_launch_kernel", spy)
+    cfg = KernelConfig((32,), (32,), "flat", 4, 2, 4, 2, bwd_q_tile=(16,), bwd_kv_tile=(64,), dq_q_tile=(64,),
+                       dq_kv_tile=(16,))
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
+    builder = A.TritonBuilder(interpret=True)
+    path = A.scratch_source(None, builder.source(pat, bound, search.schedule(cfg.q_tile, cfg.kv_tile), cfg))
+    builder.runner(builder.load(path), pat, bound, search.schedule(cfg.q_tile, cfg.kv_tile), cfg, head_dim=16,
+                   dtype="fp16", batch=1, device="cpu", inputs=None)()
+    n = bound.n
+    assert grids["attnc_fwd"] == (-(-n // 32), 32, 32)
+    assert grids["attnc_bwd_dq"] == (-(-n // 64), 64, 16)
+    assert grids["attnc_bwd_dkdv"] == (-(-n // 64), 16, 64)
 
 
 # ----------------------------------------------------------------- out of resources: fall back, never fail

@@ -329,8 +329,11 @@ def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
 
 # ----------------------------------------------------------------- tiles loaded by TMA (KernelConfig.tma)
 @pytest.mark.parametrize("cfg,name,sizes,params,D,Dv,desc", [
-    # flat tiles; 80 tokens (the last KV tile half past the end), GQA, head dims padded to 32
+    # flat tiles; 72 tokens (the last tile half past the end), GQA, head dims padded to 32
     (KernelConfig((16,), (16,), "flat"), "sliding_window", None, {"window": 9}, 20, 24, True),
+    # the backward and the dQ kernel on tiles of their own
+    (KernelConfig((32,), (16,), "flat", bwd_q_tile=(16,), bwd_kv_tile=(32,), dq_q_tile=(16,), dq_kv_tile=(32,)),
+     "sliding_window", None, {"window": 9}, 16, 16, True),
     # boxes permuted into tile order, tiling the 8 x 8 grid exactly
     (KernelConfig((4, 4), (2, 8), "permute"), "neighborhood_2d", {"height": 8, "width": 8},
      {"kernel_size_y": 3, "kernel_size_x": 5}, 16, 16, True),
@@ -353,8 +356,8 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
 
     monkeypatch.setattr(T, "_launch_kernel", spy)
     pat = attnc.load(f"stdlib:{name}", **params)
-    n = 80 if sizes is None else math.prod(sizes.values())
-    q, k, v = qkv(1, 2, 1, n, D, Dv=Dv, seed=6)
+    n = 72 if sizes is None else math.prod(sizes.values())
+    q, k, v = qkv(2, 2, 1, n, D, Dv=Dv, seed=6)
     results = []
     for tma in (False, True):
         monkeypatch.setattr(T.TritonRunner, "config_hook",
@@ -369,6 +372,8 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
     seen.clear()
     compare(pat, q, k, v, sizes=sizes)  # the TMA config (the hook's last) against the reference backend
     assert seen["attnc_fwd"] == desc
+    empty = attnc.compile_attention(pat, backend="triton", sizes=sizes)(q[:0], k[:0], v[:0])  # no box of nothing
+    assert empty.shape == (0, *q.shape[1:3], Dv)
 
 
 def test_int64_arithmetic_where_int32_overflows():

@@ -441,3 +441,18 @@ def test_heads_scored_in_groups_select_the_same(monkeypatch):
     grouped = vertical_slash.derive(pat, q, k)
     assert whole.keys() == grouped.keys()
     assert all(torch.equal(whole[name], grouped[name]) for name in whole)
+
+
+@FEW
+@given(st.integers(0, 10_000), st.integers(1, 70), st.integers(1, 40), st.sampled_from([torch.float32, torch.float64]))
+def test_rows_summed_gives_equal_columns_equal_sums(seed, rows, cols, dtype):
+    """``rows_summed``: the sum over rows, to rounding, and columns of equal terms (repeated column vectors,
+    as all-zero queries give) exactly equal, where a reduction kernel may order its lanes apart."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.rand(2, rows, 3, generator=g, dtype=torch.float64).to(dtype)
+    pick = torch.randint(0, 3, (cols,), generator=g)
+    x = base[..., pick]
+    got = vertical_slash.rows_summed(x)
+    torch.testing.assert_close(got, x.sum(-2))
+    for c in range(cols):
+        assert torch.equal(got[..., c], got[..., int((pick == pick[c]).nonzero()[0])])

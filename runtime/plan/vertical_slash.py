@@ -52,14 +52,16 @@ def top_flags(score: torch.Tensor, count: int, forced: torch.Tensor) -> torch.Te
 
 
 def rows_summed(x: torch.Tensor) -> torch.Tensor:
-    """``x`` summed over its rows (dim -2) one row after another. Columns of equal terms get exactly
-    equal sums, so the rule's ties stay ties: a reduction kernel sums its vector lanes and its tail in
-    different orders (with all-zero queries, 19 columns that tie exactly had come out apart in the last
-    bit, and the selection took column 16 for column 0)."""
-    total = x[..., 0, :].clone()
-    for i in range(1, x.shape[-2]):
-        total += x[..., i, :]
-    return total
+    """``x`` summed over its rows (dim -2) pairwise, a level at a time (log2 of the rows elementwise additions
+    on a GPU): every column goes through the same additions in the same order, so columns of equal terms get
+    exactly equal sums and the rule's ties stay ties. A reduction kernel sums its vector lanes and its tail in
+    different orders: with all-zero queries, 19 columns that tie exactly had come out apart in the last bit,
+    and the selection took column 16 for column 0."""
+    while x.shape[-2] > 1:
+        even = x.shape[-2] // 2 * 2
+        pairs = x[..., 0:even:2, :] + x[..., 1:even:2, :]
+        x = torch.cat([pairs, x[..., even:, :]], dim=-2) if even < x.shape[-2] else pairs
+    return x[..., 0, :]
 
 
 #: The most score elements (last queries x keys x heads) held at once: heads are scored in groups.

@@ -135,12 +135,15 @@ class TritonBuilder(KernelBuilder):
                 return config
 
         launch = Pinned(pat).prepare(bound, q, k, dict(inputs or {}))
+        # the backward on its own tiles and the dQ kernel on its own, where the config gives them some, as a
+        # call's backward runs them (planned once, before the timing)
+        bwd_launch, dq_launch = launch.backward_launch(), launch.dq_launch()
         scale = head_dim ** -0.5
         dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=tdtype)
 
         def step():  # a training step's kernels: forward, then backward (dQ, dK/dV); (out, lse, dq, dk, dv)
             out, lse = backend.forward(launch, q, k, v, scale)
-            return (out, lse, *backend.backward(launch, q, k, v, out, lse, dout, None, scale, [])[:3])
+            return (out, lse, *backend.backward(bwd_launch, q, k, v, out, lse, dout, None, scale, [], dq_launch)[:3])
 
         return step
 
@@ -357,6 +360,11 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
     return trials
 
 
+def without_tma(trials: list[Trial]) -> list[Trial]:
+    """The trials that load by pointer (``KernelConfig.tma`` off), ranked again in their order."""
+    return [dataclasses.replace(t, rank=i) for i, t in enumerate(t for t in trials if not t.config.tma)]
+
+
 def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2) -> KernelConfig | None:
     """On Hopper and later, ``pick`` with FlexAttention's backward orientation (its sm_90 default at head
     dims 64-128; ``search.wide_kv_backward``, by shared memory alone): a trial for the tuner to time, not the
@@ -420,6 +428,10 @@ def autotune(
     timer = timer if timer is not None else do_bench_timer
     trials = candidates(search, top=top, launch=launch if launch is not None else LAUNCH,
                         nbytes=min(DTYPES[dtype], 2))
+    if on_gpu and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] * 10 < MIN_TMA_ARCH:
+        # a GPU without TMA whose hardware model has it (an unknown GPU takes the H100's): its TMA trials would
+        # time the pointer loads again, and a win by noise would be cached as TMA
+        trials = without_tma(trials)
     if (flex if flex is not None else on_gpu) and trials:
         flex_builder = _add_flex_trial(trials, flex_builder)
     bar = Progress(len(trials), f"tuning {pattern.name}", stream=stream,
@@ -628,4 +640,5 @@ def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
 
 __all__ = ["AutotuneError", "KernelBuilder", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
            "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
-           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner"]
+           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner",
+           "without_tma"]

@@ -323,10 +323,13 @@ def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int
     descs = []
     for t, rows, cols in tensors.values():
         size = t.element_size()
-        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in t.stride()[:-1])
-        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned:
+        # a dimension of one element never moves the address: its stride, whatever torch keeps, is given as 16 B
+        strides = [st if n > 1 else 16 // size for n, st in zip(t.shape, t.stride(), strict=True)]
+        strides[-1] = t.stride(-1)
+        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in strides[:-1])
+        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned or t.numel() == 0:  # (an empty batch: no box)
             return none
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, cols]))
+        descs.append(TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols]))
     return descs, {"DESC": True}
 
 
