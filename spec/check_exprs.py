@@ -61,7 +61,27 @@ class ExpressionChecks:
             raise self.error("constant too large (it must fit in 64 bits)", node.pos)
         if isinstance(e, sympy.Number) and not e.is_finite:
             raise self.error("expression is not a finite number", node.pos)
+        if not isinstance(e, sympy.Number) and self._folds_to_infinity(e):
+            # an operand that is zero whatever q and k, under a division or a negative power: sympy folds the
+            # part to complex infinity (or NaN), which no evaluator takes
+            raise self.error("expression divides by zero: a part of it is 0 for every position", node.pos,
+                             hint="write the division without the operand that is always 0")
         return typed
+
+    def _folds_to_infinity(self, e: sympy.Basic) -> bool:
+        """Whether sympy folded a part of ``e`` to complex infinity or NaN: a walk of its parts that stops at
+        those already walked (a node's operands were checked before it, and lets share parts: linear)."""
+        walked = self.__dict__.setdefault("_walked_parts", {})  # id -> part (held, so that ids stay unique)
+        stack = [e]
+        while stack:
+            part = stack.pop()
+            if id(part) in walked:
+                continue
+            if part is sympy.zoo or part is sympy.nan:
+                return True
+            walked[id(part)] = part
+            stack.extend(part.args)
+        return False
 
     def _e_Num(self, node: ast.Num) -> Typed:
         return Typed(kind_of_value(node.value), sympy_value(node.value))

@@ -178,6 +178,17 @@ def test_constant_division_by_zero():
     assert_at(err, 3, 13, "division by zero")
 
 
+@pytest.mark.parametrize("mask,col", [
+    ("((q + q) / ((q - q) ** q)) < q", 10),  # 1 / 0 ** q: sympy folds it to complex infinity ** q
+    ("1.5 + exp(q * 1.0) / ((k - k) ** q) > 2.0", 14),  # the division inside a sum, at its own place
+])
+def test_a_division_by_an_operand_that_is_always_zero(mask, col):
+    """An operand that is 0 whatever q and k, under a division or a negative power, is refused at its place
+    (sympy would fold the part to complex infinity, which no evaluator takes)."""
+    err = spec_error(f"pattern p\n  tokens seq\n  mask {mask}\n")
+    assert_at(err, 3, col, "divides by zero")
+
+
 def test_bias_and_softcap_types():
     err = spec_error("pattern p\n  tokens seq\n  bias causal\n")
     assert_at(err, 3, 8, "a bias must be a number, got a bool")

@@ -136,8 +136,8 @@ def test_launch_path_is_recorded_with_the_runtime_arguments():
 def test_an_over_limit_kernel_is_passed_over_and_reported(monkeypatch):
     """The check walks the ladder a GPU walks (``runtime.kernel_fit``): a forward over the block's shared
     memory at its 3 stages (a limit set between its 3- and 2-stage pipelines) is reported at the 2 stages
-    it launches with, the rung passed over named; with no rung within the limit, the recorded launch is
-    reported with its problem."""
+    it launches with, the rungs passed over named (its lists by index at 3 stages among them); with no rung
+    within the limit, the recorded launch is reported with its problem."""
     pat = attnc.load(CAUSAL)
     records, _ = G.record_call(pat, arch=80, head_dim=64, dtype="fp16", n=256,
                                config=KernelConfig((64,), (64,), "flat", 4, 3))
@@ -146,7 +146,10 @@ def test_an_over_limit_kernel_is_passed_over_and_reported(monkeypatch):
     monkeypatch.setitem(G.SMEM_LIMIT, 80, fwd.shared - 1024)
     fitted = G.check_launch(records[0], 80, pattern="causal", head_dim=64, dtype="fp16")
     assert (fitted.num_warps, fitted.num_stages) == (4, 2) and fitted.ok and fitted.shared < fwd.shared
-    assert fitted.fell_back == [f"w4 s3: shared memory {fwd.shared / 1024:.1f} KiB > {fwd.shared // 1024 - 1} KiB"]
+    # a causal mask's lists are runs: the same stages with the lists by index are tried (and are over too)
+    assert records[0].kwargs["FULL_RUN"] and fitted.fell_back == [
+        f"w4 s3{suffix}: shared memory {fwd.shared / 1024:.1f} KiB > {fwd.shared // 1024 - 1} KiB"
+        for suffix in ("", " indexed")] and not fitted.indexed
     assert "launched at w4 s2; w4 s3: shared memory" in G.table([fitted])
     monkeypatch.setitem(G.SMEM_LIMIT, 80, 1024)
     over = G.check_launch(records[0], 80, pattern="causal", head_dim=64, dtype="fp16")
