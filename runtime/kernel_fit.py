@@ -5,14 +5,14 @@ ptxas's kernel at the picked ``num_warps``/``num_stages`` spills registers to lo
 block for more shared memory than the GPU has, the same kernel is tried on the next rung of one ladder
 (``rungs``), and the first that fits without local memory is launched:
 
-1. where the kernel steps through runs of consecutive tiles (a ``*_RUN`` constexpr set), the same
-   parameters with its lists read by index: a run's loop, its loads affine, keeps one tile more in flight,
-   and the registers of its loads with it (compiled for sm_100 on Triton 3.6, a window's dQ kernel spilled
-   24 B at 2 and 3 stages with runs, none without);
-2. one pipeline stage fewer, down to one: stages hold the streamed tiles' buffers (shared memory) and,
+1. one pipeline stage fewer, down to one: stages hold the streamed tiles' buffers (shared memory) and,
    software-pipelined, the registers of the loads in flight;
-3. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
-   block's divided by its threads (the recurrences' chunk kernels run one stage already).
+2. then the other warp count of 4 and 8 at the picked stages: the register file a thread gets is the
+   block's divided by its threads (the recurrences' chunk kernels run one stage already);
+3. where the kernel steps through runs of consecutive tiles (a ``*_RUN`` constexpr set), each rung is
+   followed by the same with its lists read by index: a run's loop, its loads affine, keeps one tile more in
+   flight, and the registers of its loads with it (compiled for sm_100 on Triton 3.6, a window's dQ kernel
+   spilled 24 B at 2 and 3 stages with runs, none without).
 
 Warps, stages and runs do not change the answer: the tiles, and so the schedule and the order of every
 reduction over keys, stay as picked (only the rounding of reductions across a tile's warps may differ in
@@ -85,14 +85,13 @@ class Fit:
 
 
 def rungs(num_warps: int, num_stages: int, runs: bool = False) -> list[Rung]:
-    """The ladder from a kernel's picked launch parameters: with ``runs``, the same with its lists read by
-    index; stages down to one, then the other warp count of ``WARPS`` at the picked stages (``num_warps``
-    outside ``WARPS``: stages only)."""
-    out = [Rung(num_warps, s) for s in range(max(num_stages, 1), 0, -1)]
-    if runs:
-        out.insert(1, Rung(num_warps, max(num_stages, 1), indexed=True))
+    """The ladder from a kernel's picked launch parameters: stages down to one, then the other warp count of
+    ``WARPS`` at the picked stages (``num_warps`` outside ``WARPS``: stages only); with ``runs``, each rung
+    followed by the same with its lists read by index."""
+    ways = (False, True) if runs else (False,)
+    out = [Rung(num_warps, s, indexed) for s in range(max(num_stages, 1), 0, -1) for indexed in ways]
     if num_warps in WARPS:
-        out += [Rung(w, num_stages) for w in WARPS if w != num_warps]
+        out += [Rung(w, num_stages, indexed) for w in WARPS if w != num_warps for indexed in ways]
     return out or [Rung(num_warps, num_stages)]
 
 

@@ -34,11 +34,12 @@ def test_the_ladder_lowers_stages_then_changes_warps(warps, stages):
 
 
 @given(st.sampled_from([1, 4, 8]), st.integers(1, 5))
-def test_a_kernel_stepping_through_runs_tries_its_lists_by_index_next(warps, stages):
-    """With runs, the second rung is the picked warps and stages with every set run flag off (the rest of the
-    ladder as without); a rung's options turn off only the run flags the launch set."""
+def test_a_kernel_stepping_through_runs_tries_its_lists_by_index_at_each_rung(warps, stages):
+    """With runs, every rung of the ladder is followed by the same warps and stages with every set run flag
+    off; a rung's options turn off only the run flags the launch set."""
     ladder = KF.rungs(warps, stages, runs=True)
-    assert ladder == [KF.rungs(warps, stages)[0], KF.Rung(warps, stages, indexed=True), *KF.rungs(warps, stages)[1:]]
+    assert ladder == [KF.Rung(r.num_warps, r.num_stages, indexed) for r in KF.rungs(warps, stages)
+                      for indexed in (False, True)]
     meta = {"FULL_RUN": True, "PART_RUN": False, "BLOCK_M": 64, "ORDERED": True}
     assert KF.Rung(warps, stages, indexed=True).options(meta) == {"num_warps": warps, "num_stages": stages,
                                                                   "FULL_RUN": False}
