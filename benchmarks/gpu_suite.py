@@ -366,8 +366,8 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     (``autotune.wide_kv_backward``) where it applies to the config that ran; and with that config's streamed
     tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows."""
     from attnc.compiler import evaluate as E
-    from attnc.compiler.hardware import compute_capability, get_hardware
-    from attnc.compiler.search import MIN_TMA_ARCH, ScheduleSearch, tma_fits
+    from attnc.compiler.hardware import get_hardware
+    from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
     from attnc.runtime.tuning.autotune import wide_kv_backward
@@ -424,7 +424,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     # the toy run too: the interpreter loads descriptors, and CPU tensors launch as on an H100)
     sched = attn.runner.last_plan.schedule
     if (not pick.tma and tma_fits(pick, sched.q_extents, sched.kv_extents)
-            and (toy or compute_capability(get_hardware(hw).arch) >= MIN_TMA_ARCH)):
+            and (toy or has_tma(get_hardware(hw).arch))):
         with_tma = dataclasses.replace(pick, tma=True)
         mod = module()
         mod.runner._config = lambda bound, q, inputs: with_tma

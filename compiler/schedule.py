@@ -248,16 +248,13 @@ class TileSchedule(TileCounts):
     def runs(self) -> dict[str, bool]:
         """Which tile lists are each one run of consecutive tiles (``index[j] == index[0] + j``; the lists
         are sorted), by the kernels' list names: ``FULL``, ``PART``, ``T_FULL``, ``T_PART``. A kernel steps
-        through a run with no index load in its loop (``compiler.triton_kernels.list_tile``). Lists on a
-        GPU (a route's, selected there per call) count as not runs: asking would wait for the GPU."""
+        through a run with no index load in its loop (``compiler.triton_kernels.list_tile``). Asked of host
+        lists: the Triton runner reads a route's (selected per call, on the GPU) by index without asking."""
         out = {}
         for name, count, index in (("FULL", self.full_count, self.full_index),
                                    ("PART", self.partial_count, self.partial_index),
                                    ("T_FULL", self.t_full_count, self.t_full_index),
                                    ("T_PART", self.t_partial_count, self.t_partial_index)):
-            if index.device.type != "cpu":
-                out[name] = False
-                continue
             step = torch.arange(index.shape[-1])
             live = step < count[..., None]
             out[name] = bool(((index[..., :1] + step == index) | ~live).all())

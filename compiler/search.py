@@ -393,6 +393,12 @@ def is_wide_kv(config: KernelConfig) -> bool:
 
 #: The first architecture with the tensor memory accelerator (TMA: tensor-descriptor loads).
 MIN_TMA_ARCH = 90
+
+
+def has_tma(arch: str) -> bool:
+    """Whether an architecture (``"sm90"``, ``"sm_100"``...) loads tensor-descriptor boxes (TMA)."""
+    return compute_capability(arch) >= MIN_TMA_ARCH
+
 #: The most elements a TMA box spans along one dimension.
 TMA_BOX = 256
 
@@ -832,4 +838,4 @@ __all__ = ["BWD_LAUNCH", "BWD_WARPS_MMA", "Candidate", "MIN_TMA_ARCH", "PASSES",
            "classifier", "classify_flat", "contiguous", "flat_box", "flat_view", "forward_fits", "halved", "is_wide_kv",
            "kv_shapes", "min_kv_tokens", "padded_head_dim", "pass_fits", "pass_registers", "pass_smem", "pass_tiles",
            "pass_values", "route_schedule", "sized", "tensor_memory", "tile_grid", "tile_shapes", "tile_token_counts",
-           "tma_fits", "tmem_columns", "wide_kv_backward"]
+           "has_tma", "tma_fits", "tmem_columns", "wide_kv_backward"]

@@ -34,15 +34,15 @@ from typing import Protocol
 
 from ...compiler import evaluate as E
 from ...compiler.cost import KernelConfig
-from ...compiler.hardware import compute_capability, get_hardware, hardware_for_gpu
+from ...compiler.hardware import get_hardware, hardware_for_gpu
 from ...compiler.schedule import TileSchedule
 from ...compiler.search import (
-    MIN_TMA_ARCH,
     PASSES,
     STAGES,
     WARPS,
     ScheduleSearch,
     forward_fits,
+    has_tma,
     is_wide_kv,
     pass_fits,
     tensor_memory,
@@ -352,7 +352,7 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         # on Hopper and later, the pick with its streamed tiles loaded by TMA (``KernelConfig.tma``), where its
         # tiles are whole runs of memory rows: the model predicts no difference, so the GPU decides
         sched = first.schedule
-        if compute_capability(hw.arch) >= MIN_TMA_ARCH and tma_fits(pick, sched.q_extents, sched.kv_extents):
+        if has_tma(hw.arch) and tma_fits(pick, sched.q_extents, sched.kv_extents):
             configs.append(dataclasses.replace(pick, tma=True))
             predicted[configs[-1]] = predicted.get(pick, math.nan)
         for cfg in configs:
@@ -428,7 +428,7 @@ def autotune(
     timer = timer if timer is not None else do_bench_timer
     trials = candidates(search, top=top, launch=launch if launch is not None else LAUNCH,
                         nbytes=min(DTYPES[dtype], 2))
-    if on_gpu and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] * 10 < MIN_TMA_ARCH:
+    if on_gpu and torch.cuda.is_available() and not has_tma("sm{}{}".format(*torch.cuda.get_device_capability(dev))):
         # a GPU without TMA whose hardware model has it (an unknown GPU takes the H100's): its TMA trials would
         # time the pointer loads again, and a win by noise would be cached as TMA
         trials = without_tma(trials)

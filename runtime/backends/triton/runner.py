@@ -42,13 +42,12 @@ from ....compiler.codegen import (
     generate_source,
 )
 from ....compiler.cost import KernelConfig
-from ....compiler.hardware import compute_capability
 from ....compiler.launch_order import choose_order, ordered_arch
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import (
-    MIN_TMA_ARCH,
     TMA_BOX,
     classify_flat,
+    has_tma,
     padded_head_dim,
     tile_shapes,
     tma_fits,
@@ -313,8 +312,7 @@ def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int
     tiles are not whole runs of rows (``search.tma_fits``), or a tensor is not addressable by TMA: a row
     stride or base off 16 bytes, a feature stride other than 1, a padded head dim over ``TMA_BOX``."""
     none = [None] * len(tensors), {"DESC": False}
-    device = next(iter(tensors.values()))[0].device
-    if not launch.config.tma or compute_capability(_arch(device)) < MIN_TMA_ARCH:
+    if not launch.config.tma or not has_tma(_arch(next(iter(tensors.values()))[0].device)):
         return none
     if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
         return none
@@ -725,14 +723,14 @@ def forward(launch: Launch, q, k, v, scale: float):
     nq_tiles = launch.plan.schedule.num_q_tiles
     decay_c = _decay_cumsum(launch, device)
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
-    blocks_ = _blocks(launch, D, DV)
-    descs, desc = _descriptors(launch, {"KD": (kp, blocks_["BLOCK_N"], blocks_["BLOCK_D"]),
-                                        "VD": (vp, blocks_["BLOCK_N"], blocks_["BLOCK_DV"])})
+    fblocks = _blocks(launch, D, DV)
+    descs, desc = _descriptors(launch, {"KD": (kp, fblocks["BLOCK_N"], fblocks["BLOCK_D"]),
+                                        "VD": (vp, fblocks["BLOCK_N"], fblocks["BLOCK_DV"])})
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
-                       dict(**blocks_, DOT=_dot_mode(launch, q.dtype), **ordered,
+                       dict(**fblocks, DOT=_dot_mode(launch, q.dtype), **ordered,
                             **_runs(launch, "FULL", "PART"), **desc), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
