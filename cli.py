@@ -334,12 +334,16 @@ def cmd_sim(args) -> int:
         raise SpecError(f"'{pat.name}' combines several attentions: {what} ("
                         + ("the receptive field" if what == "--layers" else "context parallelism")
                         + ") covers one softmax pattern in this version", where=f"argument {what}")
+    if args.kv_heads is not None:
+        from .compiler.cost import checked_kv_heads
+
+        checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
     sizes = _int_sizes(args.sizes)
     inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
                    batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
                    q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
-                   inputs=inputs or None)
+                   inputs=inputs or None, kv_heads=args.kv_heads)
     if args.layers is not None and rep.to_dict().get("kind") == "recurrence":
         raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
                         where="argument --layers")
@@ -376,7 +380,7 @@ def _context_parallel(pat, rep, args, sizes, inputs):
     bound = E.bind_sizes(pat, n=rep.n, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
     inputs, _ = clusters.sample_derived(pat, bound, dict(inputs or {}), args.head_dim)
     return simulate_parallel(pat, n=rep.n, ranks=args.ranks, link=args.link, sizes=sizes or None,
-                             heads=args.heads, head_dim=args.head_dim, batch=args.batch,
+                             heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, batch=args.batch,
                              single_device_s=rep.best.forward_s, dtype=args.dtype, inputs=inputs or None)
 
 
@@ -674,6 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     _pattern_args(p)
     _shape_args(p)
+    p.add_argument("--kv-heads", type=int, help="K/V heads shared by the query heads (grouped-query attention; "
+                   "default one per head)")
     p.add_argument("--hardware", default="h100", help="a100, h100, h200 or b200 (default h100)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
     p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis (a recurrence: its chunk)")

@@ -135,9 +135,17 @@ def run_one(task: tuple) -> list[dict]:
                  "stack": 0, "wgmma": 0, "mma": 0, "tcgen05": 0, "dots": 0,
                  "error": f"{type(err).__name__}: {err}"[:240]}]
     for r in rows:
-        r.update(before=before, ordered=ordered, tma=tma, triton=triton.__version__,
+        # ``cell``: the stdlib name the cell ran (a combined pattern's rows name their branch, ``nsa/cmp``)
+        r.update(cell=name, before=before, ordered=ordered, tma=tma, triton=triton.__version__,
                  seconds=round(time.perf_counter() - start, 1))
     return rows
+
+
+def done_cells(rows: list[dict]) -> set[tuple]:
+    """The tasks (``run_one``'s) that rows already hold, for ``--resume`` (rows of older runs without
+    ``cell``: their pattern's name)."""
+    return {(r.get("cell", r["pattern"]), r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
+             r.get("tma", False)) for r in rows}
 
 
 def _report(r: dict):
@@ -328,8 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if any(problems(r) for r in rows if not r["before"]) else 0
     if args.resume and log.exists():
         rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        done = {(r["pattern"], r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
-                 r.get("tma", False)) for r in rows}
+        done = done_cells(rows)
         tasks = [t for t in tasks if t not in done]
     elif log.exists():
         log.unlink()

@@ -501,6 +501,19 @@ def recurrence_case(*, device, dtype, heads, head_dim, T, toy, hw, budget, lines
 
 
 # ----------------------------------------------------------------- main
+def fit_ladder_lines(toy: bool) -> list[str]:
+    """The kernels this run launched on a lower rung of the fit ladder than their config picked (fewer
+    stages or warps, or lists read by index: ``runtime.kernel_fit``), so that a timing is read against
+    what ran, not what the table's config says."""
+    from attnc.runtime import kernel_fit
+
+    if toy:
+        return ["## Fit ladder", "", "- the interpreter launches every kernel as picked (no ladder)", ""]
+    lowered = kernel_fit.lowered()
+    return ["## Fit ladder (kernels launched below the rung their config picked)", "",
+            *([f"- {x}" for x in lowered] or ["- none: every kernel launched as picked"]), ""]
+
+
 def suite_args(argv, doc: str, results: str, budget_s: float) -> argparse.Namespace:
     """The command line every GPU suite takes: --toy, --out (default ``benchmarks/results/RESULTS-GPU-DATE.md``)
     and --budget-s."""
@@ -551,6 +564,7 @@ def main(argv=None) -> int:
             "", "## Correctness (relative error against a float32 dense reference on 256 sampled query rows; "
             f"recurrence: against attnc's chunked torch recurrence in float32; pass < {PASS_REL:g})", "", *lines_c,
             "", "## Timings (medians; the simulator's prediction beside each measurement)", "", *lines_b, "",
+            *fit_ladder_lines(toy),
         ]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text("\n".join(text))

@@ -502,7 +502,7 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                    ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
                    repeat_bwd: int | float | None = None, dq_counts: tuple | None = None,
                    repeat_dq: int | float | None = None, placed: bool = True, ordered: bool = True,
-                   routed: bool = False) -> Prediction:
+                   routed: bool = False, kv_classes: int | None = None) -> Prediction:
     """Forward and backward cost from per-CTA tile counts (``[classes, CTAs]``),
     every CTA launched ``repeat`` times (``repeat_bwd`` in the dK/dV kernel, if given).
 
@@ -519,7 +519,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     (not a sample standing for more), so that they are placed on the SMs in the kernels' launch order;
     ``ordered``: False models kernels that always launch in tile order (no order tables: what-if only);
     ``routed``: a routed pattern, whose runtime lists are per (batch, head): its dK/dV kernel keeps tile
-    order.
+    order; ``kv_classes``: the list classes the dK/dV counts were folded from (``grouped_kv_counts``; default
+    their rows): its kernel takes an order table only for one.
     """
     cal = calibration or DEFAULT_CALIBRATION
     if (config.own_backward_tiles or config.own_dq_tiles) and dq_counts is None:
@@ -590,7 +591,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     # the dK/dV kernel takes an order table only where every head shares one list class (never a route's)
     parts.append(_pass(full_bwd, partial_bwd, repeat if repeat_bwd is None else repeat_bwd, t_full=t_k,
                        t_partial=_partial_pair(t_k, bmask_pair, fit), t_cta=cta_k, mma_pair=mma_k, mask_pair=bmask_pair,
-                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0, orderable=ordered and not routed and full_bwd.shape[0] == 1,
+                       mem_pair=mem_k, hw=hw, cal=cal, permute_s=0.0,
+                       orderable=ordered and not routed and (full_bwd.shape[0] if kv_classes is None else kv_classes) == 1,
                        placed=placed))
     bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
@@ -605,17 +607,45 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
                     memory_s=total("memory_s"), ctas=sum(p.ctas for p in parts))
 
 
+def checked_kv_heads(heads: int, kv_heads: int | None, where: str = "argument kv_heads") -> int:
+    """``kv_heads`` (None: ``heads``), checked to be a positive divisor of ``heads`` (an error names ``where``)."""
+    kv = heads if kv_heads is None else kv_heads
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv < 1 or heads % kv:
+        raise SpecError(f"{heads} query heads cannot share {kv_heads!r} K/V heads", where=where,
+                        hint="a positive divisor of the number of heads")
+    return kv
+
+
+def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int,
+                      kv_heads: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The dK/dV kernel's per-CTA counts (FULL, PARTIAL; ``[classes, KV tiles]``) and how many times each
+    class row is launched per batch element, with ``kv_heads`` K/V heads shared by ``heads`` query heads.
+    A CTA per (KV tile, K/V head) visits the Q tiles of the ``heads // kv_heads`` query heads of its group
+    in turn: a head-independent mask's counts times the group, launched once per K/V head; per-head counts
+    summed over each group, launched once."""
+    kv = checked_kv_heads(heads, kv_heads)
+    group, classes = heads // kv, t_full.shape[0]
+    if classes == 1:
+        return t_full * group, t_partial * group, kv
+    if classes != heads:
+        raise SpecError(f"per-head tile counts of {classes} classes for {heads} heads", where="argument schedule")
+    fold = lambda c: c.reshape(kv, group, -1).sum(1)  # noqa: E731
+    return fold(t_full), fold(t_partial), 1
+
+
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
             nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
             backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None,
-            ordered: bool = True, routed: bool = False) -> Prediction:
+            ordered: bool = True, routed: bool = False, kv_heads: int | None = None) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
     token counts are those of the schedule's tiles). A config whose backward has
     tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
     ``backward_schedule``, the schedule at those tiles: its dQ and dK/dV kernels
     walk that one's tile lists; one whose dQ kernel has tiles of its own
     (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's. ``ordered``, ``routed``:
-    as in ``predict_counts``."""
+    as in ``predict_counts``. ``kv_heads``: K/V heads (grouped-query attention; default: one per query
+    head). The dK/dV kernel runs one CTA per (KV tile, batch x K/V head) that visits the tiles of every
+    query head of its group, one head after the other: fewer, longer CTAs (``grouped_kv_counts``)."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -626,18 +656,19 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     dsched = dq_schedule if config.own_dq_tiles else bsched
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
-    brepeat = batch * (H if bsched.heads_stored == 1 else 1)
     drepeat = batch * (H if dsched.heads_stored == 1 else 1)
+    t_full, t_partial, brepeat = grouped_kv_counts(bsched.t_full_count, bsched.t_partial_count, H, kv_heads)
+    brepeat *= batch
     # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
     q_weight = getattr(schedule, "q_weight", 1)
     bkv_weight, dq_weight = getattr(bsched, "kv_weight", 1), getattr(dsched, "q_weight", 1)
     return predict_counts(
-        schedule.full_count, schedule.partial_count, bsched.t_full_count, bsched.t_partial_count,
+        schedule.full_count, schedule.partial_count, t_full, t_partial,
         repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
         batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
         repeat_bwd=brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
         repeat_dq=drepeat * dq_weight, placed=q_weight == 1 and bkv_weight == 1 and dq_weight == 1,
-        ordered=ordered, routed=routed)
+        ordered=ordered, routed=routed, kv_classes=bsched.heads_stored)
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,
@@ -680,5 +711,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
-           "dtype_bytes", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "checked_kv_heads", "dtype_bytes", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

@@ -39,7 +39,7 @@ from ..core.errors import SpecError
 from . import evaluate as E
 from . import route_blocks
 from . import tiles as T
-from .cost import Calibration, KernelConfig, Prediction, mask_ops, predict
+from .cost import Calibration, KernelConfig, Prediction, checked_kv_heads, mask_ops, predict
 from .hardware import Hardware, compute_capability
 from .schedule import TileSchedule, tile_grid, tile_token_counts, tile_tokens, uniform_axes
 from .tile_args import parse_tiles
@@ -623,9 +623,11 @@ class ScheduleSearch:
 
     def __init__(self, pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int = 128, batch: int = 1,
                  nbytes: int = 2, inputs: dict | None = None, calibration: Calibration | None = None,
-                 classify: Callable | None = None):
+                 classify: Callable | None = None, kv_heads: int | None = None):
         self.pat, self.bound, self.hw = pat, bound, hw
         self.head_dim, self.batch, self.nbytes = head_dim, batch, nbytes
+        #: K/V heads shared by the query heads (grouped-query attention; ``cost.predict``)
+        self.kv_heads = checked_kv_heads(bound.heads, kv_heads)
         self.inputs, self.calibration = inputs, calibration
         self.classify = classify or classifier()
         self.q_ext = T.layout_extents(pat.queries, bound, bound.n)
@@ -718,7 +720,7 @@ class ScheduleSearch:
                        ops=self.pair_ops(config.q_tile, config.kv_tile),
                        grid_axes=len(self.q_ext) if self.grid else 1, calibration=self.calibration,
                        backward_schedule=bsched, dq_schedule=dsched, ordered=ordered,
-                       routed=self.pat.route is not None)
+                       routed=self.pat.route is not None, kv_heads=self.kv_heads)
         return Candidate(config, sched, pred)
 
     def _configs(self, q_tile, kv_tile, layouts) -> list[KernelConfig]:

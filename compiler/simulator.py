@@ -85,6 +85,8 @@ class SimulationReport(ReportView):
     allowed_pairs: int | float = 0
     #: All (head, query, key) token pairs.
     total_pairs: int = 0
+    #: K/V heads shared by the query heads (grouped-query attention): ``heads`` when each has its own.
+    kv_heads: int | None = None
 
     @property
     def schedule(self):
@@ -120,6 +122,7 @@ class SimulationReport(ReportView):
             "nk": self.nk,
             "sizes": dict(self.sizes),
             "heads": self.heads,
+            "kv_heads": self.heads if self.kv_heads is None else self.kv_heads,
             "head_dim": self.head_dim,
             "batch": self.batch,
             "dtype": self.dtype,
@@ -158,10 +161,10 @@ class SimulationReport(ReportView):
 
 def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_dim: int, batch: int, dtype: str,
                      q_tile=None, kv_tile=None, inputs: dict | None = None, top: int = 5,
-                     calibration: Calibration | None = None) -> SimulationReport:
+                     calibration: Calibration | None = None, kv_heads: int | None = None) -> SimulationReport:
     check_simulation_size(pat, bound)
     search = ScheduleSearch(pat, bound, hw, head_dim=head_dim, batch=batch, nbytes=dtype_bytes(dtype), inputs=inputs,
-                            calibration=calibration)
+                            calibration=calibration, kv_heads=kv_heads)
     ranked = search.run(q_tile, kv_tile, top=0)
     best = ranked[0]
     # the top few, one per (tile shapes, layout): warps/stages variants of one schedule are the autotuner's job
@@ -206,7 +209,7 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
     return SimulationReport(pat.name, dict(bound.axis_sizes), bound.n, bound.nk, bound.heads, head_dim, batch, dtype,
                             hw, _ratio(allowed, total), best, shown, sdpa.forward.time_s,
                             sdpa.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
-                            allowed_pairs=allowed, total_pairs=total)
+                            allowed_pairs=allowed, total_pairs=total, kv_heads=search.kv_heads)
 
 
 def dense_configs(hw: Hardware, head_dim: int, nbytes: int = 2) -> list[KernelConfig]:
@@ -263,7 +266,9 @@ def format_report(rep: SimulationReport) -> str:
     tiles = d["tiles"]
     lines = [
         f"{rep.pattern}: simulated on the {hw.name} model in {rep.dtype} (a prediction, not a measurement): "
-        f"{size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
+        f"{size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}"
+        + ("" if d["kv_heads"] == rep.heads else f" sharing {d['kv_heads']} K/V heads")
+        + f", head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s, "
         f"{hw.smem_per_sm_kib} KiB smem/SM)",
         "",

@@ -437,6 +437,7 @@ def simulate(
     nk: int | None = None,
     inputs: dict | None = None,
     top: int = 5,
+    kv_heads: int | None = None,
     **params,
 ):
     """Predict how fast a pattern can run: a ``SimulationReport`` with the
@@ -448,7 +449,9 @@ def simulate(
     or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
     ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
     grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
-    data-dependent masks (without a batch dimension).
+    data-dependent masks (without a batch dimension). ``kv_heads``: K/V heads shared by the ``heads``
+    query heads (grouped-query attention; default one per query head, a positive divisor of ``heads``): the
+    dK/dV kernel then runs one CTA per K/V head that walks its group's query heads in turn.
     """
     from ..compiler.cost import dtype_bytes
     from ..compiler.hardware import get_hardware
@@ -459,8 +462,11 @@ def simulate(
         from .combined import simulate_combined
 
         return simulate_combined(pat, simulate, n, nk, inputs, sizes=sizes, heads=heads, head_dim=head_dim,
-                                 batch=batch, hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, top=top)
+                                 batch=batch, hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, top=top,
+                                 kv_heads=kv_heads)
     if isinstance(pat, ir.RecurrenceIR):
+        if kv_heads is not None and kv_heads != heads:
+            raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument kv_heads")
         from .recurrences.common import simulate_recurrence
 
         return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
@@ -476,6 +482,6 @@ def simulate(
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=head_dim)
     inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
     report = simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
-                              q_tile=q_tile, kv_tile=kv_tile, inputs=inputs or None, top=top)
+                              q_tile=q_tile, kv_tile=kv_tile, inputs=inputs or None, top=top, kv_heads=kv_heads)
     report.assumptions.extend(notes)
     return report

@@ -489,10 +489,11 @@ def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None
             super().__init__(pattern)
             self.modules: list = []
 
-        def _config(self, bound, q, inputs):
+        def _config(self, bound, q, inputs, kv_heads=None):
             if config is not None:
                 return config
-            return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype, inputs=inputs)
+            return TB.search_config(self.pattern, bound, hw, head_dim=q.shape[-1], dtype=q.dtype, inputs=inputs,
+                                    kv_heads=kv_heads)
 
         def prepare(self, *args, **kwargs):
             launch = super().prepare(*args, **kwargs)

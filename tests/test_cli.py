@@ -371,6 +371,17 @@ def test_show_heads_zero_is_refused(capsys, files):
     assert err.startswith("argument --heads: error: must be a positive int, got 0")
 
 
+def test_sim_kv_heads(capsys, files):
+    """--kv-heads: the report's header and JSON say it, and the context-parallel estimate takes it; a count
+    that does not divide --heads is refused at --kv-heads."""
+    code, out, err = run(capsys, "sim", str(files["ok.attn"]), "--n", "2048", "--heads", "4", "--kv-heads", "2",
+                         "--top", "1")
+    assert code == 0 and "heads 4 sharing 2 K/V heads" in out
+    code, out, err = run(capsys, "sim", str(files["ok.attn"]), "--n", "2048", "--heads", "4", "--kv-heads", "3")
+    assert code == 1 and out == ""
+    assert err.startswith("argument --kv-heads: error: 4 query heads cannot share 3 K/V heads")
+
+
 def test_show_huge_n_blames_n_with_the_memory_needed(capsys, files):
     code, out, err = run(capsys, "show", str(files["ok.attn"]), "--n", str(10**9))
     assert code == 1 and out == ""

@@ -474,3 +474,20 @@ def test_tma_configs_compile_fit_and_load_by_tensor_descriptor():
         assert report.wgmma > 0 and report.mma == 0, G.table([report])
     records, _ = G.record_call(pat, arch=80, head_dim=128, dtype="bf16", n=N, config=cfg)
     assert {r.kwargs.get("DESC") for r in records} == {False, None}
+
+
+def test_compile_matrix_resume_knows_a_combined_patterns_cells():
+    """``gpu_compile_matrix.py --resume`` skips the cells its log holds, a combined pattern's too (its rows
+    name their branch, ``nsa/cmp``; the cell is ``nsa``)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile_matrix.py"
+    spec = importlib.util.spec_from_file_location("gpu_compile_matrix_mod", path)
+    matrix = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(matrix)
+    common = {"arch": 90, "head_dim": 128, "dtype": "bf16", "before": False, "ordered": False, "tma": False}
+    rows = [{"pattern": "nsa/cmp", "cell": "nsa", **common}, {"pattern": "nsa/slc", "cell": "nsa", **common},
+            {"pattern": "causal", **common}]  # a row of a run before ``cell``: its pattern names it
+    done = matrix.done_cells(rows)
+    assert done == {("nsa", 90, 128, "bf16", False, False, False), ("causal", 90, 128, "bf16", False, False, False)}

@@ -38,6 +38,7 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
         assert re.search(r"attnc triton \([\dx]+/[\dx]+ \w+ w\d+ s\d+", cells[1]), attnc_row
         assert any(line.startswith(f"| {name} | FlexAttention |") for line in text.splitlines())
         assert any(line.startswith(f"| {name} | SDPA dense |") for line in text.splitlines())
+    assert "## Fit ladder\n\n- the interpreter launches every kernel as picked" in text
     assert any(line.startswith("| causal | SDPA causal (is_causal) |") for line in text.splitlines())
     # the variant the toy run can take: the causal case's kernels again without order tables
     variant = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, tile order"))
@@ -125,3 +126,22 @@ def test_gpu_suite_dynamic_toy_runs_end_to_end(tmp_path):
         attnc_row = next(line for line in text.splitlines() if line.startswith(f"| {name} T=96 | attnc triton"))
         cells = [c.strip() for c in attnc_row.strip("|").split("|")]
         assert float(cells[2]) > 0 and 0 < float(cells[3]) < float(cells[2]), attnc_row  # selection inside the call
+
+
+def test_gpu_suite_names_the_kernels_the_fit_ladder_lowered(monkeypatch):
+    """On a GPU the results say which kernels ran below their config's rung (a timing is of what ran)."""
+    import importlib.util
+
+    from attnc.runtime import kernel_fit as KF
+
+    spec = importlib.util.spec_from_file_location("gpu_suite_mod", ROOT / "benchmarks" / "gpu_suite.py")
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+
+    def attnc_bwd_dq():
+        pass
+
+    monkeypatch.setattr(KF, "FITTED", {})
+    assert "- none: every kernel launched as picked" in gs.fit_ladder_lines(False)
+    KF.FITTED[attnc_bwd_dq] = {(8, 3, (), ()): {"num_warps": 8, "num_stages": 3, "FULL_RUN": False}}
+    assert "- attnc_bwd_dq: w8 s3 -> w8 s3 indexed" in gs.fit_ladder_lines(False)

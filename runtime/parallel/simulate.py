@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...compiler import evaluate as E
-from ...compiler.cost import dtype_bytes
+from ...compiler.cost import checked_kv_heads, dtype_bytes
 from ...core import ir
 from ...core.errors import SpecError
 from ..plan import antidiagonal
@@ -124,7 +124,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
         raise SpecError("the context-parallel estimate covers self-attention softmax patterns",
                         where="argument --ranks")
     antidiagonal.refuse_context_parallel(pat, "argument --ranks")
-    kv_heads = heads if kv_heads is None else kv_heads
+    kv_heads = checked_kv_heads(heads, kv_heads)
     item = dtype_bytes(dtype)
     bw = LINKS[link].gbps * 1e9
     bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes=sizes, dk=head_dim)

@@ -128,9 +128,11 @@ def load_kernels(source_path: str, interpret: bool = False):
 
 # ----------------------------------------------------------------- choosing a schedule
 def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None, *, device: torch.device,
-                   head_dim: int = 64, dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
+                   head_dim: int = 64, dtype: torch.dtype = torch.float16, inputs: dict | None = None,
+                   kv_heads: int | None = None) -> KernelConfig:
     """The schedule to run without autotuning: forced tiles, else the simulator's best
-    candidate on CUDA, else interpreter-friendly tiles of ``INTERPRET_TILE_TOKENS``."""
+    candidate on CUDA (``kv_heads``: the call's K/V heads), else interpreter-friendly tiles of
+    ``INTERPRET_TILE_TOKENS``."""
     q_ext = layout_extents(pat.queries, bound, bound.n)
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     grid = len(q_ext) > 1 or len(kv_ext) > 1
@@ -143,7 +145,7 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
         from ....compiler.hardware import hardware_for_gpu
 
         hw = hardware_for_gpu(torch.cuda.get_device_name(device))
-        return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs)
+        return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs, kv_heads=kv_heads)
     tokens = INTERPRET_TILE_TOKENS
     if boxes:
         while tokens > 1:
@@ -158,14 +160,16 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
 
 
 def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int = 64,
-                  dtype: torch.dtype = torch.float16, inputs: dict | None = None) -> KernelConfig:
-    """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning)."""
+                  dtype: torch.dtype = torch.float16, inputs: dict | None = None,
+                  kv_heads: int | None = None) -> KernelConfig:
+    """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning;
+    ``kv_heads``: K/V heads shared by the query heads, as ``ScheduleSearch`` takes them)."""
     from ....compiler.hardware import get_hardware
     from ....compiler.search import ScheduleSearch
 
     nbytes = 4 if dtype == torch.float32 else 2
     return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,
-                          inputs=_static_inputs(pat, inputs)).run(top=1)[0].config
+                          inputs=_static_inputs(pat, inputs), kv_heads=kv_heads).run(top=1)[0].config
 
 
 def _static_inputs(pat: ir.PatternIR, inputs: dict | None) -> dict | None:
@@ -376,12 +380,12 @@ class TritonRunner(Registered):
 
     # ------------------------------------------------------------ planning
     @staticmethod
-    def _key(bound: E.Bound, q: torch.Tensor) -> tuple:
-        return (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, q.device.type,
+    def _key(bound: E.Bound, q: torch.Tensor, kv_heads: int | None = None) -> tuple:
+        return (tuple(sorted(bound.axis_sizes.items())), bound.n, bound.nk, bound.heads, kv_heads, q.device.type,
                 q.shape[-1], q.dtype)
 
-    def _config(self, bound: E.Bound, q: torch.Tensor, inputs: dict) -> KernelConfig:
-        fallback = self._fallback.get(self._key(bound, q))
+    def _config(self, bound: E.Bound, q: torch.Tensor, inputs: dict, kv_heads: int | None = None) -> KernelConfig:
+        fallback = self._fallback.get(self._key(bound, q, kv_heads))
         if fallback is not None:
             return fallback
         hook = type(self).config_hook
@@ -390,15 +394,17 @@ class TritonRunner(Registered):
             if cfg is not None:
                 return cfg
         return default_config(self.pattern, bound, self.q_tile, self.kv_tile, device=q.device, head_dim=q.shape[-1],
-                              dtype=q.dtype, inputs=inputs)
+                              dtype=q.dtype, inputs=inputs, kv_heads=kv_heads)
 
     def plan(self, bound: E.Bound, q: torch.Tensor, tensors: dict,
-             backward_of: KernelConfig | None = None, role: str = "bwd") -> tuple[KernelConfig, tile_plan.Plan, str]:
+             backward_of: KernelConfig | None = None, role: str = "bwd", *,
+             kv_heads: int | None = None) -> tuple[KernelConfig, tile_plan.Plan, str]:
         """(config, plan, source) of a call; ``backward_of``: the plan of that config's own
-        backward tiles (``role`` "bwd") or its dQ kernel's (``role`` "dq"), cached apart from the forward's."""
+        backward tiles (``role`` "bwd") or its dQ kernel's (``role`` "dq"), cached apart from the forward's;
+        ``kv_heads``: the call's K/V heads (the simulator's pick weighs its dK/dV kernel's CTAs by them)."""
         pat = self.pattern
         dyn_names = mask_input_names(pat)
-        key = self._key(bound, q)
+        key = self._key(bound, q, kv_heads)
         if backward_of is not None:
             key = (*key, role, backward_of)
         if not dyn_names and key in self._static:
@@ -414,7 +420,7 @@ class TritonRunner(Registered):
         elif dyn_names and key in self._static:
             config = self._static[key][0]
         else:
-            config = self._config(bound, q, tensors)
+            config = self._config(bound, q, tensors, kv_heads)
         cpu_inputs = {n: t.detach().cpu() for n, t in used.items()}
         sched = classify(pat, bound, config, cpu_inputs)
         plan = tile_plan.Plan.build(pat, bound, sched)
@@ -429,7 +435,7 @@ class TritonRunner(Registered):
                 role: str = "bwd") -> Launch:
         pat = self.pattern
         tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
-        config, plan, source = self.plan(bound, q, tensors, backward_of, role)
+        config, plan, source = self.plan(bound, q, tensors, backward_of, role, kv_heads=k.shape[1])
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
         interpret = q.device.type != "cuda" and not self.native
         hook = type(self).source_hook
@@ -449,7 +455,7 @@ class TritonRunner(Registered):
             plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))  # selected on q's device
         sched = plan.schedule
         cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
-        key = self._key(bound, q)
+        key = self._key(bound, q, k.shape[1])
         lists = plan.on_device(("lists", device), lambda: _lists(sched, device))  # routed plans: new per call
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
             return Launch(module, interpret, config, shape, plan, pat, bound, tensors, batched, lists,

@@ -1,0 +1,80 @@
+"""Grouped-query attention in the cost model: the dK/dV kernel runs one CTA per (KV tile, batch x K/V head)
+that walks the Q tiles of every query head of its group in turn (compiler/triton_kernels.py, ``GROUP``), so
+its CTAs are fewer and longer than one per query head; the forward and dQ kernels keep one per query head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnc
+from attnc.compiler import evaluate as E
+from attnc.compiler import search as SR
+from attnc.compiler.cost import KernelConfig, grouped_kv_counts
+from attnc.compiler.hardware import get_hardware
+from attnc.core.errors import SpecError
+
+LOCAL = "pattern local\n  tokens seq\n  mask q - 300 <= k <= q\n"
+PER_HEAD = "pattern per_head\n  tokens seq\n  mask q - k <= (if h > 1 then q // 2 else 64) and k <= q\n"
+
+
+def _search(text: str, *, n: int, heads: int, kv_heads: int | None = None, batch: int = 1):
+    pat = attnc.load(text)
+    return SR.ScheduleSearch(pat, E.bind_sizes(pat, n=n, heads=heads), get_hardware("h100"), head_dim=64,
+                             batch=batch, kv_heads=kv_heads)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kv=st.sampled_from([1, 2, 3, 6]), tiles=st.integers(1, 7), seed=st.integers(0, 2**31 - 1),
+       per_head=st.booleans())
+def test_grouped_counts_are_the_group_heads_counts_summed(kv, tiles, seed, per_head):
+    heads = 6
+    gen = torch.Generator().manual_seed(seed)
+    classes = heads if per_head else 1
+    full = torch.randint(0, 9, (classes, tiles), generator=gen)
+    part = torch.randint(0, 9, (classes, tiles), generator=gen)
+    got_full, got_part, launches = grouped_kv_counts(full, part, heads, kv)
+    group = heads // kv
+    # a naive walk: K/V head j's CTA for a KV tile visits query heads j*group .. j*group + group - 1, each
+    # on its own list (per-head lists) or on the one list every head shares
+    rows = range(kv) if per_head else range(1)
+    walk = lambda c: torch.stack([sum(c[j * group + g if per_head else 0] for g in range(group)) for j in rows])  # noqa: E731
+    want_full, want_part = walk(full), walk(part)
+    assert torch.equal(got_full, want_full) and torch.equal(got_part, want_part)
+    # every class row stands for its K/V heads: launched once per K/V head when the heads share one list
+    assert launches == (1 if per_head else kv)
+    assert float(got_full.sum()) * launches == float(full.sum()) * (1 if per_head else heads)
+
+
+@pytest.mark.parametrize("text", [LOCAL, PER_HEAD], ids=["shared lists", "per-head lists"])
+def test_grouped_dkdv_has_fewer_longer_ctas_and_the_same_work(text):
+    heads, batch, n = 4, 2, 1024
+    cfg = KernelConfig((64,), (64,), "flat", 4, 2)
+    mha = _search(text, n=n, heads=heads, batch=batch).evaluate(cfg, False).prediction
+    same = _search(text, n=n, heads=heads, batch=batch, kv_heads=heads).evaluate(cfg, False).prediction
+    gqa = _search(text, n=n, heads=heads, batch=batch, kv_heads=1).evaluate(cfg, False).prediction
+    # kv_heads == heads is the default, to the bit
+    assert same.forward.time_s == mha.forward.time_s and same.backward.time_s == mha.backward.time_s
+    # the forward and dQ kernels run one CTA per query head either way
+    assert gqa.forward.time_s == mha.forward.time_s and gqa.forward.ctas == mha.forward.ctas
+    tiles = n // 64
+    assert mha.backward.ctas == batch * heads * tiles + batch * heads * tiles
+    assert gqa.backward.ctas == batch * heads * tiles + batch * 1 * tiles
+    # the same tile pairs, so the same matmul and memory time in all
+    assert gqa.backward.mma_s == pytest.approx(mha.backward.mma_s, rel=1e-12)
+    assert gqa.backward.memory_s == pytest.approx(mha.backward.memory_s, rel=1e-12)
+    # 2 x 16 dK/dV CTAs fill a fraction of 132 SMs, each walking 4 heads: the pass takes longer
+    assert gqa.backward.makespan_s > mha.backward.makespan_s
+
+
+def test_simulate_reports_kv_heads_and_checks_them():
+    rep = attnc.simulate(LOCAL, n=2048, heads=8, kv_heads=2, top=1)
+    assert rep.to_dict()["kv_heads"] == 2 and "sharing 2 K/V heads" in str(rep)
+    assert attnc.simulate(LOCAL, n=2048, heads=8, top=1).to_dict()["kv_heads"] == 8
+    for bad in (3, 0, 16):
+        with pytest.raises(SpecError, match="argument kv_heads"):
+            attnc.simulate(LOCAL, n=2048, heads=8, kv_heads=bad)
+    with pytest.raises(SpecError, match="argument kv_heads"):
+        attnc.simulate("stdlib:retention", n=2048, heads=8, kv_heads=2)
