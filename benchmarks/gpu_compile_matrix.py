@@ -108,10 +108,12 @@ def tma_launches():
 
 
 def run_one(task: tuple) -> list[dict]:
-    """One (pattern, arch, head dim, dtype, before[, ordered[, tma]]) cell: its kernels' reports as dicts."""
+    """One (pattern, arch, head dim, dtype, before[, ordered[, tma[, kv_heads, group_split]]]) cell: its
+    kernels' reports as dicts."""
     name, arch, d, dtype, before, *rest = task
     ordered = bool(rest and rest[0])
     tma = bool(len(rest) > 1 and rest[1])
+    kv_heads, group_split = (rest[2], rest[3]) if len(rest) > 3 else (None, 1)
     import triton
 
     import attnc
@@ -125,7 +127,7 @@ def run_one(task: tuple) -> list[dict]:
                 ordered_launches() if ordered else contextlib.nullcontext(), \
                 tma_launches() if tma else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
-                                      label=name)
+                                      label=name, kv_heads=kv_heads, group_split=group_split)
         # the tile lists each kernel stepped through as runs of consecutive tiles (``{kind}_RUN``)
         rows = [{**r.to_dict(), "runs": sorted(k[:-4] for k, v in r.constexprs.items() if k.endswith("_RUN") and v),
                  "desc": bool(r.constexprs.get("DESC"))} for r in reports]
@@ -136,7 +138,8 @@ def run_one(task: tuple) -> list[dict]:
                  "error": f"{type(err).__name__}: {err}"[:240]}]
     for r in rows:
         # ``cell``: the stdlib name the cell ran (a combined pattern's rows name their branch, ``nsa/cmp``)
-        r.update(cell=name, before=before, ordered=ordered, tma=tma, triton=triton.__version__,
+        r.update(cell=name, before=before, ordered=ordered, tma=tma, kv_heads=kv_heads, group_split=group_split,
+                 triton=triton.__version__,
                  seconds=round(time.perf_counter() - start, 1))
     return rows
 
@@ -145,7 +148,7 @@ def done_cells(rows: list[dict]) -> set[tuple]:
     """The tasks (``run_one``'s) that rows already hold, for ``--resume`` (rows of older runs without
     ``cell``: their pattern's name)."""
     return {(r.get("cell", r["pattern"]), r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
-             r.get("tma", False)) for r in rows}
+             r.get("tma", False), r.get("kv_heads"), r.get("group_split", 1)) for r in rows}
 
 
 def _report(r: dict):
@@ -242,6 +245,9 @@ def render(rows: list[dict], args, elapsed: float) -> str:
                 "trial; by pointer where its tiles are not whole runs of memory rows, and on sm_80, which has no "
                 "TMA).", ""]
                if any(r.get("tma") for r in cur) else []),
+             *([f"Grouped-query attention: K/V heads {cur[0].get('kv_heads')} of 2 query heads, the dK/dV kernel's "
+                f"group split over {cur[0].get('group_split', 1)} program(s) per K/V head (`--kv-heads`, "
+                "`--group-split`).", ""] if cur and cur[0].get("kv_heads") else []),
              *([f"Runs: {sum(bool(r.get('runs')) for r in cur)} of {len(cur)} kernels stepped through at least one "
                 "of their tile lists as a run of consecutive tiles, with no index load in the loop (`{kind}_RUN`): "
                 + ", ".join(f"{kind} {sum(kind in r.get('runs', ()) for r in cur)}"
@@ -310,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--note", default="", help="a paragraph for the results file's head (what was run and why)")
     p.add_argument("--ordered", action="store_true",
                    help="compile every kernel with its launch-order table (as where longest first pays)")
+    p.add_argument("--kv-heads", type=int, default=None,
+                   help="K/V heads shared by the 2 query heads (grouped-query attention; default one per head)")
+    p.add_argument("--group-split", type=int, default=1,
+                   help="the dK/dV programs per K/V head with --kv-heads (each over its share of the group)")
     p.add_argument("--tma", action="store_true",
                    help="the picks whose tiles are whole runs of memory rows with TMA loads (the tuner's Hopper trial)")
     args = p.parse_args(argv)
@@ -322,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
         for a in archs:
-            tasks += [(n, a, d, t, False, args.ordered, args.tma) for d in dims for t in dtypes]
+            tasks += [(n, a, d, t, False, args.ordered, args.tma, args.kv_heads, args.group_split)
+                      for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
-                tasks += [(n, a, d, t, True, args.ordered, args.tma) for d in map(int, args.before_head_dim.split(","))
+                tasks += [(n, a, d, t, True, args.ordered, args.tma, args.kv_heads, args.group_split)
+                          for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"
     log = out.with_suffix(".jsonl")

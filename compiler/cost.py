@@ -329,10 +329,14 @@ class Prediction:
     config: KernelConfig
     forward: PassCost
     backward: PassCost
+    #: CTAs per (KV tile, K/V head) of the dK/dV kernel, each walking its share of the query heads that
+    #: share the K/V head (grouped-query attention; ``predict``): more than 1 adds a sum of fp32 partials
+    group_split: int = 1
 
     def to_dict(self) -> dict:
         return {**self.config.to_dict(), "forward_s": self.forward.time_s, "backward_s": self.backward.time_s,
-                "forward": self.forward.to_dict(), "backward": self.backward.to_dict()}
+                "forward": self.forward.to_dict(), "backward": self.backward.to_dict(),
+                "group_split": self.group_split}
 
 
 # ----------------------------------------------------------------- mask operation count
@@ -616,27 +620,44 @@ def checked_kv_heads(heads: int, kv_heads: int | None, where: str = "argument kv
     return kv
 
 
-def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int,
-                      kv_heads: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int, kv_heads: int | None,
+                      split: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The dK/dV kernel's per-CTA counts (FULL, PARTIAL; ``[classes, KV tiles]``) and how many times each
     class row is launched per batch element, with ``kv_heads`` K/V heads shared by ``heads`` query heads.
-    A CTA per (KV tile, K/V head) visits the Q tiles of the ``heads // kv_heads`` query heads of its group
-    in turn: a head-independent mask's counts times the group, launched once per K/V head; per-head counts
-    summed over each group, launched once."""
+    ``split`` CTAs per (KV tile, K/V head) each visit the Q tiles of ``heads // kv_heads // split`` query
+    heads of its group in turn: a head-independent mask's counts times that share, launched ``split`` times
+    per K/V head; per-head counts summed over each share, launched once."""
     kv = checked_kv_heads(heads, kv_heads)
     group, classes = heads // kv, t_full.shape[0]
+    if not isinstance(split, int) or split < 1 or group % split:
+        raise SpecError(f"{group} query heads per K/V head cannot be split {split!r} ways", where="argument split")
+    share = group // split
     if classes == 1:
-        return t_full * group, t_partial * group, kv
+        return t_full * share, t_partial * share, kv * split
     if classes != heads:
         raise SpecError(f"per-head tile counts of {classes} classes for {heads} heads", where="argument schedule")
-    fold = lambda c: c.reshape(kv, group, -1).sum(1)  # noqa: E731
+    fold = lambda c: c.reshape(kv * split, share, -1).sum(1)  # noqa: E731
     return fold(t_full), fold(t_partial), 1
+
+
+def group_reduction_s(split: int, kv_batch_heads: int, keys: int, head_dim: int, hw: Hardware,
+                      cal: Calibration | None = None) -> float:
+    """What splitting each K/V head's query heads over ``split`` dK/dV CTAs adds: the kernel stores dK and
+    dV as fp32 partials (4 bytes an element each, where it stored the result), torch sums them (reads
+    ``split`` partials, writes fp32) and casts the sum (reads it, writes the result): 8 x split + 8 bytes
+    per element of dK and dV more than without a split, and 4 launches. 0 for ``split`` 1."""
+    if split <= 1:
+        return 0.0
+    cal = cal or DEFAULT_CALIBRATION
+    elements = 2.0 * kv_batch_heads * keys * head_dim
+    return elements * (8.0 * split + 8.0) / hw.bytes_per_s + 4 * cal.launch_s
 
 
 def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_dim: int, batch: int = 1,
             nbytes: int = 2, ops: int = 1, grid_axes: int = 1, calibration: Calibration | None = None,
             backward_schedule: TileSchedule | None = None, dq_schedule: TileSchedule | None = None,
-            ordered: bool = True, routed: bool = False, kv_heads: int | None = None) -> Prediction:
+            ordered: bool = True, routed: bool = False, kv_heads: int | None = None,
+            group_split: int | None = None) -> Prediction:
     """Forward and backward cost of a schedule run with ``config`` (whose tile
     token counts are those of the schedule's tiles). A config whose backward has
     tiles of its own (``KernelConfig.bwd_q_tile``/``bwd_kv_tile``) needs
@@ -644,8 +665,10 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     walk that one's tile lists; one whose dQ kernel has tiles of its own
     (``KernelConfig.dq_q_tile``/``dq_kv_tile``) also ``dq_schedule``, the dQ's. ``ordered``, ``routed``:
     as in ``predict_counts``. ``kv_heads``: K/V heads (grouped-query attention; default: one per query
-    head). The dK/dV kernel runs one CTA per (KV tile, batch x K/V head) that visits the tiles of every
-    query head of its group, one head after the other: fewer, longer CTAs (``grouped_kv_counts``)."""
+    head). The dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x K/V head), each visiting the
+    tiles of its share of the group's query heads, one head after the other (``grouped_kv_counts``); more
+    than one sum fp32 partials (``group_reduction_s``). ``group_split`` None: the divisor of the group
+    predicted fastest (1 for a route, whose lists are made per call), in ``Prediction.group_split``."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -657,18 +680,32 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     H = schedule.num_heads
     repeat = batch * (H if schedule.heads_stored == 1 else 1)
     drepeat = batch * (H if dsched.heads_stored == 1 else 1)
-    t_full, t_partial, brepeat = grouped_kv_counts(bsched.t_full_count, bsched.t_partial_count, H, kv_heads)
-    brepeat *= batch
+    kv = checked_kv_heads(H, kv_heads)
+    group = H // kv
+    if group_split is not None:
+        splits = [group_split]
+    else:  # every divisor of the group; a route keeps one CTA per K/V head (its lists are made per call)
+        splits = [1] if routed else [s for s in range(1, group + 1) if group % s == 0]
     # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
     q_weight = getattr(schedule, "q_weight", 1)
     bkv_weight, dq_weight = getattr(bsched, "kv_weight", 1), getattr(dsched, "q_weight", 1)
-    return predict_counts(
-        schedule.full_count, schedule.partial_count, t_full, t_partial,
-        repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
-        batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
-        repeat_bwd=brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
-        repeat_dq=drepeat * dq_weight, placed=q_weight == 1 and bkv_weight == 1 and dq_weight == 1,
-        ordered=ordered, routed=routed, kv_classes=bsched.heads_stored)
+    best = None
+    for split in splits:
+        t_full, t_partial, brepeat = grouped_kv_counts(bsched.t_full_count, bsched.t_partial_count, H, kv, split)
+        pred = predict_counts(
+            schedule.full_count, schedule.partial_count, t_full, t_partial,
+            repeat * q_weight, config, hw, head_dim=head_dim, tokens=(schedule.num_queries, schedule.num_keys),
+            batch_heads=batch * H, nbytes=nbytes, ops=ops, grid_axes=grid_axes, calibration=calibration,
+            repeat_bwd=batch * brepeat * bkv_weight, dq_counts=(dsched.full_count, dsched.partial_count),
+            repeat_dq=drepeat * dq_weight, placed=q_weight == 1 and bkv_weight == 1 and dq_weight == 1,
+            ordered=ordered, routed=routed, kv_classes=bsched.heads_stored)
+        extra = group_reduction_s(split, batch * kv, schedule.num_keys, head_dim, hw, calibration)
+        bwd = dataclasses.replace(pred.backward, time_s=pred.backward.time_s + extra,
+                                  kernel_s=pred.backward.kernel_s + extra)
+        pred = Prediction(pred.config, pred.forward, bwd, split)
+        if best is None or pred.backward.time_s < best.backward.time_s:
+            best = pred
+    return best
 
 
 def predict_dense(num_queries: int, num_keys: int, heads: int, config: KernelConfig, hw: Hardware, *,
@@ -711,5 +748,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
-           "checked_kv_heads", "dtype_bytes", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "checked_kv_heads", "dtype_bytes", "group_reduction_s", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

@@ -267,7 +267,9 @@ def format_report(rep: SimulationReport) -> str:
     lines = [
         f"{rep.pattern}: simulated on the {hw.name} model in {rep.dtype} (a prediction, not a measurement): "
         f"{size} ({rep.n} queries x {rep.nk} keys), heads {rep.heads}"
-        + ("" if d["kv_heads"] == rep.heads else f" sharing {d['kv_heads']} K/V heads")
+        + ("" if d["kv_heads"] == rep.heads else f" sharing {d['kv_heads']} K/V head" + ("s" if d["kv_heads"] > 1 else "")
+           + (f" (dK/dV: each K/V head's query heads over {rep.best.prediction.group_split} programs)"
+              if rep.best.prediction.group_split > 1 else ""))
         + f", head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s, "
         f"{hw.smem_per_sm_kib} KiB smem/SM)",

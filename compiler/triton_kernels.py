@@ -332,20 +332,25 @@ class KernelBodies:
                           "Backward, query side: one program per (Q tile, batch x query head).", body)
 
     def _backward_dkdv(self) -> str:
-        params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdv_b", "sdv_h", "sdv_n", "DSK", "sr_b", "sr_h",
+        params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdk_s", "sdv_b", "sdv_h", "sdv_n", "sdv_s",
+                  "DSK", "sr_b", "sr_h",
                   "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
                   *self._common_params(), "ORDER", "QD", "DOD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
                   "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False",
-                  *run_params("T_FULL", "T_PART"), "DESC: tl.constexpr = False"]
+                  *run_params("T_FULL", "T_PART"), "DESC: tl.constexpr = False", "SPLIT: tl.constexpr = 1",
+                  "SHARE: tl.constexpr = 1"]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",
             "    kt = tl.load(ORDER + tl.program_id(0))  # one order for every head (one list class)",
             "else:",
             "    kt = tl.program_id(0)  # the KV tile",
-            "bkv = tl.program_id(1)",
+            "# SPLIT programs per (KV tile, K/V head), each over its share of the query heads sharing it;",
+            "# with more than one, each stores fp32 partials of dK and dV at its share's offset (summed after)",
+            "bkv = tl.program_id(1) // SPLIT",
+            "part = tl.program_id(1) % SPLIT",
             f"batch = bkv // ({self.bound.heads} // GROUP)",
             f"kvh = bkv % ({self.bound.heads} // GROUP)",
             *self._tiles("k", "kt"),
@@ -358,11 +363,11 @@ class KernelBodies:
             *(self._route_key_lines() if self.pat.route is not None else []),
             "dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)",
             "dvacc = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)",
-            "# the query heads sharing this K/V head, one after the other (deterministic, no atomics)",
-            "for g in range(0, GROUP):",
+            "# the query heads sharing this K/V head (this program's share), one after the other (no atomics)",
+            "for g_i in range(0, SHARE):  # SHARE = GROUP // SPLIT, a constant: with 1 no loop is left",
         ]
         inner = [
-            "h = kvh * GROUP + g",
+            "h = kvh * GROUP + part * SHARE + g_i",
             "cls = batch * cls_b + h * cls_h",
             "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
             "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
@@ -387,10 +392,12 @@ class KernelBodies:
         body += [
             "",
             "dk = dk * scale",
-            "tl.store(DK + batch.to(tl.int64) * sdk_b + kvh.to(tl.int64) * sdk_h + k_row[:, None] * sdk_n + d[None, :],",
+            "tl.store(DK + part.to(tl.int64) * sdk_s + batch.to(tl.int64) * sdk_b + kvh.to(tl.int64) * sdk_h",
+            "         + k_row[:, None] * sdk_n + d[None, :],",
             "         dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (d[None, :] < D))",
-            "tl.store(DV_ + batch.to(tl.int64) * sdv_b + kvh.to(tl.int64) * sdv_h + k_row[:, None] * sdv_n + dv[None, :],",
+            "tl.store(DV_ + part.to(tl.int64) * sdv_s + batch.to(tl.int64) * sdv_b + kvh.to(tl.int64) * sdv_h",
+            "         + k_row[:, None] * sdv_n + dv[None, :],",
             "         dvacc.to(DV_.dtype.element_ty), mask=k_ok[:, None] & (dv[None, :] < DV))",
         ]
         return kernel_def("attnc_bwd_dkdv", params,
-                          "Backward, key side: one program per (KV tile, batch x K/V head).", body)
+                          "Backward, key side: SPLIT programs per (KV tile, batch x K/V head).", body)

@@ -432,11 +432,14 @@ def _inputs(pat, bound, gen: torch.Generator) -> dict:
 
 
 def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
-                sizes: dict | None = None, config=None, block: bool = False) -> tuple[list[Recorded], str]:
+                sizes: dict | None = None, config=None, block: bool = False, kv_heads: int | None = None,
+                group_split: int = 1) -> tuple[list[Recorded], str]:
     """Run the pattern's forward and backward through its launch path on CPU tensors as a CUDA
     call on ``sm_<arch>`` would, recording the launches; returns them and the config in words.
     ``config`` (a ``KernelConfig``) replaces the search's pick (softmax patterns; sweeps).
-    ``block``: a context-parallel block instead (``record_block``)."""
+    ``block``: a context-parallel block instead (``record_block``). ``kv_heads``: K/V heads shared by the
+    call's ``HEADS`` query heads (grouped-query attention: the kernels loop over a group of more than one);
+    ``group_split``: the dK/dV programs per K/V head (as a GPU's cost model may pick them; softmax patterns)."""
     if block:
         return record_block(pattern, arch=arch, head_dim=head_dim, dtype=dtype, n=n, sizes=sizes)
     from ..compiler import evaluate as E
@@ -448,15 +451,18 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
     gen = torch.Generator().manual_seed(0)
+    kv = HEADS if kv_heads is None else kv_heads
+    if kv < 1 or HEADS % kv:
+        raise SpecError(f"{HEADS} query heads cannot share {kv} K/V heads", where="argument kv_heads")
     if getattr(pat, "kind", None) == "combined":
         return _record_combined(attn, hw, arch=arch, head_dim=head_dim, dtype=tdtype, n=n, sizes=sizes,
-                                config=config, gen=gen)
+                                config=config, gen=gen, kv_heads=kv, group_split=group_split)
     bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)  # dk: a state's or centroids' shape
     N = bound.n
-    q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(tdtype).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(BATCH, h, N, head_dim, generator=gen).to(tdtype).requires_grad_() for h in (HEADS, kv, kv))
     inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}
     described = ""
-    with capture_launches() as records, launching_for(arch):
+    with capture_launches() as records, launching_for(arch), _group_split_of(group_split):
         if isinstance(pat, ir.PatternIR):
             runner = _native_runner(pat, hw, config)
             attn.runner = runner  # the runner injected: the kernels native, the config the search picks for hw
@@ -471,6 +477,22 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
             described = f"chunk {attn._last_call.get('q_tile')}"
         out.float().sum().backward()
     return records, described
+
+
+@contextlib.contextmanager
+def _group_split_of(split: int):
+    """The dK/dV kernel launched with ``split`` programs per K/V head (a CPU call launches 1)."""
+    from .backends.triton import runner as TB
+
+    if split == 1:
+        yield
+        return
+    saved = TB._group_split
+    TB._group_split = lambda *args: split
+    try:
+        yield
+    finally:
+        TB._group_split = saved
 
 
 def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None):
@@ -504,7 +526,8 @@ def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None
 
 
 def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, n: int | None, sizes: dict | None,
-                     config, gen: torch.Generator) -> tuple[list[Recorded], str]:
+                     config, gen: torch.Generator, kv_heads: int = HEADS,
+                     group_split: int = 1) -> tuple[list[Recorded], str]:
     """A combined pattern's call (every branch on its native runner), forward and backward, recorded; each
     launch names its branch (``Recorded.branch``), and the config in words is each branch's."""
     from ..compiler import evaluate as E
@@ -517,7 +540,8 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
         runners[b.name] = attn.branches[b.name].runner = _native_runner(b.pattern, hw, config, branch=b.name)
     whole = next((b.pattern for b in pat.branches if b.pool is None), pat.branches[0].pattern)  # keys = queries
     N = E.bind_sizes(whole, n=n, nk=n, heads=HEADS, sizes=sizes, dk=head_dim).n
-    q, k, v = (torch.randn(BATCH, HEADS, N, head_dim, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(BATCH, h, N, head_dim, generator=gen).to(dtype).requires_grad_()
+               for h in (HEADS, kv_heads, kv_heads))
     inputs = {d.name: torch.rand(HEADS, N, generator=gen).requires_grad_() for d in pat.gates}
     declared = {x.name for x in pat.inputs}
     for b in pat.branches:  # a branch's own inputs, of the shapes it declares
@@ -527,7 +551,7 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
             made = _inputs(b.pattern, bound, gen)
             inputs.update({name: made[name].requires_grad_() if made[name].is_floating_point() else made[name]
                            for name in own})
-    with capture_launches() as records, launching_for(arch):
+    with capture_launches() as records, launching_for(arch), _group_split_of(group_split):
         out = attn(q, k, v, sizes=sizes, **inputs)
         out.float().sum().backward()
     described = {name: describe_launch(r.last_config) for name, r in runners.items() if r.last_config is not None}
@@ -598,10 +622,11 @@ def describe_launch(cfg) -> str:
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,
-                  sizes: dict | None = None, label: str | None = None, block: bool = False) -> list[KernelReport]:
+                  sizes: dict | None = None, label: str | None = None, block: bool = False,
+                  kv_heads: int | None = None, group_split: int = 1) -> list[KernelReport]:
     """Every kernel of the pattern's forward and backward, per architecture, head dim and dtype.
     ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``); ``block``: the
-    kernels of a context-parallel block (``record_block``)."""
+    kernels of a context-parallel block (``record_block``); ``kv_heads``, ``group_split``: as ``record_call``'s."""
     name = label or getattr(pattern, "name", None) or str(pattern).removeprefix("stdlib:")
     if isinstance(pattern, str | os.PathLike):
         from ..spec.library import load
@@ -617,7 +642,7 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
         for d in head_dims:
             for dt in dtypes:
                 records, config = record_call(pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes,
-                                              block=block)
+                                              block=block, kv_heads=kv_heads, group_split=group_split)
                 if not records:
                     raise SpecError(f"'{name}' launched no Triton kernel", where="gpu check")
                 for rec in records:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import search as SR
-from attnc.compiler.cost import KernelConfig, grouped_kv_counts
+from attnc.compiler.cost import KernelConfig, group_reduction_s, grouped_kv_counts, predict
 from attnc.compiler.hardware import get_hardware
 from attnc.core.errors import SpecError
 
@@ -48,13 +48,21 @@ def test_grouped_counts_are_the_group_heads_counts_summed(kv, tiles, seed, per_h
     assert float(got_full.sum()) * launches == float(full.sum()) * (1 if per_head else heads)
 
 
+def _predict(text: str, cfg: KernelConfig, *, n: int, heads: int, batch: int, kv_heads: int | None = None,
+             group_split: int | None = None):
+    search = _search(text, n=n, heads=heads, kv_heads=kv_heads, batch=batch)
+    sched = search.schedule(cfg.q_tile, cfg.kv_tile)
+    return predict(sched, cfg, search.hw, head_dim=64, batch=batch, ops=search.pair_ops(cfg.q_tile, cfg.kv_tile),
+                   kv_heads=kv_heads, group_split=group_split)
+
+
 @pytest.mark.parametrize("text", [LOCAL, PER_HEAD], ids=["shared lists", "per-head lists"])
 def test_grouped_dkdv_has_fewer_longer_ctas_and_the_same_work(text):
     heads, batch, n = 4, 2, 1024
     cfg = KernelConfig((64,), (64,), "flat", 4, 2)
-    mha = _search(text, n=n, heads=heads, batch=batch).evaluate(cfg, False).prediction
-    same = _search(text, n=n, heads=heads, batch=batch, kv_heads=heads).evaluate(cfg, False).prediction
-    gqa = _search(text, n=n, heads=heads, batch=batch, kv_heads=1).evaluate(cfg, False).prediction
+    mha = _predict(text, cfg, n=n, heads=heads, batch=batch)
+    same = _predict(text, cfg, n=n, heads=heads, batch=batch, kv_heads=heads)
+    gqa = _predict(text, cfg, n=n, heads=heads, batch=batch, kv_heads=1, group_split=1)
     # kv_heads == heads is the default, to the bit
     assert same.forward.time_s == mha.forward.time_s and same.backward.time_s == mha.backward.time_s
     # the forward and dQ kernels run one CTA per query head either way
@@ -67,6 +75,29 @@ def test_grouped_dkdv_has_fewer_longer_ctas_and_the_same_work(text):
     assert gqa.backward.memory_s == pytest.approx(mha.backward.memory_s, rel=1e-12)
     # 2 x 16 dK/dV CTAs fill a fraction of 132 SMs, each walking 4 heads: the pass takes longer
     assert gqa.backward.makespan_s > mha.backward.makespan_s
+
+
+def test_the_group_split_is_the_fastest_of_the_group_divisors():
+    """With the query heads of a K/V head split over ``s`` dK/dV CTAs, each walks ``group / s`` of them and
+    the partials are summed (``group_reduction_s``); unforced, ``predict`` takes the fastest split. At a split
+    of the whole group the dK/dV CTAs are MHA's, one per query head: MHA's time plus the sum."""
+    heads, batch, n = 8, 1, 2048
+    cfg = KernelConfig((64,), (64,), "flat", 4, 2)
+    mha = _predict(LOCAL, cfg, n=n, heads=heads, batch=batch)
+    forced = {s: _predict(LOCAL, cfg, n=n, heads=heads, batch=batch, kv_heads=1, group_split=s) for s in (1, 2, 4, 8)}
+    for s, p in forced.items():
+        assert p.group_split == s and p.forward.time_s == mha.forward.time_s
+        assert p.backward.ctas == batch * heads * (n // 64) + batch * s * (n // 64)
+    reduction = group_reduction_s(8, batch, n, 64, get_hardware("h100"))
+    assert reduction > 0 and group_reduction_s(1, batch, n, 64, get_hardware("h100")) == 0
+    assert forced[8].backward.time_s == pytest.approx(mha.backward.time_s + reduction, rel=1e-12)
+    chosen = _predict(LOCAL, cfg, n=n, heads=heads, batch=batch, kv_heads=1)
+    fastest = min(forced.values(), key=lambda p: p.backward.time_s)
+    assert chosen.group_split == fastest.group_split and chosen.backward.time_s == fastest.backward.time_s
+    # 32 KV tiles x 1 K/V head fill a quarter of 132 SMs: splitting the group pays here
+    assert chosen.group_split > 1 and chosen.backward.time_s < forced[1].backward.time_s
+    with pytest.raises(SpecError, match="argument split"):
+        _predict(LOCAL, cfg, n=n, heads=heads, batch=batch, kv_heads=1, group_split=3)
 
 
 def test_simulate_reports_kv_heads_and_checks_them():

@@ -337,6 +337,26 @@ def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypat
     assert all(r.wgmma > 0 and r.mma == 0 for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
 
 
+@pytest.mark.parametrize("arch,d", [(90, 128), (80, 64)])
+@pytest.mark.parametrize("split", [1, 2])
+def test_grouped_query_kernels_compile_fit_and_run_on_tensor_cores(arch, d, split):
+    """With K/V heads shared (a group of 2 query heads), the forward, dQ and dK/dV kernels at the search's
+    pick compile, fit and do not spill, the dK/dV kernel with its group split over 2 programs too (``SPLIT``,
+    fp32 partials), the dots on wgmma (sm_90) / mma. Its loop over the group's heads had a trip count known
+    only at run time, and on Triton 3.6 sm_80 d 64 spilled 12 B at every rung of the fit ladder; the
+    constant ``SHARE`` does not."""
+    records, _ = G.record_call(attnc.load("stdlib:sliding_window", window=1024), arch=arch, head_dim=d, dtype="bf16",
+                               n=N, kv_heads=1, group_split=split)
+    # SPLIT programs per K/V head, each looping over SHARE query heads (a constant: the loop is not folded away)
+    assert [(r.kwargs["SPLIT"], r.kwargs["SHARE"]) for r in records if r.name == "attnc_bwd_dkdv"] == [(split, 2 // split)]
+    assert {r.name: r.args[-3] for r in records if r.name != "attnc_bwd_delta"} == dict.fromkeys(
+        ("attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"), G.HEADS)  # GROUP
+    reports = [G.check_launch(r, arch, pattern="sliding_window", head_dim=d, dtype="bf16") for r in records]
+    assert all(r.ok for r in reports), "\n" + G.table(reports)
+    on_cores = (lambda r: r.wgmma > 0) if arch == 90 else (lambda r: r.mma > 0)
+    assert all(on_cores(r) for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
+
+
 def test_the_tuners_wide_kv_backward_compiles_on_hopper():
     """The tuner's Hopper trial (``autotune.wide_kv_backward``: dK/dV on 64 Q x 128 KV tokens, dQ on
     the forward's tiles, 8 warps: FlexAttention's sm_90 backward) compiles for sm_90 at d 128, fits, runs on
@@ -490,4 +510,7 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     rows = [{"pattern": "nsa/cmp", "cell": "nsa", **common}, {"pattern": "nsa/slc", "cell": "nsa", **common},
             {"pattern": "causal", **common}]  # a row of a run before ``cell``: its pattern names it
     done = matrix.done_cells(rows)
-    assert done == {("nsa", 90, 128, "bf16", False, False, False), ("causal", 90, 128, "bf16", False, False, False)}
+    assert done == {("nsa", 90, 128, "bf16", False, False, False, None, 1),
+                    ("causal", 90, 128, "bf16", False, False, False, None, 1)}
+    gqa = [{"pattern": "causal", "cell": "causal", **common, "kv_heads": 1, "group_split": 2}]
+    assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2)}

@@ -376,6 +376,56 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
     assert empty.shape == (0, *q.shape[1:3], Dv)
 
 
+# ----------------------------------------------------------------- grouped-query dK/dV split over programs
+PER_HEAD = "pattern per_head\n  tokens seq\n  mask q - k <= (if h > 1 then q // 2 else 5) and k <= q\n"
+
+
+@pytest.mark.parametrize("spec,params,make_inputs", [
+    ("stdlib:sliding_window", {"window": 9}, None),  # one list class for every head
+    (PER_HEAD, {}, None),  # lists per head: each program walks its share's own lists
+    # the decay gate's gradient sums dS per key (ROW_SUMS): stored per query head, by exactly one program
+    ("stdlib:forgetting", {}, lambda n: {"g": (-torch.rand(4, n, generator=torch.Generator().manual_seed(3)))
+                                         .requires_grad_()}),
+], ids=["shared lists", "per-head lists", "forgetting"])
+def test_grouped_dkdv_split_over_programs(monkeypatch, spec, params, make_inputs):
+    """The dK/dV kernel with ``SPLIT`` programs per (KV tile, K/V head), each over its share of the query
+    heads and storing fp32 partials summed after, gives the gradients of one program per K/V head (the
+    reference's, and one program's to fp32 rounding), repeatably; the grid has B x K/V heads x SPLIT
+    columns. 4 query heads share 1 K/V head (splits 1, 2, 4) and 2 share each of 2 (splits 1, 2)."""
+    grids = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        if kernel.fn.__name__ == "attnc_bwd_dkdv":
+            grids.append((grid[1], meta["SPLIT"]))
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    pat = attnc.load(spec, **params)
+    n, B = 40, 2
+    for kv_heads, splits in ((1, (1, 2, 4)), (2, (1, 2))):
+        q, k, v = qkv(B, 4, kv_heads, n, 16, seed=11)
+        inputs = make_inputs(n) if make_inputs else {}
+        leaves = [q, k, v, *[t for t in inputs.values() if t.requires_grad]]
+        grads = {}
+        for split in splits:
+            monkeypatch.setattr(T, "_group_split", lambda *args, split=split: split)
+            tri = attnc.compile_attention(pat, backend="triton", q_tile=16)
+            runs = []
+            for _ in range(2):
+                out = tri(q, k, v, **inputs)
+                runs.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).sum(), leaves))
+            for a, b in zip(*runs, strict=True):
+                assert torch.equal(a, b)  # the partials are summed in a fixed order
+            grads[split] = runs[0]
+            assert grids[-1] == (B * kv_heads * split, split)
+            if split == splits[-1]:  # the widest split against the reference backend
+                compare(pat, q, k, v, inputs=inputs, q_tile=16)
+        for split in splits[1:]:
+            for a, b in zip(grads[split], grads[1], strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_int64_arithmetic_where_int32_overflows():
     # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
     spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"

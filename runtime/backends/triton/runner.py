@@ -268,11 +268,11 @@ def _arch(device: torch.device) -> str:
     return CPU_ARCH
 
 
-def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> dict:
+def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device, group_split: int = 1) -> dict:
     """The launch orders of a launch's kernels (``compiler.launch_order``): ``"Q"`` for the forward and dQ
-    kernels (per list class), ``"K"`` for the dK/dV kernel (one list class only); None keeps tile order.
-    Decided once per plan, batch and heads (the rounds of the launch), as the simulator decides (a routed
-    plan is made at every call, and so is its decision)."""
+    kernels (per list class), ``"K"`` for the dK/dV kernel (one list class only; ``group_split`` programs per
+    K/V head, ``_group_split``); None keeps tile order. Decided once per plan, batch and heads (the rounds of
+    the launch), as the simulator decides (a routed plan is made at every call, and so is its decision)."""
     sched = launch.plan.schedule
 
     def make():
@@ -282,12 +282,31 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device) -> di
         classes = sched.heads_stored
         per_class = batch * heads // classes if (batch * heads) % classes == 0 else 1
         q = choose_order(sched.full_count, sched.partial_count, per_class, sms)
-        k = (choose_order(sched.t_full_count, sched.t_partial_count, batch * kv_heads, sms)
+        k = (choose_order(sched.t_full_count, sched.t_partial_count, batch * kv_heads * group_split, sms)
              if classes == 1 else None)
         return {name: None if o is None else o.to(torch.int32).contiguous().to(device)
                 for name, o in (("Q", q), ("K", k))}
 
-    return launch.plan.on_device(("order", device, batch, heads, kv_heads), make)
+    return launch.plan.on_device(("order", device, batch, heads, kv_heads, group_split), make)
+
+
+def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, head_dim: int, nbytes: int) -> int:
+    """How many dK/dV programs share each (KV tile, K/V head) of grouped-query attention, each over its
+    share of the query heads (the kernel's ``SPLIT``; fp32 partials summed after): the split the cost model
+    predicts fastest on this GPU (``cost.predict``'s ``group_split``), decided once per plan, batch and
+    heads. 1 with a K/V head per query head, for a route (its plan is made at every call) and off CUDA."""
+    if heads == kv_heads or launch.pattern.route is not None or torch.device(device).type != "cuda":
+        return 1
+
+    def make():
+        from ....compiler.cost import predict
+        from ....compiler.hardware import hardware_for_gpu
+
+        hw = hardware_for_gpu(torch.cuda.get_device_name(device))
+        return predict(launch.plan.schedule, launch.config.backward_config(), hw, head_dim=head_dim, batch=batch,
+                       nbytes=nbytes, kv_heads=kv_heads).group_split
+
+    return launch.plan.on_device(("group_split", device, batch, heads, kv_heads, head_dim, nbytes), make)
 
 
 def _order_args(orders: dict, name: str) -> tuple[list, dict]:
@@ -793,8 +812,15 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
                                                                                           delta)
     dq = torch.empty_like(q_side[0])
-    dk = torch.empty_like(kp)
-    dv = torch.empty_like(vp)
+    split = _group_split(launch, B, Hq, Hkv, device, D, q.element_size())
+    if split == 1:
+        dk, dv = torch.empty_like(kp), torch.empty_like(vp)
+        dkdv_out = [dk, dv, *dk.stride()[:3], 0, *dv.stride()[:3], 0]
+    else:  # each program's share of the query heads stores fp32 partials at its share's offset
+        dk_parts = torch.empty(split, *kp.shape, dtype=torch.float32, device=device)
+        dv_parts = torch.empty(split, *vp.shape, dtype=torch.float32, device=device)
+        dkdv_out = [dk_parts, dv_parts, *dk_parts.stride()[1:4], dk_parts.stride(0), *dv_parts.stride()[1:4],
+                    dv_parts.stride(0)]
     decay_c = _decay_cumsum(launch, device)
     row_sums = pat.decay is not None and pat.decay in wrt
     bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
@@ -817,7 +843,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
     q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
-    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "K")
+    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device, split), "K")
     # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
     q_descs, q_desc = _descriptors(qlaunch, {
         "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
@@ -834,13 +860,15 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                             **_runs(qlaunch, "FULL", "PART"), **q_desc),
                        backward=True)
         L = launch.lists
-        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv),
-                       [*head_of((qp, kp, vp, dop, lsep, deltap)), dk, dv, *dk.stride()[:3], *dv.stride()[:3], dsk,
-                        *sr, L["T_FULL_N"], L["T_FULL_I"], L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1],
-                        L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail],
+        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv * split),
+                       [*head_of((qp, kp, vp, dop, lsep, deltap)), *dkdv_out, dsk, *sr, L["T_FULL_N"], L["T_FULL_I"],
+                        L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail],
                        dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
-                            **k_ordered, **_runs(launch, "T_FULL", "T_PART"), **k_desc),
+                            **k_ordered, **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split,
+                            SHARE=Hq // Hkv // split),
                        backward=True)
+    if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
+        dk, dv = dk_parts.sum(0).to(kp.dtype), dv_parts.sum(0).to(vp.dtype)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
