@@ -160,12 +160,20 @@ def specialization(args: list) -> tuple:
     return device, tuple(out)
 
 
+#: kernel -> the ``FITTED`` keys whose rung is not clean (no rung was: the one with the least local memory)
+UNCLEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fit_key(args: list, meta: dict, options: dict) -> tuple:
+    return options["num_warps"], options["num_stages"], specialization(args), tuple(meta.items())
+
+
 def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
     """The launch parameters ``kernel`` is launched with on a GPU for ``options`` (its pass's), chosen on
     the ladder the first time this kernel meets these options, compile-time constants and argument
     ``specialization`` (``FITTED``), the same dict after. Raises ``OutOfResources`` where no rung fits
     shared memory."""
-    key = (options["num_warps"], options["num_stages"], specialization(args), tuple(meta.items()))
+    key = _fit_key(args, meta, options)
     memo = FITTED.get(kernel)
     if memo is None:
         memo = FITTED[kernel] = {}
@@ -175,7 +183,24 @@ def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
         if rung is None:  # no rung fits: the loader's refusal of the picked one (or the first it gave)
             raise next((fit.error for _, fit in tried if fit.error is not None), tried[0][1].error)
         memo[key] = rung.options(meta)
+        if not dict(tried)[rung].clean:
+            UNCLEAN.setdefault(kernel, set()).add(key)
     return memo[key]
+
+
+def launches_as_picked(kernel, grid, args: list, meta: dict, options: dict) -> bool:
+    """Whether ``kernel`` launches on a GPU at the rung its pass picked (``options``), neither spilling nor
+    over shared memory: ``fitted_options`` did not step down the ladder and found that rung clean. False
+    where no rung fits shared memory."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        fitted = fitted_options(kernel, grid, args, meta, options)
+    except OutOfResources:
+        return False
+    lowered = ((fitted["num_warps"], fitted["num_stages"]) != (options["num_warps"], options["num_stages"])
+               or any(k.endswith("_RUN") for k in fitted))
+    return not lowered and _fit_key(args, meta, options) not in UNCLEAN.get(kernel, set())
 
 
 def lowered() -> list[str]:
@@ -197,5 +222,6 @@ def on_gpu(args: list) -> bool:
     return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
 
 
-__all__ = ["FITTED", "TRITON_DEFAULTS", "WARPS", "Fit", "Rung", "choose", "fitted_options", "lowered", "native_probe", "on_gpu", "rungs",
+__all__ = ["FITTED", "TRITON_DEFAULTS", "UNCLEAN", "WARPS", "Fit", "Rung", "choose", "fitted_options", "launches_as_picked",
+           "lowered", "native_probe", "on_gpu", "rungs",
            "specialization", "steps_runs"]

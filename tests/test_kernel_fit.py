@@ -9,6 +9,7 @@ from __future__ import annotations
 import weakref
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -209,3 +210,26 @@ def test_a_lower_rung_that_does_not_compile_is_passed_over(monkeypatch):
     with pytest.raises(RuntimeError, match="ptxas failed"):  # the picked rung's failure is the kernel's
         KF.fitted_options(broken, (1,), [_Tensor()], {}, {"num_warps": 8, "num_stages": 3})
     assert broken.compiled == [(8, 3)]
+
+
+@pytest.mark.parametrize("loop_spills", [False, True])
+def test_a_grouped_dkdv_loop_that_spills_runs_one_program_per_query_head(monkeypatch, loop_spills):
+    """Grouped-query attention: the dK/dV kernel whose programs loop over a share of the group's query heads
+    (``SHARE`` > 1) launches only where it fits clean at its picked rung; where every rung of that kernel spills
+    (as the compile matrices found on some), the call runs one program per query head (``SPLIT`` = the group,
+    ``SHARE`` 1: no loop), whose partials are summed."""
+    _on_a_fake_gpu(monkeypatch, lambda name, rung: 0)
+
+    def probe(kernel, grid, args, meta, picked=None):
+        spills = 16 if loop_spills and kernel.fn.__name__ == "attnc_bwd_dkdv" and meta["SHARE"] > 1 else 0
+        return lambda rung: KF.Fit(True, spills)
+
+    monkeypatch.setattr(KF, "native_probe", probe)
+    records, _ = G.record_call(attnc.load(CAUSAL), arch=90, head_dim=64, dtype="bf16", n=512, kv_heads=1,
+                               group_split=1)  # the cost model's split: 1 program per K/V head of 2 query heads
+    dkdv = [r for r in records if r.name == "attnc_bwd_dkdv"]
+    assert len(dkdv) == 1
+    want = (2, 1, G.BATCH * 2) if loop_spills else (1, 2, G.BATCH * 1)
+    assert (dkdv[0].kwargs["SPLIT"], dkdv[0].kwargs["SHARE"], dkdv[0].grid[1]) == want
+    # the partials (fp32) where split, the gradients' own tensors where not
+    assert dkdv[0].args[20].dtype == (torch.float32 if loop_spills else torch.bfloat16)  # DK, after Q .. sl_h

@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
@@ -288,6 +289,26 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device, group
                 for name, o in (("Q", q), ("K", k))}
 
     return launch.plan.on_device(("order", device, batch, heads, kv_heads, group_split), make)
+
+
+def _fitting_group_split(launch: Launch, dkdv_call: Callable[[int], tuple], batch: int, heads: int, kv_heads: int,
+                         device, head_dim: int, nbytes: int) -> tuple[int, tuple]:
+    """The dK/dV kernel's split (``_group_split``) and its ``dkdv_call``. On a GPU, a split whose programs loop
+    over more than one query head is taken only where the fit ladder launches that kernel clean at its picked
+    rung; else one program per query head (the loop gone, as the multi-head kernel's: the compile matrices
+    found the loop spilling where that kernel does not). Decided once per plan, batch and heads."""
+    split, group = _group_split(launch, batch, heads, kv_heads, device, head_dim, nbytes), heads // kv_heads
+    call = dkdv_call(split)
+    if split == group or launch.interpret or not kernel_fit.on_gpu(call[1]):
+        return split, call
+
+    def fits() -> bool:
+        return kernel_fit.launches_as_picked(launch.module.attnc_bwd_dkdv, call[0], call[1], call[2],
+                                             _launch_opts(launch, backward=True))
+
+    if launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), fits):
+        return split, call
+    return group, dkdv_call(group)
 
 
 def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, head_dim: int, nbytes: int) -> int:
@@ -812,15 +833,6 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
                                                                                           delta)
     dq = torch.empty_like(q_side[0])
-    split = _group_split(launch, B, Hq, Hkv, device, D, q.element_size())
-    if split == 1:
-        dk, dv = torch.empty_like(kp), torch.empty_like(vp)
-        dkdv_out = [dk, dv, *dk.stride()[:3], 0, *dv.stride()[:3], 0]
-    else:  # each program's share of the query heads stores fp32 partials at its share's offset
-        dk_parts = torch.empty(split, *kp.shape, dtype=torch.float32, device=device)
-        dv_parts = torch.empty(split, *vp.shape, dtype=torch.float32, device=device)
-        dkdv_out = [dk_parts, dv_parts, *dk_parts.stride()[1:4], dk_parts.stride(0), *dv_parts.stride()[1:4],
-                    dv_parts.stride(0)]
     decay_c = _decay_cumsum(launch, device)
     row_sums = pat.decay is not None and pat.decay in wrt
     bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
@@ -843,7 +855,6 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
     q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
-    k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device, split), "K")
     # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
     q_descs, q_desc = _descriptors(qlaunch, {
         "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
@@ -852,6 +863,26 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     kblocks = _blocks(launch, D, DV)
     k_descs, k_desc = _descriptors(launch, {"QD": (qp, kblocks["BLOCK_M"], kblocks["BLOCK_D"]),
                                             "DOD": (dop, kblocks["BLOCK_M"], kblocks["BLOCK_DV"])})
+    L = launch.lists
+
+    def dkdv_call(split: int) -> tuple:
+        """The dK/dV kernel's (grid, args, meta, outputs) with ``split`` programs per K/V head: its own
+        dK and dV, or (more than one) fp32 partials, one per share of the group, at the share's offset."""
+        if split == 1:
+            outs = (torch.empty_like(kp), torch.empty_like(vp))
+            strides = [*outs[0].stride()[:3], 0, *outs[1].stride()[:3], 0]
+        else:
+            outs = tuple(torch.empty(split, *t.shape, dtype=torch.float32, device=device) for t in (kp, vp))
+            strides = [*outs[0].stride()[1:4], outs[0].stride(0), *outs[1].stride()[1:4], outs[1].stride(0)]
+        k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device, split), "K")
+        args = [*head_of((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, L["T_FULL_N"], L["T_FULL_I"],
+                L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1],
+                *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail]
+        meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device), **k_ordered,
+                    **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split)
+        return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
+
+    split, dkdv = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size())
     with interpreting(launch.interpret):
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
@@ -859,16 +890,10 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                        dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
                             **_runs(qlaunch, "FULL", "PART"), **q_desc),
                        backward=True)
-        L = launch.lists
-        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, (launch.plan.schedule.num_kv_tiles, B * Hkv * split),
-                       [*head_of((qp, kp, vp, dop, lsep, deltap)), *dkdv_out, dsk, *sr, L["T_FULL_N"], L["T_FULL_I"],
-                        L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1], *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail],
-                       dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device),
-                            **k_ordered, **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split,
-                            SHARE=Hq // Hkv // split),
-                       backward=True)
+        grid, args, meta, (dk, dv) = dkdv
+        _launch_kernel(launch, launch.module.attnc_bwd_dkdv, grid, args, meta, backward=True)
     if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
-        dk, dv = dk_parts.sum(0).to(kp.dtype), dv_parts.sum(0).to(vp.dtype)
+        dk, dv = dk.sum(0).to(kp.dtype), dv.sum(0).to(vp.dtype)
     grads: dict[str, torch.Tensor] = {}
     if row_sums:
         dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
