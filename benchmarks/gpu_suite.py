@@ -418,7 +418,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     wide = wide_kv_backward(pick, ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim))
     if wide is not None:
         mod = module()
-        mod.runner._config = lambda bound, q, inputs: wide  # this config instead of the search's pick
+        mod.runner._config = lambda *args: wide  # this config instead of the search's pick
         row(f"wide-KV backward ({describe_launch(wide).replace(' | ', '; ')})", *time_module(mod))
     # the same config with its streamed tiles loaded by TMA, where its tiles are whole runs of memory rows (on
     # the toy run too: the interpreter loads descriptors, and CPU tensors launch as on an H100)
@@ -427,7 +427,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
             and (toy or has_tma(get_hardware(hw).arch))):
         with_tma = dataclasses.replace(pick, tma=True)
         mod = module()
-        mod.runner._config = lambda bound, q, inputs: with_tma
+        mod.runner._config = lambda *args: with_tma
         row("TMA loads (tensor descriptors)", *time_module(mod))
 
 
