@@ -611,6 +611,12 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
                     memory_s=total("memory_s"), ctas=sum(p.ctas for p in parts))
 
 
+#: How much faster (predicted backward) a dK/dV split over more programs per K/V head must be than the best
+#: smaller one to be taken: its fp32 partials take split x the K/V tensors' size in memory, which the time
+#: model does not weigh (a 3-D video at 115K tokens with one K/V head predicted 0.25% faster at 4 programs).
+GROUP_SPLIT_GAIN = 0.03
+
+
 def checked_kv_heads(heads: int, kv_heads: int | None, where: str = "argument kv_heads") -> int:
     """``kv_heads`` (None: ``heads``), checked to be a positive divisor of ``heads`` (an error names ``where``)."""
     kv = heads if kv_heads is None else kv_heads
@@ -668,7 +674,8 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     head). The dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x K/V head), each visiting the
     tiles of its share of the group's query heads, one head after the other (``grouped_kv_counts``); more
     than one sum fp32 partials (``group_reduction_s``). ``group_split`` None: the divisor of the group
-    predicted fastest (1 for a route, whose lists are made per call), in ``Prediction.group_split``."""
+    predicted fastest, a larger one taken only ``GROUP_SPLIT_GAIN`` faster than the best smaller one (1 for a
+    route, whose lists are made per call), in ``Prediction.group_split``."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -703,7 +710,7 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
         bwd = dataclasses.replace(pred.backward, time_s=pred.backward.time_s + extra,
                                   kernel_s=pred.backward.kernel_s + extra)
         pred = Prediction(pred.config, pred.forward, bwd, split)
-        if best is None or pred.backward.time_s < best.backward.time_s:
+        if best is None or pred.backward.time_s < best.backward.time_s * (1.0 - GROUP_SPLIT_GAIN):
             best = pred
     return best
 
@@ -746,7 +753,7 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
                          calibration=sdpa_calibration(hw, fits))
 
 
-__all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
+__all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "GROUP_SPLIT_GAIN", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
            "checked_kv_heads", "dtype_bytes", "group_reduction_s", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

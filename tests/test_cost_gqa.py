@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 import attnc
 from attnc.compiler import evaluate as E
 from attnc.compiler import search as SR
-from attnc.compiler.cost import KernelConfig, group_reduction_s, grouped_kv_counts, predict
+from attnc.compiler.cost import (
+    GROUP_SPLIT_GAIN,
+    KernelConfig,
+    group_reduction_s,
+    grouped_kv_counts,
+    predict,
+)
 from attnc.compiler.hardware import get_hardware
 from attnc.core.errors import SpecError
 
@@ -92,8 +98,14 @@ def test_the_group_split_is_the_fastest_of_the_group_divisors():
     assert reduction > 0 and group_reduction_s(1, batch, n, 64, get_hardware("h100")) == 0
     assert forced[8].backward.time_s == pytest.approx(mha.backward.time_s + reduction, rel=1e-12)
     chosen = _predict(LOCAL, cfg, n=n, heads=heads, batch=batch, kv_heads=1)
-    fastest = min(forced.values(), key=lambda p: p.backward.time_s)
-    assert chosen.group_split == fastest.group_split and chosen.backward.time_s == fastest.backward.time_s
+    # the fastest, a larger split taken only GROUP_SPLIT_GAIN faster than the best smaller one (its partials'
+    # memory is not in the time model)
+    want = forced[1]
+    for s in (2, 4, 8):
+        if forced[s].backward.time_s < want.backward.time_s * (1 - GROUP_SPLIT_GAIN):
+            want = forced[s]
+    assert chosen.group_split == want.group_split and chosen.backward.time_s == want.backward.time_s
+    assert want.backward.time_s <= min(p.backward.time_s for p in forced.values()) * 1.1
     # 32 KV tiles x 1 K/V head fill a quarter of 132 SMs: splitting the group pays here
     assert chosen.group_split > 1 and chosen.backward.time_s < forced[1].backward.time_s
     with pytest.raises(SpecError, match="argument split"):
