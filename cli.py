@@ -338,6 +338,8 @@ def cmd_sim(args) -> int:
         from .compiler.cost import checked_kv_heads
 
         checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
+        if isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
+            raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
     sizes = _int_sizes(args.sizes)
     inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,

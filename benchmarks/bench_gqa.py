@@ -70,7 +70,12 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
     k, v = (torch.randn(1, kv_heads, n, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     dout = torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype)
     group = heads // kv_heads
-    rep = attnc.simulate(spec, n=n, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window, top=1)
+    from attnc.compiler.hardware import hardware_for_gpu
+
+    # the cost model's pick on this GPU's model, as the runner decides it (the H100's in --toy)
+    hw = "h100" if toy else hardware_for_gpu(torch.cuda.get_device_name())
+    rep = attnc.simulate(spec, n=n, heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window, top=1,
+                         hardware=hw, dtype="bf16")
     picked = rep.best.prediction.group_split
     ran: list[int] = []
     fitting = TR._fitting_group_split

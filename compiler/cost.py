@@ -611,8 +611,8 @@ def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCos
                     memory_s=total("memory_s"), ctas=sum(p.ctas for p in parts))
 
 
-#: How much faster (predicted backward) a dK/dV split over more programs per K/V head must be than the best
-#: smaller one to be taken: its fp32 partials take split x the K/V tensors' size in memory, which the time
+#: How much faster (predicted backward) a dK/dV split over more programs per K/V head must be than the one
+#: taken among the smaller splits: its fp32 partials take split x the K/V tensors' size in memory, which the time
 #: model does not weigh (a 3-D video at 115K tokens with one K/V head predicted 0.25% faster at 4 programs).
 GROUP_SPLIT_GAIN = 0.03
 
@@ -636,7 +636,8 @@ def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int,
     kv = checked_kv_heads(heads, kv_heads)
     group, classes = heads // kv, t_full.shape[0]
     if not isinstance(split, int) or split < 1 or group % split:
-        raise SpecError(f"{group} query heads per K/V head cannot be split {split!r} ways", where="argument split")
+        raise SpecError(f"{group} query heads per K/V head cannot be split {split!r} ways",
+                        where="argument group_split", hint="a positive divisor of heads // kv_heads")
     share = group // split
     if classes == 1:
         return t_full * share, t_partial * share, kv * split
@@ -644,6 +645,19 @@ def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int,
         raise SpecError(f"per-head tile counts of {classes} classes for {heads} heads", where="argument schedule")
     fold = lambda c: c.reshape(kv * split, share, -1).sum(1)  # noqa: E731
     return fold(t_full), fold(t_partial), 1
+
+
+def group_split_may_pay(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int, kv_heads: int | None,
+                        batch: int | float, sms: int) -> bool:
+    """Whether splitting the dK/dV kernel's K/V heads over more programs can be ``GROUP_SPLIT_GAIN`` faster:
+    with one program per K/V head the CTAs' placement ends at most one CTA's work after their total work over
+    the SMs (list scheduling), and a split removes at most that tail. Screened on tile pairs with half the
+    gain (a PARTIAL pair costs more than a FULL one), so that a plan whose dK/dV CTAs fill many waves is not
+    priced at every split (the runtime decides per plan: a mask of call-time inputs plans per call)."""
+    full, partial, launches = grouped_kv_counts(t_full, t_partial, heads, kv_heads)
+    work = (full + partial).to(torch.float64)
+    total = float(work.sum()) * launches * batch
+    return total > 0 and sms * float(work.max()) >= total * GROUP_SPLIT_GAIN / 2
 
 
 def group_reduction_s(split: int, kv_batch_heads: int, keys: int, head_dim: int, hw: Hardware,
@@ -674,8 +688,8 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     head). The dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x K/V head), each visiting the
     tiles of its share of the group's query heads, one head after the other (``grouped_kv_counts``); more
     than one sum fp32 partials (``group_reduction_s``). ``group_split`` None: the divisor of the group
-    predicted fastest, a larger one taken only ``GROUP_SPLIT_GAIN`` faster than the best smaller one (1 for a
-    route, whose lists are made per call), in ``Prediction.group_split``."""
+    predicted fastest, each larger one taken only ``GROUP_SPLIT_GAIN`` faster than the one taken among the
+    smaller (1 for a route, whose lists are made per call), in ``Prediction.group_split``."""
     if config.own_backward_tiles and backward_schedule is None:
         raise SpecError("the config's backward has tiles of its own: pass the schedule at them",
                         where="argument backward_schedule")
@@ -691,8 +705,11 @@ def predict(schedule: TileSchedule, config: KernelConfig, hw: Hardware, *, head_
     group = H // kv
     if group_split is not None:
         splits = [group_split]
-    else:  # every divisor of the group; a route keeps one CTA per K/V head (its lists are made per call)
-        splits = [1] if routed else [s for s in range(1, group + 1) if group % s == 0]
+    elif routed or not group_split_may_pay(bsched.t_full_count, bsched.t_partial_count, H, kv,
+                                           batch * getattr(bsched, "kv_weight", 1), hw.sms):
+        splits = [1]  # a route keeps one CTA per K/V head (its lists are made per call)
+    else:  # every divisor of the group
+        splits = [s for s in range(1, group + 1) if group % s == 0]
     # a TileSummary holds sampled CTAs, each standing for `weight` CTAs
     q_weight = getattr(schedule, "q_weight", 1)
     bkv_weight, dq_weight = getattr(bsched, "kv_weight", 1), getattr(dsched, "q_weight", 1)
@@ -755,5 +772,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "GROUP_SPLIT_GAIN", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
-           "checked_kv_heads", "dtype_bytes", "group_reduction_s", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

@@ -16,9 +16,9 @@ where tile order may leave a long CTA to the end), elsewhere both orders end wit
 each other. A routed plan's lists are made at every call, and so is its decision: a few milliseconds
 of host time at most (``EXACT_CTAS``), and none where the screen alone decides.
 
-One simplification, in the simulator only: it knows no K/V heads, so under GQA it places the dK/dV
-kernel's CTAs per query head (``batch x heads`` of them, each one head's work) where the kernel runs
-``batch x kv_heads`` CTAs of ``heads // kv_heads`` heads each; its dK/dV decision can differ there.
+Under GQA the dK/dV kernel runs ``batch x kv_heads x split`` CTAs, each over ``heads // kv_heads // split``
+query heads (``cost.grouped_kv_counts``); the runtime decides its order on one head's counts with those
+rounds, the simulator on the counts times the share (the same order: a share scales every CTA alike).
 """
 
 from __future__ import annotations

@@ -451,7 +451,8 @@ def simulate(
     grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
     data-dependent masks (without a batch dimension). ``kv_heads``: K/V heads shared by the ``heads``
     query heads (grouped-query attention; default one per query head, a positive divisor of ``heads``): the
-    dK/dV kernel then runs one CTA per K/V head that walks its group's query heads in turn.
+    dK/dV kernel then runs ``Prediction.group_split`` CTAs per K/V head, each walking its share of the
+    group's query heads in turn (fp32 partials summed where more than one).
     """
     from ..compiler.cost import dtype_bytes
     from ..compiler.hardware import get_hardware

@@ -183,8 +183,11 @@ def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
         if rung is None:  # no rung fits: the loader's refusal of the picked one (or the first it gave)
             raise next((fit.error for _, fit in tried if fit.error is not None), tried[0][1].error)
         memo[key] = rung.options(meta)
-        if not dict(tried)[rung].clean:
-            UNCLEAN.setdefault(kernel, set()).add(key)
+        unclean = UNCLEAN.setdefault(kernel, set())  # kept with the entry (a new entry replaces a stale flag)
+        if dict(tried)[rung].clean:
+            unclean.discard(key)
+        else:
+            unclean.add(key)
     return memo[key]
 
 

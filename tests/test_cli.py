@@ -380,6 +380,9 @@ def test_sim_kv_heads(capsys, files):
     code, out, err = run(capsys, "sim", str(files["ok.attn"]), "--n", "2048", "--heads", "4", "--kv-heads", "3")
     assert code == 1 and out == ""
     assert err.startswith("argument --kv-heads: error: 4 query heads cannot share 3 K/V heads")
+    code, out, err = run(capsys, "sim", "stdlib:retention", "--n", "256", "--heads", "4", "--kv-heads", "2")
+    assert code == 1 and out == ""
+    assert err.startswith("argument --kv-heads: error: a recurrence's cost model has one K/V head per query head")
 
 
 def test_show_huge_n_blames_n_with_the_memory_needed(capsys, files):

@@ -1,6 +1,7 @@
-"""Grouped-query attention in the cost model: the dK/dV kernel runs one CTA per (KV tile, batch x K/V head)
-that walks the Q tiles of every query head of its group in turn (compiler/triton_kernels.py, ``GROUP``), so
-its CTAs are fewer and longer than one per query head; the forward and dQ kernels keep one per query head."""
+"""Grouped-query attention in the cost model: the dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x
+K/V head), each walking the Q tiles of its share of the group's query heads in turn (compiler/triton_kernels.py,
+``SPLIT``, ``SHARE``), so that with a split of 1 its CTAs are fewer and longer than one per query head; the
+forward and dQ kernels keep one per query head."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from attnc.compiler.cost import (
     GROUP_SPLIT_GAIN,
     KernelConfig,
     group_reduction_s,
+    group_split_may_pay,
     grouped_kv_counts,
     predict,
 )
@@ -108,8 +110,25 @@ def test_the_group_split_is_the_fastest_of_the_group_divisors():
     assert want.backward.time_s <= min(p.backward.time_s for p in forced.values()) * 1.1
     # 32 KV tiles x 1 K/V head fill a quarter of 132 SMs: splitting the group pays here
     assert chosen.group_split > 1 and chosen.backward.time_s < forced[1].backward.time_s
-    with pytest.raises(SpecError, match="argument split"):
+    with pytest.raises(SpecError, match="argument group_split"):
         _predict(LOCAL, cfg, n=n, heads=heads, batch=batch, kv_heads=1, group_split=3)
+
+
+def test_the_screen_passes_over_splits_only_where_none_can_pay():
+    """``group_split_may_pay`` says no split can be ``GROUP_SPLIT_GAIN`` faster where the dK/dV CTAs of one
+    program per K/V head fill many waves; there a forced split predicts no such gain (the screen is sound
+    against the model), and where it says one may, the model takes one."""
+    cfg = KernelConfig((64,), (64,), "flat", 4, 2)
+    hw = get_hardware("h100")
+    many = _search(LOCAL, n=4096, heads=16, kv_heads=8, batch=32).schedule((64,), (64,))  # 16,384 CTAs
+    assert not group_split_may_pay(many.t_full_count, many.t_partial_count, 16, 8, 32, hw.sms)
+    one = _predict(LOCAL, cfg, n=4096, heads=16, batch=32, kv_heads=8, group_split=1)
+    two = _predict(LOCAL, cfg, n=4096, heads=16, batch=32, kv_heads=8, group_split=2)
+    assert two.backward.time_s > one.backward.time_s * (1 - GROUP_SPLIT_GAIN)
+    assert _predict(LOCAL, cfg, n=4096, heads=16, batch=32, kv_heads=8).group_split == 1
+    few = _search(LOCAL, n=2048, heads=8, kv_heads=1).schedule((64,), (64,))  # 32 CTAs on 132 SMs
+    assert group_split_may_pay(few.t_full_count, few.t_partial_count, 8, 1, 1, hw.sms)
+    assert _predict(LOCAL, cfg, n=2048, heads=8, batch=1, kv_heads=1).group_split > 1
 
 
 def test_simulate_reports_kv_heads_and_checks_them():

@@ -357,6 +357,15 @@ def test_grouped_query_kernels_compile_fit_and_run_on_tensor_cores(arch, d, spli
     assert all(on_cores(r) for r in reports if r.kernel != "bwd_delta"), "\n" + G.table(reports)
 
 
+def test_a_group_split_that_does_not_divide_the_group_is_refused():
+    """``record_call``'s ``group_split`` divides the query heads sharing a K/V head (with none shared, only 1:
+    a split of 2 would record a dK/dV kernel looping over no head)."""
+    pat = attnc.load("stdlib:sliding_window", window=64)
+    for kv, split in ((None, 2), (1, 3), (1, 0)):
+        with pytest.raises(SpecError, match="argument group_split"):
+            G.record_call(pat, arch=90, head_dim=64, dtype="bf16", n=256, kv_heads=kv, group_split=split)
+
+
 def test_the_tuners_wide_kv_backward_compiles_on_hopper():
     """The tuner's Hopper trial (``autotune.wide_kv_backward``: dK/dV on 64 Q x 128 KV tokens, dQ on
     the forward's tiles, 8 warps: FlexAttention's sm_90 backward) compiles for sm_90 at d 128, fits, runs on

@@ -295,20 +295,26 @@ def _fitting_group_split(launch: Launch, dkdv_call: Callable[[int], tuple], batc
                          device, head_dim: int, nbytes: int) -> tuple[int, tuple]:
     """The dK/dV kernel's split (``_group_split``) and its ``dkdv_call``. On a GPU, a split whose programs loop
     over more than one query head is taken only where the fit ladder launches that kernel clean at its picked
-    rung; else one program per query head (the loop gone, as the multi-head kernel's: the compile matrices
-    found the loop spilling where that kernel does not). Decided once per plan, batch and heads."""
+    rung; else the next larger divisor of the group that does, at last one program per query head (the loop
+    gone, as the multi-head kernel's: the compile matrices found the loop spilling where that kernel does not;
+    its fp32 partials are the most memory). Decided once per plan, batch and heads."""
     split, group = _group_split(launch, batch, heads, kv_heads, device, head_dim, nbytes), heads // kv_heads
     call = dkdv_call(split)
     if split == group or launch.interpret or not kernel_fit.on_gpu(call[1]):
         return split, call
 
-    def fits() -> bool:
+    def fits(call: tuple) -> bool:
         return kernel_fit.launches_as_picked(launch.module.attnc_bwd_dkdv, call[0], call[1], call[2],
                                              _launch_opts(launch, backward=True))
 
-    if launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), fits):
-        return split, call
-    return group, dkdv_call(group)
+    def choose() -> int:
+        for s in [s for s in range(split, group) if group % s == 0]:
+            if fits(call if s == split else dkdv_call(s)):
+                return s
+        return group
+
+    chosen = launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), choose)
+    return chosen, call if chosen == split else dkdv_call(chosen)
 
 
 def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, head_dim: int, nbytes: int) -> int:
@@ -320,10 +326,13 @@ def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, 
         return 1
 
     def make():
-        from ....compiler.cost import predict
+        from ....compiler.cost import group_split_may_pay, predict
         from ....compiler.hardware import hardware_for_gpu
 
         hw = hardware_for_gpu(torch.cuda.get_device_name(device))
+        sched = launch.plan.schedule
+        if not group_split_may_pay(sched.t_full_count, sched.t_partial_count, heads, kv_heads, batch, hw.sms):
+            return 1  # many waves of dK/dV CTAs: no split can pay (and none is priced)
         return predict(launch.plan.schedule, launch.config.backward_config(), hw, head_dim=head_dim, batch=batch,
                        nbytes=nbytes, kv_heads=kv_heads).group_split
 
