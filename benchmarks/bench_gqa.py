@@ -20,22 +20,17 @@ import datetime
 import platform
 import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-try:
-    import attnc
-except ImportError:  # a checkout that is not installed (the GPU machine): the root is the package
-    link_dir = Path(tempfile.mkdtemp(prefix="attnc-bench-"))
-    (link_dir / "attnc").symlink_to(ROOT, target_is_directory=True)
-    sys.path.insert(0, str(link_dir))
-    import attnc
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gpu_suite as base  # noqa: E402  (attnc's import from a checkout, rel, timed)
 
+attnc = base.attnc
 from attnc.runtime.backends.triton import runner as TR  # noqa: E402
+
+ROOT = base.ROOT
 
 
 def window_mod(window: int):
@@ -43,21 +38,6 @@ def window_mod(window: int):
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
     return mask_mod
-
-
-def measure(fn, toy: bool) -> float:
-    """Seconds of one call of ``fn``: do_bench's median on CUDA, the wall clock in ``--toy``."""
-    if toy:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=5, rep=40) / 1e3
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
 def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype, toy: bool, repeats: int) -> list[str]:
@@ -82,7 +62,7 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
 
     def spy(*args, **kwargs):
         out = fitting(*args, **kwargs)
-        ran.append(out[0])
+        ran.append(out)
         return out
 
     def step(mod, kk, vv):
@@ -126,18 +106,18 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
 
     # the splits' gradients: one program's to fp32 partial sums; FlexAttention's to its own rounding (on CPU,
     # where Flex has no backward, its output against attnc's)
-    errors = {s: max(rel(a, b) for a, b in zip(g, grads[1], strict=True)) for s, g in grads.items()}
+    errors = {s: max(base.rel(a, b) for a, b in zip(g, grads[1], strict=True)) for s, g in grads.items()}
     if toy:
         with torch.no_grad():
-            flex_err = rel(attnc.compile_attention(spec, backend="triton", window=window)(q, k, v),
+            flex_err = base.rel(attnc.compile_attention(spec, backend="triton", window=window)(q, k, v),
                            flex(q, k, v, block_mask=block, enable_gqa=True))
     else:
         runs["flex"], labels["flex"] = flex_fb, "FlexAttention (enable_gqa)"
-        flex_err = max(rel(a, b) for a, b in zip(grads[picked], flex_fb(), strict=True))
+        flex_err = max(base.rel(a, b) for a, b in zip(grads[picked], flex_fb(), strict=True))
     times = {key: [] for key in runs}
     for _ in range(repeats):  # interleaved
         for key, fn in runs.items():
-            times[key].append(measure(fn, toy))
+            times[key].append(base.timed(fn, toy))
     med = {key: statistics.median(ts) for key, ts in times.items()}
     rows = []
     for key in runs:

@@ -626,6 +626,15 @@ def checked_kv_heads(heads: int, kv_heads: int | None, where: str = "argument kv
     return kv
 
 
+def checked_group_split(group: int, split: int) -> int:
+    """``split`` (dK/dV programs per K/V head), checked to be a positive divisor of ``group`` (query heads per
+    K/V head)."""
+    if not isinstance(split, int) or isinstance(split, bool) or split < 1 or group % split:
+        raise SpecError(f"{group} query heads per K/V head cannot be split {split!r} ways",
+                        where="argument group_split", hint="a positive divisor of heads // kv_heads")
+    return split
+
+
 def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int, kv_heads: int | None,
                       split: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The dK/dV kernel's per-CTA counts (FULL, PARTIAL; ``[classes, KV tiles]``) and how many times each
@@ -635,10 +644,7 @@ def grouped_kv_counts(t_full: torch.Tensor, t_partial: torch.Tensor, heads: int,
     per K/V head; per-head counts summed over each share, launched once."""
     kv = checked_kv_heads(heads, kv_heads)
     group, classes = heads // kv, t_full.shape[0]
-    if not isinstance(split, int) or split < 1 or group % split:
-        raise SpecError(f"{group} query heads per K/V head cannot be split {split!r} ways",
-                        where="argument group_split", hint="a positive divisor of heads // kv_heads")
-    share = group // split
+    share = group // checked_group_split(group, split)
     if classes == 1:
         return t_full * share, t_partial * share, kv * split
     if classes != heads:
@@ -772,5 +778,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "GROUP_SPLIT_GAIN", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
-           "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "checked_group_split", "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

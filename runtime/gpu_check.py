@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..compiler.cost import checked_group_split, checked_kv_heads
 from ..core import ir
 from ..core.errors import SpecError
 from . import kernel_fit
@@ -451,13 +452,8 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
     gen = torch.Generator().manual_seed(0)
-    kv = HEADS if kv_heads is None else kv_heads
-    if kv < 1 or HEADS % kv:
-        raise SpecError(f"{HEADS} query heads cannot share {kv} K/V heads", where="argument kv_heads")
-    if group_split < 1 or (HEADS // kv) % group_split:
-        raise SpecError(f"{HEADS // kv} query heads per K/V head cannot be split {group_split} ways",
-                        where="argument group_split", hint="a divisor of the group (with kv_heads below "
-                        f"the {HEADS} query heads)")
+    kv = checked_kv_heads(HEADS, kv_heads)
+    checked_group_split(HEADS // kv, group_split)
     if getattr(pat, "kind", None) == "combined":
         return _record_combined(attn, hw, arch=arch, head_dim=head_dim, dtype=tdtype, n=n, sizes=sizes,
                                 config=config, gen=gen, kv_heads=kv, group_split=group_split)

@@ -173,7 +173,17 @@ def fitted_options(kernel, grid, args: list, meta: dict, options: dict) -> dict:
     the ladder the first time this kernel meets these options, compile-time constants and argument
     ``specialization`` (``FITTED``), the same dict after. Raises ``OutOfResources`` where no rung fits
     shared memory."""
-    key = _fit_key(args, meta, options)
+    return _fitted(kernel, grid, args, meta, options, _fit_key(args, meta, options))
+
+
+def _stepped_down(num_warps: int, num_stages: int, fitted: dict) -> bool:
+    """Whether ``fitted`` (a rung's options) is below the picked warps and stages, or reads its lists by
+    index where the picked rung steps through runs."""
+    return (num_warps, num_stages) != (fitted["num_warps"], fitted["num_stages"]) or any(
+        k.endswith("_RUN") for k in fitted)
+
+
+def _fitted(kernel, grid, args: list, meta: dict, options: dict, key: tuple) -> dict:
     memo = FITTED.get(kernel)
     if memo is None:
         memo = FITTED[kernel] = {}
@@ -197,13 +207,13 @@ def launches_as_picked(kernel, grid, args: list, meta: dict, options: dict) -> b
     where no rung fits shared memory."""
     from triton.runtime.errors import OutOfResources
 
+    key = _fit_key(args, meta, options)
     try:
-        fitted = fitted_options(kernel, grid, args, meta, options)
+        fitted = _fitted(kernel, grid, args, meta, options, key)
     except OutOfResources:
         return False
-    lowered = ((fitted["num_warps"], fitted["num_stages"]) != (options["num_warps"], options["num_stages"])
-               or any(k.endswith("_RUN") for k in fitted))
-    return not lowered and _fit_key(args, meta, options) not in UNCLEAN.get(kernel, set())
+    return not _stepped_down(options["num_warps"], options["num_stages"], fitted) and key not in UNCLEAN.get(
+        kernel, set())
 
 
 def lowered() -> list[str]:
@@ -214,8 +224,8 @@ def lowered() -> list[str]:
     for kernel, memo in list(FITTED.items()):
         name = getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel))
         for (w, s, *_), opts in memo.items():
-            indexed = any(key.endswith("_RUN") for key in opts)
-            if (w, s) != (opts["num_warps"], opts["num_stages"]) or indexed:
+            if _stepped_down(w, s, opts):
+                indexed = any(key.endswith("_RUN") for key in opts)
                 out.append(f"{name}: w{w} s{s} -> {Rung(opts['num_warps'], opts['num_stages'], indexed)}")
     return sorted(set(out))
 

@@ -13,13 +13,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_suite_toy_runs_end_to_end(tmp_path):
-    out = tmp_path / "suite.md"
+def run_toy(tmp_path, script: str, *args: str) -> str:
+    """``benchmarks/SCRIPT --toy ARGS --out FILE`` in a process of its own, with caches of its own: the text
+    of its results file (the run must exit 0)."""
+    out = tmp_path / f"{Path(script).stem}.md"
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite.py"), "--toy", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--toy", *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_gpu_suite_toy_runs_end_to_end(tmp_path):
+    text = run_toy(tmp_path, "gpu_suite.py")
     assert "verdict: PASS" in text
     assert re.search(r"torch \d+\.\d+", text) and re.search(r"Triton \d+\.\d+", text)
     assert "flash-linear-attention:" in text
@@ -54,20 +60,14 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):
     """benchmarks/gpu_conformance.py at toy sizes: a softmax case (triton and flex rows) and a
     recurrence, each in its own subprocess, every error a float32 one, one results file."""
-    out = tmp_path / "conformance.md"
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_conformance.py"), "--toy", "--only",
-                           "moba", "mamba2", "--jobs", "2", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    text = run_toy(tmp_path, "gpu_conformance.py", "--only", "moba", "mamba2", "--jobs", "2")
     assert "verdict: PASS" in text
     rows = [line for line in text.splitlines() if line.startswith("| moba") or line.startswith("| mamba2")]
     assert sorted(r.split("|")[2].strip() for r in rows) == ["flex", "triton", "triton"], rows
     for row in rows:
         errors = [float(x) for x in re.findall(r"\b(?:out|lse|dq|dk|dv|dg) (\d\.\de[-+]\d\d)", row)]
         assert len(errors) >= 4 and max(errors) < 1e-5 and row.rstrip().endswith("PASS |"), row
-    assert out.with_suffix(".jsonl").read_text().count("\n") == len(rows)
+    assert (tmp_path / "gpu_conformance.jsonl").read_text().count("\n") == len(rows)
 
 
 def test_gate_gradient_yardstick_matches_autograd_and_catches_a_wrong_dg():
@@ -110,12 +110,7 @@ def test_gpu_suite_dynamic_toy_runs_end_to_end(tmp_path):
     """benchmarks/gpu_suite_dynamic.py at toy sizes: every route case (moba, token_topk, xattention,
     vertical_slash) and delta-rule case (gated_delta_net, kda) checked and passing with float32
     errors, the selection timed apart, one results file."""
-    out = tmp_path / "dynamic.md"
-    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_suite_dynamic.py"), "--toy", "--out",
-                           str(out)], capture_output=True, text=True, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = out.read_text()
+    text = run_toy(tmp_path, "gpu_suite_dynamic.py")
     assert "verdict: PASS" in text and re.search(r"Triton \d+\.\d+", text)
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.rstrip().endswith("PASS |")]
     assert len(rows) == 6, text
@@ -145,3 +140,15 @@ def test_gpu_suite_names_the_kernels_the_fit_ladder_lowered(monkeypatch):
     assert "- none: every kernel launched as picked" in gs.fit_ladder_lines(False)
     KF.FITTED[attnc_bwd_dq] = {(8, 3, (), ()): {"num_warps": 8, "num_stages": 3, "FULL_RUN": False}}
     assert "- attnc_bwd_dq: w8 s3 -> w8 s3 indexed" in gs.fit_ladder_lines(False)
+
+
+def test_bench_gqa_toy_runs_end_to_end(tmp_path):
+    """benchmarks/bench_gqa.py at toy sizes: every split of the dK/dV kernel over a K/V head's query heads
+    runs and agrees, and FlexAttention's ``enable_gqa`` output agrees."""
+    text = run_toy(tmp_path, "bench_gqa.py")
+    assert "verdict: PASS" in text and re.search(r"Triton \d+\.\d+", text)
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"\| attnc, (\d) program\(s\) per K/V head[^|]*\|[^|]*\|[^|]*\|"
+                                                         r"[^|]*\| ([^ |]+) \|", text)}
+    assert set(rows) == {"1", "2", "4"}, text  # 4 query heads share one K/V head: every divisor of the group
+    assert all(float(err) < 1e-5 for err in rows.values()), text
+    assert "(the cost model's pick)" in text and "FlexAttention (enable_gqa)" in text

@@ -292,29 +292,25 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device, group
 
 
 def _fitting_group_split(launch: Launch, dkdv_call: Callable[[int], tuple], batch: int, heads: int, kv_heads: int,
-                         device, head_dim: int, nbytes: int) -> tuple[int, tuple]:
-    """The dK/dV kernel's split (``_group_split``) and its ``dkdv_call``. On a GPU, a split whose programs loop
-    over more than one query head is taken only where the fit ladder launches that kernel clean at its picked
+                         device, head_dim: int, nbytes: int, on_gpu: bool) -> int:
+    """The dK/dV kernel's split (``_group_split``). On a GPU, a split whose programs loop over more than one
+    query head is taken only where the fit ladder launches that kernel (``dkdv_call``'s) clean at its picked
     rung; else the next larger divisor of the group that does, at last one program per query head (the loop
     gone, as the multi-head kernel's: the compile matrices found the loop spilling where that kernel does not;
     its fp32 partials are the most memory). Decided once per plan, batch and heads."""
     split, group = _group_split(launch, batch, heads, kv_heads, device, head_dim, nbytes), heads // kv_heads
-    call = dkdv_call(split)
-    if split == group or launch.interpret or not kernel_fit.on_gpu(call[1]):
-        return split, call
-
-    def fits(call: tuple) -> bool:
-        return kernel_fit.launches_as_picked(launch.module.attnc_bwd_dkdv, call[0], call[1], call[2],
-                                             _launch_opts(launch, backward=True))
+    if split == group or launch.interpret or not on_gpu:
+        return split
 
     def choose() -> int:
         for s in [s for s in range(split, group) if group % s == 0]:
-            if fits(call if s == split else dkdv_call(s)):
+            grid, args, meta, _ = dkdv_call(s)
+            if kernel_fit.launches_as_picked(launch.module.attnc_bwd_dkdv, grid, args, meta,
+                                             _launch_opts(launch, backward=True)):
                 return s
         return group
 
-    chosen = launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), choose)
-    return chosen, call if chosen == split else dkdv_call(chosen)
+    return launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), choose)
 
 
 def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, head_dim: int, nbytes: int) -> int:
@@ -891,7 +887,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                     **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split)
         return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
 
-    split, dkdv = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size())
+    split = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]))
     with interpreting(launch.interpret):
         _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
                        [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
@@ -899,7 +895,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                        dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
                             **_runs(qlaunch, "FULL", "PART"), **q_desc),
                        backward=True)
-        grid, args, meta, (dk, dv) = dkdv
+        grid, args, meta, (dk, dv) = dkdv_call(split)
         _launch_kernel(launch, launch.module.attnc_bwd_dkdv, grid, args, meta, backward=True)
     if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
         dk, dv = dk.sum(0).to(kp.dtype), dv.sum(0).to(vp.dtype)
