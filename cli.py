@@ -334,12 +334,9 @@ def cmd_sim(args) -> int:
         raise SpecError(f"'{pat.name}' combines several attentions: {what} ("
                         + ("the receptive field" if what == "--layers" else "context parallelism")
                         + ") covers one softmax pattern in this version", where=f"argument {what}")
-    if args.kv_heads is not None:
-        from .compiler.cost import checked_kv_heads
-
-        checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
-        if isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
-            raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
+    _check_kv_heads(args)
+    if args.kv_heads is not None and isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
+        raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
     sizes = _int_sizes(args.sizes)
     inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
@@ -421,6 +418,7 @@ def cmd_tune(args) -> int:
     _refuse_combined(pat, "attnc tune")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: only softmax patterns are autotuned", where="attnc tune")
+    _check_kv_heads(args)
     dtype = A.canonical_dtype(args.dtype)
     if not A.cuda_available():
         raise A.AutotuneError("autotuning needs a CUDA GPU, and none is available",
@@ -429,8 +427,9 @@ def cmd_tune(args) -> int:
     cache = KC.KernelCache()
     res = A.autotune(pat, bound, head_dim=args.head_dim, dtype=dtype, batch=args.batch, top=args.top,
                      cache=cache, retune=args.retune, progress=False if args.quiet else None,
-                     inputs=_inputs(args.input) or None)
-    bucket = KC.describe_bucket(KC.shape_bucket(pat, bound, head_dim=args.head_dim, batch=args.batch))
+                     inputs=_inputs(args.input) or None, kv_heads=args.kv_heads)
+    bucket = KC.describe_bucket(KC.shape_bucket(pat, bound, head_dim=args.head_dim, batch=args.batch,
+                                                kv_heads=args.kv_heads))
     if res.from_cache:
         print(f"{pat.name} [{bucket}, {dtype}, {res.key.device}]: cached: {KC.describe_config(A.config_dict(res.config))}"
               " (use --retune to time again)")
@@ -655,11 +654,21 @@ def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of
                        help="a call-time input: 1-D values, or a tensor of any shape saved with torch.save")
 
 
+def _check_kv_heads(args) -> None:
+    """``--kv-heads`` divides ``--heads`` (checked before anything is modelled or timed)."""
+    if args.kv_heads is not None:
+        from .compiler.cost import checked_kv_heads
+
+        checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
+
+
 def _shape_args(p) -> None:
     """Heads, head dimension and batch of a modelled or tuned call."""
     p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
     p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--kv-heads", type=int, help="K/V heads shared by the query heads (grouped-query attention; "
+                   "default one per head)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -680,8 +689,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     _pattern_args(p)
     _shape_args(p)
-    p.add_argument("--kv-heads", type=int, help="K/V heads shared by the query heads (grouped-query attention; "
-                   "default one per head)")
     p.add_argument("--hardware", default="h100", help="a100, h100, h200 or b200 (default h100)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
     p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis (a recurrence: its chunk)")

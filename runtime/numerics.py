@@ -1,5 +1,5 @@
-"""Numerics every backend shares: the compute dtype, GQA expansion, FoX decay prefix sums and
-the outputs of an empty batch."""
+"""Numerics every backend shares: the compute dtype, GQA expansion, FoX decay prefix sums, the
+outputs of an empty batch and the seeded inputs of a timed training step."""
 
 from __future__ import annotations
 
@@ -66,3 +66,14 @@ def needs_grad(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some tensor among ``tensors`` (others
     ignored) requires grad."""
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def timing_inputs(bound, *, head_dim: int, dtype: str, batch: int, device, kv_heads: int | None = None):
+    """Random q, k, v and the output's gradient of a timed training step (``dtype`` canonical, seeded): q
+    and the gradient with ``bound.heads`` heads, k and v with ``kv_heads`` (None: as many)."""
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    kv = bound.heads if kv_heads is None else kv_heads
+    shapes = ((bound.heads, bound.n), (kv, bound.nk), (kv, bound.nk), (bound.heads, bound.n))
+    return tuple(torch.randn(batch, h, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
+                 for h, n in shapes)

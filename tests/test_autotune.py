@@ -457,6 +457,9 @@ def test_cli_tune_errors(capsys, monkeypatch, tmp_path):
     assert code == 1 and "unsupported dtype" in err
     assert run_cli(capsys, "tune")[0] == 1
     assert run_cli(capsys, "cache", "purge")[0] == 1
+    code, out, err = run_cli(capsys, "tune", "stdlib:sliding_window", "--n", "64", "--heads", "4", "--kv-heads", "3")
+    assert code == 1 and out == "" and "argument --kv-heads: error: 4 query heads cannot share 3 K/V heads" in err
+    assert not (tmp_path / "c").exists()
 
 
 def test_cli_tune_then_cache_ls_and_clear(capsys, monkeypatch, tmp_path):
@@ -534,6 +537,133 @@ def test_real_triton_kernels_tuned_under_the_interpreter(cache):
     assert hasattr(module, "attnc_fwd")
     again = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=builder, timer=timer, cache=cache, device="cpu")
     assert again.from_cache and again.config == res.config and len(seen) == len(res.trials)
+
+
+# ----------------------------------------------------------------- grouped-query attention
+def test_the_bucket_keys_the_group_only_where_heads_share_kv(local):
+    """Query heads per K/V head are keyed exactly, and only above 1: a multi-head call keeps the key it had
+    before K/V heads were keyed (its cached winners stay valid)."""
+    pat, bound = local  # 2 heads
+
+    def key(kv):
+        return KC.CacheKey.make(pat, bound, head_dim=64, dtype="bf16", device="gpu", triton="t", attnc="a",
+                                kv_heads=kv)
+
+    assert key(None) == key(2) and key(None).digest() == key(2).digest()
+    assert "group" not in KC.shape_bucket(pat, bound, head_dim=64, kv_heads=2)
+    assert key(1) != key(None) and KC.shape_bucket(pat, bound, head_dim=64, kv_heads=1)["group"] == 2
+    assert "heads=2 group=2" in KC.describe_bucket(KC.shape_bucket(pat, bound, head_dim=64, kv_heads=1))
+    assert KC.exact_shape(bound, head_dim=64, kv_heads=1)["kv_heads"] == 1
+    assert KC.exact_shape(bound, head_dim=64, kv_heads=2) == KC.exact_shape(bound, head_dim=64)
+    eight = E.bind_sizes(pat, n=256, heads=8)
+    groups = {KC.CacheKey.make(pat, eight, head_dim=64, dtype="bf16", device="gpu", triton="t", attnc="a",
+                               kv_heads=kv).digest() for kv in (1, 2, 4, 8)}
+    assert len(groups) == 4
+
+
+class RecordingBuilder(FakeBuilder):
+    """A fake builder that records the K/V heads each candidate is run with."""
+
+    def __init__(self):
+        super().__init__()
+        self.kv_heads = []
+
+    def runner(self, kernels, pat, bound, schedule, config, **kw):
+        self.kv_heads.append(kw["kv_heads"])
+        return super().runner(kernels, pat, bound, schedule, config, **kw)
+
+
+def test_grouped_query_tuning_ranks_times_and_caches_the_call(cache):
+    """Tuned with K/V heads, the candidates are the search's for those K/V heads (its predictions), each is
+    run on k and v of that many heads, and the winner is cached under its own key: a multi-head entry is not
+    reused for it, nor it for a multi-head call."""
+    pat = attnc.load(LOCAL)
+    bound = E.bind_sizes(pat, n=2048, heads=8)
+    mha_builder, gqa_builder = RecordingBuilder(), RecordingBuilder()
+    mha = tune(pat, bound, cache, builder=mha_builder)
+    gqa = tune(pat, bound, cache, builder=gqa_builder, kv_heads=1)
+    assert not gqa.from_cache and mha.key != gqa.key
+    assert set(mha_builder.kv_heads) == {None} and gqa_builder.kv_heads == [1] * len(gqa.trials)
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=64, kv_heads=1)
+    expect = A.candidates(search)
+    assert [(t.config, t.predicted_ms) for t in gqa.trials] == [(t.config, t.predicted_ms) for t in expect]
+    assert gqa.trials[0].predicted_ms != mha.trials[0].predicted_ms  # the dK/dV CTAs walk the group's heads
+    assert A.lookup(pat, bound, head_dim=64, cache=cache, kv_heads=1) == gqa.config
+    assert tune(pat, bound, cache, builder=gqa_builder, kv_heads=1).from_cache
+    assert tune(pat, bound, cache, builder=mha_builder, kv_heads=8).key == mha.key  # one K/V head per head
+    assert len(cache.entries()) == 2
+    with pytest.raises(attnc.SpecError, match="argument kv_heads"):
+        tune(pat, bound, cache, kv_heads=3)
+
+
+def test_real_grouped_query_step_tuned_under_the_interpreter(cache):
+    """The Triton builder's training step on 4 query heads sharing 1 K/V head (the interpreter, fp32): its
+    output and gradients, dK and dV summed over the group, match a dense softmax on expanded K/V."""
+    pat = attnc.load(LOCAL)
+    n, heads, d = 48, 4, 16
+    bound = E.bind_sizes(pat, n=n, heads=heads)
+    gen = torch.Generator().manual_seed(0)  # the runner's inputs: seed 0, q, k, v, then the output's gradient
+    q, k, v, dout = (torch.randn(1, h, n, d, generator=gen) for h in (heads, 1, 1, heads))
+    qi, ki = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    allowed = (ki <= qi) & (qi - ki < 24)
+    qd, kd, vd = (x.double().requires_grad_() for x in (q, k, v))
+    scores = (qd @ kd.expand(1, heads, n, d).transpose(-1, -2)) * d ** -0.5
+    ref = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1) @ vd.expand(1, heads, n, d)
+    ref.backward(dout.double())
+
+    def timer(fn):
+        out, _lse, *grads = fn()
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+        assert [g.shape[1] for g in grads] == [heads, 1, 1]
+        for got, want in zip(grads, (qd.grad, kd.grad, vd.grad), strict=True):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        return 1.0
+
+    res = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=A.TritonBuilder(interpret=True), timer=timer,
+                     cache=cache, top=1, launch=((4, 2),), device="cpu", progress=False, kv_heads=1)
+    assert res.trials and all(t.error is None for t in res.trials)
+    assert KC.shape_bucket(pat, bound, head_dim=d, kv_heads=1) == dict(res.key.bucket)
+
+
+def test_flex_candidate_runs_grouped_query_tensors():
+    """The Flex lowering's timed step takes k and v of the call's K/V heads (Flex's ``enable_gqa``)."""
+    from attnc.runtime.backends.flex.runner import FlexBuilder
+
+    pat = attnc.load(LOCAL)
+    bound = E.bind_sizes(pat, n=64, heads=4)
+    out, lse, dq, dk, dv = FlexBuilder(compiled=False).runner(None, pat, bound, None, None, head_dim=16,
+                                                              dtype="fp32", batch=1, device="cpu", inputs=None,
+                                                              kv_heads=2)()
+    assert out.shape == dq.shape == (1, 4, 64, 16) and dk.shape == dv.shape == (1, 2, 64, 16)
+    assert all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))
+
+
+def test_the_runner_asks_the_tuner_with_the_calls_kv_heads(monkeypatch):
+    """``TritonRunner.config_hook`` (the autotuner when installed) is asked with the call's K/V heads, and
+    ``backend='auto'`` looks up the winner of that key."""
+    from types import SimpleNamespace
+
+    from attnc.runtime.auto import cuda as AC
+
+    asked = []
+    monkeypatch.setattr(TB.TritonRunner, "config_hook",
+                        staticmethod(lambda pat, bound, q, inputs, kv_heads: asked.append(kv_heads)))
+    q = torch.randn(1, 4, 32, 16)
+    for kv in (1, 2, 4):
+        attnc.compile_attention(LOCAL, backend="triton")(q, q[:, :kv], q[:, :kv])
+    assert asked == [1, 2, 4]
+    pat = attnc.load(LOCAL)
+    bound = E.bind_sizes(pat, n=32, heads=4)
+    looked = []
+
+    def winner(pattern, bound, *, kv_heads, **kw):
+        looked.append(kv_heads)
+        return "flex" if kv_heads == 1 else "triton"
+
+    monkeypatch.setattr(A, "tuned_winner", winner)
+    auto = SimpleNamespace(flex=object(), cuda_winner={}, pattern=pat)
+    assert [AC.flex_won(auto, bound, q, q[:, :kv]) for kv in (1, 4, 1)] == [True, False, True]
+    assert looked == [1, 4]  # the second call of a key is remembered
 
 
 # ----------------------------------------------------------------- per-pass sizing (search + tuner)
@@ -709,7 +839,7 @@ def _run_with(monkeypatch, cfg: KernelConfig | None, too_big) -> list:
     kwargs)`` says are out of resources; returns the modules' wrappers (their ``launches``), filled as
     modules load."""
     if cfg is not None:
-        monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs: cfg)
+        monkeypatch.setattr(TB.TritonRunner, "config_hook", lambda pat, bound, q, inputs, kv_heads: cfg)
     wrappers = []
     real_load = TB.load_kernels
 

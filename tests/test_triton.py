@@ -316,7 +316,7 @@ def test_float_bias_input_and_fox_gradients_batched():
 ])
 def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
     old = T.TritonRunner.config_hook
-    T.TritonRunner.config_hook = staticmethod(lambda pat, bound, q, inputs: cfg)
+    T.TritonRunner.config_hook = staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg)
     try:
         n = math.prod(sizes.values())
         q, k, v = qkv(1, 2, 1, n, 20, Dv=12)
@@ -361,7 +361,7 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
     results = []
     for tma in (False, True):
         monkeypatch.setattr(T.TritonRunner, "config_hook",
-                            staticmethod(lambda pat, bound, q, inputs, tma=tma: dataclasses.replace(cfg, tma=tma)))
+                            staticmethod(lambda pat, bound, q, inputs, kv_heads, tma=tma: dataclasses.replace(cfg, tma=tma)))
         tri = attnc.compile_attention(pat, backend="triton", sizes=sizes)
         out, lse = tri(q, k, v, return_lse=True)
         results.append((out, lse, *torch.autograd.grad(out.square().sum() + lse.sum(), (q, k, v))))

@@ -61,7 +61,7 @@ class AutoRunner(CpuPolicy, Registered):
         if call.q_offset:  # the Triton kernels over the whole sequence (Flex has no query offset)
             self.cuda_last = "triton"
             return padded_forward(self.triton, call, q, k, v)
-        if flex_won(self, call.bound, q):
+        if flex_won(self, call.bound, q, k):
             self.cuda_last = "flex"
             return self.flex.forward(call, q, k, v)
         self.cuda_last = "triton"

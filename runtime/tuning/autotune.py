@@ -11,6 +11,12 @@ going to the simulator's favourite, and is stored in the ``KernelCache``
 with its source; the next call with the same key (same IR, shape bucket,
 dtype, GPU, Triton and attnc versions) reuses it without timing anything.
 
+Grouped-query attention (``kv_heads`` K/V heads shared by the query heads) is
+ranked, timed and keyed as it runs: the search weighs the dK/dV kernel's CTAs
+by K/V head, the candidates run on k and v of ``kv_heads`` heads (the
+backward's split of a group over programs included), and the bucket keys the
+group size.
+
 The pieces that touch a GPU are behind two small interfaces so that the
 selection logic runs anywhere: a ``KernelBuilder`` (candidate -> source ->
 loaded kernels -> a zero-argument callable that runs them) and a timer
@@ -50,6 +56,7 @@ from ...compiler.search import (
 )
 from ...core import ir
 from ...core.errors import SpecError
+from ..numerics import timing_inputs
 from . import kernel_cache as KC
 
 #: Distinct schedules (tile shapes + layout) taken from the simulator's ranking.
@@ -80,7 +87,8 @@ class KernelBuilder(Protocol):
     def load(self, path: Path): ...
 
     def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule: TileSchedule, config: KernelConfig, *,
-               head_dim: int, dtype: str, batch: int, device, inputs: dict | None) -> Callable[[], object]: ...
+               head_dim: int, dtype: str, batch: int, device, inputs: dict | None,
+               kv_heads: int | None = None) -> Callable[[], object]: ...
 
 
 class TritonBuilder(KernelBuilder):
@@ -89,7 +97,7 @@ class TritonBuilder(KernelBuilder):
     ``runner`` times a training step's kernels, forward then backward (dQ, dK/dV, each
     with its pass's launch parameters), on random q, k, v of the tuned shape: through the backend's
     ``benchmark_runner`` when it has one, else a ``TritonRunner`` pinned to the
-    candidate's config. ``interpret`` loads the kernels for Triton's interpreter
+    candidate's config; k and v have ``kv_heads`` heads (None: one per query head). ``interpret`` loads the kernels for Triton's interpreter
     (CPU tensors; tests)."""
 
     name = "triton"
@@ -117,18 +125,15 @@ class TritonBuilder(KernelBuilder):
         interpret = self.interpret if self.interpret is not None else not cuda_available()
         return self.backend.load_kernels(str(path), interpret=interpret)
 
-    def runner(self, kernels, pat, bound, schedule, config, *, head_dim, dtype, batch, device, inputs):
+    def runner(self, kernels, pat, bound, schedule, config, *, head_dim, dtype, batch, device, inputs,
+               kv_heads=None):
         backend = self.backend
         make = getattr(backend, "benchmark_runner", None)
         if make is not None:
             return make(kernels, pat, bound, schedule, config, head_dim=head_dim, dtype=dtype, batch=batch,
-                        device=device, inputs=inputs)
-        import torch
-
-        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
-                   for n in (bound.n, bound.nk, bound.nk))
+                        device=device, inputs=inputs, kv_heads=kv_heads)
+        q, k, v, dout = timing_inputs(bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device,
+                                     kv_heads=kv_heads)
 
         class Pinned(backend.TritonRunner):
             def _config(self, *_args):
@@ -139,7 +144,6 @@ class TritonBuilder(KernelBuilder):
         # call's backward runs them (planned once, before the timing)
         bwd_launch, dq_launch = launch.backward_launch(), launch.dq_launch()
         scale = head_dim ** -0.5
-        dout = torch.randn(q.shape, generator=gen).to(device=device, dtype=tdtype)
 
         def step():  # a training step's kernels: forward, then backward (dQ, dK/dV); (out, lse, dq, dk, dv)
             out, lse = backend.forward(launch, q, k, v, scale)
@@ -398,26 +402,30 @@ def autotune(
     stream=None,
     flex_builder: KernelBuilder | None = None,
     flex: bool | None = None,
+    kv_heads: int | None = None,
 ) -> TuneResult:
     """The tuned configuration and kernel source of ``pattern`` at ``bound``: from the
     cache when a valid entry exists (unless ``retune``), else by timing candidates and
     storing the winner. ``progress``: None = a bar when ``stream`` (stderr) is a TTY.
     ``flex``: time the FlexAttention lowering too (``flex_builder``, default
     ``flex_backend.FlexBuilder``), like the others; None: on CUDA devices. ``TuneResult.winner``
-    and the cache entry's ``meta["winner"]`` say which candidate won."""
+    and the cache entry's ``meta["winner"]`` say which candidate won. ``kv_heads``: the K/V heads the
+    query heads share (grouped-query attention; None: one per head), ranked, timed and keyed so."""
     import torch
 
     _check_tuning_arguments(pattern, head_dim=head_dim, batch=batch, top=top)
+    kv_heads = _kv_heads_of(bound, kv_heads)
     dtype = canonical_dtype(dtype)
     dev = torch.device(device if device is not None else ("cuda" if cuda_available() else "cpu"))
     on_gpu = _check_tuning_device(dev, timer)
     gpu = KC.device_name(dev) if on_gpu else KC.CPU_DEVICE
     cache = cache if cache is not None else KC.KernelCache()
-    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=gpu)
-    shape = KC.exact_shape(bound, head_dim=head_dim, batch=batch)
+    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=gpu,
+                           kv_heads=kv_heads)
+    shape = KC.exact_shape(bound, head_dim=head_dim, batch=batch, kv_heads=kv_heads)
     hw = get_hardware(hardware) if hardware is not None else (hardware_for(gpu) if on_gpu else get_hardware("h100"))
     search = ScheduleSearch(pattern, bound, hw, head_dim=head_dim, batch=batch, nbytes=min(DTYPES[dtype], 2),
-                            inputs=inputs)
+                            inputs=inputs, kv_heads=kv_heads)
 
     if not retune:
         entry = cache.get(key)
@@ -436,7 +444,8 @@ def autotune(
         flex_builder = _add_flex_trial(trials, flex_builder)
     bar = Progress(len(trials), f"tuning {pattern.name}", stream=stream,
                    enabled=progress if progress is not None else None)
-    run_args = {"head_dim": head_dim, "dtype": dtype, "batch": batch, "device": dev, "inputs": inputs}
+    run_args = {"head_dim": head_dim, "dtype": dtype, "batch": batch, "device": dev, "inputs": inputs,
+                "kv_heads": kv_heads}
     best, sources = _time_trials(pattern, bound, trials, builder, flex_builder, timer, run_args, bar)
     return _store_winner(cache, key, shape, trials, best, sources, builder, hw)
 
@@ -449,6 +458,15 @@ def _check_tuning_arguments(pattern, *, head_dim, batch, top) -> None:
     for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+
+
+def _kv_heads_of(bound: E.Bound, kv_heads: int | None) -> int | None:
+    """``kv_heads`` checked to divide the heads; None where each query head has its own (one key for both)."""
+    from ...compiler.cost import checked_kv_heads
+
+    if kv_heads is None:
+        return None
+    return None if checked_kv_heads(bound.heads, kv_heads) == bound.heads else kv_heads
 
 
 def _check_tuning_device(dev, timer: Timer | None) -> bool:
@@ -551,30 +569,35 @@ def _store_winner(cache: KC.KernelCache, key, shape, trials: list[Trial], best: 
     return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner, best_rank=best.rank)
 
 
-def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, device, cache):
+def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, device, cache,
+                  kv_heads: int | None = None):
     """The cache entry for this key, or None (never tunes)."""
     if not isinstance(pattern, ir.PatternIR):
         return None
+    kv_heads = _kv_heads_of(bound, kv_heads)
     import torch
 
     dev = torch.device(device) if device is not None else None
     gpu = KC.device_name(dev) if dev is not None and dev.type == "cuda" else KC.CPU_DEVICE
     cache = cache if cache is not None else KC.KernelCache()
-    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu)
+    key = KC.CacheKey.make(pattern, bound, head_dim=head_dim, dtype=canonical_dtype(dtype), batch=batch, device=gpu,
+                           kv_heads=kv_heads)
     return cache.get(key)
 
 
 def lookup(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1, device=None,
-           cache: KC.KernelCache | None = None) -> KernelConfig | None:
+           cache: KC.KernelCache | None = None, kv_heads: int | None = None) -> KernelConfig | None:
     """The cached winning configuration for this key, or None (never tunes)."""
-    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache,
+                          kv_heads=kv_heads)
     return config_from_dict(entry.config) if entry is not None else None
 
 
 def tuned_winner(pattern: ir.PatternIR, bound: E.Bound, *, head_dim: int, dtype="bf16", batch: int = 1,
-                 device=None, cache: KC.KernelCache | None = None) -> str | None:
+                 device=None, cache: KC.KernelCache | None = None, kv_heads: int | None = None) -> str | None:
     """The cached winner's backend for this key ("triton" or "flex"), or None (never tunes)."""
-    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache)
+    entry = _cached_entry(pattern, bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device, cache=cache,
+                          kv_heads=kv_heads)
     return entry.meta.get("winner", "triton") if entry is not None else None
 
 
@@ -589,15 +612,16 @@ def _fit(search: ScheduleSearch, config: KernelConfig) -> KernelConfig:
                                kv_tile=tuple(min(t, L) for t, L in zip(config.kv_tile, kv_ext, strict=True)))
 
 
-def config_hook(pattern, bound: E.Bound, q, inputs: dict | None = None) -> KernelConfig | None:
+def config_hook(pattern, bound: E.Bound, q, inputs: dict | None = None, *,
+                kv_heads: int | None = None) -> KernelConfig | None:
     """For ``TritonRunner.config_hook``: the autotuned config on CUDA tensors (tuning
     on the first call of a shape bucket, cached on disk after), None elsewhere (the
-    backend's default then)."""
+    backend's default then); ``kv_heads``: the call's K/V heads."""
     if q.device.type != "cuda" or not isinstance(pattern, ir.PatternIR):
         return None
     static = None if not inputs else {n: t.detach().cpu() for n, t in inputs.items()}
     return autotune(pattern, bound, head_dim=int(q.shape[-1]), dtype=q.dtype, batch=int(q.shape[0]), device=q.device,
-                    inputs=static).config
+                    inputs=static, kv_heads=kv_heads).config
 
 
 def install() -> None:

@@ -21,7 +21,10 @@ Shape bucket (``shape_bucket``), the rule:
 - ``heads``: the next power of two, unless the mask or a score term depends on
   the head (``h``) or mentions ``heads`` (per-head structure: exact);
 - ``head_dim``: the next power of two, at least 16 (the kernel pads to it);
-- ``batch``: the next power of two.
+- ``batch``: the next power of two;
+- ``group``, the query heads per K/V head (grouped-query attention): exact, and
+  only keyed when above 1 (the dK/dV kernel's CTAs, and so the winner, depend on
+  it; a multi-head call's key is the same as before K/V heads were keyed).
 
 The tuned configuration carries over within a bucket; the stored source is
 used only for the exact shape it was generated for (``Entry.shape``), the
@@ -149,8 +152,9 @@ def pow2_ceil(x: int, floor: int = 1) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def shape_bucket(pat: ir.PatternIR, bound, *, head_dim: int, batch: int = 1) -> dict:
-    """The bucket of a shape (see the module docstring for the rule), a JSON-able dict."""
+def shape_bucket(pat: ir.PatternIR, bound, *, head_dim: int, batch: int = 1, kv_heads: int | None = None) -> dict:
+    """The bucket of a shape (see the module docstring for the rule), a JSON-able dict; ``kv_heads``: the
+    K/V heads the query heads share (None: one per head)."""
     syms = mentioned_symbols(pat)
     out: dict = {}
     if bound.axis_sizes:
@@ -162,14 +166,25 @@ def shape_bucket(pat: ir.PatternIR, bound, *, head_dim: int, batch: int = 1) -> 
     out["heads"] = int(bound.heads) if per_head else pow2_ceil(bound.heads)
     out["head_dim"] = pow2_ceil(head_dim, 16)
     out["batch"] = pow2_ceil(batch)
+    group = kv_group(bound.heads, kv_heads)
+    if group > 1:
+        out["group"] = group
     return out
 
 
-def exact_shape(bound, *, head_dim: int, batch: int = 1) -> dict:
-    """The exact shape a source was generated for."""
-    return {"n": int(bound.n), "nk": int(bound.nk), "heads": int(bound.heads),
-            "axes": {str(k): int(v) for k, v in sorted(bound.axis_sizes.items())},
-            "head_dim": int(head_dim), "batch": int(batch)}
+def kv_group(heads: int, kv_heads: int | None) -> int:
+    """Query heads per K/V head (1 without ``kv_heads``)."""
+    return 1 if kv_heads is None else int(heads) // int(kv_heads)
+
+
+def exact_shape(bound, *, head_dim: int, batch: int = 1, kv_heads: int | None = None) -> dict:
+    """The exact shape a source was generated for (``kv_heads`` only where several query heads share one)."""
+    shape = {"n": int(bound.n), "nk": int(bound.nk), "heads": int(bound.heads),
+             "axes": {str(k): int(v) for k, v in sorted(bound.axis_sizes.items())},
+             "head_dim": int(head_dim), "batch": int(batch)}
+    if kv_group(bound.heads, kv_heads) > 1:
+        shape["kv_heads"] = int(kv_heads)
+    return shape
 
 
 # ----------------------------------------------------------------- keys and entries
@@ -187,8 +202,8 @@ class CacheKey:
 
     @classmethod
     def make(cls, pat: ir.PatternIR, bound, *, head_dim: int, dtype: str, batch: int = 1, device: str | None = None,
-             triton: str | None = None, attnc: str | None = None) -> CacheKey:
-        bucket = shape_bucket(pat, bound, head_dim=head_dim, batch=batch)
+             triton: str | None = None, attnc: str | None = None, kv_heads: int | None = None) -> CacheKey:
+        bucket = shape_bucket(pat, bound, head_dim=head_dim, batch=batch, kv_heads=kv_heads)
         return cls(pat.key(), _freeze(bucket), str(dtype).lower(), device if device is not None else device_name(),
                    triton if triton is not None else triton_version(),
                    attnc if attnc is not None else attnc_version(), pattern=pat.name)
@@ -493,8 +508,9 @@ def describe_bucket(bucket: dict) -> str:
         if name in bucket:
             parts.append(f"{name}<={bucket[name]}")
     head = "x".join(parts) if axes else " ".join(parts)
-    return printable(" ".join(p for p in (head, f"heads={bucket.get('heads')}", f"d<={bucket.get('head_dim')}",
-                                          f"b<={bucket.get('batch')}") if p))
+    group = f" group={bucket['group']}" if "group" in bucket else ""  # query heads per K/V head
+    return printable(" ".join(p for p in (head, f"heads={bucket.get('heads')}{group}",
+                                          f"d<={bucket.get('head_dim')}", f"b<={bucket.get('batch')}") if p))
 
 
 def describe_config(config: dict | None) -> str:

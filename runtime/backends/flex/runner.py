@@ -62,7 +62,7 @@ from ....compiler.tiles import (
 )
 from ....core import ir
 from ....core.errors import SpecError
-from ...numerics import empty_batch_outputs, fox_prefix, needs_grad
+from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, timing_inputs
 from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
 from ...runner import Call, Support
@@ -650,13 +650,10 @@ class FlexBuilder:
         return None  # nothing to load: the runner compiles Flex's kernel itself
 
     def runner(self, kernels, pat: ir.PatternIR, bound: E.Bound, schedule, config, *, head_dim: int, dtype: str,
-               batch: int, device, inputs: dict | None):
-        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        q, k, v = (torch.randn(batch, bound.heads, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
-                   for n in (bound.n, bound.nk, bound.nk))
+               batch: int, device, inputs: dict | None, kv_heads: int | None = None):
+        q, k, v, dout = timing_inputs(bound, head_dim=head_dim, dtype=dtype, batch=batch, device=device,
+                                     kv_heads=kv_heads)
         runner, scale, given = self._runner(pat), head_dim ** -0.5, dict(inputs or {})
-        dout = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=gen).to(device=device, dtype=tdtype)
         leaves = tuple(t.requires_grad_() for t in (q, k, v))
 
         def run():  # a training step, like the Triton candidates': forward, then dq, dk, dv

@@ -400,7 +400,7 @@ class TritonRunner(Registered):
     """Generated Triton kernels for one pattern: configs and sources per shapes (cached),
     tile lists per call for data-dependent masks and routing."""
 
-    #: Optional ``hook(pattern, bound, q, inputs) -> KernelConfig | None`` (the autotuner).
+    #: Optional ``hook(pattern, bound, q, inputs, *, kv_heads) -> KernelConfig | None`` (the autotuner).
     config_hook = None
     #: Optional ``hook(pattern, bound, shape, config, source) -> path`` (the kernel cache).
     source_hook = None
@@ -435,7 +435,7 @@ class TritonRunner(Registered):
             return fallback
         hook = type(self).config_hook
         if hook is not None and self.q_tile is None and self.kv_tile is None:
-            cfg = hook(self.pattern, bound, q, inputs)
+            cfg = hook(self.pattern, bound, q, inputs, kv_heads=kv_heads)
             if cfg is not None:
                 return cfg
         return default_config(self.pattern, bound, self.q_tile, self.kv_tile, device=q.device, head_dim=q.shape[-1],
