@@ -87,20 +87,25 @@ def ordered_launches():
 
 
 @contextlib.contextmanager
-def tma_launches():
-    """Every pick asking for its streamed tiles loaded by TMA (``KernelConfig.tma``), as the autotuner's Hopper
-    trial runs it: the kernels load by descriptor where the tiles are whole runs of memory rows (a row's
-    ``desc``), by pointer elsewhere."""
+def trial_launches(**fields):
+    """Every pick with ``fields`` of its ``KernelConfig`` set, as the autotuner's trials run them: ``tma`` (its
+    streamed tiles loaded by TMA where they are whole runs of memory rows, a row's ``desc``; by pointer
+    elsewhere), ``atomic_dq`` (the backward in one kernel, dQ added by the dK/dV kernel's atomics, no dQ kernel:
+    ``autotune.atomic_dq_backward``, where the tuner would time it; the pick as it is elsewhere)."""
     import dataclasses
 
     from attnc.runtime.backends.triton import runner
+    from attnc.runtime.tuning.autotune import atomic_dq_backward
 
     saved = runner.search_config
 
-    def with_tma(pat, bound, hw, **kw):
-        return dataclasses.replace(saved(pat, bound, hw, **kw), tma=True)
+    def with_fields(pat, bound, hw, **kw):
+        cfg = saved(pat, bound, hw, **kw)
+        if fields.get("atomic_dq"):
+            cfg = atomic_dq_backward(cfg, pat, hw) or cfg
+        return dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k != "atomic_dq"})
 
-    runner.search_config = with_tma
+    runner.search_config = with_fields
     try:
         yield
     finally:
@@ -108,12 +113,14 @@ def tma_launches():
 
 
 def run_one(task: tuple) -> list[dict]:
-    """One (pattern, arch, head dim, dtype, before[, ordered[, tma[, kv_heads, group_split]]]) cell: its
-    kernels' reports as dicts."""
+    """One (pattern, arch, head dim, dtype, before[, ordered[, tma[, kv_heads, group_split[, atomic_dq]]]]) cell:
+    its kernels' reports as dicts."""
     name, arch, d, dtype, before, *rest = task
     ordered = bool(rest and rest[0])
     tma = bool(len(rest) > 1 and rest[1])
     kv_heads, group_split = (rest[2], rest[3]) if len(rest) > 3 else (None, 1)
+    atomic_dq = bool(len(rest) > 4 and rest[4])
+    trial = {**({"tma": True} if tma else {}), **({"atomic_dq": True} if atomic_dq else {})}
     import triton
 
     import attnc
@@ -125,7 +132,7 @@ def run_one(task: tuple) -> list[dict]:
         n, sizes = _sizes(pat, name)
         with before_search() if before else contextlib.nullcontext(), \
                 ordered_launches() if ordered else contextlib.nullcontext(), \
-                tma_launches() if tma else contextlib.nullcontext():
+                trial_launches(**trial) if trial else contextlib.nullcontext():
             reports = G.check_pattern(pat, archs=(arch,), head_dims=(d,), dtypes=(dtype,), n=n, sizes=sizes,
                                       label=name, kv_heads=kv_heads, group_split=group_split)
         # the tile lists each kernel stepped through as runs of consecutive tiles (``{kind}_RUN``)
@@ -139,6 +146,7 @@ def run_one(task: tuple) -> list[dict]:
     for r in rows:
         # ``cell``: the stdlib name the cell ran (a combined pattern's rows name their branch, ``nsa/cmp``)
         r.update(cell=name, before=before, ordered=ordered, tma=tma, kv_heads=kv_heads, group_split=group_split,
+                 atomic_dq=atomic_dq,
                  triton=triton.__version__,
                  seconds=round(time.perf_counter() - start, 1))
     return rows
@@ -148,7 +156,7 @@ def done_cells(rows: list[dict]) -> set[tuple]:
     """The tasks (``run_one``'s) that rows already hold, for ``--resume`` (rows of older runs without
     ``cell``: their pattern's name)."""
     return {(r.get("cell", r["pattern"]), r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
-             r.get("tma", False), r.get("kv_heads"), r.get("group_split", 1)) for r in rows}
+             r.get("tma", False), r.get("kv_heads"), r.get("group_split", 1), r.get("atomic_dq", False)) for r in rows}
 
 
 def _report(r: dict):
@@ -322,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the dK/dV programs per K/V head with --kv-heads (each over its share of the group)")
     p.add_argument("--tma", action="store_true",
                    help="the picks whose tiles are whole runs of memory rows with TMA loads (the tuner's Hopper trial)")
+    p.add_argument("--atomic-dq", action="store_true",
+                   help="the picks with the backward in one kernel, dQ added by atomics (the tuner's trial)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -332,10 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
         for a in archs:
-            tasks += [(n, a, d, t, False, args.ordered, args.tma, args.kv_heads, args.group_split)
+            tasks += [(n, a, d, t, False, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq)
                       for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
-                tasks += [(n, a, d, t, True, args.ordered, args.tma, args.kv_heads, args.group_split)
+                tasks += [(n, a, d, t, True, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq)
                           for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"

@@ -24,8 +24,9 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
   timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
 - Variants, timed beside each softmax case where they apply: the same kernels in tile order where
   they took an order table, reading every tile index from the lists where they stepped through runs
-  of consecutive tiles, the autotuner's Hopper backward trial (dK/dV on a KV tile of 128) and the
-  tiles loaded by TMA (tensor descriptors, Hopper and later);
+  of consecutive tiles, the autotuner's Hopper backward trial (dK/dV on a KV tile of 128), the
+  tiles loaded by TMA (tensor descriptors, Hopper and later) and the backward in one kernel (dQ added
+  by atomics, Hopper and later; its gradients compared with the kernels' own);
   one run measures what each is worth (``variant_rows``).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
   Triton chunked kernels against attnc's chunked torch recurrence in float32
@@ -363,14 +364,16 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     run decides what to keep: in tile order where the kernels took an order table (always on the toy
     causal case, whose sizes take none, to run the path); reading every tile index from the lists where
     the kernels stepped through runs of consecutive tiles; on the tuner's Hopper backward
-    (``autotune.wide_kv_backward``) where it applies to the config that ran; and with that config's streamed
-    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows."""
+    (``autotune.wide_kv_backward``) where it applies to the config that ran; with that config's streamed
+    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows; and with its
+    backward in one kernel (``autotune.atomic_dq_backward``: dQ added by atomics), its gradients' relative
+    difference from the config's own in the row's label (atomics add in no fixed order)."""
     from attnc.compiler import evaluate as E
     from attnc.compiler.hardware import get_hardware
     from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
-    from attnc.runtime.tuning.autotune import wide_kv_backward
+    from attnc.runtime.tuning.autotune import atomic_dq_backward, wide_kv_backward
 
     q, k, v, dout = tensors
     with torch.no_grad():  # the forward's plan as the module's last (a backward on its own tiles plans its own)
@@ -415,7 +418,8 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     pat = attn.pattern
     n = math.prod(case["sizes"].values())
     bound = E.bind_sizes(pat, heads=q.shape[1], **({"n": n} if flat else {"sizes": case["sizes"]}))
-    wide = wide_kv_backward(pick, ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim))
+    search = ScheduleSearch(pat, bound, get_hardware(hw), head_dim=head_dim)
+    wide = wide_kv_backward(pick, search)
     if wide is not None:
         mod = module()
         mod.runner._config = lambda *args: wide  # this config instead of the search's pick
@@ -429,6 +433,20 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
         mod = module()
         mod.runner._config = lambda *args: with_tma
         row("TMA loads (tensor descriptors)", *time_module(mod))
+    fused = atomic_dq_backward(pick, pat, search.hw)
+    if fused is not None and not pick.atomic_dq:
+        mod = module()
+        mod.runner._config = lambda *args: fused
+        own, one = (_grads(m, q, k, v, dout) for m in (module(), mod))
+        worst = max(rel(a, b) for a, b in zip(one, own, strict=True))
+        row(f"backward in one kernel (dQ by atomics; gradients within {worst:.1e} of two kernels')",
+            *time_module(mod))
+
+
+def _grads(mod, q, k, v, dout) -> tuple:
+    """dq, dk, dv of ``mod`` at q, k, v for the output's gradient ``dout``."""
+    leaves = tuple(x.detach().clone().requires_grad_() for x in (q, k, v))
+    return torch.autograd.grad(mod(*leaves), leaves, dout)
 
 
 # ----------------------------------------------------------------- the recurrence

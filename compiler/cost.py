@@ -240,6 +240,12 @@ class KernelConfig:
     #: pointer, where every pass's tiles are whole runs of memory rows (``search.tma_fits``; a call whose
     #: tensors TMA cannot address loads by pointer). Same tiles, same answer: a schedule choice the tuner times.
     tma: bool = False
+    #: The backward in one kernel, as FlashAttention-2's: the dK/dV kernel also adds each pair's dS K into an
+    #: fp32 dQ with atomics, and no dQ kernel runs (5 matmuls a pair where the two kernels take 7; no dQ tiles
+    #: of its own). Atomics add in no fixed order, so dQ differs from run to run in its last bits: a call under
+    #: ``torch.use_deterministic_algorithms`` runs the dQ kernel, as does one that needs the decay gates' or a
+    #: float bias input's gradients (``runtime.backends.triton.runner.atomic_dq_applies``). A choice the tuner times.
+    atomic_dq: bool = False
 
     @property
     def own_backward_tiles(self) -> bool:
@@ -296,7 +302,7 @@ class KernelConfig:
                    if self.own_backward_tiles else {}),
                 **({"dq_q_tile": list(self.dq_config().q_tile), "dq_kv_tile": list(self.dq_config().kv_tile)}
                    if self.own_dq_tiles else {}),
-                **({"tma": True} if self.tma else {})}
+                **({"tma": True} if self.tma else {}), **({"atomic_dq": True} if self.atomic_dq else {})}
 
 
 @dataclass
@@ -571,6 +577,8 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     addr_dkdv = _address_s(btq, bcfg, hw, cal)
     full_dq, partial_dq = dq_counts if dq_counts is not None else (full_fwd, partial_fwd)
     n_dq, n_dkdv = cal.bwd_matmuls
+    if config.atomic_dq and n_dq:  # dS K in the dK/dV kernel: the dQ kernel's two recomputing matmuls saved
+        n_dq, n_dkdv = 0, n_dkdv + 1
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s
     parts = []
     if n_dq:  # at the dQ kernel's tiles (its own, or the backward's)

@@ -1,7 +1,8 @@
 """The kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
 FULL and PARTIAL KV tiles of each Q tile), ``attnc_bwd_delta`` (the backward's row term
 ``rowsum(dO * O) - dlse``, one read of each), ``attnc_bwd_dq`` (dQ over the same lists) and
-``attnc_bwd_dkdv`` (dK, dV over the transposed lists, no atomics): their parameters, program
+``attnc_bwd_dkdv`` (dK, dV over the transposed lists; with ``ATOMIC_DQ`` also dQ, added by atomics,
+and no dQ kernel runs): their parameters, program
 setup, loads, the loops over each tile list and their epilogues. The score lines inside the loops
 are ``compiler.triton_scores``'s, the tile addressing ``compiler.triton_tiles``'s.
 """
@@ -333,14 +334,14 @@ class KernelBodies:
 
     def _backward_dkdv(self) -> str:
         params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdk_s", "sdv_b", "sdv_h", "sdv_n", "sdv_s",
-                  "DSK", "sr_b", "sr_h",
+                  "DSK", "sr_b", "sr_h", "DQA", "sdqa_b", "sdqa_h", "sdqa_n",
                   "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
                   *self._common_params(), "ORDER", "QD", "DOD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
                   "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False",
                   *run_params("T_FULL", "T_PART"), "DESC: tl.constexpr = False", "SPLIT: tl.constexpr = 1",
-                  "SHARE: tl.constexpr = 1"]
+                  "SHARE: tl.constexpr = 1", "ATOMIC_DQ: tl.constexpr = False"]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",
@@ -371,6 +372,7 @@ class KernelBodies:
             "cls = batch * cls_b + h * cls_h",
             "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
             "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
+            "dqa_base = DQA + batch.to(tl.int64) * sdqa_b + h.to(tl.int64) * sdqa_h",
             *self._per_query_setup_k(),
             "ds_cols = tl.full([BLOCK_N], 0.0, tl.float32)  # sum over queries of dS (gradient of the decay gates)",
         ]
@@ -384,7 +386,11 @@ class KernelBodies:
                     *self._bwd_scores_t(masked),
                     "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",
                     "if ROW_SUMS:",
-                    "    ds_cols += tl.reduce(dst, 1, _add)"]
+                    "    ds_cols += tl.reduce(dst, 1, _add)",
+                    "if ATOMIC_DQ:  # the backward in one kernel: dQ += dS K, added to the fp32 dQ (no dQ kernel)",
+                    "    dqa = _dot(tl.trans(dst_raw).to(kk.dtype), kk, DOT) * scale",
+                    "    tl.atomic_add(dqa_base + q_row[:, None] * sdqa_n + d[None, :], dqa,",
+                    "                  mask=q_ok[:, None] & (d[None, :] < D), sem=\"relaxed\")"]
             inner += nested(loop)
         inner += ["if ROW_SUMS:",
                   "    tl.store(DSK + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + k_tok, ds_cols, mask=k_ok)"]

@@ -160,6 +160,9 @@ class KernelReport:
     fell_back: list = field(default_factory=list)
     #: launched on the ladder's rung that reads the tile lists by index (its runs passed over)
     indexed: bool = False
+    #: the kernel's first instruction is ``trap``: Triton lowered it to an abort rather than failing the compile
+    #: (Triton 3.9, sm_100: a dK/dV kernel whose accumulators outgrew tensor memory's 512 columns)
+    traps: bool = False
     constexprs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -168,6 +171,9 @@ class KernelReport:
         out = []
         if self.error:
             out.append(f"compile error: {self.error}")
+            return out
+        if self.traps:
+            out.append("compiles to a trap at entry (the kernel would abort on launch)")
             return out
         if self.shared > self.smem_limit:
             out.append(f"shared memory {self.shared / 1024:.1f} KiB > {self.smem_limit // 1024} KiB")
@@ -201,7 +207,8 @@ class KernelReport:
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
                                               "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
-                                              "wgmma", "mma", "tcgen05", "dots", "error", "fell_back", "indexed")}
+                                              "wgmma", "mma", "tcgen05", "dots", "error", "fell_back", "indexed",
+                                              "traps")}
 
 
 def _knob(path: str, default=None):
@@ -334,7 +341,7 @@ def check_launch(rec: Recorded, arch: int, *, pattern: str, head_dim: int, dtype
             return kernel_fit.Fit(False, why=f"compile error: {rep.error.split(':')[0]}")
         local = rep.stack or rep.spill_bytes  # the stack frame is the local memory a GPU's loader reports
         why = "; ".join(rep.problems) or (f"local memory {local} B" if local else "")
-        return kernel_fit.Fit(rep.shared <= rep.smem_limit, local, why)
+        return kernel_fit.Fit(rep.shared <= rep.smem_limit and not rep.traps, local, why)
 
     try:
         rung, tried = kernel_fit.choose(ladder, probe)
@@ -368,6 +375,7 @@ def _compiled_report(rec: Recorded, arch: int, *, pattern: str, head_dim: int, d
         ptx = kernel.asm["ptx"]
         rep.regs, rep.spill_bytes, rep.stack = ptxas_usage(ptx, arch)
         rep.wgmma, rep.mma, rep.tcgen05 = tensor_core_counts(ptx)
+        rep.traps = kernel_fit.traps_at_entry(ptx)
         rep.dots = len(re.findall(r"\btt\.dot(?:_scaled)?\b", kernel.asm.get("ttir", "")))
     except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
         rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
@@ -618,7 +626,8 @@ def describe_launch(cfg) -> str:
         if getattr(cfg, "own_dq_tiles", False):
             dq = cfg.dq_config()
             text += " | dQ " + "x".join(map(str, dq.q_tile)) + "/" + "x".join(map(str, dq.kv_tile))
-    return text + (" | tma" if getattr(cfg, "tma", False) else "")
+    return (text + (" | tma" if getattr(cfg, "tma", False) else "")
+            + (" | dQ by atomics" if getattr(cfg, "atomic_dq", False) else ""))
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,

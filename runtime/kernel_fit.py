@@ -32,6 +32,7 @@ specialises a compiled kernel on (``specialization``), so a call that compiles a
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -113,6 +114,16 @@ def choose(ladder: list[Rung], probe: Callable[[Rung], Fit]) -> tuple[Rung | Non
 FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: A kernel body whose first instruction is ``trap`` (labels, comments and ``.loc`` lines before it).
+_TRAP_AT_ENTRY = re.compile(r"\.entry\s+\w+\s*\([^)]*\)[^{]*\{(?:\s*(?:\$?[\w.]+:|//[^\n]*|\.loc[^\n]*))*\s*trap;")
+
+
+def traps_at_entry(ptx: str) -> bool:
+    """Whether a kernel's PTX begins with ``trap``: compiled, but to an abort on launch. Triton 3.9 lowers a
+    sm_100 dK/dV kernel whose accumulators outgrow tensor memory's 512 columns so, with no compile error."""
+    return bool(_TRAP_AT_ENTRY.search(ptx))
+
+
 def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = None) -> Callable[[Rung], Fit]:
     """A probe that compiles ``kernel`` for this launch at a rung (Triton's ``warmup``: its cache, no
     launch) and loads it as a launch would: the driver's local-memory size, Triton's ``OutOfResources``.
@@ -131,6 +142,9 @@ def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = Non
             return Fit(False, why=f"compile error: {type(err).__name__}")
         if compiled is None:  # a cache hook took the compile over: nothing to load, taken as it is
             return Fit(True)
+        if traps_at_entry(getattr(compiled, "asm", {}).get("ptx", "")):  # it would abort the CUDA context
+            return Fit(False, why="compiles to a trap at entry", error=OutOfResources(
+                "a kernel that does not trap", "none at these tiles", "a limit Triton lowered to a trap at entry"))
         try:
             compiled._init_handles()
         except OutOfResources as err:
@@ -237,4 +251,4 @@ def on_gpu(args: list) -> bool:
 
 __all__ = ["FITTED", "TRITON_DEFAULTS", "UNCLEAN", "WARPS", "Fit", "Rung", "choose", "fitted_options", "launches_as_picked",
            "lowered", "native_probe", "on_gpu", "rungs",
-           "specialization", "steps_runs"]
+           "specialization", "steps_runs", "traps_at_entry"]

@@ -122,7 +122,7 @@ def test_candidates_are_top_schedules_times_launch_parameters(local):
             cfgs = [(t.config.num_warps, t.config.num_stages) for t in trials
                     if (t.config.q_tile, t.config.kv_tile, t.config.layout) == s and own(t.config) == own(best)
                     and (t.config.bwd_warps, t.config.bwd_stages) == (best.bwd_warps, best.bwd_stages)
-                    and not t.config.tma]
+                    and not t.config.tma and not t.config.atomic_dq]
             assert cfgs[0] == (best.num_warps, best.num_stages)  # the simulator's pick first
             fitting = {(w, st_) for w, st_ in ((4, 2), (8, 3), (4, 3))
                        if SR.forward_fits(dataclasses.replace(best, num_warps=w, num_stages=st_), 64, 2,
@@ -537,6 +537,39 @@ def test_real_triton_kernels_tuned_under_the_interpreter(cache):
     assert hasattr(module, "attnc_fwd")
     again = A.autotune(pat, bound, head_dim=d, dtype="fp32", builder=builder, timer=timer, cache=cache, device="cpu")
     assert again.from_cache and again.config == res.config and len(seen) == len(res.trials)
+
+
+def test_candidates_include_the_backward_in_one_kernel_where_a_step_runs_it(local, monkeypatch):
+    """Each schedule's pick with dQ added by the dK/dV kernel's atomics (``KernelConfig.atomic_dq``, no dQ
+    tiles) is a trial on Hopper, priced by the model (2 matmuls a pair fewer: faster); none on an A100, for a
+    pattern with a decay gate (a training step takes its gradient from the dQ kernel) or under torch's
+    deterministic mode. The config round-trips the cache."""
+    pat, bound = local
+    search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=64)
+    trials = A.candidates(search, top=2)
+    fused = [t for t in trials if t.config.atomic_dq]
+    assert len(fused) == len({(t.config.q_tile, t.config.kv_tile, t.config.layout) for t in trials}) == 2
+    for t in fused:
+        pick = next(p for p in trials if (p.config.q_tile, p.config.kv_tile, p.config.layout)
+                    == (t.config.q_tile, t.config.kv_tile, t.config.layout))
+        assert t.config == dataclasses.replace(pick.config, atomic_dq=True, dq_q_tile=(), dq_kv_tile=())
+        cand = search.evaluate(t.config, False)
+        assert t.predicted_ms == pytest.approx((cand.forward_s + cand.backward_s) * 1e3)
+        assert t.predicted_ms < pick.predicted_ms
+        assert A.config_from_dict(A.config_dict(t.config)) == t.config and KC.validate_config(A.config_dict(t.config)) is None
+    a100 = ScheduleSearch(pat, bound, get_hardware("a100"), head_dim=64)  # scalar atomics, spills at d 64
+    assert not any(t.config.atomic_dq for t in A.candidates(a100, top=2))
+    # Blackwell: a dK/dV kernel with its accumulators in tensor memory has no columns left for dQ's
+    b200 = ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=64)
+    blackwell = A.candidates(b200, top=4)
+    assert any(SR.is_wide_kv(t.config) for t in blackwell) and any(t.config.atomic_dq for t in blackwell)
+    for t in blackwell:
+        assert not (t.config.atomic_dq and SR.is_wide_kv(t.config)), t.config
+    gated = attnc.load("stdlib:forgetting")
+    gsearch = ScheduleSearch(gated, E.bind_sizes(gated, n=256, heads=2), get_hardware("h100"), head_dim=64)
+    assert not any(t.config.atomic_dq for t in A.candidates(gsearch, top=2))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not any(t.config.atomic_dq for t in A.candidates(search, top=2))
 
 
 # ----------------------------------------------------------------- grouped-query attention

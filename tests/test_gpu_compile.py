@@ -10,6 +10,7 @@ sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -180,6 +181,9 @@ def test_dots_off_the_architectures_tensor_cores_are_flagged():
     assert rep(90, mma=8).ok and rep(90, mma=8).notes == ["4 dots on mma.sync, not wgmma"]
     assert "note: 4 dots on mma.sync" in G.table([rep(90, mma=8)])
     assert G.KernelReport("p", "k", 100, 64, "fp32", smem_limit=1 << 20, dots=2).ok  # fp32 dots may be exact FMA
+    # a kernel compiled to a trap at entry (no instruction but the trap: no tensor-core counts either) says so
+    assert rep(100, traps=True).problems == ["compiles to a trap at entry (the kernel would abort on launch)"]
+    assert rep(100, traps=True).to_dict()["traps"] is True
 
 
 @pytest.mark.skipif(not G.targets_available(100), reason="the installed Triton does not target sm_100")
@@ -386,6 +390,28 @@ def test_the_tuners_wide_kv_backward_compiles_on_hopper():
     assert {r.kernel: r.constexprs["BLOCK_N"] for r in reports} == {"bwd_dq": 64, "bwd_dkdv": 128}
 
 
+def test_the_tuners_backward_in_one_kernel_compiles_on_hopper():
+    """The tuner's trial with dQ added by atomics (``autotune.atomic_dq_backward``) records no dQ kernel; its
+    dK/dV kernel compiles for sm_90 at d 64 and 128, fits, does not spill, runs its five dots on wgmma and adds
+    dQ with four-wide fp32 atomics."""
+    from attnc.compiler import evaluate as E
+    from attnc.runtime.tuning import autotune as A
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    for d in (64, 128):
+        search = SR.ScheduleSearch(pat, E.bind_sizes(pat, n=N, heads=G.HEADS), get_hardware("h100"), head_dim=d)
+        fused = A.atomic_dq_backward(search.run(top=1)[0].config, pat, search.hw)
+        records, described = G.record_call(pat, arch=90, head_dim=d, dtype="bf16", n=N, config=fused)
+        assert described.endswith("| dQ by atomics")
+        assert [r.name for r in records] == ["attnc_fwd", "attnc_bwd_delta", "attnc_bwd_dkdv"]
+        dkdv = records[-1]
+        assert dkdv.kwargs["ATOMIC_DQ"] is True
+        report = G.check_launch(dkdv, 90, pattern="sliding_window", head_dim=d, dtype="bf16")
+        assert report.ok and report.wgmma > 0 and report.mma == 0 and report.dots == 10, "\n" + G.table([report])
+        ptx = G.compile_launch(dkdv, 90)[0].asm["ptx"]
+        assert re.search(r"\b(?:atom|red)\.global\.[\w.]*add\.v4\.f32", ptx)
+
+
 def test_recurrence_kernels_are_captured_natively():
     """The recurrence's launch path records its forward, backward and gate-gradient kernels as the
     CUDA path launches them (the GPU's block sizes, not the interpreter's)."""
@@ -519,7 +545,7 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     rows = [{"pattern": "nsa/cmp", "cell": "nsa", **common}, {"pattern": "nsa/slc", "cell": "nsa", **common},
             {"pattern": "causal", **common}]  # a row of a run before ``cell``: its pattern names it
     done = matrix.done_cells(rows)
-    assert done == {("nsa", 90, 128, "bf16", False, False, False, None, 1),
-                    ("causal", 90, 128, "bf16", False, False, False, None, 1)}
-    gqa = [{"pattern": "causal", "cell": "causal", **common, "kv_heads": 1, "group_split": 2}]
-    assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2)}
+    assert done == {("nsa", 90, 128, "bf16", False, False, False, None, 1, False),
+                    ("causal", 90, 128, "bf16", False, False, False, None, 1, False)}
+    gqa = [{"pattern": "causal", "cell": "causal", **common, "kv_heads": 1, "group_split": 2, "atomic_dq": True}]
+    assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2, True)}

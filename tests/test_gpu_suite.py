@@ -55,6 +55,13 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     # and the config that ran with its tiles loaded by TMA (the interpreter loads tensor descriptors)
     tma = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, TMA loads"))
     assert float(tma.split("|")[5]) > 0, tma
+    # and the backward in one kernel, dQ by atomics (the toy's hardware model is an H100), its gradients those
+    # of the two kernels to fp32 rounding
+    for name in ("1-D", "2-D", "3-D", "causal"):
+        fused = next(line for line in text.splitlines()
+                     if line.startswith(f"| {name} | attnc triton, backward in one kernel"))
+        assert float(fused.split("|")[5]) > 0, fused
+        assert float(re.search(r"gradients within (\S+) of", fused).group(1)) < 1e-5, fused
 
 
 def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):

@@ -335,6 +335,7 @@ def test_display_helpers():
     assert KC.human_age(5) == "5s" and KC.human_age(125) == "2m" and KC.human_age(2 * 86400 + 1) == "2d"
     assert KC.describe_config(CONFIG) == "64/32 flat w4 s2"
     assert KC.describe_config({**CONFIG, "tma": True}) == "64/32 flat w4 s2 tma"
+    assert KC.describe_config({**CONFIG, "atomic_dq": True}) == "64/32 flat w4 s2 atomic-dq"
     assert KC.describe_bucket({"n": 1024, "heads": 2, "head_dim": 64, "batch": 1}) == "n<=1024 heads=2 d<=64 b<=1"
     assert KC.describe_bucket({"axes": {"height": 8, "width": 16}, "heads": 1, "head_dim": 64, "batch": 1}) \
         == "height=8xwidth=16 heads=1 d<=64 b<=1"

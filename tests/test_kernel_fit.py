@@ -131,6 +131,50 @@ def test_a_gpu_launch_nothing_fits_is_the_loaders_refusal(monkeypatch):
     assert kernel.compiled == [(4, 2), (4, 1), (8, 2)] * 2
 
 
+TRAP_PTX = """.visible .entry attnc_bwd_dkdv(
+	.param .u64 .ptr .global .align 1 attnc_bwd_dkdv_param_0,
+	.param .u32 attnc_bwd_dkdv_param_1
+)
+.reqntid 256
+{
+$L__func_begin0:
+
+// %bb.0:
+	.loc	1 307 1                         // attnc.py:307:1
+	trap;
+$L__tmp0:
+}
+"""
+
+
+def test_a_kernel_compiled_to_a_trap_never_launches(monkeypatch):
+    """A rung whose PTX begins with ``trap`` (Triton 3.9 lowers a sm_100 kernel over tensor memory so, with
+    no compile error) does not fit: a lower rung that does not trap launches, and where every rung traps the
+    call gets ``OutOfResources`` (the runner then plans smaller tiles) rather than an aborted CUDA context."""
+    from triton.runtime.errors import OutOfResources
+
+    assert KF.traps_at_entry(TRAP_PTX)
+    working = TRAP_PTX.replace("\ttrap;\n", "\tmov.u32 %r1, 0;\n\ttrap;\n")  # a trap later (an assert's)
+    assert not KF.traps_at_entry(working) and not KF.traps_at_entry("")
+
+    class Compiled(_Compiled):
+        def __init__(self, traps: bool):
+            super().__init__(0, False)
+            self.asm = {"ptx": TRAP_PTX if traps else working}
+
+    class Kernel(_Kernel):
+        def warmup(self, *args, grid, num_warps, num_stages, **meta):
+            self.compiled.append((num_warps, num_stages))
+            return Compiled(self.rule(num_warps, num_stages))
+
+    monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())
+    picked = {"num_warps": 8, "num_stages": 3}
+    assert KF.fitted_options(Kernel(lambda w, s: s > 2), (1,), [_Tensor()], {}, picked) == {"num_warps": 8,
+                                                                                             "num_stages": 2}
+    with pytest.raises(OutOfResources, match="trap at entry"):
+        KF.fitted_options(Kernel(lambda w, s: True), (1,), [_Tensor()], {}, picked)
+
+
 def _on_a_fake_gpu(monkeypatch, spills):
     """Launches taken for a GPU's (``kernel_fit.on_gpu``), probed by ``spills(kernel name, rung)``."""
     monkeypatch.setattr(KF, "FITTED", weakref.WeakKeyDictionary())

@@ -176,18 +176,22 @@ def test_permutation_costs_its_traffic_and_addressing_a_little():
     assert addr.forward.time_s > flat.forward.time_s and addr.forward.permute_s == 0
 
 
-def _dots_per_pair(source: str, kernel: str) -> int:
+def _dots_per_pair(source: str, kernel: str, atomic_dq: bool = False) -> int:
     """Tensor-core dots per visited tile pair in one emitted kernel: its ``_dot(`` calls
-    over its tile loops (one loop for FULL tiles, one for PARTIAL ones)."""
+    over its tile loops (one loop for FULL tiles, one for PARTIAL ones); those under ``if ATOMIC_DQ:``
+    only with ``atomic_dq``."""
     body = source.split(f"def {kernel}(")[1].split("\n@triton.jit")[0]
     loops = body.count("for j in range(0, n_list):")
     assert loops == 2, kernel
-    return body.count("_dot(") // loops
+    lines = body.splitlines()
+    atomic = sum("_dot(" in nxt for line, nxt in zip(lines, lines[1:], strict=False) if "if ATOMIC_DQ:" in line)
+    return (body.count("_dot(") - (0 if atomic_dq else atomic)) // loops
 
 
 def test_matmul_counts_are_those_of_the_emitted_kernels():
     """The cost model charges what the generated kernels execute (counted in their source):
-    forward 2, backward dQ 3 + dK/dV 4 = 7 (FlashAttention-2's one-kernel backward: 5)."""
+    forward 2, backward dQ 3 + dK/dV 4 = 7 (FlashAttention-2's one-kernel backward, and attnc's with dQ by
+    atomics: 5)."""
     from attnc.runtime.backends.triton import runner as TB
 
     src = TB.emit(attnc.load("stdlib:sliding_window", window=8), n=64, q_tile=16)
@@ -204,6 +208,18 @@ def test_matmul_counts_are_those_of_the_emitted_kernels():
                            batch_heads=1, calibration=C.Calibration(bwd_matmuls=(0, 5)))
     assert fa2.backward.mma_s / fa2.forward.mma_s == pytest.approx(2.5 * fit.forward / fit.backward, rel=1e-9)
     assert fa2.backward.ctas == 264 and pred.backward.ctas == 2 * 264
+    # attnc's backward in one kernel (KernelConfig.atomic_dq): the dK/dV kernel's dots and dQ's atomics
+    assert _dots_per_pair(src, "attnc_bwd_dkdv", atomic_dq=True) == 5
+    fused = C.predict_counts(*(torch.tensor([[8] * 264]),) * 4, 1,
+                             C.KernelConfig((128,), (128,), "flat", 8, 3, atomic_dq=True), H100, head_dim=128,
+                             tokens=(128 * 264,) * 2, batch_heads=1)
+    one_kernel = C.predict_counts(*(torch.tensor([[8] * 264]),) * 4, 1, C.KernelConfig((128,), (128,), "flat", 8, 3),
+                                  H100, head_dim=128, tokens=(128 * 264,) * 2, batch_heads=1,
+                                  calibration=dataclasses.replace(C.DEFAULT_CALIBRATION, bwd_matmuls=(0, 5)))
+    assert fused.backward == one_kernel.backward and fused.forward == one_kernel.forward
+    two_kernels = C.predict_counts(*(torch.tensor([[8] * 264]),) * 4, 1, C.KernelConfig((128,), (128,), "flat", 8, 3),
+                                   H100, head_dim=128, tokens=(128 * 264,) * 2, batch_heads=1)
+    assert fused.backward.time_s < two_kernels.backward.time_s and two_kernels.backward.ctas == 2 * 264
 
 
 def test_fitted_model_reproduces_the_published_calibration_points():

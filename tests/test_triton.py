@@ -426,6 +426,51 @@ def test_grouped_dkdv_split_over_programs(monkeypatch, spec, params, make_inputs
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["sliding_window", "neighborhood_2d", "neighborhood_3d", "sliding_tile", "softcap",
+                                  "alibi", "document", "forgetting", "moba", "token_topk", "longformer"])
+def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
+    """``KernelConfig.atomic_dq``: no dQ kernel runs, the dK/dV kernel adds dS K into an fp32 dQ with atomics,
+    and every gradient matches the reference backend; with GQA (2 query heads on 1 K/V head) and a split over
+    programs; a call that needs the decay gates' gradient, or under torch's deterministic mode, runs the dQ
+    kernel (bitwise that of a config without atomics)."""
+    params, sizes, n, make_inputs, tile = STDLIB[name]
+    pat = attnc.load(f"stdlib:{name}", **params)
+    n = math.prod(sizes.values()) if n is None else n
+    launched = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        launched.append((kernel.fn.__name__, meta.get("ATOMIC_DQ")))
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    real_config = T.default_config
+    atomic = {"on": True}
+    monkeypatch.setattr(T, "default_config", lambda *a, **kw: dataclasses.replace(
+        real_config(*a, **kw), atomic_dq=atomic["on"], dq_q_tile=(), dq_kv_tile=()))
+    q, k, v = qkv(1, 2, 1, n, 16, Dv=8, seed=5)
+    inputs = make_inputs(n) if make_inputs else {}
+    grad_gates = any(t.requires_grad for t in inputs.values())
+    detached = {n_: t.detach() for n_, t in inputs.items()}
+    monkeypatch.setattr(T, "_group_split", lambda *args: 2)
+    compare(pat, q, k, v, sizes=sizes, inputs=detached, q_tile=tile)  # dQ by atomics, split over 2 programs
+    assert ("attnc_bwd_dq", None) not in launched and ("attnc_bwd_dkdv", True) in launched
+    if grad_gates:  # the gates' gradient takes per-query sums of dS: the dQ kernel's
+        launched.clear()
+        compare(pat, q, k, v, sizes=sizes, inputs=inputs, q_tile=tile)
+        assert ("attnc_bwd_dq", None) in launched and ("attnc_bwd_dkdv", False) in launched
+    grads = []
+    for on, deterministic in ((True, True), (False, False)):
+        atomic["on"] = on
+        launched.clear()
+        monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda d=deterministic: d)
+        out = attnc.compile_attention(pat, backend="triton", sizes=sizes, q_tile=tile)(q, k, v, **detached)
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v)))
+        assert ("attnc_bwd_dq", None) in launched and ("attnc_bwd_dkdv", False) in launched
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_int64_arithmetic_where_int32_overflows():
     # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
     spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"

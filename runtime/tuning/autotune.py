@@ -40,7 +40,7 @@ from typing import Protocol
 
 from ...compiler import evaluate as E
 from ...compiler.cost import KernelConfig
-from ...compiler.hardware import get_hardware, hardware_for_gpu
+from ...compiler.hardware import compute_capability, get_hardware, hardware_for_gpu
 from ...compiler.schedule import TileSchedule
 from ...compiler.search import (
     PASSES,
@@ -67,6 +67,11 @@ DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 
 CANONICAL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
 
 Timer = Callable[[Callable[[], object]], float]
+#: The first architecture the tuner times the backward in one kernel on (``atomic_dq_backward``). Offline
+#: (Triton 3.6, bf16, the quick set): sm_90 adds dQ with four-wide atomics (16 a thread a tile pair at d 128)
+#: and its kernels fit; sm_80's are scalar (64) and five of eight d 64 dK/dV kernels spilled 12-24 B at every
+#: rung (benchmarks/results/atomic-dq-offline-2026-11-24.md).
+MIN_ATOMIC_DQ_ARCH = 90
 
 
 class AutotuneError(SpecError):
@@ -273,7 +278,8 @@ def config_from_dict(d: dict) -> KernelConfig:
                         opt("bwd_num_warps", lambda w: 0 < w <= 32 and not w & (w - 1)),
                         opt("bwd_num_stages", lambda st: 0 < st <= 16),
                         tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile),
-                        tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile), tma=d.get("tma") is True)
+                        tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile), tma=d.get("tma") is True,
+                        atomic_dq=d.get("atomic_dq") is True)
 
 
 def config_dict(cfg: KernelConfig) -> dict:
@@ -284,7 +290,7 @@ def config_dict(cfg: KernelConfig) -> dict:
                if cfg.own_backward_tiles else {}),
             **({"dq_q_tile": list(cfg.dq_config().q_tile), "dq_kv_tile": list(cfg.dq_config().kv_tile)}
                if cfg.own_dq_tiles else {}),
-            **({"tma": True} if cfg.tma else {})}
+            **({"tma": True} if cfg.tma else {}), **({"atomic_dq": True} if cfg.atomic_dq else {})}
 
 
 def canonical_dtype(dtype) -> str:
@@ -308,7 +314,9 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
     pass: the simulator's own pick first within each schedule (sized for both passes by the
     search), then other forward (warps, stages) with the pick's backward, then other backward
     ones with the pick's forward; ones whose shared memory or registers do not fit a pass
-    (``search.pass_fits``) are dropped, keeping at least the pick."""
+    (``search.pass_fits``) are dropped, keeping at least the pick. Beside them, per schedule: the pick's
+    FlexAttention backward orientation (Hopper and later), its TMA loads (where its tiles are whole runs of
+    rows) and its backward in one kernel (``atomic_dq_backward``), each for the GPU to decide."""
     ranked = search.run(top=0)
     seen: dict[tuple, list] = {}
     for cand in ranked:
@@ -359,6 +367,11 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         if has_tma(hw.arch) and tma_fits(pick, sched.q_extents, sched.kv_extents):
             configs.append(dataclasses.replace(pick, tma=True))
             predicted[configs[-1]] = predicted.get(pick, math.nan)
+        fused = atomic_dq_backward(pick, search.pat, hw)
+        if fused is not None and fused not in configs:
+            configs.append(fused)
+            cand = search.evaluate(fused, len(fused.q_tile) == 1 and search.grid)
+            predicted[fused] = (cand.forward_s + cand.backward_s) * 1e3
         for cfg in configs:
             trials.append(Trial(len(trials), cfg, first.schedule, predicted.get(cfg, math.nan)))
     return trials
@@ -379,6 +392,27 @@ def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2
     (its selection is a per-tile plan), a FoX decay (its dK/dV fits only at 32 rows), a forward KV tile other
     than 64 tokens."""
     return search.wide_backward(pick, registers=False, nbytes=nbytes)
+
+
+def atomic_dq_backward(pick: KernelConfig, pat: ir.PatternIR, hw) -> KernelConfig | None:
+    """``pick`` with its backward in one kernel (``KernelConfig.atomic_dq``: the dK/dV kernel adds dQ by atomics,
+    no dQ kernel, so no dQ tiles of its own): a trial for the tuner to time, not the search's pick (dQ would
+    differ from run to run in its last bits, and the model's atomics are an assumption). None before Hopper
+    (``MIN_ATOMIC_DQ_ARCH``); for a dK/dV kernel on 128 KV rows with its accumulators in tensor memory (dQ's
+    would outgrow its 512 columns: Triton 3.9 compiled sliding_window's sm_100 d 128 kernel to a trap); and where
+    a training step would not run it as timed: a pattern with a decay gate or a float bias input, whose
+    gradients the dQ kernel computes (a timed step takes none), and under ``torch.use_deterministic_algorithms``."""
+    import torch
+
+    from ..backends.triton.runner import bias_input_names
+
+    if compute_capability(hw.arch) < MIN_ATOMIC_DQ_ARCH or (is_wide_kv(pick) and tensor_memory(hw)):
+        return None
+    if pat.decay is not None or torch.are_deterministic_algorithms_enabled():
+        return None
+    if pat.bias is not None and bias_input_names(pat):
+        return None
+    return dataclasses.replace(pick, atomic_dq=True, dq_q_tile=(), dq_kv_tile=())
 
 
 # ----------------------------------------------------------------- the tuner
@@ -662,7 +696,7 @@ def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
     return path
 
 
-__all__ = ["AutotuneError", "KernelBuilder", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
+__all__ = ["AutotuneError", "KernelBuilder", "atomic_dq_backward", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
            "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
            "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner",
            "without_tma"]

@@ -826,21 +826,29 @@ def _backward_inputs(launch: Launch, q, k, v, dout, lse, delta) -> tuple:
 
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
              dq_launch: Launch | None = None):
-    """(dq, dk, dv, {input: grad}); deterministic (no atomics). ``dq_launch``: the dQ kernel's own
-    launch (its tiles, ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
+    """(dq, dk, dv, {input: grad}); deterministic (no atomics) unless the config asks for dQ by atomics
+    and the call allows it (``atomic_dq_applies``). ``dq_launch``: the dQ kernel's own launch (its tiles,
+    ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
     pat = launch.pattern
-    qlaunch = launch if dq_launch is None else dq_launch
+    row_sums = pat.decay is not None and pat.decay in wrt
+    bias_wrt = [n for n in wrt if pat.bias is not None and n in bias_input_names(pat)]
+    # the backward in one kernel: dQ added by the dK/dV kernel's atomics, in fp32 at its tiles' token order
+    atomic = atomic_dq_applies(launch.config, row_sums=row_sums, bias_grads=bool(bias_wrt))
+    qlaunch = launch if dq_launch is None or atomic else dq_launch
     delta = _row_term(launch, out, dout, dlse)
     qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse, delta)
     q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
                                                                                           delta)
-    dq = torch.empty_like(q_side[0])
     decay_c = _decay_cumsum(launch, device)
-    row_sums = pat.decay is not None and pat.decay in wrt
-    bias_wrt = [n for n in wrt if pat.bias is not None and n in _bias_input_names(pat)]
+    if atomic:
+        dq = torch.zeros(qp.shape, dtype=torch.float32, device=device)
+        dqa = [dq, *dq.stride()[:3]]
+    else:
+        dq = torch.empty_like(q_side[0])
+        dqa = [_dummy(device), 0, 0, 0]
     # the row sums are stored at token positions (``q_tok``, ``k_tok``): a block's are absolute, over the
     # whole gate
     n_q, n_k = (launch.tensors[pat.decay].shape[-1],) * 2 if row_sums and launch.bound.is_block else (Nq, Nk)
@@ -859,12 +867,22 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
                           dtype=torch.float32, device=device) if bias_wrt else _dummy(device))
-    q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
-    # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
-    q_descs, q_desc = _descriptors(qlaunch, {
-        "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]), "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
-        "VD": (q_side[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]),
-        "DOD": (q_side[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
+
+    def dq_call() -> tuple:
+        """The dQ kernel's (grid, args, meta)."""
+        q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
+        # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
+        q_descs, q_desc = _descriptors(qlaunch, {
+            "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]),
+            "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
+            "VD": (q_side[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]),
+            "DOD": (q_side[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
+        args = [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
+                *_common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail]
+        meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
+                    **_runs(qlaunch, "FULL", "PART"), **q_desc)
+        return (qsched.num_q_tiles, B * Hq), args, meta
+
     kblocks = _blocks(launch, D, DV)
     k_descs, k_desc = _descriptors(launch, {"QD": (qp, kblocks["BLOCK_M"], kblocks["BLOCK_D"]),
                                             "DOD": (dop, kblocks["BLOCK_M"], kblocks["BLOCK_DV"])})
@@ -880,23 +898,22 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
             outs = tuple(torch.empty(split, *t.shape, dtype=torch.float32, device=device) for t in (kp, vp))
             strides = [*outs[0].stride()[1:4], outs[0].stride(0), *outs[1].stride()[1:4], outs[1].stride(0)]
         k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device, split), "K")
-        args = [*head_of((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, L["T_FULL_N"], L["T_FULL_I"],
+        args = [*head_of((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, *dqa, L["T_FULL_N"], L["T_FULL_I"],
                 L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1],
                 *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail]
         meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device), **k_ordered,
-                    **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split)
+                    **_runs(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split,
+                    ATOMIC_DQ=atomic)
         return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
 
     split = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]))
     with interpreting(launch.interpret):
-        _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, (qsched.num_q_tiles, B * Hq),
-                       [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
-                        *_common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail],
-                       dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
-                            **_runs(qlaunch, "FULL", "PART"), **q_desc),
-                       backward=True)
+        if not atomic:  # else the dK/dV kernel adds dQ
+            _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, *dq_call(), backward=True)
         grid, args, meta, (dk, dv) = dkdv_call(split)
         _launch_kernel(launch, launch.module.attnc_bwd_dkdv, grid, args, meta, backward=True)
+    if atomic:
+        dq = dq.to(qp.dtype)
     if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
         dk, dv = dk.sum(0).to(kp.dtype), dv.sum(0).to(vp.dtype)
     grads: dict[str, torch.Tensor] = {}
@@ -915,7 +932,16 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
             out_grads)
 
 
-def _bias_input_names(pat: ir.PatternIR) -> set[str]:
+def atomic_dq_applies(config: KernelConfig, *, row_sums: bool, bias_grads: bool) -> bool:
+    """Whether a backward runs in one kernel, dQ added by the dK/dV kernel's atomics (``KernelConfig.atomic_dq``):
+    where the config asks for it, unless torch is told to be deterministic (atomics add in no fixed order) or
+    the call needs the decay gates' gradient (per-query sums of dS) or a float bias input's (dS per pair),
+    which the dQ kernel computes."""
+    return config.atomic_dq and not (row_sums or bias_grads or torch.are_deterministic_algorithms_enabled())
+
+
+def bias_input_names(pat: ir.PatternIR) -> set[str]:
+    """The float inputs the bias reads (their gradients take dS per pair: the dQ kernel's)."""
     return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
             and pat.input(name).dtype == "float"}
 
