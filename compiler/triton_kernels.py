@@ -372,7 +372,6 @@ class KernelBodies:
             "cls = batch * cls_b + h * cls_h",
             "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
             "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
-            "dqa_base = DQA + batch.to(tl.int64) * sdqa_b + h.to(tl.int64) * sdqa_h",
             *self._per_query_setup_k(),
             "ds_cols = tl.full([BLOCK_N], 0.0, tl.float32)  # sum over queries of dS (gradient of the decay gates)",
         ]
@@ -389,6 +388,7 @@ class KernelBodies:
                     "    ds_cols += tl.reduce(dst, 1, _add)",
                     "if ATOMIC_DQ:  # the backward in one kernel: dQ += dS K, added to the fp32 dQ (no dQ kernel)",
                     "    dqa = _dot(tl.trans(dst_raw).to(kk.dtype), kk, DOT) * scale",
+                    "    dqa_base = DQA + batch.to(tl.int64) * sdqa_b + h.to(tl.int64) * sdqa_h",
                     "    tl.atomic_add(dqa_base + q_row[:, None] * sdqa_n + d[None, :], dqa,",
                     "                  mask=q_ok[:, None] & (d[None, :] < D), sem=\"relaxed\")"]
             inner += nested(loop)

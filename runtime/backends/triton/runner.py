@@ -848,7 +848,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         dqa = [dq, *dq.stride()[:3]]
     else:
         dq = torch.empty_like(q_side[0])
-        dqa = [_dummy(device), 0, 0, 0]
+        dqa = [None] * 4  # constants to Triton: the kernel without ATOMIC_DQ has no such parameters (ORDER's way)
     # the row sums are stored at token positions (``q_tok``, ``k_tok``): a block's are absolute, over the
     # whole gate
     n_q, n_k = (launch.tensors[pat.decay].shape[-1],) * 2 if row_sums and launch.bound.is_block else (Nq, Nk)
