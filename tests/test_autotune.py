@@ -572,6 +572,45 @@ def test_candidates_include_the_backward_in_one_kernel_where_a_step_runs_it(loca
     assert not any(t.config.atomic_dq for t in A.candidates(search, top=2))
 
 
+def test_a_candidate_whose_step_differs_from_the_picks_is_refused(local, cache):
+    """Every candidate's training step is compared with the first candidate's (the simulator's pick) before it
+    is timed: one beyond its dtype's tolerance (or with a NaN, or -inf rows elsewhere) fails with the
+    difference named, and is never the winner however fast; one within it is timed as usual."""
+    pat, bound = local
+    base = tuple(torch.linspace(-1, 1, 64, dtype=torch.float64).reshape(1, 1, 8, 8) * (i + 1) for i in range(5))
+    base[1][0, 0, 0, 0] = -math.inf  # a row with no allowed key: its lse
+    trials_seen = []
+
+    class Stepping(FakeBuilder):
+        def runner(self, kernels, pat, bound, schedule, config, **kw):
+            rank = len(trials_seen)
+            trials_seen.append(config)
+            out = [t.clone() for t in base]
+            if rank == 1:  # the fastest: wrong by 5%
+                out[2] = out[2] * 1.05
+            elif rank == 2:  # next fastest: a NaN
+                out[4][0, 0, 1, 1] = math.nan
+            elif rank == 3:  # an lse that is finite where the pick's is -inf
+                out[1][0, 0, 0, 0] = 0.0
+            elif rank == 4:  # within bf16's tolerance: timed
+                out[0] = out[0] * (1 + 1e-3)
+
+            def step():
+                return tuple(out)
+
+            step.ms = {1: 0.1, 2: 0.2, 3: 0.3, 4: 0.5}.get(rank, 1.0 + rank)
+            return step
+
+    res = tune(pat, bound, cache, builder=Stepping(), timer=lambda fn: fn.ms, top=1)
+    assert len(res.trials) >= 5
+    by_rank = {t.rank: t for t in res.trials}
+    for rank in (1, 2, 3):
+        assert "differs from the first candidate's" in by_rank[rank].error and by_rank[rank].measured_ms == math.inf
+    assert "by 5.00e-02" in by_rank[1].error
+    assert by_rank[4].error is None and res.config == by_rank[4].config
+    assert A.step_difference(base, base) == 0.0 and A.step_difference("cfg", base) is None
+
+
 # ----------------------------------------------------------------- grouped-query attention
 def test_the_bucket_keys_the_group_only_where_heads_share_kv(local):
     """Query heads per K/V head are keyed exactly, and only above 1: a multi-head call keeps the key it had

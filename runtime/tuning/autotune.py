@@ -6,7 +6,10 @@ parameters of each pass (forward, backward: ``num_warps`` x ``num_stages``;
 configurations whose shared memory or registers do not fit a pass are dropped).
 Each candidate's kernels are generated, loaded and timed over a training step,
 forward and backward (``triton.testing.do_bench``, median); a
-candidate that fails to compile or run is skipped. The fastest wins, ties
+candidate that fails to compile or run is skipped, and so is one whose step
+(output, lse, dq, dk, dv) differs from the first candidate's, the simulator's
+pick, by more than its dtype's tolerance (``ANSWER_TOLERANCE``): a variant
+that a compiler gets wrong on some GPU is never timed, cached or run. The fastest wins, ties
 going to the simulator's favourite, and is stored in the ``KernelCache``
 with its source; the next call with the same key (same IR, shape bucket,
 dtype, GPU, Triton and attnc versions) reuses it without timing anything.
@@ -63,6 +66,10 @@ from . import kernel_cache as KC
 TOP = 4
 #: The launch parameters each schedule is tried with.
 LAUNCH: tuple[tuple[int, int], ...] = tuple((w, s) for w in WARPS for s in STAGES)
+#: Largest relative difference (``||a - b|| / ||b||`` per output) of a candidate's training step from the first
+#: candidate's before it is refused, per dtype: two correct bf16 kernels differ by about 1e-3 (their blocks
+#: round differently); the GPU suite's bf16 bar against float32 is 2e-2.
+ANSWER_TOLERANCE = {"bf16": 2e-2, "fp16": 1e-2, "fp32": 1e-4}
 DTYPES = {"bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2, "half": 2, "fp32": 4, "float32": 4}
 CANONICAL_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}
 
@@ -547,13 +554,15 @@ def _time_trials(pattern, bound: E.Bound, trials: list[Trial], builder: KernelBu
     the source of each timed one. Raises ``AutotuneError`` when no Triton trial ran."""
     sources: dict[int, str] = {}
     best: Trial | None = None
+    expected: list = []  # the first candidate's step, which the others' must match (``ANSWER_TOLERANCE``)
     bar.draw()
     try:
         with tempfile.TemporaryDirectory(prefix="attnc-tune-") as tmp:
             for trial in trials:
                 try:
                     make = flex_builder if trial.backend == "flex" else builder
-                    sources[trial.rank] = _time_trial(make, trial, pattern, bound, timer, run_args, Path(tmp))
+                    sources[trial.rank] = _time_trial(make, trial, pattern, bound, timer, run_args, Path(tmp),
+                                                      expected)
                     if trial.backend == "flex":
                         pass  # compared with the best Triton kernel below; the cache keeps a Triton kernel
                     elif best is None or trial.measured_ms < best.measured_ms:
@@ -572,18 +581,54 @@ def _time_trials(pattern, bound: E.Bound, trials: list[Trial], builder: KernelBu
 
 
 def _time_trial(make: KernelBuilder, trial: Trial, pattern, bound: E.Bound, timer: Timer, run_args: dict,
-                tmp: Path) -> str:
-    """Generate, load and time one candidate, setting its ``measured_ms``; its source."""
+                tmp: Path, expected: list) -> str:
+    """Generate, load and time one candidate, setting its ``measured_ms``; its source. Its step's tensors are
+    compared with ``expected`` (the first candidate's, which an empty list takes) before the timing."""
     source = make.source(pattern, bound, trial.schedule, trial.config)
     path = tmp / f"candidate_{trial.rank}.py"
     path.write_text(source, encoding="utf-8")
     kernels = make.load(path)
     fn = make.runner(kernels, pattern, bound, trial.schedule, trial.config, **run_args)
+    _check_answer(fn(), expected, run_args["dtype"])
     ms = float(timer(fn))
     if not math.isfinite(ms) or ms <= 0:
         raise ValueError(f"timer returned {ms!r}")
     trial.measured_ms = ms
     return source
+
+
+def step_difference(got, expected) -> float | None:
+    """The largest relative difference (``||a - b|| / ||b||``, over the finite entries of ``b``) between two
+    training steps' tensors, pair by pair; None where either is not a tuple of tensors (a builder that returns
+    something else is not compared)."""
+    import torch
+
+    if not (isinstance(got, tuple) and isinstance(expected, tuple) and len(got) == len(expected)
+            and all(isinstance(t, torch.Tensor) for t in (*got, *expected))):
+        return None
+    worst = 0.0
+    for a, b in zip(got, expected, strict=True):
+        if a.shape != b.shape:
+            return math.inf
+        a, b = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(b)
+        if not torch.equal(finite, torch.isfinite(a)):  # rows with no allowed key: lse -inf in both
+            return math.inf
+        a, b = a[finite], b[finite]
+        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)) if b.numel() else 0.0)
+    return worst
+
+
+def _check_answer(got, expected: list, dtype: str) -> None:
+    """Take ``got`` as the expected step where none is yet, else refuse it (``ValueError``: the trial fails)
+    where it differs from it by more than ``ANSWER_TOLERANCE``."""
+    if not expected:
+        expected.append(got)
+        return
+    diff = step_difference(got, expected[0])
+    if diff is not None and not diff <= ANSWER_TOLERANCE[dtype]:
+        raise ValueError(f"its training step differs from the first candidate's by {diff:.2e} (relative), over "
+                         f"the {ANSWER_TOLERANCE[dtype]:.0e} a {dtype} kernel may")
 
 
 def _store_winner(cache: KC.KernelCache, key, shape, trials: list[Trial], best: Trial, sources: dict[int, str],
@@ -698,5 +743,5 @@ def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
 
 __all__ = ["AutotuneError", "KernelBuilder", "atomic_dq_backward", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
            "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
-           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source", "tuned_winner",
-           "without_tma"]
+           "cuda_available", "do_bench_timer", "hardware_for", "install", "lookup", "scratch_source",
+           "step_difference", "tuned_winner", "without_tma"]
