@@ -364,7 +364,7 @@ class KernelBodies:
             *(self._route_key_lines() if self.pat.route is not None else []),
             "dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)",
             "dvacc = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)",
-            "# the query heads sharing this K/V head (this program's share), one after the other (no atomics)",
+            "# the query heads sharing this K/V head (this program's share), one after the other (dK, dV: no atomics)",
             "for g_i in range(0, SHARE):  # SHARE = GROUP // SPLIT, a constant: with 1 no loop is left",
         ]
         inner = [

@@ -114,8 +114,10 @@ def choose(ladder: list[Rung], probe: Callable[[Rung], Fit]) -> tuple[Rung | Non
 FITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-#: A kernel body whose first instruction is ``trap`` (labels, comments and ``.loc`` lines before it).
-_TRAP_AT_ENTRY = re.compile(r"\.entry\s+\w+\s*\([^)]*\)[^{]*\{(?:\s*(?:\$?[\w.]+:|//[^\n]*|\.loc[^\n]*))*\s*trap;")
+#: A kernel body whose first instruction is ``trap``: before it only labels, comments, ``.loc`` lines and
+#: declarations (``.reg``, ``.shared``, ``.local``, ``.pragma``).
+_TRAP_AT_ENTRY = re.compile(r"\.entry\s+\w+\s*\([^)]*\)[^{]*\{(?:\s*(?:\$?[\w.]+:|//[^\n]*|\.loc[^\n]*"
+                            r"|\.(?:reg|shared|local|pragma)\b[^\n]*))*\s*trap;")
 
 
 def traps_at_entry(ptx: str) -> bool:

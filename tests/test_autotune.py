@@ -559,6 +559,14 @@ def test_candidates_include_the_backward_in_one_kernel_where_a_step_runs_it(loca
         assert A.config_from_dict(A.config_dict(t.config)) == t.config and KC.validate_config(A.config_dict(t.config)) is None
     a100 = ScheduleSearch(pat, bound, get_hardware("a100"), head_dim=64)  # scalar atomics, spills at d 64
     assert not any(t.config.atomic_dq for t in A.candidates(a100, top=2))
+    # a GPU before Hopper tuned on the H100's model (an unknown one: L4, A10G, RTX 4090) drops the trial, and an
+    # sm_89 TMA's too; Hopper keeps both
+    for arch, atomic, tma in (("sm89", False, False), ("sm80", False, False), ("sm90", True, True)):
+        kept = A.for_device(trials, arch)
+        assert any(t.config.atomic_dq for t in kept) == atomic and any(t.config.tma for t in kept) == tma, arch
+        assert [t.rank for t in kept] == list(range(len(kept)))
+        assert [t.config for t in kept] == [t.config for t in trials if (atomic or not t.config.atomic_dq)
+                                            and (tma or not t.config.tma)]
     # Blackwell: a dK/dV kernel with its accumulators in tensor memory has no columns left for dQ's
     b200 = ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=64)
     blackwell = A.candidates(b200, top=4)
@@ -611,6 +619,42 @@ def test_a_candidate_whose_step_differs_from_the_picks_is_refused(local, cache):
     assert A.step_difference(base, base) == 0.0 and A.step_difference("cfg", base) is None
 
 
+def test_a_first_candidate_with_a_nan_is_not_the_reference_and_local_errors_count(local, cache, monkeypatch):
+    """The first candidate whose step holds a NaN fails (it is not the reference the others must match); the
+    next one is. A wrong element the norm would average away (one in a million) is refused by the largest
+    element difference; the comparison works in chunks (``COMPARE_CHUNK``) with the same result."""
+    pat, bound = local
+    gen = torch.Generator().manual_seed(0)
+    good = (torch.randn(1, 1, 1000, 1000, generator=gen),)
+    seen = []
+
+    class Stepping(FakeBuilder):
+        def runner(self, kernels, pat, bound, schedule, config, **kw):
+            rank = len(seen)
+            seen.append(rank)
+            out = good[0].clone()
+            if rank == 0:
+                out[0, 0, 3, 3] = math.nan
+            elif rank == 2:  # one element off by 2: 2e-3 in norm, 0.1 of 4x the largest element
+                out[0, 0, 7, 7] += 2.0
+
+            def step():
+                return (out,)
+
+            step.ms = 0.1 if rank == 2 else 1.0 + rank
+            return step
+
+    res = tune(pat, bound, cache, builder=Stepping(), timer=lambda fn: fn.ms, top=1)
+    by_rank = {t.rank: t for t in res.trials}
+    assert "NaN" in by_rank[0].error and by_rank[1].error is None
+    assert "differs from the first candidate's" in by_rank[2].error and res.config == by_rank[1].config
+    wrong = (good[0].clone(),)
+    wrong[0][0, 0, 7, 7] += 2.0
+    whole = A.step_difference(wrong, good)
+    monkeypatch.setattr(A, "COMPARE_CHUNK", 4096)
+    assert A.step_difference(wrong, good) == pytest.approx(whole, rel=1e-6) and whole > 2e-2
+
+
 # ----------------------------------------------------------------- grouped-query attention
 def test_the_bucket_keys_the_group_only_where_heads_share_kv(local):
     """Query heads per K/V head are keyed exactly, and only above 1: a multi-head call keeps the key it had
@@ -631,6 +675,8 @@ def test_the_bucket_keys_the_group_only_where_heads_share_kv(local):
     groups = {KC.CacheKey.make(pat, eight, head_dim=64, dtype="bf16", device="gpu", triton="t", attnc="a",
                                kv_heads=kv).digest() for kv in (1, 2, 4, 8)}
     assert len(groups) == 4
+    with pytest.raises(attnc.SpecError, match="8 query heads cannot share 3 K/V heads"):
+        KC.shape_bucket(pat, eight, head_dim=64, kv_heads=3)
 
 
 class RecordingBuilder(FakeBuilder):

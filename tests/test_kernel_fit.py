@@ -154,6 +154,9 @@ def test_a_kernel_compiled_to_a_trap_never_launches(monkeypatch):
     from triton.runtime.errors import OutOfResources
 
     assert KF.traps_at_entry(TRAP_PTX)
+    declared = TRAP_PTX.replace("{\n", "{\n\t.reg .pred \t%p<2>;\n\t.reg .b32 \t%r<4>;\n\t.shared .align 16 .b8 "
+                                "global_smem[];\n", 1)
+    assert declared != TRAP_PTX and KF.traps_at_entry(declared)  # declarations before the trap
     working = TRAP_PTX.replace("\ttrap;\n", "\tmov.u32 %r1, 0;\n\ttrap;\n")  # a trap later (an assert's)
     assert not KF.traps_at_entry(working) and not KF.traps_at_entry("")
 

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ...compiler.cost import checked_kv_heads
 from ...compiler.tiles import mentioned_symbols
 from ...core import ir
 from ...core import symbols as S
@@ -173,8 +174,8 @@ def shape_bucket(pat: ir.PatternIR, bound, *, head_dim: int, batch: int = 1, kv_
 
 
 def kv_group(heads: int, kv_heads: int | None) -> int:
-    """Query heads per K/V head (1 without ``kv_heads``)."""
-    return 1 if kv_heads is None else int(heads) // int(kv_heads)
+    """Query heads per K/V head (1 without ``kv_heads``), ``kv_heads`` checked to divide ``heads``."""
+    return int(heads) // checked_kv_heads(int(heads), kv_heads)
 
 
 def exact_shape(bound, *, head_dim: int, batch: int = 1, kv_heads: int | None = None) -> dict:

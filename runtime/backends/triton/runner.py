@@ -292,12 +292,13 @@ def _orders(launch: Launch, batch: int, heads: int, kv_heads: int, device, group
 
 
 def _fitting_group_split(launch: Launch, dkdv_call: Callable[[int], tuple], batch: int, heads: int, kv_heads: int,
-                         device, head_dim: int, nbytes: int, on_gpu: bool) -> int:
+                         device, head_dim: int, nbytes: int, on_gpu: bool, atomic: bool = False) -> int:
     """The dK/dV kernel's split (``_group_split``). On a GPU, a split whose programs loop over more than one
     query head is taken only where the fit ladder launches that kernel (``dkdv_call``'s) clean at its picked
     rung; else the next larger divisor of the group that does, at last one program per query head (the loop
     gone, as the multi-head kernel's: the compile matrices found the loop spilling where that kernel does not;
-    its fp32 partials are the most memory). Decided once per plan, batch and heads."""
+    its fp32 partials are the most memory). Decided once per plan, batch, heads and kernel (``atomic``: the one
+    adding dQ by atomics, ``atomic_dq_applies``)."""
     split, group = _group_split(launch, batch, heads, kv_heads, device, head_dim, nbytes), heads // kv_heads
     if split == group or launch.interpret or not on_gpu:
         return split
@@ -310,7 +311,8 @@ def _fitting_group_split(launch: Launch, dkdv_call: Callable[[int], tuple], batc
                 return s
         return group
 
-    return launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes), choose)
+    return launch.plan.on_device(("group_split_fits", device, batch, heads, kv_heads, split, head_dim, nbytes, atomic),
+                                 choose)
 
 
 def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, head_dim: int, nbytes: int) -> int:
@@ -906,7 +908,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
                     ATOMIC_DQ=atomic)
         return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
 
-    split = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]))
+    split = _fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]),
+                                 atomic)
     with interpreting(launch.interpret):
         if not atomic:  # else the dK/dV kernel adds dQ
             _launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, *dq_call(), backward=True)
