@@ -471,6 +471,37 @@ def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cfg,name,sizes,params", [
+    # permuted boxes that pad the grid's edge, the backward on tiles of its own
+    (KernelConfig((2, 4), (4, 2), "permute", bwd_q_tile=(2, 2), bwd_kv_tile=(2, 2)), "neighborhood_2d",
+     {"height": 6, "width": 7}, {"kernel_size_y": 3, "kernel_size_x": 5}),
+    # tiles loaded by TMA (the interpreter loads the descriptors' boxes)
+    (KernelConfig((16,), (16,), "flat", tma=True), "sliding_window", None, {"window": 9}),
+])
+def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(monkeypatch, cfg, name, sizes, params):
+    """dQ by atomics where the dK/dV kernel's tokens are permuted into boxes (padded at the grid's edge), where the
+    backward runs tiles of its own, and with descriptor loads: every gradient matches the reference's, 4 query
+    heads on 2 K/V heads."""
+    launched = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        launched.append((kernel.fn.__name__, meta.get("ATOMIC_DQ"), meta.get("DESC")))
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    fused = dataclasses.replace(cfg, atomic_dq=True)
+    monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: fused))
+    n = math.prod(sizes.values()) if sizes else 40
+    q, k, v = qkv(1, 4, 2, n, 16, Dv=8, seed=9)
+    compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes)
+    kernels = {(kname, atomic) for kname, atomic, _ in launched}
+    assert ("attnc_bwd_dkdv", True) in kernels and not any(kname == "attnc_bwd_dq" for kname, _ in kernels)
+    if cfg.tma:  # the forward's K, V and the dK/dV kernel's Q, dO as descriptor boxes
+        assert {kname: desc for kname, _, desc in launched if kname != "attnc_bwd_delta"} == {
+            "attnc_fwd": True, "attnc_bwd_dkdv": True}
+
+
 def test_int64_arithmetic_where_int32_overflows():
     # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
     spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"
