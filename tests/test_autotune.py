@@ -568,11 +568,22 @@ def test_candidates_include_the_backward_in_one_kernel_where_a_step_runs_it(loca
         assert [t.config for t in kept] == [t.config for t in trials if (atomic or not t.config.atomic_dq)
                                             and (tma or not t.config.tma)]
     # Blackwell: a dK/dV kernel with its accumulators in tensor memory has no columns left for dQ's
-    b200 = ScheduleSearch(pat, bound, get_hardware("b200"), head_dim=64)
-    blackwell = A.candidates(b200, top=4)
-    assert any(SR.is_wide_kv(t.config) for t in blackwell) and any(t.config.atomic_dq for t in blackwell)
+    window = attnc.load("stdlib:sliding_window")
+    b200 = ScheduleSearch(window, E.bind_sizes(window, n=8192, heads=2), get_hardware("b200"), head_dim=128)
+    blackwell = A.candidates(b200, top=2)
     for t in blackwell:
         assert not (t.config.atomic_dq and SR.is_wide_kv(t.config)), t.config
+    # ... so where the pick's dK/dV runs on tensor memory, the trial takes the same forward's 64-row backward
+    wide_picks = 0
+    for shape in {(t.config.q_tile, t.config.kv_tile, t.config.layout) for t in blackwell}:
+        same = [t.config for t in blackwell if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape]
+        fused = [c for c in same if c.atomic_dq]
+        assert len(fused) == 1, shape
+        if SR.is_wide_kv(same[0]):
+            wide_picks += 1
+            assert dataclasses.replace(fused[0], atomic_dq=False) in [
+                dataclasses.replace(c, dq_q_tile=(), dq_kv_tile=()) for c in same if not SR.is_wide_kv(c)]
+    assert wide_picks
     gated = attnc.load("stdlib:forgetting")
     gsearch = ScheduleSearch(gated, E.bind_sizes(gated, n=256, heads=2), get_hardware("h100"), head_dim=64)
     assert not any(t.config.atomic_dq for t in A.candidates(gsearch, top=2))

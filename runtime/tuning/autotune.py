@@ -358,11 +358,13 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
                 configs.append(cfg)
         # the same forward's other backward the search weighed (on Blackwell: 64 and 128 KV rows), so the
         # GPU times the choice the model made
+        other_backward = None
         for c in cands[1:]:
             other = c.config
             if ((other.num_warps, other.num_stages) == (pick.num_warps, pick.num_stages) and other not in configs
                     and (other.backward_config(), other.dq_config()) != (pick.backward_config(), pick.dq_config())):
                 configs.append(other)
+                other_backward = other
                 break
         predicted = {c.config: (c.forward_s + c.backward_s) * 1e3 for c in cands}
         wide = wide_kv_backward(pick, search, nbytes)
@@ -377,7 +379,10 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         if has_tma(hw.arch) and tma_fits(pick, sched.q_extents, sched.kv_extents):
             configs.append(dataclasses.replace(pick, tma=True))
             predicted[configs[-1]] = predicted.get(pick, math.nan)
-        fused = atomic_dq_backward(pick, search.pat, hw)
+        # the backward in one kernel: on the pick's backward, else (Blackwell's tensor-memory dK/dV has no room
+        # for dQ's accumulator) on the other one
+        fused = atomic_dq_backward(pick, search.pat, hw) or (
+            atomic_dq_backward(other_backward, search.pat, hw) if other_backward is not None else None)
         if fused is not None and fused not in configs:
             configs.append(fused)
             cand = search.evaluate(fused, len(fused.q_tile) == 1 and search.grid)
