@@ -437,7 +437,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     if fused is not None and not pick.atomic_dq:
         mod = module()
         mod.runner._config = lambda *args: fused
-        own, one = (_grads(m, q, k, v, dout) for m in (module(), mod))
+        own, one = (_grads(m, q, k, v, dout) for m in (attn, mod))  # the config that ran, and with the trial
         worst = max(rel(a, b) for a, b in zip(one, own, strict=True))
         row(f"backward in one kernel (dQ by atomics; gradients within {worst:.1e} of two kernels')",
             *time_module(mod))

@@ -38,6 +38,7 @@ from ..compiler.cost import checked_group_split, checked_kv_heads
 from ..core import ir
 from ..core.errors import SpecError
 from . import kernel_fit
+from .numerics import TORCH_DTYPES
 from .tritonenv import interpreting
 
 #: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -46,7 +47,7 @@ SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100:
 #: The simulator's hardware model whose schedule a call on this architecture runs.
 ARCH_HARDWARE = {80: "a100", 86: "a100", 89: "a100", 90: "h100", 100: "b200", 120: "b200"}
 DEFAULT_ARCHS = (80, 90)
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+DTYPES = TORCH_DTYPES
 #: Batch and heads of the recorded call: the kernels do not depend on them beyond the grid.
 BATCH, HEADS = 1, 2
 

@@ -68,10 +68,14 @@ def needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+#: The torch dtype of each canonical dtype name (the tuner's and the offline GPU check's).
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
 def timing_inputs(bound, *, head_dim: int, dtype: str, batch: int, device, kv_heads: int | None = None):
     """Random q, k, v and the output's gradient of a timed training step (``dtype`` canonical, seeded): q
     and the gradient with ``bound.heads`` heads, k and v with ``kv_heads`` (None: as many)."""
-    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    tdtype = TORCH_DTYPES[dtype]
     gen = torch.Generator(device="cpu").manual_seed(0)
     kv = bound.heads if kv_heads is None else kv_heads
     shapes = ((bound.heads, bound.n), (kv, bound.nk), (kv, bound.nk), (bound.heads, bound.n))

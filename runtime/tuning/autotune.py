@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ...compiler import evaluate as E
-from ...compiler.cost import KernelConfig
+from ...compiler.cost import KernelConfig, checked_kv_heads
 from ...compiler.hardware import compute_capability, get_hardware, hardware_for_gpu
 from ...compiler.schedule import TileSchedule
 from ...compiler.search import (
@@ -392,9 +392,14 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
     return trials
 
 
+def _without(trials: list[Trial], field_name: str) -> list[Trial]:
+    """The trials whose config has ``field_name`` off, ranked again in their order."""
+    return [dataclasses.replace(t, rank=i) for i, t in enumerate(t for t in trials if not getattr(t.config, field_name))]
+
+
 def without_tma(trials: list[Trial]) -> list[Trial]:
     """The trials that load by pointer (``KernelConfig.tma`` off), ranked again in their order."""
-    return [dataclasses.replace(t, rank=i) for i, t in enumerate(t for t in trials if not t.config.tma)]
+    return _without(trials, "tma")
 
 
 def for_device(trials: list[Trial], arch: str) -> list[Trial]:
@@ -402,9 +407,9 @@ def for_device(trials: list[Trial], arch: str) -> list[Trial]:
     unknown GPU is tuned on the H100's model, whose trials may not apply to it. Without TMA its TMA trials would
     time the pointer loads again (a win by noise cached as TMA); before ``MIN_ATOMIC_DQ_ARCH`` the backward in
     one kernel adds dQ with scalar atomics and its d 64 kernels spilled offline."""
-    keep = [t for t in trials if (has_tma(arch) or not t.config.tma)
-            and (compute_capability(arch) >= MIN_ATOMIC_DQ_ARCH or not t.config.atomic_dq)]
-    return [dataclasses.replace(t, rank=i) for i, t in enumerate(keep)]
+    if not has_tma(arch):
+        trials = without_tma(trials)
+    return trials if compute_capability(arch) >= MIN_ATOMIC_DQ_ARCH else _without(trials, "atomic_dq")
 
 
 def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2) -> KernelConfig | None:
@@ -473,7 +478,7 @@ def autotune(
     import torch
 
     _check_tuning_arguments(pattern, head_dim=head_dim, batch=batch, top=top)
-    kv_heads = _kv_heads_of(bound, kv_heads)
+    checked_kv_heads(bound.heads, kv_heads)  # with the other arguments, before the device
     dtype = canonical_dtype(dtype)
     dev = torch.device(device if device is not None else ("cuda" if cuda_available() else "cpu"))
     on_gpu = _check_tuning_device(dev, timer)
@@ -515,15 +520,6 @@ def _check_tuning_arguments(pattern, *, head_dim, batch, top) -> None:
     for what, value in (("head_dim", head_dim), ("batch", batch), ("top", top)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
-
-
-def _kv_heads_of(bound: E.Bound, kv_heads: int | None) -> int | None:
-    """``kv_heads`` checked to divide the heads; None where each query head has its own (one key for both)."""
-    from ...compiler.cost import checked_kv_heads
-
-    if kv_heads is None:
-        return None
-    return None if checked_kv_heads(bound.heads, kv_heads) == bound.heads else kv_heads
 
 
 def _check_tuning_device(dev, timer: Timer | None) -> bool:
@@ -690,7 +686,6 @@ def _cached_entry(pattern, bound: E.Bound, *, head_dim: int, dtype, batch: int, 
     """The cache entry for this key, or None (never tunes)."""
     if not isinstance(pattern, ir.PatternIR):
         return None
-    kv_heads = _kv_heads_of(bound, kv_heads)
     import torch
 
     dev = torch.device(device) if device is not None else None
