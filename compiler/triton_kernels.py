@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from .triton_exprs import LN2, LOG2E
+from .triton_scores import scale_in_exponent
 
 
 def indent(lines: list[str], n: int) -> str:
@@ -132,6 +133,9 @@ class KernelBodies:
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
                   *run_params("FULL", "PART"), "DESC: tl.constexpr = False"]
+        in_exp = scale_in_exponent(self.pat)
+        if in_exp:
+            params.append("POS_SCALE: tl.constexpr = False")
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -150,6 +154,14 @@ class KernelBodies:
             "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
             f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
+        if in_exp:
+            body += [
+                "if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
+                "    s_now = 1.0",
+                "    s_exp = scale_l2",
+                "else:",
+                "    s_now = scale_l2",
+                "    s_exp = 1.0"]
         body += self._per_query_setup()
         body += [
             "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)  # running row max",
@@ -168,10 +180,10 @@ class KernelBodies:
                     "qk = _dot(q, tl.trans(kk), DOT)",
                     *self._terms(masked, grad=False),
                     "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
-                    "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))",
+                    "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
                     'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
                     "alpha = tl.exp2(m_i - m_use)",
-                    "pr = tl.exp2(s - m_use[:, None])",
+                    "pr = tl.exp2(s" + (" * s_exp" if in_exp else "") + " - m_use[:, None])",
                     "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
                     "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
                     "m_i = m_new"]

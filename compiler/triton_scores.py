@@ -17,6 +17,15 @@ def broadcast_axes(tr: bool) -> tuple[str, str]:
     return ("[None, :]", "[:, None]") if tr else ("[:, None]", "[None, :]")
 
 
+def scale_in_exponent(pat) -> bool:
+    """Whether the forward's scores are q.k times the scale and nothing else (no softcap, bias or decay
+    term; a mask only takes scores out). Its kernel then takes ``POS_SCALE``: for a positive scale, the
+    scores stay in q.k units through the tile's mask and row max, and the scale enters with the
+    exponent, one FMA a score (``exp2(qk * c - m)``) rather than a multiply and a subtraction. The row
+    max is the same number either way: a positive factor keeps the order, and rounding is monotone."""
+    return pat.softcap is None and pat.bias is None and pat.decay is None
+
+
 class ScoreLines:
     """Lines of the score terms, a part of ``compiler.codegen.KernelSource``: reads its pattern
     (``pat``), shape, inputs, printed mask and bias (``mask_inputs``, ``bias_text``,
@@ -51,7 +60,9 @@ class ScoreLines:
         """The scores ``s`` from ``qk`` (q.k), in log2 units (times log2(e): the softmax takes exp2):
         scale, softcap, bias, decay; then the mask (PARTIAL tiles). ``tr``: the transposed tile of the
         dK/dV kernel (keys down the rows). With checked bias indices the attended pairs are computed
-        first: the bias checks them there."""
+        first: the bias checks them there. The forward of a pattern whose scores are the scaled q.k
+        alone (``scale_in_exponent``) scales by ``s_now``: 1 under ``POS_SCALE``, its exponent applies
+        the scale (``s_exp``)."""
         p = self.pat
         qx, kx = broadcast_axes(tr)
         lines = []
@@ -69,6 +80,8 @@ class ScoreLines:
             lines += ["# softcap: cap * tanh(scale * qk / cap), in log2 units (cap_l2, tanh_c: per head)",
                       "t = _softcap_tanh(qk * tanh_c)",
                       "s = cap_l2 * t"]
+        elif not grad and scale_in_exponent(p):
+            lines.append("s = qk * s_now  # log2 units, or q.k units where the exponent applies the scale")
         else:
             lines.append("s = qk * scale_l2  # scale * log2(e): scores in log2 units")
         if self.bias_text is not None:

@@ -504,6 +504,34 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
     assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0
 
 
+def test_positive_scale_enters_the_forwards_exponent():
+    """A pattern whose scores are the scaled q.k alone (a sliding window): with a positive scale the forward
+    keeps its scores in q.k units and applies the scale in the exponent, ``exp2(qk * c - m)`` one FMA a score,
+    where a zero or negative scale multiplies every score first and then subtracts the row max. Compiled for
+    sm_90 at 64/64 tiles of 4 warps (32 scores a thread, two loops: FULL and PARTIAL), the positive-scale
+    kernel's PTX has at least 64 multiplies and subtractions fewer (a score's two in each loop), as many
+    exponentials, and no spill."""
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    records, _ = G.record_call(pat, arch=90, head_dim=64, dtype="bf16", n=N)
+    rec = next(r for r in records if r.name == "attnc_fwd")
+    assert rec.kwargs["POS_SCALE"] is True  # the recorded call's default scale, 1/sqrt(64)
+
+    def counts(pos: bool) -> tuple[int, int, int]:
+        rec.kwargs["POS_SCALE"] = pos
+        kernel, _, _ = G.compile_launch(rec, 90)
+        ptx = kernel.asm["ptx"]
+        mul, sub, ex2 = (len(re.findall(r"^\s*(?:@%\w+\s+)?" + re.escape(op), ptx, re.M))
+                         for op in ("mul.f32", "sub.f32", "ex2.approx"))
+        return mul + sub, ex2, G.ptxas_usage(ptx, 90)[1]
+
+    ops_pos, ex2_pos, spill_pos = counts(True)
+    ops_neg, ex2_neg, spill_neg = counts(False)
+    scores_per_thread = rec.kwargs["BLOCK_M"] * rec.kwargs["BLOCK_N"] // (32 * rec.kwargs["num_warps"])
+    assert scores_per_thread == 32
+    assert ops_neg - ops_pos >= 2 * scores_per_thread, (ops_pos, ops_neg)
+    assert ex2_pos == ex2_neg and spill_pos == spill_neg == 0
+
+
 def test_tma_configs_compile_fit_and_load_by_tensor_descriptor():
     """The search's pick with its streamed tiles loaded by TMA (``KernelConfig.tma``: what the tuner times on
     Hopper) compiles for sm_90 at d 128: each of the forward, dQ and dK/dV kernels issues TMA copies

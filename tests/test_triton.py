@@ -26,6 +26,7 @@ import attnc
 from attnc.compiler import codegen
 from attnc.compiler import evaluate as E
 from attnc.compiler.cost import KernelConfig
+from attnc.compiler.tiles import classify_tiles
 from attnc.runtime.backends.triton import runner as T
 
 # the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy
@@ -239,7 +240,7 @@ def dense_attention(q, k, v, allowed, bias=None, scale=None):
     q, k, v = (x.detach().double() for x in (q, k, v))
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = (scale or 1 / math.sqrt(q.shape[-1])) * q @ k.transpose(-1, -2)
+    s = (1 / math.sqrt(q.shape[-1]) if scale is None else scale) * q @ k.transpose(-1, -2)
     if bias is not None:
         s = s + bias
     s = s.masked_fill(~allowed, -math.inf)
@@ -264,6 +265,28 @@ def test_against_plain_torch_gqa_odd_head_dim_and_empty_rows():
     assert torch.isfinite(lse[:, :, :-1]).all()
     grads = torch.autograd.grad(out.sum() + finite(lse).sum(), (q, k, v))
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("scale", [0.7, -0.45, 0.0])
+def test_any_scale_against_plain_torch(scale):
+    """A positive scale enters the forward's exponent (``POS_SCALE``: the row max of q.k, scaled); zero and
+    negative scales are applied to the scores first. Each against a float64 dense softmax, and every
+    gradient against the reference backend, on FULL and PARTIAL tiles and rows with no key (the last)."""
+    n, w = 70, 40
+    spec = f"pattern future\n tokens seq\n mask k > q and k - q <= {w}"
+    q, k, v = qkv(1, 2, 1, n, 16, seed=11)
+    i = torch.arange(n)
+    allowed = (i[None, :] > i[:, None]) & (i[None, :] - i[:, None] <= w)
+    pat = attnc.compile_attention(spec).pattern
+    schedule = classify_tiles(pat, E.bind_sizes(pat, n=n, heads=2), (16,), (16,))
+    assert schedule.full_count.sum() > 0 and schedule.partial_count.sum() > 0
+    tri = compare(spec, q, k, v, q_tile=16, kv_tile=16, scale=scale)
+    out, lse = tri(q, k, v, return_lse=True, scale=scale)
+    torch.testing.assert_close(out.double(), dense_attention(q, k, v, allowed, scale=scale), atol=1e-5, rtol=1e-5)
+    assert torch.all(out[:, :, -1] == 0) and torch.all(torch.isneginf(lse[:, :, -1]))
+    if scale == 0.0:  # every allowed key weighs the same: lse is log(count)
+        count = allowed.sum(-1)[:-1].double()
+        torch.testing.assert_close(lse[0, :, :-1].double(), count.log().expand(2, -1), atol=1e-6, rtol=1e-6)
 
 
 def test_alibi_against_plain_torch():

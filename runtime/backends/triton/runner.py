@@ -55,6 +55,7 @@ from ....compiler.search import (
 )
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
+from ....compiler.triton_scores import scale_in_exponent
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
@@ -784,9 +785,15 @@ def forward(launch: Launch, q, k, v, scale: float):
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
                        dict(**fblocks, DOT=_dot_mode(launch, q.dtype), **ordered,
-                            **_runs(launch, "FULL", "PART"), **desc), backward=False)
+                            **_runs(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale)), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _scale_sign(launch: Launch, scale: float) -> dict:
+    """The forward's ``POS_SCALE`` where its scores are the scaled q.k alone (``scale_in_exponent``): a
+    positive scale is applied in the exponent (one FMA a score); zero or negative, to the scores first."""
+    return {"POS_SCALE": scale > 0} if scale_in_exponent(launch.pattern) else {}
 
 
 def _raise_index_errors(launch: Launch) -> None:
