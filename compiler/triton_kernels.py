@@ -206,7 +206,7 @@ class KernelBodies:
     def _bwd_scores(self, masked: bool) -> list[str]:
         """Recompute P of one (Q tile, KV tile) pair and dS (the dQ kernel)."""
         lines = ["qk = _dot(q, tl.trans(kk), DOT)", *self._terms(masked, grad=True),
-                 "pr = tl.exp2(s - lse_l2[:, None])  # P, recomputed",
+                 f"pr = {self.recomputed_p(masked, 'lse_l2[:, None]')}  # P, recomputed",
                  "dp = _dot(do, tl.trans(vv), DOT)",
                  "ds = pr * (dp - delta[:, None])  # dL/d(score after terms)"]
         if self.pat.softcap is not None:
@@ -228,7 +228,7 @@ class KernelBodies:
                  "                   other=0.0)",
                  "# the transposed tile: this program's keys down the rows, the Q tile's queries along the columns",
                  "qk = _dot(kk, q_t, DOT)  # K Q^T", *self._terms(masked, grad=True, tr=True),
-                 "pt = tl.exp2(s - lse_l2[None, :])  # P^T, recomputed",
+                 f"pt = {self.recomputed_p(masked, 'lse_l2[None, :]', tr=True)}  # P^T, recomputed",
                  "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
                  "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
                  "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]
@@ -246,18 +246,20 @@ class KernelBodies:
                 "             other=0.0)"], [
                 "q = QD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)",
                 "do = DOD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_DV)"]),
-            'lse = tl.load(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=float("inf"))',
-            "# in log2 units; P = 0 on rows with no allowed key (lse = -inf) and on padded rows",
-            f'lse_l2 = tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r}',
+            "# the lse in log2 units, +inf on rows with no allowed key (the row term's): P = 0 there and on padded rows",
+            'lse_l2 = tl.load(LSE2 + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok,',
+            '                 other=float("inf"))',
             "delta = tl.load(DELTA + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok, other=0.0)",
         ]
 
     def _backward_delta(self) -> str:
         """The backward's pre-pass, in token order (before any permutation into tiles): one read of O
         and dO each (any strides, any float dtype), fp32 sums; the gradient of a returned lse
-        (``HAS_DLSE``) enters here."""
-        params = ["O", "DO", "DLSE", "DELTA", "so_b", "so_h", "so_n", "so_d", "sdo_b", "sdo_h", "sdo_n", "sdo_d",
-                  "sdl_b", "sdl_h", "sdl_n", "sd_b", "sd_h", "N", "DV",
+        (``HAS_DLSE``) enters here. It also gives the lse in log2 units with +inf for rows without a key
+        (``LSE2``), which the dQ and dK/dV kernels read as it is: the dK/dV kernel loads a Q tile's lse in
+        every step of its loops, where converting it took three instructions a score."""
+        params = ["O", "DO", "DLSE", "DELTA", "LSE", "LSE2", "so_b", "so_h", "so_n", "so_d", "sdo_b", "sdo_h",
+                  "sdo_n", "sdo_d", "sdl_b", "sdl_h", "sdl_n", "sd_b", "sd_h", "sll_b", "sll_h", "sll_n", "N", "DV",
                   "HAS_DLSE: tl.constexpr", "BLOCK_R: tl.constexpr", "BLOCK_DV: tl.constexpr"]
         body = [
             "rb = tl.program_id(0)  # a block of rows",
@@ -276,13 +278,16 @@ class KernelBodies:
             "if HAS_DLSE:  # the lse's own gradient: d loss / d score gains + P * dlse",
             "    delta -= tl.load(DLSE + batch * sdl_b + h * sdl_h + r * sdl_n, mask=ok, other=0.0).to(tl.float32)",
             "tl.store(DELTA + batch * sd_b + h * sd_h + r, delta, mask=ok)",
+            "lse = tl.load(LSE + batch * sll_b + h * sll_h + r * sll_n, mask=ok, other=0.0).to(tl.float32)",
+            f'tl.store(LSE2 + batch * sd_b + h * sd_h + r, tl.where(lse == float("-inf"), float("inf"), lse) * {LOG2E!r},',
+            "         mask=ok)",
         ]
         return kernel_def("attnc_bwd_delta", params,
-                          "Backward pre-pass: delta = rowsum(dO * O) - dlse (fp32), per (row block, batch x head).",
-                          body)
+                          "Backward pre-pass: delta = rowsum(dO * O) - dlse and lse * log2(e), fp32, per (row block, "
+                          "batch x head).", body)
 
     def _bwd_params(self) -> list[str]:
-        return ["Q", "K", "V", "DO", "LSE", "DELTA", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
+        return ["Q", "K", "V", "DO", "LSE2", "DELTA", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
                 "sv_b", "sv_h", "sv_n", "sdo_b", "sdo_h", "sdo_n", "sl_b", "sl_h"]
 
     def _backward_dq(self) -> str:

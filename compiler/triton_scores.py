@@ -95,16 +95,33 @@ class ScoreLines:
                       "kc_lo = tl.load(DC + dc_base + dc_lo + k_tok, mask=k_ok, other=0.0)",
                       f"fox = (dc_q{qx} - kc_hi{kx}) + (dl_q{qx} - kc_lo{kx})",
                       f's = s + {LOG2E!r} * tl.where(k_tok{kx} >= dr_q{qx}, fox, float("-inf"))']
-        if masked:
-            if not self.checks:
-                lines += mask_lines
-            lines.append('s = tl.where(allowed, s, float("-inf"))')
-        elif self._k_padding():
-            lines += ["# FULL tile: only the padded slots of edge tiles are masked",
-                      f's = tl.where(k_ok{kx}, s, float("-inf"))']
-        else:
+        if masked and not self.checks:
+            lines += mask_lines
+        keep = self._kept(masked, tr)
+        if keep is None:
             lines.append("# FULL tile: no mask code")
+        elif grad:  # P = exp2(s - lse) is recomputed: 0 where not kept (``recomputed_p``), one select a score
+            lines.append(f"# pairs not in {keep}: P = 0, selected after the exponential")
+        else:
+            if not masked:
+                lines.append("# FULL tile: only the padded slots of edge tiles are masked")
+            lines.append(f's = tl.where({keep}, s, float("-inf"))')
         return lines
+
+    def _kept(self, masked: bool, tr: bool = False) -> str | None:
+        """The pairs whose scores a tile keeps: the pattern's mask on PARTIAL tiles (``allowed``), the keys
+        inside the grid on FULL tiles with padded slots; None: every pair."""
+        if masked:
+            return "allowed"
+        return f"k_ok{broadcast_axes(tr)[1]}" if self._k_padding() else None
+
+    def recomputed_p(self, masked: bool, lse: str, tr: bool = False) -> str:
+        """The backward's P (or P^T) from the scores ``s`` and the row's ``lse`` in log2 units, 0 where the
+        tile does not keep a pair. Selecting after the exponential (not -inf before it) leaves the score's
+        scale and subtraction one FMA."""
+        keep = self._kept(masked, tr)
+        p = f"tl.exp2(s - {lse})"
+        return p if keep is None else f"tl.where({keep}, {p}, 0.0)"
 
     # ------------------------------------------------------------ routing
     def _route_key_lines(self) -> list[str]:

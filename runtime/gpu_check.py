@@ -164,6 +164,10 @@ class KernelReport:
     #: the kernel's first instruction is ``trap``: Triton lowered it to an abort rather than failing the compile
     #: (Triton 3.9, sm_100: a dK/dV kernel whose accumulators outgrew tensor memory's 512 columns)
     traps: bool = False
+    #: SASS instructions in each innermost loop that issues tensor-core instructions, in program order (the
+    #: forward's and the dQ kernel's FULL then PARTIAL KV tile step, dK/dV's per Q tile): what one step of a
+    #: loop costs besides its matmuls, an offline measure of a change to the loops (``loop_instructions``)
+    loop_instructions: list = field(default_factory=list)
     constexprs: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -209,7 +213,7 @@ class KernelReport:
         return {k: getattr(self, k) for k in ("pattern", "kernel", "arch", "head_dim", "dtype", "config", "num_warps",
                                               "num_stages", "shared", "smem_limit", "regs", "spill_bytes", "stack",
                                               "wgmma", "mma", "tcgen05", "dots", "error", "fell_back", "indexed",
-                                              "traps")}
+                                              "traps", "loop_instructions")}
 
 
 def _knob(path: str, default=None):
@@ -285,6 +289,13 @@ def _parse_ptxas(log: str) -> tuple[int, int, int] | None:
 _PTXAS_CACHE: dict[str, tuple[int, int, int]] = {}
 
 
+def _ptxas_path(arch: int) -> str:
+    """Triton's bundled ptxas for ``sm_<arch>`` (Triton 3.9 picks one per architecture)."""
+    from triton.backends.nvidia import compiler as nv
+
+    return nv.get_ptxas(arch).path if "arch" in inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas().path
+
+
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     """(registers, spill bytes (stores + loads), stack frame bytes) per thread, from ``ptxas -v``
     on the PTX with the flags Triton's ``make_cubin`` uses (Triton's bundled ptxas)."""
@@ -293,7 +304,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     key = _ptx_key(ptx, arch)
     if key in _PTXAS_CACHE:
         return _PTXAS_CACHE[key]
-    ptxas = nv.get_ptxas(arch).path if "arch" in inspect.signature(nv.get_ptxas).parameters else nv.get_ptxas().path
+    ptxas = _ptxas_path(arch)
     flags = ["-lineinfo", "-v"]
     if "regAllocOptLevel" in inspect.getsource(nv.CUDABackend.make_cubin):
         flags.append("--regAllocOptLevel=2")
@@ -309,6 +320,36 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
         raise RuntimeError(f"ptxas failed: {log.strip()[-300:]}")
     _PTXAS_CACHE[key] = usage
     return usage
+
+
+def sass(cubin: bytes) -> list[tuple[int, str]]:
+    """(address, instruction) of a compiled kernel's SASS, from ``cuobjdump -sass`` (Triton's bundled one)."""
+    tool = os.path.join(os.path.dirname(_ptxas_path(90)), "cuobjdump")  # beside ptxas in Triton's bin folder
+    with tempfile.TemporaryDirectory(prefix="attnc-sass-") as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        out = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
+    return [(int(m.group(1), 16), m.group(2).strip())
+            for m in re.finditer(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", out, re.M)]
+
+
+#: SASS opcodes of tensor-core matrix instructions: Ampere's HMMA, Hopper's HGMMA, Blackwell's UTC*MMA
+_TENSOR_CORE_SASS = re.compile(r"\b(?:HMMA|HGMMA|UTC\w*MMA)\b")
+
+
+def loop_instructions(code: list[tuple[int, str]]) -> list[int]:
+    """The instruction count of each innermost loop of ``sass`` code that issues tensor-core instructions,
+    in program order. A loop is a branch back to a lower address and the instructions from there to it."""
+    index = {addr: i for i, (addr, _) in enumerate(code)}
+    loops = []
+    for i, (addr, text) in enumerate(code):
+        m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
+            loops.append((index[int(m.group(1), 16)], i))
+    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    return [hi - lo + 1 for lo, hi in sorted(inner)
+            if any(_TENSOR_CORE_SASS.search(text) for _, text in code[lo:hi + 1])]
 
 
 # An instruction may carry a predicate guard (``@%p1 tcgen05.mma...``: Blackwell's single-thread issue).
@@ -378,6 +419,7 @@ def _compiled_report(rec: Recorded, arch: int, *, pattern: str, head_dim: int, d
         rep.wgmma, rep.mma, rep.tcgen05 = tensor_core_counts(ptx)
         rep.traps = kernel_fit.traps_at_entry(ptx)
         rep.dots = len(re.findall(r"\btt\.dot(?:_scaled)?\b", kernel.asm.get("ttir", "")))
+        rep.loop_instructions = loop_instructions(sass(kernel.asm["cubin"]))
     except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
         rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
     return rep
@@ -688,7 +730,7 @@ def default_archs() -> tuple[int, ...]:
 
 # ----------------------------------------------------------------- text
 HEADER = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B "
-          "| dots | wgmma | mma.sync | tcgen05 | status |")
+          "| dots | wgmma | mma.sync | tcgen05 | loop instr | status |")
 
 
 def table(reports: list[KernelReport]) -> str:
@@ -698,7 +740,8 @@ def table(reports: list[KernelReport]) -> str:
         status = ("ok" if r.ok else "; ".join(r.problems)) + "".join(f" (note: {n})" for n in r.notes)
         lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config.replace('|', '/')} | "
                      f"{r.num_warps} | {r.num_stages} | {r.shared / 1024:.1f} | {r.smem_limit // 1024} | {r.regs} | "
-                     f"{r.spill_bytes} | {r.dots} | {r.wgmma} | {r.mma} | {r.tcgen05} | {status} |")
+                     f"{r.spill_bytes} | {r.dots} | {r.wgmma} | {r.mma} | {r.tcgen05} | "
+                     f"{'+'.join(map(str, r.loop_instructions)) or '-'} | {status} |")
     return "\n".join(lines)
 
 
@@ -709,5 +752,5 @@ def summary(reports: list[KernelReport]) -> str:
 
 
 __all__ = ["ARCH_HARDWARE", "KernelReport", "Recorded", "SMEM_LIMIT", "capture_launches", "check_launch",
-           "check_pattern", "compile_launch", "default_archs", "native_kernel", "ptxas_usage", "record_call",
-           "summary", "table", "targets_available", "tensor_core_counts"]
+           "check_pattern", "compile_launch", "default_archs", "loop_instructions", "native_kernel", "ptxas_usage",
+           "record_call", "sass", "summary", "table", "targets_available", "tensor_core_counts"]

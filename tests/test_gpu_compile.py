@@ -504,6 +504,61 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
     assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0
 
 
+def test_loop_instructions_counts_innermost_tensor_core_loops():
+    """``loop_instructions``: each innermost loop (a branch back and what lies between) that issues a tensor-core
+    instruction, in program order; an outer loop around one, and a loop without one, are not counted."""
+    def code(lines):
+        return [(16 * i, text) for i, text in enumerate(lines)]
+
+    sass = code(["MOV R1, R2",  # 0
+                 "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",  # 1: inner loop A starts (outer loop too)
+                 "FMUL R3, R3, R4",
+                 "@P0 BRA 0x10",  # 3: back to 1 (A: 3 instructions)
+                 "IADD3 R5, R5, 0x1, RZ",  # 4: a loop without matmuls
+                 "@P1 BRA 0x40",  # 5: back to 4
+                 "HMMA.16816.F32.BF16 R8, R12, R16, R8",  # 6: inner loop B
+                 "FFMA R3, R3, R4, R5",
+                 "MUFU.EX2 R3, R3",
+                 "@P2 BRA 0x60",  # 9: back to 6 (B: 4 instructions)
+                 "@P3 BRA 0x10",  # 10: the outer loop, back to 1
+                 "UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT",  # 11
+                 "BRA 0xb0",  # 12: back to 11 (C: Blackwell's tensor-core issue)
+                 "EXIT"])
+    assert G.loop_instructions(sass) == [3, 4, 2]
+    assert G.loop_instructions(code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "BRA 0x20", "EXIT"])) == []
+
+
+def test_loop_instruction_comparison_of_two_matrices(tmp_path):
+    """``benchmarks/loop_instructions.py``: per architecture and kernel the median ratio of a step's instructions,
+    every kernel's counts, and the kernels only one matrix compiled (or with other loops) named as not compared."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_instructions.py"
+    spec = importlib.util.spec_from_file_location("loop_instructions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(pattern, kernel, loops, regs=100, arch=90):
+        return {"pattern": pattern, "kernel": kernel, "arch": arch, "head_dim": 128, "dtype": "bf16",
+                "loop_instructions": loops, "regs": regs, "error": None}
+
+    before = [row("a", "fwd", [400, 500]), row("b", "fwd", [300, 600]), row("a", "bwd_dq", [200]),
+              row("c", "fwd", [100]), row("a", "bwd_delta", [])]
+    after = [row("a", "fwd", [360, 450], 110), row("b", "fwd", [300, 540]), row("a", "bwd_dq", [200, 10]),
+             row("d", "fwd", [90])]
+    for name, rows in (("before", before), ("after", after)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cmp.md"
+    assert bench.main([str(tmp_path / "before.jsonl"), str(tmp_path / "after.jsonl"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| sm_90 | fwd | 4 | 0.900 | 0.900 | 1.000 |" in text  # 0.9, 0.9, 1.0, 0.9
+    assert "| a | fwd | sm_90 | 128 | bf16 | 400+500 | 360+450 | 100 / 110 |" in text
+    assert "bwd_dq" not in text.split("\n\n")[0]  # its loops differ in number: not compared
+    assert "3 kernels in only one matrix, or with a different number of loops, not compared." in text
+
+
 def test_positive_scale_enters_the_forwards_exponent():
     """A pattern whose scores are the scaled q.k alone (a sliding window): with a positive scale the forward
     keeps its scores in q.k units and applies the scale in the exponent, ``exp2(qk * c - m)`` one FMA a score,
@@ -516,16 +571,18 @@ def test_positive_scale_enters_the_forwards_exponent():
     rec = next(r for r in records if r.name == "attnc_fwd")
     assert rec.kwargs["POS_SCALE"] is True  # the recorded call's default scale, 1/sqrt(64)
 
-    def counts(pos: bool) -> tuple[int, int, int]:
+    def counts(pos: bool) -> tuple[int, int, int, list[int]]:
         rec.kwargs["POS_SCALE"] = pos
         kernel, _, _ = G.compile_launch(rec, 90)
         ptx = kernel.asm["ptx"]
         mul, sub, ex2 = (len(re.findall(r"^\s*(?:@%\w+\s+)?" + re.escape(op), ptx, re.M))
                          for op in ("mul.f32", "sub.f32", "ex2.approx"))
-        return mul + sub, ex2, G.ptxas_usage(ptx, 90)[1]
+        return mul + sub, ex2, G.ptxas_usage(ptx, 90)[1], G.loop_instructions(G.sass(kernel.asm["cubin"]))
 
-    ops_pos, ex2_pos, spill_pos = counts(True)
-    ops_neg, ex2_neg, spill_neg = counts(False)
+    ops_pos, ex2_pos, spill_pos, loops_pos = counts(True)
+    ops_neg, ex2_neg, spill_neg, loops_neg = counts(False)
+    # the FULL and the PARTIAL step, each shorter in SASS too
+    assert len(loops_pos) == len(loops_neg) == 2 and all(a < b for a, b in zip(loops_pos, loops_neg, strict=True))
     scores_per_thread = rec.kwargs["BLOCK_M"] * rec.kwargs["BLOCK_N"] // (32 * rec.kwargs["num_warps"])
     assert scores_per_thread == 32
     assert ops_neg - ops_pos >= 2 * scores_per_thread, (ops_pos, ops_neg)

@@ -807,29 +807,32 @@ def _raise_index_errors(launch: Launch) -> None:
             raise E.index_error(name, dim, value, size, guarded=True)
 
 
-def _row_term(launch: Launch, out, dout, dlse) -> torch.Tensor:
-    """``rowsum(dO * O) - dlse`` in fp32 ``[B, H, N]``, token order: one kernel reading each once (the
-    eager torch form made two fp32 copies of dO and O and a product before the sum)."""
+def _row_term(launch: Launch, out, lse, dout, dlse) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rowsum(dO * O) - dlse`` and the lse in log2 units (+inf where it is -inf: rows without a key), both
+    fp32 ``[B, H, N]`` in token order: one kernel reading each once (the eager torch form made two fp32 copies
+    of dO and O and a product before the sum)."""
     B, H, N, DV = out.shape
     delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
+    lse_l2 = torch.empty_like(delta)
     block_dv = padded_head_dim(DV)
     block_r = max(8, min(128, 8192 // block_dv))  # 8K elements of each tile per program
     dl = dlse if dlse is not None else _dummy(out.device)
     dl_strides = dlse.stride() if dlse is not None else (0, 0, 0)
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_bwd_delta, (-(-N // block_r), B * H),
-                       [out, dout, dl, delta, *out.stride(), *dout.stride(), *dl_strides, *delta.stride()[:2], N, DV],
+                       [out, dout, dl, delta, lse, lse_l2, *out.stride(), *dout.stride(), *dl_strides,
+                        *delta.stride()[:2], *lse.stride(), N, DV],
                        # 4 warps: at 8, ptxas spills it on sm_100 (48 registers, 32 B; Triton 3.9)
                        dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4),
                        backward=True)
-    return delta
+    return delta, lse_l2
 
 
-def _backward_inputs(launch: Launch, q, k, v, dout, lse, delta) -> tuple:
-    """q, k, v, dO, lse and delta in a launch's token order (``_to_tiles``)."""
+def _backward_inputs(launch: Launch, q, k, v, dout, lse_l2, delta) -> tuple:
+    """q, k, v, dO, the lse in log2 units and delta in a launch's token order (``_to_tiles``)."""
     return (_to_tiles(launch, q, "q"), _to_tiles(launch, k, "k"), _to_tiles(launch, v, "k"),
             _to_tiles(launch, dout.to(q.dtype), "q"),
-            _to_tiles(launch, lse.float().unsqueeze(-1), "q").squeeze(-1).contiguous(),
+            _to_tiles(launch, lse_l2.unsqueeze(-1), "q").squeeze(-1).contiguous(),
             _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous())
 
 
@@ -847,10 +850,10 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     # the backward in one kernel: dQ added by the dK/dV kernel's atomics, in fp32 at its tiles' token order
     atomic = atomic_dq_applies(launch.config, row_sums=row_sums, bias_grads=bool(bias_wrt))
     qlaunch = launch if dq_launch is None or atomic else dq_launch
-    delta = _row_term(launch, out, dout, dlse)
-    qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse, delta)
-    q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout, lse,
-                                                                                          delta)
+    delta, lse_l2 = _row_term(launch, out, lse, dout, dlse)
+    qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse_l2, delta)
+    q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout,
+                                                                                          lse_l2, delta)
     decay_c = _decay_cumsum(launch, device)
     if atomic:
         dq = torch.zeros(qp.shape, dtype=torch.float32, device=device)
