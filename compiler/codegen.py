@@ -157,12 +157,14 @@ class KernelSource(ScoreLines, KernelBodies):
         pos = ["q", "k"] + [f"q_c{i}" for i in range(len(self.q_axes))] + [f"k_c{i}" for i in range(len(self.k_axes))]
         return ", ".join(pos + ["h"] + self._slot_params(which))
 
-    def _tiles(self, role: str, var: str) -> list[str]:
+    def _tiles(self, role: str, var: str, edge: bool = False) -> list[str]:
+        """The tile's lines (``tile_code``); ``edge``: with ``k_edge`` where only the grid's edge tiles are padded
+        (the forward's branch around their padding)."""
         if role == "q":
             return tile_code("q", var, self.shape.q_extents, self.shape.q_tile, self.q_axes, self.permuted,
                              "BLOCK_M", self.wide_rows, self.q_uniform, "Q_OFF" if self.block else None)
         return tile_code("k", var, self.shape.kv_extents, self.shape.kv_tile, self.k_axes, self.permuted,
-                         "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None)
+                         "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None, edge=edge)
 
     # ------------------------------------------------------------ module
     def module(self) -> str:

@@ -174,7 +174,7 @@ class KernelBodies:
                 f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
                 *list_loop(kind, self.shape_tiles_q(), "qt"),
             ]
-            loop = [*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt"),
+            loop = [*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     *kv_loads(),
                     "qk = _dot(q, tl.trans(kk), DOT)",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .route_blocks import WORD_BITS
 from .triton_exprs import INT32_MAX, LOG2E
-from .triton_tiles import block_size
+from .triton_tiles import block_size, edge_padded
 
 
 def broadcast_axes(tr: bool) -> tuple[str, str]:
@@ -102,11 +102,18 @@ class ScoreLines:
             lines.append("# FULL tile: no mask code")
         elif grad:  # P = exp2(s - lse) is recomputed: 0 where not kept (``recomputed_p``), one select a score
             lines.append(f"# pairs not in {keep}: P = 0, selected after the exponential")
-        else:
+        elif masked or not self._k_edge_only():
             if not masked:
-                lines.append("# FULL tile: only the padded slots of edge tiles are masked")
+                lines.append("# FULL tile: only the padded slots are masked")
             lines.append(f's = tl.where({keep}, s, float("-inf"))')
+        else:
+            lines += ["if k_edge:  # FULL tile at the grid's edge: its padded slots masked (the others branch past)",
+                      f'    s = tl.where({keep}, s, float("-inf"))']
         return lines
+
+    def _k_edge_only(self) -> bool:
+        """Whether only KV tiles at the grid's far edges have padded slots (``k_edge`` says which)."""
+        return edge_padded(self.shape.kv_extents, self.shape.kv_tile)
 
     def _kept(self, masked: bool, tr: bool = False) -> str | None:
         """The pairs whose scores a tile keeps: the pattern's mask on PARTIAL tiles (``allowed``), the keys
@@ -118,7 +125,9 @@ class ScoreLines:
     def recomputed_p(self, masked: bool, lse: str, tr: bool = False) -> str:
         """The backward's P (or P^T) from the scores ``s`` and the row's ``lse`` in log2 units, 0 where the
         tile does not keep a pair. Selecting after the exponential (not -inf before it) leaves the score's
-        scale and subtraction one FMA."""
+        scale and subtraction one FMA. Unlike the forward, every padded FULL tile selects: a branch around
+        the select here had Triton move the P tile through shared memory (sm_90: fewer wgmma, a barrier
+        per step)."""
         keep = self._kept(masked, tr)
         p = f"tl.exp2(s - {lse})"
         return p if keep is None else f"tl.where({keep}, {p}, 0.0)"

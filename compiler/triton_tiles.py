@@ -58,13 +58,20 @@ def layout_of(config) -> str:
     return getattr(config, "layout", "address") if config is not None else "address"
 
 
+def edge_padded(extents, tile) -> bool:
+    """Whether only the tiles at the grid's far edges have padded slots: some extent is not a multiple of
+    its tile, and a tile's slots fill its power-of-two block (else every tile has padded slots)."""
+    return block_size(math.prod(tile)) == math.prod(tile) and any(L % t for L, t in zip(extents, tile, strict=True))
+
+
 def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
-               wide: bool, uniform: frozenset[int], offset: str | None = None) -> list[str]:
+               wide: bool, uniform: frozenset[int], offset: str | None = None, edge: bool = False) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
     ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
     ``{role}_ok`` and the memory row ``{role}_row`` of every slot. ``offset``: the name of the
     runtime argument that makes a block's rows absolute positions (1-D tiles of a block of a longer
-    sequence; the memory rows stay the block's)."""
+    sequence; the memory rows stay the block's). ``edge`` (where ``edge_padded``): also the scalar
+    ``{role}_edge``, whether this tile is one with padded slots (last along an axis its tiles overrun)."""
     if offset is not None and (len(extents) != 1 or permuted or uniform):
         raise ValueError("a block's tiles are 1-D runs of its rows, in memory order, with no uniform axis")
     r = role
@@ -78,9 +85,11 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
         if extents[0] % tile[0]:
             ok.append(f"({r}_tok < {extents[0]})")
         lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
+        edges = [f"({tile_var} == {grid[0] - 1})"]
     else:
         lines.append(f"# tile coordinates in the tile grid {tuple(grid)}, slot coordinates in the tile {tuple(tile)}")
         ok = [f"({sl} < {slots})"] if block_size(slots) != slots else []
+        edges = []
         flat_terms = []
         for a, (L, t) in enumerate(zip(extents, tile, strict=True)):
             g_stride = math.prod(grid[a + 1:])
@@ -92,9 +101,12 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
             lines.append(f"{r}_a{a} = {tc}  # one value per tile" if a in uniform else f"{r}_a{a} = {tc} * {t} + {sc}")
             if L % t:
                 ok.append(f"({r}_a{a} < {L})")
+                edges.append(f"({tc} == {grid[a] - 1})")
             flat_terms.append((f"{r}_a{a}", math.prod(extents[a + 1:])))
         lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
         lines.append(f"{r}_tok = " + " + ".join(f"{v} * {s}" if s > 1 else v for v, s in flat_terms))
+    if edge and edge_padded(extents, tile):
+        lines.append(f"{r}_edge = " + " | ".join(edges) + "  # a tile with padded slots (the grid's far edge)")
     if permuted:
         lines.append(f"{r}_row = {tile_var} * {slots} + {sl}  # q/k/v were permuted into tile order on the host")
     else:

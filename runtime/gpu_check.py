@@ -164,9 +164,10 @@ class KernelReport:
     #: the kernel's first instruction is ``trap``: Triton lowered it to an abort rather than failing the compile
     #: (Triton 3.9, sm_100: a dK/dV kernel whose accumulators outgrew tensor memory's 512 columns)
     traps: bool = False
-    #: SASS instructions in each innermost loop that issues tensor-core instructions, in program order (the
-    #: forward's and the dQ kernel's FULL then PARTIAL KV tile step, dK/dV's per Q tile): what one step of a
-    #: loop costs besides its matmuls, an offline measure of a change to the loops (``loop_instructions``)
+    #: SASS instructions a step of each innermost loop that issues tensor-core instructions runs (the fewest, where
+    #: it branches), in program order (the forward's and the dQ kernel's FULL then PARTIAL KV tile step, dK/dV's
+    #: per Q tile): what one step of a loop costs besides its matmuls, an offline measure of a change to the
+    #: loops (``loop_instructions``)
     loop_instructions: list = field(default_factory=list)
     constexprs: dict = field(default_factory=dict, repr=False)
 
@@ -339,17 +340,35 @@ _TENSOR_CORE_SASS = re.compile(r"\b(?:HMMA|HGMMA|UTC\w*MMA)\b")
 
 
 def loop_instructions(code: list[tuple[int, str]]) -> list[int]:
-    """The instruction count of each innermost loop of ``sass`` code that issues tensor-core instructions,
-    in program order. A loop is a branch back to a lower address and the instructions from there to it."""
+    """The fewest instructions a step of each innermost loop of ``sass`` code that issues tensor-core instructions
+    runs, in program order: a branch forward inside the loop taken where that is shorter (the forward's branch
+    around an edge tile's padding, which every other tile takes). A loop is a branch back to a lower address
+    and the instructions from there to it."""
     index = {addr: i for i, (addr, _) in enumerate(code)}
-    loops = []
-    for i, (addr, text) in enumerate(code):
+
+    def target(text: str) -> int | None:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr and int(m.group(1), 16) in index:
-            loops.append((index[int(m.group(1), 16)], i))
+        return index.get(int(m.group(1), 16)) if m else None
+
+    loops = [(t, i) for i, (_, text) in enumerate(code) if (t := target(text)) is not None and t < i]
     inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
-    return [hi - lo + 1 for lo, hi in sorted(inner)
-            if any(_TENSOR_CORE_SASS.search(text) for _, text in code[lo:hi + 1])]
+    out = []
+    for lo, hi in sorted(inner):
+        if not any(_TENSOR_CORE_SASS.search(text) for _, text in code[lo:hi + 1]):
+            continue
+        fewest = {lo: 1}  # instructions run to reach each one (the body less its back edge is acyclic)
+        for i in range(lo, hi):
+            if i not in fewest:
+                continue
+            text = code[i][1]
+            jump = target(text)
+            nexts = [] if re.match(r"(?:EXIT|RET)\b|BRA\b", text) else [i + 1]  # an unguarded branch never falls through
+            if jump is not None and i < jump <= hi:
+                nexts.append(jump)
+            for j in nexts:
+                fewest[j] = min(fewest.get(j, fewest[i] + 1), fewest[i] + 1)
+        out.append(fewest.get(hi, hi - lo + 1))
+    return out
 
 
 # An instruction may carry a predicate guard (``@%p1 tcgen05.mma...``: Blackwell's single-thread issue).

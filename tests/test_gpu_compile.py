@@ -506,7 +506,8 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
 
 def test_loop_instructions_counts_innermost_tensor_core_loops():
     """``loop_instructions``: each innermost loop (a branch back and what lies between) that issues a tensor-core
-    instruction, in program order; an outer loop around one, and a loop without one, are not counted."""
+    instruction, in program order, by the fewest instructions a step runs; an outer loop around one, and a loop
+    without one, are not counted."""
     def code(lines):
         return [(16 * i, text) for i, text in enumerate(lines)]
 
@@ -525,6 +526,21 @@ def test_loop_instructions_counts_innermost_tensor_core_loops():
                  "BRA 0xb0",  # 12: back to 11 (C: Blackwell's tensor-core issue)
                  "EXIT"])
     assert G.loop_instructions(sass) == [3, 4, 2]
+    # a branch forward inside a loop: the step that takes it runs 3 of its 6 instructions; an unguarded one
+    # never falls through, and one out of the loop is not a way through it
+    sass = code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",  # 0
+                 "@!P0 BRA 0x40",  # 1: past the two selects
+                 "FSEL R3, R3, -INF, !P3",
+                 "FSEL R4, R4, -INF, !P3",
+                 "@P1 BRA 0x0",  # 4: back to 0
+                 "HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",  # 5
+                 "BRA 0x80",  # 6: on to 8 unguarded, past 7
+                 "FADD R1, R1, R2",
+                 "@P2 BRA 0x100",  # 8: out of the loop
+                 "FMUL R1, R1, R2",
+                 "@P1 BRA 0x50",  # 10: back to 5
+                 "EXIT"])
+    assert G.loop_instructions(sass) == [3, 5]
     assert G.loop_instructions(code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "BRA 0x20", "EXIT"])) == []
 
 

@@ -284,6 +284,11 @@ def test_any_scale_against_plain_torch(scale):
     out, lse = tri(q, k, v, return_lse=True, scale=scale)
     torch.testing.assert_close(out.double(), dense_attention(q, k, v, allowed, scale=scale), atol=1e-5, rtol=1e-5)
     assert torch.all(out[:, :, -1] == 0) and torch.all(torch.isneginf(lse[:, :, -1]))
+    # the last KV tile (keys 64-79 of 70) is FULL for some Q tiles: the forward masks its padded slots on that
+    # tile alone (a branch, k_edge); the backward selects P on every padded FULL tile as before
+    forward, backward = tri.source.split("def attnc_bwd_delta(")
+    assert "k_edge = (kt == 4)" in forward and forward.count("if k_edge:") == 1
+    assert "k_edge" not in backward
     if scale == 0.0:  # every allowed key weighs the same: lse is log(count)
         count = allowed.sum(-1)[:-1].double()
         torch.testing.assert_close(lse[0, :, :-1].double(), count.log().expand(2, -1), atol=1e-6, rtol=1e-6)
