@@ -362,7 +362,8 @@ def _used_runs(attn) -> bool:
 def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines_b) -> None:
     """The same kernels launched otherwise, timed in this process beside the rows above, so that one GPU
     run decides what to keep: in tile order where the kernels took an order table (always on the toy
-    causal case, whose sizes take none, to run the path); reading every tile index from the lists where
+    causal case, whose sizes take none, to run the path); with the forward's scale applied to every score before
+    the row max (``POS_SCALE`` off) where its scores are the scaled q.k alone; reading every tile index from the lists where
     the kernels stepped through runs of consecutive tiles; on the tuner's Hopper backward
     (``autotune.wide_kv_backward``) where it applies to the config that ran; with that config's streamed
     tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows; and with its
@@ -371,6 +372,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     from attnc.compiler import evaluate as E
     from attnc.compiler.hardware import get_hardware
     from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
+    from attnc.compiler.triton_scores import scale_in_exponent
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
     from attnc.runtime.tuning.autotune import atomic_dq_backward, wide_kv_backward
@@ -405,6 +407,13 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
             row("tile order (no order tables)", *time_module(module()))
         finally:
             TR.choose_order = saved
+    if scale_in_exponent(attn.pattern):
+        saved_sign = TR._scale_sign
+        TR._scale_sign = lambda launch, scale: dict.fromkeys(saved_sign(launch, scale), False)
+        try:
+            row("scale applied to the scores first (not in the exponent)", *time_module(module()))
+        finally:
+            TR._scale_sign = saved_sign
     if _used_runs(attn):
         saved_runs = TR._runs
         TR._runs = lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds}

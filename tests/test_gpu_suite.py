@@ -49,6 +49,11 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     # the variant the toy run can take: the causal case's kernels again without order tables
     variant = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, tile order"))
     assert float(variant.split("|")[5]) > 0, variant
+    # and the forward with its scale applied to the scores first (every case's scores are the scaled q.k alone)
+    for name in ("1-D", "2-D", "3-D", "causal"):
+        first = next(line for line in text.splitlines()
+                     if line.startswith(f"| {name} | attnc triton, scale applied to the scores first"))
+        assert float(first.split("|")[3]) > 0 and float(first.split("|")[5]) > 0, first
     # and the kernels reading every tile index from the lists, where they had stepped through runs (causal)
     indexed = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, lists by index"))
     assert float(indexed.split("|")[5]) > 0, indexed
