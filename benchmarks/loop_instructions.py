@@ -20,14 +20,24 @@ import statistics
 import sys
 from pathlib import Path
 
+#: What tells a matrix's rows apart beside the pattern, kernel, arch, head dim and dtype (its options: the old
+#: search's configs, order tables, TMA, grouped-query attention, the backward in one kernel)
+VARIANT = ("before", "ordered", "tma", "kv_heads", "group_split", "atomic_dq")
+
 
 def load(path: str) -> dict[tuple, dict]:
-    """The rows of a matrix's JSON lines with loop counts, by (pattern, kernel, arch, head dim, dtype)."""
-    rows = {}
+    """The rows of a matrix's JSON lines with loop counts, by (pattern, kernel, arch, head dim, dtype, variant,
+    launch): ``launch`` counts the kernel's earlier rows of the same options (a recurrence launches a kernel in
+    its forward and again in its backward), in the order a cell records them."""
+    rows: dict[tuple, dict] = {}
+    seen: dict[tuple, int] = {}
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         if row.get("loop_instructions") and not row.get("error"):
-            rows[(row["pattern"], row["kernel"], row["arch"], row["head_dim"], row["dtype"])] = row
+            key = (row["pattern"], row["kernel"], row["arch"], row["head_dim"], row["dtype"],
+                   *(row.get(k) for k in VARIANT))
+            seen[key] = seen.get(key, -1) + 1
+            rows[(*key, seen[key])] = row
     return rows
 
 
@@ -48,7 +58,9 @@ def compare(before: dict[tuple, dict], after: dict[tuple, dict]) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for key in common:
         b, a = before[key], after[key]
-        lines.append(f"| {key[0]} | {key[1]} | sm_{key[2]} | {key[3]} | {key[4]} | "
+        options = ", ".join(f"{k} {v}" for k, v in zip(VARIANT, key[5:-1], strict=True) if v not in (None, False, 1))
+        options += f"{', ' if options else ''}launch {key[-1] + 1}" if key[-1] else ""
+        lines.append(f"| {key[0]}{f' ({options})' if options else ''} | {key[1]} | sm_{key[2]} | {key[3]} | {key[4]} | "
                      f"{'+'.join(map(str, b['loop_instructions']))} | {'+'.join(map(str, a['loop_instructions']))} | "
                      f"{b['regs']} / {a['regs']} |")
     missing = len(before.keys() ^ after.keys()) + len(before.keys() & after.keys()) - len(common)

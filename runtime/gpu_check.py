@@ -325,7 +325,10 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 
 def sass(cubin: bytes) -> list[tuple[int, str]]:
     """(address, instruction) of a compiled kernel's SASS, from ``cuobjdump -sass`` (Triton's bundled one)."""
-    tool = os.path.join(os.path.dirname(_ptxas_path(90)), "cuobjdump")  # beside ptxas in Triton's bin folder
+    from triton import knobs
+
+    tool = getattr(getattr(knobs.nvidia, "cuobjdump", None), "path", None) or os.path.join(
+        os.path.dirname(_ptxas_path(90)), "cuobjdump")  # Triton's, beside its ptxas
     with tempfile.TemporaryDirectory(prefix="attnc-sass-") as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -342,32 +345,38 @@ _TENSOR_CORE_SASS = re.compile(r"\b(?:HMMA|HGMMA|UTC\w*MMA)\b")
 def loop_instructions(code: list[tuple[int, str]]) -> list[int]:
     """The fewest instructions a step of each innermost loop of ``sass`` code that issues tensor-core instructions
     runs, in program order: a branch forward inside the loop taken where that is shorter (the forward's branch
-    around an edge tile's padding, which every other tile takes). A loop is a branch back to a lower address
-    and the instructions from there to it."""
+    around an edge tile's padding, which every other tile takes). A loop is a header and the branches back to
+    it, up to the last; innermost: it holds no other loop that issues tensor-core instructions (a loop without
+    them inside one is counted once through)."""
     index = {addr: i for i, (addr, _) in enumerate(code)}
 
     def target(text: str) -> int | None:
         m = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         return index.get(int(m.group(1), 16)) if m else None
 
-    loops = [(t, i) for i, (_, text) in enumerate(code) if (t := target(text)) is not None and t < i]
-    inner = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    back: dict[int, list[int]] = {}  # header -> its branches back
+    for i, (_, text) in enumerate(code):
+        if (t := target(text)) is not None and t < i:
+            back.setdefault(t, []).append(i)
+    loops = [(lo, max(ends), ends) for lo, ends in back.items()
+             if any(_TENSOR_CORE_SASS.search(text) for _, text in code[lo:max(ends) + 1])]
     out = []
-    for lo, hi in sorted(inner):
-        if not any(_TENSOR_CORE_SASS.search(text) for _, text in code[lo:hi + 1]):
+    for lo, hi, ends in sorted(loops):
+        if any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b, _ in loops):
             continue
-        fewest = {lo: 1}  # instructions run to reach each one (the body less its back edge is acyclic)
+        fewest = {lo: 1}  # instructions run to reach each one, on forward edges only
         for i in range(lo, hi):
             if i not in fewest:
                 continue
             text = code[i][1]
             jump = target(text)
-            nexts = [] if re.match(r"(?:EXIT|RET)\b|BRA\b", text) else [i + 1]  # an unguarded branch never falls through
+            # falls through unless it always leaves: an exit, or a branch with no guard and no predicate operand
+            nexts = [] if re.match(r"(?:EXIT|RET)\b", text) or re.match(r"BRA\b[^,]*$", text) else [i + 1]
             if jump is not None and i < jump <= hi:
                 nexts.append(jump)
             for j in nexts:
                 fewest[j] = min(fewest.get(j, fewest[i] + 1), fewest[i] + 1)
-        out.append(fewest.get(hi, hi - lo + 1))
+        out.append(min((fewest[e] for e in ends if e in fewest), default=hi - lo + 1))
     return out
 
 
@@ -438,9 +447,11 @@ def _compiled_report(rec: Recorded, arch: int, *, pattern: str, head_dim: int, d
         rep.wgmma, rep.mma, rep.tcgen05 = tensor_core_counts(ptx)
         rep.traps = kernel_fit.traps_at_entry(ptx)
         rep.dots = len(re.findall(r"\btt\.dot(?:_scaled)?\b", kernel.asm.get("ttir", "")))
-        rep.loop_instructions = loop_instructions(sass(kernel.asm["cubin"]))
     except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
         rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
+        return rep
+    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no cuobjdump: no loop counts, not an error
+        rep.loop_instructions = loop_instructions(sass(kernel.asm["cubin"]))
     return rep
 
 

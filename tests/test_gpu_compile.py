@@ -521,7 +521,7 @@ def test_loop_instructions_counts_innermost_tensor_core_loops():
                  "FFMA R3, R3, R4, R5",
                  "MUFU.EX2 R3, R3",
                  "@P2 BRA 0x60",  # 9: back to 6 (B: 4 instructions)
-                 "@P3 BRA 0x10",  # 10: the outer loop, back to 1
+                 "@P3 BRA 0x0",  # 10: the outer loop, back to 0
                  "UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8], tmem[UR10], idesc[UR12], UPT",  # 11
                  "BRA 0xb0",  # 12: back to 11 (C: Blackwell's tensor-core issue)
                  "EXIT"])
@@ -541,6 +541,22 @@ def test_loop_instructions_counts_innermost_tensor_core_loops():
                  "@P1 BRA 0x50",  # 10: back to 5
                  "EXIT"])
     assert G.loop_instructions(sass) == [3, 5]
+    # two branches back to one header end one loop (the nearer gives the fewest); a loop without matmuls inside
+    # one with them is run once through; a branch with a predicate operand (BRA.U !UP0) may fall through
+    sass = code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",  # 0
+                 "BRA.U !UP0, 0x30",  # 1: past 2
+                 "FADD R1, R1, R2",
+                 "@P0 BRA 0x0",  # 3: back to 0 (0, 1, 3: 3)
+                 "FMUL R1, R1, R2",
+                 "@P1 BRA 0x0",  # 5: back to 0 as well
+                 "EXIT"])
+    assert G.loop_instructions(sass) == [3]
+    sass = code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ",  # 0
+                 "IADD3 R5, R5, 0x1, RZ",  # 1: a loop without matmuls
+                 "@P1 BRA 0x10",  # 2: back to 1
+                 "@P0 BRA 0x0",  # 3: back to 0
+                 "EXIT"])
+    assert G.loop_instructions(sass) == [4]
     assert G.loop_instructions(code(["HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ", "BRA 0x20", "EXIT"])) == []
 
 
@@ -573,6 +589,13 @@ def test_loop_instruction_comparison_of_two_matrices(tmp_path):
     assert "| a | fwd | sm_90 | 128 | bf16 | 400+500 | 360+450 | 100 / 110 |" in text
     assert "bwd_dq" not in text.split("\n\n")[0]  # its loops differ in number: not compared
     assert "3 kernels in only one matrix, or with a different number of loops, not compared." in text
+    # rows of one kernel with other options (here the old search's configs) are told apart, and a kernel launched
+    # twice (a recurrence's forward and backward) is two rows in launch order
+    (tmp_path / "both.jsonl").write_text(json.dumps(before[0]) + "\n" + json.dumps({**before[0], "before": True}) + "\n")
+    assert len(bench.load(str(tmp_path / "both.jsonl"))) == 2
+    (tmp_path / "twice.jsonl").write_text(json.dumps(before[0]) + "\n" + json.dumps(after[0]) + "\n")
+    assert [r["loop_instructions"] for r in bench.load(str(tmp_path / "twice.jsonl")).values()] == [[400, 500],
+                                                                                                    [360, 450]]
 
 
 def test_positive_scale_enters_the_forwards_exponent():

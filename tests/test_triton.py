@@ -27,6 +27,7 @@ from attnc.compiler import codegen
 from attnc.compiler import evaluate as E
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.tiles import classify_tiles
+from attnc.compiler.triton_exprs import LOG2E
 from attnc.runtime.backends.triton import runner as T
 
 # the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy
@@ -292,6 +293,22 @@ def test_any_scale_against_plain_torch(scale):
     if scale == 0.0:  # every allowed key weighs the same: lse is log(count)
         count = allowed.sum(-1)[:-1].double()
         torch.testing.assert_close(lse[0, :, :-1].double(), count.log().expand(2, -1), atol=1e-6, rtol=1e-6)
+
+
+def test_the_exponent_takes_only_scales_that_stay_normal_float32():
+    """POS_SCALE only for a scale whose float32 ``scale * log2(e)`` is a normal number: one that rounds or
+    flushes to 0 (or overflows to inf) would turn a masked slot's ``-inf * scale_l2`` into NaN on a GPU (the
+    interpreter keeps the constant in float64 and hides it)."""
+    launch = type("L", (), {"pattern": attnc.compile_attention("stdlib:sliding_window", window=4).pattern})()
+    lo, hi = T.EXPONENT_SCALES
+    assert T._scale_sign(launch, 1 / 8) == {"POS_SCALE": True}
+    assert T._scale_sign(launch, lo) == {"POS_SCALE": True} and T._scale_sign(launch, hi) == {"POS_SCALE": True}
+    for scale in (0.0, -0.5, 1e-50, lo * 0.999, hi * 1.001, 1e39):
+        assert T._scale_sign(launch, scale) == {"POS_SCALE": False}, scale
+    assert torch.tensor(lo * LOG2E, dtype=torch.float32).item() >= 2.0**-126 > 0  # a normal float32
+    assert math.isfinite(torch.tensor(hi * LOG2E, dtype=torch.float32).item())
+    softcap = type("L", (), {"pattern": attnc.compile_attention("stdlib:softcap").pattern})()
+    assert T._scale_sign(softcap, 1 / 8) == {}  # its scores are more than the scaled q.k
 
 
 def test_alibi_against_plain_torch():

@@ -55,6 +55,7 @@ from ....compiler.search import (
 )
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
+from ....compiler.triton_exprs import LOG2E
 from ....compiler.triton_scores import scale_in_exponent
 from ....core import ir
 from ....core import symbols as S
@@ -790,10 +791,19 @@ def forward(launch: Launch, q, k, v, scale: float):
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
 
+#: The range of a scale the forward applies in its exponent: ``scale * log2(e)``, the kernel's float32
+#: ``scale_l2``, a normal float32 (not 0 after rounding or flushing, not inf; a factor of 2 to spare for the
+#: roundings), or a masked slot's ``-inf * scale_l2`` would be NaN rather than -inf.
+EXPONENT_SCALES = (2.0**-125 / LOG2E, 2.0**127 / LOG2E)
+
+
 def _scale_sign(launch: Launch, scale: float) -> dict:
-    """The forward's ``POS_SCALE`` where its scores are the scaled q.k alone (``scale_in_exponent``): a
-    positive scale is applied in the exponent (one FMA a score); zero or negative, to the scores first."""
-    return {"POS_SCALE": scale > 0} if scale_in_exponent(launch.pattern) else {}
+    """The forward's ``POS_SCALE`` where its scores are the scaled q.k alone (``scale_in_exponent``): a positive
+    scale (within ``EXPONENT_SCALES``) is applied in the exponent, one FMA a score; any other, to the scores
+    first."""
+    if not scale_in_exponent(launch.pattern):
+        return {}
+    return {"POS_SCALE": EXPONENT_SCALES[0] <= scale <= EXPONENT_SCALES[1]}
 
 
 def _raise_index_errors(launch: Launch) -> None:
