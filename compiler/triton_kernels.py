@@ -206,7 +206,7 @@ class KernelBodies:
     def _bwd_scores(self, masked: bool) -> list[str]:
         """Recompute P of one (Q tile, KV tile) pair and dS (the dQ kernel)."""
         lines = ["qk = _dot(q, tl.trans(kk), DOT)", *self._terms(masked, grad=True),
-                 f"pr = {self.recomputed_p(masked, 'lse_l2[:, None]')}  # P, recomputed",
+                 *self.recomputed_p("pr", masked, "lse_l2[:, None]"),
                  "dp = _dot(do, tl.trans(vv), DOT)",
                  "ds = pr * (dp - delta[:, None])  # dL/d(score after terms)"]
         if self.pat.softcap is not None:
@@ -228,7 +228,7 @@ class KernelBodies:
                  "                   other=0.0)",
                  "# the transposed tile: this program's keys down the rows, the Q tile's queries along the columns",
                  "qk = _dot(kk, q_t, DOT)  # K Q^T", *self._terms(masked, grad=True, tr=True),
-                 f"pt = {self.recomputed_p(masked, 'lse_l2[None, :]', tr=True)}  # P^T, recomputed",
+                 *self.recomputed_p("pt", masked, "lse_l2[None, :]", tr=True),
                  "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
                  "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
                  "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]

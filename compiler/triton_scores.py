@@ -101,7 +101,8 @@ class ScoreLines:
         if keep is None:
             lines.append("# FULL tile: no mask code")
         elif grad:  # P = exp2(s - lse) is recomputed: 0 where not kept (``recomputed_p``), one select a score
-            lines.append(f"# pairs not in {keep}: P = 0, selected after the exponential")
+            lines.append(f"# pairs not in {keep}: P = 0, selected after the exponential" if masked or not tr else
+                         "# this KV tile's padded keys: rows not stored (P^T = 0 below where dQ sums over them)")
         elif masked or not self._k_edge_only():
             if not masked:
                 lines.append("# FULL tile: only the padded slots are masked")
@@ -122,15 +123,23 @@ class ScoreLines:
             return "allowed"
         return f"k_ok{broadcast_axes(tr)[1]}" if self._k_padding() else None
 
-    def recomputed_p(self, masked: bool, lse: str, tr: bool = False) -> str:
-        """The backward's P (or P^T) from the scores ``s`` and the row's ``lse`` in log2 units, 0 where the
-        tile does not keep a pair. Selecting after the exponential (not -inf before it) leaves the score's
-        scale and subtraction one FMA. Unlike the forward, every padded FULL tile selects: a branch around
-        the select here had Triton move the P tile through shared memory (sm_90: fewer wgmma, a barrier
-        per step)."""
+    def recomputed_p(self, name: str, masked: bool, lse: str, tr: bool = False) -> list[str]:
+        """Lines recomputing the backward's P (or P^T, ``tr``) as ``name`` from the scores ``s`` and the row's
+        ``lse`` in log2 units, 0 where the tile does not keep a pair. Selecting after the exponential (not -inf
+        before it) leaves the score's scale and subtraction one FMA. Every padded FULL tile of the dQ kernel
+        selects: a branch around the select (the forward's ``k_edge``) had Triton move the P tile through shared
+        memory (sm_90: fewer wgmma, a barrier per step). The dK/dV kernel's padded keys are its own tile's rows,
+        which it never stores: it selects only where dQ sums over them (``ATOMIC_DQ``, a constant)."""
         keep = self._kept(masked, tr)
         p = f"tl.exp2(s - {lse})"
-        return p if keep is None else f"tl.where({keep}, {p}, 0.0)"
+        what = "P^T" if tr else "P"
+        if keep is None:
+            return [f"{name} = {p}  # {what}, recomputed"]
+        if tr and not masked:
+            return [f"{name} = {p}  # {what}, recomputed",
+                    "if ATOMIC_DQ:  # dQ sums over this tile's keys: 0 on its padded ones",
+                    f"    {name} = tl.where({keep}, {name}, 0.0)"]
+        return [f"{name} = tl.where({keep}, {p}, 0.0)  # {what}, recomputed"]
 
     # ------------------------------------------------------------ routing
     def _route_key_lines(self) -> list[str]:

@@ -547,6 +547,24 @@ def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(mon
             "attnc_fwd": True, "attnc_bwd_dkdv": True}
 
 
+@pytest.mark.parametrize("atomic", [False, True])
+def test_dkdv_padded_keys_with_overflowing_p(monkeypatch, atomic):
+    """The dK/dV kernel's FULL tiles with padded keys (70 keys in tiles of 16): their rows are never stored, so P^T
+    is set to 0 there only where dQ sums over the keys (``ATOMIC_DQ``). Every score is -400 (lse about -397):
+    a padded key's P^T, exp2(0 - lse), overflows to inf, and must reach no gradient either way."""
+    spec = "pattern future\n tokens seq\n mask k > q and k - q <= 40"
+    n = 70
+    cfg = KernelConfig((16,), (16,), "flat", atomic_dq=atomic)
+    monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg))
+    g = torch.Generator().manual_seed(3)
+    q = (-10 + 0.01 * torch.randn(1, 2, n, 16, generator=g)).requires_grad_()
+    k = (10 + 0.01 * torch.randn(1, 1, n, 16, generator=g)).requires_grad_()
+    v = torch.randn(1, 1, n, 16, generator=g).requires_grad_()
+    tri = compare(spec, q, k, v, scale=0.25)
+    dkdv = tri.source[tri.source.index("def attnc_bwd_dkdv("):]
+    assert "if ATOMIC_DQ:  # dQ sums over this tile's keys: 0 on its padded ones" in dkdv
+
+
 def test_int64_arithmetic_where_int32_overflows():
     # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
     spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"
