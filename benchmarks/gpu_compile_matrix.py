@@ -91,11 +91,13 @@ def trial_launches(**fields):
     """Every pick with ``fields`` of its ``KernelConfig`` set, as the autotuner's trials run them: ``tma`` (its
     streamed tiles loaded by TMA where they are whole runs of memory rows, a row's ``desc``; by pointer
     elsewhere), ``atomic_dq`` (the backward in one kernel, dQ added by the dK/dV kernel's atomics, no dQ kernel:
-    ``autotune.atomic_dq_backward``, where the tuner would time it; the pick as it is elsewhere)."""
+    ``autotune.atomic_dq_backward``, where the tuner would time it; the pick as it is elsewhere),
+    ``warp_specialize`` (the forward warp-specialized on TMA loads: ``autotune.warp_specialized_forward``, the pick
+    as it is where that gives none; a row's ``ws``)."""
     import dataclasses
 
     from attnc.runtime.backends.triton import runner
-    from attnc.runtime.tuning.autotune import atomic_dq_backward
+    from attnc.runtime.tuning.autotune import atomic_dq_backward, warp_specialized_forward
 
     saved = runner.search_config
 
@@ -103,7 +105,10 @@ def trial_launches(**fields):
         cfg = saved(pat, bound, hw, **kw)
         if fields.get("atomic_dq"):
             cfg = atomic_dq_backward(cfg, pat, hw) or cfg
-        return dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k != "atomic_dq"})
+        if fields.get("warp_specialize"):
+            nbytes = 4 if str(kw.get("dtype")).endswith("float32") else 2
+            cfg = warp_specialized_forward(cfg, pat, hw, *runner.schedule_extents(pat, bound, cfg), nbytes) or cfg
+        return dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k not in ("atomic_dq", "warp_specialize")})
 
     runner.search_config = with_fields
     try:
@@ -113,14 +118,16 @@ def trial_launches(**fields):
 
 
 def run_one(task: tuple) -> list[dict]:
-    """One (pattern, arch, head dim, dtype, before[, ordered[, tma[, kv_heads, group_split[, atomic_dq]]]]) cell:
-    its kernels' reports as dicts."""
+    """One (pattern, arch, head dim, dtype, before[, ordered[, tma[, kv_heads, group_split[, atomic_dq[,
+    warp_specialize]]]]]) cell: its kernels' reports as dicts."""
     name, arch, d, dtype, before, *rest = task
     ordered = bool(rest and rest[0])
     tma = bool(len(rest) > 1 and rest[1])
     kv_heads, group_split = (rest[2], rest[3]) if len(rest) > 3 else (None, 1)
     atomic_dq = bool(len(rest) > 4 and rest[4])
-    trial = {**({"tma": True} if tma else {}), **({"atomic_dq": True} if atomic_dq else {})}
+    ws = bool(len(rest) > 5 and rest[5])
+    trial = {**({"tma": True} if tma else {}), **({"atomic_dq": True} if atomic_dq else {}),
+             **({"warp_specialize": True} if ws else {})}
     import triton
 
     import attnc
@@ -137,7 +144,8 @@ def run_one(task: tuple) -> list[dict]:
                                       label=name, kv_heads=kv_heads, group_split=group_split)
         # the tile lists each kernel stepped through as runs of consecutive tiles (``{kind}_RUN``)
         rows = [{**r.to_dict(), "runs": sorted(k[:-4] for k, v in r.constexprs.items() if k.endswith("_RUN") and v),
-                 "desc": bool(r.constexprs.get("DESC"))} for r in reports]
+                 "desc": bool(r.constexprs.get("DESC")), "ws": bool(r.constexprs.get("WARP_SPEC")),
+                 "one_loop": bool(r.constexprs.get("ONE_LOOP"))} for r in reports]
     except Exception as err:  # noqa: BLE001 - a cell that cannot even be recorded is a finding too
         rows = [{"pattern": name, "kernel": "-", "arch": arch, "head_dim": d, "dtype": dtype, "config": "",
                  "num_warps": 0, "num_stages": 0, "shared": 0, "smem_limit": 0, "regs": 0, "spill_bytes": 0,
@@ -146,7 +154,7 @@ def run_one(task: tuple) -> list[dict]:
     for r in rows:
         # ``cell``: the stdlib name the cell ran (a combined pattern's rows name their branch, ``nsa/cmp``)
         r.update(cell=name, before=before, ordered=ordered, tma=tma, kv_heads=kv_heads, group_split=group_split,
-                 atomic_dq=atomic_dq,
+                 atomic_dq=atomic_dq, warp_specialize=ws,
                  triton=triton.__version__,
                  seconds=round(time.perf_counter() - start, 1))
     return rows
@@ -156,7 +164,8 @@ def done_cells(rows: list[dict]) -> set[tuple]:
     """The tasks (``run_one``'s) that rows already hold, for ``--resume`` (rows of older runs without
     ``cell``: their pattern's name)."""
     return {(r.get("cell", r["pattern"]), r["arch"], r["head_dim"], r["dtype"], r["before"], r.get("ordered", False),
-             r.get("tma", False), r.get("kv_heads"), r.get("group_split", 1), r.get("atomic_dq", False)) for r in rows}
+             r.get("tma", False), r.get("kv_heads"), r.get("group_split", 1), r.get("atomic_dq", False),
+             r.get("warp_specialize", False)) for r in rows}
 
 
 def _report(r: dict):
@@ -253,6 +262,12 @@ def render(rows: list[dict], args, elapsed: float) -> str:
                 "trial; by pointer where its tiles are not whole runs of memory rows, and on sm_80, which has no "
                 "TMA).", ""]
                if any(r.get("tma") for r in cur) else []),
+             *([f"Warp specialization: {sum(bool(r.get('ws')) for r in cur)} of {len(cur)} kernels with their "
+                f"forward's KV loop warp-specialized, {sum(bool(r.get('one_loop')) for r in cur)} of them in one loop "
+                "(`--warp-specialize`: `autotune.warp_specialized_forward`, the tuner's trial: on Hopper a 128-token "
+                "Q tile at 4 warps, FULL and PARTIAL tiles in one loop with descriptors made in the kernel; on "
+                "Blackwell the pick's two loops on TMA loads, not for a softcap or a decay; the pick as it is elsewhere).", ""]
+               if any(r.get("warp_specialize") for r in cur) else []),
              *([f"Grouped-query attention: K/V heads {cur[0].get('kv_heads')} of 2 query heads, the dK/dV kernel's "
                 f"group split over {cur[0].get('group_split', 1)} program(s) per K/V head (`--kv-heads`, "
                 "`--group-split`).", ""] if cur and cur[0].get("kv_heads") else []),
@@ -332,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the picks whose tiles are whole runs of memory rows with TMA loads (the tuner's Hopper trial)")
     p.add_argument("--atomic-dq", action="store_true",
                    help="the picks with the backward in one kernel, dQ added by atomics (the tuner's trial)")
+    p.add_argument("--warp-specialize", action="store_true",
+                   help="the picks with their forward warp-specialized on TMA loads (the tuner's trial, Hopper and later)")
     args = p.parse_args(argv)
     from attnc.runtime import gpu_check as G
 
@@ -342,10 +359,12 @@ def main(argv: list[str] | None = None) -> int:
     tasks = []
     for n in names:  # per pattern and arch: the current configs, then (--before) the old ones beside them
         for a in archs:
-            tasks += [(n, a, d, t, False, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq)
+            tasks += [(n, a, d, t, False, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq,
+                       args.warp_specialize)
                       for d in dims for t in dtypes]
             if args.before and n not in RECURRENCES:  # the recurrences' launch parameters did not change
-                tasks += [(n, a, d, t, True, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq)
+                tasks += [(n, a, d, t, True, args.ordered, args.tma, args.kv_heads, args.group_split, args.atomic_dq,
+                          args.warp_specialize)
                           for d in map(int, args.before_head_dim.split(","))
                           for t in args.before_dtype.split(",")]
     out = Path(args.out) if args.out else RESULTS / f"gpu-compile-{triton.__version__}-{DATE}.md"

@@ -25,7 +25,8 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
 - Variants, timed beside each softmax case where they apply: the same kernels in tile order where
   they took an order table, reading every tile index from the lists where they stepped through runs
   of consecutive tiles, the autotuner's Hopper backward trial (dK/dV on a KV tile of 128), the
-  tiles loaded by TMA (tensor descriptors, Hopper and later) and the backward in one kernel (dQ added
+  tiles loaded by TMA (tensor descriptors, Hopper and later), the forward warp-specialized on them (Hopper:
+  its KV tiles in one loop, 4 warps a consumer group) and the backward in one kernel (dQ added
   by atomics, Hopper and later; its gradients compared with the kernels' own);
   one run measures what each is worth (``variant_rows``).
 - The mamba2 recurrence (scalar gates) at T = 8,192, Dk = Dv = 128: attnc's
@@ -366,7 +367,9 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     the row max (``POS_SCALE`` off) where its scores are the scaled q.k alone; reading every tile index from the lists where
     the kernels stepped through runs of consecutive tiles; on the tuner's Hopper backward
     (``autotune.wide_kv_backward``) where it applies to the config that ran; with that config's streamed
-    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows; and with its
+    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows, and its forward
+    warp-specialized on them (``autotune.warp_specialized_forward``), its output's relative difference from the
+    config's own in the row's label; and with its
     backward in one kernel (``autotune.atomic_dq_backward``: dQ added by atomics), its gradients' relative
     difference from the config's own in the row's label (atomics add in no fixed order)."""
     from attnc.compiler import evaluate as E
@@ -375,7 +378,11 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     from attnc.compiler.triton_scores import scale_in_exponent
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
-    from attnc.runtime.tuning.autotune import atomic_dq_backward, wide_kv_backward
+    from attnc.runtime.tuning.autotune import (
+        atomic_dq_backward,
+        warp_specialized_forward,
+        wide_kv_backward,
+    )
 
     q, k, v, dout = tensors
     with torch.no_grad():  # the forward's plan as the module's last (a backward on its own tiles plans its own)
@@ -442,6 +449,17 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
         mod = module()
         mod.runner._config = lambda *args: with_tma
         row("TMA loads (tensor descriptors)", *time_module(mod))
+        # and with its forward warp-specialized on those loads (the toy run's tiles take no Hopper trial: the
+        # same launch specialized, to run the path)
+        specialized = warp_specialized_forward(pick, pat, search.hw, sched.q_extents, sched.kv_extents) or (
+            dataclasses.replace(with_tma, warp_specialize=True) if toy else None)
+        if specialized is not None:
+            mod = module()
+            mod.runner._config = lambda *args: specialized
+            with torch.no_grad():
+                worst = rel(mod(q, k, v), attn(q, k, v))
+            row(f"forward warp-specialized ({describe_launch(specialized).split(' | ')[0]}; "
+                f"output within {worst:.1e} of the config's)", *time_module(mod))
     fused = atomic_dq_backward(pick, pat, search.hw)
     if fused is not None and not pick.atomic_dq:
         mod = module()

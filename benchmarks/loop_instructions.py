@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 
 #: What tells a matrix's rows apart beside the pattern, kernel, arch, head dim and dtype (its options: the old
-#: search's configs, order tables, TMA, grouped-query attention, the backward in one kernel)
-VARIANT = ("before", "ordered", "tma", "kv_heads", "group_split", "atomic_dq")
+#: search's configs, order tables, TMA, grouped-query attention, the backward in one kernel, the forward
+#: warp-specialized), each with the value a row written before the option existed means
+VARIANT = {"before": False, "ordered": False, "tma": False, "kv_heads": None, "group_split": 1, "atomic_dq": False,
+           "warp_specialize": False}
 
 
 def load(path: str) -> dict[tuple, dict]:
@@ -35,7 +37,7 @@ def load(path: str) -> dict[tuple, dict]:
         row = json.loads(line)
         if row.get("loop_instructions") and not row.get("error"):
             key = (row["pattern"], row["kernel"], row["arch"], row["head_dim"], row["dtype"],
-                   *(row.get(k) for k in VARIANT))
+                   *(row.get(k, default) for k, default in VARIANT.items()))
             seen[key] = seen.get(key, -1) + 1
             rows[(*key, seen[key])] = row
     return rows

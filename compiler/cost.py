@@ -246,6 +246,12 @@ class KernelConfig:
     #: ``torch.use_deterministic_algorithms`` runs the dQ kernel, as does one that needs the decay gates' or a
     #: float bias input's gradients (``runtime.backends.triton.runner.atomic_dq_applies``). A choice the tuner times.
     atomic_dq: bool = False
+    #: The forward's KV loop warp-specialized by Triton (``tl.range(warp_specialize=True)``): a producer warp
+    #: group issues the tile loads while the others compute. On Blackwell the forward's two loops as they are;
+    #: on Hopper, whose pass takes one loop with every load from a descriptor, the FULL and PARTIAL tiles in one
+    #: loop, all masked, Q, K and V by TMA (with ``tma``, where ``search.tma_fits``; a route's kernel is left
+    #: as it is). Same answer: a schedule choice the tuner times.
+    warp_specialize: bool = False
 
     @property
     def own_backward_tiles(self) -> bool:
@@ -302,7 +308,8 @@ class KernelConfig:
                    if self.own_backward_tiles else {}),
                 **({"dq_q_tile": list(self.dq_config().q_tile), "dq_kv_tile": list(self.dq_config().kv_tile)}
                    if self.own_dq_tiles else {}),
-                **({"tma": True} if self.tma else {}), **({"atomic_dq": True} if self.atomic_dq else {})}
+                **({"tma": True} if self.tma else {}), **({"atomic_dq": True} if self.atomic_dq else {}),
+                **({"warp_specialize": True} if self.warp_specialize else {})}
 
 
 @dataclass

@@ -34,15 +34,38 @@ def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
             + f'    """{doc}"""\n' + indent(body, 4))
 
 
-def list_loop(kind: str, tiles: int, tile_var: str) -> list[str]:
+def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False) -> list[str]:
     """The head of a loop over one tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) of the
     (batch, head) class ``cls`` and tile ``tile_var`` of ``tiles``: its length, its base, the first tile
-    of a run (``{kind}_RUN``), ``for j``."""
+    of a run (``{kind}_RUN``), ``for j``; ``warp_spec``: a loop Triton warp-specializes under ``WARP_SPEC``."""
+    loop = ("for j in tl.range(0, n_list, warp_specialize=WARP_SPEC):" if warp_spec else
+            "for j in range(0, n_list):")
     return [f"n_list = tl.load({kind}_N + cls * {tiles} + {tile_var})",
             f"list_base = {kind}_I + (cls * {tiles} + {tile_var}).to(tl.int64) * {kind.lower()}_w",
             f"if {kind}_RUN:  # every list of this launch is one run of consecutive tiles",
             "    run_start = tl.load(list_base)",
-            "for j in range(0, n_list):"]
+            loop]
+
+
+def one_loop_applies(pat) -> bool:
+    """Whether the forward may step through its FULL and PARTIAL KV tiles in one loop (``ONE_LOOP``), every
+    tile masked as a PARTIAL one, for Triton's Hopper warp specialization: the same scores, since a FULL tile's
+    mask holds on every pair of it. Not for a route, whose FULL tiles skip the selection words its PARTIAL tiles
+    read; and only where the loop loads nothing but K and V, as that pass takes it (a decay's, a mask's or a bias
+    input's loads in the loop failed to compile for sm_90: "unsupported load type for producer commit")."""
+    return pat.route is None and pat.decay is None and not pat.inputs
+
+
+def warp_specialized_form(pat, cc: int) -> str | None:
+    """How the forward's KV loop is warp-specialized on compute capability ``cc`` (``KernelConfig.warp_specialize``,
+    on TMA loads): ``"two loops"`` on Blackwell and later, its FULL and PARTIAL loops as they are, but for a softcap
+    or a decay term (compiled for sm_100 on Triton 3.9, those forwards spilled 44-316 B at their fitted rung);
+    ``"one loop"`` on Hopper, where ``one_loop_applies``; else None (not specialized)."""
+    if cc >= 100:
+        return "two loops" if pat.softcap is None and pat.decay is None else None
+    if cc >= 90 and one_loop_applies(pat):
+        return "one loop"
+    return None
 
 
 def list_tile(kind: str, tile_var: str, comment: str = "") -> list[str]:
@@ -83,8 +106,8 @@ def kv_loads() -> list[str]:
 
 
 def nested(lines: list[str]) -> list[str]:
-    """Lines one level deeper (a loop's body)."""
-    return ["    " + line for line in lines]
+    """Lines one level deeper (a loop's body); empty lines stay empty."""
+    return ["    " + line if line else line for line in lines]
 
 
 class KernelBodies:
@@ -127,12 +150,16 @@ class KernelBodies:
 
     # ------------------------------------------------------------ forward
     def _forward(self) -> str:
+        one_loop = one_loop_applies(self.pat)
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
                   "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
-                  *run_params("FULL", "PART"), "DESC: tl.constexpr = False"]
+                  *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
+                  "WARP_SPEC: tl.constexpr = False"]
+        if one_loop:
+            params.append("ONE_LOOP: tl.constexpr = False")
         in_exp = scale_in_exponent(self.pat)
         if in_exp:
             params.append("POS_SCALE: tl.constexpr = False")
@@ -151,9 +178,17 @@ class KernelBodies:
             "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
             "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
             "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
-            "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
-            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
+        q_load = "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)"
+        if one_loop:
+            body += ["if ONE_LOOP:  # Q, K and V by TMA through descriptors made here (see the loop below)",
+                     f"    qd = tl.make_tensor_descriptor(q_base, [{math.prod(self.shape.q_extents)}, D], [sq_n, 1], "
+                     "[BLOCK_M, BLOCK_D])",
+                     "    q = qd.load([qt * BLOCK_M, 0])",
+                     "else:", "    " + q_load]
+        else:
+            body.append(q_load)
+        body.append(f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2")
         if in_exp:
             body += [
                 "if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
@@ -168,26 +203,31 @@ class KernelBodies:
             "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
             "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
         ]
+        update = ["# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
+                  "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
+                  'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+                  "alpha = tl.exp2(m_i - m_use)",
+                  "pr = tl.exp2(s" + (" * s_exp" if in_exp else "") + " - m_use[:, None])",
+                  "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
+                  "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
+                  "m_i = m_new"]
+        loops: list[str] = []
         for kind, masked in (("FULL", False), ("PART", True)):
-            body += [
+            loops += [
                 "",
                 f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
-                *list_loop(kind, self.shape_tiles_q(), "qt"),
+                *list_loop(kind, self.shape_tiles_q(), "qt", warp_spec=True),
             ]
-            loop = [*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
-                    *(self._route_key_lines() if masked and self.pat.route is not None else []),
-                    *kv_loads(),
-                    "qk = _dot(q, tl.trans(kk), DOT)",
-                    *self._terms(masked, grad=False),
-                    "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
-                    "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
-                    'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-                    "alpha = tl.exp2(m_i - m_use)",
-                    "pr = tl.exp2(s" + (" * s_exp" if in_exp else "") + " - m_use[:, None])",
-                    "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
-                    "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
-                    "m_i = m_new"]
-            body += nested(loop)
+            loops += nested([*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
+                             *(self._route_key_lines() if masked and self.pat.route is not None else []),
+                             *kv_loads(),
+                             "qk = _dot(q, tl.trans(kk), DOT)",
+                             *self._terms(masked, grad=False),
+                             *update])
+        if one_loop:
+            body += ["", "if ONE_LOOP:", *nested(self._one_kv_loop(update)), "else:", *nested(loops[1:])]
+        else:
+            body += loops
         body += [
             "",
             "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf",
@@ -201,6 +241,39 @@ class KernelBodies:
         ]
         return kernel_def("attnc_fwd", params,
                           "Forward: one program per (Q tile, batch x query head).", body)
+
+    def _one_kv_loop(self, update: list[str]) -> list[str]:
+        """The forward's KV tiles in one loop (``ONE_LOOP``, where ``one_loop_applies``): the FULL list's, then
+        the PARTIAL list's, all masked, loaded by TMA. Triton's Hopper warp specialization (``WARP_SPEC``) takes
+        a kernel with one loop and no branch in it, its loads all from descriptors made in the kernel (it splits
+        their boxes between its consumer warp groups: Triton 3.9 refused a descriptor made on the host). The
+        runner launches it only where the tiles are whole runs of memory rows (``search.tma_fits``) and the
+        tensors are TMA-addressable, as the host's descriptors (``DESC``)."""
+        tiles = self.shape_tiles_q()
+        rows = math.prod(self.shape.kv_extents)
+        return [
+            "# ---- every KV tile in one loop, the FULL list's then the PARTIAL list's, each masked as a PARTIAL",
+            "# one (a FULL tile's mask holds on all its pairs): Triton's Hopper warp specialization takes one loop",
+            f"kd = tl.make_tensor_descriptor(k_base, [{rows}, D], [sk_n, 1], [BLOCK_N, BLOCK_D])",
+            f"vd = tl.make_tensor_descriptor(v_base, [{rows}, DV], [sv_n, 1], [BLOCK_N, BLOCK_DV])",
+            f"n_full = tl.load(FULL_N + cls * {tiles} + qt)",
+            f"n_part = tl.load(PART_N + cls * {tiles} + qt)",
+            f"full_base = FULL_I + (cls * {tiles} + qt).to(tl.int64) * full_w",
+            f"part_base = PART_I + (cls * {tiles} + qt).to(tl.int64) * part_w",
+            "if FULL_RUN and PART_RUN:  # both lists runs of consecutive tiles",
+            "    full_start = tl.load(full_base)",
+            "    part_start = tl.load(part_base) - n_full",
+            "for j in tl.range(0, n_full + n_part, warp_specialize=WARP_SPEC):",
+            *nested(["if FULL_RUN and PART_RUN:",
+                     "    kt = tl.where(j < n_full, full_start, part_start) + j  # the KV tile",
+                     "else:",
+                     "    kt = tl.load(tl.where(j < n_full, full_base + j, part_base + (j - n_full)))  # the KV tile",
+                     *self._tiles("k", "kt"),
+                     "kk = kd.load([kt * BLOCK_N, 0])",
+                     "vv = vd.load([kt * BLOCK_N, 0])",
+                     "qk = _dot(q, tl.trans(kk), DOT)",
+                     *self._terms(True, grad=False),
+                     *update])]
 
     # ------------------------------------------------------------ backward
     def _bwd_scores(self, masked: bool) -> list[str]:

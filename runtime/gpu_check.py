@@ -700,7 +700,8 @@ def describe_launch(cfg) -> str:
             dq = cfg.dq_config()
             text += " | dQ " + "x".join(map(str, dq.q_tile)) + "/" + "x".join(map(str, dq.kv_tile))
     return (text + (" | tma" if getattr(cfg, "tma", False) else "")
-            + (" | dQ by atomics" if getattr(cfg, "atomic_dq", False) else ""))
+            + (" | dQ by atomics" if getattr(cfg, "atomic_dq", False) else "")
+            + (" | forward warp-specialized" if getattr(cfg, "warp_specialize", False) else ""))
 
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,

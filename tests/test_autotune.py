@@ -164,7 +164,7 @@ def test_hopper_candidates_include_the_pick_with_tma_loads():
     bound = E.bind_sizes(pat, n=4096, heads=2)
     for hw, expected in (("h100", 1), ("b200", 1), ("a100", 0)):
         trials = A.candidates(ScheduleSearch(pat, bound, get_hardware(hw), head_dim=128), top=2)
-        tma = [t for t in trials if t.config.tma]
+        tma = [t for t in trials if t.config.tma and not t.config.warp_specialize]
         assert len(tma) == expected * len({t.config.q_tile + t.config.kv_tile for t in trials}), hw
         for t in tma:
             pick = next(p for p in trials if p.config == dataclasses.replace(t.config, tma=False))
@@ -174,6 +174,7 @@ def test_hopper_candidates_include_the_pick_with_tma_loads():
     trials = A.candidates(ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128), top=2)
     kept = A.without_tma(trials)
     assert [t.config for t in kept] == [t.config for t in trials if not t.config.tma] and len(kept) < len(trials)
+    assert not any(t.config.warp_specialize for t in kept)  # the warp-specialized trials load by TMA too
     assert [t.rank for t in kept] == list(range(len(kept)))
     grid = attnc.load("stdlib:neighborhood_2d", kernel_size_y=3, kernel_size_x=3)
     search = ScheduleSearch(grid, E.bind_sizes(grid, sizes={"height": 60, "width": 60}, heads=2),
@@ -181,8 +182,58 @@ def test_hopper_candidates_include_the_pick_with_tma_loads():
     trials = A.candidates(search, top=3)
     assert any(t.config.layout == "address" for t in trials)
     for shape in {(t.config.q_tile, t.config.kv_tile, t.config.layout) for t in trials}:
-        with_tma = [t for t in trials if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape and t.config.tma]
+        with_tma = [t for t in trials if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape and t.config.tma
+                    and not t.config.warp_specialize]
         assert len(with_tma) == (shape[2] != "address"), shape  # 1-D flat tiles: one; boxes by address: none
+
+
+def test_candidates_include_the_warp_specialized_forward():
+    """Beside each TMA trial, the pick with its forward warp-specialized (``warp_specialized_forward``), predicted at
+    the pick's time: on Hopper a 128-token Q tile at 4 warps whose backward keeps the pick's launch parameters (a
+    64-token Q tile has none); on Blackwell the pick's launch as it is; none before Hopper. The config round-trips
+    the kernel cache."""
+    pat = attnc.load("stdlib:sliding_window", window=512)
+    bound = E.bind_sizes(pat, n=4096, heads=2)
+    for hw in ("h100", "b200", "a100"):
+        trials = A.candidates(ScheduleSearch(pat, bound, get_hardware(hw), head_dim=128), top=2)
+        specialized = [t for t in trials if t.config.warp_specialize]
+        with_tma = [t for t in trials if t.config.tma and not t.config.warp_specialize]
+        expected = [t for t in with_tma if hw == "b200" or t.config.q_tokens == A.HOPPER_WS_Q_TOKENS]
+        assert len(specialized) == len(expected) and (hw != "h100" or 0 < len(expected) < len(with_tma)), hw
+        for t, tma in zip(specialized, expected, strict=True):
+            pick = dataclasses.replace(tma.config, tma=False)
+            launch = {"num_warps": A.HOPPER_WS_WARPS, "bwd_num_warps": pick.bwd_warps,
+                      "bwd_num_stages": pick.bwd_stages} if hw == "h100" else {}
+            assert t.config == dataclasses.replace(pick, tma=True, warp_specialize=True, **launch), hw
+            backward = lambda c: (c.bwd_warps, c.bwd_stages, c.backward_config().q_tile,  # noqa: E731
+                                  c.backward_config().kv_tile, c.dq_config().q_tile, c.dq_config().kv_tile)
+            assert backward(t.config) == backward(pick), hw  # the backward launches as the pick's
+            assert t.predicted_ms == tma.predicted_ms and t.rank > tma.rank
+            assert A.config_from_dict(A.config_dict(t.config)) == t.config
+        fp32 = A.candidates(ScheduleSearch(pat, bound, get_hardware(hw), head_dim=128), top=2, nbytes=4)
+        assert not any(t.config.warp_specialize for t in fp32), hw  # not specialized on sm_90 offline
+
+
+@pytest.mark.parametrize("name,params,h100,b200", [
+    ("sliding_window", {"window": 512}, True, True),
+    ("softcap", {}, True, False),  # Blackwell: its warp-specialized forward spilled
+    ("forgetting", {}, False, False),  # Hopper: a decay's loads in the loop; Blackwell: spilled
+    ("document", {}, False, True),  # Hopper: a mask input's loads in the loop
+    ("moba", {"block": 64, "topk": 2}, False, True),  # Hopper: a route's FULL tiles skip its selection
+])
+def test_warp_specialized_forward_where_its_form_applies(name, params, h100, b200):
+    """``warp_specialized_forward`` follows ``warp_specialized_form`` (the runner's rule too): on Hopper one loop
+    loading only K and V, not a route's; on Blackwell the two loops, not with a softcap or a decay term. Never
+    before Hopper, nor where the tiles are not whole runs of memory rows (TMA), nor for a Hopper Q tile of 64."""
+    pat = attnc.load(f"stdlib:{name}", **params)
+    pick = KernelConfig((128,), (64,), "flat", num_warps=8, num_stages=3)
+    ext = (4096,), (4096,)
+    for hw, expected in (("h100", h100), ("b200", b200), ("a100", False)):
+        assert (A.warp_specialized_forward(pick, pat, get_hardware(hw), *ext) is not None) is expected, hw
+    odd = dataclasses.replace(pick, kv_tile=(48,))  # 48 slots in a block of 64: not one box
+    assert A.warp_specialized_forward(odd, pat, get_hardware("b200"), *ext) is None
+    small = dataclasses.replace(pick, q_tile=(64,))
+    assert A.warp_specialized_forward(small, pat, get_hardware("h100"), *ext) is None
 
 
 def test_tma_fits_whole_runs_of_rows_only():

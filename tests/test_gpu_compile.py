@@ -9,6 +9,7 @@ sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -504,6 +505,31 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
     assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0
 
 
+@pytest.mark.parametrize("arch", [90, pytest.param(100, marks=pytest.mark.skipif(
+    not G.targets_available(100), reason="the installed Triton does not target sm_100"))])
+def test_warp_specialized_forward_compiles_to_producer_and_consumers(arch):
+    """The tuner's warp-specialized trial (``autotune.warp_specialized_forward``) of a 1-D window's 128-token Q tile,
+    compiled for Hopper (its FULL and PARTIAL tiles in one loop, descriptors made in the kernel) and Blackwell (its
+    two loops): Triton splits the kernel into warp groups of their own (more warps than launched, registers moved
+    between them by ``setmaxnreg``), the dots on the tensor cores, nothing spilled. Without the trial the same
+    launch is not split."""
+    from attnc.runtime.tuning.autotune import warp_specialized_forward
+
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    pick = KernelConfig((128,), (64,), "flat", num_warps=8, num_stages=2)
+    hw = get_hardware(G.ARCH_HARDWARE[arch])
+    for cfg, split in ((warp_specialized_forward(pick, pat, hw), True), (dataclasses.replace(pick, tma=True), False)):
+        records, _ = G.record_call(pat, arch=arch, head_dim=128, dtype="bf16", n=N, config=cfg)
+        rec = next(r for r in records if r.name == "attnc_fwd")
+        kernel, options, consts = G.compile_launch(rec, arch)
+        assert consts["WARP_SPEC"] is split and consts.get("ONE_LOOP", False) is (split and arch == 90)
+        assert (kernel.metadata.num_warps > options.num_warps) is split
+        assert ("setmaxnreg" in kernel.asm["ptx"]) is split
+        report = G.check_launch(rec, arch, pattern="sliding_window", head_dim=128, dtype="bf16")
+        assert report.ok and not report.fell_back and report.spill_bytes == 0, report
+        assert (report.wgmma if arch == 90 else report.tcgen05) > 0
+
+
 def test_loop_instructions_counts_innermost_tensor_core_loops():
     """``loop_instructions``: each innermost loop (a branch back and what lies between) that issues a tensor-core
     instruction, in program order, by the fewest instructions a step runs; an outer loop around one, and a loop
@@ -669,7 +695,9 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     rows = [{"pattern": "nsa/cmp", "cell": "nsa", **common}, {"pattern": "nsa/slc", "cell": "nsa", **common},
             {"pattern": "causal", **common}]  # a row of a run before ``cell``: its pattern names it
     done = matrix.done_cells(rows)
-    assert done == {("nsa", 90, 128, "bf16", False, False, False, None, 1, False),
-                    ("causal", 90, 128, "bf16", False, False, False, None, 1, False)}
+    assert done == {("nsa", 90, 128, "bf16", False, False, False, None, 1, False, False),
+                    ("causal", 90, 128, "bf16", False, False, False, None, 1, False, False)}
     gqa = [{"pattern": "causal", "cell": "causal", **common, "kv_heads": 1, "group_split": 2, "atomic_dq": True}]
-    assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2, True)}
+    assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2, True, False)}
+    ws = [{"pattern": "causal", "cell": "causal", **common, "tma": True, "warp_specialize": True}]
+    assert matrix.done_cells(ws) == {("causal", 90, 128, "bf16", False, False, True, None, 1, False, True)}

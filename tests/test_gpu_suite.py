@@ -60,6 +60,11 @@ def test_gpu_suite_toy_runs_end_to_end(tmp_path):
     # and the config that ran with its tiles loaded by TMA (the interpreter loads tensor descriptors)
     tma = next(line for line in text.splitlines() if line.startswith("| causal | attnc triton, TMA loads"))
     assert float(tma.split("|")[5]) > 0, tma
+    # and its forward warp-specialized on those loads (on the toy's H100: its KV tiles in one loop), the same output
+    specialized = next(line for line in text.splitlines()
+                       if line.startswith("| causal | attnc triton, forward warp-specialized"))
+    assert float(specialized.split("|")[5]) > 0, specialized
+    assert float(re.search(r"output within (\S+) of", specialized).group(1)) < 1e-6, specialized
     # and the backward in one kernel, dQ by atomics (the toy's hardware model is an H100), its gradients those
     # of the two kernels to fp32 rounding
     for name in ("1-D", "2-D", "3-D", "causal"):

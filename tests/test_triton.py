@@ -547,6 +547,86 @@ def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(mon
             "attnc_fwd": True, "attnc_bwd_dkdv": True}
 
 
+#: A causal window: FULL and PARTIAL tiles, not runs (a Q tile's PARTIAL tiles lie at both ends of its window);
+#: strictly causal: both lists runs of consecutive tiles. The first query has no key in either.
+WINDOW, CAUSAL = "mask k < q and q - k <= 40", "mask k < q"
+
+
+@pytest.mark.parametrize("arch,mask,expect", [
+    # Hopper: one loop, descriptors of its own; both lists runs, then read by index
+    ("sm90", CAUSAL, {"WARP_SPEC": True, "ONE_LOOP": True, "DESC": False, "FULL_RUN": True, "PART_RUN": True}),
+    ("sm90", WINDOW, {"WARP_SPEC": True, "ONE_LOOP": True, "DESC": False, "FULL_RUN": True, "PART_RUN": False}),
+    # Blackwell: the two loops on the host's descriptors; before Hopper (no TMA): not specialized
+    ("sm100", WINDOW, {"WARP_SPEC": True, "ONE_LOOP": None, "DESC": True, "FULL_RUN": True, "PART_RUN": False}),
+    ("sm80", WINDOW, {"WARP_SPEC": None, "ONE_LOOP": None, "DESC": False, "FULL_RUN": True, "PART_RUN": False}),
+])
+def test_warp_specialized_forward(monkeypatch, arch, mask, expect):
+    """``KernelConfig.warp_specialize`` as each architecture launches it, against the reference (output, lse and
+    every gradient) and bitwise against the same config unspecialized: 4 query heads on 2 K/V heads, 70 tokens
+    in tiles of 16 (the last KV tile padded), FULL and PARTIAL tiles, a first query with no key. On Hopper the
+    forward steps through both lists in one loop, every tile masked, Q, K and V loaded through descriptors the
+    kernel makes."""
+    launched = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        if kernel.fn.__name__ == "attnc_fwd":
+            launched.append({key: meta.get(key) for key in expect})
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(T, "CPU_ARCH", arch)
+    cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
+    hook = staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg)
+    monkeypatch.setattr(T.TritonRunner, "config_hook", hook)
+    q, k, v = qkv(1, 4, 2, 70, 16, Dv=8, seed=11)
+    spec = f"pattern window\n tokens seq\n {mask}"
+    tri = compare(spec, q, k, v)
+    sched = tri.runner.last_plan.schedule
+    assert int(sched.full_count.sum()) > 0 and int(sched.partial_count.sum()) > 0  # both lists in the loop
+    assert launched and all(m == expect for m in launched), launched
+    specialized = tri(q, k, v, return_lse=True)
+    cfg = dataclasses.replace(cfg, warp_specialize=False)
+    plain = attnc.compile_attention(spec, backend="triton")(q, k, v, return_lse=True)
+    assert all(torch.equal(a, b) for a, b in zip(specialized, plain, strict=True))
+
+
+def test_scratch_allocator_is_set_for_the_launch_only():
+    """A forward in one loop makes its own tensor descriptors, whose global memory Triton asks its allocator for at
+    launch: ``_with_scratch`` gives torch memory on the launch's device inside, and leaves the caller's allocator
+    as it was outside."""
+    from triton.runtime import _allocation
+
+    before = _allocation._allocator.get()
+    got = []
+    T._with_scratch(lambda: got.append(_allocation._allocator.get()(256, 128, None)), torch.device("cpu"))
+    assert len(got) == 1 and got[0].numel() == 256 and got[0].device.type == "cpu"
+    assert _allocation._allocator.get() is before
+
+
+@pytest.mark.parametrize("name", ["moba", "document", "forgetting"])
+def test_warp_specialized_forward_leaves_two_loops_where_one_does_not_apply(monkeypatch, name):
+    """On Hopper a forward is put in one loop only where it loads nothing but K and V in it and is not a route's
+    (``one_loop_applies``: a route's FULL tiles skip the selection words its PARTIAL tiles read; Triton's pass
+    refused a mask input's or a decay's loads): there no ``ONE_LOOP`` parameter is generated and the forward is
+    not specialized."""
+    launched = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        launched.append((kernel.fn.__name__, meta.get("WARP_SPEC"), meta.get("ONE_LOOP")))
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
+    monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg))
+    params, sizes, n, make_inputs, _ = STDLIB[name]
+    q, k, v = qkv(1, 2, 2, n, 16, seed=4)
+    inputs = make_inputs(n) if make_inputs else {}
+    tri = compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes, inputs=inputs)
+    assert ("attnc_fwd", None, None) in launched and "ONE_LOOP" not in tri.source
+
+
 @pytest.mark.parametrize("atomic", [False, True])
 def test_dkdv_padded_keys_with_overflowing_p(monkeypatch, atomic):
     """The dK/dV kernel's FULL tiles with padded keys (70 keys in tiles of 16): their rows are never stored, so P^T

@@ -59,6 +59,7 @@ from ...compiler.search import (
     tensor_memory,
     tma_fits,
 )
+from ...compiler.triton_kernels import warp_specialized_form
 from ...core import ir
 from ...core.errors import SpecError
 from ..numerics import timing_inputs
@@ -289,7 +290,7 @@ def config_from_dict(d: dict) -> KernelConfig:
                         opt("bwd_num_stages", lambda st: 0 < st <= 16),
                         tile("bwd_q_tile", q_tile), tile("bwd_kv_tile", kv_tile),
                         tile("dq_q_tile", q_tile), tile("dq_kv_tile", kv_tile), tma=d.get("tma") is True,
-                        atomic_dq=d.get("atomic_dq") is True)
+                        atomic_dq=d.get("atomic_dq") is True, warp_specialize=d.get("warp_specialize") is True)
 
 
 def config_dict(cfg: KernelConfig) -> dict:
@@ -300,7 +301,8 @@ def config_dict(cfg: KernelConfig) -> dict:
                if cfg.own_backward_tiles else {}),
             **({"dq_q_tile": list(cfg.dq_config().q_tile), "dq_kv_tile": list(cfg.dq_config().kv_tile)}
                if cfg.own_dq_tiles else {}),
-            **({"tma": True} if cfg.tma else {}), **({"atomic_dq": True} if cfg.atomic_dq else {})}
+            **({"tma": True} if cfg.tma else {}), **({"atomic_dq": True} if cfg.atomic_dq else {}),
+            **({"warp_specialize": True} if cfg.warp_specialize else {})}
 
 
 def canonical_dtype(dtype) -> str:
@@ -379,6 +381,11 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
         if has_tma(hw.arch) and tma_fits(pick, sched.q_extents, sched.kv_extents):
             configs.append(dataclasses.replace(pick, tma=True))
             predicted[configs[-1]] = predicted.get(pick, math.nan)
+            # and with its forward warp-specialized on those TMA loads: the model has no term for it either
+            specialized = warp_specialized_forward(pick, search.pat, hw, sched.q_extents, sched.kv_extents, nbytes)
+            if specialized is not None and specialized not in configs:
+                configs.append(specialized)
+                predicted[specialized] = predicted.get(pick, math.nan)
         # the backward in one kernel: on the pick's backward, else (Blackwell's tensor-memory dK/dV has no room
         # for dQ's accumulator) on the other one
         fused = atomic_dq_backward(pick, search.pat, hw) or (
@@ -422,6 +429,32 @@ def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2
     (its selection is a per-tile plan), a FoX decay (its dK/dV fits only at 32 rows), a forward KV tile other
     than 64 tokens."""
     return search.wide_backward(pick, registers=False, nbytes=nbytes)
+
+
+#: The forward launch of a warp-specialized trial on Hopper: Triton's pass splits a 128-row Q tile between two
+#: consumer warp groups of 4 warps each and adds a producer group (12 warps in all); at 8 warps it specializes
+#: nothing (offline, sm_90, Triton 3.6 and 3.9: the 1-D window's forward).
+HOPPER_WS_WARPS, HOPPER_WS_Q_TOKENS = 4, 128
+
+
+def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extents: tuple[int, ...],
+                             kv_extents: tuple[int, ...], nbytes: int = 2) -> KernelConfig | None:
+    """``pick`` with its forward warp-specialized (``KernelConfig.warp_specialize``) on TMA loads, in the form its
+    architecture takes (``warp_specialized_form``): a trial for the tuner to time. On Hopper a 128-token Q tile at
+    ``HOPPER_WS_WARPS`` warps (the backward keeps the pick's launch), its FULL and PARTIAL tiles in one loop; on
+    Blackwell and later the pick's forward as it is. None where that form is none, where the pick's tiles are not
+    whole runs of memory rows of the grid's ``q_extents``/``kv_extents`` (``search.tma_fits``: Triton specializes
+    no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled for sm_90, not specialized), and on Hopper
+    for another Q tile."""
+    if not has_tma(hw.arch) or nbytes != 2 or not tma_fits(pick, q_extents, kv_extents):
+        return None
+    form = warp_specialized_form(pat, compute_capability(hw.arch))
+    if form == "two loops":
+        return dataclasses.replace(pick, tma=True, warp_specialize=True)
+    if form != "one loop" or pick.q_tokens != HOPPER_WS_Q_TOKENS:
+        return None
+    return dataclasses.replace(pick, tma=True, warp_specialize=True, num_warps=HOPPER_WS_WARPS,
+                               bwd_num_warps=pick.bwd_warps, bwd_num_stages=pick.bwd_stages)
 
 
 def atomic_dq_backward(pick: KernelConfig, pat: ir.PatternIR, hw) -> KernelConfig | None:
@@ -776,4 +809,4 @@ def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
 __all__ = ["AutotuneError", "KernelBuilder", "atomic_dq_backward", "LAUNCH", "Progress", "TOP", "Trial", "TritonBuilder", "TuneResult",
            "autotune", "candidates", "canonical_dtype", "config_dict", "config_from_dict", "config_hook",
            "cuda_available", "do_bench_timer", "for_device", "hardware_for", "install", "lookup", "scratch_source",
-           "step_difference", "tuned_winner", "without_tma"]
+           "step_difference", "tuned_winner", "warp_specialized_forward", "without_tma"]

@@ -516,7 +516,8 @@ def describe_bucket(bucket: dict) -> str:
 
 def describe_config(config: dict | None) -> str:
     """``64/64 flat w4 s2`` for a kernel config (`` tma`` after it where its tiles load by TMA, `` atomic-dq``
-    where its backward adds dQ by atomics); ``?`` when it is malformed."""
+    where its backward adds dQ by atomics, `` ws`` where its forward is warp-specialized); ``?`` when it is
+    malformed."""
     if not config:
         return "-"
     if validate_config(config) is not None:
@@ -524,7 +525,8 @@ def describe_config(config: dict | None) -> str:
     return printable(f"{'x'.join(map(str, config['q_tile']))}/{'x'.join(map(str, config['kv_tile']))} "
                      f"{config['layout']} w{config['num_warps']} s{config['num_stages']}"
                      + (" tma" if config.get("tma") is True else "")
-                     + (" atomic-dq" if config.get("atomic_dq") is True else ""))
+                     + (" atomic-dq" if config.get("atomic_dq") is True else "")
+                     + (" ws" if config.get("warp_specialize") is True else ""))
 
 
 def human_size(n: int) -> str:

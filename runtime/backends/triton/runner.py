@@ -21,7 +21,9 @@ Interface for the autotuner / kernel cache:
 from __future__ import annotations
 
 import atexit
+import contextvars
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import math
@@ -43,6 +45,7 @@ from ....compiler.codegen import (
     generate_source,
 )
 from ....compiler.cost import KernelConfig
+from ....compiler.hardware import compute_capability
 from ....compiler.launch_order import choose_order, ordered_arch
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import (
@@ -56,6 +59,7 @@ from ....compiler.search import (
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
 from ....compiler.triton_exprs import LOG2E
+from ....compiler.triton_kernels import warp_specialized_form
 from ....compiler.triton_scores import scale_in_exponent
 from ....core import ir
 from ....core import symbols as S
@@ -361,27 +365,40 @@ def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int
     """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
     constexpr. ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's rows,
     the tile's padded head dim). Every parameter is None, a constant, and the kernel loads by pointer, where
-    the config asks for none, the architecture has no TMA (before sm_90; the interpreter loads them too), the
-    tiles are not whole runs of rows (``search.tma_fits``), or a tensor is not addressable by TMA: a row
-    stride or base off 16 bytes, a feature stride other than 1, a padded head dim over ``TMA_BOX``."""
-    none = [None] * len(tensors), {"DESC": False}
-    if not launch.config.tma or not has_tma(_arch(next(iter(tensors.values()))[0].device)):
-        return none
-    if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
-        return none
+    ``tma_applies`` says no."""
+    if not tma_applies(launch, tensors):
+        return [None] * len(tensors), {"DESC": False}
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     descs = []
     for t, rows, cols in tensors.values():
-        size = t.element_size()
-        # a dimension of one element never moves the address: its stride, whatever torch keeps, is given as 16 B
-        strides = [st if n > 1 else 16 // size for n, st in zip(t.shape, t.stride(), strict=True)]
-        strides[-1] = t.stride(-1)
-        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in strides[:-1])
-        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned or t.numel() == 0:  # (an empty batch: no box)
-            return none
-        descs.append(TensorDescriptor(t, list(t.shape), strides, [1, 1, rows, cols]))
+        descs.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]))
     return descs, {"DESC": True}
+
+
+def _tma_strides(t: torch.Tensor) -> list[int]:
+    """A tensor's strides as its descriptor takes them: a dimension of one element never moves the address, so its
+    stride, whatever torch keeps, is given as 16 B."""
+    strides = [st if n > 1 else 16 // t.element_size() for n, st in zip(t.shape, t.stride(), strict=True)]
+    strides[-1] = t.stride(-1)
+    return strides
+
+
+def tma_applies(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int]]) -> bool:
+    """Whether a kernel loads the ``tensors`` (as ``_descriptors`` takes them) by TMA: not where the config asks
+    for none, the architecture has no TMA (before sm_90; the interpreter loads them too), the tiles are not whole
+    runs of rows (``search.tma_fits``), or a tensor is not addressable by TMA: a row stride or base off 16 bytes, a
+    feature stride other than 1, a padded head dim over ``TMA_BOX``."""
+    if not launch.config.tma or not has_tma(_arch(next(iter(tensors.values()))[0].device)):
+        return False
+    if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
+        return False
+    for t, _, cols in tensors.values():
+        size = t.element_size()
+        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in _tma_strides(t)[:-1])
+        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned or t.numel() == 0:  # (an empty batch: no box)
+            return False
+    return True
 
 
 def _lists(sched: TileSchedule, device) -> dict:
@@ -725,13 +742,33 @@ def _launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, back
         opts = kernel_fit.fitted_options(kernel, grid, args, meta, opts)
     while True:
         try:
-            kernel[grid](*args, **{**meta, **opts})  # the fitted rung may read the lists by index (its *_RUN)
+            run = functools.partial(kernel[grid], *args, **{**meta, **opts})  # the fitted rung may read lists by index
+            if meta.get("ONE_LOOP") and not launch.interpret:  # it makes descriptors: global memory at launch
+                _with_scratch(run, args[0].device)
+            else:
+                run()
             return
         except _out_of_resources():
             if opts["num_stages"] <= 1:
                 raise
             opts = {**opts, "num_stages": opts["num_stages"] - 1}
             _note_fallback(launch, backward, opts)
+
+
+def _with_scratch(run: Callable[[], None], device: torch.device) -> None:
+    """``run()`` with Triton's allocator giving torch memory on ``device``: a kernel that makes tensor descriptors
+    (the forward in one loop) asks it for their global memory at launch. Set in a copy of the context: an
+    allocator the caller set stays as it was outside."""
+    import triton
+
+    def scratch(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    def with_allocator() -> None:
+        triton.set_allocator(scratch)
+        run()
+
+    contextvars.copy_context().run(with_allocator)
 
 
 def _note_fallback(launch: Launch, backward: bool, opts: dict) -> None:
@@ -779,16 +816,36 @@ def forward(launch: Launch, q, k, v, scale: float):
     decay_c = _decay_cumsum(launch, device)
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = _blocks(launch, D, DV)
-    descs, desc = _descriptors(launch, {"KD": (kp, fblocks["BLOCK_N"], fblocks["BLOCK_D"]),
-                                        "VD": (vp, fblocks["BLOCK_N"], fblocks["BLOCK_DV"])})
+    kv = {"KD": (kp, fblocks["BLOCK_N"], fblocks["BLOCK_D"]), "VD": (vp, fblocks["BLOCK_N"], fblocks["BLOCK_DV"])}
+    specialize = _warp_spec(launch, qp, kv, fblocks)
+    # a forward in one loop loads by descriptors of its own, not the host's
+    descs, desc = ([None, None], {"DESC": False}) if specialize.get("ONE_LOOP") else _descriptors(launch, kv)
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
         _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
                        dict(**fblocks, DOT=_dot_mode(launch, q.dtype), **ordered,
-                            **_runs(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale)), backward=False)
+                            **_runs(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
+                            **specialize), backward=False)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, tuple[torch.Tensor, int, int]], blocks: dict) -> dict:
+    """The forward's ``WARP_SPEC`` and ``ONE_LOOP`` (``KernelConfig.warp_specialize``) where its K/V tiles ``kv`` load
+    by TMA (``tma_applies``: Triton specializes no loop of pointer loads), in the form the architecture takes
+    (``warp_specialized_form``): on Blackwell and later the two loops; on Hopper one loop, where Q's tensor ``qp``
+    is TMA-addressable too and the tensors hold the rows the kernel's own descriptors span."""
+    if not launch.config.warp_specialize or not tma_applies(launch, kv):
+        return {}
+    form = warp_specialized_form(launch.pattern, compute_capability(_arch(qp.device)))
+    if form == "two loops":
+        return {"WARP_SPEC": True}
+    rows = math.prod(launch.shape.q_extents), math.prod(launch.shape.kv_extents)  # the kernel's descriptors' rows
+    if (form == "one loop" and qp.shape[2] == rows[0] and kv["KD"][0].shape[2] == rows[1]
+            and tma_applies(launch, {"Q": (qp, blocks["BLOCK_M"], blocks["BLOCK_D"])})):
+        return {"WARP_SPEC": True, "ONE_LOOP": True}
+    return {}
 
 
 #: The range of a scale the forward applies in its exponent: ``scale * log2(e)``, the kernel's float32
@@ -1067,12 +1124,19 @@ def emit(pattern: ir.PatternIR, *, n: int | None = None, nk: int | None = None, 
         raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to emit", where="argument pattern")
     bound = E.bind_sizes(pattern, n=n, nk=nk, heads=heads, sizes=sizes)
     config = default_config(pattern, bound, q_tile, kv_tile, device=torch.device(device))
-    q_ext = (math.prod(layout_extents(pattern.queries, bound, bound.n)),) if len(config.q_tile) == 1 else \
-        layout_extents(pattern.queries, bound, bound.n)
-    kv_ext = (math.prod(layout_extents(pattern.keys, bound, bound.nk)),) if len(config.kv_tile) == 1 else \
-        layout_extents(pattern.keys, bound, bound.nk)
-    shape = ScheduleShape(tuple(q_ext), tuple(kv_ext), tuple(config.q_tile), tuple(config.kv_tile))
+    q_ext, kv_ext = schedule_extents(pattern, bound, config)
+    shape = ScheduleShape(q_ext, kv_ext, tuple(config.q_tile), tuple(config.kv_tile))
     return generate_source(pattern, bound, shape, config)
+
+
+def schedule_extents(pattern: ir.PatternIR, bound: E.Bound, config: KernelConfig
+                     ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The query and key grids a config's tiles cover: the layouts' extents, or one flat extent for 1-D tiles of a
+    grid (its row-major token order)."""
+    q_ext = layout_extents(pattern.queries, bound, bound.n)
+    kv_ext = layout_extents(pattern.keys, bound, bound.nk)
+    return ((math.prod(q_ext),) if len(config.q_tile) == 1 else tuple(q_ext),
+            (math.prod(kv_ext),) if len(config.kv_tile) == 1 else tuple(kv_ext))
 
 
 def describe_source(runner: TritonRunner | None, pattern: ir.PatternIR) -> str:
