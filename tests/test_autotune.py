@@ -189,8 +189,8 @@ def test_hopper_candidates_include_the_pick_with_tma_loads():
 
 def test_candidates_include_the_warp_specialized_forward():
     """Beside each TMA trial, the pick with its forward warp-specialized (``warp_specialized_forward``), predicted at
-    the pick's time: on Hopper a 128-token Q tile at 4 warps whose backward keeps the pick's launch parameters (a
-    64-token Q tile has none); on Blackwell the pick's launch as it is; none before Hopper. The config round-trips
+    the pick's time, its backward launched as the pick's: on Hopper a 128-token Q tile at 4 warps (a 64-token Q
+    tile has none); on Blackwell the pick's tiles at 8 warps or more; none before Hopper. The config round-trips
     the kernel cache."""
     pat = attnc.load("stdlib:sliding_window", window=512)
     bound = E.bind_sizes(pat, n=4096, heads=2)
@@ -202,9 +202,9 @@ def test_candidates_include_the_warp_specialized_forward():
         assert len(specialized) == len(expected) and (hw != "h100" or 0 < len(expected) < len(with_tma)), hw
         for t, tma in zip(specialized, expected, strict=True):
             pick = dataclasses.replace(tma.config, tma=False)
-            launch = {"num_warps": A.HOPPER_WS_WARPS, "bwd_num_warps": pick.bwd_warps,
-                      "bwd_num_stages": pick.bwd_stages} if hw == "h100" else {}
-            assert t.config == dataclasses.replace(pick, tma=True, warp_specialize=True, **launch), hw
+            warps = A.HOPPER_WS_WARPS if hw == "h100" else max(pick.num_warps, A.BLACKWELL_WS_WARPS)
+            assert t.config == dataclasses.replace(pick, tma=True, warp_specialize=True, num_warps=warps,
+                                                   bwd_num_warps=pick.bwd_warps, bwd_num_stages=pick.bwd_stages), hw
             backward = lambda c: (c.bwd_warps, c.bwd_stages, c.backward_config().q_tile,  # noqa: E731
                                   c.backward_config().kv_tile, c.dq_config().q_tile, c.dq_config().kv_tile)
             assert backward(t.config) == backward(pick), hw  # the backward launches as the pick's

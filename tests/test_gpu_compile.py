@@ -518,7 +518,7 @@ def test_warp_specialized_forward_compiles_to_producer_and_consumers(arch):
     pat = attnc.load("stdlib:sliding_window", window=1024)
     pick = KernelConfig((128,), (64,), "flat", num_warps=8, num_stages=2)
     hw = get_hardware(G.ARCH_HARDWARE[arch])
-    for cfg, split in ((warp_specialized_forward(pick, pat, hw), True), (dataclasses.replace(pick, tma=True), False)):
+    for cfg, split in ((warp_specialized_forward(pick, pat, hw, (N,), (N,)), True), (dataclasses.replace(pick, tma=True), False)):
         records, _ = G.record_call(pat, arch=arch, head_dim=128, dtype="bf16", n=N, config=cfg)
         rec = next(r for r in records if r.name == "attnc_fwd")
         kernel, options, consts = G.compile_launch(rec, arch)

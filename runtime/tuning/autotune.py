@@ -435,6 +435,9 @@ def wide_kv_backward(pick: KernelConfig, search: ScheduleSearch, nbytes: int = 2
 #: consumer warp groups of 4 warps each and adds a producer group (12 warps in all); at 8 warps it specializes
 #: nothing (offline, sm_90, Triton 3.6 and 3.9: the 1-D window's forward).
 HOPPER_WS_WARPS, HOPPER_WS_Q_TOKENS = 4, 128
+#: The fewest warps of a warp-specialized trial's forward on Blackwell: compiled for sm_100 (Triton 3.9, the quick
+#: set), the 64-token forwards picked at 4 warps spilled 20 B specialized, none at 8.
+BLACKWELL_WS_WARPS = 8
 
 
 def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extents: tuple[int, ...],
@@ -442,7 +445,7 @@ def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extent
     """``pick`` with its forward warp-specialized (``KernelConfig.warp_specialize``) on TMA loads, in the form its
     architecture takes (``warp_specialized_form``): a trial for the tuner to time. On Hopper a 128-token Q tile at
     ``HOPPER_WS_WARPS`` warps (the backward keeps the pick's launch), its FULL and PARTIAL tiles in one loop; on
-    Blackwell and later the pick's forward as it is. None where that form is none, where the pick's tiles are not
+    Blackwell and later the pick's forward at ``BLACKWELL_WS_WARPS`` warps or more. None where that form is none, where the pick's tiles are not
     whole runs of memory rows of the grid's ``q_extents``/``kv_extents`` (``search.tma_fits``: Triton specializes
     no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled for sm_90, not specialized), and on Hopper
     for another Q tile."""
@@ -450,11 +453,13 @@ def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extent
         return None
     form = warp_specialized_form(pat, compute_capability(hw.arch))
     if form == "two loops":
-        return dataclasses.replace(pick, tma=True, warp_specialize=True)
-    if form != "one loop" or pick.q_tokens != HOPPER_WS_Q_TOKENS:
+        warps = max(pick.num_warps, BLACKWELL_WS_WARPS)
+    elif form == "one loop" and pick.q_tokens == HOPPER_WS_Q_TOKENS:
+        warps = HOPPER_WS_WARPS
+    else:
         return None
-    return dataclasses.replace(pick, tma=True, warp_specialize=True, num_warps=HOPPER_WS_WARPS,
-                               bwd_num_warps=pick.bwd_warps, bwd_num_stages=pick.bwd_stages)
+    return dataclasses.replace(pick, tma=True, warp_specialize=True, num_warps=warps, bwd_num_warps=pick.bwd_warps,
+                               bwd_num_stages=pick.bwd_stages)
 
 
 def atomic_dq_backward(pick: KernelConfig, pat: ir.PatternIR, hw) -> KernelConfig | None:
