@@ -75,6 +75,20 @@ def compare(pat, q, k, v, *, sizes=None, inputs=None, q_tile=None, kv_tile=None,
     return tri
 
 
+def spy_launches(monkeypatch, *keys: str) -> list[tuple]:
+    """Every Triton kernel launch from here on, as (kernel name, the value of each of ``keys`` among its
+    constants), in launch order."""
+    launched = []
+    launch = T._launch_kernel
+
+    def spy(lch, kernel, grid, args, meta, *, backward):
+        launched.append((kernel.fn.__name__, *(meta.get(key) for key in keys)))
+        return launch(lch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(T, "_launch_kernel", spy)
+    return launched
+
+
 # ----------------------------------------------------------------- every stdlib softmax pattern
 GRID2 = {"height": 6, "width": 8}
 #: name -> (params, sizes, n, input factory, q_tile)
@@ -481,14 +495,7 @@ def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
     params, sizes, n, make_inputs, tile = STDLIB[name]
     pat = attnc.load(f"stdlib:{name}", **params)
     n = math.prod(sizes.values()) if n is None else n
-    launched = []
-    launch = T._launch_kernel
-
-    def spy(lch, kernel, grid, args, meta, *, backward):
-        launched.append((kernel.fn.__name__, meta.get("ATOMIC_DQ")))
-        return launch(lch, kernel, grid, args, meta, backward=backward)
-
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    launched = spy_launches(monkeypatch, "ATOMIC_DQ")
     real_config = T.default_config
     atomic = {"on": True}
     monkeypatch.setattr(T, "default_config", lambda *a, **kw: dataclasses.replace(
@@ -527,14 +534,7 @@ def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(mon
     """dQ by atomics where the dK/dV kernel's tokens are permuted into boxes (padded at the grid's edge), where the
     backward runs tiles of its own, and with descriptor loads: every gradient matches the reference's, 4 query
     heads on 2 K/V heads."""
-    launched = []
-    launch = T._launch_kernel
-
-    def spy(lch, kernel, grid, args, meta, *, backward):
-        launched.append((kernel.fn.__name__, meta.get("ATOMIC_DQ"), meta.get("DESC")))
-        return launch(lch, kernel, grid, args, meta, backward=backward)
-
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    launched = spy_launches(monkeypatch, "ATOMIC_DQ", "DESC")
     fused = dataclasses.replace(cfg, atomic_dq=True)
     monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: fused))
     n = math.prod(sizes.values()) if sizes else 40
@@ -566,15 +566,7 @@ def test_warp_specialized_forward(monkeypatch, arch, mask, expect):
     in tiles of 16 (the last KV tile padded), FULL and PARTIAL tiles, a first query with no key. On Hopper the
     forward steps through both lists in one loop, every tile masked, Q, K and V loaded through descriptors the
     kernel makes."""
-    launched = []
-    launch = T._launch_kernel
-
-    def spy(lch, kernel, grid, args, meta, *, backward):
-        if kernel.fn.__name__ == "attnc_fwd":
-            launched.append({key: meta.get(key) for key in expect})
-        return launch(lch, kernel, grid, args, meta, backward=backward)
-
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    launched = spy_launches(monkeypatch, *expect)
     monkeypatch.setattr(T, "CPU_ARCH", arch)
     cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
     hook = staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg)
@@ -584,7 +576,8 @@ def test_warp_specialized_forward(monkeypatch, arch, mask, expect):
     tri = compare(spec, q, k, v)
     sched = tri.runner.last_plan.schedule
     assert int(sched.full_count.sum()) > 0 and int(sched.partial_count.sum()) > 0  # both lists in the loop
-    assert launched and all(m == expect for m in launched), launched
+    forwards = [dict(zip(expect, meta, strict=True)) for name, *meta in launched if name == "attnc_fwd"]
+    assert forwards and all(m == expect for m in forwards), forwards
     specialized = tri(q, k, v, return_lse=True)
     cfg = dataclasses.replace(cfg, warp_specialize=False)
     plain = attnc.compile_attention(spec, backend="triton")(q, k, v, return_lse=True)
@@ -610,14 +603,7 @@ def test_warp_specialized_forward_leaves_two_loops_where_one_does_not_apply(monk
     (``one_loop_applies``: a route's FULL tiles skip the selection words its PARTIAL tiles read; Triton's pass
     refused a mask input's or a decay's loads): there no ``ONE_LOOP`` parameter is generated and the forward is
     not specialized."""
-    launched = []
-    launch = T._launch_kernel
-
-    def spy(lch, kernel, grid, args, meta, *, backward):
-        launched.append((kernel.fn.__name__, meta.get("WARP_SPEC"), meta.get("ONE_LOOP")))
-        return launch(lch, kernel, grid, args, meta, backward=backward)
-
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    launched = spy_launches(monkeypatch, "WARP_SPEC", "ONE_LOOP")
     cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
     monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg))
     params, sizes, n, make_inputs, _ = STDLIB[name]
