@@ -14,6 +14,7 @@ import heapq
 import itertools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -178,11 +179,11 @@ def test_permutation_costs_its_traffic_and_addressing_a_little():
 
 def _dots_per_pair(source: str, kernel: str, atomic_dq: bool = False) -> int:
     """Tensor-core dots per visited tile pair in one emitted kernel: its ``_dot(`` calls
-    over its tile loops (one loop for FULL tiles, one for PARTIAL ones); those under ``if ATOMIC_DQ:``
-    only with ``atomic_dq``."""
+    over its tile loops (one loop for FULL tiles, one for PARTIAL ones; the forward also one over both,
+    ``ONE_LOOP``); those under ``if ATOMIC_DQ:`` only with ``atomic_dq``."""
     body = source.split(f"def {kernel}(")[1].split("\n@triton.jit")[0]
-    loops = body.count("for j in range(0, n_list):")
-    assert loops == 2, kernel
+    loops = len(re.findall(r"for j in (?:tl\.)?range\(", body))
+    assert loops == (3 if "if ONE_LOOP:" in body else 2), kernel
     lines = body.splitlines()
     atomic = sum("_dot(" in nxt for line, nxt in zip(lines, lines[1:], strict=False) if "if ATOMIC_DQ:" in line)
     return (body.count("_dot(") - (0 if atomic_dq else atomic)) // loops
