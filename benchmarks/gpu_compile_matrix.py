@@ -106,7 +106,7 @@ def trial_launches(**fields):
         if fields.get("atomic_dq"):
             cfg = atomic_dq_backward(cfg, pat, hw) or cfg
         if fields.get("warp_specialize"):
-            nbytes = 4 if str(kw.get("dtype")).endswith("float32") else 2
+            nbytes = getattr(kw.get("dtype"), "itemsize", 2)
             cfg = warp_specialized_forward(cfg, pat, hw, *runner.schedule_extents(pat, bound, cfg), nbytes) or cfg
         return dataclasses.replace(cfg, **{k: v for k, v in fields.items() if k not in ("atomic_dq", "warp_specialize")})
 

@@ -40,11 +40,17 @@ def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False) -> 
     of a run (``{kind}_RUN``), ``for j``; ``warp_spec``: a loop Triton warp-specializes under ``WARP_SPEC``."""
     loop = ("for j in tl.range(0, n_list, warp_specialize=WARP_SPEC):" if warp_spec else
             "for j in range(0, n_list):")
-    return [f"n_list = tl.load({kind}_N + cls * {tiles} + {tile_var})",
-            f"list_base = {kind}_I + (cls * {tiles} + {tile_var}).to(tl.int64) * {kind.lower()}_w",
+    return [*list_bounds(kind, tiles, tile_var, "n_list", "list_base"),
             f"if {kind}_RUN:  # every list of this launch is one run of consecutive tiles",
             "    run_start = tl.load(list_base)",
             loop]
+
+
+def list_bounds(kind: str, tiles: int, tile_var: str, count: str, base: str) -> list[str]:
+    """``count``, the length of one tile list of class ``cls`` and tile ``tile_var`` of ``tiles``, and ``base``,
+    the address of its first entry."""
+    return [f"{count} = tl.load({kind}_N + cls * {tiles} + {tile_var})",
+            f"{base} = {kind}_I + (cls * {tiles} + {tile_var}).to(tl.int64) * {kind.lower()}_w"]
 
 
 def one_loop_applies(pat) -> bool:
@@ -151,13 +157,15 @@ class KernelBodies:
     # ------------------------------------------------------------ forward
     def _forward(self) -> str:
         one_loop = one_loop_applies(self.pat)
+        # WARP_SPEC only where some architecture specializes this pattern's forward (``warp_specialized_form``)
+        specializable = any(warp_specialized_form(self.pat, cc) for cc in (90, 100))
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
                   "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
                   *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
-                  "WARP_SPEC: tl.constexpr = False"]
+                  *(["WARP_SPEC: tl.constexpr = False"] if specializable else [])]
         if one_loop:
             params.append("ONE_LOOP: tl.constexpr = False")
         in_exp = scale_in_exponent(self.pat)
@@ -216,7 +224,7 @@ class KernelBodies:
             loops += [
                 "",
                 f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
-                *list_loop(kind, self.shape_tiles_q(), "qt", warp_spec=True),
+                *list_loop(kind, self.shape_tiles_q(), "qt", warp_spec=specializable),
             ]
             loops += nested([*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
                              *(self._route_key_lines() if masked and self.pat.route is not None else []),
@@ -256,10 +264,8 @@ class KernelBodies:
             "# one (a FULL tile's mask holds on all its pairs): Triton's Hopper warp specialization takes one loop",
             f"kd = tl.make_tensor_descriptor(k_base, [{rows}, D], [sk_n, 1], [BLOCK_N, BLOCK_D])",
             f"vd = tl.make_tensor_descriptor(v_base, [{rows}, DV], [sv_n, 1], [BLOCK_N, BLOCK_DV])",
-            f"n_full = tl.load(FULL_N + cls * {tiles} + qt)",
-            f"n_part = tl.load(PART_N + cls * {tiles} + qt)",
-            f"full_base = FULL_I + (cls * {tiles} + qt).to(tl.int64) * full_w",
-            f"part_base = PART_I + (cls * {tiles} + qt).to(tl.int64) * part_w",
+            *list_bounds("FULL", tiles, "qt", "n_full", "full_base"),
+            *list_bounds("PART", tiles, "qt", "n_part", "part_base"),
             "if FULL_RUN and PART_RUN:  # both lists runs of consecutive tiles",
             "    full_start = tl.load(full_base)",
             "    part_start = tl.load(part_base) - n_full",

@@ -444,11 +444,11 @@ def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extent
                              kv_extents: tuple[int, ...], nbytes: int = 2) -> KernelConfig | None:
     """``pick`` with its forward warp-specialized (``KernelConfig.warp_specialize``) on TMA loads, in the form its
     architecture takes (``warp_specialized_form``): a trial for the tuner to time. On Hopper a 128-token Q tile at
-    ``HOPPER_WS_WARPS`` warps (the backward keeps the pick's launch), its FULL and PARTIAL tiles in one loop; on
-    Blackwell and later the pick's forward at ``BLACKWELL_WS_WARPS`` warps or more. None where that form is none, where the pick's tiles are not
-    whole runs of memory rows of the grid's ``q_extents``/``kv_extents`` (``search.tma_fits``: Triton specializes
-    no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled for sm_90, not specialized), and on Hopper
-    for another Q tile."""
+    ``HOPPER_WS_WARPS`` warps, its FULL and PARTIAL tiles in one loop; on Blackwell and later the pick's forward at
+    ``BLACKWELL_WS_WARPS`` warps or more; the backward keeps the pick's launch. None where that form is none, where
+    the pick's tiles are not whole runs of memory rows of the grid's ``q_extents``/``kv_extents``
+    (``search.tma_fits``: Triton specializes no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled
+    for sm_90, not specialized), and on Hopper for another Q tile."""
     if not has_tma(hw.arch) or nbytes != 2 or not tma_fits(pick, q_extents, kv_extents):
         return None
     form = warp_specialized_form(pat, compute_capability(hw.arch))

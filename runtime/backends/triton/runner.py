@@ -366,13 +366,14 @@ def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int
     constexpr. ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's rows,
     the tile's padded head dim). Every parameter is None, a constant, and the kernel loads by pointer, where
     ``tma_applies`` says no."""
-    if not tma_applies(launch, tensors):
-        return [None] * len(tensors), {"DESC": False}
+    return _boxes(tensors) if tma_applies(launch, tensors) else ([None] * len(tensors), {"DESC": False})
+
+
+def _boxes(tensors: dict[str, tuple[torch.Tensor, int, int]]) -> tuple[list, dict]:
+    """``_descriptors``'s answer where ``tma_applies``: each tensor's descriptor, its box a tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    descs = []
-    for t, rows, cols in tensors.values():
-        descs.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]))
+    descs = [TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]) for t, rows, cols in tensors.values()]
     return descs, {"DESC": True}
 
 
@@ -817,9 +818,10 @@ def forward(launch: Launch, q, k, v, scale: float):
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = _blocks(launch, D, DV)
     kv = {"KD": (kp, fblocks["BLOCK_N"], fblocks["BLOCK_D"]), "VD": (vp, fblocks["BLOCK_N"], fblocks["BLOCK_DV"])}
-    specialize = _warp_spec(launch, qp, kv, fblocks)
+    by_tma = tma_applies(launch, kv)
+    specialize = _warp_spec(launch, qp, kv, fblocks, by_tma)
     # a forward in one loop loads by descriptors of its own, not the host's
-    descs, desc = ([None, None], {"DESC": False}) if specialize.get("ONE_LOOP") else _descriptors(launch, kv)
+    descs, desc = _boxes(kv) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
@@ -831,12 +833,13 @@ def forward(launch: Launch, q, k, v, scale: float):
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
 
-def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, tuple[torch.Tensor, int, int]], blocks: dict) -> dict:
+def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, tuple[torch.Tensor, int, int]], blocks: dict,
+               by_tma: bool) -> dict:
     """The forward's ``WARP_SPEC`` and ``ONE_LOOP`` (``KernelConfig.warp_specialize``) where its K/V tiles ``kv`` load
-    by TMA (``tma_applies``: Triton specializes no loop of pointer loads), in the form the architecture takes
+    by TMA (``by_tma``, ``tma_applies``: Triton specializes no loop of pointer loads), in the form the architecture takes
     (``warp_specialized_form``): on Blackwell and later the two loops; on Hopper one loop, where Q's tensor ``qp``
     is TMA-addressable too and the tensors hold the rows the kernel's own descriptors span."""
-    if not launch.config.warp_specialize or not tma_applies(launch, kv):
+    if not launch.config.warp_specialize or not by_tma:
         return {}
     form = warp_specialized_form(launch.pattern, compute_capability(_arch(qp.device)))
     if form == "two loops":
