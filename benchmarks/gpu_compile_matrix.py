@@ -89,7 +89,7 @@ def ordered_launches():
 @contextlib.contextmanager
 def trial_launches(**fields):
     """Every pick with ``fields`` of its ``KernelConfig`` set, as the autotuner's trials run them: ``tma`` (its
-    streamed tiles loaded by TMA where they are whole runs of memory rows, a row's ``desc``; by pointer
+    streamed tiles loaded by TMA where each is one box (``search.tma_fits``), a row's ``desc``; by pointer
     elsewhere), ``atomic_dq`` (the backward in one kernel, dQ added by the dK/dV kernel's atomics, no dQ kernel:
     ``autotune.atomic_dq_backward``, where the tuner would time it; the pick as it is elsewhere),
     ``warp_specialize`` (the forward warp-specialized on TMA loads: ``autotune.warp_specialized_forward``, the pick
@@ -259,7 +259,7 @@ def render(rows: list[dict], args, elapsed: float) -> str:
                 "would not take it).", ""] if any(r.get("ordered") for r in cur) else []),
              *([f"TMA: {sum(bool(r.get('desc')) for r in cur)} of {len(cur)} kernels load their streamed tiles by "
                 "tensor descriptor (`--tma`: the search's pick with `KernelConfig.tma`, as the autotuner's Hopper "
-                "trial; by pointer where its tiles are not whole runs of memory rows, and on sm_80, which has no "
+                "trial; by pointer where a tile is not one box (`search.tma_fits`), and on sm_80, which has no "
                 "TMA).", ""]
                if any(r.get("tma") for r in cur) else []),
              *([f"Warp specialization: {sum(bool(r.get('ws')) for r in cur)} of {len(cur)} kernels with their "
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-split", type=int, default=1,
                    help="the dK/dV programs per K/V head with --kv-heads (each over its share of the group)")
     p.add_argument("--tma", action="store_true",
-                   help="the picks whose tiles are whole runs of memory rows with TMA loads (the tuner's Hopper trial)")
+                   help="the picks whose tiles are each one box with TMA loads (the tuner's Hopper trial)")
     p.add_argument("--atomic-dq", action="store_true",
                    help="the picks with the backward in one kernel, dQ added by atomics (the tuner's trial)")
     p.add_argument("--warp-specialize", action="store_true",

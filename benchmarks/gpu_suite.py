@@ -367,7 +367,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     the row max (``POS_SCALE`` off) where its scores are the scaled q.k alone; reading every tile index from the lists where
     the kernels stepped through runs of consecutive tiles; on the tuner's Hopper backward
     (``autotune.wide_kv_backward``) where it applies to the config that ran; with that config's streamed
-    tiles loaded by TMA (``KernelConfig.tma``) where its tiles are whole runs of memory rows, and its forward
+    tiles loaded by TMA (``KernelConfig.tma``) where each tile is one box (``search.tma_fits``), and its forward
     warp-specialized on them (``autotune.warp_specialized_forward``), its output's relative difference from the
     config's own in the row's label; and with its
     backward in one kernel (``autotune.atomic_dq_backward``: dQ added by atomics), its gradients' relative
@@ -440,7 +440,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
         mod = module()
         mod.runner._config = lambda *args: wide  # this config instead of the search's pick
         row(f"wide-KV backward ({describe_launch(wide).replace(' | ', '; ')})", *time_module(mod))
-    # the same config with its streamed tiles loaded by TMA, where its tiles are whole runs of memory rows (on
+    # the same config with its streamed tiles loaded by TMA, where each tile is one box (runs of rows, boxes of a grid; on
     # the toy run too: the interpreter loads descriptors, and CPU tensors launch as on an H100)
     sched = attn.runner.last_plan.schedule
     if (not pick.tma and tma_fits(pick, sched.q_extents, sched.kv_extents)

@@ -47,7 +47,14 @@ from .triton_exprs import (
 from .triton_helpers import DOT_HELPERS, HELPERS, helper_sources
 from .triton_kernels import KernelBodies, indent
 from .triton_scores import ScoreLines
-from .triton_tiles import ScheduleShape, axis_extents, block_size, layout_of, tile_code
+from .triton_tiles import (
+    ScheduleShape,
+    axis_extents,
+    block_size,
+    box_coordinates,
+    layout_of,
+    tile_code,
+)
 
 __all__ = [
     "FP32_MAX", "HELPERS", "INT32_MAX", "LN2", "LOG2E", "InputSlot", "KernelSource", "ScheduleShape",
@@ -165,6 +172,14 @@ class KernelSource(ScoreLines, KernelBodies):
                              "BLOCK_M", self.wide_rows, self.q_uniform, "Q_OFF" if self.block else None)
         return tile_code("k", var, self.shape.kv_extents, self.shape.kv_tile, self.k_axes, self.permuted,
                          "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None, edge=edge)
+
+    def _box(self, role: str, var: str) -> str:
+        """The descriptor coordinates of tile ``var``'s box (``triton_tiles.box_coordinates``): a Q tile's of query
+        head ``h``, a KV tile's of K/V head ``kvh``."""
+        s, heads = self.shape, self.bound.heads
+        if role == "q":
+            return box_coordinates(var, s.q_extents, s.q_tile, self.permuted, "BLOCK_M", "h", str(heads))
+        return box_coordinates(var, s.kv_extents, s.kv_tile, self.permuted, "BLOCK_N", "kvh", f"({heads} // GROUP)")
 
     # ------------------------------------------------------------ module
     def module(self) -> str:

@@ -237,7 +237,7 @@ class KernelConfig:
     dq_q_tile: tuple[int, ...] = ()
     dq_kv_tile: tuple[int, ...] = ()
     #: Hopper and later: the streamed tiles loaded as boxes of tensor descriptors (TMA) rather than by
-    #: pointer, where every pass's tiles are whole runs of memory rows (``search.tma_fits``; a call whose
+    #: pointer, where every pass's tile is one box: a run of memory rows or a box of a grid (``search.tma_fits``; a call whose
     #: tensors TMA cannot address loads by pointer). Same tiles, same answer: a schedule choice the tuner times.
     tma: bool = False
     #: The backward in one kernel, as FlashAttention-2's: the dK/dV kernel also adds each pair's dS K into an

@@ -403,19 +403,28 @@ def has_tma(arch: str) -> bool:
 TMA_BOX = 256
 
 
+#: The most grid axes a tile's box spans: a descriptor has at most 5 dimensions, and a 3-D grid's box takes
+#: batch x head, the three axes and the head dim (``triton_tiles.box_coordinates``).
+TMA_GRID_AXES = 3
+
+
 def tma_fits(config: KernelConfig, q_extents: tuple[int, ...], kv_extents: tuple[int, ...]) -> bool:
-    """Whether every pass's tiles of ``config`` (forward, dK/dV, dQ) are whole runs of ``BLOCK`` memory rows,
-    so that a tile is one box of its tensor's descriptor (``KernelConfig.tma``): a power-of-two token count
-    (16 at least: the block holds no slot more; ``TMA_BOX`` at most), in memory order (1-D tiles, flat or of a sequence) or
-    permuted into tile order with boxes that tile their grid exactly (a padded slot of a box at the grid's
-    edge is a copy of another token there, which the pointer loads mask and a box would read)."""
+    """Whether every pass's tiles of ``config`` (forward, dK/dV, dQ) are each one box of its tensor's descriptor
+    (``KernelConfig.tma``, ``triton_tiles.box_tile``) of exactly ``BLOCK`` slots: a power-of-two token count (16
+    at least: the block holds no slot more; ``TMA_BOX`` at most). Either runs of memory rows: 1-D tiles (flat or
+    of a sequence), or tiles permuted into tile order whose boxes tile their grid exactly (a padded slot of a
+    box at the grid's edge is a copy of another token there, which the pointer loads mask and a box would
+    read). Or boxes of a grid of at most ``TMA_GRID_AXES`` axes in token order (the ``address`` layout: TMA
+    reads 0 past the grid's edge, as the masked pointer loads do)."""
     def whole(tile: tuple[int, ...], extents: tuple[int, ...], layout: str) -> bool:
         slots = math.prod(tile)
         if slots < 16 or slots > TMA_BOX or slots & (slots - 1):
             return False
         if layout == "permute":
             return len(tile) == len(extents) and all(L % t == 0 for L, t in zip(extents, tile, strict=True))
-        return len(tile) == 1 and (layout == "flat" or len(extents) == 1)
+        if len(tile) > 1:
+            return layout == "address" and len(tile) == len(extents) <= TMA_GRID_AXES
+        return layout == "flat" or len(extents) == 1
 
     return all(whole(c.q_tile, q_extents, c.layout) and whole(c.kv_tile, kv_extents, c.layout)
                for c in (config, config.backward_config(), config.dq_config()))

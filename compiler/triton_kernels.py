@@ -98,17 +98,18 @@ KV_LOADS = [
 
 def by_descriptor(loads: list[str], boxes: list[str]) -> list[str]:
     """``loads`` (pointer loads of whole tiles), or with ``DESC`` the same tiles as boxes of their tensors'
-    descriptors (TMA on Hopper and later: no address arithmetic, no masks; rows past the end and columns past
-    the head dim read 0, as the masked loads' ``other``). A ``DESC`` launch has tiles of exactly ``BLOCK``
-    consecutive memory rows (``search.tma_fits``), so a tile's box starts at its tile index times ``BLOCK``."""
+    descriptors (TMA on Hopper and later: no address arithmetic, no masks; rows past the end, slots past the
+    grid's edge and columns past the head dim read 0, as the masked loads' ``other``). A ``DESC`` launch has
+    tiles of exactly ``BLOCK`` slots (``search.tma_fits``), each one box (``triton_tiles.box_tile``): a run of
+    ``BLOCK`` memory rows, or a box of the grid in token order, read in the slots' row-major order."""
     return ["if DESC:  # TMA: each tile a box of its tensor's descriptor", *nested(boxes), "else:", *nested(loads)]
 
 
-def kv_loads() -> list[str]:
-    """The K and V tiles of ``kt`` (forward and dQ kernels)."""
+def kv_loads(box: str) -> list[str]:
+    """The K and V tiles of ``kt`` (forward and dQ kernels); ``box``: the tile's descriptor coordinates."""
     return by_descriptor(KV_LOADS, [
-        "kk = KD.load([batch, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_D)",
-        "vv = VD.load([batch, kvh, kt * BLOCK_N, 0]).reshape(BLOCK_N, BLOCK_DV)"])
+        f"kk = KD.load([{box}]).reshape(BLOCK_N, BLOCK_D)",
+        f"vv = VD.load([{box}]).reshape(BLOCK_N, BLOCK_DV)"])
 
 
 def nested(lines: list[str]) -> list[str]:
@@ -228,7 +229,7 @@ class KernelBodies:
             ]
             loops += nested([*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
                              *(self._route_key_lines() if masked and self.pat.route is not None else []),
-                             *kv_loads(),
+                             *kv_loads(self._box("k", "kt")),
                              "qk = _dot(q, tl.trans(kk), DOT)",
                              *self._terms(masked, grad=False),
                              *update])
@@ -255,7 +256,7 @@ class KernelBodies:
         the PARTIAL list's, all masked, loaded by TMA. Triton's Hopper warp specialization (``WARP_SPEC``) takes
         a kernel with one loop and no branch in it, its loads all from descriptors made in the kernel (it splits
         their boxes between its consumer warp groups: Triton 3.9 refused a descriptor made on the host). The
-        runner launches it only where the tiles are whole runs of memory rows (``search.tma_fits``) and the
+        runner launches it only where the tiles are runs of memory rows (``search.tma_fits``, ``box_tile``) and the
         tensors are TMA-addressable, as the host's descriptors (``DESC``)."""
         tiles = self.shape_tiles_q()
         rows = math.prod(self.shape.kv_extents)
@@ -323,8 +324,8 @@ class KernelBodies:
                 "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
                 "do = tl.load(do_base + q_row[:, None] * sdo_n + dv[None, :], mask=q_ok[:, None] & (dv[None, :] < DV),",
                 "             other=0.0)"], [
-                "q = QD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)",
-                "do = DOD.load([batch, h, qt * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_DV)"]),
+                f"q = QD.load([{self._box('q', 'qt')}]).reshape(BLOCK_M, BLOCK_D)",
+                f"do = DOD.load([{self._box('q', 'qt')}]).reshape(BLOCK_M, BLOCK_DV)"]),
             "# the lse in log2 units, +inf on rows with no allowed key (the row term's): P = 0 there and on padded rows",
             'lse_l2 = tl.load(LSE2 + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, mask=q_ok,',
             '                 other=float("inf"))',
@@ -407,7 +408,7 @@ class KernelBodies:
             ]
             loop = [*list_tile(kind, "kt"), *self._tiles("k", "kt"),
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
-                    *kv_loads(),
+                    *kv_loads(self._box("k", "kt")),
                     *self._bwd_scores(masked),
                     "if ROW_SUMS:",
                     "    ds_rows += tl.reduce(ds, 1, _add)",

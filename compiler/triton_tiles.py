@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..core import ir
 from . import evaluate as E
+from .schedule import tile_grid
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,35 @@ def edge_padded(extents, tile) -> bool:
     return block_size(math.prod(tile)) == math.prod(tile) and any(L % t for L, t in zip(extents, tile, strict=True))
 
 
+def tile_coordinate(tile_var: str, axis: int, grid: tuple[int, ...]) -> str:
+    """The coordinate along ``axis`` of tile ``tile_var`` in its tile ``grid`` (tiles in row-major order)."""
+    g_stride = math.prod(grid[axis + 1:])
+    tc = f"({tile_var} // {g_stride})" if g_stride > 1 else tile_var
+    return f"({tc} % {grid[axis]})" if axis > 0 else tc
+
+
+def box_tile(extents, tile, permuted: bool) -> tuple[int, ...]:
+    """The box a tensor descriptor loads a tile as (``KernelConfig.tma``): on a grid in token order (the
+    ``address`` layout), the tile itself, a box of the grid's axes (TMA reads 0 past the grid's edge, as the
+    masked pointer loads do); otherwise its run of memory rows (1-D tiles, or tiles permuted into tile order)."""
+    if len(extents) > 1 and not permuted:
+        return tuple(tile)
+    return (math.prod(tile),)
+
+
+def box_coordinates(tile_var: str, extents, tile, permuted: bool, block: str, head: str, heads: str) -> str:
+    """The descriptor coordinates of tile ``tile_var``'s box (``box_tile``), the head dim's 0 last, for ``head`` of
+    ``heads`` heads: ``batch, head, first row`` in a ``[B, H, rows, d]`` tensor, ``batch, head`` and the box's
+    origin on a 2-D grid (``[B, H, Y, X, d]``); on a 3-D grid batch and head merged in one dimension
+    (``[B * H, T, Y, X, d]``: a descriptor has at most 5)."""
+    if len(box_tile(extents, tile, permuted)) == 1:
+        return f"batch, {head}, {tile_var} * {block}, 0"
+    grid = tile_grid(extents, tile)
+    origin = [f"{tile_coordinate(tile_var, a, grid)} * {t}" for a, t in enumerate(tile)]
+    lead = [f"batch, {head}"] if len(tile) == 2 else [f"batch * {heads} + {head}"]
+    return ", ".join([*lead, *origin, "0"])
+
+
 def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
                wide: bool, uniform: frozenset[int], offset: str | None = None, edge: bool = False) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
@@ -76,7 +106,7 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
         raise ValueError("a block's tiles are 1-D runs of its rows, in memory order, with no uniform axis")
     r = role
     slots = math.prod(tile)
-    grid = [-(-L // t) for L, t in zip(extents, tile, strict=True)]
+    grid = tile_grid(extents, tile)
     sl = f"{r}_slot"  # per role: a loop may not rebind a variable of another shape
     lines = [f"{sl} = tl.arange(0, {block})"]
     if len(extents) == 1:
@@ -92,10 +122,8 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
         edges = []
         flat_terms = []
         for a, (L, t) in enumerate(zip(extents, tile, strict=True)):
-            g_stride = math.prod(grid[a + 1:])
             s_stride = math.prod(tile[a + 1:])
-            tc = f"({tile_var} // {g_stride})" if g_stride > 1 else tile_var
-            tc = f"({tc} % {grid[a]})" if a > 0 else tc
+            tc = tile_coordinate(tile_var, a, grid)
             sc = f"({sl} // {s_stride})" if s_stride > 1 else sl
             sc = f"({sc} % {t})" if a > 0 else sc
             lines.append(f"{r}_a{a} = {tc}  # one value per tile" if a in uniform else f"{r}_a{a} = {tc} * {t} + {sc}")

@@ -158,8 +158,8 @@ def test_hopper_candidates_include_the_wide_kv_backward():
 
 def test_hopper_candidates_include_the_pick_with_tma_loads():
     """On Hopper and later the tuner also times each schedule's pick with its tiles loaded by TMA (the model
-    predicts the pick's time for it: the GPU decides), where the tiles are whole runs of memory rows; not before
-    Hopper, and not for boxes gathered by address on a grid. The config round-trips the kernel cache."""
+    predicts the pick's time for it: the GPU decides), where each tile is one box: a run of memory rows, or a box of a
+    grid in token order (``search.tma_fits``); not before Hopper. The config round-trips the kernel cache."""
     pat = attnc.load("stdlib:sliding_window", window=512)
     bound = E.bind_sizes(pat, n=4096, heads=2)
     for hw, expected in (("h100", 1), ("b200", 1), ("a100", 0)):
@@ -184,7 +184,10 @@ def test_hopper_candidates_include_the_pick_with_tma_loads():
     for shape in {(t.config.q_tile, t.config.kv_tile, t.config.layout) for t in trials}:
         with_tma = [t for t in trials if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape and t.config.tma
                     and not t.config.warp_specialize]
-        assert len(with_tma) == (shape[2] != "address"), shape  # 1-D flat tiles: one; boxes by address: none
+        pick = next(t.config for t in trials if (t.config.q_tile, t.config.kv_tile, t.config.layout) == shape)
+        assert len(with_tma) == SR.tma_fits(pick, (60, 60), (60, 60)), shape
+    # boxes of the grid, read as 0 past its edge (60 is a multiple of none of them)
+    assert any(t.config.tma and t.config.layout == "address" for t in trials)
 
 
 def test_candidates_include_the_warp_specialized_forward():
@@ -224,7 +227,7 @@ def test_candidates_include_the_warp_specialized_forward():
 def test_warp_specialized_forward_where_its_form_applies(name, params, h100, b200):
     """``warp_specialized_forward`` follows ``warp_specialized_form`` (the runner's rule too): on Hopper one loop
     loading only K and V, not a route's; on Blackwell the two loops, not with a softcap or a decay term. Never
-    before Hopper, nor where the tiles are not whole runs of memory rows (TMA), nor for a Hopper Q tile of 64."""
+    before Hopper, nor where a tile is not one box (TMA), nor for a Hopper Q tile of 64."""
     pat = attnc.load(f"stdlib:{name}", **params)
     pick = KernelConfig((128,), (64,), "flat", num_warps=8, num_stages=3)
     ext = (4096,), (4096,)
@@ -236,9 +239,10 @@ def test_warp_specialized_forward_where_its_form_applies(name, params, h100, b20
     assert A.warp_specialized_forward(small, pat, get_hardware("h100"), *ext) is None
 
 
-def test_tma_fits_whole_runs_of_rows_only():
-    """``search.tma_fits``: every pass's tiles a power of two of 16 tokens or more, in memory order (1-D) or
-    permuted boxes tiling their grid; the backward's and the dQ kernel's own tiles checked too."""
+def test_tma_fits_one_box_a_tile():
+    """``search.tma_fits``: every pass's tiles a power of two of 16 tokens or more, each one box: in memory order
+    (1-D), permuted boxes tiling their grid, or boxes of a grid of up to 3 axes in token order; the backward's
+    and the dQ kernel's own tiles checked too."""
     fits = SR.tma_fits
     assert fits(KernelConfig((64,), (64,), "flat"), (1000,), (1000,))
     assert fits(KernelConfig((64,), (32,), "address"), (1000,), (1000,))  # a sequence's 1-D tiles
@@ -247,7 +251,10 @@ def test_tma_fits_whole_runs_of_rows_only():
     assert not fits(KernelConfig((512,), (64,), "flat"), (1000,), (1000,))  # over a TMA box's 256
     assert fits(KernelConfig((4, 16), (8, 8), "permute"), (64, 64), (64, 64))
     assert not fits(KernelConfig((4, 16), (8, 8), "permute"), (60, 64), (60, 64))  # 60 rows: padded boxes
-    assert not fits(KernelConfig((4, 16), (8, 8), "address"), (64, 64), (64, 64))  # gathered boxes
+    assert fits(KernelConfig((4, 16), (8, 8), "address"), (60, 64), (60, 64))  # boxes of the grid: 0 past its edge
+    assert fits(KernelConfig((2, 8, 8), (4, 4, 4), "address"), (30, 48, 80), (30, 48, 80))
+    assert not fits(KernelConfig((3, 8), (8, 8), "address"), (60, 64), (60, 64))  # 24 slots in a block of 32
+    assert not fits(KernelConfig((1, 2, 4, 4), (1, 2, 4, 4), "address"), (2, 4, 8, 8), (2, 4, 8, 8))  # 7 dimensions
     assert not fits(KernelConfig((64,), (64,), "flat", bwd_q_tile=(24,)), (1000,), (1000,))  # the backward's
     assert not fits(KernelConfig((64,), (64,), "flat", dq_kv_tile=(40,)), (1000,), (1000,))  # the dQ kernel's
 

@@ -654,30 +654,40 @@ def test_positive_scale_enters_the_forwards_exponent():
     assert ex2_pos == ex2_neg and spill_pos == spill_neg == 0
 
 
-def test_tma_configs_compile_fit_and_load_by_tensor_descriptor():
+@pytest.mark.parametrize("name,params,sizes,tile,rank", [
+    ("sliding_window", {"window": 1024}, None, None, 4),  # runs of memory rows: [B, H, rows, d]
+    # boxes of a 3-D grid in token order, past its edge along every axis: [B * H, T, Y, X, d]
+    ("neighborhood_3d", {"kernel_size_t": 5, "kernel_size_y": 7, "kernel_size_x": 7},
+     {"frames": 10, "height": 18, "width": 22}, (4, 4, 4), 5),
+])
+def test_tma_configs_compile_fit_and_load_by_tensor_descriptor(name, params, sizes, tile, rank):
     """The search's pick with its streamed tiles loaded by TMA (``KernelConfig.tma``: what the tuner times on
     Hopper) compiles for sm_90 at d 128: each of the forward, dQ and dK/dV kernels issues TMA copies
-    (``cp.async.bulk.tensor``), fits, does not spill and runs its dots on wgmma; for sm_80, which has no TMA,
-    the same config records pointer loads (``DESC`` False)."""
+    (``cp.async.bulk.tensor`` of the box's rank), fits, does not spill and runs its dots on wgmma; for sm_80,
+    which has no TMA, the same config records pointer loads (``DESC`` False)."""
     import dataclasses
     import re
 
     from attnc.compiler import evaluate as E
 
-    pat = attnc.load("stdlib:sliding_window", window=1024)
-    search = SR.ScheduleSearch(pat, E.bind_sizes(pat, n=N, heads=G.HEADS), get_hardware("h100"), head_dim=128)
-    cfg = dataclasses.replace(search.run(top=1)[0].config, tma=True)
-    records, described = G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N, config=cfg)
+    pat = attnc.load(f"stdlib:{name}", **params)
+    n = None if sizes else N
+    bound = E.bind_sizes(pat, n=n, heads=G.HEADS, sizes=sizes)
+    pick = SR.ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=128).run(tile, tile, top=1)[0].config
+    assert (pick.layout == "address" and len(pick.q_tile) == 3) is (rank == 5)  # the search's pick (or the tile's)
+    cfg = dataclasses.replace(pick, tma=True)
+    records, described = G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=n, sizes=sizes, config=cfg)
     assert described.endswith("| tma")
     for rec in records:
         if rec.name == "attnc_bwd_delta":
             continue
-        report = G.check_launch(rec, 90, pattern="sliding_window", head_dim=128, dtype="bf16")
+        report = G.check_launch(rec, 90, pattern=name, head_dim=128, dtype="bf16")
         kernel, _, consts = G.compile_launch(rec, 90)
-        copies = len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"]))
-        assert consts["DESC"] and copies > 0 and report.ok and not report.fell_back, (rec.name, G.table([report]))
+        copies = re.findall(r"cp\.async\.bulk\.tensor\.(\d)d", kernel.asm["ptx"])
+        assert consts["DESC"] and copies and report.ok and not report.fell_back, (rec.name, G.table([report]))
+        assert set(copies) == {str(rank)}, (rec.name, copies)
         assert report.wgmma > 0 and report.mma == 0, G.table([report])
-    records, _ = G.record_call(pat, arch=80, head_dim=128, dtype="bf16", n=N, config=cfg)
+    records, _ = G.record_call(pat, arch=80, head_dim=128, dtype="bf16", n=n, sizes=sizes, config=cfg)
     assert {r.kwargs.get("DESC") for r in records} == {False, None}
 
 

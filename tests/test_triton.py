@@ -547,6 +547,47 @@ def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(mon
             "attnc_fwd": True, "attnc_bwd_dkdv": True}
 
 
+@pytest.mark.parametrize("name,params,sizes,tile,b,heads", [
+    # a 2-D grid's 4x4 boxes, its last row and column of tiles past the edge (6x7)
+    ("neighborhood_2d", {"kernel_size_y": 3, "kernel_size_x": 5}, {"height": 6, "width": 7}, (4, 4), 2, (4, 2)),
+    # a 3-D grid's 2x2x4 boxes past every edge (3x3x5), batch and head merged in the descriptor's first dimension
+    ("neighborhood_3d", {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
+     {"frames": 3, "height": 3, "width": 5}, (2, 2, 4), 2, (2, 1)),
+    # one head (its stride moves nothing) in each of two batches
+    ("neighborhood_3d", {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
+     {"frames": 3, "height": 3, "width": 5}, (2, 2, 4), 2, (1, 1)),
+])
+def test_tma_boxes_of_a_grid(monkeypatch, name, params, sizes, tile, b, heads):
+    """Tiles of a grid in token order (the ``address`` layout) loaded by TMA as boxes of the grid
+    (``triton_tiles.box_tile``): the descriptor's zero fill past the grid's edge stands for the pointer loads'
+    masks. Against the reference (output, lse, every gradient; query heads sharing K/V heads) and bitwise against
+    the same config loading by pointer; every kernel loads by descriptor."""
+    launched = spy_launches(monkeypatch, "DESC")
+    monkeypatch.setattr(T, "CPU_ARCH", "sm90")
+    cfg = {"tma": True}
+    config = KernelConfig(tile, tile, "address")
+    monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(
+        lambda pat, bound, q, inputs, kv_heads: dataclasses.replace(config, **cfg)))
+    q, k, v = qkv(b, *heads, math.prod(sizes.values()), 16, Dv=8, seed=5)
+    pat = attnc.load(f"stdlib:{name}", **params)
+    w = torch.randn(b, heads[0], q.shape[2], 8, generator=torch.Generator().manual_seed(1))
+
+    def step(backend):
+        attn = attnc.compile_attention(pat, backend=backend, sizes=sizes)
+        out, lse = attn(q, k, v, return_lse=True)
+        return (out, lse, *torch.autograd.grad((out * w).sum(), (q, k, v))), attn
+
+    boxes, tri = step("triton")
+    assert tri.runner.last_plan.schedule.q_tile == tile
+    assert {desc for kname, desc in launched if kname != "attnc_bwd_delta"} == {True}
+    ref, _ = step("reference")
+    for a, r in zip(boxes, ref, strict=True):
+        torch.testing.assert_close(finite(a), finite(r), atol=1e-4, rtol=1e-4)
+    cfg["tma"] = False
+    rows, _ = step("triton")
+    assert all(torch.equal(a, r) for a, r in zip(boxes, rows, strict=True))
+
+
 #: A causal window: FULL and PARTIAL tiles, not runs (a Q tile's PARTIAL tiles lie at both ends of its window);
 #: strictly causal: both lists runs of consecutive tiles. The first query has no key in either.
 WINDOW, CAUSAL = "mask k < q and q - k <= 40", "mask k < q"

@@ -60,6 +60,7 @@ from ...compiler.search import (
     tma_fits,
 )
 from ...compiler.triton_kernels import warp_specialized_form
+from ...compiler.triton_tiles import box_tile
 from ...core import ir
 from ...core.errors import SpecError
 from ..numerics import timing_inputs
@@ -376,7 +377,7 @@ def candidates(search: ScheduleSearch, *, top: int = TOP, launch: Sequence[tuple
             cand = search.evaluate(wide, flat)
             predicted[wide] = (cand.forward_s + cand.backward_s) * 1e3
         # on Hopper and later, the pick with its streamed tiles loaded by TMA (``KernelConfig.tma``), where its
-        # tiles are whole runs of memory rows: the model predicts no difference, so the GPU decides
+        # tiles are each one box (runs of memory rows, boxes of a grid): the model predicts no difference, so the GPU decides
         sched = first.schedule
         if has_tma(hw.arch) and tma_fits(pick, sched.q_extents, sched.kv_extents):
             configs.append(dataclasses.replace(pick, tma=True))
@@ -446,15 +447,17 @@ def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extent
     architecture takes (``warp_specialized_form``): a trial for the tuner to time. On Hopper a 128-token Q tile at
     ``HOPPER_WS_WARPS`` warps, its FULL and PARTIAL tiles in one loop; on Blackwell and later the pick's forward at
     ``BLACKWELL_WS_WARPS`` warps or more; the backward keeps the pick's launch. None where that form is none, where
-    the pick's tiles are not whole runs of memory rows of the grid's ``q_extents``/``kv_extents``
-    (``search.tma_fits``: Triton specializes no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled
-    for sm_90, not specialized), and on Hopper for another Q tile."""
+    the pick's tiles are not each one box of the grid's ``q_extents``/``kv_extents`` (``search.tma_fits``: Triton
+    specializes no loop of pointer loads), for 32-bit inputs (``nbytes`` 4: compiled for sm_90, not specialized),
+    and on Hopper for another Q tile or boxes of a grid (its one loop's descriptors are runs of rows)."""
     if not has_tma(hw.arch) or nbytes != 2 or not tma_fits(pick, q_extents, kv_extents):
         return None
     form = warp_specialized_form(pat, compute_capability(hw.arch))
+    rows = all(len(box_tile(ext, tile, pick.layout == "permute")) == 1
+               for ext, tile in ((q_extents, pick.q_tile), (kv_extents, pick.kv_tile)))
     if form == "two loops":
         warps = max(pick.num_warps, BLACKWELL_WS_WARPS)
-    elif form == "one loop" and pick.q_tokens == HOPPER_WS_Q_TOKENS:
+    elif form == "one loop" and pick.q_tokens == HOPPER_WS_Q_TOKENS and rows:
         warps = HOPPER_WS_WARPS
     else:
         return None

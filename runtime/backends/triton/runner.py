@@ -61,6 +61,7 @@ from ....compiler.tiles import classify_tiles, layout_extents
 from ....compiler.triton_exprs import LOG2E
 from ....compiler.triton_kernels import warp_specialized_form
 from ....compiler.triton_scores import scale_in_exponent
+from ....compiler.triton_tiles import box_tile, layout_of
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
@@ -361,20 +362,58 @@ def _runs(launch: Launch, *kinds: str) -> dict:
     return {f"{kind}_RUN": runs[kind] for kind in kinds}
 
 
-def _descriptors(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int]]) -> tuple[list, dict]:
+#: A descriptor argument as the runner gives it: (its tensor ``[B, H, rows, d]``, the role of its tiles,
+#: 'q' or 'k', the tiles' padded head dim).
+BoxSpec = tuple[torch.Tensor, str, int]
+
+
+def box_of(launch: Launch, role: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(The grid's extents, the box a tile loads as) for ``role`` ('q' or 'k') tiles of ``launch``, as its kernels
+    address them (``triton_tiles.box_tile``)."""
+    s = launch.shape
+    extents, tile = (s.q_extents, s.q_tile) if role == "q" else (s.kv_extents, s.kv_tile)
+    return extents, box_tile(extents, tile, layout_of(launch.config) == "permute")
+
+
+def _descriptors(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[list, dict]:
     """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
-    constexpr. ``tensors`` maps each descriptor parameter to (its tensor ``[B, H, rows, d]``, the tile's rows,
-    the tile's padded head dim). Every parameter is None, a constant, and the kernel loads by pointer, where
-    ``tma_applies`` says no."""
-    return _boxes(tensors) if tma_applies(launch, tensors) else ([None] * len(tensors), {"DESC": False})
+    constexpr. ``tensors`` maps each descriptor parameter to its ``BoxSpec``. Every parameter is None, a
+    constant, and the kernel loads by pointer, where ``tma_applies`` says no."""
+    return _boxes(launch, tensors) if tma_applies(launch, tensors) else ([None] * len(tensors), {"DESC": False})
 
 
-def _boxes(tensors: dict[str, tuple[torch.Tensor, int, int]]) -> tuple[list, dict]:
+def _boxes(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[list, dict]:
     """``_descriptors``'s answer where ``tma_applies``: each tensor's descriptor, its box a tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    descs = [TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]) for t, rows, cols in tensors.values()]
+    descs = []
+    for t, role, cols in tensors.values():
+        box = box_of(launch, role)[1]
+        shape, strides = _box_view(launch, t, role)
+        descs.append(TensorDescriptor(t, shape, strides, [1] * (len(shape) - len(box) - 1) + [*box, cols]))
     return descs, {"DESC": True}
+
+
+def _box_view(launch: Launch, t: torch.Tensor, role: str) -> tuple[list[int], list[int]] | None:
+    """The shape and strides of the view of ``t`` (``[B, H, rows, d]``) whose boxes ``role``'s tiles load
+    (``triton_tiles.box_coordinates``): ``t`` as it is for runs of rows; ``[B, H, Y, X, d]`` for boxes of a 2-D
+    grid; ``[B * H, T, Y, X, d]`` for a 3-D grid, None where batch and head do not merge (a batch stride other
+    than H head strides: a descriptor has at most 5 dimensions)."""
+    extents, box = box_of(launch, role)
+    strides = _tma_strides(t)
+    if len(box) == 1:
+        return list(t.shape), strides
+    B, H, _, d = t.shape
+    axes = [strides[2] * math.prod(extents[a + 1:]) for a in range(len(extents))]
+    if len(box) == 2:
+        return [B, H, *extents, d], [strides[0], strides[1], *axes, strides[3]]
+    if H == 1:  # the heads' stride moves nothing
+        lead = strides[0]
+    elif B == 1 or t.stride(0) == H * t.stride(1):
+        lead = strides[1]
+    else:
+        return None
+    return [B * H, *extents, d], [lead, *axes, strides[3]]
 
 
 def _tma_strides(t: torch.Tensor) -> list[int]:
@@ -385,19 +424,22 @@ def _tma_strides(t: torch.Tensor) -> list[int]:
     return strides
 
 
-def tma_applies(launch: Launch, tensors: dict[str, tuple[torch.Tensor, int, int]]) -> bool:
+def tma_applies(launch: Launch, tensors: dict[str, BoxSpec]) -> bool:
     """Whether a kernel loads the ``tensors`` (as ``_descriptors`` takes them) by TMA: not where the config asks
-    for none, the architecture has no TMA (before sm_90; the interpreter loads them too), the tiles are not whole
-    runs of rows (``search.tma_fits``), or a tensor is not addressable by TMA: a row stride or base off 16 bytes, a
-    feature stride other than 1, a padded head dim over ``TMA_BOX``."""
+    for none, the architecture has no TMA (before sm_90; the interpreter loads them too), a tile is not one box
+    (``search.tma_fits``), or a tensor is not addressable by TMA: a stride or base off 16 bytes, a feature
+    stride other than 1, a padded head dim over ``TMA_BOX``, a 3-D grid's batch and head that do not merge
+    (``_box_view``)."""
     if not launch.config.tma or not has_tma(_arch(next(iter(tensors.values()))[0].device)):
         return False
     if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
         return False
-    for t, _, cols in tensors.values():
+    for t, role, cols in tensors.values():
+        if cols > TMA_BOX or t.stride(-1) != 1 or t.numel() == 0:  # (an empty batch: no box)
+            return False
+        view = _box_view(launch, t, role)
         size = t.element_size()
-        aligned = t.data_ptr() % 16 == 0 and all(st > 0 and st * size % 16 == 0 for st in _tma_strides(t)[:-1])
-        if cols > TMA_BOX or t.stride(-1) != 1 or not aligned or t.numel() == 0:  # (an empty batch: no box)
+        if view is None or t.data_ptr() % 16 or not all(st > 0 and st * size % 16 == 0 for st in view[1][:-1]):
             return False
     return True
 
@@ -817,11 +859,11 @@ def forward(launch: Launch, q, k, v, scale: float):
     decay_c = _decay_cumsum(launch, device)
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = _blocks(launch, D, DV)
-    kv = {"KD": (kp, fblocks["BLOCK_N"], fblocks["BLOCK_D"]), "VD": (vp, fblocks["BLOCK_N"], fblocks["BLOCK_DV"])}
+    kv = {"KD": (kp, "k", fblocks["BLOCK_D"]), "VD": (vp, "k", fblocks["BLOCK_DV"])}
     by_tma = tma_applies(launch, kv)
     specialize = _warp_spec(launch, qp, kv, fblocks, by_tma)
     # a forward in one loop loads by descriptors of its own, not the host's
-    descs, desc = _boxes(kv) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
+    descs, desc = _boxes(launch, kv) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
@@ -833,12 +875,11 @@ def forward(launch: Launch, q, k, v, scale: float):
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
 
 
-def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, tuple[torch.Tensor, int, int]], blocks: dict,
-               by_tma: bool) -> dict:
+def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, BoxSpec], blocks: dict, by_tma: bool) -> dict:
     """The forward's ``WARP_SPEC`` and ``ONE_LOOP`` (``KernelConfig.warp_specialize``) where its K/V tiles ``kv`` load
     by TMA (``by_tma``, ``tma_applies``: Triton specializes no loop of pointer loads), in the form the architecture takes
     (``warp_specialized_form``): on Blackwell and later the two loops; on Hopper one loop, where Q's tensor ``qp``
-    is TMA-addressable too and the tensors hold the rows the kernel's own descriptors span."""
+    is TMA-addressable too and the tensors hold the rows the kernel's own descriptors span (runs of rows)."""
     if not launch.config.warp_specialize or not by_tma:
         return {}
     form = warp_specialized_form(launch.pattern, compute_capability(_arch(qp.device)))
@@ -846,7 +887,8 @@ def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, tuple[torch.Tenso
         return {"WARP_SPEC": True}
     rows = math.prod(launch.shape.q_extents), math.prod(launch.shape.kv_extents)  # the kernel's descriptors' rows
     if (form == "one loop" and qp.shape[2] == rows[0] and kv["KD"][0].shape[2] == rows[1]
-            and tma_applies(launch, {"Q": (qp, blocks["BLOCK_M"], blocks["BLOCK_D"])})):
+            and len(box_of(launch, "q")[1]) == len(box_of(launch, "k")[1]) == 1
+            and tma_applies(launch, {"Q": (qp, "q", blocks["BLOCK_D"])})):
         return {"WARP_SPEC": True, "ONE_LOOP": True}
     return {}
 
@@ -955,10 +997,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         q_order, q_ordered = _order_args(_orders(qlaunch, B, Hq, Hkv, device), "Q")
         # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
         q_descs, q_desc = _descriptors(qlaunch, {
-            "QD": (q_side[0], qblocks["BLOCK_M"], qblocks["BLOCK_D"]),
-            "KD": (q_side[1], qblocks["BLOCK_N"], qblocks["BLOCK_D"]),
-            "VD": (q_side[2], qblocks["BLOCK_N"], qblocks["BLOCK_DV"]),
-            "DOD": (q_side[3], qblocks["BLOCK_M"], qblocks["BLOCK_DV"])})
+            "QD": (q_side[0], "q", qblocks["BLOCK_D"]), "KD": (q_side[1], "k", qblocks["BLOCK_D"]),
+            "VD": (q_side[2], "k", qblocks["BLOCK_DV"]), "DOD": (q_side[3], "q", qblocks["BLOCK_DV"])})
         args = [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
                 *_common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail]
         meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
@@ -966,8 +1006,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         return (qsched.num_q_tiles, B * Hq), args, meta
 
     kblocks = _blocks(launch, D, DV)
-    k_descs, k_desc = _descriptors(launch, {"QD": (qp, kblocks["BLOCK_M"], kblocks["BLOCK_D"]),
-                                            "DOD": (dop, kblocks["BLOCK_M"], kblocks["BLOCK_DV"])})
+    k_descs, k_desc = _descriptors(launch, {"QD": (qp, "q", kblocks["BLOCK_D"]), "DOD": (dop, "q", kblocks["BLOCK_DV"])})
     L = launch.lists
 
     def dkdv_call(split: int) -> tuple:
