@@ -81,6 +81,14 @@ def box_tile(extents, tile, permuted: bool) -> tuple[int, ...]:
     return (math.prod(tile),)
 
 
+def boxes_are_rows(shape: ScheduleShape, layout: str) -> bool:
+    """Whether both Q and KV tiles of ``shape`` load as runs of memory rows (``box_tile``), as the descriptors that
+    Hopper's one-loop forward makes in the kernel span them."""
+    permuted = layout == "permute"
+    return (len(box_tile(shape.q_extents, shape.q_tile, permuted)) == 1
+            and len(box_tile(shape.kv_extents, shape.kv_tile, permuted)) == 1)
+
+
 def box_coordinates(tile_var: str, extents, tile, permuted: bool, block: str, head: str, heads: str) -> str:
     """The descriptor coordinates of tile ``tile_var``'s box (``box_tile``), the head dim's 0 last, for ``head`` of
     ``heads`` heads: ``batch, head, first row`` in a ``[B, H, rows, d]`` tensor, ``batch, head`` and the box's

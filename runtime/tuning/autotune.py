@@ -60,7 +60,7 @@ from ...compiler.search import (
     tma_fits,
 )
 from ...compiler.triton_kernels import warp_specialized_form
-from ...compiler.triton_tiles import box_tile
+from ...compiler.triton_tiles import ScheduleShape, boxes_are_rows
 from ...core import ir
 from ...core.errors import SpecError
 from ..numerics import timing_inputs
@@ -453,8 +453,7 @@ def warp_specialized_forward(pick: KernelConfig, pat: ir.PatternIR, hw, q_extent
     if not has_tma(hw.arch) or nbytes != 2 or not tma_fits(pick, q_extents, kv_extents):
         return None
     form = warp_specialized_form(pat, compute_capability(hw.arch))
-    rows = all(len(box_tile(ext, tile, pick.layout == "permute")) == 1
-               for ext, tile in ((q_extents, pick.q_tile), (kv_extents, pick.kv_tile)))
+    rows = boxes_are_rows(ScheduleShape(q_extents, kv_extents, pick.q_tile, pick.kv_tile), pick.layout)
     if form == "two loops":
         warps = max(pick.num_warps, BLACKWELL_WS_WARPS)
     elif form == "one loop" and pick.q_tokens == HOPPER_WS_Q_TOKENS and rows:

@@ -61,7 +61,7 @@ from ....compiler.tiles import classify_tiles, layout_extents
 from ....compiler.triton_exprs import LOG2E
 from ....compiler.triton_kernels import warp_specialized_form
 from ....compiler.triton_scores import scale_in_exponent
-from ....compiler.triton_tiles import box_tile, layout_of
+from ....compiler.triton_tiles import box_tile, boxes_are_rows, layout_of
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
@@ -379,17 +379,18 @@ def _descriptors(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[list, dic
     """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
     constexpr. ``tensors`` maps each descriptor parameter to its ``BoxSpec``. Every parameter is None, a
     constant, and the kernel loads by pointer, where ``tma_applies`` says no."""
-    return _boxes(launch, tensors) if tma_applies(launch, tensors) else ([None] * len(tensors), {"DESC": False})
+    views = _tma_views(launch, tensors)
+    return _boxes(launch, tensors, views) if views is not None else ([None] * len(tensors), {"DESC": False})
 
 
-def _boxes(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[list, dict]:
-    """``_descriptors``'s answer where ``tma_applies``: each tensor's descriptor, its box a tile."""
+def _boxes(launch: Launch, tensors: dict[str, BoxSpec], views: list) -> tuple[list, dict]:
+    """``_descriptors``'s answer where TMA applies: each tensor's descriptor over its view (``_tma_views``), its box a
+    tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     descs = []
-    for t, role, cols in tensors.values():
+    for (t, role, cols), (shape, strides) in zip(tensors.values(), views, strict=True):
         box = box_of(launch, role)[1]
-        shape, strides = _box_view(launch, t, role)
         descs.append(TensorDescriptor(t, shape, strides, [1] * (len(shape) - len(box) - 1) + [*box, cols]))
     return descs, {"DESC": True}
 
@@ -425,23 +426,29 @@ def _tma_strides(t: torch.Tensor) -> list[int]:
 
 
 def tma_applies(launch: Launch, tensors: dict[str, BoxSpec]) -> bool:
-    """Whether a kernel loads the ``tensors`` (as ``_descriptors`` takes them) by TMA: not where the config asks
-    for none, the architecture has no TMA (before sm_90; the interpreter loads them too), a tile is not one box
-    (``search.tma_fits``), or a tensor is not addressable by TMA: a stride or base off 16 bytes, a feature
-    stride other than 1, a padded head dim over ``TMA_BOX``, a 3-D grid's batch and head that do not merge
-    (``_box_view``)."""
+    """Whether a kernel loads the ``tensors`` (as ``_descriptors`` takes them) by TMA (``_tma_views``)."""
+    return _tma_views(launch, tensors) is not None
+
+
+def _tma_views(launch: Launch, tensors: dict[str, BoxSpec]) -> list | None:
+    """Each tensor's view as its descriptor spans it (``_box_view``), or None where the kernel loads by pointer: the
+    config asks for no TMA, the architecture has none (before sm_90; the interpreter loads them too), a tile is not
+    one box (``search.tma_fits``), or a tensor is not addressable by TMA: a stride or base off 16 bytes, a feature
+    stride other than 1, a padded head dim over ``TMA_BOX``, a 3-D grid's batch and head that do not merge."""
     if not launch.config.tma or not has_tma(_arch(next(iter(tensors.values()))[0].device)):
-        return False
+        return None
     if not tma_fits(launch.config, launch.shape.q_extents, launch.shape.kv_extents):
-        return False
+        return None
+    views = []
     for t, role, cols in tensors.values():
         if cols > TMA_BOX or t.stride(-1) != 1 or t.numel() == 0:  # (an empty batch: no box)
-            return False
+            return None
         view = _box_view(launch, t, role)
         size = t.element_size()
         if view is None or t.data_ptr() % 16 or not all(st > 0 and st * size % 16 == 0 for st in view[1][:-1]):
-            return False
-    return True
+            return None
+        views.append(view)
+    return views
 
 
 def _lists(sched: TileSchedule, device) -> dict:
@@ -860,10 +867,11 @@ def forward(launch: Launch, q, k, v, scale: float):
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = _blocks(launch, D, DV)
     kv = {"KD": (kp, "k", fblocks["BLOCK_D"]), "VD": (vp, "k", fblocks["BLOCK_DV"])}
-    by_tma = tma_applies(launch, kv)
+    views = _tma_views(launch, kv)
+    by_tma = views is not None
     specialize = _warp_spec(launch, qp, kv, fblocks, by_tma)
     # a forward in one loop loads by descriptors of its own, not the host's
-    descs, desc = _boxes(launch, kv) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
+    descs, desc = _boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
     args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
             *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
     with interpreting(launch.interpret):
@@ -887,7 +895,7 @@ def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, BoxSpec], blocks:
         return {"WARP_SPEC": True}
     rows = math.prod(launch.shape.q_extents), math.prod(launch.shape.kv_extents)  # the kernel's descriptors' rows
     if (form == "one loop" and qp.shape[2] == rows[0] and kv["KD"][0].shape[2] == rows[1]
-            and len(box_of(launch, "q")[1]) == len(box_of(launch, "k")[1]) == 1
+            and boxes_are_rows(launch.shape, layout_of(launch.config))
             and tma_applies(launch, {"Q": (qp, "q", blocks["BLOCK_D"])})):
         return {"WARP_SPEC": True, "ONE_LOOP": True}
     return {}
