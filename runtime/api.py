@@ -13,25 +13,25 @@ from ..core import symbols as S
 from ..core.errors import SpecError
 from ..spec.library import load
 from . import ops
+from .admission import admit
 from .checks import (
     WORK_BYTES_PER_PAIR,
     check_fits,
     check_flag,
     check_qkv,
-    check_softcap,
     check_state,
     resolve_scale,
     state_heads,
 )
 from .frontends.kv_cache import padded_forward
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
-from .numerics import compute_dtype, needs_grad
+from .numerics import needs_grad
 from .plan import clusters, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
-from .runner import Call, refusal
+from .runner import Call
 
 #: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
 BOUND_CACHE_SIZE = 16
@@ -257,11 +257,6 @@ class Attention(torch.nn.Module):
                 out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse)
                 return (out, lse) if return_lse else out
         call = self._bind_call(q, k, v, scale, return_lse, all_sizes, inputs)
-        why = refusal(self.runner, "softmax", q.device, call.q_offset)
-        if why is not None:
-            hint = "use backend='cpu' or 'triton' for decoding" if call.q_offset else None
-            raise SpecError(f"{call.bound.nk} keys but {call.bound.n} queries: {why}" if call.q_offset else why,
-                            where="argument k" if call.q_offset else "argument q", hint=hint)
         if call.q_offset and self.runner.support.query_offset == "padded":
             out, lse = padded_forward(self.runner, call, q, k, v)
         else:
@@ -300,14 +295,7 @@ class Attention(torch.nn.Module):
         self._last_call = {"n": Nq, "nk": Nk if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
         E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
-        check_softcap(pat, bound)
-        if pat.route is not None:
-            routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
-        # every backend holds q, k, v, the output and its accumulator in fp32 (fp64): refuse
-        # sizes that cannot fit (q, k, v may be zero-stride views that cost nothing themselves)
-        item = torch.finfo(compute_dtype(q.dtype)).bits // 8
-        check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
-                   item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
+        admit(self.runner, bound, q, k, v)  # the refusals every path applies (the compiled one in its op)
         return Call(bound=bound, batch=B, heads=Hq, kv_heads=Hkv, head_dim=D, value_dim=Dv, dtype=q.dtype,
                     device=q.device, grad=needs_grad(q, k, v, *inputs.values()), need_lse=need_lse,
                     scale=float(scale), inputs=dict(inputs), sizes=all_sizes)

@@ -31,7 +31,7 @@ RUNTIME_ROOMS = [
     ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.kernel_fit", "runtime.runner"),
     ("runtime.frontends",),
     ("runtime.plan",),
-    ("runtime.ops",),  # the custom ops call runners by key: they know no backend
+    ("runtime.admission", "runtime.ops"),  # the front door of a call; the custom ops call runners by key
     ("runtime.backends", "runtime.recurrences"),
     ("runtime.parallel",),  # context parallelism: the reference's scores, the recurrence runners
     ("runtime.tuning",),

@@ -38,8 +38,9 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ...compiler import evaluate as E
 from ...core.errors import SpecError
+from ..admission import admit
+from ..frontends import kv_cache
 from ..numerics import compute_dtype, empty_batch_outputs
-from ..plan import routing
 
 # One registry and one op definition per process, even when the package is
 # imported twice under two names (pytest imports the repository root, which is
@@ -111,16 +112,13 @@ def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(_names(names), inputs, strict=True))
 
 
-def _routed(pattern, bound: E.Bound) -> E.Bound:
-    """``bound``, after checking a route's size-dependent block sizes and topk (as an eager call does)."""
-    if getattr(pattern, "route", None) is not None:
-        routing.route_sizes(pattern, bound)
+def _bind(runner, q, k, v, sizes) -> E.Bound:
+    """The sizes of a traced call bound, and the call admitted as an eager call is (``admission.admit``:
+    the same refusals on every path)."""
+    bound = E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
+                         sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True)
+    admit(runner, bound, q, k, v)
     return bound
-
-
-def _bind(runner, q, k, inputs, names, sizes) -> E.Bound:
-    return _routed(runner.pattern, E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
-                                                sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True))
 
 
 # ------------------------------------------- pieces every attnc op shares (here, flex_op, recurrence_op, varlen_op)
@@ -230,7 +228,7 @@ def _forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
         return empty_batch_outputs(q, v, _lse_dtype(q))
-    out, lse = runner.traced_forward(_bind(runner, q, k, inputs, names, sizes), q, k, v, _named(names, inputs), scale)
+    out, lse = runner.traced_forward(_bind(runner, q, k, v, sizes), q, k, v, _named(names, inputs), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -251,7 +249,7 @@ def _backward_impl(
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
-        dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, inputs, names, sizes), q, k, v, out, lse, dout,
+        dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, v, sizes), q, k, v, out, lse, dout,
                                                   dlse, raw, scale, wrt_names)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
@@ -298,7 +296,10 @@ def _triton_forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:
         return empty_batch_outputs(q, v, torch.float32)
-    out, lse = runner.traced_forward(_bind(runner, q, k, inputs, names, sizes), q, k, v, _named(names, inputs), scale)
+    bound = _bind(runner, q, k, v, sizes)
+    args = (bound, q, k, v, _named(names, inputs), scale)
+    out, lse = (kv_cache.padded_traced_forward(runner, *args) if _padded(runner, bound)
+                else runner.traced_forward(*args))
     return out.contiguous(), lse.contiguous()
 
 
@@ -317,9 +318,16 @@ def _triton_backward_impl(
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
-    dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, inputs, names, sizes), q, k, v, out, lse, dout,
-                                              dlse, raw, scale, wrt_names)
+    bound = _bind(runner, q, k, v, sizes)
+    args = (bound, q, k, v, out, lse, dout, dlse, raw, scale, wrt_names)
+    dq, dk, dv, d_in = (kv_cache.padded_traced_backward(runner, *args) if _padded(runner, bound)
+                        else runner.traced_backward(*args))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
+
+
+def _padded(runner, bound: E.Bound) -> bool:
+    """Whether a traced call runs with zero queries in front (a KV cache on a runner without an offset)."""
+    return bool(bound.q_offset) and runner.support.query_offset == "padded"
 
 
 #: ``torch.ops.attnc.triton_attention`` and ``torch.ops.attnc.triton_attention_backward``

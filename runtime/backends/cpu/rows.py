@@ -115,7 +115,10 @@ class RowPlan:
         batch = next((tensors[n].shape[0] for n in batched), None)
         value = E.Evaluator(self.env(torch.arange(self.bound.nk)), tensors, batched, batch)(self.mask)
         value = E.as_tensor(value, torch.bool)
-        return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)) if value.dim() < 4 else value
+        value = value.reshape((1,) * (4 - value.dim()) + tuple(value.shape)) if value.dim() < 4 else value
+        # a mask that reads neither q nor k (`true`, `h == 0`, `t[q] > 0` along rows) evaluates to
+        # size 1 along those axes: every key is a column of the rows' plan all the same
+        return value.expand(*value.shape[:2], self.bound.n, self.bound.nk)
 
 
 def visited_columns(allowed: torch.Tensor) -> tuple[Cols, torch.Tensor | None]:
