@@ -58,3 +58,54 @@ def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     item = torch.finfo(compute_dtype(q.dtype)).bits // 8
     check_fits(f"batch {B}, heads {Hq}, {Nq} tokens need an output of {float(B * Hq * Nq * Dv * item):.3g} bytes",
                item * (B * Hq * Nq * (D + 2 * Dv) + B * Hkv * Nk * (D + Dv)), "argument q", q.device)
+
+
+class _FirstOrder(torch.autograd.Function):
+    """Identity on a call's differentiable arguments. Where a graph of their gradients is asked for
+    (``create_graph=True``), each gradient goes through ``_NotTwice``: differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, backend: str, *xs):
+        ctx.backend = backend
+        ctx.save_for_backward(*xs)
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if torch.is_grad_enabled():  # create_graph=True
+            # each gradient hangs on the arguments too: a runner's gradients may hold no graph of them
+            # at all, and a node off the path to what is differentiated would never run
+            xs = ctx.saved_tensors
+            grads = tuple(None if g is None else _NotTwice.apply(ctx.backend, g, *xs) for g in grads)
+        return (None, *grads)
+
+
+class _NotTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend: str, grad, *xs):
+        ctx.backend = backend
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise SpecError(f"the {ctx.backend} backend's gradients cannot be differentiated again (a double "
+                        "backward through create_graph=True)", where="backward",
+                        hint="use backend='reference' for higher-order gradients (dense, exact)")
+
+
+def first_order(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> tuple:
+    """``(q, k, v, inputs)``, unchanged, except that where ``runner`` has no double backward
+    (``Support.double_backward``) their gradients refuse to be differentiated again with one clear error,
+    the same on every backend, instead of second-order gradients that come back None, first-order
+    gradients that do not require grad, or torch's own error from inside a runner."""
+    if runner.support.double_backward or not torch.is_grad_enabled():
+        return q, k, v, inputs
+    args = {"q": q, "k": k, "v": v, **{n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)}}
+    args = {n: t for n, t in args.items() if t.requires_grad}
+    if not args:
+        return q, k, v, inputs
+    # each tensor once (q, q, q for self-attention: dynamo traces no Function given one tensor twice)
+    unique = list({id(t): t for t in args.values()}.values())
+    wrapped = dict(zip(map(id, unique), _FirstOrder.apply(runner.name, *unique), strict=True))
+    out = {n: wrapped[id(t)] for n, t in args.items()}
+    return out.pop("q", q), out.pop("k", k), out.pop("v", v), {**inputs, **out}

@@ -13,7 +13,7 @@ from ..core import symbols as S
 from ..core.errors import SpecError
 from ..spec.library import load
 from . import ops
-from .admission import admit
+from .admission import admit, first_order
 from .checks import (
     WORK_BYTES_PER_PAIR,
     check_fits,
@@ -215,6 +215,7 @@ class Attention(torch.nn.Module):
             check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
         check_state(initial_state, q, "initial_state")
         return_lse, return_state = check_flag("return_lse", return_lse), check_flag("return_state", return_state)
+        q, k, v, inputs = first_order(self.runner, q, k, v, inputs)  # double backward: one refusal everywhere
         run = self._forward
         if cu_seqlens is not None and torch.compiler.is_compiling():  # the offsets are data: the op reads them
             from .ops import varlen as varlen_op

@@ -25,7 +25,7 @@ from ..core import ir
 from ..core.errors import SpecError, did_you_mean
 from .checks import check_qkv, resolve_scale
 from .frontends.layouts import check_layout
-from .numerics import compute_dtype
+from .numerics import compute_dtype, tied_to
 
 
 def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -153,7 +153,9 @@ class CombinedAttention(torch.nn.Module):
                 parts.append(self._combined(q[:, :, cut], k[:, :, cut], v[:, :, cut],
                                             {name: g[..., cut] for name, g in gates.items()},
                                             {name: self._cut(name, t, cut) for name, t in own.items()}, scale, sizes))
-            out = torch.cat(parts, dim=2)
+            # every sequence empty: an empty output, differentiable as any call's (zero gradients)
+            out = torch.cat(parts, dim=2) if parts else tied_to(
+                q.new_zeros(*q.shape[:3], v.shape[-1]), q, k, v, *gates.values(), *own.values())
         return out.transpose(1, 2) if bnhd else out
 
     def _cut(self, name: str, t, cut: slice):

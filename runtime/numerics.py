@@ -62,6 +62,16 @@ def empty_batch_outputs(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype
     return q.new_zeros(B, Hq, Nq, v.shape[-1]), q.new_full((B, Hq, Nq), -float("inf"), dtype=lse_dtype)
 
 
+def tied_to(x: torch.Tensor, *tensors) -> torch.Tensor:
+    """``x``, a result with no elements, made to depend on the float tensors among ``tensors`` that require
+    grad: a backward through it then gives them zero gradients, as a call with elements does (rather
+    than failing on an output that does not require grad)."""
+    leaves = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not leaves or not torch.is_grad_enabled():
+        return x
+    return x + (sum(t.sum() for t in leaves) * 0).to(x.dtype)
+
+
 def needs_grad(*tensors) -> bool:
     """Whether autograd records this call: grad mode on and some tensor among ``tensors`` (others
     ignored) requires grad."""

@@ -30,7 +30,8 @@ class Support:
     through a custom op (``runtime.ops``); ``decode_step``: ``Attention.step``; ``key_offset``: the
     device types on which the runner runs BLOCKS of a longer sequence (``BlockRunner``: queries at
     ``bound.q_offset`` against keys at ``bound.k_offset``, ``evaluate.block_bound``), the unit of
-    context parallelism (``runtime.parallel.blocks``)."""
+    context parallelism (``runtime.parallel.blocks``); ``double_backward``: its gradients are
+    differentiable again (``create_graph=True``; elsewhere ``admission.first_order`` refuses)."""
 
     devices: frozenset = frozenset({"cpu", "cuda"})
     kinds: frozenset = frozenset({"softmax"})
@@ -39,6 +40,7 @@ class Support:
     compile: bool = True
     decode_step: bool = False
     key_offset: frozenset = frozenset()
+    double_backward: bool = False
 
 
 @dataclass(frozen=True)

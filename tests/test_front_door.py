@@ -88,3 +88,73 @@ def test_compiled_call_refuses_a_softcap_that_is_not_positive_on_a_head(backend)
     compiled = _error(lambda: torch.compile(attn)(q, k, v))
     assert (compiled.message, compiled.where) == (eager.message, eager.where)
     assert "softcap" in eager.message and "h = 1" in eager.message
+
+
+def test_reference_double_backward_is_exact():
+    """The reference is plain torch autograd: its second-order gradients pass gradgradcheck (float64)."""
+    attn = attnc.compile_attention("pattern p\n  tokens seq\n  mask causal and q - k < 3\n", backend="reference")
+    q, k, v = _qkv(5, 5, heads=1, d=3, grad=True)
+    assert torch.autograd.gradgradcheck(lambda q, k, v: attn(q, k, v), (q, k, v))
+
+
+@pytest.mark.parametrize("backend,src", [("cpu", "stdlib:sliding_window"), ("flex", "stdlib:sliding_window"),
+                                         ("triton", "stdlib:sliding_window"), ("auto", "stdlib:sliding_window"),
+                                         ("cpu", "stdlib:retention"), ("triton", "stdlib:retention")])
+def test_double_backward_is_refused_the_same_on_every_other_backend(backend, src):
+    """create_graph=True still gives the exact first-order gradients; differentiating them again raises one
+    SpecError (before: None on flex, a raw error on cpu, a gradient without requires_grad on triton)."""
+    kw = {"window": 4} if "window" in src else {}
+    attn = attnc.compile_attention(src, backend=backend, **kw)
+    ref = attnc.compile_attention(src, backend="reference", **kw)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v = _qkv(16, 16, d=8, dtype=dtype, grad=True)
+    g, = torch.autograd.grad(attn(q, k, v).pow(2).sum(), q, create_graph=True)
+    assert g.requires_grad
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, = torch.autograd.grad(ref(q64, k64, v64).pow(2).sum(), q64)
+    torch.testing.assert_close(g.double(), want, rtol=1e-5, atol=1e-5)
+    err = _error(lambda: torch.autograd.grad(g.pow(2).sum(), (k, v)))
+    assert err.where == "backward" and f"the {backend} backend's gradients cannot be differentiated" in err.message
+
+
+@pytest.mark.parametrize("src,kwargs,sizes", [
+    ("stdlib:neighborhood_2d", {"kernel_size": 3}, {"height": 4, "width": 6}),
+    ("stdlib:sliding_tile", {"tile_t": 1, "tile_y": 2, "tile_x": 2, "wt": 1}, {"frames": 2, "height": 4, "width": 4}),
+    ("stdlib:vertical_slash", {}, None),
+])
+def test_fullgraph_compile_of_a_grid_on_flat_tensors_and_of_vertical_slash(src, kwargs, sizes):
+    """Grid patterns called with flat [B, H, N, D] tensors and vertical-slash's selection ran sympy inside
+    the traced region (a raw dynamo error under fullgraph=True); now they compile, equal to eager."""
+    attn = attnc.compile_attention(src, backend="cpu", **kwargs)
+    n = 1
+    for extent in (sizes or {"n": 24}).values():
+        n *= extent
+    q, k, v = _qkv(n, n, d=16, dtype=torch.float32)
+    call = (lambda q, k, v: attn(q, k, v, sizes=sizes)) if sizes else attn
+    torch.testing.assert_close(torch.compile(call, fullgraph=True)(q, k, v), call(q, k, v), rtol=0, atol=0)
+
+
+def test_bnhd_gates_over_the_whole_sequence_after_a_kv_cache():
+    """Layout bnhd with a KV cache: an input declared [heads, n] is given [n, heads] over the whole
+    sequence (k's tokens), as under bhnd it is [heads, nk]; it was refused in every shape."""
+    fox = attnc.compile_attention("stdlib:forgetting", backend="cpu")
+    q, k, v = _qkv(3, 10)
+    g = -torch.rand(2, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    want = attnc.compile_attention("stdlib:forgetting", backend="reference")(q, k, v, g=g)
+    out = fox(*(t.transpose(1, 2) for t in (q, k, v)), g=g.T, layout="bnhd")
+    torch.testing.assert_close(out.transpose(1, 2), want, rtol=1e-12, atol=1e-12)
+    err = _error(lambda: fox(*(t.transpose(1, 2) for t in (q, k, v)), g=g[:, -3:].T, layout="bnhd"))
+    assert err.where == "argument g" and "n = 10" in err.message
+
+
+@pytest.mark.parametrize("src", ["stdlib:nsa", "stdlib:sliding_window", "stdlib:retention"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_every_packed_sequence_empty_gives_empty_differentiable_results(src, backend):
+    attn = attnc.compile_attention(src, backend=backend)
+    q, k, v = (torch.zeros(1, 2, 0, 16, requires_grad=True) for _ in range(3))
+    gates = {n: torch.zeros(2, 0, requires_grad=True) for n in ("g_cmp", "g_slc", "g_swa")} if "nsa" in src else {}
+    out = attn(q, k, v, cu_seqlens=torch.tensor([0, 0, 0], dtype=torch.int32), **gates)
+    assert out.shape == (1, 2, 0, 16)
+    out.sum().backward()
+    for t in (q, k, v, *gates.values()):
+        assert t.grad is not None and t.grad.shape == t.shape

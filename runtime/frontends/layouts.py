@@ -120,13 +120,18 @@ def _flat(t, name: str, axes, sizes: dict, known: dict) -> tuple[torch.Tensor, t
     return t.flatten(1, -3).transpose(1, 2), spatial
 
 
-def _gate_inputs(pat, inputs: dict, q, v=None) -> dict:
+def _gate_inputs(pat, inputs: dict, q, k=None, v=None) -> dict:
     """Inputs declared ``[heads, n, ...]``, given ``[n, heads, ...]`` (batched or not), as views in the
-    declared order; their leading two extents are checked against q's here (v's heads where the delta
-    rule has more value heads, GVA), where the message can show the caller's order; anything else is
-    passed on unchanged (``bind_inputs`` checks it)."""
+    declared order; their leading two extents are checked against q's heads (v's where the delta
+    rule has more value heads, GVA) and the sequence's tokens here, where the message can show the
+    caller's order; anything else is passed on unchanged (``bind_inputs`` checks it). A self-attention
+    pattern's ``n`` is the whole sequence: k's tokens, more than q's after a KV cache."""
     out = dict(inputs)
     heads = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    tokens = q.shape[2] if heads is not None else None
+    if (heads is not None and getattr(pat, "self_attention", True) and isinstance(k, torch.Tensor)
+            and k.dim() == 4):
+        tokens = k.shape[2]
     if heads is not None and getattr(pat, "rule", None) == "delta" and isinstance(v, torch.Tensor) and v.dim() == 4:
         heads = max(heads, v.shape[1])
     for decl in pat.inputs:
@@ -137,10 +142,10 @@ def _gate_inputs(pat, inputs: dict, q, v=None) -> dict:
         if t.dim() != len(decl.dims) and not batched:
             continue
         lead = tuple(t.shape[int(batched):int(batched) + 2])
-        if heads is not None and lead != (q.shape[2], heads):
+        if heads is not None and lead != (tokens, heads):
             rest = ", ".join(decl.dim_names[2:])
             raise SpecError(f"input '{decl.name}' has shape {list(t.shape)}; layout 'bnhd' expects "
-                            f"[{'B, ' if batched else ''}n, heads{', ' + rest if rest else ''}] with n = {q.shape[2]}, "
+                            f"[{'B, ' if batched else ''}n, heads{', ' + rest if rest else ''}] with n = {tokens}, "
                             f"heads = {heads}", where=f"argument {decl.name}",
                             hint="under layout 'bnhd' tokens come before heads, as fla's g [B, T, H(, K)]")
         out[decl.name] = t.transpose(int(batched), int(batched) + 1)
@@ -160,7 +165,7 @@ def to_bhnd(pat, layout: str, q, k, v, inputs: dict, sizes: dict | None, known: 
     v, v_spatial = _flat(v, "v", k_axes, sizes, known)
     if isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor) and k_spatial != v_spatial:
         raise SpecError(f"v's grid extents {v_spatial} differ from k's {k_spatial}", where="argument v")
-    return q, k, v, _gate_inputs(pat, inputs, q, v), sizes or None, Restore("bnhd", q_spatial)
+    return q, k, v, _gate_inputs(pat, inputs, q, k, v), sizes or None, Restore("bnhd", q_spatial)
 
 
 def _input_dims(pat, inputs: dict) -> dict[str, int]:
@@ -180,6 +185,7 @@ def _input_dims(pat, inputs: dict) -> dict[str, int]:
     return found
 
 
+@torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
 def _layout_tokens(pat, role: str, sizes: dict) -> int | None:
     """The token count a grid's or a concatenation's sizes give, when all are known (else None)."""
     if not isinstance(pat, ir.PatternIR):

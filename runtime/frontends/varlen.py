@@ -26,6 +26,7 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
+from ..numerics import tied_to
 
 
 @dataclass(frozen=True)
@@ -180,8 +181,8 @@ def run(forward, pat, packing: Packing, q, k, v, *, scale, return_lse: bool, ini
         inverse[torch.cat(positions)] = torch.arange(total, device=q.device)
         out = torch.cat(outs, dim=1)[:, inverse].unsqueeze(0)
         lse = torch.cat(lses, dim=1)[:, inverse].unsqueeze(0) if return_lse else None
-    else:  # every sequence is empty
-        out = q.new_zeros(1, H, 0, v.shape[3])
+    else:  # every sequence is empty: empty results, differentiable as any call's (zero gradients)
+        out = tied_to(q.new_zeros(1, H, 0, v.shape[3]), q, k, v, initial_state, *inputs.values())
         lse = q.new_zeros(1, H, 0, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
     if return_lse:
         return out, lse

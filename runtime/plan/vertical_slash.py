@@ -33,6 +33,13 @@ def rule_of(pat) -> ir.VerticalSlash | None:
     return None
 
 
+@torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
+def _kept(rule, count: int, heads: int, dk: int) -> torch.Tensor:
+    """The rule's forced columns and diagonals: bool ``[2, heads, count]`` (one constant for dynamo)."""
+    return torch.stack([_keep(rule.keep_columns, S.K, count, heads, dk),
+                        _keep(rule.keep_diagonals, S.Q, count, heads, dk)])
+
+
 def _keep(expr: sympy.Basic | None, symbol: sympy.Symbol, count: int, heads: int, dk: int) -> torch.Tensor:
     """A keep condition at ``symbol = 0 .. count - 1`` for every head: bool ``[heads, count]``."""
     if expr is None:
@@ -102,8 +109,7 @@ def derive(pat, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) ->
     with torch.no_grad():
         kk = k.detach().repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k.detach()
         vertical, slash = scores(q.detach(), kk, int(rule.last), scale)
-        keep_cols = _keep(rule.keep_columns, S.K, Nk, Hq, D).to(q.device)
-        keep_diags = _keep(rule.keep_diagonals, S.Q, Nk, Hq, D).to(q.device)
+        keep_cols, keep_diags = _kept(rule, Nk, Hq, D).to(q.device).unbind(0)
         cols = top_flags(vertical, min(Nk, int(rule.vertical)), keep_cols)
         by_offset = top_flags(slash, min(Nk, int(rule.slash)), keep_diags)
         diags = torch.cat([by_offset.new_zeros(B, Hq, Nk - 1), by_offset], dim=-1)  # index o + nk - 1

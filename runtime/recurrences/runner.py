@@ -3,6 +3,8 @@ step, and the runner the custom op and ``Attention`` call."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ...compiler import evaluate as E
@@ -166,6 +168,8 @@ class RecurrenceRunner(Registered):
     def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None, *, hardware=None,
                  native: bool = False):
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
+        # the naive loop is plain torch autograd: its gradients are differentiable again
+        self.support = dataclasses.replace(RecurrenceRunner.support, double_backward=backend == "reference")
         # the offline GPU check injects a runner whose chunk is chosen for a GPU model (``hardware``) and
         # whose Triton kernels compile natively (``native``) although its tensors are on the CPU
         self.hardware, self.native = hardware, native

@@ -16,7 +16,7 @@ class ReferenceRunner:
     """Dense scores, probabilities and mask, ``B x H x Nq x Nk`` each: any device, every feature."""
 
     name = "reference"
-    support = Support(query_offset="native", compile=False)
+    support = Support(query_offset="native", compile=False, double_backward=True)  # plain torch autograd
     op = None
 
     def __init__(self, pattern: ir.PatternIR):
