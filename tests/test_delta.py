@@ -205,3 +205,73 @@ def test_the_reference_equals_flash_linear_attention_naive(name):
         want = bthd(want)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state, want_state, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------- gates that are no log decays
+#: every path a delta-rule call takes: the token-by-token reference, the chunked torch form, the Triton
+#: kernels (interpreted on CPU tensors) and the decoding step
+PATHS = ("reference", "cpu", "triton", "step")
+
+
+def _gate_error(path, spec, q, k, v, inputs) -> attnc.SpecError:
+    """The SpecError ``path`` raises for these inputs (the step decodes the last token alone)."""
+    attn = attnc.compile_attention(spec, backend="cpu" if path == "step" else path)
+    with pytest.raises(attnc.SpecError) as err:
+        if path == "step":
+            attn.step(q[:, :, -1], k[:, :, -1], v[:, :, -1], None, **{n: t[:, -1:] for n, t in inputs.items()})
+        else:
+            attn(q, k, v, **inputs)
+    return err.value
+
+
+@pytest.mark.parametrize("name", ["gated_delta_net", "kda"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 3.0, 1e-30])
+def test_a_gate_that_is_no_log_decay_is_the_same_error_on_every_path(name, bad):
+    """NaN, +inf and positive gates (log decays are <= 0, the published rules' g) are refused by every path
+    with one error naming the gate (the reference loop and the step returned NaN for NaN and +inf; the
+    chunked form was off by orders of magnitude for positive gates)."""
+    q, k, v, inputs, _ = case(name, 1, 2, 20, 4, 3, seed=8)
+    g = inputs["g"].clone()
+    g[(1, -1) if g.dim() == 2 else (1, -1, 2)] = bad  # the last token: the step decodes it
+    inputs["g"] = g
+    errors = [_gate_error(path, f"stdlib:{name}", q, k, v, inputs) for path in PATHS]
+    for err in errors:
+        assert err.where == "argument g"
+        assert "the delta rule's gates are log decays: each must be finite or -inf" in err.message
+        assert "<= 0" in err.message and f"g is {bad!r}" in err.message
+    assert len({e.message.split(";")[0] for e in errors}) == 1
+
+
+def test_the_issue_case_positive_gates_refused_zero_gates_follow_the_rule():
+    """dk = 1, k = 1, beta = 1: the rule gives o_t = v_t whatever the gate. g = 3.0 over 40 tokens is
+    refused (the chunked form was off by ~1e35); g = 0 and a hard reset (-inf) follow the rule on every
+    backend, exactly."""
+    T = 40
+    q, k = torch.ones(1, 1, T, 1, dtype=F64), torch.ones(1, 1, T, 1, dtype=F64)
+    v = torch.randn(1, 1, T, 1, generator=torch.Generator().manual_seed(9), dtype=F64)
+    beta = torch.ones(1, T, dtype=F64)
+    for path in PATHS:
+        err = _gate_error(path, "stdlib:gated_delta_net", q, k, v, {"g": torch.full((1, T), 3.0, dtype=F64),
+                                                                     "beta": beta})
+        assert err.where == "argument g", path
+    g = torch.zeros(1, T, dtype=F64)
+    g[0, 17] = -torch.inf
+    for backend in ("reference", "cpu", "triton"):
+        out = attnc.compile_attention("stdlib:gated_delta_net", backend=backend)(q, k, v, g=g, beta=beta, scale=1.0)
+        torch.testing.assert_close(out, v, rtol=1e-12, atol=1e-12, msg=backend)
+
+
+def test_a_positive_constant_decay_is_refused_naming_the_decay():
+    """A head gate (a constant per head) under the delta rule: positive on head 0, refused by every path,
+    naming the decay clause; a log decay <= 0 on every head runs and equals the loop."""
+    q, k, v, inputs, s0 = case("delta_net", 1, 2, 12, 4, 3, seed=10)
+    bad = "recurrence r\n  input beta: float[heads, n]\n  decay 0.5 - h\n  update delta(beta)\n"
+    errors = [_gate_error(path, bad, q, k, v, inputs) for path in PATHS]
+    for err in errors:
+        assert err.where == "decay" and "log decays" in err.message and "at h = 0" in err.message
+    good = attnc.load("recurrence r\n  input beta: float[heads, n]\n  decay -0.5 - h\n  update delta(beta)\n")
+    gates = torch.tensor([-0.5, -1.5], dtype=F64).view(1, 2, 1, 1).expand(1, 2, 12, 4)
+    want, _ = loop(q, k, v, gates, inputs["beta"].expand(1, 2, 12), 0.5, s0)
+    for backend in ("reference", "cpu", "triton"):
+        out = attnc.compile_attention(good, backend=backend)(q, k, v, initial_state=s0, scale=0.5, **inputs)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, msg=backend)

@@ -111,6 +111,18 @@ def block_runner(runner, device: torch.device, heads: int, pattern_heads: int, p
     return runner
 
 
+def blocks_backend(runner, device: torch.device) -> str:
+    """The backend that runs the blocks of a call on ``device`` (``ContextParallel.last_blocks``):
+    "reference" without a runner (the reference scores), else the runner's name; the auto runner's is
+    the one its ``block_forward`` hands the blocks to there (the Triton kernels on CUDA, the CPU
+    executor elsewhere), never "auto"."""
+    if runner is None:
+        return "reference"
+    if runner.name == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    return runner.name
+
+
 def runs(pos: torch.Tensor) -> list[tuple[int, int, int]]:
     """``(first row, first absolute position, length)`` of each run of consecutive positions."""
     p = pos.tolist()

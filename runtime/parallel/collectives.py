@@ -14,10 +14,11 @@ import torch.distributed as dist
 from ...core.errors import SpecError
 
 
-def agree(group, record: dict, where: str) -> list[dict]:
+def agree(group, record: dict, where: str, wheres: dict | None = None) -> list[dict]:
     """Every rank's ``record`` (small, picklable), after checking that all are equal except the keys
     starting with ``_`` (per-rank facts). A record may carry ``error``: the first rank's error is
-    raised on every rank. Mismatches name the first differing rank and field."""
+    raised on every rank. Mismatches name the first differing rank and field, and ``wheres[field]``
+    (else ``where``) as what is at fault."""
     records: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(records, record, group=group)
     for rank, r in enumerate(records):
@@ -29,7 +30,8 @@ def agree(group, record: dict, where: str) -> list[dict]:
         for key, value in first.items():
             if r.get(key) != value:
                 raise SpecError(f"ranks disagree on the {key}: rank 0 has {value}, rank {rank} has {r.get(key)}",
-                                where=where, hint="every rank calls with the same pattern, shapes and options")
+                                where=(wheres or {}).get(key, where),
+                                hint="every rank calls with the same pattern, shapes and options")
     return records
 
 

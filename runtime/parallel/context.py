@@ -11,6 +11,7 @@ small: ids, gates).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import torch
 import torch.distributed as dist
@@ -24,9 +25,9 @@ from ..plan import antidiagonal, clusters, vertical_slash
 from ..plan.cache import score_input_names
 from . import collectives as C
 from . import routing
-from .blocks import BlockProblem, block_runner
+from .blocks import BlockProblem, block_runner, blocks_backend
 from .pairs import PairPlan, choose_order, plan_pairs
-from .recurrence import chained_recurrence, token_dim
+from .recurrence import chained_recurrence, check_parts, local_call, token_dim
 from .sharding import ShardOrder
 from .softmax import RingAttention, RingCall
 from .ulysses import Swap
@@ -64,14 +65,14 @@ class ContextParallel(torch.nn.Module):
                             hint="call torch.distributed.init_process_group first")
         world = dist.get_world_size(group)
         record = {"kv": kv if isinstance(kv, str) else repr(kv), "ulysses_degree": repr(ulysses_degree),
-                  "pattern": getattr(getattr(attn, "pattern", None), "name", None)}
+                  "pattern": identity(getattr(attn, "pattern", None))}
         try:
             _check_arguments(attn, world, ulysses_degree, kv)
         except SpecError as err:
             record["error"] = (err.message, err.where)
         # every rank learns every rank's arguments before any subgroup is made: a bad or differing
         # argument on one rank is the same error on all, not a hang in new_group
-        C.agree(group, record, "argument ulysses_degree")
+        C.agree(group, record, "argument ulysses_degree", {"pattern": "argument attn", "kv": "argument kv"})
         self.attn, self.group, self.kv = attn, group, kv
         self.sizes = {**attn.sizes, **(sizes or {})}
         self.world, self.rank = world, dist.get_rank(group)
@@ -139,8 +140,10 @@ class ContextParallel(torch.nn.Module):
             raise SpecError(f"expected True or False, got {return_lse!r}", where="argument return_lse")
         self._call_sizes = {**self.sizes, **(sizes or {})}
         pat = self.attn.pattern
-        record = {"pattern": f"{pat.name}: {pat.mask if isinstance(pat, ir.PatternIR) else pat.decay}",
-                  "kv": self.kv, "ulysses_degree": self.u, "sizes": sorted(self._call_sizes.items())}
+        # the pattern's whole definition (``identity``: route, bias, softcap, decay, parameters, a
+        # recurrence's rule...), not its name: ranks compiled differently must not each run their own
+        record = {"pattern": identity(pat), "kv": self.kv, "ulysses_degree": self.u,
+                  "sizes": sorted(self._call_sizes.items())}
         try:
             check_qkv(q, k, v)
             if q.shape[2] != k.shape[2]:
@@ -152,13 +155,21 @@ class ContextParallel(torch.nn.Module):
             if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u):
                 raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads) do not split over ulysses_degree "
                                 f"{self.u}", where="argument q", hint="pick a Ulysses degree dividing both")
+            # what only this rank's tensors can get wrong, checked before the agreement so that every rank
+            # raises its error instead of the others waiting in a collective it skips: the inputs' devices
+            # and parts, and for a recurrence the call bound as every backend binds it (sizes, inputs, the
+            # delta rule's gates: NaN, +inf and positive gates in this rank's part)
+            if isinstance(pat, ir.RecurrenceIR):
+                local_call(self.attn, q, v, inputs, self._call_sizes, self.rank, self.world)
+            else:
+                check_parts(pat, inputs, q.shape[2] * self.world, self.world, q.device)
         except SpecError as err:
             record["error"] = (err.message, err.where)
         else:
             record.update(q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape), dtype=str(q.dtype), scale=scale,
                           inputs={n: (tuple(t.shape), str(t.dtype), t.requires_grad) if isinstance(t, torch.Tensor)
                                   else repr(t) for n, t in sorted(inputs.items())})
-        C.agree(self.group, record, "argument q")
+        C.agree(self.group, record, "argument q", {"pattern": "argument attn"})
         n = q.shape[2] * self.world
         if isinstance(pat, ir.RecurrenceIR):
             out, sent = chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
@@ -210,7 +221,7 @@ class ContextParallel(torch.nn.Module):
         # kernels), else the reference scores (blocks.block_runner), whose mask, bias and gates are
         # evaluated on the CPU
         runner = self.block_runner(q.device, share, H)
-        self.last_blocks = "reference" if runner is None else runner.name
+        self.last_blocks = blocks_backend(runner, q.device)
         problem = BlockProblem(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch, scale,
                                heads, runner=runner, grad_inputs=grad_inputs)
         if pat.route is not None:  # the selection of this rank's queries, from every rank's block means
@@ -289,6 +300,18 @@ class GatherTokens(torch.autograd.Function):
         total = grad.contiguous().clone()
         dist.all_reduce(total, group=ctx.group)
         return ctx.order.shard(total, ctx.rank, ctx.dim), None, None, None, None
+
+
+def identity(pat) -> str | None:
+    """What the ranks agree on about a pattern: its name and parameters, readable, and a digest of its
+    whole IR (``core.ir``'s canonical form, the one ``key()`` hashes, over every field that takes part in
+    the IR's equality: layouts, mask, bias, softcap, decay, route, inputs, parameters, a recurrence's gate,
+    rule and options), so that a field added later is agreed on too. None for anything but an IR."""
+    if not isinstance(pat, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR):
+        return None
+    digest = hashlib.sha256(ir._canon(pat).encode()).hexdigest()
+    params = ", ".join(f"{name}={value!r}" for name, value in pat.params)
+    return f"'{pat.name}'({params}) [IR sha256 {digest[:20]}]"
 
 
 def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:

@@ -32,6 +32,48 @@ def gate_tensor(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict, B: int, H: 
     return g.expand(B, *g.shape[1:])
 
 
+def gate_where(rec: ir.RecurrenceIR) -> str:
+    """What an error about a recurrence's gates names: the gate input, or the ``decay`` clause."""
+    return f"argument {rec.decay}" if isinstance(rec.decay, str) else "decay"
+
+
+def check_gates(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict) -> None:
+    """The delta rule's gates are log decays (``S_t = diag(exp(g_t)) S_(t-1)``, the published rules'
+    ``g <= 0``): each must be finite and at most 0, or -inf (a hard reset). NaN, +inf and positive gates
+    are refused, naming the gate: the chunked forms (torch, Triton) are exact only where every
+    in-chunk decay ``exp(G_t - G_s)`` is at most 1; a positive gate makes them cancel terms as large as
+    ``exp(chunk * g)``. Every path runs it on the call's gates through ``bind`` (the reference loop, the
+    chunked torch form, the Triton kernels, ``Attention.step``, and each rank's part under context
+    parallelism, before the ranks agree). The decay rule's gates are not checked here."""
+    if rec.rule != "delta":
+        return
+    if rec.gate == "head":
+        if rec.decay == 0:  # DeltaNet: no decay
+            return
+        g = E.head_values(rec.decay, bound.subs, bound.heads)
+        what = f"decay {rec.decay}"
+    else:
+        g = tensors[rec.decay]
+        what = rec.decay
+    bad = ~(g <= 0)  # NaN, +inf and positive gates; -inf (a hard reset) passes
+    if bool(bad.any()):
+        at = [int(i) for i in torch.nonzero(bad)[0]]
+        where = f"at h = {at[0]}" if rec.gate == "head" else f"at index {at}"
+        raise SpecError(f"the delta rule's gates are log decays: each must be finite or -inf (a hard reset), and "
+                        f"<= 0; {what} is {float(g[tuple(at)])!r} {where}", where=gate_where(rec),
+                        hint="pass log decays, e.g. logsigmoid(x) or -softplus(x)" if rec.gate != "head" else None)
+
+
+def bind(rec: ir.RecurrenceIR, sizes: dict, inputs: dict, *, n: int, heads: int, dk: int, batch: int,
+         device) -> tuple[E.Bound, dict]:
+    """A call of a recurrence bound and checked: its sizes, its inputs (``evaluate.bind_inputs``) and its
+    gates (``check_gates``); errors name the argument. Every path binds its call here."""
+    bound = E.bind_sizes(rec, n=n, heads=heads, sizes=sizes, dk=dk)
+    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=batch, device=device)
+    check_gates(rec, bound, tensors)
+    return bound, tensors
+
+
 # ----------------------------------------------------------------- dispatch (used by runtime.api)
 def hardware_for(device: torch.device):
     """The simulator's hardware model for a device: the CUDA device's model when known, else H100."""

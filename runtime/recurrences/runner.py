@@ -14,7 +14,7 @@ from ..checks import check_qkv, check_state, resolve_scale
 from ..numerics import compute_dtype, expand_kv
 from ..ops.common import Registered
 from ..runner import Support
-from .common import choose_chunk, gate_tensor, head_gates
+from .common import bind, choose_chunk, gate_tensor, head_gates
 from .decay import naive
 from .decay.chunk import chunked, step
 
@@ -90,8 +90,7 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
                         where="argument q")
     Dv = v.shape[-1]
     scale = resolve_scale(scale, Dk)
-    bound = E.bind_sizes(rec, n=1, heads=H, sizes=sizes, dk=Dk)
-    tensors, _ = E.bind_inputs(rec, bound, inputs, batch=B, device=q.device)
+    bound, tensors = bind(rec, sizes, inputs, n=1, heads=H, dk=Dk, batch=B, device=q.device)
     dt = compute_dtype(q.dtype)
     if state is None:
         state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
@@ -128,13 +127,10 @@ def _delta(rec, bound, q, k, v, tensors: dict, scale: float, initial_state, chun
 
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
+    # the gates were checked when the call was bound (common.check_gates: <= 0, or -inf, a hard reset,
+    # which the torch chunked form and the Triton kernels cut the decays across, exactly)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
     triton = resolve_backend(backend, q.device) == "triton"
-    # -inf (a hard reset) is exact on every backend: the torch chunked form and the Triton kernels cut the decays
-    # across it
-    if not (torch.isfinite(g) | torch.isneginf(g)).all():
-        raise SpecError("the delta rule's gates must be finite or -inf",
-                        where=f"argument {rec.decay if isinstance(rec.decay, str) else 'q'}")
     beta = beta_tensor(rec, tensors, B, H, T, dt, q.device)
     s0 = None if initial_state is None else initial_state.to(dt)
     if triton and rec.gate == "vector":
@@ -221,8 +217,8 @@ class RecurrenceRunner(Registered):
             from .delta.naive import prepare_qk
 
             q, k = prepare_qk(rec, q, k, v)
-        bound = E.bind_sizes(rec, n=q.shape[2], heads=q.shape[1], sizes=sizes, dk=q.shape[3])
-        tensors, _ = E.bind_inputs(rec, bound, inputs, batch=q.shape[0], device=q.device)
+        bound, tensors = bind(rec, sizes, inputs, n=q.shape[2], heads=q.shape[1], dk=q.shape[3], batch=q.shape[0],
+                              device=q.device)
         if self.backend == "reference" and rec.rule == "delta":
             from .delta import naive as delta_naive
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     """``q``, ``k`` ``[B, H, T, Dk]``, ``v`` ``[B, H, T, Dv]`` (H heads each), ``g`` ``[B, H, T, 1 | Dk]``
-    log gates (finite, or -inf: a hard reset), ``beta`` ``[B, H, T]``, all in the compute dtype. Returns ``(out, final state)``."""
+    log gates (finite and <= 0, or -inf: a hard reset; ``common.check_gates``), ``beta`` ``[B, H, T]``, all in the compute dtype. Returns ``(out, final state)``."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
     pad = (-T) % C

@@ -1,0 +1,82 @@
+"""Context parallelism's agreement before any collective (runtime/parallel/context.py): a call that can
+fail on one rank only (a bad gate in that rank's part of a delta-rule recurrence) gives the same
+SpecError on every rank, instead of the other ranks waiting in a collective it skips; ranks whose
+attentions were compiled differently (a route's topk, a softcap, a recurrence's option: anything of the
+IR) refuse to run, each its own. Two gloo ranks per case, a short process-group timeout (cp_agree_worker)
+and a join deadline: a regression fails, it does not hang."""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from cp_agree_worker import worker
+
+GATED = dict(spec="stdlib:gated_delta_net", B=1, H=2, n=32, D=4)
+CASES = {
+    # one rank's bad gate: refused on every rank before the states are all-gathered
+    "nan-gate-cpu": dict(GATED, gate=math.nan, backend="cpu"),
+    "inf-gate-reference": dict(GATED, gate=math.inf, backend="reference"),
+    "positive-gate-cpu": dict(GATED, gate=0.5, backend="cpu"),
+    "nan-gate-kda-triton": dict(GATED, spec="stdlib:kda", gate=math.nan, backend="triton", dtype=torch.float32),
+    # ranks compiled differently: the route's topk, a softcap, a recurrence's option
+    "moba-topk-differs": dict(spec="stdlib:moba", params={"block": 8, "topk": 2}, params_on_rank1={"topk": 3},
+                              B=1, H=2, n=64, D=8),
+    "token-topk-differs": dict(spec="stdlib:token_topk", params={"topk": 3}, params_on_rank1={"topk": 4},
+                               B=1, H=2, n=48, D=8),
+    "softcap-differs": dict(spec="stdlib:softcap", params={"cap": 2.0}, params_on_rank1={"cap": 3.0},
+                            B=1, H=2, n=32, D=8),
+    "delta-option-differs": dict(GATED, gate=-1.0, params_on_rank1={"qk_l2norm": True}),
+}
+WORDS = {
+    "nan-gate-cpu": "rank 1: the delta rule's gates are log decays",
+    "inf-gate-reference": "rank 1: the delta rule's gates are log decays",
+    "positive-gate-cpu": "rank 1: the delta rule's gates are log decays",
+    "nan-gate-kda-triton": "rank 1: the delta rule's gates are log decays",
+    "moba-topk-differs": "ranks disagree on the pattern",
+    "token-topk-differs": "ranks disagree on the pattern",
+    "softcap-differs": "ranks disagree on the pattern",
+    "delta-option-differs": "ranks disagree on the pattern",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(case: dict, out_dir, world: int = 2, timeout: float = 180.0) -> list[dict]:
+    """Each rank's result; never waits past ``timeout`` (the ranks are killed)."""
+    ctx = mp.start_processes(worker, args=(world, _free_port(), case, str(out_dir)), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) if (out_dir / f"rank{r}.pt").exists()
+            else {"crash": "no result"} for r in range(world)]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_rank_raises_the_same_error(tmp_path, name):
+    ranks = spawn(CASES[name], tmp_path)
+    for r, got in enumerate(ranks):
+        assert "crash" not in got, f"rank {r}:\n{got['crash']}"
+        assert got["error"] is not None, f"rank {r} ran: {got}"
+    assert WORDS[name] in ranks[0]["error"], ranks[0]["error"]
+    assert ranks[1]["error"] == ranks[0]["error"] and ranks[1]["where"] == ranks[0]["where"]
+    assert ranks[0]["where"] == ("argument attn" if "params_on_rank1" in CASES[name] else "argument g")
+
+
+def test_identical_attentions_compiled_on_each_rank_still_agree(tmp_path):
+    """The pattern's identity is a digest of its IR, stable across processes: ranks that compile the same
+    pattern each on its own run (with valid gates)."""
+    ranks = spawn(dict(GATED, gate=-1.0, backend="cpu"), tmp_path)
+    assert ranks == [{"error": None, "finite": True}] * 2, ranks
