@@ -6,7 +6,12 @@ evaluator's semantics (``compiler.evaluate``): int64 integers, floored ``//``
 and ``%`` (torch's ``//`` and ``%`` on integer tensors floor like Python's;
 ``x // 0 == 0`` and ``x % 0 == x`` through helpers where a divisor may be 0),
 float arithmetic in float64, exact rational combinations of integers divided
-once, NATTEN windows inline, bit operations, input loads with clamped indices.
+once, NATTEN windows inline, bit operations, input loads with clamped indices
+(the runner checks bias indices apart: ``runtime.backends.flex.indices``).
+Float inputs of the score terms get the evaluator's gradients (torch's autograd
+of the same operations): ``min``/``max``/``clamp`` split evenly on a tie
+(``torch.minimum``/``torch.maximum``), ``%`` differentiates as
+``a - b * (a // b)`` (``torch.remainder`` of two tensors).
 Symbols and inputs are printed under fixed internal names (``q``, ``k``,
 ``h``, ``b``, ``q_c0``, ``IN0``...): no text of the spec becomes code, and
 sizes and parameters are literals.
@@ -53,6 +58,23 @@ def _mod(a, b):
     """Floored integer modulo (Python's %, the sign of b); a % 0 == a."""
     safe = torch.where(b == 0, 1, b)
     return torch.where(b == 0, a, a % safe)
+''',
+    "_minimum": '''
+def _minimum(a, b):
+    """min(a, b), one of them a number: torch.minimum's gradient (split evenly on a tie)."""
+    a = a if isinstance(a, torch.Tensor) else torch.full_like(b, a)
+    return torch.minimum(a, b if isinstance(b, torch.Tensor) else torch.full_like(a, b))
+''',
+    "_maximum": '''
+def _maximum(a, b):
+    """max(a, b), one of them a number: torch.maximum's gradient (split evenly on a tie)."""
+    a = a if isinstance(a, torch.Tensor) else torch.full_like(b, a)
+    return torch.maximum(a, b if isinstance(b, torch.Tensor) else torch.full_like(a, b))
+''',
+    "_remainder": '''
+def _remainder(a, b):
+    """Floored float a % b of a number a (torch.remainder's gradient, -floor(a / b) for b)."""
+    return torch.remainder(torch.full_like(b, a), b)
 ''',
     "_bit_length": '''
 def _bit_length(x):
@@ -178,18 +200,28 @@ class FlexPrinter(ExprPrinter):
         return f"({self.p(a)} // {b})"  # torch's // on integer tensors floors like Python's
 
     def _float_mod(self, a, b) -> str:
+        if not _is_tensor(a):  # a number dividend: torch.remainder(number, tensor) has no derivative
+            self.helpers.add("_remainder")
+            return f"_remainder({self._float(a)}, {self._float(b)})"
         return f"torch.remainder({self._float(a)}, {self._float(b)})"
 
     def _const_mod(self, a, b: int) -> str:
         return f"({self.p(a)} % {b})"
 
     def _min_max(self, e) -> str:
-        # torch.where keeps Python scalars as operands (torch.minimum needs two tensors)
+        # torch.minimum / torch.maximum, pairwise in the evaluator's order: their autograd splits the
+        # gradient evenly on a tie, as REFERENCE.md says (torch.where gave it all to one argument);
+        # a number operand goes through a helper, which makes it a tensor (they take two tensors)
+        fn = "minimum" if isinstance(e, sympy.Min) else "maximum"
         args = self._promoted(e.args)
-        out = args[0]
-        for a in args[1:]:
-            op = "<" if isinstance(e, sympy.Min) else ">"
-            out = f"torch.where({a} {op} {out}, {a}, {out})"
+        out, tensor = args[0], _is_tensor(e.args[0])
+        for a, arg in zip(args[1:], e.args[1:], strict=True):
+            if tensor and _is_tensor(arg):
+                out = f"torch.{fn}({out}, {a})"
+            else:
+                self.helpers.add(f"_{fn}")
+                out = f"_{fn}({out}, {a})"
+            tensor = True
         return out
 
     def _not(self, e: sympy.Not) -> str:

@@ -34,10 +34,11 @@ def padding_refusal(pat: ir.PatternIR) -> str | None:
             "queries after a KV cache (nk > n) are not supported")
 
 
-def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Refuse a softmax call of ``runner`` (bound as ``bound``) that it cannot serve, with the error every
-    path gives; errors name the argument at fault."""
+def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> None:
+    """Refuse a softmax call of ``runner`` (bound as ``bound``, with call-time ``inputs`` by name) that it
+    cannot serve, with the error every path gives, in the same order; errors name the argument at fault."""
     pat = runner.pattern
+    E.bind_inputs(pat, bound, inputs, batch=q.shape[0], device=q.device)  # missing, unknown, misshapen inputs
     why = refusal(runner, "softmax", q.device, bound.q_offset)
     if why is not None:
         if bound.q_offset:

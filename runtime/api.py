@@ -295,8 +295,7 @@ class Attention(torch.nn.Module):
         bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
         self._last_call = {"n": Nq, "nk": Nk if not pat.self_attention else None, "heads": Hq,
                            "head_dim": D, "batch": B, "sizes": all_sizes or None}
-        E.bind_inputs(pat, bound, inputs, batch=B, device=q.device)  # errors name the argument
-        admit(self.runner, bound, q, k, v)  # the refusals every path applies (the compiled one in its op)
+        admit(self.runner, bound, q, k, v, inputs)  # the checks every path applies (the compiled one in its op)
         return Call(bound=bound, batch=B, heads=Hq, kv_heads=Hkv, head_dim=D, value_dim=Dv, dtype=q.dtype,
                     device=q.device, grad=needs_grad(q, k, v, *inputs.values()), need_lse=need_lse,
                     scale=float(scale), inputs=dict(inputs), sizes=all_sizes)

@@ -112,12 +112,12 @@ def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(_names(names), inputs, strict=True))
 
 
-def _bind(runner, q, k, v, sizes) -> E.Bound:
+def _bind(runner, q, k, v, inputs, names, sizes) -> E.Bound:
     """The sizes of a traced call bound, and the call admitted as an eager call is (``admission.admit``:
-    the same refusals on every path)."""
+    the same checks and refusals on every path)."""
     bound = E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
                          sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True)
-    admit(runner, bound, q, k, v)
+    admit(runner, bound, q, k, v, _named(names, inputs))
     return bound
 
 
@@ -228,7 +228,8 @@ def _forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
         return empty_batch_outputs(q, v, _lse_dtype(q))
-    out, lse = runner.traced_forward(_bind(runner, q, k, v, sizes), q, k, v, _named(names, inputs), scale)
+    bound = _bind(runner, q, k, v, inputs, names, sizes)
+    out, lse = runner.traced_forward(bound, q, k, v, _named(names, inputs), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -249,7 +250,8 @@ def _backward_impl(
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
-        dq, dk, dv, d_in = runner.traced_backward(_bind(runner, q, k, v, sizes), q, k, v, out, lse, dout,
+        bound = _bind(runner, q, k, v, inputs, names, sizes)
+        dq, dk, dv, d_in = runner.traced_backward(bound, q, k, v, out, lse, dout,
                                                   dlse, raw, scale, wrt_names)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
 
@@ -296,7 +298,7 @@ def _triton_forward_impl(
     runner = _runner(key)
     if q.shape[0] == 0:
         return empty_batch_outputs(q, v, torch.float32)
-    bound = _bind(runner, q, k, v, sizes)
+    bound = _bind(runner, q, k, v, inputs, names, sizes)
     args = (bound, q, k, v, _named(names, inputs), scale)
     out, lse = (kv_cache.padded_traced_forward(runner, *args) if _padded(runner, bound)
                 else runner.traced_forward(*args))
@@ -318,7 +320,7 @@ def _triton_backward_impl(
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
-    bound = _bind(runner, q, k, v, sizes)
+    bound = _bind(runner, q, k, v, inputs, names, sizes)
     args = (bound, q, k, v, out, lse, dout, dlse, raw, scale, wrt_names)
     dq, dk, dv, d_in = (kv_cache.padded_traced_backward(runner, *args) if _padded(runner, bound)
                         else runner.traced_backward(*args))

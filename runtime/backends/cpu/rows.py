@@ -230,7 +230,11 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     add = None
     if plan.bias is not None or plan.pattern.decay is not None:
-        add = _terms(plan, torch.arange(plan.bound.nk)[key_index(cols)], tensors, batched, allowed, dt)
+        keys = torch.arange(plan.bound.nk)[key_index(cols)]
+        add = _terms(plan, keys, tensors, batched, allowed, dt)
+        # a term that reads no key (a constant bias) has one column: cut into runs, it spans them all
+        add = add.reshape((1,) * (4 - add.dim()) + tuple(add.shape))
+        add = add.expand(*add.shape[:-1], len(keys))
     if allowed is not None:
         add = (torch.zeros((), dtype=dt) if add is None else add).masked_fill(~allowed, -math.inf)
     qg = q.to(dt).reshape(B, Hkv, g * n, D)

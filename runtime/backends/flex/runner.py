@@ -30,6 +30,18 @@ Which Flex implementation runs (torch 2.13):
   while the op's own autograd formula (dense) is correct, including the
   gradients of captured tensors (bias inputs, FoX gates).
 
+Checks and non-finite values, as on the other backends (REFERENCE.md, README "Limits"):
+
+- a bias index out of range on an attended pair raises the ``SpecError`` the others raise: the
+  indices intervals do not prove in range are checked on the host over the plan's tile lists
+  (``indices``: once per plan for indices of positions only, at every call for those that read an
+  input; no check, no host copy, where all are proven);
+- the mask's captured inputs are detached (a mask is not differentiated; Flex refuses mask_mod
+  buffers that require grad);
+- the dense implementation lets a non-finite value reach only the queries that attend its key, as
+  the reference (``_dense_call``); the fused kernels, as the tiled backends, keep it out of the
+  queries whose block pair with it is EMPTY (a visited block's zero weights multiply whole rows).
+
 Routing (``route topk``): per call, ``runtime.plan.routing`` selects the key blocks
 of each query (as the CPU backend does, over the static schedule's tiles); the
 BlockMask then has one list per (batch element, head) and the mask_mod reads
@@ -39,6 +51,7 @@ recurrences (no softmax to lower).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import sys
@@ -66,6 +79,7 @@ from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, timing_inpu
 from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
 from ...runner import Call, Support
+from .indices import first_error, index_checks, inputs_read
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
@@ -127,7 +141,12 @@ class FlexPlan:
     flat: bool  # 1-D tiles on a grid (classified on the flat view)
     block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
     tables: dict = field(default_factory=dict)  # (name, device) -> the mask's table there (source.tables)
-    exec_plan: object = None  # routing: the executor's plan over the static schedule (runtime.plan.routing)
+    exec_plan: object = None  # routing, index checks: the executor's plan over the static schedule (tile_plan)
+    #: bias indices not proven in range (``indices.index_checks``): of positions only, checked at the
+    #: plan's first call (then emptied), and those that read an input, checked at every call
+    checks_once: tuple = ()
+    checks_each: tuple = ()
+    index_error: SpecError | None = None  # what the check at the first call found (raised at every call)
 
     @property
     def block_size(self) -> tuple[int, int]:
@@ -331,7 +350,9 @@ class FlexRunner(Registered):
             decay_batched = pat.decay is not None and pat.decay in batched
             source = generate(pat, bound, q_map, k_map, batched, decay_batched)
             namespace = _namespace(source, pat)
-        plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat)
+        once, each = index_checks(pat, bound)
+        plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat,
+                        checks_once=once, checks_each=each)
         self.plans[key] = plan
         self.last = plan
         if used:
@@ -341,12 +362,40 @@ class FlexRunner(Registered):
     def _route(self, plan: FlexPlan, q, k, tensors: dict, batched: frozenset):
         """The routed lists and selection of this call (``runtime.plan.routing``, as the CPU backend),
         over the static schedule's tiles (never N x N)."""
-        from ...plan import routing, tile_plan
+        from ...plan import routing
+
+        cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+        return routing.route_plan(self._exec_plan(plan), q.detach(), k.detach(), cpu, set(batched))  # on q's device
+
+    def _exec_plan(self, plan: FlexPlan):
+        """The executor's plan over the static schedule (made once per plan)."""
+        from ...plan import tile_plan
 
         if plan.exec_plan is None:
             plan.exec_plan = tile_plan.Plan.build(self.pattern, plan.bound, plan.schedule)
-        cpu = {n: t.detach().cpu() for n, t in tensors.items()}
-        return routing.route_plan(plan.exec_plan, q.detach(), k.detach(), cpu, set(batched))  # selected on q's device
+        return plan.exec_plan
+
+    def _check_indices(self, plan: FlexPlan, tensors: dict, batched: frozenset, routed) -> None:
+        """Raise the ``SpecError`` of a bias index out of range on an attended pair (``indices``);
+        nothing to do, and no host copy, where every index is proven in range."""
+        pat = self.pattern
+        if plan.checks_once:  # positions only: this plan's answer, found once
+            once, plan.checks_once = plan.checks_once, ()
+            host = {n: tensors[n].detach().cpu() for n in inputs_read(pat, once)}
+            err = first_error(self._exec_plan(plan), once, host, batched)  # over every pair the mask allows
+            if err is not None and routed is None:
+                plan.index_error = err
+            elif err is not None:  # routed: a call's selection may skip those pairs, so check at every call
+                plan.checks_each = once + plan.checks_each
+        if plan.index_error is not None:
+            raise plan.index_error.with_traceback(None)  # (one error raised at every call: no growing traceback)
+        if plan.checks_each:
+            host = {n: tensors[n].detach().cpu() for n in inputs_read(pat, plan.checks_each)}
+            target = self._exec_plan(plan) if routed is None else dataclasses.replace(
+                routed, selection=routed.selection.cpu(), key_block=routed.key_block.cpu())
+            err = first_error(target, plan.checks_each, host, batched)
+            if err is not None:
+                raise err
 
     # ------------------------------------------------------------ running
     def fused_failure(self, plan: FlexPlan) -> str | None:
@@ -408,13 +457,16 @@ class FlexRunner(Registered):
         for n in names:  # the mask's tables, moved once per device
             if n in plan.source.tables and (n, dev) not in plan.tables:
                 plan.tables[(n, dev)] = plan.source.tables[n].to(dev)
-        mask_bufs = tuple(plan.tables[(n, dev)] if n in plan.source.tables else tensors[n].to(dev) for n in names)
-        sched, per_batch = plan.schedule, False
+        # detached: a mask is not differentiated (and Flex refuses mask_mod buffers that require grad)
+        mask_bufs = tuple(plan.tables[(n, dev)] if n in plan.source.tables else tensors[n].detach().to(dev)
+                          for n in names)
+        sched, per_batch, routed = plan.schedule, False, None
         if pat.route is not None:  # this call's selection: per (batch, head) lists and the per-query mask
             routed = self._route(plan, q, k, tensors, batched)
             sched, per_batch = routed.schedule, True
             mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
             self.last_routed = sched
+        self._check_indices(plan, tensors, batched, routed)
         names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
         score_bufs = [tensors[n].to(dev) for n in names]
         if pat.decay is not None:
@@ -580,17 +632,49 @@ def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor,
     return fox_prefix(g)
 
 
+#: Weights x value entries held at once when non-finite value rows are added apart (``_dense_call``).
+NONFINITE_SLAB = 1 << 24
+
+
 def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
     """Flex's dense implementation at the level of its higher-order op, with the captured
-    tensors as explicit operands (so their gradients are computed). Returns lse in natural log."""
+    tensors as explicit operands (so their gradients are computed). Returns lse in natural log.
+
+    A non-finite value (NaN, inf) reaches only the queries that give its key a nonzero weight, as in
+    the reference (``reference.dense.attend_values``): the op's ``p @ v`` multiplies every masked
+    key's value by its weight 0, which made one NaN in v reach every query. Value rows with a
+    non-finite entry are zeroed there and added apart, where their weight (the op on one-hot values:
+    exact, one nonzero term) is nonzero. The check is one pass over v, on the CPU (the only device
+    this path serves), beside the N x N scores of the op."""
     from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
     from torch.nn.attention.flex_attention import _apply_kernel_options
 
     options = _apply_kernel_options(q, k, v, True, None)
     score = ns.get("score_mod") or _identity_score
     mask_tuple = (*bm.as_tuple()[:-1], ns["mask_mod"])
-    out, lse, _ = flex_hop(q, k, v, score, mask_tuple, scale, options, score_bufs, mask_bufs)
-    return out, lse * math.log(2.0)  # the op's lse is in base 2
+
+    def attend(values):
+        out, lse, _ = flex_hop(q, k, values, score, mask_tuple, scale, options, score_bufs, mask_bufs)
+        return out, lse * math.log(2.0)  # the op's lse is in base 2
+
+    bad = ~torch.isfinite(v).all(-1)  # [B, Hkv, Nk]
+    if not bool(bad.any()):
+        return attend(v)
+    zero = torch.zeros((), dtype=v.dtype, device=v.device)
+    out, lse = attend(torch.where(bad[..., None], zero, v))
+    keys = bad.flatten(0, -2).any(0).nonzero().flatten()
+    onehot = torch.zeros(*v.shape[:3], len(keys), dtype=v.dtype, device=v.device)
+    onehot[:, :, keys, torch.arange(len(keys), device=v.device)] = 1
+    weights, _ = attend(onehot)  # [B, Hq, Nq, c]: the weights of the keys with a non-finite value
+    rows = torch.where(bad[..., keys, None], v[..., keys, :], zero)  # their non-finite rows only
+    rows = rows.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # GQA: query head h reads KV head h // G
+    B, Hq, Nq, Dv = *q.shape[:3], v.shape[-1]
+    step = max(1, NONFINITE_SLAB // max(1, B * Hq * Nq * Dv))
+    for i in range(0, len(keys), step):
+        w = weights[..., i:i + step, None]  # [B, Hq, Nq, c, 1]
+        # the rows zeroed where the weight is 0 (not the product: its gradient would be 0 * NaN)
+        out = out + (w * torch.where(w != 0, rows[:, :, None, i:i + step], zero)).sum(-2)
+    return out, lse
 
 
 def _identity_score(score, b, h, q_idx, kv_idx):
