@@ -7,6 +7,7 @@ torch.distributed group (``attnc.distributed.ContextParallel`` is the public ent
   forward ``(out, lse)`` and the flash-style backward from the merged log-sum-exp.
 - ``collectives``: the agreement check run before any transfer, point-to-point steps, all-to-all.
 - ``softmax``: ring and all-gather attention as one autograd function; ``ulysses``: the all-to-all
-  that trades sequence shards for head shards; ``recurrence``: states chained across ranks.
+  that trades sequence shards for head shards; ``recurrence``: states chained across ranks (across
+  ring positions, on a share of the heads, under Ulysses).
 - ``context``: ``ContextParallel``, which composes them.
 """

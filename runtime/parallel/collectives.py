@@ -64,3 +64,20 @@ def all_gather(x: torch.Tensor, group) -> list[torch.Tensor]:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x, group=group)
     return parts
+
+
+class AllGather(torch.autograd.Function):
+    """``AllGather.apply(x, group)``: every rank's ``x`` stacked, ``[P, ...]`` in group rank order;
+    differentiable. The backward is a reduce-scatter written as an all-to-all and a sum (each rank gets
+    its slice of every rank's gradient): gloo has no reduce-scatter, and torch.distributed.nn's
+    all_gather emulates it with scatters that take group ranks for global ones, failing in a subgroup
+    (a ring group under USP)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return torch.stack(all_gather(x, group))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_to_all(grad, ctx.group).sum(0), None

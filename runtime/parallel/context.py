@@ -5,7 +5,8 @@ The group has ``ulysses_degree * ring`` ranks: rank g is Ulysses rank ``g % u`` 
 ``g // u``. Inside a Ulysses group an all-to-all trades token shards for head shards; across ring
 positions keys move by ring steps or one all-gather (``softmax``), only between ranks whose tokens
 share an allowed pair (``pairs``). Call-time inputs are gathered whole on every rank (they are
-small: ids, gates).
+small: ids, gates). A recurrence's states are chained across ring positions instead, each rank
+holding its share of the heads and their gates (``recurrence``).
 """
 
 from __future__ import annotations
@@ -20,14 +21,21 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError
-from ..checks import check_qkv, resolve_scale
+from ..checks import check_qkv, resolve_scale, state_heads
 from ..plan import antidiagonal, clusters, vertical_slash
 from ..plan.cache import score_input_names
 from . import collectives as C
 from . import routing
 from .blocks import BlockProblem, block_runner, blocks_backend
 from .pairs import PairPlan, choose_order, plan_pairs
-from .recurrence import chained_recurrence, check_parts, local_call, token_dim
+from .recurrence import (
+    chained_recurrence,
+    check_parts,
+    local_call,
+    share_runner,
+    token_dim,
+    ulysses_inputs,
+)
 from .sharding import ShardOrder
 from .softmax import RingAttention, RingCall
 from .ulysses import Swap
@@ -39,9 +47,13 @@ class ContextParallel(torch.nn.Module):
     """Runs ``attn`` (an ``attnc.Attention``) on the shards of a sequence held by the ranks of
     ``group`` (None: the default group), forward and backward.
 
-    ``ulysses_degree``: ranks per Ulysses group (heads and KV heads must divide by it); the group's
-    size must be a multiple of it. ``kv``: how keys cross ring positions, ``"ring"`` (point-to-point
-    steps overlapped with compute) or ``"allgather"`` (one collective). Tensors are ``[B, H, N, D]``:
+    ``ulysses_degree``: ranks per Ulysses group (heads, KV heads and, under the delta rule's grouped
+    value attention, value heads must divide by it); the group's size must be a multiple of it.
+    ``kv``: how keys cross ring positions, ``"ring"`` (point-to-point steps overlapped with compute)
+    or ``"allgather"`` (one collective). A recurrence moves no keys: whatever ``kv``, each ring
+    position's states are chained by one all-gather (``recurrence``), and with Ulysses each rank runs
+    the whole sequence of its Ulysses group's ring position on its share of the heads (no chain when
+    ``ulysses_degree`` is the group's size). Tensors are ``[B, H, N, D]``:
     ``shard(x)`` is this rank's part of a whole tensor (the same on every rank), ``unshard(x)`` the
     whole tensor again on every rank; ``cp(q, k, v, **inputs)`` the attention of this rank's queries,
     this rank's part of the output. Inputs may be this rank's part (``shard(x, dim=...)`` along their
@@ -145,22 +157,25 @@ class ContextParallel(torch.nn.Module):
         record = {"pattern": identity(pat), "kv": self.kv, "ulysses_degree": self.u,
                   "sizes": sorted(self._call_sizes.items())}
         try:
-            check_qkv(q, k, v)
+            # the delta rule's v may have more heads than q (grouped value attention), as on one device
+            check_qkv(q, k, v, gva=isinstance(pat, ir.RecurrenceIR) and pat.rule == "delta")
             if q.shape[2] != k.shape[2]:
                 raise SpecError(f"q has {q.shape[2]} tokens but k has {k.shape[2]}: every rank holds the same "
                                 "tokens of q, k and v", where="argument k")
             scale = resolve_scale(scale, q.shape[-1])
             if return_lse and not isinstance(pat, ir.PatternIR):
                 raise SpecError(f"'{pat.name}' is a recurrence: it has no log-sum-exp", where="argument return_lse")
-            if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u):
-                raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads) do not split over ulysses_degree "
-                                f"{self.u}", where="argument q", hint="pick a Ulysses degree dividing both")
+            if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u or v.shape[1] % self.u):
+                gva = f", {v.shape[1]} value heads" if v.shape[1] != k.shape[1] else ""
+                raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads{gva}) do not split over ulysses_degree "
+                                f"{self.u}", where="argument q", hint="pick a Ulysses degree dividing "
+                                + ("all three" if gva else "both"))
             # what only this rank's tensors can get wrong, checked before the agreement so that every rank
             # raises its error instead of the others waiting in a collective it skips: the inputs' devices
             # and parts, and for a recurrence the call bound as every backend binds it (sizes, inputs, the
             # delta rule's gates: NaN, +inf and positive gates in this rank's part)
             if isinstance(pat, ir.RecurrenceIR):
-                local_call(self.attn, q, v, inputs, self._call_sizes, self.rank, self.world)
+                local_call(self.attn, q, v, inputs, self._call_sizes, self.rank, self.world, self.u)
             else:
                 check_parts(pat, inputs, q.shape[2] * self.world, self.world, q.device)
         except SpecError as err:
@@ -172,8 +187,7 @@ class ContextParallel(torch.nn.Module):
         C.agree(self.group, record, "argument q", {"pattern": "argument attn"})
         n = q.shape[2] * self.world
         if isinstance(pat, ir.RecurrenceIR):
-            out, sent = chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
-                                           self._call_sizes, scale)
+            out, sent = self._recurrence(q, k, v, inputs, scale)
             self.last_comm_bytes = sent
             return out
         # cluster(q | k, C): each rank clusters its own tokens' vectors; the ids are gathered like any
@@ -197,6 +211,27 @@ class ContextParallel(torch.nn.Module):
             input_bytes += sent
         out, lse = self._softmax(q, k, v, scale, whole, n, input_bytes, return_lse)
         return (out, lse) if return_lse else out
+
+    def _recurrence(self, q, k, v, inputs: dict, scale: float) -> tuple[torch.Tensor, int]:
+        """(this rank's output, bytes it sent) of a recurrence: chained over the ranks; with Ulysses, the
+        all-to-all to a share of the heads over the ring position's tokens (the per-head inputs with
+        them), the chain across ring positions only (none for a single one), and the all-to-all back."""
+        if self.u == 1:
+            return chained_recurrence(self.attn, self.group, self.rank, self.world, q, k, v, inputs,
+                                      self._call_sizes, scale)
+        n = q.shape[2] * self.world
+        moved = [q, k, v]
+        sent = sum(t.nbytes for t in moved) * (self.u - 1) // self.u
+        q, k, v = (Swap.apply(t, self.ulysses_group, self.u, True) for t in moved)
+        local, input_bytes = ulysses_inputs(self.attn.pattern, inputs, n, self.ring_index, self.ring, self.u,
+                                            self.ulysses_index, self.ulysses_group)
+        share = state_heads(q, v)  # the state's heads on this rank (v's under grouped value attention)
+        runner = share_runner(self.attn.runner, self.ulysses_index * share, share * self.u)
+        out, chain = chained_recurrence(self.attn, self.ring_group, self.ring_index, self.ring, q, k, v, local,
+                                        self._call_sizes, scale, runner=runner)
+        sent += out.nbytes * (self.u - 1) // self.u
+        out = Swap.apply(out, self.ulysses_group, self.u, False)
+        return out, sent + input_bytes + chain
 
     def _softmax(self, q, k, v, scale, whole, n, input_bytes: int, return_lse: bool):
         pat = self.attn.pattern
@@ -333,9 +368,6 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
         if not pat.self_attention:
             raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
                             "one sequence", where="argument attn")
-    elif ulysses_degree > 1:
-        raise SpecError("recurrences are chained across ranks; Ulysses shards heads of softmax patterns only",
-                        where="argument ulysses_degree")
 
 
 def _contiguous(n: int, world: int) -> ShardOrder:
