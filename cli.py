@@ -21,16 +21,26 @@ class _Parser(argparse.ArgumentParser):
         raise SpecError(message, where=self.prog)
 
 
-def _key_values(items: list[str] | None, what: str) -> dict[str, object]:
+def _key_values(items: list[str] | None, what: str, per_axis: bool = False) -> dict[str, object]:
+    """``K=V,K=V`` (repeatable) as a dict. ``per_axis`` (``-p``): values after a ``K=V`` without
+    a name of their own are more values of K, a tuple (``kernel_size=3,5``: one per axis, as
+    ``kernel_size=(3, 5)`` in Python)."""
     out: dict[str, object] = {}
     for item in items or []:
+        key = None
         for part in item.split(","):
             if not part:
                 continue
             if "=" not in part:
+                if per_axis and key is not None:
+                    value = _literal(part.strip(), f"{what} {key}")
+                    before = out[key] if isinstance(out[key], tuple) else (out[key],)
+                    out[key] = (*before, value)
+                    continue
                 raise SpecError(f"expected NAME=VALUE, got {part!r}", where=f"argument {what}")
             key, value = part.split("=", 1)
-            out[key.strip()] = _literal(value.strip(), f"{what} {key.strip()}")
+            key = key.strip()
+            out[key] = _literal(value.strip(), f"{what} {key}")
     return out
 
 
@@ -53,10 +63,12 @@ def _literal(text: str, what: str):
 def cmd_list(_args) -> int:
     from .spec.library import stdlib_index
 
-    for name, (module, decl) in sorted(stdlib_index().items()):
+    index = stdlib_index()
+    width = max(map(len, index))
+    for name, (module, decl) in sorted(index.items()):
         summary = _summary(module.source, decl.pos.line)
         params = ", ".join(p.name + ("" if p.default is None else f"={_fmt(p.default)}") for p in decl.params)
-        print(f"{name:18s} {decl.kind:10s} {summary}" + (f"  ({params})" if params else ""))
+        print(f"{name:{width}s} {decl.kind:10s} {summary}" + (f"  ({params})" if params else ""))
     return 0
 
 
@@ -65,12 +77,20 @@ def _fmt(v) -> str:
 
 
 def _summary(source: str, decl_line: int) -> str:
-    """The first comment line of the file's header: what the pattern is."""
+    """The first sentence of the file's header comment (it may run over several lines, up to one
+    ending with '.'): what the pattern is."""
+    words: list[str] = []
     for line in source.splitlines()[: decl_line - 1]:
         line = line.strip()
-        if line.startswith("#") and line.strip("# "):
-            return line.lstrip("# ").strip()
-    return ""
+        text = line.lstrip("# ").strip() if line.startswith("#") else ""
+        if not text:
+            if words:
+                break
+            continue
+        words.append(text)
+        if text.endswith("."):
+            break
+    return " ".join(words)
 
 
 def cmd_check(args) -> int:
@@ -123,9 +143,9 @@ def _unused_inputs(decl) -> list[str]:
 
 
 def _read_file(path: str) -> tuple[str, str]:
-    from .spec.parser import read_file
+    from .spec.library import read_path
 
-    return read_file(path, where=path), path
+    return read_path(path, where=path), path
 
 
 def cmd_show(args) -> int:
@@ -568,7 +588,8 @@ def _load_args(args):
         text, filename = _read_file(args.file)
         stdlib_name = None
     module = parse(text, filename)
-    return lower(module, pick(module, args.name, stdlib_name), _key_values(args.param, "-p"))
+    return lower(module, pick(module, args.name, stdlib_name, option="--name"),
+                 _key_values(args.param, "-p", per_axis=True))
 
 
 def _int_sizes(items) -> dict[str, int]:
@@ -595,8 +616,16 @@ def _inputs(items) -> dict:
                 value = torch.load(path, weights_only=True)
             except FileNotFoundError:
                 raise SpecError(f"no such file: {path}", where=where) from None
-            except Exception as err:  # a file torch cannot read as plain tensors: say what it said
-                raise SpecError(f"cannot read {path} as a tensor ({type(err).__name__}: {err})", where=where) from None
+            except IsADirectoryError:
+                raise SpecError(f"{path} is a directory, not a tensor file", where=where) from None
+            except OSError as err:
+                raise SpecError(f"cannot read {path}: {err.strerror or err}", where=where) from None
+            except Exception as err:  # torch's own text is pages long: one line, naming the file
+                what = ("holds objects other than tensors" if "Unsupported global" in str(err)
+                        else "is not a tensor file written by torch.save")
+                hint = ("write it with torch.save(tensor, PATH), or give the values: "
+                        f"--input {name}=V1,V2,..")
+                raise SpecError(f"{path} {what}", where=where, hint=hint) from None
             if not isinstance(value, torch.Tensor):
                 raise SpecError(f"{path} holds a {type(value).__name__}, not a tensor", where=where)
             inputs[name] = value
@@ -644,7 +673,9 @@ def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of
                   inputs: bool = True) -> None:
     """FILE and what picks and sizes the pattern in it (every command that loads one)."""
     p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
-    p.add_argument("-p", "--param", action="append", metavar="K=V", help="set a parameter (repeatable, or K=V,K=V)")
+    p.add_argument("-p", "--param", action="append", metavar="K=V",
+                   help="set a parameter (repeatable, or K=V,K=V); K=V1,V2 sets one value per grid "
+                   "axis (kernel_size=3,5 is kernel_size_y=3, kernel_size_x=5)")
     p.add_argument("--sizes", action="append", metavar="A=N,..", help=sizes_help)
     p.add_argument("--n", type=int, help=n_help)
     p.add_argument("--nk", type=int, help="number of keys (cross attention)")

@@ -247,16 +247,38 @@ def positive_int(what: str, value) -> int:
 
 
 # ----------------------------------------------------------------- binding inputs
+#: The keyword arguments of a call of a compiled attention besides its inputs
+#: (``Attention.forward``, whose ``**inputs`` take any other name): a misspelt one arrives here as
+#: an unknown input.
+CALL_KEYWORDS = ("scale", "return_lse", "initial_state", "return_state", "sizes", "layout",
+                 "cu_seqlens")
+
+
+def unknown_input_hint(name: str, declared) -> str:
+    """The hint for a keyword that is no declared input: the closest input, else the closest
+    keyword of the call (``return_lsee``: 'return_lse'), else the inputs there are."""
+    close = did_you_mean(name, declared)
+    if close:
+        return close
+    keyword = did_you_mean(name, CALL_KEYWORDS)
+    if keyword:
+        return f"{keyword} (a keyword of the call, not an input)"
+    return "inputs: " + ", ".join(declared) if declared else "this pattern takes no inputs"
+
+
 def bind_inputs(
     pat: ir.PatternIR | ir.RecurrenceIR, bound: Bound, inputs: dict | None, batch: int | None = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, required: frozenset[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int | None]:
     """Check call-time inputs against their declarations.
 
     Returns the inputs (int inputs as int64) and the batch size when any input
     carries a leading batch dimension (``batch`` if given must agree). Every
     input must be on ``device`` when given (q's device), and never on ``meta``
-    (no data: a kernel would read uninitialised memory)."""
+    (no data: a kernel would read uninitialised memory). ``required``: the inputs
+    that must be given (default every declared one; ``mask_input_names`` where only
+    the mask is evaluated); another declared input may be left out, and is checked
+    when given."""
     if inputs is not None and not isinstance(inputs, dict):
         raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
                         where="argument inputs")
@@ -264,12 +286,14 @@ def bind_inputs(
     declared = {d.name: d for d in pat.inputs}
     for name in inputs:
         if name not in declared:
-            hint = did_you_mean(name, declared) or ("inputs: " + ", ".join(declared) if declared else "this pattern takes no inputs")
-            raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}", hint=hint)
+            raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}",
+                            hint=unknown_input_hint(name, declared))
     out: dict[str, torch.Tensor] = {}
     found_batch = None
     for name, decl in declared.items():
         if name not in inputs:
+            if required is not None and name not in required:
+                continue
             shape = f"{decl.dtype}[{', '.join(decl.dim_names)}]"
             raise SpecError(f"missing input '{name}' ({shape})", where=f"argument {name}")
         t = inputs[name]
@@ -634,6 +658,20 @@ def input_names(expr: sympy.Basic) -> frozenset[str]:
     return frozenset(names)
 
 
+def mask_input_names(pat: ir.PatternIR) -> frozenset[str]:
+    """The call-time inputs that the mask and the route's selection read (its keep, its indexer,
+    its scores), with the centroids of the cluster ids among them: all that a mask needs
+    (``attnc show``, ``materialize_mask``), not a bias's table or a gate."""
+    names = set(input_names(pat.mask))
+    route = pat.route
+    if route is not None:
+        names |= set(input_names(route.keep)) if isinstance(route.keep, sympy.Basic) else set()
+        names |= set(route.indexer or ()) | ({route.scores} if route.scores else set())
+    names |= {d.derived[2] for d in pat.inputs if d.name in names and d.derived is not None
+              and d.derived[0] == "cluster"}
+    return frozenset(names)
+
+
 #: Positions evaluated at once by ``check_mask_indices``.
 CHECK_CHUNK = 1 << 22
 
@@ -654,7 +692,7 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
         rows = max(1, CHECK_CHUNK // (nk * bound.heads))
         for start in range(0, n, rows):
             ev = evaluator(pat, bound, inputs, batch=batch, q_index=torch.arange(start, min(n, start + rows)),
-                           k_index=torch.arange(nk))
+                           k_index=torch.arange(nk), required=mask_input_names(pat))
             ev(site)
 
 
@@ -691,9 +729,10 @@ def position_env(pat: ir.PatternIR, bound: Bound, q_index=None, k_index=None, he
 
 
 def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,
-              q_index=None, k_index=None) -> Evaluator:
-    """An evaluator over all (head, query, key) positions of a bound pattern."""
-    tensors, found_batch = bind_inputs(pat, bound, inputs, batch)
+              q_index=None, k_index=None, required: frozenset[str] | None = None) -> Evaluator:
+    """An evaluator over all (head, query, key) positions of a bound pattern (``required``: the
+    inputs it must be given, as ``bind_inputs`` takes them; default every declared one)."""
+    tensors, found_batch = bind_inputs(pat, bound, inputs, batch, required=required)
     batched = {name for name, t in tensors.items() if t.dim() > len(pat.input(name).dims)}
     env = position_env(pat, bound, q_index, k_index)
     return Evaluator(env, tensors, batched, found_batch)
@@ -709,8 +748,10 @@ def substitute(expr: sympy.Basic, bound: Bound) -> sympy.Basic:
 
 def mask_tensor(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,
                 q_index=None, k_index=None) -> torch.Tensor:
-    """The exact mask, bool ``[B | 1, heads, Nq, Nk]`` (route selection not applied)."""
-    ev = evaluator(pat, bound, inputs, batch=batch, q_index=q_index, k_index=k_index)
+    """The exact mask, bool ``[B | 1, heads, Nq, Nk]`` (route selection not applied). Only the
+    inputs the mask reads must be given (``mask_input_names``: not a bias's table)."""
+    ev = evaluator(pat, bound, inputs, batch=batch, q_index=q_index, k_index=k_index,
+                   required=mask_input_names(pat))
     nq = bound.n if q_index is None else len(q_index)
     nk = bound.nk if k_index is None else len(k_index)
     value = as_tensor(ev(substitute(pat.mask, bound)), torch.bool)

@@ -95,7 +95,7 @@ def materialize_mask(
                 raise SpecError(f"{what} has shape {list(t.shape)}; expected [B, {want[0] or 'kv_heads'}, {want[1]}, dk]"
                                 f" (heads = {bound.heads}, {rows} queries, {bound.nk} keys)", where=f"argument {what}")
         inputs = clusters.derive_inputs(pat, q, k, dict(inputs or {}))
-    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    tensors, batch = E.bind_inputs(pat, bound, inputs, required=E.mask_input_names(pat))  # not a bias's
     # the mask is evaluated per head only when it depends on h (else a broadcast view)
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)
     sizes_text = f"n = {bound.n}" + (f", nk = {bound.nk}" if bound.nk != bound.n else "") + (

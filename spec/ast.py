@@ -109,6 +109,9 @@ class Param:
     name: str
     default: int | float | bool | None
     pos: Pos
+    #: a declared bound, ``(">=", 1)`` for ``window >= 1``, that every value of the parameter meets
+    bound: tuple[str, int | float] | None = None
+    bound_pos: Pos | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
 from . import ast
+from .check_decls import bound_violation
 from .check_layouts import Frame
 from .check_types import (
     BOOL,
@@ -185,9 +186,14 @@ class CallChecks:
         for name, typed in given.items():
             default = callee_params[name].default
             want = None if default is None else kind_of_value(default)
+            kw = next(k for k in node.kwargs if k.name == name)
             if want is not None and typed.type != want and not (want == FLOAT and typed.type == INT):
-                kw = next(k for k in node.kwargs if k.name == name)
                 raise self.error(f"parameter '{name}' of '{decl.name}' is {want}, got {article(typed.type)}", kw.value.pos)
+            bound = callee_params[name].bound
+            broken = bound_violation(bound, typed.expr) if bound and typed.type != BOOL else None
+            if broken:
+                raise self.error(f"parameter '{name}' of '{decl.name}' {broken}", kw.value.pos,
+                                 hint=f"'{decl.name}' declares {name} {bound[0]} {bound[1]}")
         frame = self._callee_frame(module, decl, node)
         callee = type(self)(module, decl, {}, self.resolve, strict=True, frame=frame, call_stack=chain, param_exprs=given)
         try:

@@ -12,7 +12,16 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import Pos, SpecError, did_you_mean
 from . import ast
-from .check_types import FIXED_NAMES, FLOAT, INT, Typed, kind_of_value, plain_number, sympy_value
+from .check_types import (
+    BOOL,
+    FIXED_NAMES,
+    FLOAT,
+    INT,
+    Typed,
+    kind_of_value,
+    plain_number,
+    sympy_value,
+)
 
 
 def _children(node: ast.Expr):
@@ -43,6 +52,25 @@ def names_used(node: ast.Expr) -> set[str]:
     return out
 
 
+#: What each bound of a parameter (``window >= 1``) requires, in words.
+BOUND_WORDS = {">=": "at least", ">": "greater than", "<=": "at most", "<": "less than"}
+
+
+def bound_violation(bound: tuple[str, int | float], value) -> str | None:
+    """``"must be at least 1, got -5"`` when a parameter's value breaks its declared bound, else
+    None (also for a value not known yet: a symbol)."""
+    op, limit = bound
+    if isinstance(value, sympy.Basic):
+        if not value.is_number:
+            return None
+        value = int(value) if value.is_Integer else float(value)
+    ok = {">=": value >= limit, ">": value > limit, "<=": value <= limit, "<": value < limit}[op]
+    if ok:
+        return None
+    words = "positive" if (op, limit) == (">", 0) else f"{BOUND_WORDS[op]} {limit}"
+    return f"must be {words}, got {value}"
+
+
 class DeclarationChecks:
     """Checker methods for the parameters, inputs, lets and clauses of a declaration."""
 
@@ -54,6 +82,13 @@ class DeclarationChecks:
                 raise self.error(f"parameter '{p.name}' is declared twice", p.pos)
             if p.name in FIXED_NAMES:
                 raise self.error(f"'{p.name}' is a builtin name and cannot be a parameter", p.pos)
+            if p.bound is not None:
+                if isinstance(p.default, bool):
+                    raise self.error(f"'{p.name}' is a bool: it takes no bound", p.bound_pos)
+                if p.default is not None and (broken := bound_violation(p.bound, p.default)):
+                    op, limit = p.bound
+                    raise self.error(f"the default of '{p.name}' {broken}", p.pos,
+                                     hint=f"'{p.name}' is declared {p.name} {op} {limit}")
             seen[p.name] = p
         if self.param_exprs is None:
             for name in self.params:
@@ -80,6 +115,14 @@ class DeclarationChecks:
                     )
                 if declared == FLOAT:
                     value, kind = float(value), FLOAT
+                if p.bound is not None:
+                    broken = (f"expected a number, got {value!r}" if kind == BOOL
+                              else bound_violation(p.bound, value))
+                    if broken:
+                        owner = self.decl.name.split(".")[0]  # a branch is checked as NAME.BRANCH
+                        op, limit = p.bound
+                        raise SpecError(broken, where=f"argument {p.name}",
+                                        hint=f"'{owner}' declares {p.name} {op} {limit}")
                 typed = Typed(kind, sympy_value(value))
             elif p.default is not None:
                 typed = Typed(declared, sympy_value(p.default))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from functools import lru_cache
 from importlib import resources
@@ -11,8 +12,9 @@ from ..core import ir
 from ..core.errors import SpecError, did_you_mean
 from . import ast
 from .check_branches import has_branches, lower_combined
+from .check_names import all_unknown_names
 from .checker import Checker
-from .params import blame_argument, expand_axis_params
+from .params import blame_argument, blame_parameter, expand_axis_params
 from .parser import parse, read_file
 
 STDLIB_PREFIX = "stdlib:"
@@ -52,7 +54,7 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
         name = os.fspath(source)
         if not isinstance(name, str):
             raise SpecError("expected a text path, got a bytes path", where="argument source")
-        return read_file(name, where="argument source"), name
+        return read_path(name, where="argument source"), name
     if not isinstance(source, str):
         raise SpecError(f"expected a path, 'stdlib:NAME' or spec text, got {type(source).__name__}",
                         where="argument source")
@@ -68,26 +70,46 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
         source.endswith(".attn") or os.path.exists(source)
         or not source.lstrip("\ufeff \t").startswith(("pattern", "recurrence", "#"))
     ):
-        return read_file(source, where="argument source"), source
+        return read_path(source, where="argument source"), source
     return source, "<spec>"
 
 
-def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None) -> ast.Declaration:
-    """The declaration to compile: ``name``, the stdlib name, or the only one."""
+def read_path(path: str, where: str) -> str:
+    """``parser.read_file``, with a hint at ``stdlib:NAME`` when no file has that name and a
+    stdlib pattern has it (or one close to it): ``load("streaming")`` meant
+    ``load("stdlib:streaming")``."""
+    if not os.path.lexists(path):
+        base = os.path.basename(path)
+        if base == path:  # a bare name, no folder: perhaps a stdlib pattern
+            stem = base.removesuffix(".attn")
+            near = difflib.get_close_matches(stem, sorted(stdlib_index()), n=1)
+            if near:
+                raise SpecError(f"no such file: {path}", where=where,
+                                hint=f"did you mean 'stdlib:{near[0]}'? (a stdlib pattern)")
+    return read_file(path, where=where)
+
+
+def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None,
+         option: str = "name") -> ast.Declaration:
+    """The declaration to compile: ``name``, the stdlib name, or the only one. ``option`` is the
+    argument that gives ``name`` as the caller knows it (``name`` in Python, ``--name`` on the
+    command line), for messages."""
     if name is None and stdlib_name is not None:
         name = stdlib_name
     if name is not None:
         if not isinstance(name, str):
-            raise SpecError(f"expected a declaration name (str), got {type(name).__name__}", where="argument name")
+            raise SpecError(f"expected a declaration name (str), got {type(name).__name__}",
+                            where=f"argument {option}")
         if name not in module.by_name:
-            raise SpecError(f"{module.filename} declares no '{name}'", where="argument name",
+            raise SpecError(f"{module.filename} declares no '{name}'", where=f"argument {option}",
                             hint=did_you_mean(name, module.by_name) or "declared: " + ", ".join(module.by_name))
         return module.by_name[name]
     if not module.declarations:
         raise SpecError(f"{module.filename} declares nothing", where="argument source")
     if len(module.declarations) > 1:
-        raise SpecError(f"{module.filename} declares several patterns; pick one with name=...",
-                        where="argument name", hint="declared: " + ", ".join(module.by_name))
+        how = f"{option} NAME" if option.startswith("-") else f"{option}=..."
+        raise SpecError(f"{module.filename} declares several patterns; pick one with {how}",
+                        where=f"argument {option}", hint="declared: " + ", ".join(module.by_name))
     return module.declarations[0]
 
 
@@ -101,7 +123,8 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
             return lower_combined(module, decl, expanded, resolve, strict=strict)
         return Checker(module, decl, expanded, resolve, strict=strict).lower()
     except SpecError as err:
-        raise blame_argument(err, origin) from None
+        err = all_unknown_names(err, module, decl, resolve)  # every misspelt name, not the first
+        raise blame_argument(blame_parameter(err, module, decl, expanded), origin) from None
 
 
 def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR:

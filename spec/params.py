@@ -14,6 +14,8 @@ reports unknown names and bad values as usual.
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..core.errors import SpecError
 from . import ast
 
@@ -56,6 +58,7 @@ def expand_axis_params(decl: ast.Declaration, params: dict) -> tuple[dict, dict[
                 raise SpecError(
                     f"expected one value or {len(axes)} (one per axis: {', '.join(axes)}), got {len(value)}",
                     where=f"argument {name}",
+                    hint="or set each axis: " + ", ".join(f"{p}=..." for p in per_axis),
                 )
             values = list(value)
         else:
@@ -85,3 +88,33 @@ def blame_argument(err: SpecError, origin: dict[str, tuple[str, str]]) -> SpecEr
         return err
     name, axis = origin[target]
     return SpecError(f"{err.message} (axis {axis}, '{target}')", where=f"argument {name}", hint=err.hint)
+
+
+def blame_parameter(err: SpecError, module: ast.Module, decl: ast.Declaration,
+                    given: dict) -> SpecError:
+    """An error at a use of a parameter the caller gave (``route topk(topk)`` with ``topk=0``),
+    told as an error of that argument: its value is at fault, not the file (which may be the
+    stdlib's). The position is kept in the hint."""
+    if err.pos is None or err.filename != module.filename:
+        return err
+    for name in _names_at(decl.clauses, err.pos):
+        if name in given:
+            used = f"'{name}' is read at {err.filename}:{err.pos.line}:{err.pos.col}"
+            return SpecError(err.message, where=f"argument {name}",
+                             hint=used + (f"; {err.hint}" if err.hint else ""))
+    return err
+
+
+def _names_at(node, pos) -> list[str]:
+    """The names (``ast.Name``) of a declaration's clauses that start at ``pos``."""
+    out, stack = [], [node]
+    while stack:
+        cur = stack.pop()
+        if isinstance(cur, tuple | list):
+            stack.extend(cur)
+        elif isinstance(cur, ast.Name):
+            if (cur.pos.line, cur.pos.col) == (pos.line, pos.col):
+                out.append(cur.id)
+        elif dataclasses.is_dataclass(cur) and not isinstance(cur, type):
+            stack.extend(getattr(cur, f.name) for f in dataclasses.fields(cur))
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from functools import lru_cache
 from importlib import resources
@@ -22,6 +23,9 @@ RESERVED = frozenset(
 
 #: Reserved words that may still name a declaration (they never start an expression).
 _CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay route".split())
+
+#: The comparisons that bound a parameter (``window >= 1``).
+BOUND_OPS = (">=", ">", "<=", "<")
 
 #: Nesting deeper than this is refused: real patterns stay far below it, and
 #: every later pass (checker, sympy) recurses over the tree.
@@ -180,8 +184,15 @@ class _Builder(Transformer):
     def lit_false(self, _tok):
         return False
 
-    def param(self, name, default=None):
-        return ast.Param(_check_name(name), default, _pos(name))
+    def param(self, name, op=None, bound=None, default=None):
+        if op is None:
+            return ast.Param(_check_name(name), default, _pos(name))
+        if str(op) not in BOUND_OPS:
+            raise SpecError(f"a parameter's bound is '>=', '>', '<=' or '<', got '{op}'", _pos(op),
+                            hint=f"{name} >= 1")
+        if isinstance(bound, bool):
+            raise SpecError("a parameter's bound must be a number", _pos(op))
+        return ast.Param(_check_name(name), default, _pos(name), (str(op), bound), _pos(op))
 
     def params(self, *items):
         return tuple(p for p in items if p is not None)
@@ -327,6 +338,59 @@ class _Builder(Transformer):
         return list(decls)
 
 
+class _WholeWords(lark.lark.PostLex):
+    """A keyword must be a whole word. Where the grammar expects a keyword but no name (after an
+    expression: 'and', 'or', ...), the lexer takes the keyword's letters and leaves the rest as the
+    next token: ``andd`` read as ``and d``, ``iff`` as ``if f``. Such a keyword glued to a name or
+    number is refused here, as the one word it is."""
+
+    always_accept = ()
+
+    def process(self, stream):
+        prev = None
+        for tok in stream:
+            if _is_glued(prev, tok):
+                raise _Glued(prev, tok)  # (``parse`` makes the error: it has the source)
+            prev = tok
+            yield tok
+
+
+class _Glued(Exception):
+    def __init__(self, keyword: Token, rest: Token) -> None:
+        super().__init__(str(keyword) + str(rest))
+        self.keyword, self.rest = keyword, rest
+
+
+def _is_glued(prev: Token | None, tok: Token) -> bool:
+    """Whether ``prev`` is a keyword run into the name or number ``tok`` after it (``andd``)."""
+    return not (prev is None or prev.type == "NAME" or prev.end_pos != tok.start_pos
+                or not _WORD.fullmatch(prev) or not _WORD_CHAR.match(tok))
+
+
+#: Keywords that only start a clause (or a declaration): glued to more letters, the word is where
+#: a clause should start.
+_CLAUSE_TOKENS = frozenset({"EXPR_KW", "LET", "INPUT", "ROUTE", "UPDATE", "BRANCH", "COMBINE",
+                            "DECL_KW"})
+
+
+def _glued_error(keyword: Token, rest: Token, source: str) -> SpecError:
+    """``andd`` is one unknown word, not ``and`` then ``d``: where a clause should start, told as
+    ``_clause_error`` tells an unknown word there."""
+    word = str(keyword) + str(rest)
+    shown = word if len(word) <= 30 else word[:27] + "..."
+    pos = Pos(keyword.line, keyword.column, rest.end_line, rest.end_column)
+    hint = f"did you mean '{keyword}'? (or '{keyword} {rest}', with a space)"
+    if keyword.type not in _CLAUSE_TOKENS:
+        return SpecError(f"unexpected '{shown}'", pos, hint=hint)
+    kind = _declaration_kind(source, keyword.start_pos)
+    hint = _keyword_hint(word, (), CLAUSES[kind])
+    return SpecError(f"unexpected '{shown}' " + _clause_list(kind), pos, hint=hint)
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z_0-9]*")
+_WORD_CHAR = re.compile(r"[A-Za-z_0-9]")
+
+
 @lru_cache(maxsize=1)
 def _parser() -> Lark:
     grammar = resources.files("attnc.spec").joinpath("grammar.lark").read_text()
@@ -337,7 +401,25 @@ def _parser() -> Lark:
         propagate_positions=True,
         maybe_placeholders=True,
         transformer=_Builder(),
+        postlex=_WholeWords(),
     )
+
+
+@lru_cache(maxsize=1)
+def _keyword_terminals() -> dict[str, str]:
+    """Terminal name -> its word, for the grammar's one-word keywords (``AND`` -> ``and``)."""
+    return {t.name: t.pattern.value for t in _parser().terminals
+            if isinstance(t.pattern, lark.lexer.PatternStr) and _WORD.fullmatch(t.pattern.value)}
+
+
+def _keyword_hint(word: str, expected, extra: tuple[str, ...] = ()) -> str | None:
+    """'did you mean ...?' for a misspelt keyword among those the parser expected here (``adn``
+    after an expression: 'and'), or among ``extra`` (the clause keywords)."""
+    import difflib
+
+    words = {_keyword_terminals().get(e) for e in expected} - {None} | set(extra)
+    near = difflib.get_close_matches(word, sorted(words), n=1)
+    return f"did you mean '{near[0]}'?" if near else None
 
 
 def _describe_expected(expected) -> str:
@@ -361,18 +443,23 @@ def _clause_error(err: lark.exceptions.UnexpectedToken, source: str) -> SpecErro
     closest one), not the grammar's shared list."""
     if "EXPR_KW" not in err.expected or err.token.type == "$END":
         return None
-    import difflib
-    import re
-
-    before = source[:err.token.start_pos] if err.token.start_pos is not None else ""
-    kinds = re.findall(r"\b(pattern|recurrence)\b", before)
-    kind = kinds[-1] if kinds else "pattern"
+    kind = _declaration_kind(source, err.token.start_pos)
     word = str(err.token)
-    near = difflib.get_close_matches(word, CLAUSES[kind], n=1)
     shown = word if len(word) <= 30 else word[:27] + "..."
-    return SpecError(f"unexpected '{shown}' (expected a {kind} clause: {', '.join(CLAUSES[kind])}; or the next "
-                     "'pattern' or 'recurrence')", _pos(err.token),
-                     hint=f"did you mean '{near[0]}'?" if near else None)
+    # a misspelt clause keyword, or a misspelt operator after an expression ('adn' for 'and')
+    return SpecError(f"unexpected '{shown}' " + _clause_list(kind), _pos(err.token),
+                     hint=_keyword_hint(word, err.expected, CLAUSES[kind]))
+
+
+def _declaration_kind(source: str, start: int | None) -> str:
+    """'pattern' or 'recurrence': the kind of the declaration the text before ``start`` is in."""
+    kinds = re.findall(r"\b(pattern|recurrence)\b", source[:start] if start is not None else "")
+    return kinds[-1] if kinds else "pattern"
+
+
+def _clause_list(kind: str) -> str:
+    return (f"(expected a {kind} clause: {', '.join(CLAUSES[kind])}; or the next 'pattern' or "
+            "'recurrence')")
 
 
 def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError:
@@ -381,6 +468,9 @@ def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError
         shown = repr(ch) if ch.isprintable() else f"byte {ch.encode('utf-8', 'replace')!r}"
         return SpecError(f"unexpected character {shown}", Pos(err.line, err.column))
     if isinstance(err, lark.exceptions.UnexpectedToken):
+        history = getattr(err, "token_history", None) or [None]  # (the lexer's: the token before)
+        if err.token.type != "$END" and _is_glued(history[-1], err.token):
+            return _glued_error(history[-1], err.token, source)
         clause = _clause_error(err, source)
         if clause is not None:
             return clause
@@ -390,7 +480,9 @@ def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError
                              Pos(max(err.line, 1), max(err.column, 1)))
         text = str(tok)
         shown = text if len(text) <= 30 else text[:27] + "..."
-        return SpecError(f"unexpected '{shown}'" + _describe_expected(err.expected), _pos(tok))
+        hint = _keyword_hint(text, err.expected) if tok.type == "NAME" else None
+        return SpecError(f"unexpected '{shown}'" + _describe_expected(err.expected), _pos(tok),
+                         hint=hint)
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         return SpecError("unexpected end of file", Pos(1, 1))
     return SpecError(f"syntax error: {err}", Pos(1, 1))
@@ -409,6 +501,8 @@ def parse(source: str, filename: str = "<spec>") -> ast.Module:
         decls = _parser().parse(source)
     except SpecError as err:
         raise err.located(filename, source) from None
+    except _Glued as glued:
+        raise _glued_error(glued.keyword, glued.rest, source).located(filename, source) from None
     except lark.exceptions.VisitError as err:
         inner = err.orig_exc
         if isinstance(inner, SpecError):

@@ -164,8 +164,8 @@ def test_non_positive_per_head_softcap_is_refused(backend):
     causal = torch.ones(8, 8, dtype=torch.bool).tril()
     cap = torch.tensor([2.0, 1.0], dtype=torch.float64).view(1, 2, 1, 1)
     torch.testing.assert_close(out, _dense(q, k, v, causal, softcap=cap), rtol=2e-5, atol=2e-5)
-    with pytest.raises(attnc.SpecError, match="softcap must be positive"):
-        attnc.load("stdlib:softcap", cap=-1.0)
+    with pytest.raises(attnc.SpecError, match="argument cap: error: must be positive, got -1.0"):
+        attnc.load("stdlib:softcap", cap=-1.0)  # the stdlib declares cap > 0
 
 
 # ------------------------------------------------------------------ 4: per-batch scalar inputs
@@ -361,3 +361,47 @@ def test_an_input_sized_by_dk_without_q_is_one_clear_error():
     mask = attnc.materialize_mask(spec, n=4, heads=2, inputs={"c": torch.randn(2, 8)}, q=torch.randn(1, 2, 4, 8),
                                   k=torch.randn(1, 2, 4, 8))
     assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril().expand(2, 4, 4))
+
+
+# ------------------------------------------------------------------ hints for misspelt arguments, inputs a mask needs
+def test_a_misspelt_call_keyword_suggests_the_keyword():
+    """``return_lsee=True`` arrives among the inputs (``**inputs``): the hint names ``return_lse``."""
+    attn = attnc.compile_attention("stdlib:sliding_window", window=4, backend="reference")
+    err = _spec_error(lambda: attn(*_qkv(), return_lsee=True), "argument return_lsee")
+    assert err.hint == "did you mean 'return_lse'? (a keyword of the call, not an input)"
+    doc = attnc.compile_attention("stdlib:document", backend="reference")
+    err = _spec_error(lambda: doc(*_qkv(), dcc=torch.zeros(8, dtype=torch.long)), "argument dcc")
+    assert err.hint == "did you mean 'doc'?"  # an input's name first
+
+
+def test_the_call_keywords_are_those_of_the_call():
+    import inspect
+
+    from attnc.compiler.evaluate import CALL_KEYWORDS
+
+    params = inspect.signature(attnc.Attention.forward).parameters.values()
+    assert set(CALL_KEYWORDS) == {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+
+
+@pytest.mark.parametrize("source, near", [("streaming", "streaming"), ("streaming.attn", "streaming"),
+                                          ("slidng_window", "sliding_window")])
+def test_a_stdlib_name_without_its_prefix_points_at_the_stdlib(source, near):
+    err = _spec_error(lambda: attnc.load(source), "argument source", f"no such file: {source}")
+    assert err.hint == f"did you mean 'stdlib:{near}'? (a stdlib pattern)"
+    err = _spec_error(lambda: attnc.load(f"folder/{source}"), "argument source")
+    assert err.hint is None  # a path with a folder is a path
+
+
+def test_a_mask_needs_only_the_inputs_the_mask_reads():
+    """``materialize_mask`` of a pattern whose bias reads an input: the mask does not read it, so it is
+    not demanded (a given one is still checked); an input the mask reads still is."""
+    spec = ("pattern p\n  tokens seq\n  input rpb: float[heads, n]\n  mask causal and q - k < 3\n"
+            "  bias rpb[h, q]\n")
+    mask = attnc.materialize_mask(spec, n=6)
+    assert torch.equal(mask[0], torch.tensor([[q >= k > q - 3 for k in range(6)] for q in range(6)]))
+    _spec_error(lambda: attnc.materialize_mask(spec, n=6, inputs={"rpb": torch.zeros(3)}), "argument rpb",
+                "has shape")
+    _spec_error(lambda: attnc.materialize_mask("stdlib:document", n=6), "argument doc",
+                "missing input 'doc'")
+    _spec_error(lambda: attnc.compile_attention(spec, backend="reference")(*_qkv(N=6)), "argument rpb",
+                "missing input 'rpb'")  # the attention itself reads it

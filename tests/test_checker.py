@@ -650,3 +650,132 @@ def test_comparison_of_a_side_sympy_deems_non_real_is_left_to_evaluation():
     ref = attnc.compile_attention(spec, backend="reference")(q, q, q)
     cpu = attnc.compile_attention(spec, backend="cpu")(q, q, q)
     torch.testing.assert_close(cpu, ref, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------- parameter bounds
+def _argument_error(source: str, **params) -> attnc.SpecError:
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.load(source, **params)
+    return info.value
+
+
+def test_a_value_outside_a_declared_bound_names_the_argument():
+    err = _argument_error("stdlib:sliding_window", window=-5)  # was silent: an all-zero output
+    assert err.where == "argument window" and err.pos is None
+    assert str(err).splitlines() == ["argument window: error: must be at least 1, got -5",
+                                     "  hint: 'sliding_window' declares window >= 1"]
+    err = _argument_error("stdlib:softcap", cap=0.0)
+    assert err.where == "argument cap" and err.message == "must be positive, got 0.0"
+    assert attnc.load("stdlib:sliding_window", window=1).params == (("window", 1),)
+
+
+@pytest.mark.parametrize("value, axis", [(-3, "y"), ((3, 0), "x")])
+def test_a_per_axis_bound_names_the_argument_as_given(value, axis):
+    """``kernel_size=-3`` named ``stdlib:neighborhood_2d.attn:20:18``: now the argument and the axis."""
+    err = _argument_error("stdlib:neighborhood_2d", kernel_size=value)
+    bad = value if isinstance(value, int) else 0
+    assert str(err).splitlines()[0] == (f"argument kernel_size: error: must be at least 1, got {bad} "
+                                        f"(axis {axis}, 'kernel_size_{axis}')")
+    err = _argument_error("stdlib:neighborhood_2d", dilation_x=0)
+    assert err.where == "argument dilation_x" and "stdlib:" not in str(err)
+
+
+def test_every_stdlib_size_and_count_is_bounded():
+    """A negative window, block, count or kernel of a stdlib pattern is refused, naming the argument."""
+    from attnc.spec.library import stdlib_index
+
+    unbounded = {(name, p.name) for name, (_, decl) in stdlib_index().items() for p in decl.params
+                 if p.bound is None and not isinstance(p.default, bool)}
+    # the offset of S2's vertical stripes is any int; a layer index is bounded below only
+    assert unbounded == {("s2", "offset")}, unbounded
+    for name, (_, decl) in stdlib_index().items():
+        for p in decl.params:
+            if p.bound is not None and p.bound[0] == ">=":
+                err = _argument_error(f"stdlib:{name}", **{p.name: p.bound[1] - 1})
+                assert err.where == f"argument {p.name}", str(err)
+
+
+def test_a_bound_on_a_default_a_bool_and_a_pattern_call():
+    err = spec_error("""
+        pattern p(w >= 1 = 0)
+          tokens seq
+          mask q - k < w
+    """)
+    assert_at(err, 1, 11, "the default of 'w' must be at least 1, got 0")
+    err = spec_error("""
+        pattern p(flag >= 1 = true)
+          tokens seq
+          mask flag
+    """)
+    assert_at(err, 1, 16, "'flag' is a bool: it takes no bound")
+    err = spec_error("""
+        pattern a_window(w >= 1 = 4)
+          tokens seq
+          mask causal and q - k < w
+        pattern caller
+          tokens seq
+          mask a_window(w = 0)
+    """)
+    assert_at(err, 6, 21, "parameter 'w' of 'a_window' must be at least 1, got 0",
+              hint="'a_window' declares w >= 1")
+    # a bare bounded parameter stays a symbol when the file is only checked, and is checked when given
+    assert check_text("pattern p(w >= 1)\n  tokens seq\n  mask q - k < w\n", FILE)
+    err = _argument_error("pattern p(w >= 1)\n  tokens seq\n  mask q - k < w\n", w=0)
+    assert err.where == "argument w"
+    err = _argument_error("pattern p(w >= 1)\n  tokens seq\n  mask q - k < w\n", w=True)
+    assert err.where == "argument w" and "expected a number" in err.message
+
+
+def test_an_error_at_the_use_of_a_given_parameter_names_the_argument():
+    """Where a parameter's domain is known only where it is used (a route's topk, a window's size, a
+    top-p threshold), the error still names the argument the user gave; the use is in the hint."""
+    err = _argument_error("stdlib:xattention", threshold=1.5)
+    assert err.where == "argument threshold" and "topp must be in (0, 1]" in err.message
+    assert err.hint.startswith("'threshold' is read at stdlib:xattention.attn:")
+    src = "pattern p(ks = 7)\n  tokens grid(y: hh, x: ww)\n  mask window(y, ks) and window(x, ks)\n"
+    err = _argument_error(src, ks=0)
+    assert str(err).splitlines() == ["argument ks: error: window size must be at least 1, got 0",
+                                     "  hint: 'ks' is read at <spec>:3:18"]
+    # a bad default is the file's fault: its position
+    err = _argument_error(src.replace("ks = 7", "ks = 0"))
+    assert err.where is None and (err.pos.line, err.pos.col) == (3, 18)
+
+
+# ----------------------------------------------------------------- every unknown name at once
+def test_every_misspelt_name_of_a_declaration_is_reported():
+    err = spec_error("""
+        pattern p(window = 4)
+          tokens seq
+          input doc: int[n]
+          let near = q - k < windw
+          mask causl and near and dc[q] == doc[k] and abss(q) > 0
+          bias -0.5 * (q - kk)
+    """)
+    # as a SpecError it is the first, as before
+    assert (err.pos.line, err.pos.col, err.message, err.hint) == (4, 22, "unknown name 'windw'",
+                                                                  "did you mean 'window'?")
+    text = str(err)
+    heads = [line for line in text.splitlines() if line.startswith(FILE)]
+    assert heads == [f"{FILE}:4:22: error: unknown name 'windw'",
+                     f"{FILE}:5:8: error: unknown name 'causl'",
+                     f"{FILE}:5:27: error: 'dc' is not an input",
+                     f"{FILE}:5:47: error: unknown function or pattern 'abss'",
+                     f"{FILE}:6:20: error: unknown name 'kk'"]
+    for hint in ("'window'", "'causal'", "'doc'", "'abs'", "'k'"):
+        assert f"  hint: did you mean {hint}?" in text
+    assert text.count("^") == 5
+
+
+def test_one_unknown_name_and_other_errors_are_reported_as_before():
+    err = spec_error("""
+        pattern p(window = 4)
+          tokens seq
+          mask causal and q - k < windw
+    """)
+    assert str(err).count("error:") == 1
+    err = spec_error("""
+        pattern p(window = 4)
+          tokens seq
+          mask causal and q - k < 1.5 + true and windw
+    """)  # the first error is no unknown name: only it
+    assert str(err).count("error:") == 1 and "windw" not in err.message

@@ -433,3 +433,94 @@ def test_sim_samples_missing_inputs_and_reads_tensor_files(tmp_path, capsys):
     assert "not given" not in capsys.readouterr().out
     assert main(["sim", "stdlib:document", "--n", "512", "--input", f"doc={tmp_path / 'missing.pt'}"]) == 1
     assert "argument --input doc: error: no such file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- rough edges a new user hit
+def test_a_bad_parameter_names_the_argument(capsys):
+    code, out, err = run(capsys, "show", "stdlib:sliding_window", "-p", "window=-5", "--n", "6")
+    assert code == 1 and out == ""  # was an all-empty mask
+    assert err.splitlines()[0] == "argument window: error: must be at least 1, got -5"
+    code, _, err = run(capsys, "show", "stdlib:neighborhood_2d", "-p", "kernel_size=-3")
+    assert code == 1 and "stdlib:neighborhood_2d.attn" not in err
+    assert err.splitlines()[0] == ("argument kernel_size: error: must be at least 1, got -3 "
+                                   "(axis y, 'kernel_size_y')")
+
+
+def test_per_axis_values_of_a_parameter(capsys):
+    """``-p kernel_size=3,5`` is ``kernel_size=(3, 5)``: y 3, x 5."""
+    code, out, _ = run(capsys, "show", "stdlib:neighborhood_2d", "-p", "kernel_size=3,5,dilation=1",
+                       "--sizes", "height=6,width=6")
+    assert code == 0
+    code, same, _ = run(capsys, "show", "stdlib:neighborhood_2d", "-p", "kernel_size_y=3,kernel_size_x=5",
+                        "--sizes", "height=6,width=6")
+    assert code == 0 and out == same
+    code, _, err = run(capsys, "show", "stdlib:neighborhood_2d", "-p", "kernel_size=3,5,7")
+    assert code == 1
+    assert "argument kernel_size: error: expected one value or 2 (one per axis: y, x), got 3" in err
+    assert "hint: or set each axis: kernel_size_y=..., kernel_size_x=..." in err
+    code, _, err = run(capsys, "show", "stdlib:sliding_window", "-p", "window=3,5")
+    assert code == 1 and "argument window" in err and "has no per-axis 'window'" in err
+
+
+def test_show_needs_only_the_inputs_the_mask_reads(capsys, tmp_path):
+    path = tmp_path / "rpb.attn"
+    path.write_text("pattern p\n  tokens seq\n  input rpb: float[heads, n]\n  mask causal and q - k < 3\n"
+                    "  bias rpb[h, q]\n")
+    code, out, err = run(capsys, "show", str(path), "--n", "5")
+    assert code == 0 and err == "" and out.splitlines()[1:] == band(5, 3)
+
+
+def test_the_name_hint_speaks_the_command_line(capsys, tmp_path):
+    path = tmp_path / "two.attn"
+    path.write_text("pattern a\n  tokens seq\n  mask causal\npattern b\n  tokens seq\n  mask causal\n")
+    code, _, err = run(capsys, "show", str(path))
+    assert code == 1
+    assert err.splitlines()[0] == (f"argument --name: error: {path} declares several patterns; "
+                                   "pick one with --name NAME")
+    code, out, _ = run(capsys, "show", str(path), "--name", "b", "--n", "2")
+    assert code == 0 and out.startswith("b: ")
+
+
+def test_a_file_that_is_no_tensor_is_one_line(capsys, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(bytes(range(256)))
+    code, _, err = run(capsys, "show", "stdlib:document", "--n", "4", "--input", f"doc={junk}")
+    assert code == 1
+    assert err.splitlines() == [f"argument --input doc: error: {junk} is not a tensor file written by "
+                                "torch.save",
+                                "  hint: write it with torch.save(tensor, PATH), or give the values: "
+                                "--input doc=V1,V2,.."]
+
+
+def test_a_stdlib_name_without_its_prefix(capsys):
+    code, _, err = run(capsys, "show", "streaming")
+    assert code == 1 and "hint: did you mean 'stdlib:streaming'? (a stdlib pattern)" in err
+
+
+def test_list_prints_whole_first_sentences(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for line in out.splitlines():
+        summary = line.split(None, 2)[2].split("  (")[0]
+        assert summary.endswith("."), line
+    vs = next(line for line in out.splitlines() if line.startswith("vertical_slash "))
+    assert "on the key columns and diagonals that the last queries attend most." in vs
+    assert len({line.index(" pattern ") if " pattern " in line else line.index(" recurrence ")
+                for line in out.splitlines()}) == 1  # one column, the longest name included
+
+
+def test_check_reports_every_misspelt_name(capsys, tmp_path):
+    path = tmp_path / "names.attn"
+    path.write_text("pattern p(window = 4)\n  tokens seq\n  mask causl and q - k < windw\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 1
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        f"{path}:3:8: error: unknown name 'causl'", f"{path}:3:26: error: unknown name 'windw'"]
+
+
+def test_a_misspelt_and_is_suggested(capsys, tmp_path):
+    path = tmp_path / "adn.attn"
+    path.write_text("pattern p\n  tokens seq\n  mask q >= k adn q - k < 4\n")
+    code, _, err = run(capsys, "check", str(path))
+    assert code == 1 and err.startswith(f"{path}:3:15: error: unexpected 'adn'")
+    assert err.splitlines()[-1] == "  hint: did you mean 'and'?"

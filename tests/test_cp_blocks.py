@@ -201,3 +201,33 @@ def test_selected_pairs_reads_the_selection_at_every_pair(transposed, rows, cols
         q_tok, k_block = own_q, other_b
     want = selection[:, :, q_tok, k_block]
     assert torch.equal(selected_pairs(selection, q_tok, k_block, transposed), want)
+
+
+@pytest.mark.parametrize("backend, want", [("auto", "cpu"), ("cpu", "cpu"), ("reference", "reference"),
+                                           ("flex", "reference")])
+def test_last_blocks_names_the_backend_that_ran_the_blocks(tmp_path, backend, want):
+    """``ContextParallel.last_blocks`` on CPU tensors (one rank): backend "auto" runs its blocks on the
+    CPU executor and says so ("auto" named no backend); Flex has no offsets: the reference scores."""
+    import torch.distributed as dist
+
+    from attnc.distributed import ContextParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        attn = attnc.compile_attention(CAUSAL, backend=backend)
+        cp = ContextParallel(attn)
+        q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.float64) for _ in range(3))
+        out = cp(q, k, v)
+        assert cp.last_blocks == want
+        torch.testing.assert_close(out, attnc.compile_attention(CAUSAL, backend="reference")(q, k, v))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_auto_runners_blocks_on_cuda_are_the_triton_kernels():
+    from attnc.runtime.parallel.blocks import blocks_backend
+
+    auto = attnc.compile_attention(CAUSAL, backend="auto").runner
+    assert blocks_backend(auto, torch.device("cuda")) == "triton"  # what its block_forward takes there
+    assert blocks_backend(auto, torch.device("cpu")) == "cpu"
+    assert blocks_backend(None, torch.device("cpu")) == "reference"

@@ -69,3 +69,21 @@ def test_every_package_folder_is_listed_for_the_wheel():
              for p in root.rglob("__init__.py")
              if not (set(p.relative_to(root).parts) & skip or any(s.startswith(".") for s in p.parts))}
     assert found - listed == set(), f"folders missing from [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_suite_runs_from_a_folder_not_named_like_a_python_package(tmp_path):
+    """An archive unpacks as ``attnc-main``: pytest must not import the root ``__init__.py`` (the
+    package itself) under that folder's name, which errored every test."""
+    import pathlib
+    import shutil
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    copy = tmp_path / "attnc-main"
+    (copy / "tests").mkdir(parents=True)
+    for name in ("pyproject.toml", "__init__.py", "tests/conftest.py"):
+        shutil.copy(root / name, copy / name)
+    (copy / "tests" / "test_probe.py").write_text("def test_probe():\n    assert True\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_probe.py"], cwd=copy,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout + proc.stderr

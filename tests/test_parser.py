@@ -585,3 +585,57 @@ def test_an_unknown_clause_lists_the_clauses_of_its_declaration_kind(text, kind,
         assert "decay, update, let, input, tokens;" in err.value.message and "route" not in err.value.message
     if near != "mask":
         assert err.value.hint == f"did you mean '{near}'?"
+
+
+# ----------------------------------------------------------------- parameter bounds, misspelt keywords
+def test_a_parameter_takes_a_bound_before_its_default():
+    text = "pattern p(a >= 1 = 4, b, c < 2.5, d = 3, e > -1)\n  tokens seq\n  mask causal\n"
+    decl = parse(text).declarations[0]
+    assert [(p.name, p.bound, p.default) for p in decl.params] == [
+        ("a", (">=", 1), 4), ("b", None, None), ("c", ("<", 2.5), None), ("d", None, 3),
+        ("e", (">", -1), None)]
+    assert (decl.params[0].bound_pos.line, decl.params[0].bound_pos.col) == (1, 13)
+    for bad, fragment in (("a == 1", "a parameter's bound is '>=', '>', '<=' or '<', got '=='"),
+                          ("a >= true", "a parameter's bound must be a number"),
+                          ("a >= = 3", "unexpected '='")):
+        with pytest.raises(attnc.SpecError, match=fragment):
+            parse(f"pattern p({bad})\n  tokens seq\n  mask causal\n")
+
+
+@pytest.mark.parametrize("expr, word, near", [
+    ("q >= k adn q - k < 4", "adn", "and"),
+    ("(q >= k adn q - k < 4)", "adn", "and"),
+    ("q > k an k > 1", "an", "and"),
+    ("q > k oor k > 1", "oor", "or"),
+    ("if q > k thn true else false", "thn", "then"),
+])
+def test_a_misspelt_keyword_after_an_expression_is_suggested(expr, word, near):
+    with pytest.raises(attnc.SpecError) as err:
+        parse(f"pattern p\n  tokens seq\n  mask {expr}\n", "x.attn")
+    assert err.value.message.startswith(f"unexpected '{word}'")
+    assert err.value.hint == f"did you mean '{near}'?"
+
+
+@pytest.mark.parametrize("text, word, near, col", [
+    ("  mask q >= k andd q - k < 4", "andd", "and", 15),
+    ("  mask q > k ore k > 1", "ore", "or", 14),
+    ("  mask q > k and1", "and1", "and", 14),
+    ("  mask causal\n  route topk(2) blocks(4) byq @ mean(k)", "byq", "by", 27),
+    ("  mask causal\n  bias if q > k thenx else 0.0", "thenx", "then", 17),
+])
+def test_a_keyword_run_into_the_next_word_is_one_unknown_word(text, word, near, col):
+    """``andd`` after an expression was read as ``and d`` (the lexer takes a keyword where no name may
+    come): a whole word is refused as the user wrote it."""
+    tokens = "  tokens seq\n" if "tokens" not in text else ""
+    with pytest.raises(attnc.SpecError) as err:
+        parse(f"pattern p\n{tokens}{text}\n", "x.attn")
+    assert err.value.message == f"unexpected '{word}'"
+    assert err.value.pos.col == col
+    assert err.value.hint.startswith(f"did you mean '{near}'?")
+
+
+def test_a_layout_keyword_run_into_a_name():
+    with pytest.raises(attnc.SpecError) as err:
+        parse("pattern p\n  tokens seqq\n  mask causal\n", "x.attn")
+    assert err.value.message == "unexpected 'seqq'" and (err.value.pos.line, err.value.pos.col) == (2, 10)
+    assert err.value.hint.startswith("did you mean 'seq'?")

@@ -190,7 +190,7 @@ def test_checker_errors_name_the_place():
         attnc.compile_attention(INDEXED.replace("qi @ ki", "qi @ kj"))
     with pytest.raises(SpecError, match="'blocks\\(SIZE\\)' or 'tokens', got 'keys'"):
         attnc.compile_attention(WINDOWED.replace("tokens by", "keys by"))
-    with pytest.raises(SpecError, match="topk must be at least 1"):
+    with pytest.raises(SpecError, match="argument topk: error: must be at least 1, got 0"):
         attnc.compile_attention("stdlib:token_topk", topk=0)
 
 

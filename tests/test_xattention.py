@@ -12,6 +12,7 @@ find_blocks_chunked returns for them.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -249,8 +250,11 @@ def _stdlib_text(block, stride, threshold, chunk) -> str:
     from importlib import resources
 
     text = resources.files("attnc.stdlib_patterns").joinpath("xattention.attn").read_text()
-    return text.replace("block = 128", f"block = {block}").replace("stride = 16", f"stride = {stride}") \
-        .replace("threshold = 0.9", f"threshold = {threshold}").replace("chunk = 16384", f"chunk = {chunk}")
+    for default, value in (("block >= 1 = 128", block), ("stride >= 1 = 16", stride),
+                           ("threshold > 0 = 0.9", threshold), ("chunk >= 0 = 16384", chunk)):
+        assert default in text, default
+        text = text.replace(default, f"{default.split()[0]} = {value}")
+    return text
 
 
 # --------------------------------------------------------------------------------------- errors
@@ -282,8 +286,13 @@ def test_layouts_other_than_one_sequence_are_refused():
 
 
 def test_stdlib_parameters_are_checked():
-    with pytest.raises(SpecError, match=r"xattention.attn:\d+:\d+: error: topp must be in \(0, 1\], got 1.2"):
+    """A bad argument is named as the user gave it; where the stdlib file reads it, in the hint."""
+    with pytest.raises(SpecError, match=r"argument threshold: error: topp must be in \(0, 1\], got 1.2") \
+            as info:
         attnc.compile_attention("stdlib:xattention", threshold=1.2)
+    assert re.match(r"'threshold' is read at stdlib:xattention.attn:\d+:\d+", info.value.hint)
+    with pytest.raises(SpecError, match=r"argument threshold: error: must be positive, got -0.5"):
+        attnc.compile_attention("stdlib:xattention", threshold=-0.5)
     with pytest.raises(SpecError, match="the antidiagonal stride 5 does not divide the block size 128"):
         attnc.compile_attention("stdlib:xattention", stride=5)
 

@@ -1,0 +1,32 @@
+"""pytest setup for the whole suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+#: The repository root: the ``attnc`` package itself (its ``__init__.py``), named after whatever
+#: folder holds the checkout (``attnc-main`` when an archive unpacks).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _RootIsNoTestPackage:
+    """Collects the repository root as a plain folder, not a test package.
+
+    pytest collects a folder with an ``__init__.py`` as a package and imports that file under the
+    folder's name: ``attnc-main`` is no Python name, so the package's relative imports failed and
+    every test errored. The root holds no tests, so nothing of it need be imported here; the tests
+    import the installed ``attnc``. (A conftest hook cannot do this: the root is collected with the
+    hooks of its parent folder, so this one is registered as a plugin.)
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector):
+        if path.resolve() == REPO_ROOT:
+            return pytest.Dir.from_parent(parent, path=path)
+        return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_RootIsNoTestPackage(), "attnc-root-is-no-test-package")
