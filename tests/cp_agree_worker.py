@@ -5,13 +5,9 @@ seconds instead of hanging."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import run_cases
 
 import attnc
 from attnc.distributed import ContextParallel
@@ -52,15 +48,5 @@ def run_case(case: dict, rank: int) -> dict:
     return {"error": None, "finite": bool(torch.isfinite(out).all())}
 
 
-def worker(rank: int, world: int, port: int, case: dict, out_dir: str):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
-    try:
-        try:
-            result = run_case(case, rank)
-        except Exception:  # e.g. a collective that timed out: the parent reports it
-            result = {"crash": traceback.format_exc()}
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
+    run_cases(rank, world, port, cases, out_dir, run_case, COLLECTIVE_TIMEOUT)

@@ -6,13 +6,10 @@ waiting in a collective the others skipped fails in seconds instead of hanging."
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import run_cases
 
 import attnc
 from attnc.distributed import ContextParallel
@@ -102,17 +99,5 @@ def run_error_case(case: dict, rank: int) -> dict:
 
 
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT))
-    try:
-        for i, case in enumerate(cases):
-            try:
-                result = (run_error_case if case.get("error") else run_case)(case, rank)
-            except Exception:  # the parent reports it as the case's failure
-                result = {"crash": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
-            if "crash" in result:
-                break  # the other ranks may be stuck in a collective this rank left: end the run
-    finally:
-        dist.destroy_process_group()
+    run_cases(rank, world, port, cases, out_dir,
+              lambda case, rank: (run_error_case if case.get("error") else run_case)(case, rank), COLLECTIVE_TIMEOUT)

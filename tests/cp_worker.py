@@ -4,13 +4,10 @@ seeds, so the parent and every rank build the same whole tensors."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from ranks import run_cases
 
 import attnc
 from attnc.distributed import ContextParallel
@@ -179,22 +176,13 @@ def run_error_case(case: dict, rank: int):
     return {"error": None}
 
 
+def _run(case: dict, rank: int) -> dict:
+    if "wan" in case:
+        return run_wan(case["wan"])
+    if "cogvideox" in case:
+        return run_cogvideox(case["cogvideox"])
+    return (run_error_case if case.get("error") else run_case)(case, rank)
+
+
 def worker(rank: int, world: int, port: int, cases: list, out_dir: str):
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        for i, case in enumerate(cases):
-            try:
-                if "wan" in case:
-                    result = run_wan(case["wan"])
-                elif "cogvideox" in case:
-                    result = run_cogvideox(case["cogvideox"])
-                else:
-                    result = (run_error_case if case.get("error") else run_case)(case, rank)
-            except Exception:  # the parent reports it as the case's failure
-                result = {"crash": traceback.format_exc()}
-            torch.save(result, os.path.join(out_dir, f"case{i}-rank{rank}.pt"))
-            if "crash" in result:
-                break  # the other ranks may be stuck in a collective this rank left: end the run
-    finally:
-        dist.destroy_process_group()
+    run_cases(rank, world, port, cases, out_dir, _run, timeout_s=60)

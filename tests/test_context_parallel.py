@@ -5,12 +5,9 @@ cases in one spawn (a module fixture); each test reads its case's results."""
 
 from __future__ import annotations
 
-import socket
-import time
-
 import pytest
+import ranks
 import torch
-import torch.multiprocessing as mp
 from cp_worker import case_dlse, case_inputs, case_tensors, compile_case, worker
 
 B, H, D = 2, 4, 8
@@ -136,22 +133,9 @@ for table in (CASES_2, CASES_4, ERRORS_2):
         case.setdefault("B", B), case.setdefault("H", H), case.setdefault("D", D)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(world: int, cases: list, out_dir, timeout: float = 300.0) -> None:
     """Runs ``cases`` on ``world`` ranks; never waits past ``timeout`` (the ranks are killed)."""
-    ctx = mp.start_processes(worker, args=(world, _free_port(), cases, str(out_dir)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
+    ranks.spawn(worker, world, cases, out_dir, timeout)
 
 
 def _results(tmp_path_factory, world: int, table: dict) -> dict:

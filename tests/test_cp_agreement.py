@@ -8,12 +8,10 @@ and a join deadline: a regression fails, it does not hang."""
 from __future__ import annotations
 
 import math
-import socket
-import time
 
 import pytest
+import ranks
 import torch
-import torch.multiprocessing as mp
 from cp_agree_worker import worker
 
 GATED = dict(spec="stdlib:gated_delta_net", B=1, H=2, n=32, D=4)
@@ -44,24 +42,10 @@ WORDS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(case: dict, out_dir, world: int = 2, timeout: float = 180.0) -> list[dict]:
     """Each rank's result; never waits past ``timeout`` (the ranks are killed)."""
-    ctx = mp.start_processes(worker, args=(world, _free_port(), case, str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) if (out_dir / f"rank{r}.pt").exists()
-            else {"crash": "no result"} for r in range(world)]
+    ranks.spawn(worker, world, [case], out_dir, timeout)
+    return [ranks.result(out_dir / f"case0-rank{r}.pt") for r in range(world)]
 
 
 @pytest.mark.parametrize("name", list(CASES))

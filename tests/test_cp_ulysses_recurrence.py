@@ -8,12 +8,10 @@ every rank. The ranks of one world size run all their cases in one spawn (a modu
 from __future__ import annotations
 
 import math
-import socket
-import time
 
 import pytest
+import ranks
 import torch
-import torch.multiprocessing as mp
 from cp_ulysses_recurrence_worker import case_inputs, case_tensors, compile_case, worker
 
 SMALL = dict(B=1, H=4, n=16, D=4)
@@ -72,27 +70,12 @@ WORDS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _results(tmp_path_factory, world: int, table: dict, timeout: float = 120.0) -> dict:
     """Each case's results per rank; never waits past ``timeout`` (the ranks are killed)."""
     out = tmp_path_factory.mktemp(f"cpu{world}")
     names = list(table)
-    ctx = mp.start_processes(worker, args=(world, _free_port(), [table[n] for n in names], str(out)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=0.5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the {world} ranks did not finish within {timeout} s")
-    return {name: [torch.load(out / f"case{i}-rank{r}.pt", weights_only=False)
-                   if (out / f"case{i}-rank{r}.pt").exists() else {"crash": "no result"} for r in range(world)]
-            for i, name in enumerate(names)}
+    ranks.spawn(worker, world, [table[n] for n in names], out, timeout)
+    return {name: [ranks.result(out / f"case{i}-rank{r}.pt") for r in range(world)] for i, name in enumerate(names)}
 
 
 @pytest.fixture(scope="module")
