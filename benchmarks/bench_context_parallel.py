@@ -1,7 +1,11 @@
 """Context parallelism across ranks: time and bytes per mode (recorded, not a timed test).
 
-    python benchmarks/bench_context_parallel.py [--ranks 1,2,4] [--n 4096] [--repeat 5]
+    python benchmarks/bench_context_parallel.py [--quick] [--ranks 1,2,4] [--n 4096] [--repeat 5]
         [--cases window,causal,nbhd3d] [--out benchmarks/results/context-parallel-DATE.md]
+
+Cost on a 2-core CPU: ``--quick`` (1 and 2 ranks, 1,024 tokens, 3 rounds) took 28 s wall (27 s CPU,
+2026-11-25, load average 5 from other jobs); the full run (1, 2 and 4 ranks, 4,096 tokens: 4 ranks
+share 2 cores) about 3-6 minutes (an estimate, not measured).
 
 For each world size, the ranks are spawned once (gloo on CPU; ``--device cuda`` uses NCCL, one GPU
 per rank) and every case runs, in one process per rank, interleaved rounds (one run of each mode per
@@ -159,15 +163,19 @@ def free_port() -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ranks", default="1,2,4")
-    ap.add_argument("--n", type=int, default=4096)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="--ranks 1,2 --n 1024 --repeat 3 (unless given)")
+    ap.add_argument("--ranks", default=None, help="default 1,2,4 (--quick 1,2)")
+    ap.add_argument("--n", type=int, default=None, help="tokens (default 4,096; --quick 1,024)")
+    ap.add_argument("--repeat", type=int, default=None, help="rounds (default 5; --quick 3)")
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", default=None, help="comma-separated mode labels to run (default: all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.ranks = args.ranks or ("1,2" if args.quick else "1,2,4")
+    args.n = args.n or (1024 if args.quick else 4096)
+    args.repeat = args.repeat or (3 if args.quick else 5)
     rows = []
     for world in (int(r) for r in args.ranks.split(",")):
         path = f"/tmp/attnc-cp-bench-{os.getpid()}-{world}.pt"

@@ -1,6 +1,14 @@
 """CPU backend speed and memory against PyTorch (recorded, not a timed test).
 
-    python benchmarks/bench_cpu.py [--repeats 3] [--out benchmarks/results/cpu-DATE.md] [--quick]
+    python benchmarks/bench_cpu.py [--repeats 3] [--out benchmarks/results/cpu-DATE.md] [--quick] [--only abcd]
+
+Cost on a 2-core CPU: ``--quick`` took 35 s wall (19 s CPU, 2026-11-25, load average 8 from other
+jobs). It runs the four parts at small sizes (``QUICK``: 2,048 tokens with a window of 256, a 32x32
+grid with a 7x7 window, the memory part at 16,384 tokens); most of its time is FlexAttention's
+``torch.compile`` (once per case). The full run takes about 1-2 minutes on an idle machine (an
+estimate from the recorded parts, benchmarks/results/cpu-2026-11-21.md: Flex's compile and a few
+calls per case at 16K tokens, attnc's forward + backward at 16K, and a 64K-token forward in a
+subprocess; not measured as one run).
 
 In one process, forward, fp32, batch 1:
 (a) causal sliding window 1024 on 16,384 tokens, 8 heads, dim 64: attnc's CPU
@@ -76,7 +84,7 @@ def case_sliding(repeats: int, N=16384, H=8, D=64, W=1024) -> dict:
     from attnc.compiler import evaluate as E
 
     bound = E.bind_sizes(fresh.pattern, n=N, nk=N, heads=H, dk=D)
-    res["attnc_analysis_s"] = once(lambda: fresh._runner.plan(bound, {}))
+    res["attnc_analysis_s"] = once(lambda: fresh.runner.plan(bound, {}))
 
     res["sdpa_causal_s"] = best_of(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), repeats)
 
@@ -183,7 +191,7 @@ def fmt_s(x: float) -> str:
     return f"{x * 1e3:,.0f} ms" if x < 10 else f"{x:,.1f} s"
 
 
-def report(results: dict, repeats: int) -> str:
+def report(results: dict, repeats: int, quick: bool = False) -> str:
     a, b, c, d = results["a"], results["b"], results["c"], results["d"]
     lines = [
         f"# CPU backend benchmark, {datetime.date.today().isoformat()}",
@@ -191,7 +199,7 @@ def report(results: dict, repeats: int) -> str:
         f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
         f"(torch threads {torch.get_num_threads()}), {platform.platform()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, fp32, batch 1",
-        f"- best of {repeats} runs after a warm-up; `python benchmarks/bench_cpu.py`",
+        f"- best of {repeats} runs after a warm-up; `python benchmarks/bench_cpu.py{' --quick' if quick else ''}`",
         "",
         f"## (a) {a['case']}",
         "",
@@ -236,7 +244,7 @@ def report(results: dict, repeats: int) -> str:
         f"{d['growth_bytes'] / 2**20:,.0f} MiB more during it (first call: analysis, plan, out; q, k, v and out "
         f"alone: {d['q_k_v_out_bytes'] / 2**20:,.0f} MiB); a second call (plan cached) grows the peak by "
         f"{d['second_call_growth_bytes'] / 2**20:,.0f} MiB over the resident set before it. A dense N x N bool mask alone would take "
-        f"{d['dense_bool_mask_bytes'] / 2**30:,.0f} GiB, fp32 scores for all heads "
+        f"{d['dense_bool_mask_bytes'] / 2**30:,.2g} GiB, fp32 scores for all heads "
         f"{d['dense_fp32_scores_bytes'] / 2**30:,.0f} GiB.",
         "",
         "```json",
@@ -246,20 +254,28 @@ def report(results: dict, repeats: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: ``--quick``'s sizes (keyword arguments of each part)
+QUICK = {"a": {"N": 2048, "W": 256}, "b": {"side": 32, "K": 7}, "c": {"N": 2048, "W": 256}, "d": {"N": 16384}}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     ap.add_argument("--only", default="abcd")
+    ap.add_argument("--quick", action="store_true",
+                    help="small sizes (2K tokens, a 32x32 grid, 16K for the memory part): about a minute")
     args = ap.parse_args()
     results = {}
-    cases = {"a": lambda: case_sliding(args.repeats), "b": lambda: case_neighborhood(args.repeats),
-             "c": lambda: case_training(args.repeats), "d": case_memory}
+    size = QUICK if args.quick else dict.fromkeys("abcd", {})
+    cases = {"a": lambda: case_sliding(args.repeats, **size["a"]),
+             "b": lambda: case_neighborhood(args.repeats, **size["b"]),
+             "c": lambda: case_training(args.repeats, **size["c"]), "d": lambda: case_memory(**size["d"])}
     for key in args.only:
         results[key] = cases[key]()
         print(key, json.dumps(results[key]), flush=True)
     if set(results) == set("abcd"):
-        text = report(results, args.repeats)
+        text = report(results, args.repeats, args.quick)
         print(text)
         if args.out:
             with open(args.out, "w") as f:

@@ -1,7 +1,14 @@
 """The CPU tile executor (``backend="cpu"``) against FlexAttention and SDPA (recorded, not a timed test).
 
-    python benchmarks/bench_cpu_executor.py [--cases nbhd2d_64,nbhd3d,sw512_8k,document,decode]
+    python benchmarks/bench_cpu_executor.py [--quick] [--cases nbhd2d_64,nbhd3d,sw512_8k,document,decode]
         [--repeat 5] [--modes fwd,fwdbwd] [--out FILE]
+
+Cost on a 2-core CPU: ``--quick`` took 36 s wall (18 s CPU, 2026-11-25, load average 8 from other
+jobs): the cases ``nbhd2d_64,sw512_8k,decode`` at the matrix's ``--quick`` sizes (512 tokens, a
+16x16 grid; decode after 1,024 keys, window 128), most of it FlexAttention's ``torch.compile``; at
+those sizes the ratios speak for per-call overhead. The full run (5 cases at 4K-8K tokens) takes
+about 5-8 minutes on an idle machine (not measured as one run; the matrix's recorded per-case times,
+less the Flex backward and first-call columns).
 
 One process, fp32, batch 1, head dim 64; per case the callables run in
 interleaved rounds (``bench_flex.interleaved``) after a warm-up and the median
@@ -33,41 +40,43 @@ import bench_flex_matrix as M  # noqa: E402  (the matrix's cases and baselines)
 from bench_flex import interleaved  # noqa: E402
 
 DECODE_KEYS, DECODE_WINDOW, DECODE_HEADS = 4096, 512, 8
+QUICK_DECODE = (1024, 128)  # keys, window
+QUICK_CASES = "nbhd2d_64,sw512_8k,decode"
 
 
-def decode_case():
+def decode_case(keys: int = DECODE_KEYS, window: int = DECODE_WINDOW):
     """(attnc call, Flex call, SDPA call, reference output) of one decode step."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, DECODE_HEADS, 1, M.D, generator=g)
-    k, v = (torch.randn(1, DECODE_HEADS, DECODE_KEYS, M.D, generator=g) for _ in range(2))
-    offset = DECODE_KEYS - 1
-    mod = attnc.compile_attention("stdlib:sliding_window", backend="cpu", window=DECODE_WINDOW)
+    k, v = (torch.randn(1, DECODE_HEADS, keys, M.D, generator=g) for _ in range(2))
+    offset = keys - 1
+    mod = attnc.compile_attention("stdlib:sliding_window", backend="cpu", window=window)
 
     def mask_mod(b, h, q_idx, kv_idx):
         pos = q_idx + offset
-        return (pos >= kv_idx) & (pos - kv_idx < DECODE_WINDOW)
+        return (pos >= kv_idx) & (pos - kv_idx < window)
 
-    bm = create_block_mask(mask_mod, None, None, 1, DECODE_KEYS, device="cpu")
+    bm = create_block_mask(mask_mod, None, None, 1, keys, device="cpu")
     flex = M.flex_compiled()
-    dense = (torch.arange(DECODE_KEYS) > offset - DECODE_WINDOW)[None, None, None, :]
+    dense = (torch.arange(keys) > offset - window)[None, None, None, :]
     return ({"attnc cpu": lambda: mod(q, k, v), "Flex": lambda: flex(q, k, v, block_mask=bm),
              "SDPA": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)},
             F.scaled_dot_product_attention(q, k, v, attn_mask=dense))
 
 
-def run_case(key: str, modes: list[str], repeat: int) -> dict[str, dict[str, float]]:
-    """{mode: {column: median ms}} of one case."""
+def run_case(key: str, modes: list[str], repeat: int, quick: bool = False) -> dict[str, dict[str, float]]:
+    """{mode: {column: median ms}} of one case (``quick``: the matrix's --quick sizes)."""
     res = {}
     if key == "decode":
-        fns, want = decode_case()
+        fns, want = decode_case(*QUICK_DECODE) if quick else decode_case()
         with torch.no_grad():
             for name, fn in fns.items():
                 torch.testing.assert_close(fn(), want, **M.OUT_TOL, msg=lambda m, n=name: f"decode {n}: {m}")
             times = interleaved(fns, repeat)
         return {"fwd": {n: 1e3 * statistics.median(t) for n, t in times.items()}}
-    case = M.cases(False)[key]
+    case = M.cases(quick)[key]
     base = M.Baselines(case)
     mod = M.attnc_module(case, "cpu")
     if "fwd" in modes:
@@ -101,20 +110,25 @@ def run_case(key: str, modes: list[str], repeat: int) -> dict[str, dict[str, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="nbhd2d_64,nbhd3d,sw512_8k,document,decode")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"the matrix's tiny sizes, cases {QUICK_CASES} (unless --cases): about a minute")
+    ap.add_argument("--cases", default=None,
+                    help=f"default nbhd2d_64,nbhd3d,sw512_8k,document,decode (--quick: {QUICK_CASES})")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--label", default="", help="a name for this run in the output (e.g. the commit)")
     ap.add_argument("--out", default=None, help="append the markdown table to this file")
     args = ap.parse_args()
+    args.cases = args.cases or (QUICK_CASES if args.quick else "nbhd2d_64,nbhd3d,sw512_8k,document,decode")
     modes = args.modes.split(",")
-    lines = [f"### {args.label or 'run'} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+    label = f"{args.label or 'run'}{' (--quick sizes)' if args.quick else ''}"
+    lines = [f"### {label} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
              f"load average {os.getloadavg()[0]:.1f} at start, torch threads {torch.get_num_threads()})", "",
              "| case | mode | attnc cpu (ms) | Flex (ms) | SDPA (ms) | cpu / Flex | cpu / SDPA |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for key in args.cases.split(","):
-        result = run_case(key, modes, args.repeat)
+        result = run_case(key, modes, args.repeat, args.quick)
         if "Flex error" in result:
             lines.append(f"| {key} | Flex failed: {result.pop('Flex error')} | | | | | |")
             print(lines[-1], flush=True)

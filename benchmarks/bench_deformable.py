@@ -1,7 +1,10 @@
 """Deformable attention (D2ST-Adapter's form): sampled keys + SDPA against sampled keys + attnc's
 compiled cross-attention, on CPU (recorded, not a timed test).
 
-    python benchmarks/bench_deformable.py [--batch 4] [--dim 192] [--heads 4] [--repeat 5] [--out FILE.md]
+    python benchmarks/bench_deformable.py [--quick] [--batch 4] [--dim 192] [--heads 4] [--repeat 5] [--out FILE.md]
+
+Cost on a 2-core CPU: ``--quick`` (batch 1, 3 rounds) took 21 s wall (12 s CPU, 2026-11-25, load
+average 8 from other jobs); the full run took 10 s wall (10 s CPU, load average 7): already quick.
 
 The module of docs/examples/deformable_attention.py on a [B, C, 8, 14, 14] clip (ViT-B/16 patches of
 8 frames), three reference grids: D2ST's spatial path (kernel (4, 4, 4), stride (4, 3, 3): 32 keys),
@@ -33,13 +36,16 @@ GRIDS = {"spatial (32 keys)": ((4, 4, 4), (4, 3, 3)), "temporal (32 keys)": ((1,
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 1, 3 rounds (unless given)")
+    ap.add_argument("--batch", type=int, default=None, help="default 4 (--quick 1)")
     ap.add_argument("--dim", type=int, default=192)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=int, default=None, help="default 5 (--quick 3)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.batch = args.batch or (1 if args.quick else 4)
+    args.repeat = args.repeat or (3 if args.quick else 5)
     torch.manual_seed(0)
     x = torch.randn(args.batch, args.dim, 8, 14, 14)
     rows = []

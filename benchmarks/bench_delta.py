@@ -1,7 +1,12 @@
 """The delta rule on CPU: the chunked form against the token-by-token one and against
 flash-linear-attention's own torch chunked references (recorded, not a timed test).
 
-    python benchmarks/bench_delta.py [--t 4096] [--heads 4] [--dim 64] [--repeat 3] [--out FILE.md]
+    python benchmarks/bench_delta.py [--quick] [--t 4096] [--heads 4] [--dim 64] [--repeat 3] [--out FILE.md]
+
+Needs flash-linear-attention's torch files (``pip install fla-core``). Cost on a 2-core CPU:
+``--quick`` (T = 512) took 35 s wall (37 s CPU, 2026-11-25, load average 5 from other jobs); the
+full run (T = 4,096) about 3-5 minutes (estimated from the recorded runs), most of it the
+token-by-token loop (and its autograd graph of T steps).
 
 fp32, batch 1; forward under no_grad and forward + backward (q, k, v, beta, g); interleaved rounds,
 the median. ``reference`` is attnc's naive loop, ``cpu`` the chunked form (chunks of 64; 16 for KDA),
@@ -75,13 +80,15 @@ def fla_chunked(name: str):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--t", type=int, default=4096)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="T = 512 (unless --t)")
+    ap.add_argument("--t", type=int, default=None, help="tokens (default 4,096; --quick 512)")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.t = args.t or (512 if args.quick else 4096)
     rows = []
     for name in GATES:
         qkv, inputs = tensors(name, args.t, args.heads, args.dim)

@@ -2,6 +2,12 @@
 
     python benchmarks/bench_flex.py [--repeats 5] [--out benchmarks/results/flex-cpu-DATE.md] [--quick]
 
+Cost on a 2-core CPU: ``--quick`` (1K tokens, a 16x16 grid, 2 heads) took 44 s wall (29 s CPU,
+2026-11-25, load average 6-7 from other jobs), nearly all of it two ``torch.compile`` runs per case
+(attnc's Flex lowering and Flex's own, each with a fresh inductor cache); the full run about 4-5
+minutes (an estimate from the recorded first calls, 26-42 s each, and forwards of 1-3 s; not
+measured as one run).
+
 In one process, forward, fp32, batch 1, inference (Flex's fused CPU kernel has
 no backward and no lse):
 
@@ -192,7 +198,7 @@ def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")

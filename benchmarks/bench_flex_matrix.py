@@ -1,7 +1,17 @@
 """CPU benchmark matrix: attnc against FlexAttention and SDPA (recorded, not a timed test).
 
     python benchmarks/bench_flex_matrix.py [--quick] [--cases sw512_8k,nbhd2d_64,...] [--repeat 5]
-        [--modes fwd,fwdbwd,first] [--cell-budget 40] [--out benchmarks/results/flex-matrix-DATE.md]
+        [--modes fwd,fwdbwd,first] [--cell-budget 15] [--out benchmarks/results/flex-matrix-DATE.md]
+
+Cost on a 2-core CPU: ``--quick`` took 46-105 s wall (42-53 s CPU, 2026-11-25, load average 5-8 from
+other jobs). It runs three cases (``QUICK_CASES``: a sliding window, a 2-D neighborhood, MoBA
+routing) at tiny sizes (512 tokens, a 16x16 grid), the first-call row on the sliding window only,
+cells capped at ``--cell-budget 10``; most of its time is FlexAttention's ``torch.compile`` (once
+per case in the process, and again in the first-call subprocess), so at those sizes its ratios speak
+for per-call overhead and the first-call cost, not for speed at scale. The full matrix (all 12 cases
+at 8K-16K tokens, first-call rows on 4) takes about 15-25 minutes on an idle machine (not measured
+as one run: the sum of the recorded per-case times, 35-140 s a case and radial up to 5 min, in
+benchmarks/results/flex-matrix-*.md); ``--cases`` runs some (``--list`` names them).
 
 Per case (fp32, batch 1, head dim 64; 8 heads on sequences, 4 on grids), in
 one process, interleaved rounds (``bench_flex.interleaved``), the median:
@@ -151,6 +161,13 @@ def moba_mask(sel, block):
 
 
 # ---------------------------------------------------------------- cases
+#: ``--quick``'s cases and first-call case (when --cases / --first-call-cases are not given): one
+#: sequence, one grid and one routed pattern, at the tiny sizes of ``cases(quick=True)``
+QUICK_CASES, QUICK_FIRST_CALL = "sw512_8k,nbhd2d_64,moba", "sw512_8k"
+QUICK_CELL_BUDGET = 10.0
+FULL_FIRST_CALL = "sw512_8k,document,nbhd2d_64,nbhd3d"
+
+
 @dataclass
 class Case:
     key: str
@@ -566,24 +583,33 @@ def machine() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run that validates the script")
-    ap.add_argument("--cases", default=None, help="comma-separated case keys (default: all); see --list")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help=f"tiny sizes, the cases {QUICK_CASES} (unless --cases), first call on {QUICK_FIRST_CALL}, "
+                         f"--cell-budget {QUICK_CELL_BUDGET:g}: about a minute")
+    ap.add_argument("--cases", default=None,
+                    help="comma-separated case keys (default: all; --quick: " + QUICK_CASES + "); see --list")
     ap.add_argument("--list", action="store_true", help="print the case keys and exit")
     ap.add_argument("--modes", default="fwd,fwdbwd,first", help="any of fwd, fwdbwd, first")
     ap.add_argument("--first-call", default="auto,Flex",
                     help="what the first-call rows measure: attnc backends (auto, cpu, flex) and/or Flex")
-    ap.add_argument("--first-call-cases", default="sw512_8k,document,nbhd2d_64,nbhd3d",
-                    help="the cases (of those selected) that get first-call rows, or 'all'")
+    ap.add_argument("--first-call-cases", default=None,
+                    help=f"the cases (of those selected) that get first-call rows, or 'all' "
+                         f"(default {FULL_FIRST_CALL}; --quick: {QUICK_FIRST_CALL})")
     ap.add_argument("--repeat", type=int, default=5, help="timed runs per cell (median)")
-    ap.add_argument("--cell-budget", type=float, default=15.0,
-                    help="seconds per cell: a cell whose runs would take longer runs fewer times (at least once)")
+    ap.add_argument("--cell-budget", type=float, default=None,
+                    help="seconds per cell: a cell whose runs would take longer runs fewer times (at least once); "
+                         f"default 15, --quick {QUICK_CELL_BUDGET:g}")
     ap.add_argument("--dense-limit", type=float, default=4.0,
                     help="GiB: backend='flex' with gradients (Flex's dense CPU path) is skipped above this")
     ap.add_argument("--first-call-timeout", type=float, default=600.0, help="seconds per first-call subprocess")
     ap.add_argument("--out", default=None, help="write the results as markdown to this file")
     ap.add_argument("--first-call-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.first_call_cases is None:
+        args.first_call_cases = QUICK_FIRST_CALL if args.quick else FULL_FIRST_CALL
+    if args.cell_budget is None:
+        args.cell_budget = QUICK_CELL_BUDGET if args.quick else 15.0
     if args.first_call_child:
         print(json.dumps(first_call_child(*args.first_call_child, args.quick)))
         return
@@ -596,7 +622,7 @@ def main() -> None:
         for key, c in all_cases.items():
             print(f"{key:16} {c.label}, {c.heads} heads")
         return
-    keys = args.cases.split(",") if args.cases else list(all_cases)
+    keys = args.cases.split(",") if args.cases else QUICK_CASES.split(",") if args.quick else list(all_cases)
     unknown = [k for k in keys if k not in all_cases]
     if unknown:
         ap.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(all_cases)}")

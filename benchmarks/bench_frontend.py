@@ -2,7 +2,12 @@
 fresh process), and exact mask materialisation at a small size against a
 dense torch mask built by hand in the same process (the baseline).
 
-    python benchmarks/bench_frontend.py [--out benchmarks/results/frontend-cpu.md]
+    python benchmarks/bench_frontend.py [--quick] [--out benchmarks/results/frontend-cpu.md]
+
+Cost on a 2-core CPU: ``--quick`` (the cold load of 6 patterns, ``QUICK``) took 34 s wall (24 s CPU,
+2026-11-25, load average 6 from other jobs); the full run (every stdlib pattern, a fresh process
+each: most of the time is importing torch) about 2-3 minutes (an estimate: 34 patterns at the quick
+run's 4 s each).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from attnc.spec.library import stdlib_index
 
 #: Values for parameters that have no default.
 REQUIRED = {"prefix_lm": {"prefix": 128}}
+#: ``--quick``'s patterns: one of each kind (a mask, a grid, a route, a bias, a recurrence, a combination)
+QUICK = ("sliding_window", "neighborhood_2d", "moba", "alibi", "mamba2", "nsa")
 
 
 def cold_load_seconds(name: str) -> float:
@@ -55,11 +62,14 @@ def sliding_window_ratio(n: int = 4096, window: int = 256) -> tuple[float, float
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
     for name, (_, decl) in sorted(stdlib_index().items()):
+        if args.quick and name not in QUICK:
+            continue
         rows.append((name, decl.kind, cold_load_seconds(name), warm_load_seconds(name)))
     t_ours, t_base = sliding_window_ratio()
     lines = [

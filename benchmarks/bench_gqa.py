@@ -4,6 +4,10 @@ over programs, against multi-head attention and FlexAttention (``enable_gqa``) (
     python benchmarks/bench_gqa.py [--repeats 7] [--out benchmarks/results/gqa-GPU-DATE.md]
     python benchmarks/bench_gqa.py --toy       # CPU, Triton interpreter, toy sizes: proves the script runs
 
+Cost: GPU-only: without a CUDA device it exits at once (status 2), so on a CPU-only machine only
+``--toy`` runs. On a GPU: not measured (no GPU has run it yet). ``--toy`` on a 2-core CPU: took 15 s
+wall (13 s CPU, 2026-11-25, load average 5 from other jobs).
+
 A causal sliding window (a quarter of the tokens), batch 1, 8 query heads (``--toy``: 4) sharing 1 and 2 K/V
 heads, bf16 and head dim 128 on CUDA (``--toy``: fp32, head dim 16). Per case, in one process, interleaved,
 median of ``--repeats``: attnc's forward + backward with the dK/dV kernel at each divisor of the group

@@ -1,7 +1,11 @@
 """The host's share of a Triton-backend call, two versions of attnc side by side, on CPU.
 
     git worktree add /tmp/old/attnc REV        # a tree whose folder is named attnc
-    python benchmarks/bench_host_overhead.py --old /tmp/old --new .. [--repeat 5] [--out FILE.md]
+    python benchmarks/bench_host_overhead.py --old /tmp/old --new .. [--quick] [--repeat 5] [--out FILE.md]
+
+Cost on a 2-core CPU: ``--quick`` (the 2-D case, 2 processes per version, 5 calls) took 21 s wall
+(17 s CPU, 2026-11-25, load average 5 from other jobs); the full run (3 cases x 5 processes per
+version, 20 calls) about 3-8 minutes (an estimate, not measured).
 
 ``--old`` / ``--new``: folders that CONTAIN an ``attnc`` package folder (put first on PYTHONPATH).
 
@@ -90,13 +94,18 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True, help="folder containing the older attnc package")
     ap.add_argument("--new", required=True, help="folder containing the newer attnc package")
-    ap.add_argument("--repeat", type=int, default=5, help="processes per version and case (alternating)")
-    ap.add_argument("--calls", type=int, default=20, help="timed calls per process")
+    ap.add_argument("--quick", action="store_true", help="the 2-D case, --repeat 2 --calls 5 (unless given)")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="processes per version and case (alternating; default 5, --quick 2)")
+    ap.add_argument("--calls", type=int, default=None, help="timed calls per process (default 20, --quick 5)")
     ap.add_argument("--out", default=None, help="results file (Markdown)")
     args = ap.parse_args(argv)
+    args.repeat = args.repeat or (2 if args.quick else 5)
+    args.calls = args.calls or (5 if args.quick else 20)
+    cases = {k: c for k, c in CASES.items() if k.startswith("2-D")} if args.quick else CASES
     rows = ["| case | old forward us | new forward us | new / old | old training step us | new training step us "
             "| new / old |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for name, case in CASES.items():
+    for name, case in cases.items():
         got: dict = {"old": [], "new": []}
         for _ in range(args.repeat):
             for which in ("old", "new"):

@@ -3,7 +3,13 @@ against PyTorch FlexAttention's ``create_block_mask`` (device="cpu",
 BLOCK_SIZE=128) on the same mask in the same process, and against the
 brute-force ``classify_tiles_dense`` where that is feasible.
 
-    python benchmarks/bench_schedule.py [--out benchmarks/results/schedule-cpu-DATE.md] [--repeat 3]
+    python benchmarks/bench_schedule.py [--quick] [--out benchmarks/results/schedule-cpu-DATE.md] [--repeat 3]
+
+Cost on a 2-core CPU: ``--quick`` took 14 s wall (9 s CPU, 2026-11-25, load average 5 from other
+jobs): the same cases with FlexAttention and the brute force at 8,192 tokens and a 64x64 grid
+(``QUICK_CASES``; the 1M-token and 3-D cases, attnc's alone, as in the full run); it writes a file
+only with ``--out``. The full run took 22 s wall (22 s CPU, load average 8), most of it Flex's
+``create_block_mask`` and the brute force over every token pair at 16K tokens.
 
 Cases (issue 3): 1-D sliding window 1024 on 1,048,576 tokens; 3-D
 neighborhood (18, 24, 24) on a 30x48x80 latent; 2-D neighborhood 13x13 on
@@ -97,6 +103,17 @@ CASES = [
      {"height": 96, "width": 96}, (8, 16), lambda: flex_neighborhood_2d(96, 96, 13, 13)),
 ]
 
+#: ``--quick``: the cases Flex and the brute force run at smaller sizes; attnc's own big cases as they are
+QUICK_CASES = [
+    ("1-D sliding window 512, 8,192 tokens", "sliding_window", dict(window=512), 8192, None, (128,),
+     lambda: flex_sliding_window(512)),
+    CASES[1],
+    CASES[2],
+    ("2-D neighborhood 13x13, 64x64 (4,096 tokens)", "neighborhood_2d", dict(kernel_size_y=13, kernel_size_x=13), None,
+     {"height": 64, "width": 64}, (8, 16), lambda: flex_neighborhood_2d(64, 64, 13, 13)),
+]
+QUICK_DENSE_CASES = [case[:6] for case in (QUICK_CASES[0], QUICK_CASES[3])]
+
 #: Brute-force classify_tiles_dense at a size where it is feasible (evaluates every token pair).
 DENSE_CASES = [
     ("1-D sliding window 1024, 16,384 tokens", "sliding_window", dict(window=1024), 16384, None, (128,)),
@@ -118,9 +135,9 @@ def check_flex_mask_mod(name, params, mask_mod, n, sizes) -> None:
     assert torch.equal(got, ref), "FlexAttention mask_mod differs from the pattern"
 
 
-def run(repeat: int) -> tuple[list[dict], list[dict]]:
+def run(repeat: int, quick: bool = False) -> tuple[list[dict], list[dict]]:
     rows = []
-    for label, name, params, n, sizes, tile, flex in CASES:
+    for label, name, params, n, sizes, tile, flex in QUICK_CASES if quick else CASES:
         pat = attnc.load(f"stdlib:{name}", **params)
         bound = E.bind_sizes(pat, n=n, sizes=sizes)
         first, _ = best_of(lambda pat=pat, bound=bound, tile=tile: classify_tiles(pat, bound, tile, tile), 1)
@@ -143,7 +160,7 @@ def run(repeat: int) -> tuple[list[dict], list[dict]]:
         rows.append(row)
         print(f"{label}: classify_tiles {ours:.4f} s" + (f", Flex {row['flex']:.3f} s" if row["flex"] else ""), flush=True)
     dense_rows = []
-    for label, name, params, n, sizes, tile in DENSE_CASES:
+    for label, name, params, n, sizes, tile in QUICK_DENSE_CASES if quick else DENSE_CASES:
         pat = attnc.load(f"stdlib:{name}", **params)
         bound = E.bind_sizes(pat, n=n, sizes=sizes)
         fast, sched = best_of(lambda pat=pat, bound=bound, tile=tile: classify_tiles(pat, bound, tile, tile), repeat)
@@ -194,18 +211,21 @@ def report(rows, dense_rows, repeat: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="Flex and the brute force at 8K tokens and 64x64")
+    ap.add_argument("--out", help="default benchmarks/results/schedule-cpu-DATE.md (--quick: no file)")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     if create_block_mask is None:  # pragma: no cover
         raise SystemExit("this benchmark needs torch.nn.attention.flex_attention")
-    rows, dense_rows = run(args.repeat)
+    rows, dense_rows = run(args.repeat, args.quick)
     text = report(rows, dense_rows, args.repeat)
     print(text)
-    out = args.out or f"benchmarks/results/schedule-cpu-{datetime.date.today().isoformat()}.md"
-    with open(out, "w") as f:
-        f.write(text)
+    default = f"benchmarks/results/schedule-cpu-{datetime.date.today().isoformat()}.md"
+    out = args.out or (None if args.quick else default)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,12 @@
 
     python benchmarks/bench_varlen.py [--repeats 5] [--out benchmarks/results/varlen-cpu-DATE.md] [--quick]
 
+Cost on a 2-core CPU: ``--quick`` (6 documents, 688 tokens, 2 heads of 32) took 26 s wall (17 s CPU,
+2026-11-25, load average 5 from other jobs), most of it Flex's ``torch.compile``; the full run (9
+documents, 8,192 tokens, 8 heads of 64) took 24 s wall (23 s CPU, load average 8; Flex's kernels
+were in the inductor cache from earlier runs, a cold compile adds about 20 s): already under a
+minute.
+
 In one process, forward, fp32, inference, causal attention over documents of mixed lengths packed
 into one batch entry (the lengths repeat, as real packing does: attnc plans once per distinct length):
 
@@ -86,7 +92,7 @@ def run_case(lengths, H, D, repeats):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")

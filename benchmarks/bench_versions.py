@@ -3,7 +3,12 @@ fresh process) and the steady state (median of later calls), each measurement in
 the versions alternating (recorded, not a timed test).
 
     git worktree add /tmp/old/attnc REV        # a tree whose folder is named attnc
-    python benchmarks/bench_versions.py --old /tmp/old --new .. [--repeat 5] [--out FILE.md]
+    python benchmarks/bench_versions.py --old /tmp/old --new .. [--quick] [--repeat 5] [--out FILE.md]
+
+Cost on a 2-core CPU: ``--quick`` (the first case, ``backend="auto"``, 2 processes per version, 3
+steady calls) took 25 s wall (23 s CPU, 2026-11-25, load average 5 from other jobs); the full run (3
+cases x 2 backends x 5 processes per version: 60 fresh processes, each importing torch and attnc)
+about 6-10 minutes (an estimate from the quick run's 6 s a process).
 
 ``--old`` / ``--new``: folders that CONTAIN an ``attnc`` package folder (put first on PYTHONPATH).
 Cases: fp32, batch 1, head dim 64, forward under no_grad, ``backend="auto"`` and ``"cpu"``.
@@ -67,16 +72,22 @@ def measure(root: str, case: tuple, backend: str, steady: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--old", required=True)
     ap.add_argument("--new", required=True)
-    ap.add_argument("--repeat", type=int, default=5)
-    ap.add_argument("--steady", type=int, default=5, help="later calls per process (median)")
-    ap.add_argument("--backends", default="auto,cpu")
+    ap.add_argument("--quick", action="store_true",
+                    help="the first case, backend auto, --repeat 2 --steady 3 (unless given)")
+    ap.add_argument("--repeat", type=int, default=None, help="processes per version (default 5; --quick 2)")
+    ap.add_argument("--steady", type=int, default=None, help="later calls per process (median; default 5, --quick 3)")
+    ap.add_argument("--backends", default=None, help="default auto,cpu (--quick auto)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.repeat = args.repeat or (2 if args.quick else 5)
+    args.steady = args.steady or (3 if args.quick else 5)
+    args.backends = args.backends or ("auto" if args.quick else "auto,cpu")
+    cases = dict(list(CASES.items())[:1]) if args.quick else CASES
     rows = []
-    for name, case in CASES.items():
+    for name, case in cases.items():
         for backend in args.backends.split(","):
             got = {"old": [], "new": []}
             for r in range(args.repeat):  # alternating, the order flipped every round

@@ -3,6 +3,10 @@
     python benchmarks/calibration.py            # write the predicted-vs-published table
     python benchmarks/calibration.py --fit      # re-derive compiler.cost.ARCH_FITS and SDPA_FITS (prints them)
 
+Cost on a 2-core CPU: about half a minute (measured 2026-11-25: 63 s wall, 31 s CPU on a machine
+loaded 7x by other jobs); ``--quick`` is accepted and runs the same; ``--fit`` searches the fits
+(not measured: minutes). Without ``--out`` the table goes to benchmarks/results/calibration-DATE.md.
+
 Dense: the model's dense forward / backward throughput (``compiler.simulator.
 dense_tflops``) beside every point of ``compiler.published.DENSE`` (what
 ``ARCH_FITS`` is fitted to), with the relative error. Points measured on
@@ -206,6 +210,8 @@ def sparse_table(progress=None) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fit", action="store_true", help="re-derive the per-arch fits and print them")
+    ap.add_argument("--quick", action="store_true",
+                    help="accepted for uniformity: the full run already takes under a minute, --quick runs the same")
     ap.add_argument("--out", default=os.path.join(HERE, "results",
                                                   f"calibration-{datetime.date.today().isoformat()}.md"))
     args = ap.parse_args(argv)

@@ -5,6 +5,12 @@ against the reference backend in float64, forward and backward, at realistic siz
     python benchmarks/gpu_conformance.py --toy          # CPU, Triton interpreter, toy sizes
     python benchmarks/gpu_conformance.py --only moba    # some cases (substring match)
 
+Cost: GPU-only: without a CUDA device it exits at once (status 2), so on a CPU-only machine only
+``--toy`` runs. On an H100 the whole run took 166-223 s (recorded,
+benchmarks/results/gpu-conformance-h100-*.md). ``--toy`` on a 2-core CPU: took 199 s wall (186 s
+CPU, 2026-11-25, load average 5-8 from other jobs, ``--jobs 2``): every stdlib pattern in the
+interpreter; ``--only NAME`` runs some.
+
 Each case runs in its own subprocess (a kernel fault cannot poison the others), ``--jobs``
 at a time. Per case and (head dim, dtype): relative errors ||a - b|| / ||b|| of the output,
 the log-sum-exp and every gradient (q, k, v and differentiable inputs) against

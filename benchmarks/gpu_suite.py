@@ -6,6 +6,10 @@ measurement, written to one results file.
     python benchmarks/gpu_suite.py --toy           # CPU, Triton interpreter, toy sizes (CI)
     python benchmarks/gpu_suite.py --out FILE      # where the results go
 
+Cost: GPU-only: without a CUDA device it exits at once (status 2), so on a CPU-only machine only
+``--toy`` runs. On an H100 about 5-8 minutes (``--budget-s`` skips the timings left after it).
+``--toy`` on a 2-core CPU: 25 s wall (24 s CPU, 2026-11-25, load average 4.5 from other jobs).
+
 Runs on torch 2.11 + Triton 3.6 with no network. flash-linear-attention (``fla``)
 is imported if installed (carried as a wheel); otherwise its baseline is skipped
 and the file says so. attnc needs ``lark`` (carry it as a wheel where missing).

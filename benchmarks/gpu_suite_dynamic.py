@@ -5,6 +5,11 @@ library its users run today, with the selection timed apart from the attention.
     python benchmarks/gpu_suite_dynamic.py --toy        # CPU, Triton interpreter, toy sizes (CI)
     python benchmarks/gpu_suite_dynamic.py --out FILE   # where the results go
 
+Cost: GPU-only: without a CUDA device it exits at once (status 2), so on a CPU-only machine only
+``--toy`` runs. On an H100 a few minutes (not measured as one run; ``--budget-s`` skips the timings
+left after it). ``--toy`` on a 2-core CPU: took 15 s wall (14 s CPU, 2026-11-25, load average 4.5
+from other jobs).
+
 Runs on torch 2.11 + Triton 3.6 with no network, as benchmarks/gpu_suite.py (it imports that file's
 helpers). flash-linear-attention (``fla``) is used where installed (carried as a wheel).
 

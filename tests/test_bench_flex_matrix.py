@@ -4,7 +4,7 @@ The matrix times hand-written FlexAttention mask_mods and SDPA masks against att
 check, at the ``--quick`` sizes and without torch.compile, that each hand-written mask is exactly
 the stdlib pattern's mask (``materialize_mask``), that the MoBA baseline routes as attnc's
 reference backend, and the timing helper's run counts. (A ``--quick`` run of the script itself
-compiles Flex kernels: minutes on the shared CPU, so it is not a test.)
+compiles Flex kernels: about a minute on the shared CPU, so it is not a test.)
 """
 
 from __future__ import annotations
@@ -48,6 +48,15 @@ def test_hand_written_mask_is_the_stdlib_pattern(bench, key):
     assert got.shape == want.shape[-2:]
     assert torch.equal(got, want.reshape(-1, case.n, case.n)[0]), f"{key}: {int((got != want).sum())} pairs differ"
     assert 0 < int(got.sum()) < case.n * case.n  # not all or nothing: the case has structure
+
+
+def test_quick_runs_known_cases(bench):
+    """``--quick``'s default cases and first-call case are matrix cases: a sequence, a grid and a route."""
+    keys = bench.QUICK_CASES.split(",")
+    assert set(keys) <= set(bench.cases(quick=True)) and bench.QUICK_FIRST_CALL in keys
+    assert set(bench.FULL_FIRST_CALL.split(",")) <= set(bench.cases(quick=False))
+    kinds = {bench.cases(quick=True)[k].sizes is not None for k in keys}
+    assert kinds == {True, False} and any(bench.cases(quick=True)[k].route for k in keys)
 
 
 def test_matrix_covers_the_issue_cases(bench):
