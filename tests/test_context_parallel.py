@@ -10,6 +10,9 @@ import ranks
 import torch
 from cp_worker import case_dlse, case_inputs, case_tensors, compile_case, worker
 
+#: one worker runs the whole module: its fixtures spawn the ranks once for every test
+pytestmark = pytest.mark.xdist_group("context_parallel")
+
 B, H, D = 2, 4, 8
 SW = dict(spec="stdlib:sliding_window", params={"window": 8})
 BIASED = ("pattern biased\n  tokens seq\n  input t: float[heads, 95]\n  input w: float[n]\n"

@@ -14,6 +14,9 @@ import ranks
 import torch
 from cp_ulysses_recurrence_worker import case_inputs, case_tensors, compile_case, worker
 
+#: one worker runs the whole module: its fixtures spawn the ranks once for every test
+pytestmark = pytest.mark.xdist_group("context_parallel")
+
 SMALL = dict(B=1, H=4, n=16, D=4)
 GATED = dict(SMALL, spec="stdlib:gated_delta_net", inputs={"g": "gate", "beta": "beta"})
 
