@@ -63,19 +63,20 @@ def paths(draw, case: Case, backends: list[str]) -> Path:
     backend = draw(st.sampled_from(backends))
     shape = "whole"
     if case.layout == "seq":
-        shape = draw(st.sampled_from(["whole", "cache", "cache", "packed"] if case.batch == 1 else
-                                     ["whole", "cache"]))
+        # hypothesis leans to a list's first entries: the paths this fuzzer is for come first
+        shape = draw(st.sampled_from(["cache", "packed", "whole"] if case.batch == 1 else ["cache", "whole"]))
     rows = 0
     if shape == "cache":
         rows = draw(st.integers(1, min(5, case.n - 1)))
     elif shape == "packed":
         rows = draw(st.integers(1, case.n - 1))
-    bad = draw(st.sampled_from([None, None, None, "missing", "shape"]))
+    bad = draw(st.sampled_from([None, "missing", None, "shape", None]))
     if bad == "missing" and not case.inputs:
         bad = None
     if bad == "shape" and not case.inputs:
         bad = None
-    return Path(backend, draw(st.booleans()), shape, rows, draw(st.sampled_from(["bhnd", "bnhd"])), bad)
+    return Path(backend, draw(st.sampled_from([True, False])), shape, rows, draw(st.sampled_from(["bnhd", "bhnd"])),
+                bad)
 
 
 def _token_dims(typ: str) -> list[int]:
