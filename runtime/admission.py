@@ -13,25 +13,12 @@ from __future__ import annotations
 import torch
 
 from ..compiler import evaluate as E
-from ..core import ir
 from ..core.errors import SpecError
 from .checks import check_fits, check_softcap
+from .frontends.kv_cache import check_padding
 from .numerics import compute_dtype
 from .plan import routing
 from .runner import refusal
-
-
-def padding_refusal(pat: ir.PatternIR) -> str | None:
-    """Why queries after a KV cache cannot run with zero queries in front (``frontends.kv_cache``):
-    a route that scores blocks of queries would score the zeros too. None where padding is exact."""
-    route = pat.route
-    if route is None or route.score == "token":
-        return None
-    if route.score == "antidiagonal":
-        return (f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
-                "queries after a KV cache (nk > n) are not supported")
-    return (f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: "
-            "queries after a KV cache (nk > n) are not supported")
 
 
 def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> None:
@@ -46,9 +33,7 @@ def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                             hint="use backend='cpu' or 'triton' for decoding")
         raise SpecError(why, where="argument q")
     if bound.q_offset and runner.support.query_offset == "padded":
-        why = padding_refusal(pat)
-        if why is not None:
-            raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
+        check_padding(pat)  # also where a runner pads on some devices only (auto on CUDA: frontends.kv_cache)
     check_softcap(pat, bound)
     if pat.route is not None:
         routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work
@@ -105,8 +90,12 @@ def first_order(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input
     args = {n: t for n, t in args.items() if t.requires_grad}
     if not args:
         return q, k, v, inputs
-    # each tensor once (q, q, q for self-attention: dynamo traces no Function given one tensor twice)
-    unique = list({id(t): t for t in args.values()}.values())
-    wrapped = dict(zip(map(id, unique), _FirstOrder.apply(runner.name, *unique), strict=True))
-    out = {n: wrapped[id(t)] for n, t in args.items()}
+    # each tensor once (q, q, q for self-attention: dynamo traces no Function given one tensor twice),
+    # found by `is`: id() would make dynamo guard on each tensor's identity and recompile every call
+    unique: list = []
+    for t in args.values():
+        if not any(t is u for u in unique):
+            unique.append(t)
+    wrapped = _FirstOrder.apply(runner.name, *unique)
+    out = {n: next(w for u, w in zip(unique, wrapped, strict=True) if u is t) for n, t in args.items()}
     return out.pop("q", q), out.pop("k", k), out.pop("v", v), {**inputs, **out}

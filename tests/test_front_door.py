@@ -158,3 +158,50 @@ def test_every_packed_sequence_empty_gives_empty_differentiable_results(src, bac
     out.sum().backward()
     for t in (q, k, v, *gates.values()):
         assert t.grad is not None and t.grad.shape == t.shape
+
+
+def test_compiled_module_with_gradients_compiles_once():
+    """The double-backward guard must not make dynamo guard on each tensor's identity (an id() did):
+    fresh tensors that require grad reuse the one compiled graph."""
+    import torch._dynamo.utils as dynamo_utils
+
+    attn = torch.compile(attnc.compile_attention("stdlib:sliding_window", backend="cpu", window=4), backend="eager")
+    dynamo_utils.counters.clear()
+    for seed in range(3):
+        q, k, v = _qkv(16, 16, dtype=torch.float32, seed=seed, grad=True)
+        attn(q, q, q).sum().backward()  # q given three times, as self-attention does
+        attn(q, k, v).sum().backward()
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == 2  # (q, q, q) and (q, k, v)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])
+def test_compiled_empty_batch_is_refused_as_eager(backend):
+    """An empty batch returned early in the custom ops, before the refusals: a KV cache on flex, a per-head
+    softcap that is not positive."""
+    src = "pattern p(c = 1.0)\n  tokens seq\n  mask causal\n  softcap c - h\n"
+    attn = attnc.compile_attention(src, backend=backend)
+    q, k, v = (torch.zeros(0, 2, 16, 16) for _ in range(3))
+    eager = _error(lambda: attn(q, k, v))
+    compiled = _error(lambda: torch.compile(attn, fullgraph=True)(q, k, v))
+    assert (compiled.message, compiled.where) == (eager.message, eager.where)
+    if backend == "flex":
+        flex = attnc.compile_attention("stdlib:sliding_window", backend="flex", window=4)
+        q = torch.zeros(0, 2, 4, 16)
+        k = torch.zeros(0, 2, 16, 16)
+        eager = _error(lambda: flex(q, k, k))
+        torch._dynamo.reset()
+        compiled = _error(lambda: torch.compile(flex, fullgraph=True)(q, k, k))
+        assert (compiled.message, compiled.where) == (eager.message, eager.where)
+
+
+def test_padding_refuses_a_route_scored_by_query_blocks_whoever_pads():
+    """auto on CUDA pads through the Triton runner although auto itself has a native offset: the refusal
+    lives where the padding is (frontends.kv_cache), not only in the front door's check of the runner."""
+    from attnc.runtime.frontends import kv_cache
+
+    attn = attnc.compile_attention("stdlib:xattention", backend="triton", block=8, stride=4, chunk=24)
+    q, k, v = _qkv(4, 48, dtype=torch.float32)
+    with pytest.raises(SpecError, match="antidiagonal scoring"):
+        kv_cache.padded_forward(attn.runner, None, q, k, v)
+    with pytest.raises(SpecError, match="antidiagonal scoring"):
+        kv_cache.padded_traced_forward(attn.runner, None, q, k, v, {}, 0.25)

@@ -112,11 +112,16 @@ def _named(names: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(zip(_names(names), inputs, strict=True))
 
 
+def _bound(runner, q, k, sizes) -> E.Bound:
+    """The sizes of a traced call bound (a backward's: its forward admitted the call)."""
+    return E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
+                        sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True)
+
+
 def _bind(runner, q, k, v, inputs, names, sizes) -> E.Bound:
     """The sizes of a traced call bound, and the call admitted as an eager call is (``admission.admit``:
-    the same checks and refusals on every path)."""
-    bound = E.bind_sizes(runner.pattern, n=q.shape[2], nk=k.shape[2], heads=q.shape[1],
-                         sizes=_decode_sizes(sizes), dk=q.shape[3], offset_ok=True)
+    the same checks and refusals on every path, an empty batch's too)."""
+    bound = _bound(runner, q, k, sizes)
     admit(runner, bound, q, k, v, _named(names, inputs))
     return bound
 
@@ -226,9 +231,9 @@ def _forward_impl(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     runner = _runner(key)
+    bound = _bind(runner, q, k, v, inputs, names, sizes)
     if q.shape[0] == 0:  # an empty batch: empty outputs, as on the other backends
         return empty_batch_outputs(q, v, _lse_dtype(q))
-    bound = _bind(runner, q, k, v, inputs, names, sizes)
     out, lse = runner.traced_forward(bound, q, k, v, _named(names, inputs), scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
@@ -250,7 +255,7 @@ def _backward_impl(
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
     with _autograd_dispatch():  # the executor differentiates score terms (softcap, bias, gates) with autograd
-        bound = _bind(runner, q, k, v, inputs, names, sizes)
+        bound = _bound(runner, q, k, sizes)
         dq, dk, dv, d_in = runner.traced_backward(bound, q, k, v, out, lse, dout,
                                                   dlse, raw, scale, wrt_names)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
@@ -296,9 +301,9 @@ def _triton_forward_impl(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     runner = _runner(key)
+    bound = _bind(runner, q, k, v, inputs, names, sizes)
     if q.shape[0] == 0:
         return empty_batch_outputs(q, v, torch.float32)
-    bound = _bind(runner, q, k, v, inputs, names, sizes)
     args = (bound, q, k, v, _named(names, inputs), scale)
     out, lse = (kv_cache.padded_traced_forward(runner, *args) if _padded(runner, bound)
                 else runner.traced_forward(*args))
@@ -320,7 +325,7 @@ def _triton_backward_impl(
         return gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
     raw = _named(names, inputs)
     wrt_names = [_names(names)[i] for i in wrt]
-    bound = _bind(runner, q, k, v, inputs, names, sizes)
+    bound = _bound(runner, q, k, sizes)
     args = (bound, q, k, v, out, lse, dout, dlse, raw, scale, wrt_names)
     dq, dk, dv, d_in = (kv_cache.padded_traced_backward(runner, *args) if _padded(runner, bound)
                         else runner.traced_backward(*args))

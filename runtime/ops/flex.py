@@ -27,9 +27,9 @@ def _forward_impl(
     scale: float, need_lse: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     runner = C._runner(key)
+    bound = C._bind(runner, q, k, v, inputs, names, sizes)
     if q.shape[0] == 0:
         return C.empty_batch_outputs(q, v, C._lse_dtype(q))
-    bound = C._bind(runner, q, k, v, inputs, names, sizes)
     with C.eager_dispatch(), torch.no_grad():
         out, lse = runner(bound, q, k, v, C._named(names, inputs), scale, need_lse)
     if lse is None:
@@ -49,7 +49,7 @@ def _backward_impl(
     runner = C._runner(key)
     if q.shape[0] == 0:
         return C.gradients_like(q, k, v, inputs, wrt, torch.Tensor.new_zeros)
-    bound = C._bind(runner, q, k, v, inputs, names, sizes)
+    bound = C._bound(runner, q, k, sizes)
 
     def forward(q, k, v, *tensors):
         return runner(bound, q, k, v, C._named(names, list(tensors)), scale, dlse is not None)
