@@ -12,7 +12,7 @@ from importlib import resources
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from ..core.errors import Pos, SpecError
+from ..core.errors import Pos, SpecError, did_you_mean
 from . import ast
 
 #: Words that start a declaration or clause, or are expression syntax; never names.
@@ -415,11 +415,7 @@ def _keyword_terminals() -> dict[str, str]:
 def _keyword_hint(word: str, expected, extra: tuple[str, ...] = ()) -> str | None:
     """'did you mean ...?' for a misspelt keyword among those the parser expected here (``adn``
     after an expression: 'and'), or among ``extra`` (the clause keywords)."""
-    import difflib
-
-    words = {_keyword_terminals().get(e) for e in expected} - {None} | set(extra)
-    near = difflib.get_close_matches(word, sorted(words), n=1)
-    return f"did you mean '{near[0]}'?" if near else None
+    return did_you_mean(word, {_keyword_terminals().get(e) for e in expected} - {None} | set(extra))
 
 
 def _describe_expected(expected) -> str:

@@ -75,7 +75,7 @@ from ....compiler.tiles import (
 )
 from ....core import ir
 from ....core.errors import SpecError
-from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, timing_inputs
+from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, tied_to, timing_inputs
 from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
 from ...runner import Call, Support
@@ -446,9 +446,7 @@ class FlexRunner(Registered):
         B, Hq, Nq, _ = q.shape
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=B)
         if B == 0:  # an empty batch: Flex's dense backward cannot reshape 0 elements; zeros as elsewhere
-            anchor = sum(t.sum() for t in (q, k, v, *tensors.values()) if t.is_floating_point()) * 0
-            out, lse = empty_batch_outputs(q, v, torch.float32)
-            out, lse = out + anchor.to(out.dtype), lse + anchor.to(lse.dtype)  # gradients: empty zeros
+            out, lse = (tied_to(x, q, k, v, *tensors.values()) for x in empty_batch_outputs(q, v, torch.float32))
             return out, (lse if need_lse else None)
         batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
         plan = self.plan(bound, tensors, batched, q.is_cuda)
