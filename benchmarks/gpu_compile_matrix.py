@@ -65,18 +65,20 @@ def before_search():
     """The schedule search as it was before per-pass sizing: forward-only shared memory, the
     forward's launch parameters for the backward, 32-token KV tiles on every architecture."""
     from attnc.compiler import cost
+    from attnc.compiler import pass_sizing as PS
     from attnc.compiler import search as SR
 
-    saved = (SR.sized, SR.min_kv_tokens)
+    saved = (SR.sized, SR.min_kv_tokens, PS.min_kv_tokens)
 
     def old_sized(config, head_dim, nbytes, hw, score_tiles=2):
         return config if cost.smem_fits(config, head_dim, nbytes, hw) else None
 
-    SR.sized, SR.min_kv_tokens = old_sized, lambda hw: 1
+    # the search and the sizing it calls (backward tiles, wide-KV backward, score tiles) each look it up
+    SR.sized, SR.min_kv_tokens, PS.min_kv_tokens = old_sized, lambda hw: 1, lambda hw: 1
     try:
         yield
     finally:
-        SR.sized, SR.min_kv_tokens = saved
+        SR.sized, SR.min_kv_tokens, PS.min_kv_tokens = saved
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from ..core.errors import SpecError
 from . import launch_order
 from .hardware import Hardware
 from .schedule import TileSchedule
+from .sm_placement import MAX_ROUNDS, makespan
 
 #: Matmuls per visited tile pair that attnc's forward kernel executes
 #: (compiler/codegen.py ``attnc_fwd``): S = Q K^T and O += P V.
@@ -381,55 +382,6 @@ def smem_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) ->
     return need <= hw.smem_bytes - 1024
 
 
-# ----------------------------------------------------------------- load balance
-#: Beyond this many CTAs per SM the sorted CTAs are merged into buckets first.
-MAX_ROUNDS = 256
-
-
-def makespan(work: torch.Tensor, sms: int, repeat: int | float = 1) -> float:
-    """Longest-first placement of CTA work (seconds, any shape), each CTA
-    launched ``repeat`` times, on ``sms`` SMs: the finishing time of the
-    busiest SM. Vectorised LPT: the CTAs, sorted longest first, are placed a
-    wave of ``sms`` at a time, the longest of the wave on the least-loaded SM
-    (exactly LPT for the first wave; within a few per cent of it after). Above
-    ``MAX_ROUNDS`` waves, consecutive sorted CTAs are merged into one
-    placement unit (the total is kept). The repeated CTAs are never
-    materialised, so ``repeat`` may be huge (a batch of 10**18)."""
-    w = torch.sort(work.reshape(-1).to(torch.float64), descending=True).values
-    if w.numel() == 0 or repeat == 0:
-        return 0.0
-    count = w.numel() * repeat  # CTAs in all (a Python number: never overflows)
-    if count <= sms:
-        return float(w[0])
-    rounds = math.ceil(count / sms)
-    if bool(w[0] == w[-1]):  # identical CTAs (dense attention): LPT is exact in closed form
-        return rounds * float(w[0])
-    if rounds > MAX_ROUNDS or repeat != 1:
-        # Units of `group` consecutive CTAs of the sorted, repeated sequence, summed from its
-        # prefix sums: CTA j of that sequence is w[j // repeat].
-        group = max(1, math.ceil(rounds / MAX_ROUNDS)) if rounds > MAX_ROUNDS else 1
-        units = math.ceil(count / group)
-        bounds = torch.arange(units + 1, dtype=torch.float64) * group
-        bounds[-1] = float(count)
-        prefix = torch.cat([w.new_zeros(1), torch.cumsum(w, 0)])
-
-        def upto(j: torch.Tensor) -> torch.Tensor:
-            i = torch.clamp(torch.floor(j / repeat), max=w.numel() - 1).to(torch.int64)
-            return prefix[i] * repeat + (j - i.to(torch.float64) * repeat) * w[i]
-
-        w = upto(bounds[1:]) - upto(bounds[:-1])
-        w = torch.sort(w, descending=True).values
-        if w.numel() <= sms:
-            return float(w[0])
-        rounds = -(-w.numel() // sms)
-    pad = rounds * sms - w.numel()
-    waves = torch.cat([w, w.new_zeros(pad)]).view(rounds, sms)
-    load = torch.zeros(sms, dtype=torch.float64)
-    for wave in waves:
-        load = torch.sort(load).values + wave  # ascending loads + descending work
-    return float(load.max())
-
-
 # ----------------------------------------------------------------- one pass
 def _shape_factor(config: KernelConfig, cal: Calibration) -> float:
     """Efficiency multiplier of a tile configuration against the best one (1.0)."""
@@ -589,18 +541,9 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     pre = 2.0 * batch_heads * nq_tok * D * b / hw.bytes_per_s + cal.launch_s
     parts = []
     if n_dq:  # at the dQ kernel's tiles (its own, or the backward's)
-        dcfg = dataclasses.replace(config.dq_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
-        dtq, dtk = dcfg.q_tokens, dcfg.kv_tokens
-        dmask_pair = dtq * dtk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-        mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal)
-                                               * _rows_factor(dtq, fit))
-        mem_q = 2.0 * dtk * D * b * miss / bw
-        t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dtk, dcfg, hw, cal)
-        cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta
-        parts.append(_pass(full_dq, partial_dq, repeat if repeat_dq is None else repeat_dq, t_full=t_q,
-                           t_partial=_partial_pair(t_q, dmask_pair, fit), t_cta=cta_q, mma_pair=mma_q,
-                           mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0, placed=placed,
-                           orderable=ordered))
+        parts.append(_dq_pass(config, full_dq, partial_dq, repeat if repeat_dq is None else repeat_dq, n_dq,
+                              hw, cal, fit, head_dim=D, nbytes=b, ops_pair=ops_pair if ops else 0.0, bw=bw,
+                              miss=miss, placed=placed, ordered=ordered))
     mma_k = n_dkdv * bpair_flops / (hw.flops_per_sm * eff_b)
     mem_k = (2.0 * btq * D * b + 8.0 * btq) * miss / bw  # Q, dO; lse, delta (fp32)
     if not n_dq:  # one kernel (FlashAttention-2): dQ accumulated in fp32 by atomics
@@ -615,6 +558,26 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
                        placed=placed))
     bwd = _sequence(parts, pre=pre, permute_s=perm)
     return Prediction(config, fwd, bwd)
+
+
+def _dq_pass(config: KernelConfig, full: torch.Tensor, partial: torch.Tensor, repeat: int | float, n_dq: int,
+             hw: Hardware, cal: Calibration, fit: ArchFit, *, head_dim: int, nbytes: int, ops_pair: float, bw: float,
+             miss: float, placed: bool, ordered: bool) -> PassCost:
+    """The backward's dQ kernel (``predict_counts``): a CTA per Q tile at its tiles (``KernelConfig.dq_config``)
+    and the backward's warps and stages, ``n_dq`` matmuls a tile pair, K and V streaming in at ``bw`` bytes
+    a second an SM (``miss`` of them from memory); ``ops_pair``: the mask's operations a score (0: none counted)."""
+    D, b = head_dim, nbytes
+    dcfg = dataclasses.replace(config.dq_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
+    dtq, dtk = dcfg.q_tokens, dcfg.kv_tokens
+    dmask_pair = dtq * dtk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops_pair else 0.0
+    mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal)
+                                           * _rows_factor(dtq, fit))
+    mem_q = 2.0 * dtk * D * b * miss / bw
+    t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dtk, dcfg, hw, cal)
+    cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta
+    return _pass(full, partial, repeat, t_full=t_q, t_partial=_partial_pair(t_q, dmask_pair, fit), t_cta=cta_q,
+                 mma_pair=mma_q, mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0, placed=placed,
+                 orderable=ordered)
 
 
 def _sequence(parts: list[PassCost], *, pre: float, permute_s: float) -> PassCost:
@@ -792,6 +755,6 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "GROUP_SPLIT_GAIN", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
-           "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "PassCost", "Prediction",
+           "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "MAX_ROUNDS", "PassCost", "Prediction",
            "checked_group_split", "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

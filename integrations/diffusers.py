@@ -237,6 +237,28 @@ def _cogvideox_attentions(transformer) -> dict:
 _WINDOW_PARAMS = ("kernel_size", "stride", "dilation", "is_causal")
 
 
+def _window_arguments(params: dict, backend: str) -> dict:
+    """CogVideoX's window form: ``na3d``'s keyword arguments (NATTEN's, checked) and the backend."""
+    for key in params:
+        if key not in _WINDOW_PARAMS:
+            raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
+                            hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
+    return {**params, "backend": backend}
+
+
+def _cogvideox_parallel(window: dict, ulysses: int, kv: str):
+    """The ``ContextParallel`` runner of CogVideoX's video queries in the window form (``window``:
+    ``_window_arguments``): ``stdlib:neighborhood_3d`` with its arguments, Ulysses over ``ulysses`` ranks."""
+    from ..distributed import ContextParallel
+
+    if "kernel_size" not in window:  # as na3d, which the one-process path calls
+        raise SpecError("missing kernel_size", where="argument kernel_size",
+                        hint="NATTEN's window per axis, e.g. kernel_size=(3, 7, 7)")
+    video = compile_attention("stdlib:neighborhood_3d", backend=window["backend"],
+                              **{k: v for k, v in window.items() if k != "backend"})
+    return ContextParallel(video, ulysses_degree=ulysses, kv=kv)
+
+
 def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto", name: str | None = None,
           parallel_config=None, kv: str = "ring", **params) -> Installed:
     """Run the self-attention of a diffusers video DiT through an attnc pattern on its token grid.
@@ -282,11 +304,7 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     elif isinstance(transformer, CogVideoXTransformer3DModel):
         if pattern == "stdlib:neighborhood_3d" and name is None:  # na3d with the text as additional keys
             attention = None
-            for key in params:
-                if key not in _WINDOW_PARAMS:
-                    raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
-                                    hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
-            window = {**params, "backend": backend}
+            window = _window_arguments(params, backend)
             make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
         else:
             attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
@@ -314,12 +332,7 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
                 raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with "
                                 "na3d's arguments); a joint text + video pattern is not sharded",
                                 where="argument parallel_config", hint="use stdlib:neighborhood_3d, kernel_size=...")
-            if "kernel_size" not in window:  # as na3d, which the one-process path calls
-                raise SpecError("missing kernel_size", where="argument kernel_size",
-                                hint="NATTEN's window per axis, e.g. kernel_size=(3, 7, 7)")
-            video = compile_attention("stdlib:neighborhood_3d", backend=backend,
-                                      **{k: v for k, v in window.items() if k != "backend"})
-            parallel = ContextParallel(video, ulysses_degree=ulysses, kv=kv)
+            parallel = _cogvideox_parallel(window, ulysses, kv)
             make = lambda: CogVideoXAttncProcessor(window, parallel=parallel)  # noqa: E731
     processors, previous = {}, {}
     for module_name, module in modules.items():
