@@ -349,6 +349,9 @@ def cmd_sim(args) -> int:
     from .runtime.api import simulate
 
     pat = _load_args(args)
+    decode = _decode_step(pat, args) if args.decode else None
+    if decode is not None:  # the prefill beside it: the whole sequence of nk tokens
+        args = argparse.Namespace(**{**vars(args), "n": args.nk, "nk": None})
     if isinstance(pat, ir.CombinedIR) and (args.layers is not None or args.ranks is not None):
         what = "--layers" if args.layers is not None else "--ranks"
         raise SpecError(f"'{pat.name}' combines several attentions: {what} ("
@@ -360,7 +363,7 @@ def cmd_sim(args) -> int:
     sizes = _int_sizes(args.sizes)
     inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
-                   batch=args.batch, hardware=args.hardware, dtype=args.dtype, top=args.top,
+                   batch=args.batch, hardware=args.hardware or "h100", dtype=args.dtype, top=args.top,
                    q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
                    inputs=inputs or None, kv_heads=args.kv_heads)
     if args.layers is not None and rep.to_dict().get("kind") == "recurrence":
@@ -368,6 +371,7 @@ def cmd_sim(args) -> int:
                         where="argument --layers")
     rf = _receptive_field(pat, rep, args, sizes) if args.layers is not None else None
     cp = _context_parallel(pat, rep, args, sizes, inputs) if args.ranks is not None else None
+    step = decode(sizes, inputs) if decode is not None else None
     if args.json:
         import json
 
@@ -376,6 +380,8 @@ def cmd_sim(args) -> int:
             data["receptive_field"] = rf
         if cp is not None:
             data["context_parallel"] = cp.to_dict()
+        if step is not None:
+            data["decode"] = step.to_dict()
         print(json.dumps(data, indent=2, default=str))
     else:
         print(rep)
@@ -383,7 +389,49 @@ def cmd_sim(args) -> int:
             print(_format_receptive_field(rf))
         if cp is not None:
             print(cp)
+        if step is not None:
+            print()
+            print(step)
     return 0
+
+
+def _decode_step(pat, args):
+    """``sim --decode --nk N [--n Q]``: its arguments checked before anything is modelled, and the
+    decode report to make once the prefill's sizes and inputs are known (``runtime.api.simulate_decode``;
+    the sampled inputs are sized for the whole sequence of nk tokens, as a decode step reads them)."""
+    from .compiler.decode_cost import recurrence_state_bytes
+    from .core import ir
+    from .runtime.api import simulate_decode
+
+    if isinstance(pat, ir.RecurrenceIR):
+        state = recurrence_state_bytes(*(max(v, 0) for v in (args.batch, args.heads, args.head_dim)))
+        raise SpecError(f"'{pat.name}' is a recurrence: a decode step reads and writes its fp32 state "
+                        f"(batch x heads x head_dim x head_dim: {state:,} bytes) whatever the length, not a KV "
+                        "cache", where="argument --decode",
+                        hint="the recurrence's prefill cost: attnc sim without --decode")
+    if isinstance(pat, ir.CombinedIR):
+        raise SpecError(f"'{pat.name}' combines several attentions: --decode bounds one softmax pattern",
+                        where="argument --decode", hint="simulate each branch's pattern")
+    if not pat.self_attention:
+        raise SpecError(f"'{pat.name}' is a cross attention: its keys do not grow as tokens are decoded",
+                        where="argument --decode", hint="--decode bounds a self-attention's KV-cache reads")
+    if args.nk is None:
+        raise SpecError("--decode needs the KV cache's length", where="argument --nk",
+                        hint="--nk N: the keys cached, the new queries' included")
+    n = 1 if args.n is None else args.n
+    for flag, value in (("--n", n), ("--nk", args.nk)):
+        if value < 1:
+            raise SpecError(f"must be a positive int, got {value}", where=f"argument {flag}")
+    if args.nk < n:
+        raise SpecError(f"{args.nk} keys but {n} queries: the queries are the last n of the nk tokens",
+                        where="argument --nk", hint="--nk at least --n")
+
+    def make(sizes: dict, inputs: dict):
+        return simulate_decode(pat, nk=args.nk, n=n, sizes=sizes or None, heads=args.heads,
+                               head_dim=args.head_dim, batch=args.batch, hardware=args.hardware,
+                               dtype=args.dtype, kv_heads=args.kv_heads, inputs=inputs or None)
+
+    return make
 
 
 def _context_parallel(pat, rep, args, sizes, inputs):
@@ -720,8 +768,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     _pattern_args(p)
     _shape_args(p)
-    p.add_argument("--hardware", default="h100", help="a100, h100, h200 or b200 (default h100)")
+    p.add_argument("--hardware", "--gpu", dest="hardware", metavar="NAME",
+                   help="a100, h100, h200 or b200 (default h100; --decode: every model)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
+    p.add_argument("--decode", action="store_true", help="also bound one decode step: --n queries (default 1) "
+                   "after a KV cache of --nk keys (bytes, keys visited, bandwidth bound, split-KV, tokens/s); "
+                   "the prediction above it is the prefill of the nk tokens")
     p.add_argument("--q-tile", metavar="A,B,..", help="force the Q tile extents per axis (a recurrence: its chunk)")
     p.add_argument("--kv-tile", metavar="A,B,..", help="force the KV tile extents per axis")
     p.add_argument("--top", type=int, default=5, help="schedules to list (default 5)")

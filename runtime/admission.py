@@ -5,7 +5,7 @@ A call reaches a runner two ways: eagerly (``api.Attention._bind_call``) or thro
 ``torch.compile`` (``runtime.ops``: sympy is not traceable, so the op binds the sizes when it runs).
 Both call ``admit`` with the bound sizes and the tensors, so a backend, or the compiled path, cannot
 skip a refusal: a backend that does not serve queries after a KV cache, a per-head softcap that is not
-positive, a route's size-dependent block sizes, a route that cannot be padded, work that cannot fit.
+positive, a route's size-dependent block sizes, a route that needs the queries in the cache, work that cannot fit.
 """
 
 from __future__ import annotations
@@ -15,10 +15,24 @@ import torch
 from ..compiler import evaluate as E
 from ..core.errors import SpecError
 from .checks import check_fits, check_softcap
-from .frontends.kv_cache import check_padding
 from .numerics import compute_dtype
 from .plan import routing
 from .runner import refusal
+
+
+def check_query_offset(pat) -> None:
+    """Refuse queries after a KV cache (``nk > n``) where the route scores blocks of queries: the score of a
+    block partly in the cache needs the cached queries, which a call does not have."""
+    route = getattr(pat, "route", None)
+    if route is None or route.score == "token":
+        return
+    if route.score == "antidiagonal":
+        why = (f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
+               "queries after a KV cache (nk > n) are not supported")
+    else:
+        why = (f"'{pat.name}' routes by the mean of query blocks, which needs every query of a "
+               "block: queries after a KV cache (nk > n) are not supported")
+    raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
 
 
 def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> None:
@@ -32,8 +46,8 @@ def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             raise SpecError(f"{bound.nk} keys but {bound.n} queries: {why}", where="argument k",
                             hint="use backend='cpu' or 'triton' for decoding")
         raise SpecError(why, where="argument q")
-    if bound.q_offset and runner.support.query_offset == "padded":
-        check_padding(pat)  # also where a runner pads on some devices only (auto on CUDA: frontends.kv_cache)
+    if bound.q_offset:
+        check_query_offset(pat)
     check_softcap(pat, bound)
     if pat.route is not None:
         routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work

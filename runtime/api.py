@@ -23,7 +23,6 @@ from .checks import (
     resolve_scale,
     state_heads,
 )
-from .frontends.kv_cache import padded_forward
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import needs_grad
 from .plan import clusters, routing
@@ -128,6 +127,12 @@ class Attention(torch.nn.Module):
     pack sequences along the tokens of a batch of one, each computed as if alone
     (a recurrence's ``initial_state`` and final state are then ``[num_seqs, Hq, D, Dv]``;
     see ``runtime.frontends.varlen``).
+    ``block_table=`` and ``cache_seqlens=`` (both int32; FlashAttention's ``flash_attn_with_kvcache`` and
+    vLLM's convention): k and v are paged KV caches ``[num_pages, page_size, Hkv, D]`` (also under
+    ``"bnhd"``), row b's keys the first ``cache_seqlens[b]`` slots of its pages ``block_table[b]``
+    (``[B, max_pages]``), its ``Nq`` queries the last of them (positions ``cache_seqlens[b] - Nq + i``);
+    forward only; eager under ``torch.compile`` (a graph break: not with ``fullgraph=True``;
+    ``runtime.frontends.paged``).
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
@@ -199,11 +204,19 @@ class Attention(torch.nn.Module):
         sizes: dict | None = None,
         layout: str | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None,
+        cache_seqlens: torch.Tensor | None = None,
         **inputs,
     ):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
         layout = self.layout if layout is None else check_layout(layout)
+        if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
+            from .frontends import paged
+
+            return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
+                             scale=scale, return_lse=return_lse, initial_state=initial_state,
+                             return_state=return_state, sizes=sizes, inputs=inputs)
         # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
         check_qkv(q, k, v, gva=getattr(self.pattern, "rule", None) == "delta")
@@ -258,10 +271,7 @@ class Attention(torch.nn.Module):
                 out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse)
                 return (out, lse) if return_lse else out
         call = self._bind_call(q, k, v, scale, return_lse, all_sizes, inputs)
-        if call.q_offset and self.runner.support.query_offset == "padded":
-            out, lse = padded_forward(self.runner, call, q, k, v)
-        else:
-            out, lse = self.runner.forward(call, q, k, v)
+        out, lse = self.runner.forward(call, q, k, v)
         return (out, lse) if return_lse else out
 
     def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:
@@ -472,5 +482,67 @@ def simulate(
     inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
     report = simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
                               q_tile=q_tile, kv_tile=kv_tile, inputs=inputs or None, top=top, kv_heads=kv_heads)
+    report.assumptions.extend(notes)
+    return report
+
+
+def simulate_decode(
+    pattern,
+    nk: int | None = None,
+    n: int = 1,
+    sizes: dict | None = None,
+    heads: int = 1,
+    head_dim: int = 128,
+    batch: int = 1,
+    hardware=None,
+    dtype: str = "bf16",
+    name: str | None = None,
+    *,
+    kv_heads: int | None = None,
+    kv_tile: int | None = None,
+    inputs: dict | None = None,
+    **params,
+):
+    """Bound one decode step: ``n`` new queries after a KV cache of ``nk`` keys (a
+    ``compiler.decode_cost.DecodeReport``): the keys the queries reach, the bytes a step reads
+    (K and V once per K/V head, Q, the output, split-KV partials), its FLOPs, and per GPU model the
+    bandwidth and compute bounds, the split-KV choice, tokens/s and the dense step's bound beside.
+
+    ``hardware``: one model name or ``Hardware``, a list of them, or None for every model of
+    ``compiler.hardware``. ``kv_tile``: the decode kernel's KV tile (default
+    ``decode_cost.DECODE_KV_TILE``). ``inputs``: call-time inputs of a data-dependent mask, sized for the
+    whole sequence of ``nk`` tokens. A recurrence or a combined pattern is refused (a recurrence's step
+    reads its fixed-size state: ``decode_cost.recurrence_state_bytes``)."""
+    from ..compiler import decode_cost as D
+    from ..compiler.cost import dtype_bytes
+    from ..compiler.hardware import HARDWARE, get_hardware
+
+    pat = _as_pattern(pattern, name, params)
+    if isinstance(pat, ir.RecurrenceIR):
+        heads, head_dim, batch = (E.positive_int(w, v) for w, v in (("heads", heads), ("head_dim", head_dim),
+                                                                    ("batch", batch)))
+        state = D.recurrence_state_bytes(batch, heads, head_dim)
+        raise SpecError(f"'{pat.name}' is a recurrence: a decode step reads and writes its fp32 state "
+                        f"(batch x heads x head_dim x head_dim: {state:,} bytes) whatever nk, not a KV cache",
+                        where="argument pattern", hint="simulate_decode bounds a softmax pattern's KV-cache reads")
+    if isinstance(pat, ir.CombinedIR):
+        raise SpecError(f"'{pat.name}' combines several attentions: a decode step is bounded per softmax pattern",
+                        where="argument pattern", hint="simulate each branch's pattern")
+    head_dim, batch = E.positive_int("head_dim", head_dim), E.positive_int("batch", batch)
+    dtype_bytes(dtype)
+    if inputs is not None and not isinstance(inputs, dict):
+        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
+                        where="argument inputs")
+    if hardware is None:
+        models = list(dict.fromkeys(HARDWARE.values()))
+    else:
+        models = [get_hardware(h) for h in (hardware if isinstance(hardware, list | tuple) else [hardware])]
+        if not models:
+            raise SpecError("no hardware model given", where="argument hardware", hint="None means every model")
+    bound = D.decode_bound(pat, n=n, nk=nk, heads=heads, sizes=sizes, head_dim=head_dim)
+    inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
+    report = D.simulate_decode_pattern(pat, bound, models, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
+                                       kv_heads=kv_heads, inputs=inputs or None,
+                                       kv_tile=D.DECODE_KV_TILE if kv_tile is None else kv_tile)
     report.assumptions.extend(notes)
     return report

@@ -24,9 +24,8 @@ from ..compiler import evaluate as E
 @dataclass(frozen=True)
 class Support:
     """What a runner serves. ``devices``: device types (``"cpu"``, ``"cuda"``); ``kinds``: ``"softmax"``
-    and/or ``"recurrence"``; ``query_offset``: queries after a KV cache (``nk > n``), ``"native"``, or
-    ``"padded"`` (the whole sequence is run with zero queries in front: ``frontends.kv_cache``), or
-    None; ``routing``: data-dependent block selection; ``compile``: runs under ``torch.compile``
+    and/or ``"recurrence"``; ``query_offset``: queries after a KV cache (``nk > n``), ``"native"`` (the
+    kernels take the offset) or None; ``routing``: data-dependent block selection; ``compile``: runs under ``torch.compile``
     through a custom op (``runtime.ops``); ``decode_step``: ``Attention.step``; ``key_offset``: the
     device types on which the runner runs BLOCKS of a longer sequence (``BlockRunner``: queries at
     ``bound.q_offset`` against keys at ``bound.k_offset``, ``evaluate.block_bound``), the unit of

@@ -194,10 +194,27 @@ def test_refusals():
     assert torch.equal(materialize_mask(pat, n=2, nk=7), materialize_mask(pat, n=7)[:, -2:])
 
 
-def test_triton_offset_by_padding():
+def test_triton_takes_the_query_offset():
     pytest.importorskip("triton")
     q, k, v = _qkv(16, heads=2, hkv=1, d=16, batch=1)
     q, k, v = (t.float() for t in (q, k, v))
     full = compile_attention("stdlib:sliding_window", backend="reference", window=5)(q, k, v)
     out = compile_attention("stdlib:sliding_window", backend="triton", window=5)(q[:, :, -2:], k, v)
     torch.testing.assert_close(out, full[:, :, -2:], rtol=2e-5, atol=2e-5)
+
+
+def test_a_triton_decode_step_visits_what_its_queries_reach():
+    """One query after caches of 128 and 512 keys, a window of 16: the kernels are launched over the same KV
+    tiles (the window's), not over the cache, and equal the reference."""
+    pytest.importorskip("triton")
+    attn = compile_attention("stdlib:sliding_window", backend="triton", window=16)
+    visited = []
+    for nk in (128, 512):
+        q, k, v = (t.float() for t in _qkv(nk, heads=2, hkv=1, d=16, batch=1))
+        out = attn(q[:, :, -1:], k, v)
+        want = compile_attention("stdlib:sliding_window", backend="reference", window=16)(q, k, v)[:, :, -1:]
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+        sched = attn.runner.last_schedule
+        assert sched.num_q_tiles == 1
+        visited.append(sched.pairs()[0].numel())
+    assert visited[0] == visited[1] <= 2

@@ -57,7 +57,7 @@ def _fresh_dynamo():
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
 def test_compiled_call_after_a_kv_cache_equals_the_reference(backend):
     """Under torch.compile, queries after a KV cache: forward and backward as the reference (the Triton
-    kernels run the whole sequence with zero queries in front, in the op as eagerly)."""
+    kernels take the queries' offset, in the op as eagerly)."""
     src = "pattern p\n  tokens seq\n  mask causal and q - k < 8\n"
     attn = torch.compile(attnc.compile_attention(src, backend=backend), fullgraph=True)
     q, k, v = _qkv(4, 40, d=16, dtype=torch.float32, grad=True)
@@ -194,14 +194,13 @@ def test_compiled_empty_batch_is_refused_as_eager(backend):
         assert (compiled.message, compiled.where) == (eager.message, eager.where)
 
 
-def test_padding_refuses_a_route_scored_by_query_blocks_whoever_pads():
-    """auto on CUDA pads through the Triton runner although auto itself has a native offset: the refusal
-    lives where the padding is (frontends.kv_cache), not only in the front door's check of the runner."""
-    from attnc.runtime.frontends import kv_cache
-
-    attn = attnc.compile_attention("stdlib:xattention", backend="triton", block=8, stride=4, chunk=24)
+@pytest.mark.parametrize(("backend", "compiled"), [("reference", False), ("cpu", False), ("triton", False),
+                                                  ("auto", False), ("cpu", True), ("triton", True), ("auto", True)])
+def test_a_route_scored_by_query_blocks_is_refused_after_a_kv_cache_on_every_path(backend, compiled):
+    """xattention scores antidiagonals of whole query blocks: a block partly in the cache cannot be scored,
+    and every backend, eager or compiled, gives the front door's refusal (``admission.check_query_offset``)."""
+    attn = attnc.compile_attention("stdlib:xattention", backend=backend, block=8, stride=4, chunk=24)
+    run = torch.compile(attn, backend="aot_eager") if compiled else attn
     q, k, v = _qkv(4, 48, dtype=torch.float32)
-    with pytest.raises(SpecError, match="antidiagonal scoring"):
-        kv_cache.padded_forward(attn.runner, None, q, k, v)
-    with pytest.raises(SpecError, match="antidiagonal scoring"):
-        kv_cache.padded_traced_forward(attn.runner, None, q, k, v, {}, 0.25)
+    err = _error(lambda: run(q, k, v))
+    assert "antidiagonal scoring" in err.message and err.where == "argument k"

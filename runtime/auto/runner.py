@@ -3,7 +3,7 @@
 On CPU tensors the tile executor or the Flex lowering by the modelled rule and the break-even rule
 (``auto.cpu``); on CUDA tensors attnc's Triton kernels, or the Flex lowering where the autotuner
 timed it faster for the call's shape bucket (``auto.cuda``). Queries after a KV cache on CUDA run
-the Triton kernels over the whole sequence (``frontends.kv_cache``). The choice is the only place
+the Triton kernels at their offset (Flex has none). The choice is the only place
 that names backends; the children are ordinary runners."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 from ...core import ir
 from ..backends.cpu.runner import CpuRunner, describe_plan
 from ..backends.triton.runner import TritonRunner
-from ..frontends.kv_cache import padded_forward
 from ..numerics import needs_grad
 from ..ops.common import Registered
 from ..runner import Call, Support
@@ -58,9 +57,9 @@ class AutoRunner(CpuPolicy, Registered):
             if self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
                 return self.flex.forward(call, q, k, v)
             return self.cpu.forward(call, q, k, v)
-        if call.q_offset:  # the Triton kernels over the whole sequence (Flex has no query offset)
+        if call.q_offset:  # the Triton kernels at the queries' offset (Flex has no query offset)
             self.cuda_last = "triton"
-            return padded_forward(self.triton, call, q, k, v)
+            return self.triton.forward(call, q, k, v)
         if flex_won(self, call.bound, q, k):
             self.cuda_last = "flex"
             return self.flex.forward(call, q, k, v)

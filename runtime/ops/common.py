@@ -39,7 +39,6 @@ from torch.utils._python_dispatch import _disable_current_modes
 from ...compiler import evaluate as E
 from ...core.errors import SpecError
 from ..admission import admit
-from ..frontends import kv_cache
 from ..numerics import compute_dtype, empty_batch_outputs
 
 # One registry and one op definition per process, even when the package is
@@ -305,8 +304,7 @@ def _triton_forward_impl(
     if q.shape[0] == 0:
         return empty_batch_outputs(q, v, torch.float32)
     args = (bound, q, k, v, _named(names, inputs), scale)
-    out, lse = (kv_cache.padded_traced_forward(runner, *args) if _padded(runner, bound)
-                else runner.traced_forward(*args))
+    out, lse = runner.traced_forward(*args)
     return out.contiguous(), lse.contiguous()
 
 
@@ -327,14 +325,8 @@ def _triton_backward_impl(
     wrt_names = [_names(names)[i] for i in wrt]
     bound = _bound(runner, q, k, sizes)
     args = (bound, q, k, v, out, lse, dout, dlse, raw, scale, wrt_names)
-    dq, dk, dv, d_in = (kv_cache.padded_traced_backward(runner, *args) if _padded(runner, bound)
-                        else runner.traced_backward(*args))
+    dq, dk, dv, d_in = runner.traced_backward(*args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), input_gradients(d_in, raw, wrt_names)
-
-
-def _padded(runner, bound: E.Bound) -> bool:
-    """Whether a traced call runs with zero queries in front (a KV cache on a runner without an offset)."""
-    return bool(bound.q_offset) and runner.support.query_offset == "padded"
 
 
 #: ``torch.ops.attnc.triton_attention`` and ``torch.ops.attnc.triton_attention_backward``

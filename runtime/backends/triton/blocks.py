@@ -1,14 +1,17 @@
-"""Blocks of context parallelism on the generated Triton kernels (``runtime.runner.BlockRunner``,
-served by ``TritonRunner.block_forward`` / ``block_backward``): queries at ``bound.q_offset`` against
-keys at ``bound.k_offset`` of a pattern bound at the whole sequence (``evaluate.block_bound``).
+"""Blocks of a sequence on the generated Triton kernels: context parallelism's
+(``runtime.runner.BlockRunner``, served by ``TritonRunner.block_forward`` / ``block_backward``) and the
+queries after a KV cache (``TritonRunner._offset_block``): queries at ``bound.q_offset`` against keys
+at ``bound.k_offset`` of a pattern bound at the whole sequence (``evaluate.block_bound``).
 
 A block runs on 1-D tiles of its rows (a grid's on the flat view, as the CPU executor's blocks),
-classified with both offsets; the module is generated for the block's row counts and takes the
-offsets as run-time arguments (``Q_OFF``, ``K_OFF``: ``compiler.codegen``), so every block of the
-same row counts shares one compiled module. The mask, bias, softcap and FoX decay read absolute
-positions (the call-time inputs and gates are the whole sequence's); a routing selection made
-across ranks is read at the block's rows. The backward takes the rows' merged ``out`` and ``lse``
-(delta = rowsum(dout * out) of the whole row, as flash attention's backward).
+classified with both offsets, so its kernels visit only the KV tiles its rows reach (a decode step
+of a sliding window reads the window, not the cache); the module is generated for the block's row
+counts and takes the offsets as run-time arguments (``Q_OFF``, ``K_OFF``: ``compiler.codegen``), so
+every block of the same row counts shares one compiled module. The mask, bias, softcap and FoX decay
+read absolute positions (the call-time inputs and gates are the whole sequence's); a routing
+selection made across ranks is read at the block's rows, a KV-cache call's queries select their own.
+The backward takes the rows' merged ``out`` and ``lse`` (delta = rowsum(dout * out) of the whole
+row, as flash attention's backward).
 
 The tiles are not tuned per block: ``BLOCK_TILE_TOKENS`` tokens a side, or the tokens of the tiles
 the module was compiled with.
@@ -92,9 +95,12 @@ def checked_inputs(pat, bound: E.Bound, q, inputs: dict) -> tuple[dict, frozense
     return tensors, frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
 
 
-def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None) -> tuple:
+def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None, *,
+            route_keys: torch.Tensor | None = None) -> tuple:
     """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
-    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``)."""
+    class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``). A routed
+    block takes either the ``selection`` made over the whole sequence (context parallelism) or
+    ``route_keys``, the keys its own queries select among (queries after a KV cache: every key)."""
     pat = runner.pattern
     if not bound.is_block:
         raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
@@ -103,6 +109,9 @@ def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=N
     device = q.device
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
+    elif pat.route is not None and route_keys is not None:  # routing: these queries select among the keys
+        cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
+        plan = routing.route_plan(plan, q.detach(), route_keys.detach(), cpu_t, set(batched))
     cls, extra, checks = launch_extras(runner, bound, plan, device)
     return config, plan, source, tensors, batched, cls, extra, checks
 

@@ -492,7 +492,8 @@ class TritonRunner(Registered):
         self.last_plan: tile_plan.Plan | None = None
         #: The KernelConfig of the latest call (its forward's; the backward's and dQ's tiles inside)
         self.last_config: KernelConfig | None = None
-        self.block_plans = PlanCache()  # blocks of context parallelism (triton.blocks), bounded LRU
+        self.block_plans = PlanCache()  # blocks of context parallelism and KV caches (triton.blocks), bounded LRU
+        self._offset_bounds = PlanCache()  # a KV-cache call's sizes -> its block bound (_offset_block)
 
     # ------------------------------------------------------------ planning
     @staticmethod
@@ -550,6 +551,8 @@ class TritonRunner(Registered):
     def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None,
                 role: str = "bwd") -> Launch:
         pat = self.pattern
+        if bound.q_offset and not bound.is_block:  # queries after a KV cache: their own rows, no padding
+            return self._block_launch(self._offset_block(bound, q), q, inputs, route_keys=k)
         tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
         config, plan, source = self.plan(bound, q, tensors, backward_of, role, kv_heads=k.shape[1])
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
@@ -626,17 +629,33 @@ class TritonRunner(Registered):
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "triton"
     op = "triton"
-    #: queries after a KV cache run the whole sequence (frontends.kv_cache); blocks take offsets (triton.blocks)
-    support = Support(query_offset="padded", key_offset=frozenset({"cpu", "cuda"}))
+    #: queries after a KV cache and blocks of context parallelism take offsets (triton.blocks)
+    support = Support(query_offset="native", key_offset=frozenset({"cpu", "cuda"}))
 
-    def _block_launch(self, bound: E.Bound, q, inputs: dict, selection, key_block) -> Launch:
-        """The launch of a block of context parallelism (planned by ``triton.blocks``)."""
+    def _offset_block(self, bound: E.Bound, q) -> E.Bound:
+        """The n queries after a KV cache of ``bound`` as a block of the whole sequence (rows
+        ``[nk - n, nk)`` against keys ``[0, nk)``): planned, classified and launched as context
+        parallelism's blocks are, so the kernels visit only the KV tiles those rows reach."""
+        key = (*self._key(bound, q), "offset", bound.q_offset)
+        block = self._offset_bounds.get(key)
+        if block is None:
+            whole = E.bind_sizes(self.pattern, n=bound.nk, nk=bound.nk, heads=bound.heads, sizes=bound.axis_sizes,
+                                 dk=q.shape[-1])
+            block = self._offset_bounds[key] = E.block_bound(whole, bound.q_offset, bound.n, 0, bound.nk)
+        return block
+
+    def _block_launch(self, bound: E.Bound, q, inputs: dict, selection=None, key_block=None, *,
+                      route_keys: torch.Tensor | None = None) -> Launch:
+        """The launch of a block (planned by ``triton.blocks``): of context parallelism, with the selection
+        made across ranks, or of queries after a KV cache (``route_keys``: the keys a route selects
+        among, per call)."""
         interpret = q.device.type != "cuda" and not self.native
-        config, plan, source, tensors, batched, cls, extra, checks = blocks.prepare(self, bound, q, inputs,
-                                                                                    selection, key_block)
+        config, plan, source, tensors, batched, cls, extra, checks = blocks.prepare(
+            self, bound, q, inputs, selection, key_block, route_keys=route_keys)
         module = plan.on_device(("kernels", interpret, None),
                                 lambda: load_kernels(write_source(source), interpret=interpret))
         lists = plan.on_device(("lists", q.device), lambda: _lists(plan.schedule, q.device))
+        self.last_source, self.last_plan, self.last_config = source, plan, config
         return Launch(module, interpret, config, ScheduleShape.of(plan.schedule), plan, self.pattern, bound, tensors,
                       batched, lists, cls, extra, checks)
 
