@@ -257,12 +257,18 @@ class FlexPrinter(ExprPrinter):
 
 
 # ----------------------------------------------------------------- the module
-def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap) -> list[str]:
+def _token_lines(role: str, index: str, layout: ir.Layout, tmap: TokenMap, offset: int = 0) -> list[str]:
     """Lines turning Flex position ``index`` into the token ``{role}``, its grid
-    coordinates ``{role}_c{i}`` and (padded tile-major orders) ``{role}_ok``."""
+    coordinates ``{role}_c{i}`` and (padded tile-major orders) ``{role}_ok``. ``offset``: the position of
+    Flex's first row (the queries after a KV cache: row i is token ``offset + i``; a sequence only)."""
     r = role
     lines = [f"{r}i = {index}.to(torch.int64)"]
     ext = tmap.extents
+    if offset:
+        if tmap.tile is not None or layout.kind == "grid":
+            raise SpecError("FlexAttention takes queries after a KV cache on a sequence only", where="argument k",
+                            hint="use backend='cpu' or 'triton' for a grid's decoding")
+        return [*lines, f"{r} = {r}i + {offset}  # row {r}i is token {offset} + {r}i (after the KV cache)"]
     if tmap.tile is None:
         lines.append(f"{r} = {r}i")
         if layout.kind == "grid":
@@ -333,7 +339,8 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
 
     def prologue() -> list[str]:
         return ["b = b.to(torch.int64)", "h = h.to(torch.int64)",
-                *_token_lines("q", "q_idx", pat.queries, q_map), *_token_lines("k", "kv_idx", pat.keys, k_map)]
+                *_token_lines("q", "q_idx", pat.queries, q_map, bound.q_offset),
+                *_token_lines("k", "kv_idx", pat.keys, k_map)]
 
     mask_args = [inputs[n][0] for n in mask_printer.used_inputs]
     allowed = f"({mask_text})" if mask_text not in ("True", "False") else f"(qi >= 0) & {mask_text}"
@@ -343,8 +350,9 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     if pat.route is not None:
         # routing: SEL[b, h, q, block] is this call's selection, KB[k] the block of key k (runtime.plan.routing)
         mask_args += ["SEL", "KB"]
+        row = f"q - {bound.q_offset}" if bound.q_offset else "q"  # the selection's rows are the query rows
         route_lines = ["# routing: only the key blocks this query selected",
-                       f"chosen = SEL[b, h, torch.clamp(q, 0, {bound.n - 1}), KB[torch.clamp(k, 0, {bound.nk - 1})]]"]
+                       f"chosen = SEL[b, h, torch.clamp({row}, 0, {bound.n - 1}), KB[torch.clamp(k, 0, {bound.nk - 1})]]"]
         allowed += " & chosen"
     mask_fn = ["def mask_mod(" + ", ".join(["b", "h", "q_idx", "kv_idx", *mask_args]) + "):",
                '    """True where query q may attend key k (head h, batch element b)."""',
@@ -364,7 +372,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
             bi = "b" if decay_batched else "0"
             body += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
                      "# -inf for keys before the query's last reset (a gate of -inf)",
-                     f"qd, kd = torch.clamp(q, 0, {bound.n - 1}), torch.clamp(k, 0, {n_k})",
+                     f"qd, kd = torch.clamp(q, 0, {bound.q_offset + bound.n - 1}), torch.clamp(k, 0, {n_k})",
                      f"fox = (DC[{bi}, h, qd] - DCK[{bi}, h, kd]) + (DL[{bi}, h, qd] - DLK[{bi}, h, kd])",
                      f's = s + torch.where(kd >= DR[{bi}, h, qd], fox, float("-inf")).to(score.dtype)']
             score_args += ["DC", "DL", "DR", "DCK", "DLK"]

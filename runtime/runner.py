@@ -25,7 +25,7 @@ from ..compiler import evaluate as E
 class Support:
     """What a runner serves. ``devices``: device types (``"cpu"``, ``"cuda"``); ``kinds``: ``"softmax"``
     and/or ``"recurrence"``; ``query_offset``: queries after a KV cache (``nk > n``), ``"native"`` (the
-    kernels take the offset) or None; ``routing``: data-dependent block selection; ``compile``: runs under ``torch.compile``
+    kernels take the offset), ``"sequence"`` (on a ``tokens seq`` layout only) or None; ``routing``: data-dependent block selection; ``compile``: runs under ``torch.compile``
     through a custom op (``runtime.ops``); ``decode_step``: ``Attention.step``; ``key_offset``: the
     device types on which the runner runs BLOCKS of a longer sequence (``BlockRunner``: queries at
     ``bound.q_offset`` against keys at ``bound.k_offset``, ``evaluate.block_bound``), the unit of
@@ -115,4 +115,6 @@ def refusal(runner, kind: str, device: torch.device, q_offset: int = 0) -> str |
         return f"the {runner.name} backend does not run on {device.type} tensors"
     if q_offset and s.query_offset is None:
         return f"the {runner.name} backend does not run queries after a KV cache yet"
+    if q_offset and s.query_offset == "sequence" and getattr(runner.pattern.queries, "kind", "seq") != "seq":
+        return f"the {runner.name} backend runs queries after a KV cache on a sequence only, not on a grid"
     return None

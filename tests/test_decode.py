@@ -174,8 +174,9 @@ def test_refusals():
     with pytest.raises(SpecError, match="mean of query blocks"):
         compile_attention("stdlib:biformer", backend="reference", sizes={"height": 4, "width": 4}, region=2, topk=1)(
             *(_qkv(16, batch=1)[0][:, :, -2:],), *_qkv(16, batch=1)[1:])
-    with pytest.raises(SpecError, match="flex backend"):
-        compile_attention(CAUSAL, backend="flex")(q[:, :, -1:], k, v)
+    with pytest.raises(SpecError, match="after a KV cache on a sequence only"):
+        compile_attention("stdlib:neighborhood_2d", backend="flex", sizes={"height": 4, "width": 4}, kernel_size=3)(
+            *(_qkv(16, batch=1)[0][:, :, -2:],), *_qkv(16, batch=1)[1:])
     with pytest.raises(SpecError, match="not supported here"):
         simulate(CAUSAL, n=4, nk=10)
     # `n` in an input's shape is the whole sequence (nk) also with a KV cache

@@ -54,7 +54,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("backend", ["triton", "cpu", "flex"])
 def test_compiled_call_after_a_kv_cache_equals_the_reference(backend):
     """Under torch.compile, queries after a KV cache: forward and backward as the reference (the Triton
     kernels take the queries' offset, in the op as eagerly)."""
@@ -70,8 +70,11 @@ def _error(fn):
     return err.value
 
 
-def test_compiled_flex_refuses_a_kv_cache_as_eager_does():
-    attn = attnc.compile_attention("stdlib:sliding_window", backend="flex", window=8)
+def test_compiled_flex_refuses_a_grid_after_a_kv_cache_as_eager_does():
+    """Flex folds the queries' offset into its mods on a sequence; a grid's queries after a cache are refused,
+    eagerly and compiled alike."""
+    attn = attnc.compile_attention("stdlib:neighborhood_2d", backend="flex", sizes={"height": 5, "width": 8},
+                                   kernel_size=3)
     q, k, v = _qkv(4, 40, d=16, dtype=torch.float32)
     eager = _error(lambda: attn(q, k, v))
     compiled = _error(lambda: torch.compile(attn)(q, k, v))
@@ -176,8 +179,8 @@ def test_compiled_module_with_gradients_compiles_once():
 
 @pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])
 def test_compiled_empty_batch_is_refused_as_eager(backend):
-    """An empty batch returned early in the custom ops, before the refusals: a KV cache on flex, a per-head
-    softcap that is not positive."""
+    """An empty batch returned early in the custom ops, before the refusals: a grid's KV cache on flex, a
+    per-head softcap that is not positive."""
     src = "pattern p(c = 1.0)\n  tokens seq\n  mask causal\n  softcap c - h\n"
     attn = attnc.compile_attention(src, backend=backend)
     q, k, v = (torch.zeros(0, 2, 16, 16) for _ in range(3))
@@ -185,7 +188,8 @@ def test_compiled_empty_batch_is_refused_as_eager(backend):
     compiled = _error(lambda: torch.compile(attn, fullgraph=True)(q, k, v))
     assert (compiled.message, compiled.where) == (eager.message, eager.where)
     if backend == "flex":
-        flex = attnc.compile_attention("stdlib:sliding_window", backend="flex", window=4)
+        flex = attnc.compile_attention("stdlib:neighborhood_2d", backend="flex", sizes={"height": 4, "width": 4},
+                                       kernel_size=3)
         q = torch.zeros(0, 2, 4, 16)
         k = torch.zeros(0, 2, 16, 16)
         eager = _error(lambda: flex(q, k, k))

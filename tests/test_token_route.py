@@ -153,10 +153,9 @@ CASES = [  # (spec, params, B, Hq, Hkv, Nq, Nk, inputs)
 ]
 
 
-# the flex backend refuses queries after a KV cache (by name, in every pattern): that case runs on cpu and triton
 PAIRS = [pytest.param(b, c, id=f"{b}-{name}") for c, name in zip(CASES, ["window", "kv-cache", "indexer", "stdlib"],
                                                                   strict=True)
-         for b in ("cpu", "flex", "triton") if not (b == "flex" and c[5] != c[6])]
+         for b in ("cpu", "flex", "triton")]
 
 
 @pytest.mark.parametrize(("backend", "case"), PAIRS)

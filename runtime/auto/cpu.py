@@ -236,9 +236,9 @@ class CpuPolicy:
         from ..backends.flex.runner import block_refusal, fused_refusal
 
         pat = self.pattern
-        if bound.q_offset:  # decoding after a KV cache: the executor's rows (runtime.backends.cpu.rows); Flex has no offset
+        if bound.q_offset:  # decoding after a KV cache: the executor's rows (runtime.backends.cpu.rows)
             self.last = Choice("cpu", "queries after a KV cache run the executor's decoding rows "
-                                      "(the Flex lowering has no query offset)")
+                                      "(the present rows' mask only; no plan per step)")
             return self.last
         tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
         refusal = fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *tensors.values()), need_lse)

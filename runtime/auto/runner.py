@@ -57,7 +57,7 @@ class AutoRunner(CpuPolicy, Registered):
             if self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
                 return self.flex.forward(call, q, k, v)
             return self.cpu.forward(call, q, k, v)
-        if call.q_offset:  # the Triton kernels at the queries' offset (Flex has no query offset)
+        if call.q_offset:  # the Triton kernels at the queries' offset (a decode step is not in the tuned buckets)
             self.cuda_last = "triton"
             return self.triton.forward(call, q, k, v)
         if flex_won(self, call.bound, q, k):

@@ -429,7 +429,8 @@ class FlexRunner(Registered):
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "flex"
     op = "flex"
-    support = Support(query_offset=None)
+    #: queries after a KV cache: their rows' positions folded into the mods (a sequence's; grids refused)
+    support = Support(query_offset="sequence")
 
     @property
     def last_schedule(self):
