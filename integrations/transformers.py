@@ -12,20 +12,49 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
 
 * padding: the 2-D ``attention_mask`` reaches the layer through the mask
   function registered under the same name in ``AttentionMaskInterface`` (HF
-  skips mask creation for names it does not know there) and becomes a per-batch
-  key input (``hf_key_padding[k] != 0``). A query row whose keys are all padding
-  (a left-padded position) comes out as zeros, never NaN; HF never reads it.
+  skips mask creation for names it does not know there) as the layer's keys'
+  padding, bool ``[B, 1, 1, keys]`` (None when no key is padding), and becomes a
+  per-batch key input (``hf_key_padding[k] != 0``). A 2-D ``[B, keys]`` mask
+  handed to the attention function directly is taken the same way; other masks
+  (HF's 4-D masks of sdpa or eager, custom ones) are refused. A query row whose
+  keys are all padding (a left-padded position) comes out as zeros, never NaN;
+  HF never reads it.
 * the layer's sliding window (``sliding_window=`` from Mistral or Gemma 2's
   sliding layers): ``q - k < sliding_window``, HF's own rule;
 * the layer's logit softcap (Gemma 2's ``attn_logit_softcapping``) and scaling
   (``query_pre_attn_scalar``). A pattern with its own softcap must agree.
 * the KV cache: with ``nk > n`` keys the queries are the last ``n`` positions
-  (attnc's decoding rule), which is where HF's cache puts them. HF's sliding
-  layers keep only their last ``sliding_window - 1`` keys; positions there are
-  relative to the kept keys, which changes nothing for a pattern that depends on
-  ``q - k`` only (causal, windows, dilation) but moves absolute positions
-  (``k < sinks``): use such a pattern on full-attention layers. Static caches
-  (queries inside a preallocated buffer) are refused.
+  (attnc's decoding rule), which is where HF's dynamic caches put them. HF's
+  sliding layers keep only their last keys (``sliding_window - 1``, or
+  ``sliding_window`` in a static cache); positions there are relative to the kept
+  keys, which changes nothing for a pattern that depends on ``q - k`` only
+  (causal, windows, dilation) but moves absolute positions (``k < sinks``): use
+  such a pattern on full-attention layers.
+* static caches (``generate(..., cache_implementation="static")``): a layer gets
+  its whole preallocated buffer, the queries somewhere inside it. The mask
+  function (which HF calls once per forward and layer kind, with the queries'
+  offset) reads where the queries end (a host read of the cache's length) and
+  returns the padding of the filled keys only, ``[B, 1, 1, filled]`` bool; the
+  attention function runs on the buffer's first ``filled`` keys (a view), so the
+  queries are again the last ones. A 4-D mask passes HF's mask preparation
+  unchanged, which matters where ``generate`` prepares the masks of a static
+  cache before the forward (it would otherwise read a 2-D result as a new 2-D
+  padding mask). On a GPU ``generate`` compiles the forward of a static cache
+  (``mode="reduce-overhead"``): these host reads break the graph there
+  (``disable_compile=True`` runs it eagerly).
+* HF's paged cache (continuous batching: ``generate_batch``,
+  ``cache_implementation="paged"``) cannot reach a registered attention function
+  in transformers 5.24: ``ContinuousBatchingManager.switch_to_cb_friendly_attn``
+  (``generation/continuous_batching/continuous_api.py``) raises ``ValueError``
+  for every implementation but ``"paged|eager"``, ``"sdpa"`` and names with
+  ``flash`` in them, and a name with ``flash`` is loaded as a flash-attention
+  kernel (``modeling_flash_attention_utils.lazy_import_flash_attention``, from
+  the hub for unknown names). The pages themselves (``block_table``, ``k_cache``,
+  ``v_cache``) reach only flash-attention 2/3 on CUDA or XPU
+  (``continuous_batching/initialization.py``); sdpa and eager get the pages
+  gathered into packed keys with a block-diagonal 4-D float mask. attnc's own
+  paged call (``attn(q, k_cache, v_cache, block_table=..., cache_seqlens=...)``)
+  serves callers that manage their pages themselves.
 
 GQA (fewer key/value heads) is passed through natively. HF's ``[B, H, N, D]``
 query/key/value come in, ``[B, N, H, D]`` goes out. Not applied: HF's
@@ -54,28 +83,46 @@ PAD_INPUT = "hf_key_padding"
 
 # Names transformers itself defines: registering over them would silently change
 # every model that asks for them.
-_RESERVED = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3", "flash_attention_4",
-             "paged|eager")
+_RESERVED = (
+    "eager",
+    "sdpa",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "paged|eager",
+)
 
 
 def _base_pattern(pattern, params: dict) -> ir.PatternIR:
     if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR):
         if params:
-            raise SpecError("parameters apply when loading; this pattern is already loaded", where="argument pattern",
-                            hint="pass the source (path, 'stdlib:NAME' or text) instead")
+            raise SpecError(
+                "parameters apply when loading; this pattern is already loaded",
+                where="argument pattern",
+                hint="pass the source (path, 'stdlib:NAME' or text) instead",
+            )
         pat = pattern
     else:
         pat = load(pattern, **params)
     if not isinstance(pat, ir.PatternIR):
-        raise SpecError(f"'{pat.name}' is a recurrence; HF attention layers take a softmax pattern",
-                        where="argument pattern")
+        raise SpecError(
+            f"'{pat.name}' is a recurrence; HF attention layers take a softmax pattern",
+            where="argument pattern",
+        )
     if not pat.self_attention or pat.queries.kind != "seq":
-        raise SpecError(f"pattern '{pat.name}' has layout queries {pat.queries.describe()} / keys "
-                        f"{pat.keys.describe()}; HF attention layers need `tokens seq`", where="argument pattern")
+        raise SpecError(
+            f"pattern '{pat.name}' has layout queries {pat.queries.describe()} / keys "
+            f"{pat.keys.describe()}; HF attention layers need `tokens seq`",
+            where="argument pattern",
+        )
     if pat.inputs:
         names = ", ".join(i.name for i in pat.inputs)
-        raise SpecError(f"pattern '{pat.name}' takes call-time inputs ({names}) that HF layers cannot pass",
-                        where="argument pattern", hint="use a pattern without `input` declarations")
+        raise SpecError(
+            f"pattern '{pat.name}' takes call-time inputs ({names}) that HF layers cannot pass",
+            where="argument pattern",
+            hint="use a pattern without `input` declarations",
+        )
     return pat
 
 
@@ -91,25 +138,46 @@ def _model_terms(padded: bool, window: int | None) -> ir.PatternIR:
     return load("\n".join(lines) + "\n")
 
 
-def layer_pattern(base: ir.PatternIR, *, padded: bool = False, window: int | None = None,
-                  softcap: float | None = None) -> ir.PatternIR:
+def layer_pattern(
+    base: ir.PatternIR,
+    *,
+    padded: bool = False,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> ir.PatternIR:
     """``base`` with one HF layer's conditions: key padding, sliding window, softcap."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise SpecError(f"sliding_window must be a positive int, got {window!r}", where="argument sliding_window")
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise SpecError(
+            f"sliding_window must be a positive int, got {window!r}",
+            where="argument sliding_window",
+        )
     pat = base
     if padded or window is not None:
         extra = _model_terms(padded, window)
-        pat = dataclasses.replace(pat, mask=S.logic_and(pat.mask, extra.mask), inputs=pat.inputs + extra.inputs)
+        pat = dataclasses.replace(
+            pat, mask=S.logic_and(pat.mask, extra.mask), inputs=pat.inputs + extra.inputs
+        )
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, int | float) or not (
-            math.isfinite(softcap) and softcap > 0
+        if (
+            isinstance(softcap, bool)
+            or not isinstance(softcap, int | float)
+            or not (math.isfinite(softcap) and softcap > 0)
         ):
-            raise SpecError(f"softcap must be a positive number, got {softcap!r}", where="argument softcap")
+            raise SpecError(
+                f"softcap must be a positive number, got {softcap!r}", where="argument softcap"
+            )
         if base.softcap is None:
             pat = dataclasses.replace(pat, softcap=sympy.Float(float(softcap)))
-        elif not (base.softcap.is_number and math.isclose(float(base.softcap), softcap, rel_tol=1e-12)):
-            raise SpecError(f"the model softcaps logits at {softcap} but pattern '{base.name}' at {base.softcap}",
-                            where="argument pattern", hint="drop the pattern's softcap clause; the model's applies")
+        elif not (
+            base.softcap.is_number and math.isclose(float(base.softcap), softcap, rel_tol=1e-12)
+        ):
+            raise SpecError(
+                f"the model softcaps logits at {softcap} but pattern '{base.name}' at {base.softcap}",
+                where="argument pattern",
+                hint="drop the pattern's softcap clause; the model's applies",
+            )
     return pat
 
 
@@ -130,48 +198,100 @@ class _Implementation:
             self.modules[key] = compile_attention(pat, backend=self.backend)
         return self.modules[key]
 
-    def attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
-                  sliding_window: int | None = None, softcap: float | None = None, **kwargs):
+    def attention(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float | None = None,
+        dropout: float = 0.0,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        **kwargs,
+    ):
         """HF's attention-function signature: [B, H, N, D] in, ([B, N, H, D], None) out."""
         if dropout and getattr(module, "training", False):
-            raise SpecError(f"attn_implementation={self.name!r} has no attention dropout (got {dropout})",
-                            where="argument dropout", hint="set the config's attention_dropout to 0")
-        padded = attention_mask is not None
+            raise SpecError(
+                f"attn_implementation={self.name!r} has no attention dropout (got {dropout})",
+                where="argument dropout",
+                hint="set the config's attention_dropout to 0",
+            )
         inputs = {}
-        if padded:
-            if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != (key.shape[0], key.shape[2]):
-                shape = getattr(attention_mask, "shape", type(attention_mask).__name__)
-                raise SpecError(f"attn_implementation={self.name!r} takes a 2-D padding mask [batch, keys] = "
-                                f"[{key.shape[0]}, {key.shape[2]}], got {shape}", where="argument attention_mask",
-                                hint="custom 4-D masks are not translated; express them in the pattern")
-            inputs[PAD_INPUT] = attention_mask.to(torch.int64)
-        attn = self.module(padded, sliding_window, None if softcap is None else float(softcap))
+        if attention_mask is not None:
+            pad = self._key_padding(attention_mask, query, key)
+            if pad.shape[1] < key.shape[2]:  # a static cache: its filled keys, the queries last
+                key, value = key[:, :, : pad.shape[1]], value[:, :, : pad.shape[1]]
+            inputs[PAD_INPUT] = pad.to(torch.int64)
+        attn = self.module(
+            attention_mask is not None, sliding_window, None if softcap is None else float(softcap)
+        )
         out = attn(query, key, value, scale=scaling, **inputs)
         return out.transpose(1, 2).contiguous(), None
 
+    def _key_padding(self, mask, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """The keys' padding ``[B, keys]`` from the mask function's ``[B, 1, 1, keys]`` (``keys`` up to
+        the buffer's length, at least the queries') or a 2-D ``[B, keys]`` mask; anything else refused."""
+        batch, buffer, n = key.shape[0], key.shape[2], query.shape[2]
+        shape = tuple(getattr(mask, "shape", ()))
+        four_d = len(shape) == 4 and shape[:3] == (batch, 1, 1) and n <= shape[3] <= buffer
+        if isinstance(mask, torch.Tensor) and four_d and mask.dtype == torch.bool:
+            return mask[:, 0, 0]
+        if isinstance(mask, torch.Tensor) and shape == (batch, buffer):
+            return mask
+        got = list(shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise SpecError(
+            f"attn_implementation={self.name!r} takes the keys' padding, bool [batch, 1, 1, keys] "
+            f"(from its mask function) or [batch, keys] = [{batch}, {buffer}], got {got}"
+            + (f" {mask.dtype}" if isinstance(mask, torch.Tensor) else ""),
+            where="argument attention_mask",
+            hint="custom 4-D masks are not translated; express them in the pattern",
+        )
 
-def _padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                  mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
-    """The mask function HF calls for our names: the keys' padding, [B, kv_length] bool, or None."""
+
+def _padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """The mask function HF calls for our names: the padding of the keys the layer holds,
+    ``[B, 1, 1, keys]`` bool, or None (no padding and no static buffer)."""
     # attnc puts the queries at the end of the keys. Dynamic caches (full and sliding) do
-    # too; a static cache hands over its whole buffer with the queries somewhere inside.
+    # too; a static cache hands over its whole buffer of kv_length slots with the queries
+    # inside: its filled keys end where the queries do.
     q_end, kv_end = int(q_offset) + q_length, int(kv_offset) + kv_length
-    if q_end != kv_end:
-        raise SpecError(f"the queries end at position {q_end} but the keys at {kv_end} (a static or "
-                        "preallocated KV cache); attnc takes the queries as the last keys",
-                        where="argument past_key_values", hint="use the default DynamicCache")
-    if attention_mask is None:
+    keys = q_end - int(kv_offset)
+    if not q_length <= keys <= kv_length:
+        raise SpecError(
+            f"the queries end at position {q_end}, outside the layer's keys "
+            f"[{kv_offset}, {kv_end}); attnc takes the queries as the last keys",
+            where="argument past_key_values",
+            hint="use a DynamicCache or a StaticCache",
+        )
+    pad = None
+    if attention_mask is not None:
+        # HF's 2-D mask covers every token seen; the layer holds the keys from kv_offset (a
+        # sliding layer's cache keeps only its last keys). Positions past the mask are padding,
+        # as in HF's own mask functions.
+        pad = attention_mask.to(torch.bool)
+        missing = q_end - pad.shape[-1]
+        if missing > 0:
+            pad = torch.nn.functional.pad(pad, (0, missing))
+        pad = pad[:, int(kv_offset) : q_end]
+        if bool(pad.all()):
+            pad = None
+    if pad is None and keys == kv_length:
         return None
-    # HF's 2-D mask covers every token seen; the layer sees kv_length keys from kv_offset
-    # (a sliding layer's cache keeps only its last keys). Slots past the mask (a static
-    # cache's empty tail) are padding, as in HF's own mask functions.
-    pad = attention_mask.to(torch.bool)
-    missing = kv_offset + kv_length - pad.shape[-1]
-    if missing > 0:
-        pad = torch.nn.functional.pad(pad, (0, missing))
-    pad = pad[:, kv_offset : kv_offset + kv_length]
-    return None if bool(pad.all()) else pad
+    if pad is None:  # a static buffer without padding: the mask carries how many keys are filled
+        device = kwargs.get("device", attention_mask.device if attention_mask is not None else None)
+        pad = torch.ones(batch_size, keys, dtype=torch.bool, device=device)
+    return pad[:, None, None, :]
 
 
 def register(name: str, pattern, *, backend: str = "auto", **params) -> str:
@@ -188,10 +308,14 @@ def register(name: str, pattern, *, backend: str = "auto", **params) -> str:
     from transformers.masking_utils import AttentionMaskInterface
 
     if not isinstance(name, str) or not name or name in _RESERVED:
-        raise SpecError(f"name must be a new attention implementation name, got {name!r}", where="argument name",
-                        hint="transformers' own names (" + ", ".join(_RESERVED) + ") are not replaced")
+        raise SpecError(
+            f"name must be a new attention implementation name, got {name!r}",
+            where="argument name",
+            hint="transformers' own names (" + ", ".join(_RESERVED) + ") are not replaced",
+        )
     impl = _Implementation(name, _base_pattern(pattern, params), backend)
-    compile_attention(impl.base, backend=backend)  # a bad backend is refused now, not in the first forward
+    # a bad backend is refused now, not in the first forward
+    compile_attention(impl.base, backend=backend)
     AttentionInterface.register(name, impl.attention)
     AttentionMaskInterface.register(name, _padding_mask)
     return name

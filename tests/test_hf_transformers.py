@@ -15,14 +15,18 @@ CAUSAL = "pattern hf_causal\n  tokens seq\n  mask causal\n"
 VOCAB = 48
 
 
-def _dense64(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def _dense64(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs
+):
     """HF's eager attention without its float32 softmax: an exact float64 reference."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     scores = query @ key.transpose(-1, -2) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    if attention_mask is not None:  # HF's eager mask: 0 or the dtype's minimum, causal/window/padding
+    if (
+        attention_mask is not None
+    ):  # HF's eager mask: 0 or the dtype's minimum, causal/window/padding
         scores = scores + attention_mask[..., : key.shape[2]]
     return (scores.softmax(-1) @ value).transpose(1, 2).contiguous(), None
 
@@ -32,23 +36,40 @@ def registered():
     hf.register("attnc_causal", CAUSAL)
     hf.register("attnc_swa3", "stdlib:sliding_window", window=3)
     transformers.AttentionInterface.register("dense64", _dense64)
-    transformers.masking_utils.AttentionMaskInterface.register("dense64", transformers.masking_utils.eager_mask)
+    transformers.masking_utils.AttentionMaskInterface.register(
+        "dense64", transformers.masking_utils.eager_mask
+    )
 
 
 def _model(kind: str, dtype=torch.float64, **extra):
     torch.manual_seed({"llama": 0, "mistral": 1, "gemma2": 2}[kind])
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                  pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, **extra))
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, **extra))
     else:
-        cfg = transformers.Gemma2Config(**common, head_dim=8, query_pre_attn_scalar=5,
-                                        attn_logit_softcapping=0.7, final_logit_softcapping=None,
-                                        sliding_window=3, layer_types=["sliding_attention", "full_attention"],
-                                        **extra)
+        cfg = transformers.Gemma2Config(
+            **common,
+            head_dim=8,
+            query_pre_attn_scalar=5,
+            attn_logit_softcapping=0.7,
+            final_logit_softcapping=None,
+            sliding_window=3,
+            layer_types=["sliding_attention", "full_attention"],
+            **extra,
+        )
         model = transformers.Gemma2ForCausalLM(cfg)
     return model.to(dtype).eval()
 
@@ -59,7 +80,7 @@ def _batch(lengths, total, left):
     mask = torch.zeros(len(lengths), total, dtype=torch.long)
     for b, n in enumerate(lengths):
         if left:
-            mask[b, total - n:] = 1
+            mask[b, total - n :] = 1
         else:
             mask[b, :n] = 1
     return ids * mask, mask
@@ -74,7 +95,9 @@ def _logits(model, impl, ids, mask):
 def _generate(model, impl, ids, mask, steps, **kw):
     model.set_attn_implementation(impl)
     with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kw)
+        return model.generate(
+            ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kw
+        )
 
 
 def _spy(monkeypatch):
@@ -122,9 +145,13 @@ def test_padded_forward_matches_sdpa(kind, left, monkeypatch):
     valid = mask.bool()
     assert not ours.isnan().any()  # left padding: rows with no real key come out finite
     for impl in ("sdpa", "dense64"):
-        torch.testing.assert_close(ours[valid], _logits(model, impl, ids, mask)[valid], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            ours[valid], _logits(model, impl, ids, mask)[valid], rtol=1e-10, atol=1e-10
+        )
     if left:  # the padding matters there: without it the short rows differ
-        assert not torch.allclose(_logits(model, "attnc_causal", ids, None)[valid], ours[valid], atol=1e-6)
+        assert not torch.allclose(
+            _logits(model, "attnc_causal", ids, None)[valid], ours[valid], atol=1e-6
+        )
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral"])
@@ -146,8 +173,12 @@ def test_left_padded_generate_matches_sdpa(kind, monkeypatch):
     full = torch.cat([mask, torch.ones(3, 6, dtype=torch.long)], dim=1)
     ours_logits = _logits(model, "attnc_causal", ours, full)
     assert not ours_logits.isnan().any()
-    torch.testing.assert_close(ours_logits[full.bool()], _logits(model, "sdpa", ours, full)[full.bool()],
-                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ours_logits[full.bool()],
+        _logits(model, "sdpa", ours, full)[full.bool()],
+        rtol=1e-10,
+        atol=1e-10,
+    )
 
 
 @pytest.mark.parametrize("left", [False, True])
@@ -158,21 +189,31 @@ def test_gemma2_softcap_scaling_and_alternating_windows(left, monkeypatch):
     ours = _logits(model, "attnc_causal", ids, mask)
     assert {s[3] for s in seen} == {3, None}  # one sliding and one full layer
     valid = mask.bool()
-    torch.testing.assert_close(ours[valid], _logits(model, "dense64", ids, mask)[valid], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        ours[valid], _logits(model, "dense64", ids, mask)[valid], rtol=1e-10, atol=1e-10
+    )
     if not left:  # HF eager: float32 softmax, and NaN on any fully padded row in float64
-        torch.testing.assert_close(_logits(model, "attnc_causal", ids, None), _logits(model, "eager", ids, None),
-                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            _logits(model, "attnc_causal", ids, None),
+            _logits(model, "eager", ids, None),
+            rtol=1e-6,
+            atol=1e-6,
+        )
     # The softcap is the model's: the same model without it gives other logits.
     model.config.attn_logit_softcapping = None
     for layer in model.model.layers:
         layer.self_attn.attn_logit_softcapping = None
-    assert not torch.allclose(_logits(model, "attnc_causal", ids, mask)[valid], ours[valid], atol=1e-6)
+    assert not torch.allclose(
+        _logits(model, "attnc_causal", ids, mask)[valid], ours[valid], atol=1e-6
+    )
 
 
 def test_gemma2_left_padded_generate_matches_dense64():
     model = _model("gemma2")
     ids, mask = _batch([6, 3], 6, left=True)
-    assert torch.equal(_generate(model, "attnc_causal", ids, mask, 5), _generate(model, "dense64", ids, mask, 5))
+    assert torch.equal(
+        _generate(model, "attnc_causal", ids, mask, 5), _generate(model, "dense64", ids, mask, 5)
+    )
 
 
 def test_pattern_window_equals_model_window():
@@ -184,15 +225,19 @@ def test_pattern_window_equals_model_window():
     ours = _logits(plain, "attnc_swa3", ids, mask)
     ref = _logits(windowed, "sdpa", ids, mask)
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-10, atol=1e-10)
-    assert not torch.allclose(_logits(plain, "sdpa", ids, mask)[mask.bool()], ref[mask.bool()], atol=1e-6)
+    assert not torch.allclose(
+        _logits(plain, "sdpa", ids, mask)[mask.bool()], ref[mask.bool()], atol=1e-6
+    )
 
 
 def test_layer_pattern_is_the_written_spec():
     """The model's conditions ANDed by the integration give the IR of the same spec written by hand."""
     base = attnc.load(CAUSAL)
     built = hf.layer_pattern(base, padded=True, window=4, softcap=30.0)
-    text = attnc.load(f"pattern hf_causal\n  tokens seq\n  input {hf.PAD_INPUT}: int[n]\n"
-                      f"  mask causal and q - k < 4 and {hf.PAD_INPUT}[k] != 0\n  softcap 30.0\n")
+    text = attnc.load(
+        f"pattern hf_causal\n  tokens seq\n  input {hf.PAD_INPUT}: int[n]\n"
+        f"  mask causal and q - k < 4 and {hf.PAD_INPUT}[k] != 0\n  softcap 30.0\n"
+    )
     assert built.key() == text.key()
     assert hf.layer_pattern(base) is base
 
@@ -204,17 +249,84 @@ def test_padding_mask_function_slices_the_sliding_cache():
     pad = hf._padding_mask(2, 1, 4, q_offset=6, kv_offset=3, attention_mask=am[:, :7])
     assert pad is None
     pad = hf._padding_mask(2, 1, 6, q_offset=6, kv_offset=1, attention_mask=am)
-    assert pad.tolist() == [[False] + [True] * 5, [True] * 6]
-    # A static cache: 9 slots, the query at position 6.
-    with pytest.raises(attnc.SpecError, match="past_key_values"):
-        hf._padding_mask(2, 1, 9, q_offset=torch.tensor(6), attention_mask=am)
+    assert pad.shape == (2, 1, 1, 6) and pad.dtype == torch.bool
+    assert pad[:, 0, 0].tolist() == [[False] + [True] * 5, [True] * 6]
 
 
-def test_static_cache_is_refused():
-    model = _model("llama")
-    ids, mask = _batch([4, 2], 4, left=True)
-    with pytest.raises(attnc.SpecError, match="static"):
-        _generate(model, "attnc_causal", ids, mask, 3, cache_implementation="static")
+def test_padding_mask_function_on_a_static_buffer():
+    """A static cache: 9 slots, the query at position 6 (HF passes the offset as a tensor): the mask
+    covers the 7 filled keys, also without padding (its length says where the queries end)."""
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    pad = hf._padding_mask(2, 1, 9, q_offset=torch.tensor(6), attention_mask=am)
+    assert pad[:, 0, 0].tolist() == [[False, False] + [True] * 5, [True] * 7]
+    pad = hf._padding_mask(2, 1, 9, q_offset=torch.tensor(6), attention_mask=None, device="cpu")
+    assert pad.shape == (2, 1, 1, 7) and bool(pad.all())
+    # a prefill of 4 queries into the empty buffer; a 2-D mask shorter than the keys pads them
+    pad = hf._padding_mask(2, 4, 9, q_offset=torch.tensor(0), attention_mask=am[:, :3])
+    assert pad[:, 0, 0].tolist() == [[False, False, True, False], [True, True, True, False]]
+    with pytest.raises(attnc.SpecError, match="outside the layer's keys") as err:
+        hf._padding_mask(2, 4, 9, q_offset=torch.tensor(6), attention_mask=am)  # ends at 10 > 9
+    assert err.value.where == "argument past_key_values"
+
+
+def _static_steps(monkeypatch):
+    """(buffer length, filled keys) of every attention call."""
+    seen = []
+    orig = hf._Implementation._key_padding
+
+    def spy(self, mask, query, key):
+        pad = orig(self, mask, query, key)
+        seen.append((key.shape[2], pad.shape[1]))
+        return pad
+
+    monkeypatch.setattr(hf._Implementation, "_key_padding", spy)
+    return seen
+
+
+@pytest.mark.parametrize("left", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_static_cache_generate_matches_sdpa(kind, left, monkeypatch):
+    """generate(cache_implementation="static"): token for token HF's sdpa with the same static cache
+    and with its dynamic one. Llama's layers get the whole 12-slot buffer and attend its filled keys;
+    Mistral's window 3 is shorter than the prompt, so its static sliding layers hold 3 keys."""
+    extra = {"sliding_window": 3} if kind == "mistral" else {}
+    model = _model(kind, **extra)
+    ids, mask = _batch([7, 4, 1] if left else [7, 7, 7], 7, left=left)
+    seen = _static_steps(monkeypatch)
+    ours = _generate(model, "attnc_causal", ids, mask, 6, cache_implementation="static")
+    assert torch.equal(ours, _generate(model, "sdpa", ids, mask, 6, cache_implementation="static"))
+    assert torch.equal(ours, _generate(model, "sdpa", ids, mask, 6))
+    if kind == "llama":  # the prefill and 5 steps of 2 layers, each on the keys filled so far; the
+        # last step fills the buffer, which needs a mask only for its padding
+        assert seen == [(12, filled) for filled in range(7, 13 if left else 12) for _ in range(2)]
+    elif left:  # the prefill overflows the 3 slots (HF hands over its 7 keys), then full, rolled
+        # buffers of 3: padded only while a kept key is padding (the first step)
+        assert seen == [(7, 7)] * 2 + [(3, 3)] * 2
+    else:  # no padding, no partly filled buffer: no mask at all
+        assert seen == []
+
+
+def test_static_cache_generate_gemma2_matches_dense64():
+    """Gemma 2: softcap, scaling, alternating sliding (3 slots) and full (12 slots) static layers."""
+    model = _model("gemma2")
+    ids, mask = _batch([6, 3], 6, left=True)
+    ours = _generate(model, "attnc_causal", ids, mask, 6, cache_implementation="static")
+    assert torch.equal(
+        ours, _generate(model, "dense64", ids, mask, 6, cache_implementation="static")
+    )
+    assert torch.equal(ours, _generate(model, "attnc_causal", ids, mask, 6))
+
+
+def test_paged_generation_cannot_reach_a_registered_implementation():
+    """transformers 5.24's paged cache (continuous batching) admits only "paged|eager", "sdpa" and
+    flash implementations (``ContinuousBatchingManager.switch_to_cb_friendly_attn``), as README's HF
+    section says. Should this pass a registered name through, wire its pages to attnc's paged call."""
+    model = _model("llama", dtype=torch.float32)
+    model.set_attn_implementation("attnc_causal")
+    ids, _ = _batch([4, 4], 4, left=False)
+    with pytest.raises(ValueError, match="attnc_causal is not supported for continuous batching"):
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="paged")
 
 
 def test_refusals(monkeypatch):
@@ -232,7 +344,9 @@ def test_refusals(monkeypatch):
         hf.register("attnc_x", attnc.load(CAUSAL), window=3)
     with pytest.raises(attnc.SpecError, match="softcap"):
         hf.layer_pattern(attnc.load("stdlib:softcap", cap=50.0), softcap=30.0)
-    assert hf.layer_pattern(attnc.load("stdlib:softcap", cap=50.0), softcap=50.0).softcap is not None
+    assert (
+        hf.layer_pattern(attnc.load("stdlib:softcap", cap=50.0), softcap=50.0).softcap is not None
+    )
     assert "attnc_x" not in transformers.AttentionInterface._global_mapping
     model = _model("llama")
     model.set_attn_implementation("attnc_causal")
@@ -240,6 +354,18 @@ def test_refusals(monkeypatch):
     four_d = torch.zeros(1, 1, 4, 4)
     with pytest.raises(attnc.SpecError, match="attention_mask"), torch.no_grad():
         model(ids, attention_mask=four_d)
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 2, 5, 8)
+    impl = transformers.AttentionInterface._global_mapping["attnc_causal"].__self__
+    assert impl._key_padding(torch.ones(1, 1, 1, 3, dtype=torch.bool), q, k).shape == (1, 3)
+    for bad in (
+        torch.ones(1, 1, 2, 5, dtype=torch.bool),  # HF's sdpa mask: one row per query
+        torch.ones(1, 1, 1, 6, dtype=torch.bool),  # more keys than the buffer holds
+        torch.ones(1, 1, 1, 1, dtype=torch.bool),  # fewer keys than queries
+        torch.zeros(1, 1, 1, 5),  # a float (additive) mask
+    ):
+        with pytest.raises(attnc.SpecError, match="keys' padding") as err:
+            impl._key_padding(bad, q, k)
+        assert err.value.where == "argument attention_mask"
     model.train()
     monkeypatch.setattr(model.model.layers[0].self_attn, "attention_dropout", 0.1)
     with pytest.raises(attnc.SpecError, match="dropout"):
