@@ -3,8 +3,9 @@
 ``generate_source`` gives the module for one pattern, bound sizes and schedule shape: a header,
 the helper functions it calls, the pattern's ``_mask`` (and ``_bias_head``, ``_bias``) functions,
 a forward kernel (FlashAttention-2 online softmax over the FULL and PARTIAL KV lists of each Q
-tile), a dQ kernel over the same lists and a dK/dV kernel over the transposed lists. Same inputs,
-same text. ``KernelSource`` binds the pattern (internal names, input slots, the printed mask and
+tile; with ``SPLIT_KV`` each program walks a share of the lists, and a merge kernel combines the
+splits' partials: flash decoding), a dQ kernel over the same lists and a dK/dV kernel over the
+transposed lists. Same inputs, same text. ``KernelSource`` binds the pattern (internal names, input slots, the printed mask and
 bias) and assembles the module from the pieces beside this file, one job each:
 
 - ``expr_printer``: the sympy printer shared with the FlexAttention generator;
@@ -194,7 +195,8 @@ class KernelSource(ScoreLines, KernelBodies):
             if self.bias_head_text is not None:
                 parts.append(self._bias_head_fn())
             parts.append(self._bias_fn())
-        parts += [self._forward(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
+        parts += [self._forward(), self._forward_combine(), self._backward_delta(), self._backward_dq(),
+                  self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 
     def _header(self) -> str:
@@ -207,7 +209,9 @@ class KernelSource(ScoreLines, KernelBodies):
             f"Q tiles {s.q_tile} over {s.q_extents} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} over "
             f"{s.kv_extents} (BLOCK_N {s.block_n}), layout {self.layout}",
             "",
-            "attnc_fwd        online softmax over each Q tile's FULL then PARTIAL KV tiles",
+            "attnc_fwd        online softmax over each Q tile's FULL then PARTIAL KV tiles (SPLIT_KV: over a",
+            "                 share of them, a partial out and lse per split)",
+            "attnc_fwd_combine  split-KV: the splits' partials merged by log-sum-exp",
             "attnc_bwd_delta  the backward's row term rowsum(dO * O) - dlse, in token order",
             "attnc_bwd_dq     dQ (and per-query sums of dS) over the same lists",
             "attnc_bwd_dkdv   dK, dV (and per-key sums of dS) over the transposed lists; with ATOMIC_DQ also",

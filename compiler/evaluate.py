@@ -676,17 +676,22 @@ def mask_input_names(pat: ir.PatternIR) -> frozenset[str]:
 CHECK_CHUNK = 1 << 22
 
 
-def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int | None = None) -> None:
+def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int | None = None, *,
+                       value_indexed: bool | None = None) -> None:
     """Raise ``index_error`` unless every input index of the mask is in range at every
     (head, query, key): the mask is read everywhere (the reference evaluates it on
     the whole matrix), while the tiled backends evaluate it on PARTIAL tiles only.
     Only the index expressions are evaluated, by chunks of queries, and over one
-    query (key) where they do not depend on the query (key)."""
+    query (key) where they do not depend on the query (key). ``value_indexed``: only the
+    reads whose index reads an input (True; ``value_indexed_sites``) or only the others (False),
+    whose check depends on the sizes alone, not on any input's values."""
     if not input_names(pat.mask):
         return
     q_syms = {S.Q} | {S.coord("q", a) for a in pat.queries.axis_names}
     k_syms = {S.K} | {S.coord("k", a) for a in pat.keys.axis_names}
     for site in input_sites(substitute(pat.mask, bound)):
+        if value_indexed is not None and _reads_by_value(site) != value_indexed:
+            continue
         n = bound.n if site.free_symbols & q_syms else 1
         nk = bound.nk if site.free_symbols & k_syms else 1
         rows = max(1, CHECK_CHUNK // (nk * bound.heads))
@@ -694,6 +699,17 @@ def check_mask_indices(pat: ir.PatternIR, bound: Bound, inputs: dict, batch: int
             ev = evaluator(pat, bound, inputs, batch=batch, q_index=torch.arange(start, min(n, start + rows)),
                            k_index=torch.arange(nk), required=mask_input_names(pat))
             ev(site)
+
+
+def _reads_by_value(site: sympy.Basic) -> bool:
+    """Whether an input read's index reads an input (``w[doc[q]]``), not positions and sizes alone."""
+    return any(input_names(a) for a in site.args)
+
+
+def value_indexed_sites(expr: sympy.Basic | None) -> list[sympy.Basic]:
+    """The input reads of an expression whose index reads an input: whether they are in range depends on
+    that input's values (every other read's on the sizes alone, checked once per sizes)."""
+    return [site for site in input_sites(expr) if _reads_by_value(site)]
 
 
 def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:

@@ -1,5 +1,6 @@
 """The kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
-FULL and PARTIAL KV tiles of each Q tile), ``attnc_bwd_delta`` (the backward's row term
+FULL and PARTIAL KV tiles of each Q tile; with ``SPLIT_KV``, a share of them per split, whose partial
+out and lse ``attnc_fwd_combine`` merges), ``attnc_bwd_delta`` (the backward's row term
 ``rowsum(dO * O) - dlse``, one read of each), ``attnc_bwd_dq`` (dQ over the same lists) and
 ``attnc_bwd_dkdv`` (dK, dV over the transposed lists; with ``ATOMIC_DQ`` also dQ, added by atomics,
 and no dQ kernel runs): their parameters, program
@@ -34,16 +35,32 @@ def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
             + f'    """{doc}"""\n' + indent(body, 4))
 
 
-def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False) -> list[str]:
+def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False, split: bool = False) -> list[str]:
     """The head of a loop over one tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) of the
     (batch, head) class ``cls`` and tile ``tile_var`` of ``tiles``: its length, its base, the first tile
-    of a run (``{kind}_RUN``), ``for j``; ``warp_spec``: a loop Triton warp-specializes under ``WARP_SPEC``."""
-    loop = ("for j in tl.range(0, n_list, warp_specialize=WARP_SPEC):" if warp_spec else
-            "for j in range(0, n_list):")
+    of a run (``{kind}_RUN``), ``for j``; ``warp_spec``: a loop Triton warp-specializes under ``WARP_SPEC``;
+    ``split``: under ``SPLIT_KV`` the loop walks this program's share of the list (``split_share``)."""
+    first = "j_lo" if split else "0"
+    loop = (f"for j in tl.range({first}, n_list, warp_specialize=WARP_SPEC):" if warp_spec else
+            f"for j in range({first}, n_list):")
     return [*list_bounds(kind, tiles, tile_var, "n_list", "list_base"),
             f"if {kind}_RUN:  # every list of this launch is one run of consecutive tiles",
             "    run_start = tl.load(list_base)",
+            *(split_share() if split else []),
             loop]
+
+
+def split_share() -> list[str]:
+    """The forward's split-KV share of a list (``SPLIT_KV``): split ``split`` of ``splits`` walks entries
+    ``[n * split // splits, n * (split + 1) // splits)``, a contiguous range of nearly equal length, so the
+    shares of every split cover the list once. The loop starts at the share's first entry (``j_lo``) and the
+    body reads the list as before: moving the list's base and a run's first tile instead kept one more value
+    live over the loop, which ptxas spilled (8 B, sm_80, d 64, Triton 3.9). Without ``SPLIT_KV``, ``j_lo`` is
+    the constant 0 and the loop the one-program forward's."""
+    return ["j_lo = 0  # the first entry walked",
+            "if SPLIT_KV:  # flash decoding: this program's share of the list, a contiguous range of it",
+            "    j_lo = n_list * split // splits",
+            "    n_list = n_list * (split + 1) // splits  # the share's end"]
 
 
 def list_bounds(kind: str, tiles: int, tile_var: str, count: str, base: str) -> list[str]:
@@ -161,12 +178,13 @@ class KernelBodies:
         # WARP_SPEC only where some architecture specializes this pattern's forward (``warp_specialized_form``)
         specializable = any(warp_specialized_form(self.pat, cc) for cc in (90, 100))
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                  "so_b", "so_h", "so_n", "sl_b", "sl_h", *self._common_params(),
+                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *self._common_params(),
                   "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
                   *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
-                  *(["WARP_SPEC: tl.constexpr = False"] if specializable else [])]
+                  *(["WARP_SPEC: tl.constexpr = False"] if specializable else []),
+                  "SPLIT_KV: tl.constexpr = False"]
         if one_loop:
             params.append("ONE_LOOP: tl.constexpr = False")
         in_exp = scale_in_exponent(self.pat)
@@ -180,6 +198,10 @@ class KernelBodies:
             f"h = bh % {self.bound.heads}  # query head; its K/V head is h // GROUP",
             "cls = batch * cls_b + h * cls_h  # which tile lists serve this (batch, head)",
             "kvh = h // GROUP",
+            "if SPLIT_KV:  # flash decoding: few programs fill few SMs, so the launch's third axis splits each",
+            "    # program's KV tiles; each split writes a partial out and lse, which attnc_fwd_combine merges",
+            "    split = tl.program_id(2)",
+            "    splits = tl.num_programs(2)",
             *ordered,
             *self._tiles("q", "qt"),
             "d = tl.arange(0, BLOCK_D)",
@@ -225,7 +247,7 @@ class KernelBodies:
             loops += [
                 "",
                 f"# ---- {'FULL KV tiles (no masked pair)' if not masked else 'PARTIAL KV tiles (mask evaluated)'}",
-                *list_loop(kind, self.shape_tiles_q(), "qt", warp_spec=specializable),
+                *list_loop(kind, self.shape_tiles_q(), "qt", warp_spec=specializable, split=True),
             ]
             loops += nested([*list_tile(kind, "kt", "the KV tile"), *self._tiles("k", "kt", edge=not masked),
                              *(self._route_key_lines() if masked and self.pat.route is not None else []),
@@ -239,17 +261,61 @@ class KernelBodies:
             body += loops
         body += [
             "",
-            "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf",
+            "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf (so does a split",
+            "# with no key of the query: it weighs nothing in the merge)",
             "empty = l_i == 0.0",
             "out = acc / tl.where(empty, 1.0, l_i)[:, None]",
             f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * {LN2!r})  # natural log',
             "o_base = O + batch.to(tl.int64) * so_b + h.to(tl.int64) * so_h",
+            "if SPLIT_KV:  # this split's partials: O and LSE are fp32 buffers [splits, B, H, rows (, DV)]",
+            "    o_base += split.to(tl.int64) * so_s",
+            "    LSE += split.to(tl.int64) * sl_s",
             "tl.store(o_base + q_row[:, None] * so_n + dv[None, :], out.to(O.dtype.element_ty),",
             "         mask=q_ok[:, None] & (dv[None, :] < DV))",
             "tl.store(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, lse, mask=q_ok)",
         ]
         return kernel_def("attnc_fwd", params,
-                          "Forward: one program per (Q tile, batch x query head).", body)
+                          "Forward: one program per (Q tile, batch x query head) (x split, with SPLIT_KV).", body)
+
+    def _forward_combine(self) -> str:
+        """The split-KV forward's merge (``attnc_fwd_combine``): per row, the splits' partial outputs weighed by
+        ``exp(lse_s - lse)``, ``lse = log(sum_s exp(lse_s))``, in two passes over the splits (their max, then
+        the weighted sums: no rescaling). A split without a key of the row (lse -inf) weighs 0; a row without
+        any keeps out = 0 and lse = -inf, as the one-program forward gives it."""
+        params = ["PO", "PL", "O", "LSE", "sp_s", "sp_b", "sp_h", "sp_n", "spl_s", "spl_b", "spl_h",
+                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "ROWS", "DV", "SPLITS",
+                  "BLOCK_R: tl.constexpr", "BLOCK_DV: tl.constexpr"]
+        body = [
+            "rb = tl.program_id(0)  # a block of rows",
+            "bh = tl.program_id(1)",
+            f"batch = (bh // {self.bound.heads}).to(tl.int64)",
+            f"h = (bh % {self.bound.heads}).to(tl.int64)",
+            "r = rb * BLOCK_R + tl.arange(0, BLOCK_R)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "ok = r < ROWS",
+            "pl_base = PL + batch * spl_b + h * spl_h + r",
+            "po_base = PO + batch * sp_b + h * sp_h + r[:, None] * sp_n + dv[None, :]",
+            "tile_ok = ok[:, None] & (dv[None, :] < DV)",
+            'm = tl.full([BLOCK_R], float("-inf"), tl.float32)',
+            "for s in range(0, SPLITS):  # the largest lse of each row: the weights below are at most 1",
+            '    m = tl.maximum(m, tl.load(pl_base + s * spl_s, mask=ok, other=float("-inf")))',
+            'm_use = tl.where(m == float("-inf"), 0.0, m)',
+            "total = tl.full([BLOCK_R], 0.0, tl.float32)",
+            "acc = tl.full([BLOCK_R, BLOCK_DV], 0.0, tl.float32)",
+            "for s in range(0, SPLITS):",
+            '    w = tl.exp(tl.load(pl_base + s * spl_s, mask=ok, other=float("-inf")) - m_use)  # 0: no key',
+            "    total += w",
+            "    acc += w[:, None] * tl.load(po_base + s * sp_s, mask=tile_ok, other=0.0)",
+            "empty = total == 0.0",
+            "out = acc / tl.where(empty, 1.0, total)[:, None]",
+            'lse = tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, total)))',
+            "tl.store(O + batch * so_b + h * so_h + r[:, None] * so_n + dv[None, :], out.to(O.dtype.element_ty),",
+            "         mask=tile_ok)",
+            "tl.store(LSE + batch * sl_b + h * sl_h + r, lse, mask=ok)",
+        ]
+        return kernel_def("attnc_fwd_combine", params,
+                          "Split-KV merge: the splits' partial out and lse by log-sum-exp, per (row block, batch x "
+                          "head).", body)
 
     def _one_kv_loop(self, update: list[str]) -> list[str]:
         """The forward's KV tiles in one loop (``ONE_LOOP``, where ``one_loop_applies``): the FULL list's, then
@@ -263,6 +329,7 @@ class KernelBodies:
         return [
             "# ---- every KV tile in one loop, the FULL list's then the PARTIAL list's, each masked as a PARTIAL",
             "# one (a FULL tile's mask holds on all its pairs): Triton's Hopper warp specialization takes one loop",
+            'tl.static_assert(not SPLIT_KV, "a split-KV forward runs the two loops")  # no share of one loop',
             f"kd = tl.make_tensor_descriptor(k_base, [{rows}, D], [sk_n, 1], [BLOCK_N, BLOCK_D])",
             f"vd = tl.make_tensor_descriptor(v_base, [{rows}, DV], [sv_n, 1], [BLOCK_N, BLOCK_DV])",
             *list_bounds("FULL", tiles, "qt", "n_full", "full_base"),

@@ -711,3 +711,43 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     assert matrix.done_cells(gqa) == {("causal", 90, 128, "bf16", False, False, False, 1, 2, True, False)}
     ws = [{"pattern": "causal", "cell": "causal", **common, "tma": True, "warp_specialize": True}]
     assert matrix.done_cells(ws) == {("causal", 90, 128, "bf16", False, False, True, None, 1, False, True)}
+
+
+def _record_decode(pat, arch: int, d: int, n: int, nk: int) -> list:
+    """The launches of ``n`` queries after a KV cache of ``nk`` keys (forward only: the split-KV path), 8 query
+    heads on 2 K/V heads, as a GPU of ``arch`` would launch them (its SMs, its hardware model's block sizing)."""
+    from attnc.runtime.backends.triton import runner as TB
+
+    class Native(TB.TritonRunner):
+        native = True
+        hardware = get_hardware(G.ARCH_HARDWARE[arch])
+
+    attn = attnc.compile_attention(pat, backend="triton")
+    attn.runner = Native(attn.pattern)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, n, d, generator=g).bfloat16()
+    k, v = (torch.randn(1, 2, nk, d, generator=g).bfloat16() for _ in range(2))
+    with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
+        attn(q, k, v)
+    return records
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_split_kv_forward_compiles_fits_and_runs_on_tensor_cores(arch):
+    """A decode step (1 query after a causal cache of 8192 keys) and a chunk of 64 queries after one: the runner
+    splits their KV tiles (a third launch axis, ``SPLIT_KV``) and merges the partials (``attnc_fwd_combine``).
+    Both kernels compile for the arch at d 128, fit at their recorded launch parameters and do not spill; the
+    split forward's dots run on tensor cores (a 16-row Q tile on mma.sync, a 64-row one on sm_90's wgmma)."""
+    pat = attnc.load(CAUSAL)
+    for n in (1, 64):
+        records = _record_decode(pat, arch, 128, n, 8192)
+        assert [r.name for r in records] == ["attnc_fwd", "attnc_fwd_combine"]
+        fwd, combine = records
+        assert fwd.kwargs["SPLIT_KV"] and len(fwd.grid) == 3 and fwd.grid[2] > 1, fwd.grid
+        reports = [G.check_launch(r, arch, pattern=f"causal_decode_{n}", head_dim=128, dtype="bf16")
+                   for r in records]
+        assert all(r.ok and not r.fell_back and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
+        f, c = reports
+        assert f.mma + f.wgmma > 0 and c.dots == 0, "\n" + G.table(reports)
+        if arch == 90 and n == 64:
+            assert f.wgmma > 0 and f.mma == 0, "\n" + G.table(reports)

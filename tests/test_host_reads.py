@@ -4,10 +4,11 @@ and keeps a call out of a CUDA graph. Counted with a ``TorchFunctionMode`` aroun
 module with the same shapes, on the Triton backend under the interpreter (there the call's device is the
 CPU, so a plan built on the host and copied over counts too).
 
-A pattern whose mask reads no input and routes nothing reads nothing, prefill or decode step. The
-patterns that read inputs or route still build their plans on the host (issue 42): their counts are
-held at most at today's, so that none grows while they are brought to 0.
-"""
+No stdlib pattern reads anything, prefill or decode step: the lists of a mask that reads call-time inputs
+(``runtime.plan.device_tiles``) and a route's selection and lists (``runtime.plan.device_routes``) are made
+on the device at every call, in fixed shapes; what depends on the shapes alone is made by the first call.
+The makers are also run on ``meta`` tensors, which hold no value (any read raises), with no CPU tensor other
+than a scalar meeting theirs (a copy to the device at every call)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ import pytest
 import torch
 from test_triton import STDLIB
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 import attnc
+from attnc.compiler import evaluate as E
+from attnc.compiler.tiles import classify_tiles
+from attnc.core import symbols as S
+from attnc.runtime.plan import device_choice, device_routes, device_tiles, routing
+from attnc.runtime.plan.tile_plan import Plan
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal"}
 
-#: Host reads of a warm prefill (test_triton's STDLIB sizes) on 2026-11-25, where plans are still built on the
-#: host (issue 42): a plan keyed by an input's values, a route's selection and tile lists.
-PLANNED_ON_HOST = {"biformer": 44, "document": 6, "forgetting": 2, "longformer": 6, "moba": 43,
-                   "routing_transformer": 14, "token_topk": 42, "vertical_slash": 13, "xattention": 53}
+#: Routes scored from whole query blocks: a decode step is refused (``admission.check_query_offset``).
+NO_DECODE = {"biformer", "xattention"}
 
 
 class HostReads(TorchFunctionMode):
@@ -56,14 +61,34 @@ class HostReads(TorchFunctionMode):
         return sum(self.seen.values())
 
 
+class HostTensors(TorchFunctionMode):
+    """Records the torch calls made under it that take a CPU tensor of one element or more (on a GPU, a copy
+    to the device at every call; a CPU scalar is passed by value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        flat, _ = tree_flatten((args, kwargs))
+        if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in flat):
+            self.seen.append((getattr(func, "__name__", str(func)), traceback.extract_stack()[-2].lineno))
+        return func(*args, **kwargs)
+
+
+def _tokens(name: str) -> int:
+    _, sizes, n, _, _ = STDLIB[name]
+    return n if sizes is None else int(torch.tensor(list(sizes.values())).prod())
+
+
 def warm_reads(name: str, nk: int | None = None, rows: int | None = None) -> HostReads:
     """The host reads of the second call of stdlib pattern ``name`` (``rows`` queries after a cache of
     ``nk`` tokens where given)."""
     params, sizes, n, inputs, q_tile = STDLIB[name]
     n = n if sizes is None else None
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", sizes=sizes, q_tile=q_tile, **params)
-    tokens = n if n is not None else int(torch.tensor(list(sizes.values())).prod())
-    total = nk or tokens
+    total = nk or _tokens(name)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, rows or total, 16, generator=g)
     k, v = torch.randn(1, 2, total, 16, generator=g), torch.randn(1, 2, total, 16, generator=g)
@@ -74,23 +99,224 @@ def warm_reads(name: str, nk: int | None = None, rows: int | None = None) -> Hos
     return reads
 
 
-def _static(name: str) -> bool:
-    return name not in PLANNED_ON_HOST
-
-
-@pytest.mark.parametrize("name", sorted(n for n in STDLIB if _static(n)))
-def test_a_warm_prefill_of_a_static_pattern_reads_nothing_on_the_host(name):
+@pytest.mark.parametrize("name", sorted(STDLIB))
+def test_a_warm_prefill_of_a_stdlib_pattern_reads_nothing_on_the_host(name):
     reads = warm_reads(name)
     assert reads.total == 0, dict(reads.seen)
 
 
-@pytest.mark.parametrize("name", ["sliding_window", "alibi"])
-def test_a_warm_decode_step_of_a_static_pattern_reads_nothing_on_the_host(name):
-    reads = warm_reads(name, nk=40, rows=1)
+@pytest.mark.parametrize("name", sorted(set(STDLIB) - NO_DECODE))
+def test_a_warm_decode_step_of_a_stdlib_pattern_reads_nothing_on_the_host(name):
+    reads = warm_reads(name, nk=_tokens(name), rows=1)
     assert reads.total == 0, dict(reads.seen)
 
 
-@pytest.mark.parametrize("name", sorted(PLANNED_ON_HOST))
-def test_patterns_planned_on_the_host_read_no_more_than_today(name):
-    reads = warm_reads(name)
-    assert 0 < reads.total <= PLANNED_ON_HOST[name], dict(reads.seen)
+@pytest.mark.parametrize("name", sorted(NO_DECODE))
+def test_routes_scored_from_query_blocks_still_refuse_a_decode_step(name):
+    with pytest.raises(attnc.SpecError, match="not supported"):
+        warm_reads(name, nk=_tokens(name), rows=1)
+
+
+# ----------------------------------------------------------------- answers of calls planned on the device
+def _docs(n: int, seed: int, batch: int | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randint(0, 4, (batch, n) if batch else (n,), generator=g)).values
+
+
+@pytest.mark.parametrize("name,params,make", [
+    ("document", {}, lambda n, s: {"doc": _docs(n, s, batch=2)}),  # per batch row: one set of lists for both
+    ("longformer", {"window": 4}, lambda n, s: {"is_global": (torch.rand(n, generator=torch.Generator()
+                                                                         .manual_seed(s)) < 0.1).long()}),
+    ("routing_transformer", {"clusters": 3}, lambda n, s: {"centroids": torch.randn(
+        2, 3, 16, generator=torch.Generator().manual_seed(s))}),
+    ("vertical_slash", {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
+     lambda n, s: {}),
+    ("moba", {"block": 8, "topk": 2}, lambda n, s: {}),
+    ("token_topk", {"topk": 5}, lambda n, s: {}),
+])
+def test_calls_of_the_same_shapes_get_the_lists_of_their_own_inputs(name, params, make):
+    """One module, three calls of the same shapes: a prefill, the same with other inputs and vectors, and a
+    decode step of 3 queries; each equals the reference (the plan is one; the lists are each call's)."""
+    tri = attnc.compile_attention(f"stdlib:{name}", backend="triton", q_tile=16, kv_tile=16, **params)
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    n = 40
+    for seed, rows in ((1, n), (2, n), (3, 3)):
+        g = torch.Generator().manual_seed(seed)
+        q, k, v = (torch.randn(2, 2, n, 16, generator=g) for _ in range(3))
+        inputs = make(n, seed)
+        q = q[:, :, n - rows:]
+        want = ref(q.double(), k.double(), v.double(), **inputs)
+        torch.testing.assert_close(tri(q, k, v, **inputs), want.float(), atol=2e-5, rtol=2e-5)
+
+
+# ----------------------------------------------------------------- the device lists themselves
+def _plan(name: str, params: dict, n: int = 48, heads: int = 2, tile: int = 8) -> tuple:
+    pat = attnc.load(f"stdlib:{name}", **params)
+    bound = E.bind_sizes(pat, n=n, nk=n, heads=heads, sizes={}, dk=16)
+    return pat, bound, device_tiles.input_plan(pat, bound, (tile,), (tile,))
+
+
+def _listed(count: torch.Tensor, index: torch.Tensor) -> set:
+    return {(c, t, int(x)) for c in range(index.shape[0]) for t in range(index.shape[1])
+            for x in index[c, t, :int(count[c, t])]}
+
+
+#: Masks reading inputs in every way the device's interval rules take: at a position (Longformer), at two
+#: varying indices (a table), at an index of positions, at a constant index of a per-row input, per head, a
+#: float input with NaN; each with a maker of random inputs for 3 batch rows and 2 heads over 48 tokens.
+READS = {
+    "longformer": ("stdlib:longformer", {"window": 6},
+                   lambda g: {"is_global": (torch.rand(3, 48, generator=g) < 0.08).long()}),
+    "table": ("pattern p\n tokens seq\n input t: int[n, n]\n mask causal and t[q, k] > 0", {},
+              lambda g: {"t": (torch.rand(48, 48, generator=g) < 0.05).long()}),
+    "halves": ("pattern p\n tokens seq\n input w: int[n]\n mask w[q // 2] == w[(n - 1 - k) // 2]", {},
+               lambda g: {"w": torch.randint(0, 3, (3, 48), generator=g)}),
+    "prefix": ("pattern p\n tokens seq\n input plen: int[1]\n mask k < plen[0] or k <= q", {},
+               lambda g: {"plen": torch.randint(0, 48, (3, 1), generator=g)}),
+    "per_head": ("pattern p\n tokens seq\n input c: int[heads, n]\n mask causal and c[h, q] == c[h, k]", {},
+                 lambda g: {"c": torch.sort(torch.randint(0, 3, (2, 48), generator=g)).values}),
+    "float": ("pattern p\n tokens seq\n input f: float[n]\n mask f[k] <= f[q] + 0.5", {},
+              lambda g: {"f": torch.where(torch.rand(48, generator=g) < 0.1, float("nan"),
+                                          torch.randn(48, generator=g).double())}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(READS))
+@pytest.mark.parametrize("seed", range(2))
+def test_input_lists_are_sound_and_their_transposes_agree(case, seed):
+    """Every tile pair with an allowed pair in some batch row is listed, a FULL one holds only allowed pairs in
+    every row, and the KV tiles' lists hold the same pairs in the same classes."""
+    src, params, make = READS[case]
+    inputs = make(torch.Generator().manual_seed(seed))
+    pat = attnc.load(src, **params)
+    bound = E.bind_sizes(pat, n=48, nk=48, heads=2, sizes={}, dk=16)
+    plan = device_tiles.input_plan(pat, bound, (8,), (8,))
+    tensors, batch = E.bind_inputs(pat, bound, inputs)
+    batched = frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+    call = plan.call_lists.call_plan(plan, tensors, batched, torch.device("cpu"))
+    s = call.schedule
+    full, part = _listed(s.full_count, s.full_index), _listed(s.partial_count, s.partial_index)
+    t_full = {(c, qt, kt) for c, kt, qt in _listed(s.t_full_count, s.t_full_index)}
+    t_part = {(c, qt, kt) for c, kt, qt in _listed(s.t_partial_count, s.t_partial_index)}
+    assert (full, part) == (t_full, t_part) and not full & part
+    mask = torch.broadcast_to(E.mask_tensor(pat, bound, inputs, batch=batch), (batch or 1, 2, 48, 48))
+    for h in range(2):
+        c = h if s.heads_stored > 1 else 0
+        for qt in range(6):
+            for kt in range(6):
+                tile = mask[:, h, qt * 8:qt * 8 + 8, kt * 8:kt * 8 + 8]
+                if bool(tile.any()):
+                    assert (c, qt, kt) in full | part, (h, qt, kt)
+                if (c, qt, kt) in full:
+                    assert bool(tile.all()), (h, qt, kt)
+
+
+def test_input_lists_of_sorted_document_ids_are_the_exact_classes():
+    """Sorted document ids: the interval classes of every tile pair are the host's exact ones (FULL inside one
+    document below the diagonal, EMPTY where no document is shared)."""
+    pat, bound, plan = _plan("document", {}, n=64)
+    doc = torch.tensor([0] * 5 + [1] * 19 + [2] * 3 + [3] * 30 + [4] * 7)
+    call = plan.call_lists.call_plan(plan, {"doc": doc}, frozenset(), torch.device("cpu"))
+    exact = classify_tiles(pat, bound, (8,), (8,), {"doc": doc})
+    assert torch.equal(call.schedule.classes(), exact.classes())
+
+
+def test_relaxed_bounds_of_a_mask():
+    """Each condition reading an input bounded apart, negations flipping the bound."""
+    pat = attnc.load("pattern p\n tokens seq\n input w: int[n]\n"
+                     " mask causal and not (w[k] > 2 and q - k > 3) and (w[q] == w[k] or q - k < 2)")
+    upper, lower = device_tiles.relaxed(pat.mask)
+    assert not E.input_names(upper) and not E.input_names(lower) and upper != lower
+    q, k = torch.arange(8).view(-1, 1), torch.arange(8).view(1, -1)
+    env = {S.Q: q, S.K: k}
+    up = E.as_tensor(E.Evaluator(env, {}, set(), None)(upper), torch.bool)
+    low = E.as_tensor(E.Evaluator(env, {}, set(), None)(lower), torch.bool)
+    for seed in range(5):
+        w = torch.randint(0, 5, (8,), generator=torch.Generator().manual_seed(seed))
+        real = E.as_tensor(E.Evaluator(env, {"w": w}, set(), None)(pat.mask), torch.bool)
+        assert bool((low <= real).all()) and bool((real <= up).all())
+
+
+# ----------------------------------------------------------------- the route's choice and lists
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_device_choice_is_the_host_rule_bit_for_bit(dtype):
+    """Scores with ties, NaN, +-inf and both zeros, keep or not, places from none to more than blocks."""
+    g = torch.Generator().manual_seed(0)
+    special = torch.tensor([0.0, -0.0, 1.0, 1.0, float("nan"), float("inf"), -float("inf"), -1.0], dtype=dtype)
+    for trial in range(400):
+        nb = int(torch.randint(1, 12, (1,), generator=g))
+        score = (special[torch.randint(0, len(special), (2, 5, nb), generator=g)] if trial % 2
+                 else torch.randn(2, 5, nb, generator=g, dtype=dtype).round())
+        allowed = torch.rand(2, 5, nb, generator=g) < 0.7
+        keep = torch.rand(1, 5, nb, generator=g) < 0.2 if trial % 3 else None
+        topk = int(torch.randint(0, nb + 3, (1,), generator=g))
+        assert torch.equal(device_choice.choose(score, allowed, keep, topk),
+                           routing.choose(score, allowed, keep, topk)), (score, allowed, keep, topk)
+
+
+@pytest.mark.parametrize("name,params,sizes,tile", [
+    ("moba", {"block": 8, "topk": 2}, {}, (16,)),
+    ("token_topk", {"topk": 5}, {}, (16,)),
+    ("xattention", {"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, {}, (16,)),
+    # tiles of 4 x 2 over regions of 2 x 2: a KV tile's blocks are not a run (0 and 4)
+    ("biformer", {"region": 2, "topk": 3}, {"height": 6, "width": 8}, (4, 2)),
+])
+def test_route_lists_are_the_host_lists(name, params, sizes, tile):
+    """The device's selection and lists of a route are the host's (``routing.route_plan``), per (batch, head)."""
+    pat = attnc.load(f"stdlib:{name}", **params)
+    bound = E.bind_sizes(pat, n=48, nk=48, heads=2, sizes=sizes, dk=16)
+    plan = Plan.build(pat, bound, classify_tiles(pat, bound, tile, tile))
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 2, 48, 16, generator=g), torch.randn(2, 2, 48, 16, generator=g)
+    host = routing.route_plan(plan, q, k, {}, set())
+    device = device_routes.route_call_plan(plan, q, k, {})
+    assert torch.equal(device.selection, host.selection)
+    assert torch.equal(device.schedule.classes(), host.schedule.classes())
+    assert device.schedule.runs() == dict.fromkeys(("FULL", "PART", "T_FULL", "T_PART"), False)
+    runs = plan.device_state[("route", torch.device("cpu"))].tile_blocks is None
+    assert runs == (name != "biformer")
+
+
+# ----------------------------------------------------------------- no value read, no host tensor
+def _meta_calls():
+    meta = torch.device("meta")
+    _, _, doc_plan = _plan("document", {})
+    doc = _docs(48, 0).to(meta)
+    yield "document", lambda: doc_plan.call_lists.call_plan(doc_plan, {"doc": doc}, frozenset(), meta)
+    for name, params in (("moba", {"block": 8, "topk": 2}), ("token_topk", {"topk": 5}),
+                         ("xattention", {"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24})):
+        pat = attnc.load(f"stdlib:{name}", **params)
+        bound = E.bind_sizes(pat, n=48, nk=48, heads=2, sizes={}, dk=16)
+        plan = Plan.build(pat, bound, classify_tiles(pat, bound, (16,), (16,)))
+        q, k = torch.empty(1, 2, 48, 16, device=meta), torch.empty(1, 2, 48, 16, device=meta)
+        yield name, lambda plan=plan, q=q, k=k: device_routes.route_call_plan(plan, q, k, {})
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_plans_made_on_a_device_whose_values_cannot_be_read(case):
+    """On ``meta`` tensors (no values: a read raises) a warm call's lists and selection are made, of the
+    shapes they have on the CPU, with no CPU tensor of one element or more taken by any torch call."""
+    name, make = list(_meta_calls())[case]
+    make()  # the first call: the plan's constants moved to the device
+    with HostTensors() as host:
+        call = make()
+    assert call.schedule.full_index.device.type == "meta" and not host.seen, (name, host.seen)
+
+
+# ----------------------------------------------------------------- index checks
+def test_a_mask_index_out_of_range_is_refused_at_every_call():
+    """A read at an index of positions is checked once per sizes, before any kernel reads it, and refused again
+    at the next call of those sizes; a read at an index taken from an input is checked at every call."""
+    by_position = "pattern p\n tokens seq\n input w: int[n]\n mask causal and w[q + 1] >= 0"
+    by_value = "pattern p\n tokens seq\n input w: int[n]\n input at: int[n]\n mask causal and w[at[q]] >= 0"
+    q = k = v = torch.randn(1, 1, 16, 16)
+    attn = attnc.compile_attention(by_position, backend="triton")
+    for _ in range(2):
+        with pytest.raises(attnc.SpecError, match="argument w"):
+            attn(q, k, v, w=torch.zeros(16, dtype=torch.long))
+    attn = attnc.compile_attention(by_value, backend="triton")
+    w = torch.ones(16, dtype=torch.long)
+    with pytest.raises(attnc.SpecError, match="argument w"):
+        attn(q, k, v, w=w, at=torch.arange(16) + 1)
+    want = attnc.compile_attention(by_value, backend="reference")(q, k, v, w=w, at=torch.arange(16))
+    torch.testing.assert_close(attn(q, k, v, w=w, at=torch.arange(16)), want, atol=2e-5, rtol=2e-5)

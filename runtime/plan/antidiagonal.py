@@ -81,9 +81,11 @@ def classified_stride_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict | No
 
 
 def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None,
-               block: int, stride: int) -> torch.Tensor:
+               block: int, stride: int, tiles: torch.Tensor | None = None) -> torch.Tensor:
     """The antidiagonal estimate's attention mass per (query block, key block):
-    ``[B, Hq, blocks, blocks]`` in fp32 (fp64 for fp64 inputs)."""
+    ``[B, Hq, blocks, blocks]`` in fp32 (fp64 for fp64 inputs), on q's device. ``tiles``: the stride tiles
+    the mask reaches (``classified_stride_tiles``' ``[1, Hq, runs, runs]``) where the caller keeps them on
+    q's device (a mask of no input: the same at every call), else found here."""
     B, Hq, n, d = q.shape
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     runs = -(-n // stride)
@@ -94,24 +96,25 @@ def block_mass(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tens
     qr = qr.flip(3).reshape(B, Hq, runs, stride * d)  # offsets reversed: the antidiagonal
     kr = torch.nn.functional.pad(k.to(dtype), (0, 0, 0, pad)).reshape(B, k.shape[1], runs, stride * d)
     kr = kr.repeat_interleave(Hq // k.shape[1], dim=1)
-    col_block = torch.arange(runs) // per_block
-    mass = torch.zeros(B, Hq, nblocks, nblocks, dtype=dtype)
+    col_block = torch.arange(runs, device=q.device) // per_block
+    mass = torch.zeros(B, Hq, nblocks, nblocks, dtype=dtype, device=q.device)
     # query blocks a chunk: its logits (runs x runs a block) and its mask (block x n tokens a block)
-    classified = classified_stride_tiles(pat, bound, inputs, stride)
+    classified = tiles if tiles is not None else classified_stride_tiles(pat, bound, inputs, stride)
     # (the dense pooling holds block x n mask entries a block; the classified tiles nothing more)
     step = max(1, CHUNK_ELEMENTS // (B * Hq * max(runs * per_block, block * n if classified is None else 0)))
     scale = 1.0 / math.sqrt(d) / stride
     for first in range(0, nblocks, step):
         rows = range(first * per_block, min((first + step) * per_block, runs))
         logits = (qr[:, :, rows.start:rows.stop] @ kr.transpose(-1, -2)) * scale  # [B, Hq, r, runs]
-        tiles = (stride_tiles(pat, bound, inputs, B, stride, rows) if classified is None
-                 else classified[:, :, rows.start:rows.stop]).to(logits.device)
-        logits = logits.masked_fill(~tiles, -torch.inf)
+        reached = (stride_tiles(pat, bound, inputs, B, stride, rows) if classified is None
+                   else classified[:, :, rows.start:rows.stop])
+        logits = logits.masked_fill(~(reached if reached.device == logits.device else reached.to(logits.device)),
+                                    -torch.inf)
         prob = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a run the mask never reaches: nothing
         summed = torch.zeros(B, Hq, len(rows), nblocks, dtype=dtype, device=prob.device)
-        summed.index_add_(-1, col_block.to(prob.device), prob)
-        row_block = (torch.arange(rows.start, rows.stop) // per_block).to(prob.device)
-        mass.index_add_(2, row_block.cpu(), summed.cpu())
+        summed.index_add_(-1, col_block, prob)
+        row_block = torch.arange(rows.start, rows.stop, device=prob.device) // per_block
+        mass.index_add_(2, row_block, summed)
     return mass
 
 
@@ -137,7 +140,7 @@ def threshold(mass: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
     order = torch.sort(rank_key, dim=-1, descending=True, stable=True).indices
     ranked = torch.where(forced, 0.0, mass).gather(-1, order)  # the others' masses, in ranked order
     nforced = forced.sum(-1, keepdim=True)
-    place = nforced + torch.arange(ranked.shape[-1])  # the others follow the forced places; then zeros
+    place = nforced + torch.arange(ranked.shape[-1], device=mass.device)  # the others follow the forced places
     others = torch.where(place < ranked.shape[-1], ranked.gather(-1, place.clamp(max=ranked.shape[-1] - 1)), 0.0)
     entries = torch.cat([*lead, others], dim=-1)[..., : ranked.shape[-1]]
     before = torch.cat([torch.zeros_like(required), entries[..., :-1]], dim=-1).cumsum(-1)
@@ -146,7 +149,7 @@ def threshold(mass: torch.Tensor, candidates: torch.Tensor, forced: torch.Tensor
     return (take | forced) & candidates
 
 
-def _per_block(x: torch.Tensor, block: int, nblocks: int) -> torch.Tensor:
+def per_block(x: torch.Tensor, block: int, nblocks: int) -> torch.Tensor:
     """``x [b, H, N, nblocks]`` reduced with ``any`` over the queries of each query block."""
     pad = nblocks * block - x.shape[2]
     x = torch.nn.functional.pad(x, (0, 0, 0, pad), value=False)
@@ -160,23 +163,28 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
     ``allowed(key_block, nblocks, dtype)`` says per query whether the mask allows some key of each block
     (``runtime.plan.routing``); ``keep(key_block, nblocks)`` is the route's ``keep`` per query and block
     (or None). A query selects its block's blocks that the mask lets it reach."""
-    if bound.q_offset:
-        raise SpecError(f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
-                        "queries after a KV cache (nk > n) are not supported", where="argument k",
-                        hint="call with all the queries (nk == n)")
+    refuse_query_offset(pat, bound)
     (block,), _ = route_sizes(pat, bound)
     stride = route_stride(pat, bound)
     key_block, nblocks = block_ids(pat.keys, (block,), bound, k.shape[2])
     with torch.no_grad():
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         reachable = allowed(key_block, nblocks, dtype).cpu()  # [B, Hq, Nq, nb]
-        candidates = _per_block(reachable, block, nblocks)
+        candidates = per_block(reachable, block, nblocks)
         forced = keep(key_block, nblocks)
         if forced is not None:
-            forced = _per_block(torch.broadcast_to(forced.cpu(), reachable.shape), block, nblocks)
-        mass = block_mass(pat, bound, q.detach(), k.detach(), inputs, block, stride)
+            forced = per_block(torch.broadcast_to(forced.cpu(), reachable.shape), block, nblocks)
+        mass = block_mass(pat, bound, q.detach(), k.detach(), inputs, block, stride).cpu()
         chosen = threshold(mass, candidates, forced, float(pat.route.topp))  # [B, Hq, nb, nb]
         return chosen[:, :, key_block[: q.shape[2]]] & reachable, key_block, nblocks
+
+
+def refuse_query_offset(pat: ir.PatternIR, bound: E.Bound) -> None:
+    """A query block's estimate reads every query of the block: queries after a KV cache are refused."""
+    if bound.q_offset:
+        raise SpecError(f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
+                        "queries after a KV cache (nk > n) are not supported", where="argument k",
+                        hint="call with all the queries (nk == n)")
 
 
 def refuse_context_parallel(pat: ir.PatternIR, where: str) -> None:

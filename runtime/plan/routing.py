@@ -41,10 +41,11 @@ def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: d
 
 
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
-                 nblocks: int) -> torch.Tensor:
+                 nblocks: int, q_block: torch.Tensor | None = None) -> torch.Tensor:
     """Routing scores ``[B, Hq, Nq, nblocks]``: q . mean(k_block) per query token, or
     mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``.
-    A token route's blocks are single keys: the score is ``q . k`` itself."""
+    A token route's blocks are single keys: the score is ``q . k`` itself. ``q_block``: the block of every
+    query where the caller keeps it (on q's device), else made here."""
     route = pat.route
     B, Hq, Nq, _ = q.shape
     Hkv = k.shape[1]
@@ -56,7 +57,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     if route.tokens:
         k_mean = k.to(dtype)
     else:
-        onehot = torch.nn.functional.one_hot(key_block.to(k.device), nblocks).to(dtype)  # [Nk, nb]
+        onehot = torch.nn.functional.one_hot(_on(key_block, k.device), nblocks).to(dtype)  # [Nk, nb]
         k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
     k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
     if route.score == "token":
@@ -66,14 +67,20 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
             raise SpecError(f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: "
                             "queries after a KV cache (nk > n) are not supported", where="argument k",
                             hint="call with all the queries (nk == n)")
-        q_block, _ = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)
-        q_block = q_block.to(q.device)
+        if q_block is None:
+            q_block = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)[0]
+        q_block = _on(q_block, q.device)
         q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
         score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
     if route.shared:
         score = score.mean(dim=1, keepdim=True)
     return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself where it is there already (no call to ask for)."""
+    return t if t.device == device else t.to(device)
 
 
 #: Where ``evaluate.index_error`` says an out-of-range read happened when the expression is a mask, and
@@ -304,7 +311,7 @@ def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.
             keep = keep_blocks(pat, bound, tensors, B, key_block, nk, q_index=part)
             # only the keys from the first to the last one the mask allows these rows (a causal run
             # of rows scores and ranks the keys before it, not all nk)
-            lo, hi = _allowed_span(allowed, nk)
+            lo, hi = allowed_span(allowed, nk)
             selected[:, :, rows_here, :lo] = False
             selected[:, :, rows_here, hi:] = False
             if lo == hi:
@@ -316,7 +323,7 @@ def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.
     return selected, key_block, nk
 
 
-def _allowed_span(allowed: torch.Tensor, nk: int) -> tuple[int, int]:
+def allowed_span(allowed: torch.Tensor, nk: int) -> tuple[int, int]:
     """The first key and one past the last that ``allowed`` (``[..., rows, nk | 1]``) holds anywhere."""
     if allowed.shape[-1] != nk:  # the same for every key
         return (0, nk) if bool(allowed.any()) else (0, 0)

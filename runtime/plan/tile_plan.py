@@ -101,6 +101,9 @@ class Plan:
     #: What a backend keeps on a device for this plan's life (``on_device``): its loaded kernels,
     #: tile lists and constants, made once instead of at every call.
     device_state: dict = field(default_factory=dict)
+    #: Makes each call's lists on the device from the call's inputs (``device_tiles.InputLists``: its
+    #: ``call_plan``); None where the schedule's lists serve every call
+    call_lists: object = None
 
     def on_device(self, key, make):
         """``make()`` the first time ``key`` is asked for, the same object after: per-plan state that

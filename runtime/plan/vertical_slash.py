@@ -23,6 +23,7 @@ import torch
 from ...compiler.evaluate import Evaluator, as_tensor
 from ...core import ir
 from ...core import symbols as S
+from .cache import PlanCache
 
 
 def rule_of(pat) -> ir.VerticalSlash | None:
@@ -38,6 +39,21 @@ def _kept(rule, count: int, heads: int, dk: int) -> torch.Tensor:
     """The rule's forced columns and diagonals: bool ``[2, heads, count]`` (one constant for dynamo)."""
     return torch.stack([_keep(rule.keep_columns, S.K, count, heads, dk),
                         _keep(rule.keep_diagonals, S.Q, count, heads, dk)])
+
+
+#: The forced flags moved to a device, per (rule, keys, heads, head dim, device): made on the host and copied
+#: once, not at every call (a copy is a call to ask for). Bounded: a decoding loop has keys of every count.
+_KEPT_ON = PlanCache()
+
+
+def _kept_on(rule, count: int, heads: int, dk: int, device: torch.device) -> torch.Tensor:
+    """``_kept`` on ``device``, kept there for later calls (traced by dynamo, the constant is moved as before)."""
+    if torch.compiler.is_compiling():
+        return _kept(rule, count, heads, dk).to(device)
+    key = (rule, count, heads, dk, device)
+    if key not in _KEPT_ON:
+        _KEPT_ON[key] = _kept(rule, count, heads, dk).to(device)
+    return _KEPT_ON[key]
 
 
 def _keep(expr: sympy.Basic | None, symbol: sympy.Symbol, count: int, heads: int, dk: int) -> torch.Tensor:
@@ -109,7 +125,7 @@ def derive(pat, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) ->
     with torch.no_grad():
         kk = k.detach().repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k.detach()
         vertical, slash = scores(q.detach(), kk, int(rule.last), scale)
-        keep_cols, keep_diags = _kept(rule, Nk, Hq, D).to(q.device).unbind(0)
+        keep_cols, keep_diags = _kept_on(rule, Nk, Hq, D, q.device).unbind(0)
         cols = top_flags(vertical, min(Nk, int(rule.vertical)), keep_cols)
         by_offset = top_flags(slash, min(Nk, int(rule.slash)), keep_diags)
         diags = torch.cat([by_offset.new_zeros(B, Hq, Nk - 1), by_offset], dim=-1)  # index o + nk - 1

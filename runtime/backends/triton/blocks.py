@@ -31,7 +31,7 @@ from ....compiler.search import block_config, classify_flat
 from ....compiler.tiles import classify_tiles
 from ....core import symbols as S
 from ....core.errors import SpecError
-from ...plan import routing, tile_plan
+from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import block_key, mask_input_names, same_tensors
 
 #: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
@@ -60,39 +60,78 @@ def block_hardware(runner, q: torch.Tensor):
 
 def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     """(config, plan, source) of a block, cached in the runner's ``block_plans`` (a bounded LRU) per
-    (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs, per
-    those inputs' values."""
+    (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs whose lists are
+    not made on the device (``device_tiles.listed_on_device``), per those inputs' values."""
     pat = runner.pattern
     key = (*block_key(bound), q.device.type, q.shape[-1], q.dtype)
-    used = {n: t.detach().cpu() for n, t in tensors.items() if n in mask_input_names(pat)}
+    on_device = device_tiles.listed_on_device(pat)
+    used = {} if on_device else {n: t.detach().cpu() for n, t in tensors.items() if n in mask_input_names(pat)}
     entry = runner.block_plans.get(key)
-    if entry is not None and same_tensors(entry[0], used):
+    if entry is not None and (on_device or same_tensors(entry[0], used)):
         return entry[1]
     tq, tk = _tokens(runner)
     config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
     hw = block_hardware(runner, q)
     if hw is not None:  # the launch parameters under which the block's passes fit on this GPU
         config = block_config(pat, bound, config, q.shape[-1], q.element_size(), hw)
-    if pat.queries.kind == "grid":  # 1-D tiles of a grid: classified on its flat view
-        sched = classify_flat(pat, bound, config.q_tile, config.kv_tile, used)
+    if on_device:  # every call's lists made on the device from its inputs
+        plan = device_tiles.input_plan(pat, bound, config.q_tile, config.kv_tile)
     else:
-        sched = classify_tiles(pat, bound, config.q_tile, config.kv_tile, used)
-    plan = tile_plan.Plan.build(pat, bound, sched)
-    value = (config, plan, generate_source(pat, bound, ScheduleShape.of(sched), config))
+        if pat.queries.kind == "grid":  # 1-D tiles of a grid: classified on its flat view
+            sched = classify_flat(pat, bound, config.q_tile, config.kv_tile, used)
+        else:
+            sched = classify_tiles(pat, bound, config.q_tile, config.kv_tile, used)
+        plan = tile_plan.Plan.build(pat, bound, sched)
+    value = (config, plan, generate_source(pat, bound, ScheduleShape.of(plan.schedule), config))
     runner.block_plans[key] = (used, value)
     return value
 
 
-def checked_inputs(pat, bound: E.Bound, q, inputs: dict) -> tuple[dict, frozenset]:
+def checked_inputs(pat, bound: E.Bound, q, inputs: dict, checked: dict | None = None) -> tuple[dict, frozenset]:
     """The call's inputs bound and checked for the Triton kernels (q's dtype, the mask's index reads) and
-    the names of the batched ones: what every launch, of a whole sequence or a block, starts from."""
+    the names of the batched ones: what every launch, of a whole sequence or a block, starts from.
+
+    A mask's input read at an index of positions and sizes is in range or not whatever the inputs hold: it is
+    checked once per sizes and offsets (``checked``: the runner's record of those checked, else at every call),
+    on the host, before any kernel runs, and raised by every call of sizes that fail it; a call of checked sizes
+    asks nothing. A read at an index taken from an input (``w[doc[q]]``) is checked against the values at every
+    call, on the host: such a mask reads the host (no stdlib pattern has one). Not a flag on the device read at
+    the next host sync: the kernels clamp every index of a mask's read, so they would run on clamped values
+    and the error would come calls late, from another call than the one at fault."""
     if q.dtype not in DTYPES:
         raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
                         where="argument q", hint="use backend='cpu' for float64")
     tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
     if mask_input_names(pat):
-        E.check_mask_indices(pat, bound, {n: t.detach().cpu() for n, t in tensors.items()}, batch=q.shape[0])
+        key = ("mask indices", *block_key(bound), q.shape[0])
+        if checked is None or key not in checked:
+            cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+            E.check_mask_indices(pat, bound, cpu, batch=q.shape[0], value_indexed=False)
+            if checked is not None:
+                checked[key] = True
+        if E.value_indexed_sites(pat.mask):
+            cpu = {n: t.detach().cpu() for n, t in tensors.items()}
+            E.check_mask_indices(pat, bound, cpu, batch=q.shape[0], value_indexed=True)
     return tensors, frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself where it is there already (a copy there would still be a call to ask for)."""
+    return t if t.device == device else t.to(device)
+
+
+def kernel_inputs(pat, tensors: dict, device: torch.device) -> dict:
+    """Every declared input as the kernels read it, by its ``extra`` entry ``in:NAME`` (what
+    ``runner._device_input`` makes where the entry is missing): ints as int64 (a derived input's as int32),
+    floats as float32, contiguous, on ``device`` (copied only from elsewhere: a per-call copy onto the
+    device it is on would still be a call to ask for)."""
+    out = {}
+    for decl in pat.inputs:
+        t = tensors[decl.name]
+        t = (t.to(torch.int32 if decl.derived else torch.int64) if decl.dtype == "int"
+             else t.detach().to(torch.float32)).contiguous()
+        out[f"in:{decl.name}"] = _on(t, device)
+    return out
 
 
 def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None, *,
@@ -104,15 +143,21 @@ def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=N
     pat = runner.pattern
     if not bound.is_block:
         raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
-    tensors, batched = checked_inputs(pat, bound, q, inputs)
+    tensors, batched = checked_inputs(pat, bound, q, inputs, runner._checks)
     config, plan, source = _plan(runner, bound, q, tensors)
     device = q.device
+    if plan.call_lists is not None:  # lists made on the device from this call's inputs
+        plan = plan.call_lists.call_plan(plan, tensors, batched, device)
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
     elif pat.route is not None and route_keys is not None:  # routing: these queries select among the keys
-        cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
-        plan = routing.route_plan(plan, q.detach(), route_keys.detach(), cpu_t, set(batched))
+        if device_routes.applies(pat):  # selected and listed on q's device
+            plan = device_routes.route_call_plan(plan, q, route_keys, tensors)
+        else:
+            cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
+            plan = routing.route_plan(plan, q.detach(), route_keys.detach(), cpu_t, set(batched))
     cls, extra, checks = launch_extras(runner, bound, plan, device)
+    extra.update(kernel_inputs(pat, tensors, device))
     return config, plan, source, tensors, batched, cls, extra, checks
 
 
@@ -130,8 +175,8 @@ def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int]
     cls = (bound.heads, 1) if plan.selection is not None else ((0, 0) if sched.heads_stored == 1 else (0, 1))
     extra: dict = {}
     if plan.selection is not None:
-        extra["SEL"] = routing.selection_words(plan.selection).to(device)  # 32 blocks per int32 word
-        extra["KEY_BLOCK"] = plan.key_block.to(torch.int32).contiguous().to(device)
+        extra["SEL"] = _on(routing.selection_words(plan.selection), device)  # 32 blocks per int32 word
+        extra["KEY_BLOCK"] = _on(plan.key_block.to(torch.int32).contiguous(), device)
     if plan.softcap is not None:
         extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: plan.softcap.to(torch.float32).contiguous()
                                           .to(device))

@@ -68,11 +68,11 @@ from ....core.errors import SpecError
 from ... import kernel_fit
 from ...numerics import fox_prefix
 from ...ops.common import Registered
-from ...plan import routing, tile_plan
+from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks
+from . import blocks, split_kv
 
 __all__ = ["KernelConfig", "ScheduleShape", "TritonRunner", "generate_source", "interpreting", "load_kernels",
            "search_config", "write_source"]
@@ -452,18 +452,23 @@ def _tma_views(launch: Launch, tensors: dict[str, BoxSpec]) -> list | None:
 
 
 def _lists(sched: TileSchedule, device) -> dict:
-    def width1(t):  # a zero-width list still needs a valid pointer and row stride
+    """The kernels' tile lists of ``sched`` on ``device``: int32, contiguous, a list of width 0 given one
+    column of -1 (a valid pointer and row stride). Lists made on the device (``call_plan.DeviceSchedule``)
+    are taken as they are: no copy, nothing asked of them."""
+    def on_device(t):
+        t = t.to(torch.int32).contiguous()
+        return t if t.device == torch.device(device) else t.to(device)
+
+    def width1(t):
         if t.shape[-1] == 0:
-            t = torch.full((*t.shape[:-1], 1), -1, dtype=torch.int32)
-        return t.to(torch.int32).contiguous().to(device)
+            t = torch.full((*t.shape[:-1], 1), -1, dtype=torch.int32, device=t.device)
+        return on_device(t)
 
     return {
-        "FULL_N": sched.full_count.to(torch.int32).contiguous().to(device), "FULL_I": width1(sched.full_index),
-        "PART_N": sched.partial_count.to(torch.int32).contiguous().to(device), "PART_I": width1(sched.partial_index),
-        "T_FULL_N": sched.t_full_count.to(torch.int32).contiguous().to(device),
-        "T_FULL_I": width1(sched.t_full_index),
-        "T_PART_N": sched.t_partial_count.to(torch.int32).contiguous().to(device),
-        "T_PART_I": width1(sched.t_partial_index),
+        "FULL_N": on_device(sched.full_count), "FULL_I": width1(sched.full_index),
+        "PART_N": on_device(sched.partial_count), "PART_I": width1(sched.partial_index),
+        "T_FULL_N": on_device(sched.t_full_count), "T_FULL_I": width1(sched.t_full_index),
+        "T_PART_N": on_device(sched.t_partial_count), "T_PART_I": width1(sched.t_partial_index),
     }
 
 
@@ -521,13 +526,14 @@ class TritonRunner(Registered):
         ``kv_heads``: the call's K/V heads (the simulator's pick weighs its dK/dV kernel's CTAs by them)."""
         pat = self.pattern
         dyn_names = mask_input_names(pat)
+        on_device = bool(dyn_names) and device_tiles.listed_on_device(pat)  # each call's lists made there
         key = self._key(bound, q, kv_heads)
         if backward_of is not None:
             key = (*key, role, backward_of)
-        if not dyn_names and key in self._static:
+        if (not dyn_names or on_device) and key in self._static:
             return self._static[key]
         used = {n: t for n, t in tensors.items() if n in dyn_names}
-        if dyn_names and self._dynamic_last is not None and self._dynamic_last[0] == key:
+        if dyn_names and not on_device and self._dynamic_last is not None and self._dynamic_last[0] == key:
             seen = self._dynamic_last[1]
             if all(seen[n].shape == t.shape and torch.equal(seen[n], t.detach().cpu()) for n, t in used.items()):
                 return self._dynamic_last[2]
@@ -538,13 +544,15 @@ class TritonRunner(Registered):
             config = self._static[key][0]
         else:
             config = self._config(bound, q, tensors, kv_heads)
-        cpu_inputs = {n: t.detach().cpu() for n, t in used.items()}
-        sched = classify(pat, bound, config, cpu_inputs)
-        plan = tile_plan.Plan.build(pat, bound, sched)
-        source = generate_source(pat, bound, ScheduleShape.of(sched), config)
+        if on_device:  # planned for any inputs: the lists of each call are made from its own (device_tiles)
+            plan = device_tiles.input_plan(pat, bound, config.q_tile, config.kv_tile)
+        else:
+            cpu_inputs = {n: t.detach().cpu() for n, t in used.items()}
+            plan = tile_plan.Plan.build(pat, bound, classify(pat, bound, config, cpu_inputs))
+        source = generate_source(pat, bound, ScheduleShape.of(plan.schedule), config)
         entry = (config, plan, source)
         self._static[key] = entry
-        if dyn_names and backward_of is None:
+        if dyn_names and not on_device and backward_of is None:
             self._dynamic_last = (key, cpu_inputs, entry)
         return entry
 
@@ -553,7 +561,7 @@ class TritonRunner(Registered):
         pat = self.pattern
         if bound.q_offset and not bound.is_block:  # queries after a KV cache: their own rows, no padding
             return self._block_launch(self._offset_block(bound, q), q, inputs, route_keys=k)
-        tensors, batched = blocks.checked_inputs(pat, bound, q, inputs)
+        tensors, batched = blocks.checked_inputs(pat, bound, q, inputs, self._checks)
         config, plan, source = self.plan(bound, q, tensors, backward_of, role, kv_heads=k.shape[1])
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
         interpret = q.device.type != "cuda" and not self.native
@@ -569,11 +577,16 @@ class TritonRunner(Registered):
         if backward_of is None:
             self.last_config = config
         device = q.device
-        if pat.route is not None:  # per call: lists per (batch, head) and the per-query selection
+        if plan.call_lists is not None:  # lists made on the device from this call's inputs
+            plan = plan.call_lists.call_plan(plan, tensors, batched, device)
+        if pat.route is not None and device_routes.applies(pat):  # per call, on q's device: the selection
+            plan = device_routes.route_call_plan(plan, q, k, tensors)  # and the lists per (batch, head)
+        elif pat.route is not None:  # selected on q's device, listed on the host
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
-            plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))  # selected on q's device
+            plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))
         sched = plan.schedule
         cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
+        extra.update(blocks.kernel_inputs(pat, tensors, device))
         key = self._key(bound, q, k.shape[1])
         lists = plan.on_device(("lists", device), lambda: _lists(sched, device))  # routed plans: new per call
         if backward_of is not None:  # a backward on its own tiles: its fallbacks shrink those tiles only
@@ -620,6 +633,8 @@ class TritonRunner(Registered):
         while True:
             names = tuple(launch.tensors)
             try:
+                if not _needs_grad(q, k, v, *launch.tensors.values()):  # forward only: it may split its KV tiles
+                    return forward(launch, q, k, v, float(scale), may_split=True)
                 return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
             except _out_of_resources():
                 launch = launch.shrink()
@@ -763,7 +778,8 @@ def _decay_cumsum(launch: Launch, device) -> tuple[torch.Tensor, torch.Tensor] |
     name = launch.pattern.decay
     if name is None:
         return None
-    g = launch.tensors[name].detach().to(torch.float32).to(device)
+    g = launch.tensors[name].detach().to(torch.float32)
+    g = g if g.device == torch.device(device) else g.to(device)  # no copy onto its own device (a call to ask for)
     hi, lo, reset = fox_prefix(g if g.dim() == 3 else g.unsqueeze(0))
     return torch.stack((hi, lo), dim=2).contiguous(), reset.to(torch.int32).contiguous()
 
@@ -872,8 +888,10 @@ def smaller_config(config: KernelConfig, square: bool = False) -> KernelConfig |
                                bwd_num_stages=min(config.bwd_stages, 2) if config.bwd_num_stages else 0)
 
 
-def forward(launch: Launch, q, k, v, scale: float):
-    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32)."""
+def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
+    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32). ``may_split``: a forward-only call, whose
+    KV tiles may be split over several programs per Q tile (``split_kv``: flash decoding), their partials merged
+    by the module's ``attnc_fwd_combine``."""
     B, Hq, Nq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[-1]
     device = q.device
@@ -882,6 +900,7 @@ def forward(launch: Launch, q, k, v, scale: float):
     out = torch.empty(B, Hq, rows, DV, dtype=q.dtype, device=device)
     lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
     nq_tiles = launch.plan.schedule.num_q_tiles
+    splits = split_kv.choose_splits(launch.plan, B, Hq, _sms(torch.device(device))) if may_split else 1
     decay_c = _decay_cumsum(launch, device)
     order, ordered = _order_args(_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = _blocks(launch, D, DV)
@@ -889,17 +908,46 @@ def forward(launch: Launch, q, k, v, scale: float):
     views = _tma_views(launch, kv)
     by_tma = views is not None
     specialize = _warp_spec(launch, qp, kv, fblocks, by_tma)
+    if splits > 1 and specialize.get("ONE_LOOP"):  # a split forward runs the two loops (split_kv)
+        specialize = {}
     # a forward in one loop loads by descriptors of its own, not the host's
     descs, desc = _boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
-    args = [qp, kp, vp, out, lse, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *out.stride()[:3],
-            *lse.stride()[:2], *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
+    partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
+    dest, dest_strides = _forward_outputs(out, lse, partial)
+    args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
+            *_common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
+    grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
     with interpreting(launch.interpret):
-        _launch_kernel(launch, launch.module.attnc_fwd, (nq_tiles, B * Hq), args,
+        _launch_kernel(launch, launch.module.attnc_fwd, grid, args,
                        dict(**fblocks, DOT=_dot_mode(launch, q.dtype), **ordered,
                             **_runs(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
-                            **specialize), backward=False)
+                            **specialize, **split_meta), backward=False)
+        if partial is not None:
+            _combine_splits(launch, *partial, out, lse)
     _raise_index_errors(launch)
     return _from_tiles(launch, out, "q", Nq), _from_tiles(launch, lse, "q", Nq)
+
+
+def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
+    """The forward's ``O``, ``LSE`` and their strides (``so_b, so_h, so_n, sl_b, sl_h, so_s, sl_s``): ``out`` and
+    ``lse`` themselves, the split strides None (constants to Triton: the kernel without ``SPLIT_KV`` has no such
+    parameters, as ``ORDER``); or the split-KV partials ``[splits, B, H, rows (, DV)]`` (``split_kv.partials``)."""
+    if partial is None:
+        return [out, lse], [*out.stride()[:3], *lse.stride()[:2], None, None]
+    po, pl = partial
+    return [po, pl], [*po.stride()[1:4], *pl.stride()[1:3], po.stride(0), pl.stride(0)]
+
+
+def _combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge the split forward's partials into ``out`` and ``lse`` (``attnc_fwd_combine``, by log-sum-exp on the
+    device: no host read)."""
+    splits, B, H, rows, DV = po.shape
+    block_dv = padded_head_dim(DV)
+    block_r = split_kv.combine_rows(block_dv, rows)
+    _launch_kernel(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
+                   [po, pl, out, lse, *po.stride()[:4], *pl.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+                    rows, DV, splits],
+                   dict(BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4), backward=False)
 
 
 def _warp_spec(launch: Launch, qp: torch.Tensor, kv: dict[str, BoxSpec], blocks: dict, by_tma: bool) -> dict:
@@ -1150,6 +1198,11 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
                     index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
                 target.index_put_(tuple(index), contrib, accumulate=True)
     return grads
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records a call on these tensors (grad mode on and one of them requires a gradient)."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 class TritonAttention(torch.autograd.Function):
