@@ -259,7 +259,14 @@ class KernelBodies:
             body += ["", "if ONE_LOOP:", *nested(self._one_kv_loop(update)), "else:", *nested(loops[1:])]
         else:
             body += loops
-        body += [
+        body += self._forward_epilogue()
+        return kernel_def("attnc_fwd", params,
+                          "Forward: one program per (Q tile, batch x query head) (x split, with SPLIT_KV).", body)
+
+    @staticmethod
+    def _forward_epilogue() -> list[str]:
+        """The forward's last lines: normalise and store out and lse (a split's partials with SPLIT_KV)."""
+        return [
             "",
             "# ---- epilogue: normalise; a query with no allowed key gives zeros and lse = -inf (so does a split",
             "# with no key of the query: it weighs nothing in the merge)",
@@ -274,8 +281,6 @@ class KernelBodies:
             "         mask=q_ok[:, None] & (dv[None, :] < DV))",
             "tl.store(LSE + batch.to(tl.int64) * sl_b + h.to(tl.int64) * sl_h + q_row, lse, mask=q_ok)",
         ]
-        return kernel_def("attnc_fwd", params,
-                          "Forward: one program per (Q tile, batch x query head) (x split, with SPLIT_KV).", body)
 
     def _forward_combine(self) -> str:
         """The split-KV forward's merge (``attnc_fwd_combine``): per row, the splits' partial outputs weighed by
