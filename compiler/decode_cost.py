@@ -15,7 +15,7 @@ What is visited: the keys are cut into KV tiles of ``kv_tile`` tokens and the qu
 of up to ``DECODE_Q_TILE`` rows; a Q tile reads every KV tile holding a key one of its queries
 attends (``tiles.classify_tiles``, which honours ``Bound.q_offset``; a grid is tiled on its flat
 token order, as the runtime tiles queries after a KV cache). A routed pattern's selection depends on
-the data: it is modelled as the prefill simulator models it (``search.route_schedule``): each Q tile
+the data: it is modelled as the prefill simulator models it (``search.route_kept``): each Q tile
 keeps the KV tiles of ``topk`` key blocks among those its mask reaches, the blocks ``keep`` forces
 first, then the nearest to the tile's first query.
 
@@ -43,12 +43,10 @@ import torch
 from ..core import ir
 from ..core.errors import SpecError
 from . import evaluate as E
-from . import route_blocks
 from . import tiles as T
 from .cost import checked_kv_heads, dtype_bytes, makespan
 from .hardware import Hardware
-from .schedule import TileSchedule, tile_tokens
-from .search import check_simulation_size, flat_view
+from .search import check_simulation_size, flat_view, route_kept
 from .simulator import ReportView
 
 #: Query rows per Q tile of a decode step: all of them up to this many (one tile for n = 1).
@@ -185,7 +183,7 @@ def visited_tiles(
     sched = T.classify_tiles(view, vbound, (q_tile,), (min(kv_tile, bound.nk),), inputs=inputs)
     h, qi, ki, _ = sched.pairs()
     if pat.route is not None:
-        keep = _route_kept(pat, bound, sched, h, qi, ki, inputs)
+        keep = route_kept(pat, bound, sched, h, qi, ki, inputs)
         h, qi, ki = h[keep], qi[keep], ki[keep]
     shared = sched.heads_stored == 1  # one head class: the lists serve every head
     classes = 1 if shared else kv_heads
@@ -215,52 +213,6 @@ def visited_tiles(
         classes,
         kv_heads,
     )
-
-
-def _route_kept(
-    pat: ir.PatternIR,
-    bound: E.Bound,
-    sched: TileSchedule,
-    h: torch.Tensor,
-    qi: torch.Tensor,
-    ki: torch.Tensor,
-    inputs: dict | None,
-) -> torch.Tensor:
-    """Which visited (head class, Q tile, KV tile) triples a route keeps under the block-coherent model
-    of ``search.route_schedule``, the distances taken from the queries' absolute positions (``q_offset``)."""
-    route = pat.route
-    block, topk = route_blocks.route_sizes(pat, bound)
-    if route.tokens:  # a query's nearest topk keys span this many KV tiles (one block a tile)
-        topk = -(-topk // math.prod(sched.kv_tile)) + 1
-    n_keys = sched.num_keys
-    kv_tokens, _ = tile_tokens(sched.kv_extents, sched.kv_tile, torch.arange(sched.num_kv_tiles))
-    q_tokens, _ = tile_tokens(sched.q_extents, sched.q_tile, torch.arange(sched.num_q_tiles))
-    kv_first, q_first = kv_tokens[:, 0], q_tokens[:, 0]
-    ids, nblocks = route_blocks.block_ids(pat.keys, block, bound, n_keys)
-    block_first = torch.full((nblocks,), n_keys, dtype=torch.int64)
-    block_first.scatter_reduce_(0, ids, torch.arange(n_keys), reduce="amin")
-    blk = ids[kv_first][ki]
-    forced = torch.zeros(len(h), dtype=torch.bool)
-    if route.keep is not None and len(h):
-        keep = E.substitute(route.keep, bound)
-        for head in range(sched.heads_stored):
-            sel = h == head
-            ev = T._pair_evaluator(
-                pat, bound, inputs, q_first[qi[sel]], block_first[blk[sel]], head
-            )
-            forced[sel] = torch.broadcast_to(E.as_tensor(ev(keep), torch.bool), (int(sel.sum()),))
-    # the query's absolute position (rows follow the cache) against the block's first key
-    dist = (q_first[qi] + bound.q_offset - block_first[blk]).abs()
-    kept = torch.zeros(len(h), dtype=torch.bool)
-    owners = h * sched.num_q_tiles + qi
-    # one rank per distinct block: forced first, then nearest, then lowest block
-    rank = ((~forced).long() * (int(dist.max()) + 1 if len(dist) else 1) + dist) * nblocks + blk
-    for owner in torch.unique(owners).tolist():
-        sel = torch.nonzero(owners == owner).view(-1)
-        key = rank[sel]
-        ranked = torch.unique(key)[:topk] % nblocks
-        kept[sel] = torch.isin(blk[sel], ranked)
-    return kept
 
 
 # ----------------------------------------------------------------- split-KV

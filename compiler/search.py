@@ -226,26 +226,24 @@ def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: di
 
 
 # ----------------------------------------------------------------- routing model
-def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None) -> TileSchedule:
-    """The schedule of a routing pattern under the block-coherent assumption:
-    each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
-    reaches: the blocks ``keep`` forces (judged at the tile's first query),
-    then the nearest others (a token route: the KV tiles holding ``topk`` keys,
-    plus one for a run that straddles tiles). The real selection depends on q and k."""
+def route_kept(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, h: torch.Tensor, qi: torch.Tensor,
+               ki: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
+    """Which (head class ``h``, Q tile ``qi``, KV tile ``ki``) pairs of ``sched`` a route keeps under the
+    block-coherent model (``route_schedule``): per (head, Q tile), the KV tiles of its ``topk`` blocks, those
+    ``keep`` forces first, then by the distance of the tile's first query (its absolute position: rows after
+    a KV cache start at ``bound.q_offset``) to the block's first key, then the lower block."""
     route = pat.route
     block, topk = route_blocks.route_sizes(pat, bound)
-    q_ext, kv_ext = sched.q_extents, sched.kv_extents
     if route.tokens:  # single keys: a query's nearest K keys span this many KV tiles (one per block here)
         topk = -(-topk // math.prod(sched.kv_tile)) + 1
-    kv_first = tile_tokens(kv_ext, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
-    q_first = tile_tokens(q_ext, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
+    kv_first = tile_tokens(sched.kv_extents, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
+    q_first = tile_tokens(sched.q_extents, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
     ids, nblocks = route_blocks.block_ids(pat.keys, block, bound, sched.num_keys)
     kv_block = ids[kv_first]
     block_first = torch.full((nblocks,), sched.num_keys, dtype=torch.int64)
     block_first.scatter_reduce_(0, ids, torch.arange(sched.num_keys), reduce="amin")
-    h, qi, ki, full = sched.pairs()
     if len(h) == 0:
-        return sched
+        return torch.zeros(0, dtype=torch.bool)
     blk = kv_block[ki]
     forced = torch.zeros(len(h), dtype=torch.bool)
     if route.keep is not None:
@@ -254,7 +252,7 @@ def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, input
             sel = h == head
             ev = T._pair_evaluator(pat, bound, inputs, q_first[qi[sel]], block_first[blk[sel]], head)
             forced[sel] = torch.broadcast_to(E.as_tensor(ev(keep), torch.bool), (int(sel.sum()),))
-    dist = (q_first[qi] - block_first[blk]).abs()
+    dist = (q_first[qi] + bound.q_offset - block_first[blk]).abs()
     # rank the distinct (head, Q tile, block) triples within each (head, Q tile)
     owner = h * sched.num_q_tiles + qi
     big = int(dist.max()) + 1
@@ -271,6 +269,20 @@ def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, input
     keep_sorted = rank_sorted < topk
     kept = torch.empty_like(keep_sorted)
     kept[order] = keep_sorted
+    return kept
+
+
+def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None) -> TileSchedule:
+    """The schedule of a routing pattern under the block-coherent assumption:
+    each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
+    reaches: the blocks ``keep`` forces (judged at the tile's first query),
+    then the nearest others (a token route: the KV tiles holding ``topk`` keys,
+    plus one for a run that straddles tiles). The real selection depends on q and k."""
+    q_ext, kv_ext = sched.q_extents, sched.kv_extents
+    h, qi, ki, full = sched.pairs()
+    if len(h) == 0:
+        return sched
+    kept = route_kept(pat, bound, sched, h, qi, ki, inputs)
     # allowed pairs: exact area for FULL tiles, the mask's mean PARTIAL density for PARTIAL ones
     area = sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]
     allowed = torch.zeros(sched.heads_stored, dtype=torch.float64)
