@@ -379,7 +379,7 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     from attnc.compiler import evaluate as E
     from attnc.compiler.hardware import get_hardware
     from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
-    from attnc.compiler.triton_scores import scale_in_exponent
+    from attnc.compiler.triton_codegen.scores import scale_in_exponent
     from attnc.runtime.backends.triton import runner as TR
     from attnc.runtime.gpu_check import describe_launch
     from attnc.runtime.tuning.autotune import (

@@ -48,7 +48,7 @@ from .schedule import TileSchedule
 from .sm_placement import MAX_ROUNDS, makespan
 
 #: Matmuls per visited tile pair that attnc's forward kernel executes
-#: (compiler/codegen.py ``attnc_fwd``): S = Q K^T and O += P V.
+#: (compiler/triton_codegen/source.py ``attnc_fwd``): S = Q K^T and O += P V.
 FWD_MATMULS = 2
 #: ... and its two backward kernels (codegen.py ``attnc_bwd_dq``: S = Q K^T and
 #: dP = dO V^T recomputed, dQ += dS K: 3; ``attnc_bwd_dkdv``: S and dP

@@ -5,7 +5,7 @@ the evaluator's semantics (``compiler.evaluate``).
 int/float promotion over sibling operands, exact rational combinations of integers divided once,
 ``if``/``Piecewise`` as nested ``where``, relations, logic, bit operations, ``is_pow2``,
 ``bit_length``, ``log2``, floored ``//`` and ``%`` with ``x // 0 == 0`` and ``x % 0 == x``, and
-NATTEN windows through named helpers. A target subclass (``compiler.triton_exprs.TritonPrinter``
+NATTEN windows through named helpers. A target subclass (``compiler.triton_codegen.exprs.TritonPrinter``
 for the Triton kernels, ``compiler.flex_codegen.FlexPrinter`` for FlexAttention's mods) names its
 array library (``LIB``) and overrides what differs: float conversion and constants, powers,
 ``//`` and ``%`` by a constant and ``%`` of floats, ``min``/``max``, ``not``, input loads.

@@ -1,7 +1,7 @@
 """Code generation for FlexAttention: ``mask_mod`` and ``score_mod`` as Python
 source over torch operations, from the IR.
 
-The same guarantees as the Triton generator (``compiler.codegen``), with the
+The same guarantees as the Triton generator (``compiler.triton_codegen.source``), with the
 evaluator's semantics (``compiler.evaluate``): int64 integers, floored ``//``
 and ``%`` (torch's ``//`` and ``%`` on integer tensors floor like Python's;
 ``x // 0 == 0`` and ``x % 0 == x`` through helpers where a divisor may be 0),

@@ -1,7 +1,7 @@
 """Key blocks of a ``route`` clause: which block each key token belongs to.
 
 One definition for the runtime's selection (``runtime.plan.routing``) and for the
-kernels' selection words (``compiler.codegen``, which needs the spread of block
+kernels' selection words (``compiler.triton_codegen.source``, which needs the spread of block
 indices within a KV tile at generation time): keys are partitioned into
 flat runs of SIZE tokens (``tokens seq``) or into grid tiles, numbered
 row-major over the tile grid.

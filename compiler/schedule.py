@@ -248,7 +248,7 @@ class TileSchedule(TileCounts):
     def runs(self) -> dict[str, bool]:
         """Which tile lists are each one run of consecutive tiles (``index[j] == index[0] + j``; the lists
         are sorted), by the kernels' list names: ``FULL``, ``PART``, ``T_FULL``, ``T_PART``. A kernel steps
-        through a run with no index load in its loop (``compiler.triton_kernels.list_tile``). Asked of host
+        through a run with no index load in its loop (``compiler.triton_codegen.kernels.list_tile``). Asked of host
         lists: the Triton runner reads a route's (selected per call, on the GPU) by index without asking."""
         out = {}
         for name, count, index in (("FULL", self.full_count, self.full_index),

@@ -18,7 +18,7 @@ from sympy.functions.elementary.piecewise import ExprCondPair
 from ..core import ir
 from ..core import symbols as S
 from . import evaluate as E
-from .triton_exprs import abs_bound, int_bound_rule, int_float_sides
+from .triton_codegen.exprs import abs_bound, int_bound_rule, int_float_sides
 
 #: Entries a mask table may hold (``tabulate``): 64K, e.g. every pair of 256 rows.
 TABLE_ENTRIES = 1 << 16

@@ -50,7 +50,7 @@ class Rung:
 
     num_warps: int
     num_stages: int
-    #: every ``*_RUN`` constexpr the launch set turned off (``compiler.triton_kernels.list_tile``)
+    #: every ``*_RUN`` constexpr the launch set turned off (``compiler.triton_codegen.kernels.list_tile``)
     indexed: bool = False
 
     def options(self, meta: dict | None = None) -> dict:

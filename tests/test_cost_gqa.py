@@ -1,5 +1,5 @@
 """Grouped-query attention in the cost model: the dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x
-K/V head), each walking the Q tiles of its share of the group's query heads in turn (compiler/triton_kernels.py,
+K/V head), each walking the Q tiles of its share of the group's query heads in turn (compiler/triton_codegen/kernels.py,
 ``SPLIT``, ``SHARE``), so that with a split of 1 its CTAs are fewer and longer than one per query head; the
 forward and dQ kernels keep one per query head."""
 

@@ -23,11 +23,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import codegen
 from attnc.compiler import evaluate as E
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.tiles import classify_tiles
-from attnc.compiler.triton_exprs import LOG2E
+from attnc.compiler.triton_codegen import source as codegen
+from attnc.compiler.triton_codegen.exprs import LOG2E
 from attnc.runtime.backends.triton import runner as T
 
 # the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy

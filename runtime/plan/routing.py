@@ -430,7 +430,7 @@ def selected_plan(plan, selected: torch.Tensor, key_block: torch.Tensor):
 def selection_words(selected: torch.Tensor) -> torch.Tensor:
     """The per-query block selection as the kernels read it: bit ``b % 32`` of word ``b // 32``
     is block ``b`` (int32 ``[B, Hq, Nq, words + 1]``; the last word is zero, so that a KV tile
-    can always read the two words its blocks fall in, see ``compiler.codegen``). Packed a run of
+    can always read the two words its blocks fall in, see ``compiler.triton_codegen.source``). Packed a run of
     queries at a time (a token route has a block per key)."""
     *lead, nq, nblocks = selected.shape
     words = -(-nblocks // WORD_BITS) + 1

@@ -101,7 +101,7 @@ class KernelBuilder(Protocol):
 
 
 class TritonBuilder(KernelBuilder):
-    """The generated Triton kernels (``compiler.codegen`` + ``runtime.backends.triton``).
+    """The generated Triton kernels (``compiler.triton_codegen.source`` + ``runtime.backends.triton``).
 
     ``runner`` times a training step's kernels, forward then backward (dQ, dK/dV, each
     with its pass's launch parameters), on random q, k, v of the tuned shape: through the backend's
@@ -113,7 +113,7 @@ class TritonBuilder(KernelBuilder):
 
     def __init__(self, interpret: bool | None = None):
         try:
-            from ...compiler import codegen
+            from ...compiler.triton_codegen import source as codegen
         except ImportError as err:
             raise AutotuneError(f"the Triton code generator is not available ({err})") from None
         self.codegen, self.interpret = codegen, interpret

@@ -66,9 +66,9 @@ CPU_DEVICE = "cpu-interpreter"
 LAYOUTS = ("flat", "permute", "address")
 #: Sources whose text decides the generated kernels, their code or the data layouts they read
 #: (fingerprinted into the attnc version: a change re-keys the cache).
-CODEGEN_FILES = ("compiler/codegen.py", "compiler/expr_printer.py", "compiler/triton_bias.py",
-                 "compiler/triton_exprs.py", "compiler/triton_helpers.py", "compiler/triton_kernels.py",
-                 "compiler/triton_scores.py", "compiler/triton_tiles.py", "compiler/route_blocks.py",
+CODEGEN_FILES = ("compiler/triton_codegen/source.py", "compiler/expr_printer.py", "compiler/triton_codegen/bias.py",
+                 "compiler/triton_codegen/exprs.py", "compiler/triton_codegen/helpers.py", "compiler/triton_codegen/kernels.py",
+                 "compiler/triton_codegen/scores.py", "compiler/triton_codegen/tiles.py", "compiler/route_blocks.py",
                  "runtime/plan/routing.py", "runtime/backends/triton/runner.py")
 
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")

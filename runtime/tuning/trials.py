@@ -27,8 +27,8 @@ from ...compiler.pass_sizing import (
 )
 from ...compiler.schedule import TileSchedule
 from ...compiler.search import STAGES, WARPS, ScheduleSearch
-from ...compiler.triton_kernels import warp_specialized_form
-from ...compiler.triton_tiles import ScheduleShape, boxes_are_rows
+from ...compiler.triton_codegen.kernels import warp_specialized_form
+from ...compiler.triton_codegen.tiles import ScheduleShape, boxes_are_rows
 from ...core import ir
 
 #: Distinct schedules (tile shapes + layout) taken from the simulator's ranking.

@@ -1,4 +1,4 @@
-"""The Triton backend: generated kernels (``compiler.codegen``), compiled from a
+"""The Triton backend: generated kernels (``compiler.triton_codegen.source``), compiled from a
 source file, launched over the tile schedule's lists, with an autograd function
 for the backward pass.
 
@@ -38,12 +38,6 @@ import sympy
 import torch
 
 from ....compiler import evaluate as E
-from ....compiler.codegen import (
-    ScheduleShape,
-    check_fp32_constants,
-    derivative,
-    generate_source,
-)
 from ....compiler.cost import KernelConfig
 from ....compiler.hardware import compute_capability
 from ....compiler.launch_order import choose_order, ordered_arch
@@ -58,10 +52,16 @@ from ....compiler.search import (
 )
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
-from ....compiler.triton_exprs import LOG2E
-from ....compiler.triton_kernels import warp_specialized_form
-from ....compiler.triton_scores import scale_in_exponent
-from ....compiler.triton_tiles import box_tile, boxes_are_rows, layout_of
+from ....compiler.triton_codegen.exprs import LOG2E
+from ....compiler.triton_codegen.kernels import warp_specialized_form
+from ....compiler.triton_codegen.scores import scale_in_exponent
+from ....compiler.triton_codegen.source import (
+    ScheduleShape,
+    check_fp32_constants,
+    derivative,
+    generate_source,
+)
+from ....compiler.triton_codegen.tiles import box_tile, boxes_are_rows, layout_of
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError

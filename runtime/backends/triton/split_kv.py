@@ -4,7 +4,7 @@
 A forward launches one program per (Q tile, batch x query head), each over its Q tile's KV tile lists. A decode
 step (queries after a KV cache: one Q tile) or any call with few Q tiles launches fewer programs than the GPU
 has SMs, and each walks a long list alone. With ``splits`` > 1 the forward's third launch axis splits every
-list into ``splits`` contiguous shares (``compiler.triton_kernels.split_share``); each split writes its
+list into ``splits`` contiguous shares (``compiler.triton_codegen.kernels.split_share``); each split writes its
 normalised partial out and lse (``-inf`` and zeros where its share holds no key of a row) to the buffers
 ``[splits, B, H, rows, DV]`` and ``[splits, B, H, rows]``, and the module's ``attnc_fwd_combine`` merges them
 by log-sum-exp on the device.

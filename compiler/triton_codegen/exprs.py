@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import sympy
 
-from ..core import ir
-from ..core import symbols as S
-from ..core.errors import SpecError
-from .expr_printer import ExprPrinter
+from ...core import ir
+from ...core import symbols as S
+from ...core.errors import SpecError
+from ..expr_printer import ExprPrinter
 
 INT32_MAX = (1 << 31) - 1
 FP32_MAX = 3.4028234663852886e38

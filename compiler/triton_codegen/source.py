@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import sympy
 
-from ..core import ir
-from ..core import symbols as S
-from ..core.errors import SpecError
-from . import evaluate as E
-from .expr_printer import internal_names
-from .route_blocks import WORD_BITS, block_sizes, tile_block_spread
-from .schedule import uniform_axes
-from .triton_bias import bias_index_checks, derivative, head_factor, split_bias
-from .triton_exprs import (
+from ...core import ir
+from ...core import symbols as S
+from ...core.errors import SpecError
+from .. import evaluate as E
+from ..expr_printer import internal_names
+from ..route_blocks import WORD_BITS, block_sizes, tile_block_spread
+from ..schedule import uniform_axes
+from .bias import bias_index_checks, derivative, head_factor, split_bias
+from .exprs import (
     FP32_MAX,
     INT32_MAX,
     LN2,
@@ -45,10 +45,10 @@ from .triton_exprs import (
     int_float_sides,
     needs_int64,
 )
-from .triton_helpers import DOT_HELPERS, HELPERS, helper_sources
-from .triton_kernels import KernelBodies, indent
-from .triton_scores import ScoreLines
-from .triton_tiles import (
+from .helpers import DOT_HELPERS, HELPERS, helper_sources
+from .kernels import KernelBodies, indent
+from .scores import ScoreLines
+from .tiles import (
     ScheduleShape,
     axis_extents,
     block_size,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..core import ir
-from . import evaluate as E
-from .schedule import tile_grid
+from ...core import ir
+from .. import evaluate as E
+from ..schedule import tile_grid
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The ``@triton.jit`` helper functions the generated kernel modules define, as source text.
 
-``HELPERS``: those the expression printer (``compiler.triton_exprs``) and the score terms call,
+``HELPERS``: those the expression printer (``compiler.triton_codegen.exprs``) and the score terms call,
 emitted only when used (``helper_sources``); ``DOT_HELPERS``: those every module has (row sums
 and maxima for ``tl.reduce``, and ``_dot`` with its precision modes).
 

@@ -5,15 +5,15 @@ out and lse ``attnc_fwd_combine`` merges), ``attnc_bwd_delta`` (the backward's r
 ``attnc_bwd_dkdv`` (dK, dV over the transposed lists; with ``ATOMIC_DQ`` also dQ, added by atomics,
 and no dQ kernel runs): their parameters, program
 setup, loads, the loops over each tile list and their epilogues. The score lines inside the loops
-are ``compiler.triton_scores``'s, the tile addressing ``compiler.triton_tiles``'s.
+are ``compiler.triton_codegen.scores``'s, the tile addressing ``compiler.triton_codegen.tiles``'s.
 """
 
 from __future__ import annotations
 
 import math
 
-from .triton_exprs import LN2, LOG2E
-from .triton_scores import scale_in_exponent
+from .exprs import LN2, LOG2E
+from .scores import scale_in_exponent
 
 
 def indent(lines: list[str], n: int) -> str:
@@ -135,7 +135,7 @@ def nested(lines: list[str]) -> list[str]:
 
 
 class KernelBodies:
-    """The kernels, a part of ``compiler.codegen.KernelSource``: reads its pattern, bound sizes,
+    """The kernels, a part of ``compiler.triton_codegen.source.KernelSource``: reads its pattern, bound sizes,
     shape and inputs, and calls its tile lines (``_tiles``) and score lines (``ScoreLines``)."""
 
     # ------------------------------------------------------------ parameters and tile lists

@@ -6,9 +6,9 @@ per-head and per-query constants those terms read.
 
 from __future__ import annotations
 
-from .route_blocks import WORD_BITS
-from .triton_exprs import INT32_MAX, LOG2E
-from .triton_tiles import block_size, edge_padded
+from ..route_blocks import WORD_BITS
+from .exprs import INT32_MAX, LOG2E
+from .tiles import block_size, edge_padded
 
 
 def broadcast_axes(tr: bool) -> tuple[str, str]:
@@ -27,7 +27,7 @@ def scale_in_exponent(pat) -> bool:
 
 
 class ScoreLines:
-    """Lines of the score terms, a part of ``compiler.codegen.KernelSource``: reads its pattern
+    """Lines of the score terms, a part of ``compiler.triton_codegen.source.KernelSource``: reads its pattern
     (``pat``), shape, inputs, printed mask and bias (``mask_inputs``, ``bias_text``,
     ``bias_coef``, ``bias_head_text``, ``checks``...) and routing words."""
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ..core import ir
-from ..core import symbols as S
-from ..core.errors import SpecError
-from . import evaluate as E
-from .expr_printer import has_input
-from .triton_exprs import FP32_MAX, LOG2E
+from ...core import ir
+from ...core import symbols as S
+from ...core.errors import SpecError
+from .. import evaluate as E
+from ..expr_printer import has_input
+from .exprs import FP32_MAX, LOG2E
 
 
 # ----------------------------------------------------------------- the bias, split per head
@@ -81,7 +81,7 @@ def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size
     """Whether an index of positions only lies in ``0..size - 1`` at every valid position,
     by interval bounds over the whole matrix with no intermediate integer near 2**63
     (where int64 would wrap and the bounds would not hold)."""
-    from .intervals import IntervalEvaluator, Num
+    from ..intervals import IntervalEvaluator, Num
 
     if has_input(index):
         return False
