@@ -320,3 +320,20 @@ def test_a_mask_index_out_of_range_is_refused_at_every_call():
         attn(q, k, v, w=w, at=torch.arange(16) + 1)
     want = attnc.compile_attention(by_value, backend="reference")(q, k, v, w=w, at=torch.arange(16))
     torch.testing.assert_close(attn(q, k, v, w=w, at=torch.arange(16)), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["document", "longformer", "vertical_slash"])
+def test_one_head_masks_that_read_inputs_equal_the_reference(name):
+    """One head: the device classification binds the head of a mask that reads it (vertical_slash's per-head
+    selection failed with "'h' has no value" where the plan had one head class)."""
+    params, sizes, n, inputs, q_tile = STDLIB[name]
+    n = n if sizes is None else None
+    tokens = n if n is not None else int(torch.tensor(list(sizes.values())).prod())
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, tokens, 16, generator=g) for _ in range(3))
+    given = inputs(tokens) if inputs is not None else {}
+    out = attnc.compile_attention(f"stdlib:{name}", backend="triton", sizes=sizes, q_tile=q_tile, **params)(
+        q, k, v, **given)
+    want = attnc.compile_attention(f"stdlib:{name}", backend="reference", sizes=sizes, **params)(
+        q.double(), k.double(), v.double(), **given)
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)

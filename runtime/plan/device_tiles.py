@@ -172,6 +172,8 @@ class InputLists:
         env = {sym: int(v) for sym, v in self.bound.subs.items()}
         if classes > 1:  # the mask reads the head: the class is the head
             env[S.H] = torch.arange(classes, device=index.device).view(-1, 1, 1)
+        elif self.bound.heads == 1:  # one head: a mask that reads h reads head 0
+            env[S.H] = 0
         for start in range(0, tiles, step):
             rows = slice(start, min(tiles, start + step))
             qb, kb = self._box(own_side, index[:, rows], rows)
