@@ -66,7 +66,7 @@ from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ... import kernel_fit
-from ...numerics import fox_prefix
+from ...numerics import fox_prefix, needs_grad
 from ...ops.common import Registered
 from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
@@ -633,7 +633,7 @@ class TritonRunner(Registered):
         while True:
             names = tuple(launch.tensors)
             try:
-                if not _needs_grad(q, k, v, *launch.tensors.values()):  # forward only: it may split its KV tiles
+                if not needs_grad(q, k, v, *launch.tensors.values()):  # forward only: it may split its KV tiles
                     return forward(launch, q, k, v, float(scale), may_split=True)
                 return TritonAttention.apply(launch, float(scale), names, q, k, v, *(launch.tensors[n] for n in names))
             except _out_of_resources():
@@ -1023,6 +1023,26 @@ def _backward_inputs(launch: Launch, q, k, v, dout, lse_l2, delta) -> tuple:
             _to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous())
 
 
+def _row_sum_buffers(launch: Launch, row_sums: bool, B: int, Hq: int, Nq: int, Nk: int, device) -> tuple:
+    """The FoX gate gradient's row sums ``(dsq, dsk, their batch and head strides)`` (dummies where the gate
+    takes no gradient): stored at token positions (``q_tok``, ``k_tok``), so a block's are absolute, over the
+    whole gate."""
+    if not row_sums:
+        return _dummy(device), _dummy(device), (0, 0)
+    n_q, n_k = (launch.tensors[launch.pattern.decay].shape[-1],) * 2 if launch.bound.is_block else (Nq, Nk)
+    dsq = torch.zeros(B, Hq, n_q, dtype=torch.float32, device=device)
+    dsk = torch.zeros(B, Hq, n_k, dtype=torch.float32, device=device)
+    return dsq, dsk, (dsq.stride(0), dsq.stride(1))
+
+
+def _head_args(inputs: tuple) -> list:
+    """The backward kernels' leading arguments: q, k, v, dO, lse, delta (in a launch's token order) and the
+    strides of the first five."""
+    qp, kp, vp, dop, lsep, deltap = inputs
+    return [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3],
+            *dop.stride()[:3], *lsep.stride()[:2]]
+
+
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
              dq_launch: Launch | None = None):
     """(dq, dk, dv, {input: grad}); deterministic (no atomics) unless the config asks for dQ by atomics
@@ -1048,17 +1068,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     else:
         dq = torch.empty_like(q_side[0])
         dqa = [None] * 4  # constants to Triton: the kernel without ATOMIC_DQ has no such parameters (ORDER's way)
-    # the row sums are stored at token positions (``q_tok``, ``k_tok``): a block's are absolute, over the
-    # whole gate
-    n_q, n_k = (launch.tensors[pat.decay].shape[-1],) * 2 if row_sums and launch.bound.is_block else (Nq, Nk)
-    dsq = torch.zeros(B, Hq, n_q, dtype=torch.float32, device=device) if row_sums else _dummy(device)
-    dsk = torch.zeros(B, Hq, n_k, dtype=torch.float32, device=device) if row_sums else _dummy(device)
-    sr = (dsq.stride(0), dsq.stride(1)) if row_sums else (0, 0)
-    def head_of(inputs):
-        qp, kp, vp, dop, lsep, deltap = inputs
-        return [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3],
-                *dop.stride()[:3], *lsep.stride()[:2]]
-
+    dsq, dsk, sr = _row_sum_buffers(launch, row_sums, B, Hq, Nq, Nk, device)
     tail = [float(scale), Hq // Hkv, D, DV]
     ieee = _dot_mode(launch, q.dtype)
     # the dQ kernel (its own launch where it has tiles of its own); dS for the bias inputs' gradients at its tiles
@@ -1074,7 +1084,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         q_descs, q_desc = _descriptors(qlaunch, {
             "QD": (q_side[0], "q", qblocks["BLOCK_D"]), "KD": (q_side[1], "k", qblocks["BLOCK_D"]),
             "VD": (q_side[2], "k", qblocks["BLOCK_DV"]), "DOD": (q_side[3], "q", qblocks["BLOCK_DV"])})
-        args = [*head_of(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
+        args = [*_head_args(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
                 *_common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail]
         meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
                     **_runs(qlaunch, "FULL", "PART"), **q_desc)
@@ -1094,7 +1104,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
             outs = tuple(torch.empty(split, *t.shape, dtype=torch.float32, device=device) for t in (kp, vp))
             strides = [*outs[0].stride()[1:4], outs[0].stride(0), *outs[1].stride()[1:4], outs[1].stride(0)]
         k_order, k_ordered = _order_args(_orders(launch, B, Hq, Hkv, device, split), "K")
-        args = [*head_of((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, *dqa, L["T_FULL_N"], L["T_FULL_I"],
+        args = [*_head_args((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, *dqa, L["T_FULL_N"], L["T_FULL_I"],
                 L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1],
                 *_common_args(launch, device, decay_c), *k_order, *k_descs, *tail]
         meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=qt_view(q.device), **k_ordered,
@@ -1198,11 +1208,6 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
                     index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
                 target.index_put_(tuple(index), contrib, accumulate=True)
     return grads
-
-
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    """Whether autograd records a call on these tensors (grad mode on and one of them requires a gradient)."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 class TritonAttention(torch.autograd.Function):
