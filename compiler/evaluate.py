@@ -105,6 +105,7 @@ def bind_sizes(
     subs[S.NK] = nk_val
     if isinstance(pat, ir.PatternIR):
         ir.check_window_sizes(pat, subs)
+    subs[S.NQ] = n_val  # after the window checks, which it never enters (their memo keys stay per sequence)
     return Bound(subs, n_val, nk_val, heads, {k: int(v) for k, v in sizes.items()},
                  q_offset=nk_val - n_val if self_attn else 0)
 
@@ -119,7 +120,8 @@ def block_bound(whole: Bound, q0: int, lq: int, k0: int, lk: int) -> Bound:
         if start < 0 or length < 1 or start + length > whole.n:
             raise SpecError(f"rows [{start}, {start + length}) are not inside the {whole.n} tokens",
                             where=f"argument {what}")
-    return dataclasses.replace(whole, n=lq, nk=lk, q_offset=q0, k_offset=k0, is_block=True)
+    return dataclasses.replace(whole, n=lq, nk=lk, q_offset=q0, k_offset=k0, is_block=True,
+                               subs={**whole.subs, S.NQ: lq})
 
 
 def _check_kv_cache(self_attn: bool, n: int | None, nk: int | None, offset_ok: bool) -> None:

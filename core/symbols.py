@@ -23,6 +23,10 @@ HEADS = sympy.Symbol("heads", integer=True, positive=True)
 N = sympy.Symbol("n", integer=True, positive=True)
 NK = sympy.Symbol("nk", integer=True, positive=True)
 DK = sympy.Symbol("dk", integer=True, positive=True)
+#: The query rows of a call: ``n``, or the present queries after a KV cache (where ``n`` is the whole
+#: sequence). Not a name of the language: the shape of inputs made for the call's rows alone (a combined
+#: pattern's route scores).
+NQ = sympy.Symbol("nq", integer=True, positive=True)
 
 BUILTIN_SIZES = {"heads": HEADS, "n": N, "nk": NK, "dk": DK}
 

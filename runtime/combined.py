@@ -15,6 +15,7 @@ backend runs it unchanged; what a combined pattern adds is plain torch, differen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ import torch
 
 from ..compiler import evaluate as E
 from ..core import ir
+from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
 from .checks import check_qkv, resolve_scale
 from .frontends.layouts import check_layout
@@ -39,29 +41,59 @@ def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     return (padded.view(B, H, runs, size, D).sum(3) / counts[:, None]).to(x.dtype)
 
 
-def branch_probs(source: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, scale: float, inputs: dict,
-                 sizes: dict) -> torch.Tensor:
-    """The attention probabilities of a mask-only branch ``[B | 1, Hq, Nq, Nk]`` averaged over the query heads
-    of each GQA group (broadcast back to every head of the group); 0 on a row with no allowed key.
-    Not differentiated; fp32 (fp64 for fp64 inputs)."""
+def mask_only(pat: ir.PatternIR) -> bool:
+    """Whether a branch is its mask alone (no bias, softcap, decay or route): what ``pooled_probs`` computes."""
+    return pat.bias is None and pat.softcap is None and pat.decay is None and pat.route is None
+
+
+def pooled_probs(source: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, scale: float, inputs: dict,
+                 sizes: dict, nk: int, bounds: dict | None = None) -> torch.Tensor:
+    """The attention probabilities of a mask-only branch over pooled keys, per query head ``[B, Hq, Nq, R]``:
+    softmax of ``scale * q . k`` over the runs its mask allows, the queries at their absolute positions (the
+    last Nq of the ``nk`` tokens: a KV cache when ``nk > Nq``); 0 on a row with no allowed run. Made on q's
+    device (no value read on the host for a mask of positions), fp32 (fp64 for fp64 inputs), differentiable.
+    ``bounds``: a cache of the bound sizes by shape (binding is sympy work)."""
     B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    bound = E.bind_sizes(source, n=Nq, nk=Nk, heads=Hq, sizes=sizes, dk=D)
-    tensors, _ = E.bind_inputs(source, bound, {d.name: inputs[d.name] for d in source.inputs}, batch=B)
-    with torch.no_grad():
-        dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-        mask = E.mask_tensor(source, bound, tensors).to(q.device)
-        score = (q.detach().to(dtype) @ k.detach().to(dtype).repeat_interleave(group, 1).transpose(-1, -2)) * scale
-        probs = torch.softmax(score.masked_fill(~mask, -math.inf), dim=-1).nan_to_num(nan=0.0)
-        return probs.view(B, Hkv, group, Nq, Nk).mean(2).repeat_interleave(group, 1)
+    Hkv, R = k.shape[1], k.shape[2]
+    key = (source.name, Nq, nk, R, Hq, D, tuple(sorted(sizes.items())))
+    bound = None if bounds is None else bounds.get(key)
+    if bound is None:
+        # n is the whole sequence (as in a self-attention branch's KV-cache call); the rows its last Nq
+        whole = E.bind_sizes(source, n=nk, nk=R, heads=Hq, sizes=sizes, dk=D)
+        bound = dataclasses.replace(whole, n=Nq, q_offset=nk - Nq, subs={**whole.subs, S.NQ: Nq})
+        if bounds is not None:
+            bounds[key] = bound
+    tensors, batch = E.bind_inputs(source, bound, {d.name: inputs[d.name] for d in source.inputs}, batch=B,
+                                   device=q.device)
+    batched = {name for name, t in tensors.items() if t.dim() > len(source.input(name).dims)}
+    dev = q.device
+    env = E.token_env(source, bound, torch.arange(Nq, device=dev).view(1, 1, -1, 1),
+                      torch.arange(R, device=dev).view(1, 1, 1, -1), torch.arange(Hq, device=dev).view(1, -1, 1, 1))
+    allowed = E.as_tensor(E.Evaluator(env, tensors, batched, batch)(E.substitute(source.mask, bound)), torch.bool)
+    allowed = torch.zeros((), dtype=torch.bool, device=dev) | allowed  # a constant made on the device
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+    score = (q.to(dtype) @ k.to(dtype).repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
+    return torch.softmax(score.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(nan=0.0)
+
+
+def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Probabilities ``[B, Hq, Nq, R]`` averaged over the query heads of each GQA group, broadcast back to every
+    head of the group, not differentiated (a route's scores: one selection per KV head)."""
+    B, Hq, Nq, R = probs.shape
+    group = Hq // kv_heads
+    return probs.detach().view(B, kv_heads, group, Nq, R).mean(2).repeat_interleave(group, 1)
 
 
 class CombinedAttention(torch.nn.Module):
     """A compiled combined pattern; call it as ``attn(q, k, v, GATE=..., ...)``: q ``[B, Hq, n, D]``, k and v
     ``[B, Hkv, n, D]`` (``layout="bnhd"``: ``[B, n, H, D]``, gates ``[B, n, heads]`` as fla's), gates
     ``[heads, n]`` or ``[B, heads, n]``; returns ``[B, Hq, n, Dv]`` in q's dtype. ``branches`` holds one
-    ``Attention`` per branch. Differentiable in q, k, v and the gates."""
+    ``Attention`` per branch. Differentiable in q, k, v and the gates.
+
+    Queries after a KV cache (k, v ``[B, Hkv, nk, D]`` with nk > n: the queries are the last n tokens) take
+    gates ``[heads, n]`` for the present queries or ``[heads, nk]`` for the whole sequence (its last n rows
+    read); paged caches (``block_table=``, ``cache_seqlens=``, as ``Attention``'s) take them for the present
+    queries, ``[B, heads, n]``."""
 
     def __init__(self, pattern: ir.CombinedIR, make: Callable[[ir.PatternIR], torch.nn.Module], backend: str,
                  layout: str = "bhnd"):
@@ -86,9 +118,11 @@ class CombinedAttention(torch.nn.Module):
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
 
-    def _inputs(self, q: torch.Tensor, inputs: dict, bnhd: bool) -> tuple[dict, dict]:
+    def _inputs(self, q: torch.Tensor, nk: int, inputs: dict, bnhd: bool) -> tuple[dict, dict]:
         """(gates ``[B | ..., heads, n]`` checked, the branches' inputs) in attnc's layout: under bnhd an input
-        declared ``[heads, n, ...]`` comes ``[n, heads, ...]`` (as every pattern's; ``frontends.layouts``)."""
+        declared ``[heads, n, ...]`` comes ``[n, heads, ...]`` (as every pattern's; ``frontends.layouts``).
+        After a KV cache (``nk`` keys, more than q's n) a gate is the present queries' ``[heads, n]`` or the
+        whole sequence's ``[heads, nk]``, of which the last n rows are read."""
         B, H, N, _ = q.shape
         declared = {d.name: d for d in self.pattern.inputs}
         for name in inputs:
@@ -103,9 +137,12 @@ class CombinedAttention(torch.nn.Module):
                 t = t.transpose(lead, lead + 1) if lead in (0, 1) else t
             own[name] = t
         gates = {}
+        lengths = (N,) if nk == N else (N, nk)
         for decl in self.pattern.gates:
             t = own.pop(decl.name, None)
-            want = f"[{N}, {H}] or [{B}, {N}, {H}] (layout bnhd)" if bnhd else f"[{H}, {N}] or [{B}, {H}, {N}]"
+            tokens = " or ".join(str(x) for x in lengths)
+            want = (f"[{tokens}, {H}] or [{B}, {tokens}, {H}] (layout bnhd)" if bnhd
+                    else f"[{H}, {tokens}] or [{B}, {H}, {tokens}]")
             if t is None:
                 raise SpecError(f"missing gate '{decl.name}' (float[heads, n])", where=f"argument {decl.name}")
             if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
@@ -113,19 +150,26 @@ class CombinedAttention(torch.nn.Module):
                                 f"{t.dtype if isinstance(t, torch.Tensor) else type(t).__name__}", where=f"argument {decl.name}")
             if t.device != q.device:
                 raise SpecError(f"gate '{decl.name}' is on {t.device}, q on {q.device}", where=f"argument {decl.name}")
-            if tuple(t.shape) not in ((H, N), (B, H, N)):
+            if not any(tuple(t.shape) in ((H, x), (B, H, x)) for x in lengths):
                 shown = list(inputs[decl.name].shape)
                 raise SpecError(f"gate '{decl.name}' has shape {shown}, expected {want}", where=f"argument {decl.name}")
-            gates[decl.name] = t
+            gates[decl.name] = t[..., t.shape[-1] - N:]  # the present queries' rows
         return gates, own
 
     @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
+                block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                 **inputs) -> torch.Tensor:
         self._refuse(return_lse, initial_state, return_state)
         layout = self.layout if layout is None else check_layout(layout)
+        if block_table is not None or cache_seqlens is not None:  # paged KV caches: rows gathered per length
+            from .frontends import paged
+
+            return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
+                             scale=scale, return_lse=return_lse, initial_state=initial_state,
+                             return_state=return_state, sizes=sizes, inputs=inputs)
         bnhd = layout == "bnhd"
         if bnhd:
             for name, t in (("q", q), ("k", k), ("v", v)):
@@ -133,11 +177,8 @@ class CombinedAttention(torch.nn.Module):
                     raise SpecError(f"{name} must be a 4-d tensor [B, N, H, D] (layout bnhd)", where=f"argument {name}")
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         check_qkv(q, k, v)
-        if k.shape[2] != q.shape[2]:
-            raise SpecError(f"{k.shape[2]} keys but {q.shape[2]} queries: '{self.pattern.name}' (a combined pattern) "
-                            "does not take queries after a KV cache in this version", where="argument k",
-                            hint="call it with every token (as many queries as keys)")
-        gates, own = self._inputs(q, inputs, bnhd)
+        self._check_cache(q, k, cu_seqlens)
+        gates, own = self._inputs(q, k.shape[2], inputs, bnhd)
         scale = resolve_scale(scale, q.shape[-1])
         if cu_seqlens is None:
             out = self._combined(q, k, v, gates, own, scale, sizes)
@@ -158,6 +199,25 @@ class CombinedAttention(torch.nn.Module):
                 q.new_zeros(*q.shape[:3], v.shape[-1]), q, k, v, *gates.values(), *own.values())
         return out.transpose(1, 2) if bnhd else out
 
+    def _check_cache(self, q: torch.Tensor, k: torch.Tensor, cu_seqlens) -> None:
+        """Queries after a KV cache (more keys than queries): the queries are the last n tokens; not packed, and
+        every pooled branch only a mask (``pooled_probs`` computes it at the queries' positions)."""
+        n, nk = q.shape[2], k.shape[2]
+        if nk == n:
+            return
+        name = self.pattern.name
+        if nk < n:
+            raise SpecError(f"{nk} keys but {n} queries: the queries are the last n of the nk tokens, so nk >= n",
+                            where="argument k")
+        if cu_seqlens is not None:
+            raise SpecError(f"'{name}' (a combined pattern) takes packed sequences with as many keys as queries",
+                            where="argument cu_seqlens", hint="decode each sequence with its own KV cache")
+        for b in self.pattern.branches:
+            if b.pool is not None and not mask_only(b.pattern):
+                raise SpecError(f"branch '{b.name}' of '{name}' pools its keys and has more than a mask: queries "
+                                "after a KV cache are not supported for it in this version", where="argument k",
+                                hint="call with every token (as many queries as keys)")
+
     def _cut(self, name: str, t, cut: slice):
         """One packed sequence's part of an input: its token dimensions (declared n or nk) cut."""
         decl = next(d for d in self.pattern.inputs if d.name == name)
@@ -170,18 +230,33 @@ class CombinedAttention(torch.nn.Module):
         return t[tuple(index)]
 
     def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None) -> torch.Tensor:
-        """The branches of one call (q, k, v ``[B, H, n, D]``), summed with their gates, in q's dtype."""
-        outs, pooled = {}, {}
+        """The branches of one call (q ``[B, H, n, D]``, k, v ``[B, Hkv, nk, D]``: a KV cache when nk > n),
+        summed with their gates, in q's dtype. With a KV cache a pooled branch is computed here, as its
+        probabilities (``pooled_probs``, which score a route by probs(...) too) times the pooled values: every
+        pooled key is read once, what the queries visit; the other branches run on their backend with the
+        cache."""
+        nk = k.shape[2]
+        cached = nk > q.shape[2]
+        sizes = dict(sizes or {})
+        bounds = self.__dict__.setdefault("_bounds", {})
+        outs, pooled, probs = {}, {}, {}
         for b in self.pattern.branches:
             kb, vb = k, v
             if b.pool is not None:
                 size = int(b.pool[1])
                 kb, vb = pooled[b.name] = pool_mean(k, size), pool_mean(v, size)
             args = {d.name: own[d.name] for d in b.pattern.inputs if d.name in own}
+            if cached and b.pool is not None:
+                p = probs[b.name] = pooled_probs(b.pattern, q, kb, scale, own, sizes, nk, bounds)
+                outs[b.name] = p @ vb.to(p.dtype).repeat_interleave(q.shape[1] // vb.shape[1], 1)
+                continue
             if b.probs_of is not None:
                 source = self.pattern.branch(b.probs_of)
-                args[b.pattern.route.scores] = branch_probs(source.pattern, q, pooled[source.name][0], scale, own,
-                                                            dict(sizes or {}))
+                p = probs.get(source.name)
+                if p is None:
+                    with torch.no_grad():
+                        p = pooled_probs(source.pattern, q, pooled[source.name][0], scale, own, sizes, nk, bounds)
+                args[b.pattern.route.scores] = group_mean(p, k.shape[1])
             outs[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes, **args)
         out = None
         for gate, name in self.pattern.terms:

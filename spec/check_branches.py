@@ -227,7 +227,9 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
                                      f"({source.pool[1]}): probs({source.name}) scores one block per run",
                              by_probs.blocks[0].pos)
             nblocks = -sympy.floor(-S.NK / block)
-            scores = ir.InputDecl(scores_input(source.name), "float", (S.HEADS, S.N, nblocks), ("heads", "n", "blocks"))
+            # one row per query of the call (after a KV cache, the present queries only: S.NQ)
+            scores = ir.InputDecl(scores_input(source.name), "float", (S.HEADS, S.NQ, nblocks),
+                                  ("heads", "nq", "blocks"))
             pat = dataclasses.replace(pat, route=dataclasses.replace(pat.route, scores=scores.name),
                                       inputs=(*pat.inputs, scores))
         done[branch.name] = ir.Branch(branch.name, pat, pool, source.name if source is not None else None)

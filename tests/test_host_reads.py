@@ -111,6 +111,21 @@ def test_a_warm_decode_step_of_a_stdlib_pattern_reads_nothing_on_the_host(name):
     assert reads.total == 0, dict(reads.seen)
 
 
+@pytest.mark.parametrize("rows", [None, 1])
+def test_a_warm_call_of_nsa_reads_nothing_on_the_host(rows):
+    """The combined pattern (prefill and a decode step): its pooled branch's probabilities, which score the
+    selection branch's route, are made on the device."""
+    attn = attnc.compile_attention("stdlib:nsa", backend="triton", block=8, selected=2, window=5, q_tile=16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    q = q[:, :, -(rows or 40):]
+    gates = {name: torch.rand(2, q.shape[2], generator=g) for name in ("g_cmp", "g_slc", "g_swa")}
+    attn(q, k, v, **gates)
+    with HostReads() as reads:
+        attn(q, k, v, **gates)
+    assert reads.total == 0, dict(reads.seen)
+
+
 @pytest.mark.parametrize("name", sorted(NO_DECODE))
 def test_routes_scored_from_query_blocks_still_refuse_a_decode_step(name):
     with pytest.raises(attnc.SpecError, match="not supported"):

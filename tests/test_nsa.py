@@ -421,9 +421,6 @@ def test_call_errors_name_the_argument(tmp_path):
         with pytest.raises(SpecError, match=message) as err:
             attn(q, k, v, **{n: t for n, t in inputs.items() if t is not None}, **extra)
         assert err.value.where == where
-    with pytest.raises(SpecError, match="queries after a KV cache") as err:  # a KV cache
-        attn(q[:, :, -3:], k, v, **{n: t[:, :, -3:] for n, t in gates.items()})
-    assert err.value.where == "argument k"
     with pytest.raises(SpecError, match="no single mask"):
         attnc.materialize_mask("stdlib:nsa", n=8)
     from attnc.runtime import gpu_check
@@ -484,3 +481,89 @@ def test_the_cuda_schedule_search_reads_the_first_batch_elements_route_scores():
     scores = torch.rand(2, 2, 512, 16, generator=torch.Generator().manual_seed(0))
     batched = TB.search_config(slc, bound, "h100", head_dim=64, inputs={"probs(cmp)": scores})
     assert batched == TB.search_config(slc, bound, "h100", head_dim=64, inputs={"probs(cmp)": scores[0]})
+
+
+# ----------------------------------------------------------------------------- queries after a KV cache
+@FEW
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 40), rows=st.integers(1, 4), block=st.sampled_from([3, 4, 8]),
+       selected=st.integers(3, 5), window=st.integers(1, 9), gqa=st.sampled_from([(1, 1), (2, 1), (4, 2)]),
+       whole_gates=st.booleans())
+def test_a_kv_cache_call_is_the_last_rows_of_the_whole(seed, T, rows, block, selected, window, gqa, whole_gates):
+    """The last ``rows`` queries after a cache of the earlier tokens: the rows of the dense float64 NSA of the
+    whole sequence, forward and gradients (gates given for the present queries or for the whole sequence)."""
+    Hq, Hkv = gqa
+    rows = min(rows, T)
+    q, k, v, gates = draw(seed, 2, Hq, Hkv, T, 4)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, *gates.values())]
+    whole, _, _ = dense_nsa(*leaves[:3], dict(zip(GATES, leaves[3:], strict=True)), block, selected, window)
+    want = whole[:, :, T - rows:]
+    attn = attnc.compile_attention("stdlib:nsa", backend="reference", block=block, selected=selected, window=window)
+    mine = [x.clone().requires_grad_() for x in (q, k, v, *gates.values())]
+    given_gates = {g: (t if whole_gates else t[..., T - rows:]) for g, t in zip(GATES, mine[3:], strict=True)}
+    got = attn(mine[0][:, :, T - rows:], mine[1], mine[2], **given_gates)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.randn(got.shape, generator=torch.Generator().manual_seed(seed), dtype=got.dtype)
+    for g_got, g_want in zip(torch.autograd.grad((got * w).sum(), mine), torch.autograd.grad((want * w).sum(), leaves),
+                             strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_backends_decode_after_a_kv_cache(backend, rows):
+    """A decode step (``rows`` queries after a cache) on every backend equals the reference's whole call's rows."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v, gates = draw(11, 2, 4, 2, 37, 8, dtype)
+    kw = {"block": 8, "selected": 3, "window": 6}
+    want = attnc.compile_attention("stdlib:nsa", backend="reference", **kw)(q.double(), k.double(), v.double(),
+                                                                             **{g: t.double() for g, t in gates.items()})
+    attn = attnc.compile_attention("stdlib:nsa", backend=backend, q_tile=16, kv_tile=16, **kw)
+    got = attn(q[:, :, -rows:], k, v, **{g: t[..., -rows:] for g, t in gates.items()})
+    tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(got, want[:, :, -rows:].to(dtype), **tol)
+
+
+BIASED_POOL = """
+pattern three(block = 4)
+  tokens seq
+  input ga: float[heads, n]
+  branch coarse
+    keys pooled(mean, block)
+    mask (k + 1) * block - 1 <= q
+  branch biased
+    keys pooled(mean, block)
+    bias 0.5 * k
+    mask (k + 1) * block - 1 <= q
+  combine ga * biased + coarse
+"""
+
+
+def test_kv_cache_refusals_name_the_argument():
+    q, k, v, gates = draw(2, 1, 2, 1, 12, 4)
+    attn = attnc.compile_attention("stdlib:nsa", backend="reference", block=4, selected=3, window=3)
+    with pytest.raises(attnc.SpecError, match="argument g_cmp.*expected \\[2, 2 or 12\\]"):
+        attn(q[:, :, -2:], k, v, **{**{g: t[..., -2:] for g, t in gates.items()}, "g_cmp": gates["g_cmp"][..., :5]})
+    with pytest.raises(attnc.SpecError, match="argument k.*nk >= n"):
+        attn(q, k[:, :, :5], v[:, :, :5], **gates)
+    with pytest.raises(attnc.SpecError, match="argument cu_seqlens"):
+        attn(q[:, :, -2:], k, v, cu_seqlens=torch.tensor([0, 2]), **{g: t[..., -2:] for g, t in gates.items()})
+    # a pooled branch with more than a mask (here a bias) is not computed after a cache: refused, named
+    biased = attnc.compile_attention(BIASED_POOL, backend="reference")
+    full = biased(q, k, v, ga=gates["g_cmp"])  # every token: computed
+    assert full.shape == q.shape
+    with pytest.raises(attnc.SpecError, match="branch 'biased'.*more than a mask") as err:
+        biased(q[:, :, -2:], k, v, ga=gates["g_cmp"][..., -2:])
+    assert err.value.where == "argument k"
+
+
+def test_a_general_combination_after_a_kv_cache():
+    """COMBINED (a document mask read by its routed branch) after a cache: the whole call's last rows."""
+    T = 21
+    q, k, v, _ = draw(5, 2, 2, 1, T, 4)
+    ga = torch.rand(2, 2, T, dtype=torch.float64)
+    doc = torch.tensor([0] * 9 + [1] * (T - 9))
+    attn = attnc.compile_attention(COMBINED, backend="reference")
+    whole = attn(q, k, v, ga=ga, doc=doc)
+    for rows in (1, 4):
+        got = attn(q[:, :, -rows:], k, v, ga=ga[..., -rows:], doc=doc)
+        torch.testing.assert_close(got, whole[:, :, -rows:], rtol=1e-12, atol=1e-12)

@@ -413,3 +413,26 @@ def test_recurrences_and_grids_are_refused():
     ):
         err = _error(attn, q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens)
         assert err.where == "argument block_table" and match in err.message, err.message
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_nsa_rows_equal_their_contiguous_decode(backend):
+    """The combined pattern (compressed, selected and window branches) over paged rows of three lengths: each
+    row equals its own call with a contiguous KV cache on the reference (float64); gates of the present
+    queries ``[B, heads, n]``."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    lengths, n = (13, 29, 13), 2
+    k_cache, v_cache, table, seqlens, rows = paged_cache(lengths, 4, dtype=dtype, seed=3)
+    g = _gen(4)
+    q = torch.randn(len(lengths), HQ, n, D, generator=g, dtype=dtype)
+    gates = {name: torch.rand(len(lengths), HQ, n, generator=g, dtype=dtype) for name in ("g_cmp", "g_slc", "g_swa")}
+    kw = {"block": 4, "selected": 3, "window": 5}
+    attn = compile_attention("stdlib:nsa", backend=backend, q_tile=16, kv_tile=16, **kw)
+    ref = compile_attention("stdlib:nsa", backend="reference", **kw)
+    with torch.no_grad():
+        got = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **gates)
+        for b, (k_b, v_b) in enumerate(rows):
+            want = ref(q[b:b + 1].double(), k_b.double(), v_b.double(),
+                       **{name: t[b:b + 1].double() for name, t in gates.items()})
+            tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+            torch.testing.assert_close(got[b:b + 1], want.to(dtype), **tol)

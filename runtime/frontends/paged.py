@@ -24,7 +24,8 @@ absolute position and holds at least ``max(cache_seqlens)`` entries (the block t
 ``max_pages * page_size``, always does): each group reads its first ``cache_seqlens[b]``.
 
 Forward only (inference): a call that autograd would record is refused. Softmax patterns on a sequence
-only: recurrences, grids and concatenations are refused. The host reads cannot be traced, so under
+only: recurrences, grids and concatenations are refused. A combined pattern (``nsa``) takes its gates for
+the present queries, ``[B, heads, n]`` (cut to each group's rows, not indexed by position). The host reads cannot be traced, so under
 ``torch.compile`` the paged call runs eagerly (``torch.compiler.disable``: a graph break, which
 ``fullgraph=True`` refuses with torch's own error).
 """
@@ -78,23 +79,24 @@ def _check_index_tensor(
 def check_caches(pat, q, k_cache, v_cache) -> None:
     """q (already ``[B, Hq, n, D]``) and the page pools: 4-D, one floating dtype and device, head dims and
     head counts that agree (GQA: Hq a multiple of Hkv); errors name ``q``, ``k`` or ``v``."""
-    if not isinstance(pat, ir.PatternIR):
+    if not isinstance(pat, ir.PatternIR | ir.CombinedIR):
         raise SpecError(
             f"'{pat.name}' is a {pat.kind}: paged KV caches serve softmax patterns",
             where="argument block_table",
             hint="a recurrence decodes with attn.step",
         )
-    if (
-        pat.queries.kind != "seq"
-        or pat.keys.kind != "seq"
-        or pat.queries.segments
-        or pat.keys.segments
-    ):
-        raise SpecError(
-            f"'{pat.name}' lays its tokens on {pat.keys.describe()}: a paged KV cache is a sequence",
-            where="argument block_table",
-            hint="call with contiguous k, v instead",
-        )
+    for part in [b.pattern for b in pat.branches] if isinstance(pat, ir.CombinedIR) else [pat]:
+        if (
+            part.queries.kind != "seq"
+            or part.keys.kind != "seq"
+            or part.queries.segments
+            or part.keys.segments
+        ):
+            raise SpecError(
+                f"'{pat.name}' lays its tokens on {part.keys.describe()}: a paged KV cache is a sequence",
+                where="argument block_table",
+                hint="call with contiguous k, v instead",
+            )
     for name, t, want in (
         ("q", q, "[B, Hq, n, D]"),
         ("k", k_cache, "[num_pages, page_size, Hkv, D]"),
@@ -201,7 +203,10 @@ def refuse_gradients(q, k_cache, v_cache, inputs: dict) -> None:
 
 
 def _cut_dims(pat, decl: ir.InputDecl) -> tuple[int, ...]:
-    """The token dimensions of an input that a group cuts to its length (cross-attention: ``nk`` only)."""
+    """The token dimensions of an input that a group cuts to its length (cross-attention: ``nk`` only; a
+    combined pattern's gates are the present queries' ``[B, heads, n]``: none)."""
+    if isinstance(pat, ir.CombinedIR) and any(g.name == decl.name for g in pat.gates):
+        return ()
     return tuple(d for d in decl.token_dims if pat.self_attention or decl.dim_names[d] == "nk")
 
 
