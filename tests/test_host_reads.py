@@ -84,7 +84,7 @@ def _tokens(name: str) -> int:
 
 def warm_reads(name: str, nk: int | None = None, rows: int | None = None) -> HostReads:
     """The host reads of the second call of stdlib pattern ``name`` (``rows`` queries after a cache of
-    ``nk`` tokens where given)."""
+    ``nk`` tokens where given); the call's output is checked against the float64 reference's."""
     params, sizes, n, inputs, q_tile = STDLIB[name]
     n = n if sizes is None else None
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", sizes=sizes, q_tile=q_tile, **params)
@@ -95,7 +95,11 @@ def warm_reads(name: str, nk: int | None = None, rows: int | None = None) -> Hos
     given = inputs(total) if inputs is not None else {}
     attn(q, k, v, **given)
     with HostReads() as reads:
-        attn(q, k, v, **given)
+        out = attn(q, k, v, **given)
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", sizes=sizes, **params)
+    want = ref(q.double(), k.double(), v.double(), **{n: t.detach().double() if t.is_floating_point() else t
+                                                     for n, t in given.items()})
+    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
     return reads
 
 
