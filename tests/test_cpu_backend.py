@@ -115,6 +115,8 @@ STDLIB = {
     "sliding_tile": (dict(tile_t=2, tile_y=3, tile_x=3, wt=1, wy=3, wx=1), {"frames": 4, "height": 9, "width": 6},
                      None, None),
     "sliding_window": (dict(window=9), None, 50, None),
+    "window_2d": (dict(window=4, shift=2), {"height": 8, "width": 7}, None, None),
+    "halo_2d": (dict(block=3, halo=1), {"height": 7, "width": 9}, None, None),
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),
     "token_topk": (dict(topk=5), None, 47, None),

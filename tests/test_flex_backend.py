@@ -498,6 +498,8 @@ CONFORMANCE = {
     "sliding_tile": ({"tile_t": 2, "tile_y": 3, "tile_x": 2, "wt": 3, "wy": 3, "wx": 1},
                      {"frames": 5, "height": 7, "width": 4}, 140, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
     "sliding_window": ({"window": 7}, None, 37, (4, 2), {}, (), (8, 4)),
+    "window_2d": ({"window": 3, "shift": 1}, {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "halo_2d": ({"block": 3, "halo": 1}, {"height": 8, "width": 7}, 56, (4, 2), {}, (), ((2, 4), (2, 2))),
     "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),

@@ -48,6 +48,8 @@ EXPECTED_DEFAULTS = {
     "dilated": {"segment": 8192, "dilation": 4, "is_causal": True},
     "longnet": {"segment": 8192, "dilation": 4, "is_causal": True},
     "sliding_tile": {"tile_t": 6, "tile_y": 8, "tile_x": 8, "wt": 3, "wy": 3, "wx": 3},
+    "window_2d": {"window": 7, "shift": 0},
+    "halo_2d": {"block": 8, "halo": 3},
     "radial": {"decay_factor": 1.0, "block": 128, "sink": False},
     "power": {"block": 256, "local": 5},
     "logsparse": {},
@@ -1230,3 +1232,93 @@ def test_gla(seed):
     out, state = run_recurrence("gla", q, k, v, g=g, initial_state=S0)
     torch.testing.assert_close(out, want, rtol=1e-11, atol=1e-11)
     torch.testing.assert_close(state, want_state, rtol=1e-11, atol=1e-11)
+
+
+# ----------------------------------------------------------------- Swin windows and HaloNet blocks
+def swin_mask(H: int, W: int, window: int, shift: int) -> torch.Tensor:
+    """Swin's W-MSA / SW-MSA as its code computes it (microsoft/Swin-Transformer, SwinTransformerBlock):
+    the window clipped to min(H, W) with the shift then 0, the grid rolled by (-shift, -shift), windows of
+    the rolled grid, the region mask of the slices (0, -w), (-w, -s), (-s, None) inside each window, the
+    roll undone. bool [1, H*W, H*W] over the grid's own token order. The window divides H and W."""
+    if min(H, W) <= window:
+        window, shift = min(H, W), 0
+    token = torch.arange(H * W).view(H, W)
+    region = torch.zeros(H, W, dtype=torch.int64)
+    if shift > 0:
+        cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+        for i, (hs, ws) in enumerate(product(cuts, cuts)):
+            region[hs, ws] = i
+    rolled = torch.roll(token, shifts=(-shift, -shift), dims=(0, 1))
+    mask = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for wy in range(H // window):
+        for wx in range(W // window):
+            cut = (slice(wy * window, (wy + 1) * window), slice(wx * window, (wx + 1) * window))
+            members, regions = rolled[cut].flatten(), region[cut].flatten()
+            same = regions[:, None] == regions[None, :]
+            mask[members[:, None], members[None, :]] = same
+    return mask[None]
+
+
+def halo_mask(H: int, W: int, block: int, halo: int) -> torch.Tensor:
+    """HaloNet's blocks as lucidrains/halonet-pytorch forms them: each block of block x block queries against
+    the keys F.unfold takes around it (kernel block + 2 halo, stride block, padding halo), the padding
+    masked. bool [1, H*W, H*W]. The block divides H and W."""
+    span = block + 2 * halo
+    ids = torch.arange(H * W, dtype=torch.float64).view(1, 1, H, W) + 1  # 0 marks the padding
+    keys = torch.nn.functional.unfold(ids, kernel_size=span, stride=block, padding=halo)[0].long() - 1
+    queries = torch.nn.functional.unfold(ids, kernel_size=block, stride=block)[0].long() - 1
+    mask = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for b in range(queries.shape[1]):
+        real = keys[:, b][keys[:, b] >= 0]
+        mask[queries[:, b][:, None], real[None, :]] = True
+    return mask[None]
+
+
+@settings(max_examples=15, deadline=None)
+@given(wy=st.integers(1, 4), wx=st.integers(1, 4), window=st.integers(1, 6), data=st.data())
+def test_window_2d_is_swin_shifted_windows(wy, wx, window, data):
+    """Windows that divide the grid, every shift the code admits (0 <= shift < window), and windows of the
+    whole smaller axis or more (the code's clip)."""
+    H, W = wy * window, wx * window
+    shift = data.draw(st.integers(0, window - 1))
+    got = attnc.materialize_mask("stdlib:window_2d", sizes={"height": H, "width": W}, window=window, shift=shift)
+    assert_same_mask(got, swin_mask(H, W, window, shift))
+    side = min(H, W)
+    if H % side == 0 and W % side == 0:  # the code's clipped window must divide the grid too
+        big = data.draw(st.integers(side, side + 3))
+        got = attnc.materialize_mask("stdlib:window_2d", sizes={"height": H, "width": W}, window=big, shift=shift)
+        assert_same_mask(got, swin_mask(H, W, big, shift))
+
+
+@FAST
+@given(H=st.integers(1, 11), W=st.integers(1, 11), window=st.integers(1, 5), shift=st.integers(0, 9))
+def test_window_2d_partial_windows_and_large_shifts(H, W, window, shift):
+    """Any grid: the runs [j * w - s, (j + 1) * w - s) of each axis cut at the borders, the shift modulo the
+    window (a loop over token pairs)."""
+    small = min(H, W) <= window
+    w = min(H, W) if small else window
+    s = 0 if small else shift % w
+    keep = lambda h, q, k: ((q // W - s) // w == (k // W - s) // w) and ((q % W - s) // w == (k % W - s) // w)  # noqa: E731
+    got = attnc.materialize_mask("stdlib:window_2d", sizes={"height": H, "width": W}, window=window, shift=shift)
+    assert_same_mask(got, as_mask(keep, 1, H * W))
+
+
+@FAST
+@given(by=st.integers(1, 4), bx=st.integers(1, 4), block=st.integers(1, 4), halo=st.integers(0, 5))
+def test_halo_2d_is_halonet_blocks(by, bx, block, halo):
+    H, W = by * block, bx * block
+    got = attnc.materialize_mask("stdlib:halo_2d", sizes={"height": H, "width": W}, block=block, halo=halo)
+    assert_same_mask(got, halo_mask(H, W, block, halo))
+
+
+@FAST
+@given(H=st.integers(1, 11), W=st.integers(1, 11), block=st.integers(1, 5), halo=st.integers(0, 4))
+def test_halo_2d_partial_blocks(H, W, block, halo):
+    """Any grid: a partial last block is a block; keys within the halo of its block's span, cut at the grid."""
+    def near(qc, kc):
+        start = qc // block * block
+        return start - halo <= kc < start + block + halo
+
+    keep = lambda h, q, k: near(q // W, k // W) and near(q % W, k % W)  # noqa: E731
+    got = attnc.materialize_mask("stdlib:halo_2d", sizes={"height": H, "width": W}, block=block, halo=halo)
+    assert_same_mask(got, as_mask(keep, 1, H * W))

@@ -505,6 +505,8 @@ STDLIB = {
     "sliding_tile": (dict(tile_t=2, tile_y=2, tile_x=3, wt=1, wy=3, wx=3), None, {"frames": 4, "height": 6, "width": 8},
                      1, (2, 2, 3), (2, 4, 3), None),
     "sliding_window": (dict(window=9), 70, None, 1, (16,), (8,), None),
+    "window_2d": (dict(window=4, shift=2), None, {"height": 8, "width": 10}, 1, (4, 2), (2, 4), None),
+    "halo_2d": (dict(block=3, halo=1), None, {"height": 7, "width": 9}, 1, (3, 3), (2, 4), None),
     "softcap": ({}, 30, None, 1, (8,), (8,), None),
     "streaming": (dict(window=7, sinks=3), 50, None, 1, (16,), (8,), None),
     # data-dependent masks, classified at call time from their inputs

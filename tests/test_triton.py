@@ -105,6 +105,8 @@ STDLIB = {
     "sliding_tile": ({"tile_t": 2, "tile_y": 2, "tile_x": 2, "wt": 1, "wy": 3, "wx": 1},
                      {"frames": 2, "height": 6, "width": 4}, None, None, (2, 2, 4)),
     "radial": ({"block": 4}, {"frames": 4, "per_frame": 10}, None, None, (2, 8)),
+    "window_2d": ({"window": 4, "shift": 2}, GRID2, None, None, (4, 4)),
+    "halo_2d": ({"block": 3, "halo": 1}, GRID2, None, None, (3, 4)),
     "power": ({"block": 4, "local": 2}, None, 48, None, 16),
     "logsparse": ({}, None, 40, None, 16),
     "longformer": ({"window": 6}, None, 40,
