@@ -77,6 +77,7 @@ SOFTMAX = {
     "sliding_tile": ("sliding_tile", {"tile_t": 2, "tile_y": 8, "tile_x": 8, "wt": 3, "wy": 3, "wx": 3},
                      {"frames": 8, "height": 24, "width": 24}, {"frames": 2, "height": 8, "width": 8}, None),
     "radial": ("radial", {"block": 64}, {"frames": 16, "per_frame": 256}, {"frames": 4, "per_frame": 16}, None),
+    "moa": ("moa", {"alpha": 1024, "beta": 0.125}, {"n": 4096}, {"n": 80}, None),
     "window_2d": ("window_2d", {"window": 8, "shift": 4}, {"height": 64, "width": 64}, {"height": 8, "width": 8}, None),
     "halo_2d": ("halo_2d", {"block": 8, "halo": 3}, {"height": 64, "width": 64}, {"height": 8, "width": 8}, None),
     "xattention": ("xattention", {"block": 128, "stride": 16, "threshold": 0.9}, {"n": 4096}, {"n": 80}, None),
@@ -90,7 +91,7 @@ TOY_PARAMS = {
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
     "sliding_tile": {"tile_t": 1, "tile_y": 4, "tile_x": 4, "wt": 1, "wy": 1, "wx": 1}, "radial": {"block": 4},
-    "window_2d": {"window": 4, "shift": 2}, "halo_2d": {"block": 4, "halo": 1},
+    "window_2d": {"window": 4, "shift": 2}, "moa": {"alpha": 8, "beta": 0.25, "block": 8, "minimum": 16}, "halo_2d": {"block": 4, "halo": 1},
     "xattention": {"block": 16, "stride": 4, "threshold": 0.9, "chunk": 32},
     "vertical_slash": {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
 }

@@ -71,6 +71,10 @@ def bind_sizes(
     whole sequence, ``nk``. A grid's sizes then describe all ``nk`` tokens and the
     queries are the last ``n`` of its row-major order (any suffix)."""
     heads = positive_int("heads", heads)
+    for name, count in getattr(pat, "head_params", ()):
+        if count != heads:
+            raise SpecError(f"'{name}' holds {count} values, one per head, but the call has {heads} heads",
+                            where=f"argument {name}", hint=f"give '{name}' one value per head of q")
     size_syms = check_size_names(pat, sizes if sizes is not None else {})
     sizes = {name: positive_int(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
     n = None if n is None else positive_int("n", n)

@@ -238,6 +238,9 @@ class PatternIR:
     windows: tuple[WindowSite, ...] = field(default=(), compare=False)
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
+    #: parameters given one value per head (``NAME[heads]``), by name: how many values, the head count every
+    #: call must have (``evaluate.bind_sizes``); their values are already in the expressions
+    head_params: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
     kind = "pattern"
 

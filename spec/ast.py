@@ -112,6 +112,8 @@ class Param:
     #: a declared bound, ``(">=", 1)`` for ``window >= 1``, that every value of the parameter meets
     bound: tuple[str, int | float] | None = None
     bound_pos: Pos | None = None
+    #: declared ``NAME[heads]``: a value may be a list with one entry per head
+    per_head: bool = False
 
 
 @dataclass(frozen=True)

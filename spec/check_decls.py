@@ -102,28 +102,12 @@ class DeclarationChecks:
             if self.param_exprs is not None and p.name in self.param_exprs:
                 typed = self.param_exprs[p.name]
             elif self.param_exprs is None and p.name in self.params:
-                value = plain_number(self.params[p.name])
-                if isinstance(value, sympy.Basic) or not isinstance(value, bool | int | float):
-                    raise SpecError(f"expected a number or bool, got {type(value).__name__}", where=f"argument {p.name}")
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise SpecError("must be finite", where=f"argument {p.name}")
-                kind = kind_of_value(value)
-                if declared is not None and kind != declared and not (declared == FLOAT and kind == INT):
-                    raise SpecError(
-                        f"expected {declared} (the default of '{p.name}' is {p.default!r}), got {kind} {value!r}",
-                        where=f"argument {p.name}",
-                    )
-                if declared == FLOAT:
-                    value, kind = float(value), FLOAT
-                if p.bound is not None:
-                    broken = (f"expected a number, got {value!r}" if kind == BOOL
-                              else bound_violation(p.bound, value))
-                    if broken:
-                        owner = self.decl.name.split(".")[0]  # a branch is checked as NAME.BRANCH
-                        op, limit = p.bound
-                        raise SpecError(broken, where=f"argument {p.name}",
-                                        hint=f"'{owner}' declares {p.name} {op} {limit}")
-                typed = Typed(kind, sympy_value(value))
+                given = self.params[p.name]
+                if p.per_head and isinstance(given, tuple | list):
+                    typed = self._per_head_value(p, declared, given)
+                else:
+                    kind, value = self._param_value(p, declared, given, f"argument {p.name}")
+                    typed = Typed(kind, sympy_value(value))
             elif p.default is not None:
                 typed = Typed(declared, sympy_value(p.default))
             elif self.strict or self.param_exprs is not None:
@@ -143,6 +127,46 @@ class DeclarationChecks:
                     raise self.error(f"parameter '{p.name}' is {declared}, got {typed.type}", p.pos)
                 typed = Typed(FLOAT, typed.expr)
             self.env_params[p.name] = typed
+
+    def _param_value(self, p: ast.Param, declared: str | None, given, where: str) -> tuple[str, object]:
+        """A given value of ``p`` checked (a number or bool, finite, of the declared kind, in the bound):
+        ``(kind, value)``; errors name ``where``."""
+        value = plain_number(given)
+        if isinstance(value, sympy.Basic) or not isinstance(value, bool | int | float):
+            raise SpecError(f"expected a number or bool, got {type(value).__name__}", where=where)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SpecError("must be finite", where=where)
+        kind = kind_of_value(value)
+        if declared is not None and kind != declared and not (declared == FLOAT and kind == INT):
+            raise SpecError(f"expected {declared} (the default of '{p.name}' is {p.default!r}), got {kind} {value!r}",
+                            where=where)
+        if declared == FLOAT:
+            value, kind = float(value), FLOAT
+        if p.bound is not None:
+            broken = f"expected a number, got {value!r}" if kind == BOOL else bound_violation(p.bound, value)
+            if broken:
+                owner = self.decl.name.split(".")[0]  # a branch is checked as NAME.BRANCH
+                op, limit = p.bound
+                raise SpecError(broken, where=where, hint=f"'{owner}' declares {p.name} {op} {limit}")
+        return kind, value
+
+    def _per_head_value(self, p: ast.Param, declared: str | None, given) -> Typed:
+        """One value per head (``NAME[heads]`` given a list): each checked as a value of ``p`` (errors name
+        ``argument NAME[i]``), lowered to the expression of the head ``h`` that takes value i at head i; the
+        count is kept (``head_params``) so that a call of another head count is refused."""
+        if len(given) == 0:
+            raise SpecError("expected one value per head, got an empty list", where=f"argument {p.name}")
+        checked = [self._param_value(p, declared, v, f"argument {p.name}[{i}]") for i, v in enumerate(given)]
+        kinds = {kind for kind, _ in checked}
+        if BOOL in kinds and len(kinds) > 1:
+            raise SpecError("expected one kind for every head, got bools and numbers", where=f"argument {p.name}")
+        kind = FLOAT if FLOAT in kinds else kinds.pop()
+        values = [sympy_value(float(v) if kind == FLOAT else v) for _, v in checked]
+        self.head_params[p.name] = len(values)
+        if len(set(values)) == 1:  # the same for every head: one value
+            return Typed(kind, values[0])
+        return Typed(kind, sympy.Piecewise(*[(v, sympy.Eq(S.H, i)) for i, v in enumerate(values[:-1])],
+                                           (values[-1], True)))
 
     # ------------------------------------------------------------ inputs
     def _declare_inputs(self) -> None:

@@ -65,6 +65,7 @@ class PatternChecks:
             windows=tuple(self.windows),
             filename=self.module.filename,
             source=self.module.source,
+            head_params=tuple(self.head_params.items()),
         )
 
     def _implies_causal(self, mask: sympy.Basic) -> bool:

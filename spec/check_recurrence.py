@@ -7,7 +7,7 @@ import sympy
 
 from ..core import ir
 from ..core import symbols as S
-from ..core.errors import did_you_mean
+from ..core.errors import SpecError, did_you_mean
 from . import ast
 from .check_types import BOOL
 
@@ -81,6 +81,9 @@ class RecurrenceChecks:
         return options
 
     def _recurrence_ir(self, gate: str, decay, beta: str | None, qk_l2norm: bool = False) -> ir.RecurrenceIR:
+        for name in self.head_params:
+            raise SpecError("one value per head is taken by softmax patterns; a recurrence's per-head values "
+                            "come from its gate inputs", where=f"argument {name}")
         return ir.RecurrenceIR(
             name=self.decl.name,
             gate=gate,

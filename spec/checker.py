@@ -72,6 +72,8 @@ class Checker(DeclarationChecks, LayoutChecks, ExpressionChecks, CallChecks, Pat
     param_exprs: dict[str, Typed] | None = None  # when called: typed values from the caller
 
     env_params: dict[str, Typed] = field(default_factory=dict)
+    #: parameters given one value per head (``NAME[heads]``): their value counts
+    head_params: dict[str, int] = field(default_factory=dict)
     env_lets: dict[str, Typed] = field(default_factory=dict)
     inputs: dict[str, ir.InputDecl] = field(default_factory=dict)
     input_pos: dict[str, Pos] = field(default_factory=dict)

@@ -40,13 +40,14 @@ def expand_axis_params(decl: ast.Declaration, params: dict) -> tuple[dict, dict[
     set, ``(argument, axis)``: where its value came from, for error messages.
     """
     declared = {p.name for p in decl.params}
+    per_head = {p.name for p in decl.params if p.per_head}
     axes = grid_axes(decl)
     out: dict = {}
     origin: dict[str, tuple[str, str]] = {}
     for name, value in params.items():
         per_axis = [f"{name}_{a}" for a in axes]
         if name in declared or not axes or not all(p in declared for p in per_axis):
-            if name in declared and isinstance(value, tuple | list):
+            if name in declared and isinstance(value, tuple | list) and name not in per_head:
                 if len(value) != 1:
                     raise SpecError(f"expected one value, got a sequence of {len(value)}", where=f"argument {name}",
                                     hint=f"'{decl.name}' has no per-axis '{name}'")

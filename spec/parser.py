@@ -184,15 +184,22 @@ class _Builder(Transformer):
     def lit_false(self, _tok):
         return False
 
-    def param(self, name, op=None, bound=None, default=None):
+    def param_heads(self, name):
+        if str(name) != "heads":
+            raise SpecError(f"a parameter is one value, or one per head: '[heads]', not '[{name}]'", _pos(name),
+                            hint="alpha[heads] = 0")
+        return True
+
+    def param(self, name, per_head=None, op=None, bound=None, default=None):
+        per_head = bool(per_head)
         if op is None:
-            return ast.Param(_check_name(name), default, _pos(name))
+            return ast.Param(_check_name(name), default, _pos(name), per_head=per_head)
         if str(op) not in BOUND_OPS:
             raise SpecError(f"a parameter's bound is '>=', '>', '<=' or '<', got '{op}'", _pos(op),
                             hint=f"{name} >= 1")
         if isinstance(bound, bool):
             raise SpecError("a parameter's bound must be a number", _pos(op))
-        return ast.Param(_check_name(name), default, _pos(name), (str(op), bound), _pos(op))
+        return ast.Param(_check_name(name), default, _pos(name), (str(op), bound), _pos(op), per_head=per_head)
 
     def params(self, *items):
         return tuple(p for p in items if p is not None)

@@ -43,7 +43,7 @@ def _inputs(name: str, n: int) -> dict:
 
 def _cut(name: str, inputs: dict, start: int, stop: int) -> dict:
     """The inputs of tokens ``[start, stop)``: every token dimension (declared n or nk) cut."""
-    pat = attnc.load(f"stdlib:{name}", **STDLIB[name][0])
+    pat = attnc.load(f"stdlib:{name}", **PER_HEAD.get(name, STDLIB[name][0]))
     out = {}
     for key, t in inputs.items():
         index = [slice(None)] * t.dim()
@@ -53,8 +53,13 @@ def _cut(name: str, inputs: dict, start: int, stop: int) -> dict:
     return out
 
 
+#: Parameters for HQ heads where the table's hold one value per head of its 2.
+PER_HEAD = {"moa": {"alpha": [-6, 9, 20, 3], "beta": [0.5, 0.1, 0.0, 0.25], "max_new_tokens": 4, "block": 4,
+                    "minimum": 8}}
+
+
 def _modules(name: str, backend: str):
-    params = STDLIB[name][0]
+    params = PER_HEAD.get(name, STDLIB[name][0])
     return (attnc.compile_attention(f"stdlib:{name}", backend=backend, **params),
             attnc.compile_attention(f"stdlib:{name}", backend="reference", **params))
 

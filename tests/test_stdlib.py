@@ -50,6 +50,7 @@ EXPECTED_DEFAULTS = {
     "sliding_tile": {"tile_t": 6, "tile_y": 8, "tile_x": 8, "wt": 3, "wy": 3, "wx": 3},
     "window_2d": {"window": 7, "shift": 0},
     "halo_2d": {"block": 8, "halo": 3},
+    "moa": {"alpha": 4096, "beta": 0.0, "max_new_tokens": 1024, "block": 64, "minimum": 128},
     "radial": {"decay_factor": 1.0, "block": 128, "sink": False},
     "power": {"block": 256, "local": 5},
     "logsparse": {},
@@ -1322,3 +1323,59 @@ def test_halo_2d_partial_blocks(H, W, block, halo):
     keep = lambda h, q, k: near(q // W, k // W) and near(q % W, k % W)  # noqa: E731
     got = attnc.materialize_mask("stdlib:halo_2d", sizes={"height": H, "width": W}, block=block, halo=halo)
     assert_same_mask(got, as_mask(keep, 1, H * W))
+
+
+# ----------------------------------------------------------------- MoA's per-head elastic bands
+def moa_mask(n: int, alphas, betas, new_tokens: int, block: int, minimum: int) -> torch.Tensor:
+    """MoA's prefill mask as thu-nics/MoA computes it (cache_utils: the per-head cache size C =
+    block * ceil(max(min(int(alpha + beta * N), N), minimum) / block), N = n + new tokens, its first block
+    the sink; the block-sparse prefill kernel: global blocks sink // block, band blocks (C - sink) // block
+    ending at the query's block, causal). bool [heads, n, n]."""
+    out = torch.zeros(len(alphas), n, n, dtype=torch.bool)
+    total = n + new_tokens
+    for h, (alpha, beta) in enumerate(zip(alphas, betas, strict=True)):
+        cache = math.ceil(max(min(int(alpha + total * beta), total), minimum) / block) * block
+        sink = min(cache, block)
+        band, globals_ = (cache - sink) // block, sink // block
+        for q in range(n):
+            for k in range(q + 1):
+                out[h, q, k] = k // block < globals_ or k // block >= q // block - band + 1
+    return out
+
+
+@FAST
+@given(n=st.integers(1, 70), block=st.integers(1, 8), minimum=st.integers(0, 24), new=st.integers(0, 40),
+       heads=st.lists(st.tuples(st.integers(-60, 80), st.sampled_from([0.0, 0.1, 0.125, 0.3, 0.5, 1.0])),
+                      min_size=1, max_size=4))
+def test_moa_is_the_codes_per_head_bands(n, block, minimum, new, heads):
+    alphas, betas = [a for a, _ in heads], [b for _, b in heads]
+    got = attnc.materialize_mask("stdlib:moa", n=n, heads=len(heads), alpha=alphas, beta=betas,
+                                 max_new_tokens=new, block=block, minimum=minimum)
+    assert_same_mask(got, moa_mask(n, alphas, betas, new, block, minimum))
+
+
+def test_per_head_parameters_are_checked_by_name():
+    """A list for a NAME[heads] parameter: every value checked (named by its index), the call's head count
+    must be the list's length; a plain value serves every head."""
+    with pytest.raises(attnc.SpecError, match="must be at least 0") as err:
+        attnc.load("stdlib:moa", beta=[0.5, -0.1])
+    assert err.value.where == "argument beta[1]"
+    with pytest.raises(attnc.SpecError, match="empty list") as err:
+        attnc.load("stdlib:moa", alpha=[])
+    assert err.value.where == "argument alpha"
+    pat = attnc.load("stdlib:moa", alpha=[64, 128, 256], block=16)
+    assert pat.head_params == (("alpha", 3),)
+    with pytest.raises(attnc.SpecError, match="3 values, one per head, but the call has 2 heads") as err:
+        attnc.materialize_mask(pat, n=64, heads=2)
+    assert err.value.where == "argument alpha"
+    attn = attnc.compile_attention(pat, backend="cpu")
+    q = torch.randn(1, 2, 64, 8)
+    with pytest.raises(attnc.SpecError, match="one per head") as err:
+        attn(q, q, q)
+    assert err.value.where == "argument alpha"
+    same = attnc.materialize_mask("stdlib:moa", n=64, heads=3, alpha=[64, 64, 64], block=16)
+    assert torch.equal(same, attnc.materialize_mask("stdlib:moa", n=64, heads=3, alpha=64, block=16))
+    with pytest.raises(attnc.SpecError, match="'\\[heads\\]', not '\\[n\\]'"):
+        attnc.load("pattern p(w[n] = 1)\n  tokens seq\n  mask causal")
+    with pytest.raises(attnc.SpecError, match="one value per head is taken by softmax patterns"):
+        attnc.load("recurrence r(c[heads] = 0.5)\n  decay c", c=[0.5, 0.25])
