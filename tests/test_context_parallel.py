@@ -136,7 +136,7 @@ for table in (CASES_2, CASES_4, ERRORS_2):
         case.setdefault("B", B), case.setdefault("H", H), case.setdefault("D", D)
 
 
-def spawn(world: int, cases: list, out_dir, timeout: float = 300.0) -> None:
+def spawn(world: int, cases: list, out_dir, timeout: float = 600.0) -> None:
     """Runs ``cases`` on ``world`` ranks; never waits past ``timeout`` (the ranks are killed)."""
     ranks.spawn(worker, world, cases, out_dir, timeout)
 
