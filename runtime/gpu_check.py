@@ -51,6 +51,13 @@ DTYPES = TORCH_DTYPES
 #: Batch and heads of the recorded call: the kernels do not depend on them beyond the grid.
 BATCH, HEADS = 1, 2
 
+
+def call_heads(pat) -> int:
+    """The query heads of a recorded call: ``HEADS``, or the count a parameter given one value per head
+    fixes (``NAME[heads]``)."""
+    counts = {count for _, count in getattr(pat, "head_params", ())}
+    return counts.pop() if counts else HEADS
+
 _LOCK = threading.RLock()
 
 
@@ -533,14 +540,15 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
     gen = torch.Generator().manual_seed(0)
-    kv = checked_kv_heads(HEADS, kv_heads)
-    checked_group_split(HEADS // kv, group_split)
+    heads = call_heads(pat)
+    kv = checked_kv_heads(heads, kv_heads)
+    checked_group_split(heads // kv, group_split)
     if getattr(pat, "kind", None) == "combined":
         return _record_combined(attn, hw, arch=arch, head_dim=head_dim, dtype=tdtype, n=n, sizes=sizes,
                                 config=config, gen=gen, kv_heads=kv, group_split=group_split)
-    bound = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)  # dk: a state's or centroids' shape
+    bound = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes, dk=head_dim)  # dk: a state's or centroids' shape
     N = bound.n
-    q, k, v = (torch.randn(BATCH, h, N, head_dim, generator=gen).to(tdtype).requires_grad_() for h in (HEADS, kv, kv))
+    q, k, v = (torch.randn(BATCH, h, N, head_dim, generator=gen).to(tdtype).requires_grad_() for h in (heads, kv, kv))
     inputs = {name: t.requires_grad_() if t.is_floating_point() else t for name, t in _inputs(pat, bound, gen).items()}
     described = ""
     with capture_launches() as records, launching_for(arch), _group_split_of(group_split):
@@ -663,12 +671,13 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
         raise SpecError(f"'{pat.name}' routes: its blocks read a selection made across ranks; the offline "
                         "check of blocks takes patterns without a route", where="argument --block")
     gen = torch.Generator().manual_seed(0)
-    whole = E.bind_sizes(pat, n=n, heads=HEADS, sizes=sizes, dk=head_dim)
+    heads = call_heads(pat)
+    whole = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes, dk=head_dim)
     N = whole.n
     q0, k0, half = N - N // 2, N // 4, N // 2
     bound = E.block_bound(whole, q0, half, k0, half)
     tdtype = DTYPES[dtype]
-    q, k, v = (torch.randn(BATCH, HEADS, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
+    q, k, v = (torch.randn(BATCH, heads, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
     tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen), batch=BATCH)
     wrt = tuple(name for name in tensors if name in score_input_names(pat) and tensors[name].is_floating_point())
 

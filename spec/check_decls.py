@@ -60,6 +60,11 @@ def bound_violation(bound: tuple[str, int | float], value) -> str | None:
     """``"must be at least 1, got -5"`` when a parameter's value breaks its declared bound, else
     None (also for a value not known yet: a symbol)."""
     op, limit = bound
+    if isinstance(value, sympy.Piecewise):  # one value per head (NAME[heads]): every head's value in bound
+        for piece, _ in value.args:
+            if broken := bound_violation(bound, piece):
+                return broken
+        return None
     if isinstance(value, sympy.Basic):
         if not value.is_number:
             return None
@@ -158,8 +163,9 @@ class DeclarationChecks:
             raise SpecError("expected one value per head, got an empty list", where=f"argument {p.name}")
         checked = [self._param_value(p, declared, v, f"argument {p.name}[{i}]") for i, v in enumerate(given)]
         kinds = {kind for kind, _ in checked}
-        if BOOL in kinds and len(kinds) > 1:
-            raise SpecError("expected one kind for every head, got bools and numbers", where=f"argument {p.name}")
+        if BOOL in kinds:
+            raise SpecError("one value per head is taken by number parameters; a bool takes one value for every "
+                            "head", where=f"argument {p.name}", hint=f"a number parameter: {p.name}[heads] = 0")
         kind = FLOAT if FLOAT in kinds else kinds.pop()
         values = [sympy_value(float(v) if kind == FLOAT else v) for _, v in checked]
         self.head_params[p.name] = len(values)

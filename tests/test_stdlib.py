@@ -1377,5 +1377,21 @@ def test_per_head_parameters_are_checked_by_name():
     assert torch.equal(same, attnc.materialize_mask("stdlib:moa", n=64, heads=3, alpha=64, block=16))
     with pytest.raises(attnc.SpecError, match="'\\[heads\\]', not '\\[n\\]'"):
         attnc.load("pattern p(w[n] = 1)\n  tokens seq\n  mask causal")
+    # a pattern given a list passes it on to a pattern it calls: every head's value meets the callee's bound
+    calls = ("pattern inner(block >= 1 = 4)\n  tokens seq\n  mask q // block == k // block\n"
+             "pattern outer(a[heads] = 4)\n  tokens seq\n  mask inner(block = a)\n")
+    with pytest.raises(attnc.SpecError, match="'block' of 'inner' must be at least 1, got 0") as err:
+        attnc.load(calls, name="outer", a=[3, 0])
+    assert err.value.where == "argument a"
+    per_block = attnc.materialize_mask(attnc.load(calls, name="outer", a=[3, 2]), n=4, heads=2)
+    assert per_block.sum(dim=(1, 2)).tolist() == [10, 8]  # blocks {0, 1, 2}, {3}; and {0, 1}, {2, 3}
+    with pytest.raises(attnc.SpecError, match="a bool takes one value for every head") as err:
+        attnc.load("pattern p(f[heads] = false)\n  tokens seq\n  mask causal and f", f=[True, False])
+    assert err.value.where == "argument f"
+    # where the head count is not known yet (compile time, a shard order), nothing is refused
+    grid = "pattern g(r[heads] >= 0 = 1)\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) <= r"
+    attn = attnc.compile_attention(grid, backend="cpu", r=[0, 1], sizes={"height": 4, "width": 4})
+    out = attn(*(torch.randn(1, 2, 16, 8) for _ in range(3)))
+    assert out.shape == (1, 2, 16, 8)
     with pytest.raises(attnc.SpecError, match="one value per head is taken by softmax patterns"):
         attnc.load("recurrence r(c[heads] = 0.5)\n  decay c", c=[0.5, 0.25])

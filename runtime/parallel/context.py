@@ -126,7 +126,7 @@ class ContextParallel(torch.nn.Module):
             if isinstance(pat, ir.RecurrenceIR):
                 self._orders[key] = _contiguous(n, self.world)
             else:
-                bound = E.bind_sizes(pat, n=n, nk=n, heads=1, sizes=sizes)
+                bound = E.bind_sizes(pat, n=n, nk=n, sizes=sizes)  # the order reads no head
                 self._orders[key] = choose_order(pat, bound, self.ring, self.u)
         return self._orders[key]
 
