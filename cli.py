@@ -722,9 +722,8 @@ def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of
     """FILE and what picks and sizes the pattern in it (every command that loads one)."""
     p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
     p.add_argument("-p", "--param", action="append", metavar="K=V",
-                   help="set a parameter (repeatable, or K=V,K=V); K=V1,V2 sets one value per grid "
-                   "axis (kernel_size=3,5 is kernel_size_y=3, kernel_size_x=5), or one per head for a "
-                   "NAME[heads] parameter (moa's alpha=64,512)")
+                   help="set a parameter (repeatable, or K=V,K=V); K=V1,V2 sets one value per grid axis "
+                   "(kernel_size=3,5) or per head of a NAME[heads] parameter (moa's alpha=64,512)")
     p.add_argument("--sizes", action="append", metavar="A=N,..", help=sizes_help)
     p.add_argument("--n", type=int, help=n_help)
     p.add_argument("--nk", type=int, help="number of keys (cross attention)")

@@ -62,8 +62,7 @@ def bind_sizes(
     offset_ok: bool = False,
 ) -> Bound:
     """Check and bind the sizes of a pattern: ``n`` (queries), ``nk`` (keys),
-    ``heads`` (None where the caller does not know the count yet: 1, and a parameter given one value per
-    head is not checked against it), ``sizes`` (grid axis extents by size name).
+    ``heads`` (None: not known yet, 1 and unchecked), ``sizes`` (grid axis extents by size name).
 
     Self-attention with ``nk > n`` (``offset_ok``: the callers that implement it) is
     a KV cache: the queries are the LAST ``n`` of the ``nk`` tokens (query row i is
@@ -71,12 +70,9 @@ def bind_sizes(
     are absolute positions and the size symbol ``n`` (also in input shapes) is the
     whole sequence, ``nk``. A grid's sizes then describe all ``nk`` tokens and the
     queries are the last ``n`` of its row-major order (any suffix)."""
-    given_heads = heads is not None
+    if heads is not None and isinstance(pat, ir.PatternIR):  # None: a count not known yet
+        pat.check_head_count(positive_int("heads", heads))
     heads = positive_int("heads", 1 if heads is None else heads)
-    for name, count in getattr(pat, "head_params", ()) if given_heads else ():  # None: a count not known yet
-        if count != heads:
-            raise SpecError(f"'{name}' holds {count} values, one per head, but the call has {heads} heads",
-                            where=f"argument {name}", hint=f"give '{name}' one value per head of q (the CLI: --heads)")
     size_syms = check_size_names(pat, sizes if sizes is not None else {})
     sizes = {name: positive_int(f"sizes[{name!r}]", value) for name, value in (sizes or {}).items()}
     n = None if n is None else positive_int("n", n)

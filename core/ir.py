@@ -248,6 +248,13 @@ class PatternIR:
     def self_attention(self) -> bool:
         return self.queries == self.keys
 
+    def check_head_count(self, heads: int) -> None:
+        """Refuse a call of ``heads`` query heads where a parameter holds one value per head of another count."""
+        for name, count in self.head_params:
+            if count != heads:
+                raise SpecError(f"'{name}' holds {count} values, one per head, but the call has {heads} heads",
+                                where=f"argument {name}", hint=f"give '{name}' one value per head of q (the CLI: --heads)")
+
     def key(self) -> str:
         return _key(
             "pattern",

@@ -28,6 +28,7 @@ from ..core.errors import SpecError, did_you_mean
 from .checks import check_qkv, resolve_scale
 from .frontends.layouts import check_layout
 from .numerics import compute_dtype, tied_to
+from .plan.cache import PlanCache
 
 
 def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -238,7 +239,7 @@ class CombinedAttention(torch.nn.Module):
         nk = k.shape[2]
         cached = nk > q.shape[2]
         sizes = dict(sizes or {})
-        bounds = self.__dict__.setdefault("_bounds", {})
+        bounds = self.__dict__.setdefault("_bounds", PlanCache())  # bounded: a decode step is a new nk
         outs, pooled, probs = {}, {}, {}
         for b in self.pattern.branches:
             kb, vb = k, v
