@@ -401,14 +401,13 @@ def interpreter_section(args) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- CPU timings
-def cpu_methods(attn, c: Caches, window, flex) -> tuple[dict, str, dict, str]:
-    """(contiguous methods, their baseline, paged methods, their baseline)."""
-    mask = " + mask row" if window else ""
+def kv_methods(name: str, attn, c: Caches, window, flex, device, sdpa_label: str, paged_label: str
+               ) -> tuple[dict, dict]:
+    """The methods every section times: attnc (``name``), SDPA on the cache (and on the window's slice),
+    Flex decoding; attnc and SDPA on the paged cache. ``(contiguous, paged)``."""
     contiguous = {
-        "attnc cpu": lambda n: attn(c.q, c.k[:, :, :n], c.v[:, :, :n]),
-        f"SDPA, KV cache{mask}": lambda n: sdpa(
-            c.q, c.k[:, :, :n], c.v[:, :, :n], window_row(n, window, "cpu")
-        ),
+        name: lambda n: attn(c.q, c.k[:, :, :n], c.v[:, :, :n]),
+        sdpa_label: lambda n: sdpa(c.q, c.k[:, :, :n], c.v[:, :, :n], window_row(n, window, device)),
     }
     if window:
         contiguous["SDPA, window slice"] = lambda n: sdpa(
@@ -416,14 +415,20 @@ def cpu_methods(attn, c: Caches, window, flex) -> tuple[dict, str, dict, str]:
         )
     contiguous["Flex decoding (compiled)"] = lambda n: flex(c.q, c.k, c.v, n)
     paged = {
-        "attnc cpu, paged": lambda n: attn(
+        f"{name}, paged": lambda n: attn(
             c.q, c.k_pages, c.v_pages, block_table=c.block_table, cache_seqlens=c.seqlens(n)
         ),
-        f"SDPA, gathered pages{mask}": lambda n: sdpa(
-            c.q, *c.gathered(n), window_row(n, window, "cpu")
-        ),
+        paged_label: lambda n: sdpa(c.q, *c.gathered(n), window_row(n, window, device)),
     }
-    return contiguous, f"SDPA, KV cache{mask}", paged, f"SDPA, gathered pages{mask}"
+    return contiguous, paged
+
+
+def cpu_methods(attn, c: Caches, window, flex) -> tuple[dict, str, dict, str]:
+    """(contiguous methods, their baseline, paged methods, their baseline)."""
+    mask = " + mask row" if window else ""
+    base, paged_base = f"SDPA, KV cache{mask}", f"SDPA, gathered pages{mask}"
+    contiguous, paged = kv_methods("attnc cpu", attn, c, window, flex, "cpu", base, paged_base)
+    return contiguous, base, paged, paged_base
 
 
 def cpu_section(args) -> list[str]:
@@ -492,21 +497,7 @@ def gpu_methods(attn, c: Caches, sz: GpuSizes, window, flex, flash) -> tuple[dic
     """(contiguous methods, paged methods); the baselines are the SDPA ones."""
     dev, qf = sz.device, c.q.transpose(1, 2).contiguous()
     size = (window - 1, 0) if window else (-1, -1)
-    contiguous = {
-        "attnc triton": lambda n: attn(c.q, c.k[:, :, :n], c.v[:, :, :n]),
-        "SDPA": lambda n: sdpa(c.q, c.k[:, :, :n], c.v[:, :, :n], window_row(n, window, dev)),
-    }
-    if window:
-        contiguous["SDPA, window slice"] = lambda n: sdpa(
-            c.q, c.k[:, :, max(0, n - window) : n], c.v[:, :, max(0, n - window) : n]
-        )
-    contiguous["Flex decoding (compiled)"] = lambda n: flex(c.q, c.k, c.v, n)
-    paged = {
-        "attnc triton, paged": lambda n: attn(
-            c.q, c.k_pages, c.v_pages, block_table=c.block_table, cache_seqlens=c.seqlens(n)
-        ),
-        "SDPA, gathered pages": lambda n: sdpa(c.q, *c.gathered(n), window_row(n, window, dev)),
-    }
+    contiguous, paged = kv_methods("attnc triton", attn, c, window, flex, dev, "SDPA", "SDPA, gathered pages")
     if flash is not None:
         contiguous["flash_attn_with_kvcache"] = lambda n: flash(
             qf, c.flash_k, c.flash_v, cache_seqlens=c.seqlens(n), causal=True, window_size=size
