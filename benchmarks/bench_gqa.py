@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_suite as base  # noqa: E402  (attnc's import from a checkout, rel, timed)
 
 attnc = base.attnc
-from attnc.runtime.backends.triton import runner as TR  # noqa: E402
+from attnc.runtime.backends.triton import kernel_launch as KL  # noqa: E402
 
 ROOT = base.ROOT
 
@@ -62,7 +62,7 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
                          hardware=hw, dtype="bf16")
     picked = rep.best.prediction.group_split
     ran: list[int] = []
-    fitting = TR._fitting_group_split
+    fitting = KL.fitting_group_split
 
     def spy(*args, **kwargs):
         out = fitting(*args, **kwargs)
@@ -80,12 +80,12 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
         """``fb`` with the dK/dV kernel at ``split`` programs per K/V head (the fit ladder may still run one
         program per query head: ``ran`` records what ran)."""
         def run():
-            saved_split, saved_fitting = TR._group_split, TR._fitting_group_split
-            TR._group_split, TR._fitting_group_split = (lambda *args: split), spy
+            saved_split, saved_fitting = KL._group_split, KL.fitting_group_split
+            KL._group_split, KL.fitting_group_split = (lambda *args: split), spy
             try:
                 return fb()
             finally:
-                TR._group_split, TR._fitting_group_split = saved_split, saved_fitting
+                KL._group_split, KL.fitting_group_split = saved_split, saved_fitting
         return run
 
     runs, grads, labels = {}, {}, {}

@@ -10,7 +10,7 @@ version, 20 calls) about 3-8 minutes (an estimate, not measured).
 ``--old`` / ``--new``: folders that CONTAIN an ``attnc`` package folder (put first on PYTHONPATH).
 
 What is timed: ``backend="triton"`` calls of the GPU suite's three neighborhoods (their sizes and windows),
-with the kernel launches replaced by no-ops (``runner._launch_kernel``), so that what remains is the host's
+with the kernel launches replaced by no-ops (``KL.launch_kernel``), so that what remains is the host's
 work per call: binding and checking the call, finding the plan, preparing the launch (tile lists, inputs,
 placeholders, the kernel module), autograd. One head of 16 channels keeps the torch arithmetic of the
 backward's pre-pass negligible. The median of ``--calls`` calls after a warm-up, per process; the
@@ -47,8 +47,8 @@ import json, math, os, sys, time
 os.environ["TRITON_INTERPRET"] = "1"
 import torch
 import attnc
-from attnc.runtime.backends.triton import runner
-runner._launch_kernel = lambda *a, **kw: None  # the host's work only
+from attnc.runtime.backends.triton import kernel_launch as KL
+KL.launch_kernel = lambda *a, **kw: None  # the host's work only
 spec, params, sizes, calls = json.loads(sys.argv[1])
 n = math.prod(sizes.values())
 kw = {} if "seq" in sizes else {"sizes": sizes}

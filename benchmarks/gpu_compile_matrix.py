@@ -86,14 +86,14 @@ def ordered_launches():
     """Every kernel launched through its order table (``ORDERED``), as causal and routed schedules launch
     on a GPU where the order pays (``compiler.launch_order``); at the recorded sizes it seldom does."""
     from attnc.compiler import launch_order
-    from attnc.runtime.backends.triton import runner
+    from attnc.runtime.backends.triton import kernel_launch as KL
 
-    saved = runner.choose_order
-    runner.choose_order = lambda full, partial, repeat, sms: launch_order.longest_first(full, partial)
+    saved = KL.choose_order
+    KL.choose_order = lambda full, partial, repeat, sms: launch_order.longest_first(full, partial)
     try:
         yield
     finally:
-        runner.choose_order = saved
+        KL.choose_order = saved
 
 
 @contextlib.contextmanager

@@ -380,7 +380,8 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     from attnc.compiler.hardware import get_hardware
     from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
     from attnc.compiler.triton_codegen.scores import scale_in_exponent
-    from attnc.runtime.backends.triton import runner as TR
+    from attnc.runtime.backends.triton import forward as FW
+    from attnc.runtime.backends.triton import kernel_launch as KL
     from attnc.runtime.gpu_check import describe_launch
     from attnc.runtime.tuning.autotune import (
         atomic_dq_backward,
@@ -412,26 +413,26 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
                        f"{t['sdpa_f'] / f:.2f}x | |")
 
     if _used_order(attn) or (toy and case["pattern"] == "causal"):
-        saved = TR.choose_order
-        TR.choose_order = lambda full, partial, repeat, sms: None
+        saved = KL.choose_order
+        KL.choose_order = lambda full, partial, repeat, sms: None
         try:
             row("tile order (no order tables)", *time_module(module()))
         finally:
-            TR.choose_order = saved
+            KL.choose_order = saved
     if scale_in_exponent(attn.pattern):
-        saved_sign = TR._scale_sign
-        TR._scale_sign = lambda launch, scale: dict.fromkeys(saved_sign(launch, scale), False)
+        saved_sign = FW._scale_sign
+        FW._scale_sign = lambda launch, scale: dict.fromkeys(saved_sign(launch, scale), False)
         try:
             row("scale applied to the scores first (not in the exponent)", *time_module(module()))
         finally:
-            TR._scale_sign = saved_sign
+            FW._scale_sign = saved_sign
     if _used_runs(attn):
-        saved_runs = TR._runs
-        TR._runs = lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds}
+        saved_runs = KL.runs_meta
+        KL.runs_meta = lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds}
         try:
             row("lists by index (no runs)", *time_module(module()))
         finally:
-            TR._runs = saved_runs
+            KL.runs_meta = saved_runs
     pick = getattr(attn.runner, "last_config", None)
     if pick is None:
         return

@@ -245,7 +245,7 @@ class KernelConfig:
     #: fp32 dQ with atomics, and no dQ kernel runs (5 matmuls a pair where the two kernels take 7; no dQ tiles
     #: of its own). Atomics add in no fixed order, so dQ differs from run to run in its last bits: a call under
     #: ``torch.use_deterministic_algorithms`` runs the dQ kernel, as does one that needs the decay gates' or a
-    #: float bias input's gradients (``runtime.backends.triton.runner.atomic_dq_applies``). A choice the tuner times.
+    #: float bias input's gradients (``runtime.backends.triton.backward.atomic_dq_applies``). A choice the tuner times.
     atomic_dq: bool = False
     #: The forward's KV loop warp-specialized by Triton (``tl.range(warp_specialize=True)``): a producer warp
     #: group issues the tile loads while the others compute. On Blackwell the forward's two loops as they are;

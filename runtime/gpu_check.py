@@ -78,16 +78,16 @@ class Recorded:
 @contextlib.contextmanager
 def launching_for(arch: int):
     """CPU tensors launched as on ``sm_<arch>``'s GPU: the launch order decided for its SMs and
-    architecture (``runtime.backends.triton.runner``: ``CPU_SMS``, ``CPU_ARCH``)."""
+    architecture (``runtime.backends.triton.kernel_launch``: ``CPU_SMS``, ``CPU_ARCH``)."""
     from ..compiler.hardware import get_hardware
-    from .backends.triton import runner as TB
+    from .backends.triton import kernel_launch as KL
 
-    saved = TB.CPU_SMS, TB.CPU_ARCH
-    TB.CPU_SMS, TB.CPU_ARCH = get_hardware(ARCH_HARDWARE.get(arch, "h100")).sms, f"sm{arch}"
+    saved = KL.CPU_SMS, KL.CPU_ARCH
+    KL.CPU_SMS, KL.CPU_ARCH = get_hardware(ARCH_HARDWARE.get(arch, "h100")).sms, f"sm{arch}"
     try:
         yield
     finally:
-        TB.CPU_SMS, TB.CPU_ARCH = saved
+        KL.CPU_SMS, KL.CPU_ARCH = saved
 
 
 @contextlib.contextmanager
@@ -571,17 +571,17 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
 @contextlib.contextmanager
 def _group_split_of(split: int):
     """The dK/dV kernel launched with ``split`` programs per K/V head (a CPU call launches 1)."""
-    from .backends.triton import runner as TB
+    from .backends.triton import kernel_launch as KL
 
     if split == 1:
         yield
         return
-    saved = TB._group_split
-    TB._group_split = lambda *args: split
+    saved = KL._group_split
+    KL._group_split = lambda *args: split
     try:
         yield
     finally:
-        TB._group_split = saved
+        KL._group_split = saved
 
 
 def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None):

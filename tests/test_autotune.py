@@ -20,6 +20,7 @@ from attnc.compiler import search as SR
 from attnc.compiler.cost import KernelConfig
 from attnc.compiler.hardware import get_hardware
 from attnc.compiler.search import ScheduleSearch
+from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as TB
 from attnc.runtime.tuning import autotune as A
 from attnc.runtime.tuning import kernel_cache as KC
@@ -945,13 +946,13 @@ def test_builder_times_forward_and_backward(local, monkeypatch):
     pass's launch parameters."""
     pat, bound = local
     launched = []
-    real = TB._launch_kernel
+    real = KL.launch_kernel
 
     def spy(launch, kernel, grid, args, meta, *, backward):
-        launched.append((getattr(kernel, "fn", kernel).__name__, TB._launch_opts(launch, backward)))
+        launched.append((getattr(kernel, "fn", kernel).__name__, KL._launch_opts(launch, backward)))
         return real(launch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(TB, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     cfg = KernelConfig((64,), (64,), "flat", 4, 2, 8, 1)
     search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
     sched = search.schedule(cfg.q_tile, cfg.kv_tile)
@@ -971,13 +972,13 @@ def test_builder_times_the_backwards_own_tiles(local, monkeypatch):
     the backward's, the dQ kernel on its own (the timed step had run both on the forward's)."""
     pat, bound = local
     grids = {}
-    real = TB._launch_kernel
+    real = KL.launch_kernel
 
     def spy(launch, kernel, grid, args, meta, *, backward):
         grids[getattr(kernel, "fn", kernel).__name__] = (grid[0], meta.get("BLOCK_M"), meta.get("BLOCK_N"))
         return real(launch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(TB, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     cfg = KernelConfig((32,), (32,), "flat", 4, 2, 4, 2, bwd_q_tile=(16,), bwd_kv_tile=(64,), dq_q_tile=(64,),
                        dq_kv_tile=(16,))
     search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
@@ -1081,14 +1082,14 @@ def test_out_of_resources_falls_back_to_a_smaller_config(monkeypatch, case):
 
 def test_smaller_config_halves_kv_then_q_and_stops_at_16():
     c = KernelConfig((64,), (32,), "flat", 8, 3, 8, 3)
-    s1 = TB.smaller_config(c)
+    s1 = KL.smaller_config(c)
     assert s1.kv_tile == (16,) and s1.q_tile == (64,) and s1.num_stages == 2 and s1.bwd_num_stages == 2
-    s2 = TB.smaller_config(s1)
+    s2 = KL.smaller_config(s1)
     assert s2.q_tile == (32,) and s2.kv_tile == (16,)
-    assert TB.smaller_config(KernelConfig((16,), (16,))) is None
-    box = TB.smaller_config(KernelConfig((4, 8, 8), (4, 4, 4), "address"))
+    assert KL.smaller_config(KernelConfig((16,), (16,))) is None
+    box = KL.smaller_config(KernelConfig((4, 8, 8), (4, 4, 4), "address"))
     assert box.kv_tile == (2, 4, 4) and box.q_tile == (4, 8, 8)
-    assert TB.smaller_config(KernelConfig((64,), (64,)), square=True).kv_tile == (32,)
+    assert KL.smaller_config(KernelConfig((64,), (64,)), square=True).kv_tile == (32,)
 
 
 BIASED = """pattern biased

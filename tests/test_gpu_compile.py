@@ -330,9 +330,9 @@ def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypat
     """The forward, dQ and dK/dV kernels reading their tile from an order table (``ORDERED``, forced: at
     the recorded size no order pays) compile for sm_90 at d 128 as the tile-order ones do."""
     from attnc.compiler import launch_order
-    from attnc.runtime.backends.triton import runner as TB
+    from attnc.runtime.backends.triton import kernel_launch as KL
 
-    monkeypatch.setattr(TB, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
+    monkeypatch.setattr(KL, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
     records, _ = G.record_call(attnc.load("stdlib:sliding_window", window=1024), arch=90, head_dim=128, dtype="bf16",
                                n=N)
     ordered = {r.name: r.kwargs.get("ORDERED") for r in records}
@@ -485,7 +485,7 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
     index load (``FULL_RUN``), and Triton's sm_90 pipeline starts its loop with ``stages - 1`` K and V tiles in
     flight. Reading every index from the lists instead, the index itself went through shared memory and the
     pipeline held fewer K/V tiles ahead (one fewer at 3 stages, on Triton 3.6 and 3.9)."""
-    from attnc.runtime.backends.triton import runner as TB
+    from attnc.runtime.backends.triton import kernel_launch as KL
 
     pat = attnc.load("stdlib:sliding_window", window=1024)
 
@@ -500,7 +500,7 @@ def test_runs_of_consecutive_tiles_keep_the_pipelines_depth(monkeypatch):
 
     runs, stages, tiles, indices = prologue(G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N)[0])
     assert runs and stages == 3 and (tiles, indices) == (2 * (stages - 1), 0)
-    monkeypatch.setattr(TB, "_runs", lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds})
+    monkeypatch.setattr(KL, "runs_meta", lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds})
     runs, stages, tiles, indices = prologue(G.record_call(pat, arch=90, head_dim=128, dtype="bf16", n=N)[0])
     assert not runs and stages == 3 and tiles == 2 * (stages - 2) and indices > 0
 

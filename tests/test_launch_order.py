@@ -154,14 +154,15 @@ def test_before_hopper_every_kernel_keeps_tile_order(monkeypatch):
     a100 = get_hardware("a100")
     assert predict(sched, cfg, a100, head_dim=128).forward.makespan_s == predict(
         sched, cfg, a100, head_dim=128, ordered=False).forward.makespan_s
-    from attnc.runtime.backends.triton import runner as TR
 
-    monkeypatch.setattr(TR, "choose_order", lambda full, partial, repeat, sms: L.longest_first(full, partial))
+    from attnc.runtime.backends.triton import kernel_launch as KL
+
+    monkeypatch.setattr(KL, "choose_order", lambda full, partial, repeat, sms: L.longest_first(full, partial))
     tri = attnc.compile_attention(pat, backend="triton", q_tile=16, kv_tile=16)
     q = torch.randn(1, 2, 64, 16)
     for arch, ordered in (("sm80", False), ("sm90", True)):
-        monkeypatch.setattr(TR, "CPU_ARCH", arch)
+        monkeypatch.setattr(KL, "CPU_ARCH", arch)
         launch = tri.runner.prepare(E.bind_sizes(pat, n=64, heads=2), q, q, {})
-        tables = TR._orders(launch, 1, 2, 2, q.device)
+        tables = KL.launch_orders(launch, 1, 2, 2, q.device)
         assert (tables["Q"] is not None) == ordered
         launch.plan.device_state.clear()

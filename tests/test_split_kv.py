@@ -15,6 +15,7 @@ from attnc.core.errors import SpecError
 
 pytest.importorskip("triton")
 
+from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as TB  # noqa: E402
 from attnc.runtime.backends.triton import split_kv as SK  # noqa: E402
 
@@ -52,13 +53,13 @@ def doc_ids(nk: int, batch: int = 2) -> torch.Tensor:
 def spy(monkeypatch) -> list[tuple[str, tuple]]:
     """Every Triton launch of the runner as (kernel name, grid)."""
     seen: list[tuple[str, tuple]] = []
-    real = TB._launch_kernel
+    real = KL.launch_kernel
 
     def launch(launch, kernel, grid, args, meta, *, backward):
         seen.append((kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__, tuple(grid)))
         return real(launch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(TB, "_launch_kernel", launch)
+    monkeypatch.setattr(KL, "launch_kernel", launch)
     return seen
 
 
@@ -124,8 +125,8 @@ def test_the_runner_chooses_splits_for_a_decode_step_and_none_for_a_prefill(monk
     grid = next(g for kernel, g in launched if kernel == "attnc_fwd")
     sched = attn.runner.last_schedule
     tiles = (sched.full_count + sched.partial_count).reshape(-1).tolist()
-    assert tiles == [10] and TB.CPU_SMS == 132
-    expected = split_kv(tiles, HEADS, TB.CPU_SMS).splits
+    assert tiles == [10] and KL.CPU_SMS == 132
+    expected = split_kv(tiles, HEADS, KL.CPU_SMS).splits
     assert expected > 1 and grid == (1, HEADS, expected)
     launched.clear()
     q, k, v = qkv(128, seed=2, batch=1)
@@ -214,15 +215,15 @@ def test_a_split_forward_runs_the_two_loops_on_descriptors(monkeypatch):
     from attnc.compiler.cost import KernelConfig
 
     launched: list[dict] = []
-    real = TB._launch_kernel
+    real = KL.launch_kernel
 
     def launch(launch, kernel, grid, args, meta, *, backward):
         keys = ("ONE_LOOP", "WARP_SPEC", "DESC", "SPLIT_KV")
         launched.append({"grid": tuple(grid), **{k: meta.get(k) for k in keys}})
         return real(launch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(TB, "_launch_kernel", launch)
-    monkeypatch.setattr(TB, "CPU_ARCH", "sm90")
+    monkeypatch.setattr(KL, "launch_kernel", launch)
+    monkeypatch.setattr(KL, "CPU_ARCH", "sm90")
     cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
     hook = staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg)
     monkeypatch.setattr(TB.TritonRunner, "config_hook", hook)

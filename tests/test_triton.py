@@ -28,6 +28,8 @@ from attnc.compiler.cost import KernelConfig
 from attnc.compiler.tiles import classify_tiles
 from attnc.compiler.triton_codegen import source as codegen
 from attnc.compiler.triton_codegen.exprs import LOG2E
+from attnc.runtime.backends.triton import forward as FW
+from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as T
 
 # the interpreter evaluates masked-out float branches too (e.g. radial's x % 0.0 -> nan), as numpy
@@ -79,13 +81,13 @@ def spy_launches(monkeypatch, *keys: str) -> list[tuple]:
     """Every Triton kernel launch from here on, as (kernel name, the value of each of ``keys`` among its
     constants), in launch order."""
     launched = []
-    launch = T._launch_kernel
+    launch = KL.launch_kernel
 
     def spy(lch, kernel, grid, args, meta, *, backward):
         launched.append((kernel.fn.__name__, *(meta.get(key) for key in keys)))
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     return launched
 
 
@@ -165,9 +167,9 @@ def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
     sizes no order pays) and the answer is unchanged; each launch says it was ordered."""
     from attnc.compiler import launch_order
 
-    monkeypatch.setattr(T, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
+    monkeypatch.setattr(KL, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
     seen = {}
-    launch = T._launch_kernel
+    launch = KL.launch_kernel
     B, Hq, Hkv = heads
 
     def spy(lch, kernel, grid, args, meta, *, backward):
@@ -175,7 +177,7 @@ def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
         seen[name] = meta.get("ORDERED")
         if name == "attnc_fwd":  # the table it reads: per list class, that class's tiles by visits, most first
             sched = lch.plan.schedule
-            table = T._orders(lch, B, Hq, Hkv, torch.device("cpu"))["Q"]
+            table = KL.launch_orders(lch, B, Hq, Hkv, torch.device("cpu"))["Q"]
             assert any(a is table for a in args)
             assert table.shape == (sched.heads_stored, sched.num_q_tiles)
             visits = (sched.full_count + sched.partial_count).long()
@@ -187,7 +189,7 @@ def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
     name_of_case = name
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     sizes = GRID2 if n is None else None
     q, k, v = qkv(B, Hq, Hkv, n or math.prod(GRID2.values()), 16, seed=4)
     compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes, q_tile=16 if n else (2, 4),
@@ -211,20 +213,20 @@ def test_kernels_step_through_runs_bitwise_as_through_indices(monkeypatch, name,
     each kernel is told which of its lists are runs, and the answer, gradients included, is bitwise the one
     of the same kernels reading every index from the lists (the same tiles in the same order)."""
     seen = {}
-    launch = T._launch_kernel
+    launch = KL.launch_kernel
 
     def spy(lch, kernel, grid, args, meta, *, backward):
         seen[kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel)] = {
             k[:-4]: v for k, v in meta.items() if k.endswith("_RUN")}
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     pat = attnc.load(f"stdlib:{name}", **params)
     q, k, v = qkv(1, 2, 1, 72, 16, seed=3)
     results = []
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(T, "_runs", lambda lch, *kinds: {f"{kind}_RUN": False for kind in kinds})
+            monkeypatch.setattr(KL, "runs_meta", lambda lch, *kinds: {f"{kind}_RUN": False for kind in kinds})
         tri = attnc.compile_attention(pat, backend="triton", q_tile=16, kv_tile=16)
         out, lse = tri(q, k, v, return_lse=True)
         results.append((out, lse, *torch.autograd.grad(out.square().sum() + lse.sum(), (q, k, v))))
@@ -317,15 +319,15 @@ def test_the_exponent_takes_only_scales_that_stay_normal_float32():
     flushes to 0 (or overflows to inf) would turn a masked slot's ``-inf * scale_l2`` into NaN on a GPU (the
     interpreter keeps the constant in float64 and hides it)."""
     launch = type("L", (), {"pattern": attnc.compile_attention("stdlib:sliding_window", window=4).pattern})()
-    lo, hi = T.EXPONENT_SCALES
-    assert T._scale_sign(launch, 1 / 8) == {"POS_SCALE": True}
-    assert T._scale_sign(launch, lo) == {"POS_SCALE": True} and T._scale_sign(launch, hi) == {"POS_SCALE": True}
+    lo, hi = FW.EXPONENT_SCALES
+    assert FW._scale_sign(launch, 1 / 8) == {"POS_SCALE": True}
+    assert FW._scale_sign(launch, lo) == {"POS_SCALE": True} and FW._scale_sign(launch, hi) == {"POS_SCALE": True}
     for scale in (0.0, -0.5, 1e-50, lo * 0.999, hi * 1.001, 1e39):
-        assert T._scale_sign(launch, scale) == {"POS_SCALE": False}, scale
+        assert FW._scale_sign(launch, scale) == {"POS_SCALE": False}, scale
     assert torch.tensor(lo * LOG2E, dtype=torch.float32).item() >= 2.0**-126 > 0  # a normal float32
     assert math.isfinite(torch.tensor(hi * LOG2E, dtype=torch.float32).item())
     softcap = type("L", (), {"pattern": attnc.compile_attention("stdlib:softcap").pattern})()
-    assert T._scale_sign(softcap, 1 / 8) == {}  # its scores are more than the scaled q.k
+    assert FW._scale_sign(softcap, 1 / 8) == {}  # its scores are more than the scaled q.k
 
 
 def test_alibi_against_plain_torch():
@@ -410,13 +412,13 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
     runs of memory rows and the tensors allow it (``DESC``), else by pointer; the answer, gradients included,
     is bitwise the pointer loads' (boxes read 0 past the rows and the head dim, as the masked loads)."""
     seen = {}
-    launch = T._launch_kernel
+    launch = KL.launch_kernel
 
     def spy(lch, kernel, grid, args, meta, *, backward):
         seen[kernel.fn.__name__] = meta.get("DESC")
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     pat = attnc.load(f"stdlib:{name}", **params)
     n = 72 if sizes is None else math.prod(sizes.values())
     q, k, v = qkv(2, 2, 1, n, D, Dv=Dv, seed=6)
@@ -455,14 +457,14 @@ def test_grouped_dkdv_split_over_programs(monkeypatch, spec, params, make_inputs
     reference's, and one program's to fp32 rounding), repeatably; the grid has B x K/V heads x SPLIT
     columns. 4 query heads share 1 K/V head (splits 1, 2, 4) and 2 share each of 2 (splits 1, 2)."""
     grids = []
-    launch = T._launch_kernel
+    launch = KL.launch_kernel
 
     def spy(lch, kernel, grid, args, meta, *, backward):
         if kernel.fn.__name__ == "attnc_bwd_dkdv":
             grids.append((grid[1], meta["SPLIT"]))
         return launch(lch, kernel, grid, args, meta, backward=backward)
 
-    monkeypatch.setattr(T, "_launch_kernel", spy)
+    monkeypatch.setattr(KL, "launch_kernel", spy)
     pat = attnc.load(spec, **params)
     n, B = 40, 2
     for kv_heads, splits in ((1, (1, 2, 4)), (2, (1, 2))):
@@ -471,7 +473,7 @@ def test_grouped_dkdv_split_over_programs(monkeypatch, spec, params, make_inputs
         leaves = [q, k, v, *[t for t in inputs.values() if t.requires_grad]]
         grads = {}
         for split in splits:
-            monkeypatch.setattr(T, "_group_split", lambda *args, split=split: split)
+            monkeypatch.setattr(KL, "_group_split", lambda *args, split=split: split)
             tri = attnc.compile_attention(pat, backend="triton", q_tile=16)
             runs = []
             for _ in range(2):
@@ -507,7 +509,7 @@ def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
     inputs = make_inputs(n) if make_inputs else {}
     grad_gates = any(t.requires_grad for t in inputs.values())
     detached = {n_: t.detach() for n_, t in inputs.items()}
-    monkeypatch.setattr(T, "_group_split", lambda *args: 2)
+    monkeypatch.setattr(KL, "_group_split", lambda *args: 2)
     compare(pat, q, k, v, sizes=sizes, inputs=detached, q_tile=tile)  # dQ by atomics, split over 2 programs
     assert ("attnc_bwd_dq", None) not in launched and ("attnc_bwd_dkdv", True) in launched
     if grad_gates:  # the gates' gradient takes per-query sums of dS: the dQ kernel's
@@ -566,7 +568,7 @@ def test_tma_boxes_of_a_grid(monkeypatch, name, params, sizes, tile, b, heads):
     masks. Against the reference (output, lse, every gradient; query heads sharing K/V heads) and bitwise against
     the same config loading by pointer; every kernel loads by descriptor."""
     launched = spy_launches(monkeypatch, "DESC")
-    monkeypatch.setattr(T, "CPU_ARCH", "sm90")
+    monkeypatch.setattr(KL, "CPU_ARCH", "sm90")
     cfg = {"tma": True}
     config = KernelConfig(tile, tile, "address")
     monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(
@@ -611,7 +613,7 @@ def test_warp_specialized_forward(monkeypatch, arch, mask, expect):
     forward steps through both lists in one loop, every tile masked, Q, K and V loaded through descriptors the
     kernel makes."""
     launched = spy_launches(monkeypatch, *expect)
-    monkeypatch.setattr(T, "CPU_ARCH", arch)
+    monkeypatch.setattr(KL, "CPU_ARCH", arch)
     cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
     hook = staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg)
     monkeypatch.setattr(T.TritonRunner, "config_hook", hook)
@@ -636,7 +638,7 @@ def test_scratch_allocator_is_set_for_the_launch_only():
 
     before = _allocation._allocator.get()
     got = []
-    T._with_scratch(lambda: got.append(_allocation._allocator.get()(256, 128, None)), torch.device("cpu"))
+    KL._with_scratch(lambda: got.append(_allocation._allocator.get()(256, 128, None)), torch.device("cpu"))
     assert len(got) == 1 and got[0].numel() == 256 and got[0].device.type == "cpu"
     assert _allocation._allocator.get() is before
 

@@ -69,7 +69,9 @@ LAYOUTS = ("flat", "permute", "address")
 CODEGEN_FILES = ("compiler/triton_codegen/source.py", "compiler/expr_printer.py", "compiler/triton_codegen/bias.py",
                  "compiler/triton_codegen/exprs.py", "compiler/triton_codegen/helpers.py", "compiler/triton_codegen/kernels.py",
                  "compiler/triton_codegen/scores.py", "compiler/triton_codegen/tiles.py", "compiler/route_blocks.py",
-                 "runtime/plan/routing.py", "runtime/backends/triton/runner.py")
+                 "runtime/plan/routing.py", "runtime/backends/triton/runner.py",
+                 "runtime/backends/triton/kernel_launch.py", "runtime/backends/triton/forward.py",
+                 "runtime/backends/triton/backward.py", "runtime/backends/triton/tma.py")
 
 _DIGEST = re.compile(r"^[0-9a-f]{32}$")
 _ENTRY_JSON = re.compile(r"^([0-9a-f]{32})\.json$")

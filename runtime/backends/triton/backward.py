@@ -1,0 +1,235 @@
+"""The backward pass of the generated Triton kernels: the row term, the dQ and dK/dV kernels (or one
+kernel adding dQ by atomics), the FoX gate's and the float bias inputs' gradients."""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.cost import KernelConfig
+from ....compiler.search import padded_head_dim
+from ....compiler.triton_codegen.source import derivative
+from ....core import ir
+from ....core import symbols as S
+from ... import kernel_fit
+from ...tritonenv import interpreting
+from . import kernel_launch as KL
+from . import tma
+from .kernel_launch import Launch
+
+
+def _row_term(launch: Launch, out, lse, dout, dlse) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rowsum(dO * O) - dlse`` and the lse in log2 units (+inf where it is -inf: rows without a key), both
+    fp32 ``[B, H, N]`` in token order: one kernel reading each once (the eager torch form made two fp32 copies
+    of dO and O and a product before the sum)."""
+    B, H, N, DV = out.shape
+    delta = torch.empty(B, H, N, dtype=torch.float32, device=out.device)
+    lse_l2 = torch.empty_like(delta)
+    block_dv = padded_head_dim(DV)
+    block_r = max(8, min(128, 8192 // block_dv))  # 8K elements of each tile per program
+    dl = dlse if dlse is not None else KL.dummy(out.device)
+    dl_strides = dlse.stride() if dlse is not None else (0, 0, 0)
+    with interpreting(launch.interpret):
+        KL.launch_kernel(launch, launch.module.attnc_bwd_delta, (-(-N // block_r), B * H),
+                       [out, dout, dl, delta, lse, lse_l2, *out.stride(), *dout.stride(), *dl_strides,
+                        *delta.stride()[:2], *lse.stride(), N, DV],
+                       # 4 warps: at 8, ptxas spills it on sm_100 (48 registers, 32 B; Triton 3.9)
+                       dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4),
+                       backward=True)
+    return delta, lse_l2
+
+
+def _backward_inputs(launch: Launch, q, k, v, dout, lse_l2, delta) -> tuple:
+    """q, k, v, dO, the lse in log2 units and delta in a launch's token order (``KL.to_tiles``)."""
+    return (KL.to_tiles(launch, q, "q"), KL.to_tiles(launch, k, "k"), KL.to_tiles(launch, v, "k"),
+            KL.to_tiles(launch, dout.to(q.dtype), "q"),
+            KL.to_tiles(launch, lse_l2.unsqueeze(-1), "q").squeeze(-1).contiguous(),
+            KL.to_tiles(launch, delta.unsqueeze(-1), "q").squeeze(-1).contiguous())
+
+
+def _row_sum_buffers(launch: Launch, row_sums: bool, B: int, Hq: int, Nq: int, Nk: int, device) -> tuple:
+    """The FoX gate gradient's row sums ``(dsq, dsk, their batch and head strides)`` (dummies where the gate
+    takes no gradient): stored at token positions (``q_tok``, ``k_tok``), so a block's are absolute, over the
+    whole gate."""
+    if not row_sums:
+        return KL.dummy(device), KL.dummy(device), (0, 0)
+    n_q, n_k = (launch.tensors[launch.pattern.decay].shape[-1],) * 2 if launch.bound.is_block else (Nq, Nk)
+    dsq = torch.zeros(B, Hq, n_q, dtype=torch.float32, device=device)
+    dsk = torch.zeros(B, Hq, n_k, dtype=torch.float32, device=device)
+    return dsq, dsk, (dsq.stride(0), dsq.stride(1))
+
+
+def _head_args(inputs: tuple) -> list:
+    """The backward kernels' leading arguments: q, k, v, dO, lse, delta (in a launch's token order) and the
+    strides of the first five."""
+    qp, kp, vp, dop, lsep, deltap = inputs
+    return [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3],
+            *dop.stride()[:3], *lsep.stride()[:2]]
+
+
+def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
+             dq_launch: Launch | None = None):
+    """(dq, dk, dv, {input: grad}); deterministic (no atomics) unless the config asks for dQ by atomics
+    and the call allows it (``atomic_dq_applies``). ``dq_launch``: the dQ kernel's own launch (its tiles,
+    ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
+    device = q.device
+    pat = launch.pattern
+    row_sums = pat.decay is not None and pat.decay in wrt
+    bias_wrt = [n for n in wrt if pat.bias is not None and n in bias_input_names(pat)]
+    # the backward in one kernel: dQ added by the dK/dV kernel's atomics, in fp32 at its tiles' token order
+    atomic = atomic_dq_applies(launch.config, row_sums=row_sums, bias_grads=bool(bias_wrt))
+    qlaunch = launch if dq_launch is None or atomic else dq_launch
+    delta, lse_l2 = _row_term(launch, out, lse, dout, dlse)
+    qp, kp, vp, dop, lsep, deltap = _backward_inputs(launch, q, k, v, dout, lse_l2, delta)
+    q_side = (qp, kp, vp, dop, lsep, deltap) if qlaunch is launch else _backward_inputs(qlaunch, q, k, v, dout,
+                                                                                          lse_l2, delta)
+    decay_c = KL.decay_cumsum(launch, device)
+    if atomic:
+        dq = torch.zeros(qp.shape, dtype=torch.float32, device=device)
+        dqa = [dq, *dq.stride()[:3]]
+    else:
+        dq = torch.empty_like(q_side[0])
+        dqa = [None] * 4  # constants to Triton: the kernel without ATOMIC_DQ has no such parameters (ORDER's way)
+    dsq, dsk, sr = _row_sum_buffers(launch, row_sums, B, Hq, Nq, Nk, device)
+    tail = [float(scale), Hq // Hkv, D, DV]
+    ieee = KL.dot_mode(launch, q.dtype)
+    # the dQ kernel (its own launch where it has tiles of its own); dS for the bias inputs' gradients at its tiles
+    qsched, qblocks = qlaunch.plan.schedule, KL.block_sizes(qlaunch, D, DV)
+    ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
+    ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
+                          dtype=torch.float32, device=device) if bias_wrt else KL.dummy(device))
+
+    def dq_call() -> tuple:
+        """The dQ kernel's (grid, args, meta)."""
+        q_order, q_ordered = KL.order_args(KL.launch_orders(qlaunch, B, Hq, Hkv, device), "Q")
+        # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
+        q_descs, q_desc = tma.descriptors(qlaunch, {
+            "QD": (q_side[0], "q", qblocks["BLOCK_D"]), "KD": (q_side[1], "k", qblocks["BLOCK_D"]),
+            "VD": (q_side[2], "k", qblocks["BLOCK_DV"]), "DOD": (q_side[3], "q", qblocks["BLOCK_DV"])})
+        args = [*_head_args(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
+                *KL.common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail]
+        meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
+                    **KL.runs_meta(qlaunch, "FULL", "PART"), **q_desc)
+        return (qsched.num_q_tiles, B * Hq), args, meta
+
+    kblocks = KL.block_sizes(launch, D, DV)
+    k_descs, k_desc = tma.descriptors(launch, {"QD": (qp, "q", kblocks["BLOCK_D"]), "DOD": (dop, "q", kblocks["BLOCK_DV"])})
+    L = launch.lists
+
+    def dkdv_call(split: int) -> tuple:
+        """The dK/dV kernel's (grid, args, meta, outputs) with ``split`` programs per K/V head: its own
+        dK and dV, or (more than one) fp32 partials, one per share of the group, at the share's offset."""
+        if split == 1:
+            outs = (torch.empty_like(kp), torch.empty_like(vp))
+            strides = [*outs[0].stride()[:3], 0, *outs[1].stride()[:3], 0]
+        else:
+            outs = tuple(torch.empty(split, *t.shape, dtype=torch.float32, device=device) for t in (kp, vp))
+            strides = [*outs[0].stride()[1:4], outs[0].stride(0), *outs[1].stride()[1:4], outs[1].stride(0)]
+        k_order, k_ordered = KL.order_args(KL.launch_orders(launch, B, Hq, Hkv, device, split), "K")
+        args = [*_head_args((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, *dqa, L["T_FULL_N"], L["T_FULL_I"],
+                L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1],
+                *KL.common_args(launch, device, decay_c), *k_order, *k_descs, *tail]
+        meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=KL.qt_view(q.device), **k_ordered,
+                    **KL.runs_meta(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split,
+                    ATOMIC_DQ=atomic)
+        return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
+
+    split = KL.fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]),
+                                 atomic)
+    with interpreting(launch.interpret):
+        if not atomic:  # else the dK/dV kernel adds dQ
+            KL.launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, *dq_call(), backward=True)
+        grid, args, meta, (dk, dv) = dkdv_call(split)
+        KL.launch_kernel(launch, launch.module.attnc_bwd_dkdv, grid, args, meta, backward=True)
+    if atomic:
+        dq = dq.to(qp.dtype)
+    if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
+        dk, dv = dk.sum(0).to(kp.dtype), dv.sum(0).to(vp.dtype)
+    grads: dict[str, torch.Tensor] = {}
+    if row_sums:
+        dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
+        # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
+        dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
+        # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
+        dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
+        grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
+    if bias_wrt:
+        for name, grad in _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq).items():
+            grads[name] = grads[name] + grad.to(device) if name in grads else grad.to(device)
+    out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
+    return (KL.from_tiles(qlaunch, dq, "q", Nq), KL.from_tiles(launch, dk, "k", Nk), KL.from_tiles(launch, dv, "k", Nk),
+            out_grads)
+
+
+def atomic_dq_applies(config: KernelConfig, *, row_sums: bool, bias_grads: bool) -> bool:
+    """Whether a backward runs in one kernel, dQ added by the dK/dV kernel's atomics (``KernelConfig.atomic_dq``):
+    where the config asks for it, unless torch is told to be deterministic (atomics add in no fixed order) or
+    the call needs the decay gates' gradient (per-query sums of dS) or a float bias input's (dS per pair),
+    which the dQ kernel computes."""
+    return config.atomic_dq and not (row_sums or bias_grads or torch.are_deterministic_algorithms_enabled())
+
+
+def bias_input_names(pat: ir.PatternIR) -> set[str]:
+    """The float inputs the bias reads (their gradients take dS per pair: the dQ kernel's)."""
+    return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
+            and pat.input(name).dtype == "float"}
+
+
+def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
+    return E.token_env(pat, bound, q_tok, k_tok, h)
+
+
+def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], blocks: dict, B: int, Hq: int) -> dict:
+    """Gradients of float inputs of the bias from the kernel's dS per visited pair:
+    for each place the bias reads an input, ``grad[index] += dS * d bias / d input``
+    (summed on the host with ``index_put_(accumulate=True)``; exact, deterministic)."""
+    pat, bound, plan = launch.pattern, launch.bound, launch.plan
+    bias = E.substitute(pat.bias, bound)
+    sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
+    derivs = []
+    for site in sites:
+        u = sympy.Dummy("u", real=True)
+        derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
+    sched = plan.schedule
+    BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
+    kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
+
+    def padded(tokens, width):
+        index = torch.zeros(tokens.index.shape[0], width, dtype=torch.int64)
+        valid = torch.zeros(tokens.index.shape[0], width, dtype=torch.bool)
+        index[:, :tokens.index.shape[1]] = tokens.index
+        valid[:, :tokens.index.shape[1]] = tokens.valid
+        return index, valid
+
+    q_idx, q_ok = padded(plan.q_tokens, BM)
+    k_idx, k_ok = padded(plan.k_tokens, BN)
+    ds_all = ds_buf.detach().cpu().view(B, Hq, sched.num_q_tiles, -1, BM, BN)
+    grads = {n: torch.zeros(launch.tensors[n].shape, dtype=torch.float64) for n in names}
+    for b in range(B):
+        inputs = {n: (t[b] if n in launch.batched else t).detach().cpu() for n, t in launch.tensors.items()}
+        for h in range(Hq):
+            kt = kt_all[b * launch.cls[0] + h * launch.cls[1]]  # [nQ, W]
+            present = kt >= 0
+            kts = kt.clamp(min=0)
+            q_tok = q_idx[:, None, :, None]  # [nQ, 1, BM, 1]
+            k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
+            weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
+            ds = ds_all[b, h].to(torch.float64) * weight
+            # indices were checked on attended pairs by the forward; elsewhere dS is 0 and they read element 0
+            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None, guard=torch.tensor(False))
+            for site, deriv in derivs:
+                name = S.input_name(site.func)
+                value = E.as_tensor(ev(deriv), torch.float64)
+                contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
+                target = grads[name][b] if name in launch.batched else grads[name]
+                index = []
+                for a, size in zip(site.args, target.shape, strict=True):
+                    ix = torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1)
+                    outside = (ix < 0) | (ix >= size)  # on pairs not attended (dS = 0): read element 0
+                    contrib = torch.where(outside, torch.zeros((), dtype=torch.float64), contrib)
+                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
+                target.index_put_(tuple(index), contrib, accumulate=True)
+    return grads

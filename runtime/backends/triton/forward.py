@@ -1,0 +1,103 @@
+"""The forward pass of the generated Triton kernels: ``(out, lse)`` of one launch, with split-KV
+(flash decoding) for forward-only calls, and the bias index errors the kernel found."""
+
+from __future__ import annotations
+
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.search import padded_head_dim
+from ....compiler.triton_codegen.exprs import LOG2E
+from ....compiler.triton_codegen.scores import scale_in_exponent
+from ...tritonenv import interpreting
+from . import kernel_launch as KL
+from . import split_kv, tma
+from .kernel_launch import Launch
+
+
+def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
+    """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32). ``may_split``: a forward-only call, whose
+    KV tiles may be split over several programs per Q tile (``split_kv``: flash decoding), their partials merged
+    by the module's ``attnc_fwd_combine``."""
+    B, Hq, Nq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[-1]
+    device = q.device
+    qp, kp, vp = KL.to_tiles(launch, q, "q"), KL.to_tiles(launch, k, "k"), KL.to_tiles(launch, v, "k")
+    rows = qp.shape[2]
+    out = torch.empty(B, Hq, rows, DV, dtype=q.dtype, device=device)
+    lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
+    nq_tiles = launch.plan.schedule.num_q_tiles
+    splits = split_kv.choose_splits(launch.plan, B, Hq, KL.sms_of(torch.device(device))) if may_split else 1
+    decay_c = KL.decay_cumsum(launch, device)
+    order, ordered = KL.order_args(KL.launch_orders(launch, B, Hq, Hkv, device), "Q")
+    fblocks = KL.block_sizes(launch, D, DV)
+    kv = {"KD": (kp, "k", fblocks["BLOCK_D"]), "VD": (vp, "k", fblocks["BLOCK_DV"])}
+    views = tma.tma_views(launch, kv)
+    by_tma = views is not None
+    specialize = tma.warp_spec(launch, qp, kv, fblocks, by_tma)
+    if splits > 1 and specialize.get("ONE_LOOP"):  # a split forward runs the two loops (split_kv)
+        specialize = {}
+    # a forward in one loop loads by descriptors of its own, not the host's
+    descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
+    partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
+    dest, dest_strides = _forward_outputs(out, lse, partial)
+    args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
+            *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
+    grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
+    with interpreting(launch.interpret):
+        KL.launch_kernel(launch, launch.module.attnc_fwd, grid, args,
+                       dict(**fblocks, DOT=KL.dot_mode(launch, q.dtype), **ordered,
+                            **KL.runs_meta(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
+                            **specialize, **split_meta), backward=False)
+        if partial is not None:
+            _combine_splits(launch, *partial, out, lse)
+    _raise_index_errors(launch)
+    return KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
+
+
+def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
+    """The forward's ``O``, ``LSE`` and their strides (``so_b, so_h, so_n, sl_b, sl_h, so_s, sl_s``): ``out`` and
+    ``lse`` themselves, the split strides None (constants to Triton: the kernel without ``SPLIT_KV`` has no such
+    parameters, as ``ORDER``); or the split-KV partials ``[splits, B, H, rows (, DV)]`` (``split_kv.partials``)."""
+    if partial is None:
+        return [out, lse], [*out.stride()[:3], *lse.stride()[:2], None, None]
+    po, pl = partial
+    return [po, pl], [*po.stride()[1:4], *pl.stride()[1:3], po.stride(0), pl.stride(0)]
+
+
+def _combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge the split forward's partials into ``out`` and ``lse`` (``attnc_fwd_combine``, by log-sum-exp on the
+    device: no host read)."""
+    splits, B, H, rows, DV = po.shape
+    block_dv = padded_head_dim(DV)
+    block_r = split_kv.combine_rows(block_dv, rows)
+    KL.launch_kernel(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
+                   [po, pl, out, lse, *po.stride()[:4], *pl.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
+                    rows, DV, splits],
+                   dict(BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4), backward=False)
+
+
+#: The range of a scale the forward applies in its exponent: ``scale * log2(e)``, the kernel's float32
+#: ``scale_l2``, a normal float32 (not 0 after rounding or flushing, not inf; a factor of 2 to spare for the
+#: roundings), or a masked slot's ``-inf * scale_l2`` would be NaN rather than -inf.
+EXPONENT_SCALES = (2.0**-125 / LOG2E, 2.0**127 / LOG2E)
+
+
+def _scale_sign(launch: Launch, scale: float) -> dict:
+    """The forward's ``POS_SCALE`` where its scores are the scaled q.k alone (``scale_in_exponent``): a positive
+    scale (within ``EXPONENT_SCALES``) is applied in the exponent, one FMA a score; any other, to the scores
+    first."""
+    if not scale_in_exponent(launch.pattern):
+        return {}
+    return {"POS_SCALE": EXPONENT_SCALES[0] <= scale <= EXPONENT_SCALES[1]}
+
+
+def _raise_index_errors(launch: Launch) -> None:
+    """The error of a bias index the forward kernel found out of range on an attended pair
+    (``ERR[slot]`` holds an offending index; 0 is always in range, so 0 means none)."""
+    if not launch.checks:
+        return
+    found = launch.extra["ERR"].cpu()
+    for (name, dim, size), value in zip(launch.checks, found.tolist(), strict=True):
+        if value != 0:
+            raise E.index_error(name, dim, value, size, guarded=True)
