@@ -6,7 +6,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .core.errors import SpecError
+from ..core.errors import SpecError
+from .args import (
+    Parser,
+    call_inputs,
+    check_kv_heads,
+    int_list,
+    int_sizes,
+    load_args,
+    pattern_args,
+    read_file,
+    sampled_inputs,
+    shape_args,
+    tile_arg,
+    tokens_of,
+)
 
 SHOW_DEFAULT_N = 32
 #: The head dimension of the sampled q and k from which `attnc show` draws a clustering pattern's ids.
@@ -16,52 +30,8 @@ SHOW_MAX_TOKENS = 4096
 SHOW_MAX_TILES = 256
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse exits 2 with usage; we exit 1 with one line
-        raise SpecError(message, where=self.prog)
-
-
-def _key_values(items: list[str] | None, what: str, per_axis: bool = False) -> dict[str, object]:
-    """``K=V,K=V`` (repeatable) as a dict. ``per_axis`` (``-p``): values after a ``K=V`` without
-    a name of their own are more values of K, a tuple (``kernel_size=3,5``: one per axis, as
-    ``kernel_size=(3, 5)`` in Python)."""
-    out: dict[str, object] = {}
-    for item in items or []:
-        key = None
-        for part in item.split(","):
-            if not part:
-                continue
-            if "=" not in part:
-                if per_axis and key is not None:
-                    value = _literal(part.strip(), f"{what} {key}")
-                    before = out[key] if isinstance(out[key], tuple) else (out[key],)
-                    out[key] = (*before, value)
-                    continue
-                raise SpecError(f"expected NAME=VALUE, got {part!r}", where=f"argument {what}")
-            key, value = part.split("=", 1)
-            key = key.strip()
-            out[key] = _literal(value.strip(), f"{what} {key}")
-    return out
-
-
-def _literal(text: str, what: str):
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    for base in (0, 10):  # 0x.., 0b.., and decimal with leading zeros (007 is 7, as in specs)
-        try:
-            return int(text, base)
-        except ValueError:
-            pass
-    try:
-        value = float(text)
-    except ValueError:
-        raise SpecError(f"expected a number or true/false, got {text!r}", where=f"argument {what}") from None
-    return value
-
-
 def cmd_list(_args) -> int:
-    from .spec.library import stdlib_index
+    from ..spec.library import stdlib_index
 
     index = stdlib_index()
     width = max(map(len, index))
@@ -94,12 +64,12 @@ def _summary(source: str, decl_line: int) -> str:
 
 
 def cmd_check(args) -> int:
-    from .spec.library import check_text, read_source
+    from ..spec.library import check_text, read_source
 
     status = 0
     for path in args.files:
         try:
-            text, filename = read_source(path) if path.startswith("stdlib:") else _read_file(path)
+            text, filename = read_source(path) if path.startswith("stdlib:") else read_file(path)
             decls = check_text(text, filename)
             names = ", ".join(d.name for d in decls)
             shown = path if path.startswith("stdlib:") else filename  # the name as the user gave it
@@ -121,8 +91,8 @@ def _unused_inputs(decl) -> list[str]:
         return []
     import sympy
 
-    from .compiler.evaluate import input_names
-    from .core import ir
+    from ..compiler.evaluate import input_names
+    from ..core import ir
 
     if isinstance(decl, ir.CombinedIR):  # the gates are read by 'combine'; the rest by some branch
         unused = set.intersection(*(set(_unused_inputs(b.pattern)) | {d.name for d in decl.inputs
@@ -142,16 +112,10 @@ def _unused_inputs(decl) -> list[str]:
     return [d.name for d in decl.inputs if d.name not in used]
 
 
-def _read_file(path: str) -> tuple[str, str]:
-    from .spec.library import read_path
-
-    return read_path(path, where=path), path
-
-
 def cmd_show(args) -> int:
-    from .core import ir
+    from ..core import ir
 
-    pat = _load_args(args)
+    pat = load_args(args)
     heads = args.heads
     if heads is not None and heads < 1:
         raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
@@ -195,9 +159,9 @@ def _show_combined(args, pat, heads: int | None) -> int:
 
 def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | None = None,
                   extra: dict | None = None) -> int:
-    from .compiler import evaluate as E
+    from ..compiler import evaluate as E
 
-    sizes = _int_sizes(args.sizes)
+    sizes = int_sizes(args.sizes)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
     defaulted = sorted(needed - set(sizes))
     for name in defaulted:
@@ -206,16 +170,16 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         print(f"# note: no --sizes for {', '.join(defaulted)}: showing {SHOW_DEFAULT_AXIS} each "
               f"(--sizes {','.join(f'{d}=..' for d in defaulted)})")
     if n is None:  # (a combined pattern's branch: n and nk given, the note said once)
-        n = _tokens(args, pat, SHOW_DEFAULT_N)
+        n = tokens_of(args, pat, SHOW_DEFAULT_N)
         if args.n is None and n == SHOW_DEFAULT_N and pat.queries.token_count() is None:
             print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
         nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=SHOW_HEAD_DIM)
-    inputs = {**_inputs(args.input), **(extra or {})}
+    inputs = {**call_inputs(args.input), **(extra or {})}
     if any(d.derived is not None for d in pat.inputs):  # cluster(): ids of a seeded sample of q and k
-        from .runtime.plan.clusters import sample_derived
+        from ..runtime.plan.clusters import sample_derived
 
         inputs, notes = sample_derived(pat, bound, inputs, head_dim=SHOW_HEAD_DIM)
         for note in notes:
@@ -226,7 +190,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         # checked before anything is allocated; blame what set the size
         what = "--sizes" if pat.queries.token_count() is not None else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
         need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
-        from .runtime.tuning.kernel_cache import human_size
+        from ..runtime.tuning.kernel_cache import human_size
 
         raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large to show (the mask alone would need "
                         f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
@@ -240,7 +204,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
     title += f", {bound.n} queries x {bound.nk} keys"
     shown_heads = range(heads) if depends_on_head else range(1)
     if args.png:  # the picture only, and one line saying what it holds (no text dump)
-        from .png import write_mask_png
+        from ..png import write_mask_png
 
         write_mask_png(args.png, mask[list(shown_heads)])
         density = mask[list(shown_heads)].float().mean().item()
@@ -257,18 +221,8 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
     return 0
 
 
-def _key_values_raw(items: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise SpecError(f"expected NAME=V1 V2 ..., got {item!r}", where="argument --input")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value.replace(",", " ")
-    return out
-
-
 def _show_recurrence(rec, heads: int) -> int:
-    from .compiler import evaluate as E
+    from ..compiler import evaluate as E
 
     print(f"{rec.name}: recurrence, {rec.gate} gate" + (", the delta rule" if rec.rule == "delta" else ""))
     if rec.rule == "delta":
@@ -287,19 +241,6 @@ def _show_recurrence(rec, heads: int) -> int:
     return 0
 
 
-def _tile_arg(text: str | None, what: str) -> tuple[int, ...] | None:
-    """``--q-tile 2,8,8`` -> (2, 8, 8)."""
-    if text is None:
-        return None
-    try:
-        tile = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
-    except ValueError:
-        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
-    if not tile:
-        raise SpecError("expected at least one extent", where=f"argument {what}")
-    return tile
-
-
 def _default_tile(extents: tuple[int, ...]) -> tuple[int, ...]:
     """A tile giving a small map: about 16 tiles on a sequence, 4 per grid axis."""
     per = 16 if len(extents) == 1 else 4
@@ -309,13 +250,13 @@ def _default_tile(extents: tuple[int, ...]) -> tuple[int, ...]:
 def _show_tiles(args, pat, bound, inputs: dict) -> int:
     import torch
 
-    from .compiler import tiles as T
-    from .compiler.hardware import get_hardware
-    from .compiler.search import ScheduleSearch
+    from ..compiler import tiles as T
+    from ..compiler.hardware import get_hardware
+    from ..compiler.search import ScheduleSearch
 
     q_ext = T.layout_extents(pat.queries, bound, bound.n)
     kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
-    q_tile, kv_tile = _tile_arg(args.q_tile, "--q-tile"), _tile_arg(args.kv_tile, "--kv-tile")
+    q_tile, kv_tile = tile_arg(args.q_tile, "--q-tile"), tile_arg(args.kv_tile, "--kv-tile")
     if q_tile is None and kv_tile is None:  # else the one convention of compiler.tile_args (a missing one follows)
         q_tile, kv_tile = _default_tile(q_ext), _default_tile(kv_ext)
     search = ScheduleSearch(pat, bound, get_hardware("h100"), inputs=inputs or None)
@@ -337,7 +278,7 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
         for row in classes[h].tolist():
             print("".join(glyph[c] for c in row))
     if args.png:
-        from .png import write_classes_png
+        from ..png import write_classes_png
 
         write_classes_png(args.png, classes.to(torch.int64))
         print(f"wrote {args.png}")
@@ -345,10 +286,10 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
 
 
 def cmd_sim(args) -> int:
-    from .core import ir
-    from .runtime.api import simulate
+    from ..core import ir
+    from ..runtime.api import simulate
 
-    pat = _load_args(args)
+    pat = load_args(args)
     decode = _decode_step(pat, args) if args.decode else None
     if decode is not None:  # the prefill beside it: the whole sequence of nk tokens
         args = argparse.Namespace(**{**vars(args), "n": args.nk, "nk": None})
@@ -357,14 +298,14 @@ def cmd_sim(args) -> int:
         raise SpecError(f"'{pat.name}' combines several attentions: {what} ("
                         + ("the receptive field" if what == "--layers" else "context parallelism")
                         + ") covers one softmax pattern in this version", where=f"argument {what}")
-    _check_kv_heads(args)
+    check_kv_heads(args)
     if args.kv_heads is not None and isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
         raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
-    sizes = _int_sizes(args.sizes)
-    inputs = _sampled_inputs(pat, args, sizes, _inputs(args.input))
+    sizes = int_sizes(args.sizes)
+    inputs = sampled_inputs(pat, args, sizes, call_inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
                    batch=args.batch, hardware=args.hardware or "h100", dtype=args.dtype, top=args.top,
-                   q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
+                   q_tile=tile_arg(args.q_tile, "--q-tile"), kv_tile=tile_arg(args.kv_tile, "--kv-tile"),
                    inputs=inputs or None, kv_heads=args.kv_heads)
     if args.layers is not None and rep.to_dict().get("kind") == "recurrence":
         raise SpecError("a recurrence has no receptive-field analysis (every earlier token reaches a query)",
@@ -399,9 +340,9 @@ def _decode_step(pat, args):
     """``sim --decode --nk N [--n Q]``: its arguments checked before anything is modelled, and the
     decode report to make once the prefill's sizes and inputs are known (``runtime.api.simulate_decode``;
     the sampled inputs are sized for the whole sequence of nk tokens, as a decode step reads them)."""
-    from .compiler.decode_cost import recurrence_state_bytes
-    from .core import ir
-    from .runtime.api import simulate_decode
+    from ..compiler.decode_cost import recurrence_state_bytes
+    from ..core import ir
+    from ..runtime.api import simulate_decode
 
     if isinstance(pat, ir.RecurrenceIR):
         state = recurrence_state_bytes(*(max(v, 0) for v in (args.batch, args.heads, args.head_dim)))
@@ -436,9 +377,9 @@ def _decode_step(pat, args):
 
 def _context_parallel(pat, rep, args, sizes, inputs):
     """``sim --ranks P [--link L]``: the context-parallel estimate per mode (runtime.parallel.simulate)."""
-    from .compiler import evaluate as E
-    from .runtime.parallel.simulate import simulate_parallel
-    from .runtime.plan import clusters
+    from ..compiler import evaluate as E
+    from ..runtime.parallel.simulate import simulate_parallel
+    from ..runtime.plan import clusters
 
     if rep.to_dict().get("kind") == "recurrence":
         raise SpecError("a recurrence runs across ranks by chaining its state (one all-gather of a state per "
@@ -454,16 +395,16 @@ def _context_parallel(pat, rep, args, sizes, inputs):
 def _receptive_field(pat, rep, args, sizes) -> dict:
     """Which key blocks a query block reaches within 1..L stacked layers (the pairs counted
     follow the layout: earlier keys on a sequence, every pair on a grid or a concatenation)."""
-    from .compiler import evaluate as E
-    from .compiler.receptive_field import receptive_field
+    from ..compiler import evaluate as E
+    from ..compiler.receptive_field import receptive_field
 
     if args.layers < 1:
         raise SpecError(f"must be a positive int, got {args.layers}", where="argument --layers")
-    block = _tile_arg(args.rf_block, "--rf-block")
+    block = tile_arg(args.rf_block, "--rf-block")
     if block is None:
         block = tuple(rep.to_dict()["tiles"]["q_tile"])
     bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None)
-    return receptive_field(pat, bound, block, args.layers, inputs=_inputs(args.input) or None)
+    return receptive_field(pat, bound, block, args.layers, inputs=call_inputs(args.input) or None)
 
 
 def _format_receptive_field(rf: dict) -> str:
@@ -477,25 +418,25 @@ def _format_receptive_field(rf: dict) -> str:
 
 
 def cmd_tune(args) -> int:
-    from .compiler import evaluate as E
-    from .core import ir
-    from .runtime.tuning import autotune as A
-    from .runtime.tuning import kernel_cache as KC
+    from ..compiler import evaluate as E
+    from ..core import ir
+    from ..runtime.tuning import autotune as A
+    from ..runtime.tuning import kernel_cache as KC
 
-    pat = _load_args(args)
+    pat = load_args(args)
     _refuse_combined(pat, "attnc tune")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: only softmax patterns are autotuned", where="attnc tune")
-    _check_kv_heads(args)
+    check_kv_heads(args)
     dtype = A.canonical_dtype(args.dtype)
     if not A.cuda_available():
         raise A.AutotuneError("autotuning needs a CUDA GPU, and none is available",
                               hint="on CPU, kernels run with the simulator's schedule (no tuning needed)")
-    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=_int_sizes(args.sizes) or None)
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=int_sizes(args.sizes) or None)
     cache = KC.KernelCache()
     res = A.autotune(pat, bound, head_dim=args.head_dim, dtype=dtype, batch=args.batch, top=args.top,
                      cache=cache, retune=args.retune, progress=False if args.quiet else None,
-                     inputs=_inputs(args.input) or None, kv_heads=args.kv_heads)
+                     inputs=call_inputs(args.input) or None, kv_heads=args.kv_heads)
     bucket = KC.describe_bucket(KC.shape_bucket(pat, bound, head_dim=args.head_dim, batch=args.batch,
                                                 kv_heads=args.kv_heads))
     if res.from_cache:
@@ -520,7 +461,7 @@ def cmd_tune(args) -> int:
 
 
 def cmd_cache(args) -> int:
-    from .runtime.tuning import kernel_cache as KC
+    from ..runtime.tuning import kernel_cache as KC
 
     cache = KC.KernelCache()
     if args.action == "clear":
@@ -546,10 +487,10 @@ def cmd_cache(args) -> int:
 
 
 def cmd_emit(args) -> int:
-    from .core import ir
-    from .runtime.backends.triton.runner import emit
+    from ..core import ir
+    from ..runtime.backends.triton.runner import emit
 
-    pat = _load_args(args)
+    pat = load_args(args)
     _refuse_combined(pat, "argument FILE")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
@@ -559,17 +500,17 @@ def cmd_emit(args) -> int:
         if not torch.cuda.is_available():
             raise SpecError("--gpu shows the schedule of a CUDA call, and no CUDA GPU is available",
                             where="argument --gpu", hint="without --gpu: the interpreter's schedule")
-    sizes = _int_sizes(args.sizes)
-    n = _tokens(args, pat, SHOW_DEFAULT_N)
+    sizes = int_sizes(args.sizes)
+    n = tokens_of(args, pat, SHOW_DEFAULT_N)
     print(emit(pat, n=n, nk=args.nk, heads=args.heads, sizes=sizes or None,
-               q_tile=_tile_arg(args.q_tile, "--q-tile"), kv_tile=_tile_arg(args.kv_tile, "--kv-tile"),
+               q_tile=tile_arg(args.q_tile, "--q-tile"), kv_tile=tile_arg(args.kv_tile, "--kv-tile"),
                device="cuda" if args.gpu else "cpu"), end="")
     return 0
 
 
 def _refuse_combined(pat, where: str) -> None:
     """emit, tune and check-gpu --block take one kernel's pattern: a combined pattern is refused, naming it."""
-    from .core import ir
+    from ..core import ir
 
     if isinstance(pat, ir.CombinedIR):
         names = ", ".join(b.name for b in pat.branches)
@@ -580,16 +521,16 @@ def _refuse_combined(pat, where: str) -> None:
 
 
 def cmd_check_gpu(args) -> int:
-    from .runtime import gpu_check as G
+    from ..runtime import gpu_check as G
 
-    pat = _load_args(args)
+    pat = load_args(args)
     if args.block:  # a combined pattern's kernels are checked branch by branch; its blocks are not
         _refuse_combined(pat, "argument --block")
-    archs = G.default_archs() if args.arch is None else _int_list(args.arch, "--arch")
-    dims = _int_list(args.head_dim, "--head-dim")
+    archs = G.default_archs() if args.arch is None else int_list(args.arch, "--arch")
+    dims = int_list(args.head_dim, "--head-dim")
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-    sizes = _int_sizes(args.sizes)
-    n = _tokens(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
+    sizes = int_sizes(args.sizes)
+    n = tokens_of(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
     reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None,
                               block=args.block)
     if args.json:
@@ -606,158 +547,14 @@ def cmd_check_gpu(args) -> int:
 CHECK_GPU_DEFAULT_N = 8192
 
 
-def _tokens(args, pat, default: int) -> int | None:
-    """``--n``, else ``default`` tokens on a seq layout (a grid's or a concatenation's count
-    comes from its sizes)."""
-    queries = getattr(pat, "queries", None)  # a recurrence has no layout
-    sized = queries is not None and queries.token_count() is not None
-    return args.n if args.n is not None or sized else default
-
-
-def _int_list(text: str, what: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
-    if not out:
-        raise SpecError("expected at least one value", where=f"argument {what}")
-    return out
-
-
-def _load_args(args):
-    """The pattern of FILE (a path or stdlib:NAME) with --name and -p."""
-    from .spec.library import STDLIB_PREFIX, lower, pick, read_source
-    from .spec.parser import parse
-
-    if args.file.startswith(STDLIB_PREFIX):
-        text, filename = read_source(args.file)
-        stdlib_name = args.file[len(STDLIB_PREFIX):]
-    else:
-        text, filename = _read_file(args.file)
-        stdlib_name = None
-    module = parse(text, filename)
-    return lower(module, pick(module, args.name, stdlib_name, option="--name"),
-                 _key_values(args.param, "-p", per_axis=True))
-
-
-def _int_sizes(items) -> dict[str, int]:
-    sizes = _key_values(items, "--sizes")
-    for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
-    return sizes
-
-
-def _inputs(items) -> dict:
-    """``--input NAME=V1,V2,..`` (a 1-D input) or ``--input NAME=FILE.pt`` (a tensor saved with
-    ``torch.save``, any shape)."""
-    import os
-
-    import torch
-
-    inputs = {}
-    for name, values in _key_values_raw(items).items():
-        where = f"argument --input {name}"
-        if values.strip().endswith((".pt", ".pth")) or os.path.isfile(values.strip()):
-            path = values.strip()
-            try:
-                value = torch.load(path, weights_only=True)
-            except FileNotFoundError:
-                raise SpecError(f"no such file: {path}", where=where) from None
-            except IsADirectoryError:
-                raise SpecError(f"{path} is a directory, not a tensor file", where=where) from None
-            except OSError as err:
-                raise SpecError(f"cannot read {path}: {err.strerror or err}", where=where) from None
-            except Exception as err:  # torch's own text is pages long: one line, naming the file
-                what = ("holds objects other than tensors" if "Unsupported global" in str(err)
-                        else "is not a tensor file written by torch.save")
-                hint = ("write it with torch.save(tensor, PATH), or give the values: "
-                        f"--input {name}=V1,V2,..")
-                raise SpecError(f"{path} {what}", where=where, hint=hint) from None
-            if not isinstance(value, torch.Tensor):
-                raise SpecError(f"{path} holds a {type(value).__name__}, not a tensor", where=where)
-            inputs[name] = value
-            continue
-        try:
-            inputs[name] = torch.tensor([_literal(v, f"--input {name}") for v in values.split()])
-        except (TypeError, ValueError):
-            raise SpecError("expected numbers separated by spaces, or a .pt file", where=where) from None
-    return inputs
-
-
-def _sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
-    """``attnc sim`` without some declared inputs: a documented sample of each, said in a note
-    (int inputs: sorted uniform draws in [0, n), e.g. document ids or index lists; float inputs:
-    standard normal draws; seed 0)."""
-    import sympy
-    import torch
-
-    from .compiler import evaluate as E
-    from .core import ir
-
-    # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
-    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None]
-    if not missing or not isinstance(pat, ir.PatternIR):
-        return given
-    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
-    g = torch.Generator().manual_seed(0)
-    out = dict(given)
-    for decl in missing:
-        shape = [int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims]
-        if decl.dtype == "int":
-            value = torch.randint(0, bound.n, shape, generator=g).sort(dim=-1).values if shape else torch.tensor(0)
-            how = f"sorted uniform ints in [0, {bound.n})"
-        else:
-            value = torch.randn(shape, generator=g, dtype=torch.float64)
-            how = "standard normal floats"
-        out[decl.name] = value
-        print(f"# note: input '{decl.name}' not given: simulated with a sample of {how}, shape {shape} (seed 0); "
-              f"pass --input {decl.name}=FILE.pt for your own",
-              file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # --json: stdout is JSON only
-    return out
-
-
-def _pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of tokens of a seq layout",
-                  inputs: bool = True) -> None:
-    """FILE and what picks and sizes the pattern in it (every command that loads one)."""
-    p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
-    p.add_argument("-p", "--param", action="append", metavar="K=V",
-                   help="set a parameter (repeatable, or K=V,K=V); K=V1,V2 sets one value per grid axis "
-                   "(kernel_size=3,5) or per head of a NAME[heads] parameter (moa's alpha=64,512)")
-    p.add_argument("--sizes", action="append", metavar="A=N,..", help=sizes_help)
-    p.add_argument("--n", type=int, help=n_help)
-    p.add_argument("--nk", type=int, help="number of keys (cross attention)")
-    p.add_argument("--name", help="which declaration of the file")
-    if inputs:
-        p.add_argument("--input", action="append", metavar="NAME=V1,V2,..|FILE.pt",
-                       help="a call-time input: 1-D values, or a tensor of any shape saved with torch.save")
-
-
-def _check_kv_heads(args) -> None:
-    """``--kv-heads`` divides ``--heads`` (checked before anything is modelled or timed)."""
-    if args.kv_heads is not None:
-        from .compiler.cost import checked_kv_heads
-
-        checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
-
-
-def _shape_args(p) -> None:
-    """Heads, head dimension and batch of a modelled or tuned call."""
-    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    p.add_argument("--kv-heads", type=int, help="K/V heads shared by the query heads (grouped-query attention; "
-                   "default one per head)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="attnc", description="attnc: a compiler for attention patterns")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    parser = Parser(prog="attnc", description="attnc: a compiler for attention patterns")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
     sub.add_parser("list", help="the stdlib patterns, one line each")
     p = sub.add_parser("check", help="parse and check .attn files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p = sub.add_parser("show", help="draw the mask of a pattern at a small size")
-    _pattern_args(p, sizes_help="grid sizes (default 8 per axis)",
+    pattern_args(p, sizes_help="grid sizes (default 8 per axis)",
                   n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})")
     p.add_argument("--heads", type=int, help="number of heads (head-dependent patterns show each)")
     p.add_argument("--png", metavar="PATH", help="also write the mask (or tile map) as a PNG picture")
@@ -766,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis (implies --tiles)")
     p = sub.add_parser("sim", help="predict the speedup bounds and the best tile schedules (recurrences: "
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
-    _pattern_args(p)
-    _shape_args(p)
+    pattern_args(p)
+    shape_args(p)
     p.add_argument("--hardware", "--gpu", dest="hardware", metavar="NAME",
                    help="a100, h100, h200 or b200 (default h100; --decode: every model)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
@@ -785,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--link", default="nvlink", choices=["nvlink", "pcie", "ib"],
                    help="the interconnect of --ranks (data-sheet bandwidth; default nvlink)")
     p = sub.add_parser("tune", help="autotune a pattern on the current GPU and fill the kernel cache")
-    _pattern_args(p)
-    _shape_args(p)
+    pattern_args(p)
+    shape_args(p)
     p.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
     p.add_argument("--top", type=int, default=4, help="distinct schedules of the simulator to time (default 4)")
     p.add_argument("--retune", action="store_true", help="time again even when the cache has a winner")
@@ -794,14 +591,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("cache", help="the kernel cache ($ATTNC_CACHE_DIR): ls or clear")
     p.add_argument("action", nargs="?", default="ls", choices=("ls", "clear"), help="ls (default) or clear")
     p = sub.add_parser("emit", help="print the generated Triton kernel source")
-    _pattern_args(p, n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})", inputs=False)
+    pattern_args(p, n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})", inputs=False)
     p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
     p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis")
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis")
     p.add_argument("--gpu", action="store_true", help="the schedule a CUDA call would pick (default: the interpreter's)")
     p = sub.add_parser("check-gpu", help="compile the CUDA kernels of a pattern offline (no GPU) for sm_80/sm_90: "
                        "shared memory, registers, spills, tensor-core instructions; exit 1 on a problem")
-    _pattern_args(p, n_help=f"number of tokens of a seq layout (default {CHECK_GPU_DEFAULT_N})", inputs=False)
+    pattern_args(p, n_help=f"number of tokens of a seq layout (default {CHECK_GPU_DEFAULT_N})", inputs=False)
     p.add_argument("--arch", metavar="80,90", help="compute capabilities (default 80,90 and 100 when supported)")
     p.add_argument("--head-dim", default="64,128", metavar="64,128", help="head dims (default 64,128)")
     p.add_argument("--dtype", default="fp16", metavar="fp16,bf16", help="dtypes (default fp16)")
@@ -833,6 +630,3 @@ def main(argv: list[str] | None = None) -> int:
         print("please report this with the command and the spec file", file=sys.stderr)
         return 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,226 @@
+"""The ``attnc`` command's arguments: the parser that turns argparse's errors into one clean message, the
+options every pattern-loading command shares, and what they parse into (parameters, sizes, inputs, tiles)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..core.errors import SpecError
+
+
+def key_values(items: list[str] | None, what: str, per_axis: bool = False) -> dict[str, object]:
+    """``K=V,K=V`` (repeatable) as a dict. ``per_axis`` (``-p``): values after a ``K=V`` without
+    a name of their own are more values of K, a tuple (``kernel_size=3,5``: one per axis, as
+    ``kernel_size=(3, 5)`` in Python)."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key = None
+        for part in item.split(","):
+            if not part:
+                continue
+            if "=" not in part:
+                if per_axis and key is not None:
+                    value = literal(part.strip(), f"{what} {key}")
+                    before = out[key] if isinstance(out[key], tuple) else (out[key],)
+                    out[key] = (*before, value)
+                    continue
+                raise SpecError(f"expected NAME=VALUE, got {part!r}", where=f"argument {what}")
+            key, value = part.split("=", 1)
+            key = key.strip()
+            out[key] = literal(value.strip(), f"{what} {key}")
+    return out
+
+
+def literal(text: str, what: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for base in (0, 10):  # 0x.., 0b.., and decimal with leading zeros (007 is 7, as in specs)
+        try:
+            return int(text, base)
+        except ValueError:
+            pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise SpecError(f"expected a number or true/false, got {text!r}", where=f"argument {what}") from None
+    return value
+
+
+def key_values_raw(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SpecError(f"expected NAME=V1 V2 ..., got {item!r}", where="argument --input")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.replace(",", " ")
+    return out
+
+
+def read_file(path: str) -> tuple[str, str]:
+    from ..spec.library import read_path
+
+    return read_path(path, where=path), path
+
+
+def tile_arg(text: str | None, what: str) -> tuple[int, ...] | None:
+    """``--q-tile 2,8,8`` -> (2, 8, 8)."""
+    if text is None:
+        return None
+    try:
+        tile = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
+    if not tile:
+        raise SpecError("expected at least one extent", where=f"argument {what}")
+    return tile
+
+
+def int_list(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SpecError(f"expected ints separated by commas, got {text!r}", where=f"argument {what}") from None
+    if not out:
+        raise SpecError("expected at least one value", where=f"argument {what}")
+    return out
+
+
+def load_args(args):
+    """The pattern of FILE (a path or stdlib:NAME) with --name and -p."""
+    from ..spec.library import STDLIB_PREFIX, lower, pick, read_source
+    from ..spec.parser import parse
+
+    if args.file.startswith(STDLIB_PREFIX):
+        text, filename = read_source(args.file)
+        stdlib_name = args.file[len(STDLIB_PREFIX):]
+    else:
+        text, filename = read_file(args.file)
+        stdlib_name = None
+    module = parse(text, filename)
+    return lower(module, pick(module, args.name, stdlib_name, option="--name"),
+                 key_values(args.param, "-p", per_axis=True))
+
+
+def int_sizes(items) -> dict[str, int]:
+    sizes = key_values(items, "--sizes")
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
+    return sizes
+
+
+def call_inputs(items) -> dict:
+    """``--input NAME=V1,V2,..`` (a 1-D input) or ``--input NAME=FILE.pt`` (a tensor saved with
+    ``torch.save``, any shape)."""
+    import os
+
+    import torch
+
+    inputs = {}
+    for name, values in key_values_raw(items).items():
+        where = f"argument --input {name}"
+        if values.strip().endswith((".pt", ".pth")) or os.path.isfile(values.strip()):
+            path = values.strip()
+            try:
+                value = torch.load(path, weights_only=True)
+            except FileNotFoundError:
+                raise SpecError(f"no such file: {path}", where=where) from None
+            except IsADirectoryError:
+                raise SpecError(f"{path} is a directory, not a tensor file", where=where) from None
+            except OSError as err:
+                raise SpecError(f"cannot read {path}: {err.strerror or err}", where=where) from None
+            except Exception as err:  # torch's own text is pages long: one line, naming the file
+                what = ("holds objects other than tensors" if "Unsupported global" in str(err)
+                        else "is not a tensor file written by torch.save")
+                hint = ("write it with torch.save(tensor, PATH), or give the values: "
+                        f"--input {name}=V1,V2,..")
+                raise SpecError(f"{path} {what}", where=where, hint=hint) from None
+            if not isinstance(value, torch.Tensor):
+                raise SpecError(f"{path} holds a {type(value).__name__}, not a tensor", where=where)
+            inputs[name] = value
+            continue
+        try:
+            inputs[name] = torch.tensor([literal(v, f"--input {name}") for v in values.split()])
+        except (TypeError, ValueError):
+            raise SpecError("expected numbers separated by spaces, or a .pt file", where=where) from None
+    return inputs
+
+
+def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
+    """``attnc sim`` without some declared inputs: a documented sample of each, said in a note
+    (int inputs: sorted uniform draws in [0, n), e.g. document ids or index lists; float inputs:
+    standard normal draws; seed 0)."""
+    import sympy
+    import torch
+
+    from ..compiler import evaluate as E
+    from ..core import ir
+
+    # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
+    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None]
+    if not missing or not isinstance(pat, ir.PatternIR):
+        return given
+    bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
+    g = torch.Generator().manual_seed(0)
+    out = dict(given)
+    for decl in missing:
+        shape = [int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims]
+        if decl.dtype == "int":
+            value = torch.randint(0, bound.n, shape, generator=g).sort(dim=-1).values if shape else torch.tensor(0)
+            how = f"sorted uniform ints in [0, {bound.n})"
+        else:
+            value = torch.randn(shape, generator=g, dtype=torch.float64)
+            how = "standard normal floats"
+        out[decl.name] = value
+        print(f"# note: input '{decl.name}' not given: simulated with a sample of {how}, shape {shape} (seed 0); "
+              f"pass --input {decl.name}=FILE.pt for your own",
+              file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # --json: stdout is JSON only
+    return out
+
+
+def pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of tokens of a seq layout",
+                  inputs: bool = True) -> None:
+    """FILE and what picks and sizes the pattern in it (every command that loads one)."""
+    p.add_argument("file", metavar="FILE", help="a .attn file or stdlib:NAME")
+    p.add_argument("-p", "--param", action="append", metavar="K=V",
+                   help="set a parameter (repeatable, or K=V,K=V); K=V1,V2 sets one value per grid axis "
+                   "(kernel_size=3,5) or per head of a NAME[heads] parameter (moa's alpha=64,512)")
+    p.add_argument("--sizes", action="append", metavar="A=N,..", help=sizes_help)
+    p.add_argument("--n", type=int, help=n_help)
+    p.add_argument("--nk", type=int, help="number of keys (cross attention)")
+    p.add_argument("--name", help="which declaration of the file")
+    if inputs:
+        p.add_argument("--input", action="append", metavar="NAME=V1,V2,..|FILE.pt",
+                       help="a call-time input: 1-D values, or a tensor of any shape saved with torch.save")
+
+
+def check_kv_heads(args) -> None:
+    """``--kv-heads`` divides ``--heads`` (checked before anything is modelled or timed)."""
+    if args.kv_heads is not None:
+        from ..compiler.cost import checked_kv_heads
+
+        checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
+
+
+def shape_args(p) -> None:
+    """Heads, head dimension and batch of a modelled or tuned call."""
+    p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--kv-heads", type=int, help="K/V heads shared by the query heads (grouped-query attention; "
+                   "default one per head)")
+
+
+def tokens_of(args, pat, default: int) -> int | None:
+    """``--n``, else ``default`` tokens on a seq layout (a grid's or a concatenation's count
+    comes from its sizes)."""
+    queries = getattr(pat, "queries", None)  # a recurrence has no layout
+    sized = queries is not None and queries.token_count() is not None
+    return args.n if args.n is not None or sized else default
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 with usage; we exit 1 with one line
+        raise SpecError(message, where=self.prog)
