@@ -94,6 +94,8 @@ def _unused_inputs(decl) -> list[str]:
     from ..compiler.evaluate import input_names
     from ..core import ir
 
+    if isinstance(decl, ir.BucketedIR):  # its one input is the centroids, read by the route
+        return []
     if isinstance(decl, ir.CombinedIR):  # the gates are read by 'combine'; the rest by some branch
         unused = set.intersection(*(set(_unused_inputs(b.pattern)) | {d.name for d in decl.inputs
                                                                      if d not in b.pattern.inputs}
@@ -116,6 +118,7 @@ def cmd_show(args) -> int:
     from ..core import ir
 
     pat = load_args(args)
+    _refuse_bucketed(pat, "show")
     heads = args.heads
     if heads is not None and heads < 1:
         raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
@@ -290,6 +293,7 @@ def cmd_sim(args) -> int:
     from ..runtime.api import simulate
 
     pat = load_args(args)
+    _refuse_bucketed(pat, "sim")
     decode = _decode_step(pat, args) if args.decode else None
     if decode is not None:  # the prefill beside it: the whole sequence of nk tokens
         args = argparse.Namespace(**{**vars(args), "n": args.nk, "nk": None})
@@ -424,6 +428,7 @@ def cmd_tune(args) -> int:
     from ..runtime.tuning import kernel_cache as KC
 
     pat = load_args(args)
+    _refuse_bucketed(pat, "tune")
     _refuse_combined(pat, "attnc tune")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: only softmax patterns are autotuned", where="attnc tune")
@@ -491,6 +496,7 @@ def cmd_emit(args) -> int:
     from ..runtime.backends.triton.runner import emit
 
     pat = load_args(args)
+    _refuse_bucketed(pat, "emit")
     _refuse_combined(pat, "argument FILE")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
@@ -506,6 +512,17 @@ def cmd_emit(args) -> int:
                q_tile=tile_arg(args.q_tile, "--q-tile"), kv_tile=tile_arg(args.kv_tile, "--kv-tile"),
                device="cuda" if args.gpu else "cpu"), end="")
     return 0
+
+
+def _refuse_bucketed(pat, command: str) -> None:
+    """A bucketed pattern (route buckets) chooses its buckets from q and k at every call and attends them in
+    torch: there is no fixed mask to show, no kernel to emit, tune or check, no simulator model."""
+    from ..core import ir
+
+    if isinstance(pat, ir.BucketedIR):
+        raise SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch "
+                        f"(runtime/bucketed.py): 'attnc {command}' has nothing to {command} for it in this version",
+                        where="argument FILE", hint="compile it and call it: attnc.compile_attention(...)")
 
 
 def _refuse_combined(pat, where: str) -> None:
@@ -524,6 +541,7 @@ def cmd_check_gpu(args) -> int:
     from ..runtime import gpu_check as G
 
     pat = load_args(args)
+    _refuse_bucketed(pat, "check-gpu")
     if args.block:  # a combined pattern's kernels are checked branch by branch; its blocks are not
         _refuse_combined(pat, "argument --block")
     archs = G.default_archs() if args.arch is None else int_list(args.arch, "--arch")

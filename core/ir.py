@@ -367,6 +367,37 @@ class CombinedIR:
                     self.terms, self.gates)
 
 
+@dataclass(frozen=True)
+class BucketedIR:
+    """Balanced clusters (``route buckets(WINDOW) by nearest(CENTROIDS)``, the Routing Transformer): per
+    head h and centroid c, the bucket holds the ``window`` queries and the ``window`` keys whose
+    L2-normalised vectors have the largest dot product with ``CENTROIDS[h, c]`` (each side chosen apart; a
+    token may be in no bucket or in several). Each query attends, within each bucket it is in, the bucket's
+    keys that ``pattern``'s mask allows; its output is the sum of those attentions over its buckets
+    divided by their count plus ``BUCKET_EPS`` (the authors' code's mean). ``pattern`` is the attention
+    within a bucket (a mask of positions, heads and sizes); ``inputs`` holds the centroids."""
+
+    name: str
+    pattern: PatternIR
+    window: sympy.Expr
+    centroids: str
+    inputs: tuple[InputDecl, ...]
+    params: tuple[tuple[str, object], ...]
+    filename: str = field(default="<spec>", compare=False)
+    source: str | None = field(default=None, compare=False)
+
+    kind = "bucketed"
+    self_attention = True
+
+    def key(self) -> str:
+        return _key("bucketed", self.pattern.key(), self.window, self.centroids)
+
+
+#: What the mean over a token's buckets adds to their count (lucidrains/routing-transformer's scatter_mean:
+#: the sum over the buckets divided by count + 1e-5; a token in no bucket gets 0).
+BUCKET_EPS = 1e-5
+
+
 def _canon(x) -> str:
     if isinstance(x, sympy.Basic):
         return sympy.srepr(x)

@@ -35,16 +35,22 @@ from .runner import Call
 #: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
 BOUND_CACHE_SIZE = 16
 
-Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR
+Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR
 
 
 def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
-    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR):
+    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR):
         if name is not None or params:
             raise SpecError("name= and parameters apply when loading; this pattern is already loaded",
                             where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
         return pattern
     return load(pattern, name=name, **params)
+
+
+def _refuse_bucketed(pat: Pattern, what: str) -> None:
+    if isinstance(pat, ir.BucketedIR):
+        raise SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch: "
+                        f"{what} has no model of it in this version", where="argument pattern")
 
 
 def materialize_mask(
@@ -76,6 +82,10 @@ def materialize_mask(
     if isinstance(pat, ir.CombinedIR):
         raise SpecError(f"'{pat.name}' combines several attentions: it has no single mask", where="argument pattern",
                         hint="materialize a branch's: pattern.branch(NAME).pattern")
+    if isinstance(pat, ir.BucketedIR):
+        raise SpecError(f"'{pat.name}' averages each token's attentions over buckets chosen from q and k at every "
+                        "call: it has no single mask", where="argument pattern",
+                        hint="the mask within a bucket: pattern.pattern")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
     dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
@@ -392,6 +402,15 @@ def compile_attention(
     check_layout(layout)
     check_backend(backend)
     pat = _as_pattern(pattern, name, params)
+    if isinstance(pat, ir.BucketedIR):  # buckets chosen per call, attended in plain torch (runtime.bucketed)
+        from .bucketed import BucketedAttention
+
+        for what, value in (("q_tile", q_tile), ("kv_tile", kv_tile)):
+            if value is not None:
+                raise SpecError(f"'{pat.name}' attends its buckets in torch: it has no tiles", where=f"argument {what}")
+        if sizes is not None:
+            E.check_size_names(pat.pattern, sizes)
+        return BucketedAttention(pat, backend, layout)
     if sizes is not None:
         # Bad names and values, and windows that do not fit a fully sized grid,
         # are reported now rather than at the first call.
@@ -457,6 +476,7 @@ def simulate(
     from ..compiler.simulator import simulate_pattern
 
     pat = _as_pattern(pattern, name, params)
+    _refuse_bucketed(pat, "simulate")
     if isinstance(pat, ir.CombinedIR):  # the branches' predictions, summed (runtime.combined)
         from .combined import simulate_combined
 
@@ -518,6 +538,7 @@ def simulate_decode(
     from ..compiler.hardware import HARDWARE, get_hardware
 
     pat = _as_pattern(pattern, name, params)
+    _refuse_bucketed(pat, "simulate_decode")
     if isinstance(pat, ir.RecurrenceIR):
         heads, head_dim, batch = (E.positive_int(w, v) for w, v in (("heads", heads), ("head_dim", head_dim),
                                                                     ("batch", batch)))

@@ -225,6 +225,15 @@ class RouteTopP(Clause):
 
 
 @dataclass(frozen=True)
+class BucketRoute(Clause):
+    """``route buckets(WINDOW) by nearest(CENTROIDS)`` (Routing Transformer's balanced clusters)."""
+
+    window: Expr
+    centroids: str
+    centroids_pos: Pos
+
+
+@dataclass(frozen=True)
 class VerticalSlashRoute(Clause):
     """``route topk(V) columns and topk(S) diagonals by last(L) [keep columns(C) diagonals(D)]``."""
 

@@ -23,7 +23,7 @@ class RecurrenceChecks:
             bad = None
             if isinstance(c, ast.ExprClause) and c.keyword != "decay":
                 bad = c.keyword
-            elif isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute):
+            elif isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BucketRoute):
                 bad = "route"
             elif isinstance(c, ast.Update) and c.rule != "delta":
                 raise self.error(f"unknown update rule '{c.rule}'", c.rule_pos, hint="the rule is delta(beta)")

@@ -12,6 +12,7 @@ from ..core import ir
 from ..core.errors import SpecError, did_you_mean
 from . import ast
 from .check_branches import has_branches, lower_combined
+from .check_buckets import has_buckets, lower_bucketed
 from .check_names import all_unknown_names
 from .checker import Checker
 from .params import blame_argument, blame_parameter, expand_axis_params
@@ -119,6 +120,8 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
     (``params.expand_axis_params``)."""
     expanded, origin = expand_axis_params(decl, params)
     try:
+        if has_buckets(decl):  # balanced clusters: attention within buckets, averaged per token
+            return lower_bucketed(module, decl, expanded, resolve, strict=strict)
         if has_branches(decl):  # several attentions over the same queries, combined
             return lower_combined(module, decl, expanded, resolve, strict=strict)
         return Checker(module, decl, expanded, resolve, strict=strict).lower()
@@ -127,7 +130,7 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
         raise blame_argument(blame_parameter(err, module, decl, expanded), origin) from None
 
 
-def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR:
+def load(source, name: str | None = None, **params) -> ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR:
     """Load a pattern or recurrence: ``source`` is a path, ``"stdlib:NAME"`` or
     spec text; ``name`` picks one of several declarations; keyword arguments
     set parameters (``load("stdlib:neighborhood_2d", kernel_size=(7, 5))``)."""

@@ -298,6 +298,9 @@ class _Builder(Transformer):
     def topp_clause(self, kw, p, block, stride, keep=None):
         return ast.RouteTopP(_pos(kw), p, block, stride, keep)
 
+    def bucket_route_clause(self, kw, window, centroids):
+        return ast.BucketRoute(_pos(kw), window, str(centroids), _pos(centroids))
+
     def vs_keep_columns(self, expr):
         return expr
 

@@ -1,4 +1,4 @@
-"""Clustering routes: ``cluster(q | k, CENTROIDS)`` and the stdlib ``routing_transformer``.
+"""Clustering routes: ``cluster(q | k, CENTROIDS)`` and the stdlib ``cluster_mask`` (the Routing Transformer's argmax membership).
 
 The reference backend is compared with a naive float64 implementation written here from the rule of
 spec/REFERENCE.md (cluster(x) = argmax_c x . centroids[h, c], ties to the lower index; causal and
@@ -84,7 +84,7 @@ def test_reference_matches_naive(seed, heads, nq, extra, clusters, integer, batc
     )
     cent = draw(B, Hq, clusters, D) if batched else draw(Hq, clusters, D)
     attn = attnc.compile_attention(
-        "stdlib:routing_transformer", clusters=clusters, backend="reference"
+        "stdlib:cluster_mask", clusters=clusters, backend="reference"
     )
     out, lse = attn(q, k, v, centroids=cent, return_lse=True)
     want, want_lse = naive_attention(q, k, v, cent, 1 / math.sqrt(D))
@@ -100,7 +100,7 @@ def test_materialized_mask_matches_the_rule():
     )
     cent = torch.randint(-1, 2, (2, 3, 3), generator=g).float()
     mask = attnc.materialize_mask(
-        "stdlib:routing_transformer",
+        "stdlib:cluster_mask",
         n=12,
         heads=2,
         clusters=3,
@@ -134,7 +134,7 @@ def test_backends_match_the_reference(backend, case):
     for name in ("reference", backend):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
         attn = attnc.compile_attention(
-            "stdlib:routing_transformer", clusters=C, backend=name, q_tile=16, kv_tile=16
+            "stdlib:cluster_mask", clusters=C, backend=name, q_tile=16, kv_tile=16
         )
         out, lse = attn(qq, kk, vv, centroids=cent, return_lse=True)
         grads = torch.autograd.grad(
@@ -146,7 +146,7 @@ def test_backends_match_the_reference(backend, case):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
     # the selection is real: some pairs the causal mask allows are cut by the clustering
     mask = attnc.materialize_mask(
-        "stdlib:routing_transformer",
+        "stdlib:cluster_mask",
         n=Nq,
         nk=Nk if Nk != Nq else None,
         heads=Hq,
@@ -169,7 +169,7 @@ def test_cpu_with_a_kv_cache_matches_the_reference():
     cent = torch.randn(2, 3, 8, generator=g)
     outs = [
         attnc.compile_attention(
-            "stdlib:routing_transformer", clusters=3, backend=b, q_tile=16, kv_tile=16
+            "stdlib:cluster_mask", clusters=3, backend=b, q_tile=16, kv_tile=16
         )(q, k, v, centroids=cent)
         for b in ("reference", "cpu")
     ]
@@ -257,7 +257,7 @@ def test_kmeans_update_bad_arguments(kwargs, where):
 # ----------------------------------------------------------------- errors
 def _call(**inputs):
     q = k = v = torch.randn(1, 2, 8, 4)
-    attn = attnc.compile_attention("stdlib:routing_transformer", clusters=3, backend="reference")
+    attn = attnc.compile_attention("stdlib:cluster_mask", clusters=3, backend="reference")
     return attn(q, k, v, **inputs)
 
 
@@ -292,7 +292,7 @@ def test_bad_centroids_name_the_argument(inputs, where, words):
 def test_materialize_mask_needs_the_vectors():
     with pytest.raises(attnc.SpecError) as err:
         attnc.materialize_mask(
-            "stdlib:routing_transformer", n=8, heads=2, inputs={"centroids": torch.zeros(2, 4, 4)}
+            "stdlib:cluster_mask", n=8, heads=2, inputs={"centroids": torch.zeros(2, 4, 4)}
         )
     assert err.value.where == "argument q" and "needs them" in str(err.value)
 
@@ -325,13 +325,13 @@ def run_cli(*argv):
 
 
 def test_cli_check_show_sim():
-    rc, out, err = run_cli("check", "stdlib:routing_transformer")
+    rc, out, err = run_cli("check", "stdlib:cluster_mask")
     assert rc == 0 and "warning" not in out + err
-    rc, out, err = run_cli("show", "stdlib:routing_transformer", "--n", "16")
+    rc, out, err = run_cli("show", "stdlib:cluster_mask", "--n", "16")
     assert rc == 0 and "Traceback" not in err, err
     assert "cluster() depends on the q and k vectors" in out and "#" in out and "." in out
     rc, out, err = run_cli(
-        "sim", "stdlib:routing_transformer", "--n", "2048", "--heads", "2", "--json"
+        "sim", "stdlib:cluster_mask", "--n", "2048", "--heads", "2", "--json"
     )
     assert rc == 0, err
     import json
@@ -353,12 +353,12 @@ def test_tile_classes_of_a_call_are_sound(seed):
     q = (cent[:, owner] * 5 + 0.1 * torch.randn(2, n, 4, generator=g))[None]
     k = (cent[:, owner] * 5 + 0.1 * torch.randn(2, n, 4, generator=g))[None]
     attn = attnc.compile_attention(
-        "stdlib:routing_transformer", clusters=C, backend="cpu", q_tile=t, kv_tile=t
+        "stdlib:cluster_mask", clusters=C, backend="cpu", q_tile=t, kv_tile=t
     )
     attn(q, k, k, centroids=cent)
     sched = attn.schedule
     mask = attnc.materialize_mask(
-        "stdlib:routing_transformer", n=n, heads=2, clusters=C, q=q, k=k, inputs={"centroids": cent}
+        "stdlib:cluster_mask", n=n, heads=2, clusters=C, q=q, k=k, inputs={"centroids": cent}
     )[0]
     classes = sched.classes()  # [heads_stored, Q tiles, KV tiles]: 0 EMPTY, 1 PARTIAL, 2 FULL
     seen = set()

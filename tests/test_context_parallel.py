@@ -38,7 +38,7 @@ CASES_2 = {
     "token-indexer-allgather": dict(spec="pattern idx(topk = 4)\n  tokens seq\n  input qi: float[heads, n, 3]\n"
                                     "  input ki: float[heads, nk, 3]\n  mask causal\n  route topk(topk) tokens by qi @ ki\n",
                                     n=48, inputs={"qi": "index", "ki": "index"}, kv="allgather"),
-    "routing-transformer-ring": dict(spec="stdlib:routing_transformer", params={"clusters": 3}, n=48,
+    "cluster-mask-ring": dict(spec="stdlib:cluster_mask", params={"clusters": 3}, n=48,
                                      inputs={"centroids": "centroids"}),
     "vertical-slash-ring": dict(spec="stdlib:vertical_slash", n=64, params={
         "vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}),

@@ -110,7 +110,7 @@ STDLIB = {
     "power": (dict(block=4, local=2), None, 70, None),
     "prefix_lm": (dict(prefix=9), None, 40, None),
     "radial": (dict(block=4), {"frames": 4, "per_frame": 16}, None, None),
-    "routing_transformer": (dict(clusters=3), None, 58, _centroids),
+    "cluster_mask": (dict(clusters=3), None, 58, _centroids),
     "s2": (dict(block=4, local=2, vert=4), None, 64, None),
     "sliding_tile": (dict(tile_t=2, tile_y=3, tile_x=3, wt=1, wy=3, wx=1), {"frames": 4, "height": 9, "width": 6},
                      None, None),
@@ -129,6 +129,9 @@ STDLIB = {
 #: Combined patterns (several attentions summed: no single lse for this table's comparison); tests/test_nsa.py
 #: runs them on every backend against the reference, forward and backward.
 COMBINED = {"nsa"}
+#: Bucketed patterns (a token's output averages its buckets' attentions: no single lse); tests/test_bucketed.py
+#: runs them against a naive float64 loop, forward and backward.
+BUCKETED = {"routing_transformer"}
 
 
 def test_stdlib_table_covers_every_softmax_pattern():
@@ -136,6 +139,7 @@ def test_stdlib_table_covers_every_softmax_pattern():
     kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
     assert {name for name, kind in kinds.items() if kind == "pattern"} == set(STDLIB)
     assert {name for name, kind in kinds.items() if kind == "combined"} == COMBINED
+    assert {name for name, kind in kinds.items() if kind == "bucketed"} == BUCKETED
 
 
 def _run_stdlib(name, dtype, B=2, H=4, Hkv=2, D=8, seed=0):

@@ -491,7 +491,7 @@ CONFORMANCE = {
     "power": ({"block": 4, "local": 2}, None, 41, (4, 2), {}, (), (8, 4)),
     "prefix_lm": ({"prefix": 5}, None, 23, (4, 2), {}, (), (8, 4)),
     "radial": ({"block": 3, "sink": True}, {"frames": 6, "per_frame": 12}, 72, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "routing_transformer": ({"clusters": 3}, None, 39, (4, 2),
+    "cluster_mask": ({"clusters": 3}, None, 39, (4, 2),
                             {"centroids": lambda n, g: torch.randn(4, 3, 8, generator=g, dtype=torch.float64)},
                             (), (8, 4)),
     "s2": ({"block": 4, "local": 2, "vert": 4, "offset": 1, "kv_heads": 2}, None, 40, (4, 2), {}, (), (8, 4)),
@@ -527,6 +527,8 @@ def test_conformance_covers_the_stdlib():
     assert set(CONFORMANCE) == _stdlib_softmax_patterns()
     assert {name for name in stdlib_index() if attnc.load(f"stdlib:{name}", **(
         {"prefix": 1} if name == "prefix_lm" else {})).kind == "combined"} == {"nsa"}
+    assert {name for name in stdlib_index() if attnc.load(f"stdlib:{name}", **(
+        {"prefix": 1} if name == "prefix_lm" else {})).kind == "bucketed"} == {"routing_transformer"}
 
 
 @pytest.mark.parametrize("name", sorted(CONFORMANCE))

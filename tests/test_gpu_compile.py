@@ -292,7 +292,7 @@ def test_blackwells_128_row_backward_compiles_on_tcgen05():
 def test_a_clustering_pattern_is_recorded_with_its_centroids():
     """cluster(q, C) == cluster(k, C): the recorded call passes centroids of the declared [heads, C, dk]
     (dk bound to the head dim) and lets the call derive the ids; every kernel compiles and fits."""
-    reports = G.check_pattern(attnc.load("stdlib:routing_transformer"), archs=(90,), head_dims=(64,),
+    reports = G.check_pattern(attnc.load("stdlib:cluster_mask"), archs=(90,), head_dims=(64,),
                               dtypes=("bf16",), n=1024)
     assert {r.kernel for r in reports} == {"fwd", "bwd_delta", "bwd_dq", "bwd_dkdv"}
     assert all(r.ok and (r.wgmma > 0 or r.kernel == "bwd_delta") for r in reports), "\n" + G.table(reports)

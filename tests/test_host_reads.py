@@ -146,7 +146,7 @@ def _docs(n: int, seed: int, batch: int | None = None) -> torch.Tensor:
     ("document", {}, lambda n, s: {"doc": _docs(n, s, batch=2)}),  # per batch row: one set of lists for both
     ("longformer", {"window": 4}, lambda n, s: {"is_global": (torch.rand(n, generator=torch.Generator()
                                                                          .manual_seed(s)) < 0.1).long()}),
-    ("routing_transformer", {"clusters": 3}, lambda n, s: {"centroids": torch.randn(
+    ("cluster_mask", {"clusters": 3}, lambda n, s: {"centroids": torch.randn(
         2, 3, 16, generator=torch.Generator().manual_seed(s))}),
     ("vertical_slash", {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
      lambda n, s: {}),

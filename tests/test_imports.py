@@ -37,7 +37,7 @@ RUNTIME_ROOMS = [
     ("runtime.tuning",),
     ("runtime.auto",),
     ("runtime.registry",),
-    ("runtime.combined",),  # combined patterns: one Attention per branch (made by api), summed in torch
+    ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
     ("runtime.api",),
     ("runtime.gpu_check",),
 ]

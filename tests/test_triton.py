@@ -124,7 +124,7 @@ STDLIB = {
                    16),
     "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
     "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
-    "routing_transformer": ({"clusters": 3}, None, 40,
+    "cluster_mask": ({"clusters": 3}, None, 40,
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
                             16),
     "token_topk": ({"topk": 5}, None, 40, None, 16),
@@ -139,10 +139,13 @@ def test_stdlib_table_covers_every_softmax_pattern():
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"}
     # combined patterns (several attentions summed, no single lse for compare()): tests/test_nsa.py runs
     # them on triton against the reference, forward and backward
-    combined = {name for name in softmax if attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind
-                == "combined"}
+    kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
+    combined = {name for name, kind in kinds.items() if kind == "combined"}
     assert combined == {"nsa"}
-    assert softmax - combined == set(STDLIB)
+    # bucketed patterns (buckets attended in torch on every backend): tests/test_bucketed.py
+    bucketed = {name for name, kind in kinds.items() if kind == "bucketed"}
+    assert bucketed == {"routing_transformer"}
+    assert softmax - combined - bucketed == set(STDLIB)
 
 
 @pytest.mark.parametrize("name", sorted(STDLIB))

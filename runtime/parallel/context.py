@@ -350,6 +350,9 @@ def identity(pat) -> str | None:
 
 
 def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
+    if isinstance(getattr(attn, "pattern", None), ir.BucketedIR):
+        raise SpecError(f"'{attn.pattern.name}' chooses its buckets among all of a sequence's tokens: context "
+                        "parallelism does not run bucketed patterns in this version", where="argument attn")
     if isinstance(getattr(attn, "pattern", None), ir.CombinedIR):
         raise SpecError(f"'{attn.pattern.name}' combines several attentions (branches): context parallelism does "
                         "not run combined patterns in this version", where="argument attn")
