@@ -194,7 +194,8 @@ class Route:
 
     ``block`` has one extent per key-layout axis (one entry for seq);
     ``score`` is 'token' (q @ mean(k), MoBA), 'block' (mean(q) @ mean(k),
-    BiFormer) or 'antidiagonal' (XAttention: ``topk`` is None, ``topp`` and
+    BiFormer), 'bound' (q @ bound(k), Quest: sum over d of max(q_d * max_k k_d, q_d * min_k k_d)
+    over the block's keys) or 'antidiagonal' (XAttention: ``topk`` is None, ``topp`` and
     ``stride`` are set; ``runtime.plan.antidiagonal``). ``keep`` is an
     expression of q, h and k, where k is bound to the first key of the block.
     """

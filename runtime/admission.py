@@ -24,7 +24,7 @@ def check_query_offset(pat) -> None:
     """Refuse queries after a KV cache (``nk > n``) where the route scores blocks of queries: the score of a
     block partly in the cache needs the cached queries, which a call does not have."""
     route = getattr(pat, "route", None)
-    if route is None or route.score == "token":
+    if route is None or route.score in ("token", "bound"):  # scored per query: any offset
         return
     if route.score == "antidiagonal":
         why = (f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "

@@ -19,7 +19,7 @@ from ..compiler import evaluate as E
 from ..core import ir
 from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale
-from .frontends.layouts import check_layout
+from .frontends.layouts import check_layout, sequence_qkv
 from .numerics import compute_dtype, expand_kv
 from .plan.cache import PlanCache
 
@@ -137,11 +137,7 @@ class BucketedAttention(torch.nn.Module):
         self._refuse(return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens)
         layout = self.layout if layout is None else check_layout(layout)
         bnhd = layout == "bnhd"
-        if bnhd:
-            for name, t in (("q", q), ("k", k), ("v", v)):
-                if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                    raise SpecError(f"{name} must be a 4-d tensor [B, N, H, D] (layout bnhd)", where=f"argument {name}")
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = sequence_qkv(layout, q, k, v)
         check_qkv(q, k, v)
         B, H, n, D = q.shape
         if k.shape[2] != n:

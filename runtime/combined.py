@@ -26,7 +26,7 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
 from .checks import check_qkv, resolve_scale
-from .frontends.layouts import check_layout
+from .frontends.layouts import check_layout, sequence_qkv
 from .numerics import compute_dtype, tied_to
 from .plan.cache import PlanCache
 
@@ -172,11 +172,7 @@ class CombinedAttention(torch.nn.Module):
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
                              return_state=return_state, sizes=sizes, inputs=inputs)
         bnhd = layout == "bnhd"
-        if bnhd:
-            for name, t in (("q", q), ("k", k), ("v", v)):
-                if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                    raise SpecError(f"{name} must be a 4-d tensor [B, N, H, D] (layout bnhd)", where=f"argument {name}")
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k, v = sequence_qkv(layout, q, k, v)
         check_qkv(q, k, v)
         self._check_cache(q, k, cu_seqlens)
         gates, own = self._inputs(q, k.shape[2], inputs, bnhd)

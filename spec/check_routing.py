@@ -41,9 +41,13 @@ class RoutingChecks:
         left, right = c.left, c.right
         if left.arg != "q" or left.func not in (None, "mean"):
             raise self.error("the routing score's left side must be 'q' or 'mean(q)'", left.pos)
-        if right.arg != "k" or right.func != "mean":
-            raise self.error("the routing score's right side must be 'mean(k)'", right.pos)
+        if right.arg != "k" or right.func not in ("mean", "bound"):
+            raise self.error("the routing score's right side must be 'mean(k)' or 'bound(k)'", right.pos)
         score = "token" if left.func is None else "block"
+        if right.func == "bound":  # Quest: the upper bound of q . k over the block, from its keys' min and max
+            if left.func is not None:
+                raise self.error("bound(k) bounds a query's own dot products: score by 'q @ bound(k)'", left.pos)
+            score = "bound"
         if score == "block" and self.frame.queries != keys:
             raise self.error("'mean(q)' needs the same layout for queries and keys", left.pos)
         keep = None

@@ -151,6 +151,7 @@ def _docs(n: int, seed: int, batch: int | None = None) -> torch.Tensor:
     ("vertical_slash", {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
      lambda n, s: {}),
     ("moba", {"block": 8, "topk": 2}, lambda n, s: {}),
+    ("quest", {"token_budget": 16, "page": 4}, lambda n, s: {}),
     ("token_topk", {"topk": 5}, lambda n, s: {}),
 ])
 def test_calls_of_the_same_shapes_get_the_lists_of_their_own_inputs(name, params, make):

@@ -62,6 +62,7 @@ EXPECTED_DEFAULTS = {
     "softcap": {"cap": 50.0},
     "forgetting": {},
     "moba": {"block": 4096, "topk": 12},
+    "quest": {"token_budget": 4096, "page": 16},
     "biformer": {"region": 4, "topk": 4},
     "cluster_mask": {"clusters": 4},
     "routing_transformer": {"clusters": 4, "window": 128, "is_causal": True},

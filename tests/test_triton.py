@@ -123,6 +123,7 @@ STDLIB = {
                    lambda n: {"g": (-torch.rand(2, n, generator=torch.Generator().manual_seed(3))).requires_grad_()},
                    16),
     "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
+    "quest": ({"token_budget": 16, "page": 4}, None, 40, None, 16),
     "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
     "cluster_mask": ({"clusters": 3}, None, 40,
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},

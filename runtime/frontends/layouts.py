@@ -43,6 +43,18 @@ def check_layout(layout, where: str = "argument layout") -> str:
     return layout
 
 
+def sequence_qkv(layout: str, q, k, v) -> tuple:
+    """q, k, v of one sequence layout as ``[B, H, N, D]``: themselves (``bhnd``), or ``[B, N, H, D]`` ones
+    transposed (``bnhd``, each checked 4-d first); for the patterns run in plain torch around their own
+    checks (combined, bucketed)."""
+    if layout != "bnhd":
+        return q, k, v
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise SpecError(f"{name} must be a 4-d tensor [B, N, H, D] (layout bnhd)", where=f"argument {name}")
+    return tuple(t.transpose(1, 2) for t in (q, k, v))
+
+
 @dataclass(frozen=True)
 class Restore:
     """How to hand results back in the caller's layout: ``spatial`` is q's grid extents when q came

@@ -40,6 +40,9 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     if pat.route.scores is not None:
         raise SpecError(f"'{pat.name}' routes by scores a combined pattern computes (by probs(...)): context "
                         "parallelism does not run it in this version", where="argument pattern")
+    if pat.route.score == "bound":
+        raise SpecError(f"'{pat.name}' routes by the keys' bounds per block (q @ bound(k), Quest): context "
+                        "parallelism does not run it in this version", where="argument pattern")
     if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
         qi, ki = score_vectors(pat, q, k, inputs)
         qi, ki = qi[:, prob.head_index][:, :, q_pos].to(q.device), ki[:, prob.head_index].to(q.device)

@@ -54,6 +54,10 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
         score = q.to(dtype)
         score = score.mean(dim=1, keepdim=True) if route.shared else score
         return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
+    if route.score == "bound":
+        score = _upper_bounds(q.to(dtype), k.to(dtype), _on(key_block, k.device), nblocks, Hq)
+        score = score.mean(dim=1, keepdim=True) if route.shared else score
+        return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
     if route.tokens:
         k_mean = k.to(dtype)
     else:
@@ -76,6 +80,18 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     if route.shared:
         score = score.mean(dim=1, keepdim=True)
     return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
+
+
+def _upper_bounds(q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int) -> torch.Tensor:
+    """Quest's criticality ``[B, Hq, Nq, nblocks]``: per query and block, the upper bound of ``q . k`` over the
+    block's keys from their per-dimension extremes, ``sum_d max(q_d * max k_d, q_d * min k_d)`` =
+    ``q+ . max(k) + q- . min(k)`` (``q+``/``q-``: q's positive and negative parts)."""
+    B, Hkv, _, D = k.shape
+    index = key_block.view(1, 1, -1, 1).expand(B, Hkv, -1, D)
+    empty = k.new_empty(B, Hkv, nblocks, D)
+    kmax = empty.scatter_reduce(2, index, k, reduce="amax", include_self=False).repeat_interleave(heads // Hkv, 1)
+    kmin = empty.scatter_reduce(2, index, k, reduce="amin", include_self=False).repeat_interleave(heads // Hkv, 1)
+    return q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
