@@ -154,6 +154,41 @@ def moba_select(q, k, block, topk, force_own=True):
     return sel & (score > -math.inf), score  # never a later block (fewer allowed than topk: all of them)
 
 
+def quest_select(q, k, page, budget):
+    """Quest's page selection as its code makes it per decode step, for every query: per page the bound
+    sum_d max(q_d * max k_d, q_d * min k_d) over its keys (fp32, unscaled), later pages excluded, the top
+    max(3, min(N, budget) // page); ``[H, N, pages]`` bool and the scores."""
+    _, H, N, _ = q.shape
+    nb = -(-N // page)
+    pad = nb * page - N
+    blocks = torch.nn.functional.pad(k[0], (0, 0, 0, pad), value=float("nan")).unflatten(1, (nb, page))
+    kmax, kmin = blocks.nan_to_num(-math.inf).amax(2), blocks.nan_to_num(math.inf).amin(2)  # [H, nb, D]
+    score = q[0].clamp(min=0) @ kmax.transpose(-1, -2) + q[0].clamp(max=0) @ kmin.transpose(-1, -2)
+    pos = torch.arange(N)
+    score = score.masked_fill((torch.arange(nb) * page)[None, None, :] > pos[None, :, None], -math.inf)
+    chosen = score.topk(min(max(3, min(N, budget) // page), nb), dim=-1).indices
+    sel = torch.zeros(H, N, nb, dtype=torch.bool).scatter_(-1, chosen, True)
+    return sel & (score > -math.inf), score
+
+
+def route_select(case, q, k):
+    """The case's routing as its authors' code computes it: ``(selected [H, N, blocks], scores)``."""
+    if case.route[0] == "quest":
+        return quest_select(q, k, *case.route[1:])
+    return moba_select(q, k, *case.route)
+
+
+def route_block(case) -> int:
+    return case.route[1] if case.route[0] == "quest" else case.route[0]
+
+
+def route_topk(case) -> int:
+    if case.route[0] == "quest":
+        _, page, budget = case.route
+        return max(3, min(case.n, budget) // page)
+    return case.route[1]
+
+
 def moba_mask(sel, block):
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & sel[h, q_idx, kv_idx // block]
@@ -179,7 +214,7 @@ class Case:
     mask_mod: Callable | None = None  # None: routed (built per call from q, k)
     sizes: dict | None = None
     inputs: dict = field(default_factory=dict)
-    route: tuple | None = None  # MoBA (block, topk, own block forced); token top-k (1, topk, False)
+    route: tuple | None = None  # MoBA (block, topk, own block forced); token top-k (1, topk, False); ("quest", page, budget)
     seed: int = 0
 
 
@@ -230,6 +265,10 @@ def cases(quick: bool) -> dict[str, Case]:
              {"block": s(512, 64), "topk": s(4, 3)}, n8, 8, None, route=(s(512, 64), s(4, 3), True)),
         Case("token_topk", f"token top-{s(512, 16)} (q . k) @ {n8}", "stdlib:token_topk",
              {"topk": s(512, 16)}, n8, 4, None, route=(1, s(512, 16), False)),
+        Case("quest", f"Quest page {s(64, 16)} budget {s(1024, 64)} @ {n8}", "stdlib:quest",
+             {"page": s(64, 16), "token_budget": s(1024, 64)}, n8, 8, None, route=("quest", s(64, 16), s(1024, 64))),
+        Case("quest_32k", f"Quest page 64 budget 2048 @ {s(32768, 1024)}", "stdlib:quest",
+             {"page": 64, "token_budget": 2048}, s(32768, 1024), 2, None, route=("quest", 64, 2048)),
     ]
     return {c.key: c for c in out}
 
@@ -326,10 +365,9 @@ class Baselines:
     def flex_call(self, q, k, v):
         if self.case.route is None:
             return self.flex(q, k, v, block_mask=self.block_mask)
-        block, topk, force = self.case.route
-        sel, _ = moba_select(q.detach(), k.detach(), block, topk, force)
-        bm = self.create_block_mask(moba_mask(sel, block), None, self.case.heads, self.case.n, self.case.n,
-                                    device="cpu")
+        sel, _ = route_select(self.case, q.detach(), k.detach())
+        bm = self.create_block_mask(moba_mask(sel, route_block(self.case)), None, self.case.heads, self.case.n,
+                                    self.case.n, device="cpu")
         return self.flex(q, k, v, block_mask=bm)
 
     def sdpa_call(self, q, k, v):
@@ -337,8 +375,8 @@ class Baselines:
             raise MemoryError(self.sdpa_error)
         mask = self.sdpa_mask
         if self.case.route is not None:
-            block, topk, force = self.case.route
-            sel, _ = moba_select(q.detach(), k.detach(), block, topk, force)
+            block = route_block(self.case)
+            sel, _ = route_select(self.case, q.detach(), k.detach())
             fits("SDPA with a dense per-head mask", sdpa_bytes(self.case))
             causal = torch.ones(self.case.n, self.case.n, dtype=torch.bool).tril()
             mask = (causal & sel[:, :, torch.arange(self.case.n) // block])[None]
@@ -357,8 +395,8 @@ def chosen(module) -> str:
 def near_tie_rows(case: Case, q, k) -> torch.Tensor:
     """MoBA: query rows whose k-th and (k+1)-th block scores are within rounding ([H, N] bool):
     there two exact implementations may pick different blocks, both right."""
-    block, topk, force = case.route
-    _, score = moba_select(q.detach(), k.detach(), block, topk, force)
+    topk = route_topk(case)
+    _, score = route_select(case, q.detach(), k.detach())
     top = score.sort(dim=-1, descending=True).values
     if top.shape[-1] <= topk:
         return torch.zeros(top.shape[:2], dtype=torch.bool)

@@ -394,6 +394,15 @@ class BucketedIR:
         return _key("bucketed", self.pattern.key(), self.window, self.centroids)
 
 
+def what_it_is(pat) -> str:
+    """How a refusal names an IR that is not one softmax pattern (``PatternIR``)."""
+    if isinstance(pat, CombinedIR):
+        return "a combined pattern (several attentions summed)"
+    if isinstance(pat, BucketedIR):
+        return "a bucketed pattern (attention within buckets chosen per call, in torch)"
+    return "a recurrence"
+
+
 #: What the mean over a token's buckets adds to their count (lucidrains/routing-transformer's scatter_mean:
 #: the sum over the buckets divided by count + 1e-5; a token in no bucket gets 0).
 BUCKET_EPS = 1e-5

@@ -483,7 +483,8 @@ def _check_grid(attention: Attention) -> None:
 
     pat = attention.pattern
     if not isinstance(pat, ir.PatternIR):
-        raise SpecError(f"'{pat.name}' is a recurrence; a video DiT needs a softmax pattern", where="argument pattern")
+        raise SpecError(f"'{pat.name}' is {ir.what_it_is(pat)}; a video DiT needs a softmax pattern",
+                        where="argument pattern")
     queries, keys = pat.queries, pat.keys
     sizes = tuple(size for _, size in queries.axes)
     if queries.kind != "grid" or keys != queries or sizes != tuple(size_symbol(s) for s in GRID_SIZES):
@@ -500,7 +501,8 @@ def _check_joint(attention: Attention) -> None:
 
     pat = attention.pattern
     if not isinstance(pat, ir.PatternIR):
-        raise SpecError(f"'{pat.name}' is a recurrence; a video DiT needs a softmax pattern", where="argument pattern")
+        raise SpecError(f"'{pat.name}' is {ir.what_it_is(pat)}; a video DiT needs a softmax pattern",
+                        where="argument pattern")
     segments = pat.queries.segments
     shape = [(seg.kind, seg.size if seg.kind == "seq" else tuple(e for _, e in seg.axes)) for seg in segments]
     want = [("seq", size_symbol("text")), ("grid", tuple(size_symbol(s) for s in GRID_SIZES))]

@@ -95,7 +95,7 @@ _RESERVED = (
 
 
 def _base_pattern(pattern, params: dict) -> ir.PatternIR:
-    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR):
+    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR):
         if params:
             raise SpecError(
                 "parameters apply when loading; this pattern is already loaded",
@@ -107,7 +107,7 @@ def _base_pattern(pattern, params: dict) -> ir.PatternIR:
         pat = load(pattern, **params)
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(
-            f"'{pat.name}' is a recurrence; HF attention layers take a softmax pattern",
+            f"'{pat.name}' is {ir.what_it_is(pat)}; HF attention layers take a softmax pattern",
             where="argument pattern",
         )
     if not pat.self_attention or pat.queries.kind != "seq":

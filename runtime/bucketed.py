@@ -120,7 +120,8 @@ class BucketedAttention(torch.nn.Module):
             raise SpecError(f"'{name}' averages a token's attentions over its buckets: it has no single "
                             "log-sum-exp", where="argument return_lse")
         if initial_state is not None or return_state:
-            raise SpecError("only recurrences carry a state", where="argument initial_state")
+            raise SpecError("only recurrences carry a state",
+                            where="argument initial_state" if initial_state is not None else "argument return_state")
         for what, value in (("cu_seqlens", cu_seqlens), ("block_table", block_table),
                             ("cache_seqlens", cache_seqlens)):
             if value is not None:
@@ -139,6 +140,8 @@ class BucketedAttention(torch.nn.Module):
         bnhd = layout == "bnhd"
         q, k, v = sequence_qkv(layout, q, k, v)
         check_qkv(q, k, v)
+        if sizes is not None and not isinstance(sizes, dict):
+            raise SpecError(f"expected a dict of sizes by name, got {type(sizes).__name__}", where="argument sizes")
         B, H, n, D = q.shape
         if k.shape[2] != n:
             raise SpecError(f"'{self.pattern.name}' chooses its buckets among the call's queries and keys: "

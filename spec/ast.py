@@ -195,7 +195,7 @@ class BlockAxis:
 
 @dataclass(frozen=True)
 class ScoreSide:
-    """One side of a routing score: ``q``, ``k``, ``mean(q)`` or ``mean(k)``."""
+    """One side of a routing score: ``q``, ``k``, ``mean(q)``, ``mean(k)`` or ``bound(k)``."""
 
     func: str | None
     arg: str

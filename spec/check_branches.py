@@ -160,7 +160,7 @@ def _route_clause(module: ast.Module, clauses: list[ast.Clause], earlier: dict[s
             continue
         side = c.score
         if side.func != "probs":
-            raise _error(module, "a route scores by 'q @ mean(k)', 'mean(q) @ mean(k)', 'q @ k', or in a branch "
+            raise _error(module, "a route scores by 'q @ mean(k)', 'mean(q) @ mean(k)', 'q @ bound(k)', 'q @ k', or in a branch "
                                  "by another branch's probabilities: 'probs(BRANCH)'", side.pos)
         if c.unit != "blocks":
             raise _error(module, "a route by probs(BRANCH) selects blocks: 'blocks(SIZE)'", c.unit_pos)
@@ -193,7 +193,8 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
     if not any(isinstance(c, ast.Branch | ast.Combine) for c in decl.clauses):  # a plain pattern, mistyped
         c = next(c for c in decl.clauses if isinstance(c, ast.PooledKeys | ast.BranchRoute))
         if isinstance(c, ast.BranchRoute) and c.score.func != "probs":  # `by mean(k)` alone: no '@'
-            raise _error(module, "a route scores by 'q @ mean(k)', 'mean(q) @ mean(k)', 'q @ k' or 'QI @ KI'",
+            raise _error(module, "a route scores by 'q @ mean(k)', 'mean(q) @ mean(k)', 'q @ bound(k)', 'q @ k' or "
+                                 "'QI @ KI'",
                          c.score.pos, hint="route topk(K) blocks(SIZE) by q @ mean(k)")
         what = "keys pooled(...)" if isinstance(c, ast.PooledKeys) else "a route by probs(...)"
         raise _error(module, f"{what} belongs to a branch", c.pos,

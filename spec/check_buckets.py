@@ -41,9 +41,11 @@ def lower_bucketed(module: ast.Module, decl: ast.Declaration, params: dict,
     checker = Checker(module, within, params, resolve, strict=strict)
     if decl.kind == "recurrence":
         raise checker.error("'route' is a pattern's clause, not a recurrence's", clause.pos)
+    routes = [c for c in decl.clauses
+              if isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BranchRoute | ast.BucketRoute)]
+    if len(routes) > 1:
+        raise checker.error(f"'route' is given twice (first at line {routes[0].pos.line})", routes[1].pos)
     for c in within.clauses:
-        if isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BranchRoute):
-            raise checker.error(f"'route' is given twice (first at line {clause.pos.line})", c.pos)
         if isinstance(c, ast.Branch | ast.Combine | ast.PooledKeys):
             raise checker.error("a bucketed pattern (route buckets) has no branches", c.pos)
         if isinstance(c, ast.ExprClause) and c.keyword != "mask":

@@ -60,15 +60,16 @@ def test_quick_runs_known_cases(bench):
 
 
 def test_matrix_covers_the_issue_cases(bench):
-    assert set(bench.cases(quick=True)) == {*STATIC, "moba", "token_topk"}
-    assert set(bench.cases(quick=False)) == {*STATIC, "moba", "token_topk"}
+    assert set(bench.cases(quick=True)) == {*STATIC, "moba", "token_topk", "quest", "quest_32k"}
+    assert set(bench.cases(quick=False)) == {*STATIC, "moba", "token_topk", "quest", "quest_32k"}
     full = bench.cases(quick=False)
     assert (full["sw512_8k"].n, full["sw1024_16k"].n, full["power_16k"].n) == (8192, 16384, 16384)
     assert full["nbhd2d_96"].sizes == {"height": 96, "width": 96}
     assert full["nbhd3d_strided"].params["stride_y"] == 4
+    assert (full["quest"].n, full["quest_32k"].n) == (8192, 32768)
 
 
-@pytest.mark.parametrize("key", ["moba", "token_topk"])
+@pytest.mark.parametrize("key", ["moba", "token_topk", "quest"])
 def test_routed_baselines_route_as_attnc(bench, key):
     case = bench.cases(quick=True)[key]
     g = torch.Generator().manual_seed(5)

@@ -141,7 +141,9 @@ def test_a_token_in_no_bucket_gets_zero_and_one_in_several_their_mean():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_runs_the_same_computation(backend):
+def test_every_backend_name_runs_the_rule(backend):
+    """Every backend name is accepted and runs the one torch implementation (runtime/bucketed.py): float64
+    and float32 against the naive rule."""
     (q, k, v), cent = _inputs(2, 2, 1, 16, 4, 3, 1, grad=False)
     want = naive(q, k, v, cent, 5, True, 0.5)
     attn = attnc.compile_attention("stdlib:routing_transformer", clusters=3, window=5, backend=backend)
@@ -149,6 +151,21 @@ def test_every_backend_runs_the_same_computation(backend):
     f32 = attn(q.float(), k.float(), v.float(), centroids=cent.float(), scale=0.5)
     assert f32.dtype == torch.float32
     torch.testing.assert_close(f32, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_ties_go_to_the_lower_index():
+    """Tokens 2, 5 and 7 are the same vector: a bucket of 2 that must choose among them takes 2 and 5."""
+    q = torch.zeros(1, 1, 8, 2, dtype=torch.float64)
+    q[0, 0, :, 1] = -1.0
+    q[0, 0, [2, 5, 7]] = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    cent = torch.tensor([[[1.0, 0.0]]], dtype=torch.float64)
+    from attnc.runtime.bucketed import bucket_members
+
+    assert bucket_members(q, cent, 2).tolist() == [[[[2, 5]]]]
+    v = torch.randn(1, 1, 8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = attnc.compile_attention("stdlib:routing_transformer", clusters=1, window=2)(q, q, v, centroids=cent)
+    torch.testing.assert_close(out, naive(q, q, v, cent, 2, True, 1 / math.sqrt(2)), rtol=1e-13, atol=1e-13)
+    assert out[0, 0, 7].abs().sum() == 0 and out[0, 0, 5].abs().sum() > 0
 
 
 def test_layout_bnhd_equals_bhnd():
@@ -198,6 +215,8 @@ def test_bad_calls_get_one_clear_error(call, where, fragment):
      "no input"),
     ("input c: float[heads, 4, dk]\n  route buckets(4) by nearest(c)\n  route topk(2) blocks(4) by q @ mean(k)",
      "given twice"),
+    ("input c: float[heads, 4, dk]\n  route buckets(4) by nearest(c)\n  route buckets(2) by nearest(c)",
+     "given twice"),
 ])
 def test_bad_specs_get_one_clear_error(clauses, fragment):
     with pytest.raises(SpecError, match=fragment) as err:
@@ -220,3 +239,7 @@ def test_mask_view_simulator_and_cli_refuse_it(capsys):
         err = capsys.readouterr().err
         assert f"'attnc {command}' has nothing to {command}" in err and "Traceback" not in err
     assert cli.main(["check", "stdlib:routing_transformer"]) == 0
+    from attnc.runtime import gpu_check as G
+
+    with pytest.raises(SpecError, match="no generated kernel"):
+        G.check_pattern(pat, archs=(90,), head_dims=(64,), n=256)

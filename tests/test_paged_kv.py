@@ -23,6 +23,7 @@ CASES = [
     ("longformer", "stdlib:longformer", {"window": 5}, {"is_global": "global"}, False),
     ("token_topk", "stdlib:token_topk", {"topk": 5}, {}, True),
     ("moba", "stdlib:moba", {"block": 4, "topk": 2}, {}, True),
+    ("quest", "stdlib:quest", {"token_budget": 8, "page": 4}, {}, True),
 ]
 
 

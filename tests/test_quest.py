@@ -115,14 +115,20 @@ def test_bad_bound_scores_get_one_clear_error(route, fragment):
     assert err.value.pos is not None
 
 
-def test_context_parallelism_refuses_the_bound_score():
-    from attnc.runtime.parallel import routing as R
+def test_context_parallelism_refuses_the_bound_score_by_name(tmp_path):
+    import torch.distributed as dist
+
+    from attnc.distributed import ContextParallel
+    from attnc.runtime.parallel.simulate import simulate_parallel
 
     pat = attnc.load("stdlib:quest", token_budget=16, page=4)
-
-    class Prob:
-        pattern, bound = pat, None
-
-    with pytest.raises(SpecError, match="context parallelism does not run it"):
-        R._scores(Prob, torch.zeros(1, 1, 4, 2), torch.zeros(1, 1, 4, 2), torch.arange(4), torch.zeros(4).long(), 1,
-                  {}, None, 1)
+    with pytest.raises(SpecError, match=re.escape("q @ bound(k), Quest")) as info:
+        simulate_parallel(pat, n=4096, ranks=2, single_device_s=1.0)
+    assert info.value.where == "argument --ranks"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SpecError, match="context parallelism does not run") as info:
+            ContextParallel(attnc.compile_attention(pat, backend="reference"))
+        assert info.value.where == "argument attn"
+    finally:
+        dist.destroy_process_group()

@@ -155,9 +155,12 @@ def _select_blocks(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> to
     selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nb, dtype=torch.bool, device=q.device)
     allowed = torch.broadcast_to(c.allowed, (*c.allowed.shape[:2], Nq, nb))
     keep = None if c.keep is None else torch.broadcast_to(c.keep, (*c.keep.shape[:2], Nq, nb))
+    dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
+    summary = None if pat.route.scores is not None else routing.key_summary(pat, sk, c.key_block, nb, Hq, dtype)
     for start in range(0, Nq, rows):
         part = slice(start, min(Nq, start + rows))
-        score = routing.block_scores(pat, bound, sq[:, :, part], sk, c.key_block, nb, q_block=c.q_block)
+        score = routing.block_scores(pat, bound, sq[:, :, part], sk, c.key_block, nb, q_block=c.q_block,
+                                     summary=summary)
         selected[:, :, part] = device_choice.choose(score, allowed[:, :, part], None if keep is None else
                                                     keep[:, :, part], c.topk)
     return selected

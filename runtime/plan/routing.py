@@ -2,9 +2,10 @@
 DESIGN.md section 2 states it:
 
 - keys are partitioned into blocks (flat runs of SIZE tokens, or grid tiles);
-- the score of a block is ``q . mean(k_block)`` per query token (MoBA) or
-  ``mean(q_block) . mean(k_block)`` per query block (BiFormer), unscaled, in
-  fp32 (fp64 for fp64 inputs); ``shared`` averages it over heads;
+- the score of a block is ``q . mean(k_block)`` per query token (MoBA),
+  ``mean(q_block) . mean(k_block)`` per query block (BiFormer) or the bound of
+  ``q . k`` over the block from its keys' extremes per query token (Quest),
+  unscaled, in fp32 (fp64 for fp64 inputs); ``shared`` averages it over heads;
 - a block with no key the mask allows is never selected; blocks where
   ``keep`` holds (k bound to the block's first key) always are, and count
   towards K; the remaining places go to the highest scores, ties to the lower
@@ -40,30 +41,52 @@ def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: d
     return (qi if qi.dim() == 4 else qi[None]), (ki if ki.dim() == 4 else ki[None])
 
 
+def key_summary(pat: ir.PatternIR, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int,
+                dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """What a block route's score reads of the keys, per block and query head ``[B, Hq, nblocks, D]``: the
+    mean key ``(mean,)`` (a token route: the keys themselves), or Quest's per-dimension extremes ``(max, min)``
+    (``q @ bound(k)``). Made once per call: the scores are made a run of queries at a time."""
+    kd = k.to(dtype)
+    key_block = _on(key_block, k.device)
+    if pat.route.score == "bound":
+        B, Hkv, _, D = k.shape
+        index = key_block.view(1, 1, -1, 1).expand(B, Hkv, -1, D)
+        empty = kd.new_empty(B, Hkv, nblocks, D)
+        return tuple(empty.scatter_reduce(2, index, kd, reduce=r, include_self=False).repeat_interleave(
+            heads // Hkv, 1) for r in ("amax", "amin"))
+    if pat.route.tokens:
+        k_mean = kd
+    else:
+        onehot = torch.nn.functional.one_hot(key_block, nblocks).to(dtype)  # [Nk, nb]
+        k_mean = (kd.transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
+    return (k_mean.repeat_interleave(heads // k.shape[1], dim=1),)
+
+
 def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor,
-                 nblocks: int, q_block: torch.Tensor | None = None) -> torch.Tensor:
+                 nblocks: int, q_block: torch.Tensor | None = None,
+                 summary: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Routing scores ``[B, Hq, Nq, nblocks]``: q . mean(k_block) per query token, or
     mean(q_block) . mean(k_block) per query block; averaged over heads if ``shared``.
-    A token route's blocks are single keys: the score is ``q . k`` itself. ``q_block``: the block of every
-    query where the caller keeps it (on q's device), else made here."""
+    A token route's blocks are single keys: the score is ``q . k`` itself. Quest's (``q @ bound(k)``): per query
+    and block the upper bound of ``q . k`` over the block's keys from their per-dimension extremes,
+    ``sum_d max(q_d * max k_d, q_d * min k_d)`` = ``q+ . max(k) + q- . min(k)``. ``q_block``: the block of every
+    query where the caller keeps it (on q's device), else made here; ``summary``: ``key_summary`` of this
+    call where the caller keeps it, else made here."""
     route = pat.route
     B, Hq, Nq, _ = q.shape
-    Hkv = k.shape[1]
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     if route.scores is not None:  # given (score_vectors): q is the scores themselves
         score = q.to(dtype)
         score = score.mean(dim=1, keepdim=True) if route.shared else score
         return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
+    summary = key_summary(pat, k, key_block, nblocks, Hq, dtype) if summary is None else summary
     if route.score == "bound":
-        score = _upper_bounds(q.to(dtype), k.to(dtype), _on(key_block, k.device), nblocks, Hq)
+        kmax, kmin = summary
+        qd = q.to(dtype)
+        score = qd.clamp(min=0) @ kmax.transpose(-1, -2) + qd.clamp(max=0) @ kmin.transpose(-1, -2)
         score = score.mean(dim=1, keepdim=True) if route.shared else score
         return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
-    if route.tokens:
-        k_mean = k.to(dtype)
-    else:
-        onehot = torch.nn.functional.one_hot(_on(key_block, k.device), nblocks).to(dtype)  # [Nk, nb]
-        k_mean = (k.to(dtype).transpose(-1, -2) @ onehot).transpose(-1, -2) / onehot.sum(0)[:, None]  # [B, Hkv, nb, D]
-    k_mean = k_mean.repeat_interleave(Hq // Hkv, dim=1)
+    (k_mean,) = summary
     if route.score == "token":
         score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
     else:
@@ -80,18 +103,6 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     if route.shared:
         score = score.mean(dim=1, keepdim=True)
     return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
-
-
-def _upper_bounds(q: torch.Tensor, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int) -> torch.Tensor:
-    """Quest's criticality ``[B, Hq, Nq, nblocks]``: per query and block, the upper bound of ``q . k`` over the
-    block's keys from their per-dimension extremes, ``sum_d max(q_d * max k_d, q_d * min k_d)`` =
-    ``q+ . max(k) + q- . min(k)`` (``q+``/``q-``: q's positive and negative parts)."""
-    B, Hkv, _, D = k.shape
-    index = key_block.view(1, 1, -1, 1).expand(B, Hkv, -1, D)
-    empty = k.new_empty(B, Hkv, nblocks, D)
-    kmax = empty.scatter_reduce(2, index, k, reduce="amax", include_self=False).repeat_interleave(heads // Hkv, 1)
-    kmin = empty.scatter_reduce(2, index, k, reduce="amin", include_self=False).repeat_interleave(heads // Hkv, 1)
-    return q.clamp(min=0) @ kmax.transpose(-1, -2) + q.clamp(max=0) @ kmin.transpose(-1, -2)
 
 
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -292,12 +303,14 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
         keep = None if keep is None else keep.to(dev)
         B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
         rows = Nq if pat.route.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
+        summary = None if pat.route.scores is not None else key_summary(pat, sk, key_block, nblocks, Hq, dtype)
         if rows >= Nq:
-            return choose(block_scores(pat, bound, sq, sk, key_block, nblocks), reachable, keep, topk), key_block, nblocks
+            return (choose(block_scores(pat, bound, sq, sk, key_block, nblocks, summary=summary), reachable, keep,
+                           topk), key_block, nblocks)
         selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nblocks, dtype=torch.bool, device=q.device)
         for start in range(0, Nq, rows):
             part = slice(start, min(Nq, start + rows))
-            score = block_scores(pat, bound, sq[:, :, part], sk, key_block, nblocks)
+            score = block_scores(pat, bound, sq[:, :, part], sk, key_block, nblocks, summary=summary)
             sub_keep = None if keep is None else torch.broadcast_to(keep, (*keep.shape[:2], Nq, nblocks))[:, :, part]
             selected[:, :, part] = choose(score, torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))[:, :, part],
                                           sub_keep, topk)
