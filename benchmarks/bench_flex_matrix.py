@@ -8,10 +8,10 @@ other jobs). It runs three cases (``QUICK_CASES``: a sliding window, a 2-D neigh
 routing) at tiny sizes (512 tokens, a 16x16 grid), the first-call row on the sliding window only,
 cells capped at ``--cell-budget 10``; most of its time is FlexAttention's ``torch.compile`` (once
 per case in the process, and again in the first-call subprocess), so at those sizes its ratios speak
-for per-call overhead and the first-call cost, not for speed at scale. The full matrix (all 12 cases
-at 8K-16K tokens, first-call rows on 4) takes about 15-25 minutes on an idle machine (not measured
-as one run: the sum of the recorded per-case times, 35-140 s a case and radial up to 5 min, in
-benchmarks/results/flex-matrix-*.md); ``--cases`` runs some (``--list`` names them).
+for per-call overhead and the first-call cost, not for speed at scale. The full matrix (all 14 cases
+at 8K-16K tokens, Quest also at 32K, first-call rows on 4) takes about 20-30 minutes on an idle machine
+(not measured as one run: the sum of the recorded per-case times, 35-140 s a case, radial up to 5 min
+and Quest at 32K 4 min, in benchmarks/results/flex-matrix-*.md); ``--cases`` runs some (``--list`` names them).
 
 Per case (fp32, batch 1, head dim 64; 8 heads on sequences, 4 on grids), in
 one process, interleaved rounds (``bench_flex.interleaved``), the median:

@@ -530,7 +530,7 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     call's ``HEADS`` query heads (grouped-query attention: the kernels loop over a group of more than one);
     ``group_split``: the dK/dV programs per K/V head (as a GPU's cost model may pick them; softmax patterns)."""
     if getattr(pattern, "kind", None) == "bucketed":
-        raise SpecError(f"'{pattern.name}' attends its buckets in torch: it has no generated kernel to record",
+        raise SpecError(f"'{pattern.name}' attends its buckets in torch: it has no generated kernel to check",
                         where="argument pattern")
     if block:
         return record_block(pattern, arch=arch, head_dim=head_dim, dtype=dtype, n=n, sizes=sizes)
@@ -727,9 +727,6 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
         from ..spec.library import load
 
         pattern = load(pattern)
-    if getattr(pattern, "kind", None) == "bucketed":
-        raise SpecError(f"'{pattern.name}' attends its buckets in torch: it has no generated kernel to check",
-                        where="argument pattern")
     if block and getattr(pattern, "kind", None) == "combined":
         raise SpecError(f"'{pattern.name}' combines several attentions (branches): the offline check of blocks "
                         "takes one softmax pattern", where="argument block",
