@@ -521,7 +521,7 @@ def _refuse_bucketed(pat, command: str) -> None:
 
     if isinstance(pat, ir.BucketedIR):
         raise SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch "
-                        f"(runtime/bucketed.py): 'attnc {command}' has nothing to {command} for it in this version",
+                        f"(runtime/bucketed.py): 'attnc {command}' does not apply to it in this version",
                         where="argument FILE", hint="compile it and call it: attnc.compile_attention(...)")
 
 

@@ -114,6 +114,15 @@ class BucketedAttention(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"bucketed {self.pattern.name!r}, backend={self.backend!r}"
 
+    #: No tile schedule (the buckets are attended as dense blocks) and no backend choice (one torch path).
+    schedule = None
+    chosen_backend = None
+
+    def report(self, *args, **kwargs):
+        """Refused: the simulator has no model of bucketed patterns in this version."""
+        raise SpecError(f"'{self.pattern.name}' chooses its buckets from q and k at every call and attends them in "
+                        "torch: the simulator has no model of it in this version", where="report")
+
     def _refuse(self, return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens) -> None:
         name = self.pattern.name
         if return_lse:

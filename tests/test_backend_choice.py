@@ -193,7 +193,8 @@ def test_compile_failure_falls_back_to_dense_and_auto_avoids_it(monkeypatch):
 
     def broken(ns):
         def call(*args):
-            raise TorchDynamoException("C++ compile error (simulated)")
+            raise TorchDynamoException("C++ compile error\nCommand: g++ kernel.cpp\n"
+                                       "kernel.cpp:7:3: error: 'cur' was not declared (simulated)")
         return call
 
     monkeypatch.setattr(FB, "_compiled", broken)
@@ -203,6 +204,8 @@ def test_compile_failure_falls_back_to_dense_and_auto_avoids_it(monkeypatch):
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="torch.compile of Flex's kernel failed"):
         out = attn(q, q, q)
     assert attn.runner.last_path == "dense" and "simulated" in attn.runner.fused_failure(attn.runner.last)
+    # the compiler's own error line, not the first line of its text (which opens with its command)
+    assert "error: 'cur' was not declared" in attn.runner.fused_failure(attn.runner.last)
     torch.testing.assert_close(out, ref(q, q, q), rtol=1e-5, atol=1e-5)
     auto = attnc.compile_attention("stdlib:streaming", window=5, sinks=2)  # the same mods: known to fail
     with torch.no_grad():

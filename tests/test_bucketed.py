@@ -234,10 +234,14 @@ def test_mask_view_simulator_and_cli_refuse_it(capsys):
         attnc.simulate(pat, n=256)
     with pytest.raises(SpecError, match="no tiles"):
         attnc.compile_attention(pat, q_tile=16)
+    attn = attnc.compile_attention(pat)
+    assert attn.schedule is None and attn.chosen_backend is None
+    with pytest.raises(SpecError, match="no model of it"):
+        attn.report()
     for command in ("show", "sim", "emit"):
         assert cli.main([command, "stdlib:routing_transformer", "--n", "256"]) == 1
         err = capsys.readouterr().err
-        assert f"'attnc {command}' has nothing to {command}" in err and "Traceback" not in err
+        assert f"'attnc {command}' does not apply to it" in err and "Traceback" not in err
     assert cli.main(["check", "stdlib:routing_transformer"]) == 0
     from attnc.runtime import gpu_check as G
 

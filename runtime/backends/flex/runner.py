@@ -418,7 +418,9 @@ class FlexRunner(Registered):
         """torch.compile of Flex's CPU kernel can fail on some mods and block sizes (torch 2.13: a C++
         compile error for FoX prefix-sum loads with 16-token blocks): the call, and later calls with
         these mods, use the dense implementation instead, with a warning."""
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        lines = str(err).strip().splitlines()
+        # the compiler's own first error line where there is one (Inductor's text opens with its command)
+        first = next((ln.strip() for ln in lines if "error:" in ln), lines[0] if lines else type(err).__name__)[:200]
         plan.namespace["fused_failed"] = f"torch.compile of Flex's kernel failed ({type(err).__name__}: {first})"
         warnings.warn(f"attnc flex: {plan.namespace['fused_failed']}; using Flex's dense implementation",
                       RuntimeWarning, stacklevel=3)
