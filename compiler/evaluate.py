@@ -356,10 +356,10 @@ def as_tensor(x, dtype=None) -> torch.Tensor:
 
 
 def _promote(*xs):
-    """Python's int/float promotion: any float makes all float64."""
+    """Python's int/float promotion: any float makes all float64 (a float32 input's values too: with a
+    Python float beside it torch would compute in float32, e.g. ``w[q] - 1e308`` overflowing to -inf)."""
     if any(_is_float(x) for x in xs):
-        return [(x.to(FLOAT) if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point else
-                 float(x) if not isinstance(x, torch.Tensor) else x) for x in xs]
+        return [x.to(FLOAT) if isinstance(x, torch.Tensor) else float(x) for x in xs]
     return list(xs)
 
 
