@@ -356,10 +356,10 @@ def as_tensor(x, dtype=None) -> torch.Tensor:
 
 
 def _promote(*xs):
-    """Python's int/float promotion: any float makes all float64 (a float32 input's values too: with a
-    Python float beside it torch would compute in float32, e.g. ``w[q] - 1e308`` overflowing to -inf)."""
+    """Python's int/float promotion: any float makes all float64."""
     if any(_is_float(x) for x in xs):
-        return [x.to(FLOAT) if isinstance(x, torch.Tensor) else float(x) for x in xs]
+        return [(x.to(FLOAT) if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point else
+                 float(x) if not isinstance(x, torch.Tensor) else x) for x in xs]
     return list(xs)
 
 
@@ -495,7 +495,7 @@ class Evaluator:
             exact = self._exact_ratio(e)
             if exact is not None:
                 return exact
-            vals = _promote(*(self(a) for a in e.args))
+            vals = [v.to(FLOAT) if _is_float(v) and isinstance(v, torch.Tensor) else v for v in _promote(*(self(a) for a in e.args))]  # float64 (float32 input + 1e308 overflowed)
             out = vals[0]
             for v in vals[1:]:
                 out = out + v if isinstance(e, sympy.Add) else out * v

@@ -603,3 +603,19 @@ def test_list_runs_are_the_naive_loops(case, n, q_tile, kv_tile):
         assert all(runs.values())
     if name == "stdlib:streaming" and n > 48:
         assert not runs["PART"]
+
+
+def test_a_float32_input_beside_a_huge_constant_classifies_as_its_mask():
+    """Found by the hypothesis search above: ``w[q] - sqrt(h) - 1e308 > q`` with a float32 ``w = [nan, inf]``
+    allows row 1. The evaluator kept ``w`` in float32 beside the Python float 1e308 (-inf, then NaN) where h
+    was an int, and not where h was a tensor: tile classification called row 1's tiles EMPTY."""
+    text = "pattern p\n  tokens seq\n  input w: float[n]\n  mask (4 * q > q) and (q + w[q] - (1e308 + q + sqrt(h)) > q)\n"
+    inputs = {"w": torch.tensor([float("nan"), float("inf")])}
+    pat = attnc.load(text)
+    bound = E.bind_sizes(pat, n=2, heads=1)
+    mask = attnc.materialize_mask(pat, n=2, heads=1, inputs=inputs)
+    assert mask[0].tolist() == [[False, False], [True, True]]
+    for refine in (False, True):
+        for intervals in (False, True):
+            sched = classify(pat, bound, (1,), (1,), inputs, refine, intervals)
+            check_schedule(sched, mask, (2,), (2,), (1,), (1,), 1, classify_tiles_dense(pat, bound, (1,), (1,), inputs))
