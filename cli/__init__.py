@@ -520,9 +520,10 @@ def _refuse_bucketed(pat, command: str) -> None:
     from ..core import ir
 
     if isinstance(pat, ir.BucketedIR):
-        raise SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch "
-                        f"(runtime/bucketed.py): 'attnc {command}' does not apply to it in this version",
-                        where="argument FILE", hint="compile it and call it: attnc.compile_attention(...)")
+        from ..runtime.bucketed import not_served
+
+        raise not_served(pat, f"'attnc {command}' does not apply to it in this version", "argument FILE",
+                         hint="compile it and call it: attnc.compile_attention(...)")
 
 
 def _refuse_combined(pat, where: str) -> None:

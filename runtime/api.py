@@ -49,8 +49,9 @@ def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
 
 def _refuse_bucketed(pat: Pattern, what: str) -> None:
     if isinstance(pat, ir.BucketedIR):
-        raise SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch: "
-                        f"{what} has no model of it in this version", where="argument pattern")
+        from .bucketed import not_served
+
+        raise not_served(pat, f"{what} has no model of it in this version", "argument pattern")
 
 
 def materialize_mask(

@@ -24,6 +24,12 @@ from .numerics import compute_dtype, expand_kv
 from .plan.cache import PlanCache
 
 
+def not_served(pat: ir.BucketedIR, what: str, where: str, hint: str | None = None) -> SpecError:
+    """The one refusal of a bucketed pattern where a fixed mask, a generated kernel or a model is asked for."""
+    return SpecError(f"'{pat.name}' chooses its buckets from q and k at every call and attends them in torch: "
+                     f"{what}", where=where, hint=hint)
+
+
 def bucket_members(x: torch.Tensor, centroids: torch.Tensor, window: int) -> torch.Tensor:
     """The tokens of each bucket, ``[B, H, clusters, window]`` int64 in ascending order: per head h and
     centroid c, the ``window`` tokens of ``x`` ``[B, H, N, D]`` whose L2-normalised vectors have the largest
@@ -120,8 +126,7 @@ class BucketedAttention(torch.nn.Module):
 
     def report(self, *args, **kwargs):
         """Refused: the simulator has no model of bucketed patterns in this version."""
-        raise SpecError(f"'{self.pattern.name}' chooses its buckets from q and k at every call and attends them in "
-                        "torch: the simulator has no model of it in this version", where="report")
+        raise not_served(self.pattern, "the simulator has no model of it in this version", "report")
 
     def _refuse(self, return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens) -> None:
         name = self.pattern.name

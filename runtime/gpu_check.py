@@ -530,8 +530,9 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
     call's ``HEADS`` query heads (grouped-query attention: the kernels loop over a group of more than one);
     ``group_split``: the dK/dV programs per K/V head (as a GPU's cost model may pick them; softmax patterns)."""
     if getattr(pattern, "kind", None) == "bucketed":
-        raise SpecError(f"'{pattern.name}' attends its buckets in torch: it has no generated kernel to check",
-                        where="argument pattern")
+        from .bucketed import not_served
+
+        raise not_served(pattern, "it has no generated kernel to check", "argument pattern")
     if block:
         return record_block(pattern, arch=arch, head_dim=head_dim, dtype=dtype, n=n, sizes=sizes)
     from ..compiler import evaluate as E

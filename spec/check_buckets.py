@@ -73,10 +73,10 @@ def lower_bucketed(module: ast.Module, decl: ast.Declaration, params: dict,
         raise checker.error(f"the centroids must be float[heads, CLUSTERS, dk], '{clause.centroids}' is "
                             f"{centroids.dtype}[{', '.join(centroids.dim_names)}]", clause.centroids_pos,
                             hint=f"declare it: {want}")
-    for name, decl_input in checker.inputs.items():
+    for name in checker.inputs:
         if name != clause.centroids:
             raise checker.error(f"a bucketed pattern reads one input, its centroids; '{name}' is not read",
-                                checker.input_pos.get(name, decl_input and clause.pos))
+                                checker.input_pos.get(name, clause.pos))
     return ir.BucketedIR(
         name=decl.name,
         pattern=within_ir,
