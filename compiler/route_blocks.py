@@ -70,11 +70,14 @@ def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int
     values = []
     # a top-p route has no K: its count is the keys' (more than any number of blocks: the simulator's model
     # then visits every block the mask reaches, an upper bound of what the threshold keeps)
-    topk = ("topk", route.topk) if route.topk is not None else ("the antidiagonal stride", route.stride)
-    for what, expr in [*(("a block size", b) for b in route.block), topk]:
+    counts = [("topk", route.topk)] if route.topk is not None else [
+        ("the antidiagonal stride", route.stride)] if route.antidiagonal else []
+    for what, expr in [*(("a block size", b) for b in route.block), *counts]:
         values.append(_at_least_one(what, expr, bound))
     if route.topk is not None:
         return tuple(values[:-1]), values[-1]
+    if not route.antidiagonal:  # a min-max share route
+        return tuple(values), bound.nk
     if values[0] % values[1]:
         expr = route.block[0] + route.stride
         raise SpecError(f"the antidiagonal stride {values[1]} does not divide the route's block size {values[0]}"

@@ -189,8 +189,9 @@ class WindowSite:
 
 @dataclass(frozen=True)
 class Route:
-    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``, or
-    ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]``.
+    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``,
+    ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` or
+    ``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP [keep EXPR]``.
 
     ``block`` has one extent per key-layout axis (one entry for seq);
     ``score`` is 'token' (q @ mean(k), MoBA), 'block' (mean(q) @ mean(k),
@@ -212,9 +213,25 @@ class Route:
     topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
     #: the antidiagonal stride of an antidiagonal route (an int expression of the sizes)
     stride: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
+    #: a min-max share route's group (``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP``, VMoBA):
+    #: 'query', 'head', 'block' or 'all', the scores min-max normalised and ranked within one query's row,
+    #: one head's (query, block) pairs, one block's (head, query) pairs or every pair of a batch row
+    #: (``runtime.plan.share``); ``score`` is then 'token' (q @ mean(k)) and ``topp`` the threshold
+    group: str | None = field(default=None, metadata={"key": "when set"})
     #: the name of an input ``float[heads, n, blocks]`` holding the scores themselves (a branch's route
     #: ``by probs(BRANCH)``: the combined pattern computes them from that branch at every call); None otherwise
     scores: str | None = field(default=None, metadata={"key": "when set"})
+
+    @property
+    def antidiagonal(self) -> bool:
+        """Whether this is XAttention's top-p route by antidiagonal scoring."""
+        return self.score == "antidiagonal"
+
+    @property
+    def per_query(self) -> bool:
+        """Whether a query's selection depends on that query alone (and the keys): not a block-mean or
+        antidiagonal score, nor a min-max share ranked across queries."""
+        return self.score in ("token", "bound") and self.group in (None, "query")
 
     @property
     def tokens(self) -> bool:

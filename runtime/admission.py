@@ -24,9 +24,12 @@ def check_query_offset(pat) -> None:
     """Refuse queries after a KV cache (``nk > n``) where the route scores blocks of queries: the score of a
     block partly in the cache needs the cached queries, which a call does not have."""
     route = getattr(pat, "route", None)
-    if route is None or route.score in ("token", "bound"):  # scored per query: any offset
+    if route is None or route.per_query:  # selected per query: any offset
         return
-    if route.score == "antidiagonal":
+    if route.group is not None:
+        why = (f"'{pat.name}' ranks its block scores over the {route.group} group (min-max share), which spans "
+               "queries: queries after a KV cache (nk > n) are not supported")
+    elif route.antidiagonal:
         why = (f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
                "queries after a KV cache (nk > n) are not supported")
     else:

@@ -215,13 +215,25 @@ class Route(Clause):
 
 
 @dataclass(frozen=True)
+class MinMaxScore:
+    """``minmax(LEFT @ RIGHT) over GROUP``: a top-p route's scores, min-max normalised within GROUP (VMoBA)."""
+
+    left: ScoreSide
+    right: ScoreSide
+    group: str
+    group_pos: Pos
+
+
+@dataclass(frozen=True)
 class RouteTopP(Clause):
-    """``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` (XAttention)."""
+    """``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` (XAttention), or
+    ``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP [keep EXPR]`` (VMoBA)."""
 
     p: Expr
-    block: Expr
-    stride: Expr
+    blocks: tuple[BlockAxis, ...]
+    stride: Expr | None  # the antidiagonal form's
     keep: Expr | None
+    minmax: MinMaxScore | None = None  # the min-max share form's
 
 
 @dataclass(frozen=True)

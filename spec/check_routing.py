@@ -19,25 +19,7 @@ class RoutingChecks:
         keys = self.frame.keys
         if c.unit == "tokens":
             return self._token_route(c, topk)
-        if keys.kind == "seq":
-            if len(c.blocks) != 1 or c.blocks[0].axis is not None:
-                raise self.error("'tokens seq' has no axes: write blocks(SIZE)", c.blocks[0].pos)
-            blocks = (self._block_size(c.blocks[0].size),)
-        else:
-            if c.blocks[0].axis is None:
-                raise self.error(
-                    "a grid layout needs per-axis blocks",
-                    c.blocks[0].pos,
-                    hint="write blocks(" + ", ".join(f"{a}: SIZE" for a in keys.axis_names) + ")",
-                )
-            given: dict[str, sympy.Expr] = {}
-            for b in c.blocks:
-                if b.axis not in keys.axis_names:
-                    raise self.error(f"unknown axis '{b.axis}'", b.pos, hint=did_you_mean(b.axis, keys.axis_names))
-                if b.axis in given:
-                    raise self.error(f"axis '{b.axis}' is given twice", b.pos)
-                given[b.axis] = self._block_size(b.size)
-            blocks = tuple(given.get(a, sympy.Integer(1)) for a in keys.axis_names)
+        blocks = self._route_blocks(c.blocks)
         left, right = c.left, c.right
         if left.arg != "q" or left.func not in (None, "mean"):
             raise self.error("the routing score's left side must be 'q' or 'mean(q)'", left.pos)
@@ -54,6 +36,30 @@ class RoutingChecks:
         if c.keep is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr
         return ir.Route(topk, blocks, score, keep, c.shared)
+
+    def _route_blocks(self, given_blocks: tuple[ast.BlockAxis, ...]) -> tuple[sympy.Expr, ...]:
+        """A route's ``blocks(...)``: one extent per key-layout axis (an axis not given is 1)."""
+        keys = self.frame.keys
+        if keys.kind == "seq":
+            if len(given_blocks) != 1 or given_blocks[0].axis is not None:
+                raise self.error("'tokens seq' has no axes: write blocks(SIZE)", given_blocks[0].pos)
+            blocks = (self._block_size(given_blocks[0].size),)
+        else:
+            if given_blocks[0].axis is None:
+                raise self.error(
+                    "a grid layout needs per-axis blocks",
+                    given_blocks[0].pos,
+                    hint="write blocks(" + ", ".join(f"{a}: SIZE" for a in keys.axis_names) + ")",
+                )
+            given: dict[str, sympy.Expr] = {}
+            for b in given_blocks:
+                if b.axis not in keys.axis_names:
+                    raise self.error(f"unknown axis '{b.axis}'", b.pos, hint=did_you_mean(b.axis, keys.axis_names))
+                if b.axis in given:
+                    raise self.error(f"axis '{b.axis}' is given twice", b.pos)
+                given[b.axis] = self._block_size(b.size)
+            blocks = tuple(given.get(a, sympy.Integer(1)) for a in keys.axis_names)
+        return blocks
 
     def _token_route(self, c: ast.Route, topk: sympy.Expr) -> ir.Route:
         """``route topk(K) tokens by q @ k | QI @ KI``: every key is its own unit (blocks of one key

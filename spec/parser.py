@@ -295,8 +295,17 @@ class _Builder(Transformer):
             return ast.Route(_pos(kw), topk, (), left, right, keep, shared is not None, "tokens", _pos(unit))
         return ast.Route(_pos(kw), topk, unit, left, right, keep, shared is not None)
 
-    def topp_clause(self, kw, p, block, stride, keep=None):
-        return ast.RouteTopP(_pos(kw), p, block, stride, keep)
+    def antidiagonal_score(self, stride):
+        return ("antidiagonal", stride)
+
+    def minmax_score(self, left, right, group):
+        return ("minmax", ast.MinMaxScore(left, right, str(group), _pos(group)))
+
+    def topp_clause(self, kw, p, blocks, score, keep=None):
+        form, arg = score
+        if form == "antidiagonal":
+            return ast.RouteTopP(_pos(kw), p, blocks, arg, keep)
+        return ast.RouteTopP(_pos(kw), p, blocks, None, keep, arg)
 
     def bucket_route_clause(self, kw, window, centroids):
         return ast.BucketRoute(_pos(kw), window, str(centroids), _pos(centroids))

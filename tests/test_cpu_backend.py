@@ -105,6 +105,7 @@ STDLIB = {
     "longnet": (dict(segment=16, dilation=2), None, 50, None),
     "moba": (dict(block=8, topk=2), None, 61, None),
     "quest": (dict(token_budget=16, page=4), None, 61, None),
+    "vmoba": (dict(layer=1, spatial_chunk_y=2, spatial_chunk_x=3), {"frames": 3, "height": 4, "width": 6}, None, None),
     "neighborhood_1d": (dict(kernel_size=5, dilation=2), None, 45, None),
     "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=5, dilation_x=2), {"height": 7, "width": 11}, None, None),
     "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=3), {"frames": 3, "height": 5, "width": 6}, None, None),

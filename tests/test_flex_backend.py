@@ -484,6 +484,8 @@ CONFORMANCE = {
     "longnet": ({"segment": 8, "dilation": 2, "is_causal": False}, None, 32, (4, 2), {}, (), (8, 4)),
     "moba": ({"block": 4, "topk": 3}, None, 30, (4, 2), {}, (), (8, 4)),
     "quest": ({"token_budget": 12, "page": 4}, None, 30, (4, 2), {}, (), (8, 4)),
+    "vmoba": ({"layer": 2, "st_chunk_t": 2, "st_chunk_y": 2, "st_chunk_x": 3}, {"frames": 4, "height": 4, "width": 6},
+              96, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
     "neighborhood_1d": ({"kernel_size": 5, "dilation": 2, "stride": 2}, None, 31, (4, 2), {}, (), (8, 4)),
     "neighborhood_2d": ({"kernel_size": (3, 5), "stride": (1, 2), "is_causal": (True, False)},
                         {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),

@@ -63,6 +63,8 @@ EXPECTED_DEFAULTS = {
     "forgetting": {},
     "moba": {"block": 4096, "topk": 12},
     "quest": {"token_budget": 4096, "page": 16},
+    "vmoba": {"layer": 0, "threshold": 0.25, "temporal_chunk": 2, "spatial_chunk_y": 3, "spatial_chunk_x": 4,
+              "st_chunk_t": 4, "st_chunk_y": 6, "st_chunk_x": 4},
     "biformer": {"region": 4, "topk": 4},
     "cluster_mask": {"clusters": 4},
     "routing_transformer": {"clusters": 4, "window": 128, "is_causal": True},

@@ -125,6 +125,8 @@ STDLIB = {
     "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
     "quest": ({"token_budget": 16, "page": 4}, None, 40, None, 16),
     "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
+    "vmoba": ({"layer": 2, "st_chunk_t": 1, "st_chunk_y": 2, "st_chunk_x": 3}, {"frames": 2, "height": 4, "width": 6},
+              None, None, (2, 2, 4)),
     "cluster_mask": ({"clusters": 3}, None, 40,
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
                             16),

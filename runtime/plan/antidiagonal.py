@@ -196,7 +196,11 @@ def refuse_context_parallel(pat: ir.PatternIR, where: str) -> None:
         raise SpecError(f"'{pat.name}' scores blocks by its keys' bounds (q @ bound(k), Quest), which context "
                         "parallelism does not run in this version: a block's bound reads every key of the block",
                         where=where, hint="run it on one device")
-    if route is not None and route.topp is not None:
+    if route is not None and route.group is not None:
+        raise SpecError(f"'{pat.name}' selects blocks by their min-max share over the {route.group} group "
+                        "(VMoBA), which context parallelism does not run in this version: the group's scores "
+                        "are normalised and ranked across the ranks' shards", where=where, hint="run it on one device")
+    if route is not None and route.antidiagonal:
         raise SpecError(f"'{pat.name}' selects blocks by antidiagonal top-p scoring (XAttention), which context "
                         "parallelism does not run: each query block's estimate reads every key and every query "
                         "of the block", where=where, hint="run it on one device")

@@ -27,7 +27,7 @@ import torch
 
 from ...compiler import evaluate as E
 from ...compiler.route_blocks import block_ids, route_sizes, route_stride
-from . import antidiagonal, call_plan, device_choice, routing
+from . import antidiagonal, call_plan, device_choice, routing, share
 from .device_tiles import candidates, compact, pair_keys
 
 
@@ -99,7 +99,7 @@ def constants(plan, device: torch.device) -> Constants:
     """``Constants`` of a routed plan on ``device``: made once, on the host, and moved there."""
     pat, bound = plan.pattern, plan.bound
     route = pat.route
-    if route.topp is not None:
+    if route.antidiagonal:
         antidiagonal.refuse_query_offset(pat, bound)
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, bound.nk)
@@ -115,7 +115,7 @@ def constants(plan, device: torch.device) -> Constants:
     tok = plan.q_tokens
     in_order = bool(tok.valid.all()) and tok.index.numel() == bound.n and torch.equal(
         tok.index.flatten(), torch.arange(bound.n))
-    top_p = None if route.topp is None else _top_p(plan, allowed, keep, block[0])
+    top_p = _top_p(plan, allowed, keep, block[0]) if route.antidiagonal else None
     lo, hi, blocks = _tile_blocks(plan, key_block)
     full = pair_keys(plan.schedule, plan.schedule.heads_stored, True)
     sides = {"q": candidates(plan.schedule, full, False), "k": candidates(plan.schedule, full, True)}
@@ -213,6 +213,12 @@ def _select_top_p(pat, bound: E.Bound, q, k, c: Constants) -> torch.Tensor:
     return chosen[:, :, c.key_block[:q.shape[2]]] & c.allowed
 
 
+def _select_share(pat, bound: E.Bound, q, k, c: Constants) -> torch.Tensor:
+    """``routing._select_share``'s selection ``[B, Hq, Nq, nblocks]`` on q's device."""
+    score = routing.block_scores(pat, bound, q, k, c.key_block, c.nblocks)
+    return share.threshold(score, c.allowed, c.keep, float(pat.route.topp), pat.route.group)
+
+
 def _per_tile(selected: torch.Tensor, c: Constants) -> tuple[torch.Tensor, torch.Tensor]:
     """(blocks selected by some query, by every query) of each Q tile: bool ``[B, Hq, nQ, nblocks]``."""
     nQ, Tq = c.q_index.shape
@@ -261,8 +267,10 @@ def route_call_plan(plan, q: torch.Tensor, k: torch.Tensor, tensors: dict):
     c = plan.on_device(("route", device), lambda: constants(plan, device))
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        if pat.route.topp is not None:
+        if pat.route.antidiagonal:
             selected = _select_top_p(pat, bound, q, k, c)
+        elif pat.route.group is not None:
+            selected = _select_share(pat, bound, q, k, c)
         elif pat.route.tokens and pat.route.scores is None:
             selected = _select_tokens(pat, bound, q, k, tensors, c)
         else:

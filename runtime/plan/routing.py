@@ -22,7 +22,7 @@ from ...compiler import evaluate as E
 from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ...core import ir
 from ...core.errors import SpecError
-from . import antidiagonal
+from . import antidiagonal, share
 
 
 def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
@@ -287,9 +287,11 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     The scores are computed a run of queries at a time (a token route has one per key), on q's
     device, as is the selection; ``inputs``, the mask and ``keep`` are evaluated where they live
     (the CPU, for the tiled backends) and moved there. ``key_block`` is returned on the CPU."""
-    if pat.route.topp is not None:  # top-p by antidiagonal scoring (XAttention): its own module
+    if pat.route.antidiagonal:  # top-p by antidiagonal scoring (XAttention): its own module
         return antidiagonal.select(pat, bound, q, k, inputs, allowed, lambda key_block, nblocks: keep_blocks(
             pat, bound, inputs, q.shape[0], key_block, nblocks))
+    if pat.route.group is not None:  # top-p by min-max share (VMoBA): ranked across a group of queries
+        return _select_share(pat, bound, q, k, inputs, allowed)
     if pat.route.tokens and pat.route.scores is None:
         return _select_tokens(pat, bound, q, k, inputs)
     block, topk = route_sizes(pat, bound)
@@ -315,6 +317,23 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
             selected[:, :, part] = choose(score, torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))[:, :, part],
                                           sub_keep, topk)
         return selected, key_block, nblocks
+
+
+def _select_share(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None,
+                  allowed) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_select`` for a min-max share route (``share.threshold``): every query's scores at once, as a group
+    may span all of a head's queries."""
+    block, _ = route_sizes(pat, bound)
+    key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
+    dev = q.device
+    with torch.no_grad():
+        dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
+        reachable = allowed(key_block, nblocks, dtype).to(dev)
+        keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
+        score = block_scores(pat, bound, q, k.to(dev), key_block, nblocks)
+        chosen = share.threshold(score, reachable, None if keep is None else keep.to(dev),
+                                 float(pat.route.topp), pat.route.group)
+    return chosen, key_block, nblocks
 
 
 def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
