@@ -171,15 +171,53 @@ def quest_select(q, k, page, budget):
     return sel & (score > -math.inf), score
 
 
+def grid_blocks(case) -> torch.Tensor:
+    """VMoBA's block of every token of the case's (frames, height, width) grid, row-major over the blocks."""
+    extents = [case.sizes[a] for a in ("frames", "height", "width")]
+    chunk = case.route[1]
+    t, y, x = torch.meshgrid(*(torch.arange(e) for e in extents), indexing="ij")
+    tiles = [-(-e // c) for e, c in zip(extents, chunk, strict=True)]
+    return ((t // chunk[0] * tiles[1] + y // chunk[1]) * tiles[2] + x // chunk[2]).flatten()
+
+
+def vmoba_select(q, k, key_block, threshold):
+    """VMoBA's threshold selection as its code makes it (KwaiVGI/VMoBA's ``_select_threshold_head_global``
+    in token order): per head, q . mean(k_block) (fp32, unscaled) min-max normalised over every (block,
+    query) pair, the own block kept, the others taken by normalised score until their running share reaches
+    the threshold less the own blocks' share; ``[H, N, blocks]`` bool and the normalised scores."""
+    _, H, N, _ = q.shape
+    nb = int(key_block.max()) + 1
+    onehot = torch.nn.functional.one_hot(key_block, nb).to(k.dtype)
+    k_mean = (onehot.T @ k[0]) / onehot.sum(0)[None, :, None]  # [H, nb, D]
+    score = q[0] @ k_mean.transpose(-1, -2)  # [H, N, nb]
+    own = onehot.bool()[None].expand(H, N, nb)
+    low = score.amin(dim=(1, 2), keepdim=True)
+    spread = score.amax(dim=(1, 2), keepdim=True) - low
+    norm = (score - low) / torch.where(spread <= 1e-6, torch.ones_like(spread), spread)
+    total = norm.sum(dim=(1, 2))
+    needed = (threshold - (norm * own).sum(dim=(1, 2)) / (total + 1e-6)).clamp(min=0)
+    others = norm.masked_fill(own, 0).transpose(1, 2).reshape(H, -1)  # (block, query) order, as the code's
+    values, order = others.sort(dim=1, descending=True, stable=True)
+    reached = values.cumsum(1) / (total[:, None] + 1e-6) >= needed[:, None]
+    cut = torch.where(reached.any(1), reached.float().argmax(1), torch.full((H,), others.shape[1] - 1))
+    taken = torch.zeros_like(reached).scatter_(1, order, torch.arange(others.shape[1])[None] <= cut[:, None])
+    return own | taken.view(H, nb, N).transpose(1, 2), norm
+
+
 def route_select(case, q, k):
     """The case's routing as its authors' code computes it: ``(selected [H, N, blocks], scores)``."""
     if case.route[0] == "quest":
         return quest_select(q, k, *case.route[1:])
+    if case.route[0] == "vmoba":
+        return vmoba_select(q, k, grid_blocks(case), case.route[2])
     return moba_select(q, k, *case.route)
 
 
-def route_block(case) -> int:
-    return case.route[1] if case.route[0] == "quest" else case.route[0]
+def route_key_blocks(case) -> torch.Tensor:
+    """The block of every key of a routed case."""
+    if case.route[0] == "vmoba":
+        return grid_blocks(case)
+    return torch.arange(case.n) // (case.route[1] if case.route[0] == "quest" else case.route[0])
 
 
 def route_topk(case) -> int:
@@ -189,9 +227,10 @@ def route_topk(case) -> int:
     return case.route[1]
 
 
-def moba_mask(sel, block):
+def routed_mask(sel, key_block, causal: bool):
     def mask_mod(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & sel[h, q_idx, kv_idx // block]
+        chosen = sel[h, q_idx, key_block[kv_idx]]
+        return (q_idx >= kv_idx) & chosen if causal else chosen
     return mask_mod
 
 
@@ -214,7 +253,9 @@ class Case:
     mask_mod: Callable | None = None  # None: routed (built per call from q, k)
     sizes: dict | None = None
     inputs: dict = field(default_factory=dict)
-    route: tuple | None = None  # MoBA (block, topk, own block forced); token top-k (1, topk, False); ("quest", page, budget)
+    # MoBA (block, topk, own block forced); token top-k (1, topk, False); ("quest", page, budget);
+    # ("vmoba", (frames, height, width) of a block, threshold)
+    route: tuple | None = None
     seed: int = 0
 
 
@@ -232,6 +273,15 @@ def grid_case(key, label, spec, extents, names, kernels, strides, heads):
     size_names = {"t": "frames", "y": "height", "x": "width"}
     return Case(key, label, spec, params, math.prod(extents), heads, natten(extents, kernels, strides),
                 sizes={size_names[a]: e for a, e in zip(names, extents, strict=True)})
+
+
+def vmoba_case(key, layer, extents, chunk, heads):
+    """VMoBA's layer ``layer`` (1: 2-D tiles over every frame, 2: 3-D boxes) at its Wan chunk sizes."""
+    n = math.prod(extents)
+    kind = {1: "2-D tiles", 2: "3-D boxes"}[layer]
+    return Case(key, f"VMoBA {kind} {'x'.join(map(str, chunk[1:] if layer == 1 else chunk))}, threshold 0.25 "
+                     f"@ {'x'.join(map(str, extents))} = {n}", "stdlib:vmoba", {"layer": layer}, n, heads, None,
+                sizes=dict(zip(("frames", "height", "width"), extents, strict=True)), route=("vmoba", chunk, 0.25))
 
 
 def cases(quick: bool) -> dict[str, Case]:
@@ -269,6 +319,8 @@ def cases(quick: bool) -> dict[str, Case]:
              {"page": s(64, 16), "token_budget": s(1024, 64)}, n8, 8, None, route=("quest", s(64, 16), s(1024, 64))),
         Case("quest_32k", f"Quest page 64 budget 2048 @ {s(32768, 1024)}", "stdlib:quest",
              {"page": 64, "token_budget": 2048}, s(32768, 1024), 2, None, route=("quest", 64, 2048)),
+        vmoba_case("vmoba", 1, (16, s(24, 6), s(32, 8)), (16, 3, 4), 4),
+        vmoba_case("vmoba_30k", 2, (16, s(48, 6), s(40, 8)), (4, 6, 4), 2),
     ]
     return {c.key: c for c in out}
 
@@ -366,8 +418,8 @@ class Baselines:
         if self.case.route is None:
             return self.flex(q, k, v, block_mask=self.block_mask)
         sel, _ = route_select(self.case, q.detach(), k.detach())
-        bm = self.create_block_mask(moba_mask(sel, route_block(self.case)), None, self.case.heads, self.case.n,
-                                    self.case.n, device="cpu")
+        bm = self.create_block_mask(routed_mask(sel, route_key_blocks(self.case), self.case.route[0] != "vmoba"),
+                                    None, self.case.heads, self.case.n, self.case.n, device="cpu")
         return self.flex(q, k, v, block_mask=bm)
 
     def sdpa_call(self, q, k, v):
@@ -375,11 +427,12 @@ class Baselines:
             raise MemoryError(self.sdpa_error)
         mask = self.sdpa_mask
         if self.case.route is not None:
-            block = route_block(self.case)
             sel, _ = route_select(self.case, q.detach(), k.detach())
             fits("SDPA with a dense per-head mask", sdpa_bytes(self.case))
-            causal = torch.ones(self.case.n, self.case.n, dtype=torch.bool).tril()
-            mask = (causal & sel[:, :, torch.arange(self.case.n) // block])[None]
+            mask = sel[:, :, route_key_blocks(self.case)]
+            if self.case.route[0] != "vmoba":
+                mask &= torch.ones(self.case.n, self.case.n, dtype=torch.bool).tril()
+            mask = mask[None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -395,6 +448,11 @@ def chosen(module) -> str:
 def near_tie_rows(case: Case, q, k) -> torch.Tensor:
     """MoBA: query rows whose k-th and (k+1)-th block scores are within rounding ([H, N] bool):
     there two exact implementations may pick different blocks, both right."""
+    if case.route[0] == "vmoba":  # entries of a head within rounding of the last one its threshold takes
+        sel, norm = route_select(case, q.detach(), k.detach())
+        taken = sel & ~torch.nn.functional.one_hot(grid_blocks(case)).bool()[None]
+        last = torch.where(taken, norm, torch.inf).amin(dim=(1, 2), keepdim=True)
+        return ((norm - last).abs() <= 1e-5).any(-1)
     topk = route_topk(case)
     _, score = route_select(case, q.detach(), k.detach())
     top = score.sort(dim=-1, descending=True).values
@@ -450,6 +508,33 @@ def reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {msg.split('. ')[0]}"[:160]
 
 
+def selection_times(case: Case, base: Baselines, cpu_module, q, k, repeat: int) -> dict:
+    """A routed case's selection alone, in ms (medians of interleaved runs): attnc's scores, choice and
+    per-(batch, head) tile lists as a call makes them on its device before any kernel
+    (``device_routes.route_call_plan`` over the cpu module's schedule), against the Flex user's selection
+    with the authors' rule and its ``create_block_mask``."""
+    from attnc.compiler import evaluate as E
+    from attnc.compiler.tiles import classify_tiles
+    from attnc.runtime.plan import device_routes
+    from attnc.runtime.plan.tile_plan import Plan
+
+    pat = attnc.load(case.spec, **case.params)
+    bound = E.bind_sizes(pat, n=case.n, nk=case.n, heads=case.heads, sizes=case.sizes or {}, dk=D)
+    tiles = cpu_module.schedule
+    plan = Plan.build(pat, bound, classify_tiles(pat, bound, tiles.q_tile, tiles.kv_tile))
+    device_routes.route_call_plan(plan, q, k, {})  # the plan's constants, made once
+
+    def theirs():
+        sel, _ = route_select(case, q, k)
+        base.create_block_mask(routed_mask(sel, route_key_blocks(case), case.route[0] != "vmoba"), None,
+                               case.heads, case.n, case.n, device="cpu")
+
+    runs = interleaved({"attnc": lambda: device_routes.route_call_plan(plan, q, k, {}), "Flex": theirs}, repeat)
+    return {f"selection alone (ms): {name}": f"{1e3 * statistics.median(times):,.1f}" for name, times in
+            (("attnc (scores, choice, tile lists)", runs["attnc"]),
+             ("Flex user (the authors' rule + create_block_mask)", runs["Flex"]))}
+
+
 def run_forward(case: Case, base: Baselines, mods: dict, repeat: int, budget: float) -> tuple[dict, dict]:
     q, k, v = qkv(case, grad=False)
     ref = None
@@ -467,6 +552,8 @@ def run_forward(case: Case, base: Baselines, mods: dict, repeat: int, budget: fl
             info[f"max |attnc {b} - {info['checked against']}|"] = check_close(
                 f"attnc {b} forward", m(q, k, v, **case.inputs), ref, OUT_TOL, ties)
             info[f"attnc {b} chose"] = chosen(m) if b == "auto" else b
+        if case.route and "cpu" in mods:
+            info.update(selection_times(case, base, mods["cpu"], q, k, repeat))
         fns = {f"attnc {b}": (lambda m=m: m(q, k, v, **case.inputs)) for b, m in mods.items()}
         fns["Flex"] = lambda: base.flex_call(q, k, v)
         fns["SDPA"] = lambda: base.sdpa_call(q, k, v)

@@ -60,16 +60,18 @@ def test_quick_runs_known_cases(bench):
 
 
 def test_matrix_covers_the_issue_cases(bench):
-    assert set(bench.cases(quick=True)) == {*STATIC, "moba", "token_topk", "quest", "quest_32k"}
-    assert set(bench.cases(quick=False)) == {*STATIC, "moba", "token_topk", "quest", "quest_32k"}
+    routed = {"moba", "token_topk", "quest", "quest_32k", "vmoba", "vmoba_30k"}
+    assert set(bench.cases(quick=True)) == {*STATIC, *routed}
+    assert set(bench.cases(quick=False)) == {*STATIC, *routed}
     full = bench.cases(quick=False)
     assert (full["sw512_8k"].n, full["sw1024_16k"].n, full["power_16k"].n) == (8192, 16384, 16384)
     assert full["nbhd2d_96"].sizes == {"height": 96, "width": 96}
     assert full["nbhd3d_strided"].params["stride_y"] == 4
     assert (full["quest"].n, full["quest_32k"].n) == (8192, 32768)
+    assert (full["vmoba"].n, full["vmoba_30k"].n) == (12288, 30720)
 
 
-@pytest.mark.parametrize("key", ["moba", "token_topk", "quest"])
+@pytest.mark.parametrize("key", ["moba", "token_topk", "quest", "vmoba", "vmoba_30k"])
 def test_routed_baselines_route_as_attnc(bench, key):
     case = bench.cases(quick=True)[key]
     g = torch.Generator().manual_seed(5)
@@ -77,7 +79,7 @@ def test_routed_baselines_route_as_attnc(bench, key):
     base = bench.Baselines.__new__(bench.Baselines)
     base.case, base.sdpa_mask, base.sdpa_error = bench.Case(**{**case.__dict__, "heads": 2}), None, None
     got = base.sdpa_call(q, k, v)
-    want = attnc.compile_attention(case.spec, backend="reference", **case.params)(q, k, v)
+    want = attnc.compile_attention(case.spec, backend="reference", **case.params)(q, k, v, sizes=case.sizes)
     torch.testing.assert_close(got, want)
     assert bench.near_tie_rows(base.case, q, k).shape == (2, case.n)
 

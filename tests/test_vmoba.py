@@ -229,3 +229,46 @@ def test_bad_clauses_are_refused_with_their_place(clause, message):
 def test_a_threshold_outside_the_unit_interval_names_the_parameter():
     with pytest.raises(SpecError, match=r"topp must be in \(0, 1\], got 2"):
         attnc.compile_attention("stdlib:vmoba", threshold=2)
+
+
+def test_context_parallelism_refuses_by_name(tmp_path):
+    import torch.distributed as dist
+
+    from attnc.distributed import ContextParallel
+    from attnc.runtime.parallel.simulate import simulate_parallel
+
+    with pytest.raises(SpecError, match="min-max share over the head group .* context parallelism does not run"):
+        simulate_parallel(attnc.load("stdlib:vmoba"), n=4096, ranks=2, single_device_s=1.0)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SpecError, match="context parallelism does not run") as info:
+            ContextParallel(attnc.compile_attention("stdlib:vmoba", backend="reference"))
+        assert info.value.where == "argument attn"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])
+def test_a_per_query_group_decodes_as_the_reference(backend):
+    """``over query`` ranks within each query's row: queries after a KV cache are served, as on the reference."""
+    source = ("pattern p(threshold = 0.4)\n  tokens seq\n  mask causal\n"
+              "  route topp(threshold) blocks(4) by minmax(q @ mean(k)) over query keep q // 4 == k // 4\n")
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 3, 16, generator=g)
+    k, v = (torch.randn(2, 2, 37, 16, generator=g) for _ in range(2))
+    want = attnc.compile_attention(source, backend="reference")(q.double(), k.double(), v.double())
+    got = attnc.compile_attention(source, backend=backend)(q, k, v)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_packed_sequences_are_each_ranked_on_their_own(backend):
+    """A packed call (cu_seqlens) equals one call per sequence: a head's ranking spans its own sequence only."""
+    source = ("pattern p\n  tokens seq\n"
+              "  route topp(0.5) blocks(4) by minmax(q @ mean(k)) over head keep q // 4 == k // 4\n")
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    got = attnc.compile_attention(source, backend=backend)(q, k, v, cu_seqlens=torch.tensor([0, 17, 40]))
+    ref = attnc.compile_attention(source, backend="reference")
+    want = torch.cat([ref(*(x[:, :, a:b].double() for x in (q, k, v))) for a, b in ((0, 17), (17, 40))], 2)
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
