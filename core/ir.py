@@ -218,6 +218,9 @@ class Route:
     #: one head's (query, block) pairs, one block's (head, query) pairs or every pair of a batch row
     #: (``runtime.plan.share``); ``score`` is then 'token' (q @ mean(k)) and ``topp`` the threshold
     group: str | None = field(default=None, metadata={"key": "when set"})
+    #: whether the selection itself is given (``scores`` names the input holding it, selected where > 0; no
+    #: choice is made): the pattern ``runtime.plan.given.given_pattern`` derives for a call's ``selection=``
+    given: bool | None = field(default=None, metadata={"key": "when set"})
     #: the name of an input ``float[heads, n, blocks]`` holding the scores themselves (a branch's route
     #: ``by probs(BRANCH)``: the combined pattern computes them from that branch at every call); None otherwise
     scores: str | None = field(default=None, metadata={"key": "when set"})

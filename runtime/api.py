@@ -25,7 +25,7 @@ from .checks import (
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import needs_grad
-from .plan import clusters, routing
+from .plan import clusters, given, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
@@ -155,6 +155,7 @@ class Attention(torch.nn.Module):
         self.sizes = dict(sizes or {})
         #: what runs: a ``runtime.runner.Runner`` (``auto``: the runner that chooses among the others)
         self.runner = make_runner(pattern, backend, q_tile, kv_tile)
+        self._tiles = (q_tile, kv_tile)  # as given (a call with selection= runs a module of the same tiles)
         self._varlen_key = ops.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
         self._last_call: dict | None = None
 
@@ -217,10 +218,29 @@ class Attention(torch.nn.Module):
         cu_seqlens: torch.Tensor | None = None,
         block_table: torch.Tensor | None = None,
         cache_seqlens: torch.Tensor | None = None,
+        selection: torch.Tensor | None = None,
+        return_selection: bool = False,
         **inputs,
     ):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        if selection is not None and any(d.name == given.SELECTION for d in getattr(self.pattern, "inputs", ())):
+            inputs[given.SELECTION], selection = selection, None  # the pattern's own input of that name
+        return_selection = check_flag("return_selection", return_selection)
+        if selection is not None or return_selection:
+            self._check_selection_call(selection, return_selection, cu_seqlens, block_table, cache_seqlens)
+            if selection is not None:  # the route reads it instead of choosing (runtime.plan.given)
+                inputs[given.SELECTION] = selection.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+                return self._given_module().forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes,
+                                                    layout=layout, return_selection=return_selection, **inputs)
+            with given.recording() as made:
+                result = self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
+                                      **inputs)
+            if not made:  # a path that does not select where this call can see it (it would be a wrong answer)
+                raise SpecError("this call made no selection it can return", where="argument return_selection")
+            B, Hq, Nq = q.shape[0], made[0].shape[1], made[0].shape[2]
+            chosen = made[0].expand(B, Hq, Nq, made[0].shape[-1])
+            return (*result, chosen) if isinstance(result, tuple) else (result, chosen)
         layout = self.layout if layout is None else check_layout(layout)
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
             from .frontends import paged
@@ -264,6 +284,34 @@ class Attention(torch.nn.Module):
                                           sizes=sizes, **inputs), return_lse, return_state)
         return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                   return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
+
+    def _check_selection_call(self, selection, return_selection: bool, cu_seqlens, block_table, cache_seqlens) -> None:
+        """Refuse ``selection=`` / ``return_selection=True`` where they have no meaning or are not served."""
+        what = "argument selection" if selection is not None else "argument return_selection"
+        pat = self.pattern
+        if not isinstance(pat, ir.PatternIR) or pat.route is None:
+            raise SpecError(f"'{pat.name}' has no route whose selection could be given or returned", where=what,
+                            hint="selection= and return_selection= are for routed patterns (moba, quest, vmoba, ...)")
+        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
+            raise SpecError("a route's selection is not given or returned with packed sequences or paged caches in "
+                            "this version", where=what, hint="call each sequence as a batch row")
+        if torch.compiler.is_compiling() and return_selection:
+            raise SpecError("return_selection=True is not served under torch.compile", where=what,
+                            hint="return the selection from an eager call; selection= works under compile")
+        if selection is not None and (not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool):
+            got = selection.dtype if isinstance(selection, torch.Tensor) else type(selection).__name__
+            raise SpecError(f"a selection is a bool tensor [B, Hq, Nq, blocks] (as return_selection=True gives), "
+                            f"got {got}", where=what)
+
+    def _given_module(self) -> Attention:
+        """The module a call with ``selection=`` runs (``given.given_pattern``), made once."""
+        module = self.__dict__.get("_given")
+        if module is None:
+            q_tile, kv_tile = getattr(self, "_tiles", (None, None))
+            module = Attention(given.given_pattern(self.pattern), self.backend, self.sizes, q_tile, kv_tile,
+                               self.layout)
+            self.__dict__["_given"] = module
+        return module
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
         scale = resolve_scale(scale, q.shape[-1])

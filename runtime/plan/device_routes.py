@@ -27,7 +27,7 @@ import torch
 
 from ...compiler import evaluate as E
 from ...compiler.route_blocks import block_ids, route_sizes, route_stride
-from . import antidiagonal, call_plan, device_choice, routing, share
+from . import antidiagonal, call_plan, device_choice, given, routing, share
 from .device_tiles import candidates, compact, pair_keys
 
 
@@ -156,6 +156,8 @@ def _select_blocks(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> to
     allowed = torch.broadcast_to(c.allowed, (*c.allowed.shape[:2], Nq, nb))
     keep = None if c.keep is None else torch.broadcast_to(c.keep, (*c.keep.shape[:2], Nq, nb))
     dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
+    if pat.route.given:  # the selection itself (a call's selection=): the blocks the mask lets a query reach
+        return (routing.block_scores(pat, bound, sq, sk, c.key_block, nb) > 0) & allowed
     summary = None if pat.route.scores is not None else routing.key_summary(pat, sk, c.key_block, nb, Hq, dtype)
     for start in range(0, Nq, rows):
         part = slice(start, min(Nq, start + rows))
@@ -275,6 +277,7 @@ def route_call_plan(plan, q: torch.Tensor, k: torch.Tensor, tensors: dict):
             selected = _select_tokens(pat, bound, q, k, tensors, c)
         else:
             selected = _select_blocks(pat, bound, q, k, tensors, c)
+        given.record(selected)
         any_sel, all_sel = _per_tile(selected, c)
         B, Hq = selected.shape[:2]
         lists = {}

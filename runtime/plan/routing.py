@@ -22,7 +22,7 @@ from ...compiler import evaluate as E
 from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ...core import ir
 from ...core.errors import SpecError
-from . import antidiagonal, share
+from . import antidiagonal, given, share
 
 
 def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None
@@ -281,6 +281,13 @@ TOKEN_ROWS = 512
 
 def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
             ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``_selection`` (below), noted for a call's ``return_selection`` (``given.record``)."""
+    selected, key_block, nblocks = _selection(pat, bound, q, k, inputs, allowed)
+    return given.record(selected), key_block, nblocks
+
+
+def _selection(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, allowed
+               ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The selection of this call (not differentiated): ``(selected [B, Hq, Nq, nblocks], key_block,
     nblocks)``; ``allowed(key_block, nblocks, score dtype)`` says, per query, whether the mask allows
     some key of each block (densely for the reference, over the schedule's tiles for the executor).
@@ -301,6 +308,8 @@ def _select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor,
     with torch.no_grad():
         dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
         reachable = allowed(key_block, nblocks, dtype).to(dev)
+        if pat.route.given:  # the selection itself (a call's selection=): the blocks the mask lets a query reach
+            return (block_scores(pat, bound, sq, sk, key_block, nblocks) > 0) & reachable, key_block, nblocks
         keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
         keep = None if keep is None else keep.to(dev)
         B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
