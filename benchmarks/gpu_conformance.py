@@ -3,7 +3,7 @@ against the reference backend in float64, forward and backward, at realistic siz
 
     python benchmarks/gpu_conformance.py                # on a GPU machine (a few minutes on an H100)
     python benchmarks/gpu_conformance.py --toy          # CPU, Triton interpreter, toy sizes
-    python benchmarks/gpu_conformance.py --only moba    # some cases (substring match)
+    python benchmarks/gpu_conformance.py --only moba    # some cases, by name
 
 Cost: GPU-only: without a CUDA device it exits at once (status 2), so on a CPU-only machine only
 ``--toy`` runs. On an H100 the whole run took 166-223 s (recorded,
@@ -70,6 +70,7 @@ SOFTMAX = {
     "quest": ("quest", {"token_budget": 1024, "page": 16}, {"n": 4096}, {"n": 80}, None),
     "vmoba": ("vmoba", {"layer": 1}, {"frames": 16, "height": 24, "width": 32}, {"frames": 2, "height": 6, "width": 8},
               None),
+    "dsa": ("dsa", {"topk": 512, "index_heads": 8, "index_dim": 64}, {"n": 4096}, {"n": 80}, "indexer"),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
     "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
@@ -92,6 +93,7 @@ TOY_PARAMS = {
     "s2": {"block": 8, "local": 2, "vert": 2}, "prefix_lm": {"prefix": 20}, "moba": {"block": 16, "topk": 2},
     "quest": {"token_budget": 24, "page": 4},
     "vmoba": {"layer": 1},
+    "dsa": {"topk": 6, "index_heads": 8, "index_dim": 64},
     "token_topk": {"topk": 6},
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
@@ -128,6 +130,9 @@ def _softmax_inputs(kind, n, heads, device, gen):
         return {"doc": torch.bucketize(torch.arange(n), cuts, right=True).to(device)}
     if kind == "g":  # FoX log forget gates, differentiable
         return {"g": (-torch.rand(heads, n, generator=gen) * 0.2).to(device)}
+    if kind == "indexer":  # DSA's lightning indexer inputs (the toy rows: 8 heads of 64 channels, as the real)
+        return {"qi": torch.randn(n, 8, 64, generator=gen).to(device), "ki": torch.randn(n, 64, generator=gen).to(device),
+                "w": torch.rand(n, 8, generator=gen).to(device)}
     return {}
 
 
@@ -347,7 +352,7 @@ def _fmt(row: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="CPU, Triton interpreter, toy sizes")
-    ap.add_argument("--only", nargs="*", default=None, help="cases whose name contains one of these")
+    ap.add_argument("--only", nargs="*", default=None, help="these cases, by name")
     ap.add_argument("--jobs", type=int, default=6)
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention lowering")
     ap.add_argument("--case-timeout", type=float, default=400.0)
@@ -363,7 +368,12 @@ def main(argv=None) -> int:
     if not args.toy and not torch.cuda.is_available():
         print("no CUDA device: run with --toy for the interpreter check", file=sys.stderr)
         return 2
-    cases = [c for c in CASES if not args.only or any(s in c for s in args.only)]
+    names = {c: {c, c.split(":", 1)[1]} for c in CASES}  # 'softmax:moba' or 'moba' (not also 'vmoba')
+    unknown = sorted(set(args.only or ()) - set().union(*names.values()))
+    if unknown:
+        print(f"unknown case {', '.join(unknown)}; cases: {', '.join(CASES)}", file=sys.stderr)
+        return 2
+    cases = [c for c in CASES if not args.only or names[c] & set(args.only)]
     start = time.perf_counter()
     rows: list[dict] = []
     pool = cf.ThreadPoolExecutor(max_workers=max(args.jobs, 1))

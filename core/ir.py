@@ -207,7 +207,8 @@ class Route:
     keep: sympy.Basic | None
     shared: bool
     #: ``(QI, KI)``: a token route scored by the indexer inputs ``QI . KI`` (``route topk(K) tokens by
-    #: QI @ KI``) instead of the attention's own q and k; None otherwise
+    #: QI @ KI``) instead of the attention's own q and k; ``(QI, KI, W)`` with score 'indexer': DeepSeek's
+    #: lightning indexer ``sum_j W[q, j] relu(QI[q, j] . KI[k])`` (``by indexer(QI, KI, W)``); None otherwise
     indexer: tuple[str, str] | None = field(default=None, metadata={"key": "when set"})
     #: the top-p threshold P in (0, 1] of an antidiagonal route (a constant)
     topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
@@ -234,7 +235,7 @@ class Route:
     def per_query(self) -> bool:
         """Whether a query's selection depends on that query alone (and the keys): not a block-mean or
         antidiagonal score, nor a min-max share ranked across queries."""
-        return self.score in ("token", "bound") and self.group in (None, "query")
+        return self.score in ("token", "bound", "indexer") and self.group in (None, "query")
 
     @property
     def tokens(self) -> bool:

@@ -203,15 +203,25 @@ class ScoreSide:
 
 
 @dataclass(frozen=True)
+class IndexerScore:
+    """``indexer(QI, KI, W)``: DeepSeek's lightning indexer, ``sum_j W[q, j] relu(QI[q, j] . KI[k])``."""
+
+    func: str
+    names: tuple[str, str, str]
+    pos: Pos
+
+
+@dataclass(frozen=True)
 class Route(Clause):
     topk: Expr
     blocks: tuple[BlockAxis, ...]  # empty for `tokens`
-    left: ScoreSide
-    right: ScoreSide
+    left: ScoreSide | None
+    right: ScoreSide | None
     keep: Expr | None
     shared: bool
     unit: str = "blocks"  # 'blocks' | 'tokens'
     unit_pos: Pos | None = None
+    indexer: IndexerScore | None = None  # ``by indexer(QI, KI, W)`` (left and right are None)
 
 
 @dataclass(frozen=True)

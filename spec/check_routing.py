@@ -62,8 +62,16 @@ class RoutingChecks:
         return blocks
 
     def _token_route(self, c: ast.Route, topk: sympy.Expr) -> ir.Route:
-        """``route topk(K) tokens by q @ k | QI @ KI``: every key is its own unit (blocks of one key
-        per axis); the score is the attention's own ``q . k`` or an indexer's ``QI . KI``."""
+        """``route topk(K) tokens by q @ k | QI @ KI | indexer(QI, KI, W)``: every key is its own unit (blocks of
+        one key per axis); the score is the attention's own ``q . k``, an indexer's ``QI . KI`` or DeepSeek's
+        lightning indexer."""
+        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))  # seq: (1,)
+        if c.indexer is not None:
+            keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
+            if c.shared:
+                raise self.error("an indexer(...) score is one per query for every head already: 'shared' adds "
+                                 "nothing", c.pos)
+            return ir.Route(topk, ones, "indexer", keep, False, self._lightning_indexer(c.indexer))
         left, right = c.left, c.right
         for side in (left, right):
             if side.func is not None:
@@ -82,8 +90,29 @@ class RoutingChecks:
                                  "dimensions", right.pos, hint="declare both [heads, n | nk, DI] with one DI")
             indexer = (left.arg, right.arg)
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
-        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))  # seq: (1,)
         return ir.Route(topk, ones, "token", keep, c.shared, indexer)
+
+    def _lightning_indexer(self, score: ast.IndexerScore) -> tuple[str, str, str]:
+        """``indexer(QI, KI, W)``: inputs ``QI: float[n, J, DI]``, ``KI: float[nk, DI]`` and ``W: float[n, J]``
+        (J indexer heads of DI channels, shared by every attention head), the same J and DI in all three."""
+        want = {0: ("n", 3), 1: ("nk", 2), 2: ("n", 2)}
+        shapes = ("float[n, J, DI]", "float[nk, DI]", "float[n, J]")
+        decls = []
+        for i, name in enumerate(score.names):
+            decl = self.inputs.get(name)
+            if decl is None:
+                raise self.error(f"unknown name '{name}' in indexer(...)", score.pos,
+                                 hint=did_you_mean(name, list(self.inputs)) or f"declare 'input {name}: {shapes[i]}'")
+            tokens, rank = want[i]
+            if decl.dtype != FLOAT or len(decl.dims) != rank or decl.dim_names[0] != tokens:
+                raise self.error(f"indexer(QI, KI, W): '{name}' must be declared {shapes[i]}, got "
+                                 f"{decl.dtype}[{', '.join(decl.dim_names)}]", score.pos)
+            decls.append(decl)
+        qi, ki, w = decls
+        if sympy.simplify(qi.dims[2] - ki.dims[1]) != 0 or sympy.simplify(qi.dims[1] - w.dims[1]) != 0:
+            raise self.error(f"indexer(QI, KI, W): '{qi.name}' [n, J, DI], '{ki.name}' [nk, DI] and '{w.name}' [n, J] "
+                             "must agree on J and DI", score.pos)
+        return score.names
 
     def _indexer_input(self, side: ast.ScoreSide, tokens: str) -> None:
         """An indexer input: declared ``float[heads, n | nk, DI]``."""

@@ -276,6 +276,12 @@ class _Builder(Transformer):
     def score_call(self, func, arg):
         return ast.ScoreSide(str(func), str(arg), _pos(func))
 
+    def score_call3(self, func, *names):
+        if str(func) != "indexer":
+            raise SpecError(f"'{func}(...)' with three arguments is not a routing score", _pos(func),
+                            hint="route topk(K) tokens by indexer(QI, KI, W)")
+        return ast.IndexerScore(str(func), tuple(str(n) for n in names), _pos(func))
+
     def keep_part(self, expr):
         return expr
 
@@ -291,6 +297,10 @@ class _Builder(Transformer):
     def route_clause(self, kw, topk, unit, left, right, keep=None, shared=None):
         if isinstance(keep, Token):  # `shared` without `keep`
             keep, shared = None, keep
+        for side in (left, right):
+            if isinstance(side, ast.IndexerScore):
+                raise SpecError("indexer(QI, KI, W) is a whole score, not a side of '@'", side.pos,
+                                hint="route topk(K) tokens by indexer(QI, KI, W)")
         if isinstance(unit, Token):  # `tokens`: every key is its own unit
             return ast.Route(_pos(kw), topk, (), left, right, keep, shared is not None, "tokens", _pos(unit))
         return ast.Route(_pos(kw), topk, unit, left, right, keep, shared is not None)
@@ -299,6 +309,10 @@ class _Builder(Transformer):
         return ("antidiagonal", stride)
 
     def minmax_score(self, left, right, group):
+        for side in (left, right):
+            if isinstance(side, ast.IndexerScore):
+                raise SpecError("indexer(QI, KI, W) scores single keys, not blocks", side.pos,
+                                hint="route topk(K) tokens by indexer(QI, KI, W)")
         return ("minmax", ast.MinMaxScore(left, right, str(group), _pos(group)))
 
     def topp_clause(self, kw, p, blocks, score, keep=None):
@@ -339,6 +353,12 @@ class _Builder(Transformer):
     def branch_route_clause(self, kw, topk, unit, score, keep=None, shared=None):
         if isinstance(keep, Token):  # `shared` without `keep`
             keep, shared = None, keep
+        if isinstance(score, ast.IndexerScore):  # a token route scored by DeepSeek's indexer (not a branch's)
+            if not isinstance(unit, Token):
+                raise SpecError("indexer(QI, KI, W) scores single keys", score.pos,
+                                hint="route topk(K) tokens by indexer(QI, KI, W)")
+            return ast.Route(_pos(kw), topk, (), None, None, keep, shared is not None, "tokens", _pos(unit),
+                             indexer=score)
         if isinstance(unit, Token):
             return ast.BranchRoute(_pos(kw), topk, (), score, keep, shared is not None, "tokens", _pos(unit))
         return ast.BranchRoute(_pos(kw), topk, unit, score, keep, shared is not None)

@@ -89,6 +89,12 @@ def _global(H, n, B, g):
     return {"is_global": (torch.rand(n, generator=g) < 0.1).to(torch.int64)}
 
 
+def _indexer(H, n, B, g):  # DeepSeek's lightning indexer inputs: 3 indexer heads of 4 channels
+    return {"qi": torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
+            "ki": torch.randn(n, 4, generator=g, dtype=torch.float64),
+            "w": torch.randn(n, 3, generator=g, dtype=torch.float64)}
+
+
 def _centroids(H, n, B, g):  # [heads, clusters, dk] at _run_stdlib's head dim 8
     return {"centroids": torch.randn(H, 3, 8, generator=g, dtype=torch.float64)}
 
@@ -105,6 +111,7 @@ STDLIB = {
     "longnet": (dict(segment=16, dilation=2), None, 50, None),
     "moba": (dict(block=8, topk=2), None, 61, None),
     "quest": (dict(token_budget=16, page=4), None, 61, None),
+    "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
     "vmoba": (dict(layer=1, spatial_chunk_y=2, spatial_chunk_x=3), {"frames": 3, "height": 4, "width": 6}, None, None),
     "neighborhood_1d": (dict(kernel_size=5, dilation=2), None, 45, None),
     "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=5, dilation_x=2), {"height": 7, "width": 11}, None, None),

@@ -240,3 +240,20 @@ def test_threshold_choice_equals_the_sorted_rule(seed, nblocks, topk, integer, f
         row[rest[: max(0, topk - int(f.sum()))]] = True
         want[tuple(idx)] = row
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
+def test_an_indexer_route_decodes_as_the_whole_sequence(backend):
+    """Indexer inputs are declared over the whole sequence: a decode step's queries score with their own rows
+    (the last ones), so its output is the full call's last rows (it read the first rows before)."""
+    src = ("pattern p(topk = 3)\n  tokens seq\n  input qi: float[heads, n, 4]\n  input ki: float[heads, nk, 4]\n"
+           "  mask causal\n  route topk(topk) tokens by qi @ ki\n")
+    g = torch.Generator().manual_seed(0)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    qi, ki = (torch.randn(2, 40, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    full = attnc.compile_attention(src, backend="reference")(q, k, v, qi=qi, ki=ki)
+    attn = attnc.compile_attention(src, backend=backend)
+    for rows in (1, 3):
+        step = attn(*(x.to(dtype) for x in (q[:, :, -rows:], k, v)), qi=qi.to(dtype), ki=ki.to(dtype))
+        torch.testing.assert_close(step.double(), full[:, :, -rows:], rtol=2e-5, atol=2e-5)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask
-from ..plan.routing import block_ids, choose, keep_blocks, route_sizes, score_vectors
+from ..plan.routing import block_ids, block_scores, choose, keep_blocks, route_sizes, score_vectors
 
 
 def _block_means(x: torch.Tensor, block_of: torch.Tensor, nblocks: int, group, ring: int) -> torch.Tensor:
@@ -43,6 +43,10 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     if pat.route.score == "bound":
         raise SpecError(f"'{pat.name}' routes by the keys' bounds per block (q @ bound(k), Quest): context "
                         "parallelism does not run it in this version", where="argument pattern")
+    if pat.route.score == "indexer":  # DeepSeek's lightning indexer: every rank holds its inputs whole
+        sq, sk = score_vectors(pat, q, k, inputs)
+        score = block_scores(pat, bound, sq[:, :, q_pos].to(q.device), sk.to(q.device), key_block, nblocks)
+        return score.expand(B, h, L, nblocks)
     if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
         qi, ki = score_vectors(pat, q, k, inputs)
         qi, ki = qi[:, prob.head_index][:, :, q_pos].to(q.device), ki[:, prob.head_index].to(q.device)

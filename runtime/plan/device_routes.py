@@ -140,15 +140,16 @@ def _device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, key
     return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
 
 
-def _score_vectors(pat, q: torch.Tensor, k: torch.Tensor, tensors: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_vectors(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     dev = q.device
-    return tuple(t if t.device == dev else t.to(dev) for t in routing.score_vectors(pat, q, k, tensors))
+    return tuple(t if t.device == dev else t.to(dev) for t in routing.score_vectors(pat, q, k, tensors, bound.q_offset))
 
 
 def _select_blocks(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> torch.Tensor:
     """``routing._select``'s selection of a block route ``[B, Hq, Nq, nblocks]``, on q's device, runs of queries
     at a time (a fixed number of them)."""
-    sq, sk = _score_vectors(pat, q, k, tensors)
+    sq, sk = _score_vectors(pat, bound, q, k, tensors)
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     nb = c.nblocks
     rows = Nq if pat.route.score == "block" else max(1, routing.SELECT_ELEMENTS // max(1, B * Hq * nb))
@@ -186,10 +187,10 @@ def _select_tokens(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> to
     """``routing._select_tokens``'s selection ``[B, Hq, Nq, Nk]`` on q's device, runs of queries at a time, each
     over the keys from the first to the last that the mask allows it (``_spans``: the host's spans, so the scores
     are the host's too), the mask and keep evaluated there."""
-    sq, sk = _score_vectors(pat, q, k, tensors)
+    sq, sk = _score_vectors(pat, bound, q, k, tensors)
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     nk = k.shape[2]
-    rows = max(1, min(routing.TOKEN_ROWS, routing.SELECT_ELEMENTS // max(1, B * Hq * nk)))
+    rows = max(1, min(routing.TOKEN_ROWS, routing.SELECT_ELEMENTS // max(1, B * max(Hq, sq.shape[1]) * nk)))
     selected = torch.zeros(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=q.device)
     for part, lo, hi in _spans(pat, bound, c, rows, Nq):
         if lo == hi:
