@@ -27,19 +27,44 @@ SHOW_DEFAULT_N = 32
 SHOW_HEAD_DIM = 64
 SHOW_DEFAULT_AXIS = 8
 SHOW_MAX_TOKENS = 4096
+#: Characters per row of a drawn mask: a larger mask is drawn pooled, each character a square of pairs
+SHOW_MAX_COLUMNS = 160
 SHOW_MAX_TILES = 256
 
 
-def cmd_list(_args) -> int:
+def cmd_list(args) -> int:
     from ..spec.library import stdlib_index
 
     index = stdlib_index()
+    names = getattr(args, "names", None) or []
+    if names:  # one pattern in full: its header (paper, code matched, rule) and its declaration
+        for i, name in enumerate(names):
+            found = index.get(name.removeprefix("stdlib:"))
+            if found is None:
+                from ..core.errors import did_you_mean
+
+                raise SpecError(f"no stdlib pattern '{name}'", where="argument NAME",
+                                hint=did_you_mean(name, list(index)) or "attnc list shows them all")
+            module, decl = found
+            lines = module.source.splitlines()
+            end = next((j for j in range(decl.pos.line, len(lines)) if lines[j].strip().startswith(
+                ("pattern ", "recurrence "))), len(lines))
+            print(("\n" if i else "") + "\n".join(lines[_header_start(lines, decl.pos.line):end]).rstrip())
+        return 0
     width = max(map(len, index))
     for name, (module, decl) in sorted(index.items()):
         summary = _summary(module.source, decl.pos.line)
         params = ", ".join(p.name + ("" if p.default is None else f"={_fmt(p.default)}") for p in decl.params)
         print(f"{name:{width}s} {decl.kind:10s} {summary}" + (f"  ({params})" if params else ""))
     return 0
+
+
+def _header_start(lines: list[str], decl_line: int) -> int:
+    """The index of the first line of the comment block just above line ``decl_line`` (1-based)."""
+    start = decl_line - 1
+    while start > 0 and lines[start - 1].strip().startswith("#"):
+        start -= 1
+    return start
 
 
 def _fmt(v) -> str:
@@ -214,14 +239,34 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         heads_note = f", {len(shown_heads)} heads" if depends_on_head else ""
         print(f"wrote {args.png}: {title}{heads_note} (density {density:.3f})")
         return 0
+    cell = -(-max(bound.n, bound.nk) // SHOW_MAX_COLUMNS)  # pairs per character along each side
+    if cell > 1:
+        title += f"; each character {cell} x {cell} pairs: # all allowed, + some, . none (--png draws every pair)"
     for h in shown_heads:
         density = mask[h].float().mean().item()
         print(f"{title}" + (f", head {h}" if depends_on_head else "") + f" (density {density:.3f})")
-        for row in mask[h]:
-            print("".join("#" if x else "." for x in row.tolist()))
+        for row in _pooled_rows(mask[h], cell):
+            print(row)
         if h != shown_heads[-1]:
             print()
     return 0
+
+
+def _pooled_rows(mask, cell: int) -> list[str]:
+    """The rows of a bool mask ``[n, nk]`` as text, ``cell`` x ``cell`` pairs a character."""
+    import torch
+
+    if cell == 1:
+        return ["".join("#" if x else "." for x in row.tolist()) for row in mask]
+    n, nk = mask.shape
+    padded = torch.zeros(-(-n // cell) * cell, -(-nk // cell) * cell, dtype=torch.int32)
+    counted = torch.zeros_like(padded)
+    padded[:n, :nk] = mask.to(torch.int32)
+    counted[:n, :nk] = 1
+    pool = lambda x: x.view(x.shape[0] // cell, cell, x.shape[1] // cell, cell).sum((1, 3))  # noqa: E731
+    allowed, pairs = pool(padded), pool(counted)
+    return ["".join("#" if a == c else "." if a == 0 else "+" for a, c in zip(ra.tolist(), rc.tolist(), strict=True))
+            for ra, rc in zip(allowed, pairs, strict=True)]
 
 
 def _show_recurrence(rec, heads: int) -> int:
@@ -569,7 +614,8 @@ CHECK_GPU_DEFAULT_N = 8192
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="attnc", description="attnc: a compiler for attention patterns")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    sub.add_parser("list", help="the stdlib patterns, one line each")
+    p = sub.add_parser("list", help="the stdlib patterns, one line each; with names, each one in full")
+    p.add_argument("names", nargs="*", metavar="NAME", help="show these patterns' headers and declarations")
     p = sub.add_parser("check", help="parse and check .attn files")
     p.add_argument("files", nargs="+", metavar="FILE")
     p = sub.add_parser("show", help="draw the mask of a pattern at a small size")

@@ -8,9 +8,11 @@ import struct
 import subprocess
 import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
+import attnc
 from attnc import cli
 
 OK_SPEC = "# A local causal band.\npattern local(w = 3)\n  tokens seq\n  mask causal and q - k < w\n"
@@ -54,6 +56,30 @@ def test_list(capsys):
     assert "sliding_window" in names and names == sorted(names)
     sw = next(line for line in lines if line.startswith("sliding_window "))
     assert "pattern" in sw and "window=" in sw
+
+
+def test_list_names_show_each_pattern_in_full(capsys):
+    code, out, err = run(capsys, "list", "dsa", "stdlib:quest")
+    assert code == 0 and err == ""
+    text = (Path(attnc.__file__).parent / "stdlib_patterns" / "dsa.attn").read_text()
+    assert out.startswith(text.rstrip())  # the whole file: header, declaration, clauses
+    assert "pattern quest(" in out and "# Quest:" in out and "route topk(topk)" in out
+    code, out, err = run(capsys, "list", "mobba")
+    assert code == 1 and out == "" and "no stdlib pattern 'mobba'" in err and "did you mean 'moba'" in err
+
+
+def test_show_pools_a_large_mask_into_a_readable_drawing(capsys):
+    code, out, err = run(capsys, "show", "stdlib:sliding_window", "-p", "window=700", "--n", "3000")
+    assert code == 0 and err == ""
+    title, *rows = out.splitlines()
+    assert "each character 19 x 19 pairs" in title
+    assert len(rows) == 158 and all(len(r) == 158 for r in rows)  # ceil(3000 / 19) a side
+    # the first pooled row: a causal corner (+), then nothing; a row well inside: full cells before the diagonal
+    assert rows[0][0] == "+" and set(rows[0][1:]) == {"."}
+    # queries 1900..1918 reach keys 1201..1918: cells 63-64 in part, 65-99 whole, 100 the causal corner
+    assert rows[100] == "." * 63 + "++" + "#" * 35 + "+" + "." * 57
+    code, small, _ = run(capsys, "show", "stdlib:sliding_window", "-p", "window=3", "--n", "5")
+    assert small.splitlines()[1:] == ["#....", "##...", "###..", ".###.", "..###"]  # one pair a character
 
 
 # ----------------------------------------------------------------- check
