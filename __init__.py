@@ -10,13 +10,36 @@ it exactly through the reference backend::
     out = attn(q, k, v)
 """
 
+from importlib import import_module
+
 from .core.errors import SpecError
-from .core.ir import PatternIR, RecurrenceIR
 from .core.version import __version__
-from .integrations.natten import na1d, na2d, na3d, neighborhood_attention
-from .runtime.api import Attention, compile_attention, materialize_mask, simulate
-from .runtime.plan.clusters import kmeans_update
-from .spec.library import load
+
+#: The public names and the modules that define them, imported when first used (PEP 562): ``attnc list``
+#: and ``attnc check`` do not pay for torch
+_LAZY = {
+    "PatternIR": ".core.ir", "RecurrenceIR": ".core.ir",
+    "na1d": ".integrations.natten", "na2d": ".integrations.natten", "na3d": ".integrations.natten",
+    "neighborhood_attention": ".integrations.natten",
+    "Attention": ".runtime.api", "compile_attention": ".runtime.api", "materialize_mask": ".runtime.api",
+    "simulate": ".runtime.api",
+    "kmeans_update": ".runtime.plan.clusters",
+    "load": ".spec.library",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'attnc' has no attribute '{name}'")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # once: later reads find it here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "__version__",
