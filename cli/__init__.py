@@ -94,7 +94,7 @@ def cmd_check(args) -> int:
     status = 0
     for path in args.files:
         try:
-            text, filename = read_source(path) if path.startswith("stdlib:") else read_file(path)
+            text, filename = read_source(path, where=path) if path.startswith("stdlib:") else read_file(path)
             decls = check_text(text, filename)
             names = ", ".join(d.name for d in decls)
             shown = path if path.startswith("stdlib:") else filename  # the name as the user gave it

@@ -93,7 +93,7 @@ def load_args(args):
     from ..spec.parser import parse
 
     if args.file.startswith(STDLIB_PREFIX):
-        text, filename = read_source(args.file)
+        text, filename = read_source(args.file, where=args.file)
         stdlib_name = args.file[len(STDLIB_PREFIX):]
     else:
         text, filename = read_file(args.file)

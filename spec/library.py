@@ -44,8 +44,8 @@ def resolve(name: str, module: ast.Module) -> tuple[ast.Module, ast.Declaration]
     return stdlib_index().get(name)
 
 
-def read_source(source: str | os.PathLike) -> tuple[str, str]:
-    """(text, filename) of a path, ``stdlib:NAME`` or spec text.
+def read_source(source: str | os.PathLike, where: str = "argument source") -> tuple[str, str]:
+    """(text, filename) of a path, ``stdlib:NAME`` or spec text; errors name ``where`` (the CLI: its FILE).
 
     A ``Path`` (any ``os.PathLike``), a string naming an existing file, or a
     string ending in ``.attn`` is always a path (``"patterns/win.attn"``). Other
@@ -54,16 +54,16 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
     if isinstance(source, os.PathLike):
         name = os.fspath(source)
         if not isinstance(name, str):
-            raise SpecError("expected a text path, got a bytes path", where="argument source")
-        return read_path(name, where="argument source"), name
+            raise SpecError("expected a text path, got a bytes path", where=where)
+        return read_path(name, where=where), name
     if not isinstance(source, str):
         raise SpecError(f"expected a path, 'stdlib:NAME' or spec text, got {type(source).__name__}",
-                        where="argument source")
+                        where=where)
     if source.startswith(STDLIB_PREFIX):
         name = source[len(STDLIB_PREFIX):]
         index = stdlib_index()
         if name not in index:
-            raise SpecError(f"no stdlib pattern '{name}'", where="argument source",
+            raise SpecError(f"no stdlib pattern '{name}'", where=where,
                             hint=did_you_mean(name, index) or "run 'attnc list' to see them")
         module, _ = index[name]
         return module.source, module.filename
@@ -71,7 +71,7 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
         source.endswith(".attn") or os.path.exists(source)
         or not source.lstrip("\ufeff \t").startswith(("pattern", "recurrence", "#"))
     ):
-        return read_path(source, where="argument source"), source
+        return read_path(source, where=where), source
     return source, "<spec>"
 
 

@@ -550,3 +550,10 @@ def test_a_misspelt_and_is_suggested(capsys, tmp_path):
     code, _, err = run(capsys, "check", str(path))
     assert code == 1 and err.startswith(f"{path}:3:15: error: unexpected 'adn'")
     assert err.splitlines()[-1] == "  hint: did you mean 'and'?"
+
+
+@pytest.mark.parametrize("command", ["show", "sim", "check"])
+def test_an_unknown_stdlib_name_is_blamed_on_the_file_argument(capsys, command):
+    code, out, err = run(capsys, command, "stdlib:mobaa")
+    assert code == 1 and out == ""
+    assert err.startswith("stdlib:mobaa: error: no stdlib pattern 'mobaa'") and "did you mean 'moba'" in err
