@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import sympy
 import torch
 
 from ..core import ir
@@ -43,6 +44,17 @@ def block_ids(layout: ir.Layout, block: tuple[int, ...], bound: E.Bound, count: 
         ids = ids * tiles + c // b
         total *= tiles
     return ids, total
+
+
+def block_count(layout: ir.Layout, block: tuple) -> sympy.Expr:
+    """``block_ids``' number of blocks as an expression of the sizes (the keys' ``nk`` on a sequence, the axes'
+    sizes on a grid): the declared extent of a selection passed to a call (``runtime.plan.given``)."""
+    if layout.kind == "seq":
+        return -sympy.floor(-S.NK / block[0])
+    count = sympy.Integer(1)
+    for (_, extent), size in zip(layout.axes, block, strict=True):
+        count *= -sympy.floor(-extent / size)
+    return count
 
 
 def block_sizes(route: ir.Route, bound: E.Bound) -> tuple[int, ...]:

@@ -304,8 +304,13 @@ class PatternIR:
             lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
         if self.route is not None:
             r = self.route
-            if r.topp is not None:
+            if r.antidiagonal:
                 lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by antidiagonal({r.stride}) keep={r.keep}")
+            elif r.group is not None:
+                lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by minmax(q @ mean(k)) over {r.group} "
+                             f"keep={r.keep}")
+            elif r.given:
+                lines.append(f"route = the given selection '{r.scores}' blocks{tuple(r.block)}")
             else:
                 lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} "
                              f"shared={r.shared}")

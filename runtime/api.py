@@ -156,6 +156,8 @@ class Attention(torch.nn.Module):
         #: what runs: a ``runtime.runner.Runner`` (``auto``: the runner that chooses among the others)
         self.runner = make_runner(pattern, backend, q_tile, kv_tile)
         self._tiles = (q_tile, kv_tile)  # as given (a call with selection= runs a module of the same tiles)
+        if isinstance(pattern, ir.PatternIR) and pattern.route is not None and not pattern.route.given:
+            self._given_module()  # made here, not inside a torch.compile trace of a call with selection=
         self._varlen_key = ops.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
         self._last_call: dict | None = None
 
@@ -230,6 +232,8 @@ class Attention(torch.nn.Module):
         if selection is not None or return_selection:
             self._check_selection_call(selection, return_selection, cu_seqlens, block_table, cache_seqlens)
             if selection is not None:  # the route reads it instead of choosing (runtime.plan.given)
+                for name in self.__dict__["_route_only"]:  # an indexer's inputs: not needed, not refused
+                    inputs.pop(name, None)
                 inputs[given.SELECTION] = selection.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
                 return self._given_module().forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes,
                                                     layout=layout, return_selection=return_selection, **inputs)
@@ -239,7 +243,7 @@ class Attention(torch.nn.Module):
             if not made:  # a path that does not select where this call can see it (it would be a wrong answer)
                 raise SpecError("this call made no selection it can return", where="argument return_selection")
             B, Hq, Nq = q.shape[0], made[0].shape[1], made[0].shape[2]
-            chosen = made[0].expand(B, Hq, Nq, made[0].shape[-1])
+            chosen = made[0].expand(B, Hq, Nq, made[0].shape[-1]).to(q.device)  # the reference selects on the CPU
             return (*result, chosen) if isinstance(result, tuple) else (result, chosen)
         layout = self.layout if layout is None else check_layout(layout)
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
@@ -311,6 +315,7 @@ class Attention(torch.nn.Module):
             module = Attention(given.given_pattern(self.pattern), self.backend, self.sizes, q_tile, kv_tile,
                                self.layout)
             self.__dict__["_given"] = module
+            self.__dict__["_route_only"] = given.route_only_inputs(self.pattern)
         return module
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):

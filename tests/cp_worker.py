@@ -33,6 +33,12 @@ def case_inputs(case: dict) -> dict:
             out[name] = F.logsigmoid(torch.randn(H, n, D, generator=g, dtype=torch.float64) + 2)
         elif kind == "index":  # a token route's indexer vectors, [heads, n, 3]
             out[name] = torch.randn(H, n, 3, generator=g, dtype=torch.float64)
+        elif kind == "lightning_q":  # DeepSeek's lightning indexer: qi [n, 2, 3], ki [n, 3], w [n, 2]
+            out[name] = torch.randn(n, 2, 3, generator=g, dtype=torch.float64)
+        elif kind == "lightning_k":
+            out[name] = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        elif kind == "lightning_w":
+            out[name] = torch.randn(n, 2, generator=g, dtype=torch.float64)
         elif kind == "table":  # a relative-position bias table, [heads, 2n - 1], no token dimension
             out[name] = torch.randn(H, 2 * n - 1, generator=g, dtype=torch.float64)
         elif kind == "weight":  # a per-key bias, [n]
@@ -42,8 +48,9 @@ def case_inputs(case: dict) -> dict:
 
 def token_dim(case: dict, name: str) -> int:
     """The token dimension of a case's input: [n], [heads, n] last; [heads, n, dk] and [heads, n, 3] the
-    middle one."""
-    return 1 if case["inputs"][name] in ("vgate", "index") else -1
+    middle one; the lightning indexer's [n, ...] the first."""
+    kind = case["inputs"][name]
+    return 0 if kind.startswith("lightning") else 1 if kind in ("vgate", "index") else -1
 
 
 def case_tensors(case: dict):

@@ -38,6 +38,8 @@ CASES_2 = {
     "token-indexer-allgather": dict(spec="pattern idx(topk = 4)\n  tokens seq\n  input qi: float[heads, n, 3]\n"
                                     "  input ki: float[heads, nk, 3]\n  mask causal\n  route topk(topk) tokens by qi @ ki\n",
                                     n=48, inputs={"qi": "index", "ki": "index"}, kv="allgather"),
+    "dsa-allgather": dict(spec="stdlib:dsa", params={"topk": 5, "index_heads": 2, "index_dim": 3}, n=48,
+                          inputs={"qi": "lightning_q", "ki": "lightning_k", "w": "lightning_w"}, kv="allgather"),
     "cluster-mask-ring": dict(spec="stdlib:cluster_mask", params={"clusters": 3}, n=48,
                                      inputs={"centroids": "centroids"}),
     "vertical-slash-ring": dict(spec="stdlib:vertical_slash", n=64, params={

@@ -150,3 +150,20 @@ def test_the_route_scores_are_the_lightning_indexer():
     score = routing.block_scores(pat, bound, sq, sk, torch.arange(12), 12)
     want = (torch.relu(torch.einsum("bshd,btd->bsht", qi, ki)) * w[..., None]).sum(2)
     torch.testing.assert_close(score[:, 0], want, rtol=1e-12, atol=1e-12)
+
+
+def test_the_weights_keep_their_precision_beside_low_precision_vectors():
+    """bf16 indexer vectors with fp32 weights (DeepSeek's): the weights are not rounded to bf16."""
+    from attnc.compiler import evaluate as E
+    from attnc.runtime.plan import routing
+
+    pat = attnc.load("stdlib:dsa", topk=4, index_heads=2, index_dim=3)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 2, 12, 8, generator=g)
+    qi, ki = torch.randn(1, 12, 2, 3, generator=g).bfloat16(), torch.randn(1, 12, 3, generator=g).bfloat16()
+    w = 1 + torch.rand(1, 12, 2, generator=g) / 7  # not representable in bf16
+    bound = E.bind_sizes(pat, n=12, nk=12, heads=2, sizes={}, dk=8)
+    sq, sk = routing.score_vectors(pat, q, q, {"qi": qi, "ki": ki, "w": w})
+    score = routing.block_scores(pat, bound, sq, sk, torch.arange(12), 12)
+    want = (torch.relu(torch.einsum("bshd,btd->bsht", qi.float(), ki.float())) * w[..., None]).sum(2)
+    torch.testing.assert_close(score[:, 0], want, rtol=1e-6, atol=1e-6)

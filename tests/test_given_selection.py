@@ -119,3 +119,38 @@ def test_refusals_name_the_argument():
     assert err.value.where == "argument return_selection"
     with pytest.raises(SpecError, match="return_selection"):
         moba(q, k, v, return_selection="yes")
+
+
+def test_a_given_selection_runs_under_torch_compile_fullgraph():
+    attn = attnc.compile_attention("stdlib:moba", block=8, topk=2, backend="cpu")
+    q, k, v = _qkv(6, torch.float32)
+    out, kept = attn(q, k, v, return_selection=True)
+    compiled = torch.compile(attn, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, selection=kept), out, rtol=1e-6, atol=1e-6)
+
+
+def test_a_given_selection_needs_no_input_only_the_route_reads():
+    """An indexer's inputs feed the choice alone: with the selection given they need not be passed (and may be)."""
+    g = torch.Generator().manual_seed(8)
+    attn = attnc.compile_attention("stdlib:dsa", topk=4, index_heads=2, index_dim=3, backend="cpu")
+    q, k, v = _qkv(9, torch.float64, n=20, nk=20)
+    index = {"qi": torch.randn(20, 2, 3, generator=g, dtype=torch.float64),
+             "ki": torch.randn(20, 3, generator=g, dtype=torch.float64),
+             "w": torch.randn(20, 2, generator=g, dtype=torch.float64)}
+    out, kept = attn(q, k, v, return_selection=True, **index)
+    torch.testing.assert_close(attn(q, k, v, selection=kept), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(attn(q, k, v, selection=kept, **index), out, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_the_declared_block_count_is_the_routes(name):
+    """The extent a given selection is declared with is the number of blocks the route's keys fall in."""
+    from attnc.compiler import evaluate as E
+    from attnc.compiler.route_blocks import block_count, block_ids, route_sizes
+
+    params, sizes, _, blocks = CASES[name]
+    pat = attnc.load(f"stdlib:{name}", **params)
+    for nk in (N, N - 5) if sizes is None else (N,):
+        bound = E.bind_sizes(pat, n=nk, nk=nk, heads=2, sizes=sizes or {}, dk=8)
+        _, count = block_ids(pat.keys, route_sizes(pat, bound)[0], bound, nk)
+        assert int(block_count(pat.keys, pat.route.block).subs(bound.subs)) == count

@@ -272,3 +272,25 @@ def test_packed_sequences_are_each_ranked_on_their_own(backend):
     ref = attnc.compile_attention(source, backend="reference")
     want = torch.cat([ref(*(x[:, :, a:b].double() for x in (q, k, v))) for a, b in ((0, 17), (17, 40))], 2)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["head", "query", "block", "all"])
+def test_a_mask_makes_entries_invalid_as_the_codes_batch_bounds_do(mode):
+    """With a causal mask, a (block, query) entry is valid where the query reaches a key of the block: the
+    code's valid_gate_mask (which it uses for a packed batch's bounds) passed to its rules as such."""
+    source = (f"pattern p(threshold = 0.3)\n  tokens seq\n  mask causal\n  route topp(threshold) blocks(8) "
+              f"by minmax(q @ mean(k)) over {mode} keep q // 8 == k // 8\n")
+    g = torch.Generator().manual_seed(21)
+    n, H, D = 40, 3, 8
+    q, k, v = (torch.randn(1, H, n, D, generator=g, dtype=torch.float64) for _ in range(3))
+    chunk_of, starts = torch.arange(n) // 8, torch.arange(0, n, 8)
+    means = torch.stack([k[0, :, s:s + 8].mean(1) for s in starts])  # [C, H, D]
+    gate = torch.einsum("chd,hsd->chs", means, q[0])
+    own = (chunk_of.view(1, 1, -1) == torch.arange(len(starts)).view(-1, 1, 1)).expand(-1, H, -1)
+    valid = (starts.view(-1, 1, 1) <= torch.arange(n).view(1, 1, -1)).expand(-1, H, -1)
+    chosen = code_select(gate, valid, own, 0.3, mode).permute(1, 2, 0)[:, :, chunk_of]  # [H, n, n]
+    allowed = chosen & torch.ones(n, n, dtype=torch.bool).tril()
+    scores = (q[0] @ k[0].transpose(-1, -2) / math.sqrt(D)).masked_fill(~allowed, -math.inf)
+    want = torch.softmax(scores, -1) @ v[0]
+    got = attnc.compile_attention(source, backend="reference")(q, k, v)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

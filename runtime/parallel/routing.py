@@ -37,6 +37,9 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     """The routing scores of this rank's queries against every block ``[B, h, L, blocks]``."""
     pat, bound = prob.pattern, prob.bound
     B, h, L, _ = q.shape
+    if pat.route.given:
+        raise SpecError(f"'{pat.name}' with a given selection (selection=): context parallelism does not run it in "
+                        "this version", where="argument selection")
     if pat.route.scores is not None:
         raise SpecError(f"'{pat.name}' routes by scores a combined pattern computes (by probs(...)): context "
                         "parallelism does not run it in this version", where="argument pattern")
@@ -44,12 +47,12 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
         raise SpecError(f"'{pat.name}' routes by the keys' bounds per block (q @ bound(k), Quest): context "
                         "parallelism does not run it in this version", where="argument pattern")
     if pat.route.score == "indexer":  # DeepSeek's lightning indexer: every rank holds its inputs whole
-        sq, sk = score_vectors(pat, q, k, inputs)
-        score = block_scores(pat, bound, sq[:, :, q_pos].to(q.device), sk.to(q.device), key_block, nblocks)
+        sq, sk = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs
+        score = block_scores(pat, bound, sq.to(q.device), sk.to(q.device), key_block, nblocks)
         return score.expand(B, h, L, nblocks)
     if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
-        qi, ki = score_vectors(pat, q, k, inputs)
-        qi, ki = qi[:, prob.head_index][:, :, q_pos].to(q.device), ki[:, prob.head_index].to(q.device)
+        qi, ki = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs
+        qi, ki = qi[:, prob.head_index].to(q.device), ki[:, prob.head_index].to(q.device)
         dtype = torch.float64 if torch.float64 in (qi.dtype, ki.dtype) else torch.float32
         return (qi.to(dtype) @ ki.to(dtype).transpose(-1, -2)).expand(B, h, L, nblocks)
     k_mean = _block_means(k, key_block[q_pos], nblocks, group, ring)

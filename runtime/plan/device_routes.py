@@ -143,7 +143,8 @@ def _device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, key
 def _score_vectors(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     dev = q.device
-    return tuple(t if t.device == dev else t.to(dev) for t in routing.score_vectors(pat, q, k, tensors, bound.q_offset))
+    sides = routing.score_vectors(pat, q, k, tensors, routing.query_rows(bound, q))
+    return tuple(t if t.device == dev else t.to(dev) for t in sides)
 
 
 def _select_blocks(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> torch.Tensor:

@@ -17,9 +17,10 @@ import contextvars
 import dataclasses
 import functools
 
-import sympy
 import torch
 
+from ...compiler import evaluate as E
+from ...compiler.route_blocks import block_count
 from ...core import ir
 from ...core import symbols as S
 
@@ -27,25 +28,22 @@ from ...core import symbols as S
 SELECTION = "selection"
 
 
-def block_count(pat: ir.PatternIR) -> sympy.Expr:
-    """The number of key blocks of ``pat``'s route, an expression of the sizes (``compiler.route_blocks.block_ids``'s
-    count: runs of a sequence, or tiles of a grid, the last ones possibly smaller)."""
-    route = pat.route
-    if pat.keys.kind == "seq" or not pat.keys.axes:
-        return -sympy.floor(-S.NK / route.block[0])
-    count = sympy.Integer(1)
-    for (_, extent), size in zip(pat.keys.axes, route.block, strict=True):
-        count *= -sympy.floor(-extent / size)
-    return count
-
-
 @functools.lru_cache(maxsize=64)
 def given_pattern(pat: ir.PatternIR) -> ir.PatternIR:
-    """``pat`` with its route's selection read from the input ``SELECTION`` (the module docstring)."""
-    nblocks = block_count(pat)
+    """``pat`` with its route's selection read from the input ``SELECTION`` (the module docstring). The inputs
+    only the route read (an indexer's, its keep's) are not asked for: a given selection needs none of them."""
+    nblocks = block_count(pat.keys, pat.route.block)
     decl = ir.InputDecl(SELECTION, "float", (S.HEADS, S.NQ, nblocks), ("heads", "nq", "blocks"))
     route = ir.Route(nblocks, pat.route.block, "token", None, False, scores=SELECTION, given=True)
-    return dataclasses.replace(pat, route=route, inputs=(*pat.inputs, decl))
+    read = set(E.input_names(pat.mask)) | (set(E.input_names(pat.bias)) if pat.bias is not None else set())
+    read |= {pat.decay} if pat.decay is not None else set()
+    kept = tuple(d for d in pat.inputs if d.name in read)
+    return dataclasses.replace(pat, route=route, inputs=(*kept, decl))
+
+
+def route_only_inputs(pat: ir.PatternIR) -> set[str]:
+    """The inputs of ``pat`` that a given selection makes unneeded (``given_pattern`` does not ask for them)."""
+    return {d.name for d in pat.inputs} - {d.name for d in given_pattern(pat).inputs}
 
 
 _RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnc_route_selection", default=None)

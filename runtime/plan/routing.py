@@ -25,27 +25,34 @@ from ...core.errors import SpecError
 from . import antidiagonal, given, share
 
 
-def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None, q_offset: int = 0,
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: dict | None,
+                  rows: slice | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The two sides of the routing score: ``q`` and ``k``, or a token route's indexer inputs
     ``(QI [B | 1, Hq, Nq, DI], KI [B | 1, Hq, Nk, DI])`` (a leading batch dimension added); a route
     whose scores are given (``by probs(BRANCH)`` in a combined pattern): that input ``[B | 1, Hq, Nq,
-    blocks]`` on both sides. An indexer's inputs are declared over the whole sequence (``n``): after a KV
-    cache (``q_offset``) the query side is their rows of this call's queries, ``q_offset`` on."""
+    blocks]`` on both sides. An indexer's inputs are declared over the whole sequence (``n``): the query side
+    is their ``rows`` of this call's queries (a slice, or positions; default the first ``Nq``): after a KV
+    cache ``q_offset`` on, a context-parallel rank's its own positions."""
     if pat.route.scores is not None:
         given = inputs[pat.route.scores]
         given = given if given.dim() == 4 else given[None]
         return given, given
     if pat.route.indexer is None:
         return q, k
-    rows = slice(q_offset, q_offset + q.shape[2])
+    rows = slice(0, q.shape[2]) if rows is None else rows
     if pat.route.score == "indexer":  # DeepSeek's lightning indexer: (QI | W [B | 1, J, Nq, DI + 1], KI [B | 1, 1, Nk, DI])
         qi, ki, w = (inputs[name] for name in pat.route.indexer)
         qi, ki, w = (x if x.dim() == rank else x[None] for x, rank in ((qi, 4), (ki, 3), (w, 3)))
-        sq = torch.cat([qi.transpose(1, 2), w.transpose(1, 2)[..., None].to(qi.dtype)], -1)
+        dtype = torch.float64 if torch.float64 in (qi.dtype, ki.dtype, w.dtype) else torch.float32  # w not rounded
+        sq = torch.cat([qi.transpose(1, 2).to(dtype), w.transpose(1, 2)[..., None].to(dtype)], -1)
         return sq[:, :, rows], ki[:, None]
     qi, ki = (inputs[name] for name in pat.route.indexer)
     return (qi if qi.dim() == 4 else qi[None])[:, :, rows], (ki if ki.dim() == 4 else ki[None])
+
+
+def query_rows(bound: E.Bound, q: torch.Tensor) -> slice:
+    """The rows of this call's queries in inputs declared over the whole sequence: after a KV cache, the last."""
+    return slice(bound.q_offset, bound.q_offset + q.shape[2])
 
 
 def key_summary(pat: ir.PatternIR, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int,
@@ -314,7 +321,7 @@ def _selection(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tens
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, k.shape[2])
     dev = q.device
-    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs, bound.q_offset))
+    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs, query_rows(bound, q)))
     with torch.no_grad():
         dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
         reachable = allowed(key_block, nblocks, dtype).to(dev)
@@ -364,7 +371,7 @@ def _select_tokens(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.
     nk = k.shape[2]
     key_block = torch.arange(nk)
     dev = q.device
-    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs, bound.q_offset))
+    sq, sk = (t.to(dev) for t in score_vectors(pat, q, k, inputs, query_rows(bound, q)))
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=dev)
     # short runs of rows: a causal run's keys end where it does (an indexer's J heads of scores each)
