@@ -16,7 +16,7 @@ from ..compiler import evaluate as E
 from ..core.errors import SpecError
 from .checks import check_fits, check_softcap
 from .numerics import compute_dtype
-from .plan import routing
+from .plan import forms, routing
 from .runner import refusal
 
 
@@ -24,18 +24,9 @@ def check_query_offset(pat) -> None:
     """Refuse queries after a KV cache (``nk > n``) where the route scores blocks of queries: the score of a
     block partly in the cache needs the cached queries, which a call does not have."""
     route = getattr(pat, "route", None)
-    if route is None or route.per_query:  # selected per query: any offset
-        return
-    if route.group is not None:
-        why = (f"'{pat.name}' ranks its block scores over the {route.group} group (min-max share), which spans "
-               "queries: queries after a KV cache (nk > n) are not supported")
-    elif route.antidiagonal:
-        why = (f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
-               "queries after a KV cache (nk > n) are not supported")
-    else:
-        why = (f"'{pat.name}' routes by the mean of query blocks, which needs every query of a "
-               "block: queries after a KV cache (nk > n) are not supported")
-    raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
+    why = None if route is None else forms.form_of(route).decode_refusal(pat)  # None: selected per query
+    if why is not None:
+        raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
 
 
 def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> None:

@@ -22,7 +22,7 @@ from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError
 from ..checks import check_qkv, resolve_scale, state_heads
-from ..plan import antidiagonal, clusters, vertical_slash
+from ..plan import clusters, forms, vertical_slash
 from ..plan.cache import score_input_names
 from . import collectives as C
 from . import routing
@@ -367,7 +367,7 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
                         f"{ulysses_degree}", where="argument ulysses_degree")
     pat = attn.pattern
     if isinstance(pat, ir.PatternIR):
-        antidiagonal.refuse_context_parallel(pat, "argument attn")
+        forms.refuse_context_parallel(pat, "argument attn")
         if not pat.self_attention:
             raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
                             "one sequence", where="argument attn")

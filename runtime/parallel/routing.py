@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ...compiler.route_blocks import block_ids, route_sizes
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask
-from ..plan.routing import block_ids, block_scores, choose, keep_blocks, route_sizes, score_vectors
+from ..plan.forms import refuse_context_parallel
+from ..plan.route_scores import block_scores, choose, keep_blocks, score_vectors
 
 
 def _block_means(x: torch.Tensor, block_of: torch.Tensor, nblocks: int, group, ring: int) -> torch.Tensor:
@@ -37,14 +39,9 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     """The routing scores of this rank's queries against every block ``[B, h, L, blocks]``."""
     pat, bound = prob.pattern, prob.bound
     B, h, L, _ = q.shape
-    if pat.route.given:
-        raise SpecError(f"'{pat.name}' with a given selection (selection=): context parallelism does not run it in "
-                        "this version", where="argument selection")
+    refuse_context_parallel(pat, "argument pattern")  # the forms it does not run (ContextParallel refused them)
     if pat.route.scores is not None:
         raise SpecError(f"'{pat.name}' routes by scores a combined pattern computes (by probs(...)): context "
-                        "parallelism does not run it in this version", where="argument pattern")
-    if pat.route.score == "bound":
-        raise SpecError(f"'{pat.name}' routes by the keys' bounds per block (q @ bound(k), Quest): context "
                         "parallelism does not run it in this version", where="argument pattern")
     if pat.route.score == "indexer":  # DeepSeek's lightning indexer: every rank holds its inputs whole
         sq, sk = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs

@@ -185,22 +185,3 @@ def refuse_query_offset(pat: ir.PatternIR, bound: E.Bound) -> None:
         raise SpecError(f"'{pat.name}' selects blocks by antidiagonal scoring over every query of a block: "
                         "queries after a KV cache (nk > n) are not supported", where="argument k",
                         hint="call with all the queries (nk == n)")
-
-
-def refuse_context_parallel(pat: ir.PatternIR, where: str) -> None:
-    """Context parallelism does not run antidiagonal top-p routes (a query block's estimate reads every
-    key of the sequence and every query of its block, which the ranks' shards split), nor Quest's bound
-    scores (not gathered across ranks in this version)."""
-    route = getattr(pat, "route", None)
-    if route is not None and route.score == "bound":
-        raise SpecError(f"'{pat.name}' scores blocks by its keys' bounds (q @ bound(k), Quest), which context "
-                        "parallelism does not run in this version: a block's bound reads every key of the block",
-                        where=where, hint="run it on one device")
-    if route is not None and route.group is not None:
-        raise SpecError(f"'{pat.name}' selects blocks by their min-max share over the {route.group} group "
-                        "(VMoBA), which context parallelism does not run in this version: the group's scores "
-                        "are normalised and ranked across the ranks' shards", where=where, hint="run it on one device")
-    if route is not None and route.antidiagonal:
-        raise SpecError(f"'{pat.name}' selects blocks by antidiagonal top-p scoring (XAttention), which context "
-                        "parallelism does not run: each query block's estimate reads every key and every query "
-                        "of the block", where=where, hint="run it on one device")

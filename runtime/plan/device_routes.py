@@ -1,14 +1,14 @@
-"""A route's selection (top-k, or top-p by antidiagonal scoring) and its tile lists, made on the call's device
+"""A route's selection (by its form, ``plan/forms/``) and its tile lists, made on the call's device
 at every call (issue 42): a warm call of a routed pattern on the Triton backend reads nothing on the host
 (``routing.route_plan`` chose on the device but built its lists on the host, reading the selection back).
 
 What depends on the shapes alone is made once per plan and device (``Constants``): the block of every key,
 which blocks the mask lets each query reach and the keep rule (a block route's; a token route's are
 evaluated per run of queries, on the device, over the span of keys the mask lets the run reach, found once),
-an antidiagonal route's stride tiles, the static schedule's tile pairs as fixed-width candidate lists per Q
-tile and per KV tile, and the blocks each KV tile's keys fall in. At every call: the scores and the choice
-(``device_choice.choose``: the rule of ``routing.choose`` with no host read; ``antidiagonal.threshold`` for
-top-p), then per (batch, head) the candidates some query of the Q tile selected a block of (FULL where the
+what the form reads besides (``RouteForm.device_extras``: an antidiagonal route's stride tiles), the static
+schedule's tile pairs as fixed-width candidate lists per Q tile and per KV tile, and the blocks each KV tile's
+keys fall in. At every call: the form's selection (``RouteForm.select_on_device``: the host's rule with no host
+read), then per (batch, head) the candidates some query of the Q tile selected a block of (FULL where the
 mask's tile is FULL and every query of the tile selected every block the KV tile touches, as
 ``routing.selected_plan`` has it), compacted into lists of the candidates' widths.
 
@@ -26,8 +26,9 @@ import sympy
 import torch
 
 from ...compiler import evaluate as E
-from ...compiler.route_blocks import block_ids, route_sizes, route_stride
-from . import antidiagonal, call_plan, device_choice, given, routing, share
+from ...compiler.route_blocks import block_ids, route_sizes
+from ...core.errors import SpecError
+from . import call_plan, forms, given, routing
 from .device_tiles import candidates, compact, pair_keys
 
 
@@ -58,7 +59,7 @@ class Constants:
     block_lo: torch.Tensor | None  # [nK] the first and last block of each KV tile's keys (runs of blocks)
     block_hi: torch.Tensor | None
     tile_blocks: torch.Tensor | None  # [nK, M] the blocks of each KV tile's keys, -1 padded (otherwise)
-    top_p: dict | None = None  # an antidiagonal route's stride tiles, candidate and forced blocks (_top_p)
+    extras: dict | None = None  # what the form's device selection reads besides these (RouteForm.device_extras)
     exprs: dict | None = None  # a token route's mask and keep at these sizes (evaluated per run of queries)
 
 
@@ -79,28 +80,14 @@ def _tile_blocks(plan, key_block: torch.Tensor) -> tuple:
     return None, None, blocks
 
 
-def _top_p(plan, allowed: torch.Tensor, keep: torch.Tensor | None, block: int) -> dict:
-    """What an antidiagonal route's calls share: the stride tiles the mask reaches ``[1, Hq, runs, runs]``
-    (``antidiagonal.block_mass``'s), and per (query block, key block) whether the mask reaches it and whether
-    ``keep`` forces it (``antidiagonal.select``'s candidates and forced blocks)."""
-    pat, bound = plan.pattern, plan.bound
-    stride = route_stride(pat, bound)
-    tiles = antidiagonal.classified_stride_tiles(pat, bound, None, stride)
-    if tiles is None:  # the classifier left pairs open: the mask pooled densely, once
-        tiles = antidiagonal.stride_tiles(pat, bound, None, 1, stride, range(0, -(-bound.n // stride)))
-    nblocks = allowed.shape[-1]
-    forced = None if keep is None else antidiagonal.per_block(torch.broadcast_to(keep, allowed.shape), block,
-                                                             nblocks)
-    return {"tiles": tiles, "stride": stride, "candidates": antidiagonal.per_block(allowed, block, nblocks),
-            "forced": forced}
-
-
 def constants(plan, device: torch.device) -> Constants:
     """``Constants`` of a routed plan on ``device``: made once, on the host, and moved there."""
     pat, bound = plan.pattern, plan.bound
     route = pat.route
-    if route.antidiagonal:
-        antidiagonal.refuse_query_offset(pat, bound)
+    form = forms.form_of(route)
+    why = form.decode_refusal(pat) if bound.q_offset else None
+    if why is not None:  # admission refuses it first: a plan never has such a call
+        raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, bound.nk)
     allowed = keep = q_block = exprs = None
@@ -115,7 +102,7 @@ def constants(plan, device: torch.device) -> Constants:
     tok = plan.q_tokens
     in_order = bool(tok.valid.all()) and tok.index.numel() == bound.n and torch.equal(
         tok.index.flatten(), torch.arange(bound.n))
-    top_p = _top_p(plan, allowed, keep, block[0]) if route.antidiagonal else None
+    extras = form.device_extras(plan, allowed, keep, block) if form.device_extras is not None else None
     lo, hi, blocks = _tile_blocks(plan, key_block)
     full = pair_keys(plan.schedule, plan.schedule.heads_stored, True)
     sides = {"q": candidates(plan.schedule, full, False), "k": candidates(plan.schedule, full, True)}
@@ -126,101 +113,8 @@ def constants(plan, device: torch.device) -> Constants:
     return Constants(on(key_block), on(key_block.to(torch.int32)), nblocks, topk, on(q_block), on(allowed), on(keep),
                      on(tok.index), on(tok.valid), in_order,
                      {s: dataclasses.replace(c, index=on(c.index), flag=on(c.flag)) for s, c in sides.items()}, on(lo),
-                     on(hi), on(blocks), None if top_p is None else {n: v if isinstance(v, int) else on(v)
-                                                                      for n, v in top_p.items()}, exprs)
-
-
-def _device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``expr`` (substituted, of positions and sizes alone) at query rows ``rows`` and key rows ``keys`` (device
-    tensors) for every head: bool ``[1, Hq | 1, len(rows) | 1, len(keys) | 1]`` on their device."""
-    heads = torch.arange(bound.heads, device=rows.device).view(1, -1, 1, 1)
-    env = E.token_env(pat, bound, rows.view(1, 1, -1, 1), keys.view(1, 1, 1, -1), heads)
-    value = E.as_tensor(E.Evaluator(env, {}, set(), None)(expr), torch.bool)
-    value = torch.zeros((), dtype=torch.bool, device=rows.device) | value  # a constant made on the device
-    return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
-
-
-def _score_vectors(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    dev = q.device
-    sides = routing.score_vectors(pat, q, k, tensors, routing.query_rows(bound, q))
-    return tuple(t if t.device == dev else t.to(dev) for t in sides)
-
-
-def _select_blocks(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> torch.Tensor:
-    """``routing._select``'s selection of a block route ``[B, Hq, Nq, nblocks]``, on q's device, runs of queries
-    at a time (a fixed number of them)."""
-    sq, sk = _score_vectors(pat, bound, q, k, tensors)
-    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
-    nb = c.nblocks
-    rows = Nq if pat.route.score == "block" else max(1, routing.SELECT_ELEMENTS // max(1, B * Hq * nb))
-    selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nb, dtype=torch.bool, device=q.device)
-    allowed = torch.broadcast_to(c.allowed, (*c.allowed.shape[:2], Nq, nb))
-    keep = None if c.keep is None else torch.broadcast_to(c.keep, (*c.keep.shape[:2], Nq, nb))
-    dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
-    if pat.route.given:  # the selection itself (a call's selection=): the blocks the mask lets a query reach
-        return (routing.block_scores(pat, bound, sq, sk, c.key_block, nb) > 0) & allowed
-    summary = None if pat.route.scores is not None else routing.key_summary(pat, sk, c.key_block, nb, Hq, dtype)
-    for start in range(0, Nq, rows):
-        part = slice(start, min(Nq, start + rows))
-        score = routing.block_scores(pat, bound, sq[:, :, part], sk, c.key_block, nb, q_block=c.q_block,
-                                     summary=summary)
-        selected[:, :, part] = device_choice.choose(score, allowed[:, :, part], None if keep is None else
-                                                    keep[:, :, part], c.topk)
-    return selected
-
-
-def _spans(pat, bound: E.Bound, c: Constants, rows: int, nq: int) -> list[tuple[slice, int, int]]:
-    """Per run of ``rows`` queries, the first key and one past the last that the mask allows any query of it
-    (``routing.allowed_span``): the mask reads no input, so they are found once per run length, on the host."""
-    spans = c.exprs.setdefault("spans", {})
-    if rows not in spans:
-        spans[rows] = []
-        unrouted = dataclasses.replace(pat, route=None)  # the mask alone (an indexer's inputs are not asked for)
-        for start in range(0, nq, rows):
-            part = torch.arange(start, min(nq, start + rows))
-            lo, hi = routing.allowed_span(E.mask_tensor(unrouted, bound, {}, q_index=part), bound.nk)
-            spans[rows].append((slice(start, start + len(part)), lo, hi))
-    return spans[rows]
-
-
-def _select_tokens(pat, bound: E.Bound, q, k, tensors: dict, c: Constants) -> torch.Tensor:
-    """``routing._select_tokens``'s selection ``[B, Hq, Nq, Nk]`` on q's device, runs of queries at a time, each
-    over the keys from the first to the last that the mask allows it (``_spans``: the host's spans, so the scores
-    are the host's too), the mask and keep evaluated there."""
-    sq, sk = _score_vectors(pat, bound, q, k, tensors)
-    B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
-    nk = k.shape[2]
-    rows = max(1, min(routing.TOKEN_ROWS, routing.SELECT_ELEMENTS // max(1, B * max(Hq, sq.shape[1]) * nk)))
-    selected = torch.zeros(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=q.device)
-    for part, lo, hi in _spans(pat, bound, c, rows, Nq):
-        if lo == hi:
-            continue
-        here = torch.arange(part.start, part.stop, device=q.device)
-        keys = c.key_block[lo:hi]
-        allowed = _device_mask(c.exprs["mask"], pat, bound, here, keys)
-        keep = None if c.exprs["keep"] is None else _device_mask(c.exprs["keep"], pat, bound, here, keys)
-        score = routing.block_scores(pat, bound, sq[:, :, part], sk[:, :, lo:hi], keys, hi - lo)
-        selected[:, :, part, lo:hi] = device_choice.choose(score, allowed, keep, c.topk)
-    return selected
-
-
-def _select_top_p(pat, bound: E.Bound, q, k, c: Constants) -> torch.Tensor:
-    """``antidiagonal.select``'s selection ``[B, Hq, Nq, nblocks]`` on q's device."""
-    (block,), _ = route_sizes(pat, bound)
-    t = c.top_p
-    mass = antidiagonal.block_mass(pat, bound, q, k, None, block, t["stride"], tiles=t["tiles"])
-    B = mass.shape[0]
-    forced = None if t["forced"] is None else t["forced"].expand(B, *t["forced"].shape[1:])
-    chosen = antidiagonal.threshold(mass, t["candidates"].expand(B, *t["candidates"].shape[1:]), forced,
-                                    float(pat.route.topp))  # [B, Hq, nblocks, nblocks]
-    return chosen[:, :, c.key_block[:q.shape[2]]] & c.allowed
-
-
-def _select_share(pat, bound: E.Bound, q, k, c: Constants) -> torch.Tensor:
-    """``routing._select_share``'s selection ``[B, Hq, Nq, nblocks]`` on q's device."""
-    score = routing.block_scores(pat, bound, q, k, c.key_block, c.nblocks)
-    return share.threshold(score, c.allowed, c.keep, float(pat.route.topp), pat.route.group)
+                     on(hi), on(blocks), None if extras is None else {n: v if isinstance(v, int) else on(v)
+                                                                       for n, v in extras.items()}, exprs)
 
 
 def _per_tile(selected: torch.Tensor, c: Constants) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,15 +165,7 @@ def route_call_plan(plan, q: torch.Tensor, k: torch.Tensor, tensors: dict):
     c = plan.on_device(("route", device), lambda: constants(plan, device))
     with torch.no_grad():
         q, k = q.detach(), k.detach()
-        if pat.route.antidiagonal:
-            selected = _select_top_p(pat, bound, q, k, c)
-        elif pat.route.group is not None:
-            selected = _select_share(pat, bound, q, k, c)
-        elif pat.route.tokens and pat.route.scores is None:
-            selected = _select_tokens(pat, bound, q, k, tensors, c)
-        else:
-            selected = _select_blocks(pat, bound, q, k, tensors, c)
-        given.record(selected)
+        selected = given.record(forms.form_of(pat.route).select_on_device(pat, bound, q, k, tensors, c))
         any_sel, all_sel = _per_tile(selected, c)
         B, Hq = selected.shape[:2]
         lists = {}
