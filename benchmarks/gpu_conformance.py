@@ -71,6 +71,7 @@ SOFTMAX = {
     "vmoba": ("vmoba", {"layer": 1}, {"frames": 16, "height": 24, "width": 32}, {"frames": 2, "height": 6, "width": 8},
               None),
     "dsa": ("dsa", {"topk": 512, "index_heads": 8, "index_dim": 64}, {"n": 4096}, {"n": 80}, "indexer"),
+    "dma": ("dma", {"window": 512}, {"n": 4096}, {"n": 80}, "importance"),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
     "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
@@ -94,6 +95,7 @@ TOY_PARAMS = {
     "quest": {"token_budget": 24, "page": 4},
     "vmoba": {"layer": 1},
     "dsa": {"topk": 6, "index_heads": 8, "index_dim": 64},
+    "dma": {"window": 6},
     "token_topk": {"topk": 6},
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
@@ -130,6 +132,8 @@ def _softmax_inputs(kind, n, heads, device, gen):
         return {"doc": torch.bucketize(torch.arange(n), cuts, right=True).to(device)}
     if kind == "g":  # FoX log forget gates, differentiable
         return {"g": (-torch.rand(heads, n, generator=gen) * 0.2).to(device)}
+    if kind == "importance":  # DMA's per-key importance, differentiable (a bias)
+        return {"importance": torch.randn(heads, n, generator=gen).to(device)}
     if kind == "indexer":  # DSA's lightning indexer inputs (the toy rows: 8 heads of 64 channels, as the real)
         return {"qi": torch.randn(n, 8, 64, generator=gen).to(device), "ki": torch.randn(n, 64, generator=gen).to(device),
                 "w": torch.rand(n, 8, generator=gen).to(device)}

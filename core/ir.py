@@ -208,7 +208,8 @@ class Route:
     shared: bool
     #: ``(QI, KI)``: a token route scored by the indexer inputs ``QI . KI`` (``route topk(K) tokens by
     #: QI @ KI``) instead of the attention's own q and k; ``(QI, KI, W)`` with score 'indexer': DeepSeek's
-    #: lightning indexer ``sum_j W[q, j] relu(QI[q, j] . KI[k])`` (``by indexer(QI, KI, W)``); None otherwise
+    #: lightning indexer ``sum_j W[q, j] relu(QI[q, j] . KI[k])`` (``by indexer(QI, KI, W)``); ``(S,)`` with score
+    #: 'key': a score per key ``S[h, k]`` for every query (``route topk(K) tokens by S``, DMA); None otherwise
     indexer: tuple[str, str] | None = field(default=None, metadata={"key": "when set"})
     #: the top-p threshold P in (0, 1] of an antidiagonal route (a constant)
     topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
@@ -235,7 +236,7 @@ class Route:
     def per_query(self) -> bool:
         """Whether a query's selection depends on that query alone (and the keys): not a block-mean or
         antidiagonal score, nor a min-max share ranked across queries."""
-        return self.score in ("token", "bound", "indexer") and self.group in (None, "query")
+        return self.score in ("token", "bound", "indexer", "key") and self.group in (None, "query")
 
     @property
     def tokens(self) -> bool:

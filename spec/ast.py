@@ -204,7 +204,8 @@ class ScoreSide:
 
 @dataclass(frozen=True)
 class IndexerScore:
-    """``indexer(QI, KI, W)``: DeepSeek's lightning indexer, ``sum_j W[q, j] relu(QI[q, j] . KI[k])``."""
+    """A token route's score from inputs: ``indexer(QI, KI, W)`` (func 'indexer'), DeepSeek's lightning indexer
+    ``sum_j W[q, j] relu(QI[q, j] . KI[k])``, or ``by NAME`` (func 'key'): a score per key, ``NAME[h, k]``."""
 
     func: str
     names: tuple[str, str, str]

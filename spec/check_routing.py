@@ -68,6 +68,8 @@ class RoutingChecks:
         ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))  # seq: (1,)
         if c.indexer is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
+            if c.indexer.func == "key":  # `by NAME`: the score of key k for every query of head h is NAME[h, k]
+                return ir.Route(topk, ones, "key", keep, c.shared, (self._key_scores(c.indexer),))
             if c.shared:
                 raise self.error("an indexer(...) score is one per query for every head already: 'shared' adds "
                                  "nothing", c.pos)
@@ -91,6 +93,19 @@ class RoutingChecks:
             indexer = (left.arg, right.arg)
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
         return ir.Route(topk, ones, "token", keep, c.shared, indexer)
+
+    def _key_scores(self, score: ast.IndexerScore) -> str:
+        """``by NAME``: an input declared ``float[heads, nk]``, the score of every key per head (DMA's importance)."""
+        (name,) = score.names
+        decl = self.inputs.get(name)
+        if decl is None:
+            raise self.error(f"unknown name '{name}' in a token route's score", score.pos,
+                             hint=did_you_mean(name, list(self.inputs))
+                             or f"score by 'q @ k', or declare 'input {name}: float[heads, nk]' (a score per key)")
+        if decl.dtype != FLOAT or decl.dim_names != ("heads", "nk"):
+            raise self.error(f"a score per key must be declared float[heads, nk], got "
+                             f"{decl.dtype}[{', '.join(decl.dim_names)}]", score.pos)
+        return name
 
     def _lightning_indexer(self, score: ast.IndexerScore) -> tuple[str, str, str]:
         """``indexer(QI, KI, W)``: inputs ``QI: float[n, J, DI]``, ``KI: float[nk, DI]`` and ``W: float[n, J]``

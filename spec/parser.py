@@ -359,6 +359,9 @@ class _Builder(Transformer):
                                 hint="route topk(K) tokens by indexer(QI, KI, W)")
             return ast.Route(_pos(kw), topk, (), None, None, keep, shared is not None, "tokens", _pos(unit),
                              indexer=score)
+        if isinstance(unit, Token) and score.func is None:  # `tokens by NAME`: a per-key score given as an input
+            return ast.Route(_pos(kw), topk, (), None, None, keep, shared is not None, "tokens", _pos(unit),
+                             indexer=ast.IndexerScore("key", (score.arg,), score.pos))
         if isinstance(unit, Token):
             return ast.BranchRoute(_pos(kw), topk, (), score, keep, shared is not None, "tokens", _pos(unit))
         return ast.BranchRoute(_pos(kw), topk, unit, score, keep, shared is not None)

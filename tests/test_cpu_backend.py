@@ -112,6 +112,8 @@ STDLIB = {
     "moba": (dict(block=8, topk=2), None, 61, None),
     "quest": (dict(token_budget=16, page=4), None, 61, None),
     "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
+    "dma": (dict(window=7), None, 45, lambda H, n, B, g: {
+        "importance": torch.randn(H, n, generator=g, dtype=torch.float64).requires_grad_()}),
     "vmoba": (dict(layer=1, spatial_chunk_y=2, spatial_chunk_x=3), {"frames": 3, "height": 4, "width": 6}, None, None),
     "neighborhood_1d": (dict(kernel_size=5, dilation=2), None, 45, None),
     "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=5, dilation_x=2), {"height": 7, "width": 11}, None, None),

@@ -484,6 +484,8 @@ CONFORMANCE = {
     "longnet": ({"segment": 8, "dilation": 2, "is_causal": False}, None, 32, (4, 2), {}, (), (8, 4)),
     "moba": ({"block": 4, "topk": 3}, None, 30, (4, 2), {}, (), (8, 4)),
     "quest": ({"token_budget": 12, "page": 4}, None, 30, (4, 2), {}, (), (8, 4)),
+    "dma": ({"window": 6}, None, 30, (4, 2),
+            {"importance": lambda n, g: torch.randn(4, n, generator=g, dtype=torch.float64)}, ("importance",), (8, 4)),
     "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 30, (4, 2),
             {"qi": lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
              "ki": lambda n, g: torch.randn(n, 4, generator=g, dtype=torch.float64),

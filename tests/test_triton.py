@@ -131,6 +131,9 @@ STDLIB = {
                             lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
                             16),
     "token_topk": ({"topk": 5}, None, 40, None, 16),
+    "dma": ({"window": 6}, None, 40,
+            lambda n: {"importance": torch.randn(2, n, generator=torch.Generator().manual_seed(4)).requires_grad_()},
+            16),
     "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 40,
             lambda n: {name: torch.randn(*shape, generator=torch.Generator().manual_seed(i))
                        for i, (name, shape) in enumerate((("qi", (n, 3, 4)), ("ki", (n, 4)), ("w", (n, 3))))}, 16),

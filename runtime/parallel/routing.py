@@ -43,8 +43,10 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     if pat.route.scores is not None:
         raise SpecError(f"'{pat.name}' routes by scores a combined pattern computes (by probs(...)): context "
                         "parallelism does not run it in this version", where="argument pattern")
-    if pat.route.score == "indexer":  # DeepSeek's lightning indexer: every rank holds its inputs whole
+    if pat.route.score in ("indexer", "key"):  # DeepSeek's indexer, a score per key: every rank holds them whole
         sq, sk = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs
+        if pat.route.score == "key":  # per head: this rank's heads (Ulysses)
+            sk = sk[:, prob.head_index]
         score = block_scores(pat, bound, sq.to(q.device), sk.to(q.device), key_block, nblocks)
         return score.expand(B, h, L, nblocks)
     if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole

@@ -35,6 +35,10 @@ def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: d
     if pat.route.indexer is None:
         return q, k
     rows = slice(0, q.shape[2]) if rows is None else rows
+    if pat.route.score == "key":  # a score per key: ones [1, H, Nq, 1] against S as one-channel keys [B | 1, H, Nk, 1]
+        (scores,) = (inputs[name] for name in pat.route.indexer)
+        scores = scores if scores.dim() == 3 else scores[None]
+        return scores.new_ones(()).expand(1, scores.shape[1], q.shape[2], 1), scores[..., None]
     if pat.route.score == "indexer":  # DeepSeek's lightning indexer: (QI | W [B | 1, J, Nq, DI + 1], KI [B | 1, 1, Nk, DI])
         qi, ki, w = (inputs[name] for name in pat.route.indexer)
         qi, ki, w = (x if x.dim() == rank else x[None] for x, rank in ((qi, 4), (ki, 3), (w, 3)))
@@ -99,7 +103,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
         score = score.mean(dim=1, keepdim=True) if route.shared else score
         return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
     (k_mean,) = summary
-    if route.score == "token":
+    if route.score in ("token", "key"):  # a key's own vector (a score per key: one channel against ones)
         score = q.to(dtype) @ k_mean.transpose(-1, -2)  # [B, Hq, Nq, nb]
     else:
         if bound.q_offset:  # the mean over a query block needs the block's earlier queries
