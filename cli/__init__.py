@@ -224,7 +224,11 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
                         f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
                         where=f"argument {what}", hint="choose a smaller size")
     if pat.route is not None:
-        print("# note: routing depends on q and k; this shows the mask before block selection")
+        print("# note: a route selects at every call (from q and k, or its inputs); this shows the mask before "
+              "the selection")
+        import dataclasses
+
+        pat = dataclasses.replace(pat, route=None)  # the mask alone: the inputs only the route reads are not needed
     mask = E.mask_tensor(pat, bound, inputs)[0]
     title = f"{pat.name}: {pat.queries.describe()}"
     if bound.axis_sizes:
@@ -351,6 +355,11 @@ def cmd_sim(args) -> int:
     if args.kv_heads is not None and isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
         raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
     sizes = int_sizes(args.sizes)
+    first = pat.branches[0].pattern if isinstance(pat, ir.CombinedIR) else pat
+    queries = getattr(first, "queries", None)  # a recurrence: a sequence
+    if args.n is None and (queries is None or queries.token_count() is None):  # a sequence: how long?
+        raise SpecError(f"'{pat.name}' runs over a sequence: its length is not known", where="argument --n",
+                        hint="give the number of tokens, e.g. --n 8192 (attnc show draws 32 when not given)")
     inputs = sampled_inputs(pat, args, sizes, call_inputs(args.input))
     rep = simulate(pat, n=args.n, nk=args.nk, sizes=sizes or None, heads=args.heads, head_dim=args.head_dim,
                    batch=args.batch, hardware=args.hardware or "h100", dtype=args.dtype, top=args.top,

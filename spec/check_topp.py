@@ -28,8 +28,8 @@ class TopPChecks:
             raise self.error("topp must be a constant (a number or a parameter)", c.p.pos,
                              hint="P is the share to keep, in (0, 1]")
         if p.is_number and not (0 < p <= 1):
-            raise self.error(f"topp must be in (0, 1], got {p}", c.p.pos,
-                             hint="P is the share to keep: 0.9 keeps the fewest blocks holding 90% of it")
+            raise self.error(f"topp must be in (0, 1], got {float(p):g}", c.p.pos,
+                             hint="P is the share of the scores to keep (0.9: the blocks holding 90% of it)")
         keep = None
         if c.keep is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr

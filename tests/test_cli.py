@@ -557,3 +557,16 @@ def test_an_unknown_stdlib_name_is_blamed_on_the_file_argument(capsys, command):
     code, out, err = run(capsys, command, "stdlib:mobaa")
     assert code == 1 and out == ""
     assert err.startswith("stdlib:mobaa: error: no stdlib pattern 'mobaa'") and "did you mean 'moba'" in err
+
+
+def test_show_draws_a_routes_mask_without_the_inputs_only_the_route_reads(capsys):
+    code, out, err = run(capsys, "show", "stdlib:dsa", "-p", "topk=4,index_heads=2,index_dim=4", "--n", "4")
+    assert code == 0 and err == ""
+    assert "shows the mask before the selection" in out and out.splitlines()[-4:] == ["#...", "##..", "###.", "####"]
+
+
+@pytest.mark.parametrize("name", ["moba", "retention", "nsa"])
+def test_sim_of_a_sequence_without_n_names_the_option(capsys, name):
+    code, out, err = run(capsys, "sim", f"stdlib:{name}")
+    assert code == 1 and out == ""
+    assert err.startswith("argument --n: error:") and "--n 8192" in err

@@ -37,7 +37,7 @@ def _decode(pat: ir.PatternIR) -> str | None:
     if pat.route.group == "query":  # one query's row: any offset
         return None
     return (f"'{pat.name}' ranks its block scores over the {pat.route.group} group (min-max share), which spans "
-            "queries: queries after a KV cache (nk > n) are not supported")
+            "queries: queries after a KV cache (nk > n) are not supported (a pattern ranking 'over query' decodes)")
 
 
 def _context_parallel(pat: ir.PatternIR) -> str:
