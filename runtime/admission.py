@@ -20,15 +20,6 @@ from .plan import forms, routing
 from .runner import refusal
 
 
-def check_query_offset(pat) -> None:
-    """Refuse queries after a KV cache (``nk > n``) where the route scores blocks of queries: the score of a
-    block partly in the cache needs the cached queries, which a call does not have."""
-    route = getattr(pat, "route", None)
-    why = None if route is None else forms.form_of(route).decode_refusal(pat)  # None: selected per query
-    if why is not None:
-        raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
-
-
 def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict) -> None:
     """Refuse a softmax call of ``runner`` (bound as ``bound``, with call-time ``inputs`` by name) that it
     cannot serve, with the error every path gives, in the same order; errors name the argument at fault."""
@@ -41,7 +32,7 @@ def admit(runner, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                             hint="use backend='cpu' or 'triton' for decoding")
         raise SpecError(why, where="argument q")
     if bound.q_offset:
-        check_query_offset(pat)
+        forms.refuse_query_offset(pat)  # a route selecting across queries needs the cached ones
     check_softcap(pat, bound)
     if pat.route is not None:
         routing.route_sizes(pat, bound)  # size-dependent block sizes and topk, refused before any work

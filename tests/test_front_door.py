@@ -202,7 +202,7 @@ def test_compiled_empty_batch_is_refused_as_eager(backend):
                                                   ("auto", False), ("cpu", True), ("triton", True), ("auto", True)])
 def test_a_route_scored_by_query_blocks_is_refused_after_a_kv_cache_on_every_path(backend, compiled):
     """xattention scores antidiagonals of whole query blocks: a block partly in the cache cannot be scored,
-    and every backend, eager or compiled, gives the front door's refusal (``admission.check_query_offset``)."""
+    and every backend, eager or compiled, gives the front door's refusal (``forms.refuse_query_offset``)."""
     attn = attnc.compile_attention("stdlib:xattention", backend=backend, block=8, stride=4, chunk=24)
     run = torch.compile(attn, backend="aot_eager") if compiled else attn
     q, k, v = _qkv(4, 48, dtype=torch.float32)

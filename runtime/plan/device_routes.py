@@ -27,7 +27,6 @@ import torch
 
 from ...compiler import evaluate as E
 from ...compiler.route_blocks import block_ids, route_sizes
-from ...core.errors import SpecError
 from . import call_plan, forms, given, routing
 from .device_tiles import candidates, compact, pair_keys
 
@@ -85,9 +84,8 @@ def constants(plan, device: torch.device) -> Constants:
     pat, bound = plan.pattern, plan.bound
     route = pat.route
     form = forms.form_of(route)
-    why = form.decode_refusal(pat) if bound.q_offset else None
-    if why is not None:  # admission refuses it first: a plan never has such a call
-        raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
+    if bound.q_offset:  # admission refuses it first: a plan never has such a call
+        forms.refuse_query_offset(pat)
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, bound.nk)
     allowed = keep = q_block = exprs = None

@@ -4,7 +4,7 @@ Every form is one module of this package holding one ``RouteForm`` (``FORM``), r
 selection rule itself may live beside it (``plan/antidiagonal.py``, ``plan/share.py``) and the shared scores and
 top-k choice in ``plan/route_scores.py``. The checker lowers a clause to an ``ir.Route`` whose fields say its form
 (``matches``); ``routing._select`` (host, reference), ``device_routes.route_call_plan`` (device),
-``admission.check_query_offset`` and ``refuse_context_parallel`` ask the form, never the fields."""
+``forms.refuse_query_offset`` and ``refuse_context_parallel`` ask the form, never the fields."""
 
 from __future__ import annotations
 
