@@ -13,7 +13,8 @@ interpreter; ``--only NAME`` runs some.
 
 Each case runs in its own subprocess (a kernel fault cannot poison the others), ``--jobs``
 at a time. Per case and (head dim, dtype): relative errors ||a - b|| / ||b|| of the output,
-the log-sum-exp and every gradient (q, k, v and differentiable inputs) against
+the log-sum-exp and every gradient (q, k, v and the float inputs the scores read: a bias's, a gate's;
+not a mask's or a route's indexer's, which are not differentiated) against
 ``backend="reference"`` run in float64 on the same device with the same inputs, for the
 loss ``sum(out * w) + sum(lse * wl)`` with random ``w``, ``wl``; the tile configuration
 each pass ran with (after any out-of-resources fallback) and the kernels launched below their
@@ -156,6 +157,11 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
     gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
     rows = []
     ref_mod = attnc.compile_attention(f"stdlib:{pattern}", backend="reference", sizes=grid, **params)
+    # the inputs differentiated: the float ones the scores read (bias, gate), as every backend's backward;
+    # those only a mask or a route's selection reads (DSA's indexer) have no gradient
+    from attnc.runtime.plan.cache import score_input_names
+
+    wrt = score_input_names(ref_mod.pattern)
     for backend, d, dtype in configs(flex):
         row = {"case": name, "backend": backend, "d": d, "dtype": str(dtype).replace("torch.", ""),
                "sizes": "x".join(map(str, sizes.values())), "heads": f"{heads}/{kv_heads}"}
@@ -166,20 +172,23 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
             q = torch.randn(1, heads, n, d, generator=gen).to(dtype)
             k, v = (torch.randn(1, kv_heads, n, d, generator=gen).to(dtype) for _ in range(2))
             inputs = _softmax_inputs(kind, n, heads, device, gen)
+            differentiated = [key for key, x in inputs.items() if x.is_floating_point() and key in wrt]
             w = torch.randn(1, heads, n, d, generator=gen).to(device)
             wl = torch.randn(1, heads, n, generator=gen).to(device)
 
-            def grads(mod, dt, q=q, k=k, v=v, inputs=inputs, w=w, wl=wl):
+            def grads(mod, dt, q=q, k=k, v=v, inputs=inputs, differentiated=differentiated, w=w, wl=wl):
                 qq, kk, vv = (x.to(device=device, dtype=dt).requires_grad_() for x in (q, k, v))
-                ins = {key: (x.to(torch.float64 if dt == torch.float64 else torch.float32).requires_grad_()
-                             if x.is_floating_point() else x) for key, x in inputs.items()}
+                ins = {key: x.to(torch.float64 if dt == torch.float64 else torch.float32) if x.is_floating_point()
+                       else x for key, x in inputs.items()}
+                for key in differentiated:  # a leaf of its own (``to`` may return the caller's tensor)
+                    ins[key] = ins[key].detach().requires_grad_()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 o, lse = mod(qq, kk, vv, return_lse=True, **ins)
                 fin = torch.isfinite(lse)
                 loss = (o.double() * w).sum() + (torch.where(fin, lse, 0).double() * wl).sum()
-                leaves = [qq, kk, vv] + [x for x in ins.values() if x.requires_grad]
+                leaves = [qq, kk, vv] + [ins[key] for key in differentiated]
                 gs = torch.autograd.grad(loss, leaves)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -191,7 +200,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
             same_inf = bool(torch.equal(torch.isfinite(lse), torch.isfinite(rlse)))
             fin = torch.isfinite(rlse)
             errs = {"out": rel(o, ro), "lse": float((lse.double() - rlse)[fin].abs().max()) if fin.any() else 0.0}
-            for key, a, b in zip(["dq", "dk", "dv", *[f"d{k}" for k in inputs if inputs[k].is_floating_point()]],
+            for key, a, b in zip(["dq", "dk", "dv", *[f"d{key}" for key in differentiated]],
                                  gs, rgs, strict=True):
                 errs[key] = rel(a, b)
             tol = PASS_REL[row["dtype"]]

@@ -312,11 +312,14 @@ def check_lowerable(pat: ir.PatternIR) -> None:
 
 
 def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap, batched: frozenset[str],
-             decay_batched: bool = False) -> FlexSource:
+             decay_batched: bool = False, tables: bool = True) -> FlexSource:
     """The module text defining ``mask_mod(b, h, q_idx, kv_idx, *mask_inputs)`` and (when the pattern
-    has score terms) ``score_mod(score, b, h, q_idx, kv_idx, *score_inputs)``."""
+    has score terms) ``score_mod(score, b, h, q_idx, kv_idx, *score_inputs)``. ``tables``: terms of grid
+    coordinates alone read from exact tables (``tabulate``); False computes them in the mask_mod (the
+    GPU kernels: a table read there is a gather per token pair, ``runtime.backends.flex.runner.CUDA_TABLES``)."""
     check_lowerable(pat)
-    mask, tables = tabulate(E.substitute(pat.mask, bound), pat, bound)
+    mask = E.substitute(pat.mask, bound)
+    mask, tables = tabulate(mask, pat, bound) if tables else (mask, {})
     bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
     softcap = E.substitute(pat.softcap, bound) if pat.softcap is not None else None
     inputs = {}

@@ -87,6 +87,22 @@ def test_gpu_conformance_toy_checks_each_case_against_the_reference(tmp_path):
     assert (tmp_path / "gpu_conformance.jsonl").read_text().count("\n") == len(rows)
 
 
+def test_gpu_conformance_differentiates_only_the_inputs_the_scores_read(tmp_path):
+    """gpu_conformance asks gradients of the float inputs the scores read, not of those only a route
+    reads: dsa's indexer inputs (qi, ki, w) choose its keys, a selection that is not differentiated (asking
+    for their gradients raised in autograd on every backend); dma's importance, its route's score and
+    also its bias, gets its gradient checked."""
+    text = run_toy(tmp_path, "gpu_conformance.py", "--only", "dsa", "dma", "--jobs", "2")
+    assert "verdict: PASS" in text
+    rows = {(r.split("|")[1].split()[0], r.split("|")[2].strip()): r for r in text.splitlines()
+            if r.startswith(("| dsa", "| dma"))}
+    assert sorted(rows) == [("dma", "flex"), ("dma", "triton"), ("dsa", "flex"), ("dsa", "triton")], text
+    for (case, _), row in rows.items():
+        errors = dict(re.findall(r"\b(d\w+) (\d\.\de[-+]\d\d)", row))
+        assert set(errors) == {"dq", "dk", "dv"} | ({"dimportance"} if case == "dma" else set()), row
+        assert max(map(float, errors.values())) < 1e-5 and row.rstrip().endswith("PASS |"), row
+
+
 def test_gate_gradient_yardstick_matches_autograd_and_catches_a_wrong_dg():
     """gpu_suite's gate-gradient formula equals float64 autograd (scalar and per-channel gates, a batch of
     two); dq and dk perturbed by 2e-3 explain a dg error several times larger (the terms cancel); and

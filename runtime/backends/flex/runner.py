@@ -87,6 +87,14 @@ FLEX_TILE_TOKENS = (64, 128)
 #: BlockMask block is 128) and refuse a block that is not a multiple of them (seen on an H100, torch
 #: 2.11: 64-token blocks failed to lower for d = 128 bf16), so 128-token blocks only.
 CUDA_FLEX_TILE_TOKENS = (128,)
+#: Whether CUDA plans read mask terms of grid coordinates alone from tables (``compiler.tables.tabulate``,
+#: a CPU speed-up): they do not. In Flex's GPU kernels a table read is a gather of BLOCK_M x BLOCK_N int64
+#: (or float64) entries per KV block, which Triton's software pipeliner stages through shared memory as it
+#: does K and V: on an H200 (torch 2.11, Triton 3.6, d = 128 bf16, Flex's 128 x 64 forward blocks, 3 stages)
+#: window_2d's kernel with two tables asked 384 KiB and halo_2d's with four 640 KiB (128 KiB and 128 KiB
+#: per table) of 227 KiB, and failed to compile. Computed in the mask_mod, the terms are a few integer
+#: operations in registers.
+CUDA_TABLES = False
 #: Cost of one visited block pair beyond its token pairs (block loop, index loads), in token pairs.
 PAIR_OVERHEAD_TOKENS = 4096
 #: Extra cost of a PARTIAL token pair (mask_mod evaluated) relative to a FULL one.
@@ -348,7 +356,7 @@ class FlexRunner(Registered):
             source, namespace = old.source, old.namespace
         else:
             decay_batched = pat.decay is not None and pat.decay in batched
-            source = generate(pat, bound, q_map, k_map, batched, decay_batched)
+            source = generate(pat, bound, q_map, k_map, batched, decay_batched, tables=CUDA_TABLES or not cuda)
             namespace = _namespace(source, pat)
         once, each = index_checks(pat, bound)
         plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat,
