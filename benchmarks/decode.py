@@ -64,8 +64,11 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 import attnc  # noqa: E402
+
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 CAUSAL = "pattern causal_lm\n  tokens seq\n  mask causal\n"
 # one compiled Flex per (pattern, nk) and mask_mod: more recompiles of flex_attention than dynamo's
@@ -134,9 +137,12 @@ def window_row(nk: int, window: int | None, device) -> torch.Tensor | None:
 
 
 def sdpa(q, k, v, mask=None):
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
-    )
+    # not cuDNN's kernel: on an H200 (torch 2.11) it planned again at every new key count, 30-50 ms of host
+    # time a step; the flash and memory-efficient kernels take any length
+    with sdpa_kernel(SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]
+        )
 
 
 class FlexDecoder:

@@ -219,3 +219,32 @@ def test_a_triton_decode_step_visits_what_its_queries_reach():
         assert sched.num_q_tiles == 1
         visited.append(sched.pairs()[0].numel())
     assert visited[0] == visited[1] <= 2
+
+
+@pytest.mark.parametrize(
+    "src, params, on_device",
+    [(CAUSAL, {}, True), ("stdlib:sliding_window", {"window": 16}, True),
+     ("stdlib:streaming", {"window": 6, "sinks": 3}, True), ("stdlib:alibi", {}, True),
+     ("stdlib:longnet", {"segment": 32, "dilation": 4}, True),  # head-dependent: a list class per head
+     ("stdlib:moba", {"block": 8, "topk": 2}, False)],  # a route: its block planned on the host at each step
+    ids=["causal", "sliding", "streaming", "alibi", "longnet", "moba"],
+)
+def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params, on_device):
+    """A decode step's cache grows by a key a step: its kernels take the lengths at run time, so the module
+    (and on a GPU, its compiled kernels) is the same at every length of at least one KV tile (64 keys; a
+    shorter cache takes a tile of its length), across tile boundaries too; after the first step no tile is
+    classified on the host (the lists are made on the device), and the steps equal the reference."""
+    pytest.importorskip("triton")
+    attn = compile_attention(src, backend="triton", **params)
+    ref = compile_attention(src, backend="reference", **params)
+    sources = set()
+    q, k, v = (t.float() for t in _qkv(130, heads=2, hkv=1, d=16, batch=1))
+    before = None
+    for nk in (64, 65, 128, 130):
+        out = attn(q[:, :, nk - 1 : nk], k[:, :, :nk], v[:, :, :nk])
+        want = ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk])[:, :, -1:]
+        torch.testing.assert_close(out, want, rtol=2e-5, atol=2e-5)
+        sources.add(attn.runner.last_source)
+        before = T.CLASSIFICATIONS if before is None else before
+    assert len(sources) == 1
+    assert (T.CLASSIFICATIONS == before) == on_device

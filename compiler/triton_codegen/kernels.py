@@ -22,16 +22,23 @@ def indent(lines: list[str], n: int) -> str:
     return "".join(pad + line + "\n" if line else "\n" for line in lines)
 
 
+#: A block's run-time sizes (``KernelSource.block``): offsets, rows and tile counts
+BLOCK_PARAMS = ["Q_OFF", "K_OFF", "Q_EXT", "K_EXT", "TILES_Q", "TILES_K"]
+
+
 def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
     """A ``@triton.jit`` kernel's text: parameters packed on lines of at most 110 characters, a one-line
-    docstring, the body."""
+    docstring, the body. A block's run-time sizes are not specialized on: Triton would compile a kernel
+    for each new value's divisibility by 16 (a decode step's length changes at every step)."""
+    fixed = [p for p in BLOCK_PARAMS if p in params]
+    jit = f"@triton.jit(do_not_specialize={fixed})" if fixed else "@triton.jit"
     rows: list[str] = []
     for param in params:
         if rows and len(rows[-1]) + len(param) + 6 <= 110:
             rows[-1] += f" {param},"
         else:
             rows.append(f"{param},")
-    return (f"\n\n@triton.jit\ndef {name}(\n" + indent(rows, 4) + "):\n"
+    return (f"\n\n{jit}\ndef {name}(\n" + indent(rows, 4) + "):\n"
             + f'    """{doc}"""\n' + indent(body, 4))
 
 
@@ -150,17 +157,26 @@ class KernelBodies:
                 "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "dc_lo",
                 "DR", "dr_b", "dr_h", "SOFTCAP",
                 *self._all_input_params(), *(["ERR"] if self.checks else []),
-                *(["Q_OFF", "K_OFF"] if self.block else [])]
+                *(BLOCK_PARAMS if self.block else [])]
 
-    def shape_tiles_q(self) -> int:
-        """The number of Q tiles (a tile list's row stride)."""
+    def shape_tiles_q(self) -> int | str:
+        """The number of Q tiles (a tile list's row stride); a block's: the run-time ``TILES_Q``."""
         s = self.shape
-        return math.prod(-(-L // t) for L, t in zip(s.q_extents, s.q_tile, strict=True))
+        return "TILES_Q" if self.block else math.prod(-(-L // t) for L, t in zip(s.q_extents, s.q_tile, strict=True))
 
-    def shape_tiles_k(self) -> int:
-        """The number of KV tiles (a tile list's row stride)."""
+    def shape_tiles_k(self) -> int | str:
+        """The number of KV tiles (a tile list's row stride); a block's: the run-time ``TILES_K``."""
         s = self.shape
-        return math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
+        return "TILES_K" if self.block else math.prod(-(-L // t) for L, t in zip(s.kv_extents, s.kv_tile,
+                                                                                 strict=True))
+
+    def rows_q(self) -> int | str:
+        """The query rows a descriptor spans; a block's: the run-time ``Q_EXT``."""
+        return "Q_EXT" if self.block else math.prod(self.shape.q_extents)
+
+    def rows_k(self) -> int | str:
+        """The key rows a descriptor spans; a block's: the run-time ``K_EXT``."""
+        return "K_EXT" if self.block else math.prod(self.shape.kv_extents)
 
     def _q_tile_of_program(self) -> tuple[list[str], list[str]]:
         """``qt``, the Q tile of this program, as (lines before the program's head and list class, lines
@@ -213,7 +229,7 @@ class KernelBodies:
         q_load = "q = tl.load(q_base + q_row[:, None] * sq_n + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)"
         if one_loop:
             body += ["if ONE_LOOP:  # Q, K and V by TMA through descriptors made here (see the loop below)",
-                     f"    qd = tl.make_tensor_descriptor(q_base, [{math.prod(self.shape.q_extents)}, D], [sq_n, 1], "
+                     f"    qd = tl.make_tensor_descriptor(q_base, [{self.rows_q()}, D], [sq_n, 1], "
                      "[BLOCK_M, BLOCK_D])",
                      "    q = qd.load([qt * BLOCK_M, 0])",
                      "else:", "    " + q_load]
@@ -330,7 +346,7 @@ class KernelBodies:
         runner launches it only where the tiles are runs of memory rows (``search.tma_fits``, ``box_tile``) and the
         tensors are TMA-addressable, as the host's descriptors (``DESC``)."""
         tiles = self.shape_tiles_q()
-        rows = math.prod(self.shape.kv_extents)
+        rows = self.rows_k()
         return [
             "# ---- every KV tile in one loop, the FULL list's then the PARTIAL list's, each masked as a PARTIAL",
             "# one (a FULL tile's mask holds on all its pairs): Triton's Hopper warp specialization takes one loop",

@@ -54,7 +54,8 @@ class ScoreLines:
     def _k_padding(self) -> bool:
         """Whether some KV tile has padded slots (past the block's slots or the grid's edge)."""
         s = self.shape
-        return block_size(s.kv_slots) != s.kv_slots or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True))
+        return (block_size(s.kv_slots) != s.kv_slots or self.block  # a block's keys: any length
+                or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True)))
 
     def _terms(self, masked: bool, grad: bool, tr: bool = False) -> list[str]:
         """The scores ``s`` from ``qk`` (q.k), in log2 units (times log2(e): the softmax takes exp2):
@@ -114,6 +115,8 @@ class ScoreLines:
 
     def _k_edge_only(self) -> bool:
         """Whether only KV tiles at the grid's far edges have padded slots (``k_edge`` says which)."""
+        if self.block:  # a block's keys, any length: its last tile may be part-filled
+            return block_size(self.shape.kv_slots) == self.shape.kv_slots
         return edge_padded(self.shape.kv_extents, self.shape.kv_tile)
 
     def _kept(self, masked: bool, tr: bool = False) -> str | None:

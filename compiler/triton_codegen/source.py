@@ -77,7 +77,9 @@ class KernelSource(ScoreLines, KernelBodies):
         self.permuted = self.layout == "permute"
         #: a block of a longer sequence (``evaluate.block_bound``): the kernels take its offsets
         #: ``Q_OFF``, ``K_OFF`` at run time (one module serves every block of its row counts); the
-        #: routing selection and key blocks are read at its rows
+        #: routing selection and key blocks are read at its rows. Its row counts are run-time arguments
+        #: too (``Q_EXT``, ``K_EXT``, and the tile counts ``TILES_Q``, ``TILES_K``): a decode step's cache
+        #: grows by a key every step, and a module per length would compile kernels at every step
         self.block = bound.is_block
         self.sel_q, self.sel_k = ("q_row", "k_row") if self.block else ("q_tok", "k_tok")
         self._bind_tiles()
@@ -170,9 +172,11 @@ class KernelSource(ScoreLines, KernelBodies):
         (the forward's branch around their padding)."""
         if role == "q":
             return tile_code("q", var, self.shape.q_extents, self.shape.q_tile, self.q_axes, self.permuted,
-                             "BLOCK_M", self.wide_rows, self.q_uniform, "Q_OFF" if self.block else None)
+                             "BLOCK_M", self.wide_rows, self.q_uniform, "Q_OFF" if self.block else None,
+                             extent="Q_EXT" if self.block else None)
         return tile_code("k", var, self.shape.kv_extents, self.shape.kv_tile, self.k_axes, self.permuted,
-                         "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None, edge=edge)
+                         "BLOCK_N", self.wide_rows, self.k_uniform, "K_OFF" if self.block else None, edge=edge,
+                         extent="K_EXT" if self.block else None)
 
     def _box(self, role: str, var: str) -> str:
         """The descriptor coordinates of tile ``var``'s box (``triton_tiles.box_coordinates``): a Q tile's of query
@@ -201,13 +205,20 @@ class KernelSource(ScoreLines, KernelBodies):
 
     def _header(self) -> str:
         s = self.shape
+        if self.block:  # one module for every block of these tiles: no size of one block in its text
+            sizes = [f"pattern key {self.pat.key()[:16]}; a block of a sequence, {self.bound.heads} heads: its rows",
+                     "(Q_EXT, K_EXT), tile counts (TILES_Q, TILES_K) and offsets (Q_OFF, K_OFF) given at run time",
+                     f"Q tiles {s.q_tile} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} (BLOCK_N {s.block_n}), "
+                     f"layout {self.layout}"]
+        else:
+            sizes = [f"pattern key {self.pat.key()[:16]}; tokens {self.bound.n} queries x {self.bound.nk} keys, "
+                     f"{self.bound.heads} heads",
+                     f"Q tiles {s.q_tile} over {s.q_extents} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} over "
+                     f"{s.kv_extents} (BLOCK_N {s.block_n}), layout {self.layout}"]
         lines = [
             '"""attnc generated Triton kernels (do not edit: regenerated from the pattern).',
             "",
-            f"pattern key {self.pat.key()[:16]}; tokens {self.bound.n} queries x {self.bound.nk} keys, "
-            f"{self.bound.heads} heads",
-            f"Q tiles {s.q_tile} over {s.q_extents} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} over "
-            f"{s.kv_extents} (BLOCK_N {s.block_n}), layout {self.layout}",
+            *sizes,
             "",
             "attnc_fwd        online softmax over each Q tile's FULL then PARTIAL KV tiles (SPLIT_KV: over a",
             "                 share of them, a partial out and lse per split)",

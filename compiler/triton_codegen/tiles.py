@@ -103,13 +103,16 @@ def box_coordinates(tile_var: str, extents, tile, permuted: bool, block: str, he
 
 
 def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], permuted: bool, block: str,
-               wide: bool, uniform: frozenset[int], offset: str | None = None, edge: bool = False) -> list[str]:
+               wide: bool, uniform: frozenset[int], offset: str | None = None, edge: bool = False,
+               extent: str | None = None) -> list[str]:
     """Lines computing, for tile ``tile_var`` of ``role`` ('q' or 'k'): the flat token
     ``{role}_tok``, grid coordinates ``{role}_c{i}`` (scalars on ``uniform_axes``), validity
     ``{role}_ok`` and the memory row ``{role}_row`` of every slot. ``offset``: the name of the
     runtime argument that makes a block's rows absolute positions (1-D tiles of a block of a longer
     sequence; the memory rows stay the block's). ``edge`` (where ``edge_padded``): also the scalar
-    ``{role}_edge``, whether this tile is one with padded slots (last along an axis its tiles overrun)."""
+    ``{role}_edge``, whether this tile is one with padded slots (last along an axis its tiles overrun).
+    ``extent``: the name of the runtime argument holding the rows (a block's: ``Q_EXT``, ``K_EXT``), in place of
+    ``extents``' value, so that one module serves every length (a decode step's cache grows by a key a step)."""
     if offset is not None and (len(extents) != 1 or permuted or uniform):
         raise ValueError("a block's tiles are 1-D runs of its rows, in memory order, with no uniform axis")
     r = role
@@ -117,13 +120,18 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
     grid = tile_grid(extents, tile)
     sl = f"{r}_slot"  # per role: a loop may not rebind a variable of another shape
     lines = [f"{sl} = tl.arange(0, {block})"]
+    if extent is not None and len(extents) != 1:
+        raise ValueError("rows given at run time are 1-D runs")
     if len(extents) == 1:
         lines.append(f"{r}_tok = {tile_var} * {tile[0]} + {sl}")
         ok = [f"({sl} < {slots})"] if block_size(slots) != slots else []
-        if extents[0] % tile[0]:
+        if extent is not None:  # any length: every tile may be the last, part-filled one
+            ok.append(f"({r}_tok < {extent})")
+        elif extents[0] % tile[0]:
             ok.append(f"({r}_tok < {extents[0]})")
         lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
-        edges = [f"({tile_var} == {grid[0] - 1})"]
+        edges = [f"({tile_var} == ({extent} - 1) // {tile[0]})" if extent is not None else
+                 f"({tile_var} == {grid[0] - 1})"]
     else:
         lines.append(f"# tile coordinates in the tile grid {tuple(grid)}, slot coordinates in the tile {tuple(tile)}")
         ok = [f"({sl} < {slots})"] if block_size(slots) != slots else []
@@ -141,7 +149,7 @@ def tile_code(role: str, tile_var: str, extents, tile, layout_axes: list[int], p
             flat_terms.append((f"{r}_a{a}", math.prod(extents[a + 1:])))
         lines.append(f"{r}_ok = " + (" & ".join(ok) if ok else f"{sl} < {block}"))
         lines.append(f"{r}_tok = " + " + ".join(f"{v} * {s}" if s > 1 else v for v, s in flat_terms))
-    if edge and edge_padded(extents, tile):
+    if edge and (edge_padded(extents, tile) if extent is None else block_size(slots) == slots):
         lines.append(f"{r}_edge = " + " | ".join(edges) + "  # a tile with padded slots (the grid's far edge)")
     if permuted:
         lines.append(f"{r}_row = {tile_var} * {slots} + {sl}  # q/k/v were permuted into tile order on the host")

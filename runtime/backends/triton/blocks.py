@@ -26,12 +26,13 @@ import torch
 
 from ....compiler import evaluate as E
 from ....compiler.cost import KernelConfig
+from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config, classify_flat
 from ....compiler.tiles import classify_tiles
 from ....compiler.triton_codegen.source import ScheduleShape, bias_index_checks, generate_source
 from ....core import symbols as S
 from ....core.errors import SpecError
-from ...plan import device_routes, device_tiles, routing, tile_plan
+from ...plan import decode_lists, device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import block_key, mask_input_names, same_tensors
 
 #: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
@@ -58,6 +59,39 @@ def block_hardware(runner, q: torch.Tensor):
     return hardware_for_gpu(torch.cuda.get_device_name(q.device))
 
 
+def _block_config(runner, bound: E.Bound, q: torch.Tensor) -> KernelConfig:
+    """A block's 1-D tiles (``BLOCK_TILE_TOKENS`` a side, at most its rows) and, on a GPU, the launch
+    parameters under which its passes fit."""
+    tq, tk = _tokens(runner)
+    config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
+    hw = block_hardware(runner, q)
+    if hw is not None:  # the launch parameters under which the block's passes fit on this GPU
+        config = block_config(runner.pattern, bound, config, q.shape[-1], q.element_size(), hw)
+    return config
+
+
+def _decode_plan(runner, bound: E.Bound, q: torch.Tensor):
+    """(config, template plan, source) of the decode steps of ``bound``'s query count and tiles
+    (``decode_lists``): made at the first such step, kept in the runner's ``block_plans`` for every later
+    length (a cache shorter than a KV tile takes a tile of its length: its own template)."""
+    tq, tk = _tokens(runner)
+    key = ("decode", bound.n, min(tk, bound.nk), bound.heads, q.device.type, q.shape[-1], q.dtype)
+    entry = runner.block_plans.get(key)
+    if entry is not None:
+        return entry
+    pat = runner.pattern
+    config = _block_config(runner, bound, q)
+    # the template's own schedule is never launched (each step makes its lists): one pair, FULL
+    one = torch.zeros(1, dtype=torch.int64)
+    sched = TileSchedule.from_pairs((bound.n,), (bound.nk,), config.q_tile, config.kv_tile, bound.heads, 1, one, one,
+                                    one, torch.ones(1, dtype=torch.bool), torch.zeros(1, dtype=torch.float64), False,
+                                    False)
+    plan = tile_plan.Plan.build(pat, bound, sched)
+    plan.call_lists = decode_lists.DecodeLists.of(pat, bound)
+    entry = runner.block_plans[key] = (config, plan, generate_source(pat, bound, ScheduleShape.of(sched), config))
+    return entry
+
+
 def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     """(config, plan, source) of a block, cached in the runner's ``block_plans`` (a bounded LRU) per
     (sizes, heads, offsets, rows, device, head dim, dtype) and, for a mask that reads inputs whose lists are
@@ -69,11 +103,7 @@ def _plan(runner, bound: E.Bound, q: torch.Tensor, tensors: dict):
     entry = runner.block_plans.get(key)
     if entry is not None and (on_device or same_tensors(entry[0], used)):
         return entry[1]
-    tq, tk = _tokens(runner)
-    config = KernelConfig((min(tq, bound.n),), (min(tk, bound.nk),), "flat")
-    hw = block_hardware(runner, q)
-    if hw is not None:  # the launch parameters under which the block's passes fit on this GPU
-        config = block_config(pat, bound, config, q.shape[-1], q.element_size(), hw)
+    config = _block_config(runner, bound, q)
     if on_device:  # every call's lists made on the device from its inputs
         plan = device_tiles.input_plan(pat, bound, config.q_tile, config.kv_tile)
     else:
@@ -135,19 +165,25 @@ def kernel_inputs(pat, tensors: dict, device: torch.device) -> dict:
 
 
 def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=None, *,
-            route_keys: torch.Tensor | None = None) -> tuple:
+            route_keys: torch.Tensor | None = None, decode: bool = False) -> tuple:
     """What a block's launch needs besides the module: ``(config, plan, source, tensors, batched, list
     class strides, extra device tensors, bias index checks)`` (``runner``: a ``TritonRunner``). A routed
     block takes either the ``selection`` made over the whole sequence (context parallelism) or
-    ``route_keys``, the keys its own queries select among (queries after a KV cache: every key)."""
+    ``route_keys``, the keys its own queries select among (queries after a KV cache: every key).
+    ``decode``: a forward-only call of queries after a KV cache, whose lists are made on the device from
+    a plan kept for every length where the pattern allows it (``decode_lists``)."""
     pat = runner.pattern
     if not bound.is_block:
         raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
     tensors, batched = checked_inputs(pat, bound, q, inputs, runner._checks)
-    config, plan, source = _plan(runner, bound, q, tensors)
     device = q.device
-    if plan.call_lists is not None:  # lists made on the device from this call's inputs
-        plan = plan.call_lists.call_plan(plan, tensors, batched, device)
+    if decode and decode_lists.applies(pat):  # one plan for every length, this step's lists made on the device
+        config, plan, source = _decode_plan(runner, bound, q)
+        plan = plan.call_lists.call_plan(plan, bound, device)
+    else:
+        config, plan, source = _plan(runner, bound, q, tensors)
+        if plan.call_lists is not None:  # lists made on the device from this call's inputs
+            plan = plan.call_lists.call_plan(plan, tensors, batched, device)
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
     elif pat.route is not None and route_keys is not None:  # routing: these queries select among the keys

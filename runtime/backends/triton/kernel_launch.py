@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -239,8 +240,11 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
             args += [t, 0, *t.stride()]
     if launch.checks:
         args.append(launch.extra["ERR"])
-    if launch.bound.is_block:  # a block's rows -> absolute positions (runtime.backends.triton.blocks)
-        args += [launch.bound.q_offset, launch.bound.k_offset]
+    if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
+        s = launch.shape  # (compiler.triton_codegen.kernels.BLOCK_PARAMS: one module serves every block)
+        q_rows, k_rows = math.prod(s.q_extents), math.prod(s.kv_extents)
+        args += [launch.bound.q_offset, launch.bound.k_offset, q_rows, k_rows,
+                 -(-q_rows // math.prod(s.q_tile)), -(-k_rows // math.prod(s.kv_tile))]
     return args
 
 

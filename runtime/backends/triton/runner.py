@@ -288,10 +288,12 @@ class TritonRunner(Registered):
         return entry
 
     def prepare(self, bound: E.Bound, q, k, inputs: dict, backward_of: KernelConfig | None = None,
-                role: str = "bwd") -> Launch:
+                role: str = "bwd", *, forward_only: bool = False) -> Launch:
+        """The launch of a call; ``forward_only``: no gradient will be asked of it (a decode step then takes
+        lists made on the device, ``plan.decode_lists``)."""
         pat = self.pattern
         if bound.q_offset and not bound.is_block:  # queries after a KV cache: their own rows, no padding
-            return self._block_launch(self._offset_block(bound, q), q, inputs, route_keys=k)
+            return self._block_launch(self._offset_block(bound, q), q, inputs, route_keys=k, decode=forward_only)
         tensors, batched = blocks.checked_inputs(pat, bound, q, inputs, self._checks)
         config, plan, source = self.plan(bound, q, tensors, backward_of, role, kv_heads=k.shape[1])
         # ``native``: the CUDA kernels even for CPU tensors (``runtime.gpu_check`` records the launches)
@@ -360,7 +362,7 @@ class TritonRunner(Registered):
         return self.prepare(bound, q, k, inputs, backward_of=backward_of, role=role)
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
-        launch = self.prepare(bound, q, k, inputs)
+        launch = self.prepare(bound, q, k, inputs, forward_only=not needs_grad(q, k, v, *inputs.values()))
         while True:
             names = tuple(launch.tensors)
             try:
@@ -391,13 +393,13 @@ class TritonRunner(Registered):
         return block
 
     def _block_launch(self, bound: E.Bound, q, inputs: dict, selection=None, key_block=None, *,
-                      route_keys: torch.Tensor | None = None) -> Launch:
+                      route_keys: torch.Tensor | None = None, decode: bool = False) -> Launch:
         """The launch of a block (planned by ``triton.blocks``): of context parallelism, with the selection
         made across ranks, or of queries after a KV cache (``route_keys``: the keys a route selects
-        among, per call)."""
+        among, per call; ``decode``: a forward-only one)."""
         interpret = q.device.type != "cuda" and not self.native
         config, plan, source, tensors, batched, cls, extra, checks = blocks.prepare(
-            self, bound, q, inputs, selection, key_block, route_keys=route_keys)
+            self, bound, q, inputs, selection, key_block, route_keys=route_keys, decode=decode)
         module = plan.on_device(("kernels", interpret, None),
                                 lambda: load_kernels(write_source(source), interpret=interpret))
         lists = plan.on_device(("lists", q.device), lambda: _lists(plan.schedule, q.device))
@@ -426,7 +428,8 @@ class TritonRunner(Registered):
 
     def traced_forward(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         """The op's forward (``attnc::triton_attention``): ``(out, lse)``, no autograd."""
-        return forward(self.prepare(bound, q, k, inputs), q, k, v, scale)
+        # its backward (traced_backward) prepares its own launch: this one takes no gradient
+        return forward(self.prepare(bound, q, k, inputs, forward_only=True), q, k, v, scale)
 
     def traced_backward(self, bound: E.Bound, q, k, v, out, lse, dout, dlse, inputs: dict, scale: float,
                         wrt: list[str]):
