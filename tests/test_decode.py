@@ -248,3 +248,7 @@ def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params
         before = T.CLASSIFICATIONS if before is None else before
     assert len(sources) == 1
     assert (T.CLASSIFICATIONS == before) == on_device
+    if on_device:  # a call again at a length reuses its lists: nothing is made (a CUDA graph's capture)
+        kept = attn.runner.last_plan.schedule
+        attn(q[:, :, 129:130], k[:, :, :130], v[:, :, :130])
+        assert attn.runner.last_plan.schedule is kept

@@ -27,6 +27,7 @@ from ...compiler.tiles import head_classes
 from ...core import ir
 from ...core import symbols as S
 from . import call_plan
+from .cache import PlanCache
 from .device_intervals import DeviceIntervals
 from .device_tiles import compact
 
@@ -58,6 +59,9 @@ class DecodeLists:
     classes: int
     heads: int
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
+    #: the latest lengths' schedules, kept: a call again at a length (a CUDA graph's warm-up and its capture,
+    #: a step replayed) makes nothing, as a plan per length did
+    steps: PlanCache = dataclasses.field(default_factory=PlanCache)
 
     @classmethod
     def of(cls, pat: ir.PatternIR, bound: E.Bound) -> DecodeLists:
@@ -88,7 +92,14 @@ class DecodeLists:
     def call_plan(self, plan, bound: E.Bound, device: torch.device):
         """``plan`` (the template of these tiles) as the step ``bound``: its bound, and the step's lists made on
         ``device`` (``call_plan.for_call``)."""
-        sched = plan.schedule
+        key = (bound.n, bound.nk, bound.q_offset, bound.k_offset, torch.device(device))
+        schedule = self.steps.get(key)
+        if schedule is None:
+            schedule = self.steps[key] = self._schedule(plan.schedule, bound, device)
+        return call_plan.for_call(plan, schedule, bound=bound)
+
+    def _schedule(self, sched, bound: E.Bound, device) -> call_plan.DeviceSchedule:
+        """The step's schedule: ``sched``'s tiles over the step's rows, its lists made on ``device``."""
         tq, tk = sched.q_tile[0], sched.kv_tile[0]
         full, part = self._classes(bound, tq, tk, device)
         classes, nq, nkv = full.shape
@@ -98,8 +109,7 @@ class DecodeLists:
             for name, keep in zip(("FULL", "PART"), keeps, strict=True):
                 lists[f"{prefix}{name}_N"], lists[f"{prefix}{name}_I"] = compact(index, keep)
         zeros = torch.zeros(classes, dtype=torch.float64, device=device)
-        schedule = call_plan.DeviceSchedule(
+        return call_plan.DeviceSchedule(
             (bound.n,), (bound.nk,), sched.q_tile, sched.kv_tile, sched.num_heads,
             lists["FULL_N"], lists["FULL_I"], lists["PART_N"], lists["PART_I"], lists["T_FULL_N"],
             lists["T_FULL_I"], lists["T_PART_N"], lists["T_PART_I"], zeros, False, False)
-        return call_plan.for_call(plan, schedule, bound=bound)
