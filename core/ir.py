@@ -458,6 +458,8 @@ def check_window_sizes(ir: PatternIR, subs: dict) -> None:
     """Window larger than its axis, stride larger than the window: errors once sizes are known.
     Sizes that passed are remembered on the pattern (every call binds its sizes: sympy
     substitution per window would be a fixed cost of each call)."""
+    if not ir.windows:
+        return
     passed = ir.__dict__.setdefault("_window_sizes_passed", set())
     key = tuple(sorted((str(sym), str(val)) for sym, val in subs.items()))
     if key in passed:

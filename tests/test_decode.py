@@ -3,6 +3,8 @@ on every backend; decoding steps without tile re-planning; the bounded plan cach
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnc.compiler.tiles as T
 from attnc.compiler import evaluate as E
@@ -248,7 +250,40 @@ def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params
         before = T.CLASSIFICATIONS if before is None else before
     assert len(sources) == 1
     assert (T.CLASSIFICATIONS == before) == on_device
-    if on_device:  # a call again at a length reuses its lists: nothing is made (a CUDA graph's capture)
+    if on_device:  # lists serve a range of lengths: a later step of the range makes none (a CUDA graph's capture)
         kept = attn.runner.last_plan.schedule
-        attn(q[:, :, 129:130], k[:, :, :130], v[:, :, :130])
-        assert attn.runner.last_plan.schedule is kept
+        attn(q[:, :, 128:129], k[:, :, :129], v[:, :, :129])
+        again = attn.runner.last_plan.schedule
+        assert again.kv_extents == (129,)
+        assert again.full_index is kept.full_index and again.partial_index is kept.partial_index
+
+
+DECODE_MASKS = [
+    "causal and q - k < {a}",
+    "causal and (k < {b} or q - k < {a})",
+    "causal and (q - k) % {b} == 0",
+    "causal and (q - k) % (h + {b}) < {b}",  # a list class per head
+    "causal and q - k >= {a}",  # rows with no key (early steps)
+]
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(mask=st.sampled_from(DECODE_MASKS), a=st.integers(1, 150), b=st.integers(1, 9), nk=st.integers(1, 260),
+       n=st.sampled_from([1, 1, 2, 5]), bias=st.booleans())
+def test_decode_lists_made_on_the_device_equal_the_reference(mask, a, b, nk, n, bias):
+    """Forward-only steps of queries after a KV cache on the Triton backend (lists made on the device for a
+    range of lengths, ``plan.decode_lists``) equal the float64 reference's last rows, at random lengths, query
+    counts, head-dependent masks and a bias; two steps of one range share their lists."""
+    pytest.importorskip("triton")
+    from attnc.runtime.plan import decode_lists
+
+    n = min(n, nk)
+    src = "pattern p\n  tokens seq\n  mask " + mask.format(a=a, b=b) + "\n" + ("  bias -(q - k) / 16\n" if bias else "")
+    attn = compile_attention(src, backend="triton")
+    assert decode_lists.applies(attn.runner.pattern)
+    ref = compile_attention(src, backend="reference")
+    q, k, v = _qkv(nk + 1, heads=2, hkv=1, d=16, batch=1)
+    for length in (nk, nk + 1) if (nk - 1) // 64 == nk // 64 else (nk,):  # the second: same range of lengths
+        want = ref(q[:, :, :length], k[:, :, :length], v[:, :, :length])[:, :, -n:]
+        out = attn(q[:, :, length - n : length].float(), k[:, :, :length].float(), v[:, :, :length].float())
+        torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5, equal_nan=True)

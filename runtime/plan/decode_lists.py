@@ -31,6 +31,10 @@ from .cache import PlanCache
 from .device_intervals import DeviceIntervals
 from .device_tiles import compact
 
+#: Cache lengths one set of lists serves: a decode step makes lists once every this many steps (a range's lists
+#: visit at most one KV tile more than a step's own, its last, masked at each step by the step's length).
+LENGTHS_PER_LISTS = 64
+
 #: The symbols a mask, bias or softcap may name for one plan to serve every length: positions, the head and
 #: the sizes a template is kept for (heads, head dim).
 LENGTH_FREE = frozenset({S.Q, S.K, S.H, S.HEADS, S.DK})
@@ -59,25 +63,29 @@ class DecodeLists:
     classes: int
     heads: int
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
-    #: the latest lengths' schedules, kept: a call again at a length (a CUDA graph's warm-up and its capture,
-    #: a step replayed) makes nothing, as a plan per length did
-    steps: PlanCache = dataclasses.field(default_factory=PlanCache)
+    #: the lists of the latest ranges of lengths, kept (``LENGTHS_PER_LISTS`` each)
+    ranges: PlanCache = dataclasses.field(default_factory=PlanCache)
 
     @classmethod
     def of(cls, pat: ir.PatternIR, bound: E.Bound) -> DecodeLists:
         return cls(E.substitute(pat.mask, bound), head_classes(pat, bound), bound.heads)
 
-    def _classes(self, bound: E.Bound, q_tile: int, kv_tile: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(FULL, PARTIAL) of every (class, Q tile, KV tile) pair of the step ``bound``, bool on ``device``."""
-        nq, nkv = -(-bound.n // q_tile), -(-bound.nk // kv_tile)
+    def _classes(self, n: int, q_tile: int, kv_tile: int, lengths: tuple[int, int], k_offset: int,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FULL, PARTIAL) of every (class, Q tile, KV tile) pair, bool on ``device``, that hold at every cache
+        length in ``lengths`` (first, last): the n queries are the last n rows of the length, the KV tiles
+        reach the last length, and a tile is FULL only where its keys are all cached at the first length (the
+        others are masked, at each step by its length, ``K_EXT``)."""
+        first, last = lengths
+        nq, nkv = -(-n // q_tile), -(-last // kv_tile)
 
-        def span(tiles: int, tile: int, length: int, offset: int, shape) -> Num:
+        def span(tiles: int, tile: int, length: int, lo: int, hi: int, shape) -> Num:
             start = torch.arange(tiles, device=device, dtype=torch.int64) * tile
             end = (start + tile).clamp(max=length) - 1
-            return Num((start + offset).to(torch.float64).view(shape), (end + offset).to(torch.float64).view(shape))
+            return Num((start + lo).to(torch.float64).view(shape), (end + hi).to(torch.float64).view(shape))
 
-        env = {S.Q: span(nq, q_tile, bound.n, bound.q_offset, (1, -1, 1)),
-               S.K: span(nkv, kv_tile, bound.nk, bound.k_offset, (1, 1, -1))}
+        env = {S.Q: span(nq, q_tile, n, first - n, last - n, (1, -1, 1)),
+               S.K: span(nkv, kv_tile, last, k_offset, k_offset, (1, 1, -1))}
         if self.classes > 1:  # the mask reads the head: the class is the head
             env[S.H] = torch.arange(self.classes, device=device).view(-1, 1, 1)
         elif self.heads == 1:  # one head: a mask that reads h reads head 0
@@ -86,30 +94,38 @@ class DecodeLists:
         shape = (self.classes, nq, nkv)
         may_t = torch.zeros(shape, dtype=torch.bool, device=device) | result.t
         may_f = torch.zeros(shape, dtype=torch.bool, device=device) | result.f
-        full = ~may_f
+        whole = (torch.arange(nkv, device=device) + 1) * kv_tile <= first  # every key cached at every length
+        full = ~may_f & whole
         return full, may_t & ~full
 
     def call_plan(self, plan, bound: E.Bound, device: torch.device):
-        """``plan`` (the template of these tiles) as the step ``bound``: its bound, and the step's lists made on
-        ``device`` (``call_plan.for_call``)."""
-        key = (bound.n, bound.nk, bound.q_offset, bound.k_offset, torch.device(device))
-        schedule = self.steps.get(key)
-        if schedule is None:
-            schedule = self.steps[key] = self._schedule(plan.schedule, bound, device)
+        """``plan`` (the template of these tiles) as the step ``bound``: its bound, and the lists of the range of
+        lengths the step's falls in, made on ``device`` at the range's first step (``call_plan.for_call``)."""
+        sched = plan.schedule
+        r = (bound.nk - 1) // LENGTHS_PER_LISTS
+        lengths = (max(r * LENGTHS_PER_LISTS + 1, bound.n), (r + 1) * LENGTHS_PER_LISTS)
+        key = (bound.n, lengths, bound.k_offset, torch.device(device))
+        lists = self.ranges.get(key)
+        if lists is None:
+            lists = self.ranges[key] = self._lists(bound.n, sched.q_tile[0], sched.kv_tile[0], lengths,
+                                                   bound.k_offset, device)
+        nkv = -(-bound.nk // sched.kv_tile[0])
+        step = {name: t[:, :nkv] if name.startswith("T_") else t for name, t in lists.items()}  # this step's tiles
+        zeros = torch.zeros(1, dtype=torch.float64).expand(lists["FULL_N"].shape[0])
+        schedule = call_plan.DeviceSchedule(
+            (bound.n,), (bound.nk,), sched.q_tile, sched.kv_tile, sched.num_heads,
+            step["FULL_N"], step["FULL_I"], step["PART_N"], step["PART_I"], step["T_FULL_N"],
+            step["T_FULL_I"], step["T_PART_N"], step["T_PART_I"], zeros, False, False)
         return call_plan.for_call(plan, schedule, bound=bound)
 
-    def _schedule(self, sched, bound: E.Bound, device) -> call_plan.DeviceSchedule:
-        """The step's schedule: ``sched``'s tiles over the step's rows, its lists made on ``device``."""
-        tq, tk = sched.q_tile[0], sched.kv_tile[0]
-        full, part = self._classes(bound, tq, tk, device)
-        classes, nq, nkv = full.shape
+    def _lists(self, n: int, q_tile: int, kv_tile: int, lengths: tuple[int, int], k_offset: int,
+               device) -> dict[str, torch.Tensor]:
+        """The kernels' lists (``FULL_N``, ``FULL_I``, ... and the transposed ``T_`` ones) of a range of lengths."""
+        full, part = self._classes(n, q_tile, kv_tile, lengths, k_offset, device)
+        _, nq, nkv = full.shape
         lists = {}
         for prefix, keeps, count in (("", (full, part), nkv), ("T_", (full.mT, part.mT), nq)):
             index = torch.arange(count, device=device, dtype=torch.int64).expand(*keeps[0].shape)
             for name, keep in zip(("FULL", "PART"), keeps, strict=True):
                 lists[f"{prefix}{name}_N"], lists[f"{prefix}{name}_I"] = compact(index, keep)
-        zeros = torch.zeros(classes, dtype=torch.float64, device=device)
-        return call_plan.DeviceSchedule(
-            (bound.n,), (bound.nk,), sched.q_tile, sched.kv_tile, sched.num_heads,
-            lists["FULL_N"], lists["FULL_I"], lists["PART_N"], lists["PART_I"], lists["T_FULL_N"],
-            lists["T_FULL_I"], lists["T_PART_N"], lists["T_PART_I"], zeros, False, False)
+        return lists
