@@ -287,3 +287,20 @@ def test_decode_lists_made_on_the_device_equal_the_reference(mask, a, b, nk, n, 
         want = ref(q[:, :, :length], k[:, :, :length], v[:, :, :length])[:, :, -n:]
         out = attn(q[:, :, length - n : length].float(), k[:, :, :length].float(), v[:, :, :length].float())
         torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def test_a_triton_decode_step_of_a_mask_reading_inputs_loads_one_module():
+    """An input over the sequence (document ids, ``doc: int[n]``) grows with the cache: a block's kernels take
+    its extent at run time, so a decode step of a document mask loads one module at every length."""
+    pytest.importorskip("triton")
+    attn = compile_attention("stdlib:document", backend="triton")
+    ref = compile_attention("stdlib:document", backend="reference")
+    q, k, v = _qkv(130, heads=2, hkv=1, d=16, batch=1)
+    doc = torch.repeat_interleave(torch.arange(5), torch.tensor([30, 41, 20, 30, 9]))
+    sources = set()
+    for nk in (64, 100, 130):
+        out = attn(q[:, :, nk - 1 : nk].float(), k[:, :, :nk].float(), v[:, :, :nk].float(), doc=doc[:nk])
+        want = ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk], doc=doc[:nk])[:, :, -1:]
+        torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+        sources.add(attn.runner.last_source)
+    assert len(sources) == 1

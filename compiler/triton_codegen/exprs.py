@@ -34,11 +34,14 @@ LN2 = 0.6931471805599453
 # ----------------------------------------------------------------- the printer
 @dataclass(frozen=True)
 class InputSlot:
-    """A call-time input as the kernel sees it: pointer ``IN{i}``, strides ``in{i}_s{j}``."""
+    """A call-time input as the kernel sees it: pointer ``IN{i}``, strides ``in{i}_s{j}``; a block's inputs
+    (``runtime_extents``) also their extents ``in{i}_n{j}``, given at run time: an input over the sequence
+    grows with a decode step's cache, and its extent in the text would make a module per length."""
 
     index: int
     dtype: str
     dims: tuple[int, ...]
+    runtime_extents: bool = False
 
     @property
     def pointer(self) -> str:
@@ -47,8 +50,16 @@ class InputSlot:
     def strides(self) -> list[str]:
         return [f"in{self.index}_s{j}" for j in range(len(self.dims))]
 
+    def extents(self) -> list[str]:
+        """The run-time extents' parameter names (none where the extents are in the text)."""
+        return [f"in{self.index}_n{j}" for j in range(len(self.dims))] if self.runtime_extents else []
+
+    def extent(self, j: int) -> int | str:
+        """Dimension ``j``'s extent: its value, or its parameter's name."""
+        return f"in{self.index}_n{j}" if self.runtime_extents else self.dims[j]
+
     def params(self) -> list[str]:
-        return [self.pointer, *self.strides()]
+        return [self.pointer, *self.strides(), *self.extents()]
 
 
 class TritonPrinter(ExprPrinter):
@@ -208,14 +219,15 @@ class TritonPrinter(ExprPrinter):
         slot = self.inputs[name]
         self.used_inputs.add(slot.index)
         terms = []
-        for arg, dim, stride in zip(args, slot.dims, slot.strides(), strict=True):
+        for j, (arg, dim, stride) in enumerate(zip(args, slot.dims, slot.strides(), strict=True)):
             if isinstance(arg, sympy.Integer):  # a literal index, checked in range at generation
                 i = int(arg)
                 if not 0 <= i < dim:
                     raise SpecError(f"an input is indexed at {i}, outside 0..{dim - 1}", where="code generation")
                 terms.append(f"{i} * {stride}")
             else:  # clamped: padded slots and masked pairs may compute any index
-                terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {dim - 1}) * {stride}")
+                last = f"{slot.extent(j)} - 1" if slot.runtime_extents else dim - 1
+                terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {last}) * {stride}")
         value = f"tl.load({slot.pointer} + " + " + ".join(terms) + ")"
         return value if slot.dtype == "int" else f"{value}.to({self.float_type})"
 

@@ -11,6 +11,7 @@ are ``compiler.triton_codegen.scores``'s, the tile addressing ``compiler.triton_
 from __future__ import annotations
 
 import math
+import re
 
 from .exprs import LN2, LOG2E
 from .scores import scale_in_exponent
@@ -30,7 +31,7 @@ def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
     """A ``@triton.jit`` kernel's text: parameters packed on lines of at most 110 characters, a one-line
     docstring, the body. A block's run-time sizes are not specialized on: Triton would compile a kernel
     for each new value's divisibility by 16 (a decode step's length changes at every step)."""
-    fixed = [p for p in BLOCK_PARAMS if p in params]
+    fixed = [p for p in params if p in BLOCK_PARAMS or re.fullmatch(r"in\d+_n\d+", p)]
     jit = f"@triton.jit(do_not_specialize={fixed})" if fixed else "@triton.jit"
     rows: list[str] = []
     for param in params:
@@ -149,7 +150,7 @@ class KernelBodies:
     def _all_input_params(self) -> list[str]:
         out = []
         for slot in self.inputs.values():
-            out += [slot.pointer, f"in{slot.index}_sb", *slot.strides()]
+            out += [slot.pointer, f"in{slot.index}_sb", *slot.strides(), *slot.extents()]
         return out
 
     def _common_params(self) -> list[str]:

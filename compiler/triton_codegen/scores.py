@@ -47,7 +47,7 @@ class ScoreLines:
         args = ["h.to(tl.int64)" if self.wide_math else "h"]
         for slot in self.inputs.values():
             if slot.index in which:
-                args += [f"IN{slot.index} + batch.to(tl.int64) * in{slot.index}_sb", *slot.strides()]
+                args += [f"IN{slot.index} + batch.to(tl.int64) * in{slot.index}_sb", *slot.strides(), *slot.extents()]
         return ", ".join(args)
 
     # ------------------------------------------------------------ the terms

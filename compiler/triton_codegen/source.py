@@ -125,7 +125,7 @@ class KernelSource(ScoreLines, KernelBodies):
         self.inputs: dict[str, InputSlot] = {}
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
-            self.inputs[decl.name] = InputSlot(i, decl.dtype, dims)
+            self.inputs[decl.name] = InputSlot(i, decl.dtype, dims, runtime_extents=bound.is_block)
         # positions: a block's rows are absolute positions up to the whole sequence (``n``)
         seq = int(bound.subs[S.N]) if bound.is_block else max(bound.n, bound.nk)
         ranges = {S.Q: seq if bound.is_block else bound.n, S.K: seq if bound.is_block else bound.nk, S.H: bound.heads}
@@ -143,7 +143,7 @@ class KernelSource(ScoreLines, KernelBodies):
         self.printer.used_inputs = set()
         self.bias_text = self.printer.float_expr(rest) if rest is not None else None
         # input indices of the bias not proven in range: checked in the forward kernel (see _bias_fn)
-        self.checks = [(site, j, self.inputs[S.input_name(site.func)].dims[j], self.printer.p(site.args[j]))
+        self.checks = [(site, j, self.inputs[S.input_name(site.func)].extent(j), self.printer.p(site.args[j]))
                        for site, j in bias_index_checks(self.pat, self.bound)]
         self.bias_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()

@@ -238,6 +238,8 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
             args += [t, t.stride(0), *t.stride()[1:]]
         else:
             args += [t, 0, *t.stride()]
+        if launch.bound.is_block:  # a block's inputs: their extents at run time (InputSlot.runtime_extents)
+            args += list(t.shape[1:] if decl.name in launch.batched else t.shape)
     if launch.checks:
         args.append(launch.extra["ERR"])
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
