@@ -131,8 +131,8 @@ def _int_num(lo, hi) -> Num:
     """An int64 result: bounds rounded outwards above 2**53; beyond 2**63 the
     evaluator wraps around, so any int64 is possible."""
     lo, hi = _nan_to(_t(lo), -INF), _nan_to(_t(hi), INF)
-    lo = torch.where(lo.abs() > EXACT, torch.nextafter(lo, _t(-INF)), lo)
-    hi = torch.where(hi.abs() > EXACT, torch.nextafter(hi, _t(INF)), hi)
+    lo = torch.where(lo.abs() > EXACT, torch.nextafter(lo, torch.full_like(lo, -INF)), lo)
+    hi = torch.where(hi.abs() > EXACT, torch.nextafter(hi, torch.full_like(hi, INF)), hi)
     wrap = (lo < -WRAP) | (hi >= WRAP)
     lo = torch.where(wrap, _t(-WRAP), lo)
     hi = torch.where(wrap, _t(WRAP), hi)
@@ -151,7 +151,7 @@ def _result_dtype(*args: Num) -> torch.dtype | None:
 def _ulps(lo: torch.Tensor, hi: torch.Tensor, n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Widen by ``n`` ulps: libm functions are faithfully, not correctly, rounded."""
     for _ in range(n):
-        lo, hi = torch.nextafter(lo, _t(-INF)), torch.nextafter(hi, _t(INF))
+        lo, hi = torch.nextafter(lo, torch.full_like(lo, -INF)), torch.nextafter(hi, torch.full_like(hi, INF))
     return lo, hi
 
 
