@@ -24,6 +24,7 @@ import torch
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
+from .float_ops import float_pow, min_max
 
 INT = torch.int64
 FLOAT = torch.float64
@@ -508,11 +509,7 @@ class Evaluator:
             return _mod(self(e.args[0]), self(e.args[1]))
         if isinstance(e, sympy.Min | sympy.Max):
             vals = [as_tensor(v) for v in _promote(*(self(a) for a in e.args))]
-            fn = torch.minimum if isinstance(e, sympy.Min) else torch.maximum
-            out = vals[0]
-            for v in vals[1:]:
-                out = fn(out, v)
-            return out
+            return min_max(vals, isinstance(e, sympy.Min))  # -0.0 < 0.0 in every element
         if isinstance(e, sympy.Abs):
             v = self(e.args[0])
             return abs(v)
@@ -599,9 +596,7 @@ class Evaluator:
                 return base**exp
         base_f = as_tensor(base, FLOAT) if isinstance(base, torch.Tensor) else float(base)
         exp_f = as_tensor(exp, FLOAT) if isinstance(exp, torch.Tensor) else float(exp)
-        if not isinstance(base_f, torch.Tensor) and not isinstance(exp_f, torch.Tensor):
-            base_f = torch.tensor(base_f, dtype=FLOAT)
-        return torch.pow(base_f, exp_f)
+        return float_pow(base_f, exp_f)  # the same bits wherever the pair sits in the tensor
 
     def _input(self, name: str, args):
         t = self.inputs[name]
@@ -722,7 +717,7 @@ def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
     are query ROWS (0..n-1); ``bound.q_offset`` makes them absolute positions (``k_flat`` and
     ``bound.k_offset`` likewise)."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = head
+    env[S.H] = head if isinstance(head, torch.Tensor) else torch.tensor([head], device=q_flat.device)  # as in the whole mask (int64 wraps; w // h is float64)
     if bound.q_offset:  # query rows are the last n tokens (or a block's): absolute positions
         q_flat = q_flat + bound.q_offset
     if bound.k_offset:  # a block's key rows: absolute positions

@@ -408,10 +408,9 @@ class IntervalEvaluator:
         if not base.is_float and not exp.is_float and e.exp.is_nonnegative:
             # int64 power (wraps around, which _int_num covers)
             if e.exp.is_Integer:
-                lo, hi = _even_odd_pow(base, int(e.exp))
-                return _int_num(lo, hi)
+                return _int_num(*_integral(*_even_odd_pow(base, int(e.exp))))
             positive = base.lo >= 0
-            lo, hi = _corners(torch.pow, base, exp)
+            lo, hi = _integral(*_corners(torch.pow, base, exp))
             return _int_num(torch.where(positive, lo, _t(-INF)), torch.where(positive, hi, _t(INF)))
         # float64 power (torch.pow), faithfully rounded
         dtype = _result_dtype(base, exp) or F
@@ -430,7 +429,10 @@ class IntervalEvaluator:
             lo, hi = _corners(torch.pow, base, exp)
             # a negative base: NaN for a non-integer exponent, anything for an integer one
             nan = ~positive
-            lo, hi = torch.where(positive, lo, _t(-INF)), torch.where(positive, hi, _t(INF))
+            # a zero base is -0.0 or 0.0 whatever its bounds' signs: a negative exponent gives -inf
+            # (-0.0 ** -0.5 is rsqrt's, -0.0 ** -1.0 odd) or inf
+            any_inf = ~positive | (_has(base, 0.0) & (exp.lo < 0))
+            lo, hi = torch.where(any_inf, _t(-INF), lo), torch.where(any_inf, _t(INF), hi)
         lo, hi = _ulps(lo, hi)
         out = _make(lo, hi, nan, dtype, base, exp)
         # torch.pow(nan, 0) == torch.pow(1, nan) == 1
@@ -642,6 +644,14 @@ def _even_odd_pow(base: Num, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return lo_p, hi_p
     straddle = (blo < 0) & (bhi > 0)
     return torch.where(straddle, _t(0.0), torch.minimum(lo_p, hi_p)), torch.maximum(lo_p, hi_p)
+
+
+def _integral(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bounds of an int64 power from float64 ``pow`` at the corners, which is faithfully rounded:
+    the integer it approximates where an ulp is small, two ulps wider above."""
+    wlo, whi = _ulps(lo, hi)
+    small = 2.0**48
+    return torch.where(lo.abs() < small, torch.round(lo), wlo), torch.where(hi.abs() < small, torch.round(hi), whi)
 
 
 def _transcendental(fn_type, a: Num) -> Num:

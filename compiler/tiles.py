@@ -123,7 +123,9 @@ def axis_env(pat: ir.PatternIR, bound: E.Bound, q_extents, kv_extents, q_tile, k
     evaluated over those axes only (radial's frame terms once per pair of frames, not per token
     pair). Padded slots are clamped in range; ``valid`` says which slots hold tokens."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = head
+    # a 1-d int64 tensor, as in the whole mask: its powers wrap around (a Python int's do not), and a
+    # float32 input meets it in float64 (a Python int or a 0-d tensor would leave w[q] // h in float32)
+    env[S.H] = torch.tensor([head])
     sides = (("q", pat.queries, q_extents, q_tile, q_tiles, bound.q_offset),
              ("k", pat.keys, kv_extents, kv_tile, kv_tiles, bound.k_offset))
     ndim = 1 + len(q_extents) + len(kv_extents)
@@ -349,7 +351,7 @@ def _separable_axes(pat: ir.PatternIR, mask: sympy.Basic) -> list[list[sympy.Bas
 def _axis_counts(pat, bound, expr, qs, ks, L, tq, tk, head, tensors) -> torch.Tensor:
     """Exact allowed counts per (Q tile, KV tile) on one axis: int64 ``[Gq, Gk]``."""
     env: dict = {sym: int(v) for sym, v in bound.subs.items()}
-    env[S.H] = head
+    env[S.H] = torch.tensor([head])  # as in the whole mask (axis_env)
     gq, gk = -(-L // tq), -(-L // tk)
     out = torch.zeros(gq * tq, gk * tk, dtype=torch.int64)
     rows = max(1, CHUNK // L)
@@ -369,7 +371,7 @@ def _classify_separable(pat, bound, mask, groups, ext, q_tile, kv_tile, stored, 
         const_ok = True
         if const is not sympy.true:
             env = {sym: int(v) for sym, v in bound.subs.items()}
-            env[S.H] = h
+            env[S.H] = torch.tensor([h])  # as in the whole mask (axis_env)
             const_ok = bool(E.as_tensor(E.Evaluator(env, tensors, set(), None)(const), torch.bool).all())
         qi = torch.zeros(1, dtype=torch.int64)
         ki = torch.zeros(1, dtype=torch.int64)

@@ -619,3 +619,81 @@ def test_a_float32_input_beside_a_huge_constant_classifies_as_its_mask():
         for intervals in (False, True):
             sched = classify(pat, bound, (1,), (1,), inputs, refine, intervals)
             check_schedule(sched, mask, (2,), (2,), (1,), (1,), 1, classify_tiles_dense(pat, bound, (1,), (1,), inputs))
+
+
+def _pair_by_pair(pat, bound, inputs) -> torch.Tensor:
+    """The mask evaluated one (query, key) pair at a time, ``[heads, Nq, Nk]``: the evaluator's scalar path."""
+    return torch.stack([torch.stack([E.mask_tensor(pat, bound, inputs, q_index=torch.tensor([i]), k_index=torch.tensor([j]))[0, :, 0, 0]
+                                     for j in range(bound.nk)], -1) for i in range(bound.n)], -2)
+
+
+def _classifies_as_its_mask(text: str, n: int, heads: int, tiles, inputs=None) -> torch.Tensor:
+    """Every classification (refined or not, interval reasoning or exact counting) of every tile size
+    in ``tiles`` is sound for the mask, and the mask is the same evaluated pair by pair."""
+    pat = attnc.load(text)
+    bound = E.bind_sizes(pat, n=n, heads=heads)
+    mask = attnc.materialize_mask(pat, n=n, heads=heads, inputs=inputs)
+    assert torch.equal(_pair_by_pair(pat, bound, inputs), mask)
+    for tile in tiles:
+        dense = classify_tiles_dense(pat, bound, (1,), tile, inputs)
+        for refine in (False, True):
+            for intervals in (False, True):
+                sched = classify(pat, bound, (1,), tile, inputs, refine, intervals)
+                check_schedule(sched, mask, (n,), (n,), (1,), (min(tile[0], n),), heads, dense)
+    return mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_float_power_modulo_classifies_as_its_mask(dtype):
+    """Found by the hypothesis search above: ``(q * q) ** k % (q * q ** 0.5)`` (sympy: ``q ** (2 * k) %
+    q ** 1.5``) at q = 7, k = 10. torch's float ``pow`` differs by an ulp between its vector lanes and its
+    scalar tail (7 ** 1.5), and the remainder of 7 ** 20 by it is then another number (0.61 or 15.9): the
+    whole mask allowed (7, 10), the classifier's evaluation of it among other pairs did not (EMPTY)."""
+    text = ("pattern p\n  tokens seq\n  input w: float[n]\n"
+            "  mask (q < (q + q)) and ((((q * q) ** k) % (q * (q ** 0.5))) < q)\n")
+    mask = _classifies_as_its_mask(text, 11, 1, [(1,)], {"w": torch.full((11,), float("nan"), dtype=dtype)})
+    assert mask[0, 7, 10]  # 7.0 ** 20 % 7.0 ** 1.5 == 0.61 with libm's pow (Python's), in every position
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_text", ["1.0 / max(w[q], 0.0) > 0", "1.0 / min(w[k], -0.0 * w[q]) < 0",
+                                       "q < k + 100 and max(w[k], 0.0) ** -1 < 0"])
+def test_min_max_of_signed_zeros_classify_as_their_mask(dtype, mask_text):
+    """``max(-0.0, 0.0)``: torch's ``maximum`` gave -0.0 in its vector lanes and 0.0 in its scalar tail,
+    and ``1.0 /`` turns the zero's sign into an infinity's: the mask depended on the token's position.
+    The evaluator orders -0.0 below 0.0 (IEEE's minimum and maximum) in every element."""
+    w = torch.tensor([-0.0, 0.0, -0.0] * 7, dtype=dtype)
+    _classifies_as_its_mask(f"pattern p\n  tokens seq\n  input w: float[n]\n  mask {mask_text}\n", 21, 1,
+                            [(1,), (2,), (5,), (21,)], {"w": w})
+
+
+@pytest.mark.parametrize("mask_text", ["w[k] ** -0.5 < 0", "w[k] ** -0.5 > 0", "w[k] ** (q * 1.0 - 1.0) > 0",
+                                       "w[k] ** (q * 1.0 - 1.0) < 0"])
+def test_a_zero_base_of_either_sign_under_a_negative_power_classifies_as_its_mask(mask_text):
+    """``-0.0 ** -0.5`` (rsqrt) and ``-0.0 ** -1.0`` are -inf, ``0.0 ** -0.5`` inf: the interval of a base
+    holding zero says nothing of the zero's sign (a range's min and max of -0.0 and 0.0 may be either),
+    so a negative power of it may be either infinity (it was one: FULL or EMPTY tiles with the other)."""
+    for vals in ([0.0, -0.0] * 3, [-0.0, 0.0, 0.0, -0.0, 0.0, 0.0]):
+        for dtype in (torch.float64, torch.float32):
+            _classifies_as_its_mask(f"pattern p\n  tokens seq\n  input w: float[n]\n  mask {mask_text}\n", 6, 1,
+                                    [(1,), (2,), (3,), (6,)], {"w": torch.tensor(vals, dtype=dtype)})
+
+
+@pytest.mark.parametrize("mask_text", ["((h + 6) ** 25) % 7 == 6 or q > k", "(3 ** (h + 40)) % 7 == 1 or q > k",
+                                       "(h + 6) ** 25 > q"])
+def test_an_int64_power_of_the_head_wraps_as_in_the_mask(mask_text):
+    """Integers are int64 and wrap around: the whole mask's ``h`` is a tensor, and tile classification
+    evaluated one head with ``h`` a Python int, whose powers do not wrap (another remainder: a FULL tile
+    with masked pairs; or an overflow error converting it)."""
+    _classifies_as_its_mask(f"pattern p\n  tokens seq\n  mask {mask_text}\n", 8, 2, [(1,), (3,), (8,)])
+
+
+@pytest.mark.parametrize("mask_text", ["((q - (q + q)) < q) and ((w[q] // h) < -1e308)",
+                                       "((q - (q + q)) < q) and ((w[q] // h) >= -1e308)",
+                                       "(min(q, (q + (q + w[k]))) < q) or ((w[q] // h) < -1e308)"])
+def test_a_float32_input_over_the_head_classifies_as_its_mask(mask_text):
+    """Found by the hypothesis search above: the whole mask's ``h`` is a tensor, so float32 ``w[q] // h``
+    is float64 there (-2.5 // 0 is -inf < -1e308); with ``h`` a Python int it stayed float32, where -1e308
+    rounds to -inf too, and tile classification called row 1 EMPTY (or FULL for ``>=``)."""
+    _classifies_as_its_mask(f"pattern p\n  tokens seq\n  input w: float[n]\n  mask {mask_text}\n", 2, 1,
+                            [(1,), (3,)], {"w": torch.tensor([float("nan"), -2.5])})
