@@ -304,3 +304,18 @@ def test_a_triton_decode_step_of_a_mask_reading_inputs_loads_one_module():
         torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
         sources.add(attn.runner.last_source)
     assert len(sources) == 1
+
+
+def test_decode_steps_of_one_plan_choose_their_split_by_their_lists():
+    """Decode steps share one plan across lengths (``plan.decode_lists``): the split-KV count follows each
+    step's lists, so a long cache splits more than the short one that made the plan."""
+    pytest.importorskip("triton")
+    from attnc.runtime.backends.triton import split_kv
+
+    attn = compile_attention(CAUSAL, backend="triton")
+    q, k, v = (t.float() for t in _qkv(2000, heads=2, hkv=1, d=16, batch=1))
+    splits = []
+    for nk in (64, 2000):
+        attn(q[:, :, nk - 1 : nk], k[:, :, :nk], v[:, :, :nk])
+        splits.append(split_kv.choose_splits(attn.runner.last_plan, 1, 2, 132))
+    assert splits[0] < splits[1]

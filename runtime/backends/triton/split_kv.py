@@ -41,7 +41,7 @@ def choose_splits(plan, batch: int, heads: int, sms: int) -> int:
     """The split count of a forward-only launch of ``plan`` over ``batch x heads`` query heads on ``sms`` SMs:
     ``FORCE_SPLITS`` where set; 1 where the programs (Q tiles x batch x heads) fill the SMs already; else
     ``decode_cost.split_kv`` on each list class's KV tiles per Q tile (FULL and PARTIAL), each class standing
-    for the (batch, head) programs that read its lists. Decided once per plan, batch, heads and SM count (a
+    for the (batch, head) programs that read its lists. Decided once per plan, batch, heads, SM count and list width (a
     routed plan made on the host is new at every call, and so is its choice; a plan whose lists each call makes
     on the device keeps its first call's)."""
     forced = forced_splits()
@@ -58,7 +58,10 @@ def choose_splits(plan, batch: int, heads: int, sms: int) -> int:
         repeat = batch * heads // classes if (batch * heads) % classes == 0 else 1
         return split_kv(row_tiles(sched), repeat, sms).splits
 
-    return plan.on_device(("kv_splits", batch, heads, sms), make)
+    # keyed by the lists' widths too: a decode step's lists, made on the device for a range of lengths
+    # (plan.decode_lists), grow with the cache under one plan, and so does the split that suits them
+    width = sched.full_index.shape[-1] + sched.partial_index.shape[-1]
+    return plan.on_device(("kv_splits", batch, heads, sms, width), make)
 
 
 def row_tiles(sched) -> list[int]:
