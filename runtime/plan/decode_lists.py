@@ -5,12 +5,13 @@ A decode step is a block of the whole sequence (``evaluate.block_bound``): its `
 rows of ``nk`` tokens and they attend keys ``[0, nk)``. Its kernels take the lengths at run time (one module
 for every length, ``compiler.triton_codegen.source``), and where the pattern's mask, bias and softcap name
 no size (``applies``) everything else of its plan is the same at every length too: the template
-(``DecodeLists`` on a ``Plan``, made at the first step) is kept per query count and tiles, and each step's
-lists are made on the call's device from the step's positions alone. Each (Q tile, KV tile) pair is
+(``DecodeLists`` on a ``Plan``, made at the first step) is kept per query count and tiles, and the lists of
+each range of ``LENGTHS_PER_LISTS`` lengths are made on the call's device at the range's first step, from
+positions alone (a later step of the range makes none). Each (Q tile, KV tile) pair is
 classified by interval reasoning over its two tiles (``device_intervals``, the host classifier's rules:
 sound, EMPTY only where no pair is allowed, FULL only where every one is; the kernels evaluate the mask on
 PARTIAL tiles, so the answer is exact whatever the classes), and the lists are compacted in tile order at
-the widths of the step's tiles: torch ops on the device, nothing read back, no tile classified on the host.
+the widths of the range's tiles: torch ops on the device, nothing read back, no tile classified on the host.
 
 Only forward-only calls take these lists (``TritonRunner.__call__``): the backward's launch orders are
 decided once per plan, on the counts of its first call."""
