@@ -73,6 +73,7 @@ SOFTMAX = {
               None),
     "dsa": ("dsa", {"topk": 512, "index_heads": 8, "index_dim": 64}, {"n": 4096}, {"n": 80}, "indexer"),
     "dma": ("dma", {"window": 512}, {"n": 4096}, {"n": 80}, "importance"),
+    "sparsifiner": ("sparsifiner", {"budget": 1024, "rank": 32}, {"n": 4096}, {"n": 80}, "connectivity"),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
     "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
@@ -97,6 +98,7 @@ TOY_PARAMS = {
     "vmoba": {"layer": 1},
     "dsa": {"topk": 6, "index_heads": 8, "index_dim": 64},
     "dma": {"window": 6},
+    "sparsifiner": {"budget": 6, "rank": 32},
     "token_topk": {"topk": 6},
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
@@ -138,6 +140,8 @@ def _softmax_inputs(kind, n, heads, device, gen):
     if kind == "indexer":  # DSA's lightning indexer inputs (the toy rows: 8 heads of 64 channels, as the real)
         return {"qi": torch.randn(n, 8, 64, generator=gen).to(device), "ki": torch.randn(n, 64, generator=gen).to(device),
                 "w": torch.rand(n, 8, generator=gen).to(device)}
+    if kind == "connectivity":  # Sparsifiner's low-rank factors, rank 32 (DeiT-S's), non-negative as the code's
+        return {"qi": torch.rand(heads, n, 32, generator=gen).to(device), "ki": torch.rand(heads, n, 32, generator=gen).to(device)}
     return {}
 
 

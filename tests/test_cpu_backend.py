@@ -95,6 +95,11 @@ def _indexer(H, n, B, g):  # DeepSeek's lightning indexer inputs: 3 indexer head
             "w": torch.randn(n, 3, generator=g, dtype=torch.float64)}
 
 
+def _connectivity(H, n, B, g):  # Sparsifiner's low-rank factors: rank 4, per head
+    return {"qi": torch.randn(H, n, 4, generator=g, dtype=torch.float64),
+            "ki": torch.randn(H, n, 4, generator=g, dtype=torch.float64)}
+
+
 def _centroids(H, n, B, g):  # [heads, clusters, dk] at _run_stdlib's head dim 8
     return {"centroids": torch.randn(H, 3, 8, generator=g, dtype=torch.float64)}
 
@@ -112,6 +117,7 @@ STDLIB = {
     "moba": (dict(block=8, topk=2), None, 61, None),
     "quest": (dict(token_budget=16, page=4), None, 61, None),
     "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
+    "sparsifiner": (dict(budget=7, rank=4), None, 45, _connectivity),
     "dma": (dict(window=7), None, 45, lambda H, n, B, g: {
         "importance": torch.randn(H, n, generator=g, dtype=torch.float64).requires_grad_()}),
     "vmoba": (dict(layer=1, spatial_chunk_y=2, spatial_chunk_x=3), {"frames": 3, "height": 4, "width": 6}, None, None),

@@ -137,6 +137,9 @@ STDLIB = {
     "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 40,
             lambda n: {name: torch.randn(*shape, generator=torch.Generator().manual_seed(i))
                        for i, (name, shape) in enumerate((("qi", (n, 3, 4)), ("ki", (n, 4)), ("w", (n, 3))))}, 16),
+    "sparsifiner": ({"budget": 5, "rank": 4}, None, 40,
+                    lambda n: {name: torch.randn(2, n, 4, generator=torch.Generator().manual_seed(i))
+                               for i, name in enumerate(("qi", "ki"))}, 16),
     "xattention": ({"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, None, 40, None, 16),
     "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 40, None, 16),
 }
