@@ -87,6 +87,7 @@ SOFTMAX = {
     "moa": ("moa", {"alpha": 1024, "beta": 0.125}, {"n": 4096}, {"n": 80}, None),
     "window_2d": ("window_2d", {"window": 8, "shift": 4}, {"height": 64, "width": 64}, {"height": 8, "width": 8}, None),
     "halo_2d": ("halo_2d", {"block": 8, "halo": 3}, {"height": 64, "width": 64}, {"height": 8, "width": 8}, None),
+    "freeswim": ("freeswim", {}, {"frames": 21, "height": 30, "width": 52}, {"frames": 2, "height": 5, "width": 7}, None),
     "xattention": ("xattention", {"block": 128, "stride": 16, "threshold": 0.9}, {"n": 4096}, {"n": 80}, None),
 }
 TOY_PARAMS = {
@@ -104,6 +105,7 @@ TOY_PARAMS = {
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
     "sliding_tile": {"tile_t": 1, "tile_y": 4, "tile_x": 4, "wt": 1, "wy": 1, "wx": 1}, "radial": {"block": 4},
     "window_2d": {"window": 4, "shift": 2}, "moa": {"alpha": 8, "beta": 0.25, "block": 8, "minimum": 16}, "halo_2d": {"block": 4, "halo": 1},
+    "freeswim": {"half_height": 1, "half_width": 2},
     "xattention": {"block": 16, "stride": 4, "threshold": 0.9, "chunk": 32},
     "vertical_slash": {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
 }

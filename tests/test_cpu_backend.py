@@ -134,6 +134,7 @@ STDLIB = {
     "sliding_window": (dict(window=9), None, 50, None),
     "window_2d": (dict(window=4, shift=2), {"height": 8, "width": 7}, None, None),
     "halo_2d": (dict(block=3, halo=1), {"height": 7, "width": 9}, None, None),
+    "freeswim": (dict(half_height=1, half_width=2), {"frames": 2, "height": 5, "width": 7}, None, None),
     "moa": (dict(alpha=[-6, 9, 20, 3], beta=[0.5, 0.1, 0.0, 0.25], max_new_tokens=4, block=4, minimum=8), None, 53, None),
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),

@@ -586,6 +586,8 @@ CONFORMANCE = {
     "sliding_window": ({"window": 7}, None, 37, (4, 2), {}, (), (8, 4)),
     "window_2d": ({"window": 3, "shift": 1}, {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),
     "halo_2d": ({"block": 3, "halo": 1}, {"height": 8, "width": 7}, 56, (4, 2), {}, (), ((2, 4), (2, 2))),
+    "freeswim": ({"half_height": 1, "half_width": 2}, {"frames": 2, "height": 5, "width": 7}, 70, (4, 2), {}, (),
+                 ((1, 2, 4), (2, 2, 2))),
     "moa": ({"alpha": [-6, 9, 20, 3], "beta": [0.5, 0.1, 0.0, 0.25], "max_new_tokens": 4, "block": 4, "minimum": 8},
             None, 45, (4, 2), {}, (), (8, 4)),
     "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),

@@ -50,6 +50,7 @@ EXPECTED_DEFAULTS = {
     "sliding_tile": {"tile_t": 6, "tile_y": 8, "tile_x": 8, "wt": 3, "wy": 3, "wx": 3},
     "window_2d": {"window": 7, "shift": 0},
     "halo_2d": {"block": 8, "halo": 3},
+    "freeswim": {"half_height": 15, "half_width": 26},
     "moa": {"alpha": 4096, "beta": 0.0, "max_new_tokens": 1024, "block": 64, "minimum": 128},
     "radial": {"decay_factor": 1.0, "block": 128, "sink": False},
     "power": {"block": 256, "local": 5},
@@ -1402,3 +1403,51 @@ def test_per_head_parameters_are_checked_by_name():
     assert out.shape == (1, 2, 16, 8)
     with pytest.raises(attnc.SpecError, match="one value per head is taken by softmax patterns"):
         attnc.load("recurrence r(c[heads] = 0.5)\n  decay c", c=[0.5, 0.25])
+
+
+# ----------------------------------------------------------------- FreeSwim's inward spatial window
+def freeswim_mask(T: int, H: int, W: int, d_h: int, d_w: int) -> torch.Tensor:
+    """FreeSwim's window as WillWu111/FreeSwim (9f35a72f, ``init_mask_flex``) writes its mask_mod over the
+    flattened (t, h, w) latent: the window of half-width d on each side grown on the inner side by what the
+    border cuts off (``d_b``, ``d_u``, ``d_r``, ``d_l``); the frame index is not read. bool [1, n, n]."""
+    n = T * H * W
+    idx = torch.arange(n)
+    h, w = idx % (H * W) // W, idx % W
+    qh, qw, kh, kw = h[:, None], w[:, None], h[None, :], w[None, :]
+    below = (d_h - qh).clamp_min(0)
+    above = (d_h + qh - H + 1).clamp_min(0)
+    right = (d_w - qw).clamp_min(0)
+    left = (d_w + qw - W + 1).clamp_min(0)
+    keep = ((kh <= qh + d_h + below) & (kh >= qh - d_h - above)
+            & (kw <= qw + d_w + right) & (kw >= qw - d_w - left))
+    return keep[None]
+
+
+@FAST
+@given(T=st.integers(1, 3), H=st.integers(1, 12), W=st.integers(1, 12), d_h=st.integers(0, 7), d_w=st.integers(0, 7))
+def test_freeswim_is_the_codes_window(T, H, W, d_h, d_w):
+    got = attnc.materialize_mask("stdlib:freeswim", sizes={"frames": T, "height": H, "width": W},
+                                 half_height=d_h, half_width=d_w)
+    assert_same_mask(got, freeswim_mask(T, H, W, d_h, d_w))
+
+
+def test_freeswim_is_natten_with_every_frame():
+    """Where the window fits the frame it is NATTEN's window of kernel 2d + 1 on y and x, every frame in t."""
+    sizes = {"frames": 3, "height": 7, "width": 9}
+    got = attnc.materialize_mask("stdlib:freeswim", sizes=sizes, half_height=2, half_width=3)
+    natten = attnc.materialize_mask("stdlib:neighborhood_3d", sizes=sizes, kernel_size_t=3, kernel_size_y=5,
+                                    kernel_size_x=7)
+    assert_same_mask(got, natten)
+
+
+def test_freeswim_with_the_codes_scale_is_its_windowed_attention():
+    """The windowed branch as the code calls it: its mask, scale sqrt(log(3120) / log(1560) / head_dim)."""
+    T, H, W, d = 2, 5, 6, 8
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, T * H * W, d, generator=g, dtype=torch.float64) for _ in range(3))
+    scale = math.sqrt(math.log(30 * 52 * 2, 30 * 52) / d)
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~freeswim_mask(T, H, W, 1, 2), float("-inf"))
+    want = torch.softmax(scores, dim=-1) @ v
+    attn = attnc.compile_attention("stdlib:freeswim", half_height=1, half_width=2, backend="cpu",
+                                   sizes={"frames": T, "height": H, "width": W})
+    torch.testing.assert_close(attn(q, k, v, scale=scale), want, rtol=1e-12, atol=1e-12)

@@ -109,6 +109,7 @@ STDLIB = {
     "radial": ({"block": 4}, {"frames": 4, "per_frame": 10}, None, None, (2, 8)),
     "window_2d": ({"window": 4, "shift": 2}, GRID2, None, None, (4, 4)),
     "halo_2d": ({"block": 3, "halo": 1}, GRID2, None, None, (3, 4)),
+    "freeswim": ({"half_height": 1, "half_width": 2}, {"frames": 2, "height": 4, "width": 6}, None, None, (1, 2, 4)),
     "moa": ({"alpha": [-6, 9], "beta": [0.5, 0.1], "max_new_tokens": 4, "block": 4, "minimum": 8}, None, 40, None, 16),
     "power": ({"block": 4, "local": 2}, None, 48, None, 16),
     "logsparse": ({}, None, 40, None, 16),
