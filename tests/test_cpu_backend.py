@@ -126,6 +126,7 @@ STDLIB = {
     "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=3), {"frames": 3, "height": 5, "width": 6}, None, None),
     "power": (dict(block=4, local=2), None, 70, None),
     "prefix_lm": (dict(prefix=9), None, 40, None),
+    "grid": (dict(stride=3, vision_start=5, vision_end=36, sink=2, local=4, block=2), None, 40, None),
     "radial": (dict(block=4), {"frames": 4, "per_frame": 16}, None, None),
     "cluster_mask": (dict(clusters=3), None, 58, _centroids),
     "s2": (dict(block=4, local=2, vert=4), None, 64, None),

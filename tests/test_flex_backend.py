@@ -576,6 +576,7 @@ CONFORMANCE = {
                         (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
     "power": ({"block": 4, "local": 2}, None, 41, (4, 2), {}, (), (8, 4)),
     "prefix_lm": ({"prefix": 5}, None, 23, (4, 2), {}, (), (8, 4)),
+    "grid": ({"stride": 3, "vision_start": 5, "vision_end": 36, "sink": 2, "local": 4, "block": 2}, None, 40, (4, 2), {}, (), (8, 4)),
     "radial": ({"block": 3, "sink": True}, {"frames": 6, "per_frame": 12}, 72, (4, 2), {}, (), ((2, 4), (2, 2))),
     "cluster_mask": ({"clusters": 3}, None, 39, (4, 2),
                             {"centroids": lambda n, g: torch.randn(4, 3, 8, generator=g, dtype=torch.float64)},
@@ -598,12 +599,19 @@ CONFORMANCE = {
 }
 
 
+#: values for the parameters without a default
+BARE = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}}
+
+
+def _load(name: str):
+    """stdlib pattern ``name`` with its conformance parameters (its defaults where it has no entry)."""
+    return attnc.load(f"stdlib:{name}", **(CONFORMANCE[name][0] if name in CONFORMANCE else BARE.get(name, {})))
+
+
 def _stdlib_softmax_patterns() -> set[str]:
     from attnc.spec.library import stdlib_index
 
-    return {name for name in stdlib_index() if isinstance(attnc.load(f"stdlib:{name}", **(
-        CONFORMANCE[name][0] if name in CONFORMANCE else {"prefix": 1} if name == "prefix_lm" else {})),
-        attnc.core.ir.PatternIR)}
+    return {name for name in stdlib_index() if isinstance(_load(name), attnc.core.ir.PatternIR)}
 
 
 def test_conformance_covers_the_stdlib():
@@ -613,10 +621,8 @@ def test_conformance_covers_the_stdlib():
     from attnc.spec.library import stdlib_index
 
     assert set(CONFORMANCE) == _stdlib_softmax_patterns()
-    assert {name for name in stdlib_index() if attnc.load(f"stdlib:{name}", **(
-        {"prefix": 1} if name == "prefix_lm" else {})).kind == "combined"} == {"nsa"}
-    assert {name for name in stdlib_index() if attnc.load(f"stdlib:{name}", **(
-        {"prefix": 1} if name == "prefix_lm" else {})).kind == "bucketed"} == {"routing_transformer"}
+    assert {name for name in stdlib_index() if _load(name).kind == "combined"} == {"nsa"}
+    assert {name for name in stdlib_index() if _load(name).kind == "bucketed"} == {"routing_transformer"}
 
 
 @pytest.mark.parametrize("name", sorted(CONFORMANCE))

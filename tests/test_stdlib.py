@@ -58,6 +58,7 @@ EXPECTED_DEFAULTS = {
     "longformer": {"window": 512},
     "s2": {"block": 64, "local": 16, "vert": 8, "offset": 0, "kv_heads": 0},
     "prefix_lm": {"prefix": 3},  # bare: given here
+    "grid": {"stride": 14, "vision_start": 812, "vision_end": 4000, "sink": 1024, "local": 1024, "block": 64},  # vision_end given
     "document": {},
     "alibi": {},
     "softcap": {"cap": 50.0},
@@ -152,7 +153,7 @@ def test_file_header_and_single_declaration(fname):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULTS))
 def test_defaults(name):
-    params = {"prefix": 3} if name == "prefix_lm" else {}
+    params = {"prefix_lm": {"prefix": 3}, "grid": {"vision_end": 4000}}.get(name, {})
     pat = attnc.load(f"stdlib:{name}", **params)
     got = {k: v for k, v in pat.params}
     want = EXPECTED_DEFAULTS[name]

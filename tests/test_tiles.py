@@ -500,6 +500,7 @@ STDLIB = {
                         (2, 4, 4), (3, 2, 8), None),
     "power": (dict(block=4, local=2), 96, None, 1, (8,), (8,), None),
     "prefix_lm": (dict(prefix=7), 33, None, 1, (8,), (4,), None),
+    "grid": (dict(stride=3, vision_start=5, vision_end=60, sink=2, local=4, block=2), 64, None, 1, (8,), (4,), None),
     "radial": (dict(block=4), None, {"frames": 6, "per_frame": 16}, 1, (2, 8), (1, 16), None),
     "s2": (dict(block=4, local=3, vert=3), 64, None, 2, (8,), (4,), None),
     "sliding_tile": (dict(tile_t=2, tile_y=2, tile_x=3, wt=1, wy=3, wx=3), None, {"frames": 4, "height": 6, "width": 8},

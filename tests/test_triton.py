@@ -117,6 +117,7 @@ STDLIB = {
                    lambda n: {"is_global": (torch.arange(n) % 13 == 3).to(torch.int64)}, 16),
     "s2": ({"block": 4, "local": 2, "vert": 2}, None, 40, None, 16),
     "prefix_lm": ({"prefix": 5}, None, 40, None, 16),
+    "grid": ({"stride": 3, "vision_start": 5, "vision_end": 36, "sink": 2, "local": 4, "block": 2}, None, 40, None, 16),
     "document": ({}, None, 40, lambda n: {"doc": torch.tensor([0] * 11 + [1] * 20 + [2] * (n - 31))}, 16),
     "alibi": ({}, None, 40, None, 16),
     "softcap": ({"cap": 1.5}, None, 40, None, 16),
