@@ -75,6 +75,7 @@ SOFTMAX = {
     "dsa": ("dsa", {"topk": 512, "index_heads": 8, "index_dim": 64}, {"n": 4096}, {"n": 80}, "indexer"),
     "dma": ("dma", {"window": 512}, {"n": 4096}, {"n": 80}, "importance"),
     "sparsifiner": ("sparsifiner", {"budget": 1024, "rank": 32}, {"n": 4096}, {"n": 80}, "connectivity"),
+    "music_relative": ("music_relative", {"max_relative": 2048}, {"n": 4096}, {"n": 80}, "relative"),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
     "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
@@ -102,6 +103,7 @@ TOY_PARAMS = {
     "dsa": {"topk": 6, "index_heads": 8, "index_dim": 64},
     "dma": {"window": 6},
     "sparsifiner": {"budget": 6, "rank": 32},
+    "music_relative": {"max_relative": 16},
     "token_topk": {"topk": 6},
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
@@ -129,7 +131,7 @@ def _suite():
 
 
 # ----------------------------------------------------------------- one case (in a subprocess)
-def _softmax_inputs(kind, n, heads, device, gen):
+def _softmax_inputs(kind, n, heads, device, gen, d=None, params=None):
     import torch
 
     if kind == "is_global":
@@ -144,6 +146,8 @@ def _softmax_inputs(kind, n, heads, device, gen):
     if kind == "indexer":  # DSA's lightning indexer inputs (the toy rows: 8 heads of 64 channels, as the real)
         return {"qi": torch.randn(n, 8, 64, generator=gen).to(device), "ki": torch.randn(n, 64, generator=gen).to(device),
                 "w": torch.rand(n, 8, generator=gen).to(device)}
+    if kind == "relative":  # the Music Transformer's per-head relative embeddings (t2t's initializer scale), differentiable
+        return {"E": (torch.randn(heads, params["max_relative"], d, generator=gen) * d ** -0.5).to(device)}
     if kind == "connectivity":  # Sparsifiner's low-rank factors, rank 32 (DeiT-S's), non-negative as the code's
         return {"qi": torch.rand(heads, n, 32, generator=gen).to(device), "ki": torch.rand(heads, n, 32, generator=gen).to(device)}
     return {}
@@ -179,7 +183,7 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
             # (routing picks blocks by score; unrounded inputs would pick others)
             q = torch.randn(1, heads, n, d, generator=gen).to(dtype)
             k, v = (torch.randn(1, kv_heads, n, d, generator=gen).to(dtype) for _ in range(2))
-            inputs = _softmax_inputs(kind, n, heads, device, gen)
+            inputs = _softmax_inputs(kind, n, heads, device, gen, d, params)
             differentiated = [key for key, x in inputs.items() if x.is_floating_point() and key in wrt]
             w = torch.randn(1, heads, n, d, generator=gen).to(device)
             wl = torch.randn(1, heads, n, generator=gen).to(device)

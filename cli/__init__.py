@@ -134,8 +134,8 @@ def _unused_inputs(decl) -> list[str]:
         used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))
         if decl.decay is not None:
             used.add(decl.decay if isinstance(decl.decay, str) else "")
-        used |= {d.derived[2] for d in decl.inputs  # cluster(q, C) reads C
-                 if d.derived is not None and d.derived[0] == "cluster"}
+        used |= {d.derived[2] for d in decl.inputs  # cluster(q, C) reads C, relative(E, r) reads E
+                 if d.derived is not None and d.derived[0] in ("cluster", "relative")}
     return [d.name for d in decl.inputs if d.name not in used]
 
 

@@ -92,7 +92,7 @@ def materialize_mask(
     dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     vectors = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
-    if clusters.derived_inputs(pat) or (pat.route is not None and vectors):
+    if clusters.mask_derived_inputs(pat) or (pat.route is not None and vectors):
         if not vectors:  # cluster() or a vertical-slash route: the mask depends on the vectors
             why = "clusters" if any(d.derived[0] == "cluster" for d in clusters.derived_inputs(pat)) else "routes by"
             raise SpecError(f"'{pat.name}' {why} the query and key vectors: its mask needs them",
@@ -104,7 +104,7 @@ def materialize_mask(
             if t.dim() != 4 or (want[0] is not None and t.shape[1] != want[0]) or t.shape[2] != want[1]:
                 raise SpecError(f"{what} has shape {list(t.shape)}; expected [B, {want[0] or 'kv_heads'}, {want[1]}, dk]"
                                 f" (heads = {bound.heads}, {rows} queries, {bound.nk} keys)", where=f"argument {what}")
-        inputs = clusters.derive_inputs(pat, q, k, dict(inputs or {}))
+        inputs = clusters.derive_inputs(pat, q, k, dict(inputs or {}), mask_only=True)
     tensors, batch = E.bind_inputs(pat, bound, inputs, required=E.mask_input_names(pat))  # not a bias's
     # the mask is evaluated per head only when it depends on h (else a broadcast view)
     evaluated = (batch or 1) * (bound.heads if S.H in E.substitute(pat.mask, bound).free_symbols else 1)

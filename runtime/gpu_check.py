@@ -503,14 +503,16 @@ def _probe(arch: int) -> bool:
         return False
 
 
-def _inputs(pat, bound, gen: torch.Generator) -> dict:
+def _inputs(pat, bound, gen: torch.Generator, relative_tables: bool = False) -> dict:
     """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs,
-    sorted small ints for int ones (document ids, flags)."""
+    sorted small ints for int ones (document ids, flags). ``relative_tables``: relative()'s derived tables
+    too, for a launch that takes its inputs bound (a call computes them from q and the embeddings)."""
     import sympy
 
     out = {}
     for decl in pat.inputs:
-        if getattr(decl, "derived", None):  # cluster ids: the call computes them from q, k and the centroids
+        derived = getattr(decl, "derived", None)
+        if derived and not (relative_tables and derived[0] == "relative"):  # computed by the call from q, k
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
@@ -682,7 +684,7 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     bound = E.block_bound(whole, q0, half, k0, half)
     tdtype = DTYPES[dtype]
     q, k, v = (torch.randn(BATCH, heads, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
-    tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen), batch=BATCH)
+    tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen, relative_tables=True), batch=BATCH)
     wrt = tuple(name for name in tensors if name in score_input_names(pat) and tensors[name].is_floating_point())
 
     class Native(TB.TritonRunner):

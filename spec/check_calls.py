@@ -38,6 +38,8 @@ class CallChecks:
             return self._window(node)
         if node.func == "cluster":
             return self._cluster(node)
+        if node.func == "relative":
+            return self._relative(node)
         lo, hi = BUILTINS[node.func]
         if node.kwargs:
             raise self.error(f"'{node.func}' takes no keyword arguments", node.kwargs[0].pos)
@@ -98,6 +100,45 @@ class CallChecks:
             raise self.error(f"the input name '{name}' is taken: cluster() needs it", node.func_pos)
         self.inputs[name] = wanted
         return Typed(INT, wanted.function(S.H, self.frame.q_flat if side.id == "q" else self.frame.k_flat))
+
+    def _relative(self, node: ast.Call) -> Typed:
+        """``relative(E, INDEX)``: the query's vector dotted with row INDEX of the relative embeddings E
+        (Shaw et al., the Music Transformer), times the attention's scale; 0 where INDEX is outside E's
+        rows. Only in a bias. It reads a derived input ``float[heads, n, ROWS + 2]``, the call's
+        ``scale * q . E[r]`` for every query and row between two zero columns (``runtime.plan.clusters``),
+        at ``clamp(INDEX + 1, 0, ROWS + 1)``: an index in range by its bounds alone, which the kernels need
+        not check. Computed from q and E at every call and differentiated like any bias input: no n x n x dk
+        tensor."""
+        if node.kwargs:
+            raise self.error("'relative' takes no keyword arguments", node.kwargs[0].pos)
+        if len(node.args) != 2:
+            raise self.error(f"'relative' takes 2 arguments (EMBEDDINGS, INDEX), got {len(node.args)}", node.func_pos,
+                             hint="bias relative(E, clamp(q - k, -radius, radius) + radius)")
+        if not getattr(self, "in_bias", False):
+            raise self.error("relative() is a score term: only a bias may read it", node.func_pos,
+                             hint="bias relative(E, clamp(q - k, -radius, radius) + radius)")
+        emb, index = node.args
+        decl = self.inputs.get(emb.id) if isinstance(emb, ast.Name) else None
+        if decl is None or decl.derived is not None:
+            shown = f"'{emb.id}' is not an input" if isinstance(emb, ast.Name) else "this is not an input"
+            raise self.error(f"the first argument of relative() must name the embeddings input: {shown}", emb.pos,
+                             hint="declare it: input E: float[rows, dk] (or float[heads, rows, dk])")
+        shapes = (("ROWS", "dk"), ("heads", "ROWS", "dk"))
+        if decl.dtype != FLOAT or len(decl.dims) not in (2, 3) or decl.dim_names[-1] != "dk" or (
+                len(decl.dims) == 3 and decl.dim_names[0] != "heads") or decl.dim_names[-2] in ("n", "nk", "heads"):
+            raise self.error(f"the embeddings input '{emb.id}' must be float[{', '.join(shapes[0])}] or "
+                             f"float[{', '.join(shapes[1])}], got {decl.dtype}[{', '.join(decl.dim_names)}]", emb.pos)
+        if self.frame.queries != self.frame.keys:
+            raise self.error("relative() needs the same layout for queries and keys (self-attention)", node.func_pos)
+        rows = decl.dims[-2]
+        at = self.expect(index, INT, "the row of relative()").expr
+        name = f"__relative_{emb.id}"
+        wanted = ir.InputDecl(name, FLOAT, (S.HEADS, self.frame.n, rows + 2), ("heads", "n", f"{decl.dim_names[-2]} + 2"),
+                              ("relative", "q", emb.id))
+        if self.inputs.get(name, wanted) != wanted:
+            raise self.error(f"the input name '{name}' is taken: relative() needs it", node.func_pos)
+        self.inputs[name] = wanted
+        return Typed(FLOAT, wanted.function(S.H, self.frame.q_flat, S.Min(S.Max(at + 1, 0), rows + 1)))
 
     def _window(self, node: ast.Call) -> Typed:
         frame = self.frame

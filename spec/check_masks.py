@@ -25,7 +25,11 @@ class PatternChecks:
         bias = softcap = None
         bias_clause = self._single("bias")
         if bias_clause is not None:
-            bias = self.expect_number(bias_clause.value, "a bias").expr
+            self.in_bias = True  # relative() is a score term: a bias may read it
+            try:
+                bias = self.expect_number(bias_clause.value, "a bias").expr
+            finally:
+                self.in_bias = False
         softcap_clause = self._single("softcap")
         if softcap_clause is not None:
             typed = self.expect_number(softcap_clause.value, "a softcap")

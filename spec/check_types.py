@@ -27,6 +27,7 @@ BUILTINS = {
     "tanh": (1, 1),
     "window": (1, 2),
     "cluster": (2, 2),
+    "relative": (2, 2),
 }
 WINDOW_KEYWORDS = ("dilation", "stride", "causal")
 INT64_LIMIT = 2**63

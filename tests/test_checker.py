@@ -689,10 +689,13 @@ def test_every_stdlib_size_and_count_is_bounded():
     # the offset of S2's vertical stripes is any int; a layer index is bounded below only; MoA's alpha is a
     # signed token count (the code's -1024 ... 1024: the budget is clipped below by its minimum)
     assert unbounded == {("s2", "offset"), ("moa", "alpha")}, unbounded
+    required = {p.name: 100 for _, (_, decl) in stdlib_index().items() for p in decl.params  # no default: given
+                if p.default is None and p.bound is not None}
     for name, (_, decl) in stdlib_index().items():
         for p in decl.params:
             if p.bound is not None and p.bound[0] == ">=":
-                err = _argument_error(f"stdlib:{name}", **{p.name: p.bound[1] - 1})
+                given = {q.name: required[q.name] for q in decl.params if q.name in required and q.name != p.name}
+                err = _argument_error(f"stdlib:{name}", **given, **{p.name: p.bound[1] - 1})
                 assert err.where == f"argument {p.name}", str(err)
 
 

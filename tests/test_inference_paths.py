@@ -37,6 +37,8 @@ def _inputs(name: str, n: int) -> dict:
             t = torch.nn.functional.logsigmoid(torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64))
         if name == "dma":  # importance [heads, nk]: the table's is for 2 heads
             t = torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64)
+        if name == "music_relative":  # E [heads, max_relative, dk]
+            t = torch.randn(HQ, t.shape[1], D, generator=_gen(9), dtype=torch.float64)
         if name == "sparsifiner":  # qi, ki [heads, n, rank]
             t = torch.randn(HQ, n, t.shape[-1], generator=_gen(9 + len(out)), dtype=torch.float64)
         if name == "cluster_mask":  # centroids [heads, clusters, dk]

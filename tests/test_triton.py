@@ -139,6 +139,9 @@ STDLIB = {
     "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 40,
             lambda n: {name: torch.randn(*shape, generator=torch.Generator().manual_seed(i))
                        for i, (name, shape) in enumerate((("qi", (n, 3, 4)), ("ki", (n, 4)), ("w", (n, 3))))}, 16),
+    "music_relative": ({"max_relative": 12}, None, 40,
+                       lambda n: {"E": torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(6)).requires_grad_()},
+                       16),
     "sparsifiner": ({"budget": 5, "rank": 4}, None, 40,
                     lambda n: {name: torch.randn(2, n, 4, generator=torch.Generator().manual_seed(i))
                                for i, name in enumerate(("qi", "ki"))}, 16),

@@ -24,6 +24,8 @@ def score_input_names(pat: ir.PatternIR) -> set[str]:
     """The call-time inputs the score terms read (the bias's, FoX's gate): those a backward differentiates
     (a mask's, a route's indexer, are not)."""
     names = set(E.input_names(pat.bias)) if pat.bias is not None else set()
+    # relative(E, r)'s table is computed from E at every call: E is differentiated through it
+    names |= {d.derived[2] for d in pat.inputs if d.name in names and d.derived is not None and d.derived[0] == "relative"}
     return names | ({pat.decay} if pat.decay is not None else set())
 
 

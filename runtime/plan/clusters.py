@@ -22,12 +22,53 @@ from . import vertical_slash
 
 
 def _source(d: ir.InputDecl) -> str:
-    return "cluster()" if d.derived[0] == "cluster" else "the vertical-slash route"
+    return {"cluster": "cluster()", "relative": "relative()"}.get(d.derived[0], "the vertical-slash route")
 
 
 def derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
     """The inputs of ``pat`` computed at call time (never passed by the caller)."""
     return tuple(d for d in getattr(pat, "inputs", ()) if d.derived is not None)
+
+
+def mask_derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
+    """The derived inputs a mask reads (cluster ids, vertical-slash flags): not ``relative()``'s score table."""
+    return tuple(d for d in derived_inputs(pat) if d.derived[0] != "relative")
+
+
+def relative_logits(q: torch.Tensor, embeddings: torch.Tensor, scale: float, positions: int) -> torch.Tensor:
+    """``relative(E, r)``'s table: ``scale * q . E[r]`` for every query and row r between two zero columns (the
+    value of a row outside E, below and above), ``[B, Hq, positions, ROWS + 2]``. ``q`` ``[B, Hq, Nq, D]`` holds the last Nq
+    of ``positions`` tokens (queries after a KV cache); the rows of the earlier positions, which no query
+    holds, are 0. ``embeddings`` ``[ROWS, D]``, ``[Hq, ROWS, D]`` or ``[B, Hq, ROWS, D]``. Differentiable in q
+    and E: the bias's gradient reaches them through it."""
+    emb = embeddings.to(q.dtype)
+    emb = emb[None, None] if emb.dim() == 2 else emb[None] if emb.dim() == 3 else emb
+    table = scale * (q @ emb.transpose(-1, -2))  # [B, Hq, Nq, ROWS]: the skewing's q E^T, no n x n x dk tensor
+    B, Hq, Nq, rows = table.shape
+    return torch.nn.functional.pad(table, (1, 1, positions - Nq, 0))
+
+
+def _check_embeddings(decl: ir.InputDecl, t, q: torch.Tensor, rows: int) -> torch.Tensor:
+    """The relative embeddings checked against ``float[ROWS, dk]`` or ``float[heads, ROWS, dk]`` (optional
+    batch), naming the input."""
+    name = decl.name
+    B, Hq, _, D = q.shape
+    want = [Hq, rows, D] if len(decl.dims) == 3 else [rows, D]
+    if t is None:
+        raise SpecError(f"missing input '{name}' (float[{', '.join(decl.dim_names)}] = {want})", where=f"argument {name}",
+                        hint=f"pass {name}= (the relative embeddings of relative())")
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        got = f"a {t.dtype} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise SpecError(f"input '{name}' is a float tensor, got {got}", where=f"argument {name}")
+    if t.device != q.device:
+        raise SpecError(f"input '{name}' is on {t.device}, q on {q.device}", where=f"argument {name}",
+                        hint="pass every input on q's device")
+    if list(t.shape) != want and not (len(decl.dims) == 3 and t.dim() == 4 and list(t.shape[1:]) == want
+                                      and t.shape[0] == B):
+        raise SpecError(f"input '{name}' has shape {list(t.shape)}, expected [{', '.join(decl.dim_names)}] = {want} "
+                        f"(dk from q{', heads from q, an optional leading batch dimension of ' + str(B) if len(want) == 3 else ''})",
+                        where=f"argument {name}")
+    return t
 
 
 def cluster_ids(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
@@ -76,13 +117,15 @@ def _check_centroids(decl: ir.InputDecl, t, q: torch.Tensor, clusters: int) -> t
     return t
 
 
-def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None) -> dict:
+def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: float | None = None, *,
+                  mask_only: bool = False) -> dict:
     """``inputs`` with the cluster ids of this call added (``q`` ``[B, Hq, Nq, D]``, ``k``
     ``[B, Hkv, Nk, D]``, both in attnc's layout). Queries after a KV cache (``Nk > Nq``,
     self-attention) stand at positions ``Nk - Nq ..``: the ids of the earlier positions, which no
     query holds, are -1. A vertical-slash route's flags come from ``vertical_slash.derive`` (scores
-    at ``scale``, default ``D ** -0.5``). A derived input given by the caller is refused, naming it."""
-    derived = derived_inputs(pat)
+    at ``scale``, default ``D ** -0.5``); ``relative()``'s table from ``relative_logits`` (not with
+    ``mask_only``: only what a mask reads). A derived input given by the caller is refused, naming it."""
+    derived = mask_derived_inputs(pat) if mask_only else derived_inputs(pat)
     if not derived:
         return inputs
     for d in derived:
@@ -97,6 +140,12 @@ def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: fl
     if vertical_slash.rule_of(pat) is not None:
         out.update(vertical_slash.derive(pat, q, k, scale))
     for d in derived:
+        if d.derived[0] == "relative":
+            emb_decl = next(i for i in pat.inputs if i.name == d.derived[2])
+            emb = _check_embeddings(emb_decl, inputs.get(emb_decl.name), q, int(emb_decl.dims[-2]))
+            out[d.name] = relative_logits(q, emb, q.shape[-1] ** -0.5 if scale is None else scale,
+                                          Nk if pat.self_attention and Nk > Nq else Nq)
+            continue
         if d.derived[0] != "cluster":
             continue
         _, side, cent_name = d.derived
@@ -164,7 +213,7 @@ def sample_derived(
     """For the simulator and ``attnc show``, which have no q and k: ``inputs`` completed with cluster ids
     (vertical-slash flags) of a seeded sample (q, k and missing centroids standard normal, ``seed``), and one note per
     sampled thing saying so. Unchanged when the pattern clusters nothing or the ids are given."""
-    derived = derived_inputs(pat)
+    derived = mask_derived_inputs(pat)
     if not derived or all(d.name in inputs for d in derived):
         return inputs, []
     g = torch.Generator().manual_seed(seed)
@@ -194,5 +243,5 @@ def sample_derived(
             f"concentrates differently"
         )
     return derive_inputs(
-        pat, q, k, {n: t for n, t in out.items() if n not in {d.name for d in derived}}
+        pat, q, k, {n: t for n, t in out.items() if n not in {d.name for d in derived}}, mask_only=True
     ), notes
