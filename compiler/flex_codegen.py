@@ -362,7 +362,7 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
                *("    " + ln for ln in prologue()), *("    " + ln for ln in route_lines), f"    return {allowed}"]
     parts = ["\n\n".join(HELPERS[n].strip("\n") for n in HELPERS if n in helpers), "\n".join(mask_fn)]
     score_args = [inputs[n][0] for n in score_printer.used_inputs]
-    has_score = cap_text is not None or bias_text is not None or pat.decay is not None
+    has_score = cap_text is not None or bias_text is not None or pat.decay is not None or pat.weights is not None
     if has_score:
         body = [*prologue(), "s = score"]
         if cap_text is not None:
@@ -379,9 +379,13 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
                      f"fox = (DC[{bi}, h, qd] - DCK[{bi}, h, kd]) + (DL[{bi}, h, qd] - DLK[{bi}, h, kd])",
                      f's = s + torch.where(kd >= DR[{bi}, h, qd], fox, float("-inf")).to(score.dtype)']
             score_args += ["DC", "DL", "DR", "DCK", "DLK"]
+        if pat.weights is not None:  # compiler.weights' function, by name (the module's globals hold them)
+            w = pat.weights
+            body.append(f"s = log_{w.function}_weight(s, {float(w.power)!r})  # weights {w.describe()}: "
+                        "Flex's softmax of their logarithms")
         body.append("return s")
         parts.append("\n".join(["def score_mod(" + ", ".join(["score", "b", "h", "q_idx", "kv_idx", *score_args]) + "):",
-                                '    """The score terms after scale * q.k: softcap, bias, decay."""',
+                                '    """The score terms after scale * q.k: softcap, bias, decay, the logarithm of the weights."""',
                                 *("    " + ln for ln in body)]))
     body = "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
     text = _header(pat, bound, q_map, k_map) + "\n\n\n" + body

@@ -244,6 +244,27 @@ class Route:
         return self.topp is None and all(b == 1 for b in self.block)
 
 
+#: The functions ``weights F(s) ** P`` may take of the score s.
+WEIGHT_FUNCTIONS = ("exp", "sigmoid", "relu", "softplus")
+
+
+@dataclass(frozen=True)
+class Weights:
+    """``weights F(s) [** P] [/ sum]``: the attention weight of a pair is ``F(s) ** P`` of its score s (after
+    scale, softcap, bias and decay), divided by the row's sum of them with ``/ sum``. Softmax is
+    ``exp(s) / sum``, the default (a pattern without the clause holds None). Every backend runs it as the softmax
+    of ``log(F(s) ** P)`` (``runtime.numerics.log_weights``), and an unnormalised one multiplies that softmax's
+    output by the row's sum of weights, ``exp(lse)``."""
+
+    function: str  # one of WEIGHT_FUNCTIONS
+    power: sympy.Expr  # positive, of parameters and sizes
+    normalized: bool
+
+    def describe(self) -> str:
+        power = "" if self.power == 1 else f" ** {self.power}"
+        return f"{self.function}(s){power}" + (" / sum" if self.normalized else "")
+
+
 @dataclass(frozen=True)
 class PatternIR:
     """A softmax-attention pattern: mask, score terms, routing, layouts, inputs."""
@@ -264,6 +285,8 @@ class PatternIR:
     #: parameters given one value per head (``NAME[heads]``), by name: how many values, the head count every
     #: call must have (``evaluate.bind_sizes``); their values are already in the expressions
     head_params: tuple[tuple[str, int], ...] = field(default=(), compare=False)
+    #: ``weights F(s) ** P [/ sum]``; None: softmax (``exp(s) / sum``)
+    weights: Weights | None = field(default=None, metadata={"key": "when set"})
 
     kind = "pattern"
 
@@ -289,6 +312,7 @@ class PatternIR:
             self.decay,
             self.route,
             self.inputs,
+            *(() if self.weights is None else (self.weights,)),
         )
 
     def input(self, name: str) -> InputDecl:
@@ -303,6 +327,8 @@ class PatternIR:
             lines.append(f"bias = {self.bias}")
         if self.decay is not None:
             lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
+        if self.weights is not None:
+            lines.append(f"weights = {self.weights.describe()}")
         if self.route is not None:
             r = self.route
             if r.antidiagonal:

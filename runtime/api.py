@@ -24,7 +24,7 @@ from .checks import (
     state_heads,
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
-from .numerics import needs_grad
+from .numerics import needs_grad, unnormalized_output
 from .plan import clusters, given, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
@@ -327,15 +327,19 @@ class Attention(torch.nn.Module):
         inputs = clusters.derive_inputs(self.pattern, q, k, inputs, scale)
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
+        weights = getattr(self.pattern, "weights", None)
+        unnormalized = weights is not None and not weights.normalized  # its output needs the row sums (lse)
         if torch.compiler.is_compiling():
             # Sizes and inputs are bound inside the runner's custom op (sympy is not traceable);
             # eager calls check them here, with clear errors.
             runner = self.runner.traced(q, k, v, inputs, return_lse) if hasattr(self.runner, "traced") else self.runner
             if runner.support.compile:
-                out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse)
+                out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse or unnormalized)
+                out = unnormalized_output(self.pattern, out, lse)
                 return (out, lse) if return_lse else out
-        call = self._bind_call(q, k, v, scale, return_lse, all_sizes, inputs)
+        call = self._bind_call(q, k, v, scale, return_lse or unnormalized, all_sizes, inputs)
         out, lse = self.runner.forward(call, q, k, v)
+        out = unnormalized_output(self.pattern, out, lse)  # weights not divided by their sum: times that sum
         return (out, lse) if return_lse else out
 
     def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:

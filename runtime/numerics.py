@@ -91,3 +91,14 @@ def timing_inputs(bound, *, head_dim: int, dtype: str, batch: int, device, kv_he
     shapes = ((bound.heads, bound.n), (kv, bound.nk), (kv, bound.nk), (bound.heads, bound.n))
     return tuple(torch.randn(batch, h, n, head_dim, generator=gen).to(device=device, dtype=tdtype)
                  for h, n in shapes)
+
+
+def unnormalized_output(pat, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The output of a pattern whose weights are not divided by their row sum (``weights F(s) ** P`` without
+    ``/ sum``), from the softmax of ``log_weights`` every backend computes: ``out * exp(lse)``, the row's sum of
+    weights put back (0 on a row with none). Unchanged for softmax and ``/ sum`` weights."""
+    weights = getattr(pat, "weights", None)
+    if weights is None or weights.normalized:
+        return out
+    total = torch.exp(lse).to(out.dtype)  # lse -inf: 0
+    return out * total[..., None]

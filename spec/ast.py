@@ -180,7 +180,7 @@ class Input(Clause):
 
 @dataclass(frozen=True)
 class ExprClause(Clause):
-    """``mask``, ``bias``, ``softcap`` or ``decay``."""
+    """``mask``, ``bias``, ``softcap``, ``decay`` or ``weights``."""
 
     keyword: str
     value: Expr

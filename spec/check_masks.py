@@ -47,6 +47,8 @@ class PatternChecks:
                     decay_clause.pos,
                     hint="add 'causal and ...' to the mask",
                 )
+        weights_clause = self._single("weights")
+        weights = self._weights(weights_clause) if weights_clause is not None else None
         route_clause = self._single("route")
         route = None
         if isinstance(route_clause, ast.RouteTopP):
@@ -70,7 +72,34 @@ class PatternChecks:
             filename=self.module.filename,
             source=self.module.source,
             head_params=tuple(self.head_params.items()),
+            weights=weights,
         )
+
+    def _weights(self, clause: ast.ExprClause) -> ir.Weights | None:
+        """``weights F(s) [** P] [/ sum]``: F one of ``ir.WEIGHT_FUNCTIONS`` of the score ``s``, P a positive
+        number of parameters and sizes. ``exp(s) / sum`` is softmax, the default: None."""
+        form = "weights F(s), F(s) ** P, F(s) / sum or F(s) ** P / sum, F one of " + ", ".join(ir.WEIGHT_FUNCTIONS)
+        node = clause.value
+        normalized = isinstance(node, ast.Binary) and node.op == "/" and isinstance(node.right, ast.Name) \
+            and node.right.id == "sum"
+        if normalized:
+            node = node.left
+        power = sympy.Integer(1)
+        if isinstance(node, ast.Binary) and node.op == "**":
+            typed = self.expect_number(node.right, "the power of the weights")
+            self._no_positions(typed.expr, node.right.pos, "the power of the weights", allow_head=False)
+            if typed.expr.is_number and not typed.expr > 0:
+                raise self.error(f"the power of the weights must be positive, got {typed.expr}", node.right.pos)
+            power, node = typed.expr, node.left
+        if not isinstance(node, ast.Call) or node.func not in ir.WEIGHT_FUNCTIONS:
+            shown = f"'{node.func}'" if isinstance(node, ast.Call) else "this"
+            raise self.error(f"{shown} is not a weight function of the score", node.pos, hint=form)
+        if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], ast.Name) or node.args[0].id != "s":
+            raise self.error(f"{node.func}() takes the score 's' (the scaled q.k after softcap, bias and decay)",
+                             node.func_pos, hint=form)
+        if node.func == "exp" and power == 1 and normalized:
+            return None  # softmax
+        return ir.Weights(node.func, power, normalized)
 
     def _implies_causal(self, mask: sympy.Basic) -> bool:
         """Whether some top-level conjunct of the mask is q - k >= c with c >= 0."""

@@ -118,6 +118,7 @@ STDLIB = {
     "quest": (dict(token_budget=16, page=4), None, 61, None),
     "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
     "sparsifiner": (dict(budget=7, rank=4), None, 45, _connectivity),
+    "sigmoid": (dict(length=45, is_causal=True), None, 45, None),
     "music_relative": (dict(max_relative=11), None, 45, lambda H, n, B, g: {
         "E": torch.randn(H, 11, 8, generator=g, dtype=torch.float64).requires_grad_()}),
     "dma": (dict(window=7), None, 45, lambda H, n, B, g: {
@@ -340,8 +341,9 @@ def test_stdlib_fused_backward_float64(name, monkeypatch):
     close(got[0][0], got[1][0], F64["out"], "out")
     for i, (a, b) in enumerate(zip(got[0][1], got[1][1], strict=True)):
         close(a, b, F64["grad"], f"grad {i}")
-    # softcap: the unfused recomputation; music_relative: its relative table (from q) is differentiated
-    assert bool(calls) == (name not in ("softcap", "music_relative"))
+    # softcap and sigmoid (a tanh, the weights' logarithm): the unfused recomputation; music_relative: its relative
+    # table (from q) is differentiated
+    assert bool(calls) == (name not in ("softcap", "sigmoid", "music_relative"))
 
 
 def test_fused_backward_with_empty_rows_and_padded_tiles():

@@ -121,6 +121,7 @@ STDLIB = {
     "document": ({}, None, 40, lambda n: {"doc": torch.tensor([0] * 11 + [1] * 20 + [2] * (n - 31))}, 16),
     "alibi": ({}, None, 40, None, 16),
     "softcap": ({"cap": 1.5}, None, 40, None, 16),
+    "sigmoid": ({"length": 40, "is_causal": True}, None, 40, None, 16),
     "forgetting": ({}, None, 40,
                    lambda n: {"g": (-torch.rand(2, n, generator=torch.Generator().manual_seed(3))).requires_grad_()},
                    16),

@@ -378,6 +378,8 @@ class KernelBodies:
                  *self.recomputed_p("pr", masked, "lse_l2[:, None]"),
                  "dp = _dot(do, tl.trans(vv), DOT)",
                  "ds = pr * (dp - delta[:, None])  # dL/d(score after terms)"]
+        if self.pat.weights is not None:
+            lines.append("ds = ds * wd  # through the weights: dL/d(score before them)")
         if self.pat.softcap is not None:
             lines.append("ds_raw = ds * (1.0 - t * t)  # through the softcap")
         else:
@@ -401,6 +403,8 @@ class KernelBodies:
                  "dvacc += _dot(pt.to(do.dtype), do, DOT)  # dV += P^T dO",
                  "dpt = _dot(vv, do_t, DOT)  # dP^T = V dO^T",
                  "dst = pt * (dpt - delta[None, :])  # dS^T: dL/d(score after terms)"]
+        if self.pat.weights is not None:
+            lines.append("dst = dst * wd  # through the weights: dL/d(score before them)")
         if self.pat.softcap is not None:
             lines.append("dst_raw = dst * (1.0 - t * t)  # through the softcap")
         else:

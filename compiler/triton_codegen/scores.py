@@ -7,7 +7,7 @@ per-head and per-query constants those terms read.
 from __future__ import annotations
 
 from ..route_blocks import WORD_BITS
-from .exprs import INT32_MAX, LOG2E
+from .exprs import INT32_MAX, LN2, LOG2E
 from .tiles import block_size, edge_padded
 
 
@@ -23,7 +23,20 @@ def scale_in_exponent(pat) -> bool:
     scores stay in q.k units through the tile's mask and row max, and the scale enters with the
     exponent, one FMA a score (``exp2(qk * c - m)``) rather than a multiply and a subtraction. The row
     max is the same number either way: a positive factor keeps the order, and rounding is monotone."""
-    return pat.softcap is None and pat.bias is None and pat.decay is None
+    return pat.softcap is None and pat.bias is None and pat.decay is None and pat.weights is None
+
+
+#: ``weights F(s) ** P``: the logarithm of F of ``wx`` (the score in natural units) and its derivative, as Triton
+#: expressions (``compiler.weights`` holds the same formulas in torch). The kernels' log1p is log(1 + .), exact to
+#: float32's rounding of 1 + e^-|x|.
+WEIGHT_LINES = {
+    "exp": ("wx", "1.0"),
+    "sigmoid": ("tl.minimum(wx, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(wx)))", "1.0 / (1.0 + tl.exp(wx))"),
+    "softplus": ("tl.where(wx < -80.0, wx, tl.log(tl.where(wx < -80.0, 1.0, tl.maximum(wx, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(wx))))))",
+                 "tl.where(wx < -80.0, 1.0, 1.0 / ((1.0 + tl.exp(-wx)) * (tl.maximum(wx, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(wx))))))"),
+    "relu": ('tl.where(wx > 0.0, tl.log(tl.where(wx > 0.0, wx, 1.0)), float("-inf"))',
+             "tl.where(wx > 1e-30, 1.0 / tl.where(wx > 1e-30, wx, 1.0), 0.0)"),
+}
 
 
 class ScoreLines:
@@ -96,6 +109,8 @@ class ScoreLines:
                       "kc_lo = tl.load(DC + dc_base + dc_lo + k_tok, mask=k_ok, other=0.0)",
                       f"fox = (dc_q{qx} - kc_hi{kx}) + (dl_q{qx} - kc_lo{kx})",
                       f's = s + {LOG2E!r} * tl.where(k_tok{kx} >= dr_q{qx}, fox, float("-inf"))']
+        if p.weights is not None:
+            lines += self._weight_lines(grad)
         if masked and not self.checks:
             lines += mask_lines
         keep = self._kept(masked, tr)
@@ -111,6 +126,20 @@ class ScoreLines:
         else:
             lines += ["if k_edge:  # FULL tile at the grid's edge: its padded slots masked (the others branch past)",
                       f'    s = tl.where({keep}, s, float("-inf"))']
+        return lines
+
+    def _weight_lines(self, grad: bool) -> list[str]:
+        """``weights F(s) ** P``: the scores become ``log2(F(x) ** P)`` of the natural-unit score ``x``, the softmax of
+        which the kernels take; the backward also keeps ``wd``, their derivative (in log2 units on both sides, the
+        same number as P (log F)'(x)), which dS is multiplied by."""
+        w = self.pat.weights
+        power = float(w.power)
+        log_f, dlog_f = WEIGHT_LINES[w.function]
+        lines = [f"# weights {w.describe()}: the scores become their base-2 logarithms (wx: the score in natural units)",
+                 f"wx = s * {LN2!r}",
+                 f"s = {power * LOG2E!r} * ({log_f})"]
+        if grad:
+            lines.append(f"wd = {power!r} * ({dlog_f})  # d s / d(score before the weights)")
         return lines
 
     def _k_edge_only(self) -> bool:

@@ -368,6 +368,9 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
     pat = attn.pattern
     if isinstance(pat, ir.PatternIR):
         forms.refuse_context_parallel(pat, "argument attn")
+        if pat.weights is not None:
+            raise SpecError(f"'{pat.name}' weights its scores by {pat.weights.describe()}: context parallelism runs "
+                            "softmax patterns only in this version", where="argument attn")
         if any(d.derived[0] == "relative" for d in clusters.derived_inputs(pat)):
             raise SpecError(f"'{pat.name}' reads relative embeddings (relative()): context parallelism does not run "
                             "them in this version", where="argument attn")

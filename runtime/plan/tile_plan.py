@@ -16,6 +16,7 @@ from ...compiler import evaluate as E
 from ...compiler.schedule import TileSchedule, tile_grid, tile_tokens
 from ...compiler.tables import tabulate
 from ...compiler.tiles import head_dependent, whole_mask
+from ...compiler.weights import log_weights
 from ...core import ir
 from ..numerics import fox_pairs
 
@@ -294,7 +295,8 @@ class TileBlock:
         return s
 
     def terms(self, scores: torch.Tensor, extra: dict) -> torch.Tensor:
-        """Softcap, bias and FoX decay applied to the scaled scores ``[B, Hs, C, R, K]``."""
+        """Softcap, bias, FoX decay and the weights' logarithm (``weights``) applied to the scaled scores
+        ``[B, Hs, C, R, K]``."""
         plan = self.plan
         if plan.softcap is not None:
             cap = plan.softcap[self.heads].to(scores.dtype).view(1, -1, 1, 1, 1)
@@ -309,6 +311,8 @@ class TileBlock:
             # block), key rows at k_offset (a block)
             scores = scores + fox_pairs(hi, lo, reset, self.q_tok[0, 0] + plan.bound.q_offset,
                                         self.k_tok[0, 0] + plan.bound.k_offset)
+        if plan.pattern.weights is not None:  # weights F(s) ** P: the softmax of their logarithms
+            scores = log_weights(plan.pattern.weights, scores)
         return scores
 
 

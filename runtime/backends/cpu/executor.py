@@ -49,10 +49,11 @@ def _heads(x: torch.Tensor, heads: list[int]) -> torch.Tensor:
 
 def fusable(plan: Plan, q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the blocks run through torch's fused CPU attention kernel: ``fused_shapes`` and no
-    softcap (the kernel takes the mask and the additive terms as one float mask, not a tanh).
+    softcap and no ``weights`` clause (the kernel takes the mask and the additive terms as one float mask, not
+    a tanh or a logarithm).
     The decision depends on the shapes only, never on an earlier failure: an error from the
     kernel is a bug and is raised."""
-    return plan.softcap is None and fused.fused_shapes(q, v)
+    return plan.softcap is None and plan.pattern.weights is None and fused.fused_shapes(q, v)
 
 
 def _tile_major(x: torch.Tensor, index: torch.Tensor, tokens: TiledTokens | None = None,
@@ -276,7 +277,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
 def _terms_grad(blk: TileBlock, s_raw: torch.Tensor, ds: torch.Tensor, plan: Plan, inputs: dict, batched, wrt: list[str],
                 dt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Push the gradient of the scores after the terms back to the raw scores and to score inputs."""
-    if plan.softcap is None and plan.bias is None and plan.pattern.decay is None:
+    if plan.softcap is None and plan.bias is None and plan.pattern.decay is None and plan.pattern.weights is None:
         return ds, {}
     with torch.enable_grad():
         leaves = {name: inputs[name].detach().to(dt).requires_grad_() for name in wrt}

@@ -33,6 +33,7 @@ import sympy
 import torch
 
 from ....compiler import evaluate as E
+from ....compiler.weights import log_weights
 from ....core import ir
 from ...numerics import fox_pairs, fox_prefix
 from ...plan import routing
@@ -201,6 +202,8 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     add = _terms(plan, torch.arange(plan.bound.nk)[key_index(cols)], tensors, batched, allowed, dt)
     if add is not None:
         s = s + add
+    if plan.pattern.weights is not None:  # weights F(s) ** P: the softmax of their logarithms
+        s = log_weights(plan.pattern.weights, s)
     if allowed is not None:
         s = s.masked_fill(~allowed, -math.inf)
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
@@ -221,7 +224,7 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     op = fused.flash_op()
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
-    if op is None or q.is_cuda or plan.softcap is not None or v.shape[-1] != D:
+    if op is None or q.is_cuda or plan.softcap is not None or plan.pattern.weights is not None or v.shape[-1] != D:
         return None
     runs = cols if isinstance(cols, tuple) else (cols,)
     if any(isinstance(c, slice) and c.stop <= c.start for c in runs) or (isinstance(cols, torch.Tensor) and not len(cols)):

@@ -65,7 +65,8 @@ def whole_tile_fits(pat: ir.PatternIR, bound: E.Bound, mask_itemsize: int = 4) -
     sides at least ``WHOLE_MIN_TOKENS``, and its float mask (``mask_itemsize`` bytes a pair: 8 for
     float64 calls), allowed and valid pairs per head class within ``tile_plan.WHOLE_CACHE_BYTES``
     (less 1 MiB for the rest its cache keeps)."""
-    if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None:
+    if pat.route is not None or pat.bias is not None or pat.decay is not None or pat.softcap is not None or \
+            pat.weights is not None:
         return False
     if pat.inputs or min(bound.n, bound.nk) < WHOLE_MIN_TOKENS or bound.q_offset or bound.is_block:
         return False

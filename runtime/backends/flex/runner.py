@@ -73,6 +73,7 @@ from ....compiler.tiles import (
     layout_extents,
     one_thread,
 )
+from ....compiler.weights import LOG_WEIGHTS
 from ....core import ir
 from ....core.errors import SpecError
 from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, tied_to, timing_inputs
@@ -617,7 +618,8 @@ def _module_globals(body: str) -> dict:
 
     name = f"attnc_flex_generated_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
     module = types.ModuleType(name)
-    module.__dict__.update({"torch": torch, "flex_attention": flex_attention})
+    module.__dict__.update({"torch": torch, "flex_attention": flex_attention,
+                            **{fn.__name__: fn for fn in LOG_WEIGHTS.values()}})  # weights F(s) ** P
     sys.modules[name] = module
     return module.__dict__
 

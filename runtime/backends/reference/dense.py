@@ -14,6 +14,7 @@ import math
 import torch
 
 from ....compiler import evaluate as E
+from ....compiler.weights import log_weights
 from ....core import ir
 from ...numerics import compute_dtype, expand_kv, fox_decay
 from ...plan import routing
@@ -100,6 +101,8 @@ def pair_scores(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, q: torch.Ten
         scores = scores + (bias.to(scores) if isinstance(bias, torch.Tensor) else bias)
     if pat.decay is not None:  # gates are indexed by absolute position
         scores = scores + fox_decay(ev.inputs[pat.decay].to(q.dtype), q_pos, k_pos).to(scores.device)
+    if pat.weights is not None:  # weights F(s) ** P: the softmax of their logarithms
+        scores = log_weights(pat.weights, scores)
     return scores.masked_fill(~mask.to(scores.device), -math.inf)
 
 
