@@ -39,13 +39,14 @@ def relative_logits(q: torch.Tensor, embeddings: torch.Tensor, scale: float, pos
     """``relative(E, r)``'s table: ``scale * q . E[r]`` for every query and row r between two zero columns (the
     value of a row outside E, below and above), ``[B, Hq, positions, ROWS + 2]``. ``q`` ``[B, Hq, Nq, D]`` holds the last Nq
     of ``positions`` tokens (queries after a KV cache); the rows of the earlier positions, which no query
-    holds, are 0. ``embeddings`` ``[ROWS, D]``, ``[Hq, ROWS, D]`` or ``[B, Hq, ROWS, D]``. Differentiable in q
-    and E: the bias's gradient reaches them through it."""
-    emb = embeddings.to(q.dtype)
+    holds, are 0. ``embeddings`` ``[ROWS, D]``, ``[Hq, ROWS, D]`` or ``[B, Hq, ROWS, D]``. In float32 (float64 for
+    float64 q), as the kernels read a bias: half-precision q and E are multiplied with a float32 result.
+    Differentiable in q and E: the bias's gradient reaches them through it."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    emb = embeddings.to(dt)
     emb = emb[None, None] if emb.dim() == 2 else emb[None] if emb.dim() == 3 else emb
-    table = scale * (q @ emb.transpose(-1, -2))  # [B, Hq, Nq, ROWS]: the skewing's q E^T, no n x n x dk tensor
-    B, Hq, Nq, rows = table.shape
-    return torch.nn.functional.pad(table, (1, 1, positions - Nq, 0))
+    table = scale * (q.to(dt) @ emb.transpose(-1, -2))  # [B, Hq, Nq, ROWS]: the skewing's q E^T, no n x n x dk tensor
+    return torch.nn.functional.pad(table, (1, 1, positions - q.shape[2], 0))
 
 
 def _check_embeddings(decl: ir.InputDecl, t, q: torch.Tensor, rows: int) -> torch.Tensor:
