@@ -25,7 +25,7 @@ from .checks import (
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import needs_grad, unnormalized_output
-from .plan import clusters, given, routing
+from .plan import block_max, clusters, given, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
@@ -222,10 +222,20 @@ class Attention(torch.nn.Module):
         cache_seqlens: torch.Tensor | None = None,
         selection: torch.Tensor | None = None,
         return_selection: bool = False,
+        return_block_max: int | None = None,
         **inputs,
     ):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        if return_block_max is not None:  # SeerAttention's map, made by the forward (runtime.plan.block_max)
+            size = self._check_block_max_call(return_block_max, cu_seqlens, block_table, cache_seqlens)
+            with block_max.requesting(size) as made:
+                result = self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
+                                      selection=selection, return_selection=return_selection, **inputs)
+            if not made:  # a path that pools nothing where this call can see it
+                raise SpecError("this call made no block max it can return", where="argument return_block_max")
+            pooled = made[-1].to(q.device)
+            return (*result, pooled) if isinstance(result, tuple) else (result, pooled)
         if selection is not None and any(d.name == given.SELECTION for d in getattr(self.pattern, "inputs", ())):
             inputs[given.SELECTION], selection = selection, None  # the pattern's own input of that name
         return_selection = check_flag("return_selection", return_selection)
@@ -288,6 +298,24 @@ class Attention(torch.nn.Module):
                                           sizes=sizes, **inputs), return_lse, return_state)
         return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                   return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
+
+    def _check_block_max_call(self, size, cu_seqlens, block_table, cache_seqlens) -> int:
+        """``return_block_max``: a positive int, of a softmax pattern's call on a backend that pools it."""
+        where = "argument return_block_max"
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SpecError(f"expected a positive int (the block size), got {size!r}", where=where)
+        if not isinstance(self.pattern, ir.PatternIR):
+            raise SpecError(f"'{self.pattern.name}' is a {self.pattern.kind} pattern: return_block_max pools the "
+                            "probabilities of one softmax attention", where=where)
+        if self.backend == "flex":
+            raise SpecError("backend 'flex' gives no probabilities to pool: return_block_max is served by the "
+                            "reference, cpu, triton and auto backends", where=where)
+        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
+            raise SpecError("return_block_max is not served with packed sequences or paged caches in this version",
+                            where=where)
+        if torch.compiler.is_compiling():
+            raise SpecError("return_block_max is not served under torch.compile", where=where)
+        return size
 
     def _check_selection_call(self, selection, return_selection: bool, cu_seqlens, block_table, cache_seqlens) -> None:
         """Refuse ``selection=`` / ``return_selection=True`` where they have no meaning or are not served."""

@@ -196,12 +196,12 @@ class KernelBodies:
         specializable = any(warp_specialized_form(self.pat, cc) for cc in (90, 100))
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *self._common_params(),
-                  "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV",
+                  "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV", "BM", "sbm_b", "sbm_h", "sbm_n",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
                   *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
                   *(["WARP_SPEC: tl.constexpr = False"] if specializable else []),
-                  "SPLIT_KV: tl.constexpr = False"]
+                  "SPLIT_KV: tl.constexpr = False", "BLOCK_MAX: tl.constexpr = False", "BMAX_G: tl.constexpr = 1"]
         if one_loop:
             params.append("ONE_LOOP: tl.constexpr = False")
         in_exp = scale_in_exponent(self.pat)
@@ -251,7 +251,12 @@ class KernelBodies:
             "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
             "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
         ]
-        update = ["# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
+        update = ["if BLOCK_MAX:  # return_block_max: each row's largest score (log2 units) per BMAX_G keys of this tile",
+                  "    bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum)" + (" * s_exp" if in_exp else ""),
+                  "    bm_col = kt * (BLOCK_N // BMAX_G) + tl.arange(0, BLOCK_N // BMAX_G)",
+                  "    tl.store(BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h + q_row[:, None] * sbm_n"
+                  " + bm_col[None, :], bm, mask=q_ok[:, None])",
+                  "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
                   "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
                   'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
                   "alpha = tl.exp2(m_i - m_use)",

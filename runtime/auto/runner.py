@@ -13,6 +13,7 @@ from ..backends.cpu.runner import CpuRunner, describe_plan
 from ..backends.triton.runner import TritonRunner
 from ..numerics import needs_grad
 from ..ops.common import Registered
+from ..plan import block_max
 from ..runner import Call, Support
 from .cpu import CpuPolicy
 from .cuda import flex_won
@@ -53,11 +54,12 @@ class AutoRunner(CpuPolicy, Registered):
 
     def forward(self, call: Call, q, k, v):
         self.last_device = q.device.type
+        pooled = block_max.requested() is not None  # Flex's kernel gives no probabilities to pool
         if not q.is_cuda:
-            if self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
+            if not pooled and self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
                 return self.flex.forward(call, q, k, v)
             return self.cpu.forward(call, q, k, v)
-        if call.q_offset:  # the Triton kernels at the queries' offset (a decode step is not in the tuned buckets)
+        if call.q_offset or pooled:  # the Triton kernels at the queries' offset (a decode step is not in the tuned buckets)
             self.cuda_last = "triton"
             return self.triton.forward(call, q, k, v)
         if flex_won(self, call.bound, q, k):

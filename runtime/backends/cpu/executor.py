@@ -22,6 +22,7 @@ import math
 import torch
 
 from ...numerics import fox_prefix
+from ...plan import block_max
 from ...plan.tile_plan import (
     CHUNK_ELEMENTS,
     Plan,
@@ -236,7 +237,9 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    fused = fusable(plan, q, v)
+    size = block_max.requested()  # return_block_max: the probabilities pooled per chunk (the fused kernel keeps them)
+    fused = fusable(plan, q, v) and size is None
+    pooled = block_max.empty(B, Hq, Nq, k.shape[2], size, dt, q.device) if size is not None else None
     # the scale folded into q (N x D work, not N x K) unless the kernel takes it
     qd, kd, vd = q.to(dt) if fused else q.to(dt) * scale, k.to(dt), v.to(dt)
     extra = _prepare_extra(plan, inputs, dt)
@@ -262,6 +265,12 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
                 qc, kc, vc = qh[:, :, blk.row_index], kh[:, :, blk.col_index], vh[:, :, blk.col_index]
                 s = blk.terms(qc @ kc.transpose(-1, -2), ex)
                 p, total, lse = _exp_rows(blk.mask_scores(s, allowed))
+                if pooled is not None:  # the chunk's whole rows: their probabilities are final
+                    at = torch.tensor(heads)  # (the groups' batch rows are a slice)
+                    part = pooled[bsel][:, at]
+                    block_max.scatter_max(part, (p / total).expand(rows, len(heads), *p.shape[-3:]),
+                                          blk.row_index, blk.col_index, size)
+                    pooled[bsel, at] = part
                 o = (p @ vc).div_(total)
             blocks.append((bsel, heads, own, o.expand(rows, len(heads), *o.shape[-3:])))
             lse_blocks.append((bsel, heads, own, lse.expand(rows, len(heads), *lse.shape[-2:])))
@@ -271,6 +280,8 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
         out_t, lse_t = _assemble(blocks, B, Hq, nQ, 0.0, dt), _assemble(lse_blocks, B, Hq, nQ, -math.inf, dt)
     out = plan.q_tokens.scatter(out_t, Nq, features=True)
     lse = plan.q_tokens.scatter(lse_t, Nq, features=False)
+    if pooled is not None:
+        block_max.record(pooled)
     return out.to(q.dtype), lse
 
 

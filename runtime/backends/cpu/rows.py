@@ -36,7 +36,7 @@ from ....compiler import evaluate as E
 from ....compiler.weights import log_weights
 from ....core import ir
 from ...numerics import fox_pairs, fox_prefix
-from ...plan import routing
+from ...plan import block_max, routing
 from . import fused
 
 #: Visited keys in at most this many runs (e.g. sinks + window) are attended run by run
@@ -212,6 +212,12 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     p = torch.exp(s - safe[..., None])
     if allowed is not None:
         p = torch.where(allowed, p, torch.zeros((), dtype=dt))
+    size = block_max.requested()
+    if size is not None:  # return_block_max: the rows' probabilities, over the keys they visit
+        pooled = block_max.empty(B, Hq, n, plan.bound.nk, size, dt, p.device)
+        keys = torch.arange(plan.bound.nk)[key_index(cols)].view(1, -1)
+        block_max.scatter_max(pooled, p.expand(B, Hq, n, C)[:, :, None], torch.arange(n).view(1, -1), keys, size)
+        block_max.record(pooled)
     out = (p.reshape(p.shape[0], Hkv, g * n, C) @ vc).view(-1, Hq, n, vc.shape[-1])
     return out.expand(B, Hq, n, vc.shape[-1]), lse.expand(B, Hq, n)
 
@@ -224,7 +230,8 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     op = fused.flash_op()
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
-    if op is None or q.is_cuda or plan.softcap is not None or plan.pattern.weights is not None or v.shape[-1] != D:
+    if op is None or q.is_cuda or plan.softcap is not None or plan.pattern.weights is not None or v.shape[-1] != D or \
+            block_max.requested() is not None:  # return_block_max: the plain path's probabilities are pooled
         return None
     runs = cols if isinstance(cols, tuple) else (cols,)
     if any(isinstance(c, slice) and c.stop <= c.start for c in runs) or (isinstance(cols, torch.Tensor) and not len(cols)):

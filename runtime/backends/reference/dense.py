@@ -17,7 +17,7 @@ from ....compiler import evaluate as E
 from ....compiler.weights import log_weights
 from ....core import ir
 from ...numerics import compute_dtype, expand_kv, fox_decay
-from ...plan import routing
+from ...plan import block_max, routing
 
 
 def attention(
@@ -52,6 +52,9 @@ def attention(
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
     p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
+    size = block_max.requested()
+    if size is not None:  # return_block_max: the map of these probabilities
+        block_max.record(block_max.from_probabilities(p, size))
     out = attend_values(p, vc)
     return out.to(q.dtype), lse
 

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ....compiler import evaluate as E
 from ....compiler.search import padded_head_dim
 from ....compiler.triton_codegen.exprs import LOG2E
 from ....compiler.triton_codegen.scores import scale_in_exponent
+from ....core.errors import SpecError
+from ...plan import block_max
 from ...tritonenv import interpreting
 from . import kernel_launch as KL
 from . import split_kv, tma
@@ -41,18 +45,44 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
     dest, dest_strides = _forward_outputs(out, lse, partial)
+    size = block_max.requested()
+    pooled, pool_meta = _row_maxima(launch, size, B, Hq, rows, device) if size is not None else (None, {})
+    pool_args = [pooled, *pooled.stride()[:3]] if pooled is not None else [KL.dummy(device), 0, 0, 0]
     args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
-            *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV]
+            *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV, *pool_args]
     grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
     with interpreting(launch.interpret):
         KL.launch_kernel(launch, launch.module.attnc_fwd, grid, args,
                        dict(**fblocks, DOT=KL.dot_mode(launch, q.dtype), **ordered,
                             **KL.runs_meta(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
-                            **specialize, **split_meta), backward=False)
+                            **specialize, **split_meta, **pool_meta), backward=False)
         if partial is not None:
             _combine_splits(launch, *partial, out, lse)
     _raise_index_errors(launch)
-    return KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
+    out, lse = KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
+    if pooled is not None:  # return_block_max: the rows' maxima against their final lse, pooled
+        block_max.record(block_max.from_row_maxima(pooled[:, :, :Nq], lse, size, pool_meta["BMAX_G"], k.shape[2]))
+    return out, lse
+
+
+def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -> tuple[torch.Tensor, dict]:
+    """``return_block_max``'s buffer, each row's largest score per group of keys (-inf where none is attended), and
+    the kernel's ``BLOCK_MAX`` / ``BMAX_G``: the group is the block size, or the KV tile where the block holds whole
+    tiles. The tiles must be runs of the token order (1-D) and the block a multiple or a divisor of the KV tile."""
+    where = "argument return_block_max"
+    if len(launch.config.q_tile) != 1 or len(launch.config.kv_tile) != 1 or launch.plan.bound.is_block or \
+            launch.plan.bound.q_offset:
+        raise SpecError("the triton backend pools the block max of a call over 1-D tiles of the whole sequence: "
+                        "not box tiles of a grid or queries after a KV cache in this version", where=where,
+                        hint="backend='cpu' pools every call")
+    tile = launch.config.kv_tile[0]
+    if size % tile and tile % size:
+        raise SpecError(f"a block of {size} keys neither holds whole KV tiles of {tile} nor divides one", where=where,
+                        hint="a power of two, or a kv_tile= dividing the block, at compile_attention")
+    group = min(size, tile)
+    columns = launch.plan.schedule.num_kv_tiles * (tile // group)
+    return (torch.full((B, Hq, rows, columns), -math.inf, dtype=torch.float32, device=device),
+            {"BLOCK_MAX": True, "BMAX_G": group})
 
 
 def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
