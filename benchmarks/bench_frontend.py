@@ -24,7 +24,7 @@ import attnc
 from attnc.spec.library import stdlib_index
 
 #: Values for parameters that have no default.
-REQUIRED = {"prefix_lm": {"prefix": 128}, "grid": {"vision_end": 4000}}
+REQUIRED = {"prefix_lm": {"prefix": 128}, "grid": {"vision_end": 4000}, "seer": {"topk": 8}}
 #: ``--quick``'s patterns: one of each kind (a mask, a grid, a route, a bias, a recurrence, a combination)
 QUICK = ("sliding_window", "neighborhood_2d", "moba", "alibi", "mamba2", "nsa")
 

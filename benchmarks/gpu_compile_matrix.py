@@ -40,7 +40,8 @@ GRID_SIZES = {2: {"height": 64, "width": 64}, 3: {"frames": 16, "height": 32, "w
 #: Grid sizes of patterns whose axes are named otherwise (radial: frames x tokens per frame).
 PATTERN_SIZES = {"radial": {"frames": 16, "per_frame": 256}}
 #: Parameters a stdlib pattern needs (no default) or whose default does not fit SEQ_N.
-PARAMS = {"prefix_lm": {"prefix": 1024}, "moba": {"block": 1024, "topk": 4}, "grid": {"vision_end": 8000}}
+PARAMS = {"prefix_lm": {"prefix": 1024}, "moba": {"block": 1024, "topk": 4}, "grid": {"vision_end": 8000},
+          "seer": {"topk": 16}}
 RECURRENCES = {"gla", "lightning", "lightning_fla", "mamba2", "retention"}
 QUICK = ["sliding_window", "softcap", "alibi", "forgetting", "moba", "streaming", "power", "document",
          "neighborhood_2d", "neighborhood_3d", "mamba2", "retention"]

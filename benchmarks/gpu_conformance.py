@@ -75,6 +75,7 @@ SOFTMAX = {
     "dsa": ("dsa", {"topk": 512, "index_heads": 8, "index_dim": 64}, {"n": 4096}, {"n": 80}, "indexer"),
     "dma": ("dma", {"window": 512}, {"n": 4096}, {"n": 80}, "importance"),
     "sparsifiner": ("sparsifiner", {"budget": 1024, "rank": 32}, {"n": 4096}, {"n": 80}, "connectivity"),
+    "seer": ("seer", {"block": 64, "topk": 16}, {"n": 4096}, {"n": 80}, "gate"),
     "music_relative": ("music_relative", {"max_relative": 2048}, {"n": 4096}, {"n": 80}, "relative"),
     "sigmoid": ("sigmoid", {"length": 4096, "is_causal": True}, {"n": 4096}, {"n": 80}, None),
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
@@ -104,6 +105,7 @@ TOY_PARAMS = {
     "dsa": {"topk": 6, "index_heads": 8, "index_dim": 64},
     "dma": {"window": 6},
     "sparsifiner": {"budget": 6, "rank": 32},
+    "seer": {"block": 16, "topk": 2},
     "music_relative": {"max_relative": 16},
     "sigmoid": {"length": 80, "is_causal": True},
     "token_topk": {"topk": 6},
@@ -150,6 +152,10 @@ def _softmax_inputs(kind, n, heads, device, gen, d=None, params=None):
                 "w": torch.rand(n, 8, generator=gen).to(device)}
     if kind == "relative":  # the Music Transformer's per-head relative embeddings (t2t's initializer scale), differentiable
         return {"E": (torch.randn(heads, params["max_relative"], d, generator=gen) * d ** -0.5).to(device)}
+    if kind == "gate":  # SeerAttention's gate logits per query block, repeated over its rows
+        block = params["block"]
+        logits = torch.randn(heads, -(-n // block), -(-n // block), generator=gen)
+        return {"gate": logits.repeat_interleave(block, dim=1)[:, :n].to(device)}
     if kind == "connectivity":  # Sparsifiner's low-rank factors, rank 32 (DeiT-S's), non-negative as the code's
         return {"qi": torch.rand(heads, n, 32, generator=gen).to(device), "ki": torch.rand(heads, n, 32, generator=gen).to(device)}
     return {}

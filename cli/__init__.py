@@ -136,6 +136,8 @@ def _unused_inputs(decl) -> list[str]:
             used.add(decl.decay if isinstance(decl.decay, str) else "")
         used |= {d.derived[2] for d in decl.inputs  # cluster(q, C) reads C, relative(E, r) reads E
                  if d.derived is not None and d.derived[0] in ("cluster", "relative")}
+        if decl.route is not None:  # a route's indexer inputs and given block scores
+            used |= set(decl.route.indexer or ()) | ({decl.route.scores} if decl.route.scores else set())
     return [d.name for d in decl.inputs if d.name not in used]
 
 

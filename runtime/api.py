@@ -256,6 +256,13 @@ class Attention(torch.nn.Module):
             chosen = made[0].expand(B, Hq, Nq, made[0].shape[-1]).to(q.device)  # the reference selects on the CPU
             return (*result, chosen) if isinstance(result, tuple) else (result, chosen)
         layout = self.layout if layout is None else check_layout(layout)
+        route = getattr(self.pattern, "route", None)
+        if route is not None and route.scores is not None and (cu_seqlens is not None or block_table is not None
+                                                                 or cache_seqlens is not None):
+            where = "argument cu_seqlens" if cu_seqlens is not None else "argument block_table"
+            raise SpecError(f"'{self.pattern.name}' reads block scores given per call ('{route.scores}', one column "
+                            "per key block of one sequence): not with packed sequences or paged caches in this "
+                            "version", where=where, hint="call each sequence on its own")
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
             from .frontends import paged
 

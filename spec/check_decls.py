@@ -209,6 +209,10 @@ class DeclarationChecks:
             return frame.sizes[d.value]
         if d.value in self.env_params and self.env_params[d.value].type == INT:
             return self.env_params[d.value].expr
+        if d.value == "blocks":  # a block route's key blocks: resolved by the route that reads this input
+            from .check_routing import ROUTE_BLOCKS
+
+            return ROUTE_BLOCKS
         known = ["heads", "n", "nk", "dk", *frame.sizes]
         raise self.error(
             f"unknown dimension '{d.value}'",

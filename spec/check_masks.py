@@ -7,6 +7,7 @@ import sympy
 
 from ..core import ir
 from . import ast
+from .check_routing import ROUTE_BLOCKS
 from .check_types import BOOL, FLOAT
 
 
@@ -57,6 +58,10 @@ class PatternChecks:
             mask = self._vertical_slash(route_clause, mask)
         elif route_clause is not None:
             route = self._route(route_clause)
+        for d in self.inputs.values():
+            if any(getattr(x, "has", None) and x.has(ROUTE_BLOCKS) for x in d.dims):
+                raise self.error(f"input '{d.name}' has the dimension 'blocks', the key blocks of a route scored by it: "
+                                 f"no 'route topk(K) blocks(B) by {d.name}' reads it", self.decl.name_pos)
         return ir.PatternIR(
             name=self.decl.name,
             queries=self.frame.queries,

@@ -3,12 +3,18 @@ and ``keep``) checked and lowered to ``ir.Route``."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 
 from ..core import ir
 from ..core.errors import did_you_mean
 from . import ast
 from .check_types import BOOL, FLOAT, INT
+
+#: The dimension ``blocks`` of an input declaration: the number of key blocks of the route it scores, known once the
+#: route is checked (``RoutingChecks._given_block_scores``).
+ROUTE_BLOCKS = sympy.Symbol("route_blocks", integer=True, positive=True)
 
 
 class RoutingChecks:
@@ -20,6 +26,8 @@ class RoutingChecks:
         if c.unit == "tokens":
             return self._token_route(c, topk)
         blocks = self._route_blocks(c.blocks)
+        if c.indexer is not None and c.indexer.func == "blocks":
+            return self._given_block_scores(c, topk, blocks)
         left, right = c.left, c.right
         if left.arg != "q" or left.func not in (None, "mean"):
             raise self.error("the routing score's left side must be 'q' or 'mean(q)'", left.pos)
@@ -93,6 +101,28 @@ class RoutingChecks:
             indexer = (left.arg, right.arg)
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
         return ir.Route(topk, ones, "token", keep, c.shared, indexer)
+
+    def _given_block_scores(self, c: ast.Route, topk: sympy.Expr, blocks: tuple) -> ir.Route:
+        """``route topk(K) blocks(B) by NAME``: the score of each key block for each query given at call time in an
+        input declared ``float[heads, n, blocks]`` (``blocks``: ceil(nk / B), this route's key blocks), e.g. a
+        SeerAttention gate's block scores repeated over each query block's rows. Keys of ``tokens seq`` only."""
+        (name,) = c.indexer.names
+        decl = self.inputs.get(name)
+        shape = "float[heads, n, blocks]"
+        if decl is None:
+            raise self.error(f"unknown name '{name}' in a block route's score", c.indexer.pos,
+                             hint=did_you_mean(name, list(self.inputs)) or f"declare 'input {name}: {shape}' (block "
+                             "scores per query), or score by 'q @ mean(k)'")
+        if decl.dtype != FLOAT or decl.dim_names != ("heads", "n", "blocks"):
+            raise self.error(f"block scores must be declared {shape} (blocks: the route's key blocks), got "
+                             f"{decl.dtype}[{', '.join(decl.dim_names)}]", c.indexer.pos)
+        if self.frame.keys.kind != "seq" or self.frame.queries != self.frame.keys:
+            raise self.error("block scores given at call time need 'tokens seq' (self-attention over a sequence)",
+                             c.indexer.pos)
+        nblocks = -sympy.floor(-self.frame.nk / blocks[0])
+        self.inputs[name] = dataclasses.replace(decl, dims=tuple(d.subs(ROUTE_BLOCKS, nblocks) for d in decl.dims))
+        keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
+        return dataclasses.replace(ir.Route(topk, blocks, "token", keep, c.shared), scores=name)
 
     def _key_scores(self, score: ast.IndexerScore) -> str:
         """``by NAME``: an input declared ``float[heads, nk]``, the score of every key per head (DMA's importance)."""

@@ -364,6 +364,9 @@ class _Builder(Transformer):
                              indexer=ast.IndexerScore("key", (score.arg,), score.pos))
         if isinstance(unit, Token):
             return ast.BranchRoute(_pos(kw), topk, (), score, keep, shared is not None, "tokens", _pos(unit))
+        if score.func is None:  # `blocks(B) by NAME`: block scores given at call time (SeerAttention's gate)
+            return ast.Route(_pos(kw), topk, unit, None, None, keep, shared is not None,
+                             indexer=ast.IndexerScore("blocks", (score.arg,), score.pos))
         return ast.BranchRoute(_pos(kw), topk, unit, score, keep, shared is not None)
 
     def declaration(self, kw, name, *rest):

@@ -118,6 +118,8 @@ STDLIB = {
     "quest": (dict(token_budget=16, page=4), None, 61, None),
     "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
     "sparsifiner": (dict(budget=7, rank=4), None, 45, _connectivity),
+    "seer": (dict(block=8, topk=2), None, 45, lambda H, n, B, g: {
+        "gate": torch.randn(H, n, -(-n // 8), generator=g, dtype=torch.float64)}),
     "sigmoid": (dict(length=45, is_causal=True), None, 45, None),
     "music_relative": (dict(max_relative=11), None, 45, lambda H, n, B, g: {
         "E": torch.randn(H, 11, 8, generator=g, dtype=torch.float64).requires_grad_()}),

@@ -567,6 +567,8 @@ CONFORMANCE = {
     "sigmoid": ({"length": 30, "is_causal": True}, None, 30, (4, 2), {}, (), (8, 4)),
     "music_relative": ({"max_relative": 9}, None, 30, (4, 2),
                        {"E": lambda n, g: torch.randn(4, 9, 8, generator=g, dtype=torch.float64)}, ("E",), (8, 4)),
+    "seer": ({"block": 8, "topk": 2}, None, 30, (4, 2),
+             {"gate": lambda n, g: torch.randn(4, n, -(-n // 8), generator=g, dtype=torch.float64)}, (), (8, 4)),
     "sparsifiner": ({"budget": 5, "rank": 4}, None, 30, (4, 2),
                     {"qi": lambda n, g: torch.randn(4, n, 4, generator=g, dtype=torch.float64),
                      "ki": lambda n, g: torch.randn(4, n, 4, generator=g, dtype=torch.float64)}, (), (8, 4)),
@@ -603,7 +605,7 @@ CONFORMANCE = {
 
 
 #: values for the parameters without a default
-BARE = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}}
+BARE = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}, "seer": {"topk": 2}}
 
 
 def _load(name: str):

@@ -19,6 +19,7 @@ import attnc
 #: Patterns on a sequence (a grid has no paged cache); their parameters and inputs are test_triton's.
 SEQUENCE = sorted(name for name, (_, sizes, _, _, _) in STDLIB.items() if sizes is None)
 NO_CACHE = {"xattention"}  # scores blocks of queries: refused after a cache
+GIVEN_BLOCK_SCORES = {"seer"}  # block scores per call, one column per key block of one sequence: not packed or paged
 HQ, HKV, D = 4, 2, 8
 
 
@@ -37,6 +38,8 @@ def _inputs(name: str, n: int) -> dict:
             t = torch.nn.functional.logsigmoid(torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64))
         if name == "dma":  # importance [heads, nk]: the table's is for 2 heads
             t = torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64)
+        if name == "seer":  # gate [heads, n, blocks]
+            t = torch.randn(HQ, n, t.shape[-1], generator=_gen(9), dtype=torch.float64)
         if name == "music_relative":  # E [heads, max_relative, dk]
             t = torch.randn(HQ, t.shape[1], D, generator=_gen(9), dtype=torch.float64)
         if name == "sparsifiner":  # qi, ki [heads, n, rank]
@@ -103,6 +106,11 @@ def test_packed_sequences(name, backend):
     cu = torch.tensor([0, 17, 28, total], dtype=torch.int32)
     q, k, v = _qkv(1, total, total, seed=4)
     inputs = _inputs(name, total)
+    if name in GIVEN_BLOCK_SCORES:
+        with pytest.raises(attnc.SpecError, match="not with packed sequences or paged caches") as err:
+            attn(q, k, v, cu_seqlens=cu, **inputs)
+        assert err.value.where == "argument cu_seqlens"
+        return
     got = attn(q, k, v, cu_seqlens=cu, **inputs)
     for start, stop in zip(cu.tolist()[:-1], cu.tolist()[1:], strict=True):
         part = slice(start, stop)
@@ -135,6 +143,11 @@ def test_paged_kv_caches(name):
         with pytest.raises(attnc.SpecError, match="not supported") as err:
             attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
         assert err.value.where == "argument k"
+        return
+    if name in GIVEN_BLOCK_SCORES:
+        with pytest.raises(attnc.SpecError, match="not with packed sequences or paged caches") as err:
+            attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
+        assert err.value.where == "argument block_table"
         return
     got = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
     for b, length in enumerate(lengths):

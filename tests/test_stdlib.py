@@ -70,6 +70,7 @@ EXPECTED_DEFAULTS = {
     "sparsifiner": {"budget": 50, "rank": 32, "cls": 1},
     "music_relative": {"max_relative": 2048},
     "sigmoid": {"length": 2048, "is_causal": False},
+    "seer": {"block": 64, "topk": 8},  # topk given
     "vmoba": {"layer": 0, "threshold": 0.25, "temporal_chunk": 2, "spatial_chunk_y": 3, "spatial_chunk_x": 4,
               "st_chunk_t": 4, "st_chunk_y": 6, "st_chunk_x": 4},
     "biformer": {"region": 4, "topk": 4},
@@ -155,7 +156,7 @@ def test_file_header_and_single_declaration(fname):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DEFAULTS))
 def test_defaults(name):
-    params = {"prefix_lm": {"prefix": 3}, "grid": {"vision_end": 4000}}.get(name, {})
+    params = {"prefix_lm": {"prefix": 3}, "grid": {"vision_end": 4000}, "seer": {"topk": 8}}.get(name, {})
     pat = attnc.load(f"stdlib:{name}", **params)
     got = {k: v for k, v in pat.params}
     want = EXPECTED_DEFAULTS[name]

@@ -143,6 +143,8 @@ STDLIB = {
     "music_relative": ({"max_relative": 12}, None, 40,
                        lambda n: {"E": torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(6)).requires_grad_()},
                        16),
+    "seer": ({"block": 8, "topk": 2}, None, 40,
+             lambda n: {"gate": torch.randn(2, n, 5, generator=torch.Generator().manual_seed(8))}, 16),
     "sparsifiner": ({"budget": 5, "rank": 4}, None, 40,
                     lambda n: {name: torch.randn(2, n, 4, generator=torch.Generator().manual_seed(i))
                                for i, name in enumerate(("qi", "ki"))}, 16),

@@ -27,10 +27,13 @@ def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: d
     whose scores are given (``by probs(BRANCH)`` in a combined pattern): that input ``[B | 1, Hq, Nq,
     blocks]`` on both sides. An indexer's inputs are declared over the whole sequence (``n``): the query side
     is their ``rows`` of this call's queries (a slice, or positions; default the first ``Nq``): after a KV
-    cache ``q_offset`` on, a context-parallel rank's its own positions."""
+    cache ``q_offset`` on, a context-parallel rank's its own positions; so are the rows of block scores given
+    over the whole sequence (``blocks(B) by NAME``, ``float[heads, n, blocks]``)."""
     if pat.route.scores is not None:
         given = inputs[pat.route.scores]
         given = given if given.dim() == 4 else given[None]
+        if pat.input(pat.route.scores).dim_names[1] == "n":  # `blocks(B) by NAME`: the whole sequence's rows
+            given = given[:, :, slice(0, q.shape[2]) if rows is None else rows]
         return given, given
     if pat.route.indexer is None:
         return q, k
