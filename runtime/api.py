@@ -367,9 +367,10 @@ class Attention(torch.nn.Module):
         if torch.compiler.is_compiling():
             # Sizes and inputs are bound inside the runner's custom op (sympy is not traceable);
             # eager calls check them here, with clear errors.
-            runner = self.runner.traced(q, k, v, inputs, return_lse) if hasattr(self.runner, "traced") else self.runner
+            need_lse = return_lse or unnormalized
+            runner = self.runner.traced(q, k, v, inputs, need_lse) if hasattr(self.runner, "traced") else self.runner
             if runner.support.compile:
-                out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, return_lse or unnormalized)
+                out, lse = ops.traced_attention(runner, q, k, v, inputs, all_sizes, scale, need_lse)
                 out = unnormalized_output(self.pattern, out, lse)
                 return (out, lse) if return_lse else out
         call = self._bind_call(q, k, v, scale, return_lse or unnormalized, all_sizes, inputs)
