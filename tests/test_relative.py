@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_agreement import assert_forward_backward
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -73,19 +74,8 @@ def test_music_relative_matches_tensor2tensor(seed, B, H, N, rows):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
 def test_every_backend_matches_tensor2tensor_forward_and_backward(backend):
     q, k, v, E = _case(7, 2, 4, 37, 16, 12)
-    dtype = torch.float32 if backend == "triton" else torch.float64
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    ref_args = [x.clone().requires_grad_() for x in (q, k, v, E)]
-    args = [x.detach().to(dtype).requires_grad_() for x in ref_args]
-    want = t2t_forward(*ref_args)
     attn = attnc.compile_attention("stdlib:music_relative", max_relative=12, backend=backend)
-    out = attn(*args[:3], E=args[3])
-    torch.testing.assert_close(out.double(), want, **tol)
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    want.backward(grad)
-    out.backward(grad.to(dtype))
-    for name, mine, theirs in zip("qkvE", args, ref_args, strict=True):
-        torch.testing.assert_close(mine.grad.double(), theirs.grad, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+    assert_forward_backward(backend, lambda q, k, v, E: attn(q, k, v, E=E), t2t_forward, [q, k, v, E])
 
 
 SHAW = """pattern shaw(radius = 3, rows = 7)

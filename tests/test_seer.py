@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from backend_agreement import assert_forward_backward, precision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,19 +81,10 @@ def test_matches_the_authors_code(seed, B, H, nb, block, nz_ratio):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
 def test_every_backend_matches_the_code_forward_and_backward(backend):
     q, k, v, logits = _case(3, 2, 4, 6, 8, d=16)
-    dtype = torch.float32 if backend == "triton" else torch.float64
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    ref = [x.clone().requires_grad_() for x in (q, k, v)]
-    mine = [x.detach().to(dtype).requires_grad_() for x in ref]
-    want = code_attention(*ref, code_mask(logits, 0.5), 8)
+    gate = gate_rows(logits, 8, 48).to(precision(backend)[0])
     attn = attnc.compile_attention("stdlib:seer", block=8, topk=max(1, int((1 - math.sqrt(0.5)) * 6)), backend=backend)
-    out = attn(*mine, gate=gate_rows(logits, 8, 48).to(dtype))
-    torch.testing.assert_close(out.double(), want, **tol)
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    want.backward(grad)
-    out.backward(grad.to(dtype))
-    for a, b in zip(mine, ref, strict=True):
-        torch.testing.assert_close(a.grad.double(), b.grad, **tol)
+    assert_forward_backward(backend, lambda *qkv: attn(*qkv, gate=gate),
+                            lambda *qkv: code_attention(*qkv, code_mask(logits, 0.5), 8), [q, k, v])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from backend_agreement import assert_forward_backward, precision
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -96,19 +97,10 @@ def test_the_class_token_keeps_every_key_and_the_others_budget():
 def test_every_backend_matches_the_code_forward_and_backward(backend):
     q, k, v, coef, basis = _case(11, 2, 4, 40, 16, 4, 6, 3)
     assert _unambiguous(coef, basis, 9)
-    dtype = torch.float32 if backend == "triton" else torch.float64
-    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
-    ref_args = [x.clone().requires_grad_() for x in (q, k, v)]
-    args = [x.detach().to(dtype).requires_grad_() for x in ref_args]
-    want = code_forward(*ref_args, coef, basis, 9)
+    inputs = {n: t.to(precision(backend)[0]) for n, t in _attnc_inputs(coef, basis).items()}
     attn = attnc.compile_attention("stdlib:sparsifiner", budget=9, rank=6, backend=backend)
-    out = attn(*args, **{n: t.to(dtype) for n, t in _attnc_inputs(coef, basis).items()})
-    torch.testing.assert_close(out.double(), want, **tol)
-    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    want.backward(grad)
-    out.backward(grad.to(dtype))
-    for mine, theirs in zip(args, ref_args, strict=True):
-        torch.testing.assert_close(mine.grad.double(), theirs.grad, **tol)
+    assert_forward_backward(backend, lambda *qkv: attn(*qkv, **inputs),
+                            lambda *qkv: code_forward(*qkv, coef, basis, 9), [q, k, v])
 
 
 @pytest.mark.parametrize("params,message", [
