@@ -254,8 +254,8 @@ class KernelBodies:
         update = ["if BLOCK_MAX:  # return_block_max: each row's largest score (log2 units) per BMAX_G keys of this tile",
                   "    bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum)" + (" * s_exp" if in_exp else ""),
                   "    bm_col = kt * (BLOCK_N // BMAX_G) + tl.arange(0, BLOCK_N // BMAX_G)",
-                  "    tl.store(BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h + q_row[:, None] * sbm_n"
-                  " + bm_col[None, :], bm, mask=q_ok[:, None])",
+                  "    bm_base = BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h",
+                  "    tl.store(bm_base + q_row[:, None] * sbm_n + bm_col[None, :], bm, mask=q_ok[:, None])",
                   "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
                   "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
                   'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
