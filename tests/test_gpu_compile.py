@@ -354,8 +354,8 @@ def test_grouped_query_kernels_compile_fit_and_run_on_tensor_cores(arch, d, spli
                                n=N, kv_heads=1, group_split=split)
     # SPLIT programs per K/V head, each looping over SHARE query heads (a constant: the loop is not folded away)
     assert [(r.kwargs["SPLIT"], r.kwargs["SHARE"]) for r in records if r.name == "attnc_bwd_dkdv"] == [(split, 2 // split)]
-    assert {r.name: r.args[-3] for r in records if r.name != "attnc_bwd_delta"} == dict.fromkeys(
-        ("attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"), G.HEADS)  # GROUP
+    assert {r.name: dict(zip(r.fn.arg_names, r.args, strict=False))["GROUP"] for r in records
+            if r.name != "attnc_bwd_delta"} == dict.fromkeys(("attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"), G.HEADS)
     reports = [G.check_launch(r, arch, pattern="sliding_window", head_dim=d, dtype="bf16") for r in records]
     assert all(r.ok for r in reports), "\n" + G.table(reports)
     on_cores = (lambda r: r.wgmma > 0) if arch == 90 else (lambda r: r.mma > 0)
