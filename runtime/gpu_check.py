@@ -504,15 +504,13 @@ def _probe(arch: int) -> bool:
 
 
 def _inputs(pat, bound, gen: torch.Generator, relative_tables: bool = False) -> dict:
-    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs,
-    sorted small ints for int ones (document ids, flags). ``relative_tables``: relative()'s derived tables
-    too, for a launch that takes its inputs bound (a call computes them from q and the embeddings)."""
+    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs, sorted small ints for
+    int ones (document ids, flags); relative()'s tables too with ``relative_tables`` (a block launch's bound inputs)."""
     import sympy
 
     out = {}
     for decl in pat.inputs:
-        derived = getattr(decl, "derived", None)
-        if derived and not (relative_tables and derived[0] == "relative"):  # computed by the call from q, k
+        if decl.derived and not (relative_tables and decl.derived[0] == "relative"):  # made by the call from q, k
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
