@@ -223,6 +223,35 @@ def test_a_triton_decode_step_visits_what_its_queries_reach():
     assert visited[0] == visited[1] <= 2
 
 
+def test_a_triton_decode_step_reads_a_cache_slice_in_place(monkeypatch):
+    """K and V as the first nk keys of a longer cache buffer (how a server holds them): the kernels read the
+    slice by its strides, nothing copies it (a copy of the whole cache was made at every step), and the step
+    equals the reference's."""
+    pytest.importorskip("triton")
+    attn = compile_attention("stdlib:sliding_window", backend="triton", window=16)
+    q, k, v = (t.float() for t in _qkv(96, heads=2, hkv=1, d=16, batch=2))
+    nk = 70
+    k_nk, v_nk = k[:, :, :nk], v[:, :, :nk]
+    assert not k_nk.is_contiguous()
+    attn(q[:, :, nk - 1:nk], k_nk, v_nk)
+    copied = []
+    contiguous = torch.Tensor.contiguous
+
+    def watched(self, *args, **kwargs):
+        out = contiguous(self, *args, **kwargs)
+        if out.data_ptr() != self.data_ptr() and self.shape[-2:] == k_nk.shape[-2:]:
+            copied.append(tuple(self.shape))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", watched)
+    out = attn(q[:, :, nk - 1:nk], k_nk, v_nk)
+    monkeypatch.undo()
+    assert copied == []
+    want = compile_attention("stdlib:sliding_window", backend="reference", window=16)(
+        q[:, :, :nk].double(), k_nk.double(), v_nk.double())[:, :, -1:]
+    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize(
     "src, params, on_device",
     [(CAUSAL, {}, True), ("stdlib:sliding_window", {"window": 16}, True),

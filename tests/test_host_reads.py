@@ -357,3 +357,44 @@ def test_one_head_masks_that_read_inputs_equal_the_reference(name):
     want = attnc.compile_attention(f"stdlib:{name}", backend="reference", sizes=sizes, **params)(
         q.double(), k.double(), v.double(), **given)
     torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("src,params,make", [
+    ("stdlib:music_relative", {"max_relative": 12}, lambda g: {"E": torch.randn(2, 12, 16, generator=g)}),
+    ("pattern p\n tokens seq\n input b: float[heads, n]\n mask causal\n bias b[h, k] - b[h, q]", {},
+     lambda g: {"b": torch.randn(2, 40, generator=g)}),
+])
+def test_a_warm_backward_with_a_float_bias_input_reads_nothing_on_the_host(src, params, make, monkeypatch):
+    """The bias inputs' gradients are summed where the kernel's dS is (they were summed on the host: seconds a
+    call on a GPU at 4K tokens); each equals the float64 reference's."""
+    attn = attnc.compile_attention(src, backend="triton", q_tile=16, kv_tile=16, **params)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    given = make(g)
+
+    def grads(fn, dtype):
+        leaves = [t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v, *given.values())]
+        out = fn(*leaves[:3], **dict(zip(given, leaves[3:], strict=True)))
+        (out * torch.linspace(-1, 1, out.shape[-2])[:, None].to(dtype)).sum().backward()
+        return [t.grad for t in leaves]
+
+    grads(attn, torch.float32)
+    seen = collections.Counter()  # a mode does not reach a backward (autograd runs it): the methods are wrapped
+
+    def counted(name, method):
+        def read(self, *args, **kwargs):
+            to_cpu = name != "to" or any(str(a) == "cpu" for a in (*args, *kwargs.values()))
+            ours = [f for f in traceback.extract_stack()[:-1] if "/runtime/" in f.filename]
+            if to_cpu and ours:
+                seen[(name, f"{ours[-1].filename}:{ours[-1].lineno}")] += 1
+            return method(self, *args, **kwargs)
+        return read
+
+    for name in sorted(HOST_READS - {"equal", "__index__"} | {"to"}):
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    got = grads(attn, torch.float32)
+    monkeypatch.undo()
+    assert not seen, dict(seen)
+    want = grads(attnc.compile_attention(src, backend="reference", **params), torch.float64)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=2e-5)

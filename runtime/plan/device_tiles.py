@@ -36,6 +36,7 @@ from ...core import ir
 from ...core import symbols as S
 from . import call_plan
 from .device_intervals import DeviceIntervals
+from .route_scores import placed
 
 #: Candidate pairs (x batch elements) classified at once: bounds the device memory of the interval temporaries.
 CHUNK_PAIRS = 1 << 21
@@ -195,7 +196,7 @@ class InputLists:
         inputs = {}
         for name in E.input_names(self.mask):
             t = tensors[name].detach()
-            t = t if t.device == device else t.to(device)
+            t = placed(t, device)
             inputs[name] = t if name in batched else t.unsqueeze(0)
         lists, tables = {}, {}
         for own, prefix in (("q", ""), ("k", "T_")):

@@ -63,7 +63,7 @@ def key_summary(pat: ir.PatternIR, k: torch.Tensor, key_block: torch.Tensor, nbl
     mean key ``(mean,)`` (a token route: the keys themselves), or Quest's per-dimension extremes ``(max, min)``
     (``q @ bound(k)``). Made once per call: the scores are made a run of queries at a time."""
     kd = k.to(dtype)
-    key_block = _on(key_block, k.device)
+    key_block = placed(key_block, k.device)
     if pat.route.score == "bound":
         B, Hkv, _, D = k.shape
         index = key_block.view(1, 1, -1, 1).expand(B, Hkv, -1, D)
@@ -115,7 +115,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
                             hint="call with all the queries (nk == n)")
         if q_block is None:
             q_block = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, Nq)[0]
-        q_block = _on(q_block, q.device)
+        q_block = placed(q_block, q.device)
         q_onehot = torch.nn.functional.one_hot(q_block, nblocks).to(dtype)
         q_mean = (q.to(dtype).transpose(-1, -2) @ q_onehot).transpose(-1, -2) / q_onehot.sum(0).clamp(min=1)[:, None]
         score = (q_mean @ k_mean.transpose(-1, -2))[:, :, q_block, :]
@@ -124,8 +124,9 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
 
 
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``: itself where it is there already (no call to ask for)."""
+def placed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself where it is there already (no copy, and no call that asks for one: on a GPU
+    a copy from the host waits for the device's queued work)."""
     return t if t.device == device else t.to(device)
 
 

@@ -13,6 +13,7 @@ from ....compiler.triton_codegen.source import derivative
 from ....core import ir
 from ....core import symbols as S
 from ... import kernel_fit
+from ...plan.route_scores import placed
 from ...tritonenv import interpreting
 from . import kernel_launch as KL
 from . import tma
@@ -158,7 +159,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
     if bias_wrt:
         for name, grad in _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq).items():
-            grads[name] = grads[name] + grad.to(device) if name in grads else grad.to(device)
+            grads[name] = grads[name] + grad if name in grads else grad
     out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
     return (KL.from_tiles(qlaunch, dq, "q", Nq), KL.from_tiles(launch, dk, "k", Nk), KL.from_tiles(launch, dv, "k", Nk),
             out_grads)
@@ -178,14 +179,19 @@ def bias_input_names(pat: ir.PatternIR) -> set[str]:
             and pat.input(name).dtype == "float"}
 
 
+# the pairs one chunk of heads evaluates a bias input's gradient on (float64 dS, values and indices: ~100 MB each)
+BIAS_GRAD_PAIRS = 1 << 24
+
+
 def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
     return E.token_env(pat, bound, q_tok, k_tok, h)
 
 
 def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], blocks: dict, B: int, Hq: int) -> dict:
     """Gradients of float inputs of the bias from the kernel's dS per visited pair:
-    for each place the bias reads an input, ``grad[index] += dS * d bias / d input``
-    (summed on the host with ``index_put_(accumulate=True)``; exact, deterministic)."""
+    for each place the bias reads an input, ``grad[index] += dS * d bias / d input``, summed in float64 with
+    ``index_put_(accumulate=True)`` on dS's device (no copy to the host; deterministic where torch is asked to
+    be, as torch's own accumulation is), heads in chunks of at most ``BIAS_GRAD_PAIRS`` pairs."""
     pat, bound, plan = launch.pattern, launch.bound, launch.plan
     bias = E.substitute(pat.bias, bound)
     sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
@@ -193,43 +199,47 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
     for site in sites:
         u = sympy.Dummy("u", real=True)
         derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
-    sched = plan.schedule
+    device = ds_buf.device
     BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
-    kt_all = torch.cat([launch.lists["FULL_I"].cpu(), launch.lists["PART_I"].cpu()], -1).to(torch.int64)  # [C, nQ, W]
+    kt_all = torch.cat([launch.lists["FULL_I"], launch.lists["PART_I"]], -1).to(torch.int64)  # [C, nQ, W]
 
-    def padded(tokens, width):
+    def padded(tokens, width):  # the plan's tokens per tile, padded to the kernel's block, once per plan and device
         index = torch.zeros(tokens.index.shape[0], width, dtype=torch.int64)
         valid = torch.zeros(tokens.index.shape[0], width, dtype=torch.bool)
         index[:, :tokens.index.shape[1]] = tokens.index
         valid[:, :tokens.index.shape[1]] = tokens.valid
-        return index, valid
+        return index.to(device), valid.to(device)
 
-    q_idx, q_ok = padded(plan.q_tokens, BM)
-    k_idx, k_ok = padded(plan.k_tokens, BN)
-    ds_all = ds_buf.detach().cpu().view(B, Hq, sched.num_q_tiles, -1, BM, BN)
-    grads = {n: torch.zeros(launch.tensors[n].shape, dtype=torch.float64) for n in names}
+    q_idx, q_ok = plan.on_device(("bias grad q", str(device), BM), lambda: padded(plan.q_tokens, BM))
+    k_idx, k_ok = plan.on_device(("bias grad k", str(device), BN), lambda: padded(plan.k_tokens, BN))
+    ds_all = ds_buf.detach().view(B, Hq, plan.schedule.num_q_tiles, -1, BM, BN)
+    chunk = max(1, BIAS_GRAD_PAIRS // ds_all[0, 0].numel())
+    grads = {n: torch.zeros(launch.tensors[n].shape, dtype=torch.float64, device=device) for n in names}
+    zero = torch.zeros((), dtype=torch.float64, device=device)
     for b in range(B):
-        inputs = {n: (t[b] if n in launch.batched else t).detach().cpu() for n, t in launch.tensors.items()}
-        for h in range(Hq):
-            kt = kt_all[b * launch.cls[0] + h * launch.cls[1]]  # [nQ, W]
+        inputs = {n: (t[b] if n in launch.batched else t).detach() for n, t in launch.tensors.items()}
+        for h0 in range(0, Hq, chunk):
+            heads = torch.arange(h0, min(Hq, h0 + chunk), device=device)
+            kt = kt_all[b * launch.cls[0] + heads * launch.cls[1]]  # [h, nQ, W]
             present = kt >= 0
             kts = kt.clamp(min=0)
-            q_tok = q_idx[:, None, :, None]  # [nQ, 1, BM, 1]
-            k_tok = k_idx[kts][:, :, None, :]  # [nQ, W, 1, BN]
-            weight = (present[:, :, None, None] & q_ok[:, None, :, None] & k_ok[kts][:, :, None, :])
-            ds = ds_all[b, h].to(torch.float64) * weight
+            q_tok = q_idx[None, :, None, :, None]  # [1, nQ, 1, BM, 1]
+            k_tok = k_idx[kts][..., None, :]  # [h, nQ, W, 1, BN]
+            weight = present[..., None, None] & q_ok[None, :, None, :, None] & k_ok[kts][..., None, :]
+            ds = ds_all[b, heads].to(torch.float64) * weight
             # indices were checked on attended pairs by the forward; elsewhere dS is 0 and they read element 0
-            ev = E.Evaluator(_block_env(pat, bound, q_tok, k_tok, h), inputs, set(), None, guard=torch.tensor(False))
+            env = _block_env(pat, bound, q_tok, k_tok, heads.view(-1, 1, 1, 1, 1))
+            ev = E.Evaluator(env, inputs, set(), None, guard=torch.zeros((), dtype=torch.bool, device=device))
             for site, deriv in derivs:
                 name = S.input_name(site.func)
-                value = E.as_tensor(ev(deriv), torch.float64)
-                contrib = torch.where(ds != 0, ds * value, torch.zeros((), dtype=torch.float64)).reshape(-1)
+                value = placed(E.as_tensor(ev(deriv), torch.float64), device)
+                contrib = torch.where(ds != 0, ds * value, zero).reshape(-1)
                 target = grads[name][b] if name in launch.batched else grads[name]
                 index = []
                 for a, size in zip(site.args, target.shape, strict=True):
-                    ix = torch.broadcast_to(E.as_tensor(ev(a)), ds.shape).reshape(-1)
+                    ix = torch.broadcast_to(placed(E.as_tensor(ev(a)), device), ds.shape).reshape(-1)
                     outside = (ix < 0) | (ix >= size)  # on pairs not attended (dS = 0): read element 0
-                    contrib = torch.where(outside, torch.zeros((), dtype=torch.float64), contrib)
-                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype), ix))
+                    contrib = torch.where(outside, zero, contrib)
+                    index.append(torch.where(outside, torch.zeros((), dtype=ix.dtype, device=device), ix))
                 target.index_put_(tuple(index), contrib, accumulate=True)
     return grads

@@ -34,6 +34,7 @@ from ....core import symbols as S
 from ....core.errors import SpecError
 from ...plan import decode_lists, device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import block_key, mask_input_names, same_tensors
+from ...plan.route_scores import placed
 
 #: Tile tokens of a block's 1-D tiles, on CUDA and under the interpreter (not autotuned per block).
 BLOCK_TILE_TOKENS = 64
@@ -145,11 +146,6 @@ def checked_inputs(pat, bound: E.Bound, q, inputs: dict, checked: dict | None = 
     return tensors, frozenset(n for n, t in tensors.items() if t.dim() > len(pat.input(n).dims))
 
 
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``: itself where it is there already (a copy there would still be a call to ask for)."""
-    return t if t.device == device else t.to(device)
-
-
 def kernel_inputs(pat, tensors: dict, device: torch.device) -> dict:
     """Every declared input as the kernels read it, by its ``extra`` entry ``in:NAME`` (what
     ``runner._device_input`` makes where the entry is missing): ints as int64 (a derived input's as int32),
@@ -160,7 +156,7 @@ def kernel_inputs(pat, tensors: dict, device: torch.device) -> dict:
         t = tensors[decl.name]
         t = (t.to(torch.int32 if decl.derived else torch.int64) if decl.dtype == "int"
              else t.detach().to(torch.float32)).contiguous()
-        out[f"in:{decl.name}"] = _on(t, device)
+        out[f"in:{decl.name}"] = placed(t, device)
     return out
 
 
@@ -211,8 +207,8 @@ def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int]
     cls = (bound.heads, 1) if plan.selection is not None else ((0, 0) if sched.heads_stored == 1 else (0, 1))
     extra: dict = {}
     if plan.selection is not None:
-        extra["SEL"] = _on(routing.selection_words(plan.selection), device)  # 32 blocks per int32 word
-        extra["KEY_BLOCK"] = _on(plan.key_block.to(torch.int32).contiguous(), device)
+        extra["SEL"] = placed(routing.selection_words(plan.selection), device)  # 32 blocks per int32 word
+        extra["KEY_BLOCK"] = placed(plan.key_block.to(torch.int32).contiguous(), device)
     if plan.softcap is not None:
         extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: plan.softcap.to(torch.float32).contiguous()
                                           .to(device))

@@ -200,9 +200,11 @@ def _tokens_order(launch: Launch, role: str) -> torch.Tensor:
 
 
 def to_tiles(launch: Launch, x: torch.Tensor, role: str) -> torch.Tensor:
-    """Permute the token dimension (dim 2) into tile order (``permute`` layout only)."""
+    """Permute the token dimension (dim 2) into tile order (``permute`` layout only). Otherwise ``x`` as it is
+    where its features are contiguous: the kernels take the other three strides, so a KV cache's first ``nk``
+    keys (a slice of a longer buffer) are read in place, not copied every decode step."""
     if launch.config.layout != "permute":
-        return x.contiguous()
+        return x if x.stride(-1) == 1 else x.contiguous()
     return x[:, :, _tokens_order(launch, role).to(x.device)].contiguous()
 
 
