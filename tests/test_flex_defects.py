@@ -243,3 +243,17 @@ def test_fused_flex_keeps_a_bad_value_out_of_empty_block_pairs():
     tile = math.prod(sched.q_tile)
     visits = (sched.classes()[0][:, BAD // tile] != 0).repeat_interleave(tile)[:N]
     assert visits.any() and not bad[~visits].any()
+
+
+def test_flex_backward_takes_smaller_tiles_where_a_captured_tensor_is_differentiated_on_a_gpu():
+    """Flex's own backward tiles did not fit the shared memory with a differentiated captured tensor at head
+    dim 128 on an H100 (music_relative's table): those calls, and only those, name smaller backward tiles."""
+    from attnc.runtime.backends.flex.runner import BUFFER_GRAD_BACKWARD, kernel_options
+
+    table, fixed = torch.zeros(3, requires_grad=True), torch.zeros(3)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert kernel_options(cuda, 128, (fixed, table)) == BUFFER_GRAD_BACKWARD
+    assert all(k.startswith("bwd_") for k in BUFFER_GRAD_BACKWARD)  # the forward keeps Flex's own choice
+    assert kernel_options(cuda, 64, (table,)) is None
+    assert kernel_options(cuda, 128, (fixed,)) is None
+    assert kernel_options(cpu, 128, (table,)) is None

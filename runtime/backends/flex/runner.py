@@ -103,11 +103,25 @@ PARTIAL_EXTRA = 0.5
 
 _CALL_SOURCE = '''
 
-def flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+def flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options=None):
     """The Flex call this plan compiles (its own code object: its own compile cache)."""
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=enable_gqa, return_lse=return_lse)
+                          enable_gqa=enable_gqa, return_lse=return_lse, kernel_options=kernel_options)
 '''
+
+#: Flex's backward on smaller tiles where the score_mod's captured tensor is differentiated (``relative()``'s
+#: table) and the head dim is over 64, on a GPU: with its own tiles, Inductor found no backward config within
+#: the shared memory (233,472 bytes asked of 232,448 at head dim 128 in bf16 on an H100, torch 2.11,
+#: 2026-11-26) and the backward failed to compile. Chosen before the call: the backward compiles at the
+#: first ``backward()``, after the forward has returned.
+BUFFER_GRAD_BACKWARD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
+
+
+def kernel_options(device: torch.device, head_dim: int, score_bufs: tuple) -> dict | None:
+    """The options a compiled Flex call of these shapes is given (None: Flex's own choice)."""
+    if device.type == "cuda" and head_dim > 64 and any(t.requires_grad for t in score_bufs):
+        return BUFFER_GRAD_BACKWARD
+    return None
 
 
 @dataclass
@@ -517,7 +531,8 @@ class FlexRunner(Registered):
                 ready = self.kernel_ready(plan, q, k, v, need_lse)
                 started = time.perf_counter()
                 try:
-                    res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse)
+                    res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
+                                        kernel_options(dev, q.shape[-1], score_bufs))
                 except compile_errors() as err:
                     if dev.type != "cpu":
                         raise
