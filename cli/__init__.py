@@ -277,11 +277,12 @@ def _pooled_rows(mask, cell: int) -> list[str]:
 
 def _show_recurrence(rec, heads: int) -> int:
     from ..compiler import evaluate as E
+    from ..core.recurrence_rules import RULES
 
-    print(f"{rec.name}: recurrence, {rec.gate} gate" + (", the delta rule" if rec.rule == "delta" else ""))
-    if rec.rule == "delta":
-        print(f"update: S_t += beta_t k_t^T (v_t - k_t S_t) after the decay, rate the call-time input '{rec.beta}' "
-              "(per token and head)")
+    rule = RULES[rec.rule]
+    print(f"{rec.name}: recurrence, {rec.gate} gate" + (f", {rule.title}" if rule.rate else ""))
+    if rule.rate:
+        print(f"update: {rule.update} after the decay, rate the call-time input '{rec.beta}' (per token and head)")
         if rec.qk_l2norm:
             print("q and k: divided by their L2 norm over the head dimension first, x / sqrt(sum(x^2) + 1e-6) (qk_l2norm)")
     if rec.gate != "head":

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..core.recurrence_rules import RULES
 from .cost import DEFAULT_CALIBRATION, Calibration, KernelConfig, predict_counts
 from .hardware import Hardware
 from .simulator import ReportView
@@ -279,9 +280,26 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
                      programs=chunks * max(k.programs for k in fwd))
 
 
-def _cost(rule: str):
-    """The cost entry of a recurrence rule ('decay' or 'delta')."""
-    return delta_chunk_cost if rule == "delta" else chunk_cost
+@dataclass(frozen=True)
+class RuleCost:
+    """A recurrence rule's cost model: ``chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) -> ChunkCost``,
+    the chunk sizes its per-channel gates run in where they are fixed (None: every one of ``CHUNKS``), and
+    the report's note on the rule's kernels (None: none)."""
+
+    chunk_cost: object
+    vector_chunks: tuple[int, ...] | None = None
+    note: str | None = None
+
+
+#: Each recurrence rule's cost entry, by its word (``core.recurrence_rules``).
+RULE_COSTS: dict[str, RuleCost] = {
+    "decay": RuleCost(chunk_cost, vector_chunks=(VECTOR_CHUNK,)),
+    "delta": RuleCost(delta_chunk_cost, note=(
+        "the delta rule: fla's chunked WY form (per chunk K K^T, the triangular inverse, W and U, the state pass "
+        "with W S, the output; the backward recomputes W, U and the states), compiler/recurrence_cost.py "
+        "delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel gates: none yet), its torch form "
+        "chunks of 64 (16 for per-channel gates)")),
+}
 
 
 def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, *, rule: str = "decay",
@@ -289,8 +307,9 @@ def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Har
     """The chunk size (16/32/64) with the smallest predicted forward + backward time; per-channel gates
     of the decay rule run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are
     written for it). ``rule='delta'``: the delta rule's cost (``delta_chunk_cost``), every chunk size."""
-    chunks = (VECTOR_CHUNK,) if gate == "vector" and rule == "decay" else CHUNKS
-    costs = [_cost(rule)(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
+    entry = RULE_COSTS[rule]
+    chunks = entry.vector_chunks if gate == "vector" and entry.vector_chunks else CHUNKS
+    costs = [entry.chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
     return min(costs, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
 
 
@@ -314,7 +333,7 @@ def crossover(gate: str, heads: int, head_dim: int, batch: int, hw: Hardware, ch
     grid of lengths from 64 to ``limit``, refined by bisection. None if it still loses at ``limit``."""
 
     def wins(n: int) -> bool:
-        rec = (_cost(rule)(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
+        rec = (RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
                else best_chunk(gate, n, heads, head_dim, batch, hw, nbytes=nbytes, rule=rule))
         sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
         r = rec.forward_s + (rec.backward_s if backward else 0.0)
@@ -417,7 +436,7 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
                         dtype: str, nbytes: int, chunk: int | None = None, rule: str = "decay") -> RecurrenceReport:
     """The report of a recurrence (``rule`` 'decay' or 'delta') at length ``n``: every chunk size's cost,
     the best (or the forced ``chunk``), causal softmax's time and the crossover lengths."""
-    candidates = [_cost(rule)(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
+    candidates = [RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
     if chunk is None:
         best = min(candidates, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
     else:
@@ -430,11 +449,8 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
              "softmax baseline: causal flash-style attention, 128 x 128 tiles, diagonal tiles masked",
              "crossover: the length (multiple of 64) past which the recurrence's predicted forward "
              "(training: forward + backward) time stays below the baseline's"]
-    if rule == "delta":
-        notes.append("the delta rule: fla's chunked WY form (per chunk K K^T, the triangular inverse, W and U, the "
-                     "state pass with W S, the output; the backward recomputes W, U and the states), "
-                     "compiler/recurrence_cost.py delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel "
-                     "gates: none yet), its torch form chunks of 64 (16 for per-channel gates)")
+    if RULE_COSTS[rule].note:
+        notes.append(RULE_COSTS[rule].note)
     elif gate == "vector":
         notes.append("per-channel gates: the model counts the in-chunk product as elementwise (non-tensor ALUs); "
                      "the Triton kernels use chunks of 64 in sub-chunks of 16, off-diagonal blocks on the tensor cores")
@@ -454,7 +470,7 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     hw = rep.hardware
     b = rep.best
     lines = [
-        f"{rep.pattern}: recurrence ({rep.gate} gate{', the delta rule' if rep.rule == 'delta' else ''}) simulated on the {hw.name} model in {rep.dtype} (a "
+        f"{rep.pattern}: recurrence ({rep.gate} gate{', ' + RULES[rep.rule].title if RULES[rep.rule].rate else ''}) simulated on the {hw.name} model in {rep.dtype} (a "
         f"prediction, not a measurement): n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s)",
         "",

@@ -8,11 +8,9 @@ import sympy
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
+from ..core.recurrence_rules import UPDATE_RULES
 from . import ast
 from .check_types import BOOL
-
-#: The keyword options of the delta rule's ``update delta(beta, ...)``.
-UPDATE_OPTIONS = ("qk_l2norm",)
 
 
 class RecurrenceChecks:
@@ -25,8 +23,10 @@ class RecurrenceChecks:
                 bad = c.keyword
             elif isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BucketRoute):
                 bad = "route"
-            elif isinstance(c, ast.Update) and c.rule != "delta":
-                raise self.error(f"unknown update rule '{c.rule}'", c.rule_pos, hint="the rule is delta(beta)")
+            elif isinstance(c, ast.Update) and c.rule not in UPDATE_RULES:
+                raise self.error(f"unknown update rule '{c.rule}'", c.rule_pos,
+                                 hint=did_you_mean(c.rule, tuple(UPDATE_RULES))
+                                 or "rules: " + ", ".join(f"{r}(rate)" for r in UPDATE_RULES))
             elif isinstance(c, ast.LayoutClause) and (c.role != "tokens" or c.layout.kind != "seq"):
                 kind = " + ".join(seg.kind for seg in c.layout.segments) or c.layout.kind
                 bad = f"{c.role} {kind}"
@@ -36,16 +36,17 @@ class RecurrenceChecks:
         updates = [c for c in self.decl.clauses if isinstance(c, ast.Update)]
         if len(updates) > 1:
             raise self.error(f"'update' is given twice (first at line {updates[0].pos.line})", updates[1].pos)
-        beta, options = None, {}
+        beta, options, rule = None, {}, "decay"
         if updates:
-            beta = self._input_gate(updates[0].arg, (("heads", "n"),), "the delta rule's rate").name
+            rule = updates[0].rule
+            beta = self._input_gate(updates[0].arg, (("heads", "n"),), UPDATE_RULES[rule].rate).name
             options = self._update_options(updates[0])
         decay_clause = self._single("decay")
         if decay_clause is None and not updates:
             raise self.error(f"recurrence '{self.decl.name}' needs a 'decay' clause", self.decl.name_pos,
                              hint="or an 'update delta(beta)' clause (the delta rule, decay 0 by default)")
         if decay_clause is None:  # DeltaNet: the delta rule without a decay
-            return self._recurrence_ir("head", sympy.Integer(0), beta, **options)
+            return self._recurrence_ir("head", sympy.Integer(0), rule, beta, **options)
         node = decay_clause.value
         if isinstance(node, ast.Name) and node.id in self.inputs:
             decl = self._input_gate(node, (("heads", "n"), ("heads", "n", "dk")), "a recurrence's decay")
@@ -61,16 +62,18 @@ class RecurrenceChecks:
                     hint="for a data-dependent gate declare 'input g: float[heads, n]' and write 'decay g'",
                 )
             gate, decay = "head", typed.expr
-        return self._recurrence_ir(gate, decay, beta, **options)
+        return self._recurrence_ir(gate, decay, rule, beta, **options)
 
     def _update_options(self, update: ast.Update) -> dict:
-        """The keyword options of ``update delta(beta, ...)``, each a constant (a literal or a parameter):
-        ``qk_l2norm`` (bool, default false)."""
+        """The keyword options of ``update RULE(rate, ...)`` (``core.recurrence_rules``), each a constant bool (a
+        literal or a parameter), default false: the delta rule's ``qk_l2norm``."""
         options = {}
+        known = UPDATE_RULES[update.rule].options
         for kw in update.options:
-            if kw.name not in UPDATE_OPTIONS:
+            if kw.name not in known:
                 raise self.error(f"'{update.rule}' has no option '{kw.name}'", kw.pos,
-                                 hint=did_you_mean(kw.name, UPDATE_OPTIONS) or "options: " + ", ".join(UPDATE_OPTIONS))
+                                 hint=did_you_mean(kw.name, known) or ("options: " + ", ".join(known) if known
+                                                                       else f"'{update.rule}' takes no options"))
             if kw.name in options:
                 raise self.error(f"option '{kw.name}' is given twice", kw.pos)
             value = self.expect(kw.value, BOOL, f"option {kw.name}").expr
@@ -80,7 +83,8 @@ class RecurrenceChecks:
             options[kw.name] = value is sympy.true
         return options
 
-    def _recurrence_ir(self, gate: str, decay, beta: str | None, qk_l2norm: bool = False) -> ir.RecurrenceIR:
+    def _recurrence_ir(self, gate: str, decay, rule: str, beta: str | None, qk_l2norm: bool = False
+                       ) -> ir.RecurrenceIR:
         for name in self.head_params:
             raise SpecError("one value per head is taken by softmax patterns; a recurrence's per-head values "
                             "come from its gate inputs", where=f"argument {name}")
@@ -90,7 +94,7 @@ class RecurrenceChecks:
             decay=decay,
             inputs=tuple(self.inputs.values()),
             params=tuple((k, v.expr) for k, v in self.env_params.items()),
-            rule="delta" if beta is not None else "decay",
+            rule=rule,
             beta=beta,
             qk_l2norm=qk_l2norm,
             filename=self.module.filename,

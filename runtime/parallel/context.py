@@ -21,6 +21,7 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError
+from ...core.recurrence_rules import RULES
 from ..checks import check_qkv, resolve_scale, state_heads
 from ..plan import clusters, forms, vertical_slash
 from ..plan.cache import score_input_names
@@ -157,8 +158,8 @@ class ContextParallel(torch.nn.Module):
         record = {"pattern": identity(pat), "kv": self.kv, "ulysses_degree": self.u,
                   "sizes": sorted(self._call_sizes.items())}
         try:
-            # the delta rule's v may have more heads than q (grouped value attention), as on one device
-            check_qkv(q, k, v, gva=isinstance(pat, ir.RecurrenceIR) and pat.rule == "delta")
+            # a rule's v may have more heads than q where it says so (the delta rule's GVA), as on one device
+            check_qkv(q, k, v, gva=isinstance(pat, ir.RecurrenceIR) and RULES[pat.rule].grouped_values)
             if q.shape[2] != k.shape[2]:
                 raise SpecError(f"q has {q.shape[2]} tokens but k has {k.shape[2]}: every rank holds the same "
                                 "tokens of q, k and v", where="argument k")

@@ -31,7 +31,8 @@ from ...core import symbols as S
 from ...core.errors import SpecError
 from ..checks import state_heads
 from ..numerics import compute_dtype
-from ..recurrences.common import bind, gate_tensor
+from ..recurrences.common import bind
+from ..recurrences.rules import apply_entering, rule_of
 from .collectives import AllGather
 from .ulysses import Swap
 
@@ -184,13 +185,10 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
     if world == 1:
         return out0, 0
     dt = compute_dtype(q.dtype)
-    if rec.rule == "delta":  # A from the identity entering with zero values: S_out = A I + 0
-        eye = torch.eye(Dk, dtype=dt, device=q.device).expand(B, H, Dk, Dk).contiguous()
-        zeros = torch.zeros(B, k.shape[1], T, Dk, dtype=v.dtype, device=v.device)
-        _, decay, _ = runner.run(q, k, zeros, local, sizes, scale, eye)  # [B, H, Dk, Dk]
-    else:
-        bound, tensors = bind(rec, sizes, local, n=T, heads=H, dk=Dk, batch=B, device=q.device)
-        decay = torch.exp(gate_tensor(rec, bound, tensors, B, H, T, dt, q.device).sum(2))[..., None]  # [B,H,1|Dk,1]
+    bound, tensors = bind(rec, sizes, local, n=T, heads=H, dk=Dk, batch=B, device=q.device)
+    # how this part's final state depends on the state it enters with: S_out = A(S_in) + state0
+    kind, decay = rule_of(rec).entering_map(lambda k_, v_, s0: runner.run(q, k_, v_, local, sizes, scale, s0)[1],
+                                            rec, bound, tensors, q, k, v, dt)
     states = AllGather.apply(state0.to(dt), group)  # [world, B, H, Dk, Dv]
     decays = AllGather.apply(decay, group)
     sent = (world - 1) * (state0.to(dt).nbytes + decay.nbytes)
@@ -201,6 +199,6 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
         return out0 + tie.to(out0.dtype), sent
     entering = torch.zeros_like(states[0])
     for j in range(rank):
-        entering = (decays[j] @ entering if rec.rule == "delta" else decays[j] * entering) + states[j]
+        entering = apply_entering(kind, decays[j], entering) + states[j]
     out, _, _ = runner.run(q, k, v, local, sizes, scale, entering)
     return out, sent

@@ -8,6 +8,7 @@ import torch
 from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
+from ...core.recurrence_rules import RULES
 
 #: The chunk sizes the simulator chooses from.
 CHUNKS = (16, 32, 64)
@@ -38,14 +39,14 @@ def gate_where(rec: ir.RecurrenceIR) -> str:
 
 
 def check_gates(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict) -> None:
-    """The delta rule's gates are log decays (``S_t = diag(exp(g_t)) S_(t-1)``, the published rules'
+    """A rule's gates are log decays where it says so (``RuleFacts.log_decay_gates``: the delta rule's) (``S_t = diag(exp(g_t)) S_(t-1)``, the published rules'
     ``g <= 0``): each must be finite and at most 0, or -inf (a hard reset). NaN, +inf and positive gates
     are refused, naming the gate: the chunked forms (torch, Triton) are exact only where every
     in-chunk decay ``exp(G_t - G_s)`` is at most 1; a positive gate makes them cancel terms as large as
     ``exp(chunk * g)``. Every path runs it on the call's gates through ``bind`` (the reference loop, the
     chunked torch form, the Triton kernels, ``Attention.step``, and each rank's part under context
     parallelism, before the ranks agree). The decay rule's gates are not checked here."""
-    if rec.rule != "delta":
+    if not RULES[rec.rule].log_decay_gates:
         return
     if rec.gate == "head":
         if rec.decay == 0:  # DeltaNet: no decay

@@ -1,0 +1,46 @@
+"""The recurrence rules of the language, one entry each: the word of ``update RULE(RATE, OPTION = VALUE)``,
+what the rule computes (one line, for ``attnc show`` and ``.source``), its options and the facts its
+checks depend on. The checker, the CLI and the call checks read this table; a rule's implementation (its
+token-by-token reference, chunked forms, kernels and decoding step) registers under the same name in
+``runtime.recurrences.rules``, its cost model in ``compiler.recurrence_cost.RULE_COSTS``
+(CONTRIBUTING.md: adding a rule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RuleFacts:
+    """What the language says about one recurrence rule.
+
+    - ``name``: the rule's word (``update delta(...)``); ``decay`` is the rule of a recurrence without an
+      ``update`` clause.
+    - ``title``: how messages and ``attnc show`` name it.
+    - ``update``: the state update, one line, after the decay ``S_t = diag(exp(decay_t)) S_(t-1)``.
+    - ``rate``: what the clause's positional argument is (an input ``float[heads, n]``), named in errors;
+      None for a rule without an ``update`` clause.
+    - ``options``: the clause's keyword options, each a constant bool.
+    - ``grouped_values``: v may have more heads than q and k (grouped value attention: each value head reads
+      the q/k head ``j // (Hv // H)``).
+    - ``log_decay_gates``: the call's gates must be log decays (finite and <= 0, or -inf): the rule's chunked
+      forms are exact only there (``runtime.recurrences.common.check_gates``).
+    """
+
+    name: str
+    title: str
+    update: str
+    rate: str | None = None
+    options: tuple[str, ...] = ()
+    grouped_values: bool = False
+    log_decay_gates: bool = False
+
+
+DECAY = RuleFacts("decay", "the decay rule", "S_t += k_t^T v_t")
+DELTA = RuleFacts("delta", "the delta rule", "S_t += beta_t k_t^T (v_t - k_t S_t)", rate="the delta rule's rate",
+                  options=("qk_l2norm",), grouped_values=True, log_decay_gates=True)
+
+#: Every rule by its word.
+RULES: dict[str, RuleFacts] = {r.name: r for r in (DECAY, DELTA)}
+#: The rules an ``update`` clause may name.
+UPDATE_RULES: dict[str, RuleFacts] = {name: r for name, r in RULES.items() if r.rate is not None}

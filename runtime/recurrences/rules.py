@@ -1,0 +1,84 @@
+"""Recurrence rules behind one interface: each rule's implementation (``RecurrenceRule``) lives in its own
+folder beside the others (``decay/``, ``delta/``), in a ``rule.py`` that builds it and registers it here under
+the word the language gives it (``core.recurrence_rules``). The runner, ``Attention.step`` and context
+parallelism call a rule through this table only; adding a rule is writing its folder and naming it in
+``RULE_MODULES`` (CONTRIBUTING.md)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ...core import ir
+from ...core.recurrence_rules import RULES, RuleFacts
+
+#: The folders whose ``rule.py`` registers a rule (imported at the first lookup).
+RULE_MODULES = ("decay", "delta")
+
+
+@dataclass(frozen=True)
+class RecurrenceRule:
+    """One rule's implementation. Tensors are ``[B, H, T, D]``; ``rec`` the pattern, ``bound`` / ``tensors`` the
+    call's bound sizes and inputs (``common.bind``), ``scale`` a float, ``s0`` an initial state or None.
+
+    - ``prepare(rec, q, k, v) -> (q, k)``: q and k as the rule reads them (its options on them; GVA's repeat),
+      before every backend and the decoding step.
+    - ``reference(rec, bound, q, k, v, tensors, scale, s0) -> (out, state)``: token by token, the source of truth
+      (plain torch autograd); ``k``, ``v`` already with q's heads, everything in the compute dtype.
+    - ``run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native) -> (out, state, chunk)``:
+      the chunked forms ('cpu': torch; 'triton'; 'auto'), ``k``, ``v`` with their own heads (GQA).
+    - ``step(rec, bound, tensors, q, k, v, state, scale) -> (out, state)``: one token, ``[B, H, Dk]`` /
+      ``[B, H, Dv]`` with q's heads, in the compute dtype; the state ``[B, H, Dk, Dv]``.
+    - ``describe(rec, backend, chunk) -> str``: ``Attention.source``: the update and the code that runs.
+    - ``entering_map(run, rec, bound, tensors, q, k, v, dtype) -> (kind, A)``: how a part's final state depends
+      on the state it starts from, ``S_out = A(S_in) + S_out(0)`` (context parallelism chains the parts):
+      ``("scale", A)`` multiplies, ``("matrix", A)`` multiplies on the left; ``run(k, v, s0)`` runs the part.
+    """
+
+    facts: RuleFacts
+    prepare: Callable
+    reference: Callable
+    run: Callable
+    step: Callable
+    describe: Callable
+    entering_map: Callable
+
+    @property
+    def name(self) -> str:
+        return self.facts.name
+
+
+_REGISTERED: dict[str, RecurrenceRule] = {}
+
+
+def register(rule: RecurrenceRule) -> RecurrenceRule:
+    """Add a rule (its ``rule.py`` calls this); the language must know its word (``core.recurrence_rules``)."""
+    if rule.name not in RULES:
+        raise ValueError(f"recurrence rule '{rule.name}' is not in core.recurrence_rules.RULES")
+    _REGISTERED[rule.name] = rule
+    return rule
+
+
+def rule_of(rec: ir.RecurrenceIR) -> RecurrenceRule:
+    """The implementation of ``rec``'s rule."""
+    if not _REGISTERED:
+        for folder in RULE_MODULES:
+            importlib.import_module(f"{__package__}.{folder}.rule")
+    return _REGISTERED[rec.rule]
+
+
+def resolve_backend(backend: str, device) -> str:
+    """'auto' is Triton on CUDA tensors (when installed) and the chunked torch path otherwise."""
+    if backend != "auto":
+        return backend
+    from .decay import triton as triton_recurrence
+
+    return "triton" if torch.device(device).type == "cuda" and triton_recurrence.available() else "cpu"
+
+
+def apply_entering(kind: str, A, state):
+    """``A(state)`` of an ``entering_map``."""
+    return A @ state if kind == "matrix" else A * state
