@@ -128,7 +128,7 @@ def _unused_inputs(decl) -> list[str]:
         return [d.name for d in decl.inputs if d.name in unused and d not in decl.gates]
     if isinstance(decl, ir.RecurrenceIR):
         used = {decl.decay} if isinstance(decl.decay, str) else set(input_names(decl.decay))
-        used |= {decl.beta} if decl.beta else set()
+        used |= set(decl.rates) | ({decl.beta} if decl.beta else set())
     else:
         exprs = [decl.mask, decl.bias, decl.softcap, decl.route.keep if decl.route is not None else None]
         used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))
@@ -280,9 +280,10 @@ def _show_recurrence(rec, heads: int) -> int:
     from ..core.recurrence_rules import RULES
 
     rule = RULES[rec.rule]
-    print(f"{rec.name}: recurrence, {rec.gate} gate" + (f", {rule.title}" if rule.rate else ""))
-    if rule.rate:
-        print(f"update: {rule.update} after the decay, rate the call-time input '{rec.beta}' (per token and head)")
+    print(f"{rec.name}: recurrence, {rec.gate} gate" + (f", {rule.title}" if rule.rates else ""))
+    if rule.rates:
+        given = ", ".join(f"'{name}' ({what})" for name, what in zip(rec.rates, rule.rates, strict=True))
+        print(f"update: {rule.update} after the decay; rates, call-time inputs per token and head: {given}")
         if rec.qk_l2norm:
             print("q and k: divided by their L2 norm over the head dimension first, x / sqrt(sum(x^2) + 1e-6) (qk_l2norm)")
     if rec.gate != "head":

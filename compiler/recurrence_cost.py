@@ -470,7 +470,7 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     hw = rep.hardware
     b = rep.best
     lines = [
-        f"{rep.pattern}: recurrence ({rep.gate} gate{', ' + RULES[rep.rule].title if RULES[rep.rule].rate else ''}) simulated on the {hw.name} model in {rep.dtype} (a "
+        f"{rep.pattern}: recurrence ({rep.gate} gate{', ' + RULES[rep.rule].title if RULES[rep.rule].rates else ''}) simulated on the {hw.name} model in {rep.dtype} (a "
         f"prediction, not a measurement): n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s)",
         "",

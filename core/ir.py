@@ -354,6 +354,10 @@ class RecurrenceIR:
     'scalar' (``decay`` names a float[heads, n] input: Mamba2, Gated DeltaNet) or 'vector'
     (a float[heads, n, dk] input: GLA, Kimi Delta Attention).
 
+    Titans' neural memory (``rule`` 'titans', rates ``theta`` and ``eta``, inputs float[heads, n]):
+    ``m_t = eta_t m_{t-1} + theta_t k_t^T (v_t - k_t S_{t-1})``; ``S_t = exp(decay_t) S_{t-1} + m_t``; the state
+    holds S and m (``[B, H, 2 Dk, Dv]``). ``core.recurrence_rules`` lists the rules.
+
     ``qk_l2norm`` (the delta rule's ``update delta(beta, qk_l2norm = true)``): q and k are divided by
     their L2 norm over the head dimension before the rule (flash-linear-attention's
     ``use_qk_l2norm_in_kernel``; ``runtime.recurrences.delta.naive.prepare_qk``).
@@ -367,6 +371,8 @@ class RecurrenceIR:
     rule: str = "decay"
     beta: str | None = None
     qk_l2norm: bool = False
+    #: every rate input of the rule's ``update`` clause, in order (``beta`` is the first): Titans' theta and eta
+    rates: tuple[str, ...] = ()
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
 
@@ -375,6 +381,8 @@ class RecurrenceIR:
     def key(self) -> str:
         if self.rule == "decay":  # the key of every recurrence before the delta rule, unchanged
             return _key("recurrence", self.gate, self.decay, self.inputs)
+        if self.rule != "delta":  # rules after the delta rule: every rate
+            return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.rates, self.qk_l2norm)
         if not self.qk_l2norm:  # the key of the delta rule before its options, unchanged
             return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta)
         return _key("recurrence", self.gate, self.decay, self.inputs, self.rule, self.beta, "qk_l2norm")

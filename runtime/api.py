@@ -11,6 +11,7 @@ from ..compiler.tile_args import parse_tiles
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
+from ..core.recurrence_rules import RULES
 from ..spec.library import load
 from . import ops
 from .admission import admit, first_order
@@ -423,7 +424,8 @@ class Attention(torch.nn.Module):
         if Nq != k.shape[2]:
             raise SpecError(f"q has {Nq} tokens but k has {k.shape[2]}", where="argument k")
         if initial_state is not None:
-            check_state(initial_state, q, "initial_state", (B, Hq, D, v.shape[-1]))
+            rows = RULES[self.pattern.rule].state_rows * D  # Titans: the memory, then its momentum
+            check_state(initial_state, q, "initial_state", (B, Hq, rows, v.shape[-1]))
         if torch.compiler.is_compiling():
             # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
             # inside the custom op; eager calls check them here, with clear errors

@@ -269,11 +269,12 @@ class VerticalSlashRoute(Clause):
 
 @dataclass(frozen=True)
 class Update(Clause):
-    """A recurrence's ``update RULE(ARG, KEY = VALUE, ...)``: ``delta(beta)``, ``delta(beta, qk_l2norm = true)``."""
+    """A recurrence's ``update RULE(ARG, ..., KEY = VALUE, ...)``: ``delta(beta)``, ``delta(beta, qk_l2norm = true)``,
+    ``titans(theta, eta)``."""
 
     rule: str
     rule_pos: Pos
-    arg: Expr
+    args: tuple[Expr, ...]
     options: tuple[Keyword, ...] = ()
 
 

@@ -8,7 +8,7 @@ import sympy
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError, did_you_mean
-from ..core.recurrence_rules import UPDATE_RULES
+from ..core.recurrence_rules import RULES, UPDATE_RULES
 from . import ast
 from .check_types import BOOL
 
@@ -36,20 +36,29 @@ class RecurrenceChecks:
         updates = [c for c in self.decl.clauses if isinstance(c, ast.Update)]
         if len(updates) > 1:
             raise self.error(f"'update' is given twice (first at line {updates[0].pos.line})", updates[1].pos)
-        beta, options, rule = None, {}, "decay"
+        rates, options, rule = (), {}, "decay"
         if updates:
-            rule = updates[0].rule
-            beta = self._input_gate(updates[0].arg, (("heads", "n"),), UPDATE_RULES[rule].rate).name
-            options = self._update_options(updates[0])
+            update = updates[0]
+            rule = update.rule
+            facts = UPDATE_RULES[rule]
+            if len(update.args) != len(facts.rates):
+                at = update.args[len(facts.rates)].pos if len(update.args) > len(facts.rates) else update.rule_pos
+                count = {1: "one rate input", 2: "two rate inputs"}.get(len(facts.rates), f"{len(facts.rates)} rate inputs")
+                raise self.error(f"'{rule}' takes {count} ({', '.join(facts.rates)}), got {len(update.args)}", at)
+            rates = tuple(self._input_gate(a, (("heads", "n"),), what).name
+                          for a, what in zip(update.args, facts.rates, strict=True))
+            options = self._update_options(update)
         decay_clause = self._single("decay")
         if decay_clause is None and not updates:
             raise self.error(f"recurrence '{self.decl.name}' needs a 'decay' clause", self.decl.name_pos,
                              hint="or an 'update delta(beta)' clause (the delta rule, decay 0 by default)")
         if decay_clause is None:  # DeltaNet: the delta rule without a decay
-            return self._recurrence_ir("head", sympy.Integer(0), rule, beta, **options)
+            return self._recurrence_ir("head", sympy.Integer(0), rule, rates, **options)
         node = decay_clause.value
         if isinstance(node, ast.Name) and node.id in self.inputs:
-            decl = self._input_gate(node, (("heads", "n"), ("heads", "n", "dk")), "a recurrence's decay")
+            shapes = (("heads", "n"), ("heads", "n", "dk")) if RULES[rule].channel_gates else (("heads", "n"),)
+            decl = self._input_gate(node, shapes, "a recurrence's decay" if RULES[rule].channel_gates
+                                    else f"{RULES[rule].title}'s decay (one value per token and head)")
             gate = "scalar" if len(decl.dims) == 2 else "vector"
             decay: sympy.Expr | str = decl.name
         else:
@@ -62,7 +71,7 @@ class RecurrenceChecks:
                     hint="for a data-dependent gate declare 'input g: float[heads, n]' and write 'decay g'",
                 )
             gate, decay = "head", typed.expr
-        return self._recurrence_ir(gate, decay, rule, beta, **options)
+        return self._recurrence_ir(gate, decay, rule, rates, **options)
 
     def _update_options(self, update: ast.Update) -> dict:
         """The keyword options of ``update RULE(rate, ...)`` (``core.recurrence_rules``), each a constant bool (a
@@ -83,7 +92,7 @@ class RecurrenceChecks:
             options[kw.name] = value is sympy.true
         return options
 
-    def _recurrence_ir(self, gate: str, decay, rule: str, beta: str | None, qk_l2norm: bool = False
+    def _recurrence_ir(self, gate: str, decay, rule: str, rates: tuple[str, ...], qk_l2norm: bool = False
                        ) -> ir.RecurrenceIR:
         for name in self.head_params:
             raise SpecError("one value per head is taken by softmax patterns; a recurrence's per-head values "
@@ -95,7 +104,8 @@ class RecurrenceChecks:
             inputs=tuple(self.inputs.values()),
             params=tuple((k, v.expr) for k, v in self.env_params.items()),
             rule=rule,
-            beta=beta,
+            beta=rates[0] if rates else None,
+            rates=rates,
             qk_l2norm=qk_l2norm,
             filename=self.module.filename,
             source=self.module.source,

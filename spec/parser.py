@@ -253,13 +253,13 @@ class _Builder(Transformer):
         return ast.ExprClause(_pos(kw), str(kw), value)
 
     def update_clause(self, kw, rule, *args):
-        positional = [a for a in args if not isinstance(a, ast.Keyword)]
+        positional = tuple(a for a in args if not isinstance(a, ast.Keyword))
         options = tuple(a for a in args if isinstance(a, ast.Keyword))
-        if len(positional) != 1 or not isinstance(args[0], ast.Expr):
-            at = positional[1].pos if len(positional) > 1 else _pos(rule)
-            raise SpecError(f"'{rule}' takes one positional argument, the rate input, then options as keywords",
-                            at, hint="update delta(beta) or update delta(beta, qk_l2norm = true)")
-        return ast.Update(_pos(kw), str(rule), _pos(rule), args[0], options)
+        if not positional or args[:len(positional)] != positional:
+            at = positional[-1].pos if positional else _pos(rule)
+            raise SpecError(f"'{rule}' takes its rate inputs first, then options as keywords", at,
+                            hint="update delta(beta), update delta(beta, qk_l2norm = true) or update titans(theta, eta)")
+        return ast.Update(_pos(kw), str(rule), _pos(rule), positional, options)
 
     def flat_blocks(self, size):
         return (ast.BlockAxis(None, size, size.pos),)

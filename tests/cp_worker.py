@@ -27,6 +27,8 @@ def case_inputs(case: dict) -> dict:
             out[name] = F.logsigmoid(torch.randn(H, n, generator=g, dtype=torch.float64) + 2)
         elif kind == "beta":  # the delta rule's rate, small enough that random keys keep the state bounded
             out[name] = 0.05 + 0.1 * torch.rand(H, n, generator=g, dtype=torch.float64)
+        elif kind == "momentum":  # Titans' momentum eta, in (0, 1)
+            out[name] = torch.sigmoid(torch.randn(H, n, generator=g, dtype=torch.float64) + 1)
         elif kind == "centroids":  # cluster(): [heads, clusters, dk], no token dimension (never sharded)
             out[name] = torch.randn(H, 3, D, generator=g, dtype=torch.float64)
         elif kind == "vgate":  # [heads, n, dk]

@@ -50,6 +50,9 @@ CASES_2 = {
     "mamba2": dict(spec="stdlib:mamba2", n=32, inputs={"g": "gate"}, grad_inputs=True),
     "gla": dict(spec="stdlib:gla", n=32, inputs={"g": "vgate"}, grad_inputs=True),
     "gated-delta": dict(spec="stdlib:gated_delta_net", n=32, inputs={"g": "gate", "beta": "beta"}, grad_inputs=True),
+    "titans": dict(spec="recurrence mem\n  tokens seq\n  input g: float[heads, n]\n  input theta: float[heads, n]\n"
+                        "  input eta: float[heads, n]\n  decay g\n  update titans(theta, eta)\n", n=32,
+                   inputs={"g": "gate", "theta": "beta", "eta": "momentum"}, grad_inputs=True),
     # the blocks on the CPU executor (backend "cpu" / "auto") against the one-process reference
     "exec-window-ring": dict(SW, n=64, backend="cpu"),
     "exec-causal-zigzag": dict(spec="causal", n=64, backend="cpu"),

@@ -158,8 +158,8 @@ def test_language_form_and_ir_key():
             "'qk_l2norm' is given twice",
             40,
         ),
-        ("update delta(beta, beta)", "takes one positional argument", 22),
-        ("update delta(qk_l2norm = true)", "takes one positional argument", 10),
+        ("update delta(beta, beta)", "'delta' takes one rate input \\(the delta rule's rate\\), got 2", 22),
+        ("update delta(qk_l2norm = true)", "takes its rate inputs first, then options as keywords", 10),
     ],
 )
 def test_bad_options_name_file_line_and_column(tmp_path, clause, message, col):

@@ -46,7 +46,7 @@ def test_an_unknown_rule_names_the_rules_and_the_closest():
 
 
 def test_register_refuses_a_rule_the_language_does_not_know():
-    facts = language.RuleFacts("nameless", "a rule", "S_t += 0", rate="its rate")
+    facts = language.RuleFacts("nameless", "a rule", "S_t += 0", rates=("its rate",))
     with pytest.raises(ValueError, match="nameless"):
         rules.register(rules.RecurrenceRule(facts, *[None] * 6))
 
@@ -67,7 +67,7 @@ def rated_rule(monkeypatch):
     rule's module would register it (its language entry and its implementation), nothing else touched."""
     from attnc.runtime.recurrences.common import gate_tensor
 
-    facts = language.RuleFacts("rated", "the rated rule", "S_t += beta_t k_t^T v_t", rate="the rated rule's rate")
+    facts = language.RuleFacts("rated", "the rated rule", "S_t += beta_t k_t^T v_t", rates=("the rated rule's rate",))
 
     def forward(rec, bound, q, k, v, tensors, scale, s0):
         B, H, T, Dk = q.shape

@@ -527,7 +527,7 @@ STDLIB = {
 #: several attentions (no single mask; its branches are ordinary patterns, its selection routed at run time:
 #: tests/test_nsa.py).
 NOT_CLASSIFIED = {"biformer", "moba", "quest", "vmoba", "dsa", "dma", "sparsifiner", "seer", "cluster_mask", "routing_transformer", "vertical_slash", "token_topk", "xattention", "nsa", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
-                  "gated_delta_net", "kda"}
+                  "gated_delta_net", "kda", "titans"}
 
 
 def test_stdlib_table_is_complete():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ...core.recurrence_rules import RULES
 from ..numerics import compute_dtype
 from . import common as custom_op
 
@@ -31,7 +32,8 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: lis
 def _forward_fake(q, k, v, inputs, initial_state, key, names, sizes, scale):
     B, _, T, Dk = q.shape
     H = max(q.shape[1], v.shape[1])  # q's heads, or v's under grouped value attention (the delta rule)
-    state = q.new_empty(B, H, Dk, v.shape[-1], dtype=compute_dtype(q.dtype))
+    rows = RULES[custom_op._runner(key).pattern.rule].state_rows * Dk  # Titans: the memory, then its momentum
+    state = q.new_empty(B, H, rows, v.shape[-1], dtype=compute_dtype(q.dtype))
     return q.new_empty(B, H, T, v.shape[-1]), state
 
 

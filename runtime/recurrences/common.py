@@ -9,6 +9,7 @@ from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ...core.recurrence_rules import RULES
+from .rules import rule_of
 
 #: The chunk sizes the simulator chooses from.
 CHUNKS = (16, 32, 64)
@@ -31,6 +32,13 @@ def gate_tensor(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict, B: int, H: 
     if rec.gate == "scalar":
         g = g.unsqueeze(-1)
     return g.expand(B, *g.shape[1:])
+
+
+def rate_tensor(t: torch.Tensor, B: int, H: int, T: int, dtype, device) -> torch.Tensor:
+    """A rate input (``float[heads, n]``, optionally with a batch dimension) as ``[B, H, T]`` in ``dtype``
+    (differentiable; a broadcast batch is summed back)."""
+    t = t.to(device=device, dtype=dtype)
+    return (t.unsqueeze(0) if t.dim() == 2 else t).expand(B, H, T)
 
 
 def gate_where(rec: ir.RecurrenceIR) -> str:
@@ -62,7 +70,7 @@ def check_gates(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict) -> None:
     if bool(bad.any()):
         at = [int(i) for i in torch.nonzero(bad)[0]]
         where = f"at h = {at[0]}" if rec.gate == "head" else f"at index {at}"
-        raise SpecError(f"the delta rule's gates are log decays: each must be finite or -inf (a hard reset), and "
+        raise SpecError(f"{RULES[rec.rule].title}'s gates are log decays: each must be finite or -inf (a hard reset), and "
                         f"<= 0; {what} is {float(g[tuple(at)])!r} {where}", where=gate_where(rec),
                         hint="pass log decays, e.g. logsigmoid(x) or -softplus(x)" if rec.gate != "head" else None)
 
@@ -74,6 +82,9 @@ def bind(rec: ir.RecurrenceIR, sizes: dict, inputs: dict, *, n: int, heads: int,
     bound = E.bind_sizes(rec, n=n, heads=heads, sizes=sizes, dk=dk)
     tensors, _ = E.bind_inputs(rec, bound, inputs, batch=batch, device=device)
     check_gates(rec, bound, tensors)
+    rule = rule_of(rec)
+    if rule.check_rates is not None:
+        rule.check_rates(rec, tensors)
     return bound, tensors
 
 
@@ -121,7 +132,12 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
     chunk size (``q_tile=`` forces one) and the length past which it beats causal softmax attention."""
     from ...compiler.cost import dtype_bytes
     from ...compiler.hardware import get_hardware
+    from ...compiler.recurrence_cost import RULE_COSTS
     from ...compiler.recurrence_cost import simulate_recurrence as simulate_chunks
+
+    if rec.rule not in RULE_COSTS:
+        raise SpecError(f"'{rec.name}' runs {RULES[rec.rule].title}, which has no cost model yet (its Triton kernels "
+                        "are not written: there is nothing to predict)", where="argument pattern")
 
     for what, value in (("nk", nk), ("kv_tile", kv_tile), ("inputs", inputs)):
         if value is not None:

@@ -7,6 +7,7 @@ parallelism call a rule through this table only; adding a rule is writing its fo
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from ...core import ir
 from ...core.recurrence_rules import RULES, RuleFacts
 
 #: The folders whose ``rule.py`` registers a rule (imported at the first lookup).
-RULE_MODULES = ("decay", "delta")
+RULE_MODULES = ("decay", "delta", "titans")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class RecurrenceRule:
     - ``entering_map(run, rec, bound, tensors, q, k, v, dtype) -> (kind, A)``: how a part's final state depends
       on the state it starts from, ``S_out = A(S_in) + S_out(0)`` (context parallelism chains the parts):
       ``("scale", A)`` multiplies, ``("matrix", A)`` multiplies on the left; ``run(k, v, s0)`` runs the part.
+    - ``check_rates(rec, tensors)``: refuse rate inputs the rule's forms are not exact for (None: any), naming
+      the input; run by ``common.bind``, on every path.
+    - ``has_triton``: whether ``run`` has Triton kernels ('triton' is refused at compile time where not; 'auto'
+      then runs the torch form).
     """
 
     facts: RuleFacts
@@ -45,6 +50,8 @@ class RecurrenceRule:
     step: Callable
     describe: Callable
     entering_map: Callable
+    check_rates: Callable | None = None
+    has_triton: bool = True
 
     @property
     def name(self) -> str:
@@ -74,9 +81,18 @@ def resolve_backend(backend: str, device) -> str:
     """'auto' is Triton on CUDA tensors (when installed) and the chunked torch path otherwise."""
     if backend != "auto":
         return backend
-    from .decay import triton as triton_recurrence
+    return "triton" if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") else "cpu"
 
-    return "triton" if torch.device(device).type == "cuda" and triton_recurrence.available() else "cpu"
+
+def matrix_entering_map(run_part, rec, bound, tensors, q, k, v, dtype):
+    """A part's final state is ``A S_in + S_out(0)`` with ``A`` acting on the state's rows (the delta rule's
+    ``[Dk, Dk]``, Titans' ``[2 Dk, 2 Dk]`` over the memory and its momentum): the part run from the identity with
+    zero values."""
+    B, H, _, Dk = q.shape
+    rows = RULES[rec.rule].state_rows * Dk
+    eye = torch.eye(rows, dtype=dtype, device=q.device).expand(B, H, rows, rows).contiguous()
+    zeros = torch.zeros(*k.shape[:3], rows, dtype=v.dtype, device=v.device)
+    return "matrix", run_part(k, zeros, eye)
 
 
 def apply_entering(kind: str, A, state):

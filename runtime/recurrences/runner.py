@@ -56,10 +56,11 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     scale = resolve_scale(scale, Dk)
     bound, tensors = bind(rec, sizes, inputs, n=1, heads=H, dk=Dk, batch=B, device=q.device)
     dt = compute_dtype(q.dtype)
+    rows = rule.facts.state_rows * Dk  # Titans: the memory, then its momentum
     if state is None:
-        state = torch.zeros(B, H, Dk, Dv, dtype=dt, device=q.device)
+        state = torch.zeros(B, H, rows, Dv, dtype=dt, device=q.device)
     else:
-        check_state(state, q, "state", (B, H, Dk, Dv))
+        check_state(state, q, "state", (B, H, rows, Dv))
     g = gate_tensor(rec, bound, tensors, B, H, 1, dt, q.device)[:, :, 0]
     out, new = rule.step(rec, tensors, q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt),
                          expand_kv(v, H)[:, :, 0].to(dt), g, state.to(dt), float(scale))
@@ -78,6 +79,11 @@ class RecurrenceRunner(Registered):
     def __init__(self, pattern: ir.RecurrenceIR, backend: str, chunk: int | None, *, hardware=None,
                  native: bool = False):
         self.pattern, self.backend, self.chunk = pattern, backend, chunk
+        rule = rule_of(pattern)
+        if backend == "triton" and not rule.has_triton:
+            raise SpecError(f"'{pattern.name}' runs {rule.facts.title}, which has no Triton kernels yet",
+                            where="argument backend",
+                            hint="backend='cpu' or 'auto' runs its chunked torch form, on CUDA tensors too")
         # the naive loop is plain torch autograd: its gradients are differentiable again
         self.support = dataclasses.replace(RecurrenceRunner.support, double_backward=backend == "reference")
         # the offline GPU check injects a runner whose chunk is chosen for a GPU model (``hardware``) and

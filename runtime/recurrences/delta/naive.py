@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ...numerics import compute_dtype, expand_kv
-from ..common import gate_tensor
+from ..common import gate_tensor, rate_tensor
 
 #: The epsilon of the optional L2 normalisation of q and k, as flash-linear-attention's ``l2norm_fwd``.
 L2NORM_EPS = 1e-6
@@ -40,10 +40,7 @@ def prepare_qk(rec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None = N
 
 def beta_tensor(rec, tensors: dict, B: int, H: int, T: int, dtype, device) -> torch.Tensor:
     """The rate ``beta`` as ``[B, H, T]`` in ``dtype`` (differentiable; a broadcast batch is summed back)."""
-    beta = tensors[rec.beta].to(device=device, dtype=dtype)
-    if beta.dim() == 2:
-        beta = beta.unsqueeze(0)
-    return beta.expand(B, H, T)
+    return rate_tensor(tensors[rec.beta], B, H, T, dtype, device)
 
 
 def step(q_t, k_t, v_t, g_t, beta_t, state, scale: float):

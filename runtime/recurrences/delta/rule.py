@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
-
 from ....core.recurrence_rules import DELTA
 from ...numerics import compute_dtype, expand_kv
 from .. import rules
@@ -82,13 +80,5 @@ def describe(rec, backend: str, chunk: int | None) -> str:
     return head + inspect.getsource(naive.step if backend == "reference" else delta_chunk.chunked)
 
 
-def entering_map(run_part, rec, bound, tensors, q, k, v, dtype):
-    """A part's final state is ``A S_in + S_out(0)``: ``A`` [B, H, Dk, Dk] is the part run from the identity with
-    zero values."""
-    B, H, _, Dk = q.shape
-    eye = torch.eye(Dk, dtype=dtype, device=q.device).expand(B, H, Dk, Dk).contiguous()
-    zeros = torch.zeros(*k.shape[:3], Dk, dtype=v.dtype, device=v.device)
-    return "matrix", run_part(k, zeros, eye)
-
-
-RULE = rules.register(rules.RecurrenceRule(DELTA, prepare_qk, reference, run, decode, describe, entering_map))
+RULE = rules.register(rules.RecurrenceRule(DELTA, prepare_qk, reference, run, decode, describe,
+                                           rules.matrix_entering_map))

@@ -1,0 +1,77 @@
+"""Titans' neural memory, ``update titans(theta, eta)`` (``naive``), registered (``recurrences.rules``): the
+token-by-token reference and the chunked form in torch, its decoding step; no Triton kernels yet (the 'triton'
+backend is refused; 'auto' runs the torch form on the tensors' device)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ....core.errors import SpecError
+from ....core.recurrence_rules import TITANS
+from ...numerics import compute_dtype, expand_kv
+from .. import rules
+from ..common import gate_tensor
+from . import chunk as titans_chunk
+from . import naive
+
+#: The torch form's chunk: its gamma is a [C+1]^3 sum per chunk, its solve C x C.
+TITANS_CHUNK = 16
+
+
+def prepare(rec, q, k, v):
+    return q, k
+
+
+def reference(rec, bound, q, k, v, tensors, scale, s0):
+    dt = compute_dtype(q.dtype)
+    H = q.shape[1]
+    out, state = naive.recurrence(rec, bound, q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), tensors,
+                                  scale, s0)
+    return out.to(q.dtype), state
+
+
+def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
+    B, H, T, _ = q.shape
+    dt = compute_dtype(q.dtype)
+    g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
+    theta, eta = naive.rates(rec, tensors, B, H, T, dt, q.device)
+    C = chunk or TITANS_CHUNK
+    out, state = titans_chunk.chunked(q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), g, theta, eta,
+                                      scale, None if s0 is None else s0.to(dt), C)
+    return out.to(q.dtype), state, C
+
+
+def decode(rec, tensors, q_t, k_t, v_t, g_t, state, scale):
+    B, H = q_t.shape[:2]
+    theta, eta = (r[:, :, 0] for r in naive.rates(rec, tensors, B, H, 1, q_t.dtype, q_t.device))
+    return naive.step(q_t, k_t, v_t, g_t, theta, eta, state, scale)
+
+
+def describe(rec, backend: str, chunk: int | None) -> str:
+    how = "token by token" if backend == "reference" else f"chunked in torch, chunk {chunk or TITANS_CHUNK}"
+    theta, eta = rec.rates
+    head = (f"# {backend} backend: Titans' neural memory '{rec.name}' ({rec.gate} gate, learning rate '{theta}', "
+            f"momentum '{eta}'), {how}\n"
+            f"# u_t = v_t - k_t S_(t-1); m_t = eta_t m_(t-1) + theta_t k_t^T u_t; S_t = exp(decay_t) S_(t-1) + m_t; "
+            f"o_t = scale q_t S_t\ndecay = {rec.decay}\n")
+    return head + inspect.getsource(naive.step if backend == "reference" else titans_chunk.chunked)
+
+
+def check_rates(rec, tensors: dict) -> None:
+    """theta finite; eta in (0, 1] (a momentum: the chunked form's sums of log eta are then at most 0), each
+    naming the input. A CUDA graph being captured reads no value: eager calls check."""
+    theta, eta = (tensors[name] for name in rec.rates)
+    if theta.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    for name, t, bad, rule in ((rec.rates[0], theta, ~torch.isfinite(theta), "finite"),
+                               (rec.rates[1], eta, ~((eta > 0) & (eta <= 1)), "in (0, 1]")):
+        if bool(bad.any()):
+            at = [int(i) for i in torch.nonzero(bad)[0]]
+            raise SpecError(f"Titans' {'learning rate' if t is theta else 'momentum'} must be {rule}; '{name}' is "
+                            f"{float(t[tuple(at)].detach())!r} at index {at}", where=f"argument {name}")
+
+
+RULE = rules.register(rules.RecurrenceRule(TITANS, prepare, reference, run, decode, describe,
+                                           rules.matrix_entering_map, check_rates, has_triton=False))
