@@ -15,6 +15,7 @@ import torch
 
 from ...core import ir
 from ...core.recurrence_rules import RULES, RuleFacts
+from ..numerics import compute_dtype, expand_kv
 
 #: The folders whose ``rule.py`` registers a rule (imported at the first lookup).
 RULE_MODULES = ("decay", "delta", "titans")
@@ -75,6 +76,16 @@ def rule_of(rec: ir.RecurrenceIR) -> RecurrenceRule:
         for folder in RULE_MODULES:
             importlib.import_module(f"{__package__}.{folder}.rule")
     return _REGISTERED[rec.rule]
+
+
+def loop_reference(loop: Callable) -> Callable:
+    """A rule's ``reference`` from its token loop ``loop(rec, bound, q, k, v, tensors, scale, s0)``, which takes
+    every tensor in the compute dtype with q's heads: k and v are expanded (GQA) and cast, the output cast back."""
+    def reference(rec, bound, q, k, v, tensors, scale, s0):
+        dt, H = compute_dtype(q.dtype), q.shape[1]
+        out, state = loop(rec, bound, q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), tensors, scale, s0)
+        return out.to(q.dtype), state
+    return reference
 
 
 def resolve_backend(backend: str, device) -> str:

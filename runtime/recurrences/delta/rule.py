@@ -22,14 +22,6 @@ DELTA_CHUNK = 64
 DELTA_VECTOR_CHUNK = 16
 
 
-def reference(rec, bound, q, k, v, tensors, scale, s0):
-    dt = compute_dtype(q.dtype)
-    H = q.shape[1]
-    out, state = naive.recurrence(rec, bound, q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), tensors,
-                                  scale, s0)
-    return out.to(q.dtype), state
-
-
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
     """In chunks: torch on q's device; Triton's kernels for 'triton', and for 'auto' on CUDA tensors."""
     B, H, T, _ = q.shape
@@ -80,5 +72,5 @@ def describe(rec, backend: str, chunk: int | None) -> str:
     return head + inspect.getsource(naive.step if backend == "reference" else delta_chunk.chunked)
 
 
-RULE = rules.register(rules.RecurrenceRule(DELTA, prepare_qk, reference, run, decode, describe,
+RULE = rules.register(rules.RecurrenceRule(DELTA, prepare_qk, rules.loop_reference(naive.recurrence), run, decode, describe,
                                            rules.matrix_entering_map))

@@ -24,14 +24,6 @@ def prepare(rec, q, k, v):
     return q, k
 
 
-def reference(rec, bound, q, k, v, tensors, scale, s0):
-    dt = compute_dtype(q.dtype)
-    H = q.shape[1]
-    out, state = naive.recurrence(rec, bound, q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), tensors,
-                                  scale, s0)
-    return out.to(q.dtype), state
-
-
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
@@ -73,5 +65,5 @@ def check_rates(rec, tensors: dict) -> None:
                             f"{float(t[tuple(at)].detach())!r} at index {at}", where=f"argument {name}")
 
 
-RULE = rules.register(rules.RecurrenceRule(TITANS, prepare, reference, run, decode, describe,
+RULE = rules.register(rules.RecurrenceRule(TITANS, prepare, rules.loop_reference(naive.recurrence), run, decode, describe,
                                            rules.matrix_entering_map, check_rates, has_triton=False))
