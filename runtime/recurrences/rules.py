@@ -60,6 +60,7 @@ class RecurrenceRule:
 
 
 _REGISTERED: dict[str, RecurrenceRule] = {}
+_LOADED: list = []  # non-empty once RULE_MODULES are imported
 
 
 def register(rule: RecurrenceRule) -> RecurrenceRule:
@@ -71,10 +72,12 @@ def register(rule: RecurrenceRule) -> RecurrenceRule:
 
 
 def rule_of(rec: ir.RecurrenceIR) -> RecurrenceRule:
-    """The implementation of ``rec``'s rule."""
-    if not _REGISTERED:
+    """The implementation of ``rec``'s rule (the folders of ``RULE_MODULES`` imported at the first lookup, whatever
+    was registered before it)."""
+    if not _LOADED:
         for folder in RULE_MODULES:
             importlib.import_module(f"{__package__}.{folder}.rule")
+        _LOADED.append(True)
     return _REGISTERED[rec.rule]
 
 
