@@ -128,7 +128,7 @@ def _unused_inputs(decl) -> list[str]:
         return [d.name for d in decl.inputs if d.name in unused and d not in decl.gates]
     if isinstance(decl, ir.RecurrenceIR):
         used = {decl.decay} if isinstance(decl.decay, str) else set(input_names(decl.decay))
-        used |= set(decl.rates) | ({decl.beta} if decl.beta else set())
+        used |= set(decl.rates)
     else:
         exprs = [decl.mask, decl.bias, decl.softcap, decl.route.keep if decl.route is not None else None]
         used = set().union(*(input_names(e) for e in exprs if isinstance(e, sympy.Basic)))

@@ -369,14 +369,18 @@ class RecurrenceIR:
     inputs: tuple[InputDecl, ...]
     params: tuple[tuple[str, object], ...]
     rule: str = "decay"
-    beta: str | None = None
     qk_l2norm: bool = False
-    #: every rate input of the rule's ``update`` clause, in order (``beta`` is the first): Titans' theta and eta
+    #: every rate input of the rule's ``update`` clause, in order: the delta rule's beta; Titans' theta and eta
     rates: tuple[str, ...] = ()
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
 
     kind = "recurrence"
+
+    @property
+    def beta(self) -> str | None:
+        """The first rate input (the delta rule's ``beta``), None without an ``update`` clause."""
+        return self.rates[0] if self.rates else None
 
     def key(self) -> str:
         if self.rule == "decay":  # the key of every recurrence before the delta rule, unchanged

@@ -104,7 +104,6 @@ class RecurrenceChecks:
             inputs=tuple(self.inputs.values()),
             params=tuple((k, v.expr) for k, v in self.env_params.items()),
             rule=rule,
-            beta=rates[0] if rates else None,
             rates=rates,
             qk_l2norm=qk_l2norm,
             filename=self.module.filename,

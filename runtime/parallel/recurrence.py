@@ -185,10 +185,10 @@ def chained_recurrence(attn, group, rank: int, world: int, q, k, v, inputs: dict
     if world == 1:
         return out0, 0
     dt = compute_dtype(q.dtype)
-    bound, tensors = bind(rec, sizes, local, n=T, heads=H, dk=Dk, batch=B, device=q.device)
     # how this part's final state depends on the state it enters with: S_out = A(S_in) + state0
-    kind, decay = rule_of(rec).entering_map(lambda k_, v_, s0: runner.run(q, k_, v_, local, sizes, scale, s0)[1],
-                                            rec, bound, tensors, q, k, v, dt)
+    kind, decay = rule_of(rec).entering_map(
+        lambda k_, v_, s0: runner.run(q, k_, v_, local, sizes, scale, s0)[1],
+        lambda: bind(rec, sizes, local, n=T, heads=H, dk=Dk, batch=B, device=q.device), rec, q, k, v, dt)
     states = AllGather.apply(state0.to(dt), group)  # [world, B, H, Dk, Dv]
     decays = AllGather.apply(decay, group)
     sent = (world - 1) * (state0.to(dt).nbytes + decay.nbytes)

@@ -47,8 +47,8 @@ def gate_where(rec: ir.RecurrenceIR) -> str:
 
 
 def check_gates(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict) -> None:
-    """A rule's gates are log decays where it says so (``RuleFacts.log_decay_gates``: the delta rule's) (``S_t = diag(exp(g_t)) S_(t-1)``, the published rules'
-    ``g <= 0``): each must be finite and at most 0, or -inf (a hard reset). NaN, +inf and positive gates
+    """A rule's gates are log decays where its facts say so (``RuleFacts.log_decay_gates``: the delta rule's and
+    Titans'; ``S_t = diag(exp(g_t)) S_(t-1)``, the published rules' ``g <= 0``): each must be finite and at most 0, or -inf (a hard reset). NaN, +inf and positive gates
     are refused, naming the gate: the chunked forms (torch, Triton) are exact only where every
     in-chunk decay ``exp(G_t - G_s)`` is at most 1; a positive gate makes them cancel terms as large as
     ``exp(chunk * g)``. Every path runs it on the call's gates through ``bind`` (the reference loop, the

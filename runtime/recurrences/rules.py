@@ -27,17 +27,20 @@ class RecurrenceRule:
     call's bound sizes and inputs (``common.bind``), ``scale`` a float, ``s0`` an initial state or None.
 
     - ``prepare(rec, q, k, v) -> (q, k)``: q and k as the rule reads them (its options on them; GVA's repeat),
-      before every backend and the decoding step.
+      before every backend and the decoding step (``unchanged_qk``: as given).
     - ``reference(rec, bound, q, k, v, tensors, scale, s0) -> (out, state)``: token by token, the source of truth
-      (plain torch autograd); ``k``, ``v`` already with q's heads, everything in the compute dtype.
+      (plain torch autograd); ``k``, ``v`` with their own heads, out in q's dtype (``loop_reference`` makes one
+      from a loop over q's heads in the compute dtype).
     - ``run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native) -> (out, state, chunk)``:
       the chunked forms ('cpu': torch; 'triton'; 'auto'), ``k``, ``v`` with their own heads (GQA).
-    - ``step(rec, bound, tensors, q, k, v, state, scale) -> (out, state)``: one token, ``[B, H, Dk]`` /
-      ``[B, H, Dv]`` with q's heads, in the compute dtype; the state ``[B, H, Dk, Dv]``.
+    - ``step(rec, tensors, q, k, v, g, state, scale) -> (out, state)``: one token, ``[B, H, Dk]`` / ``[B, H, Dv]``
+      with q's heads and its log gates ``g`` ``[B, H, 1 | Dk]``, in the compute dtype; the state
+      ``[B, H, state_rows * Dk, Dv]``.
     - ``describe(rec, backend, chunk) -> str``: ``Attention.source``: the update and the code that runs.
-    - ``entering_map(run, rec, bound, tensors, q, k, v, dtype) -> (kind, A)``: how a part's final state depends
-      on the state it starts from, ``S_out = A(S_in) + S_out(0)`` (context parallelism chains the parts):
-      ``("scale", A)`` multiplies, ``("matrix", A)`` multiplies on the left; ``run(k, v, s0)`` runs the part.
+    - ``entering_map(run, bind, rec, q, k, v, dtype) -> (kind, A)``: how a part's final state depends on the state
+      it starts from, ``S_out = A(S_in) + S_out(0)`` (context parallelism chains the parts): ``("scale", A)``
+      multiplies, ``("matrix", A)`` multiplies on the left; ``run(k, v, s0)`` runs the part, ``bind()`` gives
+      its ``(bound, tensors)`` (called only by a map that reads them).
     - ``check_rates(rec, tensors)``: refuse rate inputs the rule's forms are not exact for (None: any), naming
       the input; run by ``common.bind``, on every path.
     - ``has_triton``: whether ``run`` has Triton kernels ('triton' is refused at compile time where not; 'auto'
@@ -60,7 +63,7 @@ class RecurrenceRule:
 
 
 _REGISTERED: dict[str, RecurrenceRule] = {}
-_LOADED: list = []  # non-empty once RULE_MODULES are imported
+_loaded = False  # RULE_MODULES imported
 
 
 def register(rule: RecurrenceRule) -> RecurrenceRule:
@@ -74,11 +77,17 @@ def register(rule: RecurrenceRule) -> RecurrenceRule:
 def rule_of(rec: ir.RecurrenceIR) -> RecurrenceRule:
     """The implementation of ``rec``'s rule (the folders of ``RULE_MODULES`` imported at the first lookup, whatever
     was registered before it)."""
-    if not _LOADED:
+    global _loaded
+    if not _loaded:
         for folder in RULE_MODULES:
             importlib.import_module(f"{__package__}.{folder}.rule")
-        _LOADED.append(True)
+        _loaded = True
     return _REGISTERED[rec.rule]
+
+
+def unchanged_qk(rec, q, k, v):
+    """``prepare`` of a rule that reads q and k as given."""
+    return q, k
 
 
 def loop_reference(loop: Callable) -> Callable:
@@ -98,7 +107,7 @@ def resolve_backend(backend: str, device) -> str:
     return "triton" if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") else "cpu"
 
 
-def matrix_entering_map(run_part, rec, bound, tensors, q, k, v, dtype):
+def matrix_entering_map(run_part, bind_part, rec, q, k, v, dtype):
     """A part's final state is ``A S_in + S_out(0)`` with ``A`` acting on the state's rows (the delta rule's
     ``[Dk, Dk]``, Titans' ``[2 Dk, 2 Dk]`` over the memory and its momentum): the part run from the identity with
     zero values."""

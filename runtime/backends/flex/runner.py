@@ -532,7 +532,7 @@ class FlexRunner(Registered):
                 started = time.perf_counter()
                 try:
                     res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
-                                        kernel_options(dev, q.shape[-1], score_bufs))
+                                        kernel_options(dev, q.shape[-1], score_bufs if grad else ()))
                 except compile_errors() as err:
                     if dev.type != "cpu":
                         raise

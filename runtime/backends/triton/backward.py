@@ -183,7 +183,7 @@ def bias_input_names(pat: ir.PatternIR) -> set[str]:
 BIAS_GRAD_PAIRS = 1 << 24
 
 
-def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: int) -> dict:
+def _block_env(pat: ir.PatternIR, bound: E.Bound, q_tok: torch.Tensor, k_tok: torch.Tensor, h: torch.Tensor) -> dict:
     return E.token_env(pat, bound, q_tok, k_tok, h)
 
 

@@ -17,10 +17,6 @@ from . import naive
 from .chunk import chunked, step
 
 
-def prepare(rec, q, k, v):
-    return q, k
-
-
 def reference(rec, bound, q, k, v, tensors, scale, s0):
     return naive.recurrence(rec, bound, q, k, v, tensors, scale, s0)
 
@@ -72,10 +68,11 @@ def describe(rec, backend: str, chunk: int | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def entering_map(run_part, rec, bound, tensors, q, k, v, dtype):
+def entering_map(run_part, bind_part, rec, q, k, v, dtype):
     """A part multiplies the state it starts from by its decays' product, per key channel: ``[B, H, 1 | Dk, 1]``."""
     B, H, T, _ = q.shape
+    bound, tensors = bind_part()
     return "scale", torch.exp(gate_tensor(rec, bound, tensors, B, H, T, dtype, q.device).sum(2))[..., None]
 
 
-RULE = rules.register(rules.RecurrenceRule(DECAY, prepare, reference, run, decode, describe, entering_map))
+RULE = rules.register(rules.RecurrenceRule(DECAY, rules.unchanged_qk, reference, run, decode, describe, entering_map))

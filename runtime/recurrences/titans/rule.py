@@ -20,10 +20,6 @@ from . import naive
 TITANS_CHUNK = 16
 
 
-def prepare(rec, q, k, v):
-    return q, k
-
-
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
@@ -65,5 +61,5 @@ def check_rates(rec, tensors: dict) -> None:
                             f"{float(t[tuple(at)].detach())!r} at index {at}", where=f"argument {name}")
 
 
-RULE = rules.register(rules.RecurrenceRule(TITANS, prepare, rules.loop_reference(naive.recurrence), run, decode, describe,
+RULE = rules.register(rules.RecurrenceRule(TITANS, rules.unchanged_qk, rules.loop_reference(naive.recurrence), run, decode, describe,
                                            rules.matrix_entering_map, check_rates, has_triton=False))
