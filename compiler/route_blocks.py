@@ -88,7 +88,7 @@ def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int
         values.append(_at_least_one(what, expr, bound))
     if route.topk is not None:
         return tuple(values[:-1]), values[-1]
-    if not route.antidiagonal:  # a min-max share route
+    if not route.antidiagonal:  # a min-max share or stripes route
         return tuple(values), bound.nk
     if values[0] % values[1]:
         expr = route.block[0] + route.stride
@@ -96,6 +96,19 @@ def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int
                         + _at(expr, bound), where=_size_argument(expr, bound),
                         hint="call with sizes where the stride divides the block")
     return tuple(values[:-1]), bound.nk
+
+
+def stripes_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[float, int, int]:
+    """``(THETA, B, G)`` of a stripes route at this call's sizes: B and G at least 1 and G a multiple of B (a group
+    holds whole query blocks), checked here for sizes that depend on the call (a constant is checked when
+    loading), naming the argument whose shape broke it."""
+    theta, block, group = pat.route.stripes
+    b, g = _at_least_one("the query block", block, bound), _at_least_one("the query group", group, bound)
+    if g % b:
+        raise SpecError(f"the stripes route's group of {g} queries does not hold whole blocks of {b}"
+                        + _at(block + group, bound), where=_size_argument(block + group, bound),
+                        hint="call with sizes where the block divides the group")
+    return float(theta.subs(bound.subs)), b, g
 
 
 def route_stride(pat: ir.PatternIR, bound: E.Bound) -> int:

@@ -185,9 +185,10 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                       "FlashAttention-2's published throughput" if hw.arch == "sm80" else
                       "assumed to attain the H100 fit's fractions: no measurement on this GPU")
                    + "; compiler/cost.py SDPA_FITS)"]
-    if pat.route is not None and pat.route.topp is not None:
+    if pat.route is not None and (pat.route.topp is not None or pat.route.stripes is not None):
+        kind = "top-p" if pat.route.topp is not None else "stripes"
         assumptions.append(
-            "top-p routing is data-dependent: each Q tile is modelled visiting every key block its mask reaches "
+            f"{kind} routing is data-dependent: each Q tile is modelled visiting every key block its mask reaches "
             "(an upper bound of what the threshold keeps); density is estimated")
     elif pat.route is not None:
         assumptions.append(

@@ -226,6 +226,10 @@ class Route:
     #: the name of an input ``float[heads, n, blocks]`` holding the scores themselves (a branch's route
     #: ``by probs(BRANCH)``: the combined pattern computes them from that branch at every call); None otherwise
     scores: str | None = field(default=None, metadata={"key": "when set"})
+    #: ``(THETA, B, G)`` of a stripes route (``route stripes(THETA) blocks(B) groups(G) keep REGION``,
+    #: AnchorAttention, ``runtime.plan.stripes``): single keys kept per group of G queries where a block of B
+    #: queries' mean query scores within THETA of its mean anchor, ``keep`` the anchor region; None otherwise
+    stripes: tuple[sympy.Expr, sympy.Expr, sympy.Expr] | None = field(default=None, metadata={"key": "when set"})
 
     @property
     def antidiagonal(self) -> bool:
@@ -336,6 +340,9 @@ class PatternIR:
             elif r.group is not None:
                 lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by minmax(q @ mean(k)) over {r.group} "
                              f"keep={r.keep}")
+            elif r.stripes is not None:
+                theta, block, group = r.stripes
+                lines.append(f"route = stripes({theta}) blocks({block}) groups({group}) keep={r.keep}")
             elif r.given:
                 lines.append(f"route = the given selection '{r.scores}' blocks{tuple(r.block)}")
             else:

@@ -257,6 +257,16 @@ class BucketRoute(Clause):
 
 
 @dataclass(frozen=True)
+class StripesRoute(Clause):
+    """``route stripes(THETA) blocks(B) groups(G) keep REGION`` (AnchorAttention's stripes by anchor)."""
+
+    theta: Expr
+    block: Expr
+    group: Expr
+    keep: Expr | None
+
+
+@dataclass(frozen=True)
 class VerticalSlashRoute(Clause):
     """``route topk(V) columns and topk(S) diagonals by last(L) [keep columns(C) diagonals(D)]``."""
 
@@ -316,6 +326,10 @@ class BranchRoute(Clause):
     shared: bool
     unit: str = "blocks"
     unit_pos: Pos | None = None
+
+
+#: The clauses a pattern's ``route`` keyword opens (a branch's ``BranchRoute`` is its branch's)
+ROUTE_CLAUSES = (Route, RouteTopP, VerticalSlashRoute, BucketRoute, StripesRoute)
 
 
 @dataclass(frozen=True)

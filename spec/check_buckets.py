@@ -42,7 +42,7 @@ def lower_bucketed(module: ast.Module, decl: ast.Declaration, params: dict,
     if decl.kind == "recurrence":
         raise checker.error("'route' is a pattern's clause, not a recurrence's", clause.pos)
     routes = [c for c in decl.clauses
-              if isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BranchRoute | ast.BucketRoute)]
+              if isinstance(c, (*ast.ROUTE_CLAUSES, ast.BranchRoute))]
     if len(routes) > 1:
         raise checker.error(f"'route' is given twice (first at line {routes[0].pos.line})", routes[1].pos)
     for c in within.clauses:

@@ -267,7 +267,7 @@ class DeclarationChecks:
     def _single(self, keyword: str) -> ast.Clause | None:
         found = None
         for c in self.decl.clauses:
-            route = isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BucketRoute)
+            route = isinstance(c, ast.ROUTE_CLAUSES)
             kw = c.keyword if isinstance(c, ast.ExprClause) else ("route" if route else None)
             if kw == keyword:
                 if found is not None:

@@ -21,7 +21,7 @@ class RecurrenceChecks:
             bad = None
             if isinstance(c, ast.ExprClause) and c.keyword != "decay":
                 bad = c.keyword
-            elif isinstance(c, ast.Route | ast.RouteTopP | ast.VerticalSlashRoute | ast.BucketRoute):
+            elif isinstance(c, ast.ROUTE_CLAUSES):
                 bad = "route"
             elif isinstance(c, ast.Update) and c.rule not in UPDATE_RULES:
                 raise self.error(f"unknown update rule '{c.rule}'", c.rule_pos,

@@ -31,6 +31,7 @@ from .check_layouts import Frame, LayoutChecks
 from .check_masks import PatternChecks
 from .check_recurrence import RecurrenceChecks
 from .check_routing import RoutingChecks
+from .check_stripes import StripesChecks
 from .check_topp import TopPChecks
 from .check_types import (
     BOOL,
@@ -53,7 +54,7 @@ __all__ = [
 
 @dataclass
 class Checker(DeclarationChecks, LayoutChecks, ExpressionChecks, CallChecks, PatternChecks, RoutingChecks,
-              VerticalSlashChecks, RecurrenceChecks, TopPChecks):
+              VerticalSlashChecks, RecurrenceChecks, TopPChecks, StripesChecks):
     """Checks and lowers one declaration.
 
     ``params`` maps parameter names to given values; ``strict`` requires a

@@ -321,6 +321,9 @@ class _Builder(Transformer):
             return ast.RouteTopP(_pos(kw), p, blocks, arg, keep)
         return ast.RouteTopP(_pos(kw), p, blocks, None, keep, arg)
 
+    def stripes_route_clause(self, kw, theta, block, group, keep=None):
+        return ast.StripesRoute(_pos(kw), theta, block, group, keep)
+
     def bucket_route_clause(self, kw, window, centroids):
         return ast.BucketRoute(_pos(kw), window, str(centroids), _pos(centroids))
 

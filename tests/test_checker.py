@@ -687,8 +687,9 @@ def test_every_stdlib_size_and_count_is_bounded():
     unbounded = {(name, p.name) for name, (_, decl) in stdlib_index().items() for p in decl.params
                  if p.bound is None and not isinstance(p.default, bool)}
     # the offset of S2's vertical stripes is any int; a layer index is bounded below only; MoA's alpha is a
-    # signed token count (the code's -1024 ... 1024: the budget is clipped below by its minimum)
-    assert unbounded == {("s2", "offset"), ("moa", "alpha")}, unbounded
+    # signed token count (the code's -1024 ... 1024: the budget is clipped below by its minimum); AnchorAttention's
+    # theta is a margin in score units, of either sign
+    assert unbounded == {("s2", "offset"), ("moa", "alpha"), ("anchor", "theta")}, unbounded
     required = {p.name: 100 for _, (_, decl) in stdlib_index().items() for p in decl.params  # no default: given
                 if p.default is None and p.bound is not None}
     for name, (_, decl) in stdlib_index().items():

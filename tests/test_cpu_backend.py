@@ -145,6 +145,7 @@ STDLIB = {
     "softcap": (dict(cap=0.8), None, 40, None),
     "streaming": (dict(window=7, sinks=2), None, 50, None),
     "token_topk": (dict(topk=5), None, 47, None),
+    "anchor": (dict(block=3, step=2, init=6, theta=0.5), None, 47, None),
     "xattention": (dict(block=8, stride=2, threshold=0.7, chunk=24), None, 61, None),
     "vertical_slash": (dict(vertical=3, slash=4, last_q=8, sinks=2, local=3, slash_min=1), None, 50, None),
 }

@@ -597,6 +597,7 @@ CONFORMANCE = {
     "moa": ({"alpha": [-6, 9, 20, 3], "beta": [0.5, 0.1, 0.0, 0.25], "max_new_tokens": 4, "block": 4, "minimum": 8},
             None, 45, (4, 2), {}, (), (8, 4)),
     "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),
+    "anchor": ({"block": 3, "step": 2, "init": 6, "theta": 0.5}, None, 35, (4, 2), {}, (), (8, 4)),
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
     "xattention": ({"block": 4, "stride": 2, "threshold": 0.7, "chunk": 16}, None, 30, (4, 2), {}, (), (8, 4)),

@@ -30,6 +30,7 @@ CASES = {
     "moba": ({"block": 8, "topk": 2}, None, _causal, lambda nk: torch.arange(nk) // 8),
     "quest": ({"token_budget": 16, "page": 4}, None, _causal, lambda nk: torch.arange(nk) // 4),
     "token_topk": ({"topk": 5}, None, _causal, lambda nk: torch.arange(nk)),
+    "anchor": ({"block": 3, "step": 2, "init": 5, "theta": 0.5}, None, _causal, lambda nk: torch.arange(nk)),
     "xattention": ({"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, None, _causal,
                    lambda nk: torch.arange(nk) // 8),
     "vmoba": ({"layer": 1, "spatial_chunk_y": 2, "spatial_chunk_x": 3}, GRID,

@@ -34,7 +34,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 HOST_READS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero", "equal"}
 
 #: Routes scored from whole query blocks: a decode step is refused (``forms.refuse_query_offset``).
-NO_DECODE = {"biformer", "xattention", "vmoba"}
+NO_DECODE = {"biformer", "xattention", "vmoba", "anchor"}
 
 
 class HostReads(TorchFunctionMode):

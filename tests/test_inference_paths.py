@@ -18,7 +18,7 @@ import attnc
 
 #: Patterns on a sequence (a grid has no paged cache); their parameters and inputs are test_triton's.
 SEQUENCE = sorted(name for name, (_, sizes, _, _, _) in STDLIB.items() if sizes is None)
-NO_CACHE = {"xattention"}  # scores blocks of queries: refused after a cache
+NO_CACHE = {"xattention", "anchor"}  # score blocks of queries: refused after a cache
 GIVEN_BLOCK_SCORES = {"seer"}  # block scores per call, one column per key block of one sequence: not packed or paged
 HQ, HKV, D = 4, 2, 8
 

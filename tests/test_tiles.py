@@ -526,7 +526,7 @@ STDLIB = {
 #: tests/test_vertical_slash.py and the routing tests), and recurrences: no static tile classification. nsa combines
 #: several attentions (no single mask; its branches are ordinary patterns, its selection routed at run time:
 #: tests/test_nsa.py).
-NOT_CLASSIFIED = {"biformer", "moba", "quest", "vmoba", "dsa", "dma", "sparsifiner", "seer", "cluster_mask", "routing_transformer", "vertical_slash", "token_topk", "xattention", "nsa", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
+NOT_CLASSIFIED = {"anchor", "biformer", "moba", "quest", "vmoba", "dsa", "dma", "sparsifiner", "seer", "cluster_mask", "routing_transformer", "vertical_slash", "token_topk", "xattention", "nsa", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
                   "gated_delta_net", "kda", "titans"}
 
 

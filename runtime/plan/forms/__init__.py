@@ -7,13 +7,20 @@ from __future__ import annotations
 
 from ....core import ir
 from ....core.errors import SpecError
-from . import given_selection, top_k_blocks, top_k_tokens, top_p_antidiagonal, top_p_share
+from . import (
+    given_selection,
+    stripes_by_anchor,
+    top_k_blocks,
+    top_k_tokens,
+    top_p_antidiagonal,
+    top_p_share,
+)
 from .base import RouteForm
 
 #: Every form, asked in this order (a given selection first: it keeps the blocks of the route it stands for;
-#: top-k blocks last: any other route with a K)
-FORMS: tuple[RouteForm, ...] = (given_selection.FORM, top_p_antidiagonal.FORM, top_p_share.FORM, top_k_tokens.FORM,
-                                top_k_blocks.FORM)
+#: stripes before top-k tokens: both select single keys; top-k blocks last: any other route with a K)
+FORMS: tuple[RouteForm, ...] = (given_selection.FORM, top_p_antidiagonal.FORM, top_p_share.FORM,
+                                stripes_by_anchor.FORM, top_k_tokens.FORM, top_k_blocks.FORM)
 
 
 def form_of(route: ir.Route) -> RouteForm:

@@ -27,7 +27,7 @@ from ..route_scores import (
 from .base import RouteForm
 
 
-def _rows(q: torch.Tensor, sq: torch.Tensor, nk: int) -> int:
+def run_rows(q: torch.Tensor, sq: torch.Tensor, nk: int) -> int:
     """Queries scored at once: short runs (a causal run's keys end where it does), an indexer's J heads each."""
     return max(1, min(TOKEN_ROWS, SELECT_ELEMENTS // max(1, q.shape[0] * max(q.shape[1], sq.shape[1]) * nk)))
 
@@ -42,7 +42,7 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
     sq, sk = score_sides(pat, bound, q, k, inputs)
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     selected = torch.empty(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=dev)
-    rows = _rows(q, sq, nk)
+    rows = run_rows(q, sq, nk)
     tensors, batch = E.bind_inputs(pat, bound, inputs) if inputs else ({}, None)
     with torch.no_grad():
         for start in range(0, Nq, rows):
@@ -70,19 +70,19 @@ def select_on_device(pat: ir.PatternIR, bound: E.Bound, q, k, tensors: dict, c) 
     B, Hq, Nq = q.shape[0], q.shape[1], q.shape[2]
     nk = k.shape[2]
     selected = torch.zeros(max(B, sq.shape[0]), Hq, Nq, nk, dtype=torch.bool, device=q.device)
-    for part, lo, hi in _spans(pat, bound, c, _rows(q, sq, nk), Nq):
+    for part, lo, hi in mask_spans(pat, bound, c, run_rows(q, sq, nk), Nq):
         if lo == hi:
             continue
         here = torch.arange(part.start, part.stop, device=q.device)
         keys = c.key_block[lo:hi]
-        allowed = _device_mask(c.exprs["mask"], pat, bound, here, keys)
-        keep = None if c.exprs["keep"] is None else _device_mask(c.exprs["keep"], pat, bound, here, keys)
+        allowed = device_mask(c.exprs["mask"], pat, bound, here, keys)
+        keep = None if c.exprs["keep"] is None else device_mask(c.exprs["keep"], pat, bound, here, keys)
         score = block_scores(pat, bound, sq[:, :, part], sk[:, :, lo:hi], keys, hi - lo)
         selected[:, :, part, lo:hi] = device_choice.choose(score, allowed, keep, c.topk)
     return selected
 
 
-def _device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``expr`` (substituted, of positions and sizes alone) at query rows ``rows`` and key rows ``keys`` (device
     tensors) for every head: bool ``[1, Hq | 1, len(rows) | 1, len(keys) | 1]`` on their device."""
     heads = torch.arange(bound.heads, device=rows.device).view(1, -1, 1, 1)
@@ -92,7 +92,7 @@ def _device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, key
     return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
 
 
-def _spans(pat, bound: E.Bound, c, rows: int, nq: int) -> list[tuple[slice, int, int]]:
+def mask_spans(pat, bound: E.Bound, c, rows: int, nq: int) -> list[tuple[slice, int, int]]:
     """Per run of ``rows`` queries, the first key and one past the last that the mask allows any query of it
     (``allowed_span``): the mask reads no input, so they are found once per run length, on the host."""
     spans = c.exprs.setdefault("spans", {})
