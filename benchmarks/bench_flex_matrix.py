@@ -204,8 +204,34 @@ def vmoba_select(q, k, key_block, threshold):
     return own | taken.view(H, nb, N).transpose(1, 2), norm
 
 
+def anchor_select(q, k, block, step, init, theta):
+    """AnchorAttention's kernels' rule (yuzhouzhang9/Anchor-Attention at fdc74208, every key counted once): each
+    query's anchor, its largest ``q . k / sqrt(d)`` over the initial keys and its own group (causal); a column
+    passes for a block where its mean query's score plus theta reaches the block's mean anchor; the group keeps
+    the columns before it that any of its blocks passed; the last N mod group queries dense. ``([H, N, N] bool,
+    margins [H, blocks, N])``, the margins the mean query's score plus theta minus the mean anchor."""
+    _, H, N, D = q.shape
+    group = block * step
+    full = N - N % group
+    pos = torch.arange(N)
+    causal = pos[None, :] <= pos[:, None]
+    region = causal & ((pos[None, :] < init) | (pos[None, :] // group == pos[:, None] // group))
+    anchor = (q[0, :, :full] @ k[0].transpose(-1, -2) * D ** -0.5).masked_fill(~region[:full], -math.inf).amax(-1)
+    q_mean = q[0, :, :full].unflatten(1, (full // block, block)).mean(2)
+    margin = q_mean @ k[0].transpose(-1, -2) * D ** -0.5 + theta - anchor.unflatten(1, (full // block, block)).mean(
+        2)[..., None]
+    candidate = (pos >= init) & (pos < torch.arange(0, full, group)[:, None])  # the columns before each group
+    stripes = (margin >= 0).unflatten(1, (full // group, step)).any(2) & candidate
+    sel = region.expand(H, N, N).clone()
+    sel[:, :full] |= stripes.repeat_interleave(group, 1)
+    sel[:, full:] = causal[full:]
+    return sel, margin
+
+
 def route_select(case, q, k):
     """The case's routing as its authors' code computes it: ``(selected [H, N, blocks], scores)``."""
+    if case.route[0] == "anchor":
+        return anchor_select(q, k, *case.route[1:])
     if case.route[0] == "quest":
         return quest_select(q, k, *case.route[1:])
     if case.route[0] == "vmoba":
@@ -217,6 +243,8 @@ def route_key_blocks(case) -> torch.Tensor:
     """The block of every key of a routed case."""
     if case.route[0] == "vmoba":
         return grid_blocks(case)
+    if case.route[0] == "anchor":  # single keys
+        return torch.arange(case.n)
     return torch.arange(case.n) // (case.route[1] if case.route[0] == "quest" else case.route[0])
 
 
@@ -254,7 +282,7 @@ class Case:
     sizes: dict | None = None
     inputs: dict = field(default_factory=dict)
     # MoBA (block, topk, own block forced); token top-k (1, topk, False); ("quest", page, budget);
-    # ("vmoba", (frames, height, width) of a block, threshold)
+    # ("vmoba", (frames, height, width) of a block, threshold); ("anchor", block, step, init, theta)
     route: tuple | None = None
     seed: int = 0
 
@@ -319,6 +347,12 @@ def cases(quick: bool) -> dict[str, Case]:
              {"page": s(64, 16), "token_budget": s(1024, 64)}, n8, 8, None, route=("quest", s(64, 16), s(1024, 64))),
         Case("quest_32k", f"Quest page 64 budget 2048 @ {s(32768, 1024)}", "stdlib:quest",
              {"page": 64, "token_budget": 2048}, s(32768, 1024), 2, None, route=("quest", 64, 2048)),
+        Case("anchor", f"AnchorAttention blocks {s(128, 16)} x {s(16, 4)}, theta 12 @ {n8}", "stdlib:anchor",
+             {"block": s(128, 16), "step": s(16, 4), "init": s(2048, 64), "theta": 12.0}, n8, 4, None,
+             route=("anchor", s(128, 16), s(16, 4), s(2048, 64), 12.0)),
+        Case("anchor_16k", f"AnchorAttention blocks {s(128, 16)} x {s(16, 4)}, theta 12 @ {n16}", "stdlib:anchor",
+             {"block": s(128, 16), "step": s(16, 4), "init": s(2048, 64), "theta": 12.0}, n16, 2, None,
+             route=("anchor", s(128, 16), s(16, 4), s(2048, 64), 12.0)),
         vmoba_case("vmoba", 1, (16, s(24, 6), s(32, 8)), (16, 3, 4), 4),
         vmoba_case("vmoba_30k", 2, (16, s(48, 6), s(40, 8)), (4, 6, 4), 2),
     ]
@@ -453,6 +487,13 @@ def near_tie_rows(case: Case, q, k) -> torch.Tensor:
         taken = sel & ~torch.nn.functional.one_hot(grid_blocks(case)).bool()[None]
         last = torch.where(taken, norm, torch.inf).amin(dim=(1, 2), keepdim=True)
         return ((norm - last).abs() <= 1e-5).any(-1)
+    if case.route[0] == "anchor":  # the queries of a group where a column's margin is within rounding of 0
+        _, margin = route_select(case, q.detach(), k.detach())
+        _, block, step, _, _ = case.route
+        close = (margin.abs() <= 1e-5).unflatten(1, (-1, step)).any(-1).any(-1)  # [H, groups]
+        rows = torch.zeros(margin.shape[0], case.n, dtype=torch.bool)
+        rows[:, :close.shape[1] * block * step] = close.repeat_interleave(block * step, 1)
+        return rows
     topk = route_topk(case)
     _, score = route_select(case, q.detach(), k.detach())
     top = score.sort(dim=-1, descending=True).values

@@ -60,7 +60,7 @@ def test_quick_runs_known_cases(bench):
 
 
 def test_matrix_covers_the_issue_cases(bench):
-    routed = {"moba", "token_topk", "quest", "quest_32k", "vmoba", "vmoba_30k"}
+    routed = {"moba", "token_topk", "quest", "quest_32k", "vmoba", "vmoba_30k", "anchor", "anchor_16k"}
     assert set(bench.cases(quick=True)) == {*STATIC, *routed}
     assert set(bench.cases(quick=False)) == {*STATIC, *routed}
     full = bench.cases(quick=False)
@@ -69,9 +69,10 @@ def test_matrix_covers_the_issue_cases(bench):
     assert full["nbhd3d_strided"].params["stride_y"] == 4
     assert (full["quest"].n, full["quest_32k"].n) == (8192, 32768)
     assert (full["vmoba"].n, full["vmoba_30k"].n) == (12288, 30720)
+    assert (full["anchor"].n, full["anchor_16k"].n) == (8192, 16384)
 
 
-@pytest.mark.parametrize("key", ["moba", "token_topk", "quest", "vmoba", "vmoba_30k"])
+@pytest.mark.parametrize("key", ["moba", "token_topk", "quest", "vmoba", "vmoba_30k", "anchor", "anchor_16k"])
 def test_routed_baselines_route_as_attnc(bench, key):
     case = bench.cases(quick=True)[key]
     g = torch.Generator().manual_seed(5)
