@@ -257,7 +257,7 @@ def test_a_triton_decode_step_reads_a_cache_slice_in_place(monkeypatch):
     [(CAUSAL, {}, True), ("stdlib:sliding_window", {"window": 16}, True),
      ("stdlib:streaming", {"window": 6, "sinks": 3}, True), ("stdlib:alibi", {}, True),
      ("stdlib:longnet", {"segment": 32, "dilation": 4}, True),  # head-dependent: a list class per head
-     ("stdlib:moba", {"block": 8, "topk": 2}, False)],  # a route: its block planned on the host at each step
+     ("stdlib:moba", {"block": 8, "topk": 2}, True)],  # a route: its selection and lists made at every step
     ids=["causal", "sliding", "streaming", "alibi", "longnet", "moba"],
 )
 def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params, on_device):
@@ -279,7 +279,7 @@ def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params
         before = T.CLASSIFICATIONS if before is None else before
     assert len(sources) == 1
     assert (T.CLASSIFICATIONS == before) == on_device
-    if on_device:  # lists serve a range of lengths: a later step of the range makes none (a CUDA graph's capture)
+    if attn.runner.pattern.route is None:  # lists serve a range of lengths: a later step of the range makes none
         kept = attn.runner.last_plan.schedule
         attn(q[:, :, 128:129], k[:, :, :129], v[:, :, :129])
         again = attn.runner.last_plan.schedule
@@ -348,3 +348,36 @@ def test_decode_steps_of_one_plan_choose_their_split_by_their_lists():
         attn(q[:, :, nk - 1 : nk], k[:, :, :nk], v[:, :, :nk])
         splits.append(split_kv.choose_splits(attn.runner.last_plan, 1, 2, 132))
     assert splits[0] < splits[1]
+
+
+ROUTED_DECODE = {"quest": {"token_budget": 16, "page": 4}, "moba": {"block": 8, "topk": 2}, "token_topk": {"topk": 5}}
+
+
+@pytest.mark.parametrize("name", sorted(ROUTED_DECODE))
+def test_routed_decode_steps_plan_nothing_on_the_host_as_the_cache_grows(name, monkeypatch):
+    """Forward-only decode steps of a routed pattern over a growing cache (``device_routes.decode_route_plan``):
+    one template for every length, the route's constants made on the device at each step, no tile classified
+    and no routed plan built on the host after the first step; every step equals the float64 reference's last
+    rows, one and three queries, GQA."""
+    pytest.importorskip("triton")
+    from attnc.runtime.plan import device_routes
+
+    calls = {"constants": 0}
+    constants = device_routes.constants
+
+    def counted(*args, **kwargs):
+        calls["constants"] += 1
+        return constants(*args, **kwargs)
+
+    monkeypatch.setattr(device_routes, "constants", counted)
+    attn = compile_attention(f"stdlib:{name}", backend="triton", **ROUTED_DECODE[name])
+    ref = compile_attention(f"stdlib:{name}", backend="reference", **ROUTED_DECODE[name])
+    q, k, v = _qkv(150, heads=4, hkv=2, d=16, batch=2)
+    for rows in (1, 3):
+        for step, nk in enumerate((61, 62, 63, 64, 65, 66, 129, 130, 150)):
+            want = ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk])[:, :, -rows:]
+            out = attn(q[:, :, nk - rows : nk].float(), k[:, :, :nk].float(), v[:, :, :nk].float())
+            torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+            if step == 0:
+                calls["constants"], classified = 0, T.CLASSIFICATIONS
+        assert calls["constants"] == 0 and T.CLASSIFICATIONS == classified, (calls, T.CLASSIFICATIONS - classified)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import sympy
 import torch
 
 from ...compiler import evaluate as E
@@ -30,7 +31,7 @@ from ...core import symbols as S
 from . import call_plan
 from .cache import PlanCache
 from .device_intervals import DeviceIntervals
-from .device_tiles import compact
+from .device_tiles import Side, compact
 
 #: Cache lengths one set of lists serves: a decode step makes lists once every this many steps (a range's lists
 #: visit at most one KV tile more than a step's own, its last, masked at each step by the step's length).
@@ -43,13 +44,19 @@ LENGTH_FREE = frozenset({S.Q, S.K, S.H, S.HEADS, S.DK})
 
 def applies(pat: ir.PatternIR) -> bool:
     """Whether the decode steps of ``pat`` take their lists from ``DecodeLists``: a mask, bias and softcap
-    that name no size that grows with the cache, no call-time input (their shapes follow the length) and no
-    route (its selection is made per step by its own form, ``device_routes``)."""
-    if pat.route is not None or pat.inputs or pat.decay is not None:
+    that name no size that grows with the cache and no call-time input (their shapes follow the length); a
+    route's keep and block sizes likewise (its selection is made per step on the device by its own form, among
+    these lists' candidates: ``device_routes.decode_route_plan``; its K may grow with the cache)."""
+    if pat.inputs or pat.decay is not None:
         return False
+    exprs = [pat.mask, pat.bias, pat.softcap]
+    if pat.route is not None:
+        if pat.queries.kind != "seq" or pat.keys.kind != "seq":
+            return False
+        exprs += [pat.route.keep, *pat.route.block]
     syms: set = set()
-    for expr in (pat.mask, pat.bias, pat.softcap):
-        if expr is not None:
+    for expr in exprs:
+        if isinstance(expr, sympy.Basic):
             syms |= expr.free_symbols
     return syms <= LENGTH_FREE
 
@@ -103,21 +110,26 @@ class DecodeLists:
         """``plan`` (the template of these tiles) as the step ``bound``: its bound, and the lists of the range of
         lengths the step's falls in, made on ``device`` at the range's first step (``call_plan.for_call``)."""
         sched = plan.schedule
+        lists = self._range(bound, sched, device, "lists", self._lists)
+        return call_plan.for_call(plan, step_schedule(bound, sched, lists), bound=bound)
+
+    def sides(self, bound: E.Bound, sched, device: torch.device) -> dict[str, Side]:
+        """The candidate pairs of the range of lengths the step ``bound`` falls in, per Q tile (``"q"``) and per
+        KV tile (``"k"``), flagged where the pair is FULL (a route's selection is made among them:
+        ``device_routes.decode_route_plan``); the KV side's tiles reach the range's last length."""
+        return self._range(bound, sched, device, "sides", self._sides)
+
+    def _range(self, bound: E.Bound, sched, device, what: str, make) -> dict:
+        """``make(n, q_tile, kv_tile, lengths, k_offset, device)`` of the step's range of lengths, made at the
+        range's first step and kept."""
         r = (bound.nk - 1) // LENGTHS_PER_LISTS
         lengths = (max(r * LENGTHS_PER_LISTS + 1, bound.n), (r + 1) * LENGTHS_PER_LISTS)
-        key = (bound.n, lengths, bound.k_offset, torch.device(device))
-        lists = self.ranges.get(key)
-        if lists is None:
-            lists = self.ranges[key] = self._lists(bound.n, sched.q_tile[0], sched.kv_tile[0], lengths,
-                                                   bound.k_offset, device)
-        nkv = -(-bound.nk // sched.kv_tile[0])
-        step = {name: t[:, :nkv] if name.startswith("T_") else t for name, t in lists.items()}  # this step's tiles
-        zeros = torch.zeros(1, dtype=torch.float64).expand(lists["FULL_N"].shape[0])
-        schedule = call_plan.DeviceSchedule(
-            (bound.n,), (bound.nk,), sched.q_tile, sched.kv_tile, sched.num_heads,
-            step["FULL_N"], step["FULL_I"], step["PART_N"], step["PART_I"], step["T_FULL_N"],
-            step["T_FULL_I"], step["T_PART_N"], step["T_PART_I"], zeros, False, False)
-        return call_plan.for_call(plan, schedule, bound=bound)
+        key = (what, bound.n, lengths, bound.k_offset, torch.device(device))
+        made = self.ranges.get(key)
+        if made is None:
+            made = self.ranges[key] = make(bound.n, sched.q_tile[0], sched.kv_tile[0], lengths, bound.k_offset,
+                                           device)
+        return made
 
     def _lists(self, n: int, q_tile: int, kv_tile: int, lengths: tuple[int, int], k_offset: int,
                device) -> dict[str, torch.Tensor]:
@@ -130,3 +142,25 @@ class DecodeLists:
             for name, keep in zip(("FULL", "PART"), keeps, strict=True):
                 lists[f"{prefix}{name}_N"], lists[f"{prefix}{name}_I"] = compact(index, keep)
         return lists
+
+    def _sides(self, n: int, q_tile: int, kv_tile: int, lengths: tuple[int, int], k_offset: int,
+               device) -> dict[str, Side]:
+        full, part = self._classes(n, q_tile, kv_tile, lengths, k_offset, device)
+        sides = {}
+        for own, (f, p) in (("q", (full, part)), ("k", (full.mT, part.mT))):
+            index = torch.arange(f.shape[-1], device=device, dtype=torch.int64).expand(*f.shape)
+            listed = compact(index, f | p)[1].to(torch.int64)  # ascending, -1 padded
+            sides[own] = Side(listed, f.gather(-1, listed.clamp(min=0)) & (listed >= 0))
+        return sides
+
+
+def step_schedule(bound: E.Bound, sched, lists: dict[str, torch.Tensor]) -> call_plan.DeviceSchedule:
+    """The step ``bound``'s schedule from the lists of its range of lengths (the template ``sched``'s tiles): the
+    KV side's lists cut at the step's KV tiles (the Q side's name later ones, masked by the step's length)."""
+    nkv = -(-bound.nk // sched.kv_tile[0])
+    step = {name: t[:, :nkv] if name.startswith("T_") else t for name, t in lists.items()}  # this step's tiles
+    zeros = torch.zeros(1, dtype=torch.float64).expand(lists["FULL_N"].shape[0])
+    return call_plan.DeviceSchedule(
+        (bound.n,), (bound.nk,), sched.q_tile, sched.kv_tile, sched.num_heads,
+        step["FULL_N"], step["FULL_I"], step["PART_N"], step["PART_I"], step["T_FULL_N"],
+        step["T_FULL_I"], step["T_PART_N"], step["T_PART_I"], zeros, False, False)

@@ -27,8 +27,9 @@ import torch
 
 from ...compiler import evaluate as E
 from ...compiler.route_blocks import block_ids, route_sizes
-from . import call_plan, forms, given, routing
-from .device_tiles import candidates, compact, pair_keys
+from . import call_plan, decode_lists, forms, given, routing
+from .device_tiles import Side, candidates, compact, pair_keys
+from .forms.top_k_tokens import device_mask
 
 
 def applies(pat) -> bool:
@@ -159,8 +160,94 @@ def route_call_plan(plan, q: torch.Tensor, k: torch.Tensor, tensors: dict):
     """``routing.route_plan`` on the device: ``plan`` (a routed plan's static one) with this call's selection
     and its lists per (batch, head) (``call_plan.for_call``), nothing read on the host."""
     pat, bound = plan.pattern, plan.bound
+    c = plan.on_device(("route", q.device), lambda: constants(plan, q.device))
+    selected, lists = _select_and_list(pat, bound, q, k, tensors, c)
+    sched = call_plan.device_schedule(plan.schedule, lists["FULL_N"].shape[0], lists)
+    return call_plan.for_call(plan, sched, selection=selected, key_block=c.key_block32, batch=selected.shape[0])
+
+
+def decode_route_plan(plan, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict):
+    """A forward-only decode step of a routed pattern (``decode_lists.applies``): ``plan`` is the template kept
+    for every length (``plan.call_lists`` its ``DecodeLists``), ``bound`` the step's. The route's constants are
+    made on the device from positions (``decode_constants``) and the candidates are the step's range's
+    (``DecodeLists.sides``): no tile is classified and nothing is planned on the host, whatever the length."""
+    c = decode_constants(plan, bound, q.device)
+    selected, lists = _select_and_list(plan.pattern, bound, q, k, tensors, c)
+    sched = decode_lists.step_schedule(bound, plan.schedule, lists)
+    return call_plan.for_call(plan, sched, bound=bound, selection=selected, key_block=c.key_block32,
+                              batch=selected.shape[0])
+
+
+def decode_constants(plan, bound: E.Bound, device: torch.device) -> Constants:
+    """``Constants`` of the decode step ``bound`` (a sequence's last ``n`` rows after ``nk - n`` cached keys) on
+    ``device``, made there at every step: the block of every key and the KV tiles' runs of blocks from
+    arithmetic, a block route's reach and keep by evaluating the mask and keep (which name no growing size) at the
+    rows' and keys' positions, a token route's over every key (the runs' spans are not searched for), the
+    candidates from the template's ``DecodeLists``."""
+    pat = plan.pattern
+    route = pat.route
+    (size,), topk = route_sizes(pat, bound)
+    n, nk = bound.n, bound.nk
+    nblocks = -(-nk // size)
+    keys = torch.arange(nk, device=device)
+    key_block = keys // size
+    mask, keep_expr, q_index, q_valid, in_order = plan.on_device(("decode route", device),
+                                                                 lambda: _decode_template(plan, device))
+    allowed = keep = exprs = None
+    if route.tokens and route.scores is None:  # a token route: evaluated per run of queries, over every key
+        exprs = {"mask": mask, "keep": keep_expr, "spans": _WholeKeys(n, nk)}
+    else:
+        rows = torch.arange(n, device=device)
+        reach = device_mask(mask, pat, bound, rows, keys)
+        reach = reach.expand(1, reach.shape[1], n, nk)
+        pad = reach.new_zeros(*reach.shape[:3], nblocks * size - nk)
+        allowed = torch.cat([reach, pad], -1).view(*reach.shape[:3], nblocks, size).any(-1)
+        if keep_expr is not None:  # at each block's first key
+            keep = device_mask(keep_expr, pat, bound, rows, torch.arange(nblocks, device=device)
+                                                  * size)
+    sched = plan.schedule
+    sides = plan.call_lists.sides(bound, sched, device)
+    kv_tile, nkv = sched.kv_tile[0], -(-nk // sched.kv_tile[0])
+    first = torch.arange(sides["q"].index.shape[-1], device=device) * kv_tile  # the range's KV tiles
+    beyond = first >= nk  # a tile past this step's keys reaches no block (an empty run at the end)
+    lo = torch.where(beyond, nblocks, first // size)
+    hi = torch.where(beyond, nblocks - 1, ((first + kv_tile).clamp(max=nk) - 1) // size)
+    k_side = sides["k"]
+    sides = {"q": sides["q"], "k": Side(k_side.index[:, :nkv], k_side.flag[:, :nkv])}
+    return Constants(key_block, key_block.to(torch.int32), nblocks, topk, None, allowed, keep, q_index, q_valid,
+                     in_order, sides, lo, hi, None, None, exprs)
+
+
+def _decode_template(plan, device: torch.device) -> tuple:
+    """What ``decode_constants`` reads of the template at every length, made once per device: the mask and keep
+    with the sizes bound (they name none that grows), the Q tiles' rows and whether they are in order."""
+    pat, bound = plan.pattern, plan.bound
+    tok = plan.q_tokens
+    keep = None if pat.route.keep is None else E.substitute(pat.route.keep, bound)
+    return (plan.call_lists.mask, keep, tok.index.to(device), tok.valid.to(device),
+            tok.index.numel() == bound.n and bool(tok.valid.all()))
+
+
+class _WholeKeys(dict):
+    """A decode step's runs of query rows for a token route: every key is their span (``top_k_tokens.mask_spans``
+    asks for the span of each run; the mask, evaluated on the device, keeps what it allows)."""
+
+    def __init__(self, n: int, nk: int):
+        super().__init__()
+        self.n, self.nk = n, nk
+
+    def __contains__(self, rows) -> bool:
+        return True
+
+    def __getitem__(self, rows: int) -> list[tuple[slice, int, int]]:
+        return [(slice(start, min(self.n, start + rows)), 0, self.nk) for start in range(0, self.n, rows)]
+
+
+def _select_and_list(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict, c: Constants
+                     ) -> tuple[torch.Tensor, dict]:
+    """The call's selection (its form's, on the device) and its lists per (batch, head) among ``c``'s
+    candidates: ``(selected, lists)``."""
     device = q.device
-    c = plan.on_device(("route", device), lambda: constants(plan, device))
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         selected = given.record(forms.form_of(pat.route).select_on_device(pat, bound, q, k, tensors, c))
@@ -179,5 +266,4 @@ def route_call_plan(plan, q: torch.Tensor, k: torch.Tensor, tensors: dict):
             index = side.index.expand(Hq, *side.index.shape[1:]).unsqueeze(0).expand(B, -1, -1, -1).flatten(0, 1)
             for name, keep in (("FULL", full), ("PART", visit & ~full)):
                 lists[f"{prefix}{name}_N"], lists[f"{prefix}{name}_I"] = compact(index, keep.flatten(0, 1))
-    sched = call_plan.device_schedule(plan.schedule, B * Hq, lists)
-    return call_plan.for_call(plan, sched, selection=selected, key_block=c.key_block32, batch=B)
+    return selected, lists

@@ -173,16 +173,20 @@ def prepare(runner, bound: E.Bound, q, inputs: dict, selection=None, key_block=N
         raise SpecError("expected a block bound (evaluate.block_bound)", where="argument bound")
     tensors, batched = checked_inputs(pat, bound, q, inputs, runner._checks)
     device = q.device
+    routed_decode = decode and decode_lists.applies(pat) and pat.route is not None and route_keys is not None
     if decode and decode_lists.applies(pat):  # one plan for every length, this step's lists made on the device
         config, plan, source = _decode_plan(runner, bound, q)
-        plan = plan.call_lists.call_plan(plan, bound, device)
+        if routed_decode:  # and its selection, among the lists' candidates
+            plan = device_routes.decode_route_plan(plan, bound, q, route_keys, tensors)
+        else:
+            plan = plan.call_lists.call_plan(plan, bound, device)
     else:
         config, plan, source = _plan(runner, bound, q, tensors)
         if plan.call_lists is not None:  # lists made on the device from this call's inputs
             plan = plan.call_lists.call_plan(plan, tensors, batched, device)
     if selection is not None:  # routing: the selection made over the whole sequence, at these rows
         plan = routing.selected_plan(plan, selection.cpu(), key_block.cpu())
-    elif pat.route is not None and route_keys is not None:  # routing: these queries select among the keys
+    elif pat.route is not None and route_keys is not None and not routed_decode:  # these queries select
         if device_routes.applies(pat):  # selected and listed on q's device
             plan = device_routes.route_call_plan(plan, q, route_keys, tensors)
         else:
