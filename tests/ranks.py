@@ -57,3 +57,23 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_dir: str, run, 
                 break
     finally:
         dist.destroy_process_group()
+
+
+def assert_context_parallel_refuses(spec: str, why: str, tmp_path) -> None:
+    """Context parallelism refuses stdlib pattern ``spec`` by name, with ``why`` (a regex) in the message: its
+    simulation (naming ``--ranks``) and ``ContextParallel`` on a one-rank gloo group (naming ``attn``)."""
+    from attnc import compile_attention, load
+    from attnc.core.errors import SpecError
+    from attnc.distributed import ContextParallel
+    from attnc.runtime.parallel.simulate import simulate_parallel
+
+    with pytest.raises(SpecError, match=why) as info:
+        simulate_parallel(load(spec), n=4096, ranks=2, single_device_s=1.0)
+    assert info.value.where == "argument --ranks"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(SpecError, match="context parallelism does not run") as info:
+            ContextParallel(compile_attention(spec, backend="reference"))
+        assert info.value.where == "argument attn"
+    finally:
+        dist.destroy_process_group()

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import assert_context_parallel_refuses
 
 import attnc
 from attnc.core.errors import SpecError
@@ -156,17 +157,4 @@ def test_queries_after_a_kv_cache_are_refused_by_name(backend):
 
 
 def test_context_parallelism_refuses_by_name(tmp_path):
-    import torch.distributed as dist
-
-    from attnc.distributed import ContextParallel
-    from attnc.runtime.parallel.simulate import simulate_parallel
-
-    with pytest.raises(SpecError, match="stripes by anchor.*context parallelism does not run"):
-        simulate_parallel(attnc.load("stdlib:anchor"), n=4096, ranks=2, single_device_s=1.0)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(SpecError, match="context parallelism does not run") as info:
-            ContextParallel(attnc.compile_attention("stdlib:anchor", backend="reference"))
-        assert info.value.where == "argument attn"
-    finally:
-        dist.destroy_process_group()
+    assert_context_parallel_refuses("stdlib:anchor", "stripes by anchor.*context parallelism does not run", tmp_path)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import assert_context_parallel_refuses
 
 import attnc
 from attnc.core.errors import SpecError
@@ -232,20 +233,7 @@ def test_a_threshold_outside_the_unit_interval_names_the_parameter():
 
 
 def test_context_parallelism_refuses_by_name(tmp_path):
-    import torch.distributed as dist
-
-    from attnc.distributed import ContextParallel
-    from attnc.runtime.parallel.simulate import simulate_parallel
-
-    with pytest.raises(SpecError, match="min-max share over the head group .* context parallelism does not run"):
-        simulate_parallel(attnc.load("stdlib:vmoba"), n=4096, ranks=2, single_device_s=1.0)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(SpecError, match="context parallelism does not run") as info:
-            ContextParallel(attnc.compile_attention("stdlib:vmoba", backend="reference"))
-        assert info.value.where == "argument attn"
-    finally:
-        dist.destroy_process_group()
+    assert_context_parallel_refuses("stdlib:vmoba", "min-max share over the head group .* context parallelism does not run", tmp_path)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])

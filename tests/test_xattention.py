@@ -18,6 +18,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from ranks import assert_context_parallel_refuses
 
 import attnc
 from attnc.compiler import evaluate as E
@@ -314,21 +315,7 @@ def test_call_time_values_are_refused_naming_the_argument(backend):
 
 
 def test_context_parallelism_refuses_by_name(tmp_path):
-    import torch.distributed as dist
-
-    from attnc.distributed import ContextParallel
-    from attnc.runtime.parallel.simulate import simulate_parallel
-
-    with pytest.raises(SpecError, match="antidiagonal top-p scoring .* context parallelism does not run") as info:
-        simulate_parallel(attnc.load("stdlib:xattention"), n=4096, ranks=2, single_device_s=1.0)
-    assert info.value.where == "argument --ranks"
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(SpecError, match="context parallelism does not run") as info:
-            ContextParallel(attnc.compile_attention("stdlib:xattention", backend="reference"))
-        assert info.value.where == "argument attn"
-    finally:
-        dist.destroy_process_group()
+    assert_context_parallel_refuses("stdlib:xattention", "antidiagonal top-p scoring .* context parallelism does not run", tmp_path)
 
 
 def test_keys_of_other_routes_unchanged():
