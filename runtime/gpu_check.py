@@ -39,6 +39,7 @@ from ..core import ir
 from ..core.errors import SpecError
 from . import kernel_fit
 from .numerics import TORCH_DTYPES
+from .plan.clusters import SCORE_TABLES
 from .tritonenv import interpreting
 
 #: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
@@ -510,7 +511,7 @@ def _inputs(pat, bound, gen: torch.Generator, relative_tables: bool = False) -> 
 
     out = {}
     for decl in pat.inputs:
-        if decl.derived and not (relative_tables and decl.derived[0] == "relative"):  # made by the call from q, k
+        if decl.derived and not (relative_tables and decl.derived[0] in SCORE_TABLES):  # made by the call from q, k
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":

@@ -40,6 +40,8 @@ class CallChecks:
             return self._cluster(node)
         if node.func == "relative":
             return self._relative(node)
+        if node.func == "landmark":
+            return self._landmark(node)
         lo, hi = BUILTINS[node.func]
         if node.kwargs:
             raise self.error(f"'{node.func}' takes no keyword arguments", node.kwargs[0].pos)
@@ -139,6 +141,39 @@ class CallChecks:
             raise self.error(f"the input name '{name}' is taken: relative() needs it", node.func_pos)
         self.inputs[name] = wanted
         return Typed(FLOAT, wanted.function(S.H, self.frame.q_flat, S.Min(S.Max(at + 1, 0), rows + 1)))
+
+    def _landmark(self, node: ast.Call) -> Typed:
+        """``landmark(BLOCK)`` (Landmark Attention's grouped softmax): for key k of block ``c = k // BLOCK``, the
+        query's score of the block's landmark, its last key ``c * BLOCK + BLOCK - 1``, less the log-sum-exp of its
+        scores of the block's other keys; 0 in a last block shorter than BLOCK (it has no landmark). Scores at the
+        attention's scale. Only in a bias: added to a key's score, the query's softmax gives each of the block's
+        keys the landmark's probability shared by the block's own softmax. It reads a derived input
+        ``float[heads, n, ceil(n / BLOCK)]`` computed from q and k at every call and differentiated like any bias
+        input (``runtime.plan.clusters.landmark_gates``). BLOCK is a constant of at least 2."""
+        if node.kwargs:
+            raise self.error("'landmark' takes no keyword arguments", node.kwargs[0].pos)
+        hint = "bias if k // block < q // block then landmark(block) else 0"
+        if len(node.args) != 1:
+            raise self.error(f"'landmark' takes 1 argument (BLOCK), got {len(node.args)}", node.func_pos, hint=hint)
+        if not getattr(self, "in_bias", False):
+            raise self.error("landmark() is a score term: only a bias may read it", node.func_pos, hint=hint)
+        if self.frame.queries != self.frame.keys or self.frame.keys.kind != "seq":
+            raise self.error("landmark() needs one sequence layout for queries and keys (self-attention)",
+                             node.func_pos, hint="use 'tokens seq'")
+        block = self.expect(node.args[0], INT, "the block of landmark()").expr
+        if not block.is_number:
+            raise self.error("the block of landmark() must be a constant (a number or a parameter)", node.args[0].pos,
+                             hint="BLOCK keys a block, its landmark the last (Landmark Attention: 64)")
+        if block < 2:
+            raise self.error(f"the block of landmark() must be at least 2 (a key and its landmark), got {block}",
+                             node.args[0].pos)
+        name = "__landmark"
+        wanted = ir.InputDecl(name, FLOAT, (S.HEADS, self.frame.n, -S.FloorDiv(-self.frame.n, block)),
+                              ("heads", "n", f"ceil(n / {block})"), ("landmark", "q", int(block)))
+        if self.inputs.get(name, wanted) != wanted:
+            raise self.error(f"the input name '{name}' is taken, or landmark() is given two blocks", node.func_pos)
+        self.inputs[name] = wanted
+        return Typed(FLOAT, wanted.function(S.H, self.frame.q_flat, S.FloorDiv(self.frame.k_flat, block)))
 
     def _window(self, node: ast.Call) -> Typed:
         frame = self.frame

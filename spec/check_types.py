@@ -28,6 +28,7 @@ BUILTINS = {
     "window": (1, 2),
     "cluster": (2, 2),
     "relative": (2, 2),
+    "landmark": (1, 1),
 }
 WINDOW_KEYWORDS = ("dilation", "stride", "causal")
 INT64_LIMIT = 2**63

@@ -146,6 +146,7 @@ STDLIB = {
     "streaming": (dict(window=7, sinks=2), None, 50, None),
     "token_topk": (dict(topk=5), None, 47, None),
     "anchor": (dict(block=3, step=2, init=6, theta=0.5), None, 47, None),
+    "landmark": (dict(block=5), None, 47, None),
     "xattention": (dict(block=8, stride=2, threshold=0.7, chunk=24), None, 61, None),
     "vertical_slash": (dict(vertical=3, slash=4, last_q=8, sinks=2, local=3, slash_min=1), None, 50, None),
 }
@@ -344,9 +345,9 @@ def test_stdlib_fused_backward_float64(name, monkeypatch):
     close(got[0][0], got[1][0], F64["out"], "out")
     for i, (a, b) in enumerate(zip(got[0][1], got[1][1], strict=True)):
         close(a, b, F64["grad"], f"grad {i}")
-    # softcap and sigmoid (a tanh, the weights' logarithm): the unfused recomputation; music_relative: its relative
-    # table (from q) is differentiated
-    assert bool(calls) == (name not in ("softcap", "sigmoid", "music_relative"))
+    # softcap and sigmoid (a tanh, the weights' logarithm): the unfused recomputation; music_relative and landmark:
+    # their score tables (from q, and k) are differentiated
+    assert bool(calls) == (name not in ("softcap", "sigmoid", "music_relative", "landmark"))
 
 
 def test_fused_backward_with_empty_rows_and_padded_tiles():

@@ -598,6 +598,7 @@ CONFORMANCE = {
             None, 45, (4, 2), {}, (), (8, 4)),
     "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),
     "anchor": ({"block": 3, "step": 2, "init": 6, "theta": 0.5}, None, 35, (4, 2), {}, (), (8, 4)),
+    "landmark": ({"block": 5}, None, 35, (4, 2), {}, (), (8, 4)),
     "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
     "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
     "xattention": ({"block": 4, "stride": 2, "threshold": 0.7, "chunk": 16}, None, 30, (4, 2), {}, (), (8, 4)),

@@ -78,6 +78,7 @@ EXPECTED_DEFAULTS = {
     "routing_transformer": {"clusters": 4, "window": 128, "is_causal": True},
     "token_topk": {"topk": 2048},
     "anchor": {"block": 128, "step": 16, "init": 2048, "theta": 12.0},
+    "landmark": {"block": 64},
     "xattention": {"block": 128, "stride": 16, "threshold": 0.9, "chunk": 16384},
     "vertical_slash": {"vertical": 1000, "slash": 6096, "last_q": 64, "sinks": 30, "local": 100, "slash_min": 50},
     "nsa": {"block": 64, "selected": 16, "window": 512},

@@ -509,6 +509,7 @@ STDLIB = {
     "window_2d": (dict(window=4, shift=2), None, {"height": 8, "width": 10}, 1, (4, 2), (2, 4), None),
     "halo_2d": (dict(block=3, halo=1), None, {"height": 7, "width": 9}, 1, (3, 3), (2, 4), None),
     "music_relative": (dict(max_relative=6), 40, None, 1, (8,), (8,), None),
+    "landmark": (dict(block=5), 40, None, 1, (8,), (8,), None),
     "sigmoid": (dict(length=40, is_causal=True), 40, None, 1, (8,), (8,), None),
     "freeswim": (dict(half_height=1, half_width=2), None, {"frames": 3, "height": 6, "width": 8}, 1, (1, 2, 4), (2, 2, 4),
                  None),

@@ -135,6 +135,7 @@ STDLIB = {
                             16),
     "token_topk": ({"topk": 5}, None, 40, None, 16),
     "anchor": ({"block": 3, "step": 2, "init": 6, "theta": 0.5}, None, 40, None, 16),
+    "landmark": ({"block": 5}, None, 40, None, 16),
     "dma": ({"window": 6}, None, 40,
             lambda n: {"importance": torch.randn(2, n, generator=torch.Generator().manual_seed(4)).requires_grad_()},
             16),

@@ -23,10 +23,10 @@ from ...core import symbols as S
 from ...core.errors import SpecError
 from ...core.recurrence_rules import RULES
 from ..checks import check_qkv, resolve_scale, state_heads
-from ..plan import clusters, forms, vertical_slash
+from ..plan import clusters, vertical_slash
 from ..plan.cache import score_input_names
 from . import collectives as C
-from . import routing
+from . import refusals, routing
 from .blocks import BlockProblem, block_runner, blocks_backend
 from .pairs import PairPlan, choose_order, plan_pairs
 from .recurrence import (
@@ -368,16 +368,7 @@ def _check_arguments(attn, world: int, ulysses_degree, kv) -> None:
                         f"{ulysses_degree}", where="argument ulysses_degree")
     pat = attn.pattern
     if isinstance(pat, ir.PatternIR):
-        forms.refuse_context_parallel(pat, "argument attn")
-        if pat.weights is not None:
-            raise SpecError(f"'{pat.name}' weights its scores by {pat.weights.describe()}: context parallelism runs "
-                            "softmax patterns only in this version", where="argument attn")
-        if any(d.derived[0] == "relative" for d in clusters.derived_inputs(pat)):
-            raise SpecError(f"'{pat.name}' reads relative embeddings (relative()): context parallelism does not run "
-                            "them in this version", where="argument attn")
-        if not pat.self_attention:
-            raise SpecError(f"'{pat.name}' attends from one layout to another; context parallelism shards "
-                            "one sequence", where="argument attn")
+        refusals.refuse(pat, "argument attn")
 
 
 def _contiguous(n: int, world: int) -> ShardOrder:

@@ -16,8 +16,8 @@ from ...compiler import evaluate as E
 from ...compiler.cost import checked_kv_heads, dtype_bytes
 from ...core import ir
 from ...core.errors import SpecError
-from ..plan import forms
 from ..plan.vertical_slash import rule_of as vertical_slash_rule
+from . import refusals
 from .pairs import PairPlan, choose_order, chunk_pairs, rank_need
 
 
@@ -123,7 +123,7 @@ def simulate_parallel(pat: ir.PatternIR, *, n: int, ranks: int, link: str = "nvl
     if not isinstance(pat, ir.PatternIR) or not pat.self_attention:
         raise SpecError("the context-parallel estimate covers self-attention softmax patterns",
                         where="argument --ranks")
-    forms.refuse_context_parallel(pat, "argument --ranks")
+    refusals.refuse(pat, "argument --ranks")
     kv_heads = checked_kv_heads(heads, kv_heads)
     item = dtype_bytes(dtype)
     bw = LINKS[link].gbps * 1e9

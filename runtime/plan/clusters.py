@@ -20,9 +20,13 @@ from ...core import ir
 from ...core.errors import SpecError
 from . import vertical_slash
 
+#: The derived inputs that are score tables a bias reads (differentiated through their making), not ids a mask reads
+SCORE_TABLES = ("relative", "landmark")
+
 
 def _source(d: ir.InputDecl) -> str:
-    return {"cluster": "cluster()", "relative": "relative()"}.get(d.derived[0], "the vertical-slash route")
+    return {"cluster": "cluster()", "relative": "relative()", "landmark": "landmark()"}.get(
+        d.derived[0], "the vertical-slash route")
 
 
 def derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
@@ -31,8 +35,9 @@ def derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
 
 
 def mask_derived_inputs(pat) -> tuple[ir.InputDecl, ...]:
-    """The derived inputs a mask reads (cluster ids, vertical-slash flags): not ``relative()``'s score table."""
-    return tuple(d for d in derived_inputs(pat) if d.derived[0] != "relative")
+    """The derived inputs a mask reads (cluster ids, vertical-slash flags): not the score tables
+    (``relative()``'s, ``landmark()``'s)."""
+    return tuple(d for d in derived_inputs(pat) if d.derived[0] not in SCORE_TABLES)
 
 
 def relative_logits(q: torch.Tensor, embeddings: torch.Tensor, scale: float, positions: int) -> torch.Tensor:
@@ -47,6 +52,36 @@ def relative_logits(q: torch.Tensor, embeddings: torch.Tensor, scale: float, pos
     emb = emb[None, None] if emb.dim() == 2 else emb[None] if emb.dim() == 3 else emb
     table = scale * (q.to(dt) @ emb.transpose(-1, -2))  # [B, Hq, Nq, ROWS]: the skewing's q E^T, no n x n x dk tensor
     return torch.nn.functional.pad(table, (1, 1, positions - q.shape[2], 0))
+
+
+def landmark_gates(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, positions: int) -> torch.Tensor:
+    """``landmark(BLOCK)``'s table ``[B, Hq, positions, ceil(Nk / BLOCK)]``: for each query and block c, ``s(q,
+    landmark) - logsumexp_j s(q, j)`` over block c's other keys, ``s = scale * q . k`` (each query head against its
+    K/V head), the landmark the block's last key; 0 for a last block shorter than BLOCK (no landmark) and at the
+    positions before the queries (a KV cache's earlier rows, which no query holds). In float32 (float64 for float64
+    q), as the kernels read a bias. Differentiable in q and k; made a run of queries at a time, each run recomputed
+    in the backward (``torch.utils.checkpoint``), so nothing ``Nq x Nk`` is held for the gradient."""
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    whole = Nk // block  # blocks with their landmark
+    rows = max(1, (1 << 24) // max(1, B * Hq * Nk))
+
+    def gates(qr: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
+        s = scale * (qr.view(B, Hkv, Hq // Hkv, -1, D) @ kd[:, :, None].transpose(-1, -2)).view(B, Hq, -1, Nk)
+        blocks = s[..., :whole * block].unflatten(-1, (whole, block))
+        return blocks[..., -1] - torch.logsumexp(blocks[..., :-1], -1)
+
+    kd = k.to(dt)
+    parts = []
+    for start in range(0, Nq, rows):
+        qr = q[:, :, start:start + rows].to(dt)
+        if torch.is_grad_enabled() and (qr.requires_grad or kd.requires_grad):
+            parts.append(torch.utils.checkpoint.checkpoint(gates, qr, kd, use_reentrant=False))
+        else:
+            parts.append(gates(qr, kd))
+    table = torch.cat(parts, 2)
+    return torch.nn.functional.pad(table, (0, -(-Nk // block) - whole, positions - Nq, 0))
 
 
 def _check_embeddings(decl: ir.InputDecl, t, q: torch.Tensor, rows: int) -> torch.Tensor:
@@ -146,6 +181,10 @@ def derive_inputs(pat, q: torch.Tensor, k: torch.Tensor, inputs: dict, scale: fl
             emb = _check_embeddings(emb_decl, inputs.get(emb_decl.name), q, int(emb_decl.dims[-2]))
             out[d.name] = relative_logits(q, emb, q.shape[-1] ** -0.5 if scale is None else scale,
                                           Nk if pat.self_attention and Nk > Nq else Nq)
+            continue
+        if d.derived[0] == "landmark":
+            out[d.name] = landmark_gates(q, k, d.derived[2], q.shape[-1] ** -0.5 if scale is None else scale,
+                                         Nk if Nk > Nq else Nq)
             continue
         if d.derived[0] != "cluster":
             continue
