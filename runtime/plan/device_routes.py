@@ -195,7 +195,7 @@ def decode_constants(plan, bound: E.Bound, device: torch.device) -> Constants:
                                                                  lambda: _decode_template(plan, device))
     allowed = keep = exprs = None
     if route.tokens and route.scores is None:  # a token route: evaluated per run of queries, over every key
-        exprs = {"mask": mask, "keep": keep_expr, "spans": _WholeKeys(n, nk)}
+        exprs = {"mask": mask, "keep": keep_expr, "every_key": True}
     else:
         rows = torch.arange(n, device=device)
         reach = device_mask(mask, pat, bound, rows, keys)
@@ -203,8 +203,7 @@ def decode_constants(plan, bound: E.Bound, device: torch.device) -> Constants:
         pad = reach.new_zeros(*reach.shape[:3], nblocks * size - nk)
         allowed = torch.cat([reach, pad], -1).view(*reach.shape[:3], nblocks, size).any(-1)
         if keep_expr is not None:  # at each block's first key
-            keep = device_mask(keep_expr, pat, bound, rows, torch.arange(nblocks, device=device)
-                                                  * size)
+            keep = device_mask(keep_expr, pat, bound, rows, torch.arange(nblocks, device=device) * size)
     sched = plan.schedule
     sides = plan.call_lists.sides(bound, sched, device)
     kv_tile, nkv = sched.kv_tile[0], -(-nk // sched.kv_tile[0])
@@ -226,21 +225,6 @@ def _decode_template(plan, device: torch.device) -> tuple:
     keep = None if pat.route.keep is None else E.substitute(pat.route.keep, bound)
     return (plan.call_lists.mask, keep, tok.index.to(device), tok.valid.to(device),
             tok.index.numel() == bound.n and bool(tok.valid.all()))
-
-
-class _WholeKeys(dict):
-    """A decode step's runs of query rows for a token route: every key is their span (``top_k_tokens.mask_spans``
-    asks for the span of each run; the mask, evaluated on the device, keeps what it allows)."""
-
-    def __init__(self, n: int, nk: int):
-        super().__init__()
-        self.n, self.nk = n, nk
-
-    def __contains__(self, rows) -> bool:
-        return True
-
-    def __getitem__(self, rows: int) -> list[tuple[slice, int, int]]:
-        return [(slice(start, min(self.n, start + rows)), 0, self.nk) for start in range(0, self.n, rows)]
 
 
 def _select_and_list(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tensors: dict, c: Constants

@@ -94,7 +94,11 @@ def device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys
 
 def mask_spans(pat, bound: E.Bound, c, rows: int, nq: int) -> list[tuple[slice, int, int]]:
     """Per run of ``rows`` queries, the first key and one past the last that the mask allows any query of it
-    (``allowed_span``): the mask reads no input, so they are found once per run length, on the host."""
+    (``allowed_span``): the mask reads no input, so they are found once per run length, on the host. A decode
+    step's (``every_key``: its length changes every step) are every key: the mask, on the device, keeps what it
+    allows."""
+    if c.exprs.get("every_key"):
+        return [(slice(start, min(nq, start + rows)), 0, bound.nk) for start in range(0, nq, rows)]
     spans = c.exprs.setdefault("spans", {})
     if rows not in spans:
         spans[rows] = []
