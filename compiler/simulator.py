@@ -199,6 +199,10 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                 "token route: every query of a Q tile is modelled keeping the same nearest topk keys; queries "
                 "of one tile that keep different keys visit more KV tiles, up to every tile the mask allows "
                 "(the tiled kernels skip only KV tiles no query of the Q tile kept)")
+    if any(d.derived is not None and d.derived[0] == "landmark" for d in pat.inputs):
+        assumptions.append(
+            "landmark(): its gate table is made by torch outside the kernels from every q . k (a pass the size of "
+            "dense attention's scores, forward and backward), not modelled")
     counted = best.schedule
     if not counted.density_exact and pat.route is None:
         exact = search.exactly_counted()

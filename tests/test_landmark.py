@@ -139,3 +139,8 @@ def test_the_gates_are_not_an_argument():
 
 def test_context_parallelism_refuses_by_name(tmp_path):
     assert_context_parallel_refuses("stdlib:landmark", "score table made from the whole sequence", tmp_path)
+
+
+def test_the_simulator_says_it_does_not_model_the_gates():
+    report = attnc.simulate("stdlib:landmark", n=4096)
+    assert any("landmark(): its gate table" in a for a in report.assumptions)
