@@ -44,10 +44,13 @@ LENGTH_FREE = frozenset({S.Q, S.K, S.H, S.HEADS, S.DK})
 
 def applies(pat: ir.PatternIR) -> bool:
     """Whether the decode steps of ``pat`` take their lists from ``DecodeLists``: a mask, bias and softcap
-    that name no size that grows with the cache and no call-time input (their shapes follow the length); a
-    route's keep and block sizes likewise (its selection is made per step on the device by its own form, among
-    these lists' candidates: ``device_routes.decode_route_plan``; its K may grow with the cache)."""
-    if pat.inputs or pat.decay is not None:
+    that name no size that grows with the cache, a mask and softcap that read no call-time input (a bias's inputs
+    and a route's scores follow the length in shape, the lists do not), no FoX gates; a route's keep and block
+    sizes likewise (its selection is made per step on the device by its own form, among these lists'
+    candidates: ``device_routes.decode_route_plan``; its K may grow with the cache)."""
+    if pat.decay is not None or E.input_names(pat.mask) or E.input_names(pat.softcap or sympy.true):
+        return False
+    if pat.route is not None and isinstance(pat.route.keep, sympy.Basic) and E.input_names(pat.route.keep):
         return False
     exprs = [pat.mask, pat.bias, pat.softcap]
     if pat.route is not None:
