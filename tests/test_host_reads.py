@@ -400,16 +400,19 @@ def test_a_warm_backward_with_a_float_bias_input_reads_nothing_on_the_host(src, 
         torch.testing.assert_close(a, b.float(), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["quest", "moba", "token_topk"])
-def test_a_routed_decode_step_at_a_new_length_reads_nothing_on_the_host(name):
-    """A cache grown by one key since the last step: the step's route constants and lists are made on the device
-    (``device_routes.decode_route_plan``), so a length never seen reads nothing either."""
-    params, _, _, _, q_tile = STDLIB[name]
+@pytest.mark.parametrize("name", ["quest", "moba", "token_topk", "dsa"])
+def test_a_decode_step_at_a_new_length_reads_nothing_on_the_host(name):
+    """A cache grown by one key since the last step: the step's lists, and a route's constants and selection, are
+    made on the device (``decode_lists``, ``device_routes.decode_route_plan``), so a length never seen reads
+    nothing either; inputs over the sequence (a route's scores) grow with it. (A bias that reads an input, dma's
+    and landmark's, has its index ranges checked once per length: on host-made tensors, not the call's.)"""
+    params, _, _, inputs, q_tile = STDLIB[name]
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", q_tile=q_tile, **params)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 1, 16, generator=g)
     k, v = torch.randn(1, 2, 42, 16, generator=g), torch.randn(1, 2, 42, 16, generator=g)
-    attn(q, k[:, :, :40], v[:, :, :40])
+    given = {nk: {n: t.detach() for n, t in (inputs(nk) if inputs else {}).items()} for nk in (40, 41)}
+    attn(q, k[:, :, :40], v[:, :, :40], **given[40])
     with HostReads() as reads:
-        attn(q, k[:, :, :41], v[:, :, :41])
+        attn(q, k[:, :, :41], v[:, :, :41], **given[41])
     assert reads.total == 0, dict(reads.seen)
