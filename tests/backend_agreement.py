@@ -6,6 +6,15 @@ from __future__ import annotations
 import torch
 
 
+def random_qkv(seed: int, n: int, heads: int = 2, kv_heads: int = 2, d: int = 8, batch: int = 2,
+               dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q ``[batch, heads, n, d]``, k and v ``[batch, kv_heads, n, d]``, normal, from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(batch, kv_heads, n, d, generator=g, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
 def precision(backend: str) -> tuple[torch.dtype, dict]:
     """The dtype a backend's call runs in here and the tolerance of its agreement with a float64 reference."""
     if backend == "triton":

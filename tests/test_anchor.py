@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_agreement import assert_forward_backward, random_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ranks import assert_context_parallel_refuses
@@ -46,18 +47,11 @@ def kernels_rule(q, k, v, block, step, init, theta):
     return out
 
 
-def _inputs(seed, n, heads=2, kv_heads=2, d=8, dtype=torch.float64, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n, d, generator=g, dtype=dtype)
-    k, v = (torch.randn(batch, kv_heads, n, d, generator=g, dtype=dtype) for _ in range(2))
-    return q, k, v
-
-
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 60), block=st.integers(1, 4), step=st.integers(1, 3),
        init=st.integers(0, 12), theta=st.floats(-1.0, 3.0), kv_heads=st.sampled_from([1, 2]))
 def test_random_inputs_match_the_kernels_rule(seed, n, block, step, init, theta, kv_heads):
-    q, k, v = _inputs(seed, n, kv_heads=kv_heads)
+    q, k, v = random_qkv(seed, n, kv_heads=kv_heads)
     attn = attnc.compile_attention("stdlib:anchor", block=block, step=step, init=init, theta=theta,
                                    backend="reference")
     torch.testing.assert_close(attn(q, k, v), kernels_rule(q, k, v, block, step, init, theta), rtol=1e-12,
@@ -68,7 +62,7 @@ def test_random_inputs_match_the_kernels_rule(seed, n, block, step, init, theta,
 def test_the_recipes_sizes_keep_some_columns_not_all(n):
     """n 64 (4 groups) and 90 (5 groups and a 10-query dense tail): a selection that is neither the anchor
     region alone nor every causal key."""
-    q, k, v = _inputs(0, n)
+    q, k, v = random_qkv(0, n)
     attn = attnc.compile_attention("stdlib:anchor", block=4, step=4, init=16, theta=1.0, backend="cpu")
     out, selection = attn(q, k, v, return_selection=True)
     torch.testing.assert_close(out, kernels_rule(q, k, v, 4, 4, 16, 1.0), rtol=1e-12, atol=1e-12)
@@ -82,27 +76,15 @@ def test_the_recipes_sizes_keep_some_columns_not_all(n):
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
 def test_forward_and_backward_on_every_backend(backend):
-    dtype = torch.float32 if backend == "triton" else torch.float64
-    tol = 2e-4 if backend == "triton" else 1e-10
-    q, k, v = _inputs(3, 45, heads=4, kv_heads=2)
-    grads = []
-    for name in ("ours", "rule"):
-        leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
-        if name == "ours":
-            attn = attnc.compile_attention("stdlib:anchor", block=3, step=2, init=7, theta=0.5, backend=backend)
-            out = attn(*leaves)
-        else:
-            out = kernels_rule(*leaves, 3, 2, 7, 0.5)
-        out.backward(torch.cos(torch.arange(out.numel(), dtype=dtype)).view_as(out))
-        grads.append([out.detach(), *(t.grad for t in leaves)])
-    for ours, rule in zip(*grads, strict=True):
-        torch.testing.assert_close(ours.double(), rule.double(), rtol=tol, atol=tol)
+    attn = attnc.compile_attention("stdlib:anchor", block=3, step=2, init=7, theta=0.5, backend=backend)
+    assert_forward_backward(backend, attn, lambda q, k, v: kernels_rule(q, k, v, 3, 2, 7, 0.5),
+                            list(random_qkv(3, 45, heads=4, kv_heads=2)))
 
 
 def test_the_device_selection_is_the_hosts():
     """The Triton backend selects on the call's device (``select_on_device``, no host read); the reference on the
     host: the same selection, bit for bit, GQA and a partial last group included."""
-    q, k, v = _inputs(5, 53, heads=4, kv_heads=1, dtype=torch.float32)
+    q, k, v = random_qkv(5, 53, heads=4, kv_heads=1, dtype=torch.float32)
     params = dict(block=2, step=3, init=5, theta=0.25)
     chosen = [attnc.compile_attention("stdlib:anchor", **params, backend=b)(q, k, v, return_selection=True)[1]
               for b in ("reference", "triton")]
@@ -110,7 +92,7 @@ def test_the_device_selection_is_the_hosts():
 
 
 def test_a_given_selection_is_attended_as_made():
-    q, k, v = _inputs(6, 40)
+    q, k, v = random_qkv(6, 40)
     attn = attnc.compile_attention("stdlib:anchor", block=4, step=2, init=6, theta=0.0, backend="cpu")
     out, selection = attn(q, k, v, return_selection=True)
     torch.testing.assert_close(attn(q, k, v, selection=selection), out, rtol=0, atol=0)
@@ -140,17 +122,17 @@ def test_bad_clauses_are_named(text, message):
 def test_sizes_set_at_the_call_are_checked_there():
     text = "pattern p\n  tokens seq\n  mask causal\n  route stripes(1.0) blocks(3) groups(n // 2) keep k < 2"
     attn = attnc.compile_attention(text, backend="reference")
-    q, k, v = _inputs(7, 12)
+    q, k, v = random_qkv(7, 12)
     assert attn(q, k, v).shape == q.shape  # groups of 6: two blocks of 3
     with pytest.raises(SpecError, match="group of 5 queries does not hold whole blocks of 3") as err:
-        attn(*_inputs(7, 10))
+        attn(*random_qkv(7, 10))
     assert err.value.where == "argument q"
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_queries_after_a_kv_cache_are_refused_by_name(backend):
     attn = attnc.compile_attention("stdlib:anchor", block=2, step=2, init=4, theta=1.0, backend=backend)
-    q, k, v = _inputs(8, 20, dtype=torch.float32)
+    q, k, v = random_qkv(8, 20, dtype=torch.float32)
     with pytest.raises(SpecError, match="queries after a KV cache") as err:
         attn(q[:, :, -1:], k, v)
     assert err.value.where == "argument k"

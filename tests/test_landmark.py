@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from backend_agreement import assert_forward_backward, random_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from ranks import assert_context_parallel_refuses
@@ -43,17 +44,10 @@ def grouped_softmax_rule(q, k, v, block):
     return out
 
 
-def _inputs(seed, n, heads=2, kv_heads=2, d=8, dtype=torch.float64, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n, d, generator=g, dtype=dtype)
-    k, v = (torch.randn(batch, kv_heads, n, d, generator=g, dtype=dtype) for _ in range(2))
-    return q, k, v
-
-
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 40), block=st.integers(2, 7), kv_heads=st.sampled_from([1, 2]))
 def test_random_inputs_match_the_grouped_softmax(seed, n, block, kv_heads):
-    q, k, v = _inputs(seed, n, kv_heads=kv_heads)
+    q, k, v = random_qkv(seed, n, kv_heads=kv_heads)
     attn = attnc.compile_attention("stdlib:landmark", block=block, backend="reference")
     torch.testing.assert_close(attn(q, k, v), grouped_softmax_rule(q, k, v, block), rtol=1e-12, atol=1e-12)
 
@@ -63,27 +57,16 @@ def test_random_inputs_match_the_grouped_softmax(seed, n, block, kv_heads):
 def test_forward_and_backward_on_every_backend(backend, n, block):
     """out, dq, dk and dv against autograd through the rule (the gates' gradient reaches q and k through the
     landmark scores and the blocks' log-sum-exps)."""
-    dtype = torch.float32 if backend == "triton" else torch.float64
-    tol = 2e-4 if backend == "triton" else 1e-10
-    q, k, v = _inputs(n, n, heads=4, kv_heads=2)
-    results = []
-    for ours in (True, False):
-        leaves = [t.clone().to(dtype).requires_grad_() for t in (q, k, v)]
-        if ours:
-            out = attnc.compile_attention("stdlib:landmark", block=block, backend=backend)(*leaves)
-        else:
-            out = grouped_softmax_rule(*leaves, block)
-        out.backward(torch.cos(torch.arange(out.numel(), dtype=dtype)).view_as(out))
-        results.append([out.detach(), *(t.grad for t in leaves)])
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+    attn = attnc.compile_attention("stdlib:landmark", block=block, backend=backend)
+    assert_forward_backward(backend, attn, lambda q, k, v: grouped_softmax_rule(q, k, v, block),
+                            list(random_qkv(n, n, heads=4, kv_heads=2)))
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
 def test_decode_steps_are_the_sequences_last_rows(backend):
     dtype = torch.float32 if backend == "triton" else torch.float64
     tol = 2e-5 if backend == "triton" else 1e-12
-    q, k, v = _inputs(9, 30)
+    q, k, v = random_qkv(9, 30)
     attn = attnc.compile_attention("stdlib:landmark", block=4, backend=backend)
     full = grouped_softmax_rule(q, k, v, 4)
     for nk, rows in ((23, 1), (24, 1), (30, 3)):
@@ -96,7 +79,7 @@ def test_decode_steps_are_the_sequences_last_rows(backend):
 def test_a_landmark_query_attends_its_own_block_without_its_landmark():
     """Query 3 (the first landmark, block 4) attends keys 0-2; query 7 attends keys 4-6 and, through landmark 3's
     gate, keys 0-2: never a landmark's value."""
-    q, k, v = _inputs(1, 8)
+    q, k, v = random_qkv(1, 8)
     attn = attnc.compile_attention("stdlib:landmark", block=4, backend="reference")
     out = attn(q, k, v)
     s = q @ k.transpose(-1, -2) / 8 ** 0.5
@@ -131,7 +114,7 @@ def test_a_block_below_two_names_the_argument():
 
 
 def test_the_gates_are_not_an_argument():
-    q, k, v = _inputs(2, 8)
+    q, k, v = random_qkv(2, 8)
     with pytest.raises(SpecError, match="computed from q and k at every call") as err:
         attnc.compile_attention("stdlib:landmark", block=4)(q, k, v, __landmark=torch.zeros(2, 8, 2))
     assert err.value.where == "argument __landmark"
