@@ -48,7 +48,9 @@ def applies(pat: ir.PatternIR) -> bool:
     and a route's scores follow the length in shape, the lists do not), no FoX gates; a route's keep and block
     sizes likewise (its selection is made per step on the device by its own form, among these lists'
     candidates: ``device_routes.decode_route_plan``; its K may grow with the cache)."""
-    if pat.decay is not None or E.input_names(pat.mask) or E.input_names(pat.softcap or sympy.true):
+    if pat.decay is not None or E.input_names(pat.mask):
+        return False
+    if isinstance(pat.softcap, sympy.Basic) and E.input_names(pat.softcap):
         return False
     if pat.route is not None and isinstance(pat.route.keep, sympy.Basic) and E.input_names(pat.route.keep):
         return False
