@@ -26,7 +26,7 @@ from .checks import (
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import needs_grad, unnormalized_output
-from .plan import block_max, clusters, given, routing
+from .plan import block_max, clusters, forms, given, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
@@ -645,6 +645,7 @@ def simulate_decode(
     if isinstance(pat, ir.CombinedIR):
         raise SpecError(f"'{pat.name}' combines several attentions: a decode step is bounded per softmax pattern",
                         where="argument pattern", hint="simulate each branch's pattern")
+    forms.refuse_query_offset(pat, "argument nk")  # the call would refuse the step: so does its bound
     head_dim, batch = E.positive_int("head_dim", head_dim), E.positive_int("batch", batch)
     dtype_bytes(dtype)
     if inputs is not None and not isinstance(inputs, dict):

@@ -14,6 +14,7 @@ from ranks import assert_context_parallel_refuses
 
 import attnc
 from attnc.core.errors import SpecError
+from attnc.runtime.api import simulate_decode
 
 
 def kernels_rule(q, k, v, block, step, init, theta):
@@ -140,3 +141,11 @@ def test_queries_after_a_kv_cache_are_refused_by_name(backend):
 
 def test_context_parallelism_refuses_by_name(tmp_path):
     assert_context_parallel_refuses("stdlib:anchor", "stripes by anchor.*context parallelism does not run", tmp_path)
+
+
+def test_a_decode_steps_simulation_refuses_as_the_call_does():
+    """``attnc sim --decode`` of a pattern whose call refuses queries after a KV cache refuses too, with the same
+    message, naming ``nk``."""
+    with pytest.raises(SpecError, match="queries after a KV cache") as err:
+        simulate_decode("stdlib:anchor", nk=8192)
+    assert err.value.where == "argument nk"

@@ -31,12 +31,13 @@ def form_of(route: ir.Route) -> RouteForm:
     raise AssertionError(f"no routing form matches {route}")  # the checker lowers only to these
 
 
-def refuse_query_offset(pat) -> None:
-    """Refuse queries after a KV cache (``nk > n``) where the route's form selects across queries."""
+def refuse_query_offset(pat, where: str = "argument k") -> None:
+    """Refuse queries after a KV cache (``nk > n``) where the route's form selects across queries, naming
+    ``where`` (a call's ``k``; a decode step's simulation its ``nk``)."""
     route = getattr(pat, "route", None)
     why = None if route is None else form_of(route).decode_refusal(pat)  # None: selected per query
     if why is not None:
-        raise SpecError(why, where="argument k", hint="call with all the queries (nk == n)")
+        raise SpecError(why, where=where, hint="call with all the queries (nk == n)")
 
 
 def refuse_context_parallel(pat, where: str) -> None:
