@@ -32,6 +32,7 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 
 from ..compiler.cost import checked_group_split, checked_kv_heads
@@ -504,14 +505,12 @@ def _probe(arch: int) -> bool:
         return False
 
 
-def _inputs(pat, bound, gen: torch.Generator, relative_tables: bool = False) -> dict:
-    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs, sorted small ints for
-    int ones (document ids, flags); relative()'s tables too with ``relative_tables`` (a block launch's bound inputs)."""
-    import sympy
-
+def _inputs(pat, bound, gen: torch.Generator, score_tables: bool = False) -> dict:
+    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs, sorted small ints for int
+    ones (ids, flags); the score tables too (relative(), landmark()) with ``score_tables`` (a block's bound inputs)."""
     out = {}
     for decl in pat.inputs:
-        if decl.derived and not (relative_tables and decl.derived[0] in SCORE_TABLES):  # made by the call from q, k
+        if decl.derived and not (score_tables and decl.derived[0] in SCORE_TABLES):  # made by the call from q, k
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
@@ -683,7 +682,7 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     bound = E.block_bound(whole, q0, half, k0, half)
     tdtype = DTYPES[dtype]
     q, k, v = (torch.randn(BATCH, heads, half, head_dim, generator=gen).to(tdtype) for _ in range(3))
-    tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen, relative_tables=True), batch=BATCH)
+    tensors, _ = E.bind_inputs(pat, whole, _inputs(pat, whole, gen, score_tables=True), batch=BATCH)
     wrt = tuple(name for name in tensors if name in score_input_names(pat) and tensors[name].is_floating_point())
 
     class Native(TB.TritonRunner):

@@ -19,6 +19,7 @@ import torch
 from ...core import ir
 from ...core.errors import SpecError
 from . import vertical_slash
+from .route_scores import head_dots
 
 #: The derived inputs that are score tables a bias reads (differentiated through their making), not ids a mask reads
 SCORE_TABLES = ("relative", "landmark")
@@ -62,13 +63,13 @@ def landmark_gates(q: torch.Tensor, k: torch.Tensor, block: int, scale: float, p
     q), as the kernels read a bias. Differentiable in q and k; made a run of queries at a time, each run recomputed
     in the backward (``torch.utils.checkpoint``), so nothing ``Nq x Nk`` is held for the gradient."""
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
+    B, Hq, Nq, _ = q.shape
+    Nk = k.shape[2]
     whole = Nk // block  # blocks with their landmark
     rows = max(1, (1 << 24) // max(1, B * Hq * Nk))
 
     def gates(qr: torch.Tensor, kd: torch.Tensor) -> torch.Tensor:
-        s = scale * (qr.view(B, Hkv, Hq // Hkv, -1, D) @ kd[:, :, None].transpose(-1, -2)).view(B, Hq, -1, Nk)
+        s = scale * head_dots(qr, kd)
         blocks = s[..., :whole * block].unflatten(-1, (whole, block))
         return blocks[..., -1] - torch.logsumexp(blocks[..., :-1], -1)
 

@@ -124,6 +124,14 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     return score.expand(max(B, score.shape[0]), Hq, Nq, nblocks)
 
 
+def head_dots(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q . k`` ``[B, Hq, R, S]`` of ``q`` ``[B, Hq, R, D]`` and ``k`` ``[B, Hkv, S, D]``, each query head against its
+    K/V head (no copy of the keys per query head), in their dtype."""
+    B, Hq, R, D = q.shape
+    Hkv = k.shape[1]
+    return (q.view(B, Hkv, Hq // Hkv, R, D) @ k[:, :, None].transpose(-1, -2)).view(B, Hq, R, k.shape[2])
+
+
 def placed(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``: itself where it is there already (no copy, and no call that asks for one: on a GPU
     a copy from the host waits for the device's queued work)."""

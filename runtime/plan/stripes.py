@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .route_scores import SELECT_ELEMENTS
+from .route_scores import SELECT_ELEMENTS, head_dots
 
 #: ``() -> ((rows, lo, hi, allowed, keep), ...)``: the runs of query rows (a slice), the span of keys ``[lo, hi)``
 #: that holds every key the mask allows them, and the mask and keep over that span, bool, broadcastable to
@@ -34,12 +34,8 @@ def score_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
 
 
 def scores(q: torch.Tensor, k: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q . k / sqrt(dk)`` ``[B, Hq, R, S]`` of ``q`` ``[B, Hq, R, D]`` and ``k`` ``[B, Hkv, S, D]``, each query head
-    against its K/V head (no copy of the keys per query head)."""
-    B, Hq, R, D = q.shape
-    Hkv = k.shape[1]
-    grouped = q.to(dtype).view(B, Hkv, Hq // Hkv, R, D) @ k.to(dtype)[:, :, None].transpose(-1, -2)
-    return grouped.view(B, Hq, R, k.shape[2]) * D ** -0.5
+    """``q . k / sqrt(dk)`` ``[B, Hq, R, S]`` in ``dtype`` (``route_scores.head_dots``)."""
+    return head_dots(q.to(dtype), k.to(dtype)) * q.shape[-1] ** -0.5
 
 
 def select(q: torch.Tensor, k: torch.Tensor, theta: float, block: int, group: int, runs: Runs) -> torch.Tensor:
@@ -71,9 +67,9 @@ def _columns(q: torch.Tensor, k: torch.Tensor, anchor: torch.Tensor, theta: floa
     pad = nb * block - Nq
     count = (Nq - torch.arange(nb, device=dev) * block).clamp(max=block).to(dtype)  # the last block may be shorter
     q_mean = torch.nn.functional.pad(q.to(dtype), (0, 0, 0, pad)).view(B, Hq, nb, block, D).sum(3) / count[:, None]
-    has = torch.nn.functional.pad(anchor.isfinite(), (0, pad)).view(B, Hq, nb, block)
-    total = torch.nn.functional.pad(torch.where(anchor.isfinite(), anchor, 0), (0, pad)).view(B, Hq, nb, block).sum(-1)
-    present = has.sum(-1)
+    finite = anchor.isfinite()
+    present = torch.nn.functional.pad(finite, (0, pad)).view(B, Hq, nb, block).sum(-1)
+    total = torch.nn.functional.pad(torch.where(finite, anchor, 0), (0, pad)).view(B, Hq, nb, block).sum(-1)
     anchor_mean = torch.where(present > 0, total / present.clamp(min=1), float("inf"))
     ng = -(-Nq // group)
     stripe = torch.empty(B, Hq, ng, nk, dtype=torch.bool, device=dev)
