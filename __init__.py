@@ -23,7 +23,7 @@ _LAZY = {
     "neighborhood_attention": ".integrations.natten",
     "Attention": ".runtime.api", "compile_attention": ".runtime.api", "materialize_mask": ".runtime.api",
     "simulate": ".runtime.api",
-    "kmeans_update": ".runtime.plan.clusters",
+    "kmeans_update": ".runtime.plan.clusters", "KeySummary": ".runtime.plan.kept_summary",
     "load": ".spec.library",
 }
 
@@ -44,6 +44,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "__version__",
     "Attention",
+    "KeySummary",
     "PatternIR",
     "RecurrenceIR",
     "SpecError",

@@ -256,7 +256,8 @@ def positive_int(what: str, value) -> int:
 #: (``Attention.forward``, whose ``**inputs`` take any other name): a misspelt one arrives here as
 #: an unknown input.
 CALL_KEYWORDS = ("scale", "return_lse", "initial_state", "return_state", "sizes", "layout",
-                 "cu_seqlens", "block_table", "cache_seqlens", "selection", "return_selection", "return_block_max")
+                 "cu_seqlens", "block_table", "cache_seqlens", "selection", "return_selection", "return_block_max",
+                 "key_summary")
 
 
 def unknown_input_hint(name: str, declared) -> str:

@@ -26,7 +26,7 @@ from .checks import (
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .numerics import needs_grad, unnormalized_output
-from .plan import block_max, clusters, forms, given, routing
+from .plan import block_max, clusters, forms, given, kept_summary, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
@@ -145,6 +145,9 @@ class Attention(torch.nn.Module):
     (``[B, max_pages]``), its ``Nq`` queries the last of them (positions ``cache_seqlens[b] - Nq + i``);
     forward only; eager under ``torch.compile`` (a graph break: not with ``fullgraph=True``;
     ``runtime.frontends.paged``).
+    ``key_summary=`` (an ``attnc.KeySummary``): a block route's key summaries (Quest's page bounds, MoBA's block
+    means) kept across the decode steps of one sequence; a step summarises only the keys after the kept blocks,
+    which must not change between calls (``runtime.plan.kept_summary``).
     """
 
     def __init__(self, pattern: Pattern, backend: str, sizes: dict | None, q_tile=None, kv_tile=None,
@@ -224,10 +227,17 @@ class Attention(torch.nn.Module):
         selection: torch.Tensor | None = None,
         return_selection: bool = False,
         return_block_max: int | None = None,
+        key_summary: kept_summary.KeySummary | None = None,
         **inputs,
     ):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
+        if key_summary is not None:  # the route's block summaries kept across decode steps (plan.kept_summary)
+            self._check_key_summary_call(key_summary, selection, cu_seqlens, block_table, cache_seqlens)
+            with kept_summary.keeping(key_summary):
+                return self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
+                                    return_selection=return_selection, return_block_max=return_block_max,
+                                    **inputs)
         if return_block_max is not None:  # SeerAttention's map, made by the forward (runtime.plan.block_max)
             size = self._check_block_max_call(return_block_max, cu_seqlens, block_table, cache_seqlens)
             with block_max.requesting(size) as made:
@@ -324,6 +334,26 @@ class Attention(torch.nn.Module):
         if torch.compiler.is_compiling():
             raise SpecError("return_block_max is not served under torch.compile", where=where)
         return size
+
+    def _check_key_summary_call(self, summary, selection, cu_seqlens, block_table, cache_seqlens) -> None:
+        """Refuse ``key_summary=`` where the call keeps no block summary."""
+        where = kept_summary.WHERE
+        if not isinstance(summary, kept_summary.KeySummary):
+            raise SpecError(f"expected an attnc.KeySummary, got {type(summary).__name__}", where=where)
+        pat = self.pattern
+        why = (kept_summary.keeps(pat) if isinstance(pat, ir.PatternIR)
+               else f"'{pat.name}' is a {pat.kind} pattern, with no route")
+        if why is not None:
+            raise SpecError(f"{why}: it has no key block summary to keep", where=where,
+                            hint="key_summary= is for routes scored by q @ bound(k) or q @ mean(k) (quest, moba)")
+        if selection is not None:
+            raise SpecError("a given selection reads no summary of the keys", where=where,
+                            hint="pass selection= or key_summary=, not both")
+        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
+            raise SpecError("a key summary is kept for one sequence's cache in [B, H, N, D]: not with packed "
+                            "sequences or paged caches in this version", where=where)
+        if torch.compiler.is_compiling():
+            raise SpecError("key_summary= is not served under torch.compile (it is updated in place)", where=where)
 
     def _check_selection_call(self, selection, return_selection: bool, cu_seqlens, block_table, cache_seqlens) -> None:
         """Refuse ``selection=`` / ``return_selection=True`` where they have no meaning or are not served."""

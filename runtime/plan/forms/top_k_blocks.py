@@ -9,13 +9,12 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.route_blocks import block_ids, route_sizes
 from ....core import ir
-from .. import device_choice
+from .. import device_choice, kept_summary
 from ..route_scores import (
     SELECT_ELEMENTS,
     block_scores,
     choose,
     keep_blocks,
-    key_summary,
     score_sides,
 )
 from .base import RouteForm
@@ -49,7 +48,8 @@ def _choose_by_runs(pat, bound: E.Bound, shape, sq, sk, key_block, nblocks: int,
     B, Hq, Nq = shape[0], shape[1], shape[2]
     rows = Nq if pat.route.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
     dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
-    summary = None if pat.route.scores is not None else key_summary(pat, sk, key_block, nblocks, Hq, dtype)
+    summary = (None if pat.route.scores is not None
+               else kept_summary.summaries(pat, bound, sk, key_block, nblocks, Hq, dtype))
     reach = torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))
     keep = None if keep is None else torch.broadcast_to(keep, (*keep.shape[:2], Nq, nblocks))
     if rows >= Nq:

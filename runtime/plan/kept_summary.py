@@ -1,0 +1,122 @@
+"""Block summaries of the keys kept across the decode steps of one sequence (``KeySummary``).
+
+A block route scores each key block by a summary of its keys: Quest's per-dimension extremes (``q @ bound(k)``),
+MoBA's mean key (``q @ mean(k)``). Made at every call, that summary reads every key of the cache, once per step:
+the one pass of a decode step that does not shrink with the route. A KV cache only appends, so a complete
+block's summary never changes; ``KeySummary`` keeps the complete blocks' and a step summarises only the keys
+from its first incomplete block on (at most ``block - 1`` kept keys plus the new ones).
+
+The caller's promise, which is not checked (it would mean reading the keys): the keys a summary covers do not
+change between the calls that pass it (``KeySummary.keys`` of them, always a whole number of blocks). A new
+sequence in the same buffer starts with ``reset()`` or a new ``KeySummary``.
+
+``keeping`` opens a summary for the calls inside it; ``summaries`` is what the top-k-blocks form reads: the kept
+summary where one is open and the route keeps one (``keeps``), else ``route_scores.key_summary`` of every key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+
+import torch
+
+from ...compiler import evaluate as E
+from ...compiler.route_blocks import route_sizes
+from ...core import ir
+from ...core.errors import SpecError
+from .route_scores import key_summary
+
+WHERE = "argument key_summary"
+
+
+def keeps(pat: ir.PatternIR) -> str | None:
+    """Why ``pat``'s route has no block summary to keep (None where it has one)."""
+    route = pat.route
+    if route is None:
+        return f"'{pat.name}' has no route"
+    if route.topk is None or route.scores is not None or route.given:
+        return f"'{pat.name}' does not route by top-k key blocks scored from their keys"
+    if route.tokens or route.score not in ("token", "bound"):
+        return (f"'{pat.name}' scores its route by {'single keys' if route.tokens else 'query blocks'}: only "
+                "q @ mean(k) (MoBA) and q @ bound(k) (Quest) summarise key blocks")
+    if pat.keys.kind != "seq":
+        return f"'{pat.name}' lays its keys on a grid, whose blocks are not runs of the cache"
+    return None
+
+
+class KeySummary:
+    """The per-block key summaries (Quest's bounds, MoBA's means) of one sequence's KV cache, kept across decode
+    steps: ``out = attn(q_t, k_cache[:, :, :n], v_cache[:, :, :n], key_summary=kept)`` updates ``kept`` and reads
+    only the keys after its last complete block. The keys it covers (``keys``) must not change between calls;
+    ``reset()`` starts a new sequence. Not differentiated (the selection is not)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every block: the next call summarises all its keys."""
+        self._blocks: tuple[torch.Tensor, ...] = ()
+        self._keys = 0
+        self._signature: tuple | None = None
+
+    @property
+    def keys(self) -> int:
+        """How many keys the kept blocks cover (a whole number of blocks)."""
+        return self._keys
+
+    def __repr__(self) -> str:
+        return f"KeySummary(keys={self._keys})"
+
+    def summaries(self, pat: ir.PatternIR, block: int, k: torch.Tensor, nblocks: int, heads: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``route_scores.key_summary`` of ``k``'s blocks of ``block`` keys, the kept ones read, not made, and
+        the complete ones kept."""
+        B, Hkv, nk, D = k.shape
+        signature = (pat.route.score, block, B, Hkv, D, dtype, k.device)
+        if self._signature is not None and signature != self._signature:
+            raise SpecError(f"this summary was kept for {_describe(self._signature)}, not "
+                            f"{_describe(signature)}", where=WHERE,
+                            hint="one KeySummary per sequence and route; reset() before reusing one")
+        if nk < self._keys:
+            raise SpecError(f"this summary covers {self._keys} keys and the call has {nk}: a KV cache only grows",
+                            where=WHERE, hint="a new sequence starts with key_summary.reset() or a new KeySummary")
+        start = self._keys
+        tail_ids = torch.arange(nk - start, device=k.device) // block
+        tail = key_summary(pat, k[:, :, start:].detach(), tail_ids, nblocks - start // block, Hkv, dtype)
+        blocks = (tuple(torch.cat((kept, new), 2) for kept, new in zip(self._blocks, tail, strict=True))
+                  if self._blocks else tail)
+        complete = nk // block
+        self._blocks = tuple(b[:, :, :complete] for b in blocks)
+        self._keys, self._signature = complete * block, signature
+        return tuple(b.repeat_interleave(heads // Hkv, 1) for b in blocks)
+
+
+def _describe(signature: tuple) -> str:
+    score, block, B, Hkv, D, dtype, device = signature
+    return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys, k [{B}, {Hkv}, *, {D}] "
+            f"{str(dtype).removeprefix('torch.')} on {device}")
+
+
+_KEPT: contextvars.ContextVar[KeySummary | None] = contextvars.ContextVar("attnc_key_summary", default=None)
+
+
+@contextlib.contextmanager
+def keeping(summary: KeySummary):
+    """The calls inside read and update ``summary`` (the route's block summaries)."""
+    token = _KEPT.set(summary)
+    try:
+        yield summary
+    finally:
+        _KEPT.reset(token)
+
+
+def summaries(pat: ir.PatternIR, bound: E.Bound, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int,
+              dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """The route's block summaries of ``k``: the open ``KeySummary``'s where there is one and the route keeps one,
+    else made from every key (``route_scores.key_summary``)."""
+    kept = _KEPT.get()
+    if kept is None or keeps(pat) is not None:
+        return key_summary(pat, k, key_block, nblocks, heads, dtype)
+    ((block,), _) = route_sizes(pat, bound)
+    return kept.summaries(pat, int(block), k, nblocks, heads, dtype)
