@@ -291,6 +291,9 @@ class PatternIR:
     head_params: tuple[tuple[str, int], ...] = field(default=(), compare=False)
     #: ``weights F(s) ** P [/ sum]``; None: softmax (``exp(s) / sum``)
     weights: Weights | None = field(default=None, metadata={"key": "when set"})
+    #: ``scale E``: each query's dot products times E (of q, h, parameters and sizes) besides the call's scale,
+    #: folded into the queries before any backend runs (``runtime.numerics.scaled_queries``); None: 1
+    score_scale: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
 
     kind = "pattern"
 
@@ -333,6 +336,8 @@ class PatternIR:
             lines.append(f"decay = cumsum({self.decay})[q] - cumsum({self.decay})[k]")
         if self.weights is not None:
             lines.append(f"weights = {self.weights.describe()}")
+        if self.score_scale is not None:
+            lines.append(f"scale = {self.score_scale} (times the call's scale, folded into q)")
         if self.route is not None:
             r = self.route
             if r.antidiagonal:

@@ -391,6 +391,9 @@ class Attention(torch.nn.Module):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
         # cluster(q | k, C): the ids of this call's vectors, on q's device, before anything binds the inputs
         inputs = clusters.derive_inputs(self.pattern, q, k, inputs, scale)
+        if self.pattern.score_scale is not None:  # `scale E`: every backend runs the queries times E
+            scaled = self._score_scale(q, k.shape[2], all_sizes)
+            q = (q.to(scaled.dtype) * scaled).to(q.dtype)  # in fp32 (fp64 for fp64 q), rounded once to q's dtype
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
         weights = getattr(self.pattern, "weights", None)
@@ -408,6 +411,22 @@ class Attention(torch.nn.Module):
         out, lse = self.runner.forward(call, q, k, v)
         out = unnormalized_output(self.pattern, out, lse)  # weights not divided by their sum: times that sum
         return (out, lse) if return_lse else out
+
+    @torch.compiler.disable  # sympy binds the sizes: eager under torch.compile (a graph break)
+    def _score_scale(self, q: torch.Tensor, Nk: int, all_sizes: dict) -> torch.Tensor:
+        """The pattern's ``scale E`` at every query row and head of this call, ``[1, Hq, Nq, 1]`` on q's device
+        in q's compute dtype (float32, float64 for float64 q): multiplied into q (the product rounded to q's
+        dtype), it scales each query's dot products, on every backend and path, differentiably."""
+        _, Hq, Nq, D = q.shape
+        bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
+        dev = q.device
+        env = E.token_env(self.pattern, bound, torch.arange(Nq, device=dev).view(1, 1, -1, 1),
+                          torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=dev),
+                          torch.arange(Hq, device=dev).view(1, -1, 1, 1))
+        value = E.as_tensor(E.Evaluator(env, {}, set(), None)(E.substitute(self.pattern.score_scale, bound)),
+                            torch.float64)
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return torch.broadcast_to(value.to(device=dev), (1, Hq, Nq, 1)).to(dtype)
 
     def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:
         """The sizes of a call bound and checked (``evaluate.bind_sizes``), once per distinct shapes: binding

@@ -80,9 +80,9 @@ def _split(module: ast.Module, decl: ast.Declaration):
                                      "before the first 'branch'", c.pos, hint=f"a branch holds {BRANCH_CLAUSES}")
             if isinstance(c, ast.Update):
                 raise _error(module, "'update' is a recurrence's clause (the delta rule)", c.pos)
-            if isinstance(c, ast.ExprClause) and c.keyword == "weights":
-                raise _error(module, "a branch is a softmax attention: 'weights' is not taken in a combined pattern in "
-                                     "this version", c.pos, hint=f"a branch holds {BRANCH_CLAUSES}")
+            if isinstance(c, ast.ExprClause) and c.keyword in ("weights", "scale"):
+                raise _error(module, f"a branch is a softmax attention: '{c.keyword}' is not taken in a combined "
+                                     "pattern in this version", c.pos, hint=f"a branch holds {BRANCH_CLAUSES}")
             branches[-1][1].append(c)
     if not branches:
         raise _error(module, "'combine' needs branches", decl.pos)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sympy
 
 from ..core import ir
+from ..core import symbols as S
 from . import ast
 from .check_routing import ROUTE_BLOCKS
 from .check_types import BOOL, FLOAT
@@ -50,6 +51,8 @@ class PatternChecks:
                 )
         weights_clause = self._single("weights")
         weights = self._weights(weights_clause) if weights_clause is not None else None
+        scale_clause = self._single("scale")
+        score_scale = self._score_scale(scale_clause) if scale_clause is not None else None
         route_clause = self._single("route")
         route = None
         if isinstance(route_clause, ast.RouteTopP):
@@ -80,7 +83,21 @@ class PatternChecks:
             source=self.module.source,
             head_params=tuple(self.head_params.items()),
             weights=weights,
+            score_scale=score_scale,
         )
+
+    def _score_scale(self, clause: ast.ExprClause) -> sympy.Expr:
+        """``scale E``: each query's dot products times E (with the call's scale), E a number expression of the
+        query's position, its head, parameters and sizes: not of k, and not of inputs."""
+        typed = self.expect_number(clause.value, "a score scale")
+        for sym in typed.expr.free_symbols:
+            if sym == S.K or str(sym).startswith("k_"):
+                raise self.error("a score scale is one number per query (and head): it must not depend on k",
+                                 clause.value.pos, hint="a term of the key is a bias")
+        if any(S.input_name(f.func) for f in typed.expr.atoms(sympy.Function)):
+            raise self.error("a score scale must not depend on inputs in this version", clause.value.pos,
+                             hint="scale q before the call")
+        return typed.expr
 
     def _weights(self, clause: ast.ExprClause) -> ir.Weights | None:
         """``weights F(s) [** P] [/ sum]``: F one of ``ir.WEIGHT_FUNCTIONS`` of the score ``s``, P a positive

@@ -17,12 +17,12 @@ from . import ast
 
 #: Words that start a declaration or clause, or are expression syntax; never names.
 RESERVED = frozenset(
-    "pattern recurrence tokens queries keys let input mask bias softcap decay weights route "
+    "pattern recurrence tokens queries keys let input mask bias softcap decay weights scale route "
     "and or not in if then else true false".split()
 )
 
 #: Reserved words that may still name a declaration (they never start an expression).
-_CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay weights route".split())
+_CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay weights scale route".split())
 
 #: The comparisons that bound a parameter (``window >= 1``).
 BOUND_OPS = (">=", ">", "<=", "<")
@@ -476,8 +476,8 @@ def _describe_expected(expected) -> str:
 #: The clauses each declaration kind takes, for "unexpected" messages at a clause's place (the
 #: grammar's clause list is shared; the checker refuses the other kind's clauses).
 CLAUSES = {
-    "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "weights", "route", "let", "input",
-                "branch", "combine"),
+    "pattern": ("tokens", "queries", "keys", "mask", "bias", "softcap", "decay", "weights", "scale", "route", "let",
+                "input", "branch", "combine"),
     "recurrence": ("decay", "update", "let", "input", "tokens"),
 }
 

@@ -121,6 +121,7 @@ STDLIB = {
     "seer": (dict(block=8, topk=2), None, 45, lambda H, n, B, g: {
         "gate": torch.randn(H, n, -(-n // 8), generator=g, dtype=torch.float64)}),
     "sigmoid": (dict(length=45, is_causal=True), None, 45, None),
+    "softplus": ({}, None, 45, None),
     "music_relative": (dict(max_relative=11), None, 45, lambda H, n, B, g: {
         "E": torch.randn(H, 11, 8, generator=g, dtype=torch.float64).requires_grad_()}),
     "dma": (dict(window=7), None, 45, lambda H, n, B, g: {
@@ -345,9 +346,9 @@ def test_stdlib_fused_backward_float64(name, monkeypatch):
     close(got[0][0], got[1][0], F64["out"], "out")
     for i, (a, b) in enumerate(zip(got[0][1], got[1][1], strict=True)):
         close(a, b, F64["grad"], f"grad {i}")
-    # softcap and sigmoid (a tanh, the weights' logarithm): the unfused recomputation; music_relative and landmark:
-    # their score tables (from q, and k) are differentiated
-    assert bool(calls) == (name not in ("softcap", "sigmoid", "music_relative", "landmark"))
+    # softcap, sigmoid and softplus (a tanh, the weights' logarithm): the unfused recomputation; music_relative and
+    # landmark: their score tables (from q, and k) are differentiated
+    assert bool(calls) == (name not in ("softcap", "sigmoid", "softplus", "music_relative", "landmark"))
 
 
 def test_fused_backward_with_empty_rows_and_padded_tiles():

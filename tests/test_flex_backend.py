@@ -565,6 +565,7 @@ CONFORMANCE = {
              "ki": lambda n, g: torch.randn(n, 4, generator=g, dtype=torch.float64),
              "w": lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)}, (), (8, 4)),
     "sigmoid": ({"length": 30, "is_causal": True}, None, 30, (4, 2), {}, (), (8, 4)),
+    "softplus": ({}, None, 30, (4, 2), {}, (), (8, 4)),
     "music_relative": ({"max_relative": 9}, None, 30, (4, 2),
                        {"E": lambda n, g: torch.randn(4, 9, 8, generator=g, dtype=torch.float64)}, ("E",), (8, 4)),
     "seer": ({"block": 8, "topk": 2}, None, 30, (4, 2),

@@ -511,6 +511,7 @@ STDLIB = {
     "music_relative": (dict(max_relative=6), 40, None, 1, (8,), (8,), None),
     "landmark": (dict(block=5), 40, None, 1, (8,), (8,), None),
     "sigmoid": (dict(length=40, is_causal=True), 40, None, 1, (8,), (8,), None),
+    "softplus": ({}, 40, None, 1, (8,), (8,), None),
     "freeswim": (dict(half_height=1, half_width=2), None, {"frames": 3, "height": 6, "width": 8}, 1, (1, 2, 4), (2, 2, 4),
                  None),
     "moa": (dict(alpha=[-6, 9, 20], beta=[0.5, 0.1, 0.0], max_new_tokens=4, block=4, minimum=8), 61, None, 3, (8,), (4,),

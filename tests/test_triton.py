@@ -122,6 +122,7 @@ STDLIB = {
     "alibi": ({}, None, 40, None, 16),
     "softcap": ({"cap": 1.5}, None, 40, None, 16),
     "sigmoid": ({"length": 40, "is_causal": True}, None, 40, None, 16),
+    "softplus": ({}, None, 40, None, 16),
     "forgetting": ({}, None, 40,
                    lambda n: {"g": (-torch.rand(2, n, generator=torch.Generator().manual_seed(3))).requires_grad_()},
                    16),

@@ -77,6 +77,26 @@ def test_every_backend_matches_the_formula_forward_and_backward(backend, functio
         torch.testing.assert_close(a.grad.double(), r.grad, **tol, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_softplus_far_below_zero_keeps_its_digits_and_gradients(backend):
+    """Scores from about -90 to 90 (scale 12): softplus(s) below s = -17 is e^s to float32's rounding, and its
+    logarithm and derivative stay finite (the kernels' log(1 + e^s) was 0 there: a weight of 0 and NaN gradients)."""
+    q, k, v, b = _inputs(3)
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-11, atol=1e-11)
+    ref = [x.clone().requires_grad_() for x in (q, k, v, b)]
+    mine = [x.detach().to(dtype).requires_grad_() for x in ref]
+    want, _ = _reference(*ref, "softplus", 2, True, 12.0)
+    assert float((12.0 * (q @ k.repeat_interleave(2, 1).transpose(-1, -2))).min()) < -80
+    out = attnc.compile_attention(_source("softplus", 2, True), backend=backend)(*mine[:3], b=mine[3], scale=12.0)
+    torch.testing.assert_close(out.double(), want, **tol)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (want * dout).sum().backward()
+    (out.double() * dout).sum().backward()
+    for name, a, r in zip(("q", "k", "v", "b"), mine, ref, strict=True):
+        torch.testing.assert_close(a.grad.double(), r.grad, **tol, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "flex", "triton"])
 def test_queries_after_a_kv_cache(backend):
     q, k, v, b = _inputs(3)

@@ -27,15 +27,25 @@ def scale_in_exponent(pat) -> bool:
 
 
 #: ``weights F(s) ** P``: the logarithm of F of ``wx`` (the score in natural units) and its derivative, as Triton
-#: expressions (``compiler.weights`` holds the same formulas in torch). The kernels' log1p is log(1 + .), exact to
-#: float32's rounding of 1 + e^-|x|.
+#: expressions (``compiler.weights`` holds the same formulas in torch). The sigmoid's log1p is log(1 + .), exact to
+#: float32's rounding of 1 + e^-|x| (a term next to min(x, 0)); softplus takes the lines of ``WEIGHT_PRELUDE``.
 WEIGHT_LINES = {
     "exp": ("wx", "1.0"),
     "sigmoid": ("tl.minimum(wx, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(wx)))", "1.0 / (1.0 + tl.exp(wx))"),
-    "softplus": ("tl.where(wx < -80.0, wx, tl.log(tl.where(wx < -80.0, 1.0, tl.maximum(wx, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(wx))))))",
-                 "tl.where(wx < -80.0, 1.0, 1.0 / ((1.0 + tl.exp(-wx)) * (tl.maximum(wx, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(wx))))))"),
+    "softplus": ("tl.where(wx < -80.0, wx, tl.log(tl.where(wx < -80.0, 1.0, wsp)))",
+                 "tl.where(wx < -80.0, 1.0, 1.0 / ((1.0 + tl.exp(-wx)) * wsp))"),
     "relu": ('tl.where(wx > 0.0, tl.log(tl.where(wx > 0.0, wx, 1.0)), float("-inf"))',
              "tl.where(wx > 1e-30, 1.0 / tl.where(wx > 1e-30, wx, 1.0), 0.0)"),
+}
+
+
+#: Lines a weight function's expressions read. softplus(x) = max(x, 0) + log1p(e^-|x|), with log1p(u) as
+#: log(1 + u) * u / ((1 + u) - 1) (u where 1 + u rounds to 1): exact to float32's rounding where e^x is the whole
+#: of it, below x = -17 (log(1 + u) there is 0, and the weight's logarithm and derivative were -inf and a NaN).
+WEIGHT_PRELUDE = {
+    "softplus": ["we = tl.exp(-tl.abs(wx))",
+                 "w1 = 1.0 + we",
+                 "wsp = tl.maximum(wx, 0.0) + tl.where(w1 == 1.0, we, tl.log(w1) * (we / (w1 - 1.0)))  # softplus(wx)"],
 }
 
 
@@ -136,7 +146,7 @@ class ScoreLines:
         power = float(w.power)
         log_f, dlog_f = WEIGHT_LINES[w.function]
         lines = [f"# weights {w.describe()}: the scores become their base-2 logarithms (wx: the score in natural units)",
-                 f"wx = s * {LN2!r}",
+                 f"wx = s * {LN2!r}", *WEIGHT_PRELUDE.get(w.function, ()),
                  f"s = {power * LOG2E!r} * ({log_f})"]
         if grad:
             lines.append(f"wd = {power!r} * ({dlog_f})  # d s / d(score before the weights)")

@@ -15,6 +15,9 @@ def refuse(pat: ir.PatternIR, where: str) -> None:
     if pat.weights is not None:
         raise SpecError(f"'{pat.name}' weights its scores by {pat.weights.describe()}: context parallelism runs "
                         "softmax patterns only in this version", where=where)
+    if pat.score_scale is not None:
+        raise SpecError(f"'{pat.name}' scales each query's scores by {pat.score_scale}: context parallelism does not "
+                        "run a score scale in this version", where=where)
     table = next((d.derived[0] for d in clusters.derived_inputs(pat) if d.derived[0] in clusters.SCORE_TABLES), None)
     if table is not None:
         raise SpecError(f"'{pat.name}' reads a score table made from the whole sequence ({table}()): context "
