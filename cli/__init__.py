@@ -164,7 +164,10 @@ def _show_combined(args, pat, heads: int | None) -> int:
     n = args.n if args.n is not None else SHOW_DEFAULT_N
     if args.n is None:
         print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
-    terms = " + ".join(b if g is None else f"{g} * {b}" for g, b in pat.terms)
+    if pat.merge == "softmax":
+        terms = f"one softmax over the keys of {', '.join(b for _, b in pat.terms)}"
+    else:
+        terms = " + ".join(b if g is None else f"{g} * {b}" for g, b in pat.terms)
     print(f"{pat.name}: {len(pat.branches)} branches over the same queries, combined as {terms}")
     for b in pat.branches:
         print()

@@ -409,7 +409,8 @@ class Branch:
     """One attention of a combined pattern (``branch NAME``): an ordinary ``PatternIR`` over the combined
     pattern's queries. ``pool`` is ``("mean", SIZE)`` when its keys and values are the means of runs of
     SIZE keys (``keys pooled(mean, SIZE)``: the branch is then a cross attention whose key ``k`` is the
-    run's index); ``probs_of`` names the branch whose attention probabilities score its route
+    run's index), ``("max", SIZE)`` when its keys are the runs' elementwise maxima and its values each run's
+    attention by its elementwise-max query (``keys pooled(max, SIZE)``, Combiner's summaries); ``probs_of`` names the branch whose attention probabilities score its route
     (``by probs(NAME)``; the scores reach the route as the input ``pattern.route.scores``)."""
 
     name: str
@@ -421,7 +422,9 @@ class Branch:
 @dataclass(frozen=True)
 class CombinedIR:
     """Several attentions over the same queries, combined (``branch`` ... ``combine``): the output is
-    ``sum(gate[h, q] * branch_out)`` over ``terms`` (gate None: weight 1). ``gates`` are the call-time
+    ``sum(gate[h, q] * branch_out)`` over ``terms`` (gate None: weight 1), or with ``merge`` "softmax"
+    (``combine softmax(A, B, ...)``) one softmax over every branch's keys: the branches' outputs weighted by
+    ``exp(lse_branch - lse)``, ``lse`` the log-sum-exp of theirs. ``gates`` are the call-time
     inputs ``float[heads, n]`` the combination reads; ``inputs`` every input a call passes (the gates
     and the branches' own, not the route scores the pattern computes)."""
 
@@ -433,6 +436,7 @@ class CombinedIR:
     params: tuple[tuple[str, object], ...]
     filename: str = field(default="<spec>", compare=False)
     source: str | None = field(default=None, compare=False)
+    merge: str = "sum"
 
     kind = "combined"
     self_attention = True
@@ -442,7 +446,7 @@ class CombinedIR:
 
     def key(self) -> str:
         return _key("combined", tuple((b.name, b.pattern.key(), b.pool, b.probs_of) for b in self.branches),
-                    self.terms, self.gates)
+                    self.terms, self.gates, *(() if self.merge == "sum" else (self.merge,)))
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,17 @@ Every branch is an ordinary ``PatternIR`` run by its own ``Attention`` on the ch
 backend runs it unchanged; what a combined pattern adds is plain torch, differentiable:
 
 - a pooled branch (``keys pooled(mean, SIZE)``) gets the means of runs of SIZE keys and values (the
-  last, shorter run the mean of its own tokens), as flash-linear-attention's ``mean_pooling``;
+  last, shorter run the mean of its own tokens), as flash-linear-attention's ``mean_pooling``; with
+  ``keys pooled(max, SIZE)`` (Combiner's summaries) the runs' elementwise-max keys, and as values each run's
+  own attention (softmax of ``scale * qmax . k`` over the run's keys) by the run's elementwise-max query
+  (``pool_summary``: one value per query head);
 - a route ``by probs(NAME)`` gets its scores as an input: NAME's attention probabilities (softmax of
   ``scale * q . k`` over the keys NAME's mask allows; 0 for a query with none), averaged over the query
   heads of each GQA group (one selection per KV head, as NSA's kernels load one KV block per group);
   not differentiated, as any route's selection;
-- the output ``sum(gate[b, h, q] * branch_out)`` over the ``combine`` terms (gates differentiable);
+- the output ``sum(gate[b, h, q] * branch_out)`` over the ``combine`` terms (gates differentiable), or with
+  ``combine softmax(A, B, ...)`` the branches merged by their log-sum-exps into one softmax over all their
+  keys (``merge_softmax``);
 - packed sequences (``cu_seqlens``): each sequence computed alone, every input cut along its tokens.
 """
 
@@ -40,6 +45,53 @@ def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(work, (0, 0, 0, runs * size - N))
     counts = (N - torch.arange(runs, device=x.device) * size).clamp(max=size).to(work.dtype)
     return (padded.view(B, H, runs, size, D).sum(3) / counts[:, None]).to(x.dtype)
+
+
+def _runs(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """``x`` ``[B, H, N, D]`` as ``[B, H, ceil(N / size), size, D]`` in its compute dtype, the last run padded
+    with ``fill``."""
+    B, H, N, D = x.shape
+    runs = -(-N // size)
+    work = x.to(compute_dtype(x.dtype))
+    return torch.nn.functional.pad(work, (0, 0, 0, runs * size - N), value=fill).view(B, H, runs, size, D)
+
+
+def pool_max(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Elementwise maxima of runs of ``size`` tokens: ``[B, H, N, D]`` -> ``[B, H, ceil(N / size), D]`` (the last
+    run, when shorter, of its own tokens), in x's dtype."""
+    return _runs(x, size, -math.inf).amax(3).to(x.dtype)
+
+
+def pool_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combiner's max summaries of runs of ``size`` tokens (``keys pooled(max, SIZE)``): the keys' elementwise
+    maxima, and as values each run's attention over its own keys (all of them) by its elementwise-max query,
+    ``softmax(scale * qmax_r . k_j) v_j``. Both per query head, ``[B, Hq, ceil(N / size), D | Dv]`` (the
+    values differ per query head, so the keys are repeated to match), in q's dtype; differentiable."""
+    Hq, Hkv, N = q.shape[1], k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    qmax = _runs(q, size, -math.inf).amax(3)  # [B, Hq, R, D]
+    kr, vr = _runs(k, size, 0.0), _runs(v, size, 0.0)  # [B, Hkv, R, size, D]
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else qmax.dtype
+    kr, vr = kr.to(dtype).repeat_interleave(group, 1), vr.to(dtype).repeat_interleave(group, 1)
+    score = torch.einsum("bhrd,bhrsd->bhrs", qmax.to(dtype), kr) * scale
+    inside = torch.arange(kr.shape[2] * size, device=q.device).view(kr.shape[2], size) < N  # the last run's pad
+    weights = torch.softmax(score.masked_fill(~inside, -math.inf), dim=-1)
+    values = torch.einsum("bhrs,bhrsd->bhrd", weights, vr)
+    return pool_max(k, size).repeat_interleave(group, 1).to(q.dtype), values.to(q.dtype)
+
+
+def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attentions over disjoint key sets merged into the one softmax over all their keys: each output weighted
+    by ``exp(lse_i - lse)``, ``lse`` the log-sum-exp of theirs (a branch with no key, lse -inf, weighs 0; a row
+    with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64 outputs); differentiable."""
+    dtype = compute_dtype(outs[0].dtype)
+    stacked = torch.stack([x.to(dtype) for x in lses])
+    lse = torch.logsumexp(stacked, dim=0)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=dtype, device=lse.device))
+    weights = torch.exp(stacked - safe)  # exp(-inf) = 0 for a branch with no key
+    out = sum(w[..., None] * o.to(dtype) for w, o in zip(weights, outs, strict=True))
+    return out, lse
 
 
 def mask_only(pat: ir.PatternIR) -> bool:
@@ -209,6 +261,10 @@ class CombinedAttention(torch.nn.Module):
         if cu_seqlens is not None:
             raise SpecError(f"'{name}' (a combined pattern) takes packed sequences with as many keys as queries",
                             where="argument cu_seqlens", hint="decode each sequence with its own KV cache")
+        if self.pattern.merge == "softmax":
+            raise SpecError(f"'{name}' merges its branches into one softmax (combine softmax(...)): queries after a "
+                            "KV cache are not supported for it in this version", where="argument k",
+                            hint="call with every token (as many queries as keys)")
         for b in self.pattern.branches:
             if b.pool is not None and not mask_only(b.pattern):
                 raise SpecError(f"branch '{b.name}' of '{name}' pools its keys and has more than a mask: queries "
@@ -236,12 +292,14 @@ class CombinedAttention(torch.nn.Module):
         cached = nk > q.shape[2]
         sizes = dict(sizes or {})
         bounds = self.__dict__.setdefault("_bounds", PlanCache())  # bounded: a decode step is a new nk
-        outs, pooled, probs = {}, {}, {}
+        outs, pooled, probs, lses = {}, {}, {}, {}
+        merged = self.pattern.merge == "softmax"
         for b in self.pattern.branches:
             kb, vb = k, v
             if b.pool is not None:
                 size = int(b.pool[1])
-                kb, vb = pooled[b.name] = pool_mean(k, size), pool_mean(v, size)
+                kb, vb = pooled[b.name] = (pool_mean(k, size), pool_mean(v, size)) if b.pool[0] == "mean" else \
+                    pool_summary(q, k, v, size, scale)
             args = {d.name: own[d.name] for d in b.pattern.inputs if d.name in own}
             if cached and b.pool is not None:
                 p = probs[b.name] = pooled_probs(b.pattern, q, kb, scale, own, sizes, nk, bounds)
@@ -254,7 +312,14 @@ class CombinedAttention(torch.nn.Module):
                     with torch.no_grad():
                         p = pooled_probs(source.pattern, q, pooled[source.name][0], scale, own, sizes, nk, bounds)
                 args[b.pattern.route.scores] = group_mean(p, k.shape[1])
+            if merged:
+                outs[b.name], lses[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes,
+                                                                   return_lse=True, **args)
+                continue
             outs[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes, **args)
+        if merged:
+            names = [name for _, name in self.pattern.terms]
+            return merge_softmax([outs[n] for n in names], [lses[n] for n in names])[0].to(q.dtype)
         out = None
         for gate, name in self.pattern.terms:
             term = outs[name] if gate is None else gates[gate][..., None] * outs[name]
@@ -314,8 +379,10 @@ def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int 
     if nk is not None and nk != n:
         raise SpecError(f"'{pat.name}' (a combined pattern) takes as many keys as queries", where="argument nk")
     reports = {}
+    merge = "the merge into one softmax" if pat.merge == "softmax" else "the gated sum"
     notes = ["the combined prediction is the sum of the branches' predicted times (each branch its own kernel); "
-             "the key pooling, the probabilities that score a route by probs(...) and the gated sum are not modelled"]
+             f"the key pooling (a max summary's attention within each run too), the probabilities that score a "
+             f"route by probs(...) and {merge} are not modelled"]
     for b in pat.branches:
         given = {d.name: inputs[d.name] for d in b.pattern.inputs if inputs and d.name in inputs}
         keys = None if b.pool is None else -(-int(n) // int(b.pool[1]))

@@ -29,7 +29,11 @@ from .check_types import INT
 from .checker import Checker
 
 #: The clauses a branch may hold; the layout, lets and inputs stand before the first branch.
-BRANCH_CLAUSES = "mask, bias, softcap, route, keys pooled(mean, SIZE)"
+BRANCH_CLAUSES = "mask, bias, softcap, route, keys pooled(mean | max, SIZE)"
+
+#: ``keys pooled(F, SIZE)``: the runs' means (keys and values), or their maxima (keys) and their own attention
+#: by the maximum query (values: Combiner's summaries)
+POOLINGS = ("mean", "max")
 
 
 def has_branches(decl: ast.Declaration) -> bool:
@@ -102,12 +106,26 @@ def _terms(module: ast.Module, node: ast.Expr) -> list[ast.Expr]:
 
 
 def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs: dict[str, ir.InputDecl]
-             ) -> tuple[tuple[tuple[str | None, str], ...], tuple[ir.InputDecl, ...]]:
-    """The terms (gate or None, branch) and the gates, each checked at its position."""
+             ) -> tuple[tuple[tuple[str | None, str], ...], tuple[ir.InputDecl, ...], str]:
+    """The terms (gate or None, branch), the gates, each checked at its position, and the merge: "sum" (``G1 *
+    A + G2 * B``) or "softmax" (``softmax(A, B, ...)``: one softmax over every branch's keys, no gates)."""
     terms: list[tuple[str | None, str]] = []
     gates: dict[str, ir.InputDecl] = {}
     hint = "combine G1 * " + " + G2 * ".join(names[:2])
-    for term in _terms(module, combine.value):
+    node = combine.value
+    if isinstance(node, ast.Call) and node.func == "softmax":
+        if node.kwargs or len(node.args) < 2 or not all(isinstance(a, ast.Name) for a in node.args):
+            raise _error(module, "'combine softmax(...)' takes two or more branches by name", node.pos,
+                         hint="combine softmax(" + ", ".join(names[:2]) + ")")
+        for a in node.args:
+            if a.id not in names:
+                raise _error(module, f"no branch '{a.id}'", a.pos,
+                             hint=did_you_mean(a.id, names) or "branches: " + ", ".join(names))
+            if any(b == a.id for _, b in terms):
+                raise _error(module, f"branch '{a.id}' appears twice in 'combine'", a.pos)
+            terms.append((None, a.id))
+        return tuple(terms), (), "softmax"
+    for term in _terms(module, node):
         if isinstance(term, ast.Name):
             gate, branch = None, term
         elif (isinstance(term, ast.Binary) and term.op == "*" and isinstance(term.left, ast.Name)
@@ -132,7 +150,7 @@ def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs:
                                      f"{decl.dtype}[{', '.join(decl.dim_names)}]", gate.pos)
             gates[gate.id] = decl
         terms.append((gate.id if gate is not None else None, branch.id))
-    return tuple(terms), tuple(gates.values())
+    return tuple(terms), tuple(gates.values()), "sum"
 
 
 def _pooled(module: ast.Module, shared: list[ast.Clause], clauses: list[ast.Clause]):
@@ -145,8 +163,9 @@ def _pooled(module: ast.Module, shared: list[ast.Clause], clauses: list[ast.Clau
         raise _error(module, "'keys pooled(...)' is given twice in this branch", pooled[1].pos)
     if c.role != "keys":
         raise _error(module, f"only the keys are pooled: 'keys pooled({c.func}, SIZE)'", c.pos)
-    if c.func != "mean":
-        raise _error(module, f"unknown pooling '{c.func}' (this version pools by 'mean')", c.func_pos)
+    if c.func not in POOLINGS:
+        raise _error(module, f"unknown pooling '{c.func}' (this version pools by {' or '.join(map(repr, POOLINGS))})",
+                     c.func_pos)
     layouts = [s for s in shared if isinstance(s, ast.LayoutClause)]
     if any(s.role != "tokens" or s.layout.kind != "seq" for s in layouts):
         raise _error(module, "pooled keys need the pattern's layout to be 'tokens seq'", c.pos)
@@ -211,7 +230,7 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
             raise _error(module, f"branch '{branch.name}' has the name of "
                                  + ("an input" if branch.name in head.inputs else "a parameter"), branch.name_pos,
                          hint="'combine' reads gates and branches by name: give the branch its own")
-    terms, gates = _combine(module, combine, branch_names, head.inputs)
+    terms, gates, merge = _combine(module, combine, branch_names, head.inputs)
     gate_set = {g.name for g in gates}
     # a branch does not see the gates (the combination reads them)
     shared = [c for c in shared if not (isinstance(c, ast.Input) and c.name in gate_set)]
@@ -223,7 +242,7 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
         pool = None
         if pooled is not None:
             size = _pool_size(module, checker, pooled)
-            pool = ("mean", size)
+            pool = (pooled.func, size)
         if by_probs is not None:
             block = pat.route.block[0]
             if sympy.simplify(block - source.pool[1]) != 0:
@@ -249,7 +268,7 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
                 inputs.setdefault(d.name, d)
     params_ir = next(iter(done.values())).pattern.params
     return ir.CombinedIR(decl.name, tuple(done.values()), terms, gates, tuple(inputs.values()), params_ir,
-                         module.filename, module.source)
+                         module.filename, module.source, merge)
 
 
 def _pool_size(module: ast.Module, checker: Checker, c: ast.PooledKeys) -> sympy.Expr:

@@ -38,6 +38,9 @@ def all_unknown_names(err: SpecError, module: ast.Module, decl: ast.Declaration,
     known = _defined(decl) | FIXED_NAMES
     inputs = [c.name for c in decl.clauses if isinstance(c, ast.Input)]
     found: dict[tuple[int, int], tuple[str, str, list[str]]] = {}  # position -> message, name, near
+    # `combine softmax(A, B)`: the merge is a word of the combine clause, not a function
+    merges = [c.value for c in decl.clauses if isinstance(c, ast.Combine) and isinstance(c.value, ast.Call)
+              and c.value.func == "softmax"]
     for node in _nodes(decl.clauses):
         if isinstance(node, ast.Name) and node.id not in known and node.id not in BUILTINS \
                 and resolve(node.id, module) is None:
@@ -46,7 +49,7 @@ def all_unknown_names(err: SpecError, module: ast.Module, decl: ast.Declaration,
         elif isinstance(node, ast.Index) and node.name not in known:
             found[node.pos.line, node.pos.col] = (f"'{node.name}' is not an input", node.name,
                                                   inputs)
-        elif isinstance(node, ast.Call) and node.func not in BUILTINS \
+        elif isinstance(node, ast.Call) and node.func not in BUILTINS and node not in merges \
                 and resolve(node.func, module) is None:
             found[node.func_pos.line, node.func_pos.col] = (
                 f"unknown function or pattern '{node.func}'", node.func,

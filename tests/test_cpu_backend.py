@@ -153,9 +153,10 @@ STDLIB = {
 }
 
 
-#: Combined patterns (several attentions summed: no single lse for this table's comparison); tests/test_nsa.py
-#: runs them on every backend against the reference, forward and backward.
-COMBINED = {"nsa"}
+#: Combined patterns (several attentions summed or merged: no single lse for this table's comparison);
+#: tests/test_nsa.py and tests/test_combiner.py run them on every backend against float64 references, forward
+#: and backward.
+COMBINED = {"nsa", "combiner"}
 #: Bucketed patterns (a token's output averages its buckets' attentions: no single lse); tests/test_bucketed.py
 #: runs them against a naive float64 loop, forward and backward.
 BUCKETED = {"routing_transformer"}

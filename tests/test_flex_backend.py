@@ -624,12 +624,12 @@ def _stdlib_softmax_patterns() -> set[str]:
 
 def test_conformance_covers_the_stdlib():
     """A new stdlib softmax pattern must get a conformance entry (recurrences are refused by flex). Combined
-    patterns (several attentions summed: no single mask or lse to compare here) are listed by name;
-    tests/test_nsa.py runs them on flex against the reference, forward and backward."""
+    patterns (several attentions summed or merged: no single mask or lse to compare here) are listed by name;
+    tests/test_nsa.py and tests/test_combiner.py run them on flex, forward and backward."""
     from attnc.spec.library import stdlib_index
 
     assert set(CONFORMANCE) == _stdlib_softmax_patterns()
-    assert {name for name in stdlib_index() if _load(name).kind == "combined"} == {"nsa"}
+    assert {name for name in stdlib_index() if _load(name).kind == "combined"} == {"nsa", "combiner"}
     assert {name for name in stdlib_index() if _load(name).kind == "bucketed"} == {"routing_transformer"}
 
 

@@ -349,7 +349,7 @@ BAD = [  # (replace this, with that), the message, the line of the error
     (("ga * fine + coarse", "fine * ga + coarse"), None, None),  # BRANCH * GATE is GATE * BRANCH
     (("ga * fine + coarse", "fine * fine + coarse"), "is not an input", 12),
     (("branch fine", "branch coarse"), "declared twice", 9),
-    (("pooled(mean, block)", "pooled(max, block)"), "unknown pooling 'max'", 7),
+    (("pooled(mean, block)", "pooled(min, block)"), "unknown pooling 'min'", 7),
     (("pooled(mean, block)", "pooled(mean, blk)"), "'blk' is not a parameter", 7),
     (("blocks(block) by probs(coarse)", "blocks(8) by probs(coarse)"), "must be the runs", 11),
     (("by probs(coarse)", "by probs(fine)"), "no earlier branch 'fine'", 11),

@@ -83,6 +83,7 @@ EXPECTED_DEFAULTS = {
     "xattention": {"block": 128, "stride": 16, "threshold": 0.9, "chunk": 16384},
     "vertical_slash": {"vertical": 1000, "slash": 6096, "last_q": 64, "sinks": 30, "local": 100, "slash_min": 50},
     "nsa": {"block": 64, "selected": 16, "window": 512},
+    "combiner": {"block": 128},
     "retention": {},
     "lightning": {},
     "lightning_fla": {"layer_idx": 0, "num_layers": 1},

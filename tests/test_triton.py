@@ -160,11 +160,11 @@ def test_stdlib_table_covers_every_softmax_pattern():
     from attnc.spec.library import stdlib_index
 
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"}
-    # combined patterns (several attentions summed, no single lse for compare()): tests/test_nsa.py runs
-    # them on triton against the reference, forward and backward
+    # combined patterns (several attentions summed or merged, no single lse for compare()): tests/test_nsa.py
+    # and tests/test_combiner.py run them on triton, forward and backward
     kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
     combined = {name for name, kind in kinds.items() if kind == "combined"}
-    assert combined == {"nsa"}
+    assert combined == {"nsa", "combiner"}
     # bucketed patterns (buckets attended in torch on every backend): tests/test_bucketed.py
     bucketed = {name for name, kind in kinds.items() if kind == "bucketed"}
     assert bucketed == {"routing_transformer"}
