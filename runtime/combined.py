@@ -49,11 +49,13 @@ def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _runs(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     """``x`` ``[B, H, N, D]`` as ``[B, H, ceil(N / size), size, D]`` in its compute dtype, the last run padded
-    with ``fill``."""
+    with ``fill`` (a view of x where it needs neither a copy nor a pad)."""
     B, H, N, D = x.shape
     runs = -(-N // size)
     work = x.to(compute_dtype(x.dtype))
-    return torch.nn.functional.pad(work, (0, 0, 0, runs * size - N), value=fill).view(B, H, runs, size, D)
+    if runs * size != N:
+        work = torch.nn.functional.pad(work, (0, 0, 0, runs * size - N), value=fill)
+    return work.reshape(B, H, runs, size, D)
 
 
 def pool_max(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -70,15 +72,16 @@ def pool_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, s
     values differ per query head, so the keys are repeated to match), in q's dtype; differentiable."""
     Hq, Hkv, N = q.shape[1], k.shape[1], k.shape[2]
     group = Hq // Hkv
-    qmax = _runs(q, size, -math.inf).amax(3)  # [B, Hq, R, D]
-    kr, vr = _runs(k, size, 0.0), _runs(v, size, 0.0)  # [B, Hkv, R, size, D]
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else qmax.dtype
-    kr, vr = kr.to(dtype).repeat_interleave(group, 1), vr.to(dtype).repeat_interleave(group, 1)
-    score = torch.einsum("bhrd,bhrsd->bhrs", qmax.to(dtype), kr) * scale
-    inside = torch.arange(kr.shape[2] * size, device=q.device).view(kr.shape[2], size) < N  # the last run's pad
-    weights = torch.softmax(score.masked_fill(~inside, -math.inf), dim=-1)
-    values = torch.einsum("bhrs,bhrsd->bhrd", weights, vr)
-    return pool_max(k, size).repeat_interleave(group, 1).to(q.dtype), values.to(q.dtype)
+    heads = (lambda x: x.repeat_interleave(group, 1)) if group > 1 else (lambda x: x)  # noqa: E731
+    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else compute_dtype(q.dtype)
+    qmax = _runs(q, size, -math.inf).amax(3).to(dtype)  # [B, Hq, R, D]
+    kr, vr = heads(_runs(k, size, 0.0).to(dtype)), heads(_runs(v, size, 0.0).to(dtype))  # [B, Hq, R, size, D]
+    score = torch.einsum("bhrd,bhrsd->bhrs", qmax, kr) * scale
+    if N % size:  # the last run's padded slots weigh 0
+        inside = torch.arange(kr.shape[2] * size, device=q.device).view(kr.shape[2], size) < N
+        score = score.masked_fill(~inside, -math.inf)
+    values = torch.einsum("bhrs,bhrsd->bhrd", torch.softmax(score, dim=-1), vr)
+    return heads(pool_max(k, size)), values.to(q.dtype)
 
 
 def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
