@@ -161,6 +161,9 @@ def _show_combined(args, pat, heads: int | None) -> int:
     if args.png:
         raise SpecError(f"'{pat.name}' combines several attentions: --png draws one mask", where="argument --png",
                         hint="show it without --png (each branch in turn)")
+    if args.nk is not None:
+        raise SpecError(f"'{pat.name}' combines attentions over one sequence: show draws each branch over --n tokens",
+                        where="argument --nk", hint="leave --nk out (a pooled branch's keys are its runs)")
     n = args.n if args.n is not None else SHOW_DEFAULT_N
     if args.n is None:
         print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")

@@ -260,9 +260,12 @@ CALL_KEYWORDS = ("scale", "return_lse", "initial_state", "return_state", "sizes"
                  "key_summary")
 
 
-def unknown_input_hint(name: str, declared) -> str:
-    """The hint for a keyword that is no declared input: the closest input, else the closest
-    keyword of the call (``return_lsee``: 'return_lse'), else the inputs there are."""
+def unknown_input_hint(name: str, declared, params=()) -> str:
+    """The hint for a keyword that is no declared input: a parameter of that name (set when compiling), the
+    closest input, else the closest keyword of the call (``return_lsee``: 'return_lse'), else the inputs there
+    are."""
+    if name in params:
+        return f"'{name}' is a parameter of the pattern: set it when compiling, compile_attention(..., {name}=...)"
     close = did_you_mean(name, declared)
     if close:
         return close
@@ -293,7 +296,7 @@ def bind_inputs(
     for name in inputs:
         if name not in declared:
             raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}",
-                            hint=unknown_input_hint(name, declared))
+                            hint=unknown_input_hint(name, declared, dict(pat.params)))
     out: dict[str, torch.Tensor] = {}
     found_batch = None
     for name, decl in declared.items():

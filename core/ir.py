@@ -292,7 +292,7 @@ class PatternIR:
     #: ``weights F(s) ** P [/ sum]``; None: softmax (``exp(s) / sum``)
     weights: Weights | None = field(default=None, metadata={"key": "when set"})
     #: ``scale E``: each query's dot products times E (of q, h, parameters and sizes) besides the call's scale,
-    #: folded into the queries before any backend runs (``runtime.numerics.scaled_queries``); None: 1
+    #: folded into the queries before any backend runs (``runtime.api.Attention._score_scale``); None: 1
     score_scale: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
 
     kind = "pattern"

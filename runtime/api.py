@@ -418,15 +418,33 @@ class Attention(torch.nn.Module):
         in q's compute dtype (float32, float64 for float64 q): multiplied into q (the product rounded to q's
         dtype), it scales each query's dot products, on every backend and path, differentiably."""
         _, Hq, Nq, D = q.shape
-        bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
-        dev = q.device
-        env = E.token_env(self.pattern, bound, torch.arange(Nq, device=dev).view(1, 1, -1, 1),
-                          torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=dev),
-                          torch.arange(Hq, device=dev).view(1, -1, 1, 1))
-        value = E.as_tensor(E.Evaluator(env, {}, set(), None)(E.substitute(self.pattern.score_scale, bound)),
-                            torch.float64)
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        return torch.broadcast_to(value.to(device=dev), (1, Hq, Nq, 1)).to(dtype)
+        key = (Nq, Nk, Hq, D, tuple(sorted(all_sizes.items())), q.device, dtype)
+        cache = self.__dict__.setdefault("_score_scales", PlanCache(BOUND_CACHE_SIZE))
+        if key in cache:
+            return cache[key]
+        bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
+        # checked on the host, made on q's device (a copy from the host would wait for the device's queue)
+        host = self._score_scale_values(bound, Hq, Nq, torch.device("cpu"))
+        bad = (~torch.isfinite(host)).nonzero()
+        if len(bad):
+            h, row = int(bad[0, 1]), int(bad[0, 2])
+            raise SpecError(f"the score scale of '{self.pattern.name}', {self.pattern.score_scale}, is "
+                            f"{float(host[bad[0].unbind()])} at query {row + bound.q_offset} (head {h}): it must be a "
+                            "finite number at every query",
+                            where="argument q", hint="keep the scale finite (log(q + 1), not log(q))")
+        value = cache[key] = self._score_scale_values(bound, Hq, Nq, q.device).to(dtype)
+        return value
+
+    def _score_scale_values(self, bound: E.Bound, Hq: int, Nq: int, device: torch.device) -> torch.Tensor:
+        """``scale E`` at every (head, query row) of ``bound``, float64 ``[1, Hq, Nq, 1]`` on ``device``."""
+        env = E.token_env(self.pattern, bound, torch.arange(Nq, device=device).view(1, 1, -1, 1),
+                          torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=device),
+                          torch.arange(Hq, device=device).view(1, -1, 1, 1))
+        value = E.Evaluator(env, {}, set(), None)(E.substitute(self.pattern.score_scale, bound))
+        if not isinstance(value, torch.Tensor):  # a constant: made where it is used
+            return torch.full((1, Hq, Nq, 1), float(value), dtype=torch.float64, device=device)
+        return torch.broadcast_to(value.to(torch.float64), (1, Hq, Nq, 1))
 
     def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:
         """The sizes of a call bound and checked (``evaluate.bind_sizes``), once per distinct shapes: binding

@@ -128,8 +128,13 @@ class BucketedAttention(torch.nn.Module):
         """Refused: the simulator has no model of bucketed patterns in this version."""
         raise not_served(self.pattern, "the simulator has no model of it in this version", "report")
 
-    def _refuse(self, return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens) -> None:
+    def _refuse(self, return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens,
+                key_summary=None) -> None:
         name = self.pattern.name
+        if key_summary is not None:
+            raise SpecError(f"'{name}' attends buckets, not key blocks: it keeps no key summary",
+                            where="argument key_summary",
+                            hint="key_summary= is for routes scored by q @ bound(k) or q @ mean(k) (quest, moba)")
         if return_lse:
             raise SpecError(f"'{name}' averages a token's attentions over its buckets: it has no single "
                             "log-sum-exp", where="argument return_lse")
@@ -148,8 +153,8 @@ class BucketedAttention(torch.nn.Module):
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                **inputs) -> torch.Tensor:
-        self._refuse(return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens)
+                key_summary=None, **inputs) -> torch.Tensor:
+        self._refuse(return_lse, initial_state, return_state, cu_seqlens, block_table, cache_seqlens, key_summary)
         layout = self.layout if layout is None else check_layout(layout)
         bnhd = layout == "bnhd"
         q, k, v = sequence_qkv(layout, q, k, v)

@@ -29,7 +29,7 @@ import torch
 from ..compiler import evaluate as E
 from ..core import ir
 from ..core import symbols as S
-from ..core.errors import SpecError, did_you_mean
+from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale
 from .frontends.layouts import check_layout, sequence_qkv
 from .numerics import compute_dtype, tied_to
@@ -90,11 +90,12 @@ def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[t
     with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64 outputs); differentiable."""
     dtype = compute_dtype(outs[0].dtype)
     stacked = torch.stack([x.to(dtype) for x in lses])
-    lse = torch.logsumexp(stacked, dim=0)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros((), dtype=dtype, device=lse.device))
-    weights = torch.exp(stacked - safe)  # exp(-inf) = 0 for a branch with no key
+    zero = torch.zeros((), dtype=dtype, device=stacked.device)
+    some = torch.isfinite(stacked).any(0)  # a row with a key in some branch (else logsumexp's gradient is NaN)
+    lse = torch.logsumexp(torch.where(some, stacked, zero), dim=0)
+    weights = torch.where(some, torch.exp(stacked - torch.where(some, lse, zero)), zero)  # exp(-inf) = 0: no key
     out = sum(w[..., None] * o.to(dtype) for w, o in zip(weights, outs, strict=True))
-    return out, lse
+    return out, torch.where(some, lse, torch.full_like(lse, -math.inf))
 
 
 def mask_only(pat: ir.PatternIR) -> bool:
@@ -143,7 +144,8 @@ def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
 class CombinedAttention(torch.nn.Module):
     """A compiled combined pattern; call it as ``attn(q, k, v, GATE=..., ...)``: q ``[B, Hq, n, D]``, k and v
     ``[B, Hkv, n, D]`` (``layout="bnhd"``: ``[B, n, H, D]``, gates ``[B, n, heads]`` as fla's), gates
-    ``[heads, n]`` or ``[B, heads, n]``; returns ``[B, Hq, n, Dv]`` in q's dtype. ``branches`` holds one
+    ``[heads, n]`` or ``[B, heads, n]``; returns ``[B, Hq, n, Dv]`` in q's dtype (and, merged into one softmax
+    with ``combine softmax(...)``, its log-sum-exp ``[B, Hq, n]`` with ``return_lse=True``). ``branches`` holds one
     ``Attention`` per branch. Differentiable in q, k, v and the gates.
 
     Queries after a KV cache (k, v ``[B, Hkv, nk, D]`` with nk > n: the queries are the last n tokens) take
@@ -167,10 +169,14 @@ class CombinedAttention(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"combined {self.pattern.name!r}, backend={self.backend!r}"
 
-    def _refuse(self, return_lse, initial_state, return_state) -> None:
+    def _refuse(self, return_lse, initial_state, return_state, key_summary=None) -> None:
         name = self.pattern.name
-        if return_lse:
-            raise SpecError(f"'{name}' sums several attentions: it has no single log-sum-exp", where="argument return_lse")
+        if key_summary is not None:
+            raise SpecError(f"'{name}' is a combined pattern: it keeps no key summary", where="argument key_summary",
+                            hint="key_summary= is for routes scored by q @ bound(k) or q @ mean(k) (quest, moba)")
+        if return_lse and self.pattern.merge != "softmax":
+            raise SpecError(f"'{name}' sums several attentions: it has no single log-sum-exp", where="argument return_lse",
+                            hint="a pattern merging its branches with 'combine softmax(...)' returns theirs")
         if initial_state is not None or return_state:
             raise SpecError("only recurrences carry a state", where="argument initial_state")
 
@@ -183,8 +189,10 @@ class CombinedAttention(torch.nn.Module):
         declared = {d.name: d for d in self.pattern.inputs}
         for name in inputs:
             if name not in declared:
-                raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}",
-                                hint=did_you_mean(name, declared) or "inputs: " + ", ".join(sorted(declared)))
+                hint = (f"{name} is a keyword of a single pattern's call, not served by a combined pattern"
+                        if name in E.CALL_KEYWORDS else E.unknown_input_hint(name, sorted(declared),
+                                                                              dict(self.pattern.params)))
+                raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}", hint=hint)
         own = {}
         for name, t in inputs.items():
             decl = declared[name]
@@ -217,8 +225,8 @@ class CombinedAttention(torch.nn.Module):
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
-                **inputs) -> torch.Tensor:
-        self._refuse(return_lse, initial_state, return_state)
+                key_summary=None, **inputs) -> torch.Tensor:
+        self._refuse(return_lse, initial_state, return_state, key_summary)
         layout = self.layout if layout is None else check_layout(layout)
         if block_table is not None or cache_seqlens is not None:  # paged KV caches: rows gathered per length
             from .frontends import paged
@@ -233,7 +241,7 @@ class CombinedAttention(torch.nn.Module):
         gates, own = self._inputs(q, k.shape[2], inputs, bnhd)
         scale = resolve_scale(scale, q.shape[-1])
         if cu_seqlens is None:
-            out = self._combined(q, k, v, gates, own, scale, sizes)
+            out, lse = self._combined(q, k, v, gates, own, scale, sizes)
         else:  # packed sequences: each computed alone (its own runs, blocks and window), joined again
             from .frontends.varlen import check_cu_seqlens
 
@@ -247,9 +255,13 @@ class CombinedAttention(torch.nn.Module):
                                             {name: g[..., cut] for name, g in gates.items()},
                                             {name: self._cut(name, t, cut) for name, t in own.items()}, scale, sizes))
             # every sequence empty: an empty output, differentiable as any call's (zero gradients)
-            out = torch.cat(parts, dim=2) if parts else tied_to(
+            out = torch.cat([o for o, _ in parts], dim=2) if parts else tied_to(
                 q.new_zeros(*q.shape[:3], v.shape[-1]), q, k, v, *gates.values(), *own.values())
-        return out.transpose(1, 2) if bnhd else out
+            lse = (torch.cat([x for _, x in parts], dim=2) if parts else q.new_zeros(*q.shape[:3])) if return_lse \
+                else None
+        if bnhd:
+            out, lse = out.transpose(1, 2), None if lse is None else lse.transpose(1, 2)
+        return (out, lse) if return_lse else out
 
     def _check_cache(self, q: torch.Tensor, k: torch.Tensor, cu_seqlens) -> None:
         """Queries after a KV cache (more keys than queries): the queries are the last n tokens; not packed, and
@@ -269,6 +281,11 @@ class CombinedAttention(torch.nn.Module):
                             "KV cache are not supported for it in this version", where="argument k",
                             hint="call with every token (as many queries as keys)")
         for b in self.pattern.branches:
+            if b.pool is not None and b.pool[0] == "max":
+                raise SpecError(f"branch '{b.name}' of '{name}' summarises runs by their max query (keys pooled(max, "
+                                "...)): a run's value reads every query of the run, so queries after a KV cache are "
+                                "not supported", where="argument k", hint="call with every token (as many queries "
+                                "as keys)")
             if b.pool is not None and not mask_only(b.pattern):
                 raise SpecError(f"branch '{b.name}' of '{name}' pools its keys and has more than a mask: queries "
                                 "after a KV cache are not supported for it in this version", where="argument k",
@@ -285,9 +302,10 @@ class CombinedAttention(torch.nn.Module):
             index[lead + dim] = cut
         return t[tuple(index)]
 
-    def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None) -> torch.Tensor:
+    def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The branches of one call (q ``[B, H, n, D]``, k, v ``[B, Hkv, nk, D]``: a KV cache when nk > n),
-        summed with their gates, in q's dtype. With a KV cache a pooled branch is computed here, as its
+        summed with their gates, in q's dtype, or merged into one softmax (then with their log-sum-exp, else None). With a KV cache a pooled branch is computed here, as its
         probabilities (``pooled_probs``, which score a route by probs(...) too) times the pooled values: every
         pooled key is read once, what the queries visit; the other branches run on their backend with the
         cache."""
@@ -322,12 +340,13 @@ class CombinedAttention(torch.nn.Module):
             outs[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes, **args)
         if merged:
             names = [name for _, name in self.pattern.terms]
-            return merge_softmax([outs[n] for n in names], [lses[n] for n in names])[0].to(q.dtype)
+            out, lse = merge_softmax([outs[n] for n in names], [lses[n] for n in names])
+            return out.to(q.dtype), lse
         out = None
         for gate, name in self.pattern.terms:
             term = outs[name] if gate is None else gates[gate][..., None] * outs[name]
             out = term if out is None else out + term
-        return out.to(q.dtype)
+        return out.to(q.dtype), None
 
 
 class CombinedReport:

@@ -116,7 +116,8 @@ def _combine(module: ast.Module, combine: ast.Combine, names: list[str], inputs:
     if isinstance(node, ast.Call) and node.func == "softmax":
         if node.kwargs or len(node.args) < 2 or not all(isinstance(a, ast.Name) for a in node.args):
             raise _error(module, "'combine softmax(...)' takes two or more branches by name", node.pos,
-                         hint="combine softmax(" + ", ".join(names[:2]) + ")")
+                         hint="combine softmax(" + ", ".join(names[:2]) + ")" if len(names) > 1 else
+                         "declare a second branch: softmax(...) merges the keys of several")
         for a in node.args:
             if a.id not in names:
                 raise _error(module, f"no branch '{a.id}'", a.pos,

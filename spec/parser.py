@@ -17,12 +17,12 @@ from . import ast
 
 #: Words that start a declaration or clause, or are expression syntax; never names.
 RESERVED = frozenset(
-    "pattern recurrence tokens queries keys let input mask bias softcap decay weights scale route "
+    "pattern recurrence tokens queries keys let input mask bias softcap decay weights route "
     "and or not in if then else true false".split()
 )
 
 #: Reserved words that may still name a declaration (they never start an expression).
-_CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay weights scale route".split())
+_CLAUSE_WORDS = frozenset("tokens queries keys let input mask bias softcap decay weights route".split())
 
 #: The comparisons that bound a parameter (``window >= 1``).
 BOUND_OPS = (">=", ">", "<=", "<")

@@ -104,3 +104,56 @@ def test_an_unknown_pooling_names_the_ones_there_are():
     with pytest.raises(SpecError, match="'mean' or 'max'") as err:
         attnc.load(spec)
     assert err.value.pos.line == 4
+
+
+def test_a_row_with_no_key_in_any_branch_outputs_zero_with_finite_gradients():
+    """A softmax merge where a query sees no key in any branch: output 0 and no NaN in any gradient (logsumexp's
+    gradient over only -inf is NaN), on every backend."""
+    spec = ("pattern m(block >= 1 = 2)\n  tokens seq\n  branch a\n    mask k < q and q // block == k // block\n"
+            "  branch b\n    mask k < q and q // block != k // block\n  combine softmax(a, b)\n")
+    q, k, v = random_qkv(3, 9)
+    for backend in ("reference", "cpu", "flex", "triton"):
+        leaves = [x.detach().clone().to(torch.float32 if backend == "triton" else torch.float64).requires_grad_()
+                  for x in (q, k, v)]
+        out = attnc.compile_attention(spec, backend=backend)(*leaves)
+        assert bool((out[:, :, 0] == 0).all()), backend
+        out.sum().backward()
+        assert all(bool(torch.isfinite(x.grad).all()) for x in leaves), backend
+
+
+def test_max_summaries_after_a_kv_cache_are_refused_in_a_sum_too():
+    spec = ("pattern s(block >= 1 = 4)\n  tokens seq\n  branch own\n    mask causal and q // block == k // block\n"
+            "  branch summaries\n    keys pooled(max, block)\n    mask k < q // block\n  combine own + summaries\n")
+    q, k, v = random_qkv(2, 12)
+    with pytest.raises(SpecError, match="reads every query of the run") as err:
+        attnc.compile_attention(spec, backend="reference")(q[:, :, -1:], k, v)
+    assert err.value.where == "argument k"
+
+
+def test_a_key_summary_is_refused_by_name():
+    q, k, v = random_qkv(2, 12)
+    with pytest.raises(SpecError, match="keeps no key summary") as err:
+        attnc.compile_attention("stdlib:combiner", block=4)(q, k, v, key_summary=attnc.KeySummary())
+    assert err.value.where == "argument key_summary"
+
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_a_softmax_merge_returns_the_one_softmaxs_lse(layout):
+    """``return_lse=True``: the log-sum-exp over both key sets, as the union pattern's, in the call's layout; also
+    with packed sequences (each its own)."""
+    spec = ("pattern p\n  tokens seq\n  branch near\n    mask causal and q - k < 3\n  branch far\n"
+            "    mask q - k >= 3 and k % 2 == 0\n  combine softmax(near, far)\n")
+    union = attnc.compile_attention("pattern u\n  tokens seq\n  mask causal and (q - k < 3 or k % 2 == 0)\n",
+                                    backend="cpu")
+    q, k, v = random_qkv(8, 19, batch=1)
+    want_out, want_lse = union(q, k, v, return_lse=True)
+    attn = attnc.compile_attention(spec, backend="cpu", layout=layout)
+    t = (lambda x: x.transpose(1, 2)) if layout == "bnhd" else (lambda x: x)  # noqa: E731
+    out, lse = attn(t(q), t(k), t(v), return_lse=True)
+    torch.testing.assert_close(t(out), want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse if layout == "bhnd" else lse.transpose(1, 2), want_lse, rtol=1e-12, atol=1e-12)
+    out, lse = attn(t(q), t(k), t(v), return_lse=True, cu_seqlens=torch.tensor([0, 7, 19]))
+    part_out, part_lse = union(q[:, :, 7:], k[:, :, 7:], v[:, :, 7:], return_lse=True)
+    got_lse = lse if layout == "bhnd" else lse.transpose(1, 2)
+    torch.testing.assert_close(got_lse[:, :, 7:], part_lse, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t(out)[:, :, 7:], part_out, rtol=1e-12, atol=1e-12)

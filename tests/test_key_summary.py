@@ -129,3 +129,15 @@ def test_misuse_is_one_clear_error():
     kept.reset()
     quest(q[:1], k[:1, :, :33], v[:1, :, :33], key_summary=kept)
     assert kept.keys == 32
+
+
+def test_a_call_again_at_a_blocks_end_reads_the_kept_blocks():
+    """A second call on the same cache, its length a whole number of blocks: nothing after the kept blocks."""
+    for name in sorted(ROUTES):
+        attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu", **ROUTES[name])
+        k, v, queries = _cache(24)
+        kept = attnc.KeySummary()
+        q = queries(1)
+        first = attn(q, k, v, key_summary=kept, return_selection=True)
+        again = attn(q, k, v, key_summary=kept, return_selection=True)
+        assert kept.keys == 24 and torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])

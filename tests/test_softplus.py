@@ -123,3 +123,22 @@ def test_a_combined_branch_refuses_a_scale():
 def test_context_parallelism_refuses_a_scale(tmp_path):
     assert_context_parallel_refuses("pattern p\n  tokens seq\n  mask causal\n  scale log(q + 2)\n",
                                     "scales each query's scores", tmp_path)
+
+
+def test_a_scale_that_is_not_finite_at_a_query_is_one_error():
+    """``log(q - 3)`` is NaN before query 3 and -inf at it: named with its position (after a KV cache, the query's
+    own)."""
+    attn = attnc.compile_attention("pattern p\n  tokens seq\n  mask causal\n  scale log(q - 3)\n", backend="cpu")
+    q, k, v = random_qkv(2, 8)
+    with pytest.raises(SpecError, match=r"is nan at query 0 \(head 0\)") as err:
+        attn(q, k, v)
+    assert err.value.where == "argument q"
+    with pytest.raises(SpecError, match=r"is -inf at query 3 \(head 0\)"):
+        attn(q[:, :, 3:], k, v)
+    assert torch.isfinite(attn(q[:, :, 6:], k, v)).all()  # queries 6 and 7 after a cache: finite there
+
+
+def test_scale_is_still_a_name_outside_the_clause():
+    pat = attnc.load("pattern p(scale = 2)\n  tokens seq\n  let w = scale + 1\n  mask q - k < w\n"
+                     "  scale scale * log(q + 2)\n")
+    assert str(pat.score_scale) == "2*log(q + 2)"

@@ -7,8 +7,9 @@ block's summary never changes; ``KeySummary`` keeps the complete blocks' and a s
 from its first incomplete block on (at most ``block - 1`` kept keys plus the new ones).
 
 The caller's promise, which is not checked (it would mean reading the keys): the keys a summary covers do not
-change between the calls that pass it (``KeySummary.keys`` of them, always a whole number of blocks). A new
-sequence in the same buffer starts with ``reset()`` or a new ``KeySummary``.
+change between the calls that pass it (``KeySummary.keys`` of them, always a whole number of blocks). So one
+``KeySummary`` serves one layer's cache of one sequence: every layer keeps its own (their shapes match, so a
+shared one is not caught), and a new sequence in the same buffer starts with ``reset()`` or a new one.
 
 ``keeping`` opens a summary for the calls inside it; ``summaries`` is what the top-k-blocks form reads: the kept
 summary where one is open and the route keeps one (``keeps``), else ``route_scores.key_summary`` of every key.
@@ -48,8 +49,9 @@ def keeps(pat: ir.PatternIR) -> str | None:
 class KeySummary:
     """The per-block key summaries (Quest's bounds, MoBA's means) of one sequence's KV cache, kept across decode
     steps: ``out = attn(q_t, k_cache[:, :, :n], v_cache[:, :, :n], key_summary=kept)`` updates ``kept`` and reads
-    only the keys after its last complete block. The keys it covers (``keys``) must not change between calls;
-    ``reset()`` starts a new sequence. Not differentiated (the selection is not)."""
+    only the keys after its last complete block. The keys it covers (``keys``) must not change between calls: one
+    ``KeySummary`` per layer and sequence (a summary shared by two layers is not detected and chooses wrong
+    blocks); ``reset()`` starts a new sequence. Not differentiated (the selection is not)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -82,10 +84,13 @@ class KeySummary:
             raise SpecError(f"this summary covers {self._keys} keys and the call has {nk}: a KV cache only grows",
                             where=WHERE, hint="a new sequence starts with key_summary.reset() or a new KeySummary")
         start = self._keys
-        tail_ids = torch.arange(nk - start, device=k.device) // block
-        tail = key_summary(pat, k[:, :, start:].detach(), tail_ids, nblocks - start // block, Hkv, dtype)
-        blocks = (tuple(torch.cat((kept, new), 2) for kept, new in zip(self._blocks, tail, strict=True))
-                  if self._blocks else tail)
+        if nk == start:  # nothing after the kept blocks (a call at a block's end, again)
+            blocks = self._blocks
+        else:
+            tail_ids = torch.arange(nk - start, device=k.device) // block
+            tail = key_summary(pat, k[:, :, start:].detach(), tail_ids, nblocks - start // block, Hkv, dtype)
+            blocks = (tuple(torch.cat((kept, new), 2) for kept, new in zip(self._blocks, tail, strict=True))
+                      if self._blocks else tail)
         complete = nk // block
         self._blocks = tuple(b[:, :, :complete] for b in blocks)
         self._keys, self._signature = complete * block, signature
