@@ -160,6 +160,18 @@ class CombinedAttention(torch.nn.Module):
         self.backend = backend
         self.layout = layout
         self.branches = torch.nn.ModuleDict({b.name: make(b.pattern) for b in pattern.branches})
+        self._last_n: int | None = None
+
+    #: No single tile schedule: each branch has its own (``branches[NAME].schedule``).
+    schedule = None
+
+    def report(self, hardware="h100", dtype: str = "bf16", **kwargs) -> CombinedReport:
+        """The simulator's prediction for the shapes of the latest call: every branch's own ``report`` (a pooled
+        branch against its runs), summed as ``attnc.simulate`` sums a combined pattern's branches."""
+        if self._last_n is None:
+            raise SpecError("call the module once first: the report is for the shapes of a call", where="report")
+        reports = {name: attn.report(hardware, dtype, **kwargs) for name, attn in self.branches.items()}
+        return CombinedReport(self.pattern.name, self._last_n, reports, [unmodelled(self.pattern)])
 
     @property
     def source(self) -> str:
@@ -239,6 +251,7 @@ class CombinedAttention(torch.nn.Module):
         check_qkv(q, k, v)
         self._check_cache(q, k, cu_seqlens)
         gates, own = self._inputs(q, k.shape[2], inputs, bnhd)
+        self._last_n = q.shape[2]
         scale = resolve_scale(scale, q.shape[-1])
         if cu_seqlens is None:
             out, lse = self._combined(q, k, v, gates, own, scale, sizes)
@@ -392,6 +405,14 @@ class CombinedReport:
         return "\n".join(lines)
 
 
+def unmodelled(pat: ir.CombinedIR) -> str:
+    """What a combined pattern's prediction leaves out (a note of its report)."""
+    merge = "the merge into one softmax" if pat.merge == "softmax" else "the gated sum"
+    return ("the combined prediction is the sum of the branches' predicted times (each branch its own kernel); the "
+            "key pooling (a max summary's attention within each run too), the probabilities that score a route by "
+            f"probs(...) and {merge} are not modelled")
+
+
 def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int | None, inputs: dict | None,
                       **kwargs) -> CombinedReport:
     """Each branch simulated by ``run`` (``attnc.simulate``) at its own shapes (a pooled branch against
@@ -401,10 +422,7 @@ def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int 
     if nk is not None and nk != n:
         raise SpecError(f"'{pat.name}' (a combined pattern) takes as many keys as queries", where="argument nk")
     reports = {}
-    merge = "the merge into one softmax" if pat.merge == "softmax" else "the gated sum"
-    notes = ["the combined prediction is the sum of the branches' predicted times (each branch its own kernel); "
-             f"the key pooling (a max summary's attention within each run too), the probabilities that score a "
-             f"route by probs(...) and {merge} are not modelled"]
+    notes = [unmodelled(pat)]
     for b in pat.branches:
         given = {d.name: inputs[d.name] for d in b.pattern.inputs if inputs and d.name in inputs}
         keys = None if b.pool is None else -(-int(n) // int(b.pool[1]))

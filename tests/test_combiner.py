@@ -157,3 +157,17 @@ def test_a_softmax_merge_returns_the_one_softmaxs_lse(layout):
     got_lse = lse if layout == "bhnd" else lse.transpose(1, 2)
     torch.testing.assert_close(got_lse[:, :, 7:], part_lse, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t(out)[:, :, 7:], part_out, rtol=1e-12, atol=1e-12)
+
+
+def test_the_module_reports_its_latest_calls_shapes():
+    """``report()`` after a call: each branch's own prediction (the summaries against their runs), summed; before
+    a call, one clear error. No single schedule (each branch has its own)."""
+    attn = attnc.compile_attention("stdlib:combiner", block=8, backend="cpu")
+    with pytest.raises(SpecError, match="call the module once first"):
+        attn.report()
+    q, k, v = random_qkv(1, 64)
+    attn(q, k, v)
+    rep = attn.report()
+    assert set(rep.branches) == {"own", "summaries"} and rep.n == 64 and attn.schedule is None
+    assert rep.forward_s == pytest.approx(sum(r.best.forward_s for r in rep.branches.values()))
+    assert rep.branches["summaries"].to_dict()["nk"] == 8
