@@ -82,6 +82,8 @@ SOFTMAX = {
     "token_topk": ("token_topk", {"topk": 256}, {"n": 4096}, {"n": 80}, None),
     "anchor": ("anchor", {"block": 64, "step": 8, "init": 512, "theta": 4.0}, {"n": 4096}, {"n": 80}, None),
     "landmark": ("landmark", {"block": 64}, {"n": 4096}, {"n": 80}, None),
+    # a combined pattern merged into one softmax (combine softmax(...)): its lse is the merged one
+    "combiner": ("combiner", {"block": 64}, {"n": 4096}, {"n": 80}, None),
     "vertical_slash": ("vertical_slash", {"vertical": 256, "slash": 512}, {"n": 4096}, {"n": 80}, None),
     "neighborhood_2d": ("neighborhood_2d", {"kernel_size_y": 13, "kernel_size_x": 13},
                         {"height": 64, "width": 64}, {"height": 8, "width": 10}, None),
@@ -118,6 +120,7 @@ TOY_PARAMS = {
     "token_topk": {"topk": 6},
     "anchor": {"block": 4, "step": 2, "init": 8, "theta": 1.0},
     "landmark": {"block": 8},
+    "combiner": {"block": 8},
     "neighborhood_2d": {"kernel_size_y": 3, "kernel_size_x": 5}, "biformer": {"region": 2, "topk": 3},
     "neighborhood_3d": {"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3},
     "sliding_tile": {"tile_t": 1, "tile_y": 4, "tile_x": 4, "wt": 1, "wy": 1, "wx": 1}, "radial": {"block": 4},
@@ -190,7 +193,9 @@ def run_softmax(name: str, toy: bool, configs, flex: bool) -> list[dict]:
     # those only a mask or a route's selection reads (DSA's indexer) have no gradient
     from attnc.runtime.plan.cache import score_input_names
 
-    wrt = score_input_names(ref_mod.pattern)
+    pat = ref_mod.pattern
+    wrt = (set().union(*(score_input_names(b.pattern) for b in pat.branches)) if pat.kind == "combined"
+           else score_input_names(pat))
     for backend, d, dtype in configs(flex):
         row = {"case": name, "backend": backend, "d": d, "dtype": str(dtype).replace("torch.", ""),
                "sizes": "x".join(map(str, sizes.values())), "heads": f"{heads}/{kv_heads}"}
