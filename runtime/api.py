@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -303,19 +304,11 @@ class Attention(torch.nn.Module):
 
             run = functools.partial(varlen.run, self._forward, self.pattern,
                                     varlen.check_cu_seqlens(cu_seqlens, self.pattern, q, k))
-        device = q.device.type
-        if torch.is_autocast_enabled(device) and q.dtype != torch.float64:
-            # As torch's own attention under autocast: q, k, v in the autocast dtype, the
-            # output in that dtype; each runner then computes in its own precision
-            # (fp32 accumulation), with autocast off so that no matmul inside changes dtype.
-            low = torch.get_autocast_dtype(device)
-            q, k, v = q.to(low), k.to(low), v.to(low)
-            with torch.autocast(device, enabled=False):
-                return restore.result(run(q, k, v, scale=scale, return_lse=return_lse,
-                                          initial_state=initial_state, return_state=return_state,
-                                          sizes=sizes, **inputs), return_lse, return_state)
-        return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
-                                  return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
+        with autocast_off(q.device.type, q.dtype) as low:
+            if low is not None:
+                q, k, v = q.to(low), k.to(low), v.to(low)
+            return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                                      return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
 
     def _check_block_max_call(self, size, cu_seqlens, block_table, cache_seqlens) -> int:
         """``return_block_max``: a positive int, of a softmax pattern's call on a backend that pools it."""
@@ -523,6 +516,19 @@ class Attention(torch.nn.Module):
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
         return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
+
+
+@contextlib.contextmanager
+def autocast_off(device: str, dtype: torch.dtype):
+    """As torch's own attention under autocast: q, k, v in the autocast dtype (yielded; None when autocast is off
+    or q is float64), the output in that dtype; each runner then computes in its own precision (fp32
+    accumulation), with autocast off so that no matmul inside changes dtype."""
+    if not torch.is_autocast_enabled(device) or dtype == torch.float64:
+        yield None
+        return
+    low = torch.get_autocast_dtype(device)
+    with torch.autocast(device, enabled=False):
+        yield low
 
 
 def compile_attention(
