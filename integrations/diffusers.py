@@ -177,8 +177,8 @@ def _parallel_joint(parallel, query, key, value, text: int, grid) -> torch.Tenso
     of every rank's video keys (context parallel, with its lse) and every text key; the text queries attend
     every key, their partial results over each rank's video keys gathered from every rank. Each part is
     merged exactly through the log-sum-exps. Returns ``[B, text + video, H, Dv]``."""
+    from ..runtime.numerics import merge_by_lse
     from ..runtime.parallel import collectives as C
-    from ..runtime.parallel.blocks import merge
     from .natten import _extra_segment
 
     scale = query.shape[-1] ** -0.5
@@ -192,12 +192,12 @@ def _parallel_joint(parallel, query, key, value, text: int, grid) -> torch.Tenso
     window, window_lse = parallel(video_q, video_k, video_v, sizes=dict(zip(GRID_SIZES, grid, strict=True)),
                                   return_lse=True)
     extra, extra_lse = dense(video_q, text_k, text_v)
-    video, _ = merge(window.to(extra.dtype), window_lse.to(extra_lse.dtype), extra, extra_lse)
+    video, _ = merge_by_lse(window.to(extra.dtype), window_lse.to(extra_lse.dtype), extra, extra_lse)
     out, lse = dense(text_q, text_k, text_v)
     mine, mine_lse = dense(text_q, video_k, video_v)  # over this rank's video keys
     for part, part_lse in zip(C.all_gather(mine, parallel.group), C.all_gather(mine_lse, parallel.group),
                               strict=True):
-        out, lse = merge(out, lse, part, part_lse)
+        out, lse = merge_by_lse(out, lse, part, part_lse)
     return torch.cat([out, video], dim=2).transpose(1, 2).to(query.dtype)
 
 

@@ -426,7 +426,8 @@ class Attention(torch.nn.Module):
                             f"{float(host[bad[0].unbind()])} at query {row + bound.q_offset} (head {h}): it must be a "
                             "finite number at every query",
                             where="argument q", hint="keep the scale finite (log(q + 1), not log(q))")
-        value = cache[key] = self._score_scale_values(bound, Hq, Nq, q.device).to(dtype)
+        made = host if q.device.type == "cpu" else self._score_scale_values(bound, Hq, Nq, q.device)
+        value = cache[key] = made.to(dtype)
         return value
 
     def _score_scale_values(self, bound: E.Bound, Hq: int, Nq: int, device: torch.device) -> torch.Tensor:

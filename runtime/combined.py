@@ -32,19 +32,8 @@ from ..core import symbols as S
 from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale
 from .frontends.layouts import check_layout, sequence_qkv
-from .numerics import compute_dtype, tied_to
+from .numerics import compute_dtype, merge_by_lse, tied_to
 from .plan.cache import PlanCache
-
-
-def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Means of runs of ``size`` tokens: ``[B, H, N, D]`` -> ``[B, H, ceil(N / size), D]``; the last run,
-    when shorter, is the mean of its own tokens. Computed in fp32 (fp64) and returned in x's dtype."""
-    B, H, N, D = x.shape
-    runs = -(-N // size)
-    work = x.to(compute_dtype(x.dtype))
-    padded = torch.nn.functional.pad(work, (0, 0, 0, runs * size - N))
-    counts = (N - torch.arange(runs, device=x.device) * size).clamp(max=size).to(work.dtype)
-    return (padded.view(B, H, runs, size, D).sum(3) / counts[:, None]).to(x.dtype)
 
 
 def _runs(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
@@ -56,6 +45,15 @@ def _runs(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     if runs * size != N:
         work = torch.nn.functional.pad(work, (0, 0, 0, runs * size - N), value=fill)
     return work.reshape(B, H, runs, size, D)
+
+
+def pool_mean(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Means of runs of ``size`` tokens: ``[B, H, N, D]`` -> ``[B, H, ceil(N / size), D]``; the last run,
+    when shorter, is the mean of its own tokens. Computed in fp32 (fp64) and returned in x's dtype."""
+    N = x.shape[2]
+    runs = _runs(x, size, 0.0)
+    counts = (N - torch.arange(runs.shape[2], device=x.device) * size).clamp(max=size).to(runs.dtype)
+    return (runs.sum(3) / counts[:, None]).to(x.dtype)
 
 
 def pool_max(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -85,17 +83,14 @@ def pool_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, s
 
 
 def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attentions over disjoint key sets merged into the one softmax over all their keys: each output weighted
-    by ``exp(lse_i - lse)``, ``lse`` the log-sum-exp of theirs (a branch with no key, lse -inf, weighs 0; a row
-    with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64 outputs); differentiable."""
+    """Attentions over disjoint key sets merged into the one softmax over all their keys (``numerics.merge_by_lse``
+    in turn: a branch with no key weighs 0; a row with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64
+    outputs); differentiable."""
     dtype = compute_dtype(outs[0].dtype)
-    stacked = torch.stack([x.to(dtype) for x in lses])
-    zero = torch.zeros((), dtype=dtype, device=stacked.device)
-    some = torch.isfinite(stacked).any(0)  # a row with a key in some branch (else logsumexp's gradient is NaN)
-    lse = torch.logsumexp(torch.where(some, stacked, zero), dim=0)
-    weights = torch.where(some, torch.exp(stacked - torch.where(some, lse, zero)), zero)  # exp(-inf) = 0: no key
-    out = sum(w[..., None] * o.to(dtype) for w, o in zip(weights, outs, strict=True))
-    return out, torch.where(some, lse, torch.full_like(lse, -math.inf))
+    out, lse = outs[0].to(dtype), lses[0].to(dtype)
+    for part, part_lse in zip(outs[1:], lses[1:], strict=True):
+        out, lse = merge_by_lse(out, lse, part.to(dtype), part_lse.to(dtype))
+    return out, lse
 
 
 def mask_only(pat: ir.PatternIR) -> bool:
@@ -318,8 +313,8 @@ class CombinedAttention(torch.nn.Module):
     def _combined(self, q, k, v, gates: dict, own: dict, scale: float, sizes: dict | None
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The branches of one call (q ``[B, H, n, D]``, k, v ``[B, Hkv, nk, D]``: a KV cache when nk > n),
-        summed with their gates, in q's dtype, or merged into one softmax (then with their log-sum-exp, else None). With a KV cache a pooled branch is computed here, as its
-        probabilities (``pooled_probs``, which score a route by probs(...) too) times the pooled values: every
+        summed with their gates, in q's dtype, or merged into one softmax (then with their log-sum-exp, else None).
+        With a KV cache a pooled branch is computed here, as its probabilities (``pooled_probs``, which score a route by probs(...) too) times the pooled values: every
         pooled key is read once, what the queries visit; the other branches run on their backend with the
         cache."""
         nk = k.shape[2]

@@ -56,6 +56,20 @@ def fox_decay(gates: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor)
     return fox_pairs(*fox_prefix(gates), q_index[:, None], k_index[None, :])
 
 
+def merge_by_lse(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attentions of the same queries over disjoint keys merged into the one softmax over all their keys:
+    ``out`` ``[..., N, Dv]`` and ``lse`` ``[..., N]`` of each, weighted by ``exp(lse_i - lse)`` (returns new
+    tensors). A row empty in both stays 0 / -inf; differentiable, with finite gradients there too (logaddexp's
+    gradient at (-inf, -inf) is NaN, so such rows are taken at 0 and masked out)."""
+    some = torch.isfinite(lse) | torch.isfinite(part_lse)
+    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
+    new = torch.where(some, torch.logaddexp(torch.where(some, lse, zero), torch.where(some, part_lse, zero)), zero)
+    a = torch.where(some, torch.exp(lse - new), zero)[..., None]
+    b = torch.where(some, torch.exp(part_lse - new), zero)[..., None]
+    return out * a + part * b, torch.where(some, new, torch.full_like(new, -math.inf))
+
+
 def empty_batch_outputs(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype):
     """``(out, lse)`` of a batch of 0 (or any size): zeros and ``-inf``, as on the other backends."""
     B, Hq, Nq, _ = q.shape

@@ -2,7 +2,7 @@
 unit of work of context parallelism (one rank's queries against one rank's keys).
 
 Forward returns ``(out, lse)`` of the block; blocks merge by their log-sum-exp
-(``merge``). Backward is flash attention's: from the MERGED ``lse`` and ``delta = rowsum(dout *
+(``numerics.merge_by_lse``). Backward is flash attention's: from the MERGED ``lse`` and ``delta = rowsum(dout *
 out)`` of the whole row, each block gives its share of dq and the whole dk, dv of its keys, so no
 block needs another block's values.
 
@@ -33,7 +33,7 @@ from ...compiler.tiles import reads_heads
 from ...core import ir
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask, pair_scores, softcap_values
-from ..numerics import compute_dtype, expand_kv
+from ..numerics import compute_dtype, expand_kv, merge_by_lse
 
 #: Scores held at once per slab of query rows (float32: 64 MiB).
 SLAB_SCORES = 1 << 24
@@ -154,7 +154,8 @@ def _runner_forward(prob: BlockProblem, q, k, v, q_pos, k_pos):
     for rows, cols, bound, sel, kb in _run_pairs(prob, q_pos, k_pos):
         part, part_lse = prob.runner.block_forward(bound, q[:, :, rows], k[:, :, cols], v[:, :, cols],
                                                    prob.tensors, prob.scale, sel, kb)
-        out[:, :, rows], lse[:, :, rows] = merge(out[:, :, rows], lse[:, :, rows], part.to(dt), part_lse.to(dt))
+        out[:, :, rows], lse[:, :, rows] = merge_by_lse(out[:, :, rows], lse[:, :, rows], part.to(dt),
+                                                                  part_lse.to(dt))
     return out, lse
 
 
@@ -202,16 +203,6 @@ def block_forward(prob: BlockProblem, q, k, v, q_pos, k_pos) -> tuple[torch.Tens
         out[:, :, rows] = (p @ vc) / torch.where(total > 0, total, torch.ones_like(total))[..., None]
         lse[:, :, rows] = torch.where(total > 0, torch.log(total) + m.squeeze(-1), torch.full_like(total, -math.inf))
     return out, lse
-
-
-def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor):
-    """Two partial results of the same queries over disjoint keys, combined exactly (in place of
-    nothing: returns new tensors). Rows empty in both stay 0 / -inf."""
-    new = torch.logaddexp(lse, part_lse)
-    safe = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
-    a = torch.exp(lse - safe)[..., None]
-    b = torch.exp(part_lse - safe)[..., None]
-    return out * a + part * b, new
 
 
 def block_backward(prob: BlockProblem, q, k, v, q_pos, k_pos, lse, dout, delta, out=None, d_inputs=None,

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..numerics import compute_dtype
+from ..numerics import compute_dtype, merge_by_lse
 from . import collectives as C
-from .blocks import BlockProblem, block_backward, block_forward, merge
+from .blocks import BlockProblem, block_backward, block_forward
 from .pairs import PairPlan
 
 
@@ -113,7 +113,7 @@ class RingAttention(torch.autograd.Function):
         q_pos = call.positions(call.index)
         for j, kj, vj in _key_blocks(call, k, v, "forward"):
             part, part_lse = block_forward(call.problem, q, kj, vj, q_pos, call.positions(j))
-            out, lse = merge(out, lse, part, part_lse)
+            out, lse = merge_by_lse(out, lse, part, part_lse)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.input_places = [(t.device, t.dtype) for t in inputs]
