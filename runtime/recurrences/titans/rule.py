@@ -1,6 +1,6 @@
 """Titans' neural memory, ``update titans(theta, eta)`` (``naive``), registered (``recurrences.rules``): the
-token-by-token reference and the chunked form in torch, its decoding step; no Triton kernels yet (the 'triton'
-backend is refused; 'auto' runs the torch form on the tensors' device)."""
+token-by-token reference, the chunked form in torch (``chunk``), its Triton kernels (``triton``) and its
+decoding step."""
 
 from __future__ import annotations
 
@@ -13,18 +13,29 @@ from ....core.recurrence_rules import TITANS
 from ...numerics import compute_dtype, expand_kv
 from .. import rules
 from ..common import gate_tensor
+from ..rules import resolve_backend
 from . import chunk as titans_chunk
 from . import naive
 
 #: The torch form's chunk: its gamma is a [C+1]^3 sum per chunk, its solve C x C.
 TITANS_CHUNK = 16
+#: The Triton kernels' chunk: gamma is one [C, C] product there; the forward substitution is C steps per chunk.
+TITANS_TRITON_CHUNK = 32
 
 
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
+    """In chunks: torch on q's device; Triton's kernels for 'triton', and for 'auto' on CUDA tensors."""
     B, H, T, _ = q.shape
     dt = compute_dtype(q.dtype)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
     theta, eta = naive.rates(rec, tensors, B, H, T, dt, q.device)
+    if resolve_backend(backend, q.device) == "triton":
+        from . import triton as titans_triton
+
+        C = chunk or TITANS_TRITON_CHUNK
+        out, state = titans_triton.run(q, k.to(q.dtype), v.to(q.dtype), g[..., 0], theta, eta, scale,
+                                       None if s0 is None else s0.to(dt), C, False if native else None)
+        return out.to(q.dtype), state, C
     C = chunk or TITANS_CHUNK
     out, state = titans_chunk.chunked(q.to(dt), expand_kv(k, H).to(dt), expand_kv(v, H).to(dt), g, theta, eta,
                                       scale, None if s0 is None else s0.to(dt), C)
@@ -38,12 +49,18 @@ def decode(rec, tensors, q_t, k_t, v_t, g_t, state, scale):
 
 
 def describe(rec, backend: str, chunk: int | None) -> str:
-    how = "token by token" if backend == "reference" else f"chunked in torch, chunk {chunk or TITANS_CHUNK}"
+    how = {"reference": "token by token", "triton": f"chunked, Triton kernels, chunk {chunk or TITANS_TRITON_CHUNK}"}.get(
+        backend, f"chunked in torch, chunk {chunk or TITANS_CHUNK}")
     theta, eta = rec.rates
     head = (f"# {backend} backend: Titans' neural memory '{rec.name}' ({rec.gate} gate, learning rate '{theta}', "
             f"momentum '{eta}'), {how}\n"
             f"# u_t = v_t - k_t S_(t-1); m_t = eta_t m_(t-1) + theta_t k_t^T u_t; S_t = exp(decay_t) S_(t-1) + m_t; "
             f"o_t = scale q_t S_t\ndecay = {rec.decay}\n")
+    if backend == "triton":
+        from . import triton as titans_triton
+
+        return head + "\n".join(inspect.getsource(fn).rstrip() + "\n"
+                                for fn in titans_triton._HELPERS[-7:] + titans_triton._KERNELS)
     return head + inspect.getsource(naive.step if backend == "reference" else titans_chunk.chunked)
 
 
@@ -62,4 +79,4 @@ def check_rates(rec, tensors: dict) -> None:
 
 
 RULE = rules.register(rules.RecurrenceRule(TITANS, rules.unchanged_qk, rules.loop_reference(naive.recurrence), run, decode, describe,
-                                           rules.matrix_entering_map, check_rates, has_triton=False))
+                                           rules.matrix_entering_map, check_rates))
