@@ -157,9 +157,10 @@ def chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: 
 
 # ----------------------------------------------------------------- the delta rule
 @dataclass(frozen=True)
-class DeltaKernel:
-    """One kernel of the delta rule's chunked WY form: its work per chunk of one (batch, head), its
-    programs per chunk (value or key blocks), and whether it is a sequential pass over the chunks."""
+class ChunkKernel:
+    """One kernel of a rule's chunked form (the delta rule's WY form, Titans'): its work per chunk of one
+    (batch, head), its programs per chunk (value or key blocks), and whether it is a sequential pass over the
+    chunks."""
 
     name: str
     mma: float  # tensor-core FLOPs
@@ -180,7 +181,7 @@ def _decayed_product(gate: str, C: int, D: int) -> tuple[float, float]:
 
 
 def delta_kernels(gate: str, chunk: int, head_dim: int, head_dim_v: int | None = None, *,
-                  nbytes: int = 2) -> tuple[list[DeltaKernel], list[DeltaKernel]]:
+                  nbytes: int = 2) -> tuple[list[ChunkKernel], list[ChunkKernel]]:
     """The delta rule's chunked WY form as kernels (forward, backward), each with its work per chunk of one
     (batch, head), following flash-linear-attention's ``chunk_gated_delta_rule`` / ``chunk_kda``.
 
@@ -213,40 +214,40 @@ def delta_kernels(gate: str, chunk: int, head_dim: int, head_dim_v: int | None =
     S = min(VECTOR_SUB_CHUNK, C)
     diag = (C // S) * (S ** 3 - S) / 3.0  # forward substitution inside the diagonal S x S blocks
     solve = (C ** 3 - C) / 3.0
-    wu = DeltaKernel("wu", 2.0 * C * C * (Dk + Dv), 0.0,
+    wu = ChunkKernel("wu", 2.0 * C * C * (Dk + Dv), 0.0,
                      C * C * b + C * Dk * b + C * Dv * b + C * b + C * gw + C * (Dk + Dv) * b)
-    state = DeltaKernel("state", 4.0 * C * Dk * Dv, 0.0,
+    state = ChunkKernel("state", 4.0 * C * Dk * Dv, 0.0,
                         NV * (2 * C * Dk * b + C * gw) + 2 * C * Dv * b + Dk * Dv * b, NV, True)
     forward = [
-        DeltaKernel("kkt", pk_mma, pk_vec, C * Dk * b + C * b + C * gw + C * C * 4),
-        DeltaKernel("solve", solve - diag, diag, C * C * 4 + C * C * b),
+        ChunkKernel("kkt", pk_mma, pk_vec, C * Dk * b + C * b + C * gw + C * C * 4),
+        ChunkKernel("solve", solve - diag, diag, C * C * 4 + C * C * b),
         wu,
         state,
-        DeltaKernel("output", NV * pk_mma + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv, NV * pk_vec,
+        ChunkKernel("output", NV * pk_mma + 2.0 * C * Dk * Dv + 2.0 * C * C * Dv, NV * pk_vec,
                     NV * (2 * C * Dk * b + C * gw) + C * Dv * b + Dk * Dv * b + C * Dv * b, NV),
     ]
     backward = [
         wu,
         state,
-        DeltaKernel("dv", pk_mma + 2.0 * C * C * Dv, pk_vec, 2 * C * Dk * b + C * gw + 2 * C * Dv * b),
-        DeltaKernel("dstate", 6.0 * C * Dk * Dv, 0.0,
+        ChunkKernel("dv", pk_mma + 2.0 * C * C * Dv, pk_vec, 2 * C * Dk * b + C * gw + 2 * C * Dv * b),
+        ChunkKernel("dstate", 6.0 * C * Dk * Dv, 0.0,
                     NV * (3 * C * Dk * b + C * gw) + 3 * C * Dv * b + Dk * Dv * b, NV, True),
-        DeltaKernel("dqkw", NK * 2.0 * C * C * Dv + 2 * pk_mma + 6.0 * C * Dk * Dv, 2 * pk_vec,
+        ChunkKernel("dqkw", NK * 2.0 * C * C * Dv + 2 * pk_mma + 6.0 * C * Dk * Dv, 2 * pk_vec,
                     NK * 3 * C * Dv * b + 2 * C * Dk * b + 2 * Dk * Dv * b + 2 * C * gw + 3 * C * Dk * 4, NK),
-        DeltaKernel("wy", 4.0 * C * C * (Dk + Dv) + 4.0 * C ** 3 + 2 * pk_mma, 2 * pk_vec,
+        ChunkKernel("wy", 4.0 * C * C * (Dk + Dv) + 4.0 * C ** 3 + 2 * pk_mma, 2 * pk_vec,
                     C * Dk * b + 2 * C * Dv * b + C * b + C * gw + C * C * b + C * Dk * 4
                     + C * (Dk + Dv) * 4 + C * 4 + C * gw),
     ]
     return forward, backward
 
 
-def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: int, hw: Hardware, *,
-                     nbytes: int = 2, head_dim_v: int | None = None, calibration: Calibration | None = None,
-                     rcal: RecurrenceCalibration | None = None) -> ChunkCost:
-    """Forward and backward cost of the delta rule's chunked WY form (``delta_kernels``) with chunks of
-    ``chunk`` tokens: FLOPs and bytes summed over the kernels and chunks; time as the decay
-    recurrences' model (sequential passes: N dependent steps of their per-program work plus the step
-    latency; chunk-parallel kernels: their whole work over all SMs in whole waves)."""
+def kernels_chunk_cost(kernels: tuple[list[ChunkKernel], list[ChunkKernel]], n: int, heads: int, batch: int,
+                       chunk: int, hw: Hardware, *, calibration: Calibration | None = None,
+                       rcal: RecurrenceCalibration | None = None) -> ChunkCost:
+    """Forward and backward cost of a chunked form given as kernels (forward, backward) with chunks of ``chunk``
+    tokens: FLOPs and bytes summed over the kernels and chunks; time as the decay recurrences' model
+    (sequential passes: N dependent steps of their per-program work plus the step latency; chunk-parallel
+    kernels: their whole work over all SMs in whole waves)."""
     cal = calibration or DEFAULT_CALIBRATION
     rc = rcal or DEFAULT_RECURRENCE_CALIBRATION
     C = chunk
@@ -258,7 +259,7 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
     beff = eff * fit.backward / fit.forward
     vec_rate = hw.vector_flops_per_sm * rc.vector_fraction
 
-    def kernel_s(kern: DeltaKernel, eff_: float) -> float:
+    def kernel_s(kern: ChunkKernel, eff_: float) -> float:
         if kern.sequential:  # one program per (batch x head, value block), N dependent steps
             programs = bh * kern.programs
             share = max(1.0, programs / hw.sms)
@@ -270,7 +271,7 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
                 chunks * kern.bytes / hw.bytes_per_s)
         return t * (-(-programs // hw.sms) / (programs / hw.sms)) + cal.launch_s
 
-    fwd, bwd = delta_kernels(gate, C, head_dim, head_dim_v, nbytes=nbytes)
+    fwd, bwd = kernels
     return ChunkCost(chunk=C, forward_s=sum(kernel_s(k, eff) for k in fwd),
                      backward_s=sum(kernel_s(k, beff) for k in bwd),
                      forward_flops=chunks * sum(k.mma + k.vec for k in fwd),
@@ -278,6 +279,70 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
                      forward_bytes=chunks * sum(k.bytes for k in fwd),
                      backward_bytes=chunks * sum(k.bytes for k in bwd),
                      programs=chunks * max(k.programs for k in fwd))
+
+
+def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: int, hw: Hardware, *,
+                     nbytes: int = 2, head_dim_v: int | None = None, calibration: Calibration | None = None,
+                     rcal: RecurrenceCalibration | None = None) -> ChunkCost:
+    """Forward and backward cost of the delta rule's chunked WY form (``delta_kernels``) with chunks of
+    ``chunk`` tokens (``kernels_chunk_cost``)."""
+    return kernels_chunk_cost(delta_kernels(gate, chunk, head_dim, head_dim_v, nbytes=nbytes), n, heads, batch,
+                              chunk, hw, calibration=calibration, rcal=rcal)
+
+
+# ----------------------------------------------------------------- Titans' neural memory
+def titans_value_block(head_dim: int, head_dim_v: int) -> int:
+    """The Dv block of Titans' Triton kernels (``runtime.recurrences.titans.triton`` reads it from here): each
+    program holds two [Dk, BV] state blocks (four in the gradient kernel) in registers, so 32 columns up to a
+    key head dim of 64 and 16 beyond."""
+    return min(32 if head_dim <= 64 else 16, max(16, 1 << max(0, head_dim_v - 1).bit_length()))
+
+
+def titans_kernels(chunk: int, head_dim: int, head_dim_v: int | None = None, *,
+                   nbytes: int = 2) -> tuple[list[ChunkKernel], list[ChunkKernel]]:
+    """Titans' Triton kernels (``runtime.recurrences.titans.triton``) as (forward, backward), each with its work
+    per chunk of one (batch, head); every program of a Dv block recomputes the chunk's [C, C] terms.
+
+    Per chunk and program (``BV`` value columns, NV = Dv / BV programs):
+      [C, C] terms   ``A``, ``E`` (exp: ``6 C^2``), ``Gam = A E`` and the shifted rows (exact fp32 products,
+                     ``2 C^3`` each), the forward substitution (``2 C^3``), ``c`` (``2 C^2``): elementwise,
+                     ``6 C^3 + 10 C^2``; ``K K^T`` and ``Q K^T`` on the tensor cores, ``4 C^2 Dk``
+      forward        sequential: ``K S0``, ``K M0``, ``Q S0``, ``Q M0`` and the two state updates
+                     (``12 C Dk BV``); ``U = T (...)``, ``P W`` (``4 C^2 BV``, fp32)
+      dstate         sequential, reverse: ``K dS'``, ``K dM'`` and four products into dS0, dM0
+                     (``12 C Dk BV``); ``P^T dO``, ``T^T dU`` (``4 C^2 BV``)
+      grads          chunk-parallel: the [C, C] terms and the forward again, then dq, dk (``6 C^2 Dk`` more on
+                     the tensor cores, twelve ``[C, Dk] x [Dk, BV]`` products in all: ``24 C Dk BV``), ``dW``,
+                     ``dY``, ``dL``, ``dP`` (``10 C^2 BV``) and the gate terms (``A^T dGam``, ``dGam E^T``,
+                     the shift: ``6 C^3`` more, ``30 C^2``)
+    Bytes: q, k read by every program of a chunk, v, dO and outputs once, theta and the two cumulative logs
+    (fp32), the states entering each chunk and their gradients in fp32, dq, dk, dtheta, the gate terms per Dv
+    block in fp32. Left out: elementwise work of O(C BV) and the host's sums over Dv blocks."""
+    C, Dk = chunk, head_dim
+    Dv = head_dim_v or head_dim
+    b = nbytes
+    NV = -(-Dv // titans_value_block(Dk, Dv))
+    terms = 6.0 * C ** 3 + 10.0 * C * C
+    rows = 2 * C * Dk * b + 3 * C * 4  # q, k and theta, b, ce per program
+    forward = [ChunkKernel("forward", NV * 4.0 * C * C * Dk + 12.0 * C * Dk * Dv, NV * terms + 4.0 * C * C * Dv,
+                           NV * rows + 2 * C * Dv * b + 2 * Dk * Dv * 4, NV, True)]
+    backward = [
+        ChunkKernel("dstate", NV * 4.0 * C * C * Dk + 12.0 * C * Dk * Dv, NV * terms + 4.0 * C * C * Dv,
+                    NV * rows + C * Dv * b + 2 * Dk * Dv * 4, NV, True),
+        ChunkKernel("grads", NV * 10.0 * C * C * Dk + 24.0 * C * Dk * Dv,
+                    NV * (12.0 * C ** 3 + 30.0 * C * C) + 10.0 * C * C * Dv,
+                    NV * (rows + 2 * C * Dk * 4 + 3 * C * 4) + 2 * C * Dv * b + C * Dv * 4 + 4 * Dk * Dv * 4, NV),
+    ]
+    return forward, backward
+
+
+def titans_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, chunk: int, hw: Hardware, *,
+                      nbytes: int = 2, head_dim_v: int | None = None, calibration: Calibration | None = None,
+                      rcal: RecurrenceCalibration | None = None) -> ChunkCost:
+    """Forward and backward cost of Titans' Triton kernels (``titans_kernels``) with chunks of ``chunk`` tokens
+    (the gate's kind changes nothing: one log gate per token and head, or a constant per head)."""
+    return kernels_chunk_cost(titans_kernels(chunk, head_dim, head_dim_v, nbytes=nbytes), n, heads, batch, chunk, hw,
+                              calibration=calibration, rcal=rcal)
 
 
 @dataclass(frozen=True)
@@ -299,6 +364,11 @@ RULE_COSTS: dict[str, RuleCost] = {
         "with W S, the output; the backward recomputes W, U and the states), compiler/recurrence_cost.py "
         "delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel gates: none yet), its torch form "
         "chunks of 64 (16 for per-channel gates)")),
+    "titans": RuleCost(titans_chunk_cost, note=(
+        "Titans' neural memory: attnc's Triton kernels (a sequential forward, a reverse state pass, a chunk-parallel "
+        "gradient kernel; each Dv block's program recomputes the chunk's [C, C] terms and triangular solve), "
+        "compiler/recurrence_cost.py titans_kernels; the Triton kernels run the chosen chunk, the torch form "
+        "chunks of 16")),
 }
 
 
@@ -434,7 +504,7 @@ class RecurrenceReport(ReportView):
 
 def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: int, head_dim: int, batch: int,
                         dtype: str, nbytes: int, chunk: int | None = None, rule: str = "decay") -> RecurrenceReport:
-    """The report of a recurrence (``rule`` 'decay' or 'delta') at length ``n``: every chunk size's cost,
+    """The report of a recurrence (``rule`` 'decay', 'delta' or 'titans') at length ``n``: every chunk size's cost,
     the best (or the forced ``chunk``), causal softmax's time and the crossover lengths."""
     candidates = [RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
     if chunk is None:
@@ -493,6 +563,7 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["CHUNKS", "ChunkCost", "DeltaKernel", "RecurrenceCalibration", "RecurrenceReport", "best_chunk",
+__all__ = ["CHUNKS", "ChunkCost", "ChunkKernel", "RecurrenceCalibration", "RecurrenceReport", "best_chunk",
            "chunk_cost", "crossover", "delta_chunk_cost", "delta_kernels", "format_recurrence_report",
-           "simulate_recurrence", "softmax_causal"]
+           "kernels_chunk_cost", "simulate_recurrence", "softmax_causal", "titans_chunk_cost", "titans_kernels",
+           "titans_value_block"]

@@ -506,15 +506,18 @@ def _probe(arch: int) -> bool:
 
 
 def _inputs(pat, bound, gen: torch.Generator, score_tables: bool = False) -> dict:
-    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs, sorted small ints for int
-    ones (ids, flags); the score tables too (relative(), landmark()) with ``score_tables`` (a block's bound inputs)."""
+    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs (a recurrence's rates, such
+    as Titans' momentum in (0, 1], in (0.25, 0.75)), sorted small ints for int ones (ids, flags); the score tables
+    too (relative(), landmark()) with ``score_tables`` (a block's bound inputs)."""
+    rates = set(getattr(pat, "rates", None) or ())
     out = {}
     for decl in pat.inputs:
         if decl.derived and not (score_tables and decl.derived[0] in SCORE_TABLES):  # made by the call from q, k
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
-            out[decl.name] = -0.5 * torch.rand(shape, generator=gen, dtype=torch.float32)
+            out[decl.name] = (0.25 if decl.name in rates else 0.0) + (0.5 if decl.name in rates else -0.5) * torch.rand(
+                shape, generator=gen, dtype=torch.float32)
         else:
             out[decl.name] = torch.sort(torch.randint(0, 4, shape, generator=gen), dim=-1).values
     return out

@@ -12,15 +12,13 @@ from ....core.errors import SpecError
 from ....core.recurrence_rules import TITANS
 from ...numerics import compute_dtype, expand_kv
 from .. import rules
-from ..common import gate_tensor
+from ..common import choose_chunk, gate_tensor
 from ..rules import resolve_backend
 from . import chunk as titans_chunk
 from . import naive
 
 #: The torch form's chunk: its gamma is a [C+1]^3 sum per chunk, its solve C x C.
 TITANS_CHUNK = 16
-#: The Triton kernels' chunk: gamma is one [C, C] product there; the forward substitution is C steps per chunk.
-TITANS_TRITON_CHUNK = 32
 
 
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
@@ -32,7 +30,8 @@ def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, nativ
     if resolve_backend(backend, q.device) == "triton":
         from . import triton as titans_triton
 
-        C = chunk or TITANS_TRITON_CHUNK
+        # the chunk the cost model picks for these shapes (``compiler.recurrence_cost.titans_kernels``)
+        C = chunk or choose_chunk(rec, T, H, q.shape[-1], B, q.device, q.dtype, hardware)
         out, state = titans_triton.run(q, k.to(q.dtype), v.to(q.dtype), g[..., 0], theta, eta, scale,
                                        None if s0 is None else s0.to(dt), C, False if native else None)
         return out.to(q.dtype), state, C
@@ -49,7 +48,7 @@ def decode(rec, tensors, q_t, k_t, v_t, g_t, state, scale):
 
 
 def describe(rec, backend: str, chunk: int | None) -> str:
-    how = {"reference": "token by token", "triton": f"chunked, Triton kernels, chunk {chunk or TITANS_TRITON_CHUNK}"}.get(
+    how = {"reference": "token by token", "triton": f"chunked, Triton kernels, chunk {chunk or 'chosen by the cost model'}"}.get(
         backend, f"chunked in torch, chunk {chunk or TITANS_CHUNK}")
     theta, eta = rec.rates
     head = (f"# {backend} backend: Titans' neural memory '{rec.name}' ({rec.gate} gate, learning rate '{theta}', "

@@ -39,8 +39,20 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from ....compiler.recurrence_cost import titans_value_block
 from ....core.errors import SpecError
-from ..decay.triton import _acc_zeros, _block, _in_dim, _mm, _sum, available, jit_table, launch, tl, triton
+from ..decay.triton import (
+    _acc_zeros,
+    _block,
+    _in_dim,
+    _mm,
+    _sum,
+    available,
+    jit_table,
+    launch,
+    tl,
+    triton,
+)
 from ..delta.triton import _acc, _decays, _interpret, _rows, _unit_lower_inverse
 
 #: Largest key head dim: the sequential passes hold [Dk, BV] blocks of the memory and its momentum in registers.
@@ -48,6 +60,16 @@ MAX_DK = 256
 
 
 # ======================================================================= helpers (undecorated)
+def _mmf(a, b, F64: tl.constexpr):
+    """A product of two fp32 tiles in fp32 accuracy on the tensor cores (three TF32 products), exact fp64 in the
+    interpreter's fp64 runs. (In the kernels that hold state blocks, fp32 products stay on the FMA units: the
+    split operands took more registers than they saved.)"""
+    if F64:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision="tf32x3")
+
+
 def _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr):
     """``(A, E, Gam, d, c, e0)`` of the chunk at ``c0``: the memory's in-chunk decays ``A[t, r]``, the momentum's
     ``E[r, s]``, ``Gam = A E`` (gamma(t, s)), ``d = exp(b)`` (0 after a reset), ``c = A exp(ce)`` (gamma(t, 0)) and
@@ -209,16 +231,15 @@ def _bwd_state_kernel(
 
 
 def _bwd_kernel(
-    Q, K, V, TH, GB, CE, R, DO, HS, DHS, DQ, DK_, DV_, DTH, DB, DCE, T, TP, NT, scale, H: tl.constexpr,
+    Q, K, V, TH, GB, CE, R, DO, HS, DHS, DQ, DK_, DV_, DTH, DGAM, DD, DC, DEL, DE0, T, TP, NT, scale, H: tl.constexpr,
     GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
     RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, chunk, batch x head): the chunk's gradients from the state entering it (``HS``)
-    and the gradient of the state leaving it (``DHS``). dv is whole; dq, dk, dtheta, db and dce are this Dv
-    block's part (``[NV, ...]``, summed on the host)."""
+    and the gradient of the state leaving it (``DHS``). dv is whole; dq, dk, dtheta and the gate terms are this
+    Dv block's part (``[NV, ...]``; the host sums dq, dk and dtheta, ``_bwd_gates_kernel`` the gate terms)."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    NV = tl.num_programs(0)
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
@@ -262,13 +283,14 @@ def _bwd_kernel(
     dkk = dL * Gp * th[None, :]
     dP = _mm(do, tl.trans(W), 1)
     dqk = tl.where(lower, scale * dP * Gam, 0.0)
+    # products with the entering state, each made once: dO S0^T, dO M0^T, dY S0^T, dY M0^T ([C, Dk])
     Sd, Md = S0.to(k.dtype), M0.to(k.dtype)
-    dq = (_mm(dqk.to(k.dtype), k, DOT) + _mm((scale * d[:, None] * do).to(k.dtype), tl.trans(Sd), DOT)
-          + _mm((scale * c[:, None] * do).to(k.dtype), tl.trans(Md), DOT))
+    doS, doM = _mm(do.to(k.dtype), tl.trans(Sd), DOT), _mm(do.to(k.dtype), tl.trans(Md), DOT)
+    dyS, dyM = _mm(dY.to(k.dtype), tl.trans(Sd), DOT), _mm(dY.to(k.dtype), tl.trans(Md), DOT)
+    dq = _mm(dqk.to(k.dtype), k, DOT) + scale * (d[:, None] * doS + c[:, None] * doM)
     Wd = W.to(k.dtype)
     dk = (_mm(tl.trans(dqk).to(q.dtype), q, DOT) + _mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
-          - _mm((dp[:, None] * dY).to(k.dtype), tl.trans(Sd), DOT)
-          - _mm((cp[:, None] * dY).to(k.dtype), tl.trans(Md), DOT)
+          - dp[:, None] * dyS - cp[:, None] * dyM
           + gL[:, None] * _mm(Wd, tl.trans(dS.to(k.dtype)), DOT) + eL[:, None] * _mm(Wd, tl.trans(dM.to(k.dtype)), DOT))
     qk_off = rows[:, None] * DK + k_off[None, :]
     qk_ok = r_ok[:, None] & k_ok[None, :]
@@ -276,29 +298,62 @@ def _bwd_kernel(
     tl.store(DQ + part * DK + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DK_ + part * DK + qk_off, dk.to(DK_.dtype.element_ty), mask=qk_ok)
     tl.store(DTH + part + rows, dth.to(DTH.dtype.element_ty), mask=r_ok)
-    # the scalar terms: d, c, dp, cp, row L of Gam, E, d, c, e0; then Gam = A E, c = A e0 to b and ce
-    dd = scale * _sum(do * _mm(q, Sd, DOT), 1)
-    dc = scale * _sum(do * _mm(q, Md, DOT), 1)
-    dGam = tl.where(lower, scale * dP * qk, 0.0) + _mm(tl.trans((t_off[:, None] == t_off[None, :] + 1).to(dL.dtype)),
-                                                       dL * th[None, :] * kk, 1)
-    dGam += tl.where(last[:, None], _sum(W * kdS, 1)[None, :], 0.0)
-    dc += _shift(-_sum(dY * kM, 1), t_off, True) + tl.where(last, _sum(_sum(dS * M0, 1), 0), 0.0)
-    dd += _shift(-_sum(dY * kS, 1), t_off, True) + tl.where(last, _sum(_sum(dS * S0, 1), 0), 0.0)
-    dE = tl.where(last[:, None], _sum(W * kdM, 1)[None, :], 0.0) + _mm(tl.trans(A), dGam, 1)
-    de0 = tl.where(last, _sum(_sum(dM * M0, 1), 0), 0.0) + _sum(A * dc[:, None], 0)
-    X = (_mm(dGam, tl.trans(E), 1) + dc[:, None] * e0[None, :]) * A
-    Z = dE * E
-    db = _sum(X, 1) - _sum(X, 0) + dd * d
-    dce = _sum(Z, 1) - _sum(Z, 0) + de0 * e0
+    # the gate terms, this Dv block's part: the gradients of Gam (its shifted rows and row L included), d and c
+    # (theirs too), row L of E and exp(ce_L); ``_bwd_gates_kernel`` takes them to b and ce
+    up = (t_off[:, None] + 1 == t_off[None, :]).to(dL.dtype)
+    dGam = (tl.where(lower, scale * dP * qk, 0.0) + _mm(up, dL * th[None, :] * kk, 1)
+            + tl.where(last[:, None], _sum(W * kdS, 1)[None, :], 0.0))
+    tl.store(DGAM + ((i_v * tl.num_programs(2) + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :],
+             dGam.to(DGAM.dtype.element_ty))
+    dd = (scale * _sum(q * doS, 1) + _shift(-_sum(k * dyS, 1), t_off, True)
+          + tl.where(last, _sum(_sum(dS * S0, 1), 0), 0.0))
+    dc = (scale * _sum(q * doM, 1) + _shift(-_sum(k * dyM, 1), t_off, True)
+          + tl.where(last, _sum(_sum(dS * M0, 1), 0), 0.0))
     pad = (i_v * tl.num_programs(2) + i_bh) * TP + c0 + t_off
-    tl.store(DB + pad, db.to(DB.dtype.element_ty))
-    tl.store(DCE + pad, dce.to(DCE.dtype.element_ty))
+    tl.store(DD + pad, dd.to(DD.dtype.element_ty))
+    tl.store(DC + pad, dc.to(DC.dtype.element_ty))
+    tl.store(DEL + pad, _sum(W * kdM, 1).to(DEL.dtype.element_ty))
+    tl.store(DE0 + pad, tl.where(last, _sum(_sum(dM * M0, 1), 0), 0.0).to(DE0.dtype.element_ty))
+
+
+def _bwd_gates_kernel(
+    GB, CE, R, DGAM, DD, DC, DEL, DE0, DB, DCE, T, TP, NT, NV, C: tl.constexpr, RESETS: tl.constexpr,
+    F64: tl.constexpr,
+):
+    """One program per (chunk, batch x head): the gradients of ``b`` and ``ce`` in the chunk, from the gate
+    terms of ``_bwd_kernel`` summed over its Dv blocks, through ``Gam = A E``, ``c = A exp(ce)``, ``d = exp(b)``,
+    row L of ``E`` and ``exp(ce_L)``."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    BH = tl.num_programs(1)
+    t_off = tl.arange(0, C)
+    c0 = n * C
+    dGam = _acc_zeros([C, C], F64)
+    dd = _acc_zeros([C], F64)
+    dc = _acc_zeros([C], F64)
+    dEL = _acc_zeros([C], F64)
+    de0 = _acc_zeros([C], F64)
+    for i_v in range(0, NV):
+        dGam += tl.load(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :])
+        pad = (i_v * BH + i_bh) * TP + c0 + t_off
+        dd += tl.load(DD + pad)
+        dc += tl.load(DC + pad)
+        dEL += tl.load(DEL + pad)
+        de0 += tl.load(DE0 + pad)
+    A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
+    last = t_off == tl.minimum(T - c0, C) - 1
+    dE = tl.where(last[:, None], dEL[None, :], 0.0) + _mmf(tl.trans(A), dGam, F64)
+    de0 += _sum(A * dc[:, None], 0)
+    X = (_mmf(dGam, tl.trans(E), F64) + dc[:, None] * e0[None, :]) * A
+    Z = dE * E
+    tl.store(DB + i_bh * TP + c0 + t_off, (_sum(X, 1) - _sum(X, 0) + dd * d).to(DB.dtype.element_ty))
+    tl.store(DCE + i_bh * TP + c0 + t_off, (_sum(Z, 1) - _sum(Z, 0) + de0 * e0).to(DCE.dtype.element_ty))
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows, _chunk_decays, _shift_rows,
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _mmf, _acc, _decays, _unit_lower_inverse, _rows, _chunk_decays, _shift_rows,
             _shift, _row, _at, _solve_terms, _load_chunk)
-_KERNELS = (_fwd_kernel, _bwd_state_kernel, _bwd_kernel)
+_KERNELS = (_fwd_kernel, _bwd_state_kernel, _bwd_kernel, _bwd_gates_kernel)
 
 
 @functools.cache
@@ -319,11 +374,13 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
                         where="argument q", hint="use backend='cpu'")
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
     BK = _block(Dk, MAX_DK)
-    BV = _block(Dv, 32 if BK <= 64 else 16)
+    BV = titans_value_block(Dk, Dv)
     common = dict(DK=Dk, DV=Dv, BK=BK, BV=BV, C=C, F64=dtype == torch.float64, DOT=dot)
     warps = 8 if BK > 64 or C >= 64 else 4
-    return {name: dict(common, num_warps=warps, num_stages=1) for name in ("_fwd_kernel", "_bwd_state_kernel",
-                                                                           "_bwd_kernel")}
+    cfg = {name: dict(common, num_warps=warps, num_stages=1) for name in ("_fwd_kernel", "_bwd_state_kernel",
+                                                                          "_bwd_kernel")}
+    cfg["_bwd_gates_kernel"] = dict(C=C, F64=common["F64"], num_warps=4, num_stages=1)
+    return cfg
 
 
 def _chunk_sums(x: torch.Tensor, C: int, TP: int) -> torch.Tensor:
@@ -368,14 +425,18 @@ def titans_backward(q, k, v, theta, b, ce, R, HS, do, dS_T, scale: float, C: int
     dq, dk = (torch.empty(NV, B * H, T, Dk, dtype=acc, device=q.device) for _ in range(2))
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)
     dth = torch.empty(NV, B * H, T, dtype=acc, device=q.device)
-    db, dce = (torch.empty(NV, B * H, TP, dtype=acc, device=q.device) for _ in range(2))
-    _launch("_bwd_kernel", (NV, NT, B * H), interpret, q, k, v, theta, b, ce, rs, do, HS, DHS, dq, dk, dv, dth, db,
-            dce, T, TP, NT, float(scale), H=H, GQ=GQ, RESETS=R is not None, **cfg["_bwd_kernel"])
+    dgam = torch.empty(NV, B * H, NT, C, C, dtype=acc, device=q.device)
+    terms = torch.empty(4, NV, B * H, TP, dtype=acc, device=q.device)  # d, c, row L of E, exp(ce_L)
+    _launch("_bwd_kernel", (NV, NT, B * H), interpret, q, k, v, theta, b, ce, rs, do, HS, DHS, dq, dk, dv, dth, dgam,
+            *terms, T, TP, NT, float(scale), H=H, GQ=GQ, RESETS=R is not None, **cfg["_bwd_kernel"])
+    db, dce = (torch.empty(B * H, TP, dtype=acc, device=q.device) for _ in range(2))
+    _launch("_bwd_gates_kernel", (NT, B * H), interpret, b, ce, rs, dgam, *terms, db, dce, T, TP, NT, NV,
+            RESETS=R is not None, **cfg["_bwd_gates_kernel"])
     dq, dk = (x.sum(0).view(B, H, T, Dk) for x in (dq, dk))
     if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
         dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
-    return dq, dk, dv, dth.sum(0).view(B, H, T), db.sum(0), dce.sum(0), DS0
+    return dq, dk, dv, dth.sum(0).view(B, H, T), db, dce, DS0
 
 
 class TritonTitans(torch.autograd.Function):
