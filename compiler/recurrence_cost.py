@@ -292,46 +292,65 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
 
 # ----------------------------------------------------------------- Titans' neural memory
 def titans_value_block(head_dim: int, head_dim_v: int) -> int:
-    """The Dv block of Titans' Triton kernels (``runtime.recurrences.titans.triton`` reads it from here): each
-    program holds two [Dk, BV] state blocks (four in the gradient kernel) in registers, so 32 columns up to a
-    key head dim of 64 and 16 beyond."""
-    return min(32 if head_dim <= 64 else 16, max(16, 1 << max(0, head_dim_v - 1).bit_length()))
+    """The Dv block of Titans' Triton kernels (``runtime.recurrences.titans.triton`` reads it from here): 16
+    columns, the smallest dot; each program holds two [Dk, BV] state blocks and [C, Dk] tiles in registers (32
+    columns spilled 24-104 B in the reverse state pass at Dk = 32 and 64 on sm_90). The arguments are kept for
+    the model's signature."""
+    del head_dim, head_dim_v
+    return 16
 
 
 def titans_kernels(chunk: int, head_dim: int, head_dim_v: int | None = None, *,
                    nbytes: int = 2) -> tuple[list[ChunkKernel], list[ChunkKernel]]:
     """Titans' Triton kernels (``runtime.recurrences.titans.triton``) as (forward, backward), each with its work
-    per chunk of one (batch, head); every program of a Dv block recomputes the chunk's [C, C] terms.
+    per chunk of one (batch, head); NV = Dv / BV programs per chunk where a kernel runs per value block.
 
-    Per chunk and program (``BV`` value columns, NV = Dv / BV programs):
-      [C, C] terms   ``A``, ``E`` (exp: ``6 C^2``), ``Gam = A E`` and the shifted rows (exact fp32 products,
-                     ``2 C^3`` each), the forward substitution (``2 C^3``), ``c`` (``2 C^2``): elementwise,
-                     ``6 C^3 + 10 C^2``; ``K K^T`` and ``Q K^T`` on the tensor cores, ``4 C^2 Dk``
-      forward        sequential: ``K S0``, ``K M0``, ``Q S0``, ``Q M0`` and the two state updates
-                     (``12 C Dk BV``); ``U = T (...)``, ``P W`` (``4 C^2 BV``, fp32)
-      dstate         sequential, reverse: ``K dS'``, ``K dM'`` and four products into dS0, dM0
-                     (``12 C Dk BV``); ``P^T dO``, ``T^T dU`` (``4 C^2 BV``)
-      grads          chunk-parallel: the [C, C] terms and the forward again, then dq, dk (``6 C^2 Dk`` more on
-                     the tensor cores, twelve ``[C, Dk] x [Dk, BV]`` products in all: ``24 C Dk BV``), ``dW``,
-                     ``dY``, ``dL``, ``dP`` (``10 C^2 BV``) and the gate terms (``A^T dGam``, ``dGam E^T``,
-                     the shift: ``6 C^3`` more, ``30 C^2``)
-    Bytes: q, k read by every program of a chunk, v, dO and outputs once, theta and the two cumulative logs
-    (fp32), the states entering each chunk and their gradients in fp32, dq, dk, dtheta, the gate terms per Dv
-    block in fp32. Left out: elementwise work of O(C BV) and the host's sums over Dv blocks."""
+      chunk      one program: the decays (``6 C^2`` exp and products), ``Gam = A E``, the shifted rows and the
+                 forward substitution (``2 C^3`` each, fp32 on the FMA units), ``c`` (``2 C^2``), ``K K^T``
+                 (``2 C^2 Dk``, tensor cores); stores ``(I + L)^-1``, Gam, Gp and seven vectors
+      state      sequential, per value block: ``K S0``, ``K M0`` and the two state updates (``8 C Dk Dv`` in
+                 all), the solve's product ``(I + L)^-1 (...)`` (``2 C^2 Dv``, fp32)
+      output     per value block: ``Q K^T`` (``2 C^2 Dk`` each), ``Q S0``, ``Q M0`` (``4 C Dk Dv``), ``P W``
+                 (``2 C^2 Dv``, fp32)
+    Backward (the chunk kernel again):
+      local      per value block: ``Q K^T`` (``2 C^2 Dk`` each) and ``P^T dO`` (``2 C^2 Dv``, fp32)
+      dstate     sequential, reverse, per value block: ``K dS'``, ``K dM'`` and four products into dS0, dM0
+                 (``12 C Dk Dv``), ``T^T dU`` (``2 C^2 Dv``, fp32)
+      dqk        per value block: ``K K^T``, ``Q K^T`` and three ``[C, C] x [C, Dk]`` products (``10 C^2 Dk``
+                 each), six ``[C, BV] x [BV, Dk]`` products (``12 C Dk Dv``), ``dY U^T``, ``dO W^T``
+                 (``4 C^2 Dv``) and the row shift (``2 C^3`` each, fp32)
+      gates      one program: the value blocks' gate terms summed, the decays again, ``A^T dGam`` and
+                 ``dGam E^T`` (``4 C^3``)
+    Bytes: q, k read in the input dtype by every program that reads them; the chunk terms, states, U, dY,
+    dq, dk and the gate terms in fp32 (the host sums dq, dk, dtheta over the value blocks and reads the states
+    once more for three inner products per chunk). Left out: elementwise work of O(C BV)."""
     C, Dk = chunk, head_dim
     Dv = head_dim_v or head_dim
     b = nbytes
     NV = -(-Dv // titans_value_block(Dk, Dv))
-    terms = 6.0 * C ** 3 + 10.0 * C * C
-    rows = 2 * C * Dk * b + 3 * C * 4  # q, k and theta, b, ce per program
-    forward = [ChunkKernel("forward", NV * 4.0 * C * C * Dk + 12.0 * C * Dk * Dv, NV * terms + 4.0 * C * C * Dv,
-                           NV * rows + 2 * C * Dv * b + 2 * Dk * Dv * 4, NV, True)]
+    vecs = 7 * C * 4  # d, c, dp, cp, exp(ce), Gam[L], E[L]
+    rows = C * 4 + vecs  # theta and the vectors, per program
+    chunk_k = ChunkKernel("chunk", 2.0 * C * C * Dk, 6.0 * C ** 3 + 10.0 * C * C,
+                          C * Dk * b + 3 * C * 4 + 3 * C * C * 4 + vecs)
+    forward = [
+        chunk_k,
+        ChunkKernel("state", 8.0 * C * Dk * Dv, 2.0 * C * C * Dv,
+                    NV * (C * Dk * b + rows + C * C * 4) + C * Dv * b + C * Dv * 4 + 2 * Dk * Dv * 4, NV, True),
+        ChunkKernel("output", NV * 2.0 * C * C * Dk + 4.0 * C * Dk * Dv, 2.0 * C * C * Dv,
+                    NV * (2 * C * Dk * b + rows + C * C * 4) + 2 * Dk * Dv * 4 + C * Dv * (4 + b), NV),
+    ]
     backward = [
-        ChunkKernel("dstate", NV * 4.0 * C * C * Dk + 12.0 * C * Dk * Dv, NV * terms + 4.0 * C * C * Dv,
-                    NV * rows + C * Dv * b + 2 * Dk * Dv * 4, NV, True),
-        ChunkKernel("grads", NV * 10.0 * C * C * Dk + 24.0 * C * Dk * Dv,
-                    NV * (12.0 * C ** 3 + 30.0 * C * C) + 10.0 * C * C * Dv,
-                    NV * (rows + 2 * C * Dk * 4 + 3 * C * 4) + 2 * C * Dv * b + C * Dv * 4 + 4 * Dk * Dv * 4, NV),
+        chunk_k,
+        ChunkKernel("local", NV * 2.0 * C * C * Dk, 2.0 * C * C * Dv,
+                    NV * (2 * C * Dk * b + C * C * 4) + C * Dv * (b + 4), NV),
+        ChunkKernel("dstate", 12.0 * C * Dk * Dv, 2.0 * C * C * Dv,
+                    NV * (2 * C * Dk * b + rows + C * C * 4 + 3 * C * 4) + C * Dv * (b + 12) + 2 * Dk * Dv * 4,
+                    NV, True),
+        ChunkKernel("dqk", NV * 10.0 * C * C * Dk + 12.0 * C * Dk * Dv, 4.0 * C * C * Dv + NV * 2.0 * C ** 3,
+                    NV * (2 * C * Dk * b + rows + 2 * C * C * 4 + 2 * C * Dk * 4 + 2 * C * 4 + C * C * 4 + 2 * C * 4)
+                    + C * Dv * (b + 8) + 4 * Dk * Dv * 4, NV),
+        ChunkKernel("gates", 0.0, 4.0 * C ** 3 + 16.0 * C * C,
+                    NV * (C * C + 4 * C) * 4 + 3 * 4 + 4 * C * 4 + 4 * Dk * Dv * 4),
     ]
     return forward, backward
 
@@ -348,12 +367,14 @@ def titans_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, 
 @dataclass(frozen=True)
 class RuleCost:
     """A recurrence rule's cost model: ``chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) -> ChunkCost``,
-    the chunk sizes its per-channel gates run in where they are fixed (None: every one of ``CHUNKS``), and
-    the report's note on the rule's kernels (None: none)."""
+    the chunk sizes its per-channel gates run in where they are fixed (None: every one of ``CHUNKS``), the
+    chunk sizes the simulator chooses from (a forced ``q_tile`` may name any of ``CHUNKS``), and the report's
+    note on the rule's kernels (None: none)."""
 
     chunk_cost: object
     vector_chunks: tuple[int, ...] | None = None
     note: str | None = None
+    chunks: tuple[int, ...] = CHUNKS
 
 
 #: Each recurrence rule's cost entry, by its word (``core.recurrence_rules``).
@@ -365,10 +386,12 @@ RULE_COSTS: dict[str, RuleCost] = {
         "delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel gates: none yet), its torch form "
         "chunks of 64 (16 for per-channel gates)")),
     "titans": RuleCost(titans_chunk_cost, note=(
-        "Titans' neural memory: attnc's Triton kernels (a sequential forward, a reverse state pass, a chunk-parallel "
-        "gradient kernel; each Dv block's program recomputes the chunk's [C, C] terms and triangular solve), "
+        "Titans' neural memory: attnc's Triton kernels (the chunk's terms and triangular solve, a sequential state "
+        "pass, the output; backward: the state-free part of dW, a reverse state pass, dq/dk per value block, the "
+        "gate terms), "
         "compiler/recurrence_cost.py titans_kernels; the Triton kernels run the chosen chunk, the torch form "
-        "chunks of 16")),
+        "chunks of 16; chunks of 64 are not chosen: their [64, 64] fp32 tiles spill registers on sm_80 and sm_90"),
+        chunks=(16, 32)),
 }
 
 
@@ -378,7 +401,7 @@ def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Har
     of the decay rule run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are
     written for it). ``rule='delta'``: the delta rule's cost (``delta_chunk_cost``), every chunk size."""
     entry = RULE_COSTS[rule]
-    chunks = entry.vector_chunks if gate == "vector" and entry.vector_chunks else CHUNKS
+    chunks = entry.vector_chunks if gate == "vector" and entry.vector_chunks else entry.chunks
     costs = [entry.chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
     return min(costs, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
 
@@ -508,7 +531,8 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
     the best (or the forced ``chunk``), causal softmax's time and the crossover lengths."""
     candidates = [RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, C, hw, nbytes=nbytes) for C in CHUNKS]
     if chunk is None:
-        best = min(candidates, key=lambda c: (c.forward_s + c.backward_s, c.chunk))
+        best = min((c for c in candidates if c.chunk in RULE_COSTS[rule].chunks),
+                   key=lambda c: (c.forward_s + c.backward_s, c.chunk))
     else:
         best = next(c for c in candidates if c.chunk == chunk)
     sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
@@ -544,7 +568,8 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
         f"prediction, not a measurement): n={rep.n}, heads {rep.heads}, head_dim {rep.head_dim}, batch {rep.batch}",
         f"hardware: {hw.name} ({hw.sms} SMs, {hw.tensor_tflops:g} TFLOP/s dense, {hw.hbm_gbps:g} GB/s)",
         "",
-        f"  chunk size           {b.chunk}" + (" (forced)" if rep.chunk_forced else " (chosen of 16/32/64)"),
+        f"  chunk size           {b.chunk}" + (" (forced)" if rep.chunk_forced
+                                                  else f" (chosen of {'/'.join(map(str, RULE_COSTS[rep.rule].chunks))})"),
         f"  FLOPs                forward {b.forward_flops:.3e}, backward {b.backward_flops:.3e}",
         f"  bytes                forward {b.forward_bytes:.3e}, backward {b.backward_bytes:.3e}",
         f"  predicted time       forward {_t(b.forward_s)}, backward {_t(b.backward_s)}",

@@ -3,7 +3,7 @@ path, at the configs the schedule search picks on CUDA (``runtime.gpu_check``): 
 must compile, fit the per-block shared-memory limit and not spill a register.
 
 A representative subset runs on every CI run (causal, sliding_window, streaming, softcap, alibi,
-forgetting, moba, neighborhood_2d, radial, a decay recurrence, the gated delta rule and KDA; d 64 and 128;
+forgetting, moba, neighborhood_2d, radial, a decay recurrence, the gated delta rule, KDA and Titans; d 64 and 128;
 sm_80 and sm_90: ``PAIRS``); the full matrix is ``benchmarks/gpu_compile_matrix.py``. Works on Triton 3.6 and 3.9.
 """
 
@@ -50,6 +50,9 @@ SUBSET = [
     # its frame terms (bit_length, a float band, a split test) spilled 236-1,460 B per kernel until the
     # kernels held per-tile coordinates as scalars (benchmarks/results/gpu-compile-radial-2026-11-22.md)
     ("radial", "stdlib:radial", {}, {"frames": 16, "per_frame": 256}, None),
+    # Titans' seven: its first kernels (a fused forward, a fused gradient kernel) spilled 0.4-38 KiB; split so
+    # that no program holds both q, k tiles and four state blocks, with Dv blocks of 16 and chunks of at most 32
+    ("titans", "stdlib:titans", {}, None, N),
 ]
 #: (arch, d) per pattern: every pair covered, the issue's failures (sm_90, d = 128) most, and the d = 64
 #: dK/dV spills the register model used to admit (sliding_window / streaming at 128/64, forgetting's
@@ -59,7 +62,7 @@ PAIRS = {"causal": [(90, 128), (80, 64)], "sliding_window": [(90, 128)], "slidin
          "streaming_8k": [(90, 64)], "softcap": [(90, 128)], "alibi": [(80, 128)],
          "forgetting": [(90, 128), (80, 64)], "moba": [(90, 128), (80, 64)], "neighborhood_2d": [(90, 64)],
          "mamba2": [(90, 128)], "radial": [(90, 128), (80, 64)], "gated_delta_net": [(90, 128), (80, 64)],
-         "kda": [(90, 128), (80, 128)]}
+         "kda": [(90, 128), (80, 128)], "titans": [(90, 128), (80, 128)]}
 CASES = [(name, spec, params, sizes, n, arch, d) for name, spec, params, sizes, n in SUBSET for arch, d in PAIRS[name]]
 
 

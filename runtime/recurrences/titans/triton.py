@@ -12,26 +12,34 @@ the cumulative log momenta:
 
 with L the chunk's last row (C - 1, or the last token's in a last, shorter chunk: its padded rows never reach
 the final state). Gam is one exact product per chunk (a [C, C] dot), not the torch form's [C+1]^3 sum. The
-kernels:
+kernels (seven, so that none spills a register at Dk <= 128 on sm_80 and sm_90, Triton 3.6 and 3.9):
 
-- ``_fwd_kernel``, one program per (Dv block, batch x head), sequential over the chunks: stores the state
-  entering each chunk (``HS``: S0 and M0, for the backward), ``O`` and the final state;
-- ``_bwd_state_kernel`` (Dv block, batch x head), sequential in reverse: the gradient of the state leaving each
+- ``_chunk_kernel``, one program per (chunk, batch x head): what does not depend on the state: ``(I + L)^-1``,
+  Gam, Gp and the vectors ``d, c, dp, cp, exp(ce), Gam[L], E[L]``;
+- ``_state_fwd_kernel`` (Dv block, batch x head), the only sequential part of the forward: stores the state
+  entering each chunk (``HS``: S0 and M0) and ``U``, the final state;
+- ``_out_kernel`` (Dv block, chunk, batch x head): ``O``;
+- ``_bwd_local_kernel`` (Dv block, chunk, batch x head): ``scale tril(Gam * Q K^T)^T dO``, dW's part that does
+  not depend on the state;
+- ``_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: the gradient of the state leaving each
   chunk (``DHS``), from ``dW = scale tril(Gam * Q K^T)^T dO + diag(Gam[L]) K dS' + diag(E[L]) K dM'``,
-  ``dY = (I + L)^-T diag(theta) dW`` and ``dS0 = scale Q^T diag(d) dO - K^T diag(dp) dY + d_L dS'``,
+  ``dY = (I + L)^-T diag(theta) dW`` (dv) and ``dS0 = scale Q^T diag(d) dO - K^T diag(dp) dY + d_L dS'``,
   ``dM0 = scale Q^T diag(c) dO - K^T diag(cp) dY + c_L dS' + exp(ce_L) dM'`` (its last value is the initial
-  state's gradient);
-- ``_bwd_kernel`` (Dv block, chunk, batch x head): every other gradient of the chunk from its S0, M0, dS', dM':
-  dq, dk, dv, dtheta and the gradients of ``b`` and ``ce`` (through Gam = A E, c, d, the shifted rows and row L).
-  dq, dk, dtheta, db and dce are sums over Dv, stored per Dv block and summed on the host.
+  state's gradient); dtheta through W and the row-L gate terms;
+- ``_bwd_dqk_kernel`` (Dv block, chunk, batch x head): dq, dk, dtheta through the solve, the gate terms of Gam
+  (its shifted rows included), d and c;
+- ``_bwd_gates_kernel`` (chunk, batch x head): the gate terms summed over the Dv blocks, taken to ``b`` and
+  ``ce`` through ``Gam = A E``, ``c = A exp(ce)``, ``d = exp(b)`` and row L.
 
-The gradients of ``b`` and ``ce`` go back to the gates and momenta through torch (the cumulative sums, the
-logarithm), outside the kernels. A gate of -inf (a hard reset) counts 0 in ``b``; with ``RESETS`` every decay
-across it is 0, as in the delta rule's kernels (``delta.triton._decays``). The momenta are in (0, 1]
-(``rule.check_rates``): their logarithms are finite and every exponent is at most 0. Dots of q, k with states
-run in the input dtype on the tensor cores (fp32 accumulation); the [C, C] products and the triangular solve in
-fp32 (fp64 in the interpreter's fp64 runs). GQA: k, v are read from kv head ``h // (H // Hkv)``; dk, dv are
-per query head and summed over the group on the host. Offline compile check: ``attnc check-gpu stdlib:titans``.
+dq, dk, dtheta and the gate terms are sums over Dv, stored per Dv block (16 columns:
+``compiler.recurrence_cost.titans_value_block``) and summed on the host or by the gates kernel. The gradients
+of ``b`` and ``ce`` go back to the gates and momenta through torch (the cumulative sums, the logarithm), outside
+the kernels. A gate of -inf (a hard reset) counts 0 in ``b``; with ``RESETS`` every decay across it is 0, as in
+the delta rule's kernels (``delta.triton._decays``). The momenta are in (0, 1] (``rule.check_rates``): their
+logarithms are finite and every exponent is at most 0. Dots of q, k with states run in the input dtype on the
+tensor cores (fp32 accumulation); the [C, C] products and the triangular solve in fp32 (fp64 in the
+interpreter's fp64 runs). GQA: k, v are read from kv head ``h // (H // Hkv)``; dk, dv are per query head and
+summed over the group on the host. Offline compile check: ``attnc check-gpu stdlib:titans``.
 """
 
 import functools
@@ -55,8 +63,9 @@ from ..decay.triton import (
 )
 from ..delta.triton import _acc, _decays, _interpret, _rows, _unit_lower_inverse
 
-#: Largest key head dim: the sequential passes hold [Dk, BV] blocks of the memory and its momentum in registers.
-MAX_DK = 256
+#: Largest key head dim: the programs hold [C, Dk] tiles of q and k and [Dk, BV] blocks of the memory and its
+#: momentum in registers (at 256 every kernel spilled 0.3-4 KiB on sm_80 and sm_90, at 8 warps or 16).
+MAX_DK = 128
 
 
 # ======================================================================= helpers (undecorated)
@@ -121,6 +130,13 @@ def _solve_terms(k, th, Gam, t_off, C: tl.constexpr, DOT: tl.constexpr):
     return _unit_lower_inverse(low, t_off, C), Gp, kk
 
 
+def _vectors(VEC, i_bh, BH, TP, rows):
+    """``(d, c, dp, cp, exp(ce), Gam[L], E[L])`` of the chunk's rows, as ``_chunk_kernel`` stored them."""
+    at = VEC + i_bh * TP + rows
+    return (tl.load(at), tl.load(at + BH * TP), tl.load(at + 2 * BH * TP), tl.load(at + 3 * BH * TP),
+            tl.load(at + 4 * BH * TP), tl.load(at + 5 * BH * TP), tl.load(at + 6 * BH * TP))
+
+
 def _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK: tl.constexpr, F64: tl.constexpr):
     q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
@@ -129,16 +145,53 @@ def _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK: tl.conste
 
 
 # ======================================================================= kernels (undecorated)
-def _fwd_kernel(
-    Q, K, V, TH, GB, CE, R, S0, HS, OUT, ST, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    RESETS: tl.constexpr, HAS_S0: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+def _chunk_kernel(
+    K, TH, GB, CE, R, TI, GAM, GP, VEC, T, TP, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    BK: tl.constexpr, C: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+):
+    """One program per (chunk, batch x head): the chunk's terms that do not depend on the state. Stores ``(I +
+    L)^-1`` (``TI``), ``Gam`` and ``Gp`` (``[BH, TP, C]`` each) and the vectors ``d, c, dp, cp, exp(ce), Gam[L],
+    E[L]`` (``VEC [7, BH, TP]``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    BH = tl.num_programs(1)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BK)
+    k_ok = _in_dim(k_off, DK, BK)
+    c0 = n * C
+    rows = c0 + t_off
+    r_ok = rows < T
+    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
+    Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
+    last = t_off == tl.minimum(T - c0, C) - 1
+    cc = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
+    tl.store(TI + cc, Ti.to(TI.dtype.element_ty))
+    tl.store(GAM + cc, Gam.to(GAM.dtype.element_ty))
+    tl.store(GP + cc, Gp.to(GP.dtype.element_ty))
+    at = VEC + i_bh * TP + rows
+    tl.store(at, d)
+    tl.store(at + BH * TP, c)
+    tl.store(at + 2 * BH * TP, _shift(d, t_off, False) + (t_off == 0).to(d.dtype))
+    tl.store(at + 3 * BH * TP, _shift(c, t_off, False))
+    tl.store(at + 4 * BH * TP, e0)
+    tl.store(at + 5 * BH * TP, _row(Gam, last))
+    tl.store(at + 6 * BH * TP, _row(E, last))
+
+
+def _state_fwd_kernel(
+    K, V, TH, TI, VEC, S0, HS, UN, ST, T, TP, NT, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, HAS_S0: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks: stores S0 and M0 entering each chunk
-    (``HS[bh, n]``), the chunk's output, then moves the memory and momentum to the chunk's last row; the final
-    state (S's rows, then M's) in ``ST``."""
+    (``HS[bh, n]``), ``U = (I + L)^-1 (V - diag(dp) K S0 - diag(cp) K M0)`` (``UN``), then moves the memory and
+    momentum to the chunk's last row; the final state (S's rows, then M's) in ``ST``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    BH = tl.num_programs(1)
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
@@ -158,38 +211,95 @@ def _fwd_kernel(
         r_ok = rows < T
         tl.store(HS + (i_bh * NT + n) * 2 * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
         tl.store(HS + ((i_bh * NT + n) * 2 + 1) * DK * DV + sv_off, M.to(HS.dtype.element_ty), mask=sv_ok)
-        q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
+        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         v = _acc(_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
-        A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
-        Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
-        dp = _shift(d, t_off, False) + (t_off == 0).to(d.dtype)
-        cp = _shift(c, t_off, False)
-        Sd, Md = S.to(k.dtype), M.to(k.dtype)
-        U = _mm(Ti, v - dp[:, None] * _mm(k, Sd, DOT) - cp[:, None] * _mm(k, Md, DOT), 1)
+        th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+        d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
+        Ti = tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
+        U = _mm(Ti, v - dp[:, None] * _mm(k, S.to(k.dtype), DOT) - cp[:, None] * _mm(k, M.to(k.dtype), DOT), 1)
+        uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+        tl.store(UN + uv_off, U.to(UN.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :])
         W = th[:, None] * U
-        P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT), 0.0)
-        o = scale * (d[:, None] * _mm(q, Sd, DOT) + c[:, None] * _mm(q, Md, DOT) + _mm(P, W, 1))
-        tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
-                 mask=r_ok[:, None] & v_ok[None, :])
         last = t_off == tl.minimum(T - c0, C) - 1
-        Wd = W.to(k.dtype)
-        S_end = (_at(d, last) * S + _at(c, last) * M
-                 + _mm(tl.trans((k * _row(Gam, last)[:, None]).to(k.dtype)), Wd, DOT))
-        M = _at(e0, last) * M + _mm(tl.trans((k * _row(E, last)[:, None]).to(k.dtype)), Wd, DOT)
+        kt = tl.trans(k)
+        S_end = _at(d, last) * S + _at(c, last) * M + _mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
+        M = _at(e0, last) * M + _mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
         S = S_end
     tl.store(ST + i_bh * 2 * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
     tl.store(ST + (i_bh * 2 + 1) * DK * DV + sv_off, M.to(ST.dtype.element_ty), mask=sv_ok)
 
 
-def _bwd_state_kernel(
-    Q, K, TH, GB, CE, R, DO, DST, DHS, DS0, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    RESETS: tl.constexpr, HAS_DST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+def _out_kernel(
+    Q, K, TH, GAM, VEC, HS, UN, OUT, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
+    DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+):
+    """One program per (Dv block, chunk, batch x head): ``O = scale (diag(d) Q S0 + diag(c) Q M0 + tril(Gam * Q
+    K^T) diag(theta) U)``."""
+    i_v, n = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    BH = tl.num_programs(2)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BK)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BK)
+    v_ok = _in_dim(v_off, DV, BV)
+    sv_off = k_off[:, None] * DV + v_off[None, :]
+    sv_ok = k_ok[:, None] & v_ok[None, :]
+    rows = n * C + t_off
+    r_ok = rows < T
+    q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
+    d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
+    Gam = tl.load(GAM + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
+    at = (i_bh * NT + n) * 2 * DK * DV + sv_off
+    S0 = tl.load(HS + at, mask=sv_ok, other=0.0).to(q.dtype)
+    M0 = tl.load(HS + at + DK * DV, mask=sv_ok, other=0.0).to(q.dtype)
+    uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+    uv_ok = r_ok[:, None] & v_ok[None, :]
+    W = th[:, None] * tl.load(UN + uv_off, mask=uv_ok, other=0.0)
+    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
+    o = scale * (d[:, None] * _mm(q, S0, DOT) + c[:, None] * _mm(q, M0, DOT) + _mm(P, W, 1))
+    tl.store(OUT + uv_off, o.to(OUT.dtype.element_ty), mask=uv_ok)
+
+
+def _bwd_local_kernel(
+    Q, K, GAM, DO, DWL, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+):
+    """One program per (Dv block, chunk, batch x head): the part of ``dW`` that does not depend on the state,
+    ``scale tril(Gam * Q K^T)^T dO`` (``DWL``), so that the reverse state pass holds no [C, C] product of q and k."""
+    i_v, n = tl.program_id(0), tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    t_off = tl.arange(0, C)
+    k_off = tl.arange(0, BK)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BK)
+    v_ok = _in_dim(v_off, DV, BV)
+    rows = n * C + t_off
+    r_ok = rows < T
+    q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    Gam = tl.load(GAM + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
+    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
+    uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+    uv_ok = r_ok[:, None] & v_ok[None, :]
+    do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+    tl.store(DWL + uv_off, (scale * _mm(tl.trans(P), do, 1)).to(DWL.dtype.element_ty), mask=uv_ok)
+
+
+def _state_bwd_kernel(
+    Q, K, TH, TI, DWL, VEC, DO, UN, DST, DHS, DY, DTH, DGL, DS0, T, TP, NT, scale, H: tl.constexpr,
+    GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+    HAS_DST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks in reverse: stores the gradient of the memory
-    and momentum leaving each chunk (``DHS[bh, n]``); the last, the initial state's, in ``DS0``."""
+    and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's part of ``dtheta``
+    through ``W = diag(theta) U`` and of the gate terms of row L (``DGL``); the initial state's gradient in
+    ``DS0``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
+    BH = tl.num_programs(1)
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
@@ -211,35 +321,44 @@ def _bwd_state_kernel(
         tl.store(DHS + (i_bh * NT + n) * 2 * DK * DV + sv_off, dS.to(DHS.dtype.element_ty), mask=sv_ok)
         tl.store(DHS + ((i_bh * NT + n) * 2 + 1) * DK * DV + sv_off, dM.to(DHS.dtype.element_ty), mask=sv_ok)
         q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
-        do = _acc(_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
-        A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
-        Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
-        dp = _shift(d, t_off, False) + (t_off == 0).to(d.dtype)
-        cp = _shift(c, t_off, False)
-        P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT), 0.0)
+        uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+        uv_ok = r_ok[:, None] & v_ok[None, :]
+        do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+        U = tl.load(UN + uv_off, mask=uv_ok, other=0.0)
+        d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
+        kdS = _mm(k, dS.to(k.dtype), DOT)
+        kdM = _mm(k, dM.to(k.dtype), DOT)
+        dW = tl.load(DWL + uv_off, mask=uv_ok, other=0.0) + gL[:, None] * kdS + eL[:, None] * kdM
+        dY = _mm(tl.trans(tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])), th[:, None] * dW, 1)
+        tl.store(DY + uv_off, dY.to(DY.dtype.element_ty), mask=uv_ok)
+        W = th[:, None] * U
+        part = (i_v * BH + i_bh) * T + rows
+        tl.store(DTH + part, _sum(U * dW, 1).to(DTH.dtype.element_ty), mask=r_ok)
+        gl = (i_v * BH + i_bh) * TP + rows
+        tl.store(DGL + gl, _sum(W * kdS, 1).to(DGL.dtype.element_ty))
+        tl.store(DGL + tl.num_programs(0) * BH * TP + gl, _sum(W * kdM, 1).to(DGL.dtype.element_ty))
         last = t_off == tl.minimum(T - c0, C) - 1
-        dW = (scale * _mm(tl.trans(P), do, 1) + _row(Gam, last)[:, None] * _mm(k, dS.to(k.dtype), DOT)
-              + _row(E, last)[:, None] * _mm(k, dM.to(k.dtype), DOT))
-        dY = _mm(tl.trans(Ti), th[:, None] * dW, 1)
-        dS_in = (_mm(tl.trans(q), (scale * d[:, None] * do).to(q.dtype), DOT)
-                 - _mm(tl.trans(k), (dp[:, None] * dY).to(k.dtype), DOT) + _at(d, last) * dS)
-        dM = (_mm(tl.trans(q), (scale * c[:, None] * do).to(q.dtype), DOT)
-              - _mm(tl.trans(k), (cp[:, None] * dY).to(k.dtype), DOT) + _at(c, last) * dS + _at(e0, last) * dM)
+        qt, kt = tl.trans(q), tl.trans(k)
+        dS_in = (_mm(qt, (scale * d[:, None] * do).to(q.dtype), DOT) - _mm(kt, (dp[:, None] * dY).to(k.dtype), DOT)
+                 + _at(d, last) * dS)
+        dM = (_mm(qt, (scale * c[:, None] * do).to(q.dtype), DOT) - _mm(kt, (cp[:, None] * dY).to(k.dtype), DOT)
+              + _at(c, last) * dS + _at(e0, last) * dM)
         dS = dS_in
     tl.store(DS0 + i_bh * 2 * DK * DV + sv_off, dS.to(DS0.dtype.element_ty), mask=sv_ok)
     tl.store(DS0 + (i_bh * 2 + 1) * DK * DV + sv_off, dM.to(DS0.dtype.element_ty), mask=sv_ok)
 
 
-def _bwd_kernel(
-    Q, K, V, TH, GB, CE, R, DO, HS, DHS, DQ, DK_, DV_, DTH, DGAM, DD, DC, DEL, DE0, T, TP, NT, scale, H: tl.constexpr,
-    GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    RESETS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+def _bwd_dqk_kernel(
+    Q, K, TH, GAM, GP, VEC, DO, UN, DY, HS, DHS, DQ, DK_, DTH, DGAM, DD, DC, T, TP, NT, scale,
+    H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One program per (Dv block, chunk, batch x head): the chunk's gradients from the state entering it (``HS``)
-    and the gradient of the state leaving it (``DHS``). dv is whole; dq, dk, dtheta and the gate terms are this
-    Dv block's part (``[NV, ...]``; the host sums dq, dk and dtheta, ``_bwd_gates_kernel`` the gate terms)."""
+    """One program per (Dv block, chunk, batch x head): this Dv block's part of dq, dk, dtheta through the solve
+    (added to ``_state_bwd_kernel``'s) and of the gate terms (``DGAM``, ``DD``, ``DC``; ``[NV, ...]``), from the
+    states entering (``HS``) and the gradients of those leaving the chunk (``DHS``)."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
+    BH = tl.num_programs(2)
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BK)
@@ -251,78 +370,64 @@ def _bwd_kernel(
     c0 = n * C
     rows = c0 + t_off
     r_ok = rows < T
-    at = (i_bh * NT + n) * 2 * DK * DV + sv_off
-    S0 = _acc(tl.load(HS + at, mask=sv_ok, other=0.0), F64)
-    M0 = _acc(tl.load(HS + at + DK * DV, mask=sv_ok, other=0.0), F64)
-    dS = _acc(tl.load(DHS + at, mask=sv_ok, other=0.0), F64)
-    dM = _acc(tl.load(DHS + at + DK * DV, mask=sv_ok, other=0.0), F64)
     q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
-    v = _acc(_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
-    do = _acc(_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
-    A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
-    Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
-    dp = _shift(d, t_off, False) + (t_off == 0).to(d.dtype)
-    cp = _shift(c, t_off, False)
-    # the forward, again: U, W and the products with the entering state
-    kS, kM = _mm(k, S0.to(k.dtype), DOT), _mm(k, M0.to(k.dtype), DOT)
-    U = _mm(Ti, v - dp[:, None] * kS - cp[:, None] * kM, 1)
+    d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
+    cc = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
+    Gam = tl.load(GAM + cc)
+    Gp = tl.load(GP + cc)
+    uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
+    uv_ok = r_ok[:, None] & v_ok[None, :]
+    do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+    U = tl.load(UN + uv_off, mask=uv_ok, other=0.0)
+    dY = tl.load(DY + uv_off, mask=uv_ok, other=0.0)
     W = th[:, None] * U
     lower = t_off[:, None] >= t_off[None, :]
+    kk = _mm(k, tl.trans(k), DOT).to(Gam.dtype)
     qk = _mm(q, tl.trans(k), DOT).to(Gam.dtype)
-    P = tl.where(lower, Gam * qk, 0.0)
-    last = t_off == tl.minimum(T - c0, C) - 1
-    gL, eL = _row(Gam, last), _row(E, last)
-    kdS, kdM = _mm(k, dS.to(k.dtype), DOT), _mm(k, dM.to(k.dtype), DOT)
-    # through O = scale (...) + scale P W, S' and M' to W, then through the solve
-    dW = scale * _mm(tl.trans(P), do, 1) + gL[:, None] * kdS + eL[:, None] * kdM
-    dY = _mm(tl.trans(Ti), th[:, None] * dW, 1)
-    tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dY.to(DV_.dtype.element_ty),
-             mask=r_ok[:, None] & v_ok[None, :])
+    # through the solve: L = strict_tril(Gp * K K^T diag(theta)), dL = -dY U^T
     dL = tl.where(t_off[:, None] > t_off[None, :], -_mm(dY, tl.trans(U), 1), 0.0)
-    dth = _sum(U * dW, 1) + _sum(dL * Gp * kk, 0)
+    part = (i_v * BH + i_bh) * T + rows
+    dth = tl.load(DTH + part, mask=r_ok, other=0.0) + _sum(dL * Gp * kk, 0)
+    tl.store(DTH + part, dth.to(DTH.dtype.element_ty), mask=r_ok)
     dkk = dL * Gp * th[None, :]
+    # through O's tril(Gam * Q K^T) W
     dP = _mm(do, tl.trans(W), 1)
     dqk = tl.where(lower, scale * dP * Gam, 0.0)
-    # products with the entering state, each made once: dO S0^T, dO M0^T, dY S0^T, dY M0^T ([C, Dk])
-    Sd, Md = S0.to(k.dtype), M0.to(k.dtype)
-    doS, doM = _mm(do.to(k.dtype), tl.trans(Sd), DOT), _mm(do.to(k.dtype), tl.trans(Md), DOT)
-    dyS, dyM = _mm(dY.to(k.dtype), tl.trans(Sd), DOT), _mm(dY.to(k.dtype), tl.trans(Md), DOT)
+    up = (t_off[:, None] + 1 == t_off[None, :]).to(dL.dtype)
+    dGam = tl.where(lower, scale * dP * qk, 0.0) + _mm(up, dL * th[None, :] * kk, 1)
+    tl.store(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :],
+             dGam.to(DGAM.dtype.element_ty))
+    # products with the states entering (dq, dk, the gate terms of d, c, dp, cp) and leaving (dk through S', M')
+    at = (i_bh * NT + n) * 2 * DK * DV + sv_off
+    S0t = tl.trans(tl.load(HS + at, mask=sv_ok, other=0.0).to(k.dtype))
+    M0t = tl.trans(tl.load(HS + at + DK * DV, mask=sv_ok, other=0.0).to(k.dtype))
+    doS, doM = _mm(do.to(k.dtype), S0t, DOT), _mm(do.to(k.dtype), M0t, DOT)
     dq = _mm(dqk.to(k.dtype), k, DOT) + scale * (d[:, None] * doS + c[:, None] * doM)
+    dd = scale * _sum(q * doS, 1)
+    dc = scale * _sum(q * doM, 1)
+    dyS, dyM = _mm(dY.to(k.dtype), S0t, DOT), _mm(dY.to(k.dtype), M0t, DOT)
+    pad = (i_v * BH + i_bh) * TP + rows
+    tl.store(DD + pad, (dd + _shift(-_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
+    tl.store(DC + pad, (dc + _shift(-_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
     Wd = W.to(k.dtype)
     dk = (_mm(tl.trans(dqk).to(q.dtype), q, DOT) + _mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
           - dp[:, None] * dyS - cp[:, None] * dyM
-          + gL[:, None] * _mm(Wd, tl.trans(dS.to(k.dtype)), DOT) + eL[:, None] * _mm(Wd, tl.trans(dM.to(k.dtype)), DOT))
-    qk_off = rows[:, None] * DK + k_off[None, :]
+          + gL[:, None] * _mm(Wd, tl.trans(tl.load(DHS + at, mask=sv_ok, other=0.0).to(k.dtype)), DOT)
+          + eL[:, None] * _mm(Wd, tl.trans(tl.load(DHS + at + DK * DV, mask=sv_ok, other=0.0).to(k.dtype)), DOT))
+    qk_off = (i_v * BH + i_bh) * T * DK + rows[:, None] * DK + k_off[None, :]
     qk_ok = r_ok[:, None] & k_ok[None, :]
-    part = (i_v * tl.num_programs(2) + i_bh) * T
-    tl.store(DQ + part * DK + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
-    tl.store(DK_ + part * DK + qk_off, dk.to(DK_.dtype.element_ty), mask=qk_ok)
-    tl.store(DTH + part + rows, dth.to(DTH.dtype.element_ty), mask=r_ok)
-    # the gate terms, this Dv block's part: the gradients of Gam (its shifted rows and row L included), d and c
-    # (theirs too), row L of E and exp(ce_L); ``_bwd_gates_kernel`` takes them to b and ce
-    up = (t_off[:, None] + 1 == t_off[None, :]).to(dL.dtype)
-    dGam = (tl.where(lower, scale * dP * qk, 0.0) + _mm(up, dL * th[None, :] * kk, 1)
-            + tl.where(last[:, None], _sum(W * kdS, 1)[None, :], 0.0))
-    tl.store(DGAM + ((i_v * tl.num_programs(2) + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :],
-             dGam.to(DGAM.dtype.element_ty))
-    dd = (scale * _sum(q * doS, 1) + _shift(-_sum(k * dyS, 1), t_off, True)
-          + tl.where(last, _sum(_sum(dS * S0, 1), 0), 0.0))
-    dc = (scale * _sum(q * doM, 1) + _shift(-_sum(k * dyM, 1), t_off, True)
-          + tl.where(last, _sum(_sum(dS * M0, 1), 0), 0.0))
-    pad = (i_v * tl.num_programs(2) + i_bh) * TP + c0 + t_off
-    tl.store(DD + pad, dd.to(DD.dtype.element_ty))
-    tl.store(DC + pad, dc.to(DC.dtype.element_ty))
-    tl.store(DEL + pad, _sum(W * kdM, 1).to(DEL.dtype.element_ty))
-    tl.store(DE0 + pad, tl.where(last, _sum(_sum(dM * M0, 1), 0), 0.0).to(DE0.dtype.element_ty))
+    tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
+    tl.store(DK_ + qk_off, dk.to(DK_.dtype.element_ty), mask=qk_ok)
 
 
 def _bwd_gates_kernel(
-    GB, CE, R, DGAM, DD, DC, DEL, DE0, DB, DCE, T, TP, NT, NV, C: tl.constexpr, RESETS: tl.constexpr,
+    GB, CE, R, DGAM, DD, DC, DGL, LS, DB, DCE, T, TP, NT, NV, C: tl.constexpr, RESETS: tl.constexpr,
     F64: tl.constexpr,
 ):
-    """One program per (chunk, batch x head): the gradients of ``b`` and ``ce`` in the chunk, from the gate
-    terms of ``_bwd_kernel`` summed over its Dv blocks, through ``Gam = A E``, ``c = A exp(ce)``, ``d = exp(b)``,
-    row L of ``E`` and ``exp(ce_L)``."""
+    """One program per (chunk, batch x head): the gradients of ``b`` and ``ce`` in the chunk, from the gate terms
+    summed over the Dv blocks, the row-L terms (``DGL``: Gam's and E's rows; ``LS``: ``<dS', S0>``, ``<dS', M0>``,
+    ``<dM', M0>``, the gradients of ``d_L``, ``c_L`` and ``exp(ce_L)``), through ``Gam = A E``, ``c = A exp(ce)``
+    and ``d = exp(b)``."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1)
@@ -331,19 +436,23 @@ def _bwd_gates_kernel(
     dGam = _acc_zeros([C, C], F64)
     dd = _acc_zeros([C], F64)
     dc = _acc_zeros([C], F64)
+    dGL = _acc_zeros([C], F64)
     dEL = _acc_zeros([C], F64)
-    de0 = _acc_zeros([C], F64)
     for i_v in range(0, NV):
         dGam += tl.load(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :])
         pad = (i_v * BH + i_bh) * TP + c0 + t_off
         dd += tl.load(DD + pad)
         dc += tl.load(DC + pad)
-        dEL += tl.load(DEL + pad)
-        de0 += tl.load(DE0 + pad)
+        dGL += tl.load(DGL + pad)
+        dEL += tl.load(DGL + NV * BH * TP + pad)
     A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
     last = t_off == tl.minimum(T - c0, C) - 1
+    ls = (i_bh * NT + n) * 3
+    dGam += tl.where(last[:, None], dGL[None, :], 0.0)
+    dd += tl.where(last, tl.load(LS + ls), 0.0)
+    dc += tl.where(last, tl.load(LS + ls + 1), 0.0)
+    de0 = tl.where(last, tl.load(LS + ls + 2), 0.0) + _sum(A * dc[:, None], 0)
     dE = tl.where(last[:, None], dEL[None, :], 0.0) + _mmf(tl.trans(A), dGam, F64)
-    de0 += _sum(A * dc[:, None], 0)
     X = (_mmf(dGam, tl.trans(E), F64) + dc[:, None] * e0[None, :]) * A
     Z = dE * E
     tl.store(DB + i_bh * TP + c0 + t_off, (_sum(X, 1) - _sum(X, 0) + dd * d).to(DB.dtype.element_ty))
@@ -351,9 +460,11 @@ def _bwd_gates_kernel(
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _mmf, _acc, _decays, _unit_lower_inverse, _rows, _chunk_decays, _shift_rows,
-            _shift, _row, _at, _solve_terms, _load_chunk)
-_KERNELS = (_fwd_kernel, _bwd_state_kernel, _bwd_kernel, _bwd_gates_kernel)
+#: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
+_OWN_HELPERS = (_mmf, _chunk_decays, _shift_rows, _shift, _row, _at, _solve_terms, _load_chunk, _vectors)
+_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows) + _OWN_HELPERS
+_KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
+            _bwd_gates_kernel)
 
 
 @functools.cache
@@ -368,18 +479,19 @@ def _launch(name: str, grid, interpret: bool, *args, **meta):
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
     """Per-kernel compile-time constants and launch options: what the launches use (``runtime.gpu_check``
-    compiles those launches offline). Each program holds two [Dk, BV] state blocks (four in ``_bwd_kernel``)."""
+    compiles those launches offline). The state programs hold two [Dk, BV] state blocks."""
     if Dk > MAX_DK:
         raise SpecError(f"Titans' Triton kernels support a key head dim up to {MAX_DK}, got {Dk}",
                         where="argument q", hint="use backend='cpu'")
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
+    f64 = dtype == torch.float64
     BK = _block(Dk, MAX_DK)
-    BV = titans_value_block(Dk, Dv)
-    common = dict(DK=Dk, DV=Dv, BK=BK, BV=BV, C=C, F64=dtype == torch.float64, DOT=dot)
+    common = dict(DK=Dk, DV=Dv, BK=BK, BV=titans_value_block(Dk, Dv), C=C, F64=f64, DOT=dot)
     warps = 8 if BK > 64 or C >= 64 else 4
-    cfg = {name: dict(common, num_warps=warps, num_stages=1) for name in ("_fwd_kernel", "_bwd_state_kernel",
-                                                                          "_bwd_kernel")}
-    cfg["_bwd_gates_kernel"] = dict(C=C, F64=common["F64"], num_warps=4, num_stages=1)
+    cfg = {name: dict(common, num_warps=warps, num_stages=1)
+           for name in ("_state_fwd_kernel", "_out_kernel", "_bwd_local_kernel", "_state_bwd_kernel", "_bwd_dqk_kernel")}
+    cfg["_chunk_kernel"] = dict(DK=Dk, BK=BK, C=C, F64=f64, DOT=dot, num_warps=warps, num_stages=1)
+    cfg["_bwd_gates_kernel"] = dict(C=C, F64=f64, num_warps=4, num_stages=1)
     return cfg
 
 
@@ -389,49 +501,72 @@ def _chunk_sums(x: torch.Tensor, C: int, TP: int) -> torch.Tensor:
     return F.pad(x, (0, TP - T)).reshape(B * H, TP // C, C).cumsum(-1).reshape(B * H, TP)
 
 
+def _chunk_terms(k, theta, b, ce, R, C: int, cfg: dict, interpret: bool):
+    """``_chunk_kernel``'s ``(TI, GAM, GP, VEC)``."""
+    B, H, T = theta.shape
+    TP = b.shape[-1]
+    acc = torch.float64 if cfg["F64"] else torch.float32
+    TI, GAM, GP = (torch.empty(B * H, TP, C, dtype=acc, device=k.device) for _ in range(3))
+    VEC = torch.empty(7, B * H, TP, dtype=acc, device=k.device)
+    _launch("_chunk_kernel", (TP // C, B * H), interpret, k, theta, b, ce, b if R is None else R, TI, GAM, GP, VEC,
+            T, TP, H=H, GQ=H // k.shape[1], RESETS=R is not None, **cfg)
+    return TI, GAM, GP, VEC
+
+
 def titans_forward(q, k, v, theta, b, ce, R, initial_state, scale: float, C: int, interpret: bool):
-    """``(out, final state, HS)``: HS the states entering every chunk (the backward reads them)."""
+    """``(out, final state, HS, UN)``: HS the states entering every chunk, UN the corrected values ``U`` (the
+    backward reads both)."""
     B, H, T, Dk = q.shape
     Dv, TP = v.shape[-1], b.shape[-1]
-    cfg = configs(Dk, Dv, C, q.dtype, interpret)["_fwd_kernel"]
-    acc = torch.float64 if cfg["F64"] else torch.float32
-    NT = TP // C
+    cfg = configs(Dk, Dv, C, q.dtype, interpret)
+    TI, GAM, _, VEC = _chunk_terms(k, theta, b, ce, R, C, cfg["_chunk_kernel"], interpret)
+    acc, NT, GQ = TI.dtype, TP // C, H // k.shape[1]
     HS = torch.empty(B * H, NT, 2, Dk, Dv, dtype=acc, device=q.device)
-    out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
+    UN = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
     final = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=q.device)
     s0 = initial_state.contiguous() if initial_state is not None else final
-    _launch("_fwd_kernel", (triton.cdiv(Dv, cfg["BV"]), B * H), interpret, q, k, v, theta, b, ce,
-            b if R is None else R, s0, HS, out, final, T, TP, NT, float(scale), H=H, GQ=H // k.shape[1],
-            RESETS=R is not None, HAS_S0=initial_state is not None, **cfg)
-    return out, final, HS
+    sc = cfg["_state_fwd_kernel"]
+    _launch("_state_fwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interpret, k, v, theta, TI, VEC, s0, HS, UN,
+            final, T, TP, NT, H=H, GQ=GQ, HAS_S0=initial_state is not None, **sc)
+    out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
+    oc = cfg["_out_kernel"]
+    _launch("_out_kernel", (triton.cdiv(Dv, oc["BV"]), NT, B * H), interpret, q, k, theta, GAM, VEC, HS, UN, out, T,
+            TP, NT, float(scale), H=H, GQ=GQ, **oc)
+    return out, final, HS, UN
 
 
-def titans_backward(q, k, v, theta, b, ce, R, HS, do, dS_T, scale: float, C: int, interpret: bool):
+def titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, scale: float, C: int, interpret: bool):
     """``(dq, dk, dv, dtheta, db, dce, dS0)`` in the compute dtype; dk, dv per kv head."""
     B, H, T, Dk = q.shape
     Hkv, Dv, TP = k.shape[1], v.shape[-1], b.shape[-1]
-    GQ, NT = H // Hkv, TP // C
+    GQ, NT, BH = H // Hkv, TP // C, B * H
     cfg = configs(Dk, Dv, C, q.dtype, interpret)
+    TI, GAM, GP, VEC = _chunk_terms(k, theta, b, ce, R, C, cfg["_chunk_kernel"], interpret)
     acc = HS.dtype
-    NV = triton.cdiv(Dv, cfg["_bwd_kernel"]["BV"])
+    NV = triton.cdiv(Dv, cfg["_state_bwd_kernel"]["BV"])
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
     dst = dS_T.to(acc).contiguous() if dS_T is not None else None
     DHS = torch.empty_like(HS)
     DS0 = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=q.device)
-    rs = b if R is None else R
-    _launch("_bwd_state_kernel", (NV, B * H), interpret, q, k, theta, b, ce, rs, do, DS0 if dst is None else dst,
-            DHS, DS0, T, TP, NT, float(scale), H=H, GQ=GQ, RESETS=R is not None, HAS_DST=dst is not None,
-            **cfg["_bwd_state_kernel"])
-    dq, dk = (torch.empty(NV, B * H, T, Dk, dtype=acc, device=q.device) for _ in range(2))
-    dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)
-    dth = torch.empty(NV, B * H, T, dtype=acc, device=q.device)
-    dgam = torch.empty(NV, B * H, NT, C, C, dtype=acc, device=q.device)
-    terms = torch.empty(4, NV, B * H, TP, dtype=acc, device=q.device)  # d, c, row L of E, exp(ce_L)
-    _launch("_bwd_kernel", (NV, NT, B * H), interpret, q, k, v, theta, b, ce, rs, do, HS, DHS, dq, dk, dv, dth, dgam,
-            *terms, T, TP, NT, float(scale), H=H, GQ=GQ, RESETS=R is not None, **cfg["_bwd_kernel"])
-    db, dce = (torch.empty(B * H, TP, dtype=acc, device=q.device) for _ in range(2))
-    _launch("_bwd_gates_kernel", (NT, B * H), interpret, b, ce, rs, dgam, *terms, db, dce, T, TP, NT, NV,
-            RESETS=R is not None, **cfg["_bwd_gates_kernel"])
+    dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # dY, per query head
+    dth = torch.empty(NV, BH, T, dtype=acc, device=q.device)
+    DGL = torch.empty(2, NV, BH, TP, dtype=acc, device=q.device)
+    dWl = torch.empty(BH, T, Dv, dtype=acc, device=q.device)
+    _launch("_bwd_local_kernel", (NV, NT, BH), interpret, q, k, GAM, do, dWl, T, TP, float(scale), H=H, GQ=GQ,
+            **cfg["_bwd_local_kernel"])
+    _launch("_state_bwd_kernel", (NV, BH), interpret, q, k, theta, TI, dWl, VEC, do, UN, DS0 if dst is None else dst,
+            DHS, dv, dth, DGL, DS0, T, TP, NT, float(scale), H=H, GQ=GQ, HAS_DST=dst is not None,
+            **cfg["_state_bwd_kernel"])
+    dq, dk = (torch.empty(NV, BH, T, Dk, dtype=acc, device=q.device) for _ in range(2))
+    dgam = torch.empty(NV, BH, NT, C, C, dtype=acc, device=q.device)
+    dd, dc = (torch.empty(NV, BH, TP, dtype=acc, device=q.device) for _ in range(2))
+    _launch("_bwd_dqk_kernel", (NV, NT, BH), interpret, q, k, theta, GAM, GP, VEC, do, UN, dv, HS, DHS, dq, dk, dth,
+            dgam, dd, dc, T, TP, NT, float(scale), H=H, GQ=GQ, **cfg["_bwd_dqk_kernel"])
+    # the gradients of d_L, c_L and exp(ce_L): <dS', S0>, <dS', M0>, <dM', M0> per chunk
+    LS = torch.stack([(DHS[:, :, i] * HS[:, :, j]).sum((-1, -2)) for i, j in ((0, 0), (0, 1), (1, 1))], -1)
+    db, dce = (torch.empty(BH, TP, dtype=acc, device=q.device) for _ in range(2))
+    _launch("_bwd_gates_kernel", (NT, BH), interpret, b, ce, b if R is None else R, dgam, dd, dc, DGL,
+            LS.contiguous(), db, dce, T, TP, NT, NV, RESETS=R is not None, **cfg["_bwd_gates_kernel"])
     dq, dk = (x.sum(0).view(B, H, T, Dk) for x in (dq, dk))
     if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
@@ -445,18 +580,18 @@ class TritonTitans(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, theta, b, ce, initial_state, R, scale: float, C: int, interpret: bool):
-        out, final, HS = titans_forward(q, k, v, theta, b, ce, R, initial_state, scale, C, interpret)
-        ctx.save_for_backward(q, k, v, theta, b, ce, R, HS)
+        out, final, HS, UN = titans_forward(q, k, v, theta, b, ce, R, initial_state, scale, C, interpret)
+        ctx.save_for_backward(q, k, v, theta, b, ce, R, HS, UN)
         ctx.scale, ctx.C, ctx.interpret = scale, C, interpret
         return out, final
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
-        q, k, v, theta, b, ce, R, HS = ctx.saved_tensors
+        q, k, v, theta, b, ce, R, HS, UN = ctx.saved_tensors
         if do is None:
             do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
-        dq, dk, dv, dth, db, dce, ds0 = titans_backward(q, k, v, theta, b, ce, R, HS, do, dS_T, ctx.scale, ctx.C,
+        dq, dk, dv, dth, db, dce, ds0 = titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, ctx.scale, ctx.C,
                                                         ctx.interpret)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype), db.to(b.dtype),
                 dce.to(ce.dtype), ds0 if ctx.needs_input_grad[6] else None, None, None, None, None)
