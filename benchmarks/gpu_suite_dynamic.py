@@ -1,4 +1,4 @@
-"""The GPU suite, part two: run-time selection (routes) and the delta rule, each against the
+"""The GPU suite, part two: run-time selection (routes), the delta rule and Titans, each against the
 library its users run today, with the selection timed apart from the attention.
 
     python benchmarks/gpu_suite_dynamic.py              # on a GPU machine (a few minutes on an H100)
@@ -29,6 +29,9 @@ Routes (bf16, head dim 128, batch 1, 8 heads, T = 16,384; ``--toy``: float32, he
   Dk = Dv = 128 (``--toy``: T = 96, 1 head, 16): attnc's Triton kernels against attnc's chunked torch
   form in float32 (the reference: output and every gradient) and fla's ``chunk_gated_delta_rule`` /
   ``chunk_kda`` (output), timed forward and forward + backward against fla.
+- Titans' neural memory (``stdlib:titans``) at the same sizes: attnc's Triton kernels against attnc's chunked
+  torch form in float32 (output and every gradient: q, k, v, the decay, theta, eta), timed forward and
+  forward + backward against that torch form on the same GPU (no public library computes this rule).
 
 Relative errors are ||a - b|| / ||b|` (pass below 2e-2 in bf16, as gpu_suite.py). Timings: medians
 of ``triton.testing.do_bench`` on CUDA; ``--toy`` records one wall-clock call (the interpreter: the
@@ -291,6 +294,50 @@ def delta_case(name: str, T: int, *, device, dtype, heads, head_dim, toy, budget
     return ok
 
 
+# ----------------------------------------------------------------- Titans' neural memory
+def titans_case(T: int, *, device, dtype, heads, head_dim, toy, budget, lines_c, lines_b) -> bool:
+    gen = torch.Generator(device="cpu").manual_seed(17)
+    q, k, v, dout = (torch.randn(1, heads, T, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(4))
+    k = F.normalize(k.float(), dim=-1).to(dtype)  # a unit key: one step of gradient descent stays stable
+    rates = {"a": F.logsigmoid(torch.randn(heads, T, generator=gen) + 4).to(device),
+             "theta": (0.5 * torch.rand(heads, T, generator=gen)).to(device),
+             "eta": (0.5 + 0.45 * torch.rand(heads, T, generator=gen)).to(device)}
+    scale = 1.0 / math.sqrt(head_dim)
+    tri = attnc.compile_attention("stdlib:titans", backend="triton")
+    torch_form = attnc.compile_attention("stdlib:titans", backend="cpu")  # chunked torch, on q's device
+
+    def grads(mod, cast=None):
+        qq, kk, vv = (x.detach().clone().to(cast or x.dtype).requires_grad_() for x in (q, k, v))
+        rr = {n: r.detach().clone().requires_grad_() for n, r in rates.items()}
+        o = mod(qq, kk, vv, scale=scale, **rr)
+        o.backward(dout.to(o.dtype))
+        return (o.detach(), qq.grad, kk.grad, vv.grad, *(rr[n].grad for n in ("a", "theta", "eta")))
+
+    t0 = time.perf_counter()
+    got = grads(tri)
+    first = time.perf_counter() - t0
+    ref = grads(torch_form, cast=torch.float32)
+    names = ["out", "dq", "dk", "dv", "da", "dtheta", "deta"]
+    errs = dict(zip(names, (base.rel(a, b) for a, b in zip(got, ref, strict=True)), strict=True))
+    ok = all(math.isfinite(e) and e < PASS_REL for e in errs.values())
+    lines_c.append(f"| titans | T={T} | " + " | ".join(f"{errs[n]:.2e}" for n in names) + f" | {'PASS' if ok else 'FAIL'} |")
+    t: dict = {"attnc_fb": first} if toy else {}
+    if not toy and budget.left(f"titans T={T} timings"):
+        for key, mod in (("attnc", tri), ("torch", torch_form)):
+            with torch.no_grad():
+                t[f"{key}_f"] = base.timed(lambda m=mod: m(q, k, v, scale=scale, **rates), toy)
+            t[f"{key}_fb"] = base.timed(training_step(lambda a, b, c, m=mod: m(a, b, c, scale=scale, **rates),
+                                                      q, k, v, dout), toy)
+    ms = base._fmt_ms
+    ratio = f"{t['torch_f'] / t['attnc_f']:.2f}x" if t.get("torch_f") else "-"
+    ratio_fb = f"{t['torch_fb'] / t['attnc_fb']:.2f}x" if t.get("torch_fb") else "-"
+    lines_b.append(f"| titans T={T} | attnc triton | {ms(t.get('attnc_f'))} | {ms(t.get('attnc_fb'))} | {ratio} | "
+                   f"{ratio_fb} |")
+    lines_b.append(f"| titans T={T} | attnc chunked torch (same GPU) | {ms(t.get('torch_f'))} | "
+                   f"{ms(t.get('torch_fb'))} | 1.00x | 1.00x |")
+    return ok
+
+
 # ----------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = base.suite_args(argv, __doc__, "gpu-dynamic", 480.0)
@@ -315,13 +362,17 @@ def main(argv=None) -> int:
                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     delta_b = ["| case | kernel | forward ms | | fwd+bwd ms | fla / attnc forward | fla / attnc fwd+bwd |",
                "| --- | --- | --- | --- | --- | --- | --- |"]
+    titans_c = ["| pattern | size | out | dq | dk | dv | da | dtheta | deta | verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    titans_b = ["| case | kernel | forward ms | fwd+bwd ms | torch / attnc forward | torch / attnc fwd+bwd |",
+                "| --- | --- | --- | --- | --- | --- |"]
     out_path = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         f"gpu-dynamic-{hw}-{date}.md" if not toy else f"gpu-dynamic-toy-{date}.md")
     failures: list[str] = []
 
     def write(final: bool) -> None:
         text = [
-            f"# GPU suite: run-time selection and the delta rule ({date})", "",
+            f"# GPU suite: run-time selection, the delta rule and Titans ({date})", "",
             f"- device: {gpu}; torch {torch.__version__}; Triton {triton.__version__}; Python {platform.python_version()}",
             f"- flash-linear-attention: {FLA_STATUS}",
             f"- routes: dtype {str(dtype).replace('torch.', '')}, head dim {head_dim}, batch 1, {heads} heads; "
@@ -337,6 +388,10 @@ def main(argv=None) -> int:
             "", *route_b, "",
             "## The delta rule: correctness (against attnc's chunked torch form in float32)", "", *delta_c, "",
             "## The delta rule: timings against flash-linear-attention", "", *delta_b, "",
+            "## Titans' neural memory: correctness (against attnc's chunked torch form in float32)", "",
+            *titans_c, "",
+            "## Titans' neural memory: timings against attnc's chunked torch form on the same GPU", "",
+            *titans_b, "",
         ]
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text("\n".join(text))
@@ -349,6 +404,9 @@ def main(argv=None) -> int:
     jobs += [(f"{name} T={T}", lambda name=name, T=T: delta_case(
         name, T, device=device, dtype=dtype, heads=delta_heads, head_dim=head_dim, toy=toy, budget=budget,
         lines_c=delta_c, lines_b=delta_b)) for name in ("gated_delta_net", "kda") for T in delta_T]
+    jobs += [(f"titans T={T}", lambda T=T: titans_case(
+        T, device=device, dtype=dtype, heads=delta_heads, head_dim=head_dim, toy=toy, budget=budget,
+        lines_c=titans_c, lines_b=titans_b)) for T in delta_T]
     for label, job in jobs:
         print(f"[{time.perf_counter() - start:6.1f} s] {label}", flush=True)
         try:

@@ -141,12 +141,12 @@ def test_gate_gradient_yardstick_matches_autograd_and_catches_a_wrong_dg():
 
 def test_gpu_suite_dynamic_toy_runs_end_to_end(tmp_path):
     """benchmarks/gpu_suite_dynamic.py at toy sizes: every route case (moba, token_topk, xattention,
-    vertical_slash) and delta-rule case (gated_delta_net, kda) checked and passing with float32
+    vertical_slash), delta-rule case (gated_delta_net, kda) and Titans checked and passing with float32
     errors, the selection timed apart, one results file."""
     text = run_toy(tmp_path, "gpu_suite_dynamic.py")
     assert "verdict: PASS" in text and re.search(r"Triton \d+\.\d+", text)
     rows = [line for line in text.splitlines() if line.startswith("| ") and line.rstrip().endswith("PASS |")]
-    assert len(rows) == 6, text
+    assert len(rows) == 7, text
     for row in rows:
         errors = [float(x) for x in re.findall(r"\d\.\d\de[-+]\d\d", row)[:4]]
         assert len(errors) == 4 and max(errors) < 1e-5, row

@@ -173,3 +173,22 @@ def test_simulate_reports_the_kernels_cost():
         titans_chunk_cost("head", 128, 2, 64, 1, 32, hw).forward_flops
     assert titans_chunk_cost("head", 8192, 8, 64, 1, 32, hw).forward_s > \
         titans_chunk_cost("head", 4096, 8, 64, 1, 32, hw).forward_s
+
+
+def test_auto_past_the_kernels_key_head_dim_runs_the_torch_form(monkeypatch):
+    from attnc.runtime.recurrences.titans import rule
+
+    monkeypatch.setattr(rule, "resolve_backend", lambda backend, device: "triton")  # as on CUDA tensors
+    q, k, v, rates = inputs(B=1, H=1, Hkv=1, T=5, D=130, Dv=4, seed=14)
+    attn = attnc.compile_attention(SRC, backend="auto")
+    out = attn(q, k, v, **rates)
+    assert attn._last_call["q_tile"] == 16  # the torch form's chunk: the kernels stop at 128
+    torch.testing.assert_close(out, attnc.compile_attention(SRC, backend="reference")(q, k, v, **rates),
+                               rtol=1e-10, atol=1e-10)
+    from attnc.runtime.recurrences.titans import triton as titans_triton
+
+    real, calls = titans_triton.run, []
+    monkeypatch.setattr(titans_triton, "run", lambda q, *a: calls.append(q.shape[-1]) or real(q, *a))
+    q, k, v, rates = inputs(B=1, H=1, Hkv=1, T=5, D=8, Dv=4, seed=14)
+    attn(q, k, v, **rates)
+    assert calls == [8]  # at d 8 'auto' takes the kernels

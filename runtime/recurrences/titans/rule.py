@@ -27,9 +27,13 @@ def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, nativ
     dt = compute_dtype(q.dtype)
     g = gate_tensor(rec, bound, tensors, B, H, T, dt, q.device)
     theta, eta = naive.rates(rec, tensors, B, H, T, dt, q.device)
-    if resolve_backend(backend, q.device) == "triton":
+    on_triton = resolve_backend(backend, q.device) == "triton"
+    if on_triton:
         from . import triton as titans_triton
 
+        # 'auto' past the kernels' key head dim runs the torch form; 'triton' there is refused (``configs``)
+        on_triton = backend == "triton" or q.shape[-1] <= titans_triton.MAX_DK
+    if on_triton:
         # the chunk the cost model picks for these shapes (``compiler.recurrence_cost.titans_kernels``)
         C = chunk or choose_chunk(rec, T, H, q.shape[-1], B, q.device, q.dtype, hardware)
         out, state = titans_triton.run(q, k.to(q.dtype), v.to(q.dtype), g[..., 0], theta, eta, scale,
