@@ -19,9 +19,9 @@ import attnc
 from attnc.core.errors import SpecError
 
 
-def lssa_rule(q, k, v, causal: bool):
-    """Query by query: the weight of key j is softplus(log(d) log(N_i) cos(q_i, k_j)) over the row's sum, N_i the
-    keys query i sees (its position + 1 causally, every key otherwise); the queries are the last of the keys."""
+def lssa_rule(q, k, v, causal: bool, p: float = 1.0):
+    """Query by query: the weight of key j is softplus(log(d) log(N_i) cos(q_i, k_j)) ** p over the row's sum, N_i
+    the keys query i sees (its position + 1 causally, every key otherwise); the queries are the last of the keys."""
     B, H, n, d = q.shape
     nk = k.shape[2]
     out = torch.zeros(B, H, n, v.shape[-1], dtype=q.dtype)
@@ -32,7 +32,7 @@ def lssa_rule(q, k, v, causal: bool):
                 position = nk - n + i
                 keys = list(range(position + 1)) if causal else list(range(nk))
                 cos = [q[b, h, i] @ k[b, kh, j] / (q[b, h, i].norm() * k[b, kh, j].norm()) for j in keys]
-                w = torch.nn.functional.softplus(math.log(d) * math.log(len(keys)) * torch.stack(cos))
+                w = torch.nn.functional.softplus(math.log(d) * math.log(len(keys)) * torch.stack(cos)) ** p
                 out[b, h, i] = (w / w.sum()) @ v[b, kh, keys]
     return out
 
@@ -43,25 +43,33 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 30), extra=st.integers(0, 6), d=st.sampled_from([2, 8, 16]),
-       kv_heads=st.sampled_from([1, 2]), causal=st.booleans())
-def test_random_inputs_match_the_rule(seed, n, extra, d, kv_heads, causal):
-    """``extra`` cached keys before the queries (a KV cache: the queries' own positions scale them)."""
+       kv_heads=st.sampled_from([1, 2]), causal=st.booleans(), p=st.sampled_from([1, 2, 3, 0.5]))
+def test_random_inputs_match_the_rule(seed, n, extra, d, kv_heads, causal, p):
+    """``extra`` cached keys before the queries (a KV cache: the queries' own positions scale them); the power p
+    (1: the paper's LSSA)."""
     q, k, v = random_qkv(seed, n + extra, kv_heads=kv_heads, d=d)
     q = q[:, :, extra:]
-    attn = attnc.compile_attention("stdlib:softplus", backend="reference", is_causal=causal)
-    torch.testing.assert_close(attn(_unit(q), _unit(k), v, scale=1.0), lssa_rule(q, k, v, causal),
+    attn = attnc.compile_attention("stdlib:softplus", backend="reference", is_causal=causal, p=p)
+    torch.testing.assert_close(attn(_unit(q), _unit(k), v, scale=1.0), lssa_rule(q, k, v, causal, p),
                                rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_forward_and_backward_on_every_backend(backend, causal):
+@pytest.mark.parametrize(("causal", "p"), [(True, 1), (False, 1), (True, 3)])
+def test_forward_and_backward_on_every_backend(backend, causal, p):
     """out, dq, dk and dv against autograd through the rule (the normalisation inside both: the gradient reaches
     the raw q and k through it)."""
-    attn = attnc.compile_attention("stdlib:softplus", backend=backend, is_causal=causal)
+    attn = attnc.compile_attention("stdlib:softplus", backend=backend, is_causal=causal, p=p)
     q, k, v = random_qkv(5, 37, heads=4, kv_heads=2)
     assert_forward_backward(backend, lambda q, k, v: attn(_unit(q), _unit(k), v, scale=1.0),
-                            lambda q, k, v: lssa_rule(q, k, v, causal), [q, k, v])
+                            lambda q, k, v: lssa_rule(q, k, v, causal, p), [q, k, v])
+
+
+def test_a_power_not_positive_is_refused_naming_p():
+    for p in (0, -1.5):
+        with pytest.raises(SpecError, match="power of the weights must be positive") as err:
+            attnc.compile_attention("stdlib:softplus", p=p)
+        assert "argument p" in str(err.value)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

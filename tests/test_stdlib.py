@@ -70,7 +70,7 @@ EXPECTED_DEFAULTS = {
     "sparsifiner": {"budget": 50, "rank": 32, "cls": 1},
     "music_relative": {"max_relative": 2048},
     "sigmoid": {"length": 2048, "is_causal": False},
-    "softplus": {"is_causal": True},
+    "softplus": {"is_causal": True, "p": 1.0},
     "seer": {"block": 64, "topk": 8},  # topk given
     "vmoba": {"layer": 0, "threshold": 0.25, "temporal_chunk": 2, "spatial_chunk_y": 3, "spatial_chunk_x": 4,
               "st_chunk_t": 4, "st_chunk_y": 6, "st_chunk_x": 4},
