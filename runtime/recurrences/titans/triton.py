@@ -137,6 +137,30 @@ def _vectors(VEC, i_bh, BH, TP, rows):
             tl.load(at + 4 * BH * TP), tl.load(at + 5 * BH * TP), tl.load(at + 6 * BH * TP))
 
 
+def _value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                 BK: tl.constexpr, BV: tl.constexpr):
+    """What a program of one Dv block reads by: ``(kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok)``, the last two
+    the offsets and mask of its ``[BK, BV]`` block of a ``[Dk, Dv]`` state."""
+    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    k_off = tl.arange(0, BK)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = _in_dim(k_off, DK, BK)
+    v_ok = _in_dim(v_off, DV, BV)
+    return kv_bh, k_off, k_ok, v_off, v_ok, k_off[:, None] * DV + v_off[None, :], k_ok[:, None] & v_ok[None, :]
+
+
+def _load_pair(X, at, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr, F64: tl.constexpr):
+    """The memory's and the momentum's blocks (or their gradients) of state ``at`` of ``X`` ``[..., 2, Dk, Dv]``."""
+    first = _acc(tl.load(X + at * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    return first, _acc(tl.load(X + (at * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+
+
+def _store_pair(X, at, S, M, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr):
+    """``_load_pair``'s store."""
+    tl.store(X + at * 2 * DK * DV + sv_off, S.to(X.dtype.element_ty), mask=sv_ok)
+    tl.store(X + (at * 2 + 1) * DK * DV + sv_off, M.to(X.dtype.element_ty), mask=sv_ok)
+
+
 def _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK: tl.constexpr, F64: tl.constexpr):
     q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
@@ -192,25 +216,19 @@ def _state_fwd_kernel(
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
     S = _acc_zeros([BK, BV], F64)
     M = _acc_zeros([BK, BV], F64)
     if HAS_S0:
-        S += _acc(tl.load(S0 + i_bh * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
-        M += _acc(tl.load(S0 + (i_bh * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        S0_, M0_ = _load_pair(S0, i_bh, sv_off, sv_ok, DK, DV, F64)
+        S += S0_
+        M += M0_
     for n in range(0, NT):
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
-        tl.store(HS + (i_bh * NT + n) * 2 * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
-        tl.store(HS + ((i_bh * NT + n) * 2 + 1) * DK * DV + sv_off, M.to(HS.dtype.element_ty), mask=sv_ok)
+        _store_pair(HS, i_bh * NT + n, S, M, sv_off, sv_ok, DK, DV)
         k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         v = _acc(_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
         th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
@@ -225,8 +243,7 @@ def _state_fwd_kernel(
         S_end = _at(d, last) * S + _at(c, last) * M + _mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
         M = _at(e0, last) * M + _mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
         S = S_end
-    tl.store(ST + i_bh * 2 * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
-    tl.store(ST + (i_bh * 2 + 1) * DK * DV + sv_off, M.to(ST.dtype.element_ty), mask=sv_ok)
+    _store_pair(ST, i_bh, S, M, sv_off, sv_ok, DK, DV)
 
 
 def _out_kernel(
@@ -238,22 +255,15 @@ def _out_kernel(
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
     BH = tl.num_programs(2)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
     rows = n * C + t_off
     r_ok = rows < T
     q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
     d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
     Gam = tl.load(GAM + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
-    at = (i_bh * NT + n) * 2 * DK * DV + sv_off
-    S0 = tl.load(HS + at, mask=sv_ok, other=0.0).to(q.dtype)
-    M0 = tl.load(HS + at + DK * DV, mask=sv_ok, other=0.0).to(q.dtype)
+    S0, M0 = _load_pair(HS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
+    S0, M0 = S0.to(q.dtype), M0.to(q.dtype)
     uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
     uv_ok = r_ok[:, None] & v_ok[None, :]
     W = th[:, None] * tl.load(UN + uv_off, mask=uv_ok, other=0.0)
@@ -270,12 +280,8 @@ def _bwd_local_kernel(
     ``scale tril(Gam * Q K^T)^T dO`` (``DWL``), so that the reverse state pass holds no [C, C] product of q and k."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh, k_off, k_ok, v_off, v_ok, _, _ = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
     rows = n * C + t_off
     r_ok = rows < T
     q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
@@ -300,26 +306,20 @@ def _state_bwd_kernel(
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
     dS = _acc_zeros([BK, BV], F64)
     dM = _acc_zeros([BK, BV], F64)
     if HAS_DST:
-        dS += _acc(tl.load(DST + i_bh * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
-        dM += _acc(tl.load(DST + (i_bh * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        dS_T, dM_T = _load_pair(DST, i_bh, sv_off, sv_ok, DK, DV, F64)
+        dS += dS_T
+        dM += dM_T
     for i in range(0, NT):
         n = NT - 1 - i
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
-        tl.store(DHS + (i_bh * NT + n) * 2 * DK * DV + sv_off, dS.to(DHS.dtype.element_ty), mask=sv_ok)
-        tl.store(DHS + ((i_bh * NT + n) * 2 + 1) * DK * DV + sv_off, dM.to(DHS.dtype.element_ty), mask=sv_ok)
+        _store_pair(DHS, i_bh * NT + n, dS, dM, sv_off, sv_ok, DK, DV)
         q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
         uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         uv_ok = r_ok[:, None] & v_ok[None, :]
@@ -344,8 +344,7 @@ def _state_bwd_kernel(
         dM = (_mm(qt, (scale * c[:, None] * do).to(q.dtype), DOT) - _mm(kt, (cp[:, None] * dY).to(k.dtype), DOT)
               + _at(c, last) * dS + _at(e0, last) * dM)
         dS = dS_in
-    tl.store(DS0 + i_bh * 2 * DK * DV + sv_off, dS.to(DS0.dtype.element_ty), mask=sv_ok)
-    tl.store(DS0 + (i_bh * 2 + 1) * DK * DV + sv_off, dM.to(DS0.dtype.element_ty), mask=sv_ok)
+    _store_pair(DS0, i_bh, dS, dM, sv_off, sv_ok, DK, DV)
 
 
 def _bwd_dqk_kernel(
@@ -359,14 +358,8 @@ def _bwd_dqk_kernel(
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
     BH = tl.num_programs(2)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
     c0 = n * C
     rows = c0 + t_off
     r_ok = rows < T
@@ -398,9 +391,8 @@ def _bwd_dqk_kernel(
     tl.store(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :],
              dGam.to(DGAM.dtype.element_ty))
     # products with the states entering (dq, dk, the gate terms of d, c, dp, cp) and leaving (dk through S', M')
-    at = (i_bh * NT + n) * 2 * DK * DV + sv_off
-    S0t = tl.trans(tl.load(HS + at, mask=sv_ok, other=0.0).to(k.dtype))
-    M0t = tl.trans(tl.load(HS + at + DK * DV, mask=sv_ok, other=0.0).to(k.dtype))
+    S0, M0 = _load_pair(HS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
+    S0t, M0t = tl.trans(S0.to(k.dtype)), tl.trans(M0.to(k.dtype))
     doS, doM = _mm(do.to(k.dtype), S0t, DOT), _mm(do.to(k.dtype), M0t, DOT)
     dq = _mm(dqk.to(k.dtype), k, DOT) + scale * (d[:, None] * doS + c[:, None] * doM)
     dd = scale * _sum(q * doS, 1)
@@ -410,10 +402,10 @@ def _bwd_dqk_kernel(
     tl.store(DD + pad, (dd + _shift(-_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
     tl.store(DC + pad, (dc + _shift(-_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
     Wd = W.to(k.dtype)
+    dS, dM = _load_pair(DHS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
     dk = (_mm(tl.trans(dqk).to(q.dtype), q, DOT) + _mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
           - dp[:, None] * dyS - cp[:, None] * dyM
-          + gL[:, None] * _mm(Wd, tl.trans(tl.load(DHS + at, mask=sv_ok, other=0.0).to(k.dtype)), DOT)
-          + eL[:, None] * _mm(Wd, tl.trans(tl.load(DHS + at + DK * DV, mask=sv_ok, other=0.0).to(k.dtype)), DOT))
+          + gL[:, None] * _mm(Wd, tl.trans(dS.to(k.dtype)), DOT) + eL[:, None] * _mm(Wd, tl.trans(dM.to(k.dtype)), DOT))
     qk_off = (i_v * BH + i_bh) * T * DK + rows[:, None] * DK + k_off[None, :]
     qk_ok = r_ok[:, None] & k_ok[None, :]
     tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
@@ -461,7 +453,8 @@ def _bwd_gates_kernel(
 
 # ======================================================================= wrapping
 #: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
-_OWN_HELPERS = (_mmf, _chunk_decays, _shift_rows, _shift, _row, _at, _solve_terms, _load_chunk, _vectors)
+_OWN_HELPERS = (_mmf, _chunk_decays, _shift_rows, _shift, _row, _at, _solve_terms, _value_block, _load_pair,
+                _store_pair, _load_chunk, _vectors)
 _HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows) + _OWN_HELPERS
 _KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
             _bwd_gates_kernel)
