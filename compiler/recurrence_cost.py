@@ -390,7 +390,7 @@ RULE_COSTS: dict[str, RuleCost] = {
         "pass, the output; backward: the state-free part of dW, a reverse state pass, dq/dk per value block, the "
         "gate terms), "
         "compiler/recurrence_cost.py titans_kernels; the Triton kernels run the chosen chunk, the torch form "
-        "chunks of 16; chunks of 64 are not chosen: their [64, 64] fp32 tiles spill registers on sm_80 and sm_90"),
+        "chunks of 32; chunks of 64 are not chosen: their [64, 64] fp32 tiles spill registers on sm_80 and sm_90"),
         chunks=(16, 32)),
 }
 

@@ -75,6 +75,27 @@ def test_gradients_of_the_chunked_form_equal_the_loops(Hkv):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_hard_resets_and_strong_decays_in_the_chunked_form(chunk):
+    """-inf gates (a chunk's first and last tokens, two in a row) and decays down to -30: every decay across a
+    reset is 0 and its gate's gradient 0, exactly as the loop."""
+    q, k, v, rates = inputs(T=70, seed=3)
+    a = -30 * torch.rand(3, 70, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    for h, t in ((0, 0), (0, 15), (1, 16), (2, 40), (2, 41), (2, 69)):
+        a[h, t] = float("-inf")
+    rates = {**rates, "a": a}
+    grads = {}
+    for backend in ("reference", "cpu"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, *rates.values())]
+        attn = attnc.compile_attention(SRC, backend=backend, q_tile=chunk)
+        out, state = attn(*leaves[:3], return_state=True, **dict(zip(rates, leaves[3:], strict=True)))
+        ((out * torch.sin(out)).sum() + state.square().sum()).backward()
+        grads[backend] = [out, state] + [x.grad for x in leaves]
+    for got, want in zip(grads["cpu"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (grads["cpu"][5][torch.isneginf(a)] == 0).all()
+
+
 def test_decoding_steps_continue_the_sequence():
     q, k, v, rates = inputs(T=20)
     attn = attnc.compile_attention(SRC, backend="cpu")

@@ -182,7 +182,7 @@ def test_auto_past_the_kernels_key_head_dim_runs_the_torch_form(monkeypatch):
     q, k, v, rates = inputs(B=1, H=1, Hkv=1, T=5, D=130, Dv=4, seed=14)
     attn = attnc.compile_attention(SRC, backend="auto")
     out = attn(q, k, v, **rates)
-    assert attn._last_call["q_tile"] == 16  # the torch form's chunk: the kernels stop at 128
+    assert attn._last_call["q_tile"] == rule.TITANS_CHUNK  # the torch form's chunk: the kernels stop at 128
     torch.testing.assert_close(out, attnc.compile_attention(SRC, backend="reference")(q, k, v, **rates),
                                rtol=1e-10, atol=1e-10)
     from attnc.runtime.recurrences.titans import triton as titans_triton

@@ -14,12 +14,14 @@ so the residuals ``u_t = v_t - k_t S_(t-1)`` solve one unit lower-triangular sys
     S_C, m_C from the sums above at t = C.
 
 Every exponent is a sum of log gates and log momenta (each <= 0: ``common.check_gates``, the rule's rate
-check), so nothing overflows; gamma is a [C+1, C+1, C+1] sum per chunk (chunks of 16 by default). The
+check), so nothing overflows; gamma is one [C+1, C+1] product per chunk (chunks of 32 by default). The
 solve's inverse and the in-chunk products are made for every chunk at once; only the state pass is
 sequential. Gradients follow through torch's autograd (the solve included).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +31,16 @@ from .naive import split
 
 def segment_sums(x: torch.Tensor) -> torch.Tensor:
     """``seg[..., t, r] = x_(r+1) + ... + x_t`` for positions 0..C of ``x`` ``[..., C]`` (token t is ``x[t - 1]``);
-    0 where ``r >= t``. Summed with ``where`` (a -inf gate, a hard reset, gives -inf, never NaN)."""
-    C = x.shape[-1]
-    xp = F.pad(x, (1, 0))  # position 0, the chunk's start, holds nothing
-    i = torch.arange(C + 1, device=x.device)
-    inside = (i[None, :, None] < i[None, None, :]) & (i[None, None, :] <= i[:, None, None])  # [t, r, j]: r < j <= t
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    return torch.where(inside, xp[..., None, None, :], zero).sum(-1)
+    0 where ``r >= t``. A difference of prefix sums, -inf where the span holds a -inf (a hard reset: the prefix
+    sums count it 0 and a prefix count of resets says which spans cross one; never NaN)."""
+    reset = torch.isneginf(x)
+    prefix = F.pad(torch.where(reset, torch.zeros_like(x), x).cumsum(-1), (1, 0))  # position 0 holds nothing
+    resets = F.pad(reset.to(torch.int32).cumsum(-1), (1, 0))
+    i = torch.arange(x.shape[-1] + 1, device=x.device)
+    after = i[None, :] < i[:, None]  # [t, r]: r < t
+    crossed = resets[..., :, None] > resets[..., None, :]
+    seg = torch.where(crossed, torch.full_like(prefix[..., None], -math.inf), prefix[..., :, None] - prefix[..., None, :])
+    return torch.where(after, seg, torch.zeros_like(seg))
 
 
 def chunked(q, k, v, g, theta, eta, scale: float, initial_state, C: int):
@@ -68,10 +73,10 @@ def _chunks(q, k, v, g, theta, eta, scale: float, S, m, C: int):
     SA = segment_sums(g.reshape(B, H, n, C))  # [B, H, n, C+1, C+1]
     SE = segment_sums(torch.log(eta).reshape(B, H, n, C))
     i = torch.arange(C + 1, device=q.device)
-    t_, r_, s_ = i[:, None, None], i[None, :, None], i[None, None, :]
-    within = (s_ <= r_) & (r_ <= t_) & (r_ >= 1)  # [t, r, s]
     zero = torch.zeros((), dtype=q.dtype, device=q.device)
-    gamma = torch.where(within, torch.exp(SA[..., :, :, None] + SE[..., None, :, :]), zero).sum(-2)  # [.., t, s]
+    # gamma(t, s) = sum_{s <= r <= t, r >= 1} A(t, r) E(r, s): one product of the two masked decay matrices
+    A = torch.where((i[None, :] <= i[:, None]) & (i[None, :] >= 1), torch.exp(SA), zero)  # [t, r]
+    gamma = A @ torch.where(i[None, :] <= i[:, None], torch.exp(SE), zero)  # [.., t, s]
     decay = torch.exp(SA[..., :, 0])  # A(t, 0), t = 0..C
     momentum_end = torch.exp(SE[..., C, :])  # E(C, s), s = 0..C
     kk = kc @ kc.transpose(-1, -2)

@@ -17,8 +17,9 @@ from ..rules import resolve_backend
 from . import chunk as titans_chunk
 from . import naive
 
-#: The torch form's chunk: its gamma is a [C+1]^3 sum per chunk, its solve C x C.
-TITANS_CHUNK = 16
+#: The torch form's chunk (its gamma one [C+1, C+1] product per chunk, its solve C x C): 32, where the forward
+#: took 94 ms against 96 at 16 and the training step about a third less (2 CPU cores, 8 heads, d 64, 4K tokens).
+TITANS_CHUNK = 32
 
 
 def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, native):
