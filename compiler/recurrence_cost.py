@@ -291,13 +291,10 @@ def delta_chunk_cost(gate: str, n: int, heads: int, head_dim: int, batch: int, c
 
 
 # ----------------------------------------------------------------- Titans' neural memory
-def titans_value_block(head_dim: int, head_dim_v: int) -> int:
-    """The Dv block of Titans' Triton kernels (``runtime.recurrences.titans.triton`` reads it from here): 16
-    columns, the smallest dot; each program holds two [Dk, BV] state blocks and [C, Dk] tiles in registers (32
-    columns spilled 24-104 B in the reverse state pass at Dk = 32 and 64 on sm_90). The arguments are kept for
-    the model's signature."""
-    del head_dim, head_dim_v
-    return 16
+#: The Dv block of Titans' Triton kernels (``runtime.recurrences.titans.triton`` reads it from here): 16 columns,
+#: the smallest dot; each program holds two [Dk, BV] state blocks and [C, Dk] tiles in registers (32 columns
+#: spilled 24-104 B in the reverse state pass at Dk = 32 and 64 on sm_90).
+TITANS_VALUE_BLOCK = 16
 
 
 def titans_kernels(chunk: int, head_dim: int, head_dim_v: int | None = None, *,
@@ -327,7 +324,7 @@ def titans_kernels(chunk: int, head_dim: int, head_dim_v: int | None = None, *,
     C, Dk = chunk, head_dim
     Dv = head_dim_v or head_dim
     b = nbytes
-    NV = -(-Dv // titans_value_block(Dk, Dv))
+    NV = -(-Dv // TITANS_VALUE_BLOCK)
     vecs = 7 * C * 4  # d, c, dp, cp, exp(ce), Gam[L], E[L]
     rows = C * 4 + vecs  # theta and the vectors, per program
     chunk_k = ChunkKernel("chunk", 2.0 * C * C * Dk, 6.0 * C ** 3 + 10.0 * C * C,
@@ -399,7 +396,8 @@ def best_chunk(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Har
                **kw) -> ChunkCost:
     """The chunk size (16/32/64) with the smallest predicted forward + backward time; per-channel gates
     of the decay rule run in chunks of ``VECTOR_CHUNK`` whatever is asked (the factorised kernels are
-    written for it). ``rule='delta'``: the delta rule's cost (``delta_chunk_cost``), every chunk size."""
+    written for it). ``rule``: the rule's entry in ``RULE_COSTS`` (the delta rule: every chunk size; Titans: 16
+    and 32, ``RuleCost.chunks``)."""
     entry = RULE_COSTS[rule]
     chunks = entry.vector_chunks if gate == "vector" and entry.vector_chunks else entry.chunks
     costs = [entry.chunk_cost(gate, n, heads, head_dim, batch, C, hw, **kw) for C in chunks]
@@ -591,4 +589,4 @@ def format_recurrence_report(rep: RecurrenceReport) -> str:
 __all__ = ["CHUNKS", "ChunkCost", "ChunkKernel", "RecurrenceCalibration", "RecurrenceReport", "best_chunk",
            "chunk_cost", "crossover", "delta_chunk_cost", "delta_kernels", "format_recurrence_report",
            "kernels_chunk_cost", "simulate_recurrence", "softmax_causal", "titans_chunk_cost", "titans_kernels",
-           "titans_value_block"]
+           "TITANS_VALUE_BLOCK"]

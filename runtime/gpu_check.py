@@ -516,8 +516,8 @@ def _inputs(pat, bound, gen: torch.Generator, score_tables: bool = False) -> dic
             continue
         shape = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
         if decl.dtype == "float":
-            out[decl.name] = (0.25 if decl.name in rates else 0.0) + (0.5 if decl.name in rates else -0.5) * torch.rand(
-                shape, generator=gen, dtype=torch.float32)
+            low, span = (0.25, 0.5) if decl.name in rates else (0.0, -0.5)
+            out[decl.name] = low + span * torch.rand(shape, generator=gen, dtype=torch.float32)
         else:
             out[decl.name] = torch.sort(torch.randint(0, 4, shape, generator=gen), dim=-1).values
     return out

@@ -104,15 +104,34 @@ def test_float32_within_its_rounding():
 
 
 def test_bf16_stays_bf16_within_its_rounding():
-    q, k, v, rates = inputs(B=1, H=2, Hkv=2, T=40, D=16, Dv=16, seed=10)
-    q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-    rates = {n: r.float() for n, r in rates.items()}
-    out = attnc.compile_attention(SRC, backend="triton")(q, k, v, scale=0.5, **rates)
-    want = attnc.compile_attention(SRC, backend="reference")(q.double(), k.double(), v.double(), scale=0.5,
-                                                             **{n: r.double() for n, r in rates.items()})
+    """Output, state and every gradient within bf16's rounding of the float32 torch form (relative norms: the states
+    enter the tensor-core dots, and are kept for the backward, in bf16)."""
+    q, k, v, rates = inputs(B=1, H=2, Hkv=2, T=70, D=16, Dv=16, seed=10)
+    k = torch.nn.functional.normalize(k, dim=-1)
+
+    def run_in(backend, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v)] + [r.float().requires_grad_() for r in rates.values()]
+        out, state = attnc.compile_attention(SRC, backend=backend)(*leaves[:3], scale=0.5, return_state=True,
+                                                                   **dict(zip(rates, leaves[3:], strict=True)))
+        weight = torch.sin(torch.arange(out.numel(), dtype=torch.float32)).view_as(out)
+        ((out.float() * weight).sum() + (state.float() ** 2).sum()).backward()
+        return out, [out.float(), state.float()] + [x.grad.float() for x in leaves]
+
+    out, got = run_in("triton", torch.bfloat16)
     assert out.dtype == torch.bfloat16
-    # the states enter the tensor-core dots in bf16: a few of the output's half-ulps
-    assert (out.double() - want).abs().max() <= 2e-2 * want.abs().max()
+    for i, (a, b) in enumerate(zip(got, run_in("cpu", torch.float32)[1], strict=True)):
+        assert (a - b).norm() <= 2e-2 * b.norm(), i
+
+
+def test_rates_per_batch_and_a_forced_chunk_of_64():
+    """Gates, learning rates and momenta that differ per batch row ([B, H, n] inputs), chunks of 64."""
+    q, k, v, rates = inputs(B=2, H=2, Hkv=1, T=70, D=8, Dv=8, seed=15)
+    gen = torch.Generator().manual_seed(16)
+    rates = {"a": torch.log1p(-0.3 * torch.rand(2, 2, 70, generator=gen, dtype=F64)),
+             "theta": 0.8 * torch.rand(2, 2, 70, generator=gen, dtype=F64),
+             "eta": 0.05 + 0.9 * torch.rand(2, 2, 70, generator=gen, dtype=F64)}
+    s0 = 0.3 * torch.randn(2, 2, 16, 8, generator=gen, dtype=F64)
+    assert_all_close(run("triton", q, k, v, rates, s0, 64), run("reference", q, k, v, rates, s0), 1e-10)
 
 
 def test_packed_sequences_equal_separate_calls():

@@ -53,7 +53,9 @@ def decode(rec, tensors, q_t, k_t, v_t, g_t, state, scale):
 
 
 def describe(rec, backend: str, chunk: int | None) -> str:
-    how = {"reference": "token by token", "triton": f"chunked, Triton kernels, chunk {chunk or 'chosen by the cost model'}"}.get(
+    how = {"reference": "token by token",
+           "triton": f"chunked, Triton kernels, chunk {chunk or 'chosen by the cost model'}",
+           "auto": "chunked: Triton kernels on CUDA tensors (key head dims up to 128), torch otherwise"}.get(
         backend, f"chunked in torch, chunk {chunk or TITANS_CHUNK}")
     theta, eta = rec.rates
     head = (f"# {backend} backend: Titans' neural memory '{rec.name}' ({rec.gate} gate, learning rate '{theta}', "

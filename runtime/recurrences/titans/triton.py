@@ -12,14 +12,15 @@ the cumulative log momenta:
 
 with L the chunk's last row (C - 1, or the last token's in a last, shorter chunk: its padded rows never reach
 the final state). Gam is one exact product per chunk (a [C, C] dot), not the torch form's [C+1]^3 sum. The
-kernels (seven, so that none spills a register at Dk <= 128 on sm_80 and sm_90, Triton 3.6 and 3.9):
+kernels (seven, so that none spills a register at Dk <= 128 on sm_80 and sm_90, Triton 3.6 and 3.9, with bf16
+or fp16 inputs; fp32 inputs take exact products on the FMA units, whose operands spill up to 2 KiB at Dk = 128):
 
 - ``_chunk_kernel``, one program per (chunk, batch x head): what does not depend on the state: ``(I + L)^-1``,
   Gam, Gp and the vectors ``d, c, dp, cp, exp(ce), Gam[L], E[L]``;
-- ``_state_fwd_kernel`` (Dv block, batch x head), the only sequential part of the forward: stores the state
+- ``_state_fwd_kernel`` (Dv block, batch x head), the only sequential row_off of the forward: stores the state
   entering each chunk (``HS``: S0 and M0) and ``U``, the final state;
 - ``_out_kernel`` (Dv block, chunk, batch x head): ``O``;
-- ``_bwd_local_kernel`` (Dv block, chunk, batch x head): ``scale tril(Gam * Q K^T)^T dO``, dW's part that does
+- ``_bwd_local_kernel`` (Dv block, chunk, batch x head): ``scale tril(Gam * Q K^T)^T dO``, dW's row_off that does
   not depend on the state;
 - ``_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: the gradient of the state leaving each
   chunk (``DHS``), from ``dW = scale tril(Gam * Q K^T)^T dO + diag(Gam[L]) K dS' + diag(E[L]) K dM'``,
@@ -32,7 +33,7 @@ kernels (seven, so that none spills a register at Dk <= 128 on sm_80 and sm_90, 
   ``ce`` through ``Gam = A E``, ``c = A exp(ce)``, ``d = exp(b)`` and row L.
 
 dq, dk, dtheta and the gate terms are sums over Dv, stored per Dv block (16 columns:
-``compiler.recurrence_cost.titans_value_block``) and summed on the host or by the gates kernel. The gradients
+``compiler.recurrence_cost.TITANS_VALUE_BLOCK``) and summed on the host or by the gates kernel. The gradients
 of ``b`` and ``ce`` go back to the gates and momenta through torch (the cumulative sums, the logarithm), outside
 the kernels. A gate of -inf (a hard reset) counts 0 in ``b``; with ``RESETS`` every decay across it is 0, as in
 the delta rule's kernels (``delta.triton._decays``). The momenta are in (0, 1] (``rule.check_rates``): their
@@ -47,7 +48,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ....compiler.recurrence_cost import titans_value_block
+from ....compiler.recurrence_cost import TITANS_VALUE_BLOCK
 from ....core.errors import SpecError
 from ..decay.triton import (
     _acc_zeros,
@@ -64,12 +65,12 @@ from ..decay.triton import (
 from ..delta.triton import _acc, _decays, _interpret, _rows, _unit_lower_inverse
 
 #: Largest key head dim: the programs hold [C, Dk] tiles of q and k and [Dk, BV] blocks of the memory and its
-#: momentum in registers (at 256 every kernel spilled 0.3-4 KiB on sm_80 and sm_90, at 8 warps or 16).
+#: momentum in registers (at 256 every kernel spilled 0.3-4 KiB on sm_80 and sm_90 in bf16, at 8 warps or 16).
 MAX_DK = 128
 
 
 # ======================================================================= helpers (undecorated)
-def _mmf(a, b, F64: tl.constexpr):
+def _mm_tf32x3(a, b, F64: tl.constexpr):
     """A product of two fp32 tiles in fp32 accuracy on the tensor cores (three TF32 products), exact fp64 in the
     interpreter's fp64 runs. (In the kernels that hold state blocks, fp32 products stay on the FMA units: the
     split operands took more registers than they saved.)"""
@@ -112,12 +113,12 @@ def _shift(x, t_off, UP: tl.constexpr):
     return _sum(tl.where(m, x[None, :], 0.0), 1)
 
 
-def _row(X, at):
+def _row_at(X, at):
     """Row ``at`` (``[C]`` mask) of ``X`` ``[C, N]``."""
     return _sum(tl.where(at[:, None], X, 0.0), 0)
 
 
-def _at(x, at):
+def _entry_at(x, at):
     """Entry ``at`` (``[C]`` mask) of ``x`` ``[C]``."""
     return _sum(tl.where(at, x, 0.0), 0)
 
@@ -178,9 +179,9 @@ def _chunk_kernel(
     E[L]`` (``VEC [7, BH, TP]``)."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(1).to(tl.int64)
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    t_off = tl.arange(0, C)
+    t_off = tl.arange(0, C)  # BH in int64: offsets of BH x TP rows pass 2^31 at small head dims
     k_off = tl.arange(0, BK)
     k_ok = _in_dim(k_off, DK, BK)
     c0 = n * C
@@ -191,18 +192,18 @@ def _chunk_kernel(
     A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
     Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
     last = t_off == tl.minimum(T - c0, C) - 1
-    cc = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
-    tl.store(TI + cc, Ti.to(TI.dtype.element_ty))
-    tl.store(GAM + cc, Gam.to(GAM.dtype.element_ty))
-    tl.store(GP + cc, Gp.to(GP.dtype.element_ty))
+    tile_off = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
+    tl.store(TI + tile_off, Ti.to(TI.dtype.element_ty))
+    tl.store(GAM + tile_off, Gam.to(GAM.dtype.element_ty))
+    tl.store(GP + tile_off, Gp.to(GP.dtype.element_ty))
     at = VEC + i_bh * TP + rows
     tl.store(at, d)
     tl.store(at + BH * TP, c)
     tl.store(at + 2 * BH * TP, _shift(d, t_off, False) + (t_off == 0).to(d.dtype))
     tl.store(at + 3 * BH * TP, _shift(c, t_off, False))
     tl.store(at + 4 * BH * TP, e0)
-    tl.store(at + 5 * BH * TP, _row(Gam, last))
-    tl.store(at + 6 * BH * TP, _row(E, last))
+    tl.store(at + 5 * BH * TP, _row_at(Gam, last))
+    tl.store(at + 6 * BH * TP, _row_at(E, last))
 
 
 def _state_fwd_kernel(
@@ -215,7 +216,7 @@ def _state_fwd_kernel(
     momentum to the chunk's last row; the final state (S's rows, then M's) in ``ST``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(1).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     S = _acc_zeros([BK, BV], F64)
@@ -240,8 +241,8 @@ def _state_fwd_kernel(
         W = th[:, None] * U
         last = t_off == tl.minimum(T - c0, C) - 1
         kt = tl.trans(k)
-        S_end = _at(d, last) * S + _at(c, last) * M + _mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
-        M = _at(e0, last) * M + _mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
+        S_end = _entry_at(d, last) * S + _entry_at(c, last) * M + _mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
+        M = _entry_at(e0, last) * M + _mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
         S = S_end
     _store_pair(ST, i_bh, S, M, sv_off, sv_ok, DK, DV)
 
@@ -254,7 +255,7 @@ def _out_kernel(
     K^T) diag(theta) U)``."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    BH = tl.num_programs(2)
+    BH = tl.num_programs(2).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     rows = n * C + t_off
@@ -276,7 +277,7 @@ def _bwd_local_kernel(
     Q, K, GAM, DO, DWL, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One program per (Dv block, chunk, batch x head): the part of ``dW`` that does not depend on the state,
+    """One program per (Dv block, chunk, batch x head): the row_off of ``dW`` that does not depend on the state,
     ``scale tril(Gam * Q K^T)^T dO`` (``DWL``), so that the reverse state pass holds no [C, C] product of q and k."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -300,12 +301,12 @@ def _state_bwd_kernel(
     HAS_DST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks in reverse: stores the gradient of the memory
-    and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's part of ``dtheta``
+    and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's row_off of ``dtheta``
     through ``W = diag(theta) U`` and of the gate terms of row L (``DGL``); the initial state's gradient in
     ``DS0``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(1).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     dS = _acc_zeros([BK, BV], F64)
@@ -332,17 +333,17 @@ def _state_bwd_kernel(
         dY = _mm(tl.trans(tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])), th[:, None] * dW, 1)
         tl.store(DY + uv_off, dY.to(DY.dtype.element_ty), mask=uv_ok)
         W = th[:, None] * U
-        part = (i_v * BH + i_bh) * T + rows
-        tl.store(DTH + part, _sum(U * dW, 1).to(DTH.dtype.element_ty), mask=r_ok)
-        gl = (i_v * BH + i_bh) * TP + rows
-        tl.store(DGL + gl, _sum(W * kdS, 1).to(DGL.dtype.element_ty))
-        tl.store(DGL + tl.num_programs(0) * BH * TP + gl, _sum(W * kdM, 1).to(DGL.dtype.element_ty))
+        row_off = (i_v * BH + i_bh) * T + rows
+        tl.store(DTH + row_off, _sum(U * dW, 1).to(DTH.dtype.element_ty), mask=r_ok)
+        gl_off = (i_v * BH + i_bh) * TP + rows
+        tl.store(DGL + gl_off, _sum(W * kdS, 1).to(DGL.dtype.element_ty))
+        tl.store(DGL + tl.num_programs(0) * BH * TP + gl_off, _sum(W * kdM, 1).to(DGL.dtype.element_ty))
         last = t_off == tl.minimum(T - c0, C) - 1
         qt, kt = tl.trans(q), tl.trans(k)
         dS_in = (_mm(qt, (scale * d[:, None] * do).to(q.dtype), DOT) - _mm(kt, (dp[:, None] * dY).to(k.dtype), DOT)
-                 + _at(d, last) * dS)
+                 + _entry_at(d, last) * dS)
         dM = (_mm(qt, (scale * c[:, None] * do).to(q.dtype), DOT) - _mm(kt, (cp[:, None] * dY).to(k.dtype), DOT)
-              + _at(c, last) * dS + _at(e0, last) * dM)
+              + _entry_at(c, last) * dS + _entry_at(e0, last) * dM)
         dS = dS_in
     _store_pair(DS0, i_bh, dS, dM, sv_off, sv_ok, DK, DV)
 
@@ -352,12 +353,12 @@ def _bwd_dqk_kernel(
     H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One program per (Dv block, chunk, batch x head): this Dv block's part of dq, dk, dtheta through the solve
+    """One program per (Dv block, chunk, batch x head): this Dv block's row_off of dq, dk, dtheta through the solve
     (added to ``_state_bwd_kernel``'s) and of the gate terms (``DGAM``, ``DD``, ``DC``; ``[NV, ...]``), from the
     states entering (``HS``) and the gradients of those leaving the chunk (``DHS``)."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    BH = tl.num_programs(2)
+    BH = tl.num_programs(2).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     c0 = n * C
@@ -365,9 +366,9 @@ def _bwd_dqk_kernel(
     r_ok = rows < T
     q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
     d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
-    cc = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
-    Gam = tl.load(GAM + cc)
-    Gp = tl.load(GP + cc)
+    tile_off = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
+    Gam = tl.load(GAM + tile_off)
+    Gp = tl.load(GP + tile_off)
     uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
     uv_ok = r_ok[:, None] & v_ok[None, :]
     do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
@@ -379,9 +380,9 @@ def _bwd_dqk_kernel(
     qk = _mm(q, tl.trans(k), DOT).to(Gam.dtype)
     # through the solve: L = strict_tril(Gp * K K^T diag(theta)), dL = -dY U^T
     dL = tl.where(t_off[:, None] > t_off[None, :], -_mm(dY, tl.trans(U), 1), 0.0)
-    part = (i_v * BH + i_bh) * T + rows
-    dth = tl.load(DTH + part, mask=r_ok, other=0.0) + _sum(dL * Gp * kk, 0)
-    tl.store(DTH + part, dth.to(DTH.dtype.element_ty), mask=r_ok)
+    row_off = (i_v * BH + i_bh) * T + rows
+    dth = tl.load(DTH + row_off, mask=r_ok, other=0.0) + _sum(dL * Gp * kk, 0)
+    tl.store(DTH + row_off, dth.to(DTH.dtype.element_ty), mask=r_ok)
     dkk = dL * Gp * th[None, :]
     # through O's tril(Gam * Q K^T) W
     dP = _mm(do, tl.trans(W), 1)
@@ -398,9 +399,9 @@ def _bwd_dqk_kernel(
     dd = scale * _sum(q * doS, 1)
     dc = scale * _sum(q * doM, 1)
     dyS, dyM = _mm(dY.to(k.dtype), S0t, DOT), _mm(dY.to(k.dtype), M0t, DOT)
-    pad = (i_v * BH + i_bh) * TP + rows
-    tl.store(DD + pad, (dd + _shift(-_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
-    tl.store(DC + pad, (dc + _shift(-_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
+    vec_off = (i_v * BH + i_bh) * TP + rows
+    tl.store(DD + vec_off, (dd + _shift(-_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
+    tl.store(DC + vec_off, (dc + _shift(-_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
     Wd = W.to(k.dtype)
     dS, dM = _load_pair(DHS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
     dk = (_mm(tl.trans(dqk).to(q.dtype), q, DOT) + _mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
@@ -422,7 +423,7 @@ def _bwd_gates_kernel(
     and ``d = exp(b)``."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    BH = tl.num_programs(1)
+    BH = tl.num_programs(1).to(tl.int64)
     t_off = tl.arange(0, C)
     c0 = n * C
     dGam = _acc_zeros([C, C], F64)
@@ -432,20 +433,20 @@ def _bwd_gates_kernel(
     dEL = _acc_zeros([C], F64)
     for i_v in range(0, NV):
         dGam += tl.load(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :])
-        pad = (i_v * BH + i_bh) * TP + c0 + t_off
-        dd += tl.load(DD + pad)
-        dc += tl.load(DC + pad)
-        dGL += tl.load(DGL + pad)
-        dEL += tl.load(DGL + NV * BH * TP + pad)
+        vec_off = (i_v * BH + i_bh) * TP + c0 + t_off
+        dd += tl.load(DD + vec_off)
+        dc += tl.load(DC + vec_off)
+        dGL += tl.load(DGL + vec_off)
+        dEL += tl.load(DGL + NV * BH * TP + vec_off)
     A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
     last = t_off == tl.minimum(T - c0, C) - 1
-    ls = (i_bh * NT + n) * 3
+    ls_off = (i_bh * NT + n) * 3
     dGam += tl.where(last[:, None], dGL[None, :], 0.0)
-    dd += tl.where(last, tl.load(LS + ls), 0.0)
-    dc += tl.where(last, tl.load(LS + ls + 1), 0.0)
-    de0 = tl.where(last, tl.load(LS + ls + 2), 0.0) + _sum(A * dc[:, None], 0)
-    dE = tl.where(last[:, None], dEL[None, :], 0.0) + _mmf(tl.trans(A), dGam, F64)
-    X = (_mmf(dGam, tl.trans(E), F64) + dc[:, None] * e0[None, :]) * A
+    dd += tl.where(last, tl.load(LS + ls_off), 0.0)
+    dc += tl.where(last, tl.load(LS + ls_off + 1), 0.0)
+    de0 = tl.where(last, tl.load(LS + ls_off + 2), 0.0) + _sum(A * dc[:, None], 0)
+    dE = tl.where(last[:, None], dEL[None, :], 0.0) + _mm_tf32x3(tl.trans(A), dGam, F64)
+    X = (_mm_tf32x3(dGam, tl.trans(E), F64) + dc[:, None] * e0[None, :]) * A
     Z = dE * E
     tl.store(DB + i_bh * TP + c0 + t_off, (_sum(X, 1) - _sum(X, 0) + dd * d).to(DB.dtype.element_ty))
     tl.store(DCE + i_bh * TP + c0 + t_off, (_sum(Z, 1) - _sum(Z, 0) + de0 * e0).to(DCE.dtype.element_ty))
@@ -453,7 +454,7 @@ def _bwd_gates_kernel(
 
 # ======================================================================= wrapping
 #: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
-_OWN_HELPERS = (_mmf, _chunk_decays, _shift_rows, _shift, _row, _at, _solve_terms, _value_block, _load_pair,
+_OWN_HELPERS = (_mm_tf32x3, _chunk_decays, _shift_rows, _shift, _row_at, _entry_at, _solve_terms, _value_block, _load_pair,
                 _store_pair, _load_chunk, _vectors)
 _HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows) + _OWN_HELPERS
 _KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
@@ -479,7 +480,7 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
     f64 = dtype == torch.float64
     BK = _block(Dk, MAX_DK)
-    common = dict(DK=Dk, DV=Dv, BK=BK, BV=titans_value_block(Dk, Dv), C=C, F64=f64, DOT=dot)
+    common = dict(DK=Dk, DV=Dv, BK=BK, BV=TITANS_VALUE_BLOCK, C=C, F64=f64, DOT=dot)
     warps = 8 if BK > 64 or C >= 64 else 4
     cfg = {name: dict(common, num_warps=warps, num_stages=1)
            for name in ("_state_fwd_kernel", "_out_kernel", "_bwd_local_kernel", "_state_bwd_kernel", "_bwd_dqk_kernel")}
@@ -514,7 +515,10 @@ def titans_forward(q, k, v, theta, b, ce, R, initial_state, scale: float, C: int
     cfg = configs(Dk, Dv, C, q.dtype, interpret)
     TI, GAM, _, VEC = _chunk_terms(k, theta, b, ce, R, C, cfg["_chunk_kernel"], interpret)
     acc, NT, GQ = TI.dtype, TP // C, H // k.shape[1]
-    HS = torch.empty(B * H, NT, 2, Dk, Dv, dtype=acc, device=q.device)
+    # the states entering the chunks in the input dtype where the dots take them so (bf16 / fp16: half the memory
+    # the backward keeps), exact otherwise
+    store = acc if cfg["_state_fwd_kernel"]["DOT"] == 1 else q.dtype
+    HS = torch.empty(B * H, NT, 2, Dk, Dv, dtype=store, device=q.device)
     UN = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
     final = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=q.device)
     s0 = initial_state.contiguous() if initial_state is not None else final
@@ -535,7 +539,7 @@ def titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, scale: float, C:
     GQ, NT, BH = H // Hkv, TP // C, B * H
     cfg = configs(Dk, Dv, C, q.dtype, interpret)
     TI, GAM, GP, VEC = _chunk_terms(k, theta, b, ce, R, C, cfg["_chunk_kernel"], interpret)
-    acc = HS.dtype
+    acc = TI.dtype
     NV = triton.cdiv(Dv, cfg["_state_bwd_kernel"]["BV"])
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
     dst = dS_T.to(acc).contiguous() if dS_T is not None else None
@@ -556,7 +560,8 @@ def titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, scale: float, C:
     _launch("_bwd_dqk_kernel", (NV, NT, BH), interpret, q, k, theta, GAM, GP, VEC, do, UN, dv, HS, DHS, dq, dk, dth,
             dgam, dd, dc, T, TP, NT, float(scale), H=H, GQ=GQ, **cfg["_bwd_dqk_kernel"])
     # the gradients of d_L, c_L and exp(ce_L): <dS', S0>, <dS', M0>, <dM', M0> per chunk
-    LS = torch.stack([(DHS[:, :, i] * HS[:, :, j]).sum((-1, -2)) for i, j in ((0, 0), (0, 1), (1, 1))], -1)
+    LS = torch.stack([(DHS[:, :, i].to(acc) * HS[:, :, j].to(acc)).sum((-1, -2)) for i, j in ((0, 0), (0, 1), (1, 1))],
+                     -1)
     db, dce = (torch.empty(BH, TP, dtype=acc, device=q.device) for _ in range(2))
     _launch("_bwd_gates_kernel", (NT, BH), interpret, b, ce, b if R is None else R, dgam, dd, dc, DGL,
             LS.contiguous(), db, dce, T, TP, NT, NV, RESETS=R is not None, **cfg["_bwd_gates_kernel"])
@@ -582,8 +587,6 @@ class TritonTitans(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
         q, k, v, theta, b, ce, R, HS, UN = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
         dq, dk, dv, dth, db, dce, ds0 = titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, ctx.scale, ctx.C,
                                                         ctx.interpret)
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dth.to(theta.dtype), db.to(b.dtype),
