@@ -7,8 +7,8 @@ No public implementation computes this rule (flash-linear-attention's naive tita
 take the gradient per chunk, or train an MLP: ``docs/seeds.md``), so the baseline is attnc's own token loop, in
 the same process. fp32, batch 1, ``stdlib:titans`` with random log decays, learning rates and momenta; interleaved
 rounds, the median; outputs checked against each other first. Cost on a 2-core CPU (2026-11-26, otherwise
-idle): ``--quick`` (T = 256, 1,024) took 16 s wall (25 s CPU); the full run (T = 1,024, 4,096) about 100 s, most of
-it the token loop's backward.
+idle): ``--quick`` (T = 256, 1,024) took 16 s wall (25 s CPU); the full run (T = 1,024, 4,096) 47 s (with the
+chunked form's gamma as one product), most of it the token loop's backward.
 """
 
 from __future__ import annotations
