@@ -17,10 +17,10 @@ or fp16 inputs; fp32 inputs take exact products on the FMA units, whose operands
 
 - ``_chunk_kernel``, one program per (chunk, batch x head): what does not depend on the state: ``(I + L)^-1``,
   Gam, Gp and the vectors ``d, c, dp, cp, exp(ce), Gam[L], E[L]``;
-- ``_state_fwd_kernel`` (Dv block, batch x head), the only sequential row_off of the forward: stores the state
+- ``_state_fwd_kernel`` (Dv block, batch x head), the only sequential part of the forward: stores the state
   entering each chunk (``HS``: S0 and M0) and ``U``, the final state;
 - ``_out_kernel`` (Dv block, chunk, batch x head): ``O``;
-- ``_bwd_local_kernel`` (Dv block, chunk, batch x head): ``scale tril(Gam * Q K^T)^T dO``, dW's row_off that does
+- ``_bwd_local_kernel`` (Dv block, chunk, batch x head): ``scale tril(Gam * Q K^T)^T dO``, dW's part that does
   not depend on the state;
 - ``_state_bwd_kernel`` (Dv block, batch x head), sequential in reverse: the gradient of the state leaving each
   chunk (``DHS``), from ``dW = scale tril(Gam * Q K^T)^T dO + diag(Gam[L]) K dS' + diag(E[L]) K dM'``,
@@ -156,6 +156,18 @@ def _load_pair(X, at, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr, F64: tl
     return first, _acc(tl.load(X + (at * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
 
 
+def _start_pair(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, F64: tl.constexpr):
+    """A sequential pass's first state pair: ``_load_pair`` of ``X`` where ``GIVEN``, zeros otherwise."""
+    S = _acc_zeros([BK, BV], F64)
+    M = _acc_zeros([BK, BV], F64)
+    if GIVEN:
+        S_given, M_given = _load_pair(X, at, sv_off, sv_ok, DK, DV, F64)
+        S += S_given
+        M += M_given
+    return S, M
+
+
 def _store_pair(X, at, S, M, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr):
     """``_load_pair``'s store."""
     tl.store(X + at * 2 * DK * DV + sv_off, S.to(X.dtype.element_ty), mask=sv_ok)
@@ -219,12 +231,7 @@ def _state_fwd_kernel(
     BH = tl.num_programs(1).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    S = _acc_zeros([BK, BV], F64)
-    M = _acc_zeros([BK, BV], F64)
-    if HAS_S0:
-        S0_, M0_ = _load_pair(S0, i_bh, sv_off, sv_ok, DK, DV, F64)
-        S += S0_
-        M += M0_
+    S, M = _start_pair(S0, i_bh, sv_off, sv_ok, HAS_S0, DK, DV, BK, BV, F64)
     for n in range(0, NT):
         c0 = n * C
         rows = c0 + t_off
@@ -277,7 +284,7 @@ def _bwd_local_kernel(
     Q, K, GAM, DO, DWL, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One program per (Dv block, chunk, batch x head): the row_off of ``dW`` that does not depend on the state,
+    """One program per (Dv block, chunk, batch x head): the part of ``dW`` that does not depend on the state,
     ``scale tril(Gam * Q K^T)^T dO`` (``DWL``), so that the reverse state pass holds no [C, C] product of q and k."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -301,7 +308,7 @@ def _state_bwd_kernel(
     HAS_DST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks in reverse: stores the gradient of the memory
-    and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's row_off of ``dtheta``
+    and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's part of ``dtheta``
     through ``W = diag(theta) U`` and of the gate terms of row L (``DGL``); the initial state's gradient in
     ``DS0``."""
     i_v = tl.program_id(0)
@@ -309,12 +316,7 @@ def _state_bwd_kernel(
     BH = tl.num_programs(1).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    dS = _acc_zeros([BK, BV], F64)
-    dM = _acc_zeros([BK, BV], F64)
-    if HAS_DST:
-        dS_T, dM_T = _load_pair(DST, i_bh, sv_off, sv_ok, DK, DV, F64)
-        dS += dS_T
-        dM += dM_T
+    dS, dM = _start_pair(DST, i_bh, sv_off, sv_ok, HAS_DST, DK, DV, BK, BV, F64)
     for i in range(0, NT):
         n = NT - 1 - i
         c0 = n * C
@@ -353,7 +355,7 @@ def _bwd_dqk_kernel(
     H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     C: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
 ):
-    """One program per (Dv block, chunk, batch x head): this Dv block's row_off of dq, dk, dtheta through the solve
+    """One program per (Dv block, chunk, batch x head): this Dv block's part of dq, dk, dtheta through the solve
     (added to ``_state_bwd_kernel``'s) and of the gate terms (``DGAM``, ``DD``, ``DC``; ``[NV, ...]``), from the
     states entering (``HS``) and the gradients of those leaving the chunk (``DHS``)."""
     i_v, n = tl.program_id(0), tl.program_id(1)
@@ -455,7 +457,7 @@ def _bwd_gates_kernel(
 # ======================================================================= wrapping
 #: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
 _OWN_HELPERS = (_mm_tf32x3, _chunk_decays, _shift_rows, _shift, _row_at, _entry_at, _solve_terms, _value_block, _load_pair,
-                _store_pair, _load_chunk, _vectors)
+                _start_pair, _store_pair, _load_chunk, _vectors)
 _HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows) + _OWN_HELPERS
 _KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
             _bwd_gates_kernel)
