@@ -410,13 +410,15 @@ def _decode_step(pat, args):
     the sampled inputs are sized for the whole sequence of nk tokens, as a decode step reads them)."""
     from ..compiler.decode_cost import recurrence_state_bytes
     from ..core import ir
+    from ..core.recurrence_rules import RULES
     from ..runtime.api import simulate_decode
 
     if isinstance(pat, ir.RecurrenceIR):
-        state = recurrence_state_bytes(*(max(v, 0) for v in (args.batch, args.heads, args.head_dim)))
+        rows = RULES[pat.rule].state_rows
+        state = recurrence_state_bytes(*(max(v, 0) for v in (args.batch, args.heads, args.head_dim)), rows)
         raise SpecError(f"'{pat.name}' is a recurrence: a decode step reads and writes its fp32 state "
-                        f"(batch x heads x head_dim x head_dim: {state:,} bytes) whatever the length, not a KV "
-                        "cache", where="argument --decode",
+                        f"(batch x heads x {f'{rows} ' if rows > 1 else ''}head_dim x head_dim: {state:,} bytes) "
+                        "whatever the length, not a KV cache", where="argument --decode",
                         hint="the recurrence's prefill cost: attnc sim without --decode")
     if isinstance(pat, ir.CombinedIR):
         raise SpecError(f"'{pat.name}' combines several attentions: --decode bounds one softmax pattern",

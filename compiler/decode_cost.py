@@ -100,10 +100,10 @@ def decode_bound(
     return bound
 
 
-def recurrence_state_bytes(batch: int, heads: int, head_dim: int) -> int:
-    """Bytes a recurrence's decode step reads and writes: its fp32 ``head_dim x head_dim`` state per
-    (batch, head), once each way, whatever the length decoded so far."""
-    return 2 * batch * heads * head_dim * head_dim * PARTIAL_BYTES
+def recurrence_state_bytes(batch: int, heads: int, head_dim: int, state_rows: int = 1) -> int:
+    """Bytes a recurrence's decode step reads and writes: its fp32 ``state_rows head_dim x head_dim`` state per
+    (batch, head) (Titans: 2, the memory and its momentum), once each way, whatever the length decoded so far."""
+    return 2 * batch * heads * state_rows * head_dim * head_dim * PARTIAL_BYTES
 
 
 # ----------------------------------------------------------------- what the queries reach

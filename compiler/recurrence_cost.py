@@ -372,6 +372,8 @@ class RuleCost:
     vector_chunks: tuple[int, ...] | None = None
     note: str | None = None
     chunks: tuple[int, ...] = CHUNKS
+    #: The largest key head dim its kernels take (None: any): beyond it the torch form runs, which is not modelled.
+    max_head_dim: int | None = None
 
 
 #: Each recurrence rule's cost entry, by its word (``core.recurrence_rules``).
@@ -388,7 +390,7 @@ RULE_COSTS: dict[str, RuleCost] = {
         "gate terms), "
         "compiler/recurrence_cost.py titans_kernels; the Triton kernels run the chosen chunk, the torch form "
         "chunks of 32; chunks of 64 are not chosen: their [64, 64] fp32 tiles spill registers on sm_80 and sm_90"),
-        chunks=(16, 32)),
+        chunks=(16, 32), max_head_dim=128),
 }
 
 

@@ -200,6 +200,8 @@ class Attention(torch.nn.Module):
         args = {**self._last_call, **kwargs}
         if self.schedule is not None and "q_tile" not in kwargs:
             args.update(q_tile=self.schedule.q_tile, kv_tile=self.schedule.kv_tile)
+        if isinstance(self.pattern, ir.RecurrenceIR) and "q_tile" not in kwargs and self.runner.chunk is None:
+            args.pop("q_tile", None)  # the chunk the call chose, not one it was given: the simulator chooses too
         return simulate(self.pattern, hardware=hardware, dtype=dtype, **args)
 
     @property
@@ -712,9 +714,11 @@ def simulate_decode(
     if isinstance(pat, ir.RecurrenceIR):
         heads, head_dim, batch = (E.positive_int(w, v) for w, v in (("heads", heads), ("head_dim", head_dim),
                                                                     ("batch", batch)))
-        state = D.recurrence_state_bytes(batch, heads, head_dim)
+        rows = RULES[pat.rule].state_rows
+        state = D.recurrence_state_bytes(batch, heads, head_dim, rows)
         raise SpecError(f"'{pat.name}' is a recurrence: a decode step reads and writes its fp32 state "
-                        f"(batch x heads x head_dim x head_dim: {state:,} bytes) whatever nk, not a KV cache",
+                        f"(batch x heads x {f'{rows} ' if rows > 1 else ''}head_dim x head_dim: {state:,} bytes) "
+                        "whatever nk, not a KV cache",
                         where="argument pattern", hint="simulate_decode bounds a softmax pattern's KV-cache reads")
     if isinstance(pat, ir.CombinedIR):
         raise SpecError(f"'{pat.name}' combines several attentions: a decode step is bounded per softmax pattern",

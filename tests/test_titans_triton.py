@@ -15,6 +15,7 @@ from test_titans import SRC, by_gradient_descent, inputs
 import attnc
 from attnc.compiler.hardware import get_hardware
 from attnc.compiler.recurrence_cost import best_chunk, titans_chunk_cost
+from attnc.runtime.api import simulate_decode
 
 pytest.importorskip("triton")
 
@@ -211,3 +212,33 @@ def test_auto_past_the_kernels_key_head_dim_runs_the_torch_form(monkeypatch):
     q, k, v, rates = inputs(B=1, H=1, Hkv=1, T=5, D=8, Dv=4, seed=14)
     attn(q, k, v, **rates)
     assert calls == [8]  # at d 8 'auto' takes the kernels
+
+
+def test_packed_sequences_take_and_return_the_memory_and_its_momentum():
+    """With cu_seqlens, one [H, 2 dk, dv] state per sequence in and out: each sequence as if called alone."""
+    q, k, v, rates = inputs(B=1, H=2, Hkv=2, T=30, D=8, Dv=8, seed=17)
+    s0 = 0.3 * torch.randn(2, 2, 16, 8, generator=torch.Generator().manual_seed(18), dtype=F64)
+    attn = attnc.compile_attention(SRC, backend="triton", q_tile=16)
+    packed, states = attn(q, k, v, cu_seqlens=torch.tensor([0, 7, 30]), initial_state=s0, return_state=True, **rates)
+    assert states.shape == (2, 2, 16, 8)
+    for i, (a, b) in enumerate(((0, 7), (7, 30))):
+        alone, state = attnc.compile_attention(SRC, backend="reference")(
+            q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], initial_state=s0[i:i + 1], return_state=True,
+            **{n: r[:, a:b] for n, r in rates.items()})
+        torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(states[i:i + 1], state, rtol=1e-10, atol=1e-10)
+
+
+def test_report_chooses_the_chunk_unless_one_was_given_and_refuses_a_head_dim_it_does_not_model():
+    q, k, v, rates = inputs(B=1, H=2, Hkv=2, T=40, D=8, Dv=8, seed=19)
+    chosen = attnc.compile_attention(SRC, backend="triton")
+    chosen(q, k, v, **rates)
+    assert chosen.report()["chunk_forced"] is False
+    forced = attnc.compile_attention(SRC, backend="triton", q_tile=16)
+    forced(q, k, v, **rates)
+    assert forced.report()["chunk_forced"] is True and forced.report()["chunk"] == 16
+    with pytest.raises(attnc.SpecError, match="key head dims up to 128, got 200") as err:
+        attnc.simulate("stdlib:titans", n=4096, heads=8, head_dim=200)
+    assert "argument head_dim" in str(err.value)
+    with pytest.raises(attnc.SpecError, match=r"2 head_dim x head_dim: 524,288 bytes"):
+        simulate_decode("stdlib:titans", nk=4096, heads=8, head_dim=64)

@@ -26,6 +26,7 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
+from ...core.recurrence_rules import RULES
 from ..numerics import tied_to
 
 
@@ -152,7 +153,8 @@ def run(forward, pat, packing: Packing, q, k, v, *, scale, return_lse: bool, ini
     results put back in packed order. Returns what ``forward`` returns for the packed batch of one."""
     recurrence = isinstance(pat, ir.RecurrenceIR)
     if recurrence and initial_state is not None:
-        want = (packing.num_seqs, max(q.shape[1], v.shape[1]), q.shape[3], v.shape[3])  # GVA: v's heads
+        rows = RULES[pat.rule].state_rows * q.shape[3]  # Titans: the memory's rows, then its momentum's
+        want = (packing.num_seqs, max(q.shape[1], v.shape[1]), rows, v.shape[3])  # GVA: v's heads
         if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
             got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
             raise SpecError(f"with cu_seqlens, initial_state is one state per sequence, {list(want)}; got {got}",

@@ -148,6 +148,10 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
     for what, value in (("n", n), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
+    limit = RULE_COSTS[rec.rule].max_head_dim
+    if limit is not None and head_dim > limit:
+        raise SpecError(f"{RULES[rec.rule].title}'s Triton kernels take key head dims up to {limit}, got {head_dim}: "
+                        "the chunked torch form runs beyond it, and it has no cost model", where="argument head_dim")
     E.bind_sizes(rec, n=n, heads=heads, sizes=sizes, dk=head_dim)  # parameters and sizes are checked
     chunk = check_chunk(q_tile)
     hw = get_hardware(hardware)
