@@ -39,6 +39,7 @@ from ..compiler.cost import checked_group_split, checked_kv_heads
 from ..core import ir
 from ..core.errors import SpecError
 from . import kernel_fit
+from .gpu_report import HEADER, summary, table  # noqa: F401 (this module's public names)
 from .numerics import TORCH_DTYPES
 from .plan.clusters import SCORE_TABLES
 from .tritonenv import interpreting
@@ -506,9 +507,8 @@ def _probe(arch: int) -> bool:
 
 
 def _inputs(pat, bound, gen: torch.Generator, score_tables: bool = False) -> dict:
-    """Call-time inputs of the declared shapes: log gates in (-0.5, 0) for float inputs (a recurrence's rates, such
-    as Titans' momentum in (0, 1], in (0.25, 0.75)), sorted small ints for int ones (ids, flags); the score tables
-    too (relative(), landmark()) with ``score_tables`` (a block's bound inputs)."""
+    """Call-time inputs of the declared shapes: floats in (-0.5, 0) (log gates; a recurrence's rates in (0.25, 0.75)),
+    sorted small ints for int ones (ids, flags); the score tables too (relative(), landmark()) with ``score_tables``."""
     rates = set(getattr(pat, "rates", None) or ())
     out = {}
     for decl in pat.inputs:
@@ -773,29 +773,6 @@ def _check_args(archs, head_dims, dtypes):
 def default_archs() -> tuple[int, ...]:
     """sm_80, sm_90, and sm_100 when the installed Triton targets it."""
     return DEFAULT_ARCHS + ((100,) if targets_available(100) else ())
-
-
-# ----------------------------------------------------------------- text
-HEADER = ("| pattern | kernel | arch | d | dtype | config | warps | stages | smem KiB | limit KiB | regs | spill B "
-          "| dots | wgmma | mma.sync | tcgen05 | loop instr | status |")
-
-
-def table(reports: list[KernelReport]) -> str:
-    """A markdown table of the reports."""
-    lines = [HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
-    for r in reports:
-        status = ("ok" if r.ok else "; ".join(r.problems)) + "".join(f" (note: {n})" for n in r.notes)
-        lines.append(f"| {r.pattern} | {r.kernel} | sm_{r.arch} | {r.head_dim} | {r.dtype} | {r.config.replace('|', '/')} | "
-                     f"{r.num_warps} | {r.num_stages} | {r.shared / 1024:.1f} | {r.smem_limit // 1024} | {r.regs} | "
-                     f"{r.spill_bytes} | {r.dots} | {r.wgmma} | {r.mma} | {r.tcgen05} | "
-                     f"{'+'.join(map(str, r.loop_instructions)) or '-'} | {status} |")
-    return "\n".join(lines)
-
-
-def summary(reports: list[KernelReport]) -> str:
-    bad = [r for r in reports if not r.ok]
-    return f"{len(reports)} kernels compiled, {len(bad)} with problems" + (
-        "" if not bad else ": " + ", ".join(sorted({f'{r.pattern}/{r.kernel}/sm_{r.arch}/d{r.head_dim}' for r in bad})))
 
 
 __all__ = ["ARCH_HARDWARE", "KernelReport", "Recorded", "SMEM_LIMIT", "capture_launches", "check_launch",

@@ -39,7 +39,7 @@ RUNTIME_ROOMS = [
     ("runtime.registry",),
     ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
     ("runtime.api",),
-    ("runtime.gpu_check",),
+    ("runtime.gpu_check", "runtime.gpu_report"),  # the offline compile check and its text
 ]
 
 #: Rooms that must not import each other (each one folder, one job).

@@ -81,9 +81,9 @@ def _mm_tf32x3(a, b, F64: tl.constexpr):
 
 
 def _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C: tl.constexpr, RESETS: tl.constexpr, F64: tl.constexpr):
-    """``(A, E, Gam, d, c, e0)`` of the chunk at ``c0``: the memory's in-chunk decays ``A[t, r]``, the momentum's
-    ``E[r, s]``, ``Gam = A E`` (gamma(t, s)), ``d = exp(b)`` (0 after a reset), ``c = A exp(ce)`` (gamma(t, 0)) and
-    ``e0 = exp(ce)``."""
+    """``(A, E, d, e0)`` of the chunk at ``c0``: the memory's in-chunk decays ``A[t, r]``, the momentum's ``E[r, s]``,
+    ``d = exp(b)`` (0 after a reset) and ``e0 = exp(ce)``; ``_chunk_kernel`` forms ``Gam = A E`` (gamma(t, s)) and
+    ``c = A e0`` (gamma(t, 0)) from them, once per chunk."""
     b = _acc(tl.load(GB + i_bh * TP + c0 + t_off), F64)
     ce = _acc(tl.load(CE + i_bh * TP + c0 + t_off), F64)
     if RESETS:
@@ -95,7 +95,7 @@ def _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C: tl.constexpr, RESETS: tl.co
     A = _decays(b, rs, t_off, False, RESETS)
     E = _decays(ce, t_off, t_off, False, False)
     e0 = tl.exp(ce)
-    return A, E, _mm(A, E, 1), d, _sum(A * e0[None, :], 1), e0
+    return A, E, d, e0
 
 
 def _shift_rows(X, t_off):
@@ -201,7 +201,8 @@ def _chunk_kernel(
     r_ok = rows < T
     k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
+    A, E, d, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
+    Gam, c = _mm(A, E, 1), _sum(A * e0[None, :], 1)
     Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
     last = t_off == tl.minimum(T - c0, C) - 1
     tile_off = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
@@ -305,7 +306,7 @@ def _bwd_local_kernel(
 def _state_bwd_kernel(
     Q, K, TH, TI, DWL, VEC, DO, UN, DST, DHS, DY, DTH, DGL, DS0, T, TP, NT, scale, H: tl.constexpr,
     GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-    HAS_DST: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+    F64: tl.constexpr, DOT: tl.constexpr,
 ):
     """One program per (Dv block, batch x head) walking the chunks in reverse: stores the gradient of the memory
     and momentum leaving each chunk (``DHS[bh, n]``), ``dY`` (``DY``: dv), this Dv block's part of ``dtheta``
@@ -316,7 +317,7 @@ def _state_bwd_kernel(
     BH = tl.num_programs(1).to(tl.int64)
     kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    dS, dM = _start_pair(DST, i_bh, sv_off, sv_ok, HAS_DST, DK, DV, BK, BV, F64)
+    dS, dM = _load_pair(DST, i_bh, sv_off, sv_ok, DK, DV, F64)
     for i in range(0, NT):
         n = NT - 1 - i
         c0 = n * C
@@ -440,7 +441,7 @@ def _bwd_gates_kernel(
         dc += tl.load(DC + vec_off)
         dGL += tl.load(DGL + vec_off)
         dEL += tl.load(DGL + NV * BH * TP + vec_off)
-    A, E, Gam, d, c, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
+    A, E, d, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
     last = t_off == tl.minimum(T - c0, C) - 1
     ls_off = (i_bh * NT + n) * 3
     dGam += tl.where(last[:, None], dGL[None, :], 0.0)
@@ -544,7 +545,7 @@ def titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, scale: float, C:
     acc = TI.dtype
     NV = triton.cdiv(Dv, cfg["_state_bwd_kernel"]["BV"])
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
-    dst = dS_T.to(acc).contiguous() if dS_T is not None else None
+    dst = dS_T.to(acc).contiguous()  # autograd hands zeros for a final state no loss reads
     DHS = torch.empty_like(HS)
     DS0 = torch.empty(B, H, 2 * Dk, Dv, dtype=acc, device=q.device)
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # dY, per query head
@@ -553,8 +554,8 @@ def titans_backward(q, k, v, theta, b, ce, R, HS, UN, do, dS_T, scale: float, C:
     dWl = torch.empty(BH, T, Dv, dtype=acc, device=q.device)
     _launch("_bwd_local_kernel", (NV, NT, BH), interpret, q, k, GAM, do, dWl, T, TP, float(scale), H=H, GQ=GQ,
             **cfg["_bwd_local_kernel"])
-    _launch("_state_bwd_kernel", (NV, BH), interpret, q, k, theta, TI, dWl, VEC, do, UN, DS0 if dst is None else dst,
-            DHS, dv, dth, DGL, DS0, T, TP, NT, float(scale), H=H, GQ=GQ, HAS_DST=dst is not None,
+    _launch("_state_bwd_kernel", (NV, BH), interpret, q, k, theta, TI, dWl, VEC, do, UN, dst,
+            DHS, dv, dth, DGL, DS0, T, TP, NT, float(scale), H=H, GQ=GQ,
             **cfg["_state_bwd_kernel"])
     dq, dk = (torch.empty(NV, BH, T, Dk, dtype=acc, device=q.device) for _ in range(2))
     dgam = torch.empty(NV, BH, NT, C, C, dtype=acc, device=q.device)
