@@ -10,10 +10,15 @@ it exactly through the reference backend::
     out = attn(q, k, v)
 """
 
+import logging
 from importlib import import_module
 
 from .core.errors import SpecError
 from .core.version import __version__
+
+# the package's loggers ("attnc" and below, e.g. "attnc.auto") print nothing unless the application
+# configures logging
+logging.getLogger("attnc").addHandler(logging.NullHandler())
 
 #: The public names and the modules that define them, imported when first used (PEP 562): ``attnc list``
 #: and ``attnc check`` do not pay for torch
@@ -23,6 +28,7 @@ _LAZY = {
     "neighborhood_attention": ".integrations.natten",
     "Attention": ".runtime.api", "compile_attention": ".runtime.api", "materialize_mask": ".runtime.api",
     "simulate": ".runtime.api",
+    "to_flex": ".integrations.flex",
     "kmeans_update": ".runtime.plan.clusters", "KeySummary": ".runtime.plan.kept_summary",
     "load": ".spec.library",
 }
@@ -57,4 +63,5 @@ __all__ = [
     "na3d",
     "neighborhood_attention",
     "simulate",
+    "to_flex",
 ]

@@ -8,6 +8,7 @@ import sys
 
 from ..core.errors import SpecError
 from .args import (
+    CHECK_GPU_DEFAULT_N,
     Parser,
     call_inputs,
     check_kv_heads,
@@ -21,6 +22,14 @@ from .args import (
     tile_arg,
     tokens_of,
 )
+
+
+def first_pattern(pat):
+    """A combined pattern's first branch (its sizes are every branch's), else the pattern itself."""
+    from ..core import ir
+
+    return pat.branches[0].pattern if isinstance(pat, ir.CombinedIR) else pat
+
 
 SHOW_DEFAULT_N = 32
 #: The head dimension of the sampled q and k from which `attnc show` draws a clustering pattern's ids.
@@ -38,6 +47,7 @@ def cmd_list(args) -> int:
     index = stdlib_index()
     names = getattr(args, "names", None) or []
     if names:  # one pattern in full: its header (paper, code matched, rule) and its declaration
+        entries = []
         for i, name in enumerate(names):
             found = index.get(name.removeprefix("stdlib:"))
             if found is None:
@@ -49,7 +59,15 @@ def cmd_list(args) -> int:
             lines = module.source.splitlines()
             end = next((j for j in range(decl.pos.line, len(lines)) if lines[j].strip().startswith(
                 ("pattern ", "recurrence "))), len(lines))
-            print(("\n" if i else "") + "\n".join(lines[_header_start(lines, decl.pos.line):end]).rstrip())
+            text = "\n".join(lines[_header_start(lines, decl.pos.line):end]).rstrip()
+            entries.append({**_list_entry(name.removeprefix("stdlib:"), module, decl), "source": text})
+            if not args.json:
+                print(("\n" if i else "") + text)
+        if args.json:
+            _print_json({"patterns": entries})
+        return 0
+    if args.json:
+        _print_json({"patterns": [_list_entry(name, module, decl) for name, (module, decl) in sorted(index.items())]})
         return 0
     width = max(map(len, index))
     for name, (module, decl) in sorted(index.items()):
@@ -57,6 +75,18 @@ def cmd_list(args) -> int:
         params = ", ".join(p.name + ("" if p.default is None else f"={_fmt(p.default)}") for p in decl.params)
         print(f"{name:{width}s} {decl.kind:10s} {summary}" + (f"  ({params})" if params else ""))
     return 0
+
+
+def _print_json(data) -> None:
+    import json
+
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _list_entry(name: str, module, decl) -> dict:
+    """``attnc list --json``: one stdlib pattern (keys: name, kind, summary, params)."""
+    return {"name": name, "kind": decl.kind, "summary": _summary(module.source, decl.pos.line),
+            "params": [{"name": p.name, "default": p.default} for p in decl.params]}
 
 
 def _header_start(lines: list[str], decl_line: int) -> int:
@@ -89,25 +119,51 @@ def _summary(source: str, decl_line: int) -> str:
 
 
 def cmd_check(args) -> int:
+    from ..core.errors import Pos
     from ..spec.library import check_text, read_source
 
     status = 0
+    results = []
     for path in args.files:
+        shown = path
         try:
             text, filename = read_source(path, where=path) if path.startswith("stdlib:") else read_file(path)
-            decls = check_text(text, filename)
-            names = ", ".join(d.name for d in decls)
             shown = path if path.startswith("stdlib:") else filename  # the name as the user gave it
-            print(f"{shown}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}"
-                  + (f": {names})" if decls else ")"))
-            for decl in decls:
-                for name in _unused_inputs(decl):
-                    print(f"{shown}: warning: '{decl.name}' declares input '{name}' but no clause reads it "
-                          "(a call would still have to pass it)")
+            decls = check_text(text, filename)
+            if not decls:  # nothing to show, simulate or compile: every other command would refuse it
+                raise SpecError("declares no pattern or recurrence", Pos(1, 1),
+                                filename=filename, source=text,
+                                hint="a file declares at least one: pattern NAME / tokens seq / mask ...")
+            names = ", ".join(d.name for d in decls)
+            warnings = [f"'{decl.name}' declares input '{name}' but no clause reads it (a call would still have "
+                        "to pass it)" for decl in decls for name in _unused_inputs(decl)]
+            results.append({"file": shown, "ok": True, "declarations": [{"name": d.name, "kind": d.kind}
+                                                                        for d in decls],
+                            "warnings": warnings, "errors": []})
+            if not args.json:
+                print(f"{shown}: ok ({len(decls)} declaration{'s' if len(decls) != 1 else ''}: {names})")
+                for warning in warnings:
+                    print(f"{shown}: warning: {warning}")
         except SpecError as err:
-            print(err.render(), file=sys.stderr)
             status = 1
+            results.append({"file": shown, "ok": False, "declarations": [], "warnings": [],
+                            "errors": [_error_entry(e) for e in _each_error(err)]})
+            if not args.json:
+                print(err.render(), file=sys.stderr)
+    if args.json:
+        _print_json({"files": results})
     return status
+
+
+def _each_error(err: SpecError) -> list[SpecError]:
+    """The errors one SpecError reports (``attnc check`` gathers every misspelt name into one)."""
+    return list(getattr(err, "errors", None) or [err])
+
+
+def _error_entry(err: SpecError) -> dict:
+    """``attnc check --json``: one error (keys: message, line, col, hint, where)."""
+    return {"message": err.message, "line": err.pos.line if err.pos else None,
+            "col": err.pos.col if err.pos else None, "hint": err.hint, "where": err.where}
 
 
 def _unused_inputs(decl) -> list[str]:
@@ -141,19 +197,46 @@ def _unused_inputs(decl) -> list[str]:
     return [d.name for d in decl.inputs if d.name not in used]
 
 
+def _note(args, text: str) -> None:
+    """A note on what was assumed: a ``# note:`` line, or the ``notes`` of ``--json``'s document."""
+    if getattr(args, "json", False):
+        args.notes.append(text)
+    else:
+        print(f"# note: {text}")
+
+
 def cmd_show(args) -> int:
     from ..core import ir
 
+    args.notes, args.shown = [], []  # --json: the notes, and each drawing as a dict
+    if args.png is not None and not args.png.lower().endswith(".png"):
+        raise SpecError(f"{args.png}: --png writes a PNG picture, so the path ends in .png",
+                        where="argument --png", hint=f"e.g. --png {_png_name(args.png)}")
     pat = load_args(args)
     _refuse_bucketed(pat, "show")
     heads = args.heads
     if heads is not None and heads < 1:
         raise SpecError(f"must be a positive int, got {heads}", where="argument --heads")
+    if args.query is not None and not isinstance(pat, ir.PatternIR):
+        what = "a recurrence" if isinstance(pat, ir.RecurrenceIR) else "a combined pattern"
+        raise SpecError(f"'{pat.name}' is {what}: --query draws one softmax pattern's keys", where="argument --query")
     if isinstance(pat, ir.RecurrenceIR):
-        return _show_recurrence(pat, heads or 4)
-    if isinstance(pat, ir.CombinedIR):
-        return _show_combined(args, pat, heads)
-    return _show_softmax(args, pat, heads)
+        status = _show_recurrence(args, pat, heads or 4)
+    elif isinstance(pat, ir.CombinedIR):
+        status = _show_combined(args, pat, heads)
+    else:
+        status = _show_softmax(args, pat, heads)
+    if args.json:
+        data = args.shown[0] if len(args.shown) == 1 else {"name": pat.name, "kind": "combined",
+                                                           "branches": args.shown}
+        _print_json({**data, "notes": args.notes})
+    return status
+
+
+def _png_name(path: str) -> str:
+    import os
+
+    return os.path.splitext(path)[0] + ".png"
 
 
 def _show_combined(args, pat, heads: int | None) -> int:
@@ -166,21 +249,23 @@ def _show_combined(args, pat, heads: int | None) -> int:
                         where="argument --nk", hint="leave --nk out (a pooled branch's keys are its runs)")
     n = args.n if args.n is not None else SHOW_DEFAULT_N
     if args.n is None:
-        print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
+        _note(args, f"no --n: showing {SHOW_DEFAULT_N} tokens")
     if pat.merge == "softmax":
         terms = f"one softmax over the keys of {', '.join(b for _, b in pat.terms)}"
     else:
         terms = " + ".join(b if g is None else f"{g} * {b}" for g, b in pat.terms)
-    print(f"{pat.name}: {len(pat.branches)} branches over the same queries, combined as {terms}")
+    if not args.json:
+        print(f"{pat.name}: {len(pat.branches)} branches over the same queries, combined as {terms}")
     for b in pat.branches:
-        print()
         nk = None
         if b.pool is not None:
             nk = -(-n // int(b.pool[1]))
-            print(f"# branch {b.name}: keys pooled by {b.pool[0]} over runs of {b.pool[1]} tokens (k is a run, "
-                  f"{nk} runs)")
+            said = f"# branch {b.name}: keys pooled by {b.pool[0]} over runs of {b.pool[1]} tokens (k is a run, {nk} runs)"
         else:
-            print(f"# branch {b.name}" + (f": its route is scored by probs({b.probs_of})" if b.probs_of else ""))
+            said = f"# branch {b.name}" + (f": its route is scored by probs({b.probs_of})" if b.probs_of else "")
+        if not args.json:
+            print()
+            print(said)
         extra = {}
         if b.probs_of is not None:  # the mask before selection does not read the route's scores
             import torch
@@ -197,30 +282,34 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
                   extra: dict | None = None) -> int:
     from ..compiler import evaluate as E
 
-    sizes = int_sizes(args.sizes)
+    sizes = int_sizes(args.sizes, pat)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
     defaulted = sorted(needed - set(sizes))
     for name in defaulted:
         sizes[name] = SHOW_DEFAULT_AXIS
     if defaulted:
-        print(f"# note: no --sizes for {', '.join(defaulted)}: showing {SHOW_DEFAULT_AXIS} each "
+        _note(args, f"no --sizes for {', '.join(defaulted)}: showing {SHOW_DEFAULT_AXIS} each "
               f"(--sizes {','.join(f'{d}=..' for d in defaulted)})")
     if n is None:  # (a combined pattern's branch: n and nk given, the note said once)
         n = tokens_of(args, pat, SHOW_DEFAULT_N)
         if args.n is None and n == SHOW_DEFAULT_N and pat.queries.token_count() is None:
-            print(f"# note: no --n: showing {SHOW_DEFAULT_N} tokens")
+            _note(args, f"no --n: showing {SHOW_DEFAULT_N} tokens")
         nk = args.nk if args.nk is not None else (n if pat.keys.token_count() is None and not pat.self_attention else None)
     depends_on_head = any(str(s) == "h" for s in pat.mask.free_symbols)
     heads = heads or (4 if depends_on_head else 1)
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=SHOW_HEAD_DIM)
+    # --nk beyond --n on a self-attention: the queries are the last n of nk tokens (after a KV cache)
+    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=SHOW_HEAD_DIM, offset_ok=True)
     inputs = {**call_inputs(args.input), **(extra or {})}
     if any(d.derived is not None for d in pat.inputs):  # cluster(): ids of a seeded sample of q and k
         from ..runtime.plan.clusters import sample_derived
 
         inputs, notes = sample_derived(pat, bound, inputs, head_dim=SHOW_HEAD_DIM)
         for note in notes:
-            print(f"# note: {note}")
+            _note(args, note)
     if args.tiles or args.q_tile or args.kv_tile:
+        if bound.q_offset:
+            raise SpecError("the tile map covers a whole sequence's queries, not those after a KV cache",
+                            where="argument --nk", hint="leave --nk out with --tiles")
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
         # checked before anything is allocated; blame what set the size
@@ -232,7 +321,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
                         f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
                         where=f"argument {what}", hint="choose a smaller size")
     if pat.route is not None:
-        print("# note: a route selects at every call (from q and k, or its inputs); this shows the mask before "
+        _note(args, "a route selects at every call (from q and k, or its inputs); this shows the mask before "
               "the selection")
         import dataclasses
 
@@ -241,8 +330,24 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
     title = f"{pat.name}: {pat.queries.describe()}"
     if bound.axis_sizes:
         title += " with " + ", ".join(f"{k}={v}" for k, v in bound.axis_sizes.items())
-    title += f", {bound.n} queries x {bound.nk} keys"
+    title += (f", {bound.n} queries (the last of {bound.nk} tokens, after a KV cache)" if bound.q_offset
+              else f", {bound.n} queries") + f" x {bound.nk} keys"
     shown_heads = range(heads) if depends_on_head else range(1)
+    if args.query is not None:
+        from .neighbourhood import show_query
+
+        return show_query(args, pat, bound, mask, list(shown_heads) if depends_on_head else [0])
+    if args.json:
+        args.shown.append({"name": pat.name, "kind": "pattern", "layout": pat.queries.describe(),
+                           "keys_layout": pat.keys.describe(), "sizes": dict(bound.axis_sizes), "n": bound.n,
+                           "nk": bound.nk, "q_offset": bound.q_offset,
+                           "heads": [{"head": h, "density": mask[h].float().mean().item(),
+                                      "mask": mask[h].to(int).tolist()} for h in shown_heads]})
+        if args.png:
+            from ..png import write_mask_png
+
+            write_mask_png(args.png, mask[list(shown_heads)])
+        return 0
     if args.png:  # the picture only, and one line saying what it holds (no text dump)
         from ..png import write_mask_png
 
@@ -281,11 +386,31 @@ def _pooled_rows(mask, cell: int) -> list[str]:
             for ra, rc in zip(allowed, pairs, strict=True)]
 
 
-def _show_recurrence(rec, heads: int) -> int:
+def _show_recurrence(args, rec, heads: int) -> int:
+    import contextlib
+    import io
+    import math
+
     from ..compiler import evaluate as E
     from ..core.recurrence_rules import RULES
 
     rule = RULES[rec.rule]
+    data = {"name": rec.name, "kind": "recurrence", "rule": rec.rule, "gate": rec.gate,
+            "decay": rec.decay if isinstance(rec.decay, str) else None, "rates": list(rec.rates or ()), "heads": []}
+    if rec.gate == "head":
+        values = E.head_values(rec.decay, {E.S.HEADS: heads}, heads)
+        data["heads"] = [{"head": h, "log_decay": g, "decay": math.exp(g)} for h, g in enumerate(values.tolist())]
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        _print_recurrence(rec, rule, data)
+    if args.json:
+        args.shown.append({**data, "text": text.getvalue().splitlines()})
+    else:
+        print(text.getvalue(), end="")
+    return 0
+
+
+def _print_recurrence(rec, rule, data: dict) -> None:
     print(f"{rec.name}: recurrence, {rec.gate} gate" + (f", {rule.title}" if rule.rates else ""))
     if rule.rates:
         given = ", ".join(f"'{name}' ({what})" for name, what in zip(rec.rates, rule.rates, strict=True))
@@ -294,13 +419,9 @@ def _show_recurrence(rec, heads: int) -> int:
             print("q and k: divided by their L2 norm over the head dimension first, x / sqrt(sum(x^2) + 1e-6) (qk_l2norm)")
     if rec.gate != "head":
         print(f"decay is the call-time input '{rec.decay}' ({'per token and head' if rec.gate == 'scalar' else 'per token, head and key channel'})")
-        return 0
-    values = E.head_values(rec.decay, {E.S.HEADS: heads}, heads)
-    for h, g in enumerate(values.tolist()):
-        import math
-
-        print(f"head {h}: log decay {g:.6g}, per-step decay {math.exp(g):.6g}")
-    return 0
+        return
+    for h in data["heads"]:
+        print(f"head {h['head']}: log decay {h['log_decay']:.6g}, per-step decay {h['decay']:.6g}")
 
 
 def _default_tile(extents: tuple[int, ...]) -> tuple[int, ...]:
@@ -329,7 +450,18 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
                         where="argument --q-tile", hint="choose larger tiles or smaller sizes")
     classes = sched.classes()
     if pat.route is not None:
-        print("# note: routing depends on q and k; this is the simulator's block-coherent model of the selection")
+        _note(args, "routing depends on q and k; this is the simulator's block-coherent model of the selection")
+    if args.json:
+        args.shown.append({"name": pat.name, "kind": "tiles", "q_tile": list(sched.q_tile),
+                           "kv_tile": list(sched.kv_tile), "q_tiles": sched.num_q_tiles,
+                           "kv_tiles": sched.num_kv_tiles, "full": sched.full, "partial": sched.partial,
+                           "empty": sched.empty, "classes": classes.to(torch.int64).tolist(),
+                           "classes_legend": {"0": "empty", "1": "partial", "2": "full"}})
+        if args.png:
+            from ..png import write_classes_png
+
+            write_classes_png(args.png, classes.to(torch.int64))
+        return 0
     print(f"{pat.name}: Q tile {'x'.join(map(str, sched.q_tile))}, KV tile {'x'.join(map(str, sched.kv_tile))}, "
           f"{sched.num_q_tiles} x {sched.num_kv_tiles} tiles: {sched.full} full (#), {sched.partial} partial (+), "
           f"{sched.empty} empty (.)")
@@ -354,6 +486,8 @@ def cmd_sim(args) -> int:
     pat = load_args(args)
     _refuse_bucketed(pat, "sim")
     decode = _decode_step(pat, args) if args.decode else None
+    if decode is None:
+        _refuse_kv_cache(pat, args, "sim")
     if decode is not None:  # the prefill beside it: the whole sequence of nk tokens
         args = argparse.Namespace(**{**vars(args), "n": args.nk, "nk": None})
     if isinstance(pat, ir.CombinedIR) and (args.layers is not None or args.ranks is not None):
@@ -364,7 +498,7 @@ def cmd_sim(args) -> int:
     check_kv_heads(args)
     if args.kv_heads is not None and isinstance(pat, ir.RecurrenceIR) and args.kv_heads != args.heads:
         raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument --kv-heads")
-    sizes = int_sizes(args.sizes)
+    sizes = int_sizes(args.sizes, first_pattern(pat))
     first = pat.branches[0].pattern if isinstance(pat, ir.CombinedIR) else pat
     queries = getattr(first, "queries", None)  # a recurrence: a sequence
     if args.n is None and (queries is None or queries.token_count() is None):  # a sequence: how long?
@@ -561,23 +695,61 @@ def cmd_emit(args) -> int:
     from ..core import ir
     from ..runtime.backends.triton.runner import emit
 
+    if args.gpu is not None:  # elsewhere --gpu names a GPU model (sim); emit takes an architecture
+        raise SpecError("emit takes the architecture to show the kernels of, not --gpu", where="argument --gpu",
+                        hint="--arch 90 (or sm_80, sm_100): the kernels a CUDA call there launches, recorded and "
+                             "compiled offline (no GPU needed)")
     pat = load_args(args)
     _refuse_bucketed(pat, "emit")
-    _refuse_combined(pat, "argument FILE")
-    if not isinstance(pat, ir.PatternIR):
-        raise SpecError(f"'{pat.name}' is a recurrence: emit shows softmax kernels", where="argument FILE")
-    if args.gpu:
-        import torch
+    _refuse_kv_cache(pat, args, "emit")
+    arch = _arch(args.arch) if args.arch is not None else None
+    if args.ptx and arch is None:
+        raise SpecError("--ptx is the PTX compiled for an architecture", where="argument --ptx",
+                        hint="add --arch 90 (or sm_80, sm_100)")
+    if arch is not None or not isinstance(pat, ir.PatternIR):
+        from .emit import emit_recorded
 
-        if not torch.cuda.is_available():
-            raise SpecError("--gpu shows the schedule of a CUDA call, and no CUDA GPU is available",
-                            where="argument --gpu", hint="without --gpu: the interpreter's schedule")
-    sizes = int_sizes(args.sizes)
+        return emit_recorded(args, pat, arch)
+    _refuse_combined(pat, "argument FILE")
+    sizes = int_sizes(args.sizes, pat)
     n = tokens_of(args, pat, SHOW_DEFAULT_N)
     print(emit(pat, n=n, nk=args.nk, heads=args.heads, sizes=sizes or None,
                q_tile=tile_arg(args.q_tile, "--q-tile"), kv_tile=tile_arg(args.kv_tile, "--kv-tile"),
-               device="cuda" if args.gpu else "cpu"), end="")
+               device="cpu", dk=args.head_dim), end="")
     return 0
+
+
+def _arch(text: str) -> int:
+    """``--arch 90``, ``sm_90`` or ``sm90``: one compute capability."""
+    from ..runtime import gpu_check as G
+
+    word = text.strip().lower().removeprefix("sm_").removeprefix("sm")
+    if not word.isdigit() or int(word) not in G.SMEM_LIMIT:
+        raise SpecError(f"unknown architecture {text!r}", where="argument --arch",
+                        hint="one of " + ", ".join(f"sm_{a}" for a in G.SMEM_LIMIT))
+    arch = int(word)
+    if not G.targets_available(arch):
+        raise SpecError(f"the installed Triton cannot compile for sm_{arch}", where="argument --arch")
+    return arch
+
+
+def _refuse_kv_cache(pat, args, command: str) -> None:
+    """``--nk`` other than ``--n`` on a self-attention pattern: queries after a KV cache, which
+    this command does not model (show draws them; sim --decode bounds a step)."""
+    from ..core import ir
+
+    if not isinstance(pat, ir.PatternIR) or not pat.self_attention or args.nk is None:
+        return
+    if args.n is not None and args.nk == args.n:
+        return
+    hint = {"emit": "emit shows a whole sequence's kernels: leave --nk out (attnc show --n Q --nk N draws the "
+                    "mask after a KV cache)",
+            "sim": f"attnc sim --decode --nk {args.nk}" + (f" --n {args.n}" if args.n is not None else "")
+                   + " bounds decoding after a KV cache; without --decode, --n alone is the prefill"}[command]
+    raise SpecError(f"'{pat.name}' is a self-attention: its keys are its tokens, so --nk would be queries after "
+                    f"a KV cache, which attnc {command} does not model" + (" without --decode" if command == "sim"
+                                                                           else ""),
+                    where="argument --nk", hint=hint)
 
 
 def _refuse_bucketed(pat, command: str) -> None:
@@ -628,25 +800,30 @@ def cmd_check_gpu(args) -> int:
     return 0 if all(r.ok for r in reports) else 1
 
 
-#: Tokens of a seq layout for ``check-gpu`` without --n (the kernels bake sizes in; the schedule depends on n).
-CHECK_GPU_DEFAULT_N = 8192
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="attnc", description="attnc: a compiler for attention patterns")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     p = sub.add_parser("list", help="the stdlib patterns, one line each; with names, each one in full")
     p.add_argument("names", nargs="*", metavar="NAME", help="show these patterns' headers and declarations")
+    p.add_argument("--json", action="store_true", help="print the patterns as JSON (keys: name, kind, summary, "
+                   "params; with NAMEs, source too)")
     p = sub.add_parser("check", help="parse and check .attn files")
     p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="print one JSON document (files: file, ok, declarations, "
+                   "warnings, errors with message, line, col, hint, where)")
     p = sub.add_parser("show", help="draw the mask of a pattern at a small size")
     pattern_args(p, sizes_help="grid sizes (default 8 per axis)",
                   n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})")
     p.add_argument("--heads", type=int, help="number of heads (head-dependent patterns show each)")
-    p.add_argument("--png", metavar="PATH", help="also write the mask (or tile map) as a PNG picture")
+    p.add_argument("--png", metavar="PATH.png", help="write the mask (or tile map, or query's keys) as a PNG picture")
     p.add_argument("--tiles", action="store_true", help="draw tile classes: # full, + partial, . empty")
     p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis (implies --tiles)")
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis (implies --tiles)")
+    p.add_argument("--query", metavar="A,B,..", help="draw one query's keys on the grid instead: its coordinates, one "
+                   "per grid axis (a 3-D grid: one slice per frame); with --png a picture with axes and a legend")
+    p.add_argument("--json", action="store_true", help="print the mask (or tile map, or query's keys) as JSON")
     p = sub.add_parser("sim", help="predict the speedup bounds and the best tile schedules (recurrences: "
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     pattern_args(p)
@@ -676,12 +853,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p = sub.add_parser("cache", help="the kernel cache ($ATTNC_CACHE_DIR): ls or clear")
     p.add_argument("action", nargs="?", default="ls", choices=("ls", "clear"), help="ls (default) or clear")
-    p = sub.add_parser("emit", help="print the generated Triton kernel source")
-    pattern_args(p, n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N})", inputs=False)
+    p = sub.add_parser("emit", help="print the generated Triton kernel source (a recurrence: its Triton kernels)")
+    pattern_args(p, n_help=f"number of tokens of a seq layout (default {SHOW_DEFAULT_N}; with --arch or a "
+                 f"recurrence {CHECK_GPU_DEFAULT_N}, as check-gpu)", inputs=False)
     p.add_argument("--heads", type=int, default=1, help="number of heads (default 1)")
     p.add_argument("--q-tile", metavar="A,B,..", help="Q tile extents per axis")
     p.add_argument("--kv-tile", metavar="A,B,..", help="KV tile extents per axis")
-    p.add_argument("--gpu", action="store_true", help="the schedule a CUDA call would pick (default: the interpreter's)")
+    p.add_argument("--arch", metavar="90|sm_90", help="the kernels a CUDA call on this architecture launches, at "
+                   "the schedule the search picks for it (recorded offline as check-gpu does; no GPU needed); "
+                   "default: the interpreter's schedule")
+    p.add_argument("--ptx", action="store_true", help="with --arch: each kernel compiled offline, as PTX")
+    p.add_argument("--head-dim", type=int, default=128, help="head dimension (default 128): with --arch, the "
+                   "call's; else what sizes an input declared over dk")
+    p.add_argument("--dtype", default="fp16", help="with --arch: fp16, bf16 or fp32 (default fp16)")
+    p.add_argument("--gpu", nargs="?", const="", help=argparse.SUPPRESS)  # refused with a hint: see --arch
     p = sub.add_parser("check-gpu", help="compile the CUDA kernels of a pattern offline (no GPU) for sm_80/sm_90: "
                        "shared memory, registers, spills, tensor-core instructions; exit 1 on a problem")
     pattern_args(p, n_help=f"number of tokens of a seq layout (default {CHECK_GPU_DEFAULT_N})", inputs=False)
@@ -695,18 +880,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import contextlib
+    import io
+
+    args = None
+    out = io.StringIO()
     try:
         args = build_parser().parse_args(argv)
+        if args.version:
+            from ..core.version import __version__
+
+            print(f"attnc {__version__}")
+            return 0
         if args.command is None:
             build_parser().print_help()
             return 1
         handler = {"list": cmd_list, "check": cmd_check, "show": cmd_show, "sim": cmd_sim, "tune": cmd_tune,
                    "cache": cmd_cache, "emit": cmd_emit, "check-gpu": cmd_check_gpu}[args.command]
-        return handler(args)
+        if args.command == "tune":  # minutes of timing: its lines as they come
+            return handler(args)
+        # the output is written once the command succeeded: a note printed before an error would
+        # describe a result that never came (and --json's stdout stays one document)
+        with contextlib.redirect_stdout(out):
+            status = handler(args)
+        sys.stdout.write(out.getvalue())
+        return status
     except SpecError as err:
-        print(err.render(), file=sys.stderr)
+        from .words import cli_error
+
+        loaded = getattr(args, "loaded", None)
+        names = {d.name for d in getattr(loaded, "inputs", ())}
+        print(cli_error(err, names).render(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        sys.stdout.write(out.getvalue())  # what was done before the interrupt
         print("attnc: interrupted", file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -8,6 +8,10 @@ import sys
 
 from ..core.errors import SpecError
 
+#: Tokens of a seq layout for ``check-gpu`` and ``emit --arch`` without --n (the kernels bake sizes in; the
+#: schedule depends on n).
+CHECK_GPU_DEFAULT_N = 8192
+
 
 def key_values(items: list[str] | None, what: str, per_axis: bool = False) -> dict[str, object]:
     """``K=V,K=V`` (repeatable) as a dict. ``per_axis`` (``-p``): values after a ``K=V`` without
@@ -52,9 +56,9 @@ def key_values_raw(items: list[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:
         if "=" not in item:
-            raise SpecError(f"expected NAME=V1 V2 ..., got {item!r}", where="argument --input")
+            raise SpecError(f"expected NAME=V1,V2,.. or NAME=FILE.pt, got {item!r}", where="argument --input")
         key, value = item.split("=", 1)
-        out[key.strip()] = value.replace(",", " ")
+        out[key.strip()] = value
     return out
 
 
@@ -99,15 +103,22 @@ def load_args(args):
         text, filename = read_file(args.file)
         stdlib_name = None
     module = parse(text, filename)
-    return lower(module, pick(module, args.name, stdlib_name, option="--name"),
-                 key_values(args.param, "-p", per_axis=True))
+    pat = lower(module, pick(module, args.name, stdlib_name, option="--name"),
+                key_values(args.param, "-p", per_axis=True))
+    args.loaded = pat  # its input names turn an error's 'argument NAME' into '--input NAME' (cli_error)
+    return pat
 
 
-def int_sizes(items) -> dict[str, int]:
+def int_sizes(items, pat=None) -> dict[str, int]:
+    """``--sizes A=N,..``; with ``pat``, every name is one of its sizes (checked before anything is printed)."""
     sizes = key_values(items, "--sizes")
     for name, value in sizes.items():
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
+    if pat is not None:
+        from ..compiler.evaluate import check_size_names
+
+        check_size_names(pat, sizes)
     return sizes
 
 
@@ -119,7 +130,8 @@ def call_inputs(items) -> dict:
     import torch
 
     inputs = {}
-    for name, values in key_values_raw(items).items():
+    for name, given in key_values_raw(items).items():
+        values = given.strip()
         where = f"argument --input {name}"
         if values.strip().endswith((".pt", ".pth")) or os.path.isfile(values.strip()):
             path = values.strip()
@@ -141,11 +153,37 @@ def call_inputs(items) -> dict:
                 raise SpecError(f"{path} holds a {type(value).__name__}, not a tensor", where=where)
             inputs[name] = value
             continue
-        try:
-            inputs[name] = torch.tensor([literal(v, f"--input {name}") for v in values.split()])
-        except (TypeError, ValueError):
-            raise SpecError("expected numbers separated by spaces, or a .pt file", where=where) from None
+        inputs[name] = torch.tensor(input_values(values, name))
     return inputs
+
+
+def input_values(text: str, name: str) -> list:
+    """``V1,V2,..`` with ``V*COUNT`` for a run of COUNT equal values (``0*3000,1*5192``: two documents)."""
+    where = f"argument --input {name}"
+    expected = "expected numbers separated by commas (V*COUNT repeats V), or a .pt file"
+    out: list = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        value, star, count = part.partition("*")
+        try:
+            v = literal(value.strip(), f"--input {name}")
+        except SpecError:
+            raise SpecError(f"{expected}, got {part!r}", where=where) from None
+        if not star:
+            out.append(v)
+            continue
+        try:
+            times = int(count)
+        except ValueError:
+            times = 0
+        if times < 1:
+            raise SpecError(f"a run is VALUE*COUNT with COUNT a positive int, got {part!r}", where=where)
+        out.extend([v] * times)
+    if not out:
+        raise SpecError(f"{expected}, got {text!r}", where=where)
+    return out
 
 
 def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
@@ -160,6 +198,18 @@ def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
 
     # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
     missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None]
+    # an input the mask reads decides which pairs are computed, so the bound itself: a sample would
+    # invent its answer (a uniform draw of document ids makes thousands of one-token documents)
+    structural = [d for d in missing if d.name in mask_inputs(pat)]
+    if structural:
+        d = structural[0]
+        shape = ", ".join(map(str, d.dims))
+        n = args.n if args.n is not None and args.n > 1 else 1024
+        example = f"0*{n // 2},1*{n - n // 2}"
+        raise SpecError(f"'{pat.name}' reads input '{d.name}' ({d.dtype}[{shape}]) in its mask: the bounds depend "
+                        "on it, so it is not sampled", where=f"argument --input {d.name}",
+                        hint=f"give it, e.g. --input {d.name}={example} (V*COUNT repeats V; or V1,V2,..), or "
+                             f"--input {d.name}=FILE.pt")
     if not missing or not isinstance(pat, ir.PatternIR):
         return given
     bound = E.bind_sizes(pat, n=args.n, nk=args.nk, heads=args.heads, sizes=sizes or None, dk=args.head_dim)
@@ -178,6 +228,22 @@ def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
               f"pass --input {decl.name}=FILE.pt for your own",
               file=sys.stderr if getattr(args, "json", False) else sys.stdout)  # --json: stdout is JSON only
     return out
+
+
+def mask_inputs(pat) -> set[str]:
+    """The declared (not derived) inputs a pattern's mask reads (a combined pattern: any branch's)."""
+    import sympy
+
+    from ..compiler.evaluate import input_names
+    from ..core import ir
+
+    if isinstance(pat, ir.CombinedIR):
+        return set().union(*(mask_inputs(b.pattern) for b in pat.branches))
+    mask = getattr(pat, "mask", None)
+    if not isinstance(pat, ir.PatternIR) or not isinstance(mask, sympy.Basic):
+        return set()
+    declared = {d.name for d in pat.inputs if d.derived is None}
+    return set(input_names(mask)) & declared
 
 
 def pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of tokens of a seq layout",

@@ -382,8 +382,9 @@ RULE_COSTS: dict[str, RuleCost] = {
     "delta": RuleCost(delta_chunk_cost, note=(
         "the delta rule: fla's chunked WY form (per chunk K K^T, the triangular inverse, W and U, the state pass "
         "with W S, the output; the backward recomputes W, U and the states), compiler/recurrence_cost.py "
-        "delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel gates: none yet), its torch form "
-        "chunks of 64 (16 for per-channel gates)")),
+        "delta_kernels; attnc's Triton kernels run chunks of 64 (per-channel gates, KDA's: chunks of 64 in "
+        "sub-chunks of 16, runtime/recurrences/delta/triton_kda.py), its torch form chunks of 64 (16 for "
+        "per-channel gates)")),
     "titans": RuleCost(titans_chunk_cost, note=(
         "Titans' neural memory: attnc's Triton kernels (the chunk's terms and triangular solve, a sequential state "
         "pass, the output; backward: the state-free part of dW, a reverse state pass, dq/dk per value block, the "

@@ -293,6 +293,13 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
                         hint="available in this version: " + ", ".join(BACKENDS))
+    # A second apply would wrap attnc's processors and hooks in more of them (two grid hooks, a remove()
+    # that restores the first apply's processors): it is refused, and the first handle stays valid.
+    if any(isinstance(getattr(m, "processor", None), WanAttncProcessor | CogVideoXAttncProcessor)
+           for m in getattr(transformer, "modules", lambda: ())()):
+        raise SpecError(f"this {type(transformer).__name__} already runs an attnc pattern (apply was called on it "
+                        "before)", where="argument transformer",
+                        hint="call .remove() on the handle the first apply returned, then apply again")
     config = getattr(transformer, "config", None)
     if isinstance(transformer, WanTransformer3DModel):
         attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)

@@ -42,19 +42,52 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
   padding mask). On a GPU ``generate`` compiles the forward of a static cache
   (``mode="reduce-overhead"``): these host reads break the graph there
   (``disable_compile=True`` runs it eagerly).
-* HF's paged cache (continuous batching: ``generate_batch``,
-  ``cache_implementation="paged"``) cannot reach a registered attention function
-  in transformers 5.24: ``ContinuousBatchingManager.switch_to_cb_friendly_attn``
-  (``generation/continuous_batching/continuous_api.py``) raises ``ValueError``
-  for every implementation but ``"paged|eager"``, ``"sdpa"`` and names with
-  ``flash`` in them, and a name with ``flash`` is loaded as a flash-attention
-  kernel (``modeling_flash_attention_utils.lazy_import_flash_attention``, from
-  the hub for unknown names). The pages themselves (``block_table``, ``k_cache``,
-  ``v_cache``) reach only flash-attention 2/3 on CUDA or XPU
-  (``continuous_batching/initialization.py``); sdpa and eager get the pages
-  gathered into packed keys with a block-diagonal 4-D float mask. attnc's own
-  paged call (``attn(q, k_cache, v_cache, block_table=..., cache_seqlens=...)``)
-  serves callers that manage their pages themselves.
+* HF's paged cache (continuous batching: ``model.generate_batch(...)``,
+  ``generate(..., cache_implementation="paged")``). A registered name runs there
+  too, with no other step. What transformers 5.24 hands the layer on that path
+  (``generation/continuous_batching/``): one packed batch of every scheduled
+  request, q ``[1, H, total_q, D]``, k and v ``[1, Hkv, total_k, D]`` with
+  ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (int32 cumulative counts, one row per
+  request, prefill chunks beside single decode tokens), ``max_length_q`` /
+  ``max_length_k``, ``cache``, ``read_index`` / ``write_index`` and
+  ``block_table=None``, and no attention mask. Before the call the model's
+  ``cache.update`` has written the new keys and values into HF's pages
+  (``write_index``) and gathered each request's keys, oldest first, its present
+  ones last (``read_index``), into that packed k and v; HF's sliding layers keep a
+  request's last keys only (positions relative to them again). The pages
+  themselves (``block_table``, ``k_cache``, ``v_cache``) reach only flash-attention
+  2/3 on CUDA or XPU, so attnc serves the gathered keys: each request's queries are
+  the last of its keys (attnc's KV-cache rule). A batch whose rows have as many
+  queries as keys (a prefill of new requests, or padding-free packed training)
+  is one ``cu_seqlens=`` call; otherwise the gathered keys are read as a pool
+  of one-key pages (``[total_k, 1, Hkv, D]``, a view) and the rows with the same
+  query count (every decode row: one) share one paged call
+  (``block_table=`` each row's key offsets, ``cache_seqlens=`` its key count).
+  The offsets are read on the host once per layer call (and the paged call
+  reads its table and lengths), so the step cannot be captured in a CUDA graph:
+  HF leaves its graphs off by default for a name it does not know, and asking
+  for them (``use_cuda_graph=True``) is not supported; under HF's compile
+  (``default_compile_level``) the paged call is a graph break. Rows past
+  ``cu_seq_lens_q[-1]`` (padding) come out as zeros. The paged call is forward
+  only, so is this path's training use with keys beyond the queries.
+
+  The one hook: transformers 5.24 admits a model to continuous batching only
+  if its implementation is ``"paged|eager"``, ``"sdpa"`` or a name containing
+  ``flash`` (``ContinuousBatchingManager.switch_to_cb_friendly_attn``,
+  ``continuous_api.py``, called by the manager's ``__init__`` and again when
+  ``init_continuous_batching`` reuses a kept manager); anything else raises
+  ``ValueError``. ``paged|NAME`` does not route either: HF strips the prefix
+  and checks ``NAME``. A ``flash`` name is no way out, as HF then loads it as a
+  flash-attention kernel (``lazy_import_flash_attention``, from the hub for
+  names it does not know). So ``register`` wraps that public method once per
+  process: a model whose ``config._attn_implementation`` is a name registered
+  here is admitted as it is (nothing is switched or restored), every other
+  model goes to transformers' own method unchanged. The wrap reads only
+  ``model.config._attn_implementation``, as HF's method does; were the method
+  renamed, the wrap is skipped and HF's own error comes back. ``paged|NAME``
+  then works as ``NAME`` (HF strips the prefix with a deprecation warning).
+  An implementation that HF does not know gets neither its 4-D mask nor the
+  decode fast path, which is what this path wants.
 
 GQA (fewer key/value heads) is passed through natively. HF's ``[B, H, N, D]``
 query/key/value come in, ``[B, N, H, D]`` goes out. Not applied: HF's
@@ -65,6 +98,8 @@ or/and mask overlays and its packed-sequence detection from ``position_ids``
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 
 import sympy
@@ -211,13 +246,26 @@ class _Implementation:
         softcap: float | None = None,
         **kwargs,
     ):
-        """HF's attention-function signature: [B, H, N, D] in, ([B, N, H, D], None) out."""
+        """HF's attention-function signature: [B, H, N, D] in, ([B, N, H, D], None) out. With
+        ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (continuous batching, padding-free packing) q, k, v
+        are packed batches of one and each row is computed alone (``_packed``)."""
         if dropout and getattr(module, "training", False):
             raise SpecError(
                 f"attn_implementation={self.name!r} has no attention dropout (got {dropout})",
                 where="argument dropout",
                 hint="set the config's attention_dropout to 0",
             )
+        cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+        if cu_q is not None or cu_k is not None:  # continuous batching or padding-free packing
+            if attention_mask is not None:
+                raise SpecError(
+                    f"attn_implementation={self.name!r} takes a packed batch's rows from "
+                    "cu_seq_lens_q / cu_seq_lens_k, without an attention mask",
+                    where="argument attention_mask",
+                    hint="express any further condition in the pattern",
+                )
+            attn = self.module(False, sliding_window, None if softcap is None else float(softcap))
+            return self._packed(attn, query, key, value, cu_q, cu_k, scaling), None
         inputs = {}
         if attention_mask is not None:
             pad = self._key_padding(attention_mask, query, key)
@@ -229,6 +277,81 @@ class _Implementation:
         )
         out = attn(query, key, value, scale=scaling, **inputs)
         return out.transpose(1, 2).contiguous(), None
+
+    def _packed(self, attn: Attention, query, key, value, cu_q, cu_k, scaling) -> torch.Tensor:
+        """HF's packed batch (``[1, H, total, D]``; row r's queries ``cu_q[r]:cu_q[r + 1]``, the last
+        of its keys ``cu_k[r]:cu_k[r + 1]``) through attnc: one ``cu_seqlens=`` call when every row
+        has as many queries as keys, else one paged call per distinct query count, the packed keys
+        read as one-key pages. Returns ``[1, total_q, H, Dv]``."""
+        where = "argument cu_seq_lens_q"
+        for name, cu in (("cu_seq_lens_q", cu_q), ("cu_seq_lens_k", cu_k)):
+            if not (isinstance(cu, torch.Tensor) and cu.dim() == 1 and cu.numel() >= 1):
+                got = list(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+                raise SpecError(
+                    f"attn_implementation={self.name!r} takes {name} as a 1-D tensor of cumulative "
+                    f"counts, got {got}",
+                    where=f"argument {name}",
+                    hint="HF's paged cache selects the layer's counts in cache.update",
+                )
+        if query.shape[0] != 1 or key.shape[0] != 1:
+            raise SpecError(
+                f"a packed batch comes as a batch of 1, got q {list(query.shape)}, k {list(key.shape)}",
+                where=where,
+            )
+        q_off, k_off = cu_q.tolist(), cu_k.tolist()  # one host read each, every check below on them
+        total_q, total_k = query.shape[2], key.shape[2]
+        rows = len(q_off) - 1
+        if len(k_off) != len(q_off):
+            raise SpecError(
+                f"{rows} rows of queries but {len(k_off) - 1} of keys",
+                where="argument cu_seq_lens_k",
+            )
+        nq = [b - a for a, b in itertools.pairwise(q_off)]
+        nk = [b - a for a, b in itertools.pairwise(k_off)]
+        for r in range(rows):
+            if nq[r] < 0 or nk[r] < nq[r]:
+                raise SpecError(
+                    f"row {r} has {nq[r]} queries and {nk[r]} keys; the queries are the row's last "
+                    "keys, so 0 <= queries <= keys",
+                    where=where,
+                )
+        if q_off[0] != 0 or k_off[0] != 0 or q_off[-1] > total_q or k_off[-1] > total_k:
+            raise SpecError(
+                f"offsets [{q_off[0]} .. {q_off[-1]}] of queries and [{k_off[0]} .. {k_off[-1]}] of keys "
+                f"outside the packed {total_q} queries and {total_k} keys (they start at 0)",
+                where=where,
+            )
+        if q_off == k_off and q_off[-1] == total_q == total_k:  # as many queries as keys per row
+            out = attn(query, key, value, scale=scaling, cu_seqlens=cu_q)
+            return out.transpose(1, 2).contiguous()
+        # The packed keys as a pool of one-key pages: row r's key j is page k_off[r] + j.
+        k_pool, v_pool = (x[0].transpose(0, 1).unsqueeze(1) for x in (key, value))
+        out = query.new_zeros(1, query.shape[1], total_q, value.shape[3])
+        groups: dict[int, list[int]] = {}
+        for r in range(rows):
+            if nq[r]:
+                groups.setdefault(nq[r], []).append(r)
+        device = query.device
+        for n, members in sorted(groups.items()):
+            count, steps = len(members), torch.arange(n, device=device)
+            starts = torch.tensor([q_off[r] for r in members], device=device)
+            index = (starts[:, None] + steps).flatten()
+            gq = query[0].index_select(1, index).unflatten(1, (count, n)).transpose(0, 1)
+            longest = max(nk[r] for r in members)
+            first = torch.tensor([k_off[r] for r in members], device=device, dtype=torch.int32)
+            table = first[:, None] + torch.arange(longest, device=device, dtype=torch.int32)
+            seqlens = torch.tensor([nk[r] for r in members], device=device, dtype=torch.int32)
+            res = attn(
+                gq,
+                k_pool,
+                v_pool,
+                block_table=table,
+                cache_seqlens=seqlens,
+                scale=scaling,
+                layout="bhnd",
+            )
+            out[0].index_copy_(1, index, res.transpose(0, 1).flatten(1, 2))
+        return out.transpose(1, 2).contiguous()
 
     def _key_padding(self, mask, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """The keys' padding ``[B, keys]`` from the mask function's ``[B, 1, 1, keys]`` (``keys`` up to
@@ -294,6 +417,34 @@ def _padding_mask(
     return pad[:, None, None, :]
 
 
+# Names registered here: continuous batching admits the models that use them as they are.
+_NAMES: set[str] = set()
+
+
+def _admit_to_continuous_batching() -> None:
+    """Wrap ``ContinuousBatchingManager.switch_to_cb_friendly_attn`` (transformers 5.24) once so
+    that a model running a name registered here enters continuous batching unchanged; HF's own
+    method decides for every other model (see the module docstring)."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import (
+            ContinuousBatchingManager,
+        )
+    except ImportError:  # a transformers without continuous batching
+        return
+    original = getattr(ContinuousBatchingManager, "switch_to_cb_friendly_attn", None)
+    if original is None or getattr(original, "attnc_admits", False):
+        return
+
+    @functools.wraps(original)
+    def switch_to_cb_friendly_attn(self, model, *args, **kwargs):
+        if getattr(model.config, "_attn_implementation", None) in _NAMES:
+            return None  # an attnc name serves the packed batch itself: nothing to switch
+        return original(self, model, *args, **kwargs)
+
+    switch_to_cb_friendly_attn.attnc_admits = True
+    ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
+
+
 def register(name: str, pattern, *, backend: str = "auto", **params) -> str:
     """Register ``pattern`` as ``attn_implementation=name`` in transformers.
 
@@ -301,7 +452,8 @@ def register(name: str, pattern, *, backend: str = "auto", **params) -> str:
     inputs, a path, ``"stdlib:NAME"`` or spec text (keywords set its parameters).
     ``backend``: as in ``compile_attention``. Registers the attention function in
     ``AttentionInterface`` and the padding-mask function in
-    ``AttentionMaskInterface`` (both are needed for padding to reach the layers).
+    ``AttentionMaskInterface`` (both are needed for padding to reach the layers),
+    and admits the name to HF's continuous batching (``generate_batch``).
     Returns ``name``. See the module docstring for what each layer computes.
     """
     from transformers import AttentionInterface
@@ -318,4 +470,6 @@ def register(name: str, pattern, *, backend: str = "auto", **params) -> str:
     compile_attention(impl.base, backend=backend)
     AttentionInterface.register(name, impl.attention)
     AttentionMaskInterface.register(name, _padding_mask)
+    _NAMES.add(name)
+    _admit_to_continuous_batching()
     return name

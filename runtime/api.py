@@ -19,6 +19,7 @@ from .admission import admit, first_order
 from .checks import (
     WORK_BYTES_PER_PAIR,
     check_fits,
+    check_fla_reading,
     check_flag,
     check_qkv,
     check_state,
@@ -26,6 +27,7 @@ from .checks import (
     state_heads,
 )
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
+from .frontends.paged import DEFAULT_LAYOUT, UnnamedLayout, bind_qkv, refuse_new_tokens
 from .numerics import needs_grad, unnormalized_output
 from .plan import block_max, clusters, forms, given, kept_summary, routing
 from .plan.cache import PlanCache
@@ -144,8 +146,9 @@ class Attention(torch.nn.Module):
     vLLM's convention): k and v are paged KV caches ``[num_pages, page_size, Hkv, D]`` (also under
     ``"bnhd"``), row b's keys the first ``cache_seqlens[b]`` slots of its pages ``block_table[b]``
     (``[B, max_pages]``), its ``Nq`` queries the last of them (positions ``cache_seqlens[b] - Nq + i``);
-    forward only; eager under ``torch.compile`` (a graph break: not with ``fullgraph=True``;
-    ``runtime.frontends.paged``).
+    with no layout named, a q that reads both as ``[B, H, n, D]`` and as ``[B, n, H, D]`` is refused;
+    ``k=``, ``v=`` are appended into the pages first (flash_attn_with_kvcache's); forward only; eager
+    under ``torch.compile`` (a graph break: not with ``fullgraph=True``; ``runtime.frontends.paged``).
     ``key_summary=`` (an ``attnc.KeySummary``): a block route's key summaries (Quest's page bounds, MoBA's block
     means) kept across the decode steps of one sequence; a step summarises only the keys after the kept blocks,
     which must not change between calls (``runtime.plan.kept_summary``).
@@ -163,7 +166,9 @@ class Attention(torch.nn.Module):
         self._tiles = (q_tile, kv_tile)  # as given (a call with selection= runs a module of the same tiles)
         if isinstance(pattern, ir.PatternIR) and pattern.route is not None and not pattern.route.given:
             self._given_module()  # made here, not inside a torch.compile trace of a call with selection=
-        self._varlen_key = ops.register(self)  # cu_seqlens under torch.compile: attnc::varlen_attention
+        # the module's key in the ops' registry: attnc::varlen_attention (cu_seqlens) and attnc::score_scale
+        # (a `scale E` clause) find it by this key under torch.compile
+        self._varlen_key = ops.register(self)
         self._last_call: dict | None = None
 
     def __setstate__(self, state):
@@ -186,6 +191,25 @@ class Attention(torch.nn.Module):
         """``auto`` on CPU tensors: the ``auto.cpu.Choice`` of the latest call (modelled times, reason)."""
         return self.runner.last if self.auto else None
 
+    def warmup(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> str | None:
+        """One call ``attn(q, k, v, **kwargs)`` that pays the first call's costs now, before serving: plans,
+        and under ``backend="auto"`` on CPU tensors the compile of Flex's kernel for these shapes where Flex
+        is modelled faster (tens of seconds; otherwise ``auto`` compiles it mid-run, at the call where the
+        break-even rule says so). Call it as the serving calls will run (the same shapes, dtype and grad
+        mode: under ``torch.inference_mode()`` for inference). With
+        ``attnc.runtime.auto.cpu.COMPILE_COST_S = math.inf`` besides, ``auto`` never compiles mid-run:
+        shapes not warmed up stay on the executor. Returns the backend that ran (``chosen_backend``);
+        what ``auto`` chose and why is logged to the ``attnc.auto`` logger."""
+        policy = self.runner if self.auto and hasattr(self.runner, "compile_now") else None
+        if policy is not None:
+            policy.compile_now = True
+        try:
+            self(q, k, v, **kwargs)
+        finally:
+            if policy is not None:
+                policy.compile_now = False
+        return self.chosen_backend
+
     @property
     def schedule(self):
         """The TileSchedule of the latest call (None before the first call or on the reference backend)."""
@@ -195,9 +219,14 @@ class Attention(torch.nn.Module):
         """The simulator's prediction for the shapes of the latest call (``attnc.simulate``) on a hardware
         model (``hardware``) in ``dtype`` (bf16 or fp16): what the pattern can reach there, whatever
         device and dtype the call itself ran on."""
-        if self._last_call is None:
-            raise SpecError("call the module once first: the report is for the shapes of a call", where="report")
-        args = {**self._last_call, **kwargs}
+        last = self._last_call
+        if last is None:  # under torch.compile the call's shapes are known where its op ran
+            runners = [self.runner, *(r for r in vars(self.runner).values() if hasattr(r, "traced_call"))]
+            last = next((r.traced_call for r in runners if getattr(r, "traced_call", None) is not None), None)
+        if last is None:
+            raise SpecError("call the module once first (eagerly or compiled): the report is for the shapes of a "
+                            "call", where="report")
+        args = {**last, **kwargs}
         if self.schedule is not None and "q_tile" not in kwargs:
             args.update(q_tile=self.schedule.q_tile, kv_tile=self.schedule.kv_tile)
         if isinstance(self.pattern, ir.RecurrenceIR) and "q_tile" not in kwargs and self.runner.chunk is None:
@@ -214,9 +243,10 @@ class Attention(torch.nn.Module):
 
     def forward(
         self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        /,  # q=, k=, v= by keyword are bound by bind_qkv: k=, v= beside k, v are a paged call's new ones
         *,
         scale: float | None = None,
         return_lse: bool = False,
@@ -233,6 +263,7 @@ class Attention(torch.nn.Module):
         key_summary: kept_summary.KeySummary | None = None,
         **inputs,
     ):
+        q, k, v = bind_qkv(q, k, v, inputs)
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
         if key_summary is not None:  # the route's block summaries kept across decode steps (plan.kept_summary)
@@ -283,6 +314,9 @@ class Attention(torch.nn.Module):
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
                              return_state=return_state, sizes=sizes, inputs=inputs)
+        refuse_new_tokens(self.pattern, inputs)  # k=, v= without pages: named, not an unknown input
+        if isinstance(self.pattern, ir.RecurrenceIR) and isinstance(layout, UnnamedLayout):
+            check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens
         # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
         check_qkv(q, k, v, gva=getattr(self.pattern, "rule", None) == "delta")
@@ -390,7 +424,9 @@ class Attention(torch.nn.Module):
             scaled = self._score_scale(q, k.shape[2], all_sizes)
             q = (q.to(scaled.dtype) * scaled).to(q.dtype)  # in fp32 (fp64 for fp64 q), rounded once to q's dtype
         if initial_state is not None or return_state:
-            raise SpecError("only recurrences carry a state", where="argument initial_state")
+            raise SpecError(f"'{self.pattern.name}' is a softmax pattern: only recurrences carry a state",
+                            where="argument initial_state" if initial_state is not None else "argument return_state",
+                            hint="return_lse=True returns (out, lse)" if initial_state is None else None)
         weights = getattr(self.pattern, "weights", None)
         unnormalized = weights is not None and not weights.normalized  # its output needs the row sums (lse)
         if torch.compiler.is_compiling():
@@ -407,14 +443,22 @@ class Attention(torch.nn.Module):
         out = unnormalized_output(self.pattern, out, lse)  # weights not divided by their sum: times that sum
         return (out, lse) if return_lse else out
 
-    @torch.compiler.disable  # sympy binds the sizes: eager under torch.compile (a graph break)
     def _score_scale(self, q: torch.Tensor, Nk: int, all_sizes: dict) -> torch.Tensor:
         """The pattern's ``scale E`` at every query row and head of this call, ``[1, Hq, Nq, 1]`` on q's device
         in q's compute dtype (float32, float64 for float64 q): multiplied into q (the product rounded to q's
         dtype), it scales each query's dot products, on every backend and path, differentiably."""
         _, Hq, Nq, D = q.shape
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        key = (Nq, Nk, Hq, D, tuple(sorted(all_sizes.items())), q.device, dtype)
+        if torch.compiler.is_compiling():  # sympy binds the sizes: inside a custom op (fullgraph traces)
+            from .ops.score_scale import score_scale
+
+            return score_scale(self._varlen_key, Nq, Nk, Hq, D, ops.encode_sizes(all_sizes), q.device, dtype)
+        return self._score_scale_of(Nq, Nk, Hq, D, all_sizes, q.device, dtype)
+
+    def _score_scale_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict, device: torch.device,
+                        dtype: torch.dtype) -> torch.Tensor:
+        """``_score_scale`` of these sizes, checked and cached per sizes (``attnc::score_scale`` runs it)."""
+        key = (Nq, Nk, Hq, D, tuple(sorted(all_sizes.items())), device, dtype)
         cache = self.__dict__.setdefault("_score_scales", PlanCache(BOUND_CACHE_SIZE))
         if key in cache:
             return cache[key]
@@ -428,7 +472,7 @@ class Attention(torch.nn.Module):
                             f"{float(host[bad[0].unbind()])} at query {row + bound.q_offset} (head {h}): it must be a "
                             "finite number at every query",
                             where="argument q", hint="keep the scale finite (log(q + 1), not log(q))")
-        made = host if q.device.type == "cpu" else self._score_scale_values(bound, Hq, Nq, q.device)
+        made = host if device.type == "cpu" else self._score_scale_values(bound, Hq, Nq, device)
         value = cache[key] = made.to(dtype)
         return value
 
@@ -502,23 +546,27 @@ class Attention(torch.nn.Module):
         self._last_call = {"n": Nq, "heads": Hq, "head_dim": D, "batch": B, "q_tile": chunk}
         return (out, state) if return_state else out
 
-    def step(self, q, k, v, state=None, *, scale: float | None = None, **inputs):
+    def step(self, q, k, v, state=None, *, scale: float | None = None, layout: str | None = None, **inputs):
         """One decoding step of a recurrence (the recurrent form, for inference loops):
         ``o_t, state = attn.step(q_t, k_t, v_t, state, **gates)``.
 
-        ``q_t`` ``[B, Hq, Dk]`` (or ``[B, Hq, 1, Dk]``), ``k_t`` ``[B, Hkv, Dk]``, ``v_t`` ``[B, Hkv, Dv]``
-        (q's rank); ``state`` ``[B, Hq, Dk, Dv]`` (None: zeros, e.g. the first token; or the final state
-        of a forward with ``return_state=True``); call-time gates for this token with their declared
-        shape at n = 1 (``g[..., t:t+1]`` of a ``[heads, n]`` input). Returns ``(o_t, new_state)``:
-        ``o_t`` like q with Dv, the state in float32 (float64 for float64 inputs). Differentiable."""
+        ``q_t`` ``[B, Hq, Dk]``, or with a token axis of 1 where the layout puts it (``[B, Hq, 1, Dk]``;
+        ``[B, 1, Hq, Dk]`` under ``layout="bnhd"``, fla's decoding shape), ``k_t`` ``[B, Hkv, Dk]``, ``v_t``
+        ``[B, Hkv, Dv]`` (q's form); ``state`` ``[B, Hq, Dk, Dv]`` in both layouts (None: zeros, e.g. the first
+        token; or the final state of a forward with ``return_state=True``); call-time gates for this token in
+        the same form: ``[B, Hq, 1(, Dk)]`` (``g[:, :, t:t+1]`` of a ``[B, heads, n]`` input), ``[B, 1, Hq(, Dk)]``
+        under ``"bnhd"`` (fla's ``g[:, t:t+1]``), or ``[B, Hq(, Dk)]`` in both (the batch optional). ``layout``
+        defaults to the module's. Returns ``(o_t, new_state)``: ``o_t`` in q's form with Dv, the state in
+        float32 (float64 for float64 inputs). Differentiable."""
         if not isinstance(self.pattern, ir.RecurrenceIR):
             raise SpecError(f"'{self.pattern.name}' is a softmax pattern: step() is for recurrences",
                             where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
         from .recurrences import runner as recurrence
 
+        layout = self.layout if layout is None else check_layout(layout)
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")
-        return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs)
+        return recurrence.decode_step(self.pattern, self.sizes, q, k, v, state, scale, inputs, layout)
 
 
 @contextlib.contextmanager
@@ -542,7 +590,7 @@ def compile_attention(
     name: str | None = None,
     q_tile=None,
     kv_tile=None,
-    layout: str = "bhnd",
+    layout: str = DEFAULT_LAYOUT,  # "bhnd", but not named: a paged call refuses a q it can read both ways
     **params,
 ) -> Attention:
     """Compile a pattern or recurrence into a differentiable ``torch.nn.Module``.
@@ -569,7 +617,11 @@ def compile_attention(
     ``layout``: ``"bhnd"`` (``[B, H, N, D]``) or ``"bnhd"`` (``[B, N, H, D]``, and
     ``[B, *spatial, H, D]`` on a grid, whose extents then give the sizes): the
     default of every call (a call may pass its own); results come back in it
-    (``runtime.frontends.layouts``; ``step`` always takes ``[B, H, D]``).
+    (``runtime.frontends.layouts``; ``step`` takes ``[B, H, D]`` or the layout's one-token form).
+    Not given, it is ``"bhnd"``, except that a recurrence's call that names no layout either is refused
+    where its q reads as more heads than tokens (more than one token), as flash-linear-attention's
+    ``[B, T, H, K]`` tensors read (fla's layout is ``"bnhd"``), or where its ``initial_state`` has as many
+    heads as q has tokens (``checks.check_fla_reading``): naming the layout runs it.
     """
     check_layout(layout)
     check_backend(backend)

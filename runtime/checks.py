@@ -86,7 +86,9 @@ def check_qkv(q, k, v, gva: bool = False) -> None:
         if t.is_meta:  # no data: a kernel would read uninitialised memory
             raise SpecError("a meta tensor holds no data", where=f"argument {name}",
                             hint="pass a tensor on the CPU or a CUDA device")
-        for axis, what in ((1, "heads"), (3, "head dim")):
+        # zero tokens are refused here, before any input is derived from q and k (a landmark table, a
+        # vertical-slash selection): every pattern then gives this one error (an empty batch runs)
+        for axis, what in ((1, "heads"), (2, "tokens"), (3, "head dim")):
             if t.shape[axis] == 0:
                 raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
     for name, t in (("k", k), ("v", v)):
@@ -137,3 +139,30 @@ def check_state(state, q: torch.Tensor, where: str, want: tuple | None = None) -
         raise SpecError(f"{where} is {state.dtype} but q is {q.dtype}: the state would carry fewer bits than the "
                         "inputs (a call returns its state in float32, float64 for float64 inputs)",
                         where=f"argument {where}", hint=f"pass the state a {q.dtype} call returned, or convert it")
+
+
+FLA_HINT = ("flash-linear-attention's q, k, v and gates are [B, T, H, K] and [B, T, H]: pass layout='bnhd' (to "
+            "compile_attention or the call); for [B, H, T, K] tensors, pass layout='bhnd'")
+
+
+def check_fla_reading(q, v, initial_state) -> None:
+    """A recurrence's call under a layout named nowhere (read as ``"bhnd"``): refuse q, v that read as fla's
+    ``[B, T, H, K]`` tensors, which would otherwise run silently as T heads of H tokens (every shape
+    fits both readings when q, k and v share their heads). The state's heads, the same in both layouts,
+    decide where it is given: as many as q's heads runs, as many as q's tokens (v's, under GVA) is
+    refused. Without a state, q reading as more heads than tokens (and more than one token) is refused:
+    a prefill's tokens outnumber its heads, while fla's tensors read the other way. One token (a
+    decoding step as a forward) is not refused."""
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, v)):
+        return  # check_qkv names it
+    heads, tokens = state_heads(q, v), q.shape[2]
+    shape = f"q {list(q.shape)} reads as [B, H, N, D] (layout 'bhnd', the default)"
+    if isinstance(initial_state, torch.Tensor) and initial_state.dim() == 4:
+        given = initial_state.shape[1]
+        if given != heads and given == max(tokens, v.shape[2]):
+            raise SpecError(f"{shape}: {heads} heads of {tokens} tokens, but initial_state "
+                            f"{list(initial_state.shape)} has {given} heads", where="argument q", hint=FLA_HINT)
+        return
+    if q.shape[1] > tokens > 1:
+        raise SpecError(f"{shape}: {q.shape[1]} heads of {tokens} tokens, which is how fla's [B, T, H, K] "
+                        "tensors read in it", where="argument q", hint=FLA_HINT)

@@ -185,7 +185,8 @@ class CombinedAttention(torch.nn.Module):
             raise SpecError(f"'{name}' sums several attentions: it has no single log-sum-exp", where="argument return_lse",
                             hint="a pattern merging its branches with 'combine softmax(...)' returns theirs")
         if initial_state is not None or return_state:
-            raise SpecError("only recurrences carry a state", where="argument initial_state")
+            raise SpecError("only recurrences carry a state",
+                            where="argument initial_state" if initial_state is not None else "argument return_state")
 
     def _inputs(self, q: torch.Tensor, nk: int, inputs: dict, bnhd: bool) -> tuple[dict, dict]:
         """(gates ``[B | ..., heads, n]`` checked, the branches' inputs) in attnc's layout: under bnhd an input
@@ -228,11 +229,15 @@ class CombinedAttention(torch.nn.Module):
         return gates, own
 
     @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+    def forward(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
+                v: torch.Tensor | None = None, /, *, scale: float | None = None,
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                 key_summary=None, **inputs) -> torch.Tensor:
+        from .frontends.paged import bind_qkv
+
+        q, k, v = bind_qkv(q, k, v, inputs)  # keyword q, k, v; k=, v= beside k, v: a paged call's new ones
         self._refuse(return_lse, initial_state, return_state, key_summary)
         layout = self.layout if layout is None else check_layout(layout)
         if block_table is not None or cache_seqlens is not None:  # paged KV caches: rows gathered per length

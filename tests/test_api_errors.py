@@ -405,3 +405,79 @@ def test_a_mask_needs_only_the_inputs_the_mask_reads():
                 "missing input 'doc'")
     _spec_error(lambda: attnc.compile_attention(spec, backend="reference")(*_qkv(N=6)), "argument rpb",
                 "missing input 'rpb'")  # the attention itself reads it
+
+
+# ------------------------------------------------------------------ issue 58: zero queries, foreign keywords
+def _stdlib_names() -> list[str]:
+    from attnc.spec.library import stdlib_index
+
+    return sorted(stdlib_index())
+
+
+#: parameters without defaults of stdlib patterns
+_REQUIRED_PARAMS = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}, "seer": {"topk": 2}}
+
+
+@pytest.mark.parametrize("name", _stdlib_names())
+def test_zero_queries_give_one_spec_error_on_every_stdlib_pattern(name):
+    """Zero queries are refused as q's before any input is derived from q and k (landmark's gate table
+    raised torch's ValueError from torch.cat, vertical_slash's selection a ZeroDivisionError)."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="cpu", **_REQUIRED_PARAMS.get(name, {}))
+    q = torch.randn(1, 2, 0, 4)
+    err = _spec_error(lambda: attn(q, q, q), "argument q", "has tokens 0")
+    assert "[1, 2, 0, 4]" in str(err)
+
+
+def test_zero_keys_are_refused_as_k():
+    attn = attnc.compile_attention("stdlib:landmark", backend="cpu")
+    q, k, v = _qkv(N=8)
+    _spec_error(lambda: attn(q, k[:, :, :0], v[:, :, :0]), "argument k", "has tokens 0")
+
+
+@pytest.mark.parametrize("keyword, value, says", [
+    ("output_final_state", True, "return_state=True"),              # fla
+    ("head_first", False, "layout='bnhd'"),
+    ("use_qk_l2norm_in_kernel", True, "qk_l2norm=True"),
+    ("block_mask", None, "attnc builds its masks from the pattern"),  # FlexAttention
+    ("score_mod", None, "'bias ...'"),
+    ("attn_mask", None, "write the mask in the .attn"),              # SDPA
+    ("is_causal", True, "causality is part of the pattern"),
+    ("enable_gqa", True, "GQA is automatic"),
+    ("dropout_p", 0.0, "no attention dropout"),
+    ("softmax_scale", 0.5, "scale="),                               # flash-attn
+    ("causal", True, "causality is part of the pattern"),
+    ("window_size", (4, 0), "stdlib:sliding_window"),
+    ("return_softmax_lse", True, "return_lse=True"),
+    ("cu_seqlens_q", None, "cu_seqlens="),
+    ("attention_mask", None, "write the mask in the .attn"),        # HuggingFace
+    ("scaling", 0.5, "scale="),
+])
+def test_keywords_of_other_attention_apis_say_the_attnc_way(keyword, value, says):
+    """A keyword of fla, Flex, SDPA, flash-attn or HuggingFace: its attnc equivalent, not the nearest attnc
+    keyword (``block_mask`` suggested ``block_table``) or 'this pattern takes no inputs'."""
+    from attnc.compiler.evaluate import FOREIGN_KEYWORDS
+
+    source = "stdlib:gated_delta_net" if keyword in ("output_final_state", "head_first",
+                                                     "use_qk_l2norm_in_kernel") else "stdlib:sliding_window"
+    attn = attnc.compile_attention(source, backend="cpu")
+    q, k, v = _qkv(H=4, N=8)
+    gates = {"g": -torch.rand(1, 4, 8), "beta": torch.rand(1, 4, 8)} if "delta" in source else {}
+    err = _spec_error(lambda: attn(q, k, v, **gates, **{keyword: value}), f"argument {keyword}")
+    assert err.hint == f"'{keyword}' is not an attnc keyword: {FOREIGN_KEYWORDS[keyword]}"
+    assert says in err.hint
+
+
+def test_a_pattern_parameter_named_like_a_foreign_keyword_is_named_as_the_parameter():
+    attn = attnc.compile_attention("stdlib:softplus", backend="cpu")
+    err = _spec_error(lambda: attn(*_qkv(), is_causal=False), "argument is_causal")
+    assert "parameter of the pattern" in err.hint and "compile_attention(..., is_causal=...)" in err.hint
+
+
+@pytest.mark.parametrize("source", ["stdlib:sliding_window", "stdlib:nsa"])
+def test_return_state_on_a_softmax_pattern_names_return_state(source):
+    attn = attnc.compile_attention(source, backend="cpu")
+    q, k, v = _qkv(N=8)
+    gates = {name: torch.rand(2, 8) for name in ("g_slc", "g_cmp", "g_swa")} if "nsa" in source else {}
+    _spec_error(lambda: attn(q, k, v, return_state=True, **gates), "argument return_state", "only recurrences")
+    _spec_error(lambda: attn(q, k, v, initial_state=torch.zeros(1, 2, 4, 4), **gates), "argument initial_state",
+                "only recurrences")

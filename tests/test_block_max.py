@@ -140,3 +140,46 @@ def test_triton_refuses_what_it_does_not_pool():
         attn(q[:, :, -3:], k, v, return_block_max=8)
     with pytest.raises(attnc.SpecError, match="neither holds whole KV tiles of 16 nor divides one"):
         attn(q, k, v, return_block_max=24)
+
+
+#: What the guard around the triton forward's buffer of row maxima holds: no score maximum is this.
+SENTINEL = 12345.0
+
+
+@pytest.mark.parametrize("n,kv_tile,size", [
+    (9, None, 3), (12, None, 4), (24, None, 8), (40, None, 8),  # one KV tile of n keys, a power-of-two group
+    (40, None, 40), (40, None, 80), (24, None, 12), (12, None, 6),  # a group of another size
+    (70, 24, 8), (70, 24, 12), (70, 24, 48), (70, 40, 8), (70, 40, 20),  # several KV tiles that are no power of two
+])
+def test_triton_stores_only_the_kv_tiles_groups(monkeypatch, n, kv_tile, size):
+    """A KV tile that is not a power of two is padded to BLOCK_N slots: the forward stores the maxima of the tile's
+    own groups of keys and nothing for its padding. The buffer is lent from inside a larger sentinel-filled tensor
+    (rows twice as wide, a row more), so that a store past a row or past the buffer lands there, where it is seen,
+    rather than in memory the process does not own."""
+    from attnc.runtime.backends.triton import forward as triton_forward
+
+    rooms = []
+    make = triton_forward._row_maxima
+
+    def guarded(launch, size, B, Hq, rows, device):
+        buf, meta = make(launch, size, B, Hq, rows, device)
+        room = torch.full((B, Hq, rows + 1, 2 * buf.shape[-1] + 8), SENTINEL, dtype=buf.dtype, device=device)
+        view = room[:, :, :rows, :buf.shape[-1]]
+        view.copy_(buf)
+        rooms.append((room, view))
+        return view, meta
+
+    monkeypatch.setattr(triton_forward, "_row_maxima", guarded)
+    q, k, v = _qkv(n + size, B=1, H=2, Hkv=1, n=n, d=16)
+    attn = attnc.compile_attention(WINDOW, window=n // 2 + 3, backend="triton", kv_tile=kv_tile)
+    _, pooled = attn(q.float(), k.float(), v.float(), return_block_max=size)
+    _, want = attnc.compile_attention(WINDOW, window=n // 2 + 3, backend="reference")(q, k, v, return_block_max=size)
+    assert len(rooms) == 1
+    room, view = rooms[0]
+    outside = torch.ones_like(room, dtype=torch.bool)
+    outside[:, :, :view.shape[2], :view.shape[3]] = False
+    assert bool((room[outside] == SENTINEL).all()), "the forward stored past its buffer of row maxima"
+    assert pooled.shape == want.shape
+    torch.testing.assert_close(pooled.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(want, dense_block_max(q, k, _window(n, window=n // 2 + 3), size), rtol=1e-12,
+                               atol=1e-12)

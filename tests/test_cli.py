@@ -11,6 +11,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 import attnc
 from attnc import cli
@@ -381,13 +382,30 @@ def test_cache_dir_of_an_unknown_user(capsys, monkeypatch):
     assert err.startswith("ATTNC_CACHE_DIR: error: cannot expand '~nosuchuser_attnc/x'")
 
 
-def test_emit_gpu_without_cuda(capsys, files, monkeypatch):
-    import torch
+def test_emit_gpu_is_refused_for_arch(capsys, files):
+    """``--gpu`` names a GPU model elsewhere (sim); emit takes an architecture and says so."""
+    for argv in (["--gpu"], ["--gpu", "h100"]):
+        code, out, err = run(capsys, "emit", str(files["ok.attn"]), *argv)
+        assert code == 1 and out == ""
+        assert err.startswith("argument --gpu: error: emit takes the architecture") and "--arch 90" in err
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    code, out, err = run(capsys, "emit", str(files["ok.attn"]), "--gpu")
-    assert code == 1 and out == ""
-    assert "no CUDA GPU is available" in err
+
+@pytest.mark.parametrize("name,param,inputs", [
+    ("music_relative", ("max_relative", 24), lambda g: {"E": torch.randn(2, 24, 16, generator=g)}),
+    ("cluster_mask", ("clusters", 3), lambda g: {"centroids": torch.randn(2, 3, 16, generator=g)}),
+])
+def test_emit_a_pattern_with_an_input_over_the_head_dim(capsys, name, param, inputs):
+    """An input declared over ``dk`` (music_relative's E, cluster_mask's centroids) is sized by --head-dim: emit
+    prints the very module a call with that head dim runs (it ended in "Cannot convert symbols to int")."""
+    code, out, err = run(capsys, "emit", f"stdlib:{name}", "-p", f"{param[0]}={param[1]}", "--n", "40",
+                         "--heads", "2", "--head-dim", "16")
+    assert code == 0 and err == ""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **{param[0]: param[1]})
+    attn(q, k, v, **inputs(g))
+    assert "def attnc_fwd(" in out
+    assert out == attn.runner.last_source
 
 
 # ----------------------------------------------------------------- issue 9: smaller ones
@@ -447,10 +465,10 @@ def test_sim_samples_missing_inputs_and_reads_tensor_files(tmp_path, capsys):
 
     from attnc.cli import main
 
-    assert main(["sim", "stdlib:document", "--n", "512"]) == 0
+    assert main(["sim", "stdlib:dma", "--n", "512"]) == 0  # read by its route only: sampled
     out = capsys.readouterr().out
-    assert "input 'doc' not given: simulated with a sample of sorted uniform ints in [0, 512)" in out
-    assert main(["sim", "stdlib:document", "--n", "512", "--json"]) == 0
+    assert "input 'importance' not given: simulated with a sample of standard normal floats" in out
+    assert main(["sim", "stdlib:dma", "--n", "512", "--json"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n"] == 512 and "not given" in captured.err
     path = tmp_path / "g.pt"

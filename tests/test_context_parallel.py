@@ -365,5 +365,5 @@ def test_sim_ranks_reads_the_call_time_inputs_of_the_mask(capsys):
     # one document: rank 1's queries read rank 0's keys, which sends its k and v shard (bf16) once
     shard = 2 * 2 * 64 * (n // 2) * 2
     assert ring(doc, {"doc": torch.zeros(n, dtype=torch.long)}) == ([shard, 0], [[1, 0], [1, 1]])
-    assert main(["sim", "stdlib:document", "--n", "4096", "--ranks", "2"]) == 0
+    assert main(["sim", "stdlib:document", "--n", "4096", "--ranks", "2", "--input", "doc=0*2048,1*2048"]) == 0
     assert "context parallel: 'document' over 2 ranks" in capsys.readouterr().out

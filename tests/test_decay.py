@@ -131,6 +131,7 @@ def test_fox_attention_float32_accuracy_long(backend):
     torch.testing.assert_close(out.to(F64), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.versions
 def test_fox_triton_float32_accuracy_large_gates():
     # the same effect at interpreter size: gates of -1e4 every 8 tokens put the prefix sums near -8e4
     n = 64
@@ -210,6 +211,7 @@ def test_recurrence_reset_gates_weight_zero(backend, kind):
     _check_recurrence(spec, q, k, v, S0, g, backend, 2e-5 if dtype == torch.float32 else 1e-9, C=16)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_recurrence_head_gate_of_minus_inf(backend):
     # a constant head gate of -inf (log(1 - 2^-h) at h = 0): the state keeps only the current token

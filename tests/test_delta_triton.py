@@ -104,6 +104,7 @@ def test_triton_equals_naive_forward_state_and_every_gradient(
     assert_all_close(got, want, 1e-10)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", RULES)
 def test_default_chunk_of_64_with_a_partial_chunk_gqa_and_initial_state(name):
     # 70 tokens: one full chunk of 64 and one of 6; 4 query heads on 2 kv heads; batch 2
@@ -132,6 +133,7 @@ def test_strong_gates_stay_finite_and_exact():
     assert_all_close(got, want, 1e-10)
 
 
+@pytest.mark.versions
 def test_hard_resets_are_exact():
     # gates of -inf (the state cleared before the token's update): at t = 0, a chunk's first and last token, twice
     # in a row and twice in a chunk; outputs, final state and every gradient as the reference's, 0 for those gates
@@ -165,6 +167,7 @@ def test_float32_within_its_rounding(name):
     assert max(_relative_errors(got, want)) < 5e-6
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", RULES)
 def test_bf16_within_its_rounding(name):
     # bf16 inputs against float64 on the same bf16 values. The tensor cores' operands are bf16 (8 bits, 4e-3
@@ -185,6 +188,7 @@ def test_bf16_within_its_rounding(name):
 
 
 # ----------------------------------------------------------------- packed sequences, refusals, source
+@pytest.mark.versions
 def test_packed_sequences_equal_separate_calls():
     q, k, v, inputs, _ = make("gated_delta_net", 1, 2, 30, 8, 8, seed=16)
     attn = attnc.compile_attention("stdlib:gated_delta_net", backend="triton", q_tile=16)
@@ -242,6 +246,7 @@ def test_kda_triton_equals_naive_forward_state_and_every_gradient(T, chunk, dims
     assert_all_close(got, want, 1e-10)
 
 
+@pytest.mark.versions
 def test_kda_default_chunk_of_64_with_a_partial_chunk_gqa_and_initial_state():
     # 70 tokens: a chunk of 64 (four sub-chunks of 16) and one of 6; 2 query heads on 1 kv head
     q, k, v, inputs, s0 = make("kda", 1, 2, 70, 16, 8, seed=21, kv_heads=1)
@@ -250,6 +255,7 @@ def test_kda_default_chunk_of_64_with_a_partial_chunk_gqa_and_initial_state():
     assert_all_close(got, want, 1e-10)
 
 
+@pytest.mark.versions
 def test_kda_strong_gates_and_hard_resets_are_exact():
     # head 0: log gates down to -30 per token and channel (an exp(+b) of a cumulative gate on its own would
     # overflow); both heads: gates of -inf (a key channel's row of the state cleared), whole tokens at a chunk's
@@ -269,6 +275,7 @@ def test_kda_strong_gates_and_hard_resets_are_exact():
     assert (got[2][-1][torch.isneginf(g)] == 0).all()
 
 
+@pytest.mark.versions
 def test_kda_float32_and_bf16_within_their_rounding():
     # as the gated rule's tests, against float64 on the same values: fp32 exact products (seen <= 3.7e-7 relative
     # to each tensor's largest entry here; <= 7.4e-7 at 70 tokens in chunks of 64, seeds 23-25); bf16 tensor-core

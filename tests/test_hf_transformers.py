@@ -317,18 +317,6 @@ def test_static_cache_generate_gemma2_matches_dense64():
     assert torch.equal(ours, _generate(model, "attnc_causal", ids, mask, 6))
 
 
-def test_paged_generation_cannot_reach_a_registered_implementation():
-    """transformers 5.24's paged cache (continuous batching) admits only "paged|eager", "sdpa" and
-    flash implementations (``ContinuousBatchingManager.switch_to_cb_friendly_attn``), as README's HF
-    section says. Should this pass a registered name through, wire its pages to attnc's paged call."""
-    model = _model("llama", dtype=torch.float32)
-    model.set_attn_implementation("attnc_causal")
-    ids, _ = _batch([4, 4], 4, left=False)
-    with pytest.raises(ValueError, match="attnc_causal is not supported for continuous batching"):
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=2, do_sample=False, cache_implementation="paged")
-
-
 def test_refusals(monkeypatch):
     with pytest.raises(attnc.SpecError, match="argument name"):
         hf.register("sdpa", CAUSAL)

@@ -141,15 +141,15 @@ def test_paged_kv_caches(name):
     seqlens = torch.tensor(lengths, dtype=torch.int32)
     if name in NO_CACHE:
         with pytest.raises(attnc.SpecError, match="not supported") as err:
-            attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
+            attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, layout="bhnd", **inputs)
         assert err.value.where == "argument k"
         return
     if name in GIVEN_BLOCK_SCORES:
         with pytest.raises(attnc.SpecError, match="not with packed sequences or paged caches") as err:
-            attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
+            attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, layout="bhnd", **inputs)
         assert err.value.where == "argument block_table"
         return
-    got = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **inputs)
+    got = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, layout="bhnd", **inputs)
     for b, length in enumerate(lengths):
         ids = table[b, :reach[b]].long()
         k_b = k_cache[ids].flatten(0, 1)[:length].transpose(0, 1)[None]

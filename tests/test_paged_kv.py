@@ -207,8 +207,9 @@ def test_gates_over_the_whole_sequence_and_a_value_dim_of_its_own():
 
 
 def test_whole_rows_of_queries_and_an_empty_batch():
-    """cache_seqlens == n (no earlier keys: the ordinary call) and a batch of 0 rows."""
-    attn = compile_attention("stdlib:sliding_window", backend="cpu", window=4)
+    """cache_seqlens == n (no earlier keys: the ordinary call) and a batch of 0 rows (q [B, 4, 6, D] reads
+    both ways beside 2 K/V heads: the layout is named)."""
+    attn = compile_attention("stdlib:sliding_window", backend="cpu", layout="bhnd", window=4)
     k_cache, v_cache, table, seqlens, rows = paged_cache((6, 6), 4)
     q = torch.randn(2, HQ, 6, D, generator=_gen(6), dtype=torch.float64)
     out = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens)
@@ -253,8 +254,10 @@ def test_refusals_of_the_routes_are_the_contiguous_calls():
     q = torch.randn(2, HQ, 2, D, generator=_gen(9), dtype=torch.float64)
     k_b, v_b = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
     for attn in (
-        compile_attention("stdlib:xattention", backend="reference", block=4, stride=2),
-        compile_attention("stdlib:xattention", backend="flex", block=4, stride=2),
+        compile_attention(
+            "stdlib:xattention", backend="reference", layout="bhnd", block=4, stride=2
+        ),
+        compile_attention("stdlib:xattention", backend="flex", layout="bhnd", block=4, stride=2),
     ):
         paged = _error(attn, q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens)
         plain = _error(attn, q, k_b, v_b)
@@ -426,14 +429,27 @@ def test_nsa_rows_equal_their_contiguous_decode(backend):
     k_cache, v_cache, table, seqlens, rows = paged_cache(lengths, 4, dtype=dtype, seed=3)
     g = _gen(4)
     q = torch.randn(len(lengths), HQ, n, D, generator=g, dtype=dtype)
-    gates = {name: torch.rand(len(lengths), HQ, n, generator=g, dtype=dtype) for name in ("g_cmp", "g_slc", "g_swa")}
+    gates = {
+        name: torch.rand(len(lengths), HQ, n, generator=g, dtype=dtype)
+        for name in ("g_cmp", "g_slc", "g_swa")
+    }
     kw = {"block": 4, "selected": 3, "window": 5}
-    attn = compile_attention("stdlib:nsa", backend=backend, q_tile=16, kv_tile=16, **kw)
+    attn = compile_attention(
+        "stdlib:nsa", backend=backend, q_tile=16, kv_tile=16, layout="bhnd", **kw
+    )
     ref = compile_attention("stdlib:nsa", backend="reference", **kw)
     with torch.no_grad():
         got = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, **gates)
         for b, (k_b, v_b) in enumerate(rows):
-            want = ref(q[b:b + 1].double(), k_b.double(), v_b.double(),
-                       **{name: t[b:b + 1].double() for name, t in gates.items()})
-            tol = {"rtol": 2e-5, "atol": 2e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
-            torch.testing.assert_close(got[b:b + 1], want.to(dtype), **tol)
+            want = ref(
+                q[b : b + 1].double(),
+                k_b.double(),
+                v_b.double(),
+                **{name: t[b : b + 1].double() for name, t in gates.items()},
+            )
+            tol = (
+                {"rtol": 2e-5, "atol": 2e-5}
+                if dtype == torch.float32
+                else {"rtol": 1e-12, "atol": 1e-12}
+            )
+            torch.testing.assert_close(got[b : b + 1], want.to(dtype), **tol)

@@ -211,6 +211,7 @@ def test_backward_memory_is_linear_in_tokens():
 
 
 # ----------------------------------------------------------------- Triton kernels (interpreter)
+@pytest.mark.versions
 @pytest.mark.parametrize("name", list(SPECS))
 def test_triton_matches_loop(name):
     # 37 tokens (not a multiple of 16 or 32), GQA, Dk != Dv, chunk 32 (vector gates run chunks of
@@ -239,6 +240,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(triton_recurrence, "VECTOR_BLOCK", 16)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", ["retention", "mamba2", "gla"])
 def test_triton_blocked_kernels_match_loop_float64(name, small_blocks):
     # two Dk and two Dv blocks, GQA (2 query heads on 1 kv head), 40 tokens in chunks of 32 (16 for GLA),
@@ -271,6 +273,7 @@ def _assert_bf16_close(cases, what):
         assert err <= 2e-2 * max(1.0, float(want.abs().max())), (what, err)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", ["mamba2", "gla"])
 def test_triton_bfloat16_matches_float64_loop(name, small_blocks):
     # GQA and an initial state
@@ -283,6 +286,7 @@ def test_triton_bfloat16_matches_float64_loop(name, small_blocks):
 DECAYS = {"strong": (-10.0, -5.0), "weak": (-0.05, 0.0), "mixed": (-10.0, 0.0)}
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("decay", list(DECAYS))
 @pytest.mark.parametrize("D", [16, 32])
 def test_triton_gla_sub_chunk_factorisation_matches_float64_loop(decay, D, small_blocks):

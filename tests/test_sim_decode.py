@@ -309,7 +309,7 @@ def test_sim_decode_json_holds_both(capsys):
         ),
         (
             ["stdlib:sliding_window", "--decode", "--nk", "64", "--gpu", "h10"],
-            "argument hardware",
+            "argument --hardware",
             "unknown",
         ),
     ],

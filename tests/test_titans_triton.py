@@ -56,6 +56,7 @@ def test_triton_is_gradient_descent_with_momentum_and_its_gradients_are_the_loop
     assert_all_close(got, run("reference", q, k, v, rates, s0), 1e-10)
 
 
+@pytest.mark.versions
 def test_chunk_chosen_by_the_cost_model_with_a_partial_chunk_gqa_and_initial_state():
     q, k, v, rates = inputs(B=2, H=4, Hkv=2, T=70, D=8, Dv=8, seed=3)
     s0 = 0.3 * torch.randn(2, 4, 16, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
@@ -66,6 +67,7 @@ def test_chunk_chosen_by_the_cost_model_with_a_partial_chunk_gqa_and_initial_sta
     assert_all_close(run("triton", q, k, v, rates, s0), run("reference", q, k, v, rates, s0), 1e-10)
 
 
+@pytest.mark.versions
 def test_hard_resets_are_exact_and_their_gates_have_no_gradient():
     q, k, v, rates = inputs(B=1, H=3, Hkv=1, T=40, D=8, Dv=8, seed=5)
     a = rates["a"].clone()
@@ -104,6 +106,7 @@ def test_float32_within_its_rounding():
     assert_all_close(got, want, 5e-5)
 
 
+@pytest.mark.versions
 def test_bf16_stays_bf16_within_its_rounding():
     """Output, state and every gradient within bf16's rounding of the float32 torch form (relative norms: the states
     enter the tensor-core dots, and are kept for the backward, in bf16)."""
@@ -145,6 +148,7 @@ def test_packed_sequences_equal_separate_calls():
         torch.testing.assert_close(packed[:, :, a:b], alone, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.versions
 def test_decoding_steps_continue_a_triton_prefill():
     q, k, v, rates = inputs(T=24, D=8, Dv=8, seed=12)
     attn = attnc.compile_attention(SRC, backend="triton", q_tile=16)

@@ -171,6 +171,7 @@ def test_stdlib_table_covers_every_softmax_pattern():
     assert softmax - combined - bucketed == set(STDLIB)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", sorted(STDLIB))
 def test_stdlib_forward_backward(name):
     params, sizes, n, make_inputs, tile = STDLIB[name]
@@ -367,6 +368,7 @@ def test_alibi_against_plain_torch():
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("dtype,atol", [(torch.float16, 3e-3), (torch.bfloat16, 3e-2)])
 def test_half_precision(dtype, atol):
     q, k, v = qkv(1, 2, 1, 40, 32, dtype=dtype)
@@ -418,6 +420,7 @@ def test_layouts_permute_flat_boxes_and_flat_tiles(cfg, name, sizes, params):
 
 
 # ----------------------------------------------------------------- tiles loaded by TMA (KernelConfig.tma)
+@pytest.mark.versions
 @pytest.mark.parametrize("cfg,name,sizes,params,D,Dv,desc", [
     # flat tiles; 72 tokens (the last tile half past the end), GQA, head dims padded to 32
     (KernelConfig((16,), (16,), "flat"), "sliding_window", None, {"window": 9}, 20, 24, True),
@@ -470,6 +473,7 @@ def test_tiles_loaded_by_tma_are_bitwise_the_pointer_loads(monkeypatch, cfg, nam
 PER_HEAD = "pattern per_head\n  tokens seq\n  mask q - k <= (if h > 1 then q // 2 else 5) and k <= q\n"
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("spec,params,make_inputs", [
     ("stdlib:sliding_window", {"window": 9}, None),  # one list class for every head
     (PER_HEAD, {}, None),  # lists per head: each program walks its share's own lists
@@ -516,6 +520,7 @@ def test_grouped_dkdv_split_over_programs(monkeypatch, spec, params, make_inputs
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name", ["sliding_window", "neighborhood_2d", "neighborhood_3d", "sliding_tile", "softcap",
                                   "alibi", "document", "forgetting", "moba", "token_topk", "longformer"])
 def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
@@ -578,6 +583,7 @@ def test_backward_in_one_kernel_on_permuted_tiles_own_backward_tiles_and_tma(mon
             "attnc_fwd": True, "attnc_bwd_dkdv": True}
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("name,params,sizes,tile,b,heads", [
     # a 2-D grid's 4x4 boxes, its last row and column of tiles past the edge (6x7)
     ("neighborhood_2d", {"kernel_size_y": 3, "kernel_size_x": 5}, {"height": 6, "width": 7}, (4, 4), 2, (4, 2)),
@@ -624,6 +630,7 @@ def test_tma_boxes_of_a_grid(monkeypatch, name, params, sizes, tile, b, heads):
 WINDOW, CAUSAL = "mask k < q and q - k <= 40", "mask k < q"
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("arch,mask,expect", [
     # Hopper: one loop, descriptors of its own; both lists runs, then read by index
     ("sm90", CAUSAL, {"WARP_SPEC": True, "ONE_LOOP": True, "DESC": False, "FULL_RUN": True, "PART_RUN": True}),
@@ -656,6 +663,7 @@ def test_warp_specialized_forward(monkeypatch, arch, mask, expect):
     assert all(torch.equal(a, b) for a, b in zip(specialized, plain, strict=True))
 
 
+@pytest.mark.versions
 def test_scratch_allocator_is_set_for_the_launch_only():
     """A forward in one loop makes its own tensor descriptors, whose global memory Triton asks its allocator for at
     launch: ``_with_scratch`` gives torch memory on the launch's device inside, and leaves the caller's allocator
@@ -685,6 +693,7 @@ def test_warp_specialized_forward_leaves_two_loops_where_one_does_not_apply(monk
     assert ("attnc_fwd", None, None) in launched and "ONE_LOOP" not in tri.source
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize("atomic", [False, True])
 def test_dkdv_padded_keys_with_overflowing_p(monkeypatch, atomic):
     """The dK/dV kernel's FULL tiles with padded keys (70 keys in tiles of 16): their rows are never stored, so P^T
@@ -705,6 +714,7 @@ def test_dkdv_padded_keys_with_overflowing_p(monkeypatch, atomic):
     assert "if ATOMIC_DQ:  # dQ sums over this tile's keys: 0 on its padded ones" in dkdv
 
 
+@pytest.mark.versions
 def test_int64_arithmetic_where_int32_overflows():
     # (q - k) * (q + k) * 10**6 reaches 7e9 at n = 64: wrong in int32
     spec = "pattern big\n tokens seq\n mask k <= q and (q - k) * (q + k) * 1000000 % 7 < 4"
@@ -718,6 +728,7 @@ def test_int64_arithmetic_where_int32_overflows():
                                     codegen.ScheduleShape((64,), (64,), (16,), (16,))).wide_math
 
 
+@pytest.mark.versions
 def test_floored_division_and_total_division_by_zero():
     spec = """pattern floors
       tokens seq
@@ -945,8 +956,10 @@ def test_cli_emit(capsys):
 
     assert cli.main(["emit", "stdlib:sliding_window", "-p", "window=4", "--n", "64", "--q-tile", "16"]) == 0
     assert capsys.readouterr().out == _emit("sliding_window")
-    assert cli.main(["emit", "stdlib:retention"]) == 1
-    assert "recurrence" in capsys.readouterr().err
+    # a recurrence's kernels are its family's Triton files (tests/test_cli_rough_edges.py); a bucketed pattern
+    # attends its buckets in torch: no kernel of its own, refused by name
+    assert cli.main(["emit", "stdlib:routing_transformer"]) == 1
+    assert "routing_transformer" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------- input indices, int64 wrap-around, float32 range

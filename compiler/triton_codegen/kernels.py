@@ -201,7 +201,8 @@ class KernelBodies:
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
                   *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
                   *(["WARP_SPEC: tl.constexpr = False"] if specializable else []),
-                  "SPLIT_KV: tl.constexpr = False", "BLOCK_MAX: tl.constexpr = False", "BMAX_G: tl.constexpr = 1"]
+                  "SPLIT_KV: tl.constexpr = False", "BLOCK_MAX: tl.constexpr = False", "BMAX_G: tl.constexpr = 1",
+                  "BMAX_C: tl.constexpr = 1"]
         if one_loop:
             params.append("ONE_LOOP: tl.constexpr = False")
         in_exp = scale_in_exponent(self.pat)
@@ -251,11 +252,21 @@ class KernelBodies:
             "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
             "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
         ]
+        to_l2 = " * s_exp" if in_exp else ""
         update = ["if BLOCK_MAX:  # return_block_max: each row's largest score (log2 units) per BMAX_G keys of this tile",
-                  "    bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum)" + (" * s_exp" if in_exp else ""),
-                  "    bm_col = kt * (BLOCK_N // BMAX_G) + tl.arange(0, BLOCK_N // BMAX_G)",
-                  "    bm_base = BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h",
-                  "    tl.store(bm_base + q_row[:, None] * sbm_n + bm_col[None, :], bm, mask=q_ok[:, None])",
+                  "    # the buffer holds the tile's own BMAX_C groups (KV tile // BMAX_G), not BLOCK_N's: a tile that is",
+                  "    # no power of two is padded to BLOCK_N slots, whose groups past the tile are not stored",
+                  "    bm_row = BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h + q_row.to(tl.int64) * sbm_n "
+                  "+ kt * BMAX_C",
+                  "    if BLOCK_N % BMAX_G == 0:  # a power-of-two group: the tile's slots as [groups, BMAX_G]",
+                  f"        bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum){to_l2}",
+                  "        bm_col = tl.arange(0, BLOCK_N // BMAX_G)",
+                  "        tl.store(bm_row[:, None] + bm_col[None, :], bm, mask=q_ok[:, None] & (bm_col[None, :] < BMAX_C))",
+                  "    else:  # a group of another size has no power-of-two shape to reshape to: one group at a time",
+                  "        for bm_c in tl.static_range(BMAX_C):",
+                  "            bm_in = (k_slot >= bm_c * BMAX_G) & (k_slot < (bm_c + 1) * BMAX_G)",
+                  "            bm = tl.reduce(tl.where(bm_in[None, :], s, float(\"-inf\")), 1, _maximum)" + to_l2,
+                  "            tl.store(bm_row + bm_c, bm, mask=q_ok)",
                   "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
                   "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
                   'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',

@@ -34,7 +34,11 @@ The rule (``choose``):
    lengths serves any length (dynamic shapes): those calls take Flex at once.
 
 The choice is recorded on the module (``attn.chosen_backend``, ``attn.last_choice`` with both
-modelled times and the reason) and shown at the top of ``attn.source``. Both backends compute the
+modelled times and the reason) and shown at the top of ``attn.source``. It is logged to the ``attnc.auto``
+logger (``LOG``): at INFO where a module's backend changes from one call to the next and around a
+compile of Flex's kernel (the call that stalls, and how long it took), at DEBUG every call's choice.
+``Attention.warmup`` compiles the kernel before serving (``CpuPolicy.compile_now``); with
+``COMPILE_COST_S = math.inf`` besides, ``auto`` never compiles mid-run. Both backends compute the
 same function: outputs differ only by float32 rounding. The first call of a Flex plan compiles
 Flex's kernel (``torch.compile``, tens of seconds on CPU, as for FlexAttention itself) only once
 the break-even rule (4) says so; compiled kernels are kept per generated mods and reused across
@@ -43,6 +47,8 @@ sequence lengths (``flex_backend``).
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +120,10 @@ CALIBRATION: tuple = (
 )
 
 
+#: ``auto``'s decisions: INFO where a module changes backend and around each compile of Flex's kernel,
+#: DEBUG for every call's choice (the package's loggers have no handler but ``logging.NullHandler``)
+LOG = logging.getLogger("attnc.auto")
+
 #: Choices ``AutoRunner.decide`` remembers (call shapes of static masks; oldest dropped first).
 DECIDED_CACHE_SIZE = 64
 
@@ -151,12 +161,17 @@ class Choice:
     reason: str
     cpu_s: float | None = None  # modelled seconds (None: not modelled, e.g. Flex refused)
     flex_s: float | None = None
+    compiles: bool = False  # this call compiles Flex's kernel (the break-even rule, or a warm-up)
 
-    def describe(self) -> str:
+    def why(self) -> str:
+        """The reason, with both modelled times where modelled."""
         times = ""
         if self.cpu_s is not None and self.flex_s is not None:
             times = f" (modelled: cpu {1e3 * self.cpu_s:.3g} ms, flex {1e3 * self.flex_s:.3g} ms)"
-        return f"auto chose backend '{self.backend}': {self.reason}{times}"
+        return f"{self.reason}{times}"
+
+    def describe(self) -> str:
+        return f"auto chose backend '{self.backend}': {self.why()}"
 
 
 def choose(cpu_sched: TileSchedule, flex_sched: TileSchedule | None, refusal: str | None, *, batch: int,
@@ -180,6 +195,10 @@ class CpuPolicy:
     calls it under torch.compile, choosing per call). ``runtime.auto.runner.AutoRunner`` is this
     policy plus the CUDA one."""
 
+    #: set by ``Attention.warmup``: a call modelled faster on Flex compiles its kernel at once
+    compile_now: bool = False
+    _logged: str | None = None  # the backend of the latest call, for the log's changes
+
     def __init__(self, pat: ir.PatternIR, cpu_runner, q_tile=None, kv_tile=None):
         from ...core.errors import SpecError
         from ..backends.flex.runner import FlexRunner
@@ -202,7 +221,7 @@ class CpuPolicy:
     def __getstate__(self) -> dict:
         """Copies keep the configuration, not the remembered choices (they hold Flex plans, whose
         generated functions do not pickle: ``FlexRunner.__getstate__``)."""
-        return {**self.__dict__, "_decided": {}}
+        return {**self.__dict__, "_decided": {}, "_logged": None}
 
     def decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                need_lse: bool) -> Choice:
@@ -268,13 +287,17 @@ class CpuPolicy:
         if self.flex.kernel_ready(plan, q, k, v, need_lse):
             return choice
         slot = (id(plan.namespace), kernel_key(plan, q, k, v, need_lse)[1])
+        if self.compile_now:
+            self.lost_s.pop(slot, None)
+            return Choice("flex", "the fused Flex kernel is modelled faster; compiling it now (warm-up)",
+                          choice.cpu_s, choice.flex_s, compiles=True)
         lost = self.lost_s.get(slot, 0.0) + (choice.cpu_s - choice.flex_s)
         cost = compile_cost_s()
         if lost >= cost:
             self.lost_s.pop(slot, None)
             return Choice("flex", f"the fused Flex kernel is modelled faster; compiling it now (the calls so "
                                   f"far lost {lost:.3g} s against it, the compile is estimated at {cost:.3g} s)",
-                          choice.cpu_s, choice.flex_s)
+                          choice.cpu_s, choice.flex_s, compiles=True)
         self.lost_s[slot] = lost
         return Choice("cpu", f"Flex is modelled faster but its kernel for these shapes is not compiled yet: the "
                              f"executor serves calls until their modelled loss ({lost:.3g} s so far) reaches the "
@@ -285,10 +308,31 @@ class CpuPolicy:
         """The backend this call runs: the modelled choice (``decide``) and the break-even rule
         (``warm_up``); recorded as ``last``."""
         self.last = self.warm_up(self.decide(bound, q, k, v, inputs, need_lse), q, k, v, need_lse)
+        self.log(self.last, q)
         return self.last
+
+    def log(self, choice: Choice, q: torch.Tensor) -> None:
+        """``choice`` to ``LOG``: INFO where the backend differs from the latest call's or the call compiles
+        Flex's kernel (it stalls for seconds), else DEBUG (formatted only where enabled)."""
+        before, self._logged = self._logged, choice.backend
+        changed = choice.backend != before
+        level = logging.INFO if changed or choice.compiles else logging.DEBUG
+        if LOG.isEnabledFor(level):
+            was = f" (was '{before}')" if changed and before else ""
+            LOG.log(level, "auto: '%s' q %s runs on '%s'%s: %s", self.pattern.name, list(q.shape), choice.backend,
+                    was, choice.why())
+
+    def run_flex(self, choice: Choice, run):
+        """``run()`` (the Flex call of ``choice``), its compile timed and logged where it compiles."""
+        if not choice.compiles:
+            return run()
+        started = time.perf_counter()
+        result = run()
+        LOG.info("auto: '%s' compiled Flex's kernel in %.1f s", self.pattern.name, time.perf_counter() - started)
+        return result
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float, need_lse: bool = True):
         choice = self.select(bound, q, k, v, inputs, need_lse)
         if choice.backend == "flex":
-            return self.flex(bound, q, k, v, inputs, scale, need_lse)
+            return self.run_flex(choice, lambda: self.flex(bound, q, k, v, inputs, scale, need_lse))
         return self.cpu(bound, q, k, v, inputs, scale)

@@ -8,6 +8,8 @@ that names backends; the children are ordinary runners."""
 
 from __future__ import annotations
 
+import logging
+
 from ...core import ir
 from ..backends.cpu.runner import CpuRunner, describe_plan
 from ..backends.triton.runner import TritonRunner
@@ -15,7 +17,7 @@ from ..numerics import needs_grad
 from ..ops.common import Registered
 from ..plan import block_max
 from ..runner import Call, Support
-from .cpu import CpuPolicy
+from .cpu import LOG, CpuPolicy
 from .cuda import flex_won
 
 
@@ -56,17 +58,27 @@ class AutoRunner(CpuPolicy, Registered):
         self.last_device = q.device.type
         pooled = block_max.requested() is not None  # Flex's kernel gives no probabilities to pool
         if not q.is_cuda:
-            if not pooled and self.select(call.bound, q, k, v, call.inputs, call.need_lse).backend == "flex":
-                return self.flex.forward(call, q, k, v)
+            choice = None if pooled else self.select(call.bound, q, k, v, call.inputs, call.need_lse)
+            if choice is not None and choice.backend == "flex":
+                return self.run_flex(choice, lambda: self.flex.forward(call, q, k, v))
             return self.cpu.forward(call, q, k, v)
         if call.q_offset or pooled:  # the Triton kernels at the queries' offset (a decode step is not in the tuned buckets)
-            self.cuda_last = "triton"
+            self._cuda_choice("triton", "queries after a KV cache (or a pooled block max) run the Triton kernels", q)
             return self.triton.forward(call, q, k, v)
         if flex_won(self, call.bound, q, k):
-            self.cuda_last = "flex"
+            self._cuda_choice("flex", "the autotuner timed the Flex lowering faster for this shape bucket", q)
             return self.flex.forward(call, q, k, v)
-        self.cuda_last = "triton"
+        self._cuda_choice("triton", "no tuned Flex win for this shape bucket", q)
         return self.triton.forward(call, q, k, v)
+
+    def _cuda_choice(self, backend: str, reason: str, q) -> None:
+        """Record a CUDA call's backend; logged at INFO where it changes, else at DEBUG."""
+        level = logging.INFO if backend != self.cuda_last else logging.DEBUG
+        if LOG.isEnabledFor(level):
+            was = f" (was '{self.cuda_last}')" if self.cuda_last not in (None, backend) else ""
+            LOG.log(level, "auto: '%s' q %s runs on '%s'%s: %s", self.pattern.name, list(q.shape), backend, was,
+                    reason)
+        self.cuda_last = backend
 
     def block_forward(self, bound, q, k, v, inputs: dict, scale: float, selection=None, key_block=None):
         """A block of context parallelism (``runtime.runner.BlockRunner``): the executor's on CPU

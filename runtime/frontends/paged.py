@@ -2,17 +2,34 @@
 FlashAttention's ``flash_attn_with_kvcache`` and vLLM).
 
 The keys and values of every sequence live in fixed-size pages of one pool: ``k_cache``
-``[num_pages, page_size, Hkv, D]`` and ``v_cache`` ``[num_pages, page_size, Hkv, Dv]`` (in either call
-layout). Row b of the batch owns the pages ``block_table[b, 0], block_table[b, 1], ...`` (int32
-``[B, max_pages]``) and holds ``cache_seqlens[b]`` keys (int32 ``[B]``): key j of row b is slot
-``j % page_size`` of page ``block_table[b, j // page_size]``. ``cache_seqlens`` counts every key of the
-row, the present queries' own included (the caller writes them into the pages first), so the ``n``
-queries of row b (``q`` ``[B, Hq, n, D]``, ``[B, n, Hq, D]`` under ``"bnhd"``) sit at absolute positions
-``cache_seqlens[b] - n + i``: exactly the module's call with a KV cache on the row's keys gathered into a
-contiguous ``[1, Hkv, cache_seqlens[b], D]`` (spec/REFERENCE.md, "Positions with a KV cache"). A
-cross-attention pattern reads the row's keys, its queries keep their own positions ``0 .. n-1``.
+``[num_pages, page_size, Hkv, D]`` and ``v_cache`` ``[num_pages, page_size, Hkv, Dv]`` (token-major, in
+either call layout). Row b of the batch owns the pages ``block_table[b, 0], block_table[b, 1], ...``
+(int32 ``[B, max_pages]``) and holds ``cache_seqlens[b]`` keys (int32 ``[B]``, or one int for every row,
+as flash-attn takes it): key j of row b is slot ``j % page_size`` of page
+``block_table[b, j // page_size]``. ``cache_seqlens`` counts every key of the row, the present queries'
+own included (the caller writes them into the pages first, or passes them as ``k=``, ``v=``: below), so
+the ``n`` queries of row b sit at absolute positions ``cache_seqlens[b] - n + i``: exactly the module's
+call with a KV cache on the row's keys gathered into a contiguous ``[1, Hkv, cache_seqlens[b], D]``
+(spec/REFERENCE.md, "Positions with a KV cache"). A cross-attention pattern reads the row's keys, its
+queries keep their own positions ``0 .. n-1``.
 
-Every argument is checked on the host before any page is read (one copy of ``block_table`` and
+q's layout. The call's layout (``"bhnd"``: q ``[B, Hq, n, D]``; ``"bnhd"``: ``[B, n, Hq, D]``, flash-attn's)
+gives q's, ``out``'s, ``lse``'s and ``k=``/``v=``'s; the pools are token-major in both. Because the pools
+are flash-attn's, a flash-attn caller's ``[B, n, Hq, D]`` q in the default layout would be read as ``n``
+heads of ``Hq`` queries, and with one K/V head (MQA) nothing else would reveal it. So when the layout is
+named nowhere (neither in the call nor at ``compile_attention``), a q whose shape fits both readings (both
+middle dimensions multiples of Hkv, not both 1) is refused, naming ``layout=``; so is one that fits
+``"bnhd"`` only. A q that fits ``"bhnd"`` only runs as before. The default is not switched to the pools'
+order: existing ``[B, Hq, n, D]`` callers would then be read the other way without a word.
+
+Appending (``k=``, ``v=``: ``flash_attn_with_kvcache``'s new keys and values, ``[B, n_new, Hkv, D]`` under
+``"bnhd"``, ``[B, Hkv, n_new, D]`` under ``"bhnd"``): ``cache_seqlens`` then counts the keys before them.
+They are written in place into the caller's pools, into slots ``cache_seqlens[b] .. cache_seqlens[b] +
+n_new - 1`` of row b's pages (one ``index_put_`` on the device, page ids gathered from ``block_table`` on
+the device), after every check and before attention runs over the ``cache_seqlens[b] + n_new`` keys
+(queries at the last positions: a causal pattern's new queries see the new keys up to themselves).
+
+Every argument is checked on the host before any page is read or written (one copy of ``block_table`` and
 ``cache_seqlens``), and only the pages that a row's length reaches are read: entries of the block table
 past them may hold anything (vLLM pads with -1). Rows of equal length are gathered into one batch and the
 module's ordinary forward runs once per distinct length, as for packed sequences
@@ -44,6 +61,22 @@ from ..numerics import needs_grad
 from .layouts import Restore
 
 HINT_INT32 = "FlashAttention's and vLLM's convention: torch.int32 on the caches' device"
+HINT_LAYOUT = (
+    'pass layout="bnhd" for flash-attn\'s q [B, n, H, D] (out comes back [B, n, H, Dv]) or '
+    'layout="bhnd" for [B, H, n, D], in the call or to compile_attention'
+)
+
+
+class UnnamedLayout(str):
+    """The layout of a module compiled without ``layout=``: ``"bhnd"`` for every purpose, except that a
+    paged call with it refuses a q it cannot read one way only (the pools are token-major, as a
+    flash-attn caller's q is)."""
+
+    __slots__ = ()
+
+
+#: ``compile_attention``'s default layout (a plain ``"bhnd"`` given anywhere counts as named)
+DEFAULT_LAYOUT = UnnamedLayout("bhnd")
 
 
 @dataclass(frozen=True)
@@ -77,8 +110,8 @@ def _check_index_tensor(
 
 
 def check_caches(pat, q, k_cache, v_cache) -> None:
-    """q (already ``[B, Hq, n, D]``) and the page pools: 4-D, one floating dtype and device, head dims and
-    head counts that agree (GQA: Hq a multiple of Hkv); errors name ``q``, ``k`` or ``v``."""
+    """q (as given, either layout) and the page pools: 4-D, one floating dtype and device, pools that
+    agree; errors name ``q``, ``k`` or ``v``. q's heads are ``orient``'s."""
     if not isinstance(pat, ir.PatternIR | ir.CombinedIR):
         raise SpecError(
             f"'{pat.name}' is a {pat.kind}: paged KV caches serve softmax patterns",
@@ -98,7 +131,7 @@ def check_caches(pat, q, k_cache, v_cache) -> None:
                 hint="call with contiguous k, v instead",
             )
     for name, t, want in (
-        ("q", q, "[B, Hq, n, D]"),
+        ("q", q, "[B, Hq, n, D] or [B, n, Hq, D]"),
         ("k", k_cache, "[num_pages, page_size, Hkv, D]"),
         ("v", v_cache, "[num_pages, page_size, Hkv, Dv]"),
     ):
@@ -129,16 +162,165 @@ def check_caches(pat, q, k_cache, v_cache) -> None:
             "heads",
             where="argument v",
         )
-    if q.shape[1] % k_cache.shape[2]:
+
+
+def orient(q: torch.Tensor, hkv: int, layout: str) -> torch.Tensor:
+    """q ``[B, Hq, n, D]`` from the call's q in ``layout``. A layout named nowhere (``UnnamedLayout``)
+    reads q as ``[B, Hq, n, D]`` only when that is its one reading with Hq a multiple of the pools' Hkv;
+    otherwise the call is refused, naming ``layout=`` (a flash-attn caller's ``[B, n, Hq, D]`` q would
+    be read as ``n`` heads of ``Hq`` queries)."""
+    readings = {"bhnd": q.shape[1], "bnhd": q.shape[2]}  # query heads in each reading
+    fits = {name: heads % hkv == 0 for name, heads in readings.items()}
+    shown = list(q.shape)
+    if isinstance(layout, UnnamedLayout):
+        if fits["bhnd"] and fits["bnhd"] and q.shape[1] * q.shape[2] > 1:
+            raise SpecError(
+                f"q {shown} reads two ways beside pools of {hkv} key/value head(s): "
+                f"{q.shape[1]} heads of {q.shape[2]} queries ([B, H, n, D], the default layout) or "
+                f"{q.shape[2]} heads of {q.shape[1]} queries ([B, n, H, D], flash-attn's); a paged call "
+                'does not guess: name it, layout="bhnd" or layout="bnhd"',
+                where="argument layout",
+                hint=HINT_LAYOUT,
+            )
+        if fits["bnhd"] and not fits["bhnd"]:
+            raise SpecError(
+                f"q {shown} read as [B, H, n, D] (the default layout) has {q.shape[1]} query heads, not "
+                f"a multiple of the pools' {hkv} key/value heads; read as flash-attn's [B, n, H, D] it "
+                f'has {q.shape[2]}: name the layout, layout="bnhd"',
+                where="argument layout",
+                hint=HINT_LAYOUT,
+            )
+    if fits[layout]:
+        return q if layout == "bhnd" else q.transpose(1, 2)
+    other = "bnhd" if layout == "bhnd" else "bhnd"
+    order = {"bhnd": "[B, H, n, D]", "bnhd": "[B, n, H, D]"}
+    if fits[other]:
         raise SpecError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k_cache.shape[2]})",
-            where="argument k",
+            f'q {shown} in layout "{layout}" ({order[layout]}) has {readings[layout]} query heads, not '
+            f'a multiple of the pools\' {hkv} key/value heads; in layout "{other}" ({order[other]}) '
+            f'it has {readings[other]}: layout="{other}"',
+            where="argument layout",
+            hint=HINT_LAYOUT,
         )
+    raise SpecError(
+        f"query heads ({readings[layout]}) must be a multiple of key/value heads ({hkv}) (q {shown} "
+        f'in layout "{layout}", {order[layout]})',
+        where="argument k",
+    )
 
 
-def check_pages(pat, q, k_cache, block_table, cache_seqlens) -> Pages:
-    """Validate ``block_table`` and ``cache_seqlens`` against q (``[B, Hq, n, D]``) and the pool; every
-    page a row reaches must be a page of the pool. Returns the rows grouped by length."""
+def bind_qkv(q, k, v, inputs: dict) -> tuple:
+    """A call's q, k, v: positional, or by keyword where not given positionally (``attn(q=q, k=k, v=v)``).
+    A keyword ``k``/``v`` beside a positional one stays in ``inputs``: a paged call's new keys and values
+    (``flash_attn_with_kvcache(q, k_cache, v_cache, k=, v=)``). One missing is named."""
+    given = {"q": q, "k": k, "v": v}
+    for name, t in given.items():
+        if t is None and name in inputs:
+            given[name] = inputs.pop(name)
+    for name, t in given.items():
+        if t is None:
+            raise SpecError(
+                f"missing {name}: a call takes q, k, v",
+                where=f"argument {name}",
+                hint="attn(q, k, v)",
+            )
+    return given["q"], given["k"], given["v"]
+
+
+def _split_new_tokens(pat, inputs: dict) -> tuple[dict, object, object]:
+    """``k=`` and ``v=`` (keys and values to append) out of the call's keywords, unless the pattern
+    declares an input of that name."""
+    declared = {d.name for d in pat.inputs}
+    rest = dict(inputs)
+    k_new = rest.pop("k") if "k" in rest and "k" not in declared else None
+    v_new = rest.pop("v") if "v" in rest and "v" not in declared else None
+    return rest, k_new, v_new
+
+
+def refuse_new_tokens(pat, inputs: dict) -> None:
+    """A call without ``block_table`` has no pages to append ``k=``/``v=`` to: named before the inputs
+    are bound (where they would read as unknown inputs)."""
+    if (
+        "k" not in inputs and "v" not in inputs
+    ):  # every contiguous call passes here: no more host work
+        return
+    _, k_new, v_new = _split_new_tokens(pat, inputs)
+    for name, t in (("k", k_new), ("v", v_new)):
+        if t is not None:
+            raise SpecError(
+                f"{name}= appends new {'keys' if name == 'k' else 'values'} to paged KV caches: only with "
+                "block_table= and cache_seqlens=",
+                where=f"argument {name}",
+                hint="a contiguous call takes every key and value as its k and v",
+            )
+
+
+def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str):
+    """``k=``, ``v=`` in ``layout`` -> ``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]`` views (None, None
+    when neither is given), checked against q (``[B, Hq, n, D]``) and the pools."""
+    if k_new is None and v_new is None:
+        return None, None
+    for name, t, other in (("k", k_new, "v"), ("v", v_new, "k")):
+        if t is None:
+            raise SpecError(
+                f"{other}= is given without {name}=: new keys and values are appended together",
+                where=f"argument {name}",
+            )
+    order = "[B, n_new, Hkv, {}]" if layout == "bnhd" else "[B, Hkv, n_new, {}]"
+    out = []
+    for name, t, pool, dim in (("k", k_new, k_cache, "D"), ("v", v_new, v_cache, "Dv")):
+        where = f"argument {name}"
+        want = order.format(dim)
+        if not isinstance(t, torch.Tensor):
+            raise SpecError(f"expected a {want} tensor, got {type(t).__name__}", where=where)
+        if t.dim() != 4:
+            raise SpecError(
+                f'expected a {want} tensor (layout "{layout}"), got shape {list(t.shape)}',
+                where=where,
+            )
+        if t.dtype != pool.dtype or t.device != pool.device:
+            raise SpecError(
+                f"the new {'keys' if name == 'k' else 'values'} are {t.dtype} on {t.device}, the cache "
+                f"{pool.dtype} on {pool.device}: they are written into it, so they must agree",
+                where=where,
+            )
+        t = t.transpose(1, 2) if layout == "bnhd" else t
+        if t.shape[0] != q.shape[0] or t.shape[1] != pool.shape[2] or t.shape[3] != pool.shape[3]:
+            shown = list(t.shape if layout == "bhnd" else t.transpose(1, 2).shape)
+            expect = order.format(pool.shape[3]).replace("B", str(q.shape[0]), 1)
+            expect = expect.replace("Hkv", str(pool.shape[2]))
+            raise SpecError(
+                f"expected {expect} (q's batch, the cache's heads and head dim; layout "
+                f'"{layout}"), got {shown}',
+                where=where,
+            )
+        out.append(t)
+    if out[0].shape[2] != out[1].shape[2]:
+        raise SpecError(
+            f"v has {out[1].shape[2]} new tokens, k {out[0].shape[2]}: one value per key",
+            where="argument v",
+        )
+    return out[0], out[1]
+
+
+def as_seqlens(cache_seqlens, batch: int, device: torch.device):
+    """An int ``cache_seqlens`` is every row's (flash-attn broadcasts it): an int32 ``[B]`` tensor on the
+    caches' device. A tensor is returned as is (``check_pages`` checks it)."""
+    if isinstance(cache_seqlens, int) and not isinstance(cache_seqlens, bool):
+        if not 0 <= cache_seqlens < 2**31:
+            raise SpecError(
+                f"cache_seqlens = {cache_seqlens} is not a key count of int32",
+                where="argument cache_seqlens",
+            )
+        return torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    return cache_seqlens
+
+
+def check_pages(pat, q, k_cache, block_table, cache_seqlens, appended: int = 0) -> Pages:
+    """Validate ``block_table`` and ``cache_seqlens`` against q (``[B, Hq, n, D]``) and the pool, with
+    ``appended`` new keys per row (``k=``) after ``cache_seqlens[b]``; every page a row reaches, reading or
+    writing, must be a page of the pool. Returns the rows (their lengths with the new keys) grouped by
+    length."""
     batch, n = q.shape[0], q.shape[2]
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
     _check_index_tensor(block_table, "block_table", None, 2, k_cache.device)
@@ -150,34 +332,47 @@ def check_pages(pat, q, k_cache, block_table, cache_seqlens) -> Pages:
         )
     _check_index_tensor(cache_seqlens, "cache_seqlens", (batch,), 1, k_cache.device)
     capacity = block_table.shape[1] * page_size
-    lengths = [int(x) for x in cache_seqlens.tolist()]  # one device-to-host copy
-    # self-attention: the queries are the last n keys of the row
+    before = [int(x) for x in cache_seqlens.tolist()]  # one device-to-host copy
+    lengths = [x + appended for x in before]
+    # self-attention: the queries are the last n keys of the row (the new ones included)
     least = max(n, 1) if pat.self_attention else 1
-    for b, length in enumerate(lengths):
-        if length > capacity:
+    low, high = max(least - appended, 0), capacity - appended
+    new = f" and the {appended} new keys of k=" if appended else ""
+    for b, length in enumerate(before):
+        if length < 0:
+            why = "a key count is not negative"
+        elif length > high:
             why = f"block_table holds {block_table.shape[1]} pages of {page_size} keys, at most {capacity}"
-        elif length < least:
+            why += f" (the row's keys{new})" if appended else ""
+        elif length < low:
             why = (
-                f"the {n} queries are the row's last keys (cache_seqlens counts them)"
+                f"the {n} queries are the row's last keys (cache_seqlens{new} count them)"
                 if least > 1
                 else "every row holds a key"
             )
         else:
             continue
         raise SpecError(
-            f"cache_seqlens[{b}] = {length} is outside [{least}, {capacity}]: {why}",
+            f"cache_seqlens[{b}] = {length} is outside [{low}, {high}]: {why}",
             where="argument cache_seqlens",
         )
-    # one copy: the page ids that each row's length reaches are checked on the host
+    # one copy: the page ids that each row's keys reach (read, or written by k=) are checked on the host
     table = block_table.cpu()
     reach = torch.tensor([-(-x // page_size) for x in lengths], dtype=torch.long)
     reached = torch.arange(table.shape[1]) < reach.unsqueeze(1)
     bad = reached & ((table < 0) | (table >= num_pages))
     if bool(bad.any()):
         b, j = (int(i) for i in bad.nonzero()[0])
+        if appended and (j + 1) * page_size > before[b]:
+            how = (
+                f"row {b} writes its {appended} new keys into slots {before[b]} .. {lengths[b] - 1}, "
+                f"its page {j} among them: cache_seqlens[{b}] = {before[b]}"
+            )
+        else:
+            how = f"row {b} reaches its page {j}: cache_seqlens[{b}] = {before[b]}"
         raise SpecError(
             f"block_table[{b}, {j}] = {int(table[b, j])} is not a page of the cache's {num_pages} "
-            f"(row {b} reaches its page {j}: cache_seqlens[{b}] = {lengths[b]})",
+            f"({how})",
             where="argument block_table",
             hint=f"page ids of reached pages lie in [0, {num_pages})",
         )
@@ -191,9 +386,26 @@ def check_pages(pat, q, k_cache, block_table, cache_seqlens) -> Pages:
     )
 
 
-def refuse_gradients(q, k_cache, v_cache, inputs: dict) -> None:
+def _append(
+    cache: torch.Tensor, table: torch.Tensor, seqlens: torch.Tensor, new: torch.Tensor
+) -> None:
+    """Write ``new`` ``[B, H, n_new, D]`` into ``cache`` ``[num_pages, page_size, H, D]`` in place: row b's
+    token t into slot ``(seqlens[b] + t) % page_size`` of page ``table[b, (seqlens[b] + t) // page_size]``.
+    The indices are made on the device (no host read); any strided pool takes the two-index put."""
+    batch, _, count, _ = new.shape
+    if batch == 0 or count == 0:
+        return
+    page_size = cache.shape[1]
+    pos = seqlens.long().unsqueeze(1) + torch.arange(count, device=cache.device)
+    pages = table.long().gather(1, torch.div(pos, page_size, rounding_mode="floor"))
+    tokens = new.transpose(1, 2).reshape(batch * count, new.shape[1], new.shape[3])
+    cache.index_put_((pages.flatten(), (pos % page_size).flatten()), tokens)
+
+
+def refuse_gradients(q, k_cache, v_cache, inputs: dict, k_new=None, v_new=None) -> None:
     """Paged calls are forward only: the first tensor autograd would record is named."""
-    for name, t in (("q", q), ("k", k_cache), ("v", v_cache), *inputs.items()):
+    given = (("q", q), ("k", k_cache), ("v", v_cache), ("k", k_new), ("v", v_new))
+    for name, t in (*given, *inputs.items()):
         if needs_grad(t):
             raise SpecError(
                 f"{name} requires grad: paged KV caches are forward only (inference)",
@@ -308,16 +520,23 @@ def run(
 ):
     """The paged call: ``forward`` (the module's public forward, in ``"bhnd"``) once per group of rows of
     equal length on their gathered keys and values; returns what the module's call returns (``out``, or
-    ``(out, lse)``) in ``layout``. Everything is checked before any page is read."""
+    ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
-    restore = Restore(layout)
-    if layout == "bnhd" and isinstance(q, torch.Tensor) and q.dim() == 4:
-        q = q.transpose(1, 2)
+    inputs, k_new, v_new = _split_new_tokens(pat, inputs)
     check_caches(pat, q, k_cache, v_cache)
-    refuse_gradients(q, k_cache, v_cache, inputs)
-    pages = check_pages(pat, q, k_cache, block_table, cache_seqlens)
+    q = orient(q, k_cache.shape[2], layout)
+    layout = str(layout)  # named or not, from here on the layout the call runs in
+    restore = Restore(layout)
+    k_new, v_new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout)
+    cache_seqlens = as_seqlens(cache_seqlens, q.shape[0], k_cache.device)
+    refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
+    appended = 0 if k_new is None else k_new.shape[2]
+    pages = check_pages(pat, q, k_cache, block_table, cache_seqlens, appended)
     inputs = _check_inputs(pat, inputs, layout, q.shape[0], max(pages.lengths, default=0))
+    if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
+        _append(k_cache, block_table, cache_seqlens, k_new)
+        _append(v_cache, block_table, cache_seqlens, v_new)
     out = lse = None
     for length, group in pages.groups:
         rows = torch.tensor(group, device=q.device)

@@ -122,6 +122,10 @@ def _bind(runner, q, k, v, inputs, names, sizes) -> E.Bound:
     the same checks and refusals on every path, an empty batch's too)."""
     bound = _bound(runner, q, k, sizes)
     admit(runner, bound, q, k, v, _named(names, inputs))
+    # the shapes of a compiled call, for Attention.report() (an eager call keeps its own in the module)
+    runner.traced_call = {"n": q.shape[2], "nk": None if runner.pattern.self_attention else k.shape[2],
+                          "heads": q.shape[1], "head_dim": q.shape[3], "batch": q.shape[0],
+                          "sizes": _decode_sizes(sizes) or None}
     return bound
 
 

@@ -24,8 +24,11 @@ def _forward_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: lis
                   initial_state: torch.Tensor | None, key: str, names: str, sizes: str,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     runner = custom_op._runner(key)
-    out, state, _ = runner.run(q, k, v, custom_op._named(names, inputs), custom_op._decode_sizes(sizes), scale,
-                               initial_state)
+    out, state, chunk = runner.run(q, k, v, custom_op._named(names, inputs), custom_op._decode_sizes(sizes), scale,
+                                   initial_state)
+    # the shapes of a compiled call, for Attention.report() (an eager call keeps its own in the module)
+    runner.traced_call = {"n": q.shape[2], "heads": max(q.shape[1], v.shape[1]), "head_dim": q.shape[3],
+                          "batch": q.shape[0], "q_tile": chunk}
     return out.contiguous(), state.contiguous()
 
 

@@ -10,7 +10,7 @@ import torch
 from ...compiler import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
-from ..checks import check_qkv, check_state, resolve_scale
+from ..checks import check_qkv, check_state, resolve_scale, state_heads
 from ..numerics import compute_dtype, expand_kv
 from ..ops.common import Registered
 from ..runner import Support
@@ -26,17 +26,57 @@ def run(backend: str, rec: ir.RecurrenceIR, bound: E.Bound, q, k, v, tensors: di
     return rule_of(rec).run(backend, rec, bound, q, k, v, tensors, scale, initial_state, chunk, hardware, native)
 
 
-def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs: dict):
+def _one_token_shape(layout: str, lead: str, rest: str) -> str:
+    """The 4-d one-token shape of q, k, v or a gate in ``layout``, as text."""
+    return f"[{lead}1, H{rest}]" if layout == "bnhd" else f"[{lead}H, 1{rest}]"
+
+
+def step_gates(rec: ir.RecurrenceIR, layout: str, inputs: dict, heads: int) -> tuple[dict, dict]:
+    """A step's inputs declared ``[heads, n, ...]`` (the gates) as ``bind`` takes them (``[B, heads, 1, ...]``
+    or ``[heads, 1, ...]``), and what each was given as (name -> the shape text of its layout), for errors.
+    Each may come in the call's layout, ``[B, 1, heads, ...]`` under ``"bnhd"`` (fla's one-token gates) and
+    ``[B, heads, 1, ...]`` under ``"bhnd"``, or without the token axis, ``[B, heads, ...]`` as q's 3-d form;
+    the batch dimension optional. The readings cannot be confused: they differ in their leading extents
+    except where they hold the same values in the same order (one head, one batch row)."""
+    out, forms = dict(inputs), {}
+    for decl in rec.inputs:
+        t = inputs.get(decl.name)
+        if decl.dim_names[:2] != ("heads", "n") or not isinstance(t, torch.Tensor):
+            continue
+        rank, full = len(decl.dims), ((1, heads) if layout == "bnhd" else (heads, 1))
+        rest = "".join(f", {d}" for d in decl.dim_names[2:])
+        forms[decl.name] = (f"{_one_token_shape(layout, 'B, ', rest)} or [B, H{rest}] (the batch optional; "
+                            f"H = {heads})")
+        if t.dim() == rank and tuple(t.shape[:2]) == full:  # the layout's one-token form, unbatched
+            out[decl.name] = t.transpose(0, 1) if layout == "bnhd" else t
+        elif t.dim() == rank + 1 and tuple(t.shape[1:3]) == full:  # ... batched
+            out[decl.name] = t.transpose(1, 2) if layout == "bnhd" else t
+        elif t.dim() == rank and t.shape[1] == heads:  # no token axis, batched
+            out[decl.name] = t.unsqueeze(2)
+        elif t.dim() == rank - 1 and t.dim() > 0 and t.shape[0] == heads:  # no token axis, unbatched
+            out[decl.name] = t.unsqueeze(1)
+        else:
+            raise SpecError(f"input '{decl.name}' has shape {list(t.shape)}; one step under layout '{layout}' "
+                            f"takes {forms[decl.name]}", where=f"argument {decl.name}",
+                            hint="layout='bnhd' (to compile_attention or step) takes fla's [B, 1, H(, K)]"
+                            if layout == "bhnd" and (1, heads) in (tuple(t.shape[:2]), tuple(t.shape[1:3]))
+                            else None)
+    return out, forms
+
+
+def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs: dict, layout: str = "bhnd"):
     """``Attention.step``: one token of the recurrent form, for inference loops.
 
-    ``q`` ``[B, Hq, Dk]`` (or ``[B, Hq, 1, Dk]``), ``k`` ``[B, Hkv, Dk]``, ``v`` ``[B, Hkv, Dv]`` (same
-    rank as q), ``state`` ``[B, Hq, Dk, Dv]`` or None (zeros); gate inputs for this one token, with their
-    declared shape at n = 1 (``[heads, 1]``, ``[heads, 1, dk]``, optionally with a batch dimension).
-    Returns ``(o, new_state)``: ``o`` of q's rank and dtype, the state in the compute dtype."""
+    ``q`` ``[B, Hq, Dk]``, or 4-d with a token axis of 1 where ``layout`` puts it (``[B, Hq, 1, Dk]``;
+    ``[B, 1, Hq, Dk]`` under ``"bnhd"``, fla's), ``k`` ``[B, Hkv, Dk]``, ``v`` ``[B, Hkv, Dv]`` (q's form),
+    ``state`` ``[B, Hq, Dk, Dv]`` or None (zeros); gate inputs for this one token (``step_gates``: in the
+    layout's one-token form, or without the token axis). Returns ``(o, new_state)``: ``o`` in q's form
+    and dtype, the state in the compute dtype."""
 
     if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
         got = list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-        raise SpecError(f"expected one token: q [B, H, Dk] or [B, H, 1, Dk], got {got}", where="argument q")
+        raise SpecError(f"expected one token: q [B, H, Dk] or {_one_token_shape(layout, 'B, ', ', Dk')} "
+                        f"(layout '{layout}'), got {got}", where="argument q")
     squeeze = q.dim() == 3
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != q.dim():
@@ -44,17 +84,35 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
             raise SpecError(f"expected {q.dim()} dimensions like q, got {got}", where=f"argument {name}")
     if squeeze:
         q, k, v = q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2)
+    elif layout == "bnhd":
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[1] != 1:
+                raise SpecError(f"step takes one token: {name} [B, 1, H, D] under layout 'bnhd' (or [B, H, D]), "
+                                f"got {list(t.shape)}", where=f"argument {name}",
+                                hint="use the module's forward for a sequence" if t.shape[2] != 1 else
+                                "[B, H, 1, D] is layout 'bhnd''s one-token form: pass layout='bhnd'")
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     rule = rule_of(rec)
     check_qkv(q, k, v, gva=rule.facts.grouped_values)
+    given = inputs
+    inputs, forms = step_gates(rec, layout, inputs, state_heads(q, v))
     q, k = rule.prepare(rec, q, k, v)  # the rule's options on q and k, and GVA, as the forward's
     B, H, T, Dk = q.shape
     if T != 1 or k.shape[2] != 1:
         raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
-                        where="argument q")
+                        where="argument q",
+                        hint="[B, 1, H, D] is layout 'bnhd''s one-token form: pass layout='bnhd'" if H == 1 else None)
     Dv = v.shape[-1]
     scale = resolve_scale(scale, Dk)
-    bound, tensors = bind(rec, sizes, inputs, n=1, heads=H, dk=Dk, batch=B, device=q.device)
+    try:
+        bound, tensors = bind(rec, sizes, inputs, n=1, heads=H, dk=Dk, batch=B, device=q.device)
+    except SpecError as err:  # a gate's other dimensions: name the forms of the caller's layout
+        name = err.where.removeprefix("argument ") if err.where else None
+        if name not in forms or "has shape" not in err.message:
+            raise
+        raise SpecError(f"input '{name}' has shape {list(given[name].shape)}; one step under layout '{layout}' "
+                        f"takes {forms[name]}", where=err.where, hint=err.hint) from None
     dt = compute_dtype(q.dtype)
     rows = rule.facts.state_rows * Dk  # Titans: the memory, then its momentum
     if state is None:
@@ -65,7 +123,9 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
     out, new = rule.step(rec, tensors, q[:, :, 0].to(dt), expand_kv(k, H)[:, :, 0].to(dt),
                          expand_kv(v, H)[:, :, 0].to(dt), g, state.to(dt), float(scale))
     out = out.to(q.dtype)
-    return (out if squeeze else out.unsqueeze(2)), new
+    if squeeze:
+        return out, new
+    return (out.unsqueeze(1) if layout == "bnhd" else out.unsqueeze(2)), new
 
 
 class RecurrenceRunner(Registered):

@@ -67,8 +67,10 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
 
 def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -> tuple[torch.Tensor, dict]:
     """``return_block_max``'s buffer, each row's largest score per group of keys (-inf where none is attended), and
-    the kernel's ``BLOCK_MAX`` / ``BMAX_G``: the group is the block size, or the KV tile where the block holds whole
-    tiles. The tiles must be runs of the token order (1-D) and the block a multiple or a divisor of the KV tile."""
+    the kernel's ``BLOCK_MAX`` / ``BMAX_G`` / ``BMAX_C``: the group is the block size, or the KV tile where the block
+    holds whole tiles; ``BMAX_C`` the groups in a tile, the buffer's columns per KV tile (a tile's, not its BLOCK_N's: the
+    kernel stores no group of a padded tile's padding). The tiles must be runs of the token order (1-D) and the block
+    a multiple or a divisor of the KV tile."""
     where = "argument return_block_max"
     if len(launch.config.q_tile) != 1 or len(launch.config.kv_tile) != 1 or launch.plan.bound.is_block or \
             launch.plan.bound.q_offset:
@@ -82,7 +84,7 @@ def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -
     group = min(size, tile)
     columns = launch.plan.schedule.num_kv_tiles * (tile // group)
     return (torch.full((B, Hq, rows, columns), -math.inf, dtype=torch.float32, device=device),
-            {"BLOCK_MAX": True, "BMAX_G": group})
+            {"BLOCK_MAX": True, "BMAX_G": group, "BMAX_C": tile // group})
 
 
 def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:

@@ -476,12 +476,13 @@ class TritonAttention(torch.autograd.Function):
 
 # ----------------------------------------------------------------- what users read
 def emit(pattern: ir.PatternIR, *, n: int | None = None, nk: int | None = None, heads: int = 1,
-         sizes: dict | None = None, q_tile=None, kv_tile=None, device: str = "cpu") -> str:
+         sizes: dict | None = None, q_tile=None, kv_tile=None, device: str = "cpu", dk: int = 128) -> str:
     """The kernel source a call at these sizes would run (``attnc emit``): the
-    schedule shape only depends on the sizes and tiles, not on the lists."""
+    schedule shape only depends on the sizes and tiles, not on the lists. ``dk``: the head dim, which sizes an
+    input declared over ``dk`` (music_relative's ``E``, cluster_mask's ``centroids``) as a call's q does."""
     if not isinstance(pattern, ir.PatternIR):
         raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to emit", where="argument pattern")
-    bound = E.bind_sizes(pattern, n=n, nk=nk, heads=heads, sizes=sizes)
+    bound = E.bind_sizes(pattern, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk)
     config = default_config(pattern, bound, q_tile, kv_tile, device=torch.device(device))
     q_ext, kv_ext = schedule_extents(pattern, bound, config)
     shape = ScheduleShape(q_ext, kv_ext, tuple(config.q_tile), tuple(config.kv_tile))
