@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,10 @@ class _RootIsNoTestPackage:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_RootIsNoTestPackage(), "attnc-root-is-no-test-package")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # one xdist worker per core already fills the cores: torch's own thread pool on top of that (a thread
+        # per core in every worker) only makes the workers' threads wait for each other
+        import torch
+
+        torch.set_num_threads(1)
+

@@ -46,7 +46,8 @@ def _window(n, nk=None, window=30):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "auto"])
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
 def test_every_backend_pools_the_softmax(backend, size):
-    q, k, v = _qkv(size)
+    # the interpreter runs each program in Python: one batch of two query heads over one K/V head there
+    q, k, v = _qkv(size, B=1, H=2, Hkv=1) if backend == "triton" else _qkv(size)
     dtype = torch.float32 if backend == "triton" else torch.float64
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     attn = attnc.compile_attention(WINDOW, backend=backend)
@@ -69,7 +70,7 @@ def test_random_sizes_on_the_cpu_backend(n, size, window, seed):
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_terms_and_weights_are_pooled_as_the_probabilities(backend):
     """A bias input and sigmoid weights (the map is of the weights divided by their row sum)."""
-    q, k, v = _qkv(5)
+    q, k, v = _qkv(5, B=1) if backend == "triton" else _qkv(5)  # one batch under the interpreter
     g = torch.Generator().manual_seed(1)
     b = torch.randn(4, 70, generator=g, dtype=torch.float64)
     src = WINDOW.replace("pattern w(", "pattern wb(") + "  input b: float[heads, n]\n  bias b[h, k]\n  weights sigmoid(s)\n"

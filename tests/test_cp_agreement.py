@@ -42,25 +42,35 @@ WORDS = {
 }
 
 
-def spawn(case: dict, out_dir, world: int = 2, timeout: float = 180.0) -> list[dict]:
-    """Each rank's result; never waits past ``timeout`` (the ranks are killed)."""
-    ranks.spawn(worker, world, [case], out_dir, timeout)
-    return [ranks.result(out_dir / f"case0-rank{r}.pt") for r in range(world)]
+#: the case of ranks compiled alike, with valid gates: they run
+ALIKE = dict(GATED, gate=-1.0, backend="cpu")
+#: one worker runs the whole module: its fixture spawns the two ranks once for every case
+pytestmark = pytest.mark.xdist_group("cp_agreement")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, list[dict]]:
+    """Each case's result on each rank, from one spawn of two ranks that run every case in turn (never
+    waiting past the deadline: the ranks are killed). Every case below ends before any collective it
+    could be stuck in, or after one every rank reached: the next case starts with the ranks in step."""
+    out = tmp_path_factory.mktemp("cp_agreement")
+    names = [*CASES, "alike"]
+    ranks.spawn(worker, 2, [CASES.get(name, ALIKE) for name in names], out, timeout=300.0)
+    return {name: [ranks.result(out / f"case{i}-rank{r}.pt") for r in range(2)] for i, name in enumerate(names)}
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_every_rank_raises_the_same_error(tmp_path, name):
-    ranks = spawn(CASES[name], tmp_path)
-    for r, got in enumerate(ranks):
+def test_every_rank_raises_the_same_error(results, name):
+    got_ranks = results[name]
+    for r, got in enumerate(got_ranks):
         assert "crash" not in got, f"rank {r}:\n{got['crash']}"
         assert got["error"] is not None, f"rank {r} ran: {got}"
-    assert WORDS[name] in ranks[0]["error"], ranks[0]["error"]
-    assert ranks[1]["error"] == ranks[0]["error"] and ranks[1]["where"] == ranks[0]["where"]
-    assert ranks[0]["where"] == ("argument attn" if "params_on_rank1" in CASES[name] else "argument g")
+    assert WORDS[name] in got_ranks[0]["error"], got_ranks[0]["error"]
+    assert got_ranks[1]["error"] == got_ranks[0]["error"] and got_ranks[1]["where"] == got_ranks[0]["where"]
+    assert got_ranks[0]["where"] == ("argument attn" if "params_on_rank1" in CASES[name] else "argument g")
 
 
-def test_identical_attentions_compiled_on_each_rank_still_agree(tmp_path):
+def test_identical_attentions_compiled_on_each_rank_still_agree(results):
     """The pattern's identity is a digest of its IR, stable across processes: ranks that compile the same
     pattern each on its own run (with valid gates)."""
-    ranks = spawn(dict(GATED, gate=-1.0, backend="cpu"), tmp_path)
-    assert ranks == [{"error": None, "finite": True}] * 2, ranks
+    assert results["alike"] == [{"error": None, "finite": True}] * 2, results["alike"]

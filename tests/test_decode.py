@@ -373,8 +373,8 @@ def test_routed_decode_steps_plan_nothing_on_the_host_as_the_cache_grows(name, m
     attn = compile_attention(f"stdlib:{name}", backend="triton", **ROUTED_DECODE[name])
     ref = compile_attention(f"stdlib:{name}", backend="reference", **ROUTED_DECODE[name])
     q, k, v = _qkv(150, heads=4, hkv=2, d=16, batch=2)
-    for rows in (1, 3):
-        for step, nk in enumerate((61, 62, 63, 64, 65, 66, 129, 130, 150)):
+    for rows in (1, 3):  # lengths within one range of 64, across its end, and two ranges on
+        for step, nk in enumerate((61, 63, 64, 65, 129, 150)):
             want = ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk])[:, :, -rows:]
             out = attn(q[:, :, nk - rows : nk].float(), k[:, :, :nk].float(), v[:, :, :nk].float())
             torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
