@@ -55,6 +55,10 @@ DECODE_Q_TILE = 64
 DECODE_KV_TILE = 64
 #: Split counts tried at most (each split at least one KV tile as well).
 MAX_SPLITS = 256
+#: The most rows of one packed tile: the Q tile's rows of every query head sharing a K/V head (``packed_rows``).
+#: 64, a Q tile the forward's registers hold at head dims up to 128 (FlashDecoding's and FlashInfer's grouped decode
+#: pack a group's heads into 16 to 64 rows).
+PACKED_ROWS = 64
 #: A larger split count is taken only when its makespan is more than this fraction shorter than the
 #: smaller one's: each split writes fp32 partials that a second kernel combines.
 SPLIT_SLACK = 0.10
@@ -230,6 +234,17 @@ class SplitChoice:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def packed_rows(group: int, q_tile: int) -> int | None:
+    """The BLOCK_M of a forward whose program takes one K/V head and packs the Q tile's ``q_tile`` rows of each of
+    its ``group`` query heads into one tile (``attnc_fwd_grouped``: each K/V tile read once per group, as this
+    model counts the bytes), or None where it does not apply: no group (one query head per K/V head), or more rows
+    than ``PACKED_ROWS`` (a prefill's Q tiles fill their tile with one head's rows already)."""
+    rows = group * q_tile
+    if group < 2 or rows > PACKED_ROWS:
+        return None
+    return max(16, 1 << (rows - 1).bit_length())
 
 
 def split_makespan(row_tiles: list[int], repeat: int, splits: int, sms: int) -> float:

@@ -38,6 +38,8 @@ from .runner import Call
 
 #: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
 BOUND_CACHE_SIZE = 16
+#: Bound launchers (and signatures seen once) kept per module; least recently used dropped.
+LAUNCHER_CACHE_SIZE = 16
 
 Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR
 
@@ -49,6 +51,14 @@ def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
                             where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
         return pattern
     return load(pattern, name=name, **params)
+
+
+def _replayable(pattern, runner) -> bool:
+    """Whether a module's plain calls may be replayed by a bound launcher (``Attention._launched``): a softmax
+    pattern whose launches depend on the call's signature alone (no call-time or derived inputs, no route, no
+    `scale E` clause multiplied into q per call) on a runner that binds launchers."""
+    return (isinstance(pattern, ir.PatternIR) and hasattr(runner, "launcher") and not pattern.inputs
+            and pattern.route is None and pattern.decay is None and pattern.score_scale is None)
 
 
 def _refuse_bucketed(pat: Pattern, what: str) -> None:
@@ -170,6 +180,15 @@ class Attention(torch.nn.Module):
         # (a `scale E` clause) find it by this key under torch.compile
         self._varlen_key = ops.register(self)
         self._last_call: dict | None = None
+        #: signature -> (bound launcher or None, calls seen) of calls the runner may replay (``_launch_key``);
+        #: None where the module's calls are never replayed
+        self._launchers: PlanCache | None = PlanCache(LAUNCHER_CACHE_SIZE) if _replayable(pattern, self.runner) else None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state.get("_launchers") is not None:  # kernels and device tensors: a copy binds its own
+            state = {**state, "_launchers": PlanCache(LAUNCHER_CACHE_SIZE)}
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -247,6 +266,85 @@ class Attention(torch.nn.Module):
         k: torch.Tensor | None = None,
         v: torch.Tensor | None = None,
         /,  # q=, k=, v= by keyword are bound by bind_qkv: k=, v= beside k, v are a paged call's new ones
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        initial_state: torch.Tensor | None = None,
+        return_state: bool = False,
+        sizes: dict | None = None,
+        layout: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        block_table: torch.Tensor | None = None,
+        cache_seqlens: torch.Tensor | None = None,
+        selection: torch.Tensor | None = None,
+        return_selection: bool = False,
+        return_block_max: int | None = None,
+        key_summary: kept_summary.KeySummary | None = None,
+        **inputs,
+    ):
+        if (not inputs and sizes is None and layout is None and cu_seqlens is None and block_table is None
+                and cache_seqlens is None and selection is None and return_selection is False
+                and return_block_max is None and key_summary is None and initial_state is None
+                and return_state is False and self.__dict__.get("_launchers") is not None
+                and self.layout == "bhnd"):
+            key = self._launch_key(q, k, v, scale, return_lse)
+            if key is not None:  # a call its runner may replay (runner.launcher): plan once, run many
+                return self._launched(key, q, k, v, scale, return_lse)
+        return self._forward_call(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
+                                  return_state=return_state, sizes=sizes, layout=layout, cu_seqlens=cu_seqlens,
+                                  block_table=block_table, cache_seqlens=cache_seqlens, selection=selection,
+                                  return_selection=return_selection, return_block_max=return_block_max,
+                                  key_summary=key_summary, **inputs)
+
+    def _launch_key(self, q, k, v, scale, return_lse) -> tuple | None:
+        """The signature a bound launcher is kept by, or None where this call is not one to replay: not plain
+        tensors, a gradient to record, a trace, autocast, a block max asked for, a scale or flag of another type."""
+        if torch.compiler.is_compiling():  # a trace runs the ordinary path (its ops)
+            return None
+        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+            return None
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
+            return None
+        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
+            return None
+        # the data pointers' alignment: whether a kernel may load by tensor descriptors (TMA) differs with it
+        return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
+                k.device, v.device, q is k, k is v, q is v, (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16, scale,
+                tuple(self.sizes.items()), self.runner.launch_knobs())  # not return_lse: the lse is made either way
+
+    def _launched(self, key: tuple, q, k, v, scale, return_lse: bool):
+        """A call of a signature seen before: its bound launcher replayed (``runner.launcher``; built at the
+        signature's second call, so that a signature seen once, a decode step of a growing cache, builds none);
+        else the ordinary call, which runs every check."""
+        entry = self._launchers.get(key)
+        if entry is not None and entry[0] is not None:
+            got = entry[0](q, k, v)
+            if got is not None:
+                self.__dict__["_last_call"] = entry[1]
+                out = unnormalized_output(self.pattern, *got)
+                return (out, got[1]) if return_lse else out
+            del self._launchers[key]  # out of resources: the ordinary call falls back to smaller tiles
+            entry = None
+        result = self._forward_call(q, k, v, scale=scale, return_lse=return_lse)
+        if entry is None:
+            self._launchers[key] = (None, 1)
+        elif entry[1] == 1:  # seen twice and answered: bind it (None: the runner does not replay it)
+            D = q.shape[-1]
+            weights = getattr(self.pattern, "weights", None)
+            call = self._bind_call(q, k, v, resolve_scale(scale, D), return_lse or (
+                weights is not None and not weights.normalized), dict(self.sizes), {})
+            launcher = self.runner.launcher(call, q, k, v)
+            self._launchers[key] = (launcher, self._last_call) if launcher is not None else (None, 2)
+        return result
+
+    def _forward_call(
+        self,
+        q: torch.Tensor | None = None,
+        k: torch.Tensor | None = None,
+        v: torch.Tensor | None = None,
+        /,
         *,
         scale: float | None = None,
         return_lse: bool = False,

@@ -720,7 +720,7 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     assert matrix.done_cells(ws) == {("causal", 90, 128, "bf16", False, False, True, None, 1, False, True)}
 
 
-def _record_decode(pat, arch: int, d: int, n: int, nk: int) -> list:
+def _record_decode(pat, arch: int, d: int, n: int, nk: int, heads: int = 8, kv_heads: int = 2) -> list:
     """The launches of ``n`` queries after a KV cache of ``nk`` keys (forward only: the split-KV path), 8 query
     heads on 2 K/V heads, as a GPU of ``arch`` would launch them (its SMs, its hardware model's block sizing)."""
     from attnc.runtime.backends.triton import runner as TB
@@ -732,11 +732,31 @@ def _record_decode(pat, arch: int, d: int, n: int, nk: int) -> list:
     attn = attnc.compile_attention(pat, backend="triton")
     attn.runner = Native(attn.pattern)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 8, n, d, generator=g).bfloat16()
-    k, v = (torch.randn(1, 2, nk, d, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(1, heads, n, d, generator=g).bfloat16()
+    k, v = (torch.randn(1, kv_heads, nk, d, generator=g).bfloat16() for _ in range(2))
     with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
         attn(q, k, v)
     return records
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_grouped_forward_of_few_rows_compiles_fits_and_runs_on_tensor_cores(arch):
+    """A decode step and 3 and 8 queries after a sliding window's cache of 8192 keys, 16 query heads on 2 K/V heads:
+    the grouped forward (``attnc_fwd_grouped``, the 8 query heads of a K/V head packed in 16, 32 and 64 rows) and
+    the merge of its splits compile for the arch at d 128, fit at their recorded launch parameters and do not
+    spill; its dots on tensor cores (the 64-row tile on sm_90's wgmma)."""
+    pat = attnc.load("stdlib:sliding_window", window=1024)
+    for n, rows in ((1, 16), (3, 32), (8, 64)):
+        records = _record_decode(pat, arch, 128, n, 8192, heads=16, kv_heads=2)
+        assert [r.name for r in records] == ["attnc_fwd_grouped", "attnc_fwd_combine"]
+        fwd = records[0]
+        assert fwd.kwargs["BLOCK_M"] == rows and fwd.grid[:2] == (1, 2) and fwd.kwargs["SPLIT_KV"], fwd.grid
+        reports = [G.check_launch(r, arch, pattern=f"sliding_window_gqa_decode_{n}", head_dim=128, dtype="bf16")
+                   for r in records]
+        assert all(r.ok and not r.fell_back and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
+        assert reports[0].mma + reports[0].wgmma > 0, "\n" + G.table(reports)
+        if arch == 90 and rows == 64:
+            assert reports[0].wgmma > 0, "\n" + G.table(reports)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -748,7 +768,8 @@ def test_split_kv_forward_compiles_fits_and_runs_on_tensor_cores(arch):
     pat = attnc.load(CAUSAL)
     for n in (1, 64):
         records = _record_decode(pat, arch, 128, n, 8192)
-        assert [r.name for r in records] == ["attnc_fwd", "attnc_fwd_combine"]
+        # one query: the 4 query heads of a K/V head packed in one program (attnc_fwd_grouped)
+        assert [r.name for r in records] == ["attnc_fwd_grouped" if n == 1 else "attnc_fwd", "attnc_fwd_combine"]
         fwd, combine = records
         assert fwd.kwargs["SPLIT_KV"] and len(fwd.grid) == 3 and fwd.grid[2] > 1, fwd.grid
         reports = [G.check_launch(r, arch, pattern=f"causal_decode_{n}", head_dim=128, dtype="bf16")

@@ -34,6 +34,8 @@ PATTERNS = [
 CASES = [(1, 257, (2, 7)), (3, 130, (1, 3))]
 #: grouped-query attention, 2 query heads on 1 K/V head: the interpreter's cost grows with the query heads
 HEADS, KV_HEADS, D = 2, 1, 16
+#: the forward kernels: one program per query head, or per K/V head with its group packed (a few rows after a cache)
+FORWARDS = ("attnc_fwd", "attnc_fwd_grouped")
 
 
 def qkv(nk: int, seed: int, batch: int = 2) -> tuple[torch.Tensor, ...]:
@@ -84,13 +86,15 @@ def test_split_forward_equals_the_reference(monkeypatch, name, spec, params, wit
             out, lse = tri(qf, kf, vf, return_lse=True, **extra)
             torch.testing.assert_close(out.double(), want[:, :, -n:], rtol=2e-5, atol=2e-5)
             torch.testing.assert_close(lse.double(), want_lse[:, :, -n:], rtol=2e-5, atol=2e-5)
-            forward = [grid for kernel, grid in launched if kernel == "attnc_fwd"]
+            forward = [grid for kernel, grid in launched if kernel in FORWARDS]
             combine = [grid for kernel, grid in launched if kernel == "attnc_fwd_combine"]
             if splits == 1:  # the kernel as before: two launch axes, no merge
                 assert [len(g) for g in forward] == [2] and not combine, launched
             else:
                 assert [g[2] for g in forward] == [splits] and len(combine) == 1, launched
-                assert combine[0][1] == forward[0][1] == 2 * HEADS  # batch x query heads
+                assert combine[0][1] == 2 * HEADS  # batch x query heads
+                # a group's query heads packed in one program (attnc_fwd_grouped); a route's, one each
+                assert forward[0][1] == 2 * (HEADS if name == "moba" else KV_HEADS)
 
 
 def test_rows_without_any_key_stay_empty(monkeypatch):
@@ -122,12 +126,12 @@ def test_the_runner_chooses_splits_for_a_decode_step_and_none_for_a_prefill(monk
     out, lse = attn(*(t.float() for t in (q[:, :, -1:], k, v)), return_lse=True)
     torch.testing.assert_close(out.double(), want[:, :, -1:], rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(lse.double(), want_lse[:, :, -1:], rtol=2e-5, atol=2e-5)
-    grid = next(g for kernel, g in launched if kernel == "attnc_fwd")
+    grid = next(g for kernel, g in launched if kernel == "attnc_fwd_grouped")
     sched = attn.runner.last_schedule
     tiles = (sched.full_count + sched.partial_count).reshape(-1).tolist()
     assert tiles == [10] and KL.CPU_SMS == 132
-    expected = split_kv(tiles, HEADS, KL.CPU_SMS).splits
-    assert expected > 1 and grid == (1, HEADS, expected)
+    expected = split_kv(tiles, KV_HEADS, KL.CPU_SMS).splits  # a program per K/V head: its group packed
+    assert expected > 1 and grid == (1, KV_HEADS, expected)
     launched.clear()
     q, k, v = qkv(128, seed=2, batch=1)
     out = attn(*(t.float() for t in (q, k, v)))
@@ -157,14 +161,14 @@ def test_a_call_that_needs_gradients_keeps_one_program_per_q_tile(monkeypatch):
 
     for got, want in zip(grads("triton"), grads("reference"), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-    assert [len(g) for kernel, g in launched if kernel == "attnc_fwd"] == [2]
+    assert [len(g) for kernel, g in launched if kernel in FORWARDS] == [2]
     assert not [kernel for kernel, _ in launched if kernel == "attnc_fwd_combine"]
     launched.clear()
     with torch.no_grad():
         attnc.compile_attention(CAUSAL, backend="triton")(
             *(t.float().requires_grad_() for t in (q[:, :, -2:], k, v))
         )
-    assert [g for kernel, g in launched if kernel == "attnc_fwd"] == [(1, HEADS, 3)]
+    assert [g for kernel, g in launched if kernel in FORWARDS] == [(1, KV_HEADS, 3)]  # the group in one program
 
 
 def test_choose_splits_is_the_decode_rule(monkeypatch):

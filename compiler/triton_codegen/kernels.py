@@ -1,6 +1,7 @@
 """The kernel functions of a module: ``attnc_fwd`` (FlashAttention-2 online softmax over the
 FULL and PARTIAL KV tiles of each Q tile; with ``SPLIT_KV``, a share of them per split, whose partial
-out and lse ``attnc_fwd_combine`` merges), ``attnc_bwd_delta`` (the backward's row term
+out and lse ``attnc_fwd_combine`` merges), ``attnc_fwd_grouped`` (a block's few rows with K/V heads shared: the
+query heads of a K/V head packed in one tile, each K/V tile read once per group), ``attnc_bwd_delta`` (the backward's row term
 ``rowsum(dO * O) - dlse``, one read of each), ``attnc_bwd_dq`` (dQ over the same lists) and
 ``attnc_bwd_dkdv`` (dK, dV over the transposed lists; with ``ATOMIC_DQ`` also dQ, added by atomics,
 and no dQ kernel runs): their parameters, program
@@ -252,29 +253,7 @@ class KernelBodies:
             "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
             "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
         ]
-        to_l2 = " * s_exp" if in_exp else ""
-        update = ["if BLOCK_MAX:  # return_block_max: each row's largest score (log2 units) per BMAX_G keys of this tile",
-                  "    # the buffer holds the tile's own BMAX_C groups (KV tile // BMAX_G), not BLOCK_N's: a tile that is",
-                  "    # no power of two is padded to BLOCK_N slots, whose groups past the tile are not stored",
-                  "    bm_row = BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h + q_row.to(tl.int64) * sbm_n "
-                  "+ kt * BMAX_C",
-                  "    if BLOCK_N % BMAX_G == 0:  # a power-of-two group: the tile's slots as [groups, BMAX_G]",
-                  f"        bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum){to_l2}",
-                  "        bm_col = tl.arange(0, BLOCK_N // BMAX_G)",
-                  "        tl.store(bm_row[:, None] + bm_col[None, :], bm, mask=q_ok[:, None] & (bm_col[None, :] < BMAX_C))",
-                  "    else:  # a group of another size has no power-of-two shape to reshape to: one group at a time",
-                  "        for bm_c in tl.static_range(BMAX_C):",
-                  "            bm_in = (k_slot >= bm_c * BMAX_G) & (k_slot < (bm_c + 1) * BMAX_G)",
-                  "            bm = tl.reduce(tl.where(bm_in[None, :], s, float(\"-inf\")), 1, _maximum)" + to_l2,
-                  "            tl.store(bm_row + bm_c, bm, mask=q_ok)",
-                  "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
-                  "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
-                  'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
-                  "alpha = tl.exp2(m_i - m_use)",
-                  "pr = tl.exp2(s" + (" * s_exp" if in_exp else "") + " - m_use[:, None])",
-                  "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
-                  "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
-                  "m_i = m_new"]
+        update = self._softmax_update(in_exp)
         loops: list[str] = []
         for kind, masked in (("FULL", False), ("PART", True)):
             loops += [
@@ -295,6 +274,142 @@ class KernelBodies:
         body += self._forward_epilogue()
         return kernel_def("attnc_fwd", params,
                           "Forward: one program per (Q tile, batch x query head) (x split, with SPLIT_KV).", body)
+
+    def grouped_forward_applies(self) -> bool:
+        """Whether the module has ``attnc_fwd_grouped``: a block's (queries after a KV cache, whose few rows a
+        program of one query head leaves mostly empty) of a pattern with no route (its selection and lists are
+        per query head) and no FoX decay (its gates are per query head)."""
+        return self.block and self.pat.route is None and self.pat.decay is None
+
+    def _forward_grouped(self) -> str:
+        """The forward of a few query rows with K/V heads shared (``attnc_fwd_grouped``): one program per (Q tile,
+        batch x K/V head), the rows of the GROUP query heads sharing that K/V head packed into one tile (row r:
+        query r % T of the Q tile, for query head r // T of the group; T the Q tile's rows), so each K/V tile is
+        read once per group rather than once per query head, and one dot gives the scores of every head. The
+        score terms read each row's own head (``h``, a column: a per-head mask, bias factor or softcap), the lists
+        are the group's (``runtime.backends.triton.grouped``: FULL where FULL for every head of the group), and
+        out and lse go to each row's own head. FlashDecoding's and FlashInfer's grouped decode."""
+        in_exp = scale_in_exponent(self.pat)
+        tile = self.shape.q_tile[0]
+        params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
+                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *self._common_params(),
+                  "scale", "GROUP", "D", "DV",
+                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *run_params("FULL", "PART"),
+                  "SPLIT_KV: tl.constexpr = False"]
+        if in_exp:
+            params.append("POS_SCALE: tl.constexpr = False")
+        body = [
+            "qt = tl.program_id(0)  # the Q tile",
+            "bkv = tl.program_id(1)",
+            f"batch = bkv // ({self.bound.heads} // GROUP)",
+            f"kvh = bkv % ({self.bound.heads} // GROUP)  # the K/V head; its query heads kvh * GROUP + g",
+            "cls = batch * cls_b + kvh * cls_h  # which tile lists serve this (batch, group)",
+            "if SPLIT_KV:  # flash decoding: a share of the group's KV tiles per split (see attnc_fwd)",
+            "    split = tl.program_id(2)",
+            "    splits = tl.num_programs(2)",
+            f"# packed rows: row r holds query r % {tile} of the Q tile for query head r // {tile} of the group",
+            "q_pack = tl.arange(0, BLOCK_M)",
+            f"q_g = tl.minimum(q_pack // {tile}, GROUP - 1)  # padded rows take the last head: in range, never stored",
+            f"q_tok = qt * {tile} + q_pack % {tile}",
+            f"q_ok = (q_pack < GROUP * {tile}) & (q_tok < Q_EXT)",
+            "q_row = q_tok" + (".to(tl.int64)  # token offsets exceed int32 at these sizes" if self.wide_rows else ""),
+            "q_tok = q_tok + Q_OFF  # the block's rows -> absolute positions",
+            *self._packed_coordinates(),
+            "h_row = kvh * GROUP + q_g  # each row's query head",
+            "h = h_row[:, None]  # as the score terms read it: a column, each row its own head",
+            "d = tl.arange(0, BLOCK_D)",
+            "dv = tl.arange(0, BLOCK_DV)",
+            "q_at = batch.to(tl.int64) * sq_b + h_row.to(tl.int64) * sq_h + q_row * sq_n",
+            "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
+            "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
+            "q = tl.load(Q + q_at[:, None] + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+            f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
+        ]
+        if in_exp:
+            body += [
+                "if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
+                "    s_now = 1.0",
+                "    s_exp = scale_l2",
+                "else:",
+                "    s_now = scale_l2",
+                "    s_exp = 1.0"]
+        body += [
+            *self._head_setup(),
+            "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)  # running row max",
+            "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
+            "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
+        ]
+        update = self._softmax_update(in_exp, block_max=False)
+        for kind, masked in (("FULL", False), ("PART", True)):
+            body += [
+                "",
+                f"# ---- {'FULL KV tiles of every head of the group' if not masked else 'PARTIAL KV tiles (mask evaluated per row, at its head)'}",
+                *list_loop(kind, self.shape_tiles_q(), "qt", split=True),
+            ]
+            body += nested([*list_tile(kind, "kt", "the KV tile, read once for the whole group"),
+                            *self._tiles("k", "kt", edge=not masked), *KV_LOADS,
+                            "qk = _dot(q, tl.trans(kk), DOT)",
+                            *self._terms(masked, grad=False),
+                            *update])
+        body += [
+            "",
+            "# ---- epilogue: normalise; each row's out and lse to its own head (a split's partials with SPLIT_KV)",
+            "empty = l_i == 0.0",
+            "out = acc / tl.where(empty, 1.0, l_i)[:, None]",
+            f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * {LN2!r})  # natural log',
+            "o_at = batch.to(tl.int64) * so_b + h_row.to(tl.int64) * so_h + q_row * so_n",
+            "l_at = batch.to(tl.int64) * sl_b + h_row.to(tl.int64) * sl_h + q_row",
+            "if SPLIT_KV:  # this split's partials: O and LSE are fp32 buffers [splits, B, H, rows (, DV)]",
+            "    o_at += split.to(tl.int64) * so_s",
+            "    l_at += split.to(tl.int64) * sl_s",
+            "tl.store(O + o_at[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < DV))",
+            "tl.store(LSE + l_at, lse, mask=q_ok)",
+        ]
+        return kernel_def("attnc_fwd_grouped", params,
+                          "Forward of a few rows: one program per (Q tile, batch x K/V head) (x split), its query "
+                          "heads' rows packed in one tile.", body)
+
+    def _packed_coordinates(self) -> list[str]:
+        """A grid layout's coordinates of the packed rows' queries (``q_c{i}``, from their absolute tokens in
+        row-major order), as ``triton_tiles.tile_code`` gives a block's."""
+        coords, stride = [], 1
+        for i in reversed(range(len(self.q_axes))):
+            coords.append(f"q_c{i} = (q_tok // {stride}) % {self.q_axes[i]}" if stride > 1 else
+                          f"q_c{i} = q_tok % {self.q_axes[i]}")
+            stride *= self.q_axes[i]
+        return coords[::-1]
+
+    def _softmax_update(self, in_exp: bool, block_max: bool = True) -> list[str]:
+        """The lines after a KV tile's scores ``s``: the online softmax update of ``m_i``, ``l_i`` and ``acc``, in
+        log2 units; ``block_max``: first ``BLOCK_MAX``'s store of the tile's row maxima (the one-head forward)."""
+        to_l2 = " * s_exp" if in_exp else ""
+        lines = []
+        if block_max:
+            lines += [
+                "if BLOCK_MAX:  # return_block_max: each row's largest score (log2 units) per BMAX_G keys of this tile",
+                "    # the buffer holds the tile's own BMAX_C groups (KV tile // BMAX_G), not BLOCK_N's: a tile that is",
+                "    # no power of two is padded to BLOCK_N slots, whose groups past the tile are not stored",
+                "    bm_row = BM + batch.to(tl.int64) * sbm_b + h.to(tl.int64) * sbm_h + q_row.to(tl.int64) * sbm_n "
+                "+ kt * BMAX_C",
+                "    if BLOCK_N % BMAX_G == 0:  # a power-of-two group: the tile's slots as [groups, BMAX_G]",
+                f"        bm = tl.reduce(tl.reshape(s, [BLOCK_M, BLOCK_N // BMAX_G, BMAX_G]), 2, _maximum){to_l2}",
+                "        bm_col = tl.arange(0, BLOCK_N // BMAX_G)",
+                "        tl.store(bm_row[:, None] + bm_col[None, :], bm, mask=q_ok[:, None] & (bm_col[None, :] < BMAX_C))",
+                "    else:  # a group of another size has no power-of-two shape to reshape to: one group at a time",
+                "        for bm_c in tl.static_range(BMAX_C):",
+                "            bm_in = (k_slot >= bm_c * BMAX_G) & (k_slot < (bm_c + 1) * BMAX_G)",
+                "            bm = tl.reduce(tl.where(bm_in[None, :], s, float(\"-inf\")), 1, _maximum)" + to_l2,
+                "            tl.store(bm_row + bm_c, bm, mask=q_ok)"]
+        return lines + [
+            "# online softmax update, in log2 units (rows with no allowed key so far stay at zero)",
+            "m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum)" + (" * s_exp)" if in_exp else ")"),
+            'm_use = tl.where(m_new == float("-inf"), 0.0, m_new)',
+            "alpha = tl.exp2(m_i - m_use)",
+            "pr = tl.exp2(s" + to_l2 + " - m_use[:, None])",
+            "l_i = l_i * alpha + tl.reduce(pr, 1, _add)",
+            "acc = acc * alpha[:, None] + _dot(pr.to(vv.dtype), vv, DOT)",
+            "m_i = m_new"]
 
     @staticmethod
     def _forward_epilogue() -> list[str]:

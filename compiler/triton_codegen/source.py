@@ -199,8 +199,10 @@ class KernelSource(ScoreLines, KernelBodies):
             if self.bias_head_text is not None:
                 parts.append(self._bias_head_fn())
             parts.append(self._bias_fn())
-        parts += [self._forward(), self._forward_combine(), self._backward_delta(), self._backward_dq(),
-                  self._backward_dkdv()]
+        parts.append(self._forward())
+        if self.grouped_forward_applies():
+            parts.append(self._forward_grouped())
+        parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 
     def _header(self) -> str:
@@ -222,6 +224,8 @@ class KernelSource(ScoreLines, KernelBodies):
             "",
             "attnc_fwd        online softmax over each Q tile's FULL then PARTIAL KV tiles (SPLIT_KV: over a",
             "                 share of them, a partial out and lse per split)",
+            *(["attnc_fwd_grouped  a few rows with K/V heads shared: a group's query heads packed in one tile,",
+               "                 each K/V tile read once per group"] if self.grouped_forward_applies() else []),
             "attnc_fwd_combine  split-KV: the splits' partials merged by log-sum-exp",
             "attnc_bwd_delta  the backward's row term rowsum(dO * O) - dlse, in token order",
             "attnc_bwd_dq     dQ (and per-query sums of dS) over the same lists",

@@ -1,8 +1,11 @@
 """The forward pass of the generated Triton kernels: ``(out, lse)`` of one launch, with split-KV
-(flash decoding) for forward-only calls, and the bias index errors the kernel found."""
+(flash decoding) for forward-only calls, the grouped-query forward of a few rows after a KV cache
+(``grouped``), and the bias index errors the kernel found."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -14,9 +17,33 @@ from ....compiler.triton_codegen.scores import scale_in_exponent
 from ....core.errors import SpecError
 from ...plan import block_max
 from ...tritonenv import interpreting
+from . import grouped, split_kv, tma
 from . import kernel_launch as KL
-from . import split_kv, tma
 from .kernel_launch import Launch
+
+#: While ``recording()`` runs: the list the forward's launches are appended to instead of launched.
+_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("attnc_forward_record", default=None)
+
+
+@contextlib.contextmanager
+def recording():
+    """Run ``forward`` without launching: each launch ``(launch, kernel, grid, args, meta, backward)`` is appended
+    to the yielded list (``launcher.build`` replays them at later calls of the same signature)."""
+    made: list = []
+    token = _RECORD.set(made)
+    try:
+        yield made
+    finally:
+        _RECORD.reset(token)
+
+
+def _launch(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
+    """``KL.launch_kernel``, or the launch recorded (``recording``)."""
+    made = _RECORD.get()
+    if made is not None:
+        made.append((launch, kernel, grid, args, meta, backward))
+        return
+    KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
 
 
 def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
@@ -25,6 +52,9 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     by the module's ``attnc_fwd_combine``."""
     B, Hq, Nq, D = q.shape
     Hkv, DV = k.shape[1], v.shape[-1]
+    block_m = grouped.packed_block_m(launch, Hq, Hkv)
+    if block_m is not None:  # a few rows with K/V heads shared: a group's query heads in one tile
+        return _forward_grouped(launch, q, k, v, scale, block_m, may_split)
     device = q.device
     qp, kp, vp = KL.to_tiles(launch, q, "q"), KL.to_tiles(launch, k, "k"), KL.to_tiles(launch, v, "k")
     rows = qp.shape[2]
@@ -52,7 +82,7 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
             *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV, *pool_args]
     grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
     with interpreting(launch.interpret):
-        KL.launch_kernel(launch, launch.module.attnc_fwd, grid, args,
+        _launch(launch, launch.module.attnc_fwd, grid, args,
                        dict(**fblocks, DOT=KL.dot_mode(launch, q.dtype), **ordered,
                             **KL.runs_meta(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
                             **specialize, **split_meta, **pool_meta), backward=False)
@@ -63,6 +93,36 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     if pooled is not None:  # return_block_max: the rows' maxima against their final lse, pooled
         block_max.record(block_max.from_row_maxima(pooled[:, :, :Nq], lse, size, pool_meta["BMAX_G"], k.shape[2]))
     return out, lse
+
+
+def _forward_grouped(launch: Launch, q, k, v, scale: float, block_m: int, may_split: bool):
+    """``forward`` on ``attnc_fwd_grouped`` (``grouped``): one program per (Q tile, batch x K/V head), its group's
+    query heads packed in ``block_m`` rows; split-KV counts those programs, not one per query head."""
+    B, Hq, Nq, D = q.shape
+    Hkv, DV = k.shape[1], v.shape[-1]
+    group, device = Hq // Hkv, q.device
+    qp, kp, vp = KL.to_tiles(launch, q, "q"), KL.to_tiles(launch, k, "k"), KL.to_tiles(launch, v, "k")
+    # lists per query head become the group's, whose runs are not asked (read by index)
+    runs = KL.runs_meta(launch, "FULL", "PART") if launch.cls == (0, 0) else {"FULL_RUN": False, "PART_RUN": False}
+    launch = grouped.grouped_launch(launch, group)
+    rows = qp.shape[2]
+    out = torch.empty(B, Hq, rows, DV, dtype=q.dtype, device=device)
+    lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
+    splits = split_kv.choose_splits(launch.plan, B, Hkv, KL.sms_of(torch.device(device))) if may_split else 1
+    partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
+    dest, dest_strides = _forward_outputs(out, lse, partial)
+    args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
+            *KL.common_args(launch, device, None), float(scale), group, D, DV]
+    programs = (launch.plan.schedule.num_q_tiles, B * Hkv)
+    grid, split_meta = ((*programs, splits), {"SPLIT_KV": True}) if partial is not None else (programs, {})
+    with interpreting(launch.interpret):
+        _launch(launch, launch.module.attnc_fwd_grouped, grid, args,
+                dict(**KL.block_sizes(launch, D, DV), DOT=KL.dot_mode(launch, q.dtype), **runs,
+                     **_scale_sign(launch, scale), **split_meta) | {"BLOCK_M": block_m}, backward=False)
+        if partial is not None:
+            _combine_splits(launch, *partial, out, lse)
+    _raise_index_errors(launch)
+    return KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
 
 
 def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -> tuple[torch.Tensor, dict]:
@@ -103,7 +163,7 @@ def _combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: tor
     splits, B, H, rows, DV = po.shape
     block_dv = padded_head_dim(DV)
     block_r = split_kv.combine_rows(block_dv, rows)
-    KL.launch_kernel(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
+    _launch(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
                    [po, pl, out, lse, *po.stride()[:4], *pl.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
                     rows, DV, splits],
                    dict(BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4), backward=False)

@@ -16,6 +16,35 @@ Interface for the autotuner / kernel cache:
 - ``KernelConfig`` (``compiler.cost.KernelConfig``: q_tile, kv_tile, layout,
   num_warps, num_stages); ``TritonRunner.config_hook`` may pick the config
   (and ``TritonRunner.source_hook`` the source file) instead of the defaults.
+
+The warm host path: plan once, run many. FlashInfer splits a step into ``plan`` (on the host, once per batch
+layout) and ``run`` (per layer, no host work); here the split is per call signature, made by the module itself
+rather than asked of the caller, so every caller of ``attn(q, k, v)`` gets it:
+
+- What is cached: a ``launcher.Launcher`` per signature, in the module (``api.Attention._launchers``, an LRU of
+  ``LAUNCHER_CACHE_SIZE``), built by ``TritonRunner.launcher`` at a signature's second call (a signature seen once,
+  as each step of a cache growing by a key, builds none). It holds the prepared ``Launch`` (bound sizes, plan, tile
+  lists, kernel module, placeholders, launch orders, split count) and each kernel's grid, constexprs and argument
+  list, recorded from the ordinary forward (``forward.recording``), with slots for q, k, v and the buffers the
+  forward allocates per call (output, lse, split-KV partials: their shapes, strides and dtypes).
+- Its key (``api.Attention._launch_key``): q, k and v's shapes, strides, dtypes and devices, which of them are the
+  same tensor, their data pointers' alignment to 16 bytes (tensor descriptors depend on it), ``scale``, the
+  module's sizes, and the settings the launch reads besides (``launch_knobs``: the interpreter's SM count and
+  architecture, forced split-KV, the runs constexpr maker, the native flag, the config and source hooks).
+- What a warm call does: the key, a dict lookup, the buffers allocated, the argument lists filled, the launches
+  (``kernel_launch.launch_kernel``, its fallbacks to fewer stages included; out of resources, the launcher is
+  dropped and the ordinary path falls back to smaller tiles).
+- What is checked per call, and why: only what the key does not hold and a call may change without changing its
+  tensors' signature: grad mode with a tensor that requires grad (autograd records the ordinary path), a
+  ``torch.compile`` trace, autocast, a block max asked for, the types of ``scale`` and ``return_lse``. Every check
+  that depends on the signature alone (shapes, heads, dtypes, devices, bound sizes, admission, fits) ran at the
+  signature's first two calls, on the ordinary path, and gives the same answer for every later call of it.
+- Not replayed (the ordinary path at every call): calls with any keyword beyond ``scale`` and ``return_lse``
+  (call-time inputs, ``sizes``, ``layout``, packed or paged calls, selections, block maxima, key summaries),
+  patterns that declare inputs (their values choose lists and index checks, some read on the host), routes (the
+  selection is made from q and k at every call), FoX gates, a ``scale E`` clause, a module whose layout is not
+  ``"bhnd"``, calls that need a gradient, and forwards that make per call what a replay would not
+  (``launcher.build``: tensor descriptors, a bias's index checks, tokens permuted into tile order).
 """
 
 from __future__ import annotations
@@ -53,8 +82,9 @@ from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks
+from . import blocks, split_kv
 from . import kernel_launch as KL
+from . import launcher as launcher_of
 from .backward import backward
 from .forward import forward
 from .kernel_launch import Launch
@@ -360,6 +390,27 @@ class TritonRunner(Registered):
             self._dynamic_last = None
         self._static.pop(key, None)
         return self.prepare(bound, q, k, inputs, backward_of=backward_of, role=role)
+
+    def launch_knobs(self) -> tuple:
+        """The settings a bound launcher depends on besides the call's signature (tests and the offline check
+        change them): part of its key (``api.Attention``)."""
+        cls = type(self)
+        return (KL.CPU_SMS, KL.CPU_ARCH, split_kv.FORCE_SPLITS, KL.runs_meta, cls.native, cls.config_hook,
+                cls.source_hook)
+
+    def launcher(self, call: Call, q, k, v) -> launcher_of.Launcher | None:
+        """The launches of a forward-only call bound for replay at later calls of its signature
+        (``launcher.build``), or None where this call's launches depend on more than its signature: call-time
+        inputs (their values choose lists and checks), a route (its selection is made from q and k at every
+        call), a gradient."""
+        pat = self.pattern
+        if call.grad or call.inputs or pat.inputs or pat.route is not None or pat.decay is not None:
+            return None
+        made = launcher_of.build(self.prepare(call.bound, q, k, {}, forward_only=True), q, k, v, call.scale)
+        if made is not None:
+            made.owner = self
+            made.plan_of = (self.last_source, self.last_plan, self.last_config)
+        return made
 
     def __call__(self, bound: E.Bound, q, k, v, inputs: dict, scale: float):
         launch = self.prepare(bound, q, k, inputs, forward_only=not needs_grad(q, k, v, *inputs.values()))

@@ -1,0 +1,132 @@
+"""A forward-only call's launches bound once per call signature and replayed: plan once, run many.
+
+``build`` runs the forward (``forward.forward``) twice without launching (``forward.recording``) on a cached
+``Launch`` and the call's own q, k and v, and compares the two recordings: an argument that is the same object in
+both (tile lists, placeholders, launch orders, constants) belongs to the launch and is kept; one that is a
+different tensor in each is a buffer the forward allocates per call (the output, its lse, split-KV partials),
+kept as its shape, strides and dtype; q, k and v are found by identity. What a warm call then does
+(``Launcher.__call__``): allocate those buffers, put them and q, k, v into the kept argument lists, and launch
+the recorded kernels through ``kernel_launch.launch_kernel`` (its fallbacks to fewer stages included).
+
+A forward whose launches hold anything else made per call is not replayed (``build`` returns None and the call
+keeps the ordinary path): tensor descriptors (TMA: they hold the tensors' addresses), a buffer that must start
+filled (the block max's), index checks read back from the device (``launch.checks``), tokens permuted into tile
+order (q, k, v copied per call), grids, constexprs or scalars that differ between the two recordings.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...plan import block_max
+from ...tritonenv import interpreting
+from . import forward as F
+from . import kernel_launch as KL
+
+#: Plain values a replayed argument or constexpr may be (compared between the two recordings).
+_PLAIN = (int, float, bool, str, type(None))
+
+
+class Launcher:
+    """The launches of one call signature (module docstring): ``launcher(q, k, v) -> (out, lse)``."""
+
+    __slots__ = ("buffers", "interpret", "launches", "out", "lse", "owner", "plan_of")
+
+    def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int):
+        self.buffers = buffers  # (shape, strides, dtype, device) of each per-call buffer
+        self.interpret = interpret
+        self.launches = launches  # (launch, kernel, grid, args, meta, backward, [(position, slot)])
+        self.out, self.lse = out, lse  # the slots of the results
+        self.owner = None  # the runner whose latest call this is, once replayed (its source, plan, config)
+        self.plan_of: tuple = (None, None, None)
+
+    def __call__(self, q, k, v):
+        """``(out, lse)`` of the call, or None where a launch ran out of resources (nothing is changed: the
+        caller takes the ordinary path, which falls back to smaller tiles)."""
+        slots = [q, k, v, *[torch.empty_strided(shape, strides, dtype=dtype, device=device)
+                            for shape, strides, dtype, device in self.buffers]]
+        try:
+            with interpreting(self.interpret):
+                for launch, kernel, grid, args, meta, backward, places in self.launches:
+                    args = list(args)
+                    for i, slot in places:
+                        args[i] = slots[slot]
+                    KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
+        except KL.out_of_resources():
+            return None
+        if self.owner is not None:
+            self.owner.last_source, self.owner.last_plan, self.owner.last_config = self.plan_of
+        return slots[self.out], slots[self.lse]
+
+
+def _plain(value) -> bool:
+    if isinstance(value, tuple | list):
+        return all(_plain(x) for x in value)
+    return isinstance(value, _PLAIN)
+
+
+def build(launch, q, k, v, scale: float) -> Launcher | None:
+    """The ``Launcher`` of a forward-only call of ``launch`` (a cached one: it is replayed as it is), or None where
+    its forward makes something per call that a replay would not (module docstring)."""
+    if launch.checks or launch.config.layout == "permute" or launch.pattern.route is not None:
+        return None
+    if block_max.requested() is not None or any(a is b for a, b in ((q, k), (k, v), (q, v))):
+        return None  # a pooled buffer filled per call; one tensor in two places (a later call may pass two)
+    if any(t.stride(-1) != 1 for t in (q, k, v)):  # copied into a contiguous layout per call (to_tiles)
+        return None
+    runs = []
+    for _ in range(2):
+        with F.recording() as made:
+            out, lse = F.forward(launch, q, k, v, scale, may_split=True)
+        runs.append((made, out, lse))
+    (first, out, lse), (second, out2, lse2) = runs
+    if len(first) != len(second) or not first:
+        return None
+    fixed = (q, k, v)
+    buffers: list = []
+    seen: list = []  # (tensor of the first recording, tensor of the second, slot)
+
+    def slot_of(a, b) -> int | None:
+        for i, t in enumerate(fixed):
+            if a is t:
+                return i if b is t else None
+        for x, y, s in seen:
+            if a is x:
+                return s if b is y else None
+        if any(b is y for _, y, _ in seen) or any(b is t for t in fixed):
+            return None
+        if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
+            return None
+        seen.append((a, b, len(fixed) + len(buffers)))
+        buffers.append((tuple(a.shape), tuple(a.stride()), a.dtype, a.device))
+        return seen[-1][2]
+
+    launches = []
+    for one, two in zip(first, second, strict=True):
+        lch, kernel, grid, args, meta, backward = one
+        if type(lch) is not type(two[0]) or kernel is not two[1] or grid != two[2] or backward != two[5]:
+            return None
+        if len(args) != len(two[3]) or meta.keys() != two[4].keys() or not _plain(grid):
+            return None
+        if not all(_plain(x) and x == y for x, y in zip(meta.values(), two[4].values(), strict=True)):
+            return None
+        places = []
+        for i, (a, b) in enumerate(zip(args, two[3], strict=True)):
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                if a is b and not any(a is t for t in fixed):
+                    continue  # the launch's own: kept
+                slot = slot_of(a, b)
+                if slot is None:
+                    return None
+                places.append((i, slot))
+            elif not (_plain(a) and type(a) is type(b) and a == b):
+                return None  # a descriptor, or a value made per call
+        kept = [None if any(i == p for p, _ in places) else a for i, a in enumerate(args)]
+        launches.append((lch, kernel, grid, tuple(kept), dict(meta), backward, tuple(places)))
+    results = []
+    for a, b in ((out, out2), (lse, lse2)):
+        slot = next((s for x, y, s in seen if a is x and b is y), None)
+        if slot is None:
+            return None  # a result that is not a buffer the launches wrote (a copy or a view of one)
+        results.append(slot)
+    return Launcher(buffers, launch.interpret, launches, results[0], results[1])
