@@ -417,7 +417,7 @@ class Attention(torch.nn.Module):
             check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens
         # the runners compute in [B, H, N, D]: other layouts become views here and the results views back
         q, k, v, inputs, sizes, restore = to_bhnd(self.pattern, layout, q, k, v, inputs, sizes, self.sizes)
-        check_qkv(q, k, v, gva=getattr(self.pattern, "rule", None) == "delta")
+        check_qkv(q, k, v, gva=getattr(self.pattern, "rule", None) == "delta", packed=cu_seqlens is not None)
         if cu_seqlens is not None:  # inputs over the packed tokens: checked before any other shape rule
             from .frontends.varlen import check_packed_inputs
 

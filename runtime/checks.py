@@ -72,10 +72,12 @@ def state_heads(q: torch.Tensor, v: torch.Tensor) -> int:
     return max(q.shape[1], v.shape[1])
 
 
-def check_qkv(q, k, v, gva: bool = False) -> None:
+def check_qkv(q, k, v, gva: bool = False, packed: bool = False) -> None:
     """q, k, v as every backend takes them (``[B, H, N, D]``, one dtype and device; q's heads a multiple
     of k's and v's, GQA). ``gva``: the delta rule, whose v may also have more heads than q and k
-    (grouped value attention, as flash-linear-attention: value head j reads q/k head j // (Hv // H))."""
+    (grouped value attention, as flash-linear-attention: value head j reads q/k head j // (Hv // H)).
+    ``packed``: sequences packed along the tokens (``cu_seqlens``), where zero tokens are every sequence
+    empty, which runs (empty, differentiable results)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise SpecError(f"expected a tensor, got {type(t).__name__}", where=f"argument {name}")
@@ -89,7 +91,7 @@ def check_qkv(q, k, v, gva: bool = False) -> None:
         # zero tokens are refused here, before any input is derived from q and k (a landmark table, a
         # vertical-slash selection): every pattern then gives this one error (an empty batch runs)
         for axis, what in ((1, "heads"), (2, "tokens"), (3, "head dim")):
-            if t.shape[axis] == 0:
+            if t.shape[axis] == 0 and not (packed and axis == 2):
                 raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:

@@ -248,7 +248,7 @@ class CombinedAttention(torch.nn.Module):
                              return_state=return_state, sizes=sizes, inputs=inputs)
         bnhd = layout == "bnhd"
         q, k, v = sequence_qkv(layout, q, k, v)
-        check_qkv(q, k, v)
+        check_qkv(q, k, v, packed=cu_seqlens is not None)
         self._check_cache(q, k, cu_seqlens)
         gates, own = self._inputs(q, k.shape[2], inputs, bnhd)
         self._last_n = q.shape[2]
