@@ -57,6 +57,7 @@ def spy(monkeypatch) -> list[tuple[str, tuple, dict]]:
     return seen
 
 
+@pytest.mark.versions
 @pytest.mark.parametrize(("name", "spec", "params"), PATTERNS, ids=[p[0] for p in PATTERNS])
 def test_packed_rows_equal_the_reference(monkeypatch, name, spec, params):
     """1 and 3 queries after a cache of 140 keys, query heads over K/V heads 2/2, 8/2, 6/3 and 4/1, fp32 and fp16
@@ -101,6 +102,7 @@ def test_packed_decode_steps_as_the_cache_grows(monkeypatch):
     assert {kernel for kernel, _, _ in launched} == {"attnc_fwd_grouped"}
 
 
+@pytest.mark.versions
 def test_split_kv_counts_groups(monkeypatch):
     """Split-KV on the grouped forward, batch 2: each (Q tile, batch x K/V head) program's KV tiles split over 1,
     5 and 2 programs (1 and 3 queries), merged by one combine launch over the query heads' rows, equal the
