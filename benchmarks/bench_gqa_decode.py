@@ -58,7 +58,7 @@ def check(attn, q, k, v) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--nk", type=int, default=2048)
     ap.add_argument("--one-head", action="store_true", help="turn the grouped forward off (one program per query head)")

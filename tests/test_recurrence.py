@@ -380,7 +380,9 @@ def test_step_errors_are_clean():
     with pytest.raises(attnc.SpecError, match="one token"):
         attn.step(torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), torch.randn(1, 2, 3, 4), g=torch.zeros(2, 3))
     with pytest.raises(attnc.SpecError, match="has shape"):
-        attn.step(x, x, x, g=torch.zeros(2, 2))
+        attn.step(x, x, x, g=torch.zeros(3, 2, 2))
+    with pytest.raises(attnc.SpecError, match="batch size 2 of input 'g' differs from q's 1"):
+        attn.step(x, x, x, g=torch.zeros(2, 2))  # [B, H] without the token axis, for another batch
     with pytest.raises(attnc.SpecError, match="expected 3 dimensions"):
         attn.step(x, torch.randn(1, 2, 1, 4), x, g=torch.zeros(2, 1))
     with pytest.raises(attnc.SpecError, match="step\\(\\) is for recurrences"):

@@ -95,14 +95,14 @@ def decode_step(rec: ir.RecurrenceIR, sizes: dict, q, k, v, state, scale, inputs
 
     rule = rule_of(rec)
     check_qkv(q, k, v, gva=rule.facts.grouped_values)
+    if q.shape[2] != 1 or k.shape[2] != 1:  # before the gates: a sequence is the mistake, not its gates' shape
+        raise SpecError(f"step takes one token, got {q.shape[2]} (use the module's forward for a sequence)",
+                        where="argument q", hint="[B, 1, H, D] is layout 'bnhd''s one-token form: pass "
+                        "layout='bnhd'" if q.shape[1] == 1 else None)
     given = inputs
     inputs, forms = step_gates(rec, layout, inputs, state_heads(q, v))
     q, k = rule.prepare(rec, q, k, v)  # the rule's options on q and k, and GVA, as the forward's
-    B, H, T, Dk = q.shape
-    if T != 1 or k.shape[2] != 1:
-        raise SpecError(f"step takes one token, got {T} (use the module's forward for a sequence)",
-                        where="argument q",
-                        hint="[B, 1, H, D] is layout 'bnhd''s one-token form: pass layout='bnhd'" if H == 1 else None)
+    B, H, _, Dk = q.shape
     Dv = v.shape[-1]
     scale = resolve_scale(scale, Dk)
     try:
