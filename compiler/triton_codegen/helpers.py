@@ -2,7 +2,8 @@
 
 ``HELPERS``: those the expression printer (``compiler.triton_codegen.exprs``) and the score terms call,
 emitted only when used (``helper_sources``); ``DOT_HELPERS``: those every module has (row sums
-and maxima for ``tl.reduce``, and ``_dot`` with its precision modes).
+and maxima for ``tl.reduce``: aliases of the standard library's combine functions, and ``_dot`` with its
+precision modes).
 
 Only Triton builtins are called (``tl.full``, ``tl.reduce``, ...) and no ``@triton.jit`` function
 of ``triton.language`` (``tl.zeros``, ``tl.sum``, ``tl.max`` are such functions): those are
@@ -97,10 +98,8 @@ def _softcap_tanh(x):
     return tl.where(tl.abs(x) < 0.25, near0, wide)
 ''',
     "_minimum": '''
-@triton.jit
-def _minimum(a, b):
-    """Combine function of minima (tl.reduce)."""
-    return tl.minimum(a, b)
+# Combine function of minima (tl.reduce): the standard library's, which the interpreter reduces with numpy
+_minimum = tl.standard._elementwise_min
 ''',
     "_int_bound": '''
 @triton.jit
@@ -158,16 +157,12 @@ def helper_sources(names: set[str]) -> str:
 #: The helpers every kernel module defines (after ``HELPERS``'s).
 DOT_HELPERS = '''
 
-@triton.jit
-def _add(a, b):
-    """Combine function of row sums (tl.reduce; not tl.sum, see the module docstring)."""
-    return a + b
-
-
-@triton.jit
-def _maximum(a, b):
-    """Combine function of row maxima."""
-    return tl.maximum(a, b)
+# Combine functions of row sums and maxima for tl.reduce (tl.sum and tl.max are @triton.jit functions, which the
+# interpreter runs only where TRITON_INTERPRET was set before Triton was imported). They are the standard library's
+# own, which the interpreter reduces with numpy; it would apply a combine function defined here element by element
+# in Python (about a second per reduction of a 64x64 tile).
+_add = tl.standard._sum_combine
+_maximum = tl.standard._elementwise_max
 
 
 @triton.jit
