@@ -72,7 +72,7 @@ def _import_attnc():
         import attnc  # noqa: F401
     except ImportError as err:
         if getattr(err, "name", "") == "lark":
-            raise SystemExit("attnc needs lark: carry its wheel (see .library/device/README.md) and install it") from err
+            raise SystemExit("attnc needs lark: on a machine without network, copy its wheel there and pip install it") from err
         link_dir = Path(tempfile.mkdtemp(prefix="attnc-suite-"))
         (link_dir / "attnc").symlink_to(ROOT, target_is_directory=True)
         sys.path.insert(0, str(link_dir))

@@ -300,26 +300,10 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
         raise SpecError(f"this {type(transformer).__name__} already runs an attnc pattern (apply was called on it "
                         "before)", where="argument transformer",
                         hint="call .remove() on the handle the first apply returned, then apply again")
-    config = getattr(transformer, "config", None)
     if isinstance(transformer, WanTransformer3DModel):
-        attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
-        _check_grid(attention)
-        modules = _self_attentions(transformer)
-        make = lambda: WanAttncProcessor(attention)  # noqa: E731
-        patch = tuple(int(p) for p in config.patch_size)
-        to_grid = lambda shape: tuple(e // p for e, p in zip(shape[2:], patch, strict=True))  # noqa: E731
+        attention, window, modules, make, to_grid = _wan_setup(transformer, pattern, backend, name, params)
     elif isinstance(transformer, CogVideoXTransformer3DModel):
-        if pattern == "stdlib:neighborhood_3d" and name is None:  # na3d with the text as additional keys
-            attention = None
-            window = _window_arguments(params, backend)
-            make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
-        else:
-            attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
-            _check_joint(attention)
-            make = lambda: CogVideoXAttncProcessor(attention=attention)  # noqa: E731
-        modules = _cogvideox_attentions(transformer)
-        p, p_t = int(config.patch_size), config.patch_size_t
-        to_grid = lambda shape: (shape[1] // (p_t or 1), shape[3] // p, shape[4] // p)  # noqa: E731
+        attention, window, modules, make, to_grid = _cogvideox_setup(transformer, pattern, backend, name, params)
     else:
         raise SpecError(f"expected a diffusers WanTransformer3DModel or CogVideoXTransformer3DModel, got "
                         f"{type(transformer).__name__}", where="argument transformer")
@@ -328,19 +312,8 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
                         where="argument transformer")
     parallel = None
     if parallel_config is not None:
-        from ..distributed import ContextParallel
-
-        ulysses = _degrees(parallel_config)[1]
-        if isinstance(transformer, WanTransformer3DModel):
-            parallel = ContextParallel(attention, ulysses_degree=ulysses, kv=kv)
-            make = lambda: WanAttncProcessor(attention, parallel=parallel)  # noqa: E731
-        else:
-            if attention is not None:
-                raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with "
-                                "na3d's arguments); a joint text + video pattern is not sharded",
-                                where="argument parallel_config", hint="use stdlib:neighborhood_3d, kernel_size=...")
-            parallel = _cogvideox_parallel(window, ulysses, kv)
-            make = lambda: CogVideoXAttncProcessor(window, parallel=parallel)  # noqa: E731
+        parallel, make = _parallel_setup(isinstance(transformer, WanTransformer3DModel), attention, window,
+                                         parallel_config, kv)
     processors, previous = {}, {}
     for module_name, module in modules.items():
         previous[module_name] = (module, module.processor)
@@ -360,6 +333,53 @@ def apply(transformer, pattern="stdlib:neighborhood_3d", *, backend: str = "auto
         split = _split_hooks if isinstance(transformer, WanTransformer3DModel) else _cogvideox_split_hooks
         hooks += split(transformer, parallel, processors)
     return Installed(attention, processors, previous, hooks, parallel)
+
+
+def _wan_setup(transformer, pattern, backend: str, name, params: dict):
+    """Wan: one compiled pattern over the token grid, shared by every self-attention; ``(attention, window,
+    modules, make, to_grid)`` as ``apply`` uses them."""
+    attention = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params)
+    _check_grid(attention)
+    patch = tuple(int(p) for p in transformer.config.patch_size)
+
+    def to_grid(shape):
+        return tuple(e // p for e, p in zip(shape[2:], patch, strict=True))
+
+    return attention, None, _self_attentions(transformer), lambda: WanAttncProcessor(attention), to_grid
+
+
+def _cogvideox_setup(transformer, pattern, backend: str, name, params: dict):
+    """CogVideoX: NATTEN's window over the video with every text key (``stdlib:neighborhood_3d``'s arguments), or
+    a pattern over the joint text + video tokens; ``(attention, window, modules, make, to_grid)``."""
+    if pattern == "stdlib:neighborhood_3d" and name is None:  # na3d with the text as additional keys
+        attention, window = None, _window_arguments(params, backend)
+        make = lambda: CogVideoXAttncProcessor(window)  # noqa: E731
+    else:
+        attention, window = compile_attention(pattern, backend=backend, name=name, layout="bnhd", **params), None
+        _check_joint(attention)
+        make = lambda: CogVideoXAttncProcessor(attention=attention)  # noqa: E731
+    p, p_t = int(transformer.config.patch_size), transformer.config.patch_size_t
+
+    def to_grid(shape):
+        return shape[1] // (p_t or 1), shape[3] // p, shape[4] // p
+
+    return attention, window, _cogvideox_attentions(transformer), make, to_grid
+
+
+def _parallel_setup(wan: bool, attention, window, parallel_config, kv: str):
+    """``parallel_config``'s context parallelism: ``(parallel, make)``, the processors' maker running it."""
+    from ..distributed import ContextParallel
+
+    ulysses = _degrees(parallel_config)[1]
+    if wan:
+        parallel = ContextParallel(attention, ulysses_degree=ulysses, kv=kv)
+        return parallel, lambda: WanAttncProcessor(attention, parallel=parallel)
+    if attention is not None:
+        raise SpecError("context parallelism runs CogVideoX's window form (stdlib:neighborhood_3d with "
+                        "na3d's arguments); a joint text + video pattern is not sharded",
+                        where="argument parallel_config", hint="use stdlib:neighborhood_3d, kernel_size=...")
+    parallel = _cogvideox_parallel(window, ulysses, kv)
+    return parallel, lambda: CogVideoXAttncProcessor(window, parallel=parallel)
 
 
 def _degrees(config) -> tuple[int, int]:

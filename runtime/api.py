@@ -35,11 +35,10 @@ from .registry import BACKENDS, check_backend, check_recurrence_backend, make_ru
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
 from .runner import Call
+from .warm_calls import WarmCalls, replayable
 
 #: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
 BOUND_CACHE_SIZE = 16
-#: Bound launchers (and signatures seen once) kept per module; least recently used dropped.
-LAUNCHER_CACHE_SIZE = 16
 
 Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR
 
@@ -51,14 +50,6 @@ def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
                             where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
         return pattern
     return load(pattern, name=name, **params)
-
-
-def _replayable(pattern, runner) -> bool:
-    """Whether a module's plain calls may be replayed by a bound launcher (``Attention._launched``): a softmax
-    pattern whose launches depend on the call's signature alone (no call-time or derived inputs, no route, no
-    `scale E` clause multiplied into q per call) on a runner that binds launchers."""
-    return (isinstance(pattern, ir.PatternIR) and hasattr(runner, "launcher") and not pattern.inputs
-            and pattern.route is None and pattern.decay is None and pattern.score_scale is None)
 
 
 def _refuse_bucketed(pat: Pattern, what: str) -> None:
@@ -180,14 +171,14 @@ class Attention(torch.nn.Module):
         # (a `scale E` clause) find it by this key under torch.compile
         self._varlen_key = ops.register(self)
         self._last_call: dict | None = None
-        #: signature -> (bound launcher or None, calls seen) of calls the runner may replay (``_launch_key``);
-        #: None where the module's calls are never replayed
-        self._launchers: PlanCache | None = PlanCache(LAUNCHER_CACHE_SIZE) if _replayable(pattern, self.runner) else None
+        #: the launches of calls the runner may replay, per signature (``runtime.warm_calls``); None where the
+        #: module's calls are never replayed
+        self._warm: WarmCalls | None = WarmCalls() if replayable(pattern, self.runner) else None
 
     def __getstate__(self):
         state = super().__getstate__()
-        if state.get("_launchers") is not None:  # kernels and device tensors: a copy binds its own
-            state = {**state, "_launchers": PlanCache(LAUNCHER_CACHE_SIZE)}
+        if state.get("_warm") is not None:  # kernels and device tensors: a copy binds its own
+            state = {**state, "_warm": WarmCalls()}
         return state
 
     def __setstate__(self, state):
@@ -282,62 +273,19 @@ class Attention(torch.nn.Module):
         key_summary: kept_summary.KeySummary | None = None,
         **inputs,
     ):
-        if (not inputs and sizes is None and layout is None and cu_seqlens is None and block_table is None
-                and cache_seqlens is None and selection is None and return_selection is False
+        warm = self.__dict__.get("_warm")
+        if (warm is not None and not inputs and sizes is None and layout is None and cu_seqlens is None
+                and block_table is None and cache_seqlens is None and selection is None and return_selection is False
                 and return_block_max is None and key_summary is None and initial_state is None
-                and return_state is False and self.__dict__.get("_launchers") is not None
-                and self.layout == "bhnd"):
-            key = self._launch_key(q, k, v, scale, return_lse)
+                and return_state is False and self.layout == "bhnd"):
+            key = warm.key(self, q, k, v, scale, return_lse)
             if key is not None:  # a call its runner may replay (runner.launcher): plan once, run many
-                return self._launched(key, q, k, v, scale, return_lse)
+                return warm.call(self, key, q, k, v, scale, return_lse, self._forward_call)
         return self._forward_call(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                   return_state=return_state, sizes=sizes, layout=layout, cu_seqlens=cu_seqlens,
                                   block_table=block_table, cache_seqlens=cache_seqlens, selection=selection,
                                   return_selection=return_selection, return_block_max=return_block_max,
                                   key_summary=key_summary, **inputs)
-
-    def _launch_key(self, q, k, v, scale, return_lse) -> tuple | None:
-        """The signature a bound launcher is kept by, or None where this call is not one to replay: not plain
-        tensors, a gradient to record, a trace, autocast, a block max asked for, a scale or flag of another type."""
-        if torch.compiler.is_compiling():  # a trace runs the ordinary path (its ops)
-            return None
-        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-            return None
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return None
-        if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
-            return None
-        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
-            return None
-        # the data pointers' alignment: whether a kernel may load by tensor descriptors (TMA) differs with it
-        return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
-                k.device, v.device, q is k, k is v, q is v, (q.data_ptr() | k.data_ptr() | v.data_ptr()) % 16, scale,
-                tuple(self.sizes.items()), self.runner.launch_knobs())  # not return_lse: the lse is made either way
-
-    def _launched(self, key: tuple, q, k, v, scale, return_lse: bool):
-        """A call of a signature seen before: its bound launcher replayed (``runner.launcher``; built at the
-        signature's second call, so that a signature seen once, a decode step of a growing cache, builds none);
-        else the ordinary call, which runs every check."""
-        entry = self._launchers.get(key)
-        if entry is not None and entry[0] is not None:
-            got = entry[0](q, k, v)
-            if got is not None:
-                self.__dict__["_last_call"] = entry[1]
-                out = unnormalized_output(self.pattern, *got)
-                return (out, got[1]) if return_lse else out
-            del self._launchers[key]  # out of resources: the ordinary call falls back to smaller tiles
-            entry = None
-        result = self._forward_call(q, k, v, scale=scale, return_lse=return_lse)
-        if entry is None:
-            self._launchers[key] = (None, 1)
-        elif entry[1] == 1:  # seen twice and answered: bind it (None: the runner does not replay it)
-            D = q.shape[-1]
-            weights = getattr(self.pattern, "weights", None)
-            call = self._bind_call(q, k, v, resolve_scale(scale, D), return_lse or (
-                weights is not None and not weights.normalized), dict(self.sizes), {})
-            launcher = self.runner.launcher(call, q, k, v)
-            self._launchers[key] = (launcher, self._last_call) if launcher is not None else (None, 2)
-        return result
 
     def _forward_call(
         self,
@@ -398,6 +346,13 @@ class Attention(torch.nn.Module):
             B, Hq, Nq = q.shape[0], made[0].shape[1], made[0].shape[2]
             chosen = made[0].expand(B, Hq, Nq, made[0].shape[-1]).to(q.device)  # the reference selects on the CPU
             return (*result, chosen) if isinstance(result, tuple) else (result, chosen)
+        return self._plain_call(q, k, v, scale, return_lse, initial_state, return_state, sizes, layout, cu_seqlens,
+                                block_table, cache_seqlens, inputs)
+
+    def _plain_call(self, q, k, v, scale, return_lse, initial_state, return_state, sizes, layout, cu_seqlens,
+                    block_table, cache_seqlens, inputs: dict):
+        """A call with no selection, block max or kept summary asked for: its layout, paged caches and packed
+        sequences resolved, its arguments checked, then the runner's forward (``_forward``)."""
         layout = self.layout if layout is None else check_layout(layout)
         route = getattr(self.pattern, "route", None)
         if route is not None and route.scores is not None and (cu_seqlens is not None or block_table is not None

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from ..compiler import evaluate as E
+from ..compiler.call_keywords import CALL_KEYWORDS, unknown_input_hint
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
@@ -198,8 +199,8 @@ class CombinedAttention(torch.nn.Module):
         for name in inputs:
             if name not in declared:
                 hint = (f"{name} is a keyword of a single pattern's call, not served by a combined pattern"
-                        if name in E.CALL_KEYWORDS else E.unknown_input_hint(name, sorted(declared),
-                                                                              dict(self.pattern.params)))
+                        if name in CALL_KEYWORDS else unknown_input_hint(name, sorted(declared),
+                                                                            dict(self.pattern.params)))
                 raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}", hint=hint)
         own = {}
         for name, t in inputs.items():

@@ -30,7 +30,7 @@ def _sliding():
 
 
 def _bound_launchers(attn) -> int:
-    return sum(1 for launcher, _ in attn._launchers.values() if launcher is not None)
+    return attn._warm.bound()
 
 
 def _no_launches(monkeypatch):
@@ -126,7 +126,7 @@ def test_calls_not_replayed(monkeypatch):
     q.requires_grad_()
     for _ in range(3):
         attn(q, k, v)
-    assert not attn._launchers
+    assert len(attn._warm) == 0
     doc = attnc.compile_attention("stdlib:document", backend="triton")
-    assert doc._launchers is None
-    assert attnc.compile_attention(CAUSAL, backend="cpu")._launchers is None
+    assert doc._warm is None
+    assert attnc.compile_attention(CAUSAL, backend="cpu")._warm is None

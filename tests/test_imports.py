@@ -38,6 +38,7 @@ RUNTIME_ROOMS = [
     ("runtime.auto",),
     ("runtime.registry",),
     ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
+    ("runtime.warm_calls",),  # a module's warm calls: the launches its runner bound, replayed
     ("runtime.api",),
     ("runtime.gpu_check", "runtime.gpu_report"),  # the offline compile check and its text
 ]

@@ -21,13 +21,13 @@ The warm host path: plan once, run many. FlashInfer splits a step into ``plan`` 
 layout) and ``run`` (per layer, no host work); here the split is per call signature, made by the module itself
 rather than asked of the caller, so every caller of ``attn(q, k, v)`` gets it:
 
-- What is cached: a ``launcher.Launcher`` per signature, in the module (``api.Attention._launchers``, an LRU of
+- What is cached: a ``launcher.Launcher`` per signature, in the module (``runtime.warm_calls.WarmCalls``, an LRU of
   ``LAUNCHER_CACHE_SIZE``), built by ``TritonRunner.launcher`` at a signature's second call (a signature seen once,
   as each step of a cache growing by a key, builds none). It holds the prepared ``Launch`` (bound sizes, plan, tile
   lists, kernel module, placeholders, launch orders, split count) and each kernel's grid, constexprs and argument
   list, recorded from the ordinary forward (``forward.recording``), with slots for q, k, v and the buffers the
   forward allocates per call (output, lse, split-KV partials: their shapes, strides and dtypes).
-- Its key (``api.Attention._launch_key``): q, k and v's shapes, strides, dtypes and devices, which of them are the
+- Its key (``WarmCalls.key``): q, k and v's shapes, strides, dtypes and devices, which of them are the
   same tensor, their data pointers' alignment to 16 bytes (tensor descriptors depend on it), ``scale``, the
   module's sizes, and the settings the launch reads besides (``launch_knobs``: the interpreter's SM count and
   architecture, forced split-KV, the runs constexpr maker, the native flag, the config and source hooks).
