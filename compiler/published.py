@@ -3,7 +3,7 @@
 One table per use, each row naming its source (paper, figure, the value read
 off it). ``DENSE`` is what ``compiler.cost.ARCH_FITS`` is fitted to (by
 ``benchmarks/calibration.py --fit``); ``SPARSE`` (NATTEN / GNA speedups on
-H100, from /work/shared/PATTERNS.md) is used only to *validate* the fitted
+H100, from the GNA paper) is used only to *validate* the fitted
 model, never to fit it. ``MEASURED`` is attnc's own GPU suite on a lent H100: SDPA's
 dense timings fit ``compiler.cost.SDPA_FITS``, attnc's the sm90 ``mask_exposed``.
 
@@ -101,8 +101,8 @@ class SparsePoint:
     source: str
 
 
-_GNA = ("GNA paper (Hassani et al. 2025, 'Generalized Neighborhood Attention'), as summarised in "
-        "shared/PATTERNS.md: H100, kernel only, against cuDNN dense")
+_GNA = ("GNA paper (Hassani et al. 2025, 'Generalized Neighborhood Attention'): "
+        "H100, kernel only, against cuDNN dense")
 SPARSE: list[SparsePoint] = [
     SparsePoint("neighborhood_1d", {"seq": 32768}, {"kernel_size": 2048}, 8.3, 16.0, _GNA),
     SparsePoint("neighborhood_1d", {"seq": 32768}, {"kernel_size": 2048, "stride": 256}, 12.6, 16.0, _GNA),

@@ -197,7 +197,7 @@ def run_path(case: Case, path: Path) -> None:
         torch._dynamo.reset()
         attn = attnc.compile_attention(pat, backend=path.backend, sizes=case.sizes or None)
         # fullgraph for good inputs; a bad one may be refused while dynamo traces (before the op), which
-        # under fullgraph=True is dynamo's own "Observed exception" (README, limits)
+        # under fullgraph=True is dynamo's own "Observed exception" (docs/limits.md)
         call = torch.compile(attn, fullgraph=path.bad is None, backend="aot_eager") if compiled else attn
         out, lse = _call(call, path, case, *qkv, inputs, cu)
         leaves = [*qkv, *(t for t in inputs.values() if t.requires_grad)]

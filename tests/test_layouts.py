@@ -175,7 +175,7 @@ def test_bad_layout_and_rank_refused():
 
 def test_ambiguous_shapes_follow_the_layout():
     # a self-attention pattern on a sequence with as many heads in q and k: [B, N, H, D] and [B, H, N, D]
-    # are both consistent, so the layout decides (documented in runtime/layouts.py and the README)
+    # are both consistent, so the layout decides (documented in runtime/frontends/layouts.py and docs/calling.md)
     attn = attnc.compile_attention("stdlib:sliding_window", window=3, backend="reference")
     x = torch.randn(1, 6, 3, 8)
     assert attn(x, x, x).shape == (1, 6, 3, 8)

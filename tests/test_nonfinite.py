@@ -1,4 +1,4 @@
-"""Non-finite inputs (README "Limits"): a NaN or inf value row reaches every query that attends it, on
+"""Non-finite inputs (docs/limits.md): a NaN or inf value row reaches every query that attends it, on
 every backend; the reference never lets it reach a query that does not attend it; the tiled backends
 never let it reach a query whose tile pair with it is EMPTY (a visited tile multiplies whole rows)."""
 

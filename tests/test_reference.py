@@ -2,7 +2,7 @@
 
 Every expected value below is computed independently of attnc: masks from
 explicit position arithmetic, softmax attention as plain float64 torch,
-routing by a per-query Python selection that follows DESIGN.md section 2,
+routing by a per-query Python selection that follows spec/REFERENCE.md's ``route`` section,
 recurrences in closed form ((Q K^T) * D) V or by an explicit loop.
 Inputs are random (never zeros); truth is float64.
 """
@@ -640,7 +640,7 @@ def test_gradcheck_cross_and_empty_rows():
 
 # ----------------------------------------------------------------- routing
 def block_select(score_fn, allowed_fn, keep_fn, nblocks: int, K: int) -> list[int]:
-    """DESIGN.md: never a block with no allowed key; keep blocks always (counted in K);
+    """spec/REFERENCE.md, ``route``: never a block with no allowed key; keep blocks always (counted in K);
     the rest by highest score, ties to the lower index."""
     allowed = [j for j in range(nblocks) if allowed_fn(j)]
     forced = [j for j in allowed if keep_fn(j)]

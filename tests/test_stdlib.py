@@ -1,7 +1,7 @@
 """The stdlib: every published pattern against an independent reference.
 
-Each reference below is written from the published rule (PATTERNS.md: the
-paper or the authors' code) as a plain Python / torch loop, never derived
+Each reference below is written from the published rule (the pattern file's
+header: the paper or the authors' code) as a plain Python / torch loop, never derived
 from the .attn text or from attnc's evaluator. Masks are compared exactly
 with ``attnc.materialize_mask``; score terms, routing and recurrences are
 compared with the reference backend in float64 on random inputs.
@@ -549,7 +549,7 @@ def test_neighborhood_1d_cases(L, w, d, s, c):
 
 
 def test_natten_reference_matches_clamp_form():
-    """The border form above equals the centre-clamp form PATTERNS.md gives."""
+    """The border form above equals NATTEN's centre-clamp form."""
     for L in range(1, 20):
         for w in range(1, L + 1):
             for s in range(1, w + 1):
@@ -857,7 +857,7 @@ def test_sliding_tile_header_defines_every_window():
 # ================================================================ Radial Attention
 def radial_mask(F: int, P: int, decay_factor: float, block: int, sink: bool) -> torch.Tensor:
     """Radial Attention's token mask (gen_log_mask_shrinked before block shrinking),
-    per PATTERNS.md: frames within distance 1 are dense; farther frame pairs
+    per radial.attn's header: frames within distance 1 are dense; farther frame pairs
     keep a band |s_q - s_k| <= w on frames whose distance passes the split test."""
     out = torch.zeros(1, F * P, F * P, dtype=torch.bool)
     s_idx = torch.arange(P)

@@ -6,7 +6,7 @@ References written here, not taken from attnc's classification code:
   from the dense mask of ``attnc.materialize_mask`` with a tile index computed
   from grid coordinates (row-major tokens, row-major tiles, edge tiles smaller);
 * ``natten_axis_ranges``: NATTEN's published per-axis window rule
-  (PATTERNS.md) as a closed-form [first, last] key range per query, used to
+  (neighborhood_1d.attn's header) as a closed-form [first, last] key range per query, used to
   build the tile-pair counts of 1-D/2-D/3-D neighborhood attention at the
   published sizes as an outer product over axes (a NATTEN mask is a
   conjunction of per-axis windows, so per-tile counts multiply).
@@ -394,7 +394,7 @@ def test_nan_mask_cpu_backend_matches_reference():
 
 # ----------------------------------------------------------------- NATTEN's published figures
 def natten_axis_ranges(L: int, w: int, s: int = 1, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """First and last key of every query on one axis (dilation 1), PATTERNS.md's rule."""
+    """First and last key of every query on one axis (dilation 1), NATTEN's rule."""
     i = torch.arange(L)
     if causal:
         leader = torch.clamp((i // s) * s + s - 1, max=L - 1)

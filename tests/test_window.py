@@ -1,6 +1,6 @@
 """window(): exhaustively against NATTEN's published per-axis rule.
 
-The reference below is written from the formula in PATTERNS.md (NATTEN /
+The reference below is written from NATTEN's published formula (NATTEN /
 Faster NA / GNA), not from attnc's code:
 
 * dilation d: group g = x mod d, in-group coordinate x // d, group length

@@ -1,4 +1,4 @@
-"""Content-dependent block selection (the ``route`` clause), as DESIGN.md section 2 states it: a call's selection
+"""Content-dependent block selection (the ``route`` clause), as spec/REFERENCE.md states it: a call's selection
 by its route's form (``plan/forms/``), the reference's dense mask of it (``select_blocks``), the executor's tile
 lists of it (``route_plan``, ``selected_plan``) and the kernels' words (``selection_words``). The scores and the
 top-k rule every form shares are ``plan/route_scores.py``'s (re-exported here)."""

@@ -33,7 +33,7 @@ from ....core import symbols as S
 from ....core.errors import SpecError
 from ...checks import check_softcap
 from ...plan import clusters
-from .runner import FlexRunner, _bind, _bind_score, _prefix_sums, block_mask_of
+from .runner import FlexRunner, bind_mask_mod, bind_score_mod, block_mask_of, prefix_sums
 
 #: Flex's own default block size (``torch.nn.attention.flex_attention._DEFAULT_SPARSE_BLOCK_SIZE``): what
 #: its CUDA kernels take without further options.
@@ -204,7 +204,7 @@ def export(
     # on CUDA no tables (runner.CUDA_TABLES): a table read is a gather per pair in Flex's GPU kernels
     plan = runner.plan(bound, tensors, batched, device.type == "cuda")
     # a bias index out of range on an attended pair raises here: a score_mod cannot report it
-    runner._check_indices(plan, tensors, batched, None)
+    runner.check_indices(plan, tensors, batched, None)
     source = plan.source
     # the mask is not differentiated (Flex refuses mask_mod buffers that require grad)
     mask_bufs = tuple(
@@ -214,11 +214,11 @@ def export(
     score_bufs = [tensors[n].to(device) for n in source.score_inputs if n not in DECAY_BUFFERS]
     if pat.decay is not None:
         gates = tensors[pat.decay].to(device)
-        hi, lo, reset = _prefix_sums(gates, gates.dtype)
+        hi, lo, reset = prefix_sums(gates, gates.dtype)
         score_bufs += [hi, lo, reset, hi.clone(), lo.clone()]  # DECAY_BUFFERS: key-side reads apart
     ns = plan.namespace
-    mask_mod = _bind(ns["mask_mod"], mask_bufs)
-    score_mod = _bind_score(ns["score_mod"], tuple(score_bufs)) if source.has_score_mod else None
+    mask_mod = bind_mask_mod(ns["mask_mod"], mask_bufs)
+    score_mod = bind_score_mod(ns["score_mod"], tuple(score_bufs)) if source.has_score_mod else None
     text = source.text
     if pat.score_scale is not None:
         score_mod = _scaled(score_mod, _score_scale(pat, bound).to(device))

@@ -30,7 +30,7 @@ Which Flex implementation runs (torch 2.13):
   while the op's own autograd formula (dense) is correct, including the
   gradients of captured tensors (bias inputs, FoX gates).
 
-Checks and non-finite values, as on the other backends (REFERENCE.md, README "Limits"):
+Checks and non-finite values, as on the other backends (REFERENCE.md, docs/limits.md):
 
 - a bias index out of range on an attended pair raises the ``SpecError`` the others raise: the
   indices intervals do not prove in range are checked on the host over the plan's tile lists
@@ -193,14 +193,15 @@ def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
     return not tm.padded and torch.equal(order, torch.arange(order.numel()))
 
 
-def _bind(fn, buffers: tuple):
+def bind_mask_mod(fn, buffers: tuple):
     """A mask_mod with its captured tensors (one code object for every plan: no recompiles)."""
     def mask_mod(b, h, q_idx, kv_idx):
         return fn(b, h, q_idx, kv_idx, *buffers)
     return mask_mod
 
 
-def _bind_score(fn, buffers: tuple):
+def bind_score_mod(fn, buffers: tuple):
+    """A score_mod with its captured tensors (as bind_mask_mod)."""
     def score_mod(score, b, h, q_idx, kv_idx):
         return fn(score, b, h, q_idx, kv_idx, *buffers)
     return score_mod
@@ -398,7 +399,7 @@ class FlexRunner(Registered):
             plan.exec_plan = tile_plan.Plan.build(self.pattern, plan.bound, plan.schedule)
         return plan.exec_plan
 
-    def _check_indices(self, plan: FlexPlan, tensors: dict, batched: frozenset, routed) -> None:
+    def check_indices(self, plan: FlexPlan, tensors: dict, batched: frozenset, routed) -> None:
         """Raise the ``SpecError`` of a bias index out of range on an attended pair (``indices``);
         nothing to do, and no host copy, where every index is proven in range."""
         pat = self.pattern
@@ -490,11 +491,11 @@ class FlexRunner(Registered):
             sched, per_batch = routed.schedule, True
             mask_bufs += (routed.selection.to(dev), routed.key_block.to(dev))
             self.last_routed = sched
-        self._check_indices(plan, tensors, batched, routed)
+        self.check_indices(plan, tensors, batched, routed)
         names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
         score_bufs = [tensors[n].to(dev) for n in names]
         if pat.decay is not None:
-            hi, lo, reset = _prefix_sums(tensors[pat.decay].to(dev), q.dtype)
+            hi, lo, reset = prefix_sums(tensors[pat.decay].to(dev), q.dtype)
             score_bufs += [hi, lo, reset, hi.clone(), lo.clone()]  # DECAY_BUFFERS: key-side reads apart
         score_bufs = tuple(score_bufs)
         qo, ko = plan.q_order.to(dev), plan.k_order.to(dev)
@@ -502,8 +503,8 @@ class FlexRunner(Registered):
         kp = k if ko.token is None else k.index_select(2, ko.token)
         vp = v if ko.token is None else v.index_select(2, ko.token)
         ns = plan.namespace
-        mask_mod = _bind(ns["mask_mod"], mask_bufs)
-        score_mod = _bind_score(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
+        mask_mod = bind_mask_mod(ns["mask_mod"], mask_bufs)
+        score_mod = bind_score_mod(ns["score_mod"], score_bufs) if plan.source.has_score_mod else None
         bm = None if per_batch else plan.block_masks.get(dev)
         if bm is None:  # a plan holds one BlockMask (a data-dependent mask: one plan per distinct inputs)
             bm = block_mask_of(sched, mask_mod, plan.q_map.length, plan.k_map.length, dev, B if per_batch else 1,
@@ -515,7 +516,7 @@ class FlexRunner(Registered):
         grad = needs_grad(q, k, v, *mask_bufs, *score_bufs)
         if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
             qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
-            score_mod = _bind_score(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
+            score_mod = bind_score_mod(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
         dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse)
                                                and self.fused_failure(plan) is None)
         gqa = Hq != k.shape[1]
@@ -649,7 +650,7 @@ def _compiled(ns: dict):
     return ns["compiled_call"]
 
 
-def _prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+def prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """FoX: ``reference.fox_prefix`` of the gates in the compute dtype (hi + lo prefix sums, exact
     to rounding at any length, and the last reset: a gate of -inf), each ``[B | 1, H, N]``."""
     g = gates.to(torch.float64 if dtype == torch.float64 else torch.float32)

@@ -3,7 +3,7 @@ of truth later backends are tested against.
 
 Softmax patterns: ``softmax(scale * q.k -> softcap + bias + decay, masked) @ v``
 on the full [B, H, Nq, Nk] score matrix; a query with no allowed key gives 0
-and lse -inf. Recurrences: the step-by-step loop of DESIGN.md section 2.
+and lse -inf. Recurrences: the step-by-step loop of spec/REFERENCE.md's Recurrences section.
 Computation is in float64 for float64 inputs and float32 otherwise.
 """
 
