@@ -157,7 +157,7 @@ def helper_sources(names: set[str]) -> str:
 #: The helpers every kernel module defines (after ``HELPERS``'s).
 DOT_HELPERS = '''
 
-# Combine functions of row sums and maxima for tl.reduce (tl.sum and tl.max are @triton.jit functions, which the
+# Combine functions of row sums and maxima for tl.reduce (tl.sum and tl.max are jit functions, which the
 # interpreter runs only where TRITON_INTERPRET was set before Triton was imported). They are the standard library's
 # own, which the interpreter reduces with numpy; it would apply a combine function defined here element by element
 # in Python (about a second per reduction of a 64x64 tile).
