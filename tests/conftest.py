@@ -47,3 +47,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
         torch.set_num_threads(1)
 
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The context-parallel modules spawn their ranks once per worker that runs them (a module fixture), so each
+    must run on one worker: ``--dist loadgroup`` sends a group's tests to one worker by a suffix xdist adds to
+    their node ids. pytest 9.2 no longer lets xdist (3.8) add it (pytest-xdist issue 1386): the tests then
+    spread over the workers, each spawning the ranks again. Refused here, loudly, rather than run twice as
+    long."""
+    if not config.getvalue("loadgroup"):  # set in xdist's workers under --dist loadgroup
+        return
+    lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") is not None
+            and item.nodeid.rfind("@") <= item.nodeid.rfind("]")]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup does not group {lost[0]} (and {len(lost) - 1} more) with this "
+                                f"pytest {pytest.__version__}: install the test extra's pytest (<9.2)")
