@@ -56,7 +56,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     their node ids. pytest 9.2 no longer lets xdist (3.8) add it (pytest-xdist issue 1386): the tests then
     spread over the workers, each spawning the ranks again. Refused here, loudly, rather than run twice as
     long."""
-    if not config.getvalue("loadgroup"):  # set in xdist's workers under --dist loadgroup
+    if not getattr(config.option, "loadgroup", False):  # set in xdist's workers under --dist loadgroup
         return
     lost = [item.nodeid for item in items if item.get_closest_marker("xdist_group") is not None
             and item.nodeid.rfind("@") <= item.nodeid.rfind("]")]
