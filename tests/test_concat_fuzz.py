@@ -28,6 +28,7 @@ from functools import cache
 from unittest import mock
 
 import torch
+from fuzz_budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_tiles import check_schedule
@@ -255,7 +256,7 @@ def classify(pat, bound, q_tile, kv_tile, refine: bool, intervals: bool):
     return classify_tiles(pat, bound, q_tile, kv_tile, **kwargs)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(75), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases(), st.booleans(), st.booleans())
 def test_random_concatenations_against_naive_loop_and_brute_force(case, refine, intervals):
     text, sizes, N, rows, heads, q_tile, kv_tile, want, solved = case

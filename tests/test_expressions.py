@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from fuzz_budget import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -500,7 +501,7 @@ def check_numeric(draw, node: Node, env: dict) -> None:
         )
 
 
-SETTINGS = settings(max_examples=300, deadline=None,
+SETTINGS = settings(max_examples=examples(100), deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import sympy
 import torch
+from fuzz_budget import examples
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -251,7 +252,7 @@ def mutated_specs(draw):
     return "".join(tokens)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated_specs())
 def test_mutated_valid_specs(text):
     run_pipeline(text)

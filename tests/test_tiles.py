@@ -25,6 +25,7 @@ from unittest import mock
 
 import pytest
 import torch
+from fuzz_budget import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -305,7 +306,7 @@ def float_cases(draw):
     return text, n, heads, q_tile, kv_tile, inputs
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(float_cases(), st.booleans(), st.booleans())
 def test_random_float_masks_against_brute_force(case, refine, intervals):
     """The exact evaluator is the truth (NaN compares false); tile classes must be sound
