@@ -38,8 +38,20 @@ class _RootIsNoTestPackage:
         return None
 
 
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:3] if part.isdigit())
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_RootIsNoTestPackage(), "attnc-root-is-no-test-package")
+    if getattr(config.option, "dist", None) == "loadgroup":  # the controller (xdist sets "no" in its workers)
+        import xdist
+
+        if _release(pytest.__version__) >= (9, 2) and _release(xdist.__version__) <= (3, 8, 0):
+            raise pytest.UsageError(
+                f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__}: --dist loadgroup no longer keeps "
+                "a group's tests on one worker (pytest-xdist issue 1386), so the context-parallel modules would spawn "
+                "their ranks on every worker; install the test extra's pytest (<9.2): pip install -e '.[test]'")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         # one xdist worker per core already fills the cores: torch's own thread pool on top of that (a thread
         # per core in every worker) only makes the workers' threads wait for each other
