@@ -13,7 +13,6 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
 from ..core.recurrence_rules import RULES
-from ..spec.library import load
 from . import ops
 from .admission import admit, first_order
 from .checks import (
@@ -29,35 +28,19 @@ from .checks import (
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .frontends.paged import DEFAULT_LAYOUT, UnnamedLayout, bind_qkv, refuse_new_tokens
 from .numerics import needs_grad, unnormalized_output
-from .plan import block_max, clusters, forms, given, kept_summary, routing
+from .plan import block_max, clusters, given, kept_summary, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
-__all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate"]
+__all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate",
+           "simulate_decode"]
+from .pattern_arg import Pattern, as_pattern
 from .runner import Call
+from .simulation import simulate, simulate_decode
 from .warm_calls import WarmCalls, replayable
 
 #: Bound sizes kept per module (distinct shapes of its calls; least recently used dropped).
 BOUND_CACHE_SIZE = 16
-
-Pattern = ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR
-
-
-def _as_pattern(pattern, name: str | None, params: dict) -> Pattern:
-    if isinstance(pattern, ir.PatternIR | ir.RecurrenceIR | ir.CombinedIR | ir.BucketedIR):
-        if name is not None or params:
-            raise SpecError("name= and parameters apply when loading; this pattern is already loaded",
-                            where="argument pattern", hint="pass the source (path, 'stdlib:NAME' or text) instead")
-        return pattern
-    return load(pattern, name=name, **params)
-
-
-def _refuse_bucketed(pat: Pattern, what: str) -> None:
-    if isinstance(pat, ir.BucketedIR):
-        from .bucketed import not_served
-
-        raise not_served(pat, f"{what} has no model of it in this version", "argument pattern")
-
 
 def materialize_mask(
     pattern,
@@ -84,7 +67,7 @@ def materialize_mask(
     vectors (``cluster(q, C) == cluster(k, C)``) needs ``q`` ``[B, heads, n, dk]`` and ``k``
     ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``.
     """
-    pat = _as_pattern(pattern, name, params)
+    pat = as_pattern(pattern, name, params)
     if isinstance(pat, ir.CombinedIR):
         raise SpecError(f"'{pat.name}' combines several attentions: it has no single mask", where="argument pattern",
                         hint="materialize a branch's: pattern.branch(NAME).pattern")
@@ -678,7 +661,7 @@ def compile_attention(
     """
     check_layout(layout)
     check_backend(backend)
-    pat = _as_pattern(pattern, name, params)
+    pat = as_pattern(pattern, name, params)
     if isinstance(pat, ir.BucketedIR):  # buckets chosen per call, attended in plain torch (runtime.bucketed)
         from .bucketed import BucketedAttention
 
@@ -713,137 +696,3 @@ def compile_attention(
         return CombinedAttention(pat, lambda p: Attention(p, backend, sizes, q_tile, kv_tile), backend, layout)
     parse_tiles(pat, q_tile, kv_tile)  # refused now, on every backend, rather than at the first call
     return Attention(pat, backend, sizes, q_tile, kv_tile, layout)
-
-
-def simulate(
-    pattern,
-    n: int | None = None,
-    sizes: dict | None = None,
-    heads: int = 1,
-    head_dim: int = 128,
-    batch: int = 1,
-    hardware="h100",
-    q_tile=None,
-    kv_tile=None,
-    dtype: str = "bf16",
-    name: str | None = None,
-    *,
-    nk: int | None = None,
-    inputs: dict | None = None,
-    top: int = 5,
-    kv_heads: int | None = None,
-    **params,
-):
-    """Predict how fast a pattern can run: a ``SimulationReport`` with the
-    FLOP-wise bound (1 / density), the tile-wise bound of the chosen schedule,
-    the predicted speedup over dense attention (forward and backward), tile
-    counts, the chosen and the top schedules, and the hardware model.
-
-    ``hardware``: a name from ``compiler.hardware`` (a100, h100, h200, b200,
-    or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
-    ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
-    grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
-    data-dependent masks (without a batch dimension). ``kv_heads``: K/V heads shared by the ``heads``
-    query heads (grouped-query attention; default one per query head, a positive divisor of ``heads``): the
-    dK/dV kernel then runs ``Prediction.group_split`` CTAs per K/V head, each walking its share of the
-    group's query heads in turn (fp32 partials summed where more than one).
-    """
-    from ..compiler.cost import dtype_bytes
-    from ..compiler.hardware import get_hardware
-    from ..compiler.simulator import simulate_pattern
-
-    pat = _as_pattern(pattern, name, params)
-    _refuse_bucketed(pat, "simulate")
-    if isinstance(pat, ir.CombinedIR):  # the branches' predictions, summed (runtime.combined)
-        from .combined import simulate_combined
-
-        return simulate_combined(pat, simulate, n, nk, inputs, sizes=sizes, heads=heads, head_dim=head_dim,
-                                 batch=batch, hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, top=top,
-                                 kv_heads=kv_heads)
-    if isinstance(pat, ir.RecurrenceIR):
-        if kv_heads is not None and kv_heads != heads:
-            raise SpecError("a recurrence's cost model has one K/V head per query head", where="argument kv_heads")
-        from .recurrences.common import simulate_recurrence
-
-        return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
-                                   hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,
-                                   inputs=inputs)
-    head_dim, batch, top = (E.positive_int(what, value) for what, value in
-                            (("head_dim", head_dim), ("batch", batch), ("top", top)))
-    if inputs is not None and not isinstance(inputs, dict):
-        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
-                        where="argument inputs")
-    hw = get_hardware(hardware)
-    dtype_bytes(dtype)
-    bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=head_dim)
-    inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
-    report = simulate_pattern(pat, bound, hw, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
-                              q_tile=q_tile, kv_tile=kv_tile, inputs=inputs or None, top=top, kv_heads=kv_heads)
-    report.assumptions.extend(notes)
-    return report
-
-
-def simulate_decode(
-    pattern,
-    nk: int | None = None,
-    n: int = 1,
-    sizes: dict | None = None,
-    heads: int = 1,
-    head_dim: int = 128,
-    batch: int = 1,
-    hardware=None,
-    dtype: str = "bf16",
-    name: str | None = None,
-    *,
-    kv_heads: int | None = None,
-    kv_tile: int | None = None,
-    inputs: dict | None = None,
-    **params,
-):
-    """Bound one decode step: ``n`` new queries after a KV cache of ``nk`` keys (a
-    ``compiler.decode_cost.DecodeReport``): the keys the queries reach, the bytes a step reads
-    (K and V once per K/V head, Q, the output, split-KV partials), its FLOPs, and per GPU model the
-    bandwidth and compute bounds, the split-KV choice, tokens/s and the dense step's bound beside.
-
-    ``hardware``: one model name or ``Hardware``, a list of them, or None for every model of
-    ``compiler.hardware``. ``kv_tile``: the decode kernel's KV tile (default
-    ``decode_cost.DECODE_KV_TILE``). ``inputs``: call-time inputs of a data-dependent mask, sized for the
-    whole sequence of ``nk`` tokens. A recurrence or a combined pattern is refused (a recurrence's step
-    reads its fixed-size state: ``decode_cost.recurrence_state_bytes``)."""
-    from ..compiler import decode_cost as D
-    from ..compiler.cost import dtype_bytes
-    from ..compiler.hardware import HARDWARE, get_hardware
-
-    pat = _as_pattern(pattern, name, params)
-    _refuse_bucketed(pat, "simulate_decode")
-    if isinstance(pat, ir.RecurrenceIR):
-        heads, head_dim, batch = (E.positive_int(w, v) for w, v in (("heads", heads), ("head_dim", head_dim),
-                                                                    ("batch", batch)))
-        rows = RULES[pat.rule].state_rows
-        state = D.recurrence_state_bytes(batch, heads, head_dim, rows)
-        raise SpecError(f"'{pat.name}' is a recurrence: a decode step reads and writes its fp32 state "
-                        f"(batch x heads x {f'{rows} ' if rows > 1 else ''}head_dim x head_dim: {state:,} bytes) "
-                        "whatever nk, not a KV cache",
-                        where="argument pattern", hint="simulate_decode bounds a softmax pattern's KV-cache reads")
-    if isinstance(pat, ir.CombinedIR):
-        raise SpecError(f"'{pat.name}' combines several attentions: a decode step is bounded per softmax pattern",
-                        where="argument pattern", hint="simulate each branch's pattern")
-    forms.refuse_query_offset(pat, "argument nk")  # the call would refuse the step: so does its bound
-    head_dim, batch = E.positive_int("head_dim", head_dim), E.positive_int("batch", batch)
-    dtype_bytes(dtype)
-    if inputs is not None and not isinstance(inputs, dict):
-        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
-                        where="argument inputs")
-    if hardware is None:
-        models = list(dict.fromkeys(HARDWARE.values()))
-    else:
-        models = [get_hardware(h) for h in (hardware if isinstance(hardware, list | tuple) else [hardware])]
-        if not models:
-            raise SpecError("no hardware model given", where="argument hardware", hint="None means every model")
-    bound = D.decode_bound(pat, n=n, nk=nk, heads=heads, sizes=sizes, head_dim=head_dim)
-    inputs, notes = clusters.sample_derived(pat, bound, dict(inputs or {}), head_dim)  # cluster(): a seeded sample
-    report = D.simulate_decode_pattern(pat, bound, models, head_dim=head_dim, batch=batch, dtype=str(dtype).lower(),
-                                       kv_heads=kv_heads, inputs=inputs or None,
-                                       kv_tile=D.DECODE_KV_TILE if kv_tile is None else kv_tile)
-    report.assumptions.extend(notes)
-    return report

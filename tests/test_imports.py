@@ -38,7 +38,8 @@ RUNTIME_ROOMS = [
     ("runtime.auto",),
     ("runtime.registry",),
     ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
-    ("runtime.warm_calls",),  # a module's warm calls: the launches its runner bound, replayed
+    ("runtime.pattern_arg", "runtime.warm_calls"),  # the entry points' pattern argument; a module's warm calls
+    ("runtime.simulation",),  # the simulator's entry points
     ("runtime.api",),
     ("runtime.gpu_check", "runtime.gpu_report"),  # the offline compile check and its text
 ]
