@@ -10,12 +10,11 @@ import socket
 import time
 import traceback
 
+import interpreter_checks
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import interpreter_checks
 
 
 def free_port() -> int:
