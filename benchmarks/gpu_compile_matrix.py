@@ -185,8 +185,9 @@ def _report(r: dict):
 
     from attnc.runtime import gpu_check as G
 
-    names = {f.name for f in dataclasses.fields(G.KernelReport)} - {"constexprs"}
-    return G.KernelReport(**{k: v for k, v in r.items() if k in names})
+    names = {f.name for f in dataclasses.fields(G.KernelReport)} - {"constexprs", "cubin"}
+    stored = {**r, "loop_counts": r.get("loop_instructions", [])}  # counted when the row was written
+    return G.KernelReport(**{k: v for k, v in stored.items() if k in names})
 
 
 def problems(r: dict) -> list[str]:

@@ -177,9 +177,23 @@ class KernelReport:
     #: SASS instructions a step of each innermost loop that issues tensor-core instructions runs (the fewest, where
     #: it branches), in program order (the forward's and the dQ kernel's FULL then PARTIAL KV tile step, dK/dV's
     #: per Q tile): what one step of a loop costs besides its matmuls, an offline measure of a change to the
-    #: loops (``loop_instructions``)
-    loop_instructions: list = field(default_factory=list)
+    #: loops (``loop_instructions``); counted from ``cubin`` when first read (``cuobjdump`` takes about as long
+    #: as ptxas, and most checks never read it), None until then
+    loop_counts: list | None = field(default=None, repr=False)
     constexprs: dict = field(default_factory=dict, repr=False)
+    #: the compiled kernel's cubin, kept for ``loop_instructions``
+    cubin: bytes = field(default=b"", repr=False, compare=False)
+
+    @property
+    def loop_instructions(self) -> list:
+        """The SASS instructions of a step of each innermost tensor-core loop (empty without a cubin, or where
+        ``cuobjdump`` is missing)."""
+        if self.loop_counts is None:
+            self.loop_counts = []
+            if self.cubin:
+                with contextlib.suppress(OSError, subprocess.SubprocessError):  # no cuobjdump: no counts
+                    self.loop_counts = loop_instructions(sass(self.cubin))
+        return self.loop_counts
 
     @property
     def problems(self) -> list[str]:
@@ -460,8 +474,7 @@ def _compiled_report(rec: Recorded, arch: int, *, pattern: str, head_dim: int, d
     except Exception as err:  # noqa: BLE001 - any compile failure is this kernel's finding
         rep.error = f"{type(err).__name__}: {' '.join(str(err).split())[:240]}"
         return rep
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # no cuobjdump: no loop counts, not an error
-        rep.loop_instructions = loop_instructions(sass(kernel.asm["cubin"]))
+    rep.cubin = kernel.asm["cubin"]
     return rep
 
 

@@ -84,6 +84,9 @@ def test_default_config_compiles_fits_and_does_not_spill(name, spec, params, siz
     for r in reports:
         assert r.shared <= r.smem_limit and 0 < r.regs <= 255
         assert r.shared > 0 or not r.dots  # the dots stage their operands in shared memory
+    if name == "causal" and arch == 90:  # counted from the kernel's cubin when read: one count per loop with dots
+        fwd = next(r for r in reports if r.kernel == "fwd")
+        assert fwd.loop_counts is None and len(fwd.loop_instructions) >= 1 and fwd.loop_counts
     if name == "kda" and arch == 90:  # every dot on wgmma but dA's 16-row blocks (wgmma takes 64 rows)
         assert all(r.wgmma > 0 and (r.mma == 0) == ("wy_da" not in r.kernel) for r in reports), G.table(reports)
     if arch == 90 and pat.kind == "pattern":
