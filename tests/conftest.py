@@ -16,7 +16,7 @@ try:
 except ModuleNotFoundError:  # the CPU path runs without Triton
     pass
 
-import interpreter_checks
+import interpreter_speed
 
 #: The repository root: the ``attnc`` package itself (its ``__init__.py``), named after whatever
 #: folder holds the checkout (``attnc-main`` when an archive unpacks).
@@ -46,7 +46,7 @@ def _release(version: str) -> tuple[int, ...]:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_RootIsNoTestPackage(), "attnc-root-is-no-test-package")
-    interpreter_checks.follow_the_environment()
+    interpreter_speed.follow_the_environment()
     if getattr(config.option, "dist", None) == "loadgroup":  # the controller (xdist sets "no" in its workers)
         import xdist
 

@@ -10,7 +10,7 @@ import socket
 import time
 import traceback
 
-import interpreter_checks
+import interpreter_speed
 import pytest
 import torch
 import torch.distributed as dist
@@ -46,7 +46,7 @@ def run_cases(rank: int, world: int, port: int, cases: list, out_dir: str, run, 
     ``run(case, rank)`` for each case, saved as ``case{i}-rank{rank}.pt``; a case that raises saves its
     traceback and ends the run (the other ranks may be stuck in a collective this rank left)."""
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    interpreter_checks.follow_the_environment()
+    interpreter_speed.follow_the_environment()
     torch.set_num_threads(1)  # the ranks share the machine's cores: one thread each, as the test workers
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s))
     try:

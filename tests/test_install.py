@@ -81,7 +81,7 @@ def test_the_suite_runs_from_a_folder_not_named_like_a_python_package(tmp_path):
     root = pathlib.Path(__file__).resolve().parents[1]
     copy = tmp_path / "attnc-main"
     (copy / "tests").mkdir(parents=True)
-    for name in ("pyproject.toml", "__init__.py", "tests/conftest.py", "tests/interpreter_checks.py"):
+    for name in ("pyproject.toml", "__init__.py", "tests/conftest.py", "tests/interpreter_speed.py"):
         shutil.copy(root / name, copy / name)
     (copy / "tests" / "test_probe.py").write_text("def test_probe():\n    assert True\n")
     proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_probe.py"], cwd=copy,
