@@ -153,3 +153,40 @@ def test_the_contract_fails_on_a_cycle_and_an_upward_import():
     assert any(rank(a, LAYERS) < rank(b, LAYERS) for a, b in [("core.ir", "compiler.tiles")])
     g.add_edge("compiler.tiles", "core.ir")
     assert list(nx.simple_cycles(g))
+
+
+#: The recurrence families (one folder each) and the library they share (``runtime.recurrences.library``).
+RECURRENCES = "runtime.recurrences"
+FAMILIES = sorted(p.name for p in (ROOT / "runtime" / "recurrences").iterdir()
+                  if p.is_dir() and (p / "__init__.py").exists() and p.name != "library")
+
+
+def family(mod: str) -> str | None:
+    """The recurrence family folder of ``mod`` (``"library"`` for the shared library), or None."""
+    parts = mod.split(".")
+    if mod.startswith(RECURRENCES + ".") and len(parts) > 3:
+        return parts[2]
+    return None
+
+
+def test_recurrence_families_share_only_the_library():
+    """Each family (``decay``, ``delta``, ``titans``) imports no other family, the library imports no family, and
+    no recurrence module imports a private name (``_x``) of a module outside its own folder."""
+    assert set(FAMILIES) >= {"decay", "delta", "titans"}
+    crossing = [f"{a} -> {b}" for a, b in GRAPH.edges
+                if family(a) and family(b) and family(a) != family(b) and family(b) != "library"]
+    assert not crossing, "recurrence families import each other: " + ", ".join(crossing)
+    private = []
+    for mod, path in package_files().items():
+        if not family(mod):
+            continue
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
+                target = ".".join([*base, *([node.module] if node.module else [])])
+                if family(target + ".x") != family(mod):
+                    private += [f"{mod}: {alias.name} from {target}" for alias in node.names
+                                if alias.name.startswith("_")]
+    assert not private, "private names imported across recurrence folders: " + ", ".join(private)

@@ -20,7 +20,7 @@ GQA reads k / v head ``h // G`` by index; dk and dv are accumulated per query he
 the group on the host. Per-channel (vector, GLA) gates run chunks of 64 split into sub-chunks of 16, as
 flash-linear-attention does: the in-chunk product's off-diagonal sub-chunk blocks are tensor-core dots of q
 and k rescaled against the sub-chunk boundary (both exponents <= 0), its diagonal blocks are exact
-elementwise sums (``_vec_intra`` forward, ``_vec_intra_grad`` for dq / dk; dv and the gate gradient follow).
+elementwise sums (``vec_intra`` forward, ``_vec_intra_grad`` for dq / dk; dv and the gate gradient follow).
 The offline compile check of these kernels (registers, spills, tensor-core instructions) is
 ``runtime.gpu_check`` (``attnc check-gpu stdlib:gla``), on the launches this module makes.
 
@@ -30,136 +30,42 @@ function is decorated (``triton.jit`` reads ``TRITON_INTERPRET`` at that moment)
 built explicitly, the jitted kernels over a copy of this module's globals holding the jitted helpers.
 """
 
-import functools
-import os
-import types
 
 import torch
 
-try:  # the CPU path runs without Triton; any other import failure is a real error
-    import triton
-    import triton.language as tl
-except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without triton
-    if _err.name != "triton":
-        raise
-
-    triton = None
-    tl = types.SimpleNamespace(constexpr="constexpr")
-
 from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
-from ... import kernel_fit
-from ...tritonenv import interpreting, require_triton
+from ..library.device import (
+    acc_zeros,
+    gate_rows,
+    gate_span,
+    head_gate,
+    in_dim,
+    load_gates,
+    mm,
+    tile_sum,
+    tl,
+    triton,
+    vec_gate_factor,
+    vec_intra,
+)
+from ..library.host import (
+    VECTOR_BLOCK,
+    KernelTable,
+    available,
+    block_size,
+    gate_arrays,
+    interprets,
+    output_grad,
+)
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
 #: Largest Dk / Dv block of a program (the state block is BK x BV fp32 registers).
 MAX_BLOCK = 64
-#: Dk block of the chunk-parallel kernels of per-channel gates (they hold [C, BK] gate tiles besides q, k).
-VECTOR_BLOCK = 32
 #: Dk slice the scalar-gate gradient sweeps per step: it holds four [C, BK] fp64 tiles (q, dq, k, dk). At 64
 #: the sweep spilled on sm_90 at Dk = 128 (Triton 3.9: 12 B, 96 registers); slices of 16 keep it at 48
 #: registers, no spill, on sm_80 / sm_90, Dk 64 / 128, Triton 3.6 and 3.9 (``check-gpu stdlib:mamba2``).
 SCALAR_GATE_BLOCK = 16
-
-
-def available() -> bool:
-    return triton is not None
-
-
-# ======================================================================= helpers (undecorated)
-def _acc_zeros(shape, F64: tl.constexpr):
-    if F64:
-        return tl.full(shape, 0.0, tl.float64)
-    else:
-        return tl.full(shape, 0.0, tl.float32)
-
-
-def _sum(x, axis: tl.constexpr):
-    """``tl.sum`` through ``tl.reduce``: the standard library's jitted ``sum`` cannot be called from an
-    interpreted kernel when the module was imported without TRITON_INTERPRET."""
-    return tl.reduce(x, axis, tl.standard._sum_combine)
-
-
-def _in_dim(off, D: tl.constexpr, BLOCK: tl.constexpr):
-    """``off < D`` for a block of a head dim; all true (a splat, so loads stay vectorised along the dim)
-    when the blocks tile the dim exactly."""
-    if D % BLOCK == 0:
-        return tl.full(off.shape, 1, tl.int1)
-    else:
-        return off < D
-
-
-def _mm(a, b, DOT: tl.constexpr):
-    """A dot with fp32 (fp64) accumulation. ``DOT`` 0: tensor cores on bf16 / fp16 operands; 1: exact
-    products (no TF32) on fp32 / fp64 ones; 2: bf16 operands upcast to fp32 (the interpreter's bf16 dot
-    is wrong; a bf16 product is exact in fp32, so this is what the tensor cores compute)."""
-    if DOT == 1:
-        return tl.dot(a, b, input_precision="ieee")
-    elif DOT == 2:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
-
-
-def _head_gate(GH, h, F64: tl.constexpr):
-    """The constant log gate of head ``h`` in the compute dtype."""
-    if F64:
-        return tl.load(GH + h).to(tl.float64)
-    else:
-        return tl.load(GH + h).to(tl.float32)
-
-
-def _load_gates(GH, GL, GR, i_bh, c0, TP, t_idx, k_off, k_ok, DK: tl.constexpr, GATE: tl.constexpr):
-    """The ``ChunkGates`` of rows ``t_idx`` (chunk-local positions, any 1-D block) of the chunk starting at
-    ``c0``: ``(hi, lo, reset)``, ``[len]`` for scalar gates, ``[len, BK]`` for vector gates (Dk block
-    ``k_off``). ``hi + lo`` is the in-chunk cumulative log gate ``b``; ``reset`` the last reset at or before
-    the row (-1 if none)."""
-    if GATE == 1:
-        g_off = i_bh * TP + c0 + t_idx
-        hi = tl.load(GH + g_off)
-        lo = tl.load(GL + g_off)
-        rs = tl.load(GR + g_off)
-    else:
-        g_off = (i_bh * TP + c0) * DK + t_idx[:, None] * DK + k_off[None, :]
-        hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0)
-        lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0)
-        rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
-    return hi, lo, rs
-
-
-def _span(hi_t, lo_t, hi_j, lo_j):
-    """``b_t - b_j`` from the split prefix sums: exact to a few ulps of the span itself (see ``ChunkGates``)."""
-    return (hi_t - hi_j) + (lo_t - lo_j)
-
-
-def _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
-               GATE: tl.constexpr, F64: tl.constexpr):
-    """``(exp(b_t), exp(b_last - b_t), exp(b_last))`` of the chunk starting at ``c0``: ``[C]``, ``[C]``,
-    a scalar for head / scalar gates; ``[C, BK]``, ``[C, BK]``, ``[BK]`` for vector gates. ``b`` is the
-    in-chunk cumulative log gate (``hi + lo`` of ``ChunkGates``); a reset (-inf) zeroes every decay across it."""
-    if GATE == 0:
-        # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
-        gh = _head_gate(GH, h, F64)
-        nt = tl.minimum(t_off + 1, T - c0)
-        nl = tl.minimum(C, T - c0)
-        eb = tl.exp(gh * nt.to(gh.dtype))
-        ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(gh.dtype)))
-        dec = tl.exp(gh * nl.to(gh.dtype))
-    else:
-        hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, GATE)
-        if GATE == 1:
-            last = t_off == C - 1
-            t_col = t_off
-        else:
-            last = (t_off == C - 1)[:, None]
-            t_col = t_off[:, None]
-        hl = _sum(tl.where(last, hi, 0.0), 0)  # the chunk's last row: a scalar, or [BK]
-        ll = _sum(tl.where(last, lo, 0.0), 0)
-        rl = _sum(tl.where(last, rs, 0), 0)
-        eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
-        ebl = tl.exp(tl.where(rl > t_col, float("-inf"), _span(hl, ll, hi, lo)))  # no reset in (t, last]
-        dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
-    return eb, ebl, dec
 
 
 def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr):
@@ -167,64 +73,15 @@ def _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK: tl.constexpr, GATE: t
     reset), ``[C(t), C(j)]``; each exponent is a span inside the chunk."""
     causal = t_off[:, None] >= t_off[None, :]
     if GATE == 0:
-        gh = _head_gate(GH, h, F64)
+        gh = head_gate(GH, h, F64)
         nt = tl.minimum(t_off + 1, T - c0)
         steps = nt[:, None] - nt[None, :]
         E = tl.exp(tl.where(causal, tl.where(steps == 0, 0.0, gh * steps.to(gh.dtype)), float("-inf")))
     else:
-        hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, t_off, t_off >= 0, DK, GATE)
-        span = _span(hi[:, None], lo[:, None], hi[None, :], lo[None, :])
+        hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, t_off, t_off >= 0, DK, GATE)
+        span = gate_span(hi[:, None], lo[:, None], hi[None, :], lo[None, :])
         E = tl.exp(tl.where(causal & (rs[:, None] <= t_off[None, :]), span, float("-inf")))
     return E
-
-
-# Per-channel (GLA) gates: the in-chunk product A_tj = sum_d q_td k_jd exp(b_td - b_jd) (j <= t) as
-# flash-linear-attention factorises it. The chunk is split into sub-chunks of SUB rows. For t in sub-chunk
-# i and j before it, with the reference r = i * SUB (the sub-chunk's first row, j < r <= t),
-#     exp(b_t - b_j) = exp(b_t - b_r) * exp(b_r - b_j),
-# both exponents spans of log decays (<= 0: no overflow, whatever the gates), so the block is one
-# tensor-core dot of q exp(b - b_r) (rows of sub-chunk i) and k exp(b_r - b) (rows before r). A reset in
-# (j, t] lies in (r, t] (the q factor is 0) or in (j, r] (the k factor is 0). The diagonal sub-chunk blocks
-# stay exact: SUB steps, each pairing every row t with the row j = (t // SUB) * SUB + u of its own
-# sub-chunk (a [C, BK] elementwise product, the causal mask j <= t). The off-diagonal dots run over the
-# whole chunk with the rows outside sub-chunk i zeroed: one [C, BK] x [BK, C] dot per sub-chunk.
-def _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, lo_row, hi_row, r, AFTER: tl.constexpr):
-    """The factor of rows ``lo_row <= t < hi_row`` against the reference row ``r`` (gates ``hr, lr, rr``,
-    ``[1, BK]``), 0 elsewhere: ``exp(b_t - b_r)`` for rows after r (``AFTER``: 0 if a reset lies in (r, t]),
-    ``exp(b_r - b_t)`` for rows before it (0 if a reset lies in (t, r])."""
-    rows = ((t_off >= lo_row) & (t_off < hi_row))[:, None]
-    if AFTER:
-        ok = rows & (rs <= r)
-        span = _span(hi, lo, hr, lr)
-    else:
-        ok = rows & (rr <= t_off[:, None])
-        span = _span(hr, lr, hi, lo)
-    return tl.exp(tl.where(ok, span, float("-inf")))
-
-
-def _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr,
-               C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, F64: tl.constexpr):
-    """``A_tj = sum_d q_td k_jd exp(b_td - b_jd)`` (``j <= t``, 0 above and across a reset), ``[C(t), C(j)]``,
-    over the Dk block ``k_off`` of the chunk at ``c0`` (q, k its ``[C, BK]`` tiles): off-diagonal sub-chunk
-    blocks on the tensor cores, diagonal ones exact (see above)."""
-    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
-    A = _acc_zeros([C, C], F64)
-    for i in range(1, C // SUB):
-        r = i * SUB
-        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True)
-        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
-        A += _mm((q * eq).to(q.dtype), tl.trans((k * ek).to(k.dtype)), DOT)
-    for u in range(0, SUB):
-        jl = (t_off // SUB) * SUB + u  # per row t: the row j of its own sub-chunk
-        rows_j = c0 + jl
-        kj = tl.load(k_base + rows_j[:, None] * DK + k_off[None, :], mask=(rows_j < T)[:, None] & k_ok[None, :],
-                     other=0.0)
-        hj, lj, rj = _load_gates(GH, GL, GR, i_bh, c0, TP, jl, k_off, k_ok, DK, 2)
-        e = tl.exp(tl.where((jl <= t_off)[:, None] & (rs <= jl[:, None]), _span(hi, lo, hj, lj), float("-inf")))
-        a = _sum(q.to(e.dtype) * kj.to(e.dtype) * e, 1)
-        A += tl.where(t_off[None, :] == jl[:, None], a[:, None], 0.0)
-    return A
 
 
 def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok,
@@ -233,38 +90,38 @@ def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, T
     fp32): ``dq_t += sum_j dA_tj exp(b_t - b_j) k_j`` and ``dk_j += sum_t dA_tj exp(b_t - b_j) q_t`` over
     ``j <= t``, with the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk;
     dk: at the last row of the key's sub-chunk, so that ``t > r >= j``)."""
-    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
     dAc = dA.to(q.dtype)
     for i in range(1, C // SUB):  # dq of sub-chunk i from the keys before it
         r = i * SUB
-        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
-        part = _mm(dAc, (k * ek).to(k.dtype), DOT)
-        dq += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
+        hr, lr, rr = load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        ek = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        part = mm(dAc, (k * ek).to(k.dtype), DOT)
+        dq += vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
     for i in range(0, C // SUB - 1):  # dk of sub-chunk i from the queries after it
         r = i * SUB + SUB - 1
-        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
-        part = _mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
-        dk += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
+        hr, lr, rr = load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
+        part = mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
+        dk += vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
     # the diagonal blocks, exact: per row, the row p = (row // SUB) * SUB + u of its own sub-chunk
     for u in range(0, SUB):  # dq_t += dA[t, p] exp(b_t - b_p) k_p for p <= t (no reset in (p, t])
         pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
-        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        hp, lp, rp = load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
         kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
                      other=0.0)
-        w = _sum(tl.where(t_off[None, :] == pl[:, None], dA, 0.0), 1)
-        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), _span(hi, lo, hp, lp), float("-inf")))
+        w = tile_sum(tl.where(t_off[None, :] == pl[:, None], dA, 0.0), 1)
+        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), gate_span(hi, lo, hp, lp), float("-inf")))
         dq += (w[:, None] * e) * kp.to(e.dtype)
     for u in range(0, SUB):  # dk_j += dA[p, j] exp(b_p - b_j) q_p for p >= j (no reset in (j, p])
         pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
-        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        hp, lp, rp = load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
         qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
                      other=0.0)
-        w = _sum(tl.where(t_off[:, None] == pl[None, :], dA, 0.0), 0)
-        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), _span(hp, lp, hi, lo), float("-inf")))
+        w = tile_sum(tl.where(t_off[:, None] == pl[None, :], dA, 0.0), 0)
+        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), gate_span(hp, lp, hi, lo), float("-inf")))
         dk += (w[:, None] * e) * qp.to(e.dtype)
     return dq, dk
 
@@ -288,13 +145,13 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
     t_off = tl.arange(0, C)
     k_off = i_k * BK + tl.arange(0, BK)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BK)
+    v_ok = in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
     x_base = X + (b * (H // GX) + h // GX) * T * DK
     y_base = Y + (b * (H // GY) + h // GY) * T * DV
-    S = _acc_zeros([BK, BV], F64)
+    S = acc_zeros([BK, BV], F64)
     if HAS_S0:
         S += tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0).to(S.dtype)
     for i in range(0, NT):
@@ -308,7 +165,7 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
         x = tl.load(x_base + rows[:, None] * DK + k_off[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         y = tl.load(y_base + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
         if REVERSE:
             w = eb * scale
         else:
@@ -319,7 +176,7 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
         else:
             xw = x * w[:, None]
             S = S * dec
-        S += _mm(tl.trans(xw.to(x.dtype)), y, DOT)
+        S += mm(tl.trans(xw.to(x.dtype)), y, DOT)
     if STORE_ST:
         tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
@@ -339,36 +196,36 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
+    v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + (b * (H // G) + h // G) * T * DK
     h_base = HS + (i_bh * NT + n) * DK * DV
-    o = _acc_zeros([C, BV], F64)
-    A = _acc_zeros([C, C], F64)
+    o = acc_zeros([C, BV], F64)
+    A = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
+        k_ok = in_dim(k_off, DK, BK)
         qk_ok = r_ok[:, None] & k_ok[None, :]
         q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         if GATE == 2:
-            eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
-            A += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
+            eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            o += mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
+            A += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
                             F64)
         else:
-            o += _mm(q, hn.to(q.dtype), DOT)
-            A += _mm(q, tl.trans(k), DOT)
+            o += mm(q, hn.to(q.dtype), DOT)
+            A += mm(q, tl.trans(k), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
         E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         o = o * eb[:, None]
         A = A * E
     v = tl.load(V + (b * (H // G) + h // G) * T * DV + rows[:, None] * DV + v_off[None, :],
                 mask=r_ok[:, None] & v_ok[None, :], other=0.0)
-    o = (o + _mm(A.to(v.dtype), v, DOT)) * scale
+    o = (o + mm(A.to(v.dtype), v, DOT)) * scale
     tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
@@ -388,30 +245,30 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
+    v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + (b * (H // G) + h // G) * T * DK
     h_base = DHS + (i_bh * NT + n) * DK * DV
-    dv = _acc_zeros([C, BV], F64)
-    At = _acc_zeros([C, C], F64)  # [j, t] (head / scalar gates); [t, j] for vector gates, transposed below
+    dv = acc_zeros([C, BV], F64)
+    At = acc_zeros([C, C], F64)  # [j, t] (head / scalar gates); [t, j] for vector gates, transposed below
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
+        k_ok = in_dim(k_off, DK, BK)
         qk_ok = r_ok[:, None] & k_ok[None, :]
         q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         dh = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         if GATE == 2:
-            eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            dv += _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
-            At += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
+            eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+            dv += mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
+            At += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
                              F64)
         else:
-            dv += _mm(k, dh.to(k.dtype), DOT)
-            At += _mm(k, tl.trans(q), DOT)
+            dv += mm(k, dh.to(k.dtype), DOT)
+            At += mm(k, tl.trans(q), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
         E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         dv = dv * ebl[:, None]
         At = At * tl.trans(E)
@@ -419,7 +276,7 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
         At = tl.trans(At)
     do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :],
                  other=0.0)
-    dv += _mm((At * scale).to(do.dtype), do, DOT)
+    dv += mm((At * scale).to(do.dtype), do, DOT)
     tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
@@ -440,18 +297,18 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     rows = c0 + t_off
     r_ok = rows < T
     k_off = i_k * BK + tl.arange(0, BK)
-    k_ok = _in_dim(k_off, DK, BK)
+    k_ok = in_dim(k_off, DK, BK)
     qk_ok = r_ok[:, None] & k_ok[None, :]
     kv_bh = b * (H // G) + h // G
     do_base = DO + i_bh * T * DV
     v_base = V + kv_bh * T * DV
     hs_off = (i_bh * NT + n) * DK * DV
-    dP = _acc_zeros([C, C], F64)
-    dq = _acc_zeros([C, BK], F64)
-    dk = _acc_zeros([C, BK], F64)
+    dP = acc_zeros([C, C], F64)
+    dq = acc_zeros([C, BK], F64)
+    dk = acc_zeros([C, BK], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
+        v_ok = in_dim(v_off, DV, BV)
         rv_ok = r_ok[:, None] & v_ok[None, :]
         do = tl.load(do_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
@@ -459,14 +316,14 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         hT_ok = v_ok[:, None] & k_ok[None, :]
         hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
         dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dP += _mm(do, tl.trans(v), DOT)
-        dq += _mm(do, hT.to(do.dtype), DOT)
-        dk += _mm(v, dhT.to(v.dtype), DOT)
+        dP += mm(do, tl.trans(v), DOT)
+        dq += mm(do, hT.to(do.dtype), DOT)
+        dk += mm(v, dhT.to(v.dtype), DOT)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
     q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+    eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
     if GATE == 2:
         dq = dq * (eb * scale)
         dk = dk * ebl
@@ -477,8 +334,8 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         dq = dq * (eb * scale)[:, None]
         dk = dk * ebl[:, None]
         W = dP * E * scale
-        dq += _mm(W.to(k.dtype), k, DOT)
-        dk += _mm(tl.trans(W.to(q.dtype)), q, DOT)
+        dq += mm(W.to(k.dtype), k, DOT)
+        dk += mm(tl.trans(W.to(q.dtype)), q, DOT)
     tl.store(DQ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
 
@@ -503,7 +360,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
     n_chunks = (T + C - 1) // C
     if VECTOR:
         k_off = i_k * BK + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
+        k_ok = in_dim(k_off, DK, BK)
         carry = tl.full([BK], 0.0, tl.float64)  # float64 always: the rounding of the sum must not grow with T
         if HAS_LAST:
             carry += tl.load(LAST + i_bh * DK + k_off, mask=k_ok, other=0.0).to(carry.dtype)
@@ -513,7 +370,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
             for k0 in range(0, DK, BK):
                 k_off = k0 + tl.arange(0, BK)
                 last = tl.load(LAST + i_bh * DK + k_off, mask=k_off < DK, other=0.0).to(carry.dtype)
-                carry += _sum(last, 0)
+                carry += tile_sum(last, 0)
     for i in range(0, n_chunks):
         c0 = (n_chunks - 1 - i) * C
         rows = c0 + t_off
@@ -528,71 +385,25 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
                 k_off = k0 + tl.arange(0, BK)
                 m = r_ok[:, None] & (k_off < DK)[None, :]
                 off = rows[:, None] * DK + k_off[None, :]
-                db += _sum(_gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m), 1)
+                db += tile_sum(_gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m), 1)
         if VECTOR:
             dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
         else:
             dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry
             tl.store(DG + i_bh * T + rows, dg.to(DG.dtype.element_ty), mask=r_ok)
-        carry += _sum(db, 0)
+        carry += tile_sum(db, 0)
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _head_gate, _load_gates, _span, _gate_rows, _gate_pairs, _vec_gate_factor,
-            _vec_intra, _vec_intra_grad, _gate_term)
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs, vec_gate_factor,
+            vec_intra, _vec_intra_grad, _gate_term)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
-def _rebound(fn, namespace: dict):
-    """``fn`` over another globals dict (so its calls resolve to the jitted helpers)."""
-    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
-    new.__module__, new.__qualname__, new.__doc__ = fn.__module__, fn.__qualname__, fn.__doc__
-    new.__annotations__ = dict(fn.__annotations__)
-    return new
-
-
-def jit_table(helpers: tuple, kernels_: tuple, namespace: dict, interpret: bool) -> dict:
-    """A module's kernels by name: jitted for the GPU over a copy of ``namespace`` in which the helpers are
-    jitted too (``interpret=False``), or wrapped by Triton's interpreter, the helpers running as plain Python."""
-    require_triton(interpret)
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return {fn.__name__: InterpretedFunction(fn) for fn in kernels_}
-    namespace = dict(namespace)
-    with interpreting(False):
-        for fn in helpers + kernels_:
-            namespace[fn.__name__] = triton.jit(_rebound(fn, namespace))
-    return {fn.__name__: namespace[fn.__name__] for fn in kernels_}
-
-
-def launch(fn, grid, interpret: bool, *args, **meta) -> None:
-    """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1); on a GPU at
-    the first rung of ``kernel_fit``'s ladder from its ``num_warps``/``num_stages`` that runs without
-    spilling."""
-    if interpret:
-        with interpreting(True):
-            fn[grid](*args, **meta)
-        return
-    if kernel_fit.on_gpu(args):
-        opts = {key: meta.pop(key, default) for key, default in kernel_fit.TRITON_DEFAULTS.items()}
-        meta.update(kernel_fit.fitted_options(fn, grid, list(args), meta, opts))
-    fn[grid](*args, **meta)
-
-
-@functools.cache
-def kernels(interpret: bool) -> dict:
-    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    return jit_table(_HELPERS, _KERNELS, globals(), interpret)
-
-
-def _launch(name: str, grid, interpret: bool, *args, **meta):
-    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
-
-
-def _block(D: int, limit: int) -> int:
-    return min(max(16, triton.next_power_of_2(D)), max(16, limit))
+#: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
+kernels = KernelTable(_HELPERS, _KERNELS, globals())
+_launch = kernels.launch
 
 
 def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
@@ -605,8 +416,8 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
                         where="argument q", hint="use backend='cpu'")
     f64 = dtype == torch.float64
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
-    BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
-    BKc = _block(Dk, VECTOR_BLOCK) if gate == 2 else BK  # Dk block of the chunk-parallel kernels
+    BK, BV = block_size(Dk, MAX_BLOCK), block_size(Dv, MAX_BLOCK)
+    BKc = block_size(Dk, VECTOR_BLOCK) if gate == 2 else BK  # Dk block of the chunk-parallel kernels
     common = dict(DK=Dk, DV=Dv, C=C, GATE=gate, F64=f64, DOT=dot)
     opts = dict(num_warps=4, num_stages=2)
     # chunks of 64 hold three [64, 64] fp32 tiles (accumulators and decays) per program: 8 warps keep
@@ -622,30 +433,9 @@ def configs(Dk: int, Dv: int, gate: int, C: int, dtype: torch.dtype, interpret: 
         "_bwd_dqk_kernel": dict(common, BK=BKc, BV=BV, **par),
         # vector gates: one program per Dk block of VECTOR_BLOCK (blocks of 64 took 244 registers at C = 64, its
         # fp64 [C, BK] tiles); scalar gates: one program sweeping Dk in slices
-        "_gate_grad_kernel": dict(DK=Dk, BK=_block(Dk, VECTOR_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
+        "_gate_grad_kernel": dict(DK=Dk, BK=block_size(Dk, VECTOR_BLOCK if gate == 2 else SCALAR_GATE_BLOCK), C=C,
                                   num_warps=4, num_stages=1),
     }
-
-
-def _interpret(t: torch.Tensor) -> bool:
-    """CPU tensors run in the interpreter; so does everything when TRITON_INTERPRET=1 was set."""
-    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _gate_arrays(g: torch.Tensor, C: int, gate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """What the kernels read for the gates: ``(GH, GL, GR, TP)``. Head gates: the ``[H]`` values (GL, GR
-    unused). Scalar / vector gates: ``runtime.recurrences.decay.chunk.ChunkGates`` of chunks of C, flattened to
-    ``[B, H, TP, 1 | Dk]`` with TP the padded length: prefix sums ``hi``, ``lo`` and the last reset (int32)."""
-    if gate == 0:
-        return g, g, torch.zeros(1, dtype=torch.int32, device=g.device), 0
-    from .chunk import ChunkGates, _chunked
-
-    gc = _chunked(g.unsqueeze(-1) if gate == 1 else g, C)  # [B, H, N, C, Dg]
-    gates = ChunkGates(gc)
-    B, H, N = gc.shape[:3]
-    lo = gates.lo if gates.lo is not None else torch.zeros_like(gates.hi)
-    flat = [x.reshape(B, H, N * C, -1).contiguous() for x in (gates.hi, lo, gates.reset.to(torch.int32))]
-    return flat[0], flat[1], flat[2], N * C
 
 
 def _states(x, y, gates, s0, H: int, G: int, T: int, C: int, gate: int, scale: float, reverse: bool,
@@ -674,9 +464,9 @@ def triton_forward(q, k, v, g, scale: float, initial_state, C: int, gate: int, i
     ``interpret``: run the kernels in Triton's interpreter (None: for CPU tensors or TRITON_INTERPRET=1)."""
     B, H, T, Dk = q.shape
     Dv, G = v.shape[-1], H // k.shape[1]
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
-    gates = _gate_arrays(g, C, gate)
+    gates = gate_arrays(g, C, gate)
     s0 = initial_state.contiguous() if initial_state is not None else None
     hs, final = _states(k, v, gates, s0, H, G, T, C, gate, 1.0, False, True, cfg["_state_kernel"], interp)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
@@ -693,10 +483,10 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     G = H // Hkv
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, gate, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    gates = _gate_arrays(g, C, gate)
+    gates = gate_arrays(g, C, gate)
     gh, gl, gr, tp = gates
     do = do.to(q.dtype).contiguous()  # the tensor-core dots take do in the input dtype
     s0 = initial_state.contiguous() if initial_state is not None else None
@@ -750,8 +540,7 @@ class TritonRecurrence(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
         q, k, v, g, s0, final = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        do = output_grad(do, q, v)
         need_g = ctx.gate != 0 and ctx.needs_input_grad[3]
         dq, dk, dv, dg, ds0 = triton_backward(q, k, v, g, ctx.scale, s0, final, do, dS_T, ctx.C, ctx.gate,
                                               need_g, ctx.needs_input_grad[4], ctx.interpret)

@@ -38,39 +38,29 @@ The offline compile check of these kernels is ``runtime.gpu_check`` (``attnc che
 Per-channel gates (Kimi Delta Attention) have their own kernels in ``runtime.recurrences.delta.triton_kda``.
 """
 
-import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
 from ....core.errors import SpecError
-from ..decay.triton import (
-    _acc_zeros,
-    _block,
-    _in_dim,
-    _mm,
-    _sum,
-    available,
-    jit_table,
-    launch,
+from ..library.device import (
+    acc_zeros,
+    decay_matrix,
+    in_dim,
+    load_rows,
+    mm,
+    tile_sum,
     tl,
+    to_acc,
     triton,
+    unit_lower_inverse,
 )
+from ..library.host import KernelTable, available, block_size, interprets, output_grad
 
 #: Largest Dk / Dv block of the chunk-parallel programs.
 MAX_BLOCK = 64
 #: Largest key head dim: the sequential passes hold the whole [Dk, BV] state block of a program in registers.
 MAX_DK = 256
-
-
-# ======================================================================= helpers (undecorated)
-def _acc(x, F64: tl.constexpr):
-    """``x`` in the compute dtype (fp64 in the fp64 interpreter runs, else fp32)."""
-    if F64:
-        return x.to(tl.float64)
-    else:
-        return x.to(tl.float32)
 
 
 def _chunk_gates(
@@ -81,13 +71,13 @@ def _chunk_gates(
     reset at or before each row (``rs``, int32, -1 if none; the host's ``R``), and the decays ``e = exp(b)``,
     ``el = exp(b_last - b)``, ``d = exp(b_last)`` (a scalar), each 0 across a reset."""
     if GATED:
-        b = _acc(tl.load(G + i_bh * TP + c0 + t_off), F64)
+        b = to_acc(tl.load(G + i_bh * TP + c0 + t_off), F64)
     else:
-        b = _acc_zeros([C], F64)
-    bl = _sum(tl.where(t_off == C - 1, b, 0.0), 0)
+        b = acc_zeros([C], F64)
+    bl = tile_sum(tl.where(t_off == C - 1, b, 0.0), 0)
     if RESETS:
         rs = tl.load(R + i_bh * TP + c0 + t_off)
-        rl = _sum(tl.where(t_off == C - 1, rs, 0), 0)
+        rl = tile_sum(tl.where(t_off == C - 1, rs, 0), 0)
         e = tl.exp(tl.where(rs >= 0, float("-inf"), b))
         el = tl.exp(tl.where(rl > t_off, float("-inf"), bl - b))
         d = tl.exp(tl.where(rl >= 0, float("-inf"), bl))
@@ -97,38 +87,6 @@ def _chunk_gates(
         el = tl.exp(bl - b)
         d = tl.exp(bl)
     return b, rs, e, el, d
-
-
-def _decays(b, rs, t_off, STRICT: tl.constexpr, RESETS: tl.constexpr):
-    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere and, with ``RESETS``, where a
-    reset lies in ``(s, t]`` (``rs_t > s``): ``[C(t), C(s)]``. The span is masked before the exponential, so the
-    entries above the diagonal never overflow."""
-    if STRICT:
-        m = t_off[:, None] > t_off[None, :]
-    else:
-        m = t_off[:, None] >= t_off[None, :]
-    if RESETS:
-        m = m & (rs[:, None] <= t_off[None, :])
-    return tl.exp(tl.where(m, b[:, None] - b[None, :], float("-inf")))
-
-
-def _unit_lower_inverse(A, t_off, C: tl.constexpr):
-    """``(I + A)^-1`` for a strictly lower-triangular ``A`` (``[C, C]``) by forward substitution: row i of the
-    inverse X is ``e_i - sum_{m < i} A_im X_m`` (rows m < i final, A_im = 0 for m >= i), one row per step,
-    elementwise in A's dtype (no tensor-core rounding in the inverse)."""
-    X = (t_off[:, None] == t_off[None, :]).to(A.dtype)
-    for i in range(1, C):
-        a = _sum(tl.where(t_off[:, None] == i, A, 0.0), 0)  # A[i, :], indexed by m
-        row = -_sum(a[:, None] * X, 0)
-        X = tl.where(t_off[:, None] == i, row[None, :] + (t_off[None, :] == i).to(A.dtype), X)
-    return X
-
-
-def _rows(base, rows, r_ok, off, ok, D: tl.constexpr):
-    """The ``[C, BD]`` tile of rows ``rows`` and columns ``off`` of a ``[T, D]`` matrix at ``base`` (0 outside)."""
-    return tl.load(
-        base + rows[:, None] * D + off[None, :], mask=r_ok[:, None] & ok[None, :], other=0.0
-    )
 
 
 # ======================================================================= kernels (undecorated)
@@ -149,15 +107,15 @@ def _wy_fwd_kernel(
     r_ok = rows < T
     k_base = K + kv_bh * T * DK
     v_base = V + kv_bh * T * DV
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
-    KK = _acc_zeros([C, C], F64)
+    KK = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k = _rows(k_base, rows, r_ok, k_off, _in_dim(k_off, DK, BK), DK)
-        KK += _mm(k, tl.trans(k), DOT)
-    A = KK * _decays(b, rs, t_off, True, RESETS) * beta[:, None]
-    X = _unit_lower_inverse(A, t_off, C)
+        k = load_rows(k_base, rows, r_ok, k_off, in_dim(k_off, DK, BK), DK)
+        KK += mm(k, tl.trans(k), DOT)
+    A = KK * decay_matrix(b, rs, t_off, True, RESETS) * beta[:, None]
+    X = unit_lower_inverse(A, t_off, C)
     if STORE_T:
         tl.store(
             TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]), X.to(TI.dtype.element_ty),
@@ -166,18 +124,18 @@ def _wy_fwd_kernel(
     kw = beta * e
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        w = _mm(Xc, (k * kw[:, None]).to(k.dtype), DOT)
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        w = mm(Xc, (k * kw[:, None]).to(k.dtype), DOT)
         tl.store(
             W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
             mask=r_ok[:, None] & k_ok[None, :],
         )
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        v = _rows(v_base, rows, r_ok, v_off, v_ok, DV)
-        u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
+        v_ok = in_dim(v_off, DV, BV)
+        v = load_rows(v_base, rows, r_ok, v_off, v_ok, DV)
+        u = mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
         tl.store(
             U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
@@ -199,29 +157,29 @@ def _state_fwd_kernel(
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BKD)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BKD)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BKD)
+    v_ok = in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
-    S = _acc_zeros([BKD, BV], F64)
+    S = acc_zeros([BKD, BV], F64)
     if HAS_S0:
-        S += _acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        S += to_acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
     for n in range(0, NT):
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
-        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
+        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        u0 = load_rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = to_acc(u0, F64) - mm(w, S.to(w.dtype), DOT)
         tl.store(
             UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
             mask=r_ok[:, None] & v_ok[None, :],
         )
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
         kel = (k * el[:, None]).to(k.dtype)
-        S = S * d + _mm(tl.trans(kel), u.to(k.dtype), DOT)
+        S = S * d + mm(tl.trans(kel), u.to(k.dtype), DOT)
     tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
@@ -241,25 +199,25 @@ def _out_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
+    v_ok = in_dim(v_off, DV, BV)
     h_base = HS + (i_bh * NT + n) * DK * DV
-    o = _acc_zeros([C, BV], F64)
-    P = _acc_zeros([C, C], F64)
+    o = acc_zeros([C, BV], F64)
+    P = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k_ok = in_dim(k_off, DK, BK)
+        q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         hn = tl.load(
             h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0,
         )
-        o += _mm(q, hn.to(q.dtype), DOT)
-        P += _mm(q, tl.trans(k), DOT)
+        o += mm(q, hn.to(q.dtype), DOT)
+        P += mm(q, tl.trans(k), DOT)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
-    u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    P = P * _decays(b, rs, t_off, False, RESETS)
+    u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    P = P * decay_matrix(b, rs, t_off, False, RESETS)
     o = (
-        o * e[:, None] + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
+        o * e[:, None] + mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)
     ) * scale
     tl.store(
         OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
@@ -284,18 +242,18 @@ def _bwd_du_local_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
-    Pt = _acc_zeros([C, C], F64)  # [s, t]
+    v_ok = in_dim(v_off, DV, BV)
+    Pt = acc_zeros([C, C], F64)  # [s, t]
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        Pt += _mm(k, tl.trans(q), DOT)
+        k_ok = in_dim(k_off, DK, BK)
+        q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        Pt += mm(k, tl.trans(q), DOT)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
-    Pt = Pt * tl.trans(_decays(b, rs, t_off, False, RESETS)) * scale
-    do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    du = _mm(Pt.to(do.dtype), do, DOT)
+    Pt = Pt * tl.trans(decay_matrix(b, rs, t_off, False, RESETS)) * scale
+    do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    du = mm(Pt.to(do.dtype), do, DOT)
     tl.store(
         DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
         mask=r_ok[:, None] & v_ok[None, :],
@@ -319,32 +277,32 @@ def _state_bwd_kernel(
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BKD)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BKD)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BKD)
+    v_ok = in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
-    dh = _acc_zeros([BKD, BV], F64)
+    dh = acc_zeros([BKD, BV], F64)
     if HAS_DST:
-        dh += _acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        dh += to_acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
     for i in range(0, NT):
         n = NT - 1 - i
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
         tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
-        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
         kel = (k * el[:, None]).to(k.dtype)
         du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         du_ok = r_ok[:, None] & v_ok[None, :]
         # the chunk-local part of dU (``_bwd_du_local_kernel``) plus the state's
-        du = tl.load(du_off, mask=du_ok, other=0.0) + _mm(kel, dh.to(k.dtype), DOT)
+        du = tl.load(du_off, mask=du_ok, other=0.0) + mm(kel, dh.to(k.dtype), DOT)
         tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
-        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         qe = (q * (e * scale)[:, None]).to(q.dtype)
-        dh = dh * d + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+        dh = dh * d + mm(tl.trans(qe), do, DOT) - mm(tl.trans(w), du.to(w.dtype), DOT)
     if STORE_DS0:
         tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
 
@@ -368,46 +326,46 @@ def _bwd_dqk_kernel(
     rows = c0 + t_off
     r_ok = rows < T
     k_off = i_k * BK + tl.arange(0, BK)
-    k_ok = _in_dim(k_off, DK, BK)
+    k_ok = in_dim(k_off, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
-    dP = _acc_zeros([C, C], F64)
-    dq = _acc_zeros([C, BK], F64)
-    dks = _acc_zeros([C, BK], F64)
-    dw = _acc_zeros([C, BK], F64)
-    hdh = _acc_zeros([BK], F64)
+    dP = acc_zeros([C, C], F64)
+    dq = acc_zeros([C, BK], F64)
+    dks = acc_zeros([C, BK], F64)
+    dw = acc_zeros([C, BK], F64)
+    hdh = acc_zeros([BK], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        v_ok = in_dim(v_off, DV, BV)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
         hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
         hT_ok = v_ok[:, None] & k_ok[None, :]
         hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
         dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dP += _mm(do, tl.trans(u), DOT)
-        dq += _mm(do, hT.to(do.dtype), DOT)
-        dks += _mm(u, dhT.to(do.dtype), DOT)
-        dw -= _mm(du, hT.to(do.dtype), DOT)
+        dP += mm(do, tl.trans(u), DOT)
+        dq += mm(do, hT.to(do.dtype), DOT)
+        dks += mm(u, dhT.to(do.dtype), DOT)
+        dw -= mm(du, hT.to(do.dtype), DOT)
         if GATED:
-            hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
-    q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+            hdh += tile_sum(to_acc(hT, F64) * to_acc(dhT, F64), 0)
+    q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
-    dP = dP * _decays(b, rs, t_off, False, RESETS) * scale
+    dP = dP * decay_matrix(b, rs, t_off, False, RESETS) * scale
     dks = dks * el[:, None]
-    dq = dq * (e * scale)[:, None] + _mm(dP.to(k.dtype), k, DOT)
-    dk = dks + _mm(tl.trans(dP.to(q.dtype)), q, DOT)
+    dq = dq * (e * scale)[:, None] + mm(dP.to(k.dtype), k, DOT)
+    dk = dks + mm(tl.trans(dP.to(q.dtype)), q, DOT)
     qk_ok = r_ok[:, None] & k_ok[None, :]
     off = rows[:, None] * DK + k_off[None, :]
     tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
     tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
     if GATED:
-        qf = _acc(q, F64)
-        kf = _acc(k, F64)
-        dg = _sum(qf * dq - kf * dk, 1)
-        last = _sum(_sum(kf * dks, 1), 0) + d * _sum(hdh, 0)
+        qf = to_acc(q, F64)
+        kf = to_acc(k, F64)
+        dg = tile_sum(qf * dq - kf * dk, 1)
+        last = tile_sum(tile_sum(kf * dks, 1), 0) + d * tile_sum(hdh, 0)
         dg += tl.where(t_off == C - 1, last, 0.0)
         tl.store(
             DG + (i_k * tl.num_programs(2) + i_bh) * TP + c0 + t_off, dg.to(DG.dtype.element_ty)
@@ -430,44 +388,44 @@ def _wy_bwd_da_kernel(
     t_off = tl.arange(0, C)
     rows = c0 + t_off
     r_ok = rows < T
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     kw = beta * e
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
     Xt = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + t_off[:, None])).to(
         K.dtype.element_ty
     )
-    dT = _acc_zeros([C, C], F64)
+    dT = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        dT += _mm(dw, tl.trans((k * kw[:, None]).to(k.dtype)), DOT)
-    dbeta = _acc_zeros([C], F64)
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        dT += mm(dw, tl.trans((k * kw[:, None]).to(k.dtype)), DOT)
+    dbeta = acc_zeros([C], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
-        dT += _mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
-        dvb = _mm(Xt, du, DOT)
+        v_ok = in_dim(v_off, DV, BV)
+        v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
+        dT += mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
+        dvb = mm(Xt, du, DOT)
         tl.store(
             DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
             (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :],
         )
-        dbeta += _sum(dvb * _acc(v, F64), 1)
+        dbeta += tile_sum(dvb * to_acc(v, F64), 1)
     # dA in blocks of RB rows (whole-chunk products of three [C, C] tiles spilled on sm_80): rows r of T^T, loaded
     # transposed from memory, times dT times T^T
     dTc = dT.to(Xt.dtype)
     for r0 in range(0, C, RB):
         r_off = r0 + tl.arange(0, RB)
         Xr = tl.load(TI + (i_bh * TP + c0) * C + (t_off[None, :] * C + r_off[:, None])).to(Xt.dtype)
-        dA = _mm(_mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
+        dA = mm(mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
         if GATED:
-            br = _acc(tl.load(G + i_bh * TP + c0 + r_off), F64)
+            br = to_acc(tl.load(G + i_bh * TP + c0 + r_off), F64)
         else:
-            br = _acc_zeros([RB], F64)
+            br = acc_zeros([RB], F64)
         m = r_off[:, None] > t_off[None, :]
         if RESETS:  # no reset in (s, r]
             m = m & (tl.load(R + i_bh * TP + c0 + r_off)[:, None] <= t_off[None, :])
@@ -495,7 +453,7 @@ def _wy_bwd_dk_kernel(
     t_off = tl.arange(0, C)
     rows = c0 + t_off
     r_ok = rows < T
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     kw = beta * e
     cc_base = (i_bh * TP + c0) * C  # a scalar 64-bit base, 32-bit offsets within the chunk's [C, C]
@@ -504,20 +462,20 @@ def _wy_bwd_dk_kernel(
     dA = tl.load(DA + cc_base + cc_off)
     dAc = dA.to(Xc.dtype)
     Zc = (dA * beta[:, None]).to(Xc.dtype)
-    dbeta = _acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    dg = _acc_zeros([C], F64)
+    dbeta = to_acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    dg = acc_zeros([C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        dkb = _mm(tl.trans(Xc), dw, DOT)
-        dak = _mm(dAc, k, DOT)
-        ztk = _mm(tl.trans(Zc), k, DOT)
-        kf = _acc(k, F64)
-        s = _sum(dkb * kf, 1)
-        dbeta += e * s + _sum(kf * dak, 1)
-        dg += kw * s + _sum(kf * (dak * beta[:, None] - ztk), 1)
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        dkb = mm(tl.trans(Xc), dw, DOT)
+        dak = mm(dAc, k, DOT)
+        ztk = mm(tl.trans(Zc), k, DOT)
+        kf = to_acc(k, F64)
+        s = tile_sum(dkb * kf, 1)
+        dbeta += e * s + tile_sum(kf * dak, 1)
+        dg += kw * s + tile_sum(kf * (dak * beta[:, None] - ztk), 1)
         off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
         m = r_ok[:, None] & k_ok[None, :]
         dk = tl.load(DKP + off, mask=m, other=0.0) + dkb * kw[:, None] + dak * beta[:, None] + ztk
@@ -528,21 +486,16 @@ def _wy_bwd_dk_kernel(
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _chunk_gates, _decays, _unit_lower_inverse, _rows)
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, _chunk_gates, decay_matrix, unit_lower_inverse, load_rows)
 _KERNELS = (
     _wy_fwd_kernel, _state_fwd_kernel, _out_kernel, _bwd_du_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
     _wy_bwd_da_kernel, _wy_bwd_dk_kernel,
 )
 
 
-@functools.cache
-def kernels(interpret: bool) -> dict:
-    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    return jit_table(_HELPERS, _KERNELS, globals(), interpret)
-
-
-def _launch(name: str, grid, interpret: bool, *args, **meta):
-    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
+#: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
+kernels = KernelTable(_HELPERS, _KERNELS, globals())
+_launch = kernels.launch
 
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
@@ -559,10 +512,10 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         if dtype not in (torch.bfloat16, torch.float16)
         else (2 if interpret and dtype == torch.bfloat16 else 0)
     )
-    BK, BV = _block(Dk, MAX_BLOCK), _block(Dv, MAX_BLOCK)
-    BKD = _block(Dk, MAX_DK)
+    BK, BV = block_size(Dk, MAX_BLOCK), block_size(Dv, MAX_BLOCK)
+    BKD = block_size(Dk, MAX_DK)
     # the sequential passes hold [BKD, BVs] fp32 state blocks and [C, BKD] tiles of q / k / w
-    BVs = _block(Dv, 32)
+    BVs = block_size(Dv, 32)
     common = dict(DK=Dk, DV=Dv, C=C, F64=f64, DOT=dot)
     warps = 8 if C >= 64 else 4
     wide = BKD > 64  # Dk = 128 (256): twice the [C, BKD] tiles of the sequential passes
@@ -575,20 +528,15 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         "_bwd_du_local_kernel": dict(common, BK=BK, BV=BV, num_warps=warps, num_stages=2),
         "_state_bwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=warps, num_stages=2),
         "_bwd_dqk_kernel": dict(
-            common, BK=_block(Dk, 32 if wide else 64), BV=_block(Dv, 32), num_warps=warps, num_stages=2,
+            common, BK=block_size(Dk, 32 if wide else 64), BV=block_size(Dv, 32), num_warps=warps, num_stages=2,
         ),
         "_wy_bwd_da_kernel": dict(
-            common, BK=_block(Dk, 32), BV=_block(Dv, 32), RB=min(C, 16), num_warps=warps, num_stages=1,
+            common, BK=block_size(Dk, 32), BV=block_size(Dv, 32), RB=min(C, 16), num_warps=warps, num_stages=1,
         ),
         "_wy_bwd_dk_kernel": dict(
-            DK=Dk, C=C, F64=f64, DOT=dot, BK=_block(Dk, 32), num_warps=warps, num_stages=1
+            DK=Dk, C=C, F64=f64, DOT=dot, BK=block_size(Dk, 32), num_warps=warps, num_stages=1
         ),
     }
-
-
-def _interpret(t: torch.Tensor) -> bool:
-    """CPU tensors run in the interpreter; so does everything when TRITON_INTERPRET=1 was set."""
-    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _cumulative_gates(
@@ -649,7 +597,7 @@ def delta_forward(
     CPU tensors or under TRITON_INTERPRET=1)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
     b, R, TP = _cumulative_gates(g, beta, C)
     s0 = initial_state.contiguous() if initial_state is not None else None
@@ -674,7 +622,7 @@ def delta_backward(
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     GQ = H // Hkv
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gated = g is not None
@@ -753,8 +701,7 @@ class TritonDelta(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
         q, k, v, g, beta, s0 = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        do = output_grad(do, q, v)
         need_g = g is not None and ctx.needs_input_grad[3]
         dq, dk, dv, dg, dbeta, ds0 = delta_backward(
             q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C, need_g, ctx.needs_input_grad[5], ctx.interpret,

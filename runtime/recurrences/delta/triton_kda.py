@@ -9,10 +9,10 @@ the in-chunk cumulative log gates ``[C, Dk]``, ``e = exp(b)``, ``el = exp(b_last
     U = U0 - W S,  O = scale ((Q * e) S + P U),  S' = diag(d) S + (K * el)^T U
 
 with S the state entering the chunk. M and P are those of per-channel (GLA) gates in
-``runtime.recurrences.decay.triton`` (``_vec_intra``): sub-chunks of ``SUB`` rows, the off-diagonal
+``runtime.recurrences.library.device`` (``vec_intra``): sub-chunks of ``SUB`` rows, the off-diagonal
 sub-chunk blocks tensor-core dots of rows rescaled against a sub-chunk boundary (both exponents spans
 of log decays, never positive), the diagonal blocks exact elementwise sums; the gates are that
-module's ``ChunkGates`` arrays (split prefix sums and the last hard reset), so a gate of -inf (a
+``library.gates.ChunkGates`` arrays (split prefix sums and the last hard reset), so a gate of -inf (a
 hard reset of that key channel) is exact and its gradient 0. The kernels, in the order of
 ``runtime.recurrences.delta.triton``'s (whose docstring gives the backward's algebra):
 
@@ -36,32 +36,37 @@ reads k, v of kv head ``h // (H // Hkv)`` by index. The offline compile check is
 stdlib:kda`` (``runtime.gpu_check``).
 """
 
-import functools
 
 import torch
 
 from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
-from ..decay.triton import (
-    VECTOR_BLOCK,
-    _acc_zeros,
-    _block,
-    _gate_arrays,
-    _gate_rows,
-    _head_gate,
-    _in_dim,
-    _load_gates,
-    _mm,
-    _span,
-    _sum,
-    _vec_gate_factor,
-    _vec_intra,
-    jit_table,
-    launch,
+from ..library.device import (
+    acc_zeros,
+    gate_rows,
+    gate_span,
+    head_gate,
+    in_dim,
+    load_gates,
+    load_rows,
+    mm,
+    tile_sum,
     tl,
+    to_acc,
     triton,
+    unit_lower_inverse,
+    vec_gate_factor,
+    vec_intra,
 )
-from .triton import MAX_DK, _acc, _interpret, _rows, _unit_lower_inverse
+from ..library.host import (
+    VECTOR_BLOCK,
+    KernelTable,
+    block_size,
+    gate_arrays,
+    interprets,
+    output_grad,
+)
+from .triton import MAX_DK
 
 #: The chunk of the kernels (sub-chunks of ``VECTOR_SUB_CHUNK`` rows inside), as flash-linear-attention's.
 KDA_CHUNK = VECTOR_CHUNK
@@ -76,32 +81,32 @@ def _kda_intra_grad(dq, dk, dAq, dAk, q, k, q_base, k_base, GH, GL, GR, i_bh, c0
     ``decay.triton._vec_intra_grad``; two matrices, because ``M = K K^T`` takes ``dA`` for its rows and
     ``diag(beta) dA`` for its columns. Off-diagonal sub-chunk blocks on the tensor cores (dq: reference at
     the first row of the query's sub-chunk; dk: at the last row of the key's), diagonal ones exact."""
-    hi, lo, rs = _load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
     for i in range(1, C // SUB):  # dq of sub-chunk i from the keys before it
         r = i * SUB
-        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        ek = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
-        part = _mm(dAq.to(k.dtype), (k * ek).to(k.dtype), DOT)
-        dq += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
+        hr, lr, rr = load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        ek = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        part = mm(dAq.to(k.dtype), (k * ek).to(k.dtype), DOT)
+        dq += vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True) * part
     for i in range(0, C // SUB - 1):  # dk of sub-chunk i from the queries after it
         r = i * SUB + SUB - 1
-        hr, lr, rr = _load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
-        eq = _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
-        part = _mm(tl.trans(dAk.to(q.dtype)), (q * eq).to(q.dtype), DOT)
-        dk += _vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
+        hr, lr, rr = load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1, C, r, True)
+        part = mm(tl.trans(dAk.to(q.dtype)), (q * eq).to(q.dtype), DOT)
+        dk += vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
     for u in range(0, SUB):  # the diagonal blocks: per row, the row p of its own sub-chunk
         pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
         p_ok = (rows_p < T)[:, None] & k_ok[None, :]
-        hp, lp, rp = _load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
+        hp, lp, rp = load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
         kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
-        w = _sum(tl.where(t_off[None, :] == pl[:, None], dAq, 0.0), 1)  # dAq[t, p]
-        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), _span(hi, lo, hp, lp),
+        w = tile_sum(tl.where(t_off[None, :] == pl[:, None], dAq, 0.0), 1)  # dAq[t, p]
+        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), gate_span(hi, lo, hp, lp),
                             float("-inf")))
         dq += (w[:, None] * e) * kp.to(e.dtype)
         qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=p_ok, other=0.0)
-        w = _sum(tl.where(t_off[:, None] == pl[None, :], dAk, 0.0), 0)  # dAk[p, t]
-        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), _span(hp, lp, hi, lo),
+        w = tile_sum(tl.where(t_off[:, None] == pl[None, :], dAk, 0.0), 0)  # dAk[p, t]
+        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), gate_span(hp, lp, hi, lo),
                             float("-inf")))
         dk += (w[:, None] * e) * qp.to(e.dtype)
     return dq, dk
@@ -122,33 +127,33 @@ def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr
     rows = c0 + t_off
     r_ok = rows < T
     k_base = K + kv_bh * T * DK
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
-    M = _acc_zeros([C, C], F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    M = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        M += _vec_intra(k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        M += vec_intra(k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
                         SUB, DOT, F64)
     A = tl.where(t_off[:, None] > t_off[None, :], M, 0.0) * beta[:, None]
-    X = _unit_lower_inverse(A, t_off, C)
+    X = unit_lower_inverse(A, t_off, C)
     if STORE_T:
         tl.store(TI + (i_bh * TP + c0) * C + (t_off[:, None] * C + t_off[None, :]),
                  X.to(TI.dtype.element_ty))
     Xc = X.to(K.dtype.element_ty)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        w = _mm(Xc, (k * (eb * beta[:, None])).to(k.dtype), DOT)
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        w = mm(Xc, (k * (eb * beta[:, None])).to(k.dtype), DOT)
         tl.store(W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
                  mask=r_ok[:, None] & k_ok[None, :])
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = _mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
+        v_ok = in_dim(v_off, DV, BV)
+        v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
         tl.store(U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
                  mask=r_ok[:, None] & v_ok[None, :])
 
@@ -165,26 +170,26 @@ def _kda_state_fwd_kernel(K, W, U0, GH, GL, GR, S0, HS, UN, ST, T, TP, NT, H: tl
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BKD)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BKD)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BKD)
+    v_ok = in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
-    S = _acc_zeros([BKD, BV], F64)
+    S = acc_zeros([BKD, BV], F64)
     if HAS_S0:
-        S += _acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        S += to_acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
     for n in range(0, NT):
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
-        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        u0 = _rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = _acc(u0, F64) - _mm(w, S.to(w.dtype), DOT)
+        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        u0 = load_rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = to_acc(u0, F64) - mm(w, S.to(w.dtype), DOT)
         tl.store(UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
                  mask=r_ok[:, None] & v_ok[None, :])
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        S = S * dec[:, None] + _mm(tl.trans((k * ebl).to(k.dtype)), u.to(k.dtype), DOT)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        S = S * dec[:, None] + mm(tl.trans((k * ebl).to(k.dtype)), u.to(k.dtype), DOT)
     tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
@@ -201,25 +206,25 @@ def _kda_out_kernel(Q, K, UN, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.const
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
+    v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
     h_base = HS + (i_bh * NT + n) * DK * DV
-    o = _acc_zeros([C, BV], F64)
-    P = _acc_zeros([C, C], F64)
+    o = acc_zeros([C, BV], F64)
+    P = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        k_ok = in_dim(k_off, DK, BK)
+        q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
         hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :],
                      other=0.0)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        o += _mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
-        P += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        o += mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
+        P += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
                         SUB, DOT, F64)
-    u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    o = (o + _mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)) * scale
+    u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    o = (o + mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)) * scale
     tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
@@ -237,19 +242,19 @@ def _kda_du_local_kernel(Q, K, GH, GL, GR, DO, DU, T, TP, scale, H: tl.constexpr
     rows = c0 + t_off
     r_ok = rows < T
     v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = _in_dim(v_off, DV, BV)
+    v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
-    P = _acc_zeros([C, C], F64)
+    P = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        P += _vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
+        k_ok = in_dim(k_off, DK, BK)
+        q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        P += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
                         SUB, DOT, F64)
-    do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    du = _mm(tl.trans((P * scale).to(do.dtype)), do, DOT)
+    do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    du = mm(tl.trans((P * scale).to(do.dtype)), do, DOT)
     tl.store(DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
              mask=r_ok[:, None] & v_ok[None, :])
 
@@ -268,30 +273,30 @@ def _kda_state_bwd_kernel(Q, K, W, GH, GL, GR, DO, DST, DHS, DU, DS0, T, TP, NT,
     t_off = tl.arange(0, C)
     k_off = tl.arange(0, BKD)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BKD)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BKD)
+    v_ok = in_dim(v_off, DV, BV)
     sv_off = k_off[:, None] * DV + v_off[None, :]
     sv_ok = k_ok[:, None] & v_ok[None, :]
-    dh = _acc_zeros([BKD, BV], F64)
+    dh = acc_zeros([BKD, BV], F64)
     if HAS_DST:
-        dh += _acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+        dh += to_acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
     for i in range(0, NT):
         n = NT - 1 - i
         c0 = n * C
         rows = c0 + t_off
         r_ok = rows < T
         tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         du_ok = r_ok[:, None] & v_ok[None, :]
-        du = tl.load(du_off, mask=du_ok, other=0.0) + _mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
+        du = tl.load(du_off, mask=du_ok, other=0.0) + mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
         tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
-        q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        w = _rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         qe = (q * (eb * scale)).to(q.dtype)
-        dh = dh * dec[:, None] + _mm(tl.trans(qe), do, DOT) - _mm(tl.trans(w), du.to(w.dtype), DOT)
+        dh = dh * dec[:, None] + mm(tl.trans(qe), do, DOT) - mm(tl.trans(w), du.to(w.dtype), DOT)
     if STORE_DS0:
         tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
 
@@ -313,46 +318,46 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     rows = c0 + t_off
     r_ok = rows < T
     k_off = i_k * BK + tl.arange(0, BK)
-    k_ok = _in_dim(k_off, DK, BK)
+    k_ok = in_dim(k_off, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
-    dP = _acc_zeros([C, C], F64)
-    dq = _acc_zeros([C, BK], F64)
-    dks = _acc_zeros([C, BK], F64)
-    dw = _acc_zeros([C, BK], F64)
-    hdh = _acc_zeros([BK], F64)
+    dP = acc_zeros([C, C], F64)
+    dq = acc_zeros([C, BK], F64)
+    dks = acc_zeros([C, BK], F64)
+    dw = acc_zeros([C, BK], F64)
+    hdh = acc_zeros([BK], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        do = _rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = _rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        v_ok = in_dim(v_off, DV, BV)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
         hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
         hT_ok = v_ok[:, None] & k_ok[None, :]
         hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
         dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dP += _mm(do, tl.trans(u), DOT)
-        dq += _mm(do, hT.to(do.dtype), DOT)
-        dks += _mm(u, dhT.to(do.dtype), DOT)
-        dw -= _mm(du, hT.to(do.dtype), DOT)
-        hdh += _sum(_acc(hT, F64) * _acc(dhT, F64), 0)
+        dP += mm(do, tl.trans(u), DOT)
+        dq += mm(do, hT.to(do.dtype), DOT)
+        dks += mm(u, dhT.to(do.dtype), DOT)
+        dw -= mm(du, hT.to(do.dtype), DOT)
+        hdh += tile_sum(to_acc(hT, F64) * to_acc(dhT, F64), 0)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
-    q = _rows(q_base, rows, r_ok, k_off, k_ok, DK)
-    k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
+    q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
+    k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
     # dW and the last row's gate terms first: fewer tiles live through the in-chunk gradient
     qk_ok = r_ok[:, None] & k_ok[None, :]
     off = rows[:, None] * DK + k_off[None, :]
     tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
-    eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-    kf = _acc(k, F64)
+    eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+    kf = to_acc(k, F64)
     dks = dks * ebl
-    last = _sum(kf * dks, 0) + dec * hdh
+    last = tile_sum(kf * dks, 0) + dec * hdh
     dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
     dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
                              T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
     tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
-    db = _acc(q, F64) * dq - kf * dk
+    db = to_acc(q, F64) * dq - kf * dk
     db += tl.where((t_off == C - 1)[:, None], last[None, :], 0.0)
     tl.store(DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :],
              db.to(DG.dtype.element_ty), mask=k_ok[None, :])
@@ -372,36 +377,36 @@ def _kda_wy_da_kernel(K, V, BETA, GH, GL, GR, TI, DW, DU, DA, DV_, DBETA, T, TP,
     t_off = tl.arange(0, C)
     rows = c0 + t_off
     r_ok = rows < T
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
     Xt = tl.load(TI + cc_base + (t_off[None, :] * C + t_off[:, None])).to(K.dtype.element_ty)
-    dT = _acc_zeros([C, C], F64)
+    dT = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        dT += _mm(dw, tl.trans((k * (eb * beta[:, None])).to(k.dtype)), DOT)
-    dbeta = _acc_zeros([C], F64)
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        dT += mm(dw, tl.trans((k * (eb * beta[:, None])).to(k.dtype)), DOT)
+    dbeta = acc_zeros([C], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
-        v_ok = _in_dim(v_off, DV, BV)
-        v = _rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        du = _rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
-        dT += _mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
-        dvb = _mm(Xt, du, DOT)
+        v_ok = in_dim(v_off, DV, BV)
+        v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
+        dT += mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
+        dvb = mm(Xt, du, DOT)
         tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
                  (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :])
-        dbeta += _sum(dvb * _acc(v, F64), 1)
+        dbeta += tile_sum(dvb * to_acc(v, F64), 1)
     # dA in blocks of RB rows (as the gated rule's kernel: whole-chunk products of three [C, C] tiles
     # spill): rows r of T^T, loaded transposed, times dT times T^T
     dTc = dT.to(Xt.dtype)
     for r0 in range(0, C, RB):
         r_off = r0 + tl.arange(0, RB)
         Xr = tl.load(TI + cc_base + (t_off[None, :] * C + r_off[:, None])).to(Xt.dtype)
-        dA = _mm(_mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
+        dA = mm(mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
         tl.store(DA + cc_base + (r_off[:, None] * C + t_off[None, :]),
                  tl.where(r_off[:, None] > t_off[None, :], -dA, 0.0).to(DA.dtype.element_ty))
     tl.store(DBETA + i_bh * T + rows, dbeta.to(DBETA.dtype.element_ty), mask=r_ok)
@@ -421,26 +426,26 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
     t_off = tl.arange(0, C)
     rows = c0 + t_off
     r_ok = rows < T
-    beta = _acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
     cc_off = t_off[:, None] * C + t_off[None, :]
     Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
     dA = tl.load(DA + cc_base + cc_off)
     dM = dA * beta[:, None]
-    dbeta = _acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    dbeta = to_acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     k_base = K + kv_bh * T * DK
     for k0 in range(0, DK, BK):
         k_off = k0 + tl.arange(0, BK)
-        k_ok = _in_dim(k_off, DK, BK)
-        k = _rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        dw = _rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        eb, ebl, dec = _gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        dkb = _mm(tl.trans(Xc), dw, DOT)
-        X, Y = _kda_intra_grad(_acc_zeros([C, BK], F64), _acc_zeros([C, BK], F64), dA, dM, k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off,
+        k_ok = in_dim(k_off, DK, BK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
+        dkb = mm(tl.trans(Xc), dw, DOT)
+        X, Y = _kda_intra_grad(acc_zeros([C, BK], F64), acc_zeros([C, BK], F64), dA, dM, k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off,
                                k_off, k_ok, DK, C, SUB, DOT)
-        kf = _acc(k, F64)
+        kf = to_acc(k, F64)
         s = dkb * eb * kf + kf * X
-        dbeta += _sum(s, 1)
+        dbeta += tile_sum(s, 1)
         off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
         m = r_ok[:, None] & k_ok[None, :]
         dk = tl.load(DKP + off, mask=m, other=0.0) + (dkb * eb + X) * beta[:, None] + Y
@@ -452,23 +457,15 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
 
 
 # ======================================================================= wrapping
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _head_gate, _load_gates, _span, _gate_rows, _vec_gate_factor,
-            _vec_intra, _kda_intra_grad, _unit_lower_inverse, _rows)
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate_span, gate_rows, vec_gate_factor,
+            vec_intra, _kda_intra_grad, unit_lower_inverse, load_rows)
 _KERNELS = (_kda_wy_fwd_kernel, _kda_state_fwd_kernel, _kda_out_kernel, _kda_du_local_kernel,
             _kda_state_bwd_kernel, _kda_dqk_kernel, _kda_wy_da_kernel, _kda_wy_dk_kernel)
 
 
-@functools.cache
-def kernels(interpret: bool) -> dict:
-    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    from ..decay import triton as decay_triton
-
-    # the decay module's helpers call each other by name: jit them over its namespace plus this one's
-    return jit_table(_HELPERS, _KERNELS, {**vars(decay_triton), **globals()}, interpret)
-
-
-def _launch(name: str, grid, interpret: bool, *args, **meta):
-    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
+#: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
+kernels = KernelTable(_HELPERS, _KERNELS, globals())
+_launch = kernels.launch
 
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
@@ -481,8 +478,8 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
                         where="argument q", hint="use backend='cpu'")
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (
         2 if interpret and dtype == torch.bfloat16 else 0)
-    BKD = _block(Dk, MAX_DK)
-    BK, BV, BVs = _block(Dk, VECTOR_BLOCK), _block(Dv, 64), _block(Dv, 32)
+    BKD = block_size(Dk, MAX_DK)
+    BK, BV, BVs = block_size(Dk, VECTOR_BLOCK), block_size(Dv, 64), block_size(Dv, 32)
     common = dict(DK=Dk, DV=Dv, C=C, F64=dtype == torch.float64, DOT=dot)
     sub = dict(SUB=min(VECTOR_SUB_CHUNK, C))
     warps = 8 if C >= 64 else 4
@@ -493,10 +490,10 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
         "_kda_state_fwd_kernel": dict(common, BKD=BKD, BV=BVs, num_warps=8 if wide else 4, num_stages=1),
         "_kda_out_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
         "_kda_du_local_kernel": dict(common, BK=BK, BV=BV, **sub, **par),
-        "_kda_state_bwd_kernel": dict(common, BKD=BKD, BV=_block(Dv, 16 if wide else 32), num_warps=warps,
+        "_kda_state_bwd_kernel": dict(common, BKD=BKD, BV=block_size(Dv, 16 if wide else 32), num_warps=warps,
                                       num_stages=1),
-        "_kda_dqk_kernel": dict(common, BK=_block(Dk, 16), BV=_block(Dv, 32), **sub, **par),
-        "_kda_wy_da_kernel": dict(common, BK=BK, BV=_block(Dv, 32), RB=min(C, 16), **par),
+        "_kda_dqk_kernel": dict(common, BK=block_size(Dk, 16), BV=block_size(Dv, 32), **sub, **par),
+        "_kda_wy_da_kernel": dict(common, BK=BK, BV=block_size(Dv, 32), RB=min(C, 16), **par),
         "_kda_wy_dk_kernel": dict(DK=Dk, C=C, F64=common["F64"], DOT=dot, BK=BK, **sub, **par),
     }
 
@@ -529,9 +526,9 @@ def kda_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret
     q's dtype, final state in the compute dtype)."""
     B, H, T, Dk = q.shape
     Dv = v.shape[-1]
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
-    gates = _gate_arrays(g, C, 2)
+    gates = gate_arrays(g, C, 2)
     s0 = initial_state.contiguous() if initial_state is not None else None
     _, _, HS, UN, final = _wy_and_states(q, k, v, gates, beta, s0, C, cfg, interp, False)
     out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
@@ -548,10 +545,10 @@ def kda_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int
     B, H, T, Dk = q.shape
     Hkv, Dv = k.shape[1], v.shape[-1]
     GQ = H // Hkv
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     cfg = configs(Dk, Dv, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    gates = _gate_arrays(g, C, 2)
+    gates = gate_arrays(g, C, 2)
     GH, GL, GR, TP = gates
     NT = TP // C
     s0 = initial_state.contiguous() if initial_state is not None else None
@@ -610,8 +607,7 @@ class TritonKDA(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS_T):
         q, k, v, g, beta, s0 = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
+        do = output_grad(do, q, v)
         dq, dk, dv, dg, dbeta, ds0 = kda_backward(q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C,
                                                   ctx.needs_input_grad[3], ctx.needs_input_grad[5],
                                                   ctx.interpret)

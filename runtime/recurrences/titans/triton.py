@@ -36,33 +36,32 @@ dq, dk, dtheta and the gate terms are sums over Dv, stored per Dv block (16 colu
 ``compiler.recurrence_cost.TITANS_VALUE_BLOCK``) and summed on the host or by the gates kernel. The gradients
 of ``b`` and ``ce`` go back to the gates and momenta through torch (the cumulative sums, the logarithm), outside
 the kernels. A gate of -inf (a hard reset) counts 0 in ``b``; with ``RESETS`` every decay across it is 0, as in
-the delta rule's kernels (``delta.triton._decays``). The momenta are in (0, 1] (``rule.check_rates``): their
+the delta rule's kernels (``library.device.decay_matrix``). The momenta are in (0, 1] (``rule.check_rates``): their
 logarithms are finite and every exponent is at most 0. Dots of q, k with states run in the input dtype on the
 tensor cores (fp32 accumulation); the [C, C] products and the triangular solve in fp32 (fp64 in the
 interpreter's fp64 runs). GQA: k, v are read from kv head ``h // (H // Hkv)``; dk, dv are per query head and
 summed over the group on the host. Offline compile check: ``attnc check-gpu stdlib:titans``.
 """
 
-import functools
 
 import torch
 import torch.nn.functional as F
 
 from ....compiler.recurrence_cost import TITANS_VALUE_BLOCK
 from ....core.errors import SpecError
-from ..decay.triton import (
-    _acc_zeros,
-    _block,
-    _in_dim,
-    _mm,
-    _sum,
-    available,
-    jit_table,
-    launch,
+from ..library.device import (
+    acc_zeros,
+    decay_matrix,
+    in_dim,
+    load_rows,
+    mm,
+    tile_sum,
     tl,
+    to_acc,
     triton,
+    unit_lower_inverse,
 )
-from ..delta.triton import _acc, _decays, _interpret, _rows, _unit_lower_inverse
+from ..library.host import KernelTable, available, block_size, interprets
 
 #: Largest key head dim: the programs hold [C, Dk] tiles of q and k and [Dk, BV] blocks of the memory and its
 #: momentum in registers (at 256 every kernel spilled 0.3-4 KiB on sm_80 and sm_90 in bf16, at 8 warps or 16).
@@ -84,16 +83,16 @@ def _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C: tl.constexpr, RESETS: tl.co
     """``(A, E, d, e0)`` of the chunk at ``c0``: the memory's in-chunk decays ``A[t, r]``, the momentum's ``E[r, s]``,
     ``d = exp(b)`` (0 after a reset) and ``e0 = exp(ce)``; ``_chunk_kernel`` forms ``Gam = A E`` (gamma(t, s)) and
     ``c = A e0`` (gamma(t, 0)) from them, once per chunk."""
-    b = _acc(tl.load(GB + i_bh * TP + c0 + t_off), F64)
-    ce = _acc(tl.load(CE + i_bh * TP + c0 + t_off), F64)
+    b = to_acc(tl.load(GB + i_bh * TP + c0 + t_off), F64)
+    ce = to_acc(tl.load(CE + i_bh * TP + c0 + t_off), F64)
     if RESETS:
         rs = tl.load(R + i_bh * TP + c0 + t_off)
         d = tl.exp(tl.where(rs >= 0, float("-inf"), b))
     else:
         rs = t_off
         d = tl.exp(b)
-    A = _decays(b, rs, t_off, False, RESETS)
-    E = _decays(ce, t_off, t_off, False, False)
+    A = decay_matrix(b, rs, t_off, False, RESETS)
+    E = decay_matrix(ce, t_off, t_off, False, False)
     e0 = tl.exp(ce)
     return A, E, d, e0
 
@@ -101,7 +100,7 @@ def _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C: tl.constexpr, RESETS: tl.co
 def _shift_rows(X, t_off):
     """``X`` one row down (row t holds row t - 1; row 0 zeros), an exact product with a 0/1 matrix."""
     down = (t_off[:, None] == t_off[None, :] + 1).to(X.dtype)
-    return _mm(down, X, 1)
+    return mm(down, X, 1)
 
 
 def _shift(x, t_off, UP: tl.constexpr):
@@ -110,25 +109,25 @@ def _shift(x, t_off, UP: tl.constexpr):
         m = t_off[:, None] + 1 == t_off[None, :]
     else:
         m = t_off[:, None] == t_off[None, :] + 1
-    return _sum(tl.where(m, x[None, :], 0.0), 1)
+    return tile_sum(tl.where(m, x[None, :], 0.0), 1)
 
 
 def _row_at(X, at):
     """Row ``at`` (``[C]`` mask) of ``X`` ``[C, N]``."""
-    return _sum(tl.where(at[:, None], X, 0.0), 0)
+    return tile_sum(tl.where(at[:, None], X, 0.0), 0)
 
 
 def _entry_at(x, at):
     """Entry ``at`` (``[C]`` mask) of ``x`` ``[C]``."""
-    return _sum(tl.where(at, x, 0.0), 0)
+    return tile_sum(tl.where(at, x, 0.0), 0)
 
 
 def _solve_terms(k, th, Gam, t_off, C: tl.constexpr, DOT: tl.constexpr):
     """``(I + L)^-1`` with ``L = strict_tril(Gp * K K^T diag(theta))``, and ``(Gp, K K^T)``."""
     Gp = _shift_rows(Gam, t_off)
-    kk = _mm(k, tl.trans(k), DOT).to(Gam.dtype)
+    kk = mm(k, tl.trans(k), DOT).to(Gam.dtype)
     low = tl.where(t_off[:, None] > t_off[None, :], Gp * kk * th[None, :], 0.0)
-    return _unit_lower_inverse(low, t_off, C), Gp, kk
+    return unit_lower_inverse(low, t_off, C), Gp, kk
 
 
 def _vectors(VEC, i_bh, BH, TP, rows):
@@ -145,22 +144,22 @@ def _value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr,
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     k_off = tl.arange(0, BK)
     v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = _in_dim(k_off, DK, BK)
-    v_ok = _in_dim(v_off, DV, BV)
+    k_ok = in_dim(k_off, DK, BK)
+    v_ok = in_dim(v_off, DV, BV)
     return kv_bh, k_off, k_ok, v_off, v_ok, k_off[:, None] * DV + v_off[None, :], k_ok[:, None] & v_ok[None, :]
 
 
 def _load_pair(X, at, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr, F64: tl.constexpr):
     """The memory's and the momentum's blocks (or their gradients) of state ``at`` of ``X`` ``[..., 2, Dk, Dv]``."""
-    first = _acc(tl.load(X + at * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
-    return first, _acc(tl.load(X + (at * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    first = to_acc(tl.load(X + at * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    return first, to_acc(tl.load(X + (at * 2 + 1) * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
 
 
 def _start_pair(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
                 BV: tl.constexpr, F64: tl.constexpr):
     """A sequential pass's first state pair: ``_load_pair`` of ``X`` where ``GIVEN``, zeros otherwise."""
-    S = _acc_zeros([BK, BV], F64)
-    M = _acc_zeros([BK, BV], F64)
+    S = acc_zeros([BK, BV], F64)
+    M = acc_zeros([BK, BV], F64)
     if GIVEN:
         S_given, M_given = _load_pair(X, at, sv_off, sv_ok, DK, DV, F64)
         S += S_given
@@ -175,9 +174,9 @@ def _store_pair(X, at, S, M, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr):
 
 
 def _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK: tl.constexpr, F64: tl.constexpr):
-    q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    th = to_acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     return q, k, th
 
 
@@ -195,14 +194,14 @@ def _chunk_kernel(
     kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)  # BH in int64: offsets of BH x TP rows pass 2^31 at small head dims
     k_off = tl.arange(0, BK)
-    k_ok = _in_dim(k_off, DK, BK)
+    k_ok = in_dim(k_off, DK, BK)
     c0 = n * C
     rows = c0 + t_off
     r_ok = rows < T
-    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+    k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    th = to_acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     A, E, d, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
-    Gam, c = _mm(A, E, 1), _sum(A * e0[None, :], 1)
+    Gam, c = mm(A, E, 1), tile_sum(A * e0[None, :], 1)
     Ti, Gp, kk = _solve_terms(k, th, Gam, t_off, C, DOT)
     last = t_off == tl.minimum(T - c0, C) - 1
     tile_off = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
@@ -238,19 +237,19 @@ def _state_fwd_kernel(
         rows = c0 + t_off
         r_ok = rows < T
         _store_pair(HS, i_bh * NT + n, S, M, sv_off, sv_ok, DK, DV)
-        k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        v = _acc(_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
-        th = _acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
+        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        v = to_acc(load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
+        th = to_acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
         d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
         Ti = tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
-        U = _mm(Ti, v - dp[:, None] * _mm(k, S.to(k.dtype), DOT) - cp[:, None] * _mm(k, M.to(k.dtype), DOT), 1)
+        U = mm(Ti, v - dp[:, None] * mm(k, S.to(k.dtype), DOT) - cp[:, None] * mm(k, M.to(k.dtype), DOT), 1)
         uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         tl.store(UN + uv_off, U.to(UN.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :])
         W = th[:, None] * U
         last = t_off == tl.minimum(T - c0, C) - 1
         kt = tl.trans(k)
-        S_end = _entry_at(d, last) * S + _entry_at(c, last) * M + _mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
-        M = _entry_at(e0, last) * M + _mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
+        S_end = _entry_at(d, last) * S + _entry_at(c, last) * M + mm(kt, (gL[:, None] * W).to(k.dtype), DOT)
+        M = _entry_at(e0, last) * M + mm(kt, (eL[:, None] * W).to(k.dtype), DOT)
         S = S_end
     _store_pair(ST, i_bh, S, M, sv_off, sv_ok, DK, DV)
 
@@ -276,8 +275,8 @@ def _out_kernel(
     uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
     uv_ok = r_ok[:, None] & v_ok[None, :]
     W = th[:, None] * tl.load(UN + uv_off, mask=uv_ok, other=0.0)
-    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
-    o = scale * (d[:, None] * _mm(q, S0, DOT) + c[:, None] * _mm(q, M0, DOT) + _mm(P, W, 1))
+    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
+    o = scale * (d[:, None] * mm(q, S0, DOT) + c[:, None] * mm(q, M0, DOT) + mm(P, W, 1))
     tl.store(OUT + uv_off, o.to(OUT.dtype.element_ty), mask=uv_ok)
 
 
@@ -293,14 +292,14 @@ def _bwd_local_kernel(
     t_off = tl.arange(0, C)
     rows = n * C + t_off
     r_ok = rows < T
-    q = _rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-    k = _rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+    k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     Gam = tl.load(GAM + (i_bh * TP + rows)[:, None] * C + t_off[None, :])
-    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * _mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
+    P = tl.where(t_off[:, None] >= t_off[None, :], Gam * mm(q, tl.trans(k), DOT).to(Gam.dtype), 0.0)
     uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
     uv_ok = r_ok[:, None] & v_ok[None, :]
-    do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
-    tl.store(DWL + uv_off, (scale * _mm(tl.trans(P), do, 1)).to(DWL.dtype.element_ty), mask=uv_ok)
+    do = to_acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+    tl.store(DWL + uv_off, (scale * mm(tl.trans(P), do, 1)).to(DWL.dtype.element_ty), mask=uv_ok)
 
 
 def _state_bwd_kernel(
@@ -327,25 +326,25 @@ def _state_bwd_kernel(
         q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
         uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
         uv_ok = r_ok[:, None] & v_ok[None, :]
-        do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+        do = to_acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
         U = tl.load(UN + uv_off, mask=uv_ok, other=0.0)
         d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
-        kdS = _mm(k, dS.to(k.dtype), DOT)
-        kdM = _mm(k, dM.to(k.dtype), DOT)
+        kdS = mm(k, dS.to(k.dtype), DOT)
+        kdM = mm(k, dM.to(k.dtype), DOT)
         dW = tl.load(DWL + uv_off, mask=uv_ok, other=0.0) + gL[:, None] * kdS + eL[:, None] * kdM
-        dY = _mm(tl.trans(tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])), th[:, None] * dW, 1)
+        dY = mm(tl.trans(tl.load(TI + (i_bh * TP + rows)[:, None] * C + t_off[None, :])), th[:, None] * dW, 1)
         tl.store(DY + uv_off, dY.to(DY.dtype.element_ty), mask=uv_ok)
         W = th[:, None] * U
         row_off = (i_v * BH + i_bh) * T + rows
-        tl.store(DTH + row_off, _sum(U * dW, 1).to(DTH.dtype.element_ty), mask=r_ok)
+        tl.store(DTH + row_off, tile_sum(U * dW, 1).to(DTH.dtype.element_ty), mask=r_ok)
         gl_off = (i_v * BH + i_bh) * TP + rows
-        tl.store(DGL + gl_off, _sum(W * kdS, 1).to(DGL.dtype.element_ty))
-        tl.store(DGL + tl.num_programs(0) * BH * TP + gl_off, _sum(W * kdM, 1).to(DGL.dtype.element_ty))
+        tl.store(DGL + gl_off, tile_sum(W * kdS, 1).to(DGL.dtype.element_ty))
+        tl.store(DGL + tl.num_programs(0) * BH * TP + gl_off, tile_sum(W * kdM, 1).to(DGL.dtype.element_ty))
         last = t_off == tl.minimum(T - c0, C) - 1
         qt, kt = tl.trans(q), tl.trans(k)
-        dS_in = (_mm(qt, (scale * d[:, None] * do).to(q.dtype), DOT) - _mm(kt, (dp[:, None] * dY).to(k.dtype), DOT)
+        dS_in = (mm(qt, (scale * d[:, None] * do).to(q.dtype), DOT) - mm(kt, (dp[:, None] * dY).to(k.dtype), DOT)
                  + _entry_at(d, last) * dS)
-        dM = (_mm(qt, (scale * c[:, None] * do).to(q.dtype), DOT) - _mm(kt, (cp[:, None] * dY).to(k.dtype), DOT)
+        dM = (mm(qt, (scale * c[:, None] * do).to(q.dtype), DOT) - mm(kt, (cp[:, None] * dY).to(k.dtype), DOT)
               + _entry_at(c, last) * dS + _entry_at(e0, last) * dM)
         dS = dS_in
     _store_pair(DS0, i_bh, dS, dM, sv_off, sv_ok, DK, DV)
@@ -374,42 +373,42 @@ def _bwd_dqk_kernel(
     Gp = tl.load(GP + tile_off)
     uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
     uv_ok = r_ok[:, None] & v_ok[None, :]
-    do = _acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
+    do = to_acc(tl.load(DO + uv_off, mask=uv_ok, other=0.0), F64)
     U = tl.load(UN + uv_off, mask=uv_ok, other=0.0)
     dY = tl.load(DY + uv_off, mask=uv_ok, other=0.0)
     W = th[:, None] * U
     lower = t_off[:, None] >= t_off[None, :]
-    kk = _mm(k, tl.trans(k), DOT).to(Gam.dtype)
-    qk = _mm(q, tl.trans(k), DOT).to(Gam.dtype)
+    kk = mm(k, tl.trans(k), DOT).to(Gam.dtype)
+    qk = mm(q, tl.trans(k), DOT).to(Gam.dtype)
     # through the solve: L = strict_tril(Gp * K K^T diag(theta)), dL = -dY U^T
-    dL = tl.where(t_off[:, None] > t_off[None, :], -_mm(dY, tl.trans(U), 1), 0.0)
+    dL = tl.where(t_off[:, None] > t_off[None, :], -mm(dY, tl.trans(U), 1), 0.0)
     row_off = (i_v * BH + i_bh) * T + rows
-    dth = tl.load(DTH + row_off, mask=r_ok, other=0.0) + _sum(dL * Gp * kk, 0)
+    dth = tl.load(DTH + row_off, mask=r_ok, other=0.0) + tile_sum(dL * Gp * kk, 0)
     tl.store(DTH + row_off, dth.to(DTH.dtype.element_ty), mask=r_ok)
     dkk = dL * Gp * th[None, :]
     # through O's tril(Gam * Q K^T) W
-    dP = _mm(do, tl.trans(W), 1)
+    dP = mm(do, tl.trans(W), 1)
     dqk = tl.where(lower, scale * dP * Gam, 0.0)
     up = (t_off[:, None] + 1 == t_off[None, :]).to(dL.dtype)
-    dGam = tl.where(lower, scale * dP * qk, 0.0) + _mm(up, dL * th[None, :] * kk, 1)
+    dGam = tl.where(lower, scale * dP * qk, 0.0) + mm(up, dL * th[None, :] * kk, 1)
     tl.store(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :],
              dGam.to(DGAM.dtype.element_ty))
     # products with the states entering (dq, dk, the gate terms of d, c, dp, cp) and leaving (dk through S', M')
     S0, M0 = _load_pair(HS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
     S0t, M0t = tl.trans(S0.to(k.dtype)), tl.trans(M0.to(k.dtype))
-    doS, doM = _mm(do.to(k.dtype), S0t, DOT), _mm(do.to(k.dtype), M0t, DOT)
-    dq = _mm(dqk.to(k.dtype), k, DOT) + scale * (d[:, None] * doS + c[:, None] * doM)
-    dd = scale * _sum(q * doS, 1)
-    dc = scale * _sum(q * doM, 1)
-    dyS, dyM = _mm(dY.to(k.dtype), S0t, DOT), _mm(dY.to(k.dtype), M0t, DOT)
+    doS, doM = mm(do.to(k.dtype), S0t, DOT), mm(do.to(k.dtype), M0t, DOT)
+    dq = mm(dqk.to(k.dtype), k, DOT) + scale * (d[:, None] * doS + c[:, None] * doM)
+    dd = scale * tile_sum(q * doS, 1)
+    dc = scale * tile_sum(q * doM, 1)
+    dyS, dyM = mm(dY.to(k.dtype), S0t, DOT), mm(dY.to(k.dtype), M0t, DOT)
     vec_off = (i_v * BH + i_bh) * TP + rows
-    tl.store(DD + vec_off, (dd + _shift(-_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
-    tl.store(DC + vec_off, (dc + _shift(-_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
+    tl.store(DD + vec_off, (dd + _shift(-tile_sum(k * dyS, 1), t_off, True)).to(DD.dtype.element_ty))
+    tl.store(DC + vec_off, (dc + _shift(-tile_sum(k * dyM, 1), t_off, True)).to(DC.dtype.element_ty))
     Wd = W.to(k.dtype)
     dS, dM = _load_pair(DHS, i_bh * NT + n, sv_off, sv_ok, DK, DV, F64)
-    dk = (_mm(tl.trans(dqk).to(q.dtype), q, DOT) + _mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
+    dk = (mm(tl.trans(dqk).to(q.dtype), q, DOT) + mm((dkk + tl.trans(dkk)).to(k.dtype), k, DOT)
           - dp[:, None] * dyS - cp[:, None] * dyM
-          + gL[:, None] * _mm(Wd, tl.trans(dS.to(k.dtype)), DOT) + eL[:, None] * _mm(Wd, tl.trans(dM.to(k.dtype)), DOT))
+          + gL[:, None] * mm(Wd, tl.trans(dS.to(k.dtype)), DOT) + eL[:, None] * mm(Wd, tl.trans(dM.to(k.dtype)), DOT))
     qk_off = (i_v * BH + i_bh) * T * DK + rows[:, None] * DK + k_off[None, :]
     qk_ok = r_ok[:, None] & k_ok[None, :]
     tl.store(DQ + qk_off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
@@ -429,11 +428,11 @@ def _bwd_gates_kernel(
     BH = tl.num_programs(1).to(tl.int64)
     t_off = tl.arange(0, C)
     c0 = n * C
-    dGam = _acc_zeros([C, C], F64)
-    dd = _acc_zeros([C], F64)
-    dc = _acc_zeros([C], F64)
-    dGL = _acc_zeros([C], F64)
-    dEL = _acc_zeros([C], F64)
+    dGam = acc_zeros([C, C], F64)
+    dd = acc_zeros([C], F64)
+    dc = acc_zeros([C], F64)
+    dGL = acc_zeros([C], F64)
+    dEL = acc_zeros([C], F64)
     for i_v in range(0, NV):
         dGam += tl.load(DGAM + ((i_v * BH + i_bh) * NT + n) * C * C + t_off[:, None] * C + t_off[None, :])
         vec_off = (i_v * BH + i_bh) * TP + c0 + t_off
@@ -447,31 +446,26 @@ def _bwd_gates_kernel(
     dGam += tl.where(last[:, None], dGL[None, :], 0.0)
     dd += tl.where(last, tl.load(LS + ls_off), 0.0)
     dc += tl.where(last, tl.load(LS + ls_off + 1), 0.0)
-    de0 = tl.where(last, tl.load(LS + ls_off + 2), 0.0) + _sum(A * dc[:, None], 0)
+    de0 = tl.where(last, tl.load(LS + ls_off + 2), 0.0) + tile_sum(A * dc[:, None], 0)
     dE = tl.where(last[:, None], dEL[None, :], 0.0) + _mm_tf32x3(tl.trans(A), dGam, F64)
     X = (_mm_tf32x3(dGam, tl.trans(E), F64) + dc[:, None] * e0[None, :]) * A
     Z = dE * E
-    tl.store(DB + i_bh * TP + c0 + t_off, (_sum(X, 1) - _sum(X, 0) + dd * d).to(DB.dtype.element_ty))
-    tl.store(DCE + i_bh * TP + c0 + t_off, (_sum(Z, 1) - _sum(Z, 0) + de0 * e0).to(DCE.dtype.element_ty))
+    tl.store(DB + i_bh * TP + c0 + t_off, (tile_sum(X, 1) - tile_sum(X, 0) + dd * d).to(DB.dtype.element_ty))
+    tl.store(DCE + i_bh * TP + c0 + t_off, (tile_sum(Z, 1) - tile_sum(Z, 0) + de0 * e0).to(DCE.dtype.element_ty))
 
 
 # ======================================================================= wrapping
 #: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
 _OWN_HELPERS = (_mm_tf32x3, _chunk_decays, _shift_rows, _shift, _row_at, _entry_at, _solve_terms, _value_block, _load_pair,
                 _start_pair, _store_pair, _load_chunk, _vectors)
-_HELPERS = (_acc_zeros, _sum, _in_dim, _mm, _acc, _decays, _unit_lower_inverse, _rows) + _OWN_HELPERS
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, decay_matrix, unit_lower_inverse, load_rows) + _OWN_HELPERS
 _KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
             _bwd_gates_kernel)
 
 
-@functools.cache
-def kernels(interpret: bool) -> dict:
-    """The kernels jitted for the GPU (``interpret=False``) or wrapped by Triton's interpreter (True)."""
-    return jit_table(_HELPERS, _KERNELS, globals(), interpret)
-
-
-def _launch(name: str, grid, interpret: bool, *args, **meta):
-    launch(kernels(interpret)[name], grid, interpret, *args, **meta)
+#: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
+kernels = KernelTable(_HELPERS, _KERNELS, globals())
+_launch = kernels.launch
 
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
@@ -482,7 +476,7 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
                         where="argument q", hint="use backend='cpu'")
     dot = 1 if dtype not in (torch.bfloat16, torch.float16) else (2 if interpret and dtype == torch.bfloat16 else 0)
     f64 = dtype == torch.float64
-    BK = _block(Dk, MAX_DK)
+    BK = block_size(Dk, MAX_DK)
     common = dict(DK=Dk, DV=Dv, BK=BK, BV=TITANS_VALUE_BLOCK, C=C, F64=f64, DOT=dot)
     warps = 8 if BK > 64 or C >= 64 else 4
     cfg = {name: dict(common, num_warps=warps, num_stages=1)
@@ -603,7 +597,7 @@ def run(q, k, v, g, theta, eta, scale: float, initial_state, C: int, interpret: 
     (eta in (0, 1]), the initial state ``[B, H, 2 Dk, Dv]`` or None, all in the compute dtype. Returns (out,
     final state)."""
     configs(q.shape[-1], v.shape[-1], C, q.dtype)  # a key head dim over the limit: the SpecError naming it
-    interp = _interpret(q) if interpret is None else interpret
+    interp = interprets(q) if interpret is None else interpret
     B, H, T, _ = q.shape
     TP = triton.cdiv(T, C) * C
     reset = torch.isneginf(g)

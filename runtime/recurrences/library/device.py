@@ -1,0 +1,203 @@
+"""Device helpers of the recurrence kernels, undecorated: each family's ``kernels(interpret)`` jits them with
+its own kernels (``host.jit_table``) or lets the interpreter call them as plain Python. Tiles and dots in the
+compute dtype (``to_acc``, ``acc_zeros``, ``mm``), the delta rule's decays and triangular inverse (also Titans'),
+and per-channel (GLA) gates as split prefix sums (``load_gates``, ``gate_rows``, ``vec_intra``: the decay and KDA
+kernels)."""
+
+import types
+
+try:  # the CPU path runs without Triton; any other import failure is a real error
+    import triton
+    import triton.language as tl
+except ModuleNotFoundError as _err:  # pragma: no cover - exercised only without triton
+    if _err.name != "triton":
+        raise
+
+    triton = None
+    tl = types.SimpleNamespace(constexpr="constexpr")
+
+
+# ======================================================================= helpers (undecorated)
+def acc_zeros(shape, F64: tl.constexpr):
+    if F64:
+        return tl.full(shape, 0.0, tl.float64)
+    else:
+        return tl.full(shape, 0.0, tl.float32)
+
+
+# ======================================================================= helpers (undecorated)
+def to_acc(x, F64: tl.constexpr):
+    """``x`` in the compute dtype (fp64 in the fp64 interpreter runs, else fp32)."""
+    if F64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+def tile_sum(x, axis: tl.constexpr):
+    """``tl.sum`` through ``tl.reduce``: the standard library's jitted ``sum`` cannot be called from an
+    interpreted kernel when the module was imported without TRITON_INTERPRET."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+def in_dim(off, D: tl.constexpr, BLOCK: tl.constexpr):
+    """``off < D`` for a block of a head dim; all true (a splat, so loads stay vectorised along the dim)
+    when the blocks tile the dim exactly."""
+    if D % BLOCK == 0:
+        return tl.full(off.shape, 1, tl.int1)
+    else:
+        return off < D
+
+
+def mm(a, b, DOT: tl.constexpr):
+    """A dot with fp32 (fp64) accumulation. ``DOT`` 0: tensor cores on bf16 / fp16 operands; 1: exact
+    products (no TF32) on fp32 / fp64 ones; 2: bf16 operands upcast to fp32 (the interpreter's bf16 dot
+    is wrong; a bf16 product is exact in fp32, so this is what the tensor cores compute)."""
+    if DOT == 1:
+        return tl.dot(a, b, input_precision="ieee")
+    elif DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+def load_rows(base, rows, r_ok, off, ok, D: tl.constexpr):
+    """The ``[C, BD]`` tile of rows ``rows`` and columns ``off`` of a ``[T, D]`` matrix at ``base`` (0 outside)."""
+    return tl.load(
+        base + rows[:, None] * D + off[None, :], mask=r_ok[:, None] & ok[None, :], other=0.0
+    )
+
+
+def decay_matrix(b, rs, t_off, STRICT: tl.constexpr, RESETS: tl.constexpr):
+    """``exp(b_t - b_s)`` for ``s <= t`` (``s < t`` if ``STRICT``), 0 elsewhere and, with ``RESETS``, where a
+    reset lies in ``(s, t]`` (``rs_t > s``): ``[C(t), C(s)]``. The span is masked before the exponential, so the
+    entries above the diagonal never overflow."""
+    if STRICT:
+        m = t_off[:, None] > t_off[None, :]
+    else:
+        m = t_off[:, None] >= t_off[None, :]
+    if RESETS:
+        m = m & (rs[:, None] <= t_off[None, :])
+    return tl.exp(tl.where(m, b[:, None] - b[None, :], float("-inf")))
+
+
+def unit_lower_inverse(A, t_off, C: tl.constexpr):
+    """``(I + A)^-1`` for a strictly lower-triangular ``A`` (``[C, C]``) by forward substitution: row i of the
+    inverse X is ``e_i - sum_{m < i} A_im X_m`` (rows m < i final, A_im = 0 for m >= i), one row per step,
+    elementwise in A's dtype (no tensor-core rounding in the inverse)."""
+    X = (t_off[:, None] == t_off[None, :]).to(A.dtype)
+    for i in range(1, C):
+        a = tile_sum(tl.where(t_off[:, None] == i, A, 0.0), 0)  # A[i, :], indexed by m
+        row = -tile_sum(a[:, None] * X, 0)
+        X = tl.where(t_off[:, None] == i, row[None, :] + (t_off[None, :] == i).to(A.dtype), X)
+    return X
+
+
+def head_gate(GH, h, F64: tl.constexpr):
+    """The constant log gate of head ``h`` in the compute dtype."""
+    if F64:
+        return tl.load(GH + h).to(tl.float64)
+    else:
+        return tl.load(GH + h).to(tl.float32)
+
+
+def load_gates(GH, GL, GR, i_bh, c0, TP, t_idx, k_off, k_ok, DK: tl.constexpr, GATE: tl.constexpr):
+    """The ``ChunkGates`` of rows ``t_idx`` (chunk-local positions, any 1-D block) of the chunk starting at
+    ``c0``: ``(hi, lo, reset)``, ``[len]`` for scalar gates, ``[len, BK]`` for vector gates (Dk block
+    ``k_off``). ``hi + lo`` is the in-chunk cumulative log gate ``b``; ``reset`` the last reset at or before
+    the row (-1 if none)."""
+    if GATE == 1:
+        g_off = i_bh * TP + c0 + t_idx
+        hi = tl.load(GH + g_off)
+        lo = tl.load(GL + g_off)
+        rs = tl.load(GR + g_off)
+    else:
+        g_off = (i_bh * TP + c0) * DK + t_idx[:, None] * DK + k_off[None, :]
+        hi = tl.load(GH + g_off, mask=k_ok[None, :], other=0.0)
+        lo = tl.load(GL + g_off, mask=k_ok[None, :], other=0.0)
+        rs = tl.load(GR + g_off, mask=k_ok[None, :], other=-1)
+    return hi, lo, rs
+
+
+def gate_span(hi_t, lo_t, hi_j, lo_j):
+    """``b_t - b_j`` from the split prefix sums: exact to a few ulps of the span itself (see ``ChunkGates``)."""
+    return (hi_t - hi_j) + (lo_t - lo_j)
+
+
+def gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr, C: tl.constexpr,
+               GATE: tl.constexpr, F64: tl.constexpr):
+    """``(exp(b_t), exp(b_last - b_t), exp(b_last))`` of the chunk starting at ``c0``: ``[C]``, ``[C]``,
+    a scalar for head / scalar gates; ``[C, BK]``, ``[C, BK]``, ``[BK]`` for vector gates. ``b`` is the
+    in-chunk cumulative log gate (``hi + lo`` of ``ChunkGates``); a reset (-inf) zeroes every decay across it."""
+    if GATE == 0:
+        # a constant gate: spans are gh times a count of steps (a count of 0 is 0, also for gh = -inf)
+        gh = head_gate(GH, h, F64)
+        nt = tl.minimum(t_off + 1, T - c0)
+        nl = tl.minimum(C, T - c0)
+        eb = tl.exp(gh * nt.to(gh.dtype))
+        ebl = tl.exp(tl.where(nt == nl, 0.0, gh * (nl - nt).to(gh.dtype)))
+        dec = tl.exp(gh * nl.to(gh.dtype))
+    else:
+        hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, GATE)
+        if GATE == 1:
+            last = t_off == C - 1
+            t_col = t_off
+        else:
+            last = (t_off == C - 1)[:, None]
+            t_col = t_off[:, None]
+        hl = tile_sum(tl.where(last, hi, 0.0), 0)  # the chunk's last row: a scalar, or [BK]
+        ll = tile_sum(tl.where(last, lo, 0.0), 0)
+        rl = tile_sum(tl.where(last, rs, 0), 0)
+        eb = tl.exp(tl.where(rs < 0, hi + lo, float("-inf")))  # exp(b_t): no reset in [c0, t]
+        ebl = tl.exp(tl.where(rl > t_col, float("-inf"), gate_span(hl, ll, hi, lo)))  # no reset in (t, last]
+        dec = tl.exp(tl.where(rl < 0, hl + ll, float("-inf")))
+    return eb, ebl, dec
+
+
+# Per-channel (GLA) gates: the in-chunk product A_tj = sum_d q_td k_jd exp(b_td - b_jd) (j <= t) as
+# flash-linear-attention factorises it. The chunk is split into sub-chunks of SUB rows. For t in sub-chunk
+# i and j before it, with the reference r = i * SUB (the sub-chunk's first row, j < r <= t),
+#     exp(b_t - b_j) = exp(b_t - b_r) * exp(b_r - b_j),
+# both exponents spans of log decays (<= 0: no overflow, whatever the gates), so the block is one
+# tensor-core dot of q exp(b - b_r) (rows of sub-chunk i) and k exp(b_r - b) (rows before r). A reset in
+# (j, t] lies in (r, t] (the q factor is 0) or in (j, r] (the k factor is 0). The diagonal sub-chunk blocks
+# stay exact: SUB steps, each pairing every row t with the row j = (t // SUB) * SUB + u of its own
+# sub-chunk (a [C, BK] elementwise product, the causal mask j <= t). The off-diagonal dots run over the
+# whole chunk with the rows outside sub-chunk i zeroed: one [C, BK] x [BK, C] dot per sub-chunk.
+def vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, lo_row, hi_row, r, AFTER: tl.constexpr):
+    """The factor of rows ``lo_row <= t < hi_row`` against the reference row ``r`` (gates ``hr, lr, rr``,
+    ``[1, BK]``), 0 elsewhere: ``exp(b_t - b_r)`` for rows after r (``AFTER``: 0 if a reset lies in (r, t]),
+    ``exp(b_r - b_t)`` for rows before it (0 if a reset lies in (t, r])."""
+    rows = ((t_off >= lo_row) & (t_off < hi_row))[:, None]
+    if AFTER:
+        ok = rows & (rs <= r)
+        span = gate_span(hi, lo, hr, lr)
+    else:
+        ok = rows & (rr <= t_off[:, None])
+        span = gate_span(hr, lr, hi, lo)
+    return tl.exp(tl.where(ok, span, float("-inf")))
+
+
+def vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK: tl.constexpr,
+               C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr, F64: tl.constexpr):
+    """``A_tj = sum_d q_td k_jd exp(b_td - b_jd)`` (``j <= t``, 0 above and across a reset), ``[C(t), C(j)]``,
+    over the Dk block ``k_off`` of the chunk at ``c0`` (q, k its ``[C, BK]`` tiles): off-diagonal sub-chunk
+    blocks on the tensor cores, diagonal ones exact (see above)."""
+    hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
+    A = acc_zeros([C, C], F64)
+    for i in range(1, C // SUB):
+        r = i * SUB
+        hr, lr, rr = load_gates(GH, GL, GR, i_bh, c0, TP, tl.full([1], r, tl.int32), k_off, k_ok, DK, 2)
+        eq = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r, r + SUB, r, True)
+        ek = vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, 0, r, r, False)
+        A += mm((q * eq).to(q.dtype), tl.trans((k * ek).to(k.dtype)), DOT)
+    for u in range(0, SUB):
+        jl = (t_off // SUB) * SUB + u  # per row t: the row j of its own sub-chunk
+        rows_j = c0 + jl
+        kj = tl.load(k_base + rows_j[:, None] * DK + k_off[None, :], mask=(rows_j < T)[:, None] & k_ok[None, :],
+                     other=0.0)
+        hj, lj, rj = load_gates(GH, GL, GR, i_bh, c0, TP, jl, k_off, k_ok, DK, 2)
+        e = tl.exp(tl.where((jl <= t_off)[:, None] & (rs <= jl[:, None]), gate_span(hi, lo, hj, lj), float("-inf")))
+        a = tile_sum(q.to(e.dtype) * kj.to(e.dtype) * e, 1)
+        A += tl.where(t_off[None, :] == jl[:, None], a[:, None], 0.0)
+    return A
