@@ -172,7 +172,8 @@ def test_source_shows_the_kernels():
     src = attn.source
     assert "Triton kernels, chunk 32" in src and "m_t = eta_t m_(t-1) + theta_t k_t^T u_t" in src
     for name in ("def _chunk_kernel", "def _state_fwd_kernel", "def _out_kernel", "def _state_bwd_kernel",
-                 "def _bwd_dqk_kernel", "def _bwd_gates_kernel", "def _chunk_decays"):
+                 "def _bwd_dqk_kernel", "def _bwd_gates_kernel", "def _chunk_decays",
+                 "def value_block", "def unit_lower_inverse"):  # the shared helpers it calls too
         assert name in src
 
 

@@ -37,6 +37,7 @@ from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    chunk_rows,
     gate_rows,
     gate_span,
     head_gate,
@@ -159,9 +160,7 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
             n = NT - 1 - i
         else:
             n = i
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
         x = tl.load(x_base + rows[:, None] * DK + k_off[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
         y = tl.load(y_base + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :], other=0.0)
@@ -191,10 +190,7 @@ def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr,
     i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
     b = i_bh // H
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
@@ -240,10 +236,7 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
     b = i_bh // H
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
@@ -292,10 +285,7 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     i_bh = tl.program_id(2).to(tl.int64)
     h = i_bh % H
     b = i_bh // H
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     k_off = i_k * BK + tl.arange(0, BK)
     k_ok = in_dim(k_off, DK, BK)
     qk_ok = r_ok[:, None] & k_ok[None, :]
@@ -396,8 +386,8 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 
 # ======================================================================= wrapping
-_HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs, vec_gate_factor,
-            vec_intra, _vec_intra_grad, _gate_term)
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs,
+            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, chunk_rows)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 

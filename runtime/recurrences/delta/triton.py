@@ -45,15 +45,20 @@ import torch.nn.functional as F
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    chunk_rows,
     decay_matrix,
     in_dim,
+    kv_head,
     load_rows,
     mm,
+    state_block,
     tile_sum,
     tl,
     to_acc,
     triton,
     unit_lower_inverse,
+    value_block,
+    value_sums,
 )
 from ..library.host import KernelTable, available, block_size, interprets, output_grad
 
@@ -99,12 +104,8 @@ def _wy_fwd_kernel(
     (stored per query head in W's dtype; T in the compute dtype when ``STORE_T``)."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     k_base = K + kv_bh * T * DK
     v_base = V + kv_bh * T * DV
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
@@ -152,22 +153,11 @@ def _state_fwd_kernel(
     in ``ST``. The state block is ``[BKD, BV]`` with BKD covering the whole key head dim."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BKD)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = in_dim(k_off, DK, BKD)
-    v_ok = in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    S = acc_zeros([BKD, BV], F64)
-    if HAS_S0:
-        S += to_acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    S = state_block(S0, i_bh, sv_off, sv_ok, HAS_S0, DK, DV, BKD, BV, F64)
     for n in range(0, NT):
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
         w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         u0 = load_rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
@@ -192,12 +182,8 @@ def _out_kernel(
     i_v = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     h_base = HS + (i_bh * NT + n) * DK * DV
@@ -235,12 +221,8 @@ def _bwd_du_local_kernel(
     i_v = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     Pt = acc_zeros([C, C], F64)  # [s, t]
@@ -272,23 +254,12 @@ def _state_bwd_kernel(
     ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; the initial state's gradient in ``DS0``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BKD)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = in_dim(k_off, DK, BKD)
-    v_ok = in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    dh = acc_zeros([BKD, BV], F64)
-    if HAS_DST:
-        dh += to_acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    dh = state_block(DST, i_bh, sv_off, sv_ok, HAS_DST, DK, DV, BKD, BV, F64)
     for i in range(0, NT):
         n = NT - 1 - i
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
         q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
@@ -319,36 +290,13 @@ def _bwd_dqk_kernel(
     i_k = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     k_off = i_k * BK + tl.arange(0, BK)
     k_ok = in_dim(k_off, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
-    dP = acc_zeros([C, C], F64)
-    dq = acc_zeros([C, BK], F64)
-    dks = acc_zeros([C, BK], F64)
-    dw = acc_zeros([C, BK], F64)
-    hdh = acc_zeros([BK], F64)
-    for v0 in range(0, DV, BV):
-        v_off = v0 + tl.arange(0, BV)
-        v_ok = in_dim(v_off, DV, BV)
-        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
-        hT_ok = v_ok[:, None] & k_ok[None, :]
-        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dP += mm(do, tl.trans(u), DOT)
-        dq += mm(do, hT.to(do.dtype), DOT)
-        dks += mm(u, dhT.to(do.dtype), DOT)
-        dw -= mm(du, hT.to(do.dtype), DOT)
-        if GATED:
-            hdh += tile_sum(to_acc(hT, F64) * to_acc(dhT, F64), 0)
+    dP, dq, dks, dw, hdh = value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV, BV, C,
+                                      BK, GATED, F64, DOT)
     q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
@@ -382,12 +330,8 @@ def _wy_bwd_da_kernel(
     T^T dU`` and the rate's term ``sum_c (T^T dU)_tc v_tc``."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     kw = beta * e
@@ -447,12 +391,8 @@ def _wy_bwd_dk_kernel(
     (dA K)_tc`` to dbeta, and stores the gates' terms (``DG[NKB]``)."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    h = i_bh % H
-    kv_bh = (i_bh // H) * (H // GQ) + h // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     kw = beta * e
@@ -486,7 +426,8 @@ def _wy_bwd_dk_kernel(
 
 
 # ======================================================================= wrapping
-_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, _chunk_gates, decay_matrix, unit_lower_inverse, load_rows)
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, _chunk_gates, decay_matrix, unit_lower_inverse, load_rows,
+            value_block, state_block, value_sums, kv_head, chunk_rows)
 _KERNELS = (
     _wy_fwd_kernel, _state_fwd_kernel, _out_kernel, _bwd_du_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
     _wy_bwd_da_kernel, _wy_bwd_dk_kernel,

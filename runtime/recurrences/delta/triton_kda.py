@@ -43,18 +43,23 @@ from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    chunk_rows,
     gate_rows,
     gate_span,
     head_gate,
     in_dim,
+    kv_head,
     load_gates,
     load_rows,
     mm,
+    state_block,
     tile_sum,
     tl,
     to_acc,
     triton,
     unit_lower_inverse,
+    value_block,
+    value_sums,
     vec_gate_factor,
     vec_intra,
 )
@@ -121,11 +126,8 @@ def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr
     ``U0 = T diag(beta) V`` (per query head, in W's dtype; T in the compute dtype when ``STORE_T``)."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     k_base = K + kv_bh * T * DK
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     M = acc_zeros([C, C], F64)
@@ -166,21 +168,11 @@ def _kda_state_fwd_kernel(K, W, U0, GH, GL, GR, S0, HS, UN, ST, T, TP, NT, H: tl
     ``U = U0 - W h_n`` (``UN``), then ``S <- diag(d) S + (K * el)^T U``; the final state in ``ST``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BKD)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = in_dim(k_off, DK, BKD)
-    v_ok = in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    S = acc_zeros([BKD, BV], F64)
-    if HAS_S0:
-        S += to_acc(tl.load(S0 + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    S = state_block(S0, i_bh, sv_off, sv_ok, HAS_S0, DK, DV, BKD, BV, F64)
     for n in range(0, NT):
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
         w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         u0 = load_rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
@@ -200,11 +192,8 @@ def _kda_out_kernel(Q, K, UN, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.const
     i_v = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
@@ -236,11 +225,8 @@ def _kda_du_local_kernel(Q, K, GH, GL, GR, DO, DU, T, TP, scale, H: tl.constexpr
     i_v = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     v_off = i_v * BV + tl.arange(0, BV)
     v_ok = in_dim(v_off, DV, BV)
     q_base = Q + i_bh * T * DK
@@ -269,22 +255,12 @@ def _kda_state_bwd_kernel(Q, K, W, GH, GL, GR, DO, DST, DHS, DU, DS0, T, TP, NT,
     gradient in ``DS0``."""
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
     t_off = tl.arange(0, C)
-    k_off = tl.arange(0, BKD)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = in_dim(k_off, DK, BKD)
-    v_ok = in_dim(v_off, DV, BV)
-    sv_off = k_off[:, None] * DV + v_off[None, :]
-    sv_ok = k_ok[:, None] & v_ok[None, :]
-    dh = acc_zeros([BKD, BV], F64)
-    if HAS_DST:
-        dh += to_acc(tl.load(DST + i_bh * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    dh = state_block(DST, i_bh, sv_off, sv_ok, HAS_DST, DK, DV, BKD, BV, F64)
     for i in range(0, NT):
         n = NT - 1 - i
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
@@ -312,34 +288,13 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     i_k = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     k_off = i_k * BK + tl.arange(0, BK)
     k_ok = in_dim(k_off, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
-    dP = acc_zeros([C, C], F64)
-    dq = acc_zeros([C, BK], F64)
-    dks = acc_zeros([C, BK], F64)
-    dw = acc_zeros([C, BK], F64)
-    hdh = acc_zeros([BK], F64)
-    for v0 in range(0, DV, BV):
-        v_off = v0 + tl.arange(0, BV)
-        v_ok = in_dim(v_off, DV, BV)
-        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
-        hT_ok = v_ok[:, None] & k_ok[None, :]
-        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dP += mm(do, tl.trans(u), DOT)
-        dq += mm(do, hT.to(do.dtype), DOT)
-        dks += mm(u, dhT.to(do.dtype), DOT)
-        dw -= mm(du, hT.to(do.dtype), DOT)
-        hdh += tile_sum(to_acc(hT, F64) * to_acc(dhT, F64), 0)
+    dP, dq, dks, dw, hdh = value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV, BV, C,
+                                      BK, True, F64, DOT)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
     q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
@@ -372,11 +327,8 @@ def _kda_wy_da_kernel(K, V, BETA, GH, GL, GR, TI, DW, DU, DA, DV_, DBETA, T, TP,
     ``dv = diag(beta) T^T dU`` and the rate's term ``sum_c (T^T dU)_tc v_tc``."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
@@ -421,11 +373,8 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
     cumulative gates ``beta (dKb k e + k X) - k Y`` (added to ``DG``)."""
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    c0 = n * C
-    t_off = tl.arange(0, C)
-    rows = c0 + t_off
-    r_ok = rows < T
+    kv_bh = kv_head(i_bh, H, GQ)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
     cc_off = t_off[:, None] * C + t_off[None, :]
@@ -458,7 +407,8 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
 
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate_span, gate_rows, vec_gate_factor,
-            vec_intra, _kda_intra_grad, unit_lower_inverse, load_rows)
+            vec_intra, _kda_intra_grad, unit_lower_inverse, load_rows, value_block, state_block, value_sums, kv_head,
+            chunk_rows)
 _KERNELS = (_kda_wy_fwd_kernel, _kda_state_fwd_kernel, _kda_out_kernel, _kda_du_local_kernel,
             _kda_state_bwd_kernel, _kda_dqk_kernel, _kda_wy_da_kernel, _kda_wy_dk_kernel)
 

@@ -201,3 +201,68 @@ def vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k
         a = tile_sum(q.to(e.dtype) * kj.to(e.dtype) * e, 1)
         A += tl.where(t_off[None, :] == jl[:, None], a[:, None], 0.0)
     return A
+
+
+def kv_head(i_bh, H: tl.constexpr, GQ: tl.constexpr):
+    """The K/V head (times batch) that query head ``i_bh`` (batch x head) reads: GQ query heads share one."""
+    return (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+
+
+def chunk_rows(n, C: tl.constexpr, T):
+    """Chunk ``n``'s first token, its rows' offsets in the chunk and in the sequence, and which rows lie before
+    ``T``: ``(c0, t_off, rows, r_ok)``."""
+    c0 = n * C
+    t_off = tl.arange(0, C)
+    rows = c0 + t_off
+    return c0, t_off, rows, rows < T
+
+
+def value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                BK: tl.constexpr, BV: tl.constexpr):
+    """What a program of one Dv block reads by: ``(kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok)``, the K/V head
+    of query head ``i_bh`` (GQA), its Dk block ``[0, BK)`` and Dv block ``i_v``, the last two the offsets and mask
+    of its ``[BK, BV]`` block of a ``[Dk, Dv]`` state."""
+    kv_bh = kv_head(i_bh, H, GQ)
+    k_off = tl.arange(0, BK)
+    v_off = i_v * BV + tl.arange(0, BV)
+    k_ok = in_dim(k_off, DK, BK)
+    v_ok = in_dim(v_off, DV, BV)
+    return kv_bh, k_off, k_ok, v_off, v_ok, k_off[:, None] * DV + v_off[None, :], k_ok[:, None] & v_ok[None, :]
+
+
+def state_block(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, F64: tl.constexpr):
+    """A sequential pass's first state block: block ``sv_off`` of state ``at`` of ``X`` ``[..., Dk, Dv]`` in the
+    compute dtype where ``GIVEN``, zeros otherwise."""
+    S = acc_zeros([BK, BV], F64)
+    if GIVEN:
+        S += to_acc(tl.load(X + at * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
+    return S
+
+
+def value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV: tl.constexpr, BV: tl.constexpr,
+               C: tl.constexpr, BK: tl.constexpr, HDH: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """The delta rule's dq/dk sums over the Dv blocks of a chunk (rows ``rows``) and Dk block ``k_off``:
+    ``(dO U^T, dO h_n^T, U dh_n^T, -dU h_n^T, sum_v h_n dh_n)``, the last only with ``HDH`` (zeros otherwise)."""
+    dP = acc_zeros([C, C], F64)
+    dq = acc_zeros([C, BK], F64)
+    dks = acc_zeros([C, BK], F64)
+    dw = acc_zeros([C, BK], F64)
+    hdh = acc_zeros([BK], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = in_dim(v_off, DV, BV)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
+        hT_ok = v_ok[:, None] & k_ok[None, :]
+        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        dP += mm(do, tl.trans(u), DOT)
+        dq += mm(do, hT.to(do.dtype), DOT)
+        dks += mm(u, dhT.to(do.dtype), DOT)
+        dw -= mm(du, hT.to(do.dtype), DOT)
+        if HDH:
+            hdh += tile_sum(to_acc(hT, F64) * to_acc(dhT, F64), 0)
+    return dP, dq, dks, dw, hdh

@@ -66,7 +66,7 @@ def describe(rec, backend: str, chunk: int | None) -> str:
         from . import triton as titans_triton
 
         return head + "\n".join(inspect.getsource(fn).rstrip() + "\n"
-                                for fn in titans_triton._OWN_HELPERS + titans_triton._KERNELS)
+                                for fn in titans_triton._HELPERS + titans_triton._KERNELS)
     return head + inspect.getsource(naive.step if backend == "reference" else titans_chunk.chunked)
 
 

@@ -51,8 +51,10 @@ from ....compiler.recurrence_cost import TITANS_VALUE_BLOCK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    chunk_rows,
     decay_matrix,
     in_dim,
+    kv_head,
     load_rows,
     mm,
     tile_sum,
@@ -60,6 +62,7 @@ from ..library.device import (
     to_acc,
     triton,
     unit_lower_inverse,
+    value_block,
 )
 from ..library.host import KernelTable, available, block_size, interprets
 
@@ -137,18 +140,6 @@ def _vectors(VEC, i_bh, BH, TP, rows):
             tl.load(at + 4 * BH * TP), tl.load(at + 5 * BH * TP), tl.load(at + 6 * BH * TP))
 
 
-def _value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr):
-    """What a program of one Dv block reads by: ``(kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok)``, the last two
-    the offsets and mask of its ``[BK, BV]`` block of a ``[Dk, Dv]`` state."""
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
-    k_off = tl.arange(0, BK)
-    v_off = i_v * BV + tl.arange(0, BV)
-    k_ok = in_dim(k_off, DK, BK)
-    v_ok = in_dim(v_off, DV, BV)
-    return kv_bh, k_off, k_ok, v_off, v_ok, k_off[:, None] * DV + v_off[None, :], k_ok[:, None] & v_ok[None, :]
-
-
 def _load_pair(X, at, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr, F64: tl.constexpr):
     """The memory's and the momentum's blocks (or their gradients) of state ``at`` of ``X`` ``[..., 2, Dk, Dv]``."""
     first = to_acc(tl.load(X + at * 2 * DK * DV + sv_off, mask=sv_ok, other=0.0), F64)
@@ -191,13 +182,11 @@ def _chunk_kernel(
     n = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // GQ) + (i_bh % H) // GQ
+    kv_bh = kv_head(i_bh, H, GQ)
     t_off = tl.arange(0, C)  # BH in int64: offsets of BH x TP rows pass 2^31 at small head dims
     k_off = tl.arange(0, BK)
     k_ok = in_dim(k_off, DK, BK)
-    c0 = n * C
-    rows = c0 + t_off
-    r_ok = rows < T
+    c0, _, rows, r_ok = chunk_rows(n, C, T)
     k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     th = to_acc(tl.load(TH + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     A, E, d, e0 = _chunk_decays(GB, CE, R, i_bh, c0, TP, t_off, C, RESETS, F64)
@@ -229,13 +218,11 @@ def _state_fwd_kernel(
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1).to(tl.int64)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     S, M = _start_pair(S0, i_bh, sv_off, sv_ok, HAS_S0, DK, DV, BK, BV, F64)
     for n in range(0, NT):
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         _store_pair(HS, i_bh * NT + n, S, M, sv_off, sv_ok, DK, DV)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         v = to_acc(load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV), F64)
@@ -263,7 +250,7 @@ def _out_kernel(
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
     BH = tl.num_programs(2).to(tl.int64)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     rows = n * C + t_off
     r_ok = rows < T
@@ -288,7 +275,7 @@ def _bwd_local_kernel(
     ``scale tril(Gam * Q K^T)^T dO`` (``DWL``), so that the reverse state pass holds no [C, C] product of q and k."""
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh, k_off, k_ok, v_off, v_ok, _, _ = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
+    kv_bh, k_off, k_ok, v_off, v_ok, _, _ = value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     rows = n * C + t_off
     r_ok = rows < T
@@ -314,14 +301,12 @@ def _state_bwd_kernel(
     i_v = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     BH = tl.num_programs(1).to(tl.int64)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
     dS, dM = _load_pair(DST, i_bh, sv_off, sv_ok, DK, DV, F64)
     for i in range(0, NT):
         n = NT - 1 - i
-        c0 = n * C
-        rows = c0 + t_off
-        r_ok = rows < T
+        c0, _, rows, r_ok = chunk_rows(n, C, T)
         _store_pair(DHS, i_bh * NT + n, dS, dM, sv_off, sv_ok, DK, DV)
         q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
         uv_off = i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
@@ -361,11 +346,9 @@ def _bwd_dqk_kernel(
     i_v, n = tl.program_id(0), tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
     BH = tl.num_programs(2).to(tl.int64)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = _value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BK, BV)
     t_off = tl.arange(0, C)
-    c0 = n * C
-    rows = c0 + t_off
-    r_ok = rows < T
+    c0, _, rows, r_ok = chunk_rows(n, C, T)
     q, k, th = _load_chunk(Q, K, TH, i_bh, kv_bh, rows, r_ok, k_off, k_ok, T, DK, F64)
     d, c, dp, cp, e0, gL, eL = _vectors(VEC, i_bh, BH, TP, rows)
     tile_off = (i_bh * TP + rows)[:, None] * C + t_off[None, :]
@@ -456,9 +439,10 @@ def _bwd_gates_kernel(
 
 # ======================================================================= wrapping
 #: This module's helpers (``Attention.source`` shows them with the kernels), after those it shares with the delta rule.
-_OWN_HELPERS = (_mm_tf32x3, _chunk_decays, _shift_rows, _shift, _row_at, _entry_at, _solve_terms, _value_block, _load_pair,
-                _start_pair, _store_pair, _load_chunk, _vectors)
-_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, decay_matrix, unit_lower_inverse, load_rows) + _OWN_HELPERS
+_HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, decay_matrix, unit_lower_inverse, load_rows, value_block,
+            kv_head, chunk_rows,
+            _mm_tf32x3, _chunk_decays, _shift_rows, _shift, _row_at, _entry_at, _solve_terms, _load_pair,
+            _start_pair, _store_pair, _load_chunk, _vectors)
 _KERNELS = (_chunk_kernel, _state_fwd_kernel, _out_kernel, _bwd_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
             _bwd_gates_kernel)
 
