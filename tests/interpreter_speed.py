@@ -31,14 +31,6 @@ def follow_the_environment() -> None:
     builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
 
 
-def _patched(lang) -> bool:
-    """Whether ``lang`` (``triton.language`` or its ``core``) has its builtins replaced by the interpreter's
-    (a kernel launch does that for the modules its globals hold, until the launch returns)."""
-    from triton.language.core import is_builtin
-
-    return not is_builtin(lang.program_id) and not is_builtin(lang.tensor.__add__)
-
-
 def call_device_functions_without_repatching() -> None:
     """The interpreter replaces ``triton.language``'s builtins at each kernel launch and again at every call of
     a ``@triton.jit`` device function inside it: each time it walks every member of the modules
@@ -51,6 +43,10 @@ def call_device_functions_without_repatching() -> None:
     except ModuleNotFoundError:
         return
     import triton.language as tl
+    from triton.language.core import is_builtin
+
+    def patched(lang) -> bool:  # its builtins replaced by the interpreter's (a launch does that until it returns)
+        return not is_builtin(lang.program_id) and not is_builtin(lang.tensor.__add__)
 
     own = interpreter.InterpretedFunction.__call__
     if getattr(own, "attnc_tests", False):
@@ -61,7 +57,7 @@ def call_device_functions_without_repatching() -> None:
         mods = langs.get(self.fn)
         if mods is None:
             mods = langs[self.fn] = [v for v in self.fn.__globals__.values() if v is tl or v is tl.core]
-        if not mods or not all(_patched(lang) for lang in mods):
+        if not mods or not all(patched(lang) for lang in mods):
             return own(self, *args, **kwargs)
         fn = self.rewrite()
         try:

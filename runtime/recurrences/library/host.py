@@ -68,7 +68,7 @@ def launch(fn, grid, interpret: bool, *args, **meta) -> None:
 
 def gate_arrays(g: torch.Tensor, C: int, gate: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """What the kernels read for the gates: ``(GH, GL, GR, TP)``. Head gates: the ``[H]`` values (GL, GR
-    unused). Scalar / vector gates: ``runtime.recurrences.decay.chunk.ChunkGates`` of chunks of C, flattened to
+    unused). Scalar / vector gates: ``gates.ChunkGates`` of chunks of C, flattened to
     ``[B, H, TP, 1 | Dk]`` with TP the padded length: prefix sums ``hi``, ``lo`` and the last reset (int32)."""
     if gate == 0:
         return g, g, torch.zeros(1, dtype=torch.int32, device=g.device), 0
