@@ -420,12 +420,12 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
         finally:
             KL.choose_order = saved
     if scale_in_exponent(attn.pattern):
-        saved_sign = FW._scale_sign
-        FW._scale_sign = lambda launch, scale: dict.fromkeys(saved_sign(launch, scale), False)
+        saved_sign = FW.scale_sign
+        FW.scale_sign = lambda launch, scale: dict.fromkeys(saved_sign(launch, scale), False)
         try:
             row("scale applied to the scores first (not in the exponent)", *time_module(module()))
         finally:
-            FW._scale_sign = saved_sign
+            FW.scale_sign = saved_sign
     if _used_runs(attn):
         saved_runs = KL.runs_meta
         KL.runs_meta = lambda launch, *kinds: {f"{kind}_RUN": False for kind in kinds}

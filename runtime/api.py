@@ -349,7 +349,7 @@ class Attention(torch.nn.Module):
 
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
-                             return_state=return_state, sizes=sizes, inputs=inputs)
+                             return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner)
         refuse_new_tokens(self.pattern, inputs)  # k=, v= without pages: named, not an unknown input
         if isinstance(self.pattern, ir.RecurrenceIR) and isinstance(layout, UnnamedLayout):
             check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens

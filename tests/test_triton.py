@@ -347,14 +347,14 @@ def test_the_exponent_takes_only_scales_that_stay_normal_float32():
     interpreter keeps the constant in float64 and hides it)."""
     launch = type("L", (), {"pattern": attnc.compile_attention("stdlib:sliding_window", window=4).pattern})()
     lo, hi = FW.EXPONENT_SCALES
-    assert FW._scale_sign(launch, 1 / 8) == {"POS_SCALE": True}
-    assert FW._scale_sign(launch, lo) == {"POS_SCALE": True} and FW._scale_sign(launch, hi) == {"POS_SCALE": True}
+    assert FW.scale_sign(launch, 1 / 8) == {"POS_SCALE": True}
+    assert FW.scale_sign(launch, lo) == {"POS_SCALE": True} and FW.scale_sign(launch, hi) == {"POS_SCALE": True}
     for scale in (0.0, -0.5, 1e-50, lo * 0.999, hi * 1.001, 1e39):
-        assert FW._scale_sign(launch, scale) == {"POS_SCALE": False}, scale
+        assert FW.scale_sign(launch, scale) == {"POS_SCALE": False}, scale
     assert torch.tensor(lo * LOG2E, dtype=torch.float32).item() >= 2.0**-126 > 0  # a normal float32
     assert math.isfinite(torch.tensor(hi * LOG2E, dtype=torch.float32).item())
     softcap = type("L", (), {"pattern": attnc.compile_attention("stdlib:softcap").pattern})()
-    assert FW._scale_sign(softcap, 1 / 8) == {}  # its scores are more than the scaled q.k
+    assert FW.scale_sign(softcap, 1 / 8) == {}  # its scores are more than the scaled q.k
 
 
 def test_alibi_against_plain_torch():

@@ -26,13 +26,15 @@ def indent(lines: list[str], n: int) -> str:
 
 #: A block's run-time sizes (``KernelSource.block``): offsets, rows and tile counts
 BLOCK_PARAMS = ["Q_OFF", "K_OFF", "Q_EXT", "K_EXT", "TILES_Q", "TILES_K"]
+#: A paged batch's run-time sizes (``attnc_fwd_paged``): q's rows, the pool's pages, the table's capacity in keys
+PAGED_PARAMS = ["Q_ROWS", "NUM_PAGES", "MAX_KEYS"]
 
 
 def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
     """A ``@triton.jit`` kernel's text: parameters packed on lines of at most 110 characters, a one-line
     docstring, the body. A block's run-time sizes are not specialized on: Triton would compile a kernel
     for each new value's divisibility by 16 (a decode step's length changes at every step)."""
-    fixed = [p for p in params if p in BLOCK_PARAMS or re.fullmatch(r"in\d+_n\d+", p)]
+    fixed = [p for p in params if p in BLOCK_PARAMS or p in PAGED_PARAMS or re.fullmatch(r"in\d+_n\d+", p)]
     jit = f"@triton.jit(do_not_specialize={fixed})" if fixed else "@triton.jit"
     rows: list[str] = []
     for param in params:
@@ -281,24 +283,65 @@ class KernelBodies:
         per query head) and no FoX decay (its gates are per query head)."""
         return self.block and self.pat.route is None and self.pat.decay is None
 
-    def _forward_grouped(self) -> str:
+    def paged_forward_applies(self) -> bool:
+        """Whether the module has ``attnc_fwd_paged``: the grouped forward's patterns, on sequences, with no call-time
+        input (a paged batch's rows are cut from nothing: every size the kernel reads is a row's own)."""
+        return (self.grouped_forward_applies() and not self.pat.inputs and self.pat.queries.kind == "seq"
+                and self.pat.keys.kind == "seq" and not self.pat.queries.segments and not self.pat.keys.segments)
+
+    def _forward_grouped(self, paged: bool = False) -> str:
         """The forward of a few query rows with K/V heads shared (``attnc_fwd_grouped``): one program per (Q tile,
         batch x K/V head), the rows of the GROUP query heads sharing that K/V head packed into one tile (row r:
         query r % T of the Q tile, for query head r // T of the group; T the Q tile's rows), so each K/V tile is
         read once per group rather than once per query head, and one dot gives the scores of every head. The
         score terms read each row's own head (``h``, a column: a per-head mask, bias factor or softcap), the lists
         are the group's (``runtime.backends.triton.grouped``: FULL where FULL for every head of the group), and
-        out and lse go to each row's own head. FlashDecoding's and FlashInfer's grouped decode."""
+        out and lse go to each row's own head. FlashDecoding's and FlashInfer's grouped decode.
+
+        ``paged``: ``attnc_fwd_paged``, the same program over a paged KV cache and a batch of rows of their own
+        lengths (``runtime.backends.triton.paged``): K and V ``[num_pages, PAGE, Hkv, D]`` read through row
+        ``batch``'s block table ``BT`` (each key's page looked up, clamped into the pool); the row's key count
+        ``SEQ[batch]``, query count ``QN[batch]`` and first query row ``QS[batch]`` read on the device (its
+        queries the last ``QN`` positions of its ``SEQ`` keys), so one launch serves a batch of any lengths."""
         in_exp = scale_in_exponent(self.pat)
         tile = self.shape.q_tile[0]
+        common = self._common_params()
+        if paged:  # a row's offsets and extents are read from the device, not given
+            common = [p for p in common if p not in ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")]
+            common += ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS"]
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *self._common_params(),
+                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
                   "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *run_params("FULL", "PART"),
-                  "SPLIT_KV: tl.constexpr = False"]
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *(["PAGE: tl.constexpr"] if paged else []),
+                  *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False"]
         if in_exp:
             params.append("POS_SCALE: tl.constexpr = False")
+        if paged:
+            row_setup = [
+                "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
+                "K_EXT = tl.minimum(tl.maximum(tl.load(SEQ + batch), 0), MAX_KEYS)  # the row's keys",
+                "Q_EXT = tl.minimum(tl.maximum(tl.load(QN + batch), 0), K_EXT)  # its queries",
+                "q_first = tl.load(QS + batch)  # its first query's row in q, out and lse",
+                ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self.pat.self_attention
+                 else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
+                "K_OFF = 0"]
+            q_rows = "(q_first + q_row)"
+            bases = ["k_base = K + kvh.to(tl.int64) * sk_h  # the page of a key is looked up per key",
+                     "v_base = V + kvh.to(tl.int64) * sv_h"]
+            kv_loads = [
+                "k_page = tl.load(BT + batch.to(tl.int64) * sbt_b + k_row // PAGE, mask=k_ok, other=0)",
+                "k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1).to(tl.int64)  # always a page of the pool",
+                "k_at = k_page * sk_b + (k_row % PAGE) * sk_n",
+                "v_at = k_page * sv_b + (k_row % PAGE) * sv_n",
+                "kk = tl.load(k_base + k_at[:, None] + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+                "vv = tl.load(v_base + v_at[:, None] + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
+                "other=0.0)"]
+        else:
+            row_setup, q_rows = [], "q_row"
+            bases = ["k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
+                     "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h"]
+            kv_loads = KV_LOADS
         body = [
             "qt = tl.program_id(0)  # the Q tile",
             "bkv = tl.program_id(1)",
@@ -308,21 +351,22 @@ class KernelBodies:
             "if SPLIT_KV:  # flash decoding: a share of the group's KV tiles per split (see attnc_fwd)",
             "    split = tl.program_id(2)",
             "    splits = tl.num_programs(2)",
+            *row_setup,
             f"# packed rows: row r holds query r % {tile} of the Q tile for query head r // {tile} of the group",
             "q_pack = tl.arange(0, BLOCK_M)",
             f"q_g = tl.minimum(q_pack // {tile}, GROUP - 1)  # padded rows take the last head: in range, never stored",
             f"q_tok = qt * {tile} + q_pack % {tile}",
             f"q_ok = (q_pack < GROUP * {tile}) & (q_tok < Q_EXT)",
             "q_row = q_tok" + (".to(tl.int64)  # token offsets exceed int32 at these sizes" if self.wide_rows else ""),
+            *(["q_ok = q_ok & (q_first + q_row < Q_ROWS)  # within q whatever QS and QN hold"] if paged else []),
             "q_tok = q_tok + Q_OFF  # the block's rows -> absolute positions",
             *self._packed_coordinates(),
             "h_row = kvh * GROUP + q_g  # each row's query head",
             "h = h_row[:, None]  # as the score terms read it: a column, each row its own head",
             "d = tl.arange(0, BLOCK_D)",
             "dv = tl.arange(0, BLOCK_DV)",
-            "q_at = batch.to(tl.int64) * sq_b + h_row.to(tl.int64) * sq_h + q_row * sq_n",
-            "k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
-            "v_base = V + batch.to(tl.int64) * sv_b + kvh.to(tl.int64) * sv_h",
+            f"q_at = batch.to(tl.int64) * sq_b + h_row.to(tl.int64) * sq_h + {q_rows} * sq_n",
+            *bases,
             "q = tl.load(Q + q_at[:, None] + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
             f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
@@ -348,7 +392,7 @@ class KernelBodies:
                 *list_loop(kind, self.shape_tiles_q(), "qt", split=True),
             ]
             body += nested([*list_tile(kind, "kt", "the KV tile, read once for the whole group"),
-                            *self._tiles("k", "kt", edge=not masked), *KV_LOADS,
+                            *self._tiles("k", "kt", edge=not masked), *kv_loads,
                             "qk = _dot(q, tl.trans(kk), DOT)",
                             *self._terms(masked, grad=False),
                             *update])
@@ -358,14 +402,18 @@ class KernelBodies:
             "empty = l_i == 0.0",
             "out = acc / tl.where(empty, 1.0, l_i)[:, None]",
             f'lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * {LN2!r})  # natural log',
-            "o_at = batch.to(tl.int64) * so_b + h_row.to(tl.int64) * so_h + q_row * so_n",
-            "l_at = batch.to(tl.int64) * sl_b + h_row.to(tl.int64) * sl_h + q_row",
+            f"o_at = batch.to(tl.int64) * so_b + h_row.to(tl.int64) * so_h + {q_rows} * so_n",
+            f"l_at = batch.to(tl.int64) * sl_b + h_row.to(tl.int64) * sl_h + {q_rows}",
             "if SPLIT_KV:  # this split's partials: O and LSE are fp32 buffers [splits, B, H, rows (, DV)]",
             "    o_at += split.to(tl.int64) * so_s",
             "    l_at += split.to(tl.int64) * sl_s",
             "tl.store(O + o_at[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < DV))",
             "tl.store(LSE + l_at, lse, mask=q_ok)",
         ]
+        if paged:
+            return kernel_def("attnc_fwd_paged", params,
+                              "Forward over a paged KV cache: one program per (Q tile, row x K/V head) (x split), each "
+                              "row its own lengths, its query heads' rows packed in one tile.", body)
         return kernel_def("attnc_fwd_grouped", params,
                           "Forward of a few rows: one program per (Q tile, batch x K/V head) (x split), its query "
                           "heads' rows packed in one tile.", body)

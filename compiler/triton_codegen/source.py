@@ -202,6 +202,8 @@ class KernelSource(ScoreLines, KernelBodies):
         parts.append(self._forward())
         if self.grouped_forward_applies():
             parts.append(self._forward_grouped())
+        if self.paged_forward_applies():
+            parts.append(self._forward_grouped(paged=True))
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 
@@ -226,6 +228,9 @@ class KernelSource(ScoreLines, KernelBodies):
             "                 share of them, a partial out and lse per split)",
             *(["attnc_fwd_grouped  a few rows with K/V heads shared: a group's query heads packed in one tile,",
                "                 each K/V tile read once per group"] if self.grouped_forward_applies() else []),
+            *(["attnc_fwd_paged  the grouped forward over a paged KV cache, each row of the batch its own key and",
+               "                 query counts (read on the device): one launch for a mixed batch"]
+              if self.paged_forward_applies() else []),
             "attnc_fwd_combine  split-KV: the splits' partials merged by log-sum-exp",
             "attnc_bwd_delta  the backward's row term rowsum(dO * O) - dlse, in token order",
             "attnc_bwd_dq     dQ (and per-query sums of dS) over the same lists",

@@ -58,6 +58,7 @@ from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_flag
 from ..numerics import needs_grad
+from . import varlen_rows
 from .layouts import Restore
 
 HINT_INT32 = "FlashAttention's and vLLM's convention: torch.int32 on the caches' device"
@@ -316,12 +317,11 @@ def as_seqlens(cache_seqlens, batch: int, device: torch.device):
     return cache_seqlens
 
 
-def check_pages(pat, q, k_cache, block_table, cache_seqlens, appended: int = 0) -> Pages:
-    """Validate ``block_table`` and ``cache_seqlens`` against q (``[B, Hq, n, D]``) and the pool, with
-    ``appended`` new keys per row (``k=``) after ``cache_seqlens[b]``; every page a row reaches, reading or
-    writing, must be a page of the pool. Returns the rows (their lengths with the new keys) grouped by
-    length."""
-    batch, n = q.shape[0], q.shape[2]
+def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appended: int = 0) -> Pages:
+    """Validate ``block_table`` and ``cache_seqlens`` against ``batch`` rows of ``n`` queries each (an int, or a
+    list of each row's count) and the pool, with ``appended`` new keys per row (``k=``) after
+    ``cache_seqlens[b]``; every page a row reaches, reading or writing, must be a page of the pool. Returns the
+    rows (their lengths with the new keys) grouped by length."""
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
     _check_index_tensor(block_table, "block_table", None, 2, k_cache.device)
     if block_table.shape[0] != batch or block_table.shape[1] == 0:
@@ -334,11 +334,12 @@ def check_pages(pat, q, k_cache, block_table, cache_seqlens, appended: int = 0) 
     capacity = block_table.shape[1] * page_size
     before = [int(x) for x in cache_seqlens.tolist()]  # one device-to-host copy
     lengths = [x + appended for x in before]
-    # self-attention: the queries are the last n keys of the row (the new ones included)
-    least = max(n, 1) if pat.self_attention else 1
-    low, high = max(least - appended, 0), capacity - appended
     new = f" and the {appended} new keys of k=" if appended else ""
     for b, length in enumerate(before):
+        rows = n[b] if isinstance(n, list) else n
+        # self-attention: the queries are the last n keys of the row (the new ones included)
+        least = max(rows, 1) if pat.self_attention else 1
+        low, high = max(least - appended, 0), capacity - appended
         if length < 0:
             why = "a key count is not negative"
         elif length > high:
@@ -346,7 +347,7 @@ def check_pages(pat, q, k_cache, block_table, cache_seqlens, appended: int = 0) 
             why += f" (the row's keys{new})" if appended else ""
         elif length < low:
             why = (
-                f"the {n} queries are the row's last keys (cache_seqlens{new} count them)"
+                f"the {rows} queries are the row's last keys (cache_seqlens{new} count them)"
                 if least > 1
                 else "every row holds a key"
             )
@@ -499,7 +500,6 @@ def check_pairing(block_table, cache_seqlens, cu_seqlens) -> None:
         )
 
 
-@torch.compiler.disable  # host reads of cache_seqlens and block_table: eager under torch.compile
 def run(
     forward: Callable,
     pat,
@@ -517,22 +517,143 @@ def run(
     return_state: bool,
     sizes,
     inputs: dict,
+    runner=None,
 ):
-    """The paged call: ``forward`` (the module's public forward, in ``"bhnd"``) once per group of rows of
-    equal length on their gathered keys and values; returns what the module's call returns (``out``, or
-    ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
+    """The paged call: in one launch of the runner's paged forward where it has one for this pattern
+    (``one_launch_applies``), else ``forward`` (the module's public forward, in ``"bhnd"``) once per group of rows
+    of equal length on their gathered keys and values (``by_length``); returns what the module's call returns
+    (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
     inputs, k_new, v_new = _split_new_tokens(pat, inputs)
+    rows = varlen_rows.take(pat, inputs)  # cu_seqlens_q=, max_seqlen_q= (flash_attn_varlen_func's)
     check_caches(pat, q, k_cache, v_cache)
     q = orient(q, k_cache.shape[2], layout)
     layout = str(layout)  # named or not, from here on the layout the call runs in
-    restore = Restore(layout)
     k_new, v_new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout)
-    cache_seqlens = as_seqlens(cache_seqlens, q.shape[0], k_cache.device)
+    cache_seqlens = as_seqlens(cache_seqlens, block_table_rows(block_table, q, rows), k_cache.device)
     refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
+    if rows is not None:
+        rows = varlen_rows.check(rows, q, block_table)
+    if one_launch_applies(runner, pat, q, k_cache, v_cache, inputs, initial_state, return_state, sizes):
+        from ..backends.triton import paged as triton_paged
+        from ..checks import resolve_scale
+        from ..numerics import unnormalized_output
+
+        appended = 0 if k_new is None else k_new.shape[2]
+        check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
+        if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
+            _append(k_cache, block_table, cache_seqlens, k_new)
+            _append(v_cache, block_table, cache_seqlens, v_new)
+        seqlens = cache_seqlens + appended if appended else cache_seqlens
+        start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
+        out, lse = triton_paged.forward(runner, q, k_cache, v_cache, block_table, seqlens, start, count, most,
+                                        resolve_scale(scale, q.shape[-1]))
+        out = unnormalized_output(pat, out, lse)
+        return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
+    if rows is not None:
+        raise SpecError(
+            f"'{pat.name}' runs a paged call once per row length on the {getattr(runner, 'name', 'module')}'s "
+            "ordinary forward, where every row holds q's n queries: cu_seqlens_q takes the Triton backend's paged "
+            "forward (a self-attention pattern with no route, gate or call-time input)",
+            where="argument cu_seqlens_q",
+            hint="pass q [B, H, n, D] with n queries per row, or backend='triton'",
+        )
+    return by_length(forward, pat, layout, q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
+                     scale=scale, return_lse=return_lse, initial_state=initial_state,
+                     return_state=return_state, sizes=sizes, inputs=inputs)
+
+
+def block_table_rows(block_table, q, rows) -> int:
+    """The batch's row count: q's batch, or with ``cu_seqlens_q`` (q one packed entry) the block table's."""
+    if rows is None or not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        return q.shape[0]
+    return block_table.shape[0]
+
+
+def one_launch_applies(runner, pat, q, k_cache, v_cache, inputs: dict, initial_state, return_state,
+                       sizes) -> bool:
+    """Whether the runner's paged forward serves this call in one launch (``backends.triton.paged``): the Triton
+    runner, a pattern it applies to (no route, gate, call-time input or scale clause), Triton's dtypes, and pools
+    whose head dim is contiguous."""
+    if getattr(runner, "name", None) != "triton" or inputs or initial_state is not None or return_state or sizes:
+        return False
+    if 0 in q.shape[:3]:  # an empty batch: the ordinary path gives its empty results
+        return False
+    from ..backends.triton import paged as triton_paged
+    from ..backends.triton.blocks import DTYPES
+
+    return (triton_paged.applies(pat) and pat.score_scale is None and q.dtype in DTYPES
+            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[2] == 0)
+
+
+def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
+    """The values of a one-launch paged call checked without a host read (``check_pages``'s rules, and
+    ``cu_seqlens_q``'s): one flag made on the device and asserted there (``torch._assert_async``). On a GPU a
+    failed check is a device-side assert at the launch (the kernel clamps every page id and length meanwhile, so
+    nothing is read out of bounds); on the CPU it fails at once, and the host rules then name the argument and
+    the row at fault."""
+    batch = block_table.shape[0]
+    _check_index_tensor(block_table, "block_table", None, 2, k_cache.device)
+    if block_table.shape[0] != batch or block_table.shape[1] == 0:
+        raise SpecError(
+            f"expected shape [B, max_pages] with max_pages >= 1, got {list(block_table.shape)}",
+            where="argument block_table",
+        )
+    if rows is None and block_table.shape[0] != q.shape[0]:
+        raise SpecError(
+            f"expected shape [B, max_pages] with B = {q.shape[0]} (q's batch), got {list(block_table.shape)}",
+            where="argument block_table",
+        )
+    _check_index_tensor(cache_seqlens, "cache_seqlens", (batch,), 1, k_cache.device)
+    num_pages, page = k_cache.shape[0], k_cache.shape[1]
+    capacity = block_table.shape[1] * page
+    before = cache_seqlens.to(torch.int64)
+    lengths = before + appended
+    counts = rows.counts() if rows is not None else torch.full_like(before, q.shape[2])
+    least = counts.clamp(min=1) if pat.self_attention else torch.ones_like(before)
+    ok = (before >= 0) & (lengths <= capacity) & (lengths >= least)
+    reach = torch.div(lengths + page - 1, page, rounding_mode="floor")
+    reached = torch.arange(block_table.shape[1], device=k_cache.device) < reach.unsqueeze(1)
+    ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
+    good = ok.all()
+    if rows is not None:
+        good = good & rows.consistent(q.shape[2])
+    try:
+        torch._assert_async(good, "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range")
+    except RuntimeError:  # on the CPU, at once: the host rules name what is wrong
+        if rows is not None:
+            rows.diagnose(q.shape[2])
+        check_pages(pat, batch, rows.host_counts() if rows is not None else q.shape[2], k_cache, block_table,
+                    cache_seqlens, appended)
+        raise
+
+
+@torch.compiler.disable  # host reads of cache_seqlens and block_table: eager under torch.compile
+def by_length(
+    forward: Callable,
+    pat,
+    layout: str,
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cache_seqlens,
+    k_new,
+    v_new,
+    *,
+    scale,
+    return_lse: bool,
+    initial_state,
+    return_state: bool,
+    sizes,
+    inputs: dict,
+):
+    """The paged call on the module's ordinary forward: ``forward`` once per group of rows of equal length on
+    their gathered keys and values (q ``[B, Hq, n, D]``, oriented and checked by ``run``)."""
+    restore = Restore(layout)
     appended = 0 if k_new is None else k_new.shape[2]
-    pages = check_pages(pat, q, k_cache, block_table, cache_seqlens, appended)
+    pages = check_pages(pat, q.shape[0], q.shape[2], k_cache, block_table, cache_seqlens, appended)
     inputs = _check_inputs(pat, inputs, layout, q.shape[0], max(pages.lengths, default=0))
     if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
         _append(k_cache, block_table, cache_seqlens, k_new)

@@ -37,7 +37,7 @@ def recording():
         _RECORD.reset(token)
 
 
-def _launch(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
+def record_or_launch(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
     """``KL.launch_kernel``, or the launch recorded (``recording``)."""
     made = _RECORD.get()
     if made is not None:
@@ -74,7 +74,7 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     # a forward in one loop loads by descriptors of its own, not the host's
     descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
-    dest, dest_strides = _forward_outputs(out, lse, partial)
+    dest, dest_strides = forward_outputs(out, lse, partial)
     size = block_max.requested()
     pooled, pool_meta = _row_maxima(launch, size, B, Hq, rows, device) if size is not None else (None, {})
     pool_args = [pooled, *pooled.stride()[:3]] if pooled is not None else [KL.dummy(device), 0, 0, 0]
@@ -82,12 +82,12 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
             *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV, *pool_args]
     grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
     with interpreting(launch.interpret):
-        _launch(launch, launch.module.attnc_fwd, grid, args,
+        record_or_launch(launch, launch.module.attnc_fwd, grid, args,
                        dict(**fblocks, DOT=KL.dot_mode(launch, q.dtype), **ordered,
-                            **KL.runs_meta(launch, "FULL", "PART"), **desc, **_scale_sign(launch, scale),
+                            **KL.runs_meta(launch, "FULL", "PART"), **desc, **scale_sign(launch, scale),
                             **specialize, **split_meta, **pool_meta), backward=False)
         if partial is not None:
-            _combine_splits(launch, *partial, out, lse)
+            combine_splits(launch, *partial, out, lse)
     _raise_index_errors(launch)
     out, lse = KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
     if pooled is not None:  # return_block_max: the rows' maxima against their final lse, pooled
@@ -110,17 +110,17 @@ def _forward_grouped(launch: Launch, q, k, v, scale: float, block_m: int, may_sp
     lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
     splits = split_kv.choose_splits(launch.plan, B, Hkv, KL.sms_of(torch.device(device))) if may_split else 1
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
-    dest, dest_strides = _forward_outputs(out, lse, partial)
+    dest, dest_strides = forward_outputs(out, lse, partial)
     args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
             *KL.common_args(launch, device, None), float(scale), group, D, DV]
     programs = (launch.plan.schedule.num_q_tiles, B * Hkv)
     grid, split_meta = ((*programs, splits), {"SPLIT_KV": True}) if partial is not None else (programs, {})
     with interpreting(launch.interpret):
-        _launch(launch, launch.module.attnc_fwd_grouped, grid, args,
+        record_or_launch(launch, launch.module.attnc_fwd_grouped, grid, args,
                 dict(**KL.block_sizes(launch, D, DV), DOT=KL.dot_mode(launch, q.dtype), **runs,
-                     **_scale_sign(launch, scale), **split_meta) | {"BLOCK_M": block_m}, backward=False)
+                     **scale_sign(launch, scale), **split_meta) | {"BLOCK_M": block_m}, backward=False)
         if partial is not None:
-            _combine_splits(launch, *partial, out, lse)
+            combine_splits(launch, *partial, out, lse)
     _raise_index_errors(launch)
     return KL.from_tiles(launch, out, "q", Nq), KL.from_tiles(launch, lse, "q", Nq)
 
@@ -147,7 +147,7 @@ def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -
             {"BLOCK_MAX": True, "BMAX_G": group, "BMAX_C": tile // group})
 
 
-def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
+def forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
     """The forward's ``O``, ``LSE`` and their strides (``so_b, so_h, so_n, sl_b, sl_h, so_s, sl_s``): ``out`` and
     ``lse`` themselves, the split strides None (constants to Triton: the kernel without ``SPLIT_KV`` has no such
     parameters, as ``ORDER``); or the split-KV partials ``[splits, B, H, rows (, DV)]`` (``split_kv.partials``)."""
@@ -157,13 +157,13 @@ def _forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None
     return [po, pl], [*po.stride()[1:4], *pl.stride()[1:3], po.stride(0), pl.stride(0)]
 
 
-def _combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+def combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge the split forward's partials into ``out`` and ``lse`` (``attnc_fwd_combine``, by log-sum-exp on the
     device: no host read)."""
     splits, B, H, rows, DV = po.shape
     block_dv = padded_head_dim(DV)
     block_r = split_kv.combine_rows(block_dv, rows)
-    _launch(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
+    record_or_launch(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
                    [po, pl, out, lse, *po.stride()[:4], *pl.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
                     rows, DV, splits],
                    dict(BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4), backward=False)
@@ -175,7 +175,7 @@ def _combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: tor
 EXPONENT_SCALES = (2.0**-125 / LOG2E, 2.0**127 / LOG2E)
 
 
-def _scale_sign(launch: Launch, scale: float) -> dict:
+def scale_sign(launch: Launch, scale: float) -> dict:
     """The forward's ``POS_SCALE`` where its scores are the scaled q.k alone (``scale_in_exponent``): a positive
     scale (within ``EXPONENT_SCALES``) is applied in the exponent, one FMA a score; any other, to the scores
     first."""

@@ -218,8 +218,10 @@ def from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Tens
     return out
 
 
-def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None) -> list:
-    """The arguments shared by the three kernels, in ``codegen``'s order."""
+def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None, *,
+                row_sizes: bool = True) -> list:
+    """The arguments shared by the three kernels, in ``codegen``'s order. ``row_sizes=False``: a block's tile counts
+    without its offsets and rows (``attnc_fwd_paged`` reads each row's on the device)."""
     L, X = launch.lists, launch.extra
     sel = X.get("SEL")
     args = [L["FULL_N"], L["FULL_I"], L["PART_N"], L["PART_I"], L["FULL_I"].shape[-1], L["PART_I"].shape[-1],
@@ -247,8 +249,8 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
         s = launch.shape  # (compiler.triton_codegen.kernels.BLOCK_PARAMS: one module serves every block)
         q_rows, k_rows = math.prod(s.q_extents), math.prod(s.kv_extents)
-        args += [launch.bound.q_offset, launch.bound.k_offset, q_rows, k_rows,
-                 -(-q_rows // math.prod(s.q_tile)), -(-k_rows // math.prod(s.kv_tile))]
+        sizes = [launch.bound.q_offset, launch.bound.k_offset, q_rows, k_rows] if row_sizes else []
+        args += [*sizes, -(-q_rows // math.prod(s.q_tile)), -(-k_rows // math.prod(s.kv_tile))]
     return args
 
 

@@ -1,0 +1,355 @@
+"""A paged batch in one launch (``attnc_fwd_paged``): every row of a batch over a paged KV cache, each with its own
+key count and query count, read through its block table inside the kernel.
+
+What the host does per call: look up the module kept for the batch's shapes (``PagedTemplate``, made at the first
+call of those shapes and reused at every length), make the call's tile lists on the device, launch. Nothing is read
+back: the rows' key counts (``seqlens``), query counts (``q_count``) and first query rows (``q_start``) stay device
+tensors, and the lists are sized by bounds the shapes fix (the block table's capacity in keys, the query rows of
+the call), so the launch is the same at every step of a growing cache and a CUDA graph captured once replays it.
+
+The lists are made as a decode step's are (``runtime.plan.decode_lists``): each (row, list class, Q tile, KV tile)
+is classified by interval reasoning over the two tiles at the row's own positions (its queries the last
+``q_count`` of its ``seqlens`` keys); FULL only where every pair is allowed and every key of the tile is cached,
+PARTIAL where some pair may be (the kernel evaluates the mask there, so the answer is exact whatever the classes);
+a KV tile past a row's keys or a Q tile past its queries lists nothing. Where the mask reads the head, the group's
+lists (FULL where FULL for every head of it) serve its packed query heads, as ``grouped.group_lists``.
+
+It serves the self-attention patterns whose module has ``attnc_fwd_paged`` (``KernelSource.paged_forward_applies``:
+no route, no FoX gates, no call-time input, a sequence) and whose mask, bias and softcap name no size that grows
+with the cache (``decode_lists.applies``): ``applies``. Forward only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.cost import KernelConfig
+from ....compiler.decode_cost import PACKED_ROWS
+from ....compiler.decode_cost import split_kv as split_rule
+from ....compiler.intervals import Num
+from ....compiler.schedule import TileSchedule
+from ....compiler.search import block_config
+from ....compiler.tiles import head_classes
+from ....compiler.triton_codegen.source import ScheduleShape, generate_source
+from ....core import ir
+from ....core import symbols as S
+from ...plan import decode_lists, tile_plan
+from ...plan.device_intervals import DeviceIntervals
+from ...plan.device_tiles import compact
+from ...tritonenv import interpreting
+from . import blocks, split_kv
+from . import forward as F
+from . import kernel_launch as KL
+
+#: KV tile of the paged forward, in keys (any page size: each key's page is looked up).
+PAGED_KV_TILE = 64
+
+
+def applies(pat) -> bool:
+    """Whether a paged call of ``pat`` runs in one launch of ``attnc_fwd_paged`` (module docstring)."""
+    return (
+        isinstance(pat, ir.PatternIR)
+        and pat.self_attention
+        and pat.route is None
+        and pat.decay is None
+        and not pat.inputs
+        and pat.queries.kind == "seq"
+        and pat.keys.kind == "seq"
+        and not pat.queries.segments
+        and not pat.keys.segments
+        and decode_lists.applies(pat)
+    )
+
+
+@dataclasses.dataclass
+class PagedTemplate:
+    """What every paged call of one batch shape shares: the launch state (module, plan, config), the mask the
+    lists are classified on, and the sizes the lists are made at."""
+
+    launch: KL.Launch
+    source: str
+    mask: object
+    classes: int  # list classes of the mask: every query head where it reads the head, else one
+    group: int  # query heads per K/V head
+    tile: int  # queries of one head in a Q tile
+    kv_tile: int
+    q_tiles: int
+    kv_tiles: int
+    capacity: int  # keys a row's block table holds
+    windows: dict = dataclasses.field(
+        default_factory=dict
+    )  # window bounds per device (device_intervals)
+    #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count
+    uniform: dict = dataclasses.field(default_factory=dict)
+
+
+def template(
+    runner, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, capacity: int
+) -> PagedTemplate:
+    """The template of paged calls with q ``q`` (``[B | 1, Hq, rows, D]``), ``kv_heads`` K/V heads, rows of at most
+    ``max_q`` queries and tables of ``capacity`` keys: made at the first such call, kept in the runner's
+    ``block_plans`` (the source does not depend on any length: one compiled module for every step)."""
+    heads, head_dim = q.shape[1], q.shape[-1]
+    key = (
+        "paged",
+        heads,
+        kv_heads,
+        max_q,
+        capacity,
+        q.device.type,
+        head_dim,
+        dv,
+        q.dtype,
+        runner.native,
+    )
+    made = runner.block_plans.get(key)
+    if made is not None:
+        return made
+    from .runner import (  # the runner imports this module's callers, not this module
+        load_kernels,
+        write_source,
+    )
+
+    pat = runner.pattern
+    group = heads // kv_heads
+    tile = max(1, min(max_q, PACKED_ROWS // group))
+    kv_tile = min(PAGED_KV_TILE, capacity)
+    whole = E.bind_sizes(pat, n=capacity, nk=capacity, heads=heads, dk=head_dim)
+    bound = E.block_bound(whole, capacity - max_q, max_q, 0, capacity)
+    config = KernelConfig((tile,), (kv_tile,), "flat")
+    hw = blocks.block_hardware(runner, q)
+    if hw is not None:  # launch parameters under which the forward fits on this GPU
+        config = block_config(pat, bound, config, head_dim, q.element_size(), hw)
+    one = torch.zeros(
+        1, dtype=torch.int64
+    )  # the template's own schedule is never launched: each call lists
+    sched = TileSchedule.from_pairs(
+        (max_q,),
+        (capacity,),
+        (tile,),
+        (kv_tile,),
+        heads,
+        1,
+        one,
+        one,
+        one,
+        torch.ones(1, dtype=torch.bool),
+        torch.zeros(1, dtype=torch.float64),
+        False,
+        False,
+    )
+    plan = tile_plan.Plan.build(pat, bound, sched)
+    shape = ScheduleShape.of(sched)
+    interpret = q.device.type != "cuda" and not runner.native
+    source = generate_source(pat, bound, shape, config)
+    module = load_kernels(write_source(source), interpret=interpret)
+    _, extra, checks = blocks.launch_extras(runner, bound, plan, q.device)
+    launch = KL.Launch(
+        module,
+        interpret,
+        config,
+        shape,
+        plan,
+        pat,
+        bound,
+        {},
+        frozenset(),
+        {},
+        (0, 0),
+        extra,
+        checks,
+    )
+    made = runner.block_plans[key] = PagedTemplate(
+        launch,
+        source,
+        E.substitute(pat.mask, bound),
+        head_classes(pat, bound),
+        group,
+        tile,
+        kv_tile,
+        -(-max_q // tile),
+        -(-capacity // kv_tile),
+        capacity,
+    )
+    return made
+
+
+def call_lists(
+    t: PagedTemplate, seqlens: torch.Tensor, q_count: torch.Tensor
+) -> tuple[dict, tuple[int, int]]:
+    """The call's lists (``FULL_N``, ``FULL_I``, ``PART_N``, ``PART_I``) per (row x class, Q tile), made on the
+    rows' device from their key and query counts (module docstring), and the class strides ``(cls_b, cls_h)``."""
+    device = seqlens.device
+    rows, nq, nkv = seqlens.shape[0], t.q_tiles, t.kv_tiles
+    keys = seqlens.to(torch.int64).clamp(0, t.capacity)  # as the kernel clamps them
+    count = torch.minimum(q_count.to(torch.int64).clamp(min=0), keys)
+    first = (keys - count).view(rows, 1)  # the row's first query position
+    q_lo = torch.arange(nq, device=device, dtype=torch.int64).view(1, nq) * t.tile
+    q_live = q_lo < count.view(rows, 1)
+    q_hi = torch.maximum(torch.minimum(q_lo + t.tile, count.view(rows, 1)) - 1, q_lo)
+    k_lo = torch.arange(nkv, device=device, dtype=torch.int64).view(1, nkv) * t.kv_tile
+    k_live = k_lo < keys.view(rows, 1)
+    k_hi = torch.maximum(torch.minimum(k_lo + t.kv_tile, keys.view(rows, 1)) - 1, k_lo)
+    f64 = torch.float64
+    env = {
+        S.Q: Num(
+            (first + q_lo).to(f64).view(rows, 1, nq, 1), (first + q_hi).to(f64).view(rows, 1, nq, 1)
+        ),
+        S.K: Num(
+            k_lo.expand(rows, nkv).to(f64).view(rows, 1, 1, nkv), k_hi.to(f64).view(rows, 1, 1, nkv)
+        ),
+    }
+    heads = t.launch.bound.heads
+    if t.classes > 1:  # the mask reads the head: the class is the head
+        env[S.H] = torch.arange(t.classes, device=device).view(1, -1, 1, 1)
+    elif heads == 1:
+        env[S.H] = 0
+    result = DeviceIntervals(env, {}, {S.Q, S.K}, t.windows, {}).boolean(t.mask)
+    shape = (rows, t.classes, nq, nkv)
+    may_t = torch.zeros(shape, dtype=torch.bool, device=device) | result.t
+    may_f = torch.zeros(shape, dtype=torch.bool, device=device) | result.f
+    live = q_live.view(rows, 1, nq, 1) & k_live.view(rows, 1, 1, nkv)
+    cached = (k_lo + t.kv_tile <= keys.view(rows, 1)).view(
+        rows, 1, 1, nkv
+    )  # every key of the tile is there
+    full = ~may_f & live & cached
+    part = may_t & live & ~full
+    if t.classes > 1:  # the group's lists: FULL where FULL for every head of it
+        groups = t.classes // t.group
+        full_g = full.view(rows, groups, t.group, nq, nkv).all(2)
+        part = (full | part).view(rows, groups, t.group, nq, nkv).any(2) & ~full_g
+        full, cls = full_g, (groups, 1)
+    else:
+        cls = (1, 0)
+    index = torch.arange(nkv, device=device, dtype=torch.int64).expand(*full.shape)
+    lists = {}
+    for name, keep in (("FULL", full), ("PART", part)):
+        n, entries = compact(index, keep)
+        lists[f"{name}_N"] = n.reshape(-1, nq).contiguous()
+        lists[f"{name}_I"] = entries.reshape(-1, nq, nkv).contiguous()
+    return lists, cls
+
+
+def rows_of(t: PagedTemplate, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q_start, q_count)`` of ``batch`` rows of ``n`` queries each, in ``[B, H, n, D]`` q (each row's at its
+    own batch entry): made once per shape and device."""
+    key = (batch, n, torch.device(device))
+    made = t.uniform.get(key)
+    if made is None:
+        made = t.uniform[key] = (
+            torch.zeros(batch, dtype=torch.int32, device=device),
+            torch.full((batch,), n, dtype=torch.int32, device=device),
+        )
+    return made
+
+
+def forward(
+    runner,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seqlens: torch.Tensor,
+    q_start: torch.Tensor | None,
+    q_count: torch.Tensor | None,
+    max_q: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a paged batch: q ``[B, Hq, n, D]`` (each row's n queries at its batch entry: ``q_start``
+    and ``q_count`` None) or ``[1, Hq, total, D]`` (row b's ``q_count[b]`` queries from row ``q_start[b]``, at
+    most ``max_q``); the pools ``[num_pages, page_size, Hkv, D | Dv]``; row b's keys the first ``seqlens[b]``
+    slots of its pages ``block_table[b]``. out ``[B | 1, Hq, rows, Dv]`` in q's dtype, lse fp32. The arguments
+    are checked by the caller (``frontends.paged``)."""
+    batch, heads, rows, head_dim = q.shape
+    num_pages, page, kv_heads, dv = v_cache.shape
+    device = q.device
+    packed = q_start is not None
+    capacity = block_table.shape[1] * page
+    t = template(
+        runner, q, kv_heads, dv, min(max_q, capacity), capacity
+    )  # a row holds no more queries than keys
+    if not packed:
+        q_start, q_count = rows_of(t, batch, rows, device)
+    lists, cls = call_lists(t, seqlens, q_count)
+    launch = dataclasses.replace(t.launch, lists=lists, cls=cls)
+    runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
+    rows_b = block_table.shape[0]
+    splits = _splits(t, rows_b, kv_heads, KL.sms_of(device))
+    out = torch.empty(batch, heads, rows, dv, dtype=q.dtype, device=device)
+    lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=device)
+    partial = split_kv.partials(splits, batch, heads, rows, dv, device) if splits > 1 else None
+    dest, strides = F.forward_outputs(out, lse, partial)
+    if packed:  # every row's queries in the one batch entry, from its own first row
+        strides[0] = strides[3] = 0
+    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    args = [
+        q,
+        k_cache,
+        v_cache,
+        *dest,
+        0 if packed else q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k_cache.stride(0),
+        k_cache.stride(2),
+        k_cache.stride(1),
+        v_cache.stride(0),
+        v_cache.stride(2),
+        v_cache.stride(1),
+        *strides,
+        *KL.common_args(launch, device, None, row_sizes=False),
+        table,
+        table.stride(0),
+        _int32(seqlens),
+        _int32(q_start),
+        _int32(q_count),
+        rows,
+        num_pages,
+        t.capacity,
+        float(scale),
+        t.group,
+        head_dim,
+        dv,
+    ]
+    blocks_meta = KL.block_sizes(launch, head_dim, dv)
+    meta = dict(
+        blocks_meta,
+        BLOCK_M=max(16, 1 << (t.group * t.tile - 1).bit_length()),
+        DOT=KL.dot_mode(launch, q.dtype),
+        PAGE=page,
+        FULL_RUN=False,
+        PART_RUN=False,
+        **F.scale_sign(launch, scale),
+    )
+    grid = (t.q_tiles, rows_b * kv_heads)
+    if partial is not None:
+        grid, meta = (*grid, splits), {**meta, "SPLIT_KV": True}
+    with interpreting(launch.interpret):
+        F.record_or_launch(launch, launch.module.attnc_fwd_paged, grid, args, meta, backward=False)
+        if partial is not None:
+            F.combine_splits(launch, *partial, out, lse)
+    return out, lse
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int32 and t.is_contiguous() else t.to(torch.int32).contiguous()
+
+
+def _splits(t: PagedTemplate, rows: int, kv_heads: int, sms: int) -> int:
+    """The split count (``split_kv``): forced, or 1 where the programs fill the SMs, else the decode model's rule
+    on the lists' widths (the most tiles a row may visit: nothing is read back)."""
+    forced = split_kv.forced_splits()
+    if forced is not None:
+        return forced
+    if t.q_tiles * rows * kv_heads >= sms:
+        return 1
+    key = ("splits", rows, kv_heads, sms)
+    if key not in t.uniform:  # the rule on the host's ints, once per batch shape
+        t.uniform[key] = split_rule([t.kv_tiles], rows * kv_heads, sms).splits
+    return t.uniform[key]
+
+
+__all__ = ["PAGED_KV_TILE", "PagedTemplate", "applies", "call_lists", "forward", "template"]

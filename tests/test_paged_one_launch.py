@@ -1,0 +1,284 @@
+"""A paged batch in one launch (``runtime.backends.triton.paged``, ``attnc_fwd_paged``): rows of their own key
+counts and query counts (``cu_seqlens_q``), shuffled pages, GQA, read through the block table inside the kernel.
+Every row equals a dense float64 softmax over the pattern's mask on its own keys; the launches do not depend on
+how many distinct lengths the batch holds; a warm call reads nothing on the host and a new length compiles
+nothing; bad values are refused by name; the call compiles with ``fullgraph=True``."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_host_reads import HostReads
+
+import attnc
+from attnc.core.errors import SpecError
+from attnc.runtime.backends.triton import kernel_launch as KL
+from attnc.runtime.backends.triton import paged as triton_paged
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HQ, HKV, D = 4, 2, 16
+
+#: the stdlib patterns whose paged call runs in one launch, at small sizes
+ONE_LAUNCH = {
+    "sliding_window": {"window": 9},
+    "streaming": {"window": 6, "sinks": 2},
+    "alibi": {},
+    "softcap": {"cap": 5.0},
+    "dilated": {"segment": 8, "dilation": 2},
+    "longnet": {"segment": 8, "dilation": 2},
+    "logsparse": {},
+    "a_shape": {"sinks": 2, "local": 6},
+    "power": {"block": 4, "local": 2},
+    "s2": {"block": 4, "local": 2, "vert": 2},
+    "sigmoid": {"length": 16},
+    "prefix_lm": {"prefix": 5},
+    "grid": {"stride": 5, "vision_start": 3, "vision_end": 30, "sink": 2, "local": 4, "block": 4},
+}
+
+
+def pool(lengths, page, seed=0, spare=3):
+    """Keys and values of each row in shuffled pages of a pool with spare pages; the table padded with -1."""
+    g = torch.Generator().manual_seed(seed)
+    reach = [-(-n // page) for n in lengths]
+    max_pages = max(reach) + 1
+    num_pages = sum(reach) + spare
+    k = torch.randn(num_pages, page, HKV, D, generator=g)
+    v = torch.randn(num_pages, page, HKV, D, generator=g)
+    order = torch.randperm(num_pages, generator=g)
+    table = torch.full((len(lengths), max_pages), -1, dtype=torch.int32)
+    rows, used = [], 0
+    for b, (n, pages) in enumerate(zip(lengths, reach, strict=True)):
+        ids = order[used : used + pages]
+        used += pages
+        table[b, :pages] = ids.to(torch.int32)
+        rows.append(
+            (
+                k[ids].flatten(0, 1)[:n].transpose(0, 1)[None],
+                v[ids].flatten(0, 1)[:n].transpose(0, 1)[None],
+            )
+        )
+    return k, v, table, torch.tensor(lengths, dtype=torch.int32), rows
+
+
+def reference_row(name, params, q, k, v):
+    """Dense float64 attention of one row's queries (the last of its keys) over its keys."""
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    return ref(q.double(), k.double(), v.double())
+
+
+def count_launches(monkeypatch):
+    launched = []
+    real = KL.launch_kernel
+
+    def counting(launch, kernel, grid, args, meta, *, backward):
+        launched.append(getattr(kernel, "__name__", str(kernel)))
+        return real(launch, kernel, grid, args, meta, backward=backward)
+
+    monkeypatch.setattr(KL, "launch_kernel", counting)
+    return launched
+
+
+def test_the_one_launch_patterns_are_the_ones_named_here():
+    """The table above is every stdlib pattern the paged forward serves (a new one joins it, and these tests)."""
+    from test_triton import STDLIB
+
+    served = set()
+    for name, (params, sizes, _, _, _) in STDLIB.items():
+        pat = attnc.compile_attention(
+            f"stdlib:{name}", backend="reference", sizes=sizes, **params
+        ).pattern
+        if triton_paged.applies(pat) and getattr(pat, "score_scale", None) is None:
+            served.add(name)
+    assert served == set(ONE_LAUNCH)
+
+
+@pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
+def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeypatch):
+    """Rows of 4 lengths and 4 query counts (a decode row, chunked-prefill rows, a row whose queries are all its
+    keys), shuffled pages of 8 keys, 4 query heads on 2 K/V heads: one launch of ``attnc_fwd_paged`` (two with
+    the split-KV merge), each row equal to the float64 reference."""
+    params = ONE_LAUNCH[name]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    lengths, counts = [5, 17, 40, 23], [1, 3, 1, 23]
+    k, v, table, seqlens, rows = pool(lengths, 8)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(1))
+    launched = count_launches(monkeypatch)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        want = reference_row(name, params, q[:, :, lo:hi], kb, vb)
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 37), min_size=1, max_size=4),
+    page=st.sampled_from([3, 8, 16]),
+    seed=st.integers(0, 2**16),
+    data=st.data(),
+)
+def test_random_batches_equal_the_reference_row_by_row(lengths, page, seed, data):
+    """Any lengths, query counts up to each row's keys, page sizes that do and do not divide the KV tile, the
+    bnhd layout: each row equals the float64 reference, and ``return_lse`` gives each row's log-sum-exp."""
+    name = data.draw(st.sampled_from(["sliding_window", "streaming", "alibi", "s2"]))
+    params = ONE_LAUNCH[name]
+    counts = [data.draw(st.integers(1, n)) for n in lengths]
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, int(cu[-1]), HQ, D, generator=torch.Generator().manual_seed(seed + 1))
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", layout="bnhd", **params)
+    out, lse = attn(
+        q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, return_lse=True
+    )
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        qb = q[:, lo:hi].transpose(1, 2).double()
+        want, want_lse = ref(qb, kb.double(), vb.double(), return_lse=True)
+        torch.testing.assert_close(
+            out[:, lo:hi].transpose(1, 2), want.float(), rtol=2e-5, atol=2e-5
+        )
+        torch.testing.assert_close(
+            lse[:, lo:hi].transpose(1, 2), want_lse.float(), rtol=2e-5, atol=2e-5
+        )
+
+
+def test_rows_of_equal_query_counts_take_q_per_row_and_append_new_keys():
+    """Without ``cu_seqlens_q``: q ``[B, H, n, D]``, every row's n queries; ``k=``/``v=`` written into the pages
+    first, in place; the same answer as the call on the gathered rows."""
+    k, v, table, seqlens, rows = pool([9, 30, 14], 4)
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=7)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, HQ, 2, D, generator=g)
+    k_new, v_new = torch.randn(3, HKV, 2, D, generator=g), torch.randn(3, HKV, 2, D, generator=g)
+    before = seqlens - 2
+    out = attn(q, k, v, block_table=table, cache_seqlens=before, k=k_new, v=v_new, layout="bhnd")
+    for b, (kb, vb) in enumerate(rows):
+        kb = torch.cat([kb[:, :, :-2], k_new[b : b + 1]], 2)
+        vb = torch.cat([vb[:, :, :-2], v_new[b : b + 1]], 2)
+        want = reference_row("sliding_window", {"window": 7}, q[b : b + 1], kb, vb)
+        torch.testing.assert_close(out[b : b + 1], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_launches_do_not_depend_on_the_distinct_lengths(monkeypatch):
+    """Six rows of one length and six rows of six lengths: the same kernels, launched as often."""
+    attn = attnc.compile_attention("stdlib:streaming", backend="triton", window=5, sinks=1)
+    q = torch.randn(6, HQ, 1, D)
+    seen = []
+    for lengths in ([20] * 6, [3, 8, 13, 20, 27, 31]):
+        k, v, table, seqlens, _ = pool(lengths, 8)
+        table = torch.nn.functional.pad(
+            table, (0, 5 - table.shape[1]), value=-1
+        )  # one capacity for both
+        launched = count_launches(monkeypatch)
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+        seen.append(launched)
+        monkeypatch.undo()
+    assert seen[0] == seen[1] and "attnc_fwd_paged" in seen[0]
+
+
+def test_a_warm_call_reads_nothing_and_a_new_length_compiles_nothing():
+    """A second call of one batch shape reads nothing on the host; a call at other lengths and query counts (a
+    growing cache) reuses the same compiled module and reads nothing either."""
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    cu = torch.tensor([0, 1, 3, 4], dtype=torch.int32)
+    q = torch.randn(1, HQ, 4, D)
+    attn(
+        q,
+        k,
+        v,
+        block_table=table,
+        cache_seqlens=seqlens,
+        cu_seqlens_q=cu,
+        max_seqlen_q=2,
+        layout="bhnd",
+    )
+    module = attn.runner.last_plan
+    with HostReads() as reads:
+        attn(
+            q,
+            k,
+            v,
+            block_table=table,
+            cache_seqlens=seqlens,
+            cu_seqlens_q=cu,
+            max_seqlen_q=2,
+            layout="bhnd",
+        )
+    assert reads.total == 0, dict(reads.seen)
+    grown = torch.tensor([13, 31, 8], dtype=torch.int32)
+    other = torch.tensor([0, 2, 3, 4], dtype=torch.int32)
+    with HostReads() as reads:
+        attn(
+            q,
+            k,
+            v,
+            block_table=table,
+            cache_seqlens=grown,
+            cu_seqlens_q=other,
+            max_seqlen_q=2,
+            layout="bhnd",
+        )
+    assert reads.total == 0, dict(reads.seen)
+    assert attn.runner.last_plan is module  # the template's plan: nothing planned again
+
+
+@pytest.mark.parametrize(
+    "bad, where",
+    [
+        ({"table_at": (1, 0), "value": 99}, "block_table"),
+        ({"table_at": (0, 1), "value": -1}, "block_table"),
+        ({"seqlen": (2, 999)}, "cache_seqlens"),
+        ({"seqlen": (0, 0)}, "cache_seqlens"),
+        ({"cu": [0, 1, 3, 2]}, "cu_seqlens_q"),
+        ({"cu": [1, 1, 3, 4]}, "cu_seqlens_q"),
+        ({"cu": [0, 3, 3, 4]}, "max_seqlen_q"),
+    ],
+)
+def test_bad_values_are_refused_by_name(bad, where):
+    """A page id outside the pool on a reached page, a length beyond the table or below the row's queries, offsets
+    that decrease, do not start at 0, or give a row more than ``max_seqlen_q``: one SpecError naming it."""
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    cu = torch.tensor(bad.get("cu", [0, 1, 3, 4]), dtype=torch.int32)
+    if "table_at" in bad:
+        table[bad["table_at"]] = bad["value"]
+    if "seqlen" in bad:
+        seqlens[bad["seqlen"][0]] = bad["seqlen"][1]
+    q = torch.randn(1, HQ, 4, D)
+    with pytest.raises(SpecError) as err:
+        attn(
+            q,
+            k,
+            v,
+            block_table=table,
+            cache_seqlens=seqlens,
+            cu_seqlens_q=cu,
+            max_seqlen_q=2,
+            layout="bhnd",
+        )
+    assert f"argument {where}" in str(err.value)
+
+
+def test_cu_seqlens_q_on_a_pattern_served_by_length_is_refused_by_name():
+    attn = attnc.compile_attention("stdlib:document", backend="triton")
+    k, v, table, seqlens, _ = pool([12, 30], 8)
+    q = torch.randn(1, HQ, 3, D)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    with pytest.raises(SpecError, match="argument cu_seqlens_q"):
+        attn(
+            q,
+            k,
+            v,
+            block_table=table,
+            cache_seqlens=seqlens,
+            cu_seqlens_q=cu,
+            layout="bhnd",
+            doc=torch.zeros(1, 64, dtype=torch.int64),
+        )
