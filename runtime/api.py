@@ -347,9 +347,15 @@ class Attention(torch.nn.Module):
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
             from .frontends import paged
 
+            one_launch = getattr(self.runner, "paged_forward", None)  # a runner that reads pages in its kernels
+            if one_launch is not None and torch.compiler.is_compiling():  # the op around it: nothing traced inside
+                from .ops.paged import launcher
+
+                one_launch = launcher(self.runner)
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
-                             return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner)
+                             return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner,
+                             one_launch=one_launch)
         refuse_new_tokens(self.pattern, inputs)  # k=, v= without pages: named, not an unknown input
         if isinstance(self.pattern, ir.RecurrenceIR) and isinstance(layout, UnnamedLayout):
             check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens

@@ -282,3 +282,37 @@ def test_cu_seqlens_q_on_a_pattern_served_by_length_is_refused_by_name():
             layout="bhnd",
             doc=torch.zeros(1, 64, dtype=torch.int64),
         )
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_paged_call_compiles_with_fullgraph(packed):
+    """Under ``torch.compile(fullgraph=True)`` the one-launch call is the ``attnc::paged_attention`` op (no graph
+    break, nothing read on the host in the graph), the same answer as the eager call; a second length reuses it."""
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    if packed:
+        cu = torch.tensor([0, 1, 3, 4], dtype=torch.int32)
+        q = torch.randn(1, HQ, 4, D)
+
+        def call(q, k, v, table, seqlens, cu):
+            return attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, max_seqlen_q=2,
+                        layout="bhnd")
+
+        args = (q, k, v, table, seqlens, cu)
+    else:
+        q = torch.randn(3, HQ, 1, D)
+
+        def call(q, k, v, table, seqlens):
+            return attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+
+        args = (q, k, v, table, seqlens)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        got = compiled(*args)
+        grown = (*args[:4], torch.tensor([13, 31, 8], dtype=torch.int32), *args[5:])
+        got_grown = compiled(*grown)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
+    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)

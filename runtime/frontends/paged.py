@@ -56,8 +56,8 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
-from ..checks import check_flag
-from ..numerics import needs_grad
+from ..checks import check_flag, resolve_scale
+from ..numerics import needs_grad, unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
 
@@ -518,11 +518,13 @@ def run(
     sizes,
     inputs: dict,
     runner=None,
+    one_launch: Callable | None = None,
 ):
-    """The paged call: in one launch of the runner's paged forward where it has one for this pattern
-    (``one_launch_applies``), else ``forward`` (the module's public forward, in ``"bhnd"``) once per group of rows
-    of equal length on their gathered keys and values (``by_length``); returns what the module's call returns
-    (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
+    """The paged call: in one launch where the runner serves it (``one_launch_applies``: ``one_launch(q, k_cache,
+    v_cache, block_table, seqlens, q_start, q_count, max_q, scale) -> (out, lse)``, the runner's paged forward or
+    the op around it under ``torch.compile``), else ``forward`` (the module's public forward, in ``"bhnd"``) once per
+    group of rows of equal length on their gathered keys and values (``by_length``); returns what the module's call
+    returns (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
     inputs, k_new, v_new = _split_new_tokens(pat, inputs)
@@ -535,11 +537,8 @@ def run(
     refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
     if rows is not None:
         rows = varlen_rows.check(rows, q, block_table)
-    if one_launch_applies(runner, pat, q, k_cache, v_cache, inputs, initial_state, return_state, sizes):
-        from ..backends.triton import paged as triton_paged
-        from ..checks import resolve_scale
-        from ..numerics import unnormalized_output
-
+    if one_launch is not None and one_launch_applies(runner, q, k_cache, v_cache, inputs, initial_state,
+                                                     return_state, sizes):
         appended = 0 if k_new is None else k_new.shape[2]
         check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
         if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
@@ -547,8 +546,8 @@ def run(
             _append(v_cache, block_table, cache_seqlens, v_new)
         seqlens = cache_seqlens + appended if appended else cache_seqlens
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
-        out, lse = triton_paged.forward(runner, q, k_cache, v_cache, block_table, seqlens, start, count, most,
-                                        resolve_scale(scale, q.shape[-1]))
+        out, lse = one_launch(q, k_cache, v_cache, block_table, seqlens, start, count, most,
+                              resolve_scale(scale, q.shape[-1]))
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
     if rows is not None:
@@ -571,20 +570,14 @@ def block_table_rows(block_table, q, rows) -> int:
     return block_table.shape[0]
 
 
-def one_launch_applies(runner, pat, q, k_cache, v_cache, inputs: dict, initial_state, return_state,
-                       sizes) -> bool:
-    """Whether the runner's paged forward serves this call in one launch (``backends.triton.paged``): the Triton
-    runner, a pattern it applies to (no route, gate, call-time input or scale clause), Triton's dtypes, and pools
-    whose head dim is contiguous."""
-    if getattr(runner, "name", None) != "triton" or inputs or initial_state is not None or return_state or sizes:
+def one_launch_applies(runner, q, k_cache, v_cache, inputs: dict, initial_state, return_state, sizes) -> bool:
+    """Whether the runner serves this paged call in one launch (its ``pages_in_one_launch``: the Triton runner's
+    paged forward, ``backends.triton.paged``): a call with no call-time input, state or sizes, and a batch that is
+    not empty (the ordinary path gives its empty results)."""
+    serves = getattr(runner, "pages_in_one_launch", None)
+    if serves is None or inputs or initial_state is not None or return_state or sizes or 0 in q.shape[:3]:
         return False
-    if 0 in q.shape[:3]:  # an empty batch: the ordinary path gives its empty results
-        return False
-    from ..backends.triton import paged as triton_paged
-    from ..backends.triton.blocks import DTYPES
-
-    return (triton_paged.applies(pat) and pat.score_scale is None and q.dtype in DTYPES
-            and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[2] == 0)
+    return serves(q, k_cache, v_cache)
 
 
 def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
@@ -619,8 +612,12 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     good = ok.all()
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
+    message = "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range"
+    if torch.compiler.is_compiling():  # traced: the assert goes into the graph
+        torch._assert_async(good, message)
+        return
     try:
-        torch._assert_async(good, "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range")
+        torch._assert_async(good, message)
     except RuntimeError:  # on the CPU, at once: the host rules name what is wrong
         if rows is not None:
             rows.diagnose(q.shape[2])

@@ -86,12 +86,11 @@ class PagedTemplate:
     uniform: dict = dataclasses.field(default_factory=dict)
 
 
-def template(
-    runner, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, capacity: int
-) -> PagedTemplate:
+def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, capacity: int) -> PagedTemplate:
     """The template of paged calls with q ``q`` (``[B | 1, Hq, rows, D]``), ``kv_heads`` K/V heads, rows of at most
     ``max_q`` queries and tables of ``capacity`` keys: made at the first such call, kept in the runner's
-    ``block_plans`` (the source does not depend on any length: one compiled module for every step)."""
+    ``block_plans`` (the source does not depend on any length: one compiled module for every step). ``load(source,
+    interpret)``: the module of a source (the runner's)."""
     heads, head_dim = q.shape[1], q.shape[-1]
     key = (
         "paged",
@@ -108,11 +107,6 @@ def template(
     made = runner.block_plans.get(key)
     if made is not None:
         return made
-    from .runner import (  # the runner imports this module's callers, not this module
-        load_kernels,
-        write_source,
-    )
-
     pat = runner.pattern
     group = heads // kv_heads
     tile = max(1, min(max_q, PACKED_ROWS // group))
@@ -145,7 +139,7 @@ def template(
     shape = ScheduleShape.of(sched)
     interpret = q.device.type != "cuda" and not runner.native
     source = generate_source(pat, bound, shape, config)
-    module = load_kernels(write_source(source), interpret=interpret)
+    module = load(source, interpret)
     _, extra, checks = blocks.launch_extras(runner, bound, plan, q.device)
     launch = KL.Launch(
         module,
@@ -248,6 +242,7 @@ def rows_of(t: PagedTemplate, batch: int, n: int, device) -> tuple[torch.Tensor,
 
 def forward(
     runner,
+    load,
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -262,15 +257,14 @@ def forward(
     and ``q_count`` None) or ``[1, Hq, total, D]`` (row b's ``q_count[b]`` queries from row ``q_start[b]``, at
     most ``max_q``); the pools ``[num_pages, page_size, Hkv, D | Dv]``; row b's keys the first ``seqlens[b]``
     slots of its pages ``block_table[b]``. out ``[B | 1, Hq, rows, Dv]`` in q's dtype, lse fp32. The arguments
-    are checked by the caller (``frontends.paged``)."""
+    are checked by the caller (``frontends.paged``); ``load`` as ``template``'s."""
     batch, heads, rows, head_dim = q.shape
     num_pages, page, kv_heads, dv = v_cache.shape
     device = q.device
     packed = q_start is not None
     capacity = block_table.shape[1] * page
-    t = template(
-        runner, q, kv_heads, dv, min(max_q, capacity), capacity
-    )  # a row holds no more queries than keys
+    # a row holds no more queries than keys
+    t = template(runner, load, q, kv_heads, dv, min(max_q, capacity), capacity)
     if not packed:
         q_start, q_count = rows_of(t, batch, rows, device)
     lists, cls = call_lists(t, seqlens, q_count)

@@ -82,7 +82,7 @@ from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks, split_kv
+from . import blocks, paged, split_kv
 from . import kernel_launch as KL
 from . import launcher as launcher_of
 from .backward import backward
@@ -145,6 +145,11 @@ def load_kernels(source_path: str, interpret: bool = False):
                 raise
         _MODULES[key] = module
         return module
+
+
+def _load_source(source: str, interpret: bool):
+    """The kernel module of a generated source (written to this process's folder)."""
+    return load_kernels(write_source(source), interpret=interpret)
 
 
 # ----------------------------------------------------------------- choosing a schedule
@@ -397,6 +402,19 @@ class TritonRunner(Registered):
         cls = type(self)
         return (KL.CPU_SMS, KL.CPU_ARCH, split_kv.FORCE_SPLITS, KL.runs_meta, cls.native, cls.config_hook,
                 cls.source_hook)
+
+    def pages_in_one_launch(self, q, k_cache, v_cache) -> bool:
+        """Whether a paged call of these tensors runs in one launch of ``attnc_fwd_paged`` (``triton.paged``):
+        a pattern it serves with no ``scale E`` clause, Triton's dtypes, pools with a contiguous head dim, query
+        heads a multiple of the K/V heads."""
+        return (paged.applies(self.pattern) and self.pattern.score_scale is None and q.dtype in DTYPES
+                and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1 and q.shape[1] % k_cache.shape[2] == 0)
+
+    def paged_forward(self, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int,
+                      scale: float):
+        """``(out, lse)`` of a paged batch in one launch (``triton.paged.forward``)."""
+        return paged.forward(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
+                             scale)
 
     def launcher(self, call: Call, q, k, v) -> launcher_of.Launcher | None:
         """The launches of a forward-only call bound for replay at later calls of its signature
