@@ -782,3 +782,32 @@ def test_split_kv_forward_compiles_fits_and_runs_on_tensor_cores(arch):
         assert f.mma + f.wgmma > 0 and c.dots == 0, "\n" + G.table(reports)
         if arch == 90 and n == 64:
             assert f.wgmma > 0 and f.mma == 0, "\n" + G.table(reports)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_paged_forward_of_a_mixed_batch_compiles_fits_and_runs_on_tensor_cores(arch):
+    """A paged batch of 3 decode rows and a 5-query chunk (``cu_seqlens_q``, at most 8 a row) over pages of 16 keys
+    of a sliding window's cache, 16 query heads on 2 K/V heads, d 128: its one forward (``attnc_fwd_paged``, each
+    key's page looked up in the kernel) and the merge of its splits compile for the arch, fit at their recorded
+    launch parameters, do not spill, and the forward's dots run on tensor cores."""
+    from attnc.runtime.backends.triton import runner as TB
+
+    class Native(TB.TritonRunner):
+        native = True
+        hardware = get_hardware(G.ARCH_HARDWARE[arch])
+
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=1024)
+    attn.runner = Native(attn.pattern)
+    g = torch.Generator().manual_seed(0)
+    pages, page, d = 64, 16, 128
+    k, v = (torch.randn(pages, page, 2, d, generator=g).bfloat16() for _ in range(2))
+    table = torch.randperm(pages, generator=g)[:4 * 16].view(4, 16).to(torch.int32)
+    seqlens = torch.tensor([100, 256, 17, 200], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2, 3, 8], dtype=torch.int32)
+    q = torch.randn(1, 16, 8, d, generator=g).bfloat16()
+    with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, max_seqlen_q=8, layout="bhnd")
+    assert records[0].name == "attnc_fwd_paged" and {r.name for r in records[1:]} <= {"attnc_fwd_combine"}
+    reports = [G.check_launch(r, arch, pattern="sliding_window_paged", head_dim=d, dtype="bf16") for r in records]
+    assert all(r.ok and not r.fell_back and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
+    assert reports[0].mma + reports[0].wgmma > 0, "\n" + G.table(reports)

@@ -316,3 +316,20 @@ def test_a_paged_call_compiles_with_fullgraph(packed):
         torch._dynamo.reset()
     torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
     torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+
+
+def test_pools_of_any_strides_are_read_through_them():
+    """Pools that are views whose pages are not whole rows (each page a slice of a longer one), with a spare head
+    between K/V heads: the kernel addresses each key by the page's and the slot's strides, the same answer."""
+    k, v, table, seqlens, rows = pool([11, 26], 4)
+    wide_k = torch.zeros(k.shape[0], 6, HKV * 2, D)
+    wide_v = torch.zeros(v.shape[0], 6, HKV * 2, D)
+    wide_k[:, :4, ::2], wide_v[:, :4, ::2] = k, v
+    kv_views = wide_k[:, :4, ::2], wide_v[:, :4, ::2]
+    attn = attnc.compile_attention("stdlib:alibi", backend="triton")
+    q = torch.randn(2, HQ, 3, D, generator=torch.Generator().manual_seed(5))
+    out = attn(q, *kv_views, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+    assert attn.runner.pages_in_one_launch(q, *kv_views)
+    for b, (kb, vb) in enumerate(rows):
+        want = reference_row("alibi", {}, q[b:b + 1], kb, vb)
+        torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)

@@ -313,7 +313,8 @@ class KernelBodies:
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
                   "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *(["PAGE: tl.constexpr"] if paged else []),
+                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr",
+                  *(["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr"] if paged else []),
                   *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False"]
         if in_exp:
             params.append("POS_SCALE: tl.constexpr = False")
@@ -331,11 +332,18 @@ class KernelBodies:
                      "v_base = V + kvh.to(tl.int64) * sv_h"]
             kv_loads = [
                 "k_page = tl.load(BT + batch.to(tl.int64) * sbt_b + k_row // PAGE, mask=k_ok, other=0)",
-                "k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1).to(tl.int64)  # always a page of the pool",
-                "k_at = k_page * sk_b + (k_row % PAGE) * sk_n",
-                "v_at = k_page * sv_b + (k_row % PAGE) * sv_n",
-                "kk = tl.load(k_base + k_at[:, None] + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
-                "vv = tl.load(v_base + v_at[:, None] + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
+                "k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1)  # always a page of the pool",
+                "if POOL_ROWS:  # pools of whole pages ([num_pages, PAGE, Hkv, D] rows): one slot index for K and V",
+                "    k_at = (k_page * PAGE + k_row % PAGE).to(tl.int64)",
+                "    kk = tl.load(k_base + k_at[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), "
+                "other=0.0)",
+                "    vv = tl.load(v_base + k_at[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
+                "other=0.0)",
+                "else:  # any strides: each address from the page's and the slot's",
+                "    k_at = k_page.to(tl.int64) * sk_b + (k_row % PAGE) * sk_n",
+                "    kk = tl.load(k_base + k_at[:, None] + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+                "    v_at = k_page.to(tl.int64) * sv_b + (k_row % PAGE) * sv_n",
+                "    vv = tl.load(v_base + v_at[:, None] + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
                 "other=0.0)"]
         else:
             row_setup, q_rows = [], "q_row"

@@ -314,6 +314,7 @@ def forward(
         BLOCK_M=max(16, 1 << (t.group * t.tile - 1).bit_length()),
         DOT=KL.dot_mode(launch, q.dtype),
         PAGE=page,
+        POOL_ROWS=_pool_rows(k_cache, v_cache, page, num_pages),
         FULL_RUN=False,
         PART_RUN=False,
         **F.scale_sign(launch, scale),
@@ -326,6 +327,14 @@ def forward(
         if partial is not None:
             F.combine_splits(launch, *partial, out, lse)
     return out, lse
+
+
+def _pool_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, page: int, num_pages: int) -> bool:
+    """Whether both pools are rows of whole pages (a page's stride ``page`` slots'), so that one int32 slot index
+    (page * page_size + slot, below 2**31) addresses a key and its value: fewer live registers than two int64
+    offsets (the kernel spilled 56 B on sm_80 at 2 stages, d 128, with them)."""
+    return (k_cache.stride(0) == page * k_cache.stride(1) and v_cache.stride(0) == page * v_cache.stride(1)
+            and num_pages * page < 2**31)
 
 
 def _int32(t: torch.Tensor) -> torch.Tensor:
