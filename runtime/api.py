@@ -131,8 +131,11 @@ class Attention(torch.nn.Module):
     ``"bnhd"``), row b's keys the first ``cache_seqlens[b]`` slots of its pages ``block_table[b]``
     (``[B, max_pages]``), its ``Nq`` queries the last of them (positions ``cache_seqlens[b] - Nq + i``);
     with no layout named, a q that reads both as ``[B, H, n, D]`` and as ``[B, n, H, D]`` is refused;
-    ``k=``, ``v=`` are appended into the pages first (flash_attn_with_kvcache's); forward only; eager
-    under ``torch.compile`` (a graph break: not with ``fullgraph=True``; ``runtime.frontends.paged``).
+    ``k=``, ``v=`` are appended into the pages first (flash_attn_with_kvcache's); forward only. On the Triton
+    backend, a pattern with no route, gate, call-time input or ``scale`` clause reads the pages inside one launch
+    per batch (rows of their own query counts with ``cu_seqlens_q=`` and ``max_seqlen_q=``, q ``[1, H, total, D]``;
+    nothing read on the host; ``fullgraph=True`` traces it); any other paged call runs once per row length,
+    eager under ``torch.compile`` (a graph break; ``runtime.frontends.paged``).
     ``key_summary=`` (an ``attnc.KeySummary``): a block route's key summaries (Quest's page bounds, MoBA's block
     means) kept across the decode steps of one sequence; a step summarises only the keys after the kept blocks,
     which must not change between calls (``runtime.plan.kept_summary``).

@@ -29,11 +29,26 @@ n_new - 1`` of row b's pages (one ``index_put_`` on the device, page ids gathere
 the device), after every check and before attention runs over the ``cache_seqlens[b] + n_new`` keys
 (queries at the last positions: a causal pattern's new queries see the new keys up to themselves).
 
-Every argument is checked on the host before any page is read or written (one copy of ``block_table`` and
-``cache_seqlens``), and only the pages that a row's length reaches are read: entries of the block table
-past them may hold anything (vLLM pads with -1). Rows of equal length are gathered into one batch and the
-module's ordinary forward runs once per distinct length, as for packed sequences
-(``frontends.varlen``); the results are written into their rows.
+Two ways to run (``run``):
+
+- **One launch** where the runner serves it (``one_launch_applies``; the Triton runner's ``attnc_fwd_paged``, for a
+  self-attention pattern with no route, FoX gate, call-time input or ``scale`` clause:
+  ``runtime.backends.triton.paged``): K and V are read through ``block_table`` inside the kernel, each row's key
+  and query counts on the device, so a batch of rows of any lengths is one launch and nothing is read on the host.
+  Rows may hold their own query counts: ``cu_seqlens_q`` (int32 ``[B + 1]``) and ``max_seqlen_q`` with q packed
+  ``[1, Hq, total, D]``, ``flash_attn_varlen_func``'s convention with a block table (``frontends.varlen_rows``).
+  The values are checked on the device (``check_on_device``: one flag, ``torch._assert_async``), not on the host:
+  a host read is a sync on a GPU and breaks a CUDA graph; the kernel clamps every page id and length, so a bad
+  value never reads out of bounds before the assert stops the call (on the CPU at once, with the host rules'
+  message naming the argument and the row). Under ``torch.compile`` this path is the ``attnc::paged_attention``
+  op (``runtime.ops.paged``), so ``fullgraph=True`` traces it.
+- **By length** otherwise (``by_length``): every argument is checked on the host before any page is read or
+  written (one copy of ``block_table`` and ``cache_seqlens``), and only the pages that a row's length reaches are
+  read: entries of the block table past them may hold anything (vLLM pads with -1). Rows of equal length are
+  gathered into one batch and the module's ordinary forward runs once per distinct length, as for packed
+  sequences (``frontends.varlen``); the results are written into their rows. The host reads cannot be traced, so
+  under ``torch.compile`` it runs eagerly (``torch.compiler.disable``: a graph break, which ``fullgraph=True``
+  refuses with torch's own error). ``cu_seqlens_q`` is refused there by name.
 
 Call-time inputs: a leading batch dimension (``B``) is cut to each group's rows; a token dimension
 (declared ``n`` or ``nk``; a cross-attention pattern's ``n`` is its queries and stays whole) is indexed by
@@ -42,9 +57,7 @@ absolute position and holds at least ``max(cache_seqlens)`` entries (the block t
 
 Forward only (inference): a call that autograd would record is refused. Softmax patterns on a sequence
 only: recurrences, grids and concatenations are refused. A combined pattern (``nsa``) takes its gates for
-the present queries, ``[B, heads, n]`` (cut to each group's rows, not indexed by position). The host reads cannot be traced, so under
-``torch.compile`` the paged call runs eagerly (``torch.compiler.disable``: a graph break, which
-``fullgraph=True`` refuses with torch's own error).
+the present queries, ``[B, heads, n]`` (cut to each group's rows, not indexed by position).
 """
 
 from __future__ import annotations
