@@ -74,6 +74,20 @@ def _cases(torch, attnc, batch: int, heads: int, kv_heads: int, nk: int, d: int,
         grow(q, kb[:, :, : step[0]], vb[:, :, : step[0]])
 
     cases["sliding window, growing cache (a new length every call)"] = (False, growing)
+    # the same growing cache in pages of 16 keys: one launch whatever the lengths, a bound fixed by the table
+    paged = attnc.compile_attention(specs["stdlib:sliding_window (window 1,024)"], backend="triton", layout="bhnd")
+    page, capacity = 16, nk + 4096
+    pool = torch.randn(batch * capacity // page, page, kv_heads, d, generator=g)
+    table = torch.randperm(pool.shape[0], generator=g).view(batch, capacity // page).to(torch.int32)
+    lengths = torch.full((batch,), nk, dtype=torch.int32)
+
+    def paged_growing():
+        lengths.add_(1)  # on the device, as a serving loop keeps them
+        if int(lengths[0]) >= capacity:  # outside the timed region's steady state: a wrap every 4,096 calls
+            lengths.fill_(nk)
+        paged(q, pool, pool, block_table=table, cache_seqlens=lengths)
+
+    cases["sliding window, paged growing cache (one launch, lengths on the device)"] = (False, paged_growing)
     return cases
 
 

@@ -266,22 +266,30 @@ def test_bad_values_are_refused_by_name(bad, where):
     assert f"argument {where}" in str(err.value)
 
 
-def test_cu_seqlens_q_on_a_pattern_served_by_length_is_refused_by_name():
-    attn = attnc.compile_attention("stdlib:document", backend="triton")
-    k, v, table, seqlens, _ = pool([12, 30], 8)
-    q = torch.randn(1, HQ, 3, D)
-    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
-    with pytest.raises(SpecError, match="argument cu_seqlens_q"):
-        attn(
-            q,
-            k,
-            v,
-            block_table=table,
-            cache_seqlens=seqlens,
-            cu_seqlens_q=cu,
-            layout="bhnd",
-            doc=torch.zeros(1, 64, dtype=torch.int64),
-        )
+@pytest.mark.parametrize("name, params, inputs", [
+    ("document", {}, lambda cap: {"doc": (torch.arange(cap) // 9).expand(3, cap).contiguous()}),
+    ("moba", {"block": 4, "topk": 2}, lambda cap: {}),
+    ("neighborhood_1d", {"kernel_size": 5, "is_causal": True}, lambda cap: {}),
+])
+def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
+    """Patterns the paged forward does not serve (call-time inputs, a route, a mask naming the length) take
+    ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count, each the reference's."""
+    lengths = [9, 30, 14]
+    k, v, table, seqlens, rows = pool(lengths, 4, seed=2)
+    cu = torch.tensor([0, 1, 5, 5], dtype=torch.int32)  # query counts 1, 4 and 0
+    q = torch.randn(1, HQ, 5, D, generator=torch.Generator().manual_seed(4))
+    given = inputs(table.shape[1] * 4)
+    for backend in ("triton", "reference"):
+        attn = attnc.compile_attention(f"stdlib:{name}", backend=backend, **params)
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
+        ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+        for b, (kb, vb) in enumerate(rows):
+            lo, hi = int(cu[b]), int(cu[b + 1])
+            if lo == hi:
+                continue
+            row_in = {n: t[b:b + 1, :lengths[b]] for n, t in given.items()}
+            want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_in)
+            torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -48,7 +48,8 @@ Two ways to run (``run``):
   gathered into one batch and the module's ordinary forward runs once per distinct length, as for packed
   sequences (``frontends.varlen``); the results are written into their rows. The host reads cannot be traced, so
   under ``torch.compile`` it runs eagerly (``torch.compiler.disable``: a graph break, which ``fullgraph=True``
-  refuses with torch's own error). ``cu_seqlens_q`` is refused there by name.
+  refuses with torch's own error). With ``cu_seqlens_q``, once per group of rows of one length and one query
+  count (``by_rows``; a combined pattern, whose gates are per row's queries, refuses it by name).
 
 Call-time inputs: a leading batch dimension (``B``) is cut to each group's rows; a token dimension
 (declared ``n`` or ``nk``; a cross-attention pattern's ``n`` is its queries and stays whole) is indexed by
@@ -563,17 +564,16 @@ def run(
                               resolve_scale(scale, q.shape[-1]))
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
-    if rows is not None:
+    if rows is not None and isinstance(pat, ir.CombinedIR):
         raise SpecError(
-            f"'{pat.name}' runs a paged call once per row length on the {getattr(runner, 'name', 'module')}'s "
-            "ordinary forward, where every row holds q's n queries: cu_seqlens_q takes the Triton backend's paged "
-            "forward (a self-attention pattern with no route, gate or call-time input)",
+            f"'{pat.name}' takes its gates per row's queries ([B, heads, n]): rows of one query count, not "
+            "cu_seqlens_q, in this version",
             where="argument cu_seqlens_q",
-            hint="pass q [B, H, n, D] with n queries per row, or backend='triton'",
+            hint="pass q [B, H, n, D] with n queries per row",
         )
     return by_length(forward, pat, layout, q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
                      scale=scale, return_lse=return_lse, initial_state=initial_state,
-                     return_state=return_state, sizes=sizes, inputs=inputs)
+                     return_state=return_state, sizes=sizes, inputs=inputs, rows=rows)
 
 
 def block_table_rows(block_table, q, rows) -> int:
@@ -658,16 +658,27 @@ def by_length(
     return_state: bool,
     sizes,
     inputs: dict,
+    rows=None,
 ):
     """The paged call on the module's ordinary forward: ``forward`` once per group of rows of equal length on
-    their gathered keys and values (q ``[B, Hq, n, D]``, oriented and checked by ``run``)."""
+    their gathered keys and values (q ``[B, Hq, n, D]``, oriented and checked by ``run``); with ``rows``
+    (``cu_seqlens_q``: q ``[1, Hq, total, D]``), once per group of equal length and query count (``by_rows``)."""
     restore = Restore(layout)
     appended = 0 if k_new is None else k_new.shape[2]
-    pages = check_pages(pat, q.shape[0], q.shape[2], k_cache, block_table, cache_seqlens, appended)
-    inputs = _check_inputs(pat, inputs, layout, q.shape[0], max(pages.lengths, default=0))
+    batch = block_table.shape[0] if rows is not None else q.shape[0]
+    if rows is not None:
+        rows.diagnose(q.shape[2])
+    counts = rows.host_counts() if rows is not None else q.shape[2]
+    pages = check_pages(pat, batch, counts, k_cache, block_table, cache_seqlens, appended)
+    inputs = _check_inputs(pat, inputs, layout, batch, max(pages.lengths, default=0))
     if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
         _append(k_cache, block_table, cache_seqlens, k_new)
         _append(v_cache, block_table, cache_seqlens, v_new)
+    call = dict(scale=scale, return_lse=return_lse, initial_state=initial_state, return_state=return_state,
+                sizes=sizes, layout="bhnd")
+    if rows is not None:
+        out, lse = by_rows(forward, pat, q, k_cache, v_cache, block_table, pages, counts, inputs, call)
+        return restore.result((out, lse) if return_lse else out, return_lse, False)
     out = lse = None
     for length, group in pages.groups:
         rows = torch.tensor(group, device=q.device)
@@ -701,3 +712,32 @@ def by_length(
             dtype=torch.float64 if q.dtype == torch.float64 else torch.float32,
         )
     return restore.result((out, lse) if return_lse else out, return_lse, False)
+
+
+def by_rows(forward: Callable, pat, q, k_cache, v_cache, block_table, pages: Pages, counts: list[int],
+            inputs: dict, call: dict):
+    """``(out, lse)`` ``[1, Hq, total, ...]`` of a packed paged call on the ordinary forward: the rows of one
+    (length, query count) gathered into one batch (their queries from q's packed rows, their keys from their
+    pages), their results written back into the packed rows. Rows of no query give nothing."""
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for b, (length, count) in enumerate(zip(pages.lengths, counts, strict=True)):
+        if count:
+            groups.setdefault((length, count), []).append(b)
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = q.shape[1]
+    out = q.new_zeros(1, heads, q.shape[2], v_cache.shape[-1])
+    lse = q.new_full((1, heads, q.shape[2]), float("-inf"), dtype=dtype)
+    for (length, count), group in sorted(groups.items()):
+        where = torch.tensor([starts[b] + i for b in group for i in range(count)], device=q.device)
+        rows = torch.tensor(group, device=q.device)
+        ids = block_table.index_select(0, rows)[:, : -(-length // pages.page_size)].long()
+        q_g = q[0].index_select(1, where).view(heads, len(group), count, q.shape[3]).transpose(0, 1)
+        part, part_lse = forward(q_g, _gather(k_cache, ids, length), _gather(v_cache, ids, length),
+                                 **{**call, "return_lse": True},
+                                 **{name: _group_input(pat, name, t, rows, length) for name, t in inputs.items()})
+        out[0].index_copy_(1, where, part.transpose(0, 1).reshape(heads, -1, part.shape[-1]).to(out.dtype))
+        lse[0].index_copy_(1, where, part_lse.transpose(0, 1).reshape(heads, -1).to(dtype))
+    return out, lse

@@ -79,9 +79,8 @@ class PagedTemplate:
     q_tiles: int
     kv_tiles: int
     capacity: int  # keys a row's block table holds
-    windows: dict = dataclasses.field(
-        default_factory=dict
-    )  # window bounds per device (device_intervals)
+    windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
+    tables: dict = dataclasses.field(default_factory=dict)  # device -> the classification table (range_table)
     #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count
     uniform: dict = dataclasses.field(default_factory=dict)
 
@@ -171,54 +170,73 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
     return made
 
 
-def call_lists(
-    t: PagedTemplate, seqlens: torch.Tensor, q_count: torch.Tensor
-) -> tuple[dict, tuple[int, int]]:
-    """The call's lists (``FULL_N``, ``FULL_I``, ``PART_N``, ``PART_I``) per (row x class, Q tile), made on the
-    rows' device from their key and query counts (module docstring), and the class strides ``(cls_b, cls_h)``."""
-    device = seqlens.device
-    rows, nq, nkv = seqlens.shape[0], t.q_tiles, t.kv_tiles
-    keys = seqlens.to(torch.int64).clamp(0, t.capacity)  # as the kernel clamps them
-    count = torch.minimum(q_count.to(torch.int64).clamp(min=0), keys)
-    first = (keys - count).view(rows, 1)  # the row's first query position
-    q_lo = torch.arange(nq, device=device, dtype=torch.int64).view(1, nq) * t.tile
-    q_live = q_lo < count.view(rows, 1)
-    q_hi = torch.maximum(torch.minimum(q_lo + t.tile, count.view(rows, 1)) - 1, q_lo)
-    k_lo = torch.arange(nkv, device=device, dtype=torch.int64).view(1, nkv) * t.kv_tile
-    k_live = k_lo < keys.view(rows, 1)
-    k_hi = torch.maximum(torch.minimum(k_lo + t.kv_tile, keys.view(rows, 1)) - 1, k_lo)
+#: Query positions one row of a template's classification table covers: a Q tile (at most ``PACKED_ROWS`` queries
+#: of a head) spans at most two rows of it.
+POSITION_RANGE = PACKED_ROWS
+
+
+def range_table(t: PagedTemplate, device) -> tuple[torch.Tensor, ...]:
+    """The template's classification of every (range of ``POSITION_RANGE`` query positions, list class, KV tile)
+    on ``device``, made once: ``(full, listed)`` bool ``[ranges, classes, KV tiles]``, FULL where the mask holds
+    for every query of the range and key of the tile, listed where it may hold for one (interval reasoning,
+    ``device_intervals``, as the host classifier's rules). Where the mask reads the head, the classes are the K/V
+    groups: FULL where FULL for every head of the group, listed where listed for one. With them, the positions a
+    call's lists are made from (each Q tile's first, each KV tile's first, the KV tiles' index), made once."""
+    key = torch.device(device)
+    made = t.tables.get(key)
+    if made is not None:
+        return made
+    ranges, nkv = -(-t.capacity // POSITION_RANGE), t.kv_tiles
+    q_lo = torch.arange(ranges, device=device, dtype=torch.int64) * POSITION_RANGE
+    q_hi = (q_lo + POSITION_RANGE).clamp(max=t.capacity) - 1
+    k_lo = torch.arange(nkv, device=device, dtype=torch.int64) * t.kv_tile
+    k_hi = (k_lo + t.kv_tile).clamp(max=t.capacity) - 1
     f64 = torch.float64
-    env = {
-        S.Q: Num(
-            (first + q_lo).to(f64).view(rows, 1, nq, 1), (first + q_hi).to(f64).view(rows, 1, nq, 1)
-        ),
-        S.K: Num(
-            k_lo.expand(rows, nkv).to(f64).view(rows, 1, 1, nkv), k_hi.to(f64).view(rows, 1, 1, nkv)
-        ),
-    }
-    heads = t.launch.bound.heads
+    env = {S.Q: Num(q_lo.to(f64).view(-1, 1, 1), q_hi.to(f64).view(-1, 1, 1)),
+           S.K: Num(k_lo.to(f64).view(1, 1, -1), k_hi.to(f64).view(1, 1, -1))}
     if t.classes > 1:  # the mask reads the head: the class is the head
-        env[S.H] = torch.arange(t.classes, device=device).view(1, -1, 1, 1)
-    elif heads == 1:
+        env[S.H] = torch.arange(t.classes, device=device).view(1, -1, 1)
+    elif t.launch.bound.heads == 1:
         env[S.H] = 0
     result = DeviceIntervals(env, {}, {S.Q, S.K}, t.windows, {}).boolean(t.mask)
-    shape = (rows, t.classes, nq, nkv)
-    may_t = torch.zeros(shape, dtype=torch.bool, device=device) | result.t
-    may_f = torch.zeros(shape, dtype=torch.bool, device=device) | result.f
-    live = q_live.view(rows, 1, nq, 1) & k_live.view(rows, 1, 1, nkv)
-    cached = (k_lo + t.kv_tile <= keys.view(rows, 1)).view(
-        rows, 1, 1, nkv
-    )  # every key of the tile is there
-    full = ~may_f & live & cached
-    part = may_t & live & ~full
-    if t.classes > 1:  # the group's lists: FULL where FULL for every head of it
+    shape = (ranges, t.classes, nkv)
+    listed = torch.zeros(shape, dtype=torch.bool, device=device) | result.t
+    full = ~(torch.zeros(shape, dtype=torch.bool, device=device) | result.f)
+    if t.classes > 1:  # the group's: FULL where FULL for every head of it
         groups = t.classes // t.group
-        full_g = full.view(rows, groups, t.group, nq, nkv).all(2)
-        part = (full | part).view(rows, groups, t.group, nq, nkv).any(2) & ~full_g
-        full, cls = full_g, (groups, 1)
-    else:
-        cls = (1, 0)
-    index = torch.arange(nkv, device=device, dtype=torch.int64).expand(*full.shape)
+        full = full.view(ranges, groups, t.group, nkv).all(2)
+        listed = listed.view(ranges, groups, t.group, nkv).any(2)
+    k_lo = k_lo.view(1, nkv)
+    q_lo = torch.arange(t.q_tiles, device=device, dtype=torch.int64).view(1, -1) * t.tile
+    index = torch.arange(nkv, device=device, dtype=torch.int64).view(1, 1, 1, nkv)
+    made = t.tables[key] = (full.contiguous(), listed.contiguous(), q_lo, k_lo, index)
+    return made
+
+
+def call_lists(t: PagedTemplate, seqlens: torch.Tensor, q_count: torch.Tensor) -> tuple[dict, tuple[int, int]]:
+    """The call's lists (``FULL_N``, ``FULL_I``, ``PART_N``, ``PART_I``) per (row x class, Q tile), made on the
+    rows' device from their key and query counts and the template's table (``range_table``: a Q tile's class of a
+    KV tile is the combination of the one or two ranges its positions fall in), and the class strides
+    ``(cls_b, cls_h)``. A KV tile is FULL only where every key of it is cached, listed only where one is."""
+    device = seqlens.device
+    rows, nq, nkv = seqlens.shape[0], t.q_tiles, t.kv_tiles
+    table_full, table_listed, q_lo, k_lo, index = range_table(t, device)
+    keys = seqlens.to(torch.int64).clamp(0, t.capacity).view(rows, 1)  # as the kernel clamps them
+    count = torch.minimum(q_count.to(torch.int64).clamp(min=0).view(rows, 1), keys)
+    first = keys - count  # the row's first query position
+    q_live = q_lo < count
+    last = table_full.shape[0] - 1
+    r_lo = torch.div(first + q_lo, POSITION_RANGE, rounding_mode="floor").clamp(0, last)
+    r_hi = torch.div(first + torch.maximum(torch.minimum(q_lo + t.tile, count) - 1, q_lo), POSITION_RANGE,
+                     rounding_mode="floor").clamp(0, last)
+    full = (table_full[r_lo] & table_full[r_hi]).transpose(1, 2)  # [rows, classes, Q tiles, KV tiles]
+    listed = (table_listed[r_lo] | table_listed[r_hi]).transpose(1, 2)
+    live = q_live.view(rows, 1, nq, 1) & (k_lo < keys).view(rows, 1, 1, nkv)
+    cached = (k_lo + t.kv_tile <= keys).view(rows, 1, 1, nkv)  # every key of the tile is there
+    full = full & live & cached
+    part = listed & live & ~full
+    cls = (full.shape[1], 1) if full.shape[1] > 1 else (1, 0)
+    index = index.expand(*full.shape)
     lists = {}
     for name, keep in (("FULL", full), ("PART", part)):
         n, entries = compact(index, keep)
