@@ -40,7 +40,9 @@ Sections (the default: ``interpreter,cpu`` without CUDA, ``gpu`` with it):
   ``flash_attn`` imports) at nk = 4K .. 128K (``--quick``: 4K and 32K), causal and a 4096-key
   window; paged (256-key pages: flash_attn's paged kernels need multiples of 256) against
   flash_attn's paged call and SDPA on gathered pages; and one attnc decode step captured in a
-  CUDA graph (``torch.cuda.CUDAGraph``): its replay time beside SDPA's, or why the capture failed.
+  CUDA graph (``torch.cuda.CUDAGraph``): its replay time beside SDPA's, or why the capture failed; and one
+  paged step captured once with its lengths in a device tensor, replayed as the cache grows (each replay checked
+  against the eager call at its length).
   ``--gpu-toy`` runs this section's code on CPU tensors at toy sizes (the interpreter; no flash_attn,
   no graphs): a check of the script, not a measurement.
 """
@@ -583,6 +585,48 @@ def graph_section(attn, c: Caches, nk: int, window, args) -> list[str]:
     return lines + [""]
 
 
+def paged_graph_across_steps(attn, c: Caches, nk: int, steps: int) -> list[str]:
+    """One paged decode step captured once in a CUDA graph with its lengths in a device tensor, then replayed at
+    ``steps`` growing lengths (the tensor incremented between replays, as a serving loop does): each replay's output
+    against the eager call at its length, and the replay time beside the eager step's."""
+    lengths = c.seqlens(nk)
+    call = lambda: attn(c.q, c.k_pages, c.v_pages, block_table=c.block_table, cache_seqlens=lengths)  # noqa: E731
+    head = "| method | eager ms per step | graph replay ms per step | max abs diff over the steps | capture |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = call()
+        torch.cuda.synchronize()
+    except Exception as err:
+        return lines + [f"| attnc triton, paged | - | - | - | {failure_text(err)} |", ""]
+    diff, replay = 0.0, []
+    for _ in range(steps):
+        lengths.add_(1)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        replay.append(time.perf_counter() - t)
+        diff = max(diff, float((out.float() - call().float()).abs().max()))
+    eager = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        eager.append(time.perf_counter() - t)
+    return lines + [f"| attnc triton, paged (one graph, {steps} lengths from {nk + 1}) | "
+                    f"{statistics.median(eager) * 1e3:.3f} | {statistics.median(replay) * 1e3:.3f} | {diff:.3g} | "
+                    "captured once, replayed at every length |", ""]
+
+
 def gpu_section(args) -> list[str]:
     sz = gpu_sizes(args)
     cuda = sz.device == "cuda"
@@ -616,6 +660,10 @@ def gpu_section(args) -> list[str]:
             )
             lines += [f"### {label}: one step at nk = {nk} in a CUDA graph", ""]
             lines += graph_section(modules[label], c, nk, window, args)
+            grown = Caches.make(sz.batch, sz.heads, sz.kv_heads, sz.dim, rounded_up(nk + args.steps + 1, sz.page),
+                                sz.page, sz.dtype, sz.device)
+            lines += [f"### {label}: a paged step captured once, replayed as the cache grows from nk = {nk}", ""]
+            lines += paged_graph_across_steps(modules[label], grown, nk, args.steps)
     return lines
 
 

@@ -95,6 +95,7 @@ def test_the_one_launch_patterns_are_the_ones_named_here():
     assert served == set(ONE_LAUNCH)
 
 
+@pytest.mark.versions  # the paged forward's interpreter run on each Triton CI installs
 @pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
 def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeypatch):
     """Rows of 4 lengths and 4 query counts (a decode row, chunked-prefill rows, a row whose queries are all its

@@ -61,6 +61,39 @@ def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False, spl
             loop]
 
 
+def paged_list_loop(kind: str) -> list[str]:
+    """The head of a loop over one tile list of ``attnc_fwd_paged``: the list of the Q tile's range (or pair of
+    ranges) of query positions and class (``lrow``, made by the program's setup), cut at the row's KV tiles
+    (``kv_limit``: its entries below it, by a binary search of the ascending list, ``_entries_below``), none for a
+    Q tile past the row's queries; then its split share, as ``list_loop``'s."""
+    return [f"list_base = {kind}_I + lrow.to(tl.int64) * {kind.lower()}_w",
+            f"n_list = _entries_below(list_base, tl.load({kind}_N + lrow), kv_limit, {kind}_STEPS)",
+            "n_list = tl.where(q_any, n_list, 0)  # a Q tile past the row's queries visits nothing",
+            f"if {kind}_RUN:  # every list of this launch is one run of consecutive tiles",
+            "    run_start = tl.load(list_base)",
+            *split_share(),
+            "for j in range(j_lo, n_list):"]
+
+
+#: ``attnc_fwd_paged``'s search of a sorted list (module text, emitted where the module has that kernel).
+ENTRIES_BELOW = '''
+
+@triton.jit
+def _entries_below(base, n, limit, STEPS: tl.constexpr):
+    """How many of the n ascending entries at base are below limit: a binary search of STEPS halvings
+    (2**STEPS > n), one scalar load each."""
+    lo = n * 0
+    hi = n
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        at = tl.load(base + mid, mask=mid < hi, other=0)
+        below = (mid < hi) & (at < limit)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+'''
+
+
 def split_share() -> list[str]:
     """The forward's split-KV share of a list (``SPLIT_KV``): split ``split`` of ``splits`` walks entries
     ``[n * split // splits, n * (split + 1) // splits)``, a contiguous range of nearly equal length, so the
@@ -308,13 +341,14 @@ class KernelBodies:
         common = self._common_params()
         if paged:  # a row's offsets and extents are read from the device, not given
             common = [p for p in common if p not in ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")]
-            common += ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS"]
+            common += ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES"]
         params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
                   "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
                   "scale", "GROUP", "D", "DV",
                   "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
                   "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr",
-                  *(["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr"] if paged else []),
+                  *(["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr",
+                     "FULL_STEPS: tl.constexpr", "PART_STEPS: tl.constexpr"] if paged else []),
                   *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False"]
         if in_exp:
             params.append("POS_SCALE: tl.constexpr = False")
@@ -326,7 +360,14 @@ class KernelBodies:
                 "q_first = tl.load(QS + batch)  # its first query's row in q, out and lse",
                 ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self.pat.self_attention
                  else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
-                "K_OFF = 0"]
+                "K_OFF = 0",
+                "# the lists of the Q tile's positions: of the range of RANGE positions they fall in, or of the pair",
+                "# of ranges they span (after the RANGES single ones), for this class",
+                f"q_any = qt * {tile} < Q_EXT",
+                f"r_lo = tl.minimum((Q_OFF + qt * {tile}) // RANGE, RANGES - 1)",
+                f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
+                "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h",
+                f"kv_limit = (K_EXT + {self.shape.kv_tile[0] - 1}) // {self.shape.kv_tile[0]}  # the row's KV tiles"]
             q_rows = "(q_first + q_row)"
             bases = ["k_base = K + kvh.to(tl.int64) * sk_h  # the page of a key is looked up per key",
                      "v_base = V + kvh.to(tl.int64) * sv_h"]
@@ -397,7 +438,7 @@ class KernelBodies:
             body += [
                 "",
                 f"# ---- {'FULL KV tiles of every head of the group' if not masked else 'PARTIAL KV tiles (mask evaluated per row, at its head)'}",
-                *list_loop(kind, self.shape_tiles_q(), "qt", split=True),
+                *(paged_list_loop(kind) if paged else list_loop(kind, self.shape_tiles_q(), "qt", split=True)),
             ]
             body += nested([*list_tile(kind, "kt", "the KV tile, read once for the whole group"),
                             *self._tiles("k", "kt", edge=not masked), *kv_loads,

@@ -46,7 +46,7 @@ from .exprs import (
     needs_int64,
 )
 from .helpers import DOT_HELPERS, HELPERS, helper_sources
-from .kernels import KernelBodies, indent
+from .kernels import ENTRIES_BELOW, KernelBodies, indent
 from .scores import ScoreLines
 from .tiles import (
     ScheduleShape,
@@ -203,7 +203,7 @@ class KernelSource(ScoreLines, KernelBodies):
         if self.grouped_forward_applies():
             parts.append(self._forward_grouped())
         if self.paged_forward_applies():
-            parts.append(self._forward_grouped(paged=True))
+            parts += [ENTRIES_BELOW, self._forward_grouped(paged=True)]
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 

@@ -619,8 +619,7 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     counts = rows.counts() if rows is not None else torch.full_like(before, q.shape[2])
     least = counts.clamp(min=1) if pat.self_attention else torch.ones_like(before)
     ok = (before >= 0) & (lengths <= capacity) & (lengths >= least)
-    reach = torch.div(lengths + page - 1, page, rounding_mode="floor")
-    reached = torch.arange(block_table.shape[1], device=k_cache.device) < reach.unsqueeze(1)
+    reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
     if rows is not None:
@@ -637,6 +636,17 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
         check_pages(pat, batch, rows.host_counts() if rows is not None else q.shape[2], k_cache, block_table,
                     cache_seqlens, appended)
         raise
+
+
+_PAGE_STARTS: dict = {}
+
+
+def _page_starts(pages: int, page: int, device) -> torch.Tensor:
+    """The first key of each of a table's pages, ``[1, pages]`` int64 (made once per shape and device)."""
+    key = (pages, page, torch.device(device))
+    if key not in _PAGE_STARTS:
+        _PAGE_STARTS[key] = (torch.arange(pages, device=device, dtype=torch.int64) * page).view(1, pages)
+    return _PAGE_STARTS[key]
 
 
 @torch.compiler.disable  # host reads of cache_seqlens and block_table: eager under torch.compile

@@ -2,17 +2,22 @@
 key count and query count, read through its block table inside the kernel.
 
 What the host does per call: look up the module kept for the batch's shapes (``PagedTemplate``, made at the first
-call of those shapes and reused at every length), make the call's tile lists on the device, launch. Nothing is read
-back: the rows' key counts (``seqlens``), query counts (``q_count``) and first query rows (``q_start``) stay device
-tensors, and the lists are sized by bounds the shapes fix (the block table's capacity in keys, the query rows of
-the call), so the launch is the same at every step of a growing cache and a CUDA graph captured once replays it.
+call of those shapes and reused at every length), allocate the outputs, launch. Nothing is made or read back per
+call: the rows' key counts (``seqlens``), query counts (``q_count``) and first query rows (``q_start``) stay device
+tensors that the kernel reads, and the tile lists were made once per template (``range_lists``), sized by bounds the
+shapes fix (the block table's capacity in keys), so the launch is the same at every step of a growing cache and a
+CUDA graph captured once replays it.
 
-The lists are made as a decode step's are (``runtime.plan.decode_lists``): each (row, list class, Q tile, KV tile)
-is classified by interval reasoning over the two tiles at the row's own positions (its queries the last
-``q_count`` of its ``seqlens`` keys); FULL only where every pair is allowed and every key of the tile is cached,
-PARTIAL where some pair may be (the kernel evaluates the mask there, so the answer is exact whatever the classes);
-a KV tile past a row's keys or a Q tile past its queries lists nothing. Where the mask reads the head, the group's
-lists (FULL where FULL for every head of it) serve its packed query heads, as ``grouped.group_lists``.
+The lists are the mask's classification of every (range of query positions, list class, KV tile), and of every
+pair of consecutive ranges, by interval reasoning over the range's positions and the tile's keys (the host
+classifier's rules, ``device_intervals``): FULL only where every pair is allowed, PARTIAL where some pair may be (the
+kernel evaluates the mask there, so the answer is exact whatever the classes). A program takes the lists of the
+range its Q tile's positions fall in (a Q tile of at most ``POSITION_RANGE`` queries spans one range or two) and
+cuts them at its row's KV tiles by a binary search of the ascending list (``_entries_below`` in the kernel); the
+keys past the row's length in its last tile are masked by the length, in the FULL loop too. Where the mask reads
+the head, the group's lists (FULL where FULL for every head of it) serve its packed query heads, as
+``grouped.group_lists``. A range is ``POSITION_RANGE`` positions, larger where the capacity would make more than
+``MAX_RANGES`` (the lists' memory: ranges x 2 x classes x their widths, int32).
 
 It serves the self-attention patterns whose module has ``attnc_fwd_paged`` (``KernelSource.paged_forward_applies``:
 no route, no FoX gates, no call-time input, a sequence) and whose mask, bias and softcap name no size that grows
@@ -79,6 +84,8 @@ class PagedTemplate:
     q_tiles: int
     kv_tiles: int
     capacity: int  # keys a row's block table holds
+    range: int  # query positions of one range of the lists (range_of)
+    ranges: int
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
     tables: dict = dataclasses.field(default_factory=dict)  # device -> the classification table (range_table)
     #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count
@@ -166,29 +173,45 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
         -(-max_q // tile),
         -(-capacity // kv_tile),
         capacity,
+        range_of(capacity),
+        -(-capacity // range_of(capacity)),
     )
     return made
 
 
-#: Query positions one row of a template's classification table covers: a Q tile (at most ``PACKED_ROWS`` queries
-#: of a head) spans at most two rows of it.
+#: Query positions one row of a template's lists covers at least: a Q tile (at most ``PACKED_ROWS`` queries of a
+#: head) spans at most two ranges. Larger caches take larger ranges (``range_of``), so the lists stay small.
 POSITION_RANGE = PACKED_ROWS
+#: The most ranges a template's lists hold (each range a row of lists per class, each pair of ranges another).
+MAX_RANGES = 1024
 
 
-def range_table(t: PagedTemplate, device) -> tuple[torch.Tensor, ...]:
-    """The template's classification of every (range of ``POSITION_RANGE`` query positions, list class, KV tile)
-    on ``device``, made once: ``(full, listed)`` bool ``[ranges, classes, KV tiles]``, FULL where the mask holds
-    for every query of the range and key of the tile, listed where it may hold for one (interval reasoning,
-    ``device_intervals``, as the host classifier's rules). Where the mask reads the head, the classes are the K/V
-    groups: FULL where FULL for every head of the group, listed where listed for one. With them, the positions a
-    call's lists are made from (each Q tile's first, each KV tile's first, the KV tiles' index), made once."""
+def range_of(capacity: int) -> int:
+    """Query positions per range: ``POSITION_RANGE``, doubled until the table's capacity makes at most
+    ``MAX_RANGES`` ranges."""
+    size = POSITION_RANGE
+    while -(-capacity // size) > MAX_RANGES:
+        size *= 2
+    return size
+
+
+def range_lists(t: PagedTemplate, device) -> dict:
+    """The template's lists on ``device``, made once and read by every call's kernel (nothing made per call):
+    per (range of ``t.range`` query positions, list class) and per (pair of consecutive ranges, class), the KV
+    tiles where the mask holds for every query of the range(s) and key of the tile (``FULL_N``, ``FULL_I``) and
+    those where it may hold otherwise (``PART_N``, ``PART_I``), ascending, by interval reasoning
+    (``device_intervals``, the host classifier's rules); where the mask reads the head, the classes are the K/V
+    groups (FULL where FULL for every head of the group). The kernel takes the lists of its Q tile's range, or
+    pair, and cuts them at its row's KV tiles; a tile FULL here whose keys are not all cached is masked by the
+    row's length in the FULL loop, as a block's last tile is. With them, ``FULL_STEPS`` / ``PART_STEPS``, the
+    halvings of the kernel's search of a list, and ``cls``."""
     key = torch.device(device)
     made = t.tables.get(key)
     if made is not None:
         return made
-    ranges, nkv = -(-t.capacity // POSITION_RANGE), t.kv_tiles
-    q_lo = torch.arange(ranges, device=device, dtype=torch.int64) * POSITION_RANGE
-    q_hi = (q_lo + POSITION_RANGE).clamp(max=t.capacity) - 1
+    ranges, nkv = t.ranges, t.kv_tiles
+    q_lo = torch.arange(ranges, device=device, dtype=torch.int64) * t.range
+    q_hi = (q_lo + t.range).clamp(max=t.capacity) - 1
     k_lo = torch.arange(nkv, device=device, dtype=torch.int64) * t.kv_tile
     k_hi = (k_lo + t.kv_tile).clamp(max=t.capacity) - 1
     f64 = torch.float64
@@ -206,43 +229,21 @@ def range_table(t: PagedTemplate, device) -> tuple[torch.Tensor, ...]:
         groups = t.classes // t.group
         full = full.view(ranges, groups, t.group, nkv).all(2)
         listed = listed.view(ranges, groups, t.group, nkv).any(2)
-    k_lo = k_lo.view(1, nkv)
-    q_lo = torch.arange(t.q_tiles, device=device, dtype=torch.int64).view(1, -1) * t.tile
-    index = torch.arange(nkv, device=device, dtype=torch.int64).view(1, 1, 1, nkv)
-    made = t.tables[key] = (full.contiguous(), listed.contiguous(), q_lo, k_lo, index)
+    # then each pair of consecutive ranges (the last one's pair is never read: its range's own)
+    full = torch.cat([full, full & torch.cat([full[1:], full[-1:]])])
+    listed = torch.cat([listed, listed | torch.cat([listed[1:], listed[-1:]])])
+    classes = full.shape[1]
+    index = torch.arange(nkv, device=device, dtype=torch.int64).expand(*full.shape)
+    made = {}
+    for name, keep in (("FULL", full), ("PART", listed & ~full)):
+        count, entries = compact(index, keep)
+        width = max(1, int(count.max()))  # once per template: the lists' width
+        made[f"{name}_N"] = count.reshape(-1).contiguous()
+        made[f"{name}_I"] = entries[..., :width].reshape(-1, width).contiguous()
+        made[f"{name}_STEPS"] = width.bit_length()
+    made["cls"] = (classes, 1) if classes > 1 else (1, 0)
+    t.tables[key] = made
     return made
-
-
-def call_lists(t: PagedTemplate, seqlens: torch.Tensor, q_count: torch.Tensor) -> tuple[dict, tuple[int, int]]:
-    """The call's lists (``FULL_N``, ``FULL_I``, ``PART_N``, ``PART_I``) per (row x class, Q tile), made on the
-    rows' device from their key and query counts and the template's table (``range_table``: a Q tile's class of a
-    KV tile is the combination of the one or two ranges its positions fall in), and the class strides
-    ``(cls_b, cls_h)``. A KV tile is FULL only where every key of it is cached, listed only where one is."""
-    device = seqlens.device
-    rows, nq, nkv = seqlens.shape[0], t.q_tiles, t.kv_tiles
-    table_full, table_listed, q_lo, k_lo, index = range_table(t, device)
-    keys = seqlens.to(torch.int64).clamp(0, t.capacity).view(rows, 1)  # as the kernel clamps them
-    count = torch.minimum(q_count.to(torch.int64).clamp(min=0).view(rows, 1), keys)
-    first = keys - count  # the row's first query position
-    q_live = q_lo < count
-    last = table_full.shape[0] - 1
-    r_lo = torch.div(first + q_lo, POSITION_RANGE, rounding_mode="floor").clamp(0, last)
-    r_hi = torch.div(first + torch.maximum(torch.minimum(q_lo + t.tile, count) - 1, q_lo), POSITION_RANGE,
-                     rounding_mode="floor").clamp(0, last)
-    full = (table_full[r_lo] & table_full[r_hi]).transpose(1, 2)  # [rows, classes, Q tiles, KV tiles]
-    listed = (table_listed[r_lo] | table_listed[r_hi]).transpose(1, 2)
-    live = q_live.view(rows, 1, nq, 1) & (k_lo < keys).view(rows, 1, 1, nkv)
-    cached = (k_lo + t.kv_tile <= keys).view(rows, 1, 1, nkv)  # every key of the tile is there
-    full = full & live & cached
-    part = listed & live & ~full
-    cls = (full.shape[1], 1) if full.shape[1] > 1 else (1, 0)
-    index = index.expand(*full.shape)
-    lists = {}
-    for name, keep in (("FULL", full), ("PART", part)):
-        n, entries = compact(index, keep)
-        lists[f"{name}_N"] = n.reshape(-1, nq).contiguous()
-        lists[f"{name}_I"] = entries.reshape(-1, nq, nkv).contiguous()
-    return lists, cls
 
 
 def rows_of(t: PagedTemplate, batch: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,8 +286,10 @@ def forward(
     t = template(runner, load, q, kv_heads, dv, min(max_q, capacity), capacity)
     if not packed:
         q_start, q_count = rows_of(t, batch, rows, device)
-    lists, cls = call_lists(t, seqlens, q_count)
-    launch = dataclasses.replace(t.launch, lists=lists, cls=cls)
+    lists = range_lists(t, device)
+    launch = lists.get("launch")
+    if launch is None:  # the template's launch with its lists on this device, once
+        launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
     rows_b = block_table.shape[0]
     splits = _splits(t, rows_b, kv_heads, KL.sms_of(device))
@@ -321,6 +324,7 @@ def forward(
         rows,
         num_pages,
         t.capacity,
+        t.ranges,
         float(scale),
         t.group,
         head_dim,
@@ -333,6 +337,9 @@ def forward(
         DOT=KL.dot_mode(launch, q.dtype),
         PAGE=page,
         POOL_ROWS=_pool_rows(k_cache, v_cache, page, num_pages),
+        RANGE=t.range,
+        FULL_STEPS=lists["FULL_STEPS"],
+        PART_STEPS=lists["PART_STEPS"],
         FULL_RUN=False,
         PART_RUN=False,
         **F.scale_sign(launch, scale),
@@ -373,4 +380,4 @@ def _splits(t: PagedTemplate, rows: int, kv_heads: int, sms: int) -> int:
     return t.uniform[key]
 
 
-__all__ = ["PAGED_KV_TILE", "PagedTemplate", "applies", "call_lists", "forward", "template"]
+__all__ = ["PAGED_KV_TILE", "PagedTemplate", "applies", "forward", "range_lists", "template"]
