@@ -57,14 +57,20 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
   request's last keys only (positions relative to them again). The pages
   themselves (``block_table``, ``k_cache``, ``v_cache``) reach only flash-attention
   2/3 on CUDA or XPU, so attnc serves the gathered keys: each request's queries are
-  the last of its keys (attnc's KV-cache rule). A batch whose rows have as many
-  queries as keys (a prefill of new requests, or padding-free packed training)
-  is one ``cu_seqlens=`` call; otherwise the gathered keys are read as a pool
-  of one-key pages (``[total_k, 1, Hkv, D]``, a view) and the rows with the same
-  query count (every decode row: one) share one paged call
-  (``block_table=`` each row's key offsets, ``cache_seqlens=`` its key count).
-  The offsets are read on the host once per layer call (and the paged call
-  reads its table and lengths), so the step cannot be captured in a CUDA graph:
+  the last of its keys (attnc's KV-cache rule), the gathered keys read as a pool
+  of one-key pages (``[total_k, 1, Hkv, D]``, a view; ``block_table=`` each row's
+  key offsets, ``cache_seqlens=`` its key count). On a backend that reads pages in
+  its kernel (Triton's ``attnc_fwd_paged``) and with no gradient asked, a layer
+  call is one paged call of one launch, each row's queries given by
+  ``cu_seqlens_q=`` (HF's ``cu_seq_lens_q``) and ``max_seqlen_q=`` (HF's
+  ``max_length_q``, rounded up to a power of two, as the table's width from
+  ``max_length_k``, so that one plan serves many steps): the table and the
+  lengths made on the device, nothing read on the host. Otherwise a batch whose
+  rows have as many queries as keys (a prefill of new requests, or padding-free
+  packed training) is one ``cu_seqlens=`` call, and the others share one paged
+  call per query count (every decode row: one).
+  The offsets are read on the host once per layer call there (and the paged call
+  reads its table and lengths), so such a step cannot be captured in a CUDA graph:
   HF leaves its graphs off by default for a name it does not know, and asking
   for them (``use_cuda_graph=True``) is not supported; under HF's compile
   (``default_compile_level``) the paged call is a graph break. Rows past
@@ -216,6 +222,11 @@ def layer_pattern(
     return pat
 
 
+def _bucket(n: int) -> int:
+    """``n`` rounded up to a power of two (at least 16): the bounds a plan of a paged call is kept for."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 class _Implementation:
     """One registered name: the pattern and its compiled modules per layer kind."""
 
@@ -265,6 +276,10 @@ class _Implementation:
                     hint="express any further condition in the pattern",
                 )
             attn = self.module(False, sliding_window, None if softcap is None else float(softcap))
+            one = self._one_paged_call(attn, query, key, value, cu_q, cu_k, scaling, kwargs.get("max_length_q"),
+                                       kwargs.get("max_length_k"))
+            if one is not None:
+                return one, None
             return self._packed(attn, query, key, value, cu_q, cu_k, scaling), None
         inputs = {}
         if attention_mask is not None:
@@ -277,6 +292,31 @@ class _Implementation:
         )
         out = attn(query, key, value, scale=scaling, **inputs)
         return out.transpose(1, 2).contiguous(), None
+
+    def _one_paged_call(self, attn: Attention, query, key, value, cu_q, cu_k, scaling, max_q, max_k):
+        """HF's packed batch as one paged call of one launch, where the module's runner reads pages in its kernel
+        (``pages_in_one_launch``), no gradient is asked and HF gives ``max_length_q`` / ``max_length_k`` as ints:
+        the packed keys read as one-key pages (row r's key j is page ``cu_k[r] + j``), each row's queries by
+        ``cu_seqlens_q``; the table, lengths and offsets made on the device, nothing read on the host. The table's
+        width and the query bound are rounded up (``_bucket``), so that the module's plan for them serves many
+        steps. None where it does not apply (``_packed`` serves the call)."""
+        serves = getattr(attn.runner, "pages_in_one_launch", None)
+        ints = all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in (max_q, max_k))
+        tensors = all(isinstance(c, torch.Tensor) and c.dim() == 1 and c.numel() >= 2 for c in (cu_q, cu_k))
+        if serves is None or not ints or not tensors or query.shape[0] != 1 or key.shape[0] != 1:
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            return None
+        k_pool, v_pool = (x[0].transpose(0, 1).unsqueeze(1) for x in (key, value))  # [total_k, 1, Hkv, D] views
+        if not serves(query, k_pool, v_pool):
+            return None
+        cu_k = cu_k.to(torch.int32)
+        width = _bucket(max_k)
+        table = cu_k[:-1].view(-1, 1) + torch.arange(width, device=cu_k.device, dtype=torch.int32)
+        out = attn(query, k_pool, v_pool, block_table=table, cache_seqlens=cu_k[1:] - cu_k[:-1],
+                   cu_seqlens_q=cu_q.to(torch.int32), max_seqlen_q=min(_bucket(max_q), query.shape[2]),
+                   scale=scaling, layout="bhnd")
+        return out.transpose(1, 2).contiguous()
 
     def _packed(self, attn: Attention, query, key, value, cu_q, cu_k, scaling) -> torch.Tensor:
         """HF's packed batch (``[1, H, total, D]``; row r's queries ``cu_q[r]:cu_q[r + 1]``, the last

@@ -242,3 +242,43 @@ def test_packed_refusals():
         fn(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k={"full_attention": cu})
     with pytest.raises(attnc.SpecError, match="rows of queries"):
         fn(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 1, 3]).int())
+
+
+def test_on_triton_every_mixed_step_is_one_paged_launch(monkeypatch):
+    """Registered on the Triton backend (the interpreter here), inference: the same greedy tokens as HF's
+    paged|eager, and every packed layer call (prefills, decode rows beside prefill chunks) is one
+    ``attnc_fwd_paged`` launch (the packed keys as one-key pages, each row's queries by cu_seqlens_q), none of
+    them grouped by query count on the host."""
+    from attnc.runtime.backends.triton import kernel_launch as KL
+
+    hf.register("cb_causal_triton", CAUSAL, backend="triton")
+    model = _model("llama")
+    launched, per_call = [], []
+    real = KL.launch_kernel
+
+    def count(launch, kernel, grid, args, meta, *, backward):
+        launched.append(kernel.__name__)
+        return real(launch, kernel, grid, args, meta, backward=backward)
+
+    one_call, packed = hf._Implementation._one_paged_call, hf._Implementation._packed
+
+    def one(self, attn, query, key, value, cu_q, cu_k, *args):
+        before = len(launched)
+        out = one_call(self, attn, query, key, value, cu_q, cu_k, *args)
+        per_call.append((out is None, launched[before:]))
+        return out
+
+    def grouped(self, attn, query, key, value, cu_q, cu_k, scaling):
+        prefill_only.append(torch.equal(cu_q, cu_k) and int(cu_q[-1]) == key.shape[2])
+        return packed(self, attn, query, key, value, cu_q, cu_k, scaling)
+
+    prefill_only: list = []
+    monkeypatch.setattr(KL, "launch_kernel", count)
+    monkeypatch.setattr(hf._Implementation, "_one_paged_call", one)
+    monkeypatch.setattr(hf._Implementation, "_packed", grouped)
+    ours = _generate_batch(model, "cb_causal_triton")
+    monkeypatch.undo()
+    assert ours == _generate_batch(model, "paged|eager")
+    paged = [names for declined, names in per_call if not declined]
+    assert paged and all([n for n in names if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"] for names in paged)
+    assert len(paged) == len(per_call) and prefill_only == []  # no call fell back to the host's grouping

@@ -342,3 +342,23 @@ def test_pools_of_any_strides_are_read_through_them():
     for b, (kb, vb) in enumerate(rows):
         want = reference_row("alibi", {}, q[b:b + 1], kb, vb)
         torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity():
+    """q padded past ``cu_seqlens_q[-1]`` (a serving loop's fixed shape): those rows come out as zeros, lse -inf,
+    on the one-launch path (split or not) and on the by-length one; the others are the reference's."""
+    k, v, table, seqlens, rows = pool([12, 30], 8)
+    cu = torch.tensor([0, 1, 3], dtype=torch.int32)
+    q = torch.randn(1, HQ, 6, D, generator=torch.Generator().manual_seed(6))
+    for spec, params in (("stdlib:sliding_window", {"window": 5}), ("stdlib:longformer", {"window": 5})):
+        attn = attnc.compile_attention(spec, backend="triton", **params)
+        given = {"is_global": torch.zeros(2, 32, dtype=torch.int64)} if "longformer" in spec else {}
+        out, lse = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd",
+                        return_lse=True, **given)
+        assert bool((out[:, :, 3:] == 0).all()) and bool((lse[:, :, 3:] == float("-inf")).all())
+        ref = attnc.compile_attention(spec, backend="reference", **params)
+        for b, (kb, vb) in enumerate(rows):
+            lo, hi = int(cu[b]), int(cu[b + 1])
+            row_in = {n: t[b:b + 1, :kb.shape[2]] for n, t in given.items()}
+            want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_in)
+            torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)

@@ -4,7 +4,8 @@
 q is one packed batch entry, ``[1, Hq, total, D]`` (``[1, total, Hq, D]`` under ``"bnhd"``); row b's queries are
 q's rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1``, the last of its ``cache_seqlens[b]`` keys (a decode row
 holds one, a chunked-prefill row many). ``cu_seqlens_q`` is an int32 ``[B + 1]`` tensor on q's device, B the
-block table's rows: it starts at 0, never decreases and ends at ``total``. ``max_seqlen_q`` (an int, optional:
+block table's rows: it starts at 0, never decreases and ends at ``total`` at most (q's rows past its end, a
+serving loop's padding, come out as zeros with an lse of -inf). ``max_seqlen_q`` (an int, optional:
 q's ``total`` where not given) bounds every row's count and sizes the launch; with it fixed, a CUDA graph replays
 the launch for any counts. The offsets are never read on the host: they are checked on the device with the
 pages (``paged.check_on_device``).
@@ -38,11 +39,12 @@ class QueryRows:
         return self.cu[:-1], self.counts().to(torch.int32), self.max_q
 
     def consistent(self, total: int) -> torch.Tensor:
-        """A device bool: the offsets start at 0, end at ``total``, never decrease, no count over ``max_q``."""
+        """A device bool: the offsets start at 0, end within ``total``, never decrease, no count over
+        ``max_q``."""
         counts = self.counts()
         return (
             (self.cu[0] == 0)
-            & (self.cu[-1] == total)
+            & (self.cu[-1] <= total)
             & (counts >= 0).all()
             & (counts <= self.max_q).all()
         )
@@ -56,9 +58,9 @@ class QueryRows:
         cu = [int(x) for x in self.cu.tolist()]
         if cu[0] != 0:
             raise SpecError(f"must start at 0, starts at {cu[0]}", where=WHERE)
-        if cu[-1] != total:
+        if cu[-1] > total:
             raise SpecError(
-                f"must end at q's {total} packed query rows, ends at {cu[-1]}", where=WHERE
+                f"must end within q's {total} packed query rows, ends at {cu[-1]}", where=WHERE
             )
         for b in range(len(cu) - 1):
             if cu[b + 1] < cu[b]:

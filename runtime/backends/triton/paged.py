@@ -296,6 +296,10 @@ def forward(
     out = torch.empty(batch, heads, rows, dv, dtype=q.dtype, device=device)
     lse = torch.empty(batch, heads, rows, dtype=torch.float32, device=device)
     partial = split_kv.partials(splits, batch, heads, rows, dv, device) if splits > 1 else None
+    if packed:  # q's rows past the last row's queries (a serving loop's padding): zeros, lse -inf
+        for t_out, t_lse in [(out, lse)] + ([partial] if partial is not None else []):
+            t_out.zero_()
+            t_lse.fill_(float("-inf"))
     dest, strides = F.forward_outputs(out, lse, partial)
     if packed:  # every row's queries in the one batch entry, from its own first row
         strides[0] = strides[3] = 0
