@@ -534,18 +534,24 @@ def failure_text(err: BaseException) -> str:
     return text.replace("|", "/")
 
 
+def captured(fn):
+    """``(graph, output)``: ``fn`` warmed up on a side stream (as torch's docs ask), then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def graph_replay(fn, replays: int, rounds: int):
     """(median ms per replay, max |replay - eager|, failure text) of ``fn`` captured in a CUDA graph."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the capture, as torch's docs ask
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
+        graph, out = captured(fn)
         graph.replay()
         torch.cuda.synchronize()
     except Exception as err:
@@ -594,15 +600,7 @@ def paged_graph_across_steps(attn, c: Caches, nk: int, steps: int) -> list[str]:
     head = "| method | eager ms per step | graph replay ms per step | max abs diff over the steps | capture |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                call()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = call()
+        graph, out = captured(call)
         torch.cuda.synchronize()
     except Exception as err:
         return lines + [f"| attnc triton, paged | - | - | - | {failure_text(err)} |", ""]

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_host_reads import HostReads
+from test_paged_kv import HKV, HQ, D, paged_cache
 
 import attnc
 from attnc.core.errors import SpecError
@@ -18,8 +19,6 @@ from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import paged as triton_paged
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-HQ, HKV, D = 4, 2, 16
 
 #: the stdlib patterns whose paged call runs in one launch, at small sizes
 ONE_LAUNCH = {
@@ -39,28 +38,10 @@ ONE_LAUNCH = {
 }
 
 
-def pool(lengths, page, seed=0, spare=3):
-    """Keys and values of each row in shuffled pages of a pool with spare pages; the table padded with -1."""
-    g = torch.Generator().manual_seed(seed)
-    reach = [-(-n // page) for n in lengths]
-    max_pages = max(reach) + 1
-    num_pages = sum(reach) + spare
-    k = torch.randn(num_pages, page, HKV, D, generator=g)
-    v = torch.randn(num_pages, page, HKV, D, generator=g)
-    order = torch.randperm(num_pages, generator=g)
-    table = torch.full((len(lengths), max_pages), -1, dtype=torch.int32)
-    rows, used = [], 0
-    for b, (n, pages) in enumerate(zip(lengths, reach, strict=True)):
-        ids = order[used : used + pages]
-        used += pages
-        table[b, :pages] = ids.to(torch.int32)
-        rows.append(
-            (
-                k[ids].flatten(0, 1)[:n].transpose(0, 1)[None],
-                v[ids].flatten(0, 1)[:n].transpose(0, 1)[None],
-            )
-        )
-    return k, v, table, torch.tensor(lengths, dtype=torch.int32), rows
+def pool(lengths, page, seed=0):
+    """Keys and values of each row in shuffled pages of a pool with spare pages, the table padded with -1
+    (``test_paged_kv.paged_cache``, float32)."""
+    return paged_cache(lengths, page, dtype=torch.float32, seed=seed)
 
 
 def reference_row(name, params, q, k, v):
@@ -185,48 +166,21 @@ def test_launches_do_not_depend_on_the_distinct_lengths(monkeypatch):
 
 def test_a_warm_call_reads_nothing_and_a_new_length_compiles_nothing():
     """A second call of one batch shape reads nothing on the host; a call at other lengths and query counts (a
-    growing cache) reuses the same compiled module and reads nothing either."""
+    growing cache) reuses the same compiled module and plan and reads nothing either."""
     attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
-    cu = torch.tensor([0, 1, 3, 4], dtype=torch.int32)
     q = torch.randn(1, HQ, 4, D)
-    attn(
-        q,
-        k,
-        v,
-        block_table=table,
-        cache_seqlens=seqlens,
-        cu_seqlens_q=cu,
-        max_seqlen_q=2,
-        layout="bhnd",
-    )
+
+    def call(lengths, cu):
+        cu = torch.tensor(cu, dtype=torch.int32)
+        attn(q, k, v, block_table=table, cache_seqlens=lengths, cu_seqlens_q=cu, max_seqlen_q=2, layout="bhnd")
+
+    call(seqlens, [0, 1, 3, 4])
     module = attn.runner.last_plan
-    with HostReads() as reads:
-        attn(
-            q,
-            k,
-            v,
-            block_table=table,
-            cache_seqlens=seqlens,
-            cu_seqlens_q=cu,
-            max_seqlen_q=2,
-            layout="bhnd",
-        )
-    assert reads.total == 0, dict(reads.seen)
-    grown = torch.tensor([13, 31, 8], dtype=torch.int32)
-    other = torch.tensor([0, 2, 3, 4], dtype=torch.int32)
-    with HostReads() as reads:
-        attn(
-            q,
-            k,
-            v,
-            block_table=table,
-            cache_seqlens=grown,
-            cu_seqlens_q=other,
-            max_seqlen_q=2,
-            layout="bhnd",
-        )
-    assert reads.total == 0, dict(reads.seen)
+    for lengths, cu in ((seqlens, [0, 1, 3, 4]), (torch.tensor([13, 31, 8], dtype=torch.int32), [0, 2, 3, 4])):
+        with HostReads() as reads:
+            call(lengths, cu)
+        assert reads.total == 0, dict(reads.seen)
     assert attn.runner.last_plan is module  # the template's plan: nothing planned again
 
 
