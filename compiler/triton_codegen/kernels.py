@@ -459,7 +459,9 @@ class KernelBodies:
             "tl.store(O + o_at[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < DV))",
             "tl.store(LSE + l_at, lse, mask=q_ok)",
         ]
-        if paged:
+        if paged:  # a kernel of its own: it takes what its body reads, bound by name at the launch
+            text = "\n".join(body)
+            params = [p for p in params if re.search(rf"\b{p.split(':')[0]}\b", text)]
             return kernel_def("attnc_fwd_paged", params,
                               "Forward over a paged KV cache: one program per (Q tile, row x K/V head) (x split), each "
                               "row its own lengths, its query heads' rows packed in one tile.", body)

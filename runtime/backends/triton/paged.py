@@ -304,36 +304,22 @@ def forward(
     if packed:  # every row's queries in the one batch entry, from its own first row
         strides[0] = strides[3] = 0
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-    args = [
-        q,
-        k_cache,
-        v_cache,
-        *dest,
-        0 if packed else q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(2),
-        k_cache.stride(1),
-        v_cache.stride(0),
-        v_cache.stride(2),
-        v_cache.stride(1),
-        *strides,
-        *KL.common_args(launch, device, None, row_sizes=False),
-        table,
-        table.stride(0),
-        _int32(seqlens),
-        _int32(q_start),
-        _int32(q_count),
-        rows,
-        num_pages,
-        t.capacity,
-        t.ranges,
-        float(scale),
-        t.group,
-        head_dim,
-        dv,
-    ]
+    lists = launch.lists
+    named = {  # every value the kernel may read, by its parameter's name (it takes those its body reads)
+        "Q": q, "K": k_cache, "V": v_cache, "O": dest[0], "LSE": dest[1],
+        "sq_b": 0 if packed else q.stride(0), "sq_h": q.stride(1), "sq_n": q.stride(2),
+        "sk_b": k_cache.stride(0), "sk_h": k_cache.stride(2), "sk_n": k_cache.stride(1),  # page, head, slot
+        "sv_b": v_cache.stride(0), "sv_h": v_cache.stride(2), "sv_n": v_cache.stride(1),
+        **dict(zip(("so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s"), strides, strict=True)),
+        "FULL_N": lists["FULL_N"], "FULL_I": lists["FULL_I"], "PART_N": lists["PART_N"], "PART_I": lists["PART_I"],
+        "full_w": lists["FULL_I"].shape[-1], "part_w": lists["PART_I"].shape[-1],
+        "cls_b": launch.cls[0], "cls_h": launch.cls[1],
+        "SOFTCAP": launch.extra.get("SOFTCAP"),
+        "BT": table, "sbt_b": table.stride(0), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
+        "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges,
+        "scale": float(scale), "GROUP": t.group, "D": head_dim, "DV": dv,
+    }
+    kernel = launch.module.attnc_fwd_paged
     blocks_meta = KL.block_sizes(launch, head_dim, dv)
     meta = dict(
         blocks_meta,
@@ -352,7 +338,8 @@ def forward(
     if partial is not None:
         grid, meta = (*grid, splits), {**meta, "SPLIT_KV": True}
     with interpreting(launch.interpret):
-        F.record_or_launch(launch, launch.module.attnc_fwd_paged, grid, args, meta, backward=False)
+        args = [named[name] for name in kernel.arg_names if name not in meta and name in named]
+        F.record_or_launch(launch, kernel, grid, args, meta, backward=False)
         if partial is not None:
             F.combine_splits(launch, *partial, out, lse)
     return out, lse
