@@ -87,7 +87,7 @@ class PagedTemplate:
     range: int  # query positions of one range of the lists (range_of)
     ranges: int
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
-    tables: dict = dataclasses.field(default_factory=dict)  # device -> the classification table (range_table)
+    tables: dict = dataclasses.field(default_factory=dict)  # device -> its lists and launch (range_lists)
     #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count
     uniform: dict = dataclasses.field(default_factory=dict)
 
