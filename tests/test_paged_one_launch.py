@@ -194,14 +194,21 @@ def test_a_warm_call_reads_nothing_and_a_new_length_compiles_nothing():
         ({"cu": [0, 1, 3, 2]}, "cu_seqlens_q"),
         ({"cu": [1, 1, 3, 4]}, "cu_seqlens_q"),
         ({"cu": [0, 3, 3, 4]}, "max_seqlen_q"),
+        ({"seqlen": (1, 1)}, "cache_seqlens"),  # row 1's 2 queries after 1 key: more queries than keys
+        ({"cu_dtype": torch.int64}, "cu_seqlens_q"),
+        ({"cu": [0, 1, 4]}, "cu_seqlens_q"),  # 2 rows of offsets for a table of 3
+        ({"max_q": 0}, "max_seqlen_q"),
+        ({"table_dtype": torch.int64}, "block_table"),
     ],
 )
 def test_bad_values_are_refused_by_name(bad, where):
     """A page id outside the pool on a reached page, a length beyond the table or below the row's queries, offsets
-    that decrease, do not start at 0, or give a row more than ``max_seqlen_q``: one SpecError naming it."""
+    that decrease, do not start at 0, give a row more than ``max_seqlen_q`` or do not match the table's rows, a bad
+    ``max_seqlen_q``, index tensors of another dtype: one SpecError naming it."""
     attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
-    cu = torch.tensor(bad.get("cu", [0, 1, 3, 4]), dtype=torch.int32)
+    cu = torch.tensor(bad.get("cu", [0, 1, 3, 4]), dtype=bad.get("cu_dtype", torch.int32))
+    table = table.to(bad.get("table_dtype", torch.int32))
     if "table_at" in bad:
         table[bad["table_at"]] = bad["value"]
     if "seqlen" in bad:
@@ -215,7 +222,7 @@ def test_bad_values_are_refused_by_name(bad, where):
             block_table=table,
             cache_seqlens=seqlens,
             cu_seqlens_q=cu,
-            max_seqlen_q=2,
+            max_seqlen_q=bad.get("max_q", 2),
             layout="bhnd",
         )
     assert f"argument {where}" in str(err.value)
