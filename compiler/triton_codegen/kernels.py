@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 
+from . import paged_lines
 from .exprs import LN2, LOG2E
 from .scores import scale_in_exponent
 
@@ -73,25 +74,6 @@ def paged_list_loop(kind: str) -> list[str]:
             "    run_start = tl.load(list_base)",
             *split_share(),
             "for j in range(j_lo, n_list):"]
-
-
-#: ``attnc_fwd_paged``'s search of a sorted list (module text, emitted where the module has that kernel).
-ENTRIES_BELOW = '''
-
-@triton.jit
-def _entries_below(base, n, limit, STEPS: tl.constexpr):
-    """How many of the n ascending entries at base are below limit: a binary search of STEPS halvings
-    (2**STEPS > n), one scalar load each."""
-    lo = n * 0
-    hi = n
-    for _ in tl.static_range(STEPS):
-        mid = (lo + hi) // 2
-        at = tl.load(base + mid, mask=mid < hi, other=0)
-        below = (mid < hi) & (at < limit)
-        lo = tl.where(below, mid + 1, lo)
-        hi = tl.where(below, hi, mid)
-    return lo
-'''
 
 
 def split_share() -> list[str]:
@@ -338,54 +320,10 @@ class KernelBodies:
         queries the last ``QN`` positions of its ``SEQ`` keys), so one launch serves a batch of any lengths."""
         in_exp = scale_in_exponent(self.pat)
         tile = self.shape.q_tile[0]
-        common = self._common_params()
-        if paged:  # a row's offsets and extents are read from the device, not given
-            common = [p for p in common if p not in ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")]
-            common += ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES"]
-        params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
-                  "scale", "GROUP", "D", "DV",
-                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr",
-                  *(["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr",
-                     "FULL_STEPS: tl.constexpr", "PART_STEPS: tl.constexpr"] if paged else []),
-                  *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False"]
-        if in_exp:
-            params.append("POS_SCALE: tl.constexpr = False")
+        params = self._grouped_params(paged, in_exp)
         if paged:
-            row_setup = [
-                "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
-                "K_EXT = tl.minimum(tl.maximum(tl.load(SEQ + batch), 0), MAX_KEYS)  # the row's keys",
-                "Q_EXT = tl.minimum(tl.maximum(tl.load(QN + batch), 0), K_EXT)  # its queries",
-                "q_first = tl.load(QS + batch)  # its first query's row in q, out and lse",
-                ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self.pat.self_attention
-                 else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
-                "K_OFF = 0",
-                "# the lists of the Q tile's positions: of the range of RANGE positions they fall in, or of the pair",
-                "# of ranges they span (after the RANGES single ones), for this class",
-                f"q_any = qt * {tile} < Q_EXT",
-                f"r_lo = tl.minimum((Q_OFF + qt * {tile}) // RANGE, RANGES - 1)",
-                f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
-                "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h",
-                f"kv_limit = (K_EXT + {self.shape.kv_tile[0] - 1}) // {self.shape.kv_tile[0]}  # the row's KV tiles"]
-            q_rows = "(q_first + q_row)"
-            bases = ["k_base = K + kvh.to(tl.int64) * sk_h  # the page of a key is looked up per key",
-                     "v_base = V + kvh.to(tl.int64) * sv_h"]
-            kv_loads = [
-                "k_page = tl.load(BT + batch.to(tl.int64) * sbt_b + k_row // PAGE, mask=k_ok, other=0)",
-                "k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1)  # always a page of the pool",
-                "if POOL_ROWS:  # pools of whole pages ([num_pages, PAGE, Hkv, D] rows): one slot index for K and V",
-                "    k_at = (k_page * PAGE + k_row % PAGE).to(tl.int64)",
-                "    kk = tl.load(k_base + k_at[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), "
-                "other=0.0)",
-                "    vv = tl.load(v_base + k_at[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
-                "other=0.0)",
-                "else:  # any strides: each address from the page's and the slot's",
-                "    k_at = k_page.to(tl.int64) * sk_b + (k_row % PAGE) * sk_n",
-                "    kk = tl.load(k_base + k_at[:, None] + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
-                "    v_at = k_page.to(tl.int64) * sv_b + (k_row % PAGE) * sv_n",
-                "    vv = tl.load(v_base + v_at[:, None] + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
-                "other=0.0)"]
+            row_setup = paged_lines.row_setup(tile, self.shape.kv_tile[0], self.pat.self_attention)
+            q_rows, bases, kv_loads = "(q_first + q_row)", paged_lines.BASES, paged_lines.KV_LOADS
         else:
             row_setup, q_rows = [], "q_row"
             bases = ["k_base = K + batch.to(tl.int64) * sk_b + kvh.to(tl.int64) * sk_h",
@@ -445,7 +383,35 @@ class KernelBodies:
                             "qk = _dot(q, tl.trans(kk), DOT)",
                             *self._terms(masked, grad=False),
                             *update])
-        body += [
+        body += self._grouped_epilogue(q_rows)
+        if paged:  # a kernel of its own: it takes what its body reads, bound by name at the launch
+            text = "\n".join(body)
+            params = [p for p in params if re.search(rf"\b{p.split(':')[0]}\b", text)]
+            return kernel_def("attnc_fwd_paged", params,
+                              "Forward over a paged KV cache: one program per (Q tile, row x K/V head) (x split), each "
+                              "row its own lengths, its query heads' rows packed in one tile.", body)
+        return kernel_def("attnc_fwd_grouped", params,
+                          "Forward of a few rows: one program per (Q tile, batch x K/V head) (x split), its query "
+                          "heads' rows packed in one tile.", body)
+
+    def _grouped_params(self, paged: bool, in_exp: bool) -> list[str]:
+        """The grouped forward's parameters; ``paged``: ``attnc_fwd_paged``'s, a row's offsets and extents read
+        from the device rather than given (``paged_lines.runtime_params``)."""
+        common = self._common_params()
+        if paged:
+            common = paged_lines.runtime_params(common)
+        return ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
+                "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
+                "scale", "GROUP", "D", "DV",
+                "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
+                "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *(paged_lines.CONSTEXPRS if paged else []),
+                *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False",
+                *(["POS_SCALE: tl.constexpr = False"] if in_exp else [])]
+
+    @staticmethod
+    def _grouped_epilogue(q_rows: str) -> list[str]:
+        """The grouped forward's last lines: normalise; each row's out and lse (at ``q_rows``) to its own head."""
+        return [
             "",
             "# ---- epilogue: normalise; each row's out and lse to its own head (a split's partials with SPLIT_KV)",
             "empty = l_i == 0.0",
@@ -459,15 +425,6 @@ class KernelBodies:
             "tl.store(O + o_at[:, None] + dv[None, :], out.to(O.dtype.element_ty), mask=q_ok[:, None] & (dv[None, :] < DV))",
             "tl.store(LSE + l_at, lse, mask=q_ok)",
         ]
-        if paged:  # a kernel of its own: it takes what its body reads, bound by name at the launch
-            text = "\n".join(body)
-            params = [p for p in params if re.search(rf"\b{p.split(':')[0]}\b", text)]
-            return kernel_def("attnc_fwd_paged", params,
-                              "Forward over a paged KV cache: one program per (Q tile, row x K/V head) (x split), each "
-                              "row its own lengths, its query heads' rows packed in one tile.", body)
-        return kernel_def("attnc_fwd_grouped", params,
-                          "Forward of a few rows: one program per (Q tile, batch x K/V head) (x split), its query "
-                          "heads' rows packed in one tile.", body)
 
     def _packed_coordinates(self) -> list[str]:
         """A grid layout's coordinates of the packed rows' queries (``q_c{i}``, from their absolute tokens in

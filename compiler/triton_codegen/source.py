@@ -46,7 +46,8 @@ from .exprs import (
     needs_int64,
 )
 from .helpers import DOT_HELPERS, HELPERS, helper_sources
-from .kernels import ENTRIES_BELOW, KernelBodies, indent
+from .kernels import KernelBodies, indent
+from .paged_lines import ENTRIES_BELOW
 from .scores import ScoreLines
 from .tiles import (
     ScheduleShape,

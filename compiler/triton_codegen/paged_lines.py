@@ -1,0 +1,76 @@
+"""The lines ``attnc_fwd_paged`` has beside the grouped forward's (``kernels.KernelBodies._forward_grouped(paged=True)``):
+its parameters, each row's sizes read on the device, K and V read through the block table, and the search that cuts
+a range's list at the row's KV tiles. The runtime side is ``runtime.backends.triton.paged``."""
+
+from __future__ import annotations
+
+#: The grouped forward's block sizes that a paged program reads per row instead of taking them.
+GIVEN_SIZES = ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")
+#: What a paged program takes besides: the block table, each row's key count, first query row and query count,
+#: q's rows, the pool's pages, the table's capacity in keys, the lists' ranges.
+PAGED_RUNTIME = ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES"]
+CONSTEXPRS = ["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr", "FULL_STEPS: tl.constexpr",
+              "PART_STEPS: tl.constexpr"]
+
+
+def runtime_params(common: list[str]) -> list[str]:
+    """The grouped forward's shared parameters (``_common_params``) as a paged program takes them."""
+    return [p for p in common if p not in GIVEN_SIZES] + PAGED_RUNTIME
+
+
+def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:
+    """A program's row: its sizes read on the device (clamped, so a bad table or length never reads out of bounds),
+    and the lists of its Q tile's positions (``lrow``), cut at ``kv_limit`` KV tiles."""
+    return [
+        "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
+        "K_EXT = tl.minimum(tl.maximum(tl.load(SEQ + batch), 0), MAX_KEYS)  # the row's keys",
+        "Q_EXT = tl.minimum(tl.maximum(tl.load(QN + batch), 0), K_EXT)  # its queries",
+        "q_first = tl.load(QS + batch)  # its first query's row in q, out and lse",
+        ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self_attention
+         else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
+        "K_OFF = 0",
+        "# the lists of the Q tile's positions: of the range of RANGE positions they fall in, or of the pair",
+        "# of ranges they span (after the RANGES single ones), for this class",
+        f"q_any = qt * {tile} < Q_EXT",
+        f"r_lo = tl.minimum((Q_OFF + qt * {tile}) // RANGE, RANGES - 1)",
+        f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
+        "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h",
+        f"kv_limit = (K_EXT + {kv_tile - 1}) // {kv_tile}  # the row's KV tiles"]
+
+
+#: K's and V's bases: the K/V head's; each key's page is looked up in the loop.
+BASES = ["k_base = K + kvh.to(tl.int64) * sk_h  # the page of a key is looked up per key",
+         "v_base = V + kvh.to(tl.int64) * sv_h"]
+
+#: A KV tile's keys and values through the row's block table.
+KV_LOADS = [
+    "k_page = tl.load(BT + batch.to(tl.int64) * sbt_b + k_row // PAGE, mask=k_ok, other=0)",
+    "k_page = tl.minimum(tl.maximum(k_page, 0), NUM_PAGES - 1)  # always a page of the pool",
+    "if POOL_ROWS:  # pools of whole pages ([num_pages, PAGE, Hkv, D] rows): one slot index for K and V",
+    "    k_at = (k_page * PAGE + k_row % PAGE).to(tl.int64)",
+    "    kk = tl.load(k_base + k_at[:, None] * sk_n + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+    "    vv = tl.load(v_base + k_at[:, None] * sv_n + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), "
+    "other=0.0)",
+    "else:  # any strides: each address from the page's and the slot's",
+    "    k_at = k_page.to(tl.int64) * sk_b + (k_row % PAGE) * sk_n",
+    "    kk = tl.load(k_base + k_at[:, None] + d[None, :], mask=k_ok[:, None] & (d[None, :] < D), other=0.0)",
+    "    v_at = k_page.to(tl.int64) * sv_b + (k_row % PAGE) * sv_n",
+    "    vv = tl.load(v_base + v_at[:, None] + dv[None, :], mask=k_ok[:, None] & (dv[None, :] < DV), other=0.0)"]
+
+#: ``attnc_fwd_paged``'s search of a sorted list (module text, emitted where the module has that kernel).
+ENTRIES_BELOW = '''
+
+@triton.jit
+def _entries_below(base, n, limit, STEPS: tl.constexpr):
+    """How many of the n ascending entries at base are below limit: a binary search of STEPS halvings
+    (2**STEPS > n), one scalar load each."""
+    lo = n * 0
+    hi = n
+    for _ in tl.static_range(STEPS):
+        mid = (lo + hi) // 2
+        at = tl.load(base + mid, mask=mid < hi, other=0)
+        below = (mid < hi) & (at < limit)
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+'''
