@@ -267,6 +267,13 @@ class Attention(torch.nn.Module):
             key = warm.key(self, q, k, v, scale, return_lse)
             if key is not None:  # a call its runner may replay (runner.launcher): plan once, run many
                 return warm.call(self, key, q, k, v, scale, return_lse, self._forward_call)
+        elif (warm is not None and block_table is not None and cache_seqlens is not None and sizes is None
+              and cu_seqlens is None and selection is None and return_selection is False and return_block_max is None
+              and key_summary is None and initial_state is None and return_state is False):
+            key = warm.paged_key(self, q, k, v, block_table, cache_seqlens, scale, return_lse, layout, inputs)
+            if key is not None:  # a paged call its runner may replay (runner.paged_launcher): lengths on the device
+                return warm.paged_call(self, key, q, k, v, block_table, cache_seqlens, scale, return_lse, layout,
+                                       inputs, self._forward_call)
         return self._forward_call(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                   return_state=return_state, sizes=sizes, layout=layout, cu_seqlens=cu_seqlens,
                                   block_table=block_table, cache_seqlens=cache_seqlens, selection=selection,

@@ -43,12 +43,18 @@ def require_triton(interpret: bool) -> None:
 # ----------------------------------------------------------------- compiling generated source
 @contextlib.contextmanager
 def interpreting(on: bool = True):
-    """``TRITON_INTERPRET`` set (or cleared) while kernels are decorated and launched."""
+    """``TRITON_INTERPRET`` set (or cleared) while kernels are decorated and launched. Where it is set so already
+    (unset counts as ``"0"``, as Triton reads it) and no Triton knob overrides it, nothing is changed: a warm launch
+    pays for the lock only."""
+    want = "1" if on else "0"
     with LOCK:
         old = os.environ.get("TRITON_INTERPRET")
         knobs = _knobs_runtime()
+        if (old if old is not None else "0") == want and (knobs is None or "interpret" not in knobs.__dict__):
+            yield
+            return
         saved = knobs.__dict__.pop("interpret", None) if knobs is not None else None
-        os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+        os.environ["TRITON_INTERPRET"] = want
         try:
             yield
         finally:

@@ -4,6 +4,14 @@
 A signature is bound at its second call, so that a signature seen once (a decode step of a growing cache) binds
 nothing; a runner that does not replay it (``launcher`` returns None) is asked once. The key says everything the
 launches depend on (``WarmCalls.key``): a call that differs in any of it is another signature.
+
+Paged calls (``block_table=``, ``cache_seqlens=``, optionally ``cu_seqlens_q=`` and ``max_seqlen_q=``) that the
+runner serves in one launch (``runner.paged_launcher``) are replayed the same way (``paged_key``, ``paged_call``):
+their signature is the tensors' shapes, strides, dtypes and devices, never their values, so a decode loop over a
+growing cache replays one bound launch at every step (the lengths, page ids and offsets are device tensors the
+kernel reads and checks). A replay skips the host checks of the ordinary call, which passed for that signature;
+the values are checked by the kernel and asserted on the device, and on the CPU a failed check takes the ordinary
+call, which names the argument and the row at fault.
 """
 
 from __future__ import annotations
@@ -11,13 +19,16 @@ from __future__ import annotations
 import torch
 
 from ..core import ir
-from .checks import resolve_scale
+from .checks import PAGED_VALUES_FAILED, resolve_scale
+from .frontends.layouts import Restore
 from .numerics import unnormalized_output
 from .plan import block_max
 from .plan.cache import PlanCache
 
 #: Bound launchers (and signatures seen once) kept per module; least recently used dropped.
 LAUNCHER_CACHE_SIZE = 16
+#: The keywords of a paged call that a replay takes besides the tensors (``paged_call``).
+PAGED_KEYWORDS = frozenset({"cu_seqlens_q", "max_seqlen_q"})
 
 
 def replayable(pattern, runner) -> bool:
@@ -85,3 +96,81 @@ class WarmCalls:
             launcher = attn.runner.launcher(call, q, k, v)
             self.entries[key] = (launcher, attn._last_call) if launcher is not None else (None, 2)
         return result
+
+    @staticmethod
+    def paged_key(attn, q, k, v, block_table, cache_seqlens, scale, return_lse, layout, keywords: dict) -> tuple | None:
+        """The signature of a paged call that a bound launcher may replay, or None where it is not one (as ``key``;
+        and an int ``cache_seqlens``, offsets not contiguous, a keyword other than ``PAGED_KEYWORDS``)."""
+        if torch.compiler.is_compiling() or not hasattr(attn.runner, "paged_launcher"):
+            return None
+        cu = keywords.get("cu_seqlens_q")
+        most = keywords.get("max_seqlen_q")
+        if keywords and (keywords.keys() - PAGED_KEYWORDS or cu is None or type(cu) is not torch.Tensor
+                         or not cu.is_contiguous() or not (most is None or type(most) is int)):
+            return None
+        if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
+                or type(block_table) is not torch.Tensor or type(cache_seqlens) is not torch.Tensor):
+            return None
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            return None
+        if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
+            return None
+        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
+            return None
+        device = q.device
+        if k.device != device or v.device != device or block_table.device != device or cache_seqlens.device != device:
+            return None  # the ordinary call names the argument on another device
+        rows = None if cu is None else (cu.shape, cu.dtype, cu.device, most)
+        return (q.shape, k.shape, v.shape, block_table.shape, cache_seqlens.shape, q.stride(), k.stride(), v.stride(),
+                block_table.stride(), cache_seqlens.stride(), q.dtype, k.dtype, v.dtype, block_table.dtype,
+                cache_seqlens.dtype, device, rows, k is v, scale, return_lse, layout, attn.layout, type(attn.layout),
+                tuple(attn.sizes.items()), attn.runner.launch_knobs())
+
+    def paged_call(self, attn, key: tuple, q, k, v, block_table, cache_seqlens, scale, return_lse: bool, layout,
+                   keywords: dict, ordinary):
+        """A paged call of signature ``key``: its bound launcher replayed; else ``ordinary(...)``, the module's
+        ordinary call with every check (binding the signature at its second call)."""
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] is not None:
+            replay, bnhd, most = entry[0]
+            cu = keywords.get("cu_seqlens_q")
+            start, count = (None, None) if cu is None else (cu[:-1], cu.diff())
+            try:
+                got = replay(q.transpose(1, 2) if bnhd else q, k, v, block_table, cache_seqlens, start, count)
+            except RuntimeError as err:  # on the CPU: a value out of range; the ordinary call names it
+                if PAGED_VALUES_FAILED not in str(err):
+                    raise
+                got = None
+            if got is not None:
+                attn.__dict__["_last_call"] = entry[1]
+                out = unnormalized_output(attn.pattern, *got)
+                return Restore("bnhd" if bnhd else "bhnd").result((out, got[1]) if return_lse else out, return_lse,
+                                                                   False)
+        result = ordinary(q, k, v, scale=scale, return_lse=return_lse, layout=layout, block_table=block_table,
+                          cache_seqlens=cache_seqlens, **keywords)
+        if entry is None:
+            self.entries[key] = (None, 1)
+        elif entry[1] == 1:  # seen twice and answered: bind it (None: the runner does not replay it)
+            bound = self._bind_paged(attn, q, k, v, block_table, cache_seqlens, scale, layout, keywords)
+            self.entries[key] = (bound, attn.__dict__.get("_last_call")) if bound is not None else (None, 2)
+        return result
+
+    @staticmethod
+    def _bind_paged(attn, q, k, v, block_table, cache_seqlens, scale, layout, keywords: dict):
+        """``(replay, bnhd, most)`` of a paged call that the ordinary path ran in one launch, or None."""
+        bnhd = str(attn.layout if layout is None else layout) == "bnhd"
+        qv = q.transpose(1, 2) if bnhd else q
+        runner = attn.runner
+        if 0 in qv.shape[:3] or not runner.pages_in_one_launch(qv, k, v):
+            return None
+        cu = keywords.get("cu_seqlens_q")
+        if cu is None:
+            start = count = None
+            most = qv.shape[2]
+        else:
+            start, count = cu[:-1], cu.diff()
+            given = keywords.get("max_seqlen_q")
+            most = max(1, min(qv.shape[2] if given is None else given, qv.shape[2]))
+        replay = runner.paged_launcher(qv, k, v, block_table, cache_seqlens, start, count, most,
+                                       resolve_scale(scale, qv.shape[-1]))
+        return None if replay is None else (replay, bnhd, most)

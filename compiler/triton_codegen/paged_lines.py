@@ -7,8 +7,11 @@ from __future__ import annotations
 #: The grouped forward's block sizes that a paged program reads per row instead of taking them.
 GIVEN_SIZES = ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")
 #: What a paged program takes besides: the block table, each row's key count, first query row and query count,
-#: q's rows, the pool's pages, the table's capacity in keys, the lists' ranges.
-PAGED_RUNTIME = ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES"]
+#: q's rows, the pool's pages, the table's capacity in keys, the lists' ranges, the most queries of a row and each
+#: row's check flag (``ROW_CHECK``).
+PAGED_RUNTIME = ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES", "MAX_Q", "OK"]
+#: Page ids a row's check reads at once.
+CHECK_PAGES = 128
 CONSTEXPRS = ["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr", "FULL_STEPS: tl.constexpr",
               "PART_STEPS: tl.constexpr"]
 
@@ -36,6 +39,37 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:
         f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
         "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h",
         f"kv_limit = (K_EXT + {kv_tile - 1}) // {kv_tile}  # the row's KV tiles"]
+
+
+def row_check(self_attention: bool) -> list[str]:
+    """One program of each row (its first Q tile, first K/V head and split) checks the row's values as the host
+    rules do (``frontends.paged.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its key count within
+    [its queries (self-attention; else 1), the table's capacity], its query count within [0, ``MAX_Q``], its first
+    query row at 0 for the first row and its queries within q's rows, and every page id its keys reach a page of
+    the pool. The host asserts every flag after the launch (on the device: no read back); every program reads the
+    values clamped, so a bad value never reads out of bounds. The lines end the kernel: nothing of the attention is
+    live there (at its start they cost the sm_80 forward 60 B of spills at 2 stages)."""
+    least = "tl.maximum(raw_q, 1)" if self_attention else "1"
+    return [
+        "",
+        "# ---- this row's values checked by one of its programs: OK[batch] = 1 where they keep the rules (the",
+        "# host asserts every flag after the launch; every program read them clamped above)",
+        "check_row = (qt == 0) & (kvh == 0)",
+        "if SPLIT_KV:",
+        "    check_row = check_row & (tl.program_id(2) == 0)",
+        "if check_row:",
+        "    raw_k = tl.load(SEQ + batch)",
+        "    raw_q = tl.load(QN + batch)",
+        "    raw_s = tl.load(QS + batch)",
+        f"    fine = (raw_k >= {least}) & (raw_k <= MAX_KEYS) & (raw_q >= 0) & (raw_q <= MAX_Q)",
+        "    fine = fine & (raw_s >= 0) & (raw_s + raw_q <= Q_ROWS) & ((batch > 0) | (raw_s == 0))",
+        "    reach = (tl.minimum(tl.maximum(raw_k, 0), MAX_KEYS) + PAGE - 1) // PAGE  # the pages its keys reach",
+        f"    p = tl.arange(0, {CHECK_PAGES})",
+        "    stray = 0",
+        f"    for p0 in range(0, reach, {CHECK_PAGES}):",
+        "        ids = tl.load(BT + batch.to(tl.int64) * sbt_b + p0 + p, mask=p0 + p < reach, other=0)",
+        "        stray += tl.reduce((((ids < 0) | (ids >= NUM_PAGES)) & (p0 + p < reach)).to(tl.int32), 0, _add)",
+        "    tl.store(OK + batch, (fine & (stray == 0)).to(tl.int32))"]
 
 
 #: K's and V's bases: the K/V head's; each key's page is looked up in the loop.

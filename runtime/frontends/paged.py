@@ -37,11 +37,14 @@ Two ways to run (``run``):
   and query counts on the device, so a batch of rows of any lengths is one launch and nothing is read on the host.
   Rows may hold their own query counts: ``cu_seqlens_q`` (int32 ``[B + 1]``) and ``max_seqlen_q`` with q packed
   ``[1, Hq, total, D]``, ``flash_attn_varlen_func``'s convention with a block table (``frontends.varlen_rows``).
-  The values are checked on the device (``check_on_device``: one flag, ``torch._assert_async``), not on the host:
-  a host read is a sync on a GPU and breaks a CUDA graph; the kernel clamps every page id and length, so a bad
-  value never reads out of bounds before the assert stops the call (on the CPU at once, with the host rules'
-  message naming the argument and the row). Under ``torch.compile`` this path is the ``attnc::paged_attention``
-  op (``runtime.ops.paged``), so ``fullgraph=True`` traces it.
+  The values are checked on the device, not on the host (a host read is a sync on a GPU and breaks a CUDA graph):
+  one program of each row checks the row's length, query count, offsets and reached page ids in the kernel and
+  writes a flag, and the runner asserts the flags after the launch (``torch._assert_async``); the kernel clamps
+  every page id and length, so a bad value never reads out of bounds before the assert stops the call (on the CPU
+  at once, with the host rules' message naming the argument and the row). A call that appends ``k=``/``v=`` is
+  checked before the pages are written (``check_on_device``: torch ops, one flag). Under ``torch.compile`` this
+  path is the ``attnc::paged_attention`` op (``runtime.ops.paged``), so ``fullgraph=True`` traces it. A warm
+  call of a signature seen before replays the bound launch without the host checks (``runtime.warm_calls``).
 - **By length** otherwise (``by_length``): every argument is checked on the host before any page is read or
   written (one copy of ``block_table`` and ``cache_seqlens``), and only the pages that a row's length reaches are
   read: entries of the block table past them may hold anything (vLLM pads with -1). Rows of equal length are
@@ -70,7 +73,7 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
-from ..checks import check_flag, resolve_scale
+from ..checks import PAGED_VALUES_FAILED, check_flag, resolve_scale
 from ..numerics import needs_grad, unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
@@ -553,15 +556,25 @@ def run(
         rows = varlen_rows.check(rows, q, block_table)
     if one_launch is not None and one_launch_applies(runner, q, k_cache, v_cache, inputs, initial_state,
                                                      return_state, sizes):
+        check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
         appended = 0 if k_new is None else k_new.shape[2]
-        check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
-        if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
+        if k_new is not None:  # flash_attn_with_kvcache's k=, v=: checked, then written before attending, in place
+            check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
             _append(k_cache, block_table, cache_seqlens, k_new)
             _append(v_cache, block_table, cache_seqlens, v_new)
         seqlens = cache_seqlens + appended if appended else cache_seqlens
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
-        out, lse = one_launch(q, k_cache, v_cache, block_table, seqlens, start, count, most,
-                              resolve_scale(scale, q.shape[-1]))
+        launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1]))
+        if torch.compiler.is_compiling():  # the op asserts the rows' values on the device, in the graph
+            out, lse = one_launch(*launched)
+        else:
+            try:  # the runner checks the values on the device (its kernel's row check, then one assert)
+                out, lse = one_launch(*launched)
+            except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
+                if PAGED_VALUES_FAILED not in str(err):
+                    raise
+                diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
+                raise
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
     if rows is not None and isinstance(pat, ir.CombinedIR):
@@ -593,13 +606,9 @@ def one_launch_applies(runner, q, k_cache, v_cache, inputs: dict, initial_state,
     return serves(q, k_cache, v_cache)
 
 
-def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
-    """The values of a one-launch paged call checked without a host read (``check_pages``'s rules, and
-    ``cu_seqlens_q``'s): one flag made on the device and asserted there (``torch._assert_async``). On a GPU a
-    failed check is a device-side assert at the launch (the kernel clamps every page id and length meanwhile, so
-    nothing is read out of bounds); on the CPU it fails at once, and the host rules then name the argument and
-    the row at fault."""
-    batch = block_table.shape[0]
+def check_index_shapes(q, k_cache, block_table, cache_seqlens, rows) -> None:
+    """A one-launch paged call's block table and lengths: int32 tensors on the caches' device, ``[B, max_pages]``
+    (max_pages at least 1) and ``[B]``, B q's batch (or, with ``cu_seqlens_q``, the table's rows)."""
     _check_index_tensor(block_table, "block_table", None, 2, k_cache.device)
     if block_table.shape[1] == 0:
         raise SpecError(
@@ -611,7 +620,15 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
             f"expected shape [B, max_pages] with B = {q.shape[0]} (q's batch), got {list(block_table.shape)}",
             where="argument block_table",
         )
-    _check_index_tensor(cache_seqlens, "cache_seqlens", (batch,), 1, k_cache.device)
+    _check_index_tensor(cache_seqlens, "cache_seqlens", (block_table.shape[0],), 1, k_cache.device)
+
+
+def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
+    """The values of a one-launch paged call that appends ``k=``/``v=`` checked before anything is written, without
+    a host read (``check_pages``'s rules, and ``cu_seqlens_q``'s): one flag made on the device and asserted there
+    (``torch._assert_async``). On a GPU a failed check is a device-side assert; on the CPU it fails at once, and the
+    host rules then name the argument and the row at fault. (A call that appends nothing is checked by the runner's
+    kernel, which writes a flag per row: ``backends.triton.paged``.)"""
     num_pages, page = k_cache.shape[0], k_cache.shape[1]
     capacity = block_table.shape[1] * page
     before = cache_seqlens.to(torch.int64)
@@ -624,18 +641,23 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     good = ok.all()
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
-    message = "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range"
     if torch.compiler.is_compiling():  # traced: the assert goes into the graph
-        torch._assert_async(good, message)
+        torch._assert_async(good, PAGED_VALUES_FAILED)
         return
     try:
-        torch._assert_async(good, message)
+        torch._assert_async(good, PAGED_VALUES_FAILED)
     except RuntimeError:  # on the CPU, at once: the host rules name what is wrong
-        if rows is not None:
-            rows.diagnose(q.shape[2])
-        check_pages(pat, batch, rows.host_counts() if rows is not None else q.shape[2], k_cache, block_table,
-                    cache_seqlens, appended)
+        diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
         raise
+
+
+def diagnose(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
+    """After a device check of a paged call's values failed: the host rules, raising the ``SpecError`` that names the
+    argument and the row at fault (``varlen_rows``' offsets first, then ``check_pages``)."""
+    if rows is not None:
+        rows.diagnose(q.shape[2])
+    check_pages(pat, block_table.shape[0], rows.host_counts() if rows is not None else q.shape[2], k_cache,
+                block_table, cache_seqlens, appended)
 
 
 _PAGE_STARTS: dict = {}

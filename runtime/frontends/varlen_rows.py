@@ -8,7 +8,7 @@ block table's rows: it starts at 0, never decreases and ends at ``total`` at mos
 serving loop's padding, come out as zeros with an lse of -inf). ``max_seqlen_q`` (an int, optional:
 q's ``total`` where not given) bounds every row's count and sizes the launch; with it fixed, a CUDA graph replays
 the launch for any counts. The offsets are never read on the host: they are checked on the device with the
-pages (``paged.check_on_device``).
+pages (the runner's kernel checks each row; ``paged.check_on_device`` before ``k=`` is appended).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class QueryRows:
 
     def as_launched(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(first row, count, most)``: int32 device tensors, as ``attnc_fwd_paged`` reads them."""
-        return self.cu[:-1], self.counts().to(torch.int32), self.max_q
+        return self.cu[:-1], self.cu.diff(), self.max_q
 
     def consistent(self, total: int) -> torch.Tensor:
         """A device bool: the offsets start at 0, end within ``total``, never decrease, no count over

@@ -4,8 +4,8 @@ KV cache compiles with ``torch.compile(fullgraph=True)``.
 ``attnc::paged_attention(q, k_cache, v_cache, block_table, seqlens, q_start, q_count, key, max_q, scale) ->
 (out, lse)`` runs the runner's one-launch paged forward (``runner.paged_forward``: the Triton backend's
 ``attnc_fwd_paged``) inside its implementation; everything it reads is a tensor input, so nothing is read on the
-host in the traced graph, and the checks of the call (``frontends.paged``: shapes and dtypes at trace time, the
-values by a device assert in the graph) run before it. Forward only: a paged call refuses gradients. The fake
+host in the traced graph; the call's shapes and dtypes are checked at trace time (``frontends.paged``) and its
+values by the kernel, whose row flags the runner asserts on the device inside the op. Forward only: a paged call refuses gradients. The fake
 implementation gives the shapes: ``out`` ``[B | 1, Hq, rows, Dv]`` in q's dtype, ``lse`` ``[B | 1, Hq, rows]``
 fp32.
 """

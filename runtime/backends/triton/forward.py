@@ -46,6 +46,16 @@ def record_or_launch(launch: Launch, kernel, grid, args: list, meta: dict, *, ba
     KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
 
 
+def fill_or_record(t: torch.Tensor, value: float) -> None:
+    """``t.fill_(value)``, or the fill recorded as ``("fill", t, value)`` (``recording``): a buffer that must start
+    filled (a packed paged call's rows past its last row's queries), filled again at each replay."""
+    made = _RECORD.get()
+    if made is not None:
+        made.append(("fill", t, value))
+        return
+    t.fill_(value)
+
+
 def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     """(out ``[B, Hq, Nq, Dv]`` in q's dtype, lse ``[B, Hq, Nq]`` fp32). ``may_split``: a forward-only call, whose
     KV tiles may be split over several programs per Q tile (``split_kv``: flash decoding), their partials merged

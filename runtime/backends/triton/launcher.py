@@ -5,13 +5,16 @@
 both (tile lists, placeholders, launch orders, constants) belongs to the launch and is kept; one that is a
 different tensor in each is a buffer the forward allocates per call (the output, its lse, split-KV partials),
 kept as its shape, strides and dtype; q, k and v are found by identity. What a warm call then does
-(``Launcher.__call__``): allocate those buffers, put them and q, k, v into the kept argument lists, and launch
-the recorded kernels through ``kernel_launch.launch_kernel`` (its fallbacks to fewer stages included).
+(``Launcher.__call__``): allocate those buffers, fill those the forward filled (``forward.fill_or_record``), put
+them and q, k, v into the kept argument lists, and launch the recorded kernels through
+``kernel_launch.launch_kernel`` (its fallbacks to fewer stages included). ``bind`` does the same for any forward
+and the tensors of its call (a paged call's: q, the pools, the block table, the lengths; ``triton.paged``).
 
 A forward whose launches hold anything else made per call is not replayed (``build`` returns None and the call
 keeps the ordinary path): tensor descriptors (TMA: they hold the tensors' addresses), a buffer that must start
-filled (the block max's), index checks read back from the device (``launch.checks``), tokens permuted into tile
-order (q, k, v copied per call), grids, constexprs or scalars that differ between the two recordings.
+filled and that the forward did not fill by ``fill_or_record`` (the block max's), index checks read back from the
+device (``launch.checks``), tokens permuted into tile order (q, k, v copied per call), grids, constexprs or
+scalars that differ between the two recordings.
 """
 
 from __future__ import annotations
@@ -28,26 +31,33 @@ _PLAIN = (int, float, bool, str, type(None))
 
 
 class Launcher:
-    """The launches of one call signature (module docstring): ``launcher(q, k, v) -> (out, lse)``."""
+    """The launches of one call signature (module docstring): ``launcher(*fixed) -> (out, lse)``, ``fixed`` the
+    call's own tensors in the order they were bound (q, k, v for a contiguous call)."""
 
-    __slots__ = ("buffers", "interpret", "launches", "out", "lse", "owner", "plan_of")
+    __slots__ = ("buffers", "interpret", "launches", "out", "lse", "owner", "plan_of", "fixed")
 
-    def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int):
+    def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int, fixed: int = 3):
         self.buffers = buffers  # (shape, strides, dtype, device) of each per-call buffer
         self.interpret = interpret
-        self.launches = launches  # (launch, kernel, grid, args, meta, backward, [(position, slot)])
+        #: (launch, kernel, grid, args, meta, backward, [(position, slot)]), or ("fill", slot, value)
+        self.launches = launches
         self.out, self.lse = out, lse  # the slots of the results
         self.owner = None  # the runner whose latest call this is, once replayed (its source, plan, config)
         self.plan_of: tuple = (None, None, None)
+        self.fixed = fixed  # how many of the slots are the call's own tensors
 
-    def __call__(self, q, k, v):
+    def __call__(self, *fixed):
         """``(out, lse)`` of the call, or None where a launch ran out of resources (nothing is changed: the
         caller takes the ordinary path, which falls back to smaller tiles)."""
-        slots = [q, k, v, *[torch.empty_strided(shape, strides, dtype=dtype, device=device)
-                            for shape, strides, dtype, device in self.buffers]]
+        slots = [*fixed, *[torch.empty_strided(shape, strides, dtype=dtype, device=device)
+                           for shape, strides, dtype, device in self.buffers]]
         try:
             with interpreting(self.interpret):
-                for launch, kernel, grid, args, meta, backward, places in self.launches:
+                for entry in self.launches:
+                    if entry[0] == "fill":
+                        slots[entry[1]].fill_(entry[2])
+                        continue
+                    launch, kernel, grid, args, meta, backward, places = entry
                     args = list(args)
                     for i, slot in places:
                         args[i] = slots[slot]
@@ -74,15 +84,22 @@ def build(launch, q, k, v, scale: float) -> Launcher | None:
         return None  # a pooled buffer filled per call; one tensor in two places (a later call may pass two)
     if any(t.stride(-1) != 1 for t in (q, k, v)):  # copied into a contiguous layout per call (to_tiles)
         return None
+    return bind(lambda: F.forward(launch, q, k, v, scale, may_split=True), (q, k, v), launch.interpret)
+
+
+def bind(run, fixed: tuple, interpret: bool) -> Launcher | None:
+    """The ``Launcher`` of ``run() -> (out, lse)``, a forward whose launches read the tensors ``fixed`` (the call's
+    own, found by identity), or None where its two recordings differ in anything but the buffers it allocates
+    (module docstring). ``fixed`` holds distinct tensors, each of which the forward passes to its kernels as it is
+    (a copy made per call would be taken for an allocated buffer: the caller rules it out)."""
     runs = []
     for _ in range(2):
         with F.recording() as made:
-            out, lse = F.forward(launch, q, k, v, scale, may_split=True)
+            out, lse = run()
         runs.append((made, out, lse))
     (first, out, lse), (second, out2, lse2) = runs
     if len(first) != len(second) or not first:
         return None
-    fixed = (q, k, v)
     buffers: list = []
     seen: list = []  # (tensor of the first recording, tensor of the second, slot)
 
@@ -103,6 +120,13 @@ def build(launch, q, k, v, scale: float) -> Launcher | None:
 
     launches = []
     for one, two in zip(first, second, strict=True):
+        if one[0] == "fill" or two[0] == "fill":  # a buffer filled before the launches read it
+            if one[0] != two[0] or one[2] != two[2] or (slot := slot_of(one[1], two[1])) is None:
+                return None
+            if slot < len(fixed):
+                return None  # the call's own tensor is never filled by a replay
+            launches.append(("fill", slot, one[2]))
+            continue
         lch, kernel, grid, args, meta, backward = one
         if type(lch) is not type(two[0]) or kernel is not two[1] or grid != two[2] or backward != two[5]:
             return None
@@ -129,4 +153,4 @@ def build(launch, q, k, v, scale: float) -> Launcher | None:
         if slot is None:
             return None  # a result that is not a buffer the launches wrote (a copy or a view of one)
         results.append(slot)
-    return Launcher(buffers, launch.interpret, launches, results[0], results[1])
+    return Launcher(buffers, interpret, launches, results[0], results[1], len(fixed))

@@ -41,6 +41,7 @@ from ....compiler.tiles import head_classes
 from ....compiler.triton_codegen.source import ScheduleShape, generate_source
 from ....core import ir
 from ....core import symbols as S
+from ...checks import PAGED_VALUES_FAILED
 from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
@@ -48,6 +49,7 @@ from ...tritonenv import interpreting
 from . import blocks, split_kv
 from . import forward as F
 from . import kernel_launch as KL
+from . import launcher as launcher_of
 
 #: KV tile of the paged forward, in keys (any page size: each key's page is looked up).
 PAGED_KV_TILE = 64
@@ -88,7 +90,8 @@ class PagedTemplate:
     ranges: int
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
     tables: dict = dataclasses.field(default_factory=dict)  # device -> its lists and launch (range_lists)
-    #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count
+    #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count;
+    #: ("flags", rows, device) -> the rows' check flags
     uniform: dict = dataclasses.field(default_factory=dict)
 
 
@@ -275,8 +278,55 @@ def forward(
     """``(out, lse)`` of a paged batch: q ``[B, Hq, n, D]`` (each row's n queries at its batch entry: ``q_start``
     and ``q_count`` None) or ``[1, Hq, total, D]`` (row b's ``q_count[b]`` queries from row ``q_start[b]``, at
     most ``max_q``); the pools ``[num_pages, page_size, Hkv, D | Dv]``; row b's keys the first ``seqlens[b]``
-    slots of its pages ``block_table[b]``. out ``[B | 1, Hq, rows, Dv]`` in q's dtype, lse fp32. The arguments
-    are checked by the caller (``frontends.paged``); ``load`` as ``template``'s."""
+    slots of its pages ``block_table[b]``. out ``[B | 1, Hq, rows, Dv]`` in q's dtype, lse fp32. The arguments'
+    types and shapes are checked by the caller (``frontends.paged``), their values by the kernel: a row that breaks
+    a rule fails the device assert that follows the launch (``PAGED_VALUES_FAILED``; on the CPU at once). ``load`` as
+    ``template``'s."""
+    out, lse, flags = _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q, scale)
+    torch._assert_async(flags.all(), PAGED_VALUES_FAILED)
+    return out, lse
+
+
+def bind(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float):
+    """A paged call's launches bound for replay at later calls of its signature (``launcher.bind``):
+    ``replay(q, k_cache, v_cache, block_table, seqlens, q_start, q_count) -> (out, lse) | None``, which launches and
+    asserts the rows' check flags as ``forward`` does; or None where the launches would copy a tensor of the call
+    (a block table of strided rows, lengths or offsets not contiguous int32) or one tensor is passed twice (but one
+    pool for K and V: the caller's key says so, ``WarmCalls.paged_key``)."""
+    given = [t for t in (q, k_cache, block_table, seqlens, q_start, q_count) if t is not None]
+    if any(a is b for i, a in enumerate(given) for b in given[i + 1:]) or block_table.stride(-1) != 1:
+        return None
+    if v_cache is not k_cache and any(v_cache is t for t in given):
+        return None
+    if any(_int32(t) is not t for t in (seqlens, q_start, q_count) if t is not None):
+        return None
+    fixed = (q, k_cache, v_cache, block_table, seqlens, q_start, q_count)
+    got: list = []
+
+    def run():
+        out, lse, flags = _launch(runner, load, *fixed, max_q, scale)
+        got.append(flags)
+        return out, lse
+
+    made = launcher_of.bind(run, fixed, q.device.type != "cuda" and not runner.native)
+    if made is None or got[0] is not got[1]:
+        return None
+    flags = got[0]
+    made.owner = runner
+    made.plan_of = (runner.last_source, runner.last_plan, runner.last_config)
+
+    def replay(*tensors):
+        result = made(*tensors)
+        if result is not None:
+            torch._assert_async(flags.all(), PAGED_VALUES_FAILED)
+        return result
+
+    return replay
+
+
+def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float):
+    """``forward``'s launches: ``(out, lse, flags)``, ``flags`` the rows' check flags (int32 ``[B]``, 1 where the
+    row's values keep the rules) that the kernel writes."""
     batch, heads, rows, head_dim = q.shape
     num_pages, page, kv_heads, dv = v_cache.shape
     device = q.device
@@ -298,12 +348,13 @@ def forward(
     partial = split_kv.partials(splits, batch, heads, rows, dv, device) if splits > 1 else None
     if packed:  # q's rows past the last row's queries (a serving loop's padding): zeros, lse -inf
         for t_out, t_lse in [(out, lse)] + ([partial] if partial is not None else []):
-            t_out.zero_()
-            t_lse.fill_(float("-inf"))
+            F.fill_or_record(t_out, 0.0)
+            F.fill_or_record(t_lse, float("-inf"))
     dest, strides = F.forward_outputs(out, lse, partial)
     if packed:  # every row's queries in the one batch entry, from its own first row
         strides[0] = strides[3] = 0
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    flags = _row_flags(t, rows_b, device)
     lists = launch.lists
     named = {  # every value the kernel may read, by its parameter's name (it takes those its body reads)
         "Q": q, "K": k_cache, "V": v_cache, "O": dest[0], "LSE": dest[1],
@@ -316,8 +367,8 @@ def forward(
         "cls_b": launch.cls[0], "cls_h": launch.cls[1],
         "SOFTCAP": launch.extra.get("SOFTCAP"),
         "BT": table, "sbt_b": table.stride(0), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
-        "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges,
-        "scale": float(scale), "GROUP": t.group, "D": head_dim, "DV": dv,
+        "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges, "MAX_Q": max_q,
+        "OK": flags, "scale": float(scale), "GROUP": t.group, "D": head_dim, "DV": dv,
     }
     kernel = launch.module.attnc_fwd_paged
     blocks_meta = KL.block_sizes(launch, head_dim, dv)
@@ -342,7 +393,17 @@ def forward(
         F.record_or_launch(launch, kernel, grid, args, meta, backward=False)
         if partial is not None:
             F.combine_splits(launch, *partial, out, lse)
-    return out, lse
+    return out, lse, flags
+
+
+def _row_flags(t: PagedTemplate, rows: int, device) -> torch.Tensor:
+    """The rows' check flags the kernel writes (int32 ``[rows]``), kept per batch shape and device: every launch
+    writes each row's (no reset), and a captured graph reads the same tensor at every replay."""
+    key = ("flags", rows, torch.device(device))
+    made = t.uniform.get(key)
+    if made is None:
+        made = t.uniform[key] = torch.ones(rows, dtype=torch.int32, device=device)
+    return made
 
 
 def _pool_rows(k_cache: torch.Tensor, v_cache: torch.Tensor, page: int, num_pages: int) -> bool:
@@ -371,4 +432,4 @@ def _splits(t: PagedTemplate, rows: int, kv_heads: int, sms: int) -> int:
     return t.uniform[key]
 
 
-__all__ = ["PAGED_KV_TILE", "PagedTemplate", "applies", "forward", "range_lists", "template"]
+__all__ = ["PAGED_KV_TILE", "PagedTemplate", "applies", "bind", "forward", "range_lists", "template"]

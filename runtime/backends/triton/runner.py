@@ -418,6 +418,12 @@ class TritonRunner(Registered):
         return paged.forward(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
                              scale)
 
+    def paged_launcher(self, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float):
+        """``paged_forward``'s launches bound for replay at later calls of the signature (``triton.paged.bind``), or
+        None where they cannot be."""
+        return paged.bind(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
+                          scale)
+
     def launcher(self, call: Call, q, k, v) -> launcher_of.Launcher | None:
         """The launches of a forward-only call bound for replay at later calls of its signature
         (``launcher.build``), or None where this call's launches depend on more than its signature: call-time
