@@ -10,7 +10,9 @@ arguments. A decode step: batch 4, 32 query heads over 8 K/V heads, one query af
 ``backend="triton"``, called with the same tensors after two warm-up calls. Cases: ``stdlib:sliding_window`` (window
 1,024), a ``mask causal`` pattern, ``stdlib:moba`` and ``stdlib:quest`` (routes: their selection is made from q and k
 at every step, torch arithmetic over the keys that a GPU runs as kernels, so on CPU tensors it is timed as host work),
-and the sliding window over a growing cache (one key more at every call: a new shape each step). The yardstick: one
+and the sliding window over a growing cache (one key more at every call: a new shape each step), contiguous and in
+pages of 16 keys (the paged call's signature does not change with the lengths, a device tensor incremented in place:
+from the third step on its bound launch is replayed, ``runtime.warm_calls``). The yardstick: one
 ``F.scaled_dot_product_attention`` on ``[1, 1, 1, 8]`` tensors.
 
 The cases run interleaved, ``--rounds`` times, each round the median of ``--calls`` calls per case (``--route-calls``

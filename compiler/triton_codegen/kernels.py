@@ -385,7 +385,7 @@ class KernelBodies:
                             *update])
         body += self._grouped_epilogue(q_rows)
         if paged:  # a kernel of its own: it takes what its body reads, bound by name at the launch
-            body += paged_lines.row_check(self.pat.self_attention)
+            body += paged_lines.row_check()
             text = "\n".join(body)
             params = [p for p in params if re.search(rf"\b{p.split(':')[0]}\b", text)]
             return kernel_def("attnc_fwd_paged", params,

@@ -11,7 +11,7 @@ GIVEN_SIZES = ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")
 #: row's check flag (``ROW_CHECK``).
 PAGED_RUNTIME = ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES", "MAX_Q", "OK"]
 #: Page ids a row's check reads at once.
-CHECK_PAGES = 128
+CHECK_PAGES = 32
 CONSTEXPRS = ["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr", "FULL_STEPS: tl.constexpr",
               "PART_STEPS: tl.constexpr"]
 
@@ -22,13 +22,20 @@ def runtime_params(common: list[str]) -> list[str]:
 
 
 def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:
-    """A program's row: its sizes read on the device (clamped, so a bad table or length never reads out of bounds),
-    and the lists of its Q tile's positions (``lrow``), cut at ``kv_limit`` KV tiles."""
+    """A program's row: its sizes read on the device (clamped, so a bad table or length never reads out of bounds)
+    and whether they keep the rules (``row_fine``, ``row_check``), and the lists of its Q tile's positions
+    (``lrow``), cut at ``kv_limit`` KV tiles."""
+    least = "tl.maximum(raw_q, 1)" if self_attention else "1"
     return [
         "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
-        "K_EXT = tl.minimum(tl.maximum(tl.load(SEQ + batch), 0), MAX_KEYS)  # the row's keys",
-        "Q_EXT = tl.minimum(tl.maximum(tl.load(QN + batch), 0), K_EXT)  # its queries",
+        "raw_k = tl.load(SEQ + batch)",
+        "raw_q = tl.load(QN + batch)",
         "q_first = tl.load(QS + batch)  # its first query's row in q, out and lse",
+        "K_EXT = tl.minimum(tl.maximum(raw_k, 0), MAX_KEYS)  # the row's keys",
+        "Q_EXT = tl.minimum(tl.maximum(raw_q, 0), K_EXT)  # its queries",
+        "# whether they keep the rules (its pages are checked at the end: row_fine there)",
+        f"row_fine = (raw_k >= {least}) & (raw_k <= MAX_KEYS) & (raw_q >= 0) & (raw_q <= MAX_Q)",
+        "row_fine = row_fine & (q_first >= 0) & (q_first + raw_q <= Q_ROWS) & ((batch > 0) | (q_first == 0))",
         ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self_attention
          else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
         "K_OFF = 0",
@@ -41,35 +48,30 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:
         f"kv_limit = (K_EXT + {kv_tile - 1}) // {kv_tile}  # the row's KV tiles"]
 
 
-def row_check(self_attention: bool) -> list[str]:
+def row_check() -> list[str]:
     """One program of each row (its first Q tile, first K/V head and split) checks the row's values as the host
-    rules do (``frontends.paged.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its key count within
-    [its queries (self-attention; else 1), the table's capacity], its query count within [0, ``MAX_Q``], its first
-    query row at 0 for the first row and its queries within q's rows, and every page id its keys reach a page of
-    the pool. The host asserts every flag after the launch (on the device: no read back); every program reads the
-    values clamped, so a bad value never reads out of bounds. The lines end the kernel: nothing of the attention is
-    live there (at its start they cost the sm_80 forward 60 B of spills at 2 stages)."""
-    least = "tl.maximum(raw_q, 1)" if self_attention else "1"
+    rules do (``frontends.paged.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its sizes kept the rules
+    (``row_fine``, made by ``row_setup``: its key count within [its queries (self-attention; else 1), the table's
+    capacity], its query count within [0, ``MAX_Q``], its first query row at 0 for the first row and its queries
+    within q's rows) and every page id its keys reach is a page of the pool. The host asserts every flag after the
+    launch (on the device: no read back); every program read the values clamped, so a bad value never reads out of
+    bounds. The page ids are read at the end of the kernel, where nothing of the attention is live (at its start
+    the check cost the sm_80 forward 60 B of spills at 2 stages)."""
     return [
         "",
         "# ---- this row's values checked by one of its programs: OK[batch] = 1 where they keep the rules (the",
-        "# host asserts every flag after the launch; every program read them clamped above)",
+        "# host asserts every flag after the launch; every program read them clamped)",
         "check_row = (qt == 0) & (kvh == 0)",
         "if SPLIT_KV:",
-        "    check_row = check_row & (tl.program_id(2) == 0)",
+        "    check_row = check_row & (split == 0)",
         "if check_row:",
-        "    raw_k = tl.load(SEQ + batch)",
-        "    raw_q = tl.load(QN + batch)",
-        "    raw_s = tl.load(QS + batch)",
-        f"    fine = (raw_k >= {least}) & (raw_k <= MAX_KEYS) & (raw_q >= 0) & (raw_q <= MAX_Q)",
-        "    fine = fine & (raw_s >= 0) & (raw_s + raw_q <= Q_ROWS) & ((batch > 0) | (raw_s == 0))",
-        "    reach = (tl.minimum(tl.maximum(raw_k, 0), MAX_KEYS) + PAGE - 1) // PAGE  # the pages its keys reach",
+        "    reach = (K_EXT + PAGE - 1) // PAGE  # the pages its keys reach",
         f"    p = tl.arange(0, {CHECK_PAGES})",
         "    stray = 0",
         f"    for p0 in range(0, reach, {CHECK_PAGES}):",
-        "        ids = tl.load(BT + batch.to(tl.int64) * sbt_b + p0 + p, mask=p0 + p < reach, other=0)",
+        "        ids = tl.load(BT + batch * sbt_b + p0 + p, mask=p0 + p < reach, other=0)  # a table under 2**31 ids",
         "        stray += tl.reduce((((ids < 0) | (ids >= NUM_PAGES)) & (p0 + p < reach)).to(tl.int32), 0, _add)",
-        "    tl.store(OK + batch, (fine & (stray == 0)).to(tl.int32))"]
+        "    tl.store(OK + batch, (row_fine & (stray == 0)).to(tl.int32))"]
 
 
 #: K's and V's bases: the K/V head's; each key's page is looked up in the loop.
