@@ -83,10 +83,14 @@ def _cases(torch, attnc, batch: int, heads: int, kv_heads: int, nk: int, d: int,
     table = torch.randperm(pool.shape[0], generator=g).view(batch, capacity // page).to(torch.int32)
     lengths = torch.full((batch,), nk, dtype=torch.int32)
 
+    grown = [0]
+
     def paged_growing():
-        lengths.add_(1)  # on the device, as a serving loop keeps them
-        if int(lengths[0]) >= capacity:  # outside the timed region's steady state: a wrap every 4,096 calls
+        lengths.add_(1)  # on the device, as a serving loop keeps them (it counts its steps on the host)
+        grown[0] += 1
+        if grown[0] == capacity - nk:  # a wrap every 4,096 calls, outside the timed steady state
             lengths.fill_(nk)
+            grown[0] = 0
         paged(q, pool, pool, block_table=table, cache_seqlens=lengths)
 
     cases["sliding window, paged growing cache (one launch, lengths on the device)"] = (False, paged_growing)

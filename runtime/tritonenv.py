@@ -66,10 +66,14 @@ def interpreting(on: bool = True):
                 knobs.__dict__["interpret"] = saved
 
 
-def _knobs_runtime():
-    try:
-        import triton.knobs as knobs
+_KNOBS: list = []  # Triton's knobs module, once imported (its runtime knobs are read from it at each call)
 
-        return knobs.runtime
-    except (ImportError, AttributeError):  # older Triton reads the environment directly
-        return None
+
+def _knobs_runtime():
+    if not _KNOBS:
+        try:
+            import triton.knobs as knobs
+        except ImportError:  # older Triton reads the environment directly
+            return None
+        _KNOBS.append(knobs)
+    return getattr(_KNOBS[0], "runtime", None)

@@ -39,6 +39,20 @@ def replayable(pattern, runner) -> bool:
             and pattern.route is None and pattern.decay is None and pattern.score_scale is None)
 
 
+def _replayable_call(q, k, v, scale, return_lse) -> bool:
+    """What every replayed call is: plain tensors, no gradient to record, no trace (it runs the ordinary path's ops),
+    no autocast, no block max asked for, a scale and flag of the plain types."""
+    if torch.compiler.is_compiling():
+        return False
+    if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
+        return False
+    return (scale is None or type(scale) is float or type(scale) is int) and type(return_lse) is bool
+
+
 class WarmCalls:
     """signature -> (bound launcher or None, calls seen), for one module (module docstring)."""
 
@@ -58,15 +72,7 @@ class WarmCalls:
     def key(attn, q, k, v, scale, return_lse) -> tuple | None:
         """The signature a bound launcher is kept by, or None where this call is not one to replay: not plain
         tensors, a gradient to record, a trace, autocast, a block max asked for, a scale or flag of another type."""
-        if torch.compiler.is_compiling():  # a trace runs the ordinary path (its ops)
-            return None
-        if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
-            return None
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return None
-        if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
-            return None
-        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
+        if not _replayable_call(q, k, v, scale, return_lse):
             return None
         # the data pointers' alignment: whether a kernel may load by tensor descriptors (TMA) differs with it
         return (q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), q.dtype, k.dtype, v.dtype, q.device,
@@ -101,21 +107,14 @@ class WarmCalls:
     def paged_key(attn, q, k, v, block_table, cache_seqlens, scale, return_lse, layout, keywords: dict) -> tuple | None:
         """The signature of a paged call that a bound launcher may replay, or None where it is not one (as ``key``;
         and an int ``cache_seqlens``, offsets not contiguous, a keyword other than ``PAGED_KEYWORDS``)."""
-        if torch.compiler.is_compiling() or not hasattr(attn.runner, "paged_launcher"):
+        if not hasattr(attn.runner, "paged_launcher") or not _replayable_call(q, k, v, scale, return_lse):
             return None
         cu = keywords.get("cu_seqlens_q")
         most = keywords.get("max_seqlen_q")
         if keywords and (keywords.keys() - PAGED_KEYWORDS or cu is None or type(cu) is not torch.Tensor
                          or not cu.is_contiguous() or not (most is None or type(most) is int)):
             return None
-        if (type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor
-                or type(block_table) is not torch.Tensor or type(cache_seqlens) is not torch.Tensor):
-            return None
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            return None
-        if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
-            return None
-        if not (scale is None or type(scale) is float or type(scale) is int) or type(return_lse) is not bool:
+        if type(block_table) is not torch.Tensor or type(cache_seqlens) is not torch.Tensor:
             return None
         device = q.device
         if k.device != device or v.device != device or block_table.device != device or cache_seqlens.device != device:

@@ -72,7 +72,12 @@ class PlanCache(OrderedDict):
         return value
 
     def get(self, key, default=None):
-        return self[key] if key in self else default
+        try:  # one lookup and the refresh (a warm call's path: ``in`` then ``[]`` looked the key up twice)
+            value = OrderedDict.__getitem__(self, key)
+        except KeyError:
+            return default
+        self.move_to_end(key)
+        return value
 
     def __setitem__(self, key, value):
         super().__setitem__(key, value)
