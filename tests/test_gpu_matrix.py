@@ -1,0 +1,40 @@
+"""``benchmarks/gpu_matrix.py``, the one-call GPU matrix of every stdlib pattern: its table names every stdlib
+pattern, and ``--toy`` runs end to end on the CPU (the interpreter) for a pattern of each kind of row: a mask
+Flex takes, a route it refuses, a grid, a recurrence, writing one row each with attnc's and SDPA's times."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_matrix.py"
+
+
+def run(*args, timeout=900):
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_the_matrix_has_a_row_for_every_stdlib_pattern():
+    from attnc.spec.library import stdlib_index
+
+    done = run("--toy", "--list")
+    assert done.returncode == 0, done.stderr[-2000:]
+    listed = {line.split(":")[0] for line in done.stdout.splitlines() if ": " in line and "tokens" in line}
+    assert listed == set(stdlib_index())
+    assert run("--toy", "--only", "no_such_pattern").returncode == 2
+
+
+def test_toy_rows_of_each_kind(tmp_path):
+    out = tmp_path / "matrix.md"
+    names = ["sliding_window", "moba", "neighborhood_2d", "mamba2"]
+    done = run("--toy", "--only", ",".join(names), "--out", str(out))
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| pattern") and not line.startswith("| ---")}
+    assert set(rows) == set(names)
+    for cells in rows.values():
+        assert float(cells[3]) > 0 and float(cells[5]) > 0, cells  # attnc's forward and fwd+bwd
+        assert float(cells[11]) > 0 and float(cells[12]) > 0, cells  # SDPA's
+    assert float(rows["sliding_window"][8]) > 0  # Flex's forward (no CPU backward: said in the note)
+    assert rows["sliding_window"][10] == "is_causal" and rows["neighborhood_2d"][10] == "dense"
+    assert "Flex: " in rows["moba"][-1] and "route" in rows["moba"][-1]
+    assert rows["mamba2"][1] == "recurrence"
