@@ -27,7 +27,10 @@ not a speed):
   predicted / measured;
 - FlexAttention as a user writes it: the pattern's ``mask_mod`` and ``score_mod`` (``attnc.to_flex``), its
   ``BlockMask`` built once by ``create_block_mask`` (the build in its own column), ``torch.compile``d
-  ``flex_attention``; a pattern Flex cannot express says why (``integrations.flex.REFUSED``);
+  ``flex_attention``; a routed pattern's Flex is given attnc's selection (its mask without the route and the
+  selection, read by the ``mask_mod``: a Flex user builds that ``BlockMask`` at every call, since the selection
+  changes; attnc's time includes making the selection); a pattern Flex cannot express says why
+  (``integrations.flex.REFUSED``);
 - SDPA: dense, or ``is_causal=True`` where the pattern's mask keeps no key after its query (FlashAttention-2's
   causal kernel);
 - fla's chunk kernel where ``fla`` is importable and has the recurrence (``FLA_OPS``);
@@ -94,7 +97,7 @@ FLA_OPS = {
     "kda": ("fla.ops.kda", "chunk_kda", "vector"),
 }
 COLUMNS = ["pattern", "kind", "sizes", "attnc fwd ms", "predicted", "attnc fwd+bwd ms", "predicted",
-           "Flex mask build ms", "Flex fwd ms", "Flex fwd+bwd ms", "SDPA", "SDPA fwd ms", "SDPA fwd+bwd ms",
+           "Flex mask build ms", "Flex fwd ms", "Flex fwd+bwd ms", "max abs(attnc - Flex)", "SDPA", "SDPA fwd ms", "SDPA fwd+bwd ms",
            "fla fwd ms", "fla fwd+bwd ms", "attnc/Flex fwd", "attnc/Flex fwd+bwd", "attnc/SDPA fwd",
            "attnc/SDPA fwd+bwd", "attnc/fla fwd+bwd", "pred/meas fwd", "note"]
 
@@ -199,7 +202,7 @@ def measure(case: Case, *, toy: bool, device, dtype, heads: int, head_dim: int, 
                for _ in range(3))
     ins = make_inputs(case, pat, heads, head_dim, device, gen)
     with torch.no_grad():
-        attn(q, k, v, **ins)  # compiles and plans: outside the timings
+        out = attn(q, k, v, **ins)  # compiles and plans: outside the timings
 
     def attnc_call(qq, kk, vv):
         return attn(qq, kk, vv, **ins)
@@ -214,26 +217,48 @@ def measure(case: Case, *, toy: bool, device, dtype, heads: int, head_dim: int, 
         row["predicted fwd+bwd"] = rep.best.forward_s + rep.best.backward_s
     except Exception as err:  # noqa: BLE001 - a pattern the simulator does not model: said in the row
         row["notes"] = [f"simulator: {type(err).__name__}: {str(err)[:80]}"]
-    _flex(row, case, pat, q, k, v, ins, toy=toy, device=device, heads=heads)
+    selection = None
+    if pat.kind == "pattern" and pat.route is not None:  # Flex is given the selection attnc made (made per call)
+        with torch.no_grad():
+            selection = attn(q, k, v, return_selection=True, **ins)[-1]
+    _flex(row, case, pat, q, k, v, ins, toy=toy, device=device, heads=heads, selection=selection, out=out)
     _sdpa(row, case, pat, q, k, v, toy=toy)
     _fla(row, case, q, k, v, ins, toy=toy)
     return row
 
 
-def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, heads: int) -> None:
+def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, heads: int, selection=None,
+          out=None) -> None:
+    """Flex's columns, and the largest difference between its output and attnc's ``out`` (the same attention). A routed pattern's Flex is given attnc's selection (``return_selection=True``: one flag per
+    query and key block, or key): the mask without its route, and the selection, read by the ``mask_mod``; its
+    ``BlockMask`` (built per call by such a user, as the selection changes) is the build column."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    source = f"stdlib:{case.name}"
+    params = case.params
+    if selection is not None:
+        source, params = dataclasses.replace(pat, route=None), {}
+        ins = {name: t for name, t in ins.items() if name in {d.name for d in source.inputs}}
     try:
-        exported = attnc.to_flex(f"stdlib:{case.name}", n=case.n, heads=heads, sizes=case.grid, dk=q.shape[-1],
-                                 inputs=ins or None, device=device, **case.params)
+        exported = attnc.to_flex(source, n=case.n, heads=heads, sizes=case.grid, dk=q.shape[-1],
+                                 inputs=ins or None, device=device, **params)
     except Exception as err:  # noqa: BLE001 - what Flex cannot express is named
         why = str(err).splitlines()[0]
         row.setdefault("notes", []).append(f"Flex: {why.split('FlexAttention: ')[-1][:120]}")
         return
+    mask_mod = exported.mask_mod
+    if selection is not None:
+        block = -(-case.n // selection.shape[-1])
+        chosen = selection.to(device)
+
+        def mask_mod(b, h, q_idx, kv_idx, base=exported.mask_mod):
+            return base(b, h, q_idx, kv_idx) & chosen[b, h, q_idx, kv_idx // block]
+
+        row.setdefault("notes", []).append("Flex given attnc's selection")
     torch._dynamo.reset()  # each pattern's mods compile afresh (no recompile limit reached across rows)
-    heads_of_mask = heads if any(str(s) == "h" for s in pat.mask.free_symbols) else None
+    per_head = selection is not None or any(str(s) == "h" for s in pat.mask.free_symbols)
     start = time.perf_counter()
-    block_mask = create_block_mask(exported.mask_mod, 1, heads_of_mask, case.n, case.n, device=device)
+    block_mask = create_block_mask(mask_mod, 1, heads if per_head else None, case.n, case.n, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     row["Flex mask build ms"] = time.perf_counter() - start
@@ -243,7 +268,9 @@ def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, 
         return compiled(qq, kk, vv, score_mod=exported.score_mod, block_mask=block_mask)
 
     with torch.no_grad():
-        flex_call(q, k, v)
+        got = flex_call(q, k, v)
+        if out is not None:
+            row["Flex max diff"] = float((got.float() - out.float()).abs().max())
         row["Flex fwd ms"] = suite.timed(lambda: flex_call(q, k, v), toy)
     if device.type == "cpu":  # torch's Flex has no CPU backward
         row.setdefault("notes", []).append("Flex: no backward on CPU")
@@ -298,7 +325,8 @@ def format_row(row: dict) -> str:
     ms = lambda key: "-" if row.get(key) is None else f"{row[key] * 1e3:.3f}"  # noqa: E731
     cells = [row["pattern"], row.get("kind", "-"), row.get("sizes", "-"), ms("attnc fwd ms"), ms("predicted fwd"),
              ms("attnc fwd+bwd ms"), ms("predicted fwd+bwd"), ms("Flex mask build ms"), ms("Flex fwd ms"),
-             ms("Flex fwd+bwd ms"), row.get("SDPA", "-"), ms("SDPA fwd ms"), ms("SDPA fwd+bwd ms"), ms("fla fwd ms"),
+             ms("Flex fwd+bwd ms"), "-" if row.get("Flex max diff") is None else f"{row['Flex max diff']:.1e}",
+             row.get("SDPA", "-"), ms("SDPA fwd ms"), ms("SDPA fwd+bwd ms"), ms("fla fwd ms"),
              ms("fla fwd+bwd ms"), _ratio(row.get("attnc fwd ms"), row.get("Flex fwd ms")),
              _ratio(row.get("attnc fwd+bwd ms"), row.get("Flex fwd+bwd ms")),
              _ratio(row.get("attnc fwd ms"), row.get("SDPA fwd ms")),
