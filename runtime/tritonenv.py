@@ -7,7 +7,6 @@ installed is a real error and propagates; only a package that is absent becomes
 a message naming it and the command that installs it.
 """
 
-import contextlib
 import importlib
 import os
 import threading
@@ -41,29 +40,42 @@ def require_triton(interpret: bool) -> None:
 
 
 # ----------------------------------------------------------------- compiling generated source
-@contextlib.contextmanager
-def interpreting(on: bool = True):
+class interpreting:  # noqa: N801 - used as a function: ``with interpreting(on):``
     """``TRITON_INTERPRET`` set (or cleared) while kernels are decorated and launched. Where it is set so already
     (unset counts as ``"0"``, as Triton reads it) and no Triton knob overrides it, nothing is changed: a warm launch
-    pays for the lock only."""
-    want = "1" if on else "0"
-    with LOCK:
-        old = os.environ.get("TRITON_INTERPRET")
-        knobs = _knobs_runtime()
-        if (old if old is not None else "0") == want and (knobs is None or "interpret" not in knobs.__dict__):
-            yield
-            return
-        saved = knobs.__dict__.pop("interpret", None) if knobs is not None else None
-        os.environ["TRITON_INTERPRET"] = want
+    pays for the lock only. A class rather than a generator: it is entered at every launch."""
+
+    __slots__ = ("want", "old", "knobs", "saved", "changed")
+
+    def __init__(self, on: bool = True):
+        self.want = "1" if on else "0"
+
+    def __enter__(self):
+        LOCK.acquire()
         try:
-            yield
+            self.old = old = os.environ.get("TRITON_INTERPRET")
+            self.knobs = knobs = _knobs_runtime()
+            self.changed = (old if old is not None else "0") != self.want or (
+                knobs is not None and "interpret" in knobs.__dict__)
+            if self.changed:
+                self.saved = knobs.__dict__.pop("interpret", None) if knobs is not None else None
+                os.environ["TRITON_INTERPRET"] = self.want
+        except BaseException:
+            LOCK.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if self.changed:
+                if self.old is None:
+                    os.environ.pop("TRITON_INTERPRET", None)
+                else:
+                    os.environ["TRITON_INTERPRET"] = self.old
+                if self.knobs is not None and self.saved is not None:
+                    self.knobs.__dict__["interpret"] = self.saved
         finally:
-            if old is None:
-                os.environ.pop("TRITON_INTERPRET", None)
-            else:
-                os.environ["TRITON_INTERPRET"] = old
-            if knobs is not None and saved is not None:
-                knobs.__dict__["interpret"] = saved
+            LOCK.release()
 
 
 _KNOBS: list = []  # Triton's knobs module, once imported (its runtime knobs are read from it at each call)

@@ -48,7 +48,7 @@ def _replayable_call(q, k, v, scale, return_lse) -> bool:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
-    if torch.is_autocast_enabled(q.device.type) or block_max.requested() is not None:
+    if torch.is_autocast_enabled("cuda" if q.is_cuda else q.device.type) or block_max.requested() is not None:
         return False
     return (scale is None or type(scale) is float or type(scale) is int) and type(return_lse) is bool
 
@@ -143,8 +143,8 @@ class WarmCalls:
             if got is not None:
                 attn.__dict__["_last_call"] = entry[1]
                 out = unnormalized_output(attn.pattern, *got)
-                return Restore("bnhd" if bnhd else "bhnd").result((out, got[1]) if return_lse else out, return_lse,
-                                                                   False)
+                result = (out, got[1]) if return_lse else out
+                return Restore("bnhd").result(result, return_lse, False) if bnhd else result
         result = ordinary(q, k, v, scale=scale, return_lse=return_lse, layout=layout, block_table=block_table,
                           cache_seqlens=cache_seqlens, **keywords)
         if entry is None:

@@ -26,6 +26,8 @@ from ...tritonenv import interpreting
 from . import forward as F
 from . import kernel_launch as KL
 
+#: The first item of a replayed fill (``forward.fill_or_record``'s entries).
+FILL = "fill"
 #: Plain values a replayed argument or constexpr may be (compared between the two recordings).
 _PLAIN = (int, float, bool, str, type(None))
 
@@ -49,16 +51,17 @@ class Launcher:
     def __call__(self, *fixed):
         """``(out, lse)`` of the call, or None where a launch ran out of resources (nothing is changed: the
         caller takes the ordinary path, which falls back to smaller tiles)."""
-        slots = [*fixed, *[torch.empty_strided(shape, strides, dtype=dtype, device=device)
-                           for shape, strides, dtype, device in self.buffers]]
+        slots = [*fixed]
+        for shape, strides, dtype, device in self.buffers:
+            slots.append(torch.empty_strided(shape, strides, dtype=dtype, device=device))
         try:
             with interpreting(self.interpret):
                 for entry in self.launches:
-                    if entry[0] == "fill":
+                    if entry[0] is FILL:  # (an identity test: a launch's first item is a dataclass)
                         slots[entry[1]].fill_(entry[2])
                         continue
                     launch, kernel, grid, args, meta, backward, places = entry
-                    args = list(args)
+                    args = [*args]
                     for i, slot in places:
                         args[i] = slots[slot]
                     KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
@@ -120,12 +123,12 @@ def bind(run, fixed: tuple, interpret: bool) -> Launcher | None:
 
     launches = []
     for one, two in zip(first, second, strict=True):
-        if one[0] == "fill" or two[0] == "fill":  # a buffer filled before the launches read it
+        if isinstance(one[0], str) or isinstance(two[0], str):  # a fill: a buffer filled before the launches read it
             if one[0] != two[0] or one[2] != two[2] or (slot := slot_of(one[1], two[1])) is None:
                 return None
             if slot < len(fixed):
                 return None  # the call's own tensor is never filled by a replay
-            launches.append(("fill", slot, one[2]))
+            launches.append((FILL, slot, one[2]))
             continue
         lch, kernel, grid, args, meta, backward = one
         if type(lch) is not type(two[0]) or kernel is not two[1] or grid != two[2] or backward != two[5]:
