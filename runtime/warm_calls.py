@@ -20,6 +20,7 @@ import torch
 
 from ..core import ir
 from .checks import PAGED_VALUES_FAILED, resolve_scale
+from .frontends import varlen_rows
 from .frontends.layouts import Restore
 from .numerics import unnormalized_output
 from .plan import block_max
@@ -133,7 +134,7 @@ class WarmCalls:
         if entry is not None and entry[0] is not None:
             replay, bnhd, most = entry[0]
             cu = keywords.get("cu_seqlens_q")
-            start, count = (None, None) if cu is None else (cu[:-1], cu.diff())
+            start, count = (None, None) if cu is None else varlen_rows.QueryRows(cu, most).as_launched()[:2]
             try:
                 got = replay(q.transpose(1, 2) if bnhd else q, k, v, block_table, cache_seqlens, start, count)
             except RuntimeError as err:  # on the CPU: a value out of range; the ordinary call names it
@@ -166,10 +167,9 @@ class WarmCalls:
         if cu is None:
             start = count = None
             most = qv.shape[2]
-        else:
-            start, count = cu[:-1], cu.diff()
-            given = keywords.get("max_seqlen_q")
-            most = max(1, min(qv.shape[2] if given is None else given, qv.shape[2]))
+        else:  # as the ordinary call launches it (frontends.varlen_rows)
+            most = varlen_rows.launch_bound(keywords.get("max_seqlen_q"), qv.shape[2])
+            start, count, _ = varlen_rows.QueryRows(cu, most).as_launched()
         replay = runner.paged_launcher(qv, k, v, block_table, cache_seqlens, start, count, most,
                                        resolve_scale(scale, qv.shape[-1]))
         return None if replay is None else (replay, bnhd, most)

@@ -136,7 +136,13 @@ def check(rows: QueryRows, q: torch.Tensor, block_table) -> QueryRows:
         raise SpecError(f"expected a positive int, got {most!r}", where="argument max_seqlen_q")
     if cu.is_contiguous() is False:
         cu = cu.contiguous()
-    return QueryRows(cu, max(1, min(most, total)))
+    return QueryRows(cu, launch_bound(most, total))
 
 
-__all__ = ["QueryRows", "check", "take"]
+def launch_bound(most: int | None, total: int) -> int:
+    """The most queries of a row that the launch is sized by: ``max_seqlen_q`` (q's ``total`` where not given),
+    at most ``total``, at least 1."""
+    return max(1, min(total if most is None else most, total))
+
+
+__all__ = ["QueryRows", "check", "launch_bound", "take"]
