@@ -85,22 +85,23 @@ _BLOCK_TYPE_INIT_NAMES = ("element_ty", "isinstance", "list", "tuple", "_unwrap_
                           "validate_block_shape", "numel", "name")
 
 
-def share_block_types() -> None:
+def share_block_types() -> bool:
     """Each operation the interpreter runs builds its result's ``tl.block_type`` (its shape unwrapped, checked
     and printed into its name) and a ``tl.tensor`` whose shape is that shape again as ``constexpr`` objects:
     the same few types, thousands of times per program. Here a block type of a scalar dtype is built once per
     (dtype, shape) and shared (types are never changed once built; equality is by dtype and shape, as before),
-    and a tensor takes its ``constexpr`` shape and size from its type, computed once per type."""
+    and a tensor takes its ``constexpr`` shape and size from its type, computed once per type. Returns whether
+    the types are shared (False: no Triton, or one whose functions read other names, which keeps its own)."""
     try:
         from triton.language import core
     except ModuleNotFoundError:
-        return
+        return False
     block_type, tensor = core.block_type, core.tensor
     if getattr(block_type, "attnc_tests", False):
-        return
+        return True
     if (block_type.__init__.__code__.co_names != _BLOCK_TYPE_INIT_NAMES
             or tensor.__init__.__code__.co_names != _TENSOR_INIT_NAMES):
-        return
+        return False
     import math
 
     build = block_type.__init__
@@ -126,11 +127,14 @@ def share_block_types() -> None:
     def tensor_init(self, handle, type):  # noqa: A002 (Triton's own parameter name)
         core.base_value.__init__(self)
         self.handle = handle
-        sizes = type.__dict__.get("_attnc_constexpr_shape")
+        sizes = getattr(type, "_attnc_constexpr_shape", None)
         if sizes is None:
             shape = type.shape if type.is_block() else ()
             sizes = (tuple([constexpr(s) for s in shape]), constexpr(math.prod(shape)))
-            type._attnc_constexpr_shape = sizes
+            try:
+                type._attnc_constexpr_shape = sizes
+            except AttributeError:  # a type without a __dict__ computes them each time, as Triton does
+                pass
         self.shape, self.numel = sizes
         self.type = type  # tensor type (can be a block type)
         self.dtype = type.scalar
@@ -139,6 +143,7 @@ def share_block_types() -> None:
     block_type.__init__ = init
     tensor.__init__ = tensor_init
     block_type.attnc_tests = True
+    return True
 
 
 def numpy_dtypes_once() -> None:
