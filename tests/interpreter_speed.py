@@ -156,15 +156,9 @@ def numpy_dtypes_once() -> None:
     own = getattr(interpreter, "_get_np_dtype", None)
     if own is None or getattr(own, "attnc_tests", False):
         return
-    import numpy as np
-    import triton.language as tl
-
-    pointer = np.dtype(np.uint64)
     by_name: dict = {}
 
-    def get_np_dtype(tt_dtype):
-        if isinstance(tt_dtype, tl.pointer_type):
-            return pointer
+    def get_np_dtype(tt_dtype):  # a pointer's name says it is one: Triton's answer for every pointer, uint64
         found = by_name.get(tt_dtype.name)
         if found is None:
             found = by_name[tt_dtype.name] = own(tt_dtype)

@@ -46,12 +46,16 @@ def record_or_launch(launch: Launch, kernel, grid, args: list, meta: dict, *, ba
     KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
 
 
+#: The first item of a recorded fill (a recorded launch's first item is its launch dataclass).
+FILL = "fill"
+
+
 def fill_or_record(t: torch.Tensor, value: float) -> None:
-    """``t.fill_(value)``, or the fill recorded as ``("fill", t, value)`` (``recording``): a buffer that must start
+    """``t.fill_(value)``, or the fill recorded as ``(FILL, t, value)`` (``recording``): a buffer that must start
     filled (a packed paged call's rows past its last row's queries), filled again at each replay."""
     made = _RECORD.get()
     if made is not None:
-        made.append(("fill", t, value))
+        made.append((FILL, t, value))
         return
     t.fill_(value)
 

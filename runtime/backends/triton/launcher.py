@@ -26,8 +26,6 @@ from ...tritonenv import interpreting
 from . import forward as F
 from . import kernel_launch as KL
 
-#: The first item of a replayed fill (``forward.fill_or_record``'s entries).
-FILL = "fill"
 #: Plain values a replayed argument or constexpr may be (compared between the two recordings).
 _PLAIN = (int, float, bool, str, type(None))
 
@@ -41,7 +39,7 @@ class Launcher:
     def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int, fixed: int = 3):
         self.buffers = buffers  # (shape, strides, dtype, device) of each per-call buffer
         self.interpret = interpret
-        #: (launch, kernel, grid, args, meta, backward, [(position, slot)]), or ("fill", slot, value)
+        #: (launch, kernel, grid, args, meta, backward, [(position, slot)]), or (forward.FILL, slot, value)
         self.launches = launches
         self.out, self.lse = out, lse  # the slots of the results
         self.owner = None  # the runner whose latest call this is, once replayed (its source, plan, config)
@@ -57,7 +55,7 @@ class Launcher:
         try:
             with interpreting(self.interpret):
                 for entry in self.launches:
-                    if entry[0] is FILL:  # (an identity test: a launch's first item is a dataclass)
+                    if entry[0] is F.FILL:
                         slots[entry[1]].fill_(entry[2])
                         continue
                     launch, kernel, grid, args, meta, backward, places = entry
@@ -123,12 +121,12 @@ def bind(run, fixed: tuple, interpret: bool) -> Launcher | None:
 
     launches = []
     for one, two in zip(first, second, strict=True):
-        if isinstance(one[0], str) or isinstance(two[0], str):  # a fill: a buffer filled before the launches read it
+        if one[0] is F.FILL or two[0] is F.FILL:  # a buffer filled before the launches read it
             if one[0] != two[0] or one[2] != two[2] or (slot := slot_of(one[1], two[1])) is None:
                 return None
             if slot < len(fixed):
                 return None  # the call's own tensor is never filled by a replay
-            launches.append((FILL, slot, one[2]))
+            launches.append((F.FILL, slot, one[2]))
             continue
         lch, kernel, grid, args, meta, backward = one
         if type(lch) is not type(two[0]) or kernel is not two[1] or grid != two[2] or backward != two[5]:
