@@ -281,7 +281,9 @@ def compile_launch(rec: Recorded, arch: int):
     usage = _parse_ptxas(log.getvalue())
     if usage is not None:
         _PTXAS_CACHE[_ptx_key(kernel.asm["ptx"], arch)] = usage
-    consts = {(fn.arg_names[k[0]] if isinstance(k, tuple) else k): v for k, v in constexprs.items()}
+    # a parameter's constant by its name; a group's value's by the group's name and its place in it (``Q[3]``)
+    consts = {(k if not isinstance(k, tuple) else fn.arg_names[k[0]] + "".join(f"[{i}]" for i in k[1:])): v
+              for k, v in constexprs.items()}
     return kernel, options, consts
 
 

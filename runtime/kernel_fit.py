@@ -157,14 +157,29 @@ def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = Non
     return probe
 
 
+def leaves(args) -> list:
+    """A launch's argument values, each group's (a tuple argument, ``compiler.triton_codegen.signature``) in it."""
+    out = []
+    for a in args:
+        if isinstance(a, tuple):
+            out += leaves(a)
+        else:
+            out.append(a)
+    return out
+
+
 def specialization(args: list) -> tuple:
-    """What Triton compiles a kernel apart for, argument by argument (``JITFunction``'s binder): a tensor's
-    dtype and 16-byte alignment, an int's being 1, divisible by 16 or wider than 32 bits; with the first
-    tensor's device."""
+    """What Triton compiles a kernel apart for, value by value (``JITFunction``'s binder; a group's values as
+    parameters of their own): a tensor's dtype and 16-byte alignment, an int's being 1, divisible by 16 or wider
+    than 32 bits; with the first tensor's device."""
     out = []
     device = None
     for a in args:
-        if isinstance(a, bool) or a is None or isinstance(a, float):
+        if isinstance(a, tuple):
+            inner_device, inner = specialization(a)
+            out.append(inner)
+            device = device if device is not None else inner_device
+        elif isinstance(a, bool) or a is None or isinstance(a, float):
             out.append(a if a is None or isinstance(a, bool) else float)
         elif isinstance(a, int):
             out.append((a == 1, a % 16 == 0, -(2**31) <= a < 2**31))
@@ -248,9 +263,9 @@ def lowered() -> list[str]:
 
 def on_gpu(args: list) -> bool:
     """Whether a launch's tensors live on a GPU (its kernel compiles and loads there)."""
-    return next((a.device.type == "cuda" for a in args if hasattr(a, "device")), False)
+    return next((a.device.type == "cuda" for a in leaves(args) if hasattr(a, "device")), False)
 
 
 __all__ = ["FITTED", "TRITON_DEFAULTS", "UNCLEAN", "WARPS", "Fit", "Rung", "choose", "fitted_options", "launches_as_picked",
-           "lowered", "native_probe", "on_gpu", "rungs",
+           "leaves", "lowered", "native_probe", "on_gpu", "rungs",
            "specialization", "steps_runs", "traps_at_entry"]

@@ -11,6 +11,7 @@ import torch
 
 import attnc
 from attnc.runtime import api
+from attnc.runtime.kernel_fit import leaves
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton.runner import TritonRunner
 
@@ -101,7 +102,7 @@ def test_replay_launches_as_the_ordinary_path(monkeypatch):
     q, k, v = _qkv(80)
     seen: list = []
     monkeypatch.setattr(KL, "launch_kernel", lambda launch, kernel, grid, args, meta, *, backward: seen.append(
-        (kernel, grid, dict(meta), [a for a in args if isinstance(a, torch.Tensor)])))
+        (kernel, grid, dict(meta), [a for a in leaves(args) if isinstance(a, torch.Tensor)])))
     with torch.inference_mode():
         attn(q, k, v)
         attn(q, k, v)

@@ -12,11 +12,11 @@ are ``compiler.triton_codegen.scores``'s, the tile addressing ``compiler.triton_
 from __future__ import annotations
 
 import math
-import re
 
 from . import paged_lines
 from .exprs import LN2, LOG2E
 from .scores import scale_in_exponent
+from .signature import Param, constexpr, constexprs, group, opening, taken, tensor, value
 
 
 def indent(lines: list[str], n: int) -> str:
@@ -27,24 +27,24 @@ def indent(lines: list[str], n: int) -> str:
 
 #: A block's run-time sizes (``KernelSource.block``): offsets, rows and tile counts
 BLOCK_PARAMS = ["Q_OFF", "K_OFF", "Q_EXT", "K_EXT", "TILES_Q", "TILES_K"]
-#: A paged batch's run-time sizes (``attnc_fwd_paged``): q's rows, the pool's pages, the table's capacity in keys
-PAGED_PARAMS = ["Q_ROWS", "NUM_PAGES", "MAX_KEYS"]
 
 
-def kernel_def(name: str, params: list[str], doc: str, body: list[str]) -> str:
-    """A ``@triton.jit`` kernel's text: parameters packed on lines of at most 110 characters, a one-line
-    docstring, the body. A block's run-time sizes are not specialized on: Triton would compile a kernel
-    for each new value's divisibility by 16 (a decode step's length changes at every step)."""
-    fixed = [p for p in params if p in BLOCK_PARAMS or p in PAGED_PARAMS or re.fullmatch(r"in\d+_n\d+", p)]
+def kernel_def(name: str, params: list[Param], doc: str, body: list[str]) -> str:
+    """A ``@triton.jit`` kernel's text (``signature``): the parameters its body reads, packed on lines of at most 110
+    characters, a one-line docstring, its groups opened, the body. A run-time size (``Param.fixed``: a block's, a
+    paged batch's, a block input's extent) is not specialized on: Triton would compile a kernel for each new value's
+    divisibility by 16 (a decode step's length changes at every step)."""
+    params = taken(params, body)
+    fixed = [p.name for p in params if p.fixed]
     jit = f"@triton.jit(do_not_specialize={fixed})" if fixed else "@triton.jit"
     rows: list[str] = []
-    for param in params:
+    for param in (p.text() for p in params):
         if rows and len(rows[-1]) + len(param) + 6 <= 110:
             rows[-1] += f" {param},"
         else:
             rows.append(f"{param},")
     return (f"\n\n{jit}\ndef {name}(\n" + indent(rows, 4) + "):\n"
-            + f'    """{doc}"""\n' + indent(body, 4))
+            + f'    """{doc}"""\n' + indent([*opening(params), *body], 4))
 
 
 def list_loop(kind: str, tiles: int, tile_var: str, warp_spec: bool = False, split: bool = False) -> list[str]:
@@ -129,9 +129,24 @@ def list_tile(kind: str, tile_var: str, comment: str = "") -> list[str]:
             f"    {tile_var} = tl.load(list_base + j){note}"]
 
 
-def run_params(*kinds: str) -> list[str]:
+def run_params(*kinds: str) -> list[Param]:
     """The ``{kind}_RUN`` constexprs of a kernel's lists (False: indices loaded in the loop)."""
-    return [f"{kind}_RUN: tl.constexpr = False" for kind in kinds]
+    return [constexpr(f"{kind}_RUN", "False") for kind in kinds]
+
+
+def tile_list(kind: str) -> Param:
+    """A tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) as one group: its counts, entries and row width."""
+    return group(kind, f"{kind}_N", f"{kind}_I", f"{kind.lower()}_w")
+
+
+#: The forward's and the dQ kernel's streamed tensors and outputs; the backward kernels' row terms (the lse in log2
+#: units and delta, with their shared strides)
+Q, K, V = tensor("Q", "sq_b", "sq_h", "sq_n"), tensor("K", "sk_b", "sk_h", "sk_n"), tensor("V", "sv_b", "sv_h", "sv_n")
+FWD_OUT = [tensor("O", "so_b", "so_h", "so_n", "so_s"), tensor("LSE", "sl_b", "sl_h", "sl_s")]
+ROW_TERMS = group("ROW_TERMS", "LSE2", "DELTA", "sl_b", "sl_h")
+#: What every pass takes last: the launch order, the descriptors, the scale, the group size and head dims
+SIZES = [value("scale"), value("GROUP"), value("D"), value("DV")]
+BLOCKS = constexprs("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT")
 
 
 KV_LOADS = [
@@ -165,18 +180,22 @@ class KernelBodies:
     shape and inputs, and calls its tile lines (``_tiles``) and score lines (``ScoreLines``)."""
 
     # ------------------------------------------------------------ parameters and tile lists
-    def _all_input_params(self) -> list[str]:
+    def _all_input_params(self) -> list[Param]:
+        """Each call-time input: its pointer and strides (its batch stride first), and a block's run-time extents."""
         out = []
         for slot in self.inputs.values():
-            out += [slot.pointer, f"in{slot.index}_sb", *slot.strides(), *slot.extents()]
+            out += [tensor(slot.pointer, f"in{slot.index}_sb", *slot.strides()),
+                    *(value(e, fixed=True) for e in slot.extents())]
         return out
 
-    def _common_params(self) -> list[str]:
-        return ["FULL_N", "FULL_I", "PART_N", "PART_I", "full_w", "part_w", "cls_b", "cls_h",
-                "SEL", "KEY_BLOCK", "sel_b", "sel_h", "sel_n", "DC", "dc_b", "dc_h", "dc_lo",
-                "DR", "dr_b", "dr_h", "SOFTCAP",
-                *self._all_input_params(), *(["ERR"] if self.checks else []),
-                *(BLOCK_PARAMS if self.block else [])]
+    def _common_params(self) -> list[Param]:
+        """The lists, their (batch, head) class strides, a route's selection and key blocks, a decay's prefix sums
+        and resets, the softcap, the inputs, the index check's slots and a block's sizes."""
+        return [tile_list("FULL"), tile_list("PART"), group("CLS", "cls_b", "cls_h"),
+                tensor("SEL", "sel_b", "sel_h", "sel_n"), value("KEY_BLOCK"),
+                group("DECAY", "DC", "dc_b", "dc_h", "dc_lo", "DR", "dr_b", "dr_h"), value("SOFTCAP"),
+                *self._all_input_params(), *([value("ERR")] if self.checks else []),
+                *(value(p, fixed=True) for p in (BLOCK_PARAMS if self.block else []))]
 
     def shape_tiles_q(self) -> int | str:
         """The number of Q tiles (a tile list's row stride); a block's: the run-time ``TILES_Q``."""
@@ -212,20 +231,16 @@ class KernelBodies:
         one_loop = one_loop_applies(self.pat)
         # WARP_SPEC only where some architecture specializes this pattern's forward (``warp_specialized_form``)
         specializable = any(warp_specialized_form(self.pat, cc) for cc in (90, 100))
-        params = ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *self._common_params(),
-                  "ORDER", "KD", "VD", "scale", "GROUP", "D", "DV", "BM", "sbm_b", "sbm_h", "sbm_n",
-                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ORDERED: tl.constexpr = False",
-                  *run_params("FULL", "PART"), "DESC: tl.constexpr = False",
-                  *(["WARP_SPEC: tl.constexpr = False"] if specializable else []),
-                  "SPLIT_KV: tl.constexpr = False", "BLOCK_MAX: tl.constexpr = False", "BMAX_G: tl.constexpr = 1",
-                  "BMAX_C: tl.constexpr = 1"]
+        params = [Q, K, V, *FWD_OUT, *self._common_params(), value("ORDER"), value("KD"), value("VD"), *SIZES,
+                  tensor("BM", "sbm_b", "sbm_h", "sbm_n"), *BLOCKS,
+                  *constexprs("ORDERED = False"), *run_params("FULL", "PART"), *constexprs("DESC = False"),
+                  *(constexprs("WARP_SPEC = False") if specializable else []),
+                  *constexprs("SPLIT_KV = False", "BLOCK_MAX = False", "BMAX_G = 1", "BMAX_C = 1")]
         if one_loop:
-            params.append("ONE_LOOP: tl.constexpr = False")
+            params += constexprs("ONE_LOOP = False")
         in_exp = scale_in_exponent(self.pat)
         if in_exp:
-            params.append("POS_SCALE: tl.constexpr = False")
+            params += constexprs("POS_SCALE = False")
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -384,10 +399,8 @@ class KernelBodies:
                             *self._terms(masked, grad=False),
                             *update])
         body += self._grouped_epilogue(q_rows)
-        if paged:  # a kernel of its own: it takes what its body reads, bound by name at the launch
+        if paged:
             body += paged_lines.row_check()
-            text = "\n".join(body)
-            params = [p for p in params if re.search(rf"\b{p.split(':')[0]}\b", text)]
             return kernel_def("attnc_fwd_paged", params,
                               "Forward over a paged KV cache: one program per (Q tile, row x K/V head) (x split), each "
                               "row its own lengths, its query heads' rows packed in one tile.", body)
@@ -395,19 +408,15 @@ class KernelBodies:
                           "Forward of a few rows: one program per (Q tile, batch x K/V head) (x split), its query "
                           "heads' rows packed in one tile.", body)
 
-    def _grouped_params(self, paged: bool, in_exp: bool) -> list[str]:
+    def _grouped_params(self, paged: bool, in_exp: bool) -> list[Param]:
         """The grouped forward's parameters; ``paged``: ``attnc_fwd_paged``'s, a row's offsets and extents read
         from the device rather than given (``paged_lines.runtime_params``)."""
         common = self._common_params()
         if paged:
             common = paged_lines.runtime_params(common)
-        return ["Q", "K", "V", "O", "LSE", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n", "sv_b", "sv_h", "sv_n",
-                "so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s", *common,
-                "scale", "GROUP", "D", "DV",
-                "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", *(paged_lines.CONSTEXPRS if paged else []),
-                *run_params("FULL", "PART"), "SPLIT_KV: tl.constexpr = False",
-                *(["POS_SCALE: tl.constexpr = False"] if in_exp else [])]
+        return [Q, K, V, *FWD_OUT, *common, *SIZES, *BLOCKS, *(paged_lines.CONSTEXPRS if paged else []),
+                *run_params("FULL", "PART"), *constexprs("SPLIT_KV = False"),
+                *(constexprs("POS_SCALE = False") if in_exp else [])]
 
     @staticmethod
     def _grouped_epilogue(q_rows: str) -> list[str]:
@@ -492,9 +501,9 @@ class KernelBodies:
         ``exp(lse_s - lse)``, ``lse = log(sum_s exp(lse_s))``, in two passes over the splits (their max, then
         the weighted sums: no rescaling). A split without a key of the row (lse -inf) weighs 0; a row without
         any keeps out = 0 and lse = -inf, as the one-program forward gives it."""
-        params = ["PO", "PL", "O", "LSE", "sp_s", "sp_b", "sp_h", "sp_n", "spl_s", "spl_b", "spl_h",
-                  "so_b", "so_h", "so_n", "sl_b", "sl_h", "ROWS", "DV", "SPLITS",
-                  "BLOCK_R: tl.constexpr", "BLOCK_DV: tl.constexpr"]
+        params = [tensor("PO", "sp_s", "sp_b", "sp_h", "sp_n"), tensor("PL", "spl_s", "spl_b", "spl_h"),
+                  tensor("O", "so_b", "so_h", "so_n"), tensor("LSE", "sl_b", "sl_h"), value("ROWS"), value("DV"),
+                  value("SPLITS"), *constexprs("BLOCK_R", "BLOCK_DV")]
         body = [
             "rb = tl.program_id(0)  # a block of rows",
             "bh = tl.program_id(1)",
@@ -619,9 +628,10 @@ class KernelBodies:
         (``HAS_DLSE``) enters here. It also gives the lse in log2 units with +inf for rows without a key
         (``LSE2``), which the dQ and dK/dV kernels read as it is: the dK/dV kernel loads a Q tile's lse in
         every step of its loops, where converting it took three instructions a score."""
-        params = ["O", "DO", "DLSE", "DELTA", "LSE", "LSE2", "so_b", "so_h", "so_n", "so_d", "sdo_b", "sdo_h",
-                  "sdo_n", "sdo_d", "sdl_b", "sdl_h", "sdl_n", "sd_b", "sd_h", "sll_b", "sll_h", "sll_n", "N", "DV",
-                  "HAS_DLSE: tl.constexpr", "BLOCK_R: tl.constexpr", "BLOCK_DV: tl.constexpr"]
+        params = [tensor("O", "so_b", "so_h", "so_n", "so_d"), tensor("DO", "sdo_b", "sdo_h", "sdo_n", "sdo_d"),
+                  tensor("DLSE", "sdl_b", "sdl_h", "sdl_n"), group("ROW_TERMS", "LSE2", "DELTA", "sd_b", "sd_h"),
+                  tensor("LSE", "sll_b", "sll_h", "sll_n"), value("N"), value("DV"),
+                  *constexprs("HAS_DLSE", "BLOCK_R", "BLOCK_DV")]
         body = [
             "rb = tl.program_id(0)  # a block of rows",
             "bh = tl.program_id(1)",
@@ -647,17 +657,17 @@ class KernelBodies:
                           "Backward pre-pass: delta = rowsum(dO * O) - dlse and lse * log2(e), fp32, per (row block, "
                           "batch x head).", body)
 
-    def _bwd_params(self) -> list[str]:
-        return ["Q", "K", "V", "DO", "LSE2", "DELTA", "sq_b", "sq_h", "sq_n", "sk_b", "sk_h", "sk_n",
-                "sv_b", "sv_h", "sv_n", "sdo_b", "sdo_h", "sdo_n", "sl_b", "sl_h"]
+    @staticmethod
+    def _bwd_params() -> list[Param]:
+        """What both backward kernels stream: q, k, v, dO and the row terms."""
+        return [Q, K, V, tensor("DO", "sdo_b", "sdo_h", "sdo_n"), ROW_TERMS]
 
     def _backward_dq(self) -> str:
-        params = [*self._bwd_params(), "DQ", "sdq_b", "sdq_h", "sdq_n", "DSQ", "sr_b", "sr_h", "DS", "ds_w",
-                  *self._common_params(), "ORDER", "QD", "KD", "VD", "DOD", "scale", "GROUP", "D", "DV",
-                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "STORE_DS: tl.constexpr", "ORDERED: tl.constexpr = False", *run_params("FULL", "PART"),
-                  "DESC: tl.constexpr = False"]
+        params = [*self._bwd_params(), tensor("DQ", "sdq_b", "sdq_h", "sdq_n"), tensor("DSQ", "sr_b", "sr_h"),
+                  tensor("DS", "ds_w"), *self._common_params(),
+                  *(value(name) for name in ("ORDER", "QD", "KD", "VD", "DOD")), *SIZES, *BLOCKS,
+                  *constexprs("ROW_SUMS", "STORE_DS", "ORDERED = False"), *run_params("FULL", "PART"),
+                  *constexprs("DESC = False")]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
@@ -711,15 +721,12 @@ class KernelBodies:
                           "Backward, query side: one program per (Q tile, batch x query head).", body)
 
     def _backward_dkdv(self) -> str:
-        params = [*self._bwd_params(), "DK", "DV_", "sdk_b", "sdk_h", "sdk_n", "sdk_s", "sdv_b", "sdv_h", "sdv_n", "sdv_s",
-                  "DSK", "sr_b", "sr_h", "DQA", "sdqa_b", "sdqa_h", "sdqa_n",
-                  "T_FULL_N", "T_FULL_I", "T_PART_N", "T_PART_I", "t_full_w", "t_part_w",
-                  *self._common_params(), "ORDER", "QD", "DOD", "scale", "GROUP", "D", "DV",
-                  "BLOCK_M: tl.constexpr", "BLOCK_N: tl.constexpr", "BLOCK_D: tl.constexpr",
-                  "BLOCK_DV: tl.constexpr", "DOT: tl.constexpr", "ROW_SUMS: tl.constexpr",
-                  "QT_VIEW: tl.constexpr = False", "ORDERED: tl.constexpr = False",
-                  *run_params("T_FULL", "T_PART"), "DESC: tl.constexpr = False", "SPLIT: tl.constexpr = 1",
-                  "SHARE: tl.constexpr = 1", "ATOMIC_DQ: tl.constexpr = False"]
+        params = [*self._bwd_params(), tensor("DK", "sdk_b", "sdk_h", "sdk_n", "sdk_s"),
+                  tensor("DV_", "sdv_b", "sdv_h", "sdv_n", "sdv_s"), tensor("DSK", "sr_b", "sr_h"),
+                  tensor("DQA", "sdqa_b", "sdqa_h", "sdqa_n"), tile_list("T_FULL"), tile_list("T_PART"),
+                  *self._common_params(), value("ORDER"), value("QD"), value("DOD"), *SIZES, *BLOCKS,
+                  *constexprs("ROW_SUMS", "QT_VIEW = False", "ORDERED = False"), *run_params("T_FULL", "T_PART"),
+                  *constexprs("DESC = False", "SPLIT = 1", "SHARE = 1", "ATOMIC_DQ = False")]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.launch_order): KV tiles by their Q tile count",

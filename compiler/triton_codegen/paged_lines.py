@@ -4,21 +4,24 @@ a range's list at the row's KV tiles. The runtime side is ``runtime.backends.tri
 
 from __future__ import annotations
 
+from .signature import Param, constexprs, tensor, value
+
 #: The grouped forward's block sizes that a paged program reads per row instead of taking them.
 GIVEN_SIZES = ("Q_OFF", "K_OFF", "Q_EXT", "K_EXT")
-#: What a paged program takes besides: the block table, each row's key count, first query row and query count,
-#: q's rows, the pool's pages, the table's capacity in keys, the lists' ranges, the most queries of a row and each
-#: row's check flag (``ROW_CHECK``).
-PAGED_RUNTIME = ["BT", "sbt_b", "SEQ", "QS", "QN", "Q_ROWS", "NUM_PAGES", "MAX_KEYS", "RANGES", "MAX_Q", "OK"]
+#: What a paged program takes besides: the block table (its row stride), each row's key count, first query row and
+#: query count, q's rows, the pool's pages, the table's capacity in keys (those three never specialised on: they
+#: change between calls), the lists' ranges, the most queries of a row and each row's check flag (``ROW_CHECK``).
+PAGED_RUNTIME = [tensor("BT", "sbt_b"), value("SEQ"), value("QS"), value("QN"),
+                 *(value(name, fixed=True) for name in ("Q_ROWS", "NUM_PAGES", "MAX_KEYS")),
+                 value("RANGES"), value("MAX_Q"), value("OK")]
 #: Page ids a row's check reads at once.
 CHECK_PAGES = 32
-CONSTEXPRS = ["PAGE: tl.constexpr", "POOL_ROWS: tl.constexpr", "RANGE: tl.constexpr", "FULL_STEPS: tl.constexpr",
-              "PART_STEPS: tl.constexpr"]
+CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS")
 
 
-def runtime_params(common: list[str]) -> list[str]:
+def runtime_params(common: list[Param]) -> list[Param]:
     """The grouped forward's shared parameters (``_common_params``) as a paged program takes them."""
-    return [p for p in common if p not in GIVEN_SIZES] + PAGED_RUNTIME
+    return [p for p in common if p.name not in GIVEN_SIZES] + PAGED_RUNTIME
 
 
 def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:

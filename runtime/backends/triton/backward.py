@@ -29,15 +29,14 @@ def _row_term(launch: Launch, out, lse, dout, dlse) -> tuple[torch.Tensor, torch
     lse_l2 = torch.empty_like(delta)
     block_dv = padded_head_dim(DV)
     block_r = max(8, min(128, 8192 // block_dv))  # 8K elements of each tile per program
-    dl = dlse if dlse is not None else KL.dummy(out.device)
-    dl_strides = dlse.stride() if dlse is not None else (0, 0, 0)
+    named = {"O": (out, *out.stride()), "DO": (dout, *dout.stride()),
+             "DLSE": (dlse, *dlse.stride()) if dlse is not None else (KL.dummy(out.device), 0, 0, 0),
+             "ROW_TERMS": (lse_l2, delta, *delta.stride()[:2]), "LSE": (lse, *lse.stride()), "N": N, "DV": DV}
+    # 4 warps: at 8, ptxas spills it on sm_100 (48 registers, 32 B; Triton 3.9)
+    meta = dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4)
     with interpreting(launch.interpret):
         KL.launch_kernel(launch, launch.module.attnc_bwd_delta, (-(-N // block_r), B * H),
-                       [out, dout, dl, delta, lse, lse_l2, *out.stride(), *dout.stride(), *dl_strides,
-                        *delta.stride()[:2], *lse.stride(), N, DV],
-                       # 4 warps: at 8, ptxas spills it on sm_100 (48 registers, 32 B; Triton 3.9)
-                       dict(HAS_DLSE=dlse is not None, BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4),
-                       backward=True)
+                         *KL.bound_args(launch.module.attnc_bwd_delta, named, meta), backward=True)
     return delta, lse_l2
 
 
@@ -61,12 +60,11 @@ def _row_sum_buffers(launch: Launch, row_sums: bool, B: int, Hq: int, Nq: int, N
     return dsq, dsk, (dsq.stride(0), dsq.stride(1))
 
 
-def _head_args(inputs: tuple) -> list:
-    """The backward kernels' leading arguments: q, k, v, dO, lse, delta (in a launch's token order) and the
-    strides of the first five."""
+def _head_args(inputs: tuple) -> dict:
+    """What both backward kernels stream, by name: q, k, v, dO and the row terms (the lse in log2 units and
+    delta, which share their strides), in a launch's token order."""
     qp, kp, vp, dop, lsep, deltap = inputs
-    return [qp, kp, vp, dop, lsep, deltap, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3],
-            *dop.stride()[:3], *lsep.stride()[:2]]
+    return {**KL.streamed(qp, kp, vp), "DO": (dop, *dop.stride()[:3]), "ROW_TERMS": (lsep, deltap, *lsep.stride()[:2])}
 
 
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
@@ -90,12 +88,12 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     decay_c = KL.decay_cumsum(launch, device)
     if atomic:
         dq = torch.zeros(qp.shape, dtype=torch.float32, device=device)
-        dqa = [dq, *dq.stride()[:3]]
+        dqa = (dq, *dq.stride()[:3])
     else:
         dq = torch.empty_like(q_side[0])
-        dqa = [None] * 4  # constants to Triton: the kernel without ATOMIC_DQ has no such parameters (ORDER's way)
+        dqa = (None,) * 4  # constants to Triton: the kernel without ATOMIC_DQ has no such parameters (ORDER's way)
     dsq, dsk, sr = _row_sum_buffers(launch, row_sums, B, Hq, Nq, Nk, device)
-    tail = [float(scale), Hq // Hkv, D, DV]
+    tail = KL.sizes(scale, Hq // Hkv, D, DV)
     ieee = KL.dot_mode(launch, q.dtype)
     # the dQ kernel (its own launch where it has tiles of its own); dS for the bias inputs' gradients at its tiles
     qsched, qblocks = qlaunch.plan.schedule, KL.block_sizes(qlaunch, D, DV)
@@ -105,16 +103,16 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
 
     def dq_call() -> tuple:
         """The dQ kernel's (grid, args, meta)."""
-        q_order, q_ordered = KL.order_args(KL.launch_orders(qlaunch, B, Hq, Hkv, device), "Q")
+        q_order, q_ordered = KL.order_arg(KL.launch_orders(qlaunch, B, Hq, Hkv, device), "Q")
         # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
         q_descs, q_desc = tma.descriptors(qlaunch, {
             "QD": (q_side[0], "q", qblocks["BLOCK_D"]), "KD": (q_side[1], "k", qblocks["BLOCK_D"]),
             "VD": (q_side[2], "k", qblocks["BLOCK_DV"]), "DOD": (q_side[3], "q", qblocks["BLOCK_DV"])})
-        args = [*_head_args(q_side), dq, *dq.stride()[:3], dsq, *sr, ds_buf, ds_w,
-                *KL.common_args(qlaunch, device, decay_c), *q_order, *q_descs, *tail]
+        named = {**_head_args(q_side), "DQ": (dq, *dq.stride()[:3]), "DSQ": (dsq, *sr), "DS": (ds_buf, ds_w),
+                 **KL.common_args(qlaunch, device, decay_c), "ORDER": q_order, **q_descs, **tail}
         meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
                     **KL.runs_meta(qlaunch, "FULL", "PART"), **q_desc)
-        return (qsched.num_q_tiles, B * Hq), args, meta
+        return ((qsched.num_q_tiles, B * Hq), *KL.bound_args(qlaunch.module.attnc_bwd_dq, named, meta))
 
     kblocks = KL.block_sizes(launch, D, DV)
     k_descs, k_desc = tma.descriptors(launch, {"QD": (qp, "q", kblocks["BLOCK_D"]), "DOD": (dop, "q", kblocks["BLOCK_DV"])})
@@ -125,18 +123,20 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         dK and dV, or (more than one) fp32 partials, one per share of the group, at the share's offset."""
         if split == 1:
             outs = (torch.empty_like(kp), torch.empty_like(vp))
-            strides = [*outs[0].stride()[:3], 0, *outs[1].stride()[:3], 0]
+            dk_dv = [(t, *t.stride()[:3], 0) for t in outs]
         else:
             outs = tuple(torch.empty(split, *t.shape, dtype=torch.float32, device=device) for t in (kp, vp))
-            strides = [*outs[0].stride()[1:4], outs[0].stride(0), *outs[1].stride()[1:4], outs[1].stride(0)]
-        k_order, k_ordered = KL.order_args(KL.launch_orders(launch, B, Hq, Hkv, device, split), "K")
-        args = [*_head_args((qp, kp, vp, dop, lsep, deltap)), *outs, *strides, dsk, *sr, *dqa, L["T_FULL_N"], L["T_FULL_I"],
-                L["T_PART_N"], L["T_PART_I"], L["T_FULL_I"].shape[-1], L["T_PART_I"].shape[-1],
-                *KL.common_args(launch, device, decay_c), *k_order, *k_descs, *tail]
+            dk_dv = [(t, *t.stride()[1:4], t.stride(0)) for t in outs]
+        k_order, k_ordered = KL.order_arg(KL.launch_orders(launch, B, Hq, Hkv, device, split), "K")
+        named = {**_head_args((qp, kp, vp, dop, lsep, deltap)), "DK": dk_dv[0], "DV_": dk_dv[1], "DSK": (dsk, *sr),
+                 "DQA": dqa, "T_FULL": (L["T_FULL_N"], L["T_FULL_I"], L["T_FULL_I"].shape[-1]),
+                 "T_PART": (L["T_PART_N"], L["T_PART_I"], L["T_PART_I"].shape[-1]),
+                 **KL.common_args(launch, device, decay_c), "ORDER": k_order, **k_descs, **tail}
         meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=KL.qt_view(q.device), **k_ordered,
                     **KL.runs_meta(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split,
                     ATOMIC_DQ=atomic)
-        return (launch.plan.schedule.num_kv_tiles, B * Hkv * split), args, meta, outs
+        return ((launch.plan.schedule.num_kv_tiles, B * Hkv * split),
+                *KL.bound_args(launch.module.attnc_bwd_dkdv, named, meta), outs)
 
     split = KL.fitting_group_split(launch, dkdv_call, B, Hq, Hkv, device, D, q.element_size(), kernel_fit.on_gpu([q]),
                                  atomic)

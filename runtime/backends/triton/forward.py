@@ -37,8 +37,10 @@ def recording():
         _RECORD.reset(token)
 
 
-def record_or_launch(launch: Launch, kernel, grid, args: list, meta: dict, *, backward: bool) -> None:
-    """``KL.launch_kernel``, or the launch recorded (``recording``)."""
+def record_or_launch(launch: Launch, kernel, grid, named: dict, meta: dict, *, backward: bool) -> None:
+    """``KL.launch_kernel`` of ``kernel`` with the arguments it takes of ``named`` and ``meta`` (``KL.bound_args``),
+    or the launch recorded (``recording``)."""
+    args, meta = KL.bound_args(kernel, named, meta)
     made = _RECORD.get()
     if made is not None:
         made.append((launch, kernel, grid, args, meta, backward))
@@ -77,7 +79,7 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     nq_tiles = launch.plan.schedule.num_q_tiles
     splits = split_kv.choose_splits(launch.plan, B, Hq, KL.sms_of(torch.device(device))) if may_split else 1
     decay_c = KL.decay_cumsum(launch, device)
-    order, ordered = KL.order_args(KL.launch_orders(launch, B, Hq, Hkv, device), "Q")
+    order, ordered = KL.order_arg(KL.launch_orders(launch, B, Hq, Hkv, device), "Q")
     fblocks = KL.block_sizes(launch, D, DV)
     kv = {"KD": (kp, "k", fblocks["BLOCK_D"]), "VD": (vp, "k", fblocks["BLOCK_DV"])}
     views = tma.tma_views(launch, kv)
@@ -86,17 +88,17 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     if splits > 1 and specialize.get("ONE_LOOP"):  # a split forward runs the two loops (split_kv)
         specialize = {}
     # a forward in one loop loads by descriptors of its own, not the host's
-    descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else ([None, None], {"DESC": False})
+    descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else (dict.fromkeys(kv), {"DESC": False})
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
-    dest, dest_strides = forward_outputs(out, lse, partial)
+    dest = forward_outputs(out, lse, partial)
     size = block_max.requested()
     pooled, pool_meta = _row_maxima(launch, size, B, Hq, rows, device) if size is not None else (None, {})
-    pool_args = [pooled, *pooled.stride()[:3]] if pooled is not None else [KL.dummy(device), 0, 0, 0]
-    args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
-            *KL.common_args(launch, device, decay_c), *order, *descs, float(scale), Hq // Hkv, D, DV, *pool_args]
+    named = {**KL.streamed(qp, kp, vp), **dest, **KL.common_args(launch, device, decay_c), "ORDER": order, **descs,
+             **KL.sizes(scale, Hq // Hkv, D, DV),
+             "BM": (pooled, *pooled.stride()[:3]) if pooled is not None else (KL.dummy(device), 0, 0, 0)}
     grid, split_meta = ((nq_tiles, B * Hq, splits), {"SPLIT_KV": True}) if partial is not None else ((nq_tiles, B * Hq), {})
     with interpreting(launch.interpret):
-        record_or_launch(launch, launch.module.attnc_fwd, grid, args,
+        record_or_launch(launch, launch.module.attnc_fwd, grid, named,
                        dict(**fblocks, DOT=KL.dot_mode(launch, q.dtype), **ordered,
                             **KL.runs_meta(launch, "FULL", "PART"), **desc, **scale_sign(launch, scale),
                             **specialize, **split_meta, **pool_meta), backward=False)
@@ -124,13 +126,12 @@ def _forward_grouped(launch: Launch, q, k, v, scale: float, block_m: int, may_sp
     lse = torch.empty(B, Hq, rows, dtype=torch.float32, device=device)
     splits = split_kv.choose_splits(launch.plan, B, Hkv, KL.sms_of(torch.device(device))) if may_split else 1
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
-    dest, dest_strides = forward_outputs(out, lse, partial)
-    args = [qp, kp, vp, *dest, *qp.stride()[:3], *kp.stride()[:3], *vp.stride()[:3], *dest_strides,
-            *KL.common_args(launch, device, None), float(scale), group, D, DV]
+    named = {**KL.streamed(qp, kp, vp), **forward_outputs(out, lse, partial), **KL.common_args(launch, device, None),
+             **KL.sizes(scale, group, D, DV)}
     programs = (launch.plan.schedule.num_q_tiles, B * Hkv)
     grid, split_meta = ((*programs, splits), {"SPLIT_KV": True}) if partial is not None else (programs, {})
     with interpreting(launch.interpret):
-        record_or_launch(launch, launch.module.attnc_fwd_grouped, grid, args,
+        record_or_launch(launch, launch.module.attnc_fwd_grouped, grid, named,
                 dict(**KL.block_sizes(launch, D, DV), DOT=KL.dot_mode(launch, q.dtype), **runs,
                      **scale_sign(launch, scale), **split_meta) | {"BLOCK_M": block_m}, backward=False)
         if partial is not None:
@@ -161,14 +162,14 @@ def _row_maxima(launch: Launch, size: int, B: int, Hq: int, rows: int, device) -
             {"BLOCK_MAX": True, "BMAX_G": group, "BMAX_C": tile // group})
 
 
-def forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> tuple[list, list]:
-    """The forward's ``O``, ``LSE`` and their strides (``so_b, so_h, so_n, sl_b, sl_h, so_s, sl_s``): ``out`` and
-    ``lse`` themselves, the split strides None (constants to Triton: the kernel without ``SPLIT_KV`` has no such
-    parameters, as ``ORDER``); or the split-KV partials ``[splits, B, H, rows (, DV)]`` (``split_kv.partials``)."""
+def forward_outputs(out: torch.Tensor, lse: torch.Tensor, partial: tuple | None) -> dict:
+    """The forward's ``O`` (its batch, head, row and split strides) and ``LSE`` (batch, head, split): ``out`` and
+    ``lse`` themselves, the split strides None (constants to Triton: the kernel without ``SPLIT_KV`` reads none);
+    or the split-KV partials ``[splits, B, H, rows (, DV)]`` (``split_kv.partials``)."""
     if partial is None:
-        return [out, lse], [*out.stride()[:3], *lse.stride()[:2], None, None]
+        return {"O": (out, *out.stride()[:3], None), "LSE": (lse, *lse.stride()[:2], None)}
     po, pl = partial
-    return [po, pl], [*po.stride()[1:4], *pl.stride()[1:3], po.stride(0), pl.stride(0)]
+    return {"O": (po, *po.stride()[1:4], po.stride(0)), "LSE": (pl, *pl.stride()[1:3], pl.stride(0))}
 
 
 def combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
@@ -178,8 +179,8 @@ def combine_splits(launch: Launch, po: torch.Tensor, pl: torch.Tensor, out: torc
     block_dv = padded_head_dim(DV)
     block_r = split_kv.combine_rows(block_dv, rows)
     record_or_launch(launch, launch.module.attnc_fwd_combine, (-(-rows // block_r), B * H),
-                   [po, pl, out, lse, *po.stride()[:4], *pl.stride()[:3], *out.stride()[:3], *lse.stride()[:2],
-                    rows, DV, splits],
+                     {"PO": (po, *po.stride()[:4]), "PL": (pl, *pl.stride()[:3]), "O": (out, *out.stride()[:3]),
+                      "LSE": (lse, *lse.stride()[:2]), "ROWS": rows, "DV": DV, "SPLITS": splits},
                    dict(BLOCK_R=block_r, BLOCK_DV=block_dv, num_warps=4), backward=False)
 
 

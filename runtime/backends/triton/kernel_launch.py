@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,12 +176,12 @@ def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, 
     return launch.plan.on_device(("group_split", device, batch, heads, kv_heads, head_dim, nbytes), make)
 
 
-def order_args(orders: dict, name: str) -> tuple[list, dict]:
+def order_arg(orders: dict, name: str) -> tuple[torch.Tensor | None, dict]:
     """The ``ORDER`` argument and the ``ORDERED`` constexpr of one kernel. Without a table ``ORDER`` is
     None, which Triton takes as a constant: the kernel has no such parameter at all (one unused pointer
     more tipped a dQ kernel at ptxas's 128-register target into an 8 B spill on sm_80)."""
     table = orders[name]
-    return [table], {"ORDERED": table is not None}
+    return table, {"ORDERED": table is not None}
 
 
 def runs_meta(launch: Launch, *kinds: str) -> dict:
@@ -218,40 +219,78 @@ def from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Tens
     return out
 
 
+#: Launch options a launch's meta may carry beside a kernel's constexprs.
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+@functools.cache
+def _parameters(kernel) -> tuple[tuple[str, ...], frozenset]:
+    """A kernel's run-time parameters in order and the names of its constexprs."""
+    runtime, fixed = [], set()
+    for p in inspect.signature(kernel.fn).parameters.values():
+        constant = p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation)
+        (fixed.add if constant else runtime.append)(p.name)
+    return tuple(runtime), frozenset(fixed)
+
+
+def bound_args(kernel, named: dict, meta: dict) -> tuple[list, dict]:
+    """A launch's arguments in ``kernel``'s parameter order, each taken by its name from ``named`` (a group as its
+    tuple, ``compiler.triton_codegen.signature``), and the constexprs of ``meta`` it declares (with the launch
+    options). A generated kernel takes only what its body reads: ``named`` and ``meta`` may hold more."""
+    runtime, constant = _parameters(kernel)
+    missing = [name for name in runtime if name not in named]
+    if missing:
+        raise RuntimeError(f"internal error: {kernel.fn.__name__} takes {missing}, which its launch does not name")
+    return ([named[name] for name in runtime],
+            {k: v for k, v in meta.items() if k in constant or k in LAUNCH_OPTIONS})
+
+
 def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None, *,
-                row_sizes: bool = True) -> list:
-    """The arguments shared by the three kernels, in ``codegen``'s order. ``row_sizes=False``: a block's tile counts
-    without its offsets and rows (``attnc_fwd_paged`` reads each row's on the device)."""
+                row_sizes: bool = True) -> dict:
+    """The arguments the three kernels share, by their parameters' names (``kernels.KernelBodies._common_params``).
+    ``row_sizes=False``: a block's tile counts without its offsets and rows (``attnc_fwd_paged`` reads each row's
+    on the device)."""
     L, X = launch.lists, launch.extra
     sel = X.get("SEL")
-    args = [L["FULL_N"], L["FULL_I"], L["PART_N"], L["PART_I"], L["FULL_I"].shape[-1], L["PART_I"].shape[-1],
-            launch.cls[0], launch.cls[1],
-            sel if sel is not None else dummy(device, torch.int8),
-            X.get("KEY_BLOCK", dummy(device, torch.int32)),
-            *(sel.stride()[:3] if sel is not None else (0, 0, 0))]
+    named = {
+        "FULL": (L["FULL_N"], L["FULL_I"], L["FULL_I"].shape[-1]),
+        "PART": (L["PART_N"], L["PART_I"], L["PART_I"].shape[-1]),
+        "CLS": tuple(launch.cls),
+        "SEL": (sel, *sel.stride()[:3]) if sel is not None else (dummy(device, torch.int8), 0, 0, 0),
+        "KEY_BLOCK": X.get("KEY_BLOCK", dummy(device, torch.int32)),
+        "SOFTCAP": X.get("SOFTCAP", dummy(device)),
+    }
     if decay_c is not None:
         dc, dr = decay_c
-        args += [dc, dc.stride(0) if dc.shape[0] > 1 else 0, dc.stride(1), dc.stride(2),
-                 dr, dr.stride(0) if dr.shape[0] > 1 else 0, dr.stride(1)]
+        named["DECAY"] = (dc, dc.stride(0) if dc.shape[0] > 1 else 0, dc.stride(1), dc.stride(2),
+                          dr, dr.stride(0) if dr.shape[0] > 1 else 0, dr.stride(1))
     else:
-        args += [dummy(device), 0, 0, 0, dummy(device, torch.int32), 0, 0]
-    args.append(X.get("SOFTCAP", dummy(device)))
-    for decl in launch.pattern.inputs:
+        named["DECAY"] = (dummy(device), 0, 0, 0, dummy(device, torch.int32), 0, 0)
+    for i, decl in enumerate(launch.pattern.inputs):
         t = _device_input(launch, decl, device)
-        if decl.name in launch.batched:
-            args += [t, t.stride(0), *t.stride()[1:]]
-        else:
-            args += [t, 0, *t.stride()]
+        named[f"IN{i}"] = (t, t.stride(0), *t.stride()[1:]) if decl.name in launch.batched else (t, 0, *t.stride())
         if launch.bound.is_block:  # a block's inputs: their extents at run time (InputSlot.runtime_extents)
-            args += list(t.shape[1:] if decl.name in launch.batched else t.shape)
+            for j, n in enumerate(t.shape[1:] if decl.name in launch.batched else t.shape):
+                named[f"in{i}_n{j}"] = n
     if launch.checks:
-        args.append(launch.extra["ERR"])
+        named["ERR"] = launch.extra["ERR"]
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
         s = launch.shape  # (compiler.triton_codegen.kernels.BLOCK_PARAMS: one module serves every block)
         q_rows, k_rows = math.prod(s.q_extents), math.prod(s.kv_extents)
-        sizes = [launch.bound.q_offset, launch.bound.k_offset, q_rows, k_rows] if row_sizes else []
-        args += [*sizes, -(-q_rows // math.prod(s.q_tile)), -(-k_rows // math.prod(s.kv_tile))]
-    return args
+        if row_sizes:
+            named.update(Q_OFF=launch.bound.q_offset, K_OFF=launch.bound.k_offset, Q_EXT=q_rows, K_EXT=k_rows)
+        named.update(TILES_Q=-(-q_rows // math.prod(s.q_tile)), TILES_K=-(-k_rows // math.prod(s.kv_tile)))
+    return named
+
+
+def streamed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """The ``Q``, ``K`` and ``V`` groups of a launch: each tensor with its batch, head and row strides."""
+    return {"Q": (q, *q.stride()[:3]), "K": (k, *k.stride()[:3]), "V": (v, *v.stride()[:3])}
+
+
+def sizes(scale: float, group: int, D: int, DV: int) -> dict:
+    """The scale, the query heads per K/V head and the head dims, as every attention kernel takes them."""
+    return {"scale": float(scale), "GROUP": group, "D": D, "DV": DV}
 
 
 def _device_input(launch: Launch, decl, device) -> torch.Tensor:
@@ -323,7 +362,7 @@ def launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backw
         try:
             run = functools.partial(kernel[grid], *args, **{**meta, **opts})  # the fitted rung may read lists by index
             if meta.get("ONE_LOOP") and not launch.interpret:  # it makes descriptors: global memory at launch
-                _with_scratch(run, args[0].device)
+                _with_scratch(run, next(a.device for a in kernel_fit.leaves(args) if isinstance(a, torch.Tensor)))
             else:
                 run()
             return

@@ -39,7 +39,8 @@ class Launcher:
     def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int, fixed: int = 3):
         self.buffers = buffers  # (shape, strides, dtype, device) of each per-call buffer
         self.interpret = interpret
-        #: (launch, kernel, grid, args, meta, backward, [(position, slot)]), or (forward.FILL, slot, value)
+        #: (launch, kernel, grid, args, meta, backward, [(position, place in its group or None, slot)]), or
+        #: (forward.FILL, slot, value)
         self.launches = launches
         self.out, self.lse = out, lse  # the slots of the results
         self.owner = None  # the runner whose latest call this is, once replayed (its source, plan, config)
@@ -60,8 +61,12 @@ class Launcher:
                         continue
                     launch, kernel, grid, args, meta, backward, places = entry
                     args = [*args]
-                    for i, slot in places:
-                        args[i] = slots[slot]
+                    for i, j, slot in places:
+                        if j is None:
+                            args[i] = slots[slot]
+                        else:  # a value of a group (a tuple argument)
+                            group = args[i]
+                            args[i] = (*group[:j], slots[slot], *group[j + 1:])
                     KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
         except KL.out_of_resources():
             return None
@@ -74,6 +79,26 @@ def _plain(value) -> bool:
     if isinstance(value, tuple | list):
         return all(_plain(x) for x in value)
     return isinstance(value, _PLAIN)
+
+
+def _values(a, b) -> list | None:
+    """The values of an argument in two recordings, ``(place, first, second)``: itself (place None), or each value of
+    a group (a tuple argument) at its place; None where the two differ in form."""
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        if type(a) is not type(b) or len(a) != len(b):
+            return None
+        return [(j, x, y) for j, (x, y) in enumerate(zip(a, b, strict=True))]
+    return [(None, a, b)]
+
+
+def _without(arg, places: list):
+    """An argument as a replay keeps it: None where it is a per-call tensor (place None), or its group with None at
+    those places (a replay puts each call's tensors there)."""
+    if not places:
+        return arg
+    if places == [None]:
+        return None
+    return tuple(None if j in places else x for j, x in enumerate(arg))
 
 
 def build(launch, q, k, v, scale: float) -> Launcher | None:
@@ -137,16 +162,20 @@ def bind(run, fixed: tuple, interpret: bool) -> Launcher | None:
             return None
         places = []
         for i, (a, b) in enumerate(zip(args, two[3], strict=True)):
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                if a is b and not any(a is t for t in fixed):
-                    continue  # the launch's own: kept
-                slot = slot_of(a, b)
-                if slot is None:
-                    return None
-                places.append((i, slot))
-            elif not (_plain(a) and type(a) is type(b) and a == b):
-                return None  # a descriptor, or a value made per call
-        kept = [None if any(i == p for p, _ in places) else a for i, a in enumerate(args)]
+            values = _values(a, b)
+            if values is None:
+                return None
+            for j, x, y in values:
+                if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+                    if x is y and not any(x is t for t in fixed):
+                        continue  # the launch's own: kept
+                    slot = slot_of(x, y)
+                    if slot is None:
+                        return None
+                    places.append((i, j, slot))
+                elif not (_plain(x) and type(x) is type(y) and x == y):
+                    return None  # a descriptor, or a value made per call
+        kept = [_without(a, [j for p, j, _ in places if p == i]) for i, a in enumerate(args)]
         launches.append((lch, kernel, grid, tuple(kept), dict(meta), backward, tuple(places)))
     results = []
     for a, b in ((out, out2), (lse, lse2)):

@@ -350,25 +350,20 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         for t_out, t_lse in [(out, lse)] + ([partial] if partial is not None else []):
             F.fill_or_record(t_out, 0.0)
             F.fill_or_record(t_lse, float("-inf"))
-    dest, strides = F.forward_outputs(out, lse, partial)
+    dest = F.forward_outputs(out, lse, partial)
     if packed:  # every row's queries in the one batch entry, from its own first row
-        strides[0] = strides[3] = 0
+        dest = {name: (t, 0, *rest) for name, (t, _, *rest) in dest.items()}
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     flags = _row_flags(t, rows_b, device)
     lists = launch.lists
     named = {  # every value the kernel may read, by its parameter's name (it takes those its body reads)
-        "Q": q, "K": k_cache, "V": v_cache, "O": dest[0], "LSE": dest[1],
-        "sq_b": 0 if packed else q.stride(0), "sq_h": q.stride(1), "sq_n": q.stride(2),
-        "sk_b": k_cache.stride(0), "sk_h": k_cache.stride(2), "sk_n": k_cache.stride(1),  # page, head, slot
-        "sv_b": v_cache.stride(0), "sv_h": v_cache.stride(2), "sv_n": v_cache.stride(1),
-        **dict(zip(("so_b", "so_h", "so_n", "sl_b", "sl_h", "so_s", "sl_s"), strides, strict=True)),
-        "FULL_N": lists["FULL_N"], "FULL_I": lists["FULL_I"], "PART_N": lists["PART_N"], "PART_I": lists["PART_I"],
-        "full_w": lists["FULL_I"].shape[-1], "part_w": lists["PART_I"].shape[-1],
-        "cls_b": launch.cls[0], "cls_h": launch.cls[1],
-        "SOFTCAP": launch.extra.get("SOFTCAP"),
-        "BT": table, "sbt_b": table.stride(0), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
+        "Q": (q, 0 if packed else q.stride(0), q.stride(1), q.stride(2)),
+        "K": (k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),  # page, head, slot
+        "V": (v_cache, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
+        **dest, **KL.common_args(launch, device, None, row_sizes=False),
+        "BT": (table, table.stride(0)), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
         "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges, "MAX_Q": max_q,
-        "OK": flags, "scale": float(scale), "GROUP": t.group, "D": head_dim, "DV": dv,
+        "OK": flags, **KL.sizes(scale, t.group, head_dim, dv),
     }
     kernel = launch.module.attnc_fwd_paged
     blocks_meta = KL.block_sizes(launch, head_dim, dv)
@@ -389,8 +384,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     if partial is not None:
         grid, meta = (*grid, splits), {**meta, "SPLIT_KV": True}
     with interpreting(launch.interpret):
-        args = [named[name] for name in kernel.arg_names if name not in meta and name in named]
-        F.record_or_launch(launch, kernel, grid, args, meta, backward=False)
+        F.record_or_launch(launch, kernel, grid, named, meta, backward=False)
         if partial is not None:
             F.combine_splits(launch, *partial, out, lse)
     return out, lse, flags

@@ -32,23 +32,23 @@ def box_of(launch: Launch, role: str) -> tuple[tuple[int, ...], tuple[int, ...]]
     return extents, box_tile(extents, tile, layout_of(launch.config) == "permute")
 
 
-def descriptors(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[list, dict]:
-    """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``), in order, and its ``DESC``
-    constexpr. ``tensors`` maps each descriptor parameter to its ``BoxSpec``. Every parameter is None, a
+def descriptors(launch: Launch, tensors: dict[str, BoxSpec]) -> tuple[dict, dict]:
+    """The tensor-descriptor arguments of a kernel (``KernelConfig.tma``) by their parameters' names, and its
+    ``DESC`` constexpr. ``tensors`` maps each descriptor parameter to its ``BoxSpec``. Every parameter is None, a
     constant, and the kernel loads by pointer, where ``tma_applies`` says no."""
     views = tma_views(launch, tensors)
-    return boxes(launch, tensors, views) if views is not None else ([None] * len(tensors), {"DESC": False})
+    return boxes(launch, tensors, views) if views is not None else (dict.fromkeys(tensors), {"DESC": False})
 
 
-def boxes(launch: Launch, tensors: dict[str, BoxSpec], views: list) -> tuple[list, dict]:
+def boxes(launch: Launch, tensors: dict[str, BoxSpec], views: list) -> tuple[dict, dict]:
     """``descriptors``'s answer where TMA applies: each tensor's descriptor over its view (``tma_views``), its box a
     tile."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    descs = []
-    for (t, role, cols), (shape, strides) in zip(tensors.values(), views, strict=True):
+    descs = {}
+    for (name, (t, role, cols)), (shape, strides) in zip(tensors.items(), views, strict=True):
         box = box_of(launch, role)[1]
-        descs.append(TensorDescriptor(t, shape, strides, [1] * (len(shape) - len(box) - 1) + [*box, cols]))
+        descs[name] = TensorDescriptor(t, shape, strides, [1] * (len(shape) - len(box) - 1) + [*box, cols])
     return descs, {"DESC": True}
 
 
