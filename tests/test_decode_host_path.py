@@ -11,9 +11,9 @@ import torch
 
 import attnc
 from attnc.runtime import api
-from attnc.runtime.kernel_fit import leaves
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton.runner import TritonRunner
+from attnc.runtime.kernel_fit import leaves
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
