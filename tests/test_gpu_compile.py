@@ -135,7 +135,7 @@ def test_launch_path_is_recorded_with_the_runtime_arguments():
     assert (fwd.kwargs["num_warps"], fwd.kwargs["num_stages"]) == (8, 3)
     assert (dq.kwargs["num_warps"], dq.kwargs["num_stages"]) == (4, 2) == (dkdv.kwargs["num_warps"],
                                                                             dkdv.kwargs["num_stages"])
-    assert fwd.args[0].dtype == torch.bfloat16
+    assert fwd.args[0][0].dtype == torch.bfloat16  # the group Q: its pointer first, then its strides
     rep = G.check_launch(fwd, 90, pattern="causal", head_dim=64, dtype="bf16")
     assert rep.error is None and (rep.num_warps, rep.num_stages) == (8, 3)
     assert rep.constexprs["BLOCK_M"] == 128 and rep.wgmma > 0 and rep.mma == 0
@@ -364,7 +364,7 @@ def test_grouped_query_kernels_compile_fit_and_run_on_tensor_cores(arch, d, spli
                                n=N, kv_heads=1, group_split=split)
     # SPLIT programs per K/V head, each looping over SHARE query heads (a constant: the loop is not folded away)
     assert [(r.kwargs["SPLIT"], r.kwargs["SHARE"]) for r in records if r.name == "attnc_bwd_dkdv"] == [(split, 2 // split)]
-    assert {r.name: dict(zip(r.fn.arg_names, r.args, strict=False))["GROUP"] for r in records
+    assert {r.name: dict(zip(r.fn.arg_names, r.args, strict=False))["HEADS"][0] for r in records
             if r.name != "attnc_bwd_delta"} == dict.fromkeys(("attnc_fwd", "attnc_bwd_dq", "attnc_bwd_dkdv"), G.HEADS)
     reports = [G.check_launch(r, arch, pattern="sliding_window", head_dim=d, dtype="bf16") for r in records]
     assert all(r.ok for r in reports), "\n" + G.table(reports)

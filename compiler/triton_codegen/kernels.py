@@ -144,8 +144,8 @@ def tile_list(kind: str) -> Param:
 Q, K, V = tensor("Q", "sq_b", "sq_h", "sq_n"), tensor("K", "sk_b", "sk_h", "sk_n"), tensor("V", "sv_b", "sv_h", "sv_n")
 FWD_OUT = [tensor("O", "so_b", "so_h", "so_n", "so_s"), tensor("LSE", "sl_b", "sl_h", "sl_s")]
 ROW_TERMS = group("ROW_TERMS", "LSE2", "DELTA", "sl_b", "sl_h")
-#: What every pass takes last: the launch order, the descriptors, the scale, the group size and head dims
-SIZES = [value("scale"), value("GROUP"), value("D"), value("DV")]
+#: The scale, and the query heads per K/V head with the head dims of q and k and of v, as one group
+SIZES = [value("scale"), group("HEADS", "GROUP", "D", "DV")]
 BLOCKS = constexprs("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT")
 
 
@@ -285,7 +285,8 @@ class KernelBodies:
             "l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running row sum of exp",
             "acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)",
         ]
-        update = self._softmax_update(in_exp)
+        # a block's forward never pools block maxima (``forward._row_maxima`` refuses one): no BM to take
+        update = self._softmax_update(in_exp, block_max=not self.block)
         loops: list[str] = []
         for kind, masked in (("FULL", False), ("PART", True)):
             loops += [
@@ -657,6 +658,16 @@ class KernelBodies:
                           "Backward pre-pass: delta = rowsum(dO * O) - dlse and lse * log2(e), fp32, per (row block, "
                           "batch x head).", body)
 
+    def _row_sums(self) -> bool:
+        """Whether a backward may sum dS per query and per key (``ROW_SUMS``: a FoX decay's gate gradient); else the
+        kernels have no such lines (the constexpr would fold them away) and take no such buffers."""
+        return self.pat.decay is not None
+
+    def _stores_ds(self) -> bool:
+        """Whether the dQ kernel may store dS per pair (``STORE_DS``: a float input's gradient through the bias,
+        ``backward.bias_input_names``); else it has no such lines and takes no dS buffer."""
+        return self.pat.bias is not None and any(decl.dtype == "float" for decl in self.pat.inputs)
+
     @staticmethod
     def _bwd_params() -> list[Param]:
         """What both backward kernels stream: q, k, v, dO and the row terms."""
@@ -688,8 +699,10 @@ class KernelBodies:
             f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: P = exp2(s - lse_l2)",
             *self._per_query_setup(),
             "dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)",
-            "ds_rows = tl.full([BLOCK_M], 0.0, tl.float32)  # sum over keys of dS (gradient of the decay gates)",
-            f"ds_pair = (bh.to(tl.int64) * {self.shape_tiles_q()} + qt) * ds_w  # first dS slot of this Q tile",
+            *(["ds_rows = tl.full([BLOCK_M], 0.0, tl.float32)  # sum over keys of dS (gradient of the decay gates)"]
+              if self._row_sums() else []),
+            *([f"ds_pair = (bh.to(tl.int64) * {self.shape_tiles_q()} + qt) * ds_w  # first dS slot of this Q tile"]
+              if self._stores_ds() else []),
         ]
         for kind, masked, offset in (("FULL", False, "0"), ("PART", True, "full_w")):
             body += [
@@ -701,11 +714,12 @@ class KernelBodies:
                     *(self._route_key_lines() if masked and self.pat.route is not None else []),
                     *kv_loads(self._box("k", "kt")),
                     *self._bwd_scores(masked),
-                    "if ROW_SUMS:",
-                    "    ds_rows += tl.reduce(ds, 1, _add)",
-                    "if STORE_DS:  # dS of this pair, for the gradients of bias inputs (host side)",
-                    f"    slot_ds = DS + (ds_pair + {offset} + j) * (BLOCK_M * BLOCK_N)",
-                    "    tl.store(slot_ds + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)",
+                    *(["if ROW_SUMS:",
+                       "    ds_rows += tl.reduce(ds, 1, _add)"] if self._row_sums() else []),
+                    *(["if STORE_DS:  # dS of this pair, for the gradients of bias inputs (host side)",
+                       f"    slot_ds = DS + (ds_pair + {offset} + j) * (BLOCK_M * BLOCK_N)",
+                       "    tl.store(slot_ds + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)"]
+                      if self._stores_ds() else []),
                     "dq += _dot(ds_raw.to(kk.dtype), kk, DOT)"]
             body += nested(loop)
         body += [
@@ -714,8 +728,9 @@ class KernelBodies:
             "dq_base = DQ + batch.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h",
             "tl.store(dq_base + q_row[:, None] * sdq_n + d[None, :], dq.to(DQ.dtype.element_ty),",
             "         mask=q_ok[:, None] & (d[None, :] < D))",
-            "if ROW_SUMS:",
-            "    tl.store(DSQ + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + q_tok, ds_rows, mask=q_ok)",
+            *(["if ROW_SUMS:",
+               "    tl.store(DSQ + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + q_tok, ds_rows, mask=q_ok)"]
+              if self._row_sums() else []),
         ]
         return kernel_def("attnc_bwd_dq", params,
                           "Backward, query side: one program per (Q tile, batch x query head).", body)
@@ -758,7 +773,8 @@ class KernelBodies:
             "q_base = Q + batch.to(tl.int64) * sq_b + h.to(tl.int64) * sq_h",
             "do_base = DO + batch.to(tl.int64) * sdo_b + h.to(tl.int64) * sdo_h",
             *self._per_query_setup_k(),
-            "ds_cols = tl.full([BLOCK_N], 0.0, tl.float32)  # sum over queries of dS (gradient of the decay gates)",
+            *(["ds_cols = tl.full([BLOCK_N], 0.0, tl.float32)  # sum over queries of dS (gradient of the decay gates)"]
+              if self._row_sums() else []),
         ]
         for kind, masked in (("T_FULL", False), ("T_PART", True)):
             inner += [
@@ -769,16 +785,17 @@ class KernelBodies:
                     *self._per_query_setup_q(),
                     *self._bwd_scores_t(masked),
                     "dk += _dot(dst_raw.to(q.dtype), q, DOT)  # dK += dS^T Q",
-                    "if ROW_SUMS:",
-                    "    ds_cols += tl.reduce(dst, 1, _add)",
+                    *(["if ROW_SUMS:",
+                       "    ds_cols += tl.reduce(dst, 1, _add)"] if self._row_sums() else []),
                     "if ATOMIC_DQ:  # the backward in one kernel: dQ += dS K, added to the fp32 dQ (no dQ kernel)",
                     "    dqa = _dot(tl.trans(dst_raw).to(kk.dtype), kk, DOT) * scale",
                     "    dqa_base = DQA + batch.to(tl.int64) * sdqa_b + h.to(tl.int64) * sdqa_h",
                     "    tl.atomic_add(dqa_base + q_row[:, None] * sdqa_n + d[None, :], dqa,",
                     "                  mask=q_ok[:, None] & (d[None, :] < D), sem=\"relaxed\")"]
             inner += nested(loop)
-        inner += ["if ROW_SUMS:",
-                  "    tl.store(DSK + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + k_tok, ds_cols, mask=k_ok)"]
+        if self._row_sums():
+            inner += ["if ROW_SUMS:",
+                      "    tl.store(DSK + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + k_tok, ds_cols, mask=k_ok)"]
         body += nested(inner)
         body += [
             "",

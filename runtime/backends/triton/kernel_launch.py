@@ -289,8 +289,9 @@ def streamed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
 
 
 def sizes(scale: float, group: int, D: int, DV: int) -> dict:
-    """The scale, the query heads per K/V head and the head dims, as every attention kernel takes them."""
-    return {"scale": float(scale), "GROUP": group, "D": D, "DV": DV}
+    """The scale, and the query heads per K/V head with the head dims (``HEADS``), as every attention kernel takes
+    them."""
+    return {"scale": float(scale), "HEADS": (group, D, DV)}
 
 
 def _device_input(launch: Launch, decl, device) -> torch.Tensor:
