@@ -8,6 +8,7 @@ import ast
 
 import pytest
 import torch
+from test_triton import STDLIB
 
 import attnc
 from attnc.compiler import evaluate as E
@@ -16,7 +17,6 @@ from attnc.compiler.triton_codegen import signature as SG
 from attnc.compiler.triton_codegen.source import ScheduleShape, generate_source
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as T
-from test_triton import STDLIB
 
 MOST_PARAMETERS = 40
 
