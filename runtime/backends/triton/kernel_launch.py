@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -223,14 +224,24 @@ def from_tiles(launch: Launch, x: torch.Tensor, role: str, n: int) -> torch.Tens
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-@functools.cache
+#: kernel -> its run-time parameters in order and the names of its constexprs (read once from its ``def``)
+_PARAMETERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _parameters(kernel) -> tuple[tuple[str, ...], frozenset]:
-    """A kernel's run-time parameters in order and the names of its constexprs."""
-    runtime, fixed = [], set()
-    for p in inspect.signature(kernel.fn).parameters.values():
-        constant = p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation)
-        (fixed.add if constant else runtime.append)(p.name)
-    return tuple(runtime), frozenset(fixed)
+    made = _PARAMETERS.get(kernel)
+    if made is None:
+        fn = kernel.fn
+        while not inspect.isfunction(fn):  # a wrapper of a kernel (a test's, a tool's): the function it runs
+            fn = fn.__func__ if inspect.ismethod(fn) else fn.fn
+        runtime, constant = [], set()
+        for p in inspect.signature(fn).parameters.values():
+            if p.annotation is not inspect.Parameter.empty and "constexpr" in str(p.annotation):
+                constant.add(p.name)
+            else:
+                runtime.append(p.name)
+        made = _PARAMETERS[kernel] = (tuple(runtime), frozenset(constant))
+    return made
 
 
 def bound_args(kernel, named: dict, meta: dict) -> tuple[list, dict]:
