@@ -39,8 +39,7 @@ class Launcher:
     def __init__(self, buffers: list, interpret: bool, launches: list, out: int, lse: int, fixed: int = 3):
         self.buffers = buffers  # (shape, strides, dtype, device) of each per-call buffer
         self.interpret = interpret
-        #: (launch, kernel, grid, args, meta, backward, [(position, place in its group or None, slot)]), or
-        #: (forward.FILL, slot, value)
+        #: (launch, kernel, grid, args, meta, backward, fills (``_fills``)), or (forward.FILL, slot, value)
         self.launches = launches
         self.out, self.lse = out, lse  # the slots of the results
         self.owner = None  # the runner whose latest call this is, once replayed (its source, plan, config)
@@ -59,14 +58,17 @@ class Launcher:
                     if entry[0] is F.FILL:
                         slots[entry[1]].fill_(entry[2])
                         continue
-                    launch, kernel, grid, args, meta, backward, places = entry
+                    launch, kernel, grid, args, meta, backward, (singles, heads, others) = entry
                     args = [*args]
-                    for i, j, slot in places:
-                        if j is None:
-                            args[i] = slots[slot]
-                        else:  # a value of a group (a tuple argument)
-                            group = args[i]
-                            args[i] = (*group[:j], slots[slot], *group[j + 1:])
+                    for i, slot in singles:
+                        args[i] = slots[slot]
+                    for i, slot, tail in heads:  # a tensor's group: its pointer, then its strides
+                        args[i] = (slots[slot],) + tail
+                    for i, template, inner in others:
+                        group = [*template]
+                        for j, slot in inner:
+                            group[j] = slots[slot]
+                        args[i] = tuple(group)
                     KL.launch_kernel(launch, kernel, grid, args, meta, backward=backward)
         except KL.out_of_resources():
             return None
@@ -89,6 +91,23 @@ def _values(a, b) -> list | None:
             return None
         return [(j, x, y) for j, (x, y) in enumerate(zip(a, b, strict=True))]
     return [(None, a, b)]
+
+
+def _fills(kept: list, places: list) -> tuple:
+    """How a replay puts a call's tensors into a launch's kept arguments, by the cheapest form for each argument
+    (a warm call's host time is the budget): ``singles`` ``(position, slot)``, an argument that is the tensor
+    itself; ``heads`` ``(position, slot, tail)``, a tensor's group, the tensor first, its strides kept; ``others``
+    ``(position, template, ((place, slot), ...))``, any other group."""
+    singles, heads, others = [], [], []
+    for i in sorted({p for p, _, _ in places}):
+        inner = [(j, slot) for p, j, slot in places if p == i]
+        if inner[0][0] is None:
+            singles.append((i, inner[0][1]))
+        elif len(inner) == 1 and inner[0][0] == 0:
+            heads.append((i, inner[0][1], tuple(kept[i][1:])))
+        else:
+            others.append((i, tuple(kept[i]), tuple(inner)))
+    return tuple(singles), tuple(heads), tuple(others)
 
 
 def _without(arg, places: list):
@@ -176,7 +195,7 @@ def bind(run, fixed: tuple, interpret: bool) -> Launcher | None:
                 elif not (_plain(x) and type(x) is type(y) and x == y):
                     return None  # a descriptor, or a value made per call
         kept = [_without(a, [j for p, j, _ in places if p == i]) for i, a in enumerate(args)]
-        launches.append((lch, kernel, grid, tuple(kept), dict(meta), backward, tuple(places)))
+        launches.append((lch, kernel, grid, tuple(kept), dict(meta), backward, _fills(kept, places)))
     results = []
     for a, b in ((out, out2), (lse, lse2)):
         slot = next((s for x, y, s in seen if a is x and b is y), None)
