@@ -716,13 +716,32 @@ def token_env(pat: ir.PatternIR, bound: Bound, q_flat, k_flat, head) -> dict:
     return env
 
 
+class _Positions(dict):
+    """``position_env``'s symbols, the head index ``[1, heads, 1, 1]`` made only when an expression reads ``h``: a
+    mask that never reads it at 10**9 heads is a broadcast view, not an 8 GB index made three times."""
+
+    def __init__(self, env: dict, heads: int):
+        super().__init__(env)
+        self.heads = heads
+
+    def __contains__(self, key) -> bool:
+        return key == S.H or super().__contains__(key)
+
+    def __missing__(self, key):
+        if key != S.H:
+            raise KeyError(key)
+        value = self[S.H] = torch.arange(self.heads).view(1, -1, 1, 1)
+        return value
+
+
 def position_env(pat: ir.PatternIR, bound: Bound, q_index=None, k_index=None, heads: int | None = None) -> dict:
     """Symbol -> tensor over ``[1, heads, Nq, Nk]``: every query and key, or the given flat positions."""
     heads = bound.heads if heads is None else heads
     q_index = torch.arange(bound.n) if q_index is None else q_index
     k_index = torch.arange(bound.nk) if k_index is None else k_index
-    return token_env(pat, bound, q_index.to(INT).view(1, 1, -1, 1), k_index.to(INT).view(1, 1, 1, -1),
-                     torch.arange(heads).view(1, -1, 1, 1))
+    env = token_env(pat, bound, q_index.to(INT).view(1, 1, -1, 1), k_index.to(INT).view(1, 1, 1, -1), 0)
+    del env[S.H]
+    return _Positions(env, heads)
 
 
 def evaluator(pat: ir.PatternIR, bound: Bound, inputs: dict | None = None, *, batch: int | None = None,

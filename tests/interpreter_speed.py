@@ -15,6 +15,8 @@ and the spawned ranks) by ``follow_the_environment``:
   ``test_grouped_dkdv_split_over_programs[forgetting]``: 34 s to 24 s). Both leave every value as it was (the
   same types, equal by Triton's own rules); the overflow-checked Triton 3.6 job runs with them too.
 
+A benchmark script a test runs in a process of its own gets them too (``child_env``).
+
 Each replacement is made only where Triton's function reads exactly the names it read when this was written
 (Triton 3.6 to 3.9); a Triton that changed one keeps its own.
 """
@@ -23,6 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
+
+
+def child_env(env: dict, folder) -> dict:
+    """``env`` for a Python process a test starts (a benchmark script's toy run): these settings applied in it at
+    start-up, as in the workers (a ``sitecustomize`` module in ``folder``, put first on its ``PYTHONPATH``), and
+    torch on one thread per process, as the workers run it (two processes on two cores)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    site = os.path.join(os.fspath(folder), "sitecustomize.py")
+    with open(site, "w", encoding="utf-8") as f:
+        f.write(f"import sys\nsys.path.insert(0, {here!r})\nimport interpreter_speed\n"
+                "interpreter_speed.follow_the_environment()\n")
+    path = os.pathsep.join(p for p in (os.fspath(folder), env.get("PYTHONPATH")) if p)
+    return {**env, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 def follow_the_environment() -> None:

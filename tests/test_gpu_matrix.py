@@ -4,15 +4,20 @@ Flex takes, a route (Flex given attnc's selection), a grid, a recurrence (Flex r
 each with attnc's and SDPA's times and Flex's output equal to attnc's."""
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import interpreter_speed
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_matrix.py"
 
 
-def run(*args, timeout=900):
-    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout)
+def run(*args, folder, timeout=900):
+    """``benchmarks/gpu_matrix.py ARGS`` in a process of its own, with the suite's interpreter settings."""
+    return subprocess.run([sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=timeout,
+                          env=interpreter_speed.child_env(dict(os.environ), folder))
 
 
 def test_the_matrix_has_a_row_for_every_stdlib_pattern():
@@ -34,7 +39,7 @@ def test_the_matrix_has_a_row_for_every_stdlib_pattern():
 def test_toy_rows_of_each_kind(tmp_path):
     out = tmp_path / "matrix.md"
     names = ["sliding_window", "moba", "neighborhood_2d", "mamba2"]
-    done = run("--toy", "--only", ",".join(names), "--out", str(out))
+    done = run("--toy", "--only", ",".join(names), "--out", str(out), folder=tmp_path)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| pattern") and not line.startswith("| ---")}

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import interpreter_speed
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,6 +20,7 @@ def run_toy(tmp_path, script: str, *args: str) -> str:
     of its results file (the run must exit 0)."""
     out = tmp_path / f"{Path(script).stem}.md"
     env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "ATTNC_CACHE_DIR": str(tmp_path / "attnc")}
+    env = interpreter_speed.child_env(env, tmp_path)  # the suite's interpreter settings, as in the workers
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--toy", *args, "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
