@@ -15,18 +15,15 @@ import math
 
 from . import paged_lines
 from .exprs import LN2, LOG2E
+from .params import BLOCK_PARAMS, BLOCKS, FWD_OUT, ROW_TERMS, SIZES, K, Q, V, run_params, tile_list
 from .scores import scale_in_exponent
-from .signature import Param, constexpr, constexprs, group, opening, taken, tensor, value
+from .signature import Param, constexprs, group, opening, taken, tensor, value
 
 
 def indent(lines: list[str], n: int) -> str:
     """Lines indented by ``n`` spaces, one per line (empty lines stay empty)."""
     pad = " " * n
     return "".join(pad + line + "\n" if line else "\n" for line in lines)
-
-
-#: A block's run-time sizes (``KernelSource.block``): offsets, rows and tile counts
-BLOCK_PARAMS = ["Q_OFF", "K_OFF", "Q_EXT", "K_EXT", "TILES_Q", "TILES_K"]
 
 
 def kernel_def(name: str, params: list[Param], doc: str, body: list[str]) -> str:
@@ -127,26 +124,6 @@ def list_tile(kind: str, tile_var: str, comment: str = "") -> list[str]:
             f"    {tile_var} = run_start + j{note}",
             "else:",
             f"    {tile_var} = tl.load(list_base + j){note}"]
-
-
-def run_params(*kinds: str) -> list[Param]:
-    """The ``{kind}_RUN`` constexprs of a kernel's lists (False: indices loaded in the loop)."""
-    return [constexpr(f"{kind}_RUN", "False") for kind in kinds]
-
-
-def tile_list(kind: str) -> Param:
-    """A tile list (``FULL``, ``PART``, ``T_FULL``, ``T_PART``) as one group: its counts, entries and row width."""
-    return group(kind, f"{kind}_N", f"{kind}_I", f"{kind.lower()}_w")
-
-
-#: The forward's and the dQ kernel's streamed tensors and outputs; the backward kernels' row terms (the lse in log2
-#: units and delta, with their shared strides)
-Q, K, V = tensor("Q", "sq_b", "sq_h", "sq_n"), tensor("K", "sk_b", "sk_h", "sk_n"), tensor("V", "sv_b", "sv_h", "sv_n")
-FWD_OUT = [tensor("O", "so_b", "so_h", "so_n", "so_s"), tensor("LSE", "sl_b", "sl_h", "sl_s")]
-ROW_TERMS = group("ROW_TERMS", "LSE2", "DELTA", "sl_b", "sl_h")
-#: The scale, and the query heads per K/V head with the head dims of q and k and of v, as one group
-SIZES = [value("scale"), group("HEADS", "GROUP", "D", "DV")]
-BLOCKS = constexprs("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT")
 
 
 KV_LOADS = [

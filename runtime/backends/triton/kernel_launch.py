@@ -286,7 +286,7 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
     if launch.checks:
         named["ERR"] = launch.extra["ERR"]
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
-        s = launch.shape  # (compiler.triton_codegen.kernels.BLOCK_PARAMS: one module serves every block)
+        s = launch.shape  # (compiler.triton_codegen.params.BLOCK_PARAMS: one module serves every block)
         q_rows, k_rows = math.prod(s.q_extents), math.prod(s.kv_extents)
         if row_sizes:
             named.update(Q_OFF=launch.bound.q_offset, K_OFF=launch.bound.k_offset, Q_EXT=q_rows, K_EXT=k_rows)
