@@ -103,3 +103,37 @@ def test_a_launch_binds_by_name_and_names_what_it_lacks():
     assert meta == {"BLOCK": 4, "num_warps": 4}
     with pytest.raises(RuntimeError, match=r"kernel takes \['N'\]"):
         KL.bound_args(kernel, {"X": (t, 1)}, {"BLOCK": 4})
+
+
+def test_a_replay_puts_each_calls_tensors_at_their_places_in_the_groups(monkeypatch):
+    """A bound launcher (``launcher.bind``) replays a launch whose groups hold buffers the forward allocates per call,
+    at any place of a group: each replay's own buffers go where the recording's were, the kept values stay."""
+    from attnc.runtime.backends.triton import forward as F
+    from attnc.runtime.backends.triton import launcher as LN
+
+    def kernel_fn(X, Y, Z):  # the parameters a launch is bound to by name
+        pass
+
+    class Kernel:
+        fn = staticmethod(kernel_fn)
+
+    class Step:  # a launch state: the launcher compares its type between the recordings
+        pass
+
+    kernel, step = Kernel(), Step()
+    seen = []
+    monkeypatch.setattr(KL, "launch_kernel", lambda launch, k, grid, args, meta, *, backward: seen.append(args))
+
+    def run():
+        out, lse = torch.empty(3), torch.empty(2)
+        F.record_or_launch(step, kernel, (1,), {"X": (7, out, 2), "Y": (lse, 5), "Z": 4, "W": 0}, {}, backward=False)
+        return out, lse
+
+    launcher = LN.bind(run, (), interpret=True)
+    assert launcher is not None
+    for _ in range(2):
+        out, lse = launcher()
+        x, y, z = seen[-1]
+        assert x[0] == 7 and x[1] is out and x[2] == 2  # a group's tensor at place 1, its other values kept
+        assert y[0] is lse and y[1] == 5 and z == 4  # a tensor's group: the tensor first, its stride kept
+    assert seen[-1][0][1] is not seen[-2][0][1]  # fresh buffers at every replay
