@@ -143,3 +143,9 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
 
     d = sympy.diff(rewrite(expr), u)
     return d.xreplace(frozen) if frozen else d
+
+
+def bias_input_names(pat: ir.PatternIR) -> set[str]:
+    """The float inputs the bias reads (their gradients take dS per pair: the dQ kernel's)."""
+    return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
+            and pat.input(name).dtype == "float"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 from . import paged_lines
+from .bias import bias_input_names
 from .exprs import LN2, LOG2E
 from .params import BLOCK_PARAMS, BLOCKS, FWD_OUT, ROW_TERMS, SIZES, K, Q, V, run_params, tile_list
 from .scores import scale_in_exponent
@@ -642,8 +643,9 @@ class KernelBodies:
 
     def _stores_ds(self) -> bool:
         """Whether the dQ kernel may store dS per pair (``STORE_DS``: a float input's gradient through the bias,
-        ``backward.bias_input_names``); else it has no such lines and takes no dS buffer."""
-        return self.pat.bias is not None and any(decl.dtype == "float" for decl in self.pat.inputs)
+        ``bias.bias_input_names``, the rule the backward asks it by); else it has no such lines and takes no dS
+        buffer."""
+        return self.pat.bias is not None and bool(bias_input_names(self.pat))
 
     @staticmethod
     def _bwd_params() -> list[Param]:

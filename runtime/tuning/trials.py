@@ -216,7 +216,7 @@ def atomic_dq_backward(pick: KernelConfig, pat: ir.PatternIR, hw) -> KernelConfi
     gradients the dQ kernel computes (a timed step takes none), and under ``torch.use_deterministic_algorithms``."""
     import torch
 
-    from ..backends.triton.backward import bias_input_names
+    from ...compiler.triton_codegen.bias import bias_input_names
 
     if compute_capability(hw.arch) < MIN_ATOMIC_DQ_ARCH or (is_wide_kv(pick) and tensor_memory(hw)):
         return None

@@ -9,6 +9,7 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.cost import KernelConfig
 from ....compiler.search import padded_head_dim
+from ....compiler.triton_codegen.bias import bias_input_names
 from ....compiler.triton_codegen.source import derivative
 from ....core import ir
 from ....core import symbols as S
@@ -129,8 +130,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
             dk_dv = [(t, *t.stride()[1:4], t.stride(0)) for t in outs]
         k_order, k_ordered = KL.order_arg(KL.launch_orders(launch, B, Hq, Hkv, device, split), "K")
         named = {**_head_args((qp, kp, vp, dop, lsep, deltap)), "DK": dk_dv[0], "DV_": dk_dv[1], "DSK": (dsk, *sr),
-                 "DQA": dqa, "T_FULL": (L["T_FULL_N"], L["T_FULL_I"], L["T_FULL_I"].shape[-1]),
-                 "T_PART": (L["T_PART_N"], L["T_PART_I"], L["T_PART_I"].shape[-1]),
+                 "DQA": dqa, "T_FULL": KL.list_group(L, "T_FULL"),
+                 "T_PART": KL.list_group(L, "T_PART"),
                  **KL.common_args(launch, device, decay_c), "ORDER": k_order, **k_descs, **tail}
         meta = dict(**kblocks, DOT=ieee, ROW_SUMS=row_sums, QT_VIEW=KL.qt_view(q.device), **k_ordered,
                     **KL.runs_meta(launch, "T_FULL", "T_PART"), **k_desc, SPLIT=split, SHARE=Hq // Hkv // split,
@@ -171,12 +172,6 @@ def atomic_dq_applies(config: KernelConfig, *, row_sums: bool, bias_grads: bool)
     the call needs the decay gates' gradient (per-query sums of dS) or a float bias input's (dS per pair),
     which the dQ kernel computes."""
     return config.atomic_dq and not (row_sums or bias_grads or torch.are_deterministic_algorithms_enabled())
-
-
-def bias_input_names(pat: ir.PatternIR) -> set[str]:
-    """The float inputs the bias reads (their gradients take dS per pair: the dQ kernel's)."""
-    return {name for f in pat.bias.atoms(sympy.Function) if (name := S.input_name(f.func))
-            and pat.input(name).dtype == "float"}
 
 
 # the pairs one chunk of heads evaluates a bias input's gradient on (float64 dS, values and indices: ~100 MB each)

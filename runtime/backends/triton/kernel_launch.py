@@ -264,8 +264,8 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
     L, X = launch.lists, launch.extra
     sel = X.get("SEL")
     named = {
-        "FULL": (L["FULL_N"], L["FULL_I"], L["FULL_I"].shape[-1]),
-        "PART": (L["PART_N"], L["PART_I"], L["PART_I"].shape[-1]),
+        "FULL": list_group(L, "FULL"),
+        "PART": list_group(L, "PART"),
         "CLS": tuple(launch.cls),
         "SEL": (sel, *sel.stride()[:3]) if sel is not None else (dummy(device, torch.int8), 0, 0, 0),
         "KEY_BLOCK": X.get("KEY_BLOCK", dummy(device, torch.int32)),
@@ -292,6 +292,11 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
             named.update(Q_OFF=launch.bound.q_offset, K_OFF=launch.bound.k_offset, Q_EXT=q_rows, K_EXT=k_rows)
         named.update(TILES_Q=-(-q_rows // math.prod(s.q_tile)), TILES_K=-(-k_rows // math.prod(s.kv_tile)))
     return named
+
+
+def list_group(lists: dict, kind: str) -> tuple:
+    """A tile list as its kernel parameter takes it (``params.tile_list``): its counts, entries and row width."""
+    return lists[f"{kind}_N"], lists[f"{kind}_I"], lists[f"{kind}_I"].shape[-1]
 
 
 def streamed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
