@@ -44,6 +44,7 @@ from ..library.device import (
     in_dim,
     load_gates,
     mm,
+    state_tiles_t,
     tile_sum,
     tl,
     triton,
@@ -52,12 +53,12 @@ from ..library.device import (
 )
 from ..library.host import (
     VECTOR_BLOCK,
+    ChunkedFunction,
     KernelTable,
     available,
     block_size,
     gate_arrays,
     interprets,
-    output_grad,
 )
 
 GATE_CODES = {"head": 0, "scalar": 1, "vector": 2}
@@ -302,10 +303,7 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         rv_ok = r_ok[:, None] & v_ok[None, :]
         do = tl.load(do_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
         v = tl.load(v_base + rows[:, None] * DV + v_off[None, :], mask=rv_ok, other=0.0)
-        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
-        hT_ok = v_ok[:, None] & k_ok[None, :]
-        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        hT, dhT = state_tiles_t(HS, DHS, hs_off, k_off, k_ok, v_off, v_ok, DV)
         dP += mm(do, tl.trans(v), DOT)
         dq += mm(do, hT.to(do.dtype), DOT)
         dk += mm(v, dhT.to(v.dtype), DOT)
@@ -387,7 +385,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs,
-            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, chunk_rows)
+            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, chunk_rows, state_tiles_t)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
@@ -515,27 +513,18 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     return dq, dk, dv, dg, (ds0 if need_s0 else None)
 
 
-class TritonRecurrence(torch.autograd.Function):
-    """The Triton recurrence as one autograd node; saves q, k, v, g, the initial and the final state (the
-    per-chunk states are recomputed by the backward's state pass)."""
+class _Kernels:
+    """This family's kernels as ``ChunkedFunction`` runs them: the inputs q, k, v, the gates and the initial state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, initial_state, scale: float, C: int, gate: int, interpret: bool | None):
-        out, final = triton_forward(q, k, v, g, scale, initial_state, C, gate, interpret)
-        ctx.save_for_backward(q, k, v, g, initial_state, final)
-        ctx.scale, ctx.C, ctx.gate, ctx.interpret = scale, C, gate, interpret
-        return out, final
+    def forward(q, k, v, g, initial_state, scale: float, C: int, gate: int, interpret: bool | None):
+        return triton_forward(q, k, v, g, scale, initial_state, C, gate, interpret)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dS_T):
-        q, k, v, g, s0, final = ctx.saved_tensors
-        do = output_grad(do, q, v)
-        need_g = ctx.gate != 0 and ctx.needs_input_grad[3]
-        dq, dk, dv, dg, ds0 = triton_backward(q, k, v, g, ctx.scale, s0, final, do, dS_T, ctx.C, ctx.gate,
-                                              need_g, ctx.needs_input_grad[4], ctx.interpret)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
-                ds0, None, None, None, None)
+    def backward(q, k, v, g, initial_state, final, do, dS_T, needs, scale: float, C: int, gate: int,
+                 interpret: bool | None):
+        return triton_backward(q, k, v, g, scale, initial_state, final, do, dS_T, C, gate, gate != 0 and needs[3],
+                               needs[4], interpret)
 
 
 def run(q, k, v, g, scale: float, initial_state, C: int, gate: str, interpret: bool | None = None):
@@ -547,8 +536,9 @@ def run(q, k, v, g, scale: float, initial_state, C: int, gate: str, interpret: b
     if code == 2:
         C = VECTOR_CHUNK
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    return TritonRecurrence.apply(q, k, v, g, initial_state, scale, C, code, interpret)
+    options = dict(scale=scale, C=C, gate=code, interpret=interpret)
+    return ChunkedFunction.apply(_Kernels, options, q, k, v, g, initial_state)
 
 
-__all__ = ["GATE_CODES", "MAX_BLOCK", "TritonRecurrence", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",
+__all__ = ["GATE_CODES", "MAX_BLOCK", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",
            "kernels", "run", "triton_backward", "triton_forward"]

@@ -43,7 +43,12 @@ from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    block_chunk_program,
+    chunk_program,
     chunk_rows,
+    chunk_square,
+    dim_tile,
+    enter_chunk,
     gate_rows,
     gate_span,
     head_gate,
@@ -51,26 +56,25 @@ from ..library.device import (
     kv_head,
     load_gates,
     load_rows,
+    load_state,
     mm,
     state_block,
+    state_tiles_t,
+    store_rows,
+    store_state,
     tile_sum,
     tl,
     to_acc,
-    triton,
     unit_lower_inverse,
     value_block,
+    value_program,
     value_sums,
     vec_gate_factor,
     vec_intra,
 )
-from ..library.host import (
-    VECTOR_BLOCK,
-    KernelTable,
-    block_size,
-    gate_arrays,
-    interprets,
-    output_grad,
-)
+from ..library.host import VECTOR_BLOCK, ChunkedFunction, KernelTable, block_size, gate_arrays
+from ..library.wy import wy_corrected, wy_state_dh, wy_state_du, wy_value_grads, wy_values
+from . import wy_launch
 from .triton import MAX_DK
 
 #: The chunk of the kernels (sub-chunks of ``VECTOR_SUB_CHUNK`` rows inside), as flash-linear-attention's.
@@ -117,6 +121,20 @@ def _kda_intra_grad(dq, dk, dAq, dAk, q, k, q_base, k_base, GH, GL, GR, i_bh, c0
     return dq, dk
 
 
+def _kda_gated_products(Q, K, GH, GL, GR, i_bh, kv_bh, c0, rows, r_ok, t_off, T, TP, DK: tl.constexpr,
+                        BK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
+    """``P_ts = sum_c q_tc k_sc exp(b_tc - b_sc)`` (s <= t) of a chunk over the Dk blocks (``vec_intra``)."""
+    q_base = Q + i_bh * T * DK
+    k_base = K + kv_bh * T * DK
+    P = acc_zeros([C, C], F64)
+    for k0 in range(0, DK, BK):
+        k_off, k_ok = dim_tile(k0, DK, BK)
+        q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
+        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
+        P += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT, F64)
+    return P
+
+
 # ======================================================================= kernels (undecorated)
 def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr, GQ: tl.constexpr,
                        DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
@@ -124,16 +142,12 @@ def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr
                        DOT: tl.constexpr):
     """One program per (chunk, batch x head): ``T = (I + diag(beta) M)^-1``, ``W = T diag(beta) (K * e)``,
     ``U0 = T diag(beta) V`` (per query head, in W's dtype; T in the compute dtype when ``STORE_T``)."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
+    i_bh, kv_bh, c0, t_off, rows, r_ok = chunk_program(H, GQ, C, T)
     k_base = K + kv_bh * T * DK
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     M = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
         k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
         M += vec_intra(k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
                         SUB, DOT, F64)
@@ -144,20 +158,11 @@ def _kda_wy_fwd_kernel(K, V, BETA, GH, GL, GR, W, U0, TI, T, TP, H: tl.constexpr
                  X.to(TI.dtype.element_ty))
     Xc = X.to(K.dtype.element_ty)
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
         k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        w = mm(Xc, (k * (eb * beta[:, None])).to(k.dtype), DOT)
-        tl.store(W + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], w.to(W.dtype.element_ty),
-                 mask=r_ok[:, None] & k_ok[None, :])
-    for v0 in range(0, DV, BV):
-        v_off = v0 + tl.arange(0, BV)
-        v_ok = in_dim(v_off, DV, BV)
-        v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = mm(Xc, (v * beta[:, None]).to(v.dtype), DOT)
-        tl.store(U0 + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(U0.dtype.element_ty),
-                 mask=r_ok[:, None] & v_ok[None, :])
+        store_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, mm(Xc, (k * (eb * beta[:, None])).to(k.dtype), DOT))
+    wy_values(V, U0, Xc, beta, i_bh, kv_bh, rows, r_ok, T, DV, BV, DOT)
 
 
 def _kda_state_fwd_kernel(K, W, U0, GH, GL, GR, S0, HS, UN, ST, T, TP, NT, H: tl.constexpr,
@@ -166,83 +171,51 @@ def _kda_state_fwd_kernel(K, W, U0, GH, GL, GR, S0, HS, UN, ST, T, TP, NT, H: tl
                           DOT: tl.constexpr):
     """One program per (Dv block, batch x head) walking the chunks: stores ``h_n`` (``HS[bh, n]``),
     ``U = U0 - W h_n`` (``UN``), then ``S <- diag(d) S + (K * el)^T U``; the final state in ``ST``."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    t_off = tl.arange(0, C)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    i_bh, t_off, kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_program(H, GQ, DK, DV, BKD, BV, C)
     S = state_block(S0, i_bh, sv_off, sv_ok, HAS_S0, DK, DV, BKD, BV, F64)
     for n in range(0, NT):
-        c0, _, rows, r_ok = chunk_rows(n, C, T)
-        tl.store(HS + (i_bh * NT + n) * DK * DV + sv_off, S.to(HS.dtype.element_ty), mask=sv_ok)
-        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        u0 = load_rows(U0 + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        u = to_acc(u0, F64) - mm(w, S.to(w.dtype), DOT)
-        tl.store(UN + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], u.to(UN.dtype.element_ty),
-                 mask=r_ok[:, None] & v_ok[None, :])
+        c0, rows, r_ok = enter_chunk(HS, S, i_bh, n, NT, sv_off, sv_ok, C, T, DK, DV, False)
+        u = wy_corrected(W, U0, UN, S, i_bh, rows, r_ok, k_off, k_ok, v_off, v_ok, T, DK, DV, F64, DOT)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         S = S * dec[:, None] + mm(tl.trans((k * ebl).to(k.dtype)), u.to(k.dtype), DOT)
-    tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
+    store_state(ST, i_bh, S, sv_off, sv_ok, DK, DV)
 
 
 def _kda_out_kernel(Q, K, UN, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, GQ: tl.constexpr,
                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     C: tl.constexpr, SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """One program per (Dv block, chunk, batch x head): ``O = scale ((Q * e) h_n + P U)``."""
-    i_v = tl.program_id(0)
-    n = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
-    v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = in_dim(v_off, DV, BV)
+    i_v, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, GQ, C, T)
+    v_off, v_ok = dim_tile(i_v * BV, DV, BV)
     q_base = Q + i_bh * T * DK
     k_base = K + kv_bh * T * DK
     h_base = HS + (i_bh * NT + n) * DK * DV
     o = acc_zeros([C, BV], F64)
     P = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
         q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
         k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :],
-                     other=0.0)
+        hn = load_state(h_base, k_off, k_ok, v_off, v_ok, DV)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         o += mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
         P += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
                         SUB, DOT, F64)
     u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
     o = (o + mm(P.to(Q.dtype.element_ty), u.to(Q.dtype.element_ty), DOT)) * scale
-    tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
-             mask=r_ok[:, None] & v_ok[None, :])
+    store_rows(OUT + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV, o)
 
 
 def _kda_du_local_kernel(Q, K, GH, GL, GR, DO, DU, T, TP, scale, H: tl.constexpr, GQ: tl.constexpr,
                          DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                          C: tl.constexpr, SUB: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """One program per (Dv block, chunk, batch x head): the chunk-local part of dU, ``scale P^T dO``."""
-    i_v = tl.program_id(0)
-    n = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
-    v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = in_dim(v_off, DV, BV)
-    q_base = Q + i_bh * T * DK
-    k_base = K + kv_bh * T * DK
-    P = acc_zeros([C, C], F64)
-    for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
-        q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
-        k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
-        P += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C,
-                        SUB, DOT, F64)
+    i_v, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, GQ, C, T)
+    v_off, v_ok = dim_tile(i_v * BV, DV, BV)
+    P = _kda_gated_products(Q, K, GH, GL, GR, i_bh, kv_bh, c0, rows, r_ok, t_off, T, TP, DK, BK, C, SUB, F64, DOT)
     do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-    du = mm(tl.trans((P * scale).to(do.dtype)), do, DOT)
-    tl.store(DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], du.to(DU.dtype.element_ty),
-             mask=r_ok[:, None] & v_ok[None, :])
+    store_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV, mm(tl.trans((P * scale).to(do.dtype)), do, DOT))
 
 
 def _kda_state_bwd_kernel(Q, K, W, GH, GL, GR, DO, DST, DHS, DU, DS0, T, TP, NT, scale,
@@ -253,28 +226,19 @@ def _kda_state_bwd_kernel(Q, K, W, GH, GL, GR, DO, DST, DHS, DU, DS0, T, TP, NT,
     ``dh_n`` (the gradient of the state leaving chunk n) and ``dU`` (``DU`` holds its chunk-local part; adds
     ``(K * el) dh_n``), then ``dh <- diag(d) dh + scale (Q * e)^T dO - W^T dU``; the initial state's
     gradient in ``DS0``."""
-    i_v = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    t_off = tl.arange(0, C)
-    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(i_v, i_bh, H, GQ, DK, DV, BKD, BV)
+    i_bh, t_off, kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_program(H, GQ, DK, DV, BKD, BV, C)
     dh = state_block(DST, i_bh, sv_off, sv_ok, HAS_DST, DK, DV, BKD, BV, F64)
     for i in range(0, NT):
-        n = NT - 1 - i
-        c0, _, rows, r_ok = chunk_rows(n, C, T)
-        tl.store(DHS + (i_bh * NT + n) * DK * DV + sv_off, dh.to(DHS.dtype.element_ty), mask=sv_ok)
+        c0, rows, r_ok = enter_chunk(DHS, dh, i_bh, i, NT, sv_off, sv_ok, C, T, DK, DV, True)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
-        du_off = DU + i_bh * T * DV + rows[:, None] * DV + v_off[None, :]
-        du_ok = r_ok[:, None] & v_ok[None, :]
-        du = tl.load(du_off, mask=du_ok, other=0.0) + mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
-        tl.store(du_off, du.to(DU.dtype.element_ty), mask=du_ok)
+        du = wy_state_du(DU, dh, (k * ebl).to(k.dtype), i_bh, rows, r_ok, v_off, v_ok, T, DV, DOT)
         q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        w = load_rows(W + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         qe = (q * (eb * scale)).to(q.dtype)
-        dh = dh * dec[:, None] + mm(tl.trans(qe), do, DOT) - mm(tl.trans(w), du.to(w.dtype), DOT)
+        dh = wy_state_dh(W, dh * dec[:, None], qe, do, du, i_bh, rows, r_ok, k_off, k_ok, T, DK, DOT)
     if STORE_DS0:
-        tl.store(DS0 + i_bh * DK * DV + sv_off, dh.to(DS0.dtype.element_ty), mask=sv_ok)
+        store_state(DS0, i_bh, dh, sv_off, sv_ok, DK, DV)
 
 
 def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, TP, NT, scale,
@@ -285,13 +249,8 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     (dO h_n^T) * e + dP through P``, ``dk = (U dh_n^T) * el + dP^T through P`` (per query head), ``dW =
     -dU h_n^T``, and the cumulative gates' gradient ``q dq - k dk``, plus on the chunk's last row
     ``sum_t k (U dh_n^T) el + d sum_v h_n dh_n`` (``DG``, ``[B*H, TP, Dk]``)."""
-    i_k = tl.program_id(0)
-    n = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
-    k_off = i_k * BK + tl.arange(0, BK)
-    k_ok = in_dim(k_off, DK, BK)
+    i_k, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, GQ, C, T)
+    k_off, k_ok = dim_tile(i_k * BK, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
     dP, dq, dks, dw, hdh = value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV, BV, C,
                                       BK, True, F64, DOT)
@@ -300,9 +259,7 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     q = load_rows(q_base, rows, r_ok, k_off, k_ok, DK)
     k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
     # dW and the last row's gate terms first: fewer tiles live through the in-chunk gradient
-    qk_ok = r_ok[:, None] & k_ok[None, :]
-    off = rows[:, None] * DK + k_off[None, :]
-    tl.store(DW + i_bh * T * DK + off, dw.to(DW.dtype.element_ty), mask=qk_ok)
+    store_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dw)
     eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
     kf = to_acc(k, F64)
     dks = dks * ebl
@@ -310,8 +267,8 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
     dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
                              T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
-    tl.store(DQ + i_bh * T * DK + off, dq.to(DQ.dtype.element_ty), mask=qk_ok)
-    tl.store(DKP + i_bh * T * DK + off, dk.to(DKP.dtype.element_ty), mask=qk_ok)
+    store_rows(DQ + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dq)
+    store_rows(DKP + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dk)
     db = to_acc(q, F64) * dq - kf * dk
     db += tl.where((t_off == C - 1)[:, None], last[None, :], 0.0)
     tl.store(DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :],
@@ -325,39 +282,25 @@ def _kda_wy_da_kernel(K, V, BETA, GH, GL, GR, TI, DW, DU, DA, DV_, DBETA, T, TP,
     """One program per (chunk, batch x head), through the WY form (``dU0 = dU``): ``dT = dW (diag(beta)
     (K * e))^T + dU (diag(beta) V)^T``, ``dA = -strict(T^T dT T^T)`` (stored, ``[C, C]`` per chunk),
     ``dv = diag(beta) T^T dU`` and the rate's term ``sum_c (T^T dU)_tc v_tc``."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
+    i_bh, kv_bh, c0, t_off, rows, r_ok = chunk_program(H, GQ, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
     # T^T loaded transposed: both products with it take it as it is (no register transposes)
-    Xt = tl.load(TI + cc_base + (t_off[None, :] * C + t_off[:, None])).to(K.dtype.element_ty)
+    Xt = chunk_square(TI, cc_base, t_off, t_off, C, True).to(K.dtype.element_ty)
     dT = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
         dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         dT += mm(dw, tl.trans((k * (eb * beta[:, None])).to(k.dtype)), DOT)
-    dbeta = acc_zeros([C], F64)
-    for v0 in range(0, DV, BV):
-        v_off = v0 + tl.arange(0, BV)
-        v_ok = in_dim(v_off, DV, BV)
-        v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
-        du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(v.dtype)
-        dT += mm(du, tl.trans((v * beta[:, None]).to(v.dtype)), DOT)
-        dvb = mm(Xt, du, DOT)
-        tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :],
-                 (dvb * beta[:, None]).to(DV_.dtype.element_ty), mask=r_ok[:, None] & v_ok[None, :])
-        dbeta += tile_sum(dvb * to_acc(v, F64), 1)
+    dT, dbeta = wy_value_grads(V, DU, DV_, Xt, beta, dT, i_bh, kv_bh, rows, r_ok, T, DV, BV, C, F64, DOT)
     # dA in blocks of RB rows (as the gated rule's kernel: whole-chunk products of three [C, C] tiles
     # spill): rows r of T^T, loaded transposed, times dT times T^T
     dTc = dT.to(Xt.dtype)
     for r0 in range(0, C, RB):
         r_off = r0 + tl.arange(0, RB)
-        Xr = tl.load(TI + cc_base + (t_off[None, :] * C + r_off[:, None])).to(Xt.dtype)
+        Xr = chunk_square(TI, cc_base, r_off, t_off, C, True).to(Xt.dtype)
         dA = mm(mm(Xr, dTc, DOT).to(Xt.dtype), Xt, DOT)
         tl.store(DA + cc_base + (r_off[:, None] * C + t_off[None, :]),
                  tl.where(r_off[:, None] > t_off[None, :], -dA, 0.0).to(DA.dtype.element_ty))
@@ -371,34 +314,28 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
     ``dKb * e * beta`` to dk; through ``M`` (``dM = diag(beta) dA``) ``X = dA through M's rows`` and
     ``Y = dM through its columns`` add ``beta X + Y`` to dk; the rate gains ``sum_c (dKb k e + k X)``, the
     cumulative gates ``beta (dKb k e + k X) - k Y`` (added to ``DG``)."""
-    n = tl.program_id(0)
-    i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = kv_head(i_bh, H, GQ)
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
+    i_bh, kv_bh, c0, t_off, rows, r_ok = chunk_program(H, GQ, C, T)
     beta = to_acc(tl.load(BETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     cc_base = (i_bh * TP + c0) * C
-    cc_off = t_off[:, None] * C + t_off[None, :]
-    Xc = tl.load(TI + cc_base + cc_off).to(K.dtype.element_ty)
-    dA = tl.load(DA + cc_base + cc_off)
+    Xc = chunk_square(TI, cc_base, t_off, t_off, C, False).to(K.dtype.element_ty)
+    dA = chunk_square(DA, cc_base, t_off, t_off, C, False)
     dM = dA * beta[:, None]
     dbeta = to_acc(tl.load(DBETA + i_bh * T + rows, mask=r_ok, other=0.0), F64)
     k_base = K + kv_bh * T * DK
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
+        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         k = load_rows(k_base, rows, r_ok, k_off, k_ok, DK)
         dw = load_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK).to(k.dtype)
-        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, 0, c0, T, TP, t_off, k_off, k_ok, DK, C, 2, F64)
         dkb = mm(tl.trans(Xc), dw, DOT)
-        X, Y = _kda_intra_grad(acc_zeros([C, BK], F64), acc_zeros([C, BK], F64), dA, dM, k, k, k_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off,
-                               k_off, k_ok, DK, C, SUB, DOT)
+        X, Y = _kda_intra_grad(acc_zeros([C, BK], F64), acc_zeros([C, BK], F64), dA, dM, k, k, k_base, k_base, GH,
+                               GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
         kf = to_acc(k, F64)
         s = dkb * eb * kf + kf * X
         dbeta += tile_sum(s, 1)
-        off = i_bh * T * DK + rows[:, None] * DK + k_off[None, :]
-        m = r_ok[:, None] & k_ok[None, :]
-        dk = tl.load(DKP + off, mask=m, other=0.0) + (dkb * eb + X) * beta[:, None] + Y
-        tl.store(DKP + off, dk.to(DKP.dtype.element_ty), mask=m)
+        dk_at = DKP + i_bh * T * DK
+        dk = load_rows(dk_at, rows, r_ok, k_off, k_ok, DK) + (dkb * eb + X) * beta[:, None] + Y
+        store_rows(dk_at, rows, r_ok, k_off, k_ok, DK, dk)
         g_off = DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :]
         db = tl.load(g_off, mask=k_ok[None, :], other=0.0) + s * beta[:, None] - kf * Y
         tl.store(g_off, db.to(DG.dtype.element_ty), mask=k_ok[None, :])
@@ -407,15 +344,16 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
 
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate_span, gate_rows, vec_gate_factor,
-            vec_intra, _kda_intra_grad, unit_lower_inverse, load_rows, value_block, state_block, value_sums, kv_head,
-            chunk_rows)
+            vec_intra, _kda_intra_grad, _kda_gated_products, unit_lower_inverse, load_rows, store_rows, load_state,
+            dim_tile, chunk_square, value_block, value_program, state_block, store_state, value_sums, state_tiles_t, kv_head,
+            chunk_rows, chunk_program, block_chunk_program, wy_values, wy_corrected, wy_state_du, wy_state_dh,
+            wy_value_grads, enter_chunk)
 _KERNELS = (_kda_wy_fwd_kernel, _kda_state_fwd_kernel, _kda_out_kernel, _kda_du_local_kernel,
             _kda_state_bwd_kernel, _kda_dqk_kernel, _kda_wy_da_kernel, _kda_wy_dk_kernel)
 
 
 #: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
 kernels = KernelTable(_HELPERS, _KERNELS, globals())
-_launch = kernels.launch
 
 
 def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = False) -> dict:
@@ -448,121 +386,37 @@ def configs(Dk: int, Dv: int, C: int, dtype: torch.dtype, interpret: bool = Fals
     }
 
 
-def _wy_and_states(q, k, v, gates, beta, s0, C: int, cfg: dict, interp: bool, store_t: bool):
-    """The WY form (W, U0, and T when ``store_t``) and the forward state pass: ``(T, W, h_n, U, final)``."""
-    B, H, T, Dk = q.shape
-    Dv, GQ = v.shape[-1], H // k.shape[1]
-    GH, GL, GR, TP = gates
-    NT = TP // C
-    acc = torch.float64 if cfg["_kda_wy_fwd_kernel"]["F64"] else torch.float32
-    store = acc if cfg["_kda_wy_fwd_kernel"]["DOT"] == 1 else q.dtype
-    W = torch.empty(B * H, T, Dk, dtype=store, device=q.device)
-    U0 = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
-    TI = torch.empty(B * H, TP, C, dtype=acc, device=q.device) if store_t else W
-    _launch("_kda_wy_fwd_kernel", (NT, B * H), interp, k, v, beta, GH, GL, GR, W, U0, TI, T, TP, H=H,
-            GQ=GQ, STORE_T=store_t, **cfg["_kda_wy_fwd_kernel"])
-    HS = torch.empty(B * H, NT, Dk, Dv, dtype=store, device=q.device)
-    UN = torch.empty(B * H, T, Dv, dtype=store, device=q.device)
-    ST = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
-    sc = cfg["_kda_state_fwd_kernel"]
-    _launch("_kda_state_fwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, k, W, U0, GH, GL, GR,
-            s0 if s0 is not None else ST, HS, UN, ST, T, TP, NT, H=H, GQ=GQ, HAS_S0=s0 is not None, **sc)
-    return TI, W, HS, UN, ST
+def _gates(g: torch.Tensor, beta: torch.Tensor, C: int) -> wy_launch.Gates:
+    """The kernels' ``GH, GL, GR`` (``library.host.gate_arrays``: split prefix sums and the last reset per channel);
+    the cumulative gates' gradient terms ``[B*H, TP, Dk]``, turned into the gates' gradient by a reverse cumulative
+    sum in each chunk (``db_t / dg_s = 1`` for s <= t in the chunk; a reset's gate, -inf, has gradient 0)."""
+    GH, GL, GR, TP = gate_arrays(g, C, 2)
+
+    def grads(B: int, H: int, Dk: int, NKB: int, acc, device):
+        return torch.empty(B * H, TP, Dk, dtype=acc, device=device), ()
+
+    def gate_grad(DG, g, B: int, H: int, T: int, C: int):
+        Dk = DG.shape[-1]
+        dg = DG.view(B, H, TP // C, C, Dk).flip(-2).cumsum(-2).flip(-2).reshape(B, H, TP, Dk)[:, :, :T]
+        return dg.masked_fill(torch.isneginf(g), 0.0)
+
+    return wy_launch.Gates((GH, GL, GR), {}, TP, grads, gate_grad)
+
+
+#: This form's kernels by pass, for ``wy_launch``.
+RULE = wy_launch.WYKernels(kernels, dict(zip(wy_launch.PASSES, (fn.__name__ for fn in _KERNELS), strict=True)),
+                           configs, _gates)
 
 
 def kda_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
-    """``q [B, H, T, Dk]``, ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` (contiguous, one dtype), ``g``
-    ``[B, H, T, Dk]`` log gates (-inf: a hard reset), ``beta`` ``[B, H, T]`` (compute dtype). Returns (out in
-    q's dtype, final state in the compute dtype)."""
-    B, H, T, Dk = q.shape
-    Dv = v.shape[-1]
-    interp = interprets(q) if interpret is None else interpret
-    cfg = configs(Dk, Dv, C, q.dtype, interp)
-    gates = gate_arrays(g, C, 2)
-    s0 = initial_state.contiguous() if initial_state is not None else None
-    _, _, HS, UN, final = _wy_and_states(q, k, v, gates, beta, s0, C, cfg, interp, False)
-    out = torch.empty(B, H, T, Dv, dtype=q.dtype, device=q.device)
-    oc = cfg["_kda_out_kernel"]
-    GH, GL, GR, TP = gates
-    _launch("_kda_out_kernel", (triton.cdiv(Dv, oc["BV"]), TP // C, B * H), interp, q, k, UN, GH, GL, GR,
-            HS, out, T, TP, TP // C, float(scale), H=H, GQ=H // k.shape[1], **oc)
-    return out, final
+    """``wy_launch.wy_forward`` of these kernels: ``g`` ``[B, H, T, Dk]`` log gates (-inf: a hard reset)."""
+    return wy_launch.wy_forward(RULE, q, k, v, g, beta, scale, initial_state, C, interpret)
 
 
 def kda_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool,
                  need_s0: bool, interpret: bool | None = None):
-    """Gradients ``(dq, dk, dv, dg | None, dbeta, dS0 | None)`` in the compute dtype; dk, dv per kv head."""
-    B, H, T, Dk = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    GQ = H // Hkv
-    interp = interprets(q) if interpret is None else interpret
-    cfg = configs(Dk, Dv, C, q.dtype, interp)
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    gates = gate_arrays(g, C, 2)
-    GH, GL, GR, TP = gates
-    NT = TP // C
-    s0 = initial_state.contiguous() if initial_state is not None else None
-    TI, W, HS, UN, _ = _wy_and_states(q, k, v, gates, beta, s0, C, cfg, interp, True)
-    do = do.to(q.dtype).contiguous()  # the tensor-core dots take dO in the input dtype
-    if dS_T is not None and cfg["_kda_state_bwd_kernel"]["DOT"] != 1:
-        dS_T = dS_T.to(q.dtype).to(acc)  # entering in the input dtype, as dO does
-    dst = dS_T.contiguous() if dS_T is not None else None
-    DHS = torch.empty(B * H, NT, Dk, Dv, dtype=HS.dtype, device=q.device)
-    DU = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
-    DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
-    lc = cfg["_kda_du_local_kernel"]
-    _launch("_kda_du_local_kernel", (triton.cdiv(Dv, lc["BV"]), NT, B * H), interp, q, k, GH, GL, GR, do,
-            DU, T, TP, float(scale), H=H, GQ=GQ, **lc)
-    sc = cfg["_kda_state_bwd_kernel"]
-    _launch("_kda_state_bwd_kernel", (triton.cdiv(Dv, sc["BV"]), B * H), interp, q, k, W, GH, GL, GR, do,
-            dst if dst is not None else DS0, DHS, DU, DS0, T, TP, NT, float(scale), H=H, GQ=GQ,
-            HAS_DST=dst is not None, STORE_DS0=need_s0, **sc)
-    kc = cfg["_kda_dqk_kernel"]
-    dq = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)
-    dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
-    dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
-    DG = torch.empty(B * H, TP, Dk, dtype=acc, device=q.device)
-    _launch("_kda_dqk_kernel", (triton.cdiv(Dk, kc["BK"]), NT, B * H), interp, q, k, UN, GH, GL, GR, do,
-            HS, DHS, DU, dq, dk, dW, DG, T, TP, NT, float(scale), H=H, GQ=GQ, **kc)
-    dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
-    dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
-    DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
-    _launch("_kda_wy_da_kernel", (NT, B * H), interp, k, v, beta, GH, GL, GR, TI, dW, DU, DA, dv, dbeta,
-            T, TP, H=H, GQ=GQ, **cfg["_kda_wy_da_kernel"])
-    _launch("_kda_wy_dk_kernel", (NT, B * H), interp, k, beta, GH, GL, GR, TI, dW, DA, dk, dbeta, DG, T,
-            TP, H=H, GQ=GQ, **cfg["_kda_wy_dk_kernel"])
-    dg = None
-    if need_g:  # db_t / dg_s = 1 for s <= t in the chunk; a reset's gate (-inf) has gradient 0
-        db = DG.view(B, H, NT, C, Dk)
-        dg = db.flip(-2).cumsum(-2).flip(-2).reshape(B, H, TP, Dk)[:, :, :T]
-        dg = dg.masked_fill(torch.isneginf(g), 0.0)
-    if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
-        dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)
-        dv = dv.view(B, Hkv, GQ, T, Dv).sum(2)
-    return dq, dk, dv, dg, dbeta, (DS0 if need_s0 else None)
-
-
-class TritonKDA(torch.autograd.Function):
-    """KDA's Triton kernels as one autograd node; saves the inputs (the WY form and the per-chunk states
-    are recomputed by the backward)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, scale: float, C: int, interpret: bool | None):
-        out, final = kda_forward(q, k, v, g, beta, scale, initial_state, C, interpret)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
-        ctx.scale, ctx.C, ctx.interpret = scale, C, interpret
-        return out, final
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do, dS_T):
-        q, k, v, g, beta, s0 = ctx.saved_tensors
-        do = output_grad(do, q, v)
-        dq, dk, dv, dg, dbeta, ds0 = kda_backward(q, k, v, g, beta, ctx.scale, s0, do, dS_T, ctx.C,
-                                                  ctx.needs_input_grad[3], ctx.needs_input_grad[5],
-                                                  ctx.interpret)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype) if dg is not None else None,
-                dbeta.to(beta.dtype), ds0, None, None, None)
+    """``wy_launch.wy_backward`` of these kernels."""
+    return wy_launch.wy_backward(RULE, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
 
 
 def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, interpret: bool | None = None):
@@ -572,7 +426,7 @@ def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, inter
     or None, all three in the compute dtype. Returns (out, final state)."""
     configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming a key head dim too large
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    return TritonKDA.apply(q, k, v, g, beta, initial_state, scale, C, interpret)
+    return ChunkedFunction.apply(RULE, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
 
 
-__all__ = ["KDA_CHUNK", "TritonKDA", "configs", "kda_backward", "kda_forward", "kernels", "run"]
+__all__ = ["KDA_CHUNK", "RULE", "configs", "kda_backward", "kda_forward", "kernels", "run"]

@@ -217,6 +217,51 @@ def chunk_rows(n, C: tl.constexpr, T):
     return c0, t_off, rows, rows < T
 
 
+def chunk_program(H: tl.constexpr, GQ: tl.constexpr, C: tl.constexpr, T):
+    """What a program of a (chunk, batch x head) grid reads by: ``(i_bh, kv_bh, c0, t_off, rows, r_ok)``, its query
+    head (batch x head, int64), the K/V head it reads (GQA) and its chunk's rows (``chunk_rows``)."""
+    n = tl.program_id(0)
+    i_bh = tl.program_id(1).to(tl.int64)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
+    return i_bh, kv_head(i_bh, H, GQ), c0, t_off, rows, r_ok
+
+
+def block_chunk_program(H: tl.constexpr, GQ: tl.constexpr, C: tl.constexpr, T):
+    """What a program of a (Dk or Dv block, chunk, batch x head) grid reads by: ``(i_x, n, i_bh, kv_bh, c0, t_off,
+    rows, r_ok)``, its block and chunk, then as ``chunk_program``."""
+    i_x = tl.program_id(0)
+    n = tl.program_id(1)
+    i_bh = tl.program_id(2).to(tl.int64)
+    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
+    return i_x, n, i_bh, kv_head(i_bh, H, GQ), c0, t_off, rows, r_ok
+
+
+def dim_tile(start, D: tl.constexpr, BLOCK: tl.constexpr):
+    """The block ``[start, start + BLOCK)`` of a head dim of size ``D``: ``(off, ok)`` (``in_dim``)."""
+    off = start + tl.arange(0, BLOCK)
+    return off, in_dim(off, D, BLOCK)
+
+
+def store_rows(base, rows, r_ok, off, ok, D: tl.constexpr, x):
+    """Stores the ``[C, BD]`` tile ``x`` at rows ``rows`` and columns ``off`` of a ``[T, D]`` matrix at ``base``, in
+    its element type (``load_rows``' inverse)."""
+    tl.store(base + rows[:, None] * D + off[None, :], x.to(base.dtype.element_ty), mask=r_ok[:, None] & ok[None, :])
+
+
+def load_state(base, k_off, k_ok, v_off, v_ok, DV: tl.constexpr):
+    """The ``[BK, BV]`` block (Dk offsets ``k_off``, Dv offsets ``v_off``) of a ``[Dk, Dv]`` state at ``base``."""
+    return tl.load(base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+
+
+def chunk_square(X, base, r_off, t_off, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """Rows ``r_off`` of a chunk's ``[C, C]`` matrix at ``X + base`` (``[len(r_off), C]``), or with ``TRANSPOSED``
+    those rows of its transpose, loaded transposed from memory (no register transposes)."""
+    if TRANSPOSED:
+        return tl.load(X + base + (t_off[None, :] * C + r_off[:, None]))
+    else:
+        return tl.load(X + base + (r_off[:, None] * C + t_off[None, :]))
+
+
 def value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 BK: tl.constexpr, BV: tl.constexpr):
     """What a program of one Dv block reads by: ``(kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok)``, the K/V head
@@ -228,6 +273,43 @@ def value_block(i_v, i_bh, H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, 
     k_ok = in_dim(k_off, DK, BK)
     v_ok = in_dim(v_off, DV, BV)
     return kv_bh, k_off, k_ok, v_off, v_ok, k_off[:, None] * DV + v_off[None, :], k_ok[:, None] & v_ok[None, :]
+
+
+def value_program(H: tl.constexpr, GQ: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+                  BV: tl.constexpr, C: tl.constexpr):
+    """What a program of a (Dv block, batch x head) grid, a sequential pass over the chunks, reads by: ``(i_bh, t_off,
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok)``, its query head (batch x head, int64), a chunk's row offsets,
+    then as ``value_block``."""
+    i_bh = tl.program_id(1).to(tl.int64)
+    kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok = value_block(tl.program_id(0), i_bh, H, GQ, DK, DV, BK, BV)
+    return i_bh, tl.arange(0, C), kv_bh, k_off, k_ok, v_off, v_ok, sv_off, sv_ok
+
+
+def store_state(X, at, S, sv_off, sv_ok, DK: tl.constexpr, DV: tl.constexpr):
+    """Stores the state block ``S`` at ``sv_off`` of state ``at`` of ``X`` ``[..., Dk, Dv]``, in its element type."""
+    tl.store(X + at * DK * DV + sv_off, S.to(X.dtype.element_ty), mask=sv_ok)
+
+
+def enter_chunk(X, S, i_bh, i, NT, sv_off, sv_ok, C: tl.constexpr, T, DK: tl.constexpr, DV: tl.constexpr,
+                REVERSE: tl.constexpr):
+    """Step ``i`` of a sequential pass over the chunks, which enters chunk ``n = i`` (``NT - 1 - i`` with
+    ``REVERSE``): stores its state block ``S`` as chunk n's of ``X`` ``[B*H, NT, Dk, Dv]`` and returns the chunk's
+    ``(c0, rows, r_ok)`` (``chunk_rows``)."""
+    if REVERSE:
+        n = NT - 1 - i
+    else:
+        n = i
+    store_state(X, i_bh * NT + n, S, sv_off, sv_ok, DK, DV)
+    c0, _, rows, r_ok = chunk_rows(n, C, T)
+    return c0, rows, r_ok
+
+
+def state_tiles_t(HS, DHS, at, k_off, k_ok, v_off, v_ok, DV: tl.constexpr):
+    """The ``[BV, BK]`` blocks of ``h_n^T`` and ``dh_n^T`` (states ``HS + at``, ``DHS + at`` ``[Dk, Dv]``), loaded
+    transposed."""
+    hT_off = v_off[:, None] + k_off[None, :] * DV
+    hT_ok = v_ok[:, None] & k_ok[None, :]
+    return tl.load(HS + at + hT_off, mask=hT_ok, other=0.0), tl.load(DHS + at + hT_off, mask=hT_ok, other=0.0)
 
 
 def state_block(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
@@ -255,10 +337,7 @@ def value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV
         do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
         u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
         du = load_rows(DU + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
-        hT_off = v_off[:, None] + k_off[None, :] * DV  # [BV, BK]: h_n^T
-        hT_ok = v_ok[:, None] & k_ok[None, :]
-        hT = tl.load(HS + hs_off + hT_off, mask=hT_ok, other=0.0)
-        dhT = tl.load(DHS + hs_off + hT_off, mask=hT_ok, other=0.0)
+        hT, dhT = state_tiles_t(HS, DHS, hs_off, k_off, k_ok, v_off, v_ok, DV)
         dP += mm(do, tl.trans(u), DOT)
         dq += mm(do, hT.to(do.dtype), DOT)
         dks += mm(u, dhT.to(do.dtype), DOT)

@@ -1,6 +1,7 @@
 """The host side of the recurrence kernels: whether Triton is there, wrapping a family's kernels for the GPU or
 the interpreter (``jit_table``), launching them (``launch``, on a GPU at the fit ladder's first rung that does
-not spill), block sizes, and the gate arrays the decay and KDA kernels read (``gate_arrays``)."""
+not spill), block sizes, the gate arrays the decay and KDA kernels read (``gate_arrays``), and a rule's forward and
+backward as one autograd node (``ChunkedFunction``)."""
 
 import os
 import types
@@ -103,3 +104,26 @@ def output_grad(do: torch.Tensor | None, q: torch.Tensor, v: torch.Tensor) -> to
     if do is None:
         return torch.zeros(q.shape[:-1] + v.shape[-1:], dtype=q.dtype, device=q.device)
     return do
+
+
+class ChunkedFunction(torch.autograd.Function):
+    """A rule's kernels as one autograd node: ``rule.forward(*inputs, **options)`` gives ``(out, final state)``; the
+    node saves the inputs and the final state (the per-chunk states are recomputed by the backward), and
+    ``rule.backward(*inputs, final, do, dS_T, needs, **options)`` gives one gradient per input in the compute dtype
+    (None where none is needed: ``needs`` is ``needs_input_grad`` of the inputs), each returned in its input's
+    dtype. ``inputs`` start with q, k, v; ``options`` are the keywords both take besides them."""
+
+    @staticmethod
+    def forward(ctx, rule, options: dict, *inputs):
+        out, final = rule.forward(*inputs, **options)
+        ctx.save_for_backward(*inputs, final)
+        ctx.rule, ctx.options = rule, options
+        return out, final
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dS_T):
+        *inputs, final = ctx.saved_tensors
+        do = output_grad(do, inputs[0], inputs[2])
+        grads = ctx.rule.backward(*inputs, final, do, dS_T, ctx.needs_input_grad[2:], **ctx.options)
+        return None, None, *(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
