@@ -201,3 +201,29 @@ def test_no_mention_of_a_missing_md_file():
             if base not in existing and base not in OTHER_PROJECTS:
                 problems.append(f"{path.relative_to(ROOT)}:{line}: {name}")
     assert not problems, "files that name a .md file the repository does not have:\n" + "\n".join(problems)
+
+
+def readme_stdlib_names() -> set[str]:
+    """The pattern names the README's stdlib table gives: every backticked name of a row's first cell, a
+    ``neighborhood_1d/2d/3d`` spelled out."""
+    text = README.read_text()
+    start = text.index("\n## The stdlib")
+    section = text[start:text.index("\n## ", start + 1)]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if not line.startswith("| `"):
+            continue
+        for name in re.findall(r"`([^`]+)`", line.split(" | ")[0]):
+            base, _, dims = name.partition("_")
+            shared = re.fullmatch(r"(\dd)((?:/\dd)+)", dims)
+            names |= {f"{base}_{d}" for d in [shared[1], *shared[2].strip("/").split("/")]} if shared else {name}
+    return names
+
+
+def test_readme_stdlib_table_names_every_stdlib_file():
+    """The README's stdlib table and ``stdlib_patterns/`` (what ``attnc list`` reads) name the same patterns."""
+    files = {path.stem for path in (ROOT / "stdlib_patterns").glob("*.attn")}
+    names = readme_stdlib_names()
+    assert files - names == set(), f"stdlib patterns missing from the README's table: {sorted(files - names)}"
+    assert names - files == set(), f"the README's table names patterns the stdlib lacks: {sorted(names - files)}"
+    assert {"neighborhood_1d", "neighborhood_3d", "delta_net", "kda"} <= names  # the shared rows are read whole
