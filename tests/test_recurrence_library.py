@@ -49,3 +49,23 @@ def test_the_check_sees_a_helper_left_out(monkeypatch):
     monkeypatch.setattr(module, "_HELPERS", tuple(fn for fn in module._HELPERS if fn.__name__ != "state_tiles_t"))
     with pytest.raises(AssertionError, match="state_tiles_t"):
         test_every_helper_a_kernel_calls_is_jitted_with_it("delta.triton")
+
+
+def test_the_delta_rules_node_keeps_no_final_state_its_backward_does_not_read():
+    """The delta rule's backward recomputes every state: its node does not keep the final one, so a caller may
+    change that state in place (a cache updated in place) before the backward; the gradients are unchanged."""
+    import torch
+
+    from attnc.runtime.recurrences.delta import triton as delta_triton
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    beta = torch.rand(1, 2, 10, dtype=torch.float64, generator=g, requires_grad=True)
+    grads = []
+    for in_place in (False, True):
+        out, final = delta_triton.run(q, k, v, None, beta, 0.5, None, 16)
+        if in_place:
+            final.zero_()
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v, beta)))
+    for plain, changed in zip(*grads, strict=True):
+        torch.testing.assert_close(changed, plain, rtol=0, atol=0)

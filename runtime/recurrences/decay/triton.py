@@ -513,8 +513,11 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     return dq, dk, dv, dg, (ds0 if need_s0 else None)
 
 
-class _Kernels:
-    """This family's kernels as ``ChunkedFunction`` runs them: the inputs q, k, v, the gates and the initial state."""
+class _DecayPasses:
+    """This family's forward and backward as ``ChunkedFunction`` runs them: the inputs q, k, v, the gates and the
+    initial state; its backward reads the final state (the gates' gradient through ``dS_T``)."""
+
+    reads_final = True
 
     @staticmethod
     def forward(q, k, v, g, initial_state, scale: float, C: int, gate: int, interpret: bool | None):
@@ -537,7 +540,7 @@ def run(q, k, v, g, scale: float, initial_state, C: int, gate: str, interpret: b
         C = VECTOR_CHUNK
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     options = dict(scale=scale, C=C, gate=code, interpret=interpret)
-    return ChunkedFunction.apply(_Kernels, options, q, k, v, g, initial_state)
+    return ChunkedFunction.apply(_DecayPasses, options, q, k, v, g, initial_state)
 
 
 __all__ = ["GATE_CODES", "MAX_BLOCK", "VECTOR_CHUNK", "VECTOR_SUB_CHUNK", "available", "configs",

@@ -106,15 +106,16 @@ def _chunk_gates(
     return b, rs, e, el, d
 
 
-def _qk_products(Q, K, i_bh, kv_bh, rows, r_ok, T, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+def _qk_products(A, B, a_bh, b_bh, rows, r_ok, T, DK: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
                  F64: tl.constexpr, DOT: tl.constexpr):
-    """``Q K^T`` of a chunk (``[C(t), C(s)]``) over the Dk blocks."""
+    """``A B^T`` of a chunk (``[C, C]``; rows of ``A`` at head ``a_bh``, of ``B`` at ``b_bh``) over the Dk blocks:
+    ``Q K^T`` as ``_qk_products(Q, K, i_bh, kv_bh, ...)``, ``K Q^T`` with the two swapped."""
     P = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
         k_off, k_ok = dim_tile(k0, DK, BK)
-        q = load_rows(Q + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
-        P += mm(q, tl.trans(k), DOT)
+        a = load_rows(A + a_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        b = load_rows(B + b_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
+        P += mm(a, tl.trans(b), DOT)
     return P
 
 
@@ -354,10 +355,10 @@ _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, _chunk_gates, _qk_products,
             store_state, value_sums, state_tiles_t, kv_head, chunk_rows, chunk_program, block_chunk_program, wy_values,
             wy_corrected, wy_state_du, wy_state_dh,
             wy_value_grads, enter_chunk)
-_KERNELS = (
-    _wy_fwd_kernel, _state_fwd_kernel, _out_kernel, _bwd_du_local_kernel, _state_bwd_kernel, _bwd_dqk_kernel,
-    _wy_bwd_da_kernel, _wy_bwd_dk_kernel,
-)
+#: The kernel of each of ``wy_launch.PASSES``, in that order.
+PASS_KERNELS = dict(wy=_wy_fwd_kernel, state=_state_fwd_kernel, out=_out_kernel, du_local=_bwd_du_local_kernel,
+                    state_bwd=_state_bwd_kernel, dqk=_bwd_dqk_kernel, wy_da=_wy_bwd_da_kernel, wy_dk=_wy_bwd_dk_kernel)
+_KERNELS = tuple(PASS_KERNELS.values())
 
 
 #: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
@@ -433,7 +434,7 @@ def _gates(g: torch.Tensor | None, beta: torch.Tensor, C: int) -> wy_launch.Gate
     chunk (``db_t / dg_s = 1`` for s <= t in the chunk)."""
     b, R, TP = _cumulative_gates(g, beta, C)
 
-    def grads(B: int, H: int, Dk: int, NKB: int, acc, device):
+    def grad_buffer(B: int, H: int, Dk: int, NKB: int, acc, device):
         buffer = torch.empty(NKB + 1, B * H, TP, dtype=acc, device=device) if g is not None else None
         return buffer, (NKB,)
 
@@ -441,24 +442,23 @@ def _gates(g: torch.Tensor | None, beta: torch.Tensor, C: int) -> wy_launch.Gate
         dg = dG.sum(0).view(B, H, TP // C, C).flip(-1).cumsum(-1).flip(-1).reshape(B, H, TP)[:, :, :T]
         return dg.masked_fill(torch.isneginf(g), 0.0) if R is not None else dg  # a reset's gate (-inf): gradient 0
 
-    return wy_launch.Gates((b, b if R is None else R), dict(GATED=g is not None, RESETS=R is not None), TP, grads,
+    return wy_launch.Gates((b, b if R is None else R), dict(GATED=g is not None, RESETS=R is not None), TP, grad_buffer,
                            gate_grad)
 
 
 #: This form's kernels by pass, for ``wy_launch``.
-RULE = wy_launch.WYKernels(kernels, dict(zip(wy_launch.PASSES, (fn.__name__ for fn in _KERNELS), strict=True)),
-                           configs, _gates)
+WY_KERNELS = wy_launch.WYKernels(kernels, {step: fn.__name__ for step, fn in PASS_KERNELS.items()}, configs, _gates)
 
 
 def delta_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
     """``wy_launch.wy_forward`` of these kernels: ``g`` ``[B, H, T]`` log gates or None."""
-    return wy_launch.wy_forward(RULE, q, k, v, g, beta, scale, initial_state, C, interpret)
+    return wy_launch.wy_forward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, C, interpret)
 
 
 def delta_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool, need_s0: bool,
                    interpret: bool | None = None):
     """``wy_launch.wy_backward`` of these kernels."""
-    return wy_launch.wy_backward(RULE, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
+    return wy_launch.wy_backward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
 
 
 def run(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
@@ -470,12 +470,12 @@ def run(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool |
         configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming the limit
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
-    return ChunkedFunction.apply(RULE, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
+    return ChunkedFunction.apply(WY_KERNELS, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
 
 
 __all__ = [
     "MAX_DK",
-    "RULE",
+    "WY_KERNELS",
     "available",
     "configs",
     "delta_backward",

@@ -348,8 +348,11 @@ _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate
             dim_tile, chunk_square, value_block, value_program, state_block, store_state, value_sums, state_tiles_t, kv_head,
             chunk_rows, chunk_program, block_chunk_program, wy_values, wy_corrected, wy_state_du, wy_state_dh,
             wy_value_grads, enter_chunk)
-_KERNELS = (_kda_wy_fwd_kernel, _kda_state_fwd_kernel, _kda_out_kernel, _kda_du_local_kernel,
-            _kda_state_bwd_kernel, _kda_dqk_kernel, _kda_wy_da_kernel, _kda_wy_dk_kernel)
+#: The kernel of each of ``wy_launch.PASSES``, in that order.
+PASS_KERNELS = dict(wy=_kda_wy_fwd_kernel, state=_kda_state_fwd_kernel, out=_kda_out_kernel,
+                    du_local=_kda_du_local_kernel, state_bwd=_kda_state_bwd_kernel, dqk=_kda_dqk_kernel,
+                    wy_da=_kda_wy_da_kernel, wy_dk=_kda_wy_dk_kernel)
+_KERNELS = tuple(PASS_KERNELS.values())
 
 
 #: The kernels jitted for the GPU (``kernels(False)``) or wrapped by Triton's interpreter (``kernels(True)``).
@@ -392,7 +395,7 @@ def _gates(g: torch.Tensor, beta: torch.Tensor, C: int) -> wy_launch.Gates:
     sum in each chunk (``db_t / dg_s = 1`` for s <= t in the chunk; a reset's gate, -inf, has gradient 0)."""
     GH, GL, GR, TP = gate_arrays(g, C, 2)
 
-    def grads(B: int, H: int, Dk: int, NKB: int, acc, device):
+    def grad_buffer(B: int, H: int, Dk: int, NKB: int, acc, device):
         return torch.empty(B * H, TP, Dk, dtype=acc, device=device), ()
 
     def gate_grad(DG, g, B: int, H: int, T: int, C: int):
@@ -400,23 +403,22 @@ def _gates(g: torch.Tensor, beta: torch.Tensor, C: int) -> wy_launch.Gates:
         dg = DG.view(B, H, TP // C, C, Dk).flip(-2).cumsum(-2).flip(-2).reshape(B, H, TP, Dk)[:, :, :T]
         return dg.masked_fill(torch.isneginf(g), 0.0)
 
-    return wy_launch.Gates((GH, GL, GR), {}, TP, grads, gate_grad)
+    return wy_launch.Gates((GH, GL, GR), {}, TP, grad_buffer, gate_grad)
 
 
 #: This form's kernels by pass, for ``wy_launch``.
-RULE = wy_launch.WYKernels(kernels, dict(zip(wy_launch.PASSES, (fn.__name__ for fn in _KERNELS), strict=True)),
-                           configs, _gates)
+WY_KERNELS = wy_launch.WYKernels(kernels, {step: fn.__name__ for step, fn in PASS_KERNELS.items()}, configs, _gates)
 
 
 def kda_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
     """``wy_launch.wy_forward`` of these kernels: ``g`` ``[B, H, T, Dk]`` log gates (-inf: a hard reset)."""
-    return wy_launch.wy_forward(RULE, q, k, v, g, beta, scale, initial_state, C, interpret)
+    return wy_launch.wy_forward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, C, interpret)
 
 
 def kda_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool,
                  need_s0: bool, interpret: bool | None = None):
     """``wy_launch.wy_backward`` of these kernels."""
-    return wy_launch.wy_backward(RULE, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
+    return wy_launch.wy_backward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
 
 
 def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, interpret: bool | None = None):
@@ -426,7 +428,7 @@ def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, inter
     or None, all three in the compute dtype. Returns (out, final state)."""
     configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming a key head dim too large
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    return ChunkedFunction.apply(RULE, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
+    return ChunkedFunction.apply(WY_KERNELS, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
 
 
-__all__ = ["KDA_CHUNK", "RULE", "configs", "kda_backward", "kda_forward", "kernels", "run"]
+__all__ = ["KDA_CHUNK", "WY_KERNELS", "configs", "kda_backward", "kda_forward", "kernels", "run"]

@@ -21,18 +21,18 @@ PASSES = ("wy", "state", "out", "du_local", "state_bwd", "dqk", "wy_da", "wy_dk"
 @dataclasses.dataclass(frozen=True)
 class Gates:
     """A call's gates as the kernels take them: ``args`` after each kernel's own leading tensors, ``meta`` its
-    constexprs, ``TP`` the length padded to whole chunks; ``grads(B, H, Dk, NKB, acc, device)`` the buffer the
-    gates' gradient terms are stored in (None without a gate) and what the dk pass takes after it; ``gate_grad(buffer, g, B, H, T, C)`` the
-    gates' gradient from those terms."""
+    constexprs, ``TP`` the length padded to whole chunks; ``grad_buffer(B, H, Dk, NKB, acc, device)`` the buffer
+    the gates' gradient terms are stored in (None without a gate) and the arguments the dk pass takes after it;
+    ``gate_grad(buffer, g, B, H, T, C)`` the gates' gradient from those terms."""
 
     args: tuple
     meta: dict
     TP: int
-    grads: Callable
+    grad_buffer: Callable
     gate_grad: Callable
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class WYKernels:
     """A gate form's kernels (``table``) by pass (``names``, one per ``PASSES``), its per-kernel configs
     (``configs(Dk, Dv, C, dtype, interpret)``) and its ``gates(g, beta, C)``."""
@@ -41,6 +41,12 @@ class WYKernels:
     names: dict
     configs: Callable
     gates: Callable
+    #: ``library.host.ChunkedFunction``: the backward recomputes the states, it does not read the final one
+    reads_final = False
+
+    def __post_init__(self):
+        if set(self.names) != set(PASSES):  # a form names one kernel per pass, by the pass's name
+            raise ValueError(f"kernels by pass: {sorted(self.names)}, not {sorted(PASSES)}")
 
     def launch(self, step: str, grid, interp: bool, cfg: dict, *args, **meta) -> None:
         name = self.names[step]
@@ -111,7 +117,7 @@ def wy_backward(rule: WYKernels, q, k, v, g, beta, scale: float, initial_state, 
     cfg = rule.configs(Dk, Dv, C, q.dtype, interp)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     gates = rule.gates(g, beta, C)
-    TP, ga, gm = gates.TP, gates.args, gates.meta
+    TP, gate_args, gate_meta = gates.TP, gates.args, gates.meta
     NT = TP // C
     s0 = initial_state.contiguous() if initial_state is not None else None
     TI, W, HS, UN, _ = _wy_and_states(rule, q, k, v, gates, beta, s0, C, cfg, interp, True)
@@ -123,26 +129,26 @@ def wy_backward(rule: WYKernels, q, k, v, g, beta, scale: float, initial_state, 
     DU = torch.empty(B * H, T, Dv, dtype=acc, device=q.device)
     DS0 = torch.empty(B, H, Dk, Dv, dtype=acc, device=q.device)
     BV = cfg[rule.names["du_local"]]["BV"]
-    rule.launch("du_local", (triton.cdiv(Dv, BV), NT, B * H), interp, cfg, q, k, *ga, do, DU, T, TP, float(scale),
-                H=H, GQ=GQ, **gm)
+    rule.launch("du_local", (triton.cdiv(Dv, BV), NT, B * H), interp, cfg, q, k, *gate_args, do, DU, T, TP, float(scale),
+                H=H, GQ=GQ, **gate_meta)
     BV = cfg[rule.names["state_bwd"]]["BV"]
-    rule.launch("state_bwd", (triton.cdiv(Dv, BV), B * H), interp, cfg, q, k, W, *ga, do,
+    rule.launch("state_bwd", (triton.cdiv(Dv, BV), B * H), interp, cfg, q, k, W, *gate_args, do,
                 dst if dst is not None else DS0, DHS, DU, DS0, T, TP, NT, float(scale), H=H, GQ=GQ,
-                HAS_DST=dst is not None, STORE_DS0=need_s0, **gm)
+                HAS_DST=dst is not None, STORE_DS0=need_s0, **gate_meta)
     NKB = triton.cdiv(Dk, cfg[rule.names["dqk"]]["BK"])
     dq = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)
     dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
     dW = torch.empty(B * H, T, Dk, dtype=acc, device=q.device)
-    dG, dk_tail = gates.grads(B, H, Dk, NKB, acc, q.device)
-    rule.launch("dqk", (NKB, NT, B * H), interp, cfg, q, k, UN, *ga, do, HS, DHS, DU, dq, dk, dW,
-                dq if dG is None else dG, T, TP, NT, float(scale), H=H, GQ=GQ, **gm)
+    dG, dk_args = gates.grad_buffer(B, H, Dk, NKB, acc, q.device)
+    rule.launch("dqk", (NKB, NT, B * H), interp, cfg, q, k, UN, *gate_args, do, HS, DHS, DU, dq, dk, dW,
+                dq if dG is None else dG, T, TP, NT, float(scale), H=H, GQ=GQ, **gate_meta)
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)  # per query head
     dbeta = torch.empty(B, H, T, dtype=acc, device=q.device)
     DA = torch.empty(B * H, TP, C, dtype=acc, device=q.device)
-    rule.launch("wy_da", (NT, B * H), interp, cfg, k, v, beta, *ga, TI, dW, DU, DA, dv, dbeta, T, TP, H=H, GQ=GQ,
-                **gm)
-    rule.launch("wy_dk", (NT, B * H), interp, cfg, k, beta, *ga, TI, dW, DA, dk, dbeta,
-                dq if dG is None else dG, T, TP, *dk_tail, H=H, GQ=GQ, **gm)
+    rule.launch("wy_da", (NT, B * H), interp, cfg, k, v, beta, *gate_args, TI, dW, DU, DA, dv, dbeta, T, TP, H=H, GQ=GQ,
+                **gate_meta)
+    rule.launch("wy_dk", (NT, B * H), interp, cfg, k, beta, *gate_args, TI, dW, DA, dk, dbeta,
+                dq if dG is None else dG, T, TP, *dk_args, H=H, GQ=GQ, **gate_meta)
     dg = gates.gate_grad(dG, g, B, H, T, C) if need_g and dG is not None else None
     if GQ > 1:  # a kv head's gradient is the sum over the query heads reading it
         dk = dk.view(B, Hkv, GQ, T, Dk).sum(2)

@@ -1,8 +1,11 @@
 """Device helpers of the recurrence kernels, undecorated: each family's ``kernels(interpret)`` jits them with
 its own kernels (``host.jit_table``) or lets the interpreter call them as plain Python. Tiles and dots in the
-compute dtype (``to_acc``, ``acc_zeros``, ``mm``), the delta rule's decays and triangular inverse (also Titans'),
-and per-channel (GLA) gates as split prefix sums (``load_gates``, ``gate_rows``, ``vec_intra``: the decay and KDA
-kernels)."""
+compute dtype (``to_acc``, ``acc_zeros``, ``mm``); what a program reads by (``chunk_program``,
+``block_chunk_program``, ``value_program``: its head, chunk rows and blocks) and the tiles it loads and stores
+(``load_rows``, ``store_rows``, ``dim_tile``, ``chunk_square``; states: ``state_block``, ``load_state``,
+``store_state``, ``enter_chunk``, ``state_tiles_t``); the delta rule's decays and triangular inverse (also
+Titans'), and per-channel (GLA) gates as split prefix sums (``load_gates``, ``gate_rows``, ``vec_intra``: the decay
+and KDA kernels)."""
 
 import types
 

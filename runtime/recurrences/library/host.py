@@ -111,12 +111,14 @@ class ChunkedFunction(torch.autograd.Function):
     node saves the inputs and the final state (the per-chunk states are recomputed by the backward), and
     ``rule.backward(*inputs, final, do, dS_T, needs, **options)`` gives one gradient per input in the compute dtype
     (None where none is needed: ``needs`` is ``needs_input_grad`` of the inputs), each returned in its input's
-    dtype. ``inputs`` start with q, k, v; ``options`` are the keywords both take besides them."""
+    dtype. ``inputs`` start with q, k, v; ``options`` are the keywords both take besides them. The final state is
+    saved only where the backward reads it (``rule.reads_final``; otherwise it receives None): a state the caller
+    changes in place before the backward is then no autograd error."""
 
     @staticmethod
     def forward(ctx, rule, options: dict, *inputs):
         out, final = rule.forward(*inputs, **options)
-        ctx.save_for_backward(*inputs, final)
+        ctx.save_for_backward(*inputs, final if rule.reads_final else None)
         ctx.rule, ctx.options = rule, options
         return out, final
 

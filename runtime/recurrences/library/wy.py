@@ -1,7 +1,8 @@
 """Device passes of the WY representation that the delta rule's kernels share, with a gate per token and head
-(``delta.triton``) or per key channel (``delta.triton_kda``): the corrected values ``U0 = T diag(beta) V``, ``U = U0 -
-W h_n`` and the reverse state pass's step, and the Dv blocks of the WY backward. Each takes its gates already
-applied (their decays differ by rule), undecorated as ``device``'s helpers are."""
+(``delta.triton``) or per key channel (``delta.triton_kda``): the values through the WY form ``U0 = T diag(beta)
+V``, the corrected values ``U = U0 - W h_n``, the reverse state pass's ``dU`` and state gradient, and the Dv blocks
+of the WY backward. Each takes its gates already applied (their decays differ by rule), undecorated as
+``device``'s helpers are."""
 
 from .device import acc_zeros, dim_tile, load_rows, mm, store_rows, tile_sum, tl, to_acc
 
