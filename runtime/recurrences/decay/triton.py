@@ -37,14 +37,20 @@ from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
+    block_chunk_program,
     chunk_rows,
+    dim_tile,
     gate_rows,
     gate_span,
     head_gate,
     in_dim,
+    kv_head,
     load_gates,
+    load_rows,
+    load_state,
     mm,
     state_tiles_t,
+    store_rows,
     tile_sum,
     tl,
     triton,
@@ -181,50 +187,65 @@ def _state_kernel(X, Y, GH, GL, GR, S0, HS, ST, T, TP, NT, scale, H: tl.constexp
         tl.store(ST + i_bh * DK * DV + sv_off, S.to(ST.dtype.element_ty), mask=sv_ok)
 
 
-def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
-                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
-                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
-                SUB: tl.constexpr):
-    """One program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``."""
-    i_v = tl.program_id(0)
-    n = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    h = i_bh % H
-    b = i_bh // H
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
-    v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = in_dim(v_off, DV, BV)
+def _chunk_products(Q, K, HX, GH, GL, GR, i_bh, kv_bh, h, c0, rows, r_ok, t_off, v_off, v_ok, T, TP,
+                    DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                    GATE: tl.constexpr, KEYS: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr):
+    """A chunk's two products, over the Dk blocks, with their decays: ``(exp(b) q) HX`` and ``q k^T * D``
+    (``[C(t), C(j)]``), or with ``KEYS`` ``(exp(b_last - b) k) HX`` and ``(q k^T * D)^T`` (``[C(j), C(t)]``); ``HX``
+    the chunk's ``[Dk, Dv]`` state (its Dv block ``v_off``), ``D`` the in-chunk decays (``_gate_pairs``, or
+    ``vec_intra`` for vector gates)."""
     q_base = Q + i_bh * T * DK
-    k_base = K + (b * (H // G) + h // G) * T * DK
-    h_base = HS + (i_bh * NT + n) * DK * DV
-    o = acc_zeros([C, BV], F64)
+    k_base = K + kv_bh * T * DK
+    xs = acc_zeros([C, BV], F64)
     A = acc_zeros([C, C], F64)
     for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
+        k_off, k_ok = dim_tile(k0, DK, BK)
+        # q and k under one mask, loaded here: as two load_rows (a mask each) the sm_80 d 128 kernels took 30-50
+        # registers more (benchmarks/results/recurrence-library-offline-2026-11-28.md)
         qk_ok = r_ok[:, None] & k_ok[None, :]
         q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
         k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-        hn = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        hx = load_state(HX, k_off, k_ok, v_off, v_ok, DV)
         if GATE == 2:
             eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            o += mm((q * eb).to(q.dtype), hn.to(q.dtype), DOT)
+            if KEYS:
+                xs += mm((k * ebl).to(k.dtype), hx.to(k.dtype), DOT)
+            else:
+                xs += mm((q * eb).to(q.dtype), hx.to(q.dtype), DOT)
             A += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
-                            F64)
+                           F64)
+        elif KEYS:
+            xs += mm(k, hx.to(k.dtype), DOT)
+            A += mm(k, tl.trans(q), DOT)
         else:
-            o += mm(q, hn.to(q.dtype), DOT)
+            xs += mm(q, hx.to(q.dtype), DOT)
             A += mm(q, tl.trans(k), DOT)
     if GATE != 2:
         t0 = tl.arange(0, 1)
         eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
         E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
-        o = o * eb[:, None]
-        A = A * E
-    v = tl.load(V + (b * (H // G) + h // G) * T * DV + rows[:, None] * DV + v_off[None, :],
-                mask=r_ok[:, None] & v_ok[None, :], other=0.0)
-    o = (o + mm(A.to(v.dtype), v, DOT)) * scale
-    tl.store(OUT + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], o.to(OUT.dtype.element_ty),
-             mask=r_ok[:, None] & v_ok[None, :])
+        if KEYS:
+            xs = xs * ebl[:, None]
+            A = A * tl.trans(E)
+        else:
+            xs = xs * eb[:, None]
+            A = A * E
+    elif KEYS:
+        A = tl.trans(A)
+    return xs, A
+
+
+def _out_kernel(Q, K, V, GH, GL, GR, HS, OUT, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
+                DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr,
+                GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
+                SUB: tl.constexpr):
+    """One program per (Dv block, chunk, batch x head): ``o = scale (exp(b) q h_n + (q k^T * D) v)``."""
+    i_v, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, G, C, T)
+    v_off, v_ok = dim_tile(i_v * BV, DV, BV)
+    o, A = _chunk_products(Q, K, HS + (i_bh * NT + n) * DK * DV, GH, GL, GR, i_bh, kv_bh, i_bh % H, c0, rows, r_ok,
+                           t_off, v_off, v_ok, T, TP, DK, DV, BK, BV, C, GATE, False, F64, DOT, SUB)
+    v = load_rows(V + kv_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+    store_rows(OUT + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV, (o + mm(A.to(v.dtype), v, DOT)) * scale)
 
 
 def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.constexpr, G: tl.constexpr,
@@ -232,47 +253,13 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
                    GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr, SUB: tl.constexpr):
     """One program per (Dv block, chunk, batch x head), per query head (summed over the GQA group on the
     host): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``."""
-    i_v = tl.program_id(0)
-    n = tl.program_id(1)
-    i_bh = tl.program_id(2).to(tl.int64)
-    h = i_bh % H
-    b = i_bh // H
-    c0, t_off, rows, r_ok = chunk_rows(n, C, T)
-    v_off = i_v * BV + tl.arange(0, BV)
-    v_ok = in_dim(v_off, DV, BV)
-    q_base = Q + i_bh * T * DK
-    k_base = K + (b * (H // G) + h // G) * T * DK
-    h_base = DHS + (i_bh * NT + n) * DK * DV
-    dv = acc_zeros([C, BV], F64)
-    At = acc_zeros([C, C], F64)  # [j, t] (head / scalar gates); [t, j] for vector gates, transposed below
-    for k0 in range(0, DK, BK):
-        k_off = k0 + tl.arange(0, BK)
-        k_ok = in_dim(k_off, DK, BK)
-        qk_ok = r_ok[:, None] & k_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-        k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
-        dh = tl.load(h_base + k_off[:, None] * DV + v_off[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
-        if GATE == 2:
-            eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
-            dv += mm((k * ebl).to(k.dtype), dh.to(k.dtype), DOT)
-            At += vec_intra(q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT,
-                             F64)
-        else:
-            dv += mm(k, dh.to(k.dtype), DOT)
-            At += mm(k, tl.trans(q), DOT)
-    if GATE != 2:
-        t0 = tl.arange(0, 1)
-        eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, t0, t0 < 1, DK, C, GATE, F64)
-        E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
-        dv = dv * ebl[:, None]
-        At = At * tl.trans(E)
-    else:
-        At = tl.trans(At)
-    do = tl.load(DO + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], mask=r_ok[:, None] & v_ok[None, :],
-                 other=0.0)
+    i_v, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, G, C, T)
+    v_off, v_ok = dim_tile(i_v * BV, DV, BV)
+    dv, At = _chunk_products(Q, K, DHS + (i_bh * NT + n) * DK * DV, GH, GL, GR, i_bh, kv_bh, i_bh % H, c0, rows,
+                             r_ok, t_off, v_off, v_ok, T, TP, DK, DV, BK, BV, C, GATE, True, F64, DOT, SUB)
+    do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
     dv += mm((At * scale).to(do.dtype), do, DOT)
-    tl.store(DV_ + i_bh * T * DV + rows[:, None] * DV + v_off[None, :], dv.to(DV_.dtype.element_ty),
-             mask=r_ok[:, None] & v_ok[None, :])
+    store_rows(DV_ + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV, dv)
 
 
 def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale, H: tl.constexpr,
@@ -385,7 +372,8 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs,
-            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, chunk_rows, state_tiles_t)
+            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, _chunk_products, chunk_rows, kv_head,
+            block_chunk_program, dim_tile, load_rows, load_state, store_rows, state_tiles_t)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
 
