@@ -450,17 +450,6 @@ def _gates(g: torch.Tensor | None, beta: torch.Tensor, C: int) -> wy_launch.Gate
 WY_KERNELS = wy_launch.WYKernels(kernels, {step: fn.__name__ for step, fn in PASS_KERNELS.items()}, configs, _gates)
 
 
-def delta_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
-    """``wy_launch.wy_forward`` of these kernels: ``g`` ``[B, H, T]`` log gates or None."""
-    return wy_launch.wy_forward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, C, interpret)
-
-
-def delta_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool, need_s0: bool,
-                   interpret: bool | None = None):
-    """``wy_launch.wy_backward`` of these kernels."""
-    return wy_launch.wy_backward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
-
-
 def run(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
     """The delta rule on the Triton kernels (the interpreter for CPU tensors, unless ``interpret`` says otherwise:
     the offline GPU check compiles them natively). ``q`` ``[B, H, T, Dk]``, ``k``, ``v`` with Hkv heads (H a
@@ -470,7 +459,8 @@ def run(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool |
         configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming the limit
     q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
     g = g.contiguous() if g is not None else None
-    return ChunkedFunction.apply(WY_KERNELS, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
+    options = dict(scale=scale, C=C, interpret=interpret)
+    return ChunkedFunction.apply(WY_KERNELS, options, q, k, v, g, beta, initial_state)
 
 
 __all__ = [
@@ -478,8 +468,6 @@ __all__ = [
     "WY_KERNELS",
     "available",
     "configs",
-    "delta_backward",
-    "delta_forward",
     "kernels",
     "run",
 ]

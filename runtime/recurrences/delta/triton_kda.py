@@ -345,8 +345,8 @@ def _kda_wy_dk_kernel(K, BETA, GH, GL, GR, TI, DW, DA, DKP, DBETA, DG, T, TP, H:
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate_span, gate_rows, vec_gate_factor,
             vec_intra, _kda_intra_grad, _kda_gated_products, unit_lower_inverse, load_rows, store_rows, load_state,
-            dim_tile, chunk_square, value_block, value_program, state_block, store_state, value_sums, state_tiles_t, kv_head,
-            chunk_rows, chunk_program, block_chunk_program, wy_values, wy_corrected, wy_state_du, wy_state_dh,
+            dim_tile, chunk_square, value_block, value_program, state_block, store_state, value_sums, state_tiles_t,
+            kv_head, chunk_rows, chunk_program, block_chunk_program, wy_values, wy_corrected, wy_state_du, wy_state_dh,
             wy_value_grads, enter_chunk)
 #: The kernel of each of ``wy_launch.PASSES``, in that order.
 PASS_KERNELS = dict(wy=_kda_wy_fwd_kernel, state=_kda_state_fwd_kernel, out=_kda_out_kernel,
@@ -410,17 +410,6 @@ def _gates(g: torch.Tensor, beta: torch.Tensor, C: int) -> wy_launch.Gates:
 WY_KERNELS = wy_launch.WYKernels(kernels, {step: fn.__name__ for step, fn in PASS_KERNELS.items()}, configs, _gates)
 
 
-def kda_forward(q, k, v, g, beta, scale: float, initial_state, C: int, interpret: bool | None = None):
-    """``wy_launch.wy_forward`` of these kernels: ``g`` ``[B, H, T, Dk]`` log gates (-inf: a hard reset)."""
-    return wy_launch.wy_forward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, C, interpret)
-
-
-def kda_backward(q, k, v, g, beta, scale: float, initial_state, do, dS_T, C: int, need_g: bool,
-                 need_s0: bool, interpret: bool | None = None):
-    """``wy_launch.wy_backward`` of these kernels."""
-    return wy_launch.wy_backward(WY_KERNELS, q, k, v, g, beta, scale, initial_state, do, dS_T, C, need_g, need_s0, interpret)
-
-
 def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, interpret: bool | None = None):
     """Kimi Delta Attention on the Triton kernels (the interpreter for CPU tensors unless ``interpret`` says
     otherwise). ``q`` ``[B, H, T, Dk]``, ``k``, ``v`` with Hkv heads (H a multiple of Hkv), one dtype; ``g``
@@ -428,7 +417,8 @@ def run(q, k, v, g, beta, scale: float, initial_state, C: int = KDA_CHUNK, inter
     or None, all three in the compute dtype. Returns (out, final state)."""
     configs(q.shape[-1], v.shape[-1], C, q.dtype)  # raises the SpecError naming a key head dim too large
     q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
-    return ChunkedFunction.apply(WY_KERNELS, dict(scale=scale, C=C, interpret=interpret), q, k, v, g, beta, initial_state)
+    options = dict(scale=scale, C=C, interpret=interpret)
+    return ChunkedFunction.apply(WY_KERNELS, options, q, k, v, g, beta, initial_state)
 
 
-__all__ = ["KDA_CHUNK", "WY_KERNELS", "configs", "kda_backward", "kda_forward", "kernels", "run"]
+__all__ = ["KDA_CHUNK", "WY_KERNELS", "configs", "kernels", "run"]
