@@ -689,8 +689,9 @@ def gpu_case(label, attn, window, nk, sz: GpuSizes, flash, steps, rounds) -> lis
     ):
         diffs = differences(methods, baseline, nk)
         timed = run_rounds(methods, nk, steps, rounds, sync)
-        lines += table(f"{label}, nk = {nk}, {kind} cache", timed, baseline, sz.batch, diffs)
-        print(f"  gpu {label} nk={nk} {kind}: done", flush=True)
+        done = table(f"{label}, nk = {nk}, {kind} cache", timed, baseline, sz.batch, diffs)
+        lines += done
+        print("\n".join(done), flush=True)  # in the log as it finishes: a run cut short keeps its tables
     return lines
 
 

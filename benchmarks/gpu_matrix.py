@@ -46,6 +46,7 @@ import argparse
 import dataclasses
 import datetime
 import math
+import os
 import platform
 import sys
 import time
@@ -191,8 +192,10 @@ def _fwd_bwd(call, q, k, v):
     return run
 
 
-def measure(case: Case, *, toy: bool, device, dtype, heads: int, head_dim: int, hw: str) -> dict:
-    """One row's cells."""
+def measure(case: Case, *, toy: bool, device, dtype, heads: int, head_dim: int, hw: str, once: bool = False) -> dict:
+    """One row's cells. ``once``: every timing is one call and the simulator is not asked (the warm-up pass,
+    which only compiles)."""
+    timed = lambda fn: suite.timed(fn, toy or once)  # noqa: E731
     row: dict = {"pattern": case.name, "sizes": "x".join(map(str, case.grid.values())) if case.grid else str(case.n)}
     gen = torch.Generator().manual_seed(zlib.crc32(case.name.encode()))
     attn = attnc.compile_attention(f"stdlib:{case.name}", backend="triton", sizes=case.grid, **case.params)
@@ -208,27 +211,36 @@ def measure(case: Case, *, toy: bool, device, dtype, heads: int, head_dim: int, 
         return attn(qq, kk, vv, **ins)
 
     with torch.no_grad():
-        row["attnc fwd ms"] = suite.timed(lambda: attnc_call(q, k, v), toy)
-    row["attnc fwd+bwd ms"] = suite.timed(_fwd_bwd(attnc_call, q, k, v), toy)
+        row["attnc fwd ms"] = timed(lambda: attnc_call(q, k, v))
+    row["attnc fwd+bwd ms"] = timed(_fwd_bwd(attnc_call, q, k, v))
     try:
+        if once:
+            raise _Skipped
+
         given = {name: t.cpu() for name, t in ins.items()} if ins and pat.kind == "pattern" else None
         rep = attn.report(hardware=hw, dtype="bf16", **({"inputs": given} if given else {}))
         row["predicted fwd"] = rep.best.forward_s
         row["predicted fwd+bwd"] = rep.best.forward_s + rep.best.backward_s
+    except _Skipped:
+        pass
     except Exception as err:  # noqa: BLE001 - a pattern the simulator does not model: said in the row
         row["notes"] = [f"simulator: {type(err).__name__}: {str(err)[:80]}"]
     selection = None
     if pat.kind == "pattern" and pat.route is not None:  # Flex is given the selection attnc made (made per call)
         with torch.no_grad():
             selection = attn(q, k, v, return_selection=True, **ins)[-1]
-    _flex(row, case, pat, q, k, v, ins, toy=toy, device=device, heads=heads, selection=selection, out=out)
-    _sdpa(row, case, pat, q, k, v, toy=toy)
-    _fla(row, case, q, k, v, ins, toy=toy)
+    _flex(row, case, pat, q, k, v, ins, toy=toy, device=device, heads=heads, selection=selection, out=out, once=once)
+    _sdpa(row, case, pat, q, k, v, toy=toy, once=once)
+    _fla(row, case, q, k, v, ins, toy=toy, once=once)
     return row
 
 
+class _Skipped(Exception):
+    """The simulator's cells, not asked for in the warm-up pass."""
+
+
 def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, heads: int, selection=None,
-          out=None) -> None:
+          out=None, once: bool = False) -> None:
     """Flex's columns, and the largest difference between its output and attnc's ``out`` (the same attention). A routed pattern's Flex is given attnc's selection (``return_selection=True``: one flag per
     query and key block, or key): the mask without its route, and the selection, read by the ``mask_mod``; its
     ``BlockMask`` (built per call by such a user, as the selection changes) is the build column."""
@@ -275,14 +287,14 @@ def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, 
         got = flex_call(q, k, v)
         if out is not None:
             row["Flex max diff"] = float((got.float() - out.float()).abs().max())
-        row["Flex fwd ms"] = suite.timed(lambda: flex_call(q, k, v), toy)
+        row["Flex fwd ms"] = suite.timed(lambda: flex_call(q, k, v), toy or once)
     if device.type == "cpu":  # torch's Flex has no CPU backward
         row.setdefault("notes", []).append("Flex: no backward on CPU")
         return
-    row["Flex fwd+bwd ms"] = suite.timed(_fwd_bwd(flex_call, q, k, v), toy)
+    row["Flex fwd+bwd ms"] = suite.timed(_fwd_bwd(flex_call, q, k, v), toy or once)
 
 
-def _sdpa(row: dict, case: Case, pat, q, k, v, *, toy: bool) -> None:
+def _sdpa(row: dict, case: Case, pat, q, k, v, *, toy: bool, once: bool = False) -> None:
     causal = sdpa_is_causal(case, pat)
     row["SDPA"] = "is_causal" if causal else "dense"
 
@@ -290,11 +302,11 @@ def _sdpa(row: dict, case: Case, pat, q, k, v, *, toy: bool) -> None:
         return torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, is_causal=causal)
 
     with torch.no_grad():
-        row["SDPA fwd ms"] = suite.timed(lambda: sdpa_call(q, k, v), toy)
-    row["SDPA fwd+bwd ms"] = suite.timed(_fwd_bwd(sdpa_call, q, k, v), toy)
+        row["SDPA fwd ms"] = suite.timed(lambda: sdpa_call(q, k, v), toy or once)
+    row["SDPA fwd+bwd ms"] = suite.timed(_fwd_bwd(sdpa_call, q, k, v), toy or once)
 
 
-def _fla(row: dict, case: Case, q, k, v, ins: dict, *, toy: bool) -> None:
+def _fla(row: dict, case: Case, q, k, v, ins: dict, *, toy: bool, once: bool = False) -> None:
     spec = FLA_OPS.get(case.name)
     if spec is None or toy:
         return
@@ -319,8 +331,8 @@ def _fla(row: dict, case: Case, q, k, v, ins: dict, *, toy: bool) -> None:
     try:
         with torch.no_grad():
             fla_call(q, k, v)
-            row["fla fwd ms"] = suite.timed(lambda: fla_call(q, k, v), toy)
-        row["fla fwd+bwd ms"] = suite.timed(_fwd_bwd(fla_call, q, k, v), toy)
+            row["fla fwd ms"] = suite.timed(lambda: fla_call(q, k, v), toy or once)
+        row["fla fwd+bwd ms"] = suite.timed(_fwd_bwd(fla_call, q, k, v), toy or once)
     except Exception as err:  # noqa: BLE001 - a call form this fla does not take: said in the row
         row.setdefault("notes", []).append(f"fla: {type(err).__name__}: {str(err)[:80]}")
 
@@ -340,6 +352,48 @@ def format_row(row: dict) -> str:
     return "| " + " | ".join(" ".join(str(c).replace("|", "/").split()) for c in cells) + " |"
 
 
+def warm_up_worker(table: list[Case], **how) -> int:
+    """One warm-up process: every row of ``table`` run once (its compiles), nothing timed or written."""
+    for case in table:
+        start = time.perf_counter()
+        try:
+            measure(case, once=True, **how)
+            print(f"gpu_matrix warm: {case.name} {time.perf_counter() - start:.0f} s", flush=True)
+        except Exception as err:  # noqa: BLE001 - the timed pass meets it again and records it in the row
+            print(f"gpu_matrix warm: {case.name} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return 0
+
+
+def warm_up(table: list[Case], jobs: int, seconds: float, *, toy: bool) -> str:
+    """Compile every row's kernels in ``jobs`` processes at once (rows dealt round-robin), stopping them after
+    ``seconds``: attnc's kernel cache, Triton's and Inductor's are on disk, so the timed pass in this process
+    finds them warm and spends the device's time on timings. What it did, for the file's header."""
+    import subprocess
+
+    start = time.perf_counter()
+    groups = [table[i::jobs] for i in range(min(jobs, len(table)))]
+    # one Inductor compile thread each: ``jobs`` processes already share the cores, and each one's default pool (a
+    # worker per core) would hold ``jobs`` x cores processes in memory
+    env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--warm", *(["--toy"] if toy else []),
+                               "--only", ",".join(c.name for c in group)], env=env) for group in groups]
+    stopped = 0
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, seconds - (time.perf_counter() - start)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            stopped += 1
+    took = time.perf_counter() - start
+    print(f"gpu_matrix: warm-up of {len(table)} rows in {len(groups)} processes took {took:.0f} s"
+          f"{f', {stopped} stopped at --warm-s' if stopped else ''}", flush=True)
+    return (f"a warm-up pass ({len(groups)} processes, {took:.0f} s"
+            f"{f'; {stopped} stopped unfinished' if stopped else ''}), outside the timings")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="CPU, the Triton interpreter, toy sizes")
@@ -348,15 +402,21 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no pattern after this many seconds (default 420 on a GPU, none with --toy)")
     ap.add_argument("--out", default=None, help="results file (default benchmarks/results/gpu-matrix-<gpu>-<date>.md)")
+    ap.add_argument("--warm-jobs", type=int, default=0,
+                    help="first compile every row's kernels in this many processes at once (each timing one call, "
+                         "no simulator), so that the timed pass finds attnc's, Triton's and Inductor's caches warm")
+    ap.add_argument("--warm-s", type=float, default=180.0, help="stop the warm-up processes after this many seconds")
+    ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)  # one warm-up process
     args = ap.parse_args(argv)
     table = cases(args.toy)
-    if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = sorted(set(wanted) - {c.name for c in table})
+    if args.only:  # in the order given: a run cut short by its budget has the rows asked for first
+        wanted = list(dict.fromkeys(n.strip() for n in args.only.split(",") if n.strip()))
+        by_name = {c.name: c for c in table}
+        unknown = [n for n in wanted if n not in by_name]
         if unknown:
             print(f"gpu_matrix: unknown pattern(s) {', '.join(unknown)} (--list names them)", file=sys.stderr)
             return 2
-        table = [c for c in table if c.name in wanted]
+        table = [by_name[n] for n in wanted]
     if args.list:
         for c in table:
             print(f"{c.name}: {'x'.join(map(str, c.grid.values())) if c.grid else c.n} tokens, {c.params}")
@@ -365,8 +425,6 @@ def main(argv=None) -> int:
         print("gpu_matrix: no CUDA device (run with --toy on a CPU)", file=sys.stderr)
         return 2
     if args.toy:
-        import os
-
         os.environ.setdefault("TRITON_INTERPRET", "1")
     device = torch.device("cpu" if args.toy else "cuda")
     dtype = torch.float32 if args.toy else torch.bfloat16
@@ -382,6 +440,11 @@ def main(argv=None) -> int:
             f"{heads} heads, head dim {head_dim}; simulator model: {hw}"
             + ("; toy sizes in the interpreter: the times prove the run, not a speed" if args.toy else "") + ".", "",
             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+    if args.warm:
+        return warm_up_worker(table, toy=args.toy, device=device, dtype=dtype, heads=heads, head_dim=head_dim, hw=hw)
+    warmed = warm_up(table, args.warm_jobs, args.warm_s, toy=args.toy) if args.warm_jobs > 0 else None
+    if warmed:
+        head[2] = head[2][:-1] + f"; compiled first in {warmed}."
     lines = list(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = suite.Budget(args.budget_s if args.budget_s is not None else math.inf if args.toy else 420.0)
