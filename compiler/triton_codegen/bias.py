@@ -1,6 +1,7 @@
 """The bias term as the Triton kernels compute it: its factor per head (computed once per head,
 in log2 units), the input indices the forward kernel checks on attended pairs, and its
-derivatives (the backward's gradients of bias inputs, on the host)."""
+derivatives (the backward's gradients of bias inputs: added by the dQ kernel, or on the host in torch's
+deterministic mode)."""
 
 from __future__ import annotations
 
@@ -143,6 +144,18 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
 
     d = sympy.diff(rewrite(expr), u)
     return d.xreplace(frozen) if frozen else d
+
+
+def bias_input_sites(bias: sympy.Basic, names) -> list[tuple[sympy.Basic, sympy.Basic]]:
+    """Each place ``bias`` reads one of the inputs ``names`` (an input read, ``X[i, j, ...]``), with d bias / d (the
+    value read there) (``derivative``'s rules), in a deterministic order: a bias input's gradient is dS times that
+    derivative, added at the place's index."""
+    sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
+    out = []
+    for site in sites:
+        u = sympy.Dummy("u", real=True)
+        out.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
+    return out
 
 
 def bias_input_names(pat: ir.PatternIR) -> set[str]:

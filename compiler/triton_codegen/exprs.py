@@ -58,6 +58,10 @@ class InputSlot:
         """Dimension ``j``'s extent: its value, or its parameter's name."""
         return f"in{self.index}_n{j}" if self.runtime_extents else self.dims[j]
 
+    def grad_strides(self) -> list[str]:
+        """The strides of its gradient buffer (``G{i}``, fp32, which the dQ kernel adds to) in ``_bias_grads``."""
+        return [f"g{self.index}_s{j}" for j in range(len(self.dims))]
+
     def params(self) -> list[str]:
         return [self.pointer, *self.strides(), *self.extents()]
 
@@ -218,8 +222,15 @@ class TritonPrinter(ExprPrinter):
     def _input(self, name: str, args) -> str:
         slot = self.inputs[name]
         self.used_inputs.add(slot.index)
+        value = f"tl.load({slot.pointer} + {self.input_offset(slot, args, slot.strides())})"
+        return value if slot.dtype == "int" else f"{value}.to({self.float_type})"
+
+    def input_offset(self, slot: InputSlot, args, strides: list[str]) -> str:
+        """The offset of input ``slot`` at ``args`` with ``strides`` (its own, or its gradient buffer's): literal
+        indices checked at generation, others clamped to the extent (padded slots and masked pairs may compute any
+        index)."""
         terms = []
-        for j, (arg, dim, stride) in enumerate(zip(args, slot.dims, slot.strides(), strict=True)):
+        for j, (arg, dim, stride) in enumerate(zip(args, slot.dims, strides, strict=True)):
             if isinstance(arg, sympy.Integer):  # a literal index, checked in range at generation
                 i = int(arg)
                 if not 0 <= i < dim:
@@ -228,8 +239,7 @@ class TritonPrinter(ExprPrinter):
             else:  # clamped: padded slots and masked pairs may compute any index
                 last = f"{slot.extent(j)} - 1" if slot.runtime_extents else dim - 1
                 terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {last}) * {stride}")
-        value = f"tl.load({slot.pointer} + " + " + ".join(terms) + ")"
-        return value if slot.dtype == "int" else f"{value}.to({self.float_type})"
+        return " + ".join(terms)
 
 
 # ----------------------------------------------------------------- int compared with float

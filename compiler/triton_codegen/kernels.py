@@ -642,10 +642,22 @@ class KernelBodies:
         return self.pat.decay is not None
 
     def _stores_ds(self) -> bool:
-        """Whether the dQ kernel may store dS per pair (``STORE_DS``: a float input's gradient through the bias,
-        ``bias.bias_input_names``, the rule the backward asks it by); else it has no such lines and takes no dS
-        buffer."""
+        """Whether the dQ kernel may make the gradients of float inputs of the bias (``bias.bias_input_names``, the
+        rule the backward asks it by): add them itself (``ADD_GRADS``, ``_bias_grads``) or store dS per pair for the
+        host (``STORE_DS``, torch's deterministic mode); else it has no such lines and takes no such buffers."""
         return self.pat.bias is not None and bool(bias_input_names(self.pat))
+
+    def _grad_params(self) -> list[Param]:
+        """The gradient buffers ``_bias_grads`` adds to: one per float input of the bias, its batch stride first."""
+        return [tensor(f"GIN{i}", f"gin{i}_sb", *(f"gin{i}_s{j}" for j in range(len(slot.dims))))
+                for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
+
+    def _grad_call(self) -> str:
+        """``_bias_grads``'s call: dS, the positions, head and inputs it reads, the buffers at this batch element."""
+        grads = [", ".join([f"GIN{i} + batch.to(tl.int64) * gin{i}_sb",
+                            *(f"gin{i}_s{j}" for j in range(len(slot.dims)))])
+                 for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
+        return f"_bias_grads(ds, {self._call_args(self.grad_inputs)}, {', '.join(grads)})"
 
     @staticmethod
     def _bwd_params() -> list[Param]:
@@ -654,9 +666,10 @@ class KernelBodies:
 
     def _backward_dq(self) -> str:
         params = [*self._bwd_params(), tensor("DQ", "sdq_b", "sdq_h", "sdq_n"), tensor("DSQ", "sr_b", "sr_h"),
-                  tensor("DS", "ds_w"), *self._common_params(),
+                  tensor("DS", "ds_w"), *self._grad_params(), *self._common_params(),
                   *(value(name) for name in ("ORDER", "QD", "KD", "VD", "DOD")), *SIZES, *BLOCKS,
-                  *constexprs("ROW_SUMS", "STORE_DS", "ORDERED = False"), *run_params("FULL", "PART"),
+                  *constexprs("ROW_SUMS", "STORE_DS", "ADD_GRADS = False", "ORDERED = False"),
+                  *run_params("FULL", "PART"),
                   *constexprs("DESC = False")]
         first, ordered = self._q_tile_of_program()
         body = [
@@ -695,14 +708,18 @@ class KernelBodies:
                     *self._bwd_scores(masked),
                     *(["if ROW_SUMS:",
                        "    ds_rows += tl.reduce(ds, 1, _add)"] if self._row_sums() else []),
-                    *(["if STORE_DS:  # dS of this pair, for the gradients of bias inputs (host side)",
+                    *(["if STORE_DS:  # dS of this pair, for the bias inputs' gradients on the host (deterministic)",
                        f"    slot_ds = DS + (ds_pair + {offset} + j) * (BLOCK_M * BLOCK_N)",
                        "    tl.store(slot_ds + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :], ds)"]
                       if self._stores_ds() else []),
-                    "dq += _dot(ds_raw.to(kk.dtype), kk, DOT)"]
+                    *(["if ADD_GRADS:  # the pass of the bias inputs' gradients (fp32 atomics), no dQ: beside its",
+                       "    # accumulator the scatter spilled (172 B at d 128 on sm_90, 1.6 KB on sm_100)",
+                       f"    {self._grad_call()}",
+                       "else:",
+                       "    dq += _dot(ds_raw.to(kk.dtype), kk, DOT)"] if self._stores_ds() else
+                      ["dq += _dot(ds_raw.to(kk.dtype), kk, DOT)"])]
             body += nested(loop)
-        body += [
-            "",
+        stores = [
             "dq = dq * scale",
             "dq_base = DQ + batch.to(tl.int64) * sdq_b + h.to(tl.int64) * sdq_h",
             "tl.store(dq_base + q_row[:, None] * sdq_n + d[None, :], dq.to(DQ.dtype.element_ty),",
@@ -711,6 +728,8 @@ class KernelBodies:
                "    tl.store(DSQ + batch.to(tl.int64) * sr_b + h.to(tl.int64) * sr_h + q_tok, ds_rows, mask=q_ok)"]
               if self._row_sums() else []),
         ]
+        body += ["", *(["if not ADD_GRADS:  # (the gradients' pass stores no dQ)", *nested(stores)]
+                       if self._stores_ds() else stores)]
         return kernel_def("attnc_bwd_dq", params,
                           "Backward, query side: one program per (Q tile, batch x query head).", body)
 

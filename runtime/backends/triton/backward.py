@@ -3,14 +3,12 @@ kernel adding dQ by atomics), the FoX gate's and the float bias inputs' gradient
 
 from __future__ import annotations
 
-import sympy
 import torch
 
 from ....compiler import evaluate as E
 from ....compiler.cost import KernelConfig
 from ....compiler.search import padded_head_dim
-from ....compiler.triton_codegen.bias import bias_input_names
-from ....compiler.triton_codegen.source import derivative
+from ....compiler.triton_codegen.bias import bias_input_names, bias_input_sites
 from ....core import ir
 from ....core import symbols as S
 from ... import kernel_fit
@@ -71,8 +69,10 @@ def _head_args(inputs: tuple) -> dict:
 def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: list[str],
              dq_launch: Launch | None = None):
     """(dq, dk, dv, {input: grad}); deterministic (no atomics) unless the config asks for dQ by atomics
-    and the call allows it (``atomic_dq_applies``). ``dq_launch``: the dQ kernel's own launch (its tiles,
-    ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
+    and the call allows it (``atomic_dq_applies``), or the bias reads float inputs: their gradients are added by
+    fp32 atomics in a second pass of the dQ kernel (``ADD_GRADS``, ``_bias_grads``), and under torch's deterministic mode summed on the host from dS
+    per pair instead (``_bias_input_grads``: memory of every visited pair). ``dq_launch``: the dQ kernel's own
+    launch (its tiles, ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
     device = q.device
@@ -99,19 +99,21 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     # the dQ kernel (its own launch where it has tiles of its own); dS for the bias inputs' gradients at its tiles
     qsched, qblocks = qlaunch.plan.schedule, KL.block_sizes(qlaunch, D, DV)
     ds_w = qlaunch.lists["FULL_I"].shape[-1] + qlaunch.lists["PART_I"].shape[-1]
+    on_host = bool(bias_wrt) and torch.are_deterministic_algorithms_enabled()
     ds_buf = (torch.zeros(B * Hq, qsched.num_q_tiles, ds_w, qblocks["BLOCK_M"], qblocks["BLOCK_N"],
-                          dtype=torch.float32, device=device) if bias_wrt else KL.dummy(device))
+                          dtype=torch.float32, device=device) if on_host else KL.dummy(device))
+    bias_grads, grad_args = _bias_grad_buffers(launch, bias_wrt and not on_host, device)
 
-    def dq_call() -> tuple:
-        """The dQ kernel's (grid, args, meta)."""
+    def dq_call(add_grads: bool = False) -> tuple:
+        """The dQ kernel's (grid, args, meta); ``add_grads``: its pass of the bias inputs' gradients (no dQ)."""
         q_order, q_ordered = KL.order_arg(KL.launch_orders(qlaunch, B, Hq, Hkv, device), "Q")
         # the tiles each kernel streams as descriptor boxes (``KernelConfig.tma``): dQ's Q, dO, K, V; dK/dV's Q, dO
         q_descs, q_desc = tma.descriptors(qlaunch, {
             "QD": (q_side[0], "q", qblocks["BLOCK_D"]), "KD": (q_side[1], "k", qblocks["BLOCK_D"]),
             "VD": (q_side[2], "k", qblocks["BLOCK_DV"]), "DOD": (q_side[3], "q", qblocks["BLOCK_DV"])})
         named = {**_head_args(q_side), "DQ": (dq, *dq.stride()[:3]), "DSQ": (dsq, *sr), "DS": (ds_buf, ds_w),
-                 **KL.common_args(qlaunch, device, decay_c), "ORDER": q_order, **q_descs, **tail}
-        meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=bool(bias_wrt), **q_ordered,
+                 **grad_args, **KL.common_args(qlaunch, device, decay_c), "ORDER": q_order, **q_descs, **tail}
+        meta = dict(**qblocks, DOT=ieee, ROW_SUMS=row_sums, STORE_DS=on_host, ADD_GRADS=add_grads, **q_ordered,
                     **KL.runs_meta(qlaunch, "FULL", "PART"), **q_desc)
         return ((qsched.num_q_tiles, B * Hq), *KL.bound_args(qlaunch.module.attnc_bwd_dq, named, meta))
 
@@ -144,6 +146,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     with interpreting(launch.interpret):
         if not atomic:  # else the dK/dV kernel adds dQ
             KL.launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, *dq_call(), backward=True)
+        if bias_grads:  # the bias inputs' gradients: the dQ kernel's second pass, added by atomics
+            KL.launch_kernel(qlaunch, qlaunch.module.attnc_bwd_dq, *dq_call(add_grads=True), backward=True)
         grid, args, meta, (dk, dv) = dkdv_call(split)
         KL.launch_kernel(launch, launch.module.attnc_bwd_dkdv, grid, args, meta, backward=True)
     if atomic:
@@ -159,7 +163,8 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
         grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
     if bias_wrt:
-        for name, grad in _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq).items():
+        made = bias_grads or _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq)
+        for name, grad in ((n, made[n]) for n in bias_wrt):
             grads[name] = grads[name] + grad if name in grads else grad
     out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
     return (KL.from_tiles(qlaunch, dq, "q", Nq), KL.from_tiles(launch, dk, "k", Nk), KL.from_tiles(launch, dv, "k", Nk),
@@ -172,6 +177,26 @@ def atomic_dq_applies(config: KernelConfig, *, row_sums: bool, bias_grads: bool)
     the call needs the decay gates' gradient (per-query sums of dS) or a float bias input's (dS per pair),
     which the dQ kernel computes."""
     return config.atomic_dq and not (row_sums or bias_grads or torch.are_deterministic_algorithms_enabled())
+
+
+def _bias_grad_buffers(launch: Launch, in_kernel: bool, device) -> tuple[dict, dict]:
+    """The fp32 buffers the dQ kernel adds the bias inputs' gradients to (``_bias_grads``; zeros, one per float input
+    of the bias, those not asked for too: the kernel adds to each), by input name, and their arguments by
+    parameter name (``GIN{i}``, the batch stride first: 0 for an input shared by the batch); without ``in_kernel``
+    no buffer, and placeholders for the parameters (the kernel then adds nothing)."""
+    pat = launch.pattern
+    names = bias_input_names(pat) if pat.bias is not None else set()
+    buffers, args = {}, {}
+    for i, decl in enumerate(pat.inputs):
+        if decl.name not in names:
+            continue
+        if not in_kernel:
+            args[f"GIN{i}"] = (KL.dummy(device), *(0,) * (len(decl.dims) + 1))
+            continue
+        t = launch.tensors[decl.name]
+        g = buffers[decl.name] = torch.zeros(t.shape, dtype=torch.float32, device=device)
+        args[f"GIN{i}"] = (g, g.stride(0), *g.stride()[1:]) if decl.name in launch.batched else (g, 0, *g.stride())
+    return buffers, args
 
 
 # the pairs one chunk of heads evaluates a bias input's gradient on (float64 dS, values and indices: ~100 MB each)
@@ -188,12 +213,7 @@ def _bias_input_grads(launch: Launch, ds_buf: torch.Tensor, names: list[str], bl
     ``index_put_(accumulate=True)`` on dS's device (no copy to the host; deterministic where torch is asked to
     be, as torch's own accumulation is), heads in chunks of at most ``BIAS_GRAD_PAIRS`` pairs."""
     pat, bound, plan = launch.pattern, launch.bound, launch.plan
-    bias = E.substitute(pat.bias, bound)
-    sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
-    derivs = []
-    for site in sites:
-        u = sympy.Dummy("u", real=True)
-        derivs.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
+    derivs = bias_input_sites(E.substitute(pat.bias, bound), names)
     device = ds_buf.device
     BM, BN = blocks["BLOCK_M"], blocks["BLOCK_N"]
     kt_all = torch.cat([launch.lists["FULL_I"], launch.lists["PART_I"]], -1).to(torch.int64)  # [C, nQ, W]
