@@ -6,11 +6,13 @@ forward and forward+backward, the simulator's prediction beside each measurement
     python benchmarks/gpu_matrix.py --only moba,alibi      # some patterns
     python benchmarks/gpu_matrix.py --list                 # the patterns and their sizes
 
-Cost: GPU-only unless ``--toy``: without a CUDA device it exits at once (status 2). On an H100 or H200 it is meant
-to finish in one device call: ``--budget-s`` (default 420 there, none with ``--toy``) stops starting new patterns
-once spent, and the rows not reached say so; it has not yet run on a GPU, so the time a pattern takes there
-(attnc's compile of its kernels, FlexAttention's ``torch.compile`` of its mods, the timings) is not measured yet. ``--toy`` on a 2-core
-CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/test_gpu_matrix.py`` runs a few).
+Cost: GPU-only unless ``--toy``: without a CUDA device it exits at once (status 2). ``--budget-s`` (default 420 there,
+none with ``--toy``) stops starting new patterns once spent, and the rows not reached say so. Measured on an H100
+(2026-11-28, ``benchmarks/results/gpu-matrix-h100-2026-11-28.md``): compiling dominates. A pattern's first call
+(attnc's kernels, Flex's ``torch.compile`` of its mods, forward and backward) took 35-88 s in a warm-up of 16
+processes at once (``--warm-jobs 16``), and a recurrence's more than 110 s; the timed pass then took 20-30 s a row.
+So every row does not fit one 10-minute call: run it in parts (``--only``, in the order given). ``--toy`` on a
+2-core CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/test_gpu_matrix.py`` runs a few).
 
 Rows: the 53 stdlib patterns (``spec.library.stdlib_index``), at one realistic size each: sequences of 16,384
 tokens, 2-D grids of 128 x 128, 3-D grids of 30 x 48 x 80, the recurrences at 8,192 tokens as fla's benchmarks
@@ -274,7 +276,11 @@ def _flex(row: dict, case: Case, pat, q, k, v, ins: dict, *, toy: bool, device, 
     torch._dynamo.reset()  # each pattern's mods compile afresh (no recompile limit reached across rows)
     per_head = selection is not None or any(str(s) == "h" for s in pat.mask.free_symbols)
     start = time.perf_counter()
-    block_mask = create_block_mask(mask_mod, 1, heads if per_head else None, case.n, case.n, device=device)
+    # evaluated in one vmap, the mask of 30x48x80 tokens took 99 GiB and of 16K tokens per head 32 GiB (out of memory on
+    # an H100): Flex's compiled builder evaluates it block by block, as its docs advise for long sequences
+    large = device.type == "cuda" and case.n * case.n * (heads if per_head else 1) >= 1 << 28
+    block_mask = create_block_mask(mask_mod, 1, heads if per_head else None, case.n, case.n, device=device,
+                                   _compile=large)
     if device.type == "cuda":
         torch.cuda.synchronize()
     row["Flex mask build ms"] = time.perf_counter() - start
