@@ -1,5 +1,7 @@
 """A module's warm calls: a plain call of a signature seen before replays the launches its runner bound for it
-(``runner.launcher``: plan once, run many); every other call takes the module's ordinary path.
+(``runner.launcher``: plan once, run many); a signature's first call that its runner reads as pages
+(``runner.cache_as_pages``: a decode step of a contiguous cache that grows, a new shape at every step) runs the paged
+kernel, which plans nothing per length; every other call takes the module's ordinary path.
 
 A signature is bound at its second call, so that a signature seen once (a decode step of a growing cache) binds
 nothing; a runner that does not replay it (``launcher`` returns None) is asked once. The key says everything the
@@ -57,10 +59,11 @@ def _replayable_call(q, k, v, scale, return_lse) -> bool:
 class WarmCalls:
     """signature -> (bound launcher or None, calls seen), for one module (module docstring)."""
 
-    __slots__ = ("entries",)
+    __slots__ = ("entries", "last")
 
     def __init__(self):
         self.entries = PlanCache(LAUNCHER_CACHE_SIZE)
+        self.last: tuple | None = None  # the signature of the last plain call (``_grown``)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -93,6 +96,11 @@ class WarmCalls:
                 return (out, got[1]) if return_lse else out
             del self.entries[key]  # out of resources: the ordinary call falls back to smaller tiles
             entry = None
+        if self._grown(key) and entry is None and hasattr(attn.runner, "cache_as_pages"):  # a growing cache's step
+            got = self._as_pages(attn, q, k, v, resolve_scale(scale, q.shape[-1]))
+            if got is not None:  # (its shape is not kept: one per step would push bound launchers out)
+                out = unnormalized_output(attn.pattern, *got)
+                return (out, got[1]) if return_lse else out
         result = ordinary(q, k, v, scale=scale, return_lse=return_lse)
         if entry is None:
             self.entries[key] = (None, 1)
@@ -103,6 +111,41 @@ class WarmCalls:
             launcher = attn.runner.launcher(call, q, k, v)
             self.entries[key] = (launcher, attn._last_call) if launcher is not None else (None, 2)
         return result
+
+    def _as_pages(self, attn, q, k, v, scale: float):
+        """``(out, lse)`` of a growing contiguous cache's step read as pages (``runner.cache_as_pages``), or None
+        where it is not served so: the paged launch bound for its pools (the same at every step of a cache kept in
+        one buffer) replayed, else run and bound at its second call."""
+        paged = attn.runner.cache_as_pages(q, k, v)
+        if paged is None:
+            return None
+        pk, pv, table, lengths = paged
+        key = ("pages", q.shape, q.stride(), pk.shape, pk.stride(), pv.shape, pv.stride(), table.shape, q.dtype,
+               pk.dtype, q.device, scale, (q.data_ptr() | pk.data_ptr() | pv.data_ptr()) % 16,
+               attn.runner.launch_knobs())
+        entry = self.entries.get(key)
+        if entry is not None and entry[0] is not None:
+            got = entry[0](q, pk, pv, table, lengths, None, None)
+            if got is not None:
+                return got
+        got = attn.runner.paged_forward(q, pk, pv, table, lengths, None, None, q.shape[2], scale)
+        if entry is None:
+            self.entries[key] = (None, 1)
+        elif entry[1] == 1:  # its second call: bind it (None: not replayable)
+            bound = attn.runner.paged_launcher(q, pk, pv, table, lengths, None, None, q.shape[2], scale)
+            self.entries[key] = (bound, 2)
+        return got
+
+    def _grown(self, key: tuple) -> bool:
+        """Whether the call of signature ``key`` is the last call's with only the keys' count changed (a KV cache
+        that grows, a new shape at every step); remembers ``key`` as the last call's. A shape's first call that
+        is not such a step takes the ordinary path, so a decode loop over a fixed shape binds and replays it."""
+        last, self.last = self.last, key
+        if last is None or len(last) != len(key):
+            return False
+        (q, k, v), (q0, k0, v0) = key[:3], last[:3]
+        return (q == q0 and k[:2] == k0[:2] and k[3:] == k0[3:] and v[:2] == v0[:2] and v[3:] == v0[3:]
+                and k[2] != k0[2] and key[3] == last[3] and key[6:] == last[6:])  # (k's, v's strides may change)
 
     @staticmethod
     def paged_key(attn, q, k, v, block_table, cache_seqlens, scale, return_lse, layout, keywords: dict) -> tuple | None:

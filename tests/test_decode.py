@@ -260,12 +260,17 @@ def test_a_triton_decode_step_reads_a_cache_slice_in_place(monkeypatch):
      ("stdlib:moba", {"block": 8, "topk": 2}, True)],  # a route: its selection and lists made at every step
     ids=["causal", "sliding", "streaming", "alibi", "longnet", "moba"],
 )
-def test_a_triton_decode_step_loads_one_module_at_every_cache_length(src, params, on_device):
+def test_a_triton_decode_step_loads_one_module_at_every_cache_length(monkeypatch, src, params, on_device):
     """A decode step's cache grows by a key a step: its kernels take the lengths at run time, so the module
     (and on a GPU, its compiled kernels) is the same at every length of at least one KV tile (64 keys; a
     shorter cache takes a tile of its length), across tile boundaries too; after the first step no tile is
-    classified on the host (the lists are made on the device), and the steps equal the reference."""
+    classified on the host (the lists are made on the device), and the steps equal the reference. The ordinary
+    call's path: a plain step that the paged kernel serves is read as pages instead (``test_cache_pages``), so
+    that route is turned off here; a step with a gradient, under ``torch.compile`` or with a route takes this one."""
     pytest.importorskip("triton")
+    from attnc.runtime.backends.triton import cache_pages
+
+    monkeypatch.setattr(cache_pages, "applies", lambda *args: False)
     attn = compile_attention(src, backend="triton", **params)
     ref = compile_attention(src, backend="reference", **params)
     sources = set()
@@ -335,11 +340,14 @@ def test_a_triton_decode_step_of_a_mask_reading_inputs_loads_one_module():
     assert len(sources) == 1
 
 
-def test_decode_steps_of_one_plan_choose_their_split_by_their_lists():
+def test_decode_steps_of_one_plan_choose_their_split_by_their_lists(monkeypatch):
     """Decode steps share one plan across lengths (``plan.decode_lists``): the split-KV count follows each
-    step's lists, so a long cache splits more than the short one that made the plan."""
+    step's lists, so a long cache splits more than the short one that made the plan. (The ordinary call's path:
+    the paged route of plain growing steps is turned off, as in the test above.)"""
     pytest.importorskip("triton")
-    from attnc.runtime.backends.triton import split_kv
+    from attnc.runtime.backends.triton import cache_pages, split_kv
+
+    monkeypatch.setattr(cache_pages, "applies", lambda *args: False)
 
     attn = compile_attention(CAUSAL, backend="triton")
     q, k, v = (t.float() for t in _qkv(2000, heads=2, hkv=1, d=16, batch=1))

@@ -87,7 +87,9 @@ def test_packed_rows_equal_the_reference(monkeypatch, name, spec, params):
 
 def test_packed_decode_steps_as_the_cache_grows(monkeypatch):
     """A per-head mask decoded step after step (its lists per query head made on the device for each range of
-    lengths, grouped per K/V head at each step): every step equals the reference and runs the grouped forward."""
+    lengths, grouped per K/V head at each step): every step equals the reference and runs a forward that packs the
+    query heads of a K/V head: the grouped one at the first step, the paged one (``cache_pages``, its lists grouped
+    the same way) at the steps after it, as the cache grows."""
     launched = spy(monkeypatch)
     monkeypatch.setattr(SK, "FORCE_SPLITS", 1)
     ref = attnc.compile_attention(PER_HEAD, backend="reference")
@@ -99,7 +101,8 @@ def test_packed_decode_steps_as_the_cache_grows(monkeypatch):
         torch.testing.assert_close(out.double(), ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk])[:, :, -1:],
                                    rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(out.double(), want[:, :, -1:], rtol=2e-5, atol=2e-5)
-    assert {kernel for kernel, _, _ in launched} == {"attnc_fwd_grouped"}
+    kernels = [kernel for kernel, _, _ in launched]
+    assert kernels[0] == "attnc_fwd_grouped" and set(kernels[1:]) == {"attnc_fwd_paged"}
 
 
 @pytest.mark.versions

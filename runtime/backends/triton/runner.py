@@ -82,7 +82,7 @@ from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks, paged, split_kv
+from . import blocks, cache_pages, paged, split_kv
 from . import kernel_launch as KL
 from . import launcher as launcher_of
 from .backward import backward
@@ -417,6 +417,11 @@ class TritonRunner(Registered):
         """``(out, lse)`` of a paged batch in one launch (``triton.paged.forward``)."""
         return paged.forward(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
                              scale)
+
+    def cache_as_pages(self, q, k, v):
+        """``(k_pool, v_pool, block_table, seqlens)``: the paged call of ``attnc_fwd_paged`` that reads q after the
+        contiguous KV cache k, v (``triton.cache_pages``), or None where it is not served so."""
+        return cache_pages.view(self, q, k, v) if cache_pages.applies(self, q, k, v) else None
 
     def paged_launcher(self, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float):
         """``paged_forward``'s launches bound for replay at later calls of the signature (``triton.paged.bind``), or

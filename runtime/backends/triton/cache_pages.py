@@ -1,0 +1,113 @@
+"""A contiguous KV cache read as pages by ``attnc_fwd_paged`` (``triton.paged``): a decode step over a cache that
+grows by a key every step plans nothing per length.
+
+A decode loop over a contiguous cache (``[B, Hkv, nk, D]``, nk one more at every step, as transformers' caches grow)
+calls with a new shape at every step, so no launch bound for one signature is ever replayed, and the ordinary call
+plans its tile lists again at each length (274 us of host work a step on a 2-core CPU, 46x one tiny SDPA call;
+0.6-0.9 ms a step on an H100 against SDPA's 0.14-0.21). The paged kernel reads each key through a block table and
+takes each row's length from a device tensor, its lists made once per capacity: so the cache is given to it as pages
+of ``P`` consecutive keys of a row, its block table ``table[b, j] = b * (batch stride / (P * key stride)) + j`` (made
+once per batch shape and capacity, ``_table``), its lengths ``nk`` for every row (``view``). The pages are views of the
+cache's own memory (``as_strided`` with the page's stride ``P`` keys): nothing is copied. A cache kept in one buffer
+(sliced at each step) gives the same pools at every step, so the paged launch bound at its second step is replayed
+after (``WarmCalls``); a cache grown by ``torch.cat`` gives new pools at every step, each run by the paged kernel
+unbound, which plans nothing per length either. ``P`` is the largest power of two
+up to ``PAGE`` that divides a row's stride in keys and keeps every page a row may read inside the cache's storage
+(one key where nothing larger does).
+
+It serves a call where the paged kernel answers exactly what the ordinary call answers: a pattern it serves
+(``TritonRunner.pages_in_one_launch``), at most ``MAX_QUERIES`` queries after a cache of more keys (the queries are
+the last of the keys, the KV-cache convention of both), q, k, v of the same batch and device, k and v of one shape
+(contiguous head dim). The capacity is ``nk`` rounded up to a power of two (at least ``MIN_CAPACITY``): a template
+and its lists serve every length up to it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ....compiler.decode_cost import PACKED_ROWS
+from ...plan.cache import PlanCache
+
+#: The most queries of a call served as pages (decode steps, speculative tokens, short chunks after the cache).
+MAX_QUERIES = PACKED_ROWS
+#: The largest page (keys) a cache is read in.
+PAGE = 64
+#: The smallest capacity a template is made for (its lists), in keys.
+MIN_CAPACITY = 1024
+
+
+def applies(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether ``q`` after the cache ``k``, ``v`` (``[B, H, n, D]``) is served as pages (module docstring)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
+        return False
+    rows, keys = q.shape[2], k.shape[2]
+    return (0 < rows <= MAX_QUERIES and rows < keys and q.shape[0] == k.shape[0] > 0 and q.device == k.device == v.device
+            and runner.pages_in_one_launch(q, k.transpose(1, 2), v.transpose(1, 2)))
+
+
+def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``(k_pool, v_pool, block_table, seqlens)``: the paged call that reads ``q`` ``[B, Hq, rows, D]`` after the
+    contiguous cache ``k``, ``v`` ``[B, Hkv, nk, D | Dv]`` as ``attnc_fwd_paged`` takes it, or None where the cache's
+    strides make no pages (a key stride that does not divide the batch stride, page ids past int32). The pools hold
+    every page that fits in the caches' storage, so a cache kept in one buffer gives the same pools, and table, at
+    every step: a launch bound for them is replayed as it grows."""
+    batch, keys = k.shape[0], k.shape[2]
+    page = _page(k, v, keys)
+    if page is None:
+        return None
+    capacity = max(MIN_CAPACITY, 1 << (keys - 1).bit_length())
+    per_row = k.stride(0) // (page * k.stride(2))  # pages between two rows' first keys
+    if (batch - 1) * per_row + -(-capacity // page) >= 2**31:  # page ids past int32 (the table's type)
+        return None
+    table = _table(runner, batch, per_row, -(-capacity // page), q.device)
+    lengths = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
+    return _pages(k, page), _pages(v, page), table, lengths
+
+
+def _page(k: torch.Tensor, v: torch.Tensor, keys: int) -> int | None:
+    """The largest power of two up to ``PAGE`` that divides both caches' row strides in keys and keeps the last
+    row's pages in their storage; None where a row's stride is not a whole number of keys."""
+    for t in (k, v):
+        if t.stride(2) <= 0 or t.stride(0) % t.stride(2) or (k.stride(0) // k.stride(2)) != (t.stride(0) // t.stride(2)):
+            return None
+    page = PAGE
+    while page > 1 and not all(_fits(t, page, keys) for t in (k, v)):
+        page //= 2
+    return page
+
+
+def _fits(t: torch.Tensor, page: int, keys: int) -> bool:
+    """Whether pages of ``page`` keys of ``t``'s rows tile its row stride and the last page a row reads (its keys
+    rounded up to the page) lies inside ``t``'s storage."""
+    if (t.stride(0) // t.stride(2)) % page:
+        return False
+    reach = -(-keys // page) * page  # the keys up to the end of a row's last page
+    last = (t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + (reach - 1) * t.stride(2)
+            + (t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3))
+    return last < t.untyped_storage().nbytes() // t.element_size()
+
+
+def _pages(t: torch.Tensor, page: int) -> torch.Tensor:
+    """``t`` ``[B, H, n, D]`` as the pool ``[pages, page, H, D]`` its block table reads (a view): every page of
+    ``page`` keys from its first whose reach (its heads and head dim) lies inside its storage."""
+    reach = (t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3) + (page - 1) * t.stride(2)
+    room = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - reach
+    pages = (room - 1) // (page * t.stride(2)) + 1
+    return t.as_strided((pages, page, t.shape[1], t.shape[3]), (page * t.stride(2), t.stride(2), t.stride(1),
+                                                               t.stride(3)))
+
+
+def _table(runner, batch: int, per_row: int, width: int, device) -> torch.Tensor:
+    """The block table of ``batch`` rows ``per_row`` pages apart, ``width`` pages each (int32), kept per shape."""
+    tables = runner.__dict__.setdefault("_cache_tables", PlanCache(8))
+    key = (batch, per_row, width, torch.device(device))
+    made = tables.get(key)
+    if made is None:
+        rows = torch.arange(batch, dtype=torch.int64).view(-1, 1) * per_row
+        made = (rows + torch.arange(width, dtype=torch.int64)).to(torch.int32).to(device)
+        tables[key] = made
+    return made
+
+
+__all__ = ["MAX_QUERIES", "applies", "view"]
