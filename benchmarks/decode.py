@@ -261,8 +261,13 @@ def table(title: str, timed: dict[str, Timed], baseline: str, batch: int, diffs)
 
 # ----------------------------------------------------------------------------- work counts
 def triton_work(attn) -> tuple[int, int] | None:
-    """(KV tiles, keys in them) the latest Triton call visited (``last_schedule.pairs()``)."""
-    sched = attn.runner.last_schedule
+    """(KV tiles, keys in them) the latest Triton call visited (``last_schedule.pairs()``); None where it ran the
+    paged kernel (a paged call, or a growing contiguous cache read as pages): its tiles are chosen in the kernel, per
+    row, from lists made once, and no schedule of the step exists on the host to count."""
+    runner = attn.runner
+    if any(key[0] == "paged" and t.launch.plan is runner.last_plan for key, t in runner.block_plans.items()):
+        return None
+    sched = runner.last_schedule
     if sched is None:
         return None
     kv = torch.unique(sched.pairs()[2])
@@ -310,7 +315,7 @@ def interpreter_methods(triton, cpu, c: Caches, window) -> dict[str, Callable]:
 def step_work(name: str, triton, cpu) -> tuple[int | None, int | None]:
     """(KV tiles, keys) of the step a method just ran: Triton's schedule, the cpu backend's rows."""
     if name.startswith("attnc triton"):
-        return triton_work(triton) or (None, None)
+        return triton_work(triton) or ("-", "-")  # the paged kernel's: not counted on the host
     if name.startswith("attnc cpu"):
         return None, cpu_work(cpu)
     return None, None
@@ -329,6 +334,8 @@ class Row:
         tiles, keys = ([w[i] for w in self.work] for i in (0, 1))
         if None in keys:  # SDPA: every key
             return f"- | {nk} | 1.000"
+        if "-" in keys:  # the paged kernel's tiles, chosen on the device: not counted
+            return "- | - | -"
         shown = ", ".join(str(k) for k in keys)
         return f"{', '.join('-' if t is None else str(t) for t in tiles)} | {shown} | {max(keys) / nk:.3f}"
 

@@ -64,9 +64,9 @@ def test_warm_call_reuses_its_launcher(monkeypatch):
         for _ in range(3):
             attn(q, k, v)
         assert counts == before  # neither binding nor planning ran again
-        q2, k2, v2 = _qkv(96)  # another signature: its own launcher
-        attn(q2, k2, v2)
-        attn(q2, k2, v2)
+        q2, k2, v2 = _qkv(96)  # another signature: its own launcher (its first call, the last call's shape but for
+        for _ in range(3):     # its keys, is read as pages (``cache_pages``); the two after it bind it)
+            attn(q2, k2, v2)
         assert _bound_launchers(attn) == 2
         assert counts["prepare"] > before["prepare"]
 
