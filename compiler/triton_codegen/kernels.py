@@ -655,7 +655,7 @@ class KernelBodies:
     def _grad_call(self) -> str:
         """``_bias_grads``'s call: dS, the positions, head and inputs it reads, the buffers at this batch element."""
         grads = [", ".join([f"GIN{i} + batch.to(tl.int64) * gin{i}_sb",
-                            *(f"gin{i}_s{j}" for j in range(len(slot.dims)))])
+                            *(f"gin{i}_s{j}" for j in range(len(slot.dims))), *slot.extents()])
                  for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
         return f"_bias_grads(ds, {self._call_args(self.grad_inputs)}, {', '.join(grads)})"
 

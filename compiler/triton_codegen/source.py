@@ -312,7 +312,8 @@ class KernelSource(ScoreLines, KernelBodies):
         """``_bias_grads``: the bias inputs' gradients added in place by the dQ kernel, for each place the bias reads
         one: dS times d bias / d (value read), summed along the tile's axes the place does not vary along, added
         by fp32 atomics (their order varies between runs: torch's deterministic mode takes dS to the host)."""
-        grads = [f"G{i}, " + ", ".join(slot.grad_strides())
+        # each buffer's strides, and a block's run-time extents of its input (the offsets are clamped to them)
+        grads = [", ".join([f"G{i}", *slot.grad_strides(), *slot.extents()])
                  for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
         params = f"ds, {self._helper_args(self.grad_inputs)}, " + ", ".join(grads)
         lines = []
