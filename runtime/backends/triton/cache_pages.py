@@ -53,55 +53,62 @@ def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     every page that fits in the caches' storage, so a cache kept in one buffer gives the same pools, and table, at
     every step: a launch bound for them is replayed as it grows."""
     batch, keys = k.shape[0], k.shape[2]
-    page = _page(k, v, keys)
+    kl, vl = _layout(k), _layout(v)  # read once: a step's host work is counted in microseconds
+    page = _page(kl, vl, keys)
     if page is None:
         return None
     capacity = max(MIN_CAPACITY, 1 << (keys - 1).bit_length())
-    per_row = k.stride(0) // (page * k.stride(2))  # pages between two rows' first keys
+    per_row = kl[1][0] // (page * kl[1][2])  # pages between two rows' first keys
     if (batch - 1) * per_row + -(-capacity // page) >= 2**31:  # page ids past int32 (the table's type)
         return None
     table = _table(runner, batch, per_row, -(-capacity // page), q.device)
     lengths = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
-    return _pages(k, page), _pages(v, page), table, lengths
+    return _pages(k, kl, page), _pages(v, vl, page), table, lengths
 
 
-def _page(k: torch.Tensor, v: torch.Tensor, keys: int) -> int | None:
+def _layout(t: torch.Tensor) -> tuple:
+    """``(shape, strides, storage offset, storage elements)`` of ``t``."""
+    return t.shape, t.stride(), t.storage_offset(), t.untyped_storage().nbytes() // t.element_size()
+
+
+def _page(kl: tuple, vl: tuple, keys: int) -> int | None:
     """The largest power of two up to ``PAGE`` that divides both caches' row strides in keys and keeps the last
-    row's pages in their storage; None where a row's stride is not a whole number of keys."""
-    for t in (k, v):
-        if t.stride(2) <= 0 or t.stride(0) % t.stride(2) or (k.stride(0) // k.stride(2)) != (t.stride(0) // t.stride(2)):
-            return None
+    row's pages in their storage; None where a row's stride is not a whole number of keys (``kl``, ``vl``: the
+    caches' ``_layout``)."""
+    ks, vs = kl[1], vl[1]
+    if ks[2] <= 0 or vs[2] <= 0 or ks[0] % ks[2] or vs[0] % vs[2] or ks[0] // ks[2] != vs[0] // vs[2]:
+        return None
     page = PAGE
-    while page > 1 and not all(_fits(t, page, keys) for t in (k, v)):
+    while page > 1 and not (_fits(kl, page, keys) and _fits(vl, page, keys)):
         page //= 2
     return page
 
 
-def _fits(t: torch.Tensor, page: int, keys: int) -> bool:
-    """Whether pages of ``page`` keys of ``t``'s rows tile its row stride and the last page a row reads (its keys
-    rounded up to the page) lies inside ``t``'s storage."""
-    if (t.stride(0) // t.stride(2)) % page:
+def _fits(layout: tuple, page: int, keys: int) -> bool:
+    """Whether pages of ``page`` keys of a cache's rows tile its row stride and the last page a row reads (its keys
+    rounded up to the page) lies inside its storage."""
+    shape, stride, offset, stored = layout
+    if (stride[0] // stride[2]) % page:
         return False
     reach = -(-keys // page) * page  # the keys up to the end of a row's last page
-    last = (t.storage_offset() + (t.shape[0] - 1) * t.stride(0) + (reach - 1) * t.stride(2)
-            + (t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3))
-    return last < t.untyped_storage().nbytes() // t.element_size()
+    last = (offset + (shape[0] - 1) * stride[0] + (reach - 1) * stride[2] + (shape[1] - 1) * stride[1]
+            + (shape[3] - 1) * stride[3])
+    return last < stored
 
 
-def _pages(t: torch.Tensor, page: int) -> torch.Tensor:
+def _pages(t: torch.Tensor, layout: tuple, page: int) -> torch.Tensor:
     """``t`` ``[B, H, n, D]`` as the pool ``[pages, page, H, D]`` its block table reads (a view): every page of
     ``page`` keys from its first whose reach (its heads and head dim) lies inside its storage."""
-    reach = (t.shape[1] - 1) * t.stride(1) + (t.shape[3] - 1) * t.stride(3) + (page - 1) * t.stride(2)
-    room = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset() - reach
-    pages = (room - 1) // (page * t.stride(2)) + 1
-    return t.as_strided((pages, page, t.shape[1], t.shape[3]), (page * t.stride(2), t.stride(2), t.stride(1),
-                                                               t.stride(3)))
+    shape, stride, offset, stored = layout
+    reach = (shape[1] - 1) * stride[1] + (shape[3] - 1) * stride[3] + (page - 1) * stride[2]
+    pages = (stored - offset - reach - 1) // (page * stride[2]) + 1
+    return t.as_strided((pages, page, shape[1], shape[3]), (page * stride[2], stride[2], stride[1], stride[3]))
 
 
 def _table(runner, batch: int, per_row: int, width: int, device) -> torch.Tensor:
     """The block table of ``batch`` rows ``per_row`` pages apart, ``width`` pages each (int32), kept per shape."""
     tables = runner.__dict__.setdefault("_cache_tables", PlanCache(8))
-    key = (batch, per_row, width, torch.device(device))
+    key = (batch, per_row, width, device)
     made = tables.get(key)
     if made is None:
         rows = torch.arange(batch, dtype=torch.int64).view(-1, 1) * per_row
