@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 from . import paged_lines
-from .bias import bias_input_names
 from .exprs import LN2, LOG2E
 from .params import BLOCK_PARAMS, BLOCKS, FWD_OUT, ROW_TERMS, SIZES, K, Q, V, run_params, tile_list
 from .scores import scale_in_exponent
@@ -640,24 +639,6 @@ class KernelBodies:
         """Whether a backward may sum dS per query and per key (``ROW_SUMS``: a FoX decay's gate gradient); else the
         kernels have no such lines (the constexpr would fold them away) and take no such buffers."""
         return self.pat.decay is not None
-
-    def _stores_ds(self) -> bool:
-        """Whether the dQ kernel may make the gradients of float inputs of the bias (``bias.bias_input_names``, the
-        rule the backward asks it by): add them itself (``ADD_GRADS``, ``_bias_grads``) or store dS per pair for the
-        host (``STORE_DS``, torch's deterministic mode); else it has no such lines and takes no such buffers."""
-        return self.pat.bias is not None and bool(bias_input_names(self.pat))
-
-    def _grad_params(self) -> list[Param]:
-        """The gradient buffers ``_bias_grads`` adds to: one per float input of the bias, its batch stride first."""
-        return [tensor(f"GIN{i}", f"gin{i}_sb", *(f"gin{i}_s{j}" for j in range(len(slot.dims))))
-                for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
-
-    def _grad_call(self) -> str:
-        """``_bias_grads``'s call: dS, the positions, head and inputs it reads, the buffers at this batch element."""
-        grads = [", ".join([f"GIN{i} + batch.to(tl.int64) * gin{i}_sb",
-                            *(f"gin{i}_s{j}" for j in range(len(slot.dims))), *slot.extents()])
-                 for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
-        return f"_bias_grads(ds, {self._call_args(self.grad_inputs)}, {', '.join(grads)})"
 
     @staticmethod
     def _bwd_params() -> list[Param]:

@@ -32,12 +32,11 @@ from ..route_blocks import WORD_BITS, block_sizes, tile_block_spread
 from ..schedule import uniform_axes
 from .bias import (
     bias_index_checks,
-    bias_input_names,
-    bias_input_sites,
     derivative,
     head_factor,
     split_bias,
 )
+from .bias_grads import BiasGradLines
 from .exprs import (
     FP32_MAX,
     INT32_MAX,
@@ -76,7 +75,7 @@ __all__ = [
 MAX_HEAD_DIM = 512
 
 
-class KernelSource(ScoreLines, KernelBodies):
+class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
     """Builds the kernel module text for one pattern, bound sizes and schedule shape."""
 
     def __init__(self, pat: ir.PatternIR, bound: E.Bound, shape: ScheduleShape, config=None):
@@ -164,28 +163,6 @@ class KernelSource(ScoreLines, KernelBodies):
         self.head_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
         self._print_grad_sites()
-
-    def _print_grad_sites(self) -> None:
-        """The bias inputs' gradients as the dQ kernel adds them (``_bias_grads``): for each place the bias reads a
-        float input, the text of d bias / d (value read), of the place's offset in the gradient buffer, and the tile
-        axes the offset does not vary along (dS times the derivative is summed along them before the atomic add:
-        a per-query input takes one add per query, not one per pair); with the inputs those texts read."""
-        self.grad_sites: list[tuple] = []
-        names = bias_input_names(self.pat) if self.bias is not None else set()
-        if not names:
-            self.grad_inputs, self.grad_slots = [], []
-            return
-        q_side = {S.Q} | {S.coord("q", a) for i, a in enumerate(self.pat.queries.axis_names) if i not in self.q_uniform}
-        k_side = {S.K} | {S.coord("k", a) for i, a in enumerate(self.pat.keys.axis_names) if i not in self.k_uniform}
-        for site, deriv in bias_input_sites(self.bias, names):
-            slot = self.inputs[S.input_name(site.func)]
-            reads = set().union(*(a.free_symbols for a in site.args)) if site.args else set()
-            offset = self.printer.input_offset(slot, site.args, slot.grad_strides())
-            self.grad_sites.append((slot, self.printer.float_expr(deriv), offset, bool(reads & q_side),
-                                    bool(reads & k_side)))
-        self.grad_slots = sorted({slot.index for slot, *_ in self.grad_sites})
-        self.grad_inputs = sorted(self.printer.used_inputs)
-        self.printer.used_inputs = set()
 
     # ------------------------------------------------------------ pieces
     def _slot_params(self, which: list[int]) -> list[str]:
@@ -307,34 +284,6 @@ class KernelSource(ScoreLines, KernelBodies):
                 f'added to the scaled (soft-capped) scores."""\n'
                 f"{checks}"
                 f"    return {self.bias_text}\n")
-
-    def _bias_grads_fn(self) -> str:
-        """``_bias_grads``: the bias inputs' gradients added in place by the dQ kernel, for each place the bias reads
-        one: dS times d bias / d (value read), summed along the tile's axes the place does not vary along, added
-        by fp32 atomics (their order varies between runs: torch's deterministic mode takes dS to the host)."""
-        # each buffer's strides, and a block's run-time extents of its input (the offsets are clamped to them)
-        grads = [", ".join([f"G{i}", *slot.grad_strides(), *slot.extents()])
-                 for i, slot in ((s.index, s) for s in self.inputs.values()) if i in self.grad_slots]
-        params = f"ds, {self._helper_args(self.grad_inputs)}, " + ", ".join(grads)
-        lines = []
-        for slot, deriv, offset, by_q, by_k in self.grad_sites:
-            live = "ds != 0.0"  # attended pairs (the derivative may be anything elsewhere)
-            if not by_k:  # the same place for every key of a query: one add per query
-                lines.append(f"g = tl.where({live}, ds * ({deriv}), 0.0)  # dS x d bias / d input{slot.index}")
-                lines.append("g = tl.reduce(g, 1, _add)[:, None]" if by_q else
-                             "g = tl.reduce(tl.reduce(g, 1, _add), 0, _add)")
-                live = "g != 0.0"
-            elif not by_q:  # the same place for every query of a key: one add per key
-                lines.append(f"g = tl.where({live}, ds * ({deriv}), 0.0)  # dS x d bias / d input{slot.index}")
-                lines.append("g = tl.reduce(g, 0, _add)[None, :]")
-                live = "g != 0.0"
-            else:
-                lines.append(f"g = ds * ({deriv})  # dS x d bias / d input{slot.index}")
-            # relaxed: a sum needs no ordering (the default acq_rel fences every add)
-            lines.append(f"tl.atomic_add(G{slot.index} + {offset}, g, mask={live}, sem=\"relaxed\")")
-        return (f"\n\n@triton.jit\ndef _bias_grads({params}):\n"
-                '    """Adds dS x d bias / d input where the bias reads each float input (its gradient, fp32)."""\n'
-                + indent(lines, 4) + "\n")
 
 
 def generate_source(pattern: ir.PatternIR, bound: E.Bound, schedule_shape: ScheduleShape, config=None) -> str:

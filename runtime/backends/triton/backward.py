@@ -70,8 +70,9 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
              dq_launch: Launch | None = None):
     """(dq, dk, dv, {input: grad}); deterministic (no atomics) unless the config asks for dQ by atomics
     and the call allows it (``atomic_dq_applies``), or the bias reads float inputs: their gradients are added by
-    fp32 atomics in a second pass of the dQ kernel (``ADD_GRADS``, ``_bias_grads``), and under torch's deterministic mode summed on the host from dS
-    per pair instead (``_bias_input_grads``: memory of every visited pair). ``dq_launch``: the dQ kernel's own
+    fp32 atomics in a second pass of the dQ kernel (``ADD_GRADS``, ``_bias_grads``), and under torch's deterministic
+    mode summed on the host from dS per pair instead (``_bias_input_grads``: memory of every visited pair).
+    ``dq_launch``: the dQ kernel's own
     launch (its tiles, ``KernelConfig.dq_q_tile``); None: ``launch``'s, as the dK/dV kernel."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk, DV = k.shape[1], k.shape[2], v.shape[-1]
@@ -154,14 +155,7 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
         dq = dq.to(qp.dtype)
     if split > 1:  # the shares' partials in a fixed order (deterministic), rounded once
         dk, dv = dk.sum(0).to(kp.dtype), dv.sum(0).to(vp.dtype)
-    grads: dict[str, torch.Tensor] = {}
-    if row_sums:
-        dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
-        # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
-        dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
-        # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
-        dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(device)), 0.0)
-        grads[pat.decay] = dg if pat.decay in launch.batched else dg.sum(0)
+    grads: dict[str, torch.Tensor] = {pat.decay: _decay_gate_grad(launch, dsq, dsk)} if row_sums else {}
     if bias_wrt:
         made = bias_grads or _bias_input_grads(qlaunch, ds_buf, bias_wrt, qblocks, B, Hq)
         for name, grad in ((n, made[n]) for n in bias_wrt):
@@ -169,6 +163,17 @@ def backward(launch: Launch, q, k, v, out, lse, dout, dlse, scale: float, wrt: l
     out_grads = {n: g.to(launch.tensors[n].dtype) for n, g in grads.items()}
     return (KL.from_tiles(qlaunch, dq, "q", Nq), KL.from_tiles(launch, dk, "k", Nk), KL.from_tiles(launch, dv, "k", Nk),
             out_grads)
+
+
+def _decay_gate_grad(launch: Launch, dsq: torch.Tensor, dsk: torch.Tensor) -> torch.Tensor:
+    """The FoX decay gates' gradient from the kernels' per-query and per-key sums of dS."""
+    pat = launch.pattern
+    dc = dsq - dsk  # d loss / d cumsum(g): + as the query's term, - as the key's
+    # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
+    dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
+    # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
+    dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(dsq.device)), 0.0)
+    return dg if pat.decay in launch.batched else dg.sum(0)
 
 
 def atomic_dq_applies(config: KernelConfig, *, row_sums: bool, bias_grads: bool) -> bool:
