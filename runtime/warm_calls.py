@@ -56,14 +56,24 @@ def _replayable_call(q, k, v, scale, return_lse) -> bool:
     return (scale is None or type(scale) is float or type(scale) is int) and type(return_lse) is bool
 
 
+def _but_caches(key: tuple) -> tuple:
+    """A plain call's signature (``WarmCalls.key``) without k's and v's keys' count and strides: what two steps of
+    one growing cache share."""
+    (q, k, v), rest = key[:3], key[6:]
+    return q, k[:2], k[3:], v[:2], v[3:], key[3], rest
+
+
 class WarmCalls:
     """signature -> (bound launcher or None, calls seen), for one module (module docstring)."""
 
-    __slots__ = ("entries", "last")
+    __slots__ = ("entries", "last", "grown")
 
     def __init__(self):
         self.entries = PlanCache(LAUNCHER_CACHE_SIZE)
         self.last: tuple | None = None  # the signature of the last plain call (``_grown``)
+        #: the growing cache last served as pages with a bound launch: (its call's signature but for k's and v's
+        #: shapes and strides, its ``CachePages``, the bound launch), reused while the cache stays in its buffer
+        self.grown: tuple | None = None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -97,7 +107,7 @@ class WarmCalls:
             del self.entries[key]  # out of resources: the ordinary call falls back to smaller tiles
             entry = None
         if self._grown(key) and entry is None and hasattr(attn.runner, "cache_as_pages"):  # a growing cache's step
-            got = self._as_pages(attn, q, k, v, resolve_scale(scale, q.shape[-1]))
+            got = self._as_pages(attn, key, q, k, v, scale)
             if got is not None:  # (its shape is not kept: one per step would push bound launchers out)
                 out = unnormalized_output(attn.pattern, *got)
                 return (out, got[1]) if return_lse else out
@@ -112,28 +122,39 @@ class WarmCalls:
             self.entries[key] = (launcher, attn._last_call) if launcher is not None else (None, 2)
         return result
 
-    def _as_pages(self, attn, q, k, v, scale: float):
+    def _as_pages(self, attn, key: tuple, q, k, v, scale):
         """``(out, lse)`` of a growing contiguous cache's step read as pages (``runner.cache_as_pages``), or None
         where it is not served so: the paged launch bound for its pools (the same at every step of a cache kept in
-        one buffer) replayed, else run and bound at its second call."""
+        one buffer) replayed, else run and bound at its second call. A step of the cache last served so, in the
+        same buffer, reuses its pools, table and launch (``CachePages.serves``): it makes only its lengths."""
+        grown = self.grown
+        if grown is not None and k.shape[2] > q.shape[2] and grown[0] == _but_caches(key) and grown[1].serves(k, v):
+            got = grown[2](q, grown[1].k_pool, grown[1].v_pool, grown[1].table, grown[1].at(k.shape[2], q.device),
+                           None, None)
+            if got is not None:
+                return got
+        scale = resolve_scale(scale, q.shape[-1])
         paged = attn.runner.cache_as_pages(q, k, v)
         if paged is None:
             return None
-        pk, pv, table, lengths = paged
-        key = ("pages", q.shape, q.stride(), pk.shape, pk.stride(), pv.shape, pv.stride(), table.shape, q.dtype,
-               pk.dtype, q.device, scale, (q.data_ptr() | pk.data_ptr() | pv.data_ptr()) % 16,
-               attn.runner.launch_knobs())
-        entry = self.entries.get(key)
+        pk, pv, table, lengths = paged.k_pool, paged.v_pool, paged.table, paged.lengths
+        pages_key = ("pages", q.shape, q.stride(), pk.shape, pk.stride(), pv.shape, pv.stride(), table.shape,
+                     q.dtype, pk.dtype, q.device, scale, (q.data_ptr() | pk.data_ptr() | pv.data_ptr()) % 16,
+                     attn.runner.launch_knobs())
+        entry = self.entries.get(pages_key)
         if entry is not None and entry[0] is not None:
             got = entry[0](q, pk, pv, table, lengths, None, None)
             if got is not None:
+                self.grown = (_but_caches(key), paged, entry[0])
                 return got
         got = attn.runner.paged_forward(q, pk, pv, table, lengths, None, None, q.shape[2], scale)
         if entry is None:
-            self.entries[key] = (None, 1)
+            self.entries[pages_key] = (None, 1)
         elif entry[1] == 1:  # its second call: bind it (None: not replayable)
             bound = attn.runner.paged_launcher(q, pk, pv, table, lengths, None, None, q.shape[2], scale)
-            self.entries[key] = (bound, 2)
+            self.entries[pages_key] = (bound, 2)
+            if bound is not None:
+                self.grown = (_but_caches(key), paged, bound)
         return got
 
     def _grown(self, key: tuple) -> bool:

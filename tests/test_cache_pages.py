@@ -70,8 +70,9 @@ def test_every_step_of_a_growing_cache_equals_the_reference(monkeypatch, name, b
 def test_a_growing_cache_plans_once_and_a_repeated_shape_is_replayed(monkeypatch):
     """Twelve steps of a growing cache: the first (a shape not seen) takes the ordinary call, the eleven after it
     (the last call's shape but for the keys' count) one paged template (its lists at one capacity), never the
-    ordinary call (which plans per length), and the paged launch bound at the second of them replayed after; a
-    shape called again takes the ordinary call twice (the second binds its launch) and is replayed after."""
+    ordinary call (which plans per length), and the paged launch bound at the second of them replayed after, its
+    pools and table reused (the cache is read as pages twice, never after); a shape called again takes the ordinary
+    call twice (the second binds its launch) and is replayed after."""
     served = spy_pages(monkeypatch)
     ordinary = []
     attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=17)
@@ -103,10 +104,32 @@ def test_a_growing_cache_plans_once_and_a_repeated_shape_is_replayed(monkeypatch
         for n in range(60, 72):
             attn(q, k[:, :, :n], v[:, :, :n])
         # a cache kept in one buffer: the same pools at every step, run unbound twice, then its bound launch
-        assert ordinary == [60] and served == [True] * 11 and sum(made) == 1 and len(unbound) == 2
+        assert ordinary == [60] and served == [True] * 2 and sum(made) == 1 and len(unbound) == 2
         for _ in range(4):  # one shape again: the ordinary call twice (the second binds it), then its replay
             attn(q, k[:, :, :71], v[:, :, :71])
-    assert ordinary == [60, 71, 71] and len(served) == 11
+    assert ordinary == [60, 71, 71] and len(served) == 2
+
+
+def test_a_step_in_another_buffer_or_past_the_pages_is_read_as_pages_again(monkeypatch):
+    """The pools, table and launch kept for a growing cache serve its later steps only while it stays in its buffer
+    and its pages: a cache moved to another buffer of the same shape, or grown to where a page of 64 keys would pass
+    its storage's end, is read as pages again, and every step equals the reference."""
+    served = spy_pages(monkeypatch)
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=17)
+    ref = attnc.compile_attention("stdlib:sliding_window", backend="reference", window=17)
+    g = torch.Generator().manual_seed(8)
+    bufs = [torch.randn(2, 2, 160, 16, generator=g) for _ in range(4)]  # pages of 64 keys
+    q = torch.randn(2, 4, 1, 16, generator=g)
+    steps = [(0, 60), (0, 61), (0, 62), (0, 63), (2, 64), (2, 65), (0, 66), (0, 129)]
+    with torch.no_grad():
+        for which, n in steps:
+            k, v = bufs[which][:, :, :n], bufs[which + 1][:, :, :n]
+            torch.testing.assert_close(attn(q, k, v).double(), ref(q.double(), k.double(), v.double()),
+                                       atol=2e-5, rtol=2e-5)
+    # 61, 62 read as pages (the second binds); 63 reuses them; 64 in other buffers (read as pages, the same
+    # signature's bound launch replayed on them), 65 reuses those; 66 back in the first, read again; 129 keys
+    # would end their last page of 64 past the buffer's 160 keys: read again, in pages of 32
+    assert served == [True] * 5
 
 
 @pytest.mark.parametrize("case", ["prefill", "cross_shapes", "fp64"])

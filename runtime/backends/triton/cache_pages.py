@@ -24,6 +24,8 @@ and its lists serve every length up to it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ....compiler.decode_cost import PACKED_ROWS
@@ -46,12 +48,36 @@ def applies(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and runner.pages_in_one_launch(q, k.transpose(1, 2), v.transpose(1, 2)))
 
 
-def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """``(k_pool, v_pool, block_table, seqlens)``: the paged call that reads ``q`` ``[B, Hq, rows, D]`` after the
-    contiguous cache ``k``, ``v`` ``[B, Hkv, nk, D | Dv]`` as ``attnc_fwd_paged`` takes it, or None where the cache's
-    strides make no pages (a key stride that does not divide the batch stride, page ids past int32). The pools hold
-    every page that fits in the caches' storage, so a cache kept in one buffer gives the same pools, and table, at
-    every step: a launch bound for them is replayed as it grows."""
+@dataclasses.dataclass(frozen=True)
+class CachePages:
+    """A contiguous cache read as pages (``view``): the pools, block table and lengths of the paged call, and what
+    lets a later step of the same buffer reuse them (``serves``): the caches' first keys' addresses and strides, and
+    the most keys the pools and table hold (the capacity, and the last page a row may read inside the storage)."""
+
+    k_pool: torch.Tensor
+    v_pool: torch.Tensor
+    table: torch.Tensor
+    lengths: torch.Tensor
+    where: tuple  # (k's data pointer, v's, k's strides, v's strides)
+    most_keys: int
+
+    def serves(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether a step whose caches ``k``, ``v`` differ from this one's in their keys' count only (the caller
+        checked their other dimensions, and that they hold more keys than the step's queries) reads the same pools
+        and table: the same first keys and strides, and at most ``most_keys`` keys."""
+        return (k.shape[2] <= self.most_keys and (k.data_ptr(), v.data_ptr(), k.stride(), v.stride()) == self.where)
+
+    def at(self, keys: int, device) -> torch.Tensor:
+        """The lengths of a step of ``keys`` keys (a new int32 tensor: a launch may still read the last one)."""
+        return torch.full((self.table.shape[0],), keys, dtype=torch.int32, device=device)
+
+
+def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CachePages | None:
+    """The paged call that reads ``q`` ``[B, Hq, rows, D]`` after the contiguous cache ``k``, ``v`` ``[B, Hkv, nk,
+    D | Dv]`` as ``attnc_fwd_paged`` takes it (``CachePages``), or None where the cache's strides make no pages (a
+    key stride that does not divide the batch stride, page ids past int32). The pools hold every page that fits in
+    the caches' storage, so a cache kept in one buffer gives the same pools, and table, at every step: a launch
+    bound for them is replayed as it grows."""
     batch, keys = k.shape[0], k.shape[2]
     kl, vl = _layout(k), _layout(v)  # read once: a step's host work is counted in microseconds
     page = _page(kl, vl, keys)
@@ -63,7 +89,9 @@ def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         return None
     table = _table(runner, batch, per_row, -(-capacity // page), q.device)
     lengths = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
-    return _pages(k, kl, page), _pages(v, vl, page), table, lengths
+    most = min(capacity, _most_keys(kl, page), _most_keys(vl, page))
+    return CachePages(_pages(k, kl, page), _pages(v, vl, page), table, lengths,
+                      (k.data_ptr(), v.data_ptr(), kl[1], vl[1]), most)
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -87,13 +115,17 @@ def _page(kl: tuple, vl: tuple, keys: int) -> int | None:
 def _fits(layout: tuple, page: int, keys: int) -> bool:
     """Whether pages of ``page`` keys of a cache's rows tile its row stride and the last page a row reads (its keys
     rounded up to the page) lies inside its storage."""
+    stride = layout[1]
+    return (stride[0] // stride[2]) % page == 0 and keys <= _most_keys(layout, page)
+
+
+def _most_keys(layout: tuple, page: int) -> int:
+    """The most keys a row may hold for its last page of ``page`` keys to lie inside the cache's storage (a whole
+    number of pages)."""
     shape, stride, offset, stored = layout
-    if (stride[0] // stride[2]) % page:
-        return False
-    reach = -(-keys // page) * page  # the keys up to the end of a row's last page
-    last = (offset + (shape[0] - 1) * stride[0] + (reach - 1) * stride[2] + (shape[1] - 1) * stride[1]
-            + (shape[3] - 1) * stride[3])
-    return last < stored
+    rest = offset + (shape[0] - 1) * stride[0] + (shape[1] - 1) * stride[1] + (shape[3] - 1) * stride[3]
+    reach = (stored - 1 - rest) // stride[2] + 1  # the keys up to the last one inside the storage
+    return reach // page * page
 
 
 def _pages(t: torch.Tensor, layout: tuple, page: int) -> torch.Tensor:
@@ -117,4 +149,4 @@ def _table(runner, batch: int, per_row: int, width: int, device) -> torch.Tensor
     return made
 
 
-__all__ = ["MAX_QUERIES", "applies", "view"]
+__all__ = ["MAX_QUERIES", "CachePages", "applies", "view"]
