@@ -291,12 +291,14 @@ class ExprPrinter(ABC):
 
     def _window(self, e: S.Window) -> str:
         qa, ka, L, size, dil, stride, causal = e.args
-        if not all(isinstance(x, sympy.Integer) for x in (L, size, dil, stride)):
+        # the axis length may be a size the kernel reads at run time (a paged row's key count: a name it defines)
+        length_known = isinstance(L, sympy.Integer) or bool(L.free_symbols) and L.free_symbols <= self.symbols.keys()
+        if not (length_known and all(isinstance(x, sympy.Integer) for x in (size, dil, stride))):
             if not self.strict:
                 return "_"
             raise SpecError("window() sizes must be known numbers at code generation", where="code generation")
         self.helpers.add("_window")
-        return (f"_window({self.p(qa)}, {self.p(ka)}, {int(L)}, {int(size)}, {int(dil)}, {int(stride)}, "
+        return (f"_window({self.p(qa)}, {self.p(ka)}, {self.p(L)}, {int(size)}, {int(dil)}, {int(stride)}, "
                 f"{bool(causal)})")
 
     @abstractmethod

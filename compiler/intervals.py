@@ -229,6 +229,18 @@ class WindowBounds:
         return Bool(may_true, ~all_true)
 
 
+def window_envelope(qa: Num, ka: Num, size: int, dilation: int, stride: int, causal: bool) -> Bool:
+    """NATTEN's window (``WindowBounds``) on an axis whose length is not one number (a paged batch's rows, each its
+    own): whatever the length, a query's window lies within ``(size + stride) * dilation`` of it (its centre is the
+    query's stride leader, at most ``stride`` away in its dilation group, moved inward by at most ``size`` at the
+    axis's ends), and never after it where causal. Keys that near may be in it; no box is sure to be (the kernels
+    evaluate the window there, at the row's length)."""
+    reach = (size + stride) * dilation
+    q0, q1, k0, k1 = (_t(x).to(F) for x in (qa.lo, qa.hi, ka.lo, ka.hi))
+    may = (k1 >= q0 - reach) & (k0 <= q1 + (0 if causal else reach))
+    return Bool(may, torch.ones_like(may))
+
+
 class IntervalEvaluator:
     """Bounds of IR expressions given bounds of the symbols.
 
@@ -512,6 +524,8 @@ class IntervalEvaluator:
 
     def _window(self, e) -> Bool:
         qa, ka, L, size, dil, stride, causal = e.args
+        if not isinstance(L, sympy.Integer):  # a length read at run time (a paged row's)
+            return window_envelope(self.number(qa), self.number(ka), int(size), int(dil), int(stride), bool(causal))
         key = (int(L), int(size), int(dil), int(stride), bool(causal))
         if key not in self.windows:
             self.windows[key] = WindowBounds(*key)

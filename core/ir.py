@@ -508,6 +508,20 @@ def _key(*parts) -> str:
 
 
 # ----------------------------------------------------------------- compile-time checks
+def least_length(ir: PatternIR, subs: dict | None = None) -> int:
+    """The fewest tokens a sequence of ``ir`` holds for its windows along it to fit (``check_window_sizes``'s rule:
+    size times dilation), 1 where it has none: what a paged batch's rows, whose lengths the kernel reads on the
+    device, are checked against. ``subs``: sizes the windows' may name (not the length)."""
+    least = 1
+    for site in ir.windows:
+        if site.length not in (S.N, S.NK):
+            continue
+        size, dil = (sympy.sympify(x).subs(subs or {}) for x in (site.size, site.dilation))
+        if isinstance(size, sympy.Integer) and isinstance(dil, sympy.Integer):
+            least = max(least, int(size) * int(dil))
+    return least
+
+
 def check_window_sizes(ir: PatternIR, subs: dict) -> None:
     """Window larger than its axis, stride larger than the window: errors once sizes are known.
     Sizes that passed are remembered on the pattern (every call binds its sizes: sympy

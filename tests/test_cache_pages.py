@@ -14,7 +14,8 @@ from attnc.runtime.backends.triton import runner as triton_runner
 
 CAUSAL = "pattern causal_lm\n  tokens seq\n  mask causal\n"
 PATTERNS = {"causal": (CAUSAL, {}), "sliding_window": ("stdlib:sliding_window", {"window": 23}),
-            "alibi": ("stdlib:alibi", {}), "streaming": ("stdlib:streaming", {"window": 9, "sinks": 2})}
+            "alibi": ("stdlib:alibi", {}), "streaming": ("stdlib:streaming", {"window": 9, "sinks": 2}),
+            "neighborhood_1d": ("stdlib:neighborhood_1d", {"kernel_size": 7, "dilation": 2})}
 
 
 def spy_pages(monkeypatch) -> list:
@@ -153,3 +154,25 @@ def test_calls_the_paged_kernel_would_not_answer_take_the_ordinary_call(monkeypa
         want = attnc.compile_attention(CAUSAL, backend="reference")(q.double(), k.double(), v.double())
         torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
     assert served == []
+
+
+def test_a_cache_shorter_than_the_window_takes_the_ordinary_call_which_refuses_it(monkeypatch):
+    """A growing cache of a windowed pattern (NATTEN's 1-D window of 7 with dilation 2: at least 14 keys): the steps
+    shorter than that are refused by the ordinary call's error naming the window, never run as pages (whose row
+    check would fail on the device); from 14 keys on they are read as pages and equal the reference."""
+    served = spy_pages(monkeypatch)
+    params = {"kernel_size": 7, "dilation": 2}
+    attn = attnc.compile_attention("stdlib:neighborhood_1d", backend="triton", **params)
+    ref = attnc.compile_attention("stdlib:neighborhood_1d", backend="reference", **params)
+    g = torch.Generator().manual_seed(11)
+    k, v = torch.randn(1, 2, 64, 8, generator=g), torch.randn(1, 2, 64, 8, generator=g)
+    q = torch.randn(1, 2, 1, 8, generator=g)
+    with torch.no_grad():
+        for n in (12, 13):
+            with pytest.raises(attnc.SpecError, match="window of 7 with dilation 2 does not fit"):
+                attn(q, k[:, :, :n], v[:, :, :n])
+        for n in (14, 15, 16):
+            torch.testing.assert_close(attn(q, k[:, :, :n], v[:, :, :n]).double(),
+                                       ref(q.double(), k[:, :, :n].double(), v[:, :, :n].double()),
+                                       atol=2e-5, rtol=2e-5)
+    assert served == [True, True]  # 15 and 16: the steps after a shape seen

@@ -35,6 +35,9 @@ ONE_LAUNCH = {
     "sigmoid": {"length": 16},
     "prefix_lm": {"prefix": 5},
     "grid": {"stride": 5, "vision_start": 3, "vision_end": 30, "sink": 2, "local": 4, "block": 4},
+    # masks naming the length: each row's own, read by the kernel
+    "neighborhood_1d": {"kernel_size": 5, "stride": 2},
+    "moa": {"alpha": [-6, 9, 3, 20], "beta": [0.5, 0.1, 0.0, 0.2], "max_new_tokens": 4, "block": 4, "minimum": 8},
 }
 
 
@@ -128,6 +131,43 @@ def test_random_batches_equal_the_reference_row_by_row(lengths, page, seed, data
         torch.testing.assert_close(
             lse[:, lo:hi].transpose(1, 2), want_lse.float(), rtol=2e-5, atol=2e-5
         )
+
+
+@settings(max_examples=6, deadline=None)
+@given(kernel=st.integers(1, 7), dilation=st.integers(1, 3), stride=st.integers(1, 7), causal=st.booleans(),
+       extra=st.lists(st.integers(0, 30), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_windows_at_each_rows_own_length_equal_the_reference(kernel, dilation, stride, causal, extra, page, seed,
+                                                             data):
+    """NATTEN's 1-D windows (any size, dilation, stride, causal or not), whose window shifts inward at the
+    sequence's end: in one paged launch every row's window is its own length's (the kernel reads it), each row
+    equal to the float64 reference over its keys, whatever its query count."""
+    stride = min(stride, kernel)
+    params = {"kernel_size": kernel, "dilation": dilation, "stride": stride, "is_causal": causal}
+    lengths = [kernel * dilation + e for e in extra]  # every row fits the window
+    counts = [data.draw(st.integers(1, n)) for n in lengths]
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(seed + 1))
+    attn = attnc.compile_attention("stdlib:neighborhood_1d", backend="triton", **params)
+    assert triton_paged.applies(attn.pattern)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        want = reference_row("neighborhood_1d", params, q[:, :, lo:hi], kb, vb)
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_a_row_shorter_than_the_window_is_refused_by_name():
+    """A row whose keys do not fit the pattern's window (size times dilation), which the ordinary call refuses at
+    that length: the one-launch call refuses it too, naming ``cache_seqlens`` and the row, from the kernel's row
+    check (nothing read on the host before)."""
+    attn = attnc.compile_attention("stdlib:neighborhood_1d", backend="triton", kernel_size=5, dilation=2)
+    k, v, table, seqlens, _ = pool([12, 30, 9], 8)
+    q = torch.randn(3, HQ, 1, D)
+    with pytest.raises(SpecError, match=r"cache_seqlens\[2\] = 9 .* at least 10 keys") as err:
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+    assert "argument cache_seqlens" in str(err.value)
 
 
 def test_rows_of_equal_query_counts_take_q_per_row_and_append_new_keys():
@@ -231,10 +271,9 @@ def test_bad_values_are_refused_by_name(bad, where):
 @pytest.mark.parametrize("name, params, inputs", [
     ("document", {}, lambda cap: {"doc": (torch.arange(cap) // 9).expand(3, cap).contiguous()}),
     ("moba", {"block": 4, "topk": 2}, lambda cap: {}),
-    ("neighborhood_1d", {"kernel_size": 5, "is_causal": True}, lambda cap: {}),
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
-    """Patterns the paged forward does not serve (call-time inputs, a route, a mask naming the length) take
+    """Patterns the paged forward does not serve (call-time inputs, a route) take
     ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count, each the reference's."""
     lengths = [9, 30, 14]
     k, v, table, seqlens, rows = pool(lengths, 4, seed=2)

@@ -127,9 +127,9 @@ def _bit_length(x):
 ''',
     "_window": '''
 @triton.jit
-def _window(qa, ka, L: tl.constexpr, SIZE: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr,
-            CAUSAL: tl.constexpr):
-    """NATTEN neighborhood along one axis of length L: may query coordinate qa attend key coordinate ka?"""
+def _window(qa, ka, L, SIZE: tl.constexpr, DIL: tl.constexpr, STRIDE: tl.constexpr, CAUSAL: tl.constexpr):
+    """NATTEN neighborhood along one axis of length L: may query coordinate qa attend key coordinate ka? (L a
+    literal where the length is bound, and specialised as one; a paged row's key count where it is its own)"""
     g = qa % DIL
     same = g == ka % DIL
     lg = (L - g + DIL - 1) // DIL

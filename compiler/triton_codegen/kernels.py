@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+from ...core import ir
 from . import paged_lines
 from .exprs import LN2, LOG2E
 from .params import BLOCK_PARAMS, BLOCKS, FWD_OUT, ROW_TERMS, SIZES, K, Q, V, run_params, tile_list
@@ -315,7 +316,8 @@ class KernelBodies:
         tile = self.shape.q_tile[0]
         params = self._grouped_params(paged, in_exp)
         if paged:
-            row_setup = paged_lines.row_setup(tile, self.shape.kv_tile[0], self.pat.self_attention)
+            least = ir.least_length(self.pat, self.bound.subs) if self.row_lengths else 1
+            row_setup = paged_lines.row_setup(tile, self.shape.kv_tile[0], self.pat.self_attention, least)
             q_rows, bases, kv_loads = "(q_first + q_row)", paged_lines.BASES, paged_lines.KV_LOADS
         else:
             row_setup, q_rows = [], "q_row"

@@ -24,11 +24,12 @@ def runtime_params(common: list[Param]) -> list[Param]:
     return [p for p in common if p.name not in GIVEN_SIZES] + PAGED_RUNTIME
 
 
-def row_setup(tile: int, kv_tile: int, self_attention: bool) -> list[str]:
+def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1) -> list[str]:
     """A program's row: its sizes read on the device (clamped, so a bad table or length never reads out of bounds)
     and whether they keep the rules (``row_fine``, ``row_check``), and the lists of its Q tile's positions
-    (``lrow``), cut at ``kv_limit`` KV tiles."""
-    least = "tl.maximum(raw_q, 1)" if self_attention else "1"
+    (``lrow``), cut at ``kv_limit`` KV tiles. ``least_keys``: the fewest keys a row holds (its mask's windows fit
+    its length: ``ir.least_length``)."""
+    least = f"tl.maximum(raw_q, {least_keys})" if self_attention else str(least_keys)
     return [
         "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
         "raw_k = tl.load(SEQ + batch)",

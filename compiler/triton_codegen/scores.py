@@ -92,8 +92,9 @@ class ScoreLines:
         lines = []
         mask_lines = []
         if masked:
+            row_keys = ", K_EXT" if self.row_lengths else ""  # a mask naming the length reads the row's keys
             mask_lines += ["# PARTIAL tile: the pattern's mask",
-                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)})"]
+                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)}{row_keys})"]
             if p.route is not None:
                 mask_lines += self._route_query_lines(tr)
         if self.checks:

@@ -71,6 +71,10 @@ __all__ = [
     "layout_of", "needs_int64",
 ]
 
+#: The sizes a row-lengths module (``KernelSource.row_lengths``) reads at run time: the row's keys (self-attention: its
+#: tokens too).
+ROW_LENGTHS = frozenset({S.N, S.NK})
+
 #: The widest head dimension the kernels address (for the int32/int64 choice of memory rows).
 MAX_HEAD_DIM = 512
 
@@ -78,8 +82,12 @@ MAX_HEAD_DIM = 512
 class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
     """Builds the kernel module text for one pattern, bound sizes and schedule shape."""
 
-    def __init__(self, pat: ir.PatternIR, bound: E.Bound, shape: ScheduleShape, config=None):
+    def __init__(self, pat: ir.PatternIR, bound: E.Bound, shape: ScheduleShape, config=None,
+                 row_lengths: bool = False):
         self.pat, self.bound, self.shape = pat, bound, shape
+        #: the mask's ``n`` (``nk``) is each row's own key count, ``K_EXT`` (a paged batch's rows, each of its own
+        #: length: ``attnc_fwd_paged`` reads it on the device), not a size bound into the text
+        self.row_lengths = row_lengths
         self.layout = layout_of(config)
         self.permuted = self.layout == "permute"
         #: a block of a longer sequence (``evaluate.block_bound``): the kernels take its offsets
@@ -90,7 +98,8 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
         self.block = bound.is_block
         self.sel_q, self.sel_k = ("q_row", "k_row") if self.block else ("q_tok", "k_tok")
         self._bind_tiles()
-        self.mask = E.substitute(pat.mask, bound)
+        self.mask = (S.substitute(pat.mask, {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
+                     if row_lengths else E.substitute(pat.mask, bound))
         self.bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
         ranges = self._bind_printer()
         # the bias as coef * rest: coef once per head (times log2(e): scores are in log2 units), rest per score
@@ -129,6 +138,8 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
         ranges (symbol -> largest absolute value)."""
         pat, bound = self.pat, self.bound
         symbols = internal_names(pat)
+        if self.row_lengths:
+            symbols.update(dict.fromkeys(ROW_LENGTHS, "K_EXT"))
         self.inputs: dict[str, InputSlot] = {}
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
@@ -258,7 +269,8 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
 
     def _mask_fn(self) -> str:
         body = self.mask_text
-        return (f"\n\n@triton.jit\ndef _mask({self._helper_args(self.mask_inputs)}):\n"
+        params = self._helper_args(self.mask_inputs) + (", K_EXT" if self.row_lengths else "")  # the row's keys
+        return (f"\n\n@triton.jit\ndef _mask({params}):\n"
                 f'    """The pattern\'s mask: True where query q may attend key k (head h)."""\n'
                 f"    return {body}\n")
 
@@ -286,11 +298,13 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
                 f"    return {self.bias_text}\n")
 
 
-def generate_source(pattern: ir.PatternIR, bound: E.Bound, schedule_shape: ScheduleShape, config=None) -> str:
+def generate_source(pattern: ir.PatternIR, bound: E.Bound, schedule_shape: ScheduleShape, config=None,
+                    row_lengths: bool = False) -> str:
     """The Triton module text (forward, dQ and dK/dV kernels) for a pattern at
     bound sizes and a schedule shape. ``config`` (``compiler.cost.KernelConfig``)
     gives the token layout ('flat', 'address' or 'permute'); warps and stages
-    are launch parameters and do not change the text."""
+    are launch parameters and do not change the text. ``row_lengths``: the mask's
+    ``n`` and ``nk`` are each row's key count, read at run time (a paged template's)."""
     if not isinstance(pattern, ir.PatternIR):
         raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to generate", where="argument pattern")
-    return KernelSource(pattern, bound, schedule_shape, config).module()
+    return KernelSource(pattern, bound, schedule_shape, config, row_lengths).module()

@@ -352,16 +352,19 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
     before = [int(x) for x in cache_seqlens.tolist()]  # one device-to-host copy
     lengths = [x + appended for x in before]
     new = f" and the {appended} new keys of k=" if appended else ""
+    windows = ir.least_length(pat) if isinstance(pat, ir.PatternIR) else 1  # the mask's windows fit each row
     for b, length in enumerate(before):
         rows = n[b] if isinstance(n, list) else n
         # self-attention: the queries are the last n keys of the row (the new ones included)
         least = max(rows, 1) if pat.self_attention else 1
-        low, high = max(least - appended, 0), capacity - appended
+        low, high = max(max(least, windows) - appended, 0), capacity - appended
         if length < 0:
             why = "a key count is not negative"
         elif length > high:
             why = f"block_table holds {block_table.shape[1]} pages of {page_size} keys, at most {capacity}"
             why += f" (the row's keys{new})" if appended else ""
+        elif length < low and windows > least:
+            why = f"the pattern's window (size times dilation) needs rows of at least {windows} keys{new}"
         elif length < low:
             why = (
                 f"the {rows} queries are the row's last keys (cache_seqlens{new} count them)"
@@ -635,6 +638,7 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     lengths = before + appended
     counts = rows.counts() if rows is not None else torch.full_like(before, q.shape[2])
     least = counts.clamp(min=1) if pat.self_attention else torch.ones_like(before)
+    least = least.clamp(min=ir.least_length(pat))  # the mask's windows fit each row
     ok = (before >= 0) & (lengths <= capacity) & (lengths >= least)
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)

@@ -11,9 +11,10 @@ evaluator's, so the bounds are as sound: an interval holds every value the exact
 
 from __future__ import annotations
 
+import sympy
 import torch
 
-from ...compiler.intervals import EXACT, INF, WRAP, F, IntervalEvaluator, Num, WindowBounds
+from ...compiler.intervals import EXACT, INF, WRAP, F, IntervalEvaluator, Num, WindowBounds, window_envelope
 
 
 def int_bounds(lo: torch.Tensor, hi: torch.Tensor) -> Num:
@@ -78,6 +79,8 @@ class DeviceIntervals(IntervalEvaluator):
 
     def _window(self, e):
         qa, ka, L, size, dil, stride, causal = e.args
+        if not isinstance(L, sympy.Integer):  # a length read at run time (a paged row's)
+            return window_envelope(self.number(qa), self.number(ka), int(size), int(dil), int(stride), bool(causal))
         device = next(iter(self.env[s].lo.device for s in self.box if s in self.env))
         key = (int(L), int(size), int(dil), int(stride), bool(causal), device)
         if key not in self.windows:  # the first call on this device: its arrays moved there once

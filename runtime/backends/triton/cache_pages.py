@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from ....compiler.decode_cost import PACKED_ROWS
+from ....core import ir
 from ...plan.cache import PlanCache
 
 #: The most queries of a call served as pages (decode steps, speculative tokens, short chunks after the cache).
@@ -44,8 +45,18 @@ def applies(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         return False
     rows, keys = q.shape[2], k.shape[2]
-    return (0 < rows <= MAX_QUERIES and rows < keys and q.shape[0] == k.shape[0] > 0 and q.device == k.device == v.device
-            and runner.pages_in_one_launch(q, k.transpose(1, 2), v.transpose(1, 2)))
+    return (0 < rows <= MAX_QUERIES and max(rows + 1, _least_keys(runner)) <= keys and q.shape[0] == k.shape[0] > 0
+            and q.device == k.device == v.device and runner.pages_in_one_launch(q, k.transpose(1, 2), v.transpose(1, 2)))
+
+
+def _least_keys(runner) -> int:
+    """The fewest keys the runner's pattern takes (its windows fit them: ``ir.least_length``), found once: a cache
+    shorter than that takes the ordinary call, which names the window that does not fit."""
+    least = runner.__dict__.get("_least_keys")
+    if least is None:
+        pat = runner.pattern
+        least = runner.__dict__["_least_keys"] = ir.least_length(pat) if isinstance(pat, ir.PatternIR) else 1
+    return least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +71,14 @@ class CachePages:
     lengths: torch.Tensor
     where: tuple  # (k's data pointer, v's, k's strides, v's strides)
     most_keys: int
+    least_keys: int  # the pattern's fewest (``applies``)
 
     def serves(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether a step whose caches ``k``, ``v`` differ from this one's in their keys' count only (the caller
         checked their other dimensions, and that they hold more keys than the step's queries) reads the same pools
-        and table: the same first keys and strides, and at most ``most_keys`` keys."""
-        return (k.shape[2] <= self.most_keys and (k.data_ptr(), v.data_ptr(), k.stride(), v.stride()) == self.where)
+        and table: the same first keys and strides, and from ``least_keys`` to ``most_keys`` keys."""
+        return (self.least_keys <= k.shape[2] <= self.most_keys
+                and (k.data_ptr(), v.data_ptr(), k.stride(), v.stride()) == self.where)
 
     def at(self, keys: int, device) -> torch.Tensor:
         """The lengths of a step of ``keys`` keys (a new int32 tensor: a launch may still read the last one)."""
@@ -91,7 +104,7 @@ def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CachePage
     lengths = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
     most = min(capacity, _most_keys(kl, page), _most_keys(vl, page))
     return CachePages(_pages(k, kl, page), _pages(v, vl, page), table, lengths,
-                      (k.data_ptr(), v.data_ptr(), kl[1], vl[1]), most)
+                      (k.data_ptr(), v.data_ptr(), kl[1], vl[1]), most, _least_keys(runner))
 
 
 def _layout(t: torch.Tensor) -> tuple:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import sympy
 import torch
 
 from ....compiler import evaluate as E
@@ -38,7 +39,7 @@ from ....compiler.intervals import Num
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config
 from ....compiler.tiles import head_classes
-from ....compiler.triton_codegen.source import ScheduleShape, generate_source
+from ....compiler.triton_codegen.source import ROW_LENGTHS, ScheduleShape, generate_source
 from ....core import ir
 from ....core import symbols as S
 from ...checks import PAGED_VALUES_FAILED
@@ -67,8 +68,20 @@ def applies(pat) -> bool:
         and pat.keys.kind == "seq"
         and not pat.queries.segments
         and not pat.keys.segments
-        and decode_lists.applies(pat)
+        and (decode_lists.applies(pat) or names_row_length(pat))
     )
+
+
+def names_row_length(pat) -> bool:
+    """Whether ``pat``'s mask names the sequence's length (NATTEN's windows, shifted inward at its end; MoA's spans
+    that grow with it), and otherwise only what a paged template is kept for, its bias and softcap no size that grows:
+    the template's module reads it as each row's key count (``KernelSource.row_lengths``), its lists hold for any."""
+    if E.input_names(pat.mask) or not isinstance(pat.mask, sympy.Basic):
+        return False
+    named = pat.mask.free_symbols
+    rest = [e for e in (pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
+    return (bool(named & ROW_LENGTHS) and named <= decode_lists.LENGTH_FREE | ROW_LENGTHS
+            and all(e.free_symbols <= decode_lists.LENGTH_FREE for e in rest))
 
 
 @dataclasses.dataclass
@@ -147,7 +160,8 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
     plan = tile_plan.Plan.build(pat, bound, sched)
     shape = ScheduleShape.of(sched)
     interpret = q.device.type != "cuda" and not runner.native
-    source = generate_source(pat, bound, shape, config)
+    row_lengths = names_row_length(pat)  # the mask's length is each row's, read by the kernel
+    source = generate_source(pat, bound, shape, config, row_lengths=row_lengths)
     module = load(source, interpret)
     _, extra, checks = blocks.launch_extras(runner, bound, plan, q.device)
     launch = KL.Launch(
@@ -168,7 +182,8 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
     made = runner.block_plans[key] = PagedTemplate(
         launch,
         source,
-        E.substitute(pat.mask, bound),
+        S.substitute(pat.mask, {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
+        if row_lengths else E.substitute(pat.mask, bound),
         head_classes(pat, bound),
         group,
         tile,
@@ -220,6 +235,9 @@ def range_lists(t: PagedTemplate, device) -> dict:
     f64 = torch.float64
     env = {S.Q: Num(q_lo.to(f64).view(-1, 1, 1), q_hi.to(f64).view(-1, 1, 1)),
            S.K: Num(k_lo.to(f64).view(1, 1, -1), k_hi.to(f64).view(1, 1, -1))}
+    # a mask naming the length reads each row's: more than the range's first position, at most the capacity
+    env.update(dict.fromkeys(ROW_LENGTHS, Num((q_lo + 1).to(f64).view(-1, 1, 1), torch.full_like(q_lo, t.capacity,
+                                                                                             dtype=f64).view(-1, 1, 1))))
     if t.classes > 1:  # the mask reads the head: the class is the head
         env[S.H] = torch.arange(t.classes, device=device).view(1, -1, 1)
     elif t.launch.bound.heads == 1:
