@@ -38,7 +38,21 @@ ONE_LAUNCH = {
     # masks naming the length: each row's own, read by the kernel
     "neighborhood_1d": {"kernel_size": 5, "stride": 2},
     "moa": {"alpha": [-6, 9, 3, 20], "beta": [0.5, 0.1, 0.0, 0.2], "max_new_tokens": 4, "block": 4, "minimum": 8},
+    # masks reading inputs the caller gives: read by the kernel at each row's positions
+    "document": {},
+    "longformer": {"window": 4},
 }
+
+#: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
+INPUTS = {
+    "document": lambda rows, cap: {"doc": torch.stack([torch.arange(cap) // (5 + r) for r in range(rows)])},
+    "longformer": lambda rows, cap: {"is_global": (torch.arange(cap) % 7 == 3).long()},  # one for every row
+}
+
+
+def row_inputs(given: dict, b: int, length: int) -> dict:
+    """Row ``b``'s inputs over its ``length`` keys (an input without a batch dimension is every row's)."""
+    return {name: (t[b:b + 1] if t.dim() == 2 else t)[..., :length] for name, t in given.items()}
 
 
 def pool(lengths, page, seed=0):
@@ -91,12 +105,14 @@ def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeyp
     k, v, table, seqlens, rows = pool(lengths, 8)
     cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(1))
+    given = INPUTS.get(name, lambda rows, cap: {})(len(lengths), table.shape[1] * 8)
     launched = count_launches(monkeypatch)
-    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
     assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
     for b, (kb, vb) in enumerate(rows):
         lo, hi = int(cu[b]), int(cu[b + 1])
-        want = reference_row(name, params, q[:, :, lo:hi], kb, vb)
+        ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b]))
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
@@ -156,6 +172,53 @@ def test_windows_at_each_rows_own_length_equal_the_reference(kernel, dilation, s
         lo, hi = int(cu[b]), int(cu[b + 1])
         want = reference_row("neighborhood_1d", params, q[:, :, lo:hi], kb, vb)
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=5, deadline=None)
+@given(lengths=st.lists(st.integers(1, 37), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       batched=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_inputs_are_read_at_each_rows_positions(lengths, page, batched, seed, data):
+    """Random document ids (a batch entry per row, or one shared by every row) in one paged launch of rows of
+    their own lengths and query counts: each row equals the float64 reference given its own ids over its keys."""
+    counts = [data.draw(st.integers(1, n)) for n in lengths]
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    cap = table.shape[1] * page
+    g = torch.Generator().manual_seed(seed)
+    doc = torch.randint(0, 3, (len(lengths), cap) if batched else (cap,), generator=g).cumsum(-1)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=g)
+    attn = attnc.compile_attention("stdlib:document", backend="triton")
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", doc=doc)
+    ref = attnc.compile_attention("stdlib:document", backend="reference")
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs({"doc": doc}, b, lengths[b]))
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_a_call_with_inputs_reads_nothing_on_the_host():
+    """A paged call of a pattern whose mask reads an input, at its second batch shape's call and at new lengths:
+    nothing read on the host (the input's shape is checked against the table's capacity, never the lengths)."""
+    attn = attnc.compile_attention("stdlib:longformer", backend="triton", window=4)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    is_global = (torch.arange(table.shape[1] * 8) % 5 == 0).long().expand(3, -1).contiguous()
+    q = torch.randn(3, HQ, 1, D)
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", is_global=is_global)
+    for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
+        with HostReads() as reads:
+            attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", is_global=is_global)
+        assert reads.total == 0, dict(reads.seen)
+
+
+def test_an_input_of_the_wrong_type_is_refused_by_name():
+    """A float tensor for document's int ids: not read by the one launch (it would truncate them), refused by name
+    by the ordinary path."""
+    k, v, table, seqlens, _ = pool([12, 30], 8)
+    attn = attnc.compile_attention("stdlib:document", backend="triton")
+    doc = torch.zeros(2, table.shape[1] * 8)
+    with pytest.raises(SpecError, match="input 'doc' is int") as err:
+        attn(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", doc=doc)
+    assert "argument doc" in str(err.value)
 
 
 def test_a_row_shorter_than_the_window_is_refused_by_name():
@@ -269,12 +332,14 @@ def test_bad_values_are_refused_by_name(bad, where):
 
 
 @pytest.mark.parametrize("name, params, inputs", [
-    ("document", {}, lambda cap: {"doc": (torch.arange(cap) // 9).expand(3, cap).contiguous()}),
+    # an input over the longest row's keys but not the table's capacity: the one launch does not take it
+    ("document", {}, lambda cap: {"doc": (torch.arange(30) // 9).expand(3, 30).contiguous()}),
     ("moba", {"block": 4, "topk": 2}, lambda cap: {}),
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
-    """Patterns the paged forward does not serve (call-time inputs, a route) take
-    ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count, each the reference's."""
+    """Calls the paged forward does not serve (a route; an input shorter than the table's capacity, which the
+    kernel would read past) take ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count,
+    each the reference's."""
     lengths = [9, 30, 14]
     k, v, table, seqlens, rows = pool(lengths, 4, seed=2)
     cu = torch.tensor([0, 1, 5, 5], dtype=torch.int32)  # query counts 1, 4 and 0

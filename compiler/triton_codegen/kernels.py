@@ -293,10 +293,12 @@ class KernelBodies:
         return self.block and self.pat.route is None and self.pat.decay is None
 
     def paged_forward_applies(self) -> bool:
-        """Whether the module has ``attnc_fwd_paged``: the grouped forward's patterns, on sequences, with no call-time
-        input (a paged batch's rows are cut from nothing: every size the kernel reads is a row's own)."""
-        return (self.grouped_forward_applies() and not self.pat.inputs and self.pat.queries.kind == "seq"
-                and self.pat.keys.kind == "seq" and not self.pat.queries.segments and not self.pat.keys.segments)
+        """Whether the module has ``attnc_fwd_paged``: the grouped forward's patterns, on sequences, whose inputs the
+        caller gives (none made per call from q and k) and whose bias reads none at an index it must check (a paged
+        row reads its inputs at its own positions, its batch entry)."""
+        return (self.grouped_forward_applies() and not any(decl.derived for decl in self.pat.inputs)
+                and not self.checks and self.pat.queries.kind == "seq" and self.pat.keys.kind == "seq"
+                and not self.pat.queries.segments and not self.pat.keys.segments)
 
     def _forward_grouped(self, paged: bool = False) -> str:
         """The forward of a few query rows with K/V heads shared (``attnc_fwd_grouped``): one program per (Q tile,

@@ -557,8 +557,9 @@ def run(
     refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
     if rows is not None:
         rows = varlen_rows.check(rows, q, block_table)
-    if one_launch is not None and one_launch_applies(runner, q, k_cache, v_cache, inputs, initial_state,
-                                                     return_state, sizes):
+    given = one_launch_inputs(pat, inputs, block_table, k_cache) if inputs else {}
+    if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
+                                                                           initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
         appended = 0 if k_new is None else k_new.shape[2]
         if k_new is not None:  # flash_attn_with_kvcache's k=, v=: checked, then written before attending, in place
@@ -568,11 +569,12 @@ def run(
         seqlens = cache_seqlens + appended if appended else cache_seqlens
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
         launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1]))
+        extra = {"inputs": given} if given else {}  # (not under torch.compile: one_launch_applies)
         if torch.compiler.is_compiling():  # the op asserts the rows' values on the device, in the graph
             out, lse = one_launch(*launched)
         else:
             try:  # the runner checks the values on the device (its kernel's row check, then one assert)
-                out, lse = one_launch(*launched)
+                out, lse = one_launch(*launched, **extra)
             except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
                 if PAGED_VALUES_FAILED not in str(err):
                     raise
@@ -601,12 +603,43 @@ def block_table_rows(block_table, q, rows) -> int:
 
 def one_launch_applies(runner, q, k_cache, v_cache, inputs: dict, initial_state, return_state, sizes) -> bool:
     """Whether the runner serves this paged call in one launch (its ``pages_in_one_launch``: the Triton runner's
-    paged forward, ``backends.triton.paged``): a call with no call-time input, state or sizes, and a batch that is
-    not empty (the ordinary path gives its empty results)."""
+    paged forward, ``backends.triton.paged``): a call with no state or sizes, call-time inputs only outside
+    ``torch.compile`` (its op takes none), and a batch that is not empty (the ordinary path gives its empty
+    results)."""
     serves = getattr(runner, "pages_in_one_launch", None)
-    if serves is None or inputs or initial_state is not None or return_state or sizes or 0 in q.shape[:3]:
+    if serves is None or initial_state is not None or return_state or sizes or 0 in q.shape[:3]:
+        return False
+    if inputs and torch.compiler.is_compiling():
         return False
     return serves(q, k_cache, v_cache)
+
+
+def one_launch_inputs(pat, inputs: dict, block_table, k_cache) -> dict | None:
+    """A paged call's call-time inputs as the one-launch kernel reads them, or None where it does not: each of the
+    pattern's inputs a tensor of its rank (a leading batch dimension of the table's rows, or none: one for every
+    row), over the tokens alone, of the declared type, every token dimension of the table's capacity at least
+    (read at each row's positions, never a host read of the lengths), no other name. The ordinary path (``by_length``) takes what is not so, and names what is wrong."""
+    if not isinstance(pat, ir.PatternIR) or set(inputs) != {decl.name for decl in pat.inputs}:
+        return None
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
+        return None
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    out = {}
+    for decl in pat.inputs:
+        t = inputs[decl.name]
+        if type(t) is not torch.Tensor or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
+            return None
+        if set(decl.dim_names) != {"n"} or (t.dtype.is_floating_point != (decl.dtype == "float")):
+            return None  # over the tokens alone, of its type (the ordinary path names a bool, a float int, ...)
+        if t.dtype == torch.bool or t.dtype.is_complex:
+            return None
+        lead = t.dim() - len(decl.dims)
+        if (lead and t.shape[0] != block_table.shape[0]) or t.device != k_cache.device:
+            return None
+        if any(t.shape[lead + d] < capacity for d in decl.token_dims):
+            return None
+        out[decl.name] = t
+    return out
 
 
 def check_index_shapes(q, k_cache, block_table, cache_seqlens, rows) -> None:

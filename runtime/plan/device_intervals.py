@@ -14,7 +14,16 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ...compiler.intervals import EXACT, INF, WRAP, F, IntervalEvaluator, Num, WindowBounds, window_envelope
+from ...compiler.intervals import (
+    EXACT,
+    INF,
+    WRAP,
+    F,
+    IntervalEvaluator,
+    Num,
+    WindowBounds,
+    window_envelope,
+)
 
 
 def int_bounds(lo: torch.Tensor, hi: torch.Tensor) -> Num:
@@ -69,8 +78,12 @@ class DeviceIntervals(IntervalEvaluator):
     the boxes; ``windows``: a cache of window bounds per device, kept by the caller across calls; ``tables``: the
     range tables of these inputs, shared by the evaluators of one call."""
 
-    def __init__(self, env: dict, inputs: dict[str, torch.Tensor], box: set, windows: dict, tables: dict):
+    def __init__(self, env: dict, inputs: dict[str, torch.Tensor], box: set, windows: dict, tables: dict,
+                 unknown: dict[str, str] | None = None):
         super().__init__(env, inputs)
+        #: inputs whose values are not given (name -> "int" | "float"): any value (a paged template's lists, made
+        #: once for every call, whatever the call's inputs hold)
+        self.unknown = unknown or {}
         self.box = box
         self.windows = windows
         self.tables = tables  # range tables per (input, dimension): one call's, shared by its evaluators
@@ -97,6 +110,10 @@ class DeviceIntervals(IntervalEvaluator):
         return lo.clamp(0, size - 1).to(torch.int64)
 
     def _input(self, name: str, args) -> Num:
+        if name in self.unknown:  # any value: a number of its type, NaN too where it is a float
+            if self.unknown[name] == "int":
+                return Num(torch.tensor(-WRAP, dtype=F), torch.tensor(WRAP, dtype=F))
+            return Num(torch.tensor(-INF, dtype=F), torch.tensor(INF, dtype=F), True, torch.float32)
         raw = self.inputs[name]
         values = raw.to(F)
         device, sizes = raw.device, raw.shape[1:]

@@ -318,7 +318,8 @@ def _device_input(launch: Launch, decl, device) -> torch.Tensor:
         # spilled vertical-slash's sm_90 d128 dQ on Triton 3.9); a caller's ints may be any int64
         t = (t.to(torch.int32 if decl.derived else torch.int64) if decl.dtype == "int"
              else t.detach().to(torch.float32))
-        launch.extra[key] = t.contiguous().to(device)
+        t = t.contiguous()
+        launch.extra[key] = t if t.device == torch.device(device) else t.to(device)
     return launch.extra[key]
 
 

@@ -20,8 +20,11 @@ the head, the group's lists (FULL where FULL for every head of it) serve its pac
 ``MAX_RANGES`` (the lists' memory: ranges x 2 x classes x their widths, int32).
 
 It serves the self-attention patterns whose module has ``attnc_fwd_paged`` (``KernelSource.paged_forward_applies``:
-no route, no FoX gates, no call-time input, a sequence) and whose mask, bias and softcap name no size that grows
-with the cache (``decode_lists.applies``): ``applies``. Forward only.
+no route, no FoX gates, a sequence, no input made per call) and whose terms the template's lists serve at any length
+(``_terms_served``): a mask that names positions, the head, the row's length (read by the kernel as the row's key
+count) and inputs the caller gives (read by the kernel at each call at the row's positions, its batch entry; the
+lists take any value for them, so their tiles are PARTIAL where the positions allow a pair); a bias and softcap that
+name no growing size and read no input: ``applies``. Forward only.
 """
 
 from __future__ import annotations
@@ -63,25 +66,31 @@ def applies(pat) -> bool:
         and pat.self_attention
         and pat.route is None
         and pat.decay is None
-        and not pat.inputs
         and pat.queries.kind == "seq"
         and pat.keys.kind == "seq"
         and not pat.queries.segments
         and not pat.keys.segments
-        and (decode_lists.applies(pat) or names_row_length(pat))
+        and _terms_served(pat)
     )
+
+
+def _terms_served(pat) -> bool:
+    """Whether a paged template's module and lists, made once, serve every call of ``pat``: a mask naming positions,
+    the head, the template's sizes, the row's length (``names_row_length``) and inputs the caller gives (read by the
+    kernel at each call, any value to the lists); a bias and softcap naming no growing size and no input."""
+    if any(decl.derived is not None for decl in pat.inputs):
+        return False  # made from q and k at each call (cluster ids, vertical-slash flags, relative tables)
+    for e in (pat.bias, pat.softcap):
+        if isinstance(e, sympy.Basic) and (E.input_names(e) or not e.free_symbols <= decode_lists.LENGTH_FREE):
+            return False
+    return getattr(pat.mask, "free_symbols", set()) <= decode_lists.LENGTH_FREE | ROW_LENGTHS
 
 
 def names_row_length(pat) -> bool:
     """Whether ``pat``'s mask names the sequence's length (NATTEN's windows, shifted inward at its end; MoA's spans
-    that grow with it), and otherwise only what a paged template is kept for, its bias and softcap no size that grows:
-    the template's module reads it as each row's key count (``KernelSource.row_lengths``), its lists hold for any."""
-    if E.input_names(pat.mask) or not isinstance(pat.mask, sympy.Basic):
-        return False
-    named = pat.mask.free_symbols
-    rest = [e for e in (pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
-    return (bool(named & ROW_LENGTHS) and named <= decode_lists.LENGTH_FREE | ROW_LENGTHS
-            and all(e.free_symbols <= decode_lists.LENGTH_FREE for e in rest))
+    that grow with it): the template's module reads it as each row's key count (``KernelSource.row_lengths``), its
+    lists hold for any."""
+    return bool(getattr(pat.mask, "free_symbols", set()) & ROW_LENGTHS)
 
 
 @dataclasses.dataclass
@@ -242,7 +251,8 @@ def range_lists(t: PagedTemplate, device) -> dict:
         env[S.H] = torch.arange(t.classes, device=device).view(1, -1, 1)
     elif t.launch.bound.heads == 1:
         env[S.H] = 0
-    result = DeviceIntervals(env, {}, {S.Q, S.K}, t.windows, {}).boolean(t.mask)
+    unknown = {decl.name: decl.dtype for decl in t.launch.pattern.inputs}  # read by the kernel, any value here
+    result = DeviceIntervals(env, {}, {S.Q, S.K}, t.windows, {}, unknown).boolean(t.mask)
     shape = (ranges, t.classes, nkv)
     listed = torch.zeros(shape, dtype=torch.bool, device=device) | result.t
     full = ~(torch.zeros(shape, dtype=torch.bool, device=device) | result.f)
@@ -292,6 +302,7 @@ def forward(
     q_count: torch.Tensor | None,
     max_q: int,
     scale: float,
+    inputs: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of a paged batch: q ``[B, Hq, n, D]`` (each row's n queries at its batch entry: ``q_start``
     and ``q_count`` None) or ``[1, Hq, total, D]`` (row b's ``q_count[b]`` queries from row ``q_start[b]``, at
@@ -299,8 +310,11 @@ def forward(
     slots of its pages ``block_table[b]``. out ``[B | 1, Hq, rows, Dv]`` in q's dtype, lse fp32. The arguments'
     types and shapes are checked by the caller (``frontends.paged``), their values by the kernel: a row that breaks
     a rule fails the device assert that follows the launch (``PAGED_VALUES_FAILED``; on the CPU at once). ``load`` as
-    ``template``'s."""
-    out, lse, flags = _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q, scale)
+    ``template``'s. ``inputs``: the pattern's inputs, checked by the caller (``frontends.paged.one_launch_inputs``):
+    a token dimension of the table's capacity at least, indexed by each row's positions, a leading batch dimension
+    of the table's rows where they have one."""
+    out, lse, flags = _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q, scale,
+                              inputs)
     torch._assert_async(flags.min(), PAGED_VALUES_FAILED)  # 0 where a row broke a rule
     return out, lse
 
@@ -342,7 +356,8 @@ def bind(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_cou
     return replay
 
 
-def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float):
+def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int, scale: float,
+            inputs: dict | None = None):
     """``forward``'s launches: ``(out, lse, flags)``, ``flags`` the rows' check flags (int32 ``[B]``, 1 where the
     row's values keep the rules) that the kernel writes."""
     batch, heads, rows, head_dim = q.shape
@@ -359,6 +374,10 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     if launch is None:  # the template's launch with its lists on this device, once
         launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
+    if launch.pattern.inputs:  # this call's inputs (their device copies made per call, not kept)
+        launch = dataclasses.replace(launch, tensors=inputs, batched=frozenset(
+            decl.name for decl in launch.pattern.inputs if inputs[decl.name].dim() == len(decl.dims) + 1),
+            extra={key: value for key, value in launch.extra.items() if not key.startswith("in:")})
     rows_b = block_table.shape[0]
     splits = _splits(t, rows_b, kv_heads, KL.sms_of(device))
     out = torch.empty(batch, heads, rows, dv, dtype=q.dtype, device=device)

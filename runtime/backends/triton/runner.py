@@ -413,10 +413,10 @@ class TritonRunner(Registered):
                 and q.shape[1] % k_cache.shape[2] == 0)
 
     def paged_forward(self, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int,
-                      scale: float):
+                      scale: float, inputs: dict | None = None):
         """``(out, lse)`` of a paged batch in one launch (``triton.paged.forward``)."""
         return paged.forward(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
-                             scale)
+                             scale, inputs)
 
     def cache_as_pages(self, q, k, v):
         """``(k_pool, v_pool, block_table, seqlens)``: the paged call of ``attnc_fwd_paged`` that reads q after the
