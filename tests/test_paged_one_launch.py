@@ -41,6 +41,9 @@ ONE_LAUNCH = {
     # masks reading inputs the caller gives: read by the kernel at each row's positions
     "document": {},
     "longformer": {"window": 4},
+    # block routes scored from their keys' summaries: each row's selection made on the device, its own lists
+    "moba": {"block": 4, "topk": 2},
+    "quest": {"token_budget": 12, "page": 4},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -196,6 +199,67 @@ def test_inputs_are_read_at_each_rows_positions(lengths, page, batched, seed, da
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 45), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       route=st.sampled_from(["moba", "quest"]), block=st.sampled_from([2, 5, 8]), topk=st.integers(1, 4),
+       packed=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
+def test_routed_rows_choose_their_own_blocks(lengths, page, route, block, topk, packed, seed, data):
+    """MoBA and Quest over rows of their own lengths (Quest's K grows with each row's), pages that do and do not
+    divide the route's blocks, one query per row or ``cu_seqlens_q`` rows of their own counts, GQA: one launch of
+    ``attnc_fwd_paged`` (the summaries and the split merge besides), each row equal to the float64 reference over
+    its own keys (its selection made from its own keys' summaries)."""
+    params = ({"block": block, "topk": topk} if route == "moba"
+              else {"page": block, "token_budget": block * topk})
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
+    ref = attnc.compile_attention(f"stdlib:{route}", backend="reference", **params)
+    assert triton_paged.applies(attn.pattern)
+    if packed:
+        counts = [data.draw(st.integers(0, n)) for n in lengths]
+        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+        spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
+    else:
+        q = torch.randn(len(lengths), HQ, 1, D, generator=g)
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+        spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
+    for (kb, vb), (bs, qs) in zip(rows, spans, strict=True):
+        if q[bs, :, qs].shape[2] == 0:
+            continue
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double())
+        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_a_routed_call_reads_nothing_and_is_never_replayed(monkeypatch):
+    """A routed paged call at its batch shape's later calls reads nothing on the host (the summaries, scores,
+    choice and lists made by device ops), and is never bound for replay (its selection is made per call): each call
+    at new lengths is the reference's."""
+    attn = attnc.compile_attention("stdlib:moba", backend="triton", block=4, topk=2)
+    ref = attnc.compile_attention("stdlib:moba", backend="reference", block=4, topk=2)
+    k, v, table, seqlens, rows = pool([12, 30, 7], 8)
+    q = torch.randn(3, HQ, 1, D, generator=torch.Generator().manual_seed(3))
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")  # the batch shape's first call plans
+    for lengths in (seqlens, seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
+        with HostReads() as reads:
+            out = attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd")
+        assert reads.total == 0, dict(reads.seen)
+        for b, (kb, vb) in enumerate(rows):
+            n = int(lengths[b])
+            full_k, full_v = pool_row(k, table, b, n), pool_row(v, table, b, n)
+            torch.testing.assert_close(out[b:b + 1], ref(q[b:b + 1].double(), full_k.double(),
+                                                         full_v.double()).float(), rtol=2e-5, atol=2e-5)
+    assert attn._warm is None  # a routed module keeps no bound launch to replay
+
+
+def pool_row(cache, table, b: int, n: int) -> torch.Tensor:
+    """Row ``b``'s first ``n`` keys of a pool ``[pages, page, Hkv, D]`` through its table: ``[1, Hkv, n, D]``."""
+    page = cache.shape[1]
+    ids = table[b, : -(-n // page)].long()
+    return cache[ids].reshape(-1, *cache.shape[2:])[:n].transpose(0, 1).unsqueeze(0)
+
+
 def test_a_call_with_inputs_reads_nothing_on_the_host():
     """A paged call of a pattern whose mask reads an input, at its second batch shape's call and at new lengths:
     nothing read on the host (the input's shape is checked against the table's capacity, never the lengths)."""
@@ -334,7 +398,7 @@ def test_bad_values_are_refused_by_name(bad, where):
 @pytest.mark.parametrize("name, params, inputs", [
     # an input over the longest row's keys but not the table's capacity: the one launch does not take it
     ("document", {}, lambda cap: {"doc": (torch.arange(30) // 9).expand(3, 30).contiguous()}),
-    ("moba", {"block": 4, "topk": 2}, lambda cap: {}),
+    ("token_topk", {"topk": 3}, lambda cap: {}),  # a route by single keys' scores
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
     """Calls the paged forward does not serve (a route; an input shorter than the table's capacity, which the

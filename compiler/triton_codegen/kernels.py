@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 
+import sympy
+
 from ...core import ir
 from . import paged_lines
 from .exprs import LN2, LOG2E
@@ -296,9 +298,21 @@ class KernelBodies:
         """Whether the module has ``attnc_fwd_paged``: the grouped forward's patterns, on sequences, whose inputs the
         caller gives (none made per call from q and k) and whose bias reads none at an index it must check (a paged
         row reads its inputs at its own positions, its batch entry)."""
-        return (self.grouped_forward_applies() and not any(decl.derived for decl in self.pat.inputs)
+        return (self.block and self.pat.decay is None and (self.pat.route is None or self.paged_route() is not None)
+                and not any(decl.derived for decl in self.pat.inputs)
                 and not self.checks and self.pat.queries.kind == "seq" and self.pat.keys.kind == "seq"
                 and not self.pat.queries.segments and not self.pat.keys.segments)
+
+    def paged_route(self) -> int | None:
+        """The key block of a route ``attnc_fwd_paged`` serves, or None: top-k blocks of one size on the sequence,
+        scored from their keys' summaries (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection
+        per query head; the paged kernel reads each row's selection (``SEL``) and its own lists."""
+        route = self.pat.route
+        if (route is None or route.topk is None or route.tokens or route.scores is not None or route.given
+                or route.shared or route.score not in ("token", "bound") or len(route.block) != 1):
+            return None
+        size = sympy.sympify(route.block[0]).subs(self.bound.subs)
+        return int(size) if isinstance(size, sympy.Integer) else None
 
     def _forward_grouped(self, paged: bool = False) -> str:
         """The forward of a few query rows with K/V heads shared (``attnc_fwd_grouped``): one program per (Q tile,
@@ -319,7 +333,8 @@ class KernelBodies:
         params = self._grouped_params(paged, in_exp)
         if paged:
             least = ir.least_length(self.pat, self.bound.subs) if self.row_lengths else 1
-            row_setup = paged_lines.row_setup(tile, self.shape.kv_tile[0], self.pat.self_attention, least)
+            routed = self.pat.route is not None
+            row_setup = paged_lines.row_setup(tile, self.shape.kv_tile[0], self.pat.self_attention, least, routed)
             q_rows, bases, kv_loads = "(q_first + q_row)", paged_lines.BASES, paged_lines.KV_LOADS
         else:
             row_setup, q_rows = [], "q_row"
@@ -352,6 +367,7 @@ class KernelBodies:
             f"q_at = batch.to(tl.int64) * sq_b + h_row.to(tl.int64) * sq_h + {q_rows} * sq_n",
             *bases,
             "q = tl.load(Q + q_at[:, None] + d[None, :], mask=q_ok[:, None] & (d[None, :] < D), other=0.0)",
+            *(paged_lines.route_setup(q_rows) if paged and self.pat.route is not None else []),
             f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
         if in_exp:
@@ -378,7 +394,7 @@ class KernelBodies:
             body += nested([*list_tile(kind, "kt", "the KV tile, read once for the whole group"),
                             *self._tiles("k", "kt", edge=not masked), *kv_loads,
                             "qk = _dot(q, tl.trans(kk), DOT)",
-                            *self._terms(masked, grad=False),
+                            *self._terms(masked, grad=False, paged=paged),
                             *update])
         body += self._grouped_epilogue(q_rows)
         if paged:

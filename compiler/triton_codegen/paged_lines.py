@@ -24,12 +24,26 @@ def runtime_params(common: list[Param]) -> list[Param]:
     return [p for p in common if p.name not in GIVEN_SIZES] + PAGED_RUNTIME
 
 
-def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1) -> list[str]:
+def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1, routed: bool = False
+              ) -> list[str]:
     """A program's row: its sizes read on the device (clamped, so a bad table or length never reads out of bounds)
     and whether they keep the rules (``row_fine``, ``row_check``), and the lists of its Q tile's positions
     (``lrow``), cut at ``kv_limit`` KV tiles. ``least_keys``: the fewest keys a row holds (its mask's windows fit
-    its length: ``ir.least_length``)."""
+    its length: ``ir.least_length``). ``routed``: the lists are the row's own, per K/V head (its queries'
+    selection's: ``runtime.backends.triton.paged_routes``), not its positions' range's."""
     least = f"tl.maximum(raw_q, {least_keys})" if self_attention else str(least_keys)
+    if routed:
+        lists = ["# the row's own lists for this K/V head: the KV tiles its queries' selection reaches",
+                 "q_any = qt * %d < Q_EXT" % tile,
+                 "lrow = batch * cls_b + kvh * cls_h"]
+    else:
+        lists = [
+            "# the lists of the Q tile's positions: of the range of RANGE positions they fall in, or of the pair",
+            "# of ranges they span (after the RANGES single ones), for this class",
+            f"q_any = qt * {tile} < Q_EXT",
+            f"r_lo = tl.minimum((Q_OFF + qt * {tile}) // RANGE, RANGES - 1)",
+            f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
+            "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h"]
     return [
         "# this row's sizes, read on the device (clamped: a bad table or length never reads out of bounds)",
         "raw_k = tl.load(SEQ + batch)",
@@ -43,12 +57,7 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1
         ("Q_OFF = K_EXT - Q_EXT  # its queries are the last Q_EXT of its keys" if self_attention
          else "Q_OFF = 0  # cross-attention: the queries keep their own positions"),
         "K_OFF = 0",
-        "# the lists of the Q tile's positions: of the range of RANGE positions they fall in, or of the pair",
-        "# of ranges they span (after the RANGES single ones), for this class",
-        f"q_any = qt * {tile} < Q_EXT",
-        f"r_lo = tl.minimum((Q_OFF + qt * {tile}) // RANGE, RANGES - 1)",
-        f"r_hi = tl.minimum((Q_OFF + tl.minimum(qt * {tile} + {tile}, Q_EXT) - 1) // RANGE, RANGES - 1)",
-        "lrow = tl.where(r_hi > r_lo, RANGES + r_lo, r_lo) * cls_b + kvh * cls_h",
+        *lists,
         f"kv_limit = (K_EXT + {kv_tile - 1}) // {kv_tile}  # the row's KV tiles"]
 
 
@@ -113,4 +122,64 @@ def _entries_below(base, n, limit, STEPS: tl.constexpr):
         lo = tl.where(below, mid + 1, lo)
         hi = tl.where(below, hi, mid)
     return lo
+'''
+
+
+def route_lines(block: int) -> list[str]:
+    """A PARTIAL tile's selection in ``attnc_fwd_paged`` (a routed pattern): each packed row reads, per key, the word
+    of its query's selection (``SEL``: ``[rows' batch, query heads, queries, words]`` bits of the route's blocks of
+    ``block`` keys, at ``sel_at``, made by ``route_setup``) holding the key's block, and keeps the keys of the blocks
+    it selected."""
+    return ["# routing: only the key blocks each row's query selected (the word of each key's block)",
+            f"kb = k_tok // {block}  # the route's block of each key",
+            "word = tl.load(SEL + sel_at[:, None] + kb[None, :] // 32, mask=q_ok[:, None] & k_ok[None, :], other=0)",
+            "allowed = allowed & (((word >> (kb[None, :] % 32)) & 1) != 0)"]
+
+
+def route_setup(q_rows: str) -> list[str]:
+    """Where each packed row's selection starts in ``SEL`` (its batch entry, its own head, its query row)."""
+    return [f"sel_at = batch.to(tl.int64) * sel_b + h_row.to(tl.int64) * sel_h + {q_rows}.to(tl.int64) * sel_n"]
+
+
+#: Block summaries of a paged pool for a block route's scores (module text, emitted with ``attnc_fwd_paged`` where
+#: the pattern routes): per (row, K/V head, block of ``BLOCK`` keys) the mean of its cached keys (MoBA's
+#: ``q @ mean(k)``) or their per-dimension maximum and minimum (Quest's ``q @ bound(k)``), each key read once
+#: through the row's block table. ``runtime.backends.triton.paged_routes`` launches it.
+SUMMARY_KERNEL = '''
+
+@triton.jit
+def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, OUT, so_s, so_b, so_h, so_j, NUM_PAGES, MAX_KEYS,
+                        KV_HEADS, D, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BOUND: tl.constexpr):
+    """One program per (route block, row x K/V head): the block's summary over the row's cached keys in it (an
+    empty block, past the row's keys, gets zeros: it is no candidate)."""
+    j = tl.program_id(0)
+    row = tl.program_id(1) // KV_HEADS
+    kvh = tl.program_id(1) % KV_HEADS
+    keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
+    d = tl.arange(0, BLOCK_D)
+    c = tl.arange(0, CHUNK)
+    total = tl.zeros([BLOCK_D], tl.float32)
+    high = tl.full([BLOCK_D], float("-inf"), tl.float32)
+    low = tl.full([BLOCK_D], float("inf"), tl.float32)
+    count = j * 0  # an int32 tensor: carried by the loop
+    for c0 in range(0, BLOCK, CHUNK):
+        pos = j * BLOCK + c0 + c
+        ok = (c0 + c < BLOCK) & (pos < keys)
+        page = tl.load(BT + row.to(tl.int64) * sbt_b + pos // PAGE, mask=ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)
+        at = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_n + kvh.to(tl.int64) * sk_h
+        kk = tl.load(K + at[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+        if BOUND:
+            high = tl.maximum(high, tl.reduce(tl.where(ok[:, None], kk, float("-inf")), 0, _maximum))
+            low = -tl.maximum(-low, tl.reduce(tl.where(ok[:, None], -kk, float("-inf")), 0, _maximum))
+        else:
+            total += tl.reduce(kk, 0, _add)
+        count += tl.reduce(ok.to(tl.int32), 0, _add)
+    out = OUT + row.to(tl.int64) * so_b + kvh.to(tl.int64) * so_h + j.to(tl.int64) * so_j
+    if BOUND:
+        tl.store(out + d, tl.where(count > 0, high, 0.0), mask=d < D)
+        tl.store(out + so_s + d, tl.where(count > 0, low, 0.0), mask=d < D)
+    else:
+        tl.store(out + d, total / tl.maximum(count, 1).to(tl.float32), mask=d < D)
 '''

@@ -7,6 +7,7 @@ per-head and per-query constants those terms read.
 from __future__ import annotations
 
 from ..route_blocks import WORD_BITS
+from . import paged_lines
 from .exprs import INT32_MAX, LN2, LOG2E
 from .tiles import block_size, edge_padded
 
@@ -80,7 +81,7 @@ class ScoreLines:
         return (block_size(s.kv_slots) != s.kv_slots or self.block  # a block's keys: any length
                 or any(L % t for L, t in zip(s.kv_extents, s.kv_tile, strict=True)))
 
-    def _terms(self, masked: bool, grad: bool, tr: bool = False) -> list[str]:
+    def _terms(self, masked: bool, grad: bool, tr: bool = False, paged: bool = False) -> list[str]:
         """The scores ``s`` from ``qk`` (q.k), in log2 units (times log2(e): the softmax takes exp2):
         scale, softcap, bias, decay; then the mask (PARTIAL tiles). ``tr``: the transposed tile of the
         dK/dV kernel (keys down the rows). With checked bias indices the attended pairs are computed
@@ -95,8 +96,8 @@ class ScoreLines:
             row_keys = ", K_EXT" if self.row_lengths else ""  # a mask naming the length reads the row's keys
             mask_lines += ["# PARTIAL tile: the pattern's mask",
                            f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)}{row_keys})"]
-            if p.route is not None:
-                mask_lines += self._route_query_lines(tr)
+            if p.route is not None:  # (``paged``: attnc_fwd_paged's selection, each packed row its own)
+                mask_lines += paged_lines.route_lines(self.paged_route()) if paged else self._route_query_lines(tr)
         if self.checks:
             lines += mask_lines
             lines.append(f"pairs = allowed & q_ok{qx}  # the attended pairs" if masked else

@@ -53,7 +53,7 @@ from .exprs import (
 )
 from .helpers import DOT_HELPERS, HELPERS, helper_sources
 from .kernels import KernelBodies, indent
-from .paged_lines import ENTRIES_BELOW
+from .paged_lines import ENTRIES_BELOW, SUMMARY_KERNEL
 from .scores import ScoreLines
 from .tiles import (
     ScheduleShape,
@@ -226,6 +226,8 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
             parts.append(self._forward_grouped())
         if self.paged_forward_applies():
             parts += [ENTRIES_BELOW, self._forward_grouped(paged=True)]
+            if self.pat.route is not None:  # the block summaries its selection scores
+                parts.append(SUMMARY_KERNEL)
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"
 
@@ -253,6 +255,8 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
             *(["attnc_fwd_paged  the grouped forward over a paged KV cache, each row of the batch its own key and",
                "                 query counts (read on the device): one launch for a mixed batch"]
               if self.paged_forward_applies() else []),
+            *(["attnc_paged_summary  a block route's key summaries (means or bounds) over a paged KV cache"]
+              if self.paged_forward_applies() and self.pat.route is not None else []),
             "attnc_fwd_combine  split-KV: the splits' partials merged by log-sum-exp",
             "attnc_bwd_delta  the backward's row term rowsum(dO * O) - dlse, in token order",
             "attnc_bwd_dq     dQ (and per-query sums of dS) over the same lists",

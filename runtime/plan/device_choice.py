@@ -28,20 +28,23 @@ def order_keys(score: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return torch.where(candidates, keys, info.min)
 
 
-def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None, topk: int) -> torch.Tensor:
+def choose(score: torch.Tensor, allowed: torch.Tensor, keep: torch.Tensor | None,
+           topk: int | torch.Tensor) -> torch.Tensor:
     """``routing.choose`` (the same selection, bit for bit) with no host read: never a block with no allowed
-    key; ``keep`` blocks always (counted in ``topk``); the rest by highest score, ties to the lower index."""
+    key; ``keep`` blocks always (counted in ``topk``); the rest by highest score, ties to the lower index.
+    ``topk``: one K, or each row's (an int64 tensor broadcastable to ``score``'s shape but its last dimension, 1)."""
     nblocks = score.shape[-1]
     shape = torch.broadcast_shapes(score.shape, allowed.shape, *(() if keep is None else (keep.shape,)))
     score, allowed = score.expand(shape), allowed.expand(shape)
     if keep is None:
         forced, candidates = torch.zeros(shape, dtype=torch.bool, device=score.device), allowed
-        remaining = torch.full((*shape[:-1], 1), topk, dtype=torch.int64, device=score.device)
+        remaining = (torch.broadcast_to(topk, (*shape[:-1], 1)) if isinstance(topk, torch.Tensor)
+                     else torch.full((*shape[:-1], 1), topk, dtype=torch.int64, device=score.device))
     else:
         forced = allowed & torch.broadcast_to(keep, shape)
         candidates = allowed & ~forced
         remaining = (topk - forced.sum(-1, keepdim=True)).clamp(min=0)
-    places = min(topk, nblocks)
+    places = nblocks if isinstance(topk, torch.Tensor) else min(topk, nblocks)  # (each row's K: every place)
     if places == 0 or nblocks == 0:
         return forced.clone()
     keys = order_keys(score, candidates)

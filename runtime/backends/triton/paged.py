@@ -39,6 +39,7 @@ from ....compiler.cost import KernelConfig
 from ....compiler.decode_cost import PACKED_ROWS
 from ....compiler.decode_cost import split_kv as split_rule
 from ....compiler.intervals import Num
+from ....compiler.route_blocks import route_sizes
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config
 from ....compiler.tiles import head_classes
@@ -50,7 +51,7 @@ from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
-from . import blocks, split_kv
+from . import blocks, paged_routes, split_kv
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
@@ -64,7 +65,7 @@ def applies(pat) -> bool:
     return (
         isinstance(pat, ir.PatternIR)
         and pat.self_attention
-        and pat.route is None
+        and (pat.route is None or paged_routes.applies(pat))
         and pat.decay is None
         and pat.queries.kind == "seq"
         and pat.keys.kind == "seq"
@@ -110,6 +111,7 @@ class PagedTemplate:
     capacity: int  # keys a row's block table holds
     range: int  # query positions of one range of the lists (range_of)
     ranges: int
+    route_block: int = 0  # a routed pattern's key block (its lists made per call: ``paged_routes``)
     windows: dict = dataclasses.field(default_factory=dict)  # window bounds per device (device_intervals)
     tables: dict = dataclasses.field(default_factory=dict)  # device -> its lists and launch (range_lists)
     #: per batch shape: (rows, n, device) -> (q_start, q_count) of equal rows; ("splits", ...) -> split count;
@@ -202,6 +204,7 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
         capacity,
         range_of(capacity),
         -(-capacity // range_of(capacity)),
+        route_sizes(pat, bound)[0][0] if pat.route is not None else 0,
     )
     return made
 
@@ -323,8 +326,11 @@ def bind(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_cou
     """A paged call's launches bound for replay at later calls of its signature (``launcher.bind``):
     ``replay(q, k_cache, v_cache, block_table, seqlens, q_start, q_count) -> (out, lse) | None``, which launches and
     asserts the rows' check flags as ``forward`` does; or None where the launches would copy a tensor of the call
-    (a block table of strided rows, lengths or offsets not contiguous int32) or one tensor is passed twice (but one
-    pool for K and V: the caller's key says so, ``WarmCalls.paged_key``)."""
+    (a block table of strided rows, lengths or offsets not contiguous int32), one tensor is passed twice (but one
+    pool for K and V: the caller's key says so, ``WarmCalls.paged_key``), or the pattern routes (its selection is
+    made per call: ``paged_routes``)."""
+    if runner.pattern.route is not None:  # its selection and lists are made per call, by ops a replay would skip
+        return None
     given = [t for t in (q, k_cache, block_table, seqlens, q_start, q_count) if t is not None]
     if any(a is b for i, a in enumerate(given) for b in given[i + 1:]) or block_table.stride(-1) != 1:
         return None
@@ -369,10 +375,15 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     t = template(runner, load, q, kv_heads, dv, min(max_q, capacity), capacity)
     if not packed:
         q_start, q_count = rows_of(t, batch, rows, device)
-    lists = range_lists(t, device)
-    launch = lists.get("launch")
-    if launch is None:  # the template's launch with its lists on this device, once
-        launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
+    sel = None
+    if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
+        sel, lists = paged_routes.select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed)
+        launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
+    else:
+        lists = range_lists(t, device)
+        launch = lists.get("launch")
+        if launch is None:  # the template's launch with its lists on this device, once
+            launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
     if launch.pattern.inputs:  # this call's inputs (their device copies made per call, not kept)
         launch = dataclasses.replace(launch, tensors=inputs, batched=frozenset(
@@ -402,6 +413,8 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges, "MAX_Q": max_q,
         "OK": flags, **KL.sizes(scale, t.group, head_dim, dv),
     }
+    if sel is not None:  # indexed as q's rows: a packed call's by their rows, batch entry 0
+        named["SEL"] = (sel, 0 if packed else sel.stride(0), sel.stride(1), sel.stride(2))
     kernel = launch.module.attnc_fwd_paged
     blocks_meta = KL.block_sizes(launch, head_dim, dv)
     meta = dict(

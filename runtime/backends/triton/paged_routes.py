@@ -1,0 +1,178 @@
+"""A routed pattern's paged batch in one launch (MoBA's ``q @ mean(k)``, Quest's ``q @ bound(k)``): each row's
+selection made on the device from its own cached keys, then ``attnc_fwd_paged`` over the tiles it reaches.
+
+At every call, with nothing read on the host: the block summaries of every row's keys through its block table
+(``attnc_paged_summary``: each cached key read once, no copy of the cache; a row's last block holds only its cached
+keys), each query's scores against its row's summaries (the query heads of a K/V head in one product), the blocks
+its mask reaches among its row's keys (evaluated at its position, as ``device_routes.decode_constants`` does for a
+contiguous cache), the blocks its route keeps, its K at its row's length (Quest's grows with the cache), and the
+choice (``device_choice.choose``: the host rule, bit for bit, in fixed shapes). The selection goes to the kernel as
+bits (``SEL``: ``[batch entry, query heads, queries, words]``), and each (row, K/V head) gets its own list of the KV
+tiles some query of the row, for some query head of the group, selected a block of: every tile PARTIAL (the kernel
+evaluates the mask and the selection per key), none FULL. So a row's step reads the keys of its selected blocks
+only, plus one pass over its keys for the summaries: the pass that does not shrink with the route (a kept summary,
+``KeySummary``, is a contiguous cache's; not kept across paged calls in this version).
+
+The lists are sized by the table's capacity (every KV tile), so a call's shapes do not depend on any length and one
+captured graph replays at every step.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+
+from ....compiler import evaluate as E
+from ....compiler.triton_codegen.source import ROW_LENGTHS
+from ....core import symbols as S
+from ...plan import decode_lists
+from ...plan.device_choice import choose
+from ...plan.device_tiles import compact
+from ...plan.forms.top_k_tokens import device_mask
+from ...tritonenv import interpreting
+
+#: Keys a summary program reads at once.
+SUMMARY_CHUNK = 64
+#: Bits of one word of ``SEL``.
+WORD = 32
+
+
+def applies(pat) -> bool:
+    """Whether a paged call of the routed ``pat`` is served in one launch: top-k blocks of one size on the
+    sequence, scored from the keys' means (MoBA) or bounds (Quest) per query head, a mask, keep and block size that
+    name no growing size and no input, and a K that may grow with the length but is at least 1 at every length."""
+    route = pat.route
+    if (route is None or route.topk is None or route.tokens or route.scores is not None or route.given
+            or route.shared or route.score not in ("token", "bound") or len(route.block) != 1 or pat.inputs):
+        return False
+    if not decode_lists.applies(pat):
+        return False
+    topk = sympy.sympify(route.topk)
+    return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
+
+
+def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) -> tuple[torch.Tensor, dict]:
+    """``(SEL, lists)`` of a paged call of template ``t`` (module docstring): ``SEL`` the selection's bits, int32
+    ``[B | 1, Hq, rows, words]`` as q's rows are laid out; ``lists`` the rows' (row x K/V head) lists of PARTIAL
+    tiles, none FULL, with their searches' steps."""
+    pat, bound = t.launch.pattern, t.launch.bound
+    size, cap = t.route_block, t.capacity
+    nblocks = -(-cap // size)
+    rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
+    lengths = seqlens.to(torch.int64).clamp(0, cap)
+    summary = _summaries(t, k_cache, block_table, seqlens, size, nblocks)
+    with torch.no_grad():
+        if packed:  # q [1, Hq, total, D]: each query its own row's
+            at = torch.arange(q.shape[2], device=device)
+            row_of = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
+            count, first = q_count.to(torch.int64)[row_of], q_start.to(torch.int64)[row_of]
+            valid = (at - first < count) & (at >= first)
+            pos = (lengths[row_of] - count + at - first).view(-1, 1)
+            qx, summary = q[0].transpose(0, 1).unsqueeze(2), summary[:, row_of]  # [total, Hq, 1, D]
+            key_rows = lengths[row_of].view(-1, 1)
+        else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
+            n = q.shape[2]
+            pos = lengths.view(-1, 1) - n + torch.arange(n, device=device)
+            valid = (pos >= 0).view(-1)
+            qx, row_of, key_rows = q, None, lengths.view(-1, 1).expand(-1, n)
+        score = _scores(pat, qx, summary, kv_heads)  # [X, Hq, n, nblocks]
+        X, n = score.shape[0], score.shape[2]
+        # the template's bound is a block of its last rows: positions relative to its first (token_env adds it)
+        flat = pos.reshape(-1).clamp(min=0) - bound.q_offset
+        keys = torch.arange(cap, device=device)
+        reach = device_mask(t.mask, pat, bound, flat, keys) & (keys < key_rows.reshape(-1, 1)) & valid.view(-1, 1)
+        pad = reach.new_zeros(*reach.shape[:3], nblocks * size - cap)
+        allowed = torch.cat([reach, pad], -1).view(*reach.shape[:3], nblocks, size).any(-1)  # [1, H|1, X*n, nb]
+        keep = None
+        if pat.route.keep is not None:
+            keep = device_mask(E.substitute(pat.route.keep, bound), pat, bound, flat,
+                               torch.arange(nblocks, device=device) * size)
+        topk = _topk(pat, bound, key_rows.reshape(-1))
+        ranked = score.permute(1, 0, 2, 3).reshape(1, heads, X * n, nblocks)
+        chosen = choose(ranked, allowed, keep, topk).view(heads, X, n, nblocks).permute(1, 0, 2, 3)
+        words = _words(chosen)
+        if packed:  # [1, Hq, total, words]: indexed as q's packed rows
+            words = words.permute(2, 1, 0, 3).contiguous()
+        lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
+    return words, lists
+
+
+def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> torch.Tensor:
+    """``attnc_paged_summary``'s ``[1 | 2, B, Hkv, nblocks, D]`` fp32 (means; or maxima, minima)."""
+    rows, kv_heads, head_dim = block_table.shape[0], k_cache.shape[2], k_cache.shape[3]
+    bound = t.launch.pattern.route.score == "bound"
+    out = torch.empty(2 if bound else 1, rows, kv_heads, nblocks, head_dim, dtype=torch.float32,
+                      device=k_cache.device)
+    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    seq = seqlens if seqlens.dtype == torch.int32 and seqlens.is_contiguous() else seqlens.to(torch.int32)
+    kernel = t.launch.module.attnc_paged_summary
+    with interpreting(t.launch.interpret):
+        kernel[(nblocks, rows * kv_heads)](
+            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seq,
+            out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
+            kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, _pow2(size)),
+            BLOCK_D=_pow2(head_dim), BOUND=bound)
+    return out
+
+
+def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``route_scores.block_scores``'s (``q . mean(k)``, or ``q+ . max(k) + q- . min(k)``) of q ``[X, Hq, n, D]``
+    against its row's summaries ``[S, X, Hkv, nblocks, D]``, the query heads of a K/V head in one product:
+    ``[X, Hq, n, nblocks]`` fp32."""
+    X, heads, n, head_dim = q.shape
+    group = heads // kv_heads
+    qg = q.float().reshape(X, kv_heads, group * n, head_dim)
+    if pat.route.score == "bound":
+        score = qg.clamp(min=0) @ summary[0].transpose(-1, -2) + qg.clamp(max=0) @ summary[1].transpose(-1, -2)
+    else:
+        score = qg @ summary[0].transpose(-1, -2)
+    return score.view(X, heads, n, -1)
+
+
+def _topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
+    """The route's K: an int, or each query's at its row's key count (``[1, 1, queries, 1]`` int64)."""
+    expr = S.substitute(sympy.sympify(pat.route.topk), {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
+    if isinstance(expr, sympy.Integer):
+        return int(expr)
+    value = E.as_tensor(E.Evaluator(dict.fromkeys(ROW_LENGTHS, keys), {}, set(), None)(expr), torch.int64)
+    return value.reshape(1, 1, -1, 1)
+
+
+def _words(chosen: torch.Tensor) -> torch.Tensor:
+    """The selection ``[X, Hq, n, nblocks]`` as int32 words of ``WORD`` blocks, bit ``b`` of word ``w`` block
+    ``w * WORD + b``."""
+    nblocks = chosen.shape[-1]
+    words = -(-nblocks // WORD)
+    bits = torch.nn.functional.pad(chosen, (0, words * WORD - nblocks)).view(*chosen.shape[:3], words, WORD)
+    weights = torch.bitwise_left_shift(torch.ones(WORD, dtype=torch.int64, device=chosen.device),
+                                       torch.arange(WORD, device=chosen.device))
+    packed = (bits.to(torch.int64) * weights).sum(-1)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
+
+
+def _lists(t, chosen: torch.Tensor, row_of, rows: int, kv_heads: int, size: int, nblocks: int) -> dict:
+    """Per (row, K/V head): the KV tiles holding a key of a block some query of the row selected for some query
+    head of the group, ascending, all PARTIAL; no FULL tile."""
+    X, heads = chosen.shape[:2]
+    device = chosen.device
+    reached = chosen.reshape(X, kv_heads, heads // kv_heads * chosen.shape[2], nblocks).any(2)  # [X, Hkv, nb]
+    if row_of is not None:  # each query's row: the row's queries together
+        reached = torch.zeros(rows, kv_heads, nblocks, dtype=torch.int32, device=device).index_add_(
+            0, row_of, reached.to(torch.int32)) > 0
+    first = torch.arange(t.kv_tiles, device=device) * t.kv_tile
+    lo, hi = first // size, ((first + t.kv_tile).clamp(max=t.capacity) - 1) // size
+    running = torch.nn.functional.pad(reached.to(torch.int32).cumsum(-1), (1, 0))  # blocks selected before each
+    visit = (running[..., hi + 1] - running[..., lo]) > 0  # [rows, Hkv, kv_tiles]
+    index = torch.arange(t.kv_tiles, device=device).expand(rows * kv_heads, -1)
+    count, entries = compact(index, visit.reshape(rows * kv_heads, -1))
+    empty = torch.zeros(rows * kv_heads, dtype=count.dtype, device=device)
+    return {"FULL_N": empty, "FULL_I": torch.zeros(rows * kv_heads, 1, dtype=entries.dtype, device=device),
+            "PART_N": count.contiguous(), "PART_I": entries.contiguous(), "FULL_STEPS": 1,
+            "PART_STEPS": t.kv_tiles.bit_length(), "cls": (kv_heads, 1)}
+
+
+def _pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+__all__ = ["applies", "select"]
