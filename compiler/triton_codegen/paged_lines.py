@@ -34,7 +34,7 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1
     least = f"tl.maximum(raw_q, {least_keys})" if self_attention else str(least_keys)
     if routed:
         lists = ["# the row's own lists for this K/V head: the KV tiles its queries' selection reaches",
-                 "q_any = qt * %d < Q_EXT" % tile,
+                 f"q_any = qt * {tile} < Q_EXT",
                  "lrow = batch * cls_b + kvh * cls_h"]
     else:
         lists = [
