@@ -452,8 +452,10 @@ def cmd_check_gpu(args) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     sizes = int_sizes(args.sizes)
     n = tokens_of(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
+    if args.block and args.paged:
+        raise SpecError("--block and --paged check different calls: pass one", where="argument --paged")
     reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None,
-                              block=args.block)
+                              block=args.block, paged=args.paged)
     if args.json:
         import json
 
@@ -540,6 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the reports as JSON")
     p.add_argument("--block", action="store_true", help="the kernels of a context-parallel block (offsets as "
                    "run-time arguments; the lse's and the score inputs' gradients) instead of the whole sequence's")
+    p.add_argument("--paged", action="store_true", help="the kernels of one launch over a paged KV cache (a decode "
+                   "batch of rows of their own lengths, N keys of capacity) instead of the whole sequence's")
     return parser
 
 

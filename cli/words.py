@@ -28,6 +28,7 @@ FLAGS = {
     "arch": "--arch",
     "top": "--top",
     "block": "--block",
+    "paged": "--paged",
     "name": "--name",
     "source": "FILE",
     "pattern": "FILE",

@@ -1,0 +1,60 @@
+"""The offline GPU compile check of a paged call (``attnc check-gpu --paged``): the kernels one launch over a paged
+KV cache runs (``attnc_fwd_paged``, its split-KV merge, and a routed pattern's ``attnc_paged_summary``), recorded
+from a call on CPU tensors as a CUDA call on ``sm_<arch>`` would make it (``gpu_check.capture_launches``)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core import ir
+from ..core.errors import SpecError
+from . import gpu_check as G
+
+#: The recorded call: rows of a decode batch, keys per page, query heads per K/V head (where the heads allow it).
+ROWS, PAGE, GROUP = 4, 16, 4
+#: The table's capacity in keys where ``n`` is not given.
+DEFAULT_CAPACITY = 8192
+
+
+def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
+                 sizes: dict | None = None) -> tuple[list[G.Recorded], str]:
+    """A decode step of ``ROWS`` rows of their own lengths (up to ``n`` keys, the table's capacity) over a paged
+    cache of ``PAGE`` keys a page, one query a row, ``GROUP`` query heads per K/V head: its launches and config."""
+    from ..compiler import evaluate as E
+    from ..compiler.hardware import get_hardware
+    from . import api
+    from .backends.triton import paged
+
+    if sizes:
+        raise SpecError("a paged cache holds a sequence: no grid sizes", where="argument --sizes")
+    attn = api.compile_attention(pattern, backend="triton")
+    pat = attn.pattern
+    if not (isinstance(pat, ir.PatternIR) and paged.applies(pat) and pat.score_scale is None):
+        raise SpecError(f"'{pat.name}' is not served by the one-launch paged kernel (its paged calls gather each "
+                        "row's pages and run the ordinary kernels, which check-gpu without --paged checks)",
+                        where="argument --paged")
+    fixed = bool(getattr(pat, "head_params", ()))  # a parameter given per head fixes the heads
+    heads = G.call_heads(pat) if fixed else G.HEADS * GROUP
+    kv_heads = heads // GROUP if heads % GROUP == 0 else heads
+    capacity = -(-(n or DEFAULT_CAPACITY) // PAGE) * PAGE
+    least = ir.least_length(pat)
+    lengths = torch.tensor([max(least, x) for x in (capacity, capacity // 2 + 3, capacity // 8 + 1, capacity // 3)],
+                           dtype=torch.int32)[:ROWS]
+    gen = torch.Generator().manual_seed(0)
+    tdtype = G.DTYPES[dtype]
+    pages = ROWS * capacity // PAGE
+    k_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype)
+    v_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype)
+    table = torch.randperm(pages, generator=gen).view(ROWS, capacity // PAGE).to(torch.int32)
+    q = torch.randn(ROWS, heads, 1, head_dim, generator=gen).to(tdtype)
+    whole = E.bind_sizes(pat, n=capacity, heads=heads, dk=head_dim)
+    inputs = G._inputs(pat, whole, gen)
+    hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
+    with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
+        runner = G._native_runner(pat, hw)
+        attn.runner = runner  # the kernels native, the launch sized for this arch
+        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **inputs)
+    return records, f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
+
+
+__all__ = ["record_paged"]
