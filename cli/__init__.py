@@ -454,8 +454,13 @@ def cmd_check_gpu(args) -> int:
     n = tokens_of(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
     if args.block and args.paged:
         raise SpecError("--block and --paged check different calls: pass one", where="argument --paged")
-    reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None,
-                              block=args.block, paged=args.paged)
+    if args.paged:
+        from ..runtime.gpu_paged_check import check_paged
+
+        reports = check_paged(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n, sizes=sizes or None)
+    else:
+        reports = G.check_pattern(pat, archs=archs, head_dims=dims, dtypes=dtypes or ["fp16"], n=n,
+                                  sizes=sizes or None, block=args.block)
     if args.json:
         import json
 

@@ -738,11 +738,12 @@ def describe_launch(cfg) -> str:
 
 def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,
                   sizes: dict | None = None, label: str | None = None, block: bool = False,
-                  kv_heads: int | None = None, group_split: int = 1, paged: bool = False) -> list[KernelReport]:
+                  kv_heads: int | None = None, group_split: int = 1, record=None) -> list[KernelReport]:
     """Every kernel of the pattern's forward and backward, per architecture, head dim and dtype.
     ``pattern``: a loaded pattern, a path or ``stdlib:NAME`` (as ``compile_attention``); ``block``: the
     kernels of a context-parallel block (``record_block``); ``kv_heads``, ``group_split``: as ``record_call``'s;
-    ``paged``: those of one launch over a paged KV cache instead (``gpu_paged_check.record_paged``)."""
+    ``record``: the call whose launches are checked, ``record_call``'s signature (default: ``record_call``; one
+    launch over a paged KV cache: ``gpu_paged_check.check_paged``)."""
     name = label or getattr(pattern, "name", None) or str(pattern).removeprefix("stdlib:")
     if isinstance(pattern, str | os.PathLike):
         from ..spec.library import load
@@ -752,16 +753,14 @@ def check_pattern(pattern, *, archs=DEFAULT_ARCHS, head_dims=(64, 128), dtypes=(
         raise SpecError(f"'{pattern.name}' combines several attentions (branches): the offline check of blocks "
                         "takes one softmax pattern", where="argument block",
                         hint="write a branch as its own declaration to check its blocks")
-    from .gpu_paged_check import record_paged  # (which imports this module)
-
     archs, head_dims, dtypes = _check_args(archs, head_dims, dtypes)
     reports: list[KernelReport] = []
     for arch in archs:
         for d in head_dims:
             for dt in dtypes:
-                record = record_paged if paged else functools.partial(
-                    record_call, block=block, kv_heads=kv_heads, group_split=group_split)
-                records, config = record(pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes)
+                records, config = (record or functools.partial(
+                    record_call, block=block, kv_heads=kv_heads, group_split=group_split))(
+                    pattern, arch=arch, head_dim=d, dtype=dt, n=n, sizes=sizes)
                 if not records:
                     raise SpecError(f"'{name}' launched no Triton kernel", where="gpu check")
                 for rec in records:

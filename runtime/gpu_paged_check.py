@@ -57,4 +57,11 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     return records, f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
 
 
-__all__ = ["record_paged"]
+def check_paged(pattern, *, archs=G.DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,
+                sizes: dict | None = None) -> list[G.KernelReport]:
+    """``gpu_check.check_pattern`` of one launch over a paged KV cache (``record_paged``)."""
+    return G.check_pattern(pattern, archs=archs, head_dims=head_dims, dtypes=dtypes, n=n, sizes=sizes,
+                           record=record_paged)
+
+
+__all__ = ["check_paged", "record_paged"]

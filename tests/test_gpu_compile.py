@@ -22,6 +22,7 @@ from attnc.compiler.cost import KernelConfig
 from attnc.compiler.hardware import get_hardware
 from attnc.core.errors import SpecError
 from attnc.runtime import gpu_check as G
+from attnc.runtime.gpu_paged_check import check_paged
 
 # compiled kernels and their register model can differ between Triton versions: CI runs these
 # on the GPU machines' Triton too
@@ -343,15 +344,14 @@ def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     K/V head): the paged forward (a mask naming the length: the row's, read at run time; a route: each row's
     selection read per key), its split merge and a route's block summaries compile for sm_80 and sm_90, fit and do
     not spill, the forward's dots on tensor cores; a pattern the paged kernel does not serve is refused by name."""
-    reports = G.check_pattern(attnc.load(name, **params), archs=(80, 90), head_dims=(128,), dtypes=("bf16",),
-                              n=4096, paged=True)
+    reports = check_paged(attnc.load(name, **params), archs=(80, 90), head_dims=(128,), dtypes=("bf16",), n=4096)
     kernels = {r.kernel for r in reports}
     assert any("paged" in k and "summary" not in k for k in kernels), kernels
     assert any("summary" in k for k in kernels) is (name == "stdlib:moba")
     assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
     assert all(r.mma > 0 for r in reports if "paged" in r.kernel and "summary" not in r.kernel)
     with pytest.raises(SpecError, match="not served by the one-launch paged kernel"):
-        G.check_pattern(attnc.load("stdlib:token_topk"), archs=(80,), head_dims=(64,), n=1024, paged=True)
+        check_paged(attnc.load("stdlib:token_topk"), archs=(80,), head_dims=(64,), n=1024)
 
 
 def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):

@@ -42,6 +42,7 @@ RUNTIME_ROOMS = [
     ("runtime.simulation",),  # the simulator's entry points
     ("runtime.api",),
     ("runtime.gpu_check", "runtime.gpu_report"),  # the offline compile check and its text
+    ("runtime.gpu_paged_check",),  # the offline compile check of a paged call
 ]
 
 #: Rooms that must not import each other (each one folder, one job).
