@@ -309,6 +309,7 @@ class Attention(torch.nn.Module):
             self._check_key_summary_call(key_summary, selection, cu_seqlens, block_table, cache_seqlens)
             with kept_summary.keeping(key_summary):
                 return self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
+                                    block_table=block_table, cache_seqlens=cache_seqlens,
                                     return_selection=return_selection, return_block_max=return_block_max,
                                     **inputs)
         if return_block_max is not None:  # SeerAttention's map, made by the forward (runtime.plan.block_max)
@@ -362,10 +363,14 @@ class Attention(torch.nn.Module):
                 from .ops.paged import launcher
 
                 one_launch = launcher(self.runner)
+            kept = (not torch.compiler.is_compiling() and isinstance(self.pattern, ir.PatternIR)  # (refused there)
+                    and kept_summary.open_for(self.pattern) is not None)
+            only = (kept_summary.WHERE, "a paged call keeps its route's block summaries only where it runs in one "
+                    "launch (the Triton backend, MoBA's and Quest's routes, q of the kernels' dtypes)") if kept else None
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
                              return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner,
-                             one_launch=one_launch)
+                             one_launch=one_launch, one_launch_only=only)
         refuse_new_tokens(self.pattern, inputs)  # k=, v= without pages: named, not an unknown input
         if isinstance(self.pattern, ir.RecurrenceIR) and isinstance(layout, UnnamedLayout):
             check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens
@@ -430,9 +435,9 @@ class Attention(torch.nn.Module):
         if selection is not None:
             raise SpecError("a given selection reads no summary of the keys", where=where,
                             hint="pass selection= or key_summary=, not both")
-        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
-            raise SpecError("a key summary is kept for one sequence's cache in [B, H, N, D]: not with packed "
-                            "sequences or paged caches in this version", where=where)
+        if cu_seqlens is not None or (block_table is None) != (cache_seqlens is None):
+            raise SpecError("a key summary is kept for a KV cache ([B, H, N, D], or a paged pool with block_table= "
+                            "and cache_seqlens=): not with packed sequences in this version", where=where)
         if torch.compiler.is_compiling():
             raise SpecError("key_summary= is not served under torch.compile (it is updated in place)", where=where)
 

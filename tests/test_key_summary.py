@@ -141,3 +141,78 @@ def test_a_call_again_at_a_blocks_end_reads_the_kept_blocks():
         first = attn(q, k, v, key_summary=kept, return_selection=True)
         again = attn(q, k, v, key_summary=kept, return_selection=True)
         assert kept.keys == 24 and torch.equal(first[1], again[1]) and torch.equal(first[0], again[0])
+
+
+def _paged(lengths, page, seed, heads=(4, 2), d=8):
+    """Rows of ``lengths`` keys in shuffled pages of ``page`` keys, a table with room for 24 keys more per row
+    (float32, as the paged kernel runs): ``(k_pool, v_pool, table)``."""
+    g = torch.Generator().manual_seed(seed)
+    width = -(-(max(lengths) + 24) // page)
+    pages = len(lengths) * width
+    k = torch.randn(pages, page, heads[1], d, generator=g)
+    v = torch.randn(pages, page, heads[1], d, generator=g)
+    return k, v, torch.randperm(pages, generator=g).view(len(lengths), width).to(torch.int32)
+
+
+def _row(pool, table, b: int, n: int) -> torch.Tensor:
+    page = pool.shape[1]
+    return pool[table[b, : -(-n // page)].long()].flatten(0, 1)[:n].transpose(0, 1)[None].double()
+
+
+@pytest.mark.parametrize("name", sorted(ROUTES))
+def test_a_kept_summary_serves_a_paged_pool(name):
+    """A decode loop over a paged pool (rows of their own lengths, each growing by one key a step) with one
+    ``KeySummary``: every step equals the reference row by row; after each step the summary keeps each row's
+    complete blocks; a kept block is read, not made again (keys changed under it after the fact, against the
+    promise, leave its summary as it was); a row whose length falls below its kept blocks (a new sequence) and a
+    row reset by ``reset_rows`` are summarised again."""
+    params = ROUTES[name]
+    block = params.get("block", params.get("page"))
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    k, v, table = _paged([21, 9, 30], 4, seed=3)
+    kept = attnc.KeySummary()
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([21, 9, 30], dtype=torch.int32)
+
+    def step(check: bool = True):
+        q = torch.randn(3, 4, 1, 8, generator=g)
+        out = attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", key_summary=kept)
+        for b in range(3 if check else 0):
+            n = int(lengths[b])
+            want = ref(q[b:b + 1].double(), _row(k, table, b, n), _row(v, table, b, n))
+            torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)
+
+    for _ in range(3):
+        step()
+        assert torch.equal(kept._pages[1], (lengths // block).to(torch.int32))
+        lengths += 1
+    summaries = kept._pages[0].clone()
+    first = table[0, 0].long()
+    k[first] += 100.0  # row 0's first block changes under its kept summary (the caller's promise broken)
+    step(check=False)
+    torch.testing.assert_close(kept._pages[0][:, 0, :, 0], summaries[:, 0, :, 0])  # read, not made again
+    k[first] -= 100.0
+    lengths[1] = 5  # row 1 starts a new, shorter sequence: summarised again by itself
+    kept.reset_rows(torch.tensor([2]))  # row 2 is told so
+    step()
+    assert torch.equal(kept._pages[1], (lengths // block).to(torch.int32))
+
+
+def test_a_kept_summary_of_a_paged_call_is_refused_where_it_would_be_dropped():
+    """A paged call the one launch does not serve (the CPU backend gathers the rows) refuses ``key_summary=`` by
+    name rather than summarising each group of rows with one row's summary; a kept paged summary then called on a
+    contiguous cache names both shapes."""
+    k, v, table = _paged([21, 9], 4, seed=5)
+    q = torch.randn(2, 4, 1, 8)
+    lengths = torch.tensor([21, 9], dtype=torch.int32)
+    cpu = attnc.compile_attention("stdlib:moba", backend="cpu", **ROUTES["moba"])
+    with pytest.raises(SpecError, match="only where it runs in one launch") as err:
+        cpu(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", key_summary=attnc.KeySummary())
+    assert err.value.where == "argument key_summary"
+    kept = attnc.KeySummary()
+    tri = attnc.compile_attention("stdlib:moba", backend="triton", **ROUTES["moba"])
+    tri(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", key_summary=kept)
+    with pytest.raises(SpecError, match="of a paged pool") as err:
+        tri(q, torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8), key_summary=kept)
+    assert err.value.where == "argument key_summary"

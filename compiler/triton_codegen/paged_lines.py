@@ -148,24 +148,27 @@ def route_setup(q_rows: str) -> list[str]:
 SUMMARY_KERNEL = '''
 
 @triton.jit
-def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, OUT, so_s, so_b, so_h, so_j, NUM_PAGES, MAX_KEYS,
-                        KV_HEADS, D, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BOUND: tl.constexpr):
+def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, KEPT, OUT, so_s, so_b, so_h, so_j, NUM_PAGES,
+                        MAX_KEYS, KV_HEADS, D, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BOUND: tl.constexpr, KEEPS: tl.constexpr):
     """One program per (route block, row x K/V head): the block's summary over the row's cached keys in it (an
-    empty block, past the row's keys, gets zeros: it is no candidate)."""
+    empty block, past the row's keys, gets zeros: it is no candidate). KEEPS: the blocks before KEPT[row] hold
+    their summaries from earlier calls (a kept summary): neither read nor written."""
     j = tl.program_id(0)
     row = tl.program_id(1) // KV_HEADS
     kvh = tl.program_id(1) % KV_HEADS
     keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
+    kept = tl.load(KEPT + row) if KEEPS else 0
     d = tl.arange(0, BLOCK_D)
     c = tl.arange(0, CHUNK)
-    total = tl.zeros([BLOCK_D], tl.float32)
+    fresh = d * 0 + j >= kept  # (vectors: the interpreter takes no 0-d mask term)
+    total = tl.full([BLOCK_D], 0.0, tl.float32)  # (tl.full: a builtin, as the interpreter needs)
     high = tl.full([BLOCK_D], float("-inf"), tl.float32)
     low = tl.full([BLOCK_D], float("inf"), tl.float32)
     count = j * 0  # an int32 tensor: carried by the loop
     for c0 in range(0, BLOCK, CHUNK):
         pos = j * BLOCK + c0 + c
-        ok = (c0 + c < BLOCK) & (pos < keys)
+        ok = (c0 + c < BLOCK) & (pos < keys) & (c * 0 + j >= kept)
         page = tl.load(BT + row.to(tl.int64) * sbt_b + pos // PAGE, mask=ok, other=0)
         page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)
         at = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_n + kvh.to(tl.int64) * sk_h
@@ -178,8 +181,8 @@ def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, OUT, so_s, so_b, so
         count += tl.reduce(ok.to(tl.int32), 0, _add)
     out = OUT + row.to(tl.int64) * so_b + kvh.to(tl.int64) * so_h + j.to(tl.int64) * so_j
     if BOUND:
-        tl.store(out + d, tl.where(count > 0, high, 0.0), mask=d < D)
-        tl.store(out + so_s + d, tl.where(count > 0, low, 0.0), mask=d < D)
+        tl.store(out + d, tl.where(count > 0, high, 0.0), mask=(d < D) & fresh)
+        tl.store(out + so_s + d, tl.where(count > 0, low, 0.0), mask=(d < D) & fresh)
     else:
-        tl.store(out + d, total / tl.maximum(count, 1).to(tl.float32), mask=d < D)
+        tl.store(out + d, total / tl.maximum(count, 1).to(tl.float32), mask=(d < D) & fresh)
 '''

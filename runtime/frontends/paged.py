@@ -77,6 +77,7 @@ from ..checks import PAGED_VALUES_FAILED, check_flag, resolve_scale
 from ..numerics import needs_grad, unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
+from .paged_inputs import check_inputs, group_input, one_launch_inputs
 
 HINT_INT32 = "FlashAttention's and vLLM's convention: torch.int32 on the caches' device"
 HINT_LAYOUT = (
@@ -435,62 +436,6 @@ def refuse_gradients(q, k_cache, v_cache, inputs: dict, k_new=None, v_new=None) 
             )
 
 
-def _cut_dims(pat, decl: ir.InputDecl) -> tuple[int, ...]:
-    """The token dimensions of an input that a group cuts to its length (cross-attention: ``nk`` only; a
-    combined pattern's gates are the present queries' ``[B, heads, n]``: none)."""
-    if isinstance(pat, ir.CombinedIR) and any(g.name == decl.name for g in pat.gates):
-        return ()
-    return tuple(d for d in decl.token_dims if pat.self_attention or decl.dim_names[d] == "nk")
-
-
-def _check_inputs(pat, inputs: dict, layout: str, batch: int, longest: int) -> dict:
-    """Call-time inputs of a paged call, ``[heads, n, ...]`` ones in attnc's order (``"bnhd"`` takes them
-    ``[n, heads, ...]``): a batch dimension of q's batch, token dimensions of at least ``longest``
-    entries. Unknown names, ranks and other dimensions are left to the ordinary forward."""
-    out = dict(inputs)
-    for decl in pat.inputs:
-        t = out.get(decl.name)
-        if not isinstance(t, torch.Tensor) or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
-            continue
-        lead = t.dim() - len(decl.dims)
-        if layout == "bnhd" and decl.dim_names[:2] == ("heads", "n"):
-            t = out[decl.name] = t.transpose(lead, lead + 1)
-        where = f"argument {decl.name}"
-        if lead and t.shape[0] != batch:
-            raise SpecError(
-                f"input '{decl.name}' has batch {t.shape[0]}, q {batch}: a batch dimension holds one "
-                "entry per row of the block table",
-                where=where,
-            )
-        for d in _cut_dims(pat, decl):
-            if t.shape[lead + d] < longest:
-                raise SpecError(
-                    f"input '{decl.name}' has {t.shape[lead + d]} entries along "
-                    f"{decl.dim_names[d]}; with a paged KV cache a token dimension is indexed by "
-                    f"absolute position and needs max(cache_seqlens) = {longest} at least",
-                    where=where,
-                    hint="size it to the block table's capacity, max_pages * page_size",
-                )
-    return out
-
-
-def _group_input(pat, name: str, t, rows: torch.Tensor, length: int):
-    """An input for one group: its batch cut to the group's rows, its token dimensions to ``length``."""
-    decl = next((d for d in pat.inputs if d.name == name), None)
-    if (
-        decl is None
-        or not isinstance(t, torch.Tensor)
-        or t.dim() not in (len(decl.dims), len(decl.dims) + 1)
-    ):
-        return t  # the ordinary forward names what is wrong
-    lead = t.dim() - len(decl.dims)
-    if lead:
-        t = t.index_select(0, rows)
-    for d in _cut_dims(pat, decl):
-        t = t.narrow(lead + d, 0, length)
-    return t
-
-
 def _gather(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """``[num_pages, page_size, H, D]`` and a group's page ids ``[G, pages]`` -> its rows' first ``length``
     keys ``[G, H, length, D]`` (only the listed pages are read)."""
@@ -539,6 +484,7 @@ def run(
     inputs: dict,
     runner=None,
     one_launch: Callable | None = None,
+    one_launch_only: tuple[str, str] | None = None,
 ):
     """The paged call: in one launch where the runner serves it (``one_launch_applies``: ``one_launch(q, k_cache,
     v_cache, block_table, seqlens, q_start, q_count, max_q, scale) -> (out, lse)``, the runner's paged forward or
@@ -582,6 +528,9 @@ def run(
                 raise
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
+    if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
+        where, why = one_launch_only
+        raise SpecError(why, where=where)
     if rows is not None and isinstance(pat, ir.CombinedIR):
         raise SpecError(
             f"'{pat.name}' takes its gates per row's queries ([B, heads, n]): rows of one query count, not "
@@ -612,34 +561,6 @@ def one_launch_applies(runner, q, k_cache, v_cache, inputs: dict, initial_state,
     if inputs and torch.compiler.is_compiling():
         return False
     return serves(q, k_cache, v_cache)
-
-
-def one_launch_inputs(pat, inputs: dict, block_table, k_cache) -> dict | None:
-    """A paged call's call-time inputs as the one-launch kernel reads them, or None where it does not: each of the
-    pattern's inputs a tensor of its rank (a leading batch dimension of the table's rows, or none: one for every
-    row), over the tokens alone, of the declared type, every token dimension of the table's capacity at least
-    (read at each row's positions, never a host read of the lengths), no other name. The ordinary path (``by_length``) takes what is not so, and names what is wrong."""
-    if not isinstance(pat, ir.PatternIR) or set(inputs) != {decl.name for decl in pat.inputs}:
-        return None
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
-        return None
-    capacity = block_table.shape[1] * k_cache.shape[1]
-    out = {}
-    for decl in pat.inputs:
-        t = inputs[decl.name]
-        if type(t) is not torch.Tensor or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
-            return None
-        if set(decl.dim_names) != {"n"} or (t.dtype.is_floating_point != (decl.dtype == "float")):
-            return None  # over the tokens alone, of its type (the ordinary path names a bool, a float int, ...)
-        if t.dtype == torch.bool or t.dtype.is_complex:
-            return None
-        lead = t.dim() - len(decl.dims)
-        if (lead and t.shape[0] != block_table.shape[0]) or t.device != k_cache.device:
-            return None
-        if any(t.shape[lead + d] < capacity for d in decl.token_dims):
-            return None
-        out[decl.name] = t
-    return out
 
 
 def check_index_shapes(q, k_cache, block_table, cache_seqlens, rows) -> None:
@@ -739,7 +660,7 @@ def by_length(
         rows.diagnose(q.shape[2])
     counts = rows.host_counts() if rows is not None else q.shape[2]
     pages = check_pages(pat, batch, counts, k_cache, block_table, cache_seqlens, appended)
-    inputs = _check_inputs(pat, inputs, layout, batch, max(pages.lengths, default=0))
+    inputs = check_inputs(pat, inputs, layout, batch, max(pages.lengths, default=0))
     if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
         _append(k_cache, block_table, cache_seqlens, k_new)
         _append(v_cache, block_table, cache_seqlens, v_new)
@@ -762,7 +683,7 @@ def by_length(
             return_state=return_state,
             sizes=sizes,
             layout="bhnd",
-            **{name: _group_input(pat, name, t, rows, length) for name, t in inputs.items()},
+            **{name: group_input(pat, name, t, rows, length) for name, t in inputs.items()},
         )
         part = result[0] if return_lse else result
         if out is None:
@@ -806,7 +727,7 @@ def by_rows(forward: Callable, pat, q, k_cache, v_cache, block_table, pages: Pag
         q_g = q[0].index_select(1, where).view(heads, len(group), count, q.shape[3]).transpose(0, 1)
         part, part_lse = forward(q_g, _gather(k_cache, ids, length), _gather(v_cache, ids, length),
                                  **{**call, "return_lse": True},
-                                 **{name: _group_input(pat, name, t, rows, length) for name, t in inputs.items()})
+                                 **{name: group_input(pat, name, t, rows, length) for name, t in inputs.items()})
         out[0].index_copy_(1, where, part.transpose(0, 1).reshape(heads, -1, part.shape[-1]).to(out.dtype))
         lse[0].index_copy_(1, where, part_lse.transpose(0, 1).reshape(heads, -1).to(dtype))
     return out, lse

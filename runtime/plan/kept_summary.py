@@ -61,6 +61,15 @@ class KeySummary:
         self._blocks: tuple[torch.Tensor, ...] = ()
         self._keys = 0
         self._signature: tuple | None = None
+        #: a paged pool's: the summaries of every table row's blocks, and each row's kept (complete) blocks
+        self._pages: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def reset_rows(self, rows) -> None:
+        """Forget the blocks of these rows of a paged call's block table (a row that starts a new sequence): their
+        next call summarises all their keys. ``rows``: indices, or a bool mask, of the table's rows (a device
+        tensor: nothing is read on the host). A row whose length falls below its kept blocks is reset by itself."""
+        if self._pages is not None:
+            self._pages[1][rows] = 0
 
     @property
     def keys(self) -> int:
@@ -68,7 +77,25 @@ class KeySummary:
         return self._keys
 
     def __repr__(self) -> str:
+        if self._pages is not None:
+            return f"KeySummary(paged rows={self._pages[1].shape[0]})"
         return f"KeySummary(keys={self._keys})"
+
+    def paged(self, score: str, block: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A paged call's kept state (``runtime.backends.triton.paged_routes``): the summaries ``shape`` (``[1 | 2,
+        rows, Hkv, nblocks, D]`` fp32) of every table row's blocks of ``block`` keys and each row's kept blocks
+        (int32 ``[rows]``), made at the first call; the same call shape at every later one."""
+        signature = ("paged", score, block, shape, torch.device(device))
+        if self._signature is not None and signature != self._signature:
+            raise SpecError(f"this summary was kept for {_describe(self._signature)}, not "
+                            f"{_describe(signature)}", where=WHERE,
+                            hint="one KeySummary per layer and paged pool (its table's shape); reset() before "
+                                 "reusing one")
+        if self._pages is None:
+            self._pages = (torch.zeros(shape, dtype=torch.float32, device=device),
+                           torch.zeros(shape[1], dtype=torch.int32, device=device))
+            self._signature = signature
+        return self._pages
 
     def summaries(self, pat: ir.PatternIR, block: int, k: torch.Tensor, nblocks: int, heads: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -98,6 +125,10 @@ class KeySummary:
 
 
 def _describe(signature: tuple) -> str:
+    if signature[0] == "paged":
+        _, score, block, (_, rows, Hkv, nblocks, D), device = signature
+        return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys of a paged pool, a table of "
+                f"{rows} rows and {nblocks} blocks, {Hkv} K/V heads of {D} on {device}")
     score, block, B, Hkv, D, dtype, device = signature
     return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys, k [{B}, {Hkv}, *, {D}] "
             f"{str(dtype).removeprefix('torch.')} on {device}")
@@ -114,6 +145,12 @@ def keeping(summary: KeySummary):
         yield summary
     finally:
         _KEPT.reset(token)
+
+
+def open_for(pat: ir.PatternIR) -> KeySummary | None:
+    """The ``KeySummary`` open for this call where ``pat``'s route keeps one, else None."""
+    kept = _KEPT.get()
+    return kept if kept is not None and keeps(pat) is None else None
 
 
 def summaries(pat: ir.PatternIR, bound: E.Bound, k: torch.Tensor, key_block: torch.Tensor, nblocks: int, heads: int,

@@ -25,7 +25,7 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.triton_codegen.source import ROW_LENGTHS
 from ....core import symbols as S
-from ...plan import decode_lists
+from ...plan import decode_lists, kept_summary
 from ...plan.device_choice import choose
 from ...plan.device_tiles import compact
 from ...plan.forms.top_k_tokens import device_mask
@@ -98,20 +98,30 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
 
 
 def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> torch.Tensor:
-    """``attnc_paged_summary``'s ``[1 | 2, B, Hkv, nblocks, D]`` fp32 (means; or maxima, minima)."""
+    """``attnc_paged_summary``'s ``[1 | 2, B, Hkv, nblocks, D]`` fp32 (means; or maxima, minima): made whole, or,
+    where a ``KeySummary`` is open (``kept_summary.keeping``), its kept blocks read and the rest made."""
     rows, kv_heads, head_dim = block_table.shape[0], k_cache.shape[2], k_cache.shape[3]
-    bound = t.launch.pattern.route.score == "bound"
-    out = torch.empty(2 if bound else 1, rows, kv_heads, nblocks, head_dim, dtype=torch.float32,
-                      device=k_cache.device)
-    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    pat = t.launch.pattern
+    bound = pat.route.score == "bound"
+    shape = (2 if bound else 1, rows, kv_heads, nblocks, head_dim)
     seq = seqlens if seqlens.dtype == torch.int32 and seqlens.is_contiguous() else seqlens.to(torch.int32)
+    kept = kept_summary.open_for(pat)
+    if kept is not None:
+        out, blocks = kept.paged(pat.route.score, size, shape, k_cache.device)
+        lengths = seq.to(torch.int64).clamp(0, t.capacity)
+        blocks.masked_fill_(lengths < blocks * size, 0)  # a row shorter than its kept blocks: a new sequence
+    else:
+        out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seq
+    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     kernel = t.launch.module.attnc_paged_summary
     with interpreting(t.launch.interpret):
         kernel[(nblocks, rows * kv_heads)](
-            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seq,
+            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seq, blocks,
             out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
             kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, _pow2(size)),
-            BLOCK_D=_pow2(head_dim), BOUND=bound)
+            BLOCK_D=_pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
+    if kept is not None:  # the complete blocks of every row are kept for its next call
+        blocks.copy_(lengths // size)
     return out
 
 

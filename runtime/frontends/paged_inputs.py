@@ -1,0 +1,97 @@
+"""A paged call's call-time inputs, as each path takes them: the one launch reads them at each row's positions over
+the table's capacity (``one_launch_inputs``); the path by length cuts them to each group's rows and length
+(``check_inputs``, ``group_input``). ``frontends.paged`` runs both paths."""
+
+from __future__ import annotations
+
+import torch
+
+from ...core import ir
+from ...core.errors import SpecError
+
+
+def _cut_dims(pat, decl: ir.InputDecl) -> tuple[int, ...]:
+    """The token dimensions of an input that a group cuts to its length (cross-attention: ``nk`` only; a
+    combined pattern's gates are the present queries' ``[B, heads, n]``: none)."""
+    if isinstance(pat, ir.CombinedIR) and any(g.name == decl.name for g in pat.gates):
+        return ()
+    return tuple(d for d in decl.token_dims if pat.self_attention or decl.dim_names[d] == "nk")
+
+
+def check_inputs(pat, inputs: dict, layout: str, batch: int, longest: int) -> dict:
+    """Call-time inputs of a paged call, ``[heads, n, ...]`` ones in attnc's order (``"bnhd"`` takes them
+    ``[n, heads, ...]``): a batch dimension of q's batch, token dimensions of at least ``longest``
+    entries. Unknown names, ranks and other dimensions are left to the ordinary forward."""
+    out = dict(inputs)
+    for decl in pat.inputs:
+        t = out.get(decl.name)
+        if not isinstance(t, torch.Tensor) or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
+            continue
+        lead = t.dim() - len(decl.dims)
+        if layout == "bnhd" and decl.dim_names[:2] == ("heads", "n"):
+            t = out[decl.name] = t.transpose(lead, lead + 1)
+        where = f"argument {decl.name}"
+        if lead and t.shape[0] != batch:
+            raise SpecError(
+                f"input '{decl.name}' has batch {t.shape[0]}, q {batch}: a batch dimension holds one "
+                "entry per row of the block table",
+                where=where,
+            )
+        for d in _cut_dims(pat, decl):
+            if t.shape[lead + d] < longest:
+                raise SpecError(
+                    f"input '{decl.name}' has {t.shape[lead + d]} entries along "
+                    f"{decl.dim_names[d]}; with a paged KV cache a token dimension is indexed by "
+                    f"absolute position and needs max(cache_seqlens) = {longest} at least",
+                    where=where,
+                    hint="size it to the block table's capacity, max_pages * page_size",
+                )
+    return out
+
+
+def group_input(pat, name: str, t, rows: torch.Tensor, length: int):
+    """An input for one group: its batch cut to the group's rows, its token dimensions to ``length``."""
+    decl = next((d for d in pat.inputs if d.name == name), None)
+    if (
+        decl is None
+        or not isinstance(t, torch.Tensor)
+        or t.dim() not in (len(decl.dims), len(decl.dims) + 1)
+    ):
+        return t  # the ordinary forward names what is wrong
+    lead = t.dim() - len(decl.dims)
+    if lead:
+        t = t.index_select(0, rows)
+    for d in _cut_dims(pat, decl):
+        t = t.narrow(lead + d, 0, length)
+    return t
+
+
+def one_launch_inputs(pat, inputs: dict, block_table, k_cache) -> dict | None:
+    """A paged call's call-time inputs as the one-launch kernel reads them, or None where it does not: each of the
+    pattern's inputs a tensor of its rank (a leading batch dimension of the table's rows, or none: one for every
+    row), over the tokens alone, of the declared type, every token dimension of the table's capacity at least
+    (read at each row's positions, never a host read of the lengths), no other name. The ordinary path (``by_length``) takes what is not so, and names what is wrong."""
+    if not isinstance(pat, ir.PatternIR) or set(inputs) != {decl.name for decl in pat.inputs}:
+        return None
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
+        return None
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    out = {}
+    for decl in pat.inputs:
+        t = inputs[decl.name]
+        if type(t) is not torch.Tensor or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
+            return None
+        if set(decl.dim_names) != {"n"} or (t.dtype.is_floating_point != (decl.dtype == "float")):
+            return None  # over the tokens alone, of its type (the ordinary path names a bool, a float int, ...)
+        if t.dtype == torch.bool or t.dtype.is_complex:
+            return None
+        lead = t.dim() - len(decl.dims)
+        if (lead and t.shape[0] != block_table.shape[0]) or t.device != k_cache.device:
+            return None
+        if any(t.shape[lead + d] < capacity for d in decl.token_dims):
+            return None
+        out[decl.name] = t
+    return out
+
+
+__all__ = ["check_inputs", "group_input", "one_launch_inputs"]
