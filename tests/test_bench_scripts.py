@@ -19,7 +19,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py"))
 #: need a CUDA device for their real run; ``--toy`` runs them in Triton's interpreter on a CPU
-GPU_ONLY = {"gpu_conformance.py", "gpu_matrix.py", "gpu_suite.py", "gpu_suite_dynamic.py", "bench_gqa.py"}
+GPU_ONLY = {"gpu_conformance.py", "gpu_matrix.py", "gpu_suite.py", "gpu_suite_dynamic.py", "bench_gqa.py",
+            "paged_routes.py"}
 
 
 def options(tree: ast.Module) -> set[str]:

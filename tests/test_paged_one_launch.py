@@ -491,3 +491,21 @@ def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity():
             row_in = {n: t[b:b + 1, :kb.shape[2]] for n, t in given.items()}
             want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_in)
             torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):
+    """``benchmarks/paged_routes.py --toy`` (the GPU run's code on CPU tensors): a table per route with every method,
+    the paged steps (with and without a kept summary) equal to the contiguous step's output."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "paged_routes.py"
+    spec = importlib.util.spec_from_file_location("paged_routes_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "paged_routes.md"
+    assert bench.main(["--toy", "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| attnc paged")]
+    assert text.count("## ") == 2 and len(rows) == 4
+    assert all(float(row.rstrip(" |").rsplit("|", 1)[-1]) < 1e-5 for row in rows), rows

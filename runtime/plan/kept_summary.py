@@ -11,6 +11,11 @@ change between the calls that pass it (``KeySummary.keys`` of them, always a who
 ``KeySummary`` serves one layer's cache of one sequence: every layer keeps its own (their shapes match, so a
 shared one is not caught), and a new sequence in the same buffer starts with ``reset()`` or a new one.
 
+On a paged pool (``block_table=``, ``cache_seqlens=``, the one-launch path: ``backends.triton.paged_routes``) a
+``KeySummary`` keeps every table row's complete blocks instead, on the device (``paged``): a row that shrinks is
+summarised again by itself, a row that starts a new sequence at the same or a greater length is the caller's to say
+(``reset_rows``).
+
 ``keeping`` opens a summary for the calls inside it; ``summaries`` is what the top-k-blocks form reads: the kept
 summary where one is open and the route keeps one (``keeps``), else ``route_scores.key_summary`` of every key.
 """
