@@ -456,6 +456,29 @@ def test_a_paged_call_compiles_with_fullgraph(packed):
     torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
 
 
+def test_a_paged_call_with_inputs_compiles_with_fullgraph():
+    """A mask reading an input (document ids over the table's capacity): under ``torch.compile(fullgraph=True)``
+    the one-launch op takes it (no graph break), the same answer as the eager call, at a second length too."""
+    attn = attnc.compile_attention("stdlib:document", backend="triton")
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    doc = (torch.arange(table.shape[1] * 8) // 5).expand(3, -1).contiguous()
+    q = torch.randn(3, HQ, 1, D)
+
+    def call(q, k, v, table, seqlens, doc):
+        return attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", doc=doc)
+
+    args = (q, k, v, table, seqlens, doc)
+    grown = (q, k, v, table, torch.tensor([13, 31, 8], dtype=torch.int32), doc)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        got, got_grown = compiled(*args), compiled(*grown)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
+    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+
+
 def test_pools_of_any_strides_are_read_through_them():
     """Pools that are views whose pages are not whole rows (each page a slice of a longer one), with a spare head
     between K/V heads: the kernel addresses each key by the page's and the slot's strides, the same answer."""

@@ -515,9 +515,9 @@ def run(
         seqlens = cache_seqlens + appended if appended else cache_seqlens
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
         launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1]))
-        extra = {"inputs": given} if given else {}  # (not under torch.compile: one_launch_applies)
+        extra = {"inputs": given} if given else {}
         if torch.compiler.is_compiling():  # the op asserts the rows' values on the device, in the graph
-            out, lse = one_launch(*launched)
+            out, lse = one_launch(*launched, **extra)
         else:
             try:  # the runner checks the values on the device (its kernel's row check, then one assert)
                 out, lse = one_launch(*launched, **extra)
@@ -552,13 +552,10 @@ def block_table_rows(block_table, q, rows) -> int:
 
 def one_launch_applies(runner, q, k_cache, v_cache, inputs: dict, initial_state, return_state, sizes) -> bool:
     """Whether the runner serves this paged call in one launch (its ``pages_in_one_launch``: the Triton runner's
-    paged forward, ``backends.triton.paged``): a call with no state or sizes, call-time inputs only outside
-    ``torch.compile`` (its op takes none), and a batch that is not empty (the ordinary path gives its empty
-    results)."""
+    paged forward, ``backends.triton.paged``): a call with no state or sizes and a batch that is not empty (the
+    ordinary path gives its empty results)."""
     serves = getattr(runner, "pages_in_one_launch", None)
     if serves is None or initial_state is not None or return_state or sizes or 0 in q.shape[:3]:
-        return False
-    if inputs and torch.compiler.is_compiling():
         return False
     return serves(q, k_cache, v_cache)
 

@@ -79,7 +79,7 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache) -> dict | None:
     out = {}
     for decl in pat.inputs:
         t = inputs[decl.name]
-        if type(t) is not torch.Tensor or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
+        if not isinstance(t, torch.Tensor) or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
             return None
         if set(decl.dim_names) != {"n"} or (t.dtype.is_floating_point != (decl.dtype == "float")):
             return None  # over the tokens alone, of its type (the ordinary path names a bool, a float int, ...)
