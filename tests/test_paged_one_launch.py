@@ -368,11 +368,14 @@ def test_a_warm_call_reads_nothing_and_a_new_length_compiles_nothing():
         ({"table_dtype": torch.int64}, "block_table"),
     ],
 )
-def test_bad_values_are_refused_by_name(bad, where):
+@pytest.mark.parametrize("spec", [("stdlib:sliding_window", {"window": 6}), ("stdlib:moba", {"block": 4, "topk": 2})],
+                         ids=["window", "routed"])
+def test_bad_values_are_refused_by_name(bad, where, spec):
     """A page id outside the pool on a reached page, a length beyond the table or below the row's queries, offsets
     that decrease, do not start at 0, give a row more than ``max_seqlen_q`` or do not match the table's rows, a bad
-    ``max_seqlen_q``, index tensors of another dtype: one SpecError naming it."""
-    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    ``max_seqlen_q``, index tensors of another dtype: one SpecError naming it; a routed pattern's too (its
+    selection's device ops and block summaries read the values clamped, the kernel's row check names them)."""
+    attn = attnc.compile_attention(spec[0], backend="triton", **spec[1])
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
     cu = torch.tensor(bad.get("cu", [0, 1, 3, 4]), dtype=bad.get("cu_dtype", torch.int32))
     table = table.to(bad.get("table_dtype", torch.int32))
