@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 
-import sympy
-
 from ...core import ir
 from . import paged_lines
 from .exprs import LN2, LOG2E
@@ -295,24 +293,12 @@ class KernelBodies:
         return self.block and self.pat.route is None and self.pat.decay is None
 
     def paged_forward_applies(self) -> bool:
-        """Whether the module has ``attnc_fwd_paged``: the grouped forward's patterns, on sequences, whose inputs the
-        caller gives (none made per call from q and k) and whose bias reads none at an index it must check (a paged
-        row reads its inputs at its own positions, its batch entry)."""
-        return (self.block and self.pat.decay is None and (self.pat.route is None or self.paged_route() is not None)
-                and not any(decl.derived for decl in self.pat.inputs)
-                and not self.checks and self.pat.queries.kind == "seq" and self.pat.keys.kind == "seq"
-                and not self.pat.queries.segments and not self.pat.keys.segments)
+        """Whether the module has ``attnc_fwd_paged`` (``paged_lines.applies``)."""
+        return self.block and not self.checks and paged_lines.applies(self.pat, self.bound)
 
     def paged_route(self) -> int | None:
-        """The key block of a route ``attnc_fwd_paged`` serves, or None: top-k blocks of one size on the sequence,
-        scored from their keys' summaries (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection
-        per query head; the paged kernel reads each row's selection (``SEL``) and its own lists."""
-        route = self.pat.route
-        if (route is None or route.topk is None or route.tokens or route.scores is not None or route.given
-                or route.shared or route.score not in ("token", "bound") or len(route.block) != 1):
-            return None
-        size = sympy.sympify(route.block[0]).subs(self.bound.subs)
-        return int(size) if isinstance(size, sympy.Integer) else None
+        """The key block of the route ``attnc_fwd_paged`` serves (``paged_lines.route_block``)."""
+        return paged_lines.route_block(self.pat, self.bound)
 
     def _forward_grouped(self, paged: bool = False) -> str:
         """The forward of a few query rows with K/V heads shared (``attnc_fwd_grouped``): one program per (Q tile,

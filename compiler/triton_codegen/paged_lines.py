@@ -4,6 +4,8 @@ a range's list at the row's KV tiles. The runtime side is ``runtime.backends.tri
 
 from __future__ import annotations
 
+import sympy
+
 from .signature import Param, constexprs, tensor, value
 
 #: The grouped forward's block sizes that a paged program reads per row instead of taking them.
@@ -17,6 +19,32 @@ PAGED_RUNTIME = [tensor("BT", "sbt_b"), value("SEQ"), value("QS"), value("QN"),
 #: Page ids a row's check reads at once.
 CHECK_PAGES = 32
 CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS")
+
+
+def applies(pat, bound) -> bool:
+    """Whether a block module of ``pat`` has ``attnc_fwd_paged`` (its bias reading no input at an index the forward
+    must check, which the caller asks): no FoX gates, a route only where ``route_block`` serves it, inputs the
+    caller gives (none made per call from q and k: a paged row reads its inputs at its own positions, its batch
+    entry), on sequences."""
+    return (pat.decay is None and (pat.route is None or route_block(pat, bound) is not None)
+            and not any(decl.derived for decl in pat.inputs) and pat.queries.kind == "seq"
+            and pat.keys.kind == "seq" and not pat.queries.segments and not pat.keys.segments)
+
+
+def serves_route(route) -> bool:
+    """Whether ``attnc_fwd_paged`` serves ``route``: top-k blocks of one size, scored from their keys' summaries
+    (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection per query head; the paged kernel reads
+    each row's selection (``SEL``) and its own lists."""
+    return (route is not None and route.topk is not None and not route.tokens and route.scores is None
+            and not route.given and not route.shared and route.score in ("token", "bound") and len(route.block) == 1)
+
+
+def route_block(pat, bound) -> int | None:
+    """The key block of the route ``attnc_fwd_paged`` serves (``serves_route``) at ``bound``, or None."""
+    if not serves_route(pat.route):
+        return None
+    size = sympy.sympify(pat.route.block[0]).subs(bound.subs)
+    return int(size) if isinstance(size, sympy.Integer) else None
 
 
 def runtime_params(common: list[Param]) -> list[Param]:

@@ -23,6 +23,7 @@ import sympy
 import torch
 
 from ....compiler import evaluate as E
+from ....compiler.triton_codegen.paged_lines import serves_route
 from ....compiler.triton_codegen.source import ROW_LENGTHS
 from ....core import symbols as S
 from ...plan import decode_lists, kept_summary
@@ -41,13 +42,9 @@ def applies(pat) -> bool:
     """Whether a paged call of the routed ``pat`` is served in one launch: top-k blocks of one size on the
     sequence, scored from the keys' means (MoBA) or bounds (Quest) per query head, a mask, keep and block size that
     name no growing size and no input, and a K that may grow with the length but is at least 1 at every length."""
-    route = pat.route
-    if (route is None or route.topk is None or route.tokens or route.scores is not None or route.given
-            or route.shared or route.score not in ("token", "bound") or len(route.block) != 1 or pat.inputs):
+    if not serves_route(pat.route) or pat.inputs or not decode_lists.applies(pat):
         return False
-    if not decode_lists.applies(pat):
-        return False
-    topk = sympy.sympify(route.topk)
+    topk = sympy.sympify(pat.route.topk)
     return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
 
 
