@@ -72,7 +72,8 @@ class WarmCalls:
         self.entries = PlanCache(LAUNCHER_CACHE_SIZE)
         self.last: tuple | None = None  # the signature of the last plain call (``_grown``)
         #: the growing cache last served as pages with a bound launch: (its call's signature but for k's and v's
-        #: shapes and strides, its ``CachePages``, the bound launch), reused while the cache stays in its buffer
+        #: shapes and strides, its ``CachePages``, the bound launch), reused while the cache stays in its buffer;
+        #: its pools are views of that buffer, kept alive until a call that is no such step (or another cache)
         self.grown: tuple | None = None
 
     def __len__(self) -> int:
@@ -111,6 +112,7 @@ class WarmCalls:
             if got is not None:  # (its shape is not kept: one per step would push bound launchers out)
                 out = unnormalized_output(attn.pattern, *got)
                 return (out, got[1]) if return_lse else out
+        self.grown = None  # a call that is no growing cache's step lets the last one's buffer go (its pools' views)
         result = ordinary(q, k, v, scale=scale, return_lse=return_lse)
         if entry is None:
             self.entries[key] = (None, 1)

@@ -176,3 +176,19 @@ def test_a_cache_shorter_than_the_window_takes_the_ordinary_call_which_refuses_i
                                        ref(q.double(), k[:, :, :n].double(), v[:, :, :n].double()),
                                        atol=2e-5, rtol=2e-5)
     assert served == [True, True]  # 15 and 16: the steps after a shape seen
+
+
+def test_a_step_whose_v_holds_other_keys_than_k_is_refused(monkeypatch):
+    """A growing cache's steps reuse the pools kept for its buffer; a step whose v holds one key fewer than its k is
+    refused by the ordinary call's error naming v, never read as pages (v's view would be read past its end)."""
+    served = spy_pages(monkeypatch)
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=17)
+    g = torch.Generator().manual_seed(9)
+    bk, bv = torch.randn(1, 2, 128, 16, generator=g), torch.randn(1, 2, 128, 16, generator=g)
+    q = torch.randn(1, 4, 1, 16, generator=g)
+    with torch.no_grad():
+        for n in range(60, 66):
+            attn(q, bk[:, :, :n], bv[:, :, :n])
+        with pytest.raises(attnc.SpecError, match="must match k") as err:
+            attn(q, bk[:, :, :66], bv[:, :, :65])
+    assert err.value.where == "argument v" and served == [True, True]

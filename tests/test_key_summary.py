@@ -216,3 +216,26 @@ def test_a_kept_summary_of_a_paged_call_is_refused_where_it_would_be_dropped():
     with pytest.raises(SpecError, match="of a paged pool") as err:
         tri(q, torch.randn(2, 2, 30, 8), torch.randn(2, 2, 30, 8), key_summary=kept)
     assert err.value.where == "argument key_summary"
+
+
+def test_a_refused_paged_call_keeps_nothing_of_its_bad_values():
+    """A paged call refused for a page id outside the pool (its rows' summaries made from clamped ids) leaves the
+    open ``KeySummary`` keeping none of that row's blocks: the next call with the right table equals the
+    reference."""
+    params = ROUTES["moba"]
+    attn = attnc.compile_attention("stdlib:moba", backend="triton", **params)
+    ref = attnc.compile_attention("stdlib:moba", backend="reference", **params)
+    k, v, table = _paged([21, 30], 4, seed=6)
+    lengths = torch.tensor([21, 30], dtype=torch.int32)
+    q = torch.randn(2, 4, 1, 8, generator=torch.Generator().manual_seed(7))
+    kept = attnc.KeySummary()
+    bad = table.clone()
+    bad[0, 1] = 10_000
+    with pytest.raises(SpecError, match="block_table"):
+        attn(q, k, v, block_table=bad, cache_seqlens=lengths, layout="bhnd", key_summary=kept)
+    assert int(kept._pages[1][0]) == 0  # the refused row keeps no block
+    out = attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", key_summary=kept)
+    for b in range(2):
+        n = int(lengths[b])
+        want = ref(q[b:b + 1].double(), _row(k, table, b, n), _row(v, table, b, n))
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)

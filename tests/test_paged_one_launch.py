@@ -535,3 +535,42 @@ def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith("| attnc paged")]
     assert text.count("## ") == 2 and len(rows) == 4
     assert all(float(row.rstrip(" |").rsplit("|", 1)[-1]) < 1e-5 for row in rows), rows
+
+
+def test_a_missing_input_is_named():
+    """A paged call of a pattern whose mask reads an input, without it: the ordinary path's error naming it, not a
+    one launch without its input."""
+    k, v, table, seqlens, _ = pool([12, 30], 8)
+    attn = attnc.compile_attention("stdlib:document", backend="triton")
+    with pytest.raises(SpecError, match="missing input 'doc'") as err:
+        attn(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+    assert err.value.where == "argument doc"
+
+
+@pytest.mark.parametrize("spec, fault", [
+    # an input read away from the query's or key's own position: the ordinary call checks its index range
+    ("pattern shifted\n  tokens seq\n  input doc: int[n]\n  mask causal and doc[q] == doc[k - 1]\n",
+     "indexed out of range"),
+    # a window whose size names the length: the kernels take fixed window sizes
+    ("pattern wn\n  tokens seq\n  mask window(n // 8 + 1)\n", None),
+])
+def test_masks_the_one_launch_does_not_take_keep_the_ordinary_answer(spec, fault):
+    """A mask reading an input at a shifted index, a window sized by the length: not served in one launch (its
+    lists or kernel would answer otherwise), so the paged call keeps the ordinary path's answer: the error naming
+    the input, or each row equal to the reference."""
+    pat = attnc.compile_attention(spec, backend="reference").pattern
+    assert not triton_paged.applies(pat)
+    lengths = [23, 40, 9]
+    k, v, table, seqlens, rows = pool(lengths, 8, 4)
+    q = torch.randn(3, HQ, 1, D, generator=torch.Generator().manual_seed(2))
+    attn = attnc.compile_attention(spec, backend="triton")
+    if fault is not None:
+        doc = torch.zeros(3, table.shape[1] * 8, dtype=torch.int64)
+        with pytest.raises(SpecError, match=fault):
+            attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", doc=doc)
+        return
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+    ref = attnc.compile_attention(spec, backend="reference")
+    for b, (kb, vb) in enumerate(rows):
+        torch.testing.assert_close(out[b:b + 1], ref(q[b:b + 1].double(), kb.double(), vb.double()).float(),
+                                   rtol=2e-5, atol=2e-5)

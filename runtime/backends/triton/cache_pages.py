@@ -76,8 +76,9 @@ class CachePages:
     def serves(self, k: torch.Tensor, v: torch.Tensor) -> bool:
         """Whether a step whose caches ``k``, ``v`` differ from this one's in their keys' count only (the caller
         checked their other dimensions, and that they hold more keys than the step's queries) reads the same pools
-        and table: the same first keys and strides, and from ``least_keys`` to ``most_keys`` keys."""
-        return (self.least_keys <= k.shape[2] <= self.most_keys
+        and table: the same first keys and strides, and from ``least_keys`` to ``most_keys`` keys, as many in v as
+        in k."""
+        return (self.least_keys <= k.shape[2] <= self.most_keys and v.shape[2] == k.shape[2]
                 and (k.data_ptr(), v.data_ptr(), k.stride(), v.stride()) == self.where)
 
     def at(self, keys: int, device) -> torch.Tensor:

@@ -84,7 +84,16 @@ def _terms_served(pat) -> bool:
     for e in (pat.bias, pat.softcap):
         if isinstance(e, sympy.Basic) and (E.input_names(e) or not e.free_symbols <= decode_lists.LENGTH_FREE):
             return False
-    return getattr(pat.mask, "free_symbols", set()) <= decode_lists.LENGTH_FREE | ROW_LENGTHS
+    mask = pat.mask
+    if not isinstance(mask, sympy.Basic):
+        return True
+    # an input read at the query's or the key's own position (never out of its range: the ordinary call's check
+    # of a shifted index, doc[k - 1], reads the values); a window of fixed size, dilation and stride (the kernel's)
+    if any(set(site.args) - {S.Q, S.K} for site in E.input_sites(mask)):
+        return False
+    if any(not isinstance(a, sympy.Integer) for w in mask.atoms(S.Window) for a in w.args[3:6]):
+        return False
+    return mask.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS
 
 
 def names_row_length(pat) -> bool:
@@ -375,9 +384,9 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     t = template(runner, load, q, kv_heads, dv, min(max_q, capacity), capacity)
     if not packed:
         q_start, q_count = rows_of(t, batch, rows, device)
-    sel = None
+    sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
-        sel, lists = paged_routes.select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed)
+        sel, lists, kept = paged_routes.select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)
@@ -437,6 +446,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         F.record_or_launch(launch, kernel, grid, named, meta, backward=False)
         if partial is not None:
             F.combine_splits(launch, *partial, out, lse)
+    paged_routes.keep(kept, flags)  # an open KeySummary keeps the rows whose values the kernel found right
     return out, lse, flags
 
 

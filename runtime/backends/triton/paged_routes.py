@@ -10,8 +10,8 @@ choice (``device_choice.choose``: the host rule, bit for bit, in fixed shapes). 
 bits (``SEL``: ``[batch entry, query heads, queries, words]``), and each (row, K/V head) gets its own list of the KV
 tiles some query of the row, for some query head of the group, selected a block of: every tile PARTIAL (the kernel
 evaluates the mask and the selection per key), none FULL. So a row's step reads the keys of its selected blocks
-only, plus one pass over its keys for the summaries: the pass that does not shrink with the route (a kept summary,
-``KeySummary``, is a contiguous cache's; not kept across paged calls in this version).
+only, plus one pass over its keys for the summaries: the pass that does not shrink with the route (with a
+``KeySummary`` open, only each row's blocks after its kept, complete ones: ``kept_summary``).
 
 The lists are sized by the table's capacity (every KV tile), so a call's shapes do not depend on any length and one
 captured graph replays at every step.
@@ -36,6 +36,8 @@ from ...tritonenv import interpreting
 SUMMARY_CHUNK = 64
 #: Bits of one word of ``SEL``.
 WORD = 32
+#: The most summary elements a packed call's scoring gathers at once (its queries' rows' summaries).
+SCORE_CHUNK = 1 << 24
 
 
 def applies(pat) -> bool:
@@ -48,16 +50,17 @@ def applies(pat) -> bool:
     return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
 
 
-def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) -> tuple[torch.Tensor, dict]:
-    """``(SEL, lists)`` of a paged call of template ``t`` (module docstring): ``SEL`` the selection's bits, int32
-    ``[B | 1, Hq, rows, words]`` as q's rows are laid out; ``lists`` the rows' (row x K/V head) lists of PARTIAL
-    tiles, none FULL, with their searches' steps."""
+def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) -> tuple[torch.Tensor, dict, tuple]:
+    """``(SEL, lists, kept)`` of a paged call of template ``t`` (module docstring): ``SEL`` the selection's bits,
+    int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out; ``lists`` the rows' (row x K/V head) lists of
+    PARTIAL tiles, none FULL, with their searches' steps; ``kept``: what ``keep`` commits to an open
+    ``KeySummary`` after the launch (None where none is open)."""
     pat, bound = t.launch.pattern, t.launch.bound
     size, cap = t.route_block, t.capacity
     nblocks = -(-cap // size)
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
     lengths = seqlens.to(torch.int64).clamp(0, cap)
-    summary = _summaries(t, k_cache, block_table, seqlens, size, nblocks)
+    summary, kept = _summaries(t, k_cache, block_table, seqlens, size, nblocks)
     with torch.no_grad():
         if packed:  # q [1, Hq, total, D]: each query its own row's
             at = torch.arange(q.shape[2], device=device)
@@ -65,14 +68,14 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
             count, first = q_count.to(torch.int64)[row_of], q_start.to(torch.int64)[row_of]
             valid = (at - first < count) & (at >= first)
             pos = (lengths[row_of] - count + at - first).view(-1, 1)
-            qx, summary = q[0].transpose(0, 1).unsqueeze(2), summary[:, row_of]  # [total, Hq, 1, D]
+            qx = q[0].transpose(0, 1).unsqueeze(2)  # [total, Hq, 1, D]: scored against its row's summaries
             key_rows = lengths[row_of].view(-1, 1)
         else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
             n = q.shape[2]
             pos = lengths.view(-1, 1) - n + torch.arange(n, device=device)
             valid = (pos >= 0).view(-1)
             qx, row_of, key_rows = q, None, lengths.view(-1, 1).expand(-1, n)
-        score = _scores(pat, qx, summary, kv_heads)  # [X, Hq, n, nblocks]
+        score = _scores(pat, qx, summary, kv_heads, row_of)  # [X, Hq, n, nblocks]
         X, n = score.shape[0], score.shape[2]
         # the template's bound is a block of its last rows: positions relative to its first (token_env adds it)
         flat = pos.reshape(-1).clamp(min=0) - bound.q_offset
@@ -91,12 +94,21 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
         if packed:  # [1, Hq, total, words]: indexed as q's packed rows
             words = words.permute(2, 1, 0, 3).contiguous()
         lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
-    return words, lists
+    return words, lists, kept
 
 
-def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> torch.Tensor:
+def keep(kept: tuple | None, flags: torch.Tensor) -> None:
+    """Commit a call's complete blocks to its open ``KeySummary``: each row's, where the kernel's check of its values
+    held (``flags``: 1 where it did), else none (a refused row's summaries, made from bad values, are made again)."""
+    if kept is not None:
+        blocks, complete = kept
+        blocks.copy_(torch.where(flags != 0, complete, 0))
+
+
+def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> tuple[torch.Tensor, tuple | None]:
     """``attnc_paged_summary``'s ``[1 | 2, B, Hkv, nblocks, D]`` fp32 (means; or maxima, minima): made whole, or,
-    where a ``KeySummary`` is open (``kept_summary.keeping``), its kept blocks read and the rest made."""
+    where a ``KeySummary`` is open (``kept_summary.keeping``), its kept blocks read and the rest made; with
+    ``(kept blocks, complete blocks)`` of every row, which ``keep`` commits once the rows' values are checked."""
     rows, kv_heads, head_dim = block_table.shape[0], k_cache.shape[2], k_cache.shape[3]
     pat = t.launch.pattern
     bound = pat.route.score == "bound"
@@ -117,23 +129,29 @@ def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> tor
             out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
             kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, _pow2(size)),
             BLOCK_D=_pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
-    if kept is not None:  # the complete blocks of every row are kept for its next call
-        blocks.copy_(lengths // size)
-    return out
+    return out, ((blocks, lengths // size) if kept is not None else None)
 
 
-def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int, row_of=None) -> torch.Tensor:
     """``route_scores.block_scores``'s (``q . mean(k)``, or ``q+ . max(k) + q- . min(k)``) of q ``[X, Hq, n, D]``
-    against its row's summaries ``[S, X, Hkv, nblocks, D]``, the query heads of a K/V head in one product:
-    ``[X, Hq, n, nblocks]`` fp32."""
+    against its row's summaries (``summary`` ``[S, B, Hkv, nblocks, D]``; row ``x`` of q, or ``row_of[x]``), the
+    query heads of a K/V head in one product: ``[X, Hq, n, nblocks]`` fp32. Queries of their own rows take their
+    rows' summaries ``SCORE_CHUNK`` elements at a time (not a copy per query of the whole)."""
     X, heads, n, head_dim = q.shape
     group = heads // kv_heads
     qg = q.float().reshape(X, kv_heads, group * n, head_dim)
-    if pat.route.score == "bound":
-        score = qg.clamp(min=0) @ summary[0].transpose(-1, -2) + qg.clamp(max=0) @ summary[1].transpose(-1, -2)
-    else:
-        score = qg @ summary[0].transpose(-1, -2)
-    return score.view(X, heads, n, -1)
+    per_query = summary[0, 0].numel() * summary.shape[0]
+    step = X if row_of is None else max(1, SCORE_CHUNK // per_query)
+    parts = []
+    for start in range(0, X, step):
+        part = slice(start, min(X, start + step))
+        s = summary[:, part] if row_of is None else summary[:, row_of[part]]
+        qp = qg[part]
+        if pat.route.score == "bound":
+            parts.append(qp.clamp(min=0) @ s[0].transpose(-1, -2) + qp.clamp(max=0) @ s[1].transpose(-1, -2))
+        else:
+            parts.append(qp @ s[0].transpose(-1, -2))
+    return torch.cat(parts).view(X, heads, n, -1)
 
 
 def _topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
