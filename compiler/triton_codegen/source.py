@@ -68,12 +68,17 @@ __all__ = [
     "FP32_MAX", "HELPERS", "INT32_MAX", "LN2", "LOG2E", "InputSlot", "KernelSource", "ScheduleShape",
     "TritonPrinter", "abs_bound", "bias_index_checks", "block_size", "check_fp32_constants", "derivative",
     "fp32_error", "generate_source", "head_factor", "helper_sources", "int_bound_rule", "int_float_sides",
-    "layout_of", "needs_int64",
+    "layout_of", "needs_int64", "but_row_lengths",
 ]
 
 #: The sizes a row-lengths module (``KernelSource.row_lengths``) reads at run time: the row's keys (self-attention: its
 #: tokens too).
 ROW_LENGTHS = frozenset({S.N, S.NK})
+
+
+def but_row_lengths(expr, bound: E.Bound):
+    """``expr`` with ``bound``'s sizes put in but the row's length (``ROW_LENGTHS``), which a paged row reads."""
+    return S.substitute(expr, {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
 
 #: The widest head dimension the kernels address (for the int32/int64 choice of memory rows).
 MAX_HEAD_DIM = 512
@@ -98,8 +103,7 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
         self.block = bound.is_block
         self.sel_q, self.sel_k = ("q_row", "k_row") if self.block else ("q_tok", "k_tok")
         self._bind_tiles()
-        self.mask = (S.substitute(pat.mask, {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
-                     if row_lengths else E.substitute(pat.mask, bound))
+        self.mask = but_row_lengths(pat.mask, bound) if row_lengths else E.substitute(pat.mask, bound)
         self.bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
         ranges = self._bind_printer()
         # the bias as coef * rest: coef once per head (times log2(e): scores are in log2 units), rest per score

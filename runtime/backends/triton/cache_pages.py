@@ -83,7 +83,7 @@ class CachePages:
 
     def at(self, keys: int, device) -> torch.Tensor:
         """The lengths of a step of ``keys`` keys (a new int32 tensor: a launch may still read the last one)."""
-        return torch.full((self.table.shape[0],), keys, dtype=torch.int32, device=device)
+        return _lengths(self.table.shape[0], keys, device)
 
 
 def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CachePages | None:
@@ -102,10 +102,14 @@ def view(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> CachePage
     if (batch - 1) * per_row + -(-capacity // page) >= 2**31:  # page ids past int32 (the table's type)
         return None
     table = _table(runner, batch, per_row, -(-capacity // page), q.device)
-    lengths = torch.full((batch,), keys, dtype=torch.int32, device=q.device)
     most = min(capacity, _most_keys(kl, page), _most_keys(vl, page))
-    return CachePages(_pages(k, kl, page), _pages(v, vl, page), table, lengths,
+    return CachePages(_pages(k, kl, page), _pages(v, vl, page), table, _lengths(batch, keys, q.device),
                       (k.data_ptr(), v.data_ptr(), kl[1], vl[1]), most, _least_keys(runner))
+
+
+def _lengths(rows: int, keys: int, device) -> torch.Tensor:
+    """Every row's length, ``keys`` (int32 ``[rows]``: a new tensor, as a launch may still read the last one)."""
+    return torch.full((rows,), keys, dtype=torch.int32, device=device)
 
 
 def _layout(t: torch.Tensor) -> tuple:

@@ -43,7 +43,12 @@ from ....compiler.route_blocks import route_sizes
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config
 from ....compiler.tiles import head_classes
-from ....compiler.triton_codegen.source import ROW_LENGTHS, ScheduleShape, generate_source
+from ....compiler.triton_codegen.source import (
+    ROW_LENGTHS,
+    ScheduleShape,
+    but_row_lengths,
+    generate_source,
+)
 from ....core import ir
 from ....core import symbols as S
 from ...checks import PAGED_VALUES_FAILED
@@ -202,8 +207,7 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
     made = runner.block_plans[key] = PagedTemplate(
         launch,
         source,
-        S.substitute(pat.mask, {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
-        if row_lengths else E.substitute(pat.mask, bound),
+        but_row_lengths(pat.mask, bound) if row_lengths else E.substitute(pat.mask, bound),
         head_classes(pat, bound),
         group,
         tile,
@@ -386,7 +390,8 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         q_start, q_count = rows_of(t, batch, rows, device)
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
-        sel, lists, kept = paged_routes.select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed)
+        sel, lists, kept = paged_routes.select(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count,
+                                               packed)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)

@@ -24,8 +24,7 @@ import torch
 
 from ....compiler import evaluate as E
 from ....compiler.triton_codegen.paged_lines import serves_route
-from ....compiler.triton_codegen.source import ROW_LENGTHS
-from ....core import symbols as S
+from ....compiler.triton_codegen.source import ROW_LENGTHS, but_row_lengths
 from ...plan import decode_lists, kept_summary
 from ...plan.device_choice import choose
 from ...plan.device_tiles import compact
@@ -60,7 +59,7 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
     nblocks = -(-cap // size)
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
     lengths = seqlens.to(torch.int64).clamp(0, cap)
-    summary, kept = _summaries(t, k_cache, block_table, seqlens, size, nblocks)
+    summary, kept = _summaries(t, k_cache, block_table, seqlens, lengths, size, nblocks)
     with torch.no_grad():
         if packed:  # q [1, Hq, total, D]: each query its own row's
             at = torch.arange(q.shape[2], device=device)
@@ -105,7 +104,8 @@ def keep(kept: tuple | None, flags: torch.Tensor) -> None:
         blocks.copy_(torch.where(flags != 0, complete, 0))
 
 
-def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> tuple[torch.Tensor, tuple | None]:
+def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: int
+               ) -> tuple[torch.Tensor, tuple | None]:
     """``attnc_paged_summary``'s ``[1 | 2, B, Hkv, nblocks, D]`` fp32 (means; or maxima, minima): made whole, or,
     where a ``KeySummary`` is open (``kept_summary.keeping``), its kept blocks read and the rest made; with
     ``(kept blocks, complete blocks)`` of every row, which ``keep`` commits once the rows' values are checked."""
@@ -113,19 +113,17 @@ def _summaries(t, k_cache, block_table, seqlens, size: int, nblocks: int) -> tup
     pat = t.launch.pattern
     bound = pat.route.score == "bound"
     shape = (2 if bound else 1, rows, kv_heads, nblocks, head_dim)
-    seq = seqlens if seqlens.dtype == torch.int32 and seqlens.is_contiguous() else seqlens.to(torch.int32)
     kept = kept_summary.open_for(pat)
     if kept is not None:
         out, blocks = kept.paged(pat.route.score, size, shape, k_cache.device)
-        lengths = seq.to(torch.int64).clamp(0, t.capacity)
         blocks.masked_fill_(lengths < blocks * size, 0)  # a row shorter than its kept blocks: a new sequence
     else:
-        out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seq
+        out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seqlens
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     kernel = t.launch.module.attnc_paged_summary
     with interpreting(t.launch.interpret):
         kernel[(nblocks, rows * kv_heads)](
-            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seq, blocks,
+            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seqlens, blocks,
             out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
             kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, _pow2(size)),
             BLOCK_D=_pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
@@ -156,7 +154,7 @@ def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int, row_of=N
 
 def _topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
     """The route's K: an int, or each query's at its row's key count (``[1, 1, queries, 1]`` int64)."""
-    expr = S.substitute(sympy.sympify(pat.route.topk), {s: v for s, v in bound.subs.items() if s not in ROW_LENGTHS})
+    expr = but_row_lengths(sympy.sympify(pat.route.topk), bound)
     if isinstance(expr, sympy.Integer):
         return int(expr)
     value = E.as_tensor(E.Evaluator(dict.fromkeys(ROW_LENGTHS, keys), {}, set(), None)(expr), torch.int64)
