@@ -31,7 +31,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def paged_cache(lengths, page_size, *, dtype=torch.float64, seed=0, dv=D):
+def paged_cache(lengths, page_size, *, dtype=torch.float64, seed=0, dv=D, kv_heads=HKV):
     """Random keys and values of each row written into shuffled pages of a pool with spare pages;
     the block table is padded with -1 past each row's pages, and a spare column past every row's.
     Returns (k_cache, v_cache, block_table, cache_seqlens, [(k_b, v_b) contiguous [1, Hkv, L_b, D]])."""
@@ -39,8 +39,8 @@ def paged_cache(lengths, page_size, *, dtype=torch.float64, seed=0, dv=D):
     reach = [-(-length // page_size) for length in lengths]
     max_pages = max(reach) + 1
     num_pages = sum(reach) + 3
-    k_cache = torch.randn(num_pages, page_size, HKV, D, generator=g, dtype=dtype)
-    v_cache = torch.randn(num_pages, page_size, HKV, dv, generator=g, dtype=dtype)
+    k_cache = torch.randn(num_pages, page_size, kv_heads, D, generator=g, dtype=dtype)
+    v_cache = torch.randn(num_pages, page_size, kv_heads, dv, generator=g, dtype=dtype)
     order = torch.randperm(num_pages, generator=g)
     table = torch.full((len(lengths), max_pages), -1, dtype=torch.int32)
     rows, used = [], 0

@@ -44,18 +44,43 @@ ONE_LAUNCH = {
     # block routes scored from their keys' summaries: each row's selection made on the device, its own lists
     "moba": {"block": 4, "topk": 2},
     "quest": {"token_budget": 12, "page": 4},
+    # token routes: each query's keys chosen on the device by q @ k, indexer inputs or a score per key
+    "token_topk": {"topk": 3},
+    "sparsifiner": {"budget": 5, "rank": 4, "cls": 1},
+    "dsa": {"topk": 5, "index_heads": 3, "index_dim": 8},
+    "dma": {"window": 5},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
 INPUTS = {
     "document": lambda rows, cap: {"doc": torch.stack([torch.arange(cap) // (5 + r) for r in range(rows)])},
     "longformer": lambda rows, cap: {"is_global": (torch.arange(cap) % 7 == 3).long()},  # one for every row
+    # (batched or every row's: both kinds in each)
+    "sparsifiner": lambda rows, cap: {"qi": _randn(rows, HQ, cap, 4), "ki": _randn(HQ, cap, 4)},
+    "dsa": lambda rows, cap: {"qi": _randn(cap, 3, 8), "ki": _randn(rows, cap, 8), "w": _randn(rows, cap, 3)},
+    "dma": lambda rows, cap: {"importance": _randn(rows, HQ, cap)},
 }
 
 
-def row_inputs(given: dict, b: int, length: int) -> dict:
-    """Row ``b``'s inputs over its ``length`` keys (an input without a batch dimension is every row's)."""
-    return {name: (t[b:b + 1] if t.dim() == 2 else t)[..., :length] for name, t in given.items()}
+def _randn(*shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def row_inputs(given: dict, b: int, length: int, name: str = "document") -> dict:
+    """Row ``b``'s inputs of stdlib pattern ``name`` over its ``length`` keys (an input without a batch dimension
+    is every row's), in float64 where they are floats."""
+    if not given:
+        return {}
+    decls = {d.name: d for d in attnc.compile_attention(f"stdlib:{name}", backend="reference").pattern.inputs}
+    out = {}
+    for key, t in given.items():
+        decl = decls[key]
+        lead = t.dim() - len(decl.dims)
+        t = t[b:b + 1] if lead else t
+        for d in decl.token_dims:
+            t = t.narrow(lead + d, 0, length)
+        out[key] = t.double() if t.is_floating_point() else t
+    return out
 
 
 def pool(lengths, page, seed=0):
@@ -115,7 +140,7 @@ def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeyp
     for b, (kb, vb) in enumerate(rows):
         lo, hi = int(cu[b]), int(cu[b + 1])
         ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
-        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b]))
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b], name))
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
@@ -230,6 +255,77 @@ def test_routed_rows_choose_their_own_blocks(lengths, page, route, block, topk, 
             continue
         want = ref(q[bs, :, qs].double(), kb.double(), vb.double())
         torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
+#: token routes at small sizes, and their inputs ``(rows, capacity, heads, batched) -> inputs`` over the capacity
+TOKEN_ROUTES = {
+    "token_topk": lambda topk: {"topk": topk},
+    "sparsifiner": lambda topk: {"budget": topk, "rank": 3, "cls": 1},
+    "dsa": lambda topk: {"topk": topk, "index_heads": 2, "index_dim": 4},
+    "dma": lambda topk: {"window": topk},
+}
+
+
+def token_inputs(name: str, rows: int, cap: int, heads: int, batched: bool, g) -> dict:
+    lead = (rows,) if batched else ()
+    shapes = {"token_topk": {}, "sparsifiner": {"qi": (heads, cap, 3), "ki": (heads, cap, 3)},
+              "dsa": {"qi": (cap, 2, 4), "ki": (cap, 4), "w": (cap, 2)}, "dma": {"importance": (heads, cap)}}[name]
+    return {key: torch.randn(*lead, *shape, generator=g) for key, shape in shapes.items()}
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 45), min_size=1, max_size=4), page=st.sampled_from([3, 8, 16]),
+       route=st.sampled_from(sorted(TOKEN_ROUTES)), topk=st.integers(1, 9), packed=st.booleans(),
+       batched=st.booleans(), kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16), data=st.data())
+def test_token_routes_choose_each_querys_keys_among_its_rows(lengths, page, route, topk, packed, batched, kv_heads,
+                                                            seed, data):
+    """Top-k token routes (by ``q @ k`` read through the pages, by indexer inputs, by DeepSeek's indexer, by a
+    score per key) over rows of their own lengths, one query per row or ``cu_seqlens_q`` rows of their own counts,
+    inputs per row or shared, GQA and MQA: one launch of ``attnc_fwd_paged`` (the split merge besides), each row
+    equal to the float64 reference over its own keys and inputs (each query's keys chosen among its own row's)."""
+    params = TOKEN_ROUTES[route](topk)
+    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(seed + 1)
+    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
+    ref = attnc.compile_attention(f"stdlib:{route}", backend="reference", **params)
+    given = token_inputs(route, len(lengths), table.shape[1] * page, HQ, batched, g)
+    launched = []
+    if packed:
+        counts = [data.draw(st.integers(0, n)) for n in lengths]
+        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
+        with pytest.MonkeyPatch.context() as mp:
+            launched = count_launches(mp)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
+        spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
+    else:
+        q = torch.randn(len(lengths), HQ, 1, D, generator=g)
+        with pytest.MonkeyPatch.context() as mp:
+            launched = count_launches(mp)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+        spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
+    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
+    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
+        if q[bs, :, qs].shape[2] == 0:
+            continue
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b], route))
+        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("route", sorted(TOKEN_ROUTES))
+def test_a_token_routed_call_reads_nothing_on_the_host(route):
+    """A token-routed paged call at its batch shape's later calls, at new lengths: nothing read on the host (the
+    scores, choice, bits and lists made by device ops, the inputs' shapes checked against the table's capacity)."""
+    params = TOKEN_ROUTES[route](3)
+    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    given = token_inputs(route, 3, table.shape[1] * 8, HQ, True, torch.Generator().manual_seed(0))
+    q = torch.randn(3, HQ, 1, D)
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+    for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
+        with HostReads() as reads:
+            attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", **given)
+        assert reads.total == 0, dict(reads.seen)
 
 
 def test_a_routed_call_reads_nothing_and_is_never_replayed(monkeypatch):
@@ -401,7 +497,7 @@ def test_bad_values_are_refused_by_name(bad, where, spec):
 @pytest.mark.parametrize("name, params, inputs", [
     # an input over the longest row's keys but not the table's capacity: the one launch does not take it
     ("document", {}, lambda cap: {"doc": (torch.arange(30) // 9).expand(3, 30).contiguous()}),
-    ("token_topk", {"topk": 3}, lambda cap: {}),  # a route by single keys' scores
+    ("landmark", {"block": 5}, lambda cap: {}),  # an input made from q and k at each call
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
     """Calls the paged forward does not serve (a route; an input shorter than the table's capacity, which the

@@ -33,10 +33,14 @@ def applies(pat, bound) -> bool:
 
 def serves_route(route) -> bool:
     """Whether ``attnc_fwd_paged`` serves ``route``: top-k blocks of one size, scored from their keys' summaries
-    (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection per query head; the paged kernel reads
-    each row's selection (``SEL``) and its own lists."""
-    return (route is not None and route.topk is not None and not route.tokens and route.scores is None
-            and not route.given and not route.shared and route.score in ("token", "bound") and len(route.block) == 1)
+    (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection per query head; or top-k tokens scored
+    by ``q @ k`` (``attnc_paged_token_scores``), by indexer inputs (``QI @ KI``, DeepSeek's indexer) or by a score
+    per key (DMA). The paged kernel reads each row's selection (``SEL``) and its own lists."""
+    if route is None or route.topk is None or route.scores is not None or route.given or route.shared:
+        return False
+    if route.tokens:
+        return route.score in ("token", "key", "indexer")
+    return route.score in ("token", "bound") and len(route.block) == 1
 
 
 def route_block(pat, bound) -> int | None:
@@ -213,4 +217,39 @@ def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, KEPT, OUT, so_s, so
         tl.store(out + so_s + d, tl.where(count > 0, low, 0.0), mask=(d < D) & fresh)
     else:
         tl.store(out + d, total / tl.maximum(count, 1).to(tl.float32), mask=(d < D) & fresh)
+'''
+
+
+#: A token route's scores over a paged pool (module text, emitted with ``attnc_fwd_paged`` where the pattern routes
+#: by ``q @ k`` per token): per (chunk of keys, query, K/V head) the dot of each query head of the group with each of
+#: the query's row's cached keys in the chunk, each key read once per query through the row's block table, in fp32.
+#: ``runtime.backends.triton.paged_tokens`` launches it.
+TOKEN_SCORE_KERNEL = '''
+
+@triton.jit
+def attnc_paged_token_scores(Q, sq_x, sq_h, K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, ROW, OUT, so_x, so_h, NUM_PAGES,
+                             MAX_KEYS, GROUP, D, PAGE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_G: tl.constexpr):
+    """One program per (chunk of CHUNK keys, query x, K/V head): q . k of the query's heads of the group (Q
+    ``[queries, Hq, D]``) with its row's (``ROW[x]``) cached keys in the chunk; a key past the row's keys gets 0
+    (the selection's check of the row's length drops it)."""
+    c = tl.program_id(0)
+    x = tl.program_id(1)
+    kvh = tl.program_id(2)
+    row = tl.load(ROW + x)
+    keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
+    pos = c * CHUNK + tl.arange(0, CHUNK)
+    ok = pos < keys
+    page = tl.load(BT + row.to(tl.int64) * sbt_b + pos // PAGE, mask=ok, other=0)
+    page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)
+    d = tl.arange(0, BLOCK_D)
+    at = page.to(tl.int64) * sk_b + (pos % PAGE) * sk_n + kvh.to(tl.int64) * sk_h
+    kk = tl.load(K + at[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
+    for g in tl.static_range(BLOCK_G):  # each query head of the group against the chunk's keys, read once
+        head = kvh * GROUP + g
+        live = d * 0 + g < GROUP  # (vectors: the interpreter takes no 0-d mask term)
+        qq = tl.load(Q + x.to(tl.int64) * sq_x + head.to(tl.int64) * sq_h + d, mask=live & (d < D), other=0.0)
+        score = tl.reduce(kk * qq.to(tl.float32)[None, :], 1, _add)
+        tl.store(OUT + x.to(tl.int64) * so_x + head.to(tl.int64) * so_h + pos, score,
+                 mask=(pos < MAX_KEYS) & (pos * 0 + g < GROUP))
 '''

@@ -53,7 +53,7 @@ from .exprs import (
 )
 from .helpers import DOT_HELPERS, HELPERS, helper_sources
 from .kernels import KernelBodies, indent
-from .paged_lines import ENTRIES_BELOW, SUMMARY_KERNEL
+from .paged_lines import ENTRIES_BELOW, SUMMARY_KERNEL, TOKEN_SCORE_KERNEL
 from .scores import ScoreLines
 from .tiles import (
     ScheduleShape,
@@ -230,7 +230,10 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
             parts.append(self._forward_grouped())
         if self.paged_forward_applies():
             parts += [ENTRIES_BELOW, self._forward_grouped(paged=True)]
-            if self.pat.route is not None:  # the block summaries its selection scores
+            if self.pat.route is not None and self.pat.route.tokens:  # a token route's q . k over the pages
+                if self.pat.route.indexer is None:
+                    parts.append(TOKEN_SCORE_KERNEL)
+            elif self.pat.route is not None:  # the block summaries its selection scores
                 parts.append(SUMMARY_KERNEL)
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"

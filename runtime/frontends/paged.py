@@ -504,7 +504,7 @@ def run(
     if rows is not None:
         rows = varlen_rows.check(rows, q, block_table)
     declared = isinstance(pat, ir.PatternIR) and bool(pat.inputs)  # (one missing: the ordinary path names it)
-    given = one_launch_inputs(pat, inputs, block_table, k_cache) if inputs or declared else {}
+    given = one_launch_inputs(pat, inputs, block_table, k_cache, q.shape[1], layout) if inputs or declared else {}
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)

@@ -4,9 +4,11 @@ the table's capacity (``one_launch_inputs``); the path by length cuts them to ea
 
 from __future__ import annotations
 
+import sympy
 import torch
 
 from ...core import ir
+from ...core import symbols as S
 from ...core.errors import SpecError
 
 
@@ -66,30 +68,47 @@ def group_input(pat, name: str, t, rows: torch.Tensor, length: int):
     return t
 
 
-def one_launch_inputs(pat, inputs: dict, block_table, k_cache) -> dict | None:
-    """A paged call's call-time inputs as the one-launch kernel reads them, or None where it does not: each of the
+@torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
+def _other_sizes(decl: ir.InputDecl, heads: int) -> tuple:
+    """Each dimension's declared size at ``heads`` query heads, None for a token dimension."""
+    return tuple(None if d in decl.token_dims else int(sympy.sympify(dim).subs(S.HEADS, heads))
+                 for d, dim in enumerate(decl.dims))
+
+
+def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layout: str = "bhnd") -> dict | None:
+    """A paged call's call-time inputs as the one launch reads them, or None where it does not: each of the
     pattern's inputs a tensor of its rank (a leading batch dimension of the table's rows, or none: one for every
-    row), over the tokens alone, of the declared type, every token dimension of the table's capacity at least
-    (read at each row's positions, never a host read of the lengths), no other name. The ordinary path (``by_length``) takes what is not so, and names what is wrong."""
+    row), of the declared type, every token dimension of the table's capacity at least (read at each row's
+    positions, never a host read of the lengths), its other dimensions of their declared sizes (``heads``: q's
+    heads; ``"bnhd"`` takes ``[n, heads, ...]`` ones transposed, as ``check_inputs``), no other name. An input the
+    kernel reads (the mask's, the bias's) is over the tokens and the heads; one the route alone reads (a token
+    route's indexer, scored before the launch) may have any dimensions. The ordinary path (``by_length``) takes what is not so, and names what is
+    wrong."""
     if not isinstance(pat, ir.PatternIR) or set(inputs) != {decl.name for decl in pat.inputs}:
         return None
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
         return None
     capacity = block_table.shape[1] * k_cache.shape[1]
+    routed = set(pat.route.indexer or ()) if pat.route is not None else set()
     out = {}
     for decl in pat.inputs:
         t = inputs[decl.name]
         if not isinstance(t, torch.Tensor) or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
             return None
-        if set(decl.dim_names) != {"n"} or (t.dtype.is_floating_point != (decl.dtype == "float")):
-            return None  # over the tokens alone, of its type (the ordinary path names a bool, a float int, ...)
-        if t.dtype == torch.bool or t.dtype.is_complex:
-            return None
+        if t.dtype.is_floating_point != (decl.dtype == "float") or t.dtype == torch.bool or t.dtype.is_complex:
+            return None  # of its type (the ordinary path names a bool, a float int, ...)
         lead = t.dim() - len(decl.dims)
+        if layout == "bnhd" and decl.dim_names[:2] == ("heads", "n"):
+            t = t.transpose(lead, lead + 1)
         if (lead and t.shape[0] != block_table.shape[0]) or t.device != k_cache.device:
             return None
         if any(t.shape[lead + d] < capacity for d in decl.token_dims):
             return None
+        if decl.name not in routed and not set(decl.dim_names) <= {"heads", "n", "nk"}:
+            return None  # the kernel reads it at positions and the head
+        sizes = _other_sizes(decl, heads)
+        if any(size is not None and t.shape[lead + d] != size for d, size in enumerate(sizes)):
+            return None  # its other dimensions of their declared sizes
         out[decl.name] = t
     return out
 

@@ -56,7 +56,7 @@ from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
-from . import blocks, paged_routes, split_kv
+from . import blocks, paged_routes, paged_tokens, split_kv
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
@@ -86,16 +86,19 @@ def _terms_served(pat) -> bool:
     kernel at each call, any value to the lists); a bias and softcap naming no growing size and no input."""
     if any(decl.derived is not None for decl in pat.inputs):
         return False  # made from q and k at each call (cluster ids, vertical-slash flags, relative tables)
-    for e in (pat.bias, pat.softcap):
-        if isinstance(e, sympy.Basic) and (E.input_names(e) or not e.free_symbols <= decode_lists.LENGTH_FREE):
-            return False
+    # an input read at the query's or the key's own position, and the head (never out of its range: the ordinary
+    # call's check of a shifted index, doc[k - 1], reads the values)
+    terms = [e for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
+    if any(set(site.args) - {S.Q, S.K, S.H} for e in terms for site in E.input_sites(e)):
+        return False
+    if pat.softcap is not None and E.input_names(pat.softcap):
+        return False
+    if pat.bias is not None and not pat.bias.free_symbols <= decode_lists.LENGTH_FREE:
+        return False
     mask = pat.mask
     if not isinstance(mask, sympy.Basic):
         return True
-    # an input read at the query's or the key's own position (never out of its range: the ordinary call's check
-    # of a shifted index, doc[k - 1], reads the values); a window of fixed size, dilation and stride (the kernel's)
-    if any(set(site.args) - {S.Q, S.K} for site in E.input_sites(mask)):
-        return False
+    # a window of fixed size, dilation and stride (the kernel's)
     if any(not isinstance(a, sympy.Integer) for w in mask.atoms(S.Window) for a in w.args[3:6]):
         return False
     return mask.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS
@@ -390,8 +393,9 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         q_start, q_count = rows_of(t, batch, rows, device)
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
-        sel, lists, kept = paged_routes.select(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count,
-                                               packed)
+        chooser = paged_tokens.select if t.launch.pattern.route.tokens else paged_routes.select
+        sel, lists, kept = chooser(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
+                                   **({"inputs": inputs} if t.launch.pattern.route.tokens else {}))
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)
@@ -399,9 +403,11 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         if launch is None:  # the template's launch with its lists on this device, once
             launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
-    if launch.pattern.inputs:  # this call's inputs (their device copies made per call, not kept)
-        launch = dataclasses.replace(launch, tensors=inputs, batched=frozenset(
-            decl.name for decl in launch.pattern.inputs if inputs[decl.name].dim() == len(decl.dims) + 1),
+    if launch.pattern.inputs:  # this call's inputs the kernel reads (a route's own were scored by ``select``)
+        read = _kernel_inputs(launch.pattern, inputs)
+        launch = dataclasses.replace(launch, tensors=read, batched=frozenset(
+            decl.name for decl in launch.pattern.inputs if decl.name in read
+            and read[decl.name].dim() == len(decl.dims) + 1),
             extra={key: value for key, value in launch.extra.items() if not key.startswith("in:")})
     rows_b = block_table.shape[0]
     splits = _splits(t, rows_b, kv_heads, KL.sms_of(device))
@@ -453,6 +459,12 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
             F.combine_splits(launch, *partial, out, lse)
     paged_routes.keep(kept, flags)  # an open KeySummary keeps the rows whose values the kernel found right
     return out, lse, flags
+
+
+def _kernel_inputs(pat, inputs: dict) -> dict:
+    """The inputs the kernel's terms read (the mask's and the bias's: not a token route's indexer, scored before)."""
+    names = {name for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic) for name in E.input_names(e)}
+    return {name: t for name, t in inputs.items() if name in names}
 
 
 def _row_flags(t: PagedTemplate, rows: int, device) -> torch.Tensor:

@@ -43,10 +43,19 @@ def applies(pat) -> bool:
     """Whether a paged call of the routed ``pat`` is served in one launch: top-k blocks of one size on the
     sequence, scored from the keys' means (MoBA) or bounds (Quest) per query head, a mask, keep and block size that
     name no growing size and no input, and a K that may grow with the length but is at least 1 at every length."""
-    if not serves_route(pat.route) or pat.inputs or not decode_lists.applies(pat):
+    if not serves_route(pat.route) or not decode_lists.applies(pat):
         return False
+    if isinstance(pat.route.keep, sympy.Basic) and E.input_names(pat.route.keep):
+        return False
+    if {decl.name for decl in pat.inputs} - set(pat.route.indexer or ()) - _read_by_terms(pat):
+        return False  # inputs the route reads (a token route's indexer), or the kernel's terms (DMA's bias)
     topk = sympy.sympify(pat.route.topk)
     return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
+
+
+def _read_by_terms(pat) -> set:
+    """The inputs the kernel's terms read (mask, bias: ``paged.applies`` checks where)."""
+    return {name for e in (pat.mask, pat.bias) if isinstance(e, sympy.Basic) for name in E.input_names(e)}
 
 
 def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) -> tuple[torch.Tensor, dict, tuple]:
@@ -86,10 +95,10 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
         if pat.route.keep is not None:
             keep = device_mask(E.substitute(pat.route.keep, bound), pat, bound, flat,
                                torch.arange(nblocks, device=device) * size)
-        topk = _topk(pat, bound, key_rows.reshape(-1))
+        topk = row_topk(pat, bound, key_rows.reshape(-1))
         ranked = score.permute(1, 0, 2, 3).reshape(1, heads, X * n, nblocks)
         chosen = choose(ranked, allowed, keep, topk).view(heads, X, n, nblocks).permute(1, 0, 2, 3)
-        words = _words(chosen)
+        words = pack_words(chosen)
         if packed:  # [1, Hq, total, words]: indexed as q's packed rows
             words = words.permute(2, 1, 0, 3).contiguous()
         lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
@@ -152,7 +161,7 @@ def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int, row_of=N
     return torch.cat(parts).view(X, heads, n, -1)
 
 
-def _topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
+def row_topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
     """The route's K: an int, or each query's at its row's key count (``[1, 1, queries, 1]`` int64)."""
     expr = but_row_lengths(sympy.sympify(pat.route.topk), bound)
     if isinstance(expr, sympy.Integer):
@@ -161,12 +170,12 @@ def _topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
     return value.reshape(1, 1, -1, 1)
 
 
-def _words(chosen: torch.Tensor) -> torch.Tensor:
-    """The selection ``[X, Hq, n, nblocks]`` as int32 words of ``WORD`` blocks, bit ``b`` of word ``w`` block
+def pack_words(chosen: torch.Tensor) -> torch.Tensor:
+    """The selection ``[..., nblocks]`` as int32 words of ``WORD`` blocks, bit ``b`` of word ``w`` block
     ``w * WORD + b``."""
     nblocks = chosen.shape[-1]
     words = -(-nblocks // WORD)
-    bits = torch.nn.functional.pad(chosen, (0, words * WORD - nblocks)).view(*chosen.shape[:3], words, WORD)
+    bits = torch.nn.functional.pad(chosen, (0, words * WORD - nblocks)).view(*chosen.shape[:-1], words, WORD)
     weights = torch.bitwise_left_shift(torch.ones(WORD, dtype=torch.int64, device=chosen.device),
                                        torch.arange(WORD, device=chosen.device))
     packed = (bits.to(torch.int64) * weights).sum(-1)
@@ -185,7 +194,14 @@ def _lists(t, chosen: torch.Tensor, row_of, rows: int, kv_heads: int, size: int,
     first = torch.arange(t.kv_tiles, device=device) * t.kv_tile
     lo, hi = first // size, ((first + t.kv_tile).clamp(max=t.capacity) - 1) // size
     running = torch.nn.functional.pad(reached.to(torch.int32).cumsum(-1), (1, 0))  # blocks selected before each
-    visit = (running[..., hi + 1] - running[..., lo]) > 0  # [rows, Hkv, kv_tiles]
+    return visit_lists(t, (running[..., hi + 1] - running[..., lo]) > 0)
+
+
+def visit_lists(t, visit: torch.Tensor) -> dict:
+    """The lists ``attnc_fwd_paged`` reads of the KV tiles each (row, K/V head) visits (``visit`` bool ``[rows,
+    Hkv, kv_tiles]``), ascending, all PARTIAL; no FULL tile."""
+    rows, kv_heads = visit.shape[:2]
+    device = visit.device
     index = torch.arange(t.kv_tiles, device=device).expand(rows * kv_heads, -1)
     count, entries = compact(index, visit.reshape(rows * kv_heads, -1))
     empty = torch.zeros(rows * kv_heads, dtype=count.dtype, device=device)
@@ -198,4 +214,4 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["applies", "select"]
+__all__ = ["applies", "keep", "pack_words", "row_topk", "select", "visit_lists"]
