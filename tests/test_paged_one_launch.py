@@ -381,6 +381,54 @@ def test_an_input_of_the_wrong_type_is_refused_by_name():
     assert "argument doc" in str(err.value)
 
 
+@pytest.mark.parametrize("route, name, shape", [
+    ("dsa", "qi", lambda cap: (cap, 2, 5)),  # index_dim 4 declared
+    ("sparsifiner", "ki", lambda cap: (HQ + 1, cap, 3)),  # a head too many
+    ("dma", "importance", lambda cap: (HQ + 1, cap)),
+])
+def test_a_token_route_input_of_the_wrong_shape_is_refused_by_name(route, name, shape):
+    """An indexer input of another shape than declared is not scored by the one launch (it would mix dimensions):
+    the ordinary path names the argument."""
+    k, v, table, seqlens, _ = pool([12, 30], 8)
+    cap = table.shape[1] * 8
+    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **TOKEN_ROUTES[route](3))
+    given = token_inputs(route, 2, cap, HQ, False, torch.Generator().manual_seed(0))
+    given[name] = torch.randn(*shape(cap))
+    with pytest.raises(SpecError) as err:
+        attn(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+    assert f"argument {name}" in str(err.value)
+
+
+def test_a_bias_reading_inputs_at_the_query_the_key_and_the_head_is_read_by_the_kernel(monkeypatch):
+    """A bias reading inputs at the key's position and the head (``w[h, k]``) and at the query's (``u[q]``), over
+    the table's capacity: one launch, each row the float64 reference over its own keys and inputs."""
+    src = """pattern biased
+  tokens seq
+  input w: float[heads, n]
+  input u: float[n]
+  mask causal
+  bias w[h, k] + u[q]
+"""
+    attn = attnc.compile_attention(src, backend="triton")
+    ref = attnc.compile_attention(src, backend="reference")
+    assert triton_paged.applies(attn.pattern)
+    lengths, counts = [5, 17, 23], [1, 3, 23]
+    k, v, table, seqlens, rows = pool(lengths, 8)
+    cap = table.shape[1] * 8
+    g = torch.Generator().manual_seed(5)
+    w, u = torch.randn(len(lengths), HQ, cap, generator=g), torch.randn(cap, generator=g)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=g)
+    launched = count_launches(monkeypatch)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", w=w, u=u)
+    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi, n = int(cu[b]), int(cu[b + 1]), lengths[b]
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), w=w[b:b + 1, :, :n].double(),
+                   u=u[:n].double())
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
 def test_a_row_shorter_than_the_window_is_refused_by_name():
     """A row whose keys do not fit the pattern's window (size times dilation), which the ordinary call refuses at
     that length: the one-launch call refuses it too, naming ``cache_seqlens`` and the row, from the kernel's row
