@@ -349,12 +349,11 @@ class Attention(torch.nn.Module):
         sequences resolved, its arguments checked, then the runner's forward (``_forward``)."""
         layout = self.layout if layout is None else check_layout(layout)
         route = getattr(self.pattern, "route", None)
-        if route is not None and route.scores is not None and (cu_seqlens is not None or block_table is not None
-                                                                 or cache_seqlens is not None):
-            where = "argument cu_seqlens" if cu_seqlens is not None else "argument block_table"
+        given_scores = route is not None and route.scores is not None
+        if given_scores and cu_seqlens is not None:
             raise SpecError(f"'{self.pattern.name}' reads block scores given per call ('{route.scores}', one column "
-                            "per key block of one sequence): not with packed sequences or paged caches in this "
-                            "version", where=where, hint="call each sequence on its own")
+                            "per key block of one sequence): not with packed sequences in this version",
+                            where="argument cu_seqlens", hint="call each sequence on its own")
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
             from .frontends import paged
 
@@ -367,6 +366,11 @@ class Attention(torch.nn.Module):
                     and kept_summary.open_for(self.pattern) is not None)
             only = (kept_summary.WHERE, "a paged call keeps its route's block summaries only where it runs in one "
                     "launch (the Triton backend, MoBA's and Quest's routes, q of the kernels' dtypes)") if kept else None
+            if given_scores:  # each row's columns are its own key blocks: the one launch reads them at its positions
+                only = ("argument block_table", f"'{self.pattern.name}' reads block scores given per call "
+                        f"('{route.scores}', one column per key block of a row): a paged call takes them only where "
+                        f"it runs in one launch (the Triton backend, q of the kernels' dtypes, '{route.scores}' "
+                        "over the block table's capacity, [B | 1, heads, max_pages * page_size, blocks])")
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
                              return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner,

@@ -7,6 +7,7 @@ nothing; bad values are refused by name; the call compiles with ``fullgraph=True
 import os
 
 import pytest
+import sympy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from test_host_reads import HostReads
 from test_paged_kv import HKV, HQ, D, paged_cache
 
 import attnc
+from attnc.core import symbols as S
 from attnc.core.errors import SpecError
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import paged as triton_paged
@@ -49,6 +51,8 @@ ONE_LAUNCH = {
     "sparsifiner": {"budget": 5, "rank": 4, "cls": 1},
     "dsa": {"topk": 5, "index_heads": 3, "index_dim": 8},
     "dma": {"window": 5},
+    # block scores the caller gives (SeerAttention's gate), each row's columns its own key blocks
+    "seer": {"block": 4, "topk": 2},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -59,6 +63,7 @@ INPUTS = {
     "sparsifiner": lambda rows, cap: {"qi": _randn(rows, HQ, cap, 4), "ki": _randn(HQ, cap, 4)},
     "dsa": lambda rows, cap: {"qi": _randn(cap, 3, 8), "ki": _randn(rows, cap, 8), "w": _randn(rows, cap, 3)},
     "dma": lambda rows, cap: {"importance": _randn(rows, HQ, cap)},
+    "seer": lambda rows, cap: {"gate": _randn(rows, HQ, cap, -(-cap // 4))},
 }
 
 
@@ -66,19 +71,20 @@ def _randn(*shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
 
 
-def row_inputs(given: dict, b: int, length: int, name: str = "document") -> dict:
-    """Row ``b``'s inputs of stdlib pattern ``name`` over its ``length`` keys (an input without a batch dimension
-    is every row's), in float64 where they are floats."""
-    if not given:
-        return {}
-    decls = {d.name: d for d in attnc.compile_attention(f"stdlib:{name}", backend="reference").pattern.inputs}
+def row_inputs(pattern, given: dict, b: int, length: int) -> dict:
+    """Row ``b``'s inputs of ``pattern`` over its ``length`` keys (an input without a batch dimension is every
+    row's), in float64 where they are floats."""
+    decls = {d.name: d for d in pattern.inputs}
     out = {}
     for key, t in given.items():
         decl = decls[key]
         lead = t.dim() - len(decl.dims)
         t = t[b:b + 1] if lead else t
-        for d in decl.token_dims:
-            t = t.narrow(lead + d, 0, length)
+        for d, dim in enumerate(decl.dims):  # its tokens, and a dimension sized by them (a gate's key blocks)
+            if d in decl.token_dims:
+                t = t.narrow(lead + d, 0, length)
+            elif sympy.sympify(dim).free_symbols & {S.N, S.NK}:
+                t = t.narrow(lead + d, 0, int(sympy.sympify(dim).subs({S.N: length, S.NK: length})))
         out[key] = t.double() if t.is_floating_point() else t
     return out
 
@@ -140,7 +146,8 @@ def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeyp
     for b, (kb, vb) in enumerate(rows):
         lo, hi = int(cu[b]), int(cu[b + 1])
         ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
-        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b], name))
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
@@ -220,23 +227,27 @@ def test_inputs_are_read_at_each_rows_positions(lengths, page, batched, seed, da
     ref = attnc.compile_attention("stdlib:document", backend="reference")
     for b, (kb, vb) in enumerate(rows):
         lo, hi = int(cu[b]), int(cu[b + 1])
-        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_inputs({"doc": doc}, b, lengths[b]))
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, {"doc": doc}, b, lengths[b]))
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
 @settings(max_examples=6, deadline=None)
 @given(lengths=st.lists(st.integers(1, 45), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
-       route=st.sampled_from(["moba", "quest"]), block=st.sampled_from([2, 5, 8]), topk=st.integers(1, 4),
+       route=st.sampled_from(["moba", "quest", "seer"]), block=st.sampled_from([2, 5, 8]), topk=st.integers(1, 4),
        packed=st.booleans(), seed=st.integers(0, 2**16), data=st.data())
 def test_routed_rows_choose_their_own_blocks(lengths, page, route, block, topk, packed, seed, data):
-    """MoBA and Quest over rows of their own lengths (Quest's K grows with each row's), pages that do and do not
-    divide the route's blocks, one query per row or ``cu_seqlens_q`` rows of their own counts, GQA: one launch of
-    ``attnc_fwd_paged`` (the summaries and the split merge besides), each row equal to the float64 reference over
-    its own keys (its selection made from its own keys' summaries)."""
-    params = ({"block": block, "topk": topk} if route == "moba"
-              else {"page": block, "token_budget": block * topk})
+    """MoBA, Quest and SeerAttention (its gate given per row, its keep naming each row's length) over rows of their
+    own lengths (Quest's K grows with each row's), pages that do and do not divide the route's blocks, one query per
+    row or ``cu_seqlens_q`` rows of their own counts, GQA: one launch of ``attnc_fwd_paged`` (the summaries and the
+    split merge besides), each row equal to the float64 reference over its own keys (its selection made from its own
+    keys' summaries, or its own gate)."""
+    params = ({"page": block, "token_budget": block * topk} if route == "quest"
+              else {"block": block, "topk": topk})
     k, v, table, seqlens, rows = pool(lengths, page, seed)
     g = torch.Generator().manual_seed(seed + 1)
+    cap = table.shape[1] * page
+    given = {"gate": torch.randn(len(lengths), HQ, cap, -(-cap // block), generator=g)} if route == "seer" else {}
     attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
     ref = attnc.compile_attention(f"stdlib:{route}", backend="reference", **params)
     assert triton_paged.applies(attn.pattern)
@@ -244,16 +255,17 @@ def test_routed_rows_choose_their_own_blocks(lengths, page, route, block, topk, 
         counts = [data.draw(st.integers(0, n)) for n in lengths]
         cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
         q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
-        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
         spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
     else:
         q = torch.randn(len(lengths), HQ, 1, D, generator=g)
-        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
         spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
-    for (kb, vb), (bs, qs) in zip(rows, spans, strict=True):
+    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
         if q[bs, :, qs].shape[2] == 0:
             continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double())
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
         torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
 
 
@@ -308,7 +320,8 @@ def test_token_routes_choose_each_querys_keys_among_its_rows(lengths, page, rout
     for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
         if q[bs, :, qs].shape[2] == 0:
             continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(), **row_inputs(given, b, lengths[b], route))
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
         torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
 
 

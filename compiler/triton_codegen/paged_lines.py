@@ -33,13 +33,14 @@ def applies(pat, bound) -> bool:
 
 def serves_route(route) -> bool:
     """Whether ``attnc_fwd_paged`` serves ``route``: top-k blocks of one size, scored from their keys' summaries
-    (MoBA's means, Quest's bounds: ``attnc_paged_summary``), one selection per query head; or top-k tokens scored
+    (MoBA's means, Quest's bounds: ``attnc_paged_summary``) or given (SeerAttention's gate), one selection per query
+    head; or top-k tokens scored
     by ``q @ k`` (``attnc_paged_token_scores``), by indexer inputs (``QI @ KI``, DeepSeek's indexer) or by a score
     per key (DMA). The paged kernel reads each row's selection (``SEL``) and its own lists."""
-    if route is None or route.topk is None or route.scores is not None or route.given or route.shared:
+    if route is None or route.topk is None or route.given or route.shared:
         return False
     if route.tokens:
-        return route.score in ("token", "key", "indexer")
+        return route.scores is None and route.score in ("token", "key", "indexer")
     return route.score in ("token", "bound") and len(route.block) == 1
 
 

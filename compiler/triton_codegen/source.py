@@ -233,7 +233,7 @@ class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
             if self.pat.route is not None and self.pat.route.tokens:  # a token route's q . k over the pages
                 if self.pat.route.indexer is None:
                     parts.append(TOKEN_SCORE_KERNEL)
-            elif self.pat.route is not None:  # the block summaries its selection scores
+            elif self.pat.route is not None and self.pat.route.scores is None:  # the block summaries it scores
                 parts.append(SUMMARY_KERNEL)
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"

@@ -69,10 +69,11 @@ def group_input(pat, name: str, t, rows: torch.Tensor, length: int):
 
 
 @torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
-def _other_sizes(decl: ir.InputDecl, heads: int) -> tuple:
-    """Each dimension's declared size at ``heads`` query heads, None for a token dimension."""
-    return tuple(None if d in decl.token_dims else int(sympy.sympify(dim).subs(S.HEADS, heads))
-                 for d, dim in enumerate(decl.dims))
+def _other_sizes(decl: ir.InputDecl, heads: int, capacity: int) -> tuple:
+    """Each dimension's declared size at ``heads`` query heads and a sequence of the table's ``capacity`` (a given
+    score's blocks), None for a token dimension."""
+    at = {S.HEADS: heads, S.N: capacity, S.NK: capacity}
+    return tuple(None if d in decl.token_dims else int(sympy.sympify(dim).subs(at)) for d, dim in enumerate(decl.dims))
 
 
 def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layout: str = "bhnd") -> dict | None:
@@ -89,7 +90,8 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
     if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
         return None
     capacity = block_table.shape[1] * k_cache.shape[1]
-    routed = set(pat.route.indexer or ()) if pat.route is not None else set()
+    route = pat.route
+    routed = set() if route is None else set(route.indexer or ()) | ({route.scores} if route.scores else set())
     out = {}
     for decl in pat.inputs:
         t = inputs[decl.name]
@@ -106,7 +108,7 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
             return None
         if decl.name not in routed and not set(decl.dim_names) <= {"heads", "n", "nk"}:
             return None  # the kernel reads it at positions and the head
-        sizes = _other_sizes(decl, heads)
+        sizes = _other_sizes(decl, heads, capacity)
         if any(size is not None and t.shape[lead + d] != size for d, size in enumerate(sizes)):
             return None  # its other dimensions of their declared sizes
         out[decl.name] = t

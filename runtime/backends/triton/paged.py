@@ -394,8 +394,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
         chooser = paged_tokens.select if t.launch.pattern.route.tokens else paged_routes.select
-        sel, lists, kept = chooser(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
-                                   **({"inputs": inputs} if t.launch.pattern.route.tokens else {}))
+        sel, lists, kept = chooser(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed, inputs)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)

@@ -19,6 +19,8 @@ captured graph replays at every step.
 
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 import torch
 
@@ -41,16 +43,27 @@ SCORE_CHUNK = 1 << 24
 
 def applies(pat) -> bool:
     """Whether a paged call of the routed ``pat`` is served in one launch: top-k blocks of one size on the
-    sequence, scored from the keys' means (MoBA) or bounds (Quest) per query head, a mask, keep and block size that
-    name no growing size and no input, and a K that may grow with the length but is at least 1 at every length."""
-    if not serves_route(pat.route) or not decode_lists.applies(pat):
+    sequence, scored from the keys' means (MoBA) or bounds (Quest) per query head or given (SeerAttention's gate),
+    or top-k tokens (``paged_tokens``); a mask and block size that name no growing size, a keep that may name the
+    row's length (each query's row's), neither reading an input, and a K that may grow with the length but is at
+    least 1 at every length."""
+    route = pat.route
+    if not serves_route(route) or not decode_lists.applies(dataclasses.replace(pat, route=dataclasses.replace(
+            route, keep=None))):
         return False
-    if isinstance(pat.route.keep, sympy.Basic) and E.input_names(pat.route.keep):
+    if isinstance(route.keep, sympy.Basic) and (
+            E.input_names(route.keep) or not route.keep.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS):
         return False
-    if {decl.name for decl in pat.inputs} - set(pat.route.indexer or ()) - _read_by_terms(pat):
-        return False  # inputs the route reads (a token route's indexer), or the kernel's terms (DMA's bias)
-    topk = sympy.sympify(pat.route.topk)
+    if {decl.name for decl in pat.inputs} - route_inputs(pat) - _read_by_terms(pat):
+        return False  # inputs the route reads (a token route's indexer, given scores), or the kernel's terms (DMA's bias)
+    topk = sympy.sympify(route.topk)
     return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
+
+
+def route_inputs(pat) -> set:
+    """The inputs a route reads before the launch: a token route's indexer, a block route's given scores."""
+    route = pat.route
+    return set(route.indexer or ()) | ({route.scores} if route.scores is not None else set())
 
 
 def _read_by_terms(pat) -> set:
@@ -58,7 +71,8 @@ def _read_by_terms(pat) -> set:
     return {name for e in (pat.mask, pat.bias) if isinstance(e, sympy.Basic) for name in E.input_names(e)}
 
 
-def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) -> tuple[torch.Tensor, dict, tuple]:
+def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict | None = None
+           ) -> tuple[torch.Tensor, dict, tuple]:
     """``(SEL, lists, kept)`` of a paged call of template ``t`` (module docstring): ``SEL`` the selection's bits,
     int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out; ``lists`` the rows' (row x K/V head) lists of
     PARTIAL tiles, none FULL, with their searches' steps; ``kept``: what ``keep`` commits to an open
@@ -68,34 +82,31 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
     nblocks = -(-cap // size)
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
     lengths = seqlens.to(torch.int64).clamp(0, cap)
-    summary, kept = _summaries(t, k_cache, block_table, seqlens, lengths, size, nblocks)
+    given = pat.route.scores is not None
+    summary, kept = (None, None) if given else _summaries(t, k_cache, block_table, seqlens, lengths, size, nblocks)
     with torch.no_grad():
-        if packed:  # q [1, Hq, total, D]: each query its own row's
-            at = torch.arange(q.shape[2], device=device)
-            row_of = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
-            count, first = q_count.to(torch.int64)[row_of], q_start.to(torch.int64)[row_of]
-            valid = (at - first < count) & (at >= first)
-            pos = (lengths[row_of] - count + at - first).view(-1, 1)
-            qx = q[0].transpose(0, 1).unsqueeze(2)  # [total, Hq, 1, D]: scored against its row's summaries
-            key_rows = lengths[row_of].view(-1, 1)
+        row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
+        key_rows = lengths[row]
+        if given:  # the caller's block scores of each query, at its position over the capacity
+            score = _given_scores(pat, inputs, row, pos.clamp(min=0), nblocks, q.shape, packed)
+        elif packed:  # q [1, Hq, total, D]: each query scored against its own row's summaries
+            score = _scores(pat, q[0].transpose(0, 1).unsqueeze(2), summary, kv_heads, row)
         else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
-            n = q.shape[2]
-            pos = lengths.view(-1, 1) - n + torch.arange(n, device=device)
-            valid = (pos >= 0).view(-1)
-            qx, row_of, key_rows = q, None, lengths.view(-1, 1).expand(-1, n)
-        score = _scores(pat, qx, summary, kv_heads, row_of)  # [X, Hq, n, nblocks]
-        X, n = score.shape[0], score.shape[2]
+            score = _scores(pat, q, summary, kv_heads)
+        X, n = score.shape[0], score.shape[2]  # [X, Hq, n, nblocks]
         # the template's bound is a block of its last rows: positions relative to its first (token_env adds it)
-        flat = pos.reshape(-1).clamp(min=0) - bound.q_offset
+        flat = pos.clamp(min=0) - bound.q_offset
         keys = torch.arange(cap, device=device)
-        reach = device_mask(t.mask, pat, bound, flat, keys) & (keys < key_rows.reshape(-1, 1)) & valid.view(-1, 1)
+        reach = (device_mask(t.mask, pat, bound, flat, keys, key_rows) & (keys < key_rows.view(-1, 1))
+                 & valid.view(-1, 1))
         pad = reach.new_zeros(*reach.shape[:3], nblocks * size - cap)
         allowed = torch.cat([reach, pad], -1).view(*reach.shape[:3], nblocks, size).any(-1)  # [1, H|1, X*n, nb]
         keep = None
-        if pat.route.keep is not None:
-            keep = device_mask(E.substitute(pat.route.keep, bound), pat, bound, flat,
-                               torch.arange(nblocks, device=device) * size)
-        topk = row_topk(pat, bound, key_rows.reshape(-1))
+        if pat.route.keep is not None:  # naming the length: each query's row's
+            keep = device_mask(but_row_lengths(pat.route.keep, bound), pat, bound, flat,
+                               torch.arange(nblocks, device=device) * size, key_rows)
+        topk = row_topk(pat, bound, key_rows)
+        row_of = row if packed else None
         ranked = score.permute(1, 0, 2, 3).reshape(1, heads, X * n, nblocks)
         chosen = choose(ranked, allowed, keep, topk).view(heads, X, n, nblocks).permute(1, 0, 2, 3)
         words = pack_words(chosen)
@@ -103,6 +114,31 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool) 
             words = words.permute(2, 1, 0, 3).contiguous()
         lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
     return words, lists, kept
+
+
+def query_rows(q, lengths, q_start, q_count, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row, position, valid)`` int64 / bool ``[X]`` of each query of the call, in q's order of rows (a packed
+    call's past its rows' queries: not valid)."""
+    device = q.device
+    rows = lengths.shape[0]
+    if packed:  # q [1, Hq, total, D]: each query its own row's
+        at = torch.arange(q.shape[2], device=device)
+        row = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
+        count, first = q_count.to(torch.int64)[row], q_start.to(torch.int64)[row]
+        return row, lengths[row] - count + at - first, (at - first < count) & (at >= first)
+    n = q.shape[2]  # q [B, Hq, n, D]: row b's n queries, its last n positions
+    row = torch.arange(rows, device=device).repeat_interleave(n)
+    pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
+    return row, pos, pos >= 0
+
+
+def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool) -> torch.Tensor:
+    """The route's given block scores (``by NAME``: ``[B | 1, heads, n, blocks]`` over the table's capacity) of each
+    query at its row and position: ``[X, Hq, n, nblocks]`` as q of ``shape`` lays them out."""
+    given = inputs[pat.route.scores]
+    given = given[row, :, pos] if given.dim() == 4 else given[:, pos].transpose(0, 1)  # [X * n, heads, blocks]
+    X, n = (shape[2], 1) if packed else (shape[0], shape[2])
+    return given[..., :nblocks].reshape(X, n, shape[1], nblocks).transpose(1, 2)
 
 
 def keep(kept: tuple | None, flags: torch.Tensor) -> None:
@@ -214,4 +250,4 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["applies", "keep", "pack_words", "row_topk", "select", "visit_lists"]
+__all__ = ["applies", "keep", "pack_words", "query_rows", "route_inputs", "row_topk", "select", "visit_lists"]

@@ -27,7 +27,7 @@ from ....compiler import evaluate as E
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
-from .paged_routes import SCORE_CHUNK, pack_words, row_topk, visit_lists
+from .paged_routes import SCORE_CHUNK, pack_words, query_rows, row_topk, visit_lists
 
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64
@@ -42,7 +42,7 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
     lengths = seqlens.to(torch.int64).clamp(0, cap)
     with torch.no_grad():
-        row, pos, valid = _queries(q, lengths, q_start, q_count, packed)
+        row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
         qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, heads, q.shape[-1])  # [X, Hq, D]
         count = qf.shape[0]
         keys = torch.arange(cap, device=device)
@@ -68,22 +68,6 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
         else:  # [B, Hq, n, words]
             sel = words.view(q.shape[0], q.shape[2], heads, -1).transpose(1, 2)
     return sel, visit_lists(t, reached > 0), None
-
-
-def _queries(q, lengths, q_start, q_count, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row, position, valid)`` int64 / bool ``[X]`` of each query of the call, in q's order of rows (a packed
-    call's past its rows' queries: not valid)."""
-    device = q.device
-    rows = lengths.shape[0]
-    if packed:  # q [1, Hq, total, D]: each query its own row's
-        at = torch.arange(q.shape[2], device=device)
-        row = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
-        count, first = q_count.to(torch.int64)[row], q_start.to(torch.int64)[row]
-        return row, lengths[row] - count + at - first, (at - first < count) & (at >= first)
-    n = q.shape[2]  # q [B, Hq, n, D]: row b's n queries, its last n positions
-    row = torch.arange(rows, device=device).repeat_interleave(n)
-    pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
-    return row, pos, pos >= 0
 
 
 def _score_width(pat, heads: int, cap: int, inputs: dict | None) -> int:

@@ -13,6 +13,7 @@ import torch
 from ....compiler import evaluate as E
 from ....compiler.route_blocks import route_sizes
 from ....core import ir
+from ....core import symbols as S
 from .. import device_choice
 from ..route_scores import (
     SELECT_ELEMENTS,
@@ -82,11 +83,15 @@ def select_on_device(pat: ir.PatternIR, bound: E.Bound, q, k, tensors: dict, c) 
     return selected
 
 
-def device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+def device_mask(expr: sympy.Basic, pat, bound: E.Bound, rows: torch.Tensor, keys: torch.Tensor,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
     """``expr`` (substituted, of positions and sizes alone) at query rows ``rows`` and key rows ``keys`` (device
-    tensors) for every head: bool ``[1, Hq | 1, len(rows) | 1, len(keys) | 1]`` on their device."""
+    tensors) for every head: bool ``[1, Hq | 1, len(rows) | 1, len(keys) | 1]`` on their device. ``lengths``: each
+    query row's sequence length (``n``, ``nk``), where ``expr`` names it (a paged row's own)."""
     heads = torch.arange(bound.heads, device=rows.device).view(1, -1, 1, 1)
     env = E.token_env(pat, bound, rows.view(1, 1, -1, 1), keys.view(1, 1, 1, -1), heads)
+    if lengths is not None:
+        env.update(dict.fromkeys((S.N, S.NK), lengths.view(1, 1, -1, 1)))
     value = E.as_tensor(E.Evaluator(env, {}, set(), None)(expr), torch.bool)
     value = torch.zeros((), dtype=torch.bool, device=rows.device) | value  # a constant made on the device
     return value.reshape((1,) * (4 - value.dim()) + tuple(value.shape))
