@@ -23,7 +23,7 @@ def resolve_scale(scale, head_dim: int) -> float:
 
 
 #: The device assert's message of a paged call whose values break a rule (the runner's check on the device, or
-#: ``frontends.paged.check_on_device``): on the CPU the caller then names the argument and the row on the host.
+#: ``frontends.paged_checks.check_on_device``): on the CPU the caller then names the argument and the row on the host.
 PAGED_VALUES_FAILED = "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range"
 
 #: Bytes of int64 work per evaluated (query, key) pair beside the result (the

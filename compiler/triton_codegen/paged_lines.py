@@ -96,7 +96,7 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1
 
 def row_check() -> list[str]:
     """One program of each row (its first Q tile, first K/V head and split) checks the row's values as the host
-    rules do (``frontends.paged.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its sizes kept the rules
+    rules do (``frontends.paged_checks.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its sizes kept the rules
     (``row_fine``, made by ``row_setup``: its key count within [its queries (self-attention; else 1), the table's
     capacity], its query count within [0, ``MAX_Q``], its first query row at 0 for the first row and its queries
     within q's rows) and every page id its keys reach is a page of the pool. The host asserts every flag after the

@@ -8,7 +8,7 @@ block table's rows: it starts at 0, never decreases and ends at ``total`` at mos
 serving loop's padding, come out as zeros with an lse of -inf). ``max_seqlen_q`` (an int, optional:
 q's ``total`` where not given) bounds every row's count and sizes the launch; with it fixed, a CUDA graph replays
 the launch for any counts. The offsets are never read on the host: they are checked on the device with the
-pages (the runner's kernel checks each row; ``paged.check_on_device`` before ``k=`` is appended).
+pages (the runner's kernel checks each row; ``paged_checks.check_on_device`` before ``k=`` is appended).
 """
 
 from __future__ import annotations

@@ -20,11 +20,13 @@ the head, the group's lists (FULL where FULL for every head of it) serve its pac
 ``MAX_RANGES`` (the lists' memory: ranges x 2 x classes x their widths, int32).
 
 It serves the self-attention patterns whose module has ``attnc_fwd_paged`` (``KernelSource.paged_forward_applies``:
-no route, no FoX gates, a sequence, no input made per call) and whose terms the template's lists serve at any length
-(``_terms_served``): a mask that names positions, the head, the row's length (read by the kernel as the row's key
-count) and inputs the caller gives (read by the kernel at each call at the row's positions, its batch entry; the
-lists take any value for them, so their tiles are PARTIAL where the positions allow a pair); a bias and softcap that
-name no growing size and read no input: ``applies``. Forward only.
+no FoX gates, a sequence, no input made per call, a route only where one is chosen per call on the device:
+``paged_routes`` for blocks, ``paged_tokens`` for single keys) and whose terms the template's lists serve at any
+length (``_terms_served``): a mask that names positions, the head, the row's length (read by the kernel as the row's
+key count) and inputs the caller gives (read by the kernel at each call at the row's positions, its batch entry; the
+lists take any value for them, so their tiles are PARTIAL where the positions allow a pair); a bias that names no
+growing size and reads inputs, if at all, at the query's or key's position and the head; a softcap that reads none:
+``applies``. Forward only.
 """
 
 from __future__ import annotations
