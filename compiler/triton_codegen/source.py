@@ -30,6 +30,7 @@ from .. import evaluate as E
 from ..expr_printer import internal_names
 from ..route_blocks import WORD_BITS, block_sizes, tile_block_spread
 from ..schedule import uniform_axes
+from .backward_bodies import BackwardBodies
 from .bias import (
     bias_index_checks,
     derivative,
@@ -84,7 +85,7 @@ def but_row_lengths(expr, bound: E.Bound):
 MAX_HEAD_DIM = 512
 
 
-class KernelSource(ScoreLines, KernelBodies, BiasGradLines):
+class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     """Builds the kernel module text for one pattern, bound sizes and schedule shape."""
 
     def __init__(self, pat: ir.PatternIR, bound: E.Bound, shape: ScheduleShape, config=None,
