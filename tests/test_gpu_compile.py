@@ -338,20 +338,23 @@ def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
 
 
 @pytest.mark.parametrize("name, params", [("stdlib:moba", {"block": 512, "topk": 4}),
-                                          ("stdlib:neighborhood_1d", {"kernel_size": 7, "dilation": 2})])
+                                          ("stdlib:neighborhood_1d", {"kernel_size": 7, "dilation": 2}),
+                                          ("stdlib:token_topk", {"topk": 256})])
 def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     """One launch over a paged KV cache (``--paged``: a decode batch of rows of their own lengths, 4 query heads per
     K/V head): the paged forward (a mask naming the length: the row's, read at run time; a route: each row's
-    selection read per key), its split merge and a route's block summaries compile for sm_80 and sm_90, fit and do
-    not spill, the forward's dots on tensor cores; a pattern the paged kernel does not serve is refused by name."""
+    selection read per key), its split merge, a block route's summaries and a token route's scores compile for
+    sm_80 and sm_90, fit and do not spill, the forward's dots on tensor cores; a pattern the paged kernel does not
+    serve is refused by name."""
     reports = check_paged(attnc.load(name, **params), archs=(80, 90), head_dims=(128,), dtypes=("bf16",), n=4096)
     kernels = {r.kernel for r in reports}
-    assert any("paged" in k and "summary" not in k for k in kernels), kernels
-    assert any("summary" in k for k in kernels) is (name == "stdlib:moba")
+    assert "attnc_fwd_paged" in kernels, kernels
+    assert ("attnc_paged_summary" in kernels) is (name == "stdlib:moba")
+    assert ("attnc_paged_token_scores" in kernels) is (name == "stdlib:token_topk")
     assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
-    assert all(r.mma > 0 for r in reports if "paged" in r.kernel and "summary" not in r.kernel)
+    assert all(r.mma > 0 for r in reports if r.kernel == "attnc_fwd_paged")
     with pytest.raises(SpecError, match="not served by the one-launch paged kernel"):
-        check_paged(attnc.load("stdlib:token_topk"), archs=(80,), head_dims=(64,), n=1024)
+        check_paged(attnc.load("stdlib:landmark"), archs=(80,), head_dims=(64,), n=1024)
 
 
 def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):

@@ -41,7 +41,9 @@ RUNTIME_ROOMS = [
     ("runtime.pattern_arg", "runtime.warm_calls"),  # the entry points' pattern argument; a module's warm calls
     ("runtime.simulation",),  # the simulator's entry points
     ("runtime.api",),
-    ("runtime.gpu_check", "runtime.gpu_report"),  # the offline compile check and its text
+    ("runtime.gpu_launches",),  # the offline compile check: a call's launches recorded,
+    ("runtime.gpu_compile",),  # each compiled for a target,
+    ("runtime.gpu_check", "runtime.gpu_report"),  # a pattern's call driven through both, and its text
     ("runtime.gpu_paged_check",),  # the offline compile check of a paged call
 ]
 
