@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 
 from . import kernel_fit
 from .gpu_launches import SMEM_LIMIT, Recorded, native_kernel
-from .gpu_report import HEADER, summary, table  # noqa: F401 (this module's public names)
 
 
 @dataclass

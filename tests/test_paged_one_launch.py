@@ -53,6 +53,8 @@ ONE_LAUNCH = {
     "dma": {"window": 5},
     # block scores the caller gives (SeerAttention's gate), each row's columns its own key blocks
     "seer": {"block": 4, "topk": 2},
+    # cluster ids made over the pool at each call (the Routing Transformer's clustered mask)
+    "cluster_mask": {"clusters": 3},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -64,6 +66,7 @@ INPUTS = {
     "dsa": lambda rows, cap: {"qi": _randn(cap, 3, 8), "ki": _randn(rows, cap, 8), "w": _randn(rows, cap, 3)},
     "dma": lambda rows, cap: {"importance": _randn(rows, HQ, cap)},
     "seer": lambda rows, cap: {"gate": _randn(rows, HQ, cap, -(-cap // 4))},
+    "cluster_mask": lambda rows, cap: {"centroids": _randn(HQ, 3, D)},
 }
 
 
@@ -325,6 +328,40 @@ def test_token_routes_choose_each_querys_keys_among_its_rows(lengths, page, rout
         torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
 
 
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       clusters=st.integers(1, 4), packed=st.booleans(), batched=st.booleans(), kv_heads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16), data=st.data())
+def test_cluster_ids_are_made_over_each_rows_pages(lengths, page, clusters, packed, batched, kv_heads, seed, data):
+    """The clustered mask (``cluster(q) == cluster(k)``) over rows of their own lengths, centroids per row or
+    shared, GQA and MQA, one query per row or ``cu_seqlens_q`` rows: each key's id made from its row's pages and
+    each query's from q on the device, one launch of ``attnc_fwd_paged``, each row the float64 reference's."""
+    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(seed + 1)
+    attn = attnc.compile_attention("stdlib:cluster_mask", backend="triton", clusters=clusters)
+    ref = attnc.compile_attention("stdlib:cluster_mask", backend="reference", clusters=clusters)
+    given = {"centroids": torch.randn(*((len(lengths),) if batched else ()), HQ, clusters, D, generator=g)}
+    with pytest.MonkeyPatch.context() as mp:
+        launched = count_launches(mp)
+        if packed:
+            counts = [data.draw(st.integers(0, n)) for n in lengths]
+            cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
+            spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
+        else:
+            q = torch.randn(len(lengths), HQ, 1, D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+            spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
+    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
+    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
+        if q[bs, :, qs].shape[2] == 0:
+            continue
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
+        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("route", sorted(TOKEN_ROUTES))
 def test_a_token_routed_call_reads_nothing_on_the_host(route):
     """A token-routed paged call at its batch shape's later calls, at new lengths: nothing read on the host (the
@@ -333,6 +370,19 @@ def test_a_token_routed_call_reads_nothing_on_the_host(route):
     attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
     given = token_inputs(route, 3, table.shape[1] * 8, HQ, True, torch.Generator().manual_seed(0))
+    q = torch.randn(3, HQ, 1, D)
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+    for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
+        with HostReads() as reads:
+            attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", **given)
+        assert reads.total == 0, dict(reads.seen)
+
+
+def test_a_clustered_call_reads_nothing_on_the_host():
+    """The clustered mask's paged call at new lengths: its ids made by device ops, nothing read on the host."""
+    attn = attnc.compile_attention("stdlib:cluster_mask", backend="triton", clusters=3)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    given = {"centroids": torch.randn(HQ, 3, D)}
     q = torch.randn(3, HQ, 1, D)
     attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
     for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
@@ -410,6 +460,30 @@ def test_a_token_route_input_of_the_wrong_shape_is_refused_by_name(route, name, 
     with pytest.raises(SpecError) as err:
         attn(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
     assert f"argument {name}" in str(err.value)
+
+
+@pytest.mark.parametrize("fault, gate, match", [
+    ("missing", None, "missing input 'gate'"),
+    ("short", lambda cap: torch.randn(HQ, cap - 8, -(-cap // 4)), "fewer entries than the block table's capacity"),
+    ("int", lambda cap: torch.zeros(HQ, cap, -(-cap // 4), dtype=torch.int64), "input 'gate' is float"),
+    ("heads", lambda cap: torch.randn(HQ + 1, cap, -(-cap // 4)), "expected \\[4, capacity, 10\\]"),
+])
+def test_a_paged_gate_the_one_launch_does_not_take_is_named(fault, gate, match):
+    """SeerAttention's paged call runs only in one launch: a gate it cannot read there (missing, short of the
+    table's capacity, of ints, of other heads) is refused naming ``gate``; a backend without the one launch is
+    refused naming ``block_table``."""
+    k, v, table, seqlens, _ = pool([12, 30], 8)
+    cap = table.shape[1] * 8
+    given = {} if gate is None else {"gate": gate(cap)}
+    attn = attnc.compile_attention("stdlib:seer", backend="triton", block=4, topk=2)
+    with pytest.raises(SpecError, match=match) as err:
+        attn(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+    assert err.value.where == "argument gate"
+    cpu = attnc.compile_attention("stdlib:seer", backend="cpu", block=4, topk=2)
+    with pytest.raises(SpecError, match="only where it runs in one launch") as err:
+        cpu(torch.randn(2, HQ, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd",
+            gate=torch.randn(HQ, cap, -(-cap // 4)))
+    assert err.value.where == "argument block_table"
 
 
 def test_a_bias_reading_inputs_at_the_query_the_key_and_the_head_is_read_by_the_kernel(monkeypatch):
@@ -656,24 +730,51 @@ def test_pools_of_any_strides_are_read_through_them():
         torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
 
 
-def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity():
-    """q padded past ``cu_seqlens_q[-1]`` (a serving loop's fixed shape): those rows come out as zeros, lse -inf,
-    on the one-launch path (split or not) and on the by-length one; the others are the reference's."""
-    k, v, table, seqlens, rows = pool([12, 30], 8)
+@pytest.mark.parametrize("name", ["sliding_window", "longformer", "dsa", "sparsifiner", "seer", "cluster_mask"])
+def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity(name):
+    """q padded past ``cu_seqlens_q[-1]`` (a serving loop's fixed shape), more padding rows than the table holds
+    keys: those rows come out as zeros, lse -inf, on the one-launch path (split or not; a route's or a cluster's
+    inputs read at no position past the table's), and on the by-length one; the others are the reference's."""
+    lengths = [12, 30]
+    k, v, table, seqlens, rows = pool(lengths, 8)
+    cap = table.shape[1] * 8
     cu = torch.tensor([0, 1, 3], dtype=torch.int32)
-    q = torch.randn(1, HQ, 6, D, generator=torch.Generator().manual_seed(6))
-    for spec, params in (("stdlib:sliding_window", {"window": 5}), ("stdlib:longformer", {"window": 5})):
-        attn = attnc.compile_attention(spec, backend="triton", **params)
-        given = {"is_global": torch.zeros(2, 32, dtype=torch.int64)} if "longformer" in spec else {}
-        out, lse = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd",
-                        return_lse=True, **given)
-        assert bool((out[:, :, 3:] == 0).all()) and bool((lse[:, :, 3:] == float("-inf")).all())
-        ref = attnc.compile_attention(spec, backend="reference", **params)
-        for b, (kb, vb) in enumerate(rows):
-            lo, hi = int(cu[b]), int(cu[b + 1])
-            row_in = {n: t[b:b + 1, :kb.shape[2]] for n, t in given.items()}
-            want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(), **row_in)
-            torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+    q = torch.randn(1, HQ, cap + 6, D, generator=torch.Generator().manual_seed(6))
+    params = {"window": 5} if name in ("sliding_window", "longformer") else ONE_LAUNCH[name]
+    given = {"is_global": torch.zeros(2, cap, dtype=torch.int64)} if name == "longformer" else (
+        INPUTS.get(name, lambda rows, cap: {})(len(lengths), cap))
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    out, lse = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd",
+                    return_lse=True, **given)
+    assert bool((out[:, :, 3:] == 0).all()) and bool((lse[:, :, 3:] == float("-inf")).all())
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
+
+
+def test_a_token_routes_keep_naming_the_length_is_each_rows():
+    """A token route whose ``keep`` names the sequence's length (``k >= nk - 2``: the last two keys kept) keeps
+    each row's own last keys, not the table's: each row of a mixed batch the float64 reference's."""
+    src = """pattern recent
+  tokens seq
+  mask causal
+  route topk(3) tokens by q @ k keep k >= nk - 2
+"""
+    attn = attnc.compile_attention(src, backend="triton")
+    ref = attnc.compile_attention(src, backend="reference")
+    assert triton_paged.applies(attn.pattern)
+    lengths, counts = [5, 17, 30, 9], [1, 4, 1, 9]
+    k, v, table, seqlens, rows = pool(lengths, 8)
+    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(8))
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    for b, (kb, vb) in enumerate(rows):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        want = ref(q[:, :, lo:hi].double(), kb.double(), vb.double())
+        torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
 def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):

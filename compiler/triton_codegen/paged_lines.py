@@ -24,11 +24,20 @@ CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS"
 def applies(pat, bound) -> bool:
     """Whether a block module of ``pat`` has ``attnc_fwd_paged`` (its bias reading no input at an index the forward
     must check, which the caller asks): no FoX gates, a route only where ``route_block`` serves it, inputs the
-    caller gives (none made per call from q and k: a paged row reads its inputs at its own positions, its batch
-    entry), on sequences."""
+    caller gives or cluster ids (made per call over the pool: ``scores_pool``; no other input made from q and k: a
+    paged row reads its inputs at its own positions, its batch entry), on sequences."""
     return (pat.decay is None and (pat.route is None or route_block(pat, bound) is not None)
-            and not any(decl.derived for decl in pat.inputs) and pat.queries.kind == "seq"
-            and pat.keys.kind == "seq" and not pat.queries.segments and not pat.keys.segments)
+            and all(decl.derived is None or decl.derived[0] == "cluster" for decl in pat.inputs)
+            and pat.queries.kind == "seq" and pat.keys.kind == "seq" and not pat.queries.segments
+            and not pat.keys.segments)
+
+
+def scores_pool(pat) -> bool:
+    """Whether a paged call of ``pat`` scores vectors against every cached key (``attnc_paged_token_scores``): a
+    token route by ``q @ k``, or the keys' cluster ids (``cluster(k, CENTROIDS)``: each centroid against each key)."""
+    route = pat.route
+    return ((route is not None and route.tokens and route.indexer is None)
+            or any(decl.derived is not None and decl.derived[:2] == ("cluster", "k") for decl in pat.inputs))
 
 
 def serves_route(route) -> bool:

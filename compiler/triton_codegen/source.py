@@ -30,6 +30,7 @@ from .. import evaluate as E
 from ..expr_printer import internal_names
 from ..route_blocks import WORD_BITS, block_sizes, tile_block_spread
 from ..schedule import uniform_axes
+from . import paged_lines
 from .backward_bodies import BackwardBodies
 from .bias import (
     bias_index_checks,
@@ -231,10 +232,10 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
             parts.append(self._forward_grouped())
         if self.paged_forward_applies():
             parts += [ENTRIES_BELOW, self._forward_grouped(paged=True)]
-            if self.pat.route is not None and self.pat.route.tokens:  # a token route's q . k over the pages
-                if self.pat.route.indexer is None:
-                    parts.append(TOKEN_SCORE_KERNEL)
-            elif self.pat.route is not None and self.pat.route.scores is None:  # the block summaries it scores
+            if paged_lines.scores_pool(self.pat):  # q . k over the pages (a token route's; clusters' c . k)
+                parts.append(TOKEN_SCORE_KERNEL)
+            route = self.pat.route
+            if route is not None and not route.tokens and route.scores is None:  # the block summaries it scores
                 parts.append(SUMMARY_KERNEL)
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"

@@ -135,7 +135,9 @@ def run(
     if rows is not None:
         rows = varlen_rows.check(rows, q, block_table)
     declared = isinstance(pat, ir.PatternIR) and bool(pat.inputs)  # (one missing: the ordinary path names it)
-    given = one_launch_inputs(pat, inputs, block_table, k_cache, q.shape[1], layout) if inputs or declared else {}
+    faults: list = []
+    given = (one_launch_inputs(pat, inputs, block_table, k_cache, q.shape[1], layout, q.shape[-1], faults)
+             if inputs or declared else {})
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
@@ -162,6 +164,9 @@ def run(
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
     if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
         where, why = one_launch_only
+        if given is None and faults:  # an input the one launch would take otherwise: that input named
+            where, fault = faults[0]
+            why = f"{fault}: {why}"
         raise SpecError(why, where=where)
     if rows is not None and isinstance(pat, ir.CombinedIR):
         raise SpecError(

@@ -4,6 +4,8 @@ the table's capacity (``one_launch_inputs``); the path by length cuts them to ea
 
 from __future__ import annotations
 
+import functools
+
 import sympy
 import torch
 
@@ -69,50 +71,76 @@ def group_input(pat, name: str, t, rows: torch.Tensor, length: int):
 
 
 @torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
-def _other_sizes(decl: ir.InputDecl, heads: int, capacity: int) -> tuple:
-    """Each dimension's declared size at ``heads`` query heads and a sequence of the table's ``capacity`` (a given
-    score's blocks), None for a token dimension."""
-    at = {S.HEADS: heads, S.N: capacity, S.NK: capacity}
-    return tuple(None if d in decl.token_dims else int(sympy.sympify(dim).subs(at)) for d, dim in enumerate(decl.dims))
+@functools.lru_cache(maxsize=256)  # asked at every call: sympy's substitution once per shape
+def _other_sizes(decl: ir.InputDecl, heads: int, capacity: int, head_dim: int) -> tuple:
+    """Each dimension's declared size at ``heads`` query heads of ``head_dim`` and a sequence of the table's
+    ``capacity`` (a given score's blocks), None for a token dimension, -1 for one naming another size (no tensor
+    has it: the ordinary path, which binds every size, takes the call)."""
+    at = {S.HEADS: heads, S.N: capacity, S.NK: capacity, S.DK: head_dim}
+    sizes = []
+    for d, dim in enumerate(decl.dims):
+        size = None if d in decl.token_dims else sympy.sympify(dim).subs(at)
+        sizes.append(None if size is None else int(size) if isinstance(size, sympy.Integer) else -1)
+    return tuple(sizes)
 
 
-def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layout: str = "bhnd") -> dict | None:
+def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layout: str = "bhnd", head_dim: int = 0,
+                      faults: list | None = None) -> dict | None:
     """A paged call's call-time inputs as the one launch reads them, or None where it does not: each of the
     pattern's inputs a tensor of its rank (a leading batch dimension of the table's rows, or none: one for every
     row), of the declared type, every token dimension of the table's capacity at least (read at each row's
     positions, never a host read of the lengths), its other dimensions of their declared sizes (``heads``: q's
     heads; ``"bnhd"`` takes ``[n, heads, ...]`` ones transposed, as ``check_inputs``), no other name. An input the
     kernel reads (the mask's, the bias's) is over the tokens and the heads; one the route alone reads (a token
-    route's indexer, scored before the launch) may have any dimensions. The ordinary path (``by_length``) takes what is not so, and names what is
-    wrong."""
-    if not isinstance(pat, ir.PatternIR) or set(inputs) != {decl.name for decl in pat.inputs}:
+    route's indexer, scored before the launch) or a cluster's centroids may have any dimensions; the ids made from
+    them are not given. The ordinary path (``by_length``) takes what is not so, and names what is wrong; where there
+    is none, ``faults`` gets ``(argument, why)`` of the first input the one launch does not take."""
+    if not isinstance(pat, ir.PatternIR) or not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         return None
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2 or k_cache.dim() != 4:
+    if k_cache.dim() != 4:
         return None
+    declared = [decl for decl in pat.inputs if not decl.derived]
+    for name in sorted(set(inputs) ^ {decl.name for decl in declared}):
+        return _fault(faults, name, f"missing input '{name}'" if name not in inputs
+                      else f"'{pat.name}' declares no input '{name}'")
     capacity = block_table.shape[1] * k_cache.shape[1]
     route = pat.route
     routed = set() if route is None else set(route.indexer or ()) | ({route.scores} if route.scores else set())
+    routed |= {decl.derived[2] for decl in pat.inputs if decl.derived and decl.derived[0] == "cluster"}  # centroids
     out = {}
-    for decl in pat.inputs:
-        t = inputs[decl.name]
+    for decl in declared:
+        t, name = inputs[decl.name], decl.name
         if not isinstance(t, torch.Tensor) or t.dim() not in (len(decl.dims), len(decl.dims) + 1):
-            return None
+            return _fault(faults, name, f"expected a tensor of {len(decl.dims)} dimensions ({', '.join(decl.dim_names)}"
+                                        ") with an optional leading batch dimension")
         if t.dtype.is_floating_point != (decl.dtype == "float") or t.dtype == torch.bool or t.dtype.is_complex:
-            return None  # of its type (the ordinary path names a bool, a float int, ...)
+            return _fault(faults, name, f"input '{name}' is {decl.dtype}, got a {t.dtype} tensor")
         lead = t.dim() - len(decl.dims)
         if layout == "bnhd" and decl.dim_names[:2] == ("heads", "n"):
             t = t.transpose(lead, lead + 1)
-        if (lead and t.shape[0] != block_table.shape[0]) or t.device != k_cache.device:
-            return None
+        if lead and t.shape[0] != block_table.shape[0]:
+            return _fault(faults, name, f"a batch dimension of {t.shape[0]}, the block table has "
+                                        f"{block_table.shape[0]} rows")
+        if t.device != k_cache.device:
+            return _fault(faults, name, f"input '{name}' is on {t.device}, the caches on {k_cache.device}")
         if any(t.shape[lead + d] < capacity for d in decl.token_dims):
-            return None
-        if decl.name not in routed and not set(decl.dim_names) <= {"heads", "n", "nk"}:
-            return None  # the kernel reads it at positions and the head
-        sizes = _other_sizes(decl, heads, capacity)
+            return _fault(faults, name, f"its token dimensions hold fewer entries than the block table's capacity, "
+                                        f"{capacity} (max_pages * page_size)")
+        if name not in routed and not set(decl.dim_names) <= {"heads", "n", "nk"}:
+            return _fault(faults, name, "the kernel reads it at positions and the head only")
+        sizes = _other_sizes(decl, heads, capacity, head_dim or k_cache.shape[-1])
         if any(size is not None and t.shape[lead + d] != size for d, size in enumerate(sizes)):
-            return None  # its other dimensions of their declared sizes
-        out[decl.name] = t
+            want = ", ".join("capacity" if size is None else str(size) for size in sizes)
+            return _fault(faults, name, f"shape {list(t.shape[lead:])}, expected [{want}] over the block table's "
+                                        f"capacity ({', '.join(decl.dim_names)})")
+        out[name] = t
     return out
+
+
+def _fault(faults: list | None, name: str, why: str) -> None:
+    if faults is not None:
+        faults.append((f"argument {name}", why))
+    return None
 
 
 __all__ = ["check_inputs", "group_input", "one_launch_inputs"]

@@ -58,7 +58,7 @@ from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
-from . import blocks, paged_routes, paged_tokens, split_kv
+from . import blocks, paged_clusters, paged_routes, paged_tokens, split_kv
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
@@ -86,8 +86,9 @@ def _terms_served(pat) -> bool:
     """Whether a paged template's module and lists, made once, serve every call of ``pat``: a mask naming positions,
     the head, the template's sizes, the row's length (``names_row_length``) and inputs the caller gives (read by the
     kernel at each call, any value to the lists); a bias and softcap naming no growing size and no input."""
-    if any(decl.derived is not None for decl in pat.inputs):
-        return False  # made from q and k at each call (cluster ids, vertical-slash flags, relative tables)
+    if any(decl.derived is not None and decl.derived[0] != "cluster" for decl in pat.inputs):
+        return False  # made from q and k at each call (vertical-slash flags, relative tables; cluster ids are made
+        # over the pool: ``paged_clusters``)
     # an input read at the query's or the key's own position, and the head (never out of its range: the ordinary
     # call's check of a shifted index, doc[k - 1], reads the values)
     terms = [e for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
@@ -405,6 +406,9 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
             launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
     if launch.pattern.inputs:  # this call's inputs the kernel reads (a route's own were scored by ``select``)
+        if any(decl.derived is not None for decl in launch.pattern.inputs):  # cluster ids, over the pool
+            inputs = paged_clusters.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
+                                           inputs)
         read = _kernel_inputs(launch.pattern, inputs)
         launch = dataclasses.replace(launch, tensors=read, batched=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name in read

@@ -88,14 +88,14 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
         row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
         key_rows = lengths[row]
         if given:  # the caller's block scores of each query, at its position over the capacity
-            score = _given_scores(pat, inputs, row, pos.clamp(min=0), nblocks, q.shape, packed)
+            score = _given_scores(pat, inputs, row, pos, nblocks, q.shape, packed)
         elif packed:  # q [1, Hq, total, D]: each query scored against its own row's summaries
             score = _scores(pat, q[0].transpose(0, 1).unsqueeze(2), summary, kv_heads, row)
         else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
             score = _scores(pat, q, summary, kv_heads)
         X, n = score.shape[0], score.shape[2]  # [X, Hq, n, nblocks]
         # the template's bound is a block of its last rows: positions relative to its first (token_env adds it)
-        flat = pos.clamp(min=0) - bound.q_offset
+        flat = pos - bound.q_offset
         keys = torch.arange(cap, device=device)
         reach = (device_mask(t.mask, pat, bound, flat, keys, key_rows) & (keys < key_rows.view(-1, 1))
                  & valid.view(-1, 1))
@@ -117,19 +117,23 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
 
 
 def query_rows(q, lengths, q_start, q_count, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row, position, valid)`` int64 / bool ``[X]`` of each query of the call, in q's order of rows (a packed
-    call's past its rows' queries: not valid)."""
+    """``(row, position, valid)`` int64 / bool ``[X]`` of each query of the call, in q's order of rows. A query that
+    is not valid (a packed call's past its rows' queries, a serving loop's padding; one before its row's first key)
+    stands at position 0, so that whatever is indexed by it stays in range (its selection is dropped by ``valid``)."""
     device = q.device
     rows = lengths.shape[0]
     if packed:  # q [1, Hq, total, D]: each query its own row's
         at = torch.arange(q.shape[2], device=device)
         row = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
         count, first = q_count.to(torch.int64)[row], q_start.to(torch.int64)[row]
-        return row, lengths[row] - count + at - first, (at - first < count) & (at >= first)
-    n = q.shape[2]  # q [B, Hq, n, D]: row b's n queries, its last n positions
-    row = torch.arange(rows, device=device).repeat_interleave(n)
-    pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
-    return row, pos, pos >= 0
+        pos = lengths[row] - count + at - first
+        valid = (at - first < count) & (at >= first) & (pos >= 0)
+    else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
+        n = q.shape[2]
+        row = torch.arange(rows, device=device).repeat_interleave(n)
+        pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
+        valid = pos >= 0
+    return row, torch.where(valid, pos, 0), valid
 
 
 def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool) -> torch.Tensor:

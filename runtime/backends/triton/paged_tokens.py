@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler import evaluate as E
+from ....compiler.triton_codegen.source import but_row_lengths
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
-from .paged_routes import SCORE_CHUNK, pack_words, query_rows, row_topk, visit_lists
+from .paged_routes import SCORE_CHUNK, WORD, pack_words, query_rows, row_topk, visit_lists
 
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64
+#: The most queries one score launch takes (CUDA's limit on a grid's second dimension).
+MAX_GRID_Y = 65535
 
 
 def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict | None
@@ -46,19 +48,19 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
         qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, heads, q.shape[-1])  # [X, Hq, D]
         count = qf.shape[0]
         keys = torch.arange(cap, device=device)
-        at = pos.clamp(min=0) - bound.q_offset  # the template's bound is a block of its last rows (token_env adds it)
+        at = pos - bound.q_offset  # the template's bound is a block of its last rows (token_env adds it)
         key_rows = lengths[row]
         topk = row_topk(pat, bound, key_rows)
-        keep = None if pat.route.keep is None else E.substitute(pat.route.keep, bound)
-        words = torch.zeros(count, heads, -(-cap // 32), dtype=torch.int32, device=device)
+        keep = None if pat.route.keep is None else but_row_lengths(pat.route.keep, bound)  # a length: the row's
+        words = torch.zeros(count, heads, -(-cap // WORD), dtype=torch.int32, device=device)
         reached = torch.zeros(rows, kv_heads, t.kv_tiles, dtype=torch.int32, device=device)
-        step = max(1, SCORE_CHUNK // _score_width(pat, heads, cap, inputs))
+        step = min(MAX_GRID_Y, max(1, SCORE_CHUNK // _score_width(pat, heads, cap, inputs)))
         for start in range(0, count, step):
             part = slice(start, min(count, start + step))
-            score = _scores(t, qf[part], row[part], pos[part].clamp(min=0), k_cache, block_table, seqlens, inputs)
-            allowed = (device_mask(t.mask, pat, bound, at[part], keys) & (keys < key_rows[part].view(-1, 1))
-                       & valid[part].view(-1, 1))
-            kept = None if keep is None else device_mask(keep, pat, bound, at[part], keys)
+            score = _scores(t, qf[part], row[part], pos[part], k_cache, block_table, seqlens, inputs)
+            allowed = (device_mask(t.mask, pat, bound, at[part], keys, key_rows[part])
+                       & (keys < key_rows[part].view(-1, 1)) & valid[part].view(-1, 1))
+            kept = None if keep is None else device_mask(keep, pat, bound, at[part], keys, key_rows[part])
             k_part = topk if isinstance(topk, int) else topk[:, :, part]
             chosen = choose(score.transpose(0, 1)[None], allowed, kept, k_part)[0].transpose(0, 1)  # [P, Hq | 1, cap]
             words[part] = pack_words(chosen)
@@ -73,8 +75,9 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
 def _score_width(pat, heads: int, cap: int, inputs: dict | None) -> int:
     """The elements one query's scoring holds (its scores against every key, an indexer's per index head)."""
     route = pat.route
-    if route.score == "indexer":
-        return cap * inputs[route.indexer[0]].shape[-2]
+    if route.score == "indexer":  # [P, J, cap] scores, and a batched KI gathered per query [P, cap, DI]
+        qi, ki = inputs[route.indexer[0]], inputs[route.indexer[1]]
+        return cap * (qi.shape[-2] + (ki.shape[-1] if ki.dim() == 3 else 0))
     if route.indexer is not None and route.score == "token":  # QI @ KI: a batched KI gathered per query
         return heads * cap * max(1, inputs[route.indexer[1]].shape[-1])
     return heads * cap
@@ -86,7 +89,7 @@ def _scores(t, qp, row, pos, k_cache, block_table, seqlens, inputs: dict | None)
     past a row's hold anything: its mask drops them)."""
     route, cap = t.launch.pattern.route, t.capacity
     if route.indexer is None:
-        return _pool_scores(t, qp, row, k_cache, block_table, seqlens)
+        return pool_scores(t, qp, row, k_cache, block_table, seqlens)
     given = [inputs[name] for name in route.indexer]
     if route.score == "key":  # S [B | 1, heads, nk]: the key's own score for every query of a head
         (s,) = given
@@ -97,7 +100,7 @@ def _scores(t, qp, row, pos, k_cache, block_table, seqlens, inputs: dict | None)
         qi, ki, w = given
         qi = (qi[row, pos] if qi.dim() == 4 else qi[pos]).to(dtype)  # [P, J, DI]
         w = (w[row, pos] if w.dim() == 3 else w[pos]).to(dtype)  # [P, J]
-        ki = (ki[row, :cap] if ki.dim() == 3 else ki[:cap].expand(len(row), -1, -1)).to(dtype)  # [P, cap, DI]
+        ki = (ki[row, :cap] if ki.dim() == 3 else ki[:cap]).to(dtype)  # [P, cap, DI], or one [cap, DI] for all
         return (torch.relu(qi @ ki.transpose(-1, -2)) * w[..., None]).sum(1, keepdim=True)
     qi, ki = given  # QI [B | 1?, heads, n, R] at the query's position, KI [B | 1?, heads, nk, R]
     qi = (qi[row, :, pos] if qi.dim() == 4 else qi[:, pos].transpose(0, 1)).to(dtype)  # [P, heads, R]
@@ -106,7 +109,7 @@ def _scores(t, qp, row, pos, k_cache, block_table, seqlens, inputs: dict | None)
     return torch.einsum("phr,hkr->phk", qi, ki[:, :cap].to(dtype))
 
 
-def _pool_scores(t, qp, row, k_cache, block_table, seqlens) -> torch.Tensor:
+def pool_scores(t, qp, row, k_cache, block_table, seqlens) -> torch.Tensor:
     """``q @ k`` of queries ``qp`` ``[P, Hq, D]`` with every cached key of their rows (``attnc_paged_token_scores``):
     ``[P, Hq, capacity]`` fp32."""
     count, heads, head_dim = qp.shape
@@ -139,4 +142,4 @@ def _pow2(x: int) -> int:
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["TOKEN_CHUNK", "select"]
+__all__ = ["TOKEN_CHUNK", "pool_scores", "select"]
