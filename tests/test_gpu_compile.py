@@ -339,7 +339,7 @@ def test_context_parallel_block_kernels_compile_fit_and_run_on_wgmma():
 
 @pytest.mark.parametrize("name, params", [("stdlib:moba", {"block": 512, "topk": 4}),
                                           ("stdlib:neighborhood_1d", {"kernel_size": 7, "dilation": 2}),
-                                          ("stdlib:token_topk", {"topk": 256})])
+                                          ("stdlib:token_topk", {"topk": 256}), ("stdlib:forgetting", {})])
 def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     """One launch over a paged KV cache (``--paged``: a decode batch of rows of their own lengths, 4 query heads per
     K/V head): the paged forward (a mask naming the length: the row's, read at run time; a route: each row's

@@ -55,6 +55,8 @@ ONE_LAUNCH = {
     "seer": {"block": 4, "topk": 2},
     # cluster ids made over the pool at each call (the Routing Transformer's clustered mask)
     "cluster_mask": {"clusters": 3},
+    # FoX gates over the table's capacity: each row's head's prefix sums read by the kernel
+    "forgetting": {},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -67,7 +69,15 @@ INPUTS = {
     "dma": lambda rows, cap: {"importance": _randn(rows, HQ, cap)},
     "seer": lambda rows, cap: {"gate": _randn(rows, HQ, cap, -(-cap // 4))},
     "cluster_mask": lambda rows, cap: {"centroids": _randn(HQ, 3, D)},
+    "forgetting": lambda rows, cap: {"g": _gates(rows, HQ, cap)},
 }
+
+
+def _gates(*shape):
+    """Log forget gates in (-1, 0], a tenth of them -inf (a reset: nothing before it is seen)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    gates = -torch.rand(*shape, generator=g)
+    return torch.where(torch.rand(*shape, generator=g) < 0.1, float("-inf"), gates)
 
 
 def _randn(*shape):
@@ -378,11 +388,48 @@ def test_a_token_routed_call_reads_nothing_on_the_host(route):
         assert reads.total == 0, dict(reads.seen)
 
 
-def test_a_clustered_call_reads_nothing_on_the_host():
-    """The clustered mask's paged call at new lengths: its ids made by device ops, nothing read on the host."""
-    attn = attnc.compile_attention("stdlib:cluster_mask", backend="triton", clusters=3)
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 45), min_size=1, max_size=4), page=st.sampled_from([3, 8, 16]),
+       packed=st.booleans(), batched=st.booleans(), kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_fox_gates_are_each_rows_over_the_capacity(lengths, page, packed, batched, kv_heads, seed, data):
+    """The Forgetting Transformer's gates (``decay g``) over the table's capacity, per row or shared, with resets
+    (-inf gates), GQA and MQA, one query per row or ``cu_seqlens_q`` rows of their own counts: one launch of
+    ``attnc_fwd_paged`` (each packed row reading its own head's prefix sums), each row the float64 reference's."""
+    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(seed + 1)
+    attn = attnc.compile_attention("stdlib:forgetting", backend="triton")
+    ref = attnc.compile_attention("stdlib:forgetting", backend="reference")
+    cap = table.shape[1] * page
+    given = {"g": _gates(*((len(lengths),) if batched else ()), HQ, cap)}
+    with pytest.MonkeyPatch.context() as mp:
+        launched = count_launches(mp)
+        if packed:
+            counts = [data.draw(st.integers(0, n)) for n in lengths]
+            cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
+            spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
+        else:
+            q = torch.randn(len(lengths), HQ, 1, D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+            spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
+    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
+    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
+        if q[bs, :, qs].shape[2] == 0:
+            continue
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
+        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["cluster_mask", "forgetting"])
+def test_a_call_with_ids_or_gates_reads_nothing_on_the_host(name):
+    """The clustered mask's and FoX's paged calls at new lengths: their ids, prefix sums and resets made by device
+    ops, nothing read on the host."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **ONE_LAUNCH[name])
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
-    given = {"centroids": torch.randn(HQ, 3, D)}
+    given = INPUTS[name](3, table.shape[1] * 8)
     q = torch.randn(3, HQ, 1, D)
     attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
     for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):

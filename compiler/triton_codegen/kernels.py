@@ -362,6 +362,12 @@ class KernelBodies:
                 "else:",
                 "    s_now = scale_l2",
                 "    s_exp = 1.0"]
+        if paged and self.pat.decay is not None:  # each row's head's FoX sums and last reset at its query
+            body += ["dc_row = batch.to(tl.int64) * dc_b + h_row.to(tl.int64) * dc_h",
+                     "dr_row = batch.to(tl.int64) * dr_b + h_row.to(tl.int64) * dr_h",
+                     "dc_q = tl.load(DC + dc_row + q_tok, mask=q_ok, other=0.0)  # FoX prefix sums (hi, lo)",
+                     "dl_q = tl.load(DC + dc_row + dc_lo + q_tok, mask=q_ok, other=0.0)",
+                     "dr_q = tl.load(DR + dr_row + q_tok, mask=q_ok, other=-1)  # the query's last reset"]
         body += [
             *self._head_setup(),
             "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)  # running row max",

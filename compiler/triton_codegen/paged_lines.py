@@ -23,10 +23,10 @@ CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS"
 
 def applies(pat, bound) -> bool:
     """Whether a block module of ``pat`` has ``attnc_fwd_paged`` (its bias reading no input at an index the forward
-    must check, which the caller asks): no FoX gates, a route only where ``route_block`` serves it, inputs the
+    must check, which the caller asks): FoX gates only unrouted, a route only where ``route_block`` serves it, inputs the
     caller gives or cluster ids (made per call over the pool: ``scores_pool``; no other input made from q and k: a
     paged row reads its inputs at its own positions, its batch entry), on sequences."""
-    return (pat.decay is None and (pat.route is None or route_block(pat, bound) is not None)
+    return ((pat.route is None or (pat.decay is None and route_block(pat, bound) is not None))
             and all(decl.derived is None or decl.derived[0] == "cluster" for decl in pat.inputs)
             and pat.queries.kind == "seq" and pat.keys.kind == "seq" and not pat.queries.segments
             and not pat.keys.segments)

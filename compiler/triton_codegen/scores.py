@@ -114,7 +114,15 @@ class ScoreLines:
             check = f", pairs, ERR, {not grad}" if self.checks else ""
             lines += [f"# bias term, times log2(e){' and its head-only factor' if self.bias_head_text else ''}",
                       f"s = s + {self.bias_coef} * _bias({self._call_args(self.bias_inputs, tr)}{check})"]
-        if p.decay is not None:
+        if p.decay is not None and paged:  # each packed row its own head: its head's sums at the tile's keys
+            lines += ["# FoX decay sum(g[k+1 .. q]) of each row's head: prefix sums split as hi + lo (exact at any",
+                      "# length), -inf for keys before the query's last reset (a gate of -inf)",
+                      "at_k = dc_row[:, None] + k_tok[None, :]",
+                      "kc_hi = tl.load(DC + at_k, mask=q_ok[:, None] & k_ok[None, :], other=0.0)",
+                      "kc_lo = tl.load(DC + at_k + dc_lo, mask=q_ok[:, None] & k_ok[None, :], other=0.0)",
+                      "fox = (dc_q[:, None] - kc_hi) + (dl_q[:, None] - kc_lo)",
+                      f's = s + {LOG2E!r} * tl.where(k_tok[None, :] >= dr_q[:, None], fox, float("-inf"))']
+        elif p.decay is not None:
             lines += ["# FoX decay sum(g[k+1 .. q]): prefix sums split as hi + lo (exact at any length),",
                       "# -inf for keys before the query's last reset (a gate of -inf)",
                       "kc_hi = tl.load(DC + dc_base + k_tok, mask=k_ok, other=0.0)",

@@ -20,8 +20,9 @@ the head, the group's lists (FULL where FULL for every head of it) serve its pac
 ``MAX_RANGES`` (the lists' memory: ranges x 2 x classes x their widths, int32).
 
 It serves the self-attention patterns whose module has ``attnc_fwd_paged`` (``KernelSource.paged_forward_applies``:
-no FoX gates, a sequence, no input made per call, a route only where one is chosen per call on the device:
-``paged_routes`` for blocks, ``paged_tokens`` for single keys) and whose terms the template's lists serve at any
+FoX gates only without a route (each call's prefix sums over the capacity, each packed row reading its own head's),
+a sequence, no input made per call but cluster ids (``paged_clusters``), a route only where one is chosen per call on
+the device: ``paged_routes`` for blocks, ``paged_tokens`` for single keys) and whose terms the template's lists serve at any
 length (``_terms_served``): a mask that names positions, the head, the row's length (read by the kernel as the row's
 key count) and inputs the caller gives (read by the kernel at each call at the row's positions, its batch entry; the
 lists take any value for them, so their tiles are PARTIAL where the positions allow a pair); a bias that names no
@@ -72,8 +73,7 @@ def applies(pat) -> bool:
     return (
         isinstance(pat, ir.PatternIR)
         and pat.self_attention
-        and (pat.route is None or paged_routes.applies(pat))
-        and pat.decay is None
+        and (pat.route is None or (pat.decay is None and paged_routes.applies(pat)))
         and pat.queries.kind == "seq"
         and pat.keys.kind == "seq"
         and not pat.queries.segments
@@ -433,7 +433,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         "Q": (q, 0 if packed else q.stride(0), q.stride(1), q.stride(2)),
         "K": (k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),  # page, head, slot
         "V": (v_cache, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
-        **dest, **KL.common_args(launch, device, None, row_sizes=False),
+        **dest, **KL.common_args(launch, device, KL.decay_cumsum(launch, device), row_sizes=False),
         "BT": (table, table.stride(0)), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
         "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges, "MAX_Q": max_q,
         "OK": flags, **KL.sizes(scale, t.group, head_dim, dv),
@@ -469,6 +469,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
 def _kernel_inputs(pat, inputs: dict) -> dict:
     """The inputs the kernel's terms read (the mask's and the bias's: not a token route's indexer, scored before)."""
     names = {name for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic) for name in E.input_names(e)}
+    names |= {pat.decay} if pat.decay is not None else set()  # FoX gates: their prefix sums over the capacity
     return {name: t for name, t in inputs.items() if name in names}
 
 
