@@ -1,5 +1,5 @@
-"""MoBA's and Quest's decode steps over a paged KV cache, against the same step on a contiguous cache and SDPA over
-every key (recorded, not a timed test; a GPU run: issue 59's routed rows).
+"""Routed decode steps over a paged KV cache (MoBA, Quest; token top-k and DeepSeek's indexer), against the same step
+on a contiguous cache and SDPA over every key (recorded, not a timed test; a GPU run: issue 59's routed rows).
 
     python benchmarks/paged_routes.py [--toy] [--out FILE] [--rounds R] [--steps S] [--nk 4096,32768,131072]
                                       [--batch 1,16,64]
@@ -15,8 +15,12 @@ rotated order in every round, each the median over ``--rounds`` rounds of ``--st
   (every cached key summarised at each step);
 - ``attnc paged + KeySummary``: the same with each row's complete blocks' summaries kept.
 
+A token route (``token_topk``: each query's 2,048 keys of highest ``q . k``; ``dsa``: DeepSeek's indexer, 64 index
+heads of 128, top 2,048) has no summaries to keep: ``attnc contiguous`` and ``attnc paged`` (its scores by
+``attnc_paged_token_scores`` through the block table, or from the indexer inputs, every cached key each step).
+
 ``max |diff|``: each attnc method's largest difference to the contiguous call's output (the same selection: bf16
-rounding apart). Patterns: Quest (page 16, budget 4096) and MoBA (block 512, top 8).
+rounding apart). Patterns: Quest (page 16, budget 4096), MoBA (block 512, top 8), token top-k and DSA (top 2,048).
 
 Cost on a GPU (an H100, estimated): 2-4 minutes for the defaults, most of it Triton's compiles (one module per
 pattern and batch shape) and SDPA at 128K keys. ``--toy`` runs the same code on CPU tensors under Triton's
@@ -33,8 +37,12 @@ import statistics
 import sys
 import time
 
-PATTERNS = {"quest": {"page": 16, "token_budget": 4096}, "moba": {"block": 512, "topk": 8}}
-TOY_PATTERNS = {"quest": {"page": 4, "token_budget": 16}, "moba": {"block": 8, "topk": 2}}
+PATTERNS = {"quest": {"page": 16, "token_budget": 4096}, "moba": {"block": 512, "topk": 8},
+            "token_topk": {"topk": 2048}, "dsa": {"topk": 2048, "index_heads": 64, "index_dim": 128}}
+TOY_PATTERNS = {"quest": {"page": 4, "token_budget": 16}, "moba": {"block": 8, "topk": 2},
+                "token_topk": {"topk": 5}, "dsa": {"topk": 5, "index_heads": 2, "index_dim": 4}}
+#: the patterns whose block summaries a ``KeySummary`` keeps across steps
+SUMMARISED = ("quest", "moba")
 
 
 def parse_args(argv=None):
@@ -68,7 +76,7 @@ def main(argv=None) -> int:
     rounds, steps = (1, 1) if toy else (args.rounds, args.steps)
     patterns = TOY_PATTERNS if toy else PATTERNS
     sync = (lambda: None) if toy else torch.cuda.synchronize
-    lines = [f"# MoBA and Quest decode steps over a paged KV cache ({datetime.date.today().isoformat()})", "",
+    lines = [f"# Routed decode steps over a paged KV cache ({datetime.date.today().isoformat()})", "",
              f"`python benchmarks/paged_routes.py {' '.join(sys.argv[1:] if argv is None else argv)}`; "
              f"{torch.cuda.get_device_name() if not toy else platform.machine() + ' (toy)'}, torch {torch.__version__}"
              f", {hq} query heads over {hkv} K/V heads, d {d}, {str(dtype).removeprefix('torch.')}, pages of {page}."
@@ -101,14 +109,19 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
         pool[table.view(-1).long()] = rows
     lengths = torch.full((batch,), nk, dtype=torch.int32, device=device)
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    over_cap, over_n = indexer_inputs(torch, name, params, batch, width * page, nk, g, device, dtype)
     kept_c, kept_p = attnc.KeySummary(), attnc.KeySummary()
+    contiguous = "attnc contiguous + KeySummary" if name in SUMMARISED else "attnc contiguous"
     methods = {
         "SDPA dense": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-        "attnc contiguous + KeySummary": lambda: attn(q, k, v, key_summary=kept_c),
-        "attnc paged": lambda: attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd"),
-        "attnc paged + KeySummary": lambda: attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths,
-                                                 layout="bhnd", key_summary=kept_p),
+        contiguous: (lambda: attn(q, k, v, key_summary=kept_c)) if name in SUMMARISED else (
+            lambda: attn(q, k, v, **over_n)),
+        "attnc paged": lambda: attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd",
+                                    **over_cap),
     }
+    if name in SUMMARISED:
+        methods["attnc paged + KeySummary"] = lambda: attn(q, k_pool, v_pool, block_table=table,
+                                                           cache_seqlens=lengths, layout="bhnd", key_summary=kept_p)
     with torch.no_grad():
         outs = {label: fn() for label, fn in methods.items()}  # the warm-up: compiles, plans, keeps
         times = {label: [] for label in methods}
@@ -122,7 +135,7 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
                 sync()
                 times[label].append((time.perf_counter() - start) / steps)
     base = statistics.median(times["SDPA dense"])
-    ref = outs["attnc contiguous + KeySummary"].float()
+    ref = outs[contiguous].float()
     out = [f"## {name} {params}, {nk} keys, batch {batch}", "", "| method | ms per step | / SDPA dense | max |diff| |",
            "| --- | --- | --- | --- |"]
     for label, ts in times.items():
@@ -130,6 +143,18 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
         diff = "" if label == "SDPA dense" else f"{(outs[label].float() - ref).abs().max().item():.2e}"
         out.append(f"| {label} | {med * 1e3:.3f} | {med / base:.2f}x | {diff} |")
     return out + [""]
+
+
+def indexer_inputs(torch, name, params, batch, capacity, nk, g, device, dtype) -> tuple[dict, dict]:
+    """DSA's indexer inputs ``(over the table's capacity, over the contiguous cache's nk keys)``: per row ``qi``
+    ``[B, n, J, DI]``, ``ki`` ``[B, n, DI]``, ``w`` ``[B, n, J]`` (positive weights); none for other patterns."""
+    if name != "dsa":
+        return {}, {}
+    heads, dim = params["index_heads"], params["index_dim"]
+    made = {"qi": torch.randn(batch, capacity, heads, dim, generator=g, device=device).to(dtype),
+            "ki": torch.randn(batch, capacity, dim, generator=g, device=device).to(dtype),
+            "w": torch.rand(batch, capacity, heads, generator=g, device=device).to(dtype)}
+    return made, {key: t[:, :nk] for key, t in made.items()}
 
 
 def write(path, lines) -> None:
