@@ -245,6 +245,35 @@ def test_inputs_are_read_at_each_rows_positions(lengths, page, batched, seed, da
         torch.testing.assert_close(out[:, :, lo:hi], want.float(), rtol=2e-5, atol=2e-5)
 
 
+def check_rows_in_one_launch(spec: str, params: dict, cache: tuple, given: dict, packed: bool, g, data) -> None:
+    """A paged call of ``stdlib:{spec}`` over ``cache`` (``paged_cache``'s) with inputs ``given``: one query per row,
+    or (``packed``) ``cu_seqlens_q`` rows of counts ``data`` draws; one launch of ``attnc_fwd_paged`` (the split
+    merge besides), each row the float64 reference's over its own keys and inputs."""
+    k, v, table, seqlens, rows = cache
+    lengths = [int(x) for x in seqlens]
+    attn = attnc.compile_attention(f"stdlib:{spec}", backend="triton", **params)
+    ref = attnc.compile_attention(f"stdlib:{spec}", backend="reference", **params)
+    with pytest.MonkeyPatch.context() as mp:
+        launched = count_launches(mp)
+        if packed:
+            counts = [data.draw(st.integers(0, n)) for n in lengths]
+            cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+            q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
+            spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
+        else:
+            q = torch.randn(len(lengths), HQ, 1, D, generator=g)
+            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+            spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
+    assert [n for n in launched if n not in ("attnc_fwd_combine", "attnc_paged_summary")] == ["attnc_fwd_paged"]
+    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
+        if q[bs, :, qs].shape[2] == 0:
+            continue
+        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
+                   **row_inputs(ref.pattern, given, b, lengths[b]))
+        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+
+
 @settings(max_examples=6, deadline=None)
 @given(lengths=st.lists(st.integers(1, 45), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
        route=st.sampled_from(["moba", "quest", "seer"]), block=st.sampled_from([2, 5, 8]), topk=st.integers(1, 4),
@@ -257,29 +286,11 @@ def test_routed_rows_choose_their_own_blocks(lengths, page, route, block, topk, 
     keys' summaries, or its own gate)."""
     params = ({"page": block, "token_budget": block * topk} if route == "quest"
               else {"block": block, "topk": topk})
-    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    cache = pool(lengths, page, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    cap = table.shape[1] * page
+    cap = cache[2].shape[1] * page
     given = {"gate": torch.randn(len(lengths), HQ, cap, -(-cap // block), generator=g)} if route == "seer" else {}
-    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
-    ref = attnc.compile_attention(f"stdlib:{route}", backend="reference", **params)
-    assert triton_paged.applies(attn.pattern)
-    if packed:
-        counts = [data.draw(st.integers(0, n)) for n in lengths]
-        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-        q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
-        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
-        spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
-    else:
-        q = torch.randn(len(lengths), HQ, 1, D, generator=g)
-        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
-        spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
-    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
-        if q[bs, :, qs].shape[2] == 0:
-            continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
-                   **row_inputs(ref.pattern, given, b, lengths[b]))
-        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+    check_rows_in_one_launch(route, params, cache, given, packed, g, data)
 
 
 #: token routes at small sizes, and their inputs ``(rows, capacity, heads, batched) -> inputs`` over the capacity
@@ -308,34 +319,10 @@ def test_token_routes_choose_each_querys_keys_among_its_rows(lengths, page, rout
     score per key) over rows of their own lengths, one query per row or ``cu_seqlens_q`` rows of their own counts,
     inputs per row or shared, GQA and MQA: one launch of ``attnc_fwd_paged`` (the split merge besides), each row
     equal to the float64 reference over its own keys and inputs (each query's keys chosen among its own row's)."""
-    params = TOKEN_ROUTES[route](topk)
-    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    cache = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(seed + 1)
-    attn = attnc.compile_attention(f"stdlib:{route}", backend="triton", **params)
-    ref = attnc.compile_attention(f"stdlib:{route}", backend="reference", **params)
-    given = token_inputs(route, len(lengths), table.shape[1] * page, HQ, batched, g)
-    launched = []
-    if packed:
-        counts = [data.draw(st.integers(0, n)) for n in lengths]
-        cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-        q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
-        with pytest.MonkeyPatch.context() as mp:
-            launched = count_launches(mp)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
-        spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
-    else:
-        q = torch.randn(len(lengths), HQ, 1, D, generator=g)
-        with pytest.MonkeyPatch.context() as mp:
-            launched = count_launches(mp)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
-        spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
-    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
-    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
-        if q[bs, :, qs].shape[2] == 0:
-            continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
-                   **row_inputs(ref.pattern, given, b, lengths[b]))
-        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+    given = token_inputs(route, len(lengths), cache[2].shape[1] * page, HQ, batched, g)
+    check_rows_in_one_launch(route, TOKEN_ROUTES[route](topk), cache, given, packed, g, data)
 
 
 @settings(max_examples=6, deadline=None)
@@ -346,30 +333,10 @@ def test_cluster_ids_are_made_over_each_rows_pages(lengths, page, clusters, pack
     """The clustered mask (``cluster(q) == cluster(k)``) over rows of their own lengths, centroids per row or
     shared, GQA and MQA, one query per row or ``cu_seqlens_q`` rows: each key's id made from its row's pages and
     each query's from q on the device, one launch of ``attnc_fwd_paged``, each row the float64 reference's."""
-    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    cache = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(seed + 1)
-    attn = attnc.compile_attention("stdlib:cluster_mask", backend="triton", clusters=clusters)
-    ref = attnc.compile_attention("stdlib:cluster_mask", backend="reference", clusters=clusters)
     given = {"centroids": torch.randn(*((len(lengths),) if batched else ()), HQ, clusters, D, generator=g)}
-    with pytest.MonkeyPatch.context() as mp:
-        launched = count_launches(mp)
-        if packed:
-            counts = [data.draw(st.integers(0, n)) for n in lengths]
-            cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-            q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
-            spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
-        else:
-            q = torch.randn(len(lengths), HQ, 1, D, generator=g)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
-            spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
-    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
-    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
-        if q[bs, :, qs].shape[2] == 0:
-            continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
-                   **row_inputs(ref.pattern, given, b, lengths[b]))
-        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+    check_rows_in_one_launch("cluster_mask", {"clusters": clusters}, cache, given, packed, g, data)
 
 
 @pytest.mark.parametrize("route", sorted(TOKEN_ROUTES))
@@ -396,31 +363,10 @@ def test_fox_gates_are_each_rows_over_the_capacity(lengths, page, packed, batche
     """The Forgetting Transformer's gates (``decay g``) over the table's capacity, per row or shared, with resets
     (-inf gates), GQA and MQA, one query per row or ``cu_seqlens_q`` rows of their own counts: one launch of
     ``attnc_fwd_paged`` (each packed row reading its own head's prefix sums), each row the float64 reference's."""
-    k, v, table, seqlens, rows = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    cache = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
     g = torch.Generator().manual_seed(seed + 1)
-    attn = attnc.compile_attention("stdlib:forgetting", backend="triton")
-    ref = attnc.compile_attention("stdlib:forgetting", backend="reference")
-    cap = table.shape[1] * page
-    given = {"g": _gates(*((len(lengths),) if batched else ()), HQ, cap)}
-    with pytest.MonkeyPatch.context() as mp:
-        launched = count_launches(mp)
-        if packed:
-            counts = [data.draw(st.integers(0, n)) for n in lengths]
-            cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-            q = torch.randn(1, HQ, max(1, int(cu[-1])), D, generator=g)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
-            spans = [(slice(None), slice(int(cu[b]), int(cu[b + 1]))) for b in range(len(lengths))]
-        else:
-            q = torch.randn(len(lengths), HQ, 1, D, generator=g)
-            out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
-            spans = [(slice(b, b + 1), slice(None)) for b in range(len(lengths))]
-    assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
-    for b, ((kb, vb), (bs, qs)) in enumerate(zip(rows, spans, strict=True)):
-        if q[bs, :, qs].shape[2] == 0:
-            continue
-        want = ref(q[bs, :, qs].double(), kb.double(), vb.double(),
-                   **row_inputs(ref.pattern, given, b, lengths[b]))
-        torch.testing.assert_close(out[bs, :, qs], want.float(), rtol=2e-5, atol=2e-5)
+    given = {"g": _gates(*((len(lengths),) if batched else ()), HQ, cache[2].shape[1] * page)}
+    check_rows_in_one_launch("forgetting", {}, cache, given, packed, g, data)
 
 
 @pytest.mark.parametrize("name", ["cluster_mask", "forgetting"])
