@@ -57,6 +57,9 @@ ONE_LAUNCH = {
     "cluster_mask": {"clusters": 3},
     # FoX gates over the table's capacity: each row's head's prefix sums read by the kernel
     "forgetting": {},
+    # score tables of the present queries (relative embeddings' q . E, landmark gates), read at each query's row
+    "music_relative": {"max_relative": 12},
+    "landmark": {"block": 5},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -70,6 +73,7 @@ INPUTS = {
     "seer": lambda rows, cap: {"gate": _randn(rows, HQ, cap, -(-cap // 4))},
     "cluster_mask": lambda rows, cap: {"centroids": _randn(HQ, 3, D)},
     "forgetting": lambda rows, cap: {"g": _gates(rows, HQ, cap)},
+    "music_relative": lambda rows, cap: {"E": _randn(HQ, 12, D)},
 }
 
 
@@ -369,13 +373,33 @@ def test_fox_gates_are_each_rows_over_the_capacity(lengths, page, packed, batche
     check_rows_in_one_launch("forgetting", {}, cache, given, packed, g, data)
 
 
-@pytest.mark.parametrize("name", ["cluster_mask", "forgetting"])
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       name=st.sampled_from(["music_relative", "landmark"]), size=st.integers(2, 9), packed=st.booleans(),
+       batched=st.booleans(), kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16), data=st.data())
+def test_tables_of_the_present_queries_are_read_at_their_rows(lengths, page, name, size, packed, batched, kv_heads,
+                                                             seed, data):
+    """Music Transformer's relative term (its embeddings per row or shared) and landmark gates (blocks of any size,
+    each query against its row's keys through the pages) over rows of their own lengths, one query per row or
+    ``cu_seqlens_q`` rows, GQA and MQA: the tables made from the present queries, read at each query's row in q,
+    one launch of ``attnc_fwd_paged``, each row the float64 reference's."""
+    cache = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    g = torch.Generator().manual_seed(seed + 1)
+    if name == "music_relative":
+        params = {"max_relative": size}
+        given = {"E": torch.randn(*((len(lengths),) if batched else ()), HQ, size, D, generator=g)}
+    else:
+        params, given = {"block": size}, {}
+    check_rows_in_one_launch(name, params, cache, given, packed, g, data)
+
+
+@pytest.mark.parametrize("name", ["cluster_mask", "forgetting", "music_relative", "landmark"])
 def test_a_call_with_ids_or_gates_reads_nothing_on_the_host(name):
-    """The clustered mask's and FoX's paged calls at new lengths: their ids, prefix sums and resets made by device
-    ops, nothing read on the host."""
+    """The clustered mask's, FoX's, the relative term's and the landmark gates' paged calls at new lengths: their
+    ids, prefix sums, resets and tables made by device ops, nothing read on the host."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **ONE_LAUNCH[name])
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
-    given = INPUTS[name](3, table.shape[1] * 8)
+    given = INPUTS.get(name, lambda rows, cap: {})(3, table.shape[1] * 8)
     q = torch.randn(3, HQ, 1, D)
     attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
     for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
@@ -625,12 +649,13 @@ def test_bad_values_are_refused_by_name(bad, where, spec):
 @pytest.mark.parametrize("name, params, inputs", [
     # an input over the longest row's keys but not the table's capacity: the one launch does not take it
     ("document", {}, lambda cap: {"doc": (torch.arange(30) // 9).expand(3, 30).contiguous()}),
-    ("landmark", {"block": 5}, lambda cap: {}),  # an input made from q and k at each call
+    ("vertical_slash", {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
+     lambda cap: {}),  # flags made from the last queries' softmax at each call
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
-    """Calls the paged forward does not serve (a route; an input shorter than the table's capacity, which the
-    kernel would read past) take ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count,
-    each the reference's."""
+    """Calls the paged forward does not serve (flags made from q and k; an input shorter than the table's capacity,
+    which the kernel would read past) take ``cu_seqlens_q`` too, on every backend: rows grouped by length and query
+    count, each the reference's."""
     lengths = [9, 30, 14]
     k, v, table, seqlens, rows = pool(lengths, 4, seed=2)
     cu = torch.tensor([0, 1, 5, 5], dtype=torch.int32)  # query counts 1, 4 and 0
@@ -723,7 +748,8 @@ def test_pools_of_any_strides_are_read_through_them():
         torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("name", ["sliding_window", "longformer", "dsa", "sparsifiner", "seer", "cluster_mask"])
+@pytest.mark.parametrize("name", ["sliding_window", "longformer", "dsa", "sparsifiner", "seer", "cluster_mask",
+                                  "music_relative", "landmark"])
 def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity(name):
     """q padded past ``cu_seqlens_q[-1]`` (a serving loop's fixed shape), more padding rows than the table holds
     keys: those rows come out as zeros, lse -inf, on the one-launch path (split or not; a route's or a cluster's

@@ -42,6 +42,9 @@ class InputSlot:
     dtype: str
     dims: tuple[int, ...]
     runtime_extents: bool = False
+    #: a table of the present queries' rows (a paged batch's ``relative()`` / ``landmark()`` table, laid out as q):
+    #: read at the query's row in q (``q_pk``, which the kernel passes), not at its position
+    query_rows: bool = False
 
     @property
     def pointer(self) -> str:
@@ -238,7 +241,8 @@ class TritonPrinter(ExprPrinter):
                 terms.append(f"{i} * {stride}")
             else:  # clamped: padded slots and masked pairs may compute any index
                 last = f"{slot.extent(j)} - 1" if slot.runtime_extents else dim - 1
-                terms.append(f"tl.minimum(tl.maximum({self.p(arg)}, 0), {last}) * {stride}")
+                index = "q_pk" if slot.query_rows and arg == S.Q else self.p(arg)
+                terms.append(f"tl.minimum(tl.maximum({index}, 0), {last}) * {stride}")
         return " + ".join(terms)
 
 

@@ -24,20 +24,24 @@ CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS"
 def applies(pat, bound) -> bool:
     """Whether a block module of ``pat`` has ``attnc_fwd_paged`` (its bias reading no input at an index the forward
     must check, which the caller asks): FoX gates only unrouted, a route only where ``route_block`` serves it, inputs the
-    caller gives or cluster ids (made per call over the pool: ``scores_pool``; no other input made from q and k: a
-    paged row reads its inputs at its own positions, its batch entry), on sequences."""
+    caller gives, cluster ids (made per call over the pool: ``scores_pool``) or the present queries' score tables
+    (read at the query's row in q: ``KernelSource.query_rows``); no other input made from q and k (a paged row reads
+    its inputs at its own positions, its batch entry); on sequences."""
     return ((pat.route is None or (pat.decay is None and route_block(pat, bound) is not None))
-            and all(decl.derived is None or decl.derived[0] == "cluster" for decl in pat.inputs)
+            and all(decl.derived is None or decl.derived[0] in ("cluster", "relative", "landmark")
+                    for decl in pat.inputs)
             and pat.queries.kind == "seq" and pat.keys.kind == "seq" and not pat.queries.segments
             and not pat.keys.segments)
 
 
 def scores_pool(pat) -> bool:
     """Whether a paged call of ``pat`` scores vectors against every cached key (``attnc_paged_token_scores``): a
-    token route by ``q @ k``, or the keys' cluster ids (``cluster(k, CENTROIDS)``: each centroid against each key)."""
+    token route by ``q @ k``, the keys' cluster ids (``cluster(k, CENTROIDS)``: each centroid against each key), or
+    landmark gates (``landmark(BLOCK)``: each query against its row's keys)."""
     route = pat.route
     return ((route is not None and route.tokens and route.indexer is None)
-            or any(decl.derived is not None and decl.derived[:2] == ("cluster", "k") for decl in pat.inputs))
+            or any(decl.derived is not None and (decl.derived[:2] == ("cluster", "k") or decl.derived[0] == "landmark")
+                   for decl in pat.inputs))
 
 
 def serves_route(route) -> bool:

@@ -112,8 +112,11 @@ class ScoreLines:
             lines.append("s = qk * scale_l2  # scale * log2(e): scores in log2 units")
         if self.bias_text is not None:
             check = f", pairs, ERR, {not grad}" if self.checks else ""
+            q_pk = ""  # a table of the present queries' rows: read at the query's row in q
+            if self.bias_reads_query_rows():
+                q_pk = f", (q_first + q_row){qx}" if paged else f", q_tok{qx}"
             lines += [f"# bias term, times log2(e){' and its head-only factor' if self.bias_head_text else ''}",
-                      f"s = s + {self.bias_coef} * _bias({self._call_args(self.bias_inputs, tr)}{check})"]
+                      f"s = s + {self.bias_coef} * _bias({self._call_args(self.bias_inputs, tr)}{q_pk}{check})"]
         if p.decay is not None and paged:  # each packed row its own head: its head's sums at the tile's keys
             lines += ["# FoX decay sum(g[k+1 .. q]) of each row's head: prefix sums split as hi + lo (exact at any",
                       "# length), -inf for keys before the query's last reset (a gate of -inf)",

@@ -70,12 +70,17 @@ __all__ = [
     "FP32_MAX", "HELPERS", "INT32_MAX", "LN2", "LOG2E", "InputSlot", "KernelSource", "ScheduleShape",
     "TritonPrinter", "abs_bound", "bias_index_checks", "block_size", "check_fp32_constants", "derivative",
     "fp32_error", "generate_source", "head_factor", "helper_sources", "int_bound_rule", "int_float_sides",
-    "layout_of", "needs_int64", "but_row_lengths",
+    "layout_of", "needs_int64", "but_row_lengths", "QUERY_TABLES",
 ]
 
 #: The sizes a row-lengths module (``KernelSource.row_lengths``) reads at run time: the row's keys (self-attention: its
 #: tokens too).
 ROW_LENGTHS = frozenset({S.N, S.NK})
+
+
+#: The derived score tables (``ir.InputDecl.derived``) made from the present queries, ``[B, Hq, queries, ...]``: a
+#: paged module (``KernelSource.query_rows``) reads them at the query's row in q.
+QUERY_TABLES = ("relative", "landmark")
 
 
 def but_row_lengths(expr, bound: E.Bound):
@@ -90,11 +95,14 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     """Builds the kernel module text for one pattern, bound sizes and schedule shape."""
 
     def __init__(self, pat: ir.PatternIR, bound: E.Bound, shape: ScheduleShape, config=None,
-                 row_lengths: bool = False):
+                 row_lengths: bool = False, query_rows: bool = False):
         self.pat, self.bound, self.shape = pat, bound, shape
         #: the mask's ``n`` (``nk``) is each row's own key count, ``K_EXT`` (a paged batch's rows, each of its own
         #: length: ``attnc_fwd_paged`` reads it on the device), not a size bound into the text
         self.row_lengths = row_lengths
+        #: the score tables made per call from q (``relative()``, ``landmark()``) hold the present queries' rows, laid
+        #: out as q (a paged batch's: its queries' positions are each row's own), read at the query's row ``q_pk``
+        self.query_rows = query_rows
         self.layout = layout_of(config)
         self.permuted = self.layout == "permute"
         #: a block of a longer sequence (``evaluate.block_bound``): the kernels take its offsets
@@ -149,7 +157,8 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
         self.inputs: dict[str, InputSlot] = {}
         for i, decl in enumerate(pat.inputs):
             dims = tuple(int(sympy.sympify(d).subs(bound.subs)) for d in decl.dims)
-            self.inputs[decl.name] = InputSlot(i, decl.dtype, dims, runtime_extents=bound.is_block)
+            rows = self.query_rows and decl.derived is not None and decl.derived[0] in QUERY_TABLES
+            self.inputs[decl.name] = InputSlot(i, decl.dtype, dims, runtime_extents=bound.is_block, query_rows=rows)
         # positions: a block's rows are absolute positions up to the whole sequence (``n``)
         seq = int(bound.subs[S.N]) if bound.is_block else max(bound.n, bound.nk)
         ranges = {S.Q: seq if bound.is_block else bound.n, S.K: seq if bound.is_block else bound.nk, S.H: bound.heads}
@@ -293,8 +302,12 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
                 f'    """log2(e) times the bias\'s factor of head h alone (once per head; see _bias)."""\n'
                 f"    return {self.bias_head_text}\n")
 
+    def bias_reads_query_rows(self) -> bool:
+        """Whether the bias reads a table at the query's row in q (``query_rows``): ``_bias`` then takes ``q_pk``."""
+        return any(slot.query_rows for slot in self.inputs.values() if slot.index in self.bias_inputs)
+
     def _bias_fn(self) -> str:
-        params = self._helper_args(self.bias_inputs)
+        params = self._helper_args(self.bias_inputs) + (", q_pk" if self.bias_reads_query_rows() else "")
         checks = ""
         if self.checks:
             params += ", pairs, ERR, CHECK: tl.constexpr"
@@ -312,7 +325,7 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
 
 
 def generate_source(pattern: ir.PatternIR, bound: E.Bound, schedule_shape: ScheduleShape, config=None,
-                    row_lengths: bool = False) -> str:
+                    row_lengths: bool = False, query_rows: bool = False) -> str:
     """The Triton module text (forward, dQ and dK/dV kernels) for a pattern at
     bound sizes and a schedule shape. ``config`` (``compiler.cost.KernelConfig``)
     gives the token layout ('flat', 'address' or 'permute'); warps and stages
@@ -320,4 +333,4 @@ def generate_source(pattern: ir.PatternIR, bound: E.Bound, schedule_shape: Sched
     ``n`` and ``nk`` are each row's key count, read at run time (a paged template's)."""
     if not isinstance(pattern, ir.PatternIR):
         raise SpecError(f"'{pattern.name}' is a recurrence: no softmax kernel to generate", where="argument pattern")
-    return KernelSource(pattern, bound, schedule_shape, config, row_lengths).module()
+    return KernelSource(pattern, bound, schedule_shape, config, row_lengths, query_rows).module()

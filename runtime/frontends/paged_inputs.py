@@ -106,7 +106,8 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
     capacity = block_table.shape[1] * k_cache.shape[1]
     route = pat.route
     routed = set() if route is None else set(route.indexer or ()) | ({route.scores} if route.scores else set())
-    routed |= {decl.derived[2] for decl in pat.inputs if decl.derived and decl.derived[0] == "cluster"}  # centroids
+    routed |= {decl.derived[2] for decl in pat.inputs  # centroids, relative embeddings
+               if decl.derived and decl.derived[0] in ("cluster", "relative")}
     out = {}
     for decl in declared:
         t, name = inputs[decl.name], decl.name

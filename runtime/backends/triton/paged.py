@@ -47,6 +47,7 @@ from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config
 from ....compiler.tiles import head_classes
 from ....compiler.triton_codegen.source import (
+    QUERY_TABLES,
     ROW_LENGTHS,
     ScheduleShape,
     but_row_lengths,
@@ -59,7 +60,7 @@ from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
-from . import blocks, paged_clusters, paged_routes, paged_tokens, split_kv
+from . import blocks, paged_clusters, paged_routes, paged_tables, paged_tokens, split_kv
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
@@ -86,14 +87,19 @@ def _terms_served(pat) -> bool:
     """Whether a paged template's module and lists, made once, serve every call of ``pat``: a mask naming positions,
     the head, the template's sizes, the row's length (``names_row_length``) and inputs the caller gives (read by the
     kernel at each call, any value to the lists); a bias and softcap naming no growing size and no input."""
-    if any(decl.derived is not None and decl.derived[0] != "cluster" for decl in pat.inputs):
-        return False  # made from q and k at each call (vertical-slash flags, relative tables; cluster ids are made
-        # over the pool: ``paged_clusters``)
+    if any(decl.derived is not None and decl.derived[0] not in ("cluster", *QUERY_TABLES) for decl in pat.inputs):
+        return False  # vertical-slash flags (cluster ids are made over the pool: ``paged_clusters``; the tables of
+        # the present queries from q: ``paged_tables``)
     # an input read at the query's or the key's own position, and the head (never out of its range: the ordinary
     # call's check of a shifted index, doc[k - 1], reads the values)
     terms = [e for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
-    if any(set(site.args) - {S.Q, S.K, S.H} for e in terms for site in E.input_sites(e)):
-        return False
+    tables = {decl.name for decl in pat.inputs if decl.derived is not None and decl.derived[0] in QUERY_TABLES}
+    for site in (site for e in terms for site in E.input_sites(e)):
+        if S.input_name(site.func) in tables:  # read at the query's row in q: its row index the query's own
+            if site.args[1] != S.Q:
+                return False
+        elif set(site.args) - {S.Q, S.K, S.H}:
+            return False
     if pat.softcap is not None and E.input_names(pat.softcap):
         return False
     if pat.bias is not None and not pat.bias.free_symbols <= decode_lists.LENGTH_FREE:
@@ -192,7 +198,8 @@ def template(runner, load, q: torch.Tensor, kv_heads: int, dv: int, max_q: int, 
     shape = ScheduleShape.of(sched)
     interpret = q.device.type != "cuda" and not runner.native
     row_lengths = names_row_length(pat)  # the mask's length is each row's, read by the kernel
-    source = generate_source(pat, bound, shape, config, row_lengths=row_lengths)
+    tables = any(decl.derived is not None and decl.derived[0] in QUERY_TABLES for decl in pat.inputs)
+    source = generate_source(pat, bound, shape, config, row_lengths=row_lengths, query_rows=tables)
     module = load(source, interpret)
     _, extra, checks = blocks.launch_extras(runner, bound, plan, q.device)
     launch = KL.Launch(
@@ -406,9 +413,11 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
             launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
     if launch.pattern.inputs:  # this call's inputs the kernel reads (a route's own were scored by ``select``)
-        if any(decl.derived is not None for decl in launch.pattern.inputs):  # cluster ids, over the pool
+        if any(decl.derived is not None for decl in launch.pattern.inputs):  # ids over the pool, q's tables
             inputs = paged_clusters.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
-                                           inputs)
+                                           inputs or {})
+            inputs = paged_tables.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
+                                         inputs, scale)
         read = _kernel_inputs(launch.pattern, inputs)
         launch = dataclasses.replace(launch, tensors=read, batched=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name in read

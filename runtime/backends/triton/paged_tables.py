@@ -1,0 +1,68 @@
+"""The score tables a paged batch's bias reads (``relative(E, r)``: Music Transformer's ``q . E[r]``;
+``landmark(BLOCK)``: each block's landmark gate), made at every call on the device for the one launch from the present
+queries, laid out as q (``[B, Hq, n, ...]``, or a packed call's ``[Hq, total, ...]``): ``attnc_fwd_paged`` reads
+them at each query's row in q (``KernelSource.query_rows``), not at its position, so nothing is sized by the table's
+capacity.
+
+The tables are the ordinary path's (``plan.clusters.relative_logits``, ``landmark_gates``): ``scale * q . E[r]``
+between two zero columns; a block's ``s(q, landmark) - logsumexp_j s(q, j)`` over its other keys, ``s = scale * q .
+k``, the keys read through the row's block table by ``attnc_paged_token_scores`` (no copy of the cache), a chunk of
+queries at a time. Nothing is read on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...plan.clusters import relative_logits
+from .paged_routes import SCORE_CHUNK, query_rows
+from .paged_tokens import pool_scores
+
+
+def derive(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict, scale: float
+           ) -> dict:
+    """``inputs`` with the pattern's score tables added for a paged call of template ``t`` (q, pools and rows as
+    ``paged.forward`` takes them; ``scale`` the call's)."""
+    out = dict(inputs)
+    for decl in t.launch.pattern.inputs:
+        if decl.derived is None or decl.derived[0] not in ("relative", "landmark"):
+            continue
+        lengths = seqlens.to(torch.int64).clamp(0, t.capacity)
+        row, _, _ = query_rows(q, lengths, q_start, q_count, packed)
+        qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, q.shape[1], q.shape[-1])  # [X, Hq, D]
+        with torch.no_grad():
+            if decl.derived[0] == "relative":
+                table = _relative(qf, row, inputs[decl.derived[2]], scale)
+            else:
+                table = _landmark(t, qf, row, k_cache, block_table, seqlens, int(decl.derived[2]), scale)
+        # as q lays its rows out: [Hq, total, ...] packed (every row's queries in one batch entry), else [B, Hq, n, ...]
+        out[decl.name] = (table.transpose(0, 1) if packed
+                          else table.view(q.shape[0], q.shape[2], *table.shape[1:]).transpose(1, 2))
+    return out
+
+
+def _relative(qf, row, embeddings, scale: float) -> torch.Tensor:
+    """``relative()``'s table ``[X, Hq, R + 2]`` of queries ``qf`` ``[X, Hq, D]`` (each its row's embeddings where
+    they are per row)."""
+    per_query = embeddings[row] if embeddings.dim() == 4 else embeddings  # [X, Hq, R, D], or shared
+    return relative_logits(qf[:, :, None], per_query, scale, 1)[:, :, 0]
+
+
+def _landmark(t, qf, row, k_cache, block_table, seqlens, block: int, scale: float) -> torch.Tensor:
+    """``landmark()``'s table ``[X, Hq, blocks]`` of queries ``qf`` over their rows' blocks of the table's capacity
+    (a block past a row's whole blocks holds anything: the bias reads only blocks before the query's)."""
+    count, heads = qf.shape[:2]
+    cap = t.capacity
+    whole, blocks = cap // block, -(-cap // block)
+    dtype = torch.float64 if qf.dtype == torch.float64 else torch.float32
+    table = torch.zeros(count, heads, blocks, dtype=dtype, device=qf.device)
+    step = max(1, SCORE_CHUNK // (heads * cap))
+    for start in range(0, count, step):
+        part = slice(start, min(count, start + step))
+        s = scale * pool_scores(t, qf[part], row[part], k_cache, block_table, seqlens).to(dtype)
+        by_block = s[..., :whole * block].unflatten(-1, (whole, block))
+        table[part, :, :whole] = by_block[..., -1] - torch.logsumexp(by_block[..., :-1], -1)
+    return table
+
+
+__all__ = ["derive"]
