@@ -1,5 +1,6 @@
 """The offline GPU compile check of a paged call (``attnc check-gpu --paged``): the kernels one launch over a paged
-KV cache runs (``attnc_fwd_paged``, its split-KV merge, and a routed pattern's ``attnc_paged_summary``), recorded
+KV cache runs (``attnc_fwd_paged``, its split-KV merge, a block route's ``attnc_paged_summary``, and the
+``attnc_paged_token_scores`` of a token route, cluster ids or landmark gates), recorded
 from a call on CPU tensors as a CUDA call on ``sm_<arch>`` would make it (``gpu_check.capture_launches``)."""
 
 from __future__ import annotations

@@ -59,6 +59,8 @@ class Launch:
     for_backward: object = None
     #: ``() -> Launch``: the call planned on the dQ kernel's own tiles (None: the backward's launch)
     for_dq: object = None
+    #: inputs the kernels do not read, not bound (a paged call's route scores them before the launch)
+    unread: frozenset = frozenset()
 
     def backward_launch(self) -> Launch:
         """The launch the backward kernels run: this one, or one re-planned on the backward's tiles
@@ -278,8 +280,8 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
     else:
         named["DECAY"] = (dummy(device), 0, 0, 0, dummy(device, torch.int32), 0, 0)
     for i, decl in enumerate(launch.pattern.inputs):
-        if decl.name not in launch.tensors and f"in:{decl.name}" not in launch.extra:
-            continue  # not the kernel's (a paged call's route scores it before the launch)
+        if decl.name in launch.unread:
+            continue
         t = _device_input(launch, decl, device)
         named[f"IN{i}"] = (t, t.stride(0), *t.stride()[1:]) if decl.name in launch.batched else (t, 0, *t.stride())
         if launch.bound.is_block:  # a block's inputs: their extents at run time (InputSlot.runtime_extents)

@@ -419,7 +419,8 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
             inputs = paged_tables.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
                                          inputs, scale)
         read = _kernel_inputs(launch.pattern, inputs)
-        launch = dataclasses.replace(launch, tensors=read, batched=frozenset(
+        launch = dataclasses.replace(launch, tensors=read, unread=frozenset(
+            decl.name for decl in launch.pattern.inputs if decl.name not in read), batched=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name in read
             and read[decl.name].dim() == len(decl.dims) + 1),
             extra={key: value for key, value in launch.extra.items() if not key.startswith("in:")})
