@@ -60,6 +60,8 @@ ONE_LAUNCH = {
     # score tables of the present queries (relative embeddings' q . E, landmark gates), read at each query's row
     "music_relative": {"max_relative": 12},
     "landmark": {"block": 5},
+    # flags chosen from each row's last queries' softmax over its keys (MInference's vertical-slash index)
+    "vertical_slash": {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
 }
 
 #: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
@@ -393,10 +395,28 @@ def test_tables_of_the_present_queries_are_read_at_their_rows(lengths, page, nam
     check_rows_in_one_launch(name, params, cache, given, packed, g, data)
 
 
-@pytest.mark.parametrize("name", ["cluster_mask", "forgetting", "music_relative", "landmark"])
+@settings(max_examples=6, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=4), page=st.sampled_from([3, 8]),
+       vertical=st.integers(1, 6), slash=st.integers(1, 6), last=st.integers(1, 9), sinks=st.integers(0, 3),
+       local=st.integers(0, 4), packed=st.booleans(), kv_heads=st.sampled_from([1, 2]), seed=st.integers(0, 2**16),
+       data=st.data())
+def test_vertical_slash_flags_are_chosen_per_row(lengths, page, vertical, slash, last, sinks, local, packed, kv_heads,
+                                                 seed, data):
+    """MInference's vertical-slash index over rows of their own lengths and query counts: each row's columns and
+    diagonals chosen from its own last ``min(last_q, queries)`` queries' softmax over its keys (through the pages),
+    forced sinks and local diagonals, each row's K at most its keys; one launch of ``attnc_fwd_paged``, each row the
+    float64 reference's."""
+    cache = paged_cache(lengths, page, dtype=torch.float32, seed=seed, kv_heads=kv_heads)
+    params = {"vertical": vertical, "slash": slash, "last_q": last, "sinks": sinks, "local": local, "slash_min": 0}
+    check_rows_in_one_launch("vertical_slash", params, cache, {}, packed, torch.Generator().manual_seed(seed + 1),
+                             data)
+
+
+@pytest.mark.parametrize("name", ["cluster_mask", "forgetting", "music_relative", "landmark", "vertical_slash"])
 def test_a_call_with_ids_or_gates_reads_nothing_on_the_host(name):
-    """The clustered mask's, FoX's, the relative term's and the landmark gates' paged calls at new lengths: their
-    ids, prefix sums, resets and tables made by device ops, nothing read on the host."""
+    """The clustered mask's, FoX's, the relative term's, the landmark gates' and the vertical-slash index's paged
+    calls at new lengths: their ids, prefix sums, resets, tables and flags made by device ops, nothing read on the
+    host."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **ONE_LAUNCH[name])
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
     given = INPUTS.get(name, lambda rows, cap: {})(3, table.shape[1] * 8)
@@ -649,13 +669,11 @@ def test_bad_values_are_refused_by_name(bad, where, spec):
 @pytest.mark.parametrize("name, params, inputs", [
     # an input over the longest row's keys but not the table's capacity: the one launch does not take it
     ("document", {}, lambda cap: {"doc": (torch.arange(30) // 9).expand(3, 30).contiguous()}),
-    ("vertical_slash", {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
-     lambda cap: {}),  # flags made from the last queries' softmax at each call
 ])
 def test_rows_of_their_own_query_counts_on_patterns_served_by_length(name, params, inputs):
-    """Calls the paged forward does not serve (flags made from q and k; an input shorter than the table's capacity,
-    which the kernel would read past) take ``cu_seqlens_q`` too, on every backend: rows grouped by length and query
-    count, each the reference's."""
+    """Calls the paged forward does not serve (an input shorter than the table's capacity, which the kernel would
+    read past) take ``cu_seqlens_q`` too, on every backend: rows grouped by length and query count, each the
+    reference's."""
     lengths = [9, 30, 14]
     k, v, table, seqlens, rows = pool(lengths, 4, seed=2)
     cu = torch.tensor([0, 1, 5, 5], dtype=torch.int32)  # query counts 1, 4 and 0
@@ -749,7 +767,7 @@ def test_pools_of_any_strides_are_read_through_them():
 
 
 @pytest.mark.parametrize("name", ["sliding_window", "longformer", "dsa", "sparsifiner", "seer", "cluster_mask",
-                                  "music_relative", "landmark"])
+                                  "music_relative", "landmark", "vertical_slash"])
 def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity(name):
     """q padded past ``cu_seqlens_q[-1]`` (a serving loop's fixed shape), more padding rows than the table holds
     keys: those rows come out as zeros, lse -inf, on the one-launch path (split or not; a route's or a cluster's

@@ -28,7 +28,7 @@ def applies(pat, bound) -> bool:
     (read at the query's row in q: ``KernelSource.query_rows``); no other input made from q and k (a paged row reads
     its inputs at its own positions, its batch entry); on sequences."""
     return ((pat.route is None or (pat.decay is None and route_block(pat, bound) is not None))
-            and all(decl.derived is None or decl.derived[0] in ("cluster", "relative", "landmark")
+            and all(decl.derived is None or decl.derived[0] in ("cluster", "relative", "landmark", "vertical_slash")
                     for decl in pat.inputs)
             and pat.queries.kind == "seq" and pat.keys.kind == "seq" and not pat.queries.segments
             and not pat.keys.segments)
@@ -40,7 +40,8 @@ def scores_pool(pat) -> bool:
     landmark gates (``landmark(BLOCK)``: each query against its row's keys)."""
     route = pat.route
     return ((route is not None and route.tokens and route.indexer is None)
-            or any(decl.derived is not None and (decl.derived[:2] == ("cluster", "k") or decl.derived[0] == "landmark")
+            or any(decl.derived is not None and (decl.derived[:2] == ("cluster", "k")
+                                                  or decl.derived[0] in ("landmark", "vertical_slash"))
                    for decl in pat.inputs))
 
 

@@ -60,7 +60,15 @@ from ...plan import decode_lists, tile_plan
 from ...plan.device_intervals import DeviceIntervals
 from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
-from . import blocks, paged_clusters, paged_routes, paged_tables, paged_tokens, split_kv
+from . import (
+    blocks,
+    paged_clusters,
+    paged_flags,
+    paged_routes,
+    paged_tables,
+    paged_tokens,
+    split_kv,
+)
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
@@ -87,19 +95,22 @@ def _terms_served(pat) -> bool:
     """Whether a paged template's module and lists, made once, serve every call of ``pat``: a mask naming positions,
     the head, the template's sizes, the row's length (``names_row_length``) and inputs the caller gives (read by the
     kernel at each call, any value to the lists); a bias and softcap naming no growing size and no input."""
-    if any(decl.derived is not None and decl.derived[0] not in ("cluster", *QUERY_TABLES) for decl in pat.inputs):
-        return False  # vertical-slash flags (cluster ids are made over the pool: ``paged_clusters``; the tables of
-        # the present queries from q: ``paged_tables``)
+    # made at each call: cluster ids over the pool (``paged_clusters``), the tables of the present queries from q
+    # (``paged_tables``), vertical-slash flags from each row's last queries (``paged_flags``: forced units that name
+    # no length)
+    if not _derived_served(pat):
+        return False
     # an input read at the query's or the key's own position, and the head (never out of its range: the ordinary
     # call's check of a shifted index, doc[k - 1], reads the values)
     terms = [e for e in (pat.mask, pat.bias, pat.softcap) if isinstance(e, sympy.Basic)]
     tables = {decl.name for decl in pat.inputs if decl.derived is not None and decl.derived[0] in QUERY_TABLES}
+    flags = {decl.name for decl in pat.inputs if decl.derived is not None and decl.derived[0] == "vertical_slash"}
     for site in (site for e in terms for site in E.input_sites(e)):
         if S.input_name(site.func) in tables:  # read at the query's row in q: its row index the query's own
             if site.args[1] != S.Q:
                 return False
-        elif set(site.args) - {S.Q, S.K, S.H}:
-            return False
+        elif S.input_name(site.func) not in flags and set(site.args) - {S.Q, S.K, S.H}:
+            return False  # (a diagonal flag's index, q - k + n - 1, is in range wherever k <= q < n)
     if pat.softcap is not None and E.input_names(pat.softcap):
         return False
     if pat.bias is not None and not pat.bias.free_symbols <= decode_lists.LENGTH_FREE:
@@ -111,6 +122,20 @@ def _terms_served(pat) -> bool:
     if any(not isinstance(a, sympy.Integer) for w in mask.atoms(S.Window) for a in w.args[3:6]):
         return False
     return mask.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS
+
+
+def _derived_served(pat) -> bool:
+    """Whether every input ``pat`` makes from q and k is one the paged call makes on the device (above)."""
+    for decl in pat.inputs:
+        if decl.derived is None or decl.derived[0] in ("cluster", *QUERY_TABLES):
+            continue
+        if decl.derived[0] != "vertical_slash":
+            return False
+        rule = decl.derived[2]
+        keeps = [e for e in (rule.keep_columns, rule.keep_diagonals) if isinstance(e, sympy.Basic)]
+        if any(e.free_symbols & ROW_LENGTHS for e in keeps):
+            return False
+    return True
 
 
 def names_row_length(pat) -> bool:
@@ -418,6 +443,8 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
                                            inputs or {})
             inputs = paged_tables.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
                                          inputs, scale)
+            inputs = paged_flags.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
+                                        inputs, scale)
         read = _kernel_inputs(launch.pattern, inputs)
         launch = dataclasses.replace(launch, tensors=read, unread=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name not in read), batched=frozenset(
