@@ -354,7 +354,7 @@ def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
     assert all(r.mma > 0 for r in reports if r.kernel == "attnc_fwd_paged")
     with pytest.raises(SpecError, match="not served by the one-launch paged kernel"):
-        check_paged(attnc.load("stdlib:landmark"), archs=(80,), head_dims=(64,), n=1024)
+        check_paged(attnc.load("stdlib:nsa"), archs=(80,), head_dims=(64,), n=1024)
 
 
 def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):
