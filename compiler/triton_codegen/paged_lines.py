@@ -21,6 +21,14 @@ CHECK_PAGES = 32
 CONSTEXPRS = constexprs("PAGE", "POOL_ROWS", "RANGE", "FULL_STEPS", "PART_STEPS")
 
 
+#: The derived score tables (``ir.InputDecl.derived``) made from the present queries, ``[B, Hq, queries, ...]``: a
+#: paged module (``KernelSource.query_rows``) reads them at the query's row in q.
+QUERY_TABLES = ("relative", "landmark")
+#: The inputs made from q and k that a paged call makes on the device before its launch (cluster ids over the pool,
+#: the present queries' tables, vertical-slash flags: ``runtime.backends.triton.paged``'s ``DERIVERS``).
+DERIVED_ON_DEVICE = ("cluster", *QUERY_TABLES, "vertical_slash")
+
+
 def applies(pat, bound) -> bool:
     """Whether a block module of ``pat`` has ``attnc_fwd_paged`` (its bias reading no input at an index the forward
     must check, which the caller asks): FoX gates only unrouted, a route only where ``route_block`` serves it, inputs the
@@ -28,8 +36,7 @@ def applies(pat, bound) -> bool:
     (read at the query's row in q: ``KernelSource.query_rows``); no other input made from q and k (a paged row reads
     its inputs at its own positions, its batch entry); on sequences."""
     return ((pat.route is None or (pat.decay is None and route_block(pat, bound) is not None))
-            and all(decl.derived is None or decl.derived[0] in ("cluster", "relative", "landmark", "vertical_slash")
-                    for decl in pat.inputs)
+            and all(decl.derived is None or decl.derived[0] in DERIVED_ON_DEVICE for decl in pat.inputs)
             and pat.queries.kind == "seq" and pat.keys.kind == "seq" and not pat.queries.segments
             and not pat.keys.segments)
 

@@ -55,7 +55,7 @@ from .exprs import (
 )
 from .helpers import DOT_HELPERS, HELPERS, helper_sources
 from .kernels import KernelBodies, indent
-from .paged_lines import ENTRIES_BELOW, SUMMARY_KERNEL, TOKEN_SCORE_KERNEL
+from .paged_lines import ENTRIES_BELOW, QUERY_TABLES, SUMMARY_KERNEL, TOKEN_SCORE_KERNEL
 from .scores import ScoreLines
 from .tiles import (
     ScheduleShape,
@@ -76,11 +76,6 @@ __all__ = [
 #: The sizes a row-lengths module (``KernelSource.row_lengths``) reads at run time: the row's keys (self-attention: its
 #: tokens too).
 ROW_LENGTHS = frozenset({S.N, S.NK})
-
-
-#: The derived score tables (``ir.InputDecl.derived``) made from the present queries, ``[B, Hq, queries, ...]``: a
-#: paged module (``KernelSource.query_rows``) reads them at the query's row in q.
-QUERY_TABLES = ("relative", "landmark")
 
 
 def but_row_lengths(expr, bound: E.Bound):

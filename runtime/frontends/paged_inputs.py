@@ -100,7 +100,9 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
     if k_cache.dim() != 4:
         return None
     declared = [decl for decl in pat.inputs if not decl.derived]
-    for name in sorted(set(inputs) ^ {decl.name for decl in declared}):
+    odd = sorted(set(inputs) ^ {decl.name for decl in declared})  # missing, or not the pattern's
+    if odd:
+        name = odd[0]
         return _fault(faults, name, f"missing input '{name}'" if name not in inputs
                       else f"'{pat.name}' declares no input '{name}'")
     capacity = block_table.shape[1] * k_cache.shape[1]

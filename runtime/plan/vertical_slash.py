@@ -46,7 +46,7 @@ def _kept(rule, count: int, heads: int, dk: int) -> torch.Tensor:
 _KEPT_ON = PlanCache()
 
 
-def _kept_on(rule, count: int, heads: int, dk: int, device: torch.device) -> torch.Tensor:
+def kept_on(rule, count: int, heads: int, dk: int, device: torch.device) -> torch.Tensor:
     """``_kept`` on ``device``, kept there for later calls (traced by dynamo, the constant is moved as before)."""
     if torch.compiler.is_compiling():
         return _kept(rule, count, heads, dk).to(device)
@@ -125,7 +125,7 @@ def derive(pat, q: torch.Tensor, k: torch.Tensor, scale: float | None = None) ->
     with torch.no_grad():
         kk = k.detach().repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else k.detach()
         vertical, slash = scores(q.detach(), kk, int(rule.last), scale)
-        keep_cols, keep_diags = _kept_on(rule, Nk, Hq, D, q.device).unbind(0)
+        keep_cols, keep_diags = kept_on(rule, Nk, Hq, D, q.device).unbind(0)
         cols = top_flags(vertical, min(Nk, int(rule.vertical)), keep_cols)
         by_offset = top_flags(slash, min(Nk, int(rule.slash)), keep_diags)
         diags = torch.cat([by_offset.new_zeros(B, Hq, Nk - 1), by_offset], dim=-1)  # index o + nk - 1

@@ -46,8 +46,8 @@ from ....compiler.route_blocks import route_sizes
 from ....compiler.schedule import TileSchedule
 from ....compiler.search import block_config
 from ....compiler.tiles import head_classes
+from ....compiler.triton_codegen.paged_lines import DERIVED_ON_DEVICE, QUERY_TABLES
 from ....compiler.triton_codegen.source import (
-    QUERY_TABLES,
     ROW_LENGTHS,
     ScheduleShape,
     but_row_lengths,
@@ -72,9 +72,13 @@ from . import (
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
+from .paged_queries import queries_of
 
 #: KV tile of the paged forward, in keys (any page size: each key's page is looked up).
 PAGED_KV_TILE = 64
+#: What makes the inputs a pattern derives from q and k (``paged_lines.DERIVED_ON_DEVICE``), each
+#: ``(template, queries, k_cache, block_table, seqlens, inputs, scale) -> inputs``.
+DERIVERS = (paged_clusters.derive, paged_tables.derive, paged_flags.derive)
 
 
 def applies(pat) -> bool:
@@ -127,10 +131,12 @@ def _terms_served(pat) -> bool:
 def _derived_served(pat) -> bool:
     """Whether every input ``pat`` makes from q and k is one the paged call makes on the device (above)."""
     for decl in pat.inputs:
-        if decl.derived is None or decl.derived[0] in ("cluster", *QUERY_TABLES):
+        if decl.derived is None:
             continue
-        if decl.derived[0] != "vertical_slash":
+        if decl.derived[0] not in DERIVED_ON_DEVICE:
             return False
+        if decl.derived[0] != "vertical_slash":
+            continue
         rule = decl.derived[2]
         keeps = [e for e in (rule.keep_columns, rule.keep_diagonals) if isinstance(e, sympy.Basic)]
         if any(e.free_symbols & ROW_LENGTHS for e in keeps):
@@ -426,10 +432,14 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     t = template(runner, load, q, kv_heads, dv, min(max_q, capacity), capacity)
     if not packed:
         q_start, q_count = rows_of(t, batch, rows, device)
+    seqlens = _int32(seqlens)
+    pat = t.launch.pattern
+    derived = any(decl.derived is not None for decl in pat.inputs)
+    qs = queries_of(q, seqlens, q_start, q_count, packed, capacity) if t.route_block or derived else None
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
-        chooser = paged_tokens.select if t.launch.pattern.route.tokens else paged_routes.select
-        sel, lists, kept = chooser(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed, inputs)
+        chooser = paged_tokens.select if pat.route.tokens else paged_routes.select
+        sel, lists, kept = chooser(t, q, qs, k_cache, block_table, seqlens, inputs)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)
@@ -437,15 +447,11 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         if launch is None:  # the template's launch with its lists on this device, once
             launch = lists["launch"] = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     runner.last_source, runner.last_plan, runner.last_config = t.source, launch.plan, launch.config
-    if launch.pattern.inputs:  # this call's inputs the kernel reads (a route's own were scored by ``select``)
-        if any(decl.derived is not None for decl in launch.pattern.inputs):  # ids over the pool, q's tables
-            inputs = paged_clusters.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
-                                           inputs or {})
-            inputs = paged_tables.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
-                                         inputs, scale)
-            inputs = paged_flags.derive(t, q, k_cache, block_table, _int32(seqlens), q_start, q_count, packed,
-                                        inputs, scale)
-        read = _kernel_inputs(launch.pattern, inputs)
+    if pat.inputs:  # this call's inputs the kernel reads (a route's own were scored by ``select``)
+        inputs = inputs or {}
+        for derive in DERIVERS if derived else ():  # made from q and k on the device
+            inputs = derive(t, qs, k_cache, block_table, seqlens, inputs, scale)
+        read = _kernel_inputs(pat, inputs)
         launch = dataclasses.replace(launch, tensors=read, unread=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name not in read), batched=frozenset(
             decl.name for decl in launch.pattern.inputs if decl.name in read
@@ -471,7 +477,7 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         "K": (k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1)),  # page, head, slot
         "V": (v_cache, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1)),
         **dest, **KL.common_args(launch, device, KL.decay_cumsum(launch, device), row_sizes=False),
-        "BT": (table, table.stride(0)), "SEQ": _int32(seqlens), "QS": _int32(q_start), "QN": _int32(q_count),
+        "BT": (table, table.stride(0)), "SEQ": seqlens, "QS": _int32(q_start), "QN": _int32(q_count),
         "Q_ROWS": rows, "NUM_PAGES": num_pages, "MAX_KEYS": t.capacity, "RANGES": t.ranges, "MAX_Q": max_q,
         "OK": flags, **KL.sizes(scale, t.group, head_dim, dv),
     }

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from .paged_routes import query_rows
+from .paged_queries import PagedQueries
 from .paged_tokens import pool_scores
 
 
-def derive(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict) -> dict:
+def derive(t, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict, scale: float) -> dict:
     """``inputs`` with the pattern's cluster ids added (``[rows, Hq, capacity]`` int32) for a paged call of template
-    ``t`` (q, pools and rows as ``paged.forward`` takes them)."""
+    ``t`` (``qs`` its queries; pools and rows as ``paged.forward`` takes them; ``scale`` unread)."""
     out = dict(inputs)
     for decl in t.launch.pattern.inputs:
         if decl.derived is None or decl.derived[0] != "cluster":
@@ -30,7 +30,7 @@ def derive(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
             if side == "k":
                 out[decl.name] = _key_ids(t, centroids, k_cache, block_table, seqlens)
             else:
-                out[decl.name] = _query_ids(t, q, centroids, block_table, seqlens, q_start, q_count, packed)
+                out[decl.name] = _query_ids(t, qs, centroids, block_table.shape[0])
     return out
 
 
@@ -45,18 +45,15 @@ def _key_ids(t, centroids, k_cache, block_table, seqlens) -> torch.Tensor:
     return torch.nan_to_num(score, nan=-torch.inf).argmax(1).to(torch.int32)
 
 
-def _query_ids(t, q, centroids, block_table, seqlens, q_start, q_count, packed: bool) -> torch.Tensor:
+def _query_ids(t, qs: PagedQueries, centroids, rows: int) -> torch.Tensor:
     """Each query's id per head at its row and position over the capacity, -1 where no query stands."""
-    rows, cap, heads = block_table.shape[0], t.capacity, q.shape[1]
-    lengths = seqlens.to(torch.int64).clamp(0, cap)
-    row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
-    qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, heads, q.shape[-1])  # [X, Hq, D]
-    dtype = torch.float64 if torch.float64 in (q.dtype, centroids.dtype) else torch.float32
-    cents = (centroids[row] if centroids.dim() == 4 else centroids[None]).to(dtype)  # [X | 1, Hq, C, D]
-    score = (cents @ qf.to(dtype)[..., None])[..., 0]  # [X, Hq, C]
-    ids = torch.full((rows, heads, cap + 1), -1, dtype=torch.int32, device=q.device)
-    at = torch.where(valid, pos, cap)  # a padding query writes past the capacity, cut below
-    ids[row, :, at] = torch.nan_to_num(score, nan=-torch.inf).argmax(-1).to(torch.int32)
+    cap, heads = t.capacity, qs.flat.shape[1]
+    dtype = torch.float64 if torch.float64 in (qs.flat.dtype, centroids.dtype) else torch.float32
+    cents = (centroids[qs.row] if centroids.dim() == 4 else centroids[None]).to(dtype)  # [X | 1, Hq, C, D]
+    score = (cents @ qs.flat.to(dtype)[..., None])[..., 0]  # [X, Hq, C]
+    ids = torch.full((rows, heads, cap + 1), -1, dtype=torch.int32, device=qs.flat.device)
+    at = torch.where(qs.valid, qs.pos, cap)  # a padding query writes past the capacity, cut below
+    ids[qs.row, :, at] = torch.nan_to_num(score, nan=-torch.inf).argmax(-1).to(torch.int32)
     return ids[:, :, :cap]
 
 

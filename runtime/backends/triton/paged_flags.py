@@ -17,49 +17,46 @@ import torch
 
 from ...plan import vertical_slash
 from ...plan.device_choice import choose
-from .paged_routes import SCORE_CHUNK, query_rows
+from .paged_queries import PagedQueries
+from .paged_routes import SCORE_CHUNK
 from .paged_tokens import pool_scores
 
 
-def derive(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict, scale: float
-           ) -> dict:
+def derive(t, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict, scale: float) -> dict:
     """``inputs`` with the pattern's vertical-slash flags added (columns ``[rows, Hq, capacity]``, diagonals ``[rows,
-    Hq, 2 capacity - 1]``, int32) for a paged call of template ``t``."""
+    Hq, 2 capacity - 1]``, int32) for a paged call of template ``t`` (``qs`` its queries; ``scale`` the call's)."""
     pat = t.launch.pattern
     rule = vertical_slash.rule_of(pat)
     if rule is None:
         return inputs
-    rows, heads, cap = block_table.shape[0], q.shape[1], t.capacity
-    lengths = seqlens.to(torch.int64).clamp(0, cap)
+    rows, heads, cap = block_table.shape[0], qs.flat.shape[1], t.capacity
+    lengths, device = qs.lengths, qs.flat.device
     with torch.no_grad():
-        vertical, slash = _row_scores(t, q, k_cache, block_table, seqlens, q_start, q_count, packed, int(rule.last),
-                                      scale, lengths)
-        forced_cols, forced_diags = vertical_slash._kept_on(rule, cap, heads, q.shape[-1], q.device).unbind(0)
-        keys = torch.arange(cap, device=q.device)
+        vertical, slash = _row_scores(t, qs, k_cache, block_table, seqlens, int(rule.last), scale)
+        forced_cols, forced_diags = vertical_slash.kept_on(rule, cap, heads, qs.flat.shape[-1], device).unbind(0)
+        keys = torch.arange(cap, device=device)
         in_row = (keys < lengths.view(-1, 1)).view(rows, 1, cap)  # a row's columns and offsets: its keys'
         cols = _top(vertical, forced_cols, in_row, lengths, int(rule.vertical))
         by_offset = _top(slash, forced_diags, in_row, lengths, int(rule.slash))
         at = (keys.view(1, 1, cap) + (lengths - 1).clamp(min=0).view(rows, 1, 1)).expand(rows, heads, cap)
-        diags = torch.zeros(rows, heads, 2 * cap - 1, dtype=torch.int32, device=q.device).scatter_(-1, at, by_offset)
+        diags = torch.zeros(rows, heads, 2 * cap - 1, dtype=torch.int32, device=device).scatter_(-1, at, by_offset)
     names = {d.derived[1]: d.name for d in pat.inputs if d.derived is not None and d.derived[0] == "vertical_slash"}
     return {**inputs, names["columns"]: cols, names["diagonals"]: diags}
 
 
-def _row_scores(t, q, k_cache, block_table, seqlens, q_start, q_count, packed, last, scale, lengths):
+def _row_scores(t, qs: PagedQueries, k_cache, block_table, seqlens, last: int, scale: float):
     """(vertical, slash) ``[rows, Hq, capacity]``: each row's last ``min(last, its queries)`` queries' softmax over
     its keys, summed per key and per offset."""
-    rows, heads, cap = block_table.shape[0], q.shape[1], t.capacity
-    row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
-    count = q_count.to(torch.int64)[row] if packed else torch.full_like(row, q.shape[2])
-    scored = valid & (pos >= lengths[row] - count.clamp(max=last))  # among its row's last queries
-    qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, heads, q.shape[-1])  # [X, Hq, D]
-    keys = torch.arange(cap, device=q.device)
-    vertical = torch.zeros(rows, heads, cap, dtype=torch.float32, device=q.device)
+    rows, heads, cap = block_table.shape[0], qs.flat.shape[1], t.capacity
+    row, pos = qs.row, qs.pos
+    scored = qs.valid & (pos >= qs.lengths[row] - qs.count.clamp(max=last))  # among its row's last queries
+    keys = torch.arange(cap, device=pos.device)
+    vertical = torch.zeros(rows, heads, cap, dtype=torch.float32, device=pos.device)
     slash = torch.zeros_like(vertical)
     step = max(1, SCORE_CHUNK // (heads * cap))
-    for start in range(0, qf.shape[0], step):
-        part = slice(start, min(qf.shape[0], start + step))
-        s = scale * pool_scores(t, qf[part], row[part], k_cache, block_table, seqlens)  # [P, Hq, cap]
+    for start in range(0, qs.flat.shape[0], step):
+        part = slice(start, min(qs.flat.shape[0], start + step))
+        s = scale * pool_scores(t, qs.flat[part], row[part], k_cache, block_table, seqlens)  # [P, Hq, cap]
         back = pos[part].view(-1, 1) - keys.view(1, -1)  # [P, cap]: the key of offset o on the query's row
         p = torch.softmax(s.masked_fill((back < 0).view(-1, 1, cap), -torch.inf), dim=-1)
         p = p * scored[part].view(-1, 1, 1)

@@ -32,6 +32,7 @@ from ...plan.device_choice import choose
 from ...plan.device_tiles import compact
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
+from .paged_queries import PagedQueries, pow2
 
 #: Keys a summary program reads at once.
 SUMMARY_CHUNK = 64
@@ -71,26 +72,26 @@ def _read_by_terms(pat) -> set:
     return {name for e in (pat.mask, pat.bias) if isinstance(e, sympy.Basic) for name in E.input_names(e)}
 
 
-def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict | None = None
+def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict | None = None
            ) -> tuple[torch.Tensor, dict, tuple]:
     """``(SEL, lists, kept)`` of a paged call of template ``t`` (module docstring): ``SEL`` the selection's bits,
-    int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out; ``lists`` the rows' (row x K/V head) lists of
+    int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out (``qs``: its queries); ``lists`` the rows' (row x K/V
+    head) lists of
     PARTIAL tiles, none FULL, with their searches' steps; ``kept``: what ``keep`` commits to an open
     ``KeySummary`` after the launch (None where none is open)."""
     pat, bound = t.launch.pattern, t.launch.bound
     size, cap = t.route_block, t.capacity
     nblocks = -(-cap // size)
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
-    lengths = seqlens.to(torch.int64).clamp(0, cap)
+    row, pos, valid, lengths, packed = qs.row, qs.pos, qs.valid, qs.lengths, qs.packed
     given = pat.route.scores is not None
     summary, kept = (None, None) if given else _summaries(t, k_cache, block_table, seqlens, lengths, size, nblocks)
     with torch.no_grad():
-        row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
         key_rows = lengths[row]
         if given:  # the caller's block scores of each query, at its position over the capacity
             score = _given_scores(pat, inputs, row, pos, nblocks, q.shape, packed)
         elif packed:  # q [1, Hq, total, D]: each query scored against its own row's summaries
-            score = _scores(pat, q[0].transpose(0, 1).unsqueeze(2), summary, kv_heads, row)
+            score = _scores(pat, qs.flat.unsqueeze(2), summary, kv_heads, row)
         else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
             score = _scores(pat, q, summary, kv_heads)
         X, n = score.shape[0], score.shape[2]  # [X, Hq, n, nblocks]
@@ -114,26 +115,6 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
             words = words.permute(2, 1, 0, 3).contiguous()
         lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
     return words, lists, kept
-
-
-def query_rows(q, lengths, q_start, q_count, packed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(row, position, valid)`` int64 / bool ``[X]`` of each query of the call, in q's order of rows. A query that
-    is not valid (a packed call's past its rows' queries, a serving loop's padding; one before its row's first key)
-    stands at position 0, so that whatever is indexed by it stays in range (its selection is dropped by ``valid``)."""
-    device = q.device
-    rows = lengths.shape[0]
-    if packed:  # q [1, Hq, total, D]: each query its own row's
-        at = torch.arange(q.shape[2], device=device)
-        row = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
-        count, first = q_count.to(torch.int64)[row], q_start.to(torch.int64)[row]
-        pos = lengths[row] - count + at - first
-        valid = (at - first < count) & (at >= first) & (pos >= 0)
-    else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
-        n = q.shape[2]
-        row = torch.arange(rows, device=device).repeat_interleave(n)
-        pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
-        valid = pos >= 0
-    return row, torch.where(valid, pos, 0), valid
 
 
 def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool) -> torch.Tensor:
@@ -174,8 +155,8 @@ def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: in
         kernel[(nblocks, rows * kv_heads)](
             k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seqlens, blocks,
             out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
-            kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, _pow2(size)),
-            BLOCK_D=_pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
+            kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, pow2(size)),
+            BLOCK_D=pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
     return out, ((blocks, lengths // size) if kept is not None else None)
 
 
@@ -250,8 +231,4 @@ def visit_lists(t, visit: torch.Tensor) -> dict:
             "PART_STEPS": t.kv_tiles.bit_length(), "cls": (kv_heads, 1)}
 
 
-def _pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
-
-
-__all__ = ["applies", "keep", "pack_words", "query_rows", "route_inputs", "row_topk", "select", "visit_lists"]
+__all__ = ["applies", "keep", "pack_words", "route_inputs", "row_topk", "select", "visit_lists"]

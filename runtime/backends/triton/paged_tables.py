@@ -14,30 +14,27 @@ from __future__ import annotations
 
 import torch
 
+from ....compiler.triton_codegen.paged_lines import QUERY_TABLES
 from ...plan.clusters import relative_logits
-from .paged_routes import SCORE_CHUNK, query_rows
+from .paged_queries import PagedQueries
+from .paged_routes import SCORE_CHUNK
 from .paged_tokens import pool_scores
 
 
-def derive(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict, scale: float
-           ) -> dict:
-    """``inputs`` with the pattern's score tables added for a paged call of template ``t`` (q, pools and rows as
-    ``paged.forward`` takes them; ``scale`` the call's)."""
+def derive(t, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict, scale: float) -> dict:
+    """``inputs`` with the pattern's score tables added for a paged call of template ``t`` (``qs`` its queries; pools
+    and rows as ``paged.forward`` takes them; ``scale`` the call's)."""
     out = dict(inputs)
     for decl in t.launch.pattern.inputs:
-        if decl.derived is None or decl.derived[0] not in ("relative", "landmark"):
+        if decl.derived is None or decl.derived[0] not in QUERY_TABLES:
             continue
-        lengths = seqlens.to(torch.int64).clamp(0, t.capacity)
-        row, _, _ = query_rows(q, lengths, q_start, q_count, packed)
-        qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, q.shape[1], q.shape[-1])  # [X, Hq, D]
         with torch.no_grad():
             if decl.derived[0] == "relative":
-                table = _relative(qf, row, inputs[decl.derived[2]], scale)
+                table = _relative(qs.flat, qs.row, inputs[decl.derived[2]], scale)
             else:
-                table = _landmark(t, qf, row, k_cache, block_table, seqlens, int(decl.derived[2]), scale)
+                table = _landmark(t, qs.flat, qs.row, k_cache, block_table, seqlens, int(decl.derived[2]), scale)
         # as q lays its rows out: [Hq, total, ...] packed (every row's queries in one batch entry), else [B, Hq, n, ...]
-        out[decl.name] = (table.transpose(0, 1) if packed
-                          else table.view(q.shape[0], q.shape[2], *table.shape[1:]).transpose(1, 2))
+        out[decl.name] = qs.as_q(table)[0] if qs.packed else qs.as_q(table)
     return out
 
 

@@ -27,7 +27,8 @@ from ....compiler.triton_codegen.source import but_row_lengths
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
-from .paged_routes import SCORE_CHUNK, WORD, pack_words, query_rows, row_topk, visit_lists
+from .paged_queries import PagedQueries, pow2
+from .paged_routes import SCORE_CHUNK, WORD, pack_words, row_topk, visit_lists
 
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64
@@ -35,21 +36,19 @@ TOKEN_CHUNK = 64
 MAX_GRID_Y = 65535
 
 
-def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, inputs: dict | None
+def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict | None
            ) -> tuple[torch.Tensor, dict, None]:
     """``(SEL, lists, None)`` of a paged call of template ``t`` whose pattern routes by tokens (module docstring):
-    ``SEL`` int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out (a view: word stride 1), ``lists`` every
-    (row x K/V head)'s PARTIAL tiles (``paged_routes.visit_lists``)."""
+    ``SEL`` int32 ``[B | 1, Hq, rows, words]`` as q's rows are laid out (a view: word stride 1; ``qs``: its queries),
+    ``lists`` every (row x K/V head)'s PARTIAL tiles (``paged_routes.visit_lists``)."""
     pat, bound, cap = t.launch.pattern, t.launch.bound, t.capacity
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
-    lengths = seqlens.to(torch.int64).clamp(0, cap)
+    row, pos, valid, qf = qs.row, qs.pos, qs.valid, qs.flat
     with torch.no_grad():
-        row, pos, valid = query_rows(q, lengths, q_start, q_count, packed)
-        qf = q[0].transpose(0, 1) if packed else q.transpose(1, 2).reshape(-1, heads, q.shape[-1])  # [X, Hq, D]
         count = qf.shape[0]
         keys = torch.arange(cap, device=device)
         at = pos - bound.q_offset  # the template's bound is a block of its last rows (token_env adds it)
-        key_rows = lengths[row]
+        key_rows = qs.lengths[row]
         topk = row_topk(pat, bound, key_rows)
         keep = None if pat.route.keep is None else but_row_lengths(pat.route.keep, bound)  # a length: the row's
         words = torch.zeros(count, heads, -(-cap // WORD), dtype=torch.int32, device=device)
@@ -65,11 +64,7 @@ def select(t, q, k_cache, block_table, seqlens, q_start, q_count, packed: bool, 
             chosen = choose(score.transpose(0, 1)[None], allowed, kept, k_part)[0].transpose(0, 1)  # [P, Hq | 1, cap]
             words[part] = pack_words(chosen)
             reached.index_add_(0, row[part], _tiles(t, chosen, kv_heads).to(torch.int32))
-        if packed:  # [1, Hq, total, words]: indexed as q's packed rows
-            sel = words.transpose(0, 1)[None]
-        else:  # [B, Hq, n, words]
-            sel = words.view(q.shape[0], q.shape[2], heads, -1).transpose(1, 2)
-    return sel, visit_lists(t, reached > 0), None
+    return qs.as_q(words), visit_lists(t, reached > 0), None
 
 
 def _score_width(pat, heads: int, cap: int, inputs: dict | None) -> int:
@@ -123,8 +118,8 @@ def pool_scores(t, qp, row, k_cache, block_table, seqlens) -> torch.Tensor:
         kernel[(-(-t.capacity // TOKEN_CHUNK), count, kv_heads)](
             qp, qp.stride(0), qp.stride(1), k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table,
             table.stride(0), seqlens, row.to(torch.int32), out, out.stride(0), out.stride(1), k_cache.shape[0],
-            t.capacity, group, head_dim, PAGE=k_cache.shape[1], CHUNK=TOKEN_CHUNK, BLOCK_D=_pow2(head_dim),
-            BLOCK_G=_pow2(group))
+            t.capacity, group, head_dim, PAGE=k_cache.shape[1], CHUNK=TOKEN_CHUNK, BLOCK_D=pow2(head_dim),
+            BLOCK_G=pow2(group))
     return out
 
 
@@ -136,10 +131,6 @@ def _tiles(t, chosen: torch.Tensor, kv_heads: int) -> torch.Tensor:
     if heads == 1:  # one selection for every head (an indexer's)
         return tiles.expand(count, kv_heads, t.kv_tiles)
     return tiles.view(count, kv_heads, heads // kv_heads, t.kv_tiles).any(2)
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
 
 
 __all__ = ["TOKEN_CHUNK", "pool_scores", "select"]

@@ -1,0 +1,65 @@
+"""A paged call's queries as the device-side work before its launch sees them (the seam: where each query stands),
+made once per call and shared by the route's selection (``paged_routes``, ``paged_tokens``) and the inputs made from
+q and k (``paged_clusters``, ``paged_tables``, ``paged_flags``): each query's row, position, validity and its row's
+query count, q flattened to ``[queries, Hq, D]``, and the way back to q's layout of rows."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedQueries:
+    """The queries of one paged call: ``[X]`` tensors in q's order of rows (``X`` = B x n, or a packed call's
+    total). A query that is not valid (a packed call's past its rows' queries, a serving loop's padding; one before
+    its row's first key) stands at position 0, so that whatever is indexed by it stays in range (``valid`` drops
+    what it selects)."""
+
+    row: torch.Tensor  # int64: its row of the block table
+    pos: torch.Tensor  # int64: its absolute position among its row's keys
+    valid: torch.Tensor  # bool
+    count: torch.Tensor  # int64: its row's query count
+    flat: torch.Tensor  # [X, Hq, D]: q's rows
+    lengths: torch.Tensor  # int64 [rows]: each row's keys, clamped to the table's capacity
+    q_shape: tuple  # q's shape
+    packed: bool
+
+    def as_q(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[X, Hq, ...]`` as q lays its rows out (a view): ``[1, Hq, total, ...]`` packed, else ``[B, Hq, n,
+        ...]``."""
+        if self.packed:
+            return x.transpose(0, 1)[None]
+        return x.view(self.q_shape[0], self.q_shape[2], *x.shape[1:]).transpose(1, 2)
+
+
+def queries_of(q: torch.Tensor, seqlens: torch.Tensor, q_start, q_count, packed: bool, capacity: int
+               ) -> PagedQueries:
+    """The queries of a paged call of q ``[B, Hq, n, D]`` (each row's n queries, its last n positions) or, packed,
+    ``[1, Hq, total, D]`` (row b's ``q_count[b]`` queries from row ``q_start[b]``)."""
+    device, rows = q.device, seqlens.shape[0]
+    lengths = seqlens.to(torch.int64).clamp(0, capacity)
+    if packed:
+        at = torch.arange(q.shape[2], device=device)
+        row = (torch.searchsorted(q_start.to(torch.int64), at, right=True) - 1).clamp(0, rows - 1)
+        count, first = q_count.to(torch.int64)[row], q_start.to(torch.int64)[row]
+        pos = lengths[row] - count + at - first
+        valid = (at - first < count) & (at >= first) & (pos >= 0)
+        flat = q[0].transpose(0, 1)
+    else:
+        n = q.shape[2]
+        row = torch.arange(rows, device=device).repeat_interleave(n)
+        pos = lengths[row] - n + torch.arange(n, device=device).repeat(rows)
+        valid = pos >= 0
+        count = torch.full_like(row, n)
+        flat = q.transpose(1, 2).reshape(-1, q.shape[1], q.shape[-1])
+    return PagedQueries(row, torch.where(valid, pos, 0), valid, count, flat, lengths, tuple(q.shape), packed)
+
+
+def pow2(x: int) -> int:
+    """The least power of two at least ``x`` (1 for 0): a kernel's block of ``x`` elements."""
+    return 1 << max(0, x - 1).bit_length()
+
+
+__all__ = ["PagedQueries", "pow2", "queries_of"]
