@@ -508,10 +508,13 @@ def _key(*parts) -> str:
 
 
 # ----------------------------------------------------------------- compile-time checks
-def least_length(ir: PatternIR, subs: dict | None = None) -> int:
+def least_length(ir: PatternIR | CombinedIR, subs: dict | None = None) -> int:
     """The fewest tokens a sequence of ``ir`` holds for its windows along it to fit (``check_window_sizes``'s rule:
     size times dilation), 1 where it has none: what a paged batch's rows, whose lengths the kernel reads on the
-    device, are checked against. ``subs``: sizes the windows' may name (not the length)."""
+    device, are checked against. ``subs``: sizes the windows' may name (not the length). A combined pattern's: its
+    branches' over the tokens (a pooled branch's windows are over runs)."""
+    if isinstance(ir, CombinedIR):
+        return max((least_length(b.pattern, subs) for b in ir.branches if b.pool is None), default=1)
     least = 1
     for site in ir.windows:
         if site.length not in (S.N, S.NK):

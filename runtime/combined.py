@@ -20,21 +20,24 @@ backend runs it unchanged; what a combined pattern adds is plain torch, differen
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 
 import torch
 
-from ..compiler import evaluate as E
 from ..compiler.call_keywords import CALL_KEYWORDS, unknown_input_hint
 from ..core import ir
-from ..core import symbols as S
 from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale
+from .combined_paged import PagedCombined, check_gates
+from .combined_paged import applies as paged_applies
+from .frontends import paged
 from .frontends.layouts import check_layout, sequence_qkv
+from .frontends.paged import bind_qkv
 from .numerics import compute_dtype, merge_by_lse, tied_to
+from .ops.paged import launcher
 from .plan.cache import PlanCache
+from .pooled_probs import group_mean, mask_only, pooled_probs
 
 
 def _runs(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
@@ -94,49 +97,6 @@ def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[t
     return out, lse
 
 
-def mask_only(pat: ir.PatternIR) -> bool:
-    """Whether a branch is its mask alone (no bias, softcap, decay or route): what ``pooled_probs`` computes."""
-    return pat.bias is None and pat.softcap is None and pat.decay is None and pat.route is None
-
-
-def pooled_probs(source: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, scale: float, inputs: dict,
-                 sizes: dict, nk: int, bounds: dict | None = None) -> torch.Tensor:
-    """The attention probabilities of a mask-only branch over pooled keys, per query head ``[B, Hq, Nq, R]``:
-    softmax of ``scale * q . k`` over the runs its mask allows, the queries at their absolute positions (the
-    last Nq of the ``nk`` tokens: a KV cache when ``nk > Nq``); 0 on a row with no allowed run. Made on q's
-    device (no value read on the host for a mask of positions), fp32 (fp64 for fp64 inputs), differentiable.
-    ``bounds``: a cache of the bound sizes by shape (binding is sympy work)."""
-    B, Hq, Nq, D = q.shape
-    Hkv, R = k.shape[1], k.shape[2]
-    key = (source.name, Nq, nk, R, Hq, D, tuple(sorted(sizes.items())))
-    bound = None if bounds is None else bounds.get(key)
-    if bound is None:
-        # n is the whole sequence (as in a self-attention branch's KV-cache call); the rows its last Nq
-        whole = E.bind_sizes(source, n=nk, nk=R, heads=Hq, sizes=sizes, dk=D)
-        bound = dataclasses.replace(whole, n=Nq, q_offset=nk - Nq, subs={**whole.subs, S.NQ: Nq})
-        if bounds is not None:
-            bounds[key] = bound
-    tensors, batch = E.bind_inputs(source, bound, {d.name: inputs[d.name] for d in source.inputs}, batch=B,
-                                   device=q.device)
-    batched = {name for name, t in tensors.items() if t.dim() > len(source.input(name).dims)}
-    dev = q.device
-    env = E.token_env(source, bound, torch.arange(Nq, device=dev).view(1, 1, -1, 1),
-                      torch.arange(R, device=dev).view(1, 1, 1, -1), torch.arange(Hq, device=dev).view(1, -1, 1, 1))
-    allowed = E.as_tensor(E.Evaluator(env, tensors, batched, batch)(E.substitute(source.mask, bound)), torch.bool)
-    allowed = torch.zeros((), dtype=torch.bool, device=dev) | allowed  # a constant made on the device
-    dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
-    score = (q.to(dtype) @ k.to(dtype).repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
-    return torch.softmax(score.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(nan=0.0)
-
-
-def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Probabilities ``[B, Hq, Nq, R]`` averaged over the query heads of each GQA group, broadcast back to every
-    head of the group, not differentiated (a route's scores: one selection per KV head)."""
-    B, Hq, Nq, R = probs.shape
-    group = Hq // kv_heads
-    return probs.detach().view(B, kv_heads, group, Nq, R).mean(2).repeat_interleave(group, 1)
-
-
 class CombinedAttention(torch.nn.Module):
     """A compiled combined pattern; call it as ``attn(q, k, v, GATE=..., ...)``: q ``[B, Hq, n, D]``, k and v
     ``[B, Hkv, n, D]`` (``layout="bnhd"``: ``[B, n, H, D]``, gates ``[B, n, heads]`` as fla's), gates
@@ -147,7 +107,8 @@ class CombinedAttention(torch.nn.Module):
     Queries after a KV cache (k, v ``[B, Hkv, nk, D]`` with nk > n: the queries are the last n tokens) take
     gates ``[heads, n]`` for the present queries or ``[heads, nk]`` for the whole sequence (its last n rows
     read); paged caches (``block_table=``, ``cache_seqlens=``, as ``Attention``'s) take them for the present
-    queries, ``[B, heads, n]``."""
+    queries, ``[B, heads, n]`` (``[1, heads, total]`` with ``cu_seqlens_q``), one launch per branch where the
+    branches' runners serve it (``combined_paged``)."""
 
     def __init__(self, pattern: ir.CombinedIR, make: Callable[[ir.PatternIR], torch.nn.Module], backend: str,
                  layout: str = "bhnd"):
@@ -156,6 +117,8 @@ class CombinedAttention(torch.nn.Module):
         self.backend = backend
         self.layout = layout
         self.branches = torch.nn.ModuleDict({b.name: make(b.pattern) for b in pattern.branches})
+        # the branches' one-launch server of paged calls (made here: a traced call registers nothing), or None
+        self._paged_server = PagedCombined(pattern, self.branches) if paged_applies(pattern) else None
         self._last_n: int | None = None
 
     #: No single tile schedule: each branch has its own (``branches[NAME].schedule``).
@@ -229,24 +192,38 @@ class CombinedAttention(torch.nn.Module):
             gates[decl.name] = t[..., t.shape[-1] - N:]  # the present queries' rows
         return gates, own
 
-    @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
     def forward(self, q: torch.Tensor | None = None, k: torch.Tensor | None = None,
                 v: torch.Tensor | None = None, /, *, scale: float | None = None,
                 return_lse: bool = False, layout: str | None = None, sizes: dict | None = None,
                 cu_seqlens: torch.Tensor | None = None, initial_state=None, return_state: bool = False,
                 block_table: torch.Tensor | None = None, cache_seqlens: torch.Tensor | None = None,
                 key_summary=None, **inputs) -> torch.Tensor:
-        from .frontends.paged import bind_qkv
-
         q, k, v = bind_qkv(q, k, v, inputs)  # keyword q, k, v; k=, v= beside k, v: a paged call's new ones
         self._refuse(return_lse, initial_state, return_state, key_summary)
         layout = self.layout if layout is None else check_layout(layout)
-        if block_table is not None or cache_seqlens is not None:  # paged KV caches: rows gathered per length
-            from .frontends import paged
+        if block_table is not None or cache_seqlens is not None:  # paged KV caches: one launch per branch, or by length
+            return self._paged(layout, q, k, v, block_table, cache_seqlens, cu_seqlens, scale, sizes, inputs)
+        return self._forward(q, k, v, scale, return_lse, layout, sizes, cu_seqlens, inputs)
 
-            return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
-                             scale=scale, return_lse=return_lse, initial_state=initial_state,
-                             return_state=return_state, sizes=sizes, inputs=inputs)
+    def _paged(self, layout, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens, scale, sizes, inputs):
+        """A paged call (``frontends.paged``): each branch's one launch where every branch's runner serves it
+        (``combined_paged``; under ``torch.compile`` the ``attnc::paged_attention`` op around it), else by length
+        (eager, a graph break under ``torch.compile``)."""
+        server = self._paged_server
+        one_launch = take = None
+        if server is not None:
+            one_launch = launcher(server) if torch.compiler.is_compiling() else server.paged_forward
+
+            def take(given, q, block_table, k_cache, layout, faults):
+                return check_gates(self.pattern, given, q, layout, faults)
+
+        return paged.run(self.forward, self.pattern, layout, q, k_cache, v_cache, block_table, cache_seqlens,
+                         cu_seqlens, scale=scale, return_lse=False, initial_state=None, return_state=False,
+                         sizes=sizes, inputs=inputs, runner=server, one_launch=one_launch, take_inputs=take)
+
+
+    @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
+    def _forward(self, q, k, v, scale, return_lse: bool, layout: str, sizes, cu_seqlens, inputs: dict):
         bnhd = layout == "bnhd"
         q, k, v = sequence_qkv(layout, q, k, v)
         check_qkv(q, k, v, packed=cu_seqlens is not None)

@@ -9,6 +9,7 @@ import torch
 
 from ..core import ir
 from ..core.errors import SpecError
+from . import combined_paged
 from . import gpu_check as G
 
 #: The recorded call: rows of a decode batch, keys per page, query heads per K/V head (where the heads allow it).
@@ -30,6 +31,8 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
         raise SpecError("a paged cache holds a sequence: no grid sizes", where="argument --sizes")
     attn = api.compile_attention(pattern, backend="triton")
     pat = attn.pattern
+    if combined_paged.applies(pat):
+        return _record_combined(attn, arch=arch, head_dim=head_dim, dtype=dtype, n=n)
     if not (isinstance(pat, ir.PatternIR) and paged.applies(pat) and pat.score_scale is None):
         raise SpecError(f"'{pat.name}' is not served by the one-launch paged kernel (its paged calls gather each "
                         "row's pages and run the ordinary kernels, which check-gpu without --paged checks)",
@@ -56,6 +59,35 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
         attn.runner = runner  # the kernels native, the launch sized for this arch
         attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **inputs)
     return records, f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
+
+
+def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | None) -> tuple[list[G.Recorded], str]:
+    """A combined pattern's decode step as ``record_paged``'s, one launch per branch (``combined_paged``), every
+    branch on its native runner; each launch names its branch where one of its modules holds the kernel."""
+    from ..compiler.hardware import get_hardware
+
+    pat = attn.pattern
+    hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
+    heads, kv_heads = G.HEADS * GROUP, G.HEADS
+    capacity = -(-(n or DEFAULT_CAPACITY) // PAGE) * PAGE
+    lengths = torch.tensor([capacity, capacity // 2 + 3, capacity // 8 + 1, capacity // 3], dtype=torch.int32)[:ROWS]
+    gen = torch.Generator().manual_seed(0)
+    tdtype = G.DTYPES[dtype]
+    pages = ROWS * capacity // PAGE
+    k_pool, v_pool = (torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype) for _ in range(2))
+    table = torch.randperm(pages, generator=gen).view(ROWS, capacity // PAGE).to(torch.int32)
+    q = torch.randn(ROWS, heads, 1, head_dim, generator=gen).to(tdtype)
+    gates = {d.name: torch.rand(ROWS, heads, 1, generator=gen) for d in pat.gates}
+    runners = {}
+    with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
+        for b in pat.branches:
+            runners[b.name] = attn.branches[b.name].runner = G._native_runner(b.pattern, hw, branch=b.name)
+        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **gates)
+    for rec in records:
+        rec.branch = next((name for name, r in runners.items()
+                           if any(getattr(m, rec.name, None) is rec.fn for m in r.modules)), None)
+    return records, (f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads, "
+                     "one launch per branch")
 
 
 def check_paged(pattern, *, archs=G.DEFAULT_ARCHS, head_dims=(64, 128), dtypes=("fp16",), n: int | None = None,

@@ -354,7 +354,18 @@ def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
     assert all(r.mma > 0 for r in reports if r.kernel == "attnc_fwd_paged")
     with pytest.raises(SpecError, match="not served by the one-launch paged kernel"):
-        check_paged(attnc.load("stdlib:nsa"), archs=(80,), head_dims=(64,), n=1024)
+        check_paged(attnc.load("stdlib:combiner"), archs=(80,), head_dims=(64,), n=1024)
+
+
+def test_nsa_paged_kernels_compile_one_launch_per_branch():
+    """nsa over a paged KV cache (``--paged``): the runs' means of keys and values (``attnc_paged_summary``, its own
+    module) and one ``attnc_fwd_paged`` for each of the selected and window branches compile for sm_90, fit and do
+    not spill, the forwards' dots on tensor cores."""
+    reports = check_paged(attnc.load("stdlib:nsa"), archs=(90,), head_dims=(128,), dtypes=("bf16",), n=4096)
+    kernels = [r.kernel for r in reports]
+    assert kernels.count("attnc_paged_summary") == 2 and kernels.count("attnc_fwd_paged") == 2, kernels
+    assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
+    assert all(r.mma > 0 for r in reports if r.kernel == "attnc_fwd_paged")
 
 
 def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):

@@ -37,6 +37,8 @@ RUNTIME_ROOMS = [
     ("runtime.tuning",),
     ("runtime.auto",),
     ("runtime.registry",),
+    ("runtime.pooled_probs",),  # a pooled branch's probabilities (a route by probs(...), a branch after a cache)
+    ("runtime.combined_paged",),  # a combined pattern's paged batch, one launch per branch
     ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
     ("runtime.pattern_arg", "runtime.warm_calls"),  # the entry points' pattern argument; a module's warm calls
     ("runtime.simulation",),  # the simulator's entry points

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sympy
 
+from .helpers import DOT_HELPERS
 from .signature import Param, constexprs, tensor, value
 
 #: The grouped forward's block sizes that a paged program reads per row instead of taking them.
@@ -240,6 +241,18 @@ def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, KEPT, OUT, so_s, so
     else:
         tl.store(out + d, total / tl.maximum(count, 1).to(tl.float32), mask=(d < D) & fresh)
 '''
+
+
+#: The block summaries alone, as a module of their own: a combined pattern's pooled keys and values over a paged pool
+#: (``keys pooled(mean, SIZE)``: each run's mean, the run a block of ``SIZE`` keys), which no branch's module holds
+#: (``runtime.backends.triton.paged_routes.pool_means`` loads and launches it).
+def summary_module() -> str:
+    """The source of a module holding ``attnc_paged_summary`` alone, with the helpers it reads (its reductions'
+    combine functions)."""
+    header = ('"""attnc generated Triton kernel (do not edit: regenerated).\n\n'
+              "attnc_paged_summary  the means (or bounds) of blocks of keys over a paged KV cache\n"
+              '"""\n\nimport triton\nimport triton.language as tl\n')
+    return "\n\n".join(part.strip("\n") for part in (header, DOT_HELPERS, SUMMARY_KERNEL)) + "\n"
 
 
 #: A token route's scores over a paged pool (module text, emitted with ``attnc_fwd_paged`` where the pattern routes

@@ -61,7 +61,9 @@ absolute position and holds at least ``max(cache_seqlens)`` entries (the block t
 
 Forward only (inference): a call that autograd would record is refused. Softmax patterns on a sequence
 only: recurrences, grids and concatenations are refused. A combined pattern (``nsa``) takes its gates for
-the present queries, ``[B, heads, n]`` (cut to each group's rows, not indexed by position).
+the present queries, laid out as q's rows: ``[B, heads, n]`` (cut to each group's rows by length, not indexed by
+position), or ``[1, heads, total]`` with ``cu_seqlens_q``, which only its one launch per branch serves
+(``runtime.combined_paged``, given as ``one_launch`` with its own ``take_inputs``).
 """
 
 from __future__ import annotations
@@ -116,12 +118,16 @@ def run(
     runner=None,
     one_launch: Callable | None = None,
     one_launch_only: tuple[str, str] | None = None,
+    take_inputs: Callable | None = None,
 ):
     """The paged call: in one launch where the runner serves it (``one_launch_applies``: ``one_launch(q, k_cache,
     v_cache, block_table, seqlens, q_start, q_count, max_q, scale) -> (out, lse)``, the runner's paged forward or
     the op around it under ``torch.compile``), else ``forward`` (the module's public forward, in ``"bhnd"``) once per
     group of rows of equal length on their gathered keys and values (``by_length``); returns what the module's call
-    returns (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written."""
+    returns (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written.
+    ``take_inputs(inputs, q, block_table, k_cache, layout, faults) -> dict | None``: the call's inputs as the one
+    launch reads them (q in attnc's layout), or None with ``(argument, why)`` in ``faults``; by default a pattern's
+    over the table's capacity (``one_launch_inputs``)."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
     inputs, k_new, v_new = split_new_tokens(pat, inputs)
@@ -136,8 +142,11 @@ def run(
         rows = varlen_rows.check(rows, q, block_table)
     declared = isinstance(pat, ir.PatternIR) and bool(pat.inputs)  # (one missing: the ordinary path names it)
     faults: list = []
-    given = (one_launch_inputs(pat, inputs, block_table, k_cache, q.shape[1], layout, q.shape[-1], faults)
-             if inputs or declared else {})
+    if take_inputs is None:
+        given = (one_launch_inputs(pat, inputs, block_table, k_cache, q.shape[1], layout, q.shape[-1], faults)
+                 if inputs or declared else {})
+    else:
+        given = take_inputs(inputs, q, block_table, k_cache, layout, faults)
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
@@ -168,10 +177,12 @@ def run(
             where, fault = faults[0]
             why = f"{fault}: {why}"
         raise SpecError(why, where=where)
-    if rows is not None and isinstance(pat, ir.CombinedIR):
+    if rows is not None and isinstance(pat, ir.CombinedIR) and q.shape[2]:  # (no query at all: empty results)
+        if faults:  # a gate the one launch would take otherwise: named
+            raise SpecError(faults[0][1], where=faults[0][0])
         raise SpecError(
-            f"'{pat.name}' takes its gates per row's queries ([B, heads, n]): rows of one query count, not "
-            "cu_seqlens_q, in this version",
+            f"'{pat.name}' takes packed rows (cu_seqlens_q) of a paged cache only where every branch runs in one "
+            "launch (the Triton backend, one launch per branch); its gates are per row's queries",
             where="argument cu_seqlens_q",
             hint="pass q [B, H, n, D] with n queries per row",
         )

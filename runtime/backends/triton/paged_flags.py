@@ -17,8 +17,7 @@ import torch
 
 from ...plan import vertical_slash
 from ...plan.device_choice import choose
-from .paged_queries import PagedQueries
-from .paged_routes import SCORE_CHUNK
+from .paged_queries import SCORE_CHUNK, PagedQueries
 from .paged_tokens import pool_scores
 
 

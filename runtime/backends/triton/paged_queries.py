@@ -57,9 +57,31 @@ def queries_of(q: torch.Tensor, seqlens: torch.Tensor, q_start, q_count, packed:
     return PagedQueries(row, torch.where(valid, pos, 0), valid, count, flat, lengths, tuple(q.shape), packed)
 
 
+#: The most elements a chunk of queries scores or gathers at once (a product of queries of their own rows: their
+#: rows' matrices).
+SCORE_CHUNK = 1 << 24
+
+
+def row_matmul(a: torch.Tensor, m: torch.Tensor, row_of: torch.Tensor | None = None) -> torch.Tensor:
+    """``a[x, h] @ m[row, h // group]`` in fp32: ``a`` ``[X, Hq, n, E]`` (queries by q's rows), ``m`` ``[B, Hkv, E,
+    F]`` per row of the block table, ``row`` x itself or ``row_of[x]`` (each query of a packed call its own row's):
+    ``[X, Hq, n, F]``, the query heads of a K/V head in one product. Queries of their own rows take their rows'
+    matrices ``SCORE_CHUNK`` elements at a time (never a copy per query of the whole)."""
+    X, heads, n, E = a.shape
+    kv_heads = m.shape[1]
+    group = heads // kv_heads
+    ag = a.float().reshape(X, kv_heads, group * n, E)
+    step = X if row_of is None else max(1, SCORE_CHUNK // max(1, m[0].numel()))
+    parts = []
+    for start in range(0, X, step):
+        part = slice(start, min(X, start + step))
+        parts.append(ag[part] @ (m[part] if row_of is None else m[row_of[part]]).float())
+    return torch.cat(parts).view(X, heads, n, -1)
+
+
 def pow2(x: int) -> int:
     """The least power of two at least ``x`` (1 for 0): a kernel's block of ``x`` elements."""
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["PagedQueries", "pow2", "queries_of"]
+__all__ = ["PagedQueries", "pow2", "queries_of", "row_matmul"]

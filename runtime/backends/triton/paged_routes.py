@@ -32,14 +32,12 @@ from ...plan.device_choice import choose
 from ...plan.device_tiles import compact
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
-from .paged_queries import PagedQueries, pow2
+from .paged_queries import PagedQueries, pow2, row_matmul
 
 #: Keys a summary program reads at once.
 SUMMARY_CHUNK = 64
 #: Bits of one word of ``SEL``.
 WORD = 32
-#: The most summary elements a packed call's scoring gathers at once (its queries' rows' summaries).
-SCORE_CHUNK = 1 << 24
 
 
 def applies(pat) -> bool:
@@ -91,9 +89,9 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict |
         if given:  # the caller's block scores of each query, at its position over the capacity
             score = _given_scores(pat, inputs, row, pos, nblocks, q.shape, packed)
         elif packed:  # q [1, Hq, total, D]: each query scored against its own row's summaries
-            score = _scores(pat, qs.flat.unsqueeze(2), summary, kv_heads, row)
+            score = _scores(pat, qs.flat.unsqueeze(2), summary, row)
         else:  # q [B, Hq, n, D]: row b's n queries, its last n positions
-            score = _scores(pat, q, summary, kv_heads)
+            score = _scores(pat, q, summary)
         X, n = score.shape[0], score.shape[2]  # [X, Hq, n, nblocks]
         # the template's bound is a block of its last rows: positions relative to its first (token_env adds it)
         flat = pos - bound.q_offset
@@ -118,11 +116,19 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict |
 
 
 def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool) -> torch.Tensor:
-    """The route's given block scores (``by NAME``: ``[B | 1, heads, n, blocks]`` over the table's capacity) of each
-    query at its row and position: ``[X, Hq, n, nblocks]`` as q of ``shape`` lays them out."""
+    """The route's given block scores of each query, ``[X, Hq, n, nblocks]`` as q of ``shape`` lays them out. Declared
+    over the sequence (``[heads, n, blocks]``, SeerAttention's gate): ``[B | 1, heads, capacity, blocks]``, read at
+    each query's row and position. Declared over the queries (``[heads, nq, blocks]``, a combined pattern's route
+    by another branch's probabilities, made per call: ``combined_paged``): laid out as q's rows, ``[B | 1, heads,
+    n | total, blocks]``."""
     given = inputs[pat.route.scores]
-    given = given[row, :, pos] if given.dim() == 4 else given[:, pos].transpose(0, 1)  # [X * n, heads, blocks]
     X, n = (shape[2], 1) if packed else (shape[0], shape[2])
+    if "nq" in next(decl for decl in pat.inputs if decl.name == pat.route.scores).dim_names:
+        given = given if given.dim() == 4 else given[None]
+        if packed:  # [1, Hq, total, blocks]: each query a row of its own
+            return given[0, :, :, :nblocks].transpose(0, 1).unsqueeze(2)
+        return given[..., :nblocks].expand(X, -1, -1, -1)
+    given = given[row, :, pos] if given.dim() == 4 else given[:, pos].transpose(0, 1)  # [X * n, heads, blocks]
     return given[..., :nblocks].reshape(X, n, shape[1], nblocks).transpose(1, 2)
 
 
@@ -149,37 +155,46 @@ def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: in
         blocks.masked_fill_(lengths < blocks * size, 0)  # a row shorter than its kept blocks: a new sequence
     else:
         out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seqlens
-    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
-    kernel = t.launch.module.attnc_paged_summary
-    with interpreting(t.launch.interpret):
-        kernel[(nblocks, rows * kv_heads)](
-            k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table, table.stride(0), seqlens, blocks,
-            out, out.stride(0), out.stride(1), out.stride(2), out.stride(3), k_cache.shape[0], t.capacity,
-            kv_heads, head_dim, PAGE=k_cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, pow2(size)),
-            BLOCK_D=pow2(head_dim), BOUND=bound, KEEPS=kept is not None)
+    launch_summaries(t.launch.module.attnc_paged_summary, t.launch.interpret, k_cache, block_table, seqlens, blocks,
+                     out, size, t.capacity, bound=bound, keeps=kept is not None)
     return out, ((blocks, lengths // size) if kept is not None else None)
 
 
-def _scores(pat, q: torch.Tensor, summary: torch.Tensor, kv_heads: int, row_of=None) -> torch.Tensor:
+def launch_summaries(kernel, interpret: bool, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
+                     kept: torch.Tensor, out: torch.Tensor, size: int, capacity: int, *, bound: bool = False,
+                     keeps: bool = False) -> None:
+    """``attnc_paged_summary`` into ``out`` (``[1 | 2, B, Hkv, nblocks, D]`` fp32): each row's blocks of ``size``
+    keys of ``cache`` through its block table (the blocks before ``kept[row]`` left as they are where ``keeps``)."""
+    rows, kv_heads, head_dim = block_table.shape[0], cache.shape[2], cache.shape[3]
+    table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
+    with interpreting(interpret):
+        kernel[(out.shape[3], rows * kv_heads)](
+            cache, cache.stride(0), cache.stride(2), cache.stride(1), table, table.stride(0), seqlens, kept, out,
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3), cache.shape[0], capacity, kv_heads, head_dim,
+            PAGE=cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, pow2(size)), BLOCK_D=pow2(head_dim),
+            BOUND=bound, KEEPS=keeps)
+
+
+def pool_means(kernel, interpret: bool, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
+               size: int) -> torch.Tensor:
+    """The means of runs of ``size`` keys (or values) of each row of a paged pool, ``[B, Hkv, ceil(capacity /
+    size), D]`` fp32 (a combined pattern's ``keys pooled(mean, SIZE)``): a row's last run the mean of its own
+    cached keys, as ``combined.pool_mean``; a run past them zeros. Each cached key read once, no copy of the cache."""
+    rows, kv_heads, head_dim = block_table.shape[0], cache.shape[2], cache.shape[3]
+    capacity = block_table.shape[1] * cache.shape[1]
+    out = torch.empty(1, rows, kv_heads, -(-capacity // size), head_dim, dtype=torch.float32, device=cache.device)
+    launch_summaries(kernel, interpret, cache, block_table, seqlens, seqlens, out, size, capacity)
+    return out[0]
+
+
+def _scores(pat, q: torch.Tensor, summary: torch.Tensor, row_of=None) -> torch.Tensor:
     """``route_scores.block_scores``'s (``q . mean(k)``, or ``q+ . max(k) + q- . min(k)``) of q ``[X, Hq, n, D]``
     against its row's summaries (``summary`` ``[S, B, Hkv, nblocks, D]``; row ``x`` of q, or ``row_of[x]``), the
-    query heads of a K/V head in one product: ``[X, Hq, n, nblocks]`` fp32. Queries of their own rows take their
-    rows' summaries ``SCORE_CHUNK`` elements at a time (not a copy per query of the whole)."""
-    X, heads, n, head_dim = q.shape
-    group = heads // kv_heads
-    qg = q.float().reshape(X, kv_heads, group * n, head_dim)
-    per_query = summary[0, 0].numel() * summary.shape[0]
-    step = X if row_of is None else max(1, SCORE_CHUNK // per_query)
-    parts = []
-    for start in range(0, X, step):
-        part = slice(start, min(X, start + step))
-        s = summary[:, part] if row_of is None else summary[:, row_of[part]]
-        qp = qg[part]
-        if pat.route.score == "bound":
-            parts.append(qp.clamp(min=0) @ s[0].transpose(-1, -2) + qp.clamp(max=0) @ s[1].transpose(-1, -2))
-        else:
-            parts.append(qp @ s[0].transpose(-1, -2))
-    return torch.cat(parts).view(X, heads, n, -1)
+    query heads of a K/V head in one product (``row_matmul``): ``[X, Hq, n, nblocks]`` fp32."""
+    if pat.route.score == "bound":
+        return (row_matmul(q.float().clamp(min=0), summary[0].transpose(-1, -2), row_of)
+                + row_matmul(q.float().clamp(max=0), summary[1].transpose(-1, -2), row_of))
+    return row_matmul(q, summary[0].transpose(-1, -2), row_of)
 
 
 def row_topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
@@ -231,4 +246,4 @@ def visit_lists(t, visit: torch.Tensor) -> dict:
             "PART_STEPS": t.kv_tiles.bit_length(), "cls": (kv_heads, 1)}
 
 
-__all__ = ["applies", "keep", "pack_words", "route_inputs", "row_topk", "select", "visit_lists"]
+__all__ = ["applies", "keep", "launch_summaries", "pack_words", "pool_means", "route_inputs", "row_topk", "select", "visit_lists"]

@@ -16,8 +16,7 @@ import torch
 
 from ....compiler.triton_codegen.paged_lines import QUERY_TABLES
 from ...plan.clusters import relative_logits
-from .paged_queries import PagedQueries
-from .paged_routes import SCORE_CHUNK
+from .paged_queries import SCORE_CHUNK, PagedQueries
 from .paged_tokens import pool_scores
 
 

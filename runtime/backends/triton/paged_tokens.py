@@ -27,8 +27,8 @@ from ....compiler.triton_codegen.source import but_row_lengths
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
-from .paged_queries import PagedQueries, pow2
-from .paged_routes import SCORE_CHUNK, WORD, pack_words, row_topk, visit_lists
+from .paged_queries import SCORE_CHUNK, PagedQueries, pow2
+from .paged_routes import WORD, pack_words, row_topk, visit_lists
 
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64

@@ -50,6 +50,7 @@ rather than asked of the caller, so every caller of ``attn(q, k, v)`` gets it:
 from __future__ import annotations
 
 import atexit
+import functools
 import hashlib
 import importlib.util
 import math
@@ -69,6 +70,7 @@ from ....compiler.search import (
 )
 from ....compiler.tile_args import parse_tiles
 from ....compiler.tiles import classify_tiles, layout_extents
+from ....compiler.triton_codegen.paged_lines import summary_module
 from ....compiler.triton_codegen.source import (
     ScheduleShape,
     check_fp32_constants,
@@ -82,7 +84,7 @@ from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks, cache_pages, paged, split_kv
+from . import blocks, cache_pages, paged, paged_routes, split_kv
 from . import kernel_launch as KL
 from . import launcher as launcher_of
 from .backward import backward
@@ -150,6 +152,12 @@ def load_kernels(source_path: str, interpret: bool = False):
 def _load_source(source: str, interpret: bool):
     """The kernel module of a generated source (written to this process's folder)."""
     return load_kernels(write_source(source), interpret=interpret)
+
+
+@functools.cache  # one module, loaded once per process and mode
+def _summary_kernel(interpret: bool):
+    """``attnc_paged_summary`` of its own module (``paged_lines.summary_module``)."""
+    return _load_source(summary_module(), interpret).attnc_paged_summary
 
 
 # ----------------------------------------------------------------- choosing a schedule
@@ -417,6 +425,14 @@ class TritonRunner(Registered):
         """``(out, lse)`` of a paged batch in one launch (``triton.paged.forward``)."""
         return paged.forward(self, _load_source, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
                              scale, inputs)
+
+    def paged_pool_means(self, cache, block_table, seqlens, size: int):
+        """The means of each row's runs of ``size`` keys (or values) of a paged pool, ``[B, Hkv, runs, D]`` fp32 (a
+        combined pattern's pooled branch: ``triton.paged_routes.pool_means``, the one module of
+        ``paged_lines.summary_module``)."""
+        interpret = cache.device.type != "cuda" and not self.native
+        kernel = _summary_kernel(interpret)
+        return paged_routes.pool_means(kernel, interpret, cache, block_table, seqlens, size)
 
     def cache_as_pages(self, q, k, v):
         """``(k_pool, v_pool, block_table, seqlens)``: the paged call of ``attnc_fwd_paged`` that reads q after the
