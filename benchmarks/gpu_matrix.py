@@ -12,7 +12,7 @@ none with ``--toy``) stops starting new patterns once spent, and the rows not re
 (attnc's kernels, Flex's ``torch.compile`` of its mods, forward and backward) took 35-88 s in a warm-up of 16
 processes at once (``--warm-jobs 16``), and a recurrence's more than 110 s; the timed pass then took 20-30 s a row.
 So every row does not fit one 10-minute call: run it in parts (``--only``, in the order given). ``--toy`` on a
-2-core CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/test_gpu_matrix.py`` runs a few).
+2-core CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/project/test_gpu_matrix.py`` runs a few).
 
 Rows: the 53 stdlib patterns (``spec.library.stdlib_index``), at one realistic size each: sequences of 16,384
 tokens, 2-D grids of 128 x 128, 3-D grids of 30 x 48 x 80, the recurrences at 8,192 tokens as fla's benchmarks

@@ -12,7 +12,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SKIP = {"tests", "benchmarks", "build", ".git", ".ci", "docs"}
 
 #: Layers of the package, bottom first: a module may import its own layer or one below.

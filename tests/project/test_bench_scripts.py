@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 SCRIPTS = sorted(p for p in BENCH.glob("*.py"))
 #: need a CUDA device for their real run; ``--toy`` runs them in Triton's interpreter on a CPU
 GPU_ONLY = {"gpu_conformance.py", "gpu_matrix.py", "gpu_suite.py", "gpu_suite_dynamic.py", "bench_gqa.py",

@@ -322,7 +322,7 @@ def test_a_video_model_sharded_over_ranks_equals_one_process(results2, name):
     """diffusers' ContextParallelConfig(ring_degree / ulysses_degree) on a tiny random Wan transformer
     (split where its _cp_plan says) and CogVideoX (no _cp_plan: its video tokens split, its text tokens on
     every rank, the text queries' partial results gathered): every rank's output equals the one-process
-    attnc model's (itself checked against diffusers' processors in tests/test_diffusers.py); keys moved
+    attnc model's (itself checked against diffusers' processors in tests/integrations/test_diffusers.py); keys moved
     only between neighbours."""
     import cp_worker
 

@@ -525,10 +525,10 @@ STDLIB = {
                    {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
 }
 #: Patterns whose mask is chosen at run time by routing or clustering (their classification from the
-#: call's selection is tested against the reference in tests/test_cluster_route.py,
-#: tests/test_vertical_slash.py and the routing tests), and recurrences: no static tile classification. nsa and
+#: call's selection is tested against the reference in tests/patterns/test_cluster_route.py,
+#: tests/patterns/test_vertical_slash.py and the routing tests), and recurrences: no static tile classification. nsa and
 #: combiner combine several attentions (no single mask; their branches are ordinary patterns, nsa's selection
-#: routed at run time: tests/test_nsa.py, tests/test_combiner.py).
+#: routed at run time: tests/patterns/test_nsa.py, tests/patterns/test_combiner.py).
 NOT_CLASSIFIED = {"anchor", "combiner", "biformer", "moba", "quest", "vmoba", "dsa", "dma", "sparsifiner", "seer", "cluster_mask", "routing_transformer", "vertical_slash", "token_topk", "xattention", "nsa", "gla", "lightning", "lightning_fla", "mamba2", "retention", "delta_net",
                   "gated_delta_net", "kda", "titans"}
 

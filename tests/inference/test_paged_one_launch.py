@@ -821,7 +821,7 @@ def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "paged_routes.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "paged_routes.py"
     spec = importlib.util.spec_from_file_location("paged_routes_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -635,7 +635,7 @@ def test_loop_instruction_comparison_of_two_matrices(tmp_path):
     import json
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "loop_instructions.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "loop_instructions.py"
     spec = importlib.util.spec_from_file_location("loop_instructions", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -739,7 +739,7 @@ def test_compile_matrix_resume_knows_a_combined_patterns_cells():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_compile_matrix.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_compile_matrix.py"
     spec = importlib.util.spec_from_file_location("gpu_compile_matrix_mod", path)
     matrix = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(matrix)

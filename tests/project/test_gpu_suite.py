@@ -12,7 +12,7 @@ from pathlib import Path
 
 import interpreter_speed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_toy(tmp_path, script: str, *args: str) -> str:

@@ -3,7 +3,7 @@ torch.compile(fullgraph=True) of modules using the Flex lowering (runtime.flex_o
 
 The rule's decisions are asserted on representative plans (never timings). Runs that would pick the
 fused Flex kernel use Flex's dense implementation here (``compiled = False``: no torch.compile of
-the kernel in the normal test run; tests/test_flex_backend.py runs the fused kernel once)."""
+the kernel in the normal test run; tests/backends/test_flex_backend.py runs the fused kernel once)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Worker side of tests/test_cp_agreement.py: spawned gloo ranks run one call meant to fail on one rank
+"""Worker side of tests/distributed/test_cp_agreement.py: spawned gloo ranks run one call meant to fail on one rank
 only, or on ranks compiled differently, and save what each rank saw (its SpecError, or a crash). The
 process group's timeout is short: a rank left waiting in a collective the others skipped fails in
 seconds instead of hanging."""

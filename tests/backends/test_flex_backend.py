@@ -625,7 +625,7 @@ def _stdlib_softmax_patterns() -> set[str]:
 def test_conformance_covers_the_stdlib():
     """A new stdlib softmax pattern must get a conformance entry (recurrences are refused by flex). Combined
     patterns (several attentions summed or merged: no single mask or lse to compare here) are listed by name;
-    tests/test_nsa.py and tests/test_combiner.py run them on flex, forward and backward."""
+    tests/patterns/test_nsa.py and tests/patterns/test_combiner.py run them on flex, forward and backward."""
     from attnc.spec.library import stdlib_index
 
     assert set(CONFORMANCE) == _stdlib_softmax_patterns()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "seeds.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "seeds.md"
 
 
 def test_the_recipes_run_and_agree():

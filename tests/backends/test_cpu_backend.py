@@ -154,10 +154,10 @@ STDLIB = {
 
 
 #: Combined patterns (several attentions summed or merged: no single lse for this table's comparison);
-#: tests/test_nsa.py and tests/test_combiner.py run them on every backend against float64 references, forward
+#: tests/patterns/test_nsa.py and tests/patterns/test_combiner.py run them on every backend against float64 references, forward
 #: and backward.
 COMBINED = {"nsa", "combiner"}
-#: Bucketed patterns (a token's output averages its buckets' attentions: no single lse); tests/test_bucketed.py
+#: Bucketed patterns (a token's output averages its buckets' attentions: no single lse); tests/patterns/test_bucketed.py
 #: runs them against a naive float64 loop, forward and backward.
 BUCKETED = {"routing_transformer"}
 

@@ -1,4 +1,4 @@
-"""Worker side of tests/test_cp_ulysses_recurrence.py: spawned gloo ranks run recurrences under Ulysses
+"""Worker side of tests/distributed/test_cp_ulysses_recurrence.py: spawned gloo ranks run recurrences under Ulysses
 (``ulysses_degree`` = the group's size) and USP (Ulysses inside, the chain across ring positions) and save
 what the parent compares against one process. Cases and their whole tensors are built here from seeds,
 so the parent and every rank build the same ones. The process group's timeout is short: a rank left

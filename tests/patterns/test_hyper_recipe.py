@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "docs", "examples"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "docs", "examples"))
 from hyper_attention import HyperAttention  # noqa: E402
 
 

@@ -36,7 +36,7 @@ from attnc.runtime.backends.triton import runner as T
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",
                                         "ignore:invalid value:RuntimeWarning")
 
-SNAPSHOTS = Path(__file__).parent / "snapshots"
+SNAPSHOTS = Path(__file__).resolve().parents[1] / "snapshots"
 UPDATE = os.environ.get("ATTNC_UPDATE_SNAPSHOTS") == "1"
 
 
@@ -160,12 +160,12 @@ def test_stdlib_table_covers_every_softmax_pattern():
     from attnc.spec.library import stdlib_index
 
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"}
-    # combined patterns (several attentions summed or merged, no single lse for compare()): tests/test_nsa.py
-    # and tests/test_combiner.py run them on triton, forward and backward
+    # combined patterns (several attentions summed or merged, no single lse for compare()): tests/patterns/test_nsa.py
+    # and tests/patterns/test_combiner.py run them on triton, forward and backward
     kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
     combined = {name for name, kind in kinds.items() if kind == "combined"}
     assert combined == {"nsa", "combiner"}
-    # bucketed patterns (buckets attended in torch on every backend): tests/test_bucketed.py
+    # bucketed patterns (buckets attended in torch on every backend): tests/patterns/test_bucketed.py
     bucketed = {name for name, kind in kinds.items() if kind == "bucketed"}
     assert bucketed == {"routing_transformer"}
     assert softmax - combined - bucketed == set(STDLIB)
@@ -974,10 +974,10 @@ def test_source_snapshot(name):
     if UPDATE:
         SNAPSHOTS.mkdir(exist_ok=True)
         path.write_text(text, encoding="utf-8")
-    assert path.exists(), f"missing snapshot {path}: run ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/test_triton.py -k snapshot"
+    assert path.exists(), f"missing snapshot {path}: run ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/backends/test_triton.py -k snapshot"
     assert text == path.read_text(encoding="utf-8"), (
         f"the generated source of {name} changed; review the diff and, if intended, regenerate with "
-        "ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/test_triton.py -k snapshot")
+        "ATTNC_UPDATE_SNAPSHOTS=1 pytest tests/backends/test_triton.py -k snapshot")
 
 
 def test_cli_emit(capsys):
@@ -985,7 +985,7 @@ def test_cli_emit(capsys):
 
     assert cli.main(["emit", "stdlib:sliding_window", "-p", "window=4", "--n", "64", "--q-tile", "16"]) == 0
     assert capsys.readouterr().out == _emit("sliding_window")
-    # a recurrence's kernels are its family's Triton files (tests/test_cli_rough_edges.py); a bucketed pattern
+    # a recurrence's kernels are its family's Triton files (tests/project/test_cli_rough_edges.py); a bucketed pattern
     # attends its buckets in torch: no kernel of its own, refused by name
     assert cli.main(["emit", "stdlib:routing_transformer"]) == 1
     assert "routing_transformer" in capsys.readouterr().err

@@ -7,7 +7,7 @@ softmax of the last L queries under causality, column sums, sums along the diago
 columns and the nearest diagonals forced, the counts floored and clipped, ties to the lower index.
 The reference backend is compared with a dense float64 masked softmax over that selection; every
 other backend with the reference, forward and backward. Context parallelism is tested in
-tests/test_context_parallel.py (case vertical-slash-ring).
+tests/distributed/test_context_parallel.py (case vertical-slash-ring).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import interpreter_speed
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_matrix.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_matrix.py"
 
 
 def run(*args, folder, timeout=900):

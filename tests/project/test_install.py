@@ -62,13 +62,29 @@ def test_every_package_folder_is_listed_for_the_wheel():
 
     import tomllib
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     skip = {"tests", "benchmarks", "docs", "build"}
     found = {"attnc." + ".".join(p.parent.relative_to(root).parts) if p.parent != root else "attnc"
              for p in root.rglob("__init__.py")
              if not (set(p.relative_to(root).parts) & skip or any(s.startswith(".") for s in p.parts))}
     assert found - listed == set(), f"folders missing from [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_the_tests_live_in_folders_by_area_each_on_the_pythonpath():
+    """No test module sits at the top of ``tests/`` (only shared helpers); every folder holding tests is on
+    pytest's ``pythonpath`` (tests import helpers from each other by module name, across folders)."""
+    import pathlib
+
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    listed = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["pythonpath"]
+    assert sorted((root / "tests").glob("test_*.py")) == []
+    folders = {p.parent.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")}
+    assert folders <= set(listed), sorted(folders - set(listed))
+    names = [p.name for p in (root / "tests").rglob("*.py")]
+    assert len(names) == len(set(names)), "two test modules share a name: they import each other by it"
 
 
 def test_the_suite_runs_from_a_folder_not_named_like_a_python_package(tmp_path):
@@ -78,7 +94,7 @@ def test_the_suite_runs_from_a_folder_not_named_like_a_python_package(tmp_path):
     import shutil
     import subprocess
 
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     copy = tmp_path / "attnc-main"
     (copy / "tests").mkdir(parents=True)
     for name in ("pyproject.toml", "__init__.py", "tests/conftest.py", "tests/interpreter_speed.py"):

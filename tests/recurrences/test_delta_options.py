@@ -366,7 +366,7 @@ def test_hard_resets_on_the_reference_and_the_triton_kernels():
     cpu = attnc.compile_attention("stdlib:gated_delta_net", backend="cpu")(q, k, v, **args)
     for a, b in zip(cpu, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    pytest.importorskip("triton")  # the gradients: tests/test_delta_triton.py
+    pytest.importorskip("triton")  # the gradients: tests/recurrences/test_delta_triton.py
     got = attnc.compile_attention("stdlib:gated_delta_net", backend="triton", q_tile=16)(q, k, v, **args)
     for a, b in zip(got, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 README_MAX_LINES = 400
 #: The comments `.ci/run` finds the README's set-up commands by (the line after each is the command).
