@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from cases import claimed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,82 +77,8 @@ def grads(out, lse, tensors):
 
 
 # ------------------------------------------------------ stdlib patterns
-# name -> (params, sizes, n, inputs(heads, n, batch) -> dict)
-def _doc(H, n, B, g):
-    return {"doc": torch.sort(torch.randint(0, 4, (n,), generator=g)).values.to(torch.int32)}
-
-
-def _gates(H, n, B, g):
-    return {"g": (-torch.rand(H, n, generator=g, dtype=torch.float64) * 0.5).requires_grad_()}
-
-
-def _global(H, n, B, g):
-    return {"is_global": (torch.rand(n, generator=g) < 0.1).to(torch.int64)}
-
-
-def _indexer(H, n, B, g):  # DeepSeek's lightning indexer inputs: 3 indexer heads of 4 channels
-    return {"qi": torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
-            "ki": torch.randn(n, 4, generator=g, dtype=torch.float64),
-            "w": torch.randn(n, 3, generator=g, dtype=torch.float64)}
-
-
-def _connectivity(H, n, B, g):  # Sparsifiner's low-rank factors: rank 4, per head
-    return {"qi": torch.randn(H, n, 4, generator=g, dtype=torch.float64),
-            "ki": torch.randn(H, n, 4, generator=g, dtype=torch.float64)}
-
-
-def _centroids(H, n, B, g):  # [heads, clusters, dk] at _run_stdlib's head dim 8
-    return {"centroids": torch.randn(H, 3, 8, generator=g, dtype=torch.float64)}
-
-
-STDLIB = {
-    "a_shape": (dict(sinks=3, local=9), None, 61, None),
-    "alibi": ({}, None, 45, None),
-    "biformer": (dict(region=3, topk=2), {"height": 8, "width": 7}, None, None),
-    "dilated": (dict(segment=16, dilation=3), None, 53, None),
-    "document": ({}, None, 50, _doc),
-    "forgetting": ({}, None, 47, _gates),
-    "logsparse": ({}, None, 66, None),
-    "longformer": (dict(window=8), None, 57, _global),
-    "longnet": (dict(segment=16, dilation=2), None, 50, None),
-    "moba": (dict(block=8, topk=2), None, 61, None),
-    "quest": (dict(token_budget=16, page=4), None, 61, None),
-    "dsa": (dict(topk=6, index_heads=3, index_dim=4), None, 45, _indexer),
-    "sparsifiner": (dict(budget=7, rank=4), None, 45, _connectivity),
-    "seer": (dict(block=8, topk=2), None, 45, lambda H, n, B, g: {
-        "gate": torch.randn(H, n, -(-n // 8), generator=g, dtype=torch.float64)}),
-    "sigmoid": (dict(length=45, is_causal=True), None, 45, None),
-    "softplus": ({}, None, 45, None),
-    "music_relative": (dict(max_relative=11), None, 45, lambda H, n, B, g: {
-        "E": torch.randn(H, 11, 8, generator=g, dtype=torch.float64).requires_grad_()}),
-    "dma": (dict(window=7), None, 45, lambda H, n, B, g: {
-        "importance": torch.randn(H, n, generator=g, dtype=torch.float64).requires_grad_()}),
-    "vmoba": (dict(layer=1, spatial_chunk_y=2, spatial_chunk_x=3), {"frames": 3, "height": 4, "width": 6}, None, None),
-    "neighborhood_1d": (dict(kernel_size=5, dilation=2), None, 45, None),
-    "neighborhood_2d": (dict(kernel_size_y=3, kernel_size_x=5, dilation_x=2), {"height": 7, "width": 11}, None, None),
-    "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=3), {"frames": 3, "height": 5, "width": 6}, None, None),
-    "power": (dict(block=4, local=2), None, 70, None),
-    "prefix_lm": (dict(prefix=9), None, 40, None),
-    "grid": (dict(stride=3, vision_start=5, vision_end=36, sink=2, local=4, block=2), None, 40, None),
-    "radial": (dict(block=4), {"frames": 4, "per_frame": 16}, None, None),
-    "cluster_mask": (dict(clusters=3), None, 58, _centroids),
-    "s2": (dict(block=4, local=2, vert=4), None, 64, None),
-    "sliding_tile": (dict(tile_t=2, tile_y=3, tile_x=3, wt=1, wy=3, wx=1), {"frames": 4, "height": 9, "width": 6},
-                     None, None),
-    "sliding_window": (dict(window=9), None, 50, None),
-    "window_2d": (dict(window=4, shift=2), {"height": 8, "width": 7}, None, None),
-    "halo_2d": (dict(block=3, halo=1), {"height": 7, "width": 9}, None, None),
-    "freeswim": (dict(half_height=1, half_width=2), {"frames": 2, "height": 5, "width": 7}, None, None),
-    "moa": (dict(alpha=[-6, 9, 20, 3], beta=[0.5, 0.1, 0.0, 0.25], max_new_tokens=4, block=4, minimum=8), None, 53, None),
-    "softcap": (dict(cap=0.8), None, 40, None),
-    "streaming": (dict(window=7, sinks=2), None, 50, None),
-    "token_topk": (dict(topk=5), None, 47, None),
-    "anchor": (dict(block=3, step=2, init=6, theta=0.5), None, 47, None),
-    "landmark": (dict(block=5), None, 47, None),
-    "xattention": (dict(block=8, stride=2, threshold=0.7, chunk=24), None, 61, None),
-    "vertical_slash": (dict(vertical=3, slash=4, last_q=8, sinks=2, local=3, slash_min=1), None, 50, None),
-}
-
+#: every stdlib softmax pattern as this file runs it (``tests/cases.py``)
+STDLIB = claimed("cpu")
 
 #: Combined patterns (several attentions summed or merged: no single lse for this table's comparison);
 #: tests/patterns/test_nsa.py and tests/patterns/test_combiner.py run them on every backend against float64 references, forward
@@ -164,18 +91,17 @@ BUCKETED = {"routing_transformer"}
 
 def test_stdlib_table_covers_every_softmax_pattern():
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.__class__.__name__ != "Recurrence"}
-    kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
+    kinds = {name: attnc.load(f"stdlib:{name}", **(STDLIB[name].params if name in STDLIB else {})).kind
+             for name in softmax}
     assert {name for name, kind in kinds.items() if kind == "pattern"} == set(STDLIB)
     assert {name for name, kind in kinds.items() if kind == "combined"} == COMBINED
     assert {name for name, kind in kinds.items() if kind == "bucketed"} == BUCKETED
 
 
 def _run_stdlib(name, dtype, B=2, H=4, Hkv=2, D=8, seed=0):
-    params, sizes, n, make_inputs = STDLIB[name]
-    if n is None:
-        n = math.prod(sizes.values())
-    g = torch.Generator().manual_seed(seed + 7)
-    inputs = make_inputs(H, n, B, g) if make_inputs else {}
+    case = STDLIB[name]
+    params, sizes, n = case.params, case.sizes, case.tokens
+    inputs = case.make_inputs(H, D, seed=seed + 7)
     q, k, v = qkv(B, H, Hkv, n, D, dtype=dtype, seed=seed)
     results = []
     for backend in ("cpu", "reference"):
@@ -330,10 +256,10 @@ def test_stdlib_fused_backward_float64(name, monkeypatch):
     kernel); q, k, v gradients against the reference backend, float64, batch 2, grouped heads."""
     from attnc.runtime.backends.cpu import executor
 
-    params, sizes, n, make_inputs = STDLIB[name]
-    n = math.prod(sizes.values()) if n is None else n
+    case = STDLIB[name]
+    params, sizes, n = case.params, case.sizes, case.tokens
     g = torch.Generator().manual_seed(11)
-    inputs = {key: t.detach() for key, t in (make_inputs(4, n, 2, g) if make_inputs else {}).items()}
+    inputs = {key: t.detach() for key, t in case.make_inputs(4, 8, seed=12).items()}
     q, k, v = qkv(2, 4, 2, n, 8, seed=4)
     w = torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64)
     calls = []

@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from cases import claimed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -530,82 +531,9 @@ def test_low_precision_inputs(dtype, tol):
 
 
 # ================================================================ conformance: the whole stdlib
-def _doc_ids(n, g):
-    return torch.sort(torch.randint(0, 4, (n,), generator=g)).values
-
-
-def _globals(n, g):
-    return (torch.rand(n, generator=g) < 0.1).to(torch.int64)
-
-
-def _gates(n, g, heads):
-    return torch.nn.functional.logsigmoid(2 * torch.randn(heads, n, generator=g, dtype=torch.float64))
-
-
-#: One small configuration per stdlib softmax pattern: (params, grid sizes or None, n, (Hq, Hkv),
-#: call-time inputs (name -> builder(n, generator, heads)), differentiable inputs, (q_tile, kv_tile)).
-#: Every pattern runs with GQA (Hq > Hkv); tiles are small so that the lists hold FULL, PARTIAL and
-#: EMPTY blocks.
-CONFORMANCE = {
-    "a_shape": ({"local": 6, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
-    "alibi": ({}, None, 29, (6, 2), {}, (), (8, 8)),
-    "biformer": ({"region": 2, "topk": 3}, {"height": 6, "width": 8}, 48, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "dilated": ({"segment": 8, "dilation": 2, "is_causal": True}, None, 35, (4, 2), {}, (), (8, 4)),
-    "document": ({}, None, 33, (4, 2), {"doc": _doc_ids}, (), (8, 4)),
-    "forgetting": ({}, None, 27, (4, 2), {"g": _gates}, ("g",), (8, 4)),
-    "logsparse": ({}, None, 40, (4, 2), {}, (), (8, 4)),
-    "longformer": ({"window": 6}, None, 34, (4, 2), {"is_global": _globals}, (), (8, 8)),
-    "longnet": ({"segment": 8, "dilation": 2, "is_causal": False}, None, 32, (4, 2), {}, (), (8, 4)),
-    "moba": ({"block": 4, "topk": 3}, None, 30, (4, 2), {}, (), (8, 4)),
-    "quest": ({"token_budget": 12, "page": 4}, None, 30, (4, 2), {}, (), (8, 4)),
-    "dma": ({"window": 6}, None, 30, (4, 2),
-            {"importance": lambda n, g: torch.randn(4, n, generator=g, dtype=torch.float64)}, ("importance",), (8, 4)),
-    "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 30, (4, 2),
-            {"qi": lambda n, g: torch.randn(n, 3, 4, generator=g, dtype=torch.float64),
-             "ki": lambda n, g: torch.randn(n, 4, generator=g, dtype=torch.float64),
-             "w": lambda n, g: torch.randn(n, 3, generator=g, dtype=torch.float64)}, (), (8, 4)),
-    "sigmoid": ({"length": 30, "is_causal": True}, None, 30, (4, 2), {}, (), (8, 4)),
-    "softplus": ({}, None, 30, (4, 2), {}, (), (8, 4)),
-    "music_relative": ({"max_relative": 9}, None, 30, (4, 2),
-                       {"E": lambda n, g: torch.randn(4, 9, 8, generator=g, dtype=torch.float64)}, ("E",), (8, 4)),
-    "seer": ({"block": 8, "topk": 2}, None, 30, (4, 2),
-             {"gate": lambda n, g: torch.randn(4, n, -(-n // 8), generator=g, dtype=torch.float64)}, (), (8, 4)),
-    "sparsifiner": ({"budget": 5, "rank": 4}, None, 30, (4, 2),
-                    {"qi": lambda n, g: torch.randn(4, n, 4, generator=g, dtype=torch.float64),
-                     "ki": lambda n, g: torch.randn(4, n, 4, generator=g, dtype=torch.float64)}, (), (8, 4)),
-    "vmoba": ({"layer": 2, "st_chunk_t": 2, "st_chunk_y": 2, "st_chunk_x": 3}, {"frames": 4, "height": 4, "width": 6},
-              96, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
-    "neighborhood_1d": ({"kernel_size": 5, "dilation": 2, "stride": 2}, None, 31, (4, 2), {}, (), (8, 4)),
-    "neighborhood_2d": ({"kernel_size": (3, 5), "stride": (1, 2), "is_causal": (True, False)},
-                        {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "neighborhood_3d": ({"kernel_size": 3, "dilation": (1, 1, 2)}, {"frames": 4, "height": 5, "width": 6}, 120,
-                        (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
-    "power": ({"block": 4, "local": 2}, None, 41, (4, 2), {}, (), (8, 4)),
-    "prefix_lm": ({"prefix": 5}, None, 23, (4, 2), {}, (), (8, 4)),
-    "grid": ({"stride": 3, "vision_start": 5, "vision_end": 36, "sink": 2, "local": 4, "block": 2}, None, 40, (4, 2), {}, (), (8, 4)),
-    "radial": ({"block": 3, "sink": True}, {"frames": 6, "per_frame": 12}, 72, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "cluster_mask": ({"clusters": 3}, None, 39, (4, 2),
-                            {"centroids": lambda n, g: torch.randn(4, 3, 8, generator=g, dtype=torch.float64)},
-                            (), (8, 4)),
-    "s2": ({"block": 4, "local": 2, "vert": 4, "offset": 1, "kv_heads": 2}, None, 40, (4, 2), {}, (), (8, 4)),
-    "sliding_tile": ({"tile_t": 2, "tile_y": 3, "tile_x": 2, "wt": 3, "wy": 3, "wx": 1},
-                     {"frames": 5, "height": 7, "width": 4}, 140, (4, 2), {}, (), ((2, 2, 4), (2, 2, 2))),
-    "sliding_window": ({"window": 7}, None, 37, (4, 2), {}, (), (8, 4)),
-    "window_2d": ({"window": 3, "shift": 1}, {"height": 7, "width": 9}, 63, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "halo_2d": ({"block": 3, "halo": 1}, {"height": 8, "width": 7}, 56, (4, 2), {}, (), ((2, 4), (2, 2))),
-    "freeswim": ({"half_height": 1, "half_width": 2}, {"frames": 2, "height": 5, "width": 7}, 70, (4, 2), {}, (),
-                 ((1, 2, 4), (2, 2, 2))),
-    "moa": ({"alpha": [-6, 9, 20, 3], "beta": [0.5, 0.1, 0.0, 0.25], "max_new_tokens": 4, "block": 4, "minimum": 8},
-            None, 45, (4, 2), {}, (), (8, 4)),
-    "token_topk": ({"topk": 4}, None, 35, (4, 2), {}, (), (8, 4)),
-    "anchor": ({"block": 3, "step": 2, "init": 6, "theta": 0.5}, None, 35, (4, 2), {}, (), (8, 4)),
-    "landmark": ({"block": 5}, None, 35, (4, 2), {}, (), (8, 4)),
-    "softcap": ({"cap": 2.0}, None, 25, (4, 2), {}, (), (8, 4)),
-    "streaming": ({"window": 5, "sinks": 3}, None, 37, (4, 2), {}, (), (8, 4)),
-    "xattention": ({"block": 4, "stride": 2, "threshold": 0.7, "chunk": 16}, None, 30, (4, 2), {}, (), (8, 4)),
-    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 37, (4, 2), {}, (), (8, 4)),
-}
-
+#: every stdlib softmax pattern as this file runs it (``tests/cases.py``): GQA (Hq > Hkv) everywhere, tiles small
+#: enough that the lists hold FULL, PARTIAL and EMPTY blocks
+CONFORMANCE = claimed("flex")
 
 #: values for the parameters without a default
 BARE = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}, "seer": {"topk": 2}}
@@ -613,7 +541,7 @@ BARE = {"prefix_lm": {"prefix": 1}, "grid": {"vision_end": 100}, "seer": {"topk"
 
 def _load(name: str):
     """stdlib pattern ``name`` with its conformance parameters (its defaults where it has no entry)."""
-    return attnc.load(f"stdlib:{name}", **(CONFORMANCE[name][0] if name in CONFORMANCE else BARE.get(name, {})))
+    return attnc.load(f"stdlib:{name}", **(CONFORMANCE[name].params if name in CONFORMANCE else BARE.get(name, {})))
 
 
 def _stdlib_softmax_patterns() -> set[str]:
@@ -638,10 +566,10 @@ def test_stdlib_conformance(name):
     """backend='flex' equals backend='reference' on every stdlib softmax pattern: outputs, lse and the
     gradients of q, k, v and of differentiable inputs, float64, GQA, random inputs; and the BlockMask
     lists agree with the exact mask (what the fused kernel reads)."""
-    params, sizes, n, (hq, hkv), builders, grads, (q_tile, kv_tile) = CONFORMANCE[name]
-    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    case = CONFORMANCE[name]
+    params, sizes, n, (hq, hkv), grads, (q_tile, kv_tile) = (case.params, case.sizes, case.tokens, case.heads,
+                                                            case.grads, case.tiles)
     q, k, v = qkv(2, hq, hkv, n, 8, seed=n + hq, scale=3.0 if name == "softcap" else 1.0)
-    inputs = {key: fn(n, g, hq) if key == "g" else fn(n, g) for key, fn in builders.items()}
-    inputs = {key: t.requires_grad_() if key in grads else t for key, t in inputs.items()}
+    inputs = case.make_inputs(hq, 8, seed=sum(map(ord, name)))
     compare(f"stdlib:{name}", q, k, v, inputs, grad_inputs=grads, sizes=sizes, q_tile=q_tile, kv_tile=kv_tile,
             **params)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cases import claimed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -93,67 +94,13 @@ def spy_launches(monkeypatch, *keys: str) -> list[tuple]:
 
 # ----------------------------------------------------------------- every stdlib softmax pattern
 GRID2 = {"height": 6, "width": 8}
-#: name -> (params, sizes, n, input factory, q_tile)
-STDLIB = {
-    "sliding_window": ({"window": 5}, None, 40, None, 16),
-    "streaming": ({"window": 6, "sinks": 2}, None, 40, None, 16),
-    "a_shape": ({"sinks": 3, "local": 7}, None, 40, None, 16),
-    "neighborhood_1d": ({"kernel_size": 5, "dilation": 2}, None, 36, None, 16),
-    "neighborhood_2d": ({"kernel_size_y": 3, "kernel_size_x": 5, "is_causal_x": True}, GRID2, None, None, (4, 4)),
-    "neighborhood_3d": ({"kernel_size_t": 3, "kernel_size_y": 3, "kernel_size_x": 3, "stride_x": 2}, {"frames": 3, "height": 4, "width": 4}, None, None,
-                        (2, 2, 4)),
-    "dilated": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
-    "longnet": ({"segment": 16, "dilation": 2}, None, 40, None, 16),
-    "sliding_tile": ({"tile_t": 2, "tile_y": 2, "tile_x": 2, "wt": 1, "wy": 3, "wx": 1},
-                     {"frames": 2, "height": 6, "width": 4}, None, None, (2, 2, 4)),
-    "radial": ({"block": 4}, {"frames": 4, "per_frame": 10}, None, None, (2, 8)),
-    "window_2d": ({"window": 4, "shift": 2}, GRID2, None, None, (4, 4)),
-    "halo_2d": ({"block": 3, "halo": 1}, GRID2, None, None, (3, 4)),
-    "freeswim": ({"half_height": 1, "half_width": 2}, {"frames": 2, "height": 4, "width": 6}, None, None, (1, 2, 4)),
-    "moa": ({"alpha": [-6, 9], "beta": [0.5, 0.1], "max_new_tokens": 4, "block": 4, "minimum": 8}, None, 40, None, 16),
-    "power": ({"block": 4, "local": 2}, None, 48, None, 16),
-    "logsparse": ({}, None, 40, None, 16),
-    "longformer": ({"window": 6}, None, 40,
-                   lambda n: {"is_global": (torch.arange(n) % 13 == 3).to(torch.int64)}, 16),
-    "s2": ({"block": 4, "local": 2, "vert": 2}, None, 40, None, 16),
-    "prefix_lm": ({"prefix": 5}, None, 40, None, 16),
-    "grid": ({"stride": 3, "vision_start": 5, "vision_end": 36, "sink": 2, "local": 4, "block": 2}, None, 40, None, 16),
-    "document": ({}, None, 40, lambda n: {"doc": torch.tensor([0] * 11 + [1] * 20 + [2] * (n - 31))}, 16),
-    "alibi": ({}, None, 40, None, 16),
-    "softcap": ({"cap": 1.5}, None, 40, None, 16),
-    "sigmoid": ({"length": 40, "is_causal": True}, None, 40, None, 16),
-    "softplus": ({}, None, 40, None, 16),
-    "forgetting": ({}, None, 40,
-                   lambda n: {"g": (-torch.rand(2, n, generator=torch.Generator().manual_seed(3))).requires_grad_()},
-                   16),
-    "moba": ({"block": 8, "topk": 2}, None, 40, None, 16),
-    "quest": ({"token_budget": 16, "page": 4}, None, 40, None, 16),
-    "biformer": ({"region": 2, "topk": 3}, GRID2, None, None, (2, 4)),
-    "vmoba": ({"layer": 2, "st_chunk_t": 1, "st_chunk_y": 2, "st_chunk_x": 3}, {"frames": 2, "height": 4, "width": 6},
-              None, None, (2, 2, 4)),
-    "cluster_mask": ({"clusters": 3}, None, 40,
-                            lambda n: {"centroids": torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))},
-                            16),
-    "token_topk": ({"topk": 5}, None, 40, None, 16),
-    "anchor": ({"block": 3, "step": 2, "init": 6, "theta": 0.5}, None, 40, None, 16),
-    "landmark": ({"block": 5}, None, 40, None, 16),
-    "dma": ({"window": 6}, None, 40,
-            lambda n: {"importance": torch.randn(2, n, generator=torch.Generator().manual_seed(4)).requires_grad_()},
-            16),
-    "dsa": ({"topk": 5, "index_heads": 3, "index_dim": 4}, None, 40,
-            lambda n: {name: torch.randn(*shape, generator=torch.Generator().manual_seed(i))
-                       for i, (name, shape) in enumerate((("qi", (n, 3, 4)), ("ki", (n, 4)), ("w", (n, 3))))}, 16),
-    "music_relative": ({"max_relative": 12}, None, 40,
-                       lambda n: {"E": torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(6)).requires_grad_()},
-                       16),
-    "seer": ({"block": 8, "topk": 2}, None, 40,
-             lambda n: {"gate": torch.randn(2, n, 5, generator=torch.Generator().manual_seed(8))}, 16),
-    "sparsifiner": ({"budget": 5, "rank": 4}, None, 40,
-                    lambda n: {name: torch.randn(2, n, 4, generator=torch.Generator().manual_seed(i))
-                               for i, name in enumerate(("qi", "ki"))}, 16),
-    "xattention": ({"block": 8, "stride": 4, "threshold": 0.8, "chunk": 24}, None, 40, None, 16),
-    "vertical_slash": ({"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1}, None, 40, None, 16),
-}
+#: every stdlib softmax pattern as this file runs it (``tests/cases.py``: parameters, sizes, inputs, its q_tile)
+STDLIB = claimed("triton")
+
+
+def stdlib_inputs(case, n=None):
+    """A case's call-time inputs as this file calls the kernels: 2 heads of 16 dims, float32."""
+    return case.make_inputs(2, 16, dtype=torch.float32, n=n)
 
 
 def test_stdlib_table_covers_every_softmax_pattern():
@@ -162,7 +109,8 @@ def test_stdlib_table_covers_every_softmax_pattern():
     softmax = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"}
     # combined patterns (several attentions summed or merged, no single lse for compare()): tests/patterns/test_nsa.py
     # and tests/patterns/test_combiner.py run them on triton, forward and backward
-    kinds = {name: attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind for name in softmax}
+    kinds = {name: attnc.load(f"stdlib:{name}", **(STDLIB[name].params if name in STDLIB else {})).kind
+             for name in softmax}
     combined = {name for name, kind in kinds.items() if kind == "combined"}
     assert combined == {"nsa", "combiner"}
     # bucketed patterns (buckets attended in torch on every backend): tests/patterns/test_bucketed.py
@@ -174,13 +122,10 @@ def test_stdlib_table_covers_every_softmax_pattern():
 @pytest.mark.versions
 @pytest.mark.parametrize("name", sorted(STDLIB))
 def test_stdlib_forward_backward(name):
-    params, sizes, n, make_inputs, tile = STDLIB[name]
-    pat = attnc.load(f"stdlib:{name}", **params)
-    if n is None:
-        n = math.prod(sizes.values())
-    inputs = make_inputs(n) if make_inputs else {}
-    q, k, v = qkv(1, 2, 2, n, 16)
-    compare(pat, q, k, v, sizes=sizes, inputs=inputs, q_tile=tile)
+    case = STDLIB[name]
+    pat = attnc.load(f"stdlib:{name}", **case.params)
+    q, k, v = qkv(1, 2, 2, case.tokens, 16)
+    compare(pat, q, k, v, sizes=case.sizes, inputs=stdlib_inputs(case), q_tile=case.tiles)
 
 
 # ----------------------------------------------------------------- launch order tables (compiler.launch_order)
@@ -395,9 +340,9 @@ def test_bias_input_gradients_are_added_by_the_dq_kernel(monkeypatch, name):
     to the host instead (``STORE_DS``); both paths' gradients equal the reference backend's."""
     g = torch.Generator().manual_seed(11)
     if name in STDLIB:
-        params, sizes, n, make_inputs, tile = STDLIB[name]
-        pat = attnc.load(f"stdlib:{name}", **params)
-        inputs = make_inputs(n) if make_inputs else {}
+        case = STDLIB[name]
+        pat, sizes, n, tile = attnc.load(f"stdlib:{name}", **case.params), case.sizes, case.n, case.tiles
+        inputs = stdlib_inputs(case)
     else:
         pat, sizes, n, tile = attnc.load(PER_QUERY_BIAS if name == "per_query" else PER_HEAD_BIAS), None, 40, 16
         inputs = {"w": torch.randn(n, generator=g)} if name == "per_query" else {"s": torch.rand(2, generator=g)}
@@ -557,16 +502,15 @@ def test_backward_in_one_kernel_adds_dq_by_atomics(monkeypatch, name):
     and every gradient matches the reference backend; with GQA (2 query heads on 1 K/V head) and a split over
     programs; a call that needs the decay gates' gradient, or under torch's deterministic mode, runs the dQ
     kernel (bitwise that of a config without atomics)."""
-    params, sizes, n, make_inputs, tile = STDLIB[name]
-    pat = attnc.load(f"stdlib:{name}", **params)
-    n = math.prod(sizes.values()) if n is None else n
+    case = STDLIB[name]
+    pat, sizes, n, tile = attnc.load(f"stdlib:{name}", **case.params), case.sizes, case.tokens, case.tiles
     launched = spy_launches(monkeypatch, "ATOMIC_DQ")
     real_config = T.default_config
     atomic = {"on": True}
     monkeypatch.setattr(T, "default_config", lambda *a, **kw: dataclasses.replace(
         real_config(*a, **kw), atomic_dq=atomic["on"], dq_q_tile=(), dq_kv_tile=()))
     q, k, v = qkv(1, 2, 1, n, 16, Dv=8, seed=5)
-    inputs = make_inputs(n) if make_inputs else {}
+    inputs = stdlib_inputs(case)
     grad_gates = any(t.requires_grad for t in inputs.values())
     detached = {n_: t.detach() for n_, t in inputs.items()}
     monkeypatch.setattr(KL, "_group_split", lambda *args: 2)
@@ -715,10 +659,9 @@ def test_warp_specialized_forward_leaves_two_loops_where_one_does_not_apply(monk
     launched = spy_launches(monkeypatch, "WARP_SPEC", "ONE_LOOP")
     cfg = KernelConfig((16,), (16,), "flat", tma=True, warp_specialize=True)
     monkeypatch.setattr(T.TritonRunner, "config_hook", staticmethod(lambda pat, bound, q, inputs, kv_heads: cfg))
-    params, sizes, n, make_inputs, _ = STDLIB[name]
-    q, k, v = qkv(1, 2, 2, n, 16, seed=4)
-    inputs = make_inputs(n) if make_inputs else {}
-    tri = compare(attnc.load(f"stdlib:{name}", **params), q, k, v, sizes=sizes, inputs=inputs)
+    case = STDLIB[name]
+    q, k, v = qkv(1, 2, 2, case.n, 16, seed=4)
+    tri = compare(attnc.load(f"stdlib:{name}", **case.params), q, k, v, sizes=case.sizes, inputs=stdlib_inputs(case))
     assert ("attnc_fwd", None, None) in launched and "ONE_LOOP" not in tri.source
 
 

@@ -46,7 +46,8 @@ def _unopened_fields(fn: ast.FunctionDef) -> list[str]:
 def _module(name: str, block: bool) -> str:
     """The kernel module of a stdlib case of ``test_triton.STDLIB``: the whole sequence's, or (``block``) the module of
     a block of its last rows after the rest as a KV cache (every block of these tiles shares it)."""
-    params, sizes, n, _, tile = STDLIB[name]
+    case = STDLIB[name]
+    params, sizes, n, tile = case.params, case.sizes, case.n, case.tiles
     pat = attnc.load(f"stdlib:{name}", **params)
     if not block:
         return T.emit(pat, n=n, sizes=sizes, q_tile=tile, heads=2, dk=16)

@@ -24,7 +24,9 @@ import math
 from unittest import mock
 
 import pytest
+import sympy
 import torch
+from cases import claimed
 from fuzz_budget import examples
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -483,47 +485,9 @@ def test_natten_strided_3d_is_fully_block_sparse(stride, block_sparse):
 
 
 # ----------------------------------------------------------------- the stdlib at small sizes
-def _docs(n, seed):
-    return torch.sort(torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(seed))).values
-
-
-STDLIB = {
-    # name: (params, n, sizes, heads, q_tile, kv_tile, inputs)
-    "a_shape": (dict(sinks=3, local=6), 45, None, 1, (8,), (5,), None),
-    "alibi": ({}, 30, None, 2, (7,), (4,), None),
-    "dilated": (dict(segment=12, dilation=3, is_causal=True), 50, None, 1, (8,), (6,), None),
-    "forgetting": ({}, 30, None, 2, (6,), (9,), {"g": -torch.rand(2, 30, generator=torch.Generator().manual_seed(3))}),
-    "logsparse": ({}, 64, None, 1, (8,), (8,), None),
-    "longnet": (dict(segment=12, dilation=3, is_causal=False), 40, None, 3, (5,), (8,), None),
-    "neighborhood_1d": (dict(kernel_size=7, dilation=2, stride=3), 37, None, 1, (6,), (5,), None),
-    "neighborhood_2d": (dict(kernel_size_y=5, kernel_size_x=3, dilation_y=2, stride_x=2), None, {"height": 11, "width": 9}, 1, (4, 2), (3, 4), None),
-    "neighborhood_3d": (dict(kernel_size_t=3, kernel_size_y=3, kernel_size_x=5, is_causal_t=True, stride_y=2), None, {"frames": 5, "height": 6, "width": 7}, 1,
-                        (2, 4, 4), (3, 2, 8), None),
-    "power": (dict(block=4, local=2), 96, None, 1, (8,), (8,), None),
-    "prefix_lm": (dict(prefix=7), 33, None, 1, (8,), (4,), None),
-    "grid": (dict(stride=3, vision_start=5, vision_end=60, sink=2, local=4, block=2), 64, None, 1, (8,), (4,), None),
-    "radial": (dict(block=4), None, {"frames": 6, "per_frame": 16}, 1, (2, 8), (1, 16), None),
-    "s2": (dict(block=4, local=3, vert=3), 64, None, 2, (8,), (4,), None),
-    "sliding_tile": (dict(tile_t=2, tile_y=2, tile_x=3, wt=1, wy=3, wx=3), None, {"frames": 4, "height": 6, "width": 8},
-                     1, (2, 2, 3), (2, 4, 3), None),
-    "sliding_window": (dict(window=9), 70, None, 1, (16,), (8,), None),
-    "window_2d": (dict(window=4, shift=2), None, {"height": 8, "width": 10}, 1, (4, 2), (2, 4), None),
-    "halo_2d": (dict(block=3, halo=1), None, {"height": 7, "width": 9}, 1, (3, 3), (2, 4), None),
-    "music_relative": (dict(max_relative=6), 40, None, 1, (8,), (8,), None),
-    "landmark": (dict(block=5), 40, None, 1, (8,), (8,), None),
-    "sigmoid": (dict(length=40, is_causal=True), 40, None, 1, (8,), (8,), None),
-    "softplus": ({}, 40, None, 1, (8,), (8,), None),
-    "freeswim": (dict(half_height=1, half_width=2), None, {"frames": 3, "height": 6, "width": 8}, 1, (1, 2, 4), (2, 2, 4),
-                 None),
-    "moa": (dict(alpha=[-6, 9, 20], beta=[0.5, 0.1, 0.0], max_new_tokens=4, block=4, minimum=8), 61, None, 3, (8,), (4,),
-            None),
-    "softcap": ({}, 30, None, 1, (8,), (8,), None),
-    "streaming": (dict(window=7, sinks=3), 50, None, 1, (16,), (8,), None),
-    # data-dependent masks, classified at call time from their inputs
-    "document": ({}, 40, None, 1, (8,), (8,), {"doc": _docs(40, 1)}),
-    "longformer": (dict(window=6), 40, None, 1, (8,), (8,),
-                   {"is_global": (torch.rand(40, generator=torch.Generator().manual_seed(2)) < 0.1).to(torch.int64)}),
-}
+#: every stdlib pattern with a static mask, as this file classifies it (``tests/cases.py``: its heads, (q_tile,
+#: kv_tile))
+STDLIB = claimed("tiles")
 #: Patterns whose mask is chosen at run time by routing or clustering (their classification from the
 #: call's selection is tested against the reference in tests/patterns/test_cluster_route.py,
 #: tests/patterns/test_vertical_slash.py and the routing tests), and recurrences: no static tile classification. nsa and
@@ -539,8 +503,11 @@ def test_stdlib_table_is_complete():
 
 @pytest.mark.parametrize("name", sorted(STDLIB))
 def test_stdlib_pattern_classification(name):
-    params, n, sizes, heads, qt, kt, inputs = STDLIB[name]
+    case = STDLIB[name]
+    params, n, sizes, heads, (qt, kt) = case.params, case.n, case.sizes, case.heads, case.tiles
     pat = attnc.load(f"stdlib:{name}", **params)
+    read = E.input_names(pat.mask) if isinstance(pat.mask, sympy.Basic) else set()
+    inputs = {key: t for key, t in case.make_inputs(heads, 8, seed=1).items() if key in read} or None
     bound = E.bind_sizes(pat, n=n, heads=heads, sizes=sizes)
     ext = (bound.n,) if sizes is None else tuple(sizes.values())
     mask = attnc.materialize_mask(pat, n=n, heads=heads, sizes=sizes, inputs=inputs)
@@ -548,7 +515,7 @@ def test_stdlib_pattern_classification(name):
     sched = classify_tiles(pat, bound, qt, kt, inputs)
     dense = classify_tiles_dense(pat, bound, qt, kt, inputs)
     check_schedule(sched, mask, ext, ext, qt, kt, heads, dense)
-    if inputs is None or name == "forgetting":  # static masks are small enough here to be classified exactly
+    if inputs is None:  # static masks are small enough here to be classified exactly
         assert sched.exact and sched.density_exact
 
 

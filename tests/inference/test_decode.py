@@ -397,17 +397,18 @@ def test_decode_steps_of_patterns_whose_inputs_the_mask_does_not_read_keep_one_p
     leave the plan alone: the decode template serves every length (``decode_lists.applies``), no tile is
     classified after the first step, and every step equals the float64 reference's last row."""
     pytest.importorskip("triton")
-    from test_triton import STDLIB
+    from test_triton import STDLIB, stdlib_inputs
 
     from attnc.runtime.plan import decode_lists
 
-    params, _, _, make, _ = STDLIB[name]
+    case = STDLIB[name]
+    params = case.params
     attn = compile_attention(f"stdlib:{name}", backend="triton", **params)
     ref = compile_attention(f"stdlib:{name}", backend="reference", **params)
     assert decode_lists.applies(attn.runner.pattern)
     q, k, v = _qkv(140, heads=2, hkv=2, d=16, batch=1)
     for step, nk in enumerate((61, 62, 65, 100, 130)):
-        inputs = {key: t.detach() for key, t in (make(nk) if make else {}).items()}
+        inputs = {key: t.detach() for key, t in stdlib_inputs(case, nk).items()}
         out = attn(q[:, :, nk - 1:nk].float(), k[:, :, :nk].float(), v[:, :, :nk].float(), **inputs)
         want = ref(q[:, :, :nk], k[:, :, :nk], v[:, :, :nk],
                    **{key: t.double() if t.is_floating_point() else t for key, t in inputs.items()})[:, :, -1:]

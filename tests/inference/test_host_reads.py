@@ -18,7 +18,7 @@ import traceback
 
 import pytest
 import torch
-from test_triton import STDLIB
+from test_triton import STDLIB, stdlib_inputs
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -78,21 +78,20 @@ class HostTensors(TorchFunctionMode):
 
 
 def _tokens(name: str) -> int:
-    _, sizes, n, _, _ = STDLIB[name]
-    return n if sizes is None else int(torch.tensor(list(sizes.values())).prod())
+    return STDLIB[name].tokens
 
 
 def warm_reads(name: str, nk: int | None = None, rows: int | None = None) -> HostReads:
     """The host reads of the second call of stdlib pattern ``name`` (``rows`` queries after a cache of
     ``nk`` tokens where given); the call's output is checked against the float64 reference's."""
-    params, sizes, n, inputs, q_tile = STDLIB[name]
-    n = n if sizes is None else None
+    case = STDLIB[name]
+    params, sizes, q_tile = case.params, case.sizes, case.tiles
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", sizes=sizes, q_tile=q_tile, **params)
     total = nk or _tokens(name)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, rows or total, 16, generator=g)
     k, v = torch.randn(1, 2, total, 16, generator=g), torch.randn(1, 2, total, 16, generator=g)
-    given = inputs(total) if inputs is not None else {}
+    given = stdlib_inputs(case, total)
     attn(q, k, v, **given)
     with HostReads() as reads:
         out = attn(q, k, v, **given)
@@ -346,12 +345,11 @@ def test_a_mask_index_out_of_range_is_refused_at_every_call():
 def test_one_head_masks_that_read_inputs_equal_the_reference(name):
     """One head: the device classification binds the head of a mask that reads it (vertical_slash's per-head
     selection failed with "'h' has no value" where the plan had one head class)."""
-    params, sizes, n, inputs, q_tile = STDLIB[name]
-    n = n if sizes is None else None
-    tokens = n if n is not None else int(torch.tensor(list(sizes.values())).prod())
+    case = STDLIB[name]
+    params, sizes, q_tile, tokens = case.params, case.sizes, case.tiles, case.tokens
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 1, tokens, 16, generator=g) for _ in range(3))
-    given = inputs(tokens) if inputs is not None else {}
+    given = stdlib_inputs(case, tokens)
     out = attnc.compile_attention(f"stdlib:{name}", backend="triton", sizes=sizes, q_tile=q_tile, **params)(
         q, k, v, **given)
     want = attnc.compile_attention(f"stdlib:{name}", backend="reference", sizes=sizes, **params)(
@@ -406,12 +404,13 @@ def test_a_decode_step_at_a_new_length_reads_nothing_on_the_host(name):
     made on the device (``decode_lists``, ``device_routes.decode_route_plan``), so a length never seen reads
     nothing either; inputs over the sequence (a route's scores) grow with it. (A bias that reads an input, dma's
     and landmark's, has its index ranges checked once per length: on host-made tensors, not the call's.)"""
-    params, _, _, inputs, q_tile = STDLIB[name]
+    case = STDLIB[name]
+    params, q_tile = case.params, case.tiles
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", q_tile=q_tile, **params)
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 2, 1, 16, generator=g)
     k, v = torch.randn(1, 2, 42, 16, generator=g), torch.randn(1, 2, 42, 16, generator=g)
-    given = {nk: {n: t.detach() for n, t in (inputs(nk) if inputs else {}).items()} for nk in (40, 41)}
+    given = {nk: {n: t.detach() for n, t in stdlib_inputs(case, nk).items()} for nk in (40, 41)}
     attn(q, k[:, :, :40], v[:, :, :40], **given[40])
     with HostReads() as reads:
         attn(q, k[:, :, :41], v[:, :, :41], **given[41])

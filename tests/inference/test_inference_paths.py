@@ -17,7 +17,7 @@ from test_triton import STDLIB
 import attnc
 
 #: Patterns on a sequence (a grid has no paged cache); their parameters and inputs are test_triton's.
-SEQUENCE = sorted(name for name, (_, sizes, _, _, _) in STDLIB.items() if sizes is None)
+SEQUENCE = sorted(name for name, case in STDLIB.items() if case.sizes is None)
 NO_CACHE = {"xattention", "anchor"}  # score blocks of queries: refused after a cache
 GIVEN_BLOCK_SCORES = {"seer"}  # block scores per call, one column per key block of one sequence: not packed; paged
 # only in one launch (on the CPU backend: refused)
@@ -29,31 +29,14 @@ def _gen(seed: int) -> torch.Generator:
 
 
 def _inputs(name: str, n: int) -> dict:
-    """The pattern's call-time inputs over ``n`` tokens, float64 and detached (paged calls are forward only);
-    per-head inputs sized for HQ heads."""
-    make = STDLIB[name][3]
-    out = {}
-    for key, t in (make(n) if make is not None else {}).items():
-        t = t.detach()
-        if name == "forgetting":  # g [heads, n]: the table's is for 2 heads
-            t = torch.nn.functional.logsigmoid(torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64))
-        if name == "dma":  # importance [heads, nk]: the table's is for 2 heads
-            t = torch.randn(HQ, n, generator=_gen(9), dtype=torch.float64)
-        if name == "seer":  # gate [heads, n, blocks]
-            t = torch.randn(HQ, n, t.shape[-1], generator=_gen(9), dtype=torch.float64)
-        if name == "music_relative":  # E [heads, max_relative, dk]
-            t = torch.randn(HQ, t.shape[1], D, generator=_gen(9), dtype=torch.float64)
-        if name == "sparsifiner":  # qi, ki [heads, n, rank]
-            t = torch.randn(HQ, n, t.shape[-1], generator=_gen(9 + len(out)), dtype=torch.float64)
-        if name == "cluster_mask":  # centroids [heads, clusters, dk]
-            t = torch.randn(HQ, t.shape[1], D, generator=_gen(9), dtype=torch.float64)
-        out[key] = t.double() if t.is_floating_point() else t
-    return out
+    """The pattern's call-time inputs over ``n`` tokens (``tests/cases.py``), float64 and detached (paged calls are
+    forward only); per-head inputs sized for HQ heads."""
+    return {key: t.detach() for key, t in STDLIB[name].make_inputs(HQ, D, seed=9, n=n).items()}
 
 
 def _cut(name: str, inputs: dict, start: int, stop: int) -> dict:
     """The inputs of tokens ``[start, stop)``: every token dimension (declared n or nk) cut."""
-    pat = attnc.load(f"stdlib:{name}", **PER_HEAD.get(name, STDLIB[name][0]))
+    pat = attnc.load(f"stdlib:{name}", **PER_HEAD.get(name, STDLIB[name].params))
     out = {}
     for key, t in inputs.items():
         index = [slice(None)] * t.dim()
@@ -69,7 +52,7 @@ PER_HEAD = {"moa": {"alpha": [-6, 9, 20, 3], "beta": [0.5, 0.1, 0.0, 0.25], "max
 
 
 def _modules(name: str, backend: str):
-    params = PER_HEAD.get(name, STDLIB[name][0])
+    params = PER_HEAD.get(name, STDLIB[name].params)
     return (attnc.compile_attention(f"stdlib:{name}", backend=backend, **params),
             attnc.compile_attention(f"stdlib:{name}", backend="reference", **params))
 

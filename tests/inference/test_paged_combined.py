@@ -77,12 +77,13 @@ def _compile(params, backend="triton"):
 def test_nsa_is_the_combined_pattern_served_in_one_launch_per_branch():
     """Of the stdlib's combined patterns, nsa's paged calls run one launch per branch; Combiner's max summaries
     (a run's value reads every query of the run) are not served after a cache at all."""
-    from test_triton import STDLIB
+    from cases import CASES
 
     from attnc.spec.library import stdlib_index
 
+    params = {case.name: case.params for case in CASES}
     combined = {name for name, (_, decl) in stdlib_index().items() if decl.kind == "pattern"
-                and attnc.load(f"stdlib:{name}", **STDLIB.get(name, ({},))[0]).kind == "combined"}
+                and attnc.load(f"stdlib:{name}", **params.get(name, {})).kind == "combined"}
     assert combined == {"nsa", "combiner"}
     served = {name for name in combined if combined_paged.applies(attnc.load(f"stdlib:{name}"))}
     assert served == {"nsa"}

@@ -9,6 +9,7 @@ import os
 import pytest
 import sympy
 import torch
+from cases import claimed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_host_reads import HostReads
@@ -22,61 +23,20 @@ from attnc.runtime.backends.triton import paged as triton_paged
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-#: the stdlib patterns whose paged call runs in one launch, at small sizes
-ONE_LAUNCH = {
-    "sliding_window": {"window": 9},
-    "streaming": {"window": 6, "sinks": 2},
-    "alibi": {},
-    "softcap": {"cap": 5.0},
-    "dilated": {"segment": 8, "dilation": 2},
-    "longnet": {"segment": 8, "dilation": 2},
-    "logsparse": {},
-    "a_shape": {"sinks": 2, "local": 6},
-    "power": {"block": 4, "local": 2},
-    "s2": {"block": 4, "local": 2, "vert": 2},
-    "sigmoid": {"length": 16},
-    "prefix_lm": {"prefix": 5},
-    "grid": {"stride": 5, "vision_start": 3, "vision_end": 30, "sink": 2, "local": 4, "block": 4},
-    # masks naming the length: each row's own, read by the kernel
-    "neighborhood_1d": {"kernel_size": 5, "stride": 2},
-    "moa": {"alpha": [-6, 9, 3, 20], "beta": [0.5, 0.1, 0.0, 0.2], "max_new_tokens": 4, "block": 4, "minimum": 8},
-    # masks reading inputs the caller gives: read by the kernel at each row's positions
-    "document": {},
-    "longformer": {"window": 4},
-    # block routes scored from their keys' summaries: each row's selection made on the device, its own lists
-    "moba": {"block": 4, "topk": 2},
-    "quest": {"token_budget": 12, "page": 4},
-    # token routes: each query's keys chosen on the device by q @ k, indexer inputs or a score per key
-    "token_topk": {"topk": 3},
-    "sparsifiner": {"budget": 5, "rank": 4, "cls": 1},
-    "dsa": {"topk": 5, "index_heads": 3, "index_dim": 8},
-    "dma": {"window": 5},
-    # block scores the caller gives (SeerAttention's gate), each row's columns its own key blocks
-    "seer": {"block": 4, "topk": 2},
-    # cluster ids made over the pool at each call (the Routing Transformer's clustered mask)
-    "cluster_mask": {"clusters": 3},
-    # FoX gates over the table's capacity: each row's head's prefix sums read by the kernel
-    "forgetting": {},
-    # score tables of the present queries (relative embeddings' q . E, landmark gates), read at each query's row
-    "music_relative": {"max_relative": 12},
-    "landmark": {"block": 5},
-    # flags chosen from each row's last queries' softmax over its keys (MInference's vertical-slash index)
-    "vertical_slash": {"vertical": 3, "slash": 4, "last_q": 8, "sinks": 2, "local": 3, "slash_min": 1},
-}
+#: the stdlib patterns whose paged call runs in one launch, at small sizes (``tests/cases.py``): their parameters
+ONE_LAUNCH = {name: case.params for name, case in claimed("paged").items()}
 
-#: the inputs of the patterns above that read some: ``(rows, capacity) -> inputs`` over the table's capacity
-INPUTS = {
-    "document": lambda rows, cap: {"doc": torch.stack([torch.arange(cap) // (5 + r) for r in range(rows)])},
-    "longformer": lambda rows, cap: {"is_global": (torch.arange(cap) % 7 == 3).long()},  # one for every row
-    # (batched or every row's: both kinds in each)
-    "sparsifiner": lambda rows, cap: {"qi": _randn(rows, HQ, cap, 4), "ki": _randn(HQ, cap, 4)},
-    "dsa": lambda rows, cap: {"qi": _randn(cap, 3, 8), "ki": _randn(rows, cap, 8), "w": _randn(rows, cap, 3)},
-    "dma": lambda rows, cap: {"importance": _randn(rows, HQ, cap)},
-    "seer": lambda rows, cap: {"gate": _randn(rows, HQ, cap, -(-cap // 4))},
-    "cluster_mask": lambda rows, cap: {"centroids": _randn(HQ, 3, D)},
-    "forgetting": lambda rows, cap: {"g": _gates(rows, HQ, cap)},
-    "music_relative": lambda rows, cap: {"E": _randn(HQ, 12, D)},
-}
+
+def paged_inputs(name: str, rows: int, cap: int) -> dict:
+    """``name``'s call-time inputs over the table's ``cap`` keys for ``HQ`` heads (``tests/cases.py``), float32:
+    each row's own (a leading batch dimension) where an input runs over the tokens, one for every row otherwise."""
+    case = claimed("paged")[name]
+    if case.inputs is None:
+        return {}
+    decls = {d.name: d for d in attnc.load(f"stdlib:{name}", **case.params).inputs}
+    made = [{key: t.detach() for key, t in case.make_inputs(HQ, D, seed=r, dtype=torch.float32, n=cap).items()}
+            for r in range(rows)]
+    return {key: torch.stack([m[key] for m in made]) if decls[key].token_dims else t for key, t in made[0].items()}
 
 
 def _gates(*shape):
@@ -134,12 +94,13 @@ def count_launches(monkeypatch):
 
 def test_the_one_launch_patterns_are_the_ones_named_here():
     """The table above is every stdlib pattern the paged forward serves (a new one joins it, and these tests)."""
-    from test_triton import STDLIB
+    from cases import CASES
 
     served = set()
-    for name, (params, sizes, _, _, _) in STDLIB.items():
+    for case in CASES:
+        name = case.name
         pat = attnc.compile_attention(
-            f"stdlib:{name}", backend="reference", sizes=sizes, **params
+            f"stdlib:{name}", backend="reference", sizes=case.sizes, **case.params
         ).pattern
         if triton_paged.applies(pat) and getattr(pat, "score_scale", None) is None:
             served.add(name)
@@ -158,7 +119,7 @@ def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeyp
     k, v, table, seqlens, rows = pool(lengths, 8)
     cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
     q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(1))
-    given = INPUTS.get(name, lambda rows, cap: {})(len(lengths), table.shape[1] * 8)
+    given = paged_inputs(name, len(lengths), table.shape[1] * 8)
     launched = count_launches(monkeypatch)
     out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
     assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]
@@ -419,7 +380,7 @@ def test_a_call_with_ids_or_gates_reads_nothing_on_the_host(name):
     host."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **ONE_LAUNCH[name])
     k, v, table, seqlens, _ = pool([12, 30, 7], 8)
-    given = INPUTS.get(name, lambda rows, cap: {})(3, table.shape[1] * 8)
+    given = paged_inputs(name, 3, table.shape[1] * 8)
     q = torch.randn(3, HQ, 1, D)
     attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
     for lengths in (seqlens, torch.tensor([13, 31, 8], dtype=torch.int32)):
@@ -779,7 +740,7 @@ def test_rows_past_the_last_offset_are_zeros_with_an_lse_of_minus_infinity(name)
     q = torch.randn(1, HQ, cap + 6, D, generator=torch.Generator().manual_seed(6))
     params = {"window": 5} if name in ("sliding_window", "longformer") else ONE_LAUNCH[name]
     given = {"is_global": torch.zeros(2, cap, dtype=torch.int64)} if name == "longformer" else (
-        INPUTS.get(name, lambda rows, cap: {})(len(lengths), cap))
+        paged_inputs(name, len(lengths), cap))
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
     out, lse = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd",
                     return_lse=True, **given)
