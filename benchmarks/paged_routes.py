@@ -1,5 +1,5 @@
-"""Routed decode steps over a paged KV cache (MoBA, Quest; token top-k and DeepSeek's indexer), against the same step
-on a contiguous cache and SDPA over every key (recorded, not a timed test; a GPU run: issue 59's routed rows).
+"""Routed decode steps over a paged KV cache (MoBA, Quest; token top-k and DeepSeek's indexer; NSA), against the same
+step on a contiguous cache and SDPA over every key (recorded, not a timed test; a GPU run: issue 59's routed rows).
 
     python benchmarks/paged_routes.py [--toy] [--out FILE] [--rounds R] [--steps S] [--nk 4096,32768,131072]
                                       [--batch 1,16,64]
@@ -19,8 +19,15 @@ A token route (``token_topk``: each query's 2,048 keys of highest ``q . k``; ``d
 heads of 128, top 2,048) has no summaries to keep: ``attnc contiguous`` and ``attnc paged`` (its scores by
 ``attnc_paged_token_scores`` through the block table, or from the indexer inputs, every cached key each step).
 
+NSA (``nsa``: runs of 64, 16 selected blocks, a window of 512; gates per present query) runs one launch per branch
+on the pages (``attnc paged``: the runs pooled from the pages, the compressed branch in torch, the selected and window
+branches one ``attnc_fwd_paged`` each); ``attnc paged, by length`` is the path every paged nsa call took before,
+each row's pages gathered into a contiguous cache and the module run once per distinct length (every row one
+length here: once).
+
 ``max |diff|``: each attnc method's largest difference to the contiguous call's output (the same selection: bf16
-rounding apart). Patterns: Quest (page 16, budget 4096), MoBA (block 512, top 8), token top-k and DSA (top 2,048).
+rounding apart). Patterns: Quest (page 16, budget 4096), MoBA (block 512, top 8), token top-k and DSA (top 2,048),
+NSA.
 
 Cost on a GPU (an H100, estimated): 2-4 minutes for the defaults, most of it Triton's compiles (one module per
 pattern and batch shape) and SDPA at 128K keys. ``--toy`` runs the same code on CPU tensors under Triton's
@@ -38,9 +45,11 @@ import sys
 import time
 
 PATTERNS = {"quest": {"page": 16, "token_budget": 4096}, "moba": {"block": 512, "topk": 8},
-            "token_topk": {"topk": 2048}, "dsa": {"topk": 2048, "index_heads": 64, "index_dim": 128}}
+            "token_topk": {"topk": 2048}, "dsa": {"topk": 2048, "index_heads": 64, "index_dim": 128},
+            "nsa": {"block": 64, "selected": 16, "window": 512}}
 TOY_PATTERNS = {"quest": {"page": 4, "token_budget": 16}, "moba": {"block": 8, "topk": 2},
-                "token_topk": {"topk": 5}, "dsa": {"topk": 5, "index_heads": 2, "index_dim": 4}}
+                "token_topk": {"topk": 5}, "dsa": {"topk": 5, "index_heads": 2, "index_dim": 4},
+                "nsa": {"block": 4, "selected": 2, "window": 6}}
 #: the patterns whose block summaries a ``KeySummary`` keeps across steps
 SUMMARISED = ("quest", "moba")
 
@@ -109,7 +118,7 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
         pool[table.view(-1).long()] = rows
     lengths = torch.full((batch,), nk, dtype=torch.int32, device=device)
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
-    over_cap, over_n = indexer_inputs(torch, name, params, batch, width * page, nk, g, device, dtype)
+    over_cap, over_n = call_inputs(torch, name, params, batch, hq, width * page, nk, g, device, dtype)
     kept_c, kept_p = attnc.KeySummary(), attnc.KeySummary()
     contiguous = "attnc contiguous + KeySummary" if name in SUMMARISED else "attnc contiguous"
     methods = {
@@ -119,6 +128,11 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
         "attnc paged": lambda: attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd",
                                     **over_cap),
     }
+    if name == "nsa":  # the path before one launch per branch: each row's pages gathered, once per length
+        by_length = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+        by_length._paged_server = None
+        methods["attnc paged, by length"] = lambda: by_length(q, k_pool, v_pool, block_table=table,
+                                                              cache_seqlens=lengths, layout="bhnd", **over_cap)
     if name in SUMMARISED:
         methods["attnc paged + KeySummary"] = lambda: attn(q, k_pool, v_pool, block_table=table,
                                                            cache_seqlens=lengths, layout="bhnd", key_summary=kept_p)
@@ -145,9 +159,15 @@ def case(torch, F, attnc, name, params, nk, batch, hq, hkv, d, page, device, dty
     return out + [""]
 
 
-def indexer_inputs(torch, name, params, batch, capacity, nk, g, device, dtype) -> tuple[dict, dict]:
-    """DSA's indexer inputs ``(over the table's capacity, over the contiguous cache's nk keys)``: per row ``qi``
-    ``[B, n, J, DI]``, ``ki`` ``[B, n, DI]``, ``w`` ``[B, n, J]`` (positive weights); none for other patterns."""
+def call_inputs(torch, name, params, batch, hq, capacity, nk, g, device, dtype) -> tuple[dict, dict]:
+    """A pattern's call-time inputs ``(for the paged call, for the contiguous one)``: DSA's indexer inputs over the
+    table's capacity and over the contiguous cache's nk keys, per row ``qi`` ``[B, n, J, DI]``, ``ki`` ``[B, n, DI]``,
+    ``w`` ``[B, n, J]`` (positive weights); NSA's gates of the present query, ``[B, Hq, 1]``, the same for both;
+    none for other patterns."""
+    if name == "nsa":
+        gates = {gate: torch.rand(batch, hq, 1, generator=g, device=device).to(dtype)
+                 for gate in ("g_cmp", "g_slc", "g_swa")}
+        return gates, gates
     if name != "dsa":
         return {}, {}
     heads, dim = params["index_heads"], params["index_dim"]

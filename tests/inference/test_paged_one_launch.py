@@ -777,8 +777,8 @@ def test_a_token_routes_keep_naming_the_length_is_each_rows():
 
 def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):
     """``benchmarks/paged_routes.py --toy`` (the GPU run's code on CPU tensors): a table per route with every method,
-    the paged steps (with and without a kept summary; a token route's scored through the pages or its indexer)
-    equal to the contiguous step's output."""
+    the paged steps (with and without a kept summary; a token route's scored through the pages or its indexer; NSA's
+    one launch per branch and its path by length) equal to the contiguous step's output."""
     import importlib.util
     from pathlib import Path
 
@@ -790,7 +790,8 @@ def test_the_routed_paged_benchmark_runs_on_toy_sizes(tmp_path):
     assert bench.main(["--toy", "--out", str(out)]) == 0
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| attnc paged")]
-    assert text.count("## ") == 4 and len(rows) == 6  # MoBA's and Quest's with and without a kept summary
+    # MoBA's and Quest's with and without a kept summary; NSA's in one launch per branch and by length
+    assert text.count("## ") == 5 and len(rows) == 8
     assert all(float(row.rstrip(" |").rsplit("|", 1)[-1]) < 1e-5 for row in rows), rows
 
 
