@@ -12,28 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_host_reads import HostReads
 from test_paged_kv import D, paged_cache
+from test_paged_one_launch import count_launches
 
 import attnc
 from attnc.core.errors import SpecError
 from attnc.runtime import combined_paged
-from attnc.runtime.backends.triton import kernel_launch as KL
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 GATES = ("g_cmp", "g_slc", "g_swa")
 PARAMS = {"block": 4, "selected": 2, "window": 6}
-
-
-def _launches(monkeypatch) -> list:
-    launched = []
-    real = KL.launch_kernel
-
-    def counting(launch, kernel, grid, args, meta, *, backward):
-        launched.append(getattr(kernel, "__name__", str(kernel)))
-        return real(launch, kernel, grid, args, meta, backward=backward)
-
-    monkeypatch.setattr(KL, "launch_kernel", counting)
-    return launched
 
 
 def _gates(batch, heads, rows, seed):
@@ -94,7 +82,7 @@ def test_a_mixed_batch_is_one_launch_per_branch_and_each_row_is_the_reference(mo
     """Rows of 4 lengths and 4 query counts (a decode row, chunked-prefill rows, a row whose queries are all its
     keys), shuffled pages of 8 keys, 4 query heads on 2 K/V heads: one ``attnc_fwd_paged`` for the selected
     branch and one for the window (two each with the split-KV merge), every row the float64 reference."""
-    launched = _launches(monkeypatch)
+    launched = count_launches(monkeypatch)
     out, want, cut = _packed_call(PARAMS, [5, 17, 40, 23], [1, 3, 1, 23], 8, 4, 2, seed=0)
     assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"] * 2
     for c, w in zip(cut, want, strict=True):
@@ -168,7 +156,7 @@ def test_launches_do_not_depend_on_the_distinct_lengths(monkeypatch):
     for lengths in ([20, 20, 20], [7, 20, 33]):
         k, v, table, seqlens, _ = paged_cache(lengths, 8, dtype=torch.float32, seed=1)
         table = torch.nn.functional.pad(table, (0, 6 - table.shape[1]), value=-1)  # one capacity for both
-        launched = _launches(monkeypatch)
+        launched = count_launches(monkeypatch)
         attn(torch.randn(3, 4, 1, D), k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd",
              **_gates(3, 4, 1, 0))
         seen.append(launched)
