@@ -81,7 +81,7 @@ def case_sliding(repeats: int, N=16384, H=8, D=64, W=1024) -> dict:
     out = attn(q, k, v)
     # analysis alone (tile choice + classification + plan), on a fresh module
     fresh = attnc.compile_attention("stdlib:sliding_window", window=W, backend="cpu")
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
 
     bound = E.bind_sizes(fresh.pattern, n=N, nk=N, heads=H, dk=D)
     res["attnc_analysis_s"] = once(lambda: fresh.runner.plan(bound, {}))

@@ -26,7 +26,7 @@ Each round runs ``--steps`` steps of every method, interleaved (the methods alte
 within a round, in a rotated order); the per-step cost of a method is its round time
 divided by the steps, and the table gives the median over ``--repeats`` rounds after a
 warm-up round, in wall time and in this process's CPU time (``time.process_time``, less
-sensitive to other processes on a loaded machine). It also counts tile classifications (``compiler.tiles.CLASSIFICATIONS``)
+sensitive to other processes on a loaded machine). It also counts tile classifications (``compiler.analysis.tiles.CLASSIFICATIONS``)
 during the timed steps: decoding steps never classify tiles.
 """
 
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import attnc
-import attnc.compiler.tiles as T
+import attnc.compiler.analysis.tiles as T
 
 CAUSAL = "pattern causal_lm\n  tokens seq\n  mask causal\n"
 PATTERNS = [

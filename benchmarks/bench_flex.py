@@ -45,7 +45,7 @@ if __name__ == "__main__" and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
 import torch  # noqa: E402
 
 import attnc  # noqa: E402
-from attnc.compiler import evaluate as E  # noqa: E402
+from attnc.compiler.analysis import evaluate as E  # noqa: E402
 
 
 class StepTimer:

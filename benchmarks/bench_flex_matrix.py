@@ -554,8 +554,8 @@ def selection_times(case: Case, base: Baselines, cpu_module, q, k, repeat: int) 
     per-(batch, head) tile lists as a call makes them on its device before any kernel
     (``device_routes.route_call_plan`` over the cpu module's schedule), against the Flex user's selection
     with the authors' rule and its ``create_block_mask``."""
-    from attnc.compiler import evaluate as E
-    from attnc.compiler.tiles import classify_tiles
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.analysis.tiles import classify_tiles
     from attnc.runtime.plan import device_routes
     from attnc.runtime.plan.tile_plan import Plan
 

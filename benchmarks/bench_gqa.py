@@ -54,7 +54,7 @@ def run_case(n: int, heads: int, kv_heads: int, head_dim: int, *, device, dtype,
     k, v = (torch.randn(1, kv_heads, n, head_dim, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
     dout = torch.randn(1, heads, n, head_dim, generator=gen).to(device=device, dtype=dtype)
     group = heads // kv_heads
-    from attnc.compiler.hardware import hardware_for_gpu
+    from attnc.compiler.cost.hardware import hardware_for_gpu
 
     # the cost model's pick on this GPU's model, as the runner decides it (the H100's in --toy)
     hw = "h100" if toy else hardware_for_gpu(torch.cuda.get_device_name())

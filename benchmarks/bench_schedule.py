@@ -30,8 +30,8 @@ import time
 import torch
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.tiles import classify_tiles, classify_tiles_dense
 
 try:
     from torch.nn.attention.flex_attention import create_block_mask

@@ -1,6 +1,6 @@
 """What Blackwell's tensor memory is predicted to be worth to the backward: per case, the schedule the search
 picks on the B200 model now (dK/dV weighed on 128 KV rows, that kernel's accumulators counted in tensor
-memory rather than registers: ``compiler.search.wide_kv_backward``) against the one it picked before (no
+memory rather than registers: ``compiler.cost.search.wide_kv_backward``) against the one it picked before (no
 128-row dK/dV candidate), and the simulator's forward and backward time of each. A prediction on an
 assumed B200 model (H100's fitted fractions, 64-row MMAs at half rate: nearly all of the predicted gain
 comes from that assumption), not a measurement: no Blackwell GPU has run these kernels.
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import search as SR
-from attnc.compiler.hardware import get_hardware
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import search as SR
+from attnc.compiler.cost.hardware import get_hardware
 from attnc.runtime.gpu_check import describe_launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -22,9 +22,9 @@ import time
 import torch
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.search import flat_view
-from attnc.compiler.tiles import classify_tiles
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.tiles import classify_tiles
+from attnc.compiler.cost.search import flat_view
 
 SPEC = """pattern text_video(kt = 3, ky = 7, kx = 7)
   tokens seq(text) + grid(t: frames, y: height, x: width)

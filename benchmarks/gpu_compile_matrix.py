@@ -65,9 +65,9 @@ def _sizes(pat, name: str = "") -> tuple[int | None, dict | None]:
 def before_search():
     """The schedule search as it was before per-pass sizing: forward-only shared memory, the
     forward's launch parameters for the backward, 32-token KV tiles on every architecture."""
-    from attnc.compiler import cost
-    from attnc.compiler import pass_sizing as PS
-    from attnc.compiler import search as SR
+    from attnc.compiler.cost import model as cost
+    from attnc.compiler.cost import pass_sizing as PS
+    from attnc.compiler.cost import search as SR
 
     saved = (SR.sized, SR.min_kv_tokens, PS.min_kv_tokens)
 
@@ -85,8 +85,8 @@ def before_search():
 @contextlib.contextmanager
 def ordered_launches():
     """Every kernel launched through its order table (``ORDERED``), as causal and routed schedules launch
-    on a GPU where the order pays (``compiler.launch_order``); at the recorded sizes it seldom does."""
-    from attnc.compiler import launch_order
+    on a GPU where the order pays (``compiler.cost.launch_order``); at the recorded sizes it seldom does."""
+    from attnc.compiler.cost import launch_order
     from attnc.runtime.backends.triton import kernel_launch as KL
 
     saved = KL.choose_order

@@ -163,7 +163,7 @@ def make_inputs(case: Case, pat, heads: int, head_dim: int, device, gen) -> dict
 def sdpa_is_causal(case: Case, pat) -> bool:
     """Whether the pattern's mask keeps no key after its query (checked on 256 tokens of a sequence): SDPA's
     ``is_causal`` kernel is then the dense alternative."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
 
     if pat.kind != "pattern" or case.grid is not None or not pat.self_attention:
         return False

@@ -24,7 +24,7 @@ Cases (bf16, head dim 128, batch 1, 8 heads; ``--toy``: float32, head dim 16, 1 
   reference, for scale. Timed: attnc, FlexAttention, SDPA dense (flash; the
   dense baseline) and, where the boolean mask fits, SDPA with the mask.
 - Causal attention (32,768 tokens): the schedule whose Q tiles do the most uneven work, where
-  attnc's kernels launch longest first (``compiler.launch_order``); the reference rule k <= q;
+  attnc's kernels launch longest first (``compiler.cost.launch_order``); the reference rule k <= q;
   timed also against SDPA with ``is_causal=True`` (FlashAttention's causal kernel).
 - Variants, timed beside each softmax case where they apply: the same kernels in tile order where
   they took an order table, reading every tile index from the lists where they stepped through runs
@@ -351,7 +351,7 @@ def softmax_case(case, *, device, dtype, heads, head_dim, toy, hw, budget, lines
 
 
 def _used_order(attn) -> bool:
-    """Whether the module's latest call launched a kernel through an order table (``compiler.launch_order``)."""
+    """Whether the module's latest call launched a kernel through an order table (``compiler.cost.launch_order``)."""
     plan = getattr(attn.runner, "last_plan", None)
     state = plan.device_state if plan is not None else {}
     return any(table is not None for key, tables in state.items() if key[0] == "order" for table in tables.values())
@@ -376,10 +376,10 @@ def variant_rows(case, spec, flat, attn, tensors, t, *, toy, hw, head_dim, lines
     config's own in the row's label; and with its
     backward in one kernel (``autotune.atomic_dq_backward``: dQ added by atomics), its gradients' relative
     difference from the config's own in the row's label (atomics add in no fixed order)."""
-    from attnc.compiler import evaluate as E
-    from attnc.compiler.hardware import get_hardware
-    from attnc.compiler.search import ScheduleSearch, has_tma, tma_fits
-    from attnc.compiler.triton_codegen.scores import scale_in_exponent
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.codegen.triton.scores import scale_in_exponent
+    from attnc.compiler.cost.hardware import get_hardware
+    from attnc.compiler.cost.search import ScheduleSearch, has_tma, tma_fits
     from attnc.runtime.backends.triton import forward as FW
     from attnc.runtime.backends.triton import kernel_launch as KL
     from attnc.runtime.gpu_check import describe_launch

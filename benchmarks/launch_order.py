@@ -1,5 +1,5 @@
 """What the kernels' launch order is predicted to be worth: per case, the schedule the search picks on a
-GPU model, which of its kernels launch longest first (``compiler.launch_order.choose_order``), and the
+GPU model, which of its kernels launch longest first (``compiler.cost.launch_order.choose_order``), and the
 simulator's forward and backward time with those orders against every kernel in tile order (as attnc's
 kernels launched before order tables). A prediction, not a measurement: the GPU suite measures.
 
@@ -20,10 +20,10 @@ import time
 import torch
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import launch_order
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.search import ScheduleSearch
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import launch_order
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.search import ScheduleSearch
 
 #: name -> (pattern, params, sizes or n, heads): the GPU suite's three cases, then causal and uneven ones.
 CASES = {

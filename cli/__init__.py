@@ -161,7 +161,7 @@ def _unused_inputs(decl) -> list[str]:
         return []
     import sympy
 
-    from ..compiler.evaluate import input_names
+    from ..compiler.analysis.evaluate import input_names
     from ..core import ir
 
     if isinstance(decl, ir.BucketedIR):  # its one input is the centroids, read by the route
@@ -249,7 +249,7 @@ def _decode_step(pat, args):
     """``sim --decode --nk N [--n Q]``: its arguments checked before anything is modelled, and the
     decode report to make once the prefill's sizes and inputs are known (``runtime.api.simulate_decode``;
     the sampled inputs are sized for the whole sequence of nk tokens, as a decode step reads them)."""
-    from ..compiler.decode_cost import recurrence_state_bytes
+    from ..compiler.cost.decode_cost import recurrence_state_bytes
     from ..core import ir
     from ..core.recurrence_rules import RULES
     from ..runtime.api import simulate_decode
@@ -288,7 +288,7 @@ def _decode_step(pat, args):
 
 def _context_parallel(pat, rep, args, sizes, inputs):
     """``sim --ranks P [--link L]``: the context-parallel estimate per mode (runtime.parallel.simulate)."""
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
     from ..runtime.parallel.simulate import simulate_parallel
     from ..runtime.plan import clusters
 
@@ -306,8 +306,8 @@ def _context_parallel(pat, rep, args, sizes, inputs):
 def _receptive_field(pat, rep, args, sizes) -> dict:
     """Which key blocks a query block reaches within 1..L stacked layers (the pairs counted
     follow the layout: earlier keys on a sequence, every pair on a grid or a concatenation)."""
-    from ..compiler import evaluate as E
-    from ..compiler.receptive_field import receptive_field
+    from ..compiler.analysis import evaluate as E
+    from ..compiler.analysis.receptive_field import receptive_field
 
     if args.layers < 1:
         raise SpecError(f"must be a positive int, got {args.layers}", where="argument --layers")
@@ -329,7 +329,7 @@ def _format_receptive_field(rf: dict) -> str:
 
 
 def cmd_tune(args) -> int:
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
     from ..core import ir
     from ..runtime.tuning import autotune as A
     from ..runtime.tuning import kernel_cache as KC

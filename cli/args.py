@@ -116,7 +116,7 @@ def int_sizes(items, pat=None) -> dict[str, int]:
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"expected an int, got {value!r}", where=f"argument --sizes {name}")
     if pat is not None:
-        from ..compiler.evaluate import check_size_names
+        from ..compiler.analysis.evaluate import check_size_names
 
         check_size_names(pat, sizes)
     return sizes
@@ -193,7 +193,7 @@ def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
     import sympy
     import torch
 
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
     from ..core import ir
 
     # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
@@ -234,7 +234,7 @@ def mask_inputs(pat) -> set[str]:
     """The declared (not derived) inputs a pattern's mask reads (a combined pattern: any branch's)."""
     import sympy
 
-    from ..compiler.evaluate import input_names
+    from ..compiler.analysis.evaluate import input_names
     from ..core import ir
 
     if isinstance(pat, ir.CombinedIR):
@@ -265,7 +265,7 @@ def pattern_args(p, *, sizes_help: str = "grid sizes", n_help: str = "number of 
 def check_kv_heads(args) -> None:
     """``--kv-heads`` divides ``--heads`` (checked before anything is modelled or timed)."""
     if args.kv_heads is not None:
-        from ..compiler.cost import checked_kv_heads
+        from ..compiler.cost.model import checked_kv_heads
 
         checked_kv_heads(args.heads, args.kv_heads, where="argument --kv-heads")
 

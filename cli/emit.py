@@ -102,7 +102,7 @@ def _forced_config(pat, n, sizes, q_tile, kv_tile):
     """``--q-tile`` / ``--kv-tile`` as the launch's config (else the search's pick for the architecture)."""
     if q_tile is None and kv_tile is None:
         return None
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
     from ..core import ir
     from ..runtime.backends.triton.runner import default_config
 

@@ -11,7 +11,7 @@ from .args import int_list
 
 def show_query(args, pat, bound, mask, heads: list[int]) -> int:
     """``mask``: the pattern's bool mask ``[heads, n, nk]`` at ``bound``; ``heads``: those to draw."""
-    from ..compiler.tiles import layout_extents
+    from ..compiler.analysis.tiles import layout_extents
 
     for layout, what in ((pat.queries, "queries"), (pat.keys, "keys")):
         if layout.segments:

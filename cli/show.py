@@ -101,7 +101,7 @@ def _show_combined(args, pat, heads: int | None) -> int:
 
 def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | None = None,
                   extra: dict | None = None) -> int:
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
 
     sizes = int_sizes(args.sizes, pat)
     needed = {str(s).removeprefix("size_") for lay in (pat.queries, pat.keys) for e in lay.extents() for s in e.free_symbols}
@@ -212,7 +212,7 @@ def _show_recurrence(args, rec, heads: int) -> int:
     import io
     import math
 
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
     from ..core.recurrence_rules import RULES
 
     rule = RULES[rec.rule]
@@ -254,14 +254,14 @@ def _default_tile(extents: tuple[int, ...]) -> tuple[int, ...]:
 def _show_tiles(args, pat, bound, inputs: dict) -> int:
     import torch
 
-    from ..compiler import tiles as T
-    from ..compiler.hardware import get_hardware
-    from ..compiler.search import ScheduleSearch
+    from ..compiler.analysis import tiles as T
+    from ..compiler.cost.hardware import get_hardware
+    from ..compiler.cost.search import ScheduleSearch
 
     q_ext = T.layout_extents(pat.queries, bound, bound.n)
     kv_ext = T.layout_extents(pat.keys, bound, bound.nk)
     q_tile, kv_tile = tile_arg(args.q_tile, "--q-tile"), tile_arg(args.kv_tile, "--kv-tile")
-    if q_tile is None and kv_tile is None:  # else the one convention of compiler.tile_args (a missing one follows)
+    if q_tile is None and kv_tile is None:  # else the one convention of compiler.analysis.tile_args (a missing one follows)
         q_tile, kv_tile = _default_tile(q_ext), _default_tile(kv_ext)
     search = ScheduleSearch(pat, bound, get_hardware("h100"), inputs=inputs or None)
     cand = search.run(q_tile, kv_tile, top=1)[0]

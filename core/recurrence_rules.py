@@ -2,7 +2,7 @@
 what the rule computes (one line, for ``attnc show`` and ``.source``), its options and the facts its
 checks depend on. The checker, the CLI and the call checks read this table; a rule's implementation (its
 token-by-token reference, chunked forms, kernels and decoding step) registers under the same name in
-``runtime.recurrences.rules``, its cost model in ``compiler.recurrence_cost.RULE_COSTS``
+``runtime.recurrences.rules``, its cost model in ``compiler.cost.recurrence_cost.RULE_COSTS``
 (CONTRIBUTING.md: adding a rule)."""
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core.errors import SpecError
 from ..runtime.backends.flex.export import DEFAULT_BLOCK_SIZE, REFUSED, FlexExport, export, refuse

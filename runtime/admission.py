@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core.errors import SpecError
 from .checks import check_fits, check_softcap
 from .numerics import compute_dtype

@@ -7,8 +7,8 @@ import functools
 
 import torch
 
-from ..compiler import evaluate as E
-from ..compiler.tile_args import parse_tiles
+from ..compiler.analysis import evaluate as E
+from ..compiler.analysis.tile_args import parse_tiles
 from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
@@ -670,7 +670,7 @@ def compile_attention(
     ``attn.chosen_backend``).
     ``q_tile``/``kv_tile`` force the tile shape: tokens per tile on a sequence; on a
     grid one extent per axis (a box) or one int (flat tiles of the row-major token
-    order); kv_tile defaults to q_tile (``compiler.tile_args``; checked now).
+    order); kv_tile defaults to q_tile (``compiler.analysis.tile_args``; checked now).
     Recurrences: ``"cpu"`` is the chunked torch path, ``"triton"`` the chunked
     Triton kernels (the interpreter on CPU tensors), ``"auto"`` Triton on CUDA
     tensors and the chunked torch path otherwise; ``q_tile`` forces the chunk

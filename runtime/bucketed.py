@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale

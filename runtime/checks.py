@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core.errors import SpecError
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..compiler.call_keywords import CALL_KEYWORDS, unknown_input_hint
+from ..compiler.analysis.call_keywords import CALL_KEYWORDS, unknown_input_hint
 from ..core import ir
 from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale

@@ -30,7 +30,7 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core import symbols as S
 from .backends.triton.paged_queries import PagedQueries, queries_of, row_matmul

@@ -26,7 +26,7 @@ import warnings
 import sympy
 import torch
 
-from ..compiler.cost import checked_group_split, checked_kv_heads
+from ..compiler.cost.model import checked_group_split, checked_kv_heads
 from ..core import ir
 from ..core.errors import SpecError
 from .gpu_compile import (  # noqa: F401 (this module's public names)
@@ -134,8 +134,8 @@ def record_call(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None 
         raise not_served(pattern, "it has no generated kernel to check", "argument pattern")
     if block:
         return record_block(pattern, arch=arch, head_dim=head_dim, dtype=dtype, n=n, sizes=sizes)
-    from ..compiler import evaluate as E
-    from ..compiler.hardware import get_hardware
+    from ..compiler.analysis import evaluate as E
+    from ..compiler.cost.hardware import get_hardware
     from . import api
 
     hw = get_hardware(ARCH_HARDWARE.get(arch, "h100"))
@@ -222,7 +222,7 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
                      group_split: int = 1) -> tuple[list[Recorded], str]:
     """A combined pattern's call (every branch on its native runner), forward and backward, recorded; each
     launch names its branch (``Recorded.branch``), and the config in words is each branch's."""
-    from ..compiler import evaluate as E
+    from ..compiler.analysis import evaluate as E
 
     pat = attn.pattern
     runners = {}
@@ -259,8 +259,8 @@ def record_block(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     """A context-parallel block's launches (``runtime.parallel.blocks``; offsets as run-time arguments):
     the last half of the queries against the middle half of the keys, forward and backward, with the
     lse's gradient and the gradients of the float inputs the scores read (FoX's row sums, bias inputs)."""
-    from ..compiler import evaluate as E
-    from ..compiler.hardware import get_hardware
+    from ..compiler.analysis import evaluate as E
+    from ..compiler.cost.hardware import get_hardware
     from . import api
     from .backends.triton import runner as TB
     from .plan.cache import score_input_names

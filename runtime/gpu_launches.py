@@ -15,7 +15,7 @@ from ..core.errors import SpecError
 from .tritonenv import interpreting
 
 #: Shared memory one block may use (bytes): the opt-in maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin).
-#: A local table on purpose: ``compiler.hardware`` models per-SM capacity for the cost model.
+#: A local table on purpose: ``compiler.cost.hardware`` models per-SM capacity for the cost model.
 SMEM_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 #: The simulator's hardware model whose schedule a call on this architecture runs.
 ARCH_HARDWARE = {80: "a100", 86: "a100", 89: "a100", 90: "h100", 100: "b200", 120: "b200"}
@@ -40,7 +40,7 @@ class Recorded:
 def launching_for(arch: int):
     """CPU tensors launched as on ``sm_<arch>``'s GPU: the launch order decided for its SMs and
     architecture (``runtime.backends.triton.kernel_launch``: ``CPU_SMS``, ``CPU_ARCH``)."""
-    from ..compiler.hardware import get_hardware
+    from ..compiler.cost.hardware import get_hardware
     from .backends.triton import kernel_launch as KL
 
     saved = KL.CPU_SMS, KL.CPU_ARCH

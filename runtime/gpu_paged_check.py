@@ -22,8 +22,8 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
                  sizes: dict | None = None) -> tuple[list[G.Recorded], str]:
     """A decode step of ``ROWS`` rows of their own lengths (up to ``n`` keys, the table's capacity) over a paged
     cache of ``PAGE`` keys a page, one query a row, ``GROUP`` query heads per K/V head: its launches and config."""
-    from ..compiler import evaluate as E
-    from ..compiler.hardware import get_hardware
+    from ..compiler.analysis import evaluate as E
+    from ..compiler.cost.hardware import get_hardware
     from . import api
     from .backends.triton import paged
 
@@ -64,7 +64,7 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
 def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | None) -> tuple[list[G.Recorded], str]:
     """A combined pattern's decode step as ``record_paged``'s, one launch per branch (``combined_paged``), every
     branch on its native runner; each launch names its branch where one of its modules holds the kernel."""
-    from ..compiler.hardware import get_hardware
+    from ..compiler.cost.hardware import get_hardware
 
     pat = attn.pattern
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))

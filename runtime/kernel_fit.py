@@ -50,7 +50,7 @@ class Rung:
 
     num_warps: int
     num_stages: int
-    #: every ``*_RUN`` constexpr the launch set turned off (``compiler.triton_codegen.kernels.list_tile``)
+    #: every ``*_RUN`` constexpr the launch set turned off (``compiler.codegen.triton.kernels.list_tile``)
     indexed: bool = False
 
     def options(self, meta: dict | None = None) -> dict:
@@ -158,7 +158,7 @@ def native_probe(kernel, grid, args: list, meta: dict, picked: Rung | None = Non
 
 
 def leaves(args) -> list:
-    """A launch's argument values, each group's (a tuple argument, ``compiler.triton_codegen.signature``) in it."""
+    """A launch's argument values, each group's (a tuple argument, ``compiler.codegen.triton.signature``) in it."""
     out = []
     for a in args:
         if isinstance(a, tuple):

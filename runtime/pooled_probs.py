@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core import symbols as S
 

@@ -18,7 +18,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 
 
 @dataclass(frozen=True)

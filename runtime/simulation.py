@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..compiler import evaluate as E
+from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core.errors import SpecError
 from ..core.recurrence_rules import RULES
@@ -35,7 +35,7 @@ def simulate(
     the predicted speedup over dense attention (forward and backward), tile
     counts, the chosen and the top schedules, and the hardware model.
 
-    ``hardware``: a name from ``compiler.hardware`` (a100, h100, h200, b200,
+    ``hardware``: a name from ``compiler.cost.hardware`` (a100, h100, h200, b200,
     or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
     ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
     grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
@@ -44,9 +44,9 @@ def simulate(
     dK/dV kernel then runs ``Prediction.group_split`` CTAs per K/V head, each walking its share of the
     group's query heads in turn (fp32 partials summed where more than one).
     """
-    from ..compiler.cost import dtype_bytes
-    from ..compiler.hardware import get_hardware
-    from ..compiler.simulator import simulate_pattern
+    from ..compiler.cost.hardware import get_hardware
+    from ..compiler.cost.model import dtype_bytes
+    from ..compiler.cost.simulator import simulate_pattern
 
     pat = as_pattern(pattern, name, params)
     refuse_bucketed(pat, "simulate")
@@ -97,18 +97,18 @@ def simulate_decode(
     **params,
 ):
     """Bound one decode step: ``n`` new queries after a KV cache of ``nk`` keys (a
-    ``compiler.decode_cost.DecodeReport``): the keys the queries reach, the bytes a step reads
+    ``compiler.cost.decode_cost.DecodeReport``): the keys the queries reach, the bytes a step reads
     (K and V once per K/V head, Q, the output, split-KV partials), its FLOPs, and per GPU model the
     bandwidth and compute bounds, the split-KV choice, tokens/s and the dense step's bound beside.
 
     ``hardware``: one model name or ``Hardware``, a list of them, or None for every model of
-    ``compiler.hardware``. ``kv_tile``: the decode kernel's KV tile (default
+    ``compiler.cost.hardware``. ``kv_tile``: the decode kernel's KV tile (default
     ``decode_cost.DECODE_KV_TILE``). ``inputs``: call-time inputs of a data-dependent mask, sized for the
     whole sequence of ``nk`` tokens. A recurrence or a combined pattern is refused (a recurrence's step
     reads its fixed-size state: ``decode_cost.recurrence_state_bytes``)."""
-    from ..compiler import decode_cost as D
-    from ..compiler.cost import dtype_bytes
-    from ..compiler.hardware import HARDWARE, get_hardware
+    from ..compiler.cost import decode_cost as D
+    from ..compiler.cost.hardware import HARDWARE, get_hardware
+    from ..compiler.cost.model import dtype_bytes
 
     pat = as_pattern(pattern, name, params)
     refuse_bucketed(pat, "simulate_decode")

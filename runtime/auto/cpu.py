@@ -53,9 +53,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.schedule import TileSchedule
-from ...compiler.tiles import one_thread
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.schedule import TileSchedule
+from ...compiler.analysis.tiles import one_thread
 from ...core import ir
 from ..numerics import needs_grad
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ..backends.triton.runner import TritonRunner
 
 

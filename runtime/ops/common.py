@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ...core.errors import SpecError
 from ..admission import admit
 from ..numerics import compute_dtype, empty_batch_outputs

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.tiles import reads_heads
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.tiles import reads_heads
 from ...core import ir
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask, pair_scores, softcap_values

@@ -17,7 +17,7 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError

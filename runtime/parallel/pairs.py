@@ -1,7 +1,7 @@
 """Which ranks' keys each rank's queries need, decided at plan time from the tile classification.
 
 The sequence is cut into chunks (``sharding``); every (query chunk, key chunk) pair is classified
-with the chunk as the tile (``compiler.tiles.classify_tiles``: interval bounds, so EMPTY is proven).
+with the chunk as the tile (``compiler.analysis.tiles.classify_tiles``: interval bounds, so EMPTY is proven).
 A rank needs another rank's keys when any pair of their chunks is not EMPTY for any head or batch
 element; the keys of the others never travel to it. The shard order (contiguous or zigzag) is the
 one with the least work on the busiest rank.
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.tiles import classify_tiles, layout_extents
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.tiles import classify_tiles, layout_extents
 from ...core import ir
 from ...core.errors import SpecError
 from .sharding import ShardOrder

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ...compiler.route_blocks import block_ids, route_sizes
+from ...compiler.analysis.route_blocks import block_ids, route_sizes
 from ...core.errors import SpecError
 from ..backends.reference.dense import pair_mask
 from ..plan.forms import refuse_context_parallel

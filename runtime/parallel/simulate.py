@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...compiler import evaluate as E
-from ...compiler.cost import checked_kv_heads, dtype_bytes
+from ...compiler.analysis import evaluate as E
+from ...compiler.cost.model import checked_kv_heads, dtype_bytes
 from ...core import ir
 from ...core.errors import SpecError
 from ..plan.vertical_slash import rule_of as vertical_slash_rule

@@ -32,8 +32,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.route_blocks import block_ids, route_sizes, route_stride
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.route_blocks import block_ids, route_sizes, route_stride
 from ...core import ir
 from ...core.errors import SpecError
 
@@ -66,7 +66,7 @@ def classified_stride_tiles(pat: ir.PatternIR, bound: E.Bound, inputs: dict | No
     bool ``[1, Hq, runs, runs]``, or None where the classifier cannot say it exactly (batched inputs,
     or PARTIAL pairs it did not prove to hold an allowed pair). The classifier bounds the mask per
     tile pair and evaluates only the pairs its bounds leave open: no n x n mask."""
-    from ...compiler.tiles import classify_tiles
+    from ...compiler.analysis.tiles import classify_tiles
 
     if any(t.dim() > len(pat.input(name).dims) for name, t in (inputs or {}).items()):
         return None

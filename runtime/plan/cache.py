@@ -7,7 +7,7 @@ from collections import OrderedDict
 
 import torch
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ...core import ir
 
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from ...compiler.schedule import TileSchedule
+from ...compiler.analysis.schedule import TileSchedule
 
 #: The device-state entries a call makes for itself (its lists); every other entry is its plan's, shared by
 #: the calls.

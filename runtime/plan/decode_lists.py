@@ -3,7 +3,7 @@ step cost what they visit, not a host plan per length.
 
 A decode step is a block of the whole sequence (``evaluate.block_bound``): its ``n`` queries are the last
 rows of ``nk`` tokens and they attend keys ``[0, nk)``. Its kernels take the lengths at run time (one module
-for every length, ``compiler.triton_codegen.source``), and where the pattern's mask, bias and softcap name
+for every length, ``compiler.codegen.triton.source``), and where the pattern's mask, bias and softcap name
 no size (``applies``) everything else of its plan is the same at every length too: the template
 (``DecodeLists`` on a ``Plan``, made at the first step) is kept per query count and tiles, and the lists of
 each range of ``LENGTHS_PER_LISTS`` lengths are made on the call's device at the range's first step, from
@@ -23,9 +23,9 @@ import dataclasses
 import sympy
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.intervals import Num
-from ...compiler.tiles import head_classes
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.intervals import Num
+from ...compiler.analysis.tiles import head_classes
 from ...core import ir
 from ...core import symbols as S
 from . import call_plan

@@ -1,4 +1,4 @@
-"""Interval reasoning (``compiler.intervals``) over tensors on the call's device, with no value read back on
+"""Interval reasoning (``compiler.analysis.intervals``) over tensors on the call's device, with no value read back on
 the host: what classifies the tile pairs of a mask that reads call-time inputs at every call
 (``runtime.plan.device_tiles``).
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ...compiler.intervals import (
+from ...compiler.analysis.intervals import (
     EXACT,
     INF,
     WRAP,
@@ -28,7 +28,7 @@ from ...compiler.intervals import (
 
 def int_bounds(lo: torch.Tensor, hi: torch.Tensor) -> Num:
     """The bounds of int64 values given as float64 ``lo``/``hi``: rounded outwards above 2**53, any int64 beyond
-    2**63 (as ``compiler.intervals`` bounds an int64 result)."""
+    2**63 (as ``compiler.analysis.intervals`` bounds an int64 result)."""
     lo = torch.where(lo.abs() > EXACT, torch.nextafter(lo, torch.full_like(lo, -INF)), lo)
     hi = torch.where(hi.abs() > EXACT, torch.nextafter(hi, torch.full_like(hi, INF)), hi)
     wrap = (lo < -WRAP) | (hi >= WRAP)

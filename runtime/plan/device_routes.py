@@ -25,8 +25,8 @@ import dataclasses
 import sympy
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.route_blocks import block_ids, route_sizes
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.route_blocks import block_ids, route_sizes
 from . import call_plan, decode_lists, forms, given, routing
 from .device_tiles import Side, candidates, compact, pair_keys
 from .forms.top_k_tokens import device_mask

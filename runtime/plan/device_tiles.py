@@ -28,10 +28,10 @@ import dataclasses
 import sympy
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.intervals import Num
-from ...compiler.schedule import TileSchedule
-from ...compiler.tiles import classify_tiles, head_classes
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.intervals import Num
+from ...compiler.analysis.schedule import TileSchedule
+from ...compiler.analysis.tiles import classify_tiles, head_classes
 from ...core import ir
 from ...core import symbols as S
 from . import call_plan

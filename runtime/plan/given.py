@@ -19,8 +19,8 @@ import functools
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.route_blocks import block_count
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.route_blocks import block_count
 from ...core import ir
 from ...core import symbols as S
 

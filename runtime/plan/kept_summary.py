@@ -27,8 +27,8 @@ import contextvars
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.route_blocks import route_sizes
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.route_blocks import route_sizes
 from ...core import ir
 from ...core.errors import SpecError
 from .route_scores import key_summary

@@ -9,8 +9,8 @@ import math
 
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.route_blocks import WORD_BITS, block_ids, route_sizes  # noqa: F401 (re-exported)
 from ...core import ir
 from . import forms, given
 from .route_scores import (  # noqa: F401 (re-exported: the scores and the choice every form shares)
@@ -108,7 +108,7 @@ def route_plan(plan, q: torch.Tensor, k: torch.Tensor, inputs: dict, batched: se
 def selected_plan(plan, selected: torch.Tensor, key_block: torch.Tensor):
     """``plan`` with a given selection ``[B, Hq, Nq, nblocks]`` of its query rows and the block of each
     of its key rows (``route_plan``'s lists; context parallelism selects across ranks)."""
-    from ...compiler.schedule import TileSchedule
+    from ...compiler.analysis.schedule import TileSchedule
 
     pat, bound = plan.pattern, plan.bound
     B, Hq = selected.shape[0], bound.heads
@@ -157,7 +157,7 @@ def selected_plan(plan, selected: torch.Tensor, key_block: torch.Tensor):
 def selection_words(selected: torch.Tensor) -> torch.Tensor:
     """The per-query block selection as the kernels read it: bit ``b % 32`` of word ``b // 32``
     is block ``b`` (int32 ``[B, Hq, Nq, words + 1]``; the last word is zero, so that a KV tile
-    can always read the two words its blocks fall in, see ``compiler.triton_codegen.source``). Packed a run of
+    can always read the two words its blocks fall in, see ``compiler.codegen.triton.source``). Packed a run of
     queries at a time (a token route has a block per key)."""
     *lead, nq, nblocks = selected.shape
     words = -(-nblocks // WORD_BITS) + 1

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from ...compiler import evaluate as E
-from ...compiler.schedule import TileSchedule, tile_grid, tile_tokens
-from ...compiler.tables import tabulate
-from ...compiler.tiles import head_dependent, whole_mask
-from ...compiler.weights import log_weights
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.schedule import TileSchedule, tile_grid, tile_tokens
+from ...compiler.analysis.tiles import head_dependent, whole_mask
+from ...compiler.analysis.weights import log_weights
+from ...compiler.codegen.tables import tabulate
 from ...core import ir
 from ..numerics import fox_pairs
 
@@ -95,7 +95,7 @@ class Plan:
     #: The mask's call-time inputs are fixed for this plan's life (``cpu_backend`` builds a new
     #: plan when they change): their masks are then cached like a static mask's.
     inputs_fixed: bool = False
-    #: ``mask`` with its terms of grid coordinates alone read from exact tables (``compiler.tables``;
+    #: ``mask`` with its terms of grid coordinates alone read from exact tables (``compiler.codegen.tables``;
     #: None: the mask as is), and those tables, read as inputs
     pair_mask: sympy.Basic | None = None
     tables: dict = field(default_factory=dict)

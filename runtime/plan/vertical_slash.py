@@ -20,7 +20,7 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ...compiler.evaluate import Evaluator, as_tensor
+from ...compiler.analysis.evaluate import Evaluator, as_tensor
 from ...core import ir
 from ...core import symbols as S
 from .cache import PlanCache

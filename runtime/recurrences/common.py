@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ...core.recurrence_rules import RULES
@@ -91,7 +91,7 @@ def bind(rec: ir.RecurrenceIR, sizes: dict, inputs: dict, *, n: int, heads: int,
 # ----------------------------------------------------------------- dispatch (used by runtime.api)
 def hardware_for(device: torch.device):
     """The simulator's hardware model for a device: the CUDA device's model when known, else H100."""
-    from ...compiler.hardware import get_hardware, hardware_for_gpu
+    from ...compiler.cost.hardware import get_hardware, hardware_for_gpu
 
     if device.type == "cuda" and torch.cuda.is_available():
         return hardware_for_gpu(torch.cuda.get_device_name(device))
@@ -113,7 +113,7 @@ def check_chunk(chunk) -> int | None:
 def choose_chunk(rec: ir.RecurrenceIR, T: int, H: int, Dk: int, B: int, device, dtype, hardware=None) -> int:
     """The simulator's chunk size for these shapes on the device's hardware model (``hardware``: that
     GPU model instead, as if the tensors were on it)."""
-    from ...compiler.recurrence_cost import best_chunk
+    from ...compiler.cost.recurrence_cost import best_chunk
 
     if hardware is not None:
         nbytes = 2 if dtype in (torch.float16, torch.bfloat16) else 4
@@ -131,10 +131,10 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
                         nk, inputs):
     """``attnc.simulate`` of a recurrence: the chunked form's FLOPs, bytes and predicted times, the chosen
     chunk size (``q_tile=`` forces one) and the length past which it beats causal softmax attention."""
-    from ...compiler.cost import dtype_bytes
-    from ...compiler.hardware import get_hardware
-    from ...compiler.recurrence_cost import RULE_COSTS
-    from ...compiler.recurrence_cost import simulate_recurrence as simulate_chunks
+    from ...compiler.cost.hardware import get_hardware
+    from ...compiler.cost.model import dtype_bytes
+    from ...compiler.cost.recurrence_cost import RULE_COSTS
+    from ...compiler.cost.recurrence_cost import simulate_recurrence as simulate_chunks
 
     if rec.rule not in RULE_COSTS:
         raise SpecError(f"'{rec.name}' runs {RULES[rec.rule].title}, which has no cost model yet",

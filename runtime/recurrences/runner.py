@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from ...compiler import evaluate as E
+from ...compiler.analysis import evaluate as E
 from ...core import ir
 from ...core.errors import SpecError
 from ..checks import check_qkv, check_state, resolve_scale, state_heads

@@ -43,11 +43,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from ...compiler import evaluate as E
-from ...compiler.cost import KernelConfig, checked_kv_heads
-from ...compiler.hardware import get_hardware, hardware_for_gpu
-from ...compiler.schedule import TileSchedule
-from ...compiler.search import ScheduleSearch
+from ...compiler.analysis import evaluate as E
+from ...compiler.analysis.schedule import TileSchedule
+from ...compiler.cost.hardware import get_hardware, hardware_for_gpu
+from ...compiler.cost.model import KernelConfig, checked_kv_heads
+from ...compiler.cost.search import ScheduleSearch
 from ...core import ir
 from ...core.errors import SpecError
 from ..numerics import timing_inputs
@@ -101,7 +101,7 @@ class KernelBuilder(Protocol):
 
 
 class TritonBuilder(KernelBuilder):
-    """The generated Triton kernels (``compiler.triton_codegen.source`` + ``runtime.backends.triton``).
+    """The generated Triton kernels (``compiler.codegen.triton.source`` + ``runtime.backends.triton``).
 
     ``runner`` times a training step's kernels, forward then backward (dQ, dK/dV, each
     with its pass's launch parameters), on random q, k, v of the tuned shape: through the backend's
@@ -113,7 +113,7 @@ class TritonBuilder(KernelBuilder):
 
     def __init__(self, interpret: bool | None = None):
         try:
-            from ...compiler.triton_codegen import source as codegen
+            from ...compiler.codegen.triton import source as codegen
         except ImportError as err:
             raise AutotuneError(f"the Triton code generator is not available ({err})") from None
         self.codegen, self.interpret = codegen, interpret
@@ -288,7 +288,7 @@ def canonical_dtype(dtype) -> str:
     return CANONICAL_DTYPE.get(key, key)
 
 
-#: The simulator's model of a GPU by its device name (``compiler.hardware.hardware_for_gpu``).
+#: The simulator's model of a GPU by its device name (``compiler.cost.hardware.hardware_for_gpu``).
 hardware_for = hardware_for_gpu
 
 

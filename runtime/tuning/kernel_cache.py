@@ -55,8 +55,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...compiler.cost import checked_kv_heads
-from ...compiler.tiles import mentioned_symbols
+from ...compiler.analysis.tiles import mentioned_symbols
+from ...compiler.cost.model import checked_kv_heads
 from ...core import ir
 from ...core import symbols as S
 
@@ -66,9 +66,9 @@ CPU_DEVICE = "cpu-interpreter"
 LAYOUTS = ("flat", "permute", "address")
 #: Sources whose text decides the generated kernels, their code or the data layouts they read
 #: (fingerprinted into the attnc version: a change re-keys the cache).
-CODEGEN_FILES = ("compiler/triton_codegen/source.py", "compiler/expr_printer.py", "compiler/triton_codegen/bias.py",
-                 "compiler/triton_codegen/exprs.py", "compiler/triton_codegen/helpers.py", "compiler/triton_codegen/kernels.py",
-                 "compiler/triton_codegen/scores.py", "compiler/triton_codegen/tiles.py", "compiler/route_blocks.py",
+CODEGEN_FILES = ("compiler/codegen/triton/source.py", "compiler/codegen/expr_printer.py", "compiler/codegen/triton/bias.py",
+                 "compiler/codegen/triton/exprs.py", "compiler/codegen/triton/helpers.py", "compiler/codegen/triton/kernels.py",
+                 "compiler/codegen/triton/scores.py", "compiler/codegen/triton/tiles.py", "compiler/analysis/route_blocks.py",
                  "runtime/plan/routing.py", "runtime/backends/triton/runner.py",
                  "runtime/backends/triton/kernel_launch.py", "runtime/backends/triton/forward.py",
                  "runtime/backends/triton/backward.py", "runtime/backends/triton/tma.py")

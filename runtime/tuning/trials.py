@@ -14,9 +14,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ...compiler.cost import KernelConfig
-from ...compiler.hardware import compute_capability
-from ...compiler.pass_sizing import (
+from ...compiler.analysis.schedule import TileSchedule
+from ...compiler.codegen.triton.kernels import warp_specialized_form
+from ...compiler.codegen.triton.tiles import ScheduleShape, boxes_are_rows
+from ...compiler.cost.hardware import compute_capability
+from ...compiler.cost.model import KernelConfig
+from ...compiler.cost.pass_sizing import (
     PASSES,
     forward_fits,
     has_tma,
@@ -25,10 +28,7 @@ from ...compiler.pass_sizing import (
     tensor_memory,
     tma_fits,
 )
-from ...compiler.schedule import TileSchedule
-from ...compiler.search import STAGES, WARPS, ScheduleSearch
-from ...compiler.triton_codegen.kernels import warp_specialized_form
-from ...compiler.triton_codegen.tiles import ScheduleShape, boxes_are_rows
+from ...compiler.cost.search import STAGES, WARPS, ScheduleSearch
 from ...core import ir
 
 #: Distinct schedules (tile shapes + layout) taken from the simulator's ranking.
@@ -216,7 +216,7 @@ def atomic_dq_backward(pick: KernelConfig, pat: ir.PatternIR, hw) -> KernelConfi
     gradients the dQ kernel computes (a timed step takes none), and under ``torch.use_deterministic_algorithms``."""
     import torch
 
-    from ...compiler.triton_codegen.bias import bias_input_names
+    from ...compiler.codegen.triton.bias import bias_input_names
 
     if compute_capability(hw.arch) < MIN_ATOMIC_DQ_ARCH or (is_wide_kv(pick) and tensor_memory(hw)):
         return None

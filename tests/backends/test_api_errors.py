@@ -387,7 +387,7 @@ def test_a_misspelt_call_keyword_suggests_the_keyword():
 def test_the_call_keywords_are_those_of_the_call():
     import inspect
 
-    from attnc.compiler.call_keywords import CALL_KEYWORDS
+    from attnc.compiler.analysis.call_keywords import CALL_KEYWORDS
 
     params = inspect.signature(attnc.Attention.forward).parameters.values()
     assert set(CALL_KEYWORDS) == {p.name for p in params if p.kind == p.KEYWORD_ONLY}
@@ -465,7 +465,7 @@ def test_zero_keys_are_refused_as_k():
 def test_keywords_of_other_attention_apis_say_the_attnc_way(keyword, value, says):
     """A keyword of fla, Flex, SDPA, flash-attn or HuggingFace: its attnc equivalent, not the nearest attnc
     keyword (``block_mask`` suggested ``block_table``) or 'this pattern takes no inputs'."""
-    from attnc.compiler.call_keywords import FOREIGN_KEYWORDS
+    from attnc.compiler.analysis.call_keywords import FOREIGN_KEYWORDS
 
     source = "stdlib:gated_delta_net" if keyword in ("output_final_state", "head_first",
                                                      "use_qk_l2norm_in_kernel") else "stdlib:sliding_window"

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc import cli
-from attnc.compiler import evaluate as E
-from attnc.compiler import search as SR
-from attnc.compiler.cost import KernelConfig
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.search import ScheduleSearch
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import search as SR
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.model import KernelConfig
+from attnc.compiler.cost.search import ScheduleSearch
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as TB
 from attnc.runtime.tuning import autotune as A

@@ -12,7 +12,7 @@ import torch
 import torch.nn.attention.flex_attention as flex_attention_module
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.runtime.auto import cpu as BC
 from attnc.runtime.backends.flex import runner as FB
 
@@ -71,7 +71,7 @@ def test_time_model_is_linear_in_the_schedule():
 def test_calibration_is_reproduced_and_ordered_by_the_constants():
     """The constants reproduce the quiet measurements they were fitted to (within 10%) and order
     every case as measured; the recorded mask operator counts are what the lowering counts now."""
-    from attnc.compiler.flex_codegen import FlexSource
+    from attnc.compiler.codegen.flex import FlexSource
 
     for case, cpu_ms, flex_ms, ops, cpu_work, flex_work in BC.CALIBRATION:
         c, f = (1e3 * model.seconds_of(work, 1, 64, 64, ops) for model, work in ((BC.CPU, cpu_work), (BC.FLEX, flex_work)))

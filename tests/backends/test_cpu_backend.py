@@ -581,7 +581,7 @@ def test_fused_kernel_and_unfused_path_agree(monkeypatch, spec, params):
 ])
 @pytest.mark.parametrize("tile", [16, (5,)])
 def test_flat_tiles_on_a_grid_against_the_reference(spec, params, tile):
-    """One int on a grid means flat tiles of the row-major token order (compiler.tile_args),
+    """One int on a grid means flat tiles of the row-major token order (compiler.analysis.tile_args),
     on the CPU as on Triton: routing and bias evaluated on the flat tokens of each tile."""
     sizes = {"height": 6, "width": 8}
     g = torch.Generator().manual_seed(5)
@@ -600,7 +600,7 @@ def test_flat_tiles_on_a_grid_against_the_reference(spec, params, tile):
 @pytest.mark.parametrize("q_tile", [(1, 8), (2, 4), (12,)])
 def test_frame_terms_read_from_tables(q_tile):
     """radial's frame terms are read from exact tables when the executor evaluates its mask
-    (``compiler.tables``): out, lse and gradients equal the reference in float64, at box tiles
+    (``compiler.codegen.tables``): out, lse and gradients equal the reference in float64, at box tiles
     inside one frame, across frames, and flat tiles straddling frames."""
     pat = attnc.load("stdlib:radial", block=3, decay_factor=0.5, sink=True)
     sizes = {"frames": 6, "per_frame": 8}
@@ -675,8 +675,8 @@ def test_whole_mask_per_axis_equals_the_materialized_mask():
     """``tiles.whole_mask`` (a grid mask evaluated per axis, in slabs of rows) is the exact mask in token
     order: radial over 4 frames x 512 tokens, a 2-D neighborhood, a head-dependent 2-D mask, and a
     1-D mask in slabs that do not divide the sequence."""
-    from attnc.compiler import evaluate as E
-    from attnc.compiler import tiles
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.analysis import tiles
 
     head_2d = "pattern hd\n  tokens grid(y: height, x: width)\n  mask abs(q.y - k.y) + abs(q.x - k.x) <= h + 2\n"
     cases = (("stdlib:radial", {"block": 64}, {"frames": 4, "per_frame": 512}, None, 1),

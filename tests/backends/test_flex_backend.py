@@ -60,7 +60,7 @@ def compare(spec, q, k, v, inputs=None, grad_inputs=(), sizes=None, q_tile=None,
 
 def exact_mask(spec, sizes, inputs, params, q, k):
     """The exact mask ``[B | 1, H, Nq, Nk]`` from attnc's evaluator; routing applied (``routing.select_blocks``)."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.plan import clusters, routing
 
     n, nk, heads = q.shape[2], k.shape[2], q.shape[1]
@@ -239,7 +239,7 @@ def test_coordinate_terms_become_exact_tables(kind, mask, monkeypatch):
     values (``tables.tabulate``): not symmetric in q and k, floats, ints and bools, padded
     edge tiles; the same output and gradients as the reference (float64). Tables are capped at 30
     entries here, so only the frame terms (5 x 5) are tabulated, not the whole mask."""
-    from attnc.compiler import tables as TB
+    from attnc.compiler.codegen import tables as TB
 
     monkeypatch.setattr(TB, "TABLE_ENTRIES", 30)
     spec = f"pattern p\n  tokens grid(t: frames, x: width)\n  mask {mask}\n"
@@ -336,7 +336,7 @@ def test_cuda_plans_fit_flex_gpu_kernels(name):
     own default), multiples of every kernel block torch picks, and a mask_mod that reads no table. A table
     read is a gather per token pair that Triton stages through shared memory (BLOCK_M x BLOCK_N int64 per
     table: ``runner.CUDA_TABLES``); window_2d's and halo_2d's tables put their kernels over an H200's."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
 
     sizes = {"height": 64, "width": 64}
     runner = attnc.compile_attention(f"stdlib:{name}", backend="flex", sizes=sizes, **GPU_GRID_CASES[name]).runner

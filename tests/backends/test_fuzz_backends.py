@@ -59,8 +59,8 @@ from hypothesis import given as hyp_given
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import tiles as T
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis import tiles as T
 
 # Triton's interpreter (numpy) evaluates masked-out float branches too (x / 0 on masked pairs).
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.runtime.tuning import kernel_cache as KC
 
 LOCAL = "pattern local(w = 8)\n  tokens seq\n  mask causal and q - k < w\n"

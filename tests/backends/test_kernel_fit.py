@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler.cost import KernelConfig
+from attnc.compiler.cost.model import KernelConfig
 from attnc.runtime import gpu_check as G
 from attnc.runtime import kernel_fit as KF
 

@@ -24,11 +24,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.cost import KernelConfig
-from attnc.compiler.tiles import classify_tiles
-from attnc.compiler.triton_codegen import source as codegen
-from attnc.compiler.triton_codegen.exprs import LOG2E
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.tiles import classify_tiles
+from attnc.compiler.codegen.triton import source as codegen
+from attnc.compiler.codegen.triton.exprs import LOG2E
+from attnc.compiler.cost.model import KernelConfig
 from attnc.runtime.backends.triton import forward as FW
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as T
@@ -128,7 +128,7 @@ def test_stdlib_forward_backward(name):
     compare(pat, q, k, v, sizes=case.sizes, inputs=stdlib_inputs(case), q_tile=case.tiles)
 
 
-# ----------------------------------------------------------------- launch order tables (compiler.launch_order)
+# ----------------------------------------------------------------- launch order tables (compiler.cost.launch_order)
 @pytest.mark.parametrize("name,params,n,heads", [
     ("prefix_lm", {"prefix": 5}, 64, (2, 2, 1)),  # causal after a prefix, GQA: one list class, Q and K tables
     ("moba", {"block": 8, "topk": 2}, 48, (2, 2, 2)),  # routed: a Q table per (batch, head) list class
@@ -137,7 +137,7 @@ def test_stdlib_forward_backward(name):
 def test_kernels_launched_longest_first(monkeypatch, name, params, n, heads):
     """Every kernel reads its tile from an order table (the longest-first one, forced here: at these
     sizes no order pays) and the answer is unchanged; each launch says it was ordered."""
-    from attnc.compiler import launch_order
+    from attnc.compiler.cost import launch_order
 
     monkeypatch.setattr(KL, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
     seen = {}
@@ -858,7 +858,7 @@ def test_int_against_per_tile_float_comparisons(mask):
 
 
 def test_uniform_axes():
-    from attnc.compiler.schedule import uniform_axes
+    from attnc.compiler.analysis.schedule import uniform_axes
 
     grid = [4, 6, 8]
     assert uniform_axes((4, 6, 8), (1, 2, 8), grid) == {0}

@@ -34,9 +34,9 @@ from hypothesis import strategies as st
 from test_tiles import check_schedule
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import tiles as T
-from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis import tiles as T
+from attnc.compiler.analysis.tiles import classify_tiles, classify_tiles_dense
 
 AXES = (("t", "frames"), ("y", "height"), ("x", "width"))
 SEQ_NAMES = ("text", "tail", "extra")

@@ -20,9 +20,9 @@ import torch
 from test_tiles import check_schedule
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import tiles as T
-from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis import tiles as T
+from attnc.compiler.analysis.tiles import classify_tiles, classify_tiles_dense
 from attnc.core.errors import SpecError
 from attnc.integrations.diffusers import _check_grid
 

@@ -9,10 +9,10 @@ import dataclasses
 import pytest
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import search as SR
-from attnc.compiler.cost import KernelConfig, predict, predict_dense
-from attnc.compiler.hardware import get_hardware
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import search as SR
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.model import KernelConfig, predict, predict_dense
 from attnc.core.errors import SpecError
 
 LOCAL = "pattern local\n  tokens seq\n  mask q - 300 <= k <= q\n"

@@ -1,5 +1,5 @@
 """Grouped-query attention in the cost model: the dK/dV kernel runs ``group_split`` CTAs per (KV tile, batch x
-K/V head), each walking the Q tiles of its share of the group's query heads in turn (compiler/triton_codegen/kernels.py,
+K/V head), each walking the Q tiles of its share of the group's query heads in turn (compiler/codegen/triton/kernels.py,
 ``SPLIT``, ``SHARE``), so that with a split of 1 its CTAs are fewer and longer than one per query head; the
 forward and dQ kernels keep one per query head."""
 
@@ -11,9 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import search as SR
-from attnc.compiler.cost import (
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import search as SR
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.model import (
     GROUP_SPLIT_GAIN,
     KernelConfig,
     group_reduction_s,
@@ -21,7 +22,6 @@ from attnc.compiler.cost import (
     grouped_kv_counts,
     predict,
 )
-from attnc.compiler.hardware import get_hardware
 from attnc.core.errors import SpecError
 
 LOCAL = "pattern local\n  tokens seq\n  mask q - 300 <= k <= q\n"

@@ -1,4 +1,4 @@
-"""The simulator's cost entry for the delta rule (compiler/recurrence_cost.py, ``delta_kernels``): FLOP and
+"""The simulator's cost entry for the delta rule (compiler/cost/recurrence_cost.py, ``delta_kernels``): FLOP and
 byte counts against a count written here from the chunked WY form, the report through ``attnc.simulate``,
 ``Attention.report`` and ``attnc sim``, and the decay recurrences' entries untouched by it."""
 
@@ -11,8 +11,8 @@ import torch
 
 import attnc
 from attnc import cli
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.recurrence_cost import best_chunk, chunk_cost, delta_chunk_cost
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.recurrence_cost import best_chunk, chunk_cost, delta_chunk_cost
 
 VECTOR_OPS = 5  # elementwise ops per (t, s, channel) of a per-channel gate's C x C x D product
 

@@ -1,4 +1,4 @@
-"""Generated kernels take what they read, by name (``compiler.triton_codegen.signature``): every kernel of every
+"""Generated kernels take what they read, by name (``compiler.codegen.triton.signature``): every kernel of every
 stdlib softmax pattern's module (the whole sequence's, and a block's after a KV cache, with the grouped and paged
 forwards) has at most 40 parameters, and its body reads each of them; the runtime binds each launch by name."""
 
@@ -11,10 +11,10 @@ import torch
 from test_triton import STDLIB
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.search import flat_view
-from attnc.compiler.triton_codegen import signature as SG
-from attnc.compiler.triton_codegen.source import ScheduleShape, generate_source
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.codegen.triton import signature as SG
+from attnc.compiler.codegen.triton.source import ScheduleShape, generate_source
+from attnc.compiler.cost.search import flat_view
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as T
 

@@ -1,4 +1,4 @@
-"""The kernels' launch order (``compiler.launch_order``) and the simulator's placement of CTAs in it.
+"""The kernels' launch order (``compiler.cost.launch_order``) and the simulator's placement of CTAs in it.
 
 The greedy placement is checked against a plain loop over the SMs, the longest-first table against its
 definition, the screen (``can_gain``) against the placements it skips, and the simulator's makespan
@@ -12,11 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import launch_order as L
-from attnc.compiler.cost import KernelConfig, launch_makespan, predict
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.tiles import classify_tiles
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.tiles import classify_tiles
+from attnc.compiler.cost import launch_order as L
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.model import KernelConfig, launch_makespan, predict
 
 
 def naive_makespan(seq: list[float], sms: int) -> float:

@@ -17,8 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.receptive_field import block_graph, receptive_field
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.receptive_field import block_graph, receptive_field
 
 
 def block_adjacency(mask: torch.Tensor, block: int) -> torch.Tensor:
@@ -120,7 +120,7 @@ def test_grid_blocks_and_graph():
     # 2 x 3 blocks of 4x4; a 3x3 window links each block to its grid neighbours (incl. diagonals)
     assert rf["blocks"] == 6 and rf["block"] == (4, 4)
     assert rf["layers_for_full"] == 2 and rf["coverage"][0] == pytest.approx((4 + 6 + 4 + 4 + 6 + 4) / 36)
-    from attnc.compiler.tiles import classify_tiles
+    from attnc.compiler.analysis.tiles import classify_tiles
 
     g = block_graph(classify_tiles(pat, bound, (4, 4), (4, 4)))
     assert g.has_edge(0, 4) and not g.has_edge(0, 2) and g.number_of_edges() == rf["edges"] == 28

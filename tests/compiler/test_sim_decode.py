@@ -1,4 +1,4 @@
-"""The decode-step bound (``compiler.decode_cost``, ``runtime.api.simulate_decode``, ``attnc sim --decode``).
+"""The decode-step bound (``compiler.cost.decode_cost``, ``runtime.api.simulate_decode``, ``attnc sim --decode``).
 
 References are independent of the module: the keys a step reads come from the exact mask
 (``evaluate.mask_tensor``) and plain Python loops over its tiles; a sliding window's also from its
@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc import cli
-from attnc.compiler import decode_cost as D
-from attnc.compiler import evaluate as E
-from attnc.compiler.hardware import get_hardware
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.cost import decode_cost as D
+from attnc.compiler.cost.hardware import get_hardware
 from attnc.runtime.api import simulate_decode
 
 FAST = settings(max_examples=20, deadline=None)

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc import cli
-from attnc.compiler import cost as C
-from attnc.compiler import evaluate as E
-from attnc.compiler import hardware as HW
-from attnc.compiler import search as SR
-from attnc.compiler import tiles as T
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis import tiles as T
+from attnc.compiler.cost import hardware as HW
+from attnc.compiler.cost import model as C
+from attnc.compiler.cost import search as SR
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -224,12 +224,12 @@ def test_matmul_counts_are_those_of_the_emitted_kernels():
 
 
 def test_fitted_model_reproduces_the_published_calibration_points():
-    """The published dense points the per-arch fractions were fitted to (compiler/published.py)
+    """The published dense points the per-arch fractions were fitted to (compiler/cost/published.py)
     are reproduced with an rms log error under 0.08 per arch and every point within 20% (the
     worst: H100 d=64 backward at 512 tokens, +19%: the model's fall-off at short sequences is
     too shallow there). Table: benchmarks/results/calibration-2026-11-22.md."""
-    from attnc.compiler.published import DENSE, calibration_for
-    from attnc.compiler.simulator import dense_tflops
+    from attnc.compiler.cost.published import DENSE, calibration_for
+    from attnc.compiler.cost.simulator import dense_tflops
 
     logs: dict[str, list[float]] = {}
     for p in DENSE:
@@ -256,12 +256,12 @@ def _at_measured(case, calibration=None):
 
 
 def test_simulator_against_the_measured_gpu_suite():
-    """The GPU suite measured on an H100 (compiler/published.py MEASURED): the dense baseline, SDPA's
+    """The GPU suite measured on an H100 (compiler/cost/published.py MEASURED): the dense baseline, SDPA's
     kernel, within 25% of SDPA's measured forward and forward + backward on every case (the SDPA fit:
     within 4%); attnc's kernels within 15% at the recorded tiles where the host did not set the time
     (3-D: +9% forward, +8% forward + backward, with the sm90 mask hidden; +38% and +21% with it added
     whole, as before the fit)."""
-    from attnc.compiler.published import MEASURED
+    from attnc.compiler.cost.published import MEASURED
 
     assert any(not c.host_bound for c in MEASURED)
     for case in MEASURED:
@@ -283,7 +283,7 @@ def test_sdpa_baseline_per_architecture():
     """SDPA's dense kernel: on H100 the measured fit (FlashAttention-3 / cuDNN class, faster per flop than a
     Triton FA2-class kernel, attnc's dense included), on A100 FlashAttention-2's published fit (one 5-matmul
     backward kernel), on B200 the H100 fractions at B200's peak."""
-    from attnc.compiler.simulator import dense_tflops
+    from attnc.compiler.cost.simulator import dense_tflops
 
     flops = 4.0 * 8 * 32768 ** 2 * 128
     h100 = C.predict_sdpa(32768, 32768, 8, H100, head_dim=128)
@@ -331,8 +331,8 @@ def test_h100_dense_forward_is_in_the_published_fa2_class_range():
     """The old single fraction (0.55) predicted ~520 TFLOP/s, 1.3-1.5x FlashAttention-2's
     published 350-400 on H100; the fitted model lands in the published FA2-class range
     (282-403 TFLOP/s) within the fit's 5%."""
-    from attnc.compiler.published import H100_FA2_CLASS_FORWARD
-    from attnc.compiler.simulator import dense_tflops
+    from attnc.compiler.cost.published import H100_FA2_CLASS_FORWARD
+    from attnc.compiler.cost.simulator import dense_tflops
 
     lo, hi = H100_FA2_CLASS_FORWARD
     for d in (64, 128):
@@ -722,9 +722,9 @@ def test_simulate_refuses_what_it_cannot_model_at_once(kwargs, argument):
 def test_per_score_mask_of_piecewise(spec, kw):
     """The search counts a mask's per-score operations at each candidate's tiles
     (``symbols.pair_part``), also through ``if`` branches."""
-    from attnc.compiler import evaluate as E
-    from attnc.compiler.hardware import get_hardware
-    from attnc.compiler.search import ScheduleSearch
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.cost.hardware import get_hardware
+    from attnc.compiler.cost.search import ScheduleSearch
 
     pat = attnc.load(spec)
     bound = E.bind_sizes(pat, **kw)

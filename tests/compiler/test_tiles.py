@@ -32,9 +32,9 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler import tiles as T
-from attnc.compiler.tiles import classify_tiles, classify_tiles_dense
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis import tiles as T
+from attnc.compiler.analysis.tiles import classify_tiles, classify_tiles_dense
 from attnc.core.errors import SpecError
 from attnc.spec.library import stdlib_index
 

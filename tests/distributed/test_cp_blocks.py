@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.core.errors import SpecError
 from attnc.runtime.parallel.blocks import (
     BlockProblem,

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import attnc.compiler.tiles as T
-from attnc.compiler import evaluate as E
+import attnc.compiler.analysis.tiles as T
+from attnc.compiler.analysis import evaluate as E
 from attnc.core.errors import SpecError
 from attnc.runtime.api import compile_attention, materialize_mask, simulate
 from attnc.runtime.backends.cpu import rows as decode

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.compiler.decode_cost import PACKED_ROWS, packed_rows, split_kv
+from attnc.compiler.cost.decode_cost import PACKED_ROWS, packed_rows, split_kv
 
 pytest.importorskip("triton")
 

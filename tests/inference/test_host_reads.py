@@ -23,8 +23,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 import attnc
-from attnc.compiler import evaluate as E
-from attnc.compiler.tiles import classify_tiles
+from attnc.compiler.analysis import evaluate as E
+from attnc.compiler.analysis.tiles import classify_tiles
 from attnc.core import symbols as S
 from attnc.runtime.plan import device_choice, device_routes, device_tiles, routing
 from attnc.runtime.plan.tile_plan import Plan

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnc
-from attnc.compiler.decode_cost import split_kv
+from attnc.compiler.cost.decode_cost import split_kv
 from attnc.core.errors import SpecError
 
 pytest.importorskip("triton")
@@ -176,8 +176,8 @@ def test_choose_splits_is_the_decode_rule(monkeypatch):
     programs that read it; a launch of a program per SM or more keeps one split without asking; a bad forced
     count names the switch."""
     pat = attnc.load(CAUSAL)
-    from attnc.compiler import evaluate as E
-    from attnc.compiler.tiles import classify_tiles
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.analysis.tiles import classify_tiles
     from attnc.runtime.plan import tile_plan
 
     whole = E.bind_sizes(pat, n=2000, nk=2000, heads=8)
@@ -216,7 +216,7 @@ def test_a_split_forward_runs_the_two_loops_on_descriptors(monkeypatch):
     the kernel makes) is launched split as the two loops on the host's descriptors (``DESC``): there is no share
     of the one loop. 70 tokens in tiles of 16 (the last one part-filled), 4 query heads on 2 K/V heads, against
     the reference; unsplit, the same call runs the one loop."""
-    from attnc.compiler.cost import KernelConfig
+    from attnc.compiler.cost.model import KernelConfig
 
     launched: list[dict] = []
     real = KL.launch_kernel

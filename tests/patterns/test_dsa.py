@@ -138,7 +138,7 @@ def test_bad_indexer_clauses_are_refused_with_their_place(clause, message):
 
 def test_the_route_scores_are_the_lightning_indexer():
     """``routing.block_scores`` (every path's scores: host, device, context-parallel ranks) is sum_j w relu(qi . ki)."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.plan import routing
 
     pat = attnc.load("stdlib:dsa", topk=4, index_heads=2, index_dim=3)
@@ -154,7 +154,7 @@ def test_the_route_scores_are_the_lightning_indexer():
 
 def test_the_weights_keep_their_precision_beside_low_precision_vectors():
     """bf16 indexer vectors with fp32 weights (DeepSeek's): the weights are not rounded to bf16."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.plan import routing
 
     pat = attnc.load("stdlib:dsa", topk=4, index_heads=2, index_dim=3)

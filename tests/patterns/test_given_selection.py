@@ -146,8 +146,8 @@ def test_a_given_selection_needs_no_input_only_the_route_reads():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_the_declared_block_count_is_the_routes(name):
     """The extent a given selection is declared with is the number of blocks the route's keys fall in."""
-    from attnc.compiler import evaluate as E
-    from attnc.compiler.route_blocks import block_count, block_ids, route_sizes
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.compiler.analysis.route_blocks import block_count, block_ids, route_sizes
 
     params, sizes, _, blocks = CASES[name]
     pat = attnc.load(f"stdlib:{name}", **params)

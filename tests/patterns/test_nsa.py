@@ -473,7 +473,7 @@ def test_the_cuda_schedule_search_reads_the_first_batch_elements_route_scores():
     """On CUDA a branch's config comes from the schedule search (``search_config``), which reads a routed
     branch's scores unbatched: the call passes them ``[B, Hq, n, runs]``, and the search reads the first
     batch element (it refused the batched tensor before)."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.backends.triton import runner as TB
 
     slc = attnc.load("stdlib:nsa", block=32, selected=4).branch("slc").pattern

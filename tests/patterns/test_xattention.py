@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from ranks import assert_context_parallel_refuses
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.core import ir
 from attnc.core.errors import SpecError
 from attnc.runtime.plan import antidiagonal, routing

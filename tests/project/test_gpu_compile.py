@@ -17,9 +17,9 @@ import pytest
 import torch
 
 import attnc
-from attnc.compiler import search as SR
-from attnc.compiler.cost import KernelConfig
-from attnc.compiler.hardware import get_hardware
+from attnc.compiler.cost import search as SR
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.model import KernelConfig
 from attnc.core.errors import SpecError
 from attnc.runtime import gpu_check as G
 from attnc.runtime.gpu_paged_check import check_paged
@@ -227,7 +227,7 @@ def test_tensor_memory_keeps_blackwells_accumulators_out_of_the_register_model()
 
 
 def _blackwell_window(n: int = 8192):
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
 
     pat = attnc.load("stdlib:sliding_window", window=1024)
     return pat, E.bind_sizes(pat, n=n, heads=G.HEADS)
@@ -371,7 +371,7 @@ def test_nsa_paged_kernels_compile_one_launch_per_branch():
 def test_kernels_with_launch_order_tables_compile_fit_and_run_on_wgmma(monkeypatch):
     """The forward, dQ and dK/dV kernels reading their tile from an order table (``ORDERED``, forced: at
     the recorded size no order pays) compile for sm_90 at d 128 as the tile-order ones do."""
-    from attnc.compiler import launch_order
+    from attnc.compiler.cost import launch_order
     from attnc.runtime.backends.triton import kernel_launch as KL
 
     monkeypatch.setattr(KL, "choose_order", lambda full, partial, repeat, sms: launch_order.longest_first(full, partial))
@@ -417,7 +417,7 @@ def test_the_tuners_wide_kv_backward_compiles_on_hopper():
     """The tuner's Hopper trial (``autotune.wide_kv_backward``: dK/dV on 64 Q x 128 KV tokens, dQ on
     the forward's tiles, 8 warps: FlexAttention's sm_90 backward) compiles for sm_90 at d 128, fits, runs on
     wgmma, spill-free for a sliding window (the register model, which refuses it, is not asked)."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.tuning import autotune as A
 
     pat = attnc.load("stdlib:sliding_window", window=1024)
@@ -437,7 +437,7 @@ def test_the_tuners_backward_in_one_kernel_compiles_on_hopper():
     """The tuner's trial with dQ added by atomics (``autotune.atomic_dq_backward``) records no dQ kernel; its
     dK/dV kernel compiles for sm_90 at d 64 and 128, fits, does not spill, runs its five dots on wgmma and adds
     dQ with four-wide fp32 atomics."""
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
     from attnc.runtime.tuning import autotune as A
 
     pat = attnc.load("stdlib:sliding_window", window=1024)
@@ -710,7 +710,7 @@ def test_tma_configs_compile_fit_and_load_by_tensor_descriptor(name, params, siz
     import dataclasses
     import re
 
-    from attnc.compiler import evaluate as E
+    from attnc.compiler.analysis import evaluate as E
 
     pat = attnc.load(f"stdlib:{name}", **params)
     n = None if sizes else N

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc import cli
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.recurrence_cost import best_chunk, chunk_cost, crossover, softmax_causal
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.recurrence_cost import best_chunk, chunk_cost, crossover, softmax_causal
 
 F64 = torch.float64
 SPECS = {

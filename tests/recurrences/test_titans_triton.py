@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from test_titans import SRC, by_gradient_descent, inputs
 
 import attnc
-from attnc.compiler.hardware import get_hardware
-from attnc.compiler.recurrence_cost import best_chunk, titans_chunk_cost
+from attnc.compiler.cost.hardware import get_hardware
+from attnc.compiler.cost.recurrence_cost import best_chunk, titans_chunk_cost
 from attnc.runtime.api import simulate_decode
 
 pytest.importorskip("triton")

@@ -672,7 +672,7 @@ def test_bit_length_tensor_is_exact_on_both_paths():
     and the shifting path (larger values present), including the values around 2**53."""
     import random
 
-    from attnc.compiler.evaluate import bit_length_tensor
+    from attnc.compiler.analysis.evaluate import bit_length_tensor
 
     rng = random.Random(5)
     edges = [0, 1, -1, 2, 3, 7, 8, 2**52 - 1, 2**52, 2**53 - 1, -(2**53 - 1)]

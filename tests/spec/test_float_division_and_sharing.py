@@ -12,7 +12,7 @@ import sympy
 import torch
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.core import symbols as S
 
 # ----------------------------------------------------------------- float division by zero

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.compiler import evaluate as E
+from attnc.compiler.analysis import evaluate as E
 from attnc.core import ir
 from attnc.spec import ast
 from attnc.spec.library import lower

@@ -2,7 +2,7 @@
 
 A decode step has ``n`` (<= ``DECODE_ROWS``) queries at the END of ``nk`` keys
 (``Bound.q_offset = nk - n``) and a new ``nk`` every step, so a tile schedule
-(``compiler.tiles.classify_tiles``: interval reasoning over the sympy mask) would
+(``compiler.analysis.tiles.classify_tiles``: interval reasoning over the sympy mask) would
 be rebuilt at every step. Instead the plan of those rows is their exact mask,
 evaluated once per (n, nk) on the ``n x nk`` positions with torch (no
 classification, no interval analysis): O(n * nk) elementwise work, the order of
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.weights import log_weights
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.weights import log_weights
 from ....core import ir
 from ...numerics import fox_pairs, fox_prefix
 from ...plan import block_max, routing

@@ -7,10 +7,15 @@ import math
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.search import classify_flat, flat_box, flat_view, tile_shapes
-from ....compiler.tile_args import parse_tiles
-from ....compiler.tiles import RANK_REFINE_BUDGET, classify_tiles, head_classes, layout_extents
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.tile_args import parse_tiles
+from ....compiler.analysis.tiles import (
+    RANK_REFINE_BUDGET,
+    classify_tiles,
+    head_classes,
+    layout_extents,
+)
+from ....compiler.cost.search import classify_flat, flat_box, flat_view, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
 from ...ops import common as ops
@@ -111,7 +116,7 @@ class CpuRunner(Registered):
 
     def __init__(self, pat: ir.PatternIR, q_tile=None, kv_tile=None, max_plans: int | None = None):
         self.pattern = pat
-        self.tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
+        self.tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.analysis.tile_args)
         self.register_op()  # under torch.compile: attnc::tiled_attention
         self.plans = PlanCache(PLAN_CACHE_SIZE if max_plans is None else E.positive_int("max_plans", max_plans))
         self.last: tile_plan.Plan | None = None

@@ -6,8 +6,8 @@ position t, row-major on a grid):
 
 - the plan is the runner's with forced flat tiles of the requested block size (``FlexRunner`` with
   ``q_tile`` / ``kv_tile`` set: 1-D tiles of the row-major token order, so nothing is permuted, on a
-  grid too), exactly classified (``compiler.tiles``, ``compiler.search.classify_flat``);
-- the mods are the generated ones (``compiler.flex_codegen``) bound to their captured tensors (the
+  grid too), exactly classified (``compiler.analysis.tiles``, ``compiler.cost.search.classify_flat``);
+- the mods are the generated ones (``compiler.codegen.flex``) bound to their captured tensors (the
   pattern's inputs and tables, FoX prefix sums) as the runner binds them;
 - the ``BlockMask`` is made from attnc's tile lists (``runner.block_mask_of``), never by evaluating
   the mask on every pair as ``create_block_mask`` does; where the classification is exact
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.flex_codegen import DECAY_BUFFERS
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.flex import DECAY_BUFFERS
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError
@@ -195,7 +195,7 @@ def export(
     batch = next((int(tensors[n].shape[0]) for n in sorted(batched)), None)
     try:
         runner = FlexRunner(pat, q_tile=(block_size[0],), kv_tile=(block_size[1],))
-    except SpecError as err:  # a construct with no Flex lowering (flex_codegen.check_lowerable)
+    except SpecError as err:  # a construct with no Flex lowering (codegen.flex.check_lowerable)
         raise SpecError(
             f"'{pat.name}' cannot be exported to FlexAttention: {err.message}",
             where=err.where,

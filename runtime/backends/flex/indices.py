@@ -3,7 +3,7 @@
 REFERENCE.md: an index outside its input is a ``SpecError`` naming the input, checked in the bias on
 the (query, key) pairs the pattern attends only. A Flex ``score_mod`` cannot report anything (a pure
 function: the generated reads clamp their indices), so the runner checks before the call, with the
-Triton kernels' rule for which indices need a check (``compiler.triton_codegen.bias.bias_index_checks``:
+Triton kernels' rule for which indices need a check (``compiler.codegen.triton.bias.bias_index_checks``:
 literal indices are checked at generation, indices of positions only are proven by intervals over the
 whole matrix, an index that reads an input is never proven):
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.triton_codegen.bias import bias_index_checks
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.bias import bias_index_checks
 from ....core import ir
 from ....core import symbols as S
 from ....core.errors import SpecError

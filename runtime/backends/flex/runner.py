@@ -3,7 +3,7 @@
 attnc does the analysis, Flex runs the kernel:
 
 - ``mask_mod`` and ``score_mod`` are generated from the IR
-  (``compiler.flex_codegen``: the evaluator's integer semantics, no text of
+  (``compiler.codegen.flex``: the evaluator's integer semantics, no text of
   the spec, readable in ``Attention.source``); call-time inputs, per-head
   softcaps and FoX prefix sums reach them as captured tensors;
 - the ``BlockMask`` is built directly from attnc's ``TileSchedule`` (its FULL
@@ -62,18 +62,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.flex_codegen import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
-from ....compiler.schedule import TileSchedule, tile_grid, tile_tokens
-from ....compiler.search import classify_flat, contiguous, tile_shapes
-from ....compiler.tiles import (
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.schedule import TileSchedule, tile_grid, tile_tokens
+from ....compiler.analysis.tiles import (
     RANK_REFINE_BUDGET,
     check_tile,
     classify_tiles,
     layout_extents,
     one_thread,
 )
-from ....compiler.weights import LOG_WEIGHTS
+from ....compiler.analysis.weights import LOG_WEIGHTS
+from ....compiler.codegen.flex import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
+from ....compiler.cost.search import classify_flat, contiguous, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
 from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, tied_to, timing_inputs
@@ -88,7 +88,7 @@ FLEX_TILE_TOKENS = (64, 128)
 #: BlockMask block is 128) and refuse a block that is not a multiple of them (seen on an H100, torch
 #: 2.11: 64-token blocks failed to lower for d = 128 bf16), so 128-token blocks only.
 CUDA_FLEX_TILE_TOKENS = (128,)
-#: Whether CUDA plans read mask terms of grid coordinates alone from tables (``compiler.tables.tabulate``,
+#: Whether CUDA plans read mask terms of grid coordinates alone from tables (``compiler.codegen.tables.tabulate``,
 #: a CPU speed-up): they do not. In Flex's GPU kernels a table read is a gather of BLOCK_M x BLOCK_N int64
 #: (or float64) entries per KV block, which Triton's software pipeliner stages through shared memory as it
 #: does K and V: on an H200 (torch 2.11, Triton 3.6, d = 128 bf16, Flex's 128 x 64 forward blocks, 3 stages)

@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.weights import log_weights
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.weights import log_weights
 from ....core import ir
 from ...numerics import compute_dtype, expand_kv, fox_decay
 from ...plan import block_max, routing

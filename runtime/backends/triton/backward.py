@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.cost import KernelConfig
-from ....compiler.search import padded_head_dim
-from ....compiler.triton_codegen.bias import bias_input_names, bias_input_sites
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.bias import bias_input_names, bias_input_sites
+from ....compiler.cost.model import KernelConfig
+from ....compiler.cost.search import padded_head_dim
 from ....core import ir
 from ....core import symbols as S
 from ... import kernel_fit

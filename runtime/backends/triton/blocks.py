@@ -6,7 +6,7 @@ at ``bound.k_offset`` of a pattern bound at the whole sequence (``evaluate.block
 A block runs on 1-D tiles of its rows (a grid's on the flat view, as the CPU executor's blocks),
 classified with both offsets, so its kernels visit only the KV tiles its rows reach (a decode step
 of a sliding window reads the window, not the cache); the module is generated for the block's row
-counts and takes the offsets as run-time arguments (``Q_OFF``, ``K_OFF``: ``compiler.triton_codegen.source``), so
+counts and takes the offsets as run-time arguments (``Q_OFF``, ``K_OFF``: ``compiler.codegen.triton.source``), so
 every block of the same row counts shares one compiled module. The mask, bias, softcap and FoX decay
 read absolute positions (the call-time inputs and gates are the whole sequence's); a routing
 selection made across ranks is read at the block's rows, a KV-cache call's queries select their own.
@@ -24,12 +24,12 @@ import math
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.cost import KernelConfig
-from ....compiler.schedule import TileSchedule
-from ....compiler.search import block_config, classify_flat
-from ....compiler.tiles import classify_tiles
-from ....compiler.triton_codegen.source import ScheduleShape, bias_index_checks, generate_source
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.schedule import TileSchedule
+from ....compiler.analysis.tiles import classify_tiles
+from ....compiler.codegen.triton.source import ScheduleShape, bias_index_checks, generate_source
+from ....compiler.cost.model import KernelConfig
+from ....compiler.cost.search import block_config, classify_flat
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ...plan import decode_lists, device_routes, device_tiles, routing, tile_plan
@@ -55,7 +55,7 @@ def block_hardware(runner, q: torch.Tensor):
     hw = getattr(runner, "hardware", None)
     if hw is not None or q.device.type != "cuda":
         return hw
-    from ....compiler.hardware import hardware_for_gpu
+    from ....compiler.cost.hardware import hardware_for_gpu
 
     return hardware_for_gpu(torch.cuda.get_device_name(q.device))
 

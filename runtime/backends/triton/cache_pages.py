@@ -28,7 +28,7 @@ import dataclasses
 
 import torch
 
-from ....compiler.decode_cost import PACKED_ROWS
+from ....compiler.cost.decode_cost import PACKED_ROWS
 from ....core import ir
 from ...plan.cache import PlanCache
 

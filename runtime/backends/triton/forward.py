@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.search import padded_head_dim
-from ....compiler.triton_codegen.exprs import LOG2E
-from ....compiler.triton_codegen.scores import scale_in_exponent
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.exprs import LOG2E
+from ....compiler.codegen.triton.scores import scale_in_exponent
+from ....compiler.cost.search import padded_head_dim
 from ....core.errors import SpecError
 from ...plan import block_max
 from ...tritonenv import interpreting

@@ -4,7 +4,7 @@ short prefill after one) with K/V heads shared by ``group`` query heads.
 The one-head forward launches a program per query head, whose Q tile of a decode step holds one row padded to
 16: each K/V tile is read once per query head, ``group`` times per K/V head. The grouped forward launches a
 program per K/V head and packs the Q tile's rows of its group's query heads into one tile (BLOCK_M rows,
-``compiler.decode_cost.packed_rows``), so each K/V tile is read once per group and one dot gives every head's
+``compiler.cost.decode_cost.packed_rows``), so each K/V tile is read once per group and one dot gives every head's
 scores; the score terms read each row's own head. It runs where the module has it (a block's, of a pattern with
 no route and no FoX decay: ``KernelSource.grouped_forward_applies``), the rows fit ``decode_cost.PACKED_ROWS``, the
 tiles are 1-D runs in token order and no block max is asked for; a split-KV launch counts groups, not query heads.
@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ....compiler.decode_cost import packed_rows
+from ....compiler.cost.decode_cost import packed_rows
 from ...plan import block_max
 from ...plan.device_tiles import compact
 from .kernel_launch import Launch

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.cost import KernelConfig
-from ....compiler.launch_order import choose_order, ordered_arch
-from ....compiler.search import padded_head_dim
-from ....compiler.triton_codegen.source import ScheduleShape
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.source import ScheduleShape
+from ....compiler.cost.launch_order import choose_order, ordered_arch
+from ....compiler.cost.model import KernelConfig
+from ....compiler.cost.search import padded_head_dim
 from ....core import ir
 from ... import kernel_fit
 from ...numerics import fox_prefix
@@ -112,7 +112,7 @@ def arch_of(device: torch.device) -> str:
 
 
 def launch_orders(launch: Launch, batch: int, heads: int, kv_heads: int, device, group_split: int = 1) -> dict:
-    """The launch orders of a launch's kernels (``compiler.launch_order``): ``"Q"`` for the forward and dQ
+    """The launch orders of a launch's kernels (``compiler.cost.launch_order``): ``"Q"`` for the forward and dQ
     kernels (per list class), ``"K"`` for the dK/dV kernel (one list class only; ``group_split`` programs per
     K/V head, ``_group_split``); None keeps tile order. Decided once per plan, batch and heads (the rounds of
     the launch), as the simulator decides (a routed plan is made at every call, and so is its decision)."""
@@ -166,8 +166,8 @@ def _group_split(launch: Launch, batch: int, heads: int, kv_heads: int, device, 
         return 1
 
     def make():
-        from ....compiler.cost import group_split_may_pay, predict
-        from ....compiler.hardware import hardware_for_gpu
+        from ....compiler.cost.hardware import hardware_for_gpu
+        from ....compiler.cost.model import group_split_may_pay, predict
 
         hw = hardware_for_gpu(torch.cuda.get_device_name(device))
         sched = launch.plan.schedule
@@ -248,7 +248,7 @@ def _parameters(kernel) -> tuple[tuple[str, ...], frozenset]:
 
 def bound_args(kernel, named: dict, meta: dict) -> tuple[list, dict]:
     """A launch's arguments in ``kernel``'s parameter order, each taken by its name from ``named`` (a group as its
-    tuple, ``compiler.triton_codegen.signature``), and the constexprs of ``meta`` it declares (with the launch
+    tuple, ``compiler.codegen.triton.signature``), and the constexprs of ``meta`` it declares (with the launch
     options). A generated kernel takes only what its body reads: ``named`` and ``meta`` may hold more."""
     runtime, constant = _parameters(kernel)
     missing = [name for name in runtime if name not in named]
@@ -290,7 +290,7 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
     if launch.checks:
         named["ERR"] = launch.extra["ERR"]
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
-        s = launch.shape  # (compiler.triton_codegen.params.BLOCK_PARAMS: one module serves every block)
+        s = launch.shape  # (compiler.codegen.triton.params.BLOCK_PARAMS: one module serves every block)
         q_rows, k_rows = math.prod(s.q_extents), math.prod(s.kv_extents)
         if row_sizes:
             named.update(Q_OFF=launch.bound.q_offset, K_OFF=launch.bound.k_offset, Q_EXT=q_rows, K_EXT=k_rows)
@@ -425,7 +425,7 @@ def smaller_config(config: KernelConfig, square: bool = False) -> KernelConfig |
     (outermost of equals) axis (the Q tile's when the KV tile is down to ``MIN_FALLBACK_TOKENS``; both when ``square``,
     flat tiles of a grid), pipelines reset to two stages; None below the smallest tile ``tl.dot`` takes."""
     # the search's rule: the largest axis, ties the outer one
-    from ....compiler.search import halved as halve
+    from ....compiler.cost.search import halved as halve
 
     q, kv = config.q_tile, config.kv_tile
     if square:

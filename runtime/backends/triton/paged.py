@@ -37,22 +37,22 @@ import dataclasses
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.cost import KernelConfig
-from ....compiler.decode_cost import PACKED_ROWS
-from ....compiler.decode_cost import split_kv as split_rule
-from ....compiler.intervals import Num
-from ....compiler.route_blocks import route_sizes
-from ....compiler.schedule import TileSchedule
-from ....compiler.search import block_config
-from ....compiler.tiles import head_classes
-from ....compiler.triton_codegen.paged_lines import DERIVED_ON_DEVICE, QUERY_TABLES
-from ....compiler.triton_codegen.source import (
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.intervals import Num
+from ....compiler.analysis.route_blocks import route_sizes
+from ....compiler.analysis.schedule import TileSchedule
+from ....compiler.analysis.tiles import head_classes
+from ....compiler.codegen.triton.paged_lines import DERIVED_ON_DEVICE, QUERY_TABLES
+from ....compiler.codegen.triton.source import (
     ROW_LENGTHS,
     ScheduleShape,
     but_row_lengths,
     generate_source,
 )
+from ....compiler.cost.decode_cost import PACKED_ROWS
+from ....compiler.cost.decode_cost import split_kv as split_rule
+from ....compiler.cost.model import KernelConfig
+from ....compiler.cost.search import block_config
 from ....core import ir
 from ....core import symbols as S
 from ...checks import PAGED_VALUES_FAILED

@@ -24,9 +24,9 @@ import dataclasses
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.triton_codegen.paged_lines import serves_route
-from ....compiler.triton_codegen.source import ROW_LENGTHS, but_row_lengths
+from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.paged_lines import serves_route
+from ....compiler.codegen.triton.source import ROW_LENGTHS, but_row_lengths
 from ...plan import decode_lists, kept_summary
 from ...plan.device_choice import choose
 from ...plan.device_tiles import compact

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler.triton_codegen.paged_lines import QUERY_TABLES
+from ....compiler.codegen.triton.paged_lines import QUERY_TABLES
 from ...plan.clusters import relative_logits
 from .paged_queries import SCORE_CHUNK, PagedQueries
 from .paged_tokens import pool_scores

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler.triton_codegen.source import but_row_lengths
+from ....compiler.codegen.triton.source import but_row_lengths
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting

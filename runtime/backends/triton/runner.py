@@ -1,4 +1,4 @@
-"""The Triton backend: generated kernels (``compiler.triton_codegen.source``), compiled from a
+"""The Triton backend: generated kernels (``compiler.codegen.triton.source``), compiled from a
 source file, launched over the tile schedule's lists, with an autograd function
 for the backward pass.
 
@@ -13,7 +13,7 @@ Interface for the autotuner / kernel cache:
 - ``generate_source(pattern, bound, schedule_shape, config) -> str``
 - ``load_kernels(source_path, interpret=False) -> module`` (``attnc_fwd``,
   ``attnc_bwd_delta``, ``attnc_bwd_dq``, ``attnc_bwd_dkdv``)
-- ``KernelConfig`` (``compiler.cost.KernelConfig``: q_tile, kv_tile, layout,
+- ``KernelConfig`` (``compiler.cost.model.KernelConfig``: q_tile, kv_tile, layout,
   num_warps, num_stages); ``TritonRunner.config_hook`` may pick the config
   (and ``TritonRunner.source_hook`` the source file) instead of the defaults.
 
@@ -61,21 +61,14 @@ import tempfile
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.cost import KernelConfig
-from ....compiler.schedule import TileSchedule
-from ....compiler.search import (
-    classify_flat,
-    tile_shapes,
-)
-from ....compiler.tile_args import parse_tiles
-from ....compiler.tiles import classify_tiles, layout_extents
-from ....compiler.triton_codegen.paged_lines import summary_module
-from ....compiler.triton_codegen.source import (
-    ScheduleShape,
-    check_fp32_constants,
-    generate_source,
-)
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.schedule import TileSchedule
+from ....compiler.analysis.tile_args import parse_tiles
+from ....compiler.analysis.tiles import classify_tiles, layout_extents
+from ....compiler.codegen.triton.paged_lines import summary_module
+from ....compiler.codegen.triton.source import ScheduleShape, check_fp32_constants, generate_source
+from ....compiler.cost.model import KernelConfig
+from ....compiler.cost.search import classify_flat, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
 from ...numerics import needs_grad
@@ -171,12 +164,12 @@ def default_config(pat: ir.PatternIR, bound: E.Bound, q_tile=None, kv_tile=None,
     kv_ext = layout_extents(pat.keys, bound, bound.nk)
     grid = len(q_ext) > 1 or len(kv_ext) > 1
     boxes = pat.queries.kind == "grid" and pat.keys.kind == "grid" and len(q_ext) == len(kv_ext)
-    tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.tile_args)
+    tiles = parse_tiles(pat, q_tile, kv_tile)  # the one convention (compiler.analysis.tile_args)
     if tiles.forced:
         qt, kt, flat = tiles.fit(q_ext, kv_ext)
         return KernelConfig(qt, kt, "flat" if flat else "address")
     if device.type == "cuda":
-        from ....compiler.hardware import hardware_for_gpu
+        from ....compiler.cost.hardware import hardware_for_gpu
 
         hw = hardware_for_gpu(torch.cuda.get_device_name(device))
         return search_config(pat, bound, hw, head_dim=head_dim, dtype=dtype, inputs=inputs, kv_heads=kv_heads)
@@ -198,8 +191,8 @@ def search_config(pat: ir.PatternIR, bound: E.Bound, hardware, *, head_dim: int 
                   kv_heads: int | None = None) -> KernelConfig:
     """The simulator's best schedule on a hardware model (what a CUDA call runs without autotuning;
     ``kv_heads``: K/V heads shared by the query heads, as ``ScheduleSearch`` takes them)."""
-    from ....compiler.hardware import get_hardware
-    from ....compiler.search import ScheduleSearch
+    from ....compiler.cost.hardware import get_hardware
+    from ....compiler.cost.search import ScheduleSearch
 
     nbytes = 4 if dtype == torch.float32 else 2
     return ScheduleSearch(pat, bound, get_hardware(hardware), head_dim=head_dim, nbytes=nbytes,

@@ -4,12 +4,12 @@
 A forward launches one program per (Q tile, batch x query head), each over its Q tile's KV tile lists. A decode
 step (queries after a KV cache: one Q tile) or any call with few Q tiles launches fewer programs than the GPU
 has SMs, and each walks a long list alone. With ``splits`` > 1 the forward's third launch axis splits every
-list into ``splits`` contiguous shares (``compiler.triton_codegen.kernels.split_share``); each split writes its
+list into ``splits`` contiguous shares (``compiler.codegen.triton.kernels.split_share``); each split writes its
 normalised partial out and lse (``-inf`` and zeros where its share holds no key of a row) to the buffers
 ``[splits, B, H, rows, DV]`` and ``[splits, B, H, rows]``, and the module's ``attnc_fwd_combine`` merges them
 by log-sum-exp on the device.
 
-The count is the decode model's rule (``compiler.decode_cost.split_kv``: the smallest split count whose
+The count is the decode model's rule (``compiler.cost.decode_cost.split_kv``: the smallest split count whose
 makespan over the SMs is within ``SPLIT_SLACK`` of the best), on the plan's visited KV tiles per Q tile and
 its programs; a launch of at least one program per SM keeps one split without asking. Only a forward-only
 call splits (``TritonRunner.__call__``): a call that needs gradients keeps one program per Q tile, its
@@ -52,7 +52,7 @@ def choose_splits(plan, batch: int, heads: int, sms: int) -> int:
         return 1
 
     def make() -> int:
-        from ....compiler.decode_cost import split_kv
+        from ....compiler.cost.decode_cost import split_kv
 
         classes = sched.heads_stored
         repeat = batch * heads // classes if (batch * heads) % classes == 0 else 1

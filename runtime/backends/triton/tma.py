@@ -8,14 +8,10 @@ import math
 
 import torch
 
-from ....compiler.hardware import compute_capability
-from ....compiler.search import (
-    TMA_BOX,
-    has_tma,
-    tma_fits,
-)
-from ....compiler.triton_codegen.kernels import warp_specialized_form
-from ....compiler.triton_codegen.tiles import box_tile, boxes_are_rows, layout_of
+from ....compiler.codegen.triton.kernels import warp_specialized_form
+from ....compiler.codegen.triton.tiles import box_tile, boxes_are_rows, layout_of
+from ....compiler.cost.hardware import compute_capability
+from ....compiler.cost.search import TMA_BOX, has_tma, tma_fits
 from . import kernel_launch as KL
 from .kernel_launch import Launch
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.route_blocks import stripes_sizes
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.route_blocks import stripes_sizes
 from ....core import ir
 from .. import stripes
 from ..route_scores import _key_slice, allowed_span, keep_blocks

@@ -10,8 +10,8 @@ import dataclasses
 import sympy
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.route_blocks import route_sizes
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.route_blocks import route_sizes
 from ....core import ir
 from ....core import symbols as S
 from .. import device_choice

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.route_blocks import route_sizes, route_stride
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.route_blocks import route_sizes, route_stride
 from ....core import ir
 from .. import antidiagonal
 from ..route_scores import keep_blocks

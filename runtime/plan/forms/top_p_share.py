@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from ....compiler import evaluate as E
-from ....compiler.route_blocks import block_ids, route_sizes
+from ....compiler.analysis import evaluate as E
+from ....compiler.analysis.route_blocks import block_ids, route_sizes
 from ....core import ir
 from .. import share
 from ..route_scores import block_scores, keep_blocks

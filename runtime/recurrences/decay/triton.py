@@ -33,7 +33,7 @@ built explicitly, the jitted kernels over a copy of this module's globals holdin
 
 import torch
 
-from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
+from ....compiler.cost.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,

@@ -39,7 +39,7 @@ stdlib:kda`` (``runtime.gpu_check``).
 
 import torch
 
-from ....compiler.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
+from ....compiler.cost.recurrence_cost import VECTOR_CHUNK, VECTOR_SUB_CHUNK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,

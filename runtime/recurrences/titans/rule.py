@@ -35,7 +35,7 @@ def run(backend, rec, bound, q, k, v, tensors, scale, s0, chunk, hardware, nativ
         # 'auto' past the kernels' key head dim runs the torch form; 'triton' there is refused (``configs``)
         on_triton = backend == "triton" or q.shape[-1] <= titans_triton.MAX_DK
     if on_triton:
-        # the chunk the cost model picks for these shapes (``compiler.recurrence_cost.titans_kernels``)
+        # the chunk the cost model picks for these shapes (``compiler.cost.recurrence_cost.titans_kernels``)
         C = chunk or choose_chunk(rec, T, H, q.shape[-1], B, q.device, q.dtype, hardware)
         out, state = titans_triton.run(q, k.to(q.dtype), v.to(q.dtype), g[..., 0], theta, eta, scale,
                                        None if s0 is None else s0.to(dt), C, False if native else None)

@@ -33,7 +33,7 @@ or fp16 inputs; fp32 inputs take exact products on the FMA units, whose operands
   ``ce`` through ``Gam = A E``, ``c = A exp(ce)``, ``d = exp(b)`` and row L.
 
 dq, dk, dtheta and the gate terms are sums over Dv, stored per Dv block (16 columns:
-``compiler.recurrence_cost.TITANS_VALUE_BLOCK``) and summed on the host or by the gates kernel. The gradients
+``compiler.cost.recurrence_cost.TITANS_VALUE_BLOCK``) and summed on the host or by the gates kernel. The gradients
 of ``b`` and ``ce`` go back to the gates and momenta through torch (the cumulative sums, the logarithm), outside
 the kernels. A gate of -inf (a hard reset) counts 0 in ``b``; with ``RESETS`` every decay across it is 0, as in
 the delta rule's kernels (``library.device.decay_matrix``). The momenta are in (0, 1] (``rule.check_rates``): their
@@ -47,7 +47,7 @@ summed over the group on the host. Offline compile check: ``attnc check-gpu stdl
 import torch
 import torch.nn.functional as F
 
-from ....compiler.recurrence_cost import TITANS_VALUE_BLOCK
+from ....compiler.cost.recurrence_cost import TITANS_VALUE_BLOCK
 from ....core.errors import SpecError
 from ..library.device import (
     acc_zeros,
