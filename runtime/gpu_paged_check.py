@@ -40,17 +40,8 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     fixed = bool(getattr(pat, "head_params", ()))  # a parameter given per head fixes the heads
     heads = G.call_heads(pat) if fixed else G.HEADS * GROUP
     kv_heads = heads // GROUP if heads % GROUP == 0 else heads
-    capacity = -(-(n or DEFAULT_CAPACITY) // PAGE) * PAGE
-    least = ir.least_length(pat)
-    lengths = torch.tensor([max(least, x) for x in (capacity, capacity // 2 + 3, capacity // 8 + 1, capacity // 3)],
-                           dtype=torch.int32)[:ROWS]
-    gen = torch.Generator().manual_seed(0)
-    tdtype = G.DTYPES[dtype]
-    pages = ROWS * capacity // PAGE
-    k_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype)
-    v_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype)
-    table = torch.randperm(pages, generator=gen).view(ROWS, capacity // PAGE).to(torch.int32)
-    q = torch.randn(ROWS, heads, 1, head_dim, generator=gen).to(tdtype)
+    batch = decode_batch(heads, kv_heads, head_dim, G.DTYPES[dtype], n, ir.least_length(pat))
+    q, k_pool, v_pool, table, lengths, gen, capacity = batch
     whole = E.bind_sizes(pat, n=capacity, heads=heads, dk=head_dim)
     inputs = G._inputs(pat, whole, gen)
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
@@ -61,6 +52,22 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     return records, f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
 
 
+def decode_batch(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, n: int | None, least: int = 1):
+    """The recorded decode step's tensors: ``(q, k_pool, v_pool, block_table, lengths, generator, capacity)``,
+    ``ROWS`` rows of their own lengths (at least ``least``, at most the table's capacity of ``n`` keys rounded up to
+    whole pages) in shuffled pages of ``PAGE`` keys, one query a row."""
+    capacity = -(-(n or DEFAULT_CAPACITY) // PAGE) * PAGE
+    lengths = torch.tensor([max(least, x) for x in (capacity, capacity // 2 + 3, capacity // 8 + 1, capacity // 3)],
+                           dtype=torch.int32)[:ROWS]
+    gen = torch.Generator().manual_seed(0)
+    pages = ROWS * capacity // PAGE
+    k_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(dtype)
+    v_pool = torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(dtype)
+    table = torch.randperm(pages, generator=gen).view(ROWS, capacity // PAGE).to(torch.int32)
+    q = torch.randn(ROWS, heads, 1, head_dim, generator=gen).to(dtype)
+    return q, k_pool, v_pool, table, lengths, gen, capacity
+
+
 def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | None) -> tuple[list[G.Recorded], str]:
     """A combined pattern's decode step as ``record_paged``'s, one launch per branch (``combined_paged``), every
     branch on its native runner; each launch names its branch where one of its modules holds the kernel."""
@@ -69,14 +76,7 @@ def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | Non
     pat = attn.pattern
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
     heads, kv_heads = G.HEADS * GROUP, G.HEADS
-    capacity = -(-(n or DEFAULT_CAPACITY) // PAGE) * PAGE
-    lengths = torch.tensor([capacity, capacity // 2 + 3, capacity // 8 + 1, capacity // 3], dtype=torch.int32)[:ROWS]
-    gen = torch.Generator().manual_seed(0)
-    tdtype = G.DTYPES[dtype]
-    pages = ROWS * capacity // PAGE
-    k_pool, v_pool = (torch.randn(pages, PAGE, kv_heads, head_dim, generator=gen).to(tdtype) for _ in range(2))
-    table = torch.randperm(pages, generator=gen).view(ROWS, capacity // PAGE).to(torch.int32)
-    q = torch.randn(ROWS, heads, 1, head_dim, generator=gen).to(tdtype)
+    q, k_pool, v_pool, table, lengths, gen, capacity = decode_batch(heads, kv_heads, head_dim, G.DTYPES[dtype], n)
     gates = {d.name: torch.rand(ROWS, heads, 1, generator=gen) for d in pat.gates}
     runners = {}
     with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
