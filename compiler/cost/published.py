@@ -1,11 +1,11 @@
 """Published attention throughput the cost model is fitted to and validated on.
 
 One table per use, each row naming its source (paper, figure, the value read
-off it). ``DENSE`` is what ``compiler.cost.model.ARCH_FITS`` is fitted to (by
+off it). ``DENSE`` is what ``compiler.cost.calibration.ARCH_FITS`` is fitted to (by
 ``benchmarks/calibration.py --fit``); ``SPARSE`` (NATTEN / GNA speedups on
 H100, from the GNA paper) is used only to *validate* the fitted
 model, never to fit it. ``MEASURED`` is attnc's own GPU suite on a lent H100: SDPA's
-dense timings fit ``compiler.cost.model.SDPA_FITS``, attnc's the sm90 ``mask_exposed``.
+dense timings fit ``compiler.cost.calibration.SDPA_FITS``, attnc's the sm90 ``mask_exposed``.
 
 Throughput convention (FlashAttention's benchmark): forward 4 B H N^2 D flops,
 backward 2.5 x that, whatever the kernel actually executes.
@@ -17,7 +17,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from .model import ARCH_FITS, Calibration
+from .calibration import ARCH_FITS, Calibration
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ...core.recurrence_rules import RULES
+from .calibration import DEFAULT_CALIBRATION, Calibration
 from .hardware import Hardware
-from .model import DEFAULT_CALIBRATION, Calibration, KernelConfig, predict_counts
+from .model import KernelConfig, predict_counts
 from .simulator import ReportView
 
 #: The chunk sizes searched.

@@ -47,8 +47,9 @@ from ..analysis.schedule import (
     uniform_axes,
 )
 from ..analysis.tile_args import parse_tiles
+from .calibration import Calibration
 from .hardware import Hardware
-from .model import Calibration, KernelConfig, Prediction, checked_kv_heads, mask_ops, predict
+from .model import KernelConfig, Prediction, checked_kv_heads, mask_ops, predict
 from .pass_sizing import (  # the names beside the search's own are re-exported: callers import them from here
     BWD_LAUNCH,
     BWD_WARPS_MMA,
