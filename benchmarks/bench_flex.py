@@ -140,7 +140,8 @@ def case_list(quick: bool):
 def run_case(label, spec, params, sizes, N, H, mask_mod, D, repeats):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from attnc.runtime.backends.flex.runner import FlexRunner, block_mask_of
+    from attnc.runtime.backends.flex.block_masks import block_mask_of
+    from attnc.runtime.backends.flex.runner import FlexRunner
 
     q, k, v = qkv(H, N, D)
     rows = {"case": label}

@@ -30,7 +30,7 @@ The rule (``choose``):
    estimate is the last compile measured in this process, else ``COMPILE_S``; ``COMPILE_COST_S``
    overrides it (``0.0``: compile at the first call, as steady-state benchmarks want). A kernel
    compiled once serves every later module of the same pattern and shapes in the process (the
-   mods are shared by their text, ``flex_backend._NAMESPACES``), and a kernel that ran at two
+   mods are shared by their text, ``backends.flex.kernels._NAMESPACES``), and a kernel that ran at two
    lengths serves any length (dynamic shapes): those calls take Flex at once.
 
 The choice is recorded on the module (``attn.chosen_backend``, ``attn.last_choice`` with both
@@ -138,7 +138,7 @@ COMPILE_COST_S: float | None = None
 
 def compile_cost_s() -> float:
     """The compile estimate of the break-even rule (seconds)."""
-    from ..backends.flex.runner import COMPILE_SECONDS
+    from ..backends.flex.kernels import COMPILE_SECONDS
 
     if COMPILE_COST_S is not None:
         return COMPILE_COST_S
@@ -252,7 +252,7 @@ class CpuPolicy:
 
     def _decide(self, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: dict,
                 need_lse: bool) -> Choice:
-        from ..backends.flex.runner import block_refusal, fused_refusal
+        from ..backends.flex.kernels import block_refusal, fused_refusal
 
         pat = self.pattern
         if bound.q_offset:  # decoding after a KV cache: the executor's rows (runtime.backends.cpu.rows)
@@ -279,7 +279,7 @@ class CpuPolicy:
         """The break-even rule (module docstring, 4) applied to the modelled ``choice``: the executor
         while Flex's kernel for these shapes would need a compile that the calls so far have not
         paid for."""
-        from ..backends.flex.runner import kernel_key
+        from ..backends.flex.kernels import kernel_key
 
         if choice.backend != "flex":
             return choice

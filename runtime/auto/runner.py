@@ -98,7 +98,7 @@ class AutoRunner(CpuPolicy, Registered):
         else the executor (training, lse, float64: the executor's own backward)."""
         if q.is_cuda:
             return self.triton
-        from ..backends.flex.runner import fused_refusal
+        from ..backends.flex.kernels import fused_refusal
 
         if self.flex is not None and fused_refusal(q.device, q.dtype, needs_grad(q, k, v, *inputs.values()),
                                                    need_lse) is None:

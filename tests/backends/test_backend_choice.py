@@ -14,6 +14,7 @@ import torch.nn.attention.flex_attention as flex_attention_module
 import attnc
 from attnc.compiler.analysis import evaluate as E
 from attnc.runtime.auto import cpu as BC
+from attnc.runtime.backends.flex import kernels as FK
 from attnc.runtime.backends.flex import runner as FB
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-10}
@@ -220,7 +221,7 @@ def test_short_sequences_get_power_of_two_blocks_and_mods_are_shared_across_leng
         bound = E.bind_sizes(runner.pattern, n=n, heads=2)
         plans.append(runner.plan(bound, {}, frozenset()))
     assert plans[0].block_size == (64, 64) and plans[0].schedule.q_tile == (40,)
-    assert all(FB.block_refusal(p) is None for p in plans)
+    assert all(FK.block_refusal(p) is None for p in plans)
     # one namespace (one compiled Flex call, dynamic shapes) for every length of a 1-D pattern
     assert plans[0].namespace is plans[1].namespace is plans[2].namespace
     grid = FB.FlexRunner(attnc.load("stdlib:neighborhood_2d", kernel_size=3))
@@ -319,7 +320,7 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
         return call
 
     monkeypatch.setattr(FB, "_compiled", fake_compiled)
-    monkeypatch.setattr(FB, "COMPILE_SECONDS", [])
+    monkeypatch.setattr(FK, "COMPILE_SECONDS", [])
     monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)  # Flex in eager
     spec, params = "stdlib:sliding_window", {"window": 23}  # mods no other test compiles
     g = torch.Generator().manual_seed(3)
@@ -336,10 +337,10 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
             torch.testing.assert_close(auto(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
             chosen.append(auto.chosen_backend)
     assert chosen == ["cpu", "cpu", "flex", "flex"] and compiles == [96, 96]
-    assert len(FB.COMPILE_SECONDS) == 1  # the compiling call was measured: the next estimate
+    assert len(FK.COMPILE_SECONDS) == 1  # the compiling call was measured: the next estimate
     assert BC.compile_cost_s() == 2.5 * (modelled.cpu_s - modelled.flex_s)  # the override wins
     monkeypatch.setattr(BC, "COMPILE_COST_S", None)
-    assert BC.compile_cost_s() == FB.COMPILE_SECONDS[-1]
+    assert BC.compile_cost_s() == FK.COMPILE_SECONDS[-1]
     twin = attnc.compile_attention(spec, **params)  # same mods and shapes: the kernel is there
     with torch.no_grad():
         twin(q, k, v)
@@ -348,7 +349,7 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
 
 def test_break_even_reasons_and_dynamic_lengths(monkeypatch):
     monkeypatch.setattr(FB, "_compiled", lambda ns: ns["flex_call"])
-    monkeypatch.setattr(FB, "COMPILE_SECONDS", [])
+    monkeypatch.setattr(FK, "COMPILE_SECONDS", [])
     monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
     monkeypatch.setattr(BC, "COMPILE_COST_S", 1e9)  # never worth compiling
     spec, params = "stdlib:sliding_window", {"window": 29}

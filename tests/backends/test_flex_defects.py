@@ -248,7 +248,7 @@ def test_fused_flex_keeps_a_bad_value_out_of_empty_block_pairs():
 def test_flex_backward_takes_smaller_tiles_where_a_captured_tensor_is_differentiated_on_a_gpu():
     """Flex's own backward tiles did not fit the shared memory with a differentiated captured tensor at head
     dim 128 on an H100 (music_relative's table): those calls, and only those, name smaller backward tiles."""
-    from attnc.runtime.backends.flex.runner import BUFFER_GRAD_BACKWARD, kernel_options
+    from attnc.runtime.backends.flex.kernels import BUFFER_GRAD_BACKWARD, kernel_options
 
     table, fixed = torch.zeros(3, requires_grad=True), torch.zeros(3)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")

@@ -9,7 +9,7 @@ position t, row-major on a grid):
   grid too), exactly classified (``compiler.analysis.tiles``, ``compiler.cost.search.classify_flat``);
 - the mods are the generated ones (``compiler.codegen.flex``) bound to their captured tensors (the
   pattern's inputs and tables, FoX prefix sums) as the runner binds them;
-- the ``BlockMask`` is made from attnc's tile lists (``runner.block_mask_of``), never by evaluating
+- the ``BlockMask`` is made from attnc's tile lists (``block_masks.block_mask_of``), never by evaluating
   the mask on every pair as ``create_block_mask`` does; where the classification is exact
   (``blocks_exact``) its FULL and PARTIAL blocks are ``create_block_mask``'s (but for a last block past
   the end of a sequence: ``FlexExport``);
@@ -33,7 +33,9 @@ from ....core import symbols as S
 from ....core.errors import SpecError
 from ...checks import check_softcap
 from ...plan import clusters
-from .runner import FlexRunner, bind_mask_mod, bind_score_mod, block_mask_of, prefix_sums
+from .block_masks import bind_mask_mod, bind_score_mod, block_mask_of
+from .kernels import prefix_sums
+from .runner import FlexRunner
 
 #: Flex's own default block size (``torch.nn.attention.flex_attention._DEFAULT_SPARSE_BLOCK_SIZE``): what
 #: its CUDA kernels take without further options.

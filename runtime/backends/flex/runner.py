@@ -52,18 +52,13 @@ recurrences (no softmax to lower).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
-import sys
 import time
-import types
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 
 from ....compiler.analysis import evaluate as E
-from ....compiler.analysis.schedule import TileSchedule, tile_grid, tile_tokens
+from ....compiler.analysis.schedule import TileSchedule
 from ....compiler.analysis.tiles import (
     RANK_REFINE_BUDGET,
     check_tile,
@@ -71,16 +66,36 @@ from ....compiler.analysis.tiles import (
     layout_extents,
     one_thread,
 )
-from ....compiler.analysis.weights import LOG_WEIGHTS
-from ....compiler.codegen.flex import DECAY_BUFFERS, FlexSource, TokenMap, check_lowerable, generate
-from ....compiler.cost.search import classify_flat, contiguous, tile_shapes
+from ....compiler.codegen.flex import DECAY_BUFFERS, TokenMap, check_lowerable, generate
+from ....compiler.cost.search import classify_flat, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
-from ...numerics import empty_batch_outputs, fox_prefix, needs_grad, tied_to, timing_inputs
+from ...numerics import empty_batch_outputs, needs_grad, tied_to, timing_inputs
 from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
 from ...runner import Call, Support
+from . import kernels
+from .block_masks import (
+    FlexPlan,
+    Order,
+    _cost,
+    _row_major_blocks,
+    bind_mask_mod,
+    bind_score_mod,
+    block_mask_of,
+    demote_padded,
+)
 from .indices import first_error, index_checks, inputs_read
+from .kernels import (
+    _compiled,
+    _dense_call,
+    _fused_ok,
+    _namespace,
+    compile_errors,
+    kernel_key,
+    kernel_options,
+    prefix_sums,
+)
 
 #: Flex block sizes (tokens) tried when the tiles are not forced.
 FLEX_TILE_TOKENS = (64, 128)
@@ -96,159 +111,6 @@ CUDA_FLEX_TILE_TOKENS = (128,)
 #: per table) of 227 KiB, and failed to compile. Computed in the mask_mod, the terms are a few integer
 #: operations in registers.
 CUDA_TABLES = False
-#: Cost of one visited block pair beyond its token pairs (block loop, index loads), in token pairs.
-PAIR_OVERHEAD_TOKENS = 4096
-#: Extra cost of a PARTIAL token pair (mask_mod evaluated) relative to a FULL one.
-PARTIAL_EXTRA = 0.5
-
-_CALL_SOURCE = '''
-
-def flex_call(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, kernel_options=None):
-    """The Flex call this plan compiles (its own code object: its own compile cache)."""
-    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=enable_gqa, return_lse=return_lse, kernel_options=kernel_options)
-'''
-
-#: Flex's backward on smaller tiles where the score_mod's captured tensor is differentiated (``relative()``'s
-#: table) and the head dim is over 64, on a GPU: with its own tiles, Inductor found no backward config within
-#: the shared memory (233,472 bytes asked of 232,448 at head dim 128 in bf16 on an H100, torch 2.11,
-#: 2026-11-26) and the backward failed to compile. Chosen before the call: the backward compiles at the
-#: first ``backward()``, after the forward has returned.
-BUFFER_GRAD_BACKWARD = {"bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32}
-
-
-def kernel_options(device: torch.device, head_dim: int, score_bufs: tuple) -> dict | None:
-    """The options a compiled Flex call of these shapes is given (None: Flex's own choice)."""
-    if device.type == "cuda" and head_dim > 64 and any(t.requires_grad for t in score_bufs):
-        return BUFFER_GRAD_BACKWARD
-    return None
-
-
-@dataclass
-class Order:
-    """Flex positions of one role: ``token[p]`` is the token at position p (0 on padded
-    slots), ``position[t]`` the position of token t; None for the identity."""
-
-    token: torch.Tensor | None = None
-    position: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, tmap: TokenMap) -> Order:
-        if tmap.tile is None:
-            return cls()
-        n = math.prod(tile_grid(tmap.extents, tmap.tile))
-        flat, valid = tile_tokens(tmap.extents, tmap.tile, torch.arange(n))
-        token = torch.where(valid, flat, torch.zeros_like(flat)).reshape(-1)
-        position = torch.empty(math.prod(tmap.extents), dtype=torch.int64)
-        position[flat[valid]] = torch.arange(token.numel()).view(flat.shape)[valid]
-        return cls(token, position)
-
-    def to(self, device) -> Order:
-        if self.token is None:
-            return self
-        return Order(self.token.to(device), self.position.to(device))
-
-
-@dataclass
-class FlexPlan:
-    """Everything one call needs besides the tensors: schedule, token orders, generated mods."""
-
-    bound: E.Bound
-    schedule: TileSchedule
-    q_map: TokenMap
-    k_map: TokenMap
-    source: FlexSource
-    namespace: dict
-    q_order: Order
-    k_order: Order
-    flat: bool  # 1-D tiles on a grid (classified on the flat view)
-    block_masks: dict = field(default_factory=dict)  # device -> BlockMask (static masks)
-    tables: dict = field(default_factory=dict)  # (name, device) -> the mask's table there (source.tables)
-    exec_plan: object = None  # routing, index checks: the executor's plan over the static schedule (tile_plan)
-    #: bias indices not proven in range (``indices.index_checks``): of positions only, checked at the
-    #: plan's first call (then emptied), and those that read an input, checked at every call
-    checks_once: tuple = ()
-    checks_each: tuple = ()
-    index_error: SpecError | None = None  # what the check at the first call found (raised at every call)
-
-    @property
-    def block_size(self) -> tuple[int, int]:
-        """Flex's BLOCK_SIZE: the tiles' token counts; a 1-D tile that covers its whole side (clamped
-        to a short sequence) becomes the next power of two, one block beyond the sequence as Flex's
-        own 128 (the same lists; the fused CPU kernel needs power-of-two blocks, see _fused_ok)."""
-        def block(tile, length):
-            b = math.prod(tile)
-            return 1 << (b - 1).bit_length() if len(tile) == 1 and b == length else b
-
-        return block(self.schedule.q_tile, self.q_map.length), block(self.schedule.kv_tile, self.k_map.length)
-
-
-def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
-    """Box tiles that are already Flex blocks in the row-major order: each tile a run of
-    exactly prod(tile) tokens (only the last one may be shorter). Otherwise: tile-major order."""
-    if not contiguous(tile, extents):
-        return False
-    tm = TokenMap(extents, tile)
-    order = Order.of(tm).token
-    return not tm.padded and torch.equal(order, torch.arange(order.numel()))
-
-
-def bind_mask_mod(fn, buffers: tuple):
-    """A mask_mod with its captured tensors (one code object for every plan: no recompiles)."""
-    def mask_mod(b, h, q_idx, kv_idx):
-        return fn(b, h, q_idx, kv_idx, *buffers)
-    return mask_mod
-
-
-def bind_score_mod(fn, buffers: tuple):
-    """A score_mod with its captured tensors (as bind_mask_mod)."""
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return fn(score, b, h, q_idx, kv_idx, *buffers)
-    return score_mod
-
-
-def _cost(sched: TileSchedule) -> float:
-    h, qi, ki, full = sched.pairs()
-    area = (sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).to(torch.float64)
-    return float((area * torch.where(full, 1.0, 1.0 + PARTIAL_EXTRA)).sum()) + PAIR_OVERHEAD_TOKENS * len(h)
-
-
-def demote_padded(sched: TileSchedule, k_map: TokenMap) -> TileSchedule:
-    """FULL pairs whose KV tile holds padded slots become PARTIAL: Flex skips the
-    mask_mod on FULL blocks, and only the mask_mod masks padding."""
-    if not k_map.padded:
-        return sched
-    h, qi, ki, full = sched.pairs()
-    padded = sched.kv_tile_tokens()[ki] < math.prod(sched.kv_tile)
-    return TileSchedule.from_pairs(sched.q_extents, sched.kv_extents, sched.q_tile, sched.kv_tile, sched.num_heads,
-                                   sched.heads_stored, h, qi, ki, full & ~padded, sched.allowed_pairs, sched.exact,
-                                   sched.density_exact)
-
-
-def block_mask_of(sched: TileSchedule, mask_mod, q_len: int, k_len: int, device, batch: int = 1,
-                  block_size: tuple[int, int] | None = None):
-    """Flex's BlockMask from attnc's tile lists: PARTIAL lists as ``kv_indices``,
-    FULL lists as ``full_kv_indices``; broadcast over the batch (``batch`` 1) and
-    over heads when the mask does not depend on the head. Routed schedules hold
-    one list class per (batch element, head): ``batch`` > 1 splits them."""
-    from torch.nn.attention.flex_attention import BlockMask
-
-    nk = sched.num_kv_tiles
-    classes = sched.heads_stored
-
-    def dense_width(count, index):
-        # Flex reads the last dimension of the indices as the number of KV blocks
-        out = torch.zeros(*index.shape[:2], nk, dtype=torch.int32)
-        w = index.shape[-1]
-        out[..., :w] = index.clamp(min=0)
-        shape = (batch, classes // batch)
-        return count.to(torch.int32).view(*shape, -1).to(device), out.view(*shape, *out.shape[1:]).to(device)
-
-    kv_num, kv_idx = dense_width(sched.partial_count, sched.partial_index)
-    full_num, full_idx = dense_width(sched.full_count, sched.full_index)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx,
-                                    BLOCK_SIZE=block_size or (math.prod(sched.q_tile), math.prod(sched.kv_tile)),
-                                    mask_mod=mask_mod, seq_lengths=(q_len, k_len))
 
 
 class FlexRunner(Registered):
@@ -540,7 +402,7 @@ class FlexRunner(Registered):
                     res = self._compile_failed(plan, err, qp, kp, vp, bm, scale, mask_bufs, score_bufs, need_lse)
                 else:
                     if not ready:  # this call compiled (or recompiled with dynamic lengths) Flex's kernel
-                        COMPILE_SECONDS.append(time.perf_counter() - started)
+                        kernels.COMPILE_SECONDS.append(time.perf_counter() - started)
                     ns.setdefault("compiled_keys", set()).add(key)
             else:
                 res = flex_attention(qp, kp, vp, score_mod=score_mod, block_mask=bm, scale=scale, enable_gqa=gqa,
@@ -550,162 +412,6 @@ class FlexRunner(Registered):
             out = out.index_select(2, qo.position)
             lse = lse.index_select(2, qo.position) if lse is not None else None
         return out, lse
-
-
-def fused_refusal(device: torch.device, dtype: torch.dtype, grad: bool, need_lse: bool) -> str | None:
-    """Why Flex's fused kernel cannot serve a call on ``device`` (None: it can). On CPU (torch 2.13)
-    the compiled kernel is inference only: no backward, no lse, no float64."""
-    if device.type != "cpu":
-        return None
-    if grad:
-        return "gradients are needed: the CPU kernel has no backward"
-    if need_lse:
-        return "the lse is requested: the CPU kernel does not return it"
-    if dtype == torch.float64:
-        return "float64: the CPU kernel does not take it"
-    return None
-
-
-def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
-    """Whether Flex's fused CPU kernel (torch 2.13) serves this call: ``fused_refusal`` and
-    ``block_refusal``."""
-    return fused_refusal(torch.device("cpu"), dtype, grad, need_lse) is None and block_refusal(plan) is None
-
-
-def block_refusal(plan: FlexPlan) -> str | None:
-    """Why Flex's fused CPU kernel (torch 2.13) cannot take this plan's blocks (None: it can).
-    Measured on a causal band (fp32, 200 tokens): wrong results with a KV block smaller than the Q
-    block (16 and 8) and with equal blocks of 8, 24 or 40 tokens; right with 16, 32, 48, 64 and 128.
-    Accepted: equal power-of-two blocks of at least 16 tokens (what the planner picks). The dense
-    implementation is exact with any blocks."""
-    bq, bk = plan.block_size
-    if bq != bk:
-        return f"unequal Q and KV blocks ({bq}, {bk})"
-    if bq & (bq - 1) or bq < 16:
-        return f"blocks of {bq} tokens (the kernel needs a power of two of at least 16)"
-    return None
-
-
-def compile_errors() -> tuple[type, ...]:
-    """The exceptions of a failed torch.compile (imported at the first compiled call: importing
-    inductor takes seconds, which a first call served by the executor does not pay)."""
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor.exc import InductorError
-
-    return TorchDynamoException, InductorError
-
-
-#: Measured seconds of the calls that compiled a Flex kernel in this process (the compile and one
-#: run), oldest first: ``backend_choice`` estimates the next compile from them.
-COMPILE_SECONDS: list[float] = []
-
-
-def kernel_key(plan: FlexPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, need_lse: bool) -> tuple:
-    """What a compiled Flex kernel of these mods is specialised on: ((Q length, KV length), the rest:
-    batch, heads, head dims, dtype, block sizes, lse)."""
-    return ((q.shape[2], k.shape[2]),
-            (q.shape[0], q.shape[1], k.shape[1], q.shape[3], v.shape[3], q.dtype, plan.block_size, need_lse))
-
-
-#: Generated mods by their text (without the header): plans whose mods read alike (a 1-D pattern at
-#: another sequence length, the same pattern compiled twice) share one namespace, hence one compiled
-#: Flex call; a bounded process-wide cache (oldest dropped first).
-_NAMESPACES: dict[str, dict] = {}
-NAMESPACE_CACHE_SIZE = 64
-
-
-def _namespace(source: FlexSource, pat: ir.PatternIR) -> dict:
-    ns = _NAMESPACES.pop(source.body, None)
-    if ns is None:
-        ns = _module_globals(source.body)
-        exec(compile(source.text + _CALL_SOURCE, f"<attnc flex {pat.key()[:12]}>", "exec"),  # noqa: S102
-             ns)
-        while len(_NAMESPACES) >= NAMESPACE_CACHE_SIZE:
-            sys.modules.pop(_NAMESPACES.pop(next(iter(_NAMESPACES)))["__name__"], None)
-    _NAMESPACES[source.body] = ns  # most recently used last
-    return ns
-
-
-def _module_globals(body: str) -> dict:
-    """The globals of a new module for the generated mods, registered in ``sys.modules``: dynamo
-    re-imports a traced function's module by its ``__name__`` (seen compiling the CUDA kernel,
-    torch 2.11), so the name must resolve. One module per mods text."""
-    from torch.nn.attention.flex_attention import flex_attention
-
-    name = f"attnc_flex_generated_{hashlib.sha1(body.encode()).hexdigest()[:16]}"
-    module = types.ModuleType(name)
-    module.__dict__.update({"torch": torch, "flex_attention": flex_attention,
-                            **{fn.__name__: fn for fn in LOG_WEIGHTS.values()}})  # weights F(s) ** P
-    sys.modules[name] = module
-    return module.__dict__
-
-
-def _compiled(ns: dict):
-    """The compiled Flex call of these mods (made once; dynamo's cache lives on its code object).
-    ``dynamic=None``: the first shapes compile static; a second set of shapes recompiles once with
-    dynamic sizes, which later sequence lengths reuse (measured on CPU, torch 2.13: a 1-D mask at
-    1024, 2048, 1536 and 3072 tokens compiled twice, the last two calls reused the dynamic kernel)."""
-    if "compiled_call" not in ns:
-        ns["compiled_call"] = torch.compile(ns["flex_call"], fullgraph=True, dynamic=None)
-    return ns["compiled_call"]
-
-
-def prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """FoX: ``reference.fox_prefix`` of the gates in the compute dtype (hi + lo prefix sums, exact
-    to rounding at any length, and the last reset: a gate of -inf), each ``[B | 1, H, N]``."""
-    g = gates.to(torch.float64 if dtype == torch.float64 else torch.float32)
-    if g.dim() == 2:
-        g = g.unsqueeze(0)
-    return fox_prefix(g)
-
-
-#: Weights x value entries held at once when non-finite value rows are added apart (``_dense_call``).
-NONFINITE_SLAB = 1 << 24
-
-
-def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
-    """Flex's dense implementation at the level of its higher-order op, with the captured
-    tensors as explicit operands (so their gradients are computed). Returns lse in natural log.
-
-    A non-finite value (NaN, inf) reaches only the queries that give its key a nonzero weight, as in
-    the reference (``reference.dense.attend_values``): the op's ``p @ v`` multiplies every masked
-    key's value by its weight 0, which made one NaN in v reach every query. Value rows with a
-    non-finite entry are zeroed there and added apart, where their weight (the op on one-hot values:
-    exact, one nonzero term) is nonzero. The check is one pass over v, on the CPU (the only device
-    this path serves), beside the N x N scores of the op."""
-    from torch._higher_order_ops.flex_attention import flex_attention as flex_hop
-    from torch.nn.attention.flex_attention import _apply_kernel_options
-
-    options = _apply_kernel_options(q, k, v, True, None)
-    score = ns.get("score_mod") or _identity_score
-    mask_tuple = (*bm.as_tuple()[:-1], ns["mask_mod"])
-
-    def attend(values):
-        out, lse, _ = flex_hop(q, k, values, score, mask_tuple, scale, options, score_bufs, mask_bufs)
-        return out, lse * math.log(2.0)  # the op's lse is in base 2
-
-    bad = ~torch.isfinite(v).all(-1)  # [B, Hkv, Nk]
-    if not bool(bad.any()):
-        return attend(v)
-    zero = torch.zeros((), dtype=v.dtype, device=v.device)
-    out, lse = attend(torch.where(bad[..., None], zero, v))
-    keys = bad.flatten(0, -2).any(0).nonzero().flatten()
-    onehot = torch.zeros(*v.shape[:3], len(keys), dtype=v.dtype, device=v.device)
-    onehot[:, :, keys, torch.arange(len(keys), device=v.device)] = 1
-    weights, _ = attend(onehot)  # [B, Hq, Nq, c]: the weights of the keys with a non-finite value
-    rows = torch.where(bad[..., keys, None], v[..., keys, :], zero)  # their non-finite rows only
-    rows = rows.repeat_interleave(q.shape[1] // v.shape[1], dim=1)  # GQA: query head h reads KV head h // G
-    B, Hq, Nq, Dv = *q.shape[:3], v.shape[-1]
-    step = max(1, NONFINITE_SLAB // max(1, B * Hq * Nq * Dv))
-    for i in range(0, len(keys), step):
-        w = weights[..., i:i + step, None]  # [B, Hq, Nq, c, 1]
-        # the rows zeroed where the weight is 0 (not the product: its gradient would be 0 * NaN)
-        out = out + (w * torch.where(w != 0, rows[:, :, None, i:i + step], zero)).sum(-2)
-    return out, lse
-
-
-def _identity_score(score, b, h, q_idx, kv_idx):
-    return score
 
 
 def describe(runner: FlexRunner, pat: ir.PatternIR) -> str:
