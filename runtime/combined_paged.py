@@ -21,8 +21,10 @@ So a batch is the same launches whatever its lengths (two ``attnc_paged_summary`
 ``attnc::paged_attention`` op (this object is registered as a runner), so ``fullgraph=True`` traces it.
 
 Served (``applies``): sums of branches (not ``combine softmax``), every pooled branch a mean over runs with a mask of
-positions alone, no branch reading an input but a route's probabilities; each other branch one its runner serves in
-one launch (``pages_in_one_launch``). Anything else takes the path by length (``frontends.paged``).
+positions alone, no branch reading an input but a route's probabilities, at least one branch not pooled (its
+``attnc_fwd_paged`` checks the rows' values on the device: the block table, the lengths); each other branch one its
+runner serves in one launch (``pages_in_one_launch``: Triton's dtypes, pools with a contiguous head dim). Anything
+else takes the path by length (``frontends.paged``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def applies(pat) -> bool:
     """Whether ``pat``'s paged calls may run one launch per branch (module docstring); the runners decide the rest
     per call."""
     if not isinstance(pat, ir.CombinedIR) or pat.merge == "softmax":
+        return False
+    if all(b.pool is not None for b in pat.branches):  # the rows' values are checked by a branch's attnc_fwd_paged
         return False
     for b in pat.branches:
         if b.pool is not None:
@@ -102,8 +106,9 @@ class PagedCombined(Registered):
         its one launch."""
         for b in self.pattern.branches:
             runner = self.branches[b.name].runner
-            if b.pool is not None:
-                if getattr(runner, "paged_pool_means", None) is None:
+            if b.pool is not None:  # the summary kernel reads the pools' head dim contiguous
+                if getattr(runner, "paged_pool_means", None) is None or k_cache.stride(-1) != 1 or \
+                        v_cache.stride(-1) != 1:
                     return False
             elif getattr(runner, "pages_in_one_launch", None) is None or not runner.pages_in_one_launch(
                     q, k_cache, v_cache):

@@ -239,3 +239,50 @@ def test_other_backends_keep_the_answer_by_length():
     outs = [_compile(PARAMS, backend)(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **gates)
             for backend in ("triton", "reference")]
     torch.testing.assert_close(outs[0], outs[1].float(), rtol=2e-5, atol=2e-5)
+
+
+POOLED_ONLY = """
+pattern pooled_only(block >= 1 = 4)
+  tokens seq
+  input g_a: float[heads, n]
+  branch a
+    keys pooled(mean, block)
+    mask (k + 1) * block - 1 <= q
+  combine g_a * a
+"""
+
+
+def test_a_combined_pattern_of_pooled_branches_alone_takes_the_path_by_length():
+    """No branch launches ``attnc_fwd_paged`` (whose row check validates the table and lengths on the device): the
+    call takes the path by length, which checks them on the host; the answer is the reference's and a page id out
+    of range is refused by name."""
+    assert not combined_paged.applies(attnc.load(POOLED_ONLY))
+    attn = attnc.compile_attention(POOLED_ONLY, backend="triton")
+    ref = attnc.compile_attention(POOLED_ONLY, backend="reference")
+    k, v, table, seqlens, rows = paged_cache([9, 17], 8, dtype=torch.float32, seed=11)
+    q = torch.randn(2, 4, 1, D, generator=torch.Generator().manual_seed(12))
+    gate = torch.rand(2, 4, 1, generator=torch.Generator().manual_seed(13))
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", g_a=gate)
+    for b, (kb, vb) in enumerate(rows):
+        want = ref(q[b:b + 1].double(), kb.double(), vb.double(), g_a=gate[b:b + 1].double())
+        torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
+    table[1, 1] = 10**6
+    with pytest.raises(SpecError, match="block_table"):
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", g_a=gate)
+
+
+def test_pools_with_a_strided_head_dim_take_the_path_by_length():
+    """Pools whose head dim is not contiguous (the summary kernel reads it contiguous) are not served in one launch:
+    the answer is still the reference's."""
+    attn = attnc.compile_attention("stdlib:nsa", backend="triton", **PARAMS)
+    k, v, table, seqlens, rows = paged_cache([9, 17], 8, dtype=torch.float32, seed=14)
+    k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert k.stride(-1) != 1
+    q = torch.randn(2, 4, 1, D, generator=torch.Generator().manual_seed(15))
+    gates = _gates(2, 4, 1, 16)
+    assert not attn._paged_server.pages_in_one_launch(q, k, v)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **gates)
+    want = _reference_rows(PARAMS, [q[b:b + 1] for b in range(2)], rows,
+                           [{n: g[b:b + 1] for n, g in gates.items()} for b in range(2)])
+    for b, w in enumerate(want):
+        torch.testing.assert_close(out[b:b + 1], w.float(), rtol=2e-5, atol=2e-5)
