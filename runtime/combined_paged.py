@@ -37,8 +37,9 @@ from ..core import ir
 from ..core import symbols as S
 from .backends.triton.paged_queries import PagedQueries, queries_of, row_matmul
 from .ops.common import Registered
+from .plan.cache import PlanCache
 from .plan.forms.top_k_tokens import device_mask
-from .pooled_probs import group_mean, mask_only
+from .pooled_probs import group_mean, mask_only, masked_probs
 
 #: The sizes a pooled branch's mask may not name: its runs are evaluated at each query's own position alone.
 _LENGTHS = {S.N, S.NK, S.NQ}
@@ -98,7 +99,7 @@ class PagedCombined(Registered):
     def __init__(self, pattern: ir.CombinedIR, branches):
         self.pattern = pattern
         self.branches = branches
-        self._bounds: dict = {}
+        self._bounds = PlanCache()  # per (runs, heads, head dim): the pooled branch's bound and mask
         self.register_op()
 
     def pages_in_one_launch(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
@@ -167,7 +168,7 @@ class PagedCombined(Registered):
             allowed = allowed & device_mask(mask, pat, bound, qs.pos, index)[0]  # [Hq | 1, X * n, runs]
         X, n = score.shape[0], score.shape[2]
         allowed = allowed.view(-1, X, n, runs).transpose(0, 1)  # [X, Hq | 1, n, runs]
-        return torch.softmax(score.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(nan=0.0)
+        return masked_probs(score, allowed)
 
 
 def _as_q(qs: PagedQueries, x: torch.Tensor) -> torch.Tensor:

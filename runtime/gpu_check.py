@@ -217,6 +217,13 @@ def _native_runner(pat: ir.PatternIR, hw, config=None, branch: str | None = None
     return Native(pat)
 
 
+def branch_of(rec: Recorded, runners: dict) -> str | None:
+    """The branch whose native runner (``_native_runner``: it keeps the modules it loads) holds ``rec``'s kernel, or
+    None (a kernel of a module no branch loaded)."""
+    return next((name for name, r in runners.items() if any(getattr(m, rec.name, None) is rec.fn for m in r.modules)),
+                None)
+
+
 def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, n: int | None, sizes: dict | None,
                      config, gen: torch.Generator, kv_heads: int = HEADS,
                      group_split: int = 1) -> tuple[list[Recorded], str]:
@@ -248,8 +255,7 @@ def _record_combined(attn, hw, *, arch: int, head_dim: int, dtype: torch.dtype, 
         out.float().sum().backward()
     described = {name: describe_launch(r.last_config) for name, r in runners.items() if r.last_config is not None}
     for rec in records:
-        rec.branch = next((name for name, r in runners.items()
-                           if any(getattr(m, rec.name, None) is rec.fn for m in r.modules)), None)
+        rec.branch = branch_of(rec, runners)
         rec.config = described.get(rec.branch, "")
     return records, "; ".join(f"{name}: {text}" for name, text in described.items())
 

@@ -84,8 +84,7 @@ def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | Non
             runners[b.name] = attn.branches[b.name].runner = G._native_runner(b.pattern, hw, branch=b.name)
         attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **gates)
     for rec in records:
-        rec.branch = next((name for name, r in runners.items()
-                           if any(getattr(m, rec.name, None) is rec.fn for m in r.modules)), None)
+        rec.branch = G.branch_of(rec, runners)
     return records, (f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads, "
                      "one launch per branch")
 

@@ -47,6 +47,11 @@ def pooled_probs(source: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, scale: 
     allowed = torch.zeros((), dtype=torch.bool, device=dev) | allowed  # a constant made on the device
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     score = (q.to(dtype) @ k.to(dtype).repeat_interleave(Hq // Hkv, 1).transpose(-1, -2)) * scale
+    return masked_probs(score, allowed)
+
+
+def masked_probs(score: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The softmax of ``score`` over the last dimension where ``allowed``, 0 on a row with none allowed."""
     return torch.softmax(score.masked_fill(~allowed, -math.inf), dim=-1).nan_to_num(nan=0.0)
 
 
@@ -58,4 +63,4 @@ def group_mean(probs: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return probs.detach().view(B, kv_heads, group, Nq, R).mean(2).repeat_interleave(group, 1)
 
 
-__all__ = ["group_mean", "mask_only", "pooled_probs"]
+__all__ = ["group_mean", "mask_only", "masked_probs", "pooled_probs"]

@@ -198,7 +198,7 @@ def test_compile_failure_falls_back_to_dense_and_auto_avoids_it(monkeypatch):
                                        "kernel.cpp:7:3: error: 'cur' was not declared (simulated)")
         return call
 
-    monkeypatch.setattr(FB, "_compiled", broken)
+    monkeypatch.setattr(FB, "compiled_call", broken)
     attn = attnc.compile_attention("stdlib:streaming", backend="flex", window=5, sinks=2)
     ref = attnc.compile_attention("stdlib:streaming", backend="reference", window=5, sinks=2)
     q = torch.randn(1, 2, 50, 8)
@@ -319,7 +319,7 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
             return ns["flex_call"](*args)
         return call
 
-    monkeypatch.setattr(FB, "_compiled", fake_compiled)
+    monkeypatch.setattr(FB, "compiled_call", fake_compiled)
     monkeypatch.setattr(FK, "COMPILE_SECONDS", [])
     monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)  # Flex in eager
     spec, params = "stdlib:sliding_window", {"window": 23}  # mods no other test compiles
@@ -348,7 +348,7 @@ def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(mon
 
 
 def test_break_even_reasons_and_dynamic_lengths(monkeypatch):
-    monkeypatch.setattr(FB, "_compiled", lambda ns: ns["flex_call"])
+    monkeypatch.setattr(FB, "compiled_call", lambda ns: ns["flex_call"])
     monkeypatch.setattr(FK, "COMPILE_SECONDS", [])
     monkeypatch.setattr(flex_attention_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
     monkeypatch.setattr(BC, "COMPILE_COST_S", 1e9)  # never worth compiling

@@ -72,7 +72,7 @@ class FlexPlan:
     def block_size(self) -> tuple[int, int]:
         """Flex's BLOCK_SIZE: the tiles' token counts; a 1-D tile that covers its whole side (clamped
         to a short sequence) becomes the next power of two, one block beyond the sequence as Flex's
-        own 128 (the same lists; the fused CPU kernel needs power-of-two blocks, see _fused_ok)."""
+        own 128 (the same lists; the fused CPU kernel needs power-of-two blocks, see fused_ok)."""
         def block(tile, length):
             b = math.prod(tile)
             return 1 << (b - 1).bit_length() if len(tile) == 1 and b == length else b
@@ -80,7 +80,7 @@ class FlexPlan:
         return block(self.schedule.q_tile, self.q_map.length), block(self.schedule.kv_tile, self.k_map.length)
 
 
-def _row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
+def row_major_blocks(tile: tuple[int, ...], extents: tuple[int, ...]) -> bool:
     """Box tiles that are already Flex blocks in the row-major order: each tile a run of
     exactly prod(tile) tokens (only the last one may be shorter). Otherwise: tile-major order."""
     if not contiguous(tile, extents):
@@ -104,7 +104,7 @@ def bind_score_mod(fn, buffers: tuple):
     return score_mod
 
 
-def _cost(sched: TileSchedule) -> float:
+def schedule_cost(sched: TileSchedule) -> float:
     h, qi, ki, full = sched.pairs()
     area = (sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).to(torch.float64)
     return float((area * torch.where(full, 1.0, 1.0 + PARTIAL_EXTRA)).sum()) + PAIR_OVERHEAD_TOKENS * len(h)

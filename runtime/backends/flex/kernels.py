@@ -1,7 +1,7 @@
 """How a Flex plan runs (the seam after planning: ``runner`` plans, this runs): Flex's fused kernel,
 ``torch.compile(flex_attention)`` kept per plan (one code object per plan, so one compile cache; ``kernel_key``,
-``_namespace``), what refuses it (``fused_refusal``, ``block_refusal``) and the kernel options a call takes; else
-Flex's dense implementation at the level of its higher-order op (``_dense_call``), the captured tensors explicit
+``namespace_of``), what refuses it (``fused_refusal``, ``block_refusal``) and the kernel options a call takes; else
+Flex's dense implementation at the level of its higher-order op (``dense_call``), the captured tensors explicit
 operands; FoX gates as the prefix sums a score_mod reads (``prefix_sums``)."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def fused_refusal(device: torch.device, dtype: torch.dtype, grad: bool, need_lse
     return None
 
 
-def _fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
+def fused_ok(plan: FlexPlan, dtype: torch.dtype, grad: bool, need_lse: bool) -> bool:
     """Whether Flex's fused CPU kernel (torch 2.13) serves this call: ``fused_refusal`` and
     ``block_refusal``."""
     return fused_refusal(torch.device("cpu"), dtype, grad, need_lse) is None and block_refusal(plan) is None
@@ -106,7 +106,7 @@ _NAMESPACES: dict[str, dict] = {}
 NAMESPACE_CACHE_SIZE = 64
 
 
-def _namespace(source: FlexSource, pat: ir.PatternIR) -> dict:
+def namespace_of(source: FlexSource, pat: ir.PatternIR) -> dict:
     ns = _NAMESPACES.pop(source.body, None)
     if ns is None:
         ns = _module_globals(source.body)
@@ -132,7 +132,7 @@ def _module_globals(body: str) -> dict:
     return module.__dict__
 
 
-def _compiled(ns: dict):
+def compiled_call(ns: dict):
     """The compiled Flex call of these mods (made once; dynamo's cache lives on its code object).
     ``dynamic=None``: the first shapes compile static; a second set of shapes recompiles once with
     dynamic sizes, which later sequence lengths reuse (measured on CPU, torch 2.13: a 1-D mask at
@@ -151,11 +151,11 @@ def prefix_sums(gates: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, 
     return fox_prefix(g)
 
 
-#: Weights x value entries held at once when non-finite value rows are added apart (``_dense_call``).
+#: Weights x value entries held at once when non-finite value rows are added apart (``dense_call``).
 NONFINITE_SLAB = 1 << 24
 
 
-def _dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
+def dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs: tuple):
     """Flex's dense implementation at the level of its higher-order op, with the captured
     tensors as explicit operands (so their gradients are computed). Returns lse in natural log.
 

@@ -21,7 +21,7 @@ Which Flex implementation runs (torch 2.13):
   with the same shapes does not recompile; new inputs, a new BlockMask of a
   data-dependent mask and new closure tensors do not recompile either). On CPU
   Flex's fused kernel is inference only: no lse, no backward, no float64, and
-  it needs equal Q and KV block sizes (``_fused_ok``);
+  it needs equal Q and KV block sizes (``fused_ok``);
 - Flex's dense implementation (its eager path: the scores materialised,
   O(N^2) memory) otherwise: CPU calls that need gradients, the lse, float64 or
   unequal block sizes, and every call with ``runner.compiled = False``. On CPU it is called at the
@@ -39,7 +39,7 @@ Checks and non-finite values, as on the other backends (REFERENCE.md, docs/limit
 - the mask's captured inputs are detached (a mask is not differentiated; Flex refuses mask_mod
   buffers that require grad);
 - the dense implementation lets a non-finite value reach only the queries that attend its key, as
-  the reference (``_dense_call``); the fused kernels, as the tiled backends, keep it out of the
+  the reference (``dense_call``); the fused kernels, as the tiled backends, keep it out of the
   queries whose block pair with it is EMPTY (a visited block's zero weights multiply whole rows).
 
 Routing (``route topk``): per call, ``runtime.plan.routing`` selects the key blocks
@@ -78,22 +78,22 @@ from . import kernels
 from .block_masks import (
     FlexPlan,
     Order,
-    _cost,
-    _row_major_blocks,
     bind_mask_mod,
     bind_score_mod,
     block_mask_of,
     demote_padded,
+    row_major_blocks,
+    schedule_cost,
 )
 from .indices import first_error, index_checks, inputs_read
 from .kernels import (
-    _compiled,
-    _dense_call,
-    _fused_ok,
-    _namespace,
     compile_errors,
+    compiled_call,
+    dense_call,
+    fused_ok,
     kernel_key,
     kernel_options,
+    namespace_of,
     prefix_sums,
 )
 
@@ -161,7 +161,7 @@ class FlexRunner(Registered):
         best = None
         for tokens in CUDA_FLEX_TILE_TOKENS if cuda else FLEX_TILE_TOKENS:
             # blocks of exactly `tokens` (a power of two) on both sides, as Flex's own 128, even beyond a
-            # short sequence (Flex bounds it): the fused CPU kernel needs them (see _fused_ok)
+            # short sequence (Flex bounds it): the fused CPU kernel needs them (see fused_ok)
             # flat blocks of the token order too (on a grid: whole rows or pieces of one, e.g. radial's
             # in-frame blocks, which the most cube-like boxes are not), then those boxes
             cands = [((tokens,), (tokens,), grid)]
@@ -172,7 +172,7 @@ class FlexRunner(Registered):
                     cands += [(s, s if q_ext == kv_ext else kv_shape[0], False) for s in q_shapes]
             for qs, ks, flat in cands:
                 sched = self._classify(bound, qs, ks, flat, tensors, rank=True)
-                cost = _cost(sched)
+                cost = schedule_cost(sched)
                 if best is None or cost < best[0]:
                     best = (cost, qs, ks, flat)
         _, qs, ks, flat = best
@@ -226,8 +226,8 @@ class FlexRunner(Registered):
         q_ext = layout_extents(pat.queries, bound, bound.n)
         kv_ext = layout_extents(pat.keys, bound, bound.nk)
         boxes = not flat and len(q_tile) > 1
-        q_map = TokenMap(q_ext, q_tile if boxes and not _row_major_blocks(q_tile, q_ext) else None)
-        k_map = TokenMap(kv_ext, kv_tile if boxes and not _row_major_blocks(kv_tile, kv_ext) else None)
+        q_map = TokenMap(q_ext, q_tile if boxes and not row_major_blocks(q_tile, q_ext) else None)
+        k_map = TokenMap(kv_ext, kv_tile if boxes and not row_major_blocks(kv_tile, kv_ext) else None)
         sched = demote_padded(sched, k_map)
         if used and key in self.plans and self.plans[key].q_map == q_map and self.plans[key].k_map == k_map:
             old = self.plans[key]
@@ -235,7 +235,7 @@ class FlexRunner(Registered):
         else:
             decay_batched = pat.decay is not None and pat.decay in batched
             source = generate(pat, bound, q_map, k_map, batched, decay_batched, tables=CUDA_TABLES or not cuda)
-            namespace = _namespace(source, pat)
+            namespace = namespace_of(source, pat)
         once, each = index_checks(pat, bound)
         plan = FlexPlan(bound, sched, q_map, k_map, source, namespace, Order.of(q_map), Order.of(k_map), flat,
                         checks_once=once, checks_each=each)
@@ -292,7 +292,7 @@ class FlexRunner(Registered):
                      need_lse: bool) -> bool:
         """Whether a fused call with these shapes runs without compiling Flex's kernel: the kernel of
         these mods ran with these shapes in this process, or with two other lengths and the same rest
-        (dynamo then holds a kernel with dynamic lengths: ``_compiled``), or nothing is compiled
+        (dynamo then holds a kernel with dynamic lengths: ``compiled_call``), or nothing is compiled
         (``compiled = False``)."""
         if not self.compiled:
             return True
@@ -311,7 +311,7 @@ class FlexRunner(Registered):
         warnings.warn(f"attnc flex: {plan.namespace['fused_failed']}; using Flex's dense implementation",
                       RuntimeWarning, stacklevel=3)
         self.last_path = "dense"
-        out, lse = _dense_call(qp, kp, vp, plan.namespace, bm, scale, mask_bufs, score_bufs)
+        out, lse = dense_call(qp, kp, vp, plan.namespace, bm, scale, mask_bufs, score_bufs)
         return (out, lse) if need_lse else out
 
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
@@ -379,12 +379,12 @@ class FlexRunner(Registered):
         if not grad:  # Flex refuses CPU tensors that require grad even under no_grad
             qp, kp, vp = qp.detach(), kp.detach(), vp.detach()
             score_mod = bind_score_mod(ns["score_mod"], tuple(t.detach() for t in score_bufs)) if score_mod else None
-        dense_cpu = dev.type == "cpu" and not (self.compiled and _fused_ok(plan, q.dtype, grad, need_lse)
+        dense_cpu = dev.type == "cpu" and not (self.compiled and fused_ok(plan, q.dtype, grad, need_lse)
                                                and self.fused_failure(plan) is None)
         gqa = Hq != k.shape[1]
         if dense_cpu:
             self.last_path = "dense"
-            out, lse = _dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
+            out, lse = dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
         else:
             self.last_path = "fused" if self.compiled else "eager"
             from torch.nn.attention.flex_attention import flex_attention
@@ -394,7 +394,7 @@ class FlexRunner(Registered):
                 ready = self.kernel_ready(plan, q, k, v, need_lse)
                 started = time.perf_counter()
                 try:
-                    res = _compiled(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
+                    res = compiled_call(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
                                         kernel_options(dev, q.shape[-1], score_bufs if grad else ()))
                 except compile_errors() as err:
                     if dev.type != "cpu":

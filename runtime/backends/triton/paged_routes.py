@@ -123,7 +123,7 @@ def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool
     n | total, blocks]``."""
     given = inputs[pat.route.scores]
     X, n = (shape[2], 1) if packed else (shape[0], shape[2])
-    if "nq" in next(decl for decl in pat.inputs if decl.name == pat.route.scores).dim_names:
+    if "nq" in pat.input(pat.route.scores).dim_names:
         given = given if given.dim() == 4 else given[None]
         if packed:  # [1, Hq, total, blocks]: each query a row of its own
             return given[0, :, :, :nblocks].transpose(0, 1).unsqueeze(2)
