@@ -894,7 +894,7 @@ def check(case: Case, backend: str, tiles: list | None = None) -> None:
 
 def repro(case: Case, backend: str, tiles: list | None) -> str:
     call = f"run_classification(f.{case!r}, {tiles!r})" if backend == "tiles" else f"run_case(f.{case!r}, {backend!r})"
-    return ("from the repository root: python -c 'import sys; sys.path.insert(0, \"tests\"); "
+    return ("from the repository root: python -c 'import sys; sys.path[:0] = [\"tests\", \"tests/backends\"]; "
             f"import test_fuzz_backends as f; f.{call}'")
 
 

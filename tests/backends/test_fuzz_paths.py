@@ -243,7 +243,7 @@ def check_path(case: Case, path: Path) -> None:
         run_path(case, path)
     except AssertionError as err:
         raise AssertionError(f"{path} differs from the reference on\n{case.text}\n{err}\nreproduce: "
-                             f"python -c 'import sys; sys.path.insert(0, \"tests\"); import test_fuzz_paths as f; "
+                             f"python -c 'import sys; sys.path[:0] = [\"tests\", \"tests/backends\"]; import test_fuzz_paths as f; "
                              f"from test_fuzz_backends import Case; f.run_path({case!r}, f.{path!r})'") from err
     except Exception as err:
         if type(err).__module__.startswith("hypothesis"):
