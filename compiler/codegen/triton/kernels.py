@@ -247,14 +247,7 @@ class KernelBodies:
         else:
             body.append(q_load)
         body.append(f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2")
-        if in_exp:
-            body += [
-                "if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
-                "    s_now = 1.0",
-                "    s_exp = scale_l2",
-                "else:",
-                "    s_now = scale_l2",
-                "    s_exp = 1.0"]
+        body += _scale_split(in_exp)
         body += self._per_query_setup()
         body += [
             "m_i = tl.full([BLOCK_M], float(\"-inf\"), tl.float32)  # running row max",
@@ -354,14 +347,7 @@ class KernelBodies:
             *(paged_lines.route_setup(q_rows) if paged and self.pat.route is not None else []),
             f"scale_l2 = scale * {LOG2E!r}  # scores in log2 units: the softmax takes exp2",
         ]
-        if in_exp:
-            body += [
-                "if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
-                "    s_now = 1.0",
-                "    s_exp = scale_l2",
-                "else:",
-                "    s_now = scale_l2",
-                "    s_exp = 1.0"]
+        body += _scale_split(in_exp)
         if paged and self.pat.decay is not None:  # each row's head's FoX sums and last reset at its query
             body += ["dc_row = batch.to(tl.int64) * dc_b + h_row.to(tl.int64) * dc_h",
                      "dr_row = batch.to(tl.int64) * dr_b + h_row.to(tl.int64) * dr_h",
@@ -555,3 +541,16 @@ class KernelBodies:
                      "qk = _dot(q, tl.trans(kk), DOT)",
                      *self._terms(True, grad=False),
                      *update])]
+
+
+def _scale_split(in_exp: bool) -> list[str]:
+    """The forwards' lines splitting the scale between the scores and the exponent (``in_exp``: a positive scale
+    applied in the exponent's FMA, ``POS_SCALE`` at run time), or none."""
+    if not in_exp:
+        return []
+    return ["if POS_SCALE:  # scale > 0: scores in q.k units, the scale applied in the exponent's FMA",
+            "    s_now = 1.0",
+            "    s_exp = scale_l2",
+            "else:",
+            "    s_now = scale_l2",
+            "    s_exp = 1.0"]
