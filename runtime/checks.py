@@ -25,6 +25,9 @@ def resolve_scale(scale, head_dim: int) -> float:
 #: The device assert's message of a paged call whose values break a rule (the runner's check on the device, or
 #: ``frontends.paged_checks.check_on_device``): on the CPU the caller then names the argument and the row on the host.
 PAGED_VALUES_FAILED = "attnc: a paged call's block_table, cache_seqlens or cu_seqlens_q is out of range"
+#: The device assert's message of a paged call whose pattern's ``scale E`` is not finite at one of its queries
+#: (``backends.triton.paged_queries.score_scaled``): on the CPU the caller then names the argument.
+SCORE_SCALE_FAILED = "attnc: a paged call's score scale is not finite at one of its queries"
 
 #: Bytes of int64 work per evaluated (query, key) pair beside the result (the
 #: positions and one intermediate at least): the floor of what evaluation needs.

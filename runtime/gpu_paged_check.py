@@ -33,7 +33,7 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     pat = attn.pattern
     if combined_paged.applies(pat):
         return _record_combined(attn, arch=arch, head_dim=head_dim, dtype=dtype, n=n)
-    if not (isinstance(pat, ir.PatternIR) and paged.applies(pat) and pat.score_scale is None):
+    if not (isinstance(pat, ir.PatternIR) and paged.applies(pat)):
         raise SpecError(f"'{pat.name}' is not served by the one-launch paged kernel (its paged calls gather each "
                         "row's pages and run the ordinary kernels, which check-gpu without --paged checks)",
                         where="argument --paged")

@@ -631,6 +631,7 @@ CASES = [
             cpu={"n": 45},
             flex={"n": 30, "heads": (4, 2), "tiles": (8, 4)},
             tiles={"heads": 1, "tiles": ((8,), (8,))},
+            paged={},
         ),
     ),
     Case(

@@ -32,8 +32,9 @@ the device), after every check and before attention runs over the ``cache_seqlen
 Two ways to run (``run``):
 
 - **One launch** where the runner serves it (``one_launch_applies``; the Triton runner's ``attnc_fwd_paged``, for a
-  self-attention pattern with no FoX gate, input made from q and k or ``scale`` clause, whose route (if any) is
-  chosen on the device: ``runtime.backends.triton.paged``): K and V are read through ``block_table`` inside the kernel, each row's key
+  self-attention pattern on a sequence whose terms its template serves at any length, whose route (if any) is
+  chosen on the device, a ``scale E`` clause multiplied into each query at its own position and row on the device:
+  ``runtime.backends.triton.paged``): K and V are read through ``block_table`` inside the kernel, each row's key
   and query counts on the device, so a batch of rows of any lengths is one launch and nothing is read on the host.
   Rows may hold their own query counts: ``cu_seqlens_q`` (int32 ``[B + 1]``) and ``max_seqlen_q`` with q packed
   ``[1, Hq, total, D]``, ``flash_attn_varlen_func``'s convention with a block table (``frontends.varlen_rows``).
@@ -74,7 +75,7 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
-from ..checks import PAGED_VALUES_FAILED, check_flag, resolve_scale
+from ..checks import PAGED_VALUES_FAILED, SCORE_SCALE_FAILED, check_flag, resolve_scale
 from ..numerics import unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
@@ -165,6 +166,11 @@ def run(
             try:  # the runner checks the values on the device (its kernel's row check, then one assert)
                 out, lse = one_launch(*launched, **extra)
             except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
+                if SCORE_SCALE_FAILED in str(err):
+                    raise SpecError(f"the score scale of '{pat.name}', {pat.score_scale}, is not a finite number at "
+                                    "every query of the batch (at the queries' positions in their rows)",
+                                    where="argument q", hint="keep the scale finite (log(q + 1), not log(q))"
+                                    ) from None
                 if PAGED_VALUES_FAILED not in str(err):
                     raise
                 diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)

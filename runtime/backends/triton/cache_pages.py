@@ -44,6 +44,8 @@ def applies(runner, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether ``q`` after the cache ``k``, ``v`` (``[B, H, n, D]``) is served as pages (module docstring)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3]:
         return False
+    if getattr(runner.pattern, "score_scale", None) is not None:  # the module's call folded it into q: not twice
+        return False
     rows, keys = q.shape[2], k.shape[2]
     return (0 < rows <= MAX_QUERIES and max(rows + 1, _least_keys(runner)) <= keys and q.shape[0] == k.shape[0] > 0
             and q.device == k.device == v.device and runner.pages_in_one_launch(q, k.transpose(1, 2), v.transpose(1, 2)))

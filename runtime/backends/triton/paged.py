@@ -72,7 +72,7 @@ from . import (
 from . import forward as F
 from . import kernel_launch as KL
 from . import launcher as launcher_of
-from .paged_queries import queries_of
+from .paged_queries import queries_of, score_scaled
 
 #: KV tile of the paged forward, in keys (any page size: each key's page is looked up).
 PAGED_KV_TILE = 64
@@ -386,8 +386,8 @@ def bind(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_cou
     (a block table of strided rows, lengths or offsets not contiguous int32), one tensor is passed twice (but one
     pool for K and V: the caller's key says so, ``WarmCalls.paged_key``), or the pattern routes (its selection is
     made per call: ``paged_routes``)."""
-    if runner.pattern.route is not None:  # its selection and lists are made per call, by ops a replay would skip
-        return None
+    if runner.pattern.route is not None or runner.pattern.score_scale is not None:
+        return None  # its selection and lists (its scaled queries) are made per call, by ops a replay would skip
     given = [t for t in (q, k_cache, block_table, seqlens, q_start, q_count) if t is not None]
     if any(a is b for i, a in enumerate(given) for b in given[i + 1:]) or block_table.stride(-1) != 1:
         return None
@@ -435,7 +435,10 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     seqlens = _int32(seqlens)
     pat = t.launch.pattern
     derived = any(decl.derived is not None for decl in pat.inputs)
-    qs = queries_of(q, seqlens, q_start, q_count, packed, capacity) if t.route_block or derived else None
+    scaled = pat.score_scale is not None
+    qs = queries_of(q, seqlens, q_start, q_count, packed, capacity) if t.route_block or derived or scaled else None
+    if scaled:  # `scale E`: each query times E at its own position and row, as the contiguous call folds it in
+        q = score_scaled(q, qs, pat.score_scale, t.launch.bound)
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
         chooser = paged_tokens.select if pat.route.tokens else paged_routes.select

@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import sympy
 import torch
+
+from ....compiler.analysis import evaluate as E
+from ....core import symbols as S
+from ...checks import SCORE_SCALE_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +84,35 @@ def row_matmul(a: torch.Tensor, m: torch.Tensor, row_of: torch.Tensor | None = N
     return torch.cat(parts).view(X, heads, n, -1)
 
 
+#: The sizes a paged row holds of its own (each query's row's), not the template's: its keys, and its queries.
+_ROW_SIZES = (S.N, S.NK, S.NQ)
+
+
+def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bound: E.Bound) -> torch.Tensor:
+    """q with each query times the pattern's ``scale E`` at its own position, head and row (``n``, ``nk``: its row's
+    keys; ``nq``: its row's queries; the other sizes ``bound``'s), as the contiguous call folds it into q
+    (``Attention._score_scale``: the product in fp32, fp64 for fp64 q, rounded once to q's dtype): laid out as q.
+    A query that is not valid (``PagedQueries``) is left as it is. Made on the device from the call's tensors, so a
+    CUDA graph replays it; a scale that is not finite at a valid query fails the device assert that follows
+    (``SCORE_SCALE_FAILED``)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads = q.shape[1]
+    row_len = qs.lengths[qs.row].view(-1, 1)
+    env = {sym: int(v) for sym, v in bound.subs.items() if sym not in _ROW_SIZES}
+    env.update({S.Q: qs.pos.view(-1, 1), S.H: torch.arange(heads, device=q.device).view(1, -1),
+                S.N: row_len, S.NK: row_len, S.NQ: qs.count.view(-1, 1)})
+    value = E.Evaluator(env, {}, set(), None)(score_scale)
+    value = torch.as_tensor(value, dtype=torch.float64, device=q.device)
+    value = torch.broadcast_to(value.to(torch.float64), (qs.row.shape[0], heads))
+    value = torch.where(qs.valid.view(-1, 1), value, 1.0)
+    torch._assert_async(torch.isfinite(value).all(), SCORE_SCALE_FAILED)
+    scaled = (qs.flat.to(dtype) * value.to(dtype)[..., None]).to(q.dtype)
+    return qs.as_q(scaled)
+
+
 def pow2(x: int) -> int:
     """The least power of two at least ``x`` (1 for 0): a kernel's block of ``x`` elements."""
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["PagedQueries", "pow2", "queries_of", "row_matmul"]
+__all__ = ["PagedQueries", "pow2", "queries_of", "row_matmul", "score_scaled"]

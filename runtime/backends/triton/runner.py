@@ -267,7 +267,7 @@ class TritonRunner(Registered):
         self.block_plans = PlanCache()  # blocks of context parallelism and KV caches (triton.blocks), bounded LRU
         self._offset_bounds = PlanCache()  # a KV-cache call's sizes -> its block bound (_offset_block)
         #: whether paged calls run in one launch (``triton.paged``), decided once: a traced call reads a flag
-        self._pages_served = paged.applies(pat) and pat.score_scale is None
+        self._pages_served = paged.applies(pat)
 
     # ------------------------------------------------------------ planning
     @staticmethod
@@ -408,7 +408,7 @@ class TritonRunner(Registered):
 
     def pages_in_one_launch(self, q, k_cache, v_cache) -> bool:
         """Whether a paged call of these tensors runs in one launch of ``attnc_fwd_paged`` (``triton.paged``):
-        a pattern it serves with no ``scale E`` clause, Triton's dtypes, pools with a contiguous head dim, query
+        a pattern it serves, Triton's dtypes, pools with a contiguous head dim, query
         heads a multiple of the K/V heads."""
         return (self._pages_served and q.dtype in DTYPES and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
                 and q.shape[1] % k_cache.shape[2] == 0)
