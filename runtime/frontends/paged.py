@@ -53,7 +53,7 @@ Two ways to run (``run``):
   sequences (``frontends.varlen``); the results are written into their rows. The host reads cannot be traced, so
   under ``torch.compile`` it runs eagerly (``torch.compiler.disable``: a graph break, which ``fullgraph=True``
   refuses with torch's own error). With ``cu_seqlens_q``, once per group of rows of one length and one query
-  count (``by_rows``; a combined pattern, whose gates are per row's queries, refuses it by name).
+  count (``by_rows``; a combined pattern with gates, which are per row's queries, refuses it by name).
 
 Call-time inputs: a leading batch dimension (``B``) is cut to each group's rows; a token dimension
 (declared ``n`` or ``nk``; a cross-attention pattern's ``n`` is its queries and stays whole) is indexed by
@@ -183,7 +183,9 @@ def run(
             where, fault = faults[0]
             why = f"{fault}: {why}"
         raise SpecError(why, where=where)
-    if rows is not None and isinstance(pat, ir.CombinedIR) and q.shape[2]:  # (no query at all: empty results)
+    # a combined pattern's gates are laid out as q's rows, which the path by length does not cut by rows (one with no
+    # input, Combiner's, is cut as any pattern); no query at all: empty results
+    if rows is not None and isinstance(pat, ir.CombinedIR) and pat.inputs and q.shape[2]:
         if faults:  # a gate the one launch would take otherwise: named
             raise SpecError(faults[0][1], where=faults[0][0])
         raise SpecError(
