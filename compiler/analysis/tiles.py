@@ -428,7 +428,7 @@ def _expand_boxes(lo: torch.Tensor, hi: torch.Tensor, grid: tuple[int, ...]) -> 
 
 def _box_env(pat, bound, sup: torch.Tensor, levels: list[int], grid, tile, ext, role: str, offset: int, env: dict):
     """Interval bounds of the query (or key) symbols over super-tile boxes; returns tile ranges."""
-    from .intervals import Num
+    from .interval_numbers import Num
 
     n_axes = len(grid)
     t_lo = torch.stack([sup[:, offset + a] << levels[a] for a in range(n_axes)], 1)
@@ -653,7 +653,8 @@ def _line_classes(pat, mask, bound, tensors, head: int, own: list[int], own_tile
     """For each of the tiles ``own`` of one side (role "q": Q tiles), how many tiles of the
     other side are FULL and PARTIAL, by interval reasoning over halved ranges of the other
     side (never a list of tile pairs); plus a few PARTIAL pairs (own index, other tile)."""
-    from .intervals import IntervalEvaluator, Num
+    from .interval_numbers import Num
+    from .intervals import IntervalEvaluator
 
     grid = -(-other_len // other_tile)
     full = torch.zeros(len(own), dtype=torch.int64)

@@ -24,7 +24,7 @@ import sympy
 import torch
 
 from ...compiler.analysis import evaluate as E
-from ...compiler.analysis.intervals import Num
+from ...compiler.analysis.interval_numbers import Num
 from ...compiler.analysis.tiles import head_classes
 from ...core import ir
 from ...core import symbols as S

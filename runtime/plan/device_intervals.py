@@ -14,16 +14,9 @@ from __future__ import annotations
 import sympy
 import torch
 
-from ...compiler.analysis.intervals import (
-    EXACT,
-    INF,
-    WRAP,
-    F,
-    IntervalEvaluator,
-    Num,
-    WindowBounds,
-    window_envelope,
-)
+from ...compiler.analysis.interval_numbers import EXACT, INF, WRAP, F, Num
+from ...compiler.analysis.intervals import IntervalEvaluator
+from ...compiler.analysis.window_intervals import WindowBounds, window_envelope
 
 
 def int_bounds(lo: torch.Tensor, hi: torch.Tensor) -> Num:

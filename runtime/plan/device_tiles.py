@@ -29,7 +29,7 @@ import sympy
 import torch
 
 from ...compiler.analysis import evaluate as E
-from ...compiler.analysis.intervals import Num
+from ...compiler.analysis.interval_numbers import Num
 from ...compiler.analysis.schedule import TileSchedule
 from ...compiler.analysis.tiles import classify_tiles, head_classes
 from ...core import ir

@@ -82,7 +82,8 @@ def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size
     """Whether an index of positions only lies in ``0..size - 1`` at every valid position,
     by interval bounds over the whole matrix with no intermediate integer near 2**63
     (where int64 would wrap and the bounds would not hold)."""
-    from ...analysis.intervals import IntervalEvaluator, Num
+    from ...analysis.interval_numbers import Num
+    from ...analysis.intervals import IntervalEvaluator
 
     if has_input(index):
         return False

@@ -38,7 +38,7 @@ import sympy
 import torch
 
 from ....compiler.analysis import evaluate as E
-from ....compiler.analysis.intervals import Num
+from ....compiler.analysis.interval_numbers import Num
 from ....compiler.analysis.route_blocks import route_sizes
 from ....compiler.analysis.schedule import TileSchedule
 from ....compiler.analysis.tiles import head_classes
