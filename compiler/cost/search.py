@@ -47,6 +47,7 @@ from ..analysis.schedule import (
     uniform_axes,
 )
 from ..analysis.tile_args import parse_tiles
+from ..analysis.tile_summary import summarize_tiles
 from .calibration import Calibration
 from .hardware import Hardware
 from .model import KernelConfig, Prediction, checked_kv_heads, mask_ops, predict
@@ -376,7 +377,7 @@ class ScheduleSearch:
             seq = pat.queries.kind == "seq" and pat.keys.kind == "seq"
             if pairs > SUMMARY_TILE_PAIRS and seq and self.pat.route is None and self.classify is not T.classify_tiles_dense:
                 # too many tile pairs to list: per-CTA counts of sampled tiles stand for them
-                sched = T.summarize_tiles(pat, bound, q_tile, kv_tile, inputs=self.inputs)
+                sched = summarize_tiles(pat, bound, q_tile, kv_tile, inputs=self.inputs)
                 self.classifications += 1
                 self._cache[key] = sched
                 return sched

@@ -25,6 +25,7 @@ import attnc
 from attnc import cli
 from attnc.compiler.analysis import evaluate as E
 from attnc.compiler.analysis import tiles as T
+from attnc.compiler.analysis.tile_summary import summarize_tiles
 from attnc.compiler.cost import hardware as HW
 from attnc.compiler.cost import model as C
 from attnc.compiler.cost import search as SR
@@ -687,7 +688,7 @@ def test_summary_agrees_with_the_listed_schedule():
     pat = attnc.load("stdlib:sliding_window", window=1000)
     bound = E.bind_sizes(pat, n=n, heads=2)
     exact = T.classify_tiles(pat, bound, (64,), (32,))
-    summary = T.summarize_tiles(pat, bound, (64,), (32,))
+    summary = summarize_tiles(pat, bound, (64,), (32,))
     assert summary.total_pairs == exact.total_pairs and summary.num_q_tiles == exact.num_q_tiles
     assert summary.full == pytest.approx(exact.full, rel=0.02)
     assert summary.partial == pytest.approx(exact.partial, rel=0.05)
