@@ -13,7 +13,7 @@ from ..core import ir
 from ..core import symbols as S
 from ..core.errors import SpecError
 from ..core.recurrence_rules import RULES
-from . import ops
+from . import call_requests, ops, scale_clause
 from .admission import admit, first_order
 from .checks import (
     WORK_BYTES_PER_PAIR,
@@ -306,14 +306,15 @@ class Attention(torch.nn.Module):
         if sizes is not None and not isinstance(sizes, dict):
             raise SpecError(f"expected a dict of sizes, got {type(sizes).__name__}", where="argument sizes")
         if key_summary is not None:  # the route's block summaries kept across decode steps (plan.kept_summary)
-            self._check_key_summary_call(key_summary, selection, cu_seqlens, block_table, cache_seqlens)
+            call_requests.check_key_summary(self.pattern, key_summary, selection, cu_seqlens, block_table, cache_seqlens)
             with kept_summary.keeping(key_summary):
                 return self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
                                     block_table=block_table, cache_seqlens=cache_seqlens,
                                     return_selection=return_selection, return_block_max=return_block_max,
                                     **inputs)
         if return_block_max is not None:  # SeerAttention's map, made by the forward (runtime.plan.block_max)
-            size = self._check_block_max_call(return_block_max, cu_seqlens, block_table, cache_seqlens)
+            size = call_requests.check_block_max(self.pattern, self.backend, return_block_max, cu_seqlens, block_table,
+                                                 cache_seqlens)
             with block_max.requesting(size) as made:
                 result = self.forward(q, k, v, scale=scale, return_lse=return_lse, sizes=sizes, layout=layout,
                                       selection=selection, return_selection=return_selection, **inputs)
@@ -325,7 +326,8 @@ class Attention(torch.nn.Module):
             inputs[given.SELECTION], selection = selection, None  # the pattern's own input of that name
         return_selection = check_flag("return_selection", return_selection)
         if selection is not None or return_selection:
-            self._check_selection_call(selection, return_selection, cu_seqlens, block_table, cache_seqlens)
+            call_requests.check_selection(self.pattern, selection, return_selection, cu_seqlens, block_table,
+                                             cache_seqlens)
             if selection is not None:  # the route reads it instead of choosing (runtime.plan.given)
                 for name in self.__dict__["_route_only"]:  # an indexer's inputs: not needed, not refused
                     inputs.pop(name, None)
@@ -407,62 +409,6 @@ class Attention(torch.nn.Module):
             return restore.result(run(q, k, v, scale=scale, return_lse=return_lse, initial_state=initial_state,
                                       return_state=return_state, sizes=sizes, **inputs), return_lse, return_state)
 
-    def _check_block_max_call(self, size, cu_seqlens, block_table, cache_seqlens) -> int:
-        """``return_block_max``: a positive int, of a softmax pattern's call on a backend that pools it."""
-        where = "argument return_block_max"
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SpecError(f"expected a positive int (the block size), got {size!r}", where=where)
-        if not isinstance(self.pattern, ir.PatternIR):
-            raise SpecError(f"'{self.pattern.name}' is a {self.pattern.kind} pattern: return_block_max pools the "
-                            "probabilities of one softmax attention", where=where)
-        if self.backend == "flex":
-            raise SpecError("backend 'flex' gives no probabilities to pool: return_block_max is served by the "
-                            "reference, cpu, triton and auto backends", where=where)
-        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
-            raise SpecError("return_block_max is not served with packed sequences or paged caches in this version",
-                            where=where)
-        if torch.compiler.is_compiling():
-            raise SpecError("return_block_max is not served under torch.compile", where=where)
-        return size
-
-    def _check_key_summary_call(self, summary, selection, cu_seqlens, block_table, cache_seqlens) -> None:
-        """Refuse ``key_summary=`` where the call keeps no block summary."""
-        where = kept_summary.WHERE
-        if not isinstance(summary, kept_summary.KeySummary):
-            raise SpecError(f"expected an attnc.KeySummary, got {type(summary).__name__}", where=where)
-        pat = self.pattern
-        why = (kept_summary.keeps(pat) if isinstance(pat, ir.PatternIR)
-               else f"'{pat.name}' is a {pat.kind} pattern, with no route")
-        if why is not None:
-            raise SpecError(f"{why}: it has no key block summary to keep", where=where,
-                            hint="key_summary= is for routes scored by q @ bound(k) or q @ mean(k) (quest, moba)")
-        if selection is not None:
-            raise SpecError("a given selection reads no summary of the keys", where=where,
-                            hint="pass selection= or key_summary=, not both")
-        if cu_seqlens is not None or (block_table is None) != (cache_seqlens is None):
-            raise SpecError("a key summary is kept for a KV cache ([B, H, N, D], or a paged pool with block_table= "
-                            "and cache_seqlens=): not with packed sequences in this version", where=where)
-        if torch.compiler.is_compiling():
-            raise SpecError("key_summary= is not served under torch.compile (it is updated in place)", where=where)
-
-    def _check_selection_call(self, selection, return_selection: bool, cu_seqlens, block_table, cache_seqlens) -> None:
-        """Refuse ``selection=`` / ``return_selection=True`` where they have no meaning or are not served."""
-        what = "argument selection" if selection is not None else "argument return_selection"
-        pat = self.pattern
-        if not isinstance(pat, ir.PatternIR) or pat.route is None:
-            raise SpecError(f"'{pat.name}' has no route whose selection could be given or returned", where=what,
-                            hint="selection= and return_selection= are for routed patterns (moba, quest, vmoba, ...)")
-        if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
-            raise SpecError("a route's selection is not given or returned with packed sequences or paged caches in "
-                            "this version", where=what, hint="call each sequence as a batch row")
-        if torch.compiler.is_compiling() and return_selection:
-            raise SpecError("return_selection=True is not served under torch.compile", where=what,
-                            hint="return the selection from an eager call; selection= works under compile")
-        if selection is not None and (not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool):
-            got = selection.dtype if isinstance(selection, torch.Tensor) else type(selection).__name__
-            raise SpecError(f"a selection is a bool tensor [B, Hq, Nq, blocks] (as return_selection=True gives), "
-                            f"got {got}", where=what)
-
     def _given_module(self) -> Attention:
         """The module a call with ``selection=`` runs (``given.given_pattern``), made once."""
         module = self.__dict__.get("_given")
@@ -521,31 +467,10 @@ class Attention(torch.nn.Module):
         """``_score_scale`` of these sizes, checked and cached per sizes (``attnc::score_scale`` runs it)."""
         key = (Nq, Nk, Hq, D, tuple(sorted(all_sizes.items())), device, dtype)
         cache = self.__dict__.setdefault("_score_scales", PlanCache(BOUND_CACHE_SIZE))
-        if key in cache:
-            return cache[key]
-        bound = self._bound_of(Nq, Nk, Hq, D, all_sizes)
-        # checked on the host, made on q's device (a copy from the host would wait for the device's queue)
-        host = self._score_scale_values(bound, Hq, Nq, torch.device("cpu"))
-        bad = (~torch.isfinite(host)).nonzero()
-        if len(bad):
-            h, row = int(bad[0, 1]), int(bad[0, 2])
-            raise SpecError(f"the score scale of '{self.pattern.name}', {self.pattern.score_scale}, is "
-                            f"{float(host[bad[0].unbind()])} at query {row + bound.q_offset} (head {h}): it must be a "
-                            "finite number at every query",
-                            where="argument q", hint="keep the scale finite (log(q + 1), not log(q))")
-        made = host if device.type == "cpu" else self._score_scale_values(bound, Hq, Nq, device)
-        value = cache[key] = made.to(dtype)
-        return value
-
-    def _score_scale_values(self, bound: E.Bound, Hq: int, Nq: int, device: torch.device) -> torch.Tensor:
-        """``scale E`` at every (head, query row) of ``bound``, float64 ``[1, Hq, Nq, 1]`` on ``device``."""
-        env = E.token_env(self.pattern, bound, torch.arange(Nq, device=device).view(1, 1, -1, 1),
-                          torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=device),
-                          torch.arange(Hq, device=device).view(1, -1, 1, 1))
-        value = E.Evaluator(env, {}, set(), None)(E.substitute(self.pattern.score_scale, bound))
-        if not isinstance(value, torch.Tensor):  # a constant: made where it is used
-            return torch.full((1, Hq, Nq, 1), float(value), dtype=torch.float64, device=device)
-        return torch.broadcast_to(value.to(torch.float64), (1, Hq, Nq, 1))
+        if key not in cache:
+            cache[key] = scale_clause.checked(self.pattern, self._bound_of(Nq, Nk, Hq, D, all_sizes), Hq, Nq, device,
+                                              dtype)
+        return cache[key]
 
     def _bound_of(self, Nq: int, Nk: int, Hq: int, D: int, all_sizes: dict) -> E.Bound:
         """The sizes of a call bound and checked (``evaluate.bind_sizes``), once per distinct shapes: binding

@@ -75,6 +75,7 @@ import torch
 
 from ...core import ir
 from ...core.errors import SpecError
+from .. import scale_clause
 from ..checks import PAGED_VALUES_FAILED, SCORE_SCALE_FAILED, check_flag, resolve_scale
 from ..numerics import unnormalized_output
 from . import varlen_rows
@@ -166,11 +167,8 @@ def run(
             try:  # the runner checks the values on the device (its kernel's row check, then one assert)
                 out, lse = one_launch(*launched, **extra)
             except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
-                if SCORE_SCALE_FAILED in str(err):
-                    raise SpecError(f"the score scale of '{pat.name}', {pat.score_scale}, is not a finite number at "
-                                    "every query of the batch (at the queries' positions in their rows)",
-                                    where="argument q", hint="keep the scale finite (log(q + 1), not log(q))"
-                                    ) from None
+                if SCORE_SCALE_FAILED in str(err):  # (the queries' positions in their rows)
+                    raise scale_clause.not_finite(pat, "is not finite at a query of the batch") from None
                 if PAGED_VALUES_FAILED not in str(err):
                     raise
                 diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)

@@ -28,7 +28,8 @@ LAYERS = [
 
 #: Rooms of the runtime, bottom first (a room may import its own rank or a lower one).
 RUNTIME_ROOMS = [
-    ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.kernel_fit", "runtime.runner"),
+    ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.kernel_fit", "runtime.runner",
+     "runtime.scale_clause"),
     ("runtime.frontends",),
     ("runtime.plan",),
     ("runtime.admission", "runtime.ops"),  # the front door of a call; the custom ops call runners by key
@@ -40,7 +41,8 @@ RUNTIME_ROOMS = [
     ("runtime.pooled_probs",),  # a pooled branch's probabilities (a route by probs(...), a branch after a cache)
     ("runtime.combined_paged",),  # a combined pattern's paged batch, one launch per branch
     ("runtime.combined", "runtime.bucketed"),  # combined (one Attention per branch) and bucketed patterns, in torch
-    ("runtime.pattern_arg", "runtime.warm_calls"),  # the entry points' pattern argument; a module's warm calls
+    # the entry points' pattern argument; a module's warm calls; what a call may ask for beside its output
+    ("runtime.pattern_arg", "runtime.warm_calls", "runtime.call_requests"),
     ("runtime.simulation",),  # the simulator's entry points
     ("runtime.api",),
     ("runtime.gpu_launches",),  # the offline compile check: a call's launches recorded,

@@ -12,6 +12,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....core import symbols as S
+from ... import scale_clause
 from ...checks import SCORE_SCALE_FAILED
 
 
@@ -101,9 +102,7 @@ def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bou
     env = {sym: int(v) for sym, v in bound.subs.items() if sym not in _ROW_SIZES}
     env.update({S.Q: qs.pos.view(-1, 1), S.H: torch.arange(heads, device=q.device).view(1, -1),
                 S.N: row_len, S.NK: row_len, S.NQ: qs.count.view(-1, 1)})
-    value = E.Evaluator(env, {}, set(), None)(score_scale)
-    value = torch.as_tensor(value, dtype=torch.float64, device=q.device)
-    value = torch.broadcast_to(value.to(torch.float64), (qs.row.shape[0], heads))
+    value = scale_clause.evaluate(score_scale, env, (qs.row.shape[0], heads), q.device)
     value = torch.where(qs.valid.view(-1, 1), value, 1.0)
     torch._assert_async(torch.isfinite(value).all(), SCORE_SCALE_FAILED)
     scaled = (qs.flat.to(dtype) * value.to(dtype)[..., None]).to(q.dtype)
