@@ -106,6 +106,8 @@ class DeclarationChecks:
             declared = None if p.default is None else kind_of_value(p.default)
             if self.param_exprs is not None and p.name in self.param_exprs:
                 typed = self.param_exprs[p.name]
+            elif self.param_exprs is None and p.name in self.symbolic and declared == INT:  # read at run time
+                typed = Typed(INT, S.param_symbol(p.name))
             elif self.param_exprs is None and p.name in self.params:
                 given = self.params[p.name]
                 if p.per_head and isinstance(given, tuple | list):

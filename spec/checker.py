@@ -71,6 +71,8 @@ class Checker(DeclarationChecks, LayoutChecks, ExpressionChecks, CallChecks, Pat
     frame: Frame | None = None
     call_stack: tuple[str, ...] = ()
     param_exprs: dict[str, Typed] | None = None  # when called: typed values from the caller
+    #: int parameters kept as symbols though given (``S.param_symbol``): where the generated kernels read them
+    symbolic: frozenset[str] = frozenset()
 
     env_params: dict[str, Typed] = field(default_factory=dict)
     #: parameters given one value per head (``NAME[heads]``): their value counts

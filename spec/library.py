@@ -114,17 +114,20 @@ def pick(module: ast.Module, name: str | None, stdlib_name: str | None = None,
     return module.declarations[0]
 
 
-def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool = True):
+def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool = True,
+          symbolic: frozenset[str] = frozenset()):
     """Check one declaration and build its IR. NATTEN-style arguments (one
     value or a tuple for a family of per-axis parameters) are expanded first
-    (``params.expand_axis_params``)."""
+    (``params.expand_axis_params``). ``symbolic``: int parameters of a plain
+    pattern kept as symbols though given (``S.param_symbol``), for the kernels
+    that read them at run time (``compiler.codegen.triton.run_values``)."""
     expanded, origin = expand_axis_params(decl, params)
     try:
         if has_buckets(decl):  # balanced clusters: attention within buckets, averaged per token
             return lower_bucketed(module, decl, expanded, resolve, strict=strict)
         if has_branches(decl):  # several attentions over the same queries, combined
             return lower_combined(module, decl, expanded, resolve, strict=strict)
-        return Checker(module, decl, expanded, resolve, strict=strict).lower()
+        return Checker(module, decl, expanded, resolve, strict=strict, symbolic=symbolic).lower()
     except SpecError as err:
         err = all_unknown_names(err, module, decl, resolve)  # every misspelt name, not the first
         raise blame_argument(blame_parameter(err, module, decl, expanded), origin) from None

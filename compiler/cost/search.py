@@ -94,7 +94,7 @@ DENSE_CLASSIFY_LIMIT = 1 << 26
 #: Above this many tokens a grid gets one flat candidate tile size (the largest).
 FLAT_GRID_SMALL = 1 << 16
 #: Above this many tile pairs a `tokens seq` schedule is summarised from sampled tiles
-#: (``tiles.summarize_tiles``) instead of listed.
+#: (``tile_summary.summarize_tiles``) instead of listed.
 SUMMARY_TILE_PAIRS = 1 << 24
 #: Tile pairs a listed schedule (a grid, a routing pattern) may have at most.
 MAX_LISTED_TILE_PAIRS = 1 << 28

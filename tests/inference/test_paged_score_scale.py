@@ -74,6 +74,36 @@ def test_a_scale_of_the_heads_and_the_rows_own_sizes_is_each_rows():
     _rows_equal_the_reference(ROW_SIZES, {}, [5, 17, 40, 23], [1, 3, 2, 23], 8, 0, "bhnd")
 
 
+#: routes scored by the scaled queries: a scale that changes sign per head reorders their choice
+ROUTED = {
+    "blocks": "pattern moba_neg(block >= 1 = 4, topk >= 1 = 2)\n  tokens seq\n  mask causal\n"
+              "  route topk(topk) blocks(block) by q @ mean(k) keep q // block == k // block\n  scale 0 - 1 - h / 8\n",
+    "tokens": "pattern topk_neg(topk >= 1 = 3)\n  tokens seq\n  mask causal\n  route topk(topk) tokens by q @ k\n"
+              "  scale 0 - 1 - h / 8\n",
+}
+
+
+@pytest.mark.parametrize("route", sorted(ROUTED))
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_route_chooses_by_the_scaled_queries(route, packed, monkeypatch):
+    """A block route and a token route under a negative scale per head, packed rows and rows of q: one launch,
+    each row the reference's (whose routes score q times the scale, as the contiguous call's do)."""
+    lengths, counts = [20, 27, 9], [3, 5, 1]
+    if packed:
+        _rows_equal_the_reference(ROUTED[route], {}, lengths, counts, 4, 1, "bhnd")
+        return
+    k, v, table, seqlens, rows = pool(lengths, 4, 1)
+    q = torch.randn(3, HQ, 1, D, generator=torch.Generator().manual_seed(2))
+    attn = attnc.compile_attention(ROUTED[route], backend="triton")
+    ref = attnc.compile_attention(ROUTED[route], backend="reference")
+    launched = count_launches(monkeypatch)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+    assert "attnc_fwd_paged" in launched
+    for b, (kb, vb) in enumerate(rows):
+        want = ref(q[b:b + 1].double(), kb.double(), vb.double())
+        torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
+
+
 def test_a_scaled_batch_is_one_launch_and_reads_nothing_on_the_host(monkeypatch):
     """One ``attnc_fwd_paged`` launch, rows of per-row queries; a warm call, and one at new lengths, read nothing
     on the host."""

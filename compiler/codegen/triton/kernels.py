@@ -166,12 +166,14 @@ class KernelBodies:
 
     def _common_params(self) -> list[Param]:
         """The lists, their (batch, head) class strides, a route's selection and key blocks, a decay's prefix sums
-        and resets, the softcap, the inputs, the index check's slots and a block's sizes."""
+        and resets, the softcap, the inputs, the index check's slots, a block's sizes and the mask's run-time
+        parameters (``run_values``)."""
         return [tile_list("FULL"), tile_list("PART"), group("CLS", "cls_b", "cls_h"),
                 tensor("SEL", "sel_b", "sel_h", "sel_n"), value("KEY_BLOCK"),
                 group("DECAY", "DC", "dc_b", "dc_h", "dc_lo", "DR", "dr_b", "dr_h"), value("SOFTCAP"),
                 *self._all_input_params(), *([value("ERR")] if self.checks else []),
-                *(value(p, fixed=True) for p in (BLOCK_PARAMS if self.block else []))]
+                *(value(p, fixed=True) for p in (BLOCK_PARAMS if self.block else [])),
+                *(value(p, fixed=True) for p in self.run_values)]  # the mask's run-time parameters
 
     def shape_tiles_q(self) -> int | str:
         """The number of Q tiles (a tile list's row stride); a block's: the run-time ``TILES_Q``."""

@@ -93,9 +93,9 @@ class ScoreLines:
         lines = []
         mask_lines = []
         if masked:
-            row_keys = ", K_EXT" if self.row_lengths else ""  # a mask naming the length reads the row's keys
             mask_lines += ["# PARTIAL tile: the pattern's mask",
-                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)}{row_keys})"]
+                           f"allowed = k_ok{kx} & _mask({self._call_args(self.mask_inputs, tr)}"
+                           f"{self.mask_extra_args()})"]
             if p.route is not None:  # (``paged``: attnc_fwd_paged's selection, each packed row its own)
                 mask_lines += paged_lines.route_lines(self.paged_route()) if paged else self._route_query_lines(tr)
         if self.checks:

@@ -21,6 +21,8 @@ The public names of those modules that the runtime and the tests use are importa
 
 from __future__ import annotations
 
+import dataclasses
+
 import sympy
 
 from ....core import ir
@@ -30,7 +32,7 @@ from ...analysis import evaluate as E
 from ...analysis.route_blocks import WORD_BITS, block_sizes, tile_block_spread
 from ...analysis.schedule import uniform_axes
 from ..expr_printer import internal_names
-from . import paged_lines
+from . import paged_lines, run_values
 from .backward_bodies import BackwardBodies
 from .bias import bias_index_checks, derivative, head_factor, split_bias
 from .bias_grads import BiasGradLines
@@ -96,7 +98,10 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
         self.block = bound.is_block
         self.sel_q, self.sel_k = ("q_row", "k_row") if self.block else ("q_tok", "k_tok")
         self._bind_tiles()
-        self.mask = but_row_lengths(pat.mask, bound) if row_lengths else E.substitute(pat.mask, bound)
+        # the parameters the kernels read at run time (``run_values``): symbols of the mask, ``p_NAME`` in the text
+        lifted, self.run_values = run_values.lifted_mask(pat)
+        self.mask = but_row_lengths(lifted, bound) if row_lengths else E.substitute(lifted, bound)
+        self.family_key = (dataclasses.replace(pat, mask=lifted) if self.run_values else pat).key()
         self.bias = E.substitute(pat.bias, bound) if pat.bias is not None else None
         ranges = self._bind_printer()
         # the bias as coef * rest: coef once per head (times log2(e): scores are in log2 units), rest per score
@@ -145,6 +150,8 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
         # positions: a block's rows are absolute positions up to the whole sequence (``n``)
         seq = int(bound.subs[S.N]) if bound.is_block else max(bound.n, bound.nk)
         ranges = {S.Q: seq if bound.is_block else bound.n, S.K: seq if bound.is_block else bound.nk, S.H: bound.heads}
+        for sym, name in run_values.symbol_names(self.run_values).items():  # a run-time parameter: this value's range
+            symbols[sym], ranges[sym] = name, max(1, abs(self.run_values[name]))
         for sym in symbols:
             ranges.setdefault(sym, seq)
         scalars = frozenset([S.coord("q", pat.queries.axis_names[i]) for i in self.q_uniform]
@@ -235,12 +242,12 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     def _header(self) -> str:
         s = self.shape
         if self.block:  # one module for every block of these tiles: no size of one block in its text
-            sizes = [f"pattern key {self.pat.key()[:16]}; a block of a sequence, {self.bound.heads} heads: its rows",
+            sizes = [f"pattern key {self.family_key[:16]}; a block of a sequence, {self.bound.heads} heads: its rows",
                      "(Q_EXT, K_EXT), tile counts (TILES_Q, TILES_K) and offsets (Q_OFF, K_OFF) given at run time",
                      f"Q tiles {s.q_tile} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} (BLOCK_N {s.block_n}), "
                      f"layout {self.layout}"]
         else:
-            sizes = [f"pattern key {self.pat.key()[:16]}; tokens {self.bound.n} queries x {self.bound.nk} keys, "
+            sizes = [f"pattern key {self.family_key[:16]}; tokens {self.bound.n} queries x {self.bound.nk} keys, "
                      f"{self.bound.heads} heads",
                      f"Q tiles {s.q_tile} over {s.q_extents} (BLOCK_M {s.block_m}), KV tiles {s.kv_tile} over "
                      f"{s.kv_extents} (BLOCK_N {s.block_n}), layout {self.layout}"]
@@ -274,10 +281,16 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
 
     def _mask_fn(self) -> str:
         body = self.mask_text
-        params = self._helper_args(self.mask_inputs) + (", K_EXT" if self.row_lengths else "")  # the row's keys
+        params = self._helper_args(self.mask_inputs) + self.mask_extra_args()
         return (f"\n\n@triton.jit\ndef _mask({params}):\n"
                 f'    """The pattern\'s mask: True where query q may attend key k (head h)."""\n'
                 f"    return {body}\n")
+
+    def mask_extra_args(self) -> str:
+        """``_mask``'s arguments after the positions, head and inputs: a row's keys (``K_EXT``) where the mask reads
+        each row's length, then the parameters it reads at run time (``run_values``), as its def and calls name
+        them."""
+        return (", K_EXT" if self.row_lengths else "") + "".join(f", {name}" for name in self.run_values)
 
     def _bias_head_fn(self) -> str:
         params = ", ".join(["h", *self._slot_params(self.head_inputs)])

@@ -16,7 +16,7 @@ up to ``PAGE`` that divides a row's stride in keys and keeps every page a row ma
 (one key where nothing larger does).
 
 It serves a call where the paged kernel answers exactly what the ordinary call answers: a pattern it serves
-(``TritonRunner.pages_in_one_launch``), at most ``MAX_QUERIES`` queries after a cache of more keys (the queries are
+(``TritonRunner.pages_in_one_launch``) with no ``scale`` clause (the module's call has folded it into q already), at most ``MAX_QUERIES`` queries after a cache of more keys (the queries are
 the last of the keys, the KV-cache convention of both), q, k, v of the same batch and device, k and v of one shape
 (contiguous head dim). The capacity is ``nk`` rounded up to a power of two (at least ``MIN_CAPACITY``): a template
 and its lists serve every length up to it.

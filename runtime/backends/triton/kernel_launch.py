@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ....compiler.analysis import evaluate as E
+from ....compiler.codegen.triton.run_values import run_values
 from ....compiler.codegen.triton.source import ScheduleShape
 from ....compiler.cost.launch_order import choose_order, ordered_arch
 from ....compiler.cost.model import KernelConfig
@@ -287,6 +288,7 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
         if launch.bound.is_block:  # a block's inputs: their extents at run time (InputSlot.runtime_extents)
             for j, n in enumerate(t.shape[1:] if decl.name in launch.batched else t.shape):
                 named[f"in{i}_n{j}"] = n
+    named.update(run_values(launch.pattern))  # the mask's parameters read at run time (p_window, ...)
     if launch.checks:
         named["ERR"] = launch.extra["ERR"]
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts

@@ -437,12 +437,14 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
     derived = any(decl.derived is not None for decl in pat.inputs)
     scaled = pat.score_scale is not None
     qs = queries_of(q, seqlens, q_start, q_count, packed, capacity) if t.route_block or derived or scaled else None
+    chosen_by = qs  # a route scores the scaled queries; inputs made from q read them unscaled (the ordinary call's)
     if scaled:  # `scale E`: each query times E at its own position and row, as the contiguous call folds it in
-        q = score_scaled(q, qs, pat.score_scale, t.launch.bound)
+        q, flat = score_scaled(q, qs, pat.score_scale, t.launch.bound)
+        chosen_by = dataclasses.replace(qs, flat=flat)
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
         chooser = paged_tokens.select if pat.route.tokens else paged_routes.select
-        sel, lists, kept = chooser(t, q, qs, k_cache, block_table, seqlens, inputs)
+        sel, lists, kept = chooser(t, q, chosen_by, k_cache, block_table, seqlens, inputs)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:
         lists = range_lists(t, device)

@@ -73,10 +73,10 @@ def row_matmul(a: torch.Tensor, m: torch.Tensor, row_of: torch.Tensor | None = N
     F]`` per row of the block table, ``row`` x itself or ``row_of[x]`` (each query of a packed call its own row's):
     ``[X, Hq, n, F]``, the query heads of a K/V head in one product. Queries of their own rows take their rows'
     matrices ``SCORE_CHUNK`` elements at a time (never a copy per query of the whole)."""
-    X, heads, n, E = a.shape
+    X, heads, n, width = a.shape
     kv_heads = m.shape[1]
     group = heads // kv_heads
-    ag = a.float().reshape(X, kv_heads, group * n, E)
+    ag = a.float().reshape(X, kv_heads, group * n, width)
     step = X if row_of is None else max(1, SCORE_CHUNK // max(1, m[0].numel()))
     parts = []
     for start in range(0, X, step):
@@ -89,10 +89,12 @@ def row_matmul(a: torch.Tensor, m: torch.Tensor, row_of: torch.Tensor | None = N
 _ROW_SIZES = (S.N, S.NK, S.NQ)
 
 
-def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bound: E.Bound) -> torch.Tensor:
-    """q with each query times the pattern's ``scale E`` at its own position, head and row (``n``, ``nk``: its row's
+def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bound: E.Bound
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, flat)``: q with each query times the pattern's ``scale E`` at its own position, head and row (``n``, ``nk``: its row's
     keys; ``nq``: its row's queries; the other sizes ``bound``'s), as the contiguous call folds it into q
-    (``Attention._score_scale``: the product in fp32, fp64 for fp64 q, rounded once to q's dtype): laid out as q.
+    (``Attention._score_scale``: the product in fp32, fp64 for fp64 q, rounded once to q's dtype): laid out as q, and
+    as ``qs.flat`` (what a route scores: the ordinary call's routes read the scaled q).
     A query that is not valid (``PagedQueries``) is left as it is. Made on the device from the call's tensors, so a
     CUDA graph replays it; a scale that is not finite at a valid query fails the device assert that follows
     (``SCORE_SCALE_FAILED``)."""
@@ -106,7 +108,7 @@ def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bou
     value = torch.where(qs.valid.view(-1, 1), value, 1.0)
     torch._assert_async(torch.isfinite(value).all(), SCORE_SCALE_FAILED)
     scaled = (qs.flat.to(dtype) * value.to(dtype)[..., None]).to(q.dtype)
-    return qs.as_q(scaled)
+    return qs.as_q(scaled), scaled
 
 
 def pow2(x: int) -> int:

@@ -1,0 +1,142 @@
+"""A pattern's int parameters that its kernels read at run time (the seam: which of a pattern's values stay out of the
+kernel's text, so that one compiled module serves every value of them): a sliding window's size, a sink count, a
+prefix's length. Two modules of one pattern whose parameters differ only in these have the same source, so they load
+(and Triton compiles) one module: a model whose layers differ in their window compiles its kernels once.
+
+How a parameter is found: the pattern is lowered again from its own source with the parameter kept a symbol
+(``spec.library.lower``'s ``symbolic``), so the mask reads it exactly where the spec does (``window``, and what is
+computed from it, ``window // 2 + 1``), never a number that only happens to equal it. The symbolic mask is taken only
+where putting the value back gives the compiled mask itself (the same expression), and where every place that reads
+the parameter is integer arithmetic or a comparison a run-time int serves exactly. The kernels then take it as
+``p_NAME`` (``PREFIX``), an int that Triton does not specialise on, passed by name at every launch
+(``runtime.backends.triton.kernel_launch.common_args``).
+
+What stays a constant of the text, and why:
+
+- a parameter read as a divisor or a modulus (``q // block``): a constant one is a shift or a multiply, a run-time one
+  an integer division in every pair of every PARTIAL tile;
+- a NATTEN window's size, dilation and stride (``window(...)``): the printer computes the window's bounds from them;
+- a parameter read in float arithmetic, as an exponent or in an input's index: the printer folds those as numbers;
+- per-head parameters (``alpha[heads]``), floats and bools; the bias, softcap and route (only the mask is read);
+- the sizes (``n``, the grid's extents) and the tiles: they fix the kernels' static loops and descriptors (a block of a
+  sequence and a paged batch take their rows at run time already: ``Q_EXT``, ``K_EXT``).
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import sympy
+
+from ....core import ir
+from ....core import symbols as S
+
+#: The prefix of a parameter's name in the kernels' text (no name of the spec becomes a name of the code).
+PREFIX = "p_"
+
+
+def lifted_mask(pat: ir.PatternIR) -> tuple[sympy.Basic, dict[str, int]]:
+    """``(mask, values)``: ``pat``'s mask with the parameters its kernels read at run time as symbols
+    (``S.param_symbol``), and ``{kernel parameter: value}`` of them; ``(pat.mask, {})`` where none is. Found once
+    per pattern object (every launch asks: ``kernel_launch.common_args``)."""
+    seen = _BY_OBJECT.get(id(pat))
+    if seen is not None and seen[0]() is pat:
+        return seen[1]
+    if (not isinstance(pat, ir.PatternIR) or pat.source is None or not isinstance(pat.mask, sympy.Basic)
+            or pat.head_params):  # (a per-head parameter's values are not kept apart: not lowered again)
+        made = (getattr(pat, "mask", None), {})
+    else:
+        made = _lifted(pat.source, pat.filename, pat.name, pat.params, pat.mask)
+    if len(_BY_OBJECT) > 4096:  # patterns come and go with their modules: the dead ones dropped
+        for key in [key for key, (ref, _) in _BY_OBJECT.items() if ref() is None]:
+            del _BY_OBJECT[key]
+    _BY_OBJECT[id(pat)] = (weakref.ref(pat), made)
+    return made
+
+
+#: id(pattern) -> (a weak reference to it, ``lifted_mask``'s result)
+_BY_OBJECT: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def run_values(pat: ir.PatternIR) -> dict[str, int]:
+    """``{kernel parameter: value}`` of the parameters ``pat``'s kernels read at run time (``lifted_mask``)."""
+    return lifted_mask(pat)[1]
+
+
+def symbol_names(values: dict[str, int]) -> dict[sympy.Symbol, str]:
+    """The symbol of each run-time parameter and its name in the kernels' text."""
+    return {S.param_symbol(name.removeprefix(PREFIX)): name for name in values}
+
+
+@functools.lru_cache(maxsize=256)
+def _lifted(source: str, filename: str, name: str, params: tuple, mask: sympy.Basic):
+    values = {p: int(v) for p, v in params
+              if isinstance(v, int | sympy.Integer) and not isinstance(v, bool) and int(v) >= 0}
+    if not values:
+        return mask, {}
+    served = [p for p in values if _served(_lower(source, filename, name, params, frozenset({p})), p, values, mask)]
+    if not served:
+        return mask, {}
+    lifted = _lower(source, filename, name, params, frozenset(served))
+    if not all(_served(lifted, p, values, mask, every=served) for p in served):
+        return mask, {}
+    return lifted, {PREFIX + p: values[p] for p in served}
+
+
+def _lower(source: str, filename: str, name: str, params: tuple, symbolic: frozenset) -> sympy.Basic | None:
+    """The mask of the declaration ``name`` of ``source`` lowered with ``params``, ``symbolic`` kept symbols; None
+    where that does not lower (a check that needs the value)."""
+    from ....spec.library import lower
+    from ....spec.parser import parse
+
+    try:
+        module = parse(source, filename)
+        decl = module.by_name[name]
+        pat = lower(module, decl, {p: _plain(v) for p, v in params}, symbolic=symbolic)
+    except Exception:  # noqa: BLE001 - any failure keeps the value in the text, as before
+        return None
+    return pat.mask if isinstance(pat, ir.PatternIR) else None
+
+
+def _plain(value):
+    """A parameter's value as a caller gives it (the IR keeps sympy numbers)."""
+    if isinstance(value, sympy.Integer):
+        return int(value)
+    if isinstance(value, sympy.Float | sympy.Rational):
+        return float(value)
+    if value is sympy.true or value is sympy.false:
+        return bool(value)
+    return value
+
+
+def _served(lifted, param: str, values: dict, mask, every=None) -> bool:
+    """Whether ``lifted`` reads ``param`` only where a run-time int serves it, and gives ``mask`` itself with the
+    values of ``every`` (default: ``param`` alone) put back."""
+    if not isinstance(lifted, sympy.Basic):
+        return False
+    sym = S.param_symbol(param)
+    if sym not in lifted.free_symbols:
+        return False
+    back = {S.param_symbol(p): values[p] for p in (every or [param])}
+    if lifted.xreplace(back) != mask:  # (xreplace: evaluates as a fresh build of the same expression)
+        if S.substitute(lifted, back) != mask:
+            return False
+    return _integer_reads(lifted, sym)
+
+
+def _integer_reads(e: sympy.Basic, sym: sympy.Symbol) -> bool:
+    """Whether every node of ``e`` that reads ``sym`` is integer arithmetic, a comparison or a logical operator:
+    never a divisor or modulus, a window, an input's index, a power, a float."""
+    if sym not in e.free_symbols:
+        return True
+    if isinstance(e, S.Window | sympy.Pow) or S.input_name(getattr(e, "func", None)):
+        return False
+    if isinstance(e, S.FloorDiv | sympy.Mod) and sym in e.args[1].free_symbols:
+        return False
+    if isinstance(e, sympy.Expr) and not isinstance(e, sympy.Symbol) and e.is_integer is not True:
+        return False
+    return all(_integer_reads(arg, sym) for arg in e.args if isinstance(arg, sympy.Basic))
+
+
+__all__ = ["PREFIX", "lifted_mask", "run_values", "symbol_names"]
