@@ -70,7 +70,8 @@ def check_gates(pat: ir.CombinedIR, inputs: dict, q: torch.Tensor, layout: str, 
     """The gates of a paged call as the one launch reads them, laid out as q's rows (``q`` ``[B | 1, Hq, rows, D]``
     in attnc's layout): each a float tensor on q's device of shape ``[Hq, rows]`` or ``[B | 1, Hq, rows]``
     (``"bnhd"``: ``[rows, Hq]``, ``[B | 1, rows, Hq]``), returned as ``[B | 1, Hq, rows]``; None, with ``(argument,
-    why)`` in ``faults``, where one is not so (the path by length names what is wrong there)."""
+    why, final)`` in ``faults``, where one is not so (``final``: nor would the path by length take it, so the call is
+    refused with this message)."""
     B, H, rows, _ = q.shape
     declared = {decl.name for decl in pat.inputs}
     if set(inputs) != declared:
@@ -83,8 +84,11 @@ def check_gates(pat: ir.CombinedIR, inputs: dict, q: torch.Tensor, layout: str, 
         want = [H, rows] if layout != "bnhd" else [rows, H]
         if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point or t.device != q.device or (
                 list(t.shape[-2:]) != want or t.dim() not in (2, 3) or (t.dim() == 3 and t.shape[0] != B)):
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             faults.append((f"argument {name}", f"a gate of the present queries is a float tensor on q's device of "
-                                               f"shape {want} or [{B}, {', '.join(map(str, want))}] (q's rows)"))
+                                               f"shape {want} or [{B}, {', '.join(map(str, want))}] (q's rows, "
+                                               f"{'[.., n, heads]' if layout == 'bnhd' else '[.., heads, n]'}), "
+                                               f"got {got}", True))  # (nor would the path by length take it)
             return None
         t = t if t.dim() == 3 else t[None]
         out[name] = t.transpose(1, 2) if layout == "bnhd" else t

@@ -149,6 +149,8 @@ def run(
                  if inputs or declared else {})
     else:
         given = take_inputs(inputs, q, block_table, k_cache, layout, faults)
+    if given is None and faults and faults[0][2:] == (True,):  # nor would the path by length: named as given
+        raise SpecError(faults[0][1], where=faults[0][0])
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
@@ -178,7 +180,7 @@ def run(
     if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
         where, why = one_launch_only
         if given is None and faults:  # an input the one launch would take otherwise: that input named
-            where, fault = faults[0]
+            where, fault = faults[0][:2]
             why = f"{fault}: {why}"
         raise SpecError(why, where=where)
     # a combined pattern's gates are laid out as q's rows, which the path by length does not cut by rows (one with no

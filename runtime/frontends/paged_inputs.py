@@ -70,9 +70,16 @@ def group_input(pat, name: str, t, rows: torch.Tensor, length: int):
     return t
 
 
-@torch.compiler.assume_constant_result  # sympy is not traceable: dynamo calls it once, as a constant
-@functools.lru_cache(maxsize=256)  # asked at every call: sympy's substitution once per shape
+# sympy is not traceable: dynamo calls this once per shape, as a constant. A plain function: under the decorator an
+# lru_cache wrapper is traced into (fullgraph then fails in sympy for an input with a heads dimension).
+@torch.compiler.assume_constant_result
 def _other_sizes(decl: ir.InputDecl, heads: int, capacity: int, head_dim: int) -> tuple:
+    """``_sizes_at``, as a constant under ``torch.compile``."""
+    return _sizes_at(decl, heads, capacity, head_dim)
+
+
+@functools.lru_cache(maxsize=256)  # asked at every call: sympy's substitution once per shape
+def _sizes_at(decl: ir.InputDecl, heads: int, capacity: int, head_dim: int) -> tuple:
     """Each dimension's declared size at ``heads`` query heads of ``head_dim`` and a sequence of the table's
     ``capacity`` (a given score's blocks), None for a token dimension, -1 for one naming another size (no tensor
     has it: the ordinary path, which binds every size, takes the call)."""
@@ -133,16 +140,23 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
             return _fault(faults, name, "the kernel reads it at positions and the head only")
         sizes = _other_sizes(decl, heads, capacity, head_dim or k_cache.shape[-1])
         if any(size is not None and t.shape[lead + d] != size for d, size in enumerate(sizes)):
-            want = ", ".join("capacity" if size is None else str(size) for size in sizes)
-            return _fault(faults, name, f"shape {list(t.shape[lead:])}, expected [{want}] over the block table's "
-                                        f"capacity ({', '.join(decl.dim_names)})")
+            # in the caller's order: "bnhd" gives [n, heads, ...] ones as [n, heads]
+            want, names = ["capacity" if size is None else str(size) for size in sizes], list(decl.dim_names)
+            if t is not inputs[name]:
+                want[:2], names[:2] = want[1::-1], names[1::-1]
+            batch = ["B"] if lead else []
+            return _fault(faults, name, f"has shape {list(inputs[name].shape)}, expected [{', '.join(batch + want)}] "
+                                        f"([{', '.join(batch + names)}], n the block table's capacity, {capacity})",
+                          final=-1 not in sizes)
         out[name] = t
     return out
 
 
-def _fault(faults: list | None, name: str, why: str) -> None:
+def _fault(faults: list | None, name: str, why: str, final: bool = False) -> None:
+    """Note why the one launch does not take input ``name``; ``final``: nor would the path by length (a dimension
+    of the wrong size), which then refuses the call with this message rather than a row's slice's."""
     if faults is not None:
-        faults.append((f"argument {name}", why))
+        faults.append((f"argument {name}", why, final))
     return None
 
 

@@ -230,6 +230,19 @@ def test_a_gate_of_the_wrong_kind_is_named(packed, fault, match):
         assert err.match(match)
 
 
+def test_a_gate_in_the_other_layouts_order_is_named_with_the_shape_given():
+    """Gates ``[B, heads, n]`` under ``"bnhd"`` (which takes ``[B, n, heads]``): refused naming the gate, the shape
+    given and the order the layout takes, not a row's slice of it."""
+    attn = _compile(PARAMS)
+    k, v, table, seqlens, _ = paged_cache([12, 30, 7], 8, dtype=torch.float32, seed=6)
+    q = torch.randn(3, 1, 4, D)
+    gates = _gates(3, 4, 1, 7)  # [B, heads, n]: bhnd's order
+    with pytest.raises(SpecError) as err:
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bnhd", **gates)
+    assert err.value.where == "argument g_cmp"
+    assert "got [3, 4, 1]" in err.value.message and "[.., n, heads]" in err.value.message
+
+
 def test_other_backends_keep_the_answer_by_length():
     """The reference backend runs the same call by length (no one launch): the same answer as Triton's."""
     lengths = [5, 17, 11]

@@ -710,6 +710,40 @@ def test_a_paged_call_with_inputs_compiles_with_fullgraph():
     torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["forgetting", "dma", "dsa", "music_relative", "cluster_mask", "sparsifiner", "seer"])
+def test_inputs_with_a_heads_dimension_compile_with_fullgraph(name):
+    """Inputs beside the tokens (gates ``[B, heads, capacity]``, centroids, embeddings, indexer keys): their declared
+    sizes are found once per shape, outside the trace, so ``fullgraph=True`` traces the call (it failed in sympy
+    before), the eager answer bit for bit."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **ONE_LAUNCH[name])
+    k, v, table, seqlens, _ = pool([6, 17, 30], 4)
+    given = paged_inputs(name, 3, table.shape[1] * 4)
+    q = torch.randn(3, HQ, 1, D)
+
+    def call(q, k, v, table, seqlens):
+        return attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd", **given)
+
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(call, fullgraph=True, backend="eager")(q, k, v, table, seqlens)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, call(q, k, v, table, seqlens), rtol=0, atol=0)
+
+
+def test_an_input_of_the_wrong_size_is_named_with_the_shape_given():
+    """FoX gates over the K/V heads instead of q's, in flash-attn's order: refused naming ``g``, the shape given and
+    the one expected in the call's layout, not a row's transposed slice of it."""
+    attn = attnc.compile_attention("stdlib:forgetting", backend="triton")
+    k, v, table, seqlens, _ = pool([6, 15], 4)
+    capacity = table.shape[1] * 4
+    q = torch.randn(2, 1, HQ, D)
+    with pytest.raises(SpecError) as err:
+        attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bnhd", g=torch.zeros(2, capacity, HKV))
+    assert err.value.where == "argument g"
+    assert f"has shape [2, {capacity}, {HKV}], expected [B, capacity, {HQ}] ([B, n, heads]" in err.value.message
+
+
 def test_pools_of_any_strides_are_read_through_them():
     """Pools that are views whose pages are not whole rows (each page a slice of a longer one), with a spare head
     between K/V heads: the kernel addresses each key by the page's and the slot's strides, the same answer."""
