@@ -3,6 +3,7 @@ offline (no GPU: ``triton.compile`` for a CUDA target, as ``attnc check-gpu`` do
 parameter against the window baked into the kernel's text.
 
     python benchmarks/compile_windows.py [--arch 90] [--n 4096] [--windows 256,512,1024,2048] [--out FILE.md]
+    python benchmarks/compile_windows.py --quick    # two windows (256, 512) at 2,048 tokens
 
 Two patterns per window, interleaved in one process with a fresh Triton cache (``TRITON_CACHE_DIR``):
 
@@ -12,9 +13,12 @@ Two patterns per window, interleaved in one process with a fresh Triton cache (`
   window's was before the parameters were read at run time, so each window compiles its own kernels.
 
 Each pattern's forward and backward launches (one call at n tokens, d 128, fp16, the config the search picks for the
-arch) are recorded on CPU tensors and each compiled with ``triton.compile``; the table holds each window's seconds
+arch) are recorded on CPU tensors and each compiled with ``triton.compile``. The tiles are the search's pick for each
+window: where two windows' picks differ (at 1,024 tokens, windows 512 and 1,024), their kernels differ too and each
+compiles; the table holds each window's seconds
 and the totals (a causal mask is compiled first, untimed: the process's first compile sets Triton's backend up). Cost
-on a 2-core CPU: about 6 s per window for the baked masks (4 kernels each), under a minute in all.
+on a 2-core CPU: about 6 s per window for the baked masks (4 kernels each), under a minute in all; ``--quick``
+about 25 s.
 """
 
 from __future__ import annotations
@@ -45,7 +49,10 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--windows", default="256,512,1024,2048")
     ap.add_argument("--out", default=None, help="results file (Markdown)")
+    ap.add_argument("--quick", action="store_true", help="two windows (256, 512) at 2,048 tokens")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.windows = 2048, "256,512"
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-compile-windows-")  # before Triton reads it
     import torch
 
