@@ -77,7 +77,7 @@ def check_gates(pat: ir.CombinedIR, inputs: dict, q: torch.Tensor, layout: str, 
     if set(inputs) != declared:
         name = sorted(set(inputs) ^ declared)[0]
         faults.append((f"argument {name}", f"missing gate '{name}'" if name not in inputs
-                       else f"'{pat.name}' declares no input '{name}'"))
+                       else f"'{pat.name}' declares no input '{name}'", False))
         return None
     out = {}
     for name, t in inputs.items():

@@ -92,7 +92,7 @@ def _padded_lists(owner: torch.Tensor, member: torch.Tensor, heads: torch.Tensor
 
 class TileCounts:
     """Tile-pair counts over heads x Q tiles x KV tiles, shared by the listed schedule and the
-    sampled summary: each supplies ``full_count``/``partial_count`` per stored head class and
+    sampled summary: each supplies ``full_count``/``partial_count`` per stored head class, its extents and
     ``_over_heads`` to total them."""
 
     @property
@@ -110,6 +110,18 @@ class TileCounts:
     @property
     def visited(self) -> int:
         return self.full + self.partial
+
+    @property
+    def heads_stored(self) -> int:
+        return self.full_count.shape[0]
+
+    @property
+    def num_queries(self) -> int:
+        return math.prod(self.q_extents)
+
+    @property
+    def num_keys(self) -> int:
+        return math.prod(self.kv_extents)
 
     @property
     def total_pairs(self) -> int:
@@ -178,10 +190,6 @@ class TileSchedule(TileCounts):
 
     # ------------------------------------------------------------ shape
     @property
-    def heads_stored(self) -> int:
-        return self.full_count.shape[0]
-
-    @property
     def q_grid(self) -> tuple[int, ...]:
         return tile_grid(self.q_extents, self.q_tile)
 
@@ -196,14 +204,6 @@ class TileSchedule(TileCounts):
     @property
     def num_kv_tiles(self) -> int:
         return self.t_full_count.shape[1]
-
-    @property
-    def num_queries(self) -> int:
-        return math.prod(self.q_extents)
-
-    @property
-    def num_keys(self) -> int:
-        return math.prod(self.kv_extents)
 
     def q_tile_tokens(self) -> torch.Tensor:
         return tile_token_counts(self.q_extents, self.q_tile)

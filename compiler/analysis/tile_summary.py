@@ -5,7 +5,6 @@ the simulator read of a huge schedule."""
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -49,18 +48,6 @@ class TileSummary(TileCounts):
     allowed_total: float
     exact: bool = False
     density_exact: bool = False
-
-    @property
-    def heads_stored(self) -> int:
-        return self.full_count.shape[0]
-
-    @property
-    def num_queries(self) -> int:
-        return math.prod(self.q_extents)
-
-    @property
-    def num_keys(self) -> int:
-        return math.prod(self.kv_extents)
 
     def _over_heads(self, sampled: torch.Tensor) -> int:
         total = round(float(sampled.to(torch.float64).sum()) * self.q_weight)

@@ -128,7 +128,8 @@ def run(
     group of rows of equal length on their gathered keys and values (``by_length``); returns what the module's call
     returns (``out``, or ``(out, lse)``) in ``layout``. Everything is checked before any page is read or written.
     ``take_inputs(inputs, q, block_table, k_cache, layout, faults) -> dict | None``: the call's inputs as the one
-    launch reads them (q in attnc's layout), or None with ``(argument, why)`` in ``faults``; by default a pattern's
+    launch reads them (q in attnc's layout), or None with ``(argument, why, final)`` in ``faults`` (``final``: nor
+    would the path by length take it, so the call is refused with ``why``); by default a pattern's
     over the table's capacity (``one_launch_inputs``)."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
@@ -149,7 +150,7 @@ def run(
                  if inputs or declared else {})
     else:
         given = take_inputs(inputs, q, block_table, k_cache, layout, faults)
-    if given is None and faults and faults[0][2:] == (True,):  # nor would the path by length: named as given
+    if given is None and faults and faults[0][2]:  # nor would the path by length take it: named as given
         raise SpecError(faults[0][1], where=faults[0][0])
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
@@ -180,7 +181,7 @@ def run(
     if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
         where, why = one_launch_only
         if given is None and faults:  # an input the one launch would take otherwise: that input named
-            where, fault = faults[0][:2]
+            where, fault, _ = faults[0]
             why = f"{fault}: {why}"
         raise SpecError(why, where=where)
     # a combined pattern's gates are laid out as q's rows, which the path by length does not cut by rows (one with no

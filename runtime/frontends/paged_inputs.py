@@ -101,7 +101,7 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
     kernel reads (the mask's, the bias's) is over the tokens and the heads; one the route alone reads (a token
     route's indexer, scored before the launch) or a cluster's centroids may have any dimensions; the ids made from
     them are not given. The ordinary path (``by_length``) takes what is not so, and names what is wrong; where there
-    is none, ``faults`` gets ``(argument, why)`` of the first input the one launch does not take."""
+    is none, ``faults`` gets ``(argument, why, final)`` of the first input the one launch does not take."""
     if not isinstance(pat, ir.PatternIR) or not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
         return None
     if k_cache.dim() != 4:

@@ -75,10 +75,12 @@ def _lifted(source: str, filename: str, name: str, params: tuple, mask: sympy.Ba
               if isinstance(v, int | sympy.Integer) and not isinstance(v, bool) and int(v) >= 0}
     if not values:
         return mask, {}
-    served = [p for p in values if _served(_lower(source, filename, name, params, frozenset({p})), p, values, mask)]
+    alone = {p: _lower(source, filename, name, params, frozenset({p})) for p in values}
+    served = [p for p, lifted in alone.items() if _served(lifted, p, values, mask)]
     if not served:
         return mask, {}
-    lifted = _lower(source, filename, name, params, frozenset(served))
+    # one parameter: its own lowering; several: lowered together, and checked again
+    lifted = alone[served[0]] if len(served) == 1 else _lower(source, filename, name, params, frozenset(served))
     if not all(_served(lifted, p, values, mask, every=served) for p in served):
         return mask, {}
     return lifted, {PREFIX + p: values[p] for p in served}
@@ -119,10 +121,7 @@ def _served(lifted, param: str, values: dict, mask, every=None) -> bool:
     if sym not in lifted.free_symbols:
         return False
     back = {S.param_symbol(p): values[p] for p in (every or [param])}
-    if lifted.xreplace(back) != mask:  # (xreplace: evaluates as a fresh build of the same expression)
-        if S.substitute(lifted, back) != mask:
-            return False
-    return _integer_reads(lifted, sym)
+    return S.substitute(lifted, back) == mask and _integer_reads(lifted, sym)
 
 
 def _integer_reads(e: sympy.Basic, sym: sympy.Symbol) -> bool:
