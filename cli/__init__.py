@@ -182,7 +182,7 @@ def _unused_inputs(decl) -> list[str]:
         used |= {d.derived[2] for d in decl.inputs  # cluster(q, C) reads C, relative(E, r) reads E
                  if d.derived is not None and d.derived[0] in ("cluster", "relative")}
         if decl.route is not None:  # a route's indexer inputs and given block scores
-            used |= set(decl.route.indexer or ()) | ({decl.route.scores} if decl.route.scores else set())
+            used |= set(decl.route.inputs)
     return [d.name for d in decl.inputs if d.name not in used]
 
 

@@ -92,7 +92,7 @@ def _show_combined(args, pat, heads: int | None) -> int:
             import torch
 
             blocks = -(-n // int(b.pattern.route.block[0]))
-            extra[b.pattern.route.scores] = torch.zeros(heads or 1, n, blocks)
+            extra[b.pattern.route.scores_input] = torch.zeros(heads or 1, n, blocks)
         status = _show_softmax(args, b.pattern, heads, n=n, nk=nk, extra=extra)
         if status:
             return status

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import sympy
 
+from . import route_kinds
 from . import symbols as S
 from .errors import Pos, SpecError
 
@@ -189,63 +190,62 @@ class WindowSite:
 
 @dataclass(frozen=True)
 class Route:
-    """``route topk(K) blocks(...) | tokens by SCORE [keep EXPR] [shared]``,
-    ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` or
-    ``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP [keep EXPR]``.
+    """A ``route`` clause: a content-dependent choice of key units per query, of one of the kinds registered in
+    ``core.route_kinds`` (top-k blocks or tokens, top-p by antidiagonal or by min-max share, stripes by anchor, a
+    given selection, or one a user adds). ``params`` holds the kind's values (its dataclass: every kind's has
+    ``block``, the unit's extents per key-layout axis, and ``keep``, the units always kept); the layers ask the
+    kind (``route_kinds.kind_of``), never a field another kind lacks."""
 
-    ``block`` has one extent per key-layout axis (one entry for seq);
-    ``score`` is 'token' (q @ mean(k), MoBA), 'block' (mean(q) @ mean(k),
-    BiFormer), 'bound' (q @ bound(k), Quest: sum over d of max(q_d * max_k k_d, q_d * min_k k_d)
-    over the block's keys) or 'antidiagonal' (XAttention: ``topk`` is None, ``topp`` and
-    ``stride`` are set; ``runtime.plan.antidiagonal``). ``keep`` is an
-    expression of q, h and k, where k is bound to the first key of the block.
-    """
-
-    topk: sympy.Expr | None
-    block: tuple[sympy.Expr, ...]
-    score: str
-    keep: sympy.Basic | None
-    shared: bool
-    #: ``(QI, KI)``: a token route scored by the indexer inputs ``QI . KI`` (``route topk(K) tokens by
-    #: QI @ KI``) instead of the attention's own q and k; ``(QI, KI, W)`` with score 'indexer': DeepSeek's
-    #: lightning indexer ``sum_j W[q, j] relu(QI[q, j] . KI[k])`` (``by indexer(QI, KI, W)``); ``(S,)`` with score
-    #: 'key': a score per key ``S[h, k]`` for every query (``route topk(K) tokens by S``, DMA); None otherwise
-    indexer: tuple[str, str] | None = field(default=None, metadata={"key": "when set"})
-    #: the top-p threshold P in (0, 1] of an antidiagonal route (a constant)
-    topp: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
-    #: the antidiagonal stride of an antidiagonal route (an int expression of the sizes)
-    stride: sympy.Expr | None = field(default=None, metadata={"key": "when set"})
-    #: a min-max share route's group (``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP``, VMoBA):
-    #: 'query', 'head', 'block' or 'all', the scores min-max normalised and ranked within one query's row,
-    #: one head's (query, block) pairs, one block's (head, query) pairs or every pair of a batch row
-    #: (``runtime.plan.share``); ``score`` is then 'token' (q @ mean(k)) and ``topp`` the threshold
-    group: str | None = field(default=None, metadata={"key": "when set"})
-    #: whether the selection itself is given (``scores`` names the input holding it, selected where > 0; no
-    #: choice is made): the pattern ``runtime.plan.given.given_pattern`` derives for a call's ``selection=``
-    given: bool | None = field(default=None, metadata={"key": "when set"})
-    #: the name of an input ``float[heads, n, blocks]`` holding the scores themselves (a branch's route
-    #: ``by probs(BRANCH)``: the combined pattern computes them from that branch at every call); None otherwise
-    scores: str | None = field(default=None, metadata={"key": "when set"})
-    #: ``(THETA, B, G)`` of a stripes route (``route stripes(THETA) blocks(B) groups(G) keep REGION``,
-    #: AnchorAttention, ``runtime.plan.stripes``): single keys kept per group of G queries where a block of B
-    #: queries' mean query scores within THETA of its mean anchor, ``keep`` the anchor region; None otherwise
-    stripes: tuple[sympy.Expr, sympy.Expr, sympy.Expr] | None = field(default=None, metadata={"key": "when set"})
+    kind: str
+    params: route_kinds.RouteParams
 
     @property
-    def antidiagonal(self) -> bool:
-        """Whether this is XAttention's top-p route by antidiagonal scoring."""
-        return self.score == "antidiagonal"
+    def block(self) -> tuple[sympy.Expr, ...]:
+        """The extents of the route's unit of keys per key-layout axis (one entry on a sequence)."""
+        return self.params.block
+
+    @property
+    def keep(self) -> sympy.Basic | None:
+        """The units always kept (an expression of q, h and k, k bound to the unit's first key), or None."""
+        return self.params.keep
 
     @property
     def per_query(self) -> bool:
-        """Whether a query's selection depends on that query alone (and the keys): not a block-mean or
-        antidiagonal score, nor a min-max share ranked across queries."""
-        return self.score in ("token", "bound", "indexer", "key") and self.group in (None, "query")
+        """Whether a query's selection depends on that query alone (and the keys)."""
+        return route_kinds.kind_of(self).per_query(self.params)
 
     @property
     def tokens(self) -> bool:
-        """Whether every key is its own unit of a top-k route (``route topk(K) tokens``, or blocks of one key)."""
-        return self.topp is None and all(b == 1 for b in self.block)
+        """Whether every key is its own unit."""
+        return route_kinds.kind_of(self).tokens(self.params)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The call inputs the selection reads besides ``keep``'s."""
+        return route_kinds.kind_of(self).inputs(self.params)
+
+    @property
+    def scores_input(self) -> str | None:
+        """The input holding each unit's score given per call (a top-k route's ``by NAME``, a branch's ``by
+        probs(BRANCH)``, a given selection), or None where the route scores its units itself."""
+        return self.params.scores if self.is_top_k() else None
+
+    def is_top_k(self) -> bool:
+        """Whether the route keeps the K best units of a score (``route_kinds.TopK``: top-k blocks or tokens, or a
+        given selection)."""
+        return isinstance(self.params, route_kinds.TopK)
+
+
+def top_k_route(topk: sympy.Expr, block: tuple, score: str, keep: sympy.Basic | None, shared: bool = False,
+                indexer: tuple[str, ...] | None = None, scores: str | None = None, given: bool = False) -> Route:
+    """A top-k route (``route_kinds.TopK``) of the kind its values make it: ``given`` for a call's selection, top-k
+    tokens where every key is its own unit and the route scores them itself, top-k blocks otherwise (a block route
+    of one-key blocks whose scores are given stays one)."""
+    params = route_kinds.TopK(tuple(block), keep, topk, score, shared, indexer, scores)
+    if given:
+        return Route(route_kinds.GIVEN.name, params)
+    tokens = all(b == 1 for b in params.block) and scores is None
+    return Route((route_kinds.TOPK_TOKENS if tokens else route_kinds.TOPK_BLOCKS).name, params)
 
 
 #: The functions ``weights F(s) ** P`` may take of the score s.
@@ -339,20 +339,7 @@ class PatternIR:
         if self.score_scale is not None:
             lines.append(f"scale = {self.score_scale} (times the call's scale, folded into q)")
         if self.route is not None:
-            r = self.route
-            if r.antidiagonal:
-                lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by antidiagonal({r.stride}) keep={r.keep}")
-            elif r.group is not None:
-                lines.append(f"route = topp({r.topp}) blocks{tuple(r.block)} by minmax(q @ mean(k)) over {r.group} "
-                             f"keep={r.keep}")
-            elif r.stripes is not None:
-                theta, block, group = r.stripes
-                lines.append(f"route = stripes({theta}) blocks({block}) groups({group}) keep={r.keep}")
-            elif r.given:
-                lines.append(f"route = the given selection '{r.scores}' blocks{tuple(r.block)}")
-            else:
-                lines.append(f"route = topk({r.topk}) blocks{tuple(r.block)} score={r.score} keep={r.keep} "
-                             f"shared={r.shared}")
+            lines.append(f"route = {route_kinds.kind_of(self.route).describe(self.route.params)}")
         return lines
 
 
@@ -411,7 +398,7 @@ class Branch:
     SIZE keys (``keys pooled(mean, SIZE)``: the branch is then a cross attention whose key ``k`` is the
     run's index), ``("max", SIZE)`` when its keys are the runs' elementwise maxima and its values each run's
     attention by its elementwise-max query (``keys pooled(max, SIZE)``, Combiner's summaries); ``probs_of`` names the branch whose attention probabilities score its route
-    (``by probs(NAME)``; the scores reach the route as the input ``pattern.route.scores``)."""
+    (``by probs(NAME)``; the scores reach the route as the input ``pattern.route.scores_input``)."""
 
     name: str
     pattern: PatternIR

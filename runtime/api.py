@@ -9,7 +9,7 @@ import torch
 
 from ..compiler.analysis import evaluate as E
 from ..compiler.analysis.tile_args import parse_tiles
-from ..core import ir
+from ..core import ir, route_kinds
 from ..core import symbols as S
 from ..core.errors import SpecError
 from ..core.recurrence_rules import RULES
@@ -151,7 +151,7 @@ class Attention(torch.nn.Module):
         #: what runs: a ``runtime.runner.Runner`` (``auto``: the runner that chooses among the others)
         self.runner = make_runner(pattern, backend, q_tile, kv_tile)
         self._tiles = (q_tile, kv_tile)  # as given (a call with selection= runs a module of the same tiles)
-        if isinstance(pattern, ir.PatternIR) and pattern.route is not None and not pattern.route.given:
+        if isinstance(pattern, ir.PatternIR) and pattern.route is not None and pattern.route.kind != route_kinds.GIVEN.name:
             self._given_module()  # made here, not inside a torch.compile trace of a call with selection=
         # the module's key in the ops' registry: attnc::varlen_attention (cu_seqlens) and attnc::score_scale
         # (a `scale E` clause) find it by this key under torch.compile
@@ -351,9 +351,9 @@ class Attention(torch.nn.Module):
         sequences resolved, its arguments checked, then the runner's forward (``_forward``)."""
         layout = self.layout if layout is None else check_layout(layout)
         route = getattr(self.pattern, "route", None)
-        given_scores = route is not None and route.scores is not None
+        given_scores = route is not None and route.scores_input is not None
         if given_scores and cu_seqlens is not None:
-            raise SpecError(f"'{self.pattern.name}' reads block scores given per call ('{route.scores}', one column "
+            raise SpecError(f"'{self.pattern.name}' reads block scores given per call ('{route.scores_input}', one column "
                             "per key block of one sequence): not with packed sequences in this version",
                             where="argument cu_seqlens", hint="call each sequence on its own")
         if block_table is not None or cache_seqlens is not None:  # paged KV caches keep their own layout
@@ -370,8 +370,8 @@ class Attention(torch.nn.Module):
                     "launch (the Triton backend, MoBA's and Quest's routes, q of the kernels' dtypes)") if kept else None
             if given_scores:  # each row's columns are its own key blocks: the one launch reads them at its positions
                 only = ("argument block_table", f"'{self.pattern.name}' reads block scores given per call "
-                        f"('{route.scores}', one column per key block of a row): a paged call takes them only where "
-                        f"it runs in one launch (the Triton backend, q of the kernels' dtypes, '{route.scores}' "
+                        f"('{route.scores_input}', one column per key block of a row): a paged call takes them only where "
+                        f"it runs in one launch (the Triton backend, q of the kernels' dtypes, '{route.scores_input}' "
                         "over the block table's capacity, [B | 1, heads, max_pages * page_size, blocks])")
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,

@@ -323,7 +323,7 @@ class CombinedAttention(torch.nn.Module):
                 if p is None:
                     with torch.no_grad():
                         p = pooled_probs(source.pattern, q, pooled[source.name][0], scale, own, sizes, nk, bounds)
-                args[b.pattern.route.scores] = group_mean(p, k.shape[1])
+                args[b.pattern.route.scores_input] = group_mean(p, k.shape[1])
             if merged:
                 outs[b.name], lses[b.name] = self.branches[b.name](q, kb, vb, scale=scale, sizes=sizes,
                                                                    return_lse=True, **args)
@@ -406,7 +406,7 @@ def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int 
         keys = None if b.pool is None else -(-int(n) // int(b.pool[1]))
         if b.probs_of is not None:  # the simulator models a route's selection without reading scores
             blocks = -(-int(n) // int(b.pattern.route.block[0]))
-            given[b.pattern.route.scores] = torch.zeros(int(kwargs.get("heads", 1)), int(n), blocks)
+            given[b.pattern.route.scores_input] = torch.zeros(int(kwargs.get("heads", 1)), int(n), blocks)
             notes.append(f"branch {b.name}: its route by probs({b.probs_of}) is modelled as any block route "
                          "(forced blocks, then the nearest allowed ones); the probabilities are not computed")
         reports[b.name] = run(b.pattern, n=n, nk=keys, inputs=given or None, **kwargs)

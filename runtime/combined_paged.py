@@ -60,7 +60,7 @@ def applies(pat) -> bool:
             if isinstance(mask, sympy.Basic) and (mask.free_symbols & _LENGTHS or E.input_names(mask)):
                 return False
             continue
-        scores = {b.pattern.route.scores} if b.probs_of is not None else set()
+        scores = {b.pattern.route.scores_input} if b.probs_of is not None else set()
         if {decl.name for decl in b.pattern.inputs} - scores:
             return False
     return True
@@ -140,7 +140,7 @@ class PagedCombined(Registered):
                 continue
             given = None
             if b.probs_of is not None:  # the route's scores, as q lays its rows out
-                given = {b.pattern.route.scores: _as_q(qs, group_mean(probs[b.probs_of], k_cache.shape[2]))}
+                given = {b.pattern.route.scores_input: _as_q(qs, group_mean(probs[b.probs_of], k_cache.shape[2]))}
             outs[b.name], _ = runner.paged_forward(q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
                                                    scale, given)
         gates = inputs or {}

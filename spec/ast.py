@@ -329,7 +329,18 @@ class BranchRoute(Clause):
 
 
 #: The clauses a pattern's ``route`` keyword opens (a branch's ``BranchRoute`` is its branch's)
-ROUTE_CLAUSES = (Route, RouteTopP, VerticalSlashRoute, BucketRoute, StripesRoute)
+@dataclass(frozen=True)
+class KindRoute(Clause):
+    """``route WORD(ARGS) blocks(...) | tokens [keep EXPR]``: a route of a kind registered in ``core.route_kinds``."""
+
+    word: str
+    word_pos: Pos
+    args: tuple[Expr, ...]
+    blocks: tuple[BlockAxis, ...]  # empty for `tokens`
+    keep: Expr | None
+
+
+ROUTE_CLAUSES = (Route, RouteTopP, VerticalSlashRoute, BucketRoute, StripesRoute, KindRoute)
 
 
 @dataclass(frozen=True)

@@ -254,8 +254,9 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
             # one row per query of the call (after a KV cache, the present queries only: S.NQ)
             scores = ir.InputDecl(scores_input(source.name), "float", (S.HEADS, S.NQ, nblocks),
                                   ("heads", "nq", "blocks"))
-            pat = dataclasses.replace(pat, route=dataclasses.replace(pat.route, scores=scores.name),
-                                      inputs=(*pat.inputs, scores))
+            r = pat.route.params
+            route = ir.top_k_route(r.topk, r.block, r.score, r.keep, r.shared, r.indexer, scores=scores.name)
+            pat = dataclasses.replace(pat, route=route, inputs=(*pat.inputs, scores))
         done[branch.name] = ir.Branch(branch.name, pat, pool, source.name if source is not None else None)
     read = {b.probs_of for b in done.values()} | {b for _, b in terms}
     for branch, _ in branch_clauses:
@@ -265,7 +266,7 @@ def lower_combined(module: ast.Module, decl: ast.Declaration, params: dict, reso
     inputs = {g.name: g for g in gates}
     for b in done.values():
         for d in b.pattern.inputs:
-            if d.name != (b.pattern.route.scores if b.pattern.route is not None else None):
+            if b.probs_of is None or d.name != scores_input(b.probs_of):
                 inputs.setdefault(d.name, d)
     params_ir = next(iter(done.values())).pattern.params
     return ir.CombinedIR(decl.name, tuple(done.values()), terms, gates, tuple(inputs.values()), params_ir,

@@ -59,6 +59,8 @@ class PatternChecks:
             route = self._route_topp(route_clause)
         elif isinstance(route_clause, ast.StripesRoute):
             route = self._route_stripes(route_clause)
+        elif isinstance(route_clause, ast.KindRoute):
+            route = self._route_of_kind(route_clause)
         elif isinstance(route_clause, ast.VerticalSlashRoute):  # lowered into the mask (derived flags)
             mask = self._vertical_slash(route_clause, mask)
         elif route_clause is not None:

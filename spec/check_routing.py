@@ -7,7 +7,7 @@ import dataclasses
 
 import sympy
 
-from ..core import ir
+from ..core import ir, route_kinds
 from ..core.errors import did_you_mean
 from . import ast
 from .check_types import BOOL, FLOAT, INT
@@ -43,7 +43,26 @@ class RoutingChecks:
         keep = None
         if c.keep is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr
-        return ir.Route(topk, blocks, score, keep, c.shared)
+        return ir.top_k_route(topk, blocks, score, keep, c.shared)
+
+    def _route_of_kind(self, c: ast.KindRoute) -> ir.Route:
+        """``route WORD(ARGS) blocks(...) | tokens [keep EXPR]``: a route of a kind registered in ``core.route_kinds``
+        whose ``check`` makes its values from the arguments."""
+        kind = route_kinds.KINDS.get(c.word)
+        if kind is None or kind.check is None:
+            general = sorted(name for name, k in route_kinds.KINDS.items() if k.check is not None)
+            raise self.error(f"unknown route kind '{c.word}'", c.word_pos,
+                             hint=did_you_mean(c.word, [*general, "topk", "topp", "stripes", "buckets"])
+                             or "route topk(K) ..., topp(P) ..., stripes(...), "
+                             "buckets(...) or a kind registered in core.route_kinds"
+                             + (f" ({', '.join(general)})" if general else ""))
+        ones = tuple(sympy.Integer(1) for _ in range(max(1, len(self.frame.keys.axis_names))))
+        block = ones if not c.blocks else self._route_blocks(c.blocks)
+        keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
+        args = tuple(self.expect_number(a, f"argument {i + 1} of route {c.word}(...)").expr
+                     for i, a in enumerate(c.args))
+        clause = route_kinds.RouteClause(c.word, args, tuple(a.pos for a in c.args), block, keep, c.pos)
+        return ir.Route(kind.name, kind.check(self, clause))
 
     def _route_blocks(self, given_blocks: tuple[ast.BlockAxis, ...]) -> tuple[sympy.Expr, ...]:
         """A route's ``blocks(...)``: one extent per key-layout axis (an axis not given is 1)."""
@@ -77,11 +96,11 @@ class RoutingChecks:
         if c.indexer is not None:
             keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
             if c.indexer.func == "key":  # `by NAME`: the score of key k for every query of head h is NAME[h, k]
-                return ir.Route(topk, ones, "key", keep, c.shared, (self._key_scores(c.indexer),))
+                return ir.top_k_route(topk, ones, "key", keep, c.shared, (self._key_scores(c.indexer),))
             if c.shared:
                 raise self.error("an indexer(...) score is one per query for every head already: 'shared' adds "
                                  "nothing", c.pos)
-            return ir.Route(topk, ones, "indexer", keep, False, self._lightning_indexer(c.indexer))
+            return ir.top_k_route(topk, ones, "indexer", keep, False, self._lightning_indexer(c.indexer))
         left, right = c.left, c.right
         for side in (left, right):
             if side.func is not None:
@@ -100,7 +119,7 @@ class RoutingChecks:
                                  "dimensions", right.pos, hint="declare both [heads, n | nk, DI] with one DI")
             indexer = (left.arg, right.arg)
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
-        return ir.Route(topk, ones, "token", keep, c.shared, indexer)
+        return ir.top_k_route(topk, ones, "token", keep, c.shared, indexer)
 
     def _given_block_scores(self, c: ast.Route, topk: sympy.Expr, blocks: tuple) -> ir.Route:
         """``route topk(K) blocks(B) by NAME``: the score of each key block for each query given at call time in an
@@ -122,7 +141,7 @@ class RoutingChecks:
         nblocks = -sympy.floor(-self.frame.nk / blocks[0])
         self.inputs[name] = dataclasses.replace(decl, dims=tuple(d.subs(ROUTE_BLOCKS, nblocks) for d in decl.dims))
         keep = self.expect(c.keep, BOOL, "keep").expr if c.keep is not None else None
-        return dataclasses.replace(ir.Route(topk, blocks, "token", keep, c.shared), scores=name)
+        return ir.top_k_route(topk, blocks, "token", keep, c.shared, scores=name)
 
     def _key_scores(self, score: ast.IndexerScore) -> str:
         """``by NAME``: an input declared ``float[heads, nk]``, the score of every key per head (DMA's importance)."""

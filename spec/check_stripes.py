@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sympy
 
-from ..core import ir
+from ..core import ir, route_kinds
 from . import ast
 from .check_types import BOOL
 
@@ -39,4 +39,4 @@ class StripesChecks:
                                   "the query's own group)")
         keep = self.expect(c.keep, BOOL, "keep").expr
         ones = (sympy.Integer(1),)
-        return ir.Route(None, ones, "stripes", keep, False, stripes=(theta, block, group))
+        return ir.Route(route_kinds.STRIPES.name, route_kinds.Stripes(ones, keep, theta, block, group))

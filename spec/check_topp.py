@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sympy
 
-from ..core import ir
+from ..core import ir, route_kinds
 from ..core.errors import did_you_mean
 from . import ast
 from .check_types import BOOL
@@ -46,7 +46,7 @@ class TopPChecks:
             raise self.error(f"the antidiagonal stride {stride} does not divide the block size {block}",
                              c.stride.pos, hint="a block holds a whole number of strides (XAttention: "
                                                 "block 128, stride 8 or 16)")
-        return ir.Route(None, (block,), "antidiagonal", keep, False, topp=p, stride=stride)
+        return ir.Route(route_kinds.TOPP_ANTIDIAGONAL.name, route_kinds.TopPAntidiagonal((block,), keep, p, stride))
 
     def _route_share(self, c: ast.RouteTopP, p: sympy.Expr, keep: sympy.Basic | None) -> ir.Route:
         """``by minmax(q @ mean(k)) over GROUP``: blocks of any layout, scored per query token."""
@@ -64,7 +64,7 @@ class TopPChecks:
                              or "over query (each query's row), head (all of a head's query and block pairs), "
                                 "block (all of a block's head and query pairs) or all")
         blocks = self._route_blocks(c.blocks)
-        return ir.Route(None, blocks, "token", keep, False, topp=p, group=score.group)
+        return ir.Route(route_kinds.TOPP_SHARE.name, route_kinds.TopPShare(blocks, keep, p, score.group))
 
     def _unbound_params(self) -> list[sympy.Symbol]:
         """The symbols of parameters left without a value (``attnc check`` of a pattern whose

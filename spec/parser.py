@@ -324,6 +324,13 @@ class _Builder(Transformer):
     def stripes_route_clause(self, kw, theta, block, group, keep=None):
         return ast.StripesRoute(_pos(kw), theta, block, group, keep)
 
+    def kind_route_clause(self, kw, word, *rest):
+        # ARGS, then the unit (`blocks(...)`: a tuple of axes; `tokens`: the word), then `keep`'s expression if any
+        at = max(i for i, x in enumerate(rest) if isinstance(x, Token | tuple))
+        unit, keep = rest[at], rest[at + 1] if at + 1 < len(rest) else None
+        blocks = () if isinstance(unit, Token) else unit
+        return ast.KindRoute(_pos(kw), str(word), _pos(word), tuple(rest[:at]), blocks, keep)
+
     def bucket_route_clause(self, kw, window, centroids):
         return ast.BucketRoute(_pos(kw), window, str(centroids), _pos(centroids))
 

@@ -357,7 +357,7 @@ def mask_input_names(pat: ir.PatternIR) -> frozenset[str]:
     route = pat.route
     if route is not None:
         names |= set(input_names(route.keep)) if isinstance(route.keep, sympy.Basic) else set()
-        names |= set(route.indexer or ()) | ({route.scores} if route.scores else set())
+        names |= set(route.inputs)
     names |= {d.derived[2] for d in pat.inputs if d.name in names and d.derived is not None
               and d.derived[0] == "cluster"}
     return frozenset(names)

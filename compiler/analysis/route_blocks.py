@@ -14,7 +14,7 @@ import math
 import sympy
 import torch
 
-from ...core import ir
+from ...core import ir, route_kinds
 from ...core import symbols as S
 from ...core.errors import SpecError
 from . import evaluate as E
@@ -79,30 +79,28 @@ def route_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[tuple[int, ...], int
     every call, with a ``SpecError`` naming the argument whose shape made it too small (a block of 0
     keys would divide by zero, a K below 1 would silently select nothing)."""
     route = pat.route
-    values = []
-    # a top-p route has no K: its count is the keys' (more than any number of blocks: the simulator's model
-    # then visits every block the mask reaches, an upper bound of what the threshold keeps)
-    counts = [("topk", route.topk)] if route.topk is not None else [
-        ("the antidiagonal stride", route.stride)] if route.antidiagonal else []
-    for what, expr in [*(("a block size", b) for b in route.block), *counts]:
-        values.append(_at_least_one(what, expr, bound))
-    if route.topk is not None:
-        return tuple(values[:-1]), values[-1]
-    if not route.antidiagonal:  # a min-max share or stripes route
-        return tuple(values), bound.nk
-    if values[0] % values[1]:
-        expr = route.block[0] + route.stride
-        raise SpecError(f"the antidiagonal stride {values[1]} does not divide the route's block size {values[0]}"
-                        + _at(expr, bound), where=_size_argument(expr, bound),
-                        hint="call with sizes where the stride divides the block")
-    return tuple(values[:-1]), bound.nk
+    blocks = tuple(_at_least_one("a block size", b, bound) for b in route.block)
+    count = route_kinds.kind_of(route).count(route.params)
+    if count is not None:
+        return blocks, _at_least_one("topk", count, bound)
+    # a route without a count (a threshold's): the keys' (more than any number of blocks: the simulator's model
+    # then visits every block the mask reaches, an upper bound of what it keeps)
+    if route.kind == route_kinds.TOPP_ANTIDIAGONAL.name:
+        stride = _at_least_one("the antidiagonal stride", route.params.stride, bound)
+        if blocks[0] % stride:
+            expr = route.block[0] + route.params.stride
+            raise SpecError(f"the antidiagonal stride {stride} does not divide the route's block size {blocks[0]}"
+                            + _at(expr, bound), where=_size_argument(expr, bound),
+                            hint="call with sizes where the stride divides the block")
+    return blocks, bound.nk
 
 
 def stripes_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[float, int, int]:
     """``(THETA, B, G)`` of a stripes route at this call's sizes: B and G at least 1 and G a multiple of B (a group
     holds whole query blocks), checked here for sizes that depend on the call (a constant is checked when
     loading), naming the argument whose shape broke it."""
-    theta, block, group = pat.route.stripes
+    p = pat.route.params
+    theta, block, group = p.theta, p.query_block, p.group
     b, g = _at_least_one("the query block", block, bound), _at_least_one("the query group", group, bound)
     if g % b:
         raise SpecError(f"the stripes route's group of {g} queries does not hold whole blocks of {b}"
@@ -113,7 +111,7 @@ def stripes_sizes(pat: ir.PatternIR, bound: E.Bound) -> tuple[float, int, int]:
 
 def route_stride(pat: ir.PatternIR, bound: E.Bound) -> int:
     """The antidiagonal stride of a top-p route at this call's sizes (checked by ``route_sizes``)."""
-    return int(pat.route.stride.subs(bound.subs))
+    return int(pat.route.params.stride.subs(bound.subs))
 
 
 def _at(expr, bound: E.Bound) -> str:

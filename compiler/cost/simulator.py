@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ...core import ir
+from ...core import ir, route_kinds
 from ..analysis import evaluate as E
 from .hardware import Hardware
 from .model import (
@@ -185,11 +185,11 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                       "FlashAttention-2's published throughput" if hw.arch == "sm80" else
                       "assumed to attain the H100 fit's fractions: no measurement on this GPU")
                    + "; compiler/cost/model.py SDPA_FITS)"]
-    if pat.route is not None and (pat.route.topp is not None or pat.route.stripes is not None):
-        kind = "top-p" if pat.route.topp is not None else "stripes"
+    route_kind = None if pat.route is None else route_kinds.kind_of(pat.route)
+    if route_kind is not None and route_kind.count(pat.route.params) is None:  # a threshold's: no K
         assumptions.append(
-            f"{kind} routing is data-dependent: each Q tile is modelled visiting every key block its mask reaches "
-            "(an upper bound of what the threshold keeps); density is estimated")
+            f"routing ({route_kind.title}) is data-dependent: each Q tile is modelled visiting every key block its "
+            "mask reaches (an upper bound of what the threshold keeps); density is estimated")
     elif pat.route is not None:
         assumptions.append(
             "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "

@@ -114,7 +114,7 @@ def one_launch_inputs(pat, inputs: dict, block_table, k_cache, heads: int, layou
                       else f"'{pat.name}' declares no input '{name}'")
     capacity = block_table.shape[1] * k_cache.shape[1]
     route = pat.route
-    routed = set() if route is None else set(route.indexer or ()) | ({route.scores} if route.scores else set())
+    routed = set() if route is None else set(route.inputs)
     routed |= {decl.derived[2] for decl in pat.inputs  # centroids, relative embeddings
                if decl.derived and decl.derived[0] in ("cluster", "relative")}
     out = {}

@@ -40,23 +40,23 @@ def _scores(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_blo
     pat, bound = prob.pattern, prob.bound
     B, h, L, _ = q.shape
     refuse_context_parallel(pat, "argument pattern")  # the forms it does not run (ContextParallel refused them)
-    if pat.route.scores is not None:
+    if pat.route.scores_input is not None:
         raise SpecError(f"'{pat.name}' routes by scores a combined pattern computes (by probs(...)): context "
                         "parallelism does not run it in this version", where="argument pattern")
-    if pat.route.score in ("indexer", "key"):  # DeepSeek's indexer, a score per key: every rank holds them whole
+    if pat.route.params.score in ("indexer", "key"):  # DeepSeek's indexer, a score per key: every rank holds them whole
         sq, sk = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs
-        if pat.route.score == "key":  # per head: this rank's heads (Ulysses)
+        if pat.route.params.score == "key":  # per head: this rank's heads (Ulysses)
             sk = sk[:, prob.head_index]
         score = block_scores(pat, bound, sq.to(q.device), sk.to(q.device), key_block, nblocks)
         return score.expand(B, h, L, nblocks)
-    if pat.route.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
+    if pat.route.params.indexer is not None:  # a token route's indexer inputs: every rank holds them whole
         qi, ki = score_vectors(pat, q, k, inputs, rows=q_pos)  # this rank's rows of the whole sequence's inputs
         qi, ki = qi[:, prob.head_index].to(q.device), ki[:, prob.head_index].to(q.device)
         dtype = torch.float64 if torch.float64 in (qi.dtype, ki.dtype) else torch.float32
         return (qi.to(dtype) @ ki.to(dtype).transpose(-1, -2)).expand(B, h, L, nblocks)
     k_mean = _block_means(k, key_block[q_pos], nblocks, group, ring)
     k_mean = k_mean.repeat_interleave(h // k.shape[1], dim=1)
-    if pat.route.score == "token":
+    if pat.route.params.score == "token":
         return q.to(k_mean.dtype) @ k_mean.transpose(-1, -2)  # [B, h, L, nb]
     q_block, nqb = block_ids(pat.queries, route_sizes(pat, bound)[0], bound, bound.n)
     q_mean = _block_means(q, q_block[q_pos], nqb, group, ring)
@@ -71,7 +71,7 @@ def select(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_chun
     the ring's process group and ``ring`` its size."""
     pat, bound = prob.pattern, prob.bound
     route = pat.route
-    if route.shared and len(prob.head_index) != bound.heads:
+    if route.params.shared and len(prob.head_index) != bound.heads:
         raise SpecError(f"'{pat.name}' averages its routing scores over every head (shared), which Ulysses "
                         "splits across ranks", where="argument ulysses_degree", hint="use ulysses_degree=1")
     block, topk = route_sizes(pat, bound)
@@ -80,7 +80,7 @@ def select(prob, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, key_chun
     with torch.no_grad():
         score = _scores(prob, q, k, q_pos, key_block, nblocks, inputs, group, ring)
         dtype = score.dtype
-        if route.shared:
+        if route.params.shared:
             score = score.mean(dim=1, keepdim=True).expand(B, h, L, nblocks)
         reachable = torch.zeros(B, h, L, nblocks, dtype=torch.bool, device=q.device)
         for k_pos in key_chunks:

@@ -175,7 +175,7 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
         if forced is not None:
             forced = per_block(torch.broadcast_to(forced.cpu(), reachable.shape), block, nblocks)
         mass = block_mass(pat, bound, q.detach(), k.detach(), inputs, block, stride).cpu()
-        chosen = threshold(mass, candidates, forced, float(pat.route.topp))  # [B, Hq, nb, nb]
+        chosen = threshold(mass, candidates, forced, float(pat.route.params.topp))  # [B, Hq, nb, nb]
         return chosen[:, :, key_block[: q.shape[2]]] & reachable, key_block, nblocks
 
 

@@ -28,7 +28,7 @@ from ...compiler.analysis.interval_numbers import Num
 from ...compiler.analysis.tiles import head_classes
 from ...core import ir
 from ...core import symbols as S
-from . import call_plan
+from . import call_plan, forms
 from .cache import PlanCache
 from .device_intervals import DeviceIntervals
 from .device_tiles import Side, compact
@@ -47,8 +47,11 @@ def applies(pat: ir.PatternIR) -> bool:
     that name no size that grows with the cache, a mask and softcap that read no call-time input (a bias's inputs
     and a route's scores follow the length in shape, the lists do not), no FoX gates; a route's keep and block
     sizes likewise (its selection is made per step on the device by its own form, among these lists'
-    candidates: ``device_routes.decode_route_plan``; its K may grow with the cache)."""
+    candidates: ``device_routes.decode_route_plan``; its K may grow with the cache: a route kind that selects on
+    the host only has no such plan)."""
     if pat.decay is not None or E.input_names(pat.mask):
+        return False
+    if pat.route is not None and forms.form_of(pat.route).select_on_device is None:
         return False
     if isinstance(pat.softcap, sympy.Basic) and E.input_names(pat.softcap):
         return False

@@ -38,7 +38,8 @@ def applies(pat) -> bool:
     on the device)."""
     route = pat.route
     keep_inputs = isinstance(route.keep, sympy.Basic) and bool(E.input_names(route.keep)) if route else False
-    return route is not None and not E.input_names(pat.mask) and not keep_inputs
+    return (route is not None and not E.input_names(pat.mask) and not keep_inputs
+            and forms.form_of(route).select_on_device is not None)
 
 
 @dataclasses.dataclass
@@ -90,13 +91,13 @@ def constants(plan, device: torch.device) -> Constants:
     block, topk = route_sizes(pat, bound)
     key_block, nblocks = block_ids(pat.keys, block, bound, bound.nk)
     allowed = keep = q_block = exprs = None
-    if route.tokens and route.scores is None:  # a token route: its mask and keep, evaluated per run of queries
+    if route.tokens and route.scores_input is None:  # a token route: its mask and keep, evaluated per run of queries
         exprs = {"mask": E.substitute(pat.mask, bound),
                  "keep": None if route.keep is None else E.substitute(route.keep, bound)}
     else:  # a block route: its reach and keep as the host has them
         allowed = routing.allowed_blocks(plan, key_block, nblocks, {}, set(), 1)
         keep = routing.keep_blocks(pat, bound, {}, 1, key_block, nblocks)
-        if route.score == "block" and not bound.q_offset:
+        if route.is_top_k() and route.params.score == "block" and not bound.q_offset:
             q_block = block_ids(pat.queries, block, bound, bound.n)[0]
     tok = plan.q_tokens
     in_order = bool(tok.valid.all()) and tok.index.numel() == bound.n and torch.equal(
@@ -194,7 +195,7 @@ def decode_constants(plan, bound: E.Bound, device: torch.device) -> Constants:
     mask, keep_expr, q_index, q_valid, in_order = plan.on_device(("decode route", device),
                                                                  lambda: _decode_template(plan, device))
     allowed = keep = exprs = None
-    if route.tokens and route.scores is None:  # a token route: evaluated per run of queries, over every key
+    if route.tokens and route.scores_input is None:  # a token route: evaluated per run of queries, over every key
         exprs = {"mask": mask, "keep": keep_expr, "every_key": True}
     else:
         rows = torch.arange(n, device=device)

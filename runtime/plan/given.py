@@ -34,7 +34,7 @@ def given_pattern(pat: ir.PatternIR) -> ir.PatternIR:
     only the route read (an indexer's, its keep's) are not asked for: a given selection needs none of them."""
     nblocks = block_count(pat.keys, pat.route.block)
     decl = ir.InputDecl(SELECTION, "float", (S.HEADS, S.NQ, nblocks), ("heads", "nq", "blocks"))
-    route = ir.Route(nblocks, pat.route.block, "token", None, False, scores=SELECTION, given=True)
+    route = ir.top_k_route(nblocks, pat.route.block, "token", None, scores=SELECTION, given=True)
     read = set(E.input_names(pat.mask)) | (set(E.input_names(pat.bias)) if pat.bias is not None else set())
     read |= {pat.decay} if pat.decay is not None else set()
     kept = tuple(d for d in pat.inputs if d.name in read)

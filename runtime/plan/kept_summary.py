@@ -41,9 +41,9 @@ def keeps(pat: ir.PatternIR) -> str | None:
     route = pat.route
     if route is None:
         return f"'{pat.name}' has no route"
-    if route.topk is None or route.scores is not None or route.given:
+    if not route.is_top_k() or route.scores_input is not None:
         return f"'{pat.name}' does not route by top-k key blocks scored from their keys"
-    if route.tokens or route.score not in ("token", "bound"):
+    if route.tokens or route.params.score not in ("token", "bound"):
         return (f"'{pat.name}' scores its route by {'single keys' if route.tokens else 'query blocks'}: only "
                 "q @ mean(k) (MoBA) and q @ bound(k) (Quest) summarise key blocks")
     if pat.keys.kind != "seq":
@@ -107,7 +107,7 @@ class KeySummary:
         """``route_scores.key_summary`` of ``k``'s blocks of ``block`` keys, the kept ones read, not made, and
         the complete ones kept."""
         B, Hkv, nk, D = k.shape
-        signature = (pat.route.score, block, B, Hkv, D, dtype, k.device)
+        signature = (pat.route.params.score, block, B, Hkv, D, dtype, k.device)
         if self._signature is not None and signature != self._signature:
             raise SpecError(f"this summary was kept for {_describe(self._signature)}, not "
                             f"{_describe(signature)}", where=WHERE,

@@ -16,7 +16,7 @@ import torch
 
 from ...compiler.analysis import evaluate as E
 from ...compiler.analysis.route_blocks import block_ids, route_sizes
-from ...core import ir
+from ...core import ir, route_kinds
 from ...core.errors import SpecError
 
 
@@ -29,27 +29,36 @@ def score_vectors(pat: ir.PatternIR, q: torch.Tensor, k: torch.Tensor, inputs: d
     is their ``rows`` of this call's queries (a slice, or positions; default the first ``Nq``): after a KV
     cache ``q_offset`` on, a context-parallel rank's its own positions; so are the rows of block scores given
     over the whole sequence (``blocks(B) by NAME``, ``float[heads, n, blocks]``)."""
-    if pat.route.scores is not None:
-        given = inputs[pat.route.scores]
+    route = scoring(pat.route)
+    if route.scores is not None:
+        given = inputs[route.scores]
         given = given if given.dim() == 4 else given[None]
-        if pat.input(pat.route.scores).dim_names[1] == "n":  # `blocks(B) by NAME`: the whole sequence's rows
+        if pat.input(route.scores).dim_names[1] == "n":  # `blocks(B) by NAME`: the whole sequence's rows
             given = given[:, :, slice(0, q.shape[2]) if rows is None else rows]
         return given, given
-    if pat.route.indexer is None:
+    if route.indexer is None:
         return q, k
     rows = slice(0, q.shape[2]) if rows is None else rows
-    if pat.route.score == "key":  # a score per key: ones [1, H, Nq, 1] against S as one-channel keys [B | 1, H, Nk, 1]
-        (scores,) = (inputs[name] for name in pat.route.indexer)
+    if route.score == "key":  # a score per key: ones [1, H, Nq, 1] against S as one-channel keys [B | 1, H, Nk, 1]
+        (scores,) = (inputs[name] for name in route.indexer)
         scores = scores if scores.dim() == 3 else scores[None]
         return scores.new_ones(()).expand(1, scores.shape[1], q.shape[2], 1), scores[..., None]
-    if pat.route.score == "indexer":  # DeepSeek's lightning indexer: (QI | W [B | 1, J, Nq, DI + 1], KI [B | 1, 1, Nk, DI])
-        qi, ki, w = (inputs[name] for name in pat.route.indexer)
+    if route.score == "indexer":  # DeepSeek's lightning indexer: (QI | W [B | 1, J, Nq, DI + 1], KI [B | 1, 1, Nk, DI])
+        qi, ki, w = (inputs[name] for name in route.indexer)
         qi, ki, w = (x if x.dim() == rank else x[None] for x, rank in ((qi, 4), (ki, 3), (w, 3)))
         dtype = torch.float64 if torch.float64 in (qi.dtype, ki.dtype, w.dtype) else torch.float32  # w not rounded
         sq = torch.cat([qi.transpose(1, 2).to(dtype), w.transpose(1, 2)[..., None].to(dtype)], -1)
         return sq[:, :, rows], ki[:, None]
-    qi, ki = (inputs[name] for name in pat.route.indexer)
+    qi, ki = (inputs[name] for name in route.indexer)
     return (qi if qi.dim() == 4 else qi[None])[:, :, rows], (ki if ki.dim() == 4 else ki[None])
+
+
+def scoring(route: ir.Route) -> route_kinds.TopK:
+    """How ``route`` scores its units: a top-k route's (or a given selection's) own values; a min-max share
+    route's scores are a top-k blocks route's ``q @ mean(k)``, one selection per query head."""
+    if route.is_top_k():
+        return route.params
+    return route_kinds.TopK(route.block, route.keep, None, "token")
 
 
 def query_rows(bound: E.Bound, q: torch.Tensor) -> slice:
@@ -64,7 +73,7 @@ def key_summary(pat: ir.PatternIR, k: torch.Tensor, key_block: torch.Tensor, nbl
     (``q @ bound(k)``). Made once per call: the scores are made a run of queries at a time."""
     kd = k.to(dtype)
     key_block = placed(key_block, k.device)
-    if pat.route.score == "bound":
+    if scoring(pat.route).score == "bound":
         B, Hkv, _, D = k.shape
         index = key_block.view(1, 1, -1, 1).expand(B, Hkv, -1, D)
         empty = kd.new_empty(B, Hkv, nblocks, D)
@@ -88,7 +97,7 @@ def block_scores(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Te
     ``sum_d max(q_d * max k_d, q_d * min k_d)`` = ``q+ . max(k) + q- . min(k)``. ``q_block``: the block of every
     query where the caller keeps it (on q's device), else made here; ``summary``: ``key_summary`` of this
     call where the caller keeps it, else made here."""
-    route = pat.route
+    route = scoring(pat.route)
     B, Hq, Nq, _ = q.shape
     dtype = torch.float64 if torch.float64 in (q.dtype, k.dtype) else torch.float32
     if route.scores is not None:  # given (score_vectors): q is the scores themselves

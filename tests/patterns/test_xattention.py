@@ -319,10 +319,10 @@ def test_context_parallelism_refuses_by_name(tmp_path):
 
 
 def test_keys_of_other_routes_unchanged():
-    """topp and stride enter a route's key only when set: MoBA's key is the one recorded before them."""
+    """A top-k route holds no top-p values: MoBA's route is of its own kind, its key without them."""
     pat = attnc.load("stdlib:moba")
-    assert pat.route.topp is None and pat.route.stride is None
-    assert "topp" not in ir._canon(pat.route)
+    assert pat.route.kind == "topk_blocks" and not hasattr(pat.route.params, "topp")
+    assert "TopPAntidiagonal" not in ir._canon(pat.route)
     xa = attnc.load("stdlib:xattention")
     assert xa.key() != attnc.load("stdlib:xattention", threshold=0.8).key()
     assert xa.key() != attnc.load("stdlib:xattention", stride=8).key()
@@ -350,7 +350,7 @@ def test_cli_check_show_sim():
     rc, out, err = run("sim", "stdlib:xattention", "--n", "2048", "--heads", "2", "--json")
     assert rc == 0, err
     data = json.loads(out)
-    assert any("top-p routing" in a for a in data["assumptions"])
+    assert any("routing (top-p by antidiagonal scoring)" in a for a in data["assumptions"])
     assert 0.4 < data["density"] < 0.6  # every block the causal mask reaches: the model's upper bound
     rc, out, err = run("sim", "stdlib:xattention", "--n", "2048", "--ranks", "2")
     assert rc != 0 and "context parallelism does not run" in out + err

@@ -390,7 +390,7 @@ def test_route_keywords_as_names():
       route topk(keep) blocks(shared) by q @ mean(k) keep q // shared == k // shared + topk - blocks + 1 shared
     """
     pat = attnc.load(src)
-    assert pat.route.topk == 1 and tuple(pat.route.block) == (4,) and pat.route.shared
+    assert pat.route.params.topk == 1 and tuple(pat.route.block) == (4,) and pat.route.params.shared
     assert pat.route.keep is not None
 
 

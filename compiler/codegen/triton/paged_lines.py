@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sympy
 
+from ....core import route_kinds
 from .helpers import DOT_HELPERS
 from .signature import Param, constexprs, tensor, value
 
@@ -47,7 +48,7 @@ def scores_pool(pat) -> bool:
     token route by ``q @ k``, the keys' cluster ids (``cluster(k, CENTROIDS)``: each centroid against each key), or
     landmark gates (``landmark(BLOCK)``: each query against its row's keys)."""
     route = pat.route
-    return ((route is not None and route.tokens and route.indexer is None)
+    return ((route is not None and route.tokens and (not route.is_top_k() or route.params.indexer is None))
             or any(decl.derived is not None and (decl.derived[:2] == ("cluster", "k")
                                                   or decl.derived[0] in ("landmark", "vertical_slash"))
                    for decl in pat.inputs))
@@ -59,11 +60,14 @@ def serves_route(route) -> bool:
     head; or top-k tokens scored
     by ``q @ k`` (``attnc_paged_token_scores``), by indexer inputs (``QI @ KI``, DeepSeek's indexer) or by a score
     per key (DMA). The paged kernel reads each row's selection (``SEL``) and its own lists."""
-    if route is None or route.topk is None or route.given or route.shared:
+    if route is None or route.kind not in (route_kinds.TOPK_BLOCKS.name, route_kinds.TOPK_TOKENS.name):
+        return False
+    p = route.params
+    if p.shared:
         return False
     if route.tokens:
-        return route.scores is None and route.score in ("token", "key", "indexer")
-    return route.score in ("token", "bound") and len(route.block) == 1
+        return p.scores is None and p.score in ("token", "key", "indexer")
+    return p.score in ("token", "bound") and len(route.block) == 1
 
 
 def route_block(pat, bound) -> int | None:

@@ -48,21 +48,20 @@ def applies(pat) -> bool:
     least 1 at every length."""
     route = pat.route
     if not serves_route(route) or not decode_lists.applies(dataclasses.replace(pat, route=dataclasses.replace(
-            route, keep=None))):
+            route, params=dataclasses.replace(route.params, keep=None)))):
         return False
     if isinstance(route.keep, sympy.Basic) and (
             E.input_names(route.keep) or not route.keep.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS):
         return False
     if {decl.name for decl in pat.inputs} - route_inputs(pat) - _read_by_terms(pat):
         return False  # inputs the route reads (a token route's indexer, given scores), or the kernel's terms (DMA's bias)
-    topk = sympy.sympify(route.topk)
+    topk = sympy.sympify(route.params.topk)
     return topk.free_symbols <= decode_lists.LENGTH_FREE | ROW_LENGTHS and bool((topk - 1).is_nonnegative)
 
 
 def route_inputs(pat) -> set:
     """The inputs a route reads before the launch: a token route's indexer, a block route's given scores."""
-    route = pat.route
-    return set(route.indexer or ()) | ({route.scores} if route.scores is not None else set())
+    return set(pat.route.inputs)
 
 
 def _read_by_terms(pat) -> set:
@@ -82,7 +81,7 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict |
     nblocks = -(-cap // size)
     rows, heads, kv_heads, device = block_table.shape[0], q.shape[1], k_cache.shape[2], q.device
     row, pos, valid, lengths, packed = qs.row, qs.pos, qs.valid, qs.lengths, qs.packed
-    given = pat.route.scores is not None
+    given = pat.route.scores_input is not None
     summary, kept = (None, None) if given else _summaries(t, k_cache, block_table, seqlens, lengths, size, nblocks)
     with torch.no_grad():
         key_rows = lengths[row]
@@ -121,9 +120,9 @@ def _given_scores(pat, inputs: dict, row, pos, nblocks: int, shape, packed: bool
     each query's row and position. Declared over the queries (``[heads, nq, blocks]``, a combined pattern's route
     by another branch's probabilities, made per call: ``combined_paged``): laid out as q's rows, ``[B | 1, heads,
     n | total, blocks]``."""
-    given = inputs[pat.route.scores]
+    given = inputs[pat.route.scores_input]
     X, n = (shape[2], 1) if packed else (shape[0], shape[2])
-    if "nq" in pat.input(pat.route.scores).dim_names:
+    if "nq" in pat.input(pat.route.scores_input).dim_names:
         given = given if given.dim() == 4 else given[None]
         if packed:  # [1, Hq, total, blocks]: each query a row of its own
             return given[0, :, :, :nblocks].transpose(0, 1).unsqueeze(2)
@@ -147,11 +146,11 @@ def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: in
     ``(kept blocks, complete blocks)`` of every row, which ``keep`` commits once the rows' values are checked."""
     rows, kv_heads, head_dim = block_table.shape[0], k_cache.shape[2], k_cache.shape[3]
     pat = t.launch.pattern
-    bound = pat.route.score == "bound"
+    bound = pat.route.params.score == "bound"
     shape = (2 if bound else 1, rows, kv_heads, nblocks, head_dim)
     kept = kept_summary.open_for(pat)
     if kept is not None:
-        out, blocks = kept.paged(pat.route.score, size, shape, k_cache.device)
+        out, blocks = kept.paged(pat.route.params.score, size, shape, k_cache.device)
         blocks.masked_fill_(lengths < blocks * size, 0)  # a row shorter than its kept blocks: a new sequence
     else:
         out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seqlens
@@ -191,7 +190,7 @@ def _scores(pat, q: torch.Tensor, summary: torch.Tensor, row_of=None) -> torch.T
     """``route_scores.block_scores``'s (``q . mean(k)``, or ``q+ . max(k) + q- . min(k)``) of q ``[X, Hq, n, D]``
     against its row's summaries (``summary`` ``[S, B, Hkv, nblocks, D]``; row ``x`` of q, or ``row_of[x]``), the
     query heads of a K/V head in one product (``row_matmul``): ``[X, Hq, n, nblocks]`` fp32."""
-    if pat.route.score == "bound":
+    if pat.route.params.score == "bound":
         return (row_matmul(q.float().clamp(min=0), summary[0].transpose(-1, -2), row_of)
                 + row_matmul(q.float().clamp(max=0), summary[1].transpose(-1, -2), row_of))
     return row_matmul(q, summary[0].transpose(-1, -2), row_of)
@@ -199,7 +198,7 @@ def _scores(pat, q: torch.Tensor, summary: torch.Tensor, row_of=None) -> torch.T
 
 def row_topk(pat, bound: E.Bound, keys: torch.Tensor) -> int | torch.Tensor:
     """The route's K: an int, or each query's at its row's key count (``[1, 1, queries, 1]`` int64)."""
-    expr = but_row_lengths(sympy.sympify(pat.route.topk), bound)
+    expr = but_row_lengths(sympy.sympify(pat.route.params.topk), bound)
     if isinstance(expr, sympy.Integer):
         return int(expr)
     value = E.as_tensor(E.Evaluator(dict.fromkeys(ROW_LENGTHS, keys), {}, set(), None)(expr), torch.int64)

@@ -69,7 +69,7 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict |
 
 def _score_width(pat, heads: int, cap: int, inputs: dict | None) -> int:
     """The elements one query's scoring holds (its scores against every key, an indexer's per index head)."""
-    route = pat.route
+    route = pat.route.params
     if route.score == "indexer":  # [P, J, cap] scores, and a batched KI gathered per query [P, cap, DI]
         qi, ki = inputs[route.indexer[0]], inputs[route.indexer[1]]
         return cap * (qi.shape[-2] + (ki.shape[-1] if ki.dim() == 3 else 0))
@@ -82,7 +82,7 @@ def _scores(t, qp, row, pos, k_cache, block_table, seqlens, inputs: dict | None)
     """The routing scores of queries ``qp`` ``[P, Hq, D]`` (of rows ``row``, at positions ``pos``) against every
     key of their rows' tables: ``[P, Hq | 1, capacity]`` (``route_scores.block_scores``'s for single keys; keys
     past a row's hold anything: its mask drops them)."""
-    route, cap = t.launch.pattern.route, t.capacity
+    route, cap = t.launch.pattern.route.params, t.capacity
     if route.indexer is None:
         return pool_scores(t, qp, row, k_cache, block_table, seqlens)
     given = [inputs[name] for name in route.indexer]

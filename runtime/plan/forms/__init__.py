@@ -1,11 +1,12 @@
-"""The routing forms, one module each (``base.RouteForm``), and the one place a route's form is looked up.
+"""The routing forms, one module each (``base.RouteForm``): the selection of each route kind (``core.route_kinds``)
+on the host and on the device, and what it refuses; the one place a route's form is looked up.
 
-Adding a form: write its module here (``FORM``: how it matches an ``ir.Route``, its selection on the host and on
-the device, what it refuses), add it to ``FORMS``, and give the checker the clause that lowers to it (CONTRIBUTING.md)."""
+Adding a kind: its facts in ``core.route_kinds`` (``register``), its form here (a module holding ``FORM``, added to
+``FORMS``, or ``register`` from anywhere), CONTRIBUTING.md."""
 
 from __future__ import annotations
 
-from ....core import ir
+from ....core import ir, route_kinds
 from ....core.errors import SpecError
 from . import (
     given_selection,
@@ -17,18 +18,34 @@ from . import (
 )
 from .base import RouteForm
 
-#: Every form, asked in this order (a given selection first: it keeps the blocks of the route it stands for;
-#: stripes before top-k tokens: both select single keys; top-k blocks last: any other route with a K)
-FORMS: tuple[RouteForm, ...] = (given_selection.FORM, top_p_antidiagonal.FORM, top_p_share.FORM,
-                                stripes_by_anchor.FORM, top_k_tokens.FORM, top_k_blocks.FORM)
+#: Every form by the name of its route kind.
+FORMS: dict[str, RouteForm] = {form.kind: form for form in (
+    given_selection.FORM, top_p_antidiagonal.FORM, top_p_share.FORM, stripes_by_anchor.FORM, top_k_tokens.FORM,
+    top_k_blocks.FORM)}
+
+
+def register(form: RouteForm) -> RouteForm:
+    """Add the form of a kind registered in ``core.route_kinds`` (a name already taken is refused)."""
+    if form.kind not in route_kinds.KINDS:
+        raise ValueError(f"no route kind '{form.kind}' is registered (core.route_kinds.register it first)")
+    if form.kind in FORMS and FORMS[form.kind] != form:
+        raise ValueError(f"the route kind '{form.kind}' has a form already")
+    FORMS[form.kind] = form
+    return form
+
+
+def unregister(kind: str) -> None:
+    """Remove a form added by ``register`` (a test's)."""
+    FORMS.pop(kind, None)
 
 
 def form_of(route: ir.Route) -> RouteForm:
-    """The form of ``route``."""
-    for form in FORMS:
-        if form.matches(route):
-            return form
-    raise AssertionError(f"no routing form matches {route}")  # the checker lowers only to these
+    """The form of ``route``'s kind."""
+    form = FORMS.get(route.kind)
+    if form is None:
+        raise SpecError(f"the route kind '{route.kind}' has no selection registered", where="route",
+                        hint="register its RouteForm (runtime.plan.forms.register)")
+    return form
 
 
 def refuse_query_offset(pat, where: str = "argument k") -> None:

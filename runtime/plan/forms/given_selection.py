@@ -7,7 +7,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import block_ids, route_sizes
-from ....core import ir
+from ....core import ir, route_kinds
 from ..route_scores import block_scores, score_sides
 from .base import RouteForm
 
@@ -30,5 +30,4 @@ def _context_parallel(pat: ir.PatternIR) -> str:
     return f"'{pat.name}' with a given selection (selection=): context parallelism does not run it in this version"
 
 
-FORM = RouteForm("a given selection", lambda route: bool(route.given), select, select_on_device,
-                 context_parallel_refusal=_context_parallel)
+FORM = RouteForm(route_kinds.GIVEN.name, select, select_on_device, context_parallel_refusal=_context_parallel)

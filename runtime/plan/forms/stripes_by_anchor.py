@@ -8,7 +8,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import stripes_sizes
-from ....core import ir
+from ....core import ir, route_kinds
 from .. import stripes
 from ..route_scores import _key_slice, allowed_span, keep_blocks
 from .base import RouteForm
@@ -62,5 +62,4 @@ def _context_parallel(pat: ir.PatternIR) -> str:
             "context parallelism does not run in this version: a rank's blocks would read every rank's keys")
 
 
-FORM = RouteForm("stripes by anchor", lambda route: route.stripes is not None, select, select_on_device, _decode,
-                 _context_parallel)
+FORM = RouteForm(route_kinds.STRIPES.name, select, select_on_device, _decode, _context_parallel)

@@ -8,7 +8,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import block_ids, route_sizes
-from ....core import ir
+from ....core import ir, route_kinds
 from .. import device_choice, kept_summary
 from ..route_scores import (
     SELECT_ELEMENTS,
@@ -46,9 +46,9 @@ def _choose_by_runs(pat, bound: E.Bound, shape, sq, sk, key_block, nblocks: int,
     """``rule(scores, reachable, keep, topk)`` over runs of queries (all of them for block-mean scores, whose
     query blocks span runs): ``[B, Hq, Nq, nblocks]`` for q of ``shape``."""
     B, Hq, Nq = shape[0], shape[1], shape[2]
-    rows = Nq if pat.route.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
+    rows = Nq if pat.route.params.score == "block" else max(1, SELECT_ELEMENTS // max(1, B * Hq * nblocks))
     dtype = torch.float64 if torch.float64 in (sq.dtype, sk.dtype) else torch.float32
-    summary = (None if pat.route.scores is not None
+    summary = (None if pat.route.scores_input is not None
                else kept_summary.summaries(pat, bound, sk, key_block, nblocks, Hq, dtype))
     reach = torch.broadcast_to(reachable, (*reachable.shape[:2], Nq, nblocks))
     keep = None if keep is None else torch.broadcast_to(keep, (*keep.shape[:2], Nq, nblocks))
@@ -64,18 +64,17 @@ def _choose_by_runs(pat, bound: E.Bound, shape, sq, sk, key_block, nblocks: int,
 
 
 def _decode(pat: ir.PatternIR) -> str | None:
-    if pat.route.score != "block":
+    if pat.route.params.score != "block":
         return None
     return (f"'{pat.name}' routes by the mean of query blocks, which needs every query of a block: queries after a "
             "KV cache (nk > n) are not supported")
 
 
 def _context_parallel(pat: ir.PatternIR) -> str | None:
-    if pat.route.score != "bound":
+    if pat.route.params.score != "bound":
         return None
     return (f"'{pat.name}' scores blocks by its keys' bounds (q @ bound(k), Quest), which context parallelism does "
             "not run in this version: a block's bound reads every key of the block")
 
 
-FORM = RouteForm("top-k blocks", lambda route: route.topk is not None, select, select_on_device, _decode,
-                 _context_parallel)
+FORM = RouteForm(route_kinds.TOPK_BLOCKS.name, select, select_on_device, _decode, _context_parallel)

@@ -12,7 +12,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import route_sizes
-from ....core import ir
+from ....core import ir, route_kinds
 from ....core import symbols as S
 from .. import device_choice
 from ..route_scores import (
@@ -25,7 +25,7 @@ from ..route_scores import (
     keep_blocks,
     score_sides,
 )
-from .base import RouteForm
+from .base import RouteForm, serves
 
 
 def run_rows(q: torch.Tensor, sq: torch.Tensor, nk: int) -> int:
@@ -115,4 +115,4 @@ def mask_spans(pat, bound: E.Bound, c, rows: int, nq: int) -> list[tuple[slice, 
     return spans[rows]
 
 
-FORM = RouteForm("top-k tokens", lambda route: route.tokens and route.scores is None, select, select_on_device)
+FORM = RouteForm(route_kinds.TOPK_TOKENS.name, select, select_on_device, context_parallel_refusal=serves)

@@ -7,7 +7,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import route_sizes, route_stride
-from ....core import ir
+from ....core import ir, route_kinds
 from .. import antidiagonal
 from ..route_scores import keep_blocks
 from .base import RouteForm
@@ -25,7 +25,7 @@ def select_on_device(pat: ir.PatternIR, bound: E.Bound, q, k, _tensors: dict, c)
     B = mass.shape[0]
     forced = None if t["forced"] is None else t["forced"].expand(B, *t["forced"].shape[1:])
     chosen = antidiagonal.threshold(mass, t["candidates"].expand(B, *t["candidates"].shape[1:]), forced,
-                                    float(pat.route.topp))  # [B, Hq, nblocks, nblocks]
+                                    float(pat.route.params.topp))  # [B, Hq, nblocks, nblocks]
     return chosen[:, :, c.key_block[:q.shape[2]]] & c.allowed
 
 
@@ -55,5 +55,5 @@ def _context_parallel(pat: ir.PatternIR) -> str:
             "does not run: each query block's estimate reads every key and every query of the block")
 
 
-FORM = RouteForm("top-p by antidiagonal scoring", lambda route: route.antidiagonal, select, select_on_device,
-                 _decode, _context_parallel, device_extras)
+FORM = RouteForm(route_kinds.TOPP_ANTIDIAGONAL.name, select, select_on_device, _decode, _context_parallel,
+                 device_extras)

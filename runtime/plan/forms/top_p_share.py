@@ -8,7 +8,7 @@ import torch
 
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.route_blocks import block_ids, route_sizes
-from ....core import ir
+from ....core import ir, route_kinds
 from .. import share
 from ..route_scores import block_scores, keep_blocks
 from .base import RouteForm
@@ -24,27 +24,26 @@ def select(pat: ir.PatternIR, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, 
         keep = keep_blocks(pat, bound, inputs, q.shape[0], key_block, nblocks)
         score = block_scores(pat, bound, q, k.to(dev), key_block, nblocks)
         chosen = share.threshold(score, reachable, None if keep is None else keep.to(dev),
-                                 float(pat.route.topp), pat.route.group)
+                                 float(pat.route.params.topp), pat.route.params.group)
     return chosen, key_block, nblocks
 
 
 def select_on_device(pat: ir.PatternIR, bound: E.Bound, q, k, _tensors: dict, c) -> torch.Tensor:
     score = block_scores(pat, bound, q, k, c.key_block, c.nblocks)
-    return share.threshold(score, c.allowed, c.keep, float(pat.route.topp), pat.route.group)
+    return share.threshold(score, c.allowed, c.keep, float(pat.route.params.topp), pat.route.params.group)
 
 
 def _decode(pat: ir.PatternIR) -> str | None:
-    if pat.route.group == "query":  # one query's row: any offset
+    if pat.route.params.group == "query":  # one query's row: any offset
         return None
-    return (f"'{pat.name}' ranks its block scores over the {pat.route.group} group (min-max share), which spans "
+    return (f"'{pat.name}' ranks its block scores over the {pat.route.params.group} group (min-max share), which spans "
             "queries: queries after a KV cache (nk > n) are not supported (a pattern ranking 'over query' decodes)")
 
 
 def _context_parallel(pat: ir.PatternIR) -> str:
-    return (f"'{pat.name}' selects blocks by their min-max share over the {pat.route.group} group (VMoBA), which "
+    return (f"'{pat.name}' selects blocks by their min-max share over the {pat.route.params.group} group (VMoBA), which "
             "context parallelism does not run in this version: the group's scores are normalised and ranked across "
             "the ranks' shards")
 
 
-FORM = RouteForm("top-p by min-max share", lambda route: route.group is not None, select, select_on_device, _decode,
-                 _context_parallel)
+FORM = RouteForm(route_kinds.TOPP_SHARE.name, select, select_on_device, _decode, _context_parallel)
