@@ -1,7 +1,8 @@
 """The parameters the generated kernels read at run time (``compiler.codegen.triton.run_values``): a mask's window,
 sink count or prefix is the kernels' ``p_NAME`` argument, so two modules that differ only in it have one source (one
 compile), and each call's answer is its own value's. Only what the spec names is lifted: a number that happens to
-equal a parameter stays in the text, and so do divisors, NATTEN windows and per-head values."""
+equal a parameter stays in the text, and so do divisors, NATTEN windows and values read in float arithmetic. A
+parameter given one value per head (MoA's ``alpha``) is a table the kernels read at the head they serve."""
 
 import os
 
@@ -78,9 +79,10 @@ def test_a_number_equal_to_a_parameter_stays_a_number():
     ("stdlib:moa", {"alpha": [1024, 2048], "beta": [0.0, 0.5]}),
     ("stdlib:moba", {}),
 ])
-def test_divisors_windows_and_per_head_values_stay_in_the_text(spec, params):
-    """A divisor (a constant one is a shift), a NATTEN window (its bounds computed at generation), per-head values
-    and a route's block: none is a run-time parameter."""
+def test_divisors_windows_and_float_reads_stay_in_the_text(spec, params):
+    """A divisor (a constant one is a shift), a NATTEN window (its bounds computed at generation), values read in
+    float arithmetic (MoA's spans with a per-head ``beta``: ``(alpha + total * beta) // 1``) and a route's block:
+    none is a run-time parameter."""
     pat = attnc.load(spec, **params)
     assert run_values(pat) == {}
     assert lifted_mask(pat)[0] == pat.mask
@@ -94,3 +96,52 @@ def test_emit_shows_the_run_time_parameter_in_every_kernel_that_reads_the_mask()
     masked = [k for k in kernels if "_mask(" in k and not k.startswith("\ndef _mask")]
     assert masked and all(k.startswith("(do_not_specialize=['p_window'])") for k in masked)
     assert all("p_window" not in k for k in kernels if k not in masked and not k.startswith("\ndef _mask"))
+
+
+#: MoA at small sizes: blocks of 4 keys, spans of a few blocks, nothing reserved for new tokens
+MOA = {"block": 4, "minimum": 4, "max_new_tokens": 0}
+
+
+def _moa_call(alpha, n, seed):
+    """MoA's Triton module at per-head spans ``alpha``, its forward and gradients against the float64 reference."""
+    attn = attnc.compile_attention("stdlib:moa", backend="triton", alpha=alpha, q_tile=16, kv_tile=16, **MOA)
+    ref = attnc.compile_attention("stdlib:moa", backend="reference", alpha=alpha, **MOA)
+    q, k, v = (t.float().requires_grad_() for t in _qkv(n, heads=len(alpha), seed=seed))
+    out = attn(q, k, v)
+    out.square().sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref(qd, kd, vd)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
+    for got, exp in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=1e-4)
+    return attn
+
+
+def test_per_head_values_are_one_table_and_two_lists_share_one_source():
+    """MoA at two lists of per-head spans: one kernel text, which reads ``tl.load(p_alpha + h)`` and none of the
+    spans; each module's forward and gradients equal the reference at its own spans."""
+    sources = []
+    for alpha in ([8, 20], [16, 4]):
+        attn = _moa_call(alpha, 40, seed=alpha[0])
+        assert run_values(attn.pattern)["p_alpha"] == tuple(alpha)
+        sources.append(attn.runner.last_source)
+    assert sources[0] == sources[1]
+    line = _mask_line(sources[0])
+    assert "tl.load(p_alpha + h)" in line and not {"8", "20", "16"} & set(line.replace("(", " ").split())
+
+
+@settings(max_examples=6, deadline=None)
+@given(alpha=st.lists(st.integers(0, 48), min_size=2, max_size=3), n=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_random_per_head_spans_equal_the_reference(alpha, n, seed):
+    """Random spans per head (one equal to another, spans past the sequence, 0) at random lengths."""
+    _moa_call(alpha, n, seed)
+
+
+def test_emit_passes_a_per_head_table_as_a_pointer():
+    """The table is a pointer (specialised as any pointer), the spans' neighbours ``p_minimum`` ints never
+    specialised on; every kernel reading the mask takes them."""
+    src = emit(attnc.load("stdlib:moa", alpha=[8, 20], **MOA), n=32, heads=2)
+    assert "def _mask(q, k, h, p_alpha, p_max_new_tokens, p_minimum):" in src
+    masked = [k for k in src.split("\n@triton.jit")[1:] if "_mask(" in k and not k.startswith("\ndef _mask")]
+    assert masked and all("p_alpha" in k and "'p_alpha'" not in k.split(")")[0] for k in masked)

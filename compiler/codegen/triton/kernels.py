@@ -173,7 +173,8 @@ class KernelBodies:
                 group("DECAY", "DC", "dc_b", "dc_h", "dc_lo", "DR", "dr_b", "dr_h"), value("SOFTCAP"),
                 *self._all_input_params(), *([value("ERR")] if self.checks else []),
                 *(value(p, fixed=True) for p in (BLOCK_PARAMS if self.block else [])),
-                *(value(p, fixed=True) for p in self.run_values)]  # the mask's run-time parameters
+                # the mask's run-time parameters: an int, or a pointer to one int per head
+                *(value(p, fixed=not isinstance(v, tuple)) for p, v in self.run_values.items())]
 
     def shape_tiles_q(self) -> int | str:
         """The number of Q tiles (a tile list's row stride); a block's: the run-time ``TILES_Q``."""

@@ -9,7 +9,10 @@ computed from it, ``window // 2 + 1``), never a number that only happens to equa
 where putting the value back gives the compiled mask itself (the same expression), and where every place that reads
 the parameter is integer arithmetic or a comparison a run-time int serves exactly. The kernels then take it as
 ``p_NAME`` (``PREFIX``), an int that Triton does not specialise on, passed by name at every launch
-(``runtime.backends.triton.kernel_launch.common_args``).
+(``runtime.backends.triton.kernel_launch.common_args``). A parameter given one value per head (``NAME[heads]``, MoA's
+``alpha``) is found the same way, the symbol standing for the per-head expression the checker makes of the values; the
+kernels take it as a pointer to an int32 table of the values and read ``tl.load(p_NAME + h)`` at the head they serve,
+so a model whose layers give their heads different spans compiles one module.
 
 What stays a constant of the text, and why:
 
@@ -17,7 +20,7 @@ What stays a constant of the text, and why:
   an integer division in every pair of every PARTIAL tile;
 - a NATTEN window's size, dilation and stride (``window(...)``): the printer computes the window's bounds from them;
 - a parameter read in float arithmetic, as an exponent or in an input's index: the printer folds those as numbers;
-- per-head parameters (``alpha[heads]``), floats and bools; the bias, softcap and route (only the mask is read);
+- floats and bools (per head or not); the bias, softcap and route (only the mask is read);
 - the sizes (``n``, the grid's extents) and the tiles: they fix the kernels' static loops and descriptors (a block of a
   sequence and a paged batch take their rows at run time already: ``Q_EXT``, ``K_EXT``).
 """
@@ -36,18 +39,18 @@ from ....core import symbols as S
 PREFIX = "p_"
 
 
-def lifted_mask(pat: ir.PatternIR) -> tuple[sympy.Basic, dict[str, int]]:
+def lifted_mask(pat: ir.PatternIR) -> tuple[sympy.Basic, dict[str, int | tuple[int, ...]]]:
     """``(mask, values)``: ``pat``'s mask with the parameters its kernels read at run time as symbols
-    (``S.param_symbol``), and ``{kernel parameter: value}`` of them; ``(pat.mask, {})`` where none is. Found once
-    per pattern object (every launch asks: ``kernel_launch.common_args``)."""
+    (``S.param_symbol``), and ``{kernel parameter: value}`` of them (a tuple of one int per head for a per-head
+    parameter); ``(pat.mask, {})`` where none is. Found once per pattern object (every launch asks:
+    ``kernel_launch.common_args``)."""
     seen = _BY_OBJECT.get(id(pat))
     if seen is not None and seen[0]() is pat:
         return seen[1]
-    if (not isinstance(pat, ir.PatternIR) or pat.source is None or not isinstance(pat.mask, sympy.Basic)
-            or pat.head_params):  # (a per-head parameter's values are not kept apart: not lowered again)
+    if not isinstance(pat, ir.PatternIR) or pat.source is None or not isinstance(pat.mask, sympy.Basic):
         made = (getattr(pat, "mask", None), {})
     else:
-        made = _lifted(pat.source, pat.filename, pat.name, pat.params, pat.mask)
+        made = _lifted(pat.source, pat.filename, pat.name, pat.params, pat.mask, pat.head_params)
     if len(_BY_OBJECT) > 4096:  # patterns come and go with their modules: the dead ones dropped
         for key in [key for key, (ref, _) in _BY_OBJECT.items() if ref() is None]:
             del _BY_OBJECT[key]
@@ -59,31 +62,53 @@ def lifted_mask(pat: ir.PatternIR) -> tuple[sympy.Basic, dict[str, int]]:
 _BY_OBJECT: dict[int, tuple[weakref.ref, tuple]] = {}
 
 
-def run_values(pat: ir.PatternIR) -> dict[str, int]:
+def run_values(pat: ir.PatternIR) -> dict[str, int | tuple[int, ...]]:
     """``{kernel parameter: value}`` of the parameters ``pat``'s kernels read at run time (``lifted_mask``)."""
     return lifted_mask(pat)[1]
 
 
-def symbol_names(values: dict[str, int]) -> dict[sympy.Symbol, str]:
-    """The symbol of each run-time parameter and its name in the kernels' text."""
-    return {S.param_symbol(name.removeprefix(PREFIX)): name for name in values}
+def symbol_names(values: dict[str, int | tuple[int, ...]]) -> dict[sympy.Symbol, str]:
+    """The symbol of each run-time parameter and how the kernels' text reads it: its name, or, one value per head,
+    its table's entry at the head ``h`` the mask is asked at."""
+    return {S.param_symbol(name.removeprefix(PREFIX)): f"tl.load({name} + h)" if isinstance(v, tuple) else name
+            for name, v in values.items()}
+
+
+def largest(value: int | tuple[int, ...]) -> int:
+    """The largest magnitude a run-time parameter takes (any head's)."""
+    return max(abs(v) for v in value) if isinstance(value, tuple) else abs(value)
 
 
 @functools.lru_cache(maxsize=256)
-def _lifted(source: str, filename: str, name: str, params: tuple, mask: sympy.Basic):
-    values = {p: int(v) for p, v in params
-              if isinstance(v, int | sympy.Integer) and not isinstance(v, bool) and int(v) >= 0}
+def _lifted(source: str, filename: str, name: str, params: tuple, mask: sympy.Basic, head_params: tuple = ()):
+    heads = dict(head_params)
+    given = {p: _per_head(v, heads[p]) if p in heads and not isinstance(v, int | sympy.Integer) else v
+             for p, v in params}  # as a caller gives them: a per-head parameter's values as a list
+    values = {p: v for p, v in given.items() if _int_value(v)}
     if not values:
         return mask, {}
-    alone = {p: _lower(source, filename, name, params, frozenset({p})) for p in values}
-    served = [p for p, lifted in alone.items() if _served(lifted, p, values, mask)]
+    plain = tuple((p, given[p]) for p, _ in params)
+    exprs = dict(params)  # what the checker made of each value (a per-head one: its expression of h)
+    alone = {p: _lower(source, filename, name, plain, frozenset({p})) for p in values}
+    served = [p for p, lifted in alone.items() if _served(lifted, p, exprs, mask)]
     if not served:
         return mask, {}
     # one parameter: its own lowering; several: lowered together, and checked again
-    lifted = alone[served[0]] if len(served) == 1 else _lower(source, filename, name, params, frozenset(served))
-    if not all(_served(lifted, p, values, mask, every=served) for p in served):
+    lifted = alone[served[0]] if len(served) == 1 else _lower(source, filename, name, plain, frozenset(served))
+    if not all(_served(lifted, p, exprs, mask, every=served) for p in served):
         return mask, {}
-    return lifted, {PREFIX + p: values[p] for p in served}
+    return lifted, {PREFIX + p: tuple(values[p]) if isinstance(values[p], list) else int(values[p]) for p in served}
+
+
+def _per_head(expr, count: int) -> list:
+    """A per-head parameter's values, head by head, from the checker's expression of ``h``."""
+    return [expr.subs(S.H, i) for i in range(count)]
+
+
+def _int_value(value) -> bool:
+    """Whether a run-time int (or one per head) serves ``value``: ints at least 0, no bool."""
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, int | sympy.Integer) and not isinstance(v, bool) and int(v) >= 0 for v in values)
 
 
 def _lower(source: str, filename: str, name: str, params: tuple, symbolic: frozenset) -> sympy.Basic | None:
@@ -95,7 +120,8 @@ def _lower(source: str, filename: str, name: str, params: tuple, symbolic: froze
     try:
         module = parse(source, filename)
         decl = module.by_name[name]
-        pat = lower(module, decl, {p: _plain(v) for p, v in params}, symbolic=symbolic)
+        pat = lower(module, decl, {p: [_plain(x) for x in v] if isinstance(v, list) else _plain(v) for p, v in params},
+                    symbolic=symbolic)
     except Exception:  # noqa: BLE001 - any failure keeps the value in the text, as before
         return None
     return pat.mask if isinstance(pat, ir.PatternIR) else None
@@ -114,7 +140,7 @@ def _plain(value):
 
 def _served(lifted, param: str, values: dict, mask, every=None) -> bool:
     """Whether ``lifted`` reads ``param`` only where a run-time int serves it, and gives ``mask`` itself with the
-    values of ``every`` (default: ``param`` alone) put back."""
+    values of ``every`` (default: ``param`` alone) put back (``values``: the checker's expressions of them)."""
     if not isinstance(lifted, sympy.Basic):
         return False
     sym = S.param_symbol(param)
@@ -138,4 +164,4 @@ def _integer_reads(e: sympy.Basic, sym: sympy.Symbol) -> bool:
     return all(_integer_reads(arg, sym) for arg in e.args if isinstance(arg, sympy.Basic))
 
 
-__all__ = ["PREFIX", "lifted_mask", "run_values", "symbol_names"]
+__all__ = ["PREFIX", "largest", "lifted_mask", "run_values", "symbol_names"]

@@ -150,8 +150,9 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
         # positions: a block's rows are absolute positions up to the whole sequence (``n``)
         seq = int(bound.subs[S.N]) if bound.is_block else max(bound.n, bound.nk)
         ranges = {S.Q: seq if bound.is_block else bound.n, S.K: seq if bound.is_block else bound.nk, S.H: bound.heads}
-        for sym, name in run_values.symbol_names(self.run_values).items():  # a run-time parameter: this value's range
-            symbols[sym], ranges[sym] = name, max(1, abs(self.run_values[name]))
+        texts = run_values.symbol_names(self.run_values)  # a run-time parameter: how the text reads it, its range
+        for (sym, text), value in zip(texts.items(), self.run_values.values(), strict=True):
+            symbols[sym], ranges[sym] = text, max(1, run_values.largest(value))
         for sym in symbols:
             ranges.setdefault(sym, seq)
         scalars = frozenset([S.coord("q", pat.queries.axis_names[i]) for i in self.q_uniform]

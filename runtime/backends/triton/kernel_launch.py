@@ -259,6 +259,13 @@ def bound_args(kernel, named: dict, meta: dict) -> tuple[list, dict]:
             {k: v for k, v in meta.items() if k in constant or k in LAUNCH_OPTIONS})
 
 
+@functools.lru_cache(maxsize=64)
+def head_table(values: tuple[int, ...], device) -> torch.Tensor:
+    """A per-head run-time parameter's values as the kernels read them (``tl.load(p_NAME + h)``): int32 on
+    ``device``, made once and kept (a captured CUDA graph replays the same table)."""
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
 def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tensor] | None, *,
                 row_sizes: bool = True) -> dict:
     """The arguments the three kernels share, by their parameters' names (``kernels.KernelBodies._common_params``).
@@ -288,7 +295,9 @@ def common_args(launch: Launch, device, decay_c: tuple[torch.Tensor, torch.Tenso
         if launch.bound.is_block:  # a block's inputs: their extents at run time (InputSlot.runtime_extents)
             for j, n in enumerate(t.shape[1:] if decl.name in launch.batched else t.shape):
                 named[f"in{i}_n{j}"] = n
-    named.update(run_values(launch.pattern))  # the mask's parameters read at run time (p_window, ...)
+    # the mask's parameters read at run time (p_window, ...; one value per head: a table on the device)
+    named.update({name: head_table(v, device) if isinstance(v, tuple) else v
+                  for name, v in run_values(launch.pattern).items()})
     if launch.checks:
         named["ERR"] = launch.extra["ERR"]
     if launch.bound.is_block:  # a block's offsets (rows -> absolute positions), rows and tile counts
