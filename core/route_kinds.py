@@ -147,12 +147,18 @@ class RouteKind:
 KINDS: dict[str, RouteKind] = {}
 
 
+def add_entry(table: dict, name: str, entry, taken: str):
+    """Add ``entry`` to a registry ``table`` under ``name``; a name another entry holds is refused with ``taken``
+    (two entries would answer for one route). Adding the same entry again is nothing."""
+    if name in table and table[name] != entry:
+        raise ValueError(taken)
+    table[name] = entry
+    return entry
+
+
 def register(kind: RouteKind) -> RouteKind:
-    """Add ``kind`` (a name already taken is refused: two kinds would answer for one route)."""
-    if kind.name in KINDS and KINDS[kind.name] != kind:
-        raise ValueError(f"a route kind '{kind.name}' is registered already")
-    KINDS[kind.name] = kind
-    return kind
+    """Add ``kind`` (a name already taken is refused)."""
+    return add_entry(KINDS, kind.name, kind, f"a route kind '{kind.name}' is registered already")
 
 
 def unregister(name: str) -> None:

@@ -26,6 +26,22 @@ def _qkv(n, heads=2, d=16, seed=0):
     return [torch.randn(1, heads, n, d, generator=g, dtype=torch.float64) for _ in range(3)]
 
 
+def _triton_call(spec, params, n, heads, seed):
+    """``spec``'s Triton module at ``params``, its forward and gradients against the float64 reference."""
+    attn = attnc.compile_attention(spec, backend="triton", q_tile=16, kv_tile=16, **params)
+    ref = attnc.compile_attention(spec, backend="reference", **params)
+    q, k, v = (t.float().requires_grad_() for t in _qkv(n, heads=heads, seed=seed))
+    out = attn(q, k, v)
+    out.square().sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = ref(qd, kd, vd)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
+    for got, exp in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=1e-4)
+    return attn
+
+
 def _mask_line(source: str) -> str:
     lines = source.splitlines()
     return lines[lines.index(next(line for line in lines if line.startswith("def _mask("))) + 2]
@@ -36,18 +52,7 @@ def test_two_windows_share_one_source_and_each_call_answers_its_own():
     module's forward and gradients equal the float64 reference at its own window."""
     sources = []
     for window in (5, 9):
-        attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=window, q_tile=16, kv_tile=16)
-        ref = attnc.compile_attention("stdlib:sliding_window", backend="reference", window=window)
-        q, k, v = (t.float().requires_grad_() for t in _qkv(40, seed=window))
-        out = attn(q, k, v)
-        out.square().sum().backward()
-        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-        want = ref(qd, kd, vd)
-        want.square().sum().backward()
-        torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
-        for got, exp in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
-            torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=1e-4)
-        sources.append(attn.runner.last_source)
+        sources.append(_triton_call("stdlib:sliding_window", {"window": window}, 40, 2, window).runner.last_source)
     assert sources[0] == sources[1]
     assert "p_window" in _mask_line(sources[0]) and not {"5", "9"} & set(_mask_line(sources[0]).split())
 
@@ -103,19 +108,8 @@ MOA = {"block": 4, "minimum": 4, "max_new_tokens": 0}
 
 
 def _moa_call(alpha, n, seed):
-    """MoA's Triton module at per-head spans ``alpha``, its forward and gradients against the float64 reference."""
-    attn = attnc.compile_attention("stdlib:moa", backend="triton", alpha=alpha, q_tile=16, kv_tile=16, **MOA)
-    ref = attnc.compile_attention("stdlib:moa", backend="reference", alpha=alpha, **MOA)
-    q, k, v = (t.float().requires_grad_() for t in _qkv(n, heads=len(alpha), seed=seed))
-    out = attn(q, k, v)
-    out.square().sum().backward()
-    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    want = ref(qd, kd, vd)
-    want.square().sum().backward()
-    torch.testing.assert_close(out, want.float(), rtol=2e-5, atol=2e-5)
-    for got, exp in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
-        torch.testing.assert_close(got, exp.float(), rtol=1e-4, atol=1e-4)
-    return attn
+    """MoA's Triton module at per-head spans ``alpha`` against the reference (``_triton_call``)."""
+    return _triton_call("stdlib:moa", {"alpha": alpha, **MOA}, n, len(alpha), seed)
 
 
 def test_per_head_values_are_one_table_and_two_lists_share_one_source():

@@ -28,10 +28,7 @@ def register(form: RouteForm) -> RouteForm:
     """Add the form of a kind registered in ``core.route_kinds`` (a name already taken is refused)."""
     if form.kind not in route_kinds.KINDS:
         raise ValueError(f"no route kind '{form.kind}' is registered (core.route_kinds.register it first)")
-    if form.kind in FORMS and FORMS[form.kind] != form:
-        raise ValueError(f"the route kind '{form.kind}' has a form already")
-    FORMS[form.kind] = form
-    return form
+    return route_kinds.add_entry(FORMS, form.kind, form, f"the route kind '{form.kind}' has a form already")
 
 
 def unregister(kind: str) -> None:
