@@ -6,6 +6,7 @@ part of the key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -223,6 +224,16 @@ class Route:
     def inputs(self) -> tuple[str, ...]:
         """The call inputs the selection reads besides ``keep``'s."""
         return route_kinds.kind_of(self).inputs(self.params)
+
+    @property
+    def free_symbols(self) -> set:
+        """The symbols any of the route's values reads (its block, keep, count, threshold, stride, ...)."""
+        syms: set = set()
+        for f in dataclasses.fields(self.params):
+            value = getattr(self.params, f.name)
+            for part in value if isinstance(value, tuple) else (value,):
+                syms |= getattr(part, "free_symbols", set())
+        return syms
 
     @property
     def scores_input(self) -> str | None:

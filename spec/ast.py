@@ -328,7 +328,6 @@ class BranchRoute(Clause):
     unit_pos: Pos | None = None
 
 
-#: The clauses a pattern's ``route`` keyword opens (a branch's ``BranchRoute`` is its branch's)
 @dataclass(frozen=True)
 class KindRoute(Clause):
     """``route WORD(ARGS) blocks(...) | tokens [keep EXPR]``: a route of a kind registered in ``core.route_kinds``."""
@@ -340,6 +339,7 @@ class KindRoute(Clause):
     keep: Expr | None
 
 
+#: The clauses a pattern's ``route`` keyword opens (a branch's ``BranchRoute`` is its branch's)
 ROUTE_CLAUSES = (Route, RouteTopP, VerticalSlashRoute, BucketRoute, StripesRoute, KindRoute)
 
 

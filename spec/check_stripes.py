@@ -1,4 +1,4 @@
-"""The stripes route checked and lowered to ``ir.Route`` (``stripes`` set):
+"""The stripes route checked and lowered to ``ir.Route`` (kind ``stripes``, ``route_kinds.Stripes``):
 ``route stripes(THETA) blocks(B) groups(G) keep REGION`` (AnchorAttention). Its rule is
 ``runtime.plan.stripes``'; its semantics are spec/REFERENCE.md's."""
 

@@ -1,9 +1,9 @@
-"""Top-p routing checked and lowered to ``ir.Route`` (``topp`` set):
+"""Top-p routing checked and lowered to ``ir.Route``:
 
-- ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` (XAttention): score 'antidiagonal',
-  ``stride`` set;
-- ``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP [keep EXPR]`` (VMoBA): score 'token',
-  ``group`` set (``runtime.plan.share``)."""
+- ``route topp(P) blocks(SIZE) by antidiagonal(STRIDE) [keep EXPR]`` (XAttention): kind ``topp_antidiagonal``,
+  ``route_kinds.TopPAntidiagonal`` (``runtime.plan.antidiagonal``);
+- ``route topp(P) blocks(...) by minmax(q @ mean(k)) over GROUP [keep EXPR]`` (VMoBA): kind ``topp_share``,
+  ``route_kinds.TopPShare`` (``runtime.plan.share``)."""
 
 from __future__ import annotations
 

@@ -84,11 +84,7 @@ def mentioned_symbols(pat: ir.PatternIR) -> set:
         if expr is not None:
             syms |= expr.free_symbols
     if pat.route is not None:
-        for f in pat.route.__dataclass_fields__:
-            value = getattr(pat.route, f)
-            for part in value if isinstance(value, tuple) else (value,):
-                if hasattr(part, "free_symbols"):
-                    syms |= part.free_symbols
+        syms |= pat.route.free_symbols
     return syms
 
 

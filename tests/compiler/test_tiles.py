@@ -672,3 +672,24 @@ def test_a_float32_input_over_the_head_classifies_as_its_mask(mask_text):
     rounds to -inf too, and tile classification called row 1 EMPTY (or FULL for ``>=``)."""
     _classifies_as_its_mask(f"pattern p\n  tokens seq\n  input w: float[n]\n  mask {mask_text}\n", 2, 1,
                             [(1,), (3,)], {"w": torch.tensor([float("nan"), -2.5])})
+
+
+@pytest.mark.parametrize("spec, params, read", [
+    ("stdlib:quest", {}, "n"),  # topk = max(3, min(nk, budget) // page): of the keys' count
+    ("stdlib:anchor", {}, "n"),  # the stripes' groups and the anchor region
+    ("stdlib:xattention", {}, None),
+])
+def test_the_symbols_a_route_reads_are_the_patterns(spec, params, read):
+    """Every value of a route (block, keep, count, threshold, stride, ...) counts among what the pattern reads: the
+    kernel cache keeps a size a route reads exact (``shape_bucket``), Ulysses asks ``reads_heads``."""
+    pat = attnc.load(spec, **params)
+    assert pat.route.free_symbols <= T.mentioned_symbols(pat)
+    if read is not None:
+        assert any(s.name in (read, "nk") for s in pat.route.free_symbols)
+
+
+def test_a_route_reading_the_head_makes_the_pattern_read_heads():
+    src = "pattern r(K = 2)\n  tokens seq\n  mask causal\n  route topk(K) blocks(4) by q @ mean(k) keep k // 4 == h\n"
+    pat = attnc.load(src)
+    assert sympy.Symbol("h") in {sympy.Symbol(s.name) for s in T.mentioned_symbols(pat)} and T.reads_heads(pat)
+    assert not T.reads_heads(attnc.load(src.replace(" keep k // 4 == h", "")))
