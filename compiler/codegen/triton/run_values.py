@@ -17,7 +17,8 @@ so a model whose layers give their heads different spans compiles one module.
 What stays a constant of the text, and why:
 
 - a parameter read as a divisor or a modulus (``q // block``): a constant one is a shift or a multiply, a run-time one
-  an integer division in every pair of every PARTIAL tile;
+  an integer division in every pair of every PARTIAL tile (offline, sm_90, Triton 3.6: ``s2``'s forward PARTIAL loop
+  525 -> 1,275 instructions, registers 126 -> 194; docs/backends.md);
 - a NATTEN window's size, dilation and stride (``window(...)``): the printer computes the window's bounds from them;
 - a parameter read in float arithmetic, as an exponent or in an input's index: the printer folds those as numbers;
 - floats and bools (per head or not); the bias, softcap and route (only the mask is read);
