@@ -28,7 +28,7 @@ from .checks import (
 from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .frontends.paged import DEFAULT_LAYOUT, UnnamedLayout, bind_qkv, refuse_new_tokens
 from .numerics import needs_grad, unnormalized_output
-from .plan import block_max, clusters, given, kept_summary, routing
+from .plan import block_max, clusters, forms, given, kept_summary, routing
 from .plan.cache import PlanCache
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
@@ -376,7 +376,8 @@ class Attention(torch.nn.Module):
             return paged.run(self.forward, self.pattern, layout, q, k, v, block_table, cache_seqlens, cu_seqlens,
                              scale=scale, return_lse=return_lse, initial_state=initial_state,
                              return_state=return_state, sizes=sizes, inputs=inputs, runner=self.runner,
-                             one_launch=one_launch, one_launch_only=only)
+                             one_launch=one_launch, one_launch_only=only,
+                             refuse_cached_rows=functools.partial(forms.refuse_query_offset, self.pattern))
         refuse_new_tokens(self.pattern, inputs)  # k=, v= without pages: named, not an unknown input
         if isinstance(self.pattern, ir.RecurrenceIR) and isinstance(layout, UnnamedLayout):
             check_fla_reading(q, v, initial_state)  # fla's [B, T, H, K] would run as T heads of H tokens

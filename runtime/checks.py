@@ -28,6 +28,10 @@ PAGED_VALUES_FAILED = "attnc: a paged call's block_table, cache_seqlens or cu_se
 #: The device assert's message of a paged call whose pattern's ``scale E`` is not finite at one of its queries
 #: (``backends.triton.paged_queries.score_scaled``): on the CPU the caller then names the argument.
 SCORE_SCALE_FAILED = "attnc: a paged call's score scale is not finite at one of its queries"
+#: The device assert's message of a paged call of a prefill method (XAttention's selection across a block's queries)
+#: with a row whose queries are not all its keys (``backends.triton.paged_antidiagonal.refuse_cached_rows``): on the
+#: CPU the caller then gives the contiguous call's error.
+PREFILL_ROWS_FAILED = "attnc: a paged call of a prefill method has a row with cached keys before its queries"
 
 #: Bytes of int64 work per evaluated (query, key) pair beside the result (the
 #: positions and one intermediate at least): the floor of what evaluation needs.

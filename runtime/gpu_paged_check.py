@@ -11,11 +11,15 @@ from ..core import ir
 from ..core.errors import SpecError
 from . import combined_paged
 from . import gpu_check as G
+from .plan import forms
 
 #: The recorded call: rows of a decode batch, keys per page, query heads per K/V head (where the heads allow it).
 ROWS, PAGE, GROUP = 4, 16, 4
 #: The table's capacity in keys where ``n`` is not given.
 DEFAULT_CAPACITY = 8192
+#: A prefill method's recorded rows (each holding all its queries): their lengths, short (the kernels do not depend
+#: on them; the selection before the launch runs on the CPU).
+PREFILL_ROWS = (300, 129, 64, 17)
 
 
 def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None = None,
@@ -42,14 +46,22 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     kv_heads = heads // GROUP if heads % GROUP == 0 else heads
     batch = decode_batch(heads, kv_heads, head_dim, G.DTYPES[dtype], n, ir.least_length(pat))
     q, k_pool, v_pool, table, lengths, gen, capacity = batch
+    rows = {}
+    prefill = pat.route is not None and forms.form_of(pat.route).decode_refusal(pat) is not None
+    if prefill:  # a prefill method (XAttention): rows that hold all their queries, packed
+        lengths = torch.tensor([max(ir.least_length(pat), x) for x in PREFILL_ROWS], dtype=torch.int32)
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        q = torch.randn(1, heads, int(cu[-1]), head_dim, generator=gen).to(q.dtype)
+        rows = {"cu_seqlens_q": cu, "max_seqlen_q": capacity}
     whole = E.bind_sizes(pat, n=capacity, heads=heads, dk=head_dim)
     inputs = G._inputs(pat, whole, gen)
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
     with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
         runner = G._native_runner(pat, hw)
         attn.runner = runner  # the kernels native, the launch sized for this arch
-        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **inputs)
-    return records, f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
+        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **rows, **inputs)
+    what = "prefill rows of their own lengths, packed" if prefill else "rows"
+    return records, f"paged: {ROWS} {what} up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads"
 
 
 def decode_batch(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, n: int | None, least: int = 1):

@@ -76,7 +76,13 @@ import torch
 from ...core import ir
 from ...core.errors import SpecError
 from .. import scale_clause
-from ..checks import PAGED_VALUES_FAILED, SCORE_SCALE_FAILED, check_flag, resolve_scale
+from ..checks import (
+    PAGED_VALUES_FAILED,
+    PREFILL_ROWS_FAILED,
+    SCORE_SCALE_FAILED,
+    check_flag,
+    resolve_scale,
+)
 from ..numerics import unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
@@ -121,6 +127,7 @@ def run(
     one_launch: Callable | None = None,
     one_launch_only: tuple[str, str] | None = None,
     take_inputs: Callable | None = None,
+    refuse_cached_rows: Callable[[], None] | None = None,
 ):
     """The paged call: in one launch where the runner serves it (``one_launch_applies``: ``one_launch(q, k_cache,
     v_cache, block_table, seqlens, q_start, q_count, max_q, scale) -> (out, lse)``, the runner's paged forward or
@@ -130,7 +137,9 @@ def run(
     ``take_inputs(inputs, q, block_table, k_cache, layout, faults) -> dict | None``: the call's inputs as the one
     launch reads them (q in attnc's layout), or None with ``(argument, why, final)`` in ``faults`` (``final``: nor
     would the path by length take it, so the call is refused with ``why``); by default a pattern's
-    over the table's capacity (``one_launch_inputs``)."""
+    over the table's capacity (``one_launch_inputs``). ``refuse_cached_rows()`` raises the contiguous call's error of
+    a prefill method (its route selects across a block's queries) whose one launch found a row with cached keys
+    before its queries (the device assert ``PREFILL_ROWS_FAILED``)."""
     check_pairing(block_table, cache_seqlens, cu_seqlens)
     return_lse = check_flag("return_lse", return_lse)
     inputs, k_new, v_new = split_new_tokens(pat, inputs)
@@ -172,6 +181,8 @@ def run(
             except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
                 if SCORE_SCALE_FAILED in str(err):  # (the queries' positions in their rows)
                     raise scale_clause.not_finite(pat, "is not finite at a query of the batch") from None
+                if PREFILL_ROWS_FAILED in str(err) and refuse_cached_rows is not None:  # a prefill method's row
+                    refuse_cached_rows()  # after cached keys: the contiguous call's error
                 if PAGED_VALUES_FAILED not in str(err):
                     raise
                 diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_host_reads import HostReads
 from test_paged_kv import D, paged_cache
-from test_paged_one_launch import count_launches
+from test_paged_one_launch import assert_fullgraph_is_eager, count_launches
 
 import attnc
 from attnc.core.errors import SpecError
@@ -196,14 +196,7 @@ def test_a_paged_call_compiles_with_fullgraph():
 
     args = (q, k, v, table, seqlens, *gates.values())
     grown = (q, k, v, table, torch.tensor([13, 31, 8], dtype=torch.int32), *gates.values())
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-        got, got_grown = compiled(*args), compiled(*grown)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
-    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+    assert_fullgraph_is_eager(call, args, grown)
 
 
 @pytest.mark.parametrize("packed", [False, True])

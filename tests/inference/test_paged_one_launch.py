@@ -25,6 +25,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 #: the stdlib patterns whose paged call runs in one launch, at small sizes (``tests/cases.py``): their parameters
 ONE_LAUNCH = {name: case.params for name, case in claimed("paged").items()}
+#: Prefill methods the one launch serves for rows that hold all their queries (``test_paged_prefill_only.py``)
+PREFILL_ONE_LAUNCH = {"xattention", "anchor"}
 
 
 def paged_inputs(name: str, rows: int, cap: int) -> dict:
@@ -80,6 +82,19 @@ def reference_row(name, params, q, k, v):
     return ref(q.double(), k.double(), v.double())
 
 
+def assert_fullgraph_is_eager(call, args: tuple, grown: tuple) -> None:
+    """``call`` compiled with ``fullgraph=True`` (no graph break) gives the eager answer bit for bit, at ``args`` and
+    at ``grown`` (other lengths: one graph for both)."""
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
+        got, got_grown = compiled(*args), compiled(*grown)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
+    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+
+
 def count_launches(monkeypatch):
     launched = []
     real = KL.launch_kernel
@@ -104,7 +119,7 @@ def test_the_one_launch_patterns_are_the_ones_named_here():
         ).pattern
         if triton_paged.applies(pat):
             served.add(name)
-    assert served == set(ONE_LAUNCH)
+    assert served == set(ONE_LAUNCH) | PREFILL_ONE_LAUNCH
 
 
 @pytest.mark.versions  # the paged forward's interpreter run on each Triton CI installs
@@ -675,16 +690,7 @@ def test_a_paged_call_compiles_with_fullgraph(packed):
             return attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
 
         args = (q, k, v, table, seqlens)
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-        got = compiled(*args)
-        grown = (*args[:4], torch.tensor([13, 31, 8], dtype=torch.int32), *args[5:])
-        got_grown = compiled(*grown)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
-    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+    assert_fullgraph_is_eager(call, args, (*args[:4], torch.tensor([13, 31, 8], dtype=torch.int32), *args[5:]))
 
 
 def test_a_paged_call_with_inputs_compiles_with_fullgraph():
@@ -700,14 +706,7 @@ def test_a_paged_call_with_inputs_compiles_with_fullgraph():
 
     args = (q, k, v, table, seqlens, doc)
     grown = (q, k, v, table, torch.tensor([13, 31, 8], dtype=torch.int32), doc)
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(call, fullgraph=True, backend="aot_eager")
-        got, got_grown = compiled(*args), compiled(*grown)
-    finally:
-        torch._dynamo.reset()
-    torch.testing.assert_close(got, call(*args), rtol=0, atol=0)
-    torch.testing.assert_close(got_grown, call(*grown), rtol=0, atol=0)
+    assert_fullgraph_is_eager(call, args, grown)
 
 
 @pytest.mark.parametrize("name", ["forgetting", "dma", "dsa", "music_relative", "cluster_mask", "sparsifiner", "seer"])

@@ -2,8 +2,10 @@
 top-p, ``combiner``'s max summaries): they are prefill methods, refused after a KV cache by their semantics, so a
 paged batch serves rows whose queries are all their keys. Such a batch (rows of different lengths, each with its
 own query count, shuffled pages, GQA, packed or per row) equals the float64 reference row by row on every backend
-that runs it; a row with cached keys before its queries gets the contiguous call's error. These calls take the path
-by length (``frontends.paged_gather``): their selection reads every query of a block."""
+that runs it; a row with cached keys before its queries gets the contiguous call's error. XAttention's and
+AnchorAttention's batches are one launch whatever their rows' lengths (``backends.triton.paged_antidiagonal``,
+``paged_stripes``: each row's selection made on the device), read nothing on the host and compile with
+``fullgraph=True``; ``combiner`` takes the path by length (``frontends.paged_gather``)."""
 
 import os
 
@@ -11,8 +13,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_host_reads import HostReads
 from test_paged_kv import HQ, D
-from test_paged_one_launch import pool
+from test_paged_one_launch import assert_fullgraph_is_eager, count_launches, pool
 
 import attnc
 from attnc.core.errors import SpecError
@@ -81,3 +84,130 @@ def test_a_row_with_cached_keys_before_its_queries_gets_the_contiguous_calls_err
         attn(q[:, :, 9:13], rows[1][0], rows[1][1], layout="bhnd")
     assert (paged.value.message, paged.value.where) == (plain.value.message, plain.value.where)
     assert "KV cache" in paged.value.message
+
+
+def _packed(lengths, page, seed):
+    """A pool of rows of ``lengths`` and q packed with each row's queries, all its keys (``cu_seqlens_q``)."""
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(seed + 1))
+    return q, k, v, table, seqlens, cu, rows
+
+
+#: the prefill methods whose paged batch is one launch
+ONE_LAUNCH = ["anchor", "xattention"]
+
+
+@pytest.mark.parametrize("name", ONE_LAUNCH)
+def test_a_prefill_batch_is_one_launch_whatever_its_lengths(name, monkeypatch):
+    """Three rows of one length and three of three lengths, one capacity: one ``attnc_fwd_paged`` each, nothing else
+    launched; each row the reference's."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
+    seen = []
+    for lengths in ([17, 17, 17], [5, 17, 26]):
+        q, k, v, table, seqlens, cu, rows = _packed(lengths, 8, 7)
+        table = torch.nn.functional.pad(table, (0, 4 - table.shape[1]), value=-1)  # one capacity for both
+        launched = count_launches(monkeypatch)
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+        seen.append(launched)
+        monkeypatch.undo()
+        for b, want in enumerate(_reference_rows(name, q, rows, cu)):
+            torch.testing.assert_close(out[:, :, int(cu[b]):int(cu[b + 1])], want.float(), rtol=2e-5, atol=2e-5)
+    assert seen[0] == seen[1] == ["attnc_fwd_paged"]
+
+
+@pytest.mark.parametrize("name", ONE_LAUNCH)
+def test_a_warm_prefill_batch_reads_nothing_on_the_host(name):
+    """At its batch shape's second call and at new lengths (the rows' queries with them): no host read."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
+    q, k, v, table, seqlens, cu, _ = _packed([9, 20, 4], 8, 3)
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    grown = torch.tensor([11, 19, 3], dtype=torch.int32)
+    for lengths in (seqlens, grown):
+        cu_now = torch.tensor([0, *lengths.cumsum(0).tolist()], dtype=torch.int32)
+        with HostReads() as reads:
+            attn(q, k, v, block_table=table, cache_seqlens=lengths, cu_seqlens_q=cu_now, layout="bhnd")
+        assert reads.total == 0, dict(reads.seen)
+
+
+@pytest.mark.parametrize("name", ONE_LAUNCH)
+def test_a_prefill_batch_compiles_with_fullgraph(name):
+    """Under ``torch.compile(fullgraph=True)``: the eager answer bit for bit, at a second set of lengths too."""
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
+    q, k, v, table, seqlens, cu, _ = _packed([9, 20, 4], 8, 5)
+
+    def call(q, k, v, table, seqlens, cu):
+        return attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, max_seqlen_q=20,
+                    layout="bhnd")
+
+    other = torch.tensor([12, 17, 4], dtype=torch.int32)
+    args = (q, k, v, table, seqlens, cu)
+    grown = (q, k, v, table, other, torch.tensor([0, *other.cumsum(0).tolist()], dtype=torch.int32))
+    assert_fullgraph_is_eager(call, args, grown)
+
+
+#: an antidiagonal route under a lagged band: a row's last, partial run reaches fewer stride tiles than the
+#: capacity's (a query past the row's length would reach keys its row's queries do not)
+BANDED = """pattern banded(block >= 1 = 6, stride >= 1 = 3, lag >= 0 = 1, band >= 1 = 7, threshold > 0 = 0.7)
+  tokens seq
+  mask q - k >= lag and q - k < band
+  route topp(threshold) blocks(block) by antidiagonal(stride) keep q // block == k // block
+"""
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), lag=st.integers(0, 2), band=st.integers(3, 12),
+       page=st.sampled_from([3, 8]), per_row=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_banded_antidiagonal_route_equals_the_reference_row_by_row(lengths, lag, band, page, per_row, seed):
+    """A mask other than causal (a lagged band), lengths that end inside a run: each row the reference's on its own
+    keys, packed or one length per row (q ``[B, H, n, D]``, every row n keys)."""
+    if per_row:
+        lengths = [lengths[0]] * len(lengths)
+    q, k, v, table, seqlens, cu, rows = _packed(lengths, page, seed)
+    attn = attnc.compile_attention(BANDED, backend="triton", lag=lag, band=band)
+    ref = attnc.compile_attention(BANDED, backend="reference", lag=lag, band=band)
+    if per_row:
+        n = lengths[0]
+        q = q[0].view(HQ, len(lengths), n, D).transpose(0, 1)  # row b's n queries
+        out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+        for b, (kb, vb) in enumerate(rows):
+            want = ref(q[b:b + 1].double(), kb.double(), vb.double())
+            torch.testing.assert_close(out[b:b + 1], want.float(), rtol=2e-5, atol=2e-5)
+        return
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    for b, (kb, vb) in enumerate(rows):
+        want = ref(q[:, :, int(cu[b]):int(cu[b + 1])].double(), kb.double(), vb.double())
+        torch.testing.assert_close(out[:, :, int(cu[b]):int(cu[b + 1])], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(1, 30), min_size=1, max_size=3), lag=st.integers(0, 2), band=st.integers(3, 12),
+       seed=st.integers(0, 2**16))
+def test_each_rows_stride_tiles_and_mass_are_the_contiguous_estimates_at_its_length(lengths, lag, band, seed):
+    """The batch's pieces against ``plan/antidiagonal.py`` at each row's own length: the stride tiles its mask
+    reaches (a row's last, partial run: its pairs below the length only) exactly, its (query block, key block) mass
+    to float32 rounding."""
+    from attnc.compiler.analysis import evaluate as E
+    from attnc.runtime.backends.triton import paged_antidiagonal as PA
+    from attnc.runtime.backends.triton.paged_queries import queries_of
+    from attnc.runtime.plan import antidiagonal
+
+    q, k, v, table, seqlens, cu, rows = _packed(lengths, 4, seed)
+    attn = attnc.compile_attention(BANDED, backend="triton", lag=lag, band=band)
+    attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    t = next(made for key, made in attn.runner.block_plans.items() if key[0] == "paged")
+    pat, stride, block, cap = attn.pattern, 3, 6, t.capacity
+    qs = queries_of(q, seqlens, cu[:-1], cu[1:] - cu[:-1], True, cap)
+    reach = PA._stride_reach(t, qs.lengths, stride, HQ, q.device)
+    qr, kr = PA._row_vectors(qs, k, table, cap, stride, len(lengths), HQ)
+    mass = PA._block_mass(qr, kr, reach, qs.lengths, block, stride, -(-cap // block))
+    for b, (n, (kb, _)) in enumerate(zip(lengths, rows, strict=True)):
+        bound = E.bind_sizes(pat, n=n, nk=n, heads=HQ, dk=D)
+        runs, nb = -(-n // stride), -(-n // block)
+        want = antidiagonal.stride_tiles(pat, bound, None, 1, stride, range(runs))[0]  # [H, runs, runs]
+        got = reach[b].expand(HQ, -1, -1)
+        assert torch.equal(got[:, :runs, :runs], want) and not got[:, runs:].any() and not got[:, :, runs:].any()
+        rows_q = q[:, :, int(cu[b]):int(cu[b + 1])]
+        want_mass = antidiagonal.block_mass(pat, bound, rows_q, kb, None, block, stride)[0]
+        torch.testing.assert_close(mass[b, :, :nb, :nb], want_mass, rtol=1e-5, atol=1e-6)
+        assert not mass[b, :, nb:].any() and not mass[b, :, :, nb:].any()

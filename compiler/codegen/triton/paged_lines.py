@@ -48,7 +48,7 @@ def scores_pool(pat) -> bool:
     token route by ``q @ k``, the keys' cluster ids (``cluster(k, CENTROIDS)``: each centroid against each key), or
     landmark gates (``landmark(BLOCK)``: each query against its row's keys)."""
     route = pat.route
-    return ((route is not None and route.tokens and (not route.is_top_k() or route.params.indexer is None))
+    return ((route is not None and route.tokens and route.is_top_k() and route.params.indexer is None)
             or any(decl.derived is not None and (decl.derived[:2] == ("cluster", "k")
                                                   or decl.derived[0] in ("landmark", "vertical_slash"))
                    for decl in pat.inputs))
@@ -59,7 +59,11 @@ def serves_route(route) -> bool:
     (MoBA's means, Quest's bounds: ``attnc_paged_summary``) or given (SeerAttention's gate), one selection per query
     head; or top-k tokens scored
     by ``q @ k`` (``attnc_paged_token_scores``), by indexer inputs (``QI @ KI``, DeepSeek's indexer) or by a score
-    per key (DMA). The paged kernel reads each row's selection (``SEL``) and its own lists."""
+    per key (DMA); or a prefill method's selection across a block's queries, made for its rows before the launch:
+    top-p blocks by antidiagonal scoring (XAttention, ``paged_antidiagonal``), stripes by anchor (AnchorAttention,
+    ``paged_stripes``). The paged kernel reads each row's selection (``SEL``) and its own lists."""
+    if route is not None and route.kind in (route_kinds.TOPP_ANTIDIAGONAL.name, route_kinds.STRIPES.name):
+        return True
     if route is None or route.kind not in (route_kinds.TOPK_BLOCKS.name, route_kinds.TOPK_TOKENS.name):
         return False
     p = route.params

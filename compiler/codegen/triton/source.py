@@ -25,7 +25,7 @@ import dataclasses
 
 import sympy
 
-from ....core import ir
+from ....core import ir, route_kinds
 from ....core import symbols as S
 from ....core.errors import SpecError
 from ...analysis import evaluate as E
@@ -235,7 +235,8 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
             if paged_lines.scores_pool(self.pat):  # q . k over the pages (a token route's; clusters' c . k)
                 parts.append(TOKEN_SCORE_KERNEL)
             route = self.pat.route
-            if route is not None and not route.tokens and route.scores_input is None:  # the block summaries it scores
+            if route is not None and route.kind == route_kinds.TOPK_BLOCKS.name and route.scores_input is None:
+                # the block summaries it scores
                 parts.append(SUMMARY_KERNEL)
         parts += [self._forward_combine(), self._backward_delta(), self._backward_dq(), self._backward_dkdv()]
         return "\n\n\n".join(p.strip("\n") for p in parts if p.strip()) + "\n"

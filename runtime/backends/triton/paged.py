@@ -53,7 +53,7 @@ from ....compiler.cost.decode_cost import PACKED_ROWS
 from ....compiler.cost.decode_cost import split_kv as split_rule
 from ....compiler.cost.model import KernelConfig
 from ....compiler.cost.search import block_config
-from ....core import ir
+from ....core import ir, route_kinds
 from ....core import symbols as S
 from ...checks import PAGED_VALUES_FAILED
 from ...plan import decode_lists, tile_plan
@@ -62,9 +62,11 @@ from ...plan.device_tiles import compact
 from ...tritonenv import interpreting
 from . import (
     blocks,
+    paged_antidiagonal,
     paged_clusters,
     paged_flags,
     paged_routes,
+    paged_stripes,
     paged_tables,
     paged_tokens,
     split_kv,
@@ -86,13 +88,20 @@ def applies(pat) -> bool:
     return (
         isinstance(pat, ir.PatternIR)
         and pat.self_attention
-        and (pat.route is None or (pat.decay is None and paged_routes.applies(pat)))
+        and (pat.route is None or (pat.decay is None and _route_served(pat)))
         and pat.queries.kind == "seq"
         and pat.keys.kind == "seq"
         and not pat.queries.segments
         and not pat.keys.segments
         and _terms_served(pat)
     )
+
+
+def _route_served(pat) -> bool:
+    """Whether the one launch chooses ``pat``'s route on the device: top-k blocks or tokens (``paged_routes``,
+    ``paged_tokens``), or a prefill method's selection across a block's queries (``paged_antidiagonal``,
+    ``paged_stripes``)."""
+    return paged_routes.applies(pat) or paged_antidiagonal.applies(pat) or paged_stripes.applies(pat)
 
 
 def _terms_served(pat) -> bool:
@@ -443,7 +452,9 @@ def _launch(runner, load, q, k_cache, v_cache, block_table, seqlens, q_start, q_
         chosen_by = dataclasses.replace(qs, flat=flat)
     sel = kept = None
     if t.route_block:  # a routed pattern: this call's selection and the rows' own lists, made on the device
-        chooser = paged_tokens.select if pat.route.tokens else paged_routes.select
+        chooser = {route_kinds.TOPP_ANTIDIAGONAL.name: paged_antidiagonal.select,
+                   route_kinds.STRIPES.name: paged_stripes.select}.get(
+            pat.route.kind, paged_tokens.select if pat.route.tokens else paged_routes.select)
         sel, lists, kept = chooser(t, q, chosen_by, k_cache, block_table, seqlens, inputs)
         launch = dataclasses.replace(t.launch, lists=lists, cls=lists["cls"])
     else:

@@ -13,7 +13,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....core import symbols as S
 from ... import scale_clause
-from ...checks import SCORE_SCALE_FAILED
+from ...checks import PREFILL_ROWS_FAILED, SCORE_SCALE_FAILED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +111,40 @@ def score_scaled(q: torch.Tensor, qs: PagedQueries, score_scale: sympy.Expr, bou
     return qs.as_q(scaled), scaled
 
 
+def refuse_cached_rows(qs: PagedQueries, rows: int) -> None:
+    """A device assert that every row with queries holds the queries of all its keys (a prefill row): a prefill
+    method's selection across a block's queries needs every one of them (``PREFILL_ROWS_FAILED``)."""
+    count = torch.zeros(rows, dtype=torch.int64, device=qs.row.device).index_add_(0, qs.row, qs.valid.to(torch.int64))
+    first = torch.full((rows,), 2**62, dtype=torch.int64, device=qs.row.device).scatter_reduce(
+        0, qs.row, torch.where(qs.valid, qs.pos, 2**62), reduce="amin")
+    torch._assert_async(((count == 0) | ((count == qs.lengths) & (first == 0))).all(), PREFILL_ROWS_FAILED)
+
+
+def row_queries(qs: PagedQueries, rows: int, span: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's queries at their positions, zero elsewhere: ``[rows, Hq, span, D]`` in ``dtype`` (a prefill
+    batch's rows as the contiguous call of each holds them, padded)."""
+    heads, d = qs.flat.shape[1:]
+    slots = torch.where(qs.valid, qs.row * span + qs.pos, rows * span)  # an invalid query: a slot dropped after
+    out = torch.zeros(rows * span + 1, heads, d, dtype=dtype, device=qs.flat.device)
+    out.index_copy_(0, slots, qs.flat.to(dtype))
+    return out[:-1].view(rows, span, heads, d).permute(0, 2, 1, 3)
+
+
+def row_keys(k_cache: torch.Tensor, block_table: torch.Tensor, lengths: torch.Tensor, capacity: int, span: int,
+             dtype: torch.dtype) -> torch.Tensor:
+    """Each row's keys read through its block table, zero past its length: ``[rows, Hkv, span, D]`` in ``dtype``, a
+    transient copy (``-1`` padding reads a page whose keys are dropped here)."""
+    rows, kv_heads, d = block_table.shape[0], k_cache.shape[2], k_cache.shape[3]
+    keys = k_cache[block_table.clamp(min=0).long()].reshape(rows, -1, kv_heads, d)[:, :capacity].to(dtype)
+    held = torch.arange(capacity, device=keys.device) < lengths.view(-1, 1)
+    keys = torch.nn.functional.pad(torch.where(held[..., None, None], keys, 0.0), (0, 0, 0, 0, 0, span - capacity))
+    return keys.permute(0, 2, 1, 3)
+
+
 def pow2(x: int) -> int:
     """The least power of two at least ``x`` (1 for 0): a kernel's block of ``x`` elements."""
     return 1 << max(0, x - 1).bit_length()
 
 
-__all__ = ["PagedQueries", "pow2", "queries_of", "row_matmul", "score_scaled"]
+__all__ = ["PagedQueries", "pow2", "queries_of", "refuse_cached_rows", "row_keys", "row_matmul", "row_queries",
+           "score_scaled"]

@@ -47,7 +47,7 @@ def applies(pat) -> bool:
     row's length (each query's row's), neither reading an input, and a K that may grow with the length but is at
     least 1 at every length."""
     route = pat.route
-    if not serves_route(route) or not decode_lists.applies(dataclasses.replace(pat, route=dataclasses.replace(
+    if not route.is_top_k() or not serves_route(route) or not decode_lists.applies(dataclasses.replace(pat, route=dataclasses.replace(
             route, params=dataclasses.replace(route.params, keep=None)))):
         return False
     if isinstance(route.keep, sympy.Basic) and (
@@ -110,7 +110,7 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict |
         words = pack_words(chosen)
         if packed:  # [1, Hq, total, words]: indexed as q's packed rows
             words = words.permute(2, 1, 0, 3).contiguous()
-        lists = _lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
+        lists = tile_lists(t, chosen, row_of, rows, kv_heads, size, nblocks)
     return words, lists, kept
 
 
@@ -217,7 +217,7 @@ def pack_words(chosen: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32).contiguous()
 
 
-def _lists(t, chosen: torch.Tensor, row_of, rows: int, kv_heads: int, size: int, nblocks: int) -> dict:
+def tile_lists(t, chosen: torch.Tensor, row_of, rows: int, kv_heads: int, size: int, nblocks: int) -> dict:
     """Per (row, K/V head): the KV tiles holding a key of a block some query of the row selected for some query
     head of the group, ascending, all PARTIAL; no FULL tile."""
     X, heads = chosen.shape[:2]
@@ -245,4 +245,4 @@ def visit_lists(t, visit: torch.Tensor) -> dict:
             "PART_STEPS": t.kv_tiles.bit_length(), "cls": (kv_heads, 1)}
 
 
-__all__ = ["applies", "keep", "launch_summaries", "pack_words", "pool_means", "route_inputs", "row_topk", "select", "visit_lists"]
+__all__ = ["applies", "keep", "launch_summaries", "pack_words", "pool_means", "route_inputs", "row_topk", "select", "tile_lists", "visit_lists"]
