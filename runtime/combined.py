@@ -36,6 +36,7 @@ from .frontends.layouts import check_layout, sequence_qkv
 from .frontends.paged import bind_qkv
 from .numerics import compute_dtype, merge_by_lse, tied_to
 from .ops.paged import launcher
+from .plan import forms
 from .plan.cache import PlanCache
 from .pooled_probs import group_mean, mask_only, pooled_probs
 
@@ -219,7 +220,13 @@ class CombinedAttention(torch.nn.Module):
 
         return paged.run(self.forward, self.pattern, layout, q, k_cache, v_cache, block_table, cache_seqlens,
                          cu_seqlens, scale=scale, return_lse=False, initial_state=None, return_state=False,
-                         sizes=sizes, inputs=inputs, runner=server, one_launch=one_launch, take_inputs=take)
+                         sizes=sizes, inputs=inputs, runner=server, one_launch=one_launch, take_inputs=take,
+                         refuse_cached_rows=self._refuse_cached_rows)
+
+    def _refuse_cached_rows(self) -> None:
+        """A branch's prefill route found a row with cached keys before its queries: that branch's contiguous error."""
+        for b in self.pattern.branches:
+            forms.refuse_query_offset(b.pattern)
 
 
     @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly

@@ -49,7 +49,7 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     rows = {}
     prefill = pat.route is not None and forms.form_of(pat.route).decode_refusal(pat) is not None
     if prefill:  # a prefill method (XAttention): rows that hold all their queries, packed
-        lengths = torch.tensor([max(ir.least_length(pat), x) for x in PREFILL_ROWS], dtype=torch.int32)
+        lengths = torch.tensor([min(capacity, max(ir.least_length(pat), x)) for x in PREFILL_ROWS], dtype=torch.int32)
         cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         q = torch.randn(1, heads, int(cu[-1]), head_dim, generator=gen).to(q.dtype)
         rows = {"cu_seqlens_q": cu, "max_seqlen_q": capacity}

@@ -211,3 +211,19 @@ def test_each_rows_stride_tiles_and_mass_are_the_contiguous_estimates_at_its_len
         want_mass = antidiagonal.block_mass(pat, bound, rows_q, kb, None, block, stride)[0]
         torch.testing.assert_close(mass[b, :, :nb, :nb], want_mass, rtol=1e-5, atol=1e-6)
         assert not mass[b, :, nb:].any() and not mass[b, :, :, nb:].any()
+
+
+@pytest.mark.parametrize("keep", ["k // block >= q // block - 1", "q // block == k // block or k >= n - block"])
+def test_a_keep_reaching_past_a_row_forces_none_of_the_capacitys_other_blocks(keep):
+    """A ``keep`` that holds at blocks past a row's length (the table has spare pages): only the row's own blocks
+    count as forced in its top-p rule, as the contiguous call of the row counts them."""
+    spec = BANDED.replace("keep q // block == k // block", f"keep {keep}").replace("mask q - k >= lag and q - k < band",
+                                                                                    "mask causal")
+    q, k, v, table, seqlens, cu, rows = _packed([16, 9], 4, 1)
+    table = torch.nn.functional.pad(table, (0, 2), value=-1)
+    attn = attnc.compile_attention(spec, backend="triton", block=4, stride=2, threshold=0.5)
+    ref = attnc.compile_attention(spec, backend="reference", block=4, stride=2, threshold=0.5)
+    out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    for b, (kb, vb) in enumerate(rows):
+        want = ref(q[:, :, int(cu[b]):int(cu[b + 1])].double(), kb.double(), vb.double())
+        torch.testing.assert_close(out[:, :, int(cu[b]):int(cu[b + 1])], want.float(), rtol=2e-5, atol=2e-5)

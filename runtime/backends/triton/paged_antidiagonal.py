@@ -82,7 +82,9 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs=None) -
         if p.keep is not None:
             forced = device_mask(but_row_lengths(p.keep, bound), pat, bound, flat,
                                  torch.arange(nblocks, device=device) * block, key_rows)[0].expand(heads, -1, -1)
-            forced = forced & qs.valid.view(1, -1, 1)
+            # the row's own blocks only (keep may name a block past its length: no block of the row)
+            own = torch.arange(nblocks, device=device) * block < key_rows.view(-1, 1)
+            forced = forced & qs.valid.view(1, -1, 1) & own.unsqueeze(0)
         at = qs.row * nblocks + torch.div(qs.pos, block, rounding_mode="floor")  # each query's (row, query block)
         candidates = _per_query_block(allowed, at, rows * nblocks).view(heads, rows, nblocks, nblocks)
         forced = None if forced is None else _per_query_block(forced, at, rows * nblocks).view(

@@ -73,7 +73,8 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs=None) -
             return allowed, kept
 
         count = qs.row.shape[0]
-        step = max(1, SCORE_CHUNK // max(1, heads * cap))
+        # a chunk's scores and its queries' copies of their rows' keys stay within SCORE_CHUNK elements
+        step = max(1, SCORE_CHUNK // max(1, cap * max(heads, kv_heads * qs.flat.shape[-1])))
         anchor = torch.full((count, heads), float("-inf"), dtype=dtype, device=device)
         for start in range(0, count, step):  # 1. each query's anchor over its region
             part = slice(start, min(count, start + step))
