@@ -173,20 +173,7 @@ def run(
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
         launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1]))
         extra = {"inputs": given} if given else {}
-        if torch.compiler.is_compiling():  # the op asserts the rows' values on the device, in the graph
-            out, lse = one_launch(*launched, **extra)
-        else:
-            try:  # the runner checks the values on the device (its kernel's row check, then one assert)
-                out, lse = one_launch(*launched, **extra)
-            except RuntimeError as err:  # on the CPU, at once: the host rules name the argument and the row
-                if SCORE_SCALE_FAILED in str(err):  # (the queries' positions in their rows)
-                    raise scale_clause.not_finite(pat, "is not finite at a query of the batch") from None
-                if PREFILL_ROWS_FAILED in str(err) and refuse_cached_rows is not None:  # a prefill method's row
-                    refuse_cached_rows()  # after cached keys: the contiguous call's error
-                if PAGED_VALUES_FAILED not in str(err):
-                    raise
-                diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
-                raise
+        out, lse = _launch_checked(one_launch, launched, extra, pat, cache_seqlens, appended, rows, refuse_cached_rows)
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
     if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
@@ -209,6 +196,26 @@ def run(
     return by_length(forward, pat, layout, q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
                      scale=scale, return_lse=return_lse, initial_state=initial_state,
                      return_state=return_state, sizes=sizes, inputs=inputs, rows=rows)
+
+
+def _launch_checked(one_launch: Callable, launched: tuple, extra: dict, pat, cache_seqlens, appended: int, rows,
+                    refuse_cached_rows: Callable[[], None] | None):
+    """``one_launch(*launched, **extra)``, whose device asserts become the caller's errors: on the CPU, at once, the
+    host rules name the argument and the row; under ``torch.compile`` the op asserts in the graph."""
+    if torch.compiler.is_compiling():
+        return one_launch(*launched, **extra)
+    try:  # the runner checks the values on the device (its kernel's row check, then one assert)
+        return one_launch(*launched, **extra)
+    except RuntimeError as err:
+        if SCORE_SCALE_FAILED in str(err):  # (the queries' positions in their rows)
+            raise scale_clause.not_finite(pat, "is not finite at a query of the batch") from None
+        if PREFILL_ROWS_FAILED in str(err) and refuse_cached_rows is not None:  # a prefill method's row after
+            refuse_cached_rows()  # cached keys: the contiguous call's error
+        if PAGED_VALUES_FAILED not in str(err):
+            raise
+        q, k_cache, block_table = launched[0], launched[1], launched[3]
+        diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
+        raise
 
 
 def block_table_rows(block_table, q, rows) -> int:
