@@ -218,9 +218,13 @@ class ExprPrinter(ABC):
         return f"{self.LIB}.{'floor' if isinstance(e, sympy.floor) else 'ceil'}({self._float(a)})"
 
     # ------------------------------------------------------------ choices, relations, logic
+    def _branch_values(self, values) -> list[str]:
+        """The texts of a ``where``'s branch values, the last one the innermost fallback."""
+        return self._promoted(values)
+
     def _piecewise(self, e: sympy.Piecewise) -> str:
         *rest, (last, _) = e.args
-        vals = self._promoted([v for v, _ in rest] + [last])
+        vals = self._branch_values([v for v, _ in rest] + [last])
         out = vals[-1]
         for (_, cond), val in zip(reversed(rest), reversed(vals[:-1]), strict=True):
             out = f"{self.LIB}.where({self.p(cond)}, {val}, {out})"
@@ -228,7 +232,7 @@ class ExprPrinter(ABC):
 
     def _ite(self, e: sympy.ITE) -> str:
         c, a, b = e.args
-        va, vb = self._promoted([a, b])
+        va, vb = self._branch_values([a, b])
         return f"{self.LIB}.where({self.p(c)}, {va}, {vb})"
 
     def _relational(self, e) -> str:

@@ -257,3 +257,17 @@ def test_flex_backward_takes_smaller_tiles_where_a_captured_tensor_is_differenti
     assert kernel_options(cuda, 64, (table,)) is None
     assert kernel_options(cuda, 128, (fixed,)) is None
     assert kernel_options(cpu, 128, (table,)) is None
+
+
+# ----------------------------------------------------------------- a where of float constants
+@pytest.mark.parametrize("clause", [
+    "mask window(2, dilation = 2)\n  bias if causal then heads else 0.3",
+    # in float32, 0.1 * 3 > 0.3 is false; in float64 (the evaluator's) it is true on the causal pairs
+    "mask (if causal then 0.1 else 0.7) * 3 > 0.3",
+])
+def test_a_where_of_float_constants_is_float64(clause):
+    """torch.where(c, 1.0, 0.3) is float32 (torch's default dtype): a branch of float constants alone is
+    computed in float64, as the evaluator computes it (differential fuzzing found the bias 1e-8 off)."""
+    spec = f"pattern p\n  tokens seq\n  {clause}\n"
+    fx = compare(spec, *qkv(2, 1, 33, 8, seed=5), {})
+    assert "dtype=torch.float64" in fx.source
