@@ -34,7 +34,7 @@ from .combined_paged import applies as paged_applies
 from .frontends import paged
 from .frontends.layouts import check_layout, sequence_qkv
 from .frontends.paged import bind_qkv
-from .numerics import compute_dtype, merge_by_lse, tied_to
+from .numerics import compute_dtype, merge_softmax, tied_to
 from .ops.paged import launcher
 from .plan import forms
 from .plan.cache import PlanCache
@@ -85,17 +85,6 @@ def pool_summary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, size: int, s
         score = score.masked_fill(~inside, -math.inf)
     values = torch.einsum("bhrs,bhrsd->bhrd", torch.softmax(score, dim=-1), vr)
     return heads(pool_max(k, size)), values.to(q.dtype)
-
-
-def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attentions over disjoint key sets merged into the one softmax over all their keys (``numerics.merge_by_lse``
-    in turn: a branch with no key weighs 0; a row with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64
-    outputs); differentiable."""
-    dtype = compute_dtype(outs[0].dtype)
-    out, lse = outs[0].to(dtype), lses[0].to(dtype)
-    for part, part_lse in zip(outs[1:], lses[1:], strict=True):
-        out, lse = merge_by_lse(out, lse, part.to(dtype), part_lse.to(dtype))
-    return out, lse
 
 
 class CombinedAttention(torch.nn.Module):
@@ -203,10 +192,12 @@ class CombinedAttention(torch.nn.Module):
         self._refuse(return_lse, initial_state, return_state, key_summary)
         layout = self.layout if layout is None else check_layout(layout)
         if block_table is not None or cache_seqlens is not None:  # paged KV caches: one launch per branch, or by length
-            return self._paged(layout, q, k, v, block_table, cache_seqlens, cu_seqlens, scale, sizes, inputs)
+            return self._paged(layout, q, k, v, block_table, cache_seqlens, cu_seqlens, scale, return_lse, sizes,
+                               inputs)
         return self._forward(q, k, v, scale, return_lse, layout, sizes, cu_seqlens, inputs)
 
-    def _paged(self, layout, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens, scale, sizes, inputs):
+    def _paged(self, layout, q, k_cache, v_cache, block_table, cache_seqlens, cu_seqlens, scale, return_lse, sizes,
+               inputs):
         """A paged call (``frontends.paged``): each branch's one launch where every branch's runner serves it
         (``combined_paged``; under ``torch.compile`` the ``attnc::paged_attention`` op around it), else by length
         (eager, a graph break under ``torch.compile``)."""
@@ -219,15 +210,16 @@ class CombinedAttention(torch.nn.Module):
                 return check_gates(self.pattern, given, q, layout, faults)
 
         return paged.run(self.forward, self.pattern, layout, q, k_cache, v_cache, block_table, cache_seqlens,
-                         cu_seqlens, scale=scale, return_lse=False, initial_state=None, return_state=False,
+                         cu_seqlens, scale=scale, return_lse=return_lse, initial_state=None, return_state=False,
                          sizes=sizes, inputs=inputs, runner=server, one_launch=one_launch, take_inputs=take,
                          refuse_cached_rows=self._refuse_cached_rows)
 
     def _refuse_cached_rows(self) -> None:
-        """A branch's prefill route found a row with cached keys before its queries: that branch's contiguous error."""
+        """The one launch found a row with cached keys before its queries (a branch's prefill route, or a max
+        summary's run, needs every query of it): the contiguous call's error."""
+        self._refuse_cache()
         for b in self.pattern.branches:
             forms.refuse_query_offset(b.pattern)
-
 
     @torch.compiler.disable  # plain torch around the branches' own calls: under torch.compile it runs eagerly
     def _forward(self, q, k, v, scale, return_lse: bool, layout: str, sizes, cu_seqlens, inputs: dict):
@@ -274,6 +266,11 @@ class CombinedAttention(torch.nn.Module):
         if cu_seqlens is not None:
             raise SpecError(f"'{name}' (a combined pattern) takes packed sequences with as many keys as queries",
                             where="argument cu_seqlens", hint="decode each sequence with its own KV cache")
+        self._refuse_cache()
+
+    def _refuse_cache(self) -> None:
+        """Queries after a KV cache: refused where a branch or the merge needs every query of the sequence."""
+        name = self.pattern.name
         if self.pattern.merge == "softmax":
             raise SpecError(f"'{name}' merges its branches into one softmax (combine softmax(...)): queries after a "
                             "KV cache are not supported for it in this version", where="argument k",

@@ -1,30 +1,39 @@
-"""A combined pattern's paged batch with one launch per branch (stdlib ``nsa``): every row of a batch over a paged KV
-cache, each with its own key and query counts, nothing read on the host, nothing gathered per length.
+"""A combined pattern's paged batch with one launch per branch (stdlib ``nsa``, ``combiner``): every row of a batch
+over a paged KV cache, each with its own key and query counts, nothing read on the host, nothing gathered per length.
 
 At every call (``PagedCombined.paged_forward``, which ``frontends.paged.run`` calls as any runner's one launch):
 
-- a pooled branch (``keys pooled(mean, SIZE)`` with a mask alone) gets each row's runs' mean keys and values from
-  its pages (its runner's ``paged_pool_means``: each cached key read once, the last run the mean of its own keys, as
-  ``combined.pool_mean``); its probabilities are each query's softmax of ``scale * q . k`` over the runs its mask
-  allows at the query's absolute position among its row's runs, 0 on a query with none (as ``pooled_probs``), and
-  its output those probabilities times the mean values: plain torch, a product of 1/SIZE of attention's;
+- a pooled branch gets each row's runs from its pages:
+  - ``keys pooled(mean, SIZE)``: the runs' mean keys and values (its runner's ``paged_pool_means``: each cached key
+    read once, the last run the mean of its own keys, as ``combined.pool_mean``);
+  - ``keys pooled(max, SIZE)`` (Combiner's summaries): the runs' elementwise-max keys, and per query head each run's
+    attention over its own keys by the elementwise max of its queries (its runner's ``paged_max_summaries``, as
+    ``combined.pool_summary``). A run's value reads every query of the run, so such a batch serves prefill rows
+    only (every query of every key), as the contiguous call does: a row with cached keys before its queries fails a
+    device assert that gives the contiguous call's error (``PREFILL_ROWS_FAILED``);
+
+  its probabilities are each query's softmax of ``scale * q . k`` over the runs its mask allows at the query's
+  absolute position among its row's runs, 0 on a query with none (as ``pooled_probs``), and its output those
+  probabilities times the runs' values: plain torch, a product of 1/SIZE of attention's;
 - a route ``by probs(NAME)`` gets those probabilities averaged over each GQA group (``group_mean``), laid out as
   q's rows (the route's scores are declared over the queries, ``[heads, nq, blocks]``), and its branch runs its
   runner's one launch, which chooses each query's blocks on the device;
 - every other branch runs its runner's one launch;
 - the output is the gated sum of the ``combine`` terms, the gates given per present query as q lays its rows out:
   ``[B | 1, heads, n]`` (``[B, n, heads]`` under ``"bnhd"``), or ``[1, heads, total]`` for packed rows
-  (``cu_seqlens_q``).
+  (``cu_seqlens_q``); with ``combine softmax(...)`` the branches merged by their log-sum-exps into one softmax
+  (``numerics.merge_softmax``), whose log-sum-exp the call returns.
 
-So a batch is the same launches whatever its lengths (two ``attnc_paged_summary`` per pooled branch, one
-``attnc_fwd_paged`` per other branch), and a captured graph replays it. Under ``torch.compile`` the whole is the
-``attnc::paged_attention`` op (this object is registered as a runner), so ``fullgraph=True`` traces it.
+So a batch is the same launches whatever its lengths (two ``attnc_paged_summary`` per mean-pooled branch, one
+``attnc_paged_max_summary`` per max-pooled branch, one ``attnc_fwd_paged`` per other branch), and a captured graph
+replays it. Under ``torch.compile`` the whole is the ``attnc::paged_attention`` op (this object is registered as a
+runner), so ``fullgraph=True`` traces it.
 
-Served (``applies``): sums of branches (not ``combine softmax``), every pooled branch a mean over runs with a mask of
-positions alone, no branch reading an input but a route's probabilities, at least one branch not pooled (its
-``attnc_fwd_paged`` checks the rows' values on the device: the block table, the lengths); each other branch one its
-runner serves in one launch (``pages_in_one_launch``: Triton's dtypes, pools with a contiguous head dim). Anything
-else takes the path by length (``frontends.paged``).
+Served (``applies``): every pooled branch a mean or max over runs with a mask of positions alone, no branch reading an
+input but a route's probabilities, at least one branch not pooled (its ``attnc_fwd_paged`` checks the rows' values on
+the device: the block table, the lengths); each other branch one its runner serves in one launch
+(``pages_in_one_launch``: Triton's dtypes, pools with a contiguous head dim). Anything else takes the path by length
+(``frontends.paged``).
 """
 
 from __future__ import annotations
@@ -35,7 +44,9 @@ import torch
 from ..compiler.analysis import evaluate as E
 from ..core import ir
 from ..core import symbols as S
-from .backends.triton.paged_queries import PagedQueries, queries_of, row_matmul
+from .backends.triton.paged_max_summaries import run_max_queries
+from .backends.triton.paged_queries import PagedQueries, queries_of, refuse_cached_rows, row_matmul
+from .numerics import merge_softmax
 from .ops.common import Registered
 from .plan.cache import PlanCache
 from .plan.forms.top_k_tokens import device_mask
@@ -48,14 +59,14 @@ _LENGTHS = {S.N, S.NK, S.NQ}
 def applies(pat) -> bool:
     """Whether ``pat``'s paged calls may run one launch per branch (module docstring); the runners decide the rest
     per call."""
-    if not isinstance(pat, ir.CombinedIR) or pat.merge == "softmax":
+    if not isinstance(pat, ir.CombinedIR):
         return False
     if all(b.pool is not None for b in pat.branches):  # the rows' values are checked by a branch's attnc_fwd_paged
         return False
     for b in pat.branches:
         if b.pool is not None:
             mask = b.pattern.mask
-            if b.pool[0] != "mean" or not mask_only(b.pattern) or b.pattern.inputs:
+            if b.pool[0] not in ("mean", "max") or not mask_only(b.pattern) or b.pattern.inputs:
                 return False
             if isinstance(mask, sympy.Basic) and (mask.free_symbols & _LENGTHS or E.input_names(mask)):
                 return False
@@ -64,6 +75,12 @@ def applies(pat) -> bool:
         if {decl.name for decl in b.pattern.inputs} - scores:
             return False
     return True
+
+
+def prefill_only(pat: ir.CombinedIR) -> bool:
+    """Whether a batch serves prefill rows only, as the contiguous call refuses queries after a cache: a max summary's
+    run reads every query of the run; a merge into one softmax is not served after a cache."""
+    return pat.merge == "softmax" or any(b.pool is not None and b.pool[0] == "max" for b in pat.branches)
 
 
 def check_gates(pat: ir.CombinedIR, inputs: dict, q: torch.Tensor, layout: str, faults: list) -> dict | None:
@@ -111,9 +128,9 @@ class PagedCombined(Registered):
         its one launch."""
         for b in self.pattern.branches:
             runner = self.branches[b.name].runner
-            if b.pool is not None:  # the summary kernel reads the pools' head dim contiguous
-                if getattr(runner, "paged_pool_means", None) is None or k_cache.stride(-1) != 1 or \
-                        v_cache.stride(-1) != 1:
+            if b.pool is not None:  # the summary kernels read the pools' head dim contiguous
+                pools = "paged_pool_means" if b.pool[0] == "mean" else "paged_max_summaries"
+                if getattr(runner, pools, None) is None or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
                     return False
             elif getattr(runner, "pages_in_one_launch", None) is None or not runner.pages_in_one_launch(
                     q, k_cache, v_cache):
@@ -126,23 +143,39 @@ class PagedCombined(Registered):
         total, D]`` with ``q_start``, ``q_count``); ``inputs`` the gates (``check_gates``). A gated sum has no single
         log-sum-exp: ``lse`` is NaN (the combined call refuses ``return_lse``)."""
         packed = q_start is not None
-        capacity = block_table.shape[1] * k_cache.shape[1]
+        rows, capacity = block_table.shape[0], block_table.shape[1] * k_cache.shape[1]
         qs = queries_of(q, seqlens, q_start, q_count, packed, capacity)
-        outs, probs = {}, {}
+        merged = self.pattern.merge == "softmax"
+        if prefill_only(self.pattern):
+            refuse_cached_rows(qs, rows)
+        outs, lses, probs = {}, {}, {}
         for b in self.pattern.branches:
             runner = self.branches[b.name].runner
             if b.pool is not None:
                 size = int(b.pool[1])
-                keys = runner.paged_pool_means(k_cache, block_table, seqlens, size)
-                values = runner.paged_pool_means(v_cache, block_table, seqlens, size)
-                p = probs[b.name] = self._probs(b, q, qs, keys, scale, size)
+                if b.pool[0] == "mean":
+                    keys = runner.paged_pool_means(k_cache, block_table, seqlens, size)
+                    values = runner.paged_pool_means(v_cache, block_table, seqlens, size)
+                else:  # the values per query head, rounded to q's dtype as the contiguous call's are
+                    qmax = run_max_queries(qs, rows, -(-capacity // size), size)
+                    keys, values = runner.paged_max_summaries(qmax, k_cache, v_cache, block_table, seqlens, size,
+                                                              scale)
+                    values = values.to(q.dtype)
+                score, allowed = self._scores(b, q, qs, keys, scale, size)
+                p = probs[b.name] = masked_probs(score, allowed)
                 outs[b.name] = _as_q(qs, row_matmul(p, values, qs.row if packed else None))
+                lse = torch.logsumexp(score.masked_fill(~allowed, float("-inf")), -1, keepdim=True)
+                lses[b.name] = _as_q(qs, lse)[..., 0]
                 continue
             given = None
             if b.probs_of is not None:  # the route's scores, as q lays its rows out
                 given = {b.pattern.route.scores_input: _as_q(qs, group_mean(probs[b.probs_of], k_cache.shape[2]))}
-            outs[b.name], _ = runner.paged_forward(q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q,
-                                                   scale, given)
+            outs[b.name], lses[b.name] = runner.paged_forward(q, k_cache, v_cache, block_table, seqlens, q_start,
+                                                              q_count, max_q, scale, given)
+        names = [name for _, name in self.pattern.terms]
+        if merged:
+            out, lse = merge_softmax([outs[n] for n in names], [lses[n].float() for n in names])
+            return out.to(q.dtype), lse
         gates = inputs or {}
         out = None
         for gate, name in self.pattern.terms:
@@ -150,11 +183,11 @@ class PagedCombined(Registered):
             out = term if out is None else out + term
         return out.to(q.dtype), torch.full(q.shape[:3], float("nan"), device=q.device)
 
-    def _probs(self, branch: ir.Branch, q: torch.Tensor, qs: PagedQueries, keys: torch.Tensor, scale: float,
-               size: int) -> torch.Tensor:
-        """A pooled branch's probabilities ``[X, Hq, n, runs]`` fp32 (q's rows as ``row_matmul`` lays them out): the
-        softmax of ``scale * q . k`` over the runs its mask allows at each query's position among its row's runs (a
-        run holding a cached key), 0 on a query with none or not valid."""
+    def _scores(self, branch: ir.Branch, q: torch.Tensor, qs: PagedQueries, keys: torch.Tensor, scale: float,
+                size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pooled branch's scores ``[X, Hq, n, runs]`` fp32 (q's rows as ``row_matmul`` lays them out), ``scale * q .
+        k``, and where they count: the runs its mask allows at each query's position among its row's runs (a run
+        holding a cached key), none on a query not valid."""
         heads, runs = qs.q_shape[1], keys.shape[2]
         a, row_of = (qs.flat.unsqueeze(2), qs.row) if qs.packed else (q, None)
         score = row_matmul(a, keys.transpose(-1, -2), row_of) * scale
@@ -172,7 +205,7 @@ class PagedCombined(Registered):
             allowed = allowed & device_mask(mask, pat, bound, qs.pos, index)[0]  # [Hq | 1, X * n, runs]
         X, n = score.shape[0], score.shape[2]
         allowed = allowed.view(-1, X, n, runs).transpose(0, 1)  # [X, Hq | 1, n, runs]
-        return masked_probs(score, allowed)
+        return score, allowed
 
 
 def _as_q(qs: PagedQueries, x: torch.Tensor) -> torch.Tensor:
@@ -181,4 +214,4 @@ def _as_q(qs: PagedQueries, x: torch.Tensor) -> torch.Tensor:
     return qs.as_q(x[:, :, 0]) if qs.packed else x
 
 
-__all__ = ["PagedCombined", "applies", "check_gates"]
+__all__ = ["PagedCombined", "applies", "check_gates", "prefill_only"]

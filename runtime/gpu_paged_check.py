@@ -1,5 +1,6 @@
 """The offline GPU compile check of a paged call (``attnc check-gpu --paged``): the kernels one launch over a paged
-KV cache runs (``attnc_fwd_paged``, its split-KV merge, a block route's ``attnc_paged_summary``, and the
+KV cache runs (``attnc_fwd_paged``, its split-KV merge, a block route's ``attnc_paged_summary``, Combiner's
+``attnc_paged_max_summary``, and the
 ``attnc_paged_token_scores`` of a token route, cluster ids or landmark gates), recorded
 from a call on CPU tensors as a CUDA call on ``sm_<arch>`` would make it (``gpu_check.capture_launches``)."""
 
@@ -49,10 +50,7 @@ def record_paged(pattern, *, arch: int, head_dim: int, dtype: str, n: int | None
     rows = {}
     prefill = pat.route is not None and forms.form_of(pat.route).decode_refusal(pat) is not None
     if prefill:  # a prefill method (XAttention): rows that hold all their queries, packed
-        lengths = torch.tensor([min(capacity, max(ir.least_length(pat), x)) for x in PREFILL_ROWS], dtype=torch.int32)
-        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        q = torch.randn(1, heads, int(cu[-1]), head_dim, generator=gen).to(q.dtype)
-        rows = {"cu_seqlens_q": cu, "max_seqlen_q": capacity}
+        q, lengths, rows = prefill_batch(heads, head_dim, q.dtype, capacity, ir.least_length(pat), gen)
     whole = E.bind_sizes(pat, n=capacity, heads=heads, dk=head_dim)
     inputs = G._inputs(pat, whole, gen)
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
@@ -80,6 +78,15 @@ def decode_batch(heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, n
     return q, k_pool, v_pool, table, lengths, gen, capacity
 
 
+def prefill_batch(heads: int, head_dim: int, dtype: torch.dtype, capacity: int, least: int, gen: torch.Generator):
+    """A prefill method's recorded batch: ``(q, lengths, rows)``, the ``PREFILL_ROWS`` (at least ``least``, at most the
+    capacity) each holding all its queries, packed (``rows``: ``cu_seqlens_q``, ``max_seqlen_q``)."""
+    lengths = torch.tensor([min(capacity, max(least, x)) for x in PREFILL_ROWS], dtype=torch.int32)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    q = torch.randn(1, heads, int(cu[-1]), head_dim, generator=gen).to(dtype)
+    return q, lengths, {"cu_seqlens_q": cu, "max_seqlen_q": capacity}
+
+
 def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | None) -> tuple[list[G.Recorded], str]:
     """A combined pattern's decode step as ``record_paged``'s, one launch per branch (``combined_paged``), every
     branch on its native runner; each launch names its branch where one of its modules holds the kernel."""
@@ -89,15 +96,20 @@ def _record_combined(attn, *, arch: int, head_dim: int, dtype: str, n: int | Non
     hw = get_hardware(G.ARCH_HARDWARE.get(arch, "h100"))
     heads, kv_heads = G.HEADS * GROUP, G.HEADS
     q, k_pool, v_pool, table, lengths, gen, capacity = decode_batch(heads, kv_heads, head_dim, G.DTYPES[dtype], n)
-    gates = {d.name: torch.rand(ROWS, heads, 1, generator=gen) for d in pat.gates}
+    rows = {}
+    prefill = combined_paged.prefill_only(pat)
+    if prefill:  # Combiner: rows that hold all their queries, packed
+        q, lengths, rows = prefill_batch(heads, head_dim, q.dtype, capacity, 1, gen)
+    gates = {d.name: torch.rand(q.shape[0], heads, q.shape[2], generator=gen) for d in pat.gates}
     runners = {}
     with G.capture_launches() as records, G.launching_for(arch), torch.no_grad():
         for b in pat.branches:
             runners[b.name] = attn.branches[b.name].runner = G._native_runner(b.pattern, hw, branch=b.name)
-        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **gates)
+        attn(q, k_pool, v_pool, block_table=table, cache_seqlens=lengths, layout="bhnd", **rows, **gates)
     for rec in records:
         rec.branch = G.branch_of(rec, runners)
-    return records, (f"paged: {ROWS} rows up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads, "
+    what = "prefill rows of their own lengths, packed" if prefill else "rows"
+    return records, (f"paged: {ROWS} {what} up to {capacity} keys, pages of {PAGE}, {heads} over {kv_heads} heads, "
                      "one launch per branch")
 
 

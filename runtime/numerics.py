@@ -70,6 +70,17 @@ def merge_by_lse(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_
     return out * a + part * b, torch.where(some, new, torch.full_like(new, -math.inf))
 
 
+def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attentions over disjoint key sets merged into the one softmax over all their keys (``merge_by_lse``
+    in turn: a branch with no key weighs 0; a row with no key in any outputs 0, lse -inf). In fp32 (fp64 for fp64
+    outputs); differentiable."""
+    dtype = compute_dtype(outs[0].dtype)
+    out, lse = outs[0].to(dtype), lses[0].to(dtype)
+    for part, part_lse in zip(outs[1:], lses[1:], strict=True):
+        out, lse = merge_by_lse(out, lse, part.to(dtype), part_lse.to(dtype))
+    return out, lse
+
+
 def empty_batch_outputs(q: torch.Tensor, v: torch.Tensor, lse_dtype: torch.dtype):
     """``(out, lse)`` of a batch of 0 (or any size): zeros and ``-inf``, as on the other backends."""
     B, Hq, Nq, _ = q.shape

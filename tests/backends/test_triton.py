@@ -1249,3 +1249,17 @@ def test_dkdv_transposed_views_and_separate_loads_agree(monkeypatch):
     for a, b in zip(separate, view, strict=True):
         assert torch.equal(a, b)
     compare(pat, q, k, v, q_tile=16, kv_tile=8)
+
+
+@pytest.mark.parametrize("doc", [[2, 3, 0, 0, 0, 1, 2, 0], [8] * 8])
+def test_the_schedule_of_a_mask_reading_inputs_is_the_calls(doc):
+    """``attn.schedule`` after a call of a mask reading an input is the tile lists that call ran (made on the device
+    from its values), not the candidates' upper bound: here a tile some of whose rows attend nothing is PARTIAL, and
+    FULL only where every pair is allowed (differential fuzzing found a FULL tile holding masked pairs)."""
+    spec = "pattern p\n  tokens seq\n  input doc: int[n]\n  mask q < doc[q]\n"
+    attn = attnc.compile_attention(spec, backend="triton", q_tile=16, kv_tile=16)
+    q = torch.randn(1, 1, 8, 16, generator=torch.Generator().manual_seed(0))
+    doc = torch.tensor(doc)
+    attn(q, q, q, doc=doc)
+    want = 2 if bool((torch.arange(8) < doc).all()) else 1  # FULL, else PARTIAL
+    assert attn.schedule.classes().flatten().tolist() == [want]

@@ -2,10 +2,10 @@
 top-p, ``combiner``'s max summaries): they are prefill methods, refused after a KV cache by their semantics, so a
 paged batch serves rows whose queries are all their keys. Such a batch (rows of different lengths, each with its
 own query count, shuffled pages, GQA, packed or per row) equals the float64 reference row by row on every backend
-that runs it; a row with cached keys before its queries gets the contiguous call's error. XAttention's and
-AnchorAttention's batches are one launch whatever their rows' lengths (``backends.triton.paged_antidiagonal``,
-``paged_stripes``: each row's selection made on the device), read nothing on the host and compile with
-``fullgraph=True``; ``combiner`` takes the path by length (``frontends.paged_gather``)."""
+that runs it; a row with cached keys before its queries gets the contiguous call's error. Each pattern's batch is
+the same launches whatever its rows' lengths (``backends.triton.paged_antidiagonal``, ``paged_stripes``: each row's
+selection made on the device; ``runtime.combined_paged`` with ``paged_max_summaries``: Combiner's summaries of each
+row's runs), reads nothing on the host and compiles with ``fullgraph=True``."""
 
 import os
 
@@ -14,11 +14,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_host_reads import HostReads
-from test_paged_kv import HQ, D
+from test_paged_kv import HKV, HQ, D
 from test_paged_one_launch import assert_fullgraph_is_eager, count_launches, pool
 
 import attnc
 from attnc.core.errors import SpecError
+from attnc.runtime.backends.triton import paged_max_summaries
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -94,29 +95,46 @@ def _packed(lengths, page, seed):
     return q, k, v, table, seqlens, cu, rows
 
 
-#: the prefill methods whose paged batch is one launch
-ONE_LAUNCH = ["anchor", "xattention"]
+#: the prefill methods whose paged batch is one launch of each kernel, and those kernels
+ONE_LAUNCH = {
+    "anchor": ["attnc_fwd_paged"],
+    "xattention": ["attnc_fwd_paged"],
+    "combiner": ["attnc_fwd_paged", "attnc_paged_max_summary"],  # its own block's attention, then the summaries
+}
 
 
-@pytest.mark.parametrize("name", ONE_LAUNCH)
+def count_all_launches(monkeypatch) -> list:
+    """The attention launches (``count_launches``) and the summary kernels' own, in order."""
+    launched = count_launches(monkeypatch)
+    real = paged_max_summaries.max_summaries
+
+    def counting(kernel, *args, **kwargs):
+        launched.append(kernel.__name__)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(paged_max_summaries, "max_summaries", counting)
+    return launched
+
+
+@pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
 def test_a_prefill_batch_is_one_launch_whatever_its_lengths(name, monkeypatch):
-    """Three rows of one length and three of three lengths, one capacity: one ``attnc_fwd_paged`` each, nothing else
-    launched; each row the reference's."""
+    """Three rows of one length and three of three lengths, one capacity: one launch of each kernel, the same
+    launches for both; each row the reference's."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
     seen = []
     for lengths in ([17, 17, 17], [5, 17, 26]):
         q, k, v, table, seqlens, cu, rows = _packed(lengths, 8, 7)
         table = torch.nn.functional.pad(table, (0, 4 - table.shape[1]), value=-1)  # one capacity for both
-        launched = count_launches(monkeypatch)
+        launched = count_all_launches(monkeypatch)
         out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
         seen.append(launched)
         monkeypatch.undo()
         for b, want in enumerate(_reference_rows(name, q, rows, cu)):
             torch.testing.assert_close(out[:, :, int(cu[b]):int(cu[b + 1])], want.float(), rtol=2e-5, atol=2e-5)
-    assert seen[0] == seen[1] == ["attnc_fwd_paged"]
+    assert seen[0] == seen[1] == ONE_LAUNCH[name]
 
 
-@pytest.mark.parametrize("name", ONE_LAUNCH)
+@pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
 def test_a_warm_prefill_batch_reads_nothing_on_the_host(name):
     """At its batch shape's second call and at new lengths (the rows' queries with them): no host read."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
@@ -130,7 +148,7 @@ def test_a_warm_prefill_batch_reads_nothing_on_the_host(name):
         assert reads.total == 0, dict(reads.seen)
 
 
-@pytest.mark.parametrize("name", ONE_LAUNCH)
+@pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
 def test_a_prefill_batch_compiles_with_fullgraph(name):
     """Under ``torch.compile(fullgraph=True)``: the eager answer bit for bit, at a second set of lengths too."""
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **PREFILL_ONLY[name])
@@ -227,3 +245,55 @@ def test_a_keep_reaching_past_a_row_forces_none_of_the_capacitys_other_blocks(ke
     for b, (kb, vb) in enumerate(rows):
         want = ref(q[:, :, int(cu[b]):int(cu[b + 1])].double(), kb.double(), vb.double())
         torch.testing.assert_close(out[:, :, int(cu[b]):int(cu[b + 1])], want.float(), rtol=2e-5, atol=2e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 23), min_size=1, max_size=3),
+    size=st.sampled_from([1, 4, 5, 17]),
+    page=st.sampled_from([3, 8]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_each_rows_max_summaries_are_the_contiguous_ones(lengths, size, page, dtype, seed):
+    """Combiner's summaries made from the pages (``paged_max_summaries``: each run's max query from the packed rows,
+    then one launch) equal ``combined.pool_summary`` of each row's own contiguous queries, keys and values, run by
+    run, the last run of a row shorter than ``size`` included; a run past a row is zeros."""
+    from attnc.runtime.backends.triton.paged_queries import queries_of
+    from attnc.runtime.backends.triton.runner import TritonRunner
+    from attnc.runtime.combined import pool_summary
+
+    k, v, table, seqlens, rows = pool(lengths, page, seed)
+    k, v = k.to(dtype), v.to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    capacity = table.shape[1] * k.shape[1]
+    runs = -(-capacity // size)
+    qs = queries_of(q, seqlens, cu[:-1], cu[1:] - cu[:-1], True, capacity)
+    qmax = paged_max_summaries.run_max_queries(qs, len(lengths), runs, size)
+    runner = TritonRunner(attnc.load("stdlib:combiner", block=size).branches[1].pattern)
+    keys, values = runner.paged_max_summaries(qmax, k, v, table, seqlens, size, 0.35)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for b, n in enumerate(lengths):
+        kb, vb = rows[b][0].to(dtype), rows[b][1].to(dtype)
+        want_k, want_v = pool_summary(q[:, :, int(cu[b]):int(cu[b + 1])], kb, vb, size, 0.35)
+        held = -(-n // size)
+        torch.testing.assert_close(keys[b, :, :held], want_k[0, ::HQ // HKV].float(), rtol=0, atol=0)
+        torch.testing.assert_close(values[b, :, :held], want_v[0].float(), **tol)
+        assert not keys[b, :, held:].any() and not values[b, :, held:].any()
+
+
+def test_combiners_paged_call_returns_its_log_sum_exp():
+    """``return_lse=True`` on a paged Combiner call (a merge into one softmax) returns each row's log-sum-exp, the
+    reference's on its own keys (the paged call used to drop the flag)."""
+    params = PREFILL_ONLY["combiner"]
+    q, k, v, table, seqlens, cu, rows = _packed([12, 3, 21], 8, 9)
+    attn = attnc.compile_attention("stdlib:combiner", backend="triton", **params)
+    out, lse = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd",
+                    return_lse=True)
+    ref = attnc.compile_attention("stdlib:combiner", backend="reference", **params)
+    for b, (kb, vb) in enumerate(rows):
+        cut = slice(int(cu[b]), int(cu[b + 1]))
+        want, want_lse = ref(q[:, :, cut].double(), kb.double(), vb.double(), return_lse=True)
+        torch.testing.assert_close(out[:, :, cut], want.float(), rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(lse[:, :, cut], want_lse.float(), rtol=2e-5, atol=2e-5)

@@ -354,7 +354,18 @@ def test_paged_kernels_compile_fit_and_run_on_tensor_cores(name, params):
     assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
     assert all(r.mma > 0 for r in reports if r.kernel == "attnc_fwd_paged")
     with pytest.raises(SpecError, match="not served by the one-launch paged kernel"):
-        check_paged(attnc.load("stdlib:combiner"), archs=(80,), head_dims=(64,), n=1024)
+        check_paged(attnc.load("stdlib:mamba2"), archs=(80,), head_dims=(64,), n=1024)
+
+
+def test_combiners_paged_kernels_compile_on_tensor_cores():
+    """Combiner's paged prefill batch (packed rows, each all its queries): its own block's ``attnc_fwd_paged`` and
+    the runs' ``attnc_paged_max_summary`` compile for sm_80, sm_90 and sm_100, fit and do not spill, every dot on
+    tensor cores (tcgen05.mma on sm_100: the summary's query heads padded to 64 rows)."""
+    reports = check_paged(attnc.load("stdlib:combiner", block=64), archs=(80, 90, 100), head_dims=(128,),
+                          dtypes=("bf16",), n=2048)
+    assert {r.kernel for r in reports} == {"attnc_fwd_paged", "attnc_paged_max_summary"}
+    assert all(r.ok and r.spill_bytes == 0 for r in reports), "\n" + G.table(reports)
+    assert all(r.tcgen05 > 0 if r.arch == 100 else r.mma + r.wgmma > 0 for r in reports), "\n" + G.table(reports)
 
 
 def test_nsa_paged_kernels_compile_one_launch_per_branch():

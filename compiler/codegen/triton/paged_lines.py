@@ -251,16 +251,77 @@ def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, KEPT, OUT, so_s, so
 '''
 
 
+#: Combiner's max summaries over a paged pool (``keys pooled(max, SIZE)``): per (run, row x K/V head) the elementwise
+#: maximum of the run's cached keys, and for each query head of the group the run's attention over its own keys by the
+#: elementwise maximum of its queries, ``softmax(scale * qmax . k_j) v_j`` (``combined.pool_summary``), each key and
+#: value read once through the row's block table. ``runtime.backends.triton.paged_max_summaries`` launches it.
+MAX_SUMMARY_KERNEL = '''
+
+@triton.jit
+def attnc_paged_max_summary(K, sk_b, sk_h, sk_n, V, sv_b, sv_h, sv_n, BT, sbt_b, SEQ, QMAX, sq_b, sq_h, sq_r, KEYS,
+                            sko_b, sko_h, sko_r, VALUES, svo_b, svo_h, svo_r, NUM_PAGES, MAX_KEYS, KV_HEADS, GROUP, D,
+                            DV, scale, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, DOT: tl.constexpr):
+    """One program per (run j, row x K/V head): KEYS[row, kvh, j] the elementwise max of the run's cached keys, and
+    VALUES[row, head, j] for each query head of the group the online softmax of scale * QMAX[row, head, j] . k over
+    the run's keys, times their values (``_dot``: the cache's dtype on tensor cores, qmax exact in it as a max of
+    queries; fp32 exact for fp32). A run past the row's keys gets zeros: no query reads it."""
+    j = tl.program_id(0)
+    row = tl.program_id(1) // KV_HEADS
+    kvh = tl.program_id(1) % KV_HEADS
+    keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
+    d = tl.arange(0, BLOCK_D)
+    e = tl.arange(0, BLOCK_DV)
+    g = tl.arange(0, BLOCK_G)
+    c = tl.arange(0, CHUNK)
+    head = kvh * GROUP + g
+    qm = tl.load(QMAX + row.to(tl.int64) * sq_b + head.to(tl.int64)[:, None] * sq_h + j.to(tl.int64) * sq_r
+                 + d[None, :], mask=(g[:, None] < GROUP) & (d[None, :] < D), other=0.0)  # [G, D] fp32
+    high = tl.full([BLOCK_D], float("-inf"), tl.float32)  # (tl.full: a builtin, as the interpreter needs)
+    top = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    total = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_DV], 0.0, tl.float32)
+    for c0 in range(0, BLOCK, CHUNK):
+        pos = j * BLOCK + c0 + c
+        ok = (c0 + c < BLOCK) & (pos < keys)
+        page = tl.load(BT + row.to(tl.int64) * sbt_b + pos // PAGE, mask=ok, other=0)
+        page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1)
+        slot = (pos % PAGE).to(tl.int64)
+        at_k = page.to(tl.int64) * sk_b + slot * sk_n + kvh.to(tl.int64) * sk_h
+        at_v = page.to(tl.int64) * sv_b + slot * sv_n + kvh.to(tl.int64) * sv_h
+        kk = tl.load(K + at_k[:, None] + d[None, :], mask=ok[:, None] & (d[None, :] < D), other=0.0)
+        vv = tl.load(V + at_v[:, None] + e[None, :], mask=ok[:, None] & (e[None, :] < DV), other=0.0)
+        high = tl.maximum(high, tl.reduce(tl.where(ok[:, None], kk.to(tl.float32), float("-inf")), 0, _maximum))
+        s = _dot(qm.to(kk.dtype), tl.trans(kk), DOT) * scale  # [G, CHUNK]
+        s = tl.where(ok[None, :], s, float("-inf"))
+        new_top = tl.maximum(top, tl.reduce(s, 1, _maximum))
+        base = tl.where(new_top == float("-inf"), 0.0, new_top)  # no key yet: nothing to rescale
+        p = tl.exp(s - base[:, None])
+        kept = tl.exp(top - base)
+        total = total * kept + tl.reduce(p, 1, _add)
+        acc = acc * kept[:, None] + _dot(p.to(vv.dtype), vv, DOT)
+        top = new_top
+    any_key = d * 0 + j * BLOCK < keys  # (vectors: the interpreter takes no 0-d mask term)
+    tl.store(KEYS + row.to(tl.int64) * sko_b + kvh.to(tl.int64) * sko_h + j.to(tl.int64) * sko_r + d,
+             tl.where(any_key, high, 0.0), mask=d < D)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(VALUES + row.to(tl.int64) * svo_b + head.to(tl.int64)[:, None] * svo_h + j.to(tl.int64) * svo_r
+             + e[None, :], out, mask=(g[:, None] < GROUP) & (e[None, :] < DV))
+'''
+
+
 #: The block summaries alone, as a module of their own: a combined pattern's pooled keys and values over a paged pool
-#: (``keys pooled(mean, SIZE)``: each run's mean, the run a block of ``SIZE`` keys), which no branch's module holds
-#: (``runtime.backends.triton.paged_routes.pool_means`` loads and launches it).
+#: (``keys pooled(mean, SIZE)``: each run's mean, the run a block of ``SIZE`` keys; ``keys pooled(max, SIZE)``:
+#: Combiner's max summaries), which no branch's module holds (``runtime.backends.triton.paged_routes.pool_means`` and
+#: ``paged_max_summaries`` load and launch them).
 def summary_module() -> str:
-    """The source of a module holding ``attnc_paged_summary`` alone, with the helpers it reads (its reductions'
-    combine functions)."""
+    """The source of a module holding ``attnc_paged_summary`` and ``attnc_paged_max_summary`` alone, with the helpers
+    they read (their reductions' combine functions)."""
     header = ('"""attnc generated Triton kernel (do not edit: regenerated).\n\n'
-              "attnc_paged_summary  the means (or bounds) of blocks of keys over a paged KV cache\n"
+              "attnc_paged_summary      the means (or bounds) of blocks of keys over a paged KV cache\n"
+              "attnc_paged_max_summary  Combiner's max summaries of runs of keys and values over a paged KV cache\n"
               '"""\n\nimport triton\nimport triton.language as tl\n')
-    return "\n\n".join(part.strip("\n") for part in (header, DOT_HELPERS, SUMMARY_KERNEL)) + "\n"
+    return "\n\n".join(part.strip("\n") for part in (header, DOT_HELPERS, SUMMARY_KERNEL, MAX_SUMMARY_KERNEL)) + "\n"
 
 
 #: A token route's scores over a paged pool (module text, emitted with ``attnc_fwd_paged`` where the pattern routes

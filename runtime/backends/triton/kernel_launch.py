@@ -356,11 +356,16 @@ def block_sizes(launch: Launch, D: int, DV: int) -> dict:
 
 
 def dot_mode(launch: Launch, dtype: torch.dtype) -> int:
-    """How the kernels multiply (``_dot``): 1 exact fp32 for fp32; 2 widened to fp32 for bf16
+    """How the kernels multiply (``_dot``): ``dot_mode_of`` the launch's mode."""
+    return dot_mode_of(launch.interpret, dtype)
+
+
+def dot_mode_of(interpret: bool, dtype: torch.dtype) -> int:
+    """How a kernel multiplies operands of ``dtype`` (``_dot``): 1 exact fp32 for fp32; 2 widened to fp32 for bf16
     under the interpreter (its bf16 tl.dot is wrong in Triton 3.9); 0 native otherwise."""
     if dtype == torch.float32:
         return 1
-    return 2 if launch.interpret and dtype == torch.bfloat16 else 0
+    return 2 if interpret and dtype == torch.bfloat16 else 0
 
 
 def _launch_opts(launch: Launch, backward: bool = False) -> dict:

@@ -77,7 +77,7 @@ from ...plan import device_routes, device_tiles, routing, tile_plan
 from ...plan.cache import PlanCache, mask_input_names
 from ...runner import Call, Support
 from ...tritonenv import LOCK, interpreting, require_triton
-from . import blocks, cache_pages, paged, paged_routes, split_kv
+from . import blocks, cache_pages, paged, paged_max_summaries, paged_routes, split_kv
 from . import kernel_launch as KL
 from . import launcher as launcher_of
 from .backward import backward
@@ -148,9 +148,9 @@ def _load_source(source: str, interpret: bool):
 
 
 @functools.cache  # one module, loaded once per process and mode
-def _summary_kernel(interpret: bool):
-    """``attnc_paged_summary`` of its own module (``paged_lines.summary_module``)."""
-    return _load_source(summary_module(), interpret).attnc_paged_summary
+def _summary_kernels(interpret: bool):
+    """The module of ``attnc_paged_summary`` and ``attnc_paged_max_summary`` (``paged_lines.summary_module``)."""
+    return _load_source(summary_module(), interpret)
 
 
 # ----------------------------------------------------------------- choosing a schedule
@@ -344,7 +344,6 @@ class TritonRunner(Registered):
             return load_kernels(path or write_source(source), interpret=interpret)
 
         module = plan.on_device(("kernels", interpret, hook), module_of)
-        self.last_source, self.last_plan = source, plan
         if backward_of is None:
             self.last_config = config
         device = q.device
@@ -355,6 +354,9 @@ class TritonRunner(Registered):
         elif pat.route is not None:  # selected on q's device, listed on the host
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
             plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))
+        # the plan that runs: with a mask reading inputs or a route, this call's lists (the static plan's schedule
+        # is then the candidates', whose FULL tiles the call's inputs or selection may mask)
+        self.last_source, self.last_plan = source, plan
         sched = plan.schedule
         cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
         extra.update(blocks.kernel_inputs(pat, tensors, device))
@@ -424,8 +426,17 @@ class TritonRunner(Registered):
         combined pattern's pooled branch: ``triton.paged_routes.pool_means``, the one module of
         ``paged_lines.summary_module``)."""
         interpret = cache.device.type != "cuda" and not self.native
-        kernel = _summary_kernel(interpret)
+        kernel = _summary_kernels(interpret).attnc_paged_summary
         return paged_routes.pool_means(kernel, interpret, cache, block_table, seqlens, size)
+
+    def paged_max_summaries(self, qmax, k_cache, v_cache, block_table, seqlens, size: int, scale: float):
+        """Combiner's max summaries of each row's runs of ``size`` keys, by their queries ``qmax`` ``[B, Hq, runs,
+        D]``: ``(keys [B, Hkv, runs, D], values [B, Hq, runs, Dv])`` fp32, one launch
+        (``triton.paged_max_summaries``)."""
+        interpret = k_cache.device.type != "cuda" and not self.native
+        kernel = _summary_kernels(interpret).attnc_paged_max_summary
+        return paged_max_summaries.max_summaries(kernel, interpret, qmax, k_cache, v_cache, block_table, seqlens,
+                                                 size, scale)
 
     def cache_as_pages(self, q, k, v):
         """``(k_pool, v_pool, block_table, seqlens)``: the paged call of ``attnc_fwd_paged`` that reads q after the
