@@ -297,3 +297,21 @@ def test_combiners_paged_call_returns_its_log_sum_exp():
         want, want_lse = ref(q[:, :, cut].double(), kb.double(), vb.double(), return_lse=True)
         torch.testing.assert_close(out[:, :, cut], want.float(), rtol=2e-5, atol=2e-5)
         torch.testing.assert_close(lse[:, :, cut], want_lse.float(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["anchor", "xattention"])
+def test_a_selection_made_a_few_elements_at_a_time_is_the_same(name, monkeypatch):
+    """The selections bound their memory by working a chunk at a time (AnchorAttention's groups' columns,
+    XAttention's blocks each query reaches, the estimate's runs): with chunks of a few elements, many chunks, the
+    batch's answer is the same bit for bit."""
+    from attnc.runtime.backends.triton import paged_antidiagonal, paged_stripes
+
+    # AnchorAttention with a narrow keep and a margin that passes some columns only, so that they count
+    params = {"block": 2, "step": 2, "init": 1, "theta": -0.3} if name == "anchor" else PREFILL_ONLY[name]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    q, k, v, table, seqlens, cu, _ = _packed([9, 26, 4], 8, 11)
+    whole = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    monkeypatch.setattr(paged_stripes, "SCORE_CHUNK", 64)
+    monkeypatch.setattr(paged_antidiagonal, "CHUNK_ELEMENTS", 64)
+    chunked = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    assert torch.equal(chunked, whole)

@@ -73,11 +73,7 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs=None) -
         flat = qs.pos - bound.q_offset
         key_rows = qs.lengths[qs.row]
         keys = torch.arange(cap, device=device)
-        reached = (device_mask(t.mask, pat, bound, flat, keys, key_rows) & (keys < key_rows.view(-1, 1))
-                   & qs.valid.view(-1, 1))
-        pad = reached.new_zeros(*reached.shape[:3], nblocks * block - cap)
-        allowed = torch.cat([reached, pad], -1).view(*reached.shape[:3], nblocks, block).any(-1)[0]  # [H|1, X, nb]
-        allowed = allowed.expand(heads, -1, -1)
+        allowed = _reached_blocks(t, flat, keys, key_rows, qs.valid, block, nblocks).expand(heads, -1, -1)
         forced = None
         if p.keep is not None:
             forced = device_mask(but_row_lengths(p.keep, bound), pat, bound, flat,
@@ -98,6 +94,23 @@ def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs=None) -
             words = words.permute(2, 1, 0, 3).contiguous()
         lists = tile_lists(t, per_query, qs.row if qs.packed else None, rows, kv_heads, block, nblocks)
     return words, lists, None
+
+
+def _reached_blocks(t, flat: torch.Tensor, keys: torch.Tensor, key_rows: torch.Tensor, valid: torch.Tensor,
+                    block: int, nblocks: int) -> torch.Tensor:
+    """The blocks each query's mask reaches among its row's keys: bool ``[H | 1, X, nblocks]``, a chunk of queries
+    at a time (a query's pairs with every key of the capacity are ``CHUNK_ELEMENTS`` at most at once)."""
+    pat, bound = t.launch.pattern, t.launch.bound
+    cap, count = keys.shape[0], flat.shape[0]
+    step = max(1, CHUNK_ELEMENTS // max(1, nblocks * block * bound.heads))
+    parts = []
+    for first in range(0, count, step):
+        part = slice(first, min(count, first + step))
+        reached = (device_mask(t.mask, pat, bound, flat[part], keys, key_rows[part])[0]
+                   & (keys < key_rows[part].view(-1, 1)) & valid[part].view(-1, 1))  # [H | 1, P, cap]
+        reached = torch.nn.functional.pad(reached, (0, nblocks * block - cap))
+        parts.append(reached.view(*reached.shape[:2], nblocks, block).any(-1))
+    return torch.cat(parts, dim=1)
 
 
 def _row_vectors(qs: PagedQueries, k_cache, block_table, cap: int, stride: int, rows: int, heads: int

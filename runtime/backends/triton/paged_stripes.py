@@ -121,9 +121,16 @@ def _columns(qrow, krow, anchor, qs: PagedQueries, theta: float, block: int, gro
     present = finite.sum(-1)
     total = torch.where(finite, placed, 0).sum(-1)
     anchor_mean = torch.where(present > 0, total / present.clamp(min=1), float("inf"))  # [rows, Hq, nb]
-    passed = stripes.scores(q_mean, krow, dtype) + theta >= anchor_mean[..., None]  # [rows, Hq, nb, cap]
-    passed = torch.nn.functional.pad(passed, (0, 0, 0, ng * steps - nb))
-    return passed.view(rows, heads, ng, steps, cap).any(3)
+    q_mean = torch.nn.functional.pad(q_mean, (0, 0, 0, ng * steps - nb))  # whole groups: a padded block passes
+    anchor_mean = torch.nn.functional.pad(anchor_mean, (0, ng * steps - nb), value=float("inf"))  # no column
+    out = torch.empty(rows, heads, ng, cap, dtype=torch.bool, device=qrow.device)
+    # a chunk of groups at a time: its blocks' scores against every key stay within SCORE_CHUNK elements
+    chunk = max(1, SCORE_CHUNK // max(1, rows * heads * steps * cap))
+    for first in range(0, ng, chunk):
+        part = slice(first * steps, min(ng, first + chunk) * steps)
+        passed = stripes.scores(q_mean[:, :, part], krow, dtype) + theta >= anchor_mean[:, :, part, None]
+        out[:, :, first:first + chunk] = passed.view(rows, heads, -1, steps, cap).any(3)
+    return out
 
 
 __all__ = ["applies", "select"]
