@@ -1263,3 +1263,21 @@ def test_the_schedule_of_a_mask_reading_inputs_is_the_calls(doc):
     attn(q, q, q, doc=doc)
     want = 2 if bool((torch.arange(8) < doc).all()) else 1  # FULL, else PARTIAL
     assert attn.schedule.classes().flatten().tolist() == [want]
+
+
+def test_a_mask_of_the_head_alone_through_a_float_comparison_runs_in_a_compiled_cache_call():
+    """``mask h > 0.5``: the kernel's ``_mask`` is a scalar per head, a float comparison, which Triton's interpreter
+    typed so that ``&`` with the tile's bools failed (the compiled KV-cache call, whose block kernel evaluates the
+    mask per tile: differential fuzzing found it). Each head equals the reference: head 0 attends nothing."""
+    spec = "pattern p\n  tokens seq\n  mask h > 0.5\n"
+    attn = attnc.compile_attention(spec, backend="triton")
+    ref = attnc.compile_attention(spec, backend="reference")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (1, 17, 17))
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(lambda q, k, v: attn(q, k, v), fullgraph=True, backend="aot_eager")(q, k, v)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(out, ref(q.double(), k.double(), v.double()).float(), rtol=2e-5, atol=2e-5)
+    assert not out[:, 0].any()

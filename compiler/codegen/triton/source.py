@@ -163,6 +163,11 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     def _print_terms(self, coef: sympy.Basic, rest: sympy.Basic | None) -> None:
         """The mask, the bias (``rest``) and its head factor (``coef``) as text, with the inputs each reads."""
         self.mask_text = self.printer.bool_expr(self.mask)
+        if isinstance(self.mask, sympy.Basic) and not isinstance(self.mask, sympy.logic.boolalg.BooleanAtom) and \
+                self.mask.free_symbols <= {S.H}:
+            # a mask of the head alone is a scalar: Triton's interpreter (3.9) gives a float comparison of scalars
+            # a type that ``&`` with the tile's bools refuses; ``!= 0`` makes it a plain bool (the same on a GPU)
+            self.mask_text = f"(({self.mask_text}) != 0)"
         self.mask_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
         self.bias_text = self.printer.float_expr(rest) if rest is not None else None
