@@ -1281,3 +1281,21 @@ def test_a_mask_of_the_head_alone_through_a_float_comparison_runs_in_a_compiled_
         torch._dynamo.reset()
     torch.testing.assert_close(out, ref(q.double(), k.double(), v.double()).float(), rtol=2e-5, atol=2e-5)
     assert not out[:, 0].any()
+
+
+@pytest.mark.parametrize("b", [2, 3])
+def test_a_mask_condition_on_a_run_time_value_combines_with_the_tiles_pairs(b):
+    """``causal and is_pow2(b)``, ``b`` read at run time: the condition is one value per tile, which Triton's
+    interpreter typed so that the attended pairs failed as a store's mask (found by the differential fuzz, with a
+    bias whose index the kernel checks). Equal to the reference; with ``b`` no power of two, nothing attended."""
+    spec = ("pattern p(b = 2, off = 9)\n  tokens seq\n  input rpb: float[heads, 12]\n"
+            "  mask 0 <= q - k + off < 12 and causal and is_pow2(b)\n  bias rpb[h, q - k + off]\n")
+    attn = attnc.compile_attention(spec, backend="triton", b=b)
+    ref = attnc.compile_attention(spec, backend="reference", b=b)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 14, 8, generator=g) for _ in range(3))
+    rpb = torch.randn(1, 12, generator=g)
+    out = attn(q, k, v, rpb=rpb)
+    torch.testing.assert_close(out, ref(q.double(), k.double(), v.double(), rpb=rpb.double()).float(),
+                               rtol=2e-5, atol=2e-5)
+    assert bool(out.any()) == (b == 2)

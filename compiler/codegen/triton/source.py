@@ -76,6 +76,23 @@ def but_row_lengths(expr, bound: E.Bound):
 MAX_HEAD_DIM = 512
 
 
+def _has_scalar_condition(mask, scalars: frozenset) -> bool:
+    """Whether ``mask`` (not a constant) combines with logic (``and``, ``or``, ``not``, ``xor``, ``==`` of conditions) a
+    condition that does not vary over a tile's pairs (reads no position outside ``scalars``)."""
+    logic = (sympy.And, sympy.Or, sympy.Not, sympy.Xor, sympy.Equivalent, sympy.Implies)
+    if not isinstance(mask, sympy.Basic) or isinstance(mask, sympy.logic.boolalg.BooleanAtom):
+        return False
+    free = S.FreeSymbols()
+    stack = [mask]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, logic):
+            stack.extend(node.args)
+        elif not isinstance(node, sympy.logic.boolalg.BooleanAtom) and not S.per_pair(node, scalars, free(node)):
+            return True
+    return False
+
+
 class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     """Builds the kernel module text for one pattern, bound sizes and schedule shape."""
 
@@ -163,10 +180,10 @@ class KernelSource(ScoreLines, KernelBodies, BackwardBodies, BiasGradLines):
     def _print_terms(self, coef: sympy.Basic, rest: sympy.Basic | None) -> None:
         """The mask, the bias (``rest``) and its head factor (``coef``) as text, with the inputs each reads."""
         self.mask_text = self.printer.bool_expr(self.mask)
-        if isinstance(self.mask, sympy.Basic) and not isinstance(self.mask, sympy.logic.boolalg.BooleanAtom) and \
-                self.mask.free_symbols <= {S.H}:
-            # a mask of the head alone is a scalar: Triton's interpreter (3.9) gives a float comparison of scalars
-            # a type that ``&`` with the tile's bools refuses; ``!= 0`` makes it a plain bool (the same on a GPU)
+        if _has_scalar_condition(self.mask, self.printer.scalars):
+            # a condition with one value per tile (of the head, a run-time value): Triton's interpreter (3.9) types
+            # its combination with the tile's bools so that ``&`` or a store's mask refuses it; ``!= 0`` makes the
+            # whole a plain bool (the same on a GPU)
             self.mask_text = f"(({self.mask_text}) != 0)"
         self.mask_inputs = sorted(self.printer.used_inputs)
         self.printer.used_inputs = set()
