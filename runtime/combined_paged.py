@@ -164,8 +164,9 @@ class PagedCombined(Registered):
                 score, allowed = self._scores(b, q, qs, keys, scale, size)
                 p = probs[b.name] = masked_probs(score, allowed)
                 outs[b.name] = _as_q(qs, row_matmul(p, values, qs.row if packed else None))
-                lse = torch.logsumexp(score.masked_fill(~allowed, float("-inf")), -1, keepdim=True)
-                lses[b.name] = _as_q(qs, lse)[..., 0]
+                if merged:  # (a gated sum reads no log-sum-exp)
+                    lse = torch.logsumexp(score.masked_fill(~allowed, float("-inf")), -1, keepdim=True)
+                    lses[b.name] = _as_q(qs, lse)[..., 0]
                 continue
             given = None
             if b.probs_of is not None:  # the route's scores, as q lays its rows out

@@ -198,7 +198,7 @@ class FlexPrinter(ExprPrinter):
 
     def _branch_values(self, values) -> list[str]:
         texts = super()._branch_values(values)
-        if not any(map(_is_tensor, values)) and not all(v.is_integer for v in values):
+        if not any(map(_is_tensor, values)) and not all(v.is_integer or v.is_Boolean for v in values):
             # torch.where of Python floats alone gives the default dtype (float32), rounding a branch
             # such as 0.3; a float64 fallback makes every enclosing where float64, as the evaluator is
             texts[-1] = f"torch.tensor({texts[-1]}, dtype={F64})"

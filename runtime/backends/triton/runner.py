@@ -349,14 +349,15 @@ class TritonRunner(Registered):
         device = q.device
         if plan.call_lists is not None:  # lists made on the device from this call's inputs
             plan = plan.call_lists.call_plan(plan, tensors, batched, device)
+        # the plan recorded (``last_schedule``): with a mask reading inputs, this call's lists (the static plan's
+        # schedule is then the candidates', whose FULL tiles the inputs may mask); a route's per-call selection is
+        # not kept past the call (its lists are per batch entry and head, and the selection may be large)
+        self.last_source, self.last_plan = source, plan
         if pat.route is not None and device_routes.applies(pat):  # per call, on q's device: the selection
             plan = device_routes.route_call_plan(plan, q, k, tensors)  # and the lists per (batch, head)
         elif pat.route is not None:  # selected on q's device, listed on the host
             cpu_t = {n: t.detach().cpu() for n, t in tensors.items()}
             plan = routing.route_plan(plan, q.detach(), k.detach(), cpu_t, set(batched))
-        # the plan that runs: with a mask reading inputs or a route, this call's lists (the static plan's schedule
-        # is then the candidates', whose FULL tiles the call's inputs or selection may mask)
-        self.last_source, self.last_plan = source, plan
         sched = plan.schedule
         cls, extra, checks = blocks.launch_extras(self, bound, plan, device)
         extra.update(blocks.kernel_inputs(pat, tensors, device))
