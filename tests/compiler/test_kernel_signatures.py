@@ -138,3 +138,22 @@ def test_a_replay_puts_each_calls_tensors_at_their_places_in_the_groups(monkeypa
         assert x[0] == 7 and x[1] is out and x[2] == 2  # a group's tensor at place 1, its other values kept
         assert y[0] is lse and y[1] == 5 and z == 4  # a tensor's group: the tensor first, its stride kept
     assert seen[-1][0][1] is not seen[-2][0][1]  # fresh buffers at every replay
+
+
+def test_a_block_module_whose_bias_gradient_reads_its_own_input_parses():
+    """A bias nonlinear in a float input: ``_bias_grads`` reads the input (its extents among its parameters) and adds
+    to its gradient, clamped to the same extents; a block's module names each extent once (it named ``in0_n0`` twice,
+    a syntax error found by the differential fuzz on a compiled KV-cache call)."""
+    pat = attnc.load("pattern p\n  tokens seq\n  input u: float[n]\n  bias clamp(tanh(q), u[q] + q, q)\n")
+    whole = E.bind_sizes(pat, n=19, nk=19, heads=2, sizes={}, dk=16)
+    bound = E.block_bound(whole, 18, 1, 0, 19)
+    config = T.default_config(pat, bound, None, None, device=torch.device("cpu"))
+    q_ext, kv_ext = T.schedule_extents(pat, bound, config)
+    text = generate_source(pat, bound, ScheduleShape(q_ext, kv_ext, tuple(config.q_tile), tuple(config.kv_tile)),
+                           config)
+    helpers = {f.name: f for f in ast.parse(text).body if isinstance(f, ast.FunctionDef)}
+    grads = [a.arg for a in helpers["_bias_grads"].args.args]
+    assert "in0_n0" in grads and "G0" in grads
+    for fn in helpers.values():
+        names = [a.arg for a in fn.args.args]
+        assert len(names) == len(set(names)), fn.name

@@ -121,23 +121,34 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
         frozen[d] = node
         return d
 
+    def condition(relation):
+        # A branch's condition, opaque while differentiating (a Boolean symbol): sympy built a Piecewise
+        # whose conditions held Piecewise by rewriting them to sets, which took minutes or failed for a few
+        # nested clamps; the condition is taken on the original arguments (a min, not its rewrite)
+        d = sympy.Dummy("cond")
+        frozen[d] = relation
+        return d
+
     def rewrite(e):
         if not e.has(u):
             return e
         args = [rewrite(a) for a in e.args]
+        # (a frozen value and a condition read the original arguments: the rewritten ones hold other frozen symbols)
         if isinstance(e, sympy.floor | sympy.ceiling | S.FloorDiv):
-            return freeze(e.func(*args))
+            return freeze(e)
         if isinstance(e, sympy.Mod):
             a, b = args
-            return a - b * freeze(S.FloorDiv(a, b))
+            return a - b * freeze(S.FloorDiv(*e.args))
         if isinstance(e, sympy.Abs):
-            (a,) = args
-            return sympy.Piecewise((a, a > 0), (-a, a < 0), (0, True))
+            (a,), (orig,) = args, e.args
+            return sympy.Piecewise((a, condition(orig > 0)), (-a, condition(orig < 0)), (0, True))
         if isinstance(e, sympy.Min | sympy.Max):
-            out = args[0]
-            for b in args[1:]:
-                first, second = (out < b, out > b) if isinstance(e, sympy.Min) else (out > b, out < b)
-                out = sympy.Piecewise((out, first), (b, second), ((out + b) / 2, True))
+            out, orig = args[0], e.args[0]
+            for b, b_orig in zip(args[1:], e.args[1:], strict=True):
+                first, second = (orig < b_orig, orig > b_orig) if isinstance(e, sympy.Min) else (orig > b_orig,
+                                                                                                orig < b_orig)
+                out = sympy.Piecewise((out, condition(first)), (b, condition(second)), ((out + b) / 2, True))
+                orig = e.func(orig, b_orig)
             return out
         if not args:
             return e

@@ -52,11 +52,16 @@ class BiasGradLines:
         return [tensor(f"GIN{s.index}", f"gin{s.index}_sb", *(f"gin{s.index}_s{j}" for j in range(len(s.dims))))
                 for s in self._grad_slots()]
 
+    def _grad_extents(self, slot) -> list[str]:
+        """A gradient buffer's run-time extents of its input (its offsets are clamped to them), unless the
+        derivative reads that input, whose parameters already carry them (a name twice is a syntax error)."""
+        return [] if slot.index in self.grad_inputs else slot.extents()
+
     def _grad_call(self) -> str:
         """``_bias_grads``'s call: dS, the positions, head and inputs it reads, the buffers at this batch element
-        with their strides and a block's run-time extents of their inputs (the offsets are clamped to them)."""
+        with their strides and a block's run-time extents of their inputs (``_grad_extents``)."""
         grads = [", ".join([f"GIN{s.index} + batch.to(tl.int64) * gin{s.index}_sb",
-                            *(f"gin{s.index}_s{j}" for j in range(len(s.dims))), *s.extents()])
+                            *(f"gin{s.index}_s{j}" for j in range(len(s.dims))), *self._grad_extents(s)])
                  for s in self._grad_slots()]
         return f"_bias_grads(ds, {self._call_args(self.grad_inputs)}, {', '.join(grads)})"
 
@@ -64,7 +69,7 @@ class BiasGradLines:
         """``_bias_grads``: for each place the bias reads a float input, dS times d bias / d (value read), summed
         along the tile's axes the place does not vary along, added by fp32 atomics (their order varies between
         runs: torch's deterministic mode takes dS to the host)."""
-        grads = [", ".join([f"G{s.index}", *s.grad_strides(), *s.extents()]) for s in self._grad_slots()]
+        grads = [", ".join([f"G{s.index}", *s.grad_strides(), *self._grad_extents(s)]) for s in self._grad_slots()]
         params = f"ds, {self._helper_args(self.grad_inputs)}, " + ", ".join(grads)
         lines = []
         for slot, deriv, offset, by_q, by_k in self.grad_sites:
