@@ -212,14 +212,15 @@ SUMMARY_KERNEL = '''
 
 @triton.jit
 def attnc_paged_summary(K, sk_b, sk_h, sk_n, BT, sbt_b, SEQ, KEPT, OUT, so_s, so_b, so_h, so_j, NUM_PAGES,
-                        MAX_KEYS, KV_HEADS, D, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                        MAX_KEYS, KV_HEADS, NBLOCKS, D, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                         BLOCK_D: tl.constexpr, BOUND: tl.constexpr, KEEPS: tl.constexpr):
-    """One program per (route block, row x K/V head): the block's summary over the row's cached keys in it (an
+    """One program per (route block, row x K/V head), ``NBLOCKS`` blocks a row: the block's summary over the row's cached keys in it (an
     empty block, past the row's keys, gets zeros: it is no candidate). KEEPS: the blocks before KEPT[row] hold
     their summaries from earlier calls (a kept summary): neither read nor written."""
-    j = tl.program_id(0)
-    row = tl.program_id(1) // KV_HEADS
-    kvh = tl.program_id(1) % KV_HEADS
+    # one axis: a grid's second may hold no more than 65,535 (rows x K/V heads reach that at 2,048 x 32)
+    j = tl.program_id(0) % NBLOCKS
+    row = tl.program_id(0) // NBLOCKS // KV_HEADS
+    kvh = tl.program_id(0) // NBLOCKS % KV_HEADS
     keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
     kept = tl.load(KEPT + row) if KEEPS else 0
     d = tl.arange(0, BLOCK_D)
@@ -259,16 +260,17 @@ MAX_SUMMARY_KERNEL = '''
 
 @triton.jit
 def attnc_paged_max_summary(K, sk_b, sk_h, sk_n, V, sv_b, sv_h, sv_n, BT, sbt_b, SEQ, QMAX, sq_b, sq_h, sq_r, KEYS,
-                            sko_b, sko_h, sko_r, VALUES, svo_b, svo_h, svo_r, NUM_PAGES, MAX_KEYS, KV_HEADS, GROUP, D,
-                            DV, scale, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                            sko_b, sko_h, sko_r, VALUES, svo_b, svo_h, svo_r, NUM_PAGES, MAX_KEYS, KV_HEADS, NBLOCKS,
+                            GROUP, D, DV, scale, PAGE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_G: tl.constexpr, DOT: tl.constexpr):
-    """One program per (run j, row x K/V head): KEYS[row, kvh, j] the elementwise max of the run's cached keys, and
+    """One program per (run j, row x K/V head), ``NBLOCKS`` runs a row: KEYS[row, kvh, j] the elementwise max of the run's cached keys, and
     VALUES[row, head, j] for each query head of the group the online softmax of scale * QMAX[row, head, j] . k over
     the run's keys, times their values (``_dot``: the cache's dtype on tensor cores, qmax exact in it as a max of
     queries; fp32 exact for fp32). A run past the row's keys gets zeros: no query reads it."""
-    j = tl.program_id(0)
-    row = tl.program_id(1) // KV_HEADS
-    kvh = tl.program_id(1) % KV_HEADS
+    # one axis: a grid's second may hold no more than 65,535 (rows x K/V heads reach that at 2,048 x 32)
+    j = tl.program_id(0) % NBLOCKS
+    row = tl.program_id(0) // NBLOCKS // KV_HEADS
+    kvh = tl.program_id(0) // NBLOCKS % KV_HEADS
     keys = tl.minimum(tl.maximum(tl.load(SEQ + row), 0), MAX_KEYS)  # clamped: the attention checks the row
     d = tl.arange(0, BLOCK_D)
     e = tl.arange(0, BLOCK_DV)

@@ -54,12 +54,12 @@ def max_summaries(kernel, interpret: bool, qmax: torch.Tensor, k_cache: torch.Te
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     group = heads // kv_heads
     with interpreting(interpret):
-        kernel[(runs, rows * kv_heads)](
+        kernel[(runs * rows * kv_heads,)](
             k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1),
             v_cache, v_cache.stride(0), v_cache.stride(2), v_cache.stride(1),
             table, table.stride(0), seqlens, qmax, qmax.stride(0), qmax.stride(1), qmax.stride(2),
             keys, keys.stride(0), keys.stride(1), keys.stride(2), values, values.stride(0), values.stride(1),
-            values.stride(2), k_cache.shape[0], capacity, kv_heads, group, head_dim, value_dim, float(scale),
+            values.stride(2), k_cache.shape[0], capacity, kv_heads, runs, group, head_dim, value_dim, float(scale),
             PAGE=k_cache.shape[1], BLOCK=size, CHUNK=max(LEAST_DOT, min(MAX_CHUNK, pow2(size))),
             BLOCK_D=max(LEAST_DOT, pow2(head_dim)), BLOCK_DV=max(LEAST_DOT, pow2(value_dim)),
             BLOCK_G=max(LEAST_HEADS, pow2(group)), DOT=dot_mode_of(interpret, k_cache.dtype))

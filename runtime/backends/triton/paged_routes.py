@@ -167,9 +167,10 @@ def launch_summaries(kernel, interpret: bool, cache: torch.Tensor, block_table: 
     rows, kv_heads, head_dim = block_table.shape[0], cache.shape[2], cache.shape[3]
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     with interpreting(interpret):
-        kernel[(out.shape[3], rows * kv_heads)](
+        kernel[(out.shape[3] * rows * kv_heads,)](
             cache, cache.stride(0), cache.stride(2), cache.stride(1), table, table.stride(0), seqlens, kept, out,
-            out.stride(0), out.stride(1), out.stride(2), out.stride(3), cache.shape[0], capacity, kv_heads, head_dim,
+            out.stride(0), out.stride(1), out.stride(2), out.stride(3), cache.shape[0], capacity, kv_heads,
+            out.shape[3], head_dim,
             PAGE=cache.shape[1], BLOCK=size, CHUNK=min(SUMMARY_CHUNK, pow2(size)), BLOCK_D=pow2(head_dim),
             BOUND=bound, KEEPS=keeps)
 
