@@ -7,6 +7,7 @@ CUDA graph."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -22,8 +23,17 @@ LIST_NAMES = ("FULL", "PART", "T_FULL", "T_PART")
 
 class DeviceSchedule(TileSchedule):
     """A ``TileSchedule`` made on the device for one call: counts and lists of fixed widths (the widths of the
-    candidates the call chose among, padded with -1), its allowed pairs not counted (zeros, ``exact`` and
-    ``density_exact`` False)."""
+    candidates the call chose among, padded with -1), its allowed pairs not counted (``exact`` and
+    ``density_exact`` False; ``allowed_total`` and ``density`` NaN, not a count: counting them would read every
+    pair of the call's mask; ``attnc.materialize_mask`` does)."""
+
+    @property
+    def allowed_total(self) -> float:
+        return math.nan
+
+    @property
+    def density(self) -> float:
+        return math.nan
 
     def runs(self) -> dict[str, bool]:
         """No list is asked whether it is a run of consecutive tiles: that would read it back from the device

@@ -1263,6 +1263,8 @@ def test_the_schedule_of_a_mask_reading_inputs_is_the_calls(doc):
     attn(q, q, q, doc=doc)
     want = 2 if bool((torch.arange(8) < doc).all()) else 1  # FULL, else PARTIAL
     assert attn.schedule.classes().flatten().tolist() == [want]
+    # the call's lists count no pairs: its density is not a number, never the 0 it read before
+    assert math.isnan(attn.schedule.density) and math.isnan(attn.schedule.allowed_total)
 
 
 def test_a_mask_of_the_head_alone_through_a_float_comparison_runs_in_a_compiled_cache_call():
