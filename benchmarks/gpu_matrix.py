@@ -11,7 +11,9 @@ none with ``--toy``) stops starting new patterns once spent, and the rows not re
 (2026-11-28, ``benchmarks/results/gpu-matrix-h100-2026-11-28.md``): compiling dominates. A pattern's first call
 (attnc's kernels, Flex's ``torch.compile`` of its mods, forward and backward) took 35-88 s in a warm-up of 16
 processes at once (``--warm-jobs 16``), and a recurrence's more than 110 s; the timed pass then took 20-30 s a row.
-So every row does not fit one 10-minute call: run it in parts (``--only``, in the order given). ``--toy`` on a
+So every row does not fit one 10-minute call: run it in parts (``--only``, in the order given), or again with
+``--resume``, which keeps the rows an earlier run measured in the same file (``--out``) and runs the rest (not
+reached, failed, missing), each run's line in the header. ``--toy`` on a
 2-core CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/project/test_gpu_matrix.py`` runs a few).
 
 Rows: the 53 stdlib patterns (``spec.library.stdlib_index``), at one realistic size each: sequences of 16,384
@@ -400,6 +402,27 @@ def warm_up(table: list[Case], jobs: int, seconds: float, *, toy: bool) -> str:
             f"{f'; {stopped} stopped unfinished' if stopped else ''}), outside the timings")
 
 
+#: A row's note that leaves it to be run again by ``--resume``.
+UNFINISHED = ("not reached", "error:")
+
+
+def measured_rows(path: Path) -> tuple[list[str], dict[str, str]]:
+    """An earlier results file's header lines (above its table) and its measured rows by pattern (the rows whose
+    note is not ``UNFINISHED``), for ``--resume``; nothing where there is no such file."""
+    if not path.exists():
+        return [], {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("| pattern |")), len(lines))
+    rows = {}
+    for line in lines[start + 2:]:
+        cells = line.split(" | ")
+        if not line.startswith("| ") or len(cells) != len(COLUMNS):
+            continue
+        if not cells[-1].rstrip(" |").startswith(UNFINISHED):
+            rows[cells[0].strip("| ")] = line
+    return lines[:start], rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--toy", action="store_true", help="CPU, the Triton interpreter, toy sizes")
@@ -412,6 +435,8 @@ def main(argv=None) -> int:
                     help="first compile every row's kernels in this many processes at once (each timing one call, "
                          "no simulator), so that the timed pass finds attnc's, Triton's and Inductor's caches warm")
     ap.add_argument("--warm-s", type=float, default=180.0, help="stop the warm-up processes after this many seconds")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows the results file (--out) already measured; run the others")
     ap.add_argument("--warm", action="store_true", help=argparse.SUPPRESS)  # one warm-up process
     args = ap.parse_args(argv)
     table = cases(args.toy)
@@ -448,16 +473,22 @@ def main(argv=None) -> int:
             "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
     if args.warm:
         return warm_up_worker(table, toy=args.toy, device=device, dtype=dtype, heads=heads, head_dim=head_dim, hw=hw)
-    warmed = warm_up(table, args.warm_jobs, args.warm_s, toy=args.toy) if args.warm_jobs > 0 else None
+    order = [c.name for c in cases(args.toy)]  # the file's order; a resumed file keeps rows --only leaves out
+    earlier_head, kept = measured_rows(out) if args.resume else ([], {})
+    table = [c for c in table if c.name not in kept]
+    warmed = warm_up(table, args.warm_jobs, args.warm_s, toy=args.toy) if args.warm_jobs > 0 and table else None
     if warmed:
         head[2] = head[2][:-1] + f"; compiled first in {warmed}."
+    if earlier_head:  # the earlier runs' lines, then this run's
+        head = [*earlier_head[:-1], f"Resumed: {head[2]} {len(kept)} rows kept, {len(table)} run.", "", *head[-2:]]
+    rows = dict(kept)
     lines = list(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = suite.Budget(args.budget_s if args.budget_s is not None else math.inf if args.toy else 420.0)
     failed = 0
     for case in table:
         if not budget.left(case.name):
-            lines.append(format_row({"pattern": case.name, "notes": ["not reached: --budget-s spent"]}))
+            rows[case.name] = format_row({"pattern": case.name, "notes": ["not reached: --budget-s spent"]})
         else:
             try:
                 row = measure(case, toy=args.toy, device=device, dtype=dtype, heads=heads, head_dim=head_dim, hw=hw)
@@ -465,11 +496,12 @@ def main(argv=None) -> int:
                 failed += 1
                 row = {"pattern": case.name, "notes": [f"error: {type(err).__name__}: {str(err)[:200]}"]}
                 traceback.print_exc()
-            lines.append(format_row(row))
+            rows[case.name] = format_row(row)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        print(lines[-1], flush=True)
-        out.write_text("\n".join(lines) + "\n", encoding="utf-8")  # complete after every row
+        print(rows[case.name], flush=True)
+        # complete after every row, in the table's order (a resumed run's rows among the kept ones)
+        out.write_text("\n".join([*lines, *(rows[n] for n in order if n in rows)]) + "\n", encoding="utf-8")
     print(f"gpu_matrix: {len(table)} rows, {failed} failed; {out}", flush=True)
     return 1 if failed else 0
 

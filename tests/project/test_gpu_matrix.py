@@ -53,3 +53,37 @@ def test_toy_rows_of_each_kind(tmp_path):
     assert rows["sliding_window"][11] == "is_causal" and rows["neighborhood_2d"][11] == "dense"
     assert "Flex: " in rows["mamba2"][-1]  # what Flex cannot express is named
     assert rows["mamba2"][1] == "recurrence"
+
+
+def _row(name: str, note: str) -> str:
+    return "| " + " | ".join([name, *["-"] * 21, note]) + " |"
+
+
+def test_resume_keeps_the_measured_rows_and_runs_the_rest(tmp_path):
+    """``--resume``: a row an earlier run measured is kept as it is (not run again), a row it did not reach or that
+    failed is run, and the rows keep the table's order, under both runs' header lines."""
+    out = tmp_path / "matrix.md"
+    first = run("--toy", "--only", "sliding_window,streaming", "--budget-s", "0", "--out", str(out), folder=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    text = out.read_text()
+    assert text.count("not reached: --budget-s spent") == 2
+    # an earlier run's failed row and measured row, as the script writes them
+    text = text.replace(_row("streaming", "not reached: --budget-s spent"), _row("streaming", "error: OutOfMemoryError"))
+    out.write_text(text + _row("mamba2", "measured earlier") + "\n")
+    second = run("--toy", "--resume", "--only", "sliding_window,mamba2,streaming", "--out", str(out), folder=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    table = [line for line in lines if line.startswith("| ") and not line.startswith(("| pattern", "| ---"))]
+    by_name = {line.split(" | ")[0].strip("| "): line for line in table}
+    spec = importlib.util.spec_from_file_location("gpu_matrix_order", BENCH)
+    matrix = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = matrix
+    spec.loader.exec_module(matrix)
+    order = [c.name for c in matrix.cases(True)]
+    assert list(by_name) == sorted(["sliding_window", "mamba2", "streaming"], key=order.index)
+    assert by_name["mamba2"] == _row("mamba2", "measured earlier")  # kept, not run again
+    for name in ("sliding_window", "streaming"):  # not reached, failed: run now
+        cells = by_name[name].split(" | ")
+        assert float(cells[3]) > 0 and "not reached" not in cells[-1] and "error" not in cells[-1], cells
+    resumed = [line for line in lines if line.startswith("Resumed: ")]
+    assert len(resumed) == 1 and resumed[0].endswith("1 rows kept, 2 run.")
