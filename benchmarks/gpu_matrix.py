@@ -12,8 +12,8 @@ none with ``--toy``) stops starting new patterns once spent, and the rows not re
 (attnc's kernels, Flex's ``torch.compile`` of its mods, forward and backward) took 35-88 s in a warm-up of 16
 processes at once (``--warm-jobs 16``), and a recurrence's more than 110 s; the timed pass then took 20-30 s a row.
 So every row does not fit one 10-minute call: run it in parts (``--only``, in the order given), or again with
-``--resume``, which keeps the rows an earlier run measured in the same file (``--out``) and runs the rest (not
-reached, failed, missing), each run's line in the header. ``--toy`` on a
+``--resume``, which keeps the rows an earlier run measured in the same file (``--out``) and runs the rest of
+the patterns asked for (not reached, failed, missing), each run's line in the header; the file's other rows stay. ``--toy`` on a
 2-core CPU: every pattern at toy sizes in the interpreter, a few minutes (``tests/project/test_gpu_matrix.py`` runs a few).
 
 Rows: the 53 stdlib patterns (``spec.library.stdlib_index``), at one realistic size each: sequences of 16,384
@@ -406,21 +406,23 @@ def warm_up(table: list[Case], jobs: int, seconds: float, *, toy: bool) -> str:
 UNFINISHED = ("not reached", "error:")
 
 
-def measured_rows(path: Path) -> tuple[list[str], dict[str, str]]:
-    """An earlier results file's header lines (above its table) and its measured rows by pattern (the rows whose
-    note is not ``UNFINISHED``), for ``--resume``; nothing where there is no such file."""
+def earlier_rows(path: Path) -> tuple[list[str], dict[str, str], set[str]]:
+    """An earlier results file's header lines (above its table), its rows by pattern, and the patterns it measured
+    (the rows whose note is not ``UNFINISHED``), for ``--resume``; nothing where there is no such file."""
     if not path.exists():
-        return [], {}
+        return [], {}, set()
     lines = path.read_text(encoding="utf-8").splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("| pattern |")), len(lines))
-    rows = {}
+    rows, measured = {}, set()
     for line in lines[start + 2:]:
         cells = line.split(" | ")
         if not line.startswith("| ") or len(cells) != len(COLUMNS):
             continue
+        name = cells[0].strip("| ")
+        rows[name] = line
         if not cells[-1].rstrip(" |").startswith(UNFINISHED):
-            rows[cells[0].strip("| ")] = line
-    return lines[:start], rows
+            measured.add(name)
+    return lines[:start], rows, measured
 
 
 def main(argv=None) -> int:
@@ -474,14 +476,14 @@ def main(argv=None) -> int:
     if args.warm:
         return warm_up_worker(table, toy=args.toy, device=device, dtype=dtype, heads=heads, head_dim=head_dim, hw=hw)
     order = [c.name for c in cases(args.toy)]  # the file's order; a resumed file keeps rows --only leaves out
-    earlier_head, kept = measured_rows(out) if args.resume else ([], {})
+    earlier_head, rows, kept = earlier_rows(out) if args.resume else ([], {}, set())
     table = [c for c in table if c.name not in kept]
+    order += [name for name in rows if name not in order]  # an earlier row of another pattern list stays too
     warmed = warm_up(table, args.warm_jobs, args.warm_s, toy=args.toy) if args.warm_jobs > 0 and table else None
     if warmed:
         head[2] = head[2][:-1] + f"; compiled first in {warmed}."
     if earlier_head:  # the earlier runs' lines, then this run's
         head = [*earlier_head[:-1], f"Resumed: {head[2]} {len(kept)} rows kept, {len(table)} run.", "", *head[-2:]]
-    rows = dict(kept)
     lines = list(head)
     out.parent.mkdir(parents=True, exist_ok=True)
     budget = suite.Budget(args.budget_s if args.budget_s is not None else math.inf if args.toy else 420.0)

@@ -37,6 +37,8 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..core.errors import SpecError
+
 #: Triton's launch parameters where a launch names none (its CUDA backend's defaults).
 TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}
 #: The warp counts the ladder moves between (16 warps put the dots of sm_100's kernels off tcgen05.mma and
@@ -63,6 +65,22 @@ class Rung:
 
     def __str__(self) -> str:
         return f"w{self.num_warps} s{self.num_stages}" + (" indexed" if self.indexed else "")
+
+
+#: CUDA's most programs along a grid's second and third axes (the first takes 2^31 - 1).
+MAX_GRID_YZ = 65535
+
+
+def check_grid(grid, what: tuple[str, str] = ("batch entries x heads", "batch entries x heads")) -> None:
+    """Refuses a grid CUDA would not launch, by what makes it so (``what``: what the kernel puts on the grid's
+    second and third axes), under the interpreter as on a GPU, before anything runs."""
+    if not isinstance(grid, tuple):
+        return
+    for axis in (1, 2):
+        if len(grid) > axis and grid[axis] > MAX_GRID_YZ:
+            raise SpecError(f"{grid[axis]:,} {what[axis - 1]} in one launch: CUDA launches at most {MAX_GRID_YZ:,} "
+                            "along this axis of the grid; split the batch into calls of fewer entries",
+                            where="argument q")
 
 
 def steps_runs(meta: dict) -> bool:

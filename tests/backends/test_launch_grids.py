@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnc
+from attnc.runtime import kernel_fit
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton.paged_max_summaries import max_summaries
 from attnc.runtime.backends.triton.paged_routes import launch_summaries
@@ -43,16 +44,17 @@ def test_the_summary_kernels_put_blocks_rows_and_kv_heads_on_one_axis():
     max_summaries(kernel, True, qmax, cache, cache, table, seqlens, size, 1.0)
     assert kernel.grids[-1] == (2 * rows * kv_heads,)
     for grid in kernel.grids:
-        KL.check_grid(grid)
+        kernel_fit.check_grid(grid)
 
 
 def test_a_grid_past_cudas_second_axis_is_refused_by_name():
-    KL.check_grid((3, KL.MAX_GRID_YZ, 4))
+    most = kernel_fit.MAX_GRID_YZ
+    kernel_fit.check_grid((3, most, 4))
     with pytest.raises(attnc.SpecError, match="65,536 batch entries x heads") as e:
-        KL.check_grid((1, KL.MAX_GRID_YZ + 1))
+        kernel_fit.check_grid((1, most + 1))
     assert e.value.where == "argument q"
     with pytest.raises(attnc.SpecError, match="split-KV parts"):
-        KL.check_grid((1, 2, KL.MAX_GRID_YZ + 1))
+        kernel_fit.check_grid((1, 2, most + 1), ("batch entries x heads", "split-KV parts"))
 
 
 def test_a_forward_over_too_many_batch_entries_x_heads_is_refused_before_any_launch(monkeypatch):
@@ -61,6 +63,6 @@ def test_a_forward_over_too_many_batch_entries_x_heads_is_refused_before_any_lau
 
     monkeypatch.setattr(KL, "_launch_opts", launched)  # what a launch does first after the grid's check
     attn = attnc.compile_attention(attnc.load("stdlib:sliding_window", window=4), backend="triton")
-    q = torch.randn(KL.MAX_GRID_YZ + 1, 1, 1, 16)
+    q = torch.randn(kernel_fit.MAX_GRID_YZ + 1, 1, 1, 16)
     with pytest.raises(attnc.SpecError, match="batch entries x heads"):
         attn(q, q, q)

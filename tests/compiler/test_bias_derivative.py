@@ -46,3 +46,18 @@ def test_the_derivative_of_nested_clamps_is_torch_autograds(name, value):
     CASES[name][1](u).backward()
     ours = float(DERIVATIVES[name].subs(U, sympy.Float(value, 53)))
     assert abs(ours - float(u.grad)) <= 1e-9 * max(1.0, abs(float(u.grad))), (name, value, ours, float(u.grad))
+
+
+def test_an_if_inside_nested_clamps_differentiates():
+    """``if`` (the IR's unfolded Piecewise) inside clamps inside an ``if``: sympy's own Piecewise folded the ``if`` of a
+    condition put back after differentiating and failed (an AssertionError in ``piecewise_fold``)."""
+    from attnc.core import symbols as S
+
+    x = _clamp(S.Piecewise((2 * U, U > 0), (-U, True)), -3, 3)
+    x = _clamp(S.Piecewise((2 * x + U, x > 0), (x - U, True)), -3, 3)
+    d = derivative(x, U)
+    assert not any(isinstance(s, sympy.Dummy) for s in d.free_symbols)
+    for value in (-2.0, -0.7, 0.3, 0.6, 1.4, 2.5):  # away from the kinks: central differences of the bias
+        h = 1e-6
+        f = lambda v: float(x.subs(U, v))  # noqa: E731
+        assert abs(float(d.subs(U, value)) - (f(value + h) - f(value - h)) / (2 * h)) < 1e-5, value

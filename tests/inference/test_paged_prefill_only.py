@@ -315,3 +315,28 @@ def test_a_selection_made_a_few_elements_at_a_time_is_the_same(name, monkeypatch
     monkeypatch.setattr(paged_antidiagonal, "CHUNK_ELEMENTS", 64)
     chunked = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
     assert torch.equal(chunked, whole)
+
+
+@pytest.mark.parametrize("name, params", [("vertical_slash", {"vertical": 3, "slash": 2, "last_q": 4, "sinks": 1, "local": 2, "slash_min": 1}), ("landmark", {"block": 4})])
+def test_query_scores_past_a_grids_second_axis_are_launched_in_parts(name, params, monkeypatch):
+    """``attnc_paged_token_scores`` puts the queries on the grid's second axis, which CUDA caps at 65,535: more are
+    scored in several launches (``paged_tokens.pool_scores``). With the cap at 2 queries, the batch's answer is the
+    same bit for bit, from more launches."""
+    from attnc.runtime.backends.triton import paged_tokens
+
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    q, k, v, table, seqlens, cu, _ = _packed([9, 6, 4], 8, 13)
+    grids = []
+    real = paged_tokens.interpreting
+
+    def watching(flag):  # each launch of the score kernel enters the interpreter's context once
+        grids.append(flag)
+        return real(flag)
+
+    monkeypatch.setattr(paged_tokens, "interpreting", watching)
+    whole = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    once = len(grids)
+    monkeypatch.setattr(paged_tokens, "MAX_GRID_Y", 2)
+    parts = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd")
+    assert once >= 1 and len(grids) - once > once
+    assert torch.equal(parts, whole)

@@ -61,7 +61,8 @@ def _row(name: str, note: str) -> str:
 
 def test_resume_keeps_the_measured_rows_and_runs_the_rest(tmp_path):
     """``--resume``: a row an earlier run measured is kept as it is (not run again), a row it did not reach or that
-    failed is run, and the rows keep the table's order, under both runs' header lines."""
+    failed is run, a row of a pattern not asked for stays as it was, and the rows keep the table's order, under both
+    runs' header lines."""
     out = tmp_path / "matrix.md"
     first = run("--toy", "--only", "sliding_window,streaming", "--budget-s", "0", "--out", str(out), folder=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -69,7 +70,8 @@ def test_resume_keeps_the_measured_rows_and_runs_the_rest(tmp_path):
     assert text.count("not reached: --budget-s spent") == 2
     # an earlier run's failed row and measured row, as the script writes them
     text = text.replace(_row("streaming", "not reached: --budget-s spent"), _row("streaming", "error: OutOfMemoryError"))
-    out.write_text(text + _row("mamba2", "measured earlier") + "\n")
+    out.write_text(text + _row("mamba2", "measured earlier") + "\n" + _row("alibi", "not reached: --budget-s spent")
+                   + "\n")
     second = run("--toy", "--resume", "--only", "sliding_window,mamba2,streaming", "--out", str(out), folder=tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     lines = out.read_text().splitlines()
@@ -80,8 +82,9 @@ def test_resume_keeps_the_measured_rows_and_runs_the_rest(tmp_path):
     sys.modules[spec.name] = matrix
     spec.loader.exec_module(matrix)
     order = [c.name for c in matrix.cases(True)]
-    assert list(by_name) == sorted(["sliding_window", "mamba2", "streaming"], key=order.index)
+    assert list(by_name) == sorted(["sliding_window", "mamba2", "streaming", "alibi"], key=order.index)
     assert by_name["mamba2"] == _row("mamba2", "measured earlier")  # kept, not run again
+    assert by_name["alibi"] == _row("alibi", "not reached: --budget-s spent")  # not asked for: left as it was
     for name in ("sliding_window", "streaming"):  # not reached, failed: run now
         cells = by_name[name].split(" | ")
         assert float(cells[3]) > 0 and "not reached" not in cells[-1] and "error" not in cells[-1], cells

@@ -122,9 +122,9 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
         return d
 
     def condition(relation):
-        # A branch's condition, opaque while differentiating (a Boolean symbol): sympy built a Piecewise
-        # whose conditions held Piecewise by rewriting them to sets, which took minutes or failed for a few
-        # nested clamps; the condition is taken on the original arguments (a min, not its rewrite)
+        # A branch's condition, opaque while differentiating (a Boolean symbol), taken on the original arguments
+        # (a min, not its rewrite); the branches are the IR's unfolded Piecewise: sympy's own folded a Piecewise in
+        # a condition (rewriting it to sets), which took minutes or failed for a few nested clamps or an `if`
         d = sympy.Dummy("cond")
         frozen[d] = relation
         return d
@@ -141,13 +141,13 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
             return a - b * freeze(S.FloorDiv(*e.args))
         if isinstance(e, sympy.Abs):
             (a,), (orig,) = args, e.args
-            return sympy.Piecewise((a, condition(orig > 0)), (-a, condition(orig < 0)), (0, True))
+            return S.Piecewise((a, condition(orig > 0)), (-a, condition(orig < 0)), (0, True))
         if isinstance(e, sympy.Min | sympy.Max):
             out, orig = args[0], e.args[0]
             for b, b_orig in zip(args[1:], e.args[1:], strict=True):
                 first, second = (orig < b_orig, orig > b_orig) if isinstance(e, sympy.Min) else (orig > b_orig,
                                                                                                 orig < b_orig)
-                out = sympy.Piecewise((out, condition(first)), (b, condition(second)), ((out + b) / 2, True))
+                out = S.Piecewise((out, condition(first)), (b, condition(second)), ((out + b) / 2, True))
                 orig = e.func(orig, b_orig)
             return out
         if not args:

@@ -25,7 +25,6 @@ from ....compiler.cost.launch_order import choose_order, ordered_arch
 from ....compiler.cost.model import KernelConfig
 from ....compiler.cost.search import padded_head_dim
 from ....core import ir
-from ....core.errors import SpecError
 from ... import kernel_fit
 from ...numerics import fox_prefix
 from ...plan import tile_plan
@@ -391,7 +390,7 @@ def launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backw
     pass fit apart). When Triton raises ``OutOfResources`` (shared memory over the block's limit), again
     with fewer pipeline stages (stages hold the streamed tiles' buffers), down to one. Still out of
     resources: re-raised, for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
-    check_grid(grid)
+    kernel_fit.check_grid(grid, ("batch entries x heads", "split-KV parts"))
     opts = _launch_opts(launch, backward)
     if "num_warps" in meta:  # a kernel with warps of its own (the backward's row term), not its pass's
         meta = dict(meta)
@@ -411,21 +410,6 @@ def launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backw
                 raise
             opts = {**opts, "num_stages": opts["num_stages"] - 1}
             _note_fallback(launch, backward, opts)
-
-
-#: CUDA's most programs along a grid's second and third axes (the first takes 2^31 - 1).
-MAX_GRID_YZ = 65535
-
-
-def check_grid(grid) -> None:
-    """Refuses a grid CUDA would not launch, by what makes it so, under the interpreter as on a GPU: the kernels put
-    the batch entries times the heads (or K/V heads) on the grid's second axis and split-KV's parts on its third."""
-    if not isinstance(grid, tuple):
-        return
-    for axis, what in ((1, "batch entries x heads"), (2, "split-KV parts")):
-        if len(grid) > axis and grid[axis] > MAX_GRID_YZ:
-            raise SpecError(f"{grid[axis]:,} {what} in one launch: CUDA launches at most {MAX_GRID_YZ:,} along "
-                            "this axis of the grid; split the batch into calls of fewer entries", where="argument q")
 
 
 def _with_scratch(run: Callable[[], None], device: torch.device) -> None:

@@ -32,7 +32,7 @@ from .paged_routes import WORD, pack_words, row_topk, visit_lists
 
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64
-#: The most queries one score launch takes (CUDA's limit on a grid's second dimension).
+#: The most queries one score launch takes (CUDA's limit on a grid's second dimension: ``pool_scores``).
 MAX_GRID_Y = 65535
 
 
@@ -106,7 +106,7 @@ def _scores(t, qp, row, pos, k_cache, block_table, seqlens, inputs: dict | None)
 
 def pool_scores(t, qp, row, k_cache, block_table, seqlens) -> torch.Tensor:
     """``q @ k`` of queries ``qp`` ``[P, Hq, D]`` with every cached key of their rows (``attnc_paged_token_scores``):
-    ``[P, Hq, capacity]`` fp32."""
+    ``[P, Hq, capacity]`` fp32; a launch per ``MAX_GRID_Y`` queries (the grid's second axis)."""
     count, heads, head_dim = qp.shape
     kv_heads = k_cache.shape[2]
     qp = qp if qp.stride(-1) == 1 else qp.contiguous()
@@ -114,12 +114,15 @@ def pool_scores(t, qp, row, k_cache, block_table, seqlens) -> torch.Tensor:
     table = block_table if block_table.stride(-1) == 1 else block_table.contiguous()
     group = heads // kv_heads
     kernel = t.launch.module.attnc_paged_token_scores
-    with interpreting(t.launch.interpret):
-        kernel[(-(-t.capacity // TOKEN_CHUNK), count, kv_heads)](
-            qp, qp.stride(0), qp.stride(1), k_cache, k_cache.stride(0), k_cache.stride(2), k_cache.stride(1), table,
-            table.stride(0), seqlens, row.to(torch.int32), out, out.stride(0), out.stride(1), k_cache.shape[0],
-            t.capacity, group, head_dim, PAGE=k_cache.shape[1], CHUNK=TOKEN_CHUNK, BLOCK_D=pow2(head_dim),
-            BLOCK_G=pow2(group))
+    row = row.to(torch.int32)
+    for start in range(0, count, MAX_GRID_Y):
+        part = slice(start, min(count, start + MAX_GRID_Y))
+        with interpreting(t.launch.interpret):
+            kernel[(-(-t.capacity // TOKEN_CHUNK), part.stop - start, kv_heads)](
+                qp[part], qp.stride(0), qp.stride(1), k_cache, k_cache.stride(0), k_cache.stride(2),
+                k_cache.stride(1), table, table.stride(0), seqlens, row[part], out[part], out.stride(0),
+                out.stride(1), k_cache.shape[0], t.capacity, group, head_dim, PAGE=k_cache.shape[1],
+                CHUNK=TOKEN_CHUNK, BLOCK_D=pow2(head_dim), BLOCK_G=pow2(group))
     return out
 
 

@@ -56,7 +56,8 @@ def jit_table(helpers: tuple, kernels_: tuple, namespace: dict, interpret: bool)
 def launch(fn, grid, interpret: bool, *args, **meta) -> None:
     """An ordinary ``kernel[grid](...)`` launch (the interpreter's under TRITON_INTERPRET=1); on a GPU at
     the first rung of ``kernel_fit``'s ladder from its ``num_warps``/``num_stages`` that runs without
-    spilling."""
+    spilling. A grid CUDA would not launch is refused first (``kernel_fit.check_grid``)."""
+    kernel_fit.check_grid(grid)
     if interpret:
         with interpreting(True):
             fn[grid](*args, **meta)
