@@ -209,8 +209,9 @@ def clamp_to(draw, ctx: Ctx, x: X, limit: float) -> X:
             return int_leaf(draw, ctx) if x.kind == "int" else float_leaf(draw, ctx)
         c = draw(st.integers(1, int(min(limit, 50))))
         lo, hi = (lit(-c), lit(c)) if x.kind == "int" else (lit(-float(c)), lit(float(c)))
-        return X(f"clamp({x.text}, {lo.text}, {hi.text})", x.kind, max(x.lo, -c), min(x.hi, c), False, x.const,
-                 ATOM, x.idx)
+        # the interval clamped too (one wholly outside [-c, c] becomes a point: [800, 900] -> [c, c], not [800, c])
+        return X(f"clamp({x.text}, {lo.text}, {hi.text})", x.kind, min(max(x.lo, -c), c), max(min(x.hi, c), -c),
+                 False, x.const, ATOM, x.idx)
     return x
 
 
