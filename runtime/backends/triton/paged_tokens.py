@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from ....compiler.codegen.triton.source import but_row_lengths
+from ...kernel_fit import MAX_GRID_YZ
 from ...plan.device_choice import choose
 from ...plan.forms.top_k_tokens import device_mask
 from ...tritonenv import interpreting
@@ -33,7 +34,7 @@ from .paged_routes import WORD, pack_words, row_topk, visit_lists
 #: Keys a score program reads at once.
 TOKEN_CHUNK = 64
 #: The most queries one score launch takes (CUDA's limit on a grid's second dimension: ``pool_scores``).
-MAX_GRID_Y = 65535
+MAX_GRID_Y = MAX_GRID_YZ
 
 
 def select(t, q, qs: PagedQueries, k_cache, block_table, seqlens, inputs: dict | None
