@@ -570,6 +570,22 @@ def test_everything_masked():
     assert all((d == 0).all() for d in (dq, dk, dv))
 
 
+@pytest.mark.parametrize("big", [1e20, 1e30, 1e300])
+def test_tied_keys_at_huge_scores_share_the_weight(big):
+    """Scores so large that a row's lse cannot hold log(sum) (-1e30 + log 2 is -1e30): the keys tied at the
+    row's largest score share its weight, so the output is their mean, not their sum (exp(s - lse) would weigh
+    each 1). Every key but the query's own, with a bias of -big * |q - k|: a row's two neighbours tie, and
+    q . k (of order 1) is lost beside big."""
+    text = f"pattern far(big = {big})\n  tokens seq\n  mask q != k\n  bias -big * abs(q - k)\n"
+    q, k, v = qkv(gen(27), 1, 1, 1, 7, 7, 4)
+    out = compiled(text)(q, k, v)
+    n = torch.arange(7)
+    dist = (n[:, None] - n[None, :]).abs()
+    nearest = (dist == 1).to(F64)  # each row's tied keys: its neighbours
+    want = (nearest / nearest.sum(-1, keepdim=True)) @ v[0, 0]
+    torch.testing.assert_close(out[0, 0], want, **TIGHT)
+
+
 # ----------------------------------------------------------------- dtypes
 @pytest.mark.parametrize(
     "dtype,tol",

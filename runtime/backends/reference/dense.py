@@ -50,8 +50,11 @@ def attention(
     # logsumexp never sees the all -inf row (its backward would give nan)
     empty = torch.isneginf(scores).all(-1)
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
-    safe_lse = torch.where(empty, torch.zeros_like(lse), lse)
-    p = torch.where(mask, torch.exp(scores - safe_lse[..., None]), torch.zeros((), dtype=dt))
+    # the weights divided by their sum, not exp(s - lse): where scores reach 1e16 and more, lse's
+    # log(sum) rounds away (-1e30 + log 2 is -1e30) and exp(s - lse) would weigh two tied keys 1 each
+    top = scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
+    e = torch.where(mask, torch.exp(scores - top), torch.zeros((), dtype=dt))
+    p = e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
     size = block_max.requested()
     if size is not None:  # return_block_max: the map of these probabilities
         block_max.record(block_max.from_probabilities(p, size))
