@@ -212,9 +212,12 @@ def refuse_new_tokens(pat, inputs: dict) -> None:
             )
 
 
-def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str):
+def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int | None = None):
     """``k=``, ``v=`` in ``layout`` -> ``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]`` views (None, None
-    when neither is given), checked against q (``[B, Hq, n, D]``) and the pools."""
+    when neither is given), checked against the batch's rows (``batch``: the block table's rows where q is one
+    packed entry, ``cu_seqlens_q``; q's batch by default) and the pools."""
+    batch = q.shape[0] if batch is None else batch
+    what = "q's batch" if batch == q.shape[0] else "the block table's rows"
     if k_new is None and v_new is None:
         return None, None
     for name, t, other in (("k", k_new, "v"), ("v", v_new, "k")):
@@ -242,12 +245,12 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str):
                 where=where,
             )
         t = t.transpose(1, 2) if layout == "bnhd" else t
-        if t.shape[0] != q.shape[0] or t.shape[1] != pool.shape[2] or t.shape[3] != pool.shape[3]:
+        if t.shape[0] != batch or t.shape[1] != pool.shape[2] or t.shape[3] != pool.shape[3]:
             shown = list(t.shape if layout == "bhnd" else t.transpose(1, 2).shape)
-            expect = order.format(pool.shape[3]).replace("B", str(q.shape[0]), 1)
+            expect = order.format(pool.shape[3]).replace("B", str(batch), 1)
             expect = expect.replace("Hkv", str(pool.shape[2]))
             raise SpecError(
-                f"expected {expect} (q's batch, the cache's heads and head dim; layout "
+                f"expected {expect} ({what}, the cache's heads and head dim; layout "
                 f'"{layout}"), got {shown}',
                 where=where,
             )

@@ -248,6 +248,43 @@ def test_append_then_attend(backend, layout):
         )
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_packed_rows_append_one_entry_per_table_row(backend):
+    """Packed queries (``cu_seqlens_q``: q is one entry) with ``k=``/``v=``: the new tokens are one entry per row
+    of the block table (``[rows, n_new, Hkv, D]``), written at each row's own slots; a batch of q's size (1),
+    which was broadcast into every row, is refused by name with nothing written. Rows of 1, 2 and 0 queries,
+    each row equal to the reference over its old keys then its new ones, its queries the last positions."""
+    hq, hkv, page_size, n_new = 4, 2, 4, 2
+    before, counts = (5, 9, 3), (1, 2, 0)
+    reach = [-(-(x + n_new) // page_size) for x in before]
+    k_cache, v_cache, table = pool(reach, page_size, hkv, seed=16, dtype=torch.float32)
+    g = _gen(17)
+    q = torch.randn(1, sum(counts), hq, D, generator=g)
+    k_new = torch.randn(len(before), n_new, hkv, D, generator=g)
+    v_new = torch.randn(len(before), n_new, hkv, DV, generator=g)
+    seqlens = torch.tensor(before, dtype=torch.int32)
+    cu = torch.tensor([0, 1, 3, 3], dtype=torch.int32)
+    attn = compile_attention("stdlib:sliding_window", backend=backend, window=WINDOW, layout="bnhd")
+    call = dict(block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, max_seqlen_q=2)
+    untouched = (k_cache.clone(), v_cache.clone())
+    err = _error(lambda: attn(q, k_cache, v_cache, k=k_new[:1], v=v_new[:1], **call))
+    assert err.where == "argument k" and "block table's rows" in err.message, err.message
+    torch.testing.assert_close((k_cache, v_cache), untouched, rtol=0, atol=0)
+
+    k_want = appended_pool(k_cache, table, seqlens, k_new.transpose(1, 2))
+    v_want = appended_pool(v_cache, table, seqlens, v_new.transpose(1, 2))
+    out = attn(q, k_cache, v_cache, k=k_new, v=v_new, **call)
+    torch.testing.assert_close((k_cache, v_cache), (k_want, v_want), rtol=0, atol=0)
+    for b, cached in enumerate(before):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        if lo == hi:
+            continue
+        k_row = torch.cat([row_keys(k_want, table, b, cached), k_new[b].transpose(0, 1)], 1)
+        v_row = torch.cat([row_keys(v_want, table, b, cached), v_new[b].transpose(0, 1)], 1)
+        want = reference(q[0, lo:hi].transpose(0, 1), k_row, v_row, WINDOW)
+        torch.testing.assert_close(out[0, lo:hi].transpose(0, 1).double(), want, rtol=2e-5, atol=2e-5)
+
+
 def test_an_int_cache_seqlens_is_every_rows():
     """flash-attn broadcasts an int cache_seqlens: the same as the int32 tensor of it, appending or not;
     a strided pool (a view into a wider buffer) is written in place, its neighbours untouched."""
