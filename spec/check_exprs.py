@@ -61,16 +61,25 @@ class ExpressionChecks:
             raise self.error("constant too large (it must fit in 64 bits)", node.pos)
         if isinstance(e, sympy.Number) and not e.is_finite:
             raise self.error("expression is not a finite number", node.pos)
-        if not isinstance(e, sympy.Number) and self._folds_to_infinity(e):
+        folded = None if isinstance(e, sympy.Number) else self._bad_fold(e)
+        if folded is not None and not isinstance(folded, sympy.Integer):
             # an operand that is zero whatever q and k, under a division or a negative power: sympy folds the
             # part to complex infinity (or NaN), which no evaluator takes
             raise self.error("expression divides by zero: a part of it is 0 for every position", node.pos,
                              hint="write the division without the operand that is always 0")
+        if folded is not None:
+            # constants multiplied out exactly (q * 2**62 * 4 is q * 2**64), where the run time's 64-bit integers
+            # would wrap: no backend could evaluate the folded form as the text reads
+            raise self.error(f"constant too large: this expression folds to a coefficient of {folded}, which does "
+                             "not fit in 64 bits", node.pos,
+                             hint="integer arithmetic wraps at 64 bits at run time; write the constants so that "
+                                  "their product fits")
         return typed
 
-    def _folds_to_infinity(self, e: sympy.Basic) -> bool:
-        """Whether sympy folded a part of ``e`` to complex infinity or NaN: a walk of its parts that stops at
-        those already walked (a node's operands were checked before it, and lets share parts: linear)."""
+    def _bad_fold(self, e: sympy.Basic) -> sympy.Basic | None:
+        """A part of ``e`` that sympy folded to what no evaluator takes: complex infinity or NaN, or an integer
+        past 64 bits; None if there is none. A walk of its parts that stops at those already walked (a node's
+        operands were checked before it, and lets share parts: linear)."""
         walked = self.__dict__.setdefault("_walked_parts", {})  # id -> part (held, so that ids stay unique)
         stack = [e]
         while stack:
@@ -78,10 +87,12 @@ class ExpressionChecks:
             if id(part) in walked:
                 continue
             if part is sympy.zoo or part is sympy.nan:
-                return True
+                return part
+            if isinstance(part, sympy.Integer) and abs(int(part)) >= INT64_LIMIT:
+                return part
             walked[id(part)] = part
             stack.extend(part.args)
-        return False
+        return None
 
     def _e_Num(self, node: ast.Num) -> Typed:
         return Typed(kind_of_value(node.value), sympy_value(node.value))

@@ -80,6 +80,19 @@ def test_syntax_error_integer_literal_too_large():
     assert_at(err, 3, 12, "integer literal too large", width=20)
 
 
+@pytest.mark.parametrize("src, col", [
+    ("pattern p\n  tokens seq\n  mask q * 4611686018427387904 * 4 > k\n", 8),
+    ("pattern p(s = 1)\n  tokens seq\n  mask (q + 1) * s * 8 == 0\n", 9),
+])
+def test_constants_folded_past_64_bits_are_refused_where_written(src, col):
+    """sympy multiplies constants out exactly (q * 2**62 * 4 is q * 2**64), which no backend's 64-bit integers
+    hold: refused at the expression, not an OverflowError at the call or a comparison folded to false."""
+    err = spec_error(src, load=True, s=2**61) if "(s = 1)" in src else spec_error(src, load=True)
+    assert err.pos is not None and (err.pos.line, err.pos.col) == (3, col), str(err)
+    assert "constant too large" in err.message and "18446744073709551616" in err.message, str(err)
+    assert attnc.load(src.replace("* 4 >", "* 1 >"), **({"s": 2**59} if "(s = 1)" in src else {}))  # within 64 bits
+
+
 # ----------------------------------------------------------------- names
 def test_unknown_name_with_hint():
     err = spec_error("""
