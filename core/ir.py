@@ -187,6 +187,10 @@ class WindowSite:
     pos: Pos
     filename: str = "<spec>"
     source: str | None = None
+    #: the parameters the caller gave that its size, dilation or stride reads, each (role: "size", "dilation" or
+    #: "stride"; the argument as given; the parameter as declared; a note, e.g. the axis of a per-axis argument):
+    #: a window that does not fit names that argument, not the file (which may be the stdlib's)
+    given: tuple[tuple[str, str, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -540,19 +544,22 @@ def check_window_sizes(ir: PatternIR, subs: dict) -> None:
         L, size, dil, stride = (int(v) for v in vals)
         axis = f"axis '{site.axis}'" if site.axis else "the sequence"
         if size * dil > L:
-            raise SpecError(
-                f"window of {size}" + (f" with dilation {dil}" if dil > 1 else "")
-                + f" does not fit {axis} of length {L}",
-                site.pos,
-                filename=site.filename,
-                source=site.source,
-                hint="window size times dilation must be at most the axis length",
-            )
+            raise _window_error(site, ("size", "dilation"),
+                                f"window of {size}" + (f" with dilation {dil}" if dil > 1 else "")
+                                + f" does not fit {axis} of length {L}",
+                                "window size times dilation must be at most the axis length")
         if stride > size:
-            raise SpecError(
-                f"stride {stride} is larger than the window {size}",
-                site.pos,
-                filename=site.filename,
-                source=site.source,
-            )
+            raise _window_error(site, ("stride", "size"), f"stride {stride} is larger than the window {size}")
     passed.add(key)
+
+
+def _window_error(site: WindowSite, roles: tuple[str, ...], message: str, hint: str | None = None) -> SpecError:
+    """A window's size error: of the argument the caller gave for one of ``roles`` where there is one (its value
+    is at fault, and the window's place goes into the hint), else at the window in its file."""
+    for role in roles:
+        for given_role, argument, declared, note in site.given:
+            if given_role == role:
+                used = f"'{declared}' is read at {site.filename}:{site.pos.line}:{site.pos.col}"
+                return SpecError(message + (f" ({note})" if note else ""), where=f"argument {argument}",
+                                 hint=used + (f"; {hint}" if hint else ""))
+    return SpecError(message, site.pos, filename=site.filename, source=site.source, hint=hint)

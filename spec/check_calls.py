@@ -22,6 +22,7 @@ from .check_types import (
     fold,
     kind_of_value,
 )
+from .params import names_in
 
 
 class CallChecks:
@@ -227,9 +228,13 @@ class CallChecks:
             if want == BOOL and e not in (sympy.true, sympy.false):
                 raise self.error("window causal must be a constant bool", vnode.pos)
             lowered[name] = e
+        # the caller's own arguments the window's sizes read (a called pattern's are its caller's expressions)
+        given = () if self.call_stack else tuple(
+            (role, name, name, "") for role, (vnode, _) in values.items() if vnode is not None and role != "causal"
+            for name in dict.fromkeys(names_in(vnode)) if name in self.params and name not in self.env_lets)
         self.windows.append(
             ir.WindowSite(axis, length, lowered["size"], lowered["dilation"], lowered["stride"], node.pos,
-                          self.module.filename, self.module.source)
+                          self.module.filename, self.module.source, given)
         )
         return Typed(BOOL, S.Window(qa, ka, length, lowered["size"], lowered["dilation"], lowered["stride"], lowered["causal"]))
 

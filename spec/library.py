@@ -15,7 +15,7 @@ from .check_branches import has_branches, lower_combined
 from .check_buckets import has_buckets, lower_bucketed
 from .check_names import all_unknown_names
 from .checker import Checker
-from .params import blame_argument, blame_parameter, expand_axis_params
+from .params import blame_argument, blame_parameter, expand_axis_params, name_window_arguments
 from .parser import parse, read_file
 
 STDLIB_PREFIX = "stdlib:"
@@ -127,7 +127,8 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
             return lower_bucketed(module, decl, expanded, resolve, strict=strict)
         if has_branches(decl):  # several attentions over the same queries, combined
             return lower_combined(module, decl, expanded, resolve, strict=strict)
-        return Checker(module, decl, expanded, resolve, strict=strict, symbolic=symbolic).lower()
+        lowered = Checker(module, decl, expanded, resolve, strict=strict, symbolic=symbolic).lower()
+        return name_window_arguments(lowered, origin)
     except SpecError as err:
         err = all_unknown_names(err, module, decl, resolve)  # every misspelt name, not the first
         raise blame_argument(blame_parameter(err, module, decl, expanded), origin) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..core import ir
 from ..core.errors import SpecError
 from . import ast
 
@@ -108,14 +109,36 @@ def blame_parameter(err: SpecError, module: ast.Module, decl: ast.Declaration,
 
 def _names_at(node, pos) -> list[str]:
     """The names (``ast.Name``) of a declaration's clauses that start at ``pos``."""
-    out, stack = [], [node]
+    return [name.id for name in _names(node) if (name.pos.line, name.pos.col) == (pos.line, pos.col)]
+
+
+def names_in(node) -> list[str]:
+    """Every name (``ast.Name``) an expression's syntax reads, in no set order."""
+    return [name.id for name in _names(node)]
+
+
+def _names(node):
+    stack = [node]
     while stack:
         cur = stack.pop()
         if isinstance(cur, tuple | list):
             stack.extend(cur)
         elif isinstance(cur, ast.Name):
-            if (cur.pos.line, cur.pos.col) == (pos.line, pos.col):
-                out.append(cur.id)
+            yield cur
         elif dataclasses.is_dataclass(cur) and not isinstance(cur, type):
             stack.extend(getattr(cur, f.name) for f in dataclasses.fields(cur))
-    return out
+
+
+def name_window_arguments(pat, origin: dict[str, tuple[str, str]]):
+    """``pat`` with its windows' given parameters (``ir.WindowSite.given``) told as the arguments the caller gave:
+    a NATTEN-style ``kernel_size`` for the ``kernel_size_y`` it set (``expand_axis_params``' ``origin``)."""
+    if not isinstance(pat, ir.PatternIR) or not any(site.given for site in pat.windows):
+        return pat
+
+    def told(given):
+        return tuple((role, origin[declared][0], declared, f"axis {origin[declared][1]}, '{declared}'")
+                     if declared in origin else (role, argument, declared, note)
+                     for role, argument, declared, note in given)
+
+    sites = tuple(dataclasses.replace(site, given=told(site.given)) for site in pat.windows)
+    return dataclasses.replace(pat, windows=sites)

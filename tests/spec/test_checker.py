@@ -582,10 +582,27 @@ def test_window_larger_than_a_grid_axis():
               hint="window size times dilation must be at most the axis length")
 
 
-def test_window_size_from_a_parameter():
+def test_window_size_from_a_given_parameter_names_the_argument():
+    """The value given is at fault, not the file (REFERENCE.md: an error at a use of a parameter whose value was
+    given names the argument, the use's place in the hint); a default is the file's."""
     err = window_error("pattern p(w)\n  tokens seq\n  mask window(w)\n", n=8, w=9)
+    assert err.where == "argument w" and err.message == "window of 9 does not fit the sequence of length 8", str(err)
+    assert err.hint == ("'w' is read at <spec>:3:8; window size times dilation must be at most the axis length")
+    err = window_error("pattern p(w = 9)\n  tokens seq\n  mask window(w)\n", n=8)
     assert_at(err, 3, 8, "window of 9 does not fit the sequence of length 8", filename="<spec>",
               hint="window size times dilation must be at most the axis length")
+    err = window_error("pattern p(s)\n  tokens seq\n  mask window(3, stride = s)\n", n=8, s=4)
+    assert err.where == "argument s" and "stride 4 is larger than the window 3" in err.message, str(err)
+
+
+def test_a_natten_argument_too_large_for_its_axis_is_named():
+    """neighborhood_2d's kernel_size, given once for both axes, sets kernel_size_y: the error names kernel_size."""
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.compile_attention("stdlib:neighborhood_2d", sizes={"height": 5, "width": 5}, kernel_size=6)
+    err = info.value
+    assert err.where == "argument kernel_size", str(err)
+    assert "window of 6 does not fit axis 'y' of length 5 (axis y, 'kernel_size_y')" in err.message, str(err)
+    assert "stdlib:neighborhood_2d.attn:" in err.hint, str(err)
 
 
 def test_stride_larger_than_window():
