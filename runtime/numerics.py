@@ -118,6 +118,18 @@ def timing_inputs(bound, *, head_dim: int, dtype: str, batch: int, device, kv_he
                  for h, n in shapes)
 
 
+def soft_capped(scores: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+    """The softcap ``cap * tanh(scores / cap)`` in ``scores``' dtype; ``cap`` broadcasts against ``scores`` (a
+    head's cap per head), on the CPU or ``scores``' device. A cap beyond that dtype's range (``softcap 1e39`` over
+    float32 scores, which the cpu and reference backends take) is applied in float64: held in the dtype it would
+    be inf, and ``inf * tanh(s / inf)`` is NaN."""
+    if torch.isinf(cap.to(scores.dtype)).any():
+        wide = cap.to(device=scores.device, dtype=torch.float64)
+        return (wide * torch.tanh(scores.double() / wide)).to(scores.dtype)
+    cap = cap.to(device=scores.device, dtype=scores.dtype)
+    return cap * torch.tanh(scores / cap)
+
+
 def unnormalized_output(pat, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """The output of a pattern whose weights are not divided by their row sum (``weights F(s) ** P`` without
     ``/ sum``), from the softmax of ``log_weights`` every backend computes: ``out * exp(lse)``, the row's sum of

@@ -374,7 +374,10 @@ def generate(pat: ir.PatternIR, bound: E.Bound, q_map: TokenMap, k_map: TokenMap
     if has_score:
         body = [*prologue(), "s = score"]
         if cap_text is not None:
-            body += [f"cap = {cap_text}", "s = (cap * torch.tanh(s / cap)).to(score.dtype)  # softcap"]
+            caps = E.head_values(pat.softcap, bound.subs, bound.heads)
+            # a cap past float32's range (inf there: inf * tanh(s / inf) is NaN) is applied in float64
+            wide = ".double()" if bool((caps.abs() > torch.finfo(torch.float32).max).any()) else ""
+            body += [f"cap = {cap_text}", f"s = (cap * torch.tanh(s{wide} / cap)).to(score.dtype)  # softcap"]
         if bias_text is not None:
             body.append(f"s = s + ({bias_text}).to(score.dtype)  # bias" if _is_tensor(bias)
                         else f"s = s + {bias_text}  # bias")

@@ -18,7 +18,7 @@ from ...compiler.analysis.tiles import head_dependent, whole_mask
 from ...compiler.analysis.weights import log_weights
 from ...compiler.codegen.tables import tabulate
 from ...core import ir
-from ..numerics import fox_pairs
+from ..numerics import fox_pairs, soft_capped
 
 #: Score entries (batch x heads x chunk queries x visited keys) held at once.
 CHUNK_ELEMENTS = 1 << 23
@@ -299,8 +299,7 @@ class TileBlock:
         ``[B, Hs, C, R, K]``."""
         plan = self.plan
         if plan.softcap is not None:
-            cap = plan.softcap[self.heads].to(scores.dtype).view(1, -1, 1, 1, 1)
-            scores = cap * torch.tanh(scores / cap)
+            scores = soft_capped(scores, plan.softcap[self.heads].view(1, -1, 1, 1, 1))
         if plan.bias is not None:
             bias = self._evaluate(plan.bias, extra, guard=self.guard)  # after allowed(): see Evaluator
             scores = scores + E.as_tensor(bias, scores.dtype).to(scores.dtype)

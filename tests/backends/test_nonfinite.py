@@ -41,3 +41,24 @@ def test_tiled_backends_keep_a_bad_value_out_of_empty_tiles(backend):
     classes = attn.schedule.classes()[0]  # [q tiles, kv tiles]: 0 EMPTY
     empty_rows = (classes[:, BAD // TILE] == 0).repeat_interleave(TILE)
     assert empty_rows.any() and not bad_rows[empty_rows].any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "flex"])
+def test_a_softcap_past_float32s_range_over_float32_inputs_is_applied_not_nan(backend):
+    """``softcap 1e39`` (the cpu and reference backends take a constant beyond float32's range: REFERENCE.md):
+    over float32 q, k, v the cap would be inf in their dtype, and inf * tanh(s / inf) NaN. The answer and the
+    gradients are dense float64 attention's with the softcap applied in float64 (at these scores, the scores)."""
+    text = "pattern p\n  mask causal\n  softcap 1e39\n"
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 12, 16, generator=g, requires_grad=True) for _ in range(3))
+    out = attnc.compile_attention(text, backend=backend)(q, k, v)
+    out.backward(torch.ones_like(out))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (q64 @ k64.transpose(-1, -2)) / 4.0
+    s = 1e39 * torch.tanh(s / 1e39)
+    causal = torch.ones(12, 12, dtype=torch.bool).tril()
+    want = torch.softmax(s.masked_fill(~causal, -math.inf), -1) @ v64
+    want.backward(torch.ones_like(want))
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)

@@ -35,7 +35,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import fox_pairs, fox_prefix
+from ...numerics import fox_pairs, fox_prefix, soft_capped
 from ...plan import block_max, routing
 from . import fused
 
@@ -197,8 +197,7 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     # grouped heads read their key head as one [g * n] block of rows: no copy of the cache
     s = ((q.to(dt) * scale).reshape(B, Hkv, g * n, D) @ kc.transpose(-1, -2)).view(B, Hq, n, C)
     if plan.softcap is not None:
-        cap = plan.softcap.to(dt).view(1, Hq, 1, 1)
-        s = cap * torch.tanh(s / cap)
+        s = soft_capped(s, plan.softcap.view(1, Hq, 1, 1))
     add = _terms(plan, torch.arange(plan.bound.nk)[key_index(cols)], tensors, batched, allowed, dt)
     if add is not None:
         s = s + add

@@ -16,7 +16,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import compute_dtype, expand_kv, fox_decay
+from ...numerics import compute_dtype, expand_kv, fox_decay, soft_capped
 from ...plan import block_max, routing
 
 
@@ -100,8 +100,7 @@ def pair_scores(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, q: torch.Ten
     (it may hold its tensors on the CPU while q, k are on a GPU: its terms are moved to q's device)."""
     scores = scale * (q @ k.transpose(-1, -2))
     if pat.softcap is not None:
-        cap = softcap_values(pat, bound, head_index, q.dtype).to(scores.device)
-        scores = cap * torch.tanh(scores / cap)
+        scores = soft_capped(scores, softcap_values(pat, bound, head_index, torch.float64))
     bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
     if bias is not None:
         scores = scores + (bias.to(scores) if isinstance(bias, torch.Tensor) else bias)
