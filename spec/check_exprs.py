@@ -88,7 +88,7 @@ class ExpressionChecks:
                 continue
             if part is sympy.zoo or part is sympy.nan:
                 return part
-            if isinstance(part, sympy.Integer) and abs(int(part)) >= INT64_LIMIT:
+            if isinstance(part, sympy.Integer) and not -INT64_LIMIT <= int(part) < INT64_LIMIT:
                 return part
             walked[id(part)] = part
             stack.extend(part.args)

@@ -124,10 +124,11 @@ def lower(module: ast.Module, decl: ast.Declaration, params: dict, strict: bool 
     expanded, origin = expand_axis_params(decl, params)
     try:
         if has_buckets(decl):  # balanced clusters: attention within buckets, averaged per token
-            return lower_bucketed(module, decl, expanded, resolve, strict=strict)
-        if has_branches(decl):  # several attentions over the same queries, combined
-            return lower_combined(module, decl, expanded, resolve, strict=strict)
-        lowered = Checker(module, decl, expanded, resolve, strict=strict, symbolic=symbolic).lower()
+            lowered = lower_bucketed(module, decl, expanded, resolve, strict=strict)
+        elif has_branches(decl):  # several attentions over the same queries, combined
+            lowered = lower_combined(module, decl, expanded, resolve, strict=strict)
+        else:
+            lowered = Checker(module, decl, expanded, resolve, strict=strict, symbolic=symbolic).lower()
         return name_window_arguments(lowered, origin)
     except SpecError as err:
         err = all_unknown_names(err, module, decl, resolve)  # every misspelt name, not the first

@@ -132,6 +132,11 @@ def _names(node):
 def name_window_arguments(pat, origin: dict[str, tuple[str, str]]):
     """``pat`` with its windows' given parameters (``ir.WindowSite.given``) told as the arguments the caller gave:
     a NATTEN-style ``kernel_size`` for the ``kernel_size_y`` it set (``expand_axis_params``' ``origin``)."""
+    if isinstance(pat, ir.CombinedIR):  # each branch's windows
+        branches = tuple(dataclasses.replace(b, pattern=name_window_arguments(b.pattern, origin)) for b in pat.branches)
+        return dataclasses.replace(pat, branches=branches)
+    if isinstance(pat, ir.BucketedIR):
+        return dataclasses.replace(pat, pattern=name_window_arguments(pat.pattern, origin))
     if not isinstance(pat, ir.PatternIR) or not any(site.given for site in pat.windows):
         return pat
 

@@ -166,7 +166,13 @@ class Evaluator:
         key = expr
         if key in self.cache:
             return self.cache[key]
-        value = self._eval(expr)
+        try:
+            value = self._eval(expr)
+        except OverflowError:  # sizes folded into a constant coefficient past 64 bits (q * n * 2**60 at n = 16)
+            raise SpecError(f"the expression folds to a constant past 64 bits at these sizes: {expr}",
+                            where="evaluation", hint="integer arithmetic wraps at 64 bits at run time, but sizes "
+                            "and constants are multiplied out exactly: write them so that their product fits"
+                            ) from None
         self.cache[key] = value
         return value
 

@@ -148,7 +148,7 @@ def run(
     q = orient(q, k_cache.shape[2], layout)
     layout = str(layout)  # named or not, from here on the layout the call runs in
     table_rows = block_table_rows(block_table, q, rows)
-    k_new, v_new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout, table_rows)
+    k_new, v_new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout, None if rows is None else table_rows)
     cache_seqlens = as_seqlens(cache_seqlens, table_rows, k_cache.device)
     refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
     if rows is not None:

@@ -216,8 +216,8 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int 
     """``k=``, ``v=`` in ``layout`` -> ``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]`` views (None, None
     when neither is given), checked against the batch's rows (``batch``: the block table's rows where q is one
     packed entry, ``cu_seqlens_q``; q's batch by default) and the pools."""
+    what = "q's batch" if batch is None else "the block table's rows"
     batch = q.shape[0] if batch is None else batch
-    what = "q's batch" if batch == q.shape[0] else "the block table's rows"
     if k_new is None and v_new is None:
         return None, None
     for name, t, other in (("k", k_new, "v"), ("v", v_new, "k")):

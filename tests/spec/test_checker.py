@@ -93,6 +93,14 @@ def test_constants_folded_past_64_bits_are_refused_where_written(src, col):
     assert attnc.load(src.replace("* 4 >", "* 1 >"), **({"s": 2**59} if "(s = 1)" in src else {}))  # within 64 bits
 
 
+def test_a_fold_past_64_bits_with_the_sizes_is_refused_when_they_are_bound():
+    """q * n * 2**60 loads (n is a size), and at n = 16 folds to q * 2**64: a SpecError, not an OverflowError."""
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.materialize_mask("pattern p\n  tokens seq\n  mask q * n * 2**60 > k\n", n=16)
+    assert "past 64 bits at these sizes" in info.value.message, str(info.value)
+    assert attnc.materialize_mask("pattern p\n  tokens seq\n  mask q * n * 2**58 > k\n", n=16).shape == (1, 16, 16)
+
+
 # ----------------------------------------------------------------- names
 def test_unknown_name_with_hint():
     err = spec_error("""
@@ -593,6 +601,15 @@ def test_window_size_from_a_given_parameter_names_the_argument():
               hint="window size times dilation must be at most the axis length")
     err = window_error("pattern p(s)\n  tokens seq\n  mask window(3, stride = s)\n", n=8, s=4)
     assert err.where == "argument s" and "stride 4 is larger than the window 3" in err.message, str(err)
+
+
+def test_a_combined_patterns_windows_know_the_per_axis_argument_given():
+    """A branch's window reads ks_y, which ks=6 set: its error names ks, as a plain pattern's does."""
+    src = ("pattern two(ks_y = 3, ks_x = 3)\n  tokens grid(y: height, x: width)\n  branch a\n"
+           "    mask window(y, ks_y) and window(x, ks_x)\n  branch b\n    mask q == k\n  combine softmax(a, b)\n")
+    sites = attnc.load(src, ks=6).branches[0].pattern.windows
+    assert [site.given for site in sites] == [(("size", "ks", "ks_y", "axis y, 'ks_y'"),),
+                                              (("size", "ks", "ks_x", "axis x, 'ks_x'"),)]
 
 
 def test_a_natten_argument_too_large_for_its_axis_is_named():
