@@ -59,15 +59,24 @@ def fox_decay(gates: torch.Tensor, q_index: torch.Tensor, k_index: torch.Tensor)
 def merge_by_lse(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two attentions of the same queries over disjoint keys merged into the one softmax over all their keys:
-    ``out`` ``[..., N, Dv]`` and ``lse`` ``[..., N]`` of each, weighted by ``exp(lse_i - lse)`` (returns new
-    tensors). A row empty in both stays 0 / -inf; differentiable, with finite gradients there too (logaddexp's
-    gradient at (-inf, -inf) is NaN, so such rows are taken at 0 and masked out)."""
-    some = torch.isfinite(lse) | torch.isfinite(part_lse)
-    zero = torch.zeros((), dtype=lse.dtype, device=lse.device)
-    new = torch.where(some, torch.logaddexp(torch.where(some, lse, zero), torch.where(some, part_lse, zero)), zero)
-    a = torch.where(some, torch.exp(lse - new), zero)[..., None]
-    b = torch.where(some, torch.exp(part_lse - new), zero)[..., None]
-    return out * a + part * b, torch.where(some, new, torch.full_like(new, -math.inf))
+    ``out`` ``[..., N, Dv]`` and ``lse`` ``[..., N]`` of each (``merge_lse_parts``; returns new tensors)."""
+    return merge_lse_parts([out, part], [lse, part_lse])
+
+
+def merge_lse_parts(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attentions of the same queries over disjoint keys (``outs`` ``[..., N, Dv]``, ``lses`` ``[..., N]``) merged
+    into the one softmax over all their keys: each weighted by ``exp(lse_i - top)`` over the weights' sum (``top``
+    the row's largest lse), not by ``exp(lse_i - lse)``, which loses the sum's logarithm where lse reaches 1e16
+    (limits.md). A row empty in every part stays 0 / -inf; differentiable, with finite gradients there too."""
+    stacked = torch.stack(lses)
+    some = torch.isfinite(stacked).any(0)
+    zero = torch.zeros((), dtype=stacked.dtype, device=stacked.device)
+    top = torch.where(some, stacked.masked_fill(~torch.isfinite(stacked), -math.inf).amax(0), zero).detach()
+    weights = torch.where(some, torch.exp(stacked - top), zero)
+    total = weights.sum(0)
+    whole = torch.where(some, total, torch.ones_like(total))
+    out = sum(w[..., None] * o for w, o in zip(weights, outs, strict=True)) / whole[..., None]
+    return out, torch.where(some, top + torch.log(whole), torch.full_like(top, -math.inf))
 
 
 def merge_softmax(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

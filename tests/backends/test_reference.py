@@ -586,6 +586,38 @@ def test_tied_keys_at_huge_scores_share_the_weight(big):
     torch.testing.assert_close(out[0, 0], want, **TIGHT)
 
 
+def test_merges_by_lse_weigh_tied_parts_by_their_share_at_huge_scores():
+    """Two attentions over disjoint keys, merged by their lse: at lse 1e30 each part's share is exp(lse_i - top)
+    over the shares' sum (1/2 each when tied), not exp(lse_i - lse), which weighs each 1 there; an empty part
+    weighs 0, a row empty in both is 0 / -inf; ordinary rows match the softmax over every key."""
+    from attnc.runtime.numerics import merge_lse_parts
+
+    g = gen(28)
+    a, b = randn(g, 3, 4), randn(g, 3, 4)
+    lse_a = torch.tensor([1e30, 0.3, -math.inf], dtype=F64)
+    lse_b = torch.tensor([1e30, -math.inf, -math.inf], dtype=F64)
+    out, lse = merge_lse_parts([a, b], [lse_a, lse_b])
+    torch.testing.assert_close(out[0], (a[0] + b[0]) / 2, **TIGHT)
+    torch.testing.assert_close(out[1], a[1], **TIGHT)
+    assert (out[2] == 0).all() and lse[1] == 0.3 and torch.isneginf(lse[2])
+    s = randn(g, 2, 9)  # ordinary scores split into two key sets
+    v = randn(g, 9, 4)
+    parts = [(torch.softmax(s[:, c], -1) @ v[c], torch.logsumexp(s[:, c], -1)) for c in (slice(0, 4), slice(4, 9))]
+    out, lse = merge_lse_parts([p[0] for p in parts], [p[1] for p in parts])
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, **TIGHT)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), **TIGHT)
+
+
+def test_the_cpu_decode_rows_weigh_tied_keys_as_the_reference_at_huge_scores():
+    """Queries after a cache with a softcap take the CPU backend's decode rows: at scores of 1e30 a row's tied
+    neighbours share its weight there too."""
+    text = "pattern far(big = 1e30)\n  tokens seq\n  mask q != k\n  bias -big * abs(q - k)\n  softcap 1e300\n"
+    g = gen(29)
+    q, k, v = randn(g, 1, 1, 2, 8), randn(g, 1, 1, 7, 8), randn(g, 1, 1, 7, 8)
+    want = compiled(text)(q, k, v)
+    torch.testing.assert_close(attnc.compile_attention(text, backend="cpu")(q, k, v), want, **TIGHT)
+
+
 # ----------------------------------------------------------------- dtypes
 @pytest.mark.parametrize(
     "dtype,tol",

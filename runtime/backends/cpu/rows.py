@@ -35,7 +35,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import fox_pairs, fox_prefix, soft_capped
+from ...numerics import fox_pairs, fox_prefix, merge_lse_parts, soft_capped
 from ...plan import block_max, routing
 from . import fused
 
@@ -207,10 +207,12 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
         s = s.masked_fill(~allowed, -math.inf)
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
     lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
-    safe = torch.where(empty, torch.zeros((), dtype=dt), lse)
-    p = torch.exp(s - safe[..., None])
+    # divided by the row's sum, not exp(s - lse): at scores of 1e16 and more lse loses log(sum) (limits.md)
+    top = s.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
+    p = torch.exp(s - top)
     if allowed is not None:
         p = torch.where(allowed, p, torch.zeros((), dtype=dt))
+    p = p / p.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
     size = block_max.requested()
     if size is not None:  # return_block_max: the rows' probabilities, over the keys they visit
         pooled = block_max.empty(B, Hq, n, plan.bound.nk, size, dt, p.device)
@@ -263,10 +265,7 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
         parts.append((out, lse))
     if len(parts) == 1:
         return parts[0]
-    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
-    safe = torch.where(torch.isneginf(lse), torch.zeros((), dtype=dt), lse)
-    out = sum(torch.exp(p[1] - safe)[..., None] * p[0] for p in parts)
-    return out, lse
+    return merge_lse_parts([p[0] for p in parts], [p[1] for p in parts])
 
 
 def forward(plan: RowPlan, q, k, v, inputs: dict, batched: set[str], scale: float):
