@@ -213,6 +213,8 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     if allowed is not None:
         p = torch.where(allowed, p, torch.zeros((), dtype=dt))
     p = p / p.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
+    if allowed is not None:  # masked pairs' gradients (NaN where a value row is) kept out of the row's sum
+        p = torch.where(allowed, p, torch.zeros((), dtype=dt))
     size = block_max.requested()
     if size is not None:  # return_block_max: the rows' probabilities, over the keys they visit
         pooled = block_max.empty(B, Hq, n, plan.bound.nk, size, dt, p.device)

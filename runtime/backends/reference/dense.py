@@ -54,7 +54,8 @@ def attention(
     # log(sum) rounds away (-1e30 + log 2 is -1e30) and exp(s - lse) would weigh two tied keys 1 each
     top = scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
     e = torch.where(mask, torch.exp(scores - top), torch.zeros((), dtype=dt))
-    p = e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
+    # masked pairs taken out after the division too: their gradient (NaN where a value row is) stays out of the sum
+    p = torch.where(mask, e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0), torch.zeros((), dtype=dt))
     size = block_max.requested()
     if size is not None:  # return_block_max: the map of these probabilities
         block_max.record(block_max.from_probabilities(p, size))
