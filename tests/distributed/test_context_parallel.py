@@ -81,6 +81,8 @@ CASES_2 = {
     # gradients of call-time inputs across ranks (the reference scores differentiate them, whatever the
     # backend): FoX's gates and a per-key weight sharded over the tokens, a bias table whole on every rank
     "forgetting-grad-ring": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True),
+    # FoX's gates under Ulysses: each rank's share of the heads reads its heads' gates (it read every head's)
+    "forgetting-grad-ulysses": dict(spec="stdlib:forgetting", n=32, u=2, inputs={"g": "gate"}, grad_inputs=True),
     "exec-forgetting-grad": dict(spec="stdlib:forgetting", n=32, inputs={"g": "gate"}, grad_inputs=True,
                                  backend="cpu"),
     "exec-bias-grad": dict(spec=BIASED, n=48, inputs={"t": "table", "w": "weight"}, grad_inputs=True, backend="cpu",

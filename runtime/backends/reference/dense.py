@@ -105,8 +105,10 @@ def pair_scores(pat: ir.PatternIR, bound: E.Bound, ev: E.Evaluator, q: torch.Ten
     bias = E.score_bias(pat, bound, ev, mask)  # input indices read (and checked) on attended pairs only
     if bias is not None:
         scores = scores + (bias.to(scores) if isinstance(bias, torch.Tensor) else bias)
-    if pat.decay is not None:  # gates are indexed by absolute position
-        scores = scores + fox_decay(ev.inputs[pat.decay].to(q.dtype), q_pos, k_pos).to(scores.device)
+    if pat.decay is not None:  # gates are indexed by absolute position, and head (a Ulysses share's heads)
+        gates = ev.inputs[pat.decay]
+        gates = gates.index_select(-2, head_index.to(gates.device)) if gates.shape[-2] != len(head_index) else gates
+        scores = scores + fox_decay(gates.to(q.dtype), q_pos, k_pos).to(scores.device)
     if pat.weights is not None:  # weights F(s) ** P: the softmax of their logarithms
         scores = log_weights(pat.weights, scores)
     return scores.masked_fill(~mask.to(scores.device), -math.inf)
