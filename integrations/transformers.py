@@ -18,7 +18,11 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
   handed to the attention function directly is taken the same way; other masks
   (HF's 4-D masks of sdpa or eager, custom ones) are refused. A query row whose
   keys are all padding (a left-padded position) comes out as zeros, never NaN;
-  HF never reads it.
+  HF never reads it. Left padding moves a row's tokens to later positions: a
+  pattern that reads positions, not only ``q - k`` (``reads_positions``: sinks,
+  a route's blocks, a window clamped at the sequence's ends, a size), runs each
+  row that starts with padding alone on its tokens (``_left_padded``: a host read
+  of the padding, a call per such row), as the row would run unpadded.
 * the layer's sliding window (``sliding_window=`` from Mistral or Gemma 2's
   sliding layers): ``q - k < sliding_window``, HF's own rule;
 * the layer's logit softcap (Gemma 2's ``attn_logit_softcapping``) and scaling
@@ -222,9 +226,51 @@ def layer_pattern(
     return pat
 
 
+def reads_positions(pat: ir.PatternIR) -> bool:
+    """Whether ``pat`` reads where its tokens are, not only how far apart (``q - k``): a term of ``q`` or ``k``
+    alone (``k < sinks``), a size (``n``, ``nk``), a window clamped at the sequence's ends, or a route's blocks.
+    Such a pattern sees a left-padded row's tokens at other positions than the row alone (``_left_padded``).
+    A relational is compared by ``lhs - rhs``, so ``k <= q`` under a shift of both is ``k <= q`` again."""
+    if pat.route is not None:
+        return True
+    shift = sympy.Dummy("shift", integer=True)
+    for expr in (pat.mask, pat.bias, pat.softcap):
+        if expr is None or not isinstance(expr, sympy.Basic):
+            continue
+        if expr.free_symbols & {S.N, S.NK, S.NQ}:
+            return True
+        flat = expr.replace(lambda e: isinstance(e, sympy.core.relational.Relational),
+                            lambda e: e.func(e.lhs - e.rhs, 0))
+        if flat.xreplace({S.Q: S.Q + shift, S.K: S.K + shift}) != flat:
+            return True
+    return False
+
+
 def _bucket(n: int) -> int:
     """``n`` rounded up to a power of two (at least 16): the bounds a plan of a paged call is kept for."""
     return max(16, 1 << (n - 1).bit_length())
+
+
+def _left_padded(attn: Attention, query, key, value, pad: torch.Tensor, scaling) -> torch.Tensor | None:
+    """A batch of a pattern that reads positions (``reads_positions``) with rows that start with padding
+    (HF's left padding): each such row run alone on its keys after its leading pads, its queries at those keys'
+    positions (a query on a pad comes out as zeros, as a row of padded keys does), so that its tokens sit where
+    they would without the padding; None where no row starts with padding (the batch runs as one call). One host
+    read of the padding, and a call per padded row: the price of positions that padding would move."""
+    lead = (pad != 0).to(torch.int64).argmax(-1).masked_fill(~(pad != 0).any(-1), pad.shape[1])
+    leads = lead.tolist()
+    if not any(leads):
+        return None
+    n, nk = query.shape[2], key.shape[2]
+    out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    for b, first_key in enumerate(leads):
+        first_query = max(0, first_key - (nk - n))  # the queries are the last n of the row's keys
+        if first_query >= n:
+            continue
+        row = attn(query[b:b + 1, :, first_query:], key[b:b + 1, :, first_key:], value[b:b + 1, :, first_key:],
+                   scale=scaling, **{PAD_INPUT: pad[b:b + 1, first_key:]})
+        out[b:b + 1, :, first_query:] = row
+    return out
 
 
 class _Implementation:
@@ -236,6 +282,7 @@ class _Implementation:
         self.backend = backend
         # (padded, window, softcap) -> module; a model has a handful of layer kinds.
         self.modules: dict[tuple, Attention] = {}
+        self.reads_positions = reads_positions(base)  # left padding moves its tokens: rows run alone
 
     def module(self, padded: bool, window: int | None, softcap: float | None) -> Attention:
         key = (padded, window, softcap)
@@ -290,6 +337,10 @@ class _Implementation:
         attn = self.module(
             attention_mask is not None, sliding_window, None if softcap is None else float(softcap)
         )
+        if attention_mask is not None and self.reads_positions:
+            out = _left_padded(attn, query, key, value, inputs[PAD_INPUT], scaling)
+            if out is not None:
+                return out.transpose(1, 2).contiguous(), None
         out = attn(query, key, value, scale=scaling, **inputs)
         return out.transpose(1, 2).contiguous(), None
 

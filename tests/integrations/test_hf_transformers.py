@@ -181,6 +181,27 @@ def test_left_padded_generate_matches_sdpa(kind, monkeypatch):
     )
 
 
+def test_a_pattern_that_reads_positions_sees_a_left_padded_row_as_the_row_alone():
+    """Attention sinks (``k < sinks``) read where a key is: under left padding each padded row runs alone on its
+    tokens (``_left_padded``), so its logits and greedy tokens are the row's own, not those of a row whose first
+    positions are pads (the sinks were pad tokens, masked out: no sink at all). A pattern of ``q - k`` only keeps
+    the one call for the batch."""
+    hf.register("attnc_sinks", "stdlib:streaming", window=3, sinks=2)
+    assert hf.reads_positions(attnc.load("stdlib:streaming", window=3, sinks=2))
+    assert not hf.reads_positions(attnc.load(CAUSAL)) and not hf.reads_positions(attnc.load("stdlib:sliding_window",
+                                                                                              window=3))
+    model = _model("llama")
+    ids, mask = _batch([7, 4], 7, left=True)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # the row's own RoPE positions, as generate gives
+    model.set_attn_implementation("attnc_sinks")
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, position_ids=positions).logits[1, 3:]
+        alone = model(ids[1:, 3:]).logits[0]
+    torch.testing.assert_close(padded, alone, rtol=1e-10, atol=1e-10)
+    batch = _generate(model, "attnc_sinks", ids, mask, 5)
+    assert torch.equal(batch[1, 7:], _generate(model, "attnc_sinks", ids[1:, 3:], mask[1:, 3:], 5)[0, 4:])
+
+
 @pytest.mark.parametrize("left", [False, True])
 def test_gemma2_softcap_scaling_and_alternating_windows(left, monkeypatch):
     model = _model("gemma2")
