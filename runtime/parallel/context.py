@@ -166,6 +166,11 @@ class ContextParallel(torch.nn.Module):
             scale = resolve_scale(scale, q.shape[-1])
             if return_lse and not isinstance(pat, ir.PatternIR):
                 raise SpecError(f"'{pat.name}' is a recurrence: it has no log-sum-exp", where="argument return_lse")
+            for name in ("initial_state", "return_state", "cu_seqlens"):
+                if isinstance(pat, ir.RecurrenceIR) and name in inputs:
+                    raise SpecError(f"context parallelism runs '{pat.name}' on one sequence from a zero state, "
+                                    f"chained over the ranks: it takes no {name}=", where=f"argument {name}",
+                                    hint="call the module on one device for a state or packed sequences")
             if self.u > 1 and (q.shape[1] % self.u or k.shape[1] % self.u or v.shape[1] % self.u):
                 gva = f", {v.shape[1]} value heads" if v.shape[1] != k.shape[1] else ""
                 raise SpecError(f"{q.shape[1]} heads ({k.shape[1]} KV heads{gva}) do not split over ulysses_degree "

@@ -179,7 +179,7 @@ def run_error_case(case: dict, rank: int):
         B, H, D, n = case["B"], case["H"], case["D"], case["n"]
         local = n // dist.get_world_size() + (case.get("extra_on_rank1", 0) if rank == 1 else 0)
         t = torch.randn(B, H, local, D, dtype=torch.float64)
-        cp(t, t, t)
+        cp(t, t, t, **case.get("call_kwargs", {}))
     except attnc.SpecError as err:
         return {"error": str(err)}
     return {"error": None}

@@ -137,6 +137,7 @@ ERRORS_2 = {
     "arguments-differ": dict(SW, n=64, u=1, u_on_rank1=2, error=True),
     "shared-routing-over-ulysses": dict(spec="stdlib:biformer", params={"region": 2, "topk": 3},
                                         sizes={"height": 8, "width": 8}, n=64, u=2, error=True),
+    "recurrence-return-state": dict(spec="stdlib:retention", n=32, error=True, call_kwargs={"return_state": True}),
 }
 for table in (CASES_2, CASES_4, ERRORS_2):
     for case in table.values():
@@ -278,6 +279,7 @@ def test_causal_patterns_shard_zigzag_and_windows_contiguous(results2, results4)
     ("tokens-not-divisible", "66 tokens do not split"),
     ("arguments-differ", "ranks disagree on the ulysses_degree"),
     ("shared-routing-over-ulysses", "averages its routing scores over every head"),
+    ("recurrence-return-state", "it takes no return_state="),
 ])
 def test_bad_input_gives_the_same_error_on_every_rank(results2, name, words):
     errors = [r.get("error") for r in results2[name]]
