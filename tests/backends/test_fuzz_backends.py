@@ -844,7 +844,11 @@ def run_case(case: Case, backend: str) -> None:
     """Run one case on ``backend`` and on the reference; assert they agree."""
     pat = load(case)
     qkv64, inputs64 = make_tensors(case)
-    S, mask = score_range(pat, case, qkv64, inputs64)
+    try:
+        S, mask = score_range(pat, case, qkv64, inputs64)
+    except attnc.SpecError as err:  # a huge parameter times a grid's sizes folds past 64 bits: refused, documented
+        assume(not (case.huge and "past 64 bits" in err.message))
+        raise
     dtype = torch.float64 if backend == "cpu" else torch.float32
     qkv = [x.to(dtype).requires_grad_() for x in qkv64]
     inputs = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in inputs64.items()}

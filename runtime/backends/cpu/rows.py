@@ -208,7 +208,7 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
     lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     # divided by the row's sum, not exp(s - lse): at scores of 1e16 and more lse loses log(sum) (limits.md)
-    top = s.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
+    top = s.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach() if C else s.new_zeros(*s.shape[:-1], 1)
     p = torch.exp(s - top)
     if allowed is not None:
         p = torch.where(allowed, p, torch.zeros((), dtype=dt))

@@ -52,7 +52,8 @@ def attention(
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     # the weights divided by their sum, not exp(s - lse): where scores reach 1e16 and more, lse's
     # log(sum) rounds away (-1e30 + log 2 is -1e30) and exp(s - lse) would weigh two tied keys 1 each
-    top = scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
+    top = (scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach() if Nk
+           else scores.new_zeros(*scores.shape[:-1], 1))
     e = torch.where(mask, torch.exp(scores - top), torch.zeros((), dtype=dt))
     # masked pairs taken out after the division too: their gradient (NaN where a value row is) stays out of the sum
     p = torch.where(mask, e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0), torch.zeros((), dtype=dt))
