@@ -263,9 +263,13 @@ def _left_padded(attn: Attention, query, key, value, pad: torch.Tensor, scaling)
         return None
     n, nk = query.shape[2], key.shape[2]
     out = query.new_zeros(*query.shape[:3], value.shape[-1])
+    whole = [b for b, first_key in enumerate(leads) if first_key == 0]  # rows with no leading pad: one call
+    if whole:
+        rows = torch.tensor(whole, device=query.device)
+        out[rows] = attn(query[rows], key[rows], value[rows], scale=scaling, **{PAD_INPUT: pad[rows]})
     for b, first_key in enumerate(leads):
         first_query = max(0, first_key - (nk - n))  # the queries are the last n of the row's keys
-        if first_query >= n:
+        if first_key == 0 or first_query >= n:
             continue
         row = attn(query[b:b + 1, :, first_query:], key[b:b + 1, :, first_key:], value[b:b + 1, :, first_key:],
                    scale=scaling, **{PAD_INPUT: pad[b:b + 1, first_key:]})

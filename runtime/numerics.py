@@ -127,6 +127,23 @@ def timing_inputs(bound, *, head_dim: int, dtype: str, batch: int, device, kv_he
                  for h, n in shapes)
 
 
+def row_weights(scores: torch.Tensor, allowed: torch.Tensor | None, empty: torch.Tensor) -> torch.Tensor:
+    """Softmax weights of each row of ``scores`` (``[..., keys]``, -inf where masked) over its allowed keys,
+    divided by the row's sum, not ``exp(s - lse)``: where scores reach 1e16 and more, lse's log(sum) rounds away
+    (-1e30 + log 2 is -1e30) and two tied keys would weigh 1 each (limits.md). ``empty`` (``[...]``): rows with no
+    key, all 0. Masked pairs are taken out after the division too, so their gradient (NaN where a value row is)
+    stays out of the row's sum."""
+    if not scores.shape[-1]:
+        return scores
+    zero = torch.zeros((), dtype=scores.dtype, device=scores.device)
+    top = scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach()
+    e = torch.exp(scores - top)
+    if allowed is not None:
+        e = torch.where(allowed, e, zero)
+    p = e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
+    return p if allowed is None else torch.where(allowed, p, zero)
+
+
 def soft_capped(scores: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     """The softcap ``cap * tanh(scores / cap)`` in ``scores``' dtype; ``cap`` broadcasts against ``scores`` (a
     head's cap per head), on the CPU or ``scores``' device. A cap beyond that dtype's range (``softcap 1e39`` over

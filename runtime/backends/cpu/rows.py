@@ -35,7 +35,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import fox_pairs, fox_prefix, merge_lse_parts, soft_capped
+from ...numerics import fox_pairs, fox_prefix, merge_lse_parts, row_weights, soft_capped
 from ...plan import block_max, routing
 from . import fused
 
@@ -207,14 +207,7 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
         s = s.masked_fill(~allowed, -math.inf)
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
     lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
-    # divided by the row's sum, not exp(s - lse): at scores of 1e16 and more lse loses log(sum) (limits.md)
-    top = s.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach() if C else s.new_zeros(*s.shape[:-1], 1)
-    p = torch.exp(s - top)
-    if allowed is not None:
-        p = torch.where(allowed, p, torch.zeros((), dtype=dt))
-    p = p / p.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0)
-    if allowed is not None:  # masked pairs' gradients (NaN where a value row is) kept out of the row's sum
-        p = torch.where(allowed, p, torch.zeros((), dtype=dt))
+    p = row_weights(s, allowed, empty)
     size = block_max.requested()
     if size is not None:  # return_block_max: the rows' probabilities, over the keys they visit
         pooled = block_max.empty(B, Hq, n, plan.bound.nk, size, dt, p.device)

@@ -16,7 +16,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import compute_dtype, expand_kv, fox_decay, soft_capped
+from ...numerics import compute_dtype, expand_kv, fox_decay, row_weights, soft_capped
 from ...plan import block_max, routing
 
 
@@ -50,13 +50,7 @@ def attention(
     # logsumexp never sees the all -inf row (its backward would give nan)
     empty = torch.isneginf(scores).all(-1)
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
-    # the weights divided by their sum, not exp(s - lse): where scores reach 1e16 and more, lse's
-    # log(sum) rounds away (-1e30 + log 2 is -1e30) and exp(s - lse) would weigh two tied keys 1 each
-    top = (scores.masked_fill(empty[..., None], 0.0).amax(-1, keepdim=True).detach() if Nk
-           else scores.new_zeros(*scores.shape[:-1], 1))
-    e = torch.where(mask, torch.exp(scores - top), torch.zeros((), dtype=dt))
-    # masked pairs taken out after the division too: their gradient (NaN where a value row is) stays out of the sum
-    p = torch.where(mask, e / e.sum(-1, keepdim=True).masked_fill(empty[..., None], 1.0), torch.zeros((), dtype=dt))
+    p = row_weights(scores, mask, empty)
     size = block_max.requested()
     if size is not None:  # return_block_max: the map of these probabilities
         block_max.record(block_max.from_probabilities(p, size))
