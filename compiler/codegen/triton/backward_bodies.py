@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .exprs import LOG2E
 from .kernels import KV_LOADS, by_descriptor, kernel_def, kv_loads, list_loop, list_tile, nested
-from .params import BLOCKS, ROW_TERMS, SIZES, K, Q, V, run_params, tile_list
+from .params import BLOCKS, GRID_Y0, ROW_TERMS, SIZES, K, Q, V, grid_y, run_params, tile_list
 from .signature import Param, constexprs, group, tensor, value
 
 
@@ -77,10 +77,10 @@ class BackwardBodies:
         params = [tensor("O", "so_b", "so_h", "so_n", "so_d"), tensor("DO", "sdo_b", "sdo_h", "sdo_n", "sdo_d"),
                   tensor("DLSE", "sdl_b", "sdl_h", "sdl_n"), group("ROW_TERMS", "LSE2", "DELTA", "sd_b", "sd_h"),
                   tensor("LSE", "sll_b", "sll_h", "sll_n"), value("N"), value("DV"),
-                  *constexprs("HAS_DLSE", "BLOCK_R", "BLOCK_DV")]
+                  *constexprs("HAS_DLSE", "BLOCK_R", "BLOCK_DV"), GRID_Y0]
         body = [
             "rb = tl.program_id(0)  # a block of rows",
-            "bh = tl.program_id(1)",
+            grid_y("bh"),
             f"batch = (bh // {self.bound.heads}).to(tl.int64)",
             f"h = (bh % {self.bound.heads}).to(tl.int64)",
             "r = (rb * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)",
@@ -119,11 +119,11 @@ class BackwardBodies:
                   *(value(name) for name in ("ORDER", "QD", "KD", "VD", "DOD")), *SIZES, *BLOCKS,
                   *constexprs("ROW_SUMS", "STORE_DS", "ADD_GRADS = False", "ORDERED = False"),
                   *run_params("FULL", "PART"),
-                  *constexprs("DESC = False")]
+                  *constexprs("DESC = False"), GRID_Y0]
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
-            "bh = tl.program_id(1)",
+            grid_y("bh"),
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}",
             "cls = batch * cls_b + h * cls_h",
@@ -188,7 +188,7 @@ class BackwardBodies:
                   tensor("DQA", "sdqa_b", "sdqa_h", "sdqa_n"), tile_list("T_FULL"), tile_list("T_PART"),
                   *self._common_params(), value("ORDER"), value("QD"), value("DOD"), *SIZES, *BLOCKS,
                   *constexprs("ROW_SUMS", "QT_VIEW = False", "ORDERED = False"), *run_params("T_FULL", "T_PART"),
-                  *constexprs("DESC = False", "SPLIT = 1", "SHARE = 1", "ATOMIC_DQ = False")]
+                  *constexprs("DESC = False", "SPLIT = 1", "SHARE = 1", "ATOMIC_DQ = False"), GRID_Y0]
         nk = self.shape_tiles_k()
         body = [
             "if ORDERED:  # launched longest first (compiler.cost.launch_order): KV tiles by their Q tile count",
@@ -197,8 +197,9 @@ class BackwardBodies:
             "    kt = tl.program_id(0)  # the KV tile",
             "# SPLIT programs per (KV tile, K/V head), each over its share of the query heads sharing it;",
             "# with more than one, each stores fp32 partials of dK and dV at its share's offset (summed after)",
-            "bkv = tl.program_id(1) // SPLIT",
-            "part = tl.program_id(1) % SPLIT",
+            grid_y("bkv_part"),
+            "bkv = bkv_part // SPLIT",
+            "part = bkv_part % SPLIT",
             f"batch = bkv // ({self.bound.heads} // GROUP)",
             f"kvh = bkv % ({self.bound.heads} // GROUP)",
             *self._tiles("k", "kt"),

@@ -14,7 +14,19 @@ import math
 from ....core import ir
 from . import paged_lines
 from .exprs import LN2, LOG2E
-from .params import BLOCK_PARAMS, BLOCKS, FWD_OUT, SIZES, K, Q, V, run_params, tile_list
+from .params import (
+    BLOCK_PARAMS,
+    BLOCKS,
+    FWD_OUT,
+    GRID_Y0,
+    SIZES,
+    K,
+    Q,
+    V,
+    grid_y,
+    run_params,
+    tile_list,
+)
 from .scores import scale_in_exponent
 from .signature import Param, constexprs, group, opening, taken, tensor, value
 
@@ -214,7 +226,7 @@ class KernelBodies:
                   tensor("BM", "sbm_b", "sbm_h", "sbm_n"), *BLOCKS,
                   *constexprs("ORDERED = False"), *run_params("FULL", "PART"), *constexprs("DESC = False"),
                   *(constexprs("WARP_SPEC = False") if specializable else []),
-                  *constexprs("SPLIT_KV = False", "BLOCK_MAX = False", "BMAX_G = 1", "BMAX_C = 1")]
+                  *constexprs("SPLIT_KV = False", "BLOCK_MAX = False", "BMAX_G = 1", "BMAX_C = 1"), GRID_Y0]
         if one_loop:
             params += constexprs("ONE_LOOP = False")
         in_exp = scale_in_exponent(self.pat)
@@ -223,7 +235,7 @@ class KernelBodies:
         first, ordered = self._q_tile_of_program()
         body = [
             *first,
-            "bh = tl.program_id(1)",
+            grid_y("bh"),
             f"batch = bh // {self.bound.heads}",
             f"h = bh % {self.bound.heads}  # query head; its K/V head is h // GROUP",
             "cls = batch * cls_b + h * cls_h  # which tile lists serve this (batch, head)",
@@ -323,7 +335,7 @@ class KernelBodies:
             kv_loads = KV_LOADS
         body = [
             "qt = tl.program_id(0)  # the Q tile",
-            "bkv = tl.program_id(1)",
+            grid_y("bkv"),
             f"batch = bkv // ({self.bound.heads} // GROUP)",
             f"kvh = bkv % ({self.bound.heads} // GROUP)  # the K/V head; its query heads kvh * GROUP + g",
             "cls = batch * cls_b + kvh * cls_h  # which tile lists serve this (batch, group)",
@@ -393,7 +405,7 @@ class KernelBodies:
             common = paged_lines.runtime_params(common)
         return [Q, K, V, *FWD_OUT, *common, *SIZES, *BLOCKS, *(paged_lines.CONSTEXPRS if paged else []),
                 *run_params("FULL", "PART"), *constexprs("SPLIT_KV = False"),
-                *(constexprs("POS_SCALE = False") if in_exp else [])]
+                *(constexprs("POS_SCALE = False") if in_exp else []), GRID_Y0]
 
     @staticmethod
     def _grouped_epilogue(q_rows: str) -> list[str]:
@@ -480,10 +492,10 @@ class KernelBodies:
         any keeps out = 0 and lse = -inf, as the one-program forward gives it."""
         params = [tensor("PO", "sp_s", "sp_b", "sp_h", "sp_n"), tensor("PL", "spl_s", "spl_b", "spl_h"),
                   tensor("O", "so_b", "so_h", "so_n"), tensor("LSE", "sl_b", "sl_h"), value("ROWS"), value("DV"),
-                  value("SPLITS"), *constexprs("BLOCK_R", "BLOCK_DV")]
+                  value("SPLITS"), *constexprs("BLOCK_R", "BLOCK_DV"), GRID_Y0]
         body = [
             "rb = tl.program_id(0)  # a block of rows",
-            "bh = tl.program_id(1)",
+            grid_y("bh"),
             f"batch = (bh // {self.bound.heads}).to(tl.int64)",
             f"h = (bh % {self.bound.heads}).to(tl.int64)",
             "r = rb * BLOCK_R + tl.arange(0, BLOCK_R)",

@@ -27,3 +27,13 @@ ROW_TERMS = group("ROW_TERMS", "LSE2", "DELTA", "sl_b", "sl_h")
 #: The scale, and the query heads per K/V head with the head dims of q and k and of v, as one group
 SIZES = [value("scale"), group("HEADS", "GROUP", "D", "DV")]
 BLOCKS = constexprs("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "DOT")
+
+#: A kernel whose grid's second axis counts batch entries x heads: the launch's first program there. CUDA launches
+#: at most 65,535 programs along that axis, so a larger launch runs in parts (``kernel_launch.launch_kernel``), each
+#: part from its own offset; one launch (offset 0, folded away) is the usual case.
+GRID_Y0 = constexpr("GRID_Y0", "0")
+
+
+def grid_y(what: str) -> str:
+    """The line that reads this program's place along the grid's second axis into ``what``, past the part's offset."""
+    return f"{what} = tl.program_id(1) + GRID_Y0  # (GRID_Y0: a launch past 65,535 programs here runs in parts)"

@@ -390,6 +390,11 @@ def launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backw
     pass fit apart). When Triton raises ``OutOfResources`` (shared memory over the block's limit), again
     with fewer pipeline stages (stages hold the streamed tiles' buffers), down to one. Still out of
     resources: re-raised, for the runner to fall back to smaller tiles (``TritonRunner.__call__``)."""
+    parts = grid_parts(kernel, grid)
+    if len(parts) > 1:  # past CUDA's limit on the second axis: one launch per part, each from its offset
+        for part, y0 in parts:
+            launch_kernel(launch, kernel, part, args, {**meta, "GRID_Y0": y0}, backward=backward)
+        return
     kernel_fit.check_grid(grid, ("batch entries x heads", "split-KV parts"))
     opts = _launch_opts(launch, backward)
     if "num_warps" in meta:  # a kernel with warps of its own (the backward's row term), not its pass's
@@ -410,6 +415,17 @@ def launch_kernel(launch: Launch, kernel, grid, args: list, meta: dict, *, backw
                 raise
             opts = {**opts, "num_stages": opts["num_stages"] - 1}
             _note_fallback(launch, backward, opts)
+
+
+def grid_parts(kernel, grid) -> list[tuple[tuple, int]]:
+    """``grid`` as the launches that run it: itself, or, where its second axis holds more than CUDA launches
+    (``kernel_fit.MAX_GRID_YZ``) and ``kernel`` reads its offset there (``GRID_Y0``), parts of at most that many
+    programs, each with its first program's place. A part's offset is a compile-time constant: the usual launch of
+    one part compiles as before, and a batch past the limit compiles one kernel per part, once."""
+    limit = kernel_fit.MAX_GRID_YZ
+    if not isinstance(grid, tuple) or len(grid) < 2 or grid[1] <= limit or "GRID_Y0" not in _parameters(kernel)[1]:
+        return [(grid, 0)]
+    return [((grid[0], min(limit, grid[1] - y0), *grid[2:]), y0) for y0 in range(0, grid[1], limit)]
 
 
 def _with_scratch(run: Callable[[], None], device: torch.device) -> None:
