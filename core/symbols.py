@@ -210,6 +210,28 @@ def dag_size(expr: sympy.Basic) -> int:
     return len(seen)
 
 
+# ----------------------------------------------------------------- float factors of a sum
+def float_factored(terms) -> list[sympy.Basic]:
+    """The terms of a sum, in their order, where sympy distributed a float over a sum of integers put back as the
+    text wrote it: terms with the same float coefficient (up to sign) over integer factors become one product, that
+    float times their exact integer sum. ``0.1*q - 0.1*k + 0.2`` (the text ``(q - k) * 0.1 + 0.2``) is computed as
+    ``0.1 * (q - k)`` plus ``0.2``: one rounding per pair, the same at every distance, as IEEE evaluates the text,
+    where ``q * 0.1 - k * 0.1`` rounds each position apart (a window ``(q - k) * 0.1 < 0.3`` held 3 keys on some
+    rows and 4 on others). The evaluator, the interval rules and the code printers all fold a sum's terms through
+    this, so every backend and the tile classification decide the same pairs. A term of its own stays as it is."""
+    groups: dict = {}
+    for i, term in enumerate(terms):
+        coeff, rest = term.as_coeff_Mul()
+        if isinstance(coeff, sympy.Float) and coeff != 0 and rest.is_integer:
+            groups.setdefault(abs(coeff), []).append((i, rest if coeff > 0 else -rest))
+    factored = {members[0][0]: sympy.Mul(coeff, sympy.Add(*(m for _, m in members)), evaluate=False)
+                for coeff, members in groups.items() if len(members) > 1}
+    if not factored:
+        return list(terms)
+    absorbed = {i for coeff, members in groups.items() if len(members) > 1 for i, _ in members[1:]}
+    return [factored.get(i, term) for i, term in enumerate(terms) if i not in absorbed]
+
+
 # ----------------------------------------------------------------- integer functions
 def float_floordiv(a: float, b: float) -> float:
     """``a // b`` for floats, computed by torch in float64 as the evaluator does for

@@ -194,7 +194,8 @@ class Evaluator:
             exact = self._exact_ratio(e)
             if exact is not None:
                 return exact
-            vals = [v.to(FLOAT) if _is_float(v) and isinstance(v, torch.Tensor) else v for v in _promote(*(self(a) for a in e.args))]  # float64 (float32 input + 1e308 overflowed)
+            terms = S.float_factored(e.args) if isinstance(e, sympy.Add) else e.args  # (q - k) * 0.1 rounded once
+            vals = [v.to(FLOAT) if _is_float(v) and isinstance(v, torch.Tensor) else v for v in _promote(*(self(a) for a in terms))]  # float64 (float32 input + 1e308 overflowed)
             out = vals[0]
             for v in vals[1:]:
                 out = out + v if isinstance(e, sympy.Add) else out * v

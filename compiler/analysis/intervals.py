@@ -104,7 +104,8 @@ class IntervalEvaluator:
             num, den = self.number(parts[0]), self.number(parts[1])
             if not num.is_float and not den.is_float:  # one division of integers, as evaluated
                 return I.divide(num, den)
-        vals = [self.number(a) for a in e.args]
+        terms = S.float_factored(e.args) if isinstance(e, sympy.Add) else e.args  # as the evaluator folds them
+        vals = [self.number(a) for a in terms]
         out = vals[0]
         for v in vals[1:]:
             out = I.add(out, v) if isinstance(e, sympy.Add) else I.mul(out, v)

@@ -124,7 +124,7 @@ class ExprPrinter(ABC):
         return self._add(e) if isinstance(e, sympy.Add) else self._mul(e)
 
     def _add(self, e: sympy.Add) -> str:
-        args = sorted_args(e)
+        args = S.float_factored(sorted_args(e))  # the evaluator's grouping: (q - k) * 0.1 rounded once
         text = self.p if all(a.is_integer for a in args) else self._float
         plus = [a for a in args if not a.could_extract_minus_sign()]
         minus = [-a for a in args if a.could_extract_minus_sign()]

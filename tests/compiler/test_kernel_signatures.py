@@ -1,6 +1,6 @@
 """Generated kernels take what they read, by name (``compiler.codegen.triton.signature``): every kernel of every
 stdlib softmax pattern's module (the whole sequence's, and a block's after a KV cache, with the grouped and paged
-forwards) has at most 40 parameters, and its body reads each of them; the runtime binds each launch by name."""
+forwards) has at most 41 parameters, and its body reads each of them; the runtime binds each launch by name."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from attnc.compiler.cost.search import flat_view
 from attnc.runtime.backends.triton import kernel_launch as KL
 from attnc.runtime.backends.triton import runner as T
 
-MOST_PARAMETERS = 40
+#: The most a kernel takes (the issue's kernels took 65-89): the block and paged modules of patterns with two score
+#: inputs reach 41 with ``GRID_Y0``, the offset of a launch past CUDA's 65,535 on the grid's second axis
+MOST_PARAMETERS = 41
 
 
 def _kernels(text: str) -> dict[str, ast.FunctionDef]:
@@ -64,7 +66,7 @@ def _module(name: str, block: bool) -> str:
 
 @pytest.mark.parametrize("block", [False, True], ids=["whole", "block"])
 @pytest.mark.parametrize("name", sorted(STDLIB))
-def test_every_kernel_takes_at_most_40_parameters_each_read(name, block):
+def test_every_kernel_takes_at_most_41_parameters_each_read(name, block):
     kernels = _kernels(_module(name, block))
     expected = {"attnc_fwd", "attnc_fwd_combine", "attnc_bwd_delta", "attnc_bwd_dq", "attnc_bwd_dkdv"}
     assert expected <= set(kernels)
