@@ -236,6 +236,9 @@ def _select_and_list(pat, bound: E.Bound, q: torch.Tensor, k: torch.Tensor, tens
     with torch.no_grad():
         q, k = q.detach(), k.detach()
         selected = given.record(forms.form_of(pat.route).select_on_device(pat, bound, q, k, tensors, c))
+        if selected.shape[0] != q.shape[0]:  # scores given without a batch: the same choice for every entry (the
+            # kernels read the lists and the selection at each entry's own place)
+            selected = selected.expand(q.shape[0], *selected.shape[1:])
         any_sel, all_sel = _per_tile(selected, c)
         B, Hq = selected.shape[:2]
         lists = {}

@@ -100,6 +100,21 @@ def test_the_training_target_is_the_calls_block_max(backend):
     torch.testing.assert_close(got, code_target(q, k, 8), **tol)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_a_gate_without_a_batch_serves_every_batch_entry(backend):
+    """A gate ``[heads, n, blocks]`` (no batch dimension, as every input may be given) beside q of batch 3: each
+    entry selects by it. The Triton forward read its lists and selection past their one entry (a segfault under
+    the interpreter) where the cpu and reference backends broadcast it."""
+    q, k, v, logits = _case(9, 3, 2, 4, 8, d=16)
+    gate = gate_rows(logits, 8, 32)[:1].squeeze(0)  # one entry's scores, no batch dimension
+    one = logits[:1].expand_as(logits)
+    topk = max(1, int((1 - math.sqrt(1 - 0.4)) * 4))
+    attn = attnc.compile_attention("stdlib:seer", block=8, topk=topk, backend=backend)
+    dtype, _ = precision(backend)
+    assert_forward_backward(backend, lambda *qkv: attn(*qkv, gate=gate.to(dtype)),
+                            lambda *qkv: code_attention(*qkv, code_mask(one, 0.4), 8), [q, k, v])
+
+
 def test_queries_after_a_kv_cache_read_their_own_gate_rows():
     q, k, v, logits = _case(7, 1, 2, 5, 8)
     want = code_attention(q, k, v, code_mask(logits, 0.4), 8)[:, :, -3:]
