@@ -245,6 +245,32 @@ def test_fused_flex_keeps_a_bad_value_out_of_empty_block_pairs():
     assert visits.any() and not bad[~visits].any()
 
 
+@pytest.mark.parametrize("where", ["k", "q", "gate"])
+def test_fused_flex_lets_a_nan_score_reach_every_row_that_attends_it(where):
+    """Flex's compiled CPU kernel dropped a NaN score from its row: a NaN in k (or in a query, or a NaN FoX gate)
+    left the rows that attend it finite and wrong (rows 5-15 of 20 with a NaN key 5; every row with a NaN gate),
+    where the reference gives NaN. Through ``auto`` too, which picks this kernel on CPU."""
+    g = torch.Generator().manual_seed(15)
+    q, k, v = (torch.randn(2, 2, 20, 16, generator=g) for _ in range(3))
+    gates = -torch.rand(2, 20, generator=g)
+    if where == "gate":
+        gates[0, 5] = math.nan
+        spec, inputs = "stdlib:forgetting", {"g": gates}
+    else:
+        (k if where == "k" else q)[0, 0, 5, 0] = math.nan
+        spec, inputs = "pattern c\n  tokens seq\n  mask causal\n", {}
+    want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double(),
+                                                               **{n: t.double() for n, t in inputs.items()})
+    for backend in ("flex", "auto"):
+        attn = attnc.compile_attention(spec, backend=backend)
+        got = attn(q, k, v, **inputs)
+        if backend == "flex":
+            assert attn.runner.last_path == "fused"
+        assert torch.equal(_bad_rows(got), _bad_rows(want)), backend
+        assert int(_bad_rows(want).sum()) == {"k": 15, "q": 1, "gate": 30}[where]  # (the gate's head, both entries)
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
 def test_flex_backward_takes_smaller_tiles_where_a_captured_tensor_is_differentiated_on_a_gpu():
     """Flex's own backward tiles did not fit the shared memory with a differentiated captured tensor at head
     dim 128 on an H100 (music_relative's table): those calls, and only those, name smaller backward tiles."""

@@ -198,3 +198,16 @@ def dense_call(q, k, v, ns: dict, bm, scale: float, mask_bufs: tuple, score_bufs
 
 def _identity_score(score, b, h, q_idx, kv_idx):
     return score
+
+
+def nan_kept(score_mod):
+    """``score_mod`` (None: the identity) for Flex's compiled CPU kernel, with a NaN score made +inf. That kernel
+    (torch 2.13) drops a NaN score from its row's softmax: a NaN in k, or a NaN FoX gate, left the rows that attend
+    it finite and wrong, where the reference, eager Flex and the GPU kernels give NaN. A score of +inf reaches the
+    row as NaN there (its max is inf, and exp(inf - inf) is NaN), as a NaN does everywhere else; a masked pair is
+    still masked."""
+    def score(s, b, h, q_idx, kv_idx):
+        s = s if score_mod is None else score_mod(s, b, h, q_idx, kv_idx)
+        return torch.where(s != s, float("inf"), s)
+
+    return score

@@ -94,6 +94,7 @@ from .kernels import (
     kernel_key,
     kernel_options,
     namespace_of,
+    nan_kept,
     prefix_sums,
 )
 
@@ -393,6 +394,8 @@ class FlexRunner(Registered):
                 key = kernel_key(plan, q, k, v, need_lse)
                 ready = self.kernel_ready(plan, q, k, v, need_lse)
                 started = time.perf_counter()
+                if dev.type == "cpu":  # its compiled kernel drops a NaN score from the row: made +inf
+                    score_mod = nan_kept(score_mod)
                 try:
                     res = compiled_call(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
                                         kernel_options(dev, q.shape[-1], score_bufs if grad else ()))
