@@ -26,7 +26,7 @@ class AutoRunner(CpuPolicy, Registered):
     the Triton kernels; ``last`` is the CPU choice of the latest CPU call (``Choice``)."""
 
     name = "auto"
-    op = "flex"  # under torch.compile on CPU, where Flex may serve: attnc::runner_attention chooses per call
+    op = "runner"  # under torch.compile on CPU, where Flex may serve: attnc::runner_attention chooses per call
     #: blocks of context parallelism: the executor on CPU tensors, the Triton kernels on CUDA (Flex
     #: has no offsets)
     support = Support(query_offset="native", key_offset=frozenset({"cpu", "cuda"}))

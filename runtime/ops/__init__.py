@@ -15,6 +15,6 @@ def traced_attention(runner, q, k, v, inputs: dict, sizes: dict, scale: float, n
     """``(out, lse)`` of a softmax call traced by dynamo: the op the runner declares (``runner.op``)
     with the runner's key; sizes and inputs are bound inside the op (sympy is not traceable)."""
     args = (q, k, v, list(inputs.values()), runner.op_key, ",".join(inputs), encode_sizes(sizes), float(scale))
-    if runner.op == "flex":
+    if runner.op == "runner":
         return runner_attention(*args, need_lse)
     return {"tiled": tiled_attention, "triton": triton_attention}[runner.op](*args)

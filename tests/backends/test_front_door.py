@@ -137,6 +137,27 @@ def test_fullgraph_compile_of_a_grid_on_flat_tensors_and_of_vertical_slash(src, 
     torch.testing.assert_close(torch.compile(call, fullgraph=True)(q, k, v), call(q, k, v), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("src,inputs", [("stdlib:sliding_window", {}),
+                                        ("stdlib:document", {"doc": torch.tensor([0] * 5 + [1] * 11)})])
+def test_the_reference_backend_compiles_with_fullgraph(src, inputs):
+    """``backend="reference"`` under ``torch.compile(fullgraph=True)``: its call is an op (sizes bound inside it,
+    the backward by recomputation), so the first call traces (it failed in dynamo on the memory check's
+    ``os.sysconf``, and on a symbolic size with a document mask); forward and gradients equal the eager reference,
+    at a second length too."""
+    attn = attnc.compile_attention(src, backend="reference")
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, **inputs), fullgraph=True)
+    q, k, v = _qkv(16, 16, dtype=torch.float64, grad=True)
+    out, want = compiled(q, k, v), attn(q, k, v, **inputs)
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for g, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    grown = {name: torch.cat([t, t[-1:].expand(8)]) for name, t in inputs.items()}
+    compiled_grown = torch.compile(lambda q, k, v: attn(q, k, v, **grown), fullgraph=True)
+    q, k, v = _qkv(24, 24, dtype=torch.float64, seed=2)
+    torch.testing.assert_close(compiled_grown(q, k, v), attn(q, k, v, **grown), rtol=0, atol=0)
+
+
 def test_bnhd_gates_over_the_whole_sequence_after_a_kv_cache():
     """Layout bnhd with a KV cache: an input declared [heads, n] is given [n, heads] over the whole
     sequence (k's tokens), as under bhnd it is [heads, nk]; it was refused in every shape."""

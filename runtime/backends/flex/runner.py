@@ -317,7 +317,7 @@ class FlexRunner(Registered):
 
     # ------------------------------------------------------------ the Runner protocol (runtime.runner)
     name = "flex"
-    op = "flex"
+    op = "runner"  # under torch.compile: attnc::runner_attention
     #: queries after a KV cache: their rows' positions folded into the mods (a sequence's; grids refused)
     support = Support(query_offset="sequence")
 
