@@ -51,6 +51,8 @@ def _replayable_call(q, k, v, scale, return_lse) -> bool:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
+    if q.device.type not in ("cpu", "cuda"):  # (meta tensors: the ordinary path's checks name them)
+        return False
     if torch.is_autocast_enabled("cuda" if q.is_cuda else q.device.type) or block_max.requested() is not None:
         return False
     return (scale is None or type(scale) is float or type(scale) is int) and type(return_lse) is bool

@@ -59,6 +59,15 @@ def test_meta_and_mismatched_tensors_are_refused_naming_the_argument(backend):
     _spec_error(lambda: attn(q, k.double(), v, w=w), "argument k", "dtype")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_tensors_of_a_pattern_without_inputs_are_refused_naming_q(backend):
+    """A pattern that reads no input (whose warm Triton calls are replayed): meta tensors got a bare RuntimeError
+    from the replay's autocast check on triton."""
+    attn = attnc.compile_attention("stdlib:sliding_window", window=4, backend=backend)
+    q, k, v = (t.to("meta") for t in _qkv())
+    _spec_error(lambda: attn(q, k, v), "argument q", "meta")
+
+
 def test_meta_inputs_of_masks_and_states_are_refused():
     doc = torch.zeros(8, dtype=torch.int64, device="meta")
     _spec_error(lambda: attnc.materialize_mask("stdlib:document", n=8, inputs={"doc": doc}), "argument doc", "meta")
