@@ -19,6 +19,7 @@ Beyond NATTEN: GQA/MQA (query heads a multiple of key/value heads) is accepted, 
 
 from __future__ import annotations
 
+import ast
 import math
 from collections import OrderedDict
 
@@ -26,6 +27,7 @@ import torch
 
 from ..core.errors import SpecError
 from ..runtime.api import BACKENDS, compile_attention
+from ..runtime.ops import common as C
 
 #: The most compiled modules kept (least recently used dropped first).
 CACHE_SIZE = 32
@@ -172,6 +174,75 @@ def _module(rank: int, kernel, stride, dilation, causal, spatial, backend):
     return attn
 
 
+def _call(attn, query, key, value, scale, return_lse: bool):
+    """The module's call, its errors naming NATTEN's arguments (query, key, value: its q, k, v)."""
+    try:  # dtypes, devices, heads and scale are checked by the module
+        return attn(query, key, value, scale=scale, return_lse=return_lse)
+    except SpecError as err:
+        names = {"argument q": "argument query", "argument k": "argument key", "argument v": "argument value"}
+        if err.where not in names:
+            raise
+        raise SpecError(err.message, where=names[err.where], hint=err.hint) from None
+
+
+def _default_scale(query) -> float:
+    return 1.0 / math.sqrt(query.shape[-1])
+
+
+# ----------------------------------------------------------------- under torch.compile
+# ``na*d`` inside a compiled model: the module of a configuration is made (the stdlib file read, sympy) and called
+# inside ``attnc::natten_attention``, which dynamo does not trace; its backward recomputes the call under autograd.
+def _op_module(config: str):
+    rank, kernel, stride, dilation, causal, spatial, backend = ast.literal_eval(config)
+    return _module(rank, kernel, stride, dilation, causal, spatial, backend)
+
+
+def _op_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, config: str, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    attn = _op_module(config)
+    with C.eager_dispatch(), torch.no_grad():
+        out, lse = _call(attn, query, key, value, scale, True)
+    return out.contiguous(), lse.contiguous()
+
+
+def _op_fake(query, key, value, config, scale):
+    lse_dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    return (query.new_empty(*query.shape[:-1], value.shape[-1]),
+            query.new_empty(query.shape[:-1], dtype=lse_dtype))
+
+
+def _op_backward_impl(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dout: torch.Tensor,
+                      dlse: torch.Tensor | None, config: str, scale: float
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attn = _op_module(config)
+    grads = C.recompute_gradients(lambda q, k, v: _call(attn, q, k, v, scale, True), [query, key, value], [0, 1, 2],
+                                  [dout, dlse], guard=C.eager_dispatch)
+    return grads[0], grads[1], grads[2]
+
+
+def _op_backward_fake(query, key, value, dout, dlse, config, scale):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+def _op_setup(ctx, inputs, output):
+    query, key, value, config, scale = inputs
+    ctx.save_for_backward(query, key, value)
+    ctx.config, ctx.scale = config, scale
+
+
+def _op_formula(ctx, dout, dlse):
+    query, key, value = ctx.saved_tensors
+    if dout is None:
+        dout = query.new_zeros(*query.shape[:-1], value.shape[-1])
+    dq, dk, dv = natten_attention_backward(query, key, value, dout, dlse, ctx.config, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+#: ``torch.ops.attnc.natten_attention`` and its backward
+natten_attention, natten_attention_backward = C.defined_once("natten_ops", lambda: C.define_ops(
+    "natten_attention", _op_forward, _op_fake, _op_backward_impl, _op_backward_fake, _op_formula, _op_setup))
+
+
 def _extra_segment(query, add_k, add_v, scale: float):
     """Attention of every query over the extra tokens: ``out [B, N, H, Dv]`` and ``lse [B, N, H]`` in the
     compute dtype (query flattened to ``[B, N, H, D]``)."""
@@ -198,14 +269,13 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
                         hint="available in this version: " + ", ".join(BACKENDS))
-    attn = _module(rank, kernel, stride, dilation, causal, spatial, backend)
-    try:  # dtypes, devices, heads and scale are checked by the module
-        result = attn(query, key, value, scale=scale, return_lse=return_lse or add_k is not None)
-    except SpecError as err:
-        names = {"argument q": "argument query", "argument k": "argument key", "argument v": "argument value"}
-        if err.where not in names:
-            raise
-        raise SpecError(err.message, where=names[err.where], hint=err.hint) from None
+    if torch.compiler.is_compiling():  # the module is built and called inside an op (sympy is not traceable)
+        config = repr((rank, kernel, stride, dilation, causal, spatial, backend))
+        out, lse = natten_attention(query, key, value, config, _default_scale(query) if scale is None else scale)
+        result = (out, lse) if return_lse or add_k is not None else out
+    else:
+        result = _call(_module(rank, kernel, stride, dilation, causal, spatial, backend), query, key, value, scale,
+                       return_lse or add_k is not None)
     if add_k is None:
         return result
     out, lse = result

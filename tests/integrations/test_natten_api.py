@@ -113,6 +113,34 @@ def test_additional_keys_merged_exactly(rank):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+@pytest.mark.parametrize("extra", [False, True])
+def test_a_compiled_model_calling_na2d_traces_its_first_call_with_fullgraph(extra):
+    """``na2d`` in a model under ``torch.compile(fullgraph=True)``, a configuration not seen before: the module is
+    made and called inside ``attnc::natten_attention`` (its first call failed in dynamo, which cannot read the
+    stdlib's file); out, lse and the gradients of every tensor equal NATTEN's rule, with extra keys too."""
+    natten.clear_cache()
+    torch._dynamo.reset()
+    spatial, ks, st, causal = (5, 6), (3, 4), (2, 1), (True, False)
+    q, k, v = (_rand(2, *spatial, 2, 4, seed=s) for s in (40, 41, 42))
+    ak, av = (_rand(2, 3, 2, 4, seed=s) for s in (43, 44)) if extra else (None, None)
+
+    def block(q, k, v, ak, av):
+        return attnc.na2d(q, k, v, ks, stride=st, is_causal=causal, backend="cpu", additional_keys=ak,
+                          additional_values=av, return_lse=True)
+
+    out, lse = torch.compile(block, fullgraph=True)(q, k, v, ak, av)
+    want, want_lse = _naive(q, k, v, ks, st, (1, 1), causal, 0.5, ak, av)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(lse, want_lse, rtol=1e-10, atol=1e-12)
+    leaves = (q, k, v, ak, av) if extra else (q, k, v)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(45), dtype=F64)
+    got = torch.autograd.grad((out * w).sum() + lse.sum(), leaves)
+    ref = torch.autograd.grad((want * w).sum() + want_lse.sum(), leaves)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    natten.clear_cache()
+
+
 def test_reference_backend_and_generic_entry_point_agree():
     q, k, v = (_rand(1, 4, 5, 2, 4, seed=s) for s in (30, 31, 32))
     a = attnc.neighborhood_attention(q, k, v, kernel_size=(3, 2), dilation=(1, 2), backend="reference")
