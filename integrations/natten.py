@@ -40,29 +40,32 @@ _SHAPES = {1: "[B, L, H, D]", 2: "[B, Y, X, H, D]", 3: "[B, T, Y, X, H, D]"}
 
 
 def na1d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale: float | None = None,
-         additional_keys=None, additional_values=None, backend: str = "auto", return_lse: bool = False):
+         additional_keys=None, additional_values=None, backend: str | None = "auto", return_lse: bool = False,
+         **natten_options):
     """1-D neighborhood attention on ``[B, L, H, D]`` tensors (NATTEN's ``na1d``); see ``neighborhood_attention``."""
     return _na(1, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, backend, return_lse)
+               additional_values, backend, return_lse, natten_options)
 
 
 def na2d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale: float | None = None,
-         additional_keys=None, additional_values=None, backend: str = "auto", return_lse: bool = False):
+         additional_keys=None, additional_values=None, backend: str | None = "auto", return_lse: bool = False,
+         **natten_options):
     """2-D neighborhood attention on ``[B, Y, X, H, D]`` tensors (NATTEN's ``na2d``); see ``neighborhood_attention``."""
     return _na(2, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, backend, return_lse)
+               additional_values, backend, return_lse, natten_options)
 
 
 def na3d(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False, scale: float | None = None,
-         additional_keys=None, additional_values=None, backend: str = "auto", return_lse: bool = False):
+         additional_keys=None, additional_values=None, backend: str | None = "auto", return_lse: bool = False,
+         **natten_options):
     """3-D neighborhood attention on ``[B, T, Y, X, H, D]`` tensors (NATTEN's ``na3d``); see ``neighborhood_attention``."""
     return _na(3, query, key, value, kernel_size, stride, dilation, is_causal, scale, additional_keys,
-               additional_values, backend, return_lse)
+               additional_values, backend, return_lse, natten_options)
 
 
 def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1, is_causal=False,
                            scale: float | None = None, additional_keys=None, additional_values=None,
-                           backend: str = "auto", return_lse: bool = False):
+                           backend: str | None = "auto", return_lse: bool = False, **natten_options):
     """Neighborhood attention (NATTEN's rule: a window of ``kernel_size`` keys per axis around the query,
     shifted inward at the borders; ``dilation`` groups; ``stride`` groups of queries sharing a window;
     ``is_causal`` per axis) on ``[B, *spatial, H, D]`` tensors, 1 to 3 spatial axes.
@@ -72,14 +75,20 @@ def neighborhood_attention(query, key, value, kernel_size, stride=1, dilation=1,
     ``scale`` defaults to ``1/sqrt(D)``. ``additional_keys``/``additional_values`` ``[B, M, Hkv, D]``: extra
     tokens every query attends (merged exactly through the log-sum-exps). Returns ``out``
     ``[B, *spatial, H, Dv]``, or ``(out, lse)`` with ``lse`` ``[B, *spatial, H]`` when ``return_lse``.
-    Differentiable; the compiled module is cached per configuration and spatial shape."""
+    Differentiable; the compiled module is cached per configuration and spatial shape.
+
+    As NATTEN, ``stride``, ``dilation`` and ``is_causal`` may be None (1, 1, False) and ``backend`` None (attnc's
+    ``"auto"``). NATTEN's performance keywords (``q_tile_shape``, ``kv_tile_shape``, their backward forms,
+    ``backward_kv_splits``, ``backward_use_pt_reduction``, ``run_persistent_kernel``, ``kernel_schedule``,
+    ``torch_compile``, ``try_fuse_additional_kv``, ``attention_kwargs``) are accepted and change nothing: attnc's
+    cost model picks the schedule, and a schedule never changes the answer. Any other keyword is refused by name."""
     if not isinstance(query, torch.Tensor):
         raise SpecError(f"expected a tensor, got {type(query).__name__}", where="argument query")
     if query.dim() not in (4, 5, 6):
         raise SpecError(f"expected a 4-D, 5-D or 6-D tensor ([B, *spatial, H, D] with 1 to 3 spatial axes), "
                         f"got shape {list(query.shape)}", where="argument query")
     return _na(query.dim() - 3, query, key, value, kernel_size, stride, dilation, is_causal, scale,
-               additional_keys, additional_values, backend, return_lse)
+               additional_keys, additional_values, backend, return_lse, natten_options)
 
 
 def clear_cache() -> None:
@@ -255,8 +264,25 @@ def _extra_segment(query, add_k, add_v, scale: float):
     return out, lse.transpose(1, 2)
 
 
+#: NATTEN's keywords that choose how its kernels run, not what they compute (accepted, no effect here)
+NATTEN_PERFORMANCE_KEYWORDS = frozenset({
+    "q_tile_shape", "kv_tile_shape", "backward_q_tile_shape", "backward_kv_tile_shape", "backward_kv_splits",
+    "backward_use_pt_reduction", "run_persistent_kernel", "kernel_schedule", "torch_compile",
+    "try_fuse_additional_kv", "attention_kwargs"})
+
+
 def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale, add_k, add_v, backend,
-        return_lse):
+        return_lse, natten_options=None):
+    unknown = sorted(set(natten_options or ()) - NATTEN_PERFORMANCE_KEYWORDS)
+    if unknown:
+        raise SpecError(f"na{rank}d() got an unexpected keyword argument {unknown[0]!r}", where=f"argument {unknown[0]}",
+                        hint="NATTEN's performance keywords are accepted (attnc's cost model picks the schedule); "
+                        "the other arguments are kernel_size, stride, dilation, is_causal, scale, additional_keys, "
+                        "additional_values, backend, return_lse")
+    stride = 1 if stride is None else stride  # NATTEN's None defaults
+    dilation = 1 if dilation is None else dilation
+    is_causal = False if is_causal is None else is_causal
+    backend = "auto" if backend is None else backend
     spatial = _check_tensors(rank, query, key, value)
     kernel = _per_axis("kernel_size", kernel_size, rank, lambda x: _is_int(x) and x >= 2, "an int >= 2")
     stride = _per_axis("stride", stride, rank, lambda x: _is_int(x) and x >= 1, "a positive int")

@@ -141,6 +141,18 @@ def test_a_compiled_model_calling_na2d_traces_its_first_call_with_fullgraph(extr
     natten.clear_cache()
 
 
+def test_natten_none_defaults_and_performance_keywords_are_accepted():
+    """NATTEN's None defaults (stride, dilation, is_causal, backend) are its 1, 1, False and attnc's auto; its
+    performance keywords change nothing; any other keyword is refused by name (it was a bare TypeError)."""
+    q, k, v = (_rand(1, 5, 6, 2, 4, seed=s) for s in (50, 51, 52))
+    want = attnc.na2d(q, k, v, 3, backend="cpu")
+    got = attnc.na2d(q, k, v, 3, stride=None, dilation=None, is_causal=None, backend="cpu", q_tile_shape=(2, 4),
+                     kv_tile_shape=(2, 4), torch_compile=True, attention_kwargs={}, run_persistent_kernel=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(attnc.na2d(q, k, v, 3, backend=None), want, rtol=1e-12, atol=1e-12)
+    _refused("argument q_tile_shap", "unexpected keyword", attnc.na2d, q, k, v, 3, q_tile_shap=(2, 4))
+
+
 def test_reference_backend_and_generic_entry_point_agree():
     q, k, v = (_rand(1, 4, 5, 2, 4, seed=s) for s in (30, 31, 32))
     a = attnc.neighborhood_attention(q, k, v, kernel_size=(3, 2), dilation=(1, 2), backend="reference")
