@@ -126,6 +126,10 @@ def _check_tensors(rank: int, query, key, value) -> tuple[int, ...]:
                             f"{list(query.shape)} in batch and spatial extents", where=f"argument {name}")
     if value.shape[-2] != key.shape[-2]:
         raise SpecError(f"value has {value.shape[-2]} heads, key {key.shape[-2]}", where="argument value")
+    for name, t in (("query", query), ("key", key), ("value", value)):  # in the caller's shape, not the module's
+        for axis, what in ((-2, "heads"), (-1, "head dim")):
+            if t.shape[axis] == 0:
+                raise SpecError(f"has {what} 0 (shape {list(t.shape)})", where=f"argument {name}")
     return spatial
 
 

@@ -151,6 +151,8 @@ def test_natten_none_defaults_and_performance_keywords_are_accepted():
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     torch.testing.assert_close(attnc.na2d(q, k, v, 3, backend=None), want, rtol=1e-12, atol=1e-12)
     _refused("argument q_tile_shap", "unexpected keyword", attnc.na2d, q, k, v, 3, q_tile_shap=(2, 4))
+    empty = torch.zeros(1, 5, 6, 2, 0, dtype=F64)
+    _refused("argument query", "head dim 0 (shape [1, 5, 6, 2, 0])", attnc.na2d, empty, empty, empty, 3)
 
 
 def test_reference_backend_and_generic_entry_point_agree():
