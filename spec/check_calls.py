@@ -24,6 +24,9 @@ from .check_types import (
 )
 from .params import names_in
 
+#: How a stdlib pattern's file is named (``library.STDLIB_PREFIX``): a file its caller did not write
+STDLIB_FILES = "stdlib:"
+
 
 class CallChecks:
     """Checker methods for function calls in expressions."""
@@ -228,10 +231,15 @@ class CallChecks:
             if want == BOOL and e not in (sympy.true, sympy.false):
                 raise self.error("window causal must be a constant bool", vnode.pos)
             lowered[name] = e
-        # the caller's own arguments the window's sizes read (a called pattern's are its caller's expressions)
+        # the caller's own arguments the window's sizes read (a called pattern's are its caller's expressions), and
+        # in a stdlib pattern (a file the caller did not write) the parameters left at their defaults
+        defaults = ({p.name: p.default for p in self.decl.params if p.default is not None and p.name not in self.params}
+                    if self.module.filename.startswith(STDLIB_FILES) else {})
         given = () if self.call_stack else tuple(
-            (role, name, name, "") for role, (vnode, _) in values.items() if vnode is not None and role != "causal"
-            for name in dict.fromkeys(names_in(vnode)) if name in self.params and name not in self.env_lets)
+            (role, name, name, "" if name in self.params else f"its default, {defaults[name]}")
+            for role, (vnode, _) in values.items() if vnode is not None and role != "causal"
+            for name in dict.fromkeys(names_in(vnode))
+            if (name in self.params or name in defaults) and name not in self.env_lets)
         self.windows.append(
             ir.WindowSite(axis, length, lowered["size"], lowered["dilation"], lowered["stride"], node.pos,
                           self.module.filename, self.module.source, given)

@@ -622,6 +622,19 @@ def test_a_natten_argument_too_large_for_its_axis_is_named():
     assert "stdlib:neighborhood_2d.attn:" in err.hint, str(err)
 
 
+def test_a_stdlib_default_too_large_for_its_axis_names_the_parameter():
+    """A stdlib pattern's default (a file the caller did not write) that does not fit names the parameter to give,
+    with its default; a default in the caller's own file still points at the window there."""
+    with pytest.raises(attnc.SpecError) as info:
+        attnc.compile_attention("stdlib:neighborhood_2d", sizes={"height": 6, "width": 7})
+    err = info.value
+    assert err.where == "argument kernel_size_y", str(err)
+    assert "window of 7 does not fit axis 'y' of length 6 (its default, 7)" in err.message, str(err)
+    assert "stdlib:neighborhood_2d.attn:" in err.hint, str(err)
+    own = window_error("pattern p(w = 9)\n  tokens seq\n  mask window(w)\n", n=8)
+    assert_at(own, 3, 8, "window of 9 does not fit the sequence of length 8", filename="<spec>")
+
+
 def test_stride_larger_than_window():
     err = window_error("pattern p\n  tokens seq\n  mask window(3, stride = 4)\n", n=8)
     assert_at(err, 3, 8, "stride 4 is larger than the window 3", filename="<spec>")
