@@ -53,6 +53,7 @@ def materialize_mask(
     name: str | None = None,
     q: torch.Tensor | None = None,
     k: torch.Tensor | None = None,
+    dk: int | None = None,
     **params,
 ) -> torch.Tensor:
     """The exact mask of a pattern: bool ``[heads, Nq, Nk]`` (``heads`` is 1 unless given; ``[B, heads, Nq, Nk]``
@@ -65,7 +66,8 @@ def materialize_mask(
     last n tokens). A routing pattern's selection depends on q and k: with ``q`` and ``k`` given it is
     applied (``[B, heads, Nq, Nk]``), else the mask before selection is returned. A pattern that clusters
     vectors (``cluster(q, C) == cluster(k, C)``) needs ``q`` ``[B, heads, n, dk]`` and ``k``
-    ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``.
+    ``[B, kv_heads, nk, dk]``; its mask is then ``[B, heads, Nq, Nk]``. ``dk``: the head dim, for a mask that
+    reads it (read from ``q`` where it is given).
     """
     pat = as_pattern(pattern, name, params)
     if isinstance(pat, ir.CombinedIR):
@@ -77,7 +79,10 @@ def materialize_mask(
                         hint="the mask within a bucket: pattern.pattern")
     if not isinstance(pat, ir.PatternIR):
         raise SpecError(f"'{pat.name}' is a recurrence and has no mask", where="argument pattern")
-    dk = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
+    if isinstance(q, torch.Tensor) and q.dim() == 4:
+        if dk is not None and dk != q.shape[-1]:
+            raise SpecError(f"dk={dk} but q's head dim is {q.shape[-1]}", where="argument dk")
+        dk = q.shape[-1]
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     vectors = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
     if clusters.mask_derived_inputs(pat) or (pat.route is not None and vectors):

@@ -59,6 +59,9 @@ def read_source(source: str | os.PathLike, where: str = "argument source") -> tu
     if not isinstance(source, str):
         raise SpecError(f"expected a path, 'stdlib:NAME' or spec text, got {type(source).__name__}",
                         where=where)
+    if not source.strip():
+        raise SpecError("an empty source: expected a path, 'stdlib:NAME' or spec text", where=where,
+                        hint="run 'attnc list' to see the stdlib patterns")
     if source.startswith(STDLIB_PREFIX):
         name = source[len(STDLIB_PREFIX):]
         index = stdlib_index()

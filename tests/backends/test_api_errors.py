@@ -500,3 +500,20 @@ def test_return_state_on_a_softmax_pattern_names_return_state(source):
     _spec_error(lambda: attn(q, k, v, return_state=True, **gates), "argument return_state", "only recurrences")
     _spec_error(lambda: attn(q, k, v, initial_state=torch.zeros(1, 2, 4, 4), **gates), "argument initial_state",
                 "only recurrences")
+
+
+def test_materialize_mask_takes_the_head_dim_of_a_mask_that_reads_it():
+    """``dk`` in a mask: ``materialize_mask`` had no way to give it ("'dk' has no value" with no argument to set)."""
+    spec = "pattern p\n  tokens seq\n  mask q - k < dk and k <= q\n"
+    got = attnc.materialize_mask(spec, n=6, dk=2)[0]
+    q, k = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    assert torch.equal(got, (q - k < 2) & (k <= q))
+    assert torch.equal(attnc.materialize_mask(spec, n=6, q=torch.zeros(1, 1, 6, 2), k=torch.zeros(1, 1, 6, 2))[0], got)
+    _spec_error(lambda: attnc.materialize_mask(spec, n=6, dk=0), "argument dk", "positive int")
+    _spec_error(lambda: attnc.materialize_mask(spec, n=6, dk=3, q=torch.zeros(1, 1, 6, 2), k=torch.zeros(1, 1, 6, 2)),
+                "argument dk", "head dim is 2")
+
+
+def test_an_empty_source_is_refused_as_such():
+    _spec_error(lambda: attnc.load(""), "argument source", "an empty source")
+    _spec_error(lambda: attnc.compile_attention("  "), "argument source", "an empty source")
