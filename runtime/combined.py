@@ -151,10 +151,12 @@ class CombinedAttention(torch.nn.Module):
         declared = {d.name: d for d in self.pattern.inputs}
         for name in inputs:
             if name not in declared:
-                hint = (f"{name} is a keyword of a single pattern's call, not served by a combined pattern"
-                        if name in CALL_KEYWORDS else unknown_input_hint(name, sorted(declared),
-                                                                            dict(self.pattern.params)))
-                raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}", hint=hint)
+                if name in CALL_KEYWORDS:
+                    raise SpecError(f"{name}= is a keyword of a single pattern's call; '{self.pattern.name}' "
+                                    "combines several attentions and does not take it", where=f"argument {name}",
+                                    hint="call a branch's pattern (pattern.branch(NAME).pattern) for it")
+                raise SpecError(f"'{self.pattern.name}' has no input '{name}'", where=f"argument {name}",
+                                hint=unknown_input_hint(name, sorted(declared), dict(self.pattern.params)))
         own = {}
         for name, t in inputs.items():
             decl = declared[name]

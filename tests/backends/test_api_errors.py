@@ -517,3 +517,12 @@ def test_materialize_mask_takes_the_head_dim_of_a_mask_that_reads_it():
 def test_an_empty_source_is_refused_as_such():
     _spec_error(lambda: attnc.load(""), "argument source", "an empty source")
     _spec_error(lambda: attnc.compile_attention("  "), "argument source", "an empty source")
+
+
+def test_a_single_patterns_call_keyword_on_a_combined_pattern_is_told_as_such():
+    """``return_selection=`` on NSA (three branches): it said "'nsa' has no input 'return_selection'"."""
+    attn = attnc.compile_attention("stdlib:nsa", backend="cpu")
+    q = torch.randn(1, 2, 32, 16)
+    err = _spec_error(lambda: attn(q, q, q, return_selection=True), "argument return_selection",
+                      "a keyword of a single pattern's call")
+    assert "has no input" not in err.message
