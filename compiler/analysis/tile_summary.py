@@ -46,11 +46,14 @@ class TileSummary(TileCounts):
     q_weight: float
     kv_weight: float
     allowed_total: float
+    #: how many Q tiles each sampled one stands for (``_sampled``); ``q_weight`` is their mean, for the cost model
+    q_row_weights: torch.Tensor | None = None
     exact: bool = False
     density_exact: bool = False
 
     def _over_heads(self, sampled: torch.Tensor) -> int:
-        total = round(float(sampled.to(torch.float64).sum()) * self.q_weight)
+        weights = self.q_row_weights if self.q_row_weights is not None else self.q_weight
+        total = round(float((sampled.to(torch.float64) * weights).sum()))
         return total * self.num_heads if self.heads_stored == 1 else total
 
     @property
@@ -63,18 +66,27 @@ class TileSummary(TileCounts):
                 f"Q tiles: full {self.full}, partial {self.partial}, empty {self.empty})")
 
 
-def _sampled(count: int, rows: int) -> list[int]:
-    """``rows`` tile indices spread evenly over ``range(count)``, first and last included."""
+def _sampled(count: int, rows: int) -> tuple[list[int], torch.Tensor]:
+    """``rows`` tile indices of ``range(count)`` and how many tiles each stands for: the first and last tiles as
+    themselves (weight 1: where a pattern's rows most often differ from the rest, its global tokens and sinks),
+    each other one at the middle of an equal share of the tiles between them, standing for that share. (Evenly
+    spaced samples of equal weight made the first tile stand for count / rows tiles: Longformer's global
+    tokens at a million tokens read 17x too dense.)"""
     if count <= rows:
-        return list(range(count))
-    return sorted({(i * (count - 1)) // (rows - 1) for i in range(rows)})
+        return list(range(count)), torch.ones(count, dtype=torch.float64)
+    inner = count - 2
+    edges = [1 + (j * inner) // (rows - 2) for j in range(rows - 1)]  # rows - 2 shares of [1, count - 1)
+    mids = [(a + b - 1) // 2 for a, b in zip(edges, edges[1:], strict=False)]
+    sizes = [b - a for a, b in zip(edges, edges[1:], strict=False)]
+    return [0, *mids, count - 1], torch.tensor([1, *sizes, 1], dtype=torch.float64)
 
 
 def _line_classes(pat, mask, bound, tensors, head: int, own: list[int], own_tile: int, own_len: int,
                   other_tile: int, other_len: int, role: str):
     """For each of the tiles ``own`` of one side (role "q": Q tiles), how many tiles of the
     other side are FULL and PARTIAL, by interval reasoning over halved ranges of the other
-    side (never a list of tile pairs); plus a few PARTIAL pairs (own index, other tile)."""
+    side (never a list of tile pairs); plus a few PARTIAL pairs (own index, other tile, how many of the step's
+    PARTIAL pairs it stands for), spread over every step's."""
     grid = -(-other_len // other_tile)
     full = torch.zeros(len(own), dtype=torch.int64)
     partial = torch.zeros(len(own), dtype=torch.int64)
@@ -107,9 +119,11 @@ def _line_classes(pat, mask, bound, tensors, head: int, own: list[int], own_tile
         undecided = may_t & may_f
         single = undecided & (first == last)
         partial.index_add_(0, owner[single], torch.ones(int(single.sum()), dtype=torch.int64))
-        for i in torch.nonzero(single).flatten()[:SUMMARY_PARTIAL_SAMPLE].tolist():
-            if len(witnesses) < 4 * SUMMARY_PARTIAL_SAMPLE:
-                witnesses.append((int(owner[i]), int(first[i])))
+        found = torch.nonzero(single).flatten()
+        if len(found):  # a few PARTIAL pairs spread over this step's, each standing for its share of them
+            picked = found[torch.linspace(0, len(found) - 1, min(len(found), SUMMARY_PARTIAL_SAMPLE)).long()]
+            share = len(found) / len(picked)
+            witnesses += [(int(owner[i]), int(first[i]), share) for i in picked.tolist()]
         split = undecided & (first < last)
         owner, first, last = owner[split], first[split], last[split]
         if len(owner) > SUMMARY_BOXES:  # too fragmented to follow: whole boxes count as PARTIAL
@@ -136,7 +150,7 @@ def summarize_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: 
     stored = head_classes(pat, bound)
     tq, tk = q_tile[0], kv_tile[0]
     gq, gk = -(-bound.n // tq), -(-bound.nk // tk)
-    q_rows, k_cols = _sampled(gq, rows), _sampled(gk, rows)
+    (q_rows, q_weights), (k_cols, _) = _sampled(gq, rows), _sampled(gk, rows)
     fwd_f, fwd_p, bwd_f, bwd_p = [], [], [], []
     allowed = 0.0
     for h in range(stored):
@@ -150,17 +164,18 @@ def summarize_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: 
         # allowed pairs of the sampled Q tiles: FULL areas exact, PARTIAL ones at the sampled fraction
         q_tokens = torch.tensor([min(tq, bound.n - r * tq) for r in q_rows], dtype=torch.float64)
         fraction = 0.0
-        if witnesses:
+        if witnesses:  # the allowed share of the PARTIAL pairs, each weighed by what it stands for
             qi = torch.tensor([q_rows[w[0]] for w in witnesses])
             ki = torch.tensor([w[1] for w in witnesses])
+            weight = torch.tensor([w[2] for w in witnesses], dtype=torch.float64) * q_weights[[w[0] for w in witnesses]]
             counts = count_allowed(pat, bound, tensors, q_ext, kv_ext, q_tile, kv_tile, h, qi, ki)
             area = (tile_token_counts_at(q_ext, q_tile, qi) * tile_token_counts_at(kv_ext, kv_tile, ki)).to(torch.float64)
-            fraction = float(counts.sum()) / float(area.sum())
-        sampled = float((q_tokens * full_tokens).sum()) + fraction * float((q_tokens * partial * tk).sum())
-        allowed += sampled * bound.n / float(q_tokens.sum())
+            fraction = float((weight * counts.to(torch.float64)).sum()) / float((weight * area).sum())
+        allowed += float((q_weights * q_tokens * (full_tokens + fraction * partial * tk)).sum())
     factor = bound.heads if stored == 1 else 1
     return TileSummary(q_ext, kv_ext, q_tile, kv_tile, bound.heads, gq, gk, torch.stack(fwd_f), torch.stack(fwd_p),
-                       torch.stack(bwd_f), torch.stack(bwd_p), gq / len(q_rows), gk / len(k_cols), allowed * factor)
+                       torch.stack(bwd_f), torch.stack(bwd_p), gq / len(q_rows), gk / len(k_cols), allowed * factor,
+                       q_weights)
 
 
 def tile_token_counts_at(extents: tuple[int, ...], tile: tuple[int, ...], tiles: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,10 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
     if not counted.density_exact and pat.route is None:
         exact = search.exactly_counted()
         if exact is None:
-            assumptions.append("density estimated from sampled queries")
+            assumptions.append(
+                f"density and tile counts estimated from {len(getattr(best.schedule, 'full_count', [[]])[0])} sampled "
+                "Q tiles (the first and last as themselves, each other one for its share of the tiles between): a "
+                "mask that repeats with the samples' stride can alias; the bounds are exact below 2^24 tile pairs")
         else:
             counted = exact
     allowed, total = counted.allowed_total, counted.total_pairs
@@ -280,9 +283,10 @@ def format_report(rep: SimulationReport) -> str:
         f"{hw.smem_per_sm_kib} KiB smem/SM)",
         "",
         f"  density              {rep.density:.4f}" + ("" if d["density_exact"] else " (estimated)"),
-        f"  FLOP-wise bound      {_x(rep.flop_bound)}",
+        f"  FLOP-wise bound      {_x(rep.flop_bound)}" + ("" if d["density_exact"] else " (estimated)"),
         f"  tile-wise bound      {_x(rep.tile_bound)}   (Q {_shape(tiles['q_tile'])}, KV {_shape(tiles['kv_tile'])}: "
-        f"{tiles['full']} full, {tiles['partial']} partial, {tiles['empty']} empty of {tiles['total']})",
+        + ("" if tiles["exact"] else "estimated, about ")
+        + f"{tiles['full']} full, {tiles['partial']} partial, {tiles['empty']} empty of {tiles['total']})",
         f"  predicted speedup    (over SDPA dense) forward {_x(rep.predicted_speedup)}, backward {_x(rep.predicted_speedup_backward)}",
         f"  predicted time       forward {_us(rep.best.forward_s)} (SDPA dense {_us(rep.dense_forward_s)}), "
         f"backward {_us(rep.best.backward_s)} (SDPA dense {_us(rep.dense_backward_s)})",
