@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..core.errors import SpecError
 from ..runtime.api import BACKENDS, Attention, compile_attention
-from .natten import na3d
+from .natten import na3d, window_arguments
 
 #: The size names of the grid a pattern must declare: ``grid(t: frames, y: height, x: width)``.
 GRID_SIZES = ("frames", "height", "width")
@@ -243,6 +243,8 @@ def _window_arguments(params: dict, backend: str) -> dict:
         if key not in _WINDOW_PARAMS:
             raise SpecError(f"unknown parameter {key!r}", where=f"argument {key}",
                             hint="NATTEN's: " + ", ".join(_WINDOW_PARAMS))
+    if "kernel_size" in params:  # checked here, not at the first forward (the fit to the grid is checked there)
+        window_arguments(3, **params)
     return {**params, "backend": backend}
 
 

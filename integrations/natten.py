@@ -107,6 +107,18 @@ def _per_axis(what: str, value, rank: int, check, want: str) -> tuple:
     return values
 
 
+def window_arguments(rank: int, kernel_size, stride=1, dilation=1, is_causal=False) -> tuple[tuple, ...]:
+    """NATTEN's window arguments checked, one value per axis each: ``(kernel, stride, dilation, causal)``; None is
+    NATTEN's default (1, 1, False). Whether the window fits the axes is checked with the tensors."""
+    stride = 1 if stride is None else stride
+    dilation = 1 if dilation is None else dilation
+    is_causal = False if is_causal is None else is_causal
+    return (_per_axis("kernel_size", kernel_size, rank, lambda x: _is_int(x) and x >= 2, "an int >= 2"),
+            _per_axis("stride", stride, rank, lambda x: _is_int(x) and x >= 1, "a positive int"),
+            _per_axis("dilation", dilation, rank, lambda x: _is_int(x) and x >= 1, "a positive int"),
+            _per_axis("is_causal", is_causal, rank, lambda x: isinstance(x, bool), "True or False"))
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -283,15 +295,9 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
                         hint="NATTEN's performance keywords are accepted (attnc's cost model picks the schedule); "
                         "the other arguments are kernel_size, stride, dilation, is_causal, scale, additional_keys, "
                         "additional_values, backend, return_lse")
-    stride = 1 if stride is None else stride  # NATTEN's None defaults
-    dilation = 1 if dilation is None else dilation
-    is_causal = False if is_causal is None else is_causal
     backend = "auto" if backend is None else backend
     spatial = _check_tensors(rank, query, key, value)
-    kernel = _per_axis("kernel_size", kernel_size, rank, lambda x: _is_int(x) and x >= 2, "an int >= 2")
-    stride = _per_axis("stride", stride, rank, lambda x: _is_int(x) and x >= 1, "a positive int")
-    dilation = _per_axis("dilation", dilation, rank, lambda x: _is_int(x) and x >= 1, "a positive int")
-    causal = _per_axis("is_causal", is_causal, rank, lambda x: isinstance(x, bool), "True or False")
+    kernel, stride, dilation, causal = window_arguments(rank, kernel_size, stride, dilation, is_causal)
     _check_window(rank, spatial, kernel, stride, dilation)
     _check_additional(query, key, value, add_k, add_v)
     if not isinstance(return_lse, bool):

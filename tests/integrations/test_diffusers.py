@@ -210,6 +210,12 @@ def test_cogvideox_bad_arguments_are_refused():
     with pytest.raises(attnc.SpecError) as err:
         attnc_diffusers.apply(model, kernel_size_t=3)
     assert err.value.where == "argument kernel_size_t"
+    for bad, where in (({"kernel_size": (2, 3, 1)}, "argument kernel_size"),
+                       ({"kernel_size": 3, "stride": 0}, "argument stride"),
+                       ({"kernel_size": 3, "is_causal": 1}, "argument is_causal")):
+        with pytest.raises(attnc.SpecError) as err:  # at apply(), not at the first forward
+            attnc_diffusers.apply(model, **bad)
+        assert err.value.where == where, str(err.value)
 
 
 #: The joint text + video attention as one spec (the language's concatenated layout): text tokens attend
