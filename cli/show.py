@@ -162,7 +162,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         args.shown.append({"name": pat.name, "kind": "pattern", "layout": pat.queries.describe(),
                            "keys_layout": pat.keys.describe(), "sizes": dict(bound.axis_sizes), "n": bound.n,
                            "nk": bound.nk, "q_offset": bound.q_offset,
-                           "heads": [{"head": h, "density": mask[h].float().mean().item(),
+                           "heads": [{"head": h, "density": mask[h].double().mean().item(),
                                       "mask": mask[h].to(int).tolist()} for h in shown_heads]})
         if args.png:
             from ..png import write_mask_png
@@ -173,7 +173,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         from ..png import write_mask_png
 
         write_mask_png(args.png, mask[list(shown_heads)])
-        density = mask[list(shown_heads)].float().mean().item()
+        density = mask[list(shown_heads)].double().mean().item()
         heads_note = f", {len(shown_heads)} heads" if depends_on_head else ""
         print(f"wrote {args.png}: {title}{heads_note} (density {density:.3f})")
         return 0
@@ -181,7 +181,7 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
     if cell > 1:
         title += f"; each character {cell} x {cell} pairs: # all allowed, + some, . none (--png draws every pair)"
     for h in shown_heads:
-        density = mask[h].float().mean().item()
+        density = mask[h].double().mean().item()
         print(f"{title}" + (f", head {h}" if depends_on_head else "") + f" (density {density:.3f})")
         for row in _pooled_rows(mask[h], cell):
             print(row)
