@@ -243,7 +243,8 @@ def test_show_json(capsys):
         and data["notes"] == ["no --n: showing 32 tokens"]
     )
     assert data["heads"][0]["mask"][3] == [0, 0, 1, 1] + [0] * 28
-    assert data["heads"][0]["density"] == (32 + 31) / 32**2  # in float64 (it was a float32's 0.0615234...)
+    code, out, _ = run(capsys, "show", "--json", "stdlib:sliding_window", "-p", "window=3", "--n", "6")
+    assert json.loads(out)["heads"][0]["density"] == 15 / 36  # in float64 (it was a float32's 0.41666665...)
     code, out, _ = run(capsys, "show", "--json", "stdlib:retention")
     data = json.loads(out)
     assert (
