@@ -38,7 +38,9 @@ def simulate(
     ``hardware``: a name from ``compiler.cost.hardware`` (a100, h100, h200, b200,
     or one added with ``register_hardware``) or a ``Hardware``. ``q_tile`` /
     ``kv_tile`` force the tile shapes, as in ``compile_attention`` (one extent per
-    grid axis, or one int for flat tiles of the token order). ``inputs``: call-time inputs of
+    grid axis, or one int for flat tiles of the token order). ``nk``: the keys of a cross-attention pattern
+    (``queries ... keys ...``); a self-attention's queries after a KV cache (``nk > n``) are a decode step's
+    question, ``simulate_decode``'s. ``inputs``: call-time inputs of
     data-dependent masks (without a batch dimension). ``kv_heads``: K/V heads shared by the ``heads``
     query heads (grouped-query attention; default one per query head, a positive divisor of ``heads``): the
     dK/dV kernel then runs ``Prediction.group_split`` CTAs per K/V head, each walking its share of the

@@ -501,7 +501,8 @@ def format_decode(rep: DecodeReport) -> str:
         else f" sharing {rep.kv_heads} K/V head" + ("s" if rep.kv_heads > 1 else "")
     )
     lines = [
-        f"{rep.pattern} decode step: {rep.n} quer{'y' if rep.n == 1 else 'ies'} after a KV cache of {rep.nk:,} keys "
+        f"{rep.pattern} decode step: the last {rep.n} of {rep.nk:,} tokens as quer{'y' if rep.n == 1 else 'ies'} "
+        f"over the KV cache "
         f"(bounds from bytes and FLOPs, not measurements), heads {rep.heads}{kv}, head_dim {rep.head_dim}, "
         f"batch {rep.batch}, {rep.dtype}",
         "",

@@ -259,7 +259,7 @@ def test_sim_decode_prints_the_prefill_unchanged_then_the_decode_step(capsys):
     assert code == 0
     assert out.startswith(prefill)  # today's report first, as it was
     decode = out[len(prefill) :]
-    assert "sliding_window decode step: 1 query after a KV cache of 512 keys" in decode
+    assert "sliding_window decode step: the last 1 of 512 tokens as query over the KV cache" in decode
     assert "keys visited     64 of 512 per K/V head" in decode
     lines = [line.split() for line in decode.splitlines()]
     assert [line[0] for line in lines if line and line[0] in {"A100", "H100", "H200", "B200"}] == [
