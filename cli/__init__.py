@@ -552,6 +552,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The flags whose value may start with a minus (a query's coordinate counted from the end: ``--query -1,2``)
+NEGATIVE_VALUE_FLAGS = ("--query",)
+
+
+def _negative_values_joined(argv: list[str]) -> list[str]:
+    """``--query -1,2`` as ``--query=-1,2``: argparse takes a value starting with a minus for a flag of its own
+    (a lone negative number it would take; a list it refuses with "expected one argument")."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in NEGATIVE_VALUE_FLAGS and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import contextlib
     import io
@@ -559,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     args = None
     out = io.StringIO()
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(_negative_values_joined(sys.argv[1:] if argv is None else argv))
         if args.version:
             from ..core.version import __version__
 

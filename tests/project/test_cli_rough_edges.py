@@ -375,3 +375,11 @@ def test_headers_cite_the_code_they_follow():
     routing = _header("routing_transformer")
     assert "3f6c461" in routing and "compares the tokens' positions" in routing
     assert "float64 when q or k is float64" in _header("vmoba")
+
+
+def test_a_query_coordinate_with_a_minus_reaches_the_check(capsys):
+    """``--query -1,2``: argparse took the value for a flag ("expected one argument"); it is the coordinate's check
+    that answers, naming the axis."""
+    code, _, err = run(capsys, "show", "stdlib:neighborhood_2d", "--sizes", "height=8,width=8", "-p", "kernel_size=3",
+                       "--query", "-1,2")
+    assert code == 1 and "y=-1 is outside the grid" in err and "expected one argument" not in err
