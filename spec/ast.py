@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 from ..core.errors import Pos
 
+#: How a stdlib pattern is named as a source (``stdlib:NAME``) and its module's filename begins
+STDLIB_PREFIX = "stdlib:"
+
 # --------------------------------------------------------------------------- expressions
 
 
@@ -362,3 +365,8 @@ class Module:
 
     def __post_init__(self) -> None:
         self.by_name = {d.name: d for d in self.declarations}
+
+    @property
+    def is_stdlib(self) -> bool:
+        """Whether this is a stdlib pattern's file (one its caller did not write)."""
+        return self.filename.startswith(STDLIB_PREFIX)

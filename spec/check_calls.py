@@ -24,9 +24,6 @@ from .check_types import (
 )
 from .params import names_in
 
-#: How a stdlib pattern's file is named (``library.STDLIB_PREFIX``): a file its caller did not write
-STDLIB_FILES = "stdlib:"
-
 
 class CallChecks:
     """Checker methods for function calls in expressions."""
@@ -234,7 +231,7 @@ class CallChecks:
         # the caller's own arguments the window's sizes read (a called pattern's are its caller's expressions), and
         # in a stdlib pattern (a file the caller did not write) the parameters left at their defaults
         defaults = ({p.name: p.default for p in self.decl.params if p.default is not None and p.name not in self.params}
-                    if self.module.filename.startswith(STDLIB_FILES) else {})
+                    if self.module.is_stdlib else {})
         given = () if self.call_stack else tuple(
             (role, name, name, "" if name in self.params else f"its default, {defaults[name]}")
             for role, (vnode, _) in values.items() if vnode is not None and role != "causal"

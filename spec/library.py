@@ -11,14 +11,13 @@ from importlib import resources
 from ..core import ir
 from ..core.errors import SpecError, did_you_mean
 from . import ast
+from .ast import STDLIB_PREFIX
 from .check_branches import has_branches, lower_combined
 from .check_buckets import has_buckets, lower_bucketed
 from .check_names import all_unknown_names
 from .checker import Checker
 from .params import blame_argument, blame_parameter, expand_axis_params, name_window_arguments
 from .parser import parse, read_file
-
-STDLIB_PREFIX = "stdlib:"
 
 
 @lru_cache(maxsize=1)

@@ -44,17 +44,20 @@ class TileSummary(TileCounts):
     partial_count: torch.Tensor
     t_full_count: torch.Tensor
     t_partial_count: torch.Tensor
-    q_weight: float
     kv_weight: float
     allowed_total: float
-    #: how many Q tiles each sampled one stands for (``_sampled``); ``q_weight`` is their mean, for the cost model
-    q_row_weights: torch.Tensor | None = None
+    #: how many Q tiles each sampled one stands for (``_sampled``)
+    q_row_weights: torch.Tensor
     exact: bool = False
     density_exact: bool = False
 
+    @property
+    def q_weight(self) -> float:
+        """The Q tiles a sampled one stands for on average (the cost model repeats each sampled CTA by it)."""
+        return self.num_q_tiles / len(self.q_row_weights)
+
     def _over_heads(self, sampled: torch.Tensor) -> int:
-        weights = self.q_row_weights if self.q_row_weights is not None else self.q_weight
-        total = round(float((sampled.to(torch.float64) * weights).sum()))
+        total = round(float((sampled.to(torch.float64) * self.q_row_weights).sum()))
         return total * self.num_heads if self.heads_stored == 1 else total
 
     @property
@@ -176,8 +179,7 @@ def summarize_tiles(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: 
         allowed += float((q_weights * q_tokens * (full_tokens + fraction * partial * tk)).sum())
     factor = bound.heads if stored == 1 else 1
     return TileSummary(q_ext, kv_ext, q_tile, kv_tile, bound.heads, gq, gk, torch.stack(fwd_f), torch.stack(fwd_p),
-                       torch.stack(bwd_f), torch.stack(bwd_p), gq / len(q_rows), gk / len(k_cols), allowed * factor,
-                       q_weights)
+                       torch.stack(bwd_f), torch.stack(bwd_p), gk / len(k_cols), allowed * factor, q_weights)
 
 
 def tile_token_counts_at(extents: tuple[int, ...], tile: tuple[int, ...], tiles: torch.Tensor) -> torch.Tensor:

@@ -206,11 +206,14 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
     counted = best.schedule
     if not counted.density_exact and pat.route is None:
         exact = search.exactly_counted()
-        if exact is None:
+        samples = getattr(best.schedule, "q_row_weights", None)  # a TileSummary's: its tile counts are sampled too
+        if exact is None and samples is None:
+            assumptions.append("density estimated from sampled queries")
+        elif exact is None:
             assumptions.append(
-                f"density and tile counts estimated from {len(getattr(best.schedule, 'full_count', [[]])[0])} sampled "
-                "Q tiles (the first and last as themselves, each other one for its share of the tiles between): a "
-                "mask that repeats with the samples' stride can alias; the bounds are exact below 2^24 tile pairs")
+                f"density and tile counts estimated from {len(samples)} sampled Q tiles (the first and last as "
+                "themselves, each other one for its share of the tiles between): a mask that repeats with the "
+                "samples' stride can alias; the bounds are exact below 2^24 tile pairs")
         else:
             counted = exact
     allowed, total = counted.allowed_total, counted.total_pairs

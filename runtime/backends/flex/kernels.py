@@ -206,8 +206,10 @@ def nan_kept(score_mod):
     it finite and wrong, where the reference, eager Flex and the GPU kernels give NaN. A score of +inf reaches the
     row as NaN there (its max is inf, and exp(inf - inf) is NaN), as a NaN does everywhere else; a masked pair is
     still masked."""
+    inner = score_mod or _identity_score
+
     def score(s, b, h, q_idx, kv_idx):
-        s = s if score_mod is None else score_mod(s, b, h, q_idx, kv_idx)
+        s = inner(s, b, h, q_idx, kv_idx)
         return torch.where(s != s, float("inf"), s)
 
     return score
