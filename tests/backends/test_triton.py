@@ -1028,8 +1028,15 @@ def test_float_parameter_beyond_float32_is_refused_when_compiling():
     with pytest.raises(attnc.SpecError, match=r"parameter 'c' = 1e\+39 is beyond the float32 range") as err:
         attnc.compile_attention(attnc.load(spec, c=1e39), backend="triton")
     assert err.value.where == "parameter c"
-    with pytest.raises(attnc.SpecError, match=r"the constant 2e\+39 is beyond the float32 range"):
+    # a constant written in the file: its line and column, under a caret
+    with pytest.raises(attnc.SpecError, match=r"the constant 2e\+39 is beyond the float32 range") as err:
         attnc.compile_attention("pattern p\n mask causal and (q - k) * 2e39 >= 0.0", backend="triton")
+    assert (err.value.pos.line, err.value.pos.col) == (2, 28)
+    assert str(err.value).startswith("<spec>:2:28: error:")
+    # folded from constants within range: nothing in the file to point at, so the pattern and what happened
+    with pytest.raises(attnc.SpecError, match=r"beyond the float32 range") as err:
+        attnc.compile_attention("pattern p\n mask causal and (q - k) * 1e20 * 1e20 >= 0.0", backend="triton")
+    assert err.value.pos is None and err.value.where == "pattern 'p'" and "folded" in err.value.hint
     # within range: the kernel's float32 bias equals the reference's float64 one rounded to float32
     q, k, v = qkv(1, 1, 1, 20, 16)
     pat = attnc.load(spec, c=3e38)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -344,6 +345,40 @@ def fp32_error(pat: ir.PatternIR, value: float) -> SpecError:
     values = {name: number(v) for name, v in pat.params}
     params = [name for name, v in values.items() if v is not None and math.isfinite(v) and abs(v) > FP32_MAX]
     what = f"parameter '{params[0]}' = {values[params[0]]:g}" if params else f"the constant {value:g}"
-    return SpecError(f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})",
-                     where=f"parameter {params[0]}" if params else f"pattern '{pat.name}'",
-                     hint="use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)")
+    message = f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})"
+    hint = "use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)"
+    if params:
+        return SpecError(message, where=f"parameter {params[0]}", hint=hint)
+    literal = _literal_beyond_fp32(pat, value)
+    if literal is not None:  # written in the file: point at it
+        return SpecError(message, literal, filename=pat.filename, source=pat.source, hint=hint)
+    return SpecError(message, where=f"pattern '{pat.name}'", hint=hint + " (it is folded from the pattern's constants)")
+
+
+def _literal_beyond_fp32(pat: ir.PatternIR, value: float):
+    """The position of the number written in the pattern's file that is ``value`` (else the first beyond
+    float32's range), or None (no source, or the constant is folded from smaller ones: ``1e20 * 1e20``)."""
+    if pat.source is None:
+        return None
+    from ....spec import ast  # the spec's syntax tree: parsed again only on this error's path
+    from ....spec.parser import parse
+
+    def nodes(x):
+        if isinstance(x, ast.Num):
+            yield x
+        elif isinstance(x, tuple | list):
+            for y in x:
+                yield from nodes(y)
+        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+            for f in dataclasses.fields(x):
+                yield from nodes(getattr(x, f.name))
+
+    try:
+        module = parse(pat.source, pat.filename)
+    except SpecError:
+        return None
+    beyond = [num for num in nodes(module)
+              if isinstance(num.value, float) and math.isfinite(num.value) and abs(num.value) > FP32_MAX]
+    same = [num for num in beyond if abs(num.value) == abs(value)]
+    found = same or beyond
+    return found[0].pos if found else None
