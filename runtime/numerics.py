@@ -12,6 +12,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def accumulated(t: torch.Tensor) -> torch.Tensor:
+    """A call-time input as the score terms read it: a float16 or bfloat16 one that takes a gradient in float32, so that
+    the gradient's sum over the pairs that read an element rounds once, to the input's dtype at the end (summed
+    in bfloat16 it was 5-8 units in the last place off), as the tiled backends sum it."""
+    if isinstance(t, torch.Tensor) and t.requires_grad and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     """GQA: repeat key/value heads so that query head h reads kv head h // (Hq // Hkv)."""
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x

@@ -157,9 +157,11 @@ class Evaluator:
 
     def guarded(self, guard: torch.Tensor) -> Evaluator:
         """This evaluator with input indices checked only where ``guard`` holds (values
-        already computed stay valid: they were checked everywhere)."""
+        already computed stay valid, they were checked everywhere, except those that read inputs: read again
+        under the guard, see ``_input``)."""
         out = Evaluator(self.env, self.inputs, self.batched, self.batch, guard)
-        out.cache = dict(self.cache)
+        # not the input reads: a guarded read keeps the pairs not attended out of the gradients (``_input``)
+        out.cache = {e: v for e, v in self.cache.items() if not input_sites(e)}
         return out
 
     def __call__(self, expr: sympy.Basic):
@@ -315,8 +317,14 @@ class Evaluator:
             # scalar indices (``plen[0]``) take the positions' rank, so the batch lands in front
             ndim = max([ix.dim() for ix in idx] + [v.dim() for v in self.env.values() if isinstance(v, torch.Tensor)])
             b = torch.arange(t.shape[0]).view(-1, *([1] * (ndim - 1)))
-            return t[(b, *idx)]
-        return t[tuple(idx)]
+            value = t[(b, *idx)]
+        else:
+            value = t[tuple(idx)]
+        if self.guard is not None and value.dtype.is_floating_point and value.requires_grad:
+            # a score term: the pairs not attended read 0, so that nothing they read reaches a gradient (their
+            # dS is 0, but 0 times a partial of inf, as s * t[i] with t[i] = -inf there, would be NaN)
+            value = torch.where(self.guard, value, torch.zeros((), dtype=value.dtype))
+        return value
 
 
 def index_error(name: str, dim: int, value: int, size: int, *, guarded: bool) -> SpecError:

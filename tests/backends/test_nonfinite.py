@@ -62,3 +62,64 @@ def test_a_softcap_past_float32s_range_over_float32_inputs_is_applied_not_nan(ba
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------- score terms' inputs read by pairs not attended
+_TABLE_SPEC = """pattern p(rows = 31, w = 3)
+  tokens seq
+  input t: float[heads, rows]
+  input s: float[heads]
+  mask abs(q - k) <= w
+  bias s[h] * t[h, q - k + rows // 2]
+"""
+
+
+def _table_reference(q, k, v, t, s):
+    """float64 autograd over the literal rule, reading ``t`` on attended pairs only."""
+    n, d = q.shape[-2], q.shape[-1]
+    i, j = torch.arange(n).view(n, 1), torch.arange(n).view(1, n)
+    allowed = (i - j).abs() <= 3
+    read = torch.where(allowed, t[:, i - j + 15], torch.zeros((), dtype=t.dtype))
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(d) + s.view(-1, 1, 1) * read).masked_fill(~allowed, -math.inf)
+    return torch.softmax(scores, -1) @ v
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("outside", [-math.inf, math.nan])
+def test_a_table_value_read_only_by_pairs_not_attended_reaches_no_gradient(backend, outside):
+    # t is -inf (or NaN) at every distance beyond the window: the pairs that read it are masked, their dS is 0,
+    # and 0 * (d bias / d s = t) would make ds NaN where the gradient is finite
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 16, 8, generator=g) for _ in range(3))
+    t, s = torch.randn(2, 31, generator=g), torch.tensor([0.5, 2.0])
+    t[:, 19:], t[:, :12] = outside, outside
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v, t, s)]
+    _table_reference(*leaves64).sum().backward()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, t, s)]
+    attn = attnc.compile_attention(_TABLE_SPEC, backend=backend, q_tile=None if backend == "reference" else 16)
+    attn(*leaves[:3], t=leaves[3], s=leaves[4]).sum().backward()
+    for got, want in zip(leaves, leaves64, strict=True):
+        expect = want.grad.float()
+        if got is leaves[3]:  # entries beyond the window: no gradient at all
+            assert torch.equal(got.grad[:, 19:], torch.zeros_like(got.grad[:, 19:]))
+        torch.testing.assert_close(got.grad, expect, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "flex"])
+def test_a_bfloat16_tables_gradient_is_summed_in_float32_then_rounded_once(backend):
+    # q, k, v in float32, the table in bfloat16: its gradient, a sum over every pair that reads an element,
+    # must be the float64 one rounded to bfloat16 (summed in bfloat16, the reference's was 5 ulp off)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))
+    spec = "pattern p\n tokens seq\n input t: float[heads, 95]\n mask causal\n bias t[h, q - k + 47]"
+    t = (torch.randn(2, 95, generator=g) * 0.5).bfloat16()
+    dout = torch.randn(1, 2, 48, 16, generator=g)
+    t64 = t.double().requires_grad_()
+    i, j = torch.arange(48).view(48, 1), torch.arange(48).view(1, 48)
+    scores = (q.double() @ k.double().transpose(-1, -2) / 4 + t64[:, i - j + 47]).masked_fill(j > i, -math.inf)
+    (torch.softmax(scores, -1) @ v.double()).backward(dout.double())
+    tb = t.clone().requires_grad_()
+    attnc.compile_attention(spec, backend=backend)(q, k, v, t=tb).backward(dout)
+    assert tb.grad.dtype == torch.bfloat16
+    ulp = torch.finfo(torch.bfloat16).eps * t64.grad.abs().clamp(min=2.0 ** -10)
+    assert ((tb.grad.double() - t64.grad).abs() <= ulp).all()  # within one unit in the last place

@@ -70,7 +70,7 @@ from ....compiler.codegen.flex import DECAY_BUFFERS, TokenMap, check_lowerable, 
 from ....compiler.cost.search import classify_flat, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
-from ...numerics import empty_batch_outputs, needs_grad, tied_to, timing_inputs
+from ...numerics import accumulated, empty_batch_outputs, needs_grad, tied_to, timing_inputs
 from ...ops.common import Registered
 from ...plan.cache import mask_input_names, ranked_schedule
 from ...runner import Call, Support
@@ -356,7 +356,7 @@ class FlexRunner(Registered):
             self.last_routed = sched
         self.check_indices(plan, tensors, batched, routed)
         names = [n for n in plan.source.score_inputs if n not in DECAY_BUFFERS]
-        score_bufs = [tensors[n].to(dev) for n in names]
+        score_bufs = [accumulated(tensors[n].to(dev)) for n in names]  # gradients summed in float32
         if pat.decay is not None:
             hi, lo, reset = prefix_sums(tensors[pat.decay].to(dev), q.dtype)
             score_bufs += [hi, lo, reset, hi.clone(), lo.clone()]  # DECAY_BUFFERS: key-side reads apart

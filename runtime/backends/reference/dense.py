@@ -16,7 +16,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.weights import log_weights
 from ....core import ir
-from ...numerics import compute_dtype, expand_kv, fox_decay, row_weights, soft_capped
+from ...numerics import accumulated, compute_dtype, expand_kv, fox_decay, row_weights, soft_capped
 from ...plan import block_max, routing
 
 
@@ -40,7 +40,7 @@ def attention(
     Nk = k.shape[2]
     dt = compute_dtype(q.dtype)
     qc, kc, vc = q.to(dt), expand_kv(k.to(dt), Hq), expand_kv(v.to(dt), Hq)
-    ev = E.evaluator(pat, bound, inputs, batch=B)
+    ev = E.evaluator(pat, bound, {n: accumulated(t) for n, t in inputs.items()}, batch=B)
     mask = pair_mask(pat, bound, ev, Hq, Nq, Nk)
     if pat.route is not None:
         mask = routing.select_blocks(pat, bound, q, k, mask, inputs)
