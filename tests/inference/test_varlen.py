@@ -250,6 +250,17 @@ def test_packed_recurrence_fullgraph_compile_equals_each_sequence():
     for a, b in zip(_grads([out, final], (q, k, v, g, s0), seed=56),
                     _grads([want_out, want_final], (q, k, v, g, s0), seed=56), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # another packed total: dynamo retraces with a symbolic token count, which the input checks read (it failed
+    # on str() of it while writing an error message the call did not need)
+    lengths = (9, 14)
+    total = sum(lengths)
+    q, k, v = (_rand(1, H, total, D, seed=s) for s in (57, 58, 59))
+    g = torch.nn.functional.logsigmoid(_rand(1, H, total, D, seed=60, grad=False))
+    s0 = _rand(len(lengths), H, D, D, seed=61)
+    out, final = compiled(q, k, v, g, s0, _cu(lengths))
+    want_out, want_final = _recurrence_alone(attn, q, k, v, g, s0, lengths)
+    torch.testing.assert_close(out, want_out, rtol=1e-11, atol=1e-12)
+    torch.testing.assert_close(final, want_final, rtol=1e-11, atol=1e-12)
 
 
 def test_bad_cu_seqlens_refused_under_fullgraph_compile():
