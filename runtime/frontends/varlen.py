@@ -98,25 +98,26 @@ def check_packed_inputs(pat, inputs: dict, total: int) -> None:
         token_dims = decl.token_dims
         if not token_dims:
             continue
-        # the expected shape, written only on an error's path: under torch.compile ``total`` may be symbolic,
-        # and dynamo cannot trace str() of it
-        def shape() -> str:
-            return "[" + ", ".join(str(total) if i in token_dims else dim for i, dim in enumerate(decl.dim_names)) + "]"
-
         rank = len(decl.dims)
         if t.dim() not in (rank, rank + 1):
             raise SpecError(f"input '{name}' is declared [{', '.join(decl.dim_names)}]: with cu_seqlens that is "
-                            f"{shape()} over the {total} packed tokens (or a batch of 1 of it); got shape "
+                            f"{_packed_shape(decl, total)} over the {total} packed tokens (or a batch of 1 of it); got shape "
                             f"{list(t.shape)}", where=f"argument {name}")
         lead = t.dim() - rank
         if lead and t.shape[0] != 1:
             raise SpecError(f"input '{name}' of shape {list(t.shape)} has batch {t.shape[0]}; packed sequences come "
-                            f"as a batch of 1: {shape()} (or [1, ...] of it)", where=f"argument {name}")
+                            f"as a batch of 1: {_packed_shape(decl, total)} (or [1, ...] of it)", where=f"argument {name}")
         for d in token_dims:
             if t.shape[lead + d] != total:
                 raise SpecError(f"input '{name}' has {t.shape[lead + d]} entries along its token dimension "
                                 f"({decl.dim_names[d]}); with cu_seqlens it holds every packed token: expected "
-                                f"{shape()}, got {list(t.shape)}", where=f"argument {name}")
+                                f"{_packed_shape(decl, total)}, got {list(t.shape)}", where=f"argument {name}")
+
+
+def _packed_shape(decl, total) -> str:
+    """An input's expected shape in a packed call, as text: written only on an error's path (under torch.compile
+    ``total`` may be symbolic, and dynamo cannot trace str() of it)."""
+    return "[" + ", ".join(str(total) if i in decl.token_dims else d for i, d in enumerate(decl.dim_names)) + "]"
 
 
 def _gather_tokens(x: torch.Tensor, index: torch.Tensor, count: int, length: int) -> torch.Tensor:
