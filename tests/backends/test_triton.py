@@ -1078,6 +1078,37 @@ def test_bias_input_gradients_through_piecewise_functions(bias, backend):
         torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("bias", ["max(a[h, q], a[h, k], b[h])", "min(b[h], a[h, k], a[h, q])"])
+def test_a_three_way_tie_gives_the_whole_gradient_to_the_tied_arguments(bias):
+    # every value equal (constant-initialised parameters): raising a and b together by t raises every score by t,
+    # so the gradients of a and b sum to dS's sum, and each backend splits the tie as the reference does (Triton
+    # differentiated each read under another order of the arguments: its shares summed to 3/4)
+    # sigmoid weights: under softmax a row's dS sums to 0, and a query-only argument's share would not show
+    spec = (f"pattern p\n  tokens seq\n  input a: float[heads, n]\n  input b: float[heads]\n  mask causal\n  bias {bias}\n"
+            "  weights sigmoid(s)")
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 12, 8, generator=gen) for _ in range(3))
+    weight = torch.randn(1, 2, 12, 8, generator=gen)
+
+    def grads(backend, dtype):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, torch.full((2, 12), 0.5), torch.full((2,), 0.5))]
+        out = attnc.compile_attention(spec, backend=backend, q_tile=None if backend == "reference" else 8)(
+            *leaves[:3], a=leaves[3], b=leaves[4])
+        return torch.autograd.grad((out * weight.to(dtype)).sum(), leaves[3:])
+
+    da, db = grads("reference", torch.float64)
+    for backend in ("cpu", "triton"):
+        got_a, got_b = grads(backend, torch.float32)
+        torch.testing.assert_close(got_a.double(), da, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_b.double(), db, atol=1e-5, rtol=1e-5)
+    # the shift: a bias that is the same plain input on every pair takes dS's sum
+    plain = attnc.compile_attention("pattern c\n  tokens seq\n  input b: float[heads]\n  mask causal\n  bias b[h]\n"
+                                    "  weights sigmoid(s)", backend="reference")
+    b = torch.full((2,), 0.5, dtype=torch.float64, requires_grad=True)
+    (ds,) = torch.autograd.grad((plain(q.double(), k.double(), v.double(), b=b) * weight.double()).sum(), [b])
+    torch.testing.assert_close(da.sum(-1) + db, ds, atol=1e-10, rtol=1e-10)
+
+
 def test_only_unproven_bias_indices_are_checked_in_the_kernel():
     def checks(spec, n=32):
         pat = attnc.load(spec)

@@ -109,11 +109,13 @@ def _proven_in_range(pat: ir.PatternIR, bound: E.Bound, index: sympy.Basic, size
 
 
 # ----------------------------------------------------------------- derivatives
-def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
+def derivative(expr: sympy.Basic, u: sympy.Basic) -> sympy.Basic:
     """d expr / d u with the evaluator's (torch autograd's) rules at the kinks, in terms
     the evaluator computes: abs' = sign (0 at 0); min/max follow the active argument and
-    split evenly on a tie; floor, ceiling and ``//`` have derivative 0; ``a % b`` is
-    ``a - b * (a // b)``. ``u`` must be a real symbol."""
+    split a tie evenly between the two sides of each pairwise step, in ``expr``'s order of the
+    arguments (``max(a, b, c)`` is ``max(max(a, b), c)``: a three-way tie gives 1/4, 1/4 and 1/2);
+    floor, ceiling and ``//`` have derivative 0; ``a % b`` is ``a - b * (a // b)``. ``u``: a real
+    symbol, or an input read of ``expr`` (``w[k]``), differentiated as a real variable in its place."""
     frozen: dict = {}
 
     def freeze(node):
@@ -154,7 +156,15 @@ def derivative(expr: sympy.Basic, u: sympy.Symbol) -> sympy.Basic:
             return e
         return e.func(*args)
 
-    d = sympy.diff(rewrite(expr), u)
+    # the kinks are rewritten before a read is made a variable: replaced first, sympy would sort a min's
+    # arguments anew around it, and each read would be differentiated under another pairwise order (the
+    # shares of a three-way tie then summed to 3/4)
+    body = rewrite(expr)
+    if isinstance(u, sympy.Symbol):
+        d = sympy.diff(body, u)
+    else:
+        x = sympy.Dummy("u", real=True)
+        d = sympy.diff(body.xreplace({u: x}), x).xreplace({x: u})
     return d.xreplace(frozen) if frozen else d
 
 
@@ -163,11 +173,7 @@ def bias_input_sites(bias: sympy.Basic, names) -> list[tuple[sympy.Basic, sympy.
     value read there) (``derivative``'s rules), in a deterministic order: a bias input's gradient is dS times that
     derivative, added at the place's index."""
     sites = sorted((f for f in bias.atoms(sympy.Function) if S.input_name(f.func) in names), key=sympy.default_sort_key)
-    out = []
-    for site in sites:
-        u = sympy.Dummy("u", real=True)
-        out.append((site, derivative(bias.xreplace({site: u}), u).xreplace({u: site})))
-    return out
+    return [(site, derivative(bias, site)) for site in sites]
 
 
 def bias_input_names(pat: ir.PatternIR) -> set[str]:
