@@ -714,3 +714,33 @@ def test_lse_gradient_through_the_fused_backward_of_a_tiled_plan(monkeypatch):
     for what, a, r in zip("qkv", grads(out, lse, (q, k, v)), grads(r_out, r_lse, (q, k, v)), strict=True):
         close(a, r, F64["grad"], f"d{what}")
     assert calls, "the lse gradient did not go through the fused backward"
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto"])
+@pytest.mark.parametrize("strided", ["q", "k", "v"])
+@pytest.mark.parametrize("pattern,params,rule", [
+    ("sliding_window", {"window": 4}, lambda qp, kp: (kp <= qp) & (qp - kp < 4)),
+    ("prefix_lm", {"prefix": 3}, lambda qp, kp: (kp <= qp) | (kp < 3)),
+])
+def test_queries_after_a_cache_with_a_last_dimension_stride_equal_a_dense_softmax(backend, strided, pattern, params,
+                                                                                  rule):
+    # torch's fused CPU kernel reads rows as contiguous whatever their stride: a K^T cache's k (stride nk) or a
+    # [..., ::2] view came out 0.4-1.9 off without an error (queries after a cache take the row path, which
+    # called the kernel on the caller's tensors)
+    g = torch.Generator().manual_seed(8)
+    n, nk, D = 4, 16, 8
+    q, k, v = torch.randn(1, 2, n, D, generator=g), torch.randn(1, 2, nk, D, generator=g), torch.randn(1, 2, nk, D, generator=g)
+    given = {"q": q, "k": k, "v": v}
+    if strided == "k":  # as a cache kept transposed, [B, H, D, nk]
+        given["k"] = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:
+        wide = torch.full((*given[strided].shape[:-1], 2 * D), 100.0)  # the skipped slots hold other values
+        wide[..., ::2] = given[strided]
+        given[strided] = wide[..., ::2]
+    assert given[strided].stride(-1) != 1
+    qp, kp = torch.arange(nk - n, nk)[:, None], torch.arange(nk)[None]
+    scores = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)).masked_fill(~rule(qp, kp), -math.inf)
+    want = torch.softmax(scores, -1) @ v.double()
+    with torch.no_grad():
+        out = attnc.compile_attention(f"stdlib:{pattern}", backend=backend, **params)(given["q"], given["k"], given["v"])
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)

@@ -133,7 +133,7 @@ def _fused_block(plan: Plan, blk: TileBlock, own: torch.Tensor, qh, kh, vh, allo
     C, R = blk.row_index.shape
     qc = _tile_major(qh, blk.row_index, plan.q_tokens, own)
     kc, vc = _tile_major(kh, blk.col_index), _tile_major(vh, blk.col_index)
-    out, lse = fused.flash_op()(qc, kc, vc, 0.0, False, attn_mask=_batch_mask(mask, B, C), scale=scale)
+    out, lse = fused.flash_attention(qc, kc, vc, _batch_mask(mask, B, C), scale)
     out, lse = out.unflatten(0, (B, C)), lse.to(qh.dtype).unflatten(0, (B, C))  # [B, C, Hs, R, (Dv)]
     if rows_ok is not None:  # a row with no allowed key: output 0, lse -inf
         out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))

@@ -15,6 +15,16 @@ def flash_op():
     return op if {"attn_mask", "scale"} <= names else None
 
 
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of ``flash_op``'s kernel. q, k and v go to it with a unit stride on their last dimension:
+    it reads each row as contiguous whatever that stride is (torch 2.13; SDPA copies such inputs before it
+    calls the kernel), so a K^T cache's ``k`` or a ``[..., ::2]`` view gave wrong outputs. The mask may have any
+    strides."""
+    q, k, v = (x.contiguous() if x.shape[-1] > 1 and x.stride(-1) != 1 else x for x in (q, k, v))
+    return flash_op()(q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale)
+
+
 def fused_shapes(q: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether torch's fused CPU attention kernel takes these tensors: on CPU, Dv == D."""
     return flash_op() is not None and not q.is_cuda and q.shape[-1] == v.shape[-1]

@@ -223,10 +223,9 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
     the additive terms as a float mask, run by run of visited keys and merged by lse; None where it
     does not apply (softcap, Dv != D, CUDA, no visited key)."""
 
-    op = fused.flash_op()
     B, Hq, n, D = q.shape
     Hkv = k.shape[1]
-    if op is None or q.is_cuda or plan.softcap is not None or plan.pattern.weights is not None or v.shape[-1] != D or \
+    if fused.flash_op() is None or q.is_cuda or plan.softcap is not None or plan.pattern.weights is not None or v.shape[-1] != D or \
             block_max.requested() is not None:  # return_block_max: the plain path's probabilities are pooled
         return None
     runs = cols if isinstance(cols, tuple) else (cols,)
@@ -251,8 +250,7 @@ def _fused(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: floa
         a = None if add is None else add[..., start:start + width].expand(B, Hq, n, width)
         start += width
         rows_ok = None if a is None else (a != -math.inf).any(-1)  # a row with no key here: 0, lse -inf
-        out, lse = op(qg, kc, vc, 0.0, False, attn_mask=None if a is None else a.reshape(B, Hkv, g * n, width),
-                      scale=scale)
+        out, lse = fused.flash_attention(qg, kc, vc, None if a is None else a.reshape(B, Hkv, g * n, width), scale)
         out, lse = out.reshape(B, Hq, n, D), lse.to(dt).reshape(B, Hq, n)
         if rows_ok is not None and not bool(rows_ok.all()):
             out = torch.where(rows_ok[..., None], out, torch.zeros((), dtype=out.dtype))
