@@ -411,9 +411,11 @@ class TritonRunner(Registered):
 
     def pages_in_one_launch(self, q, k_cache, v_cache) -> bool:
         """Whether a paged call of these tensors runs in one launch of ``attnc_fwd_paged`` (``triton.paged``):
-        a pattern it serves, Triton's dtypes, pools with a contiguous head dim, query
-        heads a multiple of the K/V heads."""
-        return (self._pages_served and q.dtype in DTYPES and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+        a pattern it serves, Triton's dtypes, queries and pools with a contiguous head dim (the kernel reads a row's
+        head dim as contiguous: a [..., ::2] or transposed q was read wrong), query heads a multiple of the K/V
+        heads."""
+        return (self._pages_served and q.dtype in DTYPES and all(t.stride(-1) == 1 or t.shape[-1] == 1
+                                                                for t in (q, k_cache, v_cache))
                 and q.shape[1] % k_cache.shape[2] == 0)
 
     def paged_forward(self, q, k_cache, v_cache, block_table, seqlens, q_start, q_count, max_q: int,
