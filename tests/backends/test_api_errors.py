@@ -104,6 +104,17 @@ def test_empty_batch_on_cpu_returns_empty_outputs_and_gradients(backend):
     assert w.grad.shape == (0, 8)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "flex", "triton", "reference"])
+def test_an_empty_batch_without_gradients_returns_empty_outputs(backend):
+    # forward only, Triton chose a split of the KV tiles over batch x heads programs: at 0 of them it divided by 0
+    attn = attnc.compile_attention(WINDOW, backend=backend)
+    with torch.no_grad():
+        out, lse = attn(*_qkv(B=0, Dv=6), return_lse=True)
+        assert out.shape == (0, 2, 8, 6) and lse.shape == (0, 2, 8)
+        q, k, v = _qkv(B=0, Dv=6)
+        assert attn(q[:, :, -1:], k, v).shape == (0, 2, 1, 6)  # a decoding step's shape
+
+
 def test_bad_sizes_inputs_and_tiles_are_spec_errors():
     _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8, sizes=[1]), "argument sizes", "dict")
     _spec_error(lambda: attnc.materialize_mask(WINDOW, n=8, inputs=[1]), "argument inputs", "dict")

@@ -48,7 +48,7 @@ def choose_splits(plan, batch: int, heads: int, sms: int) -> int:
     if forced is not None:
         return forced
     sched = plan.schedule
-    if sched.num_q_tiles * batch * heads >= sms:
+    if sched.num_q_tiles * batch * heads >= sms or batch * heads == 0:  # (an empty batch: no program to split)
         return 1
 
     def make() -> int:
