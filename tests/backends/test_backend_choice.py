@@ -306,6 +306,27 @@ def test_modules_that_ran_flex_copy_and_save(backend):
             assert twin.chosen_backend == "flex"
 
 
+def test_a_module_that_ran_triton_kernels_copies_pickles_and_saves():
+    """After a training call and decoding steps its plans hold loaded kernel modules: deepcopy, pickle and torch.save
+    raised 'cannot pickle module'; a copy plans again and computes the same."""
+    import copy
+    import io
+    import pickle
+
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=8)
+    q, k, v = (torch.randn(1, 2, 32, 16, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v)
+    out.sum().backward()
+    with torch.no_grad():
+        for n in (40, 48):  # a growing cache's steps (served as pages, bound for replay)
+            attn(torch.randn(1, 2, 1, 16), torch.randn(1, 2, n, 16), torch.randn(1, 2, n, 16))
+    buf = io.BytesIO()
+    torch.save(attn, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(attn), pickle.loads(pickle.dumps(attn)), torch.load(buf, weights_only=False)):
+        torch.testing.assert_close(twin(q, k, v), out, rtol=0, atol=0)
+
+
 # ================================================================ the first calls (break-even rule)
 def test_first_calls_take_the_executor_until_their_loss_pays_for_the_compile(monkeypatch):
     """Flex modelled faster but not compiled: the executor serves calls until their summed modelled

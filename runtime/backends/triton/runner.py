@@ -269,6 +269,13 @@ class TritonRunner(Registered):
         #: whether paged calls run in one launch (``triton.paged``), decided once: a traced call reads a flag
         self._pages_served = paged.applies(pat)
 
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle, torch.save of a model) keep the configuration and the fallbacks learnt, not the
+        plans: they hold loaded kernel modules and device tensors, which do not pickle; a copy plans again at its
+        first call (the kernels come from the disk cache)."""
+        return {**self.__dict__, "_static": PlanCache(), "_dynamic_last": None, "_checks": {}, "last_source": None,
+                "last_plan": None, "last_config": None, "block_plans": PlanCache(), "_offset_bounds": PlanCache()}
+
     # ------------------------------------------------------------ planning
     @staticmethod
     def _key(bound: E.Bound, q: torch.Tensor, kv_heads: int | None = None) -> tuple:
