@@ -343,7 +343,7 @@ def autotune(
     if not retune:
         entry = cache.get(key)
         if entry is not None:
-            return _reuse_cached(entry, pattern, bound, key, shape, search, builder, cache)
+            return _reuse_cached(entry, pattern, bound, key, shape, search, builder)
 
     builder = builder if builder is not None else TritonBuilder()
     timer = timer if timer is not None else do_bench_timer
@@ -383,7 +383,7 @@ def _check_tuning_device(dev, timer: Timer | None) -> bool:
 
 
 def _reuse_cached(entry, pattern, bound: E.Bound, key, shape, search: ScheduleSearch,
-                  builder: KernelBuilder | None, cache: KC.KernelCache) -> TuneResult:
+                  builder: KernelBuilder | None) -> TuneResult:
     """The cached winner, its source regenerated when the entry was stored for another
     exact shape of the same bucket."""
     config = _fit(search, config_from_dict(entry.config))
@@ -393,7 +393,7 @@ def _reuse_cached(entry, pattern, bound: E.Bound, key, shape, search: ScheduleSe
         builder = builder if builder is not None else TritonBuilder()
         sched = _schedule_of(search, config)
         source = builder.source(pattern, bound, sched, config)
-        path = scratch_source(cache, source)
+        path = scratch_source(source)  # this process's: the cache directory may be read-only, and holds entries only
     return TuneResult(key, config, source, path, True, [], list(entry.meta.get("trials", [])),
                       entry.meta.get("winner", "triton"))
 
@@ -526,7 +526,7 @@ def _store_winner(cache: KC.KernelCache, key, shape, trials: list[Trial], best: 
         path = entry.source_path
     except OSError as err:  # a read-only or full cache: still return the winner
         print(f"attnc: warning: could not write the kernel cache ({err})", file=sys.stderr)
-        path = scratch_source(None, sources[best.rank])
+        path = scratch_source(sources[best.rank])
     return TuneResult(key, best.config, sources[best.rank], path, False, trials, winner=winner, best_rank=best.rank)
 
 
@@ -596,15 +596,16 @@ def _schedule_of(search: ScheduleSearch, config: KernelConfig) -> TileSchedule:
     return search.schedule(config.q_tile, config.kv_tile, flat)
 
 
-def scratch_source(cache: KC.KernelCache | None, source: str) -> Path:
-    """A file holding ``source`` (content-addressed, atomic) for ``load_kernels``: in
-    the cache directory, or without a cache in this process's private source folder
-    (never a shared, predictable temp path another user could plant files in)."""
+def scratch_source(source: str) -> Path:
+    """A file holding ``source`` (content-addressed, atomic) for ``load_kernels``, in this process's private source
+    folder (never a shared, predictable temp path another user could plant files in, nor the cache directory: a
+    cached winner's source regenerated for another exact shape of its bucket is this process's, and there it was
+    an OSError under a read-only cache and a file left per length in a writable one)."""
     from ..backends.triton.runner import source_dir
 
     raw = source.encode("utf-8")
     sha = hashlib.sha256(raw).hexdigest()
-    base = cache.dir if cache is not None else Path(source_dir())
+    base = Path(source_dir())
     base.mkdir(parents=True, exist_ok=True)
     path = base / f"src-{sha[:16]}.py"
     if not (path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == sha):

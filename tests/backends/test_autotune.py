@@ -312,6 +312,12 @@ def test_same_bucket_other_shape_reuses_config_and_regenerates_source(local, cac
     assert builder.sources == 1 and "N = 200" in res.source and "N = 256" in first.source
     assert res.source_path.read_text() == res.source
     assert cache.get(res.key).source == first.source  # the stored entry is left as it was
+    # the regenerated source is this process's: nothing is written into the cache directory, which may be read-only
+    # (that write was an OSError there) and kept a file per length where it was not
+    before = sorted(p.name for p in cache.dir.iterdir())
+    again = tune(pat, E.bind_sizes(pat, n=150, heads=2), cache, FakeBuilder(), timer)
+    assert again.from_cache and again.config == first.config and "N = 150" in again.source
+    assert again.source_path.parent != cache.dir and sorted(p.name for p in cache.dir.iterdir()) == before
     # another bucket: tuned anew
     big = E.bind_sizes(pat, n=300, heads=2)
     res = tune(pat, big, cache, FakeBuilder(), timer)
@@ -957,7 +963,7 @@ def test_builder_times_forward_and_backward(local, monkeypatch):
     search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
     sched = search.schedule(cfg.q_tile, cfg.kv_tile)
     builder = A.TritonBuilder(interpret=True)
-    path = A.scratch_source(None, builder.source(pat, bound, sched, cfg))
+    path = A.scratch_source(builder.source(pat, bound, sched, cfg))
     fn = builder.runner(builder.load(path), pat, bound, sched, cfg, head_dim=16, dtype="fp16", batch=1,
                         device="cpu", inputs=None)
     fn()
@@ -983,7 +989,7 @@ def test_builder_times_the_backwards_own_tiles(local, monkeypatch):
                        dq_kv_tile=(16,))
     search = ScheduleSearch(pat, bound, get_hardware("h100"), head_dim=16)
     builder = A.TritonBuilder(interpret=True)
-    path = A.scratch_source(None, builder.source(pat, bound, search.schedule(cfg.q_tile, cfg.kv_tile), cfg))
+    path = A.scratch_source(builder.source(pat, bound, search.schedule(cfg.q_tile, cfg.kv_tile), cfg))
     builder.runner(builder.load(path), pat, bound, search.schedule(cfg.q_tile, cfg.kv_tile), cfg, head_dim=16,
                    dtype="fp16", batch=1, device="cpu", inputs=None)()
     n = bound.n

@@ -354,7 +354,7 @@ def test_generated_sources_go_to_a_private_folder_removed_at_exit(tmp_path):
         from attnc.runtime.backends.triton import runner as triton_backend
         folder = triton_backend.source_dir()
         path = triton_backend.write_source("x = 1\\n")
-        scratch = autotune.scratch_source(None, "y = 2\\n")
+        scratch = autotune.scratch_source("y = 2\\n")
         print(folder, path, scratch, oct(os.stat(folder).st_mode & 0o777))
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
