@@ -27,6 +27,7 @@ import torch
 
 from ..core.errors import SpecError
 from ..runtime.api import BACKENDS, compile_attention
+from ..runtime.compiling import compiling
 from ..runtime.ops import common as C
 
 #: The most compiled modules kept (least recently used dropped first).
@@ -305,7 +306,7 @@ def _na(rank, query, key, value, kernel_size, stride, dilation, is_causal, scale
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise SpecError(f"unknown or unavailable backend {backend!r}", where="argument backend",
                         hint="available in this version: " + ", ".join(BACKENDS))
-    if torch.compiler.is_compiling():  # the module is built and called inside an op (sympy is not traceable)
+    if compiling():  # the module is built and called inside an op (sympy is not traceable)
         config = repr((rank, kernel, stride, dilation, causal, spatial, backend))
         out, lse = natten_attention(query, key, value, config, _default_scale(query) if scale is None else scale)
         result = (out, lse) if return_lse or add_k is not None else out

@@ -34,6 +34,7 @@ from .registry import BACKENDS, check_backend, check_recurrence_backend, make_ru
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate",
            "simulate_decode"]
+from .compiling import compiling
 from .pattern_arg import Pattern, as_pattern
 from .runner import Call
 from .simulation import simulate, simulate_decode
@@ -365,11 +366,11 @@ class Attention(torch.nn.Module):
             from .frontends import paged
 
             one_launch = getattr(self.runner, "paged_forward", None)  # a runner that reads pages in its kernels
-            if one_launch is not None and torch.compiler.is_compiling():  # the op around it: nothing traced inside
+            if one_launch is not None and compiling():  # the op around it: nothing traced inside
                 from .ops.paged import launcher
 
                 one_launch = launcher(self.runner)
-            kept = (not torch.compiler.is_compiling() and isinstance(self.pattern, ir.PatternIR)  # (refused there)
+            kept = (not compiling() and isinstance(self.pattern, ir.PatternIR)  # (refused there)
                     and kept_summary.open_for(self.pattern) is not None)
             only = (kept_summary.WHERE, "a paged call keeps its route's block summaries only where it runs in one "
                     "launch (the Triton backend, MoBA's and Quest's routes, q of the kernels' dtypes)") if kept else None
@@ -399,7 +400,7 @@ class Attention(torch.nn.Module):
         return_lse, return_state = check_flag("return_lse", return_lse), check_flag("return_state", return_state)
         q, k, v, inputs = first_order(self.runner, q, k, v, inputs)  # double backward: one refusal everywhere
         run = self._forward
-        if cu_seqlens is not None and torch.compiler.is_compiling():  # the offsets are data: the op reads them
+        if cu_seqlens is not None and compiling():  # the offsets are data: the op reads them
             from .ops import varlen as varlen_op
 
             scale = resolve_scale(scale, q.shape[-1])
@@ -442,7 +443,7 @@ class Attention(torch.nn.Module):
                             hint="return_lse=True returns (out, lse)" if initial_state is None else None)
         weights = getattr(self.pattern, "weights", None)
         unnormalized = weights is not None and not weights.normalized  # its output needs the row sums (lse)
-        if torch.compiler.is_compiling():
+        if compiling():
             # Sizes and inputs are bound inside the runner's custom op (sympy is not traceable);
             # eager calls check them here, with clear errors.
             need_lse = return_lse or unnormalized
@@ -462,7 +463,7 @@ class Attention(torch.nn.Module):
         dtype), it scales each query's dot products, on every backend and path, differentiably."""
         _, Hq, Nq, D = q.shape
         dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        if torch.compiler.is_compiling():  # sympy binds the sizes: inside a custom op (fullgraph traces)
+        if compiling():  # sympy binds the sizes: inside a custom op (fullgraph traces)
             from .ops.score_scale import score_scale
 
             return score_scale(self._varlen_key, Nq, Nk, Hq, D, ops.encode_sizes(all_sizes), q.device, dtype)
@@ -525,7 +526,7 @@ class Attention(torch.nn.Module):
         if initial_state is not None:
             rows = RULES[self.pattern.rule].state_rows * D  # Titans: the memory, then its momentum
             check_state(initial_state, q, "initial_state", (B, Hq, rows, v.shape[-1]))
-        if torch.compiler.is_compiling():
+        if compiling():
             # sympy and the cost model are not traceable: sizes, inputs and the chunk are bound
             # inside the custom op; eager calls check them here, with clear errors
             from .ops.recurrence import recurrence_op

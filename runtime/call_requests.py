@@ -9,6 +9,7 @@ import torch
 
 from ..core import ir
 from ..core.errors import SpecError
+from .compiling import compiling
 from .plan import kept_summary
 
 
@@ -26,7 +27,7 @@ def check_block_max(pattern, backend: str, size, cu_seqlens, block_table, cache_
     if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
         raise SpecError("return_block_max is not served with packed sequences or paged caches in this version",
                         where=where)
-    if torch.compiler.is_compiling():
+    if compiling():
         raise SpecError("return_block_max is not served under torch.compile", where=where)
     return size
 
@@ -47,7 +48,7 @@ def check_key_summary(pat, summary, selection, cu_seqlens, block_table, cache_se
     if cu_seqlens is not None or (block_table is None) != (cache_seqlens is None):
         raise SpecError("a key summary is kept for a KV cache ([B, H, N, D], or a paged pool with block_table= "
                         "and cache_seqlens=): not with packed sequences in this version", where=where)
-    if torch.compiler.is_compiling():
+    if compiling():
         raise SpecError("key_summary= is not served under torch.compile (it is updated in place)", where=where)
 
 
@@ -60,7 +61,7 @@ def check_selection(pat, selection, return_selection: bool, cu_seqlens, block_ta
     if cu_seqlens is not None or block_table is not None or cache_seqlens is not None:
         raise SpecError("a route's selection is not given or returned with packed sequences or paged caches in "
                         "this version", where=what, hint="call each sequence as a batch row")
-    if torch.compiler.is_compiling() and return_selection:
+    if compiling() and return_selection:
         raise SpecError("return_selection=True is not served under torch.compile", where=what,
                         hint="return the selection from an eager call; selection= works under compile")
     if selection is not None and (not isinstance(selection, torch.Tensor) or selection.dtype != torch.bool):

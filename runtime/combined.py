@@ -31,6 +31,7 @@ from ..core.errors import SpecError
 from .checks import check_qkv, resolve_scale
 from .combined_paged import PagedCombined, check_gates
 from .combined_paged import applies as paged_applies
+from .compiling import compiling
 from .frontends import paged
 from .frontends.layouts import check_layout, sequence_qkv
 from .frontends.paged import bind_qkv
@@ -206,7 +207,7 @@ class CombinedAttention(torch.nn.Module):
         server = self._paged_server
         one_launch = take = None
         if server is not None:
-            one_launch = launcher(server) if torch.compiler.is_compiling() else server.paged_forward
+            one_launch = launcher(server) if compiling() else server.paged_forward
 
             def take(given, q, block_table, k_cache, layout, faults):
                 return check_gates(self.pattern, given, q, layout, faults)

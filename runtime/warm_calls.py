@@ -22,6 +22,7 @@ import torch
 
 from ..core import ir
 from .checks import PAGED_VALUES_FAILED, resolve_scale
+from .compiling import compiling
 from .frontends import varlen_rows
 from .frontends.layouts import Restore
 from .numerics import unnormalized_output
@@ -45,7 +46,7 @@ def replayable(pattern, runner) -> bool:
 def _replayable_call(q, k, v, scale, return_lse) -> bool:
     """What every replayed call is: plain tensors, no gradient to record, no trace (it runs the ordinary path's ops),
     no autocast, no block max asked for, a scale and flag of the plain types."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return False
     if type(q) is not torch.Tensor or type(k) is not torch.Tensor or type(v) is not torch.Tensor:
         return False

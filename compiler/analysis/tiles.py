@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import threading
 
 import sympy
 import torch
@@ -262,9 +263,11 @@ def one_thread():
     tensor operations, and each parallel one waits at a barrier for every thread of the pool; on a
     shared machine a waiting thread may not get a core for milliseconds. Measured (2 cores, load 9):
     classifying a sliding window of 512 at 8K in 64-token tiles took 0.8-1.0 s on 2 threads, 0.08-0.12 s
-    on one. (Process-wide: torch ops of other Python threads run on one thread meanwhile.)"""
+    on one. The setting is the process's: only where no other thread that runs torch ops may be alive (no other
+    non-daemon thread): a compiled kernel running in another thread sizes its per-thread buffers by it, and
+    a change under it corrupted the heap (two threads' first FlexAttention calls)."""
     before = torch.get_num_threads()
-    if before == 1:
+    if before == 1 or _other_threads():
         yield
         return
     torch.set_num_threads(1)
@@ -272,6 +275,12 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _other_threads() -> bool:
+    """Whether a thread other than this one, not a daemon (tqdm's monitor is one), is alive."""
+    me = threading.current_thread()
+    return any(t is not me and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
 def _classify(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: dict | None,

@@ -83,6 +83,7 @@ from ..checks import (
     check_flag,
     resolve_scale,
 )
+from ..compiling import compiling
 from ..numerics import unnormalized_output
 from . import varlen_rows
 from .layouts import Restore
@@ -203,7 +204,7 @@ def _launch_checked(one_launch: Callable, launched: tuple, extra: dict, pat, cac
                     refuse_cached_rows: Callable[[], None] | None):
     """``one_launch(*launched, **extra)``, whose device asserts become the caller's errors: on the CPU, at once, the
     host rules name the argument and the row; under ``torch.compile`` the op asserts in the graph."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return one_launch(*launched, **extra)
     try:  # the runner checks the values on the device (its kernel's row check, then one assert)
         return one_launch(*launched, **extra)

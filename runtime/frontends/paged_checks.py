@@ -13,6 +13,7 @@ import torch
 from ...core import ir
 from ...core.errors import SpecError
 from ..checks import PAGED_VALUES_FAILED
+from ..compiling import compiling
 from ..numerics import needs_grad
 
 HINT_INT32 = "FlashAttention's and vLLM's convention: torch.int32 on the caches' device"
@@ -416,7 +417,7 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     good = ok.all()
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
-    if torch.compiler.is_compiling():  # traced: the assert goes into the graph
+    if compiling():  # traced: the assert goes into the graph
         torch._assert_async(good, PAGED_VALUES_FAILED)
         return
     try:

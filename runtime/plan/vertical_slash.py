@@ -23,6 +23,7 @@ import torch
 from ...compiler.analysis.evaluate import Evaluator, as_tensor
 from ...core import ir
 from ...core import symbols as S
+from ..compiling import compiling
 from .cache import PlanCache
 
 
@@ -48,7 +49,7 @@ _KEPT_ON = PlanCache()
 
 def kept_on(rule, count: int, heads: int, dk: int, device: torch.device) -> torch.Tensor:
     """``_kept`` on ``device``, kept there for later calls (traced by dynamo, the constant is moved as before)."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return _kept(rule, count, heads, dk).to(device)
     key = (rule, count, heads, dk, device)
     if key not in _KEPT_ON:

@@ -18,6 +18,7 @@ from ....compiler.analysis.tiles import (
 from ....compiler.cost.search import classify_flat, flat_box, flat_view, tile_shapes
 from ....core import ir
 from ....core.errors import SpecError
+from ...compiling import compiling
 from ...ops import common as ops
 from ...ops.common import Registered
 from ...plan import routing, tile_plan
@@ -316,7 +317,7 @@ class CpuRunner(Registered):
         torch._dynamo at its first call: seconds of a first call, for no autograd to record)."""
         args = (q, k, v, list(call.inputs.values()), self.op_key, ",".join(call.inputs),
                 ops.encode_sizes(call.sizes), float(call.scale))
-        if not call.grad and not torch.compiler.is_compiling():
+        if not call.grad and not compiling():
             return ops._forward_impl(*args)
         return ops.tiled_attention(*args)
 

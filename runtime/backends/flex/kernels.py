@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+import threading
 import types
 
 import torch
@@ -130,6 +131,12 @@ def _module_globals(body: str) -> dict:
                             **{fn.__name__: fn for fn in LOG_WEIGHTS.values()}})  # weights F(s) ** P
     sys.modules[name] = module
     return module.__dict__
+
+
+#: Held while a thread compiles Flex's kernel or runs its dense implementation (which traces the mods with fx):
+#: dynamo's compile and fx's patching are the process's, and two threads' calls at once failed in fx
+#: ("CURRENT_PATCHER is None"). A compiled kernel's calls take no lock.
+TRACE_LOCK = threading.RLock()
 
 
 def compiled_call(ns: dict):

@@ -51,6 +51,7 @@ recurrences (no softmax to lower).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 import warnings
@@ -385,7 +386,8 @@ class FlexRunner(Registered):
         gqa = Hq != k.shape[1]
         if dense_cpu:
             self.last_path = "dense"
-            out, lse = dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
+            with kernels.TRACE_LOCK:
+                out, lse = dense_call(qp, kp, vp, ns, bm, scale, mask_bufs, score_bufs)
         else:
             self.last_path = "fused" if self.compiled else "eager"
             from torch.nn.attention.flex_attention import flex_attention
@@ -397,8 +399,10 @@ class FlexRunner(Registered):
                 if dev.type == "cpu":  # its compiled kernel drops a NaN score from the row: made +inf
                     score_mod = nan_kept(score_mod)
                 try:
-                    res = compiled_call(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
-                                        kernel_options(dev, q.shape[-1], score_bufs if grad else ()))
+                    # its compile: one thread at a time (dynamo's compile is the process's)
+                    with kernels.TRACE_LOCK if not ready else contextlib.nullcontext():
+                        res = compiled_call(ns)(qp, kp, vp, score_mod, bm, scale, gqa, need_lse,
+                                            kernel_options(dev, q.shape[-1], score_bufs if grad else ()))
                 except compile_errors() as err:
                     if dev.type != "cpu":
                         raise
