@@ -248,6 +248,12 @@ def check_orientation(pat, layout: str, q, k, inputs: dict, sizes: dict) -> None
     shapes = [list(t.shape if layout == "bhnd" else t.transpose(1, 2).shape) for t in (q, k)]
     shown = "[B, H, N, D]" if layout == "bhnd" else "[B, N, H, D]"
     flip = "bnhd" if layout == "bhnd" else "bhnd"
+    swap = f"pass layout={flip!r} (to compile_attention or the call), or transpose(1, 2) q, k and v"
+    if read[1] > read[3]:  # as read, fewer keys than queries: a cache that misses keys reads so too
+        raise SpecError(f"q {shapes[0]} and k {shapes[1]} read as {shown} (layout {layout!r}) do not fit: {why}, "
+                        "fewer keys than queries (a call's queries are the last of its keys); read with heads and "
+                        "tokens swapped they would fit", where="argument q",
+                        hint=f"if k and v are a cache, give them every key up to the last query; if the tensors are "
+                             f"{'[B, N, H, D]' if layout == 'bhnd' else '[B, H, N, D]'}, {swap}")
     raise SpecError(f"q {shapes[0]} and k {shapes[1]} read as {shown} (layout {layout!r}) do not fit: {why}; "
-                    "read with heads and tokens swapped they do", where="argument q",
-                    hint=f"pass layout={flip!r} (to compile_attention or the call), or transpose(1, 2) q, k and v")
+                    "read with heads and tokens swapped they do", where="argument q", hint=swap)

@@ -130,6 +130,9 @@ def test_swapped_gqa_shapes_refused():
     bnhd = attnc.compile_attention("stdlib:sliding_window", window=3, backend="reference", layout="bnhd")
     err = _refused(bnhd, q.transpose(1, 2), kv.transpose(1, 2), kv.transpose(1, 2), match="swapped")
     assert "layout='bhnd'" in err.hint
+    # fewer keys than queries as read (a cache missing keys reads so too): both readings named, not only the swap
+    err = _refused(attn, torch.randn(2, 2, 16, 8), torch.randn(2, 2, 8, 8), torch.randn(2, 2, 8, 8), match="swapped")
+    assert "fewer keys than queries" in str(err) and "give them every key" in err.hint and "layout='bnhd'" in err.hint
     # heads not dividing in either reading: the ordinary error, no layout advice
     _refused(attn, torch.randn(1, 3, 5, 8), torch.randn(1, 2, 7, 8), torch.randn(1, 2, 7, 8), where="argument k")
 
