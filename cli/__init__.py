@@ -4,11 +4,13 @@ message and exit status 1; no traceback reaches the user."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..core.errors import SpecError
 from .args import (
     CHECK_GPU_DEFAULT_N,
+    CHECK_GPU_MAX_TOKENS,
     Parser,
     call_inputs,
     check_kv_heads,
@@ -452,6 +454,11 @@ def cmd_check_gpu(args) -> int:
     dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
     sizes = int_sizes(args.sizes)
     n = tokens_of(args, pat, CHECK_GPU_DEFAULT_N) if sizes == {} else args.n
+    tokens = n if n is not None else math.prod(sizes.values())
+    if tokens > CHECK_GPU_MAX_TOKENS:  # before anything is planned: its tile lists take about 512 bytes a token
+        raise SpecError(f"{tokens} tokens is too many to plan for an offline compile (about {tokens * 512 / 2**30:.3g} "
+                        f"GiB of tile lists; at most {CHECK_GPU_MAX_TOKENS})", where="argument --n" if n is not None else "argument --sizes",
+                        hint="check at a smaller size (the default is the usual one)")
     if args.block and args.paged:
         raise SpecError("--block and --paged check different calls: pass one", where="argument --paged")
     if args.paged:

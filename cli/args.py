@@ -11,6 +11,8 @@ from ..core.errors import SpecError
 #: Tokens of a seq layout for ``check-gpu`` and ``emit --arch`` without --n (the kernels bake sizes in; the
 #: schedule depends on n).
 CHECK_GPU_DEFAULT_N = 8192
+#: the most tokens ``check-gpu`` plans for (its tile lists take about 512 bytes a token: 2 GiB here)
+CHECK_GPU_MAX_TOKENS = 1 << 22
 
 
 def key_values(items: list[str] | None, what: str, per_axis: bool = False) -> dict[str, object]:

@@ -24,6 +24,8 @@ SHOW_MAX_TOKENS = 4096
 #: Characters per row of a drawn mask: a larger mask is drawn pooled, each character a square of pairs
 SHOW_MAX_COLUMNS = 160
 SHOW_MAX_TILES = 256
+#: the most queries or keys a tile map classifies (``--tiles``: 4M tokens took 380 MB)
+SHOW_MAX_TILE_TOKENS = 1 << 24
 
 
 def cmd_show(args) -> int:
@@ -127,17 +129,22 @@ def _show_softmax(args, pat, heads: int | None, n: int | None = None, nk: int | 
         inputs, notes = sample_derived(pat, bound, inputs, head_dim=SHOW_HEAD_DIM)
         for note in notes:
             _note(args, note)
+    # checked before anything is allocated; blame what set the size
+    what = "--sizes" if pat.queries.token_count() is not None else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
+    from ..runtime.tuning.kernel_cache import human_size
+
     if args.tiles or args.q_tile or args.kv_tile:
         if bound.q_offset:
             raise SpecError("the tile map covers a whole sequence's queries, not those after a KV cache",
                             where="argument --nk", hint="leave --nk out with --tiles")
+        if max(bound.n, bound.nk) > SHOW_MAX_TILE_TOKENS:  # the tiles' token lists: about 80 bytes a token
+            raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large for a tile map (its tiles' token lists "
+                            f"alone would need about {human_size(80 * (bound.n + bound.nk))}; at most "
+                            f"{SHOW_MAX_TILE_TOKENS} tokens)", where=f"argument {what}",
+                            hint="choose a smaller size, or 'attnc sim' for the tile counts at any size")
         return _show_tiles(args, pat, bound, inputs)
     if bound.n * bound.nk > SHOW_MAX_TOKENS * SHOW_MAX_TOKENS:
-        # checked before anything is allocated; blame what set the size
-        what = "--sizes" if pat.queries.token_count() is not None else "--nk" if args.nk is not None and bound.n <= SHOW_MAX_TOKENS else "--n"
         need = bound.n * bound.nk * bound.heads  # one byte per (head, query, key)
-        from ..runtime.tuning.kernel_cache import human_size
-
         raise SpecError(f"{bound.n} queries x {bound.nk} keys is too large to show (the mask alone would need "
                         f"{human_size(need)}; at most {SHOW_MAX_TOKENS} x {SHOW_MAX_TOKENS})",
                         where=f"argument {what}", hint="choose a smaller size")

@@ -383,3 +383,17 @@ def test_a_query_coordinate_with_a_minus_reaches_the_check(capsys):
     code, _, err = run(capsys, "show", "stdlib:neighborhood_2d", "--sizes", "height=8,width=8", "-p", "kernel_size=3",
                        "--query", "-1,2")
     assert code == 1 and "y=-1 is outside the grid" in err and "expected one argument" not in err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["show", "stdlib:neighborhood_2d", "--sizes", "height=100000,width=100000", "-p", "kernel_size=7", "--tiles"],
+     "--sizes"),
+    (["show", "stdlib:sliding_window", "--n", "100000000", "-p", "window=3", "--tiles"], "--n"),
+    (["check-gpu", "stdlib:sliding_window", "--n", "1099511627776", "--arch", "90"], "--n"),
+    (["check-gpu", "stdlib:neighborhood_2d", "--sizes", "height=3000,width=3000", "--arch", "90"], "--sizes"),
+])
+def test_sizes_too_large_to_plan_are_refused_naming_the_flag(capsys, argv, flag):
+    # the tile lists were allocated first: "internal error: RuntimeError: ... can't allocate 775241596928 bytes"
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.startswith(f"argument {flag}: error:") and "too" in err and "internal error" not in err
