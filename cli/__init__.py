@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 
 from ..core.errors import SpecError
@@ -378,9 +379,20 @@ def cmd_cache(args) -> int:
     from ..runtime.tuning import kernel_cache as KC
 
     cache = KC.KernelCache()
+    problem = cache.problem()
+    if problem is not None:
+        raise SpecError(f"the kernel cache cannot be read: {problem}", where="environment ATTNC_CACHE_DIR"
+                        if os.environ.get("ATTNC_CACHE_DIR", "").strip() else f"the kernel cache {cache.root}",
+                        hint="point ATTNC_CACHE_DIR at a directory")
     if args.action == "clear":
         removed = cache.clear()
         print(f"removed {removed} entr{'y' if removed == 1 else 'ies'} from {cache.dir}")
+        if cache.not_removed:
+            shown = ", ".join(cache.not_removed[:5]) + (f" and {len(cache.not_removed) - 5} more"
+                                                         if len(cache.not_removed) > 5 else "")
+            print(f"attnc cache: error: could not remove {len(cache.not_removed)} file"
+                  f"{'' if len(cache.not_removed) == 1 else 's'}: {shown}", file=sys.stderr)
+            return 1
         return 0
     entries = cache.entries()
     if not entries:

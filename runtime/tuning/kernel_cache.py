@@ -443,8 +443,17 @@ class KernelCache:
         out.sort(key=lambda e: (e.age_s, e.digest))
         return out
 
+    def problem(self) -> str | None:
+        """Why this cache's directory cannot be listed, or None (an absent one is none: nothing is cached yet)."""
+        for path in (self.root, self.dir):
+            if path.exists() and not path.is_dir():
+                return f"{path} is not a directory"
+        return None
+
     def clear(self) -> int:
-        """Remove every entry (and stray source and temporary files); the number of entries removed."""
+        """Remove every entry (and stray source and temporary files); the number of entries removed. What could
+        not be removed (a read-only directory, a directory under an entry's name) is in ``not_removed``."""
+        self.not_removed: list[str] = []
         if not self.dir.is_dir():
             return 0
         removed = 0
@@ -456,7 +465,8 @@ class KernelCache:
                 os.unlink(self.dir / name)
             except FileNotFoundError:
                 continue
-            except OSError:
+            except OSError as err:
+                self.not_removed.append(f"{name} ({err.strerror or type(err).__name__})")
                 continue
             removed += is_json
         with contextlib.suppress(OSError):

@@ -324,6 +324,26 @@ def test_clear_removes_entries_and_nothing_else(cache):
     assert cache.clear() == 0
 
 
+def test_clear_and_ls_say_what_they_could_not_do(cache, monkeypatch, capsys):
+    from attnc import cli
+
+    cache.put(key_of(), source_for("0"), CONFIG, shape={})
+    (cache.dir / f"{'c' * 32}.json").mkdir()  # a directory under an entry's name: not removed
+    assert cache.clear() == 1 and cache.not_removed == [f"{'c' * 32}.json (Is a directory)"]
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(cache.root))
+    assert cli.main(["cache", "clear"]) == 1  # it said "removed 0 entries" and exited 0
+    err = capsys.readouterr().err
+    assert "could not remove 1 file" in err and "Is a directory" in err
+    # a cache directory that is a file: said so, not "no entries"
+    (cache.dir / f"{'c' * 32}.json").rmdir()
+    cache.dir.rmdir()
+    cache.dir.write_text("x")
+    for action in ("ls", "clear"):
+        assert cli.main(["cache", action]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("environment ATTNC_CACHE_DIR: error:") and "is not a directory" in err
+
+
 def test_empty_or_missing_cache(tmp_path):
     c = KC.KernelCache(tmp_path / "nope")
     assert c.entries() == [] and c.clear() == 0 and c.get(key_of()) is None and c.last_miss == "absent"
