@@ -123,3 +123,23 @@ def test_a_bfloat16_tables_gradient_is_summed_in_float32_then_rounded_once(backe
     assert tb.grad.dtype == torch.bfloat16
     ulp = torch.finfo(torch.bfloat16).eps * t64.grad.abs().clamp(min=2.0 ** -10)
     assert ((tb.grad.double() - t64.grad).abs() <= ulp).all()  # within one unit in the last place
+
+
+def test_a_softcap_below_float32s_smallest_normal_is_refused_on_triton_where_it_was_nan():
+    # s / cap is inf in float32 and the gradient 0 * inf: dq and dk came back NaN (the float64 backends give 0)
+    q = torch.randn(1, 2, 12, 8, requires_grad=True)
+    with pytest.raises(attnc.SpecError, match="below float32's smallest normal") as err:
+        attnc.compile_attention("pattern p\n mask causal\n softcap 1e-39", backend="triton")(q, q, q)
+    assert (err.value.pos.line, err.value.pos.col) == (3, 10)
+    with pytest.raises(attnc.SpecError, match="below float32's smallest normal") as err:
+        attnc.compile_attention(attnc.load("pattern p(c = 1.0)\n mask causal\n softcap c", c=1e-40),
+                                backend="triton")(q, q, q)
+    assert err.value.where == "parameter c"
+    # the cap at float32's smallest normal runs, and so do the float64 backends below it
+    out = attnc.compile_attention("pattern p\n mask causal\n softcap 1.2e-38", backend="triton")(q, q, q)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    for backend in ("reference", "cpu"):
+        q.grad = None
+        attnc.compile_attention("pattern p\n mask causal\n softcap 1e-39", backend=backend)(q, q, q).sum().backward()
+        assert torch.isfinite(q.grad).all()

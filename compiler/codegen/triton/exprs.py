@@ -28,6 +28,7 @@ from ..expr_printer import ExprPrinter
 
 INT32_MAX = (1 << 31) - 1
 FP32_MAX = 3.4028234663852886e38
+FP32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -349,15 +350,31 @@ def fp32_error(pat: ir.PatternIR, value: float) -> SpecError:
     hint = "use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)"
     if params:
         return SpecError(message, where=f"parameter {params[0]}", hint=hint)
-    literal = _literal_beyond_fp32(pat, value)
+    literal = _written_number(pat, value)
     if literal is not None:  # written in the file: point at it
         return SpecError(message, literal, filename=pat.filename, source=pat.source, hint=hint)
     return SpecError(message, where=f"pattern '{pat.name}'", hint=hint + " (it is folded from the pattern's constants)")
 
 
-def _literal_beyond_fp32(pat: ir.PatternIR, value: float):
-    """The position of the number written in the pattern's file that is ``value`` (else the first beyond
-    float32's range), or None (no source, or the constant is folded from smaller ones: ``1e20 * 1e20``)."""
+def softcap_too_small(pat: ir.PatternIR, value: float, head: int) -> SpecError:
+    """The error of a softcap below float32's smallest normal number (``s / cap`` is inf in the kernels' float32, and
+    its gradient NaN), at the parameter or the number in the file it comes from where there is one."""
+    message = (f"softcap {value:g} (head {head}) is below float32's smallest normal number ({FP32_TINY:.4g}), in which "
+               "the triton backend computes it")
+    hint = "use a larger cap, or backend='cpu' / 'reference' (float64 arithmetic)"
+    for name, v in pat.params:
+        if isinstance(v, int | float | sympy.Number) and not isinstance(v, bool) and float(v) == value:
+            return SpecError(message, where=f"parameter {name}", hint=hint)
+    literal = _written_number(pat, value, lambda x: x == value)
+    if literal is not None:
+        return SpecError(message, literal, filename=pat.filename, source=pat.source, hint=hint)
+    return SpecError(message, where=f"pattern '{pat.name}'", hint=hint)
+
+
+def _written_number(pat: ir.PatternIR, value: float, outside=None):
+    """The position of a float written in the pattern's file that is outside float32's range (``outside``: another
+    test of a value), the one equal to ``value`` first, or None (no source, or the constant is folded from
+    others: ``1e20 * 1e20``)."""
     if pat.source is None:
         return None
     from ....spec import ast  # the spec's syntax tree: parsed again only on this error's path
@@ -377,8 +394,8 @@ def _literal_beyond_fp32(pat: ir.PatternIR, value: float):
         module = parse(pat.source, pat.filename)
     except SpecError:
         return None
-    beyond = [num for num in nodes(module)
-              if isinstance(num.value, float) and math.isfinite(num.value) and abs(num.value) > FP32_MAX]
+    outside = outside or (lambda x: math.isfinite(x) and abs(x) > FP32_MAX)
+    beyond = [num for num in nodes(module) if isinstance(num.value, float) and outside(num.value)]
     same = [num for num in beyond if abs(num.value) == abs(value)]
     found = same or beyond
     return found[0].pos if found else None

@@ -27,6 +27,7 @@ import torch
 from ....compiler.analysis import evaluate as E
 from ....compiler.analysis.schedule import TileSchedule
 from ....compiler.analysis.tiles import classify_tiles
+from ....compiler.codegen.triton.exprs import FP32_TINY, softcap_too_small
 from ....compiler.codegen.triton.source import ScheduleShape, bias_index_checks, generate_source
 from ....compiler.cost.model import KernelConfig
 from ....compiler.cost.search import block_config, classify_flat
@@ -214,6 +215,10 @@ def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int]
         extra["SEL"] = placed(routing.selection_words(plan.selection), device)  # 32 blocks per int32 word
         extra["KEY_BLOCK"] = placed(plan.key_block.to(torch.int32).contiguous(), device)
     if plan.softcap is not None:
+        small = plan.softcap.abs() < FP32_TINY
+        if bool(small.any()):  # s / cap would be inf in float32, and the gradient 0 * inf (NaN)
+            h = int(small.nonzero()[0])
+            raise softcap_too_small(plan.pattern, float(plan.softcap[h]), h)
         extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: plan.softcap.to(torch.float32).contiguous()
                                           .to(device))
     if checks:
