@@ -26,6 +26,10 @@ def expand_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.repeat_interleave(heads // x.shape[1], dim=1) if x.shape[1] != heads else x
 
 
+#: The lowest FoX gate counted as given (``fox_prefix``): a finite gate below it counts as it.
+FOX_GATE_FLOOR = -1e4
+
+
 def fox_prefix(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Prefix sums of Forgetting Transformer gates ``[..., N]`` in a form whose pair differences stay at
     the gates' rounding at any length: ``(hi, lo, reset)``.
@@ -36,8 +40,14 @@ def fox_prefix(gates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     grows with n). A gate of ``-inf`` is a hard reset (decay exactly 0): it adds nothing to ``hi``/``lo``
     and ``reset[t]`` is the position of the last reset at or before ``t`` (-1 if none), so a pair
     ``k < reset[q]`` has weight exactly 0, forward and backward (the reset gate's gradient is 0, the
-    limit as the gate goes to -inf)."""
+    limit as the gate goes to -inf).
+
+    A finite gate below ``FOX_GATE_FLOOR`` counts as the floor (gradient 0): a pair across it has a weight of
+    ``exp(-10000)`` times the others', 0 in float64 as at the gate itself, unless scores differ by thousands. The
+    floor keeps the sums' size, so that two keys on one side of a gate of -1e16 keep their own decay (in the sum
+    with it they lost it), and two gates of float32's lowest do not overflow to -inf (NaN rows)."""
     neg = torch.isneginf(gates)
+    gates = torch.clamp(gates, min=FOX_GATE_FLOOR)  # (NaN stays NaN; -inf is a reset, taken apart)
     c = torch.cumsum(torch.where(neg, torch.zeros((), dtype=gates.dtype, device=gates.device), gates)
                      .to(torch.float64), dim=-1)
     hi = c.to(gates.dtype)

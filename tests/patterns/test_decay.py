@@ -97,6 +97,30 @@ def test_fox_reset_gate_weight_zero(backend, strict):
     assert torch.all(got[3][torch.isneginf(g)] == 0)  # the limit as the gate goes to -inf
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "flex"])
+@pytest.mark.parametrize("big", [-1e16, float(torch.finfo(torch.float32).min)])
+def test_fox_finite_gates_far_below_any_score_weigh_as_resets_do(backend, big):
+    # a gate of -1e16 took the decay of the keys on one side of it into its sum's rounding (0.94 off), and two of
+    # float32's lowest overflowed the prefix sum to -inf (NaN rows): every backend, the reference too
+    n = 24
+    dtype = torch.float32 if backend == "triton" else F64
+    q, k, v, g = _fox_inputs(n, 2, 8, dtype, 3, [])
+    for h, t in ((0, 2), (0, 7), (1, 13)):
+        g[h, t] = big
+    w = torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(4), dtype=F64)
+    lq, lk, lv, lg = _leaves(q, k, v, g)
+    out = attnc.compile_attention("stdlib:forgetting", backend=backend)(lq, lk, lv, g=lg)
+    got = torch.autograd.grad((out.to(F64) * w).sum(), (lq, lk, lv, lg))
+    rq, rk, rv, rg = _leaves(q.to(F64), k.to(F64), v.to(F64), g.to(F64))
+    want, _ = naive_fox(rq, rk, rv, rg, False, 8 ** -0.5)  # each pair's own sum: exact on either side
+    ref = torch.autograd.grad((want * w).sum(), (rq, rk, rv, rg))
+    tol = 2e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out.to(F64), want, atol=tol, rtol=tol)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a.to(F64), b, atol=tol, rtol=tol)
+    assert torch.all(got[3][g == big] == 0)
+
+
 # ----------------------------------------------------------------- FoX: precision with length
 @pytest.mark.parametrize("resets", [False, True], ids=["logsigmoid", "resets-1e4"])
 def test_fox_decay_term_float32_rounding_at_32k(resets):

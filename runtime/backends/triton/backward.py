@@ -12,6 +12,7 @@ from ....compiler.cost.search import padded_head_dim
 from ....core import ir
 from ....core import symbols as S
 from ... import kernel_fit
+from ...numerics import FOX_GATE_FLOOR
 from ...plan.route_scores import placed
 from ...tritonenv import interpreting
 from . import kernel_launch as KL
@@ -172,7 +173,8 @@ def _decay_gate_grad(launch: Launch, dsq: torch.Tensor, dsk: torch.Tensor) -> to
     # reverse cumsum, accumulated in float64 so that its rounding does not grow with n
     dg = torch.flip(torch.cumsum(torch.flip(dc.double(), [-1]), -1), [-1]).to(dc.dtype)
     # a reset gate (-inf) gets exactly 0, the limit (its pairs have weight 0; the sums only cancel)
-    dg = dg.masked_fill(torch.isneginf(launch.tensors[pat.decay].to(dsq.device)), 0.0)
+    # (and a gate below the floor the prefix sums count it at, numerics.fox_prefix: clamped, its gradient 0)
+    dg = dg.masked_fill(launch.tensors[pat.decay].to(dsq.device) < FOX_GATE_FLOOR, 0.0)
     return dg if pat.decay in launch.batched else dg.sum(0)
 
 
