@@ -67,6 +67,9 @@ def key_values_raw(items: list[str] | None) -> dict[str, str]:
 def read_file(path: str) -> tuple[str, str]:
     from ..spec.library import read_path
 
+    if not path.strip():  # (the error would be located at an empty name: ": error: no such file: ")
+        raise SpecError("an empty FILE: expected a .attn file or stdlib:NAME", where="argument FILE",
+                        hint="run 'attnc list' to see the stdlib patterns")
     return read_path(path, where=path), path
 
 

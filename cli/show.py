@@ -32,6 +32,9 @@ def cmd_show(args) -> int:
     from ..core import ir
 
     args.notes, args.shown = [], []  # --json: the notes, and each drawing as a dict
+    if args.png is not None and not args.png.strip():
+        raise SpecError("--png takes the path of the PNG picture to write", where="argument --png",
+                        hint="e.g. --png mask.png")
     if args.png is not None and not args.png.lower().endswith(".png"):
         raise SpecError(f"{args.png}: --png writes a PNG picture, so the path ends in .png",
                         where="argument --png", hint=f"e.g. --png {_png_name(args.png)}")

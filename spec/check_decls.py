@@ -140,7 +140,8 @@ class DeclarationChecks:
         ``(kind, value)``; errors name ``where``."""
         value = plain_number(given)
         if isinstance(value, sympy.Basic) or not isinstance(value, bool | int | float):
-            raise SpecError(f"expected a number or bool, got {type(value).__name__}", where=where)
+            want = f"{declared} (the default of '{p.name}' is {p.default!r})" if declared is not None else "a number or bool"
+            raise SpecError(f"expected {want}, got {type(value).__name__}", where=where)
         if isinstance(value, float) and not math.isfinite(value):
             raise SpecError("must be finite", where=where)
         kind = kind_of_value(value)

@@ -397,3 +397,11 @@ def test_sizes_too_large_to_plan_are_refused_naming_the_flag(capsys, argv, flag)
     code, out, err = run(capsys, *argv)
     assert code == 1 and out == ""
     assert err.startswith(f"argument {flag}: error:") and "too" in err and "internal error" not in err
+
+
+def test_an_empty_file_or_png_name_is_named_as_the_argument(capsys, tmp_path):
+    # they were located at the empty name: ": error: no such file: " and "argument --png: error: : --png ..."
+    code, out, err = run(capsys, "check", "")
+    assert code == 1 and err.startswith("argument FILE: error: an empty FILE")
+    code, out, err = run(capsys, "show", "stdlib:sliding_window", "--png", "")
+    assert code == 1 and err.startswith("argument --png: error: --png takes the path") and "e.g. --png mask.png" in err

@@ -372,8 +372,8 @@ def test_param_type_errors_at_load():
         assert err.pos is None and err.where == "argument w"
         assert err.message == f"expected int (the default of 'w' is 3), {got}"
         assert str(err).startswith("argument w: error: ")
-    err = spec_error(src, load=True, w="3")
-    assert err.message == "expected a number or bool, got str"
+    err = spec_error(src, load=True, w="3")  # one message for every wrong type (it said "a number or bool" here)
+    assert err.message == "expected int (the default of 'w' is 3), got str"
     err = spec_error(src, load=True, width=3)
     assert err.message == "'p' has no parameter 'width'" and err.hint == "parameters: w"
     assert spec_error(src, load=True, ww=3).hint == "did you mean 'w'?"
