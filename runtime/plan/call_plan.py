@@ -24,7 +24,7 @@ LIST_NAMES = ("FULL", "PART", "T_FULL", "T_PART")
 class DeviceSchedule(TileSchedule):
     """A ``TileSchedule`` made on the device for one call: counts and lists of fixed widths (the widths of the
     candidates the call chose among, padded with -1), its allowed pairs not counted (``exact`` and
-    ``density_exact`` False; ``allowed_total`` and ``density`` NaN, not a count: counting them would read every
+    ``density_exact`` False; ``allowed_pairs``, ``allowed_total`` and ``density`` NaN, not a count: counting them would read every
     pair of the call's mask; ``attnc.materialize_mask`` does)."""
 
     @property
@@ -44,10 +44,11 @@ class DeviceSchedule(TileSchedule):
 def device_schedule(like: TileSchedule, classes: int, lists: dict[str, torch.Tensor]) -> DeviceSchedule:
     """A ``DeviceSchedule`` of ``like``'s tiles and heads with ``classes`` list classes and the lists ``lists``
     (``FULL_N``, ``FULL_I``, ``PART_N``, ``PART_I`` and the ``T_`` ones, int32 on the device)."""
-    zeros = torch.zeros(classes, dtype=torch.float64, device=lists["FULL_N"].device)
+    # not counted: NaN (zeros read as a count of 0 allowed pairs)
+    uncounted = torch.full((classes,), math.nan, dtype=torch.float64, device=lists["FULL_N"].device)
     return DeviceSchedule(like.q_extents, like.kv_extents, like.q_tile, like.kv_tile, like.num_heads,
                           lists["FULL_N"], lists["FULL_I"], lists["PART_N"], lists["PART_I"], lists["T_FULL_N"],
-                          lists["T_FULL_I"], lists["T_PART_N"], lists["T_PART_I"], zeros, False, False)
+                          lists["T_FULL_I"], lists["T_PART_N"], lists["T_PART_I"], uncounted, False, False)
 
 
 class CallState(dict):

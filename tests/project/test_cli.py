@@ -588,3 +588,30 @@ def test_sim_of_a_sequence_without_n_names_the_option(capsys, name):
     code, out, err = run(capsys, "sim", f"stdlib:{name}")
     assert code == 1 and out == ""
     assert err.startswith("argument --n: error:") and "--n 8192" in err
+
+
+def test_the_command_line_page_shows_every_flag_of_every_subcommand():
+    # docs/cli.md says it lists "every subcommand and flag": each flag in its subcommand's own lines of the usage block
+    import argparse
+    import re
+
+    from attnc.cli import build_parser
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    usage = page[page.index("```\nattnc --version"):]
+    usage = usage[:usage.index("\n```\n")]
+    lines: dict[str, str] = {}
+    command = None
+    for line in usage.splitlines():
+        m = re.match(r"attnc ([a-z-]+)", line)
+        if m:
+            command = m.group(1)
+        if command is not None:
+            lines[command] = lines.get(command, "") + "\n" + line
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS or "--help" in action.option_strings:
+                continue
+            for option in (o for o in action.option_strings if o.startswith("--")):
+                assert option in lines.get(name, ""), f"docs/cli.md: 'attnc {name}' does not show {option}"
