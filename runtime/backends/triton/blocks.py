@@ -215,12 +215,17 @@ def launch_extras(runner, bound: E.Bound, plan, device) -> tuple[tuple[int, int]
         extra["SEL"] = placed(routing.selection_words(plan.selection), device)  # 32 blocks per int32 word
         extra["KEY_BLOCK"] = placed(plan.key_block.to(torch.int32).contiguous(), device)
     if plan.softcap is not None:
-        small = plan.softcap.abs() < FP32_TINY
-        if bool(small.any()):  # s / cap would be inf in float32, and the gradient 0 * inf (NaN)
-            h = int(small.nonzero()[0])
-            raise softcap_too_small(plan.pattern, float(plan.softcap[h]), h)
-        extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: plan.softcap.to(torch.float32).contiguous()
-                                          .to(device))
+        extra["SOFTCAP"] = plan.on_device(("softcap", device), lambda: _softcaps(plan, device))
     if checks:
         extra["ERR"] = torch.zeros(len(checks), dtype=torch.int64, device=device)
     return cls, extra, checks
+
+
+def _softcaps(plan, device) -> torch.Tensor:
+    """The per-head softcaps as the kernels read them (float32 on ``device``), made once per plan: a cap below
+    float32's smallest normal number is refused (``s / cap`` would be inf, and the gradient 0 * inf NaN)."""
+    small = plan.softcap.abs() < FP32_TINY
+    if bool(small.any()):
+        h = int(small.nonzero()[0])
+        raise softcap_too_small(plan.pattern, float(plan.softcap[h]), h)
+    return plan.softcap.to(torch.float32).contiguous().to(device)
