@@ -86,6 +86,14 @@ def materialize_mask(
         dk = q.shape[-1]
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     vectors = isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor)
+    if pat.route is not None and (q is not None or k is not None) and not vectors:
+        # one of them given, or not a tensor: the mask before selection would be returned for a call that asked
+        # for a selection
+        wrong = next((what for what, t in (("q", q), ("k", k)) if not isinstance(t, torch.Tensor)), "q")
+        raise SpecError(f"'{pat.name}' routes by q and k: its selection needs both, as tensors (got {wrong} = "
+                        f"{type(q if wrong == 'q' else k).__name__})", where=f"argument {wrong}",
+                        hint="pass q= [B, heads, n, dk] and k= [B, kv_heads, nk, dk] tensors, or neither for the mask "
+                             "before the selection")
     if clusters.mask_derived_inputs(pat) or (pat.route is not None and vectors):
         if not vectors:  # cluster() or a vertical-slash route: the mask depends on the vectors
             why = "clusters" if any(d.derived[0] == "cluster" for d in clusters.derived_inputs(pat)) else "routes by"
@@ -403,7 +411,7 @@ class Attention(torch.nn.Module):
         if cu_seqlens is not None and compiling():  # the offsets are data: the op reads them
             from .ops import varlen as varlen_op
 
-            scale = resolve_scale(scale, q.shape[-1])
+            scale = resolve_scale(scale, q.shape[-1], q.dtype)
             run = functools.partial(varlen_op.run, self, cu_seqlens)
         elif cu_seqlens is not None:  # packed sequences: one forward per group of equal lengths (frontends.varlen)
             from .frontends import varlen
@@ -428,7 +436,7 @@ class Attention(torch.nn.Module):
         return module
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
-        scale = resolve_scale(scale, q.shape[-1])
+        scale = resolve_scale(scale, q.shape[-1], q.dtype)
         all_sizes = {**self.sizes, **(sizes or {})}
         if isinstance(self.pattern, ir.RecurrenceIR):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)

@@ -13,12 +13,18 @@ from ..core import ir
 from ..core.errors import SpecError
 
 
-def resolve_scale(scale, head_dim: int) -> float:
-    """``scale`` as a float: ``1/sqrt(head_dim)`` for None; anything but a finite number is refused."""
+def resolve_scale(scale, head_dim: int, dtype: torch.dtype | None = None) -> float:
+    """``scale`` as a float: ``1/sqrt(head_dim)`` for None; anything but a finite number is refused, and with
+    ``dtype`` (q's) one beyond the range of the dtype the scores are computed in (float32 but for float64 q: the
+    scores were inf and the outputs NaN on some backends)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
+    limit = torch.finfo(torch.float32).max
+    if dtype is not None and dtype != torch.float64 and abs(scale) > limit:
+        raise SpecError(f"scale {scale:g} is beyond the float32 range ({limit:.4g}) the scores of {dtype} inputs are "
+                        "computed in", where="argument scale", hint="use a smaller scale, or float64 inputs")
     return float(scale)
 
 

@@ -232,7 +232,7 @@ class CombinedAttention(torch.nn.Module):
         self._check_cache(q, k, cu_seqlens)
         gates, own = self._inputs(q, k.shape[2], inputs, bnhd)
         self._last_n = q.shape[2]
-        scale = resolve_scale(scale, q.shape[-1])
+        scale = resolve_scale(scale, q.shape[-1], q.dtype)
         if cu_seqlens is None:
             out, lse = self._combined(q, k, v, gates, own, scale, sizes)
         else:  # packed sequences: each computed alone (its own runs, blocks and window), joined again

@@ -121,7 +121,7 @@ class WarmCalls:
             self.entries[key] = (None, 1)
         elif entry[1] == 1:  # seen twice and answered: bind it (None: the runner does not replay it)
             weights = getattr(attn.pattern, "weights", None)
-            call = attn._bind_call(q, k, v, resolve_scale(scale, q.shape[-1]), return_lse or (
+            call = attn._bind_call(q, k, v, resolve_scale(scale, q.shape[-1], q.dtype), return_lse or (
                 weights is not None and not weights.normalized), dict(attn.sizes), {})
             launcher = attn.runner.launcher(call, q, k, v)
             self.entries[key] = (launcher, attn._last_call) if launcher is not None else (None, 2)
@@ -138,7 +138,7 @@ class WarmCalls:
                            None, None)
             if got is not None:
                 return got
-        scale = resolve_scale(scale, q.shape[-1])
+        scale = resolve_scale(scale, q.shape[-1], q.dtype)
         paged = attn.runner.cache_as_pages(q, k, v)
         if paged is None:
             return None

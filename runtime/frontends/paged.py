@@ -173,7 +173,7 @@ def run(
             append_tokens(v_cache, block_table, cache_seqlens, v_new)
         seqlens = cache_seqlens + appended if appended else cache_seqlens
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
-        launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1]))
+        launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1], q.dtype))
         extra = {"inputs": given} if given else {}
         out, lse = _launch_checked(one_launch, launched, extra, pat, cache_seqlens, appended, rows, refuse_cached_rows)
         out = unnormalized_output(pat, out, lse)

@@ -163,7 +163,7 @@ class ContextParallel(torch.nn.Module):
             if q.shape[2] != k.shape[2]:
                 raise SpecError(f"q has {q.shape[2]} tokens but k has {k.shape[2]}: every rank holds the same "
                                 "tokens of q, k and v", where="argument k")
-            scale = resolve_scale(scale, q.shape[-1])
+            scale = resolve_scale(scale, q.shape[-1], q.dtype)
             if return_lse and not isinstance(pat, ir.PatternIR):
                 raise SpecError(f"'{pat.name}' is a recurrence: it has no log-sum-exp", where="argument return_lse")
             for name in ("initial_state", "return_state", "cu_seqlens"):

@@ -537,3 +537,26 @@ def test_a_single_patterns_call_keyword_on_a_combined_pattern_is_told_as_such():
     err = _spec_error(lambda: attn(q, q, q, return_selection=True), "argument return_selection",
                       "a keyword of a single pattern's call")
     assert "has no input" not in err.message
+
+
+def test_a_routed_masks_selection_needs_both_vectors_as_tensors():
+    # one of them, or numpy arrays, returned the mask before the selection without a word
+    q = torch.randn(1, 1, 8, 4)
+    for kw, where in ((dict(q=q), "argument k"), (dict(k=q), "argument q"),
+                      (dict(q=q.numpy(), k=q.numpy()), "argument q")):
+        _spec_error(lambda kw=kw: attnc.materialize_mask("stdlib:moba", n=8, block=2, topk=1, **kw), where,
+                    "selection needs both")
+    selected = attnc.materialize_mask("stdlib:moba", n=8, block=2, topk=1, q=q, k=q)
+    before = attnc.materialize_mask("stdlib:moba", n=8, block=2, topk=1)
+    assert selected.shape == (1, 1, 8, 8) and bool((selected[0, 0] <= before[0]).all())
+    assert int(selected.sum()) < int(before.sum())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_a_scale_beyond_float32_is_refused_for_float32_inputs(backend):
+    # finite in Python, inf in the float32 scores: NaN outputs on reference and cpu, silently
+    attn = attnc.compile_attention(WINDOW, backend=backend)
+    q, k, v = _qkv()
+    _spec_error(lambda: attn(q, k, v, scale=1e39), "argument scale", "beyond the float32 range")
+    if backend != "triton":  # float64 inputs compute in float64: taken
+        assert torch.isfinite(attn(q.double(), k.double(), v.double(), scale=1e39)).all()
