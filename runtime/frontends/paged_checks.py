@@ -227,6 +227,9 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int 
                 f"{other}= is given without {name}=: new keys and values are appended together",
                 where=f"argument {name}",
             )
+    if k_new is not v_new and (k_cache is v_cache or (k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel())):
+        raise SpecError("k and v are one pool: the new values would be written over the new keys in the same slots",
+                        where="argument v", hint="give keys and values pools of their own, or v= the same tensor as k=")
     order = "[B, n_new, Hkv, {}]" if layout == "bnhd" else "[B, Hkv, n_new, {}]"
     out = []
     for name, t, pool, dim in (("k", k_new, k_cache, "D"), ("v", v_new, v_cache, "Dv")):
@@ -340,6 +343,17 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
             where="argument block_table",
             hint=f"page ids of reached pages lie in [0, {num_pages})",
         )
+    if appended:  # two rows writing one slot: the later write would be both rows' key
+        slots: dict[int, int] = {}
+        for b in range(len(before)):
+            for pos in range(before[b], lengths[b]):
+                slot = int(table[b, pos // page_size]) * page_size + pos % page_size
+                if slot in slots:
+                    raise SpecError(
+                        f"rows {slots[slot]} and {b} both write a new key into slot {pos % page_size} of page "
+                        f"{slot // page_size}: each would attend the other's token",
+                        where="argument block_table", hint="rows that append need pages of their own")
+                slots[slot] = b
     by_length: dict[int, list[int]] = {}
     for b, length in enumerate(lengths):
         by_length.setdefault(length, []).append(b)
@@ -415,6 +429,11 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
+    if appended:  # no slot written by two rows (sorted on the device: adjacent equal slots)
+        pos = before.unsqueeze(1) + torch.arange(appended, device=before.device)
+        pages = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor").clamp(max=block_table.shape[1] - 1))
+        slots = (pages * page + pos % page).flatten().sort().values
+        good = good & ~(slots[1:] == slots[:-1]).any()
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph

@@ -453,3 +453,28 @@ def test_nsa_rows_equal_their_contiguous_decode(backend):
                 else {"rtol": 1e-12, "atol": 1e-12}
             )
             torch.testing.assert_close(got[b : b + 1], want.to(dtype), **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_appends_that_would_overwrite_each_other_are_refused_before_anything_is_written(backend):
+    # two rows sharing a page and both appending into its slot 1; then k and v given as one pool: each was accepted,
+    # and a row attended the other row's token (or the new key was its value)
+    g = torch.Generator().manual_seed(0)
+    kc, vc = torch.randn(8, 4, 2, 8, generator=g), torch.randn(8, 4, 2, 8, generator=g)
+    table = torch.tensor([[0, 3, -1, -1], [1, 3, -1, -1]], dtype=torch.int32)
+    before = torch.tensor([5, 5], dtype=torch.int32)
+    q, kn, vn = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 1, 8, generator=g), torch.randn(2, 2, 1, 8,
+                                                                                                     generator=g)
+    attn = compile_attention("stdlib:sliding_window", window=8, backend=backend)
+    k_pool, v_pool = kc.clone(), vc.clone()
+    with pytest.raises(SpecError, match="both write a new key into slot 1 of page 3") as err:
+        attn(q, k_pool, v_pool, k=kn, v=vn, block_table=table, cache_seqlens=before)
+    assert err.value.where == "argument block_table"
+    assert torch.equal(k_pool, kc) and torch.equal(v_pool, vc)  # nothing written
+    own = torch.tensor([[0, 3, -1, -1], [1, 2, -1, -1]], dtype=torch.int32)
+    with pytest.raises(SpecError, match="k and v are one pool") as err:
+        attn(q, k_pool, k_pool, k=kn, v=vn, block_table=own, cache_seqlens=before)
+    assert err.value.where == "argument v" and torch.equal(k_pool, kc)
+    # pages of their own: taken
+    out = attn(q, k_pool, v_pool, k=kn, v=vn, block_table=own, cache_seqlens=before)
+    assert torch.isfinite(out).all() and torch.equal(k_pool[3, 1], kn[0, :, 0]) and torch.equal(k_pool[2, 1], kn[1, :, 0])
