@@ -35,10 +35,18 @@ def requesting(size: int):
         _REQUEST.reset(token)
 
 
-def requested() -> int | None:
-    """The block size a forward is asked to pool its probabilities by, or None."""
+def requested(nq: int | None = None, nk: int | None = None) -> int | None:
+    """The block size a forward is asked to pool its probabilities by, or None. With the call's query and key counts,
+    a size beyond both is taken as the larger of them: the map is the same ``[.., 1, 1]``, and
+    the rows padded to the size (``from_probabilities``) stay the call's (a size of 65,536 over 16 tokens padded
+    the probabilities to 16 GiB; 2**63 overflowed)."""
     request = _REQUEST.get()
-    return None if request is None else request[0]
+    if request is None:
+        return None
+    size = request[0]
+    if nq is not None and nk is not None:
+        size = min(size, max(nq, nk, 1))
+    return size
 
 
 def record(block_max: torch.Tensor) -> None:

@@ -44,6 +44,19 @@ def _window(n, nk=None, window=30):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "auto"])
+def test_a_size_beyond_the_call_is_its_one_block(backend):
+    # the rows were padded to the size: 65,536 over 16 tokens took 16 GiB on the reference, 2**20 asked Triton for
+    # 512 GiB, 2**63 overflowed on cpu
+    q, k, v = (t[..., :16, :].float() for t in _qkv(1, B=1, H=2, Hkv=1))
+    attn = attnc.compile_attention(WINDOW, backend=backend)
+    want = dense_block_max(q.double(), k.double(), _window(16), 16)
+    assert want.shape == (1, 2, 1, 1)
+    for size in (17, 65536, 2**20, 2**63):
+        _, pooled = attn(q, k, v, return_block_max=size)
+        torch.testing.assert_close(pooled.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "auto"])
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
 def test_every_backend_pools_the_softmax(backend, size):
     # the interpreter runs each program in Python: one batch of two query heads over one K/V head there

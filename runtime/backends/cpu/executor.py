@@ -237,7 +237,7 @@ def forward(plan: Plan, q, k, v, inputs: dict, batched: set[str], scale: float):
     B, Hq, Nq, _ = q.shape
     group = Hq // k.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    size = block_max.requested()  # return_block_max: the probabilities pooled per chunk (the fused kernel keeps them)
+    size = block_max.requested(Nq, k.shape[2])  # return_block_max: the probabilities pooled per chunk (the fused kernel keeps them)
     fused = fusable(plan, q, v) and size is None
     pooled = block_max.empty(B, Hq, Nq, k.shape[2], size, dt, q.device) if size is not None else None
     # the scale folded into q (N x D work, not N x K) unless the kernel takes it

@@ -208,7 +208,7 @@ def _attend(plan: RowPlan, q, k, v, tensors: dict, batched: set[str], scale: flo
     empty = torch.isneginf(s).all(-1) if C else torch.ones(s.shape[:-1], dtype=torch.bool)
     lse = torch.logsumexp(s.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     p = row_weights(s, allowed, empty)
-    size = block_max.requested()
+    size = block_max.requested(n, plan.bound.nk)
     if size is not None:  # return_block_max: the rows' probabilities, over the keys they visit
         pooled = block_max.empty(B, Hq, n, plan.bound.nk, size, dt, p.device)
         keys = torch.arange(plan.bound.nk)[key_index(cols)].view(1, -1)

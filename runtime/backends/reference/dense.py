@@ -51,7 +51,7 @@ def attention(
     empty = torch.isneginf(scores).all(-1)
     lse = torch.logsumexp(scores.masked_fill(empty[..., None], 0.0), dim=-1).masked_fill(empty, -math.inf)
     p = row_weights(scores, mask, empty)
-    size = block_max.requested()
+    size = block_max.requested(p.shape[-2], p.shape[-1])
     if size is not None:  # return_block_max: the map of these probabilities
         block_max.record(block_max.from_probabilities(p, size))
     out = attend_values(p, vc)

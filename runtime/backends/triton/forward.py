@@ -91,7 +91,7 @@ def forward(launch: Launch, q, k, v, scale: float, *, may_split: bool = False):
     descs, desc = tma.boxes(launch, kv, views) if by_tma and not specialize.get("ONE_LOOP") else (dict.fromkeys(kv), {"DESC": False})
     partial = split_kv.partials(splits, B, Hq, rows, DV, device) if splits > 1 else None
     dest = forward_outputs(out, lse, partial)
-    size = block_max.requested()
+    size = block_max.requested(Nq, k.shape[2])
     pooled, pool_meta = _row_maxima(launch, size, B, Hq, rows, device) if size is not None else (None, {})
     named = {**KL.streamed(qp, kp, vp), **dest, **KL.common_args(launch, device, decay_c), "ORDER": order, **descs,
              **KL.sizes(scale, Hq // Hkv, D, DV),
