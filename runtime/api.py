@@ -437,7 +437,7 @@ class Attention(torch.nn.Module):
 
     def _forward(self, q, k, v, *, scale, return_lse, initial_state, return_state, sizes, **inputs):
         scale = resolve_scale(scale, q.shape[-1], q.dtype)
-        all_sizes = {**self.sizes, **(sizes or {})}
+        all_sizes = {**self.sizes, **{name: E.plain_ints(value) for name, value in (sizes or {}).items()}}
         if isinstance(self.pattern, ir.RecurrenceIR):
             return self._recurrence(q, k, v, scale, return_lse, initial_state, return_state, all_sizes, inputs)
         # cluster(q | k, C): the ids of this call's vectors, on q's device, before anything binds the inputs
@@ -626,6 +626,10 @@ def compile_attention(
     """
     check_layout(layout)
     check_backend(backend)
+    # numpy integers and 0-d int tensors as ints, once: a backend that checks them later saw another type
+    q_tile, kv_tile = E.plain_ints(q_tile), E.plain_ints(kv_tile)
+    if isinstance(sizes, dict):
+        sizes = {name: E.plain_ints(value) for name, value in sizes.items()}
     pat = as_pattern(pattern, name, params)
     if isinstance(pat, ir.BucketedIR):  # buckets chosen per call, attended in plain torch (runtime.bucketed)
         from .bucketed import BucketedAttention

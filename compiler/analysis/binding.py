@@ -224,6 +224,21 @@ def _solve_size(count: sympy.Expr, missing: sympy.Symbol, tokens: int) -> int | 
 INT64_MAX = 2**63 - 1
 
 
+def plain_ints(value):
+    """``value`` with integer-like scalars (numpy integers, 0-d integer tensors; not bools) made Python ints, in a
+    tuple or list too, so that every later check and cache key sees one type; anything else as it is."""
+    if isinstance(value, tuple | list):
+        return type(value)(plain_ints(v) for v in value)
+    if isinstance(value, int) or isinstance(value, bool) or type(value).__name__ == "bool_":
+        return value
+    if hasattr(value, "__index__"):
+        try:
+            return operator.index(value)
+        except TypeError:  # a float tensor, a tensor of more than one element: refused by its check
+            return value
+    return value
+
+
 def positive_int(what: str, value) -> int:
     """``value`` as a Python int in 1..INT64_MAX. Integer-like scalars (numpy
     integers, 0-d integer tensors) are accepted; bools and floats are not."""

@@ -28,6 +28,7 @@ from .binding import (  # noqa: F401 (re-exported: binding and evaluation are re
     bind_sizes,
     block_bound,
     check_size_names,
+    plain_ints,
     positive_int,
 )
 from .float_ops import float_pow, min_max

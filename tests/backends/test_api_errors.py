@@ -560,3 +560,21 @@ def test_a_scale_beyond_float32_is_refused_for_float32_inputs(backend):
     _spec_error(lambda: attn(q, k, v, scale=1e39), "argument scale", "beyond the float32 range")
     if backend != "triton":  # float64 inputs compute in float64: taken
         assert torch.isfinite(attn(q.double(), k.double(), v.double(), scale=1e39)).all()
+
+
+@pytest.mark.parametrize("backend", ["cpu", "auto", "reference"])
+def test_numpy_integers_for_sizes_and_tiles_are_ints_at_every_call(backend):
+    # accepted by compile_attention, then every call of a cpu or auto module failed naming 'sizes' or 'q_tile'
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 2, 16, 8)
+    grid = attnc.compile_attention("stdlib:neighborhood_2d", kernel_size=3, backend=backend,
+                                   sizes={"height": np.int64(4), "width": 4})
+    want = attnc.compile_attention("stdlib:neighborhood_2d", kernel_size=3, backend="reference",
+                                   sizes={"height": 4, "width": 4})(q, q, q)
+    torch.testing.assert_close(grid(q, q, q), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grid(q, q, q, sizes={"height": np.int32(4)}), want, atol=1e-6, rtol=1e-6)
+    if backend != "reference":
+        tiled = attnc.compile_attention(WINDOW, backend=backend, q_tile=np.int64(8))
+        q, k, v = _qkv()
+        torch.testing.assert_close(tiled(q, k, v), attnc.compile_attention(WINDOW, backend="reference")(q, k, v),
+                                   atol=1e-6, rtol=1e-6)
