@@ -564,6 +564,11 @@ class Attention(torch.nn.Module):
                             where="argument pattern", hint="decode a softmax pattern with a KV cache and forward")
         from .recurrences import runner as recurrence
 
+        for name, why in (("return_state", "step() always returns (o_t, new_state)"),
+                          ("initial_state", "step() takes the state as its fourth argument: step(q_t, k_t, v_t, state)")):
+            if name in inputs:  # a keyword of forward, not of step (it would be read as an input of that name)
+                raise SpecError(f"{name}= is a keyword of the forward, not of step()", where=f"argument {name}",
+                                hint=why)
         layout = self.layout if layout is None else check_layout(layout)
         if isinstance(q, torch.Tensor):
             check_state(state, q, "state")

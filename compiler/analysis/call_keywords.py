@@ -14,6 +14,17 @@ CALL_KEYWORDS = ("scale", "return_lse", "initial_state", "return_state", "sizes"
                  "key_summary")
 
 
+#: Keywords a paged call takes beside block_table= and cache_seqlens= (flash-attn's varlen convention), and what
+#: they are otherwise.
+PAGED_KEYWORDS = {
+    "cu_seqlens_q": "each row's queries, int32 [B + 1] offsets into a packed q (docs/inference.md); without a paged "
+                    "cache, " + "cu_seqlens= (one set of offsets for q, k and v; each sequence is computed alone)",
+    "max_seqlen_q": "the most queries of a row, with cu_seqlens_q=",
+}
+
+#: Keywords of ``compile_attention`` that a call does not take.
+COMPILE_KEYWORDS = ("q_tile", "kv_tile", "backend", "name")
+
 _CAUSAL = "causality is part of the pattern ('mask causal ...' in the .attn; a stdlib pattern's is_causal= set " \
           "at compile_attention where it has one)"
 _MASK = ("attnc builds its masks from the pattern: write the mask in the .attn ('mask ...'), or declare an input "
@@ -75,6 +86,10 @@ def unknown_input_hint(name: str, declared, params=()) -> str:
     the call (``return_lsee``: 'return_lse'), else the inputs there are."""
     if name in params:
         return f"'{name}' is a parameter of the pattern: set it when compiling, compile_attention(..., {name}=...)"
+    if name in COMPILE_KEYWORDS:
+        return f"'{name}' is set when compiling, compile_attention(..., {name}=...), not per call"
+    if name in PAGED_KEYWORDS:
+        return f"'{name}' is a keyword of a paged call only (block_table=, cache_seqlens=): {PAGED_KEYWORDS[name]}"
     if name in FOREIGN_KEYWORDS:
         return f"'{name}' is not an attnc keyword: {FOREIGN_KEYWORDS[name]}"
     close = did_you_mean(name, declared)

@@ -478,7 +478,6 @@ def test_zero_keys_are_refused_as_k():
     ("causal", True, "causality is part of the pattern"),
     ("window_size", (4, 0), "stdlib:sliding_window"),
     ("return_softmax_lse", True, "return_lse=True"),
-    ("cu_seqlens_q", None, "cu_seqlens="),
     ("attention_mask", None, "write the mask in the .attn"),        # HuggingFace
     ("scaling", 0.5, "scale="),
 ])
@@ -578,3 +577,22 @@ def test_numpy_integers_for_sizes_and_tiles_are_ints_at_every_call(backend):
         q, k, v = _qkv()
         torch.testing.assert_close(tiled(q, k, v), attnc.compile_attention(WINDOW, backend="reference")(q, k, v),
                                    atol=1e-6, rtol=1e-6)
+
+
+
+def test_keywords_a_call_does_not_take_say_where_they_belong():
+    # cu_seqlens_q was called "not an attnc keyword" (it is a paged call's), q_tile= hinted "this pattern takes no
+    # inputs" (it is compile_attention's), and step(return_state=True) hinted "did you mean 'return_state'?"
+    attn = attnc.compile_attention(WINDOW, backend="cpu")
+    q, k, v = _qkv()
+    err = _spec_error(lambda: attn(q, k, v, cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32)),
+                      "argument cu_seqlens_q")
+    assert "a keyword of a paged call only" in err.hint and "cu_seqlens=" in err.hint
+    err = _spec_error(lambda: attn(q, k, v, q_tile=8), "argument q_tile")
+    assert err.hint == "'q_tile' is set when compiling, compile_attention(..., q_tile=...), not per call"
+    gla = attnc.compile_attention("stdlib:gla", backend="cpu")
+    t = torch.randn(1, 2, 8)
+    for name, says in (("return_state", "always returns (o_t, new_state)"), ("initial_state", "fourth argument")):
+        err = _spec_error(lambda name=name: gla.step(t, t, t, None, g=-torch.rand(1, 2, 8), **{name: True}),
+                          f"argument {name}")
+        assert says in err.hint
