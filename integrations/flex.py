@@ -64,7 +64,7 @@ def to_flex(
         pat = load(pattern, name=name, **params)
     refuse(pat)
     bq, bk = _block_size(block_size)
-    device = torch.device(device)
+    device = _flex_device(device)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=dk, offset_ok=True)
     tensors, _ = E.bind_inputs(pat, bound, inputs)  # moved to device by export
     return export(pat, bound, tensors, device, (bq, bk))
@@ -82,3 +82,18 @@ def _block_size(value) -> tuple[int, int]:
             where="argument block_size",
         )
     return int(pair[0]), int(pair[1])
+
+
+def _flex_device(device) -> torch.device:
+    """``device`` as the mods' tensors are placed on: a CPU or an available CUDA device (FlexAttention runs there);
+    torch's own errors (an unknown type, a torch built without CUDA, meta tensors that fail at the first call) name
+    no argument."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise SpecError(f"not a device: {device!r} ({str(err).splitlines()[0]})", where="argument device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("CUDA is not available to this torch", where="argument device", hint="device='cpu'")
+    if device.type not in ("cpu", "cuda"):
+        raise SpecError(f"FlexAttention runs on a CPU or a CUDA device, not {device.type!r}", where="argument device")
+    return device

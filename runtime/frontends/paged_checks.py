@@ -172,6 +172,8 @@ def bind_qkv(q, k, v, inputs: dict) -> tuple:
     A keyword ``k``/``v`` beside a positional one stays in ``inputs``: a paged call's new keys and values
     (``flash_attn_with_kvcache(q, k_cache, v_cache, k=, v=)``). One missing is named."""
     given = {"q": q, "k": k, "v": v}
+    if q is not None and "q" in inputs:  # (k= and v= beside k, v are new tokens; a second q is nothing)
+        raise SpecError("q is given twice, by position and by keyword", where="argument q", hint="attn(q, k, v)")
     for name, t in given.items():
         if t is None and name in inputs:
             given[name] = inputs.pop(name)

@@ -228,6 +228,11 @@ def kmeans_update(centroids: torch.Tensor, x: torch.Tensor, decay: float = 0.999
             f"expected vectors [B, {H}, N, {D}] (heads and dk of the centroids), got {shape}",
             where="argument x",
         )
+    if C == 0:
+        raise SpecError("expected at least one centroid, got [heads, 0, dk]", where="argument centroids")
+    if x.device != centroids.device or x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise SpecError(f"expected float vectors on the centroids' device ({centroids.device}), got {x.dtype} on "
+                        f"{x.device}", where="argument x")
     if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 <= decay <= 1:
         raise SpecError(f"decay must be a number in [0, 1], got {decay!r}", where="argument decay")
     with torch.no_grad():

@@ -72,9 +72,28 @@ class KeySummary:
     def reset_rows(self, rows) -> None:
         """Forget the blocks of these rows of a paged call's block table (a row that starts a new sequence): their
         next call summarises all their keys. ``rows``: indices, or a bool mask, of the table's rows (a device
-        tensor: nothing is read on the host). A row whose length falls below its kept blocks is reset by itself."""
-        if self._pages is not None:
-            self._pages[1][rows] = 0
+        tensor: nothing is read on the host; an index out of range is a device assert, at once on a CPU). A row whose
+        length falls below its kept blocks is reset by itself."""
+        where = "argument rows"
+        if isinstance(rows, list | tuple) and all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            rows = torch.tensor(rows, dtype=torch.long)
+        if not isinstance(rows, torch.Tensor) or rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dim() != 1:
+            got = f"{rows.dtype} of shape {list(rows.shape)}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+            raise SpecError(f"expected row indices (a 1-D int tensor or list) or a bool mask of the rows, got {got}",
+                            where=where)
+        if self._pages is None:
+            return
+        count = self._pages[1].shape[0]
+        if rows.dtype == torch.bool:
+            if rows.shape[0] != count:
+                raise SpecError(f"a bool mask of the table's {count} rows, got {rows.shape[0]}", where=where)
+        else:
+            try:  # (a negative index would reset another row without a word)
+                torch._assert_async(((rows >= 0) & (rows < count)).all(), "attnc: KeySummary.reset_rows: a row index "
+                                    "is out of range")
+            except RuntimeError:
+                raise SpecError(f"a row index is outside 0..{count - 1}", where=where) from None
+        self._pages[1][rows.to(self._pages[1].device)] = 0
 
     @property
     def keys(self) -> int:

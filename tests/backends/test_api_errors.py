@@ -596,3 +596,20 @@ def test_keywords_a_call_does_not_take_say_where_they_belong():
         err = _spec_error(lambda name=name: gla.step(t, t, t, None, g=-torch.rand(1, 2, 8), **{name: True}),
                           f"argument {name}")
         assert says in err.hint
+
+
+def test_helpers_name_the_argument_where_torch_would_raise_its_own_error():
+    # kmeans_update on meta vectors or with no centroid, to_flex on a device Flex does not run on, q twice: torch's
+    # RuntimeError, IndexError, AssertionError or a TypeError naming a private method
+    c = torch.nn.functional.normalize(torch.randn(2, 3, 4), dim=-1)
+    x = torch.randn(1, 2, 8, 4)
+    _spec_error(lambda: attnc.kmeans_update(c, x.to("meta")), "argument x", "centroids' device")
+    _spec_error(lambda: attnc.kmeans_update(torch.randn(2, 0, 4), x), "argument centroids", "at least one centroid")
+    for device, says in (("tpu", ""), ("meta", "CPU or a CUDA device"), ("nonsense", "not a device")):
+        _spec_error(lambda device=device: attnc.to_flex("stdlib:sliding_window", n=16, window=4, block_size=16,
+                                                        device=device), "argument device", says)
+    if not torch.cuda.is_available():
+        _spec_error(lambda: attnc.to_flex("stdlib:sliding_window", n=16, window=4, block_size=16, device="cuda"),
+                    "argument device", "CUDA is not available")
+    q = torch.randn(1, 2, 8, 4)
+    _spec_error(lambda: attnc.compile_attention(WINDOW, backend="cpu")(q, q, q, q=q), "argument q", "twice")

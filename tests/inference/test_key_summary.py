@@ -197,6 +197,18 @@ def test_a_kept_summary_serves_a_paged_pool(name):
     kept.reset_rows(torch.tensor([2]))  # row 2 is told so
     step()
     assert torch.equal(kept._pages[1], (lengths // block).to(torch.int32))
+    # rows outside the table, of another kind, or a mask of another length: refused, nothing reset (-1 reset the
+    # last row without a word; a float index raised torch's IndexError)
+    before = kept._pages[1].clone()
+    for rows, says in ((torch.tensor([-1]), "outside 0..2"), (torch.tensor([3]), "outside 0..2"),
+                       (torch.tensor([1.0]), "expected row indices"), (torch.ones(2, dtype=torch.bool), "3 rows"),
+                       ("1", "expected row indices")):
+        with pytest.raises(SpecError, match=says) as err:
+            kept.reset_rows(rows)
+        assert err.value.where == "argument rows"
+    assert torch.equal(kept._pages[1], before)
+    kept.reset_rows([0, 1])
+    assert torch.equal(kept._pages[1][:2], torch.zeros(2, dtype=torch.int32))
 
 
 def test_a_kept_summary_of_a_paged_call_is_refused_where_it_would_be_dropped():
