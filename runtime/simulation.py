@@ -71,6 +71,7 @@ def simulate(
     if inputs is not None and not isinstance(inputs, dict):
         raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
                         where="argument inputs")
+    E.check_input_names(pat, inputs or {})  # a misspelt input: named, as a call or materialize_mask names it
     hw = get_hardware(hardware)
     dtype_bytes(dtype)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=head_dim)
@@ -132,6 +133,7 @@ def simulate_decode(
     if inputs is not None and not isinstance(inputs, dict):
         raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
                         where="argument inputs")
+    E.check_input_names(pat, inputs or {})  # a misspelt input: named, as a call or materialize_mask names it
     if hardware is None:
         models = list(dict.fromkeys(HARDWARE.values()))
     else:

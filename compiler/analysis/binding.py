@@ -224,6 +224,15 @@ def _solve_size(count: sympy.Expr, missing: sympy.Symbol, tokens: int) -> int | 
 INT64_MAX = 2**63 - 1
 
 
+def check_input_names(pat, inputs: dict) -> None:
+    """Refuse a name ``pat`` declares no input of (a misspelt input, another API's keyword), naming it."""
+    declared = {d.name: d for d in pat.inputs}
+    for name in inputs:
+        if name not in declared:
+            raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}",
+                            hint=unknown_input_hint(name, declared, dict(pat.params)))
+
+
 def plain_ints(value):
     """``value`` with integer-like scalars (numpy integers, 0-d integer tensors; not bools) made Python ints, in a
     tuple or list too, so that every later check and cache key sees one type; anything else as it is."""
@@ -274,10 +283,7 @@ def bind_inputs(
                         where="argument inputs")
     inputs = dict(inputs or {})
     declared = {d.name: d for d in pat.inputs}
-    for name in inputs:
-        if name not in declared:
-            raise SpecError(f"'{pat.name}' has no input '{name}'", where=f"argument {name}",
-                            hint=unknown_input_hint(name, declared, dict(pat.params)))
+    check_input_names(pat, inputs)
     out: dict[str, torch.Tensor] = {}
     found_batch = None
     for name, decl in declared.items():

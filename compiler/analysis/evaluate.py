@@ -27,6 +27,7 @@ from .binding import (  # noqa: F401 (re-exported: binding and evaluation are re
     bind_inputs,
     bind_sizes,
     block_bound,
+    check_input_names,
     check_size_names,
     plain_ints,
     positive_int,

@@ -613,3 +613,15 @@ def test_helpers_name_the_argument_where_torch_would_raise_its_own_error():
                     "argument device", "CUDA is not available")
     q = torch.randn(1, 2, 8, 4)
     _spec_error(lambda: attnc.compile_attention(WINDOW, backend="cpu")(q, q, q, q=q), "argument q", "twice")
+
+
+def test_simulate_names_an_input_the_pattern_does_not_declare():
+    from attnc.runtime.api import simulate_decode
+
+    # a misspelt input was ignored by simulate (materialize_mask and a call name it)
+    doc = torch.arange(64) // 16
+    for run in (lambda: attnc.simulate("stdlib:document", n=64, inputs={"doc": doc, "dco": doc}),
+                lambda: simulate_decode("stdlib:document", nk=64, inputs={"doc": doc, "dco": doc})):
+        err = _spec_error(run, "argument dco", "has no input 'dco'")
+        assert "did you mean 'doc'?" in err.hint
+    assert attnc.simulate("stdlib:document", n=64, inputs={"doc": doc})["predicted_speedup"] > 1
