@@ -29,7 +29,7 @@ LAYERS = [
 #: Rooms of the runtime, bottom first (a room may import its own rank or a lower one).
 RUNTIME_ROOMS = [
     ("runtime.numerics", "runtime.checks", "runtime.tritonenv", "runtime.kernel_fit", "runtime.runner",
-     "runtime.scale_clause"),
+     "runtime.scale_clause", "runtime.compiling"),
     ("runtime.frontends",),
     ("runtime.plan",),
     ("runtime.admission", "runtime.ops"),  # the front door of a call; the custom ops call runners by key
