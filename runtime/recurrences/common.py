@@ -27,6 +27,12 @@ def gate_tensor(rec: ir.RecurrenceIR, bound: E.Bound, tensors: dict, B: int, H: 
     if rec.gate == "head":
         return head_gates(rec, bound, H, dtype, device).view(1, H, 1, 1).expand(B, H, T, 1)
     g = tensors[rec.decay].to(device=device, dtype=dtype)
+    if RULES[rec.rule].log_decay_gates:
+        # a gate whose decay exp(g) is 0 in the compute dtype is a hard reset, exactly (forward, and its gradient
+        # exp(g) * .. = 0): taken as one, it keeps the chunks' float32 sums of the gates at their own size (a gate
+        # of -1e6 in them took the decays after it to its rounding, 0.02-0.06 off)
+        floor = -745.2 if dtype == torch.float64 else -104.0
+        g = torch.where(g < floor, torch.full((), -torch.inf, dtype=g.dtype, device=g.device), g)
     if g.dim() == (2 if rec.gate == "scalar" else 3):
         g = g.unsqueeze(0)
     if rec.gate == "scalar":

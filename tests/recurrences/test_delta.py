@@ -275,3 +275,32 @@ def test_a_positive_constant_decay_is_refused_naming_the_decay():
     for backend in ("reference", "cpu", "triton"):
         out = attnc.compile_attention(good, backend=backend)(q, k, v, initial_state=s0, scale=0.5, **inputs)
         torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10, msg=backend)
+
+
+@pytest.mark.parametrize("name", ["gated_delta_net", "kda"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("big", [-1e4, -1e6])
+def test_a_gate_far_below_underflow_keeps_float32_at_its_rounding(name, backend, big):
+    # a float32 sum of the gates with -1e6 in it took the decays after it to its rounding: 0.02-0.06 off, in the
+    # gradients too (the rule as written, in float64, is the reference)
+    q, k, v, inputs, s0 = case(name, 1, 2, 24, 4, 3, seed=7)
+    g = inputs["g"].clone()
+    g[0, 5] = big
+    inputs = {**inputs, "g": g}
+    B, H, T, Dk = q.shape
+    want, want_state = loop(q, k, v, full_gates(name, inputs, B, H, T, Dk), inputs["beta"].expand(B, H, T), 0.5, s0)
+    leaves = [t.float().requires_grad_() for t in (q, k, v, s0, inputs["g"], inputs["beta"])]
+    out, state = attnc.compile_attention(f"stdlib:{name}", backend=backend)(
+        *leaves[:3], initial_state=leaves[3], return_state=True, scale=0.5, g=leaves[4], beta=leaves[5])
+    torch.testing.assert_close(out.double(), want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(state.double(), want_state, rtol=2e-5, atol=2e-5)
+    # gradients: the reference backend (the rule's loop, checked against it above) in float64
+    ref = [t.clone().requires_grad_() for t in (q, k, v, s0, inputs["g"], inputs["beta"])]
+    ref_out = attnc.compile_attention(f"stdlib:{name}", backend="reference")(
+        *ref[:3], initial_state=ref[3], scale=0.5, g=ref[4], beta=ref[5])
+    torch.testing.assert_close(ref_out, want, rtol=1e-12, atol=1e-12)
+    weight = torch.sin(torch.arange(out.numel(), dtype=F64)).view_as(out)
+    got = torch.autograd.grad((out.double() * weight).sum(), leaves)
+    expect = torch.autograd.grad((ref_out * weight).sum(), ref)
+    for a, b in zip(got, expect, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)

@@ -42,7 +42,9 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     if bool(reset.any()):  # hard resets: count them (per token, or per key channel) and sum the rest
         segments = torch.cumsum(reset.to(torch.int32), dim=3)
         g = g.masked_fill(reset, 0.0)
-    G = torch.cumsum(g, dim=3)
+    # in float64: a float32 sum with a gate of -1e6 in it kept the spans after that gate to its rounding (0.06 off;
+    # the decay family's split prefix sums do the same, library.gates.ChunkGates)
+    G = torch.cumsum(g.to(torch.float64), dim=3)
     state = torch.zeros(B, H, Dk, Dv, dtype=q.dtype, device=q.device) if initial_state is None else initial_state
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = causal.clone().fill_diagonal_(False)
@@ -51,7 +53,8 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
     for n in range(N):
         qn, kn, vn, Gn, bn = q[:, :, n], k[:, :, n], v[:, :, n], G[:, :, n], beta[:, :, n]
         keep = causal[:, :, None]
-        enter, leave = torch.exp(Gn), torch.exp(Gn[:, :, -1:] - Gn)  # S0's decay to t; s's decay to the chunk's end
+        # S0's decay to t; s's decay to the chunk's end (from the float64 sums, rounded once)
+        enter, leave = torch.exp(Gn).to(q.dtype), torch.exp(Gn[:, :, -1:] - Gn).to(q.dtype)
         if segments is not None:  # no reset between s and t, none before t (S0), none after s (the end)
             sn = segments[:, :, n]  # resets counted from the chunk's start
             keep = keep & (sn[:, :, :, None, :] == sn[:, :, None, :, :])
@@ -59,10 +62,10 @@ def chunked(q, k, v, g, beta, scale: float, initial_state, C: int):
             leave = leave.masked_fill(sn != sn[:, :, -1:], 0.0)
         diff = (Gn[:, :, :, None, :] - Gn[:, :, None, :, :]).masked_fill(~keep, -torch.inf)
         if Gn.shape[-1] == 1:  # one gate per token
-            decay = torch.exp(diff[..., 0])
+            decay = torch.exp(diff[..., 0]).to(q.dtype)
             M, P = (kn @ kn.transpose(-1, -2)) * decay, (qn @ kn.transpose(-1, -2)) * decay
         else:  # one gate per key channel
-            decay = torch.exp(diff)
+            decay = torch.exp(diff).to(q.dtype)
             M = torch.einsum("btc,bsc,btsc->bts", kn.flatten(0, 1), kn.flatten(0, 1), decay.flatten(0, 1)).view(
                 B, H, C, C)
             P = torch.einsum("btc,bsc,btsc->bts", qn.flatten(0, 1), kn.flatten(0, 1), decay.flatten(0, 1)).view(
