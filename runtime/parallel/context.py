@@ -134,7 +134,13 @@ class ContextParallel(torch.nn.Module):
     def shard(self, x: torch.Tensor, dim: int = 2, sizes: dict | None = None) -> torch.Tensor:
         """This rank's part of the whole tensor ``x`` along ``dim`` (its tokens, in the order it computes)."""
         dim = _dim(x, dim, "argument x")
-        return self.order(x.shape[dim], sizes).shard(x, self.rank, dim)
+        try:
+            order = self.order(x.shape[dim], sizes)
+        except SpecError as err:  # the order's rules speak of a call's q; here the tensor is x
+            if err.where != "argument q":
+                raise
+            raise SpecError(err.message, where="argument x", hint=err.hint) from None
+        return order.shard(x, self.rank, dim)
 
     def unshard(self, x: torch.Tensor, dim: int = 2, sizes: dict | None = None) -> torch.Tensor:
         """The whole tensor on every rank from each rank's part along ``dim`` (not differentiable)."""
