@@ -161,9 +161,9 @@ def orient(q: torch.Tensor, hkv: int, layout: str) -> torch.Tensor:
             hint=HINT_LAYOUT,
         )
     raise SpecError(
-        f"query heads ({readings[layout]}) must be a multiple of key/value heads ({hkv}) (q {shown} "
+        f"query heads ({readings[layout]}) must be a multiple of the pools' key/value heads ({hkv}) (q {shown} "
         f'in layout "{layout}", {order[layout]})',
-        where="argument k",
+        where="argument q",
     )
 
 
@@ -229,7 +229,9 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int 
                 f"{other}= is given without {name}=: new keys and values are appended together",
                 where=f"argument {name}",
             )
-    if k_new is not v_new and (k_cache is v_cache or (k_cache.data_ptr() == v_cache.data_ptr() and k_cache.numel())):
+    # (the storage compared eagerly only: dynamo cannot trace a data pointer; one tensor passed twice is caught there)
+    same = k_cache is v_cache or (not compiling() and k_cache.numel() and k_cache.data_ptr() == v_cache.data_ptr())
+    if k_new is not v_new and same:
         raise SpecError("k and v are one pool: the new values would be written over the new keys in the same slots",
                         where="argument v", hint="give keys and values pools of their own, or v= the same tensor as k=")
     order = "[B, n_new, Hkv, {}]" if layout == "bnhd" else "[B, Hkv, n_new, {}]"

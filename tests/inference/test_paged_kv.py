@@ -357,7 +357,7 @@ def _bad_calls():
         ("k head dim", lambda a: a.update(k=a["k"][..., :4]), "k", "head dim"),
         ("v pages", lambda a: a.update(v=a["v"][:3]), "v", "pages"),
         ("k contiguous layout", lambda a: a.update(k=a["k"][0]), "k", "num_pages, page_size"),
-        ("GQA heads", lambda a: a.update(q=a["q"][:, :3]), "k", "multiple"),
+        ("GQA heads", lambda a: a.update(q=a["q"][:, :3]), "q", "multiple"),  # q's heads are at fault (it named k)
     ]
 
 

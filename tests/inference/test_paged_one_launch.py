@@ -694,6 +694,30 @@ def test_a_paged_call_compiles_with_fullgraph(packed):
     assert_fullgraph_is_eager(call, args, (*args[:4], torch.tensor([13, 31, 8], dtype=torch.int32), *args[5:]))
 
 
+def test_a_paged_call_that_appends_compiles_with_fullgraph():
+    """``k=``/``v=`` written into the pools inside the traced call (the checks before the write compared the pools'
+    data pointers, which dynamo cannot trace): the same pools and answer as the eager call."""
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    k, v, table, seqlens, _ = pool([12, 30, 7], 8)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, HQ, 1, D, generator=g)
+    kn, vn = (torch.randn(3, k.shape[2], 1, D, generator=g) for _ in range(2))
+
+    def call(q, k, v, kn, vn, table, seqlens):
+        return attn(q, k, v, k=kn, v=vn, block_table=table, cache_seqlens=seqlens, layout="bhnd")
+
+    k_eager, v_eager = k.clone(), v.clone()
+    want = call(q, k_eager, v_eager, kn, vn, table, seqlens)
+    torch._dynamo.reset()
+    try:
+        k_traced, v_traced = k.clone(), v.clone()
+        got = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k_traced, v_traced, kn, vn, table, seqlens)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(k_traced, k_eager) and torch.equal(v_traced, v_eager) and not torch.equal(k_eager, k)
+
+
 def test_a_paged_call_with_inputs_compiles_with_fullgraph():
     """A mask reading an input (document ids over the table's capacity): under ``torch.compile(fullgraph=True)``
     the one-launch op takes it (no graph break), the same answer as the eager call, at a second length too."""
