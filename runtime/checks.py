@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..compiler.analysis import evaluate as E
+from ..compiler.codegen.triton.exprs import FP32_MAX
 from ..core import ir
 from ..core.errors import SpecError
 
@@ -21,9 +22,8 @@ def resolve_scale(scale, head_dim: int, dtype: torch.dtype | None = None) -> flo
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
         raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
-    limit = torch.finfo(torch.float32).max
-    if dtype is not None and dtype != torch.float64 and abs(scale) > limit:
-        raise SpecError(f"scale {scale:g} is beyond the float32 range ({limit:.4g}) the scores of {dtype} inputs are "
+    if dtype is not None and dtype != torch.float64 and abs(scale) > FP32_MAX:
+        raise SpecError(f"scale {scale:g} is beyond the float32 range ({FP32_MAX:.4g}) the scores of {dtype} inputs are "
                         "computed in", where="argument scale", hint="use a smaller scale, or float64 inputs")
     return float(scale)
 

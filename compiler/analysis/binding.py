@@ -238,7 +238,7 @@ def plain_ints(value):
     tuple or list too, so that every later check and cache key sees one type; anything else as it is."""
     if isinstance(value, tuple | list):
         return type(value)(plain_ints(v) for v in value)
-    if isinstance(value, int) or isinstance(value, bool) or type(value).__name__ == "bool_":
+    if isinstance(value, int) or type(value).__name__ == "bool_":  # (bools are ints: kept as they are)
         return value
     if hasattr(value, "__index__"):
         try:

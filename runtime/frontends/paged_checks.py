@@ -284,6 +284,22 @@ def as_seqlens(cache_seqlens, batch: int, device: torch.device):
     return cache_seqlens
 
 
+def appended_slots(block_table: torch.Tensor, seqlens: torch.Tensor, count: int, page_size: int) -> tuple:
+    """The pool slots the ``count`` new keys of each row are written to: ``(pages, offsets)`` ``[B, count]`` int64,
+    row b's token t at ``offsets[b, t]`` of page ``pages[b, t]`` (``block_table[b, (seqlens[b] + t) // page_size]``),
+    made where the tensors are (no host read). A page index past the table is clamped (a length the checks refuse)."""
+    pos = seqlens.long().unsqueeze(1) + torch.arange(count, device=seqlens.device)
+    index = torch.div(pos, page_size, rounding_mode="floor").clamp(max=block_table.shape[1] - 1)
+    return block_table.long().gather(1, index), pos % page_size
+
+
+def _slots_shared(block_table: torch.Tensor, seqlens: torch.Tensor, count: int, page_size: int) -> torch.Tensor:
+    """Whether two rows' new keys go to one slot (``appended_slots``, sorted: adjacent equal ones), a 0-d bool."""
+    pages, offsets = appended_slots(block_table, seqlens, count, page_size)
+    slots = (pages * page_size + offsets).flatten().sort().values
+    return (slots[1:] == slots[:-1]).any()
+
+
 def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appended: int = 0) -> Pages:
     """Validate ``block_table`` and ``cache_seqlens`` against ``batch`` rows of ``n`` queries each (an int, or a
     list of each row's count) and the pool, with ``appended`` new keys per row (``k=``) after
@@ -348,16 +364,17 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
             hint=f"page ids of reached pages lie in [0, {num_pages})",
         )
     if appended:  # two rows writing one slot: the later write would be both rows' key
-        slots: dict[int, int] = {}
-        for b in range(len(before)):
-            for pos in range(before[b], lengths[b]):
-                slot = int(table[b, pos // page_size]) * page_size + pos % page_size
-                if slot in slots:
-                    raise SpecError(
-                        f"rows {slots[slot]} and {b} both write a new key into slot {pos % page_size} of page "
-                        f"{slot // page_size}: each would attend the other's token",
-                        where="argument block_table", hint="rows that append need pages of their own")
-                slots[slot] = b
+        pages, offsets = appended_slots(table, torch.tensor(before), appended, page_size)
+        slots = (pages * page_size + offsets).flatten()
+        order = slots.argsort(stable=True)
+        same = torch.nonzero(slots[order][1:] == slots[order][:-1]).flatten()
+        if len(same):
+            first, second = (int(order[i]) // appended for i in (int(same[0]), int(same[0]) + 1))
+            slot = int(slots[order[int(same[0])]])
+            raise SpecError(
+                f"rows {first} and {second} both write a new key into slot {slot % page_size} of page "
+                f"{slot // page_size}: each would attend the other's token",
+                where="argument block_table", hint="rows that append need pages of their own")
     by_length: dict[int, list[int]] = {}
     for b, length in enumerate(lengths):
         by_length.setdefault(length, []).append(b)
@@ -433,11 +450,8 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
-    if appended:  # no slot written by two rows (sorted on the device: adjacent equal slots)
-        pos = before.unsqueeze(1) + torch.arange(appended, device=before.device)
-        pages = block_table.long().gather(1, torch.div(pos, page, rounding_mode="floor").clamp(max=block_table.shape[1] - 1))
-        slots = (pages * page + pos % page).flatten().sort().values
-        good = good & ~(slots[1:] == slots[:-1]).any()
+    if appended:  # no slot written by two rows (found on the device)
+        good = good & ~_slots_shared(block_table, before, appended, page)
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from .layouts import Restore
-from .paged_checks import Pages, check_pages
+from .paged_checks import Pages, appended_slots, check_pages
 from .paged_inputs import check_inputs, group_input
 
 
@@ -22,11 +22,9 @@ def append_tokens(
     batch, _, count, _ = new.shape
     if batch == 0 or count == 0:
         return
-    page_size = cache.shape[1]
-    pos = seqlens.long().unsqueeze(1) + torch.arange(count, device=cache.device)
-    pages = table.long().gather(1, torch.div(pos, page_size, rounding_mode="floor"))
+    pages, offsets = appended_slots(table, seqlens, count, cache.shape[1])
     tokens = new.transpose(1, 2).reshape(batch * count, new.shape[1], new.shape[3])
-    cache.index_put_((pages.flatten(), (pos % page_size).flatten()), tokens)
+    cache.index_put_((pages.flatten(), offsets.flatten()), tokens)
 
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:

@@ -339,42 +339,52 @@ def check_fp32_constants(pat: ir.PatternIR, exprs: list | None = None) -> None:
 
 
 def fp32_error(pat: ir.PatternIR, value: float) -> SpecError:
-    def number(v) -> float | None:
-        ok = isinstance(v, int | float) and not isinstance(v, bool) or isinstance(v, sympy.Number)
-        return float(v) if ok else None
+    def beyond(v: float) -> bool:
+        return math.isfinite(v) and abs(v) > FP32_MAX
 
-    values = {name: number(v) for name, v in pat.params}
-    params = [name for name, v in values.items() if v is not None and math.isfinite(v) and abs(v) > FP32_MAX]
-    what = f"parameter '{params[0]}' = {values[params[0]]:g}" if params else f"the constant {value:g}"
-    message = f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})"
-    hint = "use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)"
-    if params:
-        return SpecError(message, where=f"parameter {params[0]}", hint=hint)
-    literal = _written_number(pat, value)
-    if literal is not None:  # written in the file: point at it
-        return SpecError(message, literal, filename=pat.filename, source=pat.source, hint=hint)
-    return SpecError(message, where=f"pattern '{pat.name}'", hint=hint + " (it is folded from the pattern's constants)")
+    param = _parameter_where(pat, beyond)
+    what = f"parameter '{param}' = {float(dict(pat.params)[param]):g}" if param else f"the constant {value:g}"
+    return _constant_error(pat, value, beyond, param,
+                           f"{what} is beyond the float32 range of the triton backend (|x| <= {FP32_MAX:.4g})",
+                           "use a smaller value, or backend='cpu' / 'reference' (float64 arithmetic)",
+                           " (it is folded from the pattern's constants)")
 
 
 def softcap_too_small(pat: ir.PatternIR, value: float, head: int) -> SpecError:
     """The error of a softcap below float32's smallest normal number (``s / cap`` is inf in the kernels' float32, and
     its gradient NaN), at the parameter or the number in the file it comes from where there is one."""
-    message = (f"softcap {value:g} (head {head}) is below float32's smallest normal number ({FP32_TINY:.4g}), in which "
-               "the triton backend computes it")
-    hint = "use a larger cap, or backend='cpu' / 'reference' (float64 arithmetic)"
+    def same(v: float) -> bool:
+        return v == value
+
+    return _constant_error(pat, value, same, _parameter_where(pat, same),
+                           f"softcap {value:g} (head {head}) is below float32's smallest normal number "
+                           f"({FP32_TINY:.4g}), in which the triton backend computes it",
+                           "use a larger cap, or backend='cpu' / 'reference' (float64 arithmetic)")
+
+
+def _parameter_where(pat: ir.PatternIR, test) -> str | None:
+    """The first numeric parameter of ``pat`` whose value passes ``test``, or None."""
     for name, v in pat.params:
-        if isinstance(v, int | float | sympy.Number) and not isinstance(v, bool) and float(v) == value:
-            return SpecError(message, where=f"parameter {name}", hint=hint)
-    literal = _written_number(pat, value, lambda x: x == value)
-    if literal is not None:
+        if isinstance(v, int | float | sympy.Number) and not isinstance(v, bool) and test(float(v)):
+            return name
+    return None
+
+
+def _constant_error(pat: ir.PatternIR, value: float, test, param: str | None, message: str, hint: str,
+                    folded: str = "") -> SpecError:
+    """A constant's error where it comes from: the parameter ``param``, else the number written in the file that
+    passes ``test`` (``value`` first), else the pattern (``folded`` added to the hint)."""
+    if param:
+        return SpecError(message, where=f"parameter {param}", hint=hint)
+    literal = _written_number(pat, value, test)
+    if literal is not None:  # written in the file: point at it
         return SpecError(message, literal, filename=pat.filename, source=pat.source, hint=hint)
-    return SpecError(message, where=f"pattern '{pat.name}'", hint=hint)
+    return SpecError(message, where=f"pattern '{pat.name}'", hint=hint + folded)
 
 
-def _written_number(pat: ir.PatternIR, value: float, outside=None):
-    """The position of a float written in the pattern's file that is outside float32's range (``outside``: another
-    test of a value), the one equal to ``value`` first, or None (no source, or the constant is folded from
-    others: ``1e20 * 1e20``)."""
+def _written_number(pat: ir.PatternIR, value: float, test):
+    """The position of a float written in the pattern's file that passes ``test``, the one equal to ``value`` first,
+    or None (no source, or the constant is folded from others: ``1e20 * 1e20``)."""
     if pat.source is None:
         return None
     from ....spec import ast  # the spec's syntax tree: parsed again only on this error's path
@@ -394,8 +404,7 @@ def _written_number(pat: ir.PatternIR, value: float, outside=None):
         module = parse(pat.source, pat.filename)
     except SpecError:
         return None
-    outside = outside or (lambda x: math.isfinite(x) and abs(x) > FP32_MAX)
-    beyond = [num for num in nodes(module) if isinstance(num.value, float) and outside(num.value)]
-    same = [num for num in beyond if abs(num.value) == abs(value)]
-    found = same or beyond
+    passing = [num for num in nodes(module) if isinstance(num.value, float) and test(num.value)]
+    same = [num for num in passing if abs(num.value) == abs(value)]
+    found = same or passing
     return found[0].pos if found else None
