@@ -35,6 +35,16 @@ def agree(group, record: dict, where: str, wheres: dict | None = None) -> list[d
     return records
 
 
+def raise_any(group, err: SpecError | None, device: torch.device) -> None:
+    """Raise on every rank the first rank's ``err`` where any rank has one (found after the transfers began:
+    the ranks that did not find it would otherwise wait in the next collective until the group's timeout).
+    One all-reduce of a flag when no rank has one; the messages travel only when one has."""
+    flag = torch.tensor([0 if err is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if int(flag.item()):
+        agree(group, {"error": None if err is None else (err.message, err.where)}, err.where if err else "")
+
+
 def global_rank(group, rank: int) -> int:
     return rank if group is None else dist.get_global_rank(group, rank)
 

@@ -280,7 +280,7 @@ class ContextParallel(torch.nn.Module):
             # a runner numbers a Ulysses share's heads from 0 (it runs only where no value reads the head)
             problem = dataclasses.replace(problem, bound=dataclasses.replace(
                 bound, heads=share, subs={**bound.subs, S.HEADS: share}))
-        call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv)
+        call = RingCall(problem, plan, self.ring_index, self.ring_group, self.kv, whole_group=self.group)
         out, lse = RingAttention.apply(q, k, v, call, *(tensors[name] for name in grad_inputs))
         if self.u > 1:
             sent += out.nbytes * (self.u - 1) // self.u

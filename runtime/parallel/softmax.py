@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ...core.errors import SpecError
 from ..numerics import compute_dtype, merge_by_lse
 from . import collectives as C
 from .blocks import BlockProblem, block_backward, block_forward
@@ -33,6 +34,8 @@ class RingCall:
     index: int
     group: object
     kv: str
+    #: the whole context-parallel group (every ring and Ulysses rank): where a block's error is agreed on
+    whole_group: object = None
     sent: dict = field(default_factory=lambda: {"forward": 0, "backward": 0})
     gathered_k: list | None = None  # all-gather mode: every ring position's keys and values
     gathered_v: list | None = None
@@ -111,9 +114,19 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(B, H, L, v.shape[-1], dtype=dt, device=q.device)
         lse = torch.full((B, H, L), -math.inf, dtype=dt, device=q.device)
         q_pos = call.positions(call.index)
+        found = None  # a block's error (an input indexed out of range at a pair only this rank's queries attend)
         for j, kj, vj in _key_blocks(call, k, v, "forward"):
-            part, part_lse = block_forward(call.problem, q, kj, vj, q_pos, call.positions(j))
+            if found is not None:
+                continue  # the ring's transfers still run, so that the other ranks are not left waiting
+            try:
+                part, part_lse = block_forward(call.problem, q, kj, vj, q_pos, call.positions(j))
+            except SpecError as err:
+                found = err
+                continue
             out, lse = merge_by_lse(out, lse, part, part_lse)
+        # one rank's error is every rank's: none goes on to the next collective (a Ulysses all-to-all, the
+        # backward's ring) while another has raised
+        C.raise_any(call.whole_group, found, q.device)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.call = call
         ctx.input_places = [(t.device, t.dtype) for t in inputs]

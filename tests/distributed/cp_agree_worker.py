@@ -28,6 +28,8 @@ def whole_inputs(case: dict) -> dict:
         gate[(1, n - 3) if len(shape) == 2 else (1, n - 3, 2)] = case["gate"]  # in the last rank's part only
         out["g"] = gate
         out["beta"] = 0.05 + 0.1 * torch.rand(H, n, generator=g, dtype=torch.float64)
+    if "table" in case:  # a bias table shorter than the positions its bias reads at some ranks' queries
+        out["t"] = torch.randn(case["table"], generator=g, dtype=torch.float64)
     return out
 
 
@@ -40,8 +42,9 @@ def run_case(case: dict, rank: int) -> dict:
     B, H, n, D = case["B"], case["H"], case["n"], case["D"]
     q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=case.get("dtype", torch.float64)) for _ in range(3))
     try:  # ranks compiled differently are refused when the module is made, or else at the call
-        cp = ContextParallel(attn)
-        inputs = {name: cp.shard(t, dim=1 if t.dim() == 3 else -1) for name, t in whole_inputs(case).items()}
+        cp = ContextParallel(attn, kv=case.get("kv", "ring"))
+        inputs = {name: t if name == "t" else cp.shard(t, dim=1 if t.dim() == 3 else -1)
+                  for name, t in whole_inputs(case).items()}
         out = cp(cp.shard(q), cp.shard(k), cp.shard(v), **inputs)
     except attnc.SpecError as err:
         return {"error": str(err), "where": err.where}

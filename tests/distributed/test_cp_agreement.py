@@ -15,6 +15,11 @@ import torch
 from cp_agree_worker import worker
 
 GATED = dict(spec="stdlib:gated_delta_net", B=1, H=2, n=32, D=4)
+#: a bias table of one entry per 12 queries, 2 entries: the queries from 24 on read past it, and under the
+#: zigzag order over 2 ranks (chunks of 8) only rank 0 holds them. The mask's own reads are checked before
+#: any transfer, a bias's only at the pairs attended: while the blocks are computed
+TABLE = dict(spec="pattern b\n  tokens seq\n  input t: float[heads]\n  mask k <= q\n  bias t[q // 12]\n",
+             B=1, H=2, n=32, D=4, table=2)
 CASES = {
     # one rank's bad gate: refused on every rank before the states are all-gathered
     "nan-gate-cpu": dict(GATED, gate=math.nan, backend="cpu"),
@@ -29,6 +34,10 @@ CASES = {
     "softcap-differs": dict(spec="stdlib:softcap", params={"cap": 2.0}, params_on_rank1={"cap": 3.0},
                             B=1, H=2, n=32, D=8),
     "delta-option-differs": dict(GATED, gate=-1.0, params_on_rank1={"qk_l2norm": True}),
+    # one rank's queries read a bias input out of range, found only once the ring has begun
+    "bias-index-ring-reference": dict(TABLE, kv="ring"),
+    "bias-index-ring-cpu": dict(TABLE, kv="ring", backend="cpu"),
+    "bias-index-allgather-cpu": dict(TABLE, kv="allgather", backend="cpu"),
 }
 WORDS = {
     "nan-gate-cpu": "rank 1: the delta rule's gates are log decays",
@@ -39,6 +48,9 @@ WORDS = {
     "token-topk-differs": "ranks disagree on the pattern",
     "softcap-differs": "ranks disagree on the pattern",
     "delta-option-differs": "ranks disagree on the pattern",
+    "bias-index-ring-reference": "rank 0: input 't' indexed out of range at a (query, key) pair the pattern attends",
+    "bias-index-ring-cpu": "rank 0: input 't' indexed out of range at a (query, key) pair the pattern attends",
+    "bias-index-allgather-cpu": "rank 0: input 't' indexed out of range at a (query, key) pair the pattern attends",
 }
 
 
@@ -67,7 +79,8 @@ def test_every_rank_raises_the_same_error(results, name):
         assert got["error"] is not None, f"rank {r} ran: {got}"
     assert WORDS[name] in got_ranks[0]["error"], got_ranks[0]["error"]
     assert got_ranks[1]["error"] == got_ranks[0]["error"] and got_ranks[1]["where"] == got_ranks[0]["where"]
-    assert got_ranks[0]["where"] == ("argument attn" if "params_on_rank1" in CASES[name] else "argument g")
+    assert got_ranks[0]["where"] == ("argument attn" if "params_on_rank1" in CASES[name] else
+                                     "argument t" if "table" in CASES[name] else "argument g")
 
 
 def test_identical_attentions_compiled_on_each_rank_still_agree(results):
