@@ -1134,9 +1134,11 @@ def _mask_on_triton_equals_reference(mask: str, n: int, seed: int) -> None:
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("mask", ["k > q or h > 1.5", "(h * 1.0 > 0.5) and causal", "not causal or h >= 0.75"])
+@pytest.mark.parametrize("mask", ["k > q or h > 1.5", "(h * 1.0 > 0.5) and causal", "not causal or h >= 0.75",
+                                  "(q - k < 3) or (if k < q then false else -10 / (h // 2 + 1) != 11.0005)"])
 def test_a_head_only_float_comparison_beside_a_block(mask):
-    # a scalar comparison of h joined with a block by and/or crashed Triton's interpreter (found by the fuzzer)
+    # a scalar comparison of h joined with a block by and/or, or a branch of an `if` beside a block branch,
+    # crashed Triton's interpreter (found by the fuzzer)
     _mask_on_triton_equals_reference(mask, n=11, seed=0)
 
 

@@ -149,6 +149,13 @@ class TritonPrinter(ExprPrinter):
         # it a bool Triton's interpreter combines with a block (its scalar comparisons refuse `|` with one)
         return self.p(a) if self._per_pair(a) else f"({self.p(a)} != 0)"
 
+    def _branch_values(self, values) -> list[str]:
+        # a bool branch of the head alone is a scalar comparison, which Triton's interpreter cannot broadcast
+        # beside a block branch (it tags the scalar with its operands' dtype): `!= 0`, as for a logic term
+        texts = super()._branch_values(values)
+        return [f"({t} != 0)" if isinstance(v, sympy.logic.boolalg.Boolean) and v not in (sympy.true, sympy.false)
+                and not self._per_pair(v) else t for v, t in zip(values, texts, strict=True)]
+
     def _per_pair(self, e: sympy.Basic) -> bool:
         """Whether an expression is a tile of values (else a scalar: per head, or per tile pair)."""
         return S.per_pair(e, self.scalars)
