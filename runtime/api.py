@@ -29,7 +29,7 @@ from .frontends.layouts import check_layout, check_orientation, to_bhnd
 from .frontends.paged import DEFAULT_LAYOUT, UnnamedLayout, bind_qkv, refuse_new_tokens
 from .numerics import needs_grad, unnormalized_output
 from .plan import block_max, clusters, forms, given, kept_summary, routing
-from .plan.cache import PlanCache
+from .plan.cache import PlanCache, score_input_names
 from .registry import BACKENDS, check_backend, check_recurrence_backend, make_runner
 
 __all__ = ["BACKENDS", "Attention", "compile_attention", "materialize_mask", "resolve_scale", "simulate",
@@ -406,6 +406,8 @@ class Attention(torch.nn.Module):
             check_orientation(self.pattern, layout, q, k, inputs, {**self.sizes, **(sizes or {})})
         check_state(initial_state, q, "initial_state")
         return_lse, return_state = check_flag("return_lse", return_lse), check_flag("return_state", return_state)
+        if isinstance(self.pattern, ir.PatternIR):
+            inputs = self._scored_only_differentiated(inputs)
         q, k, v, inputs = first_order(self.runner, q, k, v, inputs)  # double backward: one refusal everywhere
         run = self._forward
         if cu_seqlens is not None and compiling():  # the offsets are data: the op reads them
@@ -464,6 +466,15 @@ class Attention(torch.nn.Module):
         out, lse = self.runner.forward(call, q, k, v)
         out = unnormalized_output(self.pattern, out, lse)  # weights not divided by their sum: times that sum
         return (out, lse) if return_lse else out
+
+    def _scored_only_differentiated(self, inputs: dict) -> dict:
+        """The inputs the scores do not read (a route's indexer or gate, a mask's table) detached: they take no
+        gradient, None on every backend (a kernel backend's op would otherwise hand back zeros for them)."""
+        scored = self.__dict__.get("_scored")
+        if scored is None:
+            scored = self.__dict__["_scored"] = frozenset(score_input_names(self.pattern))
+        return {name: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad and name not in scored else t
+                for name, t in inputs.items()}
 
     def _score_scale(self, q: torch.Tensor, Nk: int, all_sizes: dict) -> torch.Tensor:
         """The pattern's ``scale E`` at every query row and head of this call, ``[1, Hq, Nq, 1]`` on q's device

@@ -9,7 +9,8 @@ input), and the results are handed back as views in the caller's layout: ``out``
 A recurrence's state keeps fla's ``[B, H, Dk, Dv]`` in both layouts.
 
 Call-time inputs declared ``[heads, n, ...]`` (recurrence gates ``g``, FoX's forget gates) are
-given ``[n, heads, ...]`` in ``"bnhd"`` (fla's ``g [B, T, H]`` / ``[B, T, H, K]``), with the usual
+given ``[n, heads, ...]`` in ``"bnhd"`` (fla's ``g [B, T, H]`` / ``[B, T, H, K]``), and those declared
+``[heads, nk, ...]`` (dma's ``importance``, sparsifiner's ``ki``) ``[nk, heads, ...]``, with the usual
 optional leading batch dimension.
 
 A 4-D tensor's reading cannot always be told from its shape: ``check_orientation`` refuses shapes
@@ -133,32 +134,35 @@ def _flat(t, name: str, axes, sizes: dict, known: dict) -> tuple[torch.Tensor, t
 
 
 def _gate_inputs(pat, inputs: dict, q, k=None, v=None) -> dict:
-    """Inputs declared ``[heads, n, ...]``, given ``[n, heads, ...]`` (batched or not), as views in the
-    declared order; their leading two extents are checked against q's heads (v's where the delta
-    rule has more value heads, GVA) and the sequence's tokens here, where the message can show the
-    caller's order; anything else is passed on unchanged (``bind_inputs`` checks it). A self-attention
-    pattern's ``n`` is the whole sequence: k's tokens, more than q's after a KV cache."""
+    """Inputs declared ``[heads, n, ...]`` or ``[heads, nk, ...]``, given ``[n, heads, ...]`` (``[nk, heads,
+    ...]``; batched or not), as views in the declared order; their leading two extents are checked against
+    q's heads (v's where the delta rule has more value heads, GVA) and the tokens here, where the message can
+    show the caller's order; anything else is passed on unchanged (``bind_inputs`` checks it). A
+    self-attention pattern's ``n`` is the whole sequence: k's tokens, more than q's after a KV cache; ``nk``
+    is k's tokens."""
     out = dict(inputs)
     heads = q.shape[1] if isinstance(q, torch.Tensor) and q.dim() == 4 else None
-    tokens = q.shape[2] if heads is not None else None
-    if (heads is not None and getattr(pat, "self_attention", True) and isinstance(k, torch.Tensor)
-            and k.dim() == 4):
-        tokens = k.shape[2]
+    tokens = {"n": q.shape[2] if heads is not None else None}
+    keys = isinstance(k, torch.Tensor) and k.dim() == 4
+    tokens["nk"] = k.shape[2] if heads is not None and keys else None
+    if heads is not None and getattr(pat, "self_attention", True) and keys:
+        tokens["n"] = k.shape[2]
     if heads is not None and getattr(pat, "rule", None) == "delta" and isinstance(v, torch.Tensor) and v.dim() == 4:
         heads = max(heads, v.shape[1])
     for decl in pat.inputs:
         t = out.get(decl.name)
-        if decl.dim_names[:2] != ("heads", "n") or not isinstance(t, torch.Tensor):
+        if decl.dim_names[:2] not in (("heads", "n"), ("heads", "nk")) or not isinstance(t, torch.Tensor):
             continue
         batched = t.dim() == len(decl.dims) + 1
         if t.dim() != len(decl.dims) and not batched:
             continue
         lead = tuple(t.shape[int(batched):int(batched) + 2])
-        if heads is not None and lead != (tokens, heads):
+        along = decl.dim_names[1]
+        if heads is not None and tokens[along] is not None and lead != (tokens[along], heads):
             rest = ", ".join(decl.dim_names[2:])
             raise SpecError(f"input '{decl.name}' has shape {list(t.shape)}; layout 'bnhd' expects "
-                            f"[{'B, ' if batched else ''}n, heads{', ' + rest if rest else ''}] with n = {tokens}, "
-                            f"heads = {heads}", where=f"argument {decl.name}",
+                            f"[{'B, ' if batched else ''}{along}, heads{', ' + rest if rest else ''}] with "
+                            f"{along} = {tokens[along]}, heads = {heads}", where=f"argument {decl.name}",
                             hint="under layout 'bnhd' tokens come before heads, as fla's g [B, T, H(, K)]")
         out[decl.name] = t.transpose(int(batched), int(batched) + 1)
     return out
@@ -182,11 +186,11 @@ def to_bhnd(pat, layout: str, q, k, v, inputs: dict, sizes: dict | None, known: 
 
 def _input_dims(pat, inputs: dict) -> dict[str, int]:
     """``heads``, ``n`` and ``nk`` as the shapes of call-time inputs state them (inputs whose leading
-    dims are ``heads, n`` are left out: their reading follows the layout too)."""
+    dims are ``heads, n`` or ``heads, nk`` are left out: their reading follows the layout too)."""
     found: dict[str, int] = {}
     for decl in pat.inputs:
         t = inputs.get(decl.name)
-        if not isinstance(t, torch.Tensor) or decl.dim_names[:2] == ("heads", "n"):
+        if not isinstance(t, torch.Tensor) or decl.dim_names[:2] in (("heads", "n"), ("heads", "nk")):
             continue
         shape = tuple(t.shape[1:]) if t.dim() == len(decl.dims) + 1 else tuple(t.shape)
         if len(shape) != len(decl.dims):

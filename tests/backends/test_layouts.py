@@ -220,3 +220,30 @@ def test_cross_attention_bnhd_with_gqa():
     o = attnc.compile_attention(spec, backend="cpu", layout="bnhd")(q, k, v)
     o_ref = attnc.compile_attention(spec, backend="reference")(*(t.transpose(1, 2) for t in (q, k, v)))
     torch.testing.assert_close(o, o_ref.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_inputs_over_the_keys_are_given_keys_first_under_bnhd(backend):
+    # dma's importance [heads, nk] and sparsifiner's ki [heads, nk, rank] are given [nk, heads(, rank)] under
+    # 'bnhd', as inputs over the queries are: sparsifiner's qi was transposed and its ki was not, and dma's
+    # importance in the caller's order was refused with a hint to read q, k, v swapped
+    B, N, H, D = 2, 12, 2, 8
+    q, k, v = (_rand(B, H, N, D, seed=s) for s in range(3))
+    cases = {"stdlib:dma": dict(params={"window": 5}, inputs={"importance": _rand(B, H, N, seed=3)}),
+             "stdlib:sparsifiner": dict(params={"budget": 4, "rank": 3, "cls": 1},
+                                        inputs={"qi": _rand(B, H, N, 3, seed=4), "ki": _rand(B, H, N, 3, seed=5)})}
+    for spec, case in cases.items():
+        attn = attnc.compile_attention(spec, backend=backend, **case["params"])
+        want = attn(q, k, v, **case["inputs"])
+        swapped = {name: t.transpose(1, 2) for name, t in case["inputs"].items()}
+        got = attn(*(t.transpose(1, 2) for t in (q, k, v)), layout="bnhd", **swapped)
+        torch.testing.assert_close(got.transpose(1, 2), want, rtol=0, atol=0)
+        if spec == "stdlib:dma":  # the importance is also a bias: the same gradient in both layouts
+            leaf = case["inputs"]["importance"]
+            (g_bnhd,), (g_bhnd,) = torch.autograd.grad(got.sum(), leaf), torch.autograd.grad(want.sum(), leaf)
+            torch.testing.assert_close(g_bnhd, g_bhnd, rtol=1e-12, atol=1e-12)
+        # in the declared order under 'bnhd', the input is refused, naming it
+        first = next(iter(case["inputs"]))
+        with pytest.raises(SpecError) as info:
+            attn(*(t.transpose(1, 2) for t in (q, k, v)), layout="bnhd", **{**swapped, first: case["inputs"][first]})
+        assert info.value.where == f"argument {first}"

@@ -257,3 +257,26 @@ def test_an_indexer_route_decodes_as_the_whole_sequence(backend):
     for rows in (1, 3):
         step = attn(*(x.to(dtype) for x in (q[:, :, -rows:], k, v)), qi=qi.to(dtype), ki=ki.to(dtype))
         torch.testing.assert_close(step.double(), full[:, :, -rows:], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "flex", "triton", "auto"])
+def test_inputs_that_only_select_take_no_gradient_on_any_backend(backend):
+    # an indexer's inputs, a route's gate, a mask's centroids are not differentiated: their .grad stays None on
+    # every backend (the kernel backends' ops handed back zeros, the reference None); a bias input's flows
+    H, N, D = 2, 24, 8
+    gen = torch.Generator().manual_seed(5)
+    cases = [("stdlib:seer", {"block": 8, "topk": 2}, {"gate": (H, N, 3)}),
+             ("stdlib:dsa", {"topk": 5, "index_heads": 2, "index_dim": 4},
+              {"qi": (N, 2, 4), "ki": (N, 4), "w": (N, 2)}),
+             ("stdlib:cluster_mask", {"clusters": 3}, {"centroids": (H, 3, D)}),
+             ("stdlib:dma", {"window": 5}, {"importance": (H, N)})]
+    for spec, params, shapes in cases:
+        q, k, v = (torch.randn(1, H, N, D, generator=gen).requires_grad_() for _ in range(3))
+        inputs = {name: torch.randn(*shape, generator=gen).requires_grad_() for name, shape in shapes.items()}
+        attnc.compile_attention(spec, backend=backend, **params)(q, k, v, **inputs).sum().backward()
+        assert all(t.grad is not None for t in (q, k, v)), spec
+        for name, t in inputs.items():
+            if spec == "stdlib:dma":  # the importance is also the bias
+                assert t.grad is not None and bool(t.grad.abs().sum() > 0), (spec, name)
+            else:
+                assert t.grad is None, (spec, name, backend)
