@@ -165,6 +165,8 @@ class Attention(torch.nn.Module):
         #: what runs: a ``runtime.runner.Runner`` (``auto``: the runner that chooses among the others)
         self.runner = make_runner(pattern, backend, q_tile, kv_tile)
         self._tiles = (q_tile, kv_tile)  # as given (a call with selection= runs a module of the same tiles)
+        #: the call-time inputs a softmax pattern's scores read: the only ones differentiated
+        self._scored = frozenset(score_input_names(pattern)) if isinstance(pattern, ir.PatternIR) else None
         if isinstance(pattern, ir.PatternIR) and pattern.route is not None and pattern.route.kind != route_kinds.GIVEN.name:
             self._given_module()  # made here, not inside a torch.compile trace of a call with selection=
         # the module's key in the ops' registry: attnc::varlen_attention (cu_seqlens) and attnc::score_scale
@@ -470,11 +472,8 @@ class Attention(torch.nn.Module):
     def _scored_only_differentiated(self, inputs: dict) -> dict:
         """The inputs the scores do not read (a route's indexer or gate, a mask's table) detached: they take no
         gradient, None on every backend (a kernel backend's op would otherwise hand back zeros for them)."""
-        scored = self.__dict__.get("_scored")
-        if scored is None:
-            scored = self.__dict__["_scored"] = frozenset(score_input_names(self.pattern))
-        return {name: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad and name not in scored else t
-                for name, t in inputs.items()}
+        return {name: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad and name not in self._scored
+                else t for name, t in inputs.items()}
 
     def _score_scale(self, q: torch.Tensor, Nk: int, all_sizes: dict) -> torch.Tensor:
         """The pattern's ``scale E`` at every query row and head of this call, ``[1, Hq, Nq, 1]`` on q's device

@@ -153,8 +153,9 @@ class TritonPrinter(ExprPrinter):
         # a bool branch of the head alone is a scalar comparison, which Triton's interpreter cannot broadcast
         # beside a block branch (it tags the scalar with its operands' dtype): `!= 0`, as for a logic term
         texts = super()._branch_values(values)
-        return [f"({t} != 0)" if isinstance(v, sympy.logic.boolalg.Boolean) and v not in (sympy.true, sympy.false)
-                and not self._per_pair(v) else t for v, t in zip(values, texts, strict=True)]
+        tests = (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction)  # not a Symbol (an int)
+        return [f"({t} != 0)" if isinstance(v, tests) and not self._per_pair(v) else t
+                for v, t in zip(values, texts, strict=True)]
 
     def _per_pair(self, e: sympy.Basic) -> bool:
         """Whether an expression is a tile of values (else a scalar: per head, or per tile pair)."""
