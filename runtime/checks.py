@@ -4,6 +4,7 @@ clear errors naming the argument, before any work."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -20,7 +21,10 @@ def resolve_scale(scale, head_dim: int, dtype: torch.dtype | None = None) -> flo
     scores were inf and the outputs NaN on some backends)."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):  # numpy's scalars and Fraction are numbers
+        hint = "pass float(scale)" if isinstance(scale, torch.Tensor) and scale.dim() == 0 else None
+        raise SpecError(f"scale must be a number, got {type(scale).__name__}", where="argument scale", hint=hint)
+    if not math.isfinite(scale):
         raise SpecError(f"scale must be a finite number, got {scale!r}", where="argument scale")
     if dtype is not None and dtype != torch.float64 and abs(scale) > FP32_MAX:
         raise SpecError(f"scale {scale:g} is beyond the float32 range ({FP32_MAX:.4g}) the scores of {dtype} inputs are "
@@ -102,6 +106,9 @@ def check_qkv(q, k, v, gva: bool = False, packed: bool = False) -> None:
             raise SpecError(f"expected 4 dimensions [B, H, N, D], got shape {list(t.shape)}", where=f"argument {name}")
         if not t.dtype.is_floating_point:
             raise SpecError(f"expected a floating-point tensor, got {t.dtype}", where=f"argument {name}")
+        if t.dtype.itemsize == 1:  # float8: no backend computes attention on it (Flex's and torch's CPU ops lack it)
+            raise SpecError(f"float8 inputs are not supported, got {t.dtype}", where=f"argument {name}",
+                            hint="cast q, k and v to bfloat16 or float16 (a float8 pool: dequantize the pages read)")
         if t.is_meta:  # no data: a kernel would read uninitialised memory
             raise SpecError("a meta tensor holds no data", where=f"argument {name}",
                             hint="pass a tensor on the CPU or a CUDA device")

@@ -287,9 +287,10 @@ def as_seqlens(cache_seqlens, batch: int, device: torch.device):
 def appended_slots(block_table: torch.Tensor, seqlens: torch.Tensor, count: int, page_size: int) -> tuple:
     """The pool slots the ``count`` new keys of each row are written to: ``(pages, offsets)`` ``[B, count]`` int64,
     row b's token t at ``offsets[b, t]`` of page ``pages[b, t]`` (``block_table[b, (seqlens[b] + t) // page_size]``),
-    made where the tensors are (no host read). A page index past the table is clamped (a length the checks refuse)."""
+    made where the tensors are (no host read). A page index outside the table is clamped into it (a length the
+    checks refuse: past the table, or negative)."""
     pos = seqlens.long().unsqueeze(1) + torch.arange(count, device=seqlens.device)
-    index = torch.div(pos, page_size, rounding_mode="floor").clamp(max=block_table.shape[1] - 1)
+    index = torch.div(pos, page_size, rounding_mode="floor").clamp(min=0, max=block_table.shape[1] - 1)
     return block_table.long().gather(1, index), pos % page_size
 
 

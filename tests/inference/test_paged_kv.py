@@ -475,6 +475,11 @@ def test_appends_that_would_overwrite_each_other_are_refused_before_anything_is_
     with pytest.raises(SpecError, match="k and v are one pool") as err:
         attn(q, k_pool, k_pool, k=kn, v=vn, block_table=own, cache_seqlens=before)
     assert err.value.where == "argument v" and torch.equal(k_pool, kc)
+    # a negative length of a row that appends: named (on triton the slots it would write were gathered at a
+    # negative page index first, a raw torch error)
+    with pytest.raises(SpecError, match=r"cache_seqlens\[1\] = -3 is outside .*a key count is not negative") as err:
+        attn(q, k_pool, v_pool, k=kn, v=vn, block_table=own, cache_seqlens=torch.tensor([5, -3], dtype=torch.int32))
+    assert err.value.where == "argument cache_seqlens" and torch.equal(k_pool, kc) and torch.equal(v_pool, vc)
     # pages of their own: taken
     out = attn(q, k_pool, v_pool, k=kn, v=vn, block_table=own, cache_seqlens=before)
     assert torch.isfinite(out).all() and torch.equal(k_pool[3, 1], kn[0, :, 0]) and torch.equal(k_pool[2, 1], kn[1, :, 0])

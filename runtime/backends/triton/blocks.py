@@ -132,7 +132,7 @@ def checked_inputs(pat, bound: E.Bound, q, inputs: dict, checked: dict | None = 
     and the error would come calls late, from another call than the one at fault."""
     if q.dtype not in DTYPES:
         raise SpecError(f"the triton backend runs float16, bfloat16 and float32, got {q.dtype}",
-                        where="argument q", hint="use backend='cpu' for float64")
+                        where="argument q", hint="use backend='cpu' for float64" if q.dtype == torch.float64 else None)
     tensors, _ = E.bind_inputs(pat, bound, inputs, batch=q.shape[0])
     if mask_input_names(pat):
         key = ("mask indices", *block_key(bound), q.shape[0])
