@@ -322,9 +322,10 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
     windows = ir.least_length(pat) if isinstance(pat, ir.PatternIR) else 1  # the mask's windows fit each row
     for b, length in enumerate(before):
         rows = n[b] if isinstance(n, list) else n
-        # self-attention: the queries are the last n keys of the row (the new ones included)
+        # self-attention: the queries are the last n keys of the row (the new ones included); a row of no
+        # queries may hold no key (a serving batch padded to a captured size: vLLM's rows of length 0)
         least = max(rows, 1) if pat.self_attention else 1
-        low, high = max(max(least, windows) - appended, 0), capacity - appended
+        low, high = (max(max(least, windows) - appended, 0) if rows else 0), capacity - appended
         if length < 0:
             why = "a key count is not negative"
         elif length > high:
@@ -447,6 +448,7 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     counts = rows.counts() if rows is not None else torch.full_like(before, q.shape[2])
     least = counts.clamp(min=1) if pat.self_attention else torch.ones_like(before)
     least = least.clamp(min=ir.least_length(pat))  # the mask's windows fit each row
+    least = torch.where(counts > 0, least, 0)  # a row of no queries may hold no key (a padded batch's)
     ok = (before >= 0) & (lengths <= capacity) & (lengths >= least)
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)

@@ -483,3 +483,25 @@ def test_appends_that_would_overwrite_each_other_are_refused_before_anything_is_
     # pages of their own: taken
     out = attn(q, k_pool, v_pool, k=kn, v=vn, block_table=own, cache_seqlens=before)
     assert torch.isfinite(out).all() and torch.equal(k_pool[3, 1], kn[0, :, 0]) and torch.equal(k_pool[2, 1], kn[1, :, 0])
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto", "triton"])
+def test_a_batch_padded_with_rows_of_no_query_and_no_key_equals_its_rows(backend):
+    # vLLM pads a captured decode batch with rows of length 0 (their queries none, their table rows its null page
+    # 0 or -1): refused ("every row holds a key"); a row of queries still needs its keys
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    attn = compile_attention("stdlib:sliding_window", backend=backend, window=6)
+    k_cache, v_cache, table, seqlens, rows = paged_cache((9, 14, 0, 0), 4, dtype=dtype)
+    table[2] = 0
+    cu = torch.tensor([0, 1, 3, 3, 3], dtype=torch.int32)
+    q = torch.randn(1, HQ, 5, D, generator=_gen(21), dtype=dtype)  # two padding tokens past the rows'
+    out = attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu)
+    ref = compile_attention("stdlib:sliding_window", backend="reference", window=6)
+    for b, (lo, hi) in enumerate(((0, 1), (1, 3))):
+        k_b, v_b = rows[b]
+        want = ref(q[:, :, lo:hi].double(), k_b.double(), v_b.double())
+        torch.testing.assert_close(out[:, :, lo:hi].double(), want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(SpecError, match=r"cache_seqlens\[2\] = 0 is outside \[1, ") as err:
+        attn(q, k_cache, v_cache, block_table=table, cache_seqlens=seqlens,
+             cu_seqlens_q=torch.tensor([0, 1, 3, 4, 4], dtype=torch.int32))
+    assert err.value.where == "argument cache_seqlens"

@@ -126,15 +126,18 @@ def test_the_one_launch_patterns_are_the_ones_named_here():
 @pytest.mark.parametrize("name", sorted(ONE_LAUNCH))
 def test_a_mixed_batch_is_one_launch_and_each_row_is_the_reference(name, monkeypatch):
     """Rows of 4 lengths and 4 query counts (a decode row, chunked-prefill rows, a row whose queries are all its
-    keys), shuffled pages of 8 keys, 4 query heads on 2 K/V heads: one launch of ``attnc_fwd_paged`` (two with
-    the split-KV merge), each row equal to the float64 reference."""
+    keys), shuffled pages of 8 keys, 4 query heads on 2 K/V heads, and the batch padded as vLLM pads a captured
+    one (two rows of no query and no key, on its null page 0 or on -1, and q's tokens past the last row's): one
+    launch of ``attnc_fwd_paged`` (two with the split-KV merge), each row equal to the float64 reference."""
     params = ONE_LAUNCH[name]
     attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
     lengths, counts = [5, 17, 40, 23], [1, 3, 1, 23]
     k, v, table, seqlens, rows = pool(lengths, 8)
-    cu = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(1, HQ, int(cu[-1]), D, generator=torch.Generator().manual_seed(1))
-    given = paged_inputs(name, len(lengths), table.shape[1] * 8)
+    padding = torch.stack([torch.zeros_like(table[0]), torch.full_like(table[0], -1)])
+    table, seqlens = torch.cat([table, padding]), torch.cat([seqlens, seqlens.new_zeros(2)])
+    cu = torch.tensor([0, *torch.tensor(counts + [0, 0]).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(1, HQ, int(cu[-1]) + 2, D, generator=torch.Generator().manual_seed(1))
+    given = paged_inputs(name, len(lengths) + 2, table.shape[1] * 8)
     launched = count_launches(monkeypatch)
     out = attn(q, k, v, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, layout="bhnd", **given)
     assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"]

@@ -94,7 +94,9 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1
     (``lrow``), cut at ``kv_limit`` KV tiles. ``least_keys``: the fewest keys a row holds (its mask's windows fit
     its length: ``ir.least_length``). ``routed``: the lists are the row's own, per K/V head (its queries'
     selection's: ``runtime.backends.triton.paged_routes``), not its positions' range's."""
-    least = f"tl.maximum(raw_q, {least_keys})" if self_attention else str(least_keys)
+    # a row of no queries may hold no key (a serving batch padded to a captured size)
+    least = f"tl.where(raw_q > 0, tl.maximum(raw_q, {least_keys}), 0)" if self_attention else \
+        f"tl.where(raw_q > 0, {least_keys}, 0)"
     if routed:
         lists = ["# the row's own lists for this K/V head: the KV tiles its queries' selection reaches",
                  f"q_any = qt * {tile} < Q_EXT",
@@ -128,7 +130,7 @@ def row_setup(tile: int, kv_tile: int, self_attention: bool, least_keys: int = 1
 def row_check() -> list[str]:
     """One program of each row (its first Q tile, first K/V head and split) checks the row's values as the host
     rules do (``frontends.paged_checks.check_pages``, ``varlen_rows``) and writes ``OK[row]``: its sizes kept the rules
-    (``row_fine``, made by ``row_setup``: its key count within [its queries (self-attention; else 1), the table's
+    (``row_fine``, made by ``row_setup``: its key count within [its queries (self-attention; else 1; 0 for a row of no queries), the table's
     capacity], its query count within [0, ``MAX_Q``], its first query row at 0 for the first row and its queries
     within q's rows) and every page id its keys reach is a page of the pool. The host asserts every flag after the
     launch (on the device: no read back); every program read the values clamped, so a bad value never reads out of
