@@ -1142,6 +1142,21 @@ def test_a_head_only_float_comparison_beside_a_block(mask):
     _mask_on_triton_equals_reference(mask, n=11, seed=0)
 
 
+@pytest.mark.parametrize("flag", ["false", "true"])
+def test_a_bool_parameter_or_head_test_as_an_ifs_branch_keeps_the_mask_a_bool(flag):
+    # `if ... then flag else <a test of h>`: the int32 parameter (or the interpreter's tag of a scalar
+    # comparison) made the mask int32, and the bias's index check stores under it as its mask (found by the fuzzer)
+    spec = (f"pattern z(flag = {flag})\n  tokens seq\n  input t: float[heads, 20]\n"
+            "  mask 0 <= q - k + 8 < 20 and ((q - k < 2) or (if k < q - 4 then flag else -10 / (h // 2 + 1) != 11.5))\n"
+            "  bias t[h, q - k + 8]\n")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 13, 8, generator=gen) for _ in range(3))
+    t = torch.randn(2, 20, generator=gen)
+    want = attnc.compile_attention(spec, backend="reference")(q.double(), k.double(), v.double(), t=t.double())
+    got = attnc.compile_attention(spec, backend="triton")(q, k, v, t=t)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
 @pytest.mark.parametrize("mask", ["(q - k) * 0.1 < 0.3", "q / 3 - k / 3 < 1.5", "h * 0.5 + q * 0.1 > k * 0.1"])
 def test_float_mask_arithmetic_is_double_as_in_the_reference(mask):
     # the language's floats are doubles: in float32, 0.1 * 7 - 0.1 * 4 < 0.3 holds and flips whole rows

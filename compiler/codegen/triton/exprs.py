@@ -145,17 +145,25 @@ class TritonPrinter(ExprPrinter):
         return None
 
     def _logic_term(self, a: sympy.Basic) -> str:
-        # a term of the head or of one-value-per-tile coordinates alone is a scalar: `!= 0` makes
-        # it a bool Triton's interpreter combines with a block (its scalar comparisons refuse `|` with one)
-        return self.p(a) if self._per_pair(a) else f"({self.p(a)} != 0)"
+        # a term of the head or of one-value-per-tile coordinates alone is a scalar: made a bool Triton's
+        # interpreter combines with a block (its scalar comparisons refuse `|` with one)
+        return self.p(a) if self._per_pair(a) else self._as_bool(a)
+
+    def _as_bool(self, e: sympy.Basic) -> str:
+        self.helpers.add("_as_bool")
+        return f"_as_bool({self.p(e)})"
 
     def _branch_values(self, values) -> list[str]:
-        # a bool branch of the head alone is a scalar comparison, which Triton's interpreter cannot broadcast
-        # beside a block branch (it tags the scalar with its operands' dtype): `!= 0`, as for a logic term
+        # the branches of a bool `if` are made bools (_as_bool) unless they are a tile of comparisons already: a
+        # bool parameter is an int argument (int32 branches made the mask int32, which a store refuses as its
+        # mask), and a comparison of the head alone is a scalar Triton's interpreter cannot broadcast beside a
+        # block branch (it tags the scalar with its operands' dtype)
         texts = super()._branch_values(values)
-        tests = (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction)  # not a Symbol (an int)
-        return [f"({t} != 0)" if isinstance(v, tests) and not self._per_pair(v) else t
-                for v, t in zip(values, texts, strict=True)]
+        tests = (sympy.core.relational.Relational, sympy.logic.boolalg.BooleanFunction)
+        if not any(isinstance(v, tests) or v in (sympy.true, sympy.false) for v in values):
+            return texts  # an int or float `if` (a Symbol is a sympy Boolean too: not a test)
+        return [t if v in (sympy.true, sympy.false) or (isinstance(v, tests) and self._per_pair(v)) else
+                self._as_bool(v) for v, t in zip(values, texts, strict=True)]
 
     def _per_pair(self, e: sympy.Basic) -> bool:
         """Whether an expression is a tile of values (else a scalar: per head, or per tile pair)."""

@@ -15,6 +15,14 @@ from __future__ import annotations
 
 #: name -> source of each @triton.jit helper the printer may call (emitted in this order when used).
 HELPERS: dict[str, str] = {
+    "_as_bool": '''
+@triton.jit
+def _as_bool(x):
+    """x (a test of the head or of parameters alone: a scalar) as a bool. Triton's interpreter tags a
+    comparison of scalars with its operands' dtype, which broadcasting it beside a tile then keeps; compiled,
+    the select folds away."""
+    return tl.where(x, True, False)
+''',
     "_floordiv": '''
 @triton.jit
 def _floordiv(a, b):
