@@ -1356,3 +1356,22 @@ def test_a_mask_condition_on_a_run_time_value_combines_with_the_tiles_pairs(b):
     torch.testing.assert_close(out, ref(q.double(), k.double(), v.double(), rpb=rpb.double()).float(),
                                rtol=2e-5, atol=2e-5)
     assert bool(out.any()) == (b == 2)
+
+
+def test_a_bias_input_whose_factor_folds_to_zero_at_the_sizes_has_a_zero_gradient():
+    # `w[k] * (4 // n)` reads w in the pattern, but at n > 4 the bound bias reads nothing: the dQ kernel's pass of
+    # the bias inputs' gradients called a helper it never defined (found by the fuzzer)
+    spec = "pattern z\n  tokens seq\n  input w: float[n]\n  mask abs(q - k) < 4\n  bias w[k] * (4 // n)\n"
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 8, generator=gen).requires_grad_() for _ in range(3))
+    w = torch.randn(9, generator=gen).requires_grad_()
+    out = attnc.compile_attention(spec, backend="triton")(q, k, v, w=w)
+    out.sum().backward()
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, w)]
+    want = attnc.compile_attention(spec, backend="reference")(*leaves[:3], w=leaves[3])
+    want.sum().backward()
+    torch.testing.assert_close(out.double(), want, atol=2e-5, rtol=2e-5)
+    for got, ref in zip((q, k, v), leaves[:3], strict=True):
+        torch.testing.assert_close(got.grad.double(), ref.grad, atol=2e-5, rtol=2e-5)
+    # w's gradient is 0 (the reference's graph does not reach w at all: None)
+    assert leaves[3].grad is None and bool((w.grad == 0).all())

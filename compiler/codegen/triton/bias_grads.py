@@ -44,8 +44,10 @@ class BiasGradLines:
     def _stores_ds(self) -> bool:
         """Whether the dQ kernel may make the gradients of float inputs of the bias (``bias.bias_input_names``, the
         rule the backward asks it by): add them itself (``ADD_GRADS``, ``_bias_grads``) or store dS per pair for the
-        host (``STORE_DS``, torch's deterministic mode); else it has no such lines and takes no such buffers."""
-        return self.pat.bias is not None and bool(bias_input_names(self.pat))
+        host (``STORE_DS``, torch's deterministic mode); else it has no such lines and takes no such buffers. Not
+        where the bias bound to the call's sizes reads no such input (``grad_sites`` empty: a factor of the sizes
+        folded to 0): the gradients are 0, the buffers' zeros (a second pass of such a kernel stores dQ again)."""
+        return self.pat.bias is not None and bool(bias_input_names(self.pat)) and bool(self.grad_sites)
 
     def _grad_params(self) -> list[Param]:
         """The gradient buffers ``_bias_grads`` adds to: one per float input of the bias, its batch stride first."""
