@@ -507,6 +507,32 @@ def test_recurrences_and_bad_arguments_are_clean_errors():
         attnc.simulate("stdlib:sliding_window", n=128, dtype="int8")
 
 
+@pytest.mark.parametrize("pattern, kw", [("stdlib:sliding_window", {"window": 16}), ("stdlib:mamba2", {})])
+@pytest.mark.parametrize("head_dim", [257, 1_000_000_000, 0, True, 64.0])
+def test_simulate_refuses_head_dims_the_kernels_do_not_take(pattern, kw, head_dim):
+    """The simulator costs the kernels check-gpu and emit compile: head dims outside their 1..256 are refused
+    by the same rule (a recurrence too), not costed."""
+    from attnc.runtime import gpu_check as G
+
+    with pytest.raises(attnc.SpecError, match=r"argument head_dim: error: head dims are ints in 1\.\.256") as err:
+        attnc.simulate(pattern, n=128, head_dim=head_dim, **kw)
+    with pytest.raises(attnc.SpecError) as same:
+        G._check_args((), (head_dim,), ())
+    assert str(err.value) == str(same.value)
+
+
+def test_simulate_takes_the_kernels_widest_head_dim_and_a_recurrence_keeps_its_own_limit():
+    assert attnc.simulate("stdlib:sliding_window", n=128, window=16, head_dim=256).head_dim == 256
+    assert attnc.simulate("stdlib:mamba2", n=128, head_dim=256).to_dict()["head_dim"] == 256
+    for head_dim in (256, 1_000_000_000):  # titans' kernels stop at 128: its own, stricter, message
+        with pytest.raises(attnc.SpecError, match="up to 128"):
+            attnc.simulate("stdlib:titans", n=128, head_dim=head_dim)
+    from attnc.runtime.simulation import simulate_decode
+
+    with pytest.raises(attnc.SpecError, match=r"head dims are ints in 1\.\.256, got 300"):
+        simulate_decode("stdlib:sliding_window", nk=128, window=16, head_dim=300)
+
+
 # ----------------------------------------------------------------- NATTEN's published figures
 def test_natten_flop_bound_1d():
     rep = attnc.simulate("stdlib:neighborhood_1d", n=32768, kernel_size=2048)
@@ -561,6 +587,12 @@ def test_cli_sim_table_and_json(capsys):
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=0,width=16"], "positive"),
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=1.5,width=16"], "expected an int"),
     (["sim", "stdlib:retention", "--n", "64", "--layers", "2"], "recurrence"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--head-dim", "1000000000"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 1000000000"),
+    (["sim", "stdlib:mamba2", "--n", "256", "--head-dim", "1000000000"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 1000000000"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--head-dim", "257", "--decode", "--nk", "256"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 257"),
     (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4", "--kv-tile", "2,2"], "other side is flat too"),
 ])
 def test_cli_bad_arguments_exit_1(capsys, argv, message):
