@@ -128,6 +128,49 @@ def _predict(full, partial, *, layout="flat", ops=10, q=64, kv=64, repeat=1, war
                             tokens=(q * full.shape[1], kv * full.shape[1]), batch_heads=repeat, ops=ops)
 
 
+@pytest.mark.parametrize("tokens, block", [(48, 64), (33, 64), (65, 128), (8, 16)])
+def test_a_tile_pair_is_costed_at_the_block_the_kernel_runs(tokens, block):
+    """The kernels run a tile of 48 tokens as BLOCK_M = BLOCK_N = 64 (padded slots masked): its matmuls and
+    mask work are a 64-token tile pair's, its bytes the 48 tokens' (masked loads); so is its fit."""
+    from attnc.compiler.codegen.triton.tiles import ScheduleShape
+
+    assert ScheduleShape((4096,), (4096,), (tokens,), (tokens,)).block_m == block  # what codegen runs
+    for layout in ("flat", "address"):
+        padded = _predict([8] * 300, [4] * 300, q=tokens, kv=tokens, layout=layout)
+        full = _predict([8] * 300, [4] * 300, q=block, kv=block, layout=layout)
+        for p, f in ((padded.forward, full.forward), (padded.backward, full.backward)):
+            assert p.mma_s == pytest.approx(f.mma_s) and p.mask_s == pytest.approx(f.mask_s)
+            assert p.memory_s < f.memory_s
+            assert p.time_s <= f.time_s * (1 + 1e-12)
+    for kind in SR.PASSES:
+        for warps, stages in itertools.product(SR.WARPS, SR.STAGES):
+            assert SR.pass_fits(kind, tokens, tokens, 128, 2, warps, stages, H100) == \
+                SR.pass_fits(kind, block, block, 128, 2, warps, stages, H100)
+
+
+def test_a_simulated_non_power_of_two_tile_costs_its_block():
+    """Per visited tile pair, a 48-token tile's matmul time is a 64-token one's (it was 0.6 of it)."""
+    per_pair = {}
+    for t in (64, 48):
+        d = attnc.simulate("stdlib:sigmoid", n=1024, heads=2, q_tile=t, kv_tile=t).to_dict()
+        per_pair[t] = d["schedule"]["forward"]["mma_s"] / (d["tiles"]["full"] + d["tiles"]["partial"])
+    assert per_pair[48] == pytest.approx(per_pair[64])
+
+
+def test_swin_windows_of_7_on_7x7_tiles_do_not_beat_windows_of_8_on_8x8_tiles():
+    """window_2d on 112 x 112: 7 x 7 tiles of window 7 visit 256 tile pairs a head, 8 x 8 tiles of window 8 visit
+    196; both run 64 x 64 blocks (49 tokens padded to 64), so the 7 x 7 schedule is no faster (it was predicted
+    31.26x against 31.13x, its 49-token matmuls costed as 49 rows)."""
+    sizes = {"height": 112, "width": 112}
+    seven = attnc.simulate("stdlib:window_2d", sizes=sizes, heads=8, window=7, q_tile=(7, 7), kv_tile=(7, 7))
+    eight = attnc.simulate("stdlib:window_2d", sizes=sizes, heads=8, window=8, q_tile=(8, 8), kv_tile=(8, 8))
+    assert seven["tiles"]["full"] == 8 * 256 and eight["tiles"]["full"] == 8 * 196
+    assert seven["tiles"]["partial"] == eight["tiles"]["partial"] == 0
+    assert seven.predicted_speedup < eight.predicted_speedup
+    assert seven.predicted_speedup_backward < eight.predicted_speedup_backward
+    assert seven["schedule"]["forward"]["mma_s"] == pytest.approx(eight["schedule"]["forward"]["mma_s"] * 256 / 196)
+
+
 def test_partial_tiles_cost_more_than_full_ones_and_more_with_a_costlier_mask():
     a100 = HW.get_hardware("a100")  # the mask's work added whole (ArchFit.mask_exposed 1)
     full = _predict([8] * 300, [0] * 300, hw=a100)
