@@ -600,6 +600,38 @@ def test_natten_flop_bound_3d_and_strided_is_fully_block_sparse():
     assert strided["predicted_speedup"] > rep["predicted_speedup"]
 
 
+def test_a_forced_schedule_that_does_not_fit_is_said_with_the_search_pick(capsys):
+    """128 x 128 tiles at head_dim 128 need more registers than the H100 gives at any warps and stages: the forced
+    schedule is still predicted (a what-if), and the report says it does not fit and what the search picks."""
+    kw = dict(n=4096, heads=2, window=256, hardware="h100")
+    forced = attnc.simulate("stdlib:sliding_window", q_tile=128, kv_tile=128, **kw)
+    search = SR.ScheduleSearch(attnc.load("stdlib:sliding_window", window=256),
+                               E.bind_sizes(attnc.load("stdlib:sliding_window", window=256), n=4096, heads=2),
+                               HW.get_hardware("h100"))
+    assert not search.fits(forced.best.config)  # the search's own rule says so
+    d = forced.to_dict()
+    assert forced.fits is False and d["fits"] is False
+    auto = attnc.simulate("stdlib:sliding_window", **kw)
+    assert auto.fits and auto.to_dict()["fits"] is True and "search_pick" not in auto.to_dict()
+    pick = d["search_pick"]
+    assert (pick["q_tile"], pick["kv_tile"]) == (list(auto.best.config.q_tile), list(auto.best.config.kv_tile))
+    assert pick["predicted_speedup"] == pytest.approx(auto.predicted_speedup)
+    assert "does not fit the H100's shared memory or registers" in d["assumptions"][0]
+    assert f"Q {pick['q_tile'][0]}, KV {pick['kv_tile'][0]} instead" in d["assumptions"][0]
+    fitting = attnc.simulate("stdlib:sliding_window", q_tile=64, kv_tile=64, **kw)
+    assert fitting.fits and "search_pick" not in fitting.to_dict()
+    assert not any("does not fit" in a for a in fitting.assumptions)
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256",
+                       "--q-tile", "128", "--kv-tile", "128")
+    assert code == 0 and "schedule fits        no: over the H100's shared memory or registers" in out
+    assert "note: the forced schedule (Q 128, KV 128) does not fit" in out
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256",
+                       "--q-tile", "128", "--kv-tile", "128", "--json")
+    assert code == 0 and json.loads(out)["fits"] is False and json.loads(out)["search_pick"] == pick
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256")
+    assert code == 0 and "schedule fits" not in out and "does not fit" not in out
+
+
 # ----------------------------------------------------------------- CLI
 def run(capsys, *argv) -> tuple[int, str, str]:
     code = cli.main(list(argv))
