@@ -13,6 +13,7 @@ from .args import (
     CHECK_GPU_DEFAULT_N,
     CHECK_GPU_MAX_TOKENS,
     Parser,
+    SaidAs,
     call_inputs,
     check_kv_heads,
     int_list,
@@ -518,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "FLOPs, bytes, chunk size and the length past which they beat softmax)")
     pattern_args(p)
     shape_args(p)
-    p.add_argument("--hardware", "--gpu", dest="hardware", metavar="NAME",
+    p.add_argument("--hardware", "--gpu", dest="hardware", metavar="NAME", action=SaidAs,
                    help="a100, h100, h200 or b200 (default h100; --decode: every model)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp16 (default bf16)")
     p.add_argument("--decode", action="store_true", help="also bound one decode step: --n queries (default 1) "
@@ -618,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 
         loaded = getattr(args, "loaded", None)
         names = {d.name for d in getattr(loaded, "inputs", ())}
-        print(cli_error(err, names).render(), file=sys.stderr)
+        print(cli_error(err, names, getattr(args, "said", None)).render(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         sys.stdout.write(out.getvalue())  # what was done before the interrupt

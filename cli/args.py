@@ -295,3 +295,14 @@ def tokens_of(args, pat, default: int) -> int | None:
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 with usage; we exit 1 with one line
         raise SpecError(message, where=self.prog)
+
+
+class SaidAs(argparse.Action):
+    """A flag with aliases (``--hardware``/``--gpu``): its value stored as ``store`` does, and the alias the user
+    typed kept in ``args.said`` (argument -> flag), so an error about the value names that flag (``cli_error``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        said = dict(getattr(namespace, "said", None) or {})
+        said[self.dest] = option_string
+        namespace.said = said

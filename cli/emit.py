@@ -15,6 +15,7 @@ DEFAULT_RECURRENCE_ARCH = 90
 
 
 def emit_recorded(args, pat, arch: int | None) -> int:
+    from ..compiler.analysis.binding import kernel_head_dim
     from ..runtime import gpu_check as G
     from .args import CHECK_GPU_DEFAULT_N, int_sizes, tile_arg, tokens_of
 
@@ -24,10 +25,7 @@ def emit_recorded(args, pat, arch: int | None) -> int:
         raise SpecError(
             f"unknown dtype {args.dtype!r}", where="argument --dtype", hint="fp16, bf16 or fp32"
         )
-    if not 1 <= args.head_dim <= 256:
-        raise SpecError(
-            f"head dims are ints in 1..256, got {args.head_dim}", where="argument --head-dim"
-        )
+    kernel_head_dim(args.head_dim, where="argument --head-dim")
     sizes = int_sizes(args.sizes, pat)
     n = tokens_of(args, pat, CHECK_GPU_DEFAULT_N) if not sizes else args.n
     config = _forced_config(

@@ -39,34 +39,36 @@ _SIZE_ENTRY = re.compile(r"'([^']+)'\s*:\s*[^,]+")
 _KEYWORD = re.compile(r"(\bpass )?\b([a-z_][a-z0-9_]*)=(\.\.\.|(?=[,) ]|$))")
 
 
-def cli_error(err: SpecError, inputs: set[str] = frozenset()) -> SpecError:
+def cli_error(err: SpecError, inputs: set[str] = frozenset(), said: dict[str, str] | None = None) -> SpecError:
     """``err`` with its ``where`` and ``hint`` naming flags; an error with a source position (a spec
     file's line and column) is the file's and is kept. ``inputs``: the pattern's input names
-    (``argument doc`` -> ``argument --input doc``)."""
+    (``argument doc`` -> ``argument --input doc``). ``said``: a Python argument -> the flag the user typed
+    for it, where two flags set one argument (``sim --gpu`` for ``--hardware``)."""
     if err.pos is not None:
         return err
-    where = _where(err.where, inputs)
-    hint = _hint(err.hint, inputs) if err.hint else err.hint
+    flags = {**FLAGS, **(said or {})}
+    where = _where(err.where, inputs, flags)
+    hint = _hint(err.hint, inputs, flags) if err.hint else err.hint
     if where == err.where and hint == err.hint:
         return err
     return SpecError(err.message, where=where, hint=hint)
 
 
-def _where(where: str | None, inputs: set[str]) -> str | None:
+def _where(where: str | None, inputs: set[str], flags: dict[str, str] = FLAGS) -> str | None:
     if not where or not where.startswith("argument "):
         return where
     what = where[len("argument ") :]
     sized = re.fullmatch(r"sizes(?:\[\s*'([^']+)'\s*\]|\s+'([^']+)')", what)
     if sized:  # sizes['height'], sizes 'height'
         return f"argument --sizes {sized.group(1) or sized.group(2)}"
-    if what in FLAGS:
-        return f"argument {FLAGS[what]}"
+    if what in flags:
+        return f"argument {flags[what]}"
     if what in inputs:
         return f"argument --input {what}"
     return where
 
 
-def _hint(hint: str, inputs: set[str]) -> str:
+def _hint(hint: str, inputs: set[str], flags: dict[str, str] = FLAGS) -> str:
     def sizes(match: re.Match) -> str:
         names = _SIZE_ENTRY.findall(match.group(1))
         return "--sizes " + ",".join(f"{name}=.." for name in names) if names else "--sizes A=N,.."
@@ -75,8 +77,8 @@ def _hint(hint: str, inputs: set[str]) -> str:
 
     def keyword(match: re.Match) -> str:
         said, name, dots = match.group(1) or "", match.group(2), match.group(3)
-        if name in FLAGS:
-            return said + FLAGS[name] + (" .." if dots else "")
+        if name in flags:
+            return said + flags[name] + (" .." if dots else "")
         if name in inputs:
             return f"{said}--input {name}=" + (".." if dots else "")
         if said:  # 'pass window=...': a pattern's parameter

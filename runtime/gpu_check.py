@@ -26,6 +26,7 @@ import warnings
 import sympy
 import torch
 
+from ..compiler.analysis.binding import kernel_head_dim
 from ..compiler.cost.model import checked_group_split, checked_kv_heads
 from ..core import ir
 from ..core.errors import SpecError
@@ -364,10 +365,7 @@ def _check_args(archs, head_dims, dtypes):
                             hint="one of " + ", ".join(map(str, SMEM_LIMIT)))
         if not targets_available(a):
             raise SpecError(f"the installed Triton cannot compile for sm_{a}", where="argument arch")
-    head_dims = tuple(head_dims)
-    for d in head_dims:
-        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 256:
-            raise SpecError(f"head dims are ints in 1..256, got {d!r}", where="argument head_dim")
+    head_dims = tuple(kernel_head_dim(d) for d in head_dims)
     dtypes = tuple(dtypes)
     for dt in dtypes:
         if dt not in DTYPES:

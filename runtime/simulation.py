@@ -66,8 +66,8 @@ def simulate(
         return simulate_recurrence(pat, n=n, sizes=sizes, heads=heads, head_dim=head_dim, batch=batch,
                                    hardware=hardware, q_tile=q_tile, kv_tile=kv_tile, dtype=dtype, nk=nk,
                                    inputs=inputs)
-    head_dim, batch, top = (E.positive_int(what, value) for what, value in
-                            (("head_dim", head_dim), ("batch", batch), ("top", top)))
+    head_dim = E.kernel_head_dim(head_dim)  # the kernels' range, as check-gpu and emit refuse beyond it
+    batch, top = (E.positive_int(what, value) for what, value in (("batch", batch), ("top", top)))
     if inputs is not None and not isinstance(inputs, dict):
         raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
                         where="argument inputs")
@@ -128,7 +128,7 @@ def simulate_decode(
         raise SpecError(f"'{pat.name}' combines several attentions: a decode step is bounded per softmax pattern",
                         where="argument pattern", hint="simulate each branch's pattern")
     forms.refuse_query_offset(pat, "argument nk")  # the call would refuse the step: so does its bound
-    head_dim, batch = E.positive_int("head_dim", head_dim), E.positive_int("batch", batch)
+    head_dim, batch = E.kernel_head_dim(head_dim), E.positive_int("batch", batch)
     dtype_bytes(dtype)
     if inputs is not None and not isinstance(inputs, dict):
         raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",

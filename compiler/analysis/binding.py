@@ -264,6 +264,26 @@ def positive_int(what: str, value) -> int:
     return value
 
 
+#: The head dims the Triton kernels take: what ``attnc check-gpu`` and ``emit`` compile and the simulator costs.
+KERNEL_HEAD_DIMS = range(1, 257)
+
+
+def kernel_head_dim(value, where: str = "argument head_dim") -> int:
+    """``value`` as a head dim the Triton kernels take (``KERNEL_HEAD_DIMS``): an int (integer-like scalars
+    too, bools not), refused in one line naming ``where`` otherwise. The one rule of check-gpu, emit and the
+    simulator (a recurrence's kernels may take fewer: its rule's own limit is checked beside)."""
+    lo, hi = KERNEL_HEAD_DIMS[0], KERNEL_HEAD_DIMS[-1]
+    index = None
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_") and hasattr(value, "__index__"):
+        try:
+            index = operator.index(value)
+        except TypeError:  # a float tensor, a tensor of more than one element
+            index = None
+    if index is None or index not in KERNEL_HEAD_DIMS:
+        raise SpecError(f"head dims are ints in {lo}..{hi}, got {value!r}", where=where)
+    return index
+
+
 # ----------------------------------------------------------------- binding inputs
 def bind_inputs(
     pat: ir.PatternIR | ir.RecurrenceIR, bound: Bound, inputs: dict | None, batch: int | None = None,

@@ -29,6 +29,7 @@ from .binding import (  # noqa: F401 (re-exported: binding and evaluation are re
     block_bound,
     check_input_names,
     check_size_names,
+    kernel_head_dim,
     plain_ints,
     positive_int,
 )

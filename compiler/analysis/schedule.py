@@ -15,6 +15,12 @@ from dataclasses import dataclass
 import torch
 
 
+def block_size(slots: int) -> int:
+    """The power-of-two block holding a tile's slots (at least 16, what tl.dot needs): the BLOCK_M / BLOCK_N
+    the Triton kernels run a tile of ``slots`` tokens at, and the cost model costs it at."""
+    return max(16, 1 << (max(1, slots) - 1).bit_length())
+
+
 def tile_grid(extents: tuple[int, ...], tile: tuple[int, ...]) -> tuple[int, ...]:
     """Number of tiles per axis."""
     return tuple(-(-L // t) for L, t in zip(extents, tile, strict=True))

@@ -4,13 +4,16 @@ hardware model, and the dense baseline modelled the same way.
 The model, per kernel (forward: one CTA per (batch, head, Q tile) walking its
 KV tiles; backward: one CTA per (batch, head, KV tile) walking its Q tiles):
 
-- each visited tile pair costs its tensor-core work, ``2 Tq Tk D`` flops per
+- each visited tile pair costs its tensor-core work, ``2 Bq Bk D`` flops per
   matmul the kernel executes on it (``FWD_MATMULS`` forward; backward the
   dQ kernel's and the dK/dV kernel's, ``Calibration.bwd_matmuls``), at an
   attainable fraction of the per-SM peak fitted per architecture
   (``ArchFit``), overlapped with the HBM traffic it causes (K/V tiles
-  forward and in the dQ kernel; Q, dO, lse and delta in the dK/dV kernel);
-- a PARTIAL pair also evaluates the mask elementwise on ``Tq x Tk`` pairs:
+  forward and in the dQ kernel; Q, dO, lse and delta in the dK/dV kernel).
+  ``Bq``, ``Bk`` are the kernel's BLOCK_M and BLOCK_N: the tiles' tokens padded to
+  a power of two (``schedule.block_size``, what code generation runs: a 48-token
+  tile computes on 64 rows); the bytes are the tiles' tokens (masked loads);
+- a PARTIAL pair also evaluates the mask elementwise on ``Bq x Bk`` pairs:
   ``mask_ops`` operations (sympy's operation count of the mask, custom
   functions weighted) on the non-tensor ALUs;
 - each CTA has a fixed prologue/epilogue (load its resident tile, write the
@@ -42,7 +45,7 @@ import sympy
 import torch
 
 from ...core.errors import SpecError
-from ..analysis.schedule import TileSchedule
+from ..analysis.schedule import TileSchedule, block_size
 from . import launch_order
 from .calibration import (  # noqa: F401 (the model's constants: its callers' defaults)
     ARCH_FITS,
@@ -237,9 +240,16 @@ def smem_fits(config: KernelConfig, head_dim: int, nbytes: int, hw: Hardware) ->
 
 
 # ----------------------------------------------------------------- one pass
+def blocks(config: KernelConfig) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): the rows and columns the kernels run a tile pair's matmuls and elementwise work on,
+    the tiles' tokens padded to a power of two (at least 16) as code generation pads them
+    (``analysis.schedule.block_size``). Their loads are masked to the tile's tokens: HBM traffic is the tokens'."""
+    return block_size(config.q_tokens), block_size(config.kv_tokens)
+
+
 def _shape_factor(config: KernelConfig, cal: Calibration) -> float:
-    """Efficiency multiplier of a tile configuration against the best one (1.0)."""
-    tq, tk = config.q_tokens, config.kv_tokens
+    """Efficiency multiplier of a tile configuration against the best one (1.0), at the blocks it runs."""
+    tq, tk = blocks(config)
     near = min((abs(math.log2(max(tq, 1)) - math.log2(q)), q) for q, _ in cal.warp_factor)[1]
     warp = cal.warp_factor.get((near, config.num_warps), min(cal.warp_factor.values()))
     shape = min(1.0, tq / 128) ** cal.q_tile_exponent * min(1.0, tk / 128) ** cal.kv_tile_exponent
@@ -352,19 +362,20 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     if config.layout not in LAYOUTS:
         raise SpecError(f"unknown layout {config.layout!r}", where="argument layout", hint="one of " + ", ".join(LAYOUTS))
     D, b = head_dim, nbytes
-    tq, tk = config.q_tokens, config.kv_tokens
+    tq, tk = config.q_tokens, config.kv_tokens  # the tiles' tokens: the bytes loaded and stored
+    bq, bk = blocks(config)  # the blocks the kernel computes on: matmuls, the mask, addressing
     fit = cal.fit(hw)
     shape = _shape_factor(config, cal)
-    eff_f = fit.forward * shape * _rows_factor(tq, fit)
-    pair_flops = 2.0 * tq * tk * D  # one matmul over a tile pair
+    eff_f = fit.forward * shape * _rows_factor(bq, fit)
+    pair_flops = 2.0 * bq * bk * D  # one matmul over a tile pair
     per_sm_bw = hw.bytes_per_s / hw.sms
     bw_eff = cal.address_bw_efficiency if config.layout == "address" else 1.0
     miss = 1.0 - cal.l2_hit
     ops_pair = ops + cal.mask_fixed_ops
     if config.layout == "flat" and grid_axes > 1:
         ops_pair += cal.flat_decode_ops_per_axis * grid_axes
-    mask_pair = tq * tk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-    address_fwd = _address_s(tk, config, hw, cal)
+    mask_pair = bq * bk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
+    address_fwd = _address_s(bk, config, hw, cal)
     bw = per_sm_bw * bw_eff
 
     # forward: CTA per Q tile; K and V tiles stream in
@@ -384,10 +395,11 @@ def predict_counts(full_fwd: torch.Tensor, partial_fwd: torch.Tensor, full_bwd: 
     # other, at the backward's own tiles, warps and stages
     bcfg = dataclasses.replace(config.backward_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
     btq, btk = bcfg.q_tokens, bcfg.kv_tokens
-    eff_b = fit.backward * _shape_factor(bcfg, cal) * _rows_factor(btk, fit)  # dK/dV's MMAs run KV rows
-    bpair_flops = 2.0 * btq * btk * D
-    bmask_pair = btq * btk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
-    addr_dkdv = _address_s(btq, bcfg, hw, cal)
+    bbq, bbk = blocks(bcfg)
+    eff_b = fit.backward * _shape_factor(bcfg, cal) * _rows_factor(bbk, fit)  # dK/dV's MMAs run KV rows
+    bpair_flops = 2.0 * bbq * bbk * D
+    bmask_pair = bbq * bbk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops else 0.0
+    addr_dkdv = _address_s(bbq, bcfg, hw, cal)
     full_dq, partial_dq = dq_counts if dq_counts is not None else (full_fwd, partial_fwd)
     n_dq, n_dkdv = cal.bwd_matmuls
     if config.atomic_dq and n_dq:  # dS K in the dK/dV kernel: the dQ kernel's two recomputing matmuls saved
@@ -423,11 +435,12 @@ def _dq_pass(config: KernelConfig, full: torch.Tensor, partial: torch.Tensor, re
     D, b = head_dim, nbytes
     dcfg = dataclasses.replace(config.dq_config(), num_warps=config.bwd_warps, num_stages=config.bwd_stages)
     dtq, dtk = dcfg.q_tokens, dcfg.kv_tokens
-    dmask_pair = dtq * dtk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops_pair else 0.0
-    mma_q = n_dq * 2.0 * dtq * dtk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal)
-                                           * _rows_factor(dtq, fit))
+    dbq, dbk = blocks(dcfg)
+    dmask_pair = dbq * dbk * ops_pair / (hw.vector_flops_per_sm * cal.mask_alu_fraction) if ops_pair else 0.0
+    mma_q = n_dq * 2.0 * dbq * dbk * D / (hw.flops_per_sm * fit.backward * _shape_factor(dcfg, cal)
+                                           * _rows_factor(dbq, fit))
     mem_q = 2.0 * dtk * D * b * miss / bw
-    t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dtk, dcfg, hw, cal)
+    t_q = _overlap(mma_q, mem_q, dcfg.num_stages, cal) + _address_s(dbk, dcfg, hw, cal)
     cta_q = fit.cta_overhead_s + (3.0 * dtq * D * b + 8.0 * dtq) / bw  # Q, dO in, dQ out; lse, delta
     return _pass(full, partial, repeat, t_full=t_q, t_partial=_partial_pair(t_q, dmask_pair, fit), t_cta=cta_q,
                  mma_pair=mma_q, mask_pair=dmask_pair, mem_pair=mem_q, hw=hw, cal=cal, permute_s=0.0, placed=placed,
@@ -610,5 +623,5 @@ def predict_sdpa(num_queries: int, num_keys: int, heads: int, hw: Hardware, *, h
 
 __all__ = ["ARCH_FITS", "BWD_FLOP_RATIO", "BWD_MATMULS", "FWD_MATMULS", "GROUP_SPLIT_GAIN", "PUBLISHED_BWD_FLOP_RATIO", "SDPA_FITS", "SDPA_TILES", "ArchFit",
            "Calibration", "DEFAULT_CALIBRATION", "KernelConfig", "MAX_ROUNDS", "PassCost", "Prediction",
-           "checked_group_split", "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
+           "blocks", "checked_group_split", "checked_kv_heads", "dtype_bytes", "group_reduction_s", "group_split_may_pay", "grouped_kv_counts", "launch_makespan", "makespan", "mask_ops", "predict", "predict_counts", "predict_dense", "predict_sdpa", "sdpa_calibration",
            "smem_fits"]

@@ -17,6 +17,7 @@ import sympy
 from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError
+from ..analysis.schedule import block_size
 from .hardware import Hardware, compute_capability
 from .model import KernelConfig
 
@@ -197,7 +198,10 @@ def pass_fits(kind: str, q_tokens: int, kv_tokens: int, head_dim: int, nbytes: i
     counts tcgen05's accumulators as registers still. Admitting them everywhere on sm_100 (offline, Triton
     3.9, bf16, n = 8192) gave dK/dV 128 Q x 64 KV tiles whose shared memory the model puts at 176 KiB and
     ptxas's kernels at 227-257 KiB (document, vertical_slash, d 128), and dQ kernels at 128 x 64 that
-    spilled 8-28 B at their pass's 2 stages (power, prefix_lm, nsa's cmp): seven kernels down to one stage."""
+    spilled 8-28 B at their pass's 2 stages (power, prefix_lm, nsa's cmp): seven kernels down to one stage.
+
+    Sized at the blocks the kernel allocates: the tiles' tokens padded to a power of two (``model.blocks``)."""
+    q_tokens, kv_tokens = block_size(q_tokens), block_size(kv_tokens)
     smem = pass_smem(kind, q_tokens, kv_tokens, head_dim, nbytes, stages, min_kv_tokens(hw) > 1)
     tmem = in_tmem and tensor_memory(hw)
     regs = pass_registers(kind, q_tokens, kv_tokens, head_dim, warps, score_tiles, tmem)

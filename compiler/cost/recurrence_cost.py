@@ -24,11 +24,13 @@ step latency; a chunk-parallel kernel takes its total work at the attainable rat
 for tiles of C tokens over all SMs, in whole waves. The chunk size (16, 32 or 64) minimising forward +
 backward is chosen. The softmax baseline is causal flash-style attention modelled by
 ``cost.predict_counts`` (tiles of 128 x 128, the diagonal tiles masked), and the crossover is the shortest
-sequence (a multiple of 64) from which the recurrence's predicted forward time is below it.
+sequence (a multiple of 64) from which the recurrence's predicted forward time stays below it at every length
+checked (``crossover``).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -421,23 +423,36 @@ def softmax_causal(n: int, heads: int, head_dim: int, batch: int, hw: Hardware, 
                           tokens=(n, n), batch_heads=batch * heads, nbytes=nbytes, ops=1, calibration=calibration)
 
 
+#: The crossover's fine scan: every multiple of 64 from the last length that loses on the doubling grid to 4x
+#: it, in at most ``CROSSOVER_FINE_STEPS`` steps.
+CROSSOVER_FINE_STEPS = 1024
+
+
+@functools.lru_cache(maxsize=4096)
+def _times(gate: str, n: int, heads: int, head_dim: int, batch: int, hw: Hardware, chunk: int | None, nbytes: int,
+           rule: str) -> tuple[float, float, float, float]:
+    """(recurrence forward, backward, causal softmax forward, backward) predicted at ``n`` tokens: what the
+    crossovers compare (cached: the forward's and the training crossover read the same lengths)."""
+    rec = (RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
+           else best_chunk(gate, n, heads, head_dim, batch, hw, nbytes=nbytes, rule=rule))
+    sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
+    return rec.forward_s, rec.backward_s, sm.forward.time_s, sm.backward.time_s
+
+
 def crossover(gate: str, heads: int, head_dim: int, batch: int, hw: Hardware, chunk: int | None = None, *,
               nbytes: int = 2, backward: bool = False, limit: int = 1 << 22, rule: str = "decay") -> int | None:
-    """The sequence length (a multiple of 64) past which the recurrence's predicted time (forward, or
-    forward + backward) stays below causal softmax attention's: the last length that loses on a doubling
-    grid of lengths from 64 to ``limit``, refined by bisection. None if it still loses at ``limit``."""
+    """The sequence length (a multiple of 64) from which the recurrence's predicted time (forward, or
+    forward + backward) stays below causal softmax attention's at every length checked: a doubling grid from 64
+    to ``limit`` (ended by three wins in a row past 16K tokens: softmax grows as n^2, the recurrence as n), and
+    every multiple of 64 from the grid's last losing length to 4x it (wider steps where that is more than
+    ``CROSSOVER_FINE_STEPS`` of them): the first length checked after the last one that loses. The predicted
+    times are not monotone in n (whole waves, chunk choices): a length between two that win can lose, so the
+    first win of a bisection would not be the claim. None if the longest length checked loses."""
 
     def wins(n: int) -> bool:
-        rec = (RULE_COSTS[rule].chunk_cost(gate, n, heads, head_dim, batch, chunk, hw, nbytes=nbytes) if chunk
-               else best_chunk(gate, n, heads, head_dim, batch, hw, nbytes=nbytes, rule=rule))
-        sm = softmax_causal(n, heads, head_dim, batch, hw, nbytes=nbytes)
-        r = rec.forward_s + (rec.backward_s if backward else 0.0)
-        s = sm.forward.time_s + (sm.backward.time_s if backward else 0.0)
-        return r < s
+        rf, rb, sf, sb = _times(gate, n, heads, head_dim, batch, hw, chunk, nbytes, rule)
+        return (rf + rb if backward else rf) < (sf + sb if backward else sf)
 
-    # the last losing length on a doubling grid (softmax grows as n^2 and the recurrence as n, so three
-    # wins in a row past 16K tokens settle it; both are launch-bound at tiny lengths), then bisection up
-    # to the next grid point
     losing, streak, n = [], 0, 64
     while (streak < 3 or n <= 16384) and n <= limit:
         if wins(n):
@@ -448,15 +463,15 @@ def crossover(gate: str, heads: int, head_dim: int, batch: int, hw: Hardware, ch
         n *= 2
     if streak == 0:
         return None
-    if not losing:
-        return 64
-    lo, hi = losing[-1], losing[-1] * 2  # loses at lo, wins at hi and at every grid point after it
-    while hi - lo > 64:
-        mid = (lo + hi) // 2 // 64 * 64
-        if mid <= lo:
-            break
-        lo, hi = (lo, mid) if wins(mid) else (mid, hi)
-    return hi
+    top = min(limit, 4 * losing[-1] if losing else 0)
+    step = 64 * max(1, -(-top // 64 // CROSSOVER_FINE_STEPS))
+    checked = {64 << i for i in range((n // 64).bit_length() - 1)}  # the doubling grid, 64 to n / 2
+    last = losing[-1] if losing else 0  # lengths below the grid's last loss cannot move the answer
+    for m in range(step, top + 1, step):
+        checked.add(m)
+        if m > last and not wins(m):
+            last = m
+    return min((m for m in checked if m > last), default=None)  # None: the longest length checked loses
 
 
 # ----------------------------------------------------------------- the report
@@ -543,8 +558,10 @@ def simulate_recurrence(name: str, gate: str, n: int, hw: Hardware, *, heads: in
     notes = ["cost model constants are guesses to be calibrated on a GPU (compiler/cost/recurrence_cost.py, "
              "RecurrenceCalibration; compiler/cost/model.py, Calibration)",
              "softmax baseline: causal flash-style attention, 128 x 128 tiles, diagonal tiles masked",
-             "crossover: the length (multiple of 64) past which the recurrence's predicted forward "
-             "(training: forward + backward) time stays below the baseline's"]
+             "crossover: the length (multiple of 64) from which the recurrence's predicted forward "
+             "(training: forward + backward) time stays below the baseline's at every length checked: each "
+             "multiple of 64 from the last length that loses on a doubling grid to 4x it, and the doubling lengths "
+             "past that (softmax's time grows as n^2, the recurrence's as n)"]
     if RULE_COSTS[rule].note:
         notes.append(RULE_COSTS[rule].note)
     elif gate == "vector":

@@ -87,6 +87,11 @@ class SimulationReport(ReportView):
     total_pairs: int = 0
     #: K/V heads shared by the query heads (grouped-query attention): ``heads`` when each has its own.
     kv_heads: int | None = None
+    #: Whether the chosen schedule fits the GPU's shared memory and registers (``ScheduleSearch.fits``): False for
+    #: tiles forced where no launch of the kernels fits, or where no schedule the search tries does.
+    fits: bool = True
+    #: Where the forced schedule does not fit: the search's own pick (None where that does not fit either).
+    search_pick: Candidate | None = None
 
     @property
     def schedule(self):
@@ -152,8 +157,17 @@ class SimulationReport(ReportView):
             "schedule": self.best.to_dict(),
             "top": [c.to_dict() for c in self.top],
             "hardware": self.hardware.to_dict(),
+            "fits": self.fits,
+            **({"search_pick": self._pick_dict()} if self.search_pick is not None else {}),
             "assumptions": list(self.assumptions),
         }
+
+    def _pick_dict(self) -> dict:
+        pick = self.search_pick
+        return {"q_tile": list(pick.config.q_tile), "kv_tile": list(pick.config.kv_tile),
+                "forward_s": pick.forward_s, "backward_s": pick.backward_s,
+                "predicted_speedup": self.dense_forward_s / pick.forward_s,
+                "predicted_speedup_backward": self.dense_backward_s / pick.backward_s}
 
     def format_table(self) -> str:
         return format_report(self)
@@ -167,6 +181,11 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                             calibration=calibration, kv_heads=kv_heads)
     ranked = search.run(q_tile, kv_tile, top=0)
     best = ranked[0]
+    fits, pick = search.fits(best.config), None
+    forced = q_tile is not None or kv_tile is not None
+    if not fits and forced:  # what the search picks instead, where that fits
+        pick = search.run(None, None, top=1)[0]
+        pick = pick if search.fits(pick.config) else None
     # the top few, one per (tile shapes, layout): warps/stages variants of one schedule are the autotuner's job
     seen, shown = set(), []
     for c in ranked:
@@ -203,6 +222,22 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
         assumptions.append(
             "landmark(): its gate table is made by torch outside the kernels from every q . k (a pass the size of "
             "dense attention's scores, forward and backward), not modelled")
+    if not fits:
+        cfg = best.config
+        where = f"the {hw.name}'s shared memory or registers at any warps and stages (compiler/cost/pass_sizing.py)"
+        if pick is not None:
+            p = pick.config
+            assumptions.insert(0, (
+                f"the forced schedule (Q {_shape(cfg.q_tile)}, KV {_shape(cfg.kv_tile)}) does not fit {where}: its "
+                "prediction is of kernels that cannot launch as modelled; the search picks "
+                f"Q {_shape(p.q_tile)}, KV {_shape(p.kv_tile)} instead, predicted forward "
+                f"{_x(sdpa.forward.time_s / pick.forward_s)}, backward {_x(sdpa.backward.time_s / pick.backward_s)}"))
+        else:
+            assumptions.insert(0, (
+                f"{'the forced schedule' if forced else 'no schedule the search tries'} "
+                f"(Q {_shape(cfg.q_tile)}, KV {_shape(cfg.kv_tile)}) fits {where}"
+                + (", nor does any the search tries" if forced else "")
+                + ": the prediction is of kernels that cannot launch as modelled"))
     counted = best.schedule
     if not counted.density_exact and pat.route is None:
         exact = search.exactly_counted()
@@ -220,7 +255,8 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
     return SimulationReport(pat.name, dict(bound.axis_sizes), bound.n, bound.nk, bound.heads, head_dim, batch, dtype,
                             hw, _ratio(allowed, total), best, shown, sdpa.forward.time_s,
                             sdpa.backward.time_s, assumptions, density_exact=bool(counted.density_exact),
-                            allowed_pairs=allowed, total_pairs=total, kv_heads=search.kv_heads)
+                            allowed_pairs=allowed, total_pairs=total, kv_heads=search.kv_heads, fits=fits,
+                            search_pick=pick)
 
 
 def dense_configs(hw: Hardware, head_dim: int, nbytes: int = 2) -> list[KernelConfig]:
@@ -293,6 +329,11 @@ def format_report(rep: SimulationReport) -> str:
         f"  predicted speedup    (over SDPA dense) forward {_x(rep.predicted_speedup)}, backward {_x(rep.predicted_speedup_backward)}",
         f"  predicted time       forward {_us(rep.best.forward_s)} (SDPA dense {_us(rep.dense_forward_s)}), "
         f"backward {_us(rep.best.backward_s)} (SDPA dense {_us(rep.dense_backward_s)})",
+        *([] if rep.fits else [
+            f"  schedule fits        no: over the {hw.name}'s shared memory or registers"
+            + (f" (the search picks Q {_shape(rep.search_pick.config.q_tile)}, KV "
+               f"{_shape(rep.search_pick.config.kv_tile)}: forward {_x(d['search_pick']['predicted_speedup'])}; "
+               "see the note)" if rep.search_pick is not None else " (see the note)")]),
         "",
         "  top schedules (by predicted forward time):",
         f"  {'#':>2} {'q tile':>10} {'kv tile':>10} {'layout':>8} {'warps':>5} {'stages':>6} {'forward':>12} "

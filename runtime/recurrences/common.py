@@ -151,10 +151,14 @@ def simulate_recurrence(rec: ir.RecurrenceIR, *, n, sizes, heads, head_dim, batc
             raise SpecError(f"a recurrence takes no {what}: its cost does not depend on it", where=f"argument {what}")
     if n is None:
         raise SpecError("the sequence length n is required", where="argument n")
-    for what, value in (("n", n), ("heads", heads), ("head_dim", head_dim), ("batch", batch)):
+    for what, value in (("n", n), ("heads", heads), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SpecError(f"must be a positive int, got {value!r}", where=f"argument {what}")
     limit = RULE_COSTS[rec.rule].max_head_dim
+    past_limit = (limit is not None and isinstance(head_dim, int) and not isinstance(head_dim, bool)
+                  and head_dim > limit)
+    if not past_limit:  # the kernels' range, as check-gpu and emit refuse beyond it (a rule's stricter limit: below)
+        head_dim = E.kernel_head_dim(head_dim)
     if limit is not None and head_dim > limit:
         raise SpecError(f"{RULES[rec.rule].title}'s Triton kernels take key head dims up to {limit}, got {head_dim}: "
                         "the chunked torch form runs beyond it, and it has no cost model", where="argument head_dim")

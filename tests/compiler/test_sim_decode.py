@@ -309,6 +309,11 @@ def test_sim_decode_json_holds_both(capsys):
         ),
         (
             ["stdlib:sliding_window", "--decode", "--nk", "64", "--gpu", "h10"],
+            "argument --gpu",  # the flag typed (--hardware is its alias)
+            "unknown",
+        ),
+        (
+            ["stdlib:sliding_window", "--decode", "--nk", "64", "--hardware", "h10"],
             "argument --hardware",
             "unknown",
         ),

@@ -128,6 +128,49 @@ def _predict(full, partial, *, layout="flat", ops=10, q=64, kv=64, repeat=1, war
                             tokens=(q * full.shape[1], kv * full.shape[1]), batch_heads=repeat, ops=ops)
 
 
+@pytest.mark.parametrize("tokens, block", [(48, 64), (33, 64), (65, 128), (8, 16)])
+def test_a_tile_pair_is_costed_at_the_block_the_kernel_runs(tokens, block):
+    """The kernels run a tile of 48 tokens as BLOCK_M = BLOCK_N = 64 (padded slots masked): its matmuls and
+    mask work are a 64-token tile pair's, its bytes the 48 tokens' (masked loads); so is its fit."""
+    from attnc.compiler.codegen.triton.tiles import ScheduleShape
+
+    assert ScheduleShape((4096,), (4096,), (tokens,), (tokens,)).block_m == block  # what codegen runs
+    for layout in ("flat", "address"):
+        padded = _predict([8] * 300, [4] * 300, q=tokens, kv=tokens, layout=layout)
+        full = _predict([8] * 300, [4] * 300, q=block, kv=block, layout=layout)
+        for p, f in ((padded.forward, full.forward), (padded.backward, full.backward)):
+            assert p.mma_s == pytest.approx(f.mma_s) and p.mask_s == pytest.approx(f.mask_s)
+            assert p.memory_s < f.memory_s
+            assert p.time_s <= f.time_s * (1 + 1e-12)
+    for kind in SR.PASSES:
+        for warps, stages in itertools.product(SR.WARPS, SR.STAGES):
+            assert SR.pass_fits(kind, tokens, tokens, 128, 2, warps, stages, H100) == \
+                SR.pass_fits(kind, block, block, 128, 2, warps, stages, H100)
+
+
+def test_a_simulated_non_power_of_two_tile_costs_its_block():
+    """Per visited tile pair, a 48-token tile's matmul time is a 64-token one's (it was 0.6 of it)."""
+    per_pair = {}
+    for t in (64, 48):
+        d = attnc.simulate("stdlib:sigmoid", n=1024, heads=2, q_tile=t, kv_tile=t).to_dict()
+        per_pair[t] = d["schedule"]["forward"]["mma_s"] / (d["tiles"]["full"] + d["tiles"]["partial"])
+    assert per_pair[48] == pytest.approx(per_pair[64])
+
+
+def test_swin_windows_of_7_on_7x7_tiles_do_not_beat_windows_of_8_on_8x8_tiles():
+    """window_2d on 112 x 112: 7 x 7 tiles of window 7 visit 256 tile pairs a head, 8 x 8 tiles of window 8 visit
+    196; both run 64 x 64 blocks (49 tokens padded to 64), so the 7 x 7 schedule is no faster (it was predicted
+    31.26x against 31.13x, its 49-token matmuls costed as 49 rows)."""
+    sizes = {"height": 112, "width": 112}
+    seven = attnc.simulate("stdlib:window_2d", sizes=sizes, heads=8, window=7, q_tile=(7, 7), kv_tile=(7, 7))
+    eight = attnc.simulate("stdlib:window_2d", sizes=sizes, heads=8, window=8, q_tile=(8, 8), kv_tile=(8, 8))
+    assert seven["tiles"]["full"] == 8 * 256 and eight["tiles"]["full"] == 8 * 196
+    assert seven["tiles"]["partial"] == eight["tiles"]["partial"] == 0
+    assert seven.predicted_speedup < eight.predicted_speedup
+    assert seven.predicted_speedup_backward < eight.predicted_speedup_backward
+    assert seven["schedule"]["forward"]["mma_s"] == pytest.approx(eight["schedule"]["forward"]["mma_s"] * 256 / 196)
+
+
 def test_partial_tiles_cost_more_than_full_ones_and_more_with_a_costlier_mask():
     a100 = HW.get_hardware("a100")  # the mask's work added whole (ArchFit.mask_exposed 1)
     full = _predict([8] * 300, [0] * 300, hw=a100)
@@ -507,6 +550,32 @@ def test_recurrences_and_bad_arguments_are_clean_errors():
         attnc.simulate("stdlib:sliding_window", n=128, dtype="int8")
 
 
+@pytest.mark.parametrize("pattern, kw", [("stdlib:sliding_window", {"window": 16}), ("stdlib:mamba2", {})])
+@pytest.mark.parametrize("head_dim", [257, 1_000_000_000, 0, True, 64.0])
+def test_simulate_refuses_head_dims_the_kernels_do_not_take(pattern, kw, head_dim):
+    """The simulator costs the kernels check-gpu and emit compile: head dims outside their 1..256 are refused
+    by the same rule (a recurrence too), not costed."""
+    from attnc.runtime import gpu_check as G
+
+    with pytest.raises(attnc.SpecError, match=r"argument head_dim: error: head dims are ints in 1\.\.256") as err:
+        attnc.simulate(pattern, n=128, head_dim=head_dim, **kw)
+    with pytest.raises(attnc.SpecError) as same:
+        G._check_args((), (head_dim,), ())
+    assert str(err.value) == str(same.value)
+
+
+def test_simulate_takes_the_kernels_widest_head_dim_and_a_recurrence_keeps_its_own_limit():
+    assert attnc.simulate("stdlib:sliding_window", n=128, window=16, head_dim=256).head_dim == 256
+    assert attnc.simulate("stdlib:mamba2", n=128, head_dim=256).to_dict()["head_dim"] == 256
+    for head_dim in (256, 1_000_000_000):  # titans' kernels stop at 128: its own, stricter, message
+        with pytest.raises(attnc.SpecError, match="up to 128"):
+            attnc.simulate("stdlib:titans", n=128, head_dim=head_dim)
+    from attnc.runtime.simulation import simulate_decode
+
+    with pytest.raises(attnc.SpecError, match=r"head dims are ints in 1\.\.256, got 300"):
+        simulate_decode("stdlib:sliding_window", nk=128, window=16, head_dim=300)
+
+
 # ----------------------------------------------------------------- NATTEN's published figures
 def test_natten_flop_bound_1d():
     rep = attnc.simulate("stdlib:neighborhood_1d", n=32768, kernel_size=2048)
@@ -529,6 +598,38 @@ def test_natten_flop_bound_3d_and_strided_is_fully_block_sparse():
                              q_tile=(2, 8, 8), kv_tile=(2, 8, 8))
     assert strided["tiles"]["partial"] == 0
     assert strided["predicted_speedup"] > rep["predicted_speedup"]
+
+
+def test_a_forced_schedule_that_does_not_fit_is_said_with_the_search_pick(capsys):
+    """128 x 128 tiles at head_dim 128 need more registers than the H100 gives at any warps and stages: the forced
+    schedule is still predicted (a what-if), and the report says it does not fit and what the search picks."""
+    kw = dict(n=4096, heads=2, window=256, hardware="h100")
+    forced = attnc.simulate("stdlib:sliding_window", q_tile=128, kv_tile=128, **kw)
+    search = SR.ScheduleSearch(attnc.load("stdlib:sliding_window", window=256),
+                               E.bind_sizes(attnc.load("stdlib:sliding_window", window=256), n=4096, heads=2),
+                               HW.get_hardware("h100"))
+    assert not search.fits(forced.best.config)  # the search's own rule says so
+    d = forced.to_dict()
+    assert forced.fits is False and d["fits"] is False
+    auto = attnc.simulate("stdlib:sliding_window", **kw)
+    assert auto.fits and auto.to_dict()["fits"] is True and "search_pick" not in auto.to_dict()
+    pick = d["search_pick"]
+    assert (pick["q_tile"], pick["kv_tile"]) == (list(auto.best.config.q_tile), list(auto.best.config.kv_tile))
+    assert pick["predicted_speedup"] == pytest.approx(auto.predicted_speedup)
+    assert "does not fit the H100's shared memory or registers" in d["assumptions"][0]
+    assert f"Q {pick['q_tile'][0]}, KV {pick['kv_tile'][0]} instead" in d["assumptions"][0]
+    fitting = attnc.simulate("stdlib:sliding_window", q_tile=64, kv_tile=64, **kw)
+    assert fitting.fits and "search_pick" not in fitting.to_dict()
+    assert not any("does not fit" in a for a in fitting.assumptions)
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256",
+                       "--q-tile", "128", "--kv-tile", "128")
+    assert code == 0 and "schedule fits        no: over the H100's shared memory or registers" in out
+    assert "note: the forced schedule (Q 128, KV 128) does not fit" in out
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256",
+                       "--q-tile", "128", "--kv-tile", "128", "--json")
+    assert code == 0 and json.loads(out)["fits"] is False and json.loads(out)["search_pick"] == pick
+    code, out, _ = run(capsys, "sim", "stdlib:sliding_window", "--n", "4096", "--heads", "2", "-p", "window=256")
+    assert code == 0 and "schedule fits" not in out and "does not fit" not in out
 
 
 # ----------------------------------------------------------------- CLI
@@ -561,6 +662,19 @@ def test_cli_sim_table_and_json(capsys):
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=0,width=16"], "positive"),
     (["sim", "stdlib:neighborhood_2d", "--sizes", "height=1.5,width=16"], "expected an int"),
     (["sim", "stdlib:retention", "--n", "64", "--layers", "2"], "recurrence"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--gpu", "tpu"], "argument --gpu: error: unknown hardware 'tpu'"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--hardware", "tpu"],
+     "argument --hardware: error: unknown hardware 'tpu'"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--decode", "--nk", "256", "--gpu", "tpu"],
+     "argument --gpu: error: unknown hardware 'tpu'"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--hardware", "h100", "--gpu", "tpu"],
+     "argument --gpu: error"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--head-dim", "1000000000"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 1000000000"),
+    (["sim", "stdlib:mamba2", "--n", "256", "--head-dim", "1000000000"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 1000000000"),
+    (["sim", "stdlib:sliding_window", "--n", "256", "--head-dim", "257", "--decode", "--nk", "256"],
+     "argument --head-dim: error: head dims are ints in 1..256, got 257"),
     (["show", "stdlib:neighborhood_2d", "--tiles", "--q-tile", "4", "--kv-tile", "2,2"], "other side is flat too"),
 ])
 def test_cli_bad_arguments_exit_1(capsys, argv, message):

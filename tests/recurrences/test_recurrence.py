@@ -458,6 +458,23 @@ def test_crossover_exists_and_is_the_boundary(hardware):
     assert crossover("vector", 8, 128, 1, hw) > crossover("head", 8, 128, 1, hw)
 
 
+def test_the_crossover_is_where_the_recurrence_stays_faster_not_a_first_win():
+    """mamba2 with 8 heads, training (forward + backward) on H100: predicted faster at 320 tokens, slower again at
+    640 (whole waves and chunk choices make the times non-monotone), faster from 704. The report said 320 (the
+    first win of a bisection); the crossover is the length after the last one that loses."""
+    hw = get_hardware("h100")
+
+    def faster(m):
+        rec, sm = best_chunk("scalar", m, 8, 128, 1, hw), softmax_causal(m, 8, 128, 1, hw)
+        return rec.forward_s + rec.backward_s < sm.forward.time_s + sm.backward.time_s
+
+    assert faster(320) and not faster(640)  # the non-monotone case itself
+    n = attnc.simulate("stdlib:mamba2", n=4096, heads=8, hardware="h100")["crossover_n_training"]
+    assert n == crossover("scalar", 8, 128, 1, hw, backward=True) and n % 64 == 0
+    assert not faster(n - 64)
+    assert all(faster(m) for m in range(n, 4 * n + 1, 64))
+
+
 def test_simulate_report_agrees_with_crossover_and_cli(capsys):
     rep = attnc.simulate("stdlib:mamba2", n=4096, heads=8, head_dim=64, hardware="a100")
     assert rep["crossover_n"] == crossover("scalar", 8, 64, 1, get_hardware("a100"))

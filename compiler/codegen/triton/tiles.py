@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ....core import ir
 from ...analysis import evaluate as E
-from ...analysis.schedule import tile_grid
+from ...analysis.schedule import block_size, tile_grid
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,6 @@ class ScheduleShape:
     @property
     def block_n(self) -> int:
         return block_size(self.kv_slots)
-
-
-def block_size(slots: int) -> int:
-    """The power-of-two block holding a tile's slots (at least 16, what tl.dot needs)."""
-    return max(16, 1 << (max(1, slots) - 1).bit_length())
 
 
 def layout_of(config) -> str:
