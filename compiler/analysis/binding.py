@@ -272,14 +272,9 @@ def kernel_head_dim(value, where: str = "argument head_dim") -> int:
     """``value`` as a head dim the Triton kernels take (``KERNEL_HEAD_DIMS``): an int (integer-like scalars
     too, bools not), refused in one line naming ``where`` otherwise. The one rule of check-gpu, emit and the
     simulator (a recurrence's kernels may take fewer: its rule's own limit is checked beside)."""
-    lo, hi = KERNEL_HEAD_DIMS[0], KERNEL_HEAD_DIMS[-1]
-    index = None
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_") and hasattr(value, "__index__"):
-        try:
-            index = operator.index(value)
-        except TypeError:  # a float tensor, a tensor of more than one element
-            index = None
-    if index is None or index not in KERNEL_HEAD_DIMS:
+    index = plain_ints(value)  # (a bool stays a bool: refused)
+    if isinstance(index, bool) or not isinstance(index, int) or index not in KERNEL_HEAD_DIMS:
+        lo, hi = KERNEL_HEAD_DIMS[0], KERNEL_HEAD_DIMS[-1]
         raise SpecError(f"head dims are ints in {lo}..{hi}, got {value!r}", where=where)
     return index
 
