@@ -41,7 +41,10 @@ class SpecError(ValueError):
         self.source = source
         self.hint = hint
         self.where = where
-        super().__init__(self.render())
+        # the rendered text as the exception's one argument, set rather than passed to ValueError.__init__: dynamo
+        # traces this assignment, so under torch.compile(fullgraph=True) a refusal reaches the user as torch's
+        # "Observed exception" caused by this error and its message, not as an untraceable constructor
+        self.args = (self.render(),)
 
     def located(self, filename: str | None, source: str | None) -> SpecError:
         """The same error, attributed to a file (kept if it already had one)."""

@@ -87,3 +87,48 @@ def test_custom_op_registration_opcheck():
         fq, fk, fv = (fake_mode.from_tensor(t) for t in (q, k, v))
         fo, fl = custom_op.tiled_attention(fq, fk, fv, [fake_mode.from_tensor(g)], attn.runner.op_key, "g", "", 0.5)
     assert fo.shape == out.shape and fo.dtype == out.dtype and fl.shape == lse.shape and fl.dtype == lse.dtype
+
+
+def _chain_text(err: BaseException) -> str:
+    """An exception's text and that of every exception it was raised from (what a traceback prints)."""
+    texts, seen = [], set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        texts.append(str(err))
+        err = err.__cause__ or err.__context__
+    return "\n".join(texts)
+
+
+def test_a_refused_argument_under_fullgraph_reaches_the_user_with_its_message():
+    """Under ``torch.compile(fullgraph=True)`` an argument refused while dynamo traces the call comes back as torch's
+    own error; attnc's message is in it (the error was built in a way dynamo could not trace, and the message was
+    lost: "Attempted to call a super() attribute"). Eagerly the same call raises attnc's error itself."""
+    attn = attnc.compile_attention("stdlib:sliding_window", window=4, backend="cpu")
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: attn(q, k, v, layout="bogus"), fullgraph=True, backend="eager")
+    try:
+        compiled(q, k, v)
+    except Exception as err:  # noqa: BLE001 (torch's own error type differs between versions)
+        text = _chain_text(err)
+    else:
+        raise AssertionError("the bad layout was not refused under torch.compile")
+    assert "unknown layout 'bogus'" in text, text
+    assert "super()" not in text, text
+    try:
+        attn(q, k, v, layout="bogus")
+    except attnc.SpecError as err:
+        assert "unknown layout 'bogus'" in str(err) and "argument layout" in str(err)
+    else:
+        raise AssertionError("the bad layout was not refused eagerly")
+
+
+def test_a_spec_error_keeps_its_text_through_pickling_and_args():
+    """``SpecError``'s one argument is its rendered text: ``str``, ``args`` and a pickled copy (an error sent between
+    ranks or processes) all read the same."""
+    import pickle
+
+    err = attnc.SpecError("bad value", where="argument x", hint="pass y")
+    assert err.args == (str(err),) and str(err) == "argument x: error: bad value\n  hint: pass y"
+    copy = pickle.loads(pickle.dumps(err))
+    assert str(copy) == str(err) and copy.where == "argument x" and copy.hint == "pass y"
