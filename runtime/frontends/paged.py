@@ -27,7 +27,9 @@ Appending (``k=``, ``v=``: ``flash_attn_with_kvcache``'s new keys and values, ``
 They are written in place into the caller's pools, into slots ``cache_seqlens[b] .. cache_seqlens[b] +
 n_new - 1`` of row b's pages (one ``index_put_`` on the device, page ids gathered from ``block_table`` on
 the device), after every check and before attention runs over the ``cache_seqlens[b] + n_new`` keys
-(queries at the last positions: a causal pattern's new queries see the new keys up to themselves).
+(queries at the last positions: a causal pattern's new queries see the new keys up to themselves). With packed rows
+(``cu_seqlens_q``) they may be packed as q instead, ``[1, Hkv, total, D]``: each row appends one token per query, its
+own count (``paged_appends``: counts on the device, padding tokens past the rows' write nothing).
 
 Two ways to run (``run``):
 
@@ -103,7 +105,7 @@ from .paged_checks import (
     refuse_new_tokens,
     split_new_tokens,
 )
-from .paged_gather import append_tokens, by_length
+from .paged_gather import by_length
 from .paged_inputs import one_launch_inputs
 
 
@@ -149,11 +151,11 @@ def run(
     q = orient(q, k_cache.shape[2], layout)
     layout = str(layout)  # named or not, from here on the layout the call runs in
     table_rows = block_table_rows(block_table, q, rows)
-    k_new, v_new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout, None if rows is None else table_rows)
-    cache_seqlens = as_seqlens(cache_seqlens, table_rows, k_cache.device)
-    refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
     if rows is not None:
         rows = varlen_rows.check(rows, q, block_table)
+    new = check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout, rows, None if rows is None else table_rows)
+    cache_seqlens = as_seqlens(cache_seqlens, table_rows, k_cache.device)
+    refuse_gradients(q, k_cache, v_cache, inputs, k_new, v_new)
     declared = isinstance(pat, ir.PatternIR) and bool(pat.inputs)  # (one missing: the ordinary path names it)
     faults: list = []
     if take_inputs is None:
@@ -166,16 +168,15 @@ def run(
     if one_launch is not None and given is not None and one_launch_applies(runner, q, k_cache, v_cache, given,
                                                                            initial_state, return_state, sizes):
         check_index_shapes(q, k_cache, block_table, cache_seqlens, rows)
-        appended = 0 if k_new is None else k_new.shape[2]
-        if k_new is not None:  # flash_attn_with_kvcache's k=, v=: checked, then written before attending, in place
-            check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
-            append_tokens(k_cache, block_table, cache_seqlens, k_new)
-            append_tokens(v_cache, block_table, cache_seqlens, v_new)
-        seqlens = cache_seqlens + appended if appended else cache_seqlens
+        seqlens = cache_seqlens
+        if new is not None:  # flash_attn_with_kvcache's k=, v=: checked, then written before attending, in place
+            check_on_device(pat, q, k_cache, block_table, cache_seqlens, new, rows)
+            new.write(k_cache, v_cache, block_table, cache_seqlens)
+            seqlens = cache_seqlens + (new.each if new.each is not None else new.counts().to(cache_seqlens.dtype))
         start, count, most = (None, None, q.shape[2]) if rows is None else rows.as_launched()
         launched = (q, k_cache, v_cache, block_table, seqlens, start, count, most, resolve_scale(scale, q.shape[-1], q.dtype))
         extra = {"inputs": given} if given else {}
-        out, lse = _launch_checked(one_launch, launched, extra, pat, cache_seqlens, appended, rows, refuse_cached_rows)
+        out, lse = _launch_checked(one_launch, launched, extra, pat, cache_seqlens, new, rows, refuse_cached_rows)
         out = unnormalized_output(pat, out, lse)
         return Restore(layout).result((out, lse) if return_lse else out, return_lse, False)
     if one_launch_only is not None:  # what the one launch alone serves (a kept key summary): named, not dropped
@@ -195,12 +196,12 @@ def run(
             where="argument cu_seqlens_q",
             hint="pass q [B, H, n, D] with n queries per row",
         )
-    return by_length(forward, pat, layout, q, k_cache, v_cache, block_table, cache_seqlens, k_new, v_new,
+    return by_length(forward, pat, layout, q, k_cache, v_cache, block_table, cache_seqlens, new,
                      scale=scale, return_lse=return_lse, initial_state=initial_state,
                      return_state=return_state, sizes=sizes, inputs=inputs, rows=rows)
 
 
-def _launch_checked(one_launch: Callable, launched: tuple, extra: dict, pat, cache_seqlens, appended: int, rows,
+def _launch_checked(one_launch: Callable, launched: tuple, extra: dict, pat, cache_seqlens, new, rows,
                     refuse_cached_rows: Callable[[], None] | None):
     """``one_launch(*launched, **extra)``, whose device asserts become the caller's errors: on the CPU, at once, the
     host rules name the argument and the row; under ``torch.compile`` the op asserts in the graph."""
@@ -216,7 +217,7 @@ def _launch_checked(one_launch: Callable, launched: tuple, extra: dict, pat, cac
         if PAGED_VALUES_FAILED not in str(err):
             raise
         q, k_cache, block_table = launched[0], launched[1], launched[3]
-        diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
+        diagnose(pat, q, k_cache, block_table, cache_seqlens, new, rows)
         raise
 
 

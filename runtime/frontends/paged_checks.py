@@ -15,6 +15,7 @@ from ...core.errors import SpecError
 from ..checks import PAGED_VALUES_FAILED
 from ..compiling import compiling
 from ..numerics import needs_grad
+from .paged_appends import NewTokens
 
 HINT_INT32 = "FlashAttention's and vLLM's convention: torch.int32 on the caches' device"
 HINT_LAYOUT = (
@@ -215,14 +216,15 @@ def refuse_new_tokens(pat, inputs: dict) -> None:
             )
 
 
-def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int | None = None):
-    """``k=``, ``v=`` in ``layout`` -> ``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]`` views (None, None
-    when neither is given), checked against the batch's rows (``batch``: the block table's rows where q is one
-    packed entry, ``cu_seqlens_q``; q's batch by default) and the pools."""
+def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, rows=None, batch: int | None = None):
+    """``k=``, ``v=`` in ``layout`` (None when neither is given), checked against the batch's rows and the pools:
+    ``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]`` in ``"bhnd"`` (every row appends ``n_new``; ``batch``: the
+    block table's rows where q is one packed entry, ``cu_seqlens_q``; q's batch by default), or with packed rows
+    (``rows``, checked) ``[1, Hkv, total, D]`` packed as q (each row appends one token per query). q is oriented."""
     what = "q's batch" if batch is None else "the block table's rows"
     batch = q.shape[0] if batch is None else batch
     if k_new is None and v_new is None:
-        return None, None
+        return None
     for name, t, other in (("k", k_new, "v"), ("v", v_new, "k")):
         if t is None:
             raise SpecError(
@@ -253,12 +255,17 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int 
                 where=where,
             )
         t = t.transpose(1, 2) if layout == "bnhd" else t
-        if t.shape[0] != batch or t.shape[1] != pool.shape[2] or t.shape[3] != pool.shape[3]:
+        packs = rows is not None and t.shape[0] == 1 and t.shape[2] == q.shape[2]  # one token per packed query
+        if (t.shape[0] != batch and not packs) or t.shape[1] != pool.shape[2] or t.shape[3] != pool.shape[3]:
             shown = list(t.shape if layout == "bhnd" else t.transpose(1, 2).shape)
             expect = order.format(pool.shape[3]).replace("B", str(batch), 1)
             expect = expect.replace("Hkv", str(pool.shape[2]))
+            also = ""
+            if rows is not None:  # the packed form too
+                also = " or " + order.format(pool.shape[3]).replace("B", "1", 1).replace("n_new", str(q.shape[2]))
+                also = also.replace("Hkv", str(pool.shape[2])) + " packed as q"
             raise SpecError(
-                f"expected {expect} ({what}, the cache's heads and head dim; layout "
+                f"expected {expect}{also} ({what}, the cache's heads and head dim; layout "
                 f'"{layout}"), got {shown}',
                 where=where,
             )
@@ -268,7 +275,9 @@ def check_new_tokens(q, k_cache, v_cache, k_new, v_new, layout: str, batch: int 
             f"v has {out[1].shape[2]} new tokens, k {out[0].shape[2]}: one value per key",
             where="argument v",
         )
-    return out[0], out[1]
+    if rows is not None and out[0].shape[0] == 1 and out[0].shape[2] == q.shape[2]:
+        return NewTokens.packed(out[0], out[1], rows.cu)
+    return NewTokens.uniform(out[0], out[1])
 
 
 def as_seqlens(cache_seqlens, batch: int, device: torch.device):
@@ -284,26 +293,9 @@ def as_seqlens(cache_seqlens, batch: int, device: torch.device):
     return cache_seqlens
 
 
-def appended_slots(block_table: torch.Tensor, seqlens: torch.Tensor, count: int, page_size: int) -> tuple:
-    """The pool slots the ``count`` new keys of each row are written to: ``(pages, offsets)`` ``[B, count]`` int64,
-    row b's token t at ``offsets[b, t]`` of page ``pages[b, t]`` (``block_table[b, (seqlens[b] + t) // page_size]``),
-    made where the tensors are (no host read). A page index outside the table is clamped into it (a length the
-    checks refuse: past the table, or negative)."""
-    pos = seqlens.long().unsqueeze(1) + torch.arange(count, device=seqlens.device)
-    index = torch.div(pos, page_size, rounding_mode="floor").clamp(min=0, max=block_table.shape[1] - 1)
-    return block_table.long().gather(1, index), pos % page_size
-
-
-def _slots_shared(block_table: torch.Tensor, seqlens: torch.Tensor, count: int, page_size: int) -> torch.Tensor:
-    """Whether two rows' new keys go to one slot (``appended_slots``, sorted: adjacent equal ones), a 0-d bool."""
-    pages, offsets = appended_slots(block_table, seqlens, count, page_size)
-    slots = (pages * page_size + offsets).flatten().sort().values
-    return (slots[1:] == slots[:-1]).any()
-
-
-def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appended: int = 0) -> Pages:
+def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, new: NewTokens | None = None) -> Pages:
     """Validate ``block_table`` and ``cache_seqlens`` against ``batch`` rows of ``n`` queries each (an int, or a
-    list of each row's count) and the pool, with ``appended`` new keys per row (``k=``) after
+    list of each row's count) and the pool, with ``new`` keys appended to each row (``k=``) after
     ``cache_seqlens[b]``; every page a row reaches, reading or writing, must be a page of the pool. Returns the
     rows (their lengths with the new keys) grouped by length."""
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
@@ -317,11 +309,13 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
     _check_index_tensor(cache_seqlens, "cache_seqlens", (batch,), 1, k_cache.device)
     capacity = block_table.shape[1] * page_size
     before = [int(x) for x in cache_seqlens.tolist()]  # one device-to-host copy
-    lengths = [x + appended for x in before]
-    new = f" and the {appended} new keys of k=" if appended else ""
+    added = new.host_counts() if new is not None else [0] * batch
+    lengths = [x + a for x, a in zip(before, added, strict=True)]
     windows = ir.least_length(pat) if isinstance(pat, ir.PatternIR) else 1  # the mask's windows fit each row
     for b, length in enumerate(before):
         rows = n[b] if isinstance(n, list) else n
+        appended = added[b]
+        told = f" and the {appended} new keys of k=" if appended else ""
         # self-attention: the queries are the last n keys of the row (the new ones included); a row of no
         # queries may hold no key (a serving batch padded to a captured size: vLLM's rows of length 0)
         least = max(rows, 1) if pat.self_attention else 1
@@ -330,12 +324,12 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
             why = "a key count is not negative"
         elif length > high:
             why = f"block_table holds {block_table.shape[1]} pages of {page_size} keys, at most {capacity}"
-            why += f" (the row's keys{new})" if appended else ""
+            why += f" (the row's keys{told})" if appended else ""
         elif length < low and windows > least:
-            why = f"the pattern's window (size times dilation) needs rows of at least {windows} keys{new}"
+            why = f"the pattern's window (size times dilation) needs rows of at least {windows} keys{told}"
         elif length < low:
             why = (
-                f"the {rows} queries are the row's last keys (cache_seqlens{new} count them)"
+                f"the {rows} queries are the row's last keys (cache_seqlens{told} count them)"
                 if least > 1
                 else "every row holds a key"
             )
@@ -352,9 +346,9 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
     bad = reached & ((table < 0) | (table >= num_pages))
     if bool(bad.any()):
         b, j = (int(i) for i in bad.nonzero()[0])
-        if appended and (j + 1) * page_size > before[b]:
+        if added[b] and (j + 1) * page_size > before[b]:
             how = (
-                f"row {b} writes its {appended} new keys into slots {before[b]} .. {lengths[b] - 1}, "
+                f"row {b} writes its {added[b]} new keys into slots {before[b]} .. {lengths[b] - 1}, "
                 f"its page {j} among them: cache_seqlens[{b}] = {before[b]}"
             )
         else:
@@ -365,18 +359,13 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, appende
             where="argument block_table",
             hint=f"page ids of reached pages lie in [0, {num_pages})",
         )
-    if appended:  # two rows writing one slot: the later write would be both rows' key
-        pages, offsets = appended_slots(table, torch.tensor(before), appended, page_size)
-        slots = (pages * page_size + offsets).flatten()
-        order = slots.argsort(stable=True)
-        same = torch.nonzero(slots[order][1:] == slots[order][:-1]).flatten()
-        if len(same):
-            first, second = (int(order[i]) // appended for i in (int(same[0]), int(same[0]) + 1))
-            slot = int(slots[order[int(same[0])]])
-            raise SpecError(
-                f"rows {first} and {second} both write a new key into slot {slot % page_size} of page "
-                f"{slot // page_size}: each would attend the other's token",
-                where="argument block_table", hint="rows that append need pages of their own")
+    shared = new.first_shared(table, torch.tensor(before), page_size) if new is not None else None
+    if shared is not None:  # two rows writing one slot: the later write would be both rows' key
+        first, second, slot = shared
+        raise SpecError(
+            f"rows {first} and {second} both write a new key into slot {slot % page_size} of page "
+            f"{slot // page_size}: each would attend the other's token",
+            where="argument block_table", hint="rows that append need pages of their own")
     by_length: dict[int, list[int]] = {}
     for b, length in enumerate(lengths):
         by_length.setdefault(length, []).append(b)
@@ -435,7 +424,7 @@ def check_index_shapes(q, k_cache, block_table, cache_seqlens, rows) -> None:
     _check_index_tensor(cache_seqlens, "cache_seqlens", (block_table.shape[0],), 1, k_cache.device)
 
 
-def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
+def check_on_device(pat, q, k_cache, block_table, cache_seqlens, new: NewTokens | None, rows) -> None:
     """The values of a one-launch paged call that appends ``k=``/``v=`` checked before anything is written, without
     a host read (``check_pages``'s rules, and ``cu_seqlens_q``'s): one flag made on the device and asserted there
     (``torch._assert_async``). On a GPU a failed check is a device-side assert; on the CPU it fails at once, and the
@@ -444,7 +433,7 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     num_pages, page = k_cache.shape[0], k_cache.shape[1]
     capacity = block_table.shape[1] * page
     before = cache_seqlens.to(torch.int64)
-    lengths = before + appended
+    lengths = before + new.counts() if new is not None else before
     counts = rows.counts() if rows is not None else torch.full_like(before, q.shape[2])
     least = counts.clamp(min=1) if pat.self_attention else torch.ones_like(before)
     least = least.clamp(min=ir.least_length(pat))  # the mask's windows fit each row
@@ -453,8 +442,8 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
-    if appended:  # no slot written by two rows (found on the device)
-        good = good & ~_slots_shared(block_table, before, appended, page)
+    if new is not None:  # no slot written by two rows (found on the device)
+        good = good & ~new.shared(block_table, before, page)
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph
@@ -463,17 +452,17 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, appended: int, 
     try:
         torch._assert_async(good, PAGED_VALUES_FAILED)
     except RuntimeError:  # on the CPU, at once: the host rules name what is wrong
-        diagnose(pat, q, k_cache, block_table, cache_seqlens, appended, rows)
+        diagnose(pat, q, k_cache, block_table, cache_seqlens, new, rows)
         raise
 
 
-def diagnose(pat, q, k_cache, block_table, cache_seqlens, appended: int, rows) -> None:
+def diagnose(pat, q, k_cache, block_table, cache_seqlens, new: NewTokens | None, rows) -> None:
     """After a device check of a paged call's values failed: the host rules, raising the ``SpecError`` that names the
     argument and the row at fault (``varlen_rows``' offsets first, then ``check_pages``)."""
     if rows is not None:
         rows.diagnose(q.shape[2])
     check_pages(pat, block_table.shape[0], rows.host_counts() if rows is not None else q.shape[2], k_cache,
-                block_table, cache_seqlens, appended)
+                block_table, cache_seqlens, new)
 
 
 _PAGE_STARTS: dict = {}

@@ -1,6 +1,6 @@
-"""The pages a paged call reads and writes on the host's side of the kernels (the seam: the path by length): new
-tokens appended in place (``append_tokens``, both paths), and the rows of one length (and query count) gathered
-into a batch for the module's ordinary forward (``by_length``, ``by_rows``). ``frontends.paged`` chooses the path."""
+"""The pages a paged call reads on the host's side of the kernels (the seam: the path by length): the rows of one
+length (and query count) gathered into a batch for the module's ordinary forward (``by_length``, ``by_rows``), after
+the new tokens are written (``paged_appends``). ``frontends.paged`` chooses the path."""
 
 from __future__ import annotations
 
@@ -9,22 +9,9 @@ from collections.abc import Callable
 import torch
 
 from .layouts import Restore
-from .paged_checks import Pages, appended_slots, check_pages
+from .paged_appends import NewTokens
+from .paged_checks import Pages, check_pages
 from .paged_inputs import check_inputs, group_input
-
-
-def append_tokens(
-    cache: torch.Tensor, table: torch.Tensor, seqlens: torch.Tensor, new: torch.Tensor
-) -> None:
-    """Write ``new`` ``[B, H, n_new, D]`` into ``cache`` ``[num_pages, page_size, H, D]`` in place: row b's
-    token t into slot ``(seqlens[b] + t) % page_size`` of page ``table[b, (seqlens[b] + t) // page_size]``.
-    The indices are made on the device (no host read); any strided pool takes the two-index put."""
-    batch, _, count, _ = new.shape
-    if batch == 0 or count == 0:
-        return
-    pages, offsets = appended_slots(table, seqlens, count, cache.shape[1])
-    tokens = new.transpose(1, 2).reshape(batch * count, new.shape[1], new.shape[3])
-    cache.index_put_((pages.flatten(), offsets.flatten()), tokens)
 
 
 def _gather(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
@@ -47,8 +34,7 @@ def by_length(
     v_cache,
     block_table,
     cache_seqlens,
-    k_new,
-    v_new,
+    new: NewTokens | None,
     *,
     scale,
     return_lse: bool,
@@ -62,16 +48,14 @@ def by_length(
     their gathered keys and values (q ``[B, Hq, n, D]``, oriented and checked by ``run``); with ``rows``
     (``cu_seqlens_q``: q ``[1, Hq, total, D]``), once per group of equal length and query count (``by_rows``)."""
     restore = Restore(layout)
-    appended = 0 if k_new is None else k_new.shape[2]
     batch = block_table.shape[0] if rows is not None else q.shape[0]
     if rows is not None:
         rows.diagnose(q.shape[2])
     counts = rows.host_counts() if rows is not None else q.shape[2]
-    pages = check_pages(pat, batch, counts, k_cache, block_table, cache_seqlens, appended)
+    pages = check_pages(pat, batch, counts, k_cache, block_table, cache_seqlens, new)
     inputs = check_inputs(pat, inputs, layout, batch, max(pages.lengths, default=0))
-    if k_new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
-        append_tokens(k_cache, block_table, cache_seqlens, k_new)
-        append_tokens(v_cache, block_table, cache_seqlens, v_new)
+    if new is not None:  # flash_attn_with_kvcache's k=, v=: written before attending, in place
+        new.write(k_cache, v_cache, block_table, cache_seqlens)
     call = dict(scale=scale, return_lse=return_lse, initial_state=initial_state, return_state=return_state,
                 sizes=sizes, layout="bhnd")
     if rows is not None:

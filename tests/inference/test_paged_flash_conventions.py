@@ -285,6 +285,90 @@ def test_packed_rows_append_one_entry_per_table_row(backend):
         torch.testing.assert_close(out[0, lo:hi].transpose(0, 1).double(), want, rtol=2e-5, atol=2e-5)
 
 
+def packed_appended_pool(cache, table, seqlens, cu, new):
+    """The pool after writing ``new`` ``[total, H, D]`` packed by ``cu`` token by token: row b's tokens
+    ``cu[b] .. cu[b + 1] - 1`` at its keys ``seqlens[b]`` on; tokens past ``cu[-1]`` belong to no row (a copy)."""
+    out = cache.clone()
+    page_size = cache.shape[1]
+    for b in range(len(cu) - 1):
+        for t in range(int(cu[b]), int(cu[b + 1])):
+            pos = int(seqlens[b]) + t - int(cu[b])
+            out[int(table[b, pos // page_size]), pos % page_size] = new[t]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "auto", "triton"])
+def test_packed_rows_append_their_own_counts(backend, monkeypatch):
+    """A serving batch of chunked-prefill rows beside decode rows appends each row's own count in the call that
+    attends: with ``cu_seqlens_q``, ``k=``/``v=`` packed as q (one new token per query). Rows of 1, 4 and 3 queries
+    (one starting empty, writes crossing pages), a row of cached keys and no query, a padding row of no key on
+    -1 pages, and two padding tokens past the rows': the pools hold each row's tokens at its own slots and nothing
+    else changed; each row equals the float64 reference over its old keys then its new ones. On Triton the
+    batch is one paged launch."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    hq, hkv, page_size = 4, 2, 4
+    before, counts = (5, 9, 0, 3, 0), (1, 4, 3, 0, 0)
+    reach = [-(-(x + c) // page_size) for x, c in zip(before, counts, strict=True)]
+    k_cache, v_cache, table = pool(reach, page_size, hkv, seed=26, dtype=dtype)
+    cu = torch.tensor([0, 1, 5, 8, 8, 8], dtype=torch.int32)
+    total = 10  # two padding tokens past cu[-1], as a loop padded to a captured size sends them
+    g = _gen(27)
+    q = torch.randn(1, total, hq, D, generator=g, dtype=dtype)
+    k_new = torch.randn(1, total, hkv, D, generator=g, dtype=dtype)
+    v_new = torch.randn(1, total, hkv, DV, generator=g, dtype=dtype)
+    seqlens = torch.tensor(before, dtype=torch.int32)
+    k_want = packed_appended_pool(k_cache, table, seqlens, cu, k_new[0])
+    v_want = packed_appended_pool(v_cache, table, seqlens, cu, v_new[0])
+    attn = compile_attention("stdlib:sliding_window", backend=backend, window=WINDOW, layout="bnhd")
+    call = dict(block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu, max_seqlen_q=4)
+    from attnc.runtime.backends.triton import kernel_launch
+
+    launched, real = [], kernel_launch.launch_kernel
+    monkeypatch.setattr(kernel_launch, "launch_kernel",
+                        lambda launch, kernel, *a, **kw: launched.append(kernel.__name__) or real(launch, kernel, *a, **kw))
+    out = attn(q, k_cache, v_cache, k=k_new, v=v_new, **call)
+    torch.testing.assert_close((k_cache, v_cache), (k_want, v_want), rtol=0, atol=0)
+    assert torch.equal(seqlens, torch.tensor(before, dtype=torch.int32))  # the caller's, untouched
+    if backend == "triton":
+        assert [n for n in launched if n != "attnc_fwd_combine"] == ["attnc_fwd_paged"], launched
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for b, cached in enumerate(before):
+        lo, hi = int(cu[b]), int(cu[b + 1])
+        if lo == hi:
+            continue
+        k_row = torch.cat([row_keys(k_want, table, b, cached), k_new[0, lo:hi].transpose(0, 1)], 1)
+        v_row = torch.cat([row_keys(v_want, table, b, cached), v_new[0, lo:hi].transpose(0, 1)], 1)
+        want = reference(q[0, lo:hi].transpose(0, 1), k_row, v_row, WINDOW)
+        torch.testing.assert_close(out[0, lo:hi].transpose(0, 1).double(), want, **tol)
+    assert torch.equal(out[0, 8:], torch.zeros_like(out[0, 8:]))  # the padding tokens' rows
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_packed_appends_that_collide_or_misfit_are_named_and_write_nothing(backend):
+    """Packed appends checked before anything is written: two rows whose new tokens share a slot (row 0's second
+    token and row 1's first, on one page) and new tokens of another count than q's packed rows are refused by name;
+    the pools are untouched."""
+    g = _gen(30)
+    kc, vc = torch.randn(6, 4, 2, D, generator=g), torch.randn(6, 4, 2, DV, generator=g)
+    table = torch.tensor([[0, 3, -1], [1, 3, -1]], dtype=torch.int32)
+    seqlens = torch.tensor([4, 5], dtype=torch.int32)  # row 0 writes keys 4, 5 (page 3 slots 0, 1); row 1 key 5
+    cu = torch.tensor([0, 2, 3], dtype=torch.int32)
+    q = torch.randn(1, 3, 4, D, generator=g)
+    kn, vn = torch.randn(1, 3, 2, D, generator=g), torch.randn(1, 3, 2, DV, generator=g)
+    attn = compile_attention("stdlib:sliding_window", backend=backend, window=WINDOW, layout="bnhd")
+    k_pool, v_pool = kc.clone(), vc.clone()
+    call = dict(block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu)
+    err = _error(lambda: attn(q, k_pool, v_pool, k=kn, v=vn, **call))
+    assert err.where == "argument block_table" and "rows 0 and 1 both write a new key into slot 1 of page 3" in str(err)
+    err = _error(lambda: attn(q, k_pool, v_pool, k=kn[:, :2], v=vn[:, :2], **call))
+    assert err.where == "argument k" and "[1, 3, 2, 8] packed as q" in err.message, err.message
+    torch.testing.assert_close((k_pool, v_pool), (kc, vc), rtol=0, atol=0)
+    own = torch.tensor([[0, 3, -1], [1, 2, -1]], dtype=torch.int32)
+    attn(q, k_pool, v_pool, k=kn, v=vn, block_table=own, cache_seqlens=seqlens, cu_seqlens_q=cu)
+    assert torch.equal(k_pool[3, 0], kn[0, 0]) and torch.equal(k_pool[3, 1], kn[0, 1])
+    assert torch.equal(k_pool[2, 1], kn[0, 2])
+
+
 def test_an_int_cache_seqlens_is_every_rows():
     """flash-attn broadcasts an int cache_seqlens: the same as the int32 tensor of it, appending or not;
     a strided pool (a view into a wider buffer) is written in place, its neighbours untouched."""

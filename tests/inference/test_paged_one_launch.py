@@ -721,6 +721,33 @@ def test_a_paged_call_that_appends_compiles_with_fullgraph():
     assert torch.equal(k_traced, k_eager) and torch.equal(v_traced, v_eager) and not torch.equal(k_eager, k)
 
 
+def test_a_packed_paged_call_that_appends_each_rows_count_compiles_with_fullgraph():
+    """``k=``/``v=`` packed as q (``cu_seqlens_q``: each row appends one token per query, padding tokens past the
+    rows' none) written inside the traced call: the same pools and answer as the eager call, no graph break."""
+    attn = attnc.compile_attention("stdlib:sliding_window", backend="triton", window=6)
+    k, v, table, seqlens, _ = pool([12, 29, 5], 8)  # room in each row's last page for its new tokens
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, HQ, 6, D, generator=g)
+    kn, vn = (torch.randn(1, k.shape[2], 6, D, generator=g) for _ in range(2))
+    cu = torch.tensor([0, 1, 4, 5], dtype=torch.int32)
+
+    def call(q, k, v, kn, vn, table, seqlens, cu):
+        return attn(q, k, v, k=kn, v=vn, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu,
+                    max_seqlen_q=3, layout="bhnd")
+
+    k_eager, v_eager = k.clone(), v.clone()
+    want = call(q, k_eager, v_eager, kn, vn, table, seqlens, cu)
+    torch._dynamo.reset()
+    try:
+        k_traced, v_traced = k.clone(), v.clone()
+        got = torch.compile(call, fullgraph=True, backend="aot_eager")(q, k_traced, v_traced, kn, vn, table, seqlens,
+                                                                       cu)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(k_traced, k_eager) and torch.equal(v_traced, v_eager) and not torch.equal(k_eager, k)
+
+
 def test_a_paged_call_with_inputs_compiles_with_fullgraph():
     """A mask reading an input (document ids over the table's capacity): under ``torch.compile(fullgraph=True)``
     the one-launch op takes it (no graph break), the same answer as the eager call, at a second length too."""

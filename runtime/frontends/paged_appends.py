@@ -1,0 +1,122 @@
+"""The keys and values a paged call appends (``k=``, ``v=``, ``flash_attn_with_kvcache``'s) as one list of tokens in
+row order, and where each goes in the pools.
+
+Two forms, one list: every row appends as many tokens (``[B, Hkv, n_new, D]``, ``"bhnd"``), or, with packed rows
+(``cu_seqlens_q``), each row appends one token per query (``[1, Hkv, total, D]``, packed as q: row b's new tokens are
+q's rows ``cu_seqlens_q[b] .. cu_seqlens_q[b + 1] - 1``), so that a batch of chunked-prefill rows beside decode rows
+appends its own count per row in the call that attends (FlashInfer's ``append_paged_kv_cache`` by ``indptr``, vLLM's
+slot mapping). Row b's token t goes to the row's key ``cache_seqlens[b] + t``: slot ``key % page_size`` of page
+``block_table[b, key // page_size]``. Everything is made on the device; no count is read on the host (a CUDA graph
+replays the write for any counts). Packed tokens past ``cu_seqlens_q[-1]`` (a serving loop's padding) belong to no
+row and change nothing in the pools."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class NewTokens:
+    """The new keys and values of a paged call, checked (``paged_checks.check_new_tokens``): ``k`` ``[N, Hkv, D]`` and
+    ``v`` ``[N, Hkv, Dv]`` in row order; ``starts`` (int64 ``[B + 1]`` on the device) each row's first token among
+    them, its last entry the tokens that belong to rows (the rest are padding); ``each`` every row's count where
+    they are alike (the uniform form: a count known on the host), else None."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    starts: torch.Tensor
+    each: int | None
+
+    @classmethod
+    def uniform(cls, k: torch.Tensor, v: torch.Tensor) -> NewTokens:
+        """``[B, Hkv, n_new, D]`` and ``[B, Hkv, n_new, Dv]``: every row appends ``n_new``."""
+        batch, count = k.shape[0], k.shape[2]
+        starts = torch.arange(batch + 1, device=k.device, dtype=torch.int64) * count
+        return cls(_tokens(k), _tokens(v), starts, count)
+
+    @classmethod
+    def packed(cls, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor) -> NewTokens:
+        """``[1, Hkv, total, D]`` and ``[1, Hkv, total, Dv]`` packed as q by ``cu_seqlens_q``."""
+        return cls(_tokens(k), _tokens(v), cu_seqlens_q.to(torch.int64), None)
+
+    def counts(self) -> torch.Tensor:
+        """Each row's count of new tokens, int64 ``[B]`` on the device."""
+        return self.starts[1:] - self.starts[:-1]
+
+    def host_counts(self) -> list[int]:
+        """Each row's count on the host: the uniform form's without a device read, the packed one's read (only where
+        the host checks run anyway: the path by length, or after a device check failed)."""
+        if self.each is not None:
+            return [self.each] * (self.starts.shape[0] - 1)
+        return [int(x) for x in self.counts().tolist()]
+
+    def most(self) -> int:
+        """The most tokens a row may append: the uniform count, or every packed token."""
+        return self.each if self.each is not None else self.k.shape[0]
+
+    def slots(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int):
+        """``(pages, offsets, real)`` ``[N]``: token i goes to slot ``offsets[i]`` of page ``pages[i]`` (``real[i]``:
+        it belongs to a row; a padding token's slot is that of its row's clamp, never written by ``write``). A page
+        index outside the table is clamped into it (a length the checks refuse: past the table, or negative)."""
+        tokens = torch.arange(self.k.shape[0], device=seqlens.device, dtype=torch.int64)
+        starts = self.starts.to(seqlens.device)
+        if self.each is not None:
+            row = torch.div(tokens, max(self.each, 1), rounding_mode="floor")
+        else:
+            row = torch.searchsorted(starts[1:], tokens, right=True)  # the row whose tokens hold token i
+        row = row.clamp(max=table.shape[0] - 1)
+        pos = seqlens.long()[row] + tokens - starts[row]
+        index = torch.div(pos, page_size, rounding_mode="floor").clamp(min=0, max=table.shape[1] - 1)
+        return table.long()[row, index], pos % page_size, tokens < starts[-1]
+
+    def write(self, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, seqlens: torch.Tensor) -> None:
+        """Write the tokens into the pools in place (one ``index_put_`` each, any strided pool). Padding tokens are
+        written where the last real token is, with its key and value (the same bytes twice: a put's duplicates agree),
+        or, with no real token, over pool slot 0 of page 0 with what it holds; so nothing is read on the host to drop
+        them and no other slot changes."""
+        if self.k.shape[0] == 0:
+            return
+        pages, offsets, real = self.slots(table, seqlens, k_cache.shape[1])
+        k, v = self.k, self.v
+        if self.each is None:  # packed: the padding tokens past the rows' (the uniform form has none)
+            last = (self.starts[-1:] - 1).clamp(min=0).to(pages.device)  # [1]: the last real token, or token 0
+            anyone = self.starts[-1:].to(pages.device) > 0
+            pages = torch.where(real, pages, torch.where(anyone, pages.index_select(0, last), 0))
+            offsets = torch.where(real, offsets, torch.where(anyone, offsets.index_select(0, last), 0))
+            keep = real.view(-1, 1, 1)
+            k = torch.where(keep, k, torch.where(anyone.view(1, 1, 1), k.index_select(0, last), k_cache[0, :1]))
+            v = torch.where(keep, v, torch.where(anyone.view(1, 1, 1), v.index_select(0, last), v_cache[0, :1]))
+        k_cache.index_put_((pages, offsets), k)
+        v_cache.index_put_((pages, offsets), v)
+
+    def shared(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
+        """Whether two of the rows' real tokens go to one slot, a 0-d bool made where the tensors are (padding tokens
+        count as slots of their own)."""
+        pages, offsets, real = self.slots(table, seqlens, page_size)
+        slots = torch.where(real, pages * page_size + offsets, -1 - torch.arange(len(real), device=real.device))
+        slots = slots.sort().values
+        return (slots[1:] == slots[:-1]).any()
+
+    def first_shared(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> tuple[int, int, int] | None:
+        """On the host (tensors on the CPU): ``(row, other row, slot id)`` of the first slot two real tokens share,
+        or None."""
+        pages, offsets, real = self.slots(table, seqlens, page_size)
+        rows = torch.searchsorted(self.starts[1:].cpu(), torch.arange(len(real)), right=True)
+        slots = (pages * page_size + offsets)[real]
+        rows = rows[real]
+        order = slots.argsort(stable=True)
+        same = torch.nonzero(slots[order][1:] == slots[order][:-1]).flatten()
+        if not len(same):
+            return None
+        i = int(same[0])
+        return int(rows[order[i]]), int(rows[order[i + 1]]), int(slots[order[i]])
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """``[R, H, n, D]`` -> ``[R * n, H, D]``, row-major (row r's tokens, then row r + 1's)."""
+    return t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3])
+
+
+__all__ = ["NewTokens"]
