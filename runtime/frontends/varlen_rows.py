@@ -62,6 +62,13 @@ class QueryRows:
             raise SpecError(
                 f"must end within q's {total} packed query rows, ends at {cu[-1]}", where=WHERE
             )
+        # every offset within q's rows before any count is weighed: an offset past them is the offsets' fault, not
+        # max_seqlen_q's (whose launch bound is at most q's rows)
+        past = next((b for b, x in enumerate(cu) if x > total), None)
+        if past is not None:
+            raise SpecError(
+                f"cu_seqlens_q[{past}] = {cu[past]} runs past q's {total} packed query rows", where=WHERE
+            )
         for b in range(len(cu) - 1):
             if cu[b + 1] < cu[b]:
                 raise SpecError(

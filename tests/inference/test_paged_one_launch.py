@@ -609,6 +609,7 @@ def test_a_warm_call_reads_nothing_and_a_new_length_compiles_nothing():
         ({"cu": [1, 1, 3, 4]}, "cu_seqlens_q"),
         ({"cu": [0, -1, 3, 4]}, "cu_seqlens_q"),  # a row before q's first: its program reads and writes row 0 on
         ({"cu": [0, 3, 3, 4]}, "max_seqlen_q"),
+        ({"cu": [0, 5, 3, 4]}, "cu_seqlens_q"),  # past q's 4 rows, then back: the offsets' fault, not max_seqlen_q's
         ({"seqlen": (1, 1)}, "cache_seqlens"),  # row 1's 2 queries after 1 key: more queries than keys
         ({"cu_dtype": torch.int64}, "cu_seqlens_q"),
         ({"cu": [0, 1, 4]}, "cu_seqlens_q"),  # 2 rows of offsets for a table of 3
