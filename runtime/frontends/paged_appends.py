@@ -99,6 +99,40 @@ class NewTokens:
         slots = slots.sort().values
         return (slots[1:] == slots[:-1]).any()
 
+    def _overwrites(self, table, seqlens, page_size: int, num_pages: int, queries: torch.Tensor):
+        """``(bad [N], pages, offsets)``: which real tokens go to a slot that another row attends as a key (a page
+        shared among rows, a radix cache's prefix: the write would change that row's key, in this call)."""
+        pages, offsets, real = self.slots(table, seqlens, page_size)
+        lengths = seqlens.long() + self.counts().to(seqlens.device)
+        most, row, second = _readers(table, lengths, page_size, num_pages, queries.to(seqlens.device) > 0)
+        tokens = torch.arange(len(real), device=real.device)
+        writer = torch.searchsorted(self.starts[1:].to(real.device), tokens, right=True)
+        safe = pages.clamp(0, num_pages - 1)
+        other = torch.where(row[safe] == writer, second[safe], most[safe])  # the most another row reads of the page
+        return real & (pages >= 0) & (pages < num_pages) & (other > offsets), pages, offsets
+
+    def overwrites(self, table, seqlens, page_size: int, num_pages: int, queries: torch.Tensor) -> torch.Tensor:
+        """Whether a real token goes to a slot another row attends (``_overwrites``), a 0-d bool made where the
+        tensors are (one scatter per pool page: no host read)."""
+        return self._overwrites(table, seqlens, page_size, num_pages, queries)[0].any()
+
+    def first_overwrite(self, table, seqlens, page_size: int, num_pages: int, queries: torch.Tensor):
+        """On the host: ``(writer row, page, slot, reader row, reader's key)`` of the first token that goes to a slot
+        another row attends, or None."""
+        bad, pages, offsets = self._overwrites(table, seqlens, page_size, num_pages, queries)
+        if not bool(bad.any()):
+            return None
+        i = int(torch.nonzero(bad)[0])
+        writer = int(torch.searchsorted(self.starts[1:].cpu(), torch.tensor(i), right=True))
+        page, slot = int(pages[i]), int(offsets[i])
+        lengths = seqlens.long() + self.counts().cpu()
+        for r in range(table.shape[0]):
+            for j in range(table.shape[1]):
+                key = j * page_size + slot
+                if r != writer and int(queries[r]) > 0 and int(table[r, j]) == page and key < int(lengths[r]):
+                    return writer, page, slot, r, key
+        return None  # (not reached: the scatter found a reader)
+
     def first_shared(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> tuple[int, int, int] | None:
         """On the host (tensors on the CPU): ``(row, other row, slot id)`` of the first slot two real tokens share,
         or None."""
@@ -112,6 +146,24 @@ class NewTokens:
             return None
         i = int(same[0])
         return int(rows[order[i]]), int(rows[order[i + 1]]), int(slots[order[i]])
+
+
+def _readers(table: torch.Tensor, lengths: torch.Tensor, page_size: int, num_pages: int, reads: torch.Tensor):
+    """Per page of the pool, what the rows that attend (``reads``: bool ``[B]``) read of it: ``(most, row,
+    second)``, the most slots one table entry reads of the page (its first ``most`` slots), a row that reads
+    that many, and the most that any other row reads. Rows read their keys ``0 .. lengths[b] - 1``."""
+    starts = torch.arange(table.shape[1], device=table.device, dtype=torch.int64) * page_size
+    extent = (lengths.long().unsqueeze(1) - starts).clamp(min=0, max=page_size)  # [B, P] slots read of the entry
+    pages = table.long()
+    valid = (extent > 0) & (pages >= 0) & (pages < num_pages) & reads.unsqueeze(1)
+    extent = torch.where(valid, extent, 0).flatten()
+    pages = torch.where(valid, pages, 0).flatten()
+    rows = torch.arange(table.shape[0], device=table.device, dtype=torch.int64).repeat_interleave(table.shape[1])
+    zeros = torch.zeros(num_pages, dtype=torch.int64, device=table.device)
+    most = zeros.scatter_reduce(0, pages, extent, "amax")
+    row = torch.full_like(zeros, -1).scatter_reduce(0, pages, torch.where(extent == most[pages], rows, -1), "amax")
+    second = zeros.scatter_reduce(0, pages, torch.where(rows != row[pages], extent, 0), "amax")
+    return most, row, second
 
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:

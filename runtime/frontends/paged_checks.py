@@ -366,6 +366,15 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, new: Ne
             f"rows {first} and {second} both write a new key into slot {slot % page_size} of page "
             f"{slot // page_size}: each would attend the other's token",
             where="argument block_table", hint="rows that append need pages of their own")
+    queries = torch.tensor(n if isinstance(n, list) else [n] * batch)
+    hit = new.first_overwrite(table, torch.tensor(before), page_size, num_pages, queries) if new is not None else None
+    if hit is not None:  # a page other rows read (a shared prefix): the write would change their key in this call
+        writer, page, slot, reader, key = hit
+        raise SpecError(
+            f"row {writer} writes a new key into slot {slot} of page {page}, which row {reader} attends as its key "
+            f"{key}: row {reader} would attend row {writer}'s token",
+            where="argument block_table",
+            hint="a page that several rows read (a shared prefix) is not written; give the appending row a copy")
     by_length: dict[int, list[int]] = {}
     for b, length in enumerate(lengths):
         by_length.setdefault(length, []).append(b)
@@ -442,8 +451,9 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, new: NewTokens 
     reached = _page_starts(block_table.shape[1], page, k_cache.device) < lengths.unsqueeze(1)  # pages it reaches
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
-    if new is not None:  # no slot written by two rows (found on the device)
-        good = good & ~new.shared(block_table, before, page)
+    if new is not None:  # no slot written by two rows, nor one another row attends (found on the device)
+        good = good & ~new.shared(block_table, before, page) & ~new.overwrites(block_table, before, page, num_pages,
+                                                                                counts)
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph

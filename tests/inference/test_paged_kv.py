@@ -485,6 +485,42 @@ def test_appends_that_would_overwrite_each_other_are_refused_before_anything_is_
     assert torch.isfinite(out).all() and torch.equal(k_pool[3, 1], kn[0, :, 0]) and torch.equal(k_pool[2, 1], kn[1, :, 0])
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_an_append_into_a_key_another_row_attends_is_refused_and_a_shared_prefix_is_not(backend):
+    """A radix cache's rows share prefix pages. Row 0 (6 keys on pages 0, 1) appends into slot 2 of page 1, which row
+    1 (10 keys on pages 0, 1, 2) attends as its key 6: it was accepted, and row 1 attended row 0's new token in that
+    same call. Refused by name with nothing written. Rows sharing only full prefix pages, each appending on a page of
+    its own, and a row of no query whose keys lie on the written page, are taken; each row equals the float64
+    reference over its keys."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    g = torch.Generator().manual_seed(3)
+    kc, vc = (torch.randn(5, 4, HKV, D, generator=g, dtype=dtype) for _ in range(2))
+    attn = compile_attention("stdlib:sliding_window", window=64, backend=backend, layout="bhnd")
+    q, kn, vn = (torch.randn(2, h, 1, D, generator=g, dtype=dtype) for h in (HQ, HKV, HKV))
+    shared = torch.tensor([[0, 1, -1], [0, 1, 2]], dtype=torch.int32)
+    before = torch.tensor([6, 10], dtype=torch.int32)
+    k_pool, v_pool = kc.clone(), vc.clone()
+    with pytest.raises(SpecError, match="row 0 writes a new key into slot 2 of page 1, which row 1 attends as its "
+                                        "key 6") as err:
+        attn(q, k_pool, v_pool, k=kn, v=vn, block_table=shared, cache_seqlens=before)
+    assert err.value.where == "argument block_table"
+    assert torch.equal(k_pool, kc) and torch.equal(v_pool, vc)  # nothing written
+    # the prefix page 0 shared, each row's last page its own; a third row of no query reads page 1 (packed rows)
+    table = torch.tensor([[0, 1, -1], [0, 3, -1], [0, 1, -1]], dtype=torch.int32)
+    seqlens = torch.tensor([6, 6, 7], dtype=torch.int32)
+    cu = torch.tensor([0, 1, 2, 2], dtype=torch.int32)
+    qp, knp, vnp = (t.transpose(0, 2).reshape(1, t.shape[1], 2, D) for t in (q, kn, vn))
+    out = attn(qp, k_pool, v_pool, k=knp, v=vnp, block_table=table, cache_seqlens=seqlens, cu_seqlens_q=cu)
+    assert torch.equal(k_pool[1, 2], kn[0, :, 0]) and torch.equal(k_pool[3, 2], kn[1, :, 0])
+    ref = compile_attention("stdlib:sliding_window", window=64, backend="reference")
+    for b in range(2):
+        ids = table[b, :2].long()
+        k_b = k_pool[ids].flatten(0, 1)[:7].transpose(0, 1).unsqueeze(0).double()
+        v_b = v_pool[ids].flatten(0, 1)[:7].transpose(0, 1).unsqueeze(0).double()
+        want = ref(q[b : b + 1].double(), k_b, v_b)
+        torch.testing.assert_close(out[:, :, b : b + 1].double(), want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "auto", "triton"])
 def test_a_batch_padded_with_rows_of_no_query_and_no_key_equals_its_rows(backend):
     # vLLM pads a captured decode batch with rows of length 0 (their queries none, their table rows its null page
