@@ -186,6 +186,27 @@ def test_mixed_extreme_gates_float32_finite_and_accurate():
         assert all(torch.isfinite(x).all() for x in grads)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name", ["mamba2", "gla"])
+def test_the_gate_gradient_under_strong_decay_keeps_float32_precision(name, backend):
+    """Log gates in [-20, -15] (everything but the last token forgotten), float32: the gates' gradient is small
+    (1e-6) and was off by its own size on the chunked paths (a token's own pair summed into dq and dk, where it
+    cancels exactly in q dq - k dk, left its rounding as the whole gradient); now within 1e-4 of the float64 loop
+    relative to its largest entry, as every other gradient is."""
+    B, H, T, D = 1, 1, 256, 16
+    q, k, v, _, gates = make(name, B, H, H, T, D, D, seed=9, lo=-20.0, hi=-15.0, dtype=torch.float32, state=False)
+    attn = attnc.compile_attention(SPECS[name], backend=backend)
+    out = attn(q, k, v, **gates)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(10), dtype=F64)
+    (dg,) = torch.autograd.grad((out.double() * w).sum(), [gates["g"]])
+    g64 = gates["g"].detach().double().requires_grad_()
+    want, _ = naive(q.detach().double(), k.detach().double(), v.detach().double(), full_gates(name, g64, B, H, T, D),
+                    D**-0.5, None)
+    (dg_want,) = torch.autograd.grad((want * w).sum(), [g64])
+    assert dg_want.abs().max() < 1e-4  # the case: a gradient far below the others' size
+    assert (dg.double() - dg_want).abs().max() / dg_want.abs().max() < 1e-4
+
+
 def test_bfloat16_inputs():
     q, k, v, _, gates = make("mamba2", 1, 2, 2, 50, 8, 8, seed=5, dtype=torch.bfloat16, state=False)
     out = attnc.compile_attention("stdlib:mamba2", backend="cpu")(q, k, v, **gates)

@@ -106,29 +106,37 @@ def chunked_backward(q, k, v, g, scale: float, states, final_state, do, dS_T, C:
     dk = (vc @ dstates.transpose(-1, -2)) * ebl
     dv = ke @ dstates
     dP = scale * (doc @ vc.transpose(-1, -2))  # [B, H, N, C(t), C(j)]
+    # a token's own pair (j = t, decay exp(0) = 1) adds dP_tt k_t to dq_t and dP_tt q_t to dk_t: terms that cancel
+    # exactly in the gate's gradient (q dq - k dk) but not in float once summed into dq and dk, where under strong
+    # decay they are all there is of size. So dq and dk are summed without them first (the gate's gradient is
+    # taken from those) and the pair is added after.
+    own = dP.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)  # [B, H, N, C, 1]
+    earlier = causal.tril(-1)
     if not vector:
         Dm = gates.pairs(causal)
         dv += scale * ((qc @ kc.transpose(-1, -2)) * Dm).transpose(-1, -2) @ doc
-        W = dP * Dm
+        W = dP * Dm.masked_fill(~earlier, 0.0)
         dq += W @ kc
         dk += W.transpose(-1, -2) @ qc
     else:
         dP = dP.masked_fill(~causal, 0.0)
+        dPe = dP.masked_fill(~earlier, 0.0)
         for sl in _vector_blocks(N, B * H * C * C * Dk):
             Ed = gates.vector_pairs(sl, causal)  # [B, H, n, C(t), C(j), Dk]
             qs, ks = qc[:, :, sl], kc[:, :, sl]
             A = torch.einsum("bhntd,bhntjd->bhntj", qs, Ed * ks.unsqueeze(-3))
             dv[:, :, sl] += scale * A.transpose(-1, -2) @ doc[:, :, sl]
-            WE = dP[:, :, sl].unsqueeze(-1) * Ed
+            WE = dPe[:, :, sl].unsqueeze(-1) * Ed
             dq[:, :, sl] += torch.einsum("bhntjd,bhnjd->bhntd", WE, ks)
             dk[:, :, sl] += torch.einsum("bhntjd,bhntd->bhnjd", WE, qs)
-    dq, dk, dv = (_unchunked(x, T) for x in (dq, dk, dv))
     dg = None
     if need_gate:
-        dg = gate_grad(q, k, dq, dk, final_state, dS_T, g.shape[-1])
+        dg = gate_grad(q, k, _unchunked(dq, T), _unchunked(dk, T), final_state, dS_T, g.shape[-1])
         # a reset gate (-inf) gets exactly 0, the limit: every term through it has weight 0 (the sums of
         # the identity only cancel, up to rounding)
         dg = dg.masked_fill(torch.isneginf(g), 0.0)
+    dq, dk = dq + own * kc, dk + own * qc
+    dq, dk, dv = (_unchunked(x, T) for x in (dq, dk, dv))
     return dq, dk, dv, dg, dS0
 
 

@@ -12,7 +12,8 @@ exponent is a sum of gates over a span inside one chunk and never positive for l
 - ``_bwd_dv_kernel`` (Dv block, chunk, batch x head): ``dv = scale (q k^T * D)^T do + (k exp(b_last - b)) dh_n``;
 - ``_bwd_dqk_kernel`` (Dk block, chunk, batch x head): ``dq``, ``dk`` from ``dP = do v^T``, ``do h_n^T``
   and ``v dh_n^T``, looping over Dv blocks;
-- ``_gate_grad_kernel``: ``dg_t = sum_{s >= t} (q dq - k dk)_s + sum_e dS_T S_T`` (reverse sweep).
+- ``_gate_grad_kernel``: ``dg_t = sum_{s >= t} (q dq - k dk)_s + sum_e dS_T S_T`` (reverse sweep), the terms
+  ``q dq - k dk`` taken by ``_bwd_dqk_kernel`` before it adds a token's own pair (which cancels in them exactly).
 
 Dots run on the tensor cores in the input dtype (bf16 / fp16) with fp32 accumulation; fp32 inputs keep
 ``input_precision="ieee"`` (no TF32) and fp64 inputs fp64, so they stay as accurate as the torch path.
@@ -96,7 +97,7 @@ def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, T
                     DK: tl.constexpr, C: tl.constexpr, SUB: tl.constexpr, DOT: tl.constexpr):
     """``dq``, ``dk`` (``[C, BK]``) plus the gradients of the in-chunk product through ``dA`` (``[C(t), C(j)]``,
     fp32): ``dq_t += sum_j dA_tj exp(b_t - b_j) k_j`` and ``dk_j += sum_t dA_tj exp(b_t - b_j) q_t`` over
-    ``j <= t``, with the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk;
+    ``j < t`` (a token's own pair is the caller's: ``_bwd_dqk_kernel``), with the sub-chunk factorisation (dq: reference at the first row of the query's sub-chunk;
     dk: at the last row of the key's sub-chunk, so that ``t > r >= j``)."""
     hi, lo, rs = load_gates(GH, GL, GR, i_bh, c0, TP, t_off, k_off, k_ok, DK, 2)
     dAc = dA.to(q.dtype)
@@ -113,23 +114,23 @@ def _vec_intra_grad(dq, dk, dA, q, k, q_base, k_base, GH, GL, GR, i_bh, c0, T, T
         part = mm(tl.trans(dAc), (q * eq).to(q.dtype), DOT)
         dk += vec_gate_factor(hi, lo, rs, hr, lr, rr, t_off, r + 1 - SUB, r + 1, r, False) * part
     # the diagonal blocks, exact: per row, the row p = (row // SUB) * SUB + u of its own sub-chunk
-    for u in range(0, SUB):  # dq_t += dA[t, p] exp(b_t - b_p) k_p for p <= t (no reset in (p, t])
+    for u in range(0, SUB):  # dq_t += dA[t, p] exp(b_t - b_p) k_p for p < t (no reset in (p, t]; p = t: the caller)
         pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
         hp, lp, rp = load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
         kp = tl.load(k_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
                      other=0.0)
         w = tile_sum(tl.where(t_off[None, :] == pl[:, None], dA, 0.0), 1)
-        e = tl.exp(tl.where((pl <= t_off)[:, None] & (rs <= pl[:, None]), gate_span(hi, lo, hp, lp), float("-inf")))
+        e = tl.exp(tl.where((pl < t_off)[:, None] & (rs <= pl[:, None]), gate_span(hi, lo, hp, lp), float("-inf")))
         dq += (w[:, None] * e) * kp.to(e.dtype)
-    for u in range(0, SUB):  # dk_j += dA[p, j] exp(b_p - b_j) q_p for p >= j (no reset in (j, p])
+    for u in range(0, SUB):  # dk_j += dA[p, j] exp(b_p - b_j) q_p for p > j (no reset in (j, p]; p = j: the caller)
         pl = (t_off // SUB) * SUB + u
         rows_p = c0 + pl
         hp, lp, rp = load_gates(GH, GL, GR, i_bh, c0, TP, pl, k_off, k_ok, DK, 2)
         qp = tl.load(q_base + rows_p[:, None] * DK + k_off[None, :], mask=(rows_p < T)[:, None] & k_ok[None, :],
                      other=0.0)
         w = tile_sum(tl.where(t_off[:, None] == pl[None, :], dA, 0.0), 0)
-        e = tl.exp(tl.where((pl >= t_off)[:, None] & (rp <= t_off[:, None]), gate_span(hp, lp, hi, lo), float("-inf")))
+        e = tl.exp(tl.where((pl > t_off)[:, None] & (rp <= t_off[:, None]), gate_span(hp, lp, hi, lo), float("-inf")))
         dk += (w[:, None] * e) * qp.to(e.dtype)
     return dq, dk
 
@@ -262,12 +263,16 @@ def _bwd_dv_kernel(Q, K, GH, GL, GR, DO, DHS, DV_, T, TP, NT, scale, H: tl.const
     store_rows(DV_ + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV, dv)
 
 
-def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale, H: tl.constexpr,
+def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, DB, T, TP, NT, scale, H: tl.constexpr,
                     G: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                     C: tl.constexpr, GATE: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr,
-                    SUB: tl.constexpr):
+                    SUB: tl.constexpr, STORE_DB: tl.constexpr):
     """One program per (Dk block, chunk, batch x head): with ``W = scale (do v^T) * D``,
-    ``dq = scale exp(b) do h_n^T + W k`` and ``dk = exp(b_last - b) v dh_n^T + W^T q`` (dk per query head)."""
+    ``dq = scale exp(b) do h_n^T + W k`` and ``dk = exp(b_last - b) v dh_n^T + W^T q`` (dk per query head).
+    With ``STORE_DB``, also the gates' term ``dL/db = q dq - k dk`` without a token's own pair (``W_tt k_t`` in dq,
+    ``W_tt q_t`` in dk: they cancel exactly, and under strong decay they are all there is of size in dq and dk,
+    so taken from the sums their rounding was the whole gradient): ``DB [Dk blocks, B*H, T]`` summed over the
+    block's channels for scalar gates, ``[B*H, T, Dk]`` per channel for vector gates."""
     i_k = tl.program_id(0)
     n = tl.program_id(1)
     i_bh = tl.program_id(2).to(tl.int64)
@@ -299,6 +304,7 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
     q = tl.load(q_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     k = tl.load(k_base + rows[:, None] * DK + k_off[None, :], mask=qk_ok, other=0.0)
     eb, ebl, dec = gate_rows(GH, GL, GR, i_bh, h, c0, T, TP, t_off, k_off, k_ok, DK, C, GATE, F64)
+    own = tile_sum(tl.where(t_off[:, None] == t_off[None, :], dP, 0.0), 1) * scale  # W_tt (its decay exp(0) = 1)
     if GATE == 2:
         dq = dq * (eb * scale)
         dk = dk * ebl
@@ -308,29 +314,30 @@ def _bwd_dqk_kernel(Q, K, V, GH, GL, GR, DO, HS, DHS, DQ, DK_, T, TP, NT, scale,
         E = _gate_pairs(GH, GL, GR, i_bh, h, c0, T, TP, t_off, DK, GATE, F64)
         dq = dq * (eb * scale)[:, None]
         dk = dk * ebl[:, None]
-        W = dP * E * scale
+        W = tl.where(t_off[:, None] > t_off[None, :], dP * E * scale, 0.0)  # the pairs of an earlier key
         dq += mm(W.to(k.dtype), k, DOT)
         dk += mm(tl.trans(W.to(q.dtype)), q, DOT)
+    qf, kf = q.to(dq.dtype), k.to(dq.dtype)
+    if STORE_DB:
+        db = qf * dq - kf * dk
+        if GATE == 2:
+            tl.store(DB + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], db.to(DB.dtype.element_ty), mask=qk_ok)
+        else:
+            tl.store(DB + (i_k * tl.num_programs(2) + i_bh) * T + rows, tile_sum(db, 1).to(DB.dtype.element_ty),
+                     mask=r_ok)
+    dq += own[:, None] * kf
+    dk += own[:, None] * qf
     tl.store(DQ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dq.to(DQ.dtype.element_ty), mask=qk_ok)
     tl.store(DK_ + i_bh * T * DK + rows[:, None] * DK + k_off[None, :], dk.to(DK_.dtype.element_ty), mask=qk_ok)
 
 
-def _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK: tl.constexpr, off, m):
-    """``dL/db = q dq - k dk`` in fp64 at the offsets ``off`` (``m`` masked) of one head's ``[T, Dk]``."""
-    return (tl.load(Q + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-            * tl.load(DQ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-            - tl.load(K + kv_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
-            * tl.load(DK_ + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64))
-
-
-def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constexpr, DK: tl.constexpr,
-                      BK: tl.constexpr, C: tl.constexpr, VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
-    """``dg_t = sum_{s >= t} (q dq - k dk)_s + LAST`` per (Dk block, batch x head), summed over channels for
-    scalar gates (one program loops over the Dk blocks); a reverse sweep with an in-chunk reverse cumsum and a
-    carry (dk per query head, k by GQA index)."""
+def _gate_grad_kernel(DB, LAST, DG, T, DK: tl.constexpr, BK: tl.constexpr, NKB: tl.constexpr, C: tl.constexpr,
+                      VECTOR: tl.constexpr, HAS_LAST: tl.constexpr):
+    """``dg_t = sum_{s >= t} DB_s + LAST`` per (Dk block, batch x head), ``DB`` the gates' term of
+    ``_bwd_dqk_kernel`` (scalar gates: its ``NKB`` Dk blocks' sums added here); a reverse sweep with an in-chunk
+    reverse cumsum and a carry, in float64."""
     i_k = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
-    kv_bh = (i_bh // H) * (H // G) + (i_bh % H) // G
     t_off = tl.arange(0, C)
     n_chunks = (T + C - 1) // C
     if VECTOR:
@@ -353,14 +360,11 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
         if VECTOR:
             m = r_ok[:, None] & k_ok[None, :]
             off = rows[:, None] * DK + k_off[None, :]
-            db = _gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m)
+            db = tl.load(DB + i_bh * T * DK + off, mask=m, other=0.0).to(tl.float64)
         else:  # a 1-D scan (Triton 3.6's scan lowering failed on a [C, 1] block)
             db = tl.full([C], 0.0, tl.float64)
-            for k0 in range(0, DK, BK):
-                k_off = k0 + tl.arange(0, BK)
-                m = r_ok[:, None] & (k_off < DK)[None, :]
-                off = rows[:, None] * DK + k_off[None, :]
-                db += tile_sum(_gate_term(Q, K, DQ, DK_, i_bh, kv_bh, T, DK, off, m), 1)
+            for kb in range(0, NKB):
+                db += tl.load(DB + (kb * tl.num_programs(1) + i_bh) * T + rows, mask=r_ok, other=0.0).to(tl.float64)
         if VECTOR:
             dg = tl.associative_scan(db, 0, tl.standard._sum_combine, reverse=True) + carry[None, :]
             tl.store(DG + i_bh * T * DK + off, dg.to(DG.dtype.element_ty), mask=m)
@@ -372,7 +376,7 @@ def _gate_grad_kernel(Q, K, DQ, DK_, LAST, DG, T, H: tl.constexpr, G: tl.constex
 
 # ======================================================================= wrapping
 _HELPERS = (acc_zeros, tile_sum, in_dim, mm, head_gate, load_gates, gate_span, gate_rows, _gate_pairs,
-            vec_gate_factor, vec_intra, _vec_intra_grad, _gate_term, _chunk_products, chunk_rows, kv_head,
+            vec_gate_factor, vec_intra, _vec_intra_grad, _chunk_products, chunk_rows, kv_head,
             block_chunk_program, dim_tile, load_rows, load_state, store_rows, state_tiles_t)
 _KERNELS = (_state_kernel, _out_kernel, _bwd_dv_kernel, _bwd_dqk_kernel, _gate_grad_kernel)
 
@@ -481,18 +485,23 @@ def triton_backward(q, k, v, g, scale: float, initial_state, final_state, do, dS
     dk = torch.empty(B, H, T, Dk, dtype=acc, device=q.device)  # per query head
     dv = torch.empty(B, H, T, Dv, dtype=acc, device=q.device)
     vc, kc = cfg["_bwd_dv_kernel"], cfg["_bwd_dqk_kernel"]
+    vector = gate == 2
+    blocks = triton.cdiv(Dk, kc["BK"])
+    # the gates' term per token (dqk kernel: q dq - k dk without a token's own pair), [Dk blocks, B*H, T] for scalar
+    # gates, [B*H, T, Dk] for vector ones
+    db = (torch.empty(*((B * H, T, Dk) if vector else (blocks, B * H, T)), dtype=acc, device=q.device)
+          if need_gate else dq)
     _launch("_bwd_dv_kernel", (triton.cdiv(Dv, vc["BV"]), NT, B * H), interp, q, k, gh, gl, gr, do, dhs, dv, T, tp,
             NT, float(scale), H=H, G=G, **vc)
-    _launch("_bwd_dqk_kernel", (triton.cdiv(Dk, kc["BK"]), NT, B * H), interp, q, k, v, gh, gl, gr, do, hs, dhs,
-            dq, dk, T, tp, NT, float(scale), H=H, G=G, **kc)
+    _launch("_bwd_dqk_kernel", (blocks, NT, B * H), interp, q, k, v, gh, gl, gr, do, hs, dhs, dq, dk, db, T, tp, NT,
+            float(scale), H=H, G=G, STORE_DB=need_gate, **kc)
     dg = None
     if need_gate:
-        vector = gate == 2
         dg = torch.empty(B, H, T, *((Dk,) if vector else ()), dtype=acc, device=q.device)
         last = (dS_T * final_state).sum(-1).contiguous() if dS_T is not None else dq  # [B, H, Dk]
         gc = cfg["_gate_grad_kernel"]
         grid = (triton.cdiv(Dk, gc["BK"]) if vector else 1, B * H)
-        _launch("_gate_grad_kernel", grid, interp, q, k, dq, dk, last, dg, T, H=H, G=G, VECTOR=vector,
+        _launch("_gate_grad_kernel", grid, interp, db, last, dg, T, NKB=1 if vector else blocks, VECTOR=vector,
                 HAS_LAST=dS_T is not None, **gc)
         dg = dg.masked_fill(torch.isneginf(g), 0.0)  # a reset gate: exactly 0, the limit (see recurrence.py)
     if G > 1:  # GQA: a kv head's gradient is the sum over the query heads reading it

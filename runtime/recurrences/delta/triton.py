@@ -21,7 +21,8 @@ positive for log decays). The kernels:
   each chunk (``dh_n``) and ``dU = scale tril(Q K^T * E)^T dO + diag(el) K dh_n``, updates
   ``dh <- exp(b_last) dh + scale (diag(e) Q)^T dO - W^T dU``; its last value is the initial state's gradient;
 - ``_bwd_dqk_kernel`` (Dk block, chunk, batch x head): ``dq``, the part of ``dk`` through O and S', ``dW = -dU h^T``
-  and the gate terms ``sum_c (q dq - k dk)`` (plus the chunk's last-gate terms);
+  and the gate terms ``sum_c (q dq - k dk)`` (plus the chunk's last-gate terms), taken before a token's own pair
+  is added to dq and dk (it cancels in them exactly);
 - ``_wy_bwd_da_kernel`` (chunk, batch x head): through the WY form, ``dT = dW (diag(beta e) K)^T + dU (diag(beta)
   V)^T``, ``dA = -strict(T^T dT T^T)`` (stored), ``dv`` and the rate's value term; ``_wy_bwd_dk_kernel`` (chunk,
   batch x head): the rest of ``dk``, ``dbeta`` and the gate terms (two kernels: together they spilled on sm_80).
@@ -255,19 +256,26 @@ def _bwd_dqk_kernel(
     k = load_rows(K + kv_bh * T * DK, rows, r_ok, k_off, k_ok, DK)
     b, rs, e, el, d = _chunk_gates(G, R, i_bh, c0, TP, t_off, C, GATED, RESETS, F64)
     dP = dP * decay_matrix(b, rs, t_off, False, RESETS) * scale
+    # a token's own pair (dP_tt k_t in dq, dP_tt q_t in dk, its decay exp(0) = 1) cancels exactly in the gates' term
+    # q dq - k dk; under strong decay it is all there is of size in dq and dk, so the term is taken without it (its
+    # rounding in the sums was the whole gradient) and the pair added after
+    own = tile_sum(tl.where(t_off[:, None] == t_off[None, :], dP, 0.0), 1)
+    dP = tl.where(t_off[:, None] > t_off[None, :], dP, 0.0)
     dks = dks * el[:, None]
     dq = dq * (e * scale)[:, None] + mm(dP.to(k.dtype), k, DOT)
     dk = dks + mm(tl.trans(dP.to(q.dtype)), q, DOT)
-    store_rows(DQ + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dq)
-    store_rows(DKP + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dk)
-    store_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dw)
+    qf = to_acc(q, F64)
+    kf = to_acc(k, F64)
     if GATED:
-        qf = to_acc(q, F64)
-        kf = to_acc(k, F64)
         dg = tile_sum(qf * dq - kf * dk, 1)
         last = tile_sum(tile_sum(kf * dks, 1), 0) + d * tile_sum(hdh, 0)
         dg += tl.where(t_off == C - 1, last, 0.0)
         tl.store(DG + (i_k * tl.num_programs(2) + i_bh) * TP + c0 + t_off, dg.to(DG.dtype.element_ty))
+    dq += own[:, None] * kf
+    dk += own[:, None] * qf
+    store_rows(DQ + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dq)
+    store_rows(DKP + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dk)
+    store_rows(DW + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dw)
 
 
 def _wy_bwd_da_kernel(

@@ -264,15 +264,20 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     kf = to_acc(k, F64)
     dks = dks * ebl
     last = tile_sum(kf * dks, 0) + dec * hdh
-    dP = tl.where(t_off[:, None] >= t_off[None, :], dP * scale, 0.0)
+    # a token's own pair (dP_tt k_t in dq, dP_tt q_t in dk, its decay exp(0) = 1) cancels exactly in the gates' term
+    # q dq - k dk; under strong decay it is all there is of size in dq and dk, so the term is taken without it (its
+    # rounding in the sums was the whole gradient) and the pair added after
+    own = tile_sum(tl.where(t_off[:, None] == t_off[None, :], dP, 0.0), 1) * scale
+    dP = tl.where(t_off[:, None] > t_off[None, :], dP * scale, 0.0)
     dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
                              T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
-    store_rows(DQ + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dq)
-    store_rows(DKP + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dk)
-    db = to_acc(q, F64) * dq - kf * dk
+    qf = to_acc(q, F64)
+    db = qf * dq - kf * dk
     db += tl.where((t_off == C - 1)[:, None], last[None, :], 0.0)
     tl.store(DG + (i_bh * TP + c0) * DK + t_off[:, None] * DK + k_off[None, :],
              db.to(DG.dtype.element_ty), mask=k_ok[None, :])
+    store_rows(DQ + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dq + own[:, None] * kf)
+    store_rows(DKP + i_bh * T * DK, rows, r_ok, k_off, k_ok, DK, dk + own[:, None] * qf)
 
 
 def _kda_wy_da_kernel(K, V, BETA, GH, GL, GR, TI, DW, DU, DA, DV_, DBETA, T, TP, H: tl.constexpr,
