@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnc
+from attnc import cli
 from attnc.runtime.api import simulate_decode
 
 FAST = settings(max_examples=12, deadline=None)
@@ -221,3 +222,12 @@ def test_quest_decode_reads_its_token_budget(kv_tile):
     rep = simulate_decode("stdlib:quest", nk=nk, hardware="h100", kv_tile=kv_tile)
     first = nk - 4096  # the 256 nearest pages of 16
     assert rep["keys_visited"] == nk - first // kv_tile * kv_tile
+
+
+# ----------------------------------------------------------------- the command line
+def test_a_bad_pattern_parameter_is_named_as_the_other_parameters(capsys):
+    for value in ("0", "1.5"):
+        assert cli.main(["sim", "stdlib:moba", "--n", "100", "-p", f"block={value}"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("argument block: error"), err
+        assert "--block" not in err
