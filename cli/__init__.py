@@ -619,7 +619,9 @@ def main(argv: list[str] | None = None) -> int:
 
         loaded = getattr(args, "loaded", None)
         names = {d.name for d in getattr(loaded, "inputs", ())}
-        print(cli_error(err, names, getattr(args, "said", None)).render(), file=sys.stderr)
+        params = {item.split("=", 1)[0].strip() for group in getattr(args, "param", None) or ()
+                  for item in str(group).split(",")}
+        print(cli_error(err, names, getattr(args, "said", None), params).render(), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         sys.stdout.write(out.getvalue())  # what was done before the interrupt

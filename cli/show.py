@@ -281,7 +281,8 @@ def _show_tiles(args, pat, bound, inputs: dict) -> int:
                         where="argument --q-tile", hint="choose larger tiles or smaller sizes")
     classes = sched.classes()
     if pat.route is not None:
-        _note(args, "routing depends on q and k; this is the simulator's block-coherent model of the selection")
+        _note(args, "routing depends on q and k; these are the tiles holding the pairs of the simulator's model "
+              "of the selection (per query: keep blocks, then the nearest)")
     if args.json:
         args.shown.append({"name": pat.name, "kind": "tiles", "q_tile": list(sched.q_tile),
                            "kv_tile": list(sched.kv_tile), "q_tiles": sched.num_q_tiles,

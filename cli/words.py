@@ -39,14 +39,17 @@ _SIZE_ENTRY = re.compile(r"'([^']+)'\s*:\s*[^,]+")
 _KEYWORD = re.compile(r"(\bpass )?\b([a-z_][a-z0-9_]*)=(\.\.\.|(?=[,) ]|$))")
 
 
-def cli_error(err: SpecError, inputs: set[str] = frozenset(), said: dict[str, str] | None = None) -> SpecError:
+def cli_error(err: SpecError, inputs: set[str] = frozenset(), said: dict[str, str] | None = None,
+              params: set[str] = frozenset()) -> SpecError:
     """``err`` with its ``where`` and ``hint`` naming flags; an error with a source position (a spec
     file's line and column) is the file's and is kept. ``inputs``: the pattern's input names
     (``argument doc`` -> ``argument --input doc``). ``said``: a Python argument -> the flag the user typed
-    for it, where two flags set one argument (``sim --gpu`` for ``--hardware``)."""
+    for it, where two flags set one argument (``sim --gpu`` for ``--hardware``). ``params``: the pattern parameters
+    given with -p: ``argument block`` is the -p block= the user typed, not a flag of the same name (check-gpu's
+    ``--block``)."""
     if err.pos is not None:
         return err
-    flags = {**FLAGS, **(said or {})}
+    flags = {name: flag for name, flag in {**FLAGS, **(said or {})}.items() if name not in params}
     where = _where(err.where, inputs, flags)
     hint = _hint(err.hint, inputs, flags) if err.hint else err.hint
     if where == err.where and hint == err.hint:

@@ -415,6 +415,6 @@ def simulate_combined(pat: ir.CombinedIR, run: Callable, n: int | None, nk: int 
             blocks = -(-int(n) // int(b.pattern.route.block[0]))
             given[b.pattern.route.scores_input] = torch.zeros(int(kwargs.get("heads", 1)), int(n), blocks)
             notes.append(f"branch {b.name}: its route by probs({b.probs_of}) is modelled as any block route "
-                         "(forced blocks, then the nearest allowed ones); the probabilities are not computed")
+                         "(per query: its keep blocks, then the nearest ones it reaches); the probabilities are not computed")
         reports[b.name] = run(b.pattern, n=n, nk=keys, inputs=given or None, **kwargs)
     return CombinedReport(pat.name, int(n), reports, notes)

@@ -15,9 +15,10 @@ What is visited: the keys are cut into KV tiles of ``kv_tile`` tokens and the qu
 of up to ``DECODE_Q_TILE`` rows; a Q tile reads every KV tile holding a key one of its queries
 attends (``tiles.classify_tiles``, which honours ``Bound.q_offset``; a grid is tiled on its flat
 token order, as the runtime tiles queries after a KV cache). A routed pattern's selection depends on
-the data: it is modelled as the prefill simulator models it (``search.route_kept``): each Q tile
-keeps the KV tiles of ``topk`` key blocks among those its mask reaches, the blocks ``keep`` forces
-first, then the nearest to the tile's first query.
+the data: it is modelled as the prefill simulator models it (``route_selection``): each query keeps
+``topk`` of the key blocks (or keys) its mask reaches, those ``keep`` forces always, then the nearest
+to it; a Q tile reads every KV tile holding a key one of its queries attends, so the keys read are at
+least the keys attended, whatever ``kv_tile``.
 
 The split-KV choice (flash decoding): with few queries, ``batch x kv_heads x q_tiles`` programs
 cannot fill the SMs, so each program's KV tiles are split over ``splits`` programs whose fp32
@@ -46,7 +47,7 @@ from ..analysis import evaluate as E
 from ..analysis import tiles as T
 from .hardware import Hardware
 from .model import checked_kv_heads, dtype_bytes, makespan
-from .search import check_simulation_size, flat_view, route_kept
+from .search import check_simulation_size, flat_view, route_schedule
 from .simulator import ReportView
 
 #: Query rows per Q tile of a decode step: all of them up to this many (one tile for n = 1).
@@ -185,10 +186,9 @@ def visited_tiles(
         else flat_view(pat, bound)
     )
     sched = T.classify_tiles(view, vbound, (q_tile,), (min(kv_tile, bound.nk),), inputs=inputs)
+    if pat.route is not None:  # the tiles holding a key the step attends, at any kv_tile
+        sched = route_schedule(pat, bound, sched, inputs)
     h, qi, ki, _ = sched.pairs()
-    if pat.route is not None:
-        keep = route_kept(pat, bound, sched, h, qi, ki, inputs)
-        h, qi, ki = h[keep], qi[keep], ki[keep]
     shared = sched.heads_stored == 1  # one head class: the lists serve every head
     classes = 1 if shared else kv_heads
     g = h if shared else h // (bound.heads // kv_heads)  # query head -> its K/V head
@@ -448,9 +448,9 @@ def simulate_decode_pattern(
     ]
     if pat.route is not None:
         assumptions.append(
-            "routing is data-dependent: each Q tile is modelled keeping the KV tiles of topk key blocks among "
-            "those its mask reaches (block-coherent selection: forced blocks, then the nearest to the query), "
-            "as the prefill simulator models it"
+            "routing is data-dependent: each query is modelled keeping topk of the key blocks (or keys) its mask "
+            "reaches, those keep forces always, then the nearest to it (given scores where passed), as the prefill "
+            "simulator models it; a Q tile reads every KV tile holding a key one of its queries attends"
             + (
                 "; the query heads sharing a K/V head are modelled keeping the same blocks (heads that "
                 "keep different ones read their union)"

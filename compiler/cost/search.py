@@ -31,23 +31,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import sympy
-import torch
 
 from ...core import ir
 from ...core import symbols as S
 from ...core.errors import SpecError
 from ..analysis import evaluate as E
-from ..analysis import route_blocks
 from ..analysis import tiles as T
 from ..analysis.schedule import (
     TileSchedule,
     tile_grid,
     tile_token_counts,
-    tile_tokens,
     uniform_axes,
 )
 from ..analysis.tile_args import parse_tiles
 from ..analysis.tile_summary import summarize_tiles
+from . import route_selection
 from .calibration import Calibration
 from .hardware import Hardware
 from .model import KernelConfig, Prediction, checked_kv_heads, mask_ops, predict
@@ -234,75 +232,14 @@ def classify_flat(pat: ir.PatternIR, bound: E.Bound, q_tile, kv_tile, inputs: di
 
 
 # ----------------------------------------------------------------- routing model
-def route_kept(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, h: torch.Tensor, qi: torch.Tensor,
-               ki: torch.Tensor, inputs: dict | None = None) -> torch.Tensor:
-    """Which (head class ``h``, Q tile ``qi``, KV tile ``ki``) pairs of ``sched`` a route keeps under the
-    block-coherent model (``route_schedule``): per (head, Q tile), the KV tiles of its ``topk`` blocks, those
-    ``keep`` forces first, then by the distance of the tile's first query (its absolute position: rows after
-    a KV cache start at ``bound.q_offset``) to the block's first key, then the lower block."""
-    route = pat.route
-    block, topk = route_blocks.route_sizes(pat, bound)
-    if route.tokens:  # single keys: a query's nearest K keys span this many KV tiles (one per block here)
-        topk = -(-topk // math.prod(sched.kv_tile)) + 1
-    kv_first = tile_tokens(sched.kv_extents, sched.kv_tile, torch.arange(sched.num_kv_tiles))[0][:, 0]
-    q_first = tile_tokens(sched.q_extents, sched.q_tile, torch.arange(sched.num_q_tiles))[0][:, 0]
-    ids, nblocks = route_blocks.block_ids(pat.keys, block, bound, sched.num_keys)
-    kv_block = ids[kv_first]
-    block_first = torch.full((nblocks,), sched.num_keys, dtype=torch.int64)
-    block_first.scatter_reduce_(0, ids, torch.arange(sched.num_keys), reduce="amin")
-    if len(h) == 0:
-        return torch.zeros(0, dtype=torch.bool)
-    blk = kv_block[ki]
-    forced = torch.zeros(len(h), dtype=torch.bool)
-    if route.keep is not None:
-        keep = E.substitute(route.keep, bound)
-        for head in range(sched.heads_stored):
-            sel = h == head
-            ev = T._pair_evaluator(pat, bound, inputs, q_first[qi[sel]], block_first[blk[sel]], head)
-            forced[sel] = torch.broadcast_to(E.as_tensor(ev(keep), torch.bool), (int(sel.sum()),))
-    dist = (q_first[qi] + bound.q_offset - block_first[blk]).abs()
-    # rank the distinct (head, Q tile, block) triples within each (head, Q tile)
-    owner = h * sched.num_q_tiles + qi
-    big = int(dist.max()) + 1
-    order_key = ((owner * 2 + (~forced).long()) * big + dist) * nblocks + blk
-    order = torch.argsort(order_key)
-    o_owner, o_blk = owner[order], blk[order]
-    new_triple = torch.ones(len(order), dtype=torch.bool)
-    new_triple[1:] = (o_owner[1:] != o_owner[:-1]) | (o_blk[1:] != o_blk[:-1])
-    new_owner = torch.ones(len(order), dtype=torch.bool)
-    new_owner[1:] = o_owner[1:] != o_owner[:-1]
-    triple_no = torch.cumsum(new_triple.long(), 0)
-    owner_start = torch.cummax(torch.where(new_owner, triple_no, torch.zeros_like(triple_no)), 0).values
-    rank_sorted = triple_no - owner_start
-    keep_sorted = rank_sorted < topk
-    kept = torch.empty_like(keep_sorted)
-    kept[order] = keep_sorted
-    return kept
-
-
-def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None) -> TileSchedule:
-    """The schedule of a routing pattern under the block-coherent assumption:
-    each Q tile visits the KV tiles of ``topk`` key blocks among those its mask
-    reaches: the blocks ``keep`` forces (judged at the tile's first query),
-    then the nearest others (a token route: the KV tiles holding ``topk`` keys,
-    plus one for a run that straddles tiles). The real selection depends on q and k."""
-    q_ext, kv_ext = sched.q_extents, sched.kv_extents
-    h, qi, ki, full = sched.pairs()
-    if len(h) == 0:
-        return sched
-    kept = route_kept(pat, bound, sched, h, qi, ki, inputs)
-    # allowed pairs: exact area for FULL tiles, the mask's mean PARTIAL density for PARTIAL ones
-    area = sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]
-    allowed = torch.zeros(sched.heads_stored, dtype=torch.float64)
-    for head in range(sched.heads_stored):
-        sel = h == head
-        full_area = float(area[sel & full].sum())
-        part_area = float(area[sel & ~full].sum())
-        ratio = (float(sched.allowed_pairs[head]) - full_area) / part_area if part_area else 0.0
-        allowed[head] = float(area[sel & full & kept].sum()) + ratio * float(area[sel & ~full & kept].sum())
-    return TileSchedule.from_pairs(q_ext, kv_ext, sched.q_tile, sched.kv_tile, sched.num_heads, sched.heads_stored,
-                                   h[kept], qi[kept], ki[kept], full[kept], allowed, exact=sched.exact,
-                                   density_exact=False)
+def route_schedule(pat: ir.PatternIR, bound: E.Bound, sched: TileSchedule, inputs: dict | None = None,
+                   selection: route_selection.RouteSelection | None = None) -> TileSchedule:
+    """The schedule of a routing pattern at ``sched``'s tiles: the tiles holding a pair the route's selection
+    attends (``route_selection``: modelled per query on the route's own blocks or keys, whatever the tiles),
+    with that selection's count of attended pairs. ``selection``: made once per search (else here)."""
+    if selection is None:
+        selection = route_selection.select(pat, bound, inputs)
+    return route_selection.tile_schedule(selection, sched.q_extents, sched.kv_extents, sched.q_tile, sched.kv_tile)
 
 
 # ----------------------------------------------------------------- the search
@@ -358,6 +295,8 @@ class ScheduleSearch:
         self._pair_masks: dict = {}
         self._cache: dict = {}
         self._flat: tuple | None = None
+        #: a route's selection (``route_selection.select``): one per search, whatever the tiles
+        self._selection: route_selection.RouteSelection | None = None
         self.classifications = 0
 
     # ------------------------------------------------------------ schedules (cached)
@@ -393,9 +332,15 @@ class ScheduleSearch:
                 sched = self.classify(pat, bound, q_tile, kv_tile, inputs=self.inputs)
             self.classifications += 1
             if self.pat.route is not None:
-                sched = route_schedule(self.pat, self.bound, sched, self.inputs)
+                sched = route_schedule(self.pat, self.bound, sched, selection=self.selection())
             self._cache[key] = sched
         return self._cache[key]
+
+    def selection(self) -> route_selection.RouteSelection:
+        """The route's selection at token level (``route_selection.select``), made once."""
+        if self._selection is None:
+            self._selection = route_selection.select(self.pat, self.bound, self.inputs)
+        return self._selection
 
     # ------------------------------------------------------------ what a kernel evaluates per score
     def _pair(self, q_tile, kv_tile) -> tuple[sympy.Basic, int]:

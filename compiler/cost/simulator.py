@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from ...core import ir, route_kinds
 from ..analysis import evaluate as E
+from . import route_selection
 from .hardware import Hardware
 from .model import (
     PUBLISHED_BWD_FLOP_RATIO,
@@ -111,6 +112,13 @@ class SimulationReport(ReportView):
         return total / s.visited if s.visited else math.inf
 
     @property
+    def work(self) -> float | None:
+        """The token pairs the chosen schedule computes (the area of its visited tiles, partial ones whole) over
+        all pairs: a schedule's figure, unlike ``density``, the pattern's. None for a sampled summary."""
+        area = visited_area(self.best.schedule)
+        return None if area is None else area / self.best.schedule.total_pairs
+
+    @property
     def predicted_speedup(self) -> float:
         return self.dense_forward_s / self.best.forward_s
 
@@ -136,6 +144,7 @@ class SimulationReport(ReportView):
             "total_pairs": self.total_pairs,
             "density_exact": bool(s.density_exact) or self.density_exact,
             "flop_bound": _finite(self.flop_bound),
+            "work": self.work,
             "tile_bound": _finite(self.tile_bound),
             "predicted_speedup": self.predicted_speedup,
             "predicted_speedup_backward": self.predicted_speedup_backward,
@@ -205,19 +214,28 @@ def simulate_pattern(pat: ir.PatternIR, bound: E.Bound, hw: Hardware, *, head_di
                       "assumed to attain the H100 fit's fractions: no measurement on this GPU")
                    + "; compiler/cost/model.py SDPA_FITS)"]
     route_kind = None if pat.route is None else route_kinds.kind_of(pat.route)
-    if route_kind is not None and route_kind.count(pat.route.params) is None:  # a threshold's: no K
+    if route_kind is not None:
+        selection = search.selection()
+        chosen = ("from the given scores" if selection.given else
+                  "every unit its mask reaches (an upper bound of what the threshold keeps)"
+                  if route_kind.count(pat.route.params) is None else
+                  "the nearest units standing in for the best-scored (the data decides)")
         assumptions.append(
-            f"routing ({route_kind.title}) is data-dependent: each Q tile is modelled visiting every key block its "
-            "mask reaches (an upper bound of what the threshold keeps); density is estimated")
-    elif pat.route is not None:
-        assumptions.append(
-            "routing is data-dependent: each Q tile is modelled visiting the KV tiles of topk key blocks "
-            "(block-coherent selection: forced blocks, then the nearest allowed ones); density is estimated")
+            f"routing ({route_kind.title}) is modelled per query on the route's own "
+            + ("keys" if pat.route.tokens else "key blocks")
+            + f": the units keep forces, then {chosen}; density counts the attended (query, key) pairs, "
+            "whatever the tiles" + ("" if selection.exact else " (estimated: another choice attends another "
+                                    "number of pairs)" if selection.stride == 1 else "")
+            + "; the tile counts, times and work count the tiles holding an attended pair")
+        if selection.stride > 1:
+            assumptions.append(
+                f"routing: every {selection.stride}th query is modelled, standing for the {selection.stride - 1} "
+                f"after it (more than {route_selection.SELECT_PAIRS} token pairs per head class); density and "
+                "tiles are estimated")
         if pat.route.tokens:
             assumptions.append(
-                "token route: every query of a Q tile is modelled keeping the same nearest topk keys; queries "
-                "of one tile that keep different keys visit more KV tiles, up to every tile the mask allows "
-                "(the tiled kernels skip only KV tiles no query of the Q tile kept)")
+                "token route: the tiled kernels visit a KV tile where any query of the Q tile kept a key in it; "
+                "queries of one tile that keep scattered keys visit more tiles than the nearest keys modelled here")
     if any(d.derived is not None and d.derived[0] == "landmark" for d in pat.inputs):
         assumptions.append(
             "landmark(): its gate table is made by torch outside the kernels from every q . k (a pass the size of "
@@ -289,6 +307,16 @@ def dense_tflops(seqlen: int, hw: Hardware, *, head_dim: int, heads: int, batch:
     return flops / fwd.forward.time_s / 1e12, PUBLISHED_BWD_FLOP_RATIO * flops / bwd.backward.time_s / 1e12
 
 
+def visited_area(sched) -> int | None:
+    """(head, query, key) pairs of every visited tile pair of a listed schedule, padding left out; None for a
+    sampled summary (no lists)."""
+    if not hasattr(sched, "pairs"):
+        return None
+    _, qi, ki, _ = sched.pairs()
+    area = int((sched.q_tile_tokens()[qi] * sched.kv_tile_tokens()[ki]).sum())
+    return area * (sched.num_heads if sched.heads_stored == 1 else 1)
+
+
 def _ratio(a: int | float, b: int) -> float:
     """a / b in float64: correctly rounded for ints (Python's int division)."""
     return a / b if isinstance(a, int) else float(a) / float(b)
@@ -323,6 +351,8 @@ def format_report(rep: SimulationReport) -> str:
         "",
         f"  density              {rep.density:.4f}" + ("" if d["density_exact"] else " (estimated)"),
         f"  FLOP-wise bound      {_x(rep.flop_bound)}" + ("" if d["density_exact"] else " (estimated)"),
+        *([] if rep.work is None else [f"  work                 {rep.work:.4f}   (the visited tiles' pairs over all: "
+                                        "the schedule's, partial tiles whole)"]),
         f"  tile-wise bound      {_x(rep.tile_bound)}   (Q {_shape(tiles['q_tile'])}, KV {_shape(tiles['kv_tile'])}: "
         + ("" if tiles["exact"] else "estimated, about ")
         + f"{tiles['full']} full, {tiles['partial']} partial, {tiles['empty']} empty of {tiles['total']})",
@@ -350,4 +380,5 @@ def format_report(rep: SimulationReport) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["SimulationReport", "best_dense", "dense_configs", "dense_tflops", "format_report", "simulate_pattern"]
+__all__ = ["SimulationReport", "best_dense", "dense_configs", "dense_tflops", "format_report", "simulate_pattern",
+           "visited_area"]

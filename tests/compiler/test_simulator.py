@@ -525,8 +525,10 @@ def test_head_dependent_pattern_counts_tiles_per_head():
 def test_routing_is_modelled_and_said_so():
     rep = attnc.simulate("stdlib:moba", n=4096, heads=2, block=512, topk=3, q_tile=128, kv_tile=128)
     d = rep.to_dict()
-    assert any("routing" in a and "block-coherent" in a for a in d["assumptions"])
-    assert d["density_exact"] is False
+    assert any("routing" in a and "per query" in a for a in d["assumptions"])
+    # every block before a query's own is whole: whichever topk - 1 of them the data picks, the count is the same
+    assert d["density_exact"] is True
+    assert d["allowed_pairs"] == 2 * sum(q % 512 + 1 + (min(3, q // 512 + 1) - 1) * 512 for q in range(4096))
     # each 128-query tile visits at most topk blocks of 4 KV tiles, and never a block after it
     per_q = torch.tensor([min(3, qt // 4 + 1) * 4 - (3 - qt % 4) for qt in range(32)])
     assert d["tiles"]["full"] + d["tiles"]["partial"] == 2 * int(per_q.sum())
