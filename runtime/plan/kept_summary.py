@@ -12,9 +12,11 @@ change between the calls that pass it (``KeySummary.keys`` of them, always a who
 shared one is not caught), and a new sequence in the same buffer starts with ``reset()`` or a new one.
 
 On a paged pool (``block_table=``, ``cache_seqlens=``, the one-launch path: ``backends.triton.paged_routes``) a
-``KeySummary`` keeps every table row's complete blocks instead, on the device (``paged``): a row that shrinks is
-summarised again by itself, a row that starts a new sequence at the same or a greater length is the caller's to say
-(``reset_rows``).
+``KeySummary`` keeps every table row's complete blocks instead, on the device (``paged``), with the page ids they were
+made from: a block whose pages are not the row's pages now (rows reordered or filtered between steps, as vLLM's and
+SGLang's batches are, a row given to a new sequence on other pages) and a row that shrinks are summarised again by
+themselves; a row that starts a new sequence on the very pages of its old one, at the same or a greater length, is the
+caller's to say (``reset_rows``).
 
 ``keeping`` opens a summary for the calls inside it; ``summaries`` is what the top-k-blocks form reads: the kept
 summary where one is open and the route keeps one (``keeps``), else ``route_scores.key_summary`` of every key.
@@ -66,8 +68,9 @@ class KeySummary:
         self._blocks: tuple[torch.Tensor, ...] = ()
         self._keys = 0
         self._signature: tuple | None = None
-        #: a paged pool's: the summaries of every table row's blocks, and each row's kept (complete) blocks
-        self._pages: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: a paged pool's: the summaries of every table row's blocks, each row's kept (complete) blocks, and the
+        #: block table they were made from (``stale``)
+        self._pages: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def reset_rows(self, rows) -> None:
         """Forget the blocks of these rows of a paged call's block table (a row that starts a new sequence): their
@@ -105,11 +108,13 @@ class KeySummary:
             return f"KeySummary(paged rows={self._pages[1].shape[0]})"
         return f"KeySummary(keys={self._keys})"
 
-    def paged(self, score: str, block: int, shape: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def paged(self, score: str, block: int, shape: tuple, device, table_shape: tuple = (0, 0)
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A paged call's kept state (``runtime.backends.triton.paged_routes``): the summaries ``shape`` (``[1 | 2,
-        rows, Hkv, nblocks, D]`` fp32) of every table row's blocks of ``block`` keys and each row's kept blocks
-        (int32 ``[rows]``), made at the first call; the same call shape at every later one."""
-        signature = ("paged", score, block, shape, torch.device(device))
+        rows, Hkv, nblocks, D]`` fp32) of every table row's blocks of ``block`` keys, each row's kept blocks (int32
+        ``[rows]``) and the block table (int32 ``table_shape``) they were made from, made at the first call; the same
+        call shape at every later one."""
+        signature = ("paged", score, block, shape, tuple(table_shape), torch.device(device))
         if self._signature is not None and signature != self._signature:
             raise SpecError(f"this summary was kept for {_describe(self._signature)}, not "
                             f"{_describe(signature)}", where=WHERE,
@@ -117,7 +122,8 @@ class KeySummary:
                                  "reusing one")
         if self._pages is None:
             self._pages = (torch.zeros(shape, dtype=torch.float32, device=device),
-                           torch.zeros(shape[1], dtype=torch.int32, device=device))
+                           torch.zeros(shape[1], dtype=torch.int32, device=device),
+                           torch.full(table_shape, -1, dtype=torch.int32, device=device))
             self._signature = signature
         return self._pages
 
@@ -148,11 +154,21 @@ class KeySummary:
         return tuple(b.repeat_interleave(heads // Hkv, 1) for b in blocks)
 
 
+def stale(kept: torch.Tensor, made_from: torch.Tensor, table: torch.Tensor, page: int, block: int) -> None:
+    """Cut each row's kept blocks (``kept``, int32 ``[rows]``, in place) at its first block whose pages the row's
+    table does not hold now as they were when it was kept (``made_from``): a reordered batch, a row given to a new
+    sequence on other pages. On the device; nothing is read on the host."""
+    changed = made_from != table  # [rows, max_pages]
+    pages = table.shape[1]
+    first = torch.where(changed, torch.arange(pages, device=table.device, dtype=torch.int32), pages).amin(1)
+    kept.copy_(torch.minimum(kept, (first * page) // block))
+
+
 def _describe(signature: tuple) -> str:
     if signature[0] == "paged":
-        _, score, block, (_, rows, Hkv, nblocks, D), device = signature
+        _, score, block, (_, rows, Hkv, nblocks, D), (_, pages), device = signature
         return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys of a paged pool, a table of "
-                f"{rows} rows and {nblocks} blocks, {Hkv} K/V heads of {D} on {device}")
+                f"{rows} rows and {nblocks} blocks ({pages} pages a row), {Hkv} K/V heads of {D} on {device}")
     score, block, B, Hkv, D, dtype, device = signature
     return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys, k [{B}, {Hkv}, *, {D}] "
             f"{str(dtype).removeprefix('torch.')} on {device}")

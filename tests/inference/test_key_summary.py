@@ -211,6 +211,38 @@ def test_a_kept_summary_serves_a_paged_pool(name):
     assert torch.equal(kept._pages[1][:2], torch.zeros(2, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("name", sorted(ROUTES))
+def test_a_kept_paged_summary_follows_rows_reordered_or_given_other_pages(name):
+    """Serving stacks reorder and filter a batch's rows between steps (vLLM's persistent batch, SGLang's batches): the
+    same table row then holds another sequence. Its kept blocks were used as they were, summaries of the other
+    sequence's keys, without a word unless the caller said ``reset_rows``; the rows' answers were wrong. Each kept
+    block now remembers its pages: a block whose pages the row does not hold now is summarised again. Rows swapped,
+    then a row given a new sequence on other pages at a greater length: every step equals the reference."""
+    params = ROUTES[name]
+    attn = attnc.compile_attention(f"stdlib:{name}", backend="triton", **params)
+    ref = attnc.compile_attention(f"stdlib:{name}", backend="reference", **params)
+    k, v, table = _paged([33, 17, 40], 4, seed=8)
+    lengths = torch.tensor([33, 17, 40], dtype=torch.int32)
+    kept = attnc.KeySummary()
+    g = torch.Generator().manual_seed(9)
+
+    def step(table, lengths):
+        q = torch.randn(3, 4, 1, 8, generator=g)
+        out = attn(q, k, v, block_table=table, cache_seqlens=lengths, layout="bhnd", key_summary=kept)
+        for b in range(3):
+            n = int(lengths[b])
+            want = ref(q[b:b + 1].double(), _row(k, table, b, n), _row(v, table, b, n))
+            torch.testing.assert_close(out[b:b + 1].double(), want, atol=2e-5, rtol=2e-5)
+
+    step(table, lengths)
+    order = torch.tensor([2, 0, 1])  # the batch reordered: row 0 now holds the sequence row 2 held
+    table, lengths = table[order].contiguous(), lengths[order].contiguous()
+    step(table, lengths)
+    # row 1's sequence ends; a new one of 36 keys takes row 1, its pages handed out in another order
+    table[1], lengths[1] = table[1].roll(3), 36
+    step(table, lengths)
+
+
 def test_a_kept_summary_of_a_paged_call_is_refused_where_it_would_be_dropped():
     """A paged call the one launch does not serve (the CPU backend gathers the rows) refuses ``key_summary=`` by
     name rather than summarising each group of rows with one row's summary; a kept paged summary then called on a

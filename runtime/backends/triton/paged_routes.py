@@ -135,8 +135,9 @@ def keep(kept: tuple | None, flags: torch.Tensor) -> None:
     """Commit a call's complete blocks to its open ``KeySummary``: each row's, where the kernel's check of its values
     held (``flags``: 1 where it did), else none (a refused row's summaries, made from bad values, are made again)."""
     if kept is not None:
-        blocks, complete = kept
+        blocks, complete, made_from, table = kept
         blocks.copy_(torch.where(flags != 0, complete, 0))
+        made_from.copy_(table)  # the pages the kept blocks were made from
 
 
 def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: int
@@ -150,13 +151,14 @@ def _summaries(t, k_cache, block_table, seqlens, lengths, size: int, nblocks: in
     shape = (2 if bound else 1, rows, kv_heads, nblocks, head_dim)
     kept = kept_summary.open_for(pat)
     if kept is not None:
-        out, blocks = kept.paged(pat.route.params.score, size, shape, k_cache.device)
+        out, blocks, made_from = kept.paged(pat.route.params.score, size, shape, k_cache.device, block_table.shape)
         blocks.masked_fill_(lengths < blocks * size, 0)  # a row shorter than its kept blocks: a new sequence
+        kept_summary.stale(blocks, made_from, block_table, k_cache.shape[1], size)  # blocks on other pages now
     else:
         out, blocks = torch.empty(shape, dtype=torch.float32, device=k_cache.device), seqlens
     launch_summaries(t.launch.module.attnc_paged_summary, t.launch.interpret, k_cache, block_table, seqlens, blocks,
                      out, size, t.capacity, bound=bound, keeps=kept is not None)
-    return out, ((blocks, lengths // size) if kept is not None else None)
+    return out, ((blocks, lengths // size, made_from, block_table) if kept is not None else None)
 
 
 def launch_summaries(kernel, interpret: bool, cache: torch.Tensor, block_table: torch.Tensor, seqlens: torch.Tensor,
