@@ -68,10 +68,7 @@ def simulate(
                                    inputs=inputs)
     head_dim = E.kernel_head_dim(head_dim)  # the kernels' range, as check-gpu and emit refuse beyond it
     batch, top = (E.positive_int(what, value) for what, value in (("batch", batch), ("top", top)))
-    if inputs is not None and not isinstance(inputs, dict):
-        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
-                        where="argument inputs")
-    E.check_input_names(pat, inputs or {})  # a misspelt input: named, as a call or materialize_mask names it
+    _check_inputs(pat, inputs)
     hw = get_hardware(hardware)
     dtype_bytes(dtype)
     bound = E.bind_sizes(pat, n=n, nk=nk, heads=heads, sizes=sizes, dk=head_dim)
@@ -130,10 +127,7 @@ def simulate_decode(
     forms.refuse_query_offset(pat, "argument nk")  # the call would refuse the step: so does its bound
     head_dim, batch = E.kernel_head_dim(head_dim), E.positive_int("batch", batch)
     dtype_bytes(dtype)
-    if inputs is not None and not isinstance(inputs, dict):
-        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
-                        where="argument inputs")
-    E.check_input_names(pat, inputs or {})  # a misspelt input: named, as a call or materialize_mask names it
+    _check_inputs(pat, inputs)
     if hardware is None:
         models = list(dict.fromkeys(HARDWARE.values()))
     else:
@@ -147,3 +141,12 @@ def simulate_decode(
                                        kv_tile=D.DECODE_KV_TILE if kv_tile is None else kv_tile)
     report.assumptions.extend(notes)
     return report
+
+
+def _check_inputs(pat, inputs) -> None:
+    """A simulation's ``inputs``: a dict of tensors by name, each an input of the pattern (a misspelt one is named,
+    as a call or ``materialize_mask`` names it)."""
+    if inputs is not None and not isinstance(inputs, dict):
+        raise SpecError(f"expected a dict of input tensors by name, got {type(inputs).__name__}",
+                        where="argument inputs")
+    E.check_input_names(pat, inputs or {})
