@@ -31,6 +31,7 @@ _LAZY = {
     "to_flex": ".integrations.flex",
     "kmeans_update": ".runtime.plan.clusters", "KeySummary": ".runtime.plan.kept_summary",
     "load": ".spec.library",
+    "block_table_from_indptr": ".runtime.frontends.paged_layouts",
 }
 
 
@@ -54,6 +55,7 @@ __all__ = [
     "PatternIR",
     "RecurrenceIR",
     "SpecError",
+    "block_table_from_indptr",
     "compile_attention",
     "kmeans_update",
     "load",
