@@ -201,8 +201,14 @@ def sampled_inputs(pat, args, sizes: dict, given: dict) -> dict:
     from ..compiler.analysis import evaluate as E
     from ..core import ir
 
-    # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k)
-    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None]
+    # (derived inputs, the ids of cluster(), are sampled by simulate from sampled q and k, and so are the centroids
+    # they read: left to it, so that the CLI's sample is the API's)
+    from ..runtime.plan.clusters import mask_derived_inputs
+
+    centroids = {d.derived[2] for d in mask_derived_inputs(pat) if d.derived[0] == "cluster"} if isinstance(
+        pat, ir.PatternIR) else set()
+    missing = [d for d in getattr(pat, "inputs", ()) if d.name not in given and d.derived is None
+               and d.name not in centroids]
     # an input the mask reads decides which pairs are computed, so the bound itself: a sample would
     # invent its answer (a uniform draw of document ids makes thousands of one-token documents)
     structural = [d for d in missing if d.name in mask_inputs(pat)]
