@@ -99,10 +99,26 @@ imposes on that layer, so that a causal pattern reproduces the model exactly:
   An implementation that HF does not know gets neither its 4-D mask nor the
   decode fast path, which is what this path wants.
 
+* causality: a layer whose model is causal (``module.is_causal`` and the config's
+  ``is_causal``, HF's own switch to bidirectional masks) takes ``k <= q`` too, so
+  a pattern that is not causal never lets a decoder's tokens see later ones.
+* packed sequences found from ``position_ids`` (HF's rule, where no attention
+  mask and no cache is given: a new sequence wherever a position is not the one
+  before plus one; ``DataCollatorWithFlattening``'s default): the mask function
+  hands HF's sequence ids to the layer (an int ``[B, 1, 1, keys]``) and each row's
+  sequences run as ``cu_seqlens=`` rows of one call, each from position 0.
+
+The mask function reads what HF composed for the layer kind (its ``mask_function``:
+causal or bidirectional, the sliding window, padding, packing) and refuses what a
+layer would otherwise lose without a word, by name: Llama 4's chunked attention
+layers, bidirectional sliding windows, or/and overlays (Gemma 3's image tokens,
+block overlays) and any mask function it does not know. GPT-OSS's attention sinks
+(``s_aux``) are refused too; ``output_attentions=True`` gets no weights, with a
+warning, as HF's sdpa says.
+
 GQA (fewer key/value heads) is passed through natively. HF's ``[B, H, N, D]``
-query/key/value come in, ``[B, N, H, D]`` goes out. Not applied: HF's
-or/and mask overlays and its packed-sequence detection from ``position_ids``
-(the pattern is the mask there), dropout (refused while training with it).
+query/key/value come in, ``[B, N, H, D]`` goes out. Dropout is refused while
+training with it.
 """
 
 from __future__ import annotations
@@ -111,6 +127,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import warnings
 
 import sympy
 import torch
@@ -171,7 +188,7 @@ def _base_pattern(pattern, params: dict) -> ir.PatternIR:
     return pat
 
 
-def _model_terms(padded: bool, window: int | None) -> ir.PatternIR:
+def _model_terms(padded: bool, window: int | None, causal: bool = False) -> ir.PatternIR:
     """The model's own conditions as a checked pattern (the checker builds the IR)."""
     conds, lines = [], ["pattern hf_layer", "  tokens seq"]
     if padded:
@@ -179,6 +196,8 @@ def _model_terms(padded: bool, window: int | None) -> ir.PatternIR:
         conds.append(f"{PAD_INPUT}[k] != 0")
     if window is not None:
         conds.append(f"q - k < {window}")
+    if causal:
+        conds.append("k <= q")
     lines.append("  mask " + " and ".join(conds))
     return load("\n".join(lines) + "\n")
 
@@ -189,8 +208,10 @@ def layer_pattern(
     padded: bool = False,
     window: int | None = None,
     softcap: float | None = None,
+    causal: bool = False,
 ) -> ir.PatternIR:
-    """``base`` with one HF layer's conditions: key padding, sliding window, softcap."""
+    """``base`` with one HF layer's conditions: key padding, sliding window, softcap, and causality (``causal``:
+    ``k <= q`` where ``base``'s mask does not already imply it)."""
     if window is not None and (
         isinstance(window, bool) or not isinstance(window, int) or window < 1
     ):
@@ -199,8 +220,9 @@ def layer_pattern(
             where="argument sliding_window",
         )
     pat = base
-    if padded or window is not None:
-        extra = _model_terms(padded, window)
+    causal = causal and not _implies_causal(base.mask)
+    if padded or window is not None or causal:
+        extra = _model_terms(padded, window, causal)
         pat = dataclasses.replace(
             pat, mask=S.logic_and(pat.mask, extra.mask), inputs=pat.inputs + extra.inputs
         )
@@ -224,6 +246,23 @@ def layer_pattern(
                 hint="drop the pattern's softcap clause; the model's applies",
             )
     return pat
+
+
+def _implies_causal(mask) -> bool:
+    """Whether a top-level term of ``mask`` is ``q - k >= c`` with ``c >= 0`` (then ``k <= q`` adds nothing)."""
+    if mask is sympy.false:
+        return True
+    for term in mask.args if isinstance(mask, sympy.And) else (mask,):
+        if isinstance(term, sympy.GreaterThan | sympy.StrictGreaterThan):
+            e, strict = term.lhs - term.rhs, isinstance(term, sympy.StrictGreaterThan)
+        elif isinstance(term, sympy.LessThan | sympy.StrictLessThan):
+            e, strict = term.rhs - term.lhs, isinstance(term, sympy.StrictLessThan)
+        else:
+            continue
+        rest = sympy.expand(e - (S.Q - S.K))
+        if rest.is_number and (rest <= (1 if strict else 0)):
+            return True
+    return False
 
 
 def reads_positions(pat: ir.PatternIR) -> bool:
@@ -284,16 +323,33 @@ class _Implementation:
         self.name = name
         self.base = base
         self.backend = backend
-        # (padded, window, softcap) -> module; a model has a handful of layer kinds.
+        # (padded, window, softcap, causal) -> module; a model has a handful of layer kinds.
         self.modules: dict[tuple, Attention] = {}
         self.reads_positions = reads_positions(base)  # left padding moves its tokens: rows run alone
+        self.warned: set[str] = set()
 
-    def module(self, padded: bool, window: int | None, softcap: float | None) -> Attention:
-        key = (padded, window, softcap)
+    def module(self, padded: bool, window: int | None, softcap: float | None, causal: bool = False) -> Attention:
+        key = (padded, window, softcap, causal)
         if key not in self.modules:
-            pat = layer_pattern(self.base, padded=padded, window=window, softcap=softcap)
+            pat = layer_pattern(self.base, padded=padded, window=window, softcap=softcap, causal=causal)
             self.modules[key] = compile_attention(pat, backend=self.backend)
         return self.modules[key]
+
+    def _refuse_or_warn(self, kwargs: dict) -> None:
+        """What HF hands a layer that attnc does not compute: GPT-OSS's sinks refused, attention weights warned of
+        (once), as HF's sdpa does."""
+        if kwargs.get("s_aux") is not None:
+            raise SpecError(
+                f"attn_implementation={self.name!r} has no attention sinks (this model's s_aux: a learned logit per "
+                "head in every softmax's denominator); its answers would differ from the model's",
+                where="argument s_aux",
+                hint="run this model with attn_implementation='eager'",
+            )
+        if kwargs.get("output_attentions") and "output_attentions" not in self.warned:
+            self.warned.add("output_attentions")  # once per name, as transformers' own warning
+            warnings.warn(f"attn_implementation={self.name!r} does not return attention weights "
+                          "(output_attentions=True): the layers' weights come back as None, as with transformers' sdpa",
+                          stacklevel=2)
 
     def attention(
         self,
@@ -317,6 +373,9 @@ class _Implementation:
                 where="argument dropout",
                 hint="set the config's attention_dropout to 0",
             )
+        self._refuse_or_warn(kwargs)
+        causal = bool(getattr(module, "is_causal", False)) and getattr(getattr(module, "config", None), "is_causal",
+                                                                       True) is not False
         cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
         if cu_q is not None or cu_k is not None:  # continuous batching or padding-free packing
             if attention_mask is not None:
@@ -326,12 +385,15 @@ class _Implementation:
                     where="argument attention_mask",
                     hint="express any further condition in the pattern",
                 )
-            attn = self.module(False, sliding_window, None if softcap is None else float(softcap))
+            attn = self.module(False, sliding_window, None if softcap is None else float(softcap), causal)
             one = self._one_paged_call(attn, query, key, value, cu_q, cu_k, scaling, kwargs.get("max_length_q"),
                                        kwargs.get("max_length_k"))
             if one is not None:
                 return one, None
             return self._packed(attn, query, key, value, cu_q, cu_k, scaling), None
+        if _is_sequence_ids(attention_mask):  # packed sequences found from position_ids (``_padding_mask``)
+            attn = self.module(False, sliding_window, None if softcap is None else float(softcap), causal)
+            return _packed_rows(attn, query, key, value, attention_mask, scaling), None
         inputs = {}
         if attention_mask is not None:
             pad = self._key_padding(attention_mask, query, key)
@@ -339,7 +401,7 @@ class _Implementation:
                 key, value = key[:, :, : pad.shape[1]], value[:, :, : pad.shape[1]]
             inputs[PAD_INPUT] = pad.to(torch.int64)
         attn = self.module(
-            attention_mask is not None, sliding_window, None if softcap is None else float(softcap)
+            attention_mask is not None, sliding_window, None if softcap is None else float(softcap), causal
         )
         if attention_mask is not None and self.reads_positions:
             out = _left_padded(attn, query, key, value, inputs[PAD_INPUT], scaling)
@@ -468,6 +530,78 @@ class _Implementation:
         )
 
 
+def _is_sequence_ids(mask) -> bool:
+    """Whether a layer's ``attention_mask`` is HF's packed sequence ids (``_padding_mask``): int ``[B, 1, 1, n]``."""
+    return (isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+            and not mask.dtype.is_floating_point and mask.dtype != torch.bool)
+
+
+def _packed_rows(attn: Attention, query, key, value, ids: torch.Tensor, scaling) -> torch.Tensor:
+    """A batch whose rows pack several sequences (``ids`` ``[B, 1, 1, n]``, HF's sequence index of each token): every
+    row's sequences as ``cu_seqlens=`` rows of one call on the flattened batch, each sequence alone from position 0
+    (HF remaps positions to the sequence's too). One host read of the sequences' starts. ``[B, n, H, Dv]``."""
+    B, H, n, _ = query.shape
+    if key.shape[2] != n or ids.shape[0] != B or ids.shape[3] != n:
+        raise SpecError(f"packed sequence ids {list(ids.shape)} for q {list(query.shape)}, k {list(key.shape)}: "
+                        "packing applies without a cache, as many keys as queries", where="argument position_ids")
+    seq = ids[:, 0, 0].to(torch.int64)
+    starts = torch.ones_like(seq, dtype=torch.bool)
+    starts[:, 1:] = seq[:, 1:] != seq[:, :-1]
+    cu = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([B * n], device=seq.device)])
+    flat = [x.transpose(0, 1).reshape(x.shape[1], B * n, x.shape[3])[None] for x in (query, key, value)]
+    out = attn(*flat, scale=scaling, cu_seqlens=cu.to(torch.int32))  # [1, H, B * n, Dv]
+    return out[0].view(H, B, n, -1).permute(1, 2, 0, 3).contiguous()
+
+
+#: HF's mask functions (transformers.masking_utils) by the name of their factory: what each imposes on a layer
+_MASK_FUNCTIONS = {
+    "causal_mask_function": "causal", "bidirectional_mask_function": "bidirectional",
+    "sliding_window_overlay": "window", "padding_mask_function": "padding",
+    "packed_sequence_mask_function": "packed", "remap_positions_for_packed_sequence": "packed positions",
+    "add_offsets_to_mask_function": "offsets", "and_masks": "and", "or_masks": "or",
+    "chunked_overlay": "chunked", "sliding_window_bidirectional_overlay": "bidirectional window",
+    "blockwise_overlay": "blockwise overlay",
+}
+#: what a layer computes besides the pattern (the attention function's padding, window, causality, packing)
+_APPLIED = {"causal", "bidirectional", "window", "padding", "packed", "packed positions", "offsets", "and"}
+
+
+def _mask_terms(fn, found: list) -> None:
+    """``fn``'s parts, HF's mask functions composed by closures, each as ``(kind, function)`` into ``found``."""
+    if fn is None:
+        return
+    name = getattr(fn, "__qualname__", type(fn).__name__).split(".<locals>")[0]
+    found.append((_MASK_FUNCTIONS.get(name), fn))
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        for part in value if isinstance(value, tuple) else (value,):
+            if callable(part) and not isinstance(part, torch.Tensor | type):
+                _mask_terms(part, found)
+
+
+def _read_mask_function(mask_function) -> torch.Tensor | None:
+    """What HF composed for a layer kind, checked: the packed sequence ids ``[B, n]`` where it packs, else None; a
+    part attnc does not apply is refused by name (it would be lost without a word)."""
+    found: list = []
+    _mask_terms(mask_function, found)
+    ids = None
+    for kind, fn in found:
+        if kind not in _APPLIED:
+            what = kind or getattr(fn, "__qualname__", repr(fn))
+            raise SpecError(
+                f"this layer's mask has a part attnc does not apply ({what}): its answers would differ from the "
+                "model's", where="argument mask_function",
+                hint="chunked attention (Llama 4), bidirectional windows, or/and overlays (image tokens, blocks) and "
+                     "models' own mask functions run with attn_implementation='sdpa' or 'eager'")
+        if kind == "packed":
+            cells = [c.cell_contents for c in fn.__closure__ or ()]
+            ids = next(c for c in cells if isinstance(c, torch.Tensor))
+    return ids
+
+
 def _padding_mask(
     batch_size: int,
     q_length: int,
@@ -483,6 +617,9 @@ def _padding_mask(
     # attnc puts the queries at the end of the keys. Dynamic caches (full and sliding) do
     # too; a static cache hands over its whole buffer of kv_length slots with the queries
     # inside: its filled keys end where the queries do.
+    packed = _read_mask_function(mask_function)
+    if packed is not None:  # HF found packed sequences (no mask, no cache): their ids go to the layers
+        return packed.to(torch.int64).expand(batch_size, -1)[:, None, None, :]
     q_end, kv_end = int(q_offset) + q_length, int(kv_offset) + kv_length
     keys = q_end - int(kv_offset)
     if not q_length <= keys <= kv_length:
