@@ -21,6 +21,7 @@ from .check_types import (
     article,
     fold,
     kind_of_value,
+    unknown_function_hint,
 )
 from .params import names_in
 
@@ -247,7 +248,8 @@ class CallChecks:
         found = self.resolve(node.func, self.module)
         if found is None:
             known = [*BUILTINS, *self.module.by_name]
-            raise self.error(f"unknown function or pattern '{node.func}'", node.func_pos, hint=did_you_mean(node.func, known))
+            raise self.error(f"unknown function or pattern '{node.func}'", node.func_pos,
+                             hint=unknown_function_hint(node.func, known))
         module, decl = found
         if decl.kind != "pattern":
             raise self.error(f"'{node.func}' is a recurrence; only patterns can be used in a mask", node.func_pos)

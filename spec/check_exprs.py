@@ -34,7 +34,10 @@ class ExpressionChecks:
     def expect(self, node: ast.Expr, want: str, what: str) -> Typed:
         typed = self.expr(node)
         if typed.type != want:
-            raise self.error(f"{what} must be {article(want)}, got {article(typed.type)}", node.pos)
+            hint = None
+            if want == INT and typed.type == FLOAT:  # (q - k) / 2: the language's / is a true division
+                hint = "'/' divides as floats: '//' divides ints (floor division), e.g. (q - k) // 2"
+            raise self.error(f"{what} must be {article(want)}, got {article(typed.type)}", node.pos, hint=hint)
         return typed
 
     def expect_number(self, node: ast.Expr, what: str) -> Typed:

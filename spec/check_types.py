@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import sympy
 
+from ..core.errors import did_you_mean
+
 INT, FLOAT, BOOL = "int", "float", "bool"
 
 #: Names with a fixed meaning in every expression; no param, let or input may take them.
@@ -31,6 +33,20 @@ BUILTINS = {
     "landmark": (1, 1),
 }
 WINDOW_KEYWORDS = ("dilation", "stride", "causal")
+#: Functions of other languages the language spells otherwise: name -> how.
+OTHER_FUNCTIONS = {
+    "floor": "ints divide down with '//' (floor(a / b) is a // b); there is no float-to-int conversion",
+    "ceil": "ints divide up with -(-a // b); there is no float-to-int conversion",
+    "int": "ints divide with '//'; there is no float-to-int conversion",
+    "round": "there is no float-to-int conversion; ints divide with '//'",
+    "pow": "powers: 2 ** x for x an int, exp(x * log(b)) for floats ('^' is the bitwise xor of ints)",
+    "len": "the sizes are names: n (queries), nk (keys), heads, and a grid's axes",
+}
+
+
+def unknown_function_hint(name: str, known) -> str:
+    """The hint for an unknown function: the closest known name, else how the language says it, else the list."""
+    return did_you_mean(name, known) or OTHER_FUNCTIONS.get(name) or "functions: " + ", ".join(sorted(BUILTINS))
 INT64_LIMIT = 2**63
 
 

@@ -499,7 +499,7 @@ def _clause_error(err: lark.exceptions.UnexpectedToken, source: str) -> SpecErro
     shown = word if len(word) <= 30 else word[:27] + "..."
     # a misspelt clause keyword, or a misspelt operator after an expression ('adn' for 'and')
     return SpecError(f"unexpected '{shown}' " + _clause_list(kind), _pos(err.token),
-                     hint=_keyword_hint(word, err.expected, CLAUSES[kind]))
+                     hint=_keyword_hint(word, err.expected, CLAUSES[kind]) or _spelling(word, ""))
 
 
 def _declaration_kind(source: str, start: int | None) -> str:
@@ -513,11 +513,29 @@ def _clause_list(kind: str) -> str:
             "'recurrence')")
 
 
+#: Other languages' spellings of the language's operators: the token as met -> how it is written here.
+_SPELLINGS = {
+    "!": "negation is written 'not' (and not-equal '!=')",
+    "&&": "'&&' is written 'and' ('&' is the bitwise and of ints)",
+    "||": "'||' is written 'or' ('|' is the bitwise or of ints)",
+    "?": "a conditional is written 'if C then A else B'",
+    "if": "a conditional is written 'if C then A else B', its condition first",
+}
+
+
+def _spelling(token: str, before: str) -> str | None:
+    """A hint for an operator spelt as in another language: ``token`` where it was not expected, ``before`` the
+    source text just before it (``&&``: the second '&' is the unexpected one)."""
+    if token in ("&", "|") and before.endswith(token):
+        return _SPELLINGS[token * 2]
+    return _SPELLINGS.get(token)
+
+
 def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError:
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
         ch = err.char
         shown = repr(ch) if ch.isprintable() else f"byte {ch.encode('utf-8', 'replace')!r}"
-        return SpecError(f"unexpected character {shown}", Pos(err.line, err.column))
+        return SpecError(f"unexpected character {shown}", Pos(err.line, err.column), hint=_spelling(ch, ""))
     if isinstance(err, lark.exceptions.UnexpectedToken):
         history = getattr(err, "token_history", None) or [None]  # (the lexer's: the token before)
         if err.token.type != "$END" and _is_glued(history[-1], err.token):
@@ -532,8 +550,9 @@ def _syntax_error(err: lark.exceptions.LarkError, source: str = "") -> SpecError
         text = str(tok)
         shown = text if len(text) <= 30 else text[:27] + "..."
         hint = _keyword_hint(text, err.expected) if tok.type == "NAME" else None
+        before = source[: tok.start_pos].rstrip() if tok.start_pos is not None else ""
         return SpecError(f"unexpected '{shown}'" + _describe_expected(err.expected), _pos(tok),
-                         hint=hint)
+                         hint=hint or _spelling(text, before))
     if isinstance(err, lark.exceptions.UnexpectedEOF):
         return SpecError("unexpected end of file", Pos(1, 1))
     return SpecError(f"syntax error: {err}", Pos(1, 1))

@@ -188,7 +188,8 @@ def check_size_names(pat: ir.PatternIR | ir.RecurrenceIR, sizes: dict) -> dict[s
                 size_syms[str(sym).removeprefix("size_")] = sym
     for name, value in sizes.items():
         if name not in size_syms:
-            hint = did_you_mean(str(name), size_syms) or (
+            hint = (f"'{name}' is not a named size: the tensors' shapes give it (on the command line, --{name})"
+                    if name in ("n", "nk", "heads") else None) or did_you_mean(str(name), size_syms) or (
                 "sizes: " + ", ".join(size_syms) if size_syms else "this pattern has no named sizes"
             )
             raise SpecError(f"unknown size '{name}'", where="argument sizes", hint=hint)
@@ -334,7 +335,8 @@ def bind_inputs(
             )
         if decl.dtype == "int":
             if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-                raise SpecError(f"input '{name}' is int, got a {t.dtype} tensor", where=f"argument {name}")
+                raise SpecError(f"input '{name}' is int, got a {t.dtype} tensor", where=f"argument {name}",
+                                hint=f"{name}.long() for 0 and 1" if t.dtype == torch.bool else None)
             t = t.to(INT)
         elif not t.dtype.is_floating_point:
             raise SpecError(f"input '{name}' is float, got a {t.dtype} tensor", where=f"argument {name}")

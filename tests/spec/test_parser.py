@@ -640,3 +640,28 @@ def test_a_layout_keyword_run_into_a_name():
         parse("pattern p\n  tokens seqq\n  mask causal\n", "x.attn")
     assert err.value.message == "unexpected 'seqq'" and (err.value.pos.line, err.value.pos.col) == (2, 10)
     assert err.value.hint.startswith("did you mean 'seq'?")
+
+
+@pytest.mark.parametrize("mask, at, hint", [
+    ("causal && q - k < 8", (3, 16), "'&&' is written 'and'"),
+    ("causal || q - k < 8", (3, 16), "'||' is written 'or'"),
+    ("!(q == k)", (3, 8), "negation is written 'not'"),
+    ("causal\n  bias 1.0 if q > k else 0.0", (4, 12), "if C then A else B"),
+    ("floor(q / 2) == k", (3, 8), "floor(a / b) is a // b"),
+    ("flor(q / 2) == k", (3, 8), "functions: abs, "),
+])
+def test_operators_and_functions_of_other_languages_are_told_how_the_language_spells_them(mask, at, hint):
+    """A researcher's first mistakes: C's '&&', '||' and '!', Python's conditional and floor(): one located error
+    whose hint says how the language writes it (the message alone said 'unexpected' or 'unknown')."""
+    text = f"pattern p\n  tokens seq\n  mask {mask}\n"
+    with pytest.raises(attnc.SpecError) as err:
+        attnc.load(text)
+    assert (err.value.pos.line, err.value.pos.col) == at
+    assert err.value.hint is not None and hint in err.value.hint, err.value.hint
+
+
+def test_a_float_index_is_told_of_floor_division():
+    text = "pattern p\n  input t: float[heads, n]\n  tokens seq\n  mask causal\n  bias t[h, (q - k) / 2]\n"
+    with pytest.raises(attnc.SpecError, match="an index must be an int, got a float") as err:
+        attnc.load(text)
+    assert "'//' divides ints" in err.value.hint
