@@ -58,6 +58,7 @@ from ..library.device import (
     load_rows,
     load_state,
     mm,
+    own_pairs,
     state_block,
     state_tiles_t,
     store_rows,
@@ -252,6 +253,7 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     i_k, n, i_bh, kv_bh, c0, t_off, rows, r_ok = block_chunk_program(H, GQ, C, T)
     k_off, k_ok = dim_tile(i_k * BK, DK, BK)
     hs_off = (i_bh * NT + n) * DK * DV
+    own = own_pairs(DO, UN, i_bh, rows, r_ok, T, DV, BV, C, F64) * scale
     dP, dq, dks, dw, hdh = value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV, BV, C,
                                       BK, True, F64, DOT)
     q_base = Q + i_bh * T * DK
@@ -266,8 +268,8 @@ def _kda_dqk_kernel(Q, K, UN, GH, GL, GR, DO, HS, DHS, DU, DQ, DKP, DW, DG, T, T
     last = tile_sum(kf * dks, 0) + dec * hdh
     # a token's own pair (dP_tt k_t in dq, dP_tt q_t in dk, its decay exp(0) = 1) cancels exactly in the gates' term
     # q dq - k dk; under strong decay it is all there is of size in dq and dk, so the term is taken without it (its
-    # rounding in the sums was the whole gradient) and the pair added after
-    own = tile_sum(tl.where(t_off[:, None] == t_off[None, :], dP, 0.0), 1) * scale
+    # rounding in the sums was the whole gradient) and the pair added after (its weight ``own``, summed from dO and
+    # U on its own: taken from dP's diagonal here, the sm_80 d 128 kernel spilled 40 B)
     dP = tl.where(t_off[:, None] > t_off[None, :], dP * scale, 0.0)
     dq, dk = _kda_intra_grad(dq * eb * scale, dks, dP, dP, q, k, q_base, k_base, GH, GL, GR, i_bh, c0,
                              T, TP, t_off, k_off, k_ok, DK, C, SUB, DOT)
@@ -352,7 +354,7 @@ _HELPERS = (acc_zeros, tile_sum, in_dim, mm, to_acc, head_gate, load_gates, gate
             vec_intra, _kda_intra_grad, _kda_gated_products, unit_lower_inverse, load_rows, store_rows, load_state,
             dim_tile, chunk_square, value_block, value_program, state_block, store_state, value_sums, state_tiles_t,
             kv_head, chunk_rows, chunk_program, block_chunk_program, wy_values, wy_corrected, wy_state_du, wy_state_dh,
-            wy_value_grads, enter_chunk)
+            wy_value_grads, enter_chunk, own_pairs)
 #: The kernel of each of ``wy_launch.PASSES``, in that order.
 PASS_KERNELS = dict(wy=_kda_wy_fwd_kernel, state=_kda_state_fwd_kernel, out=_kda_out_kernel,
                     du_local=_kda_du_local_kernel, state_bwd=_kda_state_bwd_kernel, dqk=_kda_dqk_kernel,

@@ -325,6 +325,19 @@ def state_block(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV:
     return S
 
 
+def own_pairs(DO, UN, i_bh, rows, r_ok, T, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr):
+    """The diagonal of ``value_sums``' ``dO U^T``, ``sum_v dO_tv U_tv`` per row (``[C]``), read again from memory:
+    a kernel short of registers takes it at its end rather than keep it live from the sums."""
+    own = acc_zeros([C], F64)
+    for v0 in range(0, DV, BV):
+        v_off = v0 + tl.arange(0, BV)
+        v_ok = in_dim(v_off, DV, BV)
+        do = load_rows(DO + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV)
+        u = load_rows(UN + i_bh * T * DV, rows, r_ok, v_off, v_ok, DV).to(do.dtype)
+        own += tile_sum(to_acc(do, F64) * to_acc(u, F64), 1)
+    return own
+
+
 def value_sums(DO, UN, DU, HS, DHS, i_bh, hs_off, rows, r_ok, k_off, k_ok, T, DV: tl.constexpr, BV: tl.constexpr,
                C: tl.constexpr, BK: tl.constexpr, HDH: tl.constexpr, F64: tl.constexpr, DOT: tl.constexpr):
     """The delta rule's dq/dk sums over the Dv blocks of a chunk (rows ``rows``) and Dk block ``k_off``:
