@@ -373,6 +373,9 @@ class _Implementation:
                 where="argument dropout",
                 hint="set the config's attention_dropout to 0",
             )
+        refusal = getattr(attention_mask, "attnc_refusal", None)
+        if refusal is not None:  # the mask function found a part of this layer's mask attnc does not apply
+            raise refusal
         self._refuse_or_warn(kwargs)
         causal = bool(getattr(module, "is_causal", False)) and getattr(getattr(module, "config", None), "is_causal",
                                                                        True) is not False
@@ -564,41 +567,84 @@ _MASK_FUNCTIONS = {
 }
 #: what a layer computes besides the pattern (the attention function's padding, window, causality, packing)
 _APPLIED = {"causal", "bidirectional", "window", "padding", "packed", "packed positions", "offsets", "and"}
+#: Pairs evaluated at once where an overlay's every pair is checked (``_adds_every_pair``).
+_OVERLAY_CHUNK = 1 << 22
 
 
-def _mask_terms(fn, found: list) -> None:
-    """``fn``'s parts, HF's mask functions composed by closures, each as ``(kind, function)`` into ``found``."""
-    if fn is None:
-        return
-    name = getattr(fn, "__qualname__", type(fn).__name__).split(".<locals>")[0]
-    found.append((_MASK_FUNCTIONS.get(name), fn))
+def _kind(fn) -> str | None:
+    """The kind of one of HF's mask functions (``_MASK_FUNCTIONS``), None for one it does not define."""
+    return _MASK_FUNCTIONS.get(getattr(fn, "__qualname__", type(fn).__name__).split(".<locals>")[0])
+
+
+def _parts(fn) -> list:
+    """The mask functions a composed one holds in its closure (``and_masks``' and ``or_masks``' operands, the function a
+    wrapper remaps or offsets), and its tensors."""
+    out = []
     for cell in getattr(fn, "__closure__", None) or ():
         try:
             value = cell.cell_contents
         except ValueError:  # an empty cell
             continue
-        for part in value if isinstance(value, tuple) else (value,):
-            if callable(part) and not isinstance(part, torch.Tensor | type):
-                _mask_terms(part, found)
+        out.extend(value if isinstance(value, tuple) else (value,))
+    return out
 
 
-def _read_mask_function(mask_function) -> torch.Tensor | None:
-    """What HF composed for a layer kind, checked: the packed sequence ids ``[B, n]`` where it packs, else None; a
-    part attnc does not apply is refused by name (it would be lost without a word)."""
-    found: list = []
-    _mask_terms(mask_function, found)
+def _adds_every_pair(fn, where: tuple) -> bool:
+    """Whether the overlay ``fn`` allows every (query, key) pair of the layer (``where``: batch, and the queries' and
+    keys' absolute ranges): Gemma 3's bidirectional layers OR causality with ``lambda *a: True``. Evaluated on the
+    pairs, a block of queries at a time; a function that does not take index tensors does not qualify."""
+    batch, (q0, q1), (k0, k1) = where
+    b, h, kv = torch.arange(batch).view(-1, 1, 1), torch.zeros((), dtype=torch.long), torch.arange(k0, k1).view(1, 1, -1)
+    step = max(1, _OVERLAY_CHUNK // max(1, batch * (k1 - k0)))
+    try:
+        for start in range(q0, q1, step):
+            q = torch.arange(start, min(q1, start + step)).view(1, -1, 1)
+            if not bool(torch.as_tensor(fn(b, h, q, kv)).all()):
+                return False
+    except Exception:  # noqa: BLE001 (a model's own function, not written for index tensors)
+        return False
+    return True
+
+
+def _refuse_mask_part(what: str) -> SpecError:
+    return SpecError(
+        f"this layer's mask has a part attnc does not apply ({what}): its answers would differ from the model's",
+        where="argument mask_function",
+        hint="chunked attention (Llama 4), bidirectional windows, or/and overlays (image tokens, blocks) and models' "
+             "own mask functions run with attn_implementation='sdpa' or 'eager'")
+
+
+def _read_mask_function(fn, where: tuple) -> torch.Tensor | None:
+    """What HF composed for a layer kind (``fn``), checked: the packed sequence ids ``[B, n]`` where it packs, else
+    None. A part attnc does not apply is refused by name (it would be lost without a word), except an overlay OR-ed
+    in that adds no pair (a blockwise overlay with no block: a multimodal model's text-only input) or every pair (the
+    layer is then bidirectional, as its ``is_causal`` says to the attention function)."""
+    if fn is None:
+        return None
+    kind = _kind(fn)
+    if kind == "or":
+        ids = None
+        for part in _parts(fn):
+            if not callable(part) or isinstance(part, torch.Tensor | type):
+                continue
+            if _kind(part) == "blockwise overlay":
+                blocks = next((t for t in _parts(part) if isinstance(t, torch.Tensor)), None)
+                if blocks is not None and bool((blocks >= 0).any()):
+                    raise _refuse_mask_part("blockwise overlay")
+            elif _kind(part) in ("causal", "bidirectional", "and", "packed positions", "offsets"):
+                ids = _read_mask_function(part, where) if ids is None else ids
+            elif not _adds_every_pair(part, where):
+                raise _refuse_mask_part(_kind(part) or getattr(part, "__qualname__", repr(part)))
+        return ids
+    if kind not in _APPLIED:
+        raise _refuse_mask_part(kind or getattr(fn, "__qualname__", repr(fn)))
+    if kind == "packed":
+        return next(t for t in _parts(fn) if isinstance(t, torch.Tensor))
     ids = None
-    for kind, fn in found:
-        if kind not in _APPLIED:
-            what = kind or getattr(fn, "__qualname__", repr(fn))
-            raise SpecError(
-                f"this layer's mask has a part attnc does not apply ({what}): its answers would differ from the "
-                "model's", where="argument mask_function",
-                hint="chunked attention (Llama 4), bidirectional windows, or/and overlays (image tokens, blocks) and "
-                     "models' own mask functions run with attn_implementation='sdpa' or 'eager'")
-        if kind == "packed":
-            cells = [c.cell_contents for c in fn.__closure__ or ()]
-            ids = next(c for c in cells if isinstance(c, torch.Tensor))
+    for part in _parts(fn):
+        if callable(part) and not isinstance(part, torch.Tensor | type):
+            found = _read_mask_function(part, where)
+            ids = found if found is not None else ids
     return ids
 
 
@@ -617,7 +663,13 @@ def _padding_mask(
     # attnc puts the queries at the end of the keys. Dynamic caches (full and sliding) do
     # too; a static cache hands over its whole buffer of kv_length slots with the queries
     # inside: its filled keys end where the queries do.
-    packed = _read_mask_function(mask_function)
+    try:
+        packed = _read_mask_function(mask_function, (batch_size, (int(q_offset), int(q_offset) + q_length),
+                                                     (int(kv_offset), int(kv_offset) + kv_length)))
+    except SpecError as err:  # raised by the layers that take this mask, not here: a model may make masks of a kind
+        refused = torch.zeros(0, dtype=torch.bool)  # none of its layers has (Gemma 3's sliding one, all full)
+        refused.attnc_refusal = err
+        return refused
     if packed is not None:  # HF found packed sequences (no mask, no cache): their ids go to the layers
         return packed.to(torch.int64).expand(batch_size, -1)[:, None, None, :]
     q_end, kv_end = int(q_offset) + q_length, int(kv_offset) + kv_length

@@ -45,8 +45,9 @@ OTHER_FUNCTIONS = {
 
 
 def unknown_function_hint(name: str, known) -> str:
-    """The hint for an unknown function: the closest known name, else how the language says it, else the list."""
-    return did_you_mean(name, known) or OTHER_FUNCTIONS.get(name) or "functions: " + ", ".join(sorted(BUILTINS))
+    """The hint for an unknown function: how the language says another language's function, else the closest known
+    name, else the list."""
+    return OTHER_FUNCTIONS.get(name) or did_you_mean(name, known) or "functions: " + ", ".join(sorted(BUILTINS))
 INT64_LIMIT = 2**63
 
 

@@ -133,6 +133,27 @@ class NewTokens:
                     return writer, page, slot, r, key
         return None  # (not reached: the scatter found a reader)
 
+    def _repeated(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
+        """``[B, P]`` bool: the entries of a row's reached pages (its keys with the new ones) that list a page the
+        row lists before (its keys would alias: a new token written over one of its own keys)."""
+        lengths = seqlens.long() + self.counts().to(seqlens.device)
+        starts = torch.arange(table.shape[1], device=table.device, dtype=torch.int64) * page_size
+        reached = starts < lengths.unsqueeze(1)
+        ids = torch.where(reached, table.long(), -1 - torch.arange(table.shape[1], device=table.device))
+        order = ids.sort(dim=-1, stable=True)
+        again = torch.zeros_like(reached)
+        again.scatter_(1, order.indices[:, 1:], order.values[:, 1:] == order.values[:, :-1])
+        return again & reached
+
+    def repeats(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> torch.Tensor:
+        """Whether a row that appends lists one of its reached pages twice, a 0-d bool made where the tensors are."""
+        return self._repeated(table, seqlens, page_size).any()
+
+    def first_repeat(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> tuple[int, int] | None:
+        """On the host: ``(row, column)`` of the first entry that lists a reached page of its row again, or None."""
+        hit = torch.nonzero(self._repeated(table, seqlens, page_size))
+        return None if not len(hit) else (int(hit[0, 0]), int(hit[0, 1]))
+
     def first_shared(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int) -> tuple[int, int, int] | None:
         """On the host (tensors on the CPU): ``(row, other row, slot id)`` of the first slot two real tokens share,
         or None."""

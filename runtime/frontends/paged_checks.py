@@ -359,6 +359,13 @@ def check_pages(pat, batch: int, n, k_cache, block_table, cache_seqlens, new: Ne
             where="argument block_table",
             hint=f"page ids of reached pages lie in [0, {num_pages})",
         )
+    repeat = new.first_repeat(table, torch.tensor(before), page_size) if new is not None else None
+    if repeat is not None:  # a row's keys aliasing: a new token would be written over one of its own keys
+        b, j = repeat
+        raise SpecError(
+            f"block_table[{b}, {j}] = {int(table[b, j])} lists a page row {b} reaches again (its keys with the new "
+            "ones): a new key would be written over one of its own",
+            where="argument block_table", hint="a row's pages are distinct")
     shared = new.first_shared(table, torch.tensor(before), page_size) if new is not None else None
     if shared is not None:  # two rows writing one slot: the later write would be both rows' key
         first, second, slot = shared
@@ -452,8 +459,8 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, new: NewTokens 
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
     if new is not None:  # no slot written by two rows, nor one another row attends (found on the device)
-        good = good & ~new.shared(block_table, before, page) & ~new.overwrites(block_table, before, page, num_pages,
-                                                                                counts)
+        good = (good & ~new.repeats(block_table, before, page) & ~new.shared(block_table, before, page)
+                & ~new.overwrites(block_table, before, page, num_pages, counts))
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph

@@ -8,6 +8,8 @@ one row after another, row b's from ``kv_indptr[b]`` to ``kv_indptr[b + 1] - 1``
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ...core.errors import SpecError
@@ -31,12 +33,15 @@ def block_table_from_indptr(kv_indptr: torch.Tensor, kv_indices: torch.Tensor, k
             raise SpecError(f"expected a 1-D int32 tensor, got {got}", where=f"argument {name}", hint=HINT)
         if t.device != kv_indptr.device:
             raise SpecError(f"{name} is on {t.device}, kv_indptr on {kv_indptr.device}", where=f"argument {name}")
-    if kv_indptr.shape[0] < 1 or kv_last_page_len.shape[0] != kv_indptr.shape[0] - 1:
+    if kv_indptr.shape[0] < 1:
+        raise SpecError("kv_indptr is empty: it holds B + 1 offsets, 0 first", where="argument kv_indptr", hint=HINT)
+    if kv_last_page_len.shape[0] != kv_indptr.shape[0] - 1:
         raise SpecError(f"kv_indptr has {kv_indptr.shape[0]} entries and kv_last_page_len {kv_last_page_len.shape[0]}"
                         ": B + 1 and B", where="argument kv_last_page_len", hint=HINT)
     for name, value in (("page_size", page_size), ("max_pages", max_pages)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise SpecError(f"expected a positive int, got {value!r}", where=f"argument {name}")
+    page_size, max_pages = int(page_size), int(max_pages)
     ptr = kv_indptr.long()
     pages = ptr[1:] - ptr[:-1]
     last = kv_last_page_len.long()

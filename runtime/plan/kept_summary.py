@@ -13,9 +13,9 @@ shared one is not caught), and a new sequence in the same buffer starts with ``r
 
 On a paged pool (``block_table=``, ``cache_seqlens=``, the one-launch path: ``backends.triton.paged_routes``) a
 ``KeySummary`` keeps every table row's complete blocks instead, on the device (``paged``), with the page ids they were
-made from: a block whose pages are not the row's pages now (rows reordered or filtered between steps, as vLLM's and
-SGLang's batches are, a row given to a new sequence on other pages) and a row that shrinks are summarised again by
-themselves; a row that starts a new sequence on the very pages of its old one, at the same or a greater length, is the
+made from: a block whose pages are not the row's pages now (rows reordered between steps, as vLLM's and SGLang's
+batches are, a row given to a new sequence on other pages) and a row that shrinks are summarised again by themselves
+(a table of another width keeps the blocks of the pages it shares; one of another row count is another summary's); a row that starts a new sequence on the very pages of its old one, at the same or a greater length, is the
 caller's to say (``reset_rows``).
 
 ``keeping`` opens a summary for the calls inside it; ``summaries`` is what the top-k-blocks form reads: the kept
@@ -114,7 +114,7 @@ class KeySummary:
         rows, Hkv, nblocks, D]`` fp32) of every table row's blocks of ``block`` keys, each row's kept blocks (int32
         ``[rows]``) and the block table (int32 ``table_shape``) they were made from, made at the first call; the same
         call shape at every later one."""
-        signature = ("paged", score, block, shape, tuple(table_shape), torch.device(device))
+        signature = ("paged", score, block, shape, torch.device(device))
         if self._signature is not None and signature != self._signature:
             raise SpecError(f"this summary was kept for {_describe(self._signature)}, not "
                             f"{_describe(signature)}", where=WHERE,
@@ -125,6 +125,11 @@ class KeySummary:
                            torch.zeros(shape[1], dtype=torch.int32, device=device),
                            torch.full(table_shape, -1, dtype=torch.int32, device=device))
             self._signature = signature
+        elif tuple(self._pages[2].shape) != tuple(table_shape):  # a table of another width, as many blocks: the
+            made_from = torch.full(table_shape, -1, dtype=torch.int32, device=device)  # pages it shares compared
+            width = min(made_from.shape[1], self._pages[2].shape[1])
+            made_from[:, :width] = self._pages[2][:, :width]
+            self._pages = (*self._pages[:2], made_from)
         return self._pages
 
     def summaries(self, pat: ir.PatternIR, block: int, k: torch.Tensor, nblocks: int, heads: int,
@@ -166,9 +171,9 @@ def stale(kept: torch.Tensor, made_from: torch.Tensor, table: torch.Tensor, page
 
 def _describe(signature: tuple) -> str:
     if signature[0] == "paged":
-        _, score, block, (_, rows, Hkv, nblocks, D), (_, pages), device = signature
+        _, score, block, (_, rows, Hkv, nblocks, D), device = signature
         return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys of a paged pool, a table of "
-                f"{rows} rows and {nblocks} blocks ({pages} pages a row), {Hkv} K/V heads of {D} on {device}")
+                f"{rows} rows and {nblocks} blocks, {Hkv} K/V heads of {D} on {device}")
     score, block, B, Hkv, D, dtype, device = signature
     return (f"{'bounds' if score == 'bound' else 'means'} of blocks of {block} keys, k [{B}, {Hkv}, *, {D}] "
             f"{str(dtype).removeprefix('torch.')} on {device}")

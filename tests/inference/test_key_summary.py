@@ -241,6 +241,9 @@ def test_a_kept_paged_summary_follows_rows_reordered_or_given_other_pages(name):
     # row 1's sequence ends; a new one of 36 keys takes row 1, its pages handed out in another order
     table[1], lengths[1] = table[1].roll(3), 36
     step(table, lengths)
+    # a table of another width with as many blocks (pages of 4, blocks of 8: 16 and 15 pages make 8 blocks): taken,
+    # the kept blocks of the pages it keeps kept (it was refused, naming the width)
+    step(table[:, :15].contiguous(), lengths)
 
 
 def test_a_kept_summary_of_a_paged_call_is_refused_where_it_would_be_dropped():

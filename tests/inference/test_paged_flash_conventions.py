@@ -369,6 +369,22 @@ def test_packed_appends_that_collide_or_misfit_are_named_and_write_nothing(backe
     assert torch.equal(k_pool[2, 1], kn[0, 2])
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_an_append_into_a_row_that_lists_a_page_twice_is_refused(backend):
+    """A row whose table lists page 1 twice: its new key 2 lands on slot 0 of page 1, which is also its key 0. It was
+    accepted and the row's own key overwritten; refused by name, nothing written."""
+    g = _gen(40)
+    kc, vc = torch.randn(3, 2, 1, D, generator=g), torch.randn(3, 2, 1, DV, generator=g)
+    untouched = (kc.clone(), vc.clone())
+    attn = compile_attention("stdlib:sliding_window", backend=backend, window=100, layout="bnhd")
+    err = _error(lambda: attn(torch.randn(1, 1, 2, D, generator=g), kc, vc, k=torch.randn(1, 1, 1, D, generator=g),
+                              v=torch.randn(1, 1, 1, DV, generator=g), block_table=torch.tensor([[1, 1, -1]],
+                                                                                                 dtype=torch.int32),
+                              cache_seqlens=torch.tensor([2], dtype=torch.int32)))
+    assert err.where == "argument block_table" and "block_table[0, 1] = 1 lists a page row 0 reaches again" in str(err)
+    torch.testing.assert_close((kc, vc), untouched, rtol=0, atol=0)
+
+
 def test_an_int_cache_seqlens_is_every_rows():
     """flash-attn broadcasts an int cache_seqlens: the same as the int32 tensor of it, appending or not;
     a strided pool (a view into a wider buffer) is written in place, its neighbours untouched."""

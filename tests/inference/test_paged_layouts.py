@@ -81,6 +81,7 @@ def test_a_paged_call_on_the_layout_equals_each_rows_keys_gathered_from_the_flat
     ({"dtype": torch.int64}, "kv_indptr", "expected a 1-D int32 tensor"),
     ({"last": [2, 4]}, "kv_last_page_len", "B \\+ 1 and B"),
     ({"max_pages": 0}, "max_pages", "a positive int"),
+    ({"indptr": [], "last": []}, "kv_indptr", "kv_indptr is empty"),
 ])
 def test_bad_layouts_are_named(change, where, says):
     indptr = torch.tensor(change.get("indptr", [0, 3, 4, 4]), dtype=change.get("dtype", torch.int32))

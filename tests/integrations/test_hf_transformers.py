@@ -457,3 +457,45 @@ def test_what_a_layer_would_lose_is_refused_or_said():
     with pytest.warns(UserWarning, match="does not return attention weights"), torch.no_grad():
         out = model(ids, output_attentions=True)
     assert all(a is None for a in out.attentions or (None,))
+
+
+def test_overlays_that_add_no_pair_or_every_pair_are_taken():
+    """A multimodal Gemma 3 given text only (``token_type_ids`` all 0: HF ORs a blockwise overlay of no block) and a
+    bidirectional Gemma 3 of full layers (HF ORs ``lambda *a: True``; the sliding kind's mask it also makes, with a
+    bidirectional window no layer uses, is refused only by a layer that takes it): both run, equal to sdpa."""
+    vocab = 300
+    text = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, sliding_window=3,
+                layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=1,
+                                    image_token_index=vocab - 1, boi_token_index=vocab - 2, eoi_token_index=vocab - 3)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).to(torch.float64).eval()
+    ids = torch.randint(1, 200, (1, 8))
+    call = dict(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    want = _logits_of(model, "sdpa", call)
+    torch.testing.assert_close(_logits_of(model, "attnc_causal", call), want, rtol=1e-10, atol=1e-10)
+
+    hf.register("attnc_both_ways", "pattern both\n  tokens seq\n  mask q - k < 1000 and k - q < 1000\n")
+    bidir = transformers.Gemma3TextConfig(**{**text, "vocab_size": VOCAB, "layer_types": ["full_attention"] * 2},
+                                          use_bidirectional_attention=True)
+    torch.manual_seed(1)
+    model = transformers.Gemma3ForCausalLM(bidir).to(torch.float64).eval()
+    ids, mask = _batch([7, 5], 7, left=False)
+    call = dict(input_ids=ids, attention_mask=mask)
+    real = mask.bool()
+    want = _logits_of(model, "sdpa", call)
+    torch.testing.assert_close(_logits_of(model, "attnc_both_ways", call)[real], want[real], rtol=1e-10, atol=1e-10)
+    sliding = transformers.Gemma3TextConfig(**{**text, "vocab_size": VOCAB}, use_bidirectional_attention=True)
+    model = transformers.Gemma3ForCausalLM(sliding).to(torch.float64).eval()
+    with pytest.raises(attnc.SpecError, match="bidirectional_window_overlay") as err:
+        _logits_of(model, "attnc_both_ways", call)
+    assert err.value.where == "argument mask_function"
+
+
+def _logits_of(model, impl, call):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**call).logits

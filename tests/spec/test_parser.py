@@ -649,6 +649,8 @@ def test_a_layout_keyword_run_into_a_name():
     ("causal\n  bias 1.0 if q > k else 0.0", (4, 12), "if C then A else B"),
     ("floor(q / 2) == k", (3, 8), "floor(a / b) is a // b"),
     ("flor(q / 2) == k", (3, 8), "functions: abs, "),
+    ("int(q / 2) == k", (3, 8), "there is no float-to-int conversion"),
+    ("pow(2, k) > q", (3, 8), "2 ** x for x an int"),
 ])
 def test_operators_and_functions_of_other_languages_are_told_how_the_language_spells_them(mask, at, hint):
     """A researcher's first mistakes: C's '&&', '||' and '!', Python's conditional and floor(): one located error
