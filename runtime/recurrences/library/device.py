@@ -326,8 +326,9 @@ def state_block(X, at, sv_off, sv_ok, GIVEN: tl.constexpr, DK: tl.constexpr, DV:
 
 
 def own_pairs(DO, UN, i_bh, rows, r_ok, T, DV: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, F64: tl.constexpr):
-    """The diagonal of ``value_sums``' ``dO U^T``, ``sum_v dO_tv U_tv`` per row (``[C]``), read again from memory:
-    a kernel short of registers takes it at its end rather than keep it live from the sums."""
+    """The diagonal of ``value_sums``' ``dO U^T``, ``sum_v dO_tv U_tv`` per row (``[C]``), summed on its own: a
+    kernel short of registers takes it so rather than reduce it out of the ``[C, C]`` tile (KDA's dq/dk kernel spilled
+    that way on sm_80)."""
     own = acc_zeros([C], F64)
     for v0 in range(0, DV, BV):
         v_off = v0 + tl.arange(0, BV)
