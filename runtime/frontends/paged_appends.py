@@ -12,7 +12,7 @@ row and change nothing in the pools."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,6 +28,8 @@ class NewTokens:
     v: torch.Tensor
     starts: torch.Tensor
     each: int | None
+    #: ``slots`` of a (table, lengths, page size) already asked for: the checks and the write of one call share them
+    made: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def uniform(cls, k: torch.Tensor, v: torch.Tensor) -> NewTokens:
@@ -52,14 +54,17 @@ class NewTokens:
             return [self.each] * (self.starts.shape[0] - 1)
         return [int(x) for x in self.counts().tolist()]
 
-    def most(self) -> int:
-        """The most tokens a row may append: the uniform count, or every packed token."""
-        return self.each if self.each is not None else self.k.shape[0]
-
     def slots(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int):
         """``(pages, offsets, real)`` ``[N]``: token i goes to slot ``offsets[i]`` of page ``pages[i]`` (``real[i]``:
         it belongs to a row; a padding token's slot is that of its row's clamp, never written by ``write``). A page
-        index outside the table is clamped into it (a length the checks refuse: past the table, or negative)."""
+        index outside the table is clamped into it (a length the checks refuse: past the table, or negative). Made
+        once per (table, lengths, page size) of a call."""
+        key = (id(table), id(seqlens), page_size)
+        if key not in self.made:
+            self.made[key] = (table, seqlens, self._slots(table, seqlens, page_size))  # (kept alive: ids stay theirs)
+        return self.made[key][2]
+
+    def _slots(self, table: torch.Tensor, seqlens: torch.Tensor, page_size: int):
         tokens = torch.arange(self.k.shape[0], device=seqlens.device, dtype=torch.int64)
         starts = self.starts.to(seqlens.device)
         if self.each is not None:

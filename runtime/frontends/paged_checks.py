@@ -459,8 +459,8 @@ def check_on_device(pat, q, k_cache, block_table, cache_seqlens, new: NewTokens 
     ok = ok & ~(reached & ((block_table < 0) | (block_table >= num_pages))).any(1)
     good = ok.all()
     if new is not None:  # no slot written by two rows, nor one another row attends (found on the device)
-        good = (good & ~new.repeats(block_table, before, page) & ~new.shared(block_table, before, page)
-                & ~new.overwrites(block_table, before, page, num_pages, counts))
+        good = (good & ~new.repeats(block_table, cache_seqlens, page) & ~new.shared(block_table, cache_seqlens, page)
+                & ~new.overwrites(block_table, cache_seqlens, page, num_pages, counts))  # (the write's slots too)
     if rows is not None:
         good = good & rows.consistent(q.shape[2])
     if compiling():  # traced: the assert goes into the graph
